@@ -1,0 +1,32 @@
+# Two commands after `git clone` (see README): `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test test-slow bench
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU wheel lies on disk, any other spec may pull a CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## The main job on built-in defaults.
+run: $(STAMP)
+	$(BIN)/moelab demo
+
+## The default test suite (slow tests excluded).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## Slow tests only (torch.compile, larger shapes).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/moelab bench layer

@@ -1,0 +1,1 @@
+"""Benchmarks reported as ratios against baselines measured in the same run."""

@@ -1,0 +1,324 @@
+"""`moelab bench layer`: MoE layer throughput against baselines measured in the same run.
+
+Implementations, all with the same router (a Mixtral-style top-k `TopKRouter`):
+  moelab: `MoELayer` (sort by expert -> grouped matmul -> fixed-order weighted combine).
+  dense:  a SwiGLU FFN of width k*I, the same active FLOPs per token: the practical ceiling.
+  loop:   the naive per-expert loop that indexes stacked weights `W[e]` under autograd.
+  hf:     transformers' `MixtralExperts` with its default `grouped_mm` experts backend.
+
+Every round runs each implementation once, in a shuffled order; tokens/s is the median over
+rounds, and `ratio_vs_dense` the median over rounds of t_dense / t_impl within the round, so
+that both sides of a ratio saw the same machine load.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from torch import Tensor, nn
+
+from moelab.io import atomic_write_text
+from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ("moelab", "dense", "loop", "hf")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    num_experts: int
+    top_k: int
+    hidden_dim: int
+    dim: int = 512
+
+
+# Equal active FLOPs: k * I = 2816 for both (the systems study's shapes).
+SHAPES = {
+    "e8k2": LayerShape("e8k2", num_experts=8, top_k=2, hidden_dim=1408),
+    "e64k8": LayerShape("e64k8", num_experts=64, top_k=8, hidden_dim=352),
+}
+
+
+class DenseSwiGLU(nn.Module):
+    """Dense SwiGLU FFN: x [T, D] -> [T, D] with gate/up fused as [2H, D]."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        self.down = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def naive_loop(router: TopKRouter, experts: SwiGLUExperts, x: Tensor) -> Tensor:
+    """The per-expert loop of transformers' eager path, indexing `W[e]` inside autograd."""
+    routing = router(x)
+    out = torch.zeros_like(x)
+    for e in range(experts.num_experts):
+        token, slot = torch.where(routing.indices == e)
+        if token.numel() == 0:
+            continue
+        gate, up = F.linear(x[token], experts.gate_up_proj[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, experts.down_proj[e])
+        out.index_add_(0, token, y * routing.weights[token, slot, None].to(y.dtype))
+    return out
+
+
+def hf_experts(shape: LayerShape, experts: SwiGLUExperts) -> nn.Module | None:
+    """transformers' MixtralExperts sharing moelab's expert weights, or None if unavailable."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+    except ImportError:
+        return None
+    config = MixtralConfig(
+        hidden_size=shape.dim,
+        intermediate_size=shape.hidden_dim,
+        num_local_experts=shape.num_experts,
+        num_experts_per_tok=shape.top_k,
+        experts_implementation="grouped_mm",
+    )
+    module = MixtralExperts(config)
+    module.gate_up_proj = experts.gate_up_proj
+    module.down_proj = experts.down_proj
+    return module
+
+
+def _router(shape: LayerShape, skew: float, device: str) -> TopKRouter:
+    router = TopKRouter(shape.dim, shape.num_experts, shape.top_k)
+    if skew:
+        # A bias ramp on the router logits makes the expert load uneven (max/mean about 2-3).
+        router.bias = nn.Parameter(torch.linspace(skew, 0.0, shape.num_experts))
+    return router.to(device)
+
+
+def build_impls(
+    shape: LayerShape, dtype: torch.dtype, skew: float = 0.0, device: str = "cpu"
+) -> dict[str, Callable[[Tensor], Tensor]]:
+    """Each implementation as a callable x [T, D] -> [T, D]; all share router and expert weights."""
+    router = _router(shape, skew, device)
+    experts = SwiGLUExperts(shape.num_experts, shape.dim, shape.hidden_dim)
+    moe = MoELayer(router, experts).to(device=device, dtype=dtype)
+    dense = DenseSwiGLU(shape.dim, shape.top_k * shape.hidden_dim).to(device=device, dtype=dtype)
+    impls = {
+        "moelab": lambda x: moe(x)[0],
+        "dense": dense,
+        "loop": lambda x: naive_loop(router, experts, x),
+    }
+    hf = hf_experts(shape, experts)
+    if hf is not None:
+        hf = hf.to(device)
+
+        def run_hf(x: Tensor) -> Tensor:
+            routing = router(x)
+            return hf(x, routing.indices, routing.weights.to(x.dtype))
+
+        impls["hf"] = run_hf
+    return impls
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(fn: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor, mode: str) -> float:
+    """Seconds for one forward (inference mode) or forward+backward step."""
+    _sync(x.device)
+    start = time.perf_counter()
+    if mode == "fwd":
+        with torch.inference_mode():
+            fn(x)
+    else:
+        fn(x.detach().requires_grad_(True)).backward(grad)
+    _sync(x.device)
+    return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    configs: tuple[str, ...] = tuple(SHAPES)
+    dtypes: tuple[str, ...] = tuple(DTYPES)
+    modes: tuple[str, ...] = ("fwd", "fwdbwd")
+    tokens: int = 4096
+    rounds: int = 5
+    skew: float = 2.0
+    memory: bool = True
+    device: str = "cpu"
+
+    @classmethod
+    def create(cls, *, quick: bool = False, configs=None, dtypes=None, modes=None, tokens=None, rounds=None,
+               skew: float = 2.0, memory: bool = True, device: str = "cpu") -> BenchOptions:
+        """Defaults, or the --quick ones, overridden by what the caller gave; validated."""
+        options = cls(
+            configs=tuple(configs or SHAPES),
+            dtypes=tuple(dtypes or DTYPES),
+            modes=tuple(modes or ("fwd", "fwdbwd")),
+            tokens=tokens or (1024 if quick else 4096),
+            rounds=rounds or (2 if quick else 5),
+            skew=skew,
+            memory=memory and not quick,
+            device=device,
+        )
+        for name, values, valid in (
+            ("config", options.configs, SHAPES),
+            ("dtype", options.dtypes, DTYPES),
+            ("mode", options.modes, ("fwd", "fwdbwd")),
+        ):
+            for value in values:
+                if value not in valid:
+                    raise ValueError(f"unknown {name} {value!r}; choose from {list(valid)}")
+        if options.tokens < 1 or options.rounds < 1:
+            raise ValueError("tokens and rounds must be >= 1")
+        return options
+
+    def tokens_for(self, dtype: str) -> int:
+        """bf16 matmul has no native kernel on most CPUs (tens of times slower than fp32), so
+        CPU bf16 runs use at most 512 tokens; ratios stay comparable within the run."""
+        if dtype == "bf16" and self.device == "cpu":
+            return min(self.tokens, 512)
+        return self.tokens
+
+
+def measure(
+    shape: LayerShape, dtype: str, mode: str, tokens: int, rounds: int, skew: float = 0.0, device: str = "cpu"
+) -> list[dict]:
+    """Interleaved timing of every implementation; returns one JSON row per implementation."""
+    torch.manual_seed(0)
+    impls = build_impls(shape, DTYPES[dtype], skew, device)
+    x = torch.randn(tokens, shape.dim, dtype=DTYPES[dtype], device=device)
+    grad = torch.randn_like(x)
+    for fn in impls.values():  # warm-up
+        time_step(fn, x, grad, mode)
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    order = list(impls)
+    for _ in range(rounds):
+        random.shuffle(order)
+        for name in order:
+            times[name].append(time_step(impls[name], x, grad, mode))
+    return [
+        {
+            "config": shape.name,
+            "dtype": dtype,
+            "mode": mode,
+            "impl": name,
+            "tokens_per_s": tokens / statistics.median(ts),
+            "ratio_vs_dense": statistics.median(d / t for d, t in zip(times["dense"], ts)),
+        }
+        for name, ts in times.items()
+    ]
+
+
+def expert_load_imbalance(shape: LayerShape, tokens: int, skew: float) -> float:
+    """max/mean expert load of the benchmark's router at this skew."""
+    torch.manual_seed(0)
+    router = _router(shape, skew, "cpu")
+    with torch.no_grad():
+        load = torch.bincount(router(torch.randn(tokens, shape.dim)).indices.flatten(), minlength=shape.num_experts)
+    return float(load.max() / load.float().mean())
+
+
+def peak_memory_mb(config: str, impl: str, tokens: int, device: str = "cpu") -> float:
+    """Extra peak memory (MB) of one fp32 forward+backward step over the memory in use before it.
+
+    On CPU each measurement runs in a fresh process and reads its peak resident set size; on
+    CUDA it reads the allocator's peak.
+    """
+    if device != "cpu":
+        return _step_peak_mb(config, impl, tokens, device)
+    code = f"from moelab.bench.layer import _step_peak_mb; print(_step_peak_mb({config!r}, {impl!r}, {tokens}, 'cpu'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _step_peak_mb(config: str, impl: str, tokens: int, device: str) -> float:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    fn = build_impls(SHAPES[config], torch.float32, 0.0, device)[impl]
+    x = torch.randn(tokens, SHAPES[config].dim, device=device)
+    grad = torch.randn_like(x)
+    if device == "cpu":
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        time_step(fn, x, grad, "fwdbwd")
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    time_step(fn, x, grad, "fwdbwd")
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def run(options: BenchOptions, progress: Console | None = None) -> dict:
+    """The whole benchmark: uniform routing for every (config, dtype, mode); a skewed-routing
+    fp32 fwd+bwd pass; peak memory. Returns the JSON document."""
+    torch.set_num_threads(2)
+    jobs = [(c, d, m) for c in options.configs for d in options.dtypes for m in options.modes]
+    doc: dict = {"results": [], "skewed": [], "memory": []}
+    with Progress(console=progress, transient=True, disable=progress is None) as bar:
+        task = bar.add_task("bench layer", total=len(jobs) + len(options.configs) * (1 + options.memory))
+        for config, dtype, mode in jobs:
+            bar.update(task, description=f"{config} {dtype} {mode}")
+            tokens = options.tokens_for(dtype)
+            doc["results"] += measure(SHAPES[config], dtype, mode, tokens, options.rounds, device=options.device)
+            bar.advance(task)
+        for config in options.configs:
+            if options.skew:
+                bar.update(task, description=f"{config} skewed routing")
+                imbalance = expert_load_imbalance(SHAPES[config], options.tokens, options.skew)
+                rows = measure(SHAPES[config], "fp32", "fwdbwd", options.tokens, options.rounds, options.skew,
+                               options.device)
+                doc["skewed"] += [dict(row, max_over_mean_load=imbalance) for row in rows]
+            bar.advance(task)
+            if options.memory:
+                bar.update(task, description=f"{config} peak memory")
+                impls = dict.fromkeys(row["impl"] for row in doc["results"] if row["config"] == config)
+                doc["memory"] += [
+                    {"config": config, "dtype": "fp32", "mode": "fwdbwd", "impl": impl,
+                     "peak_mb": peak_memory_mb(config, impl, options.tokens, options.device)}
+                    for impl in impls
+                ]
+                bar.advance(task)
+    doc["setup"] = {
+        "tokens": options.tokens,
+        "bf16_tokens": options.tokens_for("bf16"),
+        "rounds": options.rounds,
+        "threads": torch.get_num_threads(),
+        "device": options.device,
+        "torch": torch.__version__,
+    }
+    return doc
+
+
+def render_table(doc: dict) -> Table:
+    """One row per (config, dtype, mode): tokens/s of each implementation and moelab's ratios."""
+    table = Table(title="MoE layer throughput (tokens/s; ratios from the same rounds)")
+    for column in ("config", "dtype", "mode", *IMPLS, "moelab/dense", "moelab/hf"):
+        table.add_column(column, justify="right")
+    groups: dict[tuple, dict[str, dict]] = {}
+    for row in doc["results"] + [dict(r, mode=r["mode"] + " skew") for r in doc["skewed"]]:
+        groups.setdefault((row["config"], row["dtype"], row["mode"]), {})[row["impl"]] = row
+    for key, rows in groups.items():
+        speeds = [f"{rows[i]['tokens_per_s']:,.0f}" if i in rows else "-" for i in IMPLS]
+        vs_hf = rows["moelab"]["ratio_vs_dense"] / rows["hf"]["ratio_vs_dense"] if "hf" in rows else None
+        table.add_row(*key, *speeds, f"{rows['moelab']['ratio_vs_dense']:.2f}", f"{vs_hf:.2f}" if vs_hf else "-")
+    return table
+
+
+def write_json(doc: dict, path: str | Path) -> None:
+    atomic_write_text(path, json.dumps(doc, indent=2))

@@ -1,0 +1,41 @@
+"""MoE building blocks: routers, stacked experts, dispatch, auxiliary losses and the layer."""
+
+from moelab.nn.config import MoEConfig, build_moe
+from moelab.nn.dispatch import DispatchPlan, LocalDispatcher, plan_dispatch
+from moelab.nn.experts import MLPExperts, SharedExperts, SwiGLUExperts
+from moelab.nn.grouped import grouped_mlp
+from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
+from moelab.nn.moe import MoELayer, MoEResult
+from moelab.nn.routers import (
+    ExpertChoiceRouter,
+    ReLURouter,
+    Router,
+    Routing,
+    TopKRouter,
+    TopPRouter,
+    attach_expert_bias_update,
+)
+
+__all__ = [
+    "DispatchPlan",
+    "ExpertChoiceRouter",
+    "LocalDispatcher",
+    "MLPExperts",
+    "MoEConfig",
+    "MoELayer",
+    "MoEResult",
+    "ReLURouter",
+    "Router",
+    "Routing",
+    "SharedExperts",
+    "SwiGLUExperts",
+    "TopKRouter",
+    "TopPRouter",
+    "attach_expert_bias_update",
+    "build_moe",
+    "grouped_mlp",
+    "load_balancing_loss",
+    "plan_dispatch",
+    "router_entropy_loss",
+    "router_z_loss",
+]

@@ -1,0 +1,186 @@
+"""Dispatch: move token rows to their experts and back.
+
+Shape legend: T tokens, D model dim, E experts, K slots per token, N routed rows (token-expert
+assignments that are kept; N = T*K when every slot is used and nothing is dropped).
+
+The MoE layer runs three explicit steps:
+
+    plan = plan_dispatch(indices, num_experts, capacity_factor)   # sort assignments by expert
+    xs, row_weights, counts = dispatcher.dispatch(x, weights, plan)  # gather rows [N, D]
+    ys = experts(xs, counts, row_weights)                         # grouped MLP, rows scaled by weight
+    y = dispatcher.combine(ys, plan)                              # un-permute and sum [T, D]
+
+`dispatch` and `combine` are the exchange points: an expert-parallel dispatcher overrides them
+to send rows (and their routing weights) to the rank that owns their expert (all_to_all) and
+back, without touching routers or experts. Both directions are gathers followed by a
+fixed-order sum over the K slots, never a scatter-add, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Where every assignment goes. Built by `plan_dispatch`; read by dispatch and combine.
+
+    slots:      [N] (token, slot) of each routed row, flattened as t*K + k; rows grouped by expert.
+    token_ids:  [N] source token of each routed row (slots // K).
+    slot_rows:  [T*K] routed row of each (token, slot), or N for empty and dropped slots.
+    counts:     E python ints, routed rows per expert (the grouped matmul's group sizes).
+    tokens_per_expert: [E] assignments per expert before capacity dropping (the load).
+    dropped_fraction:  [] fraction of assignments dropped by the capacity limit.
+    num_tokens, top_k: T and K.
+    """
+
+    slots: Tensor
+    token_ids: Tensor
+    slot_rows: Tensor
+    counts: tuple[int, ...]
+    tokens_per_expert: Tensor
+    dropped_fraction: Tensor
+    num_tokens: int
+    top_k: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.token_ids.shape[0]
+
+    @property
+    def has_empty_slots(self) -> bool:
+        return self.num_rows < self.num_tokens * self.top_k
+
+    @property
+    def slot_rows_by_slot(self) -> Tensor:
+        """[K, T] routed row of each slot, clamped to a valid row (see `slot_mask`)."""
+        rows = self.slot_rows.view(self.num_tokens, self.top_k).t()
+        return rows.clamp(max=self.num_rows - 1).contiguous() if self.has_empty_slots else rows.contiguous()
+
+    def slot_mask(self, dtype: torch.dtype) -> Tensor | None:
+        """[T, K] 1 for slots that own a routed row, 0 for empty or dropped ones; None if all do."""
+        if not self.has_empty_slots:
+            return None
+        return (self.slot_rows < self.num_rows).view(self.num_tokens, self.top_k).to(dtype)
+
+
+def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
+    """Switch/GShard capacity: ceil(capacity_factor * T*K / E) rows per expert."""
+    return math.ceil(capacity_factor * num_assignments / num_experts)
+
+
+def plan_dispatch(indices: Tensor, num_experts: int, capacity_factor: float | None = None) -> DispatchPlan:
+    """Sort the (token, slot) assignments of `indices: [T, K]` by expert.
+
+    Slots with index -1 are skipped. With a `capacity_factor`, each expert keeps at most
+    `expert_capacity(T*K, E, capacity_factor)` assignments: first choices before second choices,
+    earlier tokens before later ones (GShard priority); the rest are dropped and contribute 0.
+    """
+    if indices.dim() != 2:
+        raise ValueError(f"indices must be [tokens, slots], got shape {list(indices.shape)}")
+    if indices.numel() and (indices.max() >= num_experts or indices.min() < -1):
+        raise ValueError(f"expert indices must lie in [-1, {num_experts - 1}]")
+    if capacity_factor is not None and capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
+    T, K = indices.shape
+    # Empty slots get key E so that they sort after every expert's rows.
+    key = indices.reshape(-1).masked_fill(indices.reshape(-1) < 0, num_experts)
+    tokens_per_expert = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    num_assigned = int(tokens_per_expert.sum())
+    dropped = torch.zeros((), device=indices.device)
+    if capacity_factor is not None:
+        key = _drop_over_capacity(key, T, K, num_experts, expert_capacity(num_assigned, num_experts, capacity_factor))
+        kept = int((key < num_experts).sum())
+        dropped = torch.tensor((num_assigned - kept) / max(num_assigned, 1), device=indices.device)
+        num_assigned = kept
+
+    order = torch.argsort(key, stable=True)[:num_assigned]
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts] if capacity_factor else tokens_per_expert
+    slot_rows = torch.full((T * K,), num_assigned, dtype=torch.long, device=indices.device)
+    slot_rows[order] = torch.arange(num_assigned, device=indices.device)
+    return DispatchPlan(
+        slots=order,
+        token_ids=order // K,
+        slot_rows=slot_rows,
+        counts=tuple(counts.tolist()),
+        tokens_per_expert=tokens_per_expert,
+        dropped_fraction=dropped,
+        num_tokens=T,
+        top_k=K,
+    )
+
+
+def _drop_over_capacity(key: Tensor, T: int, K: int, num_experts: int, capacity: int) -> Tensor:
+    """Mark (key = E) the assignments past each expert's capacity, in slot-major priority."""
+    slot_major = key.view(T, K).t().reshape(-1)  # position p = j*T + t
+    order = torch.argsort(slot_major, stable=True)
+    sorted_keys = slot_major[order]
+    group_start = torch.searchsorted(sorted_keys, sorted_keys, right=False)
+    rank = torch.arange(order.numel(), device=key.device) - group_start
+    over = (rank >= capacity) & (sorted_keys < num_experts)
+    positions = order[over]
+    dropped_slots = (positions % T) * K + positions // T
+    return key.clone().index_fill_(0, dropped_slots, num_experts)
+
+
+def _sum_slots(rows: Tensor, src: Tensor, mask: Tensor | None) -> Tensor:
+    """out[t] = sum_k mask[t, k] * src[rows[k, t]]; rows: [K, T], mask: [T, K] or None."""
+    out = src.index_select(0, rows[0])
+    if mask is not None:
+        out.mul_(mask[:, :1])
+    for k in range(1, rows.shape[0]):
+        picked = src.index_select(0, rows[k])
+        if mask is None:
+            out.add_(picked)
+        else:
+            out.addcmul_(picked, mask[:, k : k + 1])
+    return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """Dispatch: xs = x[token_ids]. Its backward sums each token's rows slot by slot (a fixed
+    order, no scatter-add), so gradients are deterministic."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: DispatchPlan) -> Tensor:
+        ctx.plan = plan
+        return x.index_select(0, plan.token_ids)
+
+    @staticmethod
+    def backward(ctx, grad_xs: Tensor):
+        return _sum_slots(ctx.plan.slot_rows_by_slot, grad_xs.contiguous(), ctx.plan.slot_mask(grad_xs.dtype)), None
+
+
+class _SumSlots(torch.autograd.Function):
+    """Combine: y[t] = sum of the rows of token t, slot by slot; the adjoint of `_GatherRows`."""
+
+    @staticmethod
+    def forward(ctx, ys: Tensor, plan: DispatchPlan) -> Tensor:
+        ctx.plan = plan
+        return _sum_slots(plan.slot_rows_by_slot, ys, plan.slot_mask(ys.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        return grad_y.index_select(0, ctx.plan.token_ids), None
+
+
+class LocalDispatcher:
+    """Single-process dispatch. Stateless (no parameters); subclass to exchange rows across
+    ranks for expert parallelism (send rows and row weights in `dispatch`, results back in
+    `combine`)."""
+
+    def dispatch(self, x: Tensor, weights: Tensor, plan: DispatchPlan) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+        """x: [T, D], weights: [T, K] -> (rows grouped by expert [N, D], their routing weights
+        [N], rows per local expert)."""
+        row_weights = weights.reshape(-1).index_select(0, plan.slots)
+        return _GatherRows.apply(x, plan), row_weights, plan.counts
+
+    def combine(self, ys: Tensor, plan: DispatchPlan) -> Tensor:
+        """ys: [N, D] weighted expert outputs -> y: [T, D], each token's rows summed."""
+        if plan.num_rows == 0:
+            return ys.new_zeros(plan.num_tokens, ys.shape[1]) + 0 * ys.sum()
+        return _SumSlots.apply(ys, plan)

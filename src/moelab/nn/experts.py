@@ -1,0 +1,122 @@
+"""Routed experts as stacked weights (the transformers 5 layout).
+
+Shape legend: N routed rows grouped by expert, E experts, D model dim, I expert hidden dim.
+
+Experts take `xs: [N, D]` whose rows are grouped by expert, `counts`: E python ints (rows per
+expert) and optionally `row_weights: [N]` (each row's routing weight, which scales its output),
+and return `[N, D]` in the same row order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.nn.grouped import ACTIVATIONS, BACKENDS, grouped_mlp
+
+
+class Experts(nn.Module):
+    """Common checks and the backend switch (see `moelab.nn.grouped`)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, backend: str):
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("dim", dim), ("hidden_dim", hidden_dim)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown experts backend {backend!r}; choose one of {sorted(BACKENDS)}")
+        self.num_experts = num_experts
+        self.dim = dim
+        self.hidden_dim = hidden_dim
+        self.backend = backend
+
+    def _check(self, xs: Tensor) -> None:
+        if xs.dim() != 2 or xs.shape[1] != self.dim:
+            raise ValueError(f"experts expect rows of shape [N, {self.dim}], got {list(xs.shape)}")
+
+
+def _init_stacked(*weights: Tensor, fan_in: int) -> None:
+    for w in weights:
+        nn.init.normal_(w, std=fan_in**-0.5)
+
+
+class SwiGLUExperts(Experts):
+    """E SwiGLU MLPs: y = down(silu(gate(x)) * up(x)).
+
+    gate_up_proj: [E, 2I, D], gate rows first then up rows; down_proj: [E, D, I];
+    optional gate_up_bias: [E, 2I] and down_bias: [E, D].
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, bias: bool = False, backend: str = "grouped"):
+        super().__init__(num_experts, dim, hidden_dim, backend)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.gate_up_bias = nn.Parameter(torch.zeros(num_experts, 2 * hidden_dim)) if bias else None
+        self.down_bias = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        _init_stacked(self.gate_up_proj, fan_in=dim)
+        _init_stacked(self.down_proj, fan_in=hidden_dim)
+
+    def forward(self, xs: Tensor, counts: Sequence[int], row_weights: Tensor | None = None) -> Tensor:
+        self._check(xs)
+        return grouped_mlp(
+            xs, counts, row_weights, self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias,
+            activation="silu", gated=True, backend=self.backend,
+        )
+
+
+class MLPExperts(Experts):
+    """E two-layer MLPs: y = down(act(up(x))), act in {gelu, silu, relu} (BlockFFN uses silu).
+
+    up_proj: [E, I, D]; down_proj: [E, D, I]; optional up_bias: [E, I], down_bias: [E, D].
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        *,
+        activation: str = "gelu",
+        bias: bool = False,
+        backend: str = "grouped",
+    ):
+        super().__init__(num_experts, dim, hidden_dim, backend)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        self.activation = activation
+        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.up_bias = nn.Parameter(torch.zeros(num_experts, hidden_dim)) if bias else None
+        self.down_bias = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        _init_stacked(self.up_proj, fan_in=dim)
+        _init_stacked(self.down_proj, fan_in=hidden_dim)
+
+    def forward(self, xs: Tensor, counts: Sequence[int], row_weights: Tensor | None = None) -> Tensor:
+        self._check(xs)
+        return grouped_mlp(
+            xs, counts, row_weights, self.up_proj, self.up_bias, self.down_proj, self.down_bias,
+            activation=self.activation, gated=False, backend=self.backend,
+        )
+
+
+class SharedExperts(nn.Module):
+    """Always-on experts (DeepSeekMoE: n_shared experts fused into one SwiGLU MLP of width
+    n_shared * I), optionally scaled by a per-token sigmoid gate (Qwen2-MoE `shared_expert_gate`).
+
+    gate_proj, up_proj: Linear(D, Is); down_proj: Linear(Is, D); gate: Linear(D, 1) or None.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, *, gated: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate = nn.Linear(dim, 1, bias=False) if gated else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [T, D] -> [T, D]"""
+        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return y if self.gate is None else torch.sigmoid(self.gate(x)) * y

@@ -1,0 +1,39 @@
+"""Router auxiliary losses. Each is reported on its own and weighted by its own coefficient.
+
+Shape legend: T tokens, E experts, K slots per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def load_balancing_loss(probs: Tensor, indices: Tensor) -> Tensor:
+    """Switch/GShard balance loss: E * sum_e f_e * P_e.
+
+    probs: [T, E] router distribution; indices: [T, K] chosen experts (-1 = empty slot).
+    f_e is the fraction of the assignments that went to e (all K choices counted, as in
+    Mixtral/DeepSeek; for K = 1 this is Switch's loss) and P_e the mean probability of e.
+    Equals 1 under perfectly uniform routing. Gradient flows through P only.
+    """
+    num_experts = probs.shape[-1]
+    flat = indices.reshape(-1)
+    valid = flat >= 0
+    counts = torch.zeros(num_experts, device=probs.device).index_add_(
+        0, flat.clamp(min=0), valid.to(torch.float32)
+    )
+    fraction = counts / valid.sum().clamp(min=1)
+    return num_experts * (fraction * probs.float().mean(0)).sum()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2. logits: [T, E]."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+def router_entropy_loss(probs: Tensor) -> Tensor:
+    """Mean per-token entropy -sum_e p log p of probs: [T, E] (dynamic top-p's loss: lowering it
+    stops the router from flattening p to activate many experts)."""
+    p = probs.float()
+    return -(p * torch.log(p.clamp(min=1e-20))).sum(-1).mean()

@@ -1,0 +1,295 @@
+"""Routers: decide which experts each token visits and with what weight.
+
+Shape legend: T tokens, D model dim, E routed experts, K slots per token (the fixed top-k, or
+the cap for routers that pick a variable number of experts per token).
+
+Every router maps `x: [T, D]` to a `Routing` of plain tensors. Variable-k routers mark unused
+slots with expert index -1 and weight 0; dispatch skips them. Router maths runs in float32
+whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+class Routing(NamedTuple):
+    """What a router decided, as plain tensors.
+
+    indices: [T, K] int64 expert per slot; -1 marks an empty slot (variable-k routers).
+    weights: [T, K] float32 combine weight per slot; 0 for empty slots.
+    logits:  [T, E] float32 raw router logits (z-loss, traces).
+    probs:   [T, E] float32 per-token distribution over experts (balance and entropy losses).
+    """
+
+    indices: Tensor
+    weights: Tensor
+    logits: Tensor
+    probs: Tensor
+
+
+class Router(nn.Module):
+    """Base class: a linear gate `weight: [E, D]` (optional bias) evaluated in float32.
+
+    Subclasses set `top_k` (slots per token), `variable_k` (slots may be empty) and `causal`
+    (the routing of token t depends on token t alone, so it is safe in a causal language model).
+    """
+
+    variable_k: bool = False
+    causal: bool = True
+
+    def __init__(self, dim: int, num_experts: int, *, bias: bool = False):
+        super().__init__()
+        _check_positive(dim=dim, num_experts=num_experts)
+        self.dim = dim
+        self.num_experts = num_experts
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
+        nn.init.normal_(self.weight, std=dim**-0.5)
+
+    def router_logits(self, x: Tensor) -> Tensor:
+        """x: [T, D] -> logits [T, E] in float32; rejects bad shapes and non-finite logits."""
+        if x.dim() != 2 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"router expects x of shape [tokens, {self.dim}], got {list(x.shape)}; "
+                "flatten leading dims with x.reshape(-1, dim)"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"router expects a floating-point input, got {x.dtype}")
+        bias = None if self.bias is None else self.bias.float()
+        logits = F.linear(x.float(), self.weight.float(), bias)
+        if not torch.compiler.is_compiling() and not torch.isfinite(logits).all():
+            raise ValueError(
+                "router logits contain NaN or Inf: the layer input or the router weight is not finite "
+                "(check the previous layer, the learning rate, or use gradient clipping)"
+            )
+        return logits
+
+
+class TopKRouter(Router):
+    """Token-choice top-k (Switch, GShard, Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2/V3).
+
+    scores = softmax(logits) or sigmoid(logits). Selection uses `scores + expert_bias` (the
+    aux-loss-free balancing bias, a buffer moved by `update_expert_bias`, never by gradients),
+    optionally limited to the best `topk_group` of `n_group` expert groups. The combine
+    weights are the un-biased scores of the chosen experts, renormalised to sum to one if
+    `renormalize`, times `route_scale`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        score_func: str = "softmax",
+        renormalize: bool = True,
+        route_scale: float = 1.0,
+        n_group: int = 1,
+        topk_group: int = 1,
+        balance_bias: bool = False,
+        bias: bool = False,
+    ):
+        super().__init__(dim, num_experts, bias=bias)
+        check_top_k(top_k, num_experts)
+        if score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+        check_groups(num_experts, top_k, n_group, topk_group)
+        self.top_k = top_k
+        self.score_func = score_func
+        self.renormalize = renormalize
+        self.route_scale = route_scale
+        self.n_group = n_group
+        self.topk_group = topk_group
+        # Aux-loss-free balancing (DeepSeek-V3): the bias changes which experts are chosen, not
+        # the combine weights. tokens_per_expert counts load in training mode for the update.
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if balance_bias else None)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(num_experts) if balance_bias else None, persistent=False
+        )
+
+    def forward(self, x: Tensor) -> Routing:
+        logits = self.router_logits(x)
+        scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
+        choice = scores if self.expert_bias is None else scores + self.expert_bias
+        if self.n_group > 1:
+            choice = self._limit_to_groups(choice)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(-1, indices)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if self.route_scale != 1.0:
+            weights = weights * self.route_scale
+        if self.expert_bias is not None and self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.num_experts)
+        probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
+        return Routing(indices, weights, logits, probs)
+
+    def _limit_to_groups(self, choice: Tensor) -> Tensor:
+        """Keep the `topk_group` best groups (group score: sum of its top-2 for sigmoid, max for
+        softmax, as DeepSeek-V3 / V2 do) and mask the other groups' experts to -inf."""
+        T = choice.shape[0]
+        grouped = choice.view(T, self.n_group, -1)
+        if self.score_func == "sigmoid":
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        else:
+            group_scores = grouped.amax(-1)
+        keep = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        return grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(T, -1)
+
+    @torch.no_grad()
+    def update_expert_bias(self, rate: float) -> None:
+        """b_e += rate * sign(mean load - load_e), then reset the load counter (DeepSeek-V3)."""
+        if self.expert_bias is None:
+            raise ValueError("update_expert_bias needs a router built with balance_bias=True")
+        load = self.tokens_per_expert
+        if load.sum() > 0:
+            self.expert_bias += rate * torch.sign(load.mean() - load)
+        load.zero_()
+
+
+class TopPRouter(Router):
+    """Dynamic top-p (An et al., "Harder Tasks Need More Experts"): per token, the experts in
+    decreasing probability until their cumulative probability first reaches `top_p` (the expert
+    that crosses it included), at most `max_k`. Weights are the raw softmax probabilities
+    (`renormalize=False`, as in the paper's code) or renormalised over the chosen experts."""
+
+    variable_k = True
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_p: float,
+        *,
+        max_k: int | None = None,
+        renormalize: bool = False,
+        bias: bool = False,
+    ):
+        super().__init__(dim, num_experts, bias=bias)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        max_k = num_experts if max_k is None else max_k
+        check_top_k(max_k, num_experts, name="max_k")
+        self.top_p = top_p
+        self.top_k = max_k
+        self.renormalize = renormalize
+
+    def forward(self, x: Tensor) -> Routing:
+        logits = self.router_logits(x)
+        probs = logits.softmax(-1)
+        sorted_probs, order = probs.topk(self.top_k, dim=-1)  # [T, K], descending
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability mass of earlier experts
+        keep = mass_before < self.top_p  # slot 0 is always kept
+        indices = order.masked_fill(~keep, -1)
+        weights = sorted_probs * keep
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return Routing(indices, weights, logits, probs)
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice (Zhou et al. 2022): each expert picks its `capacity = ceil(T * c / E)`
+    highest-scoring tokens, so a token may get zero or several experts. Non-causal: an expert's
+    choice of token t depends on the other tokens in the batch."""
+
+    variable_k = True
+    causal = False
+
+    def __init__(self, dim: int, num_experts: int, *, capacity_factor: float = 2.0, bias: bool = False):
+        super().__init__(dim, num_experts, bias=bias)
+        if not 0.0 < capacity_factor <= num_experts:
+            raise ValueError(
+                f"capacity_factor (average experts per token) must lie in (0, {num_experts}], "
+                f"got {capacity_factor}"
+            )
+        self.capacity_factor = capacity_factor
+        self.top_k = num_experts
+
+    def capacity(self, num_tokens: int) -> int:
+        return min(num_tokens, math.ceil(num_tokens * self.capacity_factor / self.num_experts))
+
+    def forward(self, x: Tensor) -> Routing:
+        logits = self.router_logits(x)
+        probs = logits.softmax(-1)
+        T, E = probs.shape
+        gates, tokens = probs.t().topk(self.capacity(T), dim=-1)  # [E, C] each
+        weights = probs.new_zeros(E, T).scatter(1, tokens, gates).t()  # [T, E]
+        chosen = torch.zeros(E, T, dtype=torch.bool, device=x.device).scatter_(1, tokens, True).t()
+        experts = torch.arange(E, device=x.device).expand(T, E)
+        return Routing(experts.masked_fill(~chosen, -1), weights, logits, probs)
+
+
+class ReLURouter(Router):
+    """BlockFFN router: ReLU then RMSNorm over the expert dimension.
+
+    a = relu(W x); gate = g * a / sqrt(mean_e a^2 + eps) with a learnable `g: [E]` (init 1).
+    An expert is active where a > 0, so the number of experts per token varies and the gate is
+    differentiable. `probs` = a_hat / (sum a_hat + 1e-5) feeds the chunk-sparsity regulariser.
+    """
+
+    variable_k = True
+
+    def __init__(self, dim: int, num_experts: int, *, eps: float = 1e-6, bias: bool = False):
+        super().__init__(dim, num_experts, bias=bias)
+        self.eps = eps
+        self.norm_weight = nn.Parameter(torch.ones(num_experts))
+        self.top_k = num_experts
+
+    def forward(self, x: Tensor) -> Routing:
+        logits = self.router_logits(x)
+        active = F.relu(logits)
+        normed = active * torch.rsqrt(active.pow(2).mean(-1, keepdim=True) + self.eps)
+        weights = normed * self.norm_weight.float()
+        probs = normed / (normed.sum(-1, keepdim=True) + 1e-5)
+        experts = torch.arange(self.num_experts, device=x.device).expand_as(logits)
+        return Routing(experts.masked_fill(active <= 0, -1), weights, logits, probs)
+
+
+def attach_expert_bias_update(optimizer: torch.optim.Optimizer, model: nn.Module, rate: float = 1e-3):
+    """After every `optimizer.step()`, move the aux-loss-free bias of each balancing router in
+    `model` from the load it saw since the last step. Returns the hook handle."""
+    routers = [m for m in model.modules() if isinstance(m, TopKRouter) and m.expert_bias is not None]
+    if not routers:
+        raise ValueError("model has no TopKRouter built with balance_bias=True; nothing to update")
+
+    def hook(*_):
+        for router in routers:
+            router.update_expert_bias(rate)
+
+    return optimizer.register_step_post_hook(hook)
+
+
+def check_top_k(k: int, num_experts: int, name: str = "top_k") -> None:
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"{name} must lie in [1, num_experts={num_experts}], got {k}")
+
+
+def check_groups(num_experts: int, top_k: int, n_group: int, topk_group: int) -> None:
+    """Group-limited routing must keep enough experts for top-k (DeepSeek-V3 `n_group`)."""
+    if n_group < 1 or num_experts % n_group:
+        raise ValueError(f"n_group ({n_group}) must be >= 1 and divide num_experts ({num_experts})")
+    if n_group > 1:
+        if not 1 <= topk_group <= n_group:
+            raise ValueError(f"topk_group must lie in [1, n_group={n_group}], got {topk_group}")
+        kept = topk_group * (num_experts // n_group)
+        if top_k > kept:
+            raise ValueError(
+                f"top_k ({top_k}) exceeds the {kept} experts in the topk_group={topk_group} kept groups; "
+                "raise topk_group or lower top_k"
+            )
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
