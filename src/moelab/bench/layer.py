@@ -96,6 +96,8 @@ def hf_experts(shape: LayerShape, experts: SwiGLUExperts) -> nn.Module | None:
         experts_implementation="grouped_mm",
     )
     module = MixtralExperts(config)
+    if getattr(module.config, "_experts_implementation", None) != "grouped_mm":
+        return None  # a transformers without the experts-implementation switch
     module.gate_up_proj = experts.gate_up_proj
     module.down_proj = experts.down_proj
     return module

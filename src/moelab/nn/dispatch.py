@@ -132,8 +132,9 @@ def _sum_slots(rows: Tensor, src: Tensor, mask: Tensor | None) -> Tensor:
     out = src.index_select(0, rows[0])
     if mask is not None:
         out.mul_(mask[:, :1])
+    picked = torch.empty_like(out)
     for k in range(1, rows.shape[0]):
-        picked = src.index_select(0, rows[k])
+        torch.index_select(src, 0, rows[k], out=picked)
         if mask is None:
             out.add_(picked)
         else:

@@ -17,7 +17,8 @@ Backends, chosen by name:
   Fastest on CPU (`moelab bench layer`).
 - "loop": `W.unbind(0)` then plain `F.linear` per expert under autograd. The readable reference.
 - "grouped_mm": `torch._grouped_mm` for both projections (one CUTLASS kernel on recent NVIDIA
-  GPUs, a loop of GEMMs on CPU). Needs 16-byte aligned rows; otherwise runs "grouped".
+  GPUs, bf16 only; a loop of GEMMs on CPU). Needs 16-byte aligned rows; otherwise, and for
+  non-bf16 CUDA tensors, runs "grouped".
 
 None of them indexes stacked weights `W[e]` under autograd, which would give every expert a
 full-size zero gradient (`SelectBackward`).
@@ -55,26 +56,34 @@ def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) ->
         torch.addmm(bias, x, weight.t(), out=out)
 
 
+def _grouped_forward(xs, row_weights, w_in, b_in, w_out, b_out, counts, activation, gated, keep_pre):
+    """The expert-by-expert forward. Returns ys [N, D] and, if keep_pre, each expert's
+    pre-activation [n_e, H] (what the backward needs)."""
+    act, _ = ACTIVATIONS[activation]
+    ys = xs.new_empty(xs.shape[0], w_out.shape[1])
+    pre = []
+    for e, (start, end) in enumerate(_offsets(counts)):
+        if end == start:
+            pre.append(xs.new_empty(0, w_in.shape[1]))
+            continue
+        h = xs.new_empty(end - start, w_in.shape[1])
+        _linear_into(h, xs[start:end], w_in[e], None if b_in is None else b_in[e])
+        hidden = _activate(h, act, gated)
+        w = None if row_weights is None else row_weights[start:end, None]
+        # Scaling the hidden rows by the routing weight scales the output (the projection is
+        # linear); the output bias is scaled separately below.
+        torch.mm(hidden if w is None else hidden.mul_(w), w_out[e].t(), out=ys[start:end])
+        if b_out is not None:
+            ys[start:end].add_(b_out[e] if w is None else w * b_out[e])
+        if keep_pre:
+            pre.append(h)
+    return ys, pre
+
+
 class _GroupedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs, row_weights, w_in, b_in, w_out, b_out, counts, activation, gated):
-        act, _ = ACTIVATIONS[activation]
-        ys = xs.new_empty(xs.shape[0], w_out.shape[1])
-        pre = []  # per expert pre-activation [n_e, H], saved for backward
-        for e, (start, end) in enumerate(_offsets(counts)):
-            if end == start:
-                pre.append(xs.new_empty(0, w_in.shape[1]))
-                continue
-            h = xs.new_empty(end - start, w_in.shape[1])
-            _linear_into(h, xs[start:end], w_in[e], None if b_in is None else b_in[e])
-            hidden = _activate(h, act, gated)
-            w = None if row_weights is None else row_weights[start:end, None]
-            # Scaling the hidden rows by the routing weight scales the output (the projection is
-            # linear); the output bias is scaled separately below.
-            torch.mm(hidden if w is None else hidden.mul_(w), w_out[e].t(), out=ys[start:end])
-            if b_out is not None:
-                ys[start:end].add_(b_out[e] if w is None else w * b_out[e])
-            pre.append(h)
+        ys, pre = _grouped_forward(xs, row_weights, w_in, b_in, w_out, b_out, counts, activation, gated, True)
         ctx.save_for_backward(xs, row_weights, w_in, b_in, w_out, b_out, *pre)
         ctx.counts, ctx.activation, ctx.gated = counts, activation, gated
         return ys
@@ -135,7 +144,10 @@ def _activate(h: Tensor, act, gated: bool) -> Tensor:
 
 
 def _grouped(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated):
-    return _GroupedMLP.apply(xs, row_weights, w_in, b_in, w_out, b_out, tuple(counts), activation, gated)
+    tensors = (xs, row_weights, w_in, b_in, w_out, b_out)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _GroupedMLP.apply(*tensors, tuple(counts), activation, gated)
+    return _grouped_forward(*tensors, counts, activation, gated, keep_pre=False)[0]
 
 
 def _loop(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated):
@@ -166,7 +178,8 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated):
     widths = (xs.shape[1], w_in.shape[1], w_out.shape[1], w_out.shape[2])
-    if not hasattr(torch, "_grouped_mm") or any(w * xs.element_size() % 16 for w in widths):
+    dtypes = (torch.bfloat16,) if xs.is_cuda else (torch.float32, torch.bfloat16, torch.float16)
+    if not hasattr(torch, "_grouped_mm") or xs.dtype not in dtypes or any(w * xs.element_size() % 16 for w in widths):
         return _grouped(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated)
     act, _ = ACTIVATIONS[activation]
     sizes = torch.tensor(list(counts), device=xs.device)

@@ -1,0 +1,90 @@
+"""GPU check: the MoE layer on CUDA matches the CPU float64 result, and its speed vs dense.
+
+Run on a machine with a CUDA GPU:  python benchmarks/gpu_check.py [--json out.json]
+Not part of the test suite (the project's machines have no GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import torch
+
+from moelab.bench.layer import BenchOptions, render_table, run
+from moelab.nn import MoEConfig, build_moe
+
+CASES = {
+    "topk softmax": dict(router="topk", top_k=2),
+    "topk sigmoid groups + aux-free bias + shared": dict(
+        router="topk", top_k=4, score_func="sigmoid", n_group=4, topk_group=2, aux_free_bias=True, num_shared=1,
+        shared_gate=True, route_scale=2.5,
+    ),
+    "top-p": dict(router="topp", top_p=0.5),
+    "expert choice": dict(router="expert_choice"),
+    "relu (BlockFFN), gelu experts": dict(router="relu", activation="gelu"),
+    "capacity 1.0 + expert biases": dict(router="topk", top_k=2, capacity_factor=1.0, expert_bias=True),
+}
+
+
+def check_case(name: str, overrides: dict, backend: str, dtype: torch.dtype, device: str = "cuda") -> dict:
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=64, num_experts=16, hidden_dim=32, backend=backend, **overrides)
+    layer = build_moe(cfg)
+    with torch.no_grad():
+        for param_name, param in layer.named_parameters():
+            if "bias" in param_name:
+                param.normal_(std=0.1)
+    layer = layer.to(device, dtype)
+    # The reference sees the same (rounded) weights and input, in float64 on the CPU, so that
+    # routing decisions agree and the error is the arithmetic's alone.
+    reference = copy.deepcopy(layer).to("cpu", torch.float64)
+    x = torch.randn(257, 64).to(dtype).double()
+    grad = torch.randn_like(x)
+
+    def run_layer(module, inp):
+        inp = inp.detach().requires_grad_(True)
+        out, _ = module(inp)
+        out.backward(grad.to(out.device, out.dtype))
+        return out.detach().double().cpu(), inp.grad.double().cpu(), {
+            n: p.grad.double().cpu() for n, p in module.named_parameters() if p.grad is not None
+        }
+
+    y_ref, gx_ref, g_ref = run_layer(reference, x)
+    y, gx, g = run_layer(layer, x.to(device, dtype))
+    scale = lambda t: t.abs().max().item() + 1e-12  # noqa: E731
+    errors = {"y": (y - y_ref).abs().max().item() / scale(y_ref), "grad_x": (gx - gx_ref).abs().max().item() / scale(gx_ref)}
+    for n in g_ref:
+        errors[f"grad_{n}"] = (g[n] - g_ref[n]).abs().max().item() / scale(g_ref[n])
+    return {"case": name, "backend": backend, "dtype": str(dtype), "max_rel_error": max(errors.values()),
+            "worst": max(errors, key=errors.get)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    checks = [
+        check_case(name, overrides, backend, dtype)
+        for name, overrides in CASES.items()
+        for backend in ("grouped", "loop", "grouped_mm")
+        for dtype in (torch.float32, torch.bfloat16)
+    ]
+    for c in checks:
+        print(f"{c['case']:45s} {c['backend']:10s} {c['dtype']:15s} max rel err {c['max_rel_error']:.2e} ({c['worst']})")
+    doc = run(BenchOptions.create(device="cuda", memory=True, rounds=10, tokens=16384))
+    doc["correctness"] = checks
+    doc["gpu"] = torch.cuda.get_device_name()
+    from rich.console import Console
+
+    Console(width=160).print(render_table(doc))
+    print(json.dumps(doc["memory"], indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
