@@ -42,7 +42,7 @@ class MoEConfig:
         shared_hidden_dim if given); shared_gate: Qwen-style sigmoid gate on them.
     capacity_factor: None = dropless; else Switch/GShard token dropping.
     balance_coef, z_coef, entropy_coef: auxiliary-loss coefficients.
-    backend: grouped-matmul backend ("grouped", "loop", "grouped_mm").
+    backend: expert MLP backend ("auto", "grouped", "loop", "grouped_mm"; see moelab.nn.grouped).
     """
 
     dim: int
@@ -70,7 +70,7 @@ class MoEConfig:
     balance_coef: float = 0.01
     z_coef: float = 0.0
     entropy_coef: float = 0.0
-    backend: str = "grouped"
+    backend: str = "auto"
 
     def __post_init__(self):
         for name in ("dim", "num_experts", "hidden_dim"):

@@ -50,7 +50,7 @@ class SwiGLUExperts(Experts):
     optional gate_up_bias: [E, 2I] and down_bias: [E, D].
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, bias: bool = False, backend: str = "grouped"):
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, bias: bool = False, backend: str = "auto"):
         super().__init__(num_experts, dim, hidden_dim, backend)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
@@ -81,7 +81,7 @@ class MLPExperts(Experts):
         *,
         activation: str = "gelu",
         bias: bool = False,
-        backend: str = "grouped",
+        backend: str = "auto",
     ):
         super().__init__(num_experts, dim, hidden_dim, backend)
         if activation not in ACTIVATIONS:

@@ -10,8 +10,9 @@ scales each output row by its routing weight. A gated MLP splits the first proje
 rows then up rows: act(gate) * up. Applying the routing weight here, on cache-sized slices,
 is cheaper than in the [N, D] combine.
 
-Backends, chosen by name:
-- "grouped" (default): one custom autograd function that runs expert by expert, forward and
+Backends, chosen by name ("auto", the default, picks "grouped" on CPU and "grouped_mm" for
+bf16 on CUDA):
+- "grouped": one custom autograd function that runs expert by expert, forward and
   backward, on cache-sized slices: no [N, H] intermediate is ever materialised, no per-expert
   autograd nodes, the activation is recomputed from the saved pre-activation in backward.
   Fastest on CPU (`moelab bench layer`).
@@ -194,7 +195,14 @@ def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, g
     return ys if row_weights is None else ys * row_weights[:, None]
 
 
-BACKENDS = {"grouped": _grouped, "loop": _loop, "grouped_mm": _grouped_mm}
+def _auto(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated):
+    """Pick "grouped" on CPU; on CUDA, `torch._grouped_mm` for bf16 (one kernel instead of a
+    Python loop of per-expert launches), "grouped" otherwise."""
+    backend = _grouped_mm if xs.is_cuda and xs.dtype == torch.bfloat16 else _grouped
+    return backend(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated)
+
+
+BACKENDS = {"auto": _auto, "grouped": _grouped, "loop": _loop, "grouped_mm": _grouped_mm}
 
 
 def grouped_mlp(
@@ -208,7 +216,7 @@ def grouped_mlp(
     *,
     activation: str = "silu",
     gated: bool = True,
-    backend: str = "grouped",
+    backend: str = "auto",
 ) -> Tensor:
     """xs: [N, D] rows grouped by expert; counts: E python ints summing to N; row_weights: [N]
     routing weight that scales each row's output, or None; w_in: [E, H, D]; b_in: [E, H];
