@@ -42,6 +42,8 @@ class MoEConfig:
         shared_hidden_dim if given); shared_gate: Qwen-style sigmoid gate on them.
     capacity_factor: None = dropless; else Switch/GShard token dropping.
     balance_coef, z_coef, entropy_coef: auxiliary-loss coefficients.
+    locality_coef, chunk_sparsity_coef, chunk_len: BlockFFN's objectives (paper: 2e-3, 5e-2
+        adaptive, 64).
     backend: expert MLP backend ("auto", "grouped", "loop", "grouped_mm"; see moelab.nn.grouped).
     """
 
@@ -70,6 +72,9 @@ class MoEConfig:
     balance_coef: float = 0.01
     z_coef: float = 0.0
     entropy_coef: float = 0.0
+    locality_coef: float = 0.0
+    chunk_sparsity_coef: float = 0.0
+    chunk_len: int = 64
     backend: str = "auto"
 
     def __post_init__(self):
@@ -92,6 +97,8 @@ class MoEConfig:
             raise ValueError("aux_free_bias applies to router='topk' only")
         if self.num_shared < 0:
             raise ValueError(f"MoEConfig.num_shared must be >= 0, got {self.num_shared}")
+        if self.chunk_len < 1:
+            raise ValueError(f"MoEConfig.chunk_len must be >= 1, got {self.chunk_len}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
 
@@ -163,4 +170,7 @@ def build_moe(cfg: MoEConfig) -> MoELayer:
         balance_coef=cfg.balance_coef,
         z_coef=cfg.z_coef,
         entropy_coef=cfg.entropy_coef,
+        locality_coef=cfg.locality_coef,
+        chunk_sparsity_coef=cfg.chunk_sparsity_coef,
+        chunk_len=cfg.chunk_len,
     )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from moelab.nn.blockffn import activation_locality_loss, chunk_sparsification_loss
 from moelab.nn.dispatch import LocalDispatcher, plan_dispatch
 from moelab.nn.experts import Experts, SharedExperts
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
@@ -20,7 +21,8 @@ from moelab.nn.routers import Router, Routing
 class MoEResult:
     """What a forward pass reports besides its output.
 
-    losses: coefficient-weighted auxiliary losses by name ("balance", "z", "entropy"), only
+    losses: coefficient-weighted auxiliary losses by name ("balance", "z", "entropy",
+        "locality", "chunk_sparsity"), only
         those with a non-zero coefficient; `loss` is their sum (0 if none).
     tokens_per_expert: [E] assignments per expert (the load, before capacity dropping).
     dropped_fraction: [] fraction of assignments dropped by the capacity limit (0 if dropless).
@@ -33,6 +35,23 @@ class MoEResult:
     dropped_fraction: Tensor | None = None
     experts_per_token: Tensor | None = None
     routing: Routing | None = None
+
+    @classmethod
+    def merge(cls, results: list[MoEResult]) -> MoEResult:
+        """Combine the results of several routed passes over the same tokens (e.g. the iterations
+        of a Chain-of-Experts layer): losses and loads add up, experts per token add up, the
+        dropped fraction is averaged, routings are kept only if every pass traced."""
+        losses: dict[str, Tensor] = {}
+        for result in results:
+            for name, value in result.losses.items():
+                losses[name] = losses[name] + value if name in losses else value
+        return cls(
+            losses=losses,
+            tokens_per_expert=torch.stack([r.tokens_per_expert for r in results]).sum(0),
+            dropped_fraction=torch.stack([r.dropped_fraction for r in results]).mean(),
+            experts_per_token=torch.stack([r.experts_per_token for r in results]).sum(),
+            routing=None,
+        )
 
     @property
     def loss(self) -> Tensor:
@@ -49,6 +68,8 @@ class MoELayer(nn.Module):
     capacity_factor: None for dropless dispatch (the default), else each expert keeps at most
     ceil(capacity_factor * T*K / E) assignments and the rest are dropped (Switch/GShard).
     balance_coef, z_coef, entropy_coef: weights of the auxiliary losses in `MoEResult.losses`.
+    locality_coef, chunk_sparsity_coef, chunk_len: BlockFFN's activation-locality and chunk
+        sparsification losses (`moelab.nn.blockffn`); they need input [B, S, D].
     trace: if True, every forward pass also returns its `Routing` in `MoEResult.routing`.
     """
 
@@ -62,6 +83,9 @@ class MoELayer(nn.Module):
         balance_coef: float = 0.0,
         z_coef: float = 0.0,
         entropy_coef: float = 0.0,
+        locality_coef: float = 0.0,
+        chunk_sparsity_coef: float = 0.0,
+        chunk_len: int = 64,
         trace: bool = False,
     ):
         super().__init__()
@@ -76,7 +100,14 @@ class MoELayer(nn.Module):
         self.experts = experts
         self.shared = shared
         self.capacity_factor = capacity_factor
-        self.coefs = {"balance": balance_coef, "z": z_coef, "entropy": entropy_coef}
+        self.coefs = {
+            "balance": balance_coef,
+            "z": z_coef,
+            "entropy": entropy_coef,
+            "locality": locality_coef,
+            "chunk_sparsity": chunk_sparsity_coef,
+        }
+        self.chunk_len = chunk_len
         self.trace = trace
         self.dispatcher = LocalDispatcher()
 
@@ -84,13 +115,16 @@ class MoELayer(nn.Module):
     def num_experts(self) -> int:
         return self.router.num_experts
 
-    def forward(self, x: Tensor) -> tuple[Tensor, MoEResult]:
-        dim = self.router.dim
+    def forward(self, x: Tensor, router: Router | None = None) -> tuple[Tensor, MoEResult]:
+        """x: [..., D] -> (y [..., D], MoEResult). `router` replaces the layer's own for this call
+        (Chain-of-Experts routes each iteration with its own router over the same experts)."""
+        router = self.router if router is None else router
+        dim = router.dim
         if x.shape[-1] != dim:
             raise ValueError(f"MoE layer expects input [..., {dim}], got {list(x.shape)}")
         shape = x.shape
         x = x.reshape(-1, dim)
-        routing = self.router(x)
+        routing = router(x)
         plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor)
         xs, row_weights, counts = self.dispatcher.dispatch(x, routing.weights, plan)
         ys = self.experts(xs, counts, row_weights)
@@ -98,7 +132,7 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
         result = MoEResult(
-            losses=self._losses(routing),
+            losses=self._losses(routing, shape[:-1]),
             tokens_per_expert=plan.tokens_per_expert,
             dropped_fraction=plan.dropped_fraction,
             experts_per_token=(routing.indices >= 0).sum(-1).float().mean(),
@@ -106,10 +140,16 @@ class MoELayer(nn.Module):
         )
         return y.view(shape), result
 
-    def _losses(self, routing: Routing) -> dict[str, Tensor]:
+    def _losses(self, routing: Routing, token_shape: torch.Size) -> dict[str, Tensor]:
+        """The weighted auxiliary losses; token_shape is the input's shape without D ([B, S] for
+        sequences), which the sequence-level BlockFFN losses need."""
+        if (self.coefs["locality"] or self.coefs["chunk_sparsity"]) and len(token_shape) != 2:
+            raise ValueError("the locality and chunk-sparsity losses need input of shape [batch, seq, dim]")
         compute = {
             "balance": lambda: load_balancing_loss(routing.probs, routing.indices),
             "z": lambda: router_z_loss(routing.logits),
             "entropy": lambda: router_entropy_loss(routing.probs),
+            "locality": lambda: activation_locality_loss(routing.logits.view(*token_shape, -1)),
+            "chunk_sparsity": lambda: chunk_sparsification_loss(routing.probs.view(*token_shape, -1), self.chunk_len),
         }
         return {name: coef * compute[name]() for name, coef in self.coefs.items() if coef}

@@ -1,0 +1,112 @@
+"""BlockFFN (Song et al. 2025, arXiv 2507.08771): sparsity metrics and chunk-level objectives.
+
+Shape legend: B sequences, S positions, T = B*S tokens, E experts. The router itself is
+`moelab.nn.routers.ReLURouter` (ReLU then RMSNorm over experts).
+
+- Token-level sparsity TLS = fraction of (token, expert) router entries that are exactly 0.
+- Chunk-level sparsity CLS_L = 1 - fraction of (chunk of L consecutive tokens, expert) pairs in
+  which the expert fires for any token of the chunk. CLS_1 = TLS; the paper reports L = 8.
+- Activation locality loss L_AL pulls each token's activation pattern toward the previous
+  token's; chunk sparsification loss L_CS penalises the probability that an expert fires
+  anywhere in a chunk. `AdaptiveCoefficient` is the paper's schedule for L_CS's weight.
+
+The reference code multiplies the router distribution in place inside the chunk loss after
+another term has used it, which can break autograd; everything here is out of place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def token_level_sparsity(active: Tensor) -> float:
+    """active: [..., E] bool (expert fires for the token) -> TLS in [0, 1]."""
+    return 1.0 - active.float().mean().item()
+
+
+def chunk_level_sparsity(active: Tensor, chunk_len: int) -> float:
+    """active: [T, E] or [B, S, E] bool -> CLS for chunks of `chunk_len` consecutive tokens,
+    taken over the flattened tokens; a final partial chunk is dropped."""
+    if chunk_len < 1:
+        raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
+    flat = active.reshape(-1, active.shape[-1])
+    num_chunks = flat.shape[0] // chunk_len
+    if num_chunks == 0:
+        raise ValueError(f"need at least chunk_len={chunk_len} tokens, got {flat.shape[0]}")
+    chunks = flat[: num_chunks * chunk_len].view(num_chunks, chunk_len, -1)
+    return 1.0 - chunks.any(dim=1).float().mean().item()
+
+
+def activation_locality_loss(logits: Tensor, steepness: float = 100.0, first_in_doc: Tensor | None = None) -> Tensor:
+    """L_AL = mean over (t, e) of BCE-with-logits(steepness * r[t-1, e], sigmoid(steepness * r[t, e])).
+
+    logits: [B, S, E] pre-ReLU router logits; first_in_doc: [B, S] bool marking tokens that
+    start a document (their pair with t-1 is skipped). The target is not detached: both tokens
+    of a pair get gradient, as in the reference.
+    """
+    if logits.dim() != 3 or logits.shape[1] < 2:
+        raise ValueError(f"activation locality needs logits [batch, seq >= 2, experts], got {list(logits.shape)}")
+    prev, cur = steepness * logits[:, :-1].float(), steepness * logits[:, 1:].float()
+    loss = F.binary_cross_entropy_with_logits(prev, torch.sigmoid(cur), reduction="none").mean(-1)  # [B, S-1]
+    if first_in_doc is None:
+        return loss.mean()
+    keep = ~first_in_doc[:, 1:]
+    return (loss * keep).sum() / keep.sum().clamp(min=1)
+
+
+def chunk_sparsification_loss(probs: Tensor, chunk_len: int = 64) -> Tensor:
+    """L_CS = 1 - mean over (chunk, expert) of prod_{t in chunk} (1 - p[t, e]).
+
+    probs: [B, S, E] per-token router distribution (`Routing.probs` of the ReLU router); S must
+    be a multiple of chunk_len. Computed in log space as exp(sum log(1 - p + 1e-5)).
+    """
+    B, S, E = probs.shape
+    if S % chunk_len:
+        raise ValueError(f"sequence length {S} must be a multiple of chunk_len={chunk_len} for the chunk loss")
+    chunks = probs.float().reshape(B, S // chunk_len, chunk_len, E)
+    silent = torch.exp(torch.log1p(-chunks + 1e-5).sum(dim=2))  # P(expert fires nowhere in the chunk)
+    return 1.0 - silent.mean()
+
+
+class AdaptiveCoefficient:
+    """The chunk-loss weight schedule of BlockFFN (`AdaptiveLinearScheduler`).
+
+    Constant at `initial` for `warmup` steps; then, at the end of every `window` steps, the
+    ratio r = mean(L_CS over the last window) / mean(L_CS over the window before) sets a target
+    coefficient * (max(1.025, r) if r > 1 else r), capped at `max_factor * initial`, and the
+    coefficient moves linearly to it over the next window. Call `step(loss_value)` once per
+    optimizer step; read `value`.
+    """
+
+    def __init__(self, initial: float = 5e-2, warmup: int = 1000, window: int = 100, max_factor: float = 4.0):
+        if initial <= 0 or warmup < 0 or window < 1:
+            raise ValueError("AdaptiveCoefficient needs initial > 0, warmup >= 0 and window >= 1")
+        self.initial, self.warmup, self.window, self.cap = initial, warmup, window, max_factor * initial
+        self.value = initial
+        self.steps = 0
+        self._losses: list[float] = []
+        self._previous_mean: float | None = None
+        self._start = self._target = initial
+
+    def step(self, loss: float) -> float:
+        self.steps += 1
+        if self.steps > self.warmup:
+            self._losses.append(float(loss))
+            done = len(self._losses)
+            self.value = self._start + (self._target - self._start) * min(done / self.window, 1.0)
+            if done == self.window:
+                mean = sum(self._losses) / done
+                if self._previous_mean:
+                    ratio = mean / self._previous_mean
+                    factor = max(1.025, ratio) if ratio > 1 else ratio
+                    self._start, self._target = self.value, min(self.value * factor, self.cap)
+                self._previous_mean, self._losses = mean, []
+        return self.value
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
