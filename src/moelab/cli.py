@@ -44,6 +44,8 @@ def bench_layer(
     )
     doc = bench.run(options, progress=console)
     console.print(bench.render_table(doc))
+    if doc["memory"]:
+        console.print(bench.render_memory(doc))
     if json_path is not None:
         bench.write_json(doc, json_path)
         console.print(f"wrote {json_path}")

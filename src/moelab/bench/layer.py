@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -240,14 +239,21 @@ def expert_load_imbalance(shape: LayerShape, tokens: int, skew: float) -> float:
 def peak_memory_mb(config: str, impl: str, tokens: int, device: str = "cpu") -> float:
     """Extra peak memory (MB) of one fp32 forward+backward step over the memory in use before it.
 
-    On CPU each measurement runs in a fresh process and reads its peak resident set size; on
-    CUDA it reads the allocator's peak.
+    On CPU each measurement runs in a fresh process (Linux) and reads its peak resident set
+    size; on CUDA it reads the allocator's peak.
     """
     if device != "cpu":
         return _step_peak_mb(config, impl, tokens, device)
     code = f"from moelab.bench.layer import _step_peak_mb; print(_step_peak_mb({config!r}, {impl!r}, {tokens}, 'cpu'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_rss_kb() -> int:
+    """This process's peak resident set size (VmHWM). Unlike getrusage's ru_maxrss it is not
+    inherited from the parent across exec, so a fresh child measures only itself."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
 def _step_peak_mb(config: str, impl: str, tokens: int, device: str) -> float:
@@ -257,9 +263,9 @@ def _step_peak_mb(config: str, impl: str, tokens: int, device: str) -> float:
     x = torch.randn(tokens, SHAPES[config].dim, device=device)
     grad = torch.randn_like(x)
     if device == "cpu":
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = _peak_rss_kb()
         time_step(fn, x, grad, "fwdbwd")
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        return (_peak_rss_kb() - before) / 1024
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     time_step(fn, x, grad, "fwdbwd")
@@ -309,16 +315,32 @@ def run(options: BenchOptions, progress: Console | None = None) -> dict:
 
 def render_table(doc: dict) -> Table:
     """One row per (config, dtype, mode): tokens/s of each implementation and moelab's ratios."""
-    table = Table(title="MoE layer throughput (tokens/s; ratios from the same rounds)")
-    for column in ("config", "dtype", "mode", *IMPLS, "moelab/dense", "moelab/hf"):
-        table.add_column(column, justify="right")
+    table = Table(
+        title="MoE layer throughput, tokens/s (ratios: medians of same-round ratios)",
+        caption="fwdbwd*: skewed routing (max/mean expert load "
+        + ", ".join(f"{r['config']} {r['max_over_mean_load']:.1f}" for r in doc["skewed"] if r["impl"] == "moelab")
+        + ")" if doc["skewed"] else None,
+    )
+    for column in ("config", "dtype", "mode", *IMPLS, "x dense", "x hf"):
+        table.add_column(column, justify="right", no_wrap=True)
     groups: dict[tuple, dict[str, dict]] = {}
-    for row in doc["results"] + [dict(r, mode=r["mode"] + " skew") for r in doc["skewed"]]:
+    for row in doc["results"] + [dict(r, mode=r["mode"] + "*") for r in doc["skewed"]]:
         groups.setdefault((row["config"], row["dtype"], row["mode"]), {})[row["impl"]] = row
     for key, rows in groups.items():
         speeds = [f"{rows[i]['tokens_per_s']:,.0f}" if i in rows else "-" for i in IMPLS]
         vs_hf = rows["moelab"]["ratio_vs_dense"] / rows["hf"]["ratio_vs_dense"] if "hf" in rows else None
         table.add_row(*key, *speeds, f"{rows['moelab']['ratio_vs_dense']:.2f}", f"{vs_hf:.2f}" if vs_hf else "-")
+    return table
+
+
+def render_memory(doc: dict) -> Table:
+    """Extra peak memory of one fp32 forward+backward step, per implementation."""
+    table = Table(title="Peak memory of one fp32 fwd+bwd step, MB above the memory in use before it")
+    for column in ("config", *IMPLS):
+        table.add_column(column, justify="right")
+    for config in dict.fromkeys(row["config"] for row in doc["memory"]):
+        peaks = {row["impl"]: row["peak_mb"] for row in doc["memory"] if row["config"] == config}
+        table.add_row(config, *(f"{peaks[i]:,.0f}" if i in peaks else "-" for i in IMPLS))
     return table
 
 

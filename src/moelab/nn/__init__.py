@@ -1,7 +1,7 @@
 """MoE building blocks: routers, stacked experts, dispatch, auxiliary losses and the layer."""
 
 from moelab.nn.config import MoEConfig, build_moe
-from moelab.nn.dispatch import DispatchPlan, LocalDispatcher, plan_dispatch
+from moelab.nn.dispatch import DispatchPlan, ExpertBatch, LocalDispatcher, plan_dispatch
 from moelab.nn.experts import MLPExperts, SharedExperts, SwiGLUExperts
 from moelab.nn.grouped import grouped_mlp
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
@@ -18,6 +18,7 @@ from moelab.nn.routers import (
 
 __all__ = [
     "DispatchPlan",
+    "ExpertBatch",
     "ExpertChoiceRouter",
     "LocalDispatcher",
     "MLPExperts",

@@ -5,10 +5,10 @@ assignments that are kept; N = T*K when every slot is used and nothing is droppe
 
 The MoE layer runs three explicit steps:
 
-    plan = plan_dispatch(indices, num_experts, capacity_factor)   # sort assignments by expert
-    xs, row_weights, counts = dispatcher.dispatch(x, weights, plan)  # gather rows [N, D]
-    ys = experts(xs, counts, row_weights)                         # grouped MLP, rows scaled by weight
-    y = dispatcher.combine(ys, plan)                              # un-permute and sum [T, D]
+    plan = plan_dispatch(indices, num_experts, capacity_factor)  # sort assignments by expert
+    batch = dispatcher.dispatch(x, weights, plan)                # gather rows [N, D] (+ exchange)
+    ys = experts(batch.rows, batch.counts, batch.row_weights)   # grouped MLP, rows scaled by weight
+    y = dispatcher.combine(ys, plan, batch)                      # (exchange back,) sum per token [T, D]
 
 `dispatch` and `combine` are the exchange points: an expert-parallel dispatcher overrides them
 to send rows (and their routing weights) to the rank that owns their expert (all_to_all) and
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -169,18 +170,34 @@ class _SumSlots(torch.autograd.Function):
         return grad_y.index_select(0, ctx.plan.token_ids), None
 
 
+@dataclass(frozen=True)
+class ExpertBatch:
+    """The rows a rank's experts process, as `dispatch` hands them over.
+
+    rows: [N_local, D] grouped by local expert; row_weights: [N_local] routing weight of each
+    row; counts: rows per local expert; exchange: whatever `combine` needs to send the results
+    back (None for the local dispatcher).
+    """
+
+    rows: Tensor
+    row_weights: Tensor
+    counts: tuple[int, ...]
+    exchange: Any = None
+
+
 class LocalDispatcher:
-    """Single-process dispatch. Stateless (no parameters); subclass to exchange rows across
-    ranks for expert parallelism (send rows and row weights in `dispatch`, results back in
-    `combine`)."""
+    """Single-process dispatch. Stateless (no parameters); an expert-parallel subclass sends rows
+    to the rank that owns their expert in `dispatch` and the results back in `combine`."""
 
-    def dispatch(self, x: Tensor, weights: Tensor, plan: DispatchPlan) -> tuple[Tensor, Tensor, tuple[int, ...]]:
-        """x: [T, D], weights: [T, K] -> (rows grouped by expert [N, D], their routing weights
-        [N], rows per local expert)."""
+    def num_local_experts(self, num_experts: int) -> int:
+        return num_experts
+
+    def dispatch(self, x: Tensor, weights: Tensor, plan: DispatchPlan) -> ExpertBatch:
+        """x: [T, D], weights: [T, K] -> the rows grouped by expert [N, D] with their weights."""
         row_weights = weights.reshape(-1).index_select(0, plan.slots)
-        return _GatherRows.apply(x, plan), row_weights, plan.counts
+        return ExpertBatch(_GatherRows.apply(x, plan), row_weights, plan.counts)
 
-    def combine(self, ys: Tensor, plan: DispatchPlan) -> Tensor:
+    def combine(self, ys: Tensor, plan: DispatchPlan, batch: ExpertBatch) -> Tensor:
         """ys: [N, D] weighted expert outputs -> y: [T, D], each token's rows summed."""
         if plan.num_rows == 0:
             return ys.new_zeros(plan.num_tokens, ys.shape[1]) + 0 * ys.sum()

@@ -71,6 +71,8 @@ class MoELayer(nn.Module):
     locality_coef, chunk_sparsity_coef, chunk_len: BlockFFN's activation-locality and chunk
         sparsification losses (`moelab.nn.blockffn`); they need input [B, S, D].
     trace: if True, every forward pass also returns its `Routing` in `MoEResult.routing`.
+    dispatcher: how rows reach the experts; `LocalDispatcher` (default) or an expert-parallel
+        one (`moelab.distributed`), in which case `experts` holds this rank's experts only.
     """
 
     def __init__(
@@ -87,12 +89,15 @@ class MoELayer(nn.Module):
         chunk_sparsity_coef: float = 0.0,
         chunk_len: int = 64,
         trace: bool = False,
+        dispatcher: LocalDispatcher | None = None,
     ):
         super().__init__()
-        if router.num_experts != experts.num_experts or router.dim != experts.dim:
+        dispatcher = dispatcher or LocalDispatcher()
+        local = dispatcher.num_local_experts(router.num_experts)
+        if local != experts.num_experts or router.dim != experts.dim:
             raise ValueError(
-                f"router ({router.num_experts} experts, dim {router.dim}) does not match experts "
-                f"({experts.num_experts} experts, dim {experts.dim})"
+                f"router ({router.num_experts} experts, {local} on this rank, dim {router.dim}) does not match "
+                f"experts ({experts.num_experts} experts, dim {experts.dim})"
             )
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
@@ -109,7 +114,7 @@ class MoELayer(nn.Module):
         }
         self.chunk_len = chunk_len
         self.trace = trace
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher = dispatcher
 
     @property
     def num_experts(self) -> int:
@@ -126,9 +131,9 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, dim)
         routing = router(x)
         plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor)
-        xs, row_weights, counts = self.dispatcher.dispatch(x, routing.weights, plan)
-        ys = self.experts(xs, counts, row_weights)
-        y = self.dispatcher.combine(ys, plan)
+        batch = self.dispatcher.dispatch(x, routing.weights, plan)
+        ys = self.experts(batch.rows, batch.counts, batch.row_weights)
+        y = self.dispatcher.combine(ys, plan, batch)
         if self.shared is not None:
             y = y + self.shared(x)
         result = MoEResult(

@@ -1,0 +1,75 @@
+"""Expert parallelism over 2 gloo processes equals the single-process layer, forward and backward
+(float64, so that the different summation order of the exchanged rows stays below the tolerance)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moelab.nn import MoEConfig, build_moe
+
+WORLD = 2
+CONFIGS = {
+    "topk": MoEConfig(dim=16, num_experts=8, hidden_dim=12, top_k=2, num_shared=1, balance_coef=0.01),
+    "topp with capacity": MoEConfig(dim=16, num_experts=4, hidden_dim=8, router="topp", top_p=0.6, capacity_factor=1.0),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tokens(rank: int) -> torch.Tensor:
+    # Uneven token counts per rank, and ones that pile onto few experts on rank 1.
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(7 + 6 * rank, 16, generator=g, dtype=torch.float64) * (1 + 3 * rank)
+
+
+def _worker(rank: int, port: int, name: str, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from moelab.distributed import shard_experts
+
+        torch.manual_seed(0)
+        layer = shard_experts(build_moe(CONFIGS[name]).double())
+        x = _tokens(rank).requires_grad_(True)
+        y, result = layer(x)
+        (y.pow(2).sum() + result.loss).backward()
+        out[rank] = {
+            "y": y.detach(),
+            "grad_x": x.grad,
+            "grads": {n: p.grad for n, p in layer.named_parameters()},
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_expert_parallel_matches_single_process(name):
+    torch.manual_seed(0)
+    full = build_moe(CONFIGS[name]).double()
+    xs = [_tokens(r).requires_grad_(True) for r in range(WORLD)]
+    ys, results = zip(*(full(x) for x in xs))
+    sum(y.pow(2).sum() + res.loss for y, res in zip(ys, results)).backward()
+
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), name, out), nprocs=WORLD, join=True)
+
+    L = full.num_experts // WORLD
+    for rank in range(WORLD):
+        torch.testing.assert_close(out[rank]["y"], ys[rank].detach(), atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(out[rank]["grad_x"], xs[rank].grad, atol=1e-10, rtol=1e-10)
+        for pname, grad in out[rank]["grads"].items():
+            if pname.startswith("experts."):  # local shard: gradient over every rank's tokens
+                torch.testing.assert_close(grad, full.get_parameter(pname).grad[rank * L : (rank + 1) * L], atol=1e-10, rtol=1e-10)
+    # Replicated parameters (router, shared experts) see only their rank's tokens: the ranks' sum is the full gradient.
+    for pname, param in full.named_parameters():
+        if not pname.startswith("experts."):
+            total = sum(out[r]["grads"][pname] for r in range(WORLD))
+            torch.testing.assert_close(total, param.grad, atol=1e-10, rtol=1e-10)
