@@ -83,36 +83,46 @@ def plan_dispatch(indices: Tensor, num_experts: int, capacity_factor: float | No
     """
     if indices.dim() != 2:
         raise ValueError(f"indices must be [tokens, slots], got shape {list(indices.shape)}")
-    if indices.numel() and (indices.max() >= num_experts or indices.min() < -1):
-        raise ValueError(f"expert indices must lie in [-1, {num_experts - 1}]")
     if capacity_factor is not None and capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
     T, K = indices.shape
-    # Empty slots get key E so that they sort after every expert's rows.
-    key = indices.reshape(-1).masked_fill(indices.reshape(-1) < 0, num_experts)
-    tokens_per_expert = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
-    num_assigned = int(tokens_per_expert.sum())
+    # Empty slots (-1) get key E so that they sort after every expert's rows.
+    key = indices.reshape(-1)
+    key = key.masked_fill(key == -1, num_experts)
+    load = _bincount(key, num_experts)  # [E + 1]
+    counts = load.tolist()  # the one host sync of the plan
+    tokens_per_expert = load[:num_experts]
+    num_assigned = T * K - counts[num_experts]
     dropped = torch.zeros((), device=indices.device)
     if capacity_factor is not None:
-        key = _drop_over_capacity(key, T, K, num_experts, expert_capacity(num_assigned, num_experts, capacity_factor))
-        kept = int((key < num_experts).sum())
-        dropped = torch.tensor((num_assigned - kept) / max(num_assigned, 1), device=indices.device)
-        num_assigned = kept
+        capacity = expert_capacity(num_assigned, num_experts, capacity_factor)
+        key = _drop_over_capacity(key, T, K, num_experts, capacity)
+        counts = [min(n, capacity) for n in counts[:num_experts]]
+        dropped = torch.tensor(1 - sum(counts) / max(num_assigned, 1), device=indices.device)
+        num_assigned = sum(counts)
 
     order = torch.argsort(key, stable=True)[:num_assigned]
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts] if capacity_factor else tokens_per_expert
     slot_rows = torch.full((T * K,), num_assigned, dtype=torch.long, device=indices.device)
     slot_rows[order] = torch.arange(num_assigned, device=indices.device)
     return DispatchPlan(
         slots=order,
         token_ids=order // K,
         slot_rows=slot_rows,
-        counts=tuple(counts.tolist()),
+        counts=tuple(counts[:num_experts]),
         tokens_per_expert=tokens_per_expert,
         dropped_fraction=dropped,
         num_tokens=T,
         top_k=K,
     )
+
+
+def _bincount(key: Tensor, num_experts: int) -> Tensor:
+    """Rows per key in [0, E] (E = empty slot); a scatter-add, so the shape is static under
+    torch.compile."""
+    try:
+        return torch.zeros(num_experts + 1, dtype=torch.long, device=key.device).scatter_add_(0, key, torch.ones_like(key))
+    except RuntimeError as err:
+        raise ValueError(f"expert indices must lie in [-1, {num_experts - 1}] ({err})") from None
 
 
 def _drop_over_capacity(key: Tensor, T: int, K: int, num_experts: int, capacity: int) -> Tensor:

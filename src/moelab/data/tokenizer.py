@@ -1,0 +1,96 @@
+"""The shipped byte-level BPE tokenizer, and corpus splits tokenised into flat uint16 arrays (cached).
+
+``load_tokenizer()`` returns a ``tokenizers.Tokenizer``: it is fast to import, has no
+transformers dependency, and ``encode``/``decode`` are lossless for any UTF-8 text (byte-level
+BPE, no normaliser). The same directory also loads as a Hugging Face tokenizer, with eos/bos/pad
+set, for code that wants one:
+
+    transformers.PreTrainedTokenizerFast.from_pretrained(moelab.data.TOKENIZER_DIR)
+
+Token stream layout of a split (``tokenize_split``): every document is preceded and followed by
+``<|endoftext|>``, i.e. ``EOT d1 EOT d2 EOT ... dn EOT``, so the first token of every document
+is predicted from the separator alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from moelab.data.corpus import CORPUS_DIR, load_documents, split_entry
+from moelab.io import atomic_write_bytes
+
+TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+EOT = "<|endoftext|>"  # document separator; also the bos/eos/unk token of the HF config
+PAD = "<|pad|>"  # padding only; never appears in a token stream
+EOT_ID = 0
+PAD_ID = 1
+CACHE_FORMAT = 1  # bump when the token stream layout changes, to invalidate old cache files
+
+
+def load_tokenizer(tokenizer_dir: Path = TOKENIZER_DIR) -> Tokenizer:
+    """The byte-level BPE tokenizer in ``tokenizer_dir`` (``tokenizer.json``)."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} not found; rebuild it with `python scripts/build_corpus.py`")
+    tokenizer = Tokenizer.from_file(str(path))
+    if tokenizer.token_to_id(EOT) != EOT_ID or tokenizer.token_to_id(PAD) != PAD_ID:
+        raise ValueError(f"{path}: expected {EOT} to have id {EOT_ID} and {PAD} id {PAD_ID}")
+    return tokenizer
+
+
+def cache_dir() -> Path:
+    """Where tokenised splits are cached: ``$MOELAB_CACHE``, default ``~/.cache/moelab``."""
+    return Path(os.environ.get("MOELAB_CACHE", "~/.cache/moelab")).expanduser()
+
+
+def tokenize_texts(texts: Sequence[str], tokenizer: Tokenizer, desc: str = "tokenizing") -> np.ndarray:
+    """``EOT t1 EOT t2 ... EOT`` as one flat uint16 array of shape [n_tokens]."""
+    if tokenizer.get_vocab_size() > np.iinfo(np.uint16).max + 1:
+        raise ValueError(f"vocab size {tokenizer.get_vocab_size()} does not fit uint16 token ids")
+    pieces = [np.array([EOT_ID], dtype=np.uint16)]
+    batch = 512
+    for i in tqdm(range(0, len(texts), batch), desc=desc, unit="batch", leave=False):
+        for encoding in tokenizer.encode_batch(list(texts[i : i + batch]), add_special_tokens=False):
+            pieces.append(np.array(encoding.ids, dtype=np.uint16))
+            pieces.append(np.array([EOT_ID], dtype=np.uint16))
+    return np.concatenate(pieces)
+
+
+def tokenize_split(
+    domain: str,
+    split: str,
+    corpus_dir: Path = CORPUS_DIR,
+    tokenizer_dir: Path = TOKENIZER_DIR,
+) -> np.ndarray:
+    """All documents of ``domain``'s ``split`` as one flat uint16 token array of shape [n_tokens].
+
+    Cached in ``cache_dir()/tokens/`` under a key that hashes the tokenizer file and the corpus
+    file's sha256, so a rebuilt corpus or tokenizer never reuses stale tokens.
+    """
+    entry = split_entry(domain, split, corpus_dir)
+    tokenizer_json = Path(tokenizer_dir) / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise FileNotFoundError(f"tokenizer {tokenizer_json} not found; rebuild it with `python scripts/build_corpus.py`")
+    key = hashlib.sha256(
+        f"{CACHE_FORMAT}\0{entry['sha256']}\0".encode() + hashlib.sha256(tokenizer_json.read_bytes()).digest()
+    ).hexdigest()[:16]
+    path = cache_dir() / "tokens" / f"{domain}.{split}.{key}.npy"
+    if path.is_file():
+        return np.load(path)
+    tokens = tokenize_texts(
+        [doc.text for doc in load_documents(domain, split, corpus_dir)],
+        load_tokenizer(tokenizer_dir),
+        desc=f"tokenizing {domain}.{split}",
+    )
+    buffer = io.BytesIO()
+    np.save(buffer, tokens)
+    atomic_write_bytes(path, buffer.getvalue())
+    return tokens

@@ -1,0 +1,489 @@
+"""A naive, obviously-correct reference for moelab's MoE layer, written from the definitions.
+
+Nothing here imports moelab or calls the code under test. Every rule is applied per token (and
+per expert) with plain Python loops; decisions (which experts, which tokens, what gets dropped)
+are made on Python floats, numbers are float64 torch scalars/vectors so that autograd gives the
+reference gradients. The layer's parameters are only *read* (by their public names, the
+transformers-5 stacked layout) and cloned into float64 leaf tensors.
+
+Every routing function returns a `RefRouting`, whose `margin` is the smallest gap of any discrete
+decision it made (the k-th vs (k+1)-th score, a cumulative mass vs top_p, a logit vs 0, ...).
+A float32 implementation may legitimately decide differently when that margin is ~1e-6, so the
+property tests skip such near-ties.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------- elementwise maths
+
+
+def sigmoid(z: Tensor) -> Tensor:
+    return 1.0 / (1.0 + torch.exp(-z))
+
+
+def softmax(z: Tensor) -> Tensor:
+    ex = torch.exp(z - float(z.detach().max()))
+    return ex / ex.sum()
+
+
+def silu(z: Tensor) -> Tensor:
+    return z * sigmoid(z)
+
+
+def gelu(z: Tensor) -> Tensor:  # the exact (erf) GELU
+    return 0.5 * z * (1.0 + torch.erf(z / math.sqrt(2.0)))
+
+
+def relu(z: Tensor) -> Tensor:
+    return torch.where(z > 0, z, torch.zeros_like(z))
+
+
+ACT = {"silu": silu, "gelu": gelu, "relu": relu}
+
+
+def logsumexp(z: Tensor) -> Tensor:
+    m = float(z.detach().max())
+    return m + torch.log(torch.exp(z - m).sum())
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+@dataclass
+class RefRouting:
+    """choices[t]: list of (slot, expert, weight) for token t, in slot order; weight is a 0-d
+    float64 tensor (differentiable). logits, probs: [T, E]. num_slots: K."""
+
+    choices: list[list[tuple[int, int, Tensor]]]
+    logits: Tensor
+    probs: Tensor
+    num_slots: int
+    margin: float = math.inf
+
+    def experts(self, t: int) -> list[int]:
+        return [e for _, e, _ in self.choices[t]]
+
+    def weight_of(self, t: int) -> dict[int, float]:
+        return {e: float(w.detach()) for _, e, w in self.choices[t]}
+
+    def num_assignments(self) -> int:
+        return sum(len(c) for c in self.choices)
+
+
+def _gaps(values: list[float]) -> list[float]:
+    """|a - b| between neighbours of a list sorted in decreasing order."""
+    return [abs(a - b) for a, b in zip(values, values[1:])]
+
+
+def _token_logits(x_t: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+    return W @ x_t + (0.0 if b is None else b)
+
+
+def _stack_rows(rows: list[Tensor], E: int, like: Tensor) -> Tensor:
+    return torch.stack(rows) if rows else like.new_zeros(0, E)
+
+
+def route_topk(
+    x: Tensor,
+    W: Tensor,
+    b: Tensor | None = None,
+    *,
+    top_k: int,
+    score_func: str = "softmax",
+    renormalize: bool = True,
+    route_scale: float = 1.0,
+    n_group: int = 1,
+    topk_group: int = 1,
+    expert_bias: Tensor | None = None,
+) -> RefRouting:
+    """Token-choice top-k. Scores = softmax or sigmoid of the logits. Selection ranks
+    score + expert_bias; with n_group > 1 only the experts of the topk_group best groups (of
+    E/n_group consecutive experts; group score = sum of the group's two best selection values for
+    sigmoid, its best for softmax) compete. Weights: the un-biased scores of the chosen experts,
+    divided by their sum if renormalize, times route_scale. Slot j = the j-th best chosen expert."""
+    T, E = x.shape[0], W.shape[0]
+    bias = [0.0] * E if expert_bias is None else [float(v) for v in expert_bias]
+    choices, logit_rows, prob_rows, margins = [], [], [], []
+    for t in range(T):
+        logits = _token_logits(x[t], W, b)
+        scores = softmax(logits) if score_func == "softmax" else sigmoid(logits)
+        score_values = scores.detach().tolist()
+        select = [score_values[e] + bias[e] for e in range(E)]
+        candidates = list(range(E))
+        if n_group > 1:
+            size = E // n_group
+            group_score = []
+            for g in range(n_group):
+                members = sorted((select[e] for e in range(g * size, (g + 1) * size)), reverse=True)
+                group_score.append(sum(members[:2]) if score_func == "sigmoid" else members[0])
+            ranked_groups = sorted(range(n_group), key=lambda g: -group_score[g])
+            kept_groups = set(ranked_groups[:topk_group])
+            margins += _gaps(sorted(group_score, reverse=True)[topk_group - 1 : topk_group + 1])
+            candidates = [e for e in range(E) if e // size in kept_groups]
+        ranked = sorted(candidates, key=lambda e: -select[e])
+        chosen = ranked[:top_k]
+        margins += _gaps([select[e] for e in ranked[: top_k + 1]])
+        w = [scores[e] for e in chosen]
+        if renormalize:
+            total = sum(w)
+            w = [wi / total for wi in w]
+        w = [wi * route_scale for wi in w]
+        choices.append([(j, e, w[j]) for j, e in enumerate(chosen)])
+        logit_rows.append(logits)
+        prob_rows.append(scores if score_func == "softmax" else scores / scores.sum())
+    return RefRouting(
+        choices, _stack_rows(logit_rows, E, W), _stack_rows(prob_rows, E, W), top_k, min(margins, default=math.inf)
+    )
+
+
+def route_topp(
+    x: Tensor, W: Tensor, b: Tensor | None = None, *, top_p: float, max_k: int | None = None, renormalize: bool = False
+) -> RefRouting:
+    """Dynamic top-p: sort the softmax probabilities in decreasing order; keep the expert in
+    sorted position j iff the probability mass before it is < top_p and j < max_k. Weights: raw
+    probabilities, or divided by their sum over the kept experts. Slot j = sorted position j."""
+    T, E = x.shape[0], W.shape[0]
+    K = E if max_k is None else max_k
+    choices, logit_rows, prob_rows, margins = [], [], [], []
+    for t in range(T):
+        logits = _token_logits(x[t], W, b)
+        probs = softmax(logits)
+        values = probs.detach().tolist()
+        order = sorted(range(E), key=lambda e: -values[e])
+        kept, before = [], 0.0
+        for j, e in enumerate(order[:K]):
+            margins.append(abs(before - top_p))
+            if before < top_p:
+                kept.append(e)
+            before += values[e]
+        margins += _gaps([values[e] for e in order[: K + 1]])
+        w = [probs[e] for e in kept]
+        if renormalize:
+            total = sum(w)
+            w = [wi / total for wi in w]
+        choices.append([(j, e, w[j]) for j, e in enumerate(kept)])
+        logit_rows.append(logits)
+        prob_rows.append(probs)
+    return RefRouting(
+        choices, _stack_rows(logit_rows, E, W), _stack_rows(prob_rows, E, W), K, min(margins, default=math.inf)
+    )
+
+
+def route_expert_choice(x: Tensor, W: Tensor, b: Tensor | None = None, *, capacity_factor: float) -> RefRouting:
+    """Expert choice: probs = softmax over experts per token; each expert e takes the
+    C = min(T, ceil(T * c / E)) tokens with the highest probs[:, e], with weight probs[t, e].
+    A token can get 0..E experts. Slot e = expert e."""
+    T, E = x.shape[0], W.shape[0]
+    logit_rows = [_token_logits(x[t], W, b) for t in range(T)]
+    prob_rows = [softmax(l) for l in logit_rows]
+    capacity = min(T, math.ceil(T * capacity_factor / E))
+    values = [p.detach().tolist() for p in prob_rows]
+    picked: list[list[int]] = [[] for _ in range(T)]
+    margins = []
+    for e in range(E):
+        ranked = sorted(range(T), key=lambda t: -values[t][e])
+        for t in ranked[:capacity]:
+            picked[t].append(e)
+        margins += _gaps([values[t][e] for t in ranked[capacity - 1 : capacity + 1]] if capacity else [])
+    choices = [[(e, e, prob_rows[t][e]) for e in sorted(picked[t])] for t in range(T)]
+    return RefRouting(
+        choices, _stack_rows(logit_rows, E, W), _stack_rows(prob_rows, E, W), E, min(margins, default=math.inf)
+    )
+
+
+def route_relu(
+    x: Tensor, W: Tensor, b: Tensor | None = None, *, norm_weight: Tensor, eps: float = 1e-6
+) -> RefRouting:
+    """BlockFFN: a = relu(W x); a_hat = a / sqrt(mean_e a^2 + eps); gate = g * a_hat. Expert e
+    is active iff a_e > 0, with weight gate_e. probs = a_hat / (sum a_hat + 1e-5). Slot e = e."""
+    T, E = x.shape[0], W.shape[0]
+    choices, logit_rows, prob_rows, margins = [], [], [], []
+    for t in range(T):
+        logits = _token_logits(x[t], W, b)
+        a = relu(logits)
+        a_hat = a / torch.sqrt((a * a).mean() + eps)
+        gate = norm_weight * a_hat
+        logit_values = logits.detach().tolist()
+        choices.append([(e, e, gate[e]) for e in range(E) if logit_values[e] > 0])
+        margins += [abs(v) for v in logit_values]
+        logit_rows.append(logits)
+        prob_rows.append(a_hat / (a_hat.sum() + 1e-5))
+    return RefRouting(
+        choices, _stack_rows(logit_rows, E, W), _stack_rows(prob_rows, E, W), E, min(margins, default=math.inf)
+    )
+
+
+# ----------------------------------------------------------------------------- capacity dropping
+
+
+@dataclass
+class Capacity:
+    capacity: int | None
+    kept: set[tuple[int, int]]  # (token, slot) pairs that survive
+    dropped_fraction: float
+
+
+def apply_capacity(routing: RefRouting, num_experts: int, capacity_factor: float | None) -> Capacity:
+    """GShard priority: C = ceil(cf * (number of valid assignments) / E). Each expert accepts its
+    assignments in the order (slot j, token t): every first choice before any second choice,
+    earlier tokens first; the ones ranked >= C are dropped."""
+    assignments = [(slot, t, e) for t, ch in enumerate(routing.choices) for slot, e, _ in ch]
+    if capacity_factor is None:
+        return Capacity(None, {(t, slot) for slot, t, _ in assignments}, 0.0)
+    capacity = math.ceil(capacity_factor * len(assignments) / num_experts)
+    taken = [0] * num_experts
+    kept = set()
+    for slot, t, e in sorted(assignments):
+        if taken[e] < capacity:
+            taken[e] += 1
+            kept.add((t, slot))
+    dropped = len(assignments) - len(kept)
+    return Capacity(capacity, kept, dropped / len(assignments) if assignments else 0.0)
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+def expert_ffn(x_t: Tensor, e: int, p: dict[str, Tensor], activation: str = "swiglu") -> Tensor:
+    """One expert on one token, from the stacked weights.
+    swiglu: gate_up_proj[e] is [2I, D] (gate rows, then up rows), down_proj[e] is [D, I];
+    else: up_proj[e] [I, D], act, down_proj[e] [D, I]. Optional biases."""
+    if activation == "swiglu":
+        w_in, b_in = p["experts.gate_up_proj"][e], p.get("experts.gate_up_bias")
+    else:
+        w_in, b_in = p["experts.up_proj"][e], p.get("experts.up_bias")
+    h = w_in @ x_t
+    if b_in is not None:
+        h = h + b_in[e]
+    if activation == "swiglu":
+        I = w_in.shape[0] // 2
+        hidden = silu(h[:I]) * h[I:]
+    else:
+        hidden = ACT[activation](h)
+    y = p["experts.down_proj"][e] @ hidden
+    b_out = p.get("experts.down_bias")
+    return y if b_out is None else y + b_out[e]
+
+
+def shared_ffn(x_t: Tensor, p: dict[str, Tensor]) -> Tensor:
+    """SwiGLU from nn.Linear weights ([out, in]); times sigmoid(gate . x) if gated."""
+    hidden = silu(p["shared.gate_proj.weight"] @ x_t) * (p["shared.up_proj.weight"] @ x_t)
+    y = p["shared.down_proj.weight"] @ hidden
+    if "shared.gate.weight" in p:
+        y = y * sigmoid(p["shared.gate.weight"][0] @ x_t)
+    return y
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def balance_loss(routing: RefRouting, num_experts: int) -> Tensor:
+    """E * sum_e f_e * P_e; f_e = share of the valid assignments (before dropping) that chose e,
+    P_e = mean over tokens of probs[:, e]."""
+    counts = [0] * num_experts
+    for t in range(len(routing.choices)):
+        for e in routing.experts(t):
+            counts[e] += 1
+    total = max(sum(counts), 1)
+    T = routing.probs.shape[0]
+    loss = routing.probs.new_zeros(())
+    for e in range(num_experts):
+        P_e = sum(routing.probs[t, e] for t in range(T)) / T
+        loss = loss + (counts[e] / total) * P_e
+    return num_experts * loss
+
+
+def z_loss(routing: RefRouting) -> Tensor:
+    T = routing.logits.shape[0]
+    return sum(logsumexp(routing.logits[t]) ** 2 for t in range(T)) / T
+
+
+def entropy_loss(routing: RefRouting) -> Tensor:
+    T, E = routing.probs.shape
+    total = routing.probs.new_zeros(())
+    for t in range(T):
+        for e in range(E):
+            p = routing.probs[t, e]
+            if float(p.detach()) > 0:  # 0 log 0 = 0
+                total = total - p * torch.log(p)
+    return total / T
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+@dataclass
+class Spec:
+    """What the layer is supposed to do (mirrors MoEConfig's fields; plain data)."""
+
+    router: str = "topk"
+    top_k: int = 2
+    score_func: str = "softmax"
+    renormalize: bool = True
+    route_scale: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    top_p: float = 0.4
+    max_k: int | None = None
+    ec_capacity_factor: float = 2.0
+    relu_eps: float = 1e-6
+    activation: str = "swiglu"
+    capacity_factor: float | None = None
+    coefs: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Spec:
+        """Read the plain settings off a MoEConfig-like object (a dataclass of numbers/strings)."""
+        names = [f for f in cls.__dataclass_fields__ if f not in ("coefs", "relu_eps")]
+        spec = cls(**{n: getattr(cfg, n) for n in names})
+        spec.coefs = {"balance": cfg.balance_coef, "z": cfg.z_coef, "entropy": cfg.entropy_coef}
+        return spec
+
+
+def route(x: Tensor, p: dict[str, Tensor], spec: Spec) -> RefRouting:
+    W, b = p["router.weight"], p.get("router.bias")
+    if spec.router == "topk":
+        return route_topk(
+            x, W, b, top_k=spec.top_k, score_func=spec.score_func, renormalize=spec.renormalize,
+            route_scale=spec.route_scale, n_group=spec.n_group, topk_group=spec.topk_group,
+            expert_bias=p.get("router.expert_bias"),
+        )
+    if spec.router == "topp":
+        return route_topp(x, W, b, top_p=spec.top_p, max_k=spec.max_k, renormalize=spec.renormalize)
+    if spec.router == "expert_choice":
+        return route_expert_choice(x, W, b, capacity_factor=spec.ec_capacity_factor)
+    if spec.router == "relu":
+        return route_relu(x, W, b, norm_weight=p["router.norm_weight"], eps=spec.relu_eps)
+    raise ValueError(spec.router)
+
+
+@dataclass
+class RefResult:
+    y: Tensor  # [..., D]
+    routing: RefRouting
+    capacity: Capacity
+    losses: dict[str, Tensor]
+    tokens_per_expert: list[int]
+
+    @property
+    def loss(self) -> Tensor:
+        return sum(self.losses.values(), self.y.new_zeros(()))
+
+
+def moe_forward(x: Tensor, p: dict[str, Tensor], spec: Spec) -> RefResult:
+    """y_t = sum over kept (expert e, weight w) of w * FFN_e(x_t), plus the shared expert."""
+    shape = x.shape
+    D = shape[-1]
+    xt = x.reshape(-1, D)
+    T = xt.shape[0]
+    E = p["router.weight"].shape[0]
+    routing = route(xt, p, spec)
+    cap = apply_capacity(routing, E, spec.capacity_factor)
+    rows = []
+    for t in range(T):
+        y_t = xt.new_zeros(D)
+        for slot, e, w in routing.choices[t]:
+            if (t, slot) in cap.kept:
+                y_t = y_t + w * expert_ffn(xt[t], e, p, spec.activation)
+        if "shared.gate_proj.weight" in p:
+            y_t = y_t + shared_ffn(xt[t], p)
+        rows.append(y_t)
+    y = torch.stack(rows) if rows else xt.new_zeros(0, D)
+    load = [0] * E
+    for t in range(T):
+        for e in routing.experts(t):
+            load[e] += 1
+    compute = {
+        "balance": lambda: balance_loss(routing, E),
+        "z": lambda: z_loss(routing),
+        "entropy": lambda: entropy_loss(routing),
+    }
+    losses = {name: coef * compute[name]() for name, coef in spec.coefs.items() if coef}
+    return RefResult(y.reshape(shape), routing, cap, losses, load)
+
+
+# ----------------------------------------------------------------------------- harness helpers
+
+
+def f64_leaves(module: torch.nn.Module, *, buffers: bool = True) -> dict[str, Tensor]:
+    """The module's parameters, by name, cloned into float64 leaves that require grad (and its
+    buffers, cloned, without grad)."""
+    leaves = {n: t.detach().to(F64).clone().requires_grad_(True) for n, t in module.named_parameters()}
+    if buffers:
+        for n, t in module.named_buffers():
+            if t is not None and t.is_floating_point():
+                leaves[n] = t.detach().to(F64).clone()
+    return leaves
+
+
+def f64_leaf(x: Tensor) -> Tensor:
+    return x.detach().to(F64).clone().requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------- comparison harness
+# (the only part that runs the code under test: it feeds the layer and the reference the same
+# input and parameters and compares what comes out)
+
+
+@dataclass
+class Both:
+    y: Tensor  # the layer's output
+    result: Any  # the layer's MoEResult
+    ref: RefResult
+    x: Tensor  # the layer's input leaf (its .grad after backward)
+    x_ref: Tensor
+    leaves: dict[str, Tensor]
+
+
+def run_both(layer: torch.nn.Module, spec: Spec, x: Tensor, *, backward: bool = True, seed: int = 0) -> Both:
+    """Run layer(x) and the reference on float64 clones of x and the layer's parameters; with
+    backward, backpropagate sum(y * G) + total aux loss (G random) through both."""
+    leaves = f64_leaves(layer)
+    x_ref = f64_leaf(x)
+    x_l = x.detach().clone().requires_grad_(backward)
+    layer.zero_grad(set_to_none=True)
+    y, result = layer(x_l)
+    ref = moe_forward(x_ref, leaves, spec)
+    if backward:
+        G = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        ((y.to(F64) * G).sum() + result.loss.to(F64)).backward()
+        ((ref.y * G).sum() + ref.loss).backward()
+    return Both(y, result, ref, x_l, x_ref, leaves)
+
+
+def assert_close(actual: Tensor, expected: Tensor, atol: float, rtol: float, what: str) -> None:
+    torch.testing.assert_close(
+        actual.detach().to(F64), expected.detach().to(F64), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def assert_matches(both: Both, layer: torch.nn.Module, *, atol: float = 1e-5, rtol: float = 1e-5, grads: bool = True):
+    """Output, aux losses, load, dropped fraction and (with grads) the gradient of x and of every
+    parameter equal the reference's."""
+    ref, result = both.ref, both.result
+    assert both.y.shape == ref.y.shape
+    assert_close(both.y, ref.y, atol, rtol, "output y")
+    assert set(result.losses) == set(ref.losses), (sorted(result.losses), sorted(ref.losses))
+    for name, value in ref.losses.items():
+        assert_close(result.losses[name], value, atol, rtol, f"loss {name}")
+    assert result.tokens_per_expert.tolist() == ref.tokens_per_expert
+    assert abs(float(result.dropped_fraction) - ref.capacity.dropped_fraction) < 1e-7
+    if not grads:
+        return
+    assert_close(both.x.grad, both.x_ref.grad, atol, rtol, "grad x")
+    for name, param in layer.named_parameters():
+        expected = both.leaves[name].grad
+        if expected is None:
+            expected = torch.zeros_like(both.leaves[name])
+        actual = param.grad if param.grad is not None else torch.zeros_like(param)
+        assert_close(actual, expected, atol, rtol, f"grad {name}")

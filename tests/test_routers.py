@@ -1,0 +1,309 @@
+"""Every router against the naive per-token reference (tests/reference.py), forward and backward,
+and aux-loss-free balancing (expert_bias + attach_expert_bias_update)."""
+
+import pytest
+import torch
+
+from moelab.nn import (
+    ExpertChoiceRouter,
+    MoEConfig,
+    ReLURouter,
+    TopKRouter,
+    TopPRouter,
+    attach_expert_bias_update,
+    build_moe,
+)
+from reference import F64, f64_leaf, route_expert_choice, route_relu, route_topk, route_topp
+
+T, D, E = 24, 12, 8
+ATOL = RTOL = 1e-5
+
+TOPK_SETTINGS = {
+    "k1": dict(top_k=1),
+    "k2": dict(top_k=2),
+    "k2-no-renorm": dict(top_k=2, renormalize=False),
+    "k3-route-scale": dict(top_k=3, route_scale=2.5),
+    "k=E": dict(top_k=E),
+    "k=E-no-renorm": dict(top_k=E, renormalize=False),
+    "sigmoid-k2": dict(top_k=2, score_func="sigmoid"),
+    "sigmoid-no-renorm-scale": dict(top_k=3, score_func="sigmoid", renormalize=False, route_scale=1.7),
+    "groups-softmax": dict(top_k=3, n_group=4, topk_group=2),
+    "groups-sigmoid": dict(top_k=4, score_func="sigmoid", n_group=4, topk_group=2, route_scale=2.5),
+    "groups-sigmoid-1-of-2": dict(top_k=2, score_func="sigmoid", n_group=2, topk_group=1),
+    "groups-of-one": dict(top_k=2, score_func="sigmoid", n_group=8, topk_group=3),
+    "router-bias": dict(top_k=2, bias=True),
+    "expert-bias": dict(top_k=2, balance_bias=True),
+    "expert-bias-sigmoid-groups": dict(top_k=3, score_func="sigmoid", n_group=4, topk_group=2, balance_bias=True),
+}
+TOPP_SETTINGS = {
+    "p0.1": dict(top_p=0.1),
+    "p0.4": dict(top_p=0.4),
+    "p0.7-renorm": dict(top_p=0.7, renormalize=True),
+    "p0.9-maxk2": dict(top_p=0.9, max_k=2),
+    "p0.6-maxk3-renorm-bias": dict(top_p=0.6, max_k=3, renormalize=True, bias=True),
+    "p1.0": dict(top_p=1.0),
+}
+EC_SETTINGS = {
+    "c0.5": dict(capacity_factor=0.5),
+    "c1": dict(capacity_factor=1.0),
+    "c2": dict(capacity_factor=2.0),
+    "c=E": dict(capacity_factor=float(E)),
+    "c2-bias": dict(capacity_factor=2.0, bias=True),
+}
+RELU_SETTINGS = {"default": dict(), "bias": dict(bias=True)}
+
+
+def _randomise(router: torch.nn.Module, seed: int) -> None:
+    """Non-trivial values for every parameter and buffer the router has."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=g) * 1.5 / D**0.5)
+        if router.bias is not None:
+            router.bias.copy_(torch.randn(E, generator=g) * 0.3)
+        if getattr(router, "expert_bias", None) is not None:
+            router.expert_bias.copy_(torch.randn(E, generator=g) * 0.1)
+        if hasattr(router, "norm_weight"):
+            router.norm_weight.copy_(1 + 0.5 * torch.randn(E, generator=g))
+
+
+def _ref(router, x, w, b, g):
+    if isinstance(router, TopKRouter):
+        eb = None if router.expert_bias is None else router.expert_bias.to(F64)
+        return route_topk(
+            x, w, b, top_k=router.top_k, score_func=router.score_func, renormalize=router.renormalize,
+            route_scale=router.route_scale, n_group=router.n_group, topk_group=router.topk_group, expert_bias=eb,
+        )
+    if isinstance(router, TopPRouter):
+        return route_topp(x, w, b, top_p=router.top_p, max_k=router.top_k, renormalize=router.renormalize)
+    if isinstance(router, ExpertChoiceRouter):
+        return route_expert_choice(x, w, b, capacity_factor=router.capacity_factor)
+    return route_relu(x, w, b, norm_weight=g, eps=router.eps)
+
+
+def check_router(router, x, *, seed=0):
+    """Indices (exact slots), weights, logits, probs and the gradients of all of them w.r.t. x and
+    the router parameters equal the reference's."""
+    xr = f64_leaf(x)
+    w = f64_leaf(router.weight)
+    b = None if router.bias is None else f64_leaf(router.bias)
+    norm_leaf = f64_leaf(router.norm_weight) if isinstance(router, ReLURouter) else None
+    ref = _ref(router, xr, w, b, norm_leaf)
+    assert ref.margin > 1e-5, "test data has a near-tie; pick another seed"
+
+    xl = x.clone().requires_grad_(True)
+    routing = router(xl)
+    K = ref.num_slots
+    assert routing.indices.shape == (x.shape[0], K) and routing.indices.dtype == torch.int64
+    assert routing.weights.shape == (x.shape[0], K) and routing.weights.dtype == torch.float32
+    assert routing.logits.shape == routing.probs.shape == (x.shape[0], E)
+
+    expected_idx = torch.full((x.shape[0], K), -1, dtype=torch.long)
+    weight_rows = []
+    for t, choice in enumerate(ref.choices):
+        row = [xr.new_zeros(())] * K
+        for slot, e, wt in choice:
+            expected_idx[t, slot] = e
+            row[slot] = wt
+        weight_rows.append(torch.stack(row))
+    ref_weights = torch.stack(weight_rows)
+    assert torch.equal(routing.indices, expected_idx), (routing.indices, expected_idx)
+    assert torch.all(routing.weights[routing.indices < 0] == 0), "empty slots must have weight 0"
+    torch.testing.assert_close(routing.weights.double(), ref_weights.detach(), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(routing.logits.double(), ref.logits.detach(), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(routing.probs.double(), ref.probs.detach(), atol=ATOL, rtol=RTOL)
+
+    g = torch.Generator().manual_seed(seed)
+    gw, gl, gp = (torch.randn(s, generator=g, dtype=F64) for s in (ref_weights.shape, (x.shape[0], E), (x.shape[0], E)))
+    router.zero_grad(set_to_none=True)
+    ((routing.weights.double() * gw).sum() + (routing.logits.double() * gl).sum() + (routing.probs.double() * gp).sum()).backward()
+    ((ref_weights * gw).sum() + (ref.logits * gl).sum() + (ref.probs * gp).sum()).backward()
+    torch.testing.assert_close(xl.grad.double(), xr.grad, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(router.weight.grad.double(), w.grad, atol=ATOL, rtol=RTOL)
+    if b is not None:
+        torch.testing.assert_close(router.bias.grad.double(), b.grad, atol=ATOL, rtol=RTOL)
+    if norm_leaf is not None:
+        torch.testing.assert_close(router.norm_weight.grad.double(), norm_leaf.grad, atol=ATOL, rtol=RTOL)
+    return routing, ref
+
+
+def _x(seed=1, n=T):
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(TOPK_SETTINGS))
+def test_topk_router_matches_reference(name):
+    torch.manual_seed(0)
+    router = TopKRouter(D, E, **TOPK_SETTINGS[name])
+    _randomise(router, seed=3)
+    check_router(router, _x())
+
+
+@pytest.mark.parametrize("name", list(TOPP_SETTINGS))
+def test_topp_router_matches_reference(name):
+    torch.manual_seed(0)
+    router = TopPRouter(D, E, **TOPP_SETTINGS[name])
+    _randomise(router, seed=4)
+    routing, ref = check_router(router, _x())
+    # variable k: the number of experts really varies across tokens (except where capped)
+    counts = (routing.indices >= 0).sum(-1)
+    if name in ("p0.4", "p0.7-renorm", "p0.6-maxk3-renorm-bias"):
+        assert counts.min() < counts.max()
+    if name == "p1.0":
+        assert (counts == E).all()
+
+
+@pytest.mark.parametrize("name", list(EC_SETTINGS))
+def test_expert_choice_router_matches_reference(name):
+    torch.manual_seed(0)
+    router = ExpertChoiceRouter(D, E, **EC_SETTINGS[name])
+    _randomise(router, seed=5)
+    routing, _ = check_router(router, _x())
+    per_expert = torch.stack([(routing.indices == e).sum(0) for e in range(E)]).sum(-1)
+    assert per_expert.tolist() == [router.capacity(T)] * E
+    if EC_SETTINGS[name]["capacity_factor"] <= 1.0:
+        assert ((routing.indices >= 0).sum(-1) == 0).any(), "expected some tokens with zero experts"
+
+
+@pytest.mark.parametrize("name", list(RELU_SETTINGS))
+def test_relu_router_matches_reference(name):
+    torch.manual_seed(0)
+    router = ReLURouter(D, E, **RELU_SETTINGS[name])
+    _randomise(router, seed=6)
+    routing, _ = check_router(router, _x())
+    counts = (routing.indices >= 0).sum(-1)
+    assert counts.min() < counts.max()
+
+
+def test_expert_choice_capacity_rule():
+    router = ExpertChoiceRouter(D, E, capacity_factor=2.0)
+    assert [router.capacity(n) for n in (1, 3, 4, 5, 24)] == [1, 1, 1, 2, 6]
+    assert ExpertChoiceRouter(D, 2, capacity_factor=2.0).capacity(5) == 5  # capped at T
+
+
+@pytest.mark.parametrize(
+    "router",
+    [
+        lambda: TopKRouter(D, E, 2),
+        lambda: TopKRouter(D, E, 3, score_func="sigmoid", n_group=4, topk_group=2),
+        lambda: TopPRouter(D, E, 0.5),
+        lambda: ExpertChoiceRouter(D, E, capacity_factor=1.0),
+        lambda: ReLURouter(D, E),
+    ],
+)
+def test_single_token_and_bf16_input(router):
+    torch.manual_seed(0)
+    r = router()
+    _randomise(r, seed=7)
+    check_router(r, _x(seed=2, n=1))
+    # router maths is float32 whatever the input dtype: bf16 input routes like its fp32 upcast
+    x = _x(seed=2).to(torch.bfloat16)
+    a, b = r(x), r(x.float())
+    assert a.weights.dtype == torch.float32 and torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.weights, b.weights, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- aux-loss-free bias
+
+
+def test_expert_bias_changes_selection_not_weights():
+    torch.manual_seed(0)
+    router = TopKRouter(D, E, 2, balance_bias=True)
+    x = _x()
+    plain = router(x)
+    with torch.no_grad():
+        router.expert_bias[5] = 10.0  # expert 5 wins every token's first slot
+    biased = router(x)
+    assert (biased.indices[:, 0] == 5).all()
+    scores = plain.logits.softmax(-1)
+    chosen = scores.gather(1, biased.indices)
+    torch.testing.assert_close(biased.weights, chosen / chosen.sum(-1, keepdim=True))
+    torch.testing.assert_close(biased.probs, plain.probs)  # losses see the un-biased distribution
+
+
+def test_expert_bias_is_a_buffer_without_gradient():
+    router = TopKRouter(D, E, 2, balance_bias=True)
+    assert "expert_bias" not in dict(router.named_parameters())
+    assert "expert_bias" in router.state_dict()
+    assert "tokens_per_expert" not in router.state_dict()  # a transient counter
+    with torch.no_grad():
+        router.expert_bias.copy_(torch.randn(E))
+    routing = router(_x())
+    (routing.weights.sum() + routing.probs.pow(2).sum()).backward()
+    assert not router.expert_bias.requires_grad and router.expert_bias.grad is None
+    assert router.weight.grad is not None
+
+
+def _reference_load(layer, x, bias):
+    """Tokens per expert that the reference top-k picks with the given bias."""
+    W = layer.router.weight.detach().to(F64)
+    ref = route_topk(x.to(F64).reshape(-1, D), W, top_k=layer.router.top_k, expert_bias=bias.to(F64))
+    load = torch.zeros(E)
+    for t in range(len(ref.choices)):
+        for e in ref.experts(t):
+            load[e] += 1
+    return load
+
+
+def test_attach_expert_bias_update_moves_bias_by_sign_of_load_gap():
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=D, num_experts=E, hidden_dim=8, top_k=2, aux_free_bias=True, balance_coef=0.0)
+    layer = build_moe(cfg)
+    with torch.no_grad():
+        layer.router.weight.mul_(3)  # an unbalanced router
+    rate = 0.01
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    handle = attach_expert_bias_update(opt, layer, rate)
+    weights_before = layer.router.weight.detach().clone()
+    for step in range(3):
+        bias = layer.router.expert_bias.clone()
+        xs = [torch.randn(2, 16, D) for _ in range(2)]  # two micro-batches before the step
+        load = sum(_reference_load(layer, x, bias) for x in xs)
+        for x in xs:
+            y, res = layer(x)
+            y.pow(2).mean().backward()
+        assert layer.router.tokens_per_expert.tolist() == load.tolist()
+        opt.step()
+        opt.zero_grad()
+        expected = bias + rate * torch.sign(load.mean() - load)
+        assert torch.equal(layer.router.expert_bias, expected), (layer.router.expert_bias, expected)
+        assert layer.router.tokens_per_expert.abs().sum() == 0, "counter must reset after the update"
+        assert not torch.equal(expected, bias)
+    assert not torch.equal(layer.router.weight, weights_before)  # the optimizer still updates weights
+
+    # eval mode does not count tokens, so the next step leaves the bias alone
+    layer.eval()
+    bias = layer.router.expert_bias.clone()
+    layer(torch.randn(8, D))[0].sum().backward()
+    assert layer.router.tokens_per_expert.abs().sum() == 0
+    opt.step()
+    assert torch.equal(layer.router.expert_bias, bias)
+
+    # once removed, the hook no longer runs
+    layer.train()
+    handle.remove()
+    layer(torch.randn(8, D))[0].sum().backward()
+    opt.step()
+    assert torch.equal(layer.router.expert_bias, bias)
+
+
+def test_attach_expert_bias_update_covers_every_layer():
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=D, num_experts=E, hidden_dim=8, aux_free_bias=True)
+    model = torch.nn.ModuleList([build_moe(cfg), build_moe(cfg)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    attach_expert_bias_update(opt, model, rate=0.5)
+    for layer in model:
+        layer(torch.randn(32, D) * 3)[0].sum().backward()
+    opt.step()
+    for layer in model:
+        assert layer.router.expert_bias.abs().sum() > 0
+        assert set(layer.router.expert_bias.unique().tolist()) <= {-0.5, 0.0, 0.5}
+
+
+def test_attach_expert_bias_update_needs_a_balancing_router():
+    layer = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=8))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="balance_bias=True"):
+        attach_expert_bias_update(opt, layer)
+    with pytest.raises(ValueError, match="balance_bias=True"):
+        layer.router.update_expert_bias(0.1)
