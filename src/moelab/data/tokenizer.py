@@ -24,7 +24,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from moelab.data.corpus import CORPUS_DIR, load_documents, split_entry
+from moelab.data.corpus import CORPUS_DIR, REBUILD_HINT, load_documents, split_entry
 from moelab.io import atomic_write_bytes
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
@@ -35,11 +35,17 @@ PAD_ID = 1
 CACHE_FORMAT = 1  # bump when the token stream layout changes, to invalidate old cache files
 
 
-def load_tokenizer(tokenizer_dir: Path = TOKENIZER_DIR) -> Tokenizer:
-    """The byte-level BPE tokenizer in ``tokenizer_dir`` (``tokenizer.json``)."""
+def tokenizer_file(tokenizer_dir: Path = TOKENIZER_DIR) -> Path:
+    """``tokenizer_dir/tokenizer.json``, which must exist."""
     path = Path(tokenizer_dir) / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} not found; rebuild it with `python scripts/build_corpus.py`")
+        raise FileNotFoundError(f"tokenizer {path} not found; {REBUILD_HINT}")
+    return path
+
+
+def load_tokenizer(tokenizer_dir: Path = TOKENIZER_DIR) -> Tokenizer:
+    """The byte-level BPE tokenizer in ``tokenizer_dir`` (``tokenizer.json``)."""
+    path = tokenizer_file(tokenizer_dir)
     tokenizer = Tokenizer.from_file(str(path))
     if tokenizer.token_to_id(EOT) != EOT_ID or tokenizer.token_to_id(PAD) != PAD_ID:
         raise ValueError(f"{path}: expected {EOT} to have id {EOT_ID} and {PAD} id {PAD_ID}")
@@ -76,12 +82,8 @@ def tokenize_split(
     file's sha256, so a rebuilt corpus or tokenizer never reuses stale tokens.
     """
     entry = split_entry(domain, split, corpus_dir)
-    tokenizer_json = Path(tokenizer_dir) / "tokenizer.json"
-    if not tokenizer_json.is_file():
-        raise FileNotFoundError(f"tokenizer {tokenizer_json} not found; rebuild it with `python scripts/build_corpus.py`")
-    key = hashlib.sha256(
-        f"{CACHE_FORMAT}\0{entry['sha256']}\0".encode() + hashlib.sha256(tokenizer_json.read_bytes()).digest()
-    ).hexdigest()[:16]
+    tokenizer_sha = hashlib.sha256(tokenizer_file(tokenizer_dir).read_bytes()).hexdigest()
+    key = hashlib.sha256(f"{CACHE_FORMAT}\0{entry['sha256']}\0{tokenizer_sha}".encode()).hexdigest()[:16]
     path = cache_dir() / "tokens" / f"{domain}.{split}.{key}.npy"
     if path.is_file():
         return np.load(path)
