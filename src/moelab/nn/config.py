@@ -93,6 +93,11 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.top_p must lie in (0, 1], got {self.top_p}")
             if self.max_k is not None:
                 check_top_k(self.max_k, self.num_experts, name="max_k")
+        if self.router == "expert_choice" and not 0.0 < self.ec_capacity_factor <= self.num_experts:
+            raise ValueError(
+                f"MoEConfig.ec_capacity_factor (average experts per token) must lie in (0, {self.num_experts}], "
+                f"got {self.ec_capacity_factor}"
+            )
         if self.aux_free_bias and self.router != "topk":
             raise ValueError("aux_free_bias applies to router='topk' only")
         if self.num_shared < 0:

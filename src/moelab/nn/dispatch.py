@@ -98,8 +98,9 @@ def plan_dispatch(indices: Tensor, num_experts: int, capacity_factor: float | No
         capacity = expert_capacity(num_assigned, num_experts, capacity_factor)
         key = _drop_over_capacity(key, T, K, num_experts, capacity)
         counts = [min(n, capacity) for n in counts[:num_experts]]
-        dropped = torch.tensor(1 - sum(counts) / max(num_assigned, 1), device=indices.device)
-        num_assigned = sum(counts)
+        kept = sum(counts)
+        dropped = torch.tensor((num_assigned - kept) / max(num_assigned, 1), device=indices.device)
+        num_assigned = kept
 
     order = torch.argsort(key, stable=True)[:num_assigned]
     slot_rows = torch.full((T * K,), num_assigned, dtype=torch.long, device=indices.device)

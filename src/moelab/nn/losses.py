@@ -1,6 +1,6 @@
 """Router auxiliary losses. Each is reported on its own and weighted by its own coefficient.
 
-Shape legend: T tokens, E experts, K slots per token.
+Shape legend: T tokens, E experts, K slots per token. Means over tokens are 0 (not NaN) for T = 0.
 """
 
 from __future__ import annotations
@@ -24,16 +24,17 @@ def load_balancing_loss(probs: Tensor, indices: Tensor) -> Tensor:
         0, flat.clamp(min=0), valid.to(torch.float32)
     )
     fraction = counts / valid.sum().clamp(min=1)
-    return num_experts * (fraction * probs.float().mean(0)).sum()
+    mean_probs = probs.float().sum(0) / max(probs.shape[0], 1)
+    return num_experts * (fraction * mean_probs).sum()
 
 
 def router_z_loss(logits: Tensor) -> Tensor:
     """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2. logits: [T, E]."""
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).sum() / max(logits.shape[0], 1)
 
 
 def router_entropy_loss(probs: Tensor) -> Tensor:
     """Mean per-token entropy -sum_e p log p of probs: [T, E] (dynamic top-p's loss: lowering it
     stops the router from flattening p to activate many experts)."""
     p = probs.float()
-    return -(p * torch.log(p.clamp(min=1e-20))).sum(-1).mean()
+    return -(p * torch.log(p.clamp(min=1e-20))).sum() / max(p.shape[0], 1)

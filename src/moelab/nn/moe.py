@@ -125,8 +125,16 @@ class MoELayer(nn.Module):
         (Chain-of-Experts routes each iteration with its own router over the same experts)."""
         router = self.router if router is None else router
         dim = router.dim
-        if x.shape[-1] != dim:
+        if x.dim() == 0 or x.shape[-1] != dim:
             raise ValueError(f"MoE layer expects input [..., {dim}], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"MoE layer expects a floating-point input, got {x.dtype}")
+        param_dtype = next(self.experts.parameters()).dtype
+        if x.dtype != param_dtype:
+            raise ValueError(
+                f"input dtype {x.dtype} differs from the layer's parameters ({param_dtype}); "
+                f"cast one of them (x.to({param_dtype}) or layer.to({x.dtype}))"
+            )
         shape = x.shape
         x = x.reshape(-1, dim)
         routing = router(x)
@@ -140,7 +148,7 @@ class MoELayer(nn.Module):
             losses=self._losses(routing, shape[:-1]),
             tokens_per_expert=plan.tokens_per_expert,
             dropped_fraction=plan.dropped_fraction,
-            experts_per_token=(routing.indices >= 0).sum(-1).float().mean(),
+            experts_per_token=(routing.indices >= 0).sum() / max(x.shape[0], 1),
             routing=routing if self.trace else None,
         )
         return y.view(shape), result
