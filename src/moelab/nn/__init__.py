@@ -2,7 +2,7 @@
 
 from moelab.nn.config import MoEConfig, build_moe
 from moelab.nn.dispatch import DispatchPlan, ExpertBatch, LocalDispatcher, plan_dispatch
-from moelab.nn.experts import MLPExperts, SharedExperts, SwiGLUExperts
+from moelab.nn.experts import MLPExperts, SharedExperts, SwiGLU, SwiGLUExperts
 from moelab.nn.grouped import grouped_mlp
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
 from moelab.nn.moe import MoELayer, MoEResult
@@ -29,6 +29,7 @@ __all__ = [
     "Router",
     "Routing",
     "SharedExperts",
+    "SwiGLU",
     "SwiGLUExperts",
     "TopKRouter",
     "TopPRouter",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import Any
 
+from moelab.validation import did_you_mean
 from moelab.nn.experts import ACTIVATIONS, MLPExperts, SharedExperts, SwiGLUExperts
 from moelab.nn.grouped import BACKENDS
 from moelab.nn.moe import MoELayer
@@ -115,17 +115,15 @@ class MoEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in data:
             if key not in known:
-                hint = difflib.get_close_matches(key, known, n=1)
-                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-                raise ValueError(f"unknown MoEConfig field {key!r}{suggestion}; valid fields: {sorted(known)}")
+                raise ValueError(
+                    f"unknown MoEConfig field {key!r}{did_you_mean(key, known)}; valid fields: {sorted(known)}"
+                )
         return cls(**data)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        hint = difflib.get_close_matches(value, choices, n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise ValueError(f"unknown {name} {value!r}{suggestion}; choose one of {list(choices)}")
+        raise ValueError(f"unknown {name} {value!r}{did_you_mean(value, choices)}; choose one of {list(choices)}")
 
 
 def build_router(cfg: MoEConfig):

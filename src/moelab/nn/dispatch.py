@@ -86,13 +86,16 @@ def plan_dispatch(indices: Tensor, num_experts: int, capacity_factor: float | No
     if capacity_factor is not None and capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
     T, K = indices.shape
-    # Empty slots (-1) get key E so that they sort after every expert's rows.
+    # Empty slots (-1) get key E + 1 so that they sort after every expert's rows; key E is
+    # left for out-of-range indices, which are rejected below.
     key = indices.reshape(-1)
-    key = key.masked_fill(key == -1, num_experts)
-    load = _bincount(key, num_experts)  # [E + 1]
+    key = key.masked_fill(key == -1, num_experts + 1)
+    load = _bincount(key, num_experts)  # [E + 2]
     counts = load.tolist()  # the one host sync of the plan
+    if counts[num_experts]:
+        raise ValueError(f"expert indices must lie in [-1, {num_experts - 1}], found {num_experts}")
     tokens_per_expert = load[:num_experts]
-    num_assigned = T * K - counts[num_experts]
+    num_assigned = T * K - counts[num_experts + 1]
     dropped = torch.zeros((), device=indices.device)
     if capacity_factor is not None:
         capacity = expert_capacity(num_assigned, num_experts, capacity_factor)
@@ -118,16 +121,16 @@ def plan_dispatch(indices: Tensor, num_experts: int, capacity_factor: float | No
 
 
 def _bincount(key: Tensor, num_experts: int) -> Tensor:
-    """Rows per key in [0, E] (E = empty slot); a scatter-add, so the shape is static under
-    torch.compile."""
+    """Rows per key in [0, E + 1] (E + 1 = empty slot); a scatter-add, so the shape is static
+    under torch.compile."""
     try:
-        return torch.zeros(num_experts + 1, dtype=torch.long, device=key.device).scatter_add_(0, key, torch.ones_like(key))
+        return torch.zeros(num_experts + 2, dtype=torch.long, device=key.device).scatter_add_(0, key, torch.ones_like(key))
     except RuntimeError as err:
         raise ValueError(f"expert indices must lie in [-1, {num_experts - 1}] ({err})") from None
 
 
 def _drop_over_capacity(key: Tensor, T: int, K: int, num_experts: int, capacity: int) -> Tensor:
-    """Mark (key = E) the assignments past each expert's capacity, in slot-major priority."""
+    """Mark as empty (key = E + 1) the assignments past each expert's capacity, in slot-major priority."""
     slot_major = key.view(T, K).t().reshape(-1)  # position p = j*T + t
     order = torch.argsort(slot_major, stable=True)
     sorted_keys = slot_major[order]
@@ -136,7 +139,7 @@ def _drop_over_capacity(key: Tensor, T: int, K: int, num_experts: int, capacity:
     over = (rank >= capacity) & (sorted_keys < num_experts)
     positions = order[over]
     dropped_slots = (positions % T) * K + positions // T
-    return key.clone().index_fill_(0, dropped_slots, num_experts)
+    return key.clone().index_fill_(0, dropped_slots, num_experts + 1)
 
 
 def _sum_slots(rows: Tensor, src: Tensor, mask: Tensor | None) -> Tensor:

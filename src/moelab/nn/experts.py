@@ -102,21 +102,35 @@ class MLPExperts(Experts):
         )
 
 
-class SharedExperts(nn.Module):
-    """Always-on experts (DeepSeekMoE: n_shared experts fused into one SwiGLU MLP of width
-    n_shared * I), optionally scaled by a per-token sigmoid gate (Qwen2-MoE `shared_expert_gate`).
+class SwiGLU(nn.Module):
+    """A dense SwiGLU MLP: down(silu(gate(x)) * up(x)).
 
-    gate_proj, up_proj: Linear(D, Is); down_proj: Linear(Is, D); gate: Linear(D, 1) or None.
+    gate_proj, up_proj: Linear(D, H); down_proj: Linear(H, D).
     """
 
-    def __init__(self, dim: int, hidden_dim: int, *, gated: bool = False):
+    def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., D] -> [..., D]"""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SharedExperts(SwiGLU):
+    """Always-on experts (DeepSeekMoE: n_shared experts fused into one SwiGLU MLP of width
+    n_shared * I), optionally scaled by a per-token sigmoid gate (Qwen2-MoE `shared_expert_gate`).
+
+    gate: Linear(D, 1) or None.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, *, gated: bool = False):
+        super().__init__(dim, hidden_dim)
         self.gate = nn.Linear(dim, 1, bias=False) if gated else None
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [T, D] -> [T, D]"""
-        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        y = super().forward(x)
         return y if self.gate is None else torch.sigmoid(self.gate(x)) * y

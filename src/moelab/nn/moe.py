@@ -120,6 +120,12 @@ class MoELayer(nn.Module):
     def num_experts(self) -> int:
         return self.router.num_experts
 
+    @property
+    def causal(self) -> bool:
+        """Whether a token's output depends on that token alone (safe in a causal LM): the router
+        must be causal, and capacity dropping must be off (who is dropped depends on the batch)."""
+        return self.router.causal and self.capacity_factor is None
+
     def forward(self, x: Tensor, router: Router | None = None) -> tuple[Tensor, MoEResult]:
         """x: [..., D] -> (y [..., D], MoEResult). `router` replaces the layer's own for this call
         (Chain-of-Experts routes each iteration with its own router over the same experts)."""

@@ -1,0 +1,96 @@
+"""Checkpoints of `MoETransformer`: a directory with `model.safetensors` and `config.json`.
+
+The state dict is saved as is (persistent buffers such as the aux-loss-free `expert_bias`
+included), except that a tied LM head is stored once, as `embed.weight`. Tensors are read with
+safetensors only, never pickle.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from moelab.models.config import ModelConfig
+from moelab.models.transformer import MoETransformer
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TIED_KEY = "lm_head.weight"
+
+
+def save_pretrained(model: MoETransformer, directory: str | os.PathLike) -> Path:
+    """Write `directory/model.safetensors` and `directory/config.json`.
+
+    Both files are written into a temporary directory beside the target first. A new directory
+    then appears by one rename; into an existing one each file is renamed over its old version
+    (weights first), so a reader never sees a partly written file. Returns the directory.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    staging.chmod(directory.parent.stat().st_mode & 0o777)  # mkdtemp's 0700 would stick to a new directory
+    try:
+        save_file(_tensors_to_save(model), staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        model.config.save(staging / CONFIG_NAME)
+        if not directory.exists():
+            os.replace(staging, directory)
+        else:
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                os.replace(staging / name, directory / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def load_pretrained(directory: str | os.PathLike, *, device: torch.device | str = "cpu") -> MoETransformer:
+    """Rebuild the model from `directory/config.json` and load `directory/model.safetensors`."""
+    directory = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(
+                f"{directory / name} not found; expected a directory written by save_pretrained"
+            )
+    config = ModelConfig.load(directory / CONFIG_NAME)
+    model = MoETransformer(config).to(device)
+    load_state(model, load_file(directory / WEIGHTS_NAME, device=str(device)))
+    return model
+
+
+def _tensors_to_save(model: MoETransformer) -> dict[str, Tensor]:
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        del state[TIED_KEY]  # the same tensor as embed.weight; safetensors refuses shared storage
+    return {name: t.contiguous() for name, t in state.items()}
+
+
+def load_state(model: MoETransformer, tensors: dict[str, Tensor]) -> None:
+    """Copy `tensors` (a state dict as `save_pretrained` stores it) into `model`, or raise a
+    ValueError listing every missing, unexpected and wrongly shaped key."""
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        del expected[TIED_KEY]
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys())
+    mismatched = [
+        f"{name}: checkpoint {list(t.shape)} vs model {list(expected[name])}"
+        for name, t in sorted(tensors.items())
+        if name in expected and t.shape != expected[name]
+    ]
+    if missing or unexpected or mismatched:
+        problems = [
+            f"{label} ({len(keys)}): {', '.join(keys)}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+            if keys
+        ]
+        raise ValueError(
+            "checkpoint does not fit the model built from its config; "
+            + "; ".join(problems)
+            + ". Check that config.json is the one the weights were saved with"
+        )
+    model.load_state_dict(tensors, strict=False)

@@ -1,0 +1,333 @@
+"""The decoder-only MoE language model.
+
+Shape legend: B sequences, S positions in this call, P = start_pos + S positions seen so far,
+D model dim, H query heads, G key/value heads, Dh head dim, V vocabulary, L layers.
+
+    x = embed(ids)                                     # [B, S, D]
+    for each block:  x = x + attn(norm(x))            # causal GQA attention with RoPE
+                     x = x + ffn(norm(x))             # dense SwiGLU, or an MoE layer
+    logits = lm_head(norm(x))                          # [B, S, V]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.models.config import ModelConfig
+from moelab.nn import MoELayer, MoEResult, SwiGLU, build_moe
+
+
+@dataclass
+class ModelOutput:
+    """What `MoETransformer.forward` returns.
+
+    logits: [B, S, V].
+    loss: [] mean cross-entropy over the targets that are not -100; None without targets.
+    aux_loss: [] the MoE layers' weighted auxiliary losses, summed (0 for a dense model); train on
+        loss + aux_loss.
+    aux_losses: each auxiliary loss by name ("balance", "z", "entropy", ...), summed over layers.
+    moe_results: each MoE layer's `MoEResult` (load, experts per token, routing trace) by layer index.
+    """
+
+    logits: Tensor
+    loss: Tensor | None
+    aux_loss: Tensor
+    aux_losses: dict[str, Tensor]
+    moe_results: dict[int, MoEResult]
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated for `max_len` positions.
+
+    k, v: [L, B, G, max_len, Dh]. `model(ids, kv_cache=cache, start_pos=p)` stores positions
+    p .. p+S-1 and attends to positions 0 .. p+S-1.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if not 1 <= max_len <= config.max_seq_len:
+            raise ValueError(
+                f"KVCache max_len must lie in [1, max_seq_len={config.max_seq_len}], got {max_len}"
+            )
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v: [B, G, S, Dh] at start_pos; return every key and value so far, [B, G, P, Dh]."""
+        end = start_pos + k.shape[2]
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin: [max_len, Dh] in the rotate-half layout (dimension i pairs with i + Dh/2, as in
+    transformers' Llama), computed in float64."""
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), freqs)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [B, heads, S, Dh]; cos, sin: [S, Dh] -> x rotated by its positions' angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with RoPE: H query heads share G key/value heads."""
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv_cache: KVCache | None,
+        start_pos: int,
+        mask: Tensor | None,
+    ) -> Tensor:
+        """x: [B, S, D]; cos, sin: [S, Dh]; mask: [S, P] (True = attend) or None for causal
+        attention over these S positions -> [B, S, D]"""
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Dh]
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_id, start_pos, k, v)  # [B, G, P, Dh]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then + ffn(norm(x)); the FFN is an `MoELayer` or a dense `SwiGLU` MLP."""
+
+    def __init__(self, config: ModelConfig, layer_id: int, kind: str):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attn = Attention(config, layer_id)
+        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn = (
+            build_moe(config.moe) if kind == "moe" else SwiGLU(config.dim, config.dense_hidden_dim)
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv_cache: KVCache | None,
+        start_pos: int,
+        mask: Tensor | None,
+    ) -> tuple[Tensor, MoEResult | None]:
+        """x: [B, S, D] -> ([B, S, D], the MoE layer's result or None for a dense FFN)"""
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, start_pos, mask)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoELayer):
+            y, result = self.ffn(h)
+            return x + y, result
+        return x + self.ffn(h), None
+
+
+class MoETransformer(nn.Module):
+    """A decoder-only language model built from a `ModelConfig`. See the module docstring."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i, kind) for i, kind in enumerate(config.layer_kinds))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Every weight matrix ~ N(0, init_std); output projections (o_proj, down_proj) ~
+        N(0, init_std / sqrt(2L)) (GPT-2). Norm gains, router gains and biases keep their init."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2 or "bias" in name.rsplit(".", 1)[-1]:
+                continue
+            is_output = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
+            nn.init.normal_(p, std=out_std if is_output else std)
+
+    @property
+    def moe_layers(self) -> dict[int, MoELayer]:
+        """The MoE layers by layer index (set `.trace = True` on one to record its routing)."""
+        return {i: block.ffn for i, block in enumerate(self.layers) if isinstance(block.ffn, MoELayer)}
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        targets: Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> ModelOutput:
+        """input_ids: [B, S] token ids at positions start_pos .. start_pos+S-1; targets: [B, S]
+        next-token ids (-100 = ignore). With a `kv_cache`, attends to the cached positions too."""
+        self._check_routing_is_causal()
+        B, S = self._check_inputs(input_ids, targets, kv_cache, start_pos)
+        cos = self.rope_cos[start_pos : start_pos + S]
+        sin = self.rope_sin[start_pos : start_pos + S]
+        mask = None  # is_causal: enough unless earlier positions sit in the cache
+        if kv_cache is not None and start_pos > 0:
+            positions = torch.arange(start_pos + S, device=input_ids.device)
+            mask = positions <= positions[start_pos:, None]  # [S, P]
+        x = self.embed(input_ids)
+        moe_results = {}
+        for i, layer in enumerate(self.layers):
+            x, result = layer(x, cos, sin, kv_cache, start_pos, mask)
+            if result is not None:
+                moe_results[i] = result
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        aux_losses: dict[str, Tensor] = {}
+        for result in moe_results.values():
+            for name, value in result.losses.items():
+                aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
+        aux_loss = torch.stack(list(aux_losses.values())).sum() if aux_losses else logits.new_zeros(())
+        return ModelOutput(logits, loss, aux_loss, aux_losses, moe_results)
+
+    def _check_routing_is_causal(self) -> None:
+        if self.config.allow_noncausal_routing:
+            return
+        leaky = {i: layer for i, layer in self.moe_layers.items() if not layer.causal}
+        if leaky:
+            kinds = ", ".join(
+                sorted({type(layer.router).__name__ if not layer.router.causal else "capacity dropping" for layer in leaky.values()})
+            )
+            raise ValueError(
+                f"MoE layers {sorted(leaky)} route non-causally ({kinds}): a token's output depends on other "
+                "tokens, later ones included, so a causal language model would see the future. Use "
+                "router='topk', 'topp' or 'relu' without capacity_factor, or set "
+                "ModelConfig.allow_noncausal_routing=True to accept the leak"
+            )
+
+    def _check_inputs(
+        self, input_ids: Tensor, targets: Tensor | None, kv_cache: KVCache | None, start_pos: int
+    ) -> tuple[int, int]:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+            got = f"{input_ids.dtype} {list(input_ids.shape)}"
+            raise ValueError(f"input_ids must be integer token ids [batch, seq], got {got}")
+        B, S = input_ids.shape
+        if targets is not None and targets.shape != input_ids.shape:
+            raise ValueError(f"targets must have input_ids' shape {[B, S]}, got {list(targets.shape)}")
+        limit = self.config.max_seq_len if kv_cache is None else kv_cache.max_len
+        if start_pos < 0 or start_pos + S > limit:
+            where = "ModelConfig.max_seq_len" if kv_cache is None else "the KV cache's max_len"
+            raise ValueError(f"positions {start_pos}..{start_pos + S - 1} exceed {where} ({limit})")
+        if kv_cache is not None and kv_cache.batch_size != B:
+            raise ValueError(f"the KV cache holds {kv_cache.batch_size} sequences but input_ids has {B}")
+        return B, S
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_p: float | None = None,
+        greedy: bool = False,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """input_ids: [B, S] prompts -> [B, S + n] with n <= max_new_tokens new tokens, decoded with
+        a KV cache. greedy: argmax; else sample from softmax(logits / temperature), restricted to
+        the nucleus of mass top_p if given. A sequence that emits eos_token_id is padded with it;
+        generation stops early once all have. Runs in the model's current mode (call `.eval()`)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got {list(input_ids.shape)}")
+        B, S = input_ids.shape
+        if max_new_tokens < 0 or S + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt ({S}) + max_new_tokens ({max_new_tokens}) must fit ModelConfig.max_seq_len "
+                f"({self.config.max_seq_len}); shorten one of them"
+            )
+        if not greedy and temperature <= 0:
+            raise ValueError(
+                f"temperature must be > 0 when sampling, got {temperature}; use greedy=True for argmax"
+            )
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        cache = KVCache(
+            self.config, B, S + max_new_tokens, device=input_ids.device, dtype=self.embed.weight.dtype
+        )
+        tokens, step_ids, pos = input_ids, input_ids, 0
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            logits = self(step_ids, kv_cache=cache, start_pos=pos).logits[:, -1]
+            pos += step_ids.shape[1]
+            next_ids = sample_next_token(
+                logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
+            )
+            if eos_token_id is not None:
+                next_ids = next_ids.masked_fill(done, eos_token_id)
+                done |= next_ids == eos_token_id
+            step_ids = next_ids[:, None]
+            tokens = torch.cat([tokens, step_ids], dim=1)
+            if eos_token_id is not None and done.all():
+                break
+        return tokens
+
+
+def sample_next_token(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """logits: [B, V] -> next token ids [B]: the argmax if greedy, else a sample from
+    softmax(logits / temperature), keeping only the smallest set of most likely tokens whose
+    mass reaches top_p (the token that crosses it included) if top_p is given."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p is not None:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,370 @@
+"""The decoder-only MoE language model: config validation and round trips, layer placement,
+causality per router, gradients, KV-cache decoding, checkpoints, and a tiny overfit run."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from moelab.models import (
+    KVCache,
+    ModelConfig,
+    MoETransformer,
+    load_pretrained,
+    preset,
+    save_pretrained,
+    tiny,
+)
+from moelab.nn import MoELayer, SwiGLU
+
+ROUTERS = {
+    "topk": dict(),
+    "topp": dict(router="topp", top_p=0.5),
+    "relu": dict(router="relu", activation="silu"),
+    "expert_choice": dict(router="expert_choice", ec_capacity_factor=1.0),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: extra intra-op threads only add synchronisation (7x slower on a
+    busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_config(moe_fields=None, **overrides) -> ModelConfig:
+    """The tiny preset with MoEConfig fields `moe_fields` and ModelConfig fields `overrides` replaced."""
+    cfg = tiny()
+    if moe_fields is not None:
+        overrides["moe"] = dataclasses.replace(cfg.moe, **moe_fields)
+    return dataclasses.replace(cfg, **overrides)
+
+
+def make_model(seed=0, **kwargs) -> MoETransformer:
+    torch.manual_seed(seed)
+    return MoETransformer(make_config(**kwargs))
+
+
+def random_ids(batch=2, seq=16, vocab=128, seed=1):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        make_config(),
+        make_config(moe_fields=dict(router="topp", top_p=0.3, max_k=3, num_shared=1), tie_embeddings=True),
+        make_config(layer_types=["moe", "dense"]),
+        make_config(moe=None, first_k_dense=0, n_kv_heads=None),
+    ],
+    ids=["tiny", "topp-shared-tied", "layer-types", "dense"],
+)
+def test_config_round_trips_through_dict_json_and_yaml(cfg, tmp_path):
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    for name in ("config.json", "config.yaml", "config.yml"):
+        cfg.save(tmp_path / name)
+        assert ModelConfig.load(tmp_path / name) == cfg
+
+
+def test_config_derives_defaults_and_moe_dim():
+    data = {
+        "vocab_size": 64,
+        "dim": 48,
+        "n_layers": 2,
+        "n_heads": 4,
+        "moe": {"num_experts": 4, "hidden_dim": 16},
+    }
+    cfg = ModelConfig.from_dict(data)
+    assert cfg.moe.dim == 48 and cfg.n_kv_heads == 4 and cfg.head_dim == 12
+    assert cfg.dense_hidden_dim == 128  # 8/3 * 48 = 128, already a multiple of 64
+
+
+def test_presets():
+    assert preset("tiny") == tiny()
+    with pytest.raises(ValueError, match="did you mean 'small'"):
+        preset("smal")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(n_heads=5), r"dim \(32\) must be divisible by n_heads \(5\)"),
+        (dict(n_heads=8, n_kv_heads=3), r"n_kv_heads \(3\) must divide n_heads \(8\)"),
+        (dict(dim=24, n_heads=8), "head_dim = dim / n_heads = 3 must be even"),
+        (
+            dict(moe=dict(num_experts=4, hidden_dim=8, top_k=5)),
+            r"ModelConfig.moe: top_k must lie in \[1, num_experts=4\]",
+        ),
+        (
+            dict(moe=dict(num_experts=4, hidden_dim=8, dim=16)),
+            r"moe.dim \(16\) must equal ModelConfig.dim \(32\)",
+        ),
+        (dict(moe=dict(num_experts=4, hiden_dim=8)), "did you mean 'hidden_dim'"),
+        (dict(n_layer=2), "unknown ModelConfig field 'n_layer' \\(did you mean 'n_layers'\\?\\)"),
+        (dict(norm_eps="1e-5"), "norm_eps must be float, got str '1e-5' \\(YAML reads 1e-5 as a string"),
+        (dict(layer_types=["moe"]), "layer_types has 1 entries but n_layers is 2"),
+        (dict(layer_types=["moe", "mo"]), "unknown kind 'mo' \\(did you mean 'moe'\\?\\)"),
+        (dict(first_k_dense=2), r"first_k_dense \(2\) must lie in \[0, n_layers=2\)"),
+        (dict(moe=None, layer_types=["dense", "moe"]), "'moe' layers but moe is None"),
+        (dict(vocab_size=0), "vocab_size must be >= 1"),
+    ],
+)
+def test_bad_configs_fail_at_config_time(change, message):
+    data = make_config().to_dict()
+    data.update(change)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict(data)
+
+
+def test_config_load_rejects_unknown_suffix_and_non_mapping(tmp_path):
+    with pytest.raises(ValueError, match="use a .json, .yaml or .yml file"):
+        tiny().save(tmp_path / "config.toml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="expected a mapping of ModelConfig fields"):
+        ModelConfig.load(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, kinds",
+    [
+        (dict(n_layers=4, first_k_dense=0), ["moe"] * 4),
+        (dict(n_layers=4, first_k_dense=1), ["dense", "moe", "moe", "moe"]),
+        (dict(n_layers=5, first_k_dense=0, moe_every=2), ["moe", "dense", "moe", "dense", "moe"]),
+        (dict(n_layers=6, first_k_dense=1, moe_every=2), ["dense", "moe", "dense", "moe", "dense", "moe"]),
+        (dict(n_layers=3, moe_every=2, layer_types=["dense", "dense", "moe"]), ["dense", "dense", "moe"]),
+        (dict(n_layers=3, moe=None), ["dense"] * 3),
+    ],
+)
+def test_layer_kinds_place_the_right_ffn(overrides, kinds):
+    cfg = make_config(**overrides)
+    assert cfg.layer_kinds == kinds
+    model = MoETransformer(cfg)
+    assert [type(b.ffn) for b in model.layers] == [MoELayer if k == "moe" else SwiGLU for k in kinds]
+    assert sorted(model.moe_layers) == [i for i, kind in enumerate(kinds) if kind == "moe"]
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def test_forward_outputs_and_losses():
+    model = make_model(moe_fields=dict(z_coef=1e-3, entropy_coef=1e-2), first_k_dense=0)
+    ids = random_ids()
+    targets = ids.roll(-1, dims=1)
+    targets[:, -1] = -100
+    out = model(ids, targets)
+    assert out.logits.shape == (2, 16, 128)
+    assert sorted(out.moe_results) == [0, 1]
+    assert set(out.aux_losses) == {"balance", "z", "entropy"}
+    for name, value in out.aux_losses.items():
+        torch.testing.assert_close(value, sum(r.losses[name] for r in out.moe_results.values()))
+    torch.testing.assert_close(out.aux_loss, sum(r.loss for r in out.moe_results.values()))
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+    assert model(ids).loss is None
+
+
+def test_dense_model_has_zero_aux_loss():
+    out = make_model(moe=None, first_k_dense=0)(random_ids())
+    assert out.aux_loss.item() == 0.0 and out.aux_losses == {} and out.moe_results == {}
+
+
+def test_forward_rejects_bad_inputs():
+    model = make_model()
+    with pytest.raises(ValueError, match="exceed ModelConfig.max_seq_len"):
+        model(random_ids(seq=65))
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="targets must have input_ids' shape"):
+        model(random_ids(), random_ids(seq=8))
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk", "topp", "relu"])
+def test_position_t_does_not_see_later_tokens(kind):
+    settings = dict(moe=None) if kind == "dense" else dict(moe_fields=ROUTERS[kind])
+    model = make_model(first_k_dense=0, **settings)
+    ids = random_ids()
+    changed = ids.clone()
+    changed[:, 9:] = random_ids(seed=2)[:, 9:]
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :9], b[:, :9], atol=1e-5, rtol=0)
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_expert_choice_refuses_lm_mode_unless_allowed():
+    with pytest.raises(
+        ValueError,
+        match=r"MoE layers \[1\] route non-causally \(ExpertChoiceRouter\).*allow_noncausal_routing",
+    ):
+        make_model(moe_fields=ROUTERS["expert_choice"])(random_ids())
+    model = make_model(moe_fields=ROUTERS["expert_choice"], allow_noncausal_routing=True)
+    ids = random_ids()
+    changed = ids.clone()
+    changed[:, 9:] = random_ids(seed=2)[:, 9:]
+    # the leak the check guards against: earlier positions change with later tokens
+    assert not torch.allclose(model(ids).logits[:, :9], model(changed).logits[:, :9], atol=1e-5)
+
+
+def test_capacity_dropping_refuses_lm_mode_unless_allowed():
+    with pytest.raises(ValueError, match=r"route non-causally \(capacity dropping\)"):
+        make_model(moe_fields=dict(capacity_factor=1.0))(random_ids())
+    make_model(moe_fields=dict(capacity_factor=1.0), allow_noncausal_routing=True)(random_ids())
+
+
+@pytest.mark.parametrize("kind", ROUTERS)
+def test_every_router_parameter_gets_a_gradient(kind):
+    model = make_model(
+        moe_fields=dict(ROUTERS[kind], router_bias=True), first_k_dense=0, allow_noncausal_routing=True
+    )
+    ids = random_ids()
+    out = model(ids, ids)
+    (out.loss + out.aux_loss).backward()
+    for i, layer in model.moe_layers.items():
+        for name, p in layer.router.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"layer {i} router.{name} got no gradient"
+
+
+def test_weight_init_scales():
+    model = make_model(init_std=0.05, n_layers=8, first_k_dense=0)
+    assert model.layers[0].attn.q_proj.weight.std().item() == pytest.approx(0.05, rel=0.1)
+    assert model.layers[0].ffn.experts.down_proj.std().item() == pytest.approx(0.05 / 4, rel=0.1)
+    assert model.layers[0].attn_norm.weight.eq(1).all()
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = make_model(tie_embeddings=True)
+    assert model.lm_head.weight is model.embed.weight
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def greedy_by_recomputing(model, ids, max_new_tokens):
+    for _ in range(max_new_tokens):
+        next_ids = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_ids], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("kind", ["topk", "topp"])
+def test_kv_cache_greedy_equals_recomputing_the_sequence(kind):
+    model = make_model(moe_fields=ROUTERS[kind], init_std=0.2).eval()
+    prompt = random_ids(batch=3, seq=5)
+    with torch.no_grad():
+        expected = greedy_by_recomputing(model, prompt, 12)
+    assert torch.equal(model.generate(prompt, 12, greedy=True), expected)
+
+
+def test_chunked_prefill_with_cache_matches_full_forward():
+    model = make_model().eval()
+    ids = random_ids(seq=20)
+    cache = KVCache(model.config, batch_size=2, max_len=20)
+    with torch.no_grad():
+        full = model(ids).logits
+        parts = [model(ids[:, a:b], kv_cache=cache, start_pos=a).logits for a, b in ((0, 7), (7, 8), (8, 20))]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exceed the KV cache's max_len"):
+        model(ids[:, :1], kv_cache=cache, start_pos=20)
+
+
+def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
+    model = make_model(init_std=0.2).eval()
+    prompt = random_ids(seq=4)
+    sample = lambda seed, **kw: model.generate(prompt, 8, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
+    assert torch.equal(sample(0, temperature=0.8), sample(0, temperature=0.8))
+    assert torch.equal(sample(0, top_p=1e-6), model.generate(prompt, 8, greedy=True))
+    with pytest.raises(ValueError, match="must fit ModelConfig.max_seq_len"):
+        model.generate(prompt, 61)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        model.generate(prompt, 2, temperature=0)
+
+
+def test_generation_stops_at_eos_and_pads_with_it():
+    model = make_model(init_std=0.2).eval()
+    prompt = random_ids(seq=4)
+    free = model.generate(prompt, 10, greedy=True)
+    eos = free[0, 6].item()  # sequence 0 emits it by its third new token
+    out = model.generate(prompt, 10, greedy=True, eos_token_id=eos)
+    ends = []
+    for row, free_row in zip(out, free, strict=True):
+        hits = (free_row[4:] == eos).nonzero()
+        ends.append(5 + hits[0].item() if len(hits) else free.shape[1])
+        assert torch.equal(row[: ends[-1]], free_row[: ends[-1]]) and (row[ends[-1] :] == eos).all()
+    assert model.generate(prompt[:1], 10, greedy=True, eos_token_id=eos).shape[1] == ends[0]  # stops early
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_load_gives_identical_logits(tmp_path, tied):
+    model = make_model(moe_fields=dict(aux_free_bias=True), tie_embeddings=tied)
+    with torch.no_grad():
+        model.layers[1].ffn.router.expert_bias.copy_(torch.randn(4))  # a buffer, not a parameter
+    save_pretrained(model, tmp_path / "ckpt")
+    loaded = load_pretrained(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    torch.testing.assert_close(
+        loaded.layers[1].ffn.router.expert_bias, model.layers[1].ffn.router.expert_bias
+    )
+    assert (loaded.lm_head.weight is loaded.embed.weight) == tied
+    ids = random_ids()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_save_over_an_existing_checkpoint_leaves_no_temporary_files(tmp_path):
+    target = tmp_path / "ckpt"
+    save_pretrained(make_model(seed=0), target)
+    (target / "README.md").write_text("kept")
+    second = make_model(seed=1)
+    save_pretrained(second, target)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert sorted(os.listdir(target)) == ["README.md", "config.json", "model.safetensors"]
+    ids = random_ids()
+    assert torch.equal(load_pretrained(target)(ids).logits, second(ids).logits)
+
+
+def test_loading_into_a_mismatched_config_lists_the_keys(tmp_path):
+    save_pretrained(make_model(), tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.update(n_layers=3, layer_types=["dense", "moe", "moe"])
+    data["moe"]["num_experts"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError) as info:
+        load_pretrained(tmp_path)
+    message = str(info.value)
+    assert "missing (9): layers.2.attn.k_proj.weight" in message
+    assert (
+        "wrong shape (3): layers.1.ffn.experts.down_proj: checkpoint [4, 32, 32] vs model [8, 32, 32]"
+        in message
+    )
+    assert "layers.1.ffn.router.weight" in message
+
+
+def test_load_pretrained_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        load_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny())
+    ids = random_ids(batch=4, seq=32)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(200):
+        out = model(inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        (out.loss + out.aux_loss).backward()
+        optimizer.step()
+    assert out.loss.item() < 0.1
