@@ -1,0 +1,293 @@
+"""Adapters: one table per transformers model_type, and `open_checkpoint`.
+
+Each family lists its on-disk layouts (the original per-expert keys that default
+`save_pretrained` writes, and the fused keys of `save_original_format=False`), the config keys
+of its expert count, and what its config means for routing and for which layers are sparse.
+Written against, and tested on, transformers 5.24.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from moelab.hf.checkpoint import Checkpoint, CheckpointError
+from moelab.hf.fallback import structural_family
+from moelab.hf.layouts import (
+    Config,
+    Family,
+    FlatExperts,
+    FusedGateUp,
+    Layout,
+    PerExpert,
+    RouterKeys,
+    SharedFusedMLP,
+    SharedMLP,
+    TransposedGateUp,
+    config_value,
+    swiglu,
+)
+from moelab.hf.view import ModelView
+
+# ----------------------------------------------------------------------------- router settings
+
+
+def _top_k(config: Config) -> int:
+    return config_value(config, "num_experts_per_tok")
+
+
+def _softmax_renormalized(config: Config) -> dict:
+    """Mixtral; GPT-OSS and Granite (top-k of the logits, softmax over the k: the same thing)."""
+    return {"score_func": "softmax", "top_k": _top_k(config), "renormalize": True}
+
+
+def _softmax_norm_topk_prob(config: Config) -> dict:
+    """Qwen2/3-MoE, OLMoE: renormalised only if norm_topk_prob (class default False)."""
+    return {
+        "score_func": "softmax",
+        "top_k": _top_k(config),
+        "renormalize": config_value(config, "norm_topk_prob", default=False),
+    }
+
+
+def _deepseek_v2(config: Config) -> dict:
+    """softmax; greedy or group-limited (group score: its max); × routed_scaling_factor; never
+    renormalised (transformers ignores norm_topk_prob for V2)."""
+    method = config_value(config, "topk_method", default="greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise CheckpointError(
+            f"DeepSeek-V2 topk_method {method!r} is not supported; expected greedy or group_limited_greedy"
+        )
+    grouped = method == "group_limited_greedy"
+    return {
+        "score_func": "softmax",
+        "top_k": _top_k(config),
+        "renormalize": False,
+        "route_scale": float(config_value(config, "routed_scaling_factor", default=1.0)),
+        "n_group": config_value(config, "n_group") if grouped else 1,
+        "topk_group": config_value(config, "topk_group") if grouped else 1,
+    }
+
+
+def _deepseek_v3(config: Config) -> dict:
+    """sigmoid + correction bias for selection; groups scored by their top-2 sum; optional
+    renormalisation; × routed_scaling_factor."""
+    return {
+        "score_func": "sigmoid",
+        "top_k": _top_k(config),
+        "renormalize": config_value(config, "norm_topk_prob", default=True),
+        "route_scale": float(config_value(config, "routed_scaling_factor", default=2.5)),
+        "n_group": config_value(config, "n_group", default=8),
+        "topk_group": config_value(config, "topk_group", default=4),
+    }
+
+
+def _sparsemixer(config: Config) -> dict:
+    """PhiMoE: transformers' sparsemixer always picks 2 experts, whatever num_experts_per_tok says."""
+    return {
+        "score_func": "sparsemixer",
+        "top_k": 2,
+        "renormalize": False,
+        "jitter_eps": float(config_value(config, "router_jitter_noise", default=0.01)),
+    }
+
+
+def _llama4(config: Config) -> dict:
+    """top-k of the logits, sigmoid of each chosen logit (= sigmoid then top-k), no renormalisation."""
+    return {"score_func": "sigmoid", "top_k": _top_k(config), "renormalize": False}
+
+
+def _dbrx(config: Config) -> dict:
+    """softmax, top-k, then divided by the p-norm of the k weights (p = moe_normalize_expert_weights)."""
+    p = config_value(config, "ffn_config.moe_normalize_expert_weights", default=1.0)
+    if p not in (None, 1):
+        raise CheckpointError(
+            f"DBRX moe_normalize_expert_weights={p} (a {p}-norm) is not supported; only 1 (sum to one) "
+            "or null (no normalisation)"
+        )
+    return {
+        "score_func": "softmax",
+        "top_k": config_value(config, "ffn_config.moe_top_k"),
+        "renormalize": p is not None,
+    }
+
+
+# ----------------------------------------------------------------------------- expert settings
+
+
+def _gpt_oss_experts(config: Config) -> dict:
+    return {
+        "activation": "clamped_swiglu",
+        "swiglu_alpha": float(config_value(config, "swiglu_alpha", default=1.702)),
+        "swiglu_limit": float(config_value(config, "swiglu_limit", default=7.0)),
+    }
+
+
+def _llama4_experts(config: Config) -> dict:
+    return {**swiglu(config), "scale_input": True}
+
+
+def _dbrx_experts(config: Config) -> dict:
+    return {"activation": config_value(config, "ffn_config.ffn_act_fn.name", default="silu")}
+
+
+# ----------------------------------------------------------------------------- sparse layers
+
+
+def _qwen_sparse_layer(config: Config, i: int) -> bool:
+    return (
+        i not in (config.get("mlp_only_layers") or [])
+        and (i + 1) % config_value(config, "decoder_sparse_step", default=1) == 0
+    )
+
+
+def _deepseek_sparse_layer(default_first_dense: int) -> Callable[[Config, int], bool]:
+    return lambda config, i: i >= config_value(config, "first_k_dense_replace", default=default_first_dense)
+
+
+def _llama4_sparse_layer(config: Config, i: int) -> bool:
+    layers = config.get("moe_layers")
+    if layers is None:  # transformers' default: every `interleave_moe_layer_step`-th layer
+        step = config_value(config, "interleave_moe_layer_step", default=1)
+        layers = range(step - 1, config_value(config, "num_hidden_layers"), step)
+    return i in layers
+
+
+# ----------------------------------------------------------------------------- key tables
+
+
+def _qwen2_moe_layouts(
+    shared: SharedMLP | None = None, correction_bias: str | None = None
+) -> tuple[Layout, ...]:
+    """The qwen2_moe pattern (Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3): per-expert gate/up/down_proj
+    under mlp.experts.{e}, or the fused mlp.experts.gate_up_proj / down_proj."""
+    router = RouterKeys("mlp.gate.weight", correction_bias=correction_bias)
+    return (
+        Layout(
+            router, PerExpert(*(f"mlp.experts.{{e}}.{p}_proj.weight" for p in ("gate", "up", "down"))), shared
+        ),
+        Layout(router, FusedGateUp("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), shared),
+    )
+
+
+def _w1w3w2_layouts(fused_router: str) -> tuple[Layout, ...]:
+    """Mixtral and PhiMoE: block_sparse_moe.experts.{e}.w1 (gate) / w3 (up) / w2 (down) on disk,
+    renamed to mlp.* (router `fused_router`) when saved fused."""
+    per_expert = PerExpert(*(f"block_sparse_moe.experts.{{e}}.{w}.weight" for w in ("w1", "w3", "w2")))
+    return (
+        Layout(RouterKeys("block_sparse_moe.gate.weight"), per_expert),
+        Layout(RouterKeys(fused_router), FusedGateUp("mlp.experts.gate_up_proj", "mlp.experts.down_proj")),
+    )
+
+
+def _granite_layouts(shared: SharedFusedMLP | None = None) -> tuple[Layout, ...]:
+    """Fused on disk as input_linear / output_linear / router.layer, or under the in-memory names."""
+    moe = "block_sparse_moe."
+    return (
+        Layout(
+            RouterKeys(moe + "router.layer.weight"),
+            FusedGateUp(moe + "input_linear.weight", moe + "output_linear.weight"),
+            shared,
+        ),
+        Layout(
+            RouterKeys(moe + "router.weight"),
+            FusedGateUp(moe + "experts.gate_up_proj", moe + "experts.down_proj"),
+            shared,
+        ),
+    )
+
+
+def _shared(name: str, sigmoid_gate: str | None = None) -> SharedMLP:
+    return SharedMLP(*(f"{name}.{p}_proj.weight" for p in ("gate", "up", "down")), sigmoid_gate=sigmoid_gate)
+
+
+_GPT_OSS_EXPERTS = TransposedGateUp(
+    "mlp.experts.gate_up_proj",
+    "mlp.experts.down_proj",
+    interleaved=True,
+    gate_up_bias="mlp.experts.gate_up_proj_bias",
+    down_bias="mlp.experts.down_proj_bias",
+)
+_LLAMA4_EXPERTS = TransposedGateUp(
+    "feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj", interleaved=False
+)
+_DBRX_EXPERTS = FlatExperts(
+    "ffn.experts.mlp.w1", "ffn.experts.mlp.v1", "ffn.experts.mlp.w2", "ffn_config.ffn_hidden_size"
+)
+_GRANITE_SHARED = SharedFusedMLP("shared_mlp.input_linear.weight", "shared_mlp.output_linear.weight")
+_QWEN2_SHARED = _shared("mlp.shared_expert", sigmoid_gate="mlp.shared_expert_gate.weight")
+_DEEPSEEK_BIAS = "mlp.gate.e_score_correction_bias"
+
+# fmt: off
+_FAMILIES = (
+    Family("mixtral", layouts=_w1w3w2_layouts("mlp.gate.weight"),
+           num_experts=("num_local_experts", "num_experts"), router_settings=_softmax_renormalized),
+    Family("phimoe", layouts=_w1w3w2_layouts("mlp.router.weight"), num_experts=("num_local_experts",),
+           router_settings=_sparsemixer),
+    Family("qwen2_moe", layouts=_qwen2_moe_layouts(shared=_QWEN2_SHARED), num_experts=("num_experts",),
+           router_settings=_softmax_norm_topk_prob, is_moe_layer=_qwen_sparse_layer),
+    Family("qwen3_moe", layouts=_qwen2_moe_layouts(), num_experts=("num_experts", "num_local_experts"),
+           router_settings=_softmax_norm_topk_prob, is_moe_layer=_qwen_sparse_layer),
+    Family("olmoe", layouts=_qwen2_moe_layouts(), num_experts=("num_experts", "num_local_experts"),
+           router_settings=_softmax_norm_topk_prob),
+    Family("deepseek_v2", layouts=_qwen2_moe_layouts(shared=_shared("mlp.shared_experts")),
+           num_experts=("n_routed_experts", "num_experts"),
+           router_settings=_deepseek_v2, is_moe_layer=_deepseek_sparse_layer(default_first_dense=0)),
+    Family("deepseek_v3",
+           layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), correction_bias=_DEEPSEEK_BIAS),
+           num_experts=("n_routed_experts", "num_local_experts"),
+           router_settings=_deepseek_v3, is_moe_layer=_deepseek_sparse_layer(default_first_dense=3)),
+    Family("gpt_oss",
+           layouts=(Layout(RouterKeys("mlp.router.weight", bias="mlp.router.bias"), _GPT_OSS_EXPERTS),),
+           num_experts=("num_local_experts", "num_experts"),
+           router_settings=_softmax_renormalized, expert_settings=_gpt_oss_experts),
+    Family("granitemoe", layouts=_granite_layouts(), num_experts=("num_local_experts",),
+           router_settings=_softmax_renormalized),
+    Family("granitemoeshared", layouts=_granite_layouts(_GRANITE_SHARED), num_experts=("num_local_experts",),
+           router_settings=_softmax_renormalized),
+    Family("llama4_text",
+           layouts=(Layout(RouterKeys("feed_forward.router.weight"), _LLAMA4_EXPERTS,
+                           _shared("feed_forward.shared_expert")),),
+           num_experts=("num_local_experts",),
+           router_settings=_llama4, is_moe_layer=_llama4_sparse_layer, expert_settings=_llama4_experts),
+    Family("dbrx", layouts=(Layout(RouterKeys("ffn.router.layer.weight"), _DBRX_EXPERTS),),
+           num_experts=("ffn_config.moe_num_experts",),
+           router_settings=_dbrx, expert_settings=_dbrx_experts,
+           layer_prefix="transformer.blocks.{n}.", num_layers=("n_layers",), hidden_size=("d_model",)),
+)
+# fmt: on
+FAMILIES: dict[str, Family] = {family.name: family for family in _FAMILIES}
+
+
+def open_checkpoint(path: str | os.PathLike) -> ModelView:
+    """Open a local transformers checkpoint directory (config.json + safetensors) as a ModelView.
+
+    The adapter is chosen by config.json's model_type; an unknown model_type gets a structural
+    fallback (router and experts found by name and shape) where the checkpoint allows one.
+    Quantized checkpoints (a `quantization_config`) are refused: their experts are not plain weights.
+    Tensors are read later, one layer at a time.
+    """
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"no config.json in {path}; pass a transformers checkpoint directory")
+    config = json.loads(config_path.read_text())
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise CheckpointError(
+            f"{config_path} describes a quantized checkpoint (quant_method {method!r}); views need dense "
+            "weights. Dequantize first, e.g. load it with transformers (dequantize=True where the method "
+            "supports it) and save_pretrained the dense model"
+        )
+    checkpoint = Checkpoint(path)
+    model_type = config.get("model_type")
+    family = FAMILIES.get(model_type) or structural_family(config, checkpoint)
+    if family is None:
+        checkpoint.close()
+        raise CheckpointError(
+            f"model_type {model_type!r} in {config_path} is not a supported MoE family and no router/experts "
+            f"tensors were found by name and shape. Supported families: {', '.join(sorted(FAMILIES))}"
+        )
+    return ModelView(checkpoint, config, family, config_value(config, *family.num_layers))

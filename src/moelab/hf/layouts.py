@@ -1,0 +1,335 @@
+"""How a family lays out its MoE tensors on disk, as small decoders over key patterns.
+
+Shape legend: E experts, D model dim, I expert hidden dim, Is shared-expert hidden dim.
+
+Key patterns are relative to a layer's prefix (e.g. "model.layers.3."); "{e}" stands for the
+expert index. Every decoder turns what it finds into the view's layout: gate/up `[E, I, D]`,
+down `[E, D, I]`. A `Family` holds the patterns and config keys of one model_type (the tables
+are in `moelab.hf.adapters`) and reads one layer at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moelab.hf.checkpoint import Checkpoint, CheckpointError
+from moelab.hf.view import DenseLayerView, ExpertsView, LayerView, MoELayerView, RouterView, SharedView
+
+Config = dict[str, Any]
+_REQUIRED = object()
+
+
+def config_entry(config: Config, keys: tuple[str, ...], default: Any = _REQUIRED) -> tuple[str, Any]:
+    """(key, value) for the first of `keys` in config.json ("a.b" reads a nested dict); the
+    default (key "default") if none is set; a CheckpointError if none is set and there is no default."""
+    for key in keys:
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            return key, value
+    if default is _REQUIRED:
+        raise CheckpointError(f"config.json sets none of {', '.join(keys)}; add the right one for this model")
+    return "default", default
+
+
+def config_value(config: Config, *keys: str, default: Any = _REQUIRED) -> Any:
+    return config_entry(config, keys, default)[1]
+
+
+def every_layer(config: Config, index: int) -> bool:
+    """The default: every decoder layer is sparse."""
+    return True
+
+
+def swiglu(config: Config) -> dict[str, Any]:
+    """The default expert settings: gated experts with config.json's hidden_act (silu: SwiGLU)."""
+    return {"activation": config_value(config, "hidden_act", default="silu")}
+
+
+# ----------------------------------------------------------------------------- routers
+
+
+@dataclass(frozen=True)
+class RouterKeys:
+    """The router's weight [E, D], and its logit bias [E] / selection-only correction bias [E]
+    where the family has one."""
+
+    weight: str
+    bias: str | None = None
+    correction_bias: str | None = None
+
+    def read(self, ckpt: Checkpoint, prefix: str) -> dict[str, Tensor]:
+        keys = {"weight": self.weight, "bias": self.bias, "correction_bias": self.correction_bias}
+        return {name: ckpt.get(prefix + key) for name, key in keys.items() if key is not None}
+
+
+# ----------------------------------------------------------------------------- routed experts
+
+
+@dataclass(frozen=True)
+class PerExpert:
+    """One matrix per expert and projection, as default `save_pretrained` writes them:
+    gate, up: [I, D] each; down: [D, I]."""
+
+    gate: str
+    up: str
+    down: str
+
+    def present(self, ckpt: Checkpoint, prefix: str) -> bool:
+        return prefix + self.gate.format(e=0) in ckpt
+
+    def read(self, ckpt: Checkpoint, prefix: str, config: Config) -> dict[str, Tensor]:
+        found = expert_indices(ckpt, prefix + self.gate)
+        if found != list(range(len(found))):
+            raise CheckpointError(
+                f"{ckpt.directory}: experts under {prefix}{self.gate} are numbered {found}; expected 0..E-1 "
+                "(renumber the experts and slice the router rows to match)"
+            )
+        return {
+            name: _stack(ckpt, [prefix + pattern.format(e=e) for e in found])
+            for name, pattern in (("gate", self.gate), ("up", self.up), ("down", self.down))
+        }
+
+
+@dataclass(frozen=True)
+class FusedGateUp:
+    """transformers' in-memory layout (`save_original_format=False`; Granite on disk):
+    gate_up: [E, 2I, D], gate rows first; down: [E, D, I]."""
+
+    gate_up: str
+    down: str
+
+    def present(self, ckpt: Checkpoint, prefix: str) -> bool:
+        return prefix + self.gate_up in ckpt
+
+    def read(self, ckpt: Checkpoint, prefix: str, config: Config) -> dict[str, Tensor]:
+        gate, up = _halves(ckpt.get(prefix + self.gate_up), dim=1, interleaved=False)
+        return {"gate": gate, "up": up, "down": ckpt.get(prefix + self.down)}
+
+
+@dataclass(frozen=True)
+class TransposedGateUp:
+    """Fused and transposed (GPT-OSS, Llama 4): gate_up: [E, D, 2I]; down: [E, I, D].
+    `interleaved`: gate = [..., ::2], up = [..., 1::2] (GPT-OSS); else gate is the first half.
+    Optional biases: gate_up_bias [E, 2I] (split the same way) and down_bias [E, D]."""
+
+    gate_up: str
+    down: str
+    interleaved: bool
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
+
+    def present(self, ckpt: Checkpoint, prefix: str) -> bool:
+        return prefix + self.gate_up in ckpt
+
+    def read(self, ckpt: Checkpoint, prefix: str, config: Config) -> dict[str, Tensor]:
+        gate, up = _halves(ckpt.get(prefix + self.gate_up), dim=2, interleaved=self.interleaved)
+        out = {
+            "gate": gate.transpose(1, 2),
+            "up": up.transpose(1, 2),
+            "down": ckpt.get(prefix + self.down).transpose(1, 2),
+        }
+        if self.gate_up_bias is not None:
+            out["gate_bias"], out["up_bias"] = _halves(
+                ckpt.get(prefix + self.gate_up_bias), dim=1, interleaved=self.interleaved
+            )
+        if self.down_bias is not None:
+            out["down_bias"] = ckpt.get(prefix + self.down_bias)
+        return out
+
+
+@dataclass(frozen=True)
+class FlatExperts:
+    """DBRX: gate, up and down each flattened to [E*I, D]; down is stored un-transposed
+    (expert e's down matrix is rows e*I..(e+1)*I, transposed). I comes from `hidden_dim_key`."""
+
+    gate: str
+    up: str
+    down: str
+    hidden_dim_key: str
+
+    def present(self, ckpt: Checkpoint, prefix: str) -> bool:
+        return prefix + self.gate in ckpt
+
+    def read(self, ckpt: Checkpoint, prefix: str, config: Config) -> dict[str, Tensor]:
+        I = config_value(config, self.hidden_dim_key)
+        out = {}
+        for name, key in (("gate", self.gate), ("up", self.up), ("down", self.down)):
+            flat = ckpt.get(prefix + key)
+            if flat.dim() != 2 or flat.shape[0] % I:
+                raise CheckpointError(
+                    f"{ckpt.directory}: {prefix}{key} has shape {list(flat.shape)}, expected "
+                    f"[experts * {I}, dim] ({self.hidden_dim_key}={I} in config.json)"
+                )
+            out[name] = flat.view(-1, I, flat.shape[1])
+        out["down"] = out["down"].transpose(1, 2)
+        return out
+
+
+ExpertsLayout = PerExpert | FusedGateUp | TransposedGateUp | FlatExperts
+
+
+# ----------------------------------------------------------------------------- shared experts
+
+
+@dataclass(frozen=True)
+class SharedMLP:
+    """gate, up: [Is, D]; down: [D, Is]; optional sigmoid_gate: [1, D] (Qwen2-MoE)."""
+
+    gate: str
+    up: str
+    down: str
+    sigmoid_gate: str | None = None
+
+    def present(self, ckpt: Checkpoint, prefix: str) -> bool:
+        return prefix + self.gate in ckpt
+
+    def read(self, ckpt: Checkpoint, prefix: str) -> dict[str, Tensor]:
+        keys = {"gate": self.gate, "up": self.up, "down": self.down, "sigmoid_gate": self.sigmoid_gate}
+        return {name: ckpt.get(prefix + key) for name, key in keys.items() if key is not None}
+
+
+@dataclass(frozen=True)
+class SharedFusedMLP:
+    """Granite: gate_up: [2Is, D], gate rows first; down: [D, Is]."""
+
+    gate_up: str
+    down: str
+
+    def present(self, ckpt: Checkpoint, prefix: str) -> bool:
+        return prefix + self.gate_up in ckpt
+
+    def read(self, ckpt: Checkpoint, prefix: str) -> dict[str, Tensor]:
+        gate, up = _halves(ckpt.get(prefix + self.gate_up), dim=0, interleaved=False)
+        return {"gate": gate, "up": up, "down": ckpt.get(prefix + self.down)}
+
+
+# ----------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One on-disk layout of a family's MoE block. The shared experts are read where the
+    checkpoint has them (a Granite-MoE-Shared config may set their width to 0)."""
+
+    router: RouterKeys
+    experts: ExpertsLayout
+    shared: SharedMLP | SharedFusedMLP | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything moelab knows about one model_type.
+
+    layouts: the on-disk layouts, tried in order (the first whose experts are present wins).
+    num_experts: config keys for E, first present wins.
+    router_settings(config): the RouterView fields besides tensors (score_func, top_k, ...).
+    is_moe_layer(config, i): whether the config makes layer i sparse (checked against the
+        checkpoint); None: layers with a router on disk are sparse (the structural fallback).
+    expert_settings(config): the ExpertsView fields besides tensors (activation, ...).
+    """
+
+    name: str
+    layouts: tuple[Layout, ...]
+    num_experts: tuple[str, ...]
+    router_settings: Callable[[Config], dict[str, Any]]
+    is_moe_layer: Callable[[Config, int], bool] | None = every_layer
+    expert_settings: Callable[[Config], dict[str, Any]] = swiglu
+    layer_prefix: str = "model.layers.{n}."
+    num_layers: tuple[str, ...] = ("num_hidden_layers",)
+    hidden_size: tuple[str, ...] = ("hidden_size",)
+
+    def read_layer(self, ckpt: Checkpoint, config: Config, index: int) -> LayerView:
+        prefix = self.layer_prefix.format(n=index)
+        layout = next((lay for lay in self.layouts if lay.experts.present(ckpt, prefix)), None)
+        routers = [prefix + lay.router.weight for lay in self.layouts]
+        sparse_on_disk = layout is not None or any(key in ckpt for key in routers)
+        sparse = sparse_on_disk if self.is_moe_layer is None else self.is_moe_layer(config, index)
+        if sparse != sparse_on_disk:
+            if sparse:
+                missing = " or ".join(routers)
+                problem = f"makes layer {index} an MoE layer, but the checkpoint has no {missing}"
+            else:
+                problem = f"makes layer {index} dense, but the checkpoint has MoE tensors under {prefix}"
+            raise CheckpointError(
+                f"{ckpt.directory}: config.json {problem}; check the config's MoE layer settings "
+                "(first_k_dense_replace, decoder_sparse_step, mlp_only_layers, moe_layers, ...)"
+            )
+        if not sparse:
+            return DenseLayerView(index)
+        if layout is None:
+            raise CheckpointError(
+                f"{ckpt.directory}: layer {index} has a router but no expert tensors under {prefix}"
+            )
+        router = layout.router.read(ckpt, prefix)
+        experts = layout.experts.read(ckpt, prefix, config)
+        self._check_counts(ckpt, config, index, router, experts)
+        shared = (
+            layout.shared.read(ckpt, prefix)
+            if layout.shared and layout.shared.present(ckpt, prefix)
+            else None
+        )
+        return MoELayerView(
+            index,
+            RouterView(**router, **self.router_settings(config)),
+            ExpertsView(**experts, **self.expert_settings(config)),
+            None if shared is None else SharedView(**shared),
+        )
+
+    def _check_counts(self, ckpt, config, index, router, experts) -> None:
+        key, E = config_entry(config, self.num_experts)
+        for what, found in (
+            ("router rows", router["weight"].shape[0]),
+            ("experts", experts["gate"].shape[0]),
+        ):
+            if found != E:
+                raise CheckpointError(
+                    f"config says {E} experts ({key}), checkpoint layer {index} has {found} ({what}) in "
+                    f"{ckpt.directory}; fix {key} in config.json or the checkpoint"
+                )
+        key, D = config_entry(config, self.hidden_size)
+        if router["weight"].shape[1] != D:
+            raise CheckpointError(
+                f"config says hidden size {D} ({key}), but layer {index}'s router weight has shape "
+                f"{list(router['weight'].shape)} in {ckpt.directory}"
+            )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def expert_indices(ckpt: Checkpoint, pattern: str) -> list[int]:
+    """The sorted expert indices e for which `pattern.format(e=e)` is a key."""
+    head, tail = pattern.split("{e}")
+    regex = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
+    return sorted(
+        int(m.group(1)) for key in ckpt.keys() if key.startswith(head) and (m := regex.fullmatch(key))
+    )
+
+
+def _stack(ckpt: Checkpoint, keys: list[str]) -> Tensor:
+    """The tensors `keys`, which must share one shape, stacked along a new first dim."""
+    tensors = [ckpt.get(key) for key in keys]
+    for key, tensor in zip(keys, tensors, strict=True):
+        if tensor.shape != tensors[0].shape:
+            raise CheckpointError(
+                f"{ckpt.directory}: {key} has shape {list(tensor.shape)}, but {keys[0]} has "
+                f"{list(tensors[0].shape)}; every expert of a layer must have the same shape"
+            )
+    return torch.stack(tensors)
+
+
+def _halves(t: Tensor, dim: int, interleaved: bool) -> tuple[Tensor, Tensor]:
+    """Split `t` along `dim` into (gate, up): alternating entries if interleaved, else halves."""
+    if interleaved:
+        index = torch.arange(t.shape[dim])
+        return t.index_select(dim, index[::2]), t.index_select(dim, index[1::2])
+    gate, up = t.chunk(2, dim=dim)
+    return gate, up

@@ -1,0 +1,234 @@
+"""One view of any MoE checkpoint: per layer, a router, stacked routed experts and shared experts.
+
+Shape legend: E routed experts, D model dim, I expert hidden dim, Is shared-expert hidden dim.
+
+Views hold tensors in one layout whatever the file format: gate/up `[E, I, D]`, down `[E, D, I]`
+(the `nn.Linear` weight convention, per expert). Only adapters know file keys; analysis and
+compression read views. A `ModelView` reads one layer's tensors when asked for that layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from moelab.hf.checkpoint import Checkpoint, CheckpointError
+from moelab.nn.routers import check_groups, check_top_k
+
+SCORE_FUNCS = ("softmax", "sigmoid", "sparsemixer")
+ACTIVATIONS = ("silu", "clamped_swiglu")
+
+
+@dataclass(frozen=True, eq=False)
+class RouterView:
+    """How a layer picks experts: logits = x @ weight.T (+ bias), then
+
+    - "softmax" / "sigmoid": scores = f(logits); the top_k experts by `scores + correction_bias`
+      (the correction bias steers selection only), optionally limited to the best `topk_group`
+      of `n_group` expert groups; weights = the chosen scores, divided by their sum if
+      `renormalize`, times `route_scale`. Families that take the top-k of the logits and then
+      a softmax over the k (GPT-OSS, Granite, DBRX with L1 norm) are "softmax" with
+      `renormalize=True`: the two are equal.
+    - "sparsemixer" (PhiMoE, inference): two rounds; each picks the best remaining logit m and
+      weights it by a softmax over the logits l with (m - l) / max(|l|, m) <= 2 * jitter_eps.
+
+    weight: [E, D]; bias: [E] | None (added to the logits); correction_bias: [E] | None.
+    """
+
+    weight: Tensor
+    score_func: str
+    top_k: int
+    renormalize: bool
+    route_scale: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    bias: Tensor | None = None
+    correction_bias: Tensor | None = None
+    jitter_eps: float = 0.0
+
+    def __post_init__(self):
+        if self.score_func not in SCORE_FUNCS:
+            raise ValueError(f"router score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}")
+        _check_shape("router weight", self.weight, (None, None))
+        E = self.weight.shape[0]
+        for name in ("bias", "correction_bias"):
+            _check_shape(f"router {name}", getattr(self, name), (E,))
+        check_top_k(self.top_k, E)
+        check_groups(E, self.top_k, self.n_group, self.topk_group)
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+
+@dataclass(frozen=True, eq=False)
+class ExpertsView:
+    """E gated MLPs: y_e(x) = down_e @ act(gate_e @ x + gate_bias_e, up_e @ x + up_bias_e) + down_bias_e.
+
+    activation "silu": act(g, u) = silu(g) * u (SwiGLU). "clamped_swiglu" (GPT-OSS):
+    g' = min(g, swiglu_limit), u' = clamp(u, -swiglu_limit, swiglu_limit),
+    act = g' * sigmoid(swiglu_alpha * g') * (u' + 1).
+    scale_input: the routing weight w scales the expert's input, y = y_e(w * x) (Llama 4),
+    instead of its output, y = w * y_e(x) (everyone else).
+
+    gate, up: [E, I, D]; down: [E, D, I]; gate_bias, up_bias: [E, I] | None; down_bias: [E, D] | None.
+    """
+
+    gate: Tensor
+    up: Tensor
+    down: Tensor
+    gate_bias: Tensor | None = None
+    up_bias: Tensor | None = None
+    down_bias: Tensor | None = None
+    activation: str = "silu"
+    swiglu_alpha: float | None = None
+    swiglu_limit: float | None = None
+    scale_input: bool = False
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"experts activation must be one of {ACTIVATIONS}, got {self.activation!r} (config.json's "
+                "hidden_act); other gated activations are not supported yet"
+            )
+        if (self.activation == "clamped_swiglu") != (
+            self.swiglu_alpha is not None and self.swiglu_limit is not None
+        ):
+            raise ValueError(
+                "swiglu_alpha and swiglu_limit are set exactly when activation is 'clamped_swiglu'"
+            )
+        _check_shape("experts gate", self.gate, (None, None, None))
+        E, I, D = self.gate.shape
+        _check_shape("experts up", self.up, (E, I, D))
+        _check_shape("experts down", self.down, (E, D, I))
+        _check_shape("experts gate_bias", self.gate_bias, (E, I))
+        _check_shape("experts up_bias", self.up_bias, (E, I))
+        _check_shape("experts down_bias", self.down_bias, (E, D))
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.gate.shape[2]
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.gate.shape[1]
+
+
+@dataclass(frozen=True, eq=False)
+class SharedView:
+    """Always-on SwiGLU expert(s), fused into one MLP of width Is, added to the routed output:
+    y = down @ (silu(gate @ x) * (up @ x)), times sigmoid(sigmoid_gate @ x) if that is set (Qwen2-MoE).
+
+    gate, up: [Is, D]; down: [D, Is]; sigmoid_gate: [1, D] | None.
+    """
+
+    gate: Tensor
+    up: Tensor
+    down: Tensor
+    sigmoid_gate: Tensor | None = None
+
+    def __post_init__(self):
+        _check_shape("shared gate", self.gate, (None, None))
+        Is, D = self.gate.shape
+        _check_shape("shared up", self.up, (Is, D))
+        _check_shape("shared down", self.down, (D, Is))
+        _check_shape("shared sigmoid_gate", self.sigmoid_gate, (1, D))
+
+
+@dataclass(frozen=True, eq=False)
+class MoELayerView:
+    """Decoder layer `index` has a sparse MoE feed-forward block."""
+
+    index: int
+    router: RouterView
+    experts: ExpertsView
+    shared: SharedView | None = None
+
+    def __post_init__(self):
+        E, D = self.router.weight.shape
+        if (self.experts.num_experts, self.experts.dim) != (E, D):
+            raise ValueError(
+                f"router weight {list(self.router.weight.shape)} ([experts, dim]) does not match experts "
+                f"gate {list(self.experts.gate.shape)} ([experts, hidden, dim])"
+            )
+        if self.shared is not None and self.shared.gate.shape[1] != D:
+            raise ValueError(f"shared gate {list(self.shared.gate.shape)} does not match the model dim {D}")
+
+
+@dataclass(frozen=True)
+class DenseLayerView:
+    """Decoder layer `index` has a dense feed-forward block (no experts)."""
+
+    index: int
+
+
+LayerView = MoELayerView | DenseLayerView
+
+
+class LayerReader(Protocol):
+    """What a `ModelView` needs from an adapter."""
+
+    name: str
+
+    def read_layer(self, checkpoint: Checkpoint, config: dict[str, Any], index: int) -> LayerView: ...
+
+
+class ModelView:
+    """A checkpoint directory seen as `num_layers` layer views; `layer(i)` reads layer i's
+    tensors only, `layers()` yields them one at a time. Use `moelab.hf.open_checkpoint` to make one.
+
+    config: the parsed config.json; family: the adapter's name (a model_type, or
+    "<model_type> (structural)" for the fallback).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, config: dict[str, Any], adapter: LayerReader, num_layers: int):
+        self.path = checkpoint.directory
+        self.config = config
+        self.family = adapter.name
+        self.num_layers = num_layers
+        self._adapter = adapter
+        self._checkpoint = checkpoint
+
+    def layer(self, index: int) -> LayerView:
+        if not 0 <= index < self.num_layers:
+            raise IndexError(f"layer index {index} out of range: the model has {self.num_layers} layers")
+        try:
+            return self._adapter.read_layer(self._checkpoint, self.config, index)
+        except ValueError as err:
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(f"{self.path}, layer {index}: {err}") from err
+
+    def layers(self) -> Iterator[LayerView]:
+        for index in range(self.num_layers):
+            yield self.layer(index)
+
+    def close(self) -> None:
+        self._checkpoint.close()
+
+    def __enter__(self) -> ModelView:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ModelView({str(self.path)!r}, family={self.family!r}, num_layers={self.num_layers})"
+
+
+def _check_shape(name: str, tensor: Tensor | None, expected: tuple[int | None, ...]) -> None:
+    """tensor is None, or has len(expected) dims matching every non-None entry."""
+    if tensor is None:
+        return
+    shape = tuple(tensor.shape)
+    matches = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
+    if not matches:
+        want = ", ".join("?" if e is None else str(e) for e in expected)
+        raise ValueError(f"{name} has shape {list(shape)}, expected [{want}]")

@@ -1,0 +1,185 @@
+"""Tiny random transformers MoE models, one per supported family, for the checkpoint-view tests.
+
+Every model: hidden 32, 2 layers, 4 experts of width 16, top-2 (Llama 4: top-1), vocab 64,
+fp32. Weights are re-drawn at unit scale (std 1/sqrt(last dim)) so that block outputs are
+O(0.1-1) and an atol of 1e-5 means something; transformers' own init (std 0.02) gives outputs
+near 1e-4. Configs exercise each family's options: dense layers, renormalisation, groups,
+scaling, GPT-OSS clamping, PhiMoE's jitter threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+D = 32
+COMMON = dict(vocab_size=64, hidden_size=D, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+DEEPSEEK = dict(
+    COMMON,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+    num_key_value_heads=4,
+    n_group=2,
+    topk_group=1,
+)
+
+
+def _mlp(model, i):
+    return model.model.layers[i].mlp
+
+
+def _granite_shared(model, i):
+    layer = model.model.layers[i]
+    return lambda x: layer.block_sparse_moe(x) + layer.shared_mlp(x)
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """config kwargs for AutoConfig.for_model; block(model, i) -> the layer-i MoE block as a
+    callable on [B, S, D]; dense: the layers the config makes dense; fused: whether
+    save_original_format=False writes a different layout."""
+
+    config: dict
+    block: Callable = _mlp
+    dense: tuple[int, ...] = ()
+    fused: bool = True
+
+
+TINY = {
+    "mixtral": Tiny(dict(COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": Tiny(
+        dict(
+            COMMON,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=2,
+        ),
+        dense=(0,),
+    ),
+    "qwen3_moe": Tiny(
+        dict(
+            COMMON,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+        ),
+        dense=(0,),
+    ),
+    "olmoe": Tiny(
+        dict(
+            COMMON, intermediate_size=16, num_experts=4, num_experts_per_tok=2, eos_token_id=1, pad_token_id=0
+        )
+    ),
+    "deepseek_v2": Tiny(
+        dict(DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy", routed_scaling_factor=1.5),
+        dense=(0,),
+    ),
+    "deepseek_v3": Tiny(dict(DEEPSEEK, q_lora_rank=16, routed_scaling_factor=2.5), dense=(0,)),
+    "phimoe": Tiny(
+        dict(
+            COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.3
+        )
+    ),
+    "gpt_oss": Tiny(
+        dict(
+            COMMON,
+            intermediate_size=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+            swiglu_limit=0.5,
+        ),
+        fused=False,
+    ),
+    "granitemoe": Tiny(
+        dict(COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
+        block=lambda model, i: model.model.layers[i].block_sparse_moe,
+    ),
+    "granitemoeshared": Tiny(
+        dict(
+            COMMON,
+            intermediate_size=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            shared_intermediate_size=24,
+        ),
+        block=_granite_shared,
+    ),
+    "llama4_text": Tiny(
+        dict(
+            COMMON,
+            intermediate_size=16,
+            intermediate_size_mlp=48,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            head_dim=8,
+            moe_layers=[1],
+            layer_types=["chunked_attention", "full_attention"],
+            attention_chunk_size=32,
+            no_rope_layers=[1, 0],
+        ),
+        block=lambda model, i: model.model.layers[i].feed_forward,
+        dense=(0,),
+        fused=False,
+    ),
+    "dbrx": Tiny(
+        dict(
+            vocab_size=64,
+            d_model=D,
+            n_heads=4,
+            n_layers=2,
+            max_seq_len=64,
+            attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
+            ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2},
+        ),
+        block=lambda model, i: model.transformer.blocks[i].ffn,
+        fused=False,
+    ),
+}
+
+
+def build(family: str, seed: int = 0):
+    """A random fp32 model of `family` with unit-scale weights (see the module docstring)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(family, **TINY[family].config), dtype=torch.float32
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(0, 0.1)
+    return model.eval()
+
+
+def load(path, dtype=torch.float32):
+    """The saved model, reloaded by transformers with its readable (eager) experts."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager").eval()
+
+
+def block_output(family: str, model, index: int, x: torch.Tensor) -> torch.Tensor:
+    """transformers' MoE block of layer `index` on x [B, S, D] -> [B, S, D] (tuples unwrapped)."""
+    with torch.no_grad():
+        out = TINY[family].block(model, index)(x)
+    return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)

@@ -1,0 +1,295 @@
+"""moelab.hf: open transformers MoE checkpoints as per-layer views, lazily, with clear errors.
+
+Every family: a tiny random transformers model is saved (default per-expert format and, where
+it differs, fused `save_original_format=False`), opened through the view, and the layer built
+by `moe_layer_from_view` must match transformers' own MoE block on random hidden states.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_tiny import TINY, D, block_output, build, load
+from safetensors.torch import load_file, save_file
+
+from moelab.hf import (
+    FAMILIES,
+    CheckpointError,
+    DenseLayerView,
+    ExpertsView,
+    MoELayerView,
+    moe_layer_from_view,
+    open_checkpoint,
+)
+from moelab.hf import checkpoint as checkpoint_module
+
+CASES = [(family, True) for family in TINY] + [(family, False) for family, tiny in TINY.items() if tiny.fused]
+
+
+def _save(family: str, path, original: bool = True, **kwargs) -> None:
+    build(family).save_pretrained(path, save_original_format=original, **kwargs)
+
+
+def _assert_matches_transformers(view, family: str, model, dense: tuple[int, ...]) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(2, 7, D)
+    for layer in view.layers():
+        if layer.index in dense:
+            assert isinstance(layer, DenseLayerView), f"layer {layer.index} should be dense"
+            continue
+        assert isinstance(layer, MoELayerView)
+        expected = block_output(family, model, layer.index, x)
+        with torch.no_grad():
+            got, _ = moe_layer_from_view(layer)(x)
+        assert expected.abs().max() > 0.1, "outputs too small for the tolerance to mean anything"
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "family,original", CASES, ids=[f"{f}-{'per_expert' if o else 'fused'}" for f, o in CASES]
+)
+def test_view_matches_transformers(tmp_path, family, original):
+    _save(family, tmp_path, original)
+    with open_checkpoint(tmp_path) as view:
+        assert view.family == family
+        assert view.num_layers == 2
+        _assert_matches_transformers(view, family, load(tmp_path), TINY[family].dense)
+
+
+def test_view_layouts_and_settings(tmp_path):
+    """Spot checks of what the view reports: GPT-OSS de-interleaved and transposed with biases
+    and its clamped activation; DeepSeek-V3 sigmoid routing with groups and correction bias."""
+    model = build("gpt_oss")
+    model.save_pretrained(tmp_path / "gpt_oss")
+    layer = open_checkpoint(tmp_path / "gpt_oss").layer(0)
+    experts = model.model.layers[0].mlp.experts
+    torch.testing.assert_close(
+        layer.experts.gate, experts.gate_up_proj[..., ::2].transpose(1, 2), atol=0, rtol=0
+    )
+    torch.testing.assert_close(layer.experts.up_bias, experts.gate_up_proj_bias[:, 1::2], atol=0, rtol=0)
+    torch.testing.assert_close(layer.experts.down, experts.down_proj.transpose(1, 2), atol=0, rtol=0)
+    assert (layer.experts.activation, layer.experts.swiglu_limit) == ("clamped_swiglu", 0.5)
+    assert layer.router.bias is not None and layer.router.renormalize
+
+    _save("deepseek_v3", tmp_path / "v3")
+    router = open_checkpoint(tmp_path / "v3").layer(1).router
+    assert (router.score_func, router.n_group, router.topk_group, router.route_scale) == (
+        "sigmoid",
+        2,
+        1,
+        2.5,
+    )
+    assert router.correction_bias.shape == (4,) and router.renormalize
+
+
+def test_sharded_checkpoint_is_read_one_layer_and_one_shard_at_a_time(tmp_path, monkeypatch):
+    _save("mixtral", tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+
+    open_now, most_open = [0], [0]
+    real_safe_open = checkpoint_module.safe_open
+
+    class CountingHandle:
+        def __init__(self, *args, **kwargs):
+            self._handle = real_safe_open(*args, **kwargs)
+            open_now[0] += 1
+            most_open[0] = max(most_open[0], open_now[0])
+
+        def __enter__(self):
+            return self
+
+        def __getattr__(self, name):
+            return getattr(self._handle, name)
+
+        def __exit__(self, *exc):
+            open_now[0] -= 1
+            return self._handle.__exit__(*exc)
+
+    monkeypatch.setattr(checkpoint_module, "safe_open", CountingHandle)
+    view = open_checkpoint(tmp_path)
+    read = []
+    real_get = view._checkpoint.get
+    monkeypatch.setattr(view._checkpoint, "get", lambda name: read.append(name) or real_get(name))
+    view.layer(1)
+    assert read and all(".layers.1." in name for name in read)
+    _assert_matches_transformers(view, "mixtral", load(tmp_path), ())
+    assert most_open[0] == 1
+    view.close()
+    assert open_now[0] == 0
+
+
+@pytest.mark.parametrize("family,original", [("qwen2_moe", True), ("deepseek_v3", False)])
+def test_unknown_model_type_uses_structural_fallback(tmp_path, family, original):
+    """qwen2_moe per-expert (shared expert + sigmoid gate, softmax) and deepseek_v3 fused
+    (correction bias -> sigmoid, groups, scaling) renamed to an unknown model_type."""
+    model = build(family)
+    model.save_pretrained(tmp_path, save_original_format=original)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "my_new_moe"}))
+    view = open_checkpoint(tmp_path)
+    assert view.family == "my_new_moe (structural)"
+    _assert_matches_transformers(view, family, model, TINY[family].dense)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_dense_model_with_unknown_type_lists_supported_families(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=D,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(
+        CheckpointError, match=r"'llama' .* not a supported MoE family.*Supported families: dbrx, deepseek_v2"
+    ):
+        open_checkpoint(tmp_path)
+    assert {
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "olmoe",
+        "deepseek_v2",
+        "deepseek_v3",
+        "phimoe",
+        "gpt_oss",
+        "granitemoe",
+        "granitemoeshared",
+        "llama4_text",
+        "dbrx",
+    } <= FAMILIES.keys()
+
+
+def test_missing_shard(tmp_path):
+    _save("mixtral", tmp_path, max_shard_size="20KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"lists shard\(s\) {shard.name}, missing from .*re-download"):
+        open_checkpoint(tmp_path)
+
+
+def test_index_names_a_tensor_its_shard_lacks(tmp_path):
+    _save("mixtral", tmp_path, max_shard_size="20KB")
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = "model.layers.0.block_sparse_moe.gate.weight"
+    index["weight_map"][key] = next(
+        s for s in sorted(set(index["weight_map"].values())) if s != index["weight_map"][key]
+    )
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"maps .*gate.weight.* but that shard has no such tensor"):
+        open_checkpoint(tmp_path).layer(0)
+
+
+@pytest.mark.parametrize(
+    "family,original,key", [("mixtral", True, "num_local_experts"), ("olmoe", False, "num_experts")]
+)
+def test_config_expert_count_differs_from_disk(tmp_path, family, original, key):
+    _save(family, tmp_path, original)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, key: 8}))
+    with pytest.raises(CheckpointError, match=rf"config says 8 experts \({key}\), checkpoint layer 0 has 4"):
+        open_checkpoint(tmp_path).layer(0)
+
+
+def _rewrite(path, edit):
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_gap_in_expert_numbering(tmp_path):
+    _save("qwen3_moe", tmp_path)
+    _rewrite(tmp_path, lambda t: [t.pop(k) for k in list(t) if ".layers.1.mlp.experts.2." in k])
+    with pytest.raises(CheckpointError, match=r"numbered \[0, 1, 3\]; expected 0..E-1"):
+        open_checkpoint(tmp_path).layer(1)
+
+
+def test_wrong_tensor_shape(tmp_path):
+    _save("olmoe", tmp_path)
+    _rewrite(
+        tmp_path, lambda t: t.update({"model.layers.0.mlp.experts.1.up_proj.weight": torch.zeros(16, D + 1)})
+    )
+    with pytest.raises(
+        CheckpointError, match=r"experts.1.up_proj.weight has shape \[16, 33\], but .*experts.0.up_proj"
+    ):
+        open_checkpoint(tmp_path).layer(0)
+
+
+@pytest.mark.parametrize(
+    "family,edit,index,message",
+    [
+        ("deepseek_v3", {"first_k_dense_replace": 0}, 0, "layer 0 an MoE layer, but the checkpoint has no"),
+        ("qwen3_moe", {"mlp_only_layers": [0, 1]}, 1, "layer 1 dense, but the checkpoint has MoE tensors"),
+    ],
+)
+def test_config_dense_layers_disagree_with_disk(tmp_path, family, edit, index, message):
+    _save(family, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(tmp_path).layer(index)
+
+
+def test_corrupt_safetensors_file(tmp_path):
+    _save("mixtral", tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not a readable safetensors file"):
+        open_checkpoint(tmp_path)
+
+
+def test_bf16_checkpoint_keeps_its_dtype(tmp_path):
+    build("mixtral").to(torch.bfloat16).save_pretrained(tmp_path)
+    layer = open_checkpoint(tmp_path).layer(0)
+    assert layer.router.weight.dtype == layer.experts.gate.dtype == torch.bfloat16
+    moe = moe_layer_from_view(layer)
+    assert {p.dtype for p in moe.parameters()} == {torch.bfloat16}
+    x = torch.randn(2, 7, D, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got, _ = moe(x)
+    expected = block_output("mixtral", load(tmp_path, dtype=torch.bfloat16), 0, x)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+
+
+def test_quantized_checkpoint_is_refused(tmp_path):
+    """e.g. GPT-OSS MXFP4 or DeepSeek-V3 FP8: reading their raw expert blocks would be silently wrong."""
+    _save("gpt_oss", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match=r"quantized checkpoint \(quant_method 'mxfp4'\).*Dequantize first"
+    ):
+        open_checkpoint(tmp_path)
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not even a pickle: moelab must not try to load it")
+    with pytest.raises(
+        CheckpointError, match=r"only pickle weights \(pytorch_model.bin\).*never unpickles.*safetensors"
+    ):
+        open_checkpoint(tmp_path)
+
+
+def test_missing_config_and_layer_index(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        open_checkpoint(tmp_path)
+    _save("mixtral", tmp_path)
+    with pytest.raises(IndexError, match="has 2 layers"):
+        open_checkpoint(tmp_path).layer(2)
+
+
+def test_experts_view_checks_shapes():
+    E, I = 4, 8
+    with pytest.raises(ValueError, match=r"experts down has shape \[4, 8, 32\], expected \[4, 32, 8\]"):
+        ExpertsView(torch.zeros(E, I, D), torch.zeros(E, I, D), torch.zeros(E, I, D))
