@@ -36,3 +36,29 @@ def test_bench_layer_rejects_unknown_config():
     result = runner.invoke(app, ["bench", "layer", "--config", "e9k3", "--tokens", "8", "--rounds", "1"])
     assert result.exit_code != 0
     assert "unknown config 'e9k3'" in str(result.exception) + result.output
+
+
+def test_info_json_matches_the_instantiated_model(tmp_path):
+    from moelab.models import MoETransformer, tiny
+
+    path = tmp_path / "model.yaml"
+    tiny().save(path)
+    result = runner.invoke(app, ["info", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["total_params"] == sum(p.numel() for p in MoETransformer(tiny()).parameters())
+    assert 0 < summary["active_params"] < summary["total_params"]
+    assert summary["flops_per_token"] > 2 * summary["active_non_embedding_params"]
+
+
+def test_main_prints_user_errors_without_traceback(monkeypatch, capsys):
+    import pytest
+
+    from moelab import cli
+
+    monkeypatch.setattr("sys.argv", ["moelab", "info", "no-such-preset"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    out = capsys.readouterr().out
+    assert "unknown preset 'no-such-preset'" in out and "Traceback" not in out

@@ -61,6 +61,31 @@ def demo(
 
 
 @app.command()
+def info(
+    config: Annotated[str, typer.Argument(help="A model config file (.json/.yaml) or a preset name (tiny, small).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    seq_len: Annotated[int | None, typer.Option(help="Sequence length for attention FLOPs (default: max_seq_len).")] = None,
+) -> None:
+    """Total and active parameters and forward FLOPs per token of a model config."""
+    import json
+
+    from moelab.models import ModelConfig, model_info, preset
+
+    cfg = ModelConfig.load(config) if Path(config).suffix else preset(config)
+    summary = model_info(cfg, seq_len=seq_len)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    table = Table(title=f"{config}: {cfg.n_layers} layers ({', '.join(sorted(set(summary['layer_types'])))})")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for key in ("total_params", "non_embedding_params", "active_params", "active_non_embedding_params",
+                "flops_per_token", "seq_len"):
+        table.add_row(key, f"{summary[key]:,}")
+    console.print(table)
+
+
+@app.command()
 def version() -> None:
     """Print moelab's and its key dependencies' versions."""
     import torch
@@ -79,5 +104,15 @@ def version() -> None:
     console.print(table)
 
 
+def main() -> None:
+    """Console entry point: user mistakes (bad config, unknown name, broken file) print one clear
+    line and exit with status 2 instead of a traceback."""
+    try:
+        app()
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()
