@@ -86,21 +86,19 @@ def plan_dispatch(indices: Tensor, num_experts: int, capacity_factor: float | No
     if capacity_factor is not None and capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
     T, K = indices.shape
-    # Empty slots (-1) get key E + 1 so that they sort after every expert's rows; key E is
-    # left for out-of-range indices, which are rejected below.
-    key = indices.reshape(-1)
-    key = key.masked_fill(key == -1, num_experts + 1)
-    load = _bincount(key, num_experts)  # [E + 2]
+    flat = indices.reshape(-1)
+    load = _bincount(flat + 1, num_experts)  # [E + 1]: empty slots, then expert 0..E-1
     counts = load.tolist()  # the one host sync of the plan
-    if counts[num_experts]:
-        raise ValueError(f"expert indices must lie in [-1, {num_experts - 1}], found {num_experts}")
-    tokens_per_expert = load[:num_experts]
-    num_assigned = T * K - counts[num_experts + 1]
+    num_empty, counts = counts[0], counts[1:]
+    tokens_per_expert = load[1:]
+    num_assigned = T * K - num_empty
+    # Empty slots get key E so that they sort after every expert's rows.
+    key = flat.masked_fill(flat == -1, num_experts)
     dropped = torch.zeros((), device=indices.device)
     if capacity_factor is not None:
         capacity = expert_capacity(num_assigned, num_experts, capacity_factor)
         key = _drop_over_capacity(key, T, K, num_experts, capacity)
-        counts = [min(n, capacity) for n in counts[:num_experts]]
+        counts = [min(n, capacity) for n in counts]
         kept = sum(counts)
         dropped = torch.tensor((num_assigned - kept) / max(num_assigned, 1), device=indices.device)
         num_assigned = kept
@@ -112,7 +110,7 @@ def plan_dispatch(indices: Tensor, num_experts: int, capacity_factor: float | No
         slots=order,
         token_ids=order // K,
         slot_rows=slot_rows,
-        counts=tuple(counts[:num_experts]),
+        counts=tuple(counts),
         tokens_per_expert=tokens_per_expert,
         dropped_fraction=dropped,
         num_tokens=T,
@@ -120,17 +118,22 @@ def plan_dispatch(indices: Tensor, num_experts: int, capacity_factor: float | No
     )
 
 
-def _bincount(key: Tensor, num_experts: int) -> Tensor:
-    """Rows per key in [0, E + 1] (E + 1 = empty slot); a scatter-add, so the shape is static
-    under torch.compile."""
+def _bincount(shifted: Tensor, num_experts: int) -> Tensor:
+    """Slots per value of `indices + 1` in [0, E]; a scatter-add, so the shape is static under
+    torch.compile, and an index outside [-1, E-1] falls outside the buckets and is rejected."""
     try:
-        return torch.zeros(num_experts + 2, dtype=torch.long, device=key.device).scatter_add_(0, key, torch.ones_like(key))
-    except RuntimeError as err:
-        raise ValueError(f"expert indices must lie in [-1, {num_experts - 1}] ({err})") from None
+        return torch.zeros(num_experts + 1, dtype=torch.long, device=shifted.device).scatter_add_(
+            0, shifted, torch.ones_like(shifted)
+        )
+    except RuntimeError:
+        raise ValueError(
+            f"expert indices must lie in [-1, {num_experts - 1}] (-1 = empty slot); some lie outside. "
+            "Check the router's num_experts against the experts'"
+        ) from None
 
 
 def _drop_over_capacity(key: Tensor, T: int, K: int, num_experts: int, capacity: int) -> Tensor:
-    """Mark as empty (key = E + 1) the assignments past each expert's capacity, in slot-major priority."""
+    """Mark as empty (key = E) the assignments past each expert's capacity, in slot-major priority."""
     slot_major = key.view(T, K).t().reshape(-1)  # position p = j*T + t
     order = torch.argsort(slot_major, stable=True)
     sorted_keys = slot_major[order]
@@ -139,7 +142,7 @@ def _drop_over_capacity(key: Tensor, T: int, K: int, num_experts: int, capacity:
     over = (rank >= capacity) & (sorted_keys < num_experts)
     positions = order[over]
     dropped_slots = (positions % T) * K + positions // T
-    return key.clone().index_fill_(0, dropped_slots, num_experts + 1)
+    return key.clone().index_fill_(0, dropped_slots, num_experts)
 
 
 def _sum_slots(rows: Tensor, src: Tensor, mask: Tensor | None) -> Tensor:
