@@ -13,10 +13,9 @@ from moelab.nn import (
     attach_expert_bias_update,
     build_moe,
 )
-from reference import F64, f64_leaf, route_expert_choice, route_relu, route_topk, route_topp
+from reference import F64, assert_close, assert_no_near_tie, f64_leaf, route_expert_choice, route_relu, route_topk, route_topp
 
 T, D, E = 24, 12, 8
-ATOL = RTOL = 1e-5
 
 TOPK_SETTINGS = {
     "k1": dict(top_k=1),
@@ -88,7 +87,7 @@ def check_router(router, x, *, seed=0):
     b = None if router.bias is None else f64_leaf(router.bias)
     norm_leaf = f64_leaf(router.norm_weight) if isinstance(router, ReLURouter) else None
     ref = _ref(router, xr, w, b, norm_leaf)
-    assert ref.margin > 1e-5, "test data has a near-tie; pick another seed"
+    assert_no_near_tie(ref, ordered=True)  # exact slots are compared below
 
     xl = x.clone().requires_grad_(True)
     routing = router(xl)
@@ -108,21 +107,22 @@ def check_router(router, x, *, seed=0):
     ref_weights = torch.stack(weight_rows)
     assert torch.equal(routing.indices, expected_idx), (routing.indices, expected_idx)
     assert torch.all(routing.weights[routing.indices < 0] == 0), "empty slots must have weight 0"
-    torch.testing.assert_close(routing.weights.double(), ref_weights.detach(), atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(routing.logits.double(), ref.logits.detach(), atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(routing.probs.double(), ref.probs.detach(), atol=ATOL, rtol=RTOL)
+    assert_close(routing.weights.double(), ref_weights.detach())
+    assert_close(routing.logits.double(), ref.logits.detach())
+    assert_close(routing.probs.double(), ref.probs.detach())
 
     g = torch.Generator().manual_seed(seed)
-    gw, gl, gp = (torch.randn(s, generator=g, dtype=F64) for s in (ref_weights.shape, (x.shape[0], E), (x.shape[0], E)))
+    shapes = (ref_weights.shape, (x.shape[0], E), (x.shape[0], E))
+    gw, gl, gp = (torch.randn(s, generator=g, dtype=F64) for s in shapes)
     router.zero_grad(set_to_none=True)
-    ((routing.weights.double() * gw).sum() + (routing.logits.double() * gl).sum() + (routing.probs.double() * gp).sum()).backward()
-    ((ref_weights * gw).sum() + (ref.logits * gl).sum() + (ref.probs * gp).sum()).backward()
-    torch.testing.assert_close(xl.grad.double(), xr.grad, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(router.weight.grad.double(), w.grad, atol=ATOL, rtol=RTOL)
+    for weights, logits, probs in [(routing.weights, routing.logits, routing.probs), (ref_weights, ref.logits, ref.probs)]:
+        ((weights.double() * gw).sum() + (logits.double() * gl).sum() + (probs.double() * gp).sum()).backward()
+    assert_close(xl.grad.double(), xr.grad)
+    assert_close(router.weight.grad.double(), w.grad)
     if b is not None:
-        torch.testing.assert_close(router.bias.grad.double(), b.grad, atol=ATOL, rtol=RTOL)
+        assert_close(router.bias.grad.double(), b.grad)
     if norm_leaf is not None:
-        torch.testing.assert_close(router.norm_weight.grad.double(), norm_leaf.grad, atol=ATOL, rtol=RTOL)
+        assert_close(router.norm_weight.grad.double(), norm_leaf.grad)
     return routing, ref
 
 
@@ -307,3 +307,34 @@ def test_attach_expert_bias_update_needs_a_balancing_router():
         attach_expert_bias_update(opt, layer)
     with pytest.raises(ValueError, match="balance_bias=True"):
         layer.router.update_expert_bias(0.1)
+
+
+@pytest.mark.parametrize("top_p,expected", [(0.25, 1), (0.2500001, 2), (0.5, 2), (0.75, 3), (0.76, 4), (1.0, 4)])
+def test_topp_threshold_is_strict(top_p, expected):
+    """Four equally likely experts (probabilities exactly 0.25; masses before them exactly 0,
+    0.25, 0.5, 0.75): an expert is kept iff the mass before it is < top_p, so a cumulative
+    probability that lands exactly on top_p stops there (the expert that reaches p is the last)."""
+    router = TopPRouter(D, 4, top_p)
+    with torch.no_grad():
+        router.weight.zero_()
+    routing = router(_x(n=3))
+    assert torch.all(routing.probs == 0.25)
+    assert ((routing.indices >= 0).sum(-1) == expected).all()
+    assert torch.all(routing.weights[routing.indices >= 0] == 0.25)
+
+
+@pytest.mark.parametrize("max_k", [None, 2])
+def test_topp_one_keeps_max_k_experts_even_when_peaked(max_k):
+    """top_p = 1 is in the allowed range (0, 1]: the mass before any expert is < 1 (every softmax
+    probability is > 0), so every token keeps max_k experts. A peaked router (one logit 20 above
+    the rest: the others' probabilities ~2e-9) must not lose them to float32 rounding of the
+    cumulative sum to exactly 1.0."""
+    router = TopPRouter(D, 4, 1.0, max_k=max_k, bias=True)
+    with torch.no_grad():
+        router.weight.zero_()
+        router.bias.copy_(torch.tensor([20.0, 0.0, 0.0, 0.0]))
+    x = _x(n=3)
+    ref = route_topp(x.double(), router.weight.double(), router.bias.double(), top_p=1.0, max_k=max_k)
+    assert [len(c) for c in ref.choices] == [max_k or 4] * 3
+    routing = router(x)
+    assert ((routing.indices >= 0).sum(-1) == (max_k or 4)).all(), routing.indices

@@ -32,6 +32,8 @@ class MoEConfig:
     router: "topk" (token choice), "topp" (dynamic top-p), "expert_choice", "relu" (BlockFFN).
     top_k: experts per token for "topk".
     score_func, renormalize, route_scale, n_group, topk_group: top-k scoring (see TopKRouter).
+        renormalize defaults to True for "topk" (Mixtral, Qwen3) and False for "topp" (the
+        paper's raw probabilities).
     aux_free_bias: aux-loss-free balancing bias for "topk" (update it with
         `moelab.nn.attach_expert_bias_update`); bias_update_rate: its step size gamma.
     router_bias: a learned bias on the router logits (GPT-OSS).
@@ -53,7 +55,7 @@ class MoEConfig:
     router: str = "topk"
     top_k: int = 2
     score_func: str = "softmax"
-    renormalize: bool = True
+    renormalize: bool | None = None
     route_scale: float = 1.0
     n_group: int = 1
     topk_group: int = 1
@@ -134,7 +136,7 @@ def build_router(cfg: MoEConfig):
             cfg.num_experts,
             cfg.top_k,
             score_func=cfg.score_func,
-            renormalize=cfg.renormalize,
+            renormalize=True if cfg.renormalize is None else cfg.renormalize,
             route_scale=cfg.route_scale,
             n_group=cfg.n_group,
             topk_group=cfg.topk_group,
@@ -142,7 +144,7 @@ def build_router(cfg: MoEConfig):
             **common,
         )
     if cfg.router == "topp":
-        return TopPRouter(cfg.dim, cfg.num_experts, cfg.top_p, max_k=cfg.max_k, renormalize=cfg.renormalize, **common)
+        return TopPRouter(cfg.dim, cfg.num_experts, cfg.top_p, max_k=cfg.max_k, renormalize=bool(cfg.renormalize), **common)
     if cfg.router == "expert_choice":
         return ExpertChoiceRouter(cfg.dim, cfg.num_experts, capacity_factor=cfg.ec_capacity_factor, **common)
     return ReLURouter(cfg.dim, cfg.num_experts, **common)

@@ -140,9 +140,9 @@ def _drop_over_capacity(key: Tensor, T: int, K: int, num_experts: int, capacity:
     group_start = torch.searchsorted(sorted_keys, sorted_keys, right=False)
     rank = torch.arange(order.numel(), device=key.device) - group_start
     over = (rank >= capacity) & (sorted_keys < num_experts)
-    positions = order[over]
-    dropped_slots = (positions % T) * K + positions // T
-    return key.clone().index_fill_(0, dropped_slots, num_experts)
+    # Back to slot-major positions, then to token-major slots; static shapes (no boolean indexing).
+    drop = torch.zeros_like(over).scatter_(0, order, over).view(K, T).t().reshape(-1)
+    return key.masked_fill(drop, num_experts)
 
 
 def _sum_slots(rows: Tensor, src: Tensor, mask: Tensor | None) -> Tensor:

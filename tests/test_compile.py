@@ -1,0 +1,62 @@
+"""torch.compile(layer) equals eager, forward and backward; graph breaks are recorded with
+torch._dynamo.explain and printed (run with -s to see them)."""
+
+import pytest
+import torch
+
+from moelab.nn import MoEConfig, build_moe
+from reference import assert_close
+
+pytestmark = pytest.mark.slow
+
+CASES = {
+    "topk": dict(router="topk", top_k=2, num_shared=1, capacity_factor=1.0),
+    "topp": dict(router="topp", top_p=0.6),  # variable k
+}
+
+
+def _layer(name):
+    torch.manual_seed(0)
+    return build_moe(MoEConfig(dim=16, num_experts=4, hidden_dim=8, balance_coef=0.01, z_coef=1e-3, **CASES[name]))
+
+
+def _run(layer, x):
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    y, result = layer(x)
+    (y.pow(2).sum() + result.loss).backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), result, x.grad, grads
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_compiled_layer_matches_eager(name):
+    torch._dynamo.reset()
+    layer = _layer(name)
+    compiled = torch.compile(layer)
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2, 8), (2, 8), (3, 5)]:  # a repeat (cached graph) and a new token count
+        x = torch.randn(*shape, 16, generator=g)
+        y_c, res_c, gx_c, grads_c = _run(compiled, x)
+        y_e, res_e, gx_e, grads_e = _run(layer, x)
+        assert_close(y_c, y_e, what="y")
+        assert_close(gx_c, gx_e, what="grad x")
+        assert grads_c.keys() == grads_e.keys()
+        for n in grads_e:
+            assert_close(grads_c[n], grads_e[n], what=f"grad {n}")
+        assert res_c.losses.keys() == res_e.losses.keys()
+        for n in res_e.losses:
+            assert_close(res_c.losses[n], res_e.losses[n], what=f"loss {n}")
+        assert torch.equal(res_c.tokens_per_expert, res_e.tokens_per_expert)
+        assert float(res_c.dropped_fraction) == pytest.approx(float(res_e.dropped_fraction))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_graph_breaks_are_recorded(name):
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(_layer(name))(torch.randn(2, 8, 16))
+    print(f"\n[{name}] graphs: {explanation.graph_count}, graph breaks: {explanation.graph_break_count}")
+    for reason in explanation.break_reasons:
+        where = " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in reversed(reason.user_stack[-2:]))
+        print(f"  break: {reason.reason.splitlines()[0]} at {where}")
+    assert explanation.graph_count >= 1

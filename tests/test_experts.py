@@ -1,0 +1,212 @@
+"""Stacked experts and every grouped-matmul backend against per-row expert MLPs computed from the
+stacked weights (tests/reference.py), forward and backward."""
+
+import pytest
+import torch
+
+from moelab.nn import MLPExperts, SharedExperts, SwiGLUExperts, grouped_mlp
+from reference import F64, assert_close, expert_ffn, f64_leaf, f64_leaves, shared_ffn
+
+BACKENDS = ["auto", "grouped", "loop", "grouped_mm"]
+# D, I multiples of 4: fp32 rows are 16-byte aligned, so "grouped_mm" really runs torch._grouped_mm
+D, I, E = 16, 8, 5
+COUNTS = (3, 0, 6, 1, 0)  # experts 1 and 4 get no rows
+
+
+def _experts(kind: str, bias: bool, backend: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "swiglu":
+        m = SwiGLUExperts(E, D, I, bias=bias, backend=backend)
+    else:
+        m = MLPExperts(E, D, I, activation=kind, bias=bias, backend=backend)
+    if bias:  # biases start at zero; make them matter
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "bias" in name:
+                    p.normal_(0, 0.3)
+    return m
+
+
+def _reference_rows(xs, counts, row_weights, p, activation):
+    """y_r = w_r * FFN_e(x_r), with e the expert whose block holds row r."""
+    out, r = [], 0
+    for e, n in enumerate(counts):
+        for _ in range(n):
+            y = expert_ffn(xs[r], e, p, activation)
+            out.append(y if row_weights is None else row_weights[r] * y)
+            r += 1
+    return torch.stack(out) if out else xs.new_zeros(0, D)
+
+
+def _check(module, kind, counts, *, row_weights, grad="random", tol=1e-5):
+    N = sum(counts)
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(N, D, generator=g).requires_grad_(True)
+    rw = (torch.rand(N, generator=g) + 0.1).requires_grad_(True) if row_weights else None
+    leaves = {f"experts.{n}": t for n, t in f64_leaves(module).items()}
+    xr, rwr = f64_leaf(xs), (None if rw is None else f64_leaf(rw))
+    module.zero_grad(set_to_none=True)
+    ys = module(xs, list(counts), rw)
+    ref = _reference_rows(xr, counts, rwr, leaves, kind)
+    assert ys.shape == (N, D)
+    assert_close(ys, ref, tol, tol, "ys")
+    if grad == "sum":  # the zero-stride gradient of ys.sum()
+        ys.sum().backward()
+        ref.sum().backward()
+    else:
+        G = torch.randn(N, D, generator=g, dtype=F64)
+        (ys.double() * G).sum().backward()
+        (ref * G).sum().backward()
+    assert_close(xs.grad, xr.grad, tol, tol, "grad xs")
+    if rw is not None:
+        assert_close(rw.grad, rwr.grad, tol, tol, "grad row_weights")
+    for name, p in module.named_parameters():
+        expected = leaves[f"experts.{name}"].grad
+        assert p.grad is not None, name
+        assert_close(p.grad, expected, tol, tol, f"grad {name}")
+        for e, n in enumerate(counts):
+            if n == 0:
+                assert torch.all(p.grad[e] == 0), f"{name}[{e}] got no rows: its gradient must be exactly 0"
+    return ys, xs.grad, {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["swiglu", "gelu", "silu", "relu"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("row_weights", [False, True])
+def test_experts_match_reference(backend, kind, bias, row_weights):
+    _check(_experts(kind, bias, backend), kind, COUNTS, row_weights=row_weights)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["swiglu", "gelu"])
+def test_zero_stride_gradient_of_sum(backend, kind):
+    """ys.sum().backward() hands the backends an expanded (stride-0) gradient."""
+    _check(_experts(kind, True, backend), kind, COUNTS, row_weights=True, grad="sum")
+
+
+@pytest.mark.parametrize("counts", [(0, 0, 10, 0, 0), (1, 1, 1, 1, 1), (0, 0, 0, 0, 1), (7, 0, 0, 0, 0)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skewed_counts(counts, backend):
+    _check(_experts("swiglu", True, backend), "swiglu", counts, row_weights=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_with_each_other(backend):
+    """Same numbers as the readable "loop" backend, forward and backward, to fp32 rounding."""
+    base = _check(_experts("swiglu", True, "loop"), "swiglu", COUNTS, row_weights=True)
+    other = _check(_experts("swiglu", True, backend), "swiglu", COUNTS, row_weights=True)
+    torch.testing.assert_close(other[0], base[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(other[1], base[1], atol=1e-6, rtol=1e-6)
+    for name in base[2]:
+        torch.testing.assert_close(other[2][name], base[2][name], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_rows_at_all(backend):
+    """N = 0 (e.g. every assignment dropped): an empty output, and zero (not missing) gradients."""
+    m = _experts("swiglu", False, backend)
+    xs = torch.zeros(0, D, requires_grad=True)
+    ys = m(xs, [0] * E, torch.zeros(0, requires_grad=True))
+    assert ys.shape == (0, D)
+    ys.sum().backward()
+    assert torch.all(m.gate_up_proj.grad == 0) and torch.all(m.down_proj.grad == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unaligned_widths_fall_back(backend):
+    """Widths that are not 16-byte aligned (D=6, I=3) make "grouped_mm" fall back; same results."""
+    torch.manual_seed(0)
+    m = SwiGLUExperts(3, 6, 3, bias=True, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(7, 6, generator=g, requires_grad=True)
+    leaves = {f"experts.{n}": t for n, t in f64_leaves(m).items()}
+    xr = f64_leaf(xs)
+    ys = m(xs, [2, 0, 5])
+    ref = _reference_rows(xr, (2, 0, 5), None, leaves, "swiglu")
+    assert_close(ys, ref, what="ys")
+    ys.sum().backward()
+    ref.sum().backward()
+    assert_close(xs.grad, xr.grad, what="grad xs")
+    assert_close(m.gate_up_proj.grad, leaves["experts.gate_up_proj"].grad, what="grad gate_up_proj")
+    assert torch.all(m.gate_up_proj.grad[1] == 0)
+
+
+def test_grouped_mm_is_really_used_on_aligned_fp32(monkeypatch):
+    """Guard against the backend tests passing only because "grouped_mm" silently fell back."""
+    calls = []
+    real = torch._grouped_mm
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", spy)
+    _experts("swiglu", False, "grouped_mm")(torch.randn(10, D), [3, 0, 6, 1, 0])
+    assert calls, "torch._grouped_mm was not called for aligned fp32 rows"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_experts_within_tolerance(backend):
+    """bf16 weights and rows vs the float64 reference on the same (bf16-rounded) values: within
+    3e-2 absolute on outputs of magnitude ~1 (bf16 keeps 8 significant bits, ~4e-3 per rounding)."""
+    m = _experts("swiglu", True, backend).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    xs = torch.randn(10, D, generator=g).to(torch.bfloat16)
+    rw = torch.rand(10, generator=g).to(torch.bfloat16)
+    leaves = {f"experts.{n}": t for n, t in f64_leaves(m).items()}
+    ys = m(xs, list(COUNTS), rw)
+    assert ys.dtype == torch.bfloat16
+    ref = _reference_rows(xs.to(F64), COUNTS, rw.to(F64), leaves, "swiglu")
+    torch.testing.assert_close(ys.to(F64), ref.detach(), atol=3e-2, rtol=3e-2)
+
+
+def test_stacked_layout():
+    m = SwiGLUExperts(E, D, I, bias=True)
+    assert m.gate_up_proj.shape == (E, 2 * I, D) and m.down_proj.shape == (E, D, I)
+    assert m.gate_up_bias.shape == (E, 2 * I) and m.down_bias.shape == (E, D)
+    m = MLPExperts(E, D, I, bias=True)
+    assert m.up_proj.shape == (E, I, D) and m.down_proj.shape == (E, D, I)
+    assert m.up_bias.shape == (E, I) and m.down_bias.shape == (E, D)
+
+
+def test_gate_rows_come_first():
+    """silu(gate) * up is linear in the up half (rows I..2I of gate_up_proj) and not in the gate
+    half (rows 0..I): doubling the up rows doubles the output, doubling the gate rows does not."""
+    m = SwiGLUExperts(1, D, I)
+    xs = torch.randn(4, D)
+    base = m(xs, [4]).detach()
+    with torch.no_grad():
+        m.gate_up_proj[0, I:] *= 2
+    torch.testing.assert_close(m(xs, [4]).detach(), 2 * base)
+    with torch.no_grad():
+        m.gate_up_proj[0, I:] /= 2
+        m.gate_up_proj[0, :I] *= 2
+    assert not torch.allclose(m(xs, [4]).detach(), 2 * base, atol=1e-3)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_shared_experts_match_reference(gated):
+    torch.manual_seed(0)
+    m = SharedExperts(D, 12, gated=gated)
+    x = torch.randn(9, D, requires_grad=True)
+    leaves = {f"shared.{n}": t for n, t in f64_leaves(m).items()}
+    xr = f64_leaf(x)
+    y = m(x)
+    ref = torch.stack([shared_ffn(xr[t], leaves) for t in range(9)])
+    assert_close(y, ref, what="shared y")
+    G = torch.randn(9, D, dtype=F64)
+    (y.double() * G).sum().backward()
+    (ref * G).sum().backward()
+    assert_close(x.grad, xr.grad, what="grad x")
+    for name, p in m.named_parameters():
+        assert_close(p.grad, leaves[f"shared.{name}"].grad, what=f"grad {name}")
+
+
+def test_grouped_mlp_functional_matches_module():
+    m = _experts("gelu", True, "grouped")
+    xs = torch.randn(10, D)
+    out = grouped_mlp(
+        xs, list(COUNTS), None, m.up_proj, m.up_bias, m.down_proj, m.down_bias, activation="gelu", gated=False
+    )
+    torch.testing.assert_close(out, m(xs, list(COUNTS)))
