@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -56,17 +57,22 @@ class DispatchPlan:
     def has_empty_slots(self) -> bool:
         return self.num_rows < self.num_tokens * self.top_k
 
-    @property
+    @cached_property
     def slot_rows_by_slot(self) -> Tensor:
-        """[K, T] routed row of each slot, clamped to a valid row (see `slot_mask`)."""
+        """[K, T] routed row of each slot, clamped to a valid row (see `slot_mask`). Computed
+        once per plan: the combine's forward and the dispatch's backward both read it."""
         rows = self.slot_rows.view(self.num_tokens, self.top_k).t()
         return rows.clamp(max=self.num_rows - 1).contiguous() if self.has_empty_slots else rows.contiguous()
 
-    def slot_mask(self, dtype: torch.dtype) -> Tensor | None:
-        """[T, K] 1 for slots that own a routed row, 0 for empty or dropped ones; None if all do."""
+    @cached_property
+    def _slot_owns_row(self) -> Tensor | None:
         if not self.has_empty_slots:
             return None
-        return (self.slot_rows < self.num_rows).view(self.num_tokens, self.top_k).to(dtype)
+        return (self.slot_rows < self.num_rows).view(self.num_tokens, self.top_k)
+
+    def slot_mask(self, dtype: torch.dtype) -> Tensor | None:
+        """[T, K] 1 for slots that own a routed row, 0 for empty or dropped ones; None if all do."""
+        return None if self._slot_owns_row is None else self._slot_owns_row.to(dtype)
 
 
 def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:

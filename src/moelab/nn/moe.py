@@ -56,7 +56,8 @@ class MoEResult:
     @property
     def loss(self) -> Tensor:
         if not self.losses:
-            return torch.zeros(())
+            device = None if self.tokens_per_expert is None else self.tokens_per_expert.device
+            return torch.zeros((), device=device)
         return torch.stack(list(self.losses.values())).sum()
 
 

@@ -188,12 +188,13 @@ class TopPRouter(Router):
         logits = self.router_logits(x)
         probs = logits.softmax(-1)
         sorted_probs, order = probs.topk(self.top_k, dim=-1)  # [T, K], descending
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability mass of earlier experts
-        keep = mass_before < self.top_p  # slot 0 is always kept
-        if self.top_p >= 1.0:
+        if self.top_p < 1.0:
+            mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability mass of earlier experts
+            keep = mass_before < self.top_p  # slot 0 is always kept
+        else:
             # Every softmax probability is > 0, so the mass before any expert is < 1 and all
             # max_k slots are kept, even where float32 rounds the cumulative sum to 1.
-            keep = torch.ones_like(keep)
+            keep = torch.ones_like(sorted_probs, dtype=torch.bool)
         indices = order.masked_fill(~keep, -1)
         weights = sorted_probs * keep
         if self.renormalize:
