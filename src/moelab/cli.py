@@ -61,6 +61,24 @@ def demo(
 
 
 @app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="A run config (.yaml/.json) with 'model' and 'train' sections.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<config name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its newest checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Train a model: checkpoints, log.jsonl and TensorBoard logs, per-domain validation."""
+    from moelab.train import RunConfig
+    from moelab.train import train as run_training
+
+    run = RunConfig.load(config)
+    out = out or Path("runs") / config.stem
+    result = run_training(run, out, resume=resume, quiet=quiet)
+    console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, {result.tokens_per_second:,.0f} tokens/s, "
+                  f"val loss {result.eval_loss['all']:.4f}; model in {out / 'model'}")
+
+
+@app.command()
 def info(
     config: Annotated[str, typer.Argument(help="A model config file (.json/.yaml) or a preset name (tiny, small).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,

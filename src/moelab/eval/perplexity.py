@@ -1,0 +1,81 @@
+"""Per-domain validation loss and perplexity of a causal LM on the shipped corpus.
+
+    losses = domain_losses(model, seq_len=256, max_tokens=16384)
+    losses["german"].loss, losses["german"].perplexity, losses["all"].tokens
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from moelab.data import IGNORE_INDEX, eval_batches, list_domains, tokenize_split
+
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class DomainLoss:
+    """Mean next-token cross-entropy (nats) over `tokens` targets, and its perplexity."""
+
+    loss: float
+    tokens: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+@torch.no_grad()
+def domain_losses(
+    model: nn.Module,
+    domains: Sequence[str] | None = None,
+    *,
+    split: str = "validation",
+    seq_len: int = 256,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    quiet: bool = True,
+) -> dict[str, DomainLoss]:
+    """The loss of `model` (called as `model(ids).logits`, logits: [B, S, V]) on each domain's
+    `split`, from its first `max_tokens` tokens (None = all), in consecutive windows of
+    `seq_len`; key "all" holds the token-weighted mean over the domains. The model is put in eval
+    mode for the call and restored after."""
+    names = list_domains() if domains is None else list(domains)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: dict[str, DomainLoss] = {}
+    try:
+        for name in tqdm(names, desc=f"eval {split}", unit="domain", disable=quiet, leave=False):
+            tokens = tokenize_split(name, split)
+            if max_tokens is not None:
+                tokens = tokens[: max_tokens + 1]
+            total, count = 0.0, 0
+            for inputs, targets in eval_batches(tokens, seq_len, batch_size):
+                inputs, targets = inputs.to(device), targets.to(device)
+                autocast = (
+                    torch.autocast(device.type, dtype=autocast_dtype)
+                    if autocast_dtype is not None
+                    else contextlib.nullcontext()
+                )
+                with autocast:
+                    logits = model(inputs).logits
+                total += F.cross_entropy(
+                    logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+                ).item()
+                count += int((targets != IGNORE_INDEX).sum())
+            results[name] = DomainLoss(total / count, count)
+    finally:
+        model.train(was_training)
+    tokens = sum(r.tokens for r in results.values())
+    results[ALL] = DomainLoss(sum(r.loss * r.tokens for r in results.values()) / tokens, tokens)
+    return results

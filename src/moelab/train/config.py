@@ -1,0 +1,184 @@
+"""`TrainConfig` and `RunConfig`: what a training run does, read from one YAML/JSON file.
+
+A run file has two sections, the model and the training recipe:
+
+    model: small                  # a preset name, a path to a ModelConfig file, or its fields
+    train:
+      steps: 2000
+      batch_size: 16
+      seq_len: 256
+      lr: 3.0e-3
+
+Paths in `model:` are relative to the run file. Every field is validated on load; unknown keys
+are rejected with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moelab.data import list_domains
+from moelab.io import atomic_write_text
+from moelab.models import ModelConfig, preset
+from moelab.validation import check_choice, did_you_mean
+
+DTYPES = ("fp32", "bf16")
+MIXTURES = ("proportional", "uniform")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The training recipe.
+
+    steps: optimizer steps. batch_size x seq_len tokens per micro-batch, grad_accum micro-batches
+        per step (tokens per step = batch_size * seq_len * grad_accum).
+    lr: peak learning rate; linear warmup over warmup_steps, then cosine decay to lr * min_lr_ratio
+        at the last step. weight_decay: AdamW decay on matrices (not on norms, biases, embeddings).
+    betas, eps: AdamW's. grad_clip: max global gradient norm (0 = no clipping).
+    dtype: "fp32", or "bf16" autocast (fast on GPUs; on CPUs without bf16 matmul it is slower).
+    domains: corpus domains to train on (None = all); mixture: "proportional" or "uniform".
+    seed: model init and data order.
+    eval_every: validate on every domain every n steps (and at the end); eval_tokens: at most
+        this many validation tokens per domain. eval_batch_size: rows per validation batch.
+    checkpoint_every: write a resumable checkpoint every n steps (and at the end); keep_checkpoints:
+        how many of the newest to keep.
+    log_every: steps between log lines (JSONL, TensorBoard, progress bar).
+    threads: torch intra-op threads (None = torch's default).
+    device: "auto" (CUDA if available), "cpu" or "cuda".
+    """
+
+    steps: int
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "fp32"
+    domains: list[str] | None = None
+    mixture: str = "proportional"
+    seed: int = 0
+    eval_every: int = 200
+    eval_tokens: int = 16384
+    eval_batch_size: int = 16
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    threads: int | None = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_tokens",
+                     "eval_batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"train.{name} must be an integer >= 1, got {value!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"train.lr must be a number > 0, got {self.lr!r} (YAML reads 3e-3 as a string; write 3.0e-3)")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("train.weight_decay and train.grad_clip must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        check_choice("train.dtype", self.dtype, DTYPES)
+        check_choice("train.mixture", self.mixture, MIXTURES)
+        check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        if self.domains is not None:
+            known = list_domains()
+            if not self.domains:
+                raise ValueError("train.domains is empty; list some domains or leave it out for all")
+            for domain in self.domains:
+                check_choice("train.domain", domain, tuple(known))
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"train.threads must be >= 1 or null, got {self.threads}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A model and how to train it: the content of a run file."""
+
+    model: ModelConfig
+    train: TrainConfig
+
+    def __post_init__(self):
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}); "
+                "shorten seq_len or raise max_seq_len"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: Path = Path(".")) -> RunConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a run config is a mapping with 'model' and 'train', got {type(data).__name__}")
+        for key in data:
+            if key not in ("model", "train"):
+                raise ValueError(f"unknown run config section {key!r}{did_you_mean(key, ['model', 'train'])}; "
+                                 "a run file has 'model' and 'train'")
+        for key in ("model", "train"):
+            if key not in data:
+                raise ValueError(f"run config has no {key!r} section")
+        model = _model_config(data["model"], base_dir)
+        train = data["train"]
+        if not isinstance(train, dict):
+            raise ValueError(f"run config 'train' must be a mapping of TrainConfig fields, got {train!r}")
+        known = [f.name for f in dataclasses.fields(TrainConfig)]
+        for key in train:
+            if key not in known:
+                raise ValueError(f"unknown train field {key!r}{did_you_mean(key, known)}; valid fields: {known}")
+        try:
+            return cls(model=model, train=TrainConfig(**train))
+        except TypeError as err:  # a required field is missing
+            raise ValueError(f"train: {err}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"run config {path} not found")
+        text = path.read_text()
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        try:
+            return cls.from_dict(data, base_dir=path.parent)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        """The resolved config (model fields spelled out), as YAML or JSON by suffix, atomically."""
+        path = Path(path)
+        data = self.to_dict()
+        data["train"]["betas"] = list(data["train"]["betas"])
+        text = json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+        atomic_write_text(path, text)
+
+
+def _model_config(spec: Any, base_dir: Path) -> ModelConfig:
+    """`model:` is a preset name, a ModelConfig file (relative to the run file) or its fields."""
+    if isinstance(spec, dict):
+        return ModelConfig.from_dict(spec)
+    if isinstance(spec, str):
+        if Path(spec).suffix:
+            return ModelConfig.load(base_dir / spec)
+        return preset(spec)
+    raise ValueError(f"'model' must be a preset name, a config file path or a mapping, got {spec!r}")

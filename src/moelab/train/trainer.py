@@ -1,0 +1,290 @@
+"""The training loop behind `moelab train`.
+
+    run = RunConfig.load("configs/reference/ref-8e-top2.yaml")
+    result = train(run, "runs/ref-8e-top2")            # or resume=True after an interruption
+
+One step: `grad_accum` micro-batches of `batch_size` x `seq_len` tokens, loss = LM loss + the
+MoE layers' weighted auxiliary losses, global-norm clipping, AdamW, then the LR schedule
+(linear warmup, cosine decay) and, for aux-loss-free routers, the expert-bias update (an
+optimizer step hook). Every `checkpoint_every` steps the whole state is checkpointed (model,
+optimizer, scheduler, data position, RNG); `resume=True` continues from the newest checkpoint
+and produces bit-identical weights to an uninterrupted run on the same machine and threads.
+
+Outputs in `out_dir`: config.yaml (the resolved run config), log.jsonl and tensorboard/ (train
+and per-domain eval metrics), checkpoints/, and at the end model/ (weights, config.json and the
+tokenizer, loadable with `moelab.models.load_pretrained`) and results.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
+from moelab.data import TOKENIZER_DIR, TokenWindows
+from moelab.eval import domain_losses
+from moelab.io import atomic_write_text
+from moelab.models import MoETransformer, model_info, save_pretrained
+from moelab.nn import attach_expert_bias_update
+from moelab.nn.routers import TopKRouter
+from moelab.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from moelab.train.config import RunConfig, TrainConfig
+from moelab.train.logging import RunLog
+
+CONFIG_NAME = "config.yaml"
+RESULTS_NAME = "results.json"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (also written to `out_dir/results.json`)."""
+
+    out_dir: Path
+    steps: int
+    tokens: int
+    tokens_per_second: float
+    eval_loss: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_dir": str(self.out_dir), "steps": self.steps, "tokens": self.tokens,
+                "tokens_per_second": self.tokens_per_second, "eval_loss": self.eval_loss}
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The learning rate at optimizer step `step` (0-based) as a fraction of `cfg.lr`: linear
+    warmup to 1 over `warmup_steps`, then cosine decay to `min_lr_ratio` at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps - 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or the token embedding)."""
+    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and id(p) not in embedding else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+class _Window:
+    """Train metrics accumulated between two log lines (losses, load per layer, tokens, time)."""
+
+    def __init__(self):
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+        self.sums: dict[str, float] = defaultdict(float)
+        self.load: dict[int, Tensor] = {}
+
+    def add(self, stats: dict[str, Any], tokens: int, seconds: float) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += seconds
+        for name, value in stats["scalars"].items():
+            self.sums[name] += value
+        for layer, load in stats["load"].items():
+            self.load[layer] = self.load.get(layer, 0) + load
+
+    def record(self) -> dict[str, Any]:
+        record = {name: value / self.steps for name, value in self.sums.items()}
+        record["tokens_per_second"] = self.tokens / max(self.seconds, 1e-9)
+        if self.load:
+            ratios = [float(load.max() / load.mean().clamp_min(1e-9)) for load in self.load.values()]
+            record["load_imbalance"] = sum(ratios) / len(ratios)
+        return record
+
+
+def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> TrainResult:
+    """Train `run` into `out_dir` (see the module docstring); `resume=True` continues the run
+    already there from its newest checkpoint."""
+    cfg = run.train
+    out_dir = Path(out_dir)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    start = _prepare_out_dir(run, out_dir, resume)
+
+    torch.manual_seed(cfg.seed)
+    checkpoint = load_checkpoint(start, device) if start is not None else None
+    model = checkpoint.model if checkpoint is not None else MoETransformer(run.model).to(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+    loader = TokenWindows.from_corpus(cfg.domains, "train", cfg.seq_len, cfg.batch_size, cfg.seed, cfg.mixture)
+    _attach_bias_updates(optimizer, model, run)
+    step, train_seconds = 0, 0.0
+    if checkpoint is not None:
+        step = checkpoint.step
+        optimizer.load_state_dict(checkpoint.state["optimizer"])
+        scheduler.load_state_dict(checkpoint.state["scheduler"])
+        loader.load_state_dict(checkpoint.state["loader"])
+        torch.set_rng_state(checkpoint.state["rng"]["cpu"].cpu())
+        if device.type == "cuda" and "cuda" in checkpoint.state["rng"]:
+            torch.cuda.set_rng_state(checkpoint.state["rng"]["cuda"].cpu())
+        train_seconds = float(checkpoint.state["train_seconds"])
+
+    def save(at: int) -> None:
+        rng = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "loader": loader.state_dict(), "rng": rng, "train_seconds": train_seconds}
+        save_checkpoint(out_dir, at, model, state, keep=cfg.keep_checkpoints)
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else contextlib.nullcontext()
+    log = RunLog(out_dir, resume_step=step if checkpoint is not None else None)
+    window, eval_load = _Window(), _Window()
+    saved_step = step
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {out_dir.name}", unit="step", disable=quiet, dynamic_ncols=True)
+    eval_loss: dict[str, float] = {}
+    try:
+        while step < cfg.steps:
+            began = time.perf_counter()
+            stats = train_step(model, optimizer, loader, cfg, device, autocast)
+            stats["scalars"]["lr"] = scheduler.get_last_lr()[0]
+            scheduler.step()
+            seconds = time.perf_counter() - began
+            step += 1
+            train_seconds += seconds
+            window.add(stats, cfg.tokens_per_step, seconds)
+            eval_load.add(stats, cfg.tokens_per_step, seconds)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                record = window.record()
+                log.write(step, "train", record)
+                bar.set_postfix(_postfix(record), refresh=False)
+                window = _Window()
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                eval_loss = _evaluate(model, cfg, autocast)
+                load = {str(layer): (l / l.sum()).tolist() for layer, l in eval_load.load.items()}
+                log.write(step, "eval", {"loss": eval_loss, "load": load})
+                bar.write(f"step {step}: val loss {eval_loss['all']:.4f} "
+                          + " ".join(f"{d}={v:.3f}" for d, v in eval_loss.items() if d != "all"))
+                eval_load = _Window()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save(step)
+                saved_step = step
+    except KeyboardInterrupt:
+        if step > saved_step:
+            save(step)
+        bar.write(f"interrupted at step {step}; checkpoint saved, continue with --resume")
+        raise
+    finally:
+        bar.close()
+        log.close()
+
+    if not eval_loss:  # resumed a run that had already finished
+        eval_loss = _evaluate(model, cfg, autocast)
+    result = TrainResult(out_dir=out_dir, steps=step, tokens=step * cfg.tokens_per_step,
+                         tokens_per_second=step * cfg.tokens_per_step / max(train_seconds, 1e-9),
+                         eval_loss=eval_loss)
+    _write_final(model, run, out_dir, result)
+    return result
+
+
+def train_step(model, optimizer, loader, cfg: TrainConfig, device: torch.device, autocast) -> dict[str, Any]:
+    """One optimizer step over `cfg.grad_accum` micro-batches. Returns the step's scalar metrics
+    (loss, each aux loss, grad norm, experts per token) and the load per MoE layer ([E] counts)."""
+    optimizer.zero_grad(set_to_none=True)
+    scalars: dict[str, float] = defaultdict(float)
+    load: dict[int, Tensor] = {}
+    experts_per_token: list[Tensor] = []
+    for _ in range(cfg.grad_accum):
+        inputs, targets = next(loader)
+        with autocast:
+            out = model(inputs.to(device), targets=targets.to(device))
+        ((out.loss + out.aux_loss) / cfg.grad_accum).backward()
+        scalars["loss"] += out.loss.item() / cfg.grad_accum
+        for name, value in out.aux_losses.items():
+            scalars[f"aux/{name}"] += value.item() / cfg.grad_accum
+        for layer, result in out.moe_results.items():
+            if result.tokens_per_expert is not None:
+                counts = result.tokens_per_expert.detach().float().cpu()
+                load[layer] = load[layer] + counts if layer in load else counts
+            if result.experts_per_token is not None:
+                experts_per_token.append(result.experts_per_token.detach().float())
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    scalars["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    optimizer.step()
+    if experts_per_token:
+        scalars["experts_per_token"] = float(torch.stack(experts_per_token).mean())
+    return {"scalars": dict(scalars), "load": load}
+
+
+def _prepare_out_dir(run: RunConfig, out_dir: Path, resume: bool) -> Path | None:
+    """Check `out_dir` against `resume` and write the resolved config; return the checkpoint to
+    resume from (None for a fresh run)."""
+    config_path = out_dir / CONFIG_NAME
+    if resume:
+        start = latest_checkpoint(out_dir)
+        if start is None:
+            raise ValueError(f"--resume: no complete checkpoint in {out_dir}/checkpoints; start the run without --resume")
+        if config_path.exists():
+            saved = RunConfig.load(config_path).to_dict()
+            mine = run.to_dict()
+            diffs = [f"{section}.{key}: run {saved[section].get(key)!r}, now {mine[section].get(key)!r}"
+                     for section in ("model", "train") for key in mine[section]
+                     if saved[section].get(key) != mine[section][key]]
+            if diffs:
+                raise ValueError(f"--resume with a config that differs from the run's {config_path}: "
+                                 + "; ".join(diffs) + ". Resume with the same config file")
+        return start
+    if list_checkpoints(out_dir) or (out_dir / RESULTS_NAME).exists():
+        raise ValueError(f"{out_dir} already holds a training run; pass --resume to continue it, or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run.save(config_path)
+    return None
+
+
+def _attach_bias_updates(optimizer, model, run: RunConfig) -> None:
+    if any(isinstance(m, TopKRouter) and m.expert_bias is not None for m in model.modules()):
+        attach_expert_bias_update(optimizer, model, rate=run.model.moe.bias_update_rate)
+
+
+def _evaluate(model, cfg: TrainConfig, autocast) -> dict[str, float]:
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+    losses = domain_losses(model, cfg.domains, seq_len=cfg.seq_len, batch_size=cfg.eval_batch_size,
+                           max_tokens=cfg.eval_tokens, autocast_dtype=dtype)
+    return {name: value.loss for name, value in losses.items()}
+
+
+def _postfix(record: dict[str, Any]) -> dict[str, str]:
+    shown = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_second']:.0f}"}
+    aux = sum(v for k, v in record.items() if k.startswith("aux/"))
+    if aux:
+        shown["aux"] = f"{aux:.4f}"
+    if "load_imbalance" in record:
+        shown["imb"] = f"{record['load_imbalance']:.2f}"
+    return shown
+
+
+def _write_final(model: MoETransformer, run: RunConfig, out_dir: Path, result: TrainResult) -> None:
+    """The trained model as a pretrained directory (weights, config, tokenizer) and results.json."""
+    model_dir = save_pretrained(model, out_dir / "model")
+    for path in TOKENIZER_DIR.glob("*.json"):
+        shutil.copyfile(path, model_dir / path.name)
+    summary = result.to_dict()
+    summary["model_info"] = model_info(run.model, seq_len=run.train.seq_len)
+    atomic_write_text(out_dir / RESULTS_NAME, json.dumps(summary, indent=2) + "\n")

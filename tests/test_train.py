@@ -1,0 +1,178 @@
+"""The trainer: schedule, config validation, gradient accumulation, aux-free bias updates, and
+bit-identical resume after `kill -9`."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from moelab.models import MoETransformer, ModelConfig
+from moelab.nn import MoEConfig
+from moelab.train import RunConfig, TrainConfig, build_optimizer, lr_factor, read_log, train
+from moelab.train.trainer import train_step
+
+MODEL = {
+    "vocab_size": 8192, "dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 32,
+    "moe": {"num_experts": 4, "hidden_dim": 32, "top_k": 2},
+}
+TRAIN = {
+    "steps": 8, "batch_size": 2, "seq_len": 16, "warmup_steps": 2, "eval_every": 4, "eval_tokens": 64,
+    "checkpoint_every": 2, "keep_checkpoints": 10, "log_every": 1, "threads": 1, "domains": ["code", "german"],
+}
+
+
+def write_run(path: Path, **train_overrides) -> Path:
+    path.write_text(yaml.safe_dump({"model": MODEL, "train": {**TRAIN, **train_overrides}}))
+    return path
+
+
+def test_lr_schedule_worked_values():
+    cfg = TrainConfig(steps=11, warmup_steps=2, min_lr_ratio=0.1)
+    assert [lr_factor(s, cfg) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, cfg) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr_factor(6, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert lr_factor(10, cfg) == pytest.approx(0.1)  # the last step reaches the floor
+
+
+@pytest.mark.parametrize(
+    ("train_fields", "message"),
+    [
+        ({"steps": 0}, "train.steps must be an integer >= 1"),
+        ({"steps": 5, "lr": "3e-3"}, "YAML reads"),
+        ({"steps": 5, "dtype": "fp16"}, "unknown train.dtype 'fp16'"),
+        ({"steps": 5, "domains": ["klingon"]}, "unknown train.domain 'klingon'"),
+        ({"steps": 5, "setps": 3}, "did you mean 'steps'"),
+        ({"steps": 5, "seq_len": 64}, "exceeds model.max_seq_len"),
+        ({"lr": 1.0}, "steps"),
+    ],
+)
+def test_bad_run_configs_name_the_problem(train_fields, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_dict({"model": MODEL, "train": train_fields})
+
+
+def test_run_config_sections_checked_and_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="did you mean 'train'"):
+        RunConfig.from_dict({"model": MODEL, "trian": {"steps": 1}})
+    with pytest.raises(ValueError, match="no 'train' section"):
+        RunConfig.from_dict({"model": MODEL})
+    run = RunConfig.from_dict({"model": "tiny", "train": {"steps": 3, "seq_len": 16}})
+    run.save(tmp_path / "run.yaml")
+    assert RunConfig.load(tmp_path / "run.yaml").to_dict() == run.to_dict()
+
+
+def test_weight_decay_skips_embeddings_norms_and_biases():
+    model = MoETransformer(ModelConfig.from_dict(MODEL))
+    optimizer = build_optimizer(model, TrainConfig(steps=1, weight_decay=0.1))
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in decayed}
+    assert "embed.weight" not in names
+    assert not any("norm" in name for name in names)
+    assert any("gate_up_proj" in name for name in names) and any("router" in name for name in names)
+
+
+class FixedBatches:
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def __next__(self):
+        return next(self.batches)
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    """Two micro-batches of 2 rows give the gradient of one batch of 4 (balance loss off: it is
+    defined per micro-batch)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict({**MODEL, "moe": {**MODEL["moe"], "balance_coef": 0.0}})
+    inputs = torch.randint(0, 8192, (4, 16))
+    targets = torch.randint(0, 8192, (4, 16))
+    grads = []
+    for accum, rows in ((1, 4), (2, 2)):
+        torch.manual_seed(1)
+        model = MoETransformer(cfg).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        loader = FixedBatches([(inputs[i : i + rows], targets[i : i + rows]) for i in range(0, 4, rows)])
+        train_step(model, optimizer, loader, TrainConfig(steps=1, grad_accum=accum), torch.device("cpu"),
+                   torch.autocast("cpu", enabled=False))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    # rtol covers the router, which computes its logits in float32 even in a float64 model
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-9)
+
+
+def test_aux_free_bias_moves_during_training(tmp_path):
+    moe = {**MODEL["moe"], "aux_free_bias": True, "balance_coef": 0.0, "bias_update_rate": 0.01}
+    run = RunConfig.from_dict({"model": {**MODEL, "moe": moe}, "train": {**TRAIN, "steps": 2, "eval_every": 2}})
+    train(run, tmp_path / "run", quiet=True)
+    tensors = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    bias = tensors["layers.1.ffn.router.expert_bias"]
+    assert bias.abs().max() > 0  # two updates of +-0.01 each (or 0 for a perfectly balanced expert)
+    assert torch.allclose(bias.abs() * 100, (bias.abs() * 100).round(), atol=1e-4)
+
+
+def test_run_outputs_and_logs(tmp_path):
+    run = RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "steps": 4}})
+    result = train(run, tmp_path / "run", quiet=True)
+    out = tmp_path / "run"
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "log.jsonl", "tensorboard", "checkpoints", "model", "results.json"}
+    assert (out / "model" / "tokenizer.json").is_file()
+    records = read_log(out)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [4] and set(evals[0]["loss"]) == {"code", "german", "all"}
+    assert sum(evals[0]["load"]["1"]) == pytest.approx(1.0)
+    assert result.eval_loss == evals[0]["loss"]
+    with pytest.raises(ValueError, match="already holds a training run"):
+        train(run, out, quiet=True)
+    other = RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "steps": 4, "lr": 1e-3}})
+    with pytest.raises(ValueError, match="train.lr"):
+        train(other, out, resume=True, quiet=True)
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        train(run, tmp_path / "empty", resume=True, quiet=True)
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early with {process.returncode}: {process.stderr.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.05)
+
+
+def test_resume_after_kill_9_is_bit_identical(tmp_path):
+    """Kill a training process with SIGKILL right after its step-4 checkpoint, resume it, and
+    compare the final weights and per-step losses with an uninterrupted run of the same seed."""
+    config = write_run(tmp_path / "run.yaml")
+    run = RunConfig.load(config)
+    train(run, tmp_path / "straight", quiet=True)
+
+    cmd = [sys.executable, "-m", "moelab.cli", "train", str(config), "--out", str(tmp_path / "killed"), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for(tmp_path / "killed" / "checkpoints" / "step-000004", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "model").exists(), "the run finished before it was killed"
+    train(run, tmp_path / "killed", resume=True, quiet=True)
+
+    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+    def losses(directory):
+        return [(r["step"], r["loss"]) for r in read_log(directory) if r["kind"] == "train"]
+
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
