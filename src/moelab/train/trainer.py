@@ -97,6 +97,7 @@ class _Window:
         self.steps, self.tokens, self.seconds = 0, 0, 0.0
         self.sums: dict[str, float] = defaultdict(float)
         self.load: dict[int, Tensor] = {}
+        self.experts: dict[int, float] = defaultdict(float)
 
     def add(self, stats: dict[str, Any], tokens: int, seconds: float) -> None:
         self.steps += 1
@@ -106,6 +107,8 @@ class _Window:
             self.sums[name] += value
         for layer, load in stats["load"].items():
             self.load[layer] = self.load.get(layer, 0) + load
+        for layer, k in stats["experts_per_token"].items():
+            self.experts[layer] += k
 
     def record(self) -> dict[str, Any]:
         record = {name: value / self.steps for name, value in self.sums.items()}
@@ -114,6 +117,10 @@ class _Window:
             ratios = [float(load.max() / load.mean().clamp_min(1e-9)) for load in self.load.values()]
             record["load_imbalance"] = sum(ratios) / len(ratios)
         return record
+
+    def experts_per_token(self) -> dict[int, float]:
+        """Mean experts per token of each MoE layer over the window."""
+        return {layer: k / self.steps for layer, k in self.experts.items()}
 
 
 def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> TrainResult:
@@ -159,6 +166,7 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: b
     saved_step = step
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {out_dir.name}", unit="step", disable=quiet, dynamic_ncols=True)
     eval_loss: dict[str, float] = {}
+    measured_experts: dict[int, float] = {}
     try:
         while step < cfg.steps:
             began = time.perf_counter()
@@ -179,9 +187,12 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: b
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 eval_loss = _evaluate(model, cfg, autocast)
                 load = {str(layer): (l / l.sum()).tolist() for layer, l in eval_load.load.items()}
-                log.write(step, "eval", {"loss": eval_loss, "load": load})
-                bar.write(f"step {step}: val loss {eval_loss['all']:.4f} "
-                          + " ".join(f"{d}={v:.3f}" for d, v in eval_loss.items() if d != "all"))
+                experts = {str(layer): k for layer, k in eval_load.experts_per_token().items()}
+                log.write(step, "eval", {"loss": eval_loss, "load": load, "experts_per_token": experts})
+                measured_experts = eval_load.experts_per_token()
+                if not quiet:
+                    bar.write(f"step {step}: val loss {eval_loss['all']:.4f} "
+                              + " ".join(f"{d}={v:.3f}" for d, v in eval_loss.items() if d != "all"))
                 eval_load = _Window()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save(step)
@@ -200,17 +211,18 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: b
     result = TrainResult(out_dir=out_dir, steps=step, tokens=step * cfg.tokens_per_step,
                          tokens_per_second=step * cfg.tokens_per_step / max(train_seconds, 1e-9),
                          eval_loss=eval_loss)
-    _write_final(model, run, out_dir, result)
+    _write_final(model, run, out_dir, result, measured_experts)
     return result
 
 
 def train_step(model, optimizer, loader, cfg: TrainConfig, device: torch.device, autocast) -> dict[str, Any]:
     """One optimizer step over `cfg.grad_accum` micro-batches. Returns the step's scalar metrics
-    (loss, each aux loss, grad norm, experts per token) and the load per MoE layer ([E] counts)."""
+    (loss, each aux loss, grad norm, mean experts per token), and per MoE layer its load ([E]
+    counts) and experts per token."""
     optimizer.zero_grad(set_to_none=True)
     scalars: dict[str, float] = defaultdict(float)
     load: dict[int, Tensor] = {}
-    experts_per_token: list[Tensor] = []
+    experts_per_token: dict[int, float] = defaultdict(float)
     for _ in range(cfg.grad_accum):
         inputs, targets = next(loader)
         with autocast:
@@ -224,38 +236,44 @@ def train_step(model, optimizer, loader, cfg: TrainConfig, device: torch.device,
                 counts = result.tokens_per_expert.detach().float().cpu()
                 load[layer] = load[layer] + counts if layer in load else counts
             if result.experts_per_token is not None:
-                experts_per_token.append(result.experts_per_token.detach().float())
+                experts_per_token[layer] += result.experts_per_token.item() / cfg.grad_accum
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     scalars["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     optimizer.step()
     if experts_per_token:
-        scalars["experts_per_token"] = float(torch.stack(experts_per_token).mean())
-    return {"scalars": dict(scalars), "load": load}
+        scalars["experts_per_token"] = sum(experts_per_token.values()) / len(experts_per_token)
+    return {"scalars": dict(scalars), "load": load, "experts_per_token": dict(experts_per_token)}
 
 
 def _prepare_out_dir(run: RunConfig, out_dir: Path, resume: bool) -> Path | None:
     """Check `out_dir` against `resume` and write the resolved config; return the checkpoint to
     resume from (None for a fresh run)."""
-    config_path = out_dir / CONFIG_NAME
     if resume:
         start = latest_checkpoint(out_dir)
         if start is None:
             raise ValueError(f"--resume: no complete checkpoint in {out_dir}/checkpoints; start the run without --resume")
-        if config_path.exists():
-            saved = RunConfig.load(config_path).to_dict()
-            mine = run.to_dict()
-            diffs = [f"{section}.{key}: run {saved[section].get(key)!r}, now {mine[section].get(key)!r}"
-                     for section in ("model", "train") for key in mine[section]
-                     if saved[section].get(key) != mine[section][key]]
-            if diffs:
-                raise ValueError(f"--resume with a config that differs from the run's {config_path}: "
-                                 + "; ".join(diffs) + ". Resume with the same config file")
+        check_same_run(run, out_dir)
         return start
     if list_checkpoints(out_dir) or (out_dir / RESULTS_NAME).exists():
         raise ValueError(f"{out_dir} already holds a training run; pass --resume to continue it, or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    run.save(config_path)
+    run.save(out_dir / CONFIG_NAME)
     return None
+
+
+def check_same_run(run: RunConfig, out_dir: Path) -> None:
+    """Raise a ValueError listing the differences if the run in `out_dir` was made with another config."""
+    config_path = out_dir / CONFIG_NAME
+    if not config_path.exists():
+        return
+    saved = RunConfig.load(config_path).to_dict()
+    mine = run.to_dict()
+    diffs = [f"{section}.{key}: run {saved[section].get(key)!r}, now {mine[section].get(key)!r}"
+             for section in ("model", "train") for key in mine[section]
+             if saved[section].get(key) != mine[section][key]]
+    if diffs:
+        raise ValueError(f"the run in {out_dir} was made with a different config ({config_path}): "
+                         + "; ".join(diffs) + ". Use the same config, or another output directory")
 
 
 def _attach_bias_updates(optimizer, model, run: RunConfig) -> None:
@@ -280,11 +298,15 @@ def _postfix(record: dict[str, Any]) -> dict[str, str]:
     return shown
 
 
-def _write_final(model: MoETransformer, run: RunConfig, out_dir: Path, result: TrainResult) -> None:
-    """The trained model as a pretrained directory (weights, config, tokenizer) and results.json."""
+def _write_final(
+    model: MoETransformer, run: RunConfig, out_dir: Path, result: TrainResult, experts_per_token: dict[int, float]
+) -> None:
+    """The trained model as a pretrained directory (weights, config, tokenizer) and results.json,
+    whose model_info counts active parameters and FLOPs at the measured experts per token (the
+    last eval window's mean; the nominal k where nothing was measured)."""
     model_dir = save_pretrained(model, out_dir / "model")
     for path in TOKENIZER_DIR.glob("*.json"):
         shutil.copyfile(path, model_dir / path.name)
     summary = result.to_dict()
-    summary["model_info"] = model_info(run.model, seq_len=run.train.seq_len)
+    summary["model_info"] = model_info(run.model, seq_len=run.train.seq_len, experts_per_token=experts_per_token or None)
     atomic_write_text(out_dir / RESULTS_NAME, json.dumps(summary, indent=2) + "\n")

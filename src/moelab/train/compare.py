@@ -1,0 +1,84 @@
+"""`moelab compare`: train several model variants on one recipe and compare them.
+
+    moelab compare configs/models/dense.yaml configs/models/moe_top2.yaml --train recipe.yaml --out runs/cmp
+
+Every variant trains with the same `TrainConfig` (same data, seed, steps and tokens), so the
+comparison is at an equal token budget. Active FLOPs per token are computed for each variant
+(at its measured experts per token for data-dependent routers) and reported next to the losses;
+variants more than `FLOPS_TOLERANCE` away from the first variant's FLOPs are flagged as not
+compute-matched. Each variant is an ordinary training run in `out/<name>`, so an interrupted
+comparison resumes where it stopped; the report (report.md, summary.json, PNG plots) is written
+by `moelab.train.report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from moelab.models import ModelConfig, preset
+from moelab.train.config import RunConfig, TrainConfig
+from moelab.train.report import write_report
+from moelab.train.checkpoint import latest_checkpoint
+from moelab.train.trainer import RESULTS_NAME, check_same_run, train
+
+
+def variant_name(spec: str) -> str:
+    """A variant's name: the config file's stem, or the preset name."""
+    return Path(spec).stem if Path(spec).suffix else spec
+
+
+def load_variants(specs: Sequence[str]) -> dict[str, ModelConfig]:
+    """Model configs by name from file paths (.yaml/.json) or preset names; names must be unique."""
+    if not specs:
+        raise ValueError("compare needs at least one model config")
+    variants: dict[str, ModelConfig] = {}
+    for spec in specs:
+        name = variant_name(spec)
+        if name in variants:
+            raise ValueError(f"two variants are named {name!r}; give the config files different names")
+        variants[name] = ModelConfig.load(spec) if Path(spec).suffix else preset(spec)
+    return variants
+
+
+def load_recipe(path: str | Path) -> TrainConfig:
+    """A training recipe: a YAML/JSON file of TrainConfig fields, or a run file's `train` section."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training recipe {path} not found")
+    data = yaml.safe_load(path.read_text())
+    if isinstance(data, dict) and "train" in data:
+        data = data["train"]
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        raise ValueError(f"{path}: unknown train fields {unknown}; valid fields: {known}")
+    try:
+        return TrainConfig(**data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def compare(
+    specs: Sequence[str], recipe: TrainConfig, out_dir: str | Path, *, quiet: bool = False
+) -> Path:
+    """Train every variant in `specs` with `recipe` into `out_dir/<name>` (finished runs are kept,
+    interrupted ones resumed), then write the report. Returns the report's path."""
+    out_dir = Path(out_dir)
+    runs = {name: RunConfig(model=model, train=recipe) for name, model in load_variants(specs).items()}
+    for i, (name, run) in enumerate(runs.items(), 1):
+        run_dir = out_dir / name
+        check_same_run(run, run_dir)
+        if (run_dir / RESULTS_NAME).exists():
+            if not quiet:
+                print(f"[{i}/{len(runs)}] {name}: finished earlier, kept")
+            continue
+        if not quiet:
+            print(f"[{i}/{len(runs)}] {name}")
+        train(run, run_dir, resume=latest_checkpoint(run_dir) is not None, quiet=quiet)
+    return write_report(out_dir, list(runs))

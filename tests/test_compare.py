@@ -1,0 +1,69 @@
+"""`moelab compare`: equal-recipe runs, the FLOPs check, the report files, and resumption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from moelab.train import TrainConfig
+from moelab.train.compare import compare, load_recipe, load_variants
+from moelab.train.report import summarize_run
+
+BASE = {"vocab_size": 8192, "dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 32}
+RECIPE = {"steps": 3, "batch_size": 2, "seq_len": 16, "warmup_steps": 1, "eval_every": 3, "eval_tokens": 64,
+          "checkpoint_every": 3, "log_every": 1, "threads": 1, "domains": ["code", "russian"]}
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.fixture
+def variants(tmp_path):
+    dense = write(tmp_path / "dense.yaml", {**BASE, "dense_hidden_dim": 64})
+    moe = write(tmp_path / "moe.yaml", {**BASE, "moe": {"num_experts": 4, "hidden_dim": 32, "top_k": 2}})
+    wide = write(tmp_path / "wide.yaml", {**BASE, "moe": {"num_experts": 4, "hidden_dim": 128, "top_k": 2}})
+    return [dense, moe, wide]
+
+
+def test_compare_writes_report_and_flags_unmatched_flops(tmp_path, variants):
+    out = tmp_path / "cmp"
+    report = compare(variants, TrainConfig(**RECIPE), out, quiet=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["dense", "moe", "wide"]
+    # dense (SwiGLU 64) and moe (2 experts of 32) do the same FFN work; wide does 4x the FFN work
+    assert summary["moe"]["compute_matched"] and summary["moe"]["flops_ratio"] == pytest.approx(1.0, abs=0.02)
+    assert not summary["wide"]["compute_matched"]
+    assert summary["dense"]["load_imbalance"] is None and summary["moe"]["load_imbalance"] >= 1.0
+    text = report.read_text()
+    assert "| wide |" in text and "(not matched)" in text and "| code | russian |" in text
+    for name in ("val_loss.png", "train_loss.png", "domain_loss.png", "expert_load.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    # the numbers in the table are the runs' own
+    run = summarize_run(out / "moe")
+    assert f"{run['eval_loss']['all']:.4f}" in text
+
+
+def test_compare_keeps_finished_runs_and_refuses_changed_recipes(tmp_path, variants):
+    out = tmp_path / "cmp"
+    compare(variants[:2], TrainConfig(**RECIPE), out, quiet=True)
+    stamp = (out / "moe" / "results.json").stat().st_mtime_ns
+    compare(variants[:2], TrainConfig(**RECIPE), out, quiet=True)
+    assert (out / "moe" / "results.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="train.lr"):
+        compare(variants[:2], TrainConfig(**{**RECIPE, "lr": 1e-4}), out, quiet=True)
+
+
+def test_compare_input_errors(tmp_path, variants):
+    with pytest.raises(ValueError, match="named 'dense'"):
+        load_variants([variants[0], variants[0]])
+    with pytest.raises(ValueError, match="at least one"):
+        load_variants([])
+    bad = write(tmp_path / "recipe.yaml", {"steps": 3, "lr_max": 1.0})
+    with pytest.raises(ValueError, match="unknown train fields"):
+        load_recipe(bad)
+    run_file = write(tmp_path / "run.yaml", {"model": "tiny", "train": RECIPE})
+    assert load_recipe(run_file).steps == 3
