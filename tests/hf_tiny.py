@@ -1,8 +1,9 @@
 """Tiny random transformers MoE models, one per supported family, for the checkpoint-view tests.
 
-Every model: hidden 32, 2 layers, 4 experts of width 16, top-2 (Llama 4: top-1), vocab 64,
-fp32. Weights are re-drawn at unit scale (std 1/sqrt(last dim)) so that block outputs are
-O(0.1-1) and an atol of 1e-5 means something; transformers' own init (std 0.02) gives outputs
+Every model: hidden 32, 2 layers, 4 experts of width 16, top-2 (Llama 4: top-1; DeepSeek: 8
+experts in 2 groups, so that half of them can be dropped group by group), vocab 64, fp32.
+Weights are re-drawn at unit scale (std 1/sqrt(last dim)) so that block outputs are O(0.1-1)
+and an atol of 1e-5 means something; transformers' own init (std 0.02) gives outputs
 near 1e-4. Configs exercise each family's options: dense layers, renormalisation, groups,
 scaling, GPT-OSS clamping, PhiMoE's jitter threshold.
 """
@@ -21,7 +22,7 @@ DEEPSEEK = dict(
     COMMON,
     intermediate_size=48,
     moe_intermediate_size=16,
-    n_routed_experts=4,
+    n_routed_experts=8,
     n_shared_experts=1,
     num_experts_per_tok=2,
     first_k_dense_replace=1,
@@ -48,12 +49,17 @@ def _granite_shared(model, i):
 class Tiny:
     """config kwargs for AutoConfig.for_model; block(model, i) -> the layer-i MoE block as a
     callable on [B, S, D]; dense: the layers the config makes dense; fused: whether
-    save_original_format=False writes a different layout."""
+    save_original_format=False writes a different layout. path: the module holding layer i's
+    routed experts (and, unless shared_outside, its shared experts); returns_tuple: it returns
+    (y, router output)."""
 
     config: dict
     block: Callable = _mlp
     dense: tuple[int, ...] = ()
     fused: bool = True
+    path: str = "model.layers.{i}.mlp"
+    returns_tuple: bool = False
+    shared_outside: bool = False
 
 
 TINY = {
@@ -110,10 +116,12 @@ TINY = {
             swiglu_limit=0.5,
         ),
         fused=False,
+        returns_tuple=True,
     ),
     "granitemoe": Tiny(
         dict(COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
         block=lambda model, i: model.model.layers[i].block_sparse_moe,
+        path="model.layers.{i}.block_sparse_moe",
     ),
     "granitemoeshared": Tiny(
         dict(
@@ -124,6 +132,8 @@ TINY = {
             shared_intermediate_size=24,
         ),
         block=_granite_shared,
+        path="model.layers.{i}.block_sparse_moe",
+        shared_outside=True,
     ),
     "llama4_text": Tiny(
         dict(
@@ -141,6 +151,8 @@ TINY = {
         block=lambda model, i: model.model.layers[i].feed_forward,
         dense=(0,),
         fused=False,
+        path="model.layers.{i}.feed_forward",
+        returns_tuple=True,
     ),
     "dbrx": Tiny(
         dict(
@@ -154,6 +166,7 @@ TINY = {
         ),
         block=lambda model, i: model.transformer.blocks[i].ffn,
         fused=False,
+        path="transformer.blocks.{i}.ffn",
     ),
 }
 

@@ -210,3 +210,62 @@ def test_grouped_mlp_functional_matches_module():
         xs, list(COUNTS), None, m.up_proj, m.up_bias, m.down_proj, m.down_bias, activation="gelu", gated=False
     )
     torch.testing.assert_close(out, m(xs, list(COUNTS)))
+
+
+def _clamped_reference(xs, counts, row_weights, p, alpha, limit, scale_input=False):
+    """GPT-OSS's expert per row, written from its definition in float64: [g, u] = W_in x + b_in,
+    g = min(g, limit), u = clamp(u, -limit, limit), y = W_out (g sigmoid(alpha g) (u + 1)) + b_out;
+    the routing weight scales y (or x, with scale_input)."""
+    out, r = [], 0
+    for e, n in enumerate(counts):
+        for _ in range(n):
+            w = row_weights[r]
+            x = xs[r] * w if scale_input else xs[r]
+            h = p["gate_up_proj"][e] @ x + p["gate_up_bias"][e]
+            gate, up = h[:I].clamp(max=limit), h[I:].clamp(-limit, limit)
+            y = p["down_proj"][e] @ (gate * torch.sigmoid(alpha * gate) * (up + 1)) + p["down_bias"][e]
+            out.append(y if scale_input else w * y)
+            r += 1
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale_input", [False, True])
+def test_clamped_swiglu_experts_match_reference(backend, scale_input):
+    """Forward and backward (inputs, routing weights, every parameter) with both clamps active."""
+    from moelab.nn import ClampedSwiGLU
+
+    m = _experts("swiglu", True, backend)
+    m.clamped, m.scale_input = ClampedSwiGLU(alpha=1.702, limit=0.5), scale_input
+    g = torch.Generator().manual_seed(1)
+    N = sum(COUNTS)
+    xs = (2 * torch.randn(N, D, generator=g)).requires_grad_(True)
+    rw = (torch.rand(N, generator=g) + 0.5).requires_grad_(True)
+    leaves = {n: t.detach().double().requires_grad_(True) for n, t in m.named_parameters()}
+    xr, rwr = f64_leaf(xs), f64_leaf(rw)
+    ys = m(xs, list(COUNTS), rw)
+    ref = _clamped_reference(xr, COUNTS, rwr, leaves, 1.702, 0.5, scale_input)
+    assert_close(ys, ref, what="ys")
+    with torch.no_grad():
+        row_expert = torch.repeat_interleave(torch.arange(E), torch.tensor(COUNTS))
+        x_in = xs * rw[:, None] if scale_input else xs
+        h = torch.einsum("nhd,nd->nh", m.gate_up_proj[row_expert], x_in) + m.gate_up_bias[row_expert]
+    assert (h[:, :I] > 0.5).any() and (h[:, :I] < 0.5).any(), "the gate clamp must matter"
+    assert (h[:, I:].abs() > 0.5).any() and (h[:, I:].abs() < 0.5).any(), "the up clamp too"
+    G = torch.randn(N, D, generator=g, dtype=F64)
+    (ys.double() * G).sum().backward()
+    (ref * G).sum().backward()
+    assert_close(xs.grad, xr.grad, what="grad xs")
+    assert_close(rw.grad, rwr.grad, what="grad row_weights")
+    for name, p in m.named_parameters():
+        assert_close(p.grad, leaves[name].grad, what=f"grad {name}")
+
+
+def test_clamped_swiglu_needs_gated():
+    from moelab.nn import ClampedSwiGLU
+
+    with pytest.raises(ValueError, match="gated activation of \\(gate, up\\); pass gated=True"):
+        grouped_mlp(torch.zeros(1, D), [1], None, torch.zeros(1, I, D), None, torch.zeros(1, D, I), None,
+                    activation=ClampedSwiGLU(), gated=False)
+    with pytest.raises(ValueError, match="limit must be > 0"):
+        ClampedSwiGLU(limit=0)

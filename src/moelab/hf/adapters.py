@@ -114,6 +114,36 @@ def _dbrx(config: Config) -> dict:
     }
 
 
+def _native(config: Config) -> dict:
+    """moelab's own TopKRouter (softmax or sigmoid, groups, aux-loss-free bias as correction bias)."""
+    moe = _native_config(config).moe
+    plain = moe.chain_iterations == 1 and moe.latent_dim is None and moe.reuse_layers == 1
+    if moe.router != "topk" or moe.activation != "swiglu" or not plain:
+        raise CheckpointError(
+            f"this moelab checkpoint has router={moe.router!r}, activation={moe.activation!r}, "
+            f"chain_iterations={moe.chain_iterations}, latent_dim={moe.latent_dim}, reuse_layers="
+            f"{moe.reuse_layers}; views cover plain top-k MoE layers (router='topk', activation='swiglu', "
+            "no chain, latent or reuse) only"
+        )
+    return {
+        "score_func": moe.score_func,
+        "top_k": moe.top_k,
+        "renormalize": True if moe.renormalize is None else moe.renormalize,
+        "route_scale": moe.route_scale,
+        "n_group": moe.n_group,
+        "topk_group": moe.topk_group,
+    }
+
+
+def _native_config(config: Config):
+    from moelab.models.config import ModelConfig  # moelab.models imports moelab.nn, not moelab.hf
+
+    try:
+        return ModelConfig.from_dict(config)
+    except ValueError as err:
+        raise CheckpointError(f"config.json is not a valid moelab ModelConfig: {err}") from None
+
+
 # ----------------------------------------------------------------------------- expert settings
 
 
@@ -145,6 +175,10 @@ def _qwen_sparse_layer(config: Config, i: int) -> bool:
 
 def _deepseek_sparse_layer(default_first_dense: int) -> Callable[[Config, int], bool]:
     return lambda config, i: i >= config_value(config, "first_k_dense_replace", default=default_first_dense)
+
+
+def _native_sparse_layer(config: Config, i: int) -> bool:
+    return _native_config(config).layer_kinds[i] == "moe"
 
 
 def _llama4_sparse_layer(config: Config, i: int) -> bool:
@@ -220,6 +254,32 @@ _GRANITE_SHARED = SharedFusedMLP("shared_mlp.input_linear.weight", "shared_mlp.o
 _QWEN2_SHARED = _shared("mlp.shared_expert", sigmoid_gate="mlp.shared_expert_gate.weight")
 _DEEPSEEK_BIAS = "mlp.gate.e_score_correction_bias"
 
+_NATIVE_FFN = "ffn."
+NATIVE = Family(
+    "moelab",
+    layouts=(
+        Layout(
+            RouterKeys(_NATIVE_FFN + "router.weight", bias=_NATIVE_FFN + "router.bias",
+                       correction_bias=_NATIVE_FFN + "router.expert_bias", optional=True),
+            FusedGateUp(*(f"{_NATIVE_FFN}experts.{name}" for name in
+                          ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias"))),
+            SharedMLP(*(f"{_NATIVE_FFN}shared.{p}_proj.weight" for p in ("gate", "up", "down")),
+                      sigmoid_gate=_NATIVE_FFN + "shared.gate.weight", optional_gate=True),
+        ),
+    ),
+    num_experts=("moe.num_experts",),
+    router_settings=_native,
+    is_moe_layer=_native_sparse_layer,
+    layer_prefix="layers.{n}.",
+    num_layers=("n_layers",),
+    hidden_size=("dim",),
+    expert_width=("moe.hidden_dim",),
+)
+"""moelab's own checkpoints (`moelab.models.save_pretrained`): recognised by a config.json with
+no model_type and a `moe` section."""
+
+_MOE_WIDTH = ("moe_intermediate_size",)
+
 # fmt: off
 _FAMILIES = (
     Family("mixtral", layouts=_w1w3w2_layouts("mlp.gate.weight"),
@@ -227,18 +287,20 @@ _FAMILIES = (
     Family("phimoe", layouts=_w1w3w2_layouts("mlp.router.weight"), num_experts=("num_local_experts",),
            router_settings=_sparsemixer),
     Family("qwen2_moe", layouts=_qwen2_moe_layouts(shared=_QWEN2_SHARED), num_experts=("num_experts",),
-           router_settings=_softmax_norm_topk_prob, is_moe_layer=_qwen_sparse_layer),
+           router_settings=_softmax_norm_topk_prob, is_moe_layer=_qwen_sparse_layer, expert_width=_MOE_WIDTH),
     Family("qwen3_moe", layouts=_qwen2_moe_layouts(), num_experts=("num_experts", "num_local_experts"),
-           router_settings=_softmax_norm_topk_prob, is_moe_layer=_qwen_sparse_layer),
+           router_settings=_softmax_norm_topk_prob, is_moe_layer=_qwen_sparse_layer, expert_width=_MOE_WIDTH),
     Family("olmoe", layouts=_qwen2_moe_layouts(), num_experts=("num_experts", "num_local_experts"),
            router_settings=_softmax_norm_topk_prob),
     Family("deepseek_v2", layouts=_qwen2_moe_layouts(shared=_shared("mlp.shared_experts")),
            num_experts=("n_routed_experts", "num_experts"),
-           router_settings=_deepseek_v2, is_moe_layer=_deepseek_sparse_layer(default_first_dense=0)),
+           router_settings=_deepseek_v2, is_moe_layer=_deepseek_sparse_layer(default_first_dense=0),
+           expert_width=_MOE_WIDTH),
     Family("deepseek_v3",
            layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), correction_bias=_DEEPSEEK_BIAS),
            num_experts=("n_routed_experts", "num_local_experts"),
-           router_settings=_deepseek_v3, is_moe_layer=_deepseek_sparse_layer(default_first_dense=3)),
+           router_settings=_deepseek_v3, is_moe_layer=_deepseek_sparse_layer(default_first_dense=3),
+           expert_width=_MOE_WIDTH),
     Family("gpt_oss",
            layouts=(Layout(RouterKeys("mlp.router.weight", bias="mlp.router.bias"), _GPT_OSS_EXPERTS),),
            num_experts=("num_local_experts", "num_experts"),
@@ -255,20 +317,35 @@ _FAMILIES = (
     Family("dbrx", layouts=(Layout(RouterKeys("ffn.router.layer.weight"), _DBRX_EXPERTS),),
            num_experts=("ffn_config.moe_num_experts",),
            router_settings=_dbrx, expert_settings=_dbrx_experts,
-           layer_prefix="transformer.blocks.{n}.", num_layers=("n_layers",), hidden_size=("d_model",)),
+           layer_prefix="transformer.blocks.{n}.", num_layers=("n_layers",), hidden_size=("d_model",),
+           expert_width=("ffn_config.ffn_hidden_size",)),
 )
 # fmt: on
 FAMILIES: dict[str, Family] = {family.name: family for family in _FAMILIES}
 
 
+def family_of(config: Config, checkpoint: Checkpoint) -> Family | None:
+    """The adapter for this config.json, None if neither a table nor the fallback fits."""
+    if "model_type" not in config and isinstance(config.get("moe"), dict):
+        return NATIVE
+    return FAMILIES.get(config.get("model_type")) or structural_family(config, checkpoint)
+
+
 def open_checkpoint(path: str | os.PathLike) -> ModelView:
     """Open a local transformers checkpoint directory (config.json + safetensors) as a ModelView.
 
-    The adapter is chosen by config.json's model_type; an unknown model_type gets a structural
-    fallback (router and experts found by name and shape) where the checkpoint allows one.
+    The adapter is chosen by config.json's model_type (a moelab checkpoint has none and a `moe`
+    section); an unknown model_type gets a structural fallback (router and experts found by name
+    and shape) where the checkpoint allows one.
     Quantized checkpoints (a `quantization_config`) are refused: their experts are not plain weights.
     Tensors are read later, one layer at a time.
     """
+    config, checkpoint, family = resolve(path)
+    return ModelView(checkpoint, config, family, config_value(config, *family.num_layers))
+
+
+def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
+    """(config.json, lazy checkpoint, adapter) of a local checkpoint directory; see `open_checkpoint`."""
     path = Path(path)
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -283,11 +360,11 @@ def open_checkpoint(path: str | os.PathLike) -> ModelView:
         )
     checkpoint = Checkpoint(path)
     model_type = config.get("model_type")
-    family = FAMILIES.get(model_type) or structural_family(config, checkpoint)
+    family = family_of(config, checkpoint)
     if family is None:
         checkpoint.close()
         raise CheckpointError(
             f"model_type {model_type!r} in {config_path} is not a supported MoE family and no router/experts "
             f"tensors were found by name and shape. Supported families: {', '.join(sorted(FAMILIES))}"
         )
-    return ModelView(checkpoint, config, family, config_value(config, *family.num_layers))
+    return config, checkpoint, family

@@ -52,6 +52,21 @@ class Checkpoint:
         """The shape of tensor `name`, read from its shard's header."""
         return tuple(self._handle(name).get_slice(name).get_shape())
 
+    def shard(self, name: str) -> str:
+        """The file name of the shard that holds tensor `name`."""
+        if name not in self._shard_of:
+            raise CheckpointError(f"tensor {name!r} is not in the checkpoint {self.directory}")
+        return self._shard_of[name]
+
+    def shards(self) -> list[str]:
+        """The shard file names, in order."""
+        return sorted(set(self._shard_of.values()))
+
+    def metadata(self, shard: str) -> dict[str, str]:
+        """The string metadata in a shard's header (transformers writes {"format": "pt"})."""
+        with _safe_open(self.directory / shard) as f:
+            return f.metadata() or {}
+
     def close(self) -> None:
         if self._open is not None:
             self._open[1].__exit__(None, None, None)

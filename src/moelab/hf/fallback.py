@@ -73,6 +73,7 @@ def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
             layer_prefix=stem + "{n}.",
             num_layers=_NUM_LAYERS,
             hidden_size=_HIDDEN,
+            expert_width=("moe_intermediate_size",),
         )
     return None
 

@@ -4,8 +4,9 @@ Shape legend: E experts, D model dim, I expert hidden dim, Is shared-expert hidd
 
 Key patterns are relative to a layer's prefix (e.g. "model.layers.3."); "{e}" stands for the
 expert index. Every decoder turns what it finds into the view's layout: gate/up `[E, I, D]`,
-down `[E, D, I]`. A `Family` holds the patterns and config keys of one model_type (the tables
-are in `moelab.hf.adapters`) and reads one layer at a time.
+down `[E, D, I]`, and back: `keys` lists a layer's on-disk keys and `encode` turns view tensors
+into them (the writer's half). A `Family` holds the patterns and config keys of one model_type
+(the tables are in `moelab.hf.adapters`) and reads one layer at a time.
 """
 
 from __future__ import annotations
@@ -59,15 +60,42 @@ def swiglu(config: Config) -> dict[str, Any]:
 @dataclass(frozen=True)
 class RouterKeys:
     """The router's weight [E, D], and its logit bias [E] / selection-only correction bias [E]
-    where the family has one."""
+    where the family has one. `optional`: the biases are on disk only where a model has them
+    (moelab's own checkpoints); otherwise every named key must be there."""
 
     weight: str
     bias: str | None = None
     correction_bias: str | None = None
+    optional: bool = False
+
+    def _keys(self, ckpt: Checkpoint, prefix: str) -> dict[str, str]:
+        keys = {"weight": self.weight, "bias": self.bias, "correction_bias": self.correction_bias}
+        return {
+            name: key
+            for name, key in keys.items()
+            if key is not None and (name == "weight" or not self.optional or prefix + key in ckpt)
+        }
 
     def read(self, ckpt: Checkpoint, prefix: str) -> dict[str, Tensor]:
+        return {name: ckpt.get(prefix + key) for name, key in self._keys(ckpt, prefix).items()}
+
+    def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
+        return [prefix + key for key in self._keys(ckpt, prefix).values()]
+
+    def encode(self, router: RouterView, prefix: str) -> dict[str, Tensor]:
+        """router -> on-disk tensors; a bias key the view has no tensor for gets zeros."""
+        for name in ("bias", "correction_bias"):
+            if getattr(router, name) is not None and getattr(self, name) is None:
+                raise CheckpointError(
+                    f"the edited router has a {name}, but this family's router has none on disk; "
+                    f"set the view's {name} to None (or fold it away) before writing"
+                )
         keys = {"weight": self.weight, "bias": self.bias, "correction_bias": self.correction_bias}
-        return {name: ckpt.get(prefix + key) for name, key in keys.items() if key is not None}
+        return {
+            prefix + key: _or_zeros(getattr(router, name), router.weight, router.num_experts)
+            for name, key in keys.items()
+            if key is not None and (not self.optional or getattr(router, name) is not None)
+        }
 
 
 # ----------------------------------------------------------------------------- routed experts
@@ -97,21 +125,61 @@ class PerExpert:
             for name, pattern in (("gate", self.gate), ("up", self.up), ("down", self.down))
         }
 
+    def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
+        return [
+            prefix + pattern.format(e=e)
+            for pattern in (self.gate, self.up, self.down)
+            for e in expert_indices(ckpt, prefix + pattern)
+        ]
+
+    def encode(self, experts: ExpertsView, prefix: str) -> dict[str, Tensor]:
+        _no_biases(experts, "per-expert")
+        return {
+            prefix + pattern.format(e=e): t.clone()  # clone: safetensors refuses views of one storage
+            for pattern, stacked in zip((self.gate, self.up, self.down), (experts.gate, experts.up, experts.down))
+            for e, t in enumerate(stacked)
+        }
+
 
 @dataclass(frozen=True)
 class FusedGateUp:
-    """transformers' in-memory layout (`save_original_format=False`; Granite on disk):
-    gate_up: [E, 2I, D], gate rows first; down: [E, D, I]."""
+    """transformers' in-memory layout (`save_original_format=False`; Granite on disk; moelab's
+    own): gate_up: [E, 2I, D], gate rows first; down: [E, D, I]; optional gate_up_bias [E, 2I]
+    (split the same way) and down_bias [E, D], where present on disk."""
 
     gate_up: str
     down: str
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
 
     def present(self, ckpt: Checkpoint, prefix: str) -> bool:
         return prefix + self.gate_up in ckpt
 
     def read(self, ckpt: Checkpoint, prefix: str, config: Config) -> dict[str, Tensor]:
         gate, up = _halves(ckpt.get(prefix + self.gate_up), dim=1, interleaved=False)
-        return {"gate": gate, "up": up, "down": ckpt.get(prefix + self.down)}
+        out = {"gate": gate, "up": up, "down": ckpt.get(prefix + self.down)}
+        if self.gate_up_bias is not None and prefix + self.gate_up_bias in ckpt:
+            out["gate_bias"], out["up_bias"] = _halves(ckpt.get(prefix + self.gate_up_bias), 1, False)
+        if self.down_bias is not None and prefix + self.down_bias in ckpt:
+            out["down_bias"] = ckpt.get(prefix + self.down_bias)
+        return out
+
+    def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
+        names = (self.gate_up, self.down, self.gate_up_bias, self.down_bias)
+        return [prefix + name for name in names if name is not None and prefix + name in ckpt]
+
+    def encode(self, experts: ExpertsView, prefix: str) -> dict[str, Tensor]:
+        out = {
+            prefix + self.gate_up: torch.cat([experts.gate, experts.up], dim=1),
+            prefix + self.down: experts.down.contiguous(),
+        }
+        if _has_bias(experts):
+            if self.gate_up_bias is None:
+                _no_biases(experts, "fused")
+            gate_bias, up_bias, down_bias = _biases(experts)
+            out[prefix + self.gate_up_bias] = torch.cat([gate_bias, up_bias], dim=1)
+            out[prefix + self.down_bias] = down_bias
+        return out
 
 
 @dataclass(frozen=True)
@@ -144,6 +212,21 @@ class TransposedGateUp:
             out["down_bias"] = ckpt.get(prefix + self.down_bias)
         return out
 
+    def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
+        names = (self.gate_up, self.down, self.gate_up_bias, self.down_bias)
+        return [prefix + name for name in names if name is not None]
+
+    def encode(self, experts: ExpertsView, prefix: str) -> dict[str, Tensor]:
+        gate_up = _join(experts.gate.transpose(1, 2), experts.up.transpose(1, 2), self.interleaved)
+        out = {prefix + self.gate_up: gate_up, prefix + self.down: experts.down.transpose(1, 2).contiguous()}
+        if self.gate_up_bias is None and self.down_bias is None:
+            _no_biases(experts, "transposed")
+            return out
+        gate_bias, up_bias, down_bias = _biases(experts)
+        out[prefix + self.gate_up_bias] = _join(gate_bias, up_bias, self.interleaved)
+        out[prefix + self.down_bias] = down_bias
+        return out
+
 
 @dataclass(frozen=True)
 class FlatExperts:
@@ -172,6 +255,18 @@ class FlatExperts:
         out["down"] = out["down"].transpose(1, 2)
         return out
 
+    def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
+        return [prefix + name for name in (self.gate, self.up, self.down)]
+
+    def encode(self, experts: ExpertsView, prefix: str) -> dict[str, Tensor]:
+        _no_biases(experts, "flattened")
+        E, I, D = experts.gate.shape
+        return {
+            prefix + self.gate: experts.gate.reshape(E * I, D).clone(),
+            prefix + self.up: experts.up.reshape(E * I, D).clone(),
+            prefix + self.down: experts.down.transpose(1, 2).reshape(E * I, D).clone(),
+        }
+
 
 ExpertsLayout = PerExpert | FusedGateUp | TransposedGateUp | FlatExperts
 
@@ -181,19 +276,34 @@ ExpertsLayout = PerExpert | FusedGateUp | TransposedGateUp | FlatExperts
 
 @dataclass(frozen=True)
 class SharedMLP:
-    """gate, up: [Is, D]; down: [D, Is]; optional sigmoid_gate: [1, D] (Qwen2-MoE)."""
+    """gate, up: [Is, D]; down: [D, Is]; optional sigmoid_gate: [1, D] (Qwen2-MoE; on disk only
+    where a model has one if `optional_gate`, as in moelab's own checkpoints)."""
 
     gate: str
     up: str
     down: str
     sigmoid_gate: str | None = None
+    optional_gate: bool = False
 
     def present(self, ckpt: Checkpoint, prefix: str) -> bool:
         return prefix + self.gate in ckpt
 
     def read(self, ckpt: Checkpoint, prefix: str) -> dict[str, Tensor]:
-        keys = {"gate": self.gate, "up": self.up, "down": self.down, "sigmoid_gate": self.sigmoid_gate}
-        return {name: ckpt.get(prefix + key) for name, key in keys.items() if key is not None}
+        keys = (("gate", self.gate), ("up", self.up), ("down", self.down))
+        out = {name: ckpt.get(prefix + key) for name, key in keys}
+        if self.sigmoid_gate is not None and (not self.optional_gate or prefix + self.sigmoid_gate in ckpt):
+            out["sigmoid_gate"] = ckpt.get(prefix + self.sigmoid_gate)
+        return out
+
+    def encode(self, shared: SharedView, prefix: str) -> dict[str, Tensor]:
+        out = {prefix + self.gate: shared.gate, prefix + self.up: shared.up, prefix + self.down: shared.down}
+        if shared.sigmoid_gate is not None:
+            if self.sigmoid_gate is None:
+                raise CheckpointError("the shared experts have a sigmoid gate, but this family's have none")
+            out[prefix + self.sigmoid_gate] = shared.sigmoid_gate
+        elif self.sigmoid_gate is not None and not self.optional_gate:
+            raise CheckpointError("this family's shared experts have a sigmoid gate; the view has none")
+        return {key: t.contiguous() for key, t in out.items()}
 
 
 @dataclass(frozen=True)
@@ -234,6 +344,8 @@ class Family:
     is_moe_layer(config, i): whether the config makes layer i sparse (checked against the
         checkpoint); None: layers with a router on disk are sparse (the structural fallback).
     expert_settings(config): the ExpertsView fields besides tensors (activation, ...).
+    expert_width: config keys for the routed experts' hidden width I (what the writer edits
+        when experts get narrower).
     """
 
     name: str
@@ -245,10 +357,16 @@ class Family:
     layer_prefix: str = "model.layers.{n}."
     num_layers: tuple[str, ...] = ("num_hidden_layers",)
     hidden_size: tuple[str, ...] = ("hidden_size",)
+    expert_width: tuple[str, ...] = ("intermediate_size",)
+
+    def layout_of(self, ckpt: Checkpoint, index: int) -> Layout | None:
+        """The layout layer `index`'s experts are stored in, None if it has no experts."""
+        prefix = self.layer_prefix.format(n=index)
+        return next((lay for lay in self.layouts if lay.experts.present(ckpt, prefix)), None)
 
     def read_layer(self, ckpt: Checkpoint, config: Config, index: int) -> LayerView:
         prefix = self.layer_prefix.format(n=index)
-        layout = next((lay for lay in self.layouts if lay.experts.present(ckpt, prefix)), None)
+        layout = self.layout_of(ckpt, index)
         routers = [prefix + lay.router.weight for lay in self.layouts]
         sparse_on_disk = layout is not None or any(key in ckpt for key in routers)
         sparse = sparse_on_disk if self.is_moe_layer is None else self.is_moe_layer(config, index)
@@ -324,6 +442,39 @@ def _stack(ckpt: Checkpoint, keys: list[str]) -> Tensor:
                 f"{list(tensors[0].shape)}; every expert of a layer must have the same shape"
             )
     return torch.stack(tensors)
+
+
+def _join(gate: Tensor, up: Tensor, interleaved: bool) -> Tensor:
+    """The inverse of `_halves` along the last dim: alternate gate/up entries, or gate then up."""
+    if interleaved:
+        return torch.stack([gate, up], dim=-1).flatten(-2)
+    return torch.cat([gate, up], dim=-1)
+
+
+def _has_bias(experts: ExpertsView) -> bool:
+    return any(b is not None for b in (experts.gate_bias, experts.up_bias, experts.down_bias))
+
+
+def _biases(experts: ExpertsView) -> tuple[Tensor, Tensor, Tensor]:
+    """(gate_bias [E, I], up_bias [E, I], down_bias [E, D]), zeros where the view has none."""
+    E, I, D = experts.gate.shape
+    return (
+        _or_zeros(experts.gate_bias, experts.gate, E, I),
+        _or_zeros(experts.up_bias, experts.gate, E, I),
+        _or_zeros(experts.down_bias, experts.gate, E, D),
+    )
+
+
+def _or_zeros(t: Tensor | None, like: Tensor, *shape: int) -> Tensor:
+    return like.new_zeros(shape) if t is None else t.contiguous()
+
+
+def _no_biases(experts: ExpertsView, layout: str) -> None:
+    if _has_bias(experts):
+        raise CheckpointError(
+            f"the edited experts have biases, but this family's {layout} on-disk layout has no expert "
+            "biases; drop the biases (fold them into the weights) or write to a family that has them"
+        )
 
 
 def _halves(t: Tensor, dim: int, interleaved: bool) -> tuple[Tensor, Tensor]:

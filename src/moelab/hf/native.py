@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moelab.hf.variants import ClampedSwiGLUExperts, InputScaledSwiGLUExperts, SparseMixerRouter
 from moelab.hf.view import ExpertsView, MoELayerView, RouterView, SharedView
 from moelab.nn.experts import Experts, SharedExperts, SwiGLUExperts
+from moelab.nn.grouped import ClampedSwiGLU
 from moelab.nn.moe import MoELayer
 from moelab.nn.routers import Router, TopKRouter
+from moelab.nn.sparsemixer import SparseMixerRouter
 
 
 def moe_layer_from_view(layer: MoELayerView) -> MoELayer:
@@ -51,11 +52,12 @@ def _router(view: RouterView) -> Router:
 def _experts(view: ExpertsView) -> Experts:
     E, I, D = view.gate.shape
     bias = any(b is not None for b in (view.gate_bias, view.up_bias, view.down_bias))
-    if view.activation == "clamped_swiglu":
-        if view.scale_input:
-            raise ValueError("clamped_swiglu experts with input-scaled routing weights are not supported")
-        return ClampedSwiGLUExperts(E, D, I, alpha=view.swiglu_alpha, limit=view.swiglu_limit, bias=bias)
-    return (InputScaledSwiGLUExperts if view.scale_input else SwiGLUExperts)(E, D, I, bias=bias)
+    clamped = (
+        ClampedSwiGLU(alpha=view.swiglu_alpha, limit=view.swiglu_limit)
+        if view.activation == "clamped_swiglu"
+        else None
+    )
+    return SwiGLUExperts(E, D, I, bias=bias, clamped=clamped, scale_input=view.scale_input)
 
 
 def _shared(view: SharedView | None) -> SharedExperts | None:

@@ -18,9 +18,9 @@ import yaml
 
 from moelab.io import atomic_write_text
 from moelab.validation import did_you_mean
-from moelab.nn import MoEConfig
+from moelab.nn import MoEConfig, UoEConfig
 
-LAYER_TYPES = ("dense", "moe")
+LAYER_TYPES = ("dense", "moe", "uoe")
 
 
 @dataclass(kw_only=True)
@@ -38,17 +38,36 @@ class ModelConfig:
         up to a multiple of 64.
     moe: the MoE layer (its `dim` must equal `dim`; in a config file it may be left out and is
         inherited). None makes every layer dense.
-    Which layers are MoE (0-based layer i), when `moe` is set:
-        layer_types: an explicit list of "dense"/"moe", one per layer; overrides the two below.
+    uoe: Union-of-Experts (`moelab.nn.uoe.UoEConfig`): a "uoe" layer replaces the attention by
+        selective multi-head attention (heads as experts; needs n_kv_heads == n_heads) and the
+        dense FFN by its tensor-parallel slices as routed experts.
+
+    Architectures are config options. Each layer has a kind: "dense", "moe" (an FFN built from
+    `moe`) or "uoe". The `moe` section selects the rest:
+        plain top-k, DeepSeekMoE (many narrow experts + num_shared), aux-loss-free balancing
+        (aux_free_bias, sigmoid scores, groups): router="topk" and its fields;
+        dynamic top-p with its entropy loss: router="topp", entropy_coef;
+        expert choice: router="expert_choice" (non-causal: needs allow_noncausal_routing);
+        BlockFFN: router="relu", activation="silu", locality_coef, chunk_sparsity_coef (TLS and
+            CLS come back in ModelOutput.metrics);
+        Chain-of-Experts: chain_iterations = C (residual_from_norm = the reference's block);
+        graph-of-tokens routing: router="graph_sim" or "graph_attn";
+        Mixture of Latent Experts: latent_dim; ReXMoE: reuse_layers (the number of MoE layers
+            must be a multiple of it).
+    Which layers are sparse (0-based layer i), when `moe` or `uoe` is set:
+        layer_types: an explicit list of "dense"/"moe"/"uoe", one per layer; overrides the two
+            below (and is required when both moe and uoe are set).
         first_k_dense: the first k layers are dense (DeepSeek's `first_k_dense_replace`).
         moe_every: from layer first_k_dense on, every n-th layer is MoE, counting from that layer:
             i >= first_k_dense and (i - first_k_dense) % moe_every == 0 (Dynamic-MoE's
-            `expert_frequency`: moe_every=2 puts MoE in layers 0, 2, 4, ...).
+            `expert_frequency`: moe_every=2 puts MoE in layers 0, 2, 4, ...). These layers are
+            "moe" if `moe` is set, else "uoe".
     tie_embeddings: the LM head shares the token embedding's weight.
     init_std: std of every weight matrix at init (the output projections o_proj and down_proj get
         init_std / sqrt(2 L), as GPT-2 does); norms start at 1 and biases at 0.
-    allow_noncausal_routing: let a model whose router sees other tokens (expert choice) run as a
-        causal LM anyway, although position t then depends on later tokens.
+    allow_noncausal_routing: let a model whose router sees other tokens (expert choice, capacity
+        dropping, UoE's reference selection) run as a causal LM anyway, although position t then
+        depends on later tokens.
     """
 
     vocab_size: int
@@ -61,6 +80,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dense_hidden_dim: int | None = None
     moe: MoEConfig | None = None
+    uoe: UoEConfig | None = None
     layer_types: list[str] | None = None
     first_k_dense: int = 0
     moe_every: int = 1
@@ -102,25 +122,54 @@ class ModelConfig:
                 f"MoEConfig(dim={self.dim}, ...), or leave dim out of the moe section of a config file"
             )
         self._check_layer_pattern()
+        self._check_architectures()
+
+    def _check_architectures(self) -> None:
+        kinds = self.layer_kinds
+        if self.uoe is not None and "uoe" in kinds:
+            if self.n_kv_heads != self.n_heads:
+                raise ValueError(
+                    f"UoE layers treat each attention head as an expert with its own keys and values; set "
+                    f"n_kv_heads ({self.n_kv_heads}) equal to n_heads ({self.n_heads}) or leave it out"
+                )
+            try:
+                self.uoe.check_heads(self.n_heads)
+            except ValueError as err:
+                raise ValueError(f"ModelConfig.uoe: {err} (n_heads={self.n_heads})") from None
+            if self.dense_hidden_dim % self.uoe.mlp_experts:
+                raise ValueError(
+                    f"ModelConfig.dense_hidden_dim ({self.dense_hidden_dim}) must be divisible by uoe.mlp_experts "
+                    f"({self.uoe.mlp_experts}): each UoE MLP expert is an equal slice of the dense FFN"
+                )
+        n_moe = kinds.count("moe")
+        if self.moe is not None and n_moe and n_moe % self.moe.reuse_layers:
+            raise ValueError(
+                f"ModelConfig.moe.reuse_layers ({self.moe.reuse_layers}) must divide the number of MoE layers "
+                f"({n_moe}): ReXMoE groups consecutive MoE layers"
+            )
 
     def _check_layer_pattern(self) -> None:
         if self.layer_types is not None:
             if len(self.layer_types) != self.n_layers:
                 raise ValueError(
                     f"ModelConfig.layer_types has {len(self.layer_types)} entries but n_layers is "
-                    f"{self.n_layers}; give one 'dense' or 'moe' per layer"
+                    f"{self.n_layers}; give one 'dense', 'moe' or 'uoe' per layer"
                 )
             for kind in self.layer_types:
                 if kind not in LAYER_TYPES:
                     raise ValueError(
                         f"ModelConfig.layer_types: unknown kind {kind!r}{did_you_mean(kind, LAYER_TYPES)}; "
-                        "each entry is 'dense' or 'moe'"
+                        "each entry is 'dense', 'moe' or 'uoe'"
                     )
-            if "moe" in self.layer_types and self.moe is None:
-                raise ValueError(
-                    "ModelConfig.layer_types has 'moe' layers but moe is None; set moe=MoEConfig(...)"
-                )
-        elif self.first_k_dense < 0 or (self.moe is not None and self.first_k_dense >= self.n_layers):
+            for kind in ("moe", "uoe"):
+                if kind in self.layer_types and getattr(self, kind) is None:
+                    config = "MoEConfig" if kind == "moe" else "UoEConfig"
+                    raise ValueError(
+                        f"ModelConfig.layer_types has {kind!r} layers but {kind} is None; set {kind}={config}(...)"
+                    )
+        elif self.moe is not None and self.uoe is not None:
+            raise ValueError("ModelConfig has both moe and uoe; set layer_types to say which layers are which")
+        elif self.first_k_dense < 0 or (self.sparse_kind != "dense" and self.first_k_dense >= self.n_layers):
             raise ValueError(
                 f"ModelConfig.first_k_dense ({self.first_k_dense}) must lie in [0, n_layers={self.n_layers}) "
                 f"so that some layer is MoE; for a dense model set moe=None"
@@ -131,14 +180,17 @@ class ModelConfig:
         return self.dim // self.n_heads
 
     @property
+    def sparse_kind(self) -> str:
+        """The kind first_k_dense/moe_every place: "moe" if moe is set, else "uoe" if uoe is, else "dense"."""
+        return "moe" if self.moe is not None else "uoe" if self.uoe is not None else "dense"
+
+    @property
     def layer_kinds(self) -> list[str]:
-        """The kind of each layer, in order: "dense" or "moe"."""
+        """The kind of each layer, in order: "dense", "moe" or "uoe"."""
         if self.layer_types is not None:
             return list(self.layer_types)
-        if self.moe is None:
-            return ["dense"] * self.n_layers
-        k, n = self.first_k_dense, self.moe_every
-        return ["moe" if i >= k and (i - k) % n == 0 else "dense" for i in range(self.n_layers)]
+        k, n, sparse = self.first_k_dense, self.moe_every, self.sparse_kind
+        return [sparse if i >= k and (i - k) % n == 0 else "dense" for i in range(self.n_layers)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,6 +213,11 @@ class ModelConfig:
                 data["moe"] = MoEConfig.from_dict(moe)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"ModelConfig.moe: {err}") from None
+        if isinstance(data.get("uoe"), dict):
+            try:
+                data["uoe"] = UoEConfig.from_dict(data["uoe"])
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"ModelConfig.uoe: {err}") from None
         try:
             return cls(**data)
         except TypeError as err:  # a required field is missing

@@ -1,8 +1,9 @@
 """Checkpoints of `MoETransformer`: a directory with `model.safetensors` and `config.json`.
 
 The state dict is saved as is (persistent buffers such as the aux-loss-free `expert_bias`
-included), except that a tied LM head is stored once, as `embed.weight`. Tensors are read with
-safetensors only, never pickle.
+included), except that a tensor shared by several modules is stored once, under its first name:
+a tied LM head as `embed.weight`, a ReXMoE expert pool under its group's first layer. Tensors
+are read with safetensors only, never pickle.
 """
 
 from __future__ import annotations
@@ -21,7 +22,18 @@ from moelab.models.transformer import MoETransformer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-TIED_KEY = "lm_head.weight"
+
+
+def shared_aliases(model: MoETransformer) -> set[str]:
+    """State-dict names whose tensor is the same object as an earlier name's (tied LM head,
+    ReXMoE expert pools); they are not stored."""
+    seen: set[int] = set()
+    aliases = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            aliases.add(name)
+        seen.add(id(tensor))
+    return aliases
 
 
 def save_pretrained(model: MoETransformer, directory: str | os.PathLike) -> Path:
@@ -63,18 +75,15 @@ def load_pretrained(directory: str | os.PathLike, *, device: torch.device | str 
 
 
 def _tensors_to_save(model: MoETransformer) -> dict[str, Tensor]:
-    state = model.state_dict()
-    if model.config.tie_embeddings:
-        del state[TIED_KEY]  # the same tensor as embed.weight; safetensors refuses shared storage
-    return {name: t.contiguous() for name, t in state.items()}
+    aliases = shared_aliases(model)  # safetensors refuses shared storage
+    return {name: t.contiguous() for name, t in model.state_dict().items() if name not in aliases}
 
 
 def load_state(model: MoETransformer, tensors: dict[str, Tensor]) -> None:
     """Copy `tensors` (a state dict as `save_pretrained` stores it) into `model`, or raise a
     ValueError listing every missing, unexpected and wrongly shaped key."""
-    expected = {name: t.shape for name, t in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        del expected[TIED_KEY]
+    aliases = shared_aliases(model)
+    expected = {name: t.shape for name, t in model.state_dict().items() if name not in aliases}
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
     mismatched = [

@@ -7,19 +7,27 @@ D model dim, H query heads, G key/value heads, Dh head dim, V vocabulary, L laye
     for each block:  x = x + attn(norm(x))            # causal GQA attention with RoPE
                      x = x + ffn(norm(x))             # dense SwiGLU, or an MoE layer
     logits = lm_head(norm(x))                          # [B, S, V]
+
+A "uoe" block uses selective multi-head attention and the dense FFN's slices as experts
+(`moelab.nn.uoe`). Blocks whose routing looks at other tokens of the sequence (graph-of-tokens
+routers, UoE) cannot decode from a KV cache; `generate` recomputes the prefix for them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.models.config import ModelConfig
-from moelab.nn import MoELayer, MoEResult, SwiGLU, build_moe
+from moelab.nn import ChainOfExperts, MoELayer, MoEResult, SelectiveAttention, SwiGLU, SwiGLUExperts, build_moe
+from moelab.nn.config import build_experts
+from moelab.nn.experts import Experts
+from moelab.nn.moe import mean_by_name, sum_by_name
+from moelab.nn.rope import apply_rope, rope_tables
 
 
 @dataclass
@@ -31,7 +39,11 @@ class ModelOutput:
     aux_loss: [] the MoE layers' weighted auxiliary losses, summed (0 for a dense model); train on
         loss + aux_loss.
     aux_losses: each auxiliary loss by name ("balance", "z", "entropy", ...), summed over layers.
-    moe_results: each MoE layer's `MoEResult` (load, experts per token, routing trace) by layer index.
+    moe_results: each MoE layer's `MoEResult` (load, experts per token, routing trace) by layer index
+        (for a "uoe" layer: its MLP experts).
+    attn_results: each "uoe" layer's selective attention `MoEResult` (heads are its experts).
+    metrics: detached scalars averaged over the layers that report them: "experts_per_token" (MoE
+        FFNs), and BlockFFN's "tls" and "cls" for routers with a variable number of experts.
     """
 
     logits: Tensor
@@ -39,6 +51,8 @@ class ModelOutput:
     aux_loss: Tensor
     aux_losses: dict[str, Tensor]
     moe_results: dict[int, MoEResult]
+    attn_results: dict[int, MoEResult] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
 class KVCache:
@@ -81,21 +95,6 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin: [max_len, Dh] in the rotate-half layout (dimension i pairs with i + Dh/2, as in
-    transformers' Llama), computed in float64."""
-    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), freqs)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [B, heads, S, Dh]; cos, sin: [S, Dh] -> x rotated by its positions' angles."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 class Attention(nn.Module):
     """Causal grouped-query self-attention with RoPE: H query heads share G key/value heads."""
 
@@ -116,9 +115,10 @@ class Attention(nn.Module):
         kv_cache: KVCache | None,
         start_pos: int,
         mask: Tensor | None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """x: [B, S, D]; cos, sin: [S, Dh]; mask: [S, P] (True = attend) or None for causal
-        attention over these S positions -> [B, S, D]"""
+        attention over these S positions -> ([B, S, D], {"q": [B, H, S, Dh], "k": [B, G, P, Dh]},
+        the rotated queries and keys, which attention-aware routing reuses)"""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Dh]
@@ -127,20 +127,52 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, start_pos, k, v)  # [B, G, P, Dh]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1)), {"q": q, "k": k}
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then + ffn(norm(x)); the FFN is an `MoELayer` or a dense `SwiGLU` MLP."""
+    """x + attn(norm(x)), then + ffn(norm(x)). kind "dense": a `SwiGLU` FFN; "moe": an `MoELayer`
+    or `ChainOfExperts` (experts: a ReXMoE pool shared with other blocks); "uoe": selective
+    attention and the dense FFN's slices as routed experts."""
 
-    def __init__(self, config: ModelConfig, layer_id: int, kind: str):
+    def __init__(
+        self, config: ModelConfig, layer_id: int, kind: str, experts: Experts | None = None, reuse_position: int = 0
+    ):
         super().__init__()
+        self.kind = kind
         self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.attn = Attention(config, layer_id)
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.ffn = (
-            build_moe(config.moe) if kind == "moe" else SwiGLU(config.dim, config.dense_hidden_dim)
-        )
+        if kind == "uoe":
+            uoe, E = config.uoe, config.uoe.mlp_experts
+            self.attn = SelectiveAttention(config.dim, config.n_heads, uoe)
+            experts = SwiGLUExperts(E, config.dim, config.dense_hidden_dim // E)
+            self.ffn = MoELayer(uoe.router(config.dim, E, "mlp"), experts, balance_coef=uoe.balance_coef)
+        else:
+            self.attn = Attention(config, layer_id)
+            self.ffn = (
+                build_moe(config.moe, experts=experts, reuse_position=reuse_position)
+                if kind == "moe"
+                else SwiGLU(config.dim, config.dense_hidden_dim)
+            )
+        self.residual_from_norm = kind == "moe" and config.moe.residual_from_norm
+
+    @property
+    def moe(self) -> MoELayer | None:
+        """The block's MoE layer (a chain's shared layer), or None for a dense FFN."""
+        if isinstance(self.ffn, ChainOfExperts):
+            return self.ffn.layer
+        return self.ffn if isinstance(self.ffn, MoELayer) else None
+
+    @property
+    def causal(self) -> bool:
+        """Whether position t's output depends on positions <= t only."""
+        routed = [m for m in (self.moe, self.attn) if hasattr(m, "causal")]
+        return all(m.causal for m in routed)
+
+    @property
+    def needs_sequences(self) -> bool:
+        """Whether routing looks at other tokens of the sequence (then no KV-cache decoding)."""
+        return self.kind == "uoe" or (self.moe is not None and self.moe.router.needs_sequences)
 
     def forward(
         self,
@@ -150,14 +182,20 @@ class Block(nn.Module):
         kv_cache: KVCache | None,
         start_pos: int,
         mask: Tensor | None,
-    ) -> tuple[Tensor, MoEResult | None]:
-        """x: [B, S, D] -> ([B, S, D], the MoE layer's result or None for a dense FFN)"""
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache, start_pos, mask)
+    ) -> tuple[Tensor, MoEResult | None, MoEResult | None]:
+        """x: [B, S, D] -> ([B, S, D], the FFN's MoEResult or None, the attention's or None)"""
+        attn_result = None
+        if self.kind == "uoe":
+            a, attn_result = self.attn(self.attn_norm(x), cos, sin)
+            context = {}
+        else:
+            a, context = self.attn(self.attn_norm(x), cos, sin, kv_cache, start_pos, mask)
+        x = x + a
         h = self.ffn_norm(x)
-        if isinstance(self.ffn, MoELayer):
-            y, result = self.ffn(h)
-            return x + y, result
-        return x + self.ffn(h), None
+        if isinstance(self.ffn, SwiGLU):
+            return x + self.ffn(h), None, None
+        y, result = self.ffn(h, context=context)
+        return (h if self.residual_from_norm else x) + y, result, attn_result
 
 
 class MoETransformer(nn.Module):
@@ -167,7 +205,7 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config, i, kind) for i, kind in enumerate(config.layer_kinds))
+        self.layers = nn.ModuleList(self._blocks(config))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -177,21 +215,43 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
 
+    @staticmethod
+    def _blocks(config: ModelConfig) -> list[Block]:
+        """One block per layer; ReXMoE groups of `reuse_layers` consecutive MoE layers share one
+        pool of reuse_layers * num_experts experts (one module, so one set of weights)."""
+        blocks, n_moe = [], 0
+        reuse = config.moe.reuse_layers if config.moe is not None else 1
+        pool = None
+        for i, kind in enumerate(config.layer_kinds):
+            position = n_moe % reuse
+            if kind == "moe" and reuse > 1 and position == 0:
+                pool = build_experts(config.moe, config.moe.num_router_experts)
+            blocks.append(Block(config, i, kind, pool if reuse > 1 else None, position))
+            n_moe += kind == "moe"
+        return blocks
+
     def _init_weights(self) -> None:
         """Every weight matrix ~ N(0, init_std); output projections (o_proj, down_proj) ~
-        N(0, init_std / sqrt(2L)) (GPT-2). Norm gains, router gains and biases keep their init."""
+        N(0, init_std / sqrt(2L)) (GPT-2). Norm gains, router gains, biases and the graph
+        router's similarity (identity) keep their init."""
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() < 2 or "bias" in name.rsplit(".", 1)[-1]:
+            if p.dim() < 2 or "bias" in name.rsplit(".", 1)[-1] or name.endswith("similarity.weight"):
                 continue
             is_output = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
             nn.init.normal_(p, std=out_std if is_output else std)
 
     @property
     def moe_layers(self) -> dict[int, MoELayer]:
-        """The MoE layers by layer index (set `.trace = True` on one to record its routing)."""
-        return {i: block.ffn for i, block in enumerate(self.layers) if isinstance(block.ffn, MoELayer)}
+        """The MoE layers by layer index (set `.trace = True` on one to record its routing); for a
+        Chain-of-Experts block, the layer its iterations share."""
+        return {i: block.moe for i, block in enumerate(self.layers) if block.moe is not None}
+
+    @property
+    def needs_sequences(self) -> bool:
+        """Whether some block routes over whole sequences, so decoding cannot use a KV cache."""
+        return any(block.needs_sequences for block in self.layers)
 
     def forward(
         self,
@@ -205,6 +265,11 @@ class MoETransformer(nn.Module):
         next-token ids (-100 = ignore). With a `kv_cache`, attends to the cached positions too."""
         self._check_routing_is_causal()
         B, S = self._check_inputs(input_ids, targets, kv_cache, start_pos)
+        if kv_cache is not None and self.needs_sequences:
+            raise ValueError(
+                "this model's routing looks at whole sequences (graph-of-tokens or UoE layers), so it cannot "
+                "decode from a KV cache; call it on the full sequence (generate() does so by itself)"
+            )
         cos = self.rope_cos[start_pos : start_pos + S]
         sin = self.rope_sin[start_pos : start_pos + S]
         mask = None  # is_causal: enough unless earlier positions sit in the cache
@@ -212,34 +277,35 @@ class MoETransformer(nn.Module):
             positions = torch.arange(start_pos + S, device=input_ids.device)
             mask = positions <= positions[start_pos:, None]  # [S, P]
         x = self.embed(input_ids)
-        moe_results = {}
+        moe_results, attn_results = {}, {}
         for i, layer in enumerate(self.layers):
-            x, result = layer(x, cos, sin, kv_cache, start_pos, mask)
+            x, result, attn_result = layer(x, cos, sin, kv_cache, start_pos, mask)
             if result is not None:
                 moe_results[i] = result
+            if attn_result is not None:
+                attn_results[i] = attn_result
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        aux_losses: dict[str, Tensor] = {}
-        for result in moe_results.values():
-            for name, value in result.losses.items():
-                aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
+        results = [*moe_results.values(), *attn_results.values()]
+        aux_losses = sum_by_name([r.losses for r in results])
         aux_loss = torch.stack(list(aux_losses.values())).sum() if aux_losses else logits.new_zeros(())
-        return ModelOutput(logits, loss, aux_loss, aux_losses, moe_results)
+        metrics = mean_by_name(
+            [{"experts_per_token": r.experts_per_token.detach(), **r.metrics} for r in moe_results.values()]
+        )
+        return ModelOutput(logits, loss, aux_loss, aux_losses, moe_results, attn_results, metrics)
 
     def _check_routing_is_causal(self) -> None:
         if self.config.allow_noncausal_routing:
             return
-        leaky = {i: layer for i, layer in self.moe_layers.items() if not layer.causal}
+        leaky = {i: block for i, block in enumerate(self.layers) if not block.causal}
         if leaky:
-            kinds = ", ".join(
-                sorted({type(layer.router).__name__ if not layer.router.causal else "capacity dropping" for layer in leaky.values()})
-            )
+            kinds = ", ".join(sorted({_leak_name(block) for block in leaky.values()}))
             raise ValueError(
                 f"MoE layers {sorted(leaky)} route non-causally ({kinds}): a token's output depends on other "
                 "tokens, later ones included, so a causal language model would see the future. Use "
-                "router='topk', 'topp' or 'relu' without capacity_factor, or set "
+                "router='topk', 'topp' or 'relu' without capacity_factor (or UoE selection='causal'), or set "
                 "ModelConfig.allow_noncausal_routing=True to accept the leak"
             )
 
@@ -290,13 +356,16 @@ class MoETransformer(nn.Module):
             )
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        cache = KVCache(
-            self.config, B, S + max_new_tokens, device=input_ids.device, dtype=self.embed.weight.dtype
-        )
+        cache = None
+        if not self.needs_sequences:  # else recompute the whole prefix at every step
+            cache = KVCache(self.config, B, S + max_new_tokens, device=input_ids.device, dtype=self.embed.weight.dtype)
         tokens, step_ids, pos = input_ids, input_ids, 0
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            logits = self(step_ids, kv_cache=cache, start_pos=pos).logits[:, -1]
+            if cache is None:
+                logits = self(tokens).logits[:, -1]
+            else:
+                logits = self(step_ids, kv_cache=cache, start_pos=pos).logits[:, -1]
             pos += step_ids.shape[1]
             next_ids = sample_next_token(
                 logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
@@ -309,6 +378,14 @@ class MoETransformer(nn.Module):
             if eos_token_id is not None and done.all():
                 break
         return tokens
+
+
+def _leak_name(block: Block) -> str:
+    """Why a block is non-causal, for the error message."""
+    if block.kind == "uoe":
+        return "UoE reference selection"
+    router = block.moe.router
+    return type(router).__name__ if not router.causal else "capacity dropping"
 
 
 def sample_next_token(

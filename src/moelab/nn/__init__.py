@@ -1,11 +1,16 @@
 """MoE building blocks: routers, stacked experts, dispatch, auxiliary losses and the layer."""
 
+from moelab.nn.chain import ChainOfExperts
 from moelab.nn.config import MoEConfig, build_moe
 from moelab.nn.dispatch import DispatchPlan, ExpertBatch, LocalDispatcher, plan_dispatch
 from moelab.nn.experts import MLPExperts, SharedExperts, SwiGLU, SwiGLUExperts
-from moelab.nn.grouped import grouped_mlp
+from moelab.nn.graph_routing import AttentionRouter, SimilarityRouter
+from moelab.nn.grouped import ClampedSwiGLU, grouped_mlp
+from moelab.nn.latent import LatentProjection
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
 from moelab.nn.moe import MoELayer, MoEResult
+from moelab.nn.rexmoe import ReuseRouter, attach_progressive_scaling, set_reuse_progress
+from moelab.nn.sparsemixer import SparseMixerRouter
 from moelab.nn.routers import (
     ExpertChoiceRouter,
     ReLURouter,
@@ -15,8 +20,22 @@ from moelab.nn.routers import (
     TopPRouter,
     attach_expert_bias_update,
 )
+from moelab.nn.uoe import SelectiveAttention, UoEConfig, UoERouter, split_dense_mlp
 
 __all__ = [
+    "AttentionRouter",
+    "ChainOfExperts",
+    "ClampedSwiGLU",
+    "SparseMixerRouter",
+    "LatentProjection",
+    "ReuseRouter",
+    "SelectiveAttention",
+    "SimilarityRouter",
+    "UoEConfig",
+    "UoERouter",
+    "attach_progressive_scaling",
+    "set_reuse_progress",
+    "split_dense_mlp",
     "DispatchPlan",
     "ExpertBatch",
     "ExpertChoiceRouter",

@@ -21,33 +21,53 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def token_level_sparsity(active: Tensor) -> float:
-    """active: [..., E] bool (expert fires for the token) -> TLS in [0, 1]."""
-    return 1.0 - active.float().mean().item()
+def active_experts(indices: Tensor, num_experts: int) -> Tensor:
+    """indices: [T, K] chosen experts (-1 = empty slot) -> active: [T, E] bool."""
+    slots = indices.masked_fill(indices < 0, num_experts)  # empty slots go to a spare column
+    active = torch.zeros(indices.shape[0], num_experts + 1, dtype=torch.bool, device=indices.device)
+    return active.scatter_(1, slots, True)[:, :num_experts]
 
 
-def chunk_level_sparsity(active: Tensor, chunk_len: int) -> float:
-    """active: [T, E] or [B, S, E] bool -> CLS for chunks of `chunk_len` consecutive tokens,
-    taken over the flattened tokens; a final partial chunk is dropped."""
+def token_level_sparsity(active: Tensor) -> Tensor:
+    """active: [..., E] bool (expert fires for the token) -> TLS in [0, 1], a 0-dim tensor."""
+    return 1.0 - active.float().mean()
+
+
+def chunk_level_sparsity(active: Tensor, chunk_len: int) -> Tensor:
+    """active: [T, E] or [B, S, E] bool -> CLS for chunks of `chunk_len` consecutive tokens (within
+    each sequence for [B, S, E]); a final partial chunk is dropped. A 0-dim tensor."""
     if chunk_len < 1:
         raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
-    flat = active.reshape(-1, active.shape[-1])
-    num_chunks = flat.shape[0] // chunk_len
+    seqs = active.reshape(-1, *active.shape[-2:]) if active.dim() >= 3 else active[None]
+    num_chunks = seqs.shape[1] // chunk_len
     if num_chunks == 0:
-        raise ValueError(f"need at least chunk_len={chunk_len} tokens, got {flat.shape[0]}")
-    chunks = flat[: num_chunks * chunk_len].view(num_chunks, chunk_len, -1)
-    return 1.0 - chunks.any(dim=1).float().mean().item()
+        raise ValueError(f"need at least chunk_len={chunk_len} tokens per sequence, got {seqs.shape[1]}")
+    chunks = seqs[:, : num_chunks * chunk_len].reshape(seqs.shape[0], num_chunks, chunk_len, -1)
+    return 1.0 - chunks.any(dim=2).float().mean()
+
+
+def sparsity_metrics(active: Tensor, sequences: Tensor | None, chunk_len: int) -> dict[str, Tensor]:
+    """{"tls": TLS of active [T, E]} plus {"cls": CLS_chunk_len} when the tokens form sequences
+    [B, S, E] of at least chunk_len tokens."""
+    if active.numel() == 0:
+        return {}
+    metrics = {"tls": token_level_sparsity(active)}
+    if sequences is not None and sequences.shape[1] >= chunk_len:
+        metrics["cls"] = chunk_level_sparsity(sequences, chunk_len)
+    return metrics
 
 
 def activation_locality_loss(logits: Tensor, steepness: float = 100.0, first_in_doc: Tensor | None = None) -> Tensor:
     """L_AL = mean over (t, e) of BCE-with-logits(steepness * r[t-1, e], sigmoid(steepness * r[t, e])).
 
-    logits: [B, S, E] pre-ReLU router logits; first_in_doc: [B, S] bool marking tokens that
+    logits: [B, S, E] pre-ReLU router logits (0 if S < 2); first_in_doc: [B, S] bool marking tokens that
     start a document (their pair with t-1 is skipped). The target is not detached: both tokens
     of a pair get gradient, as in the reference.
     """
-    if logits.dim() != 3 or logits.shape[1] < 2:
-        raise ValueError(f"activation locality needs logits [batch, seq >= 2, experts], got {list(logits.shape)}")
+    if logits.dim() != 3:
+        raise ValueError(f"activation locality needs logits [batch, seq, experts], got {list(logits.shape)}")
+    if logits.shape[1] < 2:  # no (t-1, t) pair, e.g. one decoding step
+        return logits.new_zeros((), dtype=torch.float32)
     prev, cur = steepness * logits[:, :-1].float(), steepness * logits[:, 1:].float()
     loss = F.binary_cross_entropy_with_logits(prev, torch.sigmoid(cur), reduction="none").mean(-1)  # [B, S-1]
     if first_in_doc is None:
@@ -59,14 +79,18 @@ def activation_locality_loss(logits: Tensor, steepness: float = 100.0, first_in_
 def chunk_sparsification_loss(probs: Tensor, chunk_len: int = 64) -> Tensor:
     """L_CS = 1 - mean over (chunk, expert) of prod_{t in chunk} (1 - p[t, e]).
 
-    probs: [B, S, E] per-token router distribution (`Routing.probs` of the ReLU router); S must
-    be a multiple of chunk_len. Computed in log space as exp(sum log(1 - p + 1e-5)).
+    probs: [B, S, E] per-token router distribution (`Routing.probs` of the ReLU router). Chunks
+    are consecutive within each sequence; a final partial chunk counts its own tokens (the
+    reference requires S to be a multiple of chunk_len). Computed in log space as
+    exp(sum log(1 - p + 1e-5)), out of place.
     """
+    if chunk_len < 1:
+        raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
     B, S, E = probs.shape
-    if S % chunk_len:
-        raise ValueError(f"sequence length {S} must be a multiple of chunk_len={chunk_len} for the chunk loss")
-    chunks = probs.float().reshape(B, S // chunk_len, chunk_len, E)
-    silent = torch.exp(torch.log1p(-chunks + 1e-5).sum(dim=2))  # P(expert fires nowhere in the chunk)
+    num_chunks = -(-S // chunk_len)
+    log_silent = torch.log1p(-probs.float() + 1e-5)
+    log_silent = F.pad(log_silent, (0, 0, 0, num_chunks * chunk_len - S))  # padding: log 1 = 0
+    silent = log_silent.view(B, num_chunks, chunk_len, E).sum(dim=2).exp()  # P(expert fires nowhere in the chunk)
     return 1.0 - silent.mean()
 
 

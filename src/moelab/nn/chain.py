@@ -36,10 +36,15 @@ class ChainOfExperts(nn.Module):
     def iterations(self) -> int:
         return 1 + len(self.extra_routers)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, MoEResult]:
+    @property
+    def causal(self) -> bool:
+        return self.layer.causal
+
+    def forward(self, x: Tensor, *, context: dict[str, Tensor] | None = None) -> tuple[Tensor, MoEResult]:
+        """x: [..., D] -> (z_C - x, the iterations' merged MoEResult)."""
         z, total, results = x, None, []
         for router in [self.layer.router, *self.extra_routers]:
-            update, result = self.layer(z, router=router)
+            update, result = self.layer(z, router=router, context=context)
             z = z + update
             total = update if total is None else total + update
             results.append(result)
@@ -47,7 +52,7 @@ class ChainOfExperts(nn.Module):
 
 
 def _fresh_copy(module: nn.Module) -> nn.Module:
-    """A copy of `module` with its parameters re-initialised (same kind, independent weights)."""
+    """A copy of `module` with its gate re-initialised (same kind, independent weights)."""
     clone = copy.deepcopy(module)
     nn.init.normal_(clone.weight, std=clone.dim**-0.5)
     return clone

@@ -7,9 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from moelab.validation import did_you_mean
-from moelab.nn.experts import ACTIVATIONS, MLPExperts, SharedExperts, SwiGLUExperts
+from moelab.nn.chain import ChainOfExperts
+from moelab.nn.experts import ACTIVATIONS, Experts, MLPExperts, SharedExperts, SwiGLUExperts
+from moelab.nn.graph_routing import AttentionRouter, SimilarityRouter
 from moelab.nn.grouped import BACKENDS
+from moelab.nn.latent import LatentProjection
 from moelab.nn.moe import MoELayer
+from moelab.nn.rexmoe import ReuseRouter
 from moelab.nn.routers import (
     SCORE_FUNCS,
     ExpertChoiceRouter,
@@ -20,7 +24,8 @@ from moelab.nn.routers import (
     check_top_k,
 )
 
-ROUTERS = ("topk", "topp", "expert_choice", "relu")
+ROUTERS = ("topk", "topp", "expert_choice", "relu", "graph_sim", "graph_attn")
+TOP_K_ROUTERS = ("topk", "graph_sim", "graph_attn")
 EXPERT_ACTIVATIONS = ("swiglu", *ACTIVATIONS)
 
 
@@ -29,8 +34,10 @@ class MoEConfig:
     """An MoE layer. Validated on construction; `to_dict`/`from_dict` round-trip through JSON/YAML.
 
     dim: model width D. num_experts: routed experts E. hidden_dim: each expert's width I.
-    router: "topk" (token choice), "topp" (dynamic top-p), "expert_choice", "relu" (BlockFFN).
-    top_k: experts per token for "topk".
+    router: "topk" (token choice), "topp" (dynamic top-p), "expert_choice", "relu" (BlockFFN),
+        "graph_sim" / "graph_attn" (similarity- / attention-aware graph-of-tokens routing,
+        `moelab.nn.graph_routing`; they see the sequence, so they need input [B, S, D]).
+    top_k: experts per token for "topk" and the graph routers.
     score_func, renormalize, route_scale, n_group, topk_group: top-k scoring (see TopKRouter).
         renormalize defaults to True for "topk" (Mixtral, Qwen3) and False for "topp" (the
         paper's raw probabilities).
@@ -47,6 +54,19 @@ class MoEConfig:
     locality_coef, chunk_sparsity_coef, chunk_len: BlockFFN's objectives (paper: 2e-3, 5e-2
         adaptive, 64).
     backend: expert MLP backend ("auto", "grouped", "loop", "grouped_mm"; see moelab.nn.grouped).
+    chain_iterations: Chain-of-Experts iterations C (`moelab.nn.chain`), each with its own router
+        over the same experts; 1 = a plain MoE layer.
+    residual_from_norm: the block adds the FFN output to its *normalised* input and drops the
+        pre-norm residual stream (CoE's reference code does this for its CoE and MoE runs alike);
+        False (default) is the usual x + FFN(norm(x)). Read by `moelab.models`.
+    graph_learned, graph_tau: "graph_sim"'s learned similarity W_s (else the identity) and its
+        temperature (None = sqrt(dim)).
+    latent_dim: Mixture of Latent Experts (`moelab.nn.latent`): experts work in a shared latent
+        space of this rank R; hidden_dim is then their width in that space. None = off.
+    reuse_layers: ReXMoE (`moelab.nn.rexmoe`): groups of this many consecutive MoE layers share
+        a pool of reuse_layers * num_experts experts, each layer routing over the whole pool
+        ("topk" only); 1 = off. Built by `moelab.models`.
+    sparsity_window: chunk length L of the CLS metric reported for variable-k routers (paper: 8).
     """
 
     dim: int
@@ -78,6 +98,13 @@ class MoEConfig:
     chunk_sparsity_coef: float = 0.0
     chunk_len: int = 64
     backend: str = "auto"
+    chain_iterations: int = 1
+    residual_from_norm: bool = False
+    graph_learned: bool = True
+    graph_tau: float | None = None
+    latent_dim: int | None = None
+    reuse_layers: int = 1
+    sparsity_window: int = 8
 
     def __post_init__(self):
         for name in ("dim", "num_experts", "hidden_dim"):
@@ -87,8 +114,9 @@ class MoEConfig:
         _check_choice("score_func", self.score_func, SCORE_FUNCS)
         _check_choice("activation", self.activation, EXPERT_ACTIVATIONS)
         _check_choice("backend", self.backend, tuple(BACKENDS))
-        if self.router == "topk":
+        if self.router in TOP_K_ROUTERS:
             check_top_k(self.top_k, self.num_experts)
+        if self.router == "topk":
             check_groups(self.num_experts, self.top_k, self.n_group, self.topk_group)
         if self.router == "topp":
             if not 0.0 < self.top_p <= 1.0:
@@ -108,6 +136,25 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.chunk_len must be >= 1, got {self.chunk_len}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
+        for name in ("chain_iterations", "reuse_layers", "sparsity_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MoEConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.graph_tau is not None and self.graph_tau <= 0:
+            raise ValueError(f"MoEConfig.graph_tau must be > 0 or None (sqrt(dim)), got {self.graph_tau}")
+        if self.latent_dim is not None and not 1 <= self.latent_dim <= self.dim:
+            raise ValueError(f"MoEConfig.latent_dim must lie in [1, dim={self.dim}] or be None, got {self.latent_dim}")
+        if self.reuse_layers > 1 and (self.router != "topk" or self.n_group > 1):
+            raise ValueError("MoEConfig.reuse_layers > 1 (ReXMoE) needs router='topk' without expert groups (n_group=1)")
+
+    @property
+    def num_router_experts(self) -> int:
+        """Experts one router chooses among: num_experts, or the ReXMoE pool reuse_layers * num_experts."""
+        return self.num_experts * self.reuse_layers
+
+    @property
+    def expert_dim(self) -> int:
+        """The width of the experts' input and output: dim, or latent_dim for latent experts."""
+        return self.dim if self.latent_dim is None else self.latent_dim
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,13 +175,11 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}{did_you_mean(value, choices)}; choose one of {list(choices)}")
 
 
-def build_router(cfg: MoEConfig):
+def build_router(cfg: MoEConfig, reuse_position: int = 0):
+    """The router of a config; reuse_position: a ReXMoE layer's place in its group."""
     common = {"bias": cfg.router_bias}
     if cfg.router == "topk":
-        return TopKRouter(
-            cfg.dim,
-            cfg.num_experts,
-            cfg.top_k,
+        topk = dict(
             score_func=cfg.score_func,
             renormalize=True if cfg.renormalize is None else cfg.renormalize,
             route_scale=cfg.route_scale,
@@ -143,32 +188,49 @@ def build_router(cfg: MoEConfig):
             balance_bias=cfg.aux_free_bias,
             **common,
         )
+        if cfg.reuse_layers > 1:
+            return ReuseRouter(cfg.dim, cfg.num_experts, cfg.reuse_layers, reuse_position, cfg.top_k, **topk)
+        return TopKRouter(cfg.dim, cfg.num_experts, cfg.top_k, **topk)
+    if cfg.router in ("graph_sim", "graph_attn"):
+        renormalize = True if cfg.renormalize is None else cfg.renormalize
+        if cfg.router == "graph_attn":
+            return AttentionRouter(cfg.dim, cfg.num_experts, cfg.top_k, renormalize=renormalize, **common)
+        return SimilarityRouter(
+            cfg.dim, cfg.num_experts, cfg.top_k, learned=cfg.graph_learned, tau=cfg.graph_tau,
+            renormalize=renormalize, **common,
+        )
     if cfg.router == "topp":
-        return TopPRouter(cfg.dim, cfg.num_experts, cfg.top_p, max_k=cfg.max_k, renormalize=bool(cfg.renormalize), **common)
+        return TopPRouter(
+            cfg.dim, cfg.num_experts, cfg.top_p, max_k=cfg.max_k, renormalize=bool(cfg.renormalize), **common
+        )
     if cfg.router == "expert_choice":
         return ExpertChoiceRouter(cfg.dim, cfg.num_experts, capacity_factor=cfg.ec_capacity_factor, **common)
     return ReLURouter(cfg.dim, cfg.num_experts, **common)
 
 
-def build_moe(cfg: MoEConfig) -> MoELayer:
-    """Build the layer a config describes."""
+def build_experts(cfg: MoEConfig, num_experts: int | None = None) -> Experts:
+    """The routed experts of a config (num_experts of them, default cfg.num_experts)."""
+    num_experts = num_experts or cfg.num_experts
     if cfg.activation == "swiglu":
-        experts = SwiGLUExperts(cfg.num_experts, cfg.dim, cfg.hidden_dim, bias=cfg.expert_bias, backend=cfg.backend)
-    else:
-        experts = MLPExperts(
-            cfg.num_experts,
-            cfg.dim,
-            cfg.hidden_dim,
-            activation=cfg.activation,
-            bias=cfg.expert_bias,
-            backend=cfg.backend,
-        )
+        return SwiGLUExperts(num_experts, cfg.expert_dim, cfg.hidden_dim, bias=cfg.expert_bias, backend=cfg.backend)
+    return MLPExperts(
+        num_experts, cfg.expert_dim, cfg.hidden_dim,
+        activation=cfg.activation, bias=cfg.expert_bias, backend=cfg.backend,
+    )
+
+
+def build_moe(cfg: MoEConfig, *, experts: Experts | None = None, reuse_position: int = 0) -> MoELayer | ChainOfExperts:
+    """Build the layer a config describes: an `MoELayer`, or a `ChainOfExperts` around one when
+    chain_iterations > 1. experts: a pool shared with other layers (ReXMoE, see `moelab.models`),
+    of which this layer sits at `reuse_position` of its group."""
+    if experts is None:
+        experts = build_experts(cfg, cfg.num_router_experts)
     shared = None
     if cfg.num_shared:
         width = cfg.shared_hidden_dim or cfg.num_shared * cfg.hidden_dim
         shared = SharedExperts(cfg.dim, width, gated=cfg.shared_gate)
-    return MoELayer(
-        build_router(cfg),
+    layer = MoELayer(
+        build_router(cfg, reuse_position),
         experts,
         shared,
         capacity_factor=cfg.capacity_factor,
@@ -178,4 +240,7 @@ def build_moe(cfg: MoEConfig) -> MoELayer:
         locality_coef=cfg.locality_coef,
         chunk_sparsity_coef=cfg.chunk_sparsity_coef,
         chunk_len=cfg.chunk_len,
+        latent=None if cfg.latent_dim is None else LatentProjection(cfg.dim, cfg.latent_dim),
+        sparsity_window=cfg.sparsity_window,
     )
+    return layer if cfg.chain_iterations == 1 else ChainOfExperts(layer, cfg.chain_iterations)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.nn.grouped import ACTIVATIONS, BACKENDS, grouped_mlp
+from moelab.nn.grouped import ACTIVATIONS, BACKENDS, ClampedSwiGLU, grouped_mlp
 
 
 class Experts(nn.Module):
@@ -44,14 +44,29 @@ def _init_stacked(*weights: Tensor, fan_in: int) -> None:
 
 
 class SwiGLUExperts(Experts):
-    """E SwiGLU MLPs: y = down(silu(gate(x)) * up(x)).
+    """E SwiGLU MLPs: y = down(silu(gate(x)) * up(x)), or with `clamped`, GPT-OSS's
+    down(clamped(gate(x), up(x))).
 
     gate_up_proj: [E, 2I, D], gate rows first then up rows; down_proj: [E, D, I];
     optional gate_up_bias: [E, 2I] and down_bias: [E, D].
+    scale_input: the routing weight w scales the expert's input, y = expert(w * x) (Llama 4),
+    instead of its output, y = w * expert(x).
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, bias: bool = False, backend: str = "auto"):
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        *,
+        bias: bool = False,
+        backend: str = "auto",
+        clamped: ClampedSwiGLU | None = None,
+        scale_input: bool = False,
+    ):
         super().__init__(num_experts, dim, hidden_dim, backend)
+        self.clamped = clamped
+        self.scale_input = scale_input
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.gate_up_bias = nn.Parameter(torch.zeros(num_experts, 2 * hidden_dim)) if bias else None
@@ -61,9 +76,11 @@ class SwiGLUExperts(Experts):
 
     def forward(self, xs: Tensor, counts: Sequence[int], row_weights: Tensor | None = None) -> Tensor:
         self._check(xs)
+        if self.scale_input and row_weights is not None:
+            xs, row_weights = xs * row_weights[:, None].to(xs.dtype), None
         return grouped_mlp(
             xs, counts, row_weights, self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias,
-            activation="silu", gated=True, backend=self.backend,
+            activation=self.clamped or "silu", gated=True, backend=self.backend,
         )
 
 

@@ -7,8 +7,9 @@ H = 2I for gated (SwiGLU) experts, else I.
 w_out [E, D, I], b_out [E, D] | None, activation, gated, backend) -> [N, D]` runs rows
 `counts[0]` of xs through expert 0, the next `counts[1]` rows through expert 1, and so on, and
 scales each output row by its routing weight. A gated MLP splits the first projection into gate
-rows then up rows: act(gate) * up. Applying the routing weight here, on cache-sized slices,
-is cheaper than in the [N, D] combine.
+rows then up rows: act(gate) * up, or a two-input gated activation such as GPT-OSS's
+`ClampedSwiGLU`(gate, up). Applying the routing weight here, on cache-sized slices, is cheaper
+than in the [N, D] combine.
 
 Backends, chosen by name ("auto", the default, picks "grouped" on CPU and "grouped_mm" for
 bf16 on CUDA):
@@ -28,6 +29,7 @@ full-size zero gradient (`SelectBackward`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,58 @@ ACTIVATIONS = {
     "gelu": (F.gelu, torch.ops.aten.gelu_backward),
     "relu": (F.relu, lambda grad, x: grad * (x > 0)),
 }
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """GPT-OSS's gated activation of (gate, up), both [n, I]: g = min(gate, limit),
+    u = clamp(up, -limit, limit), act = g * sigmoid(alpha * g) * (u + 1)."""
+
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self):
+        if self.limit <= 0:
+            raise ValueError(f"ClampedSwiGLU.limit must be > 0, got {self.limit}")
+
+    def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
+        gate = gate.clamp(max=self.limit)
+        return gate * torch.sigmoid(self.alpha * gate) * (up.clamp(-self.limit, self.limit) + 1)
+
+    def backward(self, grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+        """(d/d gate, d/d up) of `grad`-weighted act; clamps pass gradient inside their range
+        (bounds included), as torch.clamp does."""
+        g = gate.clamp(max=self.limit)
+        u = up.clamp(-self.limit, self.limit)
+        s = torch.sigmoid(self.alpha * g)
+        grad_gate = grad * (u + 1) * (s + self.alpha * g * s * (1 - s)) * (gate <= self.limit)
+        grad_up = grad * g * s * ((up >= -self.limit) & (up <= self.limit))
+        return grad_gate, grad_up
+
+
+class _Act:
+    """The hidden activation as (forward(h), backward(grad_hidden, h) -> grad_h) of the first
+    projection's output h: [n, H]. Gated: h = [gate | up]."""
+
+    def __init__(self, activation: str | ClampedSwiGLU, gated: bool):
+        self.activation, self.gated = activation, gated
+
+    def forward(self, h: Tensor) -> Tensor:
+        if not self.gated:
+            return ACTIVATIONS[self.activation][0](h)
+        gate, up = h.chunk(2, dim=-1)
+        if isinstance(self.activation, ClampedSwiGLU):
+            return self.activation(gate, up)
+        return ACTIVATIONS[self.activation][0](gate) * up
+
+    def backward(self, grad: Tensor, h: Tensor) -> Tensor:
+        if not self.gated:
+            return ACTIVATIONS[self.activation][1](grad, h)
+        gate, up = h.chunk(2, dim=-1)
+        if isinstance(self.activation, ClampedSwiGLU):
+            return torch.cat(self.activation.backward(grad, gate, up), dim=-1)
+        act, act_backward = ACTIVATIONS[self.activation]
+        return torch.cat([act_backward(grad * up, gate), grad * act(gate)], dim=-1)
 
 
 def _offsets(counts: Sequence[int]) -> list[tuple[int, int]]:
@@ -60,7 +114,7 @@ def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) ->
 def _grouped_forward(xs, row_weights, w_in, b_in, w_out, b_out, counts, activation, gated, keep_pre):
     """The expert-by-expert forward. Returns ys [N, D] and, if keep_pre, each expert's
     pre-activation [n_e, H] (what the backward needs)."""
-    act, _ = ACTIVATIONS[activation]
+    act = _Act(activation, gated)
     ys = xs.new_empty(xs.shape[0], w_out.shape[1])
     pre = []
     for e, (start, end) in enumerate(_offsets(counts)):
@@ -69,7 +123,7 @@ def _grouped_forward(xs, row_weights, w_in, b_in, w_out, b_out, counts, activati
             continue
         h = xs.new_empty(end - start, w_in.shape[1])
         _linear_into(h, xs[start:end], w_in[e], None if b_in is None else b_in[e])
-        hidden = _activate(h, act, gated)
+        hidden = act.forward(h)
         w = None if row_weights is None else row_weights[start:end, None]
         # Scaling the hidden rows by the routing weight scales the output (the projection is
         # linear); the output bias is scaled separately below.
@@ -92,7 +146,7 @@ class _GroupedMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ys):
         xs, row_weights, w_in, b_in, w_out, b_out, *pre = ctx.saved_tensors
-        act, act_backward = ACTIVATIONS[ctx.activation]
+        act = _Act(ctx.activation, ctx.gated)
         grad_ys = grad_ys.contiguous()  # e.g. the zero-stride gradient of ys.sum()
         need_x, need_rw, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:6]
         grad_xs = torch.empty_like(xs) if need_x else None
@@ -109,7 +163,7 @@ class _GroupedMLP(torch.autograd.Function):
                         grad[e].zero_()
                 continue
             h, g, x = pre[e], grad_ys[start:end], xs[start:end]
-            hidden = _activate(h, act, ctx.gated)
+            hidden = act.forward(h)
             grad_hidden = g @ w_out[e]  # [n_e, I], before the routing weight
             if row_weights is not None:
                 w = row_weights[start:end, None]
@@ -123,11 +177,7 @@ class _GroupedMLP(torch.autograd.Function):
                 torch.mm(g.t(), hidden, out=grad_w_out[e])
             if need_b_out:
                 torch.sum(g if row_weights is None else g * w, 0, out=grad_b_out[e])
-            if ctx.gated:
-                gate, up = h.chunk(2, dim=-1)
-                grad_h = torch.cat([act_backward(grad_hidden * up, gate), grad_hidden * act(gate)], dim=-1)
-            else:
-                grad_h = act_backward(grad_hidden, h)
+            grad_h = act.backward(grad_hidden, h)
             if need_w_in:
                 torch.mm(grad_h.t(), x, out=grad_w_in[e])
             if need_b_in:
@@ -135,13 +185,6 @@ class _GroupedMLP(torch.autograd.Function):
             if need_x:
                 torch.mm(grad_h, w_in[e], out=grad_xs[start:end])
         return grad_xs, grad_rw, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
-
-
-def _activate(h: Tensor, act, gated: bool) -> Tensor:
-    if not gated:
-        return act(h)
-    gate, up = h.chunk(2, dim=-1)
-    return act(gate) * up
 
 
 def _grouped(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated):
@@ -152,12 +195,12 @@ def _grouped(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gate
 
 
 def _loop(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated):
-    act, _ = ACTIVATIONS[activation]
+    act = _Act(activation, gated)
     E = w_in.shape[0]
     b_ins = [None] * E if b_in is None else b_in.unbind(0)
     b_outs = [None] * E if b_out is None else b_out.unbind(0)
     parts = [
-        F.linear(_activate(F.linear(x, wi, bi), act, gated), wo, bo)
+        F.linear(act.forward(F.linear(x, wi, bi)), wo, bo)
         for x, wi, bi, wo, bo in zip(xs.split(list(counts)), w_in.unbind(0), b_ins, w_out.unbind(0), b_outs)
     ]
     ys = torch.cat(parts)
@@ -182,7 +225,7 @@ def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, g
     dtypes = (torch.bfloat16,) if xs.is_cuda else (torch.float32, torch.bfloat16, torch.float16)
     if not hasattr(torch, "_grouped_mm") or xs.dtype not in dtypes or any(w * xs.element_size() % 16 for w in widths):
         return _grouped(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated)
-    act, _ = ACTIVATIONS[activation]
+    act = _Act(activation, gated)
     sizes = torch.tensor(list(counts), device=xs.device)
     offs = sizes.cumsum(0).to(torch.int32)
 
@@ -190,7 +233,7 @@ def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, g
         out = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
         return out if b is None else out + b.repeat_interleave(sizes, dim=0)
 
-    hidden = _activate(linear(xs, w_in, b_in), act, gated)
+    hidden = act.forward(linear(xs, w_in, b_in))
     ys = _ContiguousGrad.apply(linear(_ContiguousGrad.apply(hidden), w_out, b_out))
     return ys if row_weights is None else ys * row_weights[:, None]
 
@@ -214,16 +257,20 @@ def grouped_mlp(
     w_out: Tensor,
     b_out: Tensor | None,
     *,
-    activation: str = "silu",
+    activation: str | ClampedSwiGLU = "silu",
     gated: bool = True,
     backend: str = "auto",
 ) -> Tensor:
     """xs: [N, D] rows grouped by expert; counts: E python ints summing to N; row_weights: [N]
     routing weight that scales each row's output, or None; w_in: [E, H, D]; b_in: [E, H];
-    w_out: [E, D, I]; b_out: [E, D]. Returns [N, D]."""
+    w_out: [E, D, I]; b_out: [E, D]; activation: a name in ACTIVATIONS, or (gated only) a
+    two-input `ClampedSwiGLU`. Returns [N, D]."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown experts backend {backend!r}; choose one of {sorted(BACKENDS)}")
-    if activation not in ACTIVATIONS:
+    if isinstance(activation, ClampedSwiGLU):
+        if not gated:
+            raise ValueError("ClampedSwiGLU is a gated activation of (gate, up); pass gated=True")
+    elif activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
     if len(counts) != w_in.shape[0] or sum(counts) != xs.shape[0]:
         raise ValueError(

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from moelab.nn.blockffn import activation_locality_loss, chunk_sparsification_loss
+from moelab.nn.blockffn import activation_locality_loss, active_experts, chunk_sparsification_loss, sparsity_metrics
 from moelab.nn.dispatch import LocalDispatcher, plan_dispatch
 from moelab.nn.experts import Experts, SharedExperts
+from moelab.nn.latent import LatentProjection
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
 from moelab.nn.routers import Router, Routing
 
@@ -28,6 +29,9 @@ class MoEResult:
     dropped_fraction: [] fraction of assignments dropped by the capacity limit (0 if dropless).
     experts_per_token: [] mean number of experts a token was sent to.
     routing: the router's full output when the layer was asked to trace, else None.
+    metrics: detached scalar diagnostics by name; routers with a variable number of experts per
+        token report BlockFFN's sparsity: "tls" (token-level) and "cls" (chunk-level, chunks of
+        the layer's `sparsity_window` consecutive tokens of a sequence; input [B, S, D] only).
     """
 
     losses: dict[str, Tensor] = field(default_factory=dict)
@@ -35,22 +39,20 @@ class MoEResult:
     dropped_fraction: Tensor | None = None
     experts_per_token: Tensor | None = None
     routing: Routing | None = None
+    metrics: dict[str, Tensor] = field(default_factory=dict)
 
     @classmethod
     def merge(cls, results: list[MoEResult]) -> MoEResult:
         """Combine the results of several routed passes over the same tokens (e.g. the iterations
         of a Chain-of-Experts layer): losses and loads add up, experts per token add up, the
-        dropped fraction is averaged, routings are kept only if every pass traced."""
-        losses: dict[str, Tensor] = {}
-        for result in results:
-            for name, value in result.losses.items():
-                losses[name] = losses[name] + value if name in losses else value
+        dropped fraction and the metrics are averaged, routings are dropped."""
         return cls(
-            losses=losses,
+            losses=sum_by_name([r.losses for r in results]),
             tokens_per_expert=torch.stack([r.tokens_per_expert for r in results]).sum(0),
             dropped_fraction=torch.stack([r.dropped_fraction for r in results]).mean(),
             experts_per_token=torch.stack([r.experts_per_token for r in results]).sum(),
             routing=None,
+            metrics=mean_by_name([r.metrics for r in results]),
         )
 
     @property
@@ -59,6 +61,24 @@ class MoEResult:
             device = None if self.tokens_per_expert is None else self.tokens_per_expert.device
             return torch.zeros((), device=device)
         return torch.stack(list(self.losses.values())).sum()
+
+
+def sum_by_name(dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """{name: sum of the values of that name} over the dicts that have it."""
+    total: dict[str, Tensor] = {}
+    for d in dicts:
+        for name, value in d.items():
+            total[name] = total[name] + value if name in total else value
+    return total
+
+
+def mean_by_name(dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """{name: mean of the values of that name} over the dicts that have it."""
+    counts: dict[str, int] = {}
+    for d in dicts:
+        for name in d:
+            counts[name] = counts.get(name, 0) + 1
+    return {name: value / counts[name] for name, value in sum_by_name(dicts).items()}
 
 
 class MoELayer(nn.Module):
@@ -72,6 +92,10 @@ class MoELayer(nn.Module):
     locality_coef, chunk_sparsity_coef, chunk_len: BlockFFN's activation-locality and chunk
         sparsification losses (`moelab.nn.blockffn`); they need input [B, S, D].
     trace: if True, every forward pass also returns its `Routing` in `MoEResult.routing`.
+    latent: Mixture of Latent Experts (`moelab.nn.latent`): the router sees x, the experts work
+        in the shared latent space (their dim is the latent rank) and the combined output is
+        projected back to D.
+    sparsity_window: chunk length L of the "cls" metric of variable-k routers (BlockFFN: 8).
     dispatcher: how rows reach the experts; `LocalDispatcher` (default) or an expert-parallel
         one (`moelab.distributed`), in which case `experts` holds this rank's experts only.
     """
@@ -90,16 +114,24 @@ class MoELayer(nn.Module):
         chunk_sparsity_coef: float = 0.0,
         chunk_len: int = 64,
         trace: bool = False,
+        latent: LatentProjection | None = None,
+        sparsity_window: int = 8,
         dispatcher: LocalDispatcher | None = None,
     ):
         super().__init__()
         dispatcher = dispatcher or LocalDispatcher()
         local = dispatcher.num_local_experts(router.num_experts)
-        if local != experts.num_experts or router.dim != experts.dim:
+        expert_dim = router.dim if latent is None else latent.rank
+        if latent is not None and latent.dim != router.dim:
+            raise ValueError(f"latent projection dim {latent.dim} does not match the router's dim {router.dim}")
+        if local != experts.num_experts or expert_dim != experts.dim:
             raise ValueError(
-                f"router ({router.num_experts} experts, {local} on this rank, dim {router.dim}) does not match "
+                f"router ({router.num_experts} experts, {local} on this rank, dim {router.dim}"
+                f"{'' if latent is None else f', latent rank {latent.rank}'}) does not match "
                 f"experts ({experts.num_experts} experts, dim {experts.dim})"
             )
+        if sparsity_window < 1:
+            raise ValueError(f"sparsity_window must be >= 1, got {sparsity_window}")
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
         self.router = router
@@ -115,6 +147,8 @@ class MoELayer(nn.Module):
         }
         self.chunk_len = chunk_len
         self.trace = trace
+        self.latent = latent
+        self.sparsity_window = sparsity_window
         self.dispatcher = dispatcher
 
     @property
@@ -127,9 +161,13 @@ class MoELayer(nn.Module):
         must be causal, and capacity dropping must be off (who is dropped depends on the batch)."""
         return self.router.causal and self.capacity_factor is None
 
-    def forward(self, x: Tensor, router: Router | None = None) -> tuple[Tensor, MoEResult]:
+    def forward(
+        self, x: Tensor, router: Router | None = None, *, context: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, MoEResult]:
         """x: [..., D] -> (y [..., D], MoEResult). `router` replaces the layer's own for this call
-        (Chain-of-Experts routes each iteration with its own router over the same experts)."""
+        (Chain-of-Experts routes each iteration with its own router over the same experts).
+        Routers that need whole sequences (`router.needs_sequences`) get x as [B, S, D] and the
+        block's `context` (e.g. the attention's queries and keys for attention-aware routing)."""
         router = self.router if router is None else router
         dim = router.dim
         if x.dim() == 0 or x.shape[-1] != dim:
@@ -143,12 +181,23 @@ class MoELayer(nn.Module):
                 f"cast one of them (x.to({param_dtype}) or layer.to({x.dtype}))"
             )
         shape = x.shape
+        if router.needs_sequences:
+            if x.dim() != 3:
+                raise ValueError(
+                    f"{type(router).__name__} routes whole sequences; it needs input [batch, seq, dim], "
+                    f"got {list(shape)}"
+                )
+            routing = router(x, context=context or {})
         x = x.reshape(-1, dim)
-        routing = router(x)
+        if not router.needs_sequences:
+            routing = router(x)
         plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor)
-        batch = self.dispatcher.dispatch(x, routing.weights, plan)
+        rows = x if self.latent is None else self.latent.down(x)
+        batch = self.dispatcher.dispatch(rows, routing.weights, plan)
         ys = self.experts(batch.rows, batch.counts, batch.row_weights)
         y = self.dispatcher.combine(ys, plan, batch)
+        if self.latent is not None:
+            y = self.latent.up(y)
         if self.shared is not None:
             y = y + self.shared(x)
         result = MoEResult(
@@ -157,8 +206,18 @@ class MoELayer(nn.Module):
             dropped_fraction=plan.dropped_fraction,
             experts_per_token=(routing.indices >= 0).sum() / max(x.shape[0], 1),
             routing=routing if self.trace else None,
+            metrics=self._metrics(router, routing, shape[:-1]),
         )
         return y.view(shape), result
+
+    def _metrics(self, router: Router, routing: Routing, token_shape: torch.Size) -> dict[str, Tensor]:
+        """BlockFFN's TLS and CLS for routers with a variable number of experts per token."""
+        if not router.variable_k:
+            return {}
+        with torch.no_grad():
+            active = active_experts(routing.indices, self.num_experts)  # [T, E]
+            seqs = active.view(*token_shape, self.num_experts) if len(token_shape) == 2 else None
+            return sparsity_metrics(active, seqs, self.sparsity_window)
 
     def _losses(self, routing: Routing, token_shape: torch.Size) -> dict[str, Tensor]:
         """The weighted auxiliary losses; token_shape is the input's shape without D ([B, S] for

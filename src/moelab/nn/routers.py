@@ -38,12 +38,15 @@ class Routing(NamedTuple):
 class Router(nn.Module):
     """Base class: a linear gate `weight: [E, D]` (optional bias) evaluated in float32.
 
-    Subclasses set `top_k` (slots per token), `variable_k` (slots may be empty) and `causal`
-    (the routing of token t depends on token t alone, so it is safe in a causal language model).
+    Subclasses set `top_k` (slots per token), `variable_k` (slots may be empty), `causal`
+    (the routing of token t depends on tokens <= t only, so it is safe in a causal language
+    model) and `needs_sequences` (forward takes `x: [B, S, D]` and a `context` dict instead of
+    `x: [T, D]`, for routers that look at other tokens of the sequence).
     """
 
     variable_k: bool = False
     causal: bool = True
+    needs_sequences: bool = False
 
     def __init__(self, dim: int, num_experts: int, *, bias: bool = False):
         super().__init__()
@@ -114,11 +117,17 @@ class TopKRouter(Router):
         self.register_buffer(
             "tokens_per_expert", torch.zeros(num_experts) if balance_bias else None, persistent=False
         )
+        # Experts this router may choose ([E] bool), or None for all; see moelab.nn.rexmoe.
+        self.register_buffer("candidates", None, persistent=False)
 
     def forward(self, x: Tensor) -> Routing:
         logits = self.router_logits(x)
+        if self.candidates is not None:  # ReXMoE's progressive scaling: masked experts score 0
+            logits = logits.masked_fill(~self.candidates, float("-inf"))
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
         choice = scores if self.expert_bias is None else scores + self.expert_bias
+        if self.candidates is not None:
+            choice = choice.masked_fill(~self.candidates, float("-inf"))
         if self.n_group > 1:
             choice = self._limit_to_groups(choice)
         indices = choice.topk(self.top_k, dim=-1).indices

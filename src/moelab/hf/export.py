@@ -1,0 +1,275 @@
+"""Export a moelab MoETransformer checkpoint in a standard transformers family's format.
+
+Shape legend: D model dim, E experts, I expert hidden dim, Is shared-expert width.
+
+moelab's decoder (pre-RMSNorm blocks, causal GQA attention with rotate-half RoPE, SwiGLU dense
+or top-k softmax MoE FFNs, optional shared expert and tied embeddings) is, weight for weight:
+
+- "qwen2_moe": any such model. Dense layers go to `mlp_only_layers`; renormalisation to
+  `norm_topk_prob`. Qwen2-MoE always has q/k/v biases (written as zeros) and a sigmoid-gated
+  shared expert: an ungated moelab shared expert gets a zero gate (sigmoid(0) = 1/2) and twice
+  its down projection, a model without one a zero shared expert of width 1. Both are exact.
+- "mixtral": every layer MoE, renormalised top-k, no shared expert.
+
+Anything else (sigmoid scores, group limits, route scaling, router or expert biases, the
+aux-loss-free selection bias, capacity dropping, other routers or activations) has no exact
+counterpart in these families, and `export_checkpoint` refuses it with the reasons. The export
+is checked before it is reported: transformers loads it strictly and its logits match moelab's
+to 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from moelab.data.tokenizer import EOT, PAD, TOKENIZER_DIR
+from moelab.hf.adapters import FAMILIES, NATIVE, resolve
+from moelab.hf.view import MoELayerView, SharedView
+from moelab.hf.writer import _fail, check_out_dir, load_transformers_strict, move_into_place
+from moelab.models.config import ModelConfig
+from moelab.validation import did_you_mean
+
+EXPORT_FAMILIES = ("qwen2_moe", "mixtral")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_ARCHITECTURES = {"qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+# moelab key -> transformers key, for everything outside the MoE blocks ({i}: layer, {p}: projection)
+_RENAMES = (
+    (r"embed\.weight", "model.embed_tokens.weight"),
+    (r"norm\.weight", "model.norm.weight"),
+    (r"lm_head\.weight", "lm_head.weight"),
+    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"layers\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"layers\.(\d+)\.attn\.([qkvo])_proj\.weight", r"model.layers.\1.self_attn.\2_proj.weight"),
+    (r"layers\.(\d+)\.ffn\.(gate|up|down)_proj\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
+)
+
+
+def export_problems(config: ModelConfig, family: str) -> list[str]:
+    """Why `config`'s model cannot be written exactly as `family` (empty: it can)."""
+    if family not in EXPORT_FAMILIES:
+        raise ValueError(
+            f"unknown export family {family!r}{did_you_mean(family, EXPORT_FAMILIES)}; choose one of "
+            f"{list(EXPORT_FAMILIES)}"
+        )
+    moe, problems = config.moe, []
+    if moe is None:
+        return ["the model has no MoE layers (export a dense model as a Llama checkpoint instead)"]
+    checks = [
+        (moe.router != "topk", f"router={moe.router!r} (only token-choice 'topk')"),
+        (moe.activation != "swiglu", f"activation={moe.activation!r} (only 'swiglu')"),
+        (moe.score_func != "softmax", f"score_func={moe.score_func!r} (only 'softmax')"),
+        (moe.n_group != 1, f"group-limited routing n_group={moe.n_group}"),
+        (moe.route_scale != 1.0, f"route_scale={moe.route_scale}"),
+        (moe.router_bias, "a router bias"),
+        (moe.expert_bias, "expert biases"),
+        (moe.aux_free_bias, "the aux-loss-free selection bias (DeepSeek-V3 has one, but MLA attention)"),
+        (moe.capacity_factor is not None, f"capacity dropping (capacity_factor={moe.capacity_factor})"),
+        (moe.chain_iterations != 1, f"Chain-of-Experts iterations ({moe.chain_iterations})"),
+        (moe.residual_from_norm, "residual_from_norm"),
+        (moe.latent_dim is not None, f"latent experts (latent_dim={moe.latent_dim})"),
+        (moe.reuse_layers != 1, f"experts shared across layers (reuse_layers={moe.reuse_layers})"),
+        ("uoe" in config.layer_kinds, "Union-of-Experts layers"),
+    ]
+    if family == "mixtral":
+        checks += [
+            ("dense" in config.layer_kinds, "dense layers (Mixtral has MoE in every layer; use qwen2_moe)"),
+            (moe.num_shared > 0, "a shared expert (Mixtral has none; use qwen2_moe)"),
+            (moe.renormalize is False, "renormalize=False (Mixtral always renormalises; use qwen2_moe)"),
+        ]
+    problems += [what for bad, what in checks if bad]
+    return problems
+
+
+def export_checkpoint(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    family: str,
+    *,
+    tokenizer: str | os.PathLike | None = TOKENIZER_DIR,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Path:
+    """Write the moelab checkpoint `model_dir` (`moelab.models.save_pretrained`) to the new
+    directory `out` as a `family` checkpoint (see EXPORT_FAMILIES), with `tokenizer` (a directory
+    of tokenizer.json and friends; default: moelab's shipped tokenizer; None: weights only).
+    Refuses models that do not map exactly; checks the result against moelab's logits."""
+    model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
+    check_out_dir(model_dir, out, overwrite)
+    config, ckpt, adapter = resolve(model_dir)
+    try:
+        if adapter is not NATIVE:
+            raise ValueError(f"{model_dir} is not a moelab checkpoint (its config.json has a model_type)")
+        model_config = ModelConfig.from_dict(config)
+        if problems := export_problems(model_config, family):
+            raise ValueError(
+                f"{model_dir} cannot be exported exactly as {family}: it has " + "; ".join(problems)
+            )
+        token_ids = _token_ids(tokenizer, model_config.vocab_size)
+        tensors, shared_width = _tensors(ckpt, config, family)
+        hf_config = _hf_config(model_config, family, shared_width, token_ids)
+    finally:
+        ckpt.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-"))
+    try:
+        staging.chmod(out.parent.stat().st_mode & 0o777)
+        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if tokenizer is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer) / name).is_file():
+                    shutil.copy2(Path(tokenizer) / name, staging / name)
+        _check_logits(model_dir, staging, quiet)
+        move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _tensors(ckpt, config: dict, family: str) -> tuple[dict[str, Tensor], int]:
+    """Every tensor under its `family` name (MoE blocks through the family's per-expert layout),
+    and the shared-expert width written."""
+    target = FAMILIES[family]
+    layout = target.layouts[0]  # the original per-expert format that default save_pretrained writes
+    tensors, shared_width = {}, 0
+    moe_prefixes = []
+    for index in range(config["n_layers"]):
+        layer = NATIVE.read_layer(ckpt, config, index)
+        if not isinstance(layer, MoELayerView):
+            continue
+        native_prefix, prefix = NATIVE.layer_prefix.format(n=index), target.layer_prefix.format(n=index)
+        moe_prefixes.append(native_prefix + "ffn.")
+        tensors |= layout.router.encode(layer.router, prefix) | layout.experts.encode(layer.experts, prefix)
+        if layout.shared is not None:
+            shared = _qwen2_shared(layer)
+            shared_width = shared.gate.shape[0]
+            tensors |= layout.shared.encode(shared, prefix)
+    for key in ckpt.keys():
+        if key.startswith(tuple(moe_prefixes)):
+            continue
+        name = next(
+            (re.sub(pattern, repl, key) for pattern, repl in _RENAMES if re.fullmatch(pattern, key)), None
+        )
+        if name is None:
+            raise ValueError(
+                f"the checkpoint tensor {key!r} has no counterpart in {family}; it cannot be exported"
+            )
+        tensors[name] = ckpt.get(key)
+    if family == "qwen2_moe":  # Qwen2-MoE attention always has q/k/v biases
+        for key in [
+            k for k in tensors if re.fullmatch(r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.weight", k)
+        ]:
+            weight = tensors[key]
+            tensors[key.removesuffix("weight") + "bias"] = weight.new_zeros(weight.shape[0])
+    return {k: t.contiguous() for k, t in tensors.items()}, shared_width
+
+
+def _qwen2_shared(layer: MoELayerView) -> SharedView:
+    """The layer's shared expert as Qwen2-MoE's sigmoid-gated one, computing the same thing."""
+    shared, D = layer.shared, layer.experts.dim
+    like = layer.experts.gate
+    if shared is None:  # a zero expert of width 1 adds exactly 0
+        return SharedView(
+            like.new_zeros(1, D), like.new_zeros(1, D), like.new_zeros(D, 1), like.new_zeros(1, D)
+        )
+    if shared.sigmoid_gate is None:  # sigmoid(0) = 1/2, undone by doubling down (exact in binary)
+        return SharedView(shared.gate, shared.up, 2 * shared.down, like.new_zeros(1, D))
+    return shared
+
+
+def _hf_config(cfg: ModelConfig, family: str, shared_width: int, token_ids: dict[str, int]) -> dict:
+    """config.json for `family`, written as JSON (legacy `rope_theta` beside `rope_parameters`,
+    for older readers)."""
+    moe = cfg.moe
+    common = {
+        "architectures": [_ARCHITECTURES[family]],
+        "model_type": family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": 0.0,
+        "num_experts_per_tok": moe.top_k,
+        "router_aux_loss_coef": moe.balance_coef,
+        "dtype": "float32",
+        **token_ids,
+    }
+    if family == "mixtral":
+        return {
+            **common,
+            "intermediate_size": moe.hidden_dim,
+            "num_local_experts": moe.num_experts,
+            "sliding_window": None,
+        }
+    return {
+        **common,
+        "intermediate_size": cfg.dense_hidden_dim,
+        "moe_intermediate_size": moe.hidden_dim,
+        "shared_expert_intermediate_size": shared_width,
+        "num_experts": moe.num_experts,
+        "norm_topk_prob": moe.renormalize is not False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i, kind in enumerate(cfg.layer_kinds) if kind == "dense"],
+        "qkv_bias": True,
+        "use_sliding_window": False,
+    }
+
+
+def _token_ids(tokenizer: str | os.PathLike | None, vocab_size: int) -> dict[str, int]:
+    """bos/eos/pad ids of the tokenizer that goes with the export, checked against the vocab."""
+    if tokenizer is None:
+        return {}
+    path = Path(tokenizer) / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"no tokenizer.json in {tokenizer}; pass a tokenizer directory or tokenizer=None")
+    tok = Tokenizer.from_file(str(path))
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(
+            f"the tokenizer in {tokenizer} has {tok.get_vocab_size()} tokens but the model's vocab_size is "
+            f"{vocab_size}; pass the tokenizer the model was trained with, or tokenizer=None for weights only"
+        )
+    ids = {
+        "bos_token_id": tok.token_to_id(EOT),
+        "eos_token_id": tok.token_to_id(EOT),
+        "pad_token_id": tok.token_to_id(PAD),
+    }
+    return {key: value for key, value in ids.items() if value is not None}
+
+
+def _check_logits(model_dir: Path, staging: Path, quiet: bool) -> None:
+    """transformers' logits of the export equal moelab's to 1e-4 (relative to their scale)."""
+    from moelab.models import load_pretrained
+
+    native = load_pretrained(model_dir).eval()
+    exported = load_transformers_strict(staging, quiet, dtype=torch.float32)
+    cfg = native.config
+    ids = torch.randint(
+        0, cfg.vocab_size, (2, min(cfg.max_seq_len, 16)), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        expected = native.float()(ids).logits
+        got = exported(ids).logits
+    scale = max(1.0, expected.abs().max().item())
+    error = (got - expected).abs().max().item()
+    if not torch.isfinite(got).all() or error > 1e-4 * scale:
+        raise _fail(
+            f"the exported model's logits differ from moelab's by {error:.3g} (max |logit| {scale:.3g})"
+        )

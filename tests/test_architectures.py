@@ -1,0 +1,480 @@
+"""Every architecture as a config option of the language model: causality in LM mode, router
+gradients, checkpoints, overfitting, config errors, accounting against torch's FLOP counter,
+the example configs, and reference checks of Chain-of-Experts, ReXMoE, latent experts and
+BlockFFN's metrics and losses."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from moelab.models import (
+    ModelConfig,
+    MoETransformer,
+    count_params,
+    flops_per_token,
+    load_pretrained,
+    model_info,
+    save_pretrained,
+    tiny,
+)
+from moelab.nn import (
+    ChainOfExperts,
+    MoEConfig,
+    MoELayer,
+    ReuseRouter,
+    UoEConfig,
+    attach_progressive_scaling,
+    build_moe,
+    set_reuse_progress,
+)
+from moelab.nn.blockffn import chunk_sparsification_loss
+from moelab.nn.losses import router_entropy_loss
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+
+
+def variant(moe_fields=None, **overrides) -> ModelConfig:
+    cfg = tiny()
+    if moe_fields is not None:
+        overrides["moe"] = dataclasses.replace(cfg.moe, **moe_fields)
+    return dataclasses.replace(cfg, **overrides)
+
+
+UOE = dict(moe=None, uoe=UoEConfig(attn_top_k=2, mlp_experts=4, mlp_top_k=2), n_kv_heads=None, first_k_dense=0)
+ARCHS = {
+    "dense": variant(moe=None, first_k_dense=0),
+    "topk": variant(first_k_dense=0),
+    "topp": variant(dict(router="topp", top_p=0.5, entropy_coef=1e-2), first_k_dense=0),
+    "coe": variant(dict(chain_iterations=2, top_k=1, renormalize=False, num_shared=1), first_k_dense=0),
+    "coe-reference-residual": variant(dict(chain_iterations=2, residual_from_norm=True), first_k_dense=0),
+    "blockffn": variant(
+        dict(router="relu", activation="silu", locality_coef=2e-3, chunk_sparsity_coef=5e-2, chunk_len=8),
+        first_k_dense=0,
+    ),
+    "expert-choice": variant(dict(router="expert_choice"), first_k_dense=0),
+    "aux-free": variant(dict(aux_free_bias=True, score_func="sigmoid", balance_coef=0.0), first_k_dense=0),
+    "deepseek": variant(dict(num_experts=8, hidden_dim=16, top_k=3, num_shared=1, renormalize=False)),
+    "graph-sim": variant(dict(router="graph_sim"), first_k_dense=0),
+    "graph-attn": variant(dict(router="graph_attn"), first_k_dense=0),
+    "rexmoe": variant(dict(reuse_layers=2), first_k_dense=0),
+    "mole": variant(dict(latent_dim=16), first_k_dense=0),
+    "uoe": variant(**UOE),
+    "uoe-expert-selection": variant(**{**UOE, "uoe": UoEConfig(attn_expert_top_k=3, mlp_expert_top_k=3)}),
+    "uoe-reference": variant(**{**UOE, "uoe": UoEConfig(selection="reference", gate="none", positions="compact")}),
+}
+NONCAUSAL = {"expert-choice", "uoe-reference"}
+GRADIENT_FREE = {"uoe-reference"}  # gate="none": the reference never applies its gate values
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(name, seed=0, **overrides) -> MoETransformer:
+    cfg = ARCHS[name]
+    if name in NONCAUSAL:
+        overrides.setdefault("allow_noncausal_routing", True)
+    torch.manual_seed(seed)
+    return MoETransformer(dataclasses.replace(cfg, **overrides))
+
+
+def random_ids(batch=2, seq=16, seed=1):
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def routers(model):
+    """Every routing module's parameters, by name."""
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if ".router." in name or ".extra_routers." in name
+    }
+
+
+# ----------------------------------------------------------------------------- every architecture
+
+
+@pytest.mark.parametrize("name", sorted(set(ARCHS) - NONCAUSAL))
+def test_position_t_does_not_see_later_tokens(name):
+    model = build(name, init_std=0.2)
+    ids = random_ids()
+    changed = ids.clone()
+    changed[:, 9:] = random_ids(seed=2)[:, 9:]
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :9], b[:, :9], atol=1e-5, rtol=0)
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+@pytest.mark.parametrize("name", sorted(NONCAUSAL))
+def test_noncausal_architectures_refuse_lm_mode_unless_opted_in(name):
+    with pytest.raises(ValueError, match=r"route non-causally .*allow_noncausal_routing=True"):
+        build(name, allow_noncausal_routing=False)(random_ids())
+    model = build(name, init_std=0.2)
+    ids = random_ids()
+    changed = ids.clone()
+    changed[:, 9:] = random_ids(seed=2)[:, 9:]
+    assert not torch.allclose(model(ids).logits[:, :9], model(changed).logits[:, :9], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(set(ARCHS) - {"dense"}))
+def test_every_router_gets_a_gradient(name):
+    model = build(name)
+    ids = random_ids()
+    out = model(ids, ids)
+    (out.loss + out.aux_loss).backward()
+    params = routers(model)
+    assert params
+    for pname, p in params.items():
+        if name in GRADIENT_FREE:
+            assert p.grad is None, f"{pname} should be gradient-free in the reference UoE"
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{pname} got no gradient"
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_save_load_round_trip_gives_identical_logits(name, tmp_path):
+    model = build(name)
+    save_pretrained(model, tmp_path / "ckpt")
+    loaded = load_pretrained(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    ids = random_ids()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_generate_runs_and_matches_recomputation(name):
+    model = build(name, init_std=0.2).eval()
+    prompt = random_ids(batch=2, seq=5)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    if name in NONCAUSAL:
+        assert model.generate(prompt, 4, greedy=True).shape == ids.shape  # later tokens change earlier routing
+    else:
+        assert torch.equal(model.generate(prompt, 4, greedy=True), ids)
+
+
+def overfit(name, steps=150):
+    model = build(name)
+    ids = random_ids(batch=2, seq=17)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(steps):
+        out = model(inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        (out.loss + out.aux_loss).backward()
+        optimizer.step()
+    return out.loss.item()
+
+
+@pytest.mark.parametrize("name", ["topk", "coe", "uoe", "graph-sim"])
+def test_overfits_a_tiny_batch(name):
+    assert overfit(name) < 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(set(ARCHS) - {"topk", "coe", "uoe", "graph-sim"}))
+def test_overfits_a_tiny_batch_slow(name):
+    assert overfit(name) < 0.1
+
+
+# ----------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(n_heads=5), r"dim \(32\) must be divisible by n_heads \(5\)"),
+        (dict(moe=dict(num_experts=4, hidden_dim=8, top_k=5)), r"top_k must lie in \[1, num_experts=4\]"),
+        (dict(moe=dict(num_experts=4, hidden_dim=8, router="graph_attn", top_k=6)), r"top_k must lie in \[1, num_experts=4\]"),
+        (dict(moe=dict(num_experts=4, hidden_dim=8, router="graph_sin")), r"unknown router 'graph_sin' \(did you mean 'graph_sim'\?\)"),
+        (dict(layer_types=["dense", "ueo"]), r"unknown kind 'ueo' \(did you mean 'uoe'\?\)"),
+        (dict(moe=None, uoe=dict(attn_top_k=5), n_kv_heads=None), r"uoe: UoEConfig.attn_top_k must lie in \[1, num_experts=4\]"),
+        (dict(moe=None, uoe=dict(mlp_top_k=5)), r"UoEConfig.mlp_top_k must lie in \[1, num_experts=4\]"),
+        (dict(moe=None, uoe=dict(selection="casual")), r"unknown UoEConfig.selection 'casual' \(did you mean 'causal'\?\)"),
+        (dict(moe=None, uoe={}, n_kv_heads=2), r"set n_kv_heads \(2\) equal to n_heads \(4\)"),
+        (dict(moe=None, uoe=dict(mlp_experts=3), n_kv_heads=None), r"dense_hidden_dim \(64\) must be divisible by uoe.mlp_experts \(3\)"),
+        (dict(moe=None, uoe=dict(mlp_expert_top_k=1), n_kv_heads=None), r"mlp_expert_top_k \(1\) must lie in \[mlp_top_k=2, 4 experts\]"),
+        (dict(uoe={}, n_kv_heads=None), "both moe and uoe; set layer_types"),
+        (dict(moe=dict(num_experts=4, hidden_dim=8, reuse_layers=2)), r"reuse_layers \(2\) must divide the number of MoE layers \(1\)"),
+        (dict(moe=dict(num_experts=4, hidden_dim=8, reuse_layers=2, router="topp")), "reuse_layers > 1 .* needs router='topk'"),
+        (dict(moe=dict(num_experts=4, hidden_dim=8, chain_iterations=0)), "chain_iterations must be >= 1"),
+        (dict(moe=dict(num_experts=4, hidden_dim=8, latent_dim=64)), r"latent_dim must lie in \[1, dim=32\]"),
+    ],
+)
+def test_bad_configs_fail_at_config_time(change, message):
+    data = tiny().to_dict()
+    data.update(change)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict(data)
+
+
+# ----------------------------------------------------------------------------- example configs
+
+
+EXAMPLES = sorted(CONFIGS_DIR.glob("*.yaml"))
+EQUAL_COMPUTE = ["dense", "moe_top2", "coe2", "uoe", "expert_choice", "deepseek", "aux_free", "rexmoe", "mole"]
+
+
+def test_every_architecture_has_an_example_config():
+    names = {p.stem for p in EXAMPLES}
+    assert {*EQUAL_COMPUTE, "topp", "blockffn", "coe_3x_experts", "graph_sim", "graph_attn"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_configs_load_build_and_round_trip(path, tmp_path):
+    cfg = ModelConfig.load(path)
+    assert cfg.vocab_size == 8192 and cfg.max_seq_len == 256
+    cfg.save(tmp_path / "again.yaml")
+    assert ModelConfig.load(tmp_path / "again.yaml") == cfg
+    model = MoETransformer(cfg)
+    assert count_params(cfg) == sum(p.numel() for p in model.parameters())
+    assert model_info(cfg)["non_embedding_params"] < 4e6
+
+
+def test_example_configs_have_roughly_equal_active_compute():
+    flops = {name: flops_per_token(ModelConfig.load(CONFIGS_DIR / f"{name}.yaml"), 256) for name in EQUAL_COMPUTE}
+    dense = flops["dense"]
+    for name, value in flops.items():
+        assert 0.85 * dense <= value <= 1.1 * dense, (name, value, dense)
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def counted_forward_flops(model, ids):
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = model(ids)
+    measured = {i: r.experts_per_token.item() for i, r in out.moe_results.items()}
+    return counter.get_total_flops() / ids.numel(), measured
+
+
+@pytest.mark.parametrize(
+    "name", ["coe", "coe-reference-residual", "deepseek", "graph-sim", "graph-attn", "rexmoe", "mole", "aux-free"]
+)
+def test_flops_per_token_match_the_flop_counter(name):
+    model = build(name)
+    flops, measured = counted_forward_flops(model, random_ids(seq=24))
+    assert flops_per_token(model.config, 24) == flops
+    assert flops_per_token(model.config, 24, measured) == flops
+
+
+def test_uoe_flops_match_the_counter_when_every_expert_is_chosen():
+    model = build("uoe", uoe=UoEConfig(attn_top_k=4, mlp_top_k=4))
+    flops, _ = counted_forward_flops(model, random_ids(seq=24))
+    assert flops_per_token(model.config, 24) == pytest.approx(flops, rel=1e-6)
+
+
+def test_uoe_flops_with_selection_are_a_lower_bound_near_the_count():
+    """Heads are padded to the largest routed count, so the implementation spends a little more."""
+    model = build("uoe")
+    flops, _ = counted_forward_flops(model, random_ids(seq=24))
+    nominal = flops_per_token(model.config, 24)
+    assert nominal <= flops <= 1.25 * nominal
+
+
+def test_uoe_flop_formula_by_hand():
+    """uoe.yaml: V 8192, D 128, L 4, H 4, Dh 32, F 1024 in 4 slices; 2 heads and 2 slices per token."""
+    cfg = ModelConfig.load(CONFIGS_DIR / "uoe.yaml")
+    D, V, L, S, F_ = 128, 8192, 4, 256, 1024
+    attention = 2 / 4 * 4 * D * D + 4 * D  # the token's share of q, k, v, o + the head router
+    mlp = 2 / 4 * 3 * D * F_ + 4 * D  # 2 of 4 slices + the slice router
+    scores = 2 * 2 * (2 / 4) * 32  # 2 heads, each over half of the S positions, QK^T and AV
+    assert flops_per_token(cfg, S) == 2 * (L * (attention + mlp) + V * D) + 2 * L * scores * S
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_param_counts_match_the_model(name):
+    model = build(name)
+    assert count_params(model.config) == sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- Chain-of-Experts
+
+
+ROUTER_FP32 = dict(rtol=1e-5, atol=1e-5)  # float64 layers still route in float32
+
+
+def router_probs(router, z):
+    """The router's softmax for one token, in float32 as routers compute it (and renormalise)."""
+    return (router.weight.float() @ z.float()).softmax(-1)
+
+
+def small_layer_config(**fields):
+    return MoEConfig(dim=16, num_experts=4, hidden_dim=8, top_k=2, **fields)
+
+
+def test_chain_with_one_iteration_equals_the_plain_layer():
+    torch.manual_seed(0)
+    layer = build_moe(small_layer_config(num_shared=1))
+    chain = ChainOfExperts(layer, 1)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y_chain, r_chain = chain(x)
+    y_layer, r_layer = layer(x)
+    torch.testing.assert_close(y_chain, y_layer, rtol=0, atol=0)
+    torch.testing.assert_close(r_chain.loss, r_layer.loss)
+    assert isinstance(build_moe(small_layer_config(chain_iterations=1)), MoELayer)
+
+
+def test_chain_matches_a_naive_loop_forward_and_backward():
+    """z_t = z_{t-1} + sum_e w_te FFN_e(z_{t-1}) + shared(z_{t-1}), per token, with router t."""
+    torch.manual_seed(0)
+    chain = build_moe(small_layer_config(chain_iterations=3, num_shared=1)).double()
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    y, _ = chain(x)
+    experts, shared = chain.layer.experts, chain.layer.shared
+    I = 8
+    rows = []
+    for t in range(6):
+        z = x[t]
+        for router in [chain.layer.router, *chain.extra_routers]:
+            probs = router_probs(router, z)
+            top = probs.topk(2).indices
+            w = (probs[top] / (probs[top].sum() + 1e-20)).double()
+            update = shared(z[None])[0]
+            for e, we in zip(top.tolist(), w, strict=True):
+                gate_up = experts.gate_up_proj[e] @ z
+                update = update + we * (experts.down_proj[e] @ (F.silu(gate_up[:I]) * gate_up[I:]))
+            z = z + update
+        rows.append(z - x[t])
+    expected = torch.stack(rows)
+    torch.testing.assert_close(y, expected, **ROUTER_FP32)
+    g = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, x, g, retain_graph=True)
+    (expected_grad,) = torch.autograd.grad(expected, x, g)
+    torch.testing.assert_close(grad, expected_grad, **ROUTER_FP32)
+
+
+def test_chain_routers_are_independent():
+    chain = build_moe(small_layer_config(chain_iterations=2))
+    assert not torch.equal(chain.layer.router.weight, chain.extra_routers[0].weight)
+    assert chain.layer.router.weight.data_ptr() != chain.extra_routers[0].weight.data_ptr()
+
+
+def test_reference_residual_adds_the_update_to_the_normalised_input():
+    model = build("coe-reference-residual")
+    block = model.layers[0]
+    x = torch.randn(1, 6, 32)
+    cos, sin = model.rope_cos[:6], model.rope_sin[:6]
+    out, _, _ = block(x, cos, sin, None, 0, None)
+    h = x + block.attn(block.attn_norm(x), cos, sin, None, 0, None)[0]
+    normed = block.ffn_norm(h)
+    torch.testing.assert_close(out, normed + block.ffn(normed)[0])
+
+
+# ----------------------------------------------------------------------------- ReXMoE
+
+
+def test_rexmoe_groups_share_one_expert_pool():
+    model = build("rexmoe", n_layers=4)
+    ffns = [block.ffn for block in model.layers]
+    assert ffns[0].experts is ffns[1].experts and ffns[2].experts is ffns[3].experts
+    assert ffns[0].experts is not ffns[2].experts and ffns[0].experts.num_experts == 8
+    assert [f.router.position for f in ffns] == [0, 1, 0, 1]
+    assert count_params(model.config) == count_params(variant(n_layers=4, first_k_dense=0)) + 4 * 4 * 32
+
+
+def test_rexmoe_progressive_scaling_masks_foreign_experts():
+    router = ReuseRouter(8, 4, 3, 1, 2)
+    x = torch.randn(64, 8)
+    set_reuse_progress(torch.nn.Sequential(router), 0.0)
+    routing = router(x)
+    assert set(routing.indices.unique().tolist()) <= {4, 5, 6, 7}
+    assert routing.probs[:, :4].eq(0).all() and routing.probs[:, 8:].eq(0).all()
+    router.set_progress(0.5)  # 4 of 8 foreign experts: nearest layers first, then by index
+    assert router.candidates.nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    router.set_progress(1.0)
+    assert router.candidates.all()
+
+
+def test_rexmoe_progressive_scaling_hook_ramps():
+    model = build("rexmoe")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    attach_progressive_scaling(optimizer, model, ramp_steps=2)
+    router = model.layers[0].ffn.router
+    assert router.candidates.sum() == 4
+    optimizer.step()
+    assert router.candidates.sum() == 6
+    optimizer.step()
+    assert router.candidates.all()
+    with pytest.raises(ValueError, match="no ReXMoE router"):
+        set_reuse_progress(build("topk"), 0.5)
+
+
+# ----------------------------------------------------------------------------- latent experts
+
+
+def test_latent_experts_match_a_naive_reference_forward_and_backward():
+    torch.manual_seed(0)
+    layer = build_moe(small_layer_config(latent_dim=6)).double()
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    y, _ = layer(x)
+    experts, A, A_out = layer.experts, layer.latent.down_proj.weight, layer.latent.up_proj.weight
+    rows = []
+    for t in range(5):
+        probs = router_probs(layer.router, x[t])
+        top = probs.topk(2).indices
+        w = (probs[top] / (probs[top].sum() + 1e-20)).double()
+        z = A @ x[t]
+        out = 0
+        for e, we in zip(top.tolist(), w, strict=True):
+            gate_up = experts.gate_up_proj[e] @ z
+            out = out + we * (A_out @ (experts.down_proj[e] @ (F.silu(gate_up[:8]) * gate_up[8:])))
+        rows.append(out)
+    expected = torch.stack(rows)
+    torch.testing.assert_close(y, expected, **ROUTER_FP32)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(
+        torch.autograd.grad(y, x, g, retain_graph=True)[0], torch.autograd.grad(expected, x, g)[0], **ROUTER_FP32
+    )
+    assert experts.gate_up_proj.shape == (4, 16, 6)
+
+
+# ----------------------------------------------------------------------------- BlockFFN
+
+
+def test_blockffn_metrics_are_reported_and_match_a_naive_count():
+    model = build("blockffn", init_std=0.2)
+    for layer in model.moe_layers.values():
+        layer.trace = True
+    out = model(random_ids(seq=16))
+    tls, cls = [], []
+    for result in out.moe_results.values():
+        active = (result.routing.weights > 0).view(2, 16, 4)  # the ReLU router's gates are 0 exactly where inactive
+        tls.append(1 - active.float().mean())
+        chunks = [active[b, c : c + 8].any(0) for b in range(2) for c in (0, 8)]
+        cls.append(1 - torch.stack(chunks).float().mean())
+        torch.testing.assert_close(result.metrics["tls"], tls[-1])
+        torch.testing.assert_close(result.metrics["cls"], cls[-1])
+    torch.testing.assert_close(out.metrics["tls"], torch.stack(tls).mean())
+    torch.testing.assert_close(out.metrics["cls"], torch.stack(cls).mean())
+    assert 0 < out.metrics["tls"] < 1 and {"locality", "chunk_sparsity"} <= set(out.aux_losses)
+
+
+def test_chunk_loss_matches_a_naive_product_and_composes_with_entropy():
+    """L_CS = 1 - mean over (chunk, expert) of prod (1 - p); the reference's in-place masking broke
+    backward when another term (entropy) had used p first: both together must backprop."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 10, 4, dtype=torch.float64, requires_grad=True)
+    p = logits.softmax(-1)
+    loss = chunk_sparsification_loss(p, chunk_len=4) + router_entropy_loss(p.view(-1, 4))
+    silent = []
+    for b in range(2):
+        for start in (0, 4, 8):
+            chunk = p[b, start : start + 4]
+            silent.append(torch.prod(1 - chunk + 1e-5, dim=0))
+    expected = 1 - torch.stack(silent).mean() + router_entropy_loss(p.view(-1, 4))
+    fp32 = dict(rtol=1e-5, atol=1e-6)  # the losses compute in float32
+    torch.testing.assert_close(loss.double(), expected, **fp32)
+    (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, logits)[0], **fp32)

@@ -1,0 +1,147 @@
+"""moelab.hf.export: moelab checkpoints written as Qwen2-MoE / Mixtral load in transformers with
+moelab's logits (the exporter checks 1e-4 itself; the tests check again, independently)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from moelab.hf import export as export_module
+from moelab.hf.export import export_checkpoint
+from moelab.hf.writer import WriteCheckError
+from moelab.models import MoETransformer, save_pretrained, tiny
+from moelab.nn import MoEConfig
+
+
+def _model(path, *, vocab_size=128, moe=None, **fields) -> MoETransformer:
+    """tiny() (dense layer 0, MoE layer 1) with unit-scale random weights, saved to `path`."""
+    torch.manual_seed(0)
+    moe = MoEConfig(dim=32, num_experts=4, hidden_dim=32, top_k=2, **(moe or {}))
+    model = MoETransformer(dataclasses.replace(tiny(), vocab_size=vocab_size, moe=moe, **fields)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
+    save_pretrained(model, path)
+    return model
+
+
+CASES = {
+    "qwen2_moe-plain": ("qwen2_moe", {}, {}),
+    "qwen2_moe-shared-tied-theta": (
+        "qwen2_moe",
+        {"num_shared": 1},
+        {"tie_embeddings": True, "rope_theta": 1234.0},
+    ),
+    "qwen2_moe-gated-raw-first2dense": (
+        "qwen2_moe",
+        {"num_shared": 2, "shared_gate": True, "renormalize": False},
+        {"n_layers": 4, "first_k_dense": 2, "norm_eps": 1e-3},
+    ),
+    "qwen2_moe-moe_every2": ("qwen2_moe", {}, {"n_layers": 4, "first_k_dense": 0, "moe_every": 2}),
+    "mixtral-tied": ("mixtral", {}, {"first_k_dense": 0, "tie_embeddings": True, "n_kv_heads": 1}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_export_matches_moelab_logits(tmp_path, case):
+    family, moe, fields = CASES[case]
+    model = _model(tmp_path / "src", moe=moe, **fields)
+    export_checkpoint(tmp_path / "src", tmp_path / "out", family, tokenizer=None, quiet=True)
+    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert hf.config.model_type == family
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = model(ids).logits, hf.eval()(ids).logits
+    assert expected.abs().max() > 1
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    # greedy generation with the KV cache agrees too
+    with torch.no_grad():
+        ours = model.generate(ids[:1, :5], 6, greedy=True)
+        theirs = hf.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert torch.equal(ours, theirs)
+
+
+def test_export_with_the_shipped_tokenizer(tmp_path):
+    _model(tmp_path / "src", vocab_size=8192, moe={"num_shared": 1})
+    export_checkpoint(tmp_path / "src", tmp_path / "out", "qwen2_moe", quiet=True)
+    tok = PreTrainedTokenizerFast.from_pretrained(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["eos_token_id"] == tok.eos_token_id == 0 and config["pad_token_id"] == tok.pad_token_id == 1
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = tok("def f(x):\n    return x", return_tensors="pt").input_ids
+    assert torch.isfinite(hf(ids).logits).all()
+
+
+@pytest.mark.parametrize(
+    "family,moe,fields,message",
+    [
+        ("mixtral", {}, {}, r"dense layers \(Mixtral has MoE in every layer; use qwen2_moe\)"),
+        ("mixtral", {"num_shared": 1}, {"first_k_dense": 0}, "a shared expert"),
+        (
+            "qwen2_moe",
+            {"score_func": "sigmoid", "aux_free_bias": True},
+            {},
+            r"score_func='sigmoid' \(only 'softmax'\); the aux-loss-free selection bias",
+        ),
+        ("qwen2_moe", {"router": "topp"}, {}, r"router='topp'"),
+        ("qwen2_moe", {"capacity_factor": 1.0}, {}, "capacity dropping"),
+        ("qwen2_moe", {"latent_dim": 16}, {}, r"latent experts \(latent_dim=16\)"),
+    ],
+)
+def test_models_that_do_not_map_are_refused(tmp_path, family, moe, fields, message):
+    _model(tmp_path / "src", moe=moe, **fields)
+    with pytest.raises(ValueError, match=rf"cannot be exported exactly as {family}: it has .*{message}"):
+        export_checkpoint(tmp_path / "src", tmp_path / "out", family, tokenizer=None, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_arguments(tmp_path):
+    _model(tmp_path / "src")
+    with pytest.raises(ValueError, match=r"unknown export family 'qwen2moe' \(did you mean 'qwen2_moe'\?\)"):
+        export_checkpoint(tmp_path / "src", tmp_path / "out", "qwen2moe")
+    with pytest.raises(ValueError, match=r"tokenizer .* has 8192 tokens but the model's vocab_size is 128"):
+        export_checkpoint(tmp_path / "src", tmp_path / "out", "qwen2_moe")
+
+
+def test_a_wrong_mapping_fails_the_logit_check(tmp_path, monkeypatch):
+    """The exporter's own check can fail: forgetting to double an ungated shared expert's down
+    projection (Qwen2-MoE gates it by sigmoid(0) = 1/2) loads fine but computes something else."""
+    _model(tmp_path / "src", moe={"num_shared": 1})
+    real = export_module._qwen2_shared
+
+    def halved(layer):
+        shared = real(layer)
+        return dataclasses.replace(shared, down=shared.down / 2)
+
+    monkeypatch.setattr(export_module, "_qwen2_shared", halved)
+    with pytest.raises(WriteCheckError, match="logits differ from moelab's"):
+        export_checkpoint(tmp_path / "src", tmp_path / "out", "qwen2_moe", tokenizer=None, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_export(tmp_path):
+    from typer.testing import CliRunner
+
+    from moelab.cli import app
+
+    _model(tmp_path / "src")
+    args = [
+        "export",
+        str(tmp_path / "src"),
+        "--family",
+        "qwen2_moe",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-tokenizer",
+        "--quiet",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and (tmp_path / "out" / "config.json").is_file()
+    result = CliRunner().invoke(app, [*args[:3], "mixtral", "--out", str(tmp_path / "out2")])
+    assert result.exit_code != 0 and "cannot be exported exactly as mixtral" in str(result.exception)

@@ -1,0 +1,396 @@
+"""moelab.hf.writer: write-back of edited MoE checkpoints, checked against transformers.
+
+For every family and on-disk layout, half the experts of every MoE layer are dropped; the
+result must load strictly in transformers, have exactly the keys and shapes transformers itself
+writes for the smaller model, differ from config.json only in the expert count, and give the
+logits of the original model whose MoE blocks route with the dropped experts masked out
+(router logits -inf before top-k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from hf_tiny import TINY, D, block_output, build, load
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moelab.hf import CheckpointError, MoELayerView, open_checkpoint
+from moelab.hf import layouts as layouts_module
+from moelab.hf.writer import (
+    EXPERT_MAP_NAME,
+    LayerEdit,
+    WriteCheckError,
+    apply_edit,
+    drop_experts,
+    masked_moe_layer,
+    write_checkpoint,
+)
+from moelab.models import MoETransformer, load_pretrained, save_pretrained, tiny
+from moelab.nn import MoEConfig
+
+CASES = [(family, True) for family in TINY] + [
+    (family, False) for family, tiny_ in TINY.items() if tiny_.fused
+]
+IDS = [f"{f}-{'per_expert' if o else 'fused'}" for f, o in CASES]
+
+
+def _drop(family: str, index: int) -> list[int]:
+    """Half the experts, different per layer; DeepSeek's 8 experts in 2 groups lose 2 per group."""
+    if family.startswith("deepseek"):
+        return [1, 2, 4, 7]
+    return [0, 2] if index % 2 else [1, 2]
+
+
+class _Block(torch.nn.Module):
+    """A moelab layer in place of a transformers MoE block: [B, S, D] -> [B, S, D] (or (y, None))."""
+
+    def __init__(self, layer, returns_tuple: bool):
+        super().__init__()
+        self.layer, self.returns_tuple = layer, returns_tuple
+
+    def forward(self, x, *args, **kwargs):
+        y, _ = self.layer(x)
+        return (y, None) if self.returns_tuple else y
+
+
+def _masked_model(family: str, path, drop: dict[int, list[int]]):
+    """The original transformers model whose MoE blocks route with the `drop` experts masked."""
+    model, tiny_ = load(path), TINY[family]
+    with open_checkpoint(path) as view:
+        for layer in view.layers():
+            if isinstance(layer, MoELayerView):
+                keep = [e for e in range(layer.router.num_experts) if e not in drop[layer.index]]
+                layer = dataclasses.replace(layer, shared=None) if tiny_.shared_outside else layer
+                block = _Block(masked_moe_layer(layer, keep), tiny_.returns_tuple)
+                model.set_submodule(tiny_.path.format(i=layer.index), block)
+    return model
+
+
+def _tensors(path) -> dict[str, tuple[int, ...]]:
+    index = path / "model.safetensors.index.json"
+    shards = (
+        set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else {"model.safetensors"}
+    )
+    out = {}
+    for shard in shards:
+        with safe_open(path / shard, "pt") as f:
+            out |= {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return out
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family,original", CASES, ids=IDS)
+def test_drop_half_the_experts(tmp_path, family, original):
+    src, out = tmp_path / "src", tmp_path / "out"
+    build(family).save_pretrained(src, save_original_format=original)
+    moe_layers = [i for i in range(2) if i not in TINY[family].dense]
+    drop = {i: _drop(family, i) for i in moe_layers}
+    drop_experts(src, out, drop, quiet=True)
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+    # config.json: only the expert count changed, at JSON level
+    before, after = (json.loads((p / "config.json").read_text()) for p in (src, out))
+    changed = {k for k in before | after if before.get(k) != after.get(k)}
+    assert len(changed) == 1, changed
+    (key,) = changed
+    E = before[key]["moe_num_experts"] if key == "ffn_config" else before[key]
+    new_E = E - len(drop[moe_layers[0]])
+    assert (after[key]["moe_num_experts"] if key == "ffn_config" else after[key]) == new_E
+
+    # the layout transformers itself writes for the smaller model, key for key and shape for shape
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
+    fresh.save_pretrained(tmp_path / "fresh", save_original_format=original)
+    assert _tensors(out) == _tensors(tmp_path / "fresh")
+
+    # outputs: the masked-router simulation on the original model
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected = _logits(_masked_model(family, src, drop), ids)
+    got = _logits(load(out), ids)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert (expected - _logits(load(src), ids)).abs().max() > 1e-3, "dropping experts changed nothing"
+
+    expert_map = json.loads((out / EXPERT_MAP_NAME).read_text())
+    for i in moe_layers:
+        kept = [e for e in range(E) if e not in drop[i]]
+        assert expert_map["layers"][str(i)] == {
+            "sources": [[e] for e in kept],
+            "kept": kept,
+            "merge_groups": [],
+            "tensors_replaced": False,
+        }
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_masked_simulation_is_the_original_where_kept_experts_were_chosen(tmp_path, family):
+    """Independent of the writer: for renormalised softmax routing, a token whose top-k experts
+    are all kept gets exactly the original block's output from the masked simulation."""
+    model = build(family)
+    model.save_pretrained(tmp_path)
+    index = 1
+    layer = open_checkpoint(tmp_path).layer(index)
+    keep = [0, 1, 3]
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masked, _ = masked_moe_layer(layer, keep)(x)
+        chosen = layer.router.weight @ x.T  # [E, T] logits; softmax is monotone
+    untouched = (chosen.topk(2, dim=0).indices != 2).all(0)
+    assert 10 < untouched.sum() < 64
+    original = block_output(family, model, index, x[None])[0]
+    torch.testing.assert_close(masked[untouched], original[untouched], atol=1e-5, rtol=0)
+    assert (masked[~untouched] - original[~untouched]).abs().max() > 1e-3
+
+
+def test_sharded_source_side_files_and_chained_edits(tmp_path):
+    """A sharded source stays sharded (renumbered index), tokenizer-like side files are copied,
+    pickles are not, and a second edit's expert map refers to the first model's ids."""
+    src = tmp_path / "src"
+    build("mixtral").save_pretrained(src, max_shard_size="20KB")
+    (src / "tokenizer_config.json").write_text("{}")
+    (src / "pytorch_model.bin").write_bytes(b"stale")
+    drop_experts(src, tmp_path / "a", [1], quiet=True)  # keeps 0, 2, 3
+    index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert all((tmp_path / "a" / shard).is_file() for shard in index["weight_map"].values())
+    assert (tmp_path / "a" / "tokenizer_config.json").is_file()
+    assert not (tmp_path / "a" / "pytorch_model.bin").exists()
+    drop_experts(tmp_path / "a", tmp_path / "b", [0], quiet=True)  # keeps 2, 3 of the first model
+    layers = json.loads((tmp_path / "b" / EXPERT_MAP_NAME).read_text())["layers"]
+    assert layers["0"]["kept"] == [2, 3] and layers["1"]["kept"] == [2, 3]
+
+
+def _narrow_and_merge(layer: MoELayerView) -> MoELayerView:
+    """Experts 0 and 1 merged (averaged), experts 2 and 3 kept; every expert narrowed to half
+    its hidden units; the merged expert's router row is the mean of the two."""
+    ex, router = layer.experts, layer.router
+    half = ex.hidden_dim // 2
+
+    def experts(t, hidden_dim: int | None):
+        merged = torch.stack([t[:2].mean(0), t[2], t[3]])
+        return merged if hidden_dim is None else merged.narrow(hidden_dim, 0, half)
+
+    new_experts = dataclasses.replace(
+        ex,
+        gate=experts(ex.gate, 1),
+        up=experts(ex.up, 1),
+        down=experts(ex.down, 2),
+        gate_bias=None if ex.gate_bias is None else experts(ex.gate_bias, 1),
+        up_bias=None if ex.up_bias is None else experts(ex.up_bias, 1),
+        down_bias=None if ex.down_bias is None else experts(ex.down_bias, None),
+    )
+    rows = lambda t: None if t is None else experts(t, None)  # noqa: E731
+    new_router = dataclasses.replace(router, weight=rows(router.weight), bias=rows(router.bias))
+    return dataclasses.replace(layer, router=new_router, experts=new_experts)
+
+
+@pytest.mark.parametrize("family,original", [("qwen3_moe", True), ("gpt_oss", True), ("granitemoe", True)])
+def test_merged_and_narrowed_experts(tmp_path, family, original):
+    """Replacement tensors: transformers' block on the written checkpoint computes the edited view."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    build(family).save_pretrained(src, save_original_format=original)
+    moe_layers = [i for i in range(2) if i not in TINY[family].dense]
+    views = {i: _narrow_and_merge(open_checkpoint(src).layer(i)) for i in moe_layers}
+    edits = {i: LayerEdit(((0, 1), (2,), (3,)), view=views[i]) for i in moe_layers}
+    write_checkpoint(src, out, edits, quiet=True)
+    model = load(out)
+    x = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(0))
+    from moelab.hf import moe_layer_from_view
+
+    for i in moe_layers:
+        with torch.no_grad():
+            expected, _ = moe_layer_from_view(views[i])(x)
+        torch.testing.assert_close(block_output(family, model, i, x), expected, atol=1e-5, rtol=0)
+    config = json.loads((out / "config.json").read_text())
+    width = "moe_intermediate_size" if family == "qwen3_moe" else "intermediate_size"
+    assert config[width] == 8
+    layer_map = json.loads((out / EXPERT_MAP_NAME).read_text())["layers"][str(moe_layers[-1])]
+    assert layer_map["merge_groups"] == [[0, 1]] and layer_map["kept"] == [2, 3]
+
+
+def test_bf16_source_stays_bf16(tmp_path):
+    build("olmoe").to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    drop_experts(tmp_path / "src", tmp_path / "out", [3], quiet=True)
+    layer = open_checkpoint(tmp_path / "out").layer(0)
+    assert layer.router.weight.dtype == layer.experts.gate.dtype == torch.bfloat16
+    assert layer.router.num_experts == 3
+
+
+# ----------------------------------------------------------------------------- moelab's own format
+
+
+def _native(tmp_path, **moe):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(
+        tiny(), moe=MoEConfig(dim=32, num_experts=4, hidden_dim=32, top_k=2, **moe), tie_embeddings=True
+    )
+    model = MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
+        for layer in model.moe_layers.values():
+            if layer.router.expert_bias is not None:  # expert 1, dropped below, would win every selection
+                layer.router.expert_bias.uniform_(0, 0.1)[1] = 2.0
+    save_pretrained(model, tmp_path / "src")
+    return model
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [
+        {},
+        {"num_shared": 1, "shared_gate": True},
+        {"score_func": "sigmoid", "aux_free_bias": True, "router_bias": True},
+    ],
+    ids=["plain", "shared", "sigmoid_bias"],
+)
+def test_native_checkpoint(tmp_path, moe):
+    model = _native(tmp_path, **moe)
+    drop_experts(tmp_path / "src", tmp_path / "out", [1], quiet=True)
+    pruned = load_pretrained(tmp_path / "out").eval()
+    assert pruned.config.moe.num_experts == 3
+    with open_checkpoint(tmp_path / "src") as view:
+        for i in model.moe_layers:
+            model.layers[i].ffn = masked_moe_layer(view.layer(i), [0, 2, 3])
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(pruned, ids), _logits(model, ids), atol=1e-5, rtol=0)
+
+
+def test_native_per_layer_counts_are_refused(tmp_path):
+    model = _native(tmp_path)
+    cfg = dataclasses.replace(model.config, first_k_dense=0)
+    save_pretrained(MoETransformer(cfg), tmp_path / "two")
+    with pytest.raises(ValueError, match=r"layer 0: 3 x as before, layer 1: 2 x .*single MoEConfig"):
+        drop_experts(tmp_path / "two", tmp_path / "out", {0: [1], 1: [1, 2]}, quiet=True)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def mixtral(tmp_path):
+    build("mixtral").save_pretrained(tmp_path / "src")
+    return tmp_path / "src"
+
+
+def test_fewer_experts_than_top_k(mixtral, tmp_path):
+    with pytest.raises(
+        ValueError, match=r"leaves 1 experts but the router picks top_k=2 per token; keep at least 2"
+    ):
+        drop_experts(mixtral, tmp_path / "out", [0, 1, 2], quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_per_layer_counts_are_refused(mixtral, tmp_path):
+    with pytest.raises(ValueError, match=r"layer 0: 3 x .*layer 1: 2 x .*cannot build per-layer counts"):
+        drop_experts(mixtral, tmp_path / "out", {0: [1], 1: [1, 2]}, quiet=True)
+    with pytest.raises(ValueError, match=r"layer 0: 3 x as before, layer 1: 4 x as before"):
+        drop_experts(mixtral, tmp_path / "out", {0: [1]}, quiet=True)
+
+
+@pytest.mark.parametrize(
+    "drop,message",
+    [
+        ([3], r"new count 7 must be a multiple of 2"),
+        ([0, 1, 2, 3], r"every group to keep 2 experts of its own.*keeps \[0, 4\] per group.*Prune equally"),
+        ([0, 1, 2, 4, 5, 6], r"top_k=2 exceeds the 1 experts of the topk_group=1 groups left"),
+        (
+            [0, 1, 2, 4, 5, 6, "topk_group=2"],
+            r"adds each group's two best experts, so every group must keep at least 2",
+        ),
+    ],
+)
+def test_group_limited_routing(tmp_path, drop, message):
+    build("deepseek_v3").save_pretrained(tmp_path / "src")
+    if drop[-1] == "topk_group=2":
+        drop = drop[:-1]
+        config = json.loads((tmp_path / "src" / "config.json").read_text())
+        (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "topk_group": 2}))
+    with pytest.raises(ValueError, match=message):
+        drop_experts(tmp_path / "src", tmp_path / "out", drop, quiet=True)
+
+
+def test_bad_edits(mixtral, tmp_path):
+    with pytest.raises(ValueError, match=r"expert ids \[4\] out of range"):
+        write_checkpoint(mixtral, tmp_path / "out", {0: LayerEdit.keep([0, 4])}, quiet=True)
+    with pytest.raises(ValueError, match=r"layers \[5\] are not MoE layers"):
+        write_checkpoint(mixtral, tmp_path / "out", {5: LayerEdit.keep([0, 1])}, quiet=True)
+    with pytest.raises(ValueError, match="distinct expert ids"):
+        LayerEdit(((0,), (0,)))
+    with pytest.raises(ValueError, match="merged experts .* need their new tensors"):
+        LayerEdit(((0, 1), (2,)))
+    with pytest.raises(ValueError, match="names no experts"):
+        drop_experts(mixtral, tmp_path / "out", [], quiet=True)
+    layer = open_checkpoint(mixtral).layer(0)
+    wrong = dataclasses.replace(layer, router=dataclasses.replace(layer.router, top_k=1))
+    with pytest.raises(ValueError, match=r"edited router has top_k=1 but the checkpoint's is 2"):
+        write_checkpoint(
+            mixtral, tmp_path / "out", {0: LayerEdit(((0,), (1,), (2,), (3,)), view=wrong)}, quiet=True
+        )
+
+
+def test_output_directory_is_checked(mixtral, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("")
+    with pytest.raises(ValueError, match="already exists; choose a new directory or pass overwrite=True"):
+        drop_experts(mixtral, tmp_path / "busy", [0], quiet=True)
+    with pytest.raises(ValueError, match="outside the source checkpoint"):
+        drop_experts(mixtral, mixtral / "pruned", [0], quiet=True)
+    drop_experts(mixtral, tmp_path / "busy", [0], quiet=True, overwrite=True)
+    assert not (tmp_path / "busy" / "x").exists() and (tmp_path / "busy" / "config.json").is_file()
+
+
+def test_corrupt_sources(mixtral, tmp_path):
+    config = json.loads((mixtral / "config.json").read_text())
+    (mixtral / "config.json").write_text(json.dumps({**config, "num_local_experts": 8}))
+    with pytest.raises(
+        CheckpointError, match=r"config says 8 experts \(num_local_experts\), checkpoint layer 0 has 4"
+    ):
+        drop_experts(mixtral, tmp_path / "out", [0], quiet=True)
+    sharded = tmp_path / "sharded"
+    build("mixtral").save_pretrained(sharded, max_shard_size="20KB")
+    sorted(sharded.glob("model-*.safetensors"))[1].unlink()
+    with pytest.raises(CheckpointError, match="missing from"):
+        drop_experts(sharded, tmp_path / "out", [0], quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_broken_layout_encoder_fails_the_postconditions(mixtral, tmp_path, monkeypatch):
+    """The checks can fail: an encoder that swaps gate and up writes a loadable checkpoint that
+    computes something else; the writer refuses it and leaves no output."""
+    real = layouts_module.PerExpert.encode
+
+    def swapped(self, experts, prefix):
+        return real(self, dataclasses.replace(experts, gate=experts.up, up=experts.gate), prefix)
+
+    monkeypatch.setattr(layouts_module.PerExpert, "encode", swapped)
+    with pytest.raises(WriteCheckError, match=r"layer 0 differs from the edit applied to the original"):
+        drop_experts(mixtral, tmp_path / "out", [0], quiet=True)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_apply_edit_selects_rows():
+    from moelab.hf.view import ExpertsView, RouterView
+
+    E, I = 4, 3
+    w = torch.arange(E * D, dtype=torch.float32).view(E, D)
+    layer = MoELayerView(
+        0,
+        RouterView(w, "softmax", 2, True, correction_bias=torch.arange(E, dtype=torch.float32)),
+        ExpertsView(
+            torch.randn(E, I, D), torch.randn(E, I, D), torch.randn(E, D, I), down_bias=torch.randn(E, D)
+        ),
+    )
+    edited = apply_edit(layer, LayerEdit.drop([1], E))
+    torch.testing.assert_close(edited.router.weight, w[[0, 2, 3]])
+    torch.testing.assert_close(edited.router.correction_bias, torch.tensor([0.0, 2.0, 3.0]))
+    torch.testing.assert_close(edited.experts.down_bias, layer.experts.down_bias[[0, 2, 3]])
