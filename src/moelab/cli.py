@@ -79,17 +79,34 @@ def train(
 
 
 @app.command()
+def compare(
+    configs: Annotated[list[str], typer.Argument(help="Model config files (.yaml/.json) or preset names, one per variant.")],
+    recipe: Annotated[Path, typer.Option("--train", help="The shared training recipe: TrainConfig fields, or a run file's train section.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory: one run per variant plus report.md, summary.json and plots.")],
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Train several variants on one recipe (equal tokens) and report loss, per-domain loss,
+    params, FLOPs/token, speed and expert load. Re-running resumes and keeps finished variants."""
+    from moelab.train.compare import compare as run_compare
+    from moelab.train.compare import load_recipe
+
+    report = run_compare(configs, load_recipe(recipe), out, quiet=quiet)
+    console.print(f"report: {report}")
+
+
+@app.command()
 def info(
-    config: Annotated[str, typer.Argument(help="A model config file (.json/.yaml) or a preset name (tiny, small).")],
+    config: Annotated[str, typer.Argument(help="A model or run config file (.json/.yaml) or a preset name (tiny, small).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     seq_len: Annotated[int | None, typer.Option(help="Sequence length for attention FLOPs (default: max_seq_len).")] = None,
 ) -> None:
     """Total and active parameters and forward FLOPs per token of a model config."""
     import json
 
-    from moelab.models import ModelConfig, model_info, preset
+    from moelab.models import model_info
+    from moelab.train.config import load_model_config
 
-    cfg = ModelConfig.load(config) if Path(config).suffix else preset(config)
+    cfg = load_model_config(config)
     summary = model_info(cfg, seq_len=seq_len)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -101,6 +118,77 @@ def info(
                 "flops_per_token", "seq_len"):
         table.add_row(key, f"{summary[key]:,}")
     console.print(table)
+
+
+ModelArg = Annotated[str | None, typer.Argument(help="A moelab or local transformers checkpoint directory (default: the shipped reference model).", show_default=False)]
+DataOpt = Annotated[str, typer.Option(help="'corpus' (the shipped corpus), a .txt/.jsonl file or a directory of them.")]
+SplitOpt = Annotated[str, typer.Option(help="Corpus split.")]
+DomainOpt = Annotated[list[str] | None, typer.Option("--domain", help="Only these domains (repeatable; default all).")]
+MaxTokensOpt = Annotated[int, typer.Option(help="Token budget, split evenly over the domains.")]
+SeqLenOpt = Annotated[int, typer.Option(help="Tokens per sequence window.")]
+BatchOpt = Annotated[int, typer.Option(help="Windows per forward pass.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+
+
+@app.command("trace")
+def trace_cmd(
+    model: ModelArg = None,
+    out: Annotated[Path, typer.Option("--out", help="Trace directory (replaced if it holds a trace).")] = Path("trace"),
+    data: DataOpt = "corpus",
+    split: SplitOpt = "validation",
+    domains: DomainOpt = None,
+    max_tokens: MaxTokensOpt = 20000,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchOpt = 8,
+    logits: Annotated[bool, typer.Option("--logits", help="Also store full router logits (float16).")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Record every MoE layer's routing (experts, weights, entropy; domain-labelled) on calibration text."""
+    from moelab.trace import TraceOptions, trace_from_files
+
+    options = TraceOptions(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, logits=logits)
+    trace = trace_from_files(model, out, data=data, split=split, domains=domains, options=options, quiet=quiet)
+    info = trace.info
+    console.print(f"traced {info.num_tokens:,} tokens through {len(info.layers)} MoE layers "
+                  f"({info.settings['tokens_per_second']:,.0f} tokens/s) into {out}")
+
+
+@app.command()
+def analyze(
+    model: ModelArg = None,
+    out: Annotated[Path, typer.Option("--out", help="Report directory.")] = Path("analysis"),
+    data: DataOpt = "corpus",
+    split: SplitOpt = "validation",
+    domains: DomainOpt = None,
+    max_tokens: MaxTokensOpt = 20000,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchOpt = 8,
+    quiet: QuietOpt = False,
+) -> None:
+    """Routing report of a model (or an existing trace directory): load, specialisation, entropy,
+    co-activation, inter-layer affinity, chunk sparsity, super experts -> HTML + PNG + JSON."""
+    from moelab.analyze import analyze as run_analysis
+    from moelab.trace import TraceOptions
+
+    options = TraceOptions(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
+    path = run_analysis(model, out, data=data, split=split, domains=domains, options=options, quiet=quiet)
+    console.print(f"wrote {path} (numbers in {out / 'report.json'}, plots in {out / 'plots'})")
+
+
+@app.command()
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="A moelab checkpoint directory (save_pretrained).")],
+    family: Annotated[str, typer.Option("--family", help="Target format: qwen2_moe or mixtral.")],
+    out: Annotated[Path, typer.Option("--out", help="New directory for the transformers checkpoint.")],
+    no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Weights only, without moelab's shipped tokenizer.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a moelab MoE checkpoint in a transformers family's format (checked: logits match to 1e-4)."""
+    from moelab.hf.export import export_checkpoint
+    from moelab.data.tokenizer import TOKENIZER_DIR
+
+    path = export_checkpoint(model_dir, out, family, tokenizer=None if no_tokenizer else TOKENIZER_DIR, quiet=quiet)
+    console.print(f"wrote {path} ({family}; loads with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
 @app.command()

@@ -1,0 +1,238 @@
+"""The analysis report: PNG plots (matplotlib, Agg) and one self-contained HTML page.
+
+`write_report(summary, out)` writes out/report.json (the numbers), out/plots/*.png and
+out/report.html (the same plots embedded as base64, plus tables).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from moelab.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+
+MAX_PANELS = 16  # grids of per-layer heatmaps show at most this many layers, evenly spaced
+
+
+def write_report(summary: dict[str, Any], out: str | os.PathLike) -> Path:
+    """Write report.json, plots/*.png and report.html into `out`; returns the HTML path."""
+    out = Path(out)
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=1))
+    figures = {
+        "load": _load_figure(summary),
+        "layer_metrics": _metrics_figure(summary),
+        "specialisation": _grid_figure(
+            summary, "P(expert | domain)", lambda s: _domain_share(s), ylabels=list(summary["domains"])
+        ),
+        "coactivation": _grid_figure(
+            summary, "co-activation P(j chosen | i chosen)", lambda s: s["coactivation_conditional"]
+        ),
+        "affinity": _affinity_figure(summary),
+        "super_experts": _super_figure(summary),
+    }
+    images = {}
+    for name, fig in figures.items():
+        if fig is None:
+            continue
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(out / "plots" / f"{name}.png", buffer.getvalue())
+        images[name] = base64.b64encode(buffer.getvalue()).decode("ascii")
+    path = out / "report.html"
+    atomic_write_text(path, _html(summary, images))
+    return path
+
+
+# ---------------------------------------------------------------------- figures
+
+
+def _layers(summary: dict[str, Any]) -> list[str]:
+    return list(summary["layers"])
+
+
+def _shown(items: list) -> list:
+    if len(items) <= MAX_PANELS:
+        return items
+    picks = np.linspace(0, len(items) - 1, MAX_PANELS).round().astype(int)
+    return [items[i] for i in sorted(set(picks))]
+
+
+def _domain_share(stats: dict[str, Any]) -> list[list[float]]:
+    rows = np.array(list(stats["domain_load"].values()))
+    return (rows / np.maximum(rows.sum(1, keepdims=True), 1e-300)).tolist()
+
+
+def _load_figure(summary: dict[str, Any]):
+    layers = _layers(summary)
+    E = max(summary["layers"][i]["num_experts"] for i in layers)
+    grid = np.full((len(layers), E), np.nan)
+    for r, i in enumerate(layers):
+        stats = summary["layers"][i]
+        grid[r, : stats["num_experts"]] = np.array(stats["load_fraction"]) * stats["num_experts"]
+    fig, ax = plt.subplots(figsize=(min(2 + 0.35 * E, 16), 1 + 0.35 * len(layers)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
+    ax.set_xlabel("expert")
+    ax.set_title("expert load relative to uniform (1 = balanced)")
+    fig.colorbar(image, ax=ax)
+    return fig
+
+
+def _metrics_figure(summary: dict[str, Any]):
+    layers = _layers(summary)
+    x = [int(i) for i in layers]
+    stats = [summary["layers"][i] for i in layers]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    axes[0, 0].plot(x, [s["cv"] for s in stats], "o-", label="CV")
+    axes[0, 0].plot(x, [s["max_over_mean"] for s in stats], "s-", label="max / mean")
+    axes[0, 0].set_title("load imbalance")
+    axes[0, 1].plot(x, [s["routing_entropy_bits"] for s in stats], "o-", label="mean per-token router entropy")
+    axes[0, 1].plot(x, [s["max_entropy_bits"] for s in stats], "k--", label="log2 E (uniform)")
+    axes[0, 1].set_title("routing entropy (bits)")
+    axes[1, 0].plot(x, [s["domain_mi_bits"] for s in stats], "o-", label="I(expert; domain)")
+    axes[1, 0].set_title("expert-domain mutual information (bits)")
+    for L in stats[0]["cls"]:
+        axes[1, 1].plot(x, [s["cls"][L] if s["cls"][L] is not None else np.nan for s in stats], "o-", label=f"L={L}")
+    axes[1, 1].set_title("chunk-level sparsity CLS_L")
+    for ax in axes.flat:
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _heatmaps(panels: list[tuple[str, Any]], title: str, ylabels: list[str] | None = None):
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (name, matrix) in zip(axes.flat, panels):
+        image = ax.imshow(np.array(matrix), aspect="auto", cmap="magma", vmin=0)
+        ax.set_title(name, fontsize=9)
+        if ylabels is not None:
+            ax.set_yticks(range(len(ylabels)), ylabels, fontsize=7)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _grid_figure(summary: dict[str, Any], title: str, matrix_of, ylabels: list[str] | None = None):
+    panels = [(f"layer {i}", matrix_of(summary["layers"][i])) for i in _shown(_layers(summary))]
+    return _heatmaps(panels, title, ylabels)
+
+
+def _affinity_figure(summary: dict[str, Any]):
+    if not summary["affinity"]:
+        return None
+    panels = [(f"layer {a['from']} -> {a['to']}", a["conditional"]) for a in _shown(summary["affinity"])]
+    return _heatmaps(panels, "inter-layer affinity P(expert j at next MoE layer | expert i)")
+
+
+def _super_figure(summary: dict[str, Any]):
+    found = summary["super_experts"]
+    if not found or found["threshold"] is None:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for i, values in summary["expert_max_output"].items():
+        ax.scatter(np.full(len(values), int(i)) + np.linspace(-0.3, 0.3, len(values)), values, s=8, c="tab:blue")
+    for i, value in summary["shared_max_output"].items():
+        ax.scatter([int(i)], [value], marker="D", s=24, c="tab:green")
+    for s in found["super_experts"]:
+        ax.scatter([s["layer"]], [s["max_output"]], s=80, facecolors="none", edgecolors="red")
+    ax.axhline(found["threshold"], color="red", ls="--", lw=1, label="threshold")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("max |down-projection output|")
+    ax.set_title("super experts (red circles; diamonds: shared experts)")
+    ax.legend()
+    return fig
+
+
+# ---------------------------------------------------------------------- HTML
+
+SECTIONS = (
+    ("load", "Expert load", "Share of assignments per expert, relative to a uniform split."),
+    ("layer_metrics", "Per-layer summary",
+     "Imbalance, routing entropy, expert-domain mutual information, chunk-level sparsity."),
+    ("specialisation", "Expert x domain specialisation",
+     "For each domain, the share of its assignments each expert receives."),
+    ("coactivation", "Co-activation", "How often expert j is chosen together with expert i, given i."),
+    ("affinity", "Inter-layer affinity", "Where a token that chose expert i goes at the next MoE layer."),
+    ("super_experts", "Super experts", "Max |down-projection output| per expert (Su et al. 2025)."),
+)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _layer_table(summary: dict[str, Any]) -> str:
+    chunk_lens = list(next(iter(summary["layers"].values()))["cls"])
+    header = ["layer", "experts", "CV", "max/mean", "entropy (bits)", "I(expert;domain) (bits)"]
+    header += [f"CLS_{L}" for L in chunk_lens]
+    rows = [
+        [i, s["num_experts"], s["cv"], s["max_over_mean"], s["routing_entropy_bits"], s["domain_mi_bits"]]
+        + [s["cls"][L] if s["cls"][L] is not None else "-" for L in chunk_lens]
+        for i, s in summary["layers"].items()
+    ]
+    return _table(header, rows)
+
+
+def _super_table(summary: dict[str, Any]) -> str:
+    found = summary["super_experts"]
+    if found is None:
+        return "<p>Expert statistics were not recorded in this trace.</p>"
+    if not found["super_experts"]:
+        return "<p>No super experts found.</p>"
+    rows = [[s["layer"], "shared" if s["expert"] == -1 else s["expert"], s["max_output"], s["over_median"]]
+            for s in found["super_experts"]]
+    note = f"<p>threshold {found['threshold']:.4g}; searched MoE layers {found['layers']}</p>"
+    return note + _table(["layer", "expert", "max |output|", "x median"], rows)
+
+
+def _html(summary: dict[str, Any], images: dict[str, str]) -> str:
+    title = f"moelab routing analysis: {summary['model']}"
+    domains = ", ".join(f"{d} ({n:,})" for d, n in summary["domains"].items())
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>family {html.escape(summary['family'])}; {summary['tokens']:,} tokens; "
+        f"domains: {html.escape(domains)}</p>",
+        _layer_table(summary),
+    ]
+    if summary["checks"]:
+        rows = [[i, c["tokens"], c["mismatched"], c["max_weight_error"]] for i, c in summary["checks"].items()]
+        parts += ["<h2>Routing check</h2>",
+                  "<p>Routing recomputed from the checkpoint view against what each block used.</p>",
+                  _table(["layer", "tokens", "mismatched", "max weight error"], rows)]
+    for name, heading, text in SECTIONS:
+        parts.append(f"<h2>{heading}</h2><p>{text}</p>")
+        if name in images:
+            parts.append(f'<img alt="{name}" src="data:image/png;base64,{images[name]}">')
+        if name == "super_experts":
+            parts.append(_super_table(summary))
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")

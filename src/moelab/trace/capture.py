@@ -1,0 +1,379 @@
+"""Capture routing with forward hooks: which experts each token chose, with what weight.
+
+Shape legend: T tokens of one forward call (B*S, flattened row-major), D model dim, E routed
+experts, K slots per token.
+
+    with RoutingCapture(model, view) as capture:   # view: a moelab.hf ModelView (HF models only)
+        model(ids)                                 # or model.generate(...): hooks fire every step
+        routing = capture.pop()                    # {layer: LayerRouting} of the calls since the last pop
+
+moelab models: a hook on each MoE layer's router returns its `Routing` as computed.
+transformers models: a hook on each MoE block's router input recomputes the routing with the
+family's rule from the checkpoint view (`moelab.hf.moe_layer_from_view(...).router`: logits,
+score function, top-k, groups, correction bias, renormalisation, scale), and a hook on the
+experts module reads what the block actually used (`experts(hidden, top_k_index,
+top_k_weights)`; Llama 4 style routers that return dense scores `[T, E]` instead). The recorded
+choice is what the block used; `checks` counts the tokens where the recomputation disagrees.
+
+With `expert_stats`, each expert's largest |down-projection output| over the tokens routed to
+it is kept (`expert_max`, and `shared_max` for shared experts): the Super Experts statistic.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from moelab.hf import ModelView, MoELayerView, moe_layer_from_view, open_checkpoint
+from moelab.nn import MoELayer
+from moelab.nn.routers import Router, Routing
+
+SHARED_DOWN = re.compile(r"(^|\.)shared\w*\.(down_proj|output_linear)$")
+
+
+@dataclass
+class LayerRouting:
+    """What one MoE layer did on T tokens.
+
+    indices: [T, K] int64 chosen experts (-1 = empty slot); weights: [T, K] float32 combine
+    weights; entropy: [T] float32 entropy in bits of the router's distribution over experts;
+    logits: [T, E] float32 raw router logits, or None when not recorded.
+    """
+
+    indices: Tensor
+    weights: Tensor
+    entropy: Tensor
+    logits: Tensor | None = None
+
+    @classmethod
+    def from_routing(cls, routing: Routing) -> LayerRouting:
+        return cls(
+            routing.indices.detach().long(),
+            routing.weights.detach().float(),
+            entropy_bits(routing.probs.detach().float()),
+            routing.logits.detach().float(),
+        )
+
+    @classmethod
+    def cat(cls, parts: list[LayerRouting]) -> LayerRouting:
+        """Concatenate along tokens (parts in call order)."""
+        logits = None if any(p.logits is None for p in parts) else torch.cat([p.logits for p in parts])
+        indices, weights, entropy = (torch.cat([getattr(p, name) for p in parts]) for name in ("indices", "weights", "entropy"))
+        return cls(indices, weights, entropy, logits)
+
+
+@dataclass
+class RoutingCheck:
+    """Recomputed routing (from the view) against what a transformers block used.
+
+    tokens: tokens compared; mismatched: tokens whose set of chosen experts differs;
+    max_weight_error: largest |weight difference| over the tokens that agree.
+    """
+
+    tokens: int = 0
+    mismatched: int = 0
+    max_weight_error: float = 0.0
+
+    def update(self, recomputed: LayerRouting, used: LayerRouting) -> None:
+        a_idx, a_order = recomputed.indices.sort(-1)
+        b_idx, b_order = used.indices.sort(-1)
+        same = (a_idx == b_idx).all(-1)
+        self.tokens += same.numel()
+        self.mismatched += int((~same).sum())
+        if same.any():
+            error = recomputed.weights.gather(-1, a_order) - used.weights.gather(-1, b_order)
+            self.max_weight_error = max(self.max_weight_error, float(error[same].abs().max()))
+
+
+def entropy_bits(probs: Tensor) -> Tensor:
+    """probs: [T, E] rows summing to 1 -> [T] entropy in bits (0 log 0 = 0)."""
+    return torch.special.entr(probs).sum(-1) / math.log(2)
+
+
+@dataclass
+class _LayerTap:
+    """The hooks' state for one MoE layer."""
+
+    index: int
+    num_experts: int
+    top_k: int
+    has_shared: bool = False
+    parts: list[LayerRouting] = field(default_factory=list)
+    pending: LayerRouting | None = None  # recomputed by the router hook, waiting for the experts hook
+    dense_scores: Tensor | None = None  # [T, E] from a router that returns dense scores
+    check: RoutingCheck = field(default_factory=RoutingCheck)
+    expert_max: Tensor | None = None
+    shared_max: Tensor | None = None
+
+    def __post_init__(self):
+        self.expert_max = torch.zeros(self.num_experts)
+        self.shared_max = torch.zeros(1)
+
+    def record_expert_max(self, experts: Tensor, values: Tensor) -> None:
+        """experts: [N] expert of each row (-1 = none); values: [N] the row's max |output|."""
+        keep = experts >= 0
+        self.expert_max.scatter_reduce_(0, experts[keep].cpu(), values[keep].float().cpu(), "amax")
+
+    def record_shared(self, output: Tensor) -> None:
+        self.shared_max = torch.maximum(self.shared_max, output.detach().float().abs().amax().cpu().reshape(1))
+
+
+class RoutingCapture:
+    """Forward hooks on every MoE layer of a moelab `MoETransformer` or a transformers model.
+
+    model: the model to watch; view: its checkpoint view (transformers models only; default:
+    opened from `model.name_or_path`). expert_stats: also keep each expert's max |down output|
+    (costs one extra pass through the experts for transformers models). Use as a context
+    manager, or call `close()` to remove the hooks.
+
+    layers: MoE layer indices; num_experts, top_k: per MoE layer; family: "moelab" or the
+    transformers model_type.
+    """
+
+    def __init__(self, model: nn.Module, view: ModelView | None = None, *, expert_stats: bool = True):
+        self.expert_stats = expert_stats
+        self._handles: list = []
+        self._taps: dict[int, _LayerTap] = {}
+        try:
+            if is_transformers_model(model):
+                view = view or open_checkpoint(model.name_or_path)
+                self.family = view.family
+                self._hook_transformers(model, view)
+            else:
+                self.family = "moelab"
+                self._hook_moelab(model)
+        except BaseException:
+            self.close()
+            raise
+        if not self._taps:
+            raise ValueError(
+                f"{type(model).__name__} has no MoE layers to trace (every layer is dense); "
+                "pass a model with at least one MoE layer"
+            )
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._taps)
+
+    @property
+    def num_experts(self) -> dict[int, int]:
+        return {i: tap.num_experts for i, tap in sorted(self._taps.items())}
+
+    @property
+    def top_k(self) -> dict[int, int]:
+        return {i: tap.top_k for i, tap in sorted(self._taps.items())}
+
+    @property
+    def checks(self) -> dict[int, RoutingCheck]:
+        return {i: tap.check for i, tap in sorted(self._taps.items())}
+
+    @property
+    def expert_max(self) -> dict[int, Tensor]:
+        """{layer: [E] max |down-projection output| per routed expert} (zeros without expert_stats)."""
+        return {i: tap.expert_max for i, tap in sorted(self._taps.items())}
+
+    @property
+    def shared_max(self) -> dict[int, Tensor]:
+        """{layer: [1] max |down-projection output| of the shared experts}, layers that have them."""
+        return {i: tap.shared_max for i, tap in sorted(self._taps.items()) if tap.has_shared}
+
+    def pop(self) -> dict[int, LayerRouting]:
+        """The routing recorded since the last pop, {layer: LayerRouting over those tokens}."""
+        missing = [i for i, tap in self._taps.items() if not tap.parts]
+        if missing and len(missing) < len(self._taps):
+            raise RuntimeError(f"MoE layers {missing} recorded nothing while others did; were hooks removed?")
+        out = {i: LayerRouting.cat(tap.parts) for i, tap in sorted(self._taps.items()) if tap.parts}
+        for tap in self._taps.values():
+            tap.parts = []
+        return out
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> RoutingCapture:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ moelab models
+
+    def _hook_moelab(self, model: nn.Module) -> None:
+        blocks = getattr(model, "layers", None)
+        if not isinstance(blocks, nn.ModuleList):
+            raise ValueError(
+                f"cannot trace {type(model).__name__}: expected a moelab MoETransformer (blocks in "
+                "`.layers`) or a transformers model"
+            )
+        for i, block in enumerate(blocks):
+            layer = next((m for m in block.modules() if isinstance(m, MoELayer)), None)
+            if layer is None:
+                continue
+            tap = self._taps[i] = _LayerTap(i, layer.num_experts, layer.router.top_k, layer.shared is not None)
+            self._handles.append(layer.router.register_forward_hook(_on_moelab_routing(tap)))
+            if self.expert_stats:
+                self._handles.append(layer.experts.register_forward_hook(_on_moelab_experts(tap)))
+                if layer.shared is not None:
+                    self._handles.append(layer.shared.down_proj.register_forward_hook(_on_shared(tap)))
+
+    # ------------------------------------------------------------------ transformers models
+
+    def _hook_transformers(self, model: nn.Module, view: ModelView) -> None:
+        blocks = _decoder_layers(model, view.num_layers)
+        for i in range(view.num_layers):
+            layer_view = view.layer(i)
+            if not isinstance(layer_view, MoELayerView):
+                continue
+            router = moe_layer_from_view(layer_view).router  # the family's rule, with the view's weights
+            E, D = layer_view.router.weight.shape
+            router_module, experts_module, shared_down = _find_moe_modules(blocks[i], i, E, D)
+            tap = self._taps[i] = _LayerTap(i, E, router.top_k, shared_down is not None)
+            self._handles.append(router_module.register_forward_hook(_on_hf_router(tap, router), with_kwargs=True))
+            self._handles.append(
+                experts_module.register_forward_hook(
+                    _on_hf_experts(tap, experts_module, self.expert_stats), with_kwargs=True
+                )
+            )
+            if self.expert_stats and shared_down is not None:
+                self._handles.append(shared_down.register_forward_hook(_on_shared(tap)))
+
+
+# ---------------------------------------------------------------------- hook functions
+
+
+def _on_moelab_routing(tap: _LayerTap):
+    def hook(module: Router, args, routing: Routing) -> None:
+        tap.parts.append(LayerRouting.from_routing(routing))
+
+    return hook
+
+
+def _on_moelab_experts(tap: _LayerTap):
+    """Experts see rows grouped by expert, `(xs [N, D], counts, row_weights [N])`, and return
+    each row's output times its routing weight: divide it back out."""
+
+    def hook(module: nn.Module, args, ys: Tensor) -> None:
+        counts = torch.as_tensor(list(args[1]))
+        experts = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        out = ys.detach().float().abs().amax(-1)
+        row_weights = args[2] if len(args) > 2 else None
+        if row_weights is not None:
+            w = row_weights.detach().float().abs().cpu()
+            out = torch.where(w > 0, out.cpu() / w.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+            experts = experts.masked_fill(w == 0, -1)
+        tap.record_expert_max(experts, out)
+
+    return hook
+
+
+def _on_shared(tap: _LayerTap):
+    def hook(module: nn.Module, args, output: Tensor) -> None:
+        tap.record_shared(output)
+
+    return hook
+
+
+def _on_hf_router(tap: _LayerTap, router: Router):
+    """Recompute the routing from the router's input with the view's rule; keep dense scores
+    `[T, E]` when the router returns them (Llama 4: `(scores, logits)`)."""
+
+    def hook(module: nn.Module, args, kwargs, output) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        with torch.no_grad():
+            tap.pending = LayerRouting.from_routing(router(x.detach().reshape(-1, router.dim)))
+        tap.dense_scores = None
+        if isinstance(output, tuple) and len(output) == 2 and output[0].shape == output[1].shape:
+            tap.dense_scores = output[0].detach().reshape(-1, tap.num_experts).float()
+
+    return hook
+
+
+def _on_hf_experts(tap: _LayerTap, experts: nn.Module, expert_stats: bool):
+    """Read what the block used: `experts(hidden [T, D], top_k_index [T, K], top_k_weights [T, K])`,
+    or the router's dense scores when the experts get pre-scaled rows (Llama 4)."""
+
+    def hook(module: nn.Module, args, kwargs, output: Tensor) -> None:
+        recomputed, tap.pending = tap.pending, None
+        if recomputed is None:
+            raise RuntimeError(f"layer {tap.index}: the experts ran without the router hook firing first")
+        inputs = [*args, *kwargs.values()]
+        if len(inputs) >= 3:
+            hidden, index, weights = (t.detach() for t in inputs[:3])
+            index = index.reshape(-1, index.shape[-1]).long()
+            index = index.masked_fill((index < 0) | (index >= tap.num_experts), -1)
+            used = LayerRouting(index, weights.reshape(index.shape).float(), recomputed.entropy, recomputed.logits)
+            if expert_stats:
+                _slotwise_expert_max(tap, experts, hidden.reshape(-1, hidden.shape[-1]), index)
+        elif tap.dense_scores is not None:
+            weights, index = tap.dense_scores.topk(tap.top_k, dim=-1)
+            used = LayerRouting(index, weights, recomputed.entropy, recomputed.logits)
+            if expert_stats:  # output: [E * T, D], expert-major; rows of unchosen experts are 0
+                per_expert = output.detach().reshape(tap.num_experts, -1).abs().amax(-1)
+                tap.record_expert_max(torch.arange(tap.num_experts), per_expert)
+        else:
+            tap.parts.append(recomputed)
+            return
+        tap.check.update(recomputed, used)
+        tap.parts.append(used)
+
+    return hook
+
+
+@torch.no_grad()
+def _slotwise_expert_max(tap: _LayerTap, experts: nn.Module, hidden: Tensor, index: Tensor) -> None:
+    """Run the experts once per slot with unit weights, so each token's output is exactly its
+    slot expert's down projection; keep the max |value| per expert."""
+    for k in range(index.shape[1]):
+        slot = index[:, k]
+        rows = (slot >= 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        ones = torch.ones(rows.numel(), 1, dtype=hidden.dtype, device=hidden.device)
+        out = experts.forward(hidden[rows], slot[rows, None], ones)  # .forward: no hooks
+        tap.record_expert_max(slot[rows], out.reshape(rows.numel(), -1).abs().amax(-1))
+
+
+# ---------------------------------------------------------------------- finding modules
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The model's list of decoder layers: its one ModuleList of `num_layers` blocks."""
+    lists = [m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers
+             and name.rsplit(".", 1)[-1] in ("layers", "blocks", "h")]
+    if len(lists) != 1:
+        raise ValueError(
+            f"cannot find {type(model).__name__}'s decoder layers: expected one ModuleList named layers/blocks "
+            f"with {num_layers} entries (config.json's layer count), found {len(lists)}"
+        )
+    return lists[0]
+
+
+def _find_moe_modules(block: nn.Module, index: int, E: int, D: int) -> tuple[nn.Module, nn.Module, nn.Module | None]:
+    """In decoder layer `index`: the router (a module named gate/router holding a [E, D] weight),
+    the routed experts (named experts) and the shared experts' down projection, if any."""
+    modules = dict(block.named_modules())
+    routers = [m for name, m in modules.items() if name.rsplit(".", 1)[-1] in ("gate", "router")
+               and any(p.shape == (E, D) for p in m.parameters())]
+    experts = [m for name, m in modules.items() if name.rsplit(".", 1)[-1] == "experts"]
+    shared = [m for name, m in modules.items() if SHARED_DOWN.search(name)]
+    if len(routers) != 1 or len(experts) != 1 or len(shared) > 1:
+        raise ValueError(
+            f"layer {index}: expected one router module (named gate/router, weight [{E}, {D}]) and one "
+            f"experts module, found {len(routers)} and {len(experts)} (and {len(shared)} shared down "
+            "projections); this model's block layout is not supported for tracing"
+        )
+    return routers[0], experts[0], shared[0] if shared else None

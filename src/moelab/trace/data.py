@@ -1,0 +1,116 @@
+"""Calibration data for traces: labelled token streams and the batches cut from them.
+
+A data spec is "corpus" (the shipped corpus, one domain per corpus domain) or a path: a
+.txt file (one domain, named after the file), a .jsonl file (one {"text": ..., "domain": ...}
+object per line; the domain defaults to the file name) or a directory of such files. Texts are
+tokenised with the model's tokenizer (`Encoder`), or with moelab's when the model has none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moelab.data import list_domains, load_documents, load_tokenizer, tokenize_split, tokenize_texts
+from moelab.validation import did_you_mean
+
+Encoder = Callable[[list[str]], np.ndarray]  # texts -> one flat id array, documents separated
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """token_ids: [B, S] int64 windows of one domain (number `domain`)."""
+
+    token_ids: torch.Tensor
+    domain: int
+
+
+def load_streams(
+    data: str | os.PathLike = "corpus",
+    *,
+    split: str = "validation",
+    domains: Sequence[str] | None = None,
+    encoder: Encoder | None = None,
+) -> dict[str, np.ndarray]:
+    """{domain: flat token ids [n]} for a data spec (see the module docstring); `split` applies to
+    the corpus; `domains` keeps only those (in that order)."""
+    if str(data) == "corpus":
+        names = list_domains()
+        texts = None
+    else:
+        texts = _read_texts(Path(data))
+        names = list(texts)
+    if domains:
+        for name in domains:
+            if name not in names:
+                raise ValueError(f"unknown domain {name!r}{did_you_mean(name, names)} in {data}; choose from {names}")
+        names = list(domains)
+    if texts is None and encoder is None:
+        return {name: tokenize_split(name, split) for name in names}
+    if texts is None:
+        texts = {name: [doc.text for doc in load_documents(name, split)] for name in names}
+    encode = encoder or (lambda t: tokenize_texts(t, load_tokenizer()))
+    return {name: encode(texts[name]) for name in names}
+
+
+def _read_texts(path: Path) -> dict[str, list[str]]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"{path} holds no .txt or .jsonl files; pass 'corpus' or a text file")
+    elif path.is_file() and path.suffix in TEXT_SUFFIXES:
+        files = [path]
+    else:
+        raise ValueError(
+            f"data {str(path)!r} is not 'corpus', a .txt/.jsonl file or a directory of them"
+            + ("" if path.exists() else " (it does not exist)")
+        )
+    texts: dict[str, list[str]] = {}
+    for file in files:
+        if file.suffix == ".txt":
+            texts.setdefault(file.stem, []).append(file.read_text(encoding="utf-8"))
+            continue
+        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                record = json.loads(line)
+                if "text" not in record:
+                    raise ValueError(f"{file}:{n}: a JSON line needs a 'text' field")
+                texts.setdefault(str(record.get("domain", file.stem)), []).append(record["text"])
+    return texts
+
+
+def batches(
+    streams: dict[str, np.ndarray], *, max_tokens: int, seq_len: int, batch_size: int
+) -> Iterator[Batch]:
+    """Consecutive windows of `seq_len` tokens from the start of each stream, `max_tokens`
+    split evenly over the domains (a domain's last window may be shorter), `batch_size`
+    windows of one length per batch. Domain numbers follow the order of `streams`."""
+    for name, value in (("max_tokens", max_tokens), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not streams or all(len(s) == 0 for s in streams.values()):
+        raise ValueError("the data has no tokens; pass a non-empty corpus, text file or directory")
+    if max_tokens < len(streams):
+        raise ValueError(f"max_tokens ({max_tokens}) must be at least the number of domains ({len(streams)})")
+    for d, stream in enumerate(streams.values()):
+        budget = max_tokens // len(streams) + (d < max_tokens % len(streams))
+        tokens = torch.from_numpy(np.asarray(stream[:budget], dtype=np.int64))
+        full = tokens.shape[0] // seq_len
+        windows = tokens[: full * seq_len].view(full, seq_len)
+        for start in range(0, full, batch_size):
+            yield Batch(windows[start : start + batch_size], d)
+        if tokens.shape[0] > full * seq_len:
+            yield Batch(tokens[full * seq_len :][None], d)
+
+
+def count_tokens(streams: dict[str, np.ndarray], max_tokens: int) -> int:
+    """How many tokens `batches` yields."""
+    n = len(streams)
+    return sum(min(len(s), max_tokens // n + (d < max_tokens % n)) for d, s in enumerate(streams.values()))

@@ -1,0 +1,109 @@
+"""Load the model to trace: a moelab checkpoint or a local transformers checkpoint directory.
+
+Never a hub download, never remote code: transformers models load with
+`local_files_only=True`, safetensors only, and their own (in-library) modeling code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from moelab.hf import ModelView, open_checkpoint
+from moelab.trace.capture import is_transformers_model
+from moelab.trace.data import Encoder
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "models" / "ref-8e-top2"
+BUILD_DEFAULT = "moelab train configs/reference/ref-8e-top2.yaml"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to trace. view: the checkpoint view (transformers models); encoder: its
+    tokenizer (None: moelab's shipped tokenizer); max_seq_len: the longest window it takes."""
+
+    model: nn.Module
+    name: str
+    view: ModelView | None
+    encoder: Encoder | None
+    vocab_size: int
+    max_seq_len: int
+
+
+def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load `path` (default: the shipped reference model) for tracing, in eval mode."""
+    if path is None:
+        if not (DEFAULT_MODEL / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the shipped reference model is missing ({DEFAULT_MODEL}); build it with `{BUILD_DEFAULT}` "
+                "and save it there, or pass a model directory"
+            )
+        path = DEFAULT_MODEL
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"no model at {path} (no config.json); pass a moelab checkpoint (save_pretrained) or a "
+            "local transformers checkpoint directory"
+        )
+    config = json.loads(config_path.read_text())
+    if "model_type" not in config:
+        from moelab.models import load_pretrained
+
+        model = load_pretrained(path).to(dtype).eval()
+        return LoadedModel(model, str(path), None, None, model.config.vocab_size, model.config.max_seq_len)
+    return _load_transformers(path, dtype)
+
+
+def wrap_model(model: nn.Module, view: ModelView | None = None, name: str | None = None) -> LoadedModel:
+    """A model already in memory: a moelab `MoETransformer` or a transformers model (whose view
+    defaults to its `name_or_path` checkpoint)."""
+    if not is_transformers_model(model):
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(config, "max_seq_len"):
+            raise ValueError(
+                f"cannot trace {type(model).__name__}: pass a moelab MoETransformer or a transformers model"
+            )
+        return LoadedModel(model, name or type(model).__name__, None, None, config.vocab_size, config.max_seq_len)
+    view = view or open_checkpoint(model.name_or_path)
+    return LoadedModel(model, name or str(view.path), view, None, model.config.vocab_size, _hf_max_len(model.config))
+
+
+def _load_transformers(path: Path, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    view = open_checkpoint(path)  # refuses quantized and non-MoE checkpoints with a clear error
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
+    ).eval()
+    encoder = None
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
+        encoder = _hf_encoder(AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False))
+    return LoadedModel(model, str(path), view, encoder, model.config.vocab_size, _hf_max_len(model.config))
+
+
+def _hf_encoder(tokenizer) -> Encoder:
+    """Texts -> ids, each document followed by the tokenizer's eos token (if it has one)."""
+    end = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+    def encode(texts: list[str]) -> np.ndarray:
+        ids: list[int] = []
+        for text in texts:
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + end
+        return np.asarray(ids, dtype=np.int64)
+
+    return encode
+
+
+def _hf_max_len(config) -> int:
+    for key in ("max_position_embeddings", "max_seq_len", "n_positions"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return 2048

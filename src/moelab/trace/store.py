@@ -1,0 +1,268 @@
+"""Routing traces on disk: safetensors shards of whole sequences plus a JSON manifest.
+
+Shape legend: N tokens in a shard, K slots per token, E experts of a layer.
+
+Layout of a trace directory:
+
+    manifest.json                  `TraceInfo`: model, MoE layers, experts, top-k, domains, shards
+    shard-00000.safetensors        token_ids, positions, sequence, domain: [N];
+                                   layer{l}.indices [N, K] int16/int32 (-1 = empty slot),
+                                   layer{l}.weights [N, K] float32, layer{l}.entropy [N] float16,
+                                   layer{l}.logits [N, E] float16 (only if recorded)
+    expert_stats.safetensors       layer{l}.expert_max [E], layer{l}.shared_max [1] (float32)
+
+`TraceWriter` streams: it holds at most one shard of tokens in memory and writes everything
+into a staging directory beside the target, which replaces the target in one rename on
+`close()`. `Trace` (from `open_trace`) reads the manifest and iterates shards one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from moelab.io import atomic_write_text
+from moelab.trace.capture import LayerRouting, RoutingCheck
+
+FORMAT = "moelab-trace"
+VERSION = 1
+MANIFEST = "manifest.json"
+STATS = "expert_stats.safetensors"
+TOKEN_FIELDS = ("token_ids", "positions", "sequence", "domain")
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    tokens: int
+    sequences: int
+
+
+@dataclass(kw_only=True)
+class TraceInfo:
+    """The manifest. layers: MoE layer indices (decoder layer numbers); num_experts, top_k: one
+    per MoE layer, aligned with `layers`; domains: the names behind a token's domain id;
+    checks: {layer: RoutingCheck fields} for transformers models; settings: how it was made."""
+
+    model: str
+    family: str
+    num_layers: int
+    layers: list[int]
+    num_experts: list[int]
+    top_k: list[int]
+    domains: list[str]
+    logits: bool = False
+    shards: list[ShardInfo] = field(default_factory=list)
+    num_tokens: int = 0
+    num_sequences: int = 0
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+    version: int = VERSION
+
+    def experts_of(self, layer: int) -> int:
+        return self.num_experts[self.layers.index(layer)]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> TraceInfo:
+        data = json.loads(text)
+        data["shards"] = [ShardInfo(**s) for s in data.get("shards", [])]
+        return cls(**data)
+
+
+@dataclass
+class TraceShard:
+    """One shard: token_ids, positions, sequence (global sequence number), domain (index into
+    `TraceInfo.domains`): [N] int64 each; layers: {layer: LayerRouting over the N tokens}."""
+
+    token_ids: Tensor
+    positions: Tensor
+    sequence: Tensor
+    domain: Tensor
+    layers: dict[int, LayerRouting]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.shape[0]
+
+
+class TraceWriter:
+    """Write a trace to `directory`, streaming (see the module docstring).
+
+    info: the manifest so far (shards and counts are filled in here). shard_tokens: a shard is
+    written once it holds at least this many tokens (shards hold whole sequences). An existing
+    `directory` must be empty or a previous trace, which is replaced on `close()`.
+    """
+
+    def __init__(self, directory: str | os.PathLike, info: TraceInfo, *, shard_tokens: int = 65536):
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+        if not info.layers or len(info.num_experts) != len(info.layers) or len(info.top_k) != len(info.layers):
+            raise ValueError("TraceInfo needs at least one MoE layer and one num_experts/top_k entry per layer")
+        self.directory = Path(directory)
+        _check_replaceable(self.directory)
+        self.info = info
+        self.shard_tokens = shard_tokens
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        self._staging = Path(tempfile.mkdtemp(dir=self.directory.parent, prefix=f".{self.directory.name}."))
+        self._buffer: list[dict[str, Tensor]] = []
+        self._buffered = 0
+        self._index_dtype = torch.int16 if max(info.num_experts) <= torch.iinfo(torch.int16).max else torch.int32
+
+    def add(self, token_ids: Tensor, domain: int, routing: dict[int, LayerRouting]) -> None:
+        """token_ids: [B, S] one batch of sequences from domain number `domain`; routing: {layer:
+        LayerRouting of its B*S tokens, row-major}. Positions are 0..S-1."""
+        if token_ids.dim() != 2:
+            raise ValueError(f"token_ids must be [batch, seq], got {list(token_ids.shape)}")
+        if not 0 <= domain < len(self.info.domains):
+            raise ValueError(f"domain {domain} out of range for {len(self.info.domains)} domains")
+        if sorted(routing) != self.info.layers:
+            raise ValueError(f"routing covers layers {sorted(routing)}, the trace expects {self.info.layers}")
+        B, S = token_ids.shape
+        first = self.info.num_sequences
+        tensors = {
+            "token_ids": token_ids.reshape(-1).to(torch.int32),
+            "positions": torch.arange(S, dtype=torch.int32).repeat(B),
+            "sequence": torch.arange(first, first + B, dtype=torch.int32).repeat_interleave(S),
+            "domain": torch.full((B * S,), domain, dtype=torch.int16),
+        }
+        for layer, r in routing.items():
+            if r.indices.shape[0] != B * S:
+                raise ValueError(f"layer {layer} routed {r.indices.shape[0]} tokens, the batch has {B * S}")
+            tensors[f"layer{layer}.indices"] = r.indices.to(self._index_dtype)
+            tensors[f"layer{layer}.weights"] = r.weights.float()
+            tensors[f"layer{layer}.entropy"] = r.entropy.half()
+            if self.info.logits:
+                if r.logits is None:
+                    raise ValueError(f"layer {layer} has no logits but the trace records them")
+                tensors[f"layer{layer}.logits"] = r.logits.half()
+        self._buffer.append({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        self._buffered += B * S
+        self.info.num_sequences += B
+        if self._buffered >= self.shard_tokens:
+            self._flush()
+
+    def close(
+        self,
+        expert_max: dict[int, Tensor] | None = None,
+        shared_max: dict[int, Tensor] | None = None,
+        checks: dict[int, RoutingCheck] | None = None,
+    ) -> Trace:
+        """Write the last shard, the expert statistics and the manifest, then publish."""
+        if self.info.num_sequences == 0:
+            self.abort()
+            raise ValueError("no tokens were traced: the data is empty; pass data with at least one token")
+        self._flush()
+        stats = {f"layer{i}.expert_max": t.float().contiguous() for i, t in (expert_max or {}).items()}
+        stats |= {f"layer{i}.shared_max": t.float().reshape(1).contiguous() for i, t in (shared_max or {}).items()}
+        save_file(stats, self._staging / STATS)
+        self.info.checks = {str(i): asdict(c) for i, c in (checks or {}).items() if c.tokens}
+        atomic_write_text(self._staging / MANIFEST, self.info.to_json())
+        _publish(self._staging, self.directory)
+        return Trace(self.directory)
+
+    def abort(self) -> None:
+        shutil.rmtree(self._staging, ignore_errors=True)
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        tensors = {key: torch.cat([part[key] for part in self._buffer]) for key in self._buffer[0]}
+        name = f"shard-{len(self.info.shards):05d}.safetensors"
+        save_file(tensors, self._staging / name)
+        sequences = int(tensors["sequence"].unique().numel())
+        self.info.shards.append(ShardInfo(name, self._buffered, sequences))
+        self.info.num_tokens += self._buffered
+        self._buffer, self._buffered = [], 0
+
+
+class Trace:
+    """A trace directory opened for reading: `info` (the manifest), `shards()`, expert stats."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        path = self.directory / MANIFEST
+        if not path.is_file():
+            raise ValueError(f"{self.directory} is not a routing trace (no {MANIFEST}); make one with `moelab trace`")
+        self.info = TraceInfo.from_json(path.read_text())
+        if self.info.format != FORMAT or self.info.version != VERSION:
+            raise ValueError(
+                f"{path}: format {self.info.format!r} version {self.info.version}, expected {FORMAT!r} "
+                f"version {VERSION}; re-create the trace with this moelab"
+            )
+
+    def shards(self) -> Iterator[TraceShard]:
+        """Yield the shards in order, one in memory at a time."""
+        for shard in self.info.shards:
+            path = self.directory / shard.file
+            if not path.is_file():
+                raise ValueError(f"trace shard {path} is missing; re-create the trace with `moelab trace`")
+            tensors = load_file(path)
+            layers = {
+                i: LayerRouting(
+                    tensors[f"layer{i}.indices"].long(),
+                    tensors[f"layer{i}.weights"],
+                    tensors[f"layer{i}.entropy"].float(),
+                    tensors[f"layer{i}.logits"].float() if self.info.logits else None,
+                )
+                for i in self.info.layers
+            }
+            yield TraceShard(*(tensors[name].long() for name in TOKEN_FIELDS), layers)
+
+    def expert_stats(self) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """({layer: [E] max |down output| per expert}, {layer: [1] same for the shared experts})."""
+        tensors = load_file(self.directory / STATS)
+        routed = {i: tensors[f"layer{i}.expert_max"] for i in self.info.layers if f"layer{i}.expert_max" in tensors}
+        shared = {i: tensors[f"layer{i}.shared_max"] for i in self.info.layers if f"layer{i}.shared_max" in tensors}
+        return routed, shared
+
+
+def open_trace(directory: str | os.PathLike) -> Trace:
+    """Open a trace directory written by `TraceWriter` / `moelab trace`."""
+    return Trace(directory)
+
+
+def is_trace(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def _check_replaceable(directory: Path) -> None:
+    if directory.exists() and not (directory.is_dir() and (is_trace(directory) or not any(directory.iterdir()))):
+        raise ValueError(
+            f"{directory} exists and is not a routing trace; choose another output directory or remove it"
+        )
+
+
+def _publish(staging: Path, directory: Path) -> None:
+    """Move the finished staging directory to `directory`, replacing a previous trace there."""
+    mode = directory.parent.stat().st_mode & 0o777
+    staging.chmod(mode)  # mkdtemp's 0700 (and safetensors' 0600 files) would stick
+    for file in staging.iterdir():
+        file.chmod(mode & 0o666)
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
+    os.replace(directory, old / "trace")
+    os.replace(staging, directory)
+    shutil.rmtree(old, ignore_errors=True)

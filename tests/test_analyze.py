@@ -1,0 +1,193 @@
+"""moelab.analyze: statistics against hand-computed worked examples, and the report end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from hf_tiny import build
+from typer.testing import CliRunner
+
+from moelab.analyze import (
+    analyze,
+    analyze_trace,
+    imbalance,
+    mutual_information,
+    super_experts,
+)
+from moelab.cli import app
+from moelab.models import MoETransformer, save_pretrained, tiny
+from moelab.trace import LayerRouting, TraceInfo, TraceOptions, TraceWriter, open_trace
+
+# ---------------------------------------------------------------------- worked example
+#
+# Two sequences of 4 tokens (sequence 0 from domain "a", sequence 1 from domain "b"), written
+# as two shards. Layer 0: E=3, K=2 (-1 = empty slot); layer 2: E=2, K=1.
+#
+#   token        t0     t1     t2     t3      t4     t5     t6      t7
+#   layer 0      {0,1}  {0,1}  {0,2}  {0}     {1,2}  {1,2}  {2}     {2,1}
+#   layer 2      0      0      1      1       1      1      0       1
+#
+# Layer 0: load [4, 5, 5], mean 14/3, population std sqrt(2)/3 -> CV sqrt(2)/14, max/mean 15/14.
+#   domain a: [4, 2, 1], domain b: [0, 3, 4]. Co-activation off-diagonal: (0,1) 2, (0,2) 1, (1,2) 3.
+#   CLS_1 = 1 - 14/24; CLS_2: chunks {0,1} {0,2} {1,2} {1,2} -> 1 - 8/12; CLS_3: {0,1,2}, {1,2}
+#   (t3 and t7 are partial chunks, skipped) -> 1 - 5/6; CLS_4: {0,1,2} {1,2} -> 1 - 5/6.
+# Layer 2: load [3, 5], CV 1/4, max/mean 5/4; CLS_2: chunks {0} {1} {1} {0,1} -> 1 - 5/8;
+#   CLS_3 and CLS_4: every chunk fires both experts -> 0.
+# Affinity 0 -> 2: A = [[2, 2], [2, 3], [1, 4]]; P(j | i) rows [.5 .5], [.4 .6], [.2 .8].
+
+L0 = [[0, 1], [0, 1], [0, 2], [0, -1], [1, 2], [1, 2], [2, -1], [2, 1]]
+L2 = [[0], [0], [1], [1], [1], [1], [0], [1]]
+ENTROPY0 = [1.0, 0.5, 1.5, 1.0, 0.0, 2.0, 1.0, 0.5]  # exact in float16; mean 0.9375
+
+
+def _mi_by_definition(joint: list[list[float]]) -> float:
+    """sum p(a,b) log2(p(a,b) / (p(a) p(b))), the textbook formula."""
+    total = sum(map(sum, joint))
+    pa = [sum(row) / total for row in joint]
+    pb = [sum(col) / total for col in zip(*joint)]
+    return sum(
+        (v / total) * math.log2((v / total) / (pa[i] * pb[j]))
+        for i, row in enumerate(joint)
+        for j, v in enumerate(row)
+        if v
+    )
+
+
+def _fake_trace(path):
+    info = TraceInfo(model="fake", family="moelab", num_layers=3, layers=[0, 2], num_experts=[3, 2], top_k=[2, 1],
+                     domains=["a", "b"], settings={"expert_stats": True})
+    with TraceWriter(path, info, shard_tokens=4) as writer:
+        for seq, domain in ((slice(0, 4), 0), (slice(4, 8), 1)):
+            routing = {
+                0: LayerRouting(torch.tensor(L0[seq]), torch.full((4, 2), 0.5), torch.tensor(ENTROPY0[seq])),
+                2: LayerRouting(torch.tensor(L2[seq]), torch.ones(4, 1), torch.zeros(4)),
+            }
+            writer.add(torch.arange(4)[None], domain, routing)
+        return writer.close(
+            {0: torch.tensor([1.0, 2.0, 40.0]), 2: torch.tensor([3.0, 1.0])}, {0: torch.tensor([5.0])}
+        )
+
+
+def test_statistics_of_the_worked_example(tmp_path):
+    trace = _fake_trace(tmp_path / "trace")
+    assert len(trace.info.shards) == 2  # the statistics stream across shards
+    summary = analyze_trace(trace, chunk_lens=(1, 2, 3, 4))
+    l0, l2 = summary["layers"]["0"], summary["layers"]["2"]
+    assert l0["load"] == [4, 5, 5] and l2["load"] == [3, 5]
+    assert l0["cv"] == pytest.approx(math.sqrt(2) / 14) and l0["max_over_mean"] == pytest.approx(15 / 14)
+    assert l2["cv"] == pytest.approx(0.25) and l2["max_over_mean"] == pytest.approx(1.25)
+    assert l0["experts_per_token"] == pytest.approx(14 / 8)
+    assert l0["domain_load"] == {"a": [4, 2, 1], "b": [0, 3, 4]}
+    assert l0["domain_mi_bits"] == pytest.approx(_mi_by_definition([[4, 2, 1], [0, 3, 4]]))
+    assert l2["domain_mi_bits"] == pytest.approx(_mi_by_definition([[2, 2], [1, 3]]))
+    assert l0["coactivation"] == [[4, 2, 1], [2, 5, 3], [1, 3, 5]]
+    assert l0["coactivation_conditional"][0] == pytest.approx([1, 2 / 4, 1 / 4])
+    assert l0["routing_entropy_bits"] == pytest.approx(0.9375)
+    assert l0["cls"] == pytest.approx({"1": 1 - 14 / 24, "2": 1 - 8 / 12, "3": 1 - 5 / 6, "4": 1 - 5 / 6})
+    assert l2["cls"] == pytest.approx({"1": 0.5, "2": 1 - 5 / 8, "3": 0.0, "4": 0.0})
+    assert l0["weight_sum"] == pytest.approx([2.0, 2.5, 2.5])
+    (affinity,) = summary["affinity"]
+    assert (affinity["from"], affinity["to"]) == (0, 2)
+    assert affinity["counts"] == [[2, 2], [2, 3], [1, 4]]
+    conditional = torch.tensor(affinity["conditional"])
+    torch.testing.assert_close(conditional, torch.tensor([[0.5, 0.5], [0.4, 0.6], [0.2, 0.8]]))
+    assert affinity["mi_bits"] == pytest.approx(_mi_by_definition([[2, 2], [2, 3], [1, 4]]))
+    assert summary["domains"] == {"a": 4, "b": 4} and summary["tokens"] == 8
+    # 6 candidates [1, 2, 40, 3, 1, 5(shared)]; 99.5th percentile 40 - 0.025 * 35 = 39.125
+    assert summary["super_experts"]["super_experts"] == [
+        {"layer": 0, "expert": 2, "max_output": 40.0, "over_median": 40 / 2.5}
+    ]
+
+
+def test_small_statistics():
+    assert imbalance(torch.tensor([1.0, 1, 1, 5])) == pytest.approx({"cv": math.sqrt(3) / 2, "max_over_mean": 2.5})
+    assert imbalance(torch.tensor([2.0, 2, 2])) == {"cv": 0.0, "max_over_mean": 1.0}
+    assert mutual_information(torch.tensor([[2.0, 0], [0, 2]])) == pytest.approx(1.0)
+    assert mutual_information(torch.tensor([[1.0, 1], [1, 1]])) == pytest.approx(0.0, abs=1e-12)
+    assert mutual_information(torch.tensor([[3.0, 1], [1, 3]])) == pytest.approx(_mi_by_definition([[3, 1], [1, 3]]))
+    with pytest.raises(ValueError, match="at least one assignment"):
+        imbalance(torch.zeros(3))
+
+
+def test_super_expert_rule():
+    """threshold = max(99.5th percentile, max / 10), candidates above it in the first 75% of MoE layers."""
+    flat = torch.ones(300)
+    # Percentile rule: 302 values, position 0.995 * 301 = 299.495 between 1 and 20 -> 10.405 (> 100 / 10).
+    found = super_experts({0: torch.cat([flat, torch.tensor([100.0, 20.0])])}, {})
+    assert found["threshold"] == pytest.approx(1 + 0.495 * 19)
+    assert [(s["layer"], s["expert"]) for s in found["super_experts"]] == [(0, 300), (0, 301)]
+    # Ratio rule: the percentile lands near 9.2, max / 10 = 10 wins; 9.5 is not a super expert.
+    found = super_experts({0: torch.cat([flat, torch.tensor([100.0, 9.0, 9.5])])}, {})
+    assert found["threshold"] == pytest.approx(10.0)
+    assert [s["expert"] for s in found["super_experts"]] == [300]
+    # Layers: 4 MoE layers -> the first 3 are searched; shared experts are candidates (expert -1).
+    stats = {i: torch.ones(100) for i in range(4)}
+    stats[3] = torch.cat([torch.ones(99), torch.tensor([500.0])])
+    found = super_experts(stats, {1: torch.tensor([400.0])})
+    assert found["layers"] == [0, 1, 2]
+    assert [(s["layer"], s["expert"]) for s in found["super_experts"]] == [(1, -1)]
+    assert super_experts({0: torch.zeros(4)}, {})["super_experts"] == []
+
+
+# ---------------------------------------------------------------------- end to end
+
+
+def _tiny_native(path):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny(), vocab_size=8192)  # the shipped tokenizer's vocabulary
+    save_pretrained(MoETransformer(cfg), path)
+
+
+def test_analyze_native_model_writes_html_png_json(tmp_path):
+    _tiny_native(tmp_path / "model")
+    html_path = analyze(tmp_path / "model", tmp_path / "out", domains=["code", "german"],
+                        options=TraceOptions(max_tokens=600, seq_len=64), quiet=True)
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["domains"] == {"code": 300, "german": 300}
+    assert set(report["layers"]) == {"1"} and report["layers"]["1"]["tokens"] == 600
+    plots = sorted(p.name for p in (out / "plots").iterdir())
+    assert plots == ["coactivation.png", "layer_metrics.png", "load.png", "specialisation.png", "super_experts.png"]
+    html = html_path.read_text()
+    assert html.count("data:image/png;base64,") == len(plots) and "Super experts" in html
+    # The trace written beside the report can be analysed again without the model.
+    again = analyze(out / "trace", tmp_path / "again", quiet=True)
+    assert json.loads((again.parent / "report.json").read_text())["layers"] == report["layers"]
+
+
+def test_analyze_transformers_model(tmp_path):
+    build("qwen2_moe").save_pretrained(tmp_path / "model")
+    from moelab.trace import load_model, trace_model
+
+    loaded = load_model(tmp_path / "model")
+    streams = {"x": torch.randint(0, 64, (200,)).numpy(), "y": torch.randint(0, 64, (200,)).numpy()}
+    trace = trace_model(loaded, streams, tmp_path / "trace", TraceOptions(max_tokens=400, seq_len=50), quiet=True)
+    html_path = analyze(tmp_path / "trace", tmp_path / "report", quiet=True)
+    report = json.loads((html_path.parent / "report.json").read_text())
+    assert report["family"] == "qwen2_moe" and report["checks"]["1"]["mismatched"] == 0
+    assert report["shared_max_output"]["1"] > 0  # Qwen2-MoE's shared expert is a candidate
+    assert open_trace(tmp_path / "trace").info.num_tokens == trace.info.num_tokens == 400
+    assert "Routing check" in html_path.read_text()
+
+
+def test_cli_trace_and_analyze(tmp_path):
+    _tiny_native(tmp_path / "model")
+    runner = CliRunner()
+    result = runner.invoke(app, ["trace", str(tmp_path / "model"), "--out", str(tmp_path / "trace"),
+                                 "--domain", "bible", "--max-tokens", "128", "--seq-len", "32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert open_trace(tmp_path / "trace").info.domains == ["bible"]
+    result = runner.invoke(app, ["analyze", str(tmp_path / "trace"), "--out", str(tmp_path / "report"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report" / "report.html").is_file()
+
+
+def test_analyze_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="chunk lengths must be >= 1"):
+        analyze(None, tmp_path, chunk_lens=(0,))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        analyze(tmp_path / "missing", tmp_path / "out")

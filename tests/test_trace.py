@@ -1,0 +1,384 @@
+"""moelab.trace: hook-based routing capture (moelab and every transformers family), streaming
+safetensors storage, calibration data, and clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from hf_tiny import TINY, build
+
+from moelab.analyze import analyze_trace
+from moelab.hf import open_checkpoint
+from moelab.models import MoETransformer, save_pretrained, tiny
+from moelab.trace import (
+    LayerRouting,
+    RoutingCapture,
+    TraceInfo,
+    TraceOptions,
+    TraceWriter,
+    batches,
+    load_model,
+    load_streams,
+    open_trace,
+    trace_model,
+)
+from moelab.trace import model as model_module
+
+
+def _native(seed: int = 0, **moe) -> MoETransformer:
+    torch.manual_seed(seed)
+    cfg = tiny()
+    if moe:
+        cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **moe))
+    return MoETransformer(cfg).eval()
+
+
+def _streams(vocab: int, sizes=(300, 200)) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {f"d{i}": rng.integers(0, vocab, n) for i, n in enumerate(sizes)}
+
+
+# ---------------------------------------------------------------------- moelab models
+
+
+def test_native_capture_matches_the_layers_own_routing():
+    model = _native(num_shared=1)
+    ids = torch.randint(0, model.config.vocab_size, (3, 16))
+    for layer in model.moe_layers.values():
+        layer.trace = True
+    with RoutingCapture(model) as capture, torch.no_grad():
+        out = model(ids)
+        recorded = capture.pop()
+    assert capture.layers == sorted(model.moe_layers) and capture.family == "moelab"
+    for i, result in out.moe_results.items():
+        routing = result.routing
+        torch.testing.assert_close(recorded[i].indices, routing.indices, atol=0, rtol=0)
+        torch.testing.assert_close(recorded[i].weights, routing.weights, atol=0, rtol=0)
+        torch.testing.assert_close(recorded[i].logits, routing.logits, atol=0, rtol=0)
+        p = routing.probs
+        torch.testing.assert_close(recorded[i].entropy, -(p * p.log2()).sum(-1))
+    assert capture.pop() == {}  # popped: nothing left
+    handles_gone = [len(layer.router._forward_hooks) for layer in model.moe_layers.values()]
+    assert handles_gone == [0] * len(handles_gone)
+
+
+def test_native_expert_max_is_the_unweighted_down_output():
+    """expert_max[e] = max |expert_e(x_t)| over the tokens routed to e, computed here directly
+    from the layer input and the recorded choices."""
+    model = _native(num_shared=1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    (index, layer), = model.moe_layers.items()
+    inputs = []
+    layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+    with RoutingCapture(model) as capture, torch.no_grad():
+        model(ids)
+        chosen = capture.pop()[index].indices
+    with torch.no_grad():
+        x = inputs[0]
+        E = layer.num_experts
+        expected = torch.zeros(E)
+        for e in range(E):
+            rows = x[(chosen == e).any(-1)]
+            counts = [rows.shape[0] if j == e else 0 for j in range(E)]
+            if rows.shape[0]:
+                expected[e] = layer.experts(rows, counts).abs().max()
+        torch.testing.assert_close(capture.expert_max[index], expected, rtol=1e-5, atol=1e-7)
+        shared = layer.shared.down_proj(torch.nn.functional.silu(layer.shared.gate_proj(x)) * layer.shared.up_proj(x))
+        torch.testing.assert_close(capture.shared_max[index], shared.abs().max().reshape(1))
+    assert (expected > 0).all()
+
+
+def test_native_capture_during_generate():
+    model = _native()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5))
+    with RoutingCapture(model) as capture:
+        model.generate(prompt, 4, greedy=True)
+        recorded = capture.pop()
+    # the prompt, then one token per step except the last generated one
+    assert all(r.indices.shape[0] == 5 + 3 for r in recorded.values())
+
+
+def test_trace_model_round_trip_across_shards(tmp_path):
+    model = _native()
+    streams = _streams(model.config.vocab_size)
+    options = TraceOptions(max_tokens=400, seq_len=32, batch_size=2, shard_tokens=50, logits=True)
+    trace = trace_model(model, streams, tmp_path / "trace", options, quiet=True)
+    info = trace.info
+    assert len(info.shards) > 3 and info.num_tokens == 400 and info.domains == ["d0", "d1"]
+    # Recompute the routing batch by batch and compare with the shards, token for token.
+    expected = []
+    with RoutingCapture(model) as capture, torch.no_grad():
+        for batch in batches(streams, max_tokens=400, seq_len=32, batch_size=2):
+            model(batch.token_ids)
+            expected.append((batch, capture.pop()))
+    shards = list(trace.shards())
+    got_ids = torch.cat([s.token_ids for s in shards])
+    assert torch.equal(got_ids, torch.cat([b.token_ids.reshape(-1) for b, _ in expected]))
+    domains = torch.cat([torch.full((b.token_ids.numel(),), b.domain) for b, _ in expected])
+    assert torch.equal(torch.cat([s.domain for s in shards]), domains)
+    positions = torch.cat([s.positions for s in shards])
+    assert positions[:32].tolist() == list(range(32)) and positions.max() == 31
+    for i in info.layers:
+        want = LayerRouting.cat([r[i] for _, r in expected])
+        got = LayerRouting.cat([s.layers[i] for s in shards])
+        assert torch.equal(got.indices, want.indices)
+        torch.testing.assert_close(got.weights, want.weights, atol=0, rtol=0)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-2, rtol=1e-3)  # float16 on disk
+        torch.testing.assert_close(got.entropy, want.entropy, atol=1e-2, rtol=1e-3)
+    sequences = torch.cat([s.sequence for s in shards])
+    assert sequences.unique().numel() == info.num_sequences == sum(s.sequences for s in info.shards)
+    routed, _ = trace.expert_stats()
+    assert set(routed) == set(info.layers) and all((t > 0).all() for t in routed.values())
+
+
+# ---------------------------------------------------------------------- transformers models
+
+
+def _block_choices(model, family: str):
+    """Test-side hooks on each MoE block's experts (or, for Llama 4, its router) that record
+    the top-k indices and weights the block actually used, independent of RoutingCapture."""
+    seen: dict[int, list] = {}
+    handles = []
+    layers = model.transformer.blocks if family == "dbrx" else model.model.layers
+    for i, layer in enumerate(layers):
+        named = dict(layer.named_modules())
+        experts = next((m for n, m in named.items() if n.endswith("experts")), None)
+        if experts is None or i in TINY[family].dense:
+            continue
+        seen[i] = []
+        if family == "llama4_text":
+            router = next(m for n, m in named.items() if n.endswith("router"))
+            k = model.config.num_experts_per_tok
+            handles.append(router.register_forward_hook(
+                lambda m, a, out, i=i: seen[i].append(tuple(reversed(out[0].topk(k, dim=-1))))))
+        else:
+            handles.append(experts.register_forward_pre_hook(
+                lambda m, a, i=i: seen[i].append((a[1].reshape(-1, a[1].shape[-1]), a[2].reshape(-1, a[2].shape[-1])))))
+    return seen, handles
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_transformers_trace_records_what_the_block_chose(tmp_path, family):
+    build(family).save_pretrained(tmp_path / "model")
+    loaded = load_model(tmp_path / "model")
+    seen, handles = _block_choices(loaded.model, family)
+    ids = torch.randint(0, 64, (2, 12))
+    with RoutingCapture(loaded.model, loaded.view) as capture, torch.no_grad():
+        loaded.model(input_ids=ids, use_cache=False)
+        recorded = capture.pop()
+    for h in handles:
+        h.remove()
+    assert sorted(recorded) == sorted(seen) and recorded, "every MoE layer, no dense layer"
+    for i, r in recorded.items():
+        (index, weights), = seen[i]
+        assert torch.equal(r.indices, index.long())
+        torch.testing.assert_close(r.weights, weights.float(), atol=0, rtol=0)
+        check = capture.checks[i]
+        assert (check.tokens, check.mismatched) == (24, 0) and check.max_weight_error < 1e-5
+        assert (r.entropy > 0).all() and r.logits.shape == (24, capture.num_experts[i])
+    # The whole path: a trace on disk, then its statistics.
+    options = TraceOptions(max_tokens=64, seq_len=16)
+    trace = trace_model(loaded, _streams(64), tmp_path / "trace", options, quiet=True)
+    summary = analyze_trace(trace, chunk_lens=(1, 8))
+    assert sorted(map(int, summary["layers"])) == sorted(recorded) and summary["tokens"] == 64
+    assert all(c["mismatched"] == 0 for c in summary["checks"].values())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe", "llama4_text", "dbrx", "granitemoeshared"])
+def test_transformers_expert_max_matches_the_view(tmp_path, family):
+    """Max |down output| per expert (and of the shared experts) against the view's native layer
+    run on the block's input for the recorded choices."""
+    from moelab.hf import moe_layer_from_view
+    from moelab.nn.experts import SwiGLU
+
+    build(family).save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    layers = loaded.model.transformer.blocks if family == "dbrx" else loaded.model.model.layers
+    inputs = {}
+    for i, layer in enumerate(layers):
+        block = TINY[family].block(loaded.model, i)
+        module = block if isinstance(block, torch.nn.Module) else layer.block_sparse_moe
+        module.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+    with RoutingCapture(loaded.model, loaded.view) as capture, torch.no_grad():
+        loaded.model(input_ids=torch.randint(0, 64, (2, 10)), use_cache=False)
+        recorded = capture.pop()
+        for i, r in recorded.items():
+            view_layer = loaded.view.layer(i)
+            native = moe_layer_from_view(view_layer)
+            expected = torch.zeros(capture.num_experts[i])
+            for e in range(len(expected)):
+                token, slot = (r.indices == e).nonzero(as_tuple=True)
+                if token.numel():
+                    counts = [token.numel() if j == e else 0 for j in range(len(expected))]
+                    w = r.weights[token, slot] if view_layer.experts.scale_input else None
+                    expected[e] = native.experts(inputs[i][token], counts, w).abs().max()
+            torch.testing.assert_close(capture.expert_max[i], expected, rtol=1e-4, atol=1e-6)
+            if native.shared is not None:
+                shared = SwiGLU.forward(native.shared, inputs[i])
+                torch.testing.assert_close(capture.shared_max[i], shared.abs().max().reshape(1), rtol=1e-4, atol=1e-6)
+    assert any((t > 0).any() for t in capture.expert_max.values())
+
+
+def test_transformers_capture_during_generate(tmp_path):
+    build("qwen3_moe").save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    prompt = torch.randint(2, 64, (1, 6))
+    with RoutingCapture(loaded.model, loaded.view) as capture:
+        loaded.model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        recorded = capture.pop()
+    assert {i: r.indices.shape for i, r in recorded.items()} == {1: (6 + 3, 2)}
+    assert capture.checks[1].mismatched == 0
+
+
+def test_transformers_trace_with_its_own_tokenizer(tmp_path):
+    """A checkpoint that ships a tokenizer: texts are encoded with it (here moelab's, saved as HF)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from moelab.data import TOKENIZER_DIR
+
+    config = AutoConfig.for_model("mixtral", **dict(TINY["mixtral"].config, vocab_size=8192))
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.encoder is not None
+    text = tmp_path / "notes.txt"
+    text.write_text("Hello routing world. " * 20)
+    streams = load_streams(text, encoder=loaded.encoder)
+    trace = trace_model(loaded, streams, tmp_path / "trace", TraceOptions(max_tokens=64, seq_len=16), quiet=True)
+    assert trace.info.domains == ["notes"] and trace.info.family == "mixtral"
+    assert trace.info.checks["0"]["mismatched"] == 0 and trace.info.num_tokens == 64
+
+
+# ---------------------------------------------------------------------- storage
+
+
+def _info(**kw) -> TraceInfo:
+    return TraceInfo(model="m", family="moelab", num_layers=2, layers=[1], num_experts=[3], top_k=[2],
+                     domains=["a", "b"], **kw)
+
+
+def _routing(T: int, seed: int = 0) -> dict[int, LayerRouting]:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 3, (T, 2), generator=g)
+    idx[::5, 1] = -1
+    return {1: LayerRouting(idx, torch.rand(T, 2, generator=g), torch.rand(T, generator=g))}
+
+
+def test_writer_streams_shards_and_replaces_atomically(tmp_path):
+    out = tmp_path / "trace"
+    parts = [(torch.randint(0, 9, (2, 5)), d % 2, _routing(10, d)) for d in range(5)]
+    with TraceWriter(out, _info(), shard_tokens=15) as writer:
+        for ids, d, r in parts:
+            writer.add(ids, d, r)
+            assert not out.exists(), "nothing appears before close"
+        trace = writer.close({1: torch.tensor([1.0, 2.0, 3.0])}, {})
+    assert [s.tokens for s in trace.info.shards] == [20, 20, 10]
+    shards = list(open_trace(out).shards())
+    torch.testing.assert_close(torch.cat([s.token_ids for s in shards]), torch.cat([p[0].reshape(-1) for p in parts]))
+    indices = torch.cat([s.layers[1].indices for s in shards])
+    torch.testing.assert_close(indices, torch.cat([p[2][1].indices for p in parts]))
+    assert torch.cat([s.sequence for s in shards]).tolist() == [q for q in range(10) for _ in range(5)]
+    assert torch.cat([s.domain for s in shards]).tolist() == [d % 2 for d in range(5) for _ in range(10)]
+    assert trace.expert_stats()[0][1].tolist() == [1.0, 2.0, 3.0]
+    # A second trace replaces the first; a failed one leaves it untouched and no staging behind.
+    with TraceWriter(out, _info()) as writer:
+        writer.add(*parts[0])
+        writer.close()
+    assert open_trace(out).info.num_tokens == 10
+    with pytest.raises(RuntimeError), TraceWriter(out, _info()) as writer:
+        writer.add(*parts[0])
+        raise RuntimeError("interrupted")
+    assert open_trace(out).info.num_tokens == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace"]
+
+
+def test_writer_and_reader_errors(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a routing trace"):
+        TraceWriter(tmp_path / "taken", _info())
+    with TraceWriter(tmp_path / "t", _info()) as writer:
+        with pytest.raises(ValueError, match="routing covers layers"):
+            writer.add(torch.zeros(1, 4, dtype=torch.long), 0, {})
+        with pytest.raises(ValueError, match="no tokens were traced"):
+            writer.close()
+    with pytest.raises(ValueError, match="is not a routing trace"):
+        open_trace(tmp_path / "taken")
+    with TraceWriter(tmp_path / "t", _info()) as writer:
+        writer.add(torch.zeros(1, 4, dtype=torch.long), 0, _routing(4))
+        writer.close()
+    (tmp_path / "t" / "shard-00000.safetensors").unlink()
+    with pytest.raises(ValueError, match="shard .* is missing"):
+        list(open_trace(tmp_path / "t").shards())
+
+
+# ---------------------------------------------------------------------- data and bad inputs
+
+
+def test_batches_split_the_budget_evenly():
+    streams = {"a": np.arange(100), "b": np.arange(100, 130)}
+    got = list(batches(streams, max_tokens=81, seq_len=16, batch_size=2))
+    per_domain = {d: sum(b.token_ids.numel() for b in got if b.domain == d) for d in (0, 1)}
+    assert per_domain == {0: 41, 1: 30}  # 81 // 2 + 1 for the first; the second has only 30
+    assert [tuple(b.token_ids.shape) for b in got if b.domain == 0] == [(2, 16), (1, 9)]
+    assert got[0].token_ids[0].tolist() == list(range(16))
+
+
+def test_text_and_jsonl_data(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "poems.txt").write_text("roses are red")
+    (tmp_path / "data" / "mixed.jsonl").write_text(
+        json.dumps({"text": "def f(): pass", "domain": "code"}) + "\n" + json.dumps({"text": "hallo"}) + "\n")
+    streams = load_streams(tmp_path / "data", encoder=lambda texts: np.arange(len(" ".join(texts))))
+    assert sorted(streams) == ["code", "mixed", "poems"]
+    assert len(load_streams(tmp_path / "data" / "poems.txt")["poems"]) > 2  # moelab's tokenizer
+    with pytest.raises(ValueError, match="did you mean 'poems'"):
+        load_streams(tmp_path / "data", domains=["poem"])
+    with pytest.raises(ValueError, match="is not 'corpus'"):
+        load_streams(tmp_path / "missing.csv")
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path / "nowhere")
+    monkeypatch.setattr(model_module, "DEFAULT_MODEL", tmp_path / "ref-8e-top2")
+    with pytest.raises(FileNotFoundError, match="moelab train configs/reference/ref-8e-top2.yaml"):
+        load_model(None)
+    dense = MoETransformer(dataclasses.replace(tiny(), moe=None))
+    with pytest.raises(ValueError, match="no MoE layers"):
+        RoutingCapture(dense)
+    model = _native()
+    with pytest.raises(ValueError, match="the data has no tokens"):
+        trace_model(model, {"a": np.array([], dtype=np.int64)}, tmp_path / "t", quiet=True)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        trace_model(model, {"a": np.array([5, 10_000])}, tmp_path / "t", quiet=True)
+    save_pretrained(model, tmp_path / "native")
+    assert isinstance(load_model(tmp_path / "native").model, MoETransformer)
+    assert not (tmp_path / "t").exists()
+
+
+def test_model_without_moe_blocks_in_a_moe_config(tmp_path):
+    """A transformers checkpoint whose config makes every layer dense has nothing to trace."""
+    cfg = dict(TINY["qwen3_moe"].config, mlp_only_layers=[0, 1])
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", **cfg)).save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    with pytest.raises(ValueError, match="no MoE layers"):
+        RoutingCapture(loaded.model, open_checkpoint(tmp_path))
+
+
+def test_routing_check_flags_a_view_that_disagrees_with_the_model(tmp_path):
+    """The view is read from disk; a router changed in memory afterwards makes the recomputed
+    routing disagree with what the block does, and the check counts it."""
+    build("mixtral").save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    with torch.no_grad():
+        loaded.model.model.layers[0].mlp.gate.weight.mul_(-1)
+    with RoutingCapture(loaded.model, loaded.view) as capture, torch.no_grad():
+        loaded.model(input_ids=torch.randint(0, 64, (2, 16)), use_cache=False)
+    assert capture.checks[0].mismatched > 0 and capture.checks[1].mismatched == 0
