@@ -176,3 +176,49 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
         return [(r["step"], r["loss"]) for r in read_log(directory) if r["kind"] == "train"]
 
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+
+
+ARCHITECTURES = {
+    "blockffn_adaptive": (
+        {"router": "relu", "activation": "silu", "locality_coef": 2e-3, "chunk_sparsity_coef": 5e-2, "chunk_len": 8},
+        {"adaptive_chunk_sparsity": True, "warmup_steps": 1, "chunk_sparsity_window": 1},
+    ),
+    "rexmoe_ramp": ({"reuse_layers": 2}, {"reuse_ramp_steps": 4}),
+    "topp": ({"router": "topp", "top_p": 0.5, "entropy_coef": 1e-4}, {}),
+    "coe": ({"chain_iterations": 2, "top_k": 1}, {}),
+}
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_resume_is_bit_identical_for_stateful_architectures(tmp_path, name):
+    """Resume from the step-2 checkpoint of a finished run: the adaptive chunk coefficient,
+    ReXMoE's pool schedule and variable-k routers continue exactly."""
+    import shutil
+
+    moe_extra, train_extra = ARCHITECTURES[name]
+    model = {**MODEL, "moe": {**MODEL["moe"], **moe_extra}}
+    run = RunConfig.from_dict({"model": model, "train": {**TRAIN, "steps": 6, **train_extra}})
+    straight = train(run, tmp_path / "straight", quiet=True)
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-000002", resumed_dir / "checkpoints" / "step-000002")
+    shutil.copy(tmp_path / "straight" / "config.yaml", resumed_dir / "config.yaml")
+    resumed = train(run, resumed_dir, resume=True, quiet=True)
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(resumed_dir / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.eval_loss == resumed.eval_loss
+    records = [r for r in read_log(tmp_path / "straight") if r["kind"] == "train"]
+    if name == "blockffn_adaptive":
+        assert {"metrics/tls", "metrics/cls", "chunk_sparsity_coef"} <= records[-1].keys()
+        assert len({r["chunk_sparsity_coef"] for r in records}) > 2  # the schedule moved it
+    if name == "topp":
+        assert 1.0 <= records[-1]["experts_per_token"] <= 4.0
+
+
+def test_training_options_checked_against_the_model(tmp_path):
+    run = RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "adaptive_chunk_sparsity": True}})
+    with pytest.raises(ValueError, match="chunk_sparsity_coef > 0"):
+        train(run, tmp_path / "run", quiet=True)
+    with pytest.raises(ValueError, match="reuse_ramp_steps must lie in"):
+        RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "reuse_ramp_steps": 100}})

@@ -17,8 +17,8 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from moelab.models import ModelConfig, preset
-from moelab.train.config import RunConfig, TrainConfig
+from moelab.models import ModelConfig
+from moelab.train.config import RunConfig, TrainConfig, load_model_config
 from moelab.train.report import write_report
 from moelab.train.checkpoint import latest_checkpoint
 from moelab.train.trainer import RESULTS_NAME, check_same_run, train
@@ -30,7 +30,8 @@ def variant_name(spec: str) -> str:
 
 
 def load_variants(specs: Sequence[str]) -> dict[str, ModelConfig]:
-    """Model configs by name from file paths (.yaml/.json) or preset names; names must be unique."""
+    """Model configs by name from model or run config files (.yaml/.json) or preset names; names
+    must be unique."""
     if not specs:
         raise ValueError("compare needs at least one model config")
     variants: dict[str, ModelConfig] = {}
@@ -38,7 +39,7 @@ def load_variants(specs: Sequence[str]) -> dict[str, ModelConfig]:
         name = variant_name(spec)
         if name in variants:
             raise ValueError(f"two variants are named {name!r}; give the config files different names")
-        variants[name] = ModelConfig.load(spec) if Path(spec).suffix else preset(spec)
+        variants[name] = load_model_config(spec)
     return variants
 
 

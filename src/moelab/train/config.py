@@ -49,6 +49,11 @@ class TrainConfig:
     checkpoint_every: write a resumable checkpoint every n steps (and at the end); keep_checkpoints:
         how many of the newest to keep.
     log_every: steps between log lines (JSONL, TensorBoard, progress bar).
+    adaptive_chunk_sparsity: scale BlockFFN's chunk-sparsity loss coefficient with the paper's
+        adaptive schedule (`moelab.nn.blockffn.AdaptiveCoefficient`, warmup = warmup_steps,
+        updated every chunk_sparsity_window steps; the paper uses 100).
+    reuse_ramp_steps: ReXMoE's progressive scaling: the shared expert pool opens linearly over
+        this many steps (0 = the whole pool from the start).
     threads: torch intra-op threads (None = torch's default).
     device: "auto" (CUDA if available), "cpu" or "cuda".
     """
@@ -74,16 +79,21 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 10
+    adaptive_chunk_sparsity: bool = False
+    chunk_sparsity_window: int = 100
+    reuse_ramp_steps: int = 0
     threads: int | None = None
     device: str = "auto"
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_tokens",
-                     "eval_batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+                     "eval_batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "chunk_sparsity_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"train.{name} must be an integer >= 1, got {value!r}")
+        if not 0 <= self.reuse_ramp_steps <= self.steps:
+            raise ValueError(f"train.reuse_ramp_steps must lie in [0, steps={self.steps}], got {self.reuse_ramp_steps}")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
@@ -173,12 +183,23 @@ class RunConfig:
         atomic_write_text(path, text)
 
 
+def load_model_config(spec: str | Path) -> ModelConfig:
+    """A model config from a preset name, a ModelConfig file, or a run file (its model section)."""
+    path = Path(spec)
+    if not path.suffix:
+        return preset(str(spec))
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    data = json.loads(path.read_text()) if path.suffix.lower() == ".json" else yaml.safe_load(path.read_text())
+    if isinstance(data, dict) and "train" in data and "model" in data:
+        return RunConfig.load(path).model
+    return ModelConfig.load(path)
+
+
 def _model_config(spec: Any, base_dir: Path) -> ModelConfig:
     """`model:` is a preset name, a ModelConfig file (relative to the run file) or its fields."""
     if isinstance(spec, dict):
         return ModelConfig.from_dict(spec)
     if isinstance(spec, str):
-        if Path(spec).suffix:
-            return ModelConfig.load(base_dir / spec)
-        return preset(spec)
+        return load_model_config(base_dir / spec if Path(spec).suffix else spec)
     raise ValueError(f"'model' must be a preset name, a config file path or a mapping, got {spec!r}")

@@ -36,7 +36,9 @@ from moelab.data import TOKENIZER_DIR, TokenWindows
 from moelab.eval import domain_losses
 from moelab.io import atomic_write_text
 from moelab.models import MoETransformer, model_info, save_pretrained
-from moelab.nn import attach_expert_bias_update
+from moelab.nn import MoELayer, attach_expert_bias_update
+from moelab.nn.blockffn import AdaptiveCoefficient
+from moelab.nn.rexmoe import ReuseRouter, set_reuse_progress
 from moelab.nn.routers import TopKRouter
 from moelab.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from moelab.train.config import RunConfig, TrainConfig
@@ -141,6 +143,8 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: b
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     loader = TokenWindows.from_corpus(cfg.domains, "train", cfg.seq_len, cfg.batch_size, cfg.seed, cfg.mixture)
     _attach_bias_updates(optimizer, model, run)
+    chunk_coef = _adaptive_chunk_coefficient(model, cfg)
+    reuse = cfg.reuse_ramp_steps > 0 and any(isinstance(m, ReuseRouter) for m in model.modules())
     step, train_seconds = 0, 0.0
     if checkpoint is not None:
         step = checkpoint.step
@@ -151,6 +155,9 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: b
         if device.type == "cuda" and "cuda" in checkpoint.state["rng"]:
             torch.cuda.set_rng_state(checkpoint.state["rng"]["cuda"].cpu())
         train_seconds = float(checkpoint.state["train_seconds"])
+        if chunk_coef is not None:
+            chunk_coef.load_state_dict(checkpoint.state["chunk_coef"])
+            _set_chunk_coef(model, chunk_coef.value)
 
     def save(at: int) -> None:
         rng = {"cpu": torch.get_rng_state()}
@@ -158,6 +165,8 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: b
             rng["cuda"] = torch.cuda.get_rng_state()
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "loader": loader.state_dict(), "rng": rng, "train_seconds": train_seconds}
+        if chunk_coef is not None:
+            state["chunk_coef"] = chunk_coef.state_dict()
         save_checkpoint(out_dir, at, model, state, keep=cfg.keep_checkpoints)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else contextlib.nullcontext()
@@ -170,9 +179,15 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: b
     try:
         while step < cfg.steps:
             began = time.perf_counter()
+            if reuse:
+                set_reuse_progress(model, min(1.0, step / cfg.reuse_ramp_steps))
             stats = train_step(model, optimizer, loader, cfg, device, autocast)
             stats["scalars"]["lr"] = scheduler.get_last_lr()[0]
             scheduler.step()
+            if chunk_coef is not None:
+                raw = stats["scalars"].get("aux/chunk_sparsity", 0.0) / chunk_coef.value
+                _set_chunk_coef(model, chunk_coef.step(raw))
+                stats["scalars"]["chunk_sparsity_coef"] = chunk_coef.value
             seconds = time.perf_counter() - began
             step += 1
             train_seconds += seconds
@@ -217,8 +232,8 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: b
 
 def train_step(model, optimizer, loader, cfg: TrainConfig, device: torch.device, autocast) -> dict[str, Any]:
     """One optimizer step over `cfg.grad_accum` micro-batches. Returns the step's scalar metrics
-    (loss, each aux loss, grad norm, mean experts per token), and per MoE layer its load ([E]
-    counts) and experts per token."""
+    (loss, each aux loss, each model metric, grad norm, mean experts per token), and per MoE layer
+    its load ([E] counts) and experts per token."""
     optimizer.zero_grad(set_to_none=True)
     scalars: dict[str, float] = defaultdict(float)
     load: dict[int, Tensor] = {}
@@ -231,6 +246,8 @@ def train_step(model, optimizer, loader, cfg: TrainConfig, device: torch.device,
         scalars["loss"] += out.loss.item() / cfg.grad_accum
         for name, value in out.aux_losses.items():
             scalars[f"aux/{name}"] += value.item() / cfg.grad_accum
+        for name, value in out.metrics.items():  # architecture metrics, e.g. BlockFFN's TLS and CLS
+            scalars[f"metrics/{name}"] += float(value) / cfg.grad_accum
         for layer, result in out.moe_results.items():
             if result.tokens_per_expert is not None:
                 counts = result.tokens_per_expert.detach().float().cpu()
@@ -279,6 +296,23 @@ def check_same_run(run: RunConfig, out_dir: Path) -> None:
 def _attach_bias_updates(optimizer, model, run: RunConfig) -> None:
     if any(isinstance(m, TopKRouter) and m.expert_bias is not None for m in model.modules()):
         attach_expert_bias_update(optimizer, model, rate=run.model.moe.bias_update_rate)
+
+
+def _adaptive_chunk_coefficient(model, cfg: TrainConfig) -> AdaptiveCoefficient | None:
+    if not cfg.adaptive_chunk_sparsity:
+        return None
+    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.coefs["chunk_sparsity"]]
+    if not layers:
+        raise ValueError("train.adaptive_chunk_sparsity needs MoE layers with moe.chunk_sparsity_coef > 0 (BlockFFN)")
+    return AdaptiveCoefficient(
+        initial=layers[0].coefs["chunk_sparsity"], warmup=cfg.warmup_steps, window=cfg.chunk_sparsity_window
+    )
+
+
+def _set_chunk_coef(model, value: float) -> None:
+    for m in model.modules():
+        if isinstance(m, MoELayer) and m.coefs["chunk_sparsity"]:
+            m.coefs["chunk_sparsity"] = value
 
 
 def _evaluate(model, cfg: TrainConfig, autocast) -> dict[str, float]:
