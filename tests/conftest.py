@@ -7,8 +7,20 @@ HYPOTHESIS_PROFILE=ci.
 
 import os
 
+import pytest
+import torch
 from hypothesis import settings
 
 settings.register_profile("default", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: for tiny models extra threads only add synchronisation
+    (several times slower on the project's 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -71,12 +71,7 @@ NONCAUSAL = {"expert-choice", "uoe-reference"}
 GRADIENT_FREE = {"uoe-reference"}  # gate="none": the reference never applies its gate values
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(name, seed=0, **overrides) -> MoETransformer:
@@ -385,6 +380,7 @@ def test_rexmoe_groups_share_one_expert_pool():
 
 
 def test_rexmoe_progressive_scaling_masks_foreign_experts():
+    torch.manual_seed(0)
     router = ReuseRouter(8, 4, 3, 1, 2)
     x = torch.randn(64, 8)
     set_reuse_progress(torch.nn.Sequential(router), 0.0)

@@ -3,9 +3,9 @@ torch._dynamo.explain and printed (run with -s to see them)."""
 
 import pytest
 import torch
+from reference import assert_close
 
 from moelab.nn import MoEConfig, build_moe
-from reference import assert_close
 
 pytestmark = pytest.mark.slow
 

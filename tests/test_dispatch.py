@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from reference import F64, RefRouting, apply_capacity, assert_close, f64_leaf
 
 from moelab.nn import LocalDispatcher, plan_dispatch
 from moelab.nn.dispatch import expert_capacity
-from reference import F64, RefRouting, apply_capacity, assert_close, f64_leaf
 
 
 def _random_indices(T, K, E, *, empty=0.0, seed=0, skew=False):

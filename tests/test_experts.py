@@ -3,9 +3,9 @@ stacked weights (tests/reference.py), forward and backward."""
 
 import pytest
 import torch
+from reference import F64, assert_close, expert_ffn, f64_leaf, f64_leaves, shared_ffn
 
 from moelab.nn import MLPExperts, SharedExperts, SwiGLUExperts, grouped_mlp
-from reference import F64, assert_close, expert_ffn, f64_leaf, f64_leaves, shared_ffn
 
 BACKENDS = ["auto", "grouped", "loop", "grouped_mm"]
 # D, I multiples of 4: fp32 rows are 16-byte aligned, so "grouped_mm" really runs torch._grouped_mm

@@ -6,9 +6,19 @@ import json
 
 import pytest
 import torch
+from reference import (
+    F64,
+    Spec,
+    assert_close,
+    assert_matches,
+    assert_no_near_tie,
+    f64_leaf,
+    f64_leaves,
+    moe_forward,
+    run_both,
+)
 
 from moelab.nn import MoEConfig, MoELayer, MoEResult, SwiGLUExperts, TopKRouter, build_moe
-from reference import F64, Spec, assert_close, assert_matches, assert_no_near_tie, f64_leaf, f64_leaves, moe_forward, run_both
 
 D, E, I = 16, 8, 8
 BACKENDS = ["grouped", "loop", "grouped_mm"]

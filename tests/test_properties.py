@@ -6,9 +6,9 @@ import math
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from reference import RefRouting, Spec, apply_capacity, assert_matches, run_both
 
 from moelab.nn import MoEConfig, build_moe, plan_dispatch
-from reference import RefRouting, Spec, apply_capacity, assert_matches, run_both
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 

@@ -3,6 +3,16 @@ and aux-loss-free balancing (expert_bias + attach_expert_bias_update)."""
 
 import pytest
 import torch
+from reference import (
+    F64,
+    assert_close,
+    assert_no_near_tie,
+    f64_leaf,
+    route_expert_choice,
+    route_relu,
+    route_topk,
+    route_topp,
+)
 
 from moelab.nn import (
     ExpertChoiceRouter,
@@ -13,7 +23,6 @@ from moelab.nn import (
     attach_expert_bias_update,
     build_moe,
 )
-from reference import F64, assert_close, assert_no_near_tie, f64_leaf, route_expert_choice, route_relu, route_topk, route_topp
 
 T, D, E = 24, 12, 8
 

@@ -13,7 +13,7 @@ from hf_tiny import TINY, build
 
 from moelab.analyze import analyze_trace
 from moelab.hf import open_checkpoint
-from moelab.models import MoETransformer, save_pretrained, tiny
+from moelab.models import MoETransformer, reference, save_pretrained, tiny
 from moelab.trace import (
     LayerRouting,
     RoutingCapture,
@@ -26,7 +26,6 @@ from moelab.trace import (
     open_trace,
     trace_model,
 )
-from moelab.trace import model as model_module
 
 
 def _native(seed: int = 0, **moe) -> MoETransformer:
@@ -345,7 +344,7 @@ def test_text_and_jsonl_data(tmp_path):
 def test_bad_inputs_give_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path / "nowhere")
-    monkeypatch.setattr(model_module, "DEFAULT_MODEL", tmp_path / "ref-8e-top2")
+    monkeypatch.setattr(reference, "MODELS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="moelab train configs/reference/ref-8e-top2.yaml"):
         load_model(None)
     dense = MoETransformer(dataclasses.replace(tiny(), moe=None))

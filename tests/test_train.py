@@ -16,8 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from moelab.models import MoETransformer, ModelConfig
-from moelab.nn import MoEConfig
+from moelab.models import ModelConfig, MoETransformer
 from moelab.train import RunConfig, TrainConfig, build_optimizer, lr_factor, read_log, train
 from moelab.train.trainer import train_step
 

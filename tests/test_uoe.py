@@ -13,13 +13,7 @@ from moelab.models import ModelConfig, MoETransformer
 from moelab.nn import SelectiveAttention, UoEConfig, UoERouter, split_dense_mlp
 from moelab.nn.rope import rope_tables
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 DENSE = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=32, dense_hidden_dim=64)

@@ -53,11 +53,18 @@ def bench_layer(
 
 @app.command()
 def demo(
-    quick: Annotated[bool, typer.Option("--quick", help="The short version (about a minute).")] = False,
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("runs/demo"),
+    model: Annotated[Path | None, typer.Option("--model", help="A moelab MoE model directory (default: the shipped ref-8e-top2).")] = None,
+    prune: Annotated[int, typer.Option(help="Experts to drop per layer in the compression step (0 = skip).")] = 2,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer evaluation and routing tokens (about a minute).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or tables.")] = False,
 ) -> None:
-    """The main job on built-in defaults. For now: the MoE layer benchmark."""
-    bench_layer(quick=quick, json_path=None, configs=None, dtypes=None, modes=None, tokens=None, rounds=None,
-                skew=2.0, memory=True)
+    """The main job on built-in defaults: the shipped reference MoE's per-domain perplexity, its
+    routing report, and a first compression (drop the least-used experts) compared with it."""
+    from moelab.demo import run_demo
+
+    tokens = {"eval_tokens": 4096, "trace_tokens": 8000} if quick else {}
+    run_demo(out, model_dir=model, prune=prune, console=console, quiet=quiet, **tokens)
 
 
 @app.command()
@@ -184,8 +191,8 @@ def export(
     quiet: QuietOpt = False,
 ) -> None:
     """Write a moelab MoE checkpoint in a transformers family's format (checked: logits match to 1e-4)."""
-    from moelab.hf.export import export_checkpoint
     from moelab.data.tokenizer import TOKENIZER_DIR
+    from moelab.hf.export import export_checkpoint
 
     path = export_checkpoint(model_dir, out, family, tokenizer=None if no_tokenizer else TOKENIZER_DIR, quiet=quiet)
     console.print(f"wrote {path} ({family}; loads with transformers.AutoModelForCausalLM.from_pretrained)")

@@ -7,6 +7,7 @@
 """
 
 from moelab.analyze.report import write_report
+from moelab.analyze.run import analyze
 from moelab.analyze.stats import (
     analyze_trace,
     chunk_activity,
@@ -16,7 +17,6 @@ from moelab.analyze.stats import (
     row_normalise,
     super_experts,
 )
-from moelab.analyze.run import analyze
 
 __all__ = [
     "analyze",

@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from moelab.io import atomic_write_text
-from moelab.validation import did_you_mean
 from moelab.nn import MoEConfig, UoEConfig
+from moelab.validation import did_you_mean
 
 LAYER_TYPES = ("dense", "moe", "uoe")
 

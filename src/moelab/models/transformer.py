@@ -23,7 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.models.config import ModelConfig
-from moelab.nn import ChainOfExperts, MoELayer, MoEResult, SelectiveAttention, SwiGLU, SwiGLUExperts, build_moe
+from moelab.nn import (
+    ChainOfExperts,
+    MoELayer,
+    MoEResult,
+    SelectiveAttention,
+    SwiGLU,
+    SwiGLUExperts,
+    build_moe,
+)
 from moelab.nn.config import build_experts
 from moelab.nn.experts import Experts
 from moelab.nn.moe import mean_by_name, sum_by_name

@@ -10,7 +10,6 @@ from moelab.nn.latent import LatentProjection
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
 from moelab.nn.moe import MoELayer, MoEResult
 from moelab.nn.rexmoe import ReuseRouter, attach_progressive_scaling, set_reuse_progress
-from moelab.nn.sparsemixer import SparseMixerRouter
 from moelab.nn.routers import (
     ExpertChoiceRouter,
     ReLURouter,
@@ -20,6 +19,7 @@ from moelab.nn.routers import (
     TopPRouter,
     attach_expert_bias_update,
 )
+from moelab.nn.sparsemixer import SparseMixerRouter
 from moelab.nn.uoe import SelectiveAttention, UoEConfig, UoERouter, split_dense_mlp
 
 __all__ = [

@@ -6,7 +6,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from moelab.validation import did_you_mean
 from moelab.nn.chain import ChainOfExperts
 from moelab.nn.experts import ACTIVATIONS, Experts, MLPExperts, SharedExperts, SwiGLUExperts
 from moelab.nn.graph_routing import AttentionRouter, SimilarityRouter
@@ -23,6 +22,7 @@ from moelab.nn.routers import (
     check_groups,
     check_top_k,
 )
+from moelab.validation import did_you_mean
 
 ROUTERS = ("topk", "topp", "expert_choice", "relu", "graph_sim", "graph_attn")
 TOP_K_ROUTERS = ("topk", "graph_sim", "graph_attn")

@@ -10,7 +10,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from moelab.nn.blockffn import activation_locality_loss, active_experts, chunk_sparsification_loss, sparsity_metrics
+from moelab.nn.blockffn import (
+    activation_locality_loss,
+    active_experts,
+    chunk_sparsification_loss,
+    sparsity_metrics,
+)
 from moelab.nn.dispatch import LocalDispatcher, plan_dispatch
 from moelab.nn.experts import Experts, SharedExperts
 from moelab.nn.latent import LatentProjection

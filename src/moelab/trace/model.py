@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from moelab.hf import ModelView, open_checkpoint
+from moelab.models.reference import DEFAULT_REFERENCE, MODELS_DIR, reference_model_dir
 from moelab.trace.capture import is_transformers_model
 from moelab.trace.data import Encoder
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "models" / "ref-8e-top2"
-BUILD_DEFAULT = "moelab train configs/reference/ref-8e-top2.yaml"
+DEFAULT_MODEL = MODELS_DIR / DEFAULT_REFERENCE
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -39,14 +39,7 @@ class LoadedModel:
 
 def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load `path` (default: the shipped reference model) for tracing, in eval mode."""
-    if path is None:
-        if not (DEFAULT_MODEL / "config.json").is_file():
-            raise FileNotFoundError(
-                f"the shipped reference model is missing ({DEFAULT_MODEL}); build it with `{BUILD_DEFAULT}` "
-                "and save it there, or pass a model directory"
-            )
-        path = DEFAULT_MODEL
-    path = Path(path)
+    path = reference_model_dir() if path is None else Path(path)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moelab.models import ModelConfig
+from moelab.train.checkpoint import latest_checkpoint
 from moelab.train.config import RunConfig, TrainConfig, load_model_config
 from moelab.train.report import write_report
-from moelab.train.checkpoint import latest_checkpoint
 from moelab.train.trainer import RESULTS_NAME, check_same_run, train
 
 

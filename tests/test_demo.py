@@ -1,0 +1,51 @@
+"""`moelab demo` end to end on a small random MoE (the shipped reference model is tested in the
+slow suite)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from moelab.demo import run_demo
+from moelab.eval import domain_losses
+from moelab.models import ModelConfig, MoETransformer, load_pretrained, save_pretrained
+from moelab.models.reference import REFERENCE_MODELS, reference_model_dir
+from moelab.nn import MoEConfig
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    cfg = ModelConfig(vocab_size=8192, dim=32, n_layers=2, n_heads=4, max_seq_len=64,
+                      moe=MoEConfig(dim=32, num_experts=4, hidden_dim=32, top_k=2))
+    return save_pretrained(MoETransformer(cfg), tmp_path / "model")
+
+
+def test_demo_measures_routes_prunes_and_compares(tmp_path, model_dir):
+    summary = run_demo(tmp_path / "out", model_dir=model_dir, prune=1, eval_tokens=64, trace_tokens=800, quiet=True)
+    routing = json.loads((tmp_path / "out" / "analysis" / "report.json").read_text())
+    for layer, dropped in summary["pruned"]["dropped_experts"].items():
+        load = routing["layers"][layer]["load"]
+        assert load[dropped[0]] == min(load)  # the least-used expert goes
+    pruned = load_pretrained(summary["pruned"]["dir"])
+    assert pruned.config.moe.num_experts == 3
+    assert set(summary["perplexity"]) == set(summary["pruned"]["perplexity"]) >= {"code", "all"}
+    assert (tmp_path / "out" / "analysis" / "report.html").is_file()
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
+
+
+def test_demo_bad_inputs(tmp_path, model_dir):
+    with pytest.raises(ValueError, match="--prune must lie in"):
+        run_demo(tmp_path / "out", model_dir=model_dir, prune=3, quiet=True)
+    with pytest.raises(ValueError, match="unknown reference model"):
+        reference_model_dir("ref-64e")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REFERENCE_MODELS)
+def test_shipped_reference_models_load_and_beat_chance(name):
+    model = load_pretrained(reference_model_dir(name))
+    assert model.config.moe is not None and model.config.vocab_size == 8192
+    loss = domain_losses(model, max_tokens=2048)["all"].loss
+    assert loss < 0.6 * math.log(8192)  # uniform guessing scores log(V) = 9.0 nats
