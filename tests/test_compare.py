@@ -63,7 +63,12 @@ def test_compare_input_errors(tmp_path, variants):
     with pytest.raises(ValueError, match="at least one"):
         load_variants([])
     bad = write(tmp_path / "recipe.yaml", {"steps": 3, "lr_max": 1.0})
-    with pytest.raises(ValueError, match="unknown train fields"):
+    with pytest.raises(ValueError, match="unknown train field 'lr_max'"):
         load_recipe(bad)
     run_file = write(tmp_path / "run.yaml", {"model": "tiny", "train": RECIPE})
     assert load_recipe(run_file).steps == 3
+    with pytest.raises(ValueError, match="is a run file"):
+        load_variants([run_file])
+    short = write(tmp_path / "short.yaml", {**BASE, "max_seq_len": 8})
+    with pytest.raises(ValueError, match="variant 'short': train.seq_len"):
+        compare([short], TrainConfig(**RECIPE), tmp_path / "cmp", quiet=True)

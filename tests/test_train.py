@@ -46,7 +46,12 @@ def test_lr_schedule_worked_values():
 @pytest.mark.parametrize(
     ("train_fields", "message"),
     [
-        ({"steps": 0}, "train.steps must be an integer >= 1"),
+        ({"steps": 0}, "TrainConfig.steps must be >= 1"),
+        ({"steps": 5, "warmup_steps": 6}, "warmup_steps must lie in"),
+        ({"steps": 5, "warmup_steps": 2.5}, "warmup_steps must be int"),
+        ({"steps": 5, "eps": "1e-8"}, "YAML reads"),
+        ({"steps": 5, "lr": True}, "lr must be float"),
+        ({"steps": 5, "seed": -1}, "seed must be >= 0"),
         ({"steps": 5, "lr": "3e-3"}, "YAML reads"),
         ({"steps": 5, "dtype": "fp16"}, "unknown train.dtype 'fp16'"),
         ({"steps": 5, "domains": ["klingon"]}, "unknown train.domain 'klingon'"),
@@ -149,32 +154,45 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> 
         time.sleep(0.05)
 
 
-def test_resume_after_kill_9_is_bit_identical(tmp_path):
-    """Kill a training process with SIGKILL right after its step-4 checkpoint, resume it, and
-    compare the final weights and per-step losses with an uninterrupted run of the same seed."""
-    config = write_run(tmp_path / "run.yaml")
+def _comparable(directory: Path) -> list[dict]:
+    """The run's log records without wall-clock speed."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in read_log(directory)]
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_interrupted_run_resumes_bit_identically(tmp_path, how):
+    """Stop a training process right after its step-4 checkpoint, with kill -9 (no chance to
+    react) or Ctrl-C (it finishes the step and checkpoints), resume it, and compare the final
+    weights and every log record with an uninterrupted run of the same seed."""
+    config = write_run(tmp_path / "run.yaml", steps=40, log_every=3, eval_every=6, checkpoint_every=4)
     run = RunConfig.load(config)
     train(run, tmp_path / "straight", quiet=True)
 
-    cmd = [sys.executable, "-m", "moelab.cli", "train", str(config), "--out", str(tmp_path / "killed"), "--quiet"]
+    cmd = [sys.executable, "-m", "moelab.cli", "train", str(config), "--out", str(tmp_path / "stopped"), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    _wait_for(tmp_path / "killed" / "checkpoints" / "step-000004", process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (tmp_path / "killed" / "model").exists(), "the run finished before it was killed"
-    train(run, tmp_path / "killed", resume=True, quiet=True)
+    _wait_for(tmp_path / "stopped" / "checkpoints" / "step-000004", process)
+    process.send_signal(getattr(signal, how))
+    _, stderr = process.communicate(timeout=120)
+    assert not (tmp_path / "stopped" / "model").exists(), "the run finished before it was stopped"
+    if how == "SIGINT":
+        assert "interrupted at step" in stderr and process.returncode != 0
+    train(run, tmp_path / "stopped", resume=True, quiet=True)
 
     straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
-    resumed = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "stopped" / "model" / "model.safetensors")
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
+    assert _comparable(tmp_path / "stopped") == _comparable(tmp_path / "straight")
 
-    def losses(directory):
-        return [(r["step"], r["loss"]) for r in read_log(directory) if r["kind"] == "train"]
 
-    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+def test_logged_learning_rate_follows_the_schedule(tmp_path):
+    run = RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "steps": 6, "warmup_steps": 2, "lr": 1e-3}})
+    train(run, tmp_path / "run", quiet=True)
+    lrs = [r["lr"] for r in read_log(tmp_path / "run") if r["kind"] == "train"]
+    assert lrs == pytest.approx([1e-3 * lr_factor(s, run.train) for s in range(6)])
+    assert lrs[0] == pytest.approx(0.5e-3) and lrs[-1] == pytest.approx(1e-3 * run.train.min_lr_ratio)
 
 
 ARCHITECTURES = {
@@ -220,4 +238,4 @@ def test_training_options_checked_against_the_model(tmp_path):
     with pytest.raises(ValueError, match="chunk_sparsity_coef > 0"):
         train(run, tmp_path / "run", quiet=True)
     with pytest.raises(ValueError, match="reuse_ramp_steps must lie in"):
-        RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "reuse_ramp_steps": 100}})
+        RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "reuse_ramp_steps": TRAIN["steps"]}})

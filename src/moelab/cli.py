@@ -220,9 +220,11 @@ def version() -> None:
 def main() -> None:
     """Console entry point: user mistakes (bad config, unknown name, broken file) print one clear
     line and exit with status 2 instead of a traceback."""
+    import yaml
+
     try:
         app()
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, yaml.YAMLError) as err:
         console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
         raise SystemExit(2) from None
 

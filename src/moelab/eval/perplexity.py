@@ -50,6 +50,8 @@ def domain_losses(
     `seq_len`; key "all" holds the token-weighted mean over the domains. The model is put in eval
     mode for the call and restored after."""
     names = list_domains() if domains is None else list(domains)
+    if not names:
+        raise ValueError("domain_losses needs at least one domain (None = all of them)")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import yaml
 
 from moelab.io import atomic_write_text
 from moelab.nn import MoEConfig, UoEConfig
-from moelab.validation import did_you_mean
+from moelab.validation import check_field_types, did_you_mean
 
 LAYER_TYPES = ("dense", "moe", "uoe")
 
@@ -89,7 +88,7 @@ class ModelConfig:
     allow_noncausal_routing: bool = False
 
     def __post_init__(self):
-        _check_types(self)
+        check_field_types(self)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "moe_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -250,27 +249,6 @@ def _format(path: Path) -> str:
     if suffix in (".yaml", ".yml"):
         return "yaml"
     raise ValueError(f"{path}: unknown config format {suffix!r}; use a .json, .yaml or .yml file")
-
-
-def _check_types(cfg: ModelConfig) -> None:
-    """Reject values of the wrong type by field (a hand-written YAML `1e-5` is a string, not a float)."""
-    hints = typing.get_type_hints(ModelConfig)
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        allowed = tuple(typing.get_origin(t) or t for t in typing.get_args(hints[f.name]) or (hints[f.name],))
-        names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
-        if float in allowed:
-            allowed += (int,)
-        ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
-        if not ok:
-            hint = (
-                " (YAML reads 1e-5 as a string; write 1.0e-5)"
-                if isinstance(value, str) and float in allowed
-                else ""
-            )
-            raise ValueError(
-                f"ModelConfig.{f.name} must be {names}, got {type(value).__name__} {value!r}{hint}"
-            )
 
 
 # ----------------------------------------------------------------------------- presets

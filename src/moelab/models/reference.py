@@ -21,7 +21,7 @@ DEFAULT_REFERENCE = "ref-8e-top2"
 def retrain_command(name: str = DEFAULT_REFERENCE) -> str:
     return (
         f"moelab train configs/reference/{name}.yaml --out runs/{name} "
-        f"&& cp -r runs/{name}/model {MODELS_DIR / name}"
+        f"&& mkdir -p {MODELS_DIR / name} && cp runs/{name}/model/* {MODELS_DIR / name}/"
     )
 
 

@@ -3,7 +3,9 @@
     moelab compare configs/models/dense.yaml configs/models/moe_top2.yaml --train recipe.yaml --out runs/cmp
 
 Every variant trains with the same `TrainConfig` (same data, seed, steps and tokens), so the
-comparison is at an equal token budget. Active FLOPs per token are computed for each variant
+comparison is at an equal token budget. Compute is matched by the variants' configs (see
+`configs/models/`, built to equal active FLOPs), not rescaled here: active FLOPs per token are
+computed for each variant
 (at its measured experts per token for data-dependent routers) and reported next to the losses;
 variants more than `FLOPS_TOLERANCE` away from the first variant's FLOPs are flagged as not
 compute-matched. Each variant is an ordinary training run in `out/<name>`, so an interrupted
@@ -13,13 +15,19 @@ by `moelab.train.report`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 from moelab.models import ModelConfig
 from moelab.train.checkpoint import latest_checkpoint
-from moelab.train.config import RunConfig, TrainConfig, load_model_config
+from moelab.train.config import (
+    RunConfig,
+    TrainConfig,
+    is_run_file,
+    load_model_config,
+    read_config_file,
+    train_config_from_dict,
+)
 from moelab.train.report import write_report
 from moelab.train.trainer import RESULTS_NAME, check_same_run, train
 
@@ -30,8 +38,8 @@ def variant_name(spec: str) -> str:
 
 
 def load_variants(specs: Sequence[str]) -> dict[str, ModelConfig]:
-    """Model configs by name from model or run config files (.yaml/.json) or preset names; names
-    must be unique."""
+    """Model configs by name from model config files (.yaml/.json) or preset names; names must be
+    unique. Run files are refused: every variant trains with the one shared recipe."""
     if not specs:
         raise ValueError("compare needs at least one model config")
     variants: dict[str, ModelConfig] = {}
@@ -39,29 +47,23 @@ def load_variants(specs: Sequence[str]) -> dict[str, ModelConfig]:
         name = variant_name(spec)
         if name in variants:
             raise ValueError(f"two variants are named {name!r}; give the config files different names")
+        if Path(spec).suffix and is_run_file(spec):
+            raise ValueError(
+                f"{spec} is a run file with its own train section; compare trains every variant with the "
+                "one --train recipe, so pass model config files (or move its model section into one)"
+            )
         variants[name] = load_model_config(spec)
     return variants
 
 
 def load_recipe(path: str | Path) -> TrainConfig:
     """A training recipe: a YAML/JSON file of TrainConfig fields, or a run file's `train` section."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"training recipe {path} not found")
-    data = yaml.safe_load(path.read_text())
+    data = read_config_file(path)
     if isinstance(data, dict) and "train" in data:
         data = data["train"]
-    known = [f.name for f in dataclasses.fields(TrainConfig)]
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
-    unknown = [key for key in data if key not in known]
-    if unknown:
-        raise ValueError(f"{path}: unknown train fields {unknown}; valid fields: {known}")
     try:
-        return TrainConfig(**data)
-    except (TypeError, ValueError) as err:
+        return train_config_from_dict(data)
+    except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 
 
@@ -71,7 +73,12 @@ def compare(
     """Train every variant in `specs` with `recipe` into `out_dir/<name>` (finished runs are kept,
     interrupted ones resumed), then write the report. Returns the report's path."""
     out_dir = Path(out_dir)
-    runs = {name: RunConfig(model=model, train=recipe) for name, model in load_variants(specs).items()}
+    runs = {}
+    for name, model in load_variants(specs).items():
+        try:
+            runs[name] = RunConfig(model=model, train=recipe)
+        except ValueError as err:
+            raise ValueError(f"variant {name!r}: {err}") from None
     for i, (name, run) in enumerate(runs.items(), 1):
         run_dir = out_dir / name
         check_same_run(run, run_dir)

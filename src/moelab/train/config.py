@@ -26,7 +26,7 @@ import yaml
 from moelab.data import list_domains
 from moelab.io import atomic_write_text
 from moelab.models import ModelConfig, preset
-from moelab.validation import check_choice, did_you_mean
+from moelab.validation import check_choice, check_field_types, did_you_mean
 
 DTYPES = ("fp32", "bf16")
 MIXTURES = ("proportional", "uniform")
@@ -38,8 +38,8 @@ class TrainConfig:
 
     steps: optimizer steps. batch_size x seq_len tokens per micro-batch, grad_accum micro-batches
         per step (tokens per step = batch_size * seq_len * grad_accum).
-    lr: peak learning rate; linear warmup over warmup_steps, then cosine decay to lr * min_lr_ratio
-        at the last step. weight_decay: AdamW decay on matrices (not on norms, biases, embeddings).
+    lr: peak learning rate; linear warmup over warmup_steps (default: a tenth of the steps), then
+        cosine decay to lr * min_lr_ratio at the last step. weight_decay: AdamW decay on matrices (not on norms, biases, embeddings).
     betas, eps: AdamW's. grad_clip: max global gradient norm (0 = no clipping).
     dtype: "fp32", or "bf16" autocast (fast on GPUs; on CPUs without bf16 matmul it is slower).
     domains: corpus domains to train on (None = all); mixture: "proportional" or "uniform".
@@ -64,7 +64,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int | None = None
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -86,35 +86,46 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        check_field_types(self)
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_tokens",
                      "eval_batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "chunk_sparsity_window"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"train.{name} must be an integer >= 1, got {value!r}")
-        if not 0 <= self.reuse_ramp_steps <= self.steps:
-            raise ValueError(f"train.reuse_ramp_steps must lie in [0, steps={self.steps}], got {self.reuse_ramp_steps}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"train.lr must be a number > 0, got {self.lr!r} (YAML reads 3e-3 as a string; write 3.0e-3)")
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps is None:
+            self.warmup_steps = self.steps // 10
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(
+                f"TrainConfig.warmup_steps must lie in [0, steps={self.steps}], got {self.warmup_steps}; "
+                "the learning rate would never reach its peak"
+            )
+        if not 0 <= self.reuse_ramp_steps < self.steps:
+            raise ValueError(
+                f"TrainConfig.reuse_ramp_steps must lie in [0, steps={self.steps}), got {self.reuse_ramp_steps}; "
+                "the last steps must train on the whole expert pool the saved model uses"
+            )
+        if self.seed < 0:
+            raise ValueError(f"TrainConfig.seed must be >= 0, got {self.seed}")
+        if self.lr <= 0 or self.eps <= 0:
+            raise ValueError(f"TrainConfig.lr and eps must be > 0, got {self.lr} and {self.eps}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+            raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("train.weight_decay and train.grad_clip must be >= 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+            raise ValueError("TrainConfig.weight_decay and grad_clip must be >= 0")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {list(self.betas)}")
         check_choice("train.dtype", self.dtype, DTYPES)
         check_choice("train.mixture", self.mixture, MIXTURES)
         check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
         if self.domains is not None:
             known = list_domains()
             if not self.domains:
-                raise ValueError("train.domains is empty; list some domains or leave it out for all")
+                raise ValueError("TrainConfig.domains is empty; list some domains or leave it out for all")
             for domain in self.domains:
                 check_choice("train.domain", domain, tuple(known))
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"train.threads must be >= 1 or null, got {self.threads}")
+            raise ValueError(f"TrainConfig.threads must be >= 1 or null, got {self.threads}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -149,26 +160,12 @@ class RunConfig:
         for key in ("model", "train"):
             if key not in data:
                 raise ValueError(f"run config has no {key!r} section")
-        model = _model_config(data["model"], base_dir)
-        train = data["train"]
-        if not isinstance(train, dict):
-            raise ValueError(f"run config 'train' must be a mapping of TrainConfig fields, got {train!r}")
-        known = [f.name for f in dataclasses.fields(TrainConfig)]
-        for key in train:
-            if key not in known:
-                raise ValueError(f"unknown train field {key!r}{did_you_mean(key, known)}; valid fields: {known}")
-        try:
-            return cls(model=model, train=TrainConfig(**train))
-        except TypeError as err:  # a required field is missing
-            raise ValueError(f"train: {err}") from None
+        return cls(model=_model_config(data["model"], base_dir), train=train_config_from_dict(data["train"]))
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"run config {path} not found")
-        text = path.read_text()
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = read_config_file(path)
         try:
             return cls.from_dict(data, base_dir=path.parent)
         except ValueError as err:
@@ -183,17 +180,40 @@ class RunConfig:
         atomic_write_text(path, text)
 
 
+def train_config_from_dict(data: Any) -> TrainConfig:
+    """A TrainConfig from a mapping of its fields; unknown or missing fields are named."""
+    if not isinstance(data, dict):
+        raise ValueError(f"'train' must be a mapping of TrainConfig fields, got {data!r}")
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in data:
+        if key not in known:
+            raise ValueError(f"unknown train field {key!r}{did_you_mean(key, known)}; valid fields: {known}")
+    try:
+        return TrainConfig(**data)
+    except TypeError as err:  # a required field (steps) is missing
+        raise ValueError(f"train: {err}") from None
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The parsed content of a .json, .yaml or .yml file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    text = path.read_text()
+    return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+
+
+def is_run_file(path: str | Path) -> bool:
+    data = read_config_file(path)
+    return isinstance(data, dict) and "model" in data and "train" in data
+
+
 def load_model_config(spec: str | Path) -> ModelConfig:
     """A model config from a preset name, a ModelConfig file, or a run file (its model section)."""
     path = Path(spec)
     if not path.suffix:
         return preset(str(spec))
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
-    data = json.loads(path.read_text()) if path.suffix.lower() == ".json" else yaml.safe_load(path.read_text())
-    if isinstance(data, dict) and "train" in data and "model" in data:
-        return RunConfig.load(path).model
-    return ModelConfig.load(path)
+    return RunConfig.load(path).model if is_run_file(path) else ModelConfig.load(path)
 
 
 def _model_config(spec: Any, base_dir: Path) -> ModelConfig:

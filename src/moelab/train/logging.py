@@ -24,7 +24,7 @@ class RunLog:
     def __init__(self, out_dir: Path, resume_step: int | None = None):
         self.path = out_dir / LOG_NAME
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [json.dumps(r) for r in _records(self.path.read_text()) if r["step"] <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif self.path.exists():
             self.path.unlink()
@@ -56,4 +56,15 @@ def read_log(out_dir: Path) -> list[dict[str, Any]]:
     path = Path(out_dir) / LOG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; is {out_dir} a moelab training run?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return _records(path.read_text())
+
+
+def _records(text: str) -> list[dict[str, Any]]:
+    """The records of a log; a line torn by a killed process (only ever the last) is skipped."""
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

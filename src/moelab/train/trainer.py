@@ -21,6 +21,9 @@ import contextlib
 import json
 import math
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -95,11 +98,18 @@ def resolve_device(name: str) -> torch.device:
 class _Window:
     """Train metrics accumulated between two log lines (losses, load per layer, tokens, time)."""
 
-    def __init__(self):
+    def __init__(self, state: dict[str, Any] | None = None):
         self.steps, self.tokens, self.seconds = 0, 0, 0.0
         self.sums: dict[str, float] = defaultdict(float)
         self.load: dict[int, Tensor] = {}
         self.experts: dict[int, float] = defaultdict(float)
+        self.last: dict[str, float] = {}
+        if state is not None:
+            self.steps, self.tokens, self.seconds = state["steps"], state["tokens"], state["seconds"]
+            self.sums.update(state["sums"])
+            self.load.update(state["load"])
+            self.experts.update(state["experts"])
+            self.last.update(state["last"])
 
     def add(self, stats: dict[str, Any], tokens: int, seconds: float) -> None:
         self.steps += 1
@@ -107,13 +117,16 @@ class _Window:
         self.seconds += seconds
         for name, value in stats["scalars"].items():
             self.sums[name] += value
+        self.last.update(stats["last"])
         for layer, load in stats["load"].items():
             self.load[layer] = self.load.get(layer, 0) + load
         for layer, k in stats["experts_per_token"].items():
             self.experts[layer] += k
 
     def record(self) -> dict[str, Any]:
+        """Means over the window's steps (values in `last`, such as the lr, as of its last step)."""
         record = {name: value / self.steps for name, value in self.sums.items()}
+        record.update(self.last)
         record["tokens_per_second"] = self.tokens / max(self.seconds, 1e-9)
         if self.load:
             ratios = [float(load.max() / load.mean().clamp_min(1e-9)) for load in self.load.values()]
@@ -124,17 +137,52 @@ class _Window:
         """Mean experts per token of each MoE layer over the window."""
         return {layer: k / self.steps for layer, k in self.experts.items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "tokens": self.tokens, "seconds": self.seconds, "sums": dict(self.sums),
+                "load": dict(self.load), "experts": dict(self.experts), "last": dict(self.last)}
+
+
+class _Interrupt:
+    """While active, Ctrl-C (SIGINT) only sets `requested`, so the loop stops between two steps
+    with a consistent state to checkpoint; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
 
 def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> TrainResult:
     """Train `run` into `out_dir` (see the module docstring); `resume=True` continues the run
-    already there from its newest checkpoint."""
+    already there from its newest checkpoint. Ctrl-C stops after the current step, checkpoints
+    and raises KeyboardInterrupt."""
     cfg = run.train
     out_dir = Path(out_dir)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     start = _prepare_out_dir(run, out_dir, resume)
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(run, out_dir, device, start, quiet)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _train(run: RunConfig, out_dir: Path, device: torch.device, start: Path | None, quiet: bool) -> TrainResult:
+    cfg = run.train
     torch.manual_seed(cfg.seed)
     checkpoint = load_checkpoint(start, device) if start is not None else None
     model = checkpoint.model if checkpoint is not None else MoETransformer(run.model).to(device)
@@ -145,18 +193,26 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: b
     _attach_bias_updates(optimizer, model, run)
     chunk_coef = _adaptive_chunk_coefficient(model, cfg)
     reuse = cfg.reuse_ramp_steps > 0 and any(isinstance(m, ReuseRouter) for m in model.modules())
+    # the loop's own state: everything in it goes into checkpoints, so a resumed run (and its
+    # logs and results) continues exactly where it stopped
     step, train_seconds = 0, 0.0
+    window, eval_window = _Window(), _Window()
+    eval_loss: dict[str, float] = {}
+    measured_experts: dict[int, float] = {}
     if checkpoint is not None:
+        state = checkpoint.state
         step = checkpoint.step
-        optimizer.load_state_dict(checkpoint.state["optimizer"])
-        scheduler.load_state_dict(checkpoint.state["scheduler"])
-        loader.load_state_dict(checkpoint.state["loader"])
-        torch.set_rng_state(checkpoint.state["rng"]["cpu"].cpu())
-        if device.type == "cuda" and "cuda" in checkpoint.state["rng"]:
-            torch.cuda.set_rng_state(checkpoint.state["rng"]["cuda"].cpu())
-        train_seconds = float(checkpoint.state["train_seconds"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["cpu"].cpu())
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
+        train_seconds = float(state["train_seconds"])
+        window, eval_window = _Window(state["window"]), _Window(state["eval_window"])
+        eval_loss, measured_experts = state["eval_loss"], state["measured_experts"]
         if chunk_coef is not None:
-            chunk_coef.load_state_dict(checkpoint.state["chunk_coef"])
+            chunk_coef.load_state_dict(state["chunk_coef"])
             _set_chunk_coef(model, chunk_coef.value)
 
     def save(at: int) -> None:
@@ -164,65 +220,64 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: b
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "loader": loader.state_dict(), "rng": rng, "train_seconds": train_seconds}
+                 "loader": loader.state_dict(), "rng": rng, "train_seconds": train_seconds,
+                 "window": window.state_dict(), "eval_window": eval_window.state_dict(),
+                 "eval_loss": eval_loss, "measured_experts": measured_experts}
         if chunk_coef is not None:
             state["chunk_coef"] = chunk_coef.state_dict()
         save_checkpoint(out_dir, at, model, state, keep=cfg.keep_checkpoints)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else contextlib.nullcontext()
     log = RunLog(out_dir, resume_step=step if checkpoint is not None else None)
-    window, eval_load = _Window(), _Window()
-    saved_step = step
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {out_dir.name}", unit="step", disable=quiet, dynamic_ncols=True)
-    eval_loss: dict[str, float] = {}
-    measured_experts: dict[int, float] = {}
+    saved_step = step
     try:
-        while step < cfg.steps:
-            began = time.perf_counter()
-            if reuse:
-                set_reuse_progress(model, min(1.0, step / cfg.reuse_ramp_steps))
-            stats = train_step(model, optimizer, loader, cfg, device, autocast)
-            stats["scalars"]["lr"] = scheduler.get_last_lr()[0]
-            scheduler.step()
-            if chunk_coef is not None:
-                raw = stats["scalars"].get("aux/chunk_sparsity", 0.0) / chunk_coef.value
-                _set_chunk_coef(model, chunk_coef.step(raw))
-                stats["scalars"]["chunk_sparsity_coef"] = chunk_coef.value
-            seconds = time.perf_counter() - began
-            step += 1
-            train_seconds += seconds
-            window.add(stats, cfg.tokens_per_step, seconds)
-            eval_load.add(stats, cfg.tokens_per_step, seconds)
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                record = window.record()
-                log.write(step, "train", record)
-                bar.set_postfix(_postfix(record), refresh=False)
-                window = _Window()
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                eval_loss = _evaluate(model, cfg, autocast)
-                load = {str(layer): (l / l.sum()).tolist() for layer, l in eval_load.load.items()}
-                experts = {str(layer): k for layer, k in eval_load.experts_per_token().items()}
-                log.write(step, "eval", {"loss": eval_loss, "load": load, "experts_per_token": experts})
-                measured_experts = eval_load.experts_per_token()
-                if not quiet:
-                    bar.write(f"step {step}: val loss {eval_loss['all']:.4f} "
-                              + " ".join(f"{d}={v:.3f}" for d, v in eval_loss.items() if d != "all"))
-                eval_load = _Window()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save(step)
-                saved_step = step
+        with _Interrupt() as interrupt:
+            while step < cfg.steps:
+                began = time.perf_counter()
+                if reuse:
+                    set_reuse_progress(model, min(1.0, step / cfg.reuse_ramp_steps))
+                stats = train_step(model, optimizer, loader, cfg, device, autocast)
+                stats["last"] = {"lr": scheduler.get_last_lr()[0]}
+                scheduler.step()
+                if chunk_coef is not None:
+                    raw = stats["scalars"].get("aux/chunk_sparsity", 0.0) / chunk_coef.value
+                    _set_chunk_coef(model, chunk_coef.step(raw))
+                    stats["last"]["chunk_sparsity_coef"] = chunk_coef.value
+                seconds = time.perf_counter() - began
+                step += 1
+                train_seconds += seconds
+                window.add(stats, cfg.tokens_per_step, seconds)
+                eval_window.add(stats, cfg.tokens_per_step, seconds)
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    record = window.record()
+                    log.write(step, "train", record)
+                    bar.set_postfix(_postfix(record), refresh=False)
+                    window = _Window()
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    eval_loss = _evaluate(model, cfg)
+                    measured_experts = eval_window.experts_per_token()
+                    load = {str(layer): (l / l.sum()).tolist() for layer, l in eval_window.load.items()}
+                    experts = {str(layer): k for layer, k in measured_experts.items()}
+                    log.write(step, "eval", {"loss": eval_loss, "load": load, "experts_per_token": experts})
+                    if not quiet:
+                        bar.write(f"step {step}: val loss {eval_loss['all']:.4f} "
+                                  + " ".join(f"{d}={v:.3f}" for d, v in eval_loss.items() if d != "all"))
+                    eval_window = _Window()
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps or interrupt.requested:
+                    save(step)
+                    saved_step = step
+                if interrupt.requested:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if step > saved_step:
-            save(step)
-        bar.write(f"interrupted at step {step}; checkpoint saved, continue with --resume")
+        done = "checkpoint saved" if saved_step == step else f"last checkpoint at step {saved_step}"
+        bar.write(f"interrupted at step {step} ({done}); continue with --resume", file=sys.stderr)
         raise
     finally:
         bar.close()
         log.close()
 
-    if not eval_loss:  # resumed a run that had already finished
-        eval_loss = _evaluate(model, cfg, autocast)
     result = TrainResult(out_dir=out_dir, steps=step, tokens=step * cfg.tokens_per_step,
                          tokens_per_second=step * cfg.tokens_per_step / max(train_seconds, 1e-9),
                          eval_loss=eval_loss)
@@ -270,10 +325,12 @@ def _prepare_out_dir(run: RunConfig, out_dir: Path, resume: bool) -> Path | None
         if start is None:
             raise ValueError(f"--resume: no complete checkpoint in {out_dir}/checkpoints; start the run without --resume")
         check_same_run(run, out_dir)
+        run.save(out_dir / CONFIG_NAME)
         return start
     if list_checkpoints(out_dir) or (out_dir / RESULTS_NAME).exists():
         raise ValueError(f"{out_dir} already holds a training run; pass --resume to continue it, or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)  # events of an attempt killed before its first checkpoint
     run.save(out_dir / CONFIG_NAME)
     return None
 
@@ -315,7 +372,7 @@ def _set_chunk_coef(model, value: float) -> None:
             m.coefs["chunk_sparsity"] = value
 
 
-def _evaluate(model, cfg: TrainConfig, autocast) -> dict[str, float]:
+def _evaluate(model, cfg: TrainConfig) -> dict[str, float]:
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
     losses = domain_losses(model, cfg.domains, seq_len=cfg.seq_len, batch_size=cfg.eval_batch_size,
                            max_tokens=cfg.eval_tokens, autocast_dtype=dtype)
