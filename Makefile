@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-slow bench
+.PHONY: setup run test test-slow bench experiment
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,3 +30,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/moelab bench layer
+
+## The equal-compute comparison of seven architectures (~1 hour on 2 CPU cores).
+experiment: $(STAMP)
+	bash experiments/equal_compute/run.sh

@@ -35,6 +35,11 @@ def test_demo_measures_routes_prunes_and_compares(tmp_path, model_dir):
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
 
 
+def test_demo_without_pruning(tmp_path, model_dir):
+    summary = run_demo(tmp_path / "out", model_dir=model_dir, prune=0, eval_tokens=32, trace_tokens=200, quiet=True)
+    assert summary["pruned"] is None and not list((tmp_path / "out").glob("pruned-*"))
+
+
 def test_demo_bad_inputs(tmp_path, model_dir):
     with pytest.raises(ValueError, match="--prune must lie in"):
         run_demo(tmp_path / "out", model_dir=model_dir, prune=3, quiet=True)

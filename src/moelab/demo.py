@@ -33,8 +33,8 @@ def run_demo(
     *,
     model_dir: str | Path | None = None,
     prune: int = 2,
-    eval_tokens: int = 16384,
-    trace_tokens: int = 32000,
+    eval_tokens: int = 8192,
+    trace_tokens: int = 24000,
     console: Console | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
@@ -64,15 +64,18 @@ def run_demo(
 
     console.rule("[bold]2/4 validation perplexity per domain")
     original = domain_losses(model, seq_len=seq_len, max_tokens=eval_tokens, quiet=quiet)
+    console.print(_perplexity_table(original, None, info, None))
 
     console.rule("[bold]3/4 routing")
     options = TraceOptions(max_tokens=trace_tokens, seq_len=seq_len)
     report = analyze(model_dir, out / "analysis", options=options, quiet=quiet)
     routing = json.loads((out / "analysis" / "report.json").read_text())
     console.print(_routing_table(routing))
+    console.print(_specialisation_table(routing))
     console.print(f"full report: {report}")
 
-    console.rule(f"[bold]4/4 compress: drop the {prune} least-used experts per layer, compare")
+    console.rule(f"[bold]4/4 compress: drop the {prune} least-used experts per layer, compare"
+                 if prune else "[bold]4/4 compress: skipped (--prune 0)")
     drop = {
         int(layer): sorted(range(len(stats["load"])), key=lambda e: stats["load"][e])[:prune]
         for layer, stats in routing["layers"].items()
@@ -85,7 +88,7 @@ def run_demo(
         pruned_model = load_pretrained(pruned_dir).eval()
         pruned_info = model_info(pruned_model.config, seq_len=seq_len)
         pruned = domain_losses(pruned_model, seq_len=seq_len, max_tokens=eval_tokens, quiet=quiet)
-    console.print(_perplexity_table(original, pruned, info, pruned_info))
+        console.print(_perplexity_table(original, pruned, info, pruned_info))
 
     summary = {
         "model": str(model_dir),
@@ -111,19 +114,30 @@ def run_demo(
 
 
 def _routing_table(routing: dict[str, Any]) -> Table:
-    """Per MoE layer: load balance, specialisation (MI with the domain) and each domain's favourite expert."""
-    domains = list(routing["domains"])
+    """Per MoE layer: load balance, routing entropy and specialisation (MI with the domain)."""
     table = Table(title=f"routing of {routing['tokens']:,} validation tokens")
-    for column in ("layer", "load max/mean", "load CV", "MI(expert; domain) bits", "entropy bits", "top expert per domain"):
-        table.add_column(column, justify="right" if column != "top expert per domain" else "left")
+    for column in ("layer", "load max/mean", "load CV", "entropy (bits)", "MI(expert; domain) (bits)"):
+        table.add_column(column, justify="right")
     for layer, stats in routing["layers"].items():
-        favourite = []
-        for domain in domains:
+        table.add_row(layer, f"{stats['max_over_mean']:.2f}", f"{stats['cv']:.2f}",
+                      f"{stats['routing_entropy_bits']:.2f}", f"{stats['domain_mi_bits']:.3f}")
+    return table
+
+
+def _specialisation_table(routing: dict[str, Any]) -> Table:
+    """Each domain's most used expert per layer, with the share of the domain's tokens it takes."""
+    layers = routing["layers"]
+    table = Table(title="most used expert per domain (share of the domain's tokens routed to it)")
+    table.add_column("domain")
+    for layer in layers:
+        table.add_column(f"L{layer}", justify="right")
+    for domain in routing["domains"]:
+        cells = []
+        for stats in layers.values():
             load = stats["domain_load"][domain]
             share = max(load) / max(sum(load), 1) * stats["experts_per_token"]
-            favourite.append(f"{domain[:3]}:{load.index(max(load))}({share:.0%})")
-        table.add_row(layer, f"{stats['max_over_mean']:.2f}", f"{stats['cv']:.2f}", f"{stats['domain_mi_bits']:.3f}",
-                      f"{stats['routing_entropy_bits']:.2f}", " ".join(favourite))
+            cells.append(f"{load.index(max(load))} ({share:.0%})")
+        table.add_row(domain, *cells)
     return table
 
 
