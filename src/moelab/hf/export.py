@@ -28,7 +28,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from torch import Tensor
 
@@ -36,6 +35,7 @@ from moelab.data.tokenizer import EOT, PAD, TOKENIZER_DIR
 from moelab.hf.adapters import FAMILIES, NATIVE, resolve
 from moelab.hf.view import MoELayerView, SharedView
 from moelab.hf.writer import _fail, check_out_dir, load_transformers_strict, move_into_place
+from moelab.io import save_safetensors
 from moelab.models.config import ModelConfig
 from moelab.validation import did_you_mean
 
@@ -123,7 +123,7 @@ def export_checkpoint(
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-"))
     try:
         staging.chmod(out.parent.stat().st_mode & 0o777)
-        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+        save_safetensors(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if tokenizer is not None:
             for name in TOKENIZER_FILES:

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -44,7 +43,7 @@ from moelab.hf.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, Checkp
 from moelab.hf.layouts import Config, Family, config_entry, config_value
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import ModelView, MoELayerView
-from moelab.io import atomic_write_text
+from moelab.io import atomic_write_text, save_safetensors
 from moelab.nn.moe import MoELayer
 
 EXPERT_MAP_NAME = "moelab_expert_map.json"
@@ -449,7 +448,7 @@ def _write(plan: _Plan, staging: Path, quiet: bool) -> dict[int, _LayerCheck]:
             tensors.update(new_tensors)
         for key in by_shard.get(shard, []):
             tensors[key] = ckpt.get(key)
-        save_file(tensors, staging / names[shard], metadata=ckpt.metadata(shard) or {"format": "pt"})
+        save_safetensors(tensors, staging / names[shard], metadata=ckpt.metadata(shard) or {"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, names[shard]))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     if has_index:

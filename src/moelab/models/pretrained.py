@@ -14,9 +14,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from moelab.io import save_safetensors
 from moelab.models.config import ModelConfig
 from moelab.models.transformer import MoETransformer
 
@@ -48,7 +49,7 @@ def save_pretrained(model: MoETransformer, directory: str | os.PathLike) -> Path
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     staging.chmod(directory.parent.stat().st_mode & 0o777)  # mkdtemp's 0700 would stick to a new directory
     try:
-        save_file(_tensors_to_save(model), staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        save_safetensors(_tensors_to_save(model), staging / WEIGHTS_NAME, metadata={"format": "pt"})
         model.config.save(staging / CONFIG_NAME)
         if not directory.exists():
             os.replace(staging, directory)

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from moelab.io import atomic_write_text
+from moelab.io import atomic_write_text, save_safetensors
 from moelab.trace.capture import LayerRouting, RoutingCheck
 
 FORMAT = "moelab-trace"
@@ -168,7 +168,7 @@ class TraceWriter:
         self._flush()
         stats = {f"layer{i}.expert_max": t.float().contiguous() for i, t in (expert_max or {}).items()}
         stats |= {f"layer{i}.shared_max": t.float().reshape(1).contiguous() for i, t in (shared_max or {}).items()}
-        save_file(stats, self._staging / STATS)
+        save_safetensors(stats, self._staging / STATS)
         self.info.checks = {str(i): asdict(c) for i, c in (checks or {}).items() if c.tokens}
         atomic_write_text(self._staging / MANIFEST, self.info.to_json())
         _publish(self._staging, self.directory)
@@ -189,7 +189,7 @@ class TraceWriter:
             return
         tensors = {key: torch.cat([part[key] for part in self._buffer]) for key in self._buffer[0]}
         name = f"shard-{len(self.info.shards):05d}.safetensors"
-        save_file(tensors, self._staging / name)
+        save_safetensors(tensors, self._staging / name)
         sequences = int(tensors["sequence"].unique().numel())
         self.info.shards.append(ShardInfo(name, self._buffered, sequences))
         self.info.num_tokens += self._buffered

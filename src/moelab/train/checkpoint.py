@@ -47,6 +47,7 @@ def save_checkpoint(out_dir: Path, step: int, model: MoETransformer, state: dict
     target = checkpoint_dir(out_dir, step)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    staging.chmod(target.parent.stat().st_mode & 0o777)  # mkdtemp's 0700 would stick to the checkpoint
     try:
         save_pretrained(model, staging / "model")
         with open(staging / STATE_NAME, "wb") as f:
