@@ -3,6 +3,7 @@ bit-identical resume after `kill -9`."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -239,3 +240,13 @@ def test_training_options_checked_against_the_model(tmp_path):
         train(run, tmp_path / "run", quiet=True)
     with pytest.raises(ValueError, match="reuse_ramp_steps must lie in"):
         RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "reuse_ramp_steps": TRAIN["steps"]}})
+
+
+def test_union_of_experts_model_trains_and_reports(tmp_path):
+    """UoE layers report experts per token but are not "moe" layers for the accounting."""
+    model = {k: v for k, v in MODEL.items() if k != "moe"}
+    model.update(dense_hidden_dim=64, uoe={"attn_top_k": 2, "mlp_experts": 4, "mlp_top_k": 2})
+    run = RunConfig.from_dict({"model": model, "train": {**TRAIN, "steps": 2, "eval_every": 2}})
+    train(run, tmp_path / "run", quiet=True)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["model_info"]["active_params"] < results["model_info"]["total_params"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The equal-compute comparison: 7 architectures, one recipe, ~1 hour on 2 CPU cores.
+# The equal-compute comparison: 7 architectures, one recipe, about an hour on 2 CPU cores.
 # Re-running resumes an interrupted comparison and keeps the variants that finished.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -399,5 +399,7 @@ def _write_final(
     for path in TOKENIZER_DIR.glob("*.json"):
         shutil.copyfile(path, model_dir / path.name)
     summary = result.to_dict()
-    summary["model_info"] = model_info(run.model, seq_len=run.train.seq_len, experts_per_token=experts_per_token or None)
+    kinds = run.model.layer_kinds
+    moe_layers = {i: k for i, k in experts_per_token.items() if kinds[i] == "moe"}  # UoE layers route a fixed k
+    summary["model_info"] = model_info(run.model, seq_len=run.train.seq_len, experts_per_token=moe_layers or None)
     atomic_write_text(out_dir / RESULTS_NAME, json.dumps(summary, indent=2) + "\n")
