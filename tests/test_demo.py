@@ -47,6 +47,14 @@ def test_demo_bad_inputs(tmp_path, model_dir):
         reference_model_dir("ref-64e")
 
 
+@pytest.mark.parametrize("name", REFERENCE_MODELS)
+def test_shipped_reference_models_stay_within_budget(name):
+    """Each shipped model (weights, config, tokenizer) stays under 50 MB."""
+    files = [p for p in reference_model_dir(name).iterdir() if p.is_file()]
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in files}
+    assert sum(p.stat().st_size for p in files) < 50_000_000
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", REFERENCE_MODELS)
 def test_shipped_reference_models_load_and_beat_chance(name):
