@@ -48,7 +48,8 @@ def domain_losses(
     """The loss of `model` (called as `model(ids).logits`, logits: [B, S, V]) on each domain's
     `split`, from its first `max_tokens` tokens (None = all), in consecutive windows of
     `seq_len`; key "all" holds the token-weighted mean over the domains. The model is put in eval
-    mode for the call and restored after."""
+    mode for the call and restored after. The last window is padded; padded positions are not
+    scored, but routers that look across the batch (expert choice, capacity limits) see them."""
     names = list_domains() if domains is None else list(domains)
     if not names:
         raise ValueError("domain_losses needs at least one domain (None = all of them)")

@@ -8,7 +8,8 @@ MoE layers' weighted auxiliary losses, global-norm clipping, AdamW, then the LR 
 (linear warmup, cosine decay) and, for aux-loss-free routers, the expert-bias update (an
 optimizer step hook). Every `checkpoint_every` steps the whole state is checkpointed (model,
 optimizer, scheduler, data position, RNG); `resume=True` continues from the newest checkpoint
-and produces bit-identical weights to an uninterrupted run on the same machine and threads.
+and produces bit-identical weights to an uninterrupted run on the same machine and threads (on
+CPU; on CUDA that also needs `torch.use_deterministic_algorithms(True)`, which is not set here).
 
 Outputs in `out_dir`: config.yaml (the resolved run config), log.jsonl and tensorboard/ (train
 and per-domain eval metrics), checkpoints/, and at the end model/ (weights, config.json and the
