@@ -12,8 +12,18 @@ from moelab.train.compare import compare, load_recipe, load_variants
 from moelab.train.report import summarize_run
 
 BASE = {"vocab_size": 8192, "dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 32}
-RECIPE = {"steps": 3, "batch_size": 2, "seq_len": 16, "warmup_steps": 1, "eval_every": 3, "eval_tokens": 64,
-          "checkpoint_every": 3, "log_every": 1, "threads": 1, "domains": ["code", "russian"]}
+RECIPE = {
+    "steps": 3,
+    "batch_size": 2,
+    "seq_len": 16,
+    "warmup_steps": 1,
+    "eval_every": 3,
+    "eval_tokens": 64,
+    "checkpoint_every": 3,
+    "log_every": 1,
+    "threads": 1,
+    "domains": ["code", "russian"],
+}
 
 
 def write(path, data):

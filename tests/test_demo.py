@@ -17,13 +17,21 @@ from moelab.nn import MoEConfig
 
 @pytest.fixture
 def model_dir(tmp_path):
-    cfg = ModelConfig(vocab_size=8192, dim=32, n_layers=2, n_heads=4, max_seq_len=64,
-                      moe=MoEConfig(dim=32, num_experts=4, hidden_dim=32, top_k=2))
+    cfg = ModelConfig(
+        vocab_size=8192,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        max_seq_len=64,
+        moe=MoEConfig(dim=32, num_experts=4, hidden_dim=32, top_k=2),
+    )
     return save_pretrained(MoETransformer(cfg), tmp_path / "model")
 
 
 def test_demo_measures_routes_prunes_and_compares(tmp_path, model_dir):
-    summary = run_demo(tmp_path / "out", model_dir=model_dir, prune=1, eval_tokens=64, trace_tokens=800, quiet=True)
+    summary = run_demo(
+        tmp_path / "out", model_dir=model_dir, prune=1, eval_tokens=64, trace_tokens=800, quiet=True
+    )
     routing = json.loads((tmp_path / "out" / "analysis" / "report.json").read_text())
     for layer, dropped in summary["pruned"]["dropped_experts"].items():
         load = routing["layers"][layer]["load"]
@@ -36,7 +44,9 @@ def test_demo_measures_routes_prunes_and_compares(tmp_path, model_dir):
 
 
 def test_demo_without_pruning(tmp_path, model_dir):
-    summary = run_demo(tmp_path / "out", model_dir=model_dir, prune=0, eval_tokens=32, trace_tokens=200, quiet=True)
+    summary = run_demo(
+        tmp_path / "out", model_dir=model_dir, prune=0, eval_tokens=32, trace_tokens=200, quiet=True
+    )
     assert summary["pruned"] is None and not list((tmp_path / "out").glob("pruned-*"))
 
 

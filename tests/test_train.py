@@ -22,12 +22,25 @@ from moelab.train import RunConfig, TrainConfig, build_optimizer, lr_factor, rea
 from moelab.train.trainer import train_step
 
 MODEL = {
-    "vocab_size": 8192, "dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 32,
+    "vocab_size": 8192,
+    "dim": 32,
+    "n_layers": 2,
+    "n_heads": 4,
+    "max_seq_len": 32,
     "moe": {"num_experts": 4, "hidden_dim": 32, "top_k": 2},
 }
 TRAIN = {
-    "steps": 8, "batch_size": 2, "seq_len": 16, "warmup_steps": 2, "eval_every": 4, "eval_tokens": 64,
-    "checkpoint_every": 2, "keep_checkpoints": 10, "log_every": 1, "threads": 1, "domains": ["code", "german"],
+    "steps": 8,
+    "batch_size": 2,
+    "seq_len": 16,
+    "warmup_steps": 2,
+    "eval_every": 4,
+    "eval_tokens": 64,
+    "checkpoint_every": 2,
+    "keep_checkpoints": 10,
+    "log_every": 1,
+    "threads": 1,
+    "domains": ["code", "german"],
 }
 
 
@@ -107,8 +120,14 @@ def test_gradient_accumulation_equals_the_full_batch():
         model = MoETransformer(cfg).double()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         loader = FixedBatches([(inputs[i : i + rows], targets[i : i + rows]) for i in range(0, 4, rows)])
-        train_step(model, optimizer, loader, TrainConfig(steps=1, grad_accum=accum), torch.device("cpu"),
-                   torch.autocast("cpu", enabled=False))
+        train_step(
+            model,
+            optimizer,
+            loader,
+            TrainConfig(steps=1, grad_accum=accum),
+            torch.device("cpu"),
+            torch.autocast("cpu", enabled=False),
+        )
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     # rtol covers the router, which computes its logits in float32 even in a float64 model
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-9)
@@ -116,7 +135,9 @@ def test_gradient_accumulation_equals_the_full_batch():
 
 def test_aux_free_bias_moves_during_training(tmp_path):
     moe = {**MODEL["moe"], "aux_free_bias": True, "balance_coef": 0.0, "bias_update_rate": 0.01}
-    run = RunConfig.from_dict({"model": {**MODEL, "moe": moe}, "train": {**TRAIN, "steps": 2, "eval_every": 2}})
+    run = RunConfig.from_dict(
+        {"model": {**MODEL, "moe": moe}, "train": {**TRAIN, "steps": 2, "eval_every": 2}}
+    )
     train(run, tmp_path / "run", quiet=True)
     tensors = load_file(tmp_path / "run" / "model" / "model.safetensors")
     bias = tensors["layers.1.ffn.router.expert_bias"]
@@ -128,7 +149,14 @@ def test_run_outputs_and_logs(tmp_path):
     run = RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "steps": 4}})
     result = train(run, tmp_path / "run", quiet=True)
     out = tmp_path / "run"
-    assert {p.name for p in out.iterdir()} >= {"config.yaml", "log.jsonl", "tensorboard", "checkpoints", "model", "results.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "config.yaml",
+        "log.jsonl",
+        "tensorboard",
+        "checkpoints",
+        "model",
+        "results.json",
+    }
     assert (out / "model" / "tokenizer.json").is_file()
     records = read_log(out)
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
@@ -169,7 +197,16 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, how):
     run = RunConfig.load(config)
     train(run, tmp_path / "straight", quiet=True)
 
-    cmd = [sys.executable, "-m", "moelab.cli", "train", str(config), "--out", str(tmp_path / "stopped"), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moelab.cli",
+        "train",
+        str(config),
+        "--out",
+        str(tmp_path / "stopped"),
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     _wait_for(tmp_path / "stopped" / "checkpoints" / "step-000004", process)
@@ -198,7 +235,13 @@ def test_logged_learning_rate_follows_the_schedule(tmp_path):
 
 ARCHITECTURES = {
     "blockffn_adaptive": (
-        {"router": "relu", "activation": "silu", "locality_coef": 2e-3, "chunk_sparsity_coef": 5e-2, "chunk_len": 8},
+        {
+            "router": "relu",
+            "activation": "silu",
+            "locality_coef": 2e-3,
+            "chunk_sparsity_coef": 5e-2,
+            "chunk_len": 8,
+        },
         {"adaptive_chunk_sparsity": True, "warmup_steps": 1, "chunk_sparsity_window": 1},
     ),
     "rexmoe_ramp": ({"reuse_layers": 2}, {"reuse_ramp_steps": 4}),
@@ -219,7 +262,9 @@ def test_resume_is_bit_identical_for_stateful_architectures(tmp_path, name):
     straight = train(run, tmp_path / "straight", quiet=True)
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-000002", resumed_dir / "checkpoints" / "step-000002")
+    shutil.copytree(
+        tmp_path / "straight" / "checkpoints" / "step-000002", resumed_dir / "checkpoints" / "step-000002"
+    )
     shutil.copy(tmp_path / "straight" / "config.yaml", resumed_dir / "config.yaml")
     resumed = train(run, resumed_dir, resume=True, quiet=True)
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")

@@ -65,14 +65,19 @@ def measure(model_dir: Path, tokens_per_domain: int, seq_len: int) -> dict:
         "mean_experts_by_loss_quartile": [float(experts[bins == q].mean()) for q in range(4)],
         "loss_quartile_edges": quartiles.tolist(),
         "by_domain": {
-            d: {"mean_loss": float(loss[domains == d].mean()), "mean_experts": float(experts[domains == d].mean())}
+            d: {
+                "mean_loss": float(loss[domains == d].mean()),
+                "mean_experts": float(experts[domains == d].mean()),
+            }
             for d in list_domains()
         },
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", type=Path, help="a trained top-p model directory (moelab format)")
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON result")
     parser.add_argument("--tokens-per-domain", type=int, default=8192)

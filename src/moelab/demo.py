@@ -74,8 +74,11 @@ def run_demo(
     console.print(_specialisation_table(routing))
     console.print(f"full report: {report}")
 
-    console.rule(f"[bold]4/4 compress: drop the {prune} least-used experts per layer, compare"
-                 if prune else "[bold]4/4 compress: skipped (--prune 0)")
+    console.rule(
+        f"[bold]4/4 compress: drop the {prune} least-used experts per layer, compare"
+        if prune
+        else "[bold]4/4 compress: skipped (--prune 0)"
+    )
     drop = {
         int(layer): sorted(range(len(stats["load"])), key=lambda e: stats["load"][e])[:prune]
         for layer, stats in routing["layers"].items()
@@ -119,8 +122,13 @@ def _routing_table(routing: dict[str, Any]) -> Table:
     for column in ("layer", "load max/mean", "load CV", "entropy (bits)", "MI(expert; domain) (bits)"):
         table.add_column(column, justify="right")
     for layer, stats in routing["layers"].items():
-        table.add_row(layer, f"{stats['max_over_mean']:.2f}", f"{stats['cv']:.2f}",
-                      f"{stats['routing_entropy_bits']:.2f}", f"{stats['domain_mi_bits']:.3f}")
+        table.add_row(
+            layer,
+            f"{stats['max_over_mean']:.2f}",
+            f"{stats['cv']:.2f}",
+            f"{stats['routing_entropy_bits']:.2f}",
+            f"{stats['domain_mi_bits']:.3f}",
+        )
     return table
 
 
@@ -142,7 +150,9 @@ def _specialisation_table(routing: dict[str, Any]) -> Table:
 
 
 def _perplexity_table(original, pruned, info, pruned_info) -> Table:
-    title = "validation perplexity" + ("" if pruned is None else f" (params {info['total_params']:,} -> {pruned_info['total_params']:,})")
+    title = "validation perplexity" + (
+        "" if pruned is None else f" (params {info['total_params']:,} -> {pruned_info['total_params']:,})"
+    )
     table = Table(title=title)
     table.add_column("domain")
     table.add_column("original", justify="right")

@@ -1,7 +1,7 @@
 """Per-domain validation loss and perplexity of a causal LM on the shipped corpus.
 
-    losses = domain_losses(model, seq_len=256, max_tokens=16384)
-    losses["german"].loss, losses["german"].perplexity, losses["all"].tokens
+losses = domain_losses(model, seq_len=256, max_tokens=16384)
+losses["german"].loss, losses["german"].perplexity, losses["all"].tokens
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ def domain_losses(
                 with autocast:
                     logits = model(inputs).logits
                 total += F.cross_entropy(
-                    logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+                    logits.float().flatten(0, 1),
+                    targets.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
                 ).item()
                 count += int((targets != IGNORE_INDEX).sum())
             results[name] = DomainLoss(total / count, count)

@@ -30,5 +30,7 @@ def reference_model_dir(name: str = DEFAULT_REFERENCE) -> Path:
     check_choice("reference model", name, REFERENCE_MODELS)
     path = MODELS_DIR / name
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the shipped reference model {name} is missing ({path}); rebuild it with: {retrain_command(name)}")
+        raise FileNotFoundError(
+            f"the shipped reference model {name} is missing ({path}); rebuild it with: {retrain_command(name)}"
+        )
     return path

@@ -1,8 +1,8 @@
 """Training: run configs, the resumable training loop, checkpoints and logs.
 
-    from moelab.train import RunConfig, train
+from moelab.train import RunConfig, train
 
-    result = train(RunConfig.load("configs/reference/ref-8e-top2.yaml"), "runs/ref")
+result = train(RunConfig.load("configs/reference/ref-8e-top2.yaml"), "runs/ref")
 """
 
 from moelab.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint

@@ -41,7 +41,9 @@ def checkpoint_dir(out_dir: Path, step: int) -> Path:
     return out_dir / "checkpoints" / f"step-{step:06d}"
 
 
-def save_checkpoint(out_dir: Path, step: int, model: MoETransformer, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    out_dir: Path, step: int, model: MoETransformer, state: dict[str, Any], keep: int
+) -> Path:
     """Write `model` and `state` (tensors and plain containers only) as checkpoint `step`, then
     delete all but the `keep` newest checkpoints. Returns the checkpoint directory."""
     target = checkpoint_dir(out_dir, step)
@@ -87,6 +89,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     try:
         state = torch.load(state_file, map_location=device, weights_only=True)
     except Exception as err:  # corrupt or foreign file
-        raise ValueError(f"cannot read {state_file} ({err}); delete this checkpoint to resume from an older one") from None
+        raise ValueError(
+            f"cannot read {state_file} ({err}); delete this checkpoint to resume from an older one"
+        ) from None
     model = load_pretrained(path / "model", device=device)
     return Checkpoint(step=int(state.pop("step")), model=model, state=state)

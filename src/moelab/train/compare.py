@@ -67,9 +67,7 @@ def load_recipe(path: str | Path) -> TrainConfig:
         raise ValueError(f"{path}: {err}") from None
 
 
-def compare(
-    specs: Sequence[str], recipe: TrainConfig, out_dir: str | Path, *, quiet: bool = False
-) -> Path:
+def compare(specs: Sequence[str], recipe: TrainConfig, out_dir: str | Path, *, quiet: bool = False) -> Path:
     """Train every variant in `specs` with `recipe` into `out_dir/<name>` (finished runs are kept,
     interrupted ones resumed), then write the report. Returns the report's path."""
     out_dir = Path(out_dir)

@@ -89,8 +89,19 @@ class TrainConfig:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
         check_field_types(self)
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_tokens",
-                     "eval_batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "chunk_sparsity_window"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "eval_every",
+            "eval_tokens",
+            "eval_batch_size",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "chunk_sparsity_window",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps is None:
@@ -155,8 +166,10 @@ class RunConfig:
             raise ValueError(f"a run config is a mapping with 'model' and 'train', got {type(data).__name__}")
         for key in data:
             if key not in ("model", "train"):
-                raise ValueError(f"unknown run config section {key!r}{did_you_mean(key, ['model', 'train'])}; "
-                                 "a run file has 'model' and 'train'")
+                raise ValueError(
+                    f"unknown run config section {key!r}{did_you_mean(key, ['model', 'train'])}; "
+                    "a run file has 'model' and 'train'"
+                )
         for key in ("model", "train"):
             if key not in data:
                 raise ValueError(f"run config has no {key!r} section")
@@ -176,7 +189,11 @@ class RunConfig:
         path = Path(path)
         data = self.to_dict()
         data["train"]["betas"] = list(data["train"]["betas"])
-        text = json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+        text = (
+            json.dumps(data, indent=2) + "\n"
+            if path.suffix == ".json"
+            else yaml.safe_dump(data, sort_keys=False)
+        )
         atomic_write_text(path, text)
 
 

@@ -29,7 +29,9 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     records = read_log(run_dir)
     evals = [r for r in records if r["kind"] == "eval"]
     train = [r for r in records if r["kind"] == "train"]
-    last_load = {int(layer): np.array(load) for layer, load in evals[-1].get("load", {}).items()} if evals else {}
+    last_load = (
+        {int(layer): np.array(load) for layer, load in evals[-1].get("load", {}).items()} if evals else {}
+    )
     info = results["model_info"]
     return {
         "eval_loss": results["eval_loss"],
@@ -40,7 +42,9 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         "active_non_embedding_params": info["active_non_embedding_params"],
         "flops_per_token": info["flops_per_token"],
         "experts_per_token": info.get("experts_per_token", {}),
-        "load_imbalance": float(np.mean([l.max() / l.mean() for l in last_load.values()])) if last_load else None,
+        "load_imbalance": float(np.mean([l.max() / l.mean() for l in last_load.values()]))
+        if last_load
+        else None,
         "load": {layer: load.tolist() for layer, load in last_load.items()},
         "eval_curve": [(r["step"], r["loss"]["all"]) for r in evals],
         "train_curve": [(r["step"], r["loss"]) for r in train],
@@ -94,18 +98,28 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
             f"| {name} | {loss:.4f} | {np.exp(loss):.1f} | {run['active_params']:,} | {run['total_params']:,} | "
             f"{run['flops_per_token']:,} | {run['flops_ratio']:.2f}{mark} | {run['tokens_per_second']:,.0f} | "
             + (f"{run['load_imbalance']:.2f}" if run["load_imbalance"] is not None else "–")
-            + " | " + (f"{np.mean(ks):.2f}" if ks else "–") + " |"
+            + " | "
+            + (f"{np.mean(ks):.2f}" if ks else "–")
+            + " |"
         )
     domains = [d for d in first["eval_loss"] if d != "all"]
-    lines += ["", "## Validation loss per domain", "", "| variant | " + " | ".join(domains) + " |",
-              "|---|" + "---:|" * len(domains)]
+    lines += [
+        "",
+        "## Validation loss per domain",
+        "",
+        "| variant | " + " | ".join(domains) + " |",
+        "|---|" + "---:|" * len(domains),
+    ]
     for name, run in runs.items():
         lines.append(f"| {name} | " + " | ".join(f"{run['eval_loss'][d]:.3f}" for d in domains) + " |")
     metric_rows = [(name, run["metrics"]) for name, run in runs.items() if run["metrics"]]
     if metric_rows:
         lines += ["", "## Architecture metrics (last logged training window)", ""]
         for name, metrics in metric_rows:
-            lines.append(f"- **{name}**: " + ", ".join(f"{k.removeprefix('metrics/')} = {v:.3f}" for k, v in metrics.items()))
+            lines.append(
+                f"- **{name}**: "
+                + ", ".join(f"{k.removeprefix('metrics/')} = {v:.3f}" for k, v in metrics.items())
+            )
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 

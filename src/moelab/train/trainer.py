@@ -63,8 +63,13 @@ class TrainResult:
     eval_loss: dict[str, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"out_dir": str(self.out_dir), "steps": self.steps, "tokens": self.tokens,
-                "tokens_per_second": self.tokens_per_second, "eval_loss": self.eval_loss}
+        return {
+            "out_dir": str(self.out_dir),
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "tokens_per_second": self.tokens_per_second,
+            "eval_loss": self.eval_loss,
+        }
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -139,8 +144,15 @@ class _Window:
         return {layer: k / self.steps for layer, k in self.experts.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "tokens": self.tokens, "seconds": self.seconds, "sums": dict(self.sums),
-                "load": dict(self.load), "experts": dict(self.experts), "last": dict(self.last)}
+        return {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "sums": dict(self.sums),
+            "load": dict(self.load),
+            "experts": dict(self.experts),
+            "last": dict(self.last),
+        }
 
 
 class _Interrupt:
@@ -182,7 +194,9 @@ def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: b
         torch.set_num_threads(threads)
 
 
-def _train(run: RunConfig, out_dir: Path, device: torch.device, start: Path | None, quiet: bool) -> TrainResult:
+def _train(
+    run: RunConfig, out_dir: Path, device: torch.device, start: Path | None, quiet: bool
+) -> TrainResult:
     cfg = run.train
     torch.manual_seed(cfg.seed)
     checkpoint = load_checkpoint(start, device) if start is not None else None
@@ -190,7 +204,9 @@ def _train(run: RunConfig, out_dir: Path, device: torch.device, start: Path | No
     model.train()
     optimizer = build_optimizer(model, cfg)
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    loader = TokenWindows.from_corpus(cfg.domains, "train", cfg.seq_len, cfg.batch_size, cfg.seed, cfg.mixture)
+    loader = TokenWindows.from_corpus(
+        cfg.domains, "train", cfg.seq_len, cfg.batch_size, cfg.seed, cfg.mixture
+    )
     _attach_bias_updates(optimizer, model, run)
     chunk_coef = _adaptive_chunk_coefficient(model, cfg)
     reuse = cfg.reuse_ramp_steps > 0 and any(isinstance(m, ReuseRouter) for m in model.modules())
@@ -220,17 +236,33 @@ def _train(run: RunConfig, out_dir: Path, device: torch.device, start: Path | No
         rng = {"cpu": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "loader": loader.state_dict(), "rng": rng, "train_seconds": train_seconds,
-                 "window": window.state_dict(), "eval_window": eval_window.state_dict(),
-                 "eval_loss": eval_loss, "measured_experts": measured_experts}
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "loader": loader.state_dict(),
+            "rng": rng,
+            "train_seconds": train_seconds,
+            "window": window.state_dict(),
+            "eval_window": eval_window.state_dict(),
+            "eval_loss": eval_loss,
+            "measured_experts": measured_experts,
+        }
         if chunk_coef is not None:
             state["chunk_coef"] = chunk_coef.state_dict()
         save_checkpoint(out_dir, at, model, state, keep=cfg.keep_checkpoints)
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else contextlib.nullcontext()
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else contextlib.nullcontext()
+    )
     log = RunLog(out_dir, resume_step=step if checkpoint is not None else None)
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {out_dir.name}", unit="step", disable=quiet, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc=f"train {out_dir.name}",
+        unit="step",
+        disable=quiet,
+        dynamic_ncols=True,
+    )
     saved_step = step
     try:
         with _Interrupt() as interrupt:
@@ -263,8 +295,10 @@ def _train(run: RunConfig, out_dir: Path, device: torch.device, start: Path | No
                     experts = {str(layer): k for layer, k in measured_experts.items()}
                     log.write(step, "eval", {"loss": eval_loss, "load": load, "experts_per_token": experts})
                     if not quiet:
-                        bar.write(f"step {step}: val loss {eval_loss['all']:.4f} "
-                                  + " ".join(f"{d}={v:.3f}" for d, v in eval_loss.items() if d != "all"))
+                        bar.write(
+                            f"step {step}: val loss {eval_loss['all']:.4f} "
+                            + " ".join(f"{d}={v:.3f}" for d, v in eval_loss.items() if d != "all")
+                        )
                     eval_window = _Window()
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps or interrupt.requested:
                     save(step)
@@ -279,9 +313,13 @@ def _train(run: RunConfig, out_dir: Path, device: torch.device, start: Path | No
         bar.close()
         log.close()
 
-    result = TrainResult(out_dir=out_dir, steps=step, tokens=step * cfg.tokens_per_step,
-                         tokens_per_second=step * cfg.tokens_per_step / max(train_seconds, 1e-9),
-                         eval_loss=eval_loss)
+    result = TrainResult(
+        out_dir=out_dir,
+        steps=step,
+        tokens=step * cfg.tokens_per_step,
+        tokens_per_second=step * cfg.tokens_per_step / max(train_seconds, 1e-9),
+        eval_loss=eval_loss,
+    )
     _write_final(model, run, out_dir, result, measured_experts)
     return result
 
@@ -324,14 +362,20 @@ def _prepare_out_dir(run: RunConfig, out_dir: Path, resume: bool) -> Path | None
     if resume:
         start = latest_checkpoint(out_dir)
         if start is None:
-            raise ValueError(f"--resume: no complete checkpoint in {out_dir}/checkpoints; start the run without --resume")
+            raise ValueError(
+                f"--resume: no complete checkpoint in {out_dir}/checkpoints; start the run without --resume"
+            )
         check_same_run(run, out_dir)
         run.save(out_dir / CONFIG_NAME)
         return start
     if list_checkpoints(out_dir) or (out_dir / RESULTS_NAME).exists():
-        raise ValueError(f"{out_dir} already holds a training run; pass --resume to continue it, or choose another --out")
+        raise ValueError(
+            f"{out_dir} already holds a training run; pass --resume to continue it, or choose another --out"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)  # events of an attempt killed before its first checkpoint
+    shutil.rmtree(
+        out_dir / "tensorboard", ignore_errors=True
+    )  # events of an attempt killed before its first checkpoint
     run.save(out_dir / CONFIG_NAME)
     return None
 
@@ -343,12 +387,18 @@ def check_same_run(run: RunConfig, out_dir: Path) -> None:
         return
     saved = RunConfig.load(config_path).to_dict()
     mine = run.to_dict()
-    diffs = [f"{section}.{key}: run {saved[section].get(key)!r}, now {mine[section].get(key)!r}"
-             for section in ("model", "train") for key in mine[section]
-             if saved[section].get(key) != mine[section][key]]
+    diffs = [
+        f"{section}.{key}: run {saved[section].get(key)!r}, now {mine[section].get(key)!r}"
+        for section in ("model", "train")
+        for key in mine[section]
+        if saved[section].get(key) != mine[section][key]
+    ]
     if diffs:
-        raise ValueError(f"the run in {out_dir} was made with a different config ({config_path}): "
-                         + "; ".join(diffs) + ". Use the same config, or another output directory")
+        raise ValueError(
+            f"the run in {out_dir} was made with a different config ({config_path}): "
+            + "; ".join(diffs)
+            + ". Use the same config, or another output directory"
+        )
 
 
 def _attach_bias_updates(optimizer, model, run: RunConfig) -> None:
@@ -361,7 +411,9 @@ def _adaptive_chunk_coefficient(model, cfg: TrainConfig) -> AdaptiveCoefficient 
         return None
     layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.coefs["chunk_sparsity"]]
     if not layers:
-        raise ValueError("train.adaptive_chunk_sparsity needs MoE layers with moe.chunk_sparsity_coef > 0 (BlockFFN)")
+        raise ValueError(
+            "train.adaptive_chunk_sparsity needs MoE layers with moe.chunk_sparsity_coef > 0 (BlockFFN)"
+        )
     return AdaptiveCoefficient(
         initial=layers[0].coefs["chunk_sparsity"], warmup=cfg.warmup_steps, window=cfg.chunk_sparsity_window
     )
@@ -375,8 +427,14 @@ def _set_chunk_coef(model, value: float) -> None:
 
 def _evaluate(model, cfg: TrainConfig) -> dict[str, float]:
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
-    losses = domain_losses(model, cfg.domains, seq_len=cfg.seq_len, batch_size=cfg.eval_batch_size,
-                           max_tokens=cfg.eval_tokens, autocast_dtype=dtype)
+    losses = domain_losses(
+        model,
+        cfg.domains,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.eval_batch_size,
+        max_tokens=cfg.eval_tokens,
+        autocast_dtype=dtype,
+    )
     return {name: value.loss for name, value in losses.items()}
 
 
@@ -391,7 +449,11 @@ def _postfix(record: dict[str, Any]) -> dict[str, str]:
 
 
 def _write_final(
-    model: MoETransformer, run: RunConfig, out_dir: Path, result: TrainResult, experts_per_token: dict[int, float]
+    model: MoETransformer,
+    run: RunConfig,
+    out_dir: Path,
+    result: TrainResult,
+    experts_per_token: dict[int, float],
 ) -> None:
     """The trained model as a pretrained directory (weights, config, tokenizer) and results.json,
     whose model_info counts active parameters and FLOPs at the measured experts per token (the
@@ -401,6 +463,10 @@ def _write_final(
         shutil.copyfile(path, model_dir / path.name)
     summary = result.to_dict()
     kinds = run.model.layer_kinds
-    moe_layers = {i: k for i, k in experts_per_token.items() if kinds[i] == "moe"}  # UoE layers route a fixed k
-    summary["model_info"] = model_info(run.model, seq_len=run.train.seq_len, experts_per_token=moe_layers or None)
+    moe_layers = {
+        i: k for i, k in experts_per_token.items() if kinds[i] == "moe"
+    }  # UoE layers route a fixed k
+    summary["model_info"] = model_info(
+        run.model, seq_len=run.train.seq_len, experts_per_token=moe_layers or None
+    )
     atomic_write_text(out_dir / RESULTS_NAME, json.dumps(summary, indent=2) + "\n")
