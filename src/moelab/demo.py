@@ -74,24 +74,13 @@ def run_demo(
     console.print(_specialisation_table(routing))
     console.print(f"full report: {report}")
 
-    console.rule(
-        f"[bold]4/4 compress: drop the {prune} least-used experts per layer, compare"
-        if prune
-        else "[bold]4/4 compress: skipped (--prune 0)"
-    )
-    drop = {
-        int(layer): sorted(range(len(stats["load"])), key=lambda e: stats["load"][e])[:prune]
-        for layer, stats in routing["layers"].items()
-    }
-    pruned_dir = out / f"pruned-{cfg.moe.num_experts - prune}e"
-    pruned_info = None
-    pruned = None
     if prune:
-        drop_experts(model_dir, pruned_dir, drop, overwrite=True, quiet=quiet)
-        pruned_model = load_pretrained(pruned_dir).eval()
-        pruned_info = model_info(pruned_model.config, seq_len=seq_len)
-        pruned = domain_losses(pruned_model, seq_len=seq_len, max_tokens=eval_tokens, quiet=quiet)
-        console.print(_perplexity_table(original, pruned, info, pruned_info))
+        console.rule(f"[bold]4/4 compress: drop the {prune} least-used experts per layer, compare")
+        pruned = _prune_least_used(model_dir, out, routing, prune, eval_tokens, seq_len, quiet)
+        console.print(_perplexity_table(original, pruned["losses"], info, pruned["info"]))
+    else:
+        console.rule("[bold]4/4 compress: skipped (--prune 0)")
+        pruned = None
 
     summary = {
         "model": str(model_dir),
@@ -104,16 +93,37 @@ def run_demo(
         "pruned": None
         if pruned is None
         else {
-            "dir": str(pruned_dir),
-            "dropped_experts": {str(k): v for k, v in drop.items()},
-            "total_params": pruned_info["total_params"],
-            "perplexity": {d: v.perplexity for d, v in pruned.items()},
+            "dir": str(pruned["dir"]),
+            "dropped_experts": {str(k): v for k, v in pruned["dropped"].items()},
+            "total_params": pruned["info"]["total_params"],
+            "perplexity": {d: v.perplexity for d, v in pruned["losses"].items()},
         },
         "report": str(report),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     console.print(f"\nsummary: {out / 'summary.json'}; routing report: {report}")
     return summary
+
+
+def _prune_least_used(
+    model_dir: Path, out: Path, routing: dict[str, Any], prune: int, eval_tokens: int, seq_len: int, quiet: bool
+) -> dict[str, Any]:
+    """Drop the `prune` least-loaded experts of every MoE layer (loads from the routing report),
+    write the checkpoint to out/pruned-<E'>e and measure it: {"dir", "dropped", "info", "losses"}."""
+    dropped = {
+        int(layer): sorted(range(len(stats["load"])), key=lambda e: stats["load"][e])[:prune]
+        for layer, stats in routing["layers"].items()
+    }
+    num_experts = len(next(iter(routing["layers"].values()))["load"])
+    pruned_dir = out / f"pruned-{num_experts - prune}e"
+    drop_experts(model_dir, pruned_dir, dropped, overwrite=True, quiet=quiet)
+    model = load_pretrained(pruned_dir).eval()
+    return {
+        "dir": pruned_dir,
+        "dropped": dropped,
+        "info": model_info(model.config, seq_len=seq_len),
+        "losses": domain_losses(model, seq_len=seq_len, max_tokens=eval_tokens, quiet=quiet),
+    }
 
 
 def _routing_table(routing: dict[str, Any]) -> Table:

@@ -39,3 +39,14 @@ def check_field_types(cfg: object) -> None:
             continue
         hint = " (YAML reads 1e-5 as a string; write 1.0e-5)" if isinstance(value, str) and float in allowed else ""
         raise ValueError(f"{type(cfg).__name__}.{f.name} must be {names}, got {type(value).__name__} {value!r}{hint}")
+
+
+def check_known_fields(cls: type, data: Iterable[str], label: str | None = None) -> None:
+    """Raise a ValueError naming the first key of `data` that is not a field of dataclass `cls`,
+    with the closest field and all of them (`label` names the section; default the class name)."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in known:
+            raise ValueError(
+                f"unknown {label or cls.__name__} field {key!r}{did_you_mean(key, known)}; valid fields: {known}"
+            )

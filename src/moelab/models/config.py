@@ -17,7 +17,7 @@ import yaml
 
 from moelab.io import atomic_write_text
 from moelab.nn import MoEConfig, UoEConfig
-from moelab.validation import check_field_types, did_you_mean
+from moelab.validation import check_field_types, check_known_fields, did_you_mean
 
 LAYER_TYPES = ("dense", "moe", "uoe")
 
@@ -197,12 +197,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """The inverse of `to_dict`. Unknown keys are rejected; the `moe` section may omit `dim`."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in known:
-                raise ValueError(
-                    f"unknown ModelConfig field {key!r}{did_you_mean(key, known)}; valid fields: {known}"
-                )
+        check_known_fields(cls, data)
         data = dict(data)
         if isinstance(data.get("moe"), dict):
             moe = dict(data["moe"])

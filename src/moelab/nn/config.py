@@ -22,7 +22,7 @@ from moelab.nn.routers import (
     check_groups,
     check_top_k,
 )
-from moelab.validation import did_you_mean
+from moelab.validation import check_choice, check_known_fields
 
 ROUTERS = ("topk", "topp", "expert_choice", "relu", "graph_sim", "graph_attn")
 TOP_K_ROUTERS = ("topk", "graph_sim", "graph_attn")
@@ -110,10 +110,10 @@ class MoEConfig:
         for name in ("dim", "num_experts", "hidden_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MoEConfig.{name} must be >= 1, got {getattr(self, name)}")
-        _check_choice("router", self.router, ROUTERS)
-        _check_choice("score_func", self.score_func, SCORE_FUNCS)
-        _check_choice("activation", self.activation, EXPERT_ACTIVATIONS)
-        _check_choice("backend", self.backend, tuple(BACKENDS))
+        check_choice("router", self.router, ROUTERS)
+        check_choice("score_func", self.score_func, SCORE_FUNCS)
+        check_choice("activation", self.activation, EXPERT_ACTIVATIONS)
+        check_choice("backend", self.backend, tuple(BACKENDS))
         if self.router in TOP_K_ROUTERS:
             check_top_k(self.top_k, self.num_experts)
         if self.router == "topk":
@@ -161,18 +161,8 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in known:
-                raise ValueError(
-                    f"unknown MoEConfig field {key!r}{did_you_mean(key, known)}; valid fields: {sorted(known)}"
-                )
+        check_known_fields(cls, data)
         return cls(**data)
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}{did_you_mean(value, choices)}; choose one of {list(choices)}")
 
 
 def build_router(cfg: MoEConfig, reuse_position: int = 0):

@@ -49,7 +49,7 @@ from moelab.nn.losses import load_balancing_loss
 from moelab.nn.moe import MoEResult
 from moelab.nn.rope import apply_rope
 from moelab.nn.routers import Router, Routing, check_top_k
-from moelab.validation import did_you_mean
+from moelab.validation import check_choice, check_known_fields
 
 SELECTIONS = ("causal", "reference")
 GATES = ("router", "none")
@@ -84,15 +84,9 @@ class UoEConfig:
     router_bias: bool = False
 
     def __post_init__(self):
-        for name, value, choices in (
-            ("selection", self.selection, SELECTIONS),
-            ("gate", self.gate, GATES),
-            ("positions", self.positions, POSITIONS),
-        ):
-            if value not in choices:
-                raise ValueError(
-                    f"unknown UoEConfig.{name} {value!r}{did_you_mean(value, choices)}; choose one of {list(choices)}"
-                )
+        check_choice("UoEConfig.selection", self.selection, SELECTIONS)
+        check_choice("UoEConfig.gate", self.gate, GATES)
+        check_choice("UoEConfig.positions", self.positions, POSITIONS)
         if self.mlp_experts < 1:
             raise ValueError(f"UoEConfig.mlp_experts must be >= 1, got {self.mlp_experts}")
         check_top_k(self.mlp_top_k, self.mlp_experts, name="UoEConfig.mlp_top_k")
@@ -112,10 +106,7 @@ class UoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UoEConfig:
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in known:
-                raise ValueError(f"unknown UoEConfig field {key!r}{did_you_mean(key, known)}; valid fields: {known}")
+        check_known_fields(cls, data)
         return cls(**data)
 
     def router(self, dim: int, num_experts: int, part: str) -> UoERouter:

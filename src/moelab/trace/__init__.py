@@ -12,12 +12,11 @@
 
 from moelab.trace.capture import LayerRouting, RoutingCapture, RoutingCheck, entropy_bits
 from moelab.trace.data import Batch, batches, load_streams
-from moelab.trace.model import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
+from moelab.trace.model import LoadedModel, load_model, wrap_model
 from moelab.trace.store import Trace, TraceInfo, TraceShard, TraceWriter, is_trace, open_trace
 from moelab.trace.tracer import TraceOptions, trace_from_files, trace_model
 
 __all__ = [
-    "DEFAULT_MODEL",
     "Batch",
     "LayerRouting",
     "LoadedModel",

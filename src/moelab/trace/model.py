@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from moelab.hf import ModelView, open_checkpoint
-from moelab.models.reference import DEFAULT_REFERENCE, MODELS_DIR, reference_model_dir
+from moelab.models.reference import reference_model_dir
 from moelab.trace.capture import is_transformers_model
 from moelab.trace.data import Encoder
 
-DEFAULT_MODEL = MODELS_DIR / DEFAULT_REFERENCE
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 

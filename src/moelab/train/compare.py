@@ -23,7 +23,7 @@ from moelab.train.checkpoint import latest_checkpoint
 from moelab.train.config import (
     RunConfig,
     TrainConfig,
-    is_run_file,
+    is_run_config,
     load_model_config,
     read_config_file,
     train_config_from_dict,
@@ -47,7 +47,7 @@ def load_variants(specs: Sequence[str]) -> dict[str, ModelConfig]:
         name = variant_name(spec)
         if name in variants:
             raise ValueError(f"two variants are named {name!r}; give the config files different names")
-        if Path(spec).suffix and is_run_file(spec):
+        if Path(spec).suffix and is_run_config(read_config_file(spec)):
             raise ValueError(
                 f"{spec} is a run file with its own train section; compare trains every variant with the "
                 "one --train recipe, so pass model config files (or move its model section into one)"

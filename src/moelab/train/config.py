@@ -26,7 +26,7 @@ import yaml
 from moelab.data import list_domains
 from moelab.io import atomic_write_text
 from moelab.models import ModelConfig, preset
-from moelab.validation import check_choice, check_field_types, did_you_mean
+from moelab.validation import check_choice, check_field_types, check_known_fields, did_you_mean
 
 DTYPES = ("fp32", "bf16")
 MIXTURES = ("proportional", "uniform")
@@ -201,10 +201,7 @@ def train_config_from_dict(data: Any) -> TrainConfig:
     """A TrainConfig from a mapping of its fields; unknown or missing fields are named."""
     if not isinstance(data, dict):
         raise ValueError(f"'train' must be a mapping of TrainConfig fields, got {data!r}")
-    known = [f.name for f in dataclasses.fields(TrainConfig)]
-    for key in data:
-        if key not in known:
-            raise ValueError(f"unknown train field {key!r}{did_you_mean(key, known)}; valid fields: {known}")
+    check_known_fields(TrainConfig, data, label="train")
     try:
         return TrainConfig(**data)
     except TypeError as err:  # a required field (steps) is missing
@@ -220,8 +217,8 @@ def read_config_file(path: str | Path) -> Any:
     return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
 
 
-def is_run_file(path: str | Path) -> bool:
-    data = read_config_file(path)
+def is_run_config(data: Any) -> bool:
+    """Whether parsed config content is a run file (model + train sections) rather than a model config."""
     return isinstance(data, dict) and "model" in data and "train" in data
 
 
@@ -230,7 +227,10 @@ def load_model_config(spec: str | Path) -> ModelConfig:
     path = Path(spec)
     if not path.suffix:
         return preset(str(spec))
-    return RunConfig.load(path).model if is_run_file(path) else ModelConfig.load(path)
+    data = read_config_file(path)
+    if is_run_config(data):
+        return RunConfig.load(path).model
+    return ModelConfig.load(path)
 
 
 def _model_config(spec: Any, base_dir: Path) -> ModelConfig:
