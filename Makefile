@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-## The main job on built-in defaults.
+## The main job on built-in defaults (replaces the previous runs/demo: moelab's own files only).
 run: $(STAMP)
-	$(BIN)/moelab demo
+	$(BIN)/moelab demo --overwrite
 
 ## The default test suite (slow tests excluded).
 test: $(STAMP)

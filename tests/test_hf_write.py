@@ -340,12 +340,17 @@ def test_bad_edits(mixtral, tmp_path):
 def test_output_directory_is_checked(mixtral, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("")
-    with pytest.raises(ValueError, match="already exists; choose a new directory or pass overwrite=True"):
-        drop_experts(mixtral, tmp_path / "busy", [0], quiet=True)
-    with pytest.raises(ValueError, match="outside the source checkpoint"):
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="busy exists and was not written by moelab"):
+            drop_experts(mixtral, tmp_path / "busy", [0], quiet=True, overwrite=overwrite)
+    assert (tmp_path / "busy" / "x").is_file()
+    with pytest.raises(ValueError, match="lies inside the input"):
         drop_experts(mixtral, mixtral / "pruned", [0], quiet=True)
-    drop_experts(mixtral, tmp_path / "busy", [0], quiet=True, overwrite=True)
-    assert not (tmp_path / "busy" / "x").exists() and (tmp_path / "busy" / "config.json").is_file()
+    drop_experts(mixtral, tmp_path / "pruned", [0], quiet=True)
+    with pytest.raises(ValueError, match="already holds a moelab checkpoint; pass --overwrite"):
+        drop_experts(mixtral, tmp_path / "pruned", [1], quiet=True)
+    drop_experts(mixtral, tmp_path / "pruned", [1], quiet=True, overwrite=True)
+    assert json.loads((tmp_path / "pruned" / EXPERT_MAP_NAME).read_text())["layers"]["0"]["kept"] == [0, 2, 3]
 
 
 def test_corrupt_sources(mixtral, tmp_path):

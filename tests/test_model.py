@@ -301,14 +301,19 @@ def test_save_load_gives_identical_logits(tmp_path, tied):
     assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-def test_save_over_an_existing_checkpoint_leaves_no_temporary_files(tmp_path):
+def test_save_over_an_existing_checkpoint_needs_overwrite_and_leaves_no_temporary_files(tmp_path):
     target = tmp_path / "ckpt"
     save_pretrained(make_model(seed=0), target)
-    (target / "README.md").write_text("kept")
     second = make_model(seed=1)
-    save_pretrained(second, target)
+    with pytest.raises(ValueError, match="already holds a moelab checkpoint; pass --overwrite"):
+        save_pretrained(second, target)
+    (target / "README.md").write_text("the user's")
+    with pytest.raises(ValueError, match="README.md was not written by moelab"):
+        save_pretrained(second, target, overwrite=True)
+    (target / "README.md").unlink()
+    save_pretrained(second, target, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
-    assert sorted(os.listdir(target)) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(target)) == [".moelab-output.json", "config.json", "model.safetensors"]
     ids = random_ids()
     assert torch.equal(load_pretrained(target)(ids).logits, second(ids).logits)
 

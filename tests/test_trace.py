@@ -283,12 +283,15 @@ def test_writer_streams_shards_and_replaces_atomically(tmp_path):
     assert torch.cat([s.sequence for s in shards]).tolist() == [q for q in range(10) for _ in range(5)]
     assert torch.cat([s.domain for s in shards]).tolist() == [d % 2 for d in range(5) for _ in range(10)]
     assert trace.expert_stats()[0][1].tolist() == [1.0, 2.0, 3.0]
-    # A second trace replaces the first; a failed one leaves it untouched and no staging behind.
-    with TraceWriter(out, _info()) as writer:
+    # A second trace replaces the first (with overwrite); a failed one leaves it untouched and no
+    # staging behind.
+    with pytest.raises(ValueError, match="already holds a moelab routing trace; pass --overwrite"):
+        TraceWriter(out, _info())
+    with TraceWriter(out, _info(), overwrite=True) as writer:
         writer.add(*parts[0])
         writer.close()
     assert open_trace(out).info.num_tokens == 10
-    with pytest.raises(RuntimeError), TraceWriter(out, _info()) as writer:
+    with pytest.raises(RuntimeError), TraceWriter(out, _info(), overwrite=True) as writer:
         writer.add(*parts[0])
         raise RuntimeError("interrupted")
     assert open_trace(out).info.num_tokens == 10
@@ -298,7 +301,7 @@ def test_writer_streams_shards_and_replaces_atomically(tmp_path):
 def test_writer_and_reader_errors(tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file.txt").write_text("x")
-    with pytest.raises(ValueError, match="exists and is not a routing trace"):
+    with pytest.raises(ValueError, match="taken exists and was not written by moelab"):
         TraceWriter(tmp_path / "taken", _info())
     with TraceWriter(tmp_path / "t", _info()) as writer:
         with pytest.raises(ValueError, match="routing covers layers"):

@@ -164,12 +164,14 @@ def test_run_outputs_and_logs(tmp_path):
     assert [r["step"] for r in evals] == [4] and set(evals[0]["loss"]) == {"code", "german", "all"}
     assert sum(evals[0]["load"]["1"]) == pytest.approx(1.0)
     assert result.eval_loss == evals[0]["loss"]
-    with pytest.raises(ValueError, match="already holds a training run"):
+    with pytest.raises(ValueError, match=r"already holds a moelab training run; pass --overwrite .* \(or --resume"):
         train(run, out, quiet=True)
+    with pytest.raises(ValueError, match="has finished; pass --overwrite to train it again"):
+        train(run, out, resume=True, quiet=True)
     other = RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "steps": 4, "lr": 1e-3}})
     with pytest.raises(ValueError, match="train.lr"):
         train(other, out, resume=True, quiet=True)
-    with pytest.raises(ValueError, match="no complete checkpoint"):
+    with pytest.raises(ValueError, match="empty holds no training run; start the run without --resume"):
         train(run, tmp_path / "empty", resume=True, quiet=True)
 
 
@@ -261,11 +263,10 @@ def test_resume_is_bit_identical_for_stateful_architectures(tmp_path, name):
     run = RunConfig.from_dict({"model": model, "train": {**TRAIN, "steps": 6, **train_extra}})
     straight = train(run, tmp_path / "straight", quiet=True)
     resumed_dir = tmp_path / "resumed"
-    (resumed_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(
-        tmp_path / "straight" / "checkpoints" / "step-000002", resumed_dir / "checkpoints" / "step-000002"
-    )
-    shutil.copy(tmp_path / "straight" / "config.yaml", resumed_dir / "config.yaml")
+    shutil.copytree(tmp_path / "straight", resumed_dir)
+    for later in ("checkpoints/step-000004", "checkpoints/step-000006", "model"):
+        shutil.rmtree(resumed_dir / later)
+    (resumed_dir / "results.json").unlink()
     resumed = train(run, resumed_dir, resume=True, quiet=True)
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     b = load_file(resumed_dir / "model" / "model.safetensors")

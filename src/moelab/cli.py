@@ -18,6 +18,7 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks, reported as ratios to baselines measured in the same run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 console = Console()
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace moelab's earlier output there (never files moelab did not write).")]
 
 
 @bench_app.command("layer")
@@ -31,6 +32,7 @@ def bench_layer(
     rounds: Annotated[int | None, typer.Option(help="Timed rounds per implementation (default 5; --quick 2).")] = None,
     skew: Annotated[float, typer.Option(help="Router bias ramp for the skewed-routing pass (0 = skip).")] = 2.0,
     memory: Annotated[bool, typer.Option(help="Measure peak memory of one fwd+bwd step per implementation.")] = True,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """MoE layer tokens/s vs a dense FFN of equal active FLOPs, a naive loop and transformers.
 
@@ -39,6 +41,8 @@ def bench_layer(
     """
     from moelab.bench import layer as bench
 
+    if json_path is not None:
+        bench.check_json_path(json_path, overwrite)
     options = bench.BenchOptions.create(
         quick=quick, configs=configs, dtypes=dtypes, modes=modes, tokens=tokens, rounds=rounds, skew=skew, memory=memory
     )
@@ -57,6 +61,7 @@ def demo(
     model: Annotated[Path | None, typer.Option("--model", help="A moelab MoE model directory (default: the shipped ref-8e-top2).")] = None,
     prune: Annotated[int, typer.Option(help="Experts to drop per layer in the compression step (0 = skip).")] = 2,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer evaluation and routing tokens (about a minute).")] = False,
+    overwrite: OverwriteOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or tables.")] = False,
 ) -> None:
     """The main job on built-in defaults: the shipped reference MoE's per-domain perplexity, its
@@ -64,7 +69,7 @@ def demo(
     from moelab.demo import run_demo
 
     tokens = {"eval_tokens": 4096, "trace_tokens": 8000} if quick else {}
-    run_demo(out, model_dir=model, prune=prune, console=console, quiet=quiet, **tokens)
+    run_demo(out, model_dir=model, prune=prune, overwrite=overwrite, console=console, quiet=quiet, **tokens)
 
 
 @app.command()
@@ -72,6 +77,7 @@ def train(
     config: Annotated[Path, typer.Argument(help="A run config (.yaml/.json) with 'model' and 'train' sections.")],
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<config name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its newest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out again from step 0.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Train a model: checkpoints, log.jsonl and TensorBoard logs, per-domain validation."""
@@ -80,7 +86,9 @@ def train(
 
     run = RunConfig.load(config)
     out = out or Path("runs") / config.stem
-    result = run_training(run, out, resume=resume, quiet=quiet)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite starts it again; pass one of them")
+    result = run_training(run, out, resume=resume, overwrite=overwrite, inputs=[config], quiet=quiet)
     console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, {result.tokens_per_second:,.0f} tokens/s, "
                   f"val loss {result.eval_loss['all']:.4f}; model in {out / 'model'}")
 
@@ -90,6 +98,7 @@ def compare(
     configs: Annotated[list[str], typer.Argument(help="Model config files (.yaml/.json) or preset names, one per variant.")],
     recipe: Annotated[Path, typer.Option("--train", help="The shared training recipe: TrainConfig fields, or a run file's train section.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory: one run per variant plus report.md, summary.json and plots.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Train every variant again instead of resuming the comparison in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Train several variants on one recipe (equal tokens) and report loss, per-domain loss,
@@ -97,7 +106,7 @@ def compare(
     from moelab.train.compare import compare as run_compare
     from moelab.train.compare import load_recipe
 
-    report = run_compare(configs, load_recipe(recipe), out, quiet=quiet)
+    report = run_compare(configs, load_recipe(recipe), out, overwrite=overwrite, inputs=[recipe], quiet=quiet)
     console.print(f"report: {report}")
 
 
@@ -140,7 +149,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
 @app.command("trace")
 def trace_cmd(
     model: ModelArg = None,
-    out: Annotated[Path, typer.Option("--out", help="Trace directory (replaced if it holds a trace).")] = Path("trace"),
+    out: Annotated[Path, typer.Option("--out", help="New trace directory.")] = Path("trace"),
     data: DataOpt = "corpus",
     split: SplitOpt = "validation",
     domains: DomainOpt = None,
@@ -148,13 +157,16 @@ def trace_cmd(
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
     logits: Annotated[bool, typer.Option("--logits", help="Also store full router logits (float16).")] = False,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Record every MoE layer's routing (experts, weights, entropy; domain-labelled) on calibration text."""
     from moelab.trace import TraceOptions, trace_from_files
 
     options = TraceOptions(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, logits=logits)
-    trace = trace_from_files(model, out, data=data, split=split, domains=domains, options=options, quiet=quiet)
+    trace = trace_from_files(
+        model, out, data=data, split=split, domains=domains, options=options, overwrite=overwrite, quiet=quiet
+    )
     info = trace.info
     console.print(f"traced {info.num_tokens:,} tokens through {len(info.layers)} MoE layers "
                   f"({info.settings['tokens_per_second']:,.0f} tokens/s) into {out}")
@@ -170,6 +182,7 @@ def analyze(
     max_tokens: MaxTokensOpt = 20000,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Routing report of a model (or an existing trace directory): load, specialisation, entropy,
@@ -178,7 +191,9 @@ def analyze(
     from moelab.trace import TraceOptions
 
     options = TraceOptions(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
-    path = run_analysis(model, out, data=data, split=split, domains=domains, options=options, quiet=quiet)
+    path = run_analysis(
+        model, out, data=data, split=split, domains=domains, options=options, overwrite=overwrite, quiet=quiet
+    )
     console.print(f"wrote {path} (numbers in {out / 'report.json'}, plots in {out / 'plots'})")
 
 
@@ -188,13 +203,15 @@ def export(
     family: Annotated[str, typer.Option("--family", help="Target format: qwen2_moe or mixtral.")],
     out: Annotated[Path, typer.Option("--out", help="New directory for the transformers checkpoint.")],
     no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Weights only, without moelab's shipped tokenizer.")] = False,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Write a moelab MoE checkpoint in a transformers family's format (checked: logits match to 1e-4)."""
     from moelab.data.tokenizer import TOKENIZER_DIR
     from moelab.hf.export import export_checkpoint
 
-    path = export_checkpoint(model_dir, out, family, tokenizer=None if no_tokenizer else TOKENIZER_DIR, quiet=quiet)
+    tokenizer = None if no_tokenizer else TOKENIZER_DIR
+    path = export_checkpoint(model_dir, out, family, tokenizer=tokenizer, overwrite=overwrite, quiet=quiet)
     console.print(f"wrote {path} ({family}; loads with transformers.AutoModelForCausalLM.from_pretrained)")
 
 

@@ -22,10 +22,12 @@ from rich.table import Table
 from moelab.analyze import analyze
 from moelab.eval import domain_losses
 from moelab.hf.writer import drop_experts
-from moelab.io import atomic_write_text
+from moelab.io import atomic_write_text, output_dir
 from moelab.models import load_pretrained, model_info
 from moelab.models.reference import reference_model_dir
 from moelab.trace import TraceOptions
+
+KIND = "demo"
 
 
 def run_demo(
@@ -35,13 +37,14 @@ def run_demo(
     prune: int = 2,
     eval_tokens: int = 8192,
     trace_tokens: int = 24000,
+    overwrite: bool = False,
     console: Console | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Run the four steps on `model_dir` (default: the shipped ref-8e-top2) into `out`, dropping
-    the `prune` least-used experts per MoE layer. Returns the summary (also in out/summary.json)."""
+    the `prune` least-used experts per MoE layer. A previous demo in `out` is replaced only with
+    `overwrite`. Returns the summary (also in out/summary.json)."""
     console = console or Console(quiet=quiet)
-    out = Path(out)
     model_dir = reference_model_dir() if model_dir is None else Path(model_dir)
     model = load_pretrained(model_dir).eval()
     cfg = model.config
@@ -52,6 +55,26 @@ def run_demo(
             f"--prune must lie in [0, num_experts - top_k = {cfg.moe.num_experts - cfg.moe.top_k}], got {prune}"
         )
 
+    pruned_name = f"pruned-{cfg.moe.num_experts - prune}e"
+    entries = ["analysis", "summary.json"] + ([pruned_name] if prune else [])
+    with output_dir(out, KIND, entries=entries, inputs=[model_dir], overwrite=overwrite) as claimed:
+        return _run_steps(
+            model_dir, model, claimed.path, prune, pruned_name, eval_tokens, trace_tokens, console, quiet
+        )
+
+
+def _run_steps(
+    model_dir: Path,
+    model,
+    out: Path,
+    prune: int,
+    pruned_name: str,
+    eval_tokens: int,
+    trace_tokens: int,
+    console: Console,
+    quiet: bool,
+) -> dict[str, Any]:
+    cfg = model.config
     seq_len = min(256, cfg.max_seq_len)
     info = model_info(cfg, seq_len=seq_len)
     console.rule(f"[bold]1/4 the model: {model_dir.name}")
@@ -76,7 +99,7 @@ def run_demo(
 
     if prune:
         console.rule(f"[bold]4/4 compress: drop the {prune} least-used experts per layer, compare")
-        pruned = _prune_least_used(model_dir, out, routing, prune, eval_tokens, seq_len, quiet)
+        pruned = _prune_least_used(model_dir, out / pruned_name, routing, prune, eval_tokens, seq_len, quiet)
         console.print(_perplexity_table(original, pruned["losses"], info, pruned["info"]))
     else:
         console.rule("[bold]4/4 compress: skipped (--prune 0)")
@@ -106,17 +129,21 @@ def run_demo(
 
 
 def _prune_least_used(
-    model_dir: Path, out: Path, routing: dict[str, Any], prune: int, eval_tokens: int, seq_len: int, quiet: bool
+    model_dir: Path,
+    pruned_dir: Path,
+    routing: dict[str, Any],
+    prune: int,
+    eval_tokens: int,
+    seq_len: int,
+    quiet: bool,
 ) -> dict[str, Any]:
     """Drop the `prune` least-loaded experts of every MoE layer (loads from the routing report),
-    write the checkpoint to out/pruned-<E'>e and measure it: {"dir", "dropped", "info", "losses"}."""
+    write the checkpoint to `pruned_dir` and measure it: {"dir", "dropped", "info", "losses"}."""
     dropped = {
         int(layer): sorted(range(len(stats["load"])), key=lambda e: stats["load"][e])[:prune]
         for layer, stats in routing["layers"].items()
     }
-    num_experts = len(next(iter(routing["layers"].values()))["load"])
-    pruned_dir = out / f"pruned-{num_experts - prune}e"
-    drop_experts(model_dir, pruned_dir, dropped, overwrite=True, quiet=quiet)
+    drop_experts(model_dir, pruned_dir, dropped, quiet=quiet)
     model = load_pretrained(pruned_dir).eval()
     return {
         "dir": pruned_dir,

@@ -1,23 +1,96 @@
-"""Atomic file output: write to a temporary file beside the target, then rename over it."""
+"""Outputs that never lose a user's data.
+
+Files: `atomic_write_bytes`, `atomic_write_text` and `save_safetensors` write a temporary file
+beside the target, flush it to disk, then rename it over the target, so a reader sees the old
+file or the new one, never a torn one.
+
+Directories: every command that writes a directory claims it through one contract.
+
+- The directory is new (or empty), or moelab's own output of the same kind: a marker file
+  (`.moelab-output.json`) names the kind and the entries moelab wrote there.
+- An existing output is replaced only with `overwrite=True` (`--overwrite`), and only when every
+  entry in it is moelab's; otherwise the foreign entries are named and nothing is touched.
+- It never is, contains or lies inside an input of the command.
+- One process at a time: a lock file beside it (`.NAME.moelab-lock`, an flock that dies with its
+  process) makes a second run into the same output fail with "in use".
+- What a killed run left beside it (hidden staging and trash directories) is removed by the next
+  run into the same output, and an old output that was moved aside to be replaced is put back.
+
+There are two ways to fill an output:
+
+- `StagedOutput(out, kind)` (a context manager): the directory is built in a hidden staging
+  directory beside `out` and appears whole, by one rename (checkpoints, traces);
+- `output_dir(out, kind, entries=...)`: the directory is filled step by step (a training run,
+  an analysis, a comparison); `entries` names what moelab writes into it.
+
+Beside `out`, moelab only ever creates hidden `.NAME.moelab-*` entries, which exist while it runs
+(or, after a kill, until the next run into the same output). Deletions and renames of outputs
+happen only in this module.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import re
+import shutil
+import sys
 import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+MARKER = ".moelab-output.json"
+MARKER_FORMAT = "moelab-output/1"
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.moelab-(?P<what>lock|staging|old|trash|tmp)(-[0-9a-z_]+)?$")
+
+
+class OutputError(ValueError):
+    """An output path moelab may not write: it says what is there and what to do instead."""
+
+
+class OutputInUseError(OutputError):
+    """Another moelab process is writing the same output."""
+
+
+# ----------------------------------------------------------------------------- files
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with _temporary_beside(Path(path)) as tmp:
+        with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, made atomic and durable (see `atomic_write_bytes`)."""
+    from safetensors.torch import save_file
+
+    with _temporary_beside(Path(path)) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+@contextmanager
+def _temporary_beside(path: Path) -> Iterator[str]:
+    """A temporary file name beside `path`; once the caller has written it, it is flushed to disk,
+    given the usual permissions (mkstemp's are 0600) and renamed over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.moelab-tmp-")
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -30,25 +103,460 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def check_output_file(path: str | os.PathLike, *, overwrite: bool, is_own: Callable[[Path], bool]) -> Path:
+    """A single output file (a benchmark's JSON): new, or with `overwrite` one that `is_own`
+    recognises as moelab's. Returns the resolved path; the caller writes it atomically."""
+    path = _resolve(path)
+    _check_parents(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory; give a file name for the output")
+    if path.exists():
+        if not overwrite:
+            raise OutputError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+        if not is_own(path):
+            raise OutputError(
+                f"{path} was not written by moelab; moelab does not replace it: choose another name"
+            )
+    return path
 
 
-def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """`safetensors.torch.save_file`, made atomic and durable: written to a temporary file beside
-    `path`, flushed to disk, given the usual permissions, then renamed over `path`."""
-    from safetensors.torch import save_file
+# ----------------------------------------------------------------------------- directories
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+
+@dataclass(frozen=True)
+class OutputDir:
+    """A claimed output directory. resumed: it held moelab's output of this kind, kept as it was."""
+
+    path: Path
+    resumed: bool
+
+    def clear(self) -> None:
+        """Delete every entry moelab wrote here (start again in the same claimed directory)."""
+        marker = _read_marker(self.path)
+        _check_no_foreign(self.path, marker)
+        for name in marker["entries"]:
+            if (self.path / name).exists() or (self.path / name).is_symlink():
+                _discard(self.path / name)
+
+
+@contextmanager
+def output_dir(
+    out: str | os.PathLike,
+    kind: str,
+    *,
+    entries: Iterable[str],
+    inputs: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+    resume: bool = False,
+    resume_hint: str = "",
+) -> Iterator[OutputDir]:
+    """Claim `out` for an output of `kind` that is filled step by step, holding its lock until
+    the block ends. entries: the names moelab writes directly inside it. An existing output of
+    the same kind is cleared first with `overwrite`, kept with `resume`, refused otherwise
+    (`resume_hint` tells how to continue it)."""
+    out = _resolve(out)
+    with _lock(out):
+        marker = _inspect(out, kind, inputs)
+        if marker is not None and (overwrite or not resume):
+            _check_replaceable(out, kind, marker, overwrite, resume_hint)
+            OutputDir(out, resumed=False).clear()
+        resumed = marker is not None and not overwrite
+        out.mkdir(parents=True, exist_ok=True)
+        _clean_leftovers(out, None)
+        owned = set(entries) | (set(marker["entries"]) if resumed else set())
+        _write_marker(out, kind, owned)
+        yield OutputDir(out, resumed)
+
+
+class StagedOutput:
+    """Build the output directory `out` of `kind` in a staging directory beside it, then publish
+    it by one rename (replacing an existing output of the same kind only with `overwrite`).
+
+        with StagedOutput(out, "checkpoint", inputs=[source]) as staging:
+            ...write files into staging...     # published on success, discarded on error
+
+    `open()` / `publish()` / `abort()` do the same for writers that stream across calls.
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        kind: str,
+        *,
+        inputs: Iterable[str | os.PathLike | None] = (),
+        overwrite: bool = False,
+    ):
+        self.out = _resolve(out)
+        self.kind = kind
+        self.inputs = list(inputs)
+        self.overwrite = overwrite
+        self.staging: Path | None = None
+        self._unlock: Callable[[], None] | None = None
+
+    def open(self) -> Path:
+        """Take the lock, check `out`, clean what killed runs left; returns the staging directory."""
+        lock = _lock(self.out)
+        lock.__enter__()
+        self._unlock = lambda: lock.__exit__(None, None, None)
+        try:
+            marker = _inspect(self.out, self.kind, self.inputs)
+            if marker is not None:
+                _check_replaceable(self.out, self.kind, marker, self.overwrite)
+            _clean_leftovers(self.out.parent, self.out.name, held=True)
+            self.staging = _sibling(self.out, "staging")
+            self.staging.mkdir()
+        except BaseException:
+            self._release()
+            raise
+        return self.staging
+
+    def publish(self) -> Path:
+        """Mark the staging directory as moelab's and move it to `out`. Returns `out`."""
+        try:
+            _write_marker(self.staging, self.kind, (p.name for p in self.staging.iterdir()))
+            old = None
+            if self.out.exists():
+                marker = _read_marker(self.out)
+                if marker is None and not any(self.out.iterdir()):
+                    self.out.rmdir()
+                else:  # checked again: files may have appeared while the output was built
+                    _check_replaceable(self.out, self.kind, marker, self.overwrite)
+                    old = _sibling(self.out, "old")
+                    os.rename(self.out, old)
+            os.rename(self.staging, self.out)
+            if old is not None:
+                _discard(old)
+        finally:
+            self._release()
+        return self.out
+
+    def abort(self) -> None:
+        """Discard the staging directory; `out` stays as it was."""
+        self._release()
+
+    def __enter__(self) -> Path:
+        return self.open()
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.publish()
+        else:
+            self.abort()
+
+    def _release(self) -> None:
+        if self.staging is not None and self.staging.exists():
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging = None
+        if self._unlock is not None:
+            self._unlock()
+            self._unlock = None
+
+
+def check_output_dir(
+    out: str | os.PathLike,
+    kind: str,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    overwrite: bool = False,
+) -> None:
+    """The checks `StagedOutput` makes when it opens, without claiming `out`: to fail before slow
+    work (loading a model) rather than after it."""
+    out = _resolve(out)
+    marker = _inspect(out, kind, inputs)
+    if marker is not None:
+        _check_replaceable(out, kind, marker, overwrite)
+
+
+def is_output(path: str | os.PathLike, kind: str) -> bool:
+    """Whether `path` is a complete moelab output of `kind`."""
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        marker = _read_marker(Path(path))
+    except OutputError:
+        return False
+    return marker is not None and marker["kind"] == kind
+
+
+def remove_output(path: str | os.PathLike, kind: str) -> None:
+    """Delete the moelab output `path` of `kind` (a rotated training checkpoint, say). It first
+    disappears from its directory by one rename, so it is never seen half-deleted. Refuses if
+    anything in it was not written by moelab."""
+    path = Path(path)
+    marker = _read_marker(path)
+    if marker is None or marker["kind"] != kind:
+        raise OutputError(f"{path} is not a moelab {kind}; moelab does not delete it")
+    _check_no_foreign(path, marker)
+    _discard(path)
+
+
+def clean_leftovers(directory: str | os.PathLike) -> None:
+    """Remove what killed runs left in `directory` (hidden staging and trash directories, stale
+    locks) and put back outputs moved aside for a replacement that never happened. Only for a
+    directory whose outputs are all written under one lock the caller holds (a run's checkpoints)."""
+    _clean_leftovers(Path(directory), None)
+
+
+def copy_side_file(src: Path, dst: Path, root: Path) -> str | None:
+    """Copy the file or directory `src` of the checkpoint `root` to `dst`. A symlink whose target
+    lies outside `root` is copied as a link to that target, never by content (a crafted
+    checkpoint must not copy, say, ~/.ssh into an output the user may publish); returns a note
+    saying so, else None. A Hugging Face cache snapshot's links into its own `blobs/` count as
+    inside."""
+    if src.is_symlink() and not _inside_checkpoint(src.resolve(), root):
+        os.symlink(src.resolve(), dst)
+        return f"{src.name} is a link to {src.resolve()}, outside {root}: copied as a link, not its content"
+    if src.is_dir():
+        dst.mkdir()
+        notes = [copy_side_file(entry, dst / entry.name, root) for entry in sorted(src.iterdir())]
+        return "; ".join(n for n in notes if n) or None
+    shutil.copy2(src, dst)
+    return None
+
+
+def _inside_checkpoint(target: Path, root: Path) -> bool:
+    root = root.resolve()
+    homes = [root]
+    if root.parent.name == "snapshots":  # huggingface_hub cache: snapshots/<rev>/<file> -> ../../blobs/<hash>
+        homes.append(root.parent.parent / "blobs")
+    return any(target == home or home in target.parents for home in homes)
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _sibling(out: Path, what: str) -> Path:
+    """A hidden name beside `out` for moelab's own bookkeeping (lock, staging, old, trash)."""
+    suffix = "" if what == "lock" else f"-{os.getpid():x}{uuid.uuid4().hex[:8]}"
+    return out.parent / f".{out.name}.moelab-{what}{suffix}"
+
+
+def _check_parents(out: Path) -> None:
+    """Every existing ancestor of `out` is a directory and the nearest one is writable."""
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"cannot write {out}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputError(f"cannot write {out}: {parent} is not writable; choose another output path")
+            return
+
+
+def _inspect(out: Path, kind: str, inputs: Iterable[str | os.PathLike | None]) -> dict | None:
+    """Check `out` against the contract; its marker if it holds moelab's output of `kind`, None
+    if it is new or empty."""
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        source = _resolve(given)
+        if out == source or out in source.parents:
+            what = "is" if out == source else "contains"
+            raise OutputError(
+                f"the output {out} {what} the input {source}; writing there could replace the input: "
+                "choose an output directory outside it"
+            )
+        if source.is_dir() and source in out.parents:
+            raise OutputError(
+                f"the output {out} lies inside the input {source}; choose an output directory outside it"
+            )
+    _check_parents(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} is a file; the output must be a directory: choose another path")
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"{out} is not writable; choose another output directory")
+    marker = _read_marker(out)
+    if marker is None:
+        raise OutputError(
+            f"{out} exists and was not written by moelab (it has no {MARKER}); moelab never writes into or "
+            "replaces a directory it did not create: choose a new output directory"
+        )
+    if marker["kind"] != kind:
+        raise OutputError(
+            f"{out} holds a moelab {marker['kind']}, not a {kind}; choose another output directory"
+        )
+    return marker
+
+
+def _read_marker(directory: Path) -> dict | None:
+    path = directory / MARKER
+    if not path.is_file() or not directory.is_dir():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+        if marker.get("format") != MARKER_FORMAT:
+            raise ValueError(f"format {marker.get('format')!r}")
+        if not isinstance(marker.get("kind"), str) or not all(
+            isinstance(e, str) and e and "/" not in e and e not in (".", "..") for e in marker.get("entries")
+        ):
+            raise ValueError("bad 'kind' or 'entries'")
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise OutputError(
+            f"{path} is damaged ({err}); moelab cannot tell which files in {directory} it wrote, so it "
+            "leaves them alone: choose another output directory"
+        ) from None
+    return marker
+
+
+def _write_marker(directory: Path, kind: str, entries: Iterable[str]) -> None:
+    doc = {"format": MARKER_FORMAT, "kind": kind, "entries": sorted(set(entries) - {MARKER})}
+    atomic_write_text(directory / MARKER, json.dumps(doc, indent=1) + "\n")
+
+
+def _check_replaceable(out: Path, kind: str, marker: dict | None, overwrite: bool, hint: str = "") -> None:
+    """`out`, holding moelab's output of `kind` (`marker`), may be replaced."""
+    if marker is None:
+        raise OutputError(f"{out} changed while moelab wrote its replacement; nothing was replaced")
+    if not overwrite:
+        raise OutputError(
+            f"{out} already holds a moelab {kind}; pass --overwrite (overwrite=True) to replace it{hint}, or "
+            "choose another output directory"
+        )
+    _check_no_foreign(out, marker)
+
+
+def _check_no_foreign(out: Path, marker: dict) -> None:
+    foreign = _foreign_entries(out, marker)
+    if foreign:
+        shown = ", ".join(str(p) for p in foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise OutputError(
+            f"cannot replace {out}: {shown} {'was' if len(foreign) == 1 else 'were'} not written by moelab; "
+            "move them out of it first, or choose another output directory"
+        )
+
+
+def _foreign_entries(out: Path, marker: dict) -> list[Path]:
+    """Entries of `out` that moelab did not write (looking into owned outputs with markers)."""
+    owned = set(marker["entries"])
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if entry.name == MARKER or _LEFTOVER.match(entry.name):
+            continue
+        if entry.name not in owned:
+            foreign.append(entry)
+        elif entry.is_dir() and not entry.is_symlink():
+            inner = _read_marker(entry)
+            if inner is not None:
+                foreign += _foreign_entries(entry, inner)
+    return foreign
+
+
+def _discard(path: Path) -> None:
+    """Delete a file, link or directory; a directory is first renamed to a hidden trash name, so
+    it is gone from view at once even if the deletion is interrupted."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+    trash = _sibling(path, "trash")
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
+def _clean_leftovers(directory: Path, name: str | None, *, held: bool = False) -> None:
+    """Remove the leftovers of killed runs in `directory`: of the output `name` (whose lock the
+    caller holds if `held`), or of every output there whose lock nobody holds."""
+    if not directory.is_dir():
+        return
+    by_name: dict[str, list[tuple[Path, str]]] = {}
+    for entry in sorted(directory.iterdir()):
+        match = _LEFTOVER.match(entry.name)
+        if match is not None and (name is None or match["name"] == name):
+            by_name.setdefault(match["name"], []).append((entry, match["what"]))
+    for target, found in by_name.items():
+        if held:
+            _remove_leftovers(directory / target, found)
+            continue
+        fd = _try_lock(directory / target)
+        if fd is None:
+            continue  # a live run is writing this output
+        try:
+            _remove_leftovers(directory / target, found)
+        finally:
+            _unlock(directory / target, fd)
+
+
+def _remove_leftovers(target: Path, found: list[tuple[Path, str]]) -> None:
+    for entry, what in found:
+        if what == "lock":
+            continue
+        if what == "old" and not target.exists():  # killed between moving out the old and in the new
+            os.rename(entry, target)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+@contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """Hold `out`'s lock file (beside it) for the block, or raise OutputInUseError at once."""
+    _check_parents(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(
+            f"cannot create {out.parent} ({err.strerror}); choose another output path"
+        ) from None
+    fd = _try_lock(out)
+    if fd is None:
+        try:
+            holder = _sibling(out, "lock").read_text()
+        except OSError:
+            holder = ""
+        raise OutputInUseError(
+            f"{out} is in use by another moelab process ({_describe(holder)}); wait for it to finish or "
+            "choose another output directory"
+        )
+    try:
+        holder = {
+            "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv),
+        }
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder).encode())
+        yield
+    finally:
+        _unlock(out, fd)
+
+
+def _try_lock(out: Path) -> int | None:
+    """Lock `out`'s lock file: its descriptor, or None if another process holds it."""
+    path = _sibling(out, "lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise OutputError(
+                f"cannot write beside {out} ({err.strerror}); choose another output path"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed the file between our open and our lock: retry
+
+
+def _unlock(out: Path, fd: int) -> None:
+    """Release a lock: the file goes first, so nobody locks a file that is about to vanish."""
+    _sibling(out, "lock").unlink(missing_ok=True)
+    os.close(fd)
+
+
+def _describe(holder: str) -> str:
+    try:
+        info = json.loads(holder)
+        return f"pid {info['pid']}, since {info['since']}: {info['command'][:120]}"
+    except (ValueError, KeyError, TypeError):
+        return "starting up"

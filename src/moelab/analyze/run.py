@@ -6,11 +6,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from moelab.analyze.report import write_report
+from moelab.analyze.report import REPORT_ENTRIES, write_report
 from moelab.analyze.stats import analyze_trace
+from moelab.io import output_dir
 from moelab.trace import TraceOptions, is_trace, open_trace, trace_from_files
 
 DEFAULT_CHUNK_LENS = (1, 8, 64)
+KIND = "routing analysis"
+ENTRIES = (*REPORT_ENTRIES, "trace")
 
 
 def analyze(
@@ -22,18 +25,27 @@ def analyze(
     domains: Sequence[str] | None = None,
     options: TraceOptions | None = None,
     chunk_lens: Sequence[int] = DEFAULT_CHUNK_LENS,
+    overwrite: bool = False,
     quiet: bool = False,
 ) -> Path:
     """Trace `model` (default: the shipped reference model) on `data` into out/trace, or read
     `model` as an existing trace directory, then write out/report.html, out/report.json and
-    out/plots/*.png. Returns the HTML path."""
+    out/plots/*.png. An existing analysis in `out` is replaced only with `overwrite`. Returns
+    the HTML path."""
     if any(L < 1 for L in chunk_lens):
         raise ValueError(f"chunk lengths must be >= 1, got {list(chunk_lens)}")
-    out = Path(out)
-    if model is not None and is_trace(model):
-        trace = open_trace(model)
-    else:
-        trace = trace_from_files(
-            model, out / "trace", data=data, split=split, domains=domains, options=options, quiet=quiet
-        )
-    return write_report(analyze_trace(trace, chunk_lens=chunk_lens), out)
+    inputs = [model, data if data != "corpus" else None]
+    with output_dir(out, KIND, entries=ENTRIES, inputs=inputs, overwrite=overwrite) as claimed:
+        if model is not None and is_trace(model):
+            trace = open_trace(model)
+        else:
+            trace = trace_from_files(
+                model,
+                claimed.path / "trace",
+                data=data,
+                split=split,
+                domains=domains,
+                options=options,
+                quiet=quiet,
+            )
+        return write_report(analyze_trace(trace, chunk_lens=chunk_lens), claimed.path)

@@ -30,11 +30,12 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import Tensor, nn
 
-from moelab.io import atomic_write_text
+from moelab.io import atomic_write_text, check_output_file
 from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("moelab", "dense", "loop", "hf")
+JSON_FORMAT = "moelab-bench-layer/1"
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,7 @@ def run(options: BenchOptions, progress: Console | None = None) -> dict:
     fp32 fwd+bwd pass; peak memory. Returns the JSON document."""
     torch.set_num_threads(2)
     jobs = [(c, d, m) for c in options.configs for d in options.dtypes for m in options.modes]
-    doc: dict = {"results": [], "skewed": [], "memory": []}
+    doc: dict = {"format": JSON_FORMAT, "results": [], "skewed": [], "memory": []}
     with Progress(console=progress, transient=True, disable=progress is None) as bar:
         task = bar.add_task("bench layer", total=len(jobs) + len(options.configs) * (1 + options.memory))
         for config, dtype, mode in jobs:
@@ -342,6 +343,18 @@ def render_memory(doc: dict) -> Table:
         peaks = {row["impl"]: row["peak_mb"] for row in doc["memory"] if row["config"] == config}
         table.add_row(config, *(f"{peaks[i]:,.0f}" if i in peaks else "-" for i in IMPLS))
     return table
+
+
+def check_json_path(path: str | Path, overwrite: bool) -> Path:
+    """`--json PATH` may be written: new, or (with `overwrite`) an earlier result of this benchmark."""
+    return check_output_file(path, overwrite=overwrite, is_own=_is_bench_json)
+
+
+def _is_bench_json(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == JSON_FORMAT
+    except (ValueError, UnicodeDecodeError, AttributeError, OSError):
+        return False
 
 
 def write_json(doc: dict, path: str | Path) -> None:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,9 +32,10 @@ from torch import Tensor
 from moelab.data.tokenizer import EOT, PAD, TOKENIZER_DIR
 from moelab.hf.adapters import FAMILIES, NATIVE, resolve
 from moelab.hf.view import MoELayerView, SharedView
-from moelab.hf.writer import _fail, check_out_dir, load_transformers_strict, move_into_place
-from moelab.io import save_safetensors
+from moelab.hf.writer import _fail, load_transformers_strict
+from moelab.io import StagedOutput, atomic_write_text, check_output_dir, copy_side_file, save_safetensors
 from moelab.models.config import ModelConfig
+from moelab.models.pretrained import CHECKPOINT_KIND
 from moelab.validation import did_you_mean
 
 EXPORT_FAMILIES = ("qwen2_moe", "mixtral")
@@ -103,8 +102,8 @@ def export_checkpoint(
     directory `out` as a `family` checkpoint (see EXPORT_FAMILIES), with `tokenizer` (a directory
     of tokenizer.json and friends; default: moelab's shipped tokenizer; None: weights only).
     Refuses models that do not map exactly; checks the result against moelab's logits."""
-    model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
-    check_out_dir(model_dir, out, overwrite)
+    model_dir = Path(model_dir).resolve()
+    check_output_dir(out, CHECKPOINT_KIND, inputs=[model_dir, tokenizer], overwrite=overwrite)
     config, ckpt, adapter = resolve(model_dir)
     try:
         if adapter is not NATIVE:
@@ -119,21 +118,15 @@ def export_checkpoint(
         hf_config = _hf_config(model_config, family, shared_width, token_ids)
     finally:
         ckpt.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-"))
-    try:
-        staging.chmod(out.parent.stat().st_mode & 0o777)
+    with StagedOutput(out, CHECKPOINT_KIND, inputs=[model_dir, tokenizer], overwrite=overwrite) as staging:
         save_safetensors(tensors, staging / "model.safetensors", metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        atomic_write_text(staging / "config.json", json.dumps(hf_config, indent=2) + "\n")
         if tokenizer is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer) / name).is_file():
-                    shutil.copy2(Path(tokenizer) / name, staging / name)
+                    copy_side_file(Path(tokenizer) / name, staging / name, Path(tokenizer))
         _check_logits(model_dir, staging, quiet)
-        move_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def _tensors(ckpt, config: dict, family: str) -> tuple[dict[str, Tensor], int]:

@@ -18,7 +18,9 @@ success:
 - transformers (or moelab, for its own checkpoints) loads it strictly, with no missing,
   unexpected or mismatched keys, and its forward pass is finite.
 
-Everything is written into a temporary directory beside `out`, renamed into place at the end.
+Everything is written into a staging directory beside `out` and renamed into place at the end
+(`moelab.io.StagedOutput`: `out` must be new, or moelab's checkpoint to replace with
+`overwrite`, and never the source, inside it or above it).
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ import copy
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,8 @@ from moelab.hf.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, Checkp
 from moelab.hf.layouts import Config, Family, config_entry, config_value
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import ModelView, MoELayerView
-from moelab.io import atomic_write_text, save_safetensors
+from moelab.io import StagedOutput, atomic_write_text, copy_side_file, save_safetensors
+from moelab.models.pretrained import CHECKPOINT_KIND
 from moelab.nn.moe import MoELayer
 
 EXPERT_MAP_NAME = "moelab_expert_map.json"
@@ -132,29 +134,22 @@ def write_checkpoint(
     """Write `source` with `edits` ({MoE layer index: LayerEdit}) applied into the new directory
     `out` (see the module docstring). reload: also load the result with transformers (or moelab)
     as a postcondition; that loads the whole model into memory, so turn it off only for models
-    larger than RAM. overwrite: replace an existing `out`. Returns `out`."""
-    source, out = Path(source).resolve(), Path(out).resolve()
-    check_out_dir(source, out, overwrite)
+    larger than RAM. overwrite: replace the checkpoint moelab wrote to `out` before. Returns `out`."""
+    source = Path(source).resolve()
     config, ckpt, family = resolve(source)
     try:
         plan = _Plan.make(config, ckpt, family, edits)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-"))
-        try:
-            staging.chmod(out.parent.stat().st_mode & 0o777)
-            checks = _write(plan, staging, quiet)
+        with StagedOutput(out, CHECKPOINT_KIND, inputs=[source], overwrite=overwrite) as staging:
+            checks = _write(plan, staging, Path(out).name, quiet)
             _copy_side_files(source, staging)
             atomic_write_text(staging / "config.json", json.dumps(plan.new_config, indent=2) + "\n")
             atomic_write_text(staging / EXPERT_MAP_NAME, json.dumps(plan.expert_map(source), indent=2) + "\n")
             _check_written(plan, staging, checks)
             if reload:
                 _check_reload(staging, family, quiet)
-            move_into_place(staging, out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     finally:
         ckpt.close()
-    return out
+    return Path(out)
 
 
 def apply_edit(layer: MoELayerView, edit: LayerEdit) -> MoELayerView:
@@ -420,7 +415,7 @@ class _LayerCheck:
     expected: Tensor
 
 
-def _write(plan: _Plan, staging: Path, quiet: bool) -> dict[int, _LayerCheck]:
+def _write(plan: _Plan, staging: Path, name: str, quiet: bool) -> dict[int, _LayerCheck]:
     """Write the weight shards and index into `staging`; return each edited layer's check."""
     ckpt, family = plan.ckpt, plan.family
     view = ModelView(ckpt, plan.config, family, config_value(plan.config, *family.num_layers))
@@ -437,7 +432,7 @@ def _write(plan: _Plan, staging: Path, quiet: bool) -> dict[int, _LayerCheck]:
     weight_map, total, checks = {}, 0, {}
     for shard in tqdm(
         shards,
-        desc=f"write {staging.name.split('.writing-')[0].lstrip('.')}",
+        desc=f"write {name}",
         unit="shard",
         disable=quiet,
         leave=False,
@@ -496,8 +491,9 @@ def _run(layer: MoELayer, x: Tensor) -> Tensor:
 
 def _copy_side_files(source: Path, staging: Path) -> None:
     """Tokenizer, generation config, README, ...: everything but weights, config and expert map.
-    Pickle weights are left behind: they would be stale copies of the unedited model."""
-    for entry in source.iterdir():
+    Pickle weights are left behind: they would be stale copies of the unedited model. Links to
+    outside the checkpoint are copied as links (with a warning), never by content."""
+    for entry in sorted(source.iterdir()):
         name = entry.name
         if (
             name.startswith(".")
@@ -506,10 +502,8 @@ def _copy_side_files(source: Path, staging: Path) -> None:
             or name in (INDEX_NAME, "config.json", EXPERT_MAP_NAME)
         ):
             continue
-        if entry.is_dir():
-            shutil.copytree(entry, staging / name)
-        else:
-            shutil.copy2(entry, staging / name)
+        if note := copy_side_file(entry, staging / name, source):
+            warnings.warn(note, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- postconditions
@@ -600,22 +594,3 @@ def load_transformers_strict(path: Path, quiet: bool, **kwargs: Any):
     if problems:
         raise _fail(f"transformers loads it with {problems}")
     return model.eval()
-
-
-def check_out_dir(source: Path, out: Path, overwrite: bool) -> None:
-    """`out` may be written: not inside `source`, and new or empty unless overwrite."""
-    if out == source or source in out.parents:
-        raise ValueError(f"out ({out}) must be a new directory outside the source checkpoint {source}")
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} already exists; choose a new directory or pass overwrite=True")
-
-
-def move_into_place(staging: Path, out: Path) -> None:
-    """Rename staging to out; an existing out is moved aside first and removed after."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    os.replace(out, old / out.name)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)

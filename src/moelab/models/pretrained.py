@@ -9,20 +9,20 @@ are read with safetensors only, never pickle.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from moelab.io import save_safetensors
+from moelab.io import StagedOutput, copy_side_file, save_safetensors
 from moelab.models.config import ModelConfig
 from moelab.models.transformer import MoETransformer
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+CHECKPOINT_KIND = "checkpoint"  # the output kind (`moelab.io`) of every model checkpoint moelab writes
 
 
 def shared_aliases(model: MoETransformer) -> set[str]:
@@ -37,28 +37,32 @@ def shared_aliases(model: MoETransformer) -> set[str]:
     return aliases
 
 
-def save_pretrained(model: MoETransformer, directory: str | os.PathLike) -> Path:
-    """Write `directory/model.safetensors` and `directory/config.json`.
+def save_pretrained(
+    model: MoETransformer,
+    directory: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    extra_files: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Write `directory/model.safetensors` and `directory/config.json` (plus copies of
+    `extra_files`, e.g. tokenizer files).
 
-    Both files are written into a temporary directory beside the target first. A new directory
-    then appears by one rename; into an existing one each file is renamed over its old version
-    (weights first), so a reader never sees a partly written file. Returns the directory.
+    The directory is built beside the target and appears whole by one rename; an existing
+    checkpoint there is replaced only with `overwrite` (see `moelab.io`). Returns the directory.
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    staging.chmod(directory.parent.stat().st_mode & 0o777)  # mkdtemp's 0700 would stick to a new directory
-    try:
-        save_safetensors(_tensors_to_save(model), staging / WEIGHTS_NAME, metadata={"format": "pt"})
-        model.config.save(staging / CONFIG_NAME)
-        if not directory.exists():
-            os.replace(staging, directory)
-        else:
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                os.replace(staging / name, directory / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+    with StagedOutput(directory, CHECKPOINT_KIND, overwrite=overwrite) as staging:
+        write_model_files(model, staging)
+        for path in map(Path, extra_files):
+            copy_side_file(path, staging / path.name, path.parent)
+    return Path(directory)
+
+
+def write_model_files(model: MoETransformer, directory: Path) -> None:
+    """The checkpoint files of `model` in the new directory `directory` (no output checks: for
+    writers that stage a larger output around it, like training checkpoints)."""
+    directory.mkdir(exist_ok=True)
+    save_safetensors(_tensors_to_save(model), directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    model.config.save(directory / CONFIG_NAME)
 
 
 def load_pretrained(directory: str | os.PathLike, *, device: torch.device | str = "cpu") -> MoETransformer:

@@ -12,17 +12,15 @@ Layout of a trace directory:
     expert_stats.safetensors       layer{l}.expert_max [E], layer{l}.shared_max [1] (float32)
 
 `TraceWriter` streams: it holds at most one shard of tokens in memory and writes everything
-into a staging directory beside the target, which replaces the target in one rename on
-`close()`. `Trace` (from `open_trace`) reads the manifest and iterates shards one at a time.
+into a staging directory beside the target, which becomes the target in one rename on
+`close()` (`moelab.io.StagedOutput`). `Trace` (from `open_trace`) reads the manifest and iterates shards one at a time.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +29,11 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from moelab.io import atomic_write_text, save_safetensors
+from moelab.io import StagedOutput, atomic_write_text, save_safetensors
 from moelab.trace.capture import LayerRouting, RoutingCheck
 
 FORMAT = "moelab-trace"
+KIND = "routing trace"
 VERSION = 1
 MANIFEST = "manifest.json"
 STATS = "expert_stats.safetensors"
@@ -103,24 +102,40 @@ class TraceWriter:
     """Write a trace to `directory`, streaming (see the module docstring).
 
     info: the manifest so far (shards and counts are filled in here). shard_tokens: a shard is
-    written once it holds at least this many tokens (shards hold whole sequences). An existing
-    `directory` must be empty or a previous trace, which is replaced on `close()`.
+    written once it holds at least this many tokens (shards hold whole sequences). `directory`
+    is claimed through `moelab.io.StagedOutput`: it must be new, or a previous trace to replace
+    with `overwrite` (on `close()`), and must not be or contain any of `inputs`.
     """
 
-    def __init__(self, directory: str | os.PathLike, info: TraceInfo, *, shard_tokens: int = 65536):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        info: TraceInfo,
+        *,
+        shard_tokens: int = 65536,
+        overwrite: bool = False,
+        inputs: Iterable[str | os.PathLike | None] = (),
+    ):
         if shard_tokens < 1:
             raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-        if not info.layers or len(info.num_experts) != len(info.layers) or len(info.top_k) != len(info.layers):
-            raise ValueError("TraceInfo needs at least one MoE layer and one num_experts/top_k entry per layer")
+        if (
+            not info.layers
+            or len(info.num_experts) != len(info.layers)
+            or len(info.top_k) != len(info.layers)
+        ):
+            raise ValueError(
+                "TraceInfo needs at least one MoE layer and one num_experts/top_k entry per layer"
+            )
         self.directory = Path(directory)
-        _check_replaceable(self.directory)
         self.info = info
         self.shard_tokens = shard_tokens
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
-        self._staging = Path(tempfile.mkdtemp(dir=self.directory.parent, prefix=f".{self.directory.name}."))
+        self._output = StagedOutput(directory, KIND, inputs=inputs, overwrite=overwrite)
+        self._staging = self._output.open()
         self._buffer: list[dict[str, Tensor]] = []
         self._buffered = 0
-        self._index_dtype = torch.int16 if max(info.num_experts) <= torch.iinfo(torch.int16).max else torch.int32
+        self._index_dtype = (
+            torch.int16 if max(info.num_experts) <= torch.iinfo(torch.int16).max else torch.int32
+        )
 
     def add(self, token_ids: Tensor, domain: int, routing: dict[int, LayerRouting]) -> None:
         """token_ids: [B, S] one batch of sequences from domain number `domain`; routing: {layer:
@@ -167,15 +182,16 @@ class TraceWriter:
             raise ValueError("no tokens were traced: the data is empty; pass data with at least one token")
         self._flush()
         stats = {f"layer{i}.expert_max": t.float().contiguous() for i, t in (expert_max or {}).items()}
-        stats |= {f"layer{i}.shared_max": t.float().reshape(1).contiguous() for i, t in (shared_max or {}).items()}
+        stats |= {
+            f"layer{i}.shared_max": t.float().reshape(1).contiguous() for i, t in (shared_max or {}).items()
+        }
         save_safetensors(stats, self._staging / STATS)
         self.info.checks = {str(i): asdict(c) for i, c in (checks or {}).items() if c.tokens}
         atomic_write_text(self._staging / MANIFEST, self.info.to_json())
-        _publish(self._staging, self.directory)
-        return Trace(self.directory)
+        return Trace(self._output.publish())
 
     def abort(self) -> None:
-        shutil.rmtree(self._staging, ignore_errors=True)
+        self._output.abort()
 
     def __enter__(self) -> TraceWriter:
         return self
@@ -203,7 +219,9 @@ class Trace:
         self.directory = Path(directory)
         path = self.directory / MANIFEST
         if not path.is_file():
-            raise ValueError(f"{self.directory} is not a routing trace (no {MANIFEST}); make one with `moelab trace`")
+            raise ValueError(
+                f"{self.directory} is not a routing trace (no {MANIFEST}); make one with `moelab trace`"
+            )
         self.info = TraceInfo.from_json(path.read_text())
         if self.info.format != FORMAT or self.info.version != VERSION:
             raise ValueError(
@@ -232,8 +250,12 @@ class Trace:
     def expert_stats(self) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         """({layer: [E] max |down output| per expert}, {layer: [1] same for the shared experts})."""
         tensors = load_file(self.directory / STATS)
-        routed = {i: tensors[f"layer{i}.expert_max"] for i in self.info.layers if f"layer{i}.expert_max" in tensors}
-        shared = {i: tensors[f"layer{i}.shared_max"] for i in self.info.layers if f"layer{i}.shared_max" in tensors}
+        routed = {
+            i: tensors[f"layer{i}.expert_max"] for i in self.info.layers if f"layer{i}.expert_max" in tensors
+        }
+        shared = {
+            i: tensors[f"layer{i}.shared_max"] for i in self.info.layers if f"layer{i}.shared_max" in tensors
+        }
         return routed, shared
 
 
@@ -244,25 +266,3 @@ def open_trace(directory: str | os.PathLike) -> Trace:
 
 def is_trace(directory: str | os.PathLike) -> bool:
     return (Path(directory) / MANIFEST).is_file()
-
-
-def _check_replaceable(directory: Path) -> None:
-    if directory.exists() and not (directory.is_dir() and (is_trace(directory) or not any(directory.iterdir()))):
-        raise ValueError(
-            f"{directory} exists and is not a routing trace; choose another output directory or remove it"
-        )
-
-
-def _publish(staging: Path, directory: Path) -> None:
-    """Move the finished staging directory to `directory`, replacing a previous trace there."""
-    mode = directory.parent.stat().st_mode & 0o777
-    staging.chmod(mode)  # mkdtemp's 0700 (and safetensors' 0600 files) would stick
-    for file in staging.iterdir():
-        file.chmod(mode & 0o666)
-    if not directory.exists():
-        os.replace(staging, directory)
-        return
-    old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
-    os.replace(directory, old / "trace")
-    os.replace(staging, directory)
-    shutil.rmtree(old, ignore_errors=True)

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moelab.io import check_output_dir
 from moelab.trace.capture import RoutingCapture
 from moelab.trace.data import batches, count_tokens, load_streams
 from moelab.trace.model import LoadedModel, load_model, wrap_model
-from moelab.trace.store import Trace, TraceInfo, TraceWriter
+from moelab.trace.store import KIND, Trace, TraceInfo, TraceWriter
 
 
 @dataclass(kw_only=True)
@@ -39,14 +40,19 @@ def trace_model(
     out: str | os.PathLike,
     options: TraceOptions | None = None,
     *,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike | None] = (),
     quiet: bool = False,
 ) -> Trace:
     """Trace `model` on `streams` ({domain: token ids [n]}, see `moelab.trace.data.load_streams`)
-    and write the trace to `out` (replacing a previous trace there). Returns the opened trace."""
+    and write the trace to the new directory `out` (a previous trace there is replaced only with
+    `overwrite`; `inputs`, the files read, must lie outside it). Returns the opened trace."""
     options = options or TraceOptions()
     loaded = model if isinstance(model, LoadedModel) else wrap_model(model)
     seq_len = min(options.seq_len, loaded.max_seq_len)
-    plan = list(batches(streams, max_tokens=options.max_tokens, seq_len=seq_len, batch_size=options.batch_size))
+    plan = list(
+        batches(streams, max_tokens=options.max_tokens, seq_len=seq_len, batch_size=options.batch_size)
+    )
     _check_vocab(plan, loaded.vocab_size)
     total = count_tokens(streams, options.max_tokens)
     is_moelab = loaded.view is None
@@ -63,7 +69,8 @@ def trace_model(
             logits=options.logits,
             settings={**asdict(options), "seq_len": seq_len},
         )
-        with TraceWriter(out, info, shard_tokens=options.shard_tokens) as writer, torch.inference_mode():
+        writer = TraceWriter(out, info, shard_tokens=options.shard_tokens, overwrite=overwrite, inputs=inputs)
+        with writer, torch.inference_mode():
             loaded.model.eval()
             for batch in tqdm(plan, desc="tracing", unit="batch", disable=quiet, leave=False):
                 if is_moelab:
@@ -72,7 +79,10 @@ def trace_model(
                     loaded.model(input_ids=batch.token_ids, use_cache=False)
                 writer.add(batch.token_ids, batch.domain, capture.pop())
             elapsed = time.perf_counter() - start
-            info.settings |= {"seconds": round(elapsed, 3), "tokens_per_second": round(total / max(elapsed, 1e-9), 1)}
+            info.settings |= {
+                "seconds": round(elapsed, 3),
+                "tokens_per_second": round(total / max(elapsed, 1e-9), 1),
+            }
             return writer.close(capture.expert_max, capture.shared_max, capture.checks)
 
 
@@ -93,10 +103,13 @@ def trace_from_files(
     split: str = "validation",
     domains: Sequence[str] | None = None,
     options: TraceOptions | None = None,
+    overwrite: bool = False,
     quiet: bool = False,
 ) -> Trace:
     """Load `model` (default: the shipped reference model) and `data` (see
     `moelab.trace.data.load_streams`) and trace it into `out`: what `moelab trace` runs."""
+    inputs = [model, data if data != "corpus" else None]
+    check_output_dir(out, KIND, inputs=inputs, overwrite=overwrite)  # before the slow load
     loaded = load_model(model)
     streams = load_streams(data, split=split, domains=domains, encoder=loaded.encoder)
-    return trace_model(loaded, streams, out, options, quiet=quiet)
+    return trace_model(loaded, streams, out, options, overwrite=overwrite, inputs=inputs, quiet=quiet)

@@ -4,9 +4,10 @@
         model/model.safetensors, model/config.json   (moelab.models.save_pretrained)
         train_state.pt                                (optimizer, scheduler, data position, RNG)
 
-A checkpoint is assembled in a hidden staging directory and appears by one rename, so a run
-killed at any moment leaves only complete checkpoints behind; `latest_checkpoint` ignores
-anything else. `train_state.pt` holds only tensors and plain containers and is read back with
+A checkpoint is assembled in a hidden staging directory and appears by one rename, and an old
+one disappears by one rename before it is deleted (`moelab.io`), so a run killed at any moment
+leaves only complete checkpoints in view; `list_checkpoints` also ignores any directory without
+moelab's output marker. `train_state.pt` holds only tensors and plain containers and is read back with
 `torch.load(weights_only=True)`: no pickled code is ever executed.
 """
 
@@ -14,18 +15,20 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moelab.models import MoETransformer, load_pretrained, save_pretrained
+from moelab.io import OutputError, StagedOutput, clean_leftovers, is_output, remove_output
+from moelab.models import MoETransformer, load_pretrained
+from moelab.models.pretrained import write_model_files
 
 PATTERN = re.compile(r"^step-(\d+)$")
 STATE_NAME = "train_state.pt"
+KIND = "training checkpoint"
 
 
 @dataclass
@@ -47,22 +50,18 @@ def save_checkpoint(
     """Write `model` and `state` (tensors and plain containers only) as checkpoint `step`, then
     delete all but the `keep` newest checkpoints. Returns the checkpoint directory."""
     target = checkpoint_dir(out_dir, step)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    staging.chmod(target.parent.stat().st_mode & 0o777)  # mkdtemp's 0700 would stick to the checkpoint
-    try:
-        save_pretrained(model, staging / "model")
+    # overwrite: a checkpoint of this step from an earlier, interrupted attempt
+    with StagedOutput(target, KIND, overwrite=True) as staging:
+        write_model_files(model, staging / "model")
         with open(staging / STATE_NAME, "wb") as f:
             torch.save({"step": step, **state}, f)
             f.flush()
             os.fsync(f.fileno())
-        if target.exists():  # a checkpoint of this step from an earlier, interrupted attempt
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     for old in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            remove_output(old, KIND)
+        except OutputError as err:
+            warnings.warn(f"kept the old checkpoint {old}: {err}", stacklevel=2)
     return target
 
 
@@ -71,8 +70,13 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     root = out_dir / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and PATTERN.match(p.name)]
+    found = [p for p in root.iterdir() if PATTERN.match(p.name) and is_output(p, KIND)]
     return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
+
+
+def clean_checkpoints(out_dir: Path) -> None:
+    """Remove what a killed run left among the checkpoints (half-written or half-deleted ones)."""
+    clean_leftovers(out_dir / "checkpoints")
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from moelab.io import is_output, output_dir
 from moelab.models import ModelConfig
-from moelab.train.checkpoint import latest_checkpoint
 from moelab.train.config import (
     RunConfig,
     TrainConfig,
@@ -28,8 +28,11 @@ from moelab.train.config import (
     read_config_file,
     train_config_from_dict,
 )
-from moelab.train.report import write_report
+from moelab.train.report import REPORT_FILES, write_report
+from moelab.train.trainer import KIND as TRAIN_KIND
 from moelab.train.trainer import RESULTS_NAME, check_same_run, train
+
+KIND = "comparison"
 
 
 def variant_name(spec: str) -> str:
@@ -67,24 +70,42 @@ def load_recipe(path: str | Path) -> TrainConfig:
         raise ValueError(f"{path}: {err}") from None
 
 
-def compare(specs: Sequence[str], recipe: TrainConfig, out_dir: str | Path, *, quiet: bool = False) -> Path:
+def compare(
+    specs: Sequence[str],
+    recipe: TrainConfig,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
+    quiet: bool = False,
+) -> Path:
     """Train every variant in `specs` with `recipe` into `out_dir/<name>` (finished runs are kept,
-    interrupted ones resumed), then write the report. Returns the report's path."""
-    out_dir = Path(out_dir)
+    interrupted ones resumed; `overwrite` starts every variant again), then write the report.
+    inputs: the recipe file, which `out_dir` must not contain (the config files in `specs` are
+    inputs too). Returns the report's path."""
     runs = {}
     for name, model in load_variants(specs).items():
         try:
             runs[name] = RunConfig(model=model, train=recipe)
         except ValueError as err:
             raise ValueError(f"variant {name!r}: {err}") from None
-    for i, (name, run) in enumerate(runs.items(), 1):
-        run_dir = out_dir / name
-        check_same_run(run, run_dir)
-        if (run_dir / RESULTS_NAME).exists():
+    files = [spec for spec in specs if Path(spec).suffix]
+    with output_dir(
+        out_dir,
+        KIND,
+        entries=[*runs, *REPORT_FILES],
+        inputs=[*files, *inputs],
+        overwrite=overwrite,
+        resume=True,
+    ) as claimed:
+        for i, (name, run) in enumerate(runs.items(), 1):
+            run_dir = claimed.path / name
+            check_same_run(run, run_dir)
+            if (run_dir / RESULTS_NAME).exists():
+                if not quiet:
+                    print(f"[{i}/{len(runs)}] {name}: finished earlier, kept")
+                continue
             if not quiet:
-                print(f"[{i}/{len(runs)}] {name}: finished earlier, kept")
-            continue
-        if not quiet:
-            print(f"[{i}/{len(runs)}] {name}")
-        train(run, run_dir, resume=latest_checkpoint(run_dir) is not None, quiet=quiet)
-    return write_report(out_dir, list(runs))
+                print(f"[{i}/{len(runs)}] {name}")
+            train(run, run_dir, resume=is_output(run_dir, TRAIN_KIND), quiet=quiet)
+        return write_report(claimed.path, list(runs))

@@ -26,8 +26,6 @@ class RunLog:
         if resume_step is not None and self.path.exists():
             kept = [json.dumps(r) for r in _records(self.path.read_text()) if r["step"] <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-        elif self.path.exists():
-            self.path.unlink()
         purge = None if resume_step is None else resume_step + 1
         self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
         self.file = open(self.path, "a")

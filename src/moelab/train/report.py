@@ -53,6 +53,10 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     }
 
 
+PLOT_FILES = ("val_loss.png", "train_loss.png", "domain_loss.png", "expert_load.png")
+REPORT_FILES = ("report.md", "summary.json", *PLOT_FILES)
+
+
 def write_report(out_dir: Path, names: list[str]) -> Path:
     """Summarize the runs `out_dir/<name>` and write report.md, summary.json and the plots."""
     runs = {name: summarize_run(out_dir / name) for name in names}

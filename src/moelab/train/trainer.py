@@ -21,12 +21,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import signal
 import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,18 +38,20 @@ from tqdm.auto import tqdm
 
 from moelab.data import TOKENIZER_DIR, TokenWindows
 from moelab.eval import domain_losses
-from moelab.io import atomic_write_text
+from moelab.io import OutputDir, atomic_write_text, output_dir
 from moelab.models import MoETransformer, model_info, save_pretrained
 from moelab.nn import MoELayer, attach_expert_bias_update
 from moelab.nn.blockffn import AdaptiveCoefficient
 from moelab.nn.rexmoe import ReuseRouter, set_reuse_progress
 from moelab.nn.routers import TopKRouter
-from moelab.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from moelab.train.checkpoint import clean_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from moelab.train.config import RunConfig, TrainConfig
-from moelab.train.logging import RunLog
+from moelab.train.logging import LOG_NAME, RunLog
 
 CONFIG_NAME = "config.yaml"
 RESULTS_NAME = "results.json"
+KIND = "training run"
+RUN_ENTRIES = (CONFIG_NAME, LOG_NAME, "tensorboard", "checkpoints", "model", RESULTS_NAME)
 
 
 @dataclass
@@ -177,21 +179,41 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def train(run: RunConfig, out_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> TrainResult:
+def train(
+    run: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
+    quiet: bool = False,
+) -> TrainResult:
     """Train `run` into `out_dir` (see the module docstring); `resume=True` continues the run
-    already there from its newest checkpoint. Ctrl-C stops after the current step, checkpoints
-    and raises KeyboardInterrupt."""
+    already there from its newest checkpoint, `overwrite=True` replaces it with a new one.
+    inputs: files the run was read from (its run file), which `out_dir` must not contain. Ctrl-C
+    stops after the current step, checkpoints and raises KeyboardInterrupt."""
     cfg = run.train
-    out_dir = Path(out_dir)
     device = resolve_device(cfg.device)
-    start = _prepare_out_dir(run, out_dir, resume)
-    threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return _train(run, out_dir, device, start, quiet)
-    finally:
-        torch.set_num_threads(threads)
+    hint = " and start again (or --resume, resume=True, to continue it)"
+    with output_dir(
+        out_dir,
+        KIND,
+        entries=RUN_ENTRIES,
+        inputs=inputs,
+        overwrite=overwrite,
+        resume=resume,
+        resume_hint=hint,
+    ) as claimed:
+        if resume and not claimed.resumed:
+            raise ValueError(f"--resume: {out_dir} holds no training run; start the run without --resume")
+        start = _prepare_run(run, claimed, resume)
+        threads = torch.get_num_threads()
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        try:
+            return _train(run, Path(out_dir), device, start, quiet)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _train(
@@ -356,28 +378,23 @@ def train_step(model, optimizer, loader, cfg: TrainConfig, device: torch.device,
     return {"scalars": dict(scalars), "load": load, "experts_per_token": dict(experts_per_token)}
 
 
-def _prepare_out_dir(run: RunConfig, out_dir: Path, resume: bool) -> Path | None:
-    """Check `out_dir` against `resume` and write the resolved config; return the checkpoint to
-    resume from (None for a fresh run)."""
+def _prepare_run(run: RunConfig, claimed: OutputDir, resume: bool) -> Path | None:
+    """Check a resumed run's config, clean what a killed attempt left and write the resolved
+    config; return the checkpoint to resume from (None: start from step 0)."""
+    out_dir = claimed.path
+    start = None
     if resume:
-        start = latest_checkpoint(out_dir)
-        if start is None:
-            raise ValueError(
-                f"--resume: no complete checkpoint in {out_dir}/checkpoints; start the run without --resume"
-            )
         check_same_run(run, out_dir)
-        run.save(out_dir / CONFIG_NAME)
-        return start
-    if list_checkpoints(out_dir) or (out_dir / RESULTS_NAME).exists():
-        raise ValueError(
-            f"{out_dir} already holds a training run; pass --resume to continue it, or choose another --out"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(
-        out_dir / "tensorboard", ignore_errors=True
-    )  # events of an attempt killed before its first checkpoint
+        clean_checkpoints(out_dir)
+        start = latest_checkpoint(out_dir)
+        if (out_dir / RESULTS_NAME).exists():
+            raise ValueError(
+                f"the run in {out_dir} has finished; pass --overwrite to train it again, or choose another --out"
+            )
+        if start is None:  # killed before its first checkpoint: starting again is resuming it
+            claimed.clear()
     run.save(out_dir / CONFIG_NAME)
-    return None
+    return start
 
 
 def check_same_run(run: RunConfig, out_dir: Path) -> None:
@@ -458,9 +475,10 @@ def _write_final(
     """The trained model as a pretrained directory (weights, config, tokenizer) and results.json,
     whose model_info counts active parameters and FLOPs at the measured experts per token (the
     last eval window's mean; the nominal k where nothing was measured)."""
-    model_dir = save_pretrained(model, out_dir / "model")
-    for path in TOKENIZER_DIR.glob("*.json"):
-        shutil.copyfile(path, model_dir / path.name)
+    # overwrite: a model saved by an attempt killed before results.json
+    save_pretrained(
+        model, out_dir / "model", overwrite=True, extra_files=sorted(TOKENIZER_DIR.glob("*.json"))
+    )
     summary = result.to_dict()
     kinds = run.model.layer_kinds
     moe_layers = {

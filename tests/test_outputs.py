@@ -1,0 +1,522 @@
+"""Nothing lost: the output-directory contract of `moelab.io` and every command that writes.
+
+An output is new, or moelab's own output of the same kind replaced only with overwrite; never an
+input or a directory above one; never a directory moelab did not write; locked while in use;
+and what a killed run left behind is cleaned by the next run into the same output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hf_tiny import build
+
+from moelab import cli
+from moelab.hf.writer import drop_experts
+from moelab.io import (
+    MARKER,
+    OutputError,
+    OutputInUseError,
+    StagedOutput,
+    check_output_file,
+    copy_side_file,
+    is_output,
+    output_dir,
+    remove_output,
+)
+from moelab.models import ModelConfig, MoETransformer, save_pretrained
+from moelab.nn import MoEConfig
+from moelab.trace import TraceOptions, trace_from_files
+from moelab.train import RunConfig, train
+from moelab.train.checkpoint import list_checkpoints
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (and the targets of links, by name)."""
+    digest = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            digest[key] = "link:" + os.readlink(path)
+        elif path.is_file():
+            digest[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            digest[key] = "dir"
+    return digest
+
+
+def publish(out: Path, kind: str = "thing", files: dict[str, str] | None = None, **kw) -> Path:
+    with StagedOutput(out, kind, **kw) as staging:
+        for name, text in (files or {"a.txt": "a"}).items():
+            (staging / name).write_text(text)
+    return out
+
+
+def hidden(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".") and p.name != MARKER)
+
+
+# ----------------------------------------------------------------------------- the contract
+
+
+def test_staged_output_appears_whole_with_its_marker(tmp_path):
+    out = tmp_path / "out"
+    with StagedOutput(out, "thing") as staging:
+        (staging / "a.txt").write_text("a")
+        assert not out.exists(), "nothing appears before the block ends"
+    assert json.loads((out / MARKER).read_text()) == {
+        "format": "moelab-output/1",
+        "kind": "thing",
+        "entries": ["a.txt"],
+    }
+    assert is_output(out, "thing") and not is_output(out, "other")
+    assert hidden(tmp_path) == [], "no lock, staging or trash left beside it"
+    with pytest.raises(RuntimeError), StagedOutput(tmp_path / "failed", "thing") as staging:
+        (staging / "a.txt").write_text("a")
+        raise RuntimeError("the writer failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_empty_directory_counts_as_new(tmp_path):
+    (tmp_path / "out").mkdir()
+    publish(tmp_path / "out")
+    assert (tmp_path / "out" / "a.txt").read_text() == "a"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_directory_moelab_did_not_write_is_never_replaced(tmp_path, overwrite):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    (out / "manifest.json").write_text("{}")
+    before = tree_digest(out)
+    with pytest.raises(OutputError, match="mine exists and was not written by moelab"):
+        publish(out, overwrite=overwrite)
+    with pytest.raises(OutputError, match="mine exists and was not written by moelab"):
+        with output_dir(out, "thing", entries=["a.txt"], overwrite=overwrite):
+            pass
+    assert tree_digest(out) == before and hidden(tmp_path) == []
+
+
+def test_replacing_needs_overwrite_the_same_kind_and_no_foreign_files(tmp_path):
+    out = publish(tmp_path / "out", files={"a.txt": "1"})
+    with pytest.raises(OutputError, match="already holds a moelab thing; pass --overwrite"):
+        publish(out, files={"a.txt": "2"})
+    with pytest.raises(OutputError, match="holds a moelab thing, not a trace"):
+        publish(out, "trace", overwrite=True)
+    (out / "README.md").write_text("the user's")
+    with pytest.raises(OutputError, match=r"README.md was not written by moelab; move them out"):
+        publish(out, files={"a.txt": "2"}, overwrite=True)
+    assert (out / "a.txt").read_text() == "1" and (out / "README.md").read_text() == "the user's"
+    (out / "README.md").unlink()
+    publish(out, files={"b.txt": "2"}, overwrite=True)
+    assert sorted(os.listdir(out)) == [MARKER, "b.txt"] and hidden(tmp_path) == []
+
+
+def test_foreign_files_inside_nested_outputs_block_an_overwrite(tmp_path):
+    out = tmp_path / "demo"
+    with output_dir(out, "demo", entries=["analysis", "summary.json"]) as claimed:
+        publish(claimed.path / "analysis", "analysis")
+        (claimed.path / "summary.json").write_text("{}")
+    (out / "analysis" / "mine.txt").write_text("the user's")
+    with pytest.raises(OutputError, match="mine.txt was not written by moelab"):
+        with output_dir(out, "demo", entries=["analysis"], overwrite=True):
+            pass
+    assert (out / "analysis" / "a.txt").is_file() and (out / "summary.json").is_file()
+    (out / "analysis" / "mine.txt").unlink()
+    with output_dir(out, "demo", entries=["summary.json"], overwrite=True):
+        assert sorted(os.listdir(out)) == [MARKER], "overwrite clears what moelab wrote"
+
+
+def test_output_dir_resumes_or_refuses(tmp_path):
+    out = tmp_path / "run"
+    with output_dir(out, "run", entries=["log"]) as claimed:
+        assert not claimed.resumed
+        (out / "log").write_text("1")
+    with pytest.raises(
+        OutputError, match=r"already holds a moelab run; pass --overwrite .*replace it and go on"
+    ):
+        with output_dir(out, "run", entries=["log"], resume_hint=" and go on"):
+            pass
+    with output_dir(out, "run", entries=["other"], resume=True) as claimed:
+        assert claimed.resumed and (out / "log").read_text() == "1"
+    assert json.loads((out / MARKER).read_text())["entries"] == ["log", "other"]
+
+
+@pytest.mark.parametrize("where", ["is", "above", "inside"])
+def test_an_output_never_is_contains_or_lies_inside_an_input(tmp_path, where):
+    source = tmp_path / "A" / "ckpt"
+    source.mkdir(parents=True)
+    (source / "w.bin").write_text("weights")
+    out = {"is": source, "above": tmp_path / "A", "inside": source / "sub"}[where]
+    pattern = {"is": "is the input", "above": "contains the input", "inside": "lies inside the input"}[where]
+    for claim in (
+        lambda: publish(out, inputs=[source], overwrite=True),
+        lambda: output_dir(out, "thing", entries=[], inputs=[source], overwrite=True).__enter__(),
+    ):
+        with pytest.raises(OutputError, match=pattern):
+            claim()
+    assert tree_digest(tmp_path / "A") == {
+        "ckpt": "dir",
+        "ckpt/w.bin": hashlib.sha256(b"weights").hexdigest(),
+    }
+
+
+def test_output_paths_that_cannot_be_written(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file; the output must be a directory"):
+        publish(tmp_path / "file")
+    with pytest.raises(OutputError, match=r"file is a file, not a directory"):
+        publish(tmp_path / "file" / "out")
+    with pytest.raises(OutputError, match="cannot create|not writable"):
+        publish(Path("/proc/moelab-test/out"))
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_single_output_files(tmp_path):
+    path = tmp_path / "bench.json"
+    own = lambda p: json.loads(p.read_text()).get("format") == "mine"  # noqa: E731
+    assert check_output_file(path, overwrite=False, is_own=own) == path
+    path.write_text('{"format": "mine"}')
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        check_output_file(path, overwrite=False, is_own=own)
+    check_output_file(path, overwrite=True, is_own=own)
+    path.write_text('{"someone": "else"}')
+    with pytest.raises(OutputError, match="was not written by moelab"):
+        check_output_file(path, overwrite=True, is_own=own)
+    with pytest.raises(OutputError, match="is a directory"):
+        check_output_file(tmp_path, overwrite=True, is_own=own)
+
+
+def test_a_damaged_marker_leaves_everything_alone(tmp_path):
+    out = publish(tmp_path / "out")
+    (out / MARKER).write_text('{"format": "moelab-output/1", "kind": "thing", "entries": ["../../etc"]}')
+    with pytest.raises(OutputError, match="is damaged"):
+        publish(out, overwrite=True)
+    assert (out / "a.txt").is_file()
+
+
+# ----------------------------------------------------------------------------- one process at a time
+
+HOLD = """
+import os, sys, time
+from moelab.io import StagedOutput
+with StagedOutput(sys.argv[1], "thing") as staging:
+    (staging / "big.bin").write_bytes(os.urandom(1 << 20))
+    print("ready", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def hold(out: Path) -> subprocess.Popen:
+    """A second process that claims `out` and waits, its staging directory half written."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_a_second_run_into_the_same_output_fails_with_in_use(tmp_path):
+    out = tmp_path / "out"
+    proc = hold(out)
+    try:
+        with pytest.raises(
+            OutputInUseError, match=rf"out is in use by another moelab process \(pid {proc.pid}"
+        ):
+            publish(out)
+        with pytest.raises(OutputInUseError, match="in use"):
+            with output_dir(out, "thing", entries=[]):
+                pass
+    finally:
+        proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0 and (out / "big.bin").is_file()
+    publish(out, overwrite=True)
+
+
+def test_the_same_process_cannot_claim_one_output_twice(tmp_path):
+    with output_dir(tmp_path / "a", "analysis", entries=["report.json"]):
+        with pytest.raises(OutputInUseError):
+            with output_dir(tmp_path / "a", "analysis", entries=["report.json"]):
+                pass
+
+
+def test_a_killed_run_leaves_nothing_the_next_run_does_not_clean(tmp_path):
+    out = tmp_path / "out"
+    proc = hold(out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert any(".moelab-staging-" in name for name in hidden(tmp_path)), "the kill left a staging directory"
+    publish(out)  # the lock died with its process; the staging directory is removed
+    assert hidden(tmp_path) == [] and sorted(os.listdir(out)) == [MARKER, "a.txt"]
+
+
+def test_an_output_moved_aside_for_a_replacement_is_put_back(tmp_path):
+    """A kill between moving the old output aside and moving the new one in."""
+    out = publish(tmp_path / "out", files={"a.txt": "old"})
+    os.rename(out, tmp_path / ".out.moelab-old-1234abcd")
+    staged = StagedOutput(out, "thing", overwrite=True)
+    staged.open()
+    assert (out / "a.txt").read_text() == "old", "the previous output is back before anything else"
+    staged.abort()
+    assert (out / "a.txt").read_text() == "old" and hidden(tmp_path) == []
+
+
+def test_removed_outputs_vanish_at_once_and_half_deleted_ones_are_never_listed(tmp_path):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step in (2, 4):
+        publish(checkpoints / f"step-{step:06d}", "training checkpoint")
+    (checkpoints / "step-000006").mkdir()  # no marker: not written (completely) by moelab
+    os.rename(checkpoints / "step-000004", checkpoints / ".step-000004.moelab-trash-1a2b")
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000002"]
+    with pytest.raises(OutputError, match="is not a moelab trace"):
+        remove_output(checkpoints / "step-000002", "trace")
+    remove_output(checkpoints / "step-000002", "training checkpoint")
+    assert list_checkpoints(tmp_path / "run") == []
+
+
+# ----------------------------------------------------------------------------- side files
+
+
+def test_links_out_of_a_checkpoint_are_copied_as_links_never_by_content(tmp_path):
+    secret = tmp_path / "home" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("private")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "tokenizer.json").write_text("{}")
+    (ckpt / "notes.txt").symlink_to(secret)
+    (ckpt / "inside.json").symlink_to(ckpt / "tokenizer.json")
+    out = tmp_path / "out"
+    out.mkdir()
+    note = copy_side_file(ckpt / "notes.txt", out / "notes.txt", ckpt)
+    assert "copied as a link, not its content" in note
+    assert (out / "notes.txt").is_symlink() and os.readlink(out / "notes.txt") == str(secret)
+    assert copy_side_file(ckpt / "inside.json", out / "inside.json", ckpt) is None
+    assert not (out / "inside.json").is_symlink() and (out / "inside.json").read_text() == "{}"
+
+
+def test_hugging_face_cache_links_count_as_the_checkpoints_own(tmp_path):
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc123").write_text('{"tokenizer": 1}')
+    snapshot = repo / "snapshots" / "rev1"
+    snapshot.mkdir(parents=True)
+    (snapshot / "tokenizer.json").symlink_to("../../blobs/abc123")
+    assert copy_side_file(snapshot / "tokenizer.json", tmp_path / "tokenizer.json", snapshot) is None
+    assert (tmp_path / "tokenizer.json").read_text() == '{"tokenizer": 1}'
+
+
+def test_the_writer_does_not_copy_linked_side_files_by_content(tmp_path):
+    source = tmp_path / "src"
+    build("mixtral").save_pretrained(source)
+    (tmp_path / "private").write_text("private")
+    (source / "extra.txt").symlink_to(tmp_path / "private")
+    with pytest.warns(UserWarning, match="extra.txt is a link to .*copied as a link"):
+        drop_experts(source, tmp_path / "out", [0], quiet=True, reload=False)
+    assert (tmp_path / "out" / "extra.txt").is_symlink()
+
+
+# ----------------------------------------------------------------------------- the four data-loss cases
+
+
+@pytest.fixture
+def moe_dir(tmp_path):
+    cfg = ModelConfig(
+        vocab_size=8192, dim=32, n_layers=2, n_heads=4, max_seq_len=64,
+        moe=MoEConfig(dim=32, num_experts=4, hidden_dim=32, top_k=2),
+    )  # fmt: skip
+    return save_pretrained(MoETransformer(cfg), tmp_path / "model")
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    monkeypatch.setattr("sys.argv", ["moelab", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, " ".join((captured.err + captured.out).split())
+
+
+def test_case1_writing_above_the_source_never_deletes_it(tmp_path):
+    source = tmp_path / "A" / "ckpt"
+    build("mixtral").save_pretrained(source)
+    before = tree_digest(tmp_path / "A")
+    for out in (tmp_path / "A", tmp_path):
+        with pytest.raises(OutputError, match="contains the input"):
+            drop_experts(source, out, [0], overwrite=True, quiet=True)
+    assert tree_digest(tmp_path / "A") == before
+
+
+def test_case1_the_demo_never_replaces_its_own_model(tmp_path, moe_dir, monkeypatch, capsys):
+    from moelab.demo import run_demo
+
+    run_demo(tmp_path / "A", model_dir=moe_dir, prune=2, eval_tokens=32, trace_tokens=200, quiet=True)
+    model = tmp_path / "A" / "pruned-2e"
+    before = tree_digest(tmp_path / "A")
+    code, output = run_cli(
+        monkeypatch,
+        capsys,
+        "demo",
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path / "A"),
+        "--prune",
+        "0",
+        "--overwrite",
+    )
+    assert code == 2 and "contains the input" in output
+    assert tree_digest(tmp_path / "A") == before
+
+
+def test_case3_trace_never_replaces_a_users_directory_with_a_manifest(tmp_path, moe_dir, monkeypatch, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    (out / "thesis.tex").write_text("years of work")
+    before = tree_digest(out)
+    options = TraceOptions(max_tokens=200, seq_len=32)
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="mine exists and was not written by moelab"):
+            trace_from_files(moe_dir, out, options=options, overwrite=overwrite, quiet=True)
+    code, output = run_cli(monkeypatch, capsys, "analyze", str(moe_dir), "--out", str(out), "--overwrite")
+    assert code == 2 and "was not written by moelab" in output
+    assert tree_digest(out) == before
+    trace_from_files(moe_dir, tmp_path / "trace", options=options, quiet=True)
+    with pytest.raises(OutputError, match="already holds a moelab routing trace"):
+        trace_from_files(moe_dir, tmp_path / "trace", options=options, quiet=True)
+    trace_from_files(moe_dir, tmp_path / "trace", options=options, overwrite=True, quiet=True)
+
+
+TINY_RUN = {
+    "model": {
+        "vocab_size": 8192, "dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 32,
+        "moe": {"num_experts": 4, "hidden_dim": 32, "top_k": 2},
+    },
+    "train": {
+        "steps": 2, "batch_size": 2, "seq_len": 16, "eval_every": 2, "eval_tokens": 64, "log_every": 1,
+        "checkpoint_every": 1, "domains": ["code"], "warmup_steps": 1,
+    },
+}  # fmt: skip
+
+
+def test_case4_train_never_touches_a_directory_that_is_not_a_run(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "exp"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "events").write_text("someone else's")
+    (out / "log.jsonl").write_text('{"mine": 1}\n')
+    (out / "config.yaml").write_text("mine: true\n")
+    before = tree_digest(out)
+    run = RunConfig.from_dict(TINY_RUN)
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(OutputError, match="exp exists and was not written by moelab"):
+            train(run, out, quiet=True, **flags)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(TINY_RUN))
+    code, output = run_cli(
+        monkeypatch, capsys, "train", str(config), "--out", str(out), "--overwrite", "--quiet"
+    )
+    assert code == 2 and "was not written by moelab" in output
+    assert tree_digest(out) == before
+
+
+def test_train_overwrite_starts_again_and_resume_cleans_what_a_kill_left(tmp_path):
+    run = RunConfig.from_dict(TINY_RUN)
+    out = tmp_path / "run"
+    first = train(run, out, quiet=True)
+    (out / "checkpoints" / ".step-000003.moelab-staging-dead").mkdir()  # a kill while checkpointing
+    (out / "results.json").unlink()
+    resumed = train(run, out, resume=True, quiet=True)
+    assert hidden(out / "checkpoints") == [] and resumed.eval_loss == first.eval_loss
+    again = train(run, out, overwrite=True, quiet=True)
+    assert again.eval_loss == first.eval_loss
+    assert [p.name for p in list_checkpoints(out)] == ["step-000001", "step-000002"]
+
+
+def test_train_refuses_an_output_that_holds_its_run_file(tmp_path):
+    out = tmp_path / "run"
+    train(RunConfig.from_dict(TINY_RUN), out, quiet=True)
+    config = out / "config.yaml"
+    with pytest.raises(OutputError, match="contains the input"):
+        train(RunConfig.load(config), out, overwrite=True, inputs=[config], quiet=True)
+    assert config.is_file()
+
+
+def test_two_analyses_into_one_directory_never_mix(tmp_path, moe_dir):
+    from moelab.analyze import analyze
+
+    options = TraceOptions(max_tokens=200, seq_len=32)
+    with output_dir(
+        tmp_path / "analysis", "routing analysis", entries=["report.json"]
+    ):  # a first run, still busy
+        with pytest.raises(OutputInUseError, match="analysis is in use by another moelab process"):
+            analyze(moe_dir, tmp_path / "analysis", options=options, quiet=True)
+    analyze(moe_dir, tmp_path / "analysis", options=options, domains=["code"], overwrite=True, quiet=True)
+    with pytest.raises(OutputError, match="already holds a moelab routing analysis"):
+        analyze(moe_dir, tmp_path / "analysis", options=options, quiet=True)
+    analyze(moe_dir, tmp_path / "analysis", options=options, domains=["german"], overwrite=True, quiet=True)
+    report = json.loads((tmp_path / "analysis" / "report.json").read_text())
+    assert list(report["domains"]) == ["german"]
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+WRITING_COMMANDS = (
+    ("demo",),
+    ("train",),
+    ("compare",),
+    ("trace",),
+    ("analyze",),
+    ("export",),
+    ("bench", "layer"),
+)
+
+
+@pytest.mark.parametrize("command", WRITING_COMMANDS, ids=" ".join)
+def test_every_writing_command_has_overwrite(command):
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(cli.app, [*command, "--help"], terminal_width=200)
+    assert result.exit_code == 0 and "--overwrite" in result.output
+
+
+def test_bench_json_is_not_replaced_without_overwrite(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "bench.json"
+    path.write_text('{"mine": true}')
+    for flags in ([], ["--overwrite"]):
+        code, output = run_cli(
+            monkeypatch, capsys, "bench", "layer", "--json", str(path), "--tokens", "8", *flags
+        )
+        assert code == 2 and str(path) in output
+    assert path.read_text() == '{"mine": true}'
+
+
+def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
+    code = textwrap.dedent("""
+        import os, sys
+        from moelab.io import output_dir
+        with output_dir(sys.argv[1], "thing", entries=[]):
+            os.kill(os.getpid(), 9)
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "out")], env={**os.environ, "PYTHONPATH": SRC}
+    )
+    assert proc.returncode == -9 and (tmp_path / ".out.moelab-lock").exists()
+    with output_dir(tmp_path / "out", "thing", entries=[], resume=True) as claimed:
+        assert claimed.resumed
+    assert hidden(tmp_path) == []
