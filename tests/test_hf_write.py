@@ -337,6 +337,15 @@ def test_bad_edits(mixtral, tmp_path):
         )
 
 
+@pytest.mark.parametrize("bad", [1.7, 1.0, True, "1", torch.tensor(1.0)])
+def test_expert_ids_must_be_integers(mixtral, tmp_path, bad):
+    with pytest.raises(ValueError, match="expert ids are integers, got"):
+        drop_experts(mixtral, tmp_path / "out", [bad], quiet=True)
+    with pytest.raises(ValueError, match="expert ids are integers, got"):
+        LayerEdit(((0,), (bad,)))
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_directory_is_checked(mixtral, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("")

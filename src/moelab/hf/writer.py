@@ -67,7 +67,7 @@ class LayerEdit:
     view: MoELayerView | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "sources", tuple(tuple(int(e) for e in group) for group in self.sources))
+        object.__setattr__(self, "sources", tuple(tuple(_expert_id(e) for e in group) for group in self.sources))
         ids = [e for group in self.sources for e in group]
         if not self.sources or any(not group for group in self.sources):
             raise ValueError("LayerEdit.sources needs at least one expert, and every group at least one id")
@@ -91,7 +91,7 @@ class LayerEdit:
     @classmethod
     def drop(cls, ids: Iterable[int], num_experts: int) -> LayerEdit:
         """Drop the experts `ids` of a layer with `num_experts`, keep the rest."""
-        ids = set(ids)
+        ids = {_expert_id(e) for e in ids}
         if bad := sorted(e for e in ids if not 0 <= e < num_experts):
             raise ValueError(f"cannot drop experts {bad}: the layer has experts 0..{num_experts - 1}")
         return cls.keep(e for e in range(num_experts) if e not in ids)
@@ -100,6 +100,16 @@ class LayerEdit:
     def selection(self) -> list[int] | None:
         """The kept original ids if this edit only selects experts, else None."""
         return [group[0] for group in self.sources] if self.view is None else None
+
+
+def _expert_id(value: Any) -> int:
+    """An expert id given as an integer (Python or numpy/torch scalar); 1.7, "3" or True is an error."""
+    try:
+        if not isinstance(value, bool):
+            return value.__index__()
+    except (AttributeError, TypeError):
+        pass
+    raise ValueError(f"expert ids are integers, got {type(value).__name__} {value!r}")
 
 
 def drop_experts(
