@@ -18,17 +18,19 @@ from hf_tiny import TINY, D, block_output, build, load
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moelab.hf import CheckpointError, MoELayerView, open_checkpoint
-from moelab.hf import layouts as layouts_module
-from moelab.hf.writer import (
-    EXPERT_MAP_NAME,
+from moelab.hf import (
+    CheckpointError,
     LayerEdit,
+    MoELayerView,
     WriteCheckError,
     apply_edit,
     drop_experts,
     masked_moe_layer,
+    open_checkpoint,
     write_checkpoint,
 )
+from moelab.hf import layouts as layouts_module
+from moelab.hf.writer import EXPERT_MAP_NAME
 from moelab.models import MoETransformer, load_pretrained, save_pretrained, tiny
 from moelab.nn import MoEConfig
 

@@ -12,17 +12,12 @@ export_checkpoint("moelab_ckpt", "hf_ckpt", "qwen2_moe")
 
 from moelab.hf.adapters import FAMILIES, open_checkpoint
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
+from moelab.hf.edit import LayerEdit, apply_edit, masked_moe_layer
 from moelab.hf.export import EXPORT_FAMILIES, export_checkpoint
 from moelab.hf.native import moe_layer_from_view
+from moelab.hf.postconditions import WriteCheckError
 from moelab.hf.view import DenseLayerView, ExpertsView, ModelView, MoELayerView, RouterView, SharedView
-from moelab.hf.writer import (
-    LayerEdit,
-    WriteCheckError,
-    apply_edit,
-    drop_experts,
-    masked_moe_layer,
-    write_checkpoint,
-)
+from moelab.hf.writer import drop_experts, write_checkpoint
 
 __all__ = [
     "EXPORT_FAMILIES",

@@ -31,8 +31,8 @@ from torch import Tensor
 
 from moelab.data.tokenizer import EOT, PAD, TOKENIZER_DIR
 from moelab.hf.adapters import FAMILIES, NATIVE, resolve
+from moelab.hf.postconditions import load_transformers_strict, postcondition_error
 from moelab.hf.view import MoELayerView, SharedView
-from moelab.hf.writer import _fail, load_transformers_strict
 from moelab.io import StagedOutput, atomic_write_text, check_output_dir, copy_side_file, save_safetensors
 from moelab.models.config import ModelConfig
 from moelab.models.pretrained import CHECKPOINT_KIND
@@ -263,6 +263,6 @@ def _check_logits(model_dir: Path, staging: Path, quiet: bool) -> None:
     scale = max(1.0, expected.abs().max().item())
     error = (got - expected).abs().max().item()
     if not torch.isfinite(got).all() or error > 1e-4 * scale:
-        raise _fail(
+        raise postcondition_error(
             f"the exported model's logits differ from moelab's by {error:.3g} (max |logit| {scale:.3g})"
         )

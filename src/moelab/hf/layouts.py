@@ -359,6 +359,10 @@ class Family:
     hidden_size: tuple[str, ...] = ("hidden_size",)
     expert_width: tuple[str, ...] = ("intermediate_size",)
 
+    def moe_layers(self, ckpt: Checkpoint, config: Config) -> list[int]:
+        """The indices of the layers with routed experts on disk."""
+        return [i for i in range(config_value(config, *self.num_layers)) if self.layout_of(ckpt, i) is not None]
+
     def layout_of(self, ckpt: Checkpoint, index: int) -> Layout | None:
         """The layout layer `index`'s experts are stored in, None if it has no experts."""
         prefix = self.layer_prefix.format(n=index)

@@ -1,0 +1,238 @@
+"""What an edit of one MoE layer means: `LayerEdit`, the edited layer (`apply_edit`), what
+dropping experts should compute (`masked_moe_layer`) and which edits a router allows (`check_edit`).
+
+Shape legend: E experts before the edit, E' after, D model dim, I expert hidden dim.
+
+An edit says, per MoE layer, where each new expert comes from (`LayerEdit.sources`: one
+original id for a kept expert, several for a merged one) and, unless the experts were only
+selected, the new router and expert tensors (an edited `MoELayerView`). The writer
+(`moelab.hf.writer`) turns edits into a checkpoint; compression methods produce them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moelab.hf.native import moe_layer_from_view
+from moelab.hf.view import MoELayerView
+from moelab.nn.moe import MoELayer
+
+
+@dataclass(frozen=True, eq=False)
+class LayerEdit:
+    """What happens to one MoE layer's routed experts.
+
+    sources[j]: the original expert ids new expert j is made from; one id for a kept (or
+        narrowed) expert, several for a merged one. Ids appear at most once.
+    view: the edited layer whose router and routed-expert tensors are written (E' = len(sources)
+        experts; narrower experts and new router rows go here). None: experts are only selected,
+        so the writer slices the original tensors. Shared experts are written unchanged.
+    """
+
+    sources: tuple[tuple[int, ...], ...]
+    view: MoELayerView | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "sources", tuple(tuple(_expert_id(e) for e in group) for group in self.sources))
+        ids = [e for group in self.sources for e in group]
+        if not self.sources or any(not group for group in self.sources):
+            raise ValueError("LayerEdit.sources needs at least one expert, and every group at least one id")
+        if len(set(ids)) != len(ids) or min(ids) < 0:
+            raise ValueError(
+                f"LayerEdit.sources must name distinct expert ids >= 0, got {list(self.sources)}"
+            )
+        if self.view is None and any(len(group) > 1 for group in self.sources):
+            raise ValueError("merged experts (groups of several ids) need their new tensors: pass view=")
+        if self.view is not None and self.view.router.num_experts != len(self.sources):
+            raise ValueError(
+                f"LayerEdit.view has {self.view.router.num_experts} experts but sources lists "
+                f"{len(self.sources)}; give one source group per new expert"
+            )
+
+    @classmethod
+    def keep(cls, ids: Iterable[int]) -> LayerEdit:
+        """Keep the experts `ids` (renumbered in increasing order), drop the rest."""
+        return cls(tuple((e,) for e in sorted(set(ids))))
+
+    @classmethod
+    def drop(cls, ids: Iterable[int], num_experts: int) -> LayerEdit:
+        """Drop the experts `ids` of a layer with `num_experts`, keep the rest."""
+        ids = {_expert_id(e) for e in ids}
+        if bad := sorted(e for e in ids if not 0 <= e < num_experts):
+            raise ValueError(f"cannot drop experts {bad}: the layer has experts 0..{num_experts - 1}")
+        return cls.keep(e for e in range(num_experts) if e not in ids)
+
+    @property
+    def selection(self) -> list[int] | None:
+        """The kept original ids if this edit only selects experts, else None."""
+        return [group[0] for group in self.sources] if self.view is None else None
+
+
+def _expert_id(value: Any) -> int:
+    """An expert id given as an integer (Python or numpy/torch scalar); 1.7, "3" or True is an error."""
+    try:
+        if not isinstance(value, bool):
+            return value.__index__()
+    except (AttributeError, TypeError):
+        pass
+    raise ValueError(f"expert ids are integers, got {type(value).__name__} {value!r}")
+
+
+def _expert_id(value: Any) -> int:
+    """An expert id given as an integer (Python or numpy/torch scalar); 1.7, "3" or True is an error."""
+    try:
+        if not isinstance(value, bool):
+            return value.__index__()
+    except (AttributeError, TypeError):
+        pass
+    raise ValueError(f"expert ids are integers, got {type(value).__name__} {value!r}")
+
+
+def apply_edit(layer: MoELayerView, edit: LayerEdit) -> MoELayerView:
+    """The layer after `edit`, with the original's dtypes: original experts selected by
+    `edit.sources`, or `edit.view`'s tensors checked against the original's settings."""
+    if edit.view is None:
+        idx = torch.tensor(edit.selection)
+        pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+        router = dataclasses.replace(
+            layer.router, **{name: pick(getattr(layer.router, name)) for name in _ROUTER_TENSORS}
+        )
+        experts = dataclasses.replace(
+            layer.experts, **{name: pick(getattr(layer.experts, name)) for name in _EXPERT_TENSORS}
+        )
+        return dataclasses.replace(layer, router=router, experts=experts)
+    new = edit.view
+    check_same_settings(layer, new)
+    router = dataclasses.replace(
+        new.router,
+        **{
+            name: _cast(getattr(new.router, name), getattr(layer.router, name), layer.router.weight)
+            for name in _ROUTER_TENSORS
+        },
+    )
+    experts = dataclasses.replace(
+        new.experts,
+        **{
+            name: _cast(getattr(new.experts, name), getattr(layer.experts, name), layer.experts.gate)
+            for name in _EXPERT_TENSORS
+        },
+    )
+    return dataclasses.replace(layer, router=router, experts=experts)
+
+
+def masked_moe_layer(layer: MoELayerView, keep: Sequence[int]) -> MoELayer:
+    """The original layer, with every expert outside `keep` masked out of routing: its router
+    logit is -inf before scoring (so softmax renormalises over the kept experts) and its
+    selection score is -inf (so a correction bias cannot pick it). What dropping those experts
+    should compute. forward(x [..., D]) -> (y, MoEResult)."""
+    moe = moe_layer_from_view(layer)
+    dropped = torch.tensor(sorted(set(range(layer.router.num_experts)) - set(keep)), dtype=torch.long)
+    router = moe.router
+    logits = router.router_logits
+    router.router_logits = lambda x: logits(x).index_fill(-1, dropped, float("-inf"))  # this instance only
+    if getattr(router, "expert_bias", None) is not None:
+        router.expert_bias.index_fill_(0, dropped, float("-inf"))
+    return moe
+
+
+_ROUTER_TENSORS = ("weight", "bias", "correction_bias")
+_EXPERT_TENSORS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+
+
+def check_edit(index: int, edit: LayerEdit, E: int, settings: dict[str, Any]) -> None:
+    """Ids in range, enough experts for top-k, group-limited routing kept valid."""
+    where = f"layer {index}"
+    ids = [e for group in edit.sources for e in group]
+    if bad := sorted(e for e in ids if e >= E):
+        raise ValueError(f"{where}: expert ids {bad} out of range; the layer has experts 0..{E - 1}")
+    new_E, top_k = len(edit.sources), settings["top_k"]
+    if new_E < top_k:
+        raise ValueError(
+            f"{where}: the edit leaves {new_E} experts but the router picks top_k={top_k} per token; keep at "
+            f"least {top_k} experts (or lower num_experts_per_tok first)"
+        )
+    n_group, topk_group = settings.get("n_group", 1), settings.get("topk_group", 1)
+    if n_group == 1:
+        return
+    if new_E % n_group:
+        raise ValueError(
+            f"{where}: group-limited routing splits experts into n_group={n_group} groups, so the new count "
+            f"{new_E} must be a multiple of {n_group}; keep the same number of experts in every group"
+        )
+    size, old_size = new_E // n_group, E // n_group
+    moved = [
+        (j, group) for j, group in enumerate(edit.sources) if any(e // old_size != j // size for e in group)
+    ]
+    if moved:
+        kept_per_group = [sum(1 for g in edit.sources if g[0] // old_size == k) for k in range(n_group)]
+        raise ValueError(
+            f"{where}: group-limited routing (n_group={n_group}) needs every group to keep {size} experts of "
+            f"its own, in group order; the edit keeps {kept_per_group} per group (new expert {moved[0][0]} "
+            f"comes from {list(moved[0][1])}). Prune equally per group, or set n_group=1 and topk_group=1 in "
+            "config.json first (that changes the routing)"
+        )
+    if top_k > topk_group * size:
+        raise ValueError(
+            f"{where}: top_k={top_k} exceeds the {topk_group * size} experts of the topk_group={topk_group} "
+            f"groups left after the edit; keep more experts per group"
+        )
+    if settings["score_func"] == "sigmoid" and size < 2:
+        raise ValueError(
+            f"{where}: DeepSeek-V3-style routing adds each group's two best experts, so every group must "
+            f"keep at least 2 experts (the edit keeps {size}); keep more experts per group"
+        )
+
+
+def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
+    """The writer changes tensors and counts; routing and activation settings live in config.json."""
+    fields = {
+        "router": (
+            layer.router,
+            new.router,
+            ("score_func", "top_k", "renormalize", "route_scale", "n_group", "topk_group", "jitter_eps"),
+        ),
+        "experts": (
+            layer.experts,
+            new.experts,
+            ("activation", "swiglu_alpha", "swiglu_limit", "scale_input"),
+        ),
+    }
+    for part, (old, edited, names) in fields.items():
+        for name in names:
+            if getattr(old, name) != getattr(edited, name):
+                raise ValueError(
+                    f"layer {layer.index}: the edited {part} has {name}={getattr(edited, name)!r} but the "
+                    f"checkpoint's is {getattr(old, name)!r}; the writer keeps config.json's routing and "
+                    "activation settings, so edit tensors only"
+                )
+    if new.experts.dim != layer.experts.dim:
+        raise ValueError(
+            f"layer {layer.index}: the edited experts have dim {new.experts.dim}, "
+            f"expected {layer.experts.dim}"
+        )
+    same_shared = (new.shared is None) == (layer.shared is None) and (
+        new.shared is None
+        or all(
+            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b.to(a.dtype)))
+            for a, b in (
+                (getattr(layer.shared, n), getattr(new.shared, n))
+                for n in ("gate", "up", "down", "sigmoid_gate")
+            )
+        )
+    )
+    if not same_shared:
+        raise ValueError(
+            f"layer {layer.index}: the edited view changes the shared experts; the writer copies shared "
+            "experts unchanged, so keep the original `shared` in the view"
+        )
+
+
+def _cast(new: Tensor | None, old: Tensor | None, like: Tensor) -> Tensor | None:
+    """`new` in the dtype the source stores this tensor in (or its layer's main tensor's)."""
+    return None if new is None else new.to((old if old is not None else like).dtype).contiguous()

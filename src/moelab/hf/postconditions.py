@@ -1,0 +1,122 @@
+"""The writer's postconditions: a written checkpoint reads back with the new expert counts,
+every edited layer computes what the edit means, and the library that owns the format loads it
+strictly. A failed postcondition is an error (`WriteCheckError`), never a warning.
+
+Shape legend: T tokens, D model dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moelab.hf.adapters import NATIVE, resolve
+from moelab.hf.checkpoint import CheckpointError
+from moelab.hf.layouts import Family, config_entry, config_value
+from moelab.hf.native import moe_layer_from_view
+from moelab.hf.view import ModelView
+from moelab.nn.moe import MoELayer
+
+
+@dataclass
+class LayerCheck:
+    """x [T, D] (float64) and what the edited layer must output on it."""
+
+    x: Tensor
+    expected: Tensor
+
+
+def run_layer(layer: MoELayer, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return layer.double()(x)[0]
+
+
+class WriteCheckError(CheckpointError):
+    """The written checkpoint failed a postcondition; nothing was written to `out`."""
+
+
+def postcondition_error(what: str) -> WriteCheckError:
+    return WriteCheckError(
+        f"write-back postcondition failed, nothing was written: {what}. This is a moelab bug or an edit "
+        "this family cannot express; please report it with the edit"
+    )
+
+
+def check_written(staging: Path, checks: dict[int, LayerCheck]) -> None:
+    """The output reads back through the view, with the new count in every MoE layer, and every
+    edited layer computes what its check expects."""
+    config, ckpt, family = resolve(staging)
+    try:
+        view = ModelView(ckpt, config, family, config_value(config, *family.num_layers))
+        E = config_entry(config, family.num_experts)[1]
+        for index in family.moe_layers(ckpt, config):
+            rows = ckpt.shape(
+                family.layer_prefix.format(n=index) + family.layout_of(ckpt, index).router.weight
+            )[0]
+            if rows != E:
+                raise postcondition_error(f"layer {index} has {rows} router rows but config.json says {E} experts")
+        for index, check in checks.items():
+            layer = view.layer(index)  # also checks the experts on disk against config.json
+            got = run_layer(moe_layer_from_view(layer), check.x)
+            scale = max(1.0, check.expected.abs().max().item())
+            if not torch.isfinite(got).all():
+                raise postcondition_error(f"layer {index} outputs NaN or Inf")
+            error = (got - check.expected).abs().max().item()
+            if error > 1e-5 * scale:
+                raise postcondition_error(
+                    f"layer {index} differs from the edit applied to the original (masked-router simulation "
+                    f"for selected experts) by {error:.3g} (max |output| {scale:.3g})"
+                )
+    except WriteCheckError:
+        raise
+    except CheckpointError as err:
+        raise postcondition_error(f"the written checkpoint does not read back: {err}") from err
+    finally:
+        ckpt.close()
+
+
+def check_reload(staging: Path, family: Family, quiet: bool) -> None:
+    """Strict load with the library that owns the format, then a finite forward pass."""
+    if family is NATIVE:
+        from moelab.models import load_pretrained
+
+        try:
+            model = load_pretrained(staging)
+        except ValueError as err:
+            raise postcondition_error(f"moelab.models.load_pretrained refuses it: {err}") from err
+        vocab = model.config.vocab_size
+        with torch.no_grad():
+            logits = model.eval()(torch.arange(8)[None] % vocab).logits
+    else:
+        model = load_transformers_strict(staging, quiet)
+        vocab = model.config.get_text_config().vocab_size
+        with torch.no_grad():
+            logits = model.eval()(torch.arange(8)[None] % vocab).logits
+    if not torch.isfinite(logits).all():
+        raise postcondition_error("the reloaded model's logits contain NaN or Inf")
+
+
+def load_transformers_strict(path: Path, quiet: bool, **kwargs: Any):
+    """AutoModelForCausalLM from the local `path` (no hub, no remote code), in eval mode; a
+    WriteCheckError if any key is missing, unexpected or mismatched."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    bars = logging.is_progress_bar_enabled()
+    if quiet:
+        logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, output_loading_info=True, local_files_only=True, trust_remote_code=False, **kwargs
+        )
+    finally:
+        if bars:
+            logging.enable_progress_bar()
+    problems = {k: v for k, v in info.items() if v}
+    if problems:
+        raise postcondition_error(f"transformers loads it with {problems}")
+    return model.eval()
