@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from moelab.hf import WriteCheckError
 from moelab.hf import export as export_module
 from moelab.hf.export import export_checkpoint
-from moelab.hf import WriteCheckError
 from moelab.models import MoETransformer, save_pretrained, tiny
 from moelab.nn import MoEConfig
 
