@@ -274,6 +274,8 @@ NATIVE = Family(
     num_layers=("n_layers",),
     hidden_size=("dim",),
     expert_width=("moe.hidden_dim",),
+    block_returns="moelab",
+    layer_returns_tuple=True,
 )
 """moelab's own checkpoints (`moelab.models.save_pretrained`): recognised by a config.json with
 no model_type and a `moe` section."""
@@ -304,7 +306,7 @@ _FAMILIES = (
     Family("gpt_oss",
            layouts=(Layout(RouterKeys("mlp.router.weight", bias="mlp.router.bias"), _GPT_OSS_EXPERTS),),
            num_experts=("num_local_experts", "num_experts"),
-           router_settings=_softmax_renormalized, expert_settings=_gpt_oss_experts),
+           router_settings=_softmax_renormalized, expert_settings=_gpt_oss_experts, block_returns="tuple"),
     Family("granitemoe", layouts=_granite_layouts(), num_experts=("num_local_experts",),
            router_settings=_softmax_renormalized),
     Family("granitemoeshared", layouts=_granite_layouts(_GRANITE_SHARED), num_experts=("num_local_experts",),
@@ -313,7 +315,8 @@ _FAMILIES = (
            layouts=(Layout(RouterKeys("feed_forward.router.weight"), _LLAMA4_EXPERTS,
                            _shared("feed_forward.shared_expert")),),
            num_experts=("num_local_experts",),
-           router_settings=_llama4, is_moe_layer=_llama4_sparse_layer, expert_settings=_llama4_experts),
+           router_settings=_llama4, is_moe_layer=_llama4_sparse_layer, expert_settings=_llama4_experts,
+           block_returns="tuple"),
     Family("dbrx", layouts=(Layout(RouterKeys("ffn.router.layer.weight"), _DBRX_EXPERTS),),
            num_experts=("ffn_config.moe_num_experts",),
            router_settings=_dbrx, expert_settings=_dbrx_experts,

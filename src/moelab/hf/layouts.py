@@ -346,6 +346,10 @@ class Family:
     expert_settings(config): the ExpertsView fields besides tensors (activation, ...).
     expert_width: config keys for the routed experts' hidden width I (what the writer edits
         when experts get narrower).
+    block_returns: what the family's MoE block module returns in memory: "tensor" (y), "tuple"
+        (y, router output: GPT-OSS, Llama 4) or "moelab" (y, MoEResult).
+    layer_returns_tuple: its decoder layers return a tuple whose first item is the hidden states
+        (moelab) rather than the hidden states alone (transformers 5).
     """
 
     name: str
@@ -358,6 +362,8 @@ class Family:
     num_layers: tuple[str, ...] = ("num_hidden_layers",)
     hidden_size: tuple[str, ...] = ("hidden_size",)
     expert_width: tuple[str, ...] = ("intermediate_size",)
+    block_returns: str = "tensor"
+    layer_returns_tuple: bool = False
 
     def moe_layers(self, ckpt: Checkpoint, config: Config) -> list[int]:
         """The indices of the layers with routed experts on disk."""

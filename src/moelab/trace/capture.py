@@ -22,17 +22,15 @@ it is kept (`expert_max`, and `shared_max` for shared experts): the Super Expert
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from moelab.hf import ModelView, MoELayerView, moe_layer_from_view, open_checkpoint
+from moelab.hf.modules import decoder_layers, find_moe_modules, is_transformers_model
 from moelab.nn import MoELayer
 from moelab.nn.routers import Router, Routing
-
-SHARED_DOWN = re.compile(r"(^|\.)shared\w*\.(down_proj|output_linear)$")
 
 
 @dataclass
@@ -225,14 +223,16 @@ class RoutingCapture:
     # ------------------------------------------------------------------ transformers models
 
     def _hook_transformers(self, model: nn.Module, view: ModelView) -> None:
-        blocks = _decoder_layers(model, view.num_layers)
+        _, blocks = decoder_layers(model, view.num_layers)
         for i in range(view.num_layers):
             layer_view = view.layer(i)
             if not isinstance(layer_view, MoELayerView):
                 continue
             router = moe_layer_from_view(layer_view).router  # the family's rule, with the view's weights
             E, D = layer_view.router.weight.shape
-            router_module, experts_module, shared_down = _find_moe_modules(blocks[i], i, E, D)
+            found = find_moe_modules(blocks[i], i, E, D)
+            router_module, experts_module = blocks[i].get_submodule(found.router), blocks[i].get_submodule(found.experts)
+            shared_down = None if found.shared_down is None else blocks[i].get_submodule(found.shared_down)
             tap = self._taps[i] = _LayerTap(i, E, router.top_k, shared_down is not None)
             self._handles.append(router_module.register_forward_hook(_on_hf_router(tap, router), with_kwargs=True))
             self._handles.append(
@@ -337,43 +337,3 @@ def _slotwise_expert_max(tap: _LayerTap, experts: nn.Module, hidden: Tensor, ind
         ones = torch.ones(rows.numel(), 1, dtype=hidden.dtype, device=hidden.device)
         out = experts.forward(hidden[rows], slot[rows, None], ones)  # .forward: no hooks
         tap.record_expert_max(slot[rows], out.reshape(rows.numel(), -1).abs().amax(-1))
-
-
-# ---------------------------------------------------------------------- finding modules
-
-
-def is_transformers_model(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(model, PreTrainedModel)
-
-
-def _decoder_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
-    """The model's list of decoder layers: its one ModuleList of `num_layers` blocks."""
-    lists = [m for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers
-             and name.rsplit(".", 1)[-1] in ("layers", "blocks", "h")]
-    if len(lists) != 1:
-        raise ValueError(
-            f"cannot find {type(model).__name__}'s decoder layers: expected one ModuleList named layers/blocks "
-            f"with {num_layers} entries (config.json's layer count), found {len(lists)}"
-        )
-    return lists[0]
-
-
-def _find_moe_modules(block: nn.Module, index: int, E: int, D: int) -> tuple[nn.Module, nn.Module, nn.Module | None]:
-    """In decoder layer `index`: the router (a module named gate/router holding a [E, D] weight),
-    the routed experts (named experts) and the shared experts' down projection, if any."""
-    modules = dict(block.named_modules())
-    routers = [m for name, m in modules.items() if name.rsplit(".", 1)[-1] in ("gate", "router")
-               and any(p.shape == (E, D) for p in m.parameters())]
-    experts = [m for name, m in modules.items() if name.rsplit(".", 1)[-1] == "experts"]
-    shared = [m for name, m in modules.items() if SHARED_DOWN.search(name)]
-    if len(routers) != 1 or len(experts) != 1 or len(shared) > 1:
-        raise ValueError(
-            f"layer {index}: expected one router module (named gate/router, weight [{E}, {D}]) and one "
-            f"experts module, found {len(routers)} and {len(experts)} (and {len(shared)} shared down "
-            "projections); this model's block layout is not supported for tracing"
-        )
-    return routers[0], experts[0], shared[0] if shared else None

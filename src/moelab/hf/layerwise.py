@@ -1,0 +1,292 @@
+"""Run a checkpoint one decoder layer at a time, whatever its size.
+
+Shape legend: B sequences, S tokens each, D model dim.
+
+    runner = LayerwiseModel("path/to/checkpoint")     # the model's skeleton: no weights in memory
+    states = runner.embed(batches)                    # per batch [B, S] of ids: the states entering layer 0
+    for i in range(runner.num_layers):
+        with runner.layer(i) as run:                  # layer i's weights, read from disk
+            states = [run(b, h) for b, h in enumerate(states)]
+
+The skeleton is the model's own class (transformers' for its checkpoints, moelab's for its own)
+built on the meta device; only the tensors it computes itself (rotary tables) are real. The
+embedding is read for `embed` and dropped again; `layer(i)` reads decoder layer i's tensors by
+their names on disk and frees them when the block ends. Every MoE block runs as a moelab
+`MoELayer` built from the checkpoint view (`moe_layer_from_view`: the same computation as the
+family's own block, tested against each of them), so routed experts are read through the view's
+one layout and never need a family's in-memory format; `run_moe` lets a caller compute the block
+itself (the calibration pass observes it this way). Peak memory: one decoder layer in `dtype`
+plus the hidden states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from moelab.hf.adapters import NATIVE, resolve
+from moelab.hf.checkpoint import CheckpointError
+from moelab.hf.layouts import config_value
+from moelab.hf.modules import decoder_layers, find_moe_modules
+from moelab.hf.native import moe_layer_from_view
+from moelab.hf.view import ModelView, MoELayerView
+from moelab.nn.moe import MoELayer, MoEResult
+
+RunMoE = Callable[[MoELayer, Tensor], Tensor]
+
+
+class _Stop(Exception):
+    """Raised by the last decoder layer's stand-in: everything after the layers is not needed."""
+
+
+class LayerwiseModel:
+    """A checkpoint directory run layer by layer (see the module docstring).
+
+    view: its checkpoint view; num_layers: decoder layers; moe_layers: the indices of those with
+    routed experts. dtype: the dtype layers compute in (tensors are cast as they are read).
+    """
+
+    def __init__(self, path: str | Path, *, dtype: torch.dtype = torch.float32):
+        config, self._ckpt, self.family = resolve(path)
+        self.path = Path(path)
+        self.dtype = dtype
+        self.num_layers = config_value(config, *self.family.num_layers)
+        self.view = ModelView(self._ckpt, config, self.family, self.num_layers)
+        self.model = _native_skeleton(config) if self.family is NATIVE else _transformers_skeleton(self.path)
+        self._layers_name, self._layers = decoder_layers(self.model, self.num_layers)
+        expected = self.family.layer_prefix.format(n=0)
+        if f"{self._layers_name}.0." != expected:
+            raise CheckpointError(
+                f"{self.path}: the model's decoder layers are named {self._layers_name}.N in memory but "
+                f"{expected.replace('0', 'N')} on disk; this family cannot be run layer by layer"
+            )
+        self.moe_layers = self.family.moe_layers(self._ckpt, config)
+        self._calls: list[
+            list[tuple[tuple, dict]]
+        ] = []  # per batch, per layer: the inputs besides the hidden states
+
+    def embed(self, batches: Sequence[Tensor]) -> list[Tensor]:
+        """The hidden states entering layer 0, one [B, S, D] per batch of ids [B, S]; also
+        records every layer's other inputs (masks, rotary tables) for `layer`."""
+        recorded: list[tuple[Tensor, list[tuple[tuple, dict]]]] = []
+        with self._outside_layers(), self._stand_ins(recorded):
+            for ids in batches:
+                try:
+                    with torch.no_grad():
+                        if self.family is NATIVE:
+                            self.model(ids)
+                        else:
+                            self.model(input_ids=ids, use_cache=False)
+                except _Stop:
+                    pass
+        self._calls = [calls for _, calls in recorded]
+        return [hidden for hidden, _ in recorded]
+
+    @contextlib.contextmanager
+    def layer(
+        self, index: int, *, run_moe: RunMoE | None = None
+    ) -> Iterator[Callable[[int, Tensor], Tensor]]:
+        """Decoder layer `index` with its weights: yields run(batch number, hidden [B, S, D]) ->
+        the layer's output [B, S, D]. run_moe(moe, x [..., D]) -> y computes its MoE block
+        (default: the MoELayer itself)."""
+        if not self._calls:
+            raise RuntimeError("call embed() first: the layers' inputs are recorded there")
+        module = self._layers[index]
+        prefix = f"{self._layers_name}.{index}."
+        restore = self._swap_moe_block(index, module, run_moe)
+        try:
+            self._load(module, prefix, skip=restore[1] if restore else None)
+
+            def run(batch: int, hidden: Tensor) -> Tensor:
+                args, kwargs = self._calls[batch][index]
+                with torch.no_grad():
+                    out = module(hidden, *args, **kwargs)
+                return out[0] if isinstance(out, tuple) else out
+
+            yield run
+        finally:
+            _to_meta(module)
+            if restore is not None:
+                parent, name, original = restore[0], restore[1].rsplit(".", 1)[-1], restore[2]
+                setattr(parent, name, original)
+
+    def moe_view(self, index: int) -> MoELayerView | None:
+        layer = self.view.layer(index)
+        return layer if isinstance(layer, MoELayerView) else None
+
+    def close(self) -> None:
+        self._ckpt.close()
+
+    def __enter__(self) -> LayerwiseModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _swap_moe_block(self, index: int, module: nn.Module, run_moe: RunMoE | None):
+        """Put a moelab MoELayer (from the view) in place of layer `index`'s MoE block; returns
+        (parent, block name, original block) to put back, or None for a dense layer."""
+        view = self.moe_view(index)
+        if view is None:
+            return None
+        E, D = view.router.weight.shape
+        found = find_moe_modules(module, index, E, D)
+        if view.shared is not None and not found.shared_in_block:
+            view = dataclasses.replace(view, shared=None)  # the decoder layer adds its shared experts itself
+        moe = moe_layer_from_view(view).to(self.dtype).eval()
+        parent_name, _, name = found.block.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        original = getattr(parent, name)
+        setattr(parent, name, _MoEBlock(moe, run_moe, self.family.block_returns))
+        return parent, found.block, original
+
+    def _load(self, module: nn.Module, prefix: str, skip: str | None) -> None:
+        """Read `module`'s parameters and persistent buffers from disk (those under `skip`, the
+        swapped-in MoE block, already hold the view's tensors)."""
+        persistent = {
+            f"{name}.{b}" if name else b
+            for name, m in module.named_modules()
+            for b in m._buffers
+            if b not in m._non_persistent_buffers_set
+        }
+        names = [n for n, _ in module.named_parameters()] + [
+            n for n, t in module.named_buffers() if n in persistent
+        ]
+        for name in names:
+            if skip is not None and name.startswith(skip + "."):
+                continue
+            key = prefix + name
+            if key not in self._ckpt:
+                raise CheckpointError(f"{self.path}: {key} is not in the checkpoint; the layer cannot be run")
+            _set_tensor(module, name, self._ckpt.get(key).to(self.dtype))
+
+    @contextlib.contextmanager
+    def _outside_layers(self):
+        """The tensors outside the decoder layers (embedding, final norm, ...) while `embed` runs;
+        the output head stays on meta (it is never reached)."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        head = head if head is not None else getattr(self.model, "lm_head", None)
+        skip = {id(p) for p in head.parameters()} if head is not None else set()
+        loaded = []
+        for name, p in self.model.named_parameters():
+            if name.startswith(self._layers_name + ".") or id(p) in skip:
+                continue
+            if name not in self._ckpt:
+                raise CheckpointError(f"{self.path}: {name} is not in the checkpoint")
+            _set_tensor(self.model, name, self._ckpt.get(name).to(self.dtype))
+            loaded.append(name)
+        try:
+            yield
+        finally:
+            for name in loaded:
+                _set_tensor(
+                    self.model, name, torch.empty(self.model.get_parameter(name).shape, device="meta")
+                )
+
+    @contextlib.contextmanager
+    def _stand_ins(self, recorded: list):
+        """Replace every decoder layer's forward by one that records its inputs and passes the
+        hidden states through; the last one stops the forward pass."""
+        calls: list[tuple[tuple, dict]] = []
+        first: list[Tensor] = []
+        returns_tuple = self.family.layer_returns_tuple
+
+        def stand_in(index: int):
+            def forward(hidden_states, *args, **kwargs):
+                if index == 0:
+                    calls.clear()
+                    first[:] = [hidden_states]
+                calls.append((args, kwargs))
+                if index == self.num_layers - 1:
+                    recorded.append((first[0], list(calls)))
+                    raise _Stop
+                return (hidden_states, None, None) if returns_tuple else hidden_states
+
+            return forward
+
+        for i, layer in enumerate(self._layers):
+            layer.forward = stand_in(i)
+        try:
+            yield
+        finally:
+            for layer in self._layers:
+                del layer.forward
+
+
+class _MoEBlock(nn.Module):
+    """Stands in for a family's MoE block: computes it with moelab's MoELayer (or `run_moe`)
+    and returns what the family's block returns."""
+
+    def __init__(self, moe: MoELayer, run_moe: RunMoE | None, returns: str):
+        super().__init__()
+        self.moe = moe
+        self.run_moe = run_moe
+        self.returns = returns
+
+    def forward(self, hidden: Tensor, *args, **kwargs):
+        y = self.moe(hidden)[0] if self.run_moe is None else self.run_moe(self.moe, hidden)
+        if self.returns == "tuple":
+            return y, None
+        if self.returns == "moelab":
+            return y, MoEResult()
+        return y
+
+
+def _transformers_skeleton(path: Path) -> nn.Module:
+    """The transformers model of `path`'s config with its parameters on the meta device; the
+    buffers it computes itself (rotary tables) are made as `from_pretrained` makes them."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise CheckpointError(f"{path}: transformers has no causal LM for model_type {config.model_type!r}")
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    with contextlib.ExitStack() as stack:
+        for context in cls.get_init_context(torch.float32, False, False, None):
+            stack.enter_context(context)
+        model = cls(config)
+    # transformers' own steps after loading weights: non-persistent buffers off meta, then initialised
+    model._move_missing_keys_from_meta_to_device(set(), None, None, None)
+    model._initialize_missing_keys(False)
+    return model.eval()
+
+
+def _native_skeleton(config: dict) -> nn.Module:
+    from moelab.models.config import ModelConfig
+    from moelab.models.transformer import MoETransformer, rope_tables
+
+    cfg = ModelConfig.from_dict(config)
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    return model.eval()
+
+
+def _set_tensor(module: nn.Module, name: str, tensor: Tensor) -> None:
+    """Make `module`'s parameter or buffer `name` ("a.b.weight") this tensor."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[attr] = tensor
+
+
+def _to_meta(module: nn.Module) -> None:
+    """Free a layer's parameters and persistent buffers (computed buffers stay)."""
+    for name, m in module.named_modules():
+        for attr, p in list(m._parameters.items()):
+            if p is not None and not p.is_meta:
+                m._parameters[attr] = nn.Parameter(
+                    torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False
+                )
+        for attr, b in list(m._buffers.items()):
+            if b is not None and attr not in m._non_persistent_buffers_set and not b.is_meta:
+                m._buffers[attr] = torch.empty(b.shape, dtype=b.dtype, device="meta")

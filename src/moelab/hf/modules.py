@@ -1,0 +1,98 @@
+"""Find the pieces of an MoE model in memory: its decoder layers and, in a layer, the router,
+the routed experts, the shared experts' down projection and the MoE block that holds them.
+
+Works by names and shapes on any transformers MoE family (and on moelab's own models), so the
+routing capture and the layer-by-layer runner share one way of finding them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+SHARED_DOWN = re.compile(r"(^|\.)shared\w*\.(down_proj|output_linear)$")
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
+    """(its name, the model's list of decoder layers): its one ModuleList of `num_layers` blocks
+    named layers/blocks/h."""
+    lists = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList)
+        and len(m) == num_layers
+        and name.rsplit(".", 1)[-1] in ("layers", "blocks", "h")
+    ]
+    if len(lists) != 1:
+        raise ValueError(
+            f"cannot find {type(model).__name__}'s decoder layers: expected one ModuleList named layers/blocks "
+            f"with {num_layers} entries (config.json's layer count), found {len(lists)}"
+        )
+    return lists[0]
+
+
+@dataclass(frozen=True)
+class MoEModules:
+    """The MoE modules of one decoder layer, by their names inside it. block: the smallest module
+    holding the router and the routed experts; shared_down: the shared experts' down projection
+    (None if the layer has none); shared_in_block: whether the block computes the shared experts
+    (else the decoder layer adds them itself, as Granite-MoE-Shared does)."""
+
+    router: str
+    experts: str
+    block: str
+    shared_down: str | None
+
+    @property
+    def shared_in_block(self) -> bool:
+        return self.shared_down is not None and _inside(self.shared_down, self.block)
+
+
+def find_moe_modules(layer: nn.Module, index: int, num_experts: int, dim: int) -> MoEModules:
+    """In decoder layer `index`: the router (a module named gate/router holding a [E, D] weight),
+    the routed experts (named experts) and the shared experts' down projection, if any."""
+    modules = dict(layer.named_modules())
+    routers = [
+        name
+        for name, m in modules.items()
+        if name.rsplit(".", 1)[-1] in ("gate", "router")
+        and any(p.shape == (num_experts, dim) for p in m.parameters())
+    ]
+    experts = [name for name in modules if name.rsplit(".", 1)[-1] == "experts"]
+    shared = [name for name in modules if SHARED_DOWN.search(name)]
+    if len(routers) != 1 or len(experts) != 1 or len(shared) > 1:
+        raise ValueError(
+            f"layer {index}: expected one router module (named gate/router, weight [{num_experts}, {dim}]) and "
+            f"one experts module, found {len(routers)} and {len(experts)} (and {len(shared)} shared down "
+            "projections); this model's block layout is not supported"
+        )
+    router, experts_name = routers[0], experts[0]
+    block = _common_parent(router, experts_name)
+    if not block:
+        raise ValueError(
+            f"layer {index}: the router {router} and experts {experts_name} share no MoE block module"
+        )
+    return MoEModules(router, experts_name, block, shared[0] if shared else None)
+
+
+def _common_parent(a: str, b: str) -> str:
+    common = []
+    for x, y in zip(a.split(".")[:-1], b.split(".")[:-1]):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)
+
+
+def _inside(name: str, parent: str) -> bool:
+    return name.startswith(parent + ".")

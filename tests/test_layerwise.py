@@ -1,0 +1,94 @@
+"""moelab.hf.layerwise: a checkpoint run one decoder layer at a time computes what the whole
+model computes, layer by layer, for every supported family and for moelab's own models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hf_tiny import TINY, build
+
+from moelab.hf.layerwise import LayerwiseModel
+from moelab.hf.modules import decoder_layers
+from moelab.models import MoETransformer, save_pretrained, tiny
+
+
+def layer_outputs(model, ids: torch.Tensor, num_layers: int, call) -> list[torch.Tensor]:
+    """What each decoder layer of the in-memory `model` outputs on `ids`."""
+    _, layers = decoder_layers(model, num_layers)
+    outputs: list[torch.Tensor] = [None] * num_layers
+    handles = [
+        layer.register_forward_hook(
+            lambda m, a, o, i=i: outputs.__setitem__(i, o[0] if isinstance(o, tuple) else o)
+        )
+        for i, layer in enumerate(layers)
+    ]
+    with torch.no_grad():
+        call(ids)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def run_layerwise(path, batches, run_moe=None) -> list[list[torch.Tensor]]:
+    """Per layer, the outputs of every batch."""
+    runner = LayerwiseModel(path)
+    states = runner.embed(batches)
+    per_layer = []
+    for i in range(runner.num_layers):
+        with runner.layer(i, run_moe=run_moe) as run:
+            states = [run(b, h) for b, h in enumerate(states)]
+        per_layer.append(states)
+        assert all(p.is_meta for p in runner.model.parameters()), "a layer's weights stayed in memory"
+    return per_layer
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_every_family_layer_by_layer(tmp_path, family, one_thread):
+    torch.manual_seed(0)
+    model = build(family).eval()
+    model.save_pretrained(tmp_path)
+    batches = [torch.randint(0, 64, (2, 7)), torch.randint(0, 64, (1, 5))]
+    got = run_layerwise(tmp_path, batches)
+    for b, ids in enumerate(batches):
+        expected = layer_outputs(model, ids, len(got), lambda x: model(input_ids=x))
+        for i, out in enumerate(expected):
+            torch.testing.assert_close(got[i][b], out, atol=1e-5, rtol=1e-5, msg=f"layer {i}, batch {b}")
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_moelab_models_layer_by_layer(tmp_path, shared, one_thread):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny(), moe=dataclasses.replace(tiny().moe, num_shared=shared))
+    model = MoETransformer(cfg).eval()
+    save_pretrained(model, tmp_path / "m")
+    batches = [torch.randint(0, cfg.vocab_size, (2, 9))]
+    got = run_layerwise(tmp_path / "m", batches)
+    expected = layer_outputs(model, batches[0], cfg.n_layers, model)
+    for i, out in enumerate(expected):
+        torch.testing.assert_close(got[i][0], out, atol=1e-5, rtol=1e-5)
+
+
+def test_run_moe_computes_the_block(tmp_path, one_thread):
+    """A caller's run_moe replaces the block's computation: its result is what the layer adds."""
+    torch.manual_seed(0)
+    build("mixtral").save_pretrained(tmp_path)
+    batches = [torch.randint(0, 64, (2, 7))]
+    seen = []
+
+    def run_moe(moe, x):
+        seen.append((type(moe).__name__, tuple(x.shape)))
+        return torch.zeros_like(x)
+
+    zeroed = run_layerwise(tmp_path, batches, run_moe)
+    plain = run_layerwise(tmp_path, batches)
+    assert seen == [("MoELayer", (2, 7, 32))] * 2
+    assert not torch.allclose(zeroed[0][0], plain[0][0])
+
+
+def test_layer_needs_embed_first(tmp_path):
+    build("mixtral").save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="call embed"):
+        with LayerwiseModel(tmp_path).layer(0):
+            pass
