@@ -97,6 +97,6 @@ def trace_from_files(
 ) -> Trace:
     """Load `model` (default: the shipped reference model) and `data` (see
     `moelab.trace.data.load_streams`) and trace it into `out`: what `moelab trace` runs."""
-    loaded = load_model(model)
+    loaded = load_model(model, quiet=quiet)
     streams = load_streams(data, split=split, domains=domains, encoder=loaded.encoder)
     return trace_model(loaded, streams, out, options, quiet=quiet)
