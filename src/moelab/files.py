@@ -30,13 +30,16 @@ def read_text(path: str | os.PathLike, error: ErrorType = ValueError) -> str:
         raise error(f"{path} is not UTF-8 text (invalid byte at offset {err.start}); save it as UTF-8") from None
 
 
-def parse_json(text: str, source: str | os.PathLike, error: ErrorType = ValueError) -> Any:
-    """`json.loads(text)`; a syntax error names `source` and the line (`source:line: ...`)."""
+def parse_json(
+    text: str, source: str | os.PathLike, error: ErrorType = ValueError, first_line: int = 1
+) -> Any:
+    """`json.loads(text)`; a syntax error names `source` and the line (`source:line: ...`), counting
+    from `first_line` (a JSON-lines record's line number)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        where = f"line {err.lineno}, column {err.colno}"
-        raise error(f"{source}:{err.lineno}: not valid JSON: {err.msg} ({where})") from None
+        line = first_line + err.lineno - 1
+        raise error(f"{source}:{line}: not valid JSON: {err.msg} (line {line}, column {err.colno})") from None
 
 
 def read_json(path: str | os.PathLike, error: ErrorType = ValueError) -> Any:
