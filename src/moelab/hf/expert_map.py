@@ -36,7 +36,7 @@ def read_expert_map(path: str | os.PathLike) -> dict[str, Any]:
         _check_map(doc)
     except ValueError as err:
         raise CheckpointError(
-            f"{path}: {err}; the checkpoint writer makes this file, re-create the checkpoint rather than edit it"
+            f"{path}: {err}; the checkpoint writer makes this file: re-create the checkpoint, do not edit it"
         ) from None
     return doc
 
@@ -64,7 +64,7 @@ def _check_layer(layer: dict[str, Any], where: str) -> None:
     groups = isinstance(sources, list) and sources and all(isinstance(g, list) and g for g in sources)
     if not groups or not all(is_int(e) and e >= 0 for group in sources for e in group):
         raise ValueError(
-            f"{where}: sources must be a non-empty list of non-empty lists of expert ids >= 0, got {sources!r}"
+            f"{where}: sources must be a non-empty list of non-empty lists of expert ids >= 0, got {sources}"
         )
     ids = [e for group in sources for e in group]
     if len(set(ids)) != len(ids):
@@ -77,7 +77,7 @@ def _check_layer(layer: dict[str, Any], where: str) -> None:
         if not _same(layer[name], value):
             raise ValueError(f"{where}: {name} is {layer[name]!r}, but sources {sources} make it {value}")
     if not isinstance(layer["tensors_replaced"], bool):
-        raise ValueError(f"{where}: tensors_replaced must be true or false, got {layer['tensors_replaced']!r}")
+        raise ValueError(f"{where}: tensors_replaced must be true or false, got {layer['tensors_replaced']}")
 
 
 def _same(a: Any, b: Any) -> bool:

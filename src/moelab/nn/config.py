@@ -133,6 +133,10 @@ class MoEConfig:
             raise ValueError("aux_free_bias applies to router='topk' only")
         if self.num_shared < 0:
             raise ValueError(f"MoEConfig.num_shared must be >= 0, got {self.num_shared}")
+        if self.shared_hidden_dim is not None and self.shared_hidden_dim < 1:
+            raise ValueError(
+                f"MoEConfig.shared_hidden_dim must be >= 1 or None (num_shared * hidden_dim), got {self.shared_hidden_dim}"
+            )
         if self.chunk_len < 1:
             raise ValueError(f"MoEConfig.chunk_len must be >= 1, got {self.chunk_len}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
