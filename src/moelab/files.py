@@ -27,7 +27,7 @@ def read_text(path: str | os.PathLike, error: ErrorType = ValueError) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise error(f"{path} is not UTF-8 text (a bad byte at offset {err.start}); save it as UTF-8") from None
+        raise error(f"{path} is not UTF-8 text (bad byte at offset {err.start}); save it as UTF-8") from None
 
 
 def parse_json(

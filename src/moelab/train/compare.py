@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moelab.models import ModelConfig
+from moelab.models.config import check_not_transformers
 from moelab.train.checkpoint import latest_checkpoint
 from moelab.train.config import (
     RunConfig,
@@ -59,6 +60,7 @@ def load_variants(specs: Sequence[str]) -> dict[str, ModelConfig]:
 def load_recipe(path: str | Path) -> TrainConfig:
     """A training recipe: a YAML/JSON file of TrainConfig fields, or a run file's `train` section."""
     data = read_config_file(path)
+    check_not_transformers(data, path)
     if isinstance(data, dict) and "train" in data:
         data = data["train"]
     try:
