@@ -209,8 +209,10 @@ class ModelView:
             return self._adapter.read_layer(self._checkpoint, self.config, index)
         except CheckpointError:
             raise
-        except (ValueError, TypeError, ArithmeticError) as err:  # TypeError etc.: mistyped config.json values
-            raise CheckpointError(f"{self.path}, layer {index}: {err}; check config.json") from err
+        except ValueError as err:
+            raise CheckpointError(f"{self.path}, layer {index}: {err}") from err
+        except (TypeError, ArithmeticError) as err:  # a config.json value of the wrong type, a zero step, ...
+            raise CheckpointError(f"{self.path}, layer {index}: {err}; check the values in config.json") from err
 
     def layers(self) -> Iterator[LayerView]:
         for index in range(self.num_layers):
