@@ -78,11 +78,13 @@ class TraceInfo:
 
     def __post_init__(self):
         check_field_types(self)
-        if not self.layers or len(self.num_experts) != len(self.layers) or len(self.top_k) != len(self.layers):
+        n = len(self.layers)
+        if not n or len(self.num_experts) != n or len(self.top_k) != n:
             raise ValueError("TraceInfo needs at least one MoE layer and one num_experts/top_k entry per layer")
-        if len(set(self.layers)) != len(self.layers) or not all(0 <= i < self.num_layers for i in self.layers):
+        if len(set(self.layers)) != n or not all(0 <= i < self.num_layers for i in self.layers):
             raise ValueError(
-                f"TraceInfo.layers must be distinct layer numbers in [0, num_layers={self.num_layers}), got {self.layers}"
+                f"TraceInfo.layers must be distinct layer numbers in [0, num_layers={self.num_layers}), "
+                f"got {self.layers}"
             )
         if not all(1 <= k <= e for k, e in zip(self.top_k, self.num_experts)):
             raise ValueError(f"TraceInfo.top_k {self.top_k} must lie in [1, num_experts {self.num_experts}]")
@@ -98,7 +100,7 @@ class TraceInfo:
         """The inverse of `asdict`: field names, types and shard entries are checked."""
         shards = data.get("shards", [])
         if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
-            raise ValueError(f"TraceInfo.shards must be a list of {{file, tokens, sequences}} objects, got {shards!r}")
+            raise ValueError(f"TraceInfo.shards must be a list of {{file, tokens, sequences}} objects, got {shards}")
         check_known_fields(cls, data)
         for shard in shards:
             check_known_fields(ShardInfo, shard)
