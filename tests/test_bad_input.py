@@ -463,7 +463,8 @@ def train_grad_clip_nan(tmp, src):
 
 @case
 def train_moe_top_k_float(tmp, src):
-    run = text(tmp / "run.yaml", RUN_YAML.replace("model: tiny", MODEL_YAML + "  moe: {num_experts: 4, hidden_dim: 8, top_k: 2.0}"))
+    model = MODEL_YAML + "  moe: {num_experts: 4, hidden_dim: 8, top_k: 2.0}"
+    run = text(tmp / "run.yaml", RUN_YAML.replace("model: tiny", model))
     return ["train", run, "--out", tmp / "out"], [run], [str(run), "MoEConfig.top_k must be int, got float 2.0"]
 
 
