@@ -123,11 +123,28 @@ def symlinked_shard(sources: Path, tmp: Path) -> Path:
     return ckpt
 
 
-def truncated(sources: Path, tmp: Path, name: str = "moelab", file: str = "model.safetensors") -> Path:
-    path = copy(sources, name, tmp)
-    data = (path / file).read_bytes()
-    (path / file).write_bytes(data[: len(data) // 3])
-    return path
+def truncated(sources: Path, tmp: Path) -> Path:
+    """A copy of the moelab checkpoint with its weights cut to a third."""
+    model = copy(sources, "moelab", tmp)
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 3])
+    return model
+
+
+def weights_directory(sources: Path, tmp: Path) -> Path:
+    model = copy(sources, "moelab", tmp)
+    (model / "model.safetensors").unlink()
+    (model / "model.safetensors").mkdir()
+    return model
+
+
+def moelab_tensors(sources: Path, tmp: Path, change) -> Path:
+    """A copy of the moelab checkpoint with its embedding changed by `change`."""
+    model = copy(sources, "moelab", tmp)
+    tensors = load_file(model / "model.safetensors")
+    tensors["embed.weight"] = change(tensors["embed.weight"]).contiguous()
+    save_file(tensors, model / "model.safetensors")
+    return model
 
 
 def text(path: Path, content: str | bytes) -> Path:
@@ -660,23 +677,15 @@ def test_view_check_reads_headers_only(sources, tmp_path, monkeypatch):
         (lambda s, t: copy(s, "mixtral", t), "config.json", "is a transformers model config"),
         (lambda s, t: moelab_tensors(s, t, lambda x: x.long()), "model.safetensors", "wrong dtype"),
         (lambda s, t: moelab_tensors(s, t, lambda x: x.T), "model.safetensors", "wrong shape"),
+        (weights_directory, "model.safetensors", "is a directory, expected a safetensors file"),
     ],
-    ids=["truncated", "config_json", "transformers", "int_tensor", "transposed"],
+    ids=["truncated", "config_json", "transformers", "int_tensor", "transposed", "weights_dir"],
 )
 def test_load_pretrained(sources, tmp_path, make, file, message):
     model = make(sources, tmp_path)
     with pytest.raises(ValueError, match=message) as info:
         load_pretrained(model)
     assert str(model / file) in str(info.value)
-
-
-def moelab_tensors(sources: Path, tmp: Path, change) -> Path:
-    """A copy of the moelab checkpoint with its embedding changed by `change`."""
-    model = copy(sources, "moelab", tmp)
-    tensors = load_file(model / "model.safetensors")
-    tensors["embed.weight"] = change(tensors["embed.weight"]).contiguous()
-    save_file(tensors, model / "model.safetensors")
-    return model
 
 
 @pytest.mark.parametrize(
