@@ -60,5 +60,6 @@ def test_main_prints_user_errors_without_traceback(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 2
-    out = capsys.readouterr().out
-    assert "unknown preset 'no-such-preset'" in out and "Traceback" not in out
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: unknown preset 'no-such-preset'") and captured.err.count("\n") == 1

@@ -14,6 +14,7 @@ import torch
 from hf_tiny import TINY, D, block_output, build, load
 from safetensors.torch import load_file, save_file
 
+from moelab import files as files_module
 from moelab.hf import (
     FAMILIES,
     CheckpointError,
@@ -23,7 +24,6 @@ from moelab.hf import (
     moe_layer_from_view,
     open_checkpoint,
 )
-from moelab.hf import checkpoint as checkpoint_module
 
 CASES = [(family, True) for family in TINY] + [(family, False) for family, tiny in TINY.items() if tiny.fused]
 
@@ -90,7 +90,7 @@ def test_sharded_checkpoint_is_read_one_layer_and_one_shard_at_a_time(tmp_path, 
     assert len(set(index["weight_map"].values())) > 2
 
     open_now, most_open = [0], [0]
-    real_safe_open = checkpoint_module.safe_open
+    real_safe_open = files_module.safe_open
 
     class CountingHandle:
         def __init__(self, *args, **kwargs):
@@ -108,7 +108,7 @@ def test_sharded_checkpoint_is_read_one_layer_and_one_shard_at_a_time(tmp_path, 
             open_now[0] -= 1
             return self._handle.__exit__(*exc)
 
-    monkeypatch.setattr(checkpoint_module, "safe_open", CountingHandle)
+    monkeypatch.setattr(files_module, "safe_open", CountingHandle)
     view = open_checkpoint(tmp_path)
     read = []
     real_get = view._checkpoint.get

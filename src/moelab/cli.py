@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -28,8 +29,8 @@ def bench_layer(
     configs: Annotated[list[str] | None, typer.Option("--config", help="e8k2 and/or e64k8 (default both).")] = None,
     dtypes: Annotated[list[str] | None, typer.Option("--dtype", help="fp32 and/or bf16 (default both).")] = None,
     modes: Annotated[list[str] | None, typer.Option("--mode", help="fwd and/or fwdbwd (default both).")] = None,
-    tokens: Annotated[int | None, typer.Option(help="Tokens per step (default 4096; --quick 1024).")] = None,
-    rounds: Annotated[int | None, typer.Option(help="Timed rounds per implementation (default 5; --quick 2).")] = None,
+    tokens: Annotated[int | None, typer.Option(min=1, help="Tokens per step (default 4096; --quick 1024).")] = None,
+    rounds: Annotated[int | None, typer.Option(min=1, help="Timed rounds per implementation (default 5; --quick 2).")] = None,
     skew: Annotated[float, typer.Option(help="Router bias ramp for the skewed-routing pass (0 = skip).")] = 2.0,
     memory: Annotated[bool, typer.Option(help="Measure peak memory of one fwd+bwd step per implementation.")] = True,
     overwrite: OverwriteOpt = False,
@@ -59,7 +60,7 @@ def bench_layer(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("runs/demo"),
     model: Annotated[Path | None, typer.Option("--model", help="A moelab MoE model directory (default: the shipped ref-8e-top2).")] = None,
-    prune: Annotated[int, typer.Option(help="Experts to drop per layer in the compression step (0 = skip).")] = 2,
+    prune: Annotated[int, typer.Option(min=0, help="Experts to drop per layer in the compression step (0 = skip).")] = 2,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer evaluation and routing tokens (about a minute).")] = False,
     overwrite: OverwriteOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or tables.")] = False,
@@ -114,7 +115,7 @@ def compare(
 def info(
     config: Annotated[str, typer.Argument(help="A model or run config file (.json/.yaml) or a preset name (tiny, small).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    seq_len: Annotated[int | None, typer.Option(help="Sequence length for attention FLOPs (default: max_seq_len).")] = None,
+    seq_len: Annotated[int | None, typer.Option(min=1, help="Sequence length for attention FLOPs (default: max_seq_len).")] = None,
 ) -> None:
     """Total and active parameters and forward FLOPs per token of a model config."""
     import json
@@ -140,9 +141,9 @@ ModelArg = Annotated[str | None, typer.Argument(help="A moelab or local transfor
 DataOpt = Annotated[str, typer.Option(help="'corpus' (the shipped corpus), a .txt/.jsonl file or a directory of them.")]
 SplitOpt = Annotated[str, typer.Option(help="Corpus split.")]
 DomainOpt = Annotated[list[str] | None, typer.Option("--domain", help="Only these domains (repeatable; default all).")]
-MaxTokensOpt = Annotated[int, typer.Option(help="Token budget, split evenly over the domains.")]
-SeqLenOpt = Annotated[int, typer.Option(help="Tokens per sequence window.")]
-BatchOpt = Annotated[int, typer.Option(help="Windows per forward pass.")]
+MaxTokensOpt = Annotated[int, typer.Option(min=1, help="Token budget, split evenly over the domains.")]
+SeqLenOpt = Annotated[int, typer.Option(min=1, help="Tokens per sequence window.")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Windows per forward pass.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
 
 
@@ -235,15 +236,41 @@ def version() -> None:
 
 
 def main() -> None:
-    """Console entry point: user mistakes (bad config, unknown name, broken file) print one clear
-    line and exit with status 2 instead of a traceback."""
+    """Console entry point. A user mistake (a bad option or argument, a broken config, checkpoint,
+    trace or data file, an unknown name) prints one line, `error: ...`, on stderr and exits with
+    status 2; any other exception is a bug and keeps its traceback."""
     import yaml
+    from safetensors import SafetensorError
 
+    from moelab.data import CorpusIntegrityError
+
+    user_errors = (
+        ValueError,  # moelab's own checks, CheckpointError, JSON and UTF-8 decoding
+        FileNotFoundError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+        yaml.YAMLError,
+        SafetensorError,
+        CorpusIntegrityError,
+    )
     try:
-        app()
-    except (ValueError, FileNotFoundError, yaml.YAMLError) as err:
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        code = app(standalone_mode=False)
+    except typer.TyperException as err:  # click's usage errors: a bad option value, a missing argument, ...
+        if message := err.format_message():  # empty when a bare command printed its help instead
+            command = getattr(getattr(err, "ctx", None), "command_path", None)
+            _error(message.rstrip(".") + (f" (see '{command} --help')" if command else ""))
         raise SystemExit(2) from None
+    except user_errors as err:
+        _error(f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err))
+        raise SystemExit(2) from None
+    if code:  # typer's exit code, e.g. 130 after Ctrl-C
+        raise SystemExit(code)
+
+
+def _error(message: str) -> None:
+    """`error: <message>` on stderr as one line, however long (no wrapping, no panel)."""
+    print("error:", " ".join(message.split()), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import types
 import typing
 from collections.abc import Iterable
@@ -23,22 +25,71 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}{did_you_mean(value, choices)}; choose one of {choices}")
 
 
+def is_int(value: object) -> bool:
+    """An integer (numpy's included), not a bool and not an integral float such as 2.0."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_field_types(cfg: object) -> None:
     """Reject dataclass field values of the wrong type, naming the field (a hand-written YAML `1e-5`
-    is a string, not a float; `true` is not an int). Floats accept ints; bools are not ints."""
+    is a string, not a float; `true` is not an int; `2.0` is not an int). Floats accept ints and
+    must be finite (YAML `.nan` and JSON `NaN` are floats); bools are not ints. The items of
+    list, tuple and dict fields are checked too."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        hint = hints[f.name]
-        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-        allowed = tuple(typing.get_origin(t) or t for t in options)
-        names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
-        if float in allowed:
-            allowed += (int,)
-        if isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool)):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if _matches(value, hint):
             continue
-        hint = " (YAML reads 1e-5 as a string; write 1.0e-5)" if isinstance(value, str) and float in allowed else ""
-        raise ValueError(f"{type(cfg).__name__}.{f.name} must be {names}, got {type(value).__name__} {value!r}{hint}")
+        numeric = _matches(0.0, hint)
+        if isinstance(value, float) and not math.isfinite(value) and numeric:
+            raise ValueError(f"{type(cfg).__name__}.{f.name} must be a finite number, got {value}")
+        note = " (YAML reads 1e-5 as a string; write 1.0e-5)" if isinstance(value, str) and numeric else ""
+        raise ValueError(
+            f"{type(cfg).__name__}.{f.name} must be {_type_name(hint)}, got {type(value).__name__} {value!r}{note}"
+        )
+
+
+def _options(hint: object) -> tuple:
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def _matches(value: object, hint: object) -> bool:
+    """Whether `value` fits the type `hint`, one of its options if it is a union."""
+    return any(_fits(value, option) for option in _options(hint))
+
+
+def _fits(value: object, t: object) -> bool:
+    origin, args = typing.get_origin(t) or t, typing.get_args(t)
+    if t is typing.Any:
+        return True
+    if t is type(None):
+        return value is None
+    if t is float:
+        finite = not isinstance(value, float) or math.isfinite(value)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and finite
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if not isinstance(value, origin):
+        return False
+    if origin is list and args:
+        return all(_matches(item, args[0]) for item in value)
+    if origin is tuple and args:
+        items = args[:1] * len(value) if args[-1] is Ellipsis else args
+        return len(value) == len(items) and all(map(_matches, value, items))
+    if origin is dict and args:
+        return all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return True
+
+
+def _type_name(hint: object) -> str:
+    """'int or None', 'list[str]', ...: how a type reads in an error message."""
+    names = []
+    for option in _options(hint):
+        args = typing.get_args(option)
+        t = typing.get_origin(option) or option
+        name = "None" if option is type(None) else getattr(t, "__name__", str(t))
+        names.append(f"{name}[{', '.join(_type_name(a) for a in args)}]" if args else name)
+    return " or ".join(names)
 
 
 def check_known_fields(cls: type, data: Iterable[str], label: str | None = None) -> None:

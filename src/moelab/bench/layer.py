@@ -14,6 +14,7 @@ that both sides of a ratio saw the same machine load.
 from __future__ import annotations
 
 import json
+import math
 import random
 import statistics
 import subprocess
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from moelab.io import atomic_write_text, check_output_file
 from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter
+from moelab.validation import is_int
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("moelab", "dense", "loop", "hf")
@@ -168,13 +170,13 @@ class BenchOptions:
     @classmethod
     def create(cls, *, quick: bool = False, configs=None, dtypes=None, modes=None, tokens=None, rounds=None,
                skew: float = 2.0, memory: bool = True, device: str = "cpu") -> BenchOptions:
-        """Defaults, or the --quick ones, overridden by what the caller gave; validated."""
+        """Defaults, or the --quick ones, overridden by what the caller gave (None: the default); validated."""
         options = cls(
             configs=tuple(configs or SHAPES),
             dtypes=tuple(dtypes or DTYPES),
             modes=tuple(modes or ("fwd", "fwdbwd")),
-            tokens=tokens or (1024 if quick else 4096),
-            rounds=rounds or (2 if quick else 5),
+            tokens=(1024 if quick else 4096) if tokens is None else tokens,
+            rounds=(2 if quick else 5) if rounds is None else rounds,
             skew=skew,
             memory=memory and not quick,
             device=device,
@@ -187,8 +189,11 @@ class BenchOptions:
             for value in values:
                 if value not in valid:
                     raise ValueError(f"unknown {name} {value!r}; choose from {list(valid)}")
-        if options.tokens < 1 or options.rounds < 1:
-            raise ValueError("tokens and rounds must be >= 1")
+        for name in ("tokens", "rounds"):
+            if not is_int(getattr(options, name)) or getattr(options, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(options, name)!r}")
+        if not math.isfinite(options.skew):
+            raise ValueError(f"skew must be a finite number (0 = no skewed pass), got {options.skew}")
         return options
 
     def tokens_for(self, dtype: str) -> int:

@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from moelab.files import read_json_object
+
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "assets" / "corpus"
 SPLITS = ("train", "validation", "test")
 REBUILD_HINT = "rebuild it with `python scripts/build_corpus.py`"
@@ -41,7 +43,7 @@ def read_manifest(corpus_dir: Path = CORPUS_DIR) -> dict:
     path = Path(corpus_dir) / "manifest.json"
     if not path.is_file():
         raise CorpusIntegrityError(f"corpus manifest {path} not found; {REBUILD_HINT}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json_object(path, "the corpus manifest")
 
 
 def list_domains(corpus_dir: Path = CORPUS_DIR) -> list[str]:

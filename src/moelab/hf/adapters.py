@@ -8,11 +8,11 @@ Written against, and tested on, transformers 5.24.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+from moelab.files import read_json_object
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.hf.fallback import structural_family
 from moelab.hf.layouts import (
@@ -351,18 +351,21 @@ def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
     """(config.json, lazy checkpoint, adapter) of a local checkpoint directory; see `open_checkpoint`."""
     path = Path(path)
     config_path = path / "config.json"
-    if not config_path.is_file():
+    if not config_path.exists():
         raise CheckpointError(f"no config.json in {path}; pass a transformers checkpoint directory")
-    config = json.loads(config_path.read_text())
-    if "quantization_config" in config:
-        method = config["quantization_config"].get("quant_method", "unknown")
+    config = read_json_object(config_path, "a model config", error=CheckpointError)
+    if config.get("quantization_config") is not None:
+        quantization = config["quantization_config"]
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
         raise CheckpointError(
             f"{config_path} describes a quantized checkpoint (quant_method {method!r}); views need dense "
             "weights. Dequantize first, e.g. load it with transformers (dequantize=True where the method "
             "supports it) and save_pretrained the dense model"
         )
-    checkpoint = Checkpoint(path)
     model_type = config.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise CheckpointError(f"{config_path}: model_type must be a string such as 'mixtral', got {model_type!r}")
+    checkpoint = Checkpoint(path)
     family = family_of(config, checkpoint)
     if family is None:
         checkpoint.close()

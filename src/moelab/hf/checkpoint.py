@@ -3,20 +3,28 @@
 `Checkpoint(dir)` maps every tensor name to its shard, from `model.safetensors.index.json` or,
 without an index, from the headers of the directory's `*.safetensors` files. `get(name)` reads
 one tensor and keeps at most one shard open, so a model larger than RAM can be read piece by
-piece. Pickle weights (`pytorch_model.bin`, `*.pt`, ...) are refused, never unpickled.
+piece; `Checkpoint(dir, shapes_only=True)` reads shard headers only. Pickle weights
+(`pytorch_model.bin`, `*.pt`, ...) are refused, never unpickled. Shard names in the index must be
+files inside the directory.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
+import torch
 from torch import Tensor
+
+from moelab.files import file_inside, open_safetensors, read_json_object
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
 
 class CheckpointError(ValueError):
@@ -29,12 +37,15 @@ class Checkpoint:
 
     keys(): every tensor name; `name in ckpt`; shape(name) reads a shard header only;
     get(name) reads one tensor. At most one shard is open at a time (`close()` closes it).
+    shapes_only: get(name) returns a tensor on the meta device with the stored shape and dtype,
+    read from the shard header (no weights are read): enough to check a model's layout.
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, *, shapes_only: bool = False):
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory} is not a directory; pass a checkpoint directory")
+        self.shapes_only = shapes_only
         self._shard_of = _index(self.directory)
         self._open: tuple[str, object, set[str]] | None = None  # (shard file, safe_open handle, its keys)
 
@@ -45,8 +56,14 @@ class Checkpoint:
         return name in self._shard_of
 
     def get(self, name: str) -> Tensor:
-        """The tensor `name`, as stored (dtype included)."""
-        return self._handle(name).get_tensor(name)
+        """The tensor `name`, as stored (dtype included); a meta tensor if shapes_only."""
+        if not self.shapes_only:
+            return self._handle(name).get_tensor(name)
+        header = self._handle(name).get_slice(name)
+        dtype = header.get_dtype()
+        if dtype not in DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {self.directory} has the unsupported dtype {dtype}")
+        return torch.empty(header.get_shape(), dtype=DTYPES[dtype], device="meta")
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape of tensor `name`, read from its shard's header."""
@@ -99,8 +116,8 @@ def _index(directory: Path) -> dict[str, str]:
     """tensor name -> shard file name, from the index if there is one, else from every
     `*.safetensors` file's header. Raises for missing shards and pickle-only checkpoints."""
     index_path = directory / INDEX_NAME
-    if index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+    if index_path.exists():
+        weight_map = _weight_map(index_path)
         missing = sorted({shard for shard in weight_map.values() if not (directory / shard).is_file()})
         if missing:
             raise CheckpointError(
@@ -125,10 +142,20 @@ def _index(directory: Path) -> dict[str, str]:
     return shard_of
 
 
+def _weight_map(index_path: Path) -> dict[str, str]:
+    """The index's tensor name -> shard file name; every shard a file name inside its directory."""
+    index = read_json_object(index_path, "a safetensors index with a weight_map", error=CheckpointError)
+    weight_map = index.get("weight_map")
+    fix = "re-create the index, or delete it to read the directory's *.safetensors files"
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path} has no weight_map (a JSON object of tensor name: shard file); {fix}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index_path} maps {name!r} to {shard!r}, expected a shard file name; {fix}")
+    for shard in set(weight_map.values()):
+        file_inside(index_path.parent, shard, index_path, error=CheckpointError)
+    return weight_map
+
+
 def _safe_open(path: Path):
-    try:
-        return safe_open(path, framework="pt")
-    except SafetensorError as err:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt, re-download it"
-        ) from err
+    return open_safetensors(path, error=CheckpointError)

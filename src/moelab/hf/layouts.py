@@ -419,13 +419,13 @@ class Family:
         ):
             if found != E:
                 raise CheckpointError(
-                    f"config says {E} experts ({key}), checkpoint layer {index} has {found} ({what}) in "
+                    f"config says {E!r} experts ({key}), checkpoint layer {index} has {found} ({what}) in "
                     f"{ckpt.directory}; fix {key} in config.json or the checkpoint"
                 )
         key, D = config_entry(config, self.hidden_size)
         if router["weight"].shape[1] != D:
             raise CheckpointError(
-                f"config says hidden size {D} ({key}), but layer {index}'s router weight has shape "
+                f"config says hidden size {D!r} ({key}), but layer {index}'s router weight has shape "
                 f"{list(router['weight'].shape)} in {ckpt.directory}"
             )
 

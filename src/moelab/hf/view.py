@@ -17,6 +17,7 @@ from torch import Tensor
 
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.nn.routers import check_groups, check_top_k
+from moelab.validation import is_int
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sparsemixer")
 ACTIVATIONS = ("silu", "clamped_swiglu")
@@ -189,6 +190,11 @@ class ModelView:
     """
 
     def __init__(self, checkpoint: Checkpoint, config: dict[str, Any], adapter: LayerReader, num_layers: int):
+        if not is_int(num_layers) or num_layers < 1:
+            raise CheckpointError(
+                f"config.json in {checkpoint.directory} gives {num_layers!r} as the number of layers; expected an "
+                "integer >= 1 (num_hidden_layers or the family's equivalent)"
+            )
         self.path = checkpoint.directory
         self.config = config
         self.family = adapter.name
@@ -201,14 +207,24 @@ class ModelView:
             raise IndexError(f"layer index {index} out of range: the model has {self.num_layers} layers")
         try:
             return self._adapter.read_layer(self._checkpoint, self.config, index)
+        except CheckpointError:
+            raise
         except ValueError as err:
-            if isinstance(err, CheckpointError):
-                raise
             raise CheckpointError(f"{self.path}, layer {index}: {err}") from err
+        except (TypeError, ArithmeticError) as err:  # a config.json value of the wrong type, a zero step, ...
+            raise CheckpointError(f"{self.path}, layer {index}: {err}; check the values in config.json") from err
 
     def layers(self) -> Iterator[LayerView]:
         for index in range(self.num_layers):
             yield self.layer(index)
+
+    def check(self) -> None:
+        """Read every layer with shapes and dtypes only (shard headers, no weights), so that a
+        checkpoint whose tensors do not match its config.json fails here with a CheckpointError
+        naming the layer, before anything loads the weights."""
+        with ModelView(Checkpoint(self.path, shapes_only=True), self.config, self._adapter, self.num_layers) as meta:
+            for _ in meta.layers():
+                pass
 
     def close(self) -> None:
         self._checkpoint.close()
@@ -224,9 +240,14 @@ class ModelView:
 
 
 def _check_shape(name: str, tensor: Tensor | None, expected: tuple[int | None, ...]) -> None:
-    """tensor is None, or has len(expected) dims matching every non-None entry."""
+    """tensor is None, or floating point with len(expected) dims matching every non-None entry."""
     if tensor is None:
         return
+    if not tensor.is_floating_point():
+        raise ValueError(
+            f"{name} has dtype {tensor.dtype}, expected floating-point weights (integer or quantized "
+            "weights need dequantizing first)"
+        )
     shape = tuple(tensor.shape)
     matches = len(shape) == len(expected) and all(e is None or e == s for e, s in zip(expected, shape))
     if not matches:

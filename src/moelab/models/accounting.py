@@ -229,7 +229,7 @@ def model_info(
     """A JSON-ready summary: total_params, non_embedding_params, active_params,
     active_non_embedding_params, flops_per_token (at seq_len, default max_seq_len), seq_len,
     layer_types, experts_per_token (k used per MoE layer) and params_by_component."""
-    seq_len = seq_len or config.max_seq_len
+    seq_len = config.max_seq_len if seq_len is None else seq_len
     counts = param_counts(config)
     total = sum(counts.values())
     return {

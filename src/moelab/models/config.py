@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from moelab.files import read_config_file
 from moelab.io import atomic_write_text
 from moelab.nn import MoEConfig, UoEConfig
 from moelab.validation import check_field_types, check_known_fields, did_you_mean
@@ -229,12 +230,25 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
         """Read a config written by `save` (or by hand) from a .json, .yaml or .yml file."""
-        path = Path(path)
-        text = path.read_text()
-        data = json.loads(text) if _format(path) == "json" else yaml.safe_load(text)
+        data = read_config_file(path)
+        check_not_transformers(data, path)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of ModelConfig fields, got {type(data).__name__}")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+def check_not_transformers(data: Any, path: str | Path) -> None:
+    """Refuse a transformers config.json (it has a model_type or architectures) where a moelab
+    config is expected, saying so (rather than 'unknown field')."""
+    if isinstance(data, dict) and ("model_type" in data or "architectures" in data):
+        raise ValueError(
+            f"{path} is a transformers model config (model_type {data.get('model_type')!r}); expected a moelab "
+            "config (a ModelConfig file, a run file, or the config.json of a moelab checkpoint written by "
+            "save_pretrained or moelab train). transformers checkpoints work with moelab trace and analyze"
+        )
 
 
 def _format(path: Path) -> str:

@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
+from moelab.files import load_safetensors
 from moelab.io import StagedOutput, copy_side_file, save_safetensors
 from moelab.models.config import ModelConfig
 from moelab.models.transformer import MoETransformer
@@ -69,13 +69,17 @@ def load_pretrained(directory: str | os.PathLike, *, device: torch.device | str 
     """Rebuild the model from `directory/config.json` and load `directory/model.safetensors`."""
     directory = Path(directory)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
+        if not (directory / name).exists():
             raise FileNotFoundError(
                 f"{directory / name} not found; expected a directory written by save_pretrained"
             )
     config = ModelConfig.load(directory / CONFIG_NAME)
+    tensors = load_safetensors(directory / WEIGHTS_NAME, device=str(device))
     model = MoETransformer(config).to(device)
-    load_state(model, load_file(directory / WEIGHTS_NAME, device=str(device)))
+    try:
+        load_state(model, tensors)
+    except ValueError as err:
+        raise ValueError(f"{directory / WEIGHTS_NAME}: {err}") from None
     return model
 
 
@@ -86,20 +90,32 @@ def _tensors_to_save(model: MoETransformer) -> dict[str, Tensor]:
 
 def load_state(model: MoETransformer, tensors: dict[str, Tensor]) -> None:
     """Copy `tensors` (a state dict as `save_pretrained` stores it) into `model`, or raise a
-    ValueError listing every missing, unexpected and wrongly shaped key."""
+    ValueError listing every missing, unexpected, wrongly shaped and wrongly typed (integer for
+    floating point or back) key."""
     aliases = shared_aliases(model)
-    expected = {name: t.shape for name, t in model.state_dict().items() if name not in aliases}
+    expected = {name: t for name, t in model.state_dict().items() if name not in aliases}
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
+    found = [(name, t, expected[name]) for name, t in sorted(tensors.items()) if name in expected]
     mismatched = [
-        f"{name}: checkpoint {list(t.shape)} vs model {list(expected[name])}"
-        for name, t in sorted(tensors.items())
-        if name in expected and t.shape != expected[name]
+        f"{name}: checkpoint {list(t.shape)} vs model {list(want.shape)}"
+        for name, t, want in found
+        if t.shape != want.shape
     ]
-    if missing or unexpected or mismatched:
+    mistyped = [
+        f"{name}: checkpoint {t.dtype} vs model {want.dtype}"
+        for name, t, want in found
+        if t.is_floating_point() != want.is_floating_point()
+    ]
+    if missing or unexpected or mismatched or mistyped:
         problems = [
             f"{label} ({len(keys)}): {', '.join(keys)}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", mismatched),
+                ("wrong dtype", mistyped),
+            )
             if keys
         ]
         raise ValueError(

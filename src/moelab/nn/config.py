@@ -22,7 +22,7 @@ from moelab.nn.routers import (
     check_groups,
     check_top_k,
 )
-from moelab.validation import check_choice, check_known_fields
+from moelab.validation import check_choice, check_field_types, check_known_fields
 
 ROUTERS = ("topk", "topp", "expert_choice", "relu", "graph_sim", "graph_attn")
 TOP_K_ROUTERS = ("topk", "graph_sim", "graph_attn")
@@ -107,6 +107,7 @@ class MoEConfig:
     sparsity_window: int = 8
 
     def __post_init__(self):
+        check_field_types(self)
         for name in ("dim", "num_experts", "hidden_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MoEConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -132,6 +133,10 @@ class MoEConfig:
             raise ValueError("aux_free_bias applies to router='topk' only")
         if self.num_shared < 0:
             raise ValueError(f"MoEConfig.num_shared must be >= 0, got {self.num_shared}")
+        if self.shared_hidden_dim is not None and self.shared_hidden_dim < 1:
+            raise ValueError(
+                f"MoEConfig.shared_hidden_dim must be >= 1 or None (num_shared * hidden_dim), got {self.shared_hidden_dim}"
+            )
         if self.chunk_len < 1:
             raise ValueError(f"MoEConfig.chunk_len must be >= 1, got {self.chunk_len}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:

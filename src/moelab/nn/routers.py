@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelab.validation import is_int
+
 SCORE_FUNCS = ("softmax", "sigmoid")
 
 
@@ -284,12 +286,17 @@ def attach_expert_bias_update(optimizer: torch.optim.Optimizer, model: nn.Module
 
 
 def check_top_k(k: int, num_experts: int, name: str = "top_k") -> None:
+    if not is_int(k):
+        raise ValueError(f"{name} must be an integer, got {type(k).__name__} {k!r}")
     if not 1 <= k <= num_experts:
         raise ValueError(f"{name} must lie in [1, num_experts={num_experts}], got {k}")
 
 
 def check_groups(num_experts: int, top_k: int, n_group: int, topk_group: int) -> None:
     """Group-limited routing must keep enough experts for top-k (DeepSeek-V3 `n_group`)."""
+    for name, value in (("n_group", n_group), ("topk_group", topk_group)):
+        if not is_int(value):
+            raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     if n_group < 1 or num_experts % n_group:
         raise ValueError(f"n_group ({n_group}) must be >= 1 and divide num_experts ({num_experts})")
     if n_group > 1:

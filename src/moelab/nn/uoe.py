@@ -49,7 +49,7 @@ from moelab.nn.losses import load_balancing_loss
 from moelab.nn.moe import MoEResult
 from moelab.nn.rope import apply_rope
 from moelab.nn.routers import Router, Routing, check_top_k
-from moelab.validation import check_choice, check_known_fields
+from moelab.validation import check_choice, check_field_types, check_known_fields
 
 SELECTIONS = ("causal", "reference")
 GATES = ("router", "none")
@@ -84,6 +84,7 @@ class UoEConfig:
     router_bias: bool = False
 
     def __post_init__(self):
+        check_field_types(self)
         check_choice("UoEConfig.selection", self.selection, SELECTIONS)
         check_choice("UoEConfig.gate", self.gate, GATES)
         check_choice("UoEConfig.positions", self.positions, POSITIONS)

@@ -8,7 +8,6 @@ tokenised with the model's tokenizer (`Encoder`), or with moelab's when the mode
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from moelab.data import list_domains, load_documents, load_tokenizer, tokenize_split, tokenize_texts
+from moelab.files import parse_json, read_text
 from moelab.validation import did_you_mean
 
 Encoder = Callable[[list[str]], np.ndarray]  # texts -> one flat id array, documents separated
@@ -62,7 +62,7 @@ def load_streams(
 
 def _read_texts(path: Path) -> dict[str, list[str]]:
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in TEXT_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.suffix in TEXT_SUFFIXES and p.is_file())
         if not files:
             raise ValueError(f"{path} holds no .txt or .jsonl files; pass 'corpus' or a text file")
     elif path.is_file() and path.suffix in TEXT_SUFFIXES:
@@ -75,15 +75,26 @@ def _read_texts(path: Path) -> dict[str, list[str]]:
     texts: dict[str, list[str]] = {}
     for file in files:
         if file.suffix == ".txt":
-            texts.setdefault(file.stem, []).append(file.read_text(encoding="utf-8"))
+            texts.setdefault(file.stem, []).append(read_text(file))
             continue
-        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(file).split("\n"), 1):  # splitlines would split at U+2028 too
             if line.strip():
-                record = json.loads(line)
-                if "text" not in record:
-                    raise ValueError(f"{file}:{n}: a JSON line needs a 'text' field")
-                texts.setdefault(str(record.get("domain", file.stem)), []).append(record["text"])
+                domain, text = _record(parse_json(line, file, first_line=n), f"{file}:{n}", file.stem)
+                texts.setdefault(domain, []).append(text)
     return texts
+
+
+def _record(record: object, where: str, default_domain: str) -> tuple[str, str]:
+    """(domain, text) of one JSON line, {"text": str, "domain": str (optional)}."""
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        example = '{"text": "...", "domain": "news"}'
+        raise ValueError(f"{where}: a JSON line needs a 'text' field holding a string, e.g. {example}")
+    domain = record.get("domain", default_domain)
+    if not isinstance(domain, str) or not domain:
+        raise ValueError(
+            f"{where}: 'domain' must be a non-empty string, got {domain!r}; leave it out to use the file name"
+        )
+    return domain, record["text"]
 
 
 def batches(

@@ -1,13 +1,15 @@
 """Load the model to trace: a moelab checkpoint or a local transformers checkpoint directory.
 
 Never a hub download, never remote code: transformers models load with
-`local_files_only=True`, safetensors only, and their own (in-library) modeling code.
+`local_files_only=True`, safetensors only, and their own (in-library) modeling code. Their MoE
+layers are checked through moelab's checkpoint view first, and any key transformers finds
+missing or of the wrong shape is an error, not a randomly initialised weight.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from moelab.hf import ModelView, open_checkpoint
+from moelab.files import read_json_object
+from moelab.hf import CheckpointError, ModelView, open_checkpoint
 from moelab.models.reference import reference_model_dir
 from moelab.trace.capture import is_transformers_model
 from moelab.trace.data import Encoder
@@ -36,22 +39,25 @@ class LoadedModel:
     max_seq_len: int
 
 
-def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load `path` (default: the shipped reference model) for tracing, in eval mode."""
+def load_model(
+    path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32, quiet: bool = False
+) -> LoadedModel:
+    """Load `path` (default: the shipped reference model) for tracing, in eval mode (quiet: no
+    transformers progress bar)."""
     path = reference_model_dir() if path is None else Path(path)
     config_path = path / "config.json"
-    if not config_path.is_file():
+    if not config_path.exists():
         raise FileNotFoundError(
             f"no model at {path} (no config.json); pass a moelab checkpoint (save_pretrained) or a "
             "local transformers checkpoint directory"
         )
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path, "a model config")
     if "model_type" not in config:
         from moelab.models import load_pretrained
 
         model = load_pretrained(path).to(dtype).eval()
         return LoadedModel(model, str(path), None, None, model.config.vocab_size, model.config.max_seq_len)
-    return _load_transformers(path, dtype)
+    return _load_transformers(path, dtype, quiet)
 
 
 def wrap_model(model: nn.Module, view: ModelView | None = None, name: str | None = None) -> LoadedModel:
@@ -68,17 +74,60 @@ def wrap_model(model: nn.Module, view: ModelView | None = None, name: str | None
     return LoadedModel(model, name or str(view.path), view, None, model.config.vocab_size, _hf_max_len(model.config))
 
 
-def _load_transformers(path: Path, dtype: torch.dtype) -> LoadedModel:
+def _load_transformers(path: Path, dtype: torch.dtype, quiet: bool) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     view = open_checkpoint(path)  # refuses quantized and non-MoE checkpoints with a clear error
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
-    ).eval()
-    encoder = None
-    if any((path / name).is_file() for name in TOKENIZER_FILES):
-        encoder = _hf_encoder(AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False))
-    return LoadedModel(model, str(path), view, encoder, model.config.vocab_size, _hf_max_len(model.config))
+    view.check()  # every MoE layer's tensors against config.json, from the shard headers
+    local = {"local_files_only": True, "trust_remote_code": False}
+    with _transformers_loading(path, quiet):
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True, **local
+        )
+        _check_loading_info(path, info)
+        encoder = None
+        if any((path / name).is_file() for name in TOKENIZER_FILES):
+            encoder = _hf_encoder(AutoTokenizer.from_pretrained(path, **local))
+    return LoadedModel(model.eval(), str(path), view, encoder, model.config.vocab_size, _hf_max_len(model.config))
+
+
+@contextmanager
+def _transformers_loading(path: Path, quiet: bool):
+    """transformers' load report muted (`_check_loading_info` turns its problems into errors) and
+    its progress bar off if quiet; whatever transformers raises becomes a CheckpointError naming `path`."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    if quiet:
+        logging.disable_progress_bar()
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"transformers cannot load {path}: {type(err).__name__}: {err}") from err
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _check_loading_info(path: Path, info: dict) -> None:
+    """Weights transformers could not fill from the checkpoint would stay randomly initialised."""
+    mismatched = [
+        f"{key} (checkpoint {list(found)}, model {list(wanted)})" for key, found, wanted in info["mismatched_keys"]
+    ]
+    problems = [
+        f"{label}: {', '.join(sorted(keys)[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        for label, keys in (("missing", list(info["missing_keys"])), ("wrong shape", mismatched))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{path} does not fit the model its config.json describes (transformers finds {'; '.join(problems)}); "
+            "fix config.json or the weights"
+        )
 
 
 def _hf_encoder(tokenizer) -> Encoder:

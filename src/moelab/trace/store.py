@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
+from moelab.files import file_inside, load_safetensors, read_json_object
 from moelab.io import StagedOutput, atomic_write_text, save_safetensors
 from moelab.trace.capture import LayerRouting, RoutingCheck
+from moelab.validation import check_field_types, check_known_fields
 
 FORMAT = "moelab-trace"
 KIND = "routing trace"
@@ -45,6 +46,11 @@ class ShardInfo:
     file: str
     tokens: int
     sequences: int
+
+    def __post_init__(self):
+        check_field_types(self)
+        if self.tokens < 0 or self.sequences < 0:
+            raise ValueError(f"shard {self.file!r}: tokens and sequences must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -69,6 +75,19 @@ class TraceInfo:
     format: str = FORMAT
     version: int = VERSION
 
+    def __post_init__(self):
+        check_field_types(self)
+        n = len(self.layers)
+        if not n or len(self.num_experts) != n or len(self.top_k) != n:
+            raise ValueError("TraceInfo needs at least one MoE layer and one num_experts/top_k entry per layer")
+        if len(set(self.layers)) != n or not all(0 <= i < self.num_layers for i in self.layers):
+            raise ValueError(
+                f"TraceInfo.layers must be distinct layer numbers in [0, num_layers={self.num_layers}), "
+                f"got {self.layers}"
+            )
+        if not all(1 <= k <= e for k, e in zip(self.top_k, self.num_experts)):
+            raise ValueError(f"TraceInfo.top_k {self.top_k} must lie in [1, num_experts {self.num_experts}]")
+
     def experts_of(self, layer: int) -> int:
         return self.num_experts[self.layers.index(layer)]
 
@@ -76,10 +95,18 @@ class TraceInfo:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> TraceInfo:
-        data = json.loads(text)
-        data["shards"] = [ShardInfo(**s) for s in data.get("shards", [])]
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any]) -> TraceInfo:
+        """The inverse of `asdict`: field names, types and shard entries are checked."""
+        shards = data.get("shards", [])
+        if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+            raise ValueError(f"TraceInfo.shards must be a list of {{file, tokens, sequences}} objects, got {shards}")
+        check_known_fields(cls, data)
+        for shard in shards:
+            check_known_fields(ShardInfo, shard)
+        try:
+            return cls(**{**data, "shards": [ShardInfo(**s) for s in shards]})
+        except TypeError as err:  # a required field is missing
+            raise ValueError(str(err)) from None
 
 
 @dataclass
@@ -118,14 +145,6 @@ class TraceWriter:
     ):
         if shard_tokens < 1:
             raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-        if (
-            not info.layers
-            or len(info.num_experts) != len(info.layers)
-            or len(info.top_k) != len(info.layers)
-        ):
-            raise ValueError(
-                "TraceInfo needs at least one MoE layer and one num_experts/top_k entry per layer"
-            )
         self.directory = Path(directory)
         self.info = info
         self.shard_tokens = shard_tokens
@@ -218,16 +237,21 @@ class Trace:
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         path = self.directory / MANIFEST
-        if not path.is_file():
+        if not path.exists():
+            raise ValueError(f"{self.directory} is not a routing trace (no {MANIFEST}); make one with `moelab trace`")
+        data = read_json_object(path, "a trace manifest")
+        found = (data.get("format", FORMAT), data.get("version", VERSION))
+        if found != (FORMAT, VERSION):
             raise ValueError(
-                f"{self.directory} is not a routing trace (no {MANIFEST}); make one with `moelab trace`"
+                f"{path}: format {found[0]!r} version {found[1]!r}, expected {FORMAT!r} version {VERSION}; "
+                "re-create the trace with this moelab"
             )
-        self.info = TraceInfo.from_json(path.read_text())
-        if self.info.format != FORMAT or self.info.version != VERSION:
-            raise ValueError(
-                f"{path}: format {self.info.format!r} version {self.info.version}, expected {FORMAT!r} "
-                f"version {VERSION}; re-create the trace with this moelab"
-            )
+        try:
+            self.info = TraceInfo.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}; re-create the trace with `moelab trace`") from None
+        for shard in self.info.shards:
+            file_inside(self.directory, shard.file, path)
 
     def shards(self) -> Iterator[TraceShard]:
         """Yield the shards in order, one in memory at a time."""
@@ -235,7 +259,8 @@ class Trace:
             path = self.directory / shard.file
             if not path.is_file():
                 raise ValueError(f"trace shard {path} is missing; re-create the trace with `moelab trace`")
-            tensors = load_file(path)
+            tensors = load_safetensors(path)
+            self._check_shard(path, shard, tensors)
             layers = {
                 i: LayerRouting(
                     tensors[f"layer{i}.indices"].long(),
@@ -247,15 +272,39 @@ class Trace:
             }
             yield TraceShard(*(tensors[name].long() for name in TOKEN_FIELDS), layers)
 
+    def _check_shard(self, path: Path, shard: ShardInfo, tensors: dict[str, Tensor]) -> None:
+        """Every tensor the manifest promises, [N] or [N, ...] with N = shard.tokens, with expert
+        indices and domain numbers in range."""
+        info = self.info
+        kinds = ("indices", "weights", "entropy", "logits") if info.logits else ("indices", "weights", "entropy")
+        names = [*TOKEN_FIELDS, *(f"layer{i}.{kind}" for i in info.layers for kind in kinds)]
+        problems = []
+        for name in names:
+            if name not in tensors:
+                problems.append(f"no {name}")
+            elif tensors[name].dim() == 0 or tensors[name].shape[0] != shard.tokens:
+                problems.append(f"{name} has shape {list(tensors[name].shape)}, expected {shard.tokens} rows")
+        if not problems and shard.tokens:
+            if not 0 <= int(tensors["domain"].min()) <= int(tensors["domain"].max()) < len(info.domains):
+                problems.append(f"domain numbers outside [0, {len(info.domains)})")
+            for i in info.layers:
+                indices = tensors[f"layer{i}.indices"]
+                if not -1 <= int(indices.min()) <= int(indices.max()) < info.experts_of(i):
+                    problems.append(f"layer{i}.indices outside [-1, {info.experts_of(i)})")
+        if problems:
+            raise ValueError(
+                f"trace shard {path} does not match {MANIFEST}: {'; '.join(problems[:3])}; re-create the trace "
+                "with `moelab trace`"
+            )
+
     def expert_stats(self) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         """({layer: [E] max |down output| per expert}, {layer: [1] same for the shared experts})."""
-        tensors = load_file(self.directory / STATS)
-        routed = {
-            i: tensors[f"layer{i}.expert_max"] for i in self.info.layers if f"layer{i}.expert_max" in tensors
-        }
-        shared = {
-            i: tensors[f"layer{i}.shared_max"] for i in self.info.layers if f"layer{i}.shared_max" in tensors
-        }
+        path = self.directory / STATS
+        if not path.is_file():
+            raise ValueError(f"{path} is missing; re-create the trace with `moelab trace`")
+        tensors = load_safetensors(path)
+        routed = {i: tensors[f"layer{i}.expert_max"] for i in self.info.layers if f"layer{i}.expert_max" in tensors}
+        shared = {i: tensors[f"layer{i}.shared_max"] for i in self.info.layers if f"layer{i}.shared_max" in tensors}
         return routed, shared
 
 

@@ -110,6 +110,6 @@ def trace_from_files(
     `moelab.trace.data.load_streams`) and trace it into `out`: what `moelab trace` runs."""
     inputs = [model, data if data != "corpus" else None]
     check_output_dir(out, KIND, inputs=inputs, overwrite=overwrite)  # before the slow load
-    loaded = load_model(model)
+    loaded = load_model(model, quiet=quiet)
     streams = load_streams(data, split=split, domains=domains, encoder=loaded.encoder)
     return trace_model(loaded, streams, out, options, overwrite=overwrite, inputs=inputs, quiet=quiet)

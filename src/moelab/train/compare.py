@@ -20,6 +20,7 @@ from pathlib import Path
 
 from moelab.io import is_output, output_dir
 from moelab.models import ModelConfig
+from moelab.models.config import check_not_transformers
 from moelab.train.config import (
     RunConfig,
     TrainConfig,
@@ -62,6 +63,7 @@ def load_variants(specs: Sequence[str]) -> dict[str, ModelConfig]:
 def load_recipe(path: str | Path) -> TrainConfig:
     """A training recipe: a YAML/JSON file of TrainConfig fields, or a run file's `train` section."""
     data = read_config_file(path)
+    check_not_transformers(data, path)
     if isinstance(data, dict) and "train" in data:
         data = data["train"]
     try:

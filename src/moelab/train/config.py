@@ -24,8 +24,10 @@ from typing import Any
 import yaml
 
 from moelab.data import list_domains
+from moelab.files import read_config_file
 from moelab.io import atomic_write_text
 from moelab.models import ModelConfig, preset
+from moelab.models.config import check_not_transformers
 from moelab.validation import check_choice, check_field_types, check_known_fields, did_you_mean
 
 DTYPES = ("fp32", "bf16")
@@ -179,6 +181,7 @@ class RunConfig:
     def load(cls, path: str | Path) -> RunConfig:
         path = Path(path)
         data = read_config_file(path)
+        check_not_transformers(data, path)
         try:
             return cls.from_dict(data, base_dir=path.parent)
         except ValueError as err:
@@ -206,15 +209,6 @@ def train_config_from_dict(data: Any) -> TrainConfig:
         return TrainConfig(**data)
     except TypeError as err:  # a required field (steps) is missing
         raise ValueError(f"train: {err}") from None
-
-
-def read_config_file(path: str | Path) -> Any:
-    """The parsed content of a .json, .yaml or .yml file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
-    text = path.read_text()
-    return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
 
 
 def is_run_config(data: Any) -> bool:

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from moelab.files import read_json_object  # noqa: E402
 from moelab.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 from moelab.train.logging import read_log  # noqa: E402
 
@@ -25,7 +26,7 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         raise FileNotFoundError(f"{results_path} not found: the run in {run_dir} has not finished")
-    results = json.loads(results_path.read_text())
+    results = read_json_object(results_path, "the results of a finished run")
     records = read_log(run_dir)
     evals = [r for r in records if r["kind"] == "eval"]
     train = [r for r in records if r["kind"] == "train"]

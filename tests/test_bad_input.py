@@ -1,0 +1,838 @@
+"""One clear line for every bad input (issue 9).
+
+CLI: every case exits with status 2 and prints exactly one line on stderr, `error: ...`, naming
+the offending file or option and the problem; no traceback; every input file keeps its sha256.
+Python API: a ValueError (CheckpointError for checkpoints) whose message names the file.
+
+The cases are tables: `CLI_CASES` (one builder per bad input; it returns the arguments, the
+inputs to fingerprint and the fragments the error line must contain) and one parametrised test
+per API entry point. Inputs are tiny models and traces built once per module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hf_tiny import build
+from safetensors.torch import load_file, save_file
+
+from moelab import cli
+from moelab import files as files_module
+from moelab.bench.layer import BenchOptions
+from moelab.hf import CheckpointError, open_checkpoint
+from moelab.hf.expert_map import read_expert_map
+from moelab.models import MoETransformer, load_pretrained, model_info, save_pretrained, tiny
+from moelab.nn import MoEConfig
+from moelab.trace import TraceOptions, load_model, load_streams, open_trace, trace_model
+from moelab.train import RunConfig
+
+MIXTRAL_ROUTER = "model.layers.0.block_sparse_moe.gate.weight"
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> Path:
+    """Pristine inputs, copied by each case: moelab/ (tiny(), one file), mixtral/ (one file),
+    sharded/ (mixtral with an index and several shards), trace/ (of moelab/)."""
+    root = tmp_path_factory.mktemp("sources")
+    torch.manual_seed(0)
+    save_pretrained(MoETransformer(tiny()), root / "moelab")
+    model = build("mixtral")
+    model.save_pretrained(root / "mixtral")
+    model.save_pretrained(root / "sharded", max_shard_size="20KB")
+    streams = {"a": np.arange(96) % 128, "b": np.arange(96)[::-1] % 128}
+    trace_model(load_model(root / "moelab"), streams, root / "trace", TraceOptions(max_tokens=64, seq_len=16))
+    return root
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def digest(paths: list[Path]) -> dict[str, str]:
+    """sha256 of every file at or under `paths`."""
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def run_cli(monkeypatch, capsys, args: list) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `moelab *args`, run in-process."""
+    monkeypatch.setattr("sys.argv", ["moelab", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def copy(sources: Path, name: str, tmp: Path) -> Path:
+    return Path(shutil.copytree(sources / name, tmp / name))
+
+
+def edit_json(path: Path, **changes) -> Path:
+    """Set keys of the JSON object in `path` (a value of `...` deletes the key)."""
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is ...:
+            data.pop(key)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+    return path
+
+
+def hf(sources: Path, tmp: Path, **config) -> Path:
+    """A copy of the mixtral checkpoint with config.json keys changed."""
+    ckpt = copy(sources, "mixtral", tmp)
+    edit_json(ckpt / "config.json", **config)
+    return ckpt
+
+
+def hf_tensors(sources: Path, tmp: Path, edit) -> Path:
+    """A copy of the mixtral checkpoint with its tensors dict changed in place by `edit`."""
+    ckpt = copy(sources, "mixtral", tmp)
+    tensors = load_file(ckpt / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    return ckpt
+
+
+def sharded(sources: Path, tmp: Path, shard_name) -> Path:
+    """A copy of the sharded checkpoint whose index maps the first tensor to `shard_name(ckpt)`."""
+    ckpt = copy(sources, "sharded", tmp)
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard_name(ckpt)
+    index_path.write_text(json.dumps(index))
+    return ckpt
+
+
+def symlinked_shard(sources: Path, tmp: Path) -> Path:
+    """The sharded checkpoint with one shard replaced by a symlink to a copy outside it."""
+    ckpt = copy(sources, "sharded", tmp)
+    shard = sorted(ckpt.glob("model-*.safetensors"))[0]
+    outside = tmp / "elsewhere"
+    outside.mkdir()
+    shard.rename(outside / shard.name)
+    shard.symlink_to(outside / shard.name)
+    return ckpt
+
+
+def truncated(sources: Path, tmp: Path) -> Path:
+    """A copy of the moelab checkpoint with its weights cut to a third."""
+    model = copy(sources, "moelab", tmp)
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 3])
+    return model
+
+
+def weights_directory(sources: Path, tmp: Path) -> Path:
+    model = copy(sources, "moelab", tmp)
+    (model / "model.safetensors").unlink()
+    (model / "model.safetensors").mkdir()
+    return model
+
+
+def moelab_tensors(sources: Path, tmp: Path, change) -> Path:
+    """A copy of the moelab checkpoint with its embedding changed by `change`."""
+    model = copy(sources, "moelab", tmp)
+    tensors = load_file(model / "model.safetensors")
+    tensors["embed.weight"] = change(tensors["embed.weight"]).contiguous()
+    save_file(tensors, model / "model.safetensors")
+    return model
+
+
+def text(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def trace(sources: Path, tmp: Path, **manifest) -> Path:
+    """A copy of the trace with manifest.json keys changed."""
+    path = copy(sources, "trace", tmp)
+    edit_json(path / "manifest.json", **manifest)
+    return path
+
+
+def trace_shard(sources: Path, tmp: Path, edit) -> Path:
+    """A copy of the trace whose first shard's tensors are changed in place by `edit`."""
+    path = copy(sources, "trace", tmp)
+    shard = path / json.loads((path / "manifest.json").read_text())["shards"][0]["file"]
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard)
+    return path
+
+
+MODEL_YAML = "model:\n  vocab_size: 64\n  dim: 32\n  n_layers: 1\n  n_heads: 4\n"
+RUN_YAML = """\
+model: tiny
+train:
+  steps: 2
+  batch_size: 2
+  seq_len: 16
+"""
+
+
+# ----------------------------------------------------------------------------- CLI cases
+
+CLI_CASES = {}
+
+
+def case(fn):
+    """Register a CLI case: fn(tmp, sources) -> (args, inputs, fragments of the error line)."""
+    CLI_CASES[fn.__name__] = fn
+    return fn
+
+
+# trace: transformers checkpoints are checked through moelab's view before transformers loads them
+
+
+@case
+def trace_expert_count_differs(tmp, src):
+    ckpt = hf(src, tmp, num_local_experts=3)
+    return ["trace", ckpt, "--out", tmp / "out", "--quiet"], [ckpt], [str(ckpt), "config says 3 experts"]
+
+
+@case
+def trace_negative_expert_count(tmp, src):
+    ckpt = hf(src, tmp, num_local_experts=-4)
+    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt), "config says -4 experts (num_local_experts)"]
+
+
+@case
+def trace_non_integer_top_k(tmp, src):
+    ckpt = hf(src, tmp, num_experts_per_tok=1.5)
+    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt), "top_k must be an integer, got float 1.5"]
+
+
+@case
+def trace_negative_layer_count(tmp, src):
+    ckpt = hf(src, tmp, num_hidden_layers=-1)
+    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt), "gives -1 as the number of layers"]
+
+
+@case
+def trace_transposed_expert_tensor(tmp, src):
+    def transpose_down(tensors):
+        for key in [k for k in tensors if ".layers.0." in k and k.endswith(".w2.weight")]:
+            tensors[key] = tensors[key].T.contiguous()
+
+    ckpt = hf_tensors(src, tmp, transpose_down)
+    return ["trace", ckpt, "--quiet"], [ckpt], [f"{ckpt}, layer 0", "experts down has shape [4, 16, 32]"]
+
+
+@case
+def trace_integer_router_tensor(tmp, src):
+    ckpt = hf_tensors(src, tmp, lambda t: t.update({MIXTRAL_ROUTER: t[MIXTRAL_ROUTER].long()}))
+    return ["trace", ckpt, "--quiet"], [ckpt], [f"{ckpt}, layer 0", "router weight has dtype torch.int64"]
+
+
+@case
+def trace_width_differs_outside_the_view(tmp, src):
+    """The view does not read intermediate_size; transformers' own shape check catches it."""
+    ckpt = hf(src, tmp, intermediate_size=8)
+    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt), "does not fit the model", "wrong shape"]
+
+
+@case
+def trace_config_is_a_list(tmp, src):
+    ckpt = copy(src, "mixtral", tmp)
+    text(ckpt / "config.json", "[1, 2]")
+    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt / "config.json"), "holds a JSON list"]
+
+
+@case
+def trace_config_is_not_json(tmp, src):
+    ckpt = copy(src, "mixtral", tmp)
+    text(ckpt / "config.json", '{\n  "model_type": "mixtral",\n  "hidden_size": 32,,\n}')
+    return ["trace", ckpt, "--quiet"], [ckpt], [f"{ckpt / 'config.json'}:3: not valid JSON"]
+
+
+@case
+def trace_quantization_config_is_a_string(tmp, src):
+    ckpt = hf(src, tmp, quantization_config="fp8")
+    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt / "config.json"), "quantized checkpoint (quant_method 'fp8')"]
+
+
+@case
+def trace_index_without_weight_map(tmp, src):
+    ckpt = copy(src, "sharded", tmp)
+    edit_json(ckpt / "model.safetensors.index.json", weight_map=...)
+    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt / "model.safetensors.index.json"), "has no weight_map"]
+
+
+@case
+def trace_index_shard_outside(tmp, src):
+    text(tmp / "outside.safetensors", b"")
+    ckpt = sharded(src, tmp, lambda c: "../outside.safetensors")
+    index = ckpt / "model.safetensors.index.json"
+    return ["trace", ckpt, "--quiet"], [ckpt], [str(index), "names the file '../outside.safetensors'"]
+
+
+@case
+def trace_index_shard_symlinked_outside(tmp, src):
+    ckpt = symlinked_shard(src, tmp)
+    index = ckpt / "model.safetensors.index.json"
+    return ["trace", ckpt, "--quiet"], [ckpt], [str(index), "links out of the directory are refused"]
+
+
+@case
+def trace_safetensors_is_a_directory(tmp, src):
+    ckpt = copy(src, "mixtral", tmp)
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors").mkdir()
+    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt / "model.safetensors"), "is a directory"]
+
+
+# trace and analyze: moelab checkpoints and data files
+
+
+@case
+def trace_truncated_moelab_checkpoint(tmp, src):
+    model = truncated(src, tmp)
+    return ["trace", model, "--quiet"], [model], [str(model / "model.safetensors"), "truncated or corrupt"]
+
+
+@case
+def trace_moelab_config_not_a_model_config(tmp, src):
+    model = copy(src, "moelab", tmp)
+    edit_json(model / "config.json", dimm=32)
+    return ["trace", model, "--quiet"], [model], [str(model / "config.json"), "unknown ModelConfig field 'dimm'"]
+
+
+@case
+def trace_jsonl_bad_line(tmp, src):
+    model = copy(src, "moelab", tmp)
+    data = text(tmp / "data.jsonl", '{"text": "one"}\n\n{"text": "two",}\n')
+    args = ["trace", model, "--data", data, "--quiet"]
+    return args, [model, data], [f"{data}:3: not valid JSON"]
+
+
+@case
+def trace_jsonl_null_domain(tmp, src):
+    model = copy(src, "moelab", tmp)
+    data = text(tmp / "data.jsonl", '{"text": "a\u2028b"}\n{"text": "two", "domain": null}\n')
+    args = ["trace", model, "--data", data, "--quiet"]
+    return args, [model, data], [f"{data}:2: 'domain' must be a non-empty string, got None"]
+
+
+@case
+def trace_jsonl_record_without_text(tmp, src):
+    model = copy(src, "moelab", tmp)
+    data = text(tmp / "data" / "d.jsonl", '"just a string"\n')
+    args = ["trace", model, "--data", tmp / "data", "--quiet"]
+    return args, [model, data], [f"{data}:1: a JSON line needs a 'text' field"]
+
+
+@case
+def trace_text_not_utf8(tmp, src):
+    model = copy(src, "moelab", tmp)
+    data = text(tmp / "data.txt", b"caf\xe9")
+    return ["trace", model, "--data", data, "--quiet"], [model, data], [str(data), "is not UTF-8 text"]
+
+
+@case
+def trace_seq_len_zero(tmp, src):
+    model = copy(src, "moelab", tmp)
+    return ["trace", model, "--seq-len", "0", "--quiet"], [model], ["'--seq-len'", "greater than or equal to 1"]
+
+
+@case
+def trace_max_tokens_not_a_number(tmp, src):
+    model = copy(src, "moelab", tmp)
+    return ["trace", model, "--max-tokens", "lots"], [model], ["'--max-tokens'", "valid integer"]
+
+
+@case
+def analyze_batch_size_negative(tmp, src):
+    model = copy(src, "moelab", tmp)
+    return ["analyze", model, "--batch-size", "-1"], [model], ["'--batch-size'", "greater than or equal to 1"]
+
+
+@case
+def analyze_truncated_moelab_checkpoint(tmp, src):
+    model = truncated(src, tmp)
+    return ["analyze", model, "--out", tmp / "out", "--quiet"], [model], [str(model / "model.safetensors")]
+
+
+# analyze: traces
+
+
+@case
+def analyze_manifest_missing_field(tmp, src):
+    path = trace(src, tmp, layers=...)
+    return ["analyze", path, "--out", tmp / "out"], [path], [str(path / "manifest.json"), "'layers'"]
+
+
+@case
+def analyze_manifest_extra_field(tmp, src):
+    path = trace(src, tmp, layer_names=["a"])
+    return ["analyze", path, "--out", tmp / "out"], [path], [str(path / "manifest.json"), "field 'layer_names'"]
+
+
+@case
+def analyze_manifest_wrong_type(tmp, src):
+    path = trace(src, tmp, num_experts=["4"])
+    manifest = path / "manifest.json"
+    return ["analyze", path], [path], [str(manifest), "TraceInfo.num_experts must be list[int], got list ['4']"]
+
+
+@case
+def analyze_manifest_not_json(tmp, src):
+    path = copy(src, "trace", tmp)
+    text(path / "manifest.json", (path / "manifest.json").read_text()[:-20])
+    return ["analyze", path], [path], [f"{path / 'manifest.json'}:", "not valid JSON"]
+
+
+@case
+def analyze_shard_outside_the_trace(tmp, src):
+    shutil.copy(next((src / "trace").glob("shard-*")), tmp / "stolen.safetensors")
+    path = trace(src, tmp, shards=[{"file": "../stolen.safetensors", "tokens": 64, "sequences": 4}])
+    return ["analyze", path], [path], [str(path / "manifest.json"), "'../stolen.safetensors'"]
+
+
+@case
+def analyze_shard_absolute_path(tmp, src):
+    stolen = Path(shutil.copy(next((src / "trace").glob("shard-*")), tmp / "stolen.safetensors"))
+    path = trace(src, tmp, shards=[{"file": str(stolen), "tokens": 64, "sequences": 4}])
+    return ["analyze", path], [path], [str(path / "manifest.json"), f"names the file '{stolen}'"]
+
+
+@case
+def analyze_shard_symlinked_outside(tmp, src):
+    path = copy(src, "trace", tmp)
+    shard = next(path.glob("shard-*"))
+    shard.rename(tmp / shard.name)
+    shard.symlink_to(tmp / shard.name)
+    return ["analyze", path], [path], [str(path / "manifest.json"), "links out of the directory are refused"]
+
+
+@case
+def analyze_truncated_shard(tmp, src):
+    path = copy(src, "trace", tmp)
+    shard = next(path.glob("shard-*"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    return ["analyze", path, "--out", tmp / "out"], [path], [str(shard), "truncated or corrupt"]
+
+
+@case
+def analyze_shard_lacks_a_tensor(tmp, src):
+    path = trace_shard(src, tmp, lambda t: t.pop("layer1.weights"))
+    return ["analyze", path, "--out", tmp / "out"], [path], ["shard-00000.safetensors", "no layer1.weights"]
+
+
+@case
+def analyze_shard_expert_out_of_range(tmp, src):
+    path = trace_shard(src, tmp, lambda t: t["layer1.indices"].__setitem__((0, 0), 9))
+    return ["analyze", path, "--out", tmp / "out"], [path], ["shard-00000.safetensors", "layer1.indices outside [-1, 4)"]
+
+
+# demo
+
+
+@case
+def demo_truncated_checkpoint(tmp, src):
+    model = truncated(src, tmp)
+    return ["demo", "--model", model, "--out", tmp / "out", "--quiet"], [model], [str(model / "model.safetensors")]
+
+
+@case
+def demo_transformers_checkpoint(tmp, src):
+    ckpt = copy(src, "mixtral", tmp)
+    args = ["demo", "--model", ckpt, "--out", tmp / "out", "--quiet"]
+    return args, [ckpt], [str(ckpt / "config.json"), "is a transformers model config (model_type 'mixtral')"]
+
+
+@case
+def demo_config_is_a_list(tmp, src):
+    model = copy(src, "moelab", tmp)
+    text(model / "config.json", "[]")
+    args = ["demo", "--model", model, "--out", tmp / "out", "--quiet"]
+    return args, [model], [str(model / "config.json"), "expected a mapping of ModelConfig fields, got list"]
+
+
+@case
+def demo_prune_negative(tmp, src):
+    return ["demo", "--prune", "-1", "--out", tmp / "out"], [], ["'--prune'", "greater than or equal to 0"]
+
+
+# train, compare, info: config files
+
+
+@case
+def train_duplicate_yaml_key(tmp, src):
+    run = text(tmp / "run.yaml", RUN_YAML + "  steps: 5\n")
+    return ["train", run, "--out", tmp / "out", "--quiet"], [run], [f"{run}:6:", "duplicate key 'steps'"]
+
+
+@case
+def train_grad_clip_nan(tmp, src):
+    run = text(tmp / "run.yaml", RUN_YAML + "  grad_clip: .nan\n")
+    return ["train", run, "--out", tmp / "out"], [run], [str(run), "TrainConfig.grad_clip must be a finite number"]
+
+
+@case
+def train_moe_top_k_float(tmp, src):
+    model = MODEL_YAML + "  moe: {num_experts: 4, hidden_dim: 8, top_k: 2.0}"
+    run = text(tmp / "run.yaml", RUN_YAML.replace("model: tiny", model))
+    return ["train", run, "--out", tmp / "out"], [run], [str(run), "MoEConfig.top_k must be int, got float 2.0"]
+
+
+@case
+def train_yaml_syntax_error(tmp, src):
+    run = text(tmp / "run.yaml", RUN_YAML + "  lr: [1e-3\n")
+    return ["train", run, "--out", tmp / "out"], [run], [f"{run}:", "not valid YAML"]
+
+
+@case
+def train_transformers_config(tmp, src):
+    ckpt = copy(src, "mixtral", tmp)
+    args = ["train", ckpt / "config.json", "--out", tmp / "out"]
+    return args, [ckpt], [str(ckpt / "config.json"), "is a transformers model config"]
+
+
+@case
+def train_missing_config(tmp, src):
+    return ["train"], [], ["Missing argument 'config'", "train --help"]
+
+
+@case
+def compare_rope_theta_nan(tmp, src):
+    model = text(tmp / "m.yaml", "vocab_size: 64\ndim: 32\nn_layers: 1\nn_heads: 4\nrope_theta: .nan\n")
+    recipe = text(tmp / "recipe.yaml", "steps: 2\n")
+    args = ["compare", model, "--train", recipe, "--out", tmp / "out"]
+    return args, [model, recipe], [str(model), "ModelConfig.rope_theta must be a finite number, got nan"]
+
+
+@case
+def compare_recipe_duplicate_key(tmp, src):
+    recipe = text(tmp / "recipe.yaml", "steps: 2\nlr: 1.0e-3\nlr: 2.0e-3\n")
+    args = ["compare", "tiny", "--train", recipe, "--out", tmp / "out"]
+    return args, [recipe], [f"{recipe}:3:", "duplicate key 'lr'"]
+
+
+@case
+def compare_transformers_recipe(tmp, src):
+    ckpt = copy(src, "mixtral", tmp)
+    args = ["compare", "tiny", "--train", ckpt / "config.json", "--out", tmp / "out"]
+    return args, [ckpt], [str(ckpt / "config.json"), "is a transformers model config"]
+
+
+@case
+def compare_missing_train_option(tmp, src):
+    return ["compare", "tiny", "--out", tmp / "out"], [], ["Missing option '--train'"]
+
+
+@case
+def info_transformers_config(tmp, src):
+    ckpt = copy(src, "mixtral", tmp)
+    return ["info", ckpt / "config.json"], [ckpt], [str(ckpt / "config.json"), "expected a moelab config"]
+
+
+@case
+def info_json_error_line(tmp, src):
+    config = text(tmp / "model.json", '{\n  "vocab_size": 64,\n  "dim": 32\n  "n_layers": 1\n}')
+    return ["info", config], [config], [f"{config}:4: not valid JSON"]
+
+
+@case
+def info_seq_len_zero(tmp, src):
+    return ["info", "tiny", "--seq-len", "0"], [], ["'--seq-len'", "greater than or equal to 1"]
+
+
+# export
+
+
+@case
+def export_truncated_checkpoint(tmp, src):
+    model = truncated(src, tmp)
+    args = ["export", model, "--family", "mixtral", "--out", tmp / "out", "--quiet"]
+    return args, [model], [str(model / "model.safetensors"), "truncated or corrupt"]
+
+
+@case
+def export_transformers_checkpoint(tmp, src):
+    ckpt = copy(src, "mixtral", tmp)
+    args = ["export", ckpt, "--family", "qwen2_moe", "--out", tmp / "out", "--quiet"]
+    return args, [ckpt], [str(ckpt), "is not a moelab checkpoint"]
+
+
+@case
+def export_missing_family(tmp, src):
+    model = copy(src, "moelab", tmp)
+    return ["export", model, "--out", tmp / "out"], [model], ["Missing option '--family'"]
+
+
+# bench layer: 0 used to mean "the default"
+
+
+@case
+def bench_tokens_zero(tmp, src):
+    return ["bench", "layer", "--tokens", "0"], [], ["'--tokens'", "greater than or equal to 1"]
+
+
+@case
+def bench_rounds_zero(tmp, src):
+    return ["bench", "layer", "--rounds", "0"], [], ["'--rounds'", "greater than or equal to 1"]
+
+
+@case
+def bench_skew_nan(tmp, src):
+    args = ["bench", "layer", "--skew", "nan", "--tokens", "8", "--rounds", "1"]
+    return args, [], ["skew must be a finite number"]
+
+
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_cli_bad_input_gives_one_line(name, sources, tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(tmp_path)
+    args, inputs, fragments = CLI_CASES[name](tmp_path, sources)
+    before = digest(inputs)
+    code, out, err = run_cli(monkeypatch, capsys, args)
+    lines = err.splitlines()
+    assert code == 2, (out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) > len("error: "), err
+    assert "Traceback" not in err + out
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert digest(inputs) == before
+
+
+def test_cli_help_and_success_still_work(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["moelab", "--help"])
+    cli.main()
+    assert "trace" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["moelab", "info", "tiny", "--json"])
+    cli.main()
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["total_params"] > 0 and captured.err == ""
+
+
+def test_cli_keeps_tracebacks_for_bugs(monkeypatch):
+    """Only user mistakes become one line; anything else is a bug and must stay loud."""
+    monkeypatch.setattr("moelab.models.model_info", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("sys.argv", ["moelab", "info", "tiny"])
+    with pytest.raises(ZeroDivisionError):
+        cli.main()
+
+
+# ----------------------------------------------------------------------------- Python API
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda s, t: hf(s, t, quantization_config="int4"), r"config.json describes a quantized checkpoint"),
+        (lambda s, t: hf(s, t, model_type=["mixtral"]), r"config.json: model_type must be a string"),
+        (lambda s, t: sharded(s, t, lambda c: "sub/../../x.safetensors"), r"index.json names the file 'sub/\.\./"),
+        (lambda s, t: sharded(s, t, lambda c: str(sorted(c.glob("model-*"))[0])), r"index.json names the file '/"),
+        (lambda s, t: sharded(s, t, lambda c: 3), r"index.json maps .* to 3, expected a shard file name"),
+        (symlinked_shard, r"index.json names the file 'model-00001"),
+        (lambda s, t: text(copy(s, "sharded", t) / "model.safetensors.index.json", "[]").parent, r"index.json holds"),
+    ],
+    ids=["quantization", "model_type", "dotdot", "absolute", "not_a_name", "symlink", "index_list"],
+)
+def test_open_checkpoint(sources, tmp_path, make, message):
+    ckpt = make(sources, tmp_path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        open_checkpoint(ckpt)
+    assert str(ckpt) in str(info.value)
+
+
+def test_view_check_reads_headers_only(sources, tmp_path, monkeypatch):
+    real_safe_open = files_module.safe_open
+
+    class HeadersOnly:
+        def __init__(self, *args, **kwargs):
+            self._handle = real_safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._handle.__exit__(*exc)
+
+        def __getattr__(self, name):
+            assert name != "get_tensor", "check() read a tensor's data"
+            return getattr(self._handle, name)
+
+    monkeypatch.setattr(files_module, "safe_open", HeadersOnly)
+    open_checkpoint(sources / "sharded").check()
+    ckpt = hf(sources, tmp_path, num_local_experts=3)
+    with pytest.raises(CheckpointError, match=r"config says 3 experts .* in .*mixtral"):
+        open_checkpoint(ckpt).check()
+
+
+@pytest.mark.parametrize(
+    "make,file,message",
+    [
+        (truncated, "model.safetensors", "is not a readable safetensors file"),
+        (lambda s, t: text(copy(s, "moelab", t) / "config.json", "{").parent, "config.json:1", "not valid JSON"),
+        (lambda s, t: copy(s, "mixtral", t), "config.json", "is a transformers model config"),
+        (lambda s, t: moelab_tensors(s, t, lambda x: x.long()), "model.safetensors", "wrong dtype"),
+        (lambda s, t: moelab_tensors(s, t, lambda x: x.T), "model.safetensors", "wrong shape"),
+        (weights_directory, "model.safetensors", "is a directory, expected a safetensors file"),
+    ],
+    ids=["truncated", "config_json", "transformers", "int_tensor", "transposed", "weights_dir"],
+)
+def test_load_pretrained(sources, tmp_path, make, file, message):
+    model = make(sources, tmp_path)
+    with pytest.raises(ValueError, match=message) as info:
+        load_pretrained(model)
+    assert str(model / file) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "manifest,message",
+    [
+        ({"top_k": ...}, r"missing 1 required keyword-only argument: 'top_k'"),
+        ({"topk": [2]}, r"unknown TraceInfo field 'topk' \(did you mean 'top_k'\?\)"),
+        ({"layers": [1.0]}, r"TraceInfo.layers must be list\[int\], got list \[1.0\]"),
+        ({"layers": [5]}, r"distinct layer numbers in \[0, num_layers=2\)"),
+        ({"shards": {"file": "x"}}, r"TraceInfo.shards must be a list"),
+        ({"shards": [{"file": "x.safetensors", "tokens": 1}]}, r"missing 1 required positional argument"),
+        ({"shards": [{"file": "/etc/passwd", "tokens": 1, "sequences": 1}]}, r"names the file '/etc/passwd'"),
+        ({"version": 2}, r"version 2, expected 'moelab-trace' version 1"),
+    ],
+    ids=["missing", "extra", "float_layer", "layer_range", "shards_dict", "shard_field", "shard_abs", "version"],
+)
+def test_open_trace(sources, tmp_path, manifest, message):
+    path = trace(sources, tmp_path, **manifest)
+    with pytest.raises(ValueError, match=message) as info:
+        open_trace(path)
+    assert str(path / "manifest.json") in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (RUN_YAML + "  steps: 3\n", r"run.yaml:6: not valid YAML: duplicate key 'steps'"),
+        (RUN_YAML.replace("train:", "model: small\ntrain:"), r"run.yaml:2: not valid YAML: duplicate key 'model'"),
+        (RUN_YAML + "  grad_clip: .nan\n", r"run.yaml: TrainConfig.grad_clip must be a finite number, got nan"),
+        (RUN_YAML + "  lr: .inf\n", r"run.yaml: TrainConfig.lr must be a finite number, got inf"),
+        (RUN_YAML + "  eval_every: 2.0\n", r"run.yaml: TrainConfig.eval_every must be int, got float 2.0"),
+        (RUN_YAML + "  domains: [code, 7]\n", r"TrainConfig.domains must be list\[str\] or None, got list"),
+        ('{"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"]}', r"is a transformers model config"),
+    ],
+    ids=["dup_key", "dup_section", "nan", "inf", "float_for_int", "list_item", "transformers"],
+)
+def test_run_config_load(tmp_path, content, message):
+    path = text(tmp_path / "run.yaml", content)
+    with pytest.raises(ValueError, match=message) as info:
+        RunConfig.load(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("top_k", 2.0, r"MoEConfig.top_k must be int, got float 2.0"),
+        ("top_k", True, r"MoEConfig.top_k must be int, got bool True"),
+        ("dim", float("nan"), r"MoEConfig.dim must be int, got float nan"),
+        ("balance_coef", float("nan"), r"MoEConfig.balance_coef must be a finite number, got nan"),
+        ("route_scale", float("inf"), r"MoEConfig.route_scale must be a finite number, got inf"),
+        ("capacity_factor", "1.25", r"MoEConfig.capacity_factor must be float or None, got str '1.25'"),
+        ("renormalize", "yes", r"MoEConfig.renormalize must be bool or None"),
+        ("shared_hidden_dim", 0, r"MoEConfig.shared_hidden_dim must be >= 1 or None"),
+    ],
+)
+def test_moe_config_types(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(**{"dim": 16, "num_experts": 4, "hidden_dim": 8, field: value})
+
+
+EXPERT_MAP = {
+    "format": "moelab-expert-map/1",
+    "source": "/models/original",
+    "family": "mixtral",
+    "layers": {
+        "0": {"sources": [[0], [2, 3], [1]], "kept": [0, 1], "merge_groups": [[2, 3]], "tensors_replaced": True},
+        "1": {"sources": [[3], [1]], "kept": [3, 1], "merge_groups": [], "tensors_replaced": False},
+    },
+}
+
+
+def _layer(**fields) -> dict:
+    return {**EXPERT_MAP, "layers": {"0": {**EXPERT_MAP["layers"]["0"], **fields}}}
+
+
+@pytest.mark.parametrize(
+    "doc,message",
+    [
+        ([EXPERT_MAP], r"holds a JSON list, expected a moelab expert map"),
+        ({**EXPERT_MAP, "format": "moelab-expert-map/2"}, r"format is 'moelab-expert-map/2'"),
+        ({k: v for k, v in EXPERT_MAP.items() if k != "source"}, r"the map has no 'source'"),
+        ({**EXPERT_MAP, "extra": 1}, r"the map has unknown 'extra'"),
+        ({**EXPERT_MAP, "family": 3}, r"family must be a string, got 3"),
+        ({**EXPERT_MAP, "layers": []}, r"layers must be an object"),
+        ({**EXPERT_MAP, "layers": {"one": EXPERT_MAP["layers"]["0"]}}, r"layer key 'one' is not a layer number"),
+        ({**EXPERT_MAP, "layers": {"-1": EXPERT_MAP["layers"]["0"]}}, r"layer key '-1' is not a layer number"),
+        ({**EXPERT_MAP, "layers": {"0": [[0]]}}, r"layer 0 must be an object"),
+        (_layer(sources=[[0], [-2]]), r"layer 0: sources must be .* expert ids >= 0"),
+        (_layer(sources=[[0], [1.0]]), r"layer 0: sources must be .* expert ids >= 0"),
+        (_layer(sources=[[0], [True]]), r"layer 0: sources must be .* expert ids >= 0"),
+        (_layer(sources=[[0], []]), r"layer 0: sources must be a non-empty list of non-empty lists"),
+        (_layer(sources=[[0], [2, 0]]), r"layer 0: sources name an expert twice"),
+        (_layer(kept=[0, 2]), r"layer 0: kept is \[0, 2\], but sources .* make it \[0, 1\]"),
+        (_layer(kept=[0, 1.0]), r"layer 0: kept is \[0, 1.0\]"),
+        (_layer(merge_groups=[]), r"layer 0: merge_groups is \[\]"),
+        (_layer(tensors_replaced="yes"), r"layer 0: tensors_replaced must be true or false"),
+        (_layer(dropped=[4]), r"layer 0 has unknown 'dropped'"),
+    ],
+)
+def test_read_expert_map_rejects(tmp_path, doc, message):
+    path = text(tmp_path / "moelab_expert_map.json", json.dumps(doc))
+    with pytest.raises(CheckpointError, match=message) as info:
+        read_expert_map(path)
+    assert str(path) in str(info.value)
+
+
+def test_read_expert_map_accepts_the_writers_output(sources, tmp_path):
+    from moelab.hf import drop_experts
+
+    out = drop_experts(sources / "mixtral", tmp_path / "pruned", {0: [1], 1: [0]}, quiet=True)
+    doc = read_expert_map(out / "moelab_expert_map.json")
+    assert doc["layers"]["1"]["kept"] == [1, 2, 3]
+    path = text(tmp_path / "map.json", json.dumps(EXPERT_MAP))
+    assert read_expert_map(path) == EXPERT_MAP
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("d.jsonl", '{"text": "a"}\n{"text": "b\u2028c"}\n{"text": 3}\n', r"d.jsonl:3: a JSON line needs a 'text' field"),
+        ("d.jsonl", '{"text": "a"}\n\n\n[1,\n', r"d.jsonl:4: not valid JSON"),
+        ("d.jsonl", '{"text": "a", "domain": null}\n', r"d.jsonl:1: 'domain' must be a non-empty string, got None"),
+        ("d.jsonl", '{"text": "a", "domain": ""}\n', r"d.jsonl:1: 'domain' must be a non-empty string"),
+        ("d.txt", b"\xff\xfe", r"d.txt is not UTF-8 text"),
+    ],
+    ids=["text_number", "json_line", "domain_null", "domain_empty", "utf8"],
+)
+def test_data_loading(tmp_path, name, content, message):
+    path = text(tmp_path / name, content)
+    with pytest.raises(ValueError, match=message):
+        load_streams(path)
+
+
+def test_zero_counts_are_not_defaults():
+    with pytest.raises(ValueError, match=r"tokens must be an integer >= 1, got 0"):
+        BenchOptions.create(tokens=0)
+    with pytest.raises(ValueError, match=r"rounds must be an integer >= 1, got 0"):
+        BenchOptions.create(quick=True, rounds=0)
+    with pytest.raises(ValueError, match=r"seq_len must be >= 1, got 0"):
+        model_info(tiny(), seq_len=0)
+
+
+def test_symlinked_shard_inside_the_directory_is_fine(sources, tmp_path):
+    """Only links *out of* the checkpoint are refused."""
+    ckpt = copy(sources, "sharded", tmp_path)
+    shard = sorted(ckpt.glob("model-*.safetensors"))[0]
+    shard.rename(ckpt / "real.safetensors")
+    os.symlink("real.safetensors", shard)
+    open_checkpoint(ckpt).check()
