@@ -520,3 +520,34 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
     with output_dir(tmp_path / "out", "thing", entries=[], resume=True) as claimed:
         assert claimed.resumed
     assert hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("shard", ["../x.safetensors", "/tmp/moelab-abs-x.safetensors", "sub/../../x.safetensors"])
+def test_case2_index_shard_names_never_leave_the_checkpoint(tmp_path, shard):
+    source = tmp_path / "A" / "ckpt"
+    build("mixtral").save_pretrained(source, max_shard_size="20KB")
+    index_path = source / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"] = {k: (shard if v == first else v) for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    before = tree_digest(tmp_path)
+    with pytest.raises(ValueError, match="not a file inside"):
+        drop_experts(source, tmp_path / "out", [0], quiet=True)
+    assert tree_digest(tmp_path) == before and not Path("/tmp/moelab-abs-x.safetensors").exists()
+
+
+def test_a_hugging_face_cache_snapshot_with_linked_shards_opens_and_writes(tmp_path):
+    """The hub cache keeps files in blobs/ and links them from snapshots/<rev>/."""
+    plain = tmp_path / "plain"
+    build("mixtral").save_pretrained(plain, max_shard_size="20KB")
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in sorted(plain.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(file.name.encode()).hexdigest()
+        os.rename(file, blob)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+    drop_experts(snapshot, tmp_path / "out", [0], quiet=True)
+    assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())

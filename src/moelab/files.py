@@ -129,11 +129,22 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, 
 
 def file_inside(directory: Path, name: Any, source: str | os.PathLike, error: ErrorType = ValueError) -> Path:
     """`directory / name` for a file name read from `source` (an index, a manifest): a relative
-    path without '..' that stays inside `directory`, symlinks resolved."""
+    path without '..' that stays inside `directory` (see `inside_checkpoint`), symlinks resolved."""
     inside = isinstance(name, str) and name and not Path(name).is_absolute() and ".." not in Path(name).parts
-    if not inside or not (directory / name).resolve().is_relative_to(directory.resolve()):
+    if not inside or not inside_checkpoint((directory / name).resolve(), directory):
         raise error(
             f"{source} names the file {name!r}, which is not a file inside {directory} (absolute paths, '..' "
             f"and links out of the directory are refused); re-create {Path(source).name}"
         )
     return directory / name
+
+
+def inside_checkpoint(target: Path, root: Path) -> bool:
+    """Whether the resolved path `target` is one of the checkpoint directory `root`'s own files:
+    inside it, or, for a Hugging Face cache snapshot (`.../snapshots/<revision>/`, whose files
+    are links to `../../blobs/<hash>`), inside its repository's `blobs/`."""
+    root = root.resolve()
+    homes = [root]
+    if root.parent.name == "snapshots":
+        homes.append(root.parent.parent / "blobs")
+    return any(target == home or target.is_relative_to(home) for home in homes)

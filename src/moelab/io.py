@@ -44,6 +44,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from moelab.files import inside_checkpoint
+
 MARKER = ".moelab-output.json"
 MARKER_FORMAT = "moelab-output/1"
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.moelab-(?P<what>lock|staging|old|trash|tmp)(-[0-9a-z_]+)?$")
@@ -301,7 +303,7 @@ def copy_side_file(src: Path, dst: Path, root: Path) -> str | None:
     checkpoint must not copy, say, ~/.ssh into an output the user may publish); returns a note
     saying so, else None. A Hugging Face cache snapshot's links into its own `blobs/` count as
     inside."""
-    if src.is_symlink() and not _inside_checkpoint(src.resolve(), root):
+    if src.is_symlink() and not inside_checkpoint(src.resolve(), root):
         os.symlink(src.resolve(), dst)
         return f"{src.name} is a link to {src.resolve()}, outside {root}: copied as a link, not its content"
     if src.is_dir():
@@ -310,14 +312,6 @@ def copy_side_file(src: Path, dst: Path, root: Path) -> str | None:
         return "; ".join(n for n in notes if n) or None
     shutil.copy2(src, dst)
     return None
-
-
-def _inside_checkpoint(target: Path, root: Path) -> bool:
-    root = root.resolve()
-    homes = [root]
-    if root.parent.name == "snapshots":  # huggingface_hub cache: snapshots/<rev>/<file> -> ../../blobs/<hash>
-        homes.append(root.parent.parent / "blobs")
-    return any(target == home or home in target.parents for home in homes)
 
 
 # ----------------------------------------------------------------------------- internals

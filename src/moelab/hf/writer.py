@@ -39,6 +39,8 @@ from tqdm.auto import tqdm
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, CheckpointError
 from moelab.hf.edit import LayerEdit, apply_edit, check_edit, masked_moe_layer
+from moelab.hf.expert_map import FORMAT as EXPERT_MAP_FORMAT
+from moelab.hf.expert_map import read_expert_map
 from moelab.hf.layouts import Config, Family, config_entry, config_value
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.postconditions import LayerCheck, check_reload, check_written, run_layer
@@ -185,7 +187,7 @@ class _Plan:
                 "tensors_replaced": edit.view is not None,
             }
         return {
-            "format": "moelab-expert-map/1",
+            "format": EXPERT_MAP_FORMAT,
             "source": str(source),
             "family": self.family.name,
             "layers": {**{k: v for k, v in previous.items() if k not in layers}, **layers},
@@ -215,7 +217,7 @@ def _set_present(config: Config, dotted: str, value: Any) -> None:
 
 def _read_expert_map(source: Path) -> dict[str, Any]:
     path = source / EXPERT_MAP_NAME
-    return json.loads(path.read_text())["layers"] if path.is_file() else {}
+    return read_expert_map(path)["layers"] if path.is_file() else {}
 
 
 # ----------------------------------------------------------------------------- writing

@@ -19,8 +19,8 @@ from torch import nn
 
 from moelab.files import read_json_object
 from moelab.hf import CheckpointError, ModelView, open_checkpoint
+from moelab.hf.modules import is_transformers_model
 from moelab.models.reference import reference_model_dir
-from moelab.trace.capture import is_transformers_model
 from moelab.trace.data import Encoder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -75,7 +75,7 @@ def wrap_model(model: nn.Module, view: ModelView | None = None, name: str | None
 
 
 def _load_transformers(path: Path, dtype: torch.dtype, quiet: bool) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     view = open_checkpoint(path)  # refuses quantized and non-MoE checkpoints with a clear error
     view.check()  # every MoE layer's tensors against config.json, from the shard headers
@@ -85,9 +85,7 @@ def _load_transformers(path: Path, dtype: torch.dtype, quiet: bool) -> LoadedMod
             path, dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True, **local
         )
         _check_loading_info(path, info)
-        encoder = None
-        if any((path / name).is_file() for name in TOKENIZER_FILES):
-            encoder = _hf_encoder(AutoTokenizer.from_pretrained(path, **local))
+        encoder = checkpoint_encoder(path)
     return LoadedModel(model.eval(), str(path), view, encoder, model.config.vocab_size, _hf_max_len(model.config))
 
 
@@ -128,6 +126,17 @@ def _check_loading_info(path: Path, info: dict) -> None:
             f"{path} does not fit the model its config.json describes (transformers finds {'; '.join(problems)}); "
             "fix config.json or the weights"
         )
+
+
+def checkpoint_encoder(path: str | os.PathLike) -> Encoder | None:
+    """The tokenizer saved in a local transformers checkpoint directory as an `Encoder`, or None
+    if it has no tokenizer files (never a download, never remote code)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return _hf_encoder(AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False))
 
 
 def _hf_encoder(tokenizer) -> Encoder:
