@@ -258,14 +258,22 @@ def trace_config_is_not_json(tmp, src):
 @case
 def trace_quantization_config_is_a_string(tmp, src):
     ckpt = hf(src, tmp, quantization_config="fp8")
-    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt / "config.json"), "quantized checkpoint (quant_method 'fp8')"]
+    return (
+        ["trace", ckpt, "--quiet"],
+        [ckpt],
+        [str(ckpt / "config.json"), "quantized checkpoint (quant_method 'fp8')"],
+    )
 
 
 @case
 def trace_index_without_weight_map(tmp, src):
     ckpt = copy(src, "sharded", tmp)
     edit_json(ckpt / "model.safetensors.index.json", weight_map=...)
-    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt / "model.safetensors.index.json"), "has no weight_map"]
+    return (
+        ["trace", ckpt, "--quiet"],
+        [ckpt],
+        [str(ckpt / "model.safetensors.index.json"), "has no weight_map"],
+    )
 
 
 @case
@@ -304,7 +312,11 @@ def trace_truncated_moelab_checkpoint(tmp, src):
 def trace_moelab_config_not_a_model_config(tmp, src):
     model = copy(src, "moelab", tmp)
     edit_json(model / "config.json", dimm=32)
-    return ["trace", model, "--quiet"], [model], [str(model / "config.json"), "unknown ModelConfig field 'dimm'"]
+    return (
+        ["trace", model, "--quiet"],
+        [model],
+        [str(model / "config.json"), "unknown ModelConfig field 'dimm'"],
+    )
 
 
 @case
@@ -341,7 +353,11 @@ def trace_text_not_utf8(tmp, src):
 @case
 def trace_seq_len_zero(tmp, src):
     model = copy(src, "moelab", tmp)
-    return ["trace", model, "--seq-len", "0", "--quiet"], [model], ["'--seq-len'", "greater than or equal to 1"]
+    return (
+        ["trace", model, "--seq-len", "0", "--quiet"],
+        [model],
+        ["'--seq-len'", "greater than or equal to 1"],
+    )
 
 
 @case
@@ -374,14 +390,22 @@ def analyze_manifest_missing_field(tmp, src):
 @case
 def analyze_manifest_extra_field(tmp, src):
     path = trace(src, tmp, layer_names=["a"])
-    return ["analyze", path, "--out", tmp / "out"], [path], [str(path / "manifest.json"), "field 'layer_names'"]
+    return (
+        ["analyze", path, "--out", tmp / "out"],
+        [path],
+        [str(path / "manifest.json"), "field 'layer_names'"],
+    )
 
 
 @case
 def analyze_manifest_wrong_type(tmp, src):
     path = trace(src, tmp, num_experts=["4"])
     manifest = path / "manifest.json"
-    return ["analyze", path], [path], [str(manifest), "TraceInfo.num_experts must be list[int], got list ['4']"]
+    return (
+        ["analyze", path],
+        [path],
+        [str(manifest), "TraceInfo.num_experts must be list[int], got list ['4']"],
+    )
 
 
 @case
@@ -431,7 +455,11 @@ def analyze_shard_lacks_a_tensor(tmp, src):
 @case
 def analyze_shard_expert_out_of_range(tmp, src):
     path = trace_shard(src, tmp, lambda t: t["layer1.indices"].__setitem__((0, 0), 9))
-    return ["analyze", path, "--out", tmp / "out"], [path], ["shard-00000.safetensors", "layer1.indices outside [-1, 4)"]
+    return (
+        ["analyze", path, "--out", tmp / "out"],
+        [path],
+        ["shard-00000.safetensors", "layer1.indices outside [-1, 4)"],
+    )
 
 
 # demo
@@ -440,7 +468,11 @@ def analyze_shard_expert_out_of_range(tmp, src):
 @case
 def demo_truncated_checkpoint(tmp, src):
     model = truncated(src, tmp)
-    return ["demo", "--model", model, "--out", tmp / "out", "--quiet"], [model], [str(model / "model.safetensors")]
+    return (
+        ["demo", "--model", model, "--out", tmp / "out", "--quiet"],
+        [model],
+        [str(model / "model.safetensors")],
+    )
 
 
 @case
@@ -475,14 +507,22 @@ def train_duplicate_yaml_key(tmp, src):
 @case
 def train_grad_clip_nan(tmp, src):
     run = text(tmp / "run.yaml", RUN_YAML + "  grad_clip: .nan\n")
-    return ["train", run, "--out", tmp / "out"], [run], [str(run), "TrainConfig.grad_clip must be a finite number"]
+    return (
+        ["train", run, "--out", tmp / "out"],
+        [run],
+        [str(run), "TrainConfig.grad_clip must be a finite number"],
+    )
 
 
 @case
 def train_moe_top_k_float(tmp, src):
     model = MODEL_YAML + "  moe: {num_experts: 4, hidden_dim: 8, top_k: 2.0}"
     run = text(tmp / "run.yaml", RUN_YAML.replace("model: tiny", model))
-    return ["train", run, "--out", tmp / "out"], [run], [str(run), "MoEConfig.top_k must be int, got float 2.0"]
+    return (
+        ["train", run, "--out", tmp / "out"],
+        [run],
+        [str(run), "MoEConfig.top_k must be int, got float 2.0"],
+    )
 
 
 @case
@@ -589,6 +629,61 @@ def bench_skew_nan(tmp, src):
     return args, [], ["skew must be a finite number"]
 
 
+# output paths: an existing file, a path under a file, a directory moelab cannot create (issue 9)
+
+
+def _writing_command(command: str, tmp: Path, src: Path, out: Path) -> tuple[list, list[Path]]:
+    """The arguments of a writing command that would succeed but for its `out`, and its inputs."""
+    model = copy(src, "moelab", tmp)
+    if command == "train":
+        run = text(tmp / "run.yaml", RUN_YAML)
+        return ["train", run, "--out", out, "--quiet"], [run]
+    if command == "compare":
+        cfg = text(tmp / "m.yaml", "vocab_size: 64\ndim: 32\nn_layers: 1\nn_heads: 4\n")
+        recipe = text(tmp / "recipe.yaml", "steps: 2\nbatch_size: 2\nseq_len: 16\n")
+        return ["compare", cfg, "--train", recipe, "--out", out, "--quiet"], [cfg, recipe]
+    if command == "export":
+        return ["export", model, "--family", "qwen2_moe", "--no-tokenizer", "--out", out, "--quiet"], [model]
+    if command == "bench":
+        return ["bench", "layer", "--json", out, "--tokens", "8", "--rounds", "1"], []
+    args = (
+        ["demo", "--model", model, "--out", out, "--quiet"]
+        if command == "demo"
+        else [command, model, "--out", out, "--quiet"]
+    )
+    return args, [model]
+
+
+for _command in ("train", "compare", "trace", "analyze", "export", "demo"):
+
+    def _existing_file(tmp, src, command=_command):
+        out = text(tmp / "taken.txt", "the user's notes")
+        args, inputs = _writing_command(command, tmp, src, out)
+        return args, [*inputs, out], [str(out), "is a file; the output must be a directory"]
+
+    def _under_a_file(tmp, src, command=_command):
+        parent = text(tmp / "notes.txt", "the user's notes")
+        args, inputs = _writing_command(command, tmp, src, parent / "out")
+        return args, [*inputs, parent], [str(parent), "is a file, not a directory"]
+
+    def _not_writable(tmp, src, command=_command):
+        args, inputs = _writing_command(command, tmp, src, Path("/proc/moelab-test/out"))
+        return args, inputs, ["cannot write /proc/moelab-test/out", "choose another output path"]
+
+    for _name, _fn in (
+        ("existing_file", _existing_file),
+        ("under_a_file", _under_a_file),
+        ("not_writable", _not_writable),
+    ):
+        CLI_CASES[f"{_command}_out_{_name}"] = _fn
+
+
+@case
+def bench_json_is_a_directory(tmp, src):
+    args, _ = _writing_command("bench", tmp, src, tmp)
+    return args, [], [str(tmp), "is a directory; give a file name"]
+
+
 @pytest.mark.parametrize("name", CLI_CASES)
 def test_cli_bad_input_gives_one_line(name, sources, tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.chdir(tmp_path)
@@ -630,11 +725,20 @@ def test_cli_keeps_tracebacks_for_bugs(monkeypatch):
     [
         (lambda s, t: hf(s, t, quantization_config="int4"), r"config.json describes a quantized checkpoint"),
         (lambda s, t: hf(s, t, model_type=["mixtral"]), r"config.json: model_type must be a string"),
-        (lambda s, t: sharded(s, t, lambda c: "sub/../../x.safetensors"), r"index.json names the file 'sub/\.\./"),
-        (lambda s, t: sharded(s, t, lambda c: str(sorted(c.glob("model-*"))[0])), r"index.json names the file '/"),
+        (
+            lambda s, t: sharded(s, t, lambda c: "sub/../../x.safetensors"),
+            r"index.json names the file 'sub/\.\./",
+        ),
+        (
+            lambda s, t: sharded(s, t, lambda c: str(sorted(c.glob("model-*"))[0])),
+            r"index.json names the file '/",
+        ),
         (lambda s, t: sharded(s, t, lambda c: 3), r"index.json maps .* to 3, expected a shard file name"),
         (symlinked_shard, r"index.json names the file 'model-00001"),
-        (lambda s, t: text(copy(s, "sharded", t) / "model.safetensors.index.json", "[]").parent, r"index.json holds"),
+        (
+            lambda s, t: text(copy(s, "sharded", t) / "model.safetensors.index.json", "[]").parent,
+            r"index.json holds",
+        ),
     ],
     ids=["quantization", "model_type", "dotdot", "absolute", "not_a_name", "symlink", "index_list"],
 )
@@ -673,7 +777,11 @@ def test_view_check_reads_headers_only(sources, tmp_path, monkeypatch):
     "make,file,message",
     [
         (truncated, "model.safetensors", "is not a readable safetensors file"),
-        (lambda s, t: text(copy(s, "moelab", t) / "config.json", "{").parent, "config.json:1", "not valid JSON"),
+        (
+            lambda s, t: text(copy(s, "moelab", t) / "config.json", "{").parent,
+            "config.json:1",
+            "not valid JSON",
+        ),
         (lambda s, t: copy(s, "mixtral", t), "config.json", "is a transformers model config"),
         (lambda s, t: moelab_tensors(s, t, lambda x: x.long()), "model.safetensors", "wrong dtype"),
         (lambda s, t: moelab_tensors(s, t, lambda x: x.T), "model.safetensors", "wrong shape"),
@@ -700,7 +808,16 @@ def test_load_pretrained(sources, tmp_path, make, file, message):
         ({"shards": [{"file": "/etc/passwd", "tokens": 1, "sequences": 1}]}, r"names the file '/etc/passwd'"),
         ({"version": 2}, r"version 2, expected 'moelab-trace' version 1"),
     ],
-    ids=["missing", "extra", "float_layer", "layer_range", "shards_dict", "shard_field", "shard_abs", "version"],
+    ids=[
+        "missing",
+        "extra",
+        "float_layer",
+        "layer_range",
+        "shards_dict",
+        "shard_field",
+        "shard_abs",
+        "version",
+    ],
 )
 def test_open_trace(sources, tmp_path, manifest, message):
     path = trace(sources, tmp_path, **manifest)
@@ -713,8 +830,14 @@ def test_open_trace(sources, tmp_path, manifest, message):
     "content,message",
     [
         (RUN_YAML + "  steps: 3\n", r"run.yaml:6: not valid YAML: duplicate key 'steps'"),
-        (RUN_YAML.replace("train:", "model: small\ntrain:"), r"run.yaml:2: not valid YAML: duplicate key 'model'"),
-        (RUN_YAML + "  grad_clip: .nan\n", r"run.yaml: TrainConfig.grad_clip must be a finite number, got nan"),
+        (
+            RUN_YAML.replace("train:", "model: small\ntrain:"),
+            r"run.yaml:2: not valid YAML: duplicate key 'model'",
+        ),
+        (
+            RUN_YAML + "  grad_clip: .nan\n",
+            r"run.yaml: TrainConfig.grad_clip must be a finite number, got nan",
+        ),
         (RUN_YAML + "  lr: .inf\n", r"run.yaml: TrainConfig.lr must be a finite number, got inf"),
         (RUN_YAML + "  eval_every: 2.0\n", r"run.yaml: TrainConfig.eval_every must be int, got float 2.0"),
         (RUN_YAML + "  domains: [code, 7]\n", r"TrainConfig.domains must be list\[str\] or None, got list"),
@@ -752,7 +875,12 @@ EXPERT_MAP = {
     "source": "/models/original",
     "family": "mixtral",
     "layers": {
-        "0": {"sources": [[0], [2, 3], [1]], "kept": [0, 1], "merge_groups": [[2, 3]], "tensors_replaced": True},
+        "0": {
+            "sources": [[0], [2, 3], [1]],
+            "kept": [0, 1],
+            "merge_groups": [[2, 3]],
+            "tensors_replaced": True,
+        },
         "1": {"sources": [[3], [1]], "kept": [3, 1], "merge_groups": [], "tensors_replaced": False},
     },
 }
@@ -771,8 +899,14 @@ def _layer(**fields) -> dict:
         ({**EXPERT_MAP, "extra": 1}, r"the map has unknown 'extra'"),
         ({**EXPERT_MAP, "family": 3}, r"family must be a string, got 3"),
         ({**EXPERT_MAP, "layers": []}, r"layers must be an object"),
-        ({**EXPERT_MAP, "layers": {"one": EXPERT_MAP["layers"]["0"]}}, r"layer key 'one' is not a layer number"),
-        ({**EXPERT_MAP, "layers": {"-1": EXPERT_MAP["layers"]["0"]}}, r"layer key '-1' is not a layer number"),
+        (
+            {**EXPERT_MAP, "layers": {"one": EXPERT_MAP["layers"]["0"]}},
+            r"layer key 'one' is not a layer number",
+        ),
+        (
+            {**EXPERT_MAP, "layers": {"-1": EXPERT_MAP["layers"]["0"]}},
+            r"layer key '-1' is not a layer number",
+        ),
         ({**EXPERT_MAP, "layers": {"0": [[0]]}}, r"layer 0 must be an object"),
         (_layer(sources=[[0], [-2]]), r"layer 0: sources must be .* expert ids >= 0"),
         (_layer(sources=[[0], [1.0]]), r"layer 0: sources must be .* expert ids >= 0"),
@@ -806,9 +940,17 @@ def test_read_expert_map_accepts_the_writers_output(sources, tmp_path):
 @pytest.mark.parametrize(
     "name,content,message",
     [
-        ("d.jsonl", '{"text": "a"}\n{"text": "b\u2028c"}\n{"text": 3}\n', r"d.jsonl:3: a JSON line needs a 'text' field"),
+        (
+            "d.jsonl",
+            '{"text": "a"}\n{"text": "b\u2028c"}\n{"text": 3}\n',
+            r"d.jsonl:3: a JSON line needs a 'text' field",
+        ),
         ("d.jsonl", '{"text": "a"}\n\n\n[1,\n', r"d.jsonl:4: not valid JSON"),
-        ("d.jsonl", '{"text": "a", "domain": null}\n', r"d.jsonl:1: 'domain' must be a non-empty string, got None"),
+        (
+            "d.jsonl",
+            '{"text": "a", "domain": null}\n',
+            r"d.jsonl:1: 'domain' must be a non-empty string, got None",
+        ),
         ("d.jsonl", '{"text": "a", "domain": ""}\n', r"d.jsonl:1: 'domain' must be a non-empty string"),
         ("d.txt", b"\xff\xfe", r"d.txt is not UTF-8 text"),
     ],

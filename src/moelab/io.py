@@ -328,13 +328,19 @@ def _sibling(out: Path, what: str) -> Path:
 
 
 def _check_parents(out: Path) -> None:
-    """Every existing ancestor of `out` is a directory and the nearest one is writable."""
+    """Every existing ancestor of `out` is a directory and the nearest one is writable (tried
+    with a temporary file: permission bits do not tell, for root or on special file systems)."""
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(f"cannot write {out}: {parent} is a file, not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise OutputError(f"cannot write {out}: {parent} is not writable; choose another output path")
+            try:
+                with tempfile.TemporaryFile(dir=parent):
+                    pass
+            except OSError as err:
+                raise OutputError(
+                    f"cannot write {out}: {parent} is not writable ({err.strerror}); choose another output path"
+                ) from None
             return
 
 
