@@ -171,11 +171,12 @@ TINY = {
 }
 
 
-def build(family: str, seed: int = 0):
-    """A random fp32 model of `family` with unit-scale weights (see the module docstring)."""
+def build(family: str, seed: int = 0, **overrides):
+    """A random fp32 model of `family` with unit-scale weights (see the module docstring);
+    `overrides` change config entries (e.g. vocab_size)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
-        AutoConfig.for_model(family, **TINY[family].config), dtype=torch.float32
+        AutoConfig.for_model(family, **{**TINY[family].config, **overrides}), dtype=torch.float32
     )
     with torch.no_grad():
         for p in model.parameters():

@@ -216,6 +216,108 @@ def export(
     console.print(f"wrote {path} ({family}; loads with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
+CalibOpt = Annotated[list[str] | None, typer.Option("--calib", help="Calibration data: corpus, corpus:code,german, corpus:code=3,german=1, a .txt/.jsonl file or directory (repeatable; default corpus).")]
+CalibTokensOpt = Annotated[int, typer.Option("--calib-tokens", min=1, help="Calibration token budget, split over the sources by weight.")]
+SampleTokensOpt = Annotated[int, typer.Option("--sample-tokens", min=0, help="MoE inputs kept per layer for methods that re-run layers (NAEE).")]
+
+
+def _calibration_options(tokens: int, seq_len: int, batch_size: int, sample_tokens: int):
+    from moelab.compress import CalibrationOptions
+
+    return CalibrationOptions(tokens=tokens, seq_len=seq_len, batch_size=batch_size, sample_tokens=sample_tokens)
+
+
+@app.command()
+def calibrate(
+    model: ModelArg = None,
+    out: Annotated[Path, typer.Option("--out", help="New directory for the statistics.")] = Path("calibration"),
+    calib: CalibOpt = None,
+    tokens: CalibTokensOpt = 16384,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchOpt = 8,
+    sample_tokens: SampleTokensOpt = 1024,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Record, in one pass layer by layer, every statistic the compression methods need (resumable)."""
+    from moelab.compress import calibrate as run_calibrate
+    from moelab.models.reference import reference_model_dir
+
+    options = _calibration_options(tokens, seq_len, batch_size, sample_tokens)
+    stats = run_calibrate(model or reference_model_dir(), out, calib=calib or "corpus", options=options,
+                          overwrite=overwrite, quiet=quiet)
+    info = stats.info
+    thin = sum(info.get("coverage", {}).values())
+    console.print(f"calibrated {info['mixture']['tokens']:,} tokens through {len(info['moe_layers'])} MoE layers "
+                  f"({info['tokens_per_second']:,.0f} tokens/s) into {out}; experts routed fewer than 8 tokens: {thin}")
+
+
+@app.command()
+def compress(
+    model: ModelArg = None,
+    method: Annotated[str, typer.Option("--method", help="frequency, soft_count, router_weight, ean, reap, easy_ep, premoe, naee, random.")] = "reap",
+    ratio: Annotated[float, typer.Option("--ratio", help="Fraction of each MoE layer's routed experts to remove, in (0, 1).")] = 0.25,
+    out: Annotated[Path, typer.Option("--out", help="New directory for the compressed checkpoint.")] = Path("compressed"),
+    calib: CalibOpt = None,
+    stats: Annotated[Path | None, typer.Option("--stats", help="Reuse these calibration statistics (moelab calibrate, or an earlier output's moelab_calibration/).")] = None,
+    domains: Annotated[list[str] | None, typer.Option("--domain", help="Score experts on these calibration domains only (repeatable; domain-specific pruning).")] = None,
+    protect_super_experts: Annotated[bool, typer.Option("--protect-super-experts", help="Never drop an expert the Super Experts rule flags.")] = False,
+    budget: Annotated[str, typer.Option("--budget", help="layer: the same ratio in every layer; global: rank scores across layers (refused when layers would differ).")] = "layer",
+    tokens: CalibTokensOpt = 16384,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchOpt = 8,
+    sample_tokens: SampleTokensOpt = 1024,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Remove experts with a compression method and write a checkpoint transformers loads unchanged."""
+    from moelab.compress import compress as run_compress
+    from moelab.models.reference import reference_model_dir
+
+    options = _calibration_options(tokens, seq_len, batch_size, sample_tokens)
+    report = run_compress(model or reference_model_dir(), out, method=method, ratio=ratio, calib=calib or "corpus",
+                          stats=stats, calib_options=options, protect_super_experts=protect_super_experts,
+                          domains=domains, budget=budget, overwrite=overwrite, quiet=quiet)
+    before, after = report["parameters"]["before"]["total"], report["parameters"]["after"]["total"]
+    stability = report["stability_jaccard"]
+    console.print(f"wrote {out}: {method} removed {ratio:.0%} of the experts, {before:,} -> {after:,} parameters"
+                  + ("" if stability is None else f"; kept-set stability (Jaccard of two data halves) {stability:.2f}")
+                  + f"; report in {out / 'moelab_compression.json'}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelArg = None,
+    base: Annotated[Path | None, typer.Option("--base", help="The model this one was made from: adds KL, top-1 agreement and its own numbers.")] = None,
+    data: DataOpt = "corpus",
+    split: Annotated[str, typer.Option(help="Corpus split (test by default: calibration uses validation).")] = "test",
+    domains: DomainOpt = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per domain.")] = 8192,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchOpt = 8,
+    prompts: Annotated[int, typer.Option(min=0, help="Prompts per domain for the degenerate-generation check (0: skip).")] = 4,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Perplexity per domain; against a base: KL and top-1 agreement; degenerate generations; size and speed."""
+    from moelab.eval.evaluate import EVAL_FORMAT, EvalOptions, evaluate, render_report
+    from moelab.io import atomic_write_text, check_output_file, has_json_format
+    from moelab.models.reference import reference_model_dir
+
+    if json_path is not None:
+        check_output_file(json_path, overwrite=overwrite, is_own=lambda p: has_json_format(p, EVAL_FORMAT))
+    options = EvalOptions(data=data, split=split, domains=domains, max_tokens=max_tokens, seq_len=seq_len,
+                          batch_size=batch_size, prompts=prompts)
+    report = evaluate(model or reference_model_dir(), base=base, options=options, quiet=quiet)
+    console.print(render_report(report))
+    if json_path is not None:
+        import json
+
+        atomic_write_text(json_path, json.dumps(report, indent=1) + "\n")
+        console.print(f"wrote {json_path}")
+
+
 @app.command()
 def version() -> None:
     """Print moelab's and its key dependencies' versions."""

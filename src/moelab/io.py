@@ -122,6 +122,14 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool, is_own: Calla
     return path
 
 
+def has_json_format(path: Path, fmt: str) -> bool:
+    """Whether `path` holds a JSON object whose "format" is `fmt` (moelab's own result files)."""
+    try:
+        return json.loads(path.read_text()).get("format") == fmt
+    except (ValueError, UnicodeDecodeError, AttributeError, OSError):
+        return False
+
+
 # ----------------------------------------------------------------------------- directories
 
 
@@ -177,7 +185,9 @@ class StagedOutput:
         with StagedOutput(out, "checkpoint", inputs=[source]) as staging:
             ...write files into staging...     # published on success, discarded on error
 
-    `open()` / `publish()` / `abort()` do the same for writers that stream across calls.
+    `open()` / `publish()` / `abort()` do the same for writers that stream across calls. With
+    `resume`, the staging directory a killed run left is taken over (`resumed` tells), so a long
+    job can continue from what it had written; the caller checks that it belongs to the same job.
     """
 
     def __init__(
@@ -187,11 +197,14 @@ class StagedOutput:
         *,
         inputs: Iterable[str | os.PathLike | None] = (),
         overwrite: bool = False,
+        resume: bool = False,
     ):
         self.out = _resolve(out)
         self.kind = kind
         self.inputs = list(inputs)
         self.overwrite = overwrite
+        self.resume = resume
+        self.resumed = False
         self.staging: Path | None = None
         self._unlock: Callable[[], None] | None = None
 
@@ -204,9 +217,14 @@ class StagedOutput:
             marker = _inspect(self.out, self.kind, self.inputs)
             if marker is not None:
                 _check_replaceable(self.out, self.kind, marker, self.overwrite)
-            _clean_leftovers(self.out.parent, self.out.name, held=True)
             self.staging = _sibling(self.out, "staging")
-            self.staging.mkdir()
+            previous = self._previous_staging() if self.resume else None
+            if previous is not None:
+                os.rename(previous, self.staging)
+            _clean_leftovers(self.out.parent, self.out.name, held=True)
+            if previous is None:
+                self.staging.mkdir()
+            self.resumed = previous is not None
         except BaseException:
             self._release()
             raise
@@ -235,6 +253,19 @@ class StagedOutput:
     def abort(self) -> None:
         """Discard the staging directory; `out` stays as it was."""
         self._release()
+
+    def _previous_staging(self) -> Path | None:
+        """The newest staging directory a killed run left for this output, if any."""
+        found = [
+            entry
+            for entry in self.out.parent.iterdir()
+            if (match := _LEFTOVER.match(entry.name))
+            and match["name"] == self.out.name
+            and match["what"] == "staging"
+            and entry.is_dir()
+            and not entry.is_symlink()
+        ]
+        return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
     def __enter__(self) -> Path:
         return self.open()
@@ -288,6 +319,17 @@ def remove_output(path: str | os.PathLike, kind: str) -> None:
         raise OutputError(f"{path} is not a moelab {kind}; moelab does not delete it")
     _check_no_foreign(path, marker)
     _discard(path)
+
+
+def clear_staging(directory: str | os.PathLike, only: Iterable[str] | None = None) -> None:
+    """Delete the entries (or the entries named in `only`) of a directory moelab is building:
+    a `StagedOutput`'s staging directory or a part of it, when its content must be made again."""
+    directory = Path(directory)
+    names = [p.name for p in directory.iterdir()] if only is None else list(only)
+    for name in names:
+        path = directory / name
+        if path.exists() or path.is_symlink():
+            _discard(path)
 
 
 def clean_leftovers(directory: str | os.PathLike) -> None:

@@ -31,7 +31,7 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import Tensor, nn
 
-from moelab.io import atomic_write_text, check_output_file
+from moelab.io import atomic_write_text, check_output_file, has_json_format
 from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter
 from moelab.validation import is_int
 
@@ -352,14 +352,7 @@ def render_memory(doc: dict) -> Table:
 
 def check_json_path(path: str | Path, overwrite: bool) -> Path:
     """`--json PATH` may be written: new, or (with `overwrite`) an earlier result of this benchmark."""
-    return check_output_file(path, overwrite=overwrite, is_own=_is_bench_json)
-
-
-def _is_bench_json(path: Path) -> bool:
-    try:
-        return json.loads(path.read_text()).get("format") == JSON_FORMAT
-    except (ValueError, UnicodeDecodeError, AttributeError, OSError):
-        return False
+    return check_output_file(path, overwrite=overwrite, is_own=lambda p: has_json_format(p, JSON_FORMAT))
 
 
 def write_json(doc: dict, path: str | Path) -> None:

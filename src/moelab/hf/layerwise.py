@@ -173,10 +173,10 @@ class LayerwiseModel:
         the output head stays on meta (it is never reached)."""
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         head = head if head is not None else getattr(self.model, "lm_head", None)
-        skip = {id(p) for p in head.parameters()} if head is not None else set()
+        head_name = next((name for name, m in self.model.named_modules() if m is head), None)
         loaded = []
-        for name, p in self.model.named_parameters():
-            if name.startswith(self._layers_name + ".") or id(p) in skip:
+        for name, p in self.model.named_parameters():  # a tied head's weight is listed under the embedding
+            if name.startswith(self._layers_name + ".") or (head_name and name.startswith(head_name + ".")):
                 continue
             if name not in self._ckpt:
                 raise CheckpointError(f"{self.path}: {name} is not in the checkpoint")

@@ -293,16 +293,17 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
 
 
 def _copy_side_files(source: Path, staging: Path) -> None:
-    """Tokenizer, generation config, README, ...: everything but weights, config and expert map.
-    Pickle weights are left behind: they would be stale copies of the unedited model. Links to
-    outside the checkpoint are copied as links (with a warning), never by content."""
+    """Tokenizer, generation config, README, ...: everything but weights, config and moelab's
+    own files about the source (its expert map, compression report and statistics, remade for the
+    output). Pickle weights are left behind: they would be stale copies of the unedited model.
+    Links to outside the checkpoint are copied as links (with a warning), never by content."""
     for entry in sorted(source.iterdir()):
         name = entry.name
         if (
-            name.startswith(".")
+            name.startswith((".", "moelab_"))
             or name.endswith(".safetensors")
             or name.endswith(PICKLE_SUFFIXES)
-            or name in (INDEX_NAME, "config.json", EXPERT_MAP_NAME)
+            or name in (INDEX_NAME, "config.json")
         ):
             continue
         if note := copy_side_file(entry, staging / name, source):

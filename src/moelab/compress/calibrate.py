@@ -1,0 +1,256 @@
+"""The calibration pass: one run over calibration data, layer by layer, that records in every
+MoE layer what the compression methods need (`moelab calibrate`, and `moelab compress` when it
+is given no statistics).
+
+    calibrate("path/to/checkpoint", "stats/", calib="corpus:code,german")
+    stats = Calibration("stats/"); stats.layer(3).total("reap_sums")
+
+The checkpoint runs one decoder layer at a time (`moelab.hf.layerwise`): peak memory is one
+decoder layer plus the calibration activations, whatever the model's size. Each MoE block is
+computed eagerly and shown to the observers (`moelab.compress.observers`); each layer's
+statistics are written as soon as it is done, and the hidden states are saved every
+`snapshot_seconds`, so a killed run resumes from there and gives the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from moelab.compress.mixture import DEFAULT_SPEC, Mixture, build_mixture
+from moelab.compress.observers import DEFAULT_OBSERVERS, OBSERVERS, MoECall, Tokens, eager_moe
+from moelab.compress.stats import (
+    KIND,
+    RESUME_NAME,
+    Calibration,
+    empty_like_layer,
+    fingerprint,
+    read_info,
+    write_info,
+    write_layer,
+)
+from moelab.files import load_safetensors
+from moelab.hf.adapters import NATIVE
+from moelab.hf.layerwise import LayerwiseModel
+from moelab.io import StagedOutput, clear_staging, save_safetensors
+from moelab.trace.model import checkpoint_encoder
+from moelab.validation import check_choice
+
+COVERAGE_MIN_TOKENS = 8  # an expert routed fewer tokens than this has unreliable statistics
+
+
+@dataclass(kw_only=True)
+class CalibrationOptions:
+    """tokens: calibration budget, split over the sources by weight; seq_len: window length
+    (capped at the model's); batch_size: windows per forward pass; sample_tokens: MoE inputs
+    kept per layer for methods that re-run a layer (NAEE; 0: none); observers: which
+    statistics to record; dtype: what the layers compute in; snapshot_seconds: how often the
+    hidden states are saved for resuming."""
+
+    tokens: int = 16384
+    seq_len: int = 256
+    batch_size: int = 8
+    sample_tokens: int = 1024
+    observers: tuple[str, ...] = DEFAULT_OBSERVERS
+    dtype: str = "float32"
+    snapshot_seconds: float = 30.0
+
+    def __post_init__(self):
+        for name in ("tokens", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
+        if self.sample_tokens < 0:
+            raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
+        for name in self.observers:
+            check_choice("observer", name, OBSERVERS)
+        check_choice("calibration dtype", self.dtype, ("float32", "bfloat16", "float64"))
+        self.observers = tuple(self.observers)
+
+    def settings(self) -> dict:
+        """What the statistics depend on (not how often they are snapshot)."""
+        return {k: v for k, v in asdict(self).items() if k != "snapshot_seconds"} | {
+            "observers": list(self.observers)
+        }
+
+
+def calibrate(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    calib: str | list[str] = DEFAULT_SPEC,
+    options: CalibrationOptions | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Calibration:
+    """Record the calibration statistics of the checkpoint `model` on `calib` (see
+    `moelab.compress.mixture`) into the new directory `out` (resuming a killed run into the same
+    `out`). Returns the opened statistics."""
+    with StagedOutput(out, KIND, inputs=[model], overwrite=overwrite, resume=True) as staging:
+        run_calibration(model, staging, calib, options or CalibrationOptions(), quiet=quiet)
+    return Calibration(out)
+
+
+def calibration_mixture(
+    model: str | os.PathLike, calib: str | list[str], options: CalibrationOptions
+) -> Mixture:
+    """The calibration windows for `model`, tokenised with its own tokenizer."""
+    runner_config = _config(model)
+    native = "model_type" not in runner_config
+    encoder = None if native else checkpoint_encoder(model)
+    if encoder is None and not native:
+        raise ValueError(
+            f"{model} has no tokenizer files (tokenizer.json); moelab needs the model's tokenizer to tokenise "
+            "the calibration text: save it beside the weights (tokenizer.save_pretrained)"
+        )
+    seq_len = min(options.seq_len, _max_positions(runner_config))
+    return build_mixture(calib, tokens=options.tokens, seq_len=seq_len, encoder=encoder)
+
+
+def run_calibration(
+    model: str | os.PathLike,
+    directory: Path,
+    calib: str | list[str] | Mixture,
+    options: CalibrationOptions,
+    *,
+    quiet: bool = False,
+) -> dict:
+    """Calibrate `model` into the directory `directory` (moelab's own, e.g. a staging
+    directory), continuing what it holds if it was made for the same model, data and settings.
+    Returns calibration.json's content."""
+    model = Path(model)
+    mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, options)
+    dtype = getattr(torch, options.dtype)
+    with LayerwiseModel(model, dtype=dtype) as runner:
+        info = {
+            "model": {
+                "path": str(model.resolve()),
+                "family": runner.family.name,
+                "fingerprint": fingerprint(model),
+            },
+            "mixture": mixture.describe(),
+            "settings": options.settings() | {"seq_len": mixture.seq_len},
+            "moe_layers": runner.moe_layers,
+        }
+        previous = read_info(directory)
+        if (
+            previous is not None
+            and all(previous.get(k) == v for k, v in info.items())
+            and previous.get("complete")
+        ):
+            return previous
+        resume = previous is not None and all(previous.get(k) == v for k, v in info.items())
+        if not resume:
+            clear_staging(directory)
+        _check_vocab(mixture, runner)
+        windows = mixture.batches(options.batch_size)
+        ids = [torch.stack([w.ids for w in batch]) for batch in windows]
+        tokens = [_tokens(batch) for batch in windows]
+        states = runner.embed(ids)
+        start, seconds = 0, 0.0
+        if resume and previous.get("done", -1) >= 0 and (directory / RESUME_NAME).is_file():
+            saved = load_safetensors(directory / RESUME_NAME)
+            states = [saved[f"batch{b}"].to(dtype) for b in range(len(states))]
+            start, seconds = previous["done"] + 1, previous.get("seconds", 0.0)
+        info |= {"done": start - 1, "complete": False, "seconds": seconds}
+        write_info(directory, info)
+        began, snapped = time.perf_counter() - seconds, time.perf_counter()
+        sources = tuple(mixture.source_names)
+        bar = tqdm(
+            range(start, runner.num_layers), desc=f"calibrate {model.name}", unit="layer", disable=quiet
+        )
+        coverage = dict(previous.get("coverage", {})) if resume else {}
+        for index in bar:
+            view = runner.moe_view(index)
+            calls: list[MoECall] = []
+
+            def run_moe(moe, x, calls=calls):
+                call = eager_moe(moe, x)
+                calls.append(call)
+                return call.output.view_as(x)
+
+            observers = []
+            if view is not None:
+                E, D = view.router.weight.shape
+                extra = {"total_tokens": mixture.num_tokens, "sample_tokens": options.sample_tokens}
+                names = [n for n in options.observers if n != "inputs" or options.sample_tokens]
+                observers = [OBSERVERS[name](E, len(sources), D, extra) for name in names]
+            with runner.layer(index, run_moe=run_moe if view is not None else None) as run:
+                for b, hidden in enumerate(states):
+                    states[b] = run(b, hidden)
+                    if view is not None:
+                        call = calls.pop()
+                        for observer in observers:
+                            observer.update(call, tokens[b], states[b])
+            if view is not None:
+                results = {k: v for observer in observers for k, v in observer.result().items()}
+                stats = empty_like_layer(index, sources, results)
+                write_layer(directory, stats)
+                thin = int((stats.counts.sum((0, 1)) < COVERAGE_MIN_TOKENS).sum())
+                coverage[str(index)] = thin
+            now = time.perf_counter()
+            last = index == runner.num_layers - 1
+            info |= {"seconds": round(now - began, 3), "coverage": coverage}
+            if last or now - snapped >= options.snapshot_seconds:
+                if not last:
+                    save_safetensors(
+                        {f"batch{b}": s.contiguous() for b, s in enumerate(states)}, directory / RESUME_NAME
+                    )
+                info["done"] = index
+                write_info(directory, info)
+                snapped = now
+        elapsed = time.perf_counter() - began
+        info |= {
+            "done": runner.num_layers - 1,
+            "complete": True,
+            "seconds": round(elapsed, 3),
+            "tokens_per_second": round(mixture.num_tokens / max(elapsed, 1e-9), 1),
+        }
+        clear_staging(directory, only=[RESUME_NAME])
+        write_info(directory, info)
+    return info
+
+
+def _tokens(batch) -> Tokens:
+    """Where each token of a batch of windows comes from, flattened row-major."""
+    S = batch[0].ids.numel()
+    source = torch.tensor([w.source for w in batch]).repeat_interleave(S)
+    half = torch.tensor([w.half for w in batch]).repeat_interleave(S)
+    position = torch.cat([w.start + torch.arange(S) for w in batch])
+    return Tokens(source, half, position)
+
+
+def _check_vocab(mixture: Mixture, runner: LayerwiseModel) -> None:
+    vocab = _vocab_size(runner.view.config)
+    top = max(int(w.ids.max()) for w in mixture.windows)
+    if top >= vocab:
+        raise ValueError(
+            f"calibration token id {top} is outside {runner.path}'s vocabulary ({vocab}): the text was tokenised "
+            "with another tokenizer; save the model's tokenizer beside its weights"
+        )
+
+
+def _config(model: str | os.PathLike) -> dict:
+    from moelab.hf.adapters import resolve
+
+    config, checkpoint, family = resolve(model)
+    checkpoint.close()
+    if family is NATIVE:
+        config = {k: v for k, v in config.items() if k != "model_type"}
+    return config
+
+
+def _max_positions(config: dict) -> int:
+    for key in ("max_seq_len", "max_position_embeddings", "n_positions", "max_seq_length"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key]
+    return 2048
+
+
+def _vocab_size(config: dict) -> int:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return int(text.get("vocab_size"))

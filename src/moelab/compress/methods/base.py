@@ -1,0 +1,136 @@
+"""The interface every compression method implements, and the selection rule of the pruning ones.
+
+Shape legend: E routed experts of a layer, E' kept.
+
+A method turns one MoE layer's view and its calibration statistics into a `LayerDecision`: the
+`LayerEdit` the writer applies, the experts kept, and (for scoring methods) each expert's score.
+It never opens a file. `Target` says what the layer must come down to; feasibility (E' >= top_k,
+E' a multiple of n_group, protected experts that fit) is checked by `plan_target` before any
+calibration runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from moelab.compress.stats import LayerStats
+from moelab.hf.edit import LayerEdit
+from moelab.hf.view import MoELayerView, RouterView
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one layer must come down to. keep: E' experts; protect: original ids that must stay
+    (super experts); sources: the calibration sources scores are computed on (None: all);
+    halves: the halves of the calibration data to use ((0, 1): all)."""
+
+    keep: int
+    protect: frozenset[int] = frozenset()
+    sources: tuple[str, ...] | None = None
+    halves: tuple[int, ...] = (0, 1)
+
+    def on_half(self, half: int) -> Target:
+        return Target(self.keep, self.protect, self.sources, (half,))
+
+
+@dataclass
+class LayerDecision:
+    """edit: what the writer does; kept: the original ids kept (in order); scores: [E] each
+    expert's importance (higher = kept first), None for methods that do not score; notes:
+    method-specific facts for the report (a search's budget, its loss, ...)."""
+
+    edit: LayerEdit
+    kept: list[int]
+    scores: list[float] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """A compression method. name: its registry name; needs: the observers
+    (`moelab.compress.observers`) whose statistics it reads."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs: ClassVar[tuple[str, ...]] = ("routing",)
+
+    def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The method's settings, for the report."""
+        return {}
+
+
+class ScoringMethod(Method):
+    """Score every expert of a layer and keep the highest (`select_top`)."""
+
+    def score(self, layer: MoELayerView, stats: LayerStats, target: Target) -> Tensor:
+        """[E] float64 importance of each expert."""
+        raise NotImplementedError
+
+    def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
+        scores = self.score(layer, stats, target).double()
+        if scores.shape != (layer.router.num_experts,) or not torch.isfinite(scores).all():
+            raise ValueError(
+                f"{self.name}: layer {layer.index} scores are not {layer.router.num_experts} finite numbers"
+            )
+        kept = select_top(scores, target.keep, target.protect, layer.router.n_group)
+        return LayerDecision(LayerEdit.keep(kept), kept, scores.tolist())
+
+
+def select_top(
+    scores: Tensor, keep: int, protect: frozenset[int] = frozenset(), n_group: int = 1
+) -> list[int]:
+    """The `keep` experts with the highest scores ([E]), protected ones first; with group-limited
+    routing, keep/n_group from every group. Ties go to the lower id. Sorted ids."""
+    E = scores.shape[0]
+    size, per_group = E // n_group, keep // n_group
+    kept: list[int] = []
+    for group in range(n_group):
+        ids = range(group * size, (group + 1) * size)
+        ranked = sorted(ids, key=lambda e: (e not in protect, -float(scores[e]), e))
+        kept += ranked[:per_group]
+    return sorted(kept)
+
+
+def plan_target(router: RouterView, ratio: float, where: str = "") -> int:
+    """E' for removing `ratio` of a layer's experts (int(E * ratio) of them, at least one), checked
+    against the router: E' >= top_k, E' a multiple of n_group (every group keeping the same
+    number), and for sigmoid group routing at least 2 per group."""
+    E, k, n_group = router.num_experts, router.top_k, router.n_group
+    if not 0 < ratio < 1:
+        raise ValueError(f"the ratio of experts to remove must lie in (0, 1), got {ratio}")
+    removed = int(E * ratio + 1e-9)
+    if removed < 1:
+        raise ValueError(
+            f"{where}removing {ratio:.0%} of {E} experts removes none (int({E} x {ratio}) = 0); raise the ratio to "
+            f"at least {1 / E:.4g}"
+        )
+    keep = E - removed
+    if keep < k:
+        raise ValueError(
+            f"{where}removing {removed} of {E} experts leaves {keep}, fewer than the {k} the router picks per token; "
+            f"remove at most {E - k} (ratio <= {(E - k) / E:.4g})"
+        )
+    if n_group > 1:
+        valid = [r for r in range(1, E) if (E - r) % n_group == 0 and E - r >= k]
+        if keep % n_group:
+            closest = sorted(valid, key=lambda r: abs(r - removed))[:2]
+            raise ValueError(
+                f"{where}group-limited routing splits the {E} experts into n_group={n_group} groups, so the {keep} kept "
+                f"must be a multiple of {n_group}; remove {' or '.join(str(r) for r in sorted(closest))} experts "
+                f"(ratio {' or '.join(f'{r / E:.4g}' for r in sorted(closest))})"
+            )
+        if router.score_func == "sigmoid" and keep // n_group < 2:
+            raise ValueError(
+                f"{where}DeepSeek-V3-style group routing needs at least 2 experts per group; remove fewer"
+            )
+        if keep // n_group * router.topk_group < k:
+            raise ValueError(
+                f"{where}top_k={k} exceeds the experts left in the topk_group best groups; remove fewer"
+            )
+    return keep

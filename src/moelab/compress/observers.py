@@ -1,0 +1,258 @@
+"""What one calibration pass records in each MoE layer.
+
+Shape legend: T tokens of one call, D model dim, E routed experts, K slots per token, H halves
+of the calibration data (2), S calibration sources, B histogram bins, N sampled tokens.
+
+The pass computes every MoE block the eager way (`eager_moe`): the router's choices, then each
+chosen expert's output on its token, then the weighted sum. Observers see what the experts
+really computed; nothing is divided back out. Every statistic is a sum, a maximum or a sample
+at fixed global token positions, so statistics of two halves, of several sources or of several
+processes combine exactly (`combine`).
+
+Adding a statistic is one `Observer` subclass and one line in `OBSERVERS`; a compression
+method names the observers it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moelab.nn.dispatch import LocalDispatcher, plan_dispatch
+from moelab.nn.experts import SwiGLU
+from moelab.nn.moe import MoELayer
+from moelab.nn.routers import Routing
+
+HALVES = 2
+SKIP_BINS = 100  # histogram of w2 / w1 over [0, 1]
+
+
+@dataclass
+class MoECall:
+    """One call of an MoE block, computed eagerly.
+
+    x: [T, D] its input; routing: the router's output; outputs: [T, K, D] each slot's expert
+    output f_e(x) (f_e(w x) for experts that take the weight on their input, Llama 4), zeros in
+    empty slots; contributions: [T, K, D] what each slot adds to the block's output (w f_e(x));
+    shared: [T, D] the shared experts' output (None without), shared_down: [T, D] their down
+    projection before any gate.
+    """
+
+    x: Tensor
+    routing: Routing
+    outputs: Tensor
+    contributions: Tensor
+    shared: Tensor | None
+    shared_down: Tensor | None
+
+    @property
+    def routed(self) -> Tensor:
+        """[T, D] the routed experts' part of the output."""
+        return self.contributions.sum(1)
+
+    @property
+    def output(self) -> Tensor:
+        """[T, D] the block's output."""
+        return self.routed if self.shared is None else self.routed + self.shared
+
+
+@dataclass
+class Tokens:
+    """Where the T tokens of a call come from: source, half: [T] int64; position: [T] int64
+    global index in the calibration mixture."""
+
+    source: Tensor
+    half: Tensor
+    position: Tensor
+
+
+def eager_moe(moe: MoELayer, x: Tensor) -> MoECall:
+    """Compute `moe` on x [..., D] expert by expert (dropless), keeping each slot's output."""
+    x = x.reshape(-1, x.shape[-1])
+    routing = moe.router(x)
+    T, K = routing.indices.shape
+    plan = plan_dispatch(routing.indices, moe.num_experts)
+    batch = LocalDispatcher().dispatch(x, routing.weights, plan)
+    experts = moe.experts
+    if getattr(experts, "scale_input", False):
+        rows = experts(batch.rows, batch.counts, batch.row_weights)  # f(w x): the weight is the input's
+        scaled = rows
+    else:
+        rows = experts(batch.rows, batch.counts)
+        scaled = rows * batch.row_weights[:, None].to(rows.dtype)
+    outputs = x.new_zeros(T * K, x.shape[-1])
+    contributions = x.new_zeros(T * K, x.shape[-1])
+    outputs[plan.slots] = rows
+    contributions[plan.slots] = scaled
+    shared = shared_down = None
+    if moe.shared is not None:
+        shared_down = SwiGLU.forward(moe.shared, x)
+        shared = shared_down if moe.shared.gate is None else torch.sigmoid(moe.shared.gate(x)) * shared_down
+    return MoECall(x, routing, outputs.view(T, K, -1), contributions.view(T, K, -1), shared, shared_down)
+
+
+class Observer:
+    """Accumulates statistics of one MoE layer over calibration calls. `fields` names what
+    `result` returns; `update` sees each call with the decoder layer's output [T, D]."""
+
+    name: str = ""
+    fields: tuple[str, ...] = ()
+
+    def __init__(self, num_experts: int, num_sources: int, dim: int, options: dict):
+        self.E, self.S, self.D = num_experts, num_sources, dim
+
+    def update(self, call: MoECall, tokens: Tokens, layer_output: Tensor) -> None:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _per_group(self, values: Tensor, tokens: Tokens) -> Tensor:
+        """values [T, E] summed into [H, S, E] by each token's half and source."""
+        out = torch.zeros(HALVES * self.S, values.shape[1], dtype=torch.float64)
+        out.index_add_(0, tokens.half * self.S + tokens.source, values.double().cpu())
+        return out.view(HALVES, self.S, -1)
+
+
+def per_expert(routing: Routing, values: Tensor, num_experts: int) -> Tensor:
+    """values [T, K] of each slot -> [T, E] on the slot's expert (empty slots add nothing)."""
+    chosen = routing.indices >= 0
+    out = values.new_zeros(values.shape[0], num_experts)
+    return out.scatter_add_(1, routing.indices.clamp(min=0), values * chosen)
+
+
+class RoutingObserver(Observer):
+    """tokens [H, S]; counts: top-k selections; soft_counts: router probabilities of all tokens;
+    gate_sums: combine weights of the chosen experts; premoe_sums: raw router logits of the
+    chosen experts (PreMoe's task-conditioned score with k = the model's top-k), all [H, S, E];
+    skip_ratios [B]: tokens by the ratio of their second to their first combine weight."""
+
+    name = "routing"
+    fields = ("tokens", "counts", "soft_counts", "gate_sums", "premoe_sums", "skip_ratios")
+
+    def __init__(self, num_experts: int, num_sources: int, dim: int, options: dict):
+        super().__init__(num_experts, num_sources, dim, options)
+        self.sums = {f: torch.zeros(HALVES, self.S, self.E, dtype=torch.float64) for f in self.fields[1:5]}
+        self.tokens = torch.zeros(HALVES, self.S, dtype=torch.float64)
+        self.skip = torch.zeros(SKIP_BINS, dtype=torch.float64)
+
+    def update(self, call: MoECall, tokens: Tokens, layer_output: Tensor) -> None:
+        r = call.routing
+        chosen = (r.indices >= 0).to(r.weights.dtype)
+        self.tokens.view(-1).index_add_(
+            0, tokens.half * self.S + tokens.source, torch.ones(len(tokens.half), dtype=torch.float64)
+        )
+        self.sums["counts"] += self._per_group(per_expert(r, chosen, self.E), tokens)
+        self.sums["soft_counts"] += self._per_group(r.probs.float(), tokens)
+        self.sums["gate_sums"] += self._per_group(per_expert(r, r.weights.float(), self.E), tokens)
+        chosen_logits = r.logits.float().gather(1, r.indices.clamp(min=0)) * chosen
+        self.sums["premoe_sums"] += self._per_group(per_expert(r, chosen_logits, self.E), tokens)
+        if r.weights.shape[1] >= 2:
+            top = r.weights.float().abs().topk(2, dim=1).values
+            ratio = torch.where(
+                top[:, 0] > 0, top[:, 1] / top[:, 0].clamp(min=1e-30), torch.zeros_like(top[:, 0])
+            )
+            self.skip += torch.histc(ratio.double().cpu(), bins=SKIP_BINS, min=0.0, max=1.0)
+
+    def result(self) -> dict[str, Tensor]:
+        return {"tokens": self.tokens, **self.sums, "skip_ratios": self.skip}
+
+
+class OutputObserver(Observer):
+    """ean_sums: the chosen experts' output norms ||f_e(x)||; reap_sums: the norms of what they
+    add to the output (router weight times output norm, REAP's saliency numerator), both
+    [H, S, E]; max_output [E]: each expert's largest |output| entry over the tokens routed to it,
+    shared_max [1]: the same for the shared experts' down projection (Super Experts)."""
+
+    name = "outputs"
+    fields = ("ean_sums", "reap_sums", "max_output", "shared_max")
+
+    def __init__(self, num_experts: int, num_sources: int, dim: int, options: dict):
+        super().__init__(num_experts, num_sources, dim, options)
+        self.ean = torch.zeros(HALVES, self.S, self.E, dtype=torch.float64)
+        self.reap = torch.zeros(HALVES, self.S, self.E, dtype=torch.float64)
+        self.max_output = torch.zeros(self.E, dtype=torch.float64)
+        self.shared_max = torch.zeros(1, dtype=torch.float64)
+
+    def update(self, call: MoECall, tokens: Tokens, layer_output: Tensor) -> None:
+        r = call.routing
+        self.ean += self._per_group(per_expert(r, call.outputs.float().norm(dim=-1), self.E), tokens)
+        self.reap += self._per_group(per_expert(r, call.contributions.float().norm(dim=-1), self.E), tokens)
+        peak = call.outputs.float().abs().amax(-1)  # [T, K]
+        chosen = r.indices >= 0
+        self.max_output.scatter_reduce_(0, r.indices[chosen].cpu(), peak[chosen].double().cpu(), "amax")
+        if call.shared_down is not None:
+            self.shared_max = torch.maximum(
+                self.shared_max, call.shared_down.float().abs().amax().double().cpu().reshape(1)
+            )
+
+    def result(self) -> dict[str, Tensor]:
+        return {
+            "ean_sums": self.ean,
+            "reap_sums": self.reap,
+            "max_output": self.max_output,
+            "shared_max": self.shared_max,
+        }
+
+
+class ContributionObserver(Observer):
+    """easyep_sums [H, S, E]: EASY-EP's importance, the chosen experts' contribution norms
+    weighted by how much the routed output turns the token's residual stream,
+    max(0, 1 - cos(h, h + y_routed)). h, the residual before the block, is taken as the decoder
+    layer's output minus the block's output (exact for the usual pre-norm residual layer)."""
+
+    name = "contribution"
+    fields = ("easyep_sums",)
+
+    def __init__(self, num_experts: int, num_sources: int, dim: int, options: dict):
+        super().__init__(num_experts, num_sources, dim, options)
+        self.sums = torch.zeros(HALVES, self.S, self.E, dtype=torch.float64)
+
+    def update(self, call: MoECall, tokens: Tokens, layer_output: Tensor) -> None:
+        out = layer_output.reshape(-1, self.D).float()
+        residual = out - call.output.float()
+        turn = 1 - torch.nn.functional.cosine_similarity(residual, residual + call.routed.float(), dim=-1)
+        weight = call.contributions.float().norm(dim=-1) * turn.clamp(min=0)[:, None]
+        self.sums += self._per_group(per_expert(call.routing, weight, self.E), tokens)
+
+    def result(self) -> dict[str, Tensor]:
+        return {"easyep_sums": self.sums}
+
+
+class InputSample(Observer):
+    """inputs [N, D]: the block's inputs at N global token positions spread evenly over the
+    calibration data (every `stride`-th token), for methods that re-run a layer (NAEE).
+    options: sample_tokens (N), total_tokens (of the mixture)."""
+
+    name = "inputs"
+    fields = ("inputs",)
+
+    def __init__(self, num_experts: int, num_sources: int, dim: int, options: dict):
+        super().__init__(num_experts, num_sources, dim, options)
+        total, wanted = options["total_tokens"], options["sample_tokens"]
+        self.stride = max(1, total // max(wanted, 1))
+        self.size = min(wanted, -(-total // self.stride))
+        self.inputs = torch.zeros(self.size, dim, dtype=torch.float32)
+
+    def update(self, call: MoECall, tokens: Tokens, layer_output: Tensor) -> None:
+        pick = (tokens.position % self.stride == 0) & (tokens.position // self.stride < self.size)
+        self.inputs[tokens.position[pick] // self.stride] = call.x[pick.to(call.x.device)].float().cpu()
+
+    def result(self) -> dict[str, Tensor]:
+        return {"inputs": self.inputs}
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    cls.name: cls for cls in (RoutingObserver, OutputObserver, ContributionObserver, InputSample)
+}
+DEFAULT_OBSERVERS = tuple(OBSERVERS)
+
+
+MAXIMA = ("max_output", "shared_max")  # every other statistic is a sum (samples: zeros where not taken)
+
+
+def combine(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The statistics of two disjoint parts of the data as one."""
+    return {name: torch.maximum(x, b[name]) if name in MAXIMA else x + b[name] for name, x in a.items()}

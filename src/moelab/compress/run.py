@@ -1,0 +1,315 @@
+"""`moelab compress`: statistics (calibrated now, or reused), one decision per MoE layer, and a
+checkpoint written by the checked writer.
+
+    compress("path/to/checkpoint", "pruned/", method="reap", ratio=0.25)
+
+The output is the source's own format (transformers and vLLM load it unchanged), plus
+`moelab_compression.json` (method, options, ratio, per-layer kept and dropped experts with
+their scores, the calibration data's digest, versions, timings: enough to reproduce the run)
+and, when the statistics were calibrated for this run, `moelab_calibration/` (reuse them with
+`--stats pruned/moelab_calibration`). Everything is built in a staging directory that a killed
+run takes over when it is started again: calibration resumes from its last saved layer and
+decisions already made are kept, so the result is the same as an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+import moelab
+from moelab.analyze.stats import super_experts
+from moelab.compress.calibrate import CalibrationOptions, calibration_mixture, run_calibration
+from moelab.compress.methods import LayerDecision, Method, ScoringMethod, Target, get_method, plan_target
+from moelab.compress.mixture import DEFAULT_SPEC
+from moelab.compress.observers import OBSERVERS
+from moelab.compress.stats import Calibration, LayerStats, fingerprint
+from moelab.eval.evaluate import parameter_counts
+from moelab.hf.adapters import open_checkpoint, resolve
+from moelab.hf.checkpoint import Checkpoint
+from moelab.hf.edit import LayerEdit
+from moelab.hf.layouts import config_value
+from moelab.hf.view import ModelView, MoELayerView
+from moelab.hf.writer import write_edited
+from moelab.io import StagedOutput, atomic_write_text
+from moelab.models.pretrained import CHECKPOINT_KIND
+
+REPORT_NAME = "moelab_compression.json"
+STATS_DIR = "moelab_calibration"
+REPORT_FORMAT = "moelab-compression/1"
+BUDGETS = ("layer", "global")
+
+
+def compress(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    method: str = "reap",
+    ratio: float = 0.25,
+    calib: str | Sequence[str] = DEFAULT_SPEC,
+    stats: str | os.PathLike | None = None,
+    calib_options: CalibrationOptions | None = None,
+    protect_super_experts: bool = False,
+    domains: Sequence[str] | None = None,
+    budget: str = "layer",
+    method_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    reload: bool = True,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Remove `ratio` of the routed experts of every MoE layer of the checkpoint `model` with
+    `method` (see `moelab.compress.methods.METHODS`) and write the result to `out` (see the
+    module docstring). stats: a statistics directory to use instead of calibrating on `calib`;
+    protect_super_experts: never drop an expert the Super Experts rule flags; domains: compute
+    scores on these calibration sources only (PreMoe, EASY-EP: domain-specific pruning);
+    budget: "layer" (the same ratio in every layer) or "global" (scores ranked across layers:
+    refused when it gives layers different expert counts, which no target format stores).
+    Returns the report (also in out/moelab_compression.json)."""
+    started = time.perf_counter()
+    model = Path(model)
+    chosen = get_method(method, **(method_options or {}))
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {list(BUDGETS)}, got {budget!r}")
+    if budget == "global" and not isinstance(chosen, ScoringMethod):
+        raise ValueError(f"a global budget ranks scores across layers; {method!r} does not score experts")
+    layers = _router_views(model)  # checks before any calibration: shapes only, no weights read
+    keep = {i: plan_target(router, ratio, f"layer {i}: ") for i, router in layers.items()}
+    options = calib_options or CalibrationOptions()
+    missing = [name for name in chosen.needs if name not in options.observers]
+    if stats is None and missing:
+        raise ValueError(f"{method!r} needs the {missing} statistics; calibrate with those observers")
+    inputs = [model, stats]
+    timings: dict[str, float] = {}
+    with StagedOutput(out, CHECKPOINT_KIND, inputs=inputs, overwrite=overwrite, resume=True) as staging:
+        begin = time.perf_counter()
+        calibration = _statistics(model, staging, calib, stats, options, quiet)
+        _check_needs(chosen, calibration)
+        timings["calibration_s"] = round(time.perf_counter() - begin, 3)
+        protect = _protected(calibration) if protect_super_experts else {}
+        sources = tuple(domains) if domains else None
+        targets = {i: Target(keep[i], frozenset(protect.get(i, ())), sources) for i in layers}
+        begin = time.perf_counter()
+        report = _report(
+            model, out, chosen, ratio, calibration, stats, protect_super_experts, protect, sources, budget
+        )
+        decisions = _decide(model, staging, chosen, calibration, targets, budget, report, quiet)
+        timings["decisions_s"] = round(time.perf_counter() - begin, 3)
+        begin = time.perf_counter()
+        edits = {i: d.edit for i, d in decisions.items()}
+        write_edited(model, staging, edits, reload=reload, quiet=quiet, name=Path(out).name)
+        timings["write_s"] = round(time.perf_counter() - begin, 3)
+        report["parameters"] = {"before": parameter_counts(model), "after": parameter_counts(staging)}
+        report["timings"] = timings | {"total_s": round(time.perf_counter() - started, 3)}
+        report["complete"] = True
+        _write_report(staging, report)
+    return report
+
+
+def _router_views(model: Path) -> dict[int, Any]:
+    """{MoE layer: its RouterView}, read from shard headers only."""
+    config, checkpoint, family = resolve(model)
+    checkpoint.close()
+    view = ModelView(
+        Checkpoint(model, shapes_only=True), config, family, config_value(config, *family.num_layers)
+    )
+    try:
+        layers = {i: view.layer(i) for i in range(view.num_layers)}
+    finally:
+        view.close()
+    routers = {i: layer.router for i, layer in layers.items() if isinstance(layer, MoELayerView)}
+    if not routers:
+        raise ValueError(f"{model} has no MoE layers; there are no experts to remove")
+    return routers
+
+
+def _statistics(
+    model: Path, staging: Path, calib, stats, options: CalibrationOptions, quiet: bool
+) -> Calibration:
+    """The statistics to decide with: `stats` checked against the model, or a calibration of
+    `model` on `calib` made (or resumed) inside the output."""
+    if stats is not None:
+        calibration = Calibration(stats)
+        calibration.check_model(fingerprint(model), model)
+        return calibration
+    mixture = calibration_mixture(model, calib, options)
+    directory = staging / STATS_DIR
+    directory.mkdir(exist_ok=True)
+    run_calibration(model, directory, mixture, options, quiet=quiet)
+    return Calibration(directory)
+
+
+def _check_needs(method: Method, calibration: Calibration) -> None:
+    have = calibration.info["settings"]["observers"]
+    if calibration.info["settings"].get("sample_tokens", 0) == 0:
+        have = [n for n in have if n != "inputs"]
+    missing = [n for n in method.needs if n not in have]
+    if missing:
+        raise ValueError(
+            f"{method.name!r} needs the {missing} statistics, which {calibration.directory} lacks; calibrate "
+            f"again with them (observers: {list(OBSERVERS)}; NAEE also needs sample_tokens > 0)"
+        )
+
+
+def _protected(calibration: Calibration) -> dict[int, list[int]]:
+    """{layer: experts} the Super Experts rule flags (shared experts are never dropped anyway)."""
+    layers = {i: calibration.layer(i) for i in calibration.layers}
+    if any(s.max_output is None for s in layers.values()):
+        raise ValueError("protecting super experts needs the 'outputs' statistics; calibrate with them")
+    found = super_experts(
+        {i: s.max_output for i, s in layers.items()},
+        {
+            i: s.shared_max
+            for i, s in layers.items()
+            if s.shared_max is not None and float(s.shared_max.max()) > 0
+        },
+    )
+    protect: dict[int, list[int]] = {}
+    for entry in found["super_experts"]:
+        if entry["expert"] >= 0:
+            protect.setdefault(entry["layer"], []).append(entry["expert"])
+    return {i: sorted(ids) for i, ids in protect.items()}
+
+
+def _decide(
+    model: Path,
+    staging: Path,
+    method: Method,
+    calibration: Calibration,
+    targets: dict[int, Target],
+    budget: str,
+    report: dict[str, Any],
+    quiet: bool,
+) -> dict[int, LayerDecision]:
+    """Every layer's decision (kept from an earlier, killed run of the same job when there is
+    one), with the stability of the kept set between the two halves of the calibration data."""
+    previous = _read_report(staging)
+    same_job = previous is not None and all(previous.get(k) == report[k] for k in _JOB_KEYS)
+    done = previous.get("layers", {}) if same_job else {}
+    with open_checkpoint(model) as view:
+        stats = {i: calibration.layer(i) for i in targets}
+        if budget == "global":
+            _check_global_budget(method, view, stats, targets)
+        decisions = {}
+        for index in tqdm(sorted(targets), desc=f"{method.name}", unit="layer", disable=quiet):
+            if str(index) in done:
+                entry = done[str(index)]
+                decisions[index] = LayerDecision(
+                    LayerEdit.keep(entry["kept"]), entry["kept"], entry.get("scores")
+                )
+                report["layers"][str(index)] = entry
+                continue
+            layer = view.layer(index)
+            decision = method.decide(layer, stats[index], targets[index])
+            entry = _layer_entry(layer, decision, targets[index])
+            entry["stability_jaccard"] = _stability(method, layer, stats[index], targets[index])
+            decisions[index] = decision
+            report["layers"][str(index)] = entry
+            _write_report(staging, report)  # a killed run keeps the layers decided so far
+    values = [e["stability_jaccard"] for e in report["layers"].values() if e["stability_jaccard"] is not None]
+    report["stability_jaccard"] = sum(values) / len(values) if values else None
+    return decisions
+
+
+_JOB_KEYS = (
+    "source_fingerprint",
+    "method",
+    "options",
+    "ratio",
+    "calibration",
+    "protected",
+    "sources",
+    "budget",
+)
+
+
+def _report(
+    model, out, method, ratio, calibration, stats, protect_super, protect, sources, budget
+) -> dict[str, Any]:
+    info = calibration.info
+    return {
+        "format": REPORT_FORMAT,
+        "moelab": moelab.__version__,
+        "source": str(model.resolve()),
+        "source_fingerprint": info["model"]["fingerprint"],
+        "method": method.name,
+        "options": method.options(),
+        "ratio": ratio,
+        "budget": budget,
+        "sources": list(sources) if sources else None,
+        "calibration": {
+            "statistics": str(Path(stats).resolve()) if stats is not None else STATS_DIR,
+            "mixture": info["mixture"],
+            "settings": info["settings"],
+            "coverage_thin_experts": info.get("coverage", {}),
+        },
+        "protect_super_experts": protect_super,
+        "protected": {str(i): ids for i, ids in protect.items()},
+        "layers": {},
+        "complete": False,
+    }
+
+
+def _layer_entry(layer: MoELayerView, decision: LayerDecision, target: Target) -> dict[str, Any]:
+    E = layer.router.num_experts
+    return {
+        "experts": E,
+        "kept": decision.kept,
+        "dropped": [e for e in range(E) if e not in decision.kept],
+        "scores": decision.scores,
+        "protected": sorted(target.protect),
+        "notes": decision.notes,
+    }
+
+
+def _stability(method: Method, layer: MoELayerView, stats: LayerStats, target: Target) -> float | None:
+    """Jaccard similarity of the kept sets decided on each half of the calibration data
+    (scoring methods; 1 = the data agree)."""
+    if not isinstance(method, ScoringMethod) or min(stats.tokens.sum(1)) == 0:
+        return None
+    a, b = (set(method.decide(layer, stats, target.on_half(h)).kept) for h in (0, 1))
+    return len(a & b) / len(a | b)
+
+
+def _check_global_budget(
+    method: ScoringMethod, view, stats: dict[int, LayerStats], targets: dict[int, Target]
+) -> None:
+    """Rank every expert of every layer by its score, normalised to sum 1 in its layer, keep the
+    best overall (at least top_k per layer), and refuse unless every layer keeps as many."""
+    ranked = []
+    for index, target in targets.items():
+        layer = view.layer(index)
+        scores = method.score(layer, stats[index], target).double()
+        scores = scores / scores.sum() if scores.sum() > 0 else scores
+        ranked += [(float(s), index, e) for e, s in enumerate(scores)]
+    total = sum(t.keep for t in targets.values())
+    counts = {i: 0 for i in targets}
+    for _, index, _ in sorted(ranked, reverse=True)[:total]:
+        counts[index] += 1
+    if len(set(counts.values())) > 1:
+        per_layer = ", ".join(f"layer {i}: {n}" for i, n in sorted(counts.items()))
+        raise ValueError(
+            f"the global budget keeps different numbers of experts per layer ({per_layer}); transformers, vLLM "
+            "and moelab's own format store one expert count for all layers, so this cannot be written. Use "
+            "the per-layer budget (--budget layer)"
+        )
+
+
+def _read_report(directory: Path) -> dict | None:
+    path = directory / REPORT_NAME
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) and report.get("format") == REPORT_FORMAT else None
+
+
+def _write_report(directory: Path, report: dict[str, Any]) -> None:
+    atomic_write_text(directory / REPORT_NAME, json.dumps(report, indent=1) + "\n")

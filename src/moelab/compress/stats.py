@@ -1,0 +1,210 @@
+"""Calibration statistics on disk, and the typed per-layer view methods read.
+
+Shape legend: H halves of the calibration data (2), S calibration sources, E routed experts,
+B skip-ratio bins, N sampled tokens, D model dim.
+
+A statistics directory (`moelab calibrate --out DIR`, or `moelab_calibration/` inside a
+compressed checkpoint):
+
+    calibration.json          model (path, family, fingerprint), mixture (spec, sources, digest),
+                              observers, settings, finished layers, timings
+    layer-00003.safetensors   one MoE layer's statistics (`LayerStats` fields)
+    resume.safetensors        while running: the hidden states after the last finished layer
+
+The model fingerprint hashes config.json and every safetensors file's size, header and 16
+evenly spaced 64 KiB samples of its data, so statistics are never applied to another model
+(a fine-tuned copy of the same architecture included) without reading whole checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from moelab.io import atomic_write_text, save_safetensors
+
+FORMAT = "moelab-calibration/1"
+INFO_NAME = "calibration.json"
+RESUME_NAME = "resume.safetensors"
+KIND = "calibration statistics"
+
+
+@dataclass
+class LayerStats:
+    """The calibration statistics of one MoE layer.
+
+    tokens [H, S]; counts, soft_counts, gate_sums, premoe_sums, ean_sums, reap_sums,
+    easyep_sums [H, S, E] (see `moelab.compress.observers` for what each sums); max_output [E];
+    shared_max [1]; skip_ratios [B]; inputs [N, D] (empty when not sampled). Fields of observers
+    that did not run are None.
+    """
+
+    layer: int
+    sources: tuple[str, ...]
+    tokens: Tensor
+    counts: Tensor
+    soft_counts: Tensor
+    gate_sums: Tensor
+    premoe_sums: Tensor
+    skip_ratios: Tensor
+    ean_sums: Tensor | None = None
+    reap_sums: Tensor | None = None
+    max_output: Tensor | None = None
+    shared_max: Tensor | None = None
+    easyep_sums: Tensor | None = None
+    inputs: Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[-1]
+
+    def total(self, name: str, sources: list[str] | None = None, halves: tuple[int, ...] = (0, 1)) -> Tensor:
+        """[E] the statistic `name` summed over the given sources (default all) and halves."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(
+                f"the calibration statistics have no {name!r} (its observer did not run); calibrate again "
+                "with the default observers"
+            )
+        return value[list(halves)][:, self._source_index(sources)].sum((0, 1))
+
+    def token_total(self, sources: list[str] | None = None, halves: tuple[int, ...] = (0, 1)) -> float:
+        return float(self.tokens[list(halves)][:, self._source_index(sources)].sum())
+
+    def _source_index(self, sources: list[str] | None) -> list[int]:
+        if sources is None:
+            return list(range(len(self.sources)))
+        unknown = [s for s in sources if s not in self.sources]
+        if unknown:
+            raise ValueError(
+                f"calibration sources {unknown} are not in these statistics; they have {list(self.sources)}"
+            )
+        return [self.sources.index(s) for s in sources]
+
+    def tensors(self) -> dict[str, Tensor]:
+        names = [f.name for f in fields(self) if f.name not in ("layer", "sources")]
+        return {n: getattr(self, n).contiguous() for n in names if getattr(self, n) is not None}
+
+
+class Calibration:
+    """A statistics directory opened for reading: `info` (calibration.json) and `layer(i)`."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        path = self.directory / INFO_NAME
+        if not path.is_file():
+            raise ValueError(
+                f"{self.directory} holds no calibration statistics (no {INFO_NAME}); make them with "
+                "`moelab calibrate MODEL --out DIR`"
+            )
+        try:
+            self.info = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); calibrate again") from None
+        if not isinstance(self.info, dict) or self.info.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a {FORMAT} file; calibrate again with this moelab")
+        if not self.info.get("complete"):
+            raise ValueError(f"the calibration in {self.directory} did not finish; run it again to resume it")
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.info["moe_layers"])
+
+    @property
+    def sources(self) -> list[str]:
+        return [s["domain"] for s in self.info["mixture"]["sources"]]
+
+    def layer(self, index: int) -> LayerStats:
+        if index not in self.layers:
+            raise ValueError(f"{self.directory} has no statistics for layer {index}; it has {self.layers}")
+        return read_layer(self.directory, index, tuple(self.sources))
+
+    def check_model(self, fingerprint: str, model: str | os.PathLike) -> None:
+        """Raise unless these statistics were made on the model with this fingerprint."""
+        if self.info["model"]["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"the statistics in {self.directory} were made on {self.info['model']['path']}, not on {model} "
+                "(their fingerprints differ); calibrate this model instead of reusing them"
+            )
+
+    def check_mixture(self, digest: str, spec: str) -> None:
+        if self.info["mixture"]["digest"] != digest:
+            raise ValueError(
+                f"the statistics in {self.directory} were made on the calibration data "
+                f"{self.info['mixture']['spec']!r}, not on {spec!r} (their digests differ); calibrate again"
+            )
+
+
+def layer_file(directory: Path, index: int) -> Path:
+    return directory / f"layer-{index:05d}.safetensors"
+
+
+def write_layer(directory: Path, stats: LayerStats) -> None:
+    save_safetensors(stats.tensors(), layer_file(directory, stats.layer), metadata={"format": FORMAT})
+
+
+def read_layer(directory: Path, index: int, sources: tuple[str, ...]) -> LayerStats:
+    path = layer_file(directory, index)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing; calibrate again")
+    try:
+        tensors = load_file(path)
+    except Exception as err:  # a truncated or foreign file
+        raise ValueError(f"{path} is not a readable statistics file ({err}); calibrate again") from None
+    known = {f.name for f in fields(LayerStats)}
+    try:
+        return LayerStats(index, sources, **{k: v for k, v in tensors.items() if k in known})
+    except TypeError as err:
+        raise ValueError(f"{path} lacks statistics ({err}); calibrate again") from None
+
+
+def write_info(directory: Path, info: dict[str, Any]) -> None:
+    atomic_write_text(directory / INFO_NAME, json.dumps({"format": FORMAT, **info}, indent=1) + "\n")
+
+
+def read_info(directory: Path) -> dict[str, Any] | None:
+    path = directory / INFO_NAME
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) and info.get("format") == FORMAT else None
+
+
+def fingerprint(path: str | os.PathLike, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
+    """A hash of a checkpoint that changes with any of its weights' shapes or values (see the
+    module docstring); reads config.json, the safetensors headers and a few samples."""
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for file in sorted(path.glob("*.safetensors")):
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}:".encode())
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(header_len, size)))
+            start = 8 + header_len
+            span = max(size - start - sample_bytes, 0)
+            for k in range(samples):
+                f.seek(start + span * k // max(samples - 1, 1))
+                h.update(f.read(sample_bytes))
+    return h.hexdigest()
+
+
+def empty_like_layer(index: int, sources: tuple[str, ...], results: dict[str, Tensor]) -> LayerStats:
+    """A LayerStats from observer results (names as in `LayerStats`)."""
+    known = {f.name for f in fields(LayerStats)}
+    return LayerStats(index, sources, **{k: v for k, v in results.items() if k in known})
+
+
+def stats_dtype() -> torch.dtype:
+    return torch.float64

@@ -1,0 +1,336 @@
+"""`moelab eval`: how good a (compressed) model is, and how far it moved from its base.
+
+    report = evaluate("pruned/", base="original/")
+    report["domains"]["german"]["perplexity"], report["agreement"]["all"]["kl"], report["generation"]
+
+On the same token windows of every domain (by default the shipped corpus' test split; the
+model's own tokenizer): perplexity per domain and overall; with a base model, KL(base || model)
+per token and top-1 agreement; on fixed prompts (the start of evenly spaced windows of each
+domain), the rate of degenerate greedy continuations (an n-gram repeated in a loop) for both;
+parameters, active parameters per token and forward tokens/s. Both models run with the same
+windows, batch size, dtype and threads.
+
+moelab checkpoints run in moelab, transformers checkpoints in transformers (strict loading: a
+checkpoint transformers cannot load exactly is an error, not a randomly initialised model).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from moelab.data import IGNORE_INDEX, eval_batches
+from moelab.hf.adapters import NATIVE, resolve
+from moelab.hf.checkpoint import Checkpoint
+from moelab.hf.layouts import config_value
+from moelab.hf.view import ModelView, MoELayerView
+from moelab.trace.data import load_streams
+from moelab.trace.model import checkpoint_encoder
+
+ALL = "all"
+EVAL_FORMAT = "moelab-eval/1"
+LOOP_NGRAM = 4  # a continuation is degenerate when one of its 4-grams occurs LOOP_REPEATS times
+LOOP_REPEATS = 3
+
+
+@dataclass(kw_only=True)
+class EvalOptions:
+    """data: a data spec (`moelab.trace.data`); split: the corpus split; max_tokens: per domain;
+    seq_len, batch_size: the windows; prompts: per domain, for the generation check (0: skip);
+    prompt_tokens, gen_tokens: their length and the greedy continuation's."""
+
+    data: str = "corpus"
+    split: str = "test"
+    domains: Sequence[str] | None = None
+    max_tokens: int = 8192
+    seq_len: int = 256
+    batch_size: int = 8
+    prompts: int = 4
+    prompt_tokens: int = 32
+    gen_tokens: int = 48
+
+    def __post_init__(self):
+        for name in ("max_tokens", "seq_len", "batch_size", "prompt_tokens", "gen_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval {name} must be >= 1, got {getattr(self, name)}")
+        if self.prompts < 0:
+            raise ValueError(f"eval prompts must be >= 0, got {self.prompts}")
+
+
+class LoadedLM:
+    """A checkpoint ready to score: logits(ids [B, S]) -> [B, S, V]; generate(ids, n) greedily."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        config, checkpoint, family = resolve(self.path)
+        checkpoint.close()
+        self.native = family is NATIVE
+        if self.native:
+            from moelab.models import load_pretrained
+
+            self.model = load_pretrained(self.path).eval()
+            self.encoder = None
+            self.eos = None
+        else:
+            from moelab.hf.postconditions import load_transformers_strict
+
+            self.model = load_transformers_strict(self.path, quiet=True)
+            self.encoder = checkpoint_encoder(self.path)
+            if self.encoder is None:
+                raise ValueError(
+                    f"{self.path} has no tokenizer files; save the model's tokenizer beside its weights"
+                )
+            self.eos = getattr(self.model.generation_config, "eos_token_id", None)
+        self.vocab_size = int(config.get("vocab_size") or self.model.config.vocab_size)
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.model(ids) if self.native else self.model(input_ids=ids, use_cache=False)).logits.float()
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, n: int) -> torch.Tensor:
+        """ids: [1, S] -> [n] greedy continuation (never stopped early, so loops show)."""
+        if self.native:
+            return self.model.generate(ids, n, greedy=True)[0, ids.shape[1] :]
+        out = self.model.generate(
+            input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        )
+        return out[0, ids.shape[1] :]
+
+
+def evaluate(
+    model: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    options: EvalOptions | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """The evaluation report of `model` (and its distance from `base`); see the module docstring."""
+    options = options or EvalOptions()
+    lm = LoadedLM(model)
+    ref = LoadedLM(base) if base is not None else None
+    if ref is not None and ref.vocab_size != lm.vocab_size:
+        raise ValueError(
+            f"{model} has {lm.vocab_size} tokens and the base {base} has {ref.vocab_size}; they cannot be "
+            "compared token by token (pass the model this one was made from)"
+        )
+    streams = load_streams(options.data, split=options.split, domains=options.domains, encoder=lm.encoder)
+    streams = {name: s[: options.max_tokens + 1] for name, s in streams.items() if len(s) >= 2}
+    if not streams:
+        raise ValueError(f"the evaluation data {options.data!r} has no domain with at least 2 tokens")
+    top = max(int(s.max()) for s in streams.values())
+    if top >= lm.vocab_size:
+        raise ValueError(
+            f"token id {top} is outside {model}'s vocabulary ({lm.vocab_size}); use its tokenizer"
+        )
+    report: dict[str, Any] = {
+        "format": EVAL_FORMAT,
+        "model": str(model),
+        "base": None if base is None else str(base),
+        "options": _describe(options),
+    }
+    scored = {name: _score(lm, ref, stream, options, quiet) for name, stream in streams.items()}
+    report["domains"] = {name: s["model"] for name, s in scored.items()}
+    report["domains"][ALL] = _pool([s["model"] for s in scored.values()])
+    report["tokens_per_second"] = _speed(scored, "model")
+    report["parameters"] = parameter_counts(model)
+    if ref is not None:
+        report["base_domains"] = {name: s["base"] for name, s in scored.items()}
+        report["base_domains"][ALL] = _pool([s["base"] for s in scored.values()])
+        report["agreement"] = {name: s["agreement"] for name, s in scored.items()}
+        report["agreement"][ALL] = _pool([s["agreement"] for s in scored.values()])
+        report["base_tokens_per_second"] = _speed(scored, "base")
+        report["base_parameters"] = parameter_counts(base)
+    if options.prompts:
+        prompts = _prompts(streams, options)
+        report["generation"] = {"prompts": len(prompts), "model": _degeneration(lm, prompts, options, quiet)}
+        if ref is not None:
+            report["generation"]["base"] = _degeneration(ref, prompts, options, quiet)
+    return report
+
+
+def _score(lm: LoadedLM, ref: LoadedLM | None, stream: np.ndarray, options: EvalOptions, quiet: bool) -> dict:
+    """Loss sums (and KL / agreement against `ref`) of one domain's windows."""
+    out = {"model": {"loss_sum": 0.0, "tokens": 0, "seconds": 0.0}}
+    if ref is not None:
+        out["base"] = {"loss_sum": 0.0, "tokens": 0, "seconds": 0.0}
+        out["agreement"] = {"kl_sum": 0.0, "agree": 0, "tokens": 0}
+    for inputs, targets in eval_batches(stream, options.seq_len, options.batch_size):
+        mask = targets != IGNORE_INDEX
+        logits = _timed(lm, inputs, out["model"])
+        out["model"]["loss_sum"] += float(F.cross_entropy(logits[mask], targets[mask], reduction="sum"))
+        out["model"]["tokens"] += int(mask.sum())
+        if ref is not None:
+            base_logits = _timed(ref, inputs, out["base"])
+            out["base"]["loss_sum"] += float(
+                F.cross_entropy(base_logits[mask], targets[mask], reduction="sum")
+            )
+            out["base"]["tokens"] += int(mask.sum())
+            p = base_logits[mask].log_softmax(-1)
+            q = logits[mask].log_softmax(-1)
+            out["agreement"]["kl_sum"] += float((p.exp() * (p - q)).sum())
+            out["agreement"]["agree"] += int((p.argmax(-1) == q.argmax(-1)).sum())
+            out["agreement"]["tokens"] += int(mask.sum())
+    return {k: _finish(v) for k, v in out.items()}
+
+
+def _timed(lm: LoadedLM, inputs: torch.Tensor, into: dict) -> torch.Tensor:
+    began = time.perf_counter()
+    logits = lm.logits(inputs)
+    into["seconds"] += time.perf_counter() - began
+    return logits
+
+
+def _finish(sums: dict) -> dict:
+    tokens = max(sums["tokens"], 1)
+    if "loss_sum" in sums:
+        loss = sums["loss_sum"] / tokens
+        return {**sums, "loss": loss, "perplexity": math.exp(min(loss, 700))}
+    return {**sums, "kl": sums["kl_sum"] / tokens, "top1_agreement": sums["agree"] / tokens}
+
+
+def _pool(parts: list[dict]) -> dict:
+    keys = [k for k in parts[0] if k.endswith("_sum") or k in ("tokens", "seconds", "agree")]
+    return _finish({k: sum(p[k] for p in parts) for k in keys})
+
+
+def _speed(scored: dict, who: str) -> float:
+    tokens = sum(s[who]["tokens"] for s in scored.values())
+    seconds = sum(s[who]["seconds"] for s in scored.values())
+    return tokens / max(seconds, 1e-9)
+
+
+def _prompts(streams: dict[str, np.ndarray], options: EvalOptions) -> list[tuple[str, torch.Tensor]]:
+    """`options.prompts` prompts per domain: `prompt_tokens` tokens at evenly spaced offsets."""
+    prompts = []
+    for name, stream in streams.items():
+        span = len(stream) - options.prompt_tokens
+        if span < 0:
+            continue
+        for k in range(options.prompts):
+            start = span * k // max(options.prompts, 1)
+            ids = torch.as_tensor(np.asarray(stream[start : start + options.prompt_tokens], dtype=np.int64))
+            prompts.append((name, ids[None]))
+    return prompts
+
+
+def _degeneration(lm: LoadedLM, prompts, options: EvalOptions, quiet: bool) -> dict:
+    """The share of greedy continuations stuck in a loop, with a 95 % Wilson interval."""
+    loops = 0
+    by_domain: dict[str, list[int]] = {}
+    for name, ids in tqdm(
+        prompts, desc=f"generate {lm.path.name}", unit="prompt", disable=quiet, leave=False
+    ):
+        looped = is_degenerate(lm.generate(ids, options.gen_tokens).tolist())
+        loops += looped
+        by_domain.setdefault(name, []).append(int(looped))
+    n = len(prompts)
+    low, high = wilson_interval(loops, n)
+    return {
+        "degenerate": loops,
+        "rate": loops / max(n, 1),
+        "ci95": [low, high],
+        "by_domain": {name: sum(v) / len(v) for name, v in by_domain.items()},
+    }
+
+
+def is_degenerate(tokens: list[int], n: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS) -> bool:
+    """Whether some n-gram occurs at least `repeats` times in `tokens` (a repetition loop)."""
+    seen: dict[tuple[int, ...], int] = {}
+    for i in range(len(tokens) - n + 1):
+        gram = tuple(tokens[i : i + n])
+        seen[gram] = seen.get(gram, 0) + 1
+        if seen[gram] >= repeats:
+            return True
+    return False
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion ((0, 1) for n = 0)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def parameter_counts(path: str | os.PathLike) -> dict[str, int]:
+    """{"total": every weight, "routed_experts": the routed experts', "active": what one token
+    uses (everything but the routed experts, plus top_k / E of each MoE layer's)}, from the
+    shard headers."""
+    config, checkpoint, family = resolve(path)
+    checkpoint.close()
+    shapes = Checkpoint(path, shapes_only=True)
+    with ModelView(shapes, config, family, config_value(config, *family.num_layers)) as view:
+        total = sum(math.prod(shapes.shape(k)) for k in shapes.keys())
+        routed = active_routed = 0
+        for layer in view.layers():
+            if isinstance(layer, MoELayerView):
+                e = layer.experts
+                n = sum(
+                    t.numel()
+                    for t in (e.gate, e.up, e.down, e.gate_bias, e.up_bias, e.down_bias)
+                    if t is not None
+                )
+                routed += n
+                active_routed += n * layer.router.top_k // layer.router.num_experts
+    return {"total": total, "routed_experts": routed, "active": total - routed + active_routed}
+
+
+def _describe(options: EvalOptions) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(options).items()}
+
+
+def render_report(report: dict[str, Any]) -> Table:
+    """The report as a table: one row per domain (perplexity, and against the base: its
+    perplexity, the change, KL and top-1 agreement), then size, speed and degeneration."""
+    has_base = report.get("base") is not None
+    table = Table(title=f"{report['model']}" + (f" vs base {report['base']}" if has_base else ""))
+    columns = ["domain", "perplexity"] + (
+        ["base", "change", "KL(base||model)", "top-1 agree"] if has_base else []
+    )
+    for column in columns:
+        table.add_column(column, justify="right" if column != "domain" else "left")
+    for name, scores in report["domains"].items():
+        row = [name, f"{scores['perplexity']:.2f}"]
+        if has_base:
+            base = report["base_domains"][name]["perplexity"]
+            agreement = report["agreement"][name]
+            row += [
+                f"{base:.2f}",
+                f"{scores['perplexity'] / base - 1:+.1%}",
+                f"{agreement['kl']:.4f}",
+                f"{agreement['top1_agreement']:.1%}",
+            ]
+        table.add_row(*row)
+    params = report["parameters"]
+    caption = [
+        f"parameters {params['total']:,} (active {params['active']:,}); {report['tokens_per_second']:,.0f} tokens/s"
+    ]
+    if has_base:
+        caption.append(
+            f"base {report['base_parameters']['total']:,} (active {report['base_parameters']['active']:,}); "
+            f"{report['base_tokens_per_second']:,.0f} tokens/s"
+        )
+    if "generation" in report:
+        for who in ("model", "base"):
+            if who in report["generation"]:
+                g = report["generation"][who]
+                caption.append(
+                    f"{who}: {g['degenerate']}/{report['generation']['prompts']} greedy continuations loop "
+                    f"({g['rate']:.0%}, 95% CI {g['ci95'][0]:.0%}-{g['ci95'][1]:.0%})"
+                )
+    table.caption = "\n".join(caption)
+    return table
