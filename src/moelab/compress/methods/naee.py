@@ -56,28 +56,27 @@ class NAEE(Method):
         with torch.no_grad():
             reference = moe_layer_from_view(layer).double()(x)[0]
         E, n_group = layer.router.num_experts, layer.router.n_group
-        evaluated = 0
+        losses: dict[tuple[int, ...], float] = {}
 
         def loss(kept: tuple[int, ...]) -> float:
-            nonlocal evaluated
-            evaluated += 1
-            with torch.no_grad():
-                out = masked_moe_layer(layer, kept).double()(x)[0]
-            diff = (reference - out).split(self.chunk)
-            return float(sum(d.norm() for d in diff))
+            if kept not in losses:
+                with torch.no_grad():
+                    out = masked_moe_layer(layer, kept).double()(x)[0]
+                losses[kept] = float(sum(d.norm() for d in (reference - out).split(self.chunk)))
+            return losses[kept]
 
-        candidates = _candidates(E, target, n_group)
-        exhaustive = (
-            math.comb(E - len(target.protect), target.keep - len(target.protect)) <= self.max_candidates
-        )
+        exhaustive = math.comb(E - len(target.protect), target.keep - len(target.protect)) <= self.max_candidates
         if exhaustive:
-            best = min(candidates, key=lambda kept: (loss(kept), kept))
-            search = "exhaustive"
+            best = min(_candidates(E, target, n_group), key=lambda kept: (loss(kept), kept))
         else:
             best = _greedy(E, target, n_group, loss)
-            search = "greedy backward elimination"
         kept = list(best)
-        notes = {"search": search, "evaluated": evaluated, "loss": loss(best), "tokens": int(x.shape[0])}
+        notes = {
+            "search": "exhaustive" if exhaustive else "greedy backward elimination",
+            "evaluated": len(losses),
+            "loss": losses[best],
+            "tokens": int(x.shape[0]),
+        }
         return LayerDecision(LayerEdit.keep(kept), kept, None, notes)
 
 
