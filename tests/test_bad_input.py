@@ -22,10 +22,12 @@ import pytest
 import torch
 from hf_tiny import build
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerFast
 
 from moelab import cli
 from moelab import files as files_module
 from moelab.bench.layer import BenchOptions
+from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import CheckpointError, open_checkpoint
 from moelab.hf.expert_map import read_expert_map
 from moelab.models import MoETransformer, load_pretrained, model_info, save_pretrained, tiny
@@ -627,6 +629,88 @@ def bench_rounds_zero(tmp, src):
 def bench_skew_nan(tmp, src):
     args = ["bench", "layer", "--skew", "nan", "--tokens", "8", "--rounds", "1"]
     return args, [], ["skew must be a finite number"]
+
+
+# compress, calibrate, eval (issue 10 §6)
+
+
+@case
+def compress_ratio_outside(tmp, src):
+    model = copy(src, "moelab", tmp)
+    return ["compress", model, "--ratio", "1.5", "--out", tmp / "out", "--quiet"], [model], ["must lie in (0, 1), got 1.5"]
+
+
+@case
+def compress_leaves_fewer_than_top_k(tmp, src):
+    model = copy(src, "moelab", tmp)
+    args = ["compress", model, "--ratio", "0.9", "--out", tmp / "out", "--quiet"]
+    return args, [model], ["layer 1: removing", "fewer than the 2 the router picks per token"]
+
+
+@case
+def compress_unknown_method(tmp, src):
+    model = copy(src, "moelab", tmp)
+    args = ["compress", model, "--method", "reep", "--out", tmp / "out", "--quiet"]
+    return args, [model], ["unknown compression method 'reep'", "did you mean 'reap'"]
+
+
+@case
+def compress_out_is_the_source(tmp, src):
+    model = copy(src, "moelab", tmp)
+    return ["compress", model, "--out", model, "--overwrite", "--quiet"], [model], [str(model), "is the input"]
+
+
+@case
+def compress_out_inside_the_source(tmp, src):
+    model = copy(src, "moelab", tmp)
+    return ["compress", model, "--out", model / "pruned", "--quiet"], [model], ["lies inside the input"]
+
+
+@case
+def compress_without_tokenizer(tmp, src):
+    ckpt = copy(src, "mixtral", tmp)
+    return ["compress", ckpt, "--out", tmp / "out", "--quiet"], [ckpt], [str(ckpt), "has no tokenizer files"]
+
+
+@case
+def compress_quantized_source(tmp, src):
+    ckpt = hf(src, tmp, quantization_config={"quant_method": "fp8"})
+    return ["compress", ckpt, "--out", tmp / "out", "--quiet"], [ckpt], ["quantized checkpoint (quant_method 'fp8')"]
+
+
+@case
+def compress_stats_of_another_model(tmp, src):
+    model = copy(src, "moelab", tmp)
+    stats = tmp / "stats"
+    text(stats / "calibration.json", json.dumps({
+        "format": "moelab-calibration/1", "complete": True, "moe_layers": [1], "settings": {"observers": ["routing"]},
+        "model": {"path": "/elsewhere/model", "fingerprint": "0" * 64}, "mixture": {"spec": "corpus", "sources": []},
+    }))  # fmt: skip
+    args = ["compress", model, "--stats", stats, "--out", tmp / "out", "--quiet"]
+    return args, [model, stats], ["were made on /elsewhere/model", "fingerprints differ"]
+
+
+@case
+def calibrate_empty_data(tmp, src):
+    model = copy(src, "moelab", tmp)
+    data = text(tmp / "empty.txt", "")
+    args = ["calibrate", model, "--calib", data, "--out", tmp / "out", "--quiet"]
+    return args, [model, data], [str(data), "has no tokens to speak of"]
+
+
+@case
+def calibrate_bad_weight(tmp, src):
+    model = copy(src, "moelab", tmp)
+    args = ["calibrate", model, "--calib", "corpus:code=lots", "--out", tmp / "out", "--quiet"]
+    return args, [model], ["'corpus:code=lots'", "weight 'lots' is not a number"]
+
+
+@case
+def eval_base_with_another_vocabulary(tmp, src):
+    model, ckpt = copy(src, "moelab", tmp), copy(src, "mixtral", tmp)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(ckpt)
+    args = ["eval", model, "--base", ckpt, "--quiet"]
+    return args, [model, ckpt], [f"{model} has 128 tokens and the base {ckpt} has 64"]
 
 
 # output paths: an existing file, a path under a file, a directory moelab cannot create (issue 9)

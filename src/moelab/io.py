@@ -186,8 +186,9 @@ class StagedOutput:
             ...write files into staging...     # published on success, discarded on error
 
     `open()` / `publish()` / `abort()` do the same for writers that stream across calls. With
-    `resume`, the staging directory a killed run left is taken over (`resumed` tells), so a long
-    job can continue from what it had written; the caller checks that it belongs to the same job.
+    `resume`, the staging directory a killed (or Ctrl-C'd) run left is taken over (`resumed`
+    tells), so a long job can continue from what it had written; the caller checks that it
+    belongs to the same job.
     """
 
     def __init__(
@@ -217,11 +218,9 @@ class StagedOutput:
             marker = _inspect(self.out, self.kind, self.inputs)
             if marker is not None:
                 _check_replaceable(self.out, self.kind, marker, self.overwrite)
-            self.staging = _sibling(self.out, "staging")
             previous = self._previous_staging() if self.resume else None
-            if previous is not None:
-                os.rename(previous, self.staging)
-            _clean_leftovers(self.out.parent, self.out.name, held=True)
+            _clean_leftovers(self.out.parent, self.out.name, held=True, keep=previous)
+            self.staging = previous or _sibling(self.out, "staging")
             if previous is None:
                 self.staging.mkdir()
             self.resumed = previous is not None
@@ -250,9 +249,10 @@ class StagedOutput:
             self._release()
         return self.out
 
-    def abort(self) -> None:
-        """Discard the staging directory; `out` stays as it was."""
-        self._release()
+    def abort(self, *, keep: bool = False) -> None:
+        """Discard the staging directory (or, with `keep`, leave it for a resumed run to take
+        over); `out` stays as it was."""
+        self._release(keep=keep)
 
     def _previous_staging(self) -> Path | None:
         """The newest staging directory a killed run left for this output, if any."""
@@ -273,11 +273,11 @@ class StagedOutput:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is None:
             self.publish()
-        else:
-            self.abort()
+        else:  # Ctrl-C keeps a resumable job's work, as a kill does; an error discards it
+            self.abort(keep=self.resume and issubclass(exc_type, KeyboardInterrupt))
 
-    def _release(self) -> None:
-        if self.staging is not None and self.staging.exists():
+    def _release(self, keep: bool = False) -> None:
+        if self.staging is not None and self.staging.exists() and not keep:
             shutil.rmtree(self.staging, ignore_errors=True)
         self.staging = None
         if self._unlock is not None:
@@ -499,15 +499,15 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash)
 
 
-def _clean_leftovers(directory: Path, name: str | None, *, held: bool = False) -> None:
+def _clean_leftovers(directory: Path, name: str | None, *, held: bool = False, keep: Path | None = None) -> None:
     """Remove the leftovers of killed runs in `directory`: of the output `name` (whose lock the
-    caller holds if `held`), or of every output there whose lock nobody holds."""
+    caller holds if `held`), or of every output there whose lock nobody holds; `keep` stays."""
     if not directory.is_dir():
         return
     by_name: dict[str, list[tuple[Path, str]]] = {}
     for entry in sorted(directory.iterdir()):
         match = _LEFTOVER.match(entry.name)
-        if match is not None and (name is None or match["name"] == name):
+        if match is not None and (name is None or match["name"] == name) and entry != keep:
             by_name.setdefault(match["name"], []).append((entry, match["what"]))
     for target, found in by_name.items():
         if held:

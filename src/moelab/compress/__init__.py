@@ -7,7 +7,7 @@
 `moelab.compress.methods.METHODS` lists the methods; `docs/compress.md` compares them.
 """
 
-from moelab.compress.calibrate import CalibrationOptions, calibrate
+from moelab.compress.calibration import CalibrationOptions, calibrate
 from moelab.compress.methods import METHODS, get_method
 from moelab.compress.mixture import build_mixture
 from moelab.compress.run import compress

@@ -29,6 +29,7 @@ import torch
 from moelab.trace.data import Encoder, load_streams
 
 DEFAULT_SPEC = "corpus"
+MIN_SOURCE_TOKENS = 16  # fewer is no calibration (an empty file still tokenises to its separators)
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,11 @@ def build_mixture(
     for number, (source, stream) in enumerate(zip(sources, streams)):
         budget = min(len(stream), max(1, round(tokens * source.weight)))
         ids = torch.from_numpy(np.asarray(stream[:budget], dtype=np.int64))
-        if ids.numel() == 0:
-            raise ValueError(f"calibration source {source.data}:{source.domain} has no tokens; remove it")
+        if len(stream) < MIN_SOURCE_TOKENS:
+            raise ValueError(
+                f"calibration source {source.data} (domain {source.domain!r}) has no tokens to speak of "
+                f"({len(stream)}; at least {MIN_SOURCE_TOKENS} needed): give it text, or leave it out"
+            )
         for k, offset in enumerate(range(0, ids.numel(), seq_len)):
             window = ids[offset : offset + seq_len]
             windows.append(Window(window, number, k % 2, start))

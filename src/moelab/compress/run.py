@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import moelab
 from moelab.analyze.stats import super_experts
-from moelab.compress.calibrate import CalibrationOptions, calibration_mixture, run_calibration
+from moelab.compress.calibration import CalibrationOptions, calibration_mixture, run_calibration
 from moelab.compress.methods import LayerDecision, Method, ScoringMethod, Target, get_method, plan_target
 from moelab.compress.mixture import DEFAULT_SPEC
 from moelab.compress.observers import OBSERVERS

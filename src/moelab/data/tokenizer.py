@@ -63,7 +63,7 @@ def tokenize_texts(texts: Sequence[str], tokenizer: Tokenizer, desc: str = "toke
         raise ValueError(f"vocab size {tokenizer.get_vocab_size()} does not fit uint16 token ids")
     pieces = [np.array([EOT_ID], dtype=np.uint16)]
     batch = 512
-    for i in tqdm(range(0, len(texts), batch), desc=desc, unit="batch", leave=False):
+    for i in tqdm(range(0, len(texts), batch), desc=desc, unit="batch", leave=False, disable=len(texts) <= batch):
         for encoding in tokenizer.encode_batch(list(texts[i : i + batch]), add_special_tokens=False):
             pieces.append(np.array(encoding.ids, dtype=np.uint16))
             pieces.append(np.array([EOT_ID], dtype=np.uint16))

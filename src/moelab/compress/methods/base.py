@@ -117,7 +117,14 @@ def plan_target(router: RouterView, ratio: float, where: str = "") -> int:
             f"remove at most {E - k} (ratio <= {(E - k) / E:.4g})"
         )
     if n_group > 1:
-        valid = [r for r in range(1, E) if (E - r) % n_group == 0 and E - r >= k]
+        per_group_min = 2 if router.score_func == "sigmoid" else 1
+        valid = [
+            r
+            for r in range(1, E)
+            if (E - r) % n_group == 0
+            and (E - r) // n_group >= per_group_min
+            and (E - r) // n_group * router.topk_group >= k
+        ]
         if keep % n_group:
             closest = sorted(valid, key=lambda r: abs(r - removed))[:2]
             raise ValueError(

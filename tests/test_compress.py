@@ -1,0 +1,304 @@
+"""moelab.compress end to end: calibration mixtures, the resumable calibration pass, compress
+with every method on moelab models and every transformers family, its report and its errors.
+The statistics and methods themselves are checked against naive references in
+tests/test_compress_reference.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hf_tiny import TINY, build
+from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerFast
+
+from moelab.compress import METHODS, Calibration, CalibrationOptions, build_mixture, calibrate, compress
+from moelab.compress.calibration import run_calibration
+from moelab.compress.mixture import parse_sources
+from moelab.compress.run import REPORT_NAME, STATS_DIR
+from moelab.data.tokenizer import TOKENIZER_DIR
+from moelab.hf import open_checkpoint
+from moelab.models import ModelConfig, MoETransformer, load_pretrained, save_pretrained
+from moelab.nn import MoEConfig
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+SMALL = CalibrationOptions(tokens=512, seq_len=32, batch_size=4, sample_tokens=64)
+
+
+def moelab_model(path: Path, *, num_experts: int = 8, top_k: int = 2, seed: int = 0, **moe) -> Path:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        vocab_size=8192, dim=32, n_layers=2, n_heads=4, max_seq_len=64,
+        moe=MoEConfig(dim=32, num_experts=num_experts, hidden_dim=32, top_k=top_k, **moe),
+    )  # fmt: skip
+    return save_pretrained(MoETransformer(cfg), path)
+
+
+def hf_model(path: Path, family: str) -> Path:
+    """A tiny transformers checkpoint of `family` that reads the shipped corpus (its tokenizer)."""
+    build(family, vocab_size=8192).save_pretrained(path)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return moelab_model(tmp_path_factory.mktemp("model") / "m")
+
+
+@pytest.fixture(scope="module")
+def stats_dir(model_dir, tmp_path_factory) -> Path:
+    return calibrate(model_dir, tmp_path_factory.mktemp("stats") / "s", options=SMALL, quiet=True).directory
+
+
+# ----------------------------------------------------------------------------- mixtures
+
+
+def test_mixture_specs_parse_into_weighted_sources():
+    assert parse_sources("corpus") == [("corpus", None, 1.0)]
+    assert parse_sources("corpus:code,german") == [("corpus", {"code": 1.0, "german": 1.0}, 1.0)]
+    assert parse_sources(["corpus:code=3,german=1", "notes.txt=0.5"]) == [
+        ("corpus", {"code": 3.0, "german": 1.0}, 1.0),
+        ("notes.txt", None, 0.5),
+    ]
+    for bad, message in [
+        ("corpus:code=abc", "weight 'abc' is not a number"),
+        ("corpus:code=-1", "weights must be positive"),
+        ("corpus:,german", "empty domain name"),
+        ("corpus:code,code", "names domain 'code' twice"),
+        ([], "no calibration data given"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_sources(bad)
+
+
+def test_mixture_splits_the_budget_by_weight_and_alternates_halves():
+    mixture = build_mixture("corpus:code=3,german=1", tokens=400, seq_len=50)
+    assert mixture.source_names == ["code", "german"]
+    assert [s.weight for s in mixture.sources] == [0.75, 0.25]
+    per_source = [sum(w.ids.numel() for w in mixture.windows if w.source == s) for s in (0, 1)]
+    assert per_source == [300, 100]
+    assert [w.half for w in mixture.windows if w.source == 0] == [0, 1, 0, 1, 0, 1]
+    assert [w.start for w in mixture.windows] == list(range(0, 400, 50))
+    other = build_mixture("corpus:code=3,german=1", tokens=401, seq_len=50)
+    assert (
+        other.digest != mixture.digest
+        and build_mixture("corpus:code=3,german=1", tokens=400, seq_len=50).digest == mixture.digest
+    )
+    with pytest.raises(ValueError, match="unknown domain 'klingon'"):
+        build_mixture("corpus:klingon", tokens=10, seq_len=5)
+
+
+def test_a_text_file_is_one_source(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello world " * 200)
+    mixture = build_mixture([str(path), "corpus:code"], tokens=200, seq_len=20)
+    assert mixture.source_names == ["notes", "code"] and mixture.num_tokens == 200
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def test_calibration_records_every_moe_layer(stats_dir, model_dir):
+    stats = Calibration(stats_dir)
+    assert stats.layers == [0, 1] and stats.info["complete"]
+    assert stats.info["mixture"]["tokens"] == 512 and len(stats.sources) == 8
+    layer = stats.layer(1)
+    assert layer.counts.shape == (2, 8, 8) and float(layer.counts.sum()) == 512 * 2  # top-2
+    assert layer.inputs.shape == (64, 32) and layer.reap_sums is not None
+    assert not (stats_dir / "resume.safetensors").exists()
+
+
+def test_an_interrupted_calibration_resumes_to_the_same_files(tmp_path, model_dir, stats_dir, monkeypatch):
+    """Kill the pass after layer 0 (its hidden states saved), start it again: same statistics."""
+    import moelab.compress.calibration as calibrate_module
+
+    options = CalibrationOptions(**{**SMALL.__dict__, "snapshot_seconds": 0.0})
+    real = calibrate_module.write_layer
+    calls = []
+
+    def dies_after_first_layer(directory, stats):
+        real(directory, stats)
+        calls.append(stats.layer)
+        if stats.layer == 1 and len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate_module, "write_layer", dies_after_first_layer)
+    directory = tmp_path / "partial"
+    directory.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run_calibration(model_dir, directory, "corpus", options, quiet=True)
+    info = json.loads((directory / "calibration.json").read_text())
+    assert info["done"] == 0 and not info["complete"] and (directory / "resume.safetensors").is_file()
+    monkeypatch.setattr(calibrate_module, "write_layer", real)
+    run_calibration(model_dir, directory, "corpus", options, quiet=True)
+    for name in ("layer-00000.safetensors", "layer-00001.safetensors"):
+        a, b = load_file(directory / name), load_file(stats_dir / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_killed_calibrate_command_is_taken_over(tmp_path, model_dir):
+    """kill -9 in the middle of `calibrate`, run it again into the same --out: it finishes."""
+    code = (
+        "import os, sys\n"
+        "import moelab.compress.calibration as c\n"
+        "real = c.write_layer\n"
+        "def die(d, s):\n"
+        "    real(d, s)\n"
+        "    os.kill(os.getpid(), 9)\n"
+        "c.write_layer = die\n"
+        "c.calibrate(sys.argv[1], sys.argv[2], options=c.CalibrationOptions(tokens=256, seq_len=32), quiet=True)\n"
+    )
+    out = tmp_path / "stats"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(model_dir), str(out)], env={**os.environ, "PYTHONPATH": SRC}
+    )
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    calibrate(model_dir, out, options=CalibrationOptions(tokens=256, seq_len=32), quiet=True)
+    assert Calibration(out).info["complete"] and not any(
+        p.name.startswith(".stats") for p in tmp_path.iterdir()
+    )
+
+
+def test_statistics_of_another_model_are_refused(tmp_path, stats_dir):
+    other = moelab_model(tmp_path / "other", seed=1)  # same shapes, other weights
+    with pytest.raises(ValueError, match="were made on .* not on .*fingerprints differ"):
+        compress(other, tmp_path / "out", stats=stats_dir, quiet=True)
+
+
+# ----------------------------------------------------------------------------- compress
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_compresses_a_moelab_model(tmp_path, model_dir, stats_dir, method):
+    domains = ["code"] if method == "premoe" else None
+    report = compress(
+        model_dir, tmp_path / "out", method=method, ratio=0.25, stats=stats_dir, domains=domains, quiet=True
+    )
+    model = load_pretrained(tmp_path / "out")
+    assert model.config.moe.num_experts == 6
+    saved = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    assert saved == report and report["complete"] and report["method"] == method
+    for layer in ("0", "1"):
+        entry = report["layers"][layer]
+        assert len(entry["kept"]) == 6 and sorted(entry["kept"] + entry["dropped"]) == list(range(8))
+        if entry["scores"] is not None:  # the kept experts are the best scored
+            worst_kept = min(entry["scores"][e] for e in entry["kept"])
+            assert all(entry["scores"][e] <= worst_kept for e in entry["dropped"])
+    assert report["parameters"]["after"]["total"] < report["parameters"]["before"]["total"]
+    expert_map = json.loads((tmp_path / "out" / "moelab_expert_map.json").read_text())
+    assert expert_map["layers"]["0"]["kept"] == report["layers"]["0"]["kept"]
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_every_transformers_family_compresses_and_loads(tmp_path, family):
+    """REAP on a tiny checkpoint of each family; the writer's postconditions load it strictly in
+    transformers and compare every edited layer with the masked original."""
+    source = hf_model(tmp_path / "src", family)
+    report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
+    view = open_checkpoint(tmp_path / "out")
+    before = open_checkpoint(source)
+    for index, entry in report["layers"].items():
+        assert view.layer(int(index)).router.num_experts == before.layer(int(index)).router.num_experts // 2
+    assert (tmp_path / "out" / STATS_DIR / "calibration.json").is_file()
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_compress_takes_over_a_killed_run(tmp_path, model_dir, monkeypatch):
+    """Killed after deciding layer 0: the rerun keeps that decision and the statistics."""
+    import moelab.compress.run as run_module
+
+    real = run_module.write_edited
+    monkeypatch.setattr(
+        run_module, "write_edited", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+    )
+    with pytest.raises(KeyboardInterrupt):
+        compress(model_dir, tmp_path / "out", method="naee", calib_options=SMALL, quiet=True)
+    staging = [p for p in tmp_path.iterdir() if ".moelab-staging-" in p.name]
+    assert len(staging) == 1 and (staging[0] / REPORT_NAME).is_file() and not (tmp_path / "out").exists()
+    calls = []
+    monkeypatch.setattr(run_module, "write_edited", real)
+    monkeypatch.setattr(run_module, "run_calibration", lambda *a, **k: calls.append("calibrated"))
+    monkeypatch.setattr(METHODS["naee"], "decide", lambda *a: calls.append("decided"))
+    report = compress(model_dir, tmp_path / "out", method="naee", calib_options=SMALL, quiet=True)
+    assert calls == ["calibrated"]  # the call resumes (finds everything done); no layer is decided again
+    assert report["complete"] and load_pretrained(tmp_path / "out").config.moe.num_experts == 6
+
+
+def test_super_experts_are_protected(tmp_path, model_dir):
+    """Give one rarely chosen expert of layer 0 a huge output: plain frequency pruning drops it,
+    with protection it stays (and the report says so)."""
+    model = load_pretrained(model_dir)
+    stats = calibrate(model_dir, tmp_path / "stats", options=SMALL, quiet=True)
+    rare = int(stats.layer(0).total("counts").argmin())
+    with torch.no_grad():
+        model.layers[0].ffn.experts.down_proj[rare] *= 1000
+    source = save_pretrained(model, tmp_path / "super")
+    stats = calibrate(source, tmp_path / "stats2", options=SMALL, quiet=True)
+    assert int(stats.layer(0).max_output.argmax()) == rare
+    plain = compress(
+        source, tmp_path / "plain", method="frequency", ratio=0.75, stats=stats.directory, quiet=True
+    )
+    kept = compress(
+        source,
+        tmp_path / "kept",
+        method="frequency",
+        ratio=0.75,
+        stats=stats.directory,
+        protect_super_experts=True,
+        quiet=True,
+    )
+    assert rare in plain["layers"]["0"]["dropped"] and not plain["protected"]
+    assert kept["protected"] == {"0": [rare]} and rare in kept["layers"]["0"]["kept"]
+
+
+def test_global_budget_is_refused_when_layers_would_differ(tmp_path, stats_dir, model_dir):
+    with pytest.raises(ValueError, match="keeps different numbers of experts per layer .* cannot be written"):
+        compress(
+            model_dir,
+            tmp_path / "out",
+            method="frequency",
+            ratio=0.5,
+            stats=stats_dir,
+            budget="global",
+            quiet=True,
+        )
+    with pytest.raises(ValueError, match="does not score experts"):
+        compress(model_dir, tmp_path / "out", method="naee", stats=stats_dir, budget="global", quiet=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ratio": 1.0}, r"must lie in \(0, 1\)"),
+        ({"ratio": 0.05}, "removes none"),
+        ({"ratio": 0.9}, "fewer than the 2 the router picks"),
+        ({"method": "reapp"}, "unknown compression method 'reapp' \\(did you mean 'reap'\\?\\)"),
+        ({"method": "naee", "method_options": {"beam": 3}}, "does not take these options"),
+        ({"budget": "per-model"}, "budget must be one of"),
+        ({"domains": ["klingon"]}, "calibration sources \\['klingon'\\] are not in these statistics"),
+    ],
+)
+def test_bad_requests_fail_before_anything_is_written(tmp_path, stats_dir, model_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        compress(model_dir, tmp_path / "out", stats=stats_dir, quiet=True, **kwargs)
+    assert not (tmp_path / "out").exists() and not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".out")
+    ]
+
+
+def test_group_limited_routing_keeps_every_group_equal(tmp_path):
+    source = hf_model(tmp_path / "src", "deepseek_v3")  # 8 experts in 2 groups
+    with pytest.raises(
+        ValueError, match=r"must be a multiple of 2; remove 2 or 4 experts \(ratio 0.25 or 0.5\)"
+    ):
+        compress(source, tmp_path / "bad", ratio=0.375, calib_options=SMALL, quiet=True)
+    report = compress(source, tmp_path / "out", method="naee", ratio=0.5, calib_options=SMALL, quiet=True)
+    kept = report["layers"]["1"]["kept"]
+    assert sum(e < 4 for e in kept) == sum(e >= 4 for e in kept) == 2

@@ -1,0 +1,84 @@
+"""moelab eval: the report's numbers on worked examples and on a model against itself."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from moelab import cli
+from moelab.eval.evaluate import EvalOptions, evaluate, is_degenerate, parameter_counts, wilson_interval
+from moelab.models import ModelConfig, MoETransformer, save_pretrained
+from moelab.nn import MoEConfig
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=8192, dim=32, n_layers=2, n_heads=4, max_seq_len=64,
+                      moe=MoEConfig(dim=32, num_experts=4, hidden_dim=32, top_k=2))  # fmt: skip
+    return save_pretrained(MoETransformer(cfg), tmp_path_factory.mktemp("m") / "m")
+
+
+SMALL = EvalOptions(
+    domains=["code", "german"], max_tokens=256, seq_len=32, prompts=1, prompt_tokens=8, gen_tokens=8
+)
+
+
+def test_loops_are_repeated_ngrams():
+    assert is_degenerate([1, 2, 3, 4] * 3)
+    assert not is_degenerate([1, 2, 3, 4, 1, 2, 3, 4, 9, 1, 2, 3])  # the 4-gram 1 2 3 4 twice only
+    assert is_degenerate([7] * 6) and not is_degenerate([7] * 5)  # 7 7 7 7 three times needs 6 tokens
+    assert not is_degenerate(list(range(50)))
+
+
+def test_wilson_interval_matches_the_formula():
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    low, high = wilson_interval(5, 10)
+    assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_a_model_against_itself_agrees_perfectly(model_dir):
+    report = evaluate(model_dir, base=model_dir, options=SMALL, quiet=True)
+    for name in ("code", "german", "all"):
+        assert report["agreement"][name]["kl"] == pytest.approx(0.0, abs=1e-6)
+        assert report["agreement"][name]["top1_agreement"] == 1.0
+        assert report["domains"][name]["perplexity"] == report["base_domains"][name]["perplexity"]
+    all_ = report["domains"]["all"]
+    assert (
+        all_["tokens"]
+        == report["domains"]["code"]["tokens"] + report["domains"]["german"]["tokens"]
+        == 2 * 256
+    )
+    assert math.isclose(all_["perplexity"], math.exp(all_["loss"]))
+    assert (
+        report["generation"]["prompts"] == 2 and report["generation"]["model"] == report["generation"]["base"]
+    )
+
+
+def test_parameter_counts(model_dir):
+    counts = parameter_counts(model_dir)
+    routed = 2 * 4 * 3 * 32 * 32  # layers x experts x (gate, up, down) x D x I
+    assert counts["routed_experts"] == routed
+    assert counts["active"] == counts["total"] - routed + routed // 2  # top-2 of 4
+    assert counts["total"] == sum(p.numel() for p in MoETransformer(
+        ModelConfig(vocab_size=8192, dim=32, n_layers=2, n_heads=4, max_seq_len=64,
+                    moe=MoEConfig(dim=32, num_experts=4, hidden_dim=32, top_k=2))).state_dict().values())  # fmt: skip
+
+
+def test_the_cli_writes_a_table_and_json(model_dir, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "eval.json"
+    args = ["moelab", "eval", str(model_dir), "--base", str(model_dir), "--domain", "code", "--max-tokens", "64",
+            "--seq-len", "32", "--prompts", "0", "--json", str(path), "--quiet"]  # fmt: skip
+    monkeypatch.setattr("sys.argv", args)
+    cli.main()
+    out = capsys.readouterr().out
+    assert "KL(base||model)" in out and json.loads(path.read_text())["format"] == "moelab-eval/1"
+    monkeypatch.setattr("sys.argv", args)
+    with pytest.raises(SystemExit):
+        cli.main()  # the JSON exists: --overwrite is needed
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
