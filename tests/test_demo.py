@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from moelab.compress import Calibration
 from moelab.demo import run_demo
 from moelab.eval import domain_losses
 from moelab.models import ModelConfig, MoETransformer, load_pretrained, save_pretrained
@@ -28,17 +29,19 @@ def model_dir(tmp_path):
     return save_pretrained(MoETransformer(cfg), tmp_path / "model")
 
 
-def test_demo_measures_routes_prunes_and_compares(tmp_path, model_dir):
+def test_demo_measures_routes_compresses_and_compares(tmp_path, model_dir):
     summary = run_demo(
-        tmp_path / "out", model_dir=model_dir, prune=1, eval_tokens=64, trace_tokens=800, quiet=True
+        tmp_path / "out", model_dir=model_dir, prune=1, eval_tokens=64, trace_tokens=800, calib_tokens=512, quiet=True
     )
-    routing = json.loads((tmp_path / "out" / "analysis" / "report.json").read_text())
-    for layer, dropped in summary["pruned"]["dropped_experts"].items():
-        load = routing["layers"][layer]["load"]
-        assert load[dropped[0]] == min(load)  # the least-used expert goes
-    pruned = load_pretrained(summary["pruned"]["dir"])
-    assert pruned.config.moe.num_experts == 3
-    assert set(summary["perplexity"]) == set(summary["pruned"]["perplexity"]) >= {"code", "all"}
+    stats = Calibration(tmp_path / "out" / "calibration")
+    assert set(summary["compressed"]) == {"frequency", "reap"}
+    for layer, dropped in summary["compressed"]["frequency"]["dropped_experts"].items():
+        counts = stats.layer(int(layer)).total("counts")
+        assert counts[dropped[0]] == counts.min()  # the least-chosen expert goes
+    for method, result in summary["compressed"].items():
+        assert load_pretrained(result["dir"]).config.moe.num_experts == 3
+        assert set(result["perplexity"]) == set(summary["perplexity"]) >= {"code", "all"}
+    assert summary["eval_split"] == "test"
     assert (tmp_path / "out" / "analysis" / "report.html").is_file()
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
 
@@ -47,7 +50,11 @@ def test_demo_without_pruning(tmp_path, model_dir):
     summary = run_demo(
         tmp_path / "out", model_dir=model_dir, prune=0, eval_tokens=32, trace_tokens=200, quiet=True
     )
-    assert summary["pruned"] is None and not list((tmp_path / "out").glob("pruned-*"))
+    assert summary["compressed"] == {} and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".moelab-output.json",
+        "analysis",
+        "summary.json",
+    ]
 
 
 def test_demo_bad_inputs(tmp_path, model_dir):

@@ -364,8 +364,8 @@ def test_case1_writing_above_the_source_never_deletes_it(tmp_path):
 def test_case1_the_demo_never_replaces_its_own_model(tmp_path, moe_dir, monkeypatch, capsys):
     from moelab.demo import run_demo
 
-    run_demo(tmp_path / "A", model_dir=moe_dir, prune=2, eval_tokens=32, trace_tokens=200, quiet=True)
-    model = tmp_path / "A" / "pruned-2e"
+    run_demo(tmp_path / "A", model_dir=moe_dir, prune=2, eval_tokens=32, trace_tokens=200, calib_tokens=256, quiet=True)
+    model = tmp_path / "A" / "reap-2e"
     before = tree_digest(tmp_path / "A")
     code, output = run_cli(
         monkeypatch,

@@ -2,12 +2,14 @@
 measure it, show how it routes, compress it, and compare.
 
     1. the model: parameters, active parameters, FLOPs per token;
-    2. validation perplexity on each corpus domain;
+    2. held-out (test split) perplexity on each corpus domain;
     3. its routing (`moelab analyze`): load balance, expert x domain specialisation, the HTML report;
-    4. a first compression: drop the least-used experts of every layer (frequency pruning, written
-       back as a checkpoint the writer checks), then the perplexities of both, side by side.
+    4. compression: one calibration pass on the validation split, then `prune` experts of every
+       layer removed by frequency pruning and by REAP (`moelab compress`, written by the checked
+       writer), and the perplexities side by side.
 
-Everything lands in `out/` (report.html, summary.md, summary.json, the pruned checkpoint).
+Everything lands in `out/`: analysis/ (report.html), calibration/, frequency-<E'>e/ and
+reap-<E'>e/ (the compressed checkpoints), summary.json.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from rich.console import Console
 from rich.table import Table
 
 from moelab.analyze import analyze
+from moelab.compress import CalibrationOptions, calibrate, compress
 from moelab.eval import domain_losses
-from moelab.hf.writer import drop_experts
 from moelab.io import atomic_write_text, output_dir
 from moelab.models import load_pretrained, model_info
 from moelab.models.reference import reference_model_dir
 from moelab.trace import TraceOptions
 
 KIND = "demo"
+METHODS = ("frequency", "reap")
+EVAL_SPLIT = "test"  # calibration reads the validation split
 
 
 def run_demo(
@@ -37,13 +41,14 @@ def run_demo(
     prune: int = 2,
     eval_tokens: int = 8192,
     trace_tokens: int = 24000,
+    calib_tokens: int = 16384,
     overwrite: bool = False,
     console: Console | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Run the four steps on `model_dir` (default: the shipped ref-8e-top2) into `out`, dropping
-    the `prune` least-used experts per MoE layer. A previous demo in `out` is replaced only with
-    `overwrite`. Returns the summary (also in out/summary.json)."""
+    """Run the four steps on `model_dir` (default: the shipped ref-8e-top2) into `out`, removing
+    `prune` experts per MoE layer. A previous demo in `out` is replaced only with `overwrite`.
+    Returns the summary (also in out/summary.json)."""
     console = console or Console(quiet=quiet)
     model_dir = reference_model_dir() if model_dir is None else Path(model_dir)
     model = load_pretrained(model_dir).eval()
@@ -54,103 +59,87 @@ def run_demo(
         raise ValueError(
             f"--prune must lie in [0, num_experts - top_k = {cfg.moe.num_experts - cfg.moe.top_k}], got {prune}"
         )
-
-    pruned_name = f"pruned-{cfg.moe.num_experts - prune}e"
-    entries = ["analysis", "summary.json"] + ([pruned_name] if prune else [])
+    names = {method: f"{method}-{cfg.moe.num_experts - prune}e" for method in METHODS} if prune else {}
+    entries = ["analysis", "summary.json"] + (["calibration", *names.values()] if prune else [])
     with output_dir(out, KIND, entries=entries, inputs=[model_dir], overwrite=overwrite) as claimed:
-        return _run_steps(
-            model_dir, model, claimed.path, prune, pruned_name, eval_tokens, trace_tokens, console, quiet
+        out = claimed.path
+        seq_len = min(256, cfg.max_seq_len)
+        info = model_info(cfg, seq_len=seq_len)
+        console.rule(f"[bold]1/4 the model: {model_dir.name}")
+        console.print(
+            f"{cfg.n_layers} layers, D={cfg.dim}, {cfg.moe.num_experts} experts top-{cfg.moe.top_k}"
+            + (f" + {cfg.moe.num_shared} shared" if cfg.moe.num_shared else "")
+            + f"; {info['total_params']:,} parameters, {info['active_params']:,} active per token, "
+            f"{info['flops_per_token']:,} FLOPs/token"
         )
 
+        def perplexity(m):
+            return domain_losses(m, split=EVAL_SPLIT, seq_len=seq_len, max_tokens=eval_tokens, quiet=quiet)
 
-def _run_steps(
-    model_dir: Path,
-    model,
-    out: Path,
-    prune: int,
-    pruned_name: str,
-    eval_tokens: int,
-    trace_tokens: int,
-    console: Console,
-    quiet: bool,
-) -> dict[str, Any]:
-    cfg = model.config
-    seq_len = min(256, cfg.max_seq_len)
-    info = model_info(cfg, seq_len=seq_len)
-    console.rule(f"[bold]1/4 the model: {model_dir.name}")
-    console.print(
-        f"{cfg.n_layers} layers, D={cfg.dim}, {cfg.moe.num_experts} experts top-{cfg.moe.top_k}"
-        + (f" + {cfg.moe.num_shared} shared" if cfg.moe.num_shared else "")
-        + f"; {info['total_params']:,} parameters, {info['active_params']:,} active per token, "
-        f"{info['flops_per_token']:,} FLOPs/token"
-    )
+        console.rule(f"[bold]2/4 {EVAL_SPLIT} perplexity per domain")
+        original = perplexity(model)
+        console.print(_perplexity_table(original, {}, info))
 
-    console.rule("[bold]2/4 validation perplexity per domain")
-    original = domain_losses(model, seq_len=seq_len, max_tokens=eval_tokens, quiet=quiet)
-    console.print(_perplexity_table(original, None, info, None))
+        console.rule("[bold]3/4 routing")
+        report = analyze(
+            model_dir,
+            out / "analysis",
+            options=TraceOptions(max_tokens=trace_tokens, seq_len=seq_len),
+            quiet=quiet,
+        )
+        routing = json.loads((out / "analysis" / "report.json").read_text())
+        console.print(_routing_table(routing))
+        console.print(_specialisation_table(routing))
+        console.print(f"full report: {report}")
 
-    console.rule("[bold]3/4 routing")
-    options = TraceOptions(max_tokens=trace_tokens, seq_len=seq_len)
-    report = analyze(model_dir, out / "analysis", options=options, quiet=quiet)
-    routing = json.loads((out / "analysis" / "report.json").read_text())
-    console.print(_routing_table(routing))
-    console.print(_specialisation_table(routing))
-    console.print(f"full report: {report}")
+        compressed = {}
+        if prune:
+            E = cfg.moe.num_experts
+            console.rule(f"[bold]4/4 compress: remove {prune} of {E} experts per layer, frequency vs REAP")
+            options = CalibrationOptions(tokens=calib_tokens, seq_len=seq_len)
+            stats = calibrate(model_dir, out / "calibration", options=options, quiet=quiet).directory
+            for method, name in names.items():
+                result = compress(
+                    model_dir, out / name, method=method, ratio=prune / E, stats=stats, quiet=quiet
+                )
+                pruned = load_pretrained(out / name).eval()
+                compressed[method] = {
+                    "dir": str(out / name),
+                    "dropped_experts": {layer: entry["dropped"] for layer, entry in result["layers"].items()},
+                    "stability_jaccard": result["stability_jaccard"],
+                    "info": model_info(pruned.config, seq_len=seq_len),
+                    "losses": perplexity(pruned),
+                }
+            console.print(_perplexity_table(original, compressed, info))
+        else:
+            console.rule("[bold]4/4 compress: skipped (--prune 0)")
 
-    if prune:
-        console.rule(f"[bold]4/4 compress: drop the {prune} least-used experts per layer, compare")
-        pruned = _prune_least_used(model_dir, out / pruned_name, routing, prune, eval_tokens, seq_len, quiet)
-        console.print(_perplexity_table(original, pruned["losses"], info, pruned["info"]))
-    else:
-        console.rule("[bold]4/4 compress: skipped (--prune 0)")
-        pruned = None
-
-    summary = {
-        "model": str(model_dir),
-        "model_info": {k: info[k] for k in ("total_params", "active_params", "flops_per_token")},
-        "perplexity": {d: v.perplexity for d, v in original.items()},
-        "routing": {
-            layer: {k: stats[k] for k in ("cv", "max_over_mean", "domain_mi_bits", "routing_entropy_bits")}
-            for layer, stats in routing["layers"].items()
-        },
-        "pruned": None
-        if pruned is None
-        else {
-            "dir": str(pruned["dir"]),
-            "dropped_experts": {str(k): v for k, v in pruned["dropped"].items()},
-            "total_params": pruned["info"]["total_params"],
-            "perplexity": {d: v.perplexity for d, v in pruned["losses"].items()},
-        },
-        "report": str(report),
-    }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    console.print(f"\nsummary: {out / 'summary.json'}; routing report: {report}")
-    return summary
-
-
-def _prune_least_used(
-    model_dir: Path,
-    pruned_dir: Path,
-    routing: dict[str, Any],
-    prune: int,
-    eval_tokens: int,
-    seq_len: int,
-    quiet: bool,
-) -> dict[str, Any]:
-    """Drop the `prune` least-loaded experts of every MoE layer (loads from the routing report),
-    write the checkpoint to `pruned_dir` and measure it: {"dir", "dropped", "info", "losses"}."""
-    dropped = {
-        int(layer): sorted(range(len(stats["load"])), key=lambda e: stats["load"][e])[:prune]
-        for layer, stats in routing["layers"].items()
-    }
-    drop_experts(model_dir, pruned_dir, dropped, quiet=quiet)
-    model = load_pretrained(pruned_dir).eval()
-    return {
-        "dir": pruned_dir,
-        "dropped": dropped,
-        "info": model_info(model.config, seq_len=seq_len),
-        "losses": domain_losses(model, seq_len=seq_len, max_tokens=eval_tokens, quiet=quiet),
-    }
+        summary = {
+            "model": str(model_dir),
+            "model_info": {k: info[k] for k in ("total_params", "active_params", "flops_per_token")},
+            "eval_split": EVAL_SPLIT,
+            "perplexity": {d: v.perplexity for d, v in original.items()},
+            "routing": {
+                layer: {
+                    k: stats[k] for k in ("cv", "max_over_mean", "domain_mi_bits", "routing_entropy_bits")
+                }
+                for layer, stats in routing["layers"].items()
+            },
+            "compressed": {
+                method: {
+                    "dir": c["dir"],
+                    "dropped_experts": c["dropped_experts"],
+                    "stability_jaccard": c["stability_jaccard"],
+                    "total_params": c["info"]["total_params"],
+                    "perplexity": {d: v.perplexity for d, v in c["losses"].items()},
+                }
+                for method, c in compressed.items()
+            },
+            "report": str(report),
+        }
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        console.print(f"\nsummary: {out / 'summary.json'}; routing report: {report}")
+        return summary
 
 
 def _routing_table(routing: dict[str, Any]) -> Table:
@@ -186,20 +175,22 @@ def _specialisation_table(routing: dict[str, Any]) -> Table:
     return table
 
 
-def _perplexity_table(original, pruned, info, pruned_info) -> Table:
-    title = "validation perplexity" + (
-        "" if pruned is None else f" (params {info['total_params']:,} -> {pruned_info['total_params']:,})"
+def _perplexity_table(original, compressed: dict[str, dict], info) -> Table:
+    """Perplexity per domain of the original and of each compressed model, with the change."""
+    sizes = ", ".join(f"{m} {c['info']['total_params']:,}" for m, c in compressed.items())
+    table = Table(
+        title=f"{EVAL_SPLIT} perplexity"
+        + (f" (params {info['total_params']:,} -> {sizes})" if compressed else "")
     )
-    table = Table(title=title)
     table.add_column("domain")
     table.add_column("original", justify="right")
-    if pruned is not None:
-        table.add_column("pruned", justify="right")
+    for method in compressed:
+        table.add_column(method, justify="right")
         table.add_column("change", justify="right")
     for domain, value in original.items():
         row = [domain, f"{value.perplexity:.1f}"]
-        if pruned is not None:
-            after = pruned[domain].perplexity
+        for c in compressed.values():
+            after = c["losses"][domain].perplexity
             row += [f"{after:.1f}", f"{after / value.perplexity - 1:+.1%}"]
         table.add_row(*row)
     return table
