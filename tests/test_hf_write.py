@@ -30,6 +30,8 @@ from moelab.hf import (
     write_checkpoint,
 )
 from moelab.hf import layouts as layouts_module
+from moelab.hf.edit import moe_output
+from moelab.hf.native import moe_layer_from_view
 from moelab.hf.writer import EXPERT_MAP_NAME
 from moelab.models import MoETransformer, load_pretrained, save_pretrained, tiny
 from moelab.nn import MoEConfig
@@ -150,6 +152,21 @@ def test_masked_simulation_is_the_original_where_kept_experts_were_chosen(tmp_pa
     original = block_output(family, model, index, x[None])[0]
     torch.testing.assert_close(masked[untouched], original[untouched], atol=1e-5, rtol=0)
     assert (masked[~untouched] - original[~untouched]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_moe_output_is_the_masked_layer_one_expert_at_a_time(tmp_path, family):
+    """The writer's float64 check computes what masked_moe_layer computes, for every family."""
+    build(family).save_pretrained(tmp_path)
+    view = open_checkpoint(tmp_path)
+    layer = next(layer for layer in view.layers() if isinstance(layer, MoELayerView))
+    x = torch.randn(40, layer.experts.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    E, n_group = layer.router.num_experts, layer.router.n_group
+    keep = list(range(E)) if n_group > 1 else list(range(1, E))  # group routing: every group must keep experts
+    with torch.no_grad():
+        expected = masked_moe_layer(layer, keep).double()(x)[0]
+    torch.testing.assert_close(moe_output(layer, x, keep), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(moe_output(layer, x), moe_layer_from_view(layer).double()(x)[0], rtol=1e-12, atol=1e-12)
 
 
 def test_sharded_source_side_files_and_chained_edits(tmp_path):

@@ -56,6 +56,36 @@ def bench_layer(
         console.print(f"wrote {json_path}")
 
 
+@bench_app.command("compress")
+def bench_compress(
+    work: Annotated[Path, typer.Option("--work", help="Directory for the generated checkpoint and its compressed copy.")] = Path("runs/bench-compress"),
+    family: Annotated[str, typer.Option("--family", help="qwen3_moe or mixtral.")] = "qwen3_moe",
+    size_gb: Annotated[float, typer.Option("--size-gb", help="Size of the generated checkpoint (bf16).")] = 4.0,
+    tokens: Annotated[int, typer.Option(min=1, help="Calibration tokens.")] = 2048,
+    baseline: Annotated[bool, typer.Option(help="Also measure transformers loading the same checkpoint.")] = True,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the generated checkpoints in --work.")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Calibrate and REAP-prune a generated checkpoint larger than memory: peak RSS, time, tokens/s."""
+    import json
+
+    from moelab.bench import compress as bench
+    from moelab.io import atomic_write_text, check_output_file, has_json_format, output_dir
+
+    if json_path is not None:
+        check_output_file(json_path, overwrite=overwrite, is_own=lambda p: has_json_format(p, bench.JSON_FORMAT))
+    options = bench.BenchOptions(family=family, size_gb=size_gb, tokens=tokens, baseline=baseline)
+    with output_dir(work, "benchmark scratch", entries=["source", "pruned"], overwrite=overwrite) as claimed:
+        doc = bench.run(options, claimed.path, progress=console)
+        if not keep:
+            claimed.clear()
+    console.print(bench.render(doc))
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
+        console.print(f"wrote {json_path}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("runs/demo"),

@@ -223,22 +223,24 @@ class ContributionObserver(Observer):
 
 class InputSample(Observer):
     """inputs [N, D]: the block's inputs at N global token positions spread evenly over the
-    calibration data (every `stride`-th token), for methods that re-run a layer (NAEE).
-    options: sample_tokens (N), total_tokens (of the mixture)."""
+    calibration data (position floor(i * total / N) for i < N), for methods that re-run a layer
+    (NAEE). options: sample_tokens (N), total_tokens (of the mixture)."""
 
     name = "inputs"
     fields = ("inputs",)
 
     def __init__(self, num_experts: int, num_sources: int, dim: int, options: dict):
         super().__init__(num_experts, num_sources, dim, options)
-        total, wanted = options["total_tokens"], options["sample_tokens"]
-        self.stride = max(1, total // max(wanted, 1))
-        self.size = min(wanted, -(-total // self.stride))
+        self.total = options["total_tokens"]
+        self.size = min(options["sample_tokens"], self.total)
         self.inputs = torch.zeros(self.size, dim, dtype=torch.float32)
 
     def update(self, call: MoECall, tokens: Tokens, layer_output: Tensor) -> None:
-        pick = (tokens.position % self.stride == 0) & (tokens.position // self.stride < self.size)
-        self.inputs[tokens.position[pick] // self.stride] = call.x[pick.to(call.x.device)].float().cpu()
+        slot = (
+            tokens.position * self.size + self.total - 1
+        ) // self.total  # the first i with floor(i total / N) >= p
+        pick = (slot < self.size) & (slot * self.total // self.size == tokens.position)
+        self.inputs[slot[pick]] = call.x[pick.to(call.x.device)].float().cpu()
 
     def result(self) -> dict[str, Tensor]:
         return {"inputs": self.inputs}

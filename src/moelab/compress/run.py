@@ -27,6 +27,7 @@ import moelab
 from moelab.analyze.stats import super_experts
 from moelab.compress.calibration import CalibrationOptions, calibration_mixture, run_calibration
 from moelab.compress.methods import LayerDecision, Method, ScoringMethod, Target, get_method, plan_target
+from moelab.compress.methods.base import check_protected
 from moelab.compress.mixture import DEFAULT_SPEC
 from moelab.compress.observers import OBSERVERS
 from moelab.compress.stats import Calibration, LayerStats, fingerprint
@@ -94,6 +95,8 @@ def compress(
         protect = _protected(calibration) if protect_super_experts else {}
         sources = tuple(domains) if domains else None
         targets = {i: Target(keep[i], frozenset(protect.get(i, ())), sources) for i in layers}
+        for i, target in targets.items():
+            check_protected(layers[i], target.keep, target.protect, f"layer {i}: ")
         begin = time.perf_counter()
         report = _report(
             model, out, chosen, ratio, calibration, stats, protect_super_experts, protect, sources, budget

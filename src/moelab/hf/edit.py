@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moelab.hf.native import moe_layer_from_view
-from moelab.hf.view import MoELayerView
+from moelab.hf.native import experts_from_view, moe_layer_from_view, router_from_view, shared_from_view
+from moelab.hf.view import ExpertsView, MoELayerView
 from moelab.nn.moe import MoELayer
 
 
@@ -39,7 +39,9 @@ class LayerEdit:
     view: MoELayerView | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "sources", tuple(tuple(_expert_id(e) for e in group) for group in self.sources))
+        object.__setattr__(
+            self, "sources", tuple(tuple(_expert_id(e) for e in group) for group in self.sources)
+        )
         ids = [e for group in self.sources for e in group]
         if not self.sources or any(not group for group in self.sources):
             raise ValueError("LayerEdit.sources needs at least one expert, and every group at least one id")
@@ -132,13 +134,43 @@ def masked_moe_layer(layer: MoELayerView, keep: Sequence[int]) -> MoELayer:
     selection score is -inf (so a correction bias cannot pick it). What dropping those experts
     should compute. forward(x [..., D]) -> (y, MoEResult)."""
     moe = moe_layer_from_view(layer)
-    dropped = torch.tensor(sorted(set(range(layer.router.num_experts)) - set(keep)), dtype=torch.long)
-    router = moe.router
+    _mask_router(moe.router, layer.router.num_experts, keep)
+    return moe
+
+
+def moe_output(layer: MoELayerView, x: Tensor, keep: Sequence[int] | None = None) -> Tensor:
+    """x [T, D] -> [T, D]: what `layer` computes (with the experts outside `keep` masked out of
+    routing, as `masked_moe_layer`), in float64, holding one expert's weights in float64 at a
+    time, so that layers of any size can be checked exactly."""
+    x = x.double()
+    router = router_from_view(layer.router).double()
+    if keep is not None:
+        _mask_router(router, layer.router.num_experts, keep)
+    with torch.no_grad():
+        routing = router(x)
+        y = torch.zeros_like(x)
+        for e in routing.indices.unique().tolist():
+            if e < 0:
+                continue
+            tokens, slots = (routing.indices == e).nonzero(as_tuple=True)
+            expert = experts_from_view(_one_expert(layer.experts, e)).double()
+            y.index_add_(0, tokens, expert(x[tokens], [len(tokens)], routing.weights[tokens, slots]))
+        if layer.shared is not None:
+            y += shared_from_view(layer.shared).double()(x)
+    return y
+
+
+def _mask_router(router, num_experts: int, keep: Sequence[int]) -> None:
+    dropped = torch.tensor(sorted(set(range(num_experts)) - set(keep)), dtype=torch.long)
     logits = router.router_logits
     router.router_logits = lambda x: logits(x).index_fill(-1, dropped, float("-inf"))  # this instance only
-    if getattr(router, "expert_bias", None) is not None:
-        router.expert_bias.index_fill_(0, dropped, float("-inf"))
-    return moe
+    if getattr(router, "expert_bias", None) is not None:  # a copy: the router holds the view's own tensor
+        router.expert_bias = router.expert_bias.index_fill(0, dropped, float("-inf"))
+
+
+def _one_expert(experts: ExpertsView, e: int) -> ExpertsView:
+    pick = lambda t: None if t is None else t[e : e + 1]  # noqa: E731
+    return dataclasses.replace(experts, **{name: pick(getattr(experts, name)) for name in _EXPERT_TENSORS})
 
 
 _ROUTER_TENSORS = ("weight", "bias", "correction_bias")

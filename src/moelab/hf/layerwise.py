@@ -240,13 +240,18 @@ class _MoEBlock(nn.Module):
 
 
 def _transformers_skeleton(path: Path) -> nn.Module:
-    """The transformers model of `path`'s config with its parameters on the meta device; the
-    buffers it computes itself (rotary tables) are made as `from_pretrained` makes them."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    return transformers_skeleton(AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False))
+
+
+def transformers_skeleton(config) -> nn.Module:
+    """The transformers causal LM of `config` with its parameters on the meta device; the
+    buffers it computes itself (rotary tables) are made as `from_pretrained` makes them."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise CheckpointError(f"{path}: transformers has no causal LM for model_type {config.model_type!r}")
+        raise CheckpointError(f"transformers has no causal LM for model_type {config.model_type!r}")
     cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     with contextlib.ExitStack() as stack:
         for context in cls.get_init_context(torch.float32, False, False, None):

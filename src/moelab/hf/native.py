@@ -21,14 +21,70 @@ from moelab.nn.sparsemixer import SparseMixerRouter
 def moe_layer_from_view(layer: MoELayerView) -> MoELayer:
     """A moelab MoE layer that computes what the checkpoint's block computes at inference
     (router jitter and other training-only noise aside). forward(x [..., D]) -> (y, MoEResult)."""
+    return MoELayer(
+        router_from_view(layer.router), experts_from_view(layer.experts), shared_from_view(layer.shared)
+    )
+
+
+def router_from_view(view: RouterView) -> Router:
+    """The view's router as a moelab router holding its tensors."""
+    state = {"weight": view.weight}
+    if view.bias is not None:
+        state["bias"] = view.bias
+    if view.correction_bias is not None:
+        state["expert_bias"] = view.correction_bias
+    return _holding(_router, view, state)
+
+
+def experts_from_view(view: ExpertsView) -> Experts:
+    """The view's routed experts as stacked moelab experts holding its tensors (gate and up fused)."""
+    state = {"gate_up_proj": _gate_up(view), "down_proj": view.down}
+    if any(b is not None for b in (view.gate_bias, view.up_bias, view.down_bias)):
+        E, I, D = view.gate.shape
+        zeros = view.gate.new_zeros
+        gate_bias = zeros(E, I) if view.gate_bias is None else view.gate_bias
+        up_bias = zeros(E, I) if view.up_bias is None else view.up_bias
+        state["gate_up_bias"] = torch.cat([gate_bias, up_bias], dim=1)
+        state["down_bias"] = zeros(E, D) if view.down_bias is None else view.down_bias
+    return _holding(_experts, view, state)
+
+
+def shared_from_view(view: SharedView | None) -> SharedExperts | None:
+    if view is None:
+        return None
+    state = {"gate_proj.weight": view.gate, "up_proj.weight": view.up, "down_proj.weight": view.down}
+    if view.sigmoid_gate is not None:
+        state["gate.weight"] = view.sigmoid_gate
+    return _holding(_shared, view, state)
+
+
+def _holding(build, view, state: dict[str, Tensor]):
+    """`build(view)` on the meta device, then given `state`'s tensors as its own (no copies);
+    buffers not in the state (load counters) start at 0."""
     with torch.device("meta"):
-        module = MoELayer(_router(layer.router), _experts(layer.experts), _shared(layer.shared))
-    module.load_state_dict(_state(layer), strict=True, assign=True)
-    for sub in module.modules():  # non-persistent buffers (load counters) are not in the state: start at 0
+        module = build(view)
+    module.load_state_dict({k: t.contiguous() for k, t in state.items()}, strict=True, assign=True)
+    for sub in module.modules():
         for name, buffer in sub.named_buffers(recurse=False):
             if buffer.is_meta:
                 setattr(sub, name, torch.zeros(buffer.shape, dtype=buffer.dtype))
     return module
+
+
+def _gate_up(view: ExpertsView) -> Tensor:
+    """[E, 2I, D]: gate rows, then up rows. When the view's gate and up are the two halves of one
+    fused tensor (the layout most checkpoints store), that tensor itself, not a copy."""
+    gate, up, base = view.gate, view.up, view.gate._base
+    I = gate.shape[1]
+    fused = (
+        base is not None
+        and up._base is base
+        and base.shape == (gate.shape[0], 2 * I, gate.shape[2])
+        and gate.stride() == up.stride() == base.stride()
+        and gate.storage_offset() == base.storage_offset()
+        and up.storage_offset() == base.storage_offset() + I * base.stride(1)
+    )
+    return base if fused else torch.cat([gate, up], dim=1)
 
 
 def _router(view: RouterView) -> Router:
@@ -65,31 +121,3 @@ def _shared(view: SharedView | None) -> SharedExperts | None:
         return None
     Is, D = view.gate.shape
     return SharedExperts(D, Is, gated=view.sigmoid_gate is not None)
-
-
-def _state(layer: MoELayerView) -> dict[str, Tensor]:
-    """The MoELayer state dict made of the view's tensors (missing expert biases are zeros)."""
-    router, experts, shared = layer.router, layer.experts, layer.shared
-    state = {"router.weight": router.weight}
-    if router.bias is not None:
-        state["router.bias"] = router.bias
-    if router.correction_bias is not None:
-        state["router.expert_bias"] = router.correction_bias
-    state["experts.gate_up_proj"] = torch.cat([experts.gate, experts.up], dim=1)
-    state["experts.down_proj"] = experts.down
-    if any(b is not None for b in (experts.gate_bias, experts.up_bias, experts.down_bias)):
-        E, I, D = experts.gate.shape
-        zeros = experts.gate.new_zeros
-        gate_bias = zeros(E, I) if experts.gate_bias is None else experts.gate_bias
-        up_bias = zeros(E, I) if experts.up_bias is None else experts.up_bias
-        state["experts.gate_up_bias"] = torch.cat([gate_bias, up_bias], dim=1)
-        state["experts.down_bias"] = zeros(E, D) if experts.down_bias is None else experts.down_bias
-    if shared is not None:
-        state |= {
-            "shared.gate_proj.weight": shared.gate,
-            "shared.up_proj.weight": shared.up,
-            "shared.down_proj.weight": shared.down,
-        }
-        if shared.sigmoid_gate is not None:
-            state["shared.gate.weight"] = shared.sigmoid_gate
-    return {name: tensor.contiguous() for name, tensor in state.items()}

@@ -16,10 +16,9 @@ from torch import Tensor
 
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import CheckpointError
+from moelab.hf.edit import moe_output
 from moelab.hf.layouts import Family, config_entry, config_value
-from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import ModelView
-from moelab.nn.moe import MoELayer
 
 
 @dataclass
@@ -28,11 +27,6 @@ class LayerCheck:
 
     x: Tensor
     expected: Tensor
-
-
-def run_layer(layer: MoELayer, x: Tensor) -> Tensor:
-    with torch.no_grad():
-        return layer.double()(x)[0]
 
 
 class WriteCheckError(CheckpointError):
@@ -61,7 +55,7 @@ def check_written(staging: Path, checks: dict[int, LayerCheck]) -> None:
                 raise postcondition_error(f"layer {index} has {rows} router rows but config.json says {E} experts")
         for index, check in checks.items():
             layer = view.layer(index)  # also checks the experts on disk against config.json
-            got = run_layer(moe_layer_from_view(layer), check.x)
+            got = moe_output(layer, check.x)
             scale = max(1.0, check.expected.abs().max().item())
             if not torch.isfinite(got).all():
                 raise postcondition_error(f"layer {index} outputs NaN or Inf")

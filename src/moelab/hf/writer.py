@@ -38,12 +38,11 @@ from tqdm.auto import tqdm
 
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, CheckpointError
-from moelab.hf.edit import LayerEdit, apply_edit, check_edit, masked_moe_layer
+from moelab.hf.edit import LayerEdit, apply_edit, check_edit, moe_output
 from moelab.hf.expert_map import FORMAT as EXPERT_MAP_FORMAT
 from moelab.hf.expert_map import read_expert_map
 from moelab.hf.layouts import Config, Family, config_entry, config_value
-from moelab.hf.native import moe_layer_from_view
-from moelab.hf.postconditions import LayerCheck, check_reload, check_written, run_layer
+from moelab.hf.postconditions import LayerCheck, check_reload, check_written
 from moelab.hf.view import ModelView, MoELayerView
 from moelab.io import StagedOutput, atomic_write_text, copy_side_file, save_safetensors
 from moelab.models.pretrained import CHECKPOINT_KIND
@@ -280,16 +279,14 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"layer {index}: the edited tensor {key} has NaN or Inf; fix the edit")
-    reference = (
-        masked_moe_layer(original, edit.selection) if edit.view is None else moe_layer_from_view(edited)
-    )
     x = torch.randn(
         CHECK_TOKENS,
         original.experts.dim,
         generator=torch.Generator().manual_seed(index),
         dtype=torch.float64,
     )
-    return tensors, LayerCheck(x, run_layer(reference, x))
+    expected = moe_output(original, x, keep=edit.selection) if edit.view is None else moe_output(edited, x)
+    return tensors, LayerCheck(x, expected)
 
 
 def _copy_side_files(source: Path, staging: Path) -> None:

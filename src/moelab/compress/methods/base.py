@@ -11,6 +11,7 @@ calibration runs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -108,7 +109,7 @@ def plan_target(router: RouterView, ratio: float, where: str = "") -> int:
     if removed < 1:
         raise ValueError(
             f"{where}removing {ratio:.0%} of {E} experts removes none (int({E} x {ratio}) = 0); raise the ratio to "
-            f"at least {1 / E:.4g}"
+            f"at least {_ratio(1, E)}"
         )
     keep = E - removed
     if keep < k:
@@ -126,11 +127,17 @@ def plan_target(router: RouterView, ratio: float, where: str = "") -> int:
             and (E - r) // n_group * router.topk_group >= k
         ]
         if keep % n_group:
-            closest = sorted(valid, key=lambda r: abs(r - removed))[:2]
+            closest = sorted(sorted(valid, key=lambda r: abs(r - removed))[:2])
+            advice = (
+                f"remove {' or '.join(str(r) for r in closest)} experts "
+                f"(ratio {' or '.join(_ratio(r, E) for r in closest)})"
+                if closest
+                else "no number of removed experts leaves every group enough for the routing (top_k="
+                f"{k}, topk_group={router.topk_group}); this layer cannot lose experts"
+            )
             raise ValueError(
                 f"{where}group-limited routing splits the {E} experts into n_group={n_group} groups, so the {keep} kept "
-                f"must be a multiple of {n_group}; remove {' or '.join(str(r) for r in sorted(closest))} experts "
-                f"(ratio {' or '.join(f'{r / E:.4g}' for r in sorted(closest))})"
+                f"must be a multiple of {n_group}; {advice}"
             )
         if router.score_func == "sigmoid" and keep // n_group < 2:
             raise ValueError(
@@ -141,3 +148,26 @@ def plan_target(router: RouterView, ratio: float, where: str = "") -> int:
                 f"{where}top_k={k} exceeds the experts left in the topk_group best groups; remove fewer"
             )
     return keep
+
+
+def _ratio(removed: int, E: int) -> str:
+    """removed / E to 4 significant digits, rounded up where rounding to nearest would give a
+    ratio that removes one expert fewer (int(E * ratio) = removed - 1: 1/3 -> 0.3334, not 0.3333)."""
+    text = f"{removed / E:.4g}"
+    if int(E * float(text) + 1e-9) != removed:
+        scale = 10 ** (3 - math.floor(math.log10(removed / E)))
+        text = f"{math.ceil(removed / E * scale) / scale:.4g}"
+    return text
+
+
+def check_protected(router: RouterView, keep: int, protect: frozenset[int], where: str = "") -> None:
+    """The protected experts fit in what a layer keeps (per group with group-limited routing)."""
+    size, per_group = router.num_experts // router.n_group, keep // router.n_group
+    for group in range(router.n_group):
+        inside = sorted(e for e in protect if group * size <= e < (group + 1) * size)
+        if len(inside) > per_group:
+            scope = f"group {group}" if router.n_group > 1 else "the layer"
+            raise ValueError(
+                f"{where}{len(inside)} protected experts {inside} in {scope}, but it keeps only {per_group}; "
+                "remove fewer experts, or do not protect super experts"
+            )

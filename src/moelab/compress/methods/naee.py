@@ -65,7 +65,7 @@ class NAEE(Method):
                 losses[kept] = float(sum(d.norm() for d in (reference - out).split(self.chunk)))
             return losses[kept]
 
-        exhaustive = math.comb(E - len(target.protect), target.keep - len(target.protect)) <= self.max_candidates
+        exhaustive = _count(E, target, n_group) <= self.max_candidates
         if exhaustive:
             best = min(_candidates(E, target, n_group), key=lambda kept: (loss(kept), kept))
         else:
@@ -78,6 +78,16 @@ class NAEE(Method):
             "tokens": int(x.shape[0]),
         }
         return LayerDecision(LayerEdit.keep(kept), kept, None, notes)
+
+
+def _count(E: int, target: Target, n_group: int) -> int:
+    """How many kept sets `_candidates` yields."""
+    size, per_group = E // n_group, target.keep // n_group
+    total = 1
+    for group in range(n_group):
+        fixed = sum(1 for e in range(group * size, (group + 1) * size) if e in target.protect)
+        total *= math.comb(size - fixed, per_group - fixed)
+    return total
 
 
 def _candidates(E: int, target: Target, n_group: int):

@@ -1,0 +1,189 @@
+"""`moelab bench compress`: calibrate and REAP-prune a transformers checkpoint larger than the
+memory it is allowed, and measure peak memory, time and calibration speed.
+
+The checkpoint is generated: random bf16 weights of a Qwen3-MoE- or Mixtral-shaped model (the
+family's own transformers class decides every tensor's name and shape), written shard by shard
+(one tensor in memory at a time) with moelab's tokenizer, `--size-gb` in total. Each measured
+job runs in a fresh process that reports its peak resident memory (VmHWM): `moelab compress`
+(calibration layer by layer + REAP + the checked writer, without the whole-model transformers
+reload postcondition, which would load the model), and, as the baseline measured in the same
+run, transformers loading the same checkpoint (`from_pretrained`, bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from moelab.io import atomic_write_text, save_safetensors
+
+SHAPES = {
+    # per layer: 64 experts x 3 x 1024 x 512 = 100.7 M parameters (201 MB in bf16)
+    "qwen3_moe": dict(
+        vocab_size=8192, hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+        intermediate_size=2048, moe_intermediate_size=512, num_experts=64, num_experts_per_tok=8,
+        norm_topk_prob=True, max_position_embeddings=4096,
+    ),
+    # per layer: 8 experts x 3 x 1024 x 4096 = 100.7 M parameters
+    "mixtral": dict(
+        vocab_size=8192, hidden_size=1024, num_attention_heads=16, num_key_value_heads=4,
+        intermediate_size=4096, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
+    ),
+}  # fmt: skip
+JSON_FORMAT = "moelab-bench-compress/1"
+PER_LAYER_BYTES = 2 * 3 * 1024 * 1024 * 32 * 2  # the experts of one layer, both families (bf16)
+
+
+@dataclass(kw_only=True)
+class BenchOptions:
+    """family: qwen3_moe or mixtral; size_gb: the checkpoint's size; tokens, seq_len: the
+    calibration; ratio: experts removed; shard_mb: shard size; baseline: also measure
+    transformers' from_pretrained; keep: leave the generated files in `work`."""
+
+    family: str = "qwen3_moe"
+    size_gb: float = 4.0
+    tokens: int = 2048
+    seq_len: int = 256
+    ratio: float = 0.25
+    shard_mb: int = 256
+    baseline: bool = True
+
+    def __post_init__(self):
+        if self.family not in SHAPES:
+            raise ValueError(f"unknown family {self.family!r}; choose one of {list(SHAPES)}")
+        if not self.size_gb > 0 or self.tokens < 1 or self.seq_len < 1 or self.shard_mb < 1:
+            raise ValueError("size_gb, tokens, seq_len and shard_mb must be positive")
+
+
+def make_checkpoint(directory: Path, family: str, size_gb: float, shard_mb: int = 256, seed: int = 0) -> dict:
+    """Write a random bf16 `family` checkpoint of about `size_gb` GB into the new `directory`."""
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    from moelab.data.tokenizer import TOKENIZER_DIR
+    from moelab.hf.layerwise import transformers_skeleton
+
+    layers = max(1, math.ceil(size_gb * 1e9 / PER_LAYER_BYTES))
+    config = AutoConfig.for_model(family, num_hidden_layers=layers, dtype="bfloat16", **SHAPES[family])
+    directory.mkdir(parents=True)
+    config.save_pretrained(directory)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(directory)
+    skeleton = transformers_skeleton(config)
+    generator = torch.Generator().manual_seed(seed)
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    total = 0
+    names = []
+
+    def flush() -> None:
+        name = f"model-{len(names) + 1:05d}.safetensors"
+        save_safetensors(shard, directory / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        names.append(name)
+        shard.clear()
+
+    for key, param in skeleton.state_dict().items():
+        if param.dim() == 1:
+            tensor = torch.ones(param.shape, dtype=torch.bfloat16)  # norms
+        else:
+            tensor = (torch.randn(param.shape, generator=generator) * param.shape[-1] ** -0.5).to(
+                torch.bfloat16
+            )
+        shard[key] = tensor
+        total += tensor.numel() * tensor.element_size()
+        if sum(t.numel() * t.element_size() for t in shard.values()) >= shard_mb * 2**20:
+            flush()
+    if shard:
+        flush()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_text(directory / "model.safetensors.index.json", json.dumps(index, indent=1))
+    return {"layers": layers, "bytes": total, "shards": len(names)}
+
+
+_COMPRESS_JOB = """
+import json, sys, time
+from moelab.compress import CalibrationOptions, compress
+began = time.perf_counter()
+report = compress(sys.argv[1], sys.argv[2], method="reap", ratio=float(sys.argv[3]), reload=False, quiet=True,
+                  calib_options=CalibrationOptions(tokens=int(sys.argv[4]), seq_len=int(sys.argv[5]), sample_tokens=0))
+seconds = time.perf_counter() - began
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 1024, "timings": report["timings"],
+                  "calibration_tokens": report["calibration"]["mixture"]["tokens"]}))
+"""
+
+_LOAD_JOB = """
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM
+began = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, local_files_only=True)
+seconds = time.perf_counter() - began
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 1024}))
+"""
+
+
+def run(options: BenchOptions, work: Path, *, progress=None) -> dict:
+    """Generate the checkpoint in `work`/source, compress it into `work`/pruned in a child
+    process (and load it with transformers in another), and return the measurements."""
+    say = progress.print if progress is not None else (lambda *a: None)
+    say(f"generating a {options.size_gb:g} GB {options.family} checkpoint in {work / 'source'}")
+    began = time.perf_counter()
+    made = make_checkpoint(work / "source", options.family, options.size_gb, options.shard_mb)
+    doc = {
+        "format": JSON_FORMAT,
+        "options": asdict(options),
+        "checkpoint": made | {"seconds": round(time.perf_counter() - began, 1)},
+    }
+    say("compressing (calibration + REAP + writer) in a fresh process")
+    args = [
+        str(work / "source"),
+        str(work / "pruned"),
+        str(options.ratio),
+        str(options.tokens),
+        str(options.seq_len),
+    ]
+    doc["compress"] = _child(_COMPRESS_JOB, args)
+    doc["compress"]["calibration_tokens_per_s"] = (
+        doc["compress"]["calibration_tokens"] / doc["compress"]["timings"]["calibration_s"]
+    )
+    doc["compress"]["peak_rss_over_checkpoint"] = doc["compress"]["peak_rss_mb"] * 2**20 / made["bytes"]
+    if options.baseline:
+        say("baseline: transformers from_pretrained of the same checkpoint, in a fresh process")
+        doc["transformers_load"] = _child(_LOAD_JOB, [str(work / "source")])
+        doc["compress"]["peak_rss_vs_transformers_load"] = (
+            doc["compress"]["peak_rss_mb"] / doc["transformers_load"]["peak_rss_mb"]
+        )
+    return doc
+
+
+def _child(code: str, args: list[str]) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the benchmark job failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def render(doc: dict) -> Table:
+    made, comp = doc["checkpoint"], doc["compress"]
+    table = Table(title=f"moelab compress on a {made['bytes'] / 1e9:.2f} GB {doc['options']['family']} checkpoint "
+                  f"({made['layers']} layers, {made['shards']} shards)")  # fmt: skip
+    table.add_column("job")
+    for column in ("peak RSS (MB)", "RSS / checkpoint", "time (s)", "calibration tokens/s"):
+        table.add_column(column, justify="right")
+    table.add_row("moelab compress (REAP)", f"{comp['peak_rss_mb']:,.0f}", f"{comp['peak_rss_over_checkpoint']:.2f}",
+                  f"{comp['seconds']:.0f}", f"{comp['calibration_tokens_per_s']:,.0f}")  # fmt: skip
+    if "transformers_load" in doc:
+        load = doc["transformers_load"]
+        table.add_row("transformers from_pretrained (baseline)", f"{load['peak_rss_mb']:,.0f}",
+                      f"{load['peak_rss_mb'] * 2**20 / made['bytes']:.2f}", f"{load['seconds']:.0f}", "-")  # fmt: skip
+    return table
