@@ -302,3 +302,34 @@ def test_group_limited_routing_keeps_every_group_equal(tmp_path):
     report = compress(source, tmp_path / "out", method="naee", ratio=0.5, calib_options=SMALL, quiet=True)
     kept = report["layers"]["1"]["kept"]
     assert sum(e < 4 for e in kept) == sum(e >= 4 for e in kept) == 2
+
+
+def _calibrate_as_rank(rank: int, port: int, model: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    try:
+        calibrate(model, out, options=SMALL, quiet=True)
+    finally:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def test_data_parallel_calibration_equals_one_process(tmp_path, model_dir, stats_dir):
+    """torchrun-style: 2 gloo processes split the batches and sum the statistics."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_calibrate_as_rank, args=(port, str(model_dir), str(tmp_path / "dp")), nprocs=2, join=True)
+    two, one = Calibration(tmp_path / "dp"), Calibration(stats_dir)
+    assert two.info["processes"] == 2 and two.info["mixture"] == one.info["mixture"]
+    for index in one.layers:
+        a, b = two.layer(index).tensors(), one.layer(index).tensors()
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-9, atol=1e-9, msg=name)
+    assert not [p for p in (tmp_path / "dp").iterdir() if p.name.startswith("resume")]

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture, build_mixture
-from moelab.compress.observers import DEFAULT_OBSERVERS, OBSERVERS, MoECall, Tokens, eager_moe
+from moelab.compress.observers import DEFAULT_OBSERVERS, MAXIMA, OBSERVERS, MoECall, Tokens, eager_moe
 from moelab.compress.stats import (
     KIND,
     RESUME_NAME,
@@ -89,10 +89,51 @@ def calibrate(
 ) -> Calibration:
     """Record the calibration statistics of the checkpoint `model` on `calib` (see
     `moelab.compress.mixture`) into the new directory `out` (resuming a killed run into the same
-    `out`). Returns the opened statistics."""
-    with StagedOutput(out, KIND, inputs=[model], overwrite=overwrite, resume=True) as staging:
-        run_calibration(model, staging, calib, options or CalibrationOptions(), quiet=quiet)
+    `out`). Under torchrun, every process takes its share of the batches and the statistics are
+    summed over them (rank 0 writes). Returns the opened statistics."""
+    options = options or CalibrationOptions()
+    rank, world = join_torchrun()
+    if world == 1:
+        with StagedOutput(out, KIND, inputs=[model], overwrite=overwrite, resume=True) as staging:
+            run_calibration(model, staging, calib, options, quiet=quiet)
+        return Calibration(out)
+    import torch.distributed as dist
+
+    staged = StagedOutput(out, KIND, inputs=[model], overwrite=overwrite, resume=True) if rank == 0 else None
+    shared = [None]
+    if rank == 0:
+        try:
+            shared[0] = str(staged.open())
+        except ValueError as err:
+            shared[0] = err
+    dist.broadcast_object_list(shared, src=0)
+    if isinstance(shared[0], ValueError):
+        raise shared[0]
+    try:
+        run_calibration(model, Path(shared[0]), calib, options, quiet=quiet or rank > 0)
+        dist.barrier()
+    except BaseException as err:
+        if staged is not None:
+            staged.abort(keep=isinstance(err, KeyboardInterrupt))
+        raise
+    if staged is not None:
+        staged.publish()
+    dist.barrier()
     return Calibration(out)
+
+
+def join_torchrun() -> tuple[int, int]:
+    """(rank, world size): of the process group torchrun set up (joined here if needed; gloo on
+    CPU, NCCL on CUDA), or (0, 1) outside torchrun."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
 def calibration_mixture(
@@ -121,8 +162,10 @@ def run_calibration(
 ) -> dict:
     """Calibrate `model` into the directory `directory` (moelab's own, e.g. a staging
     directory), continuing what it holds if it was made for the same model, data and settings.
-    Returns calibration.json's content."""
+    In a torch.distributed group, this process takes every world-th batch and the statistics
+    are summed over the group; rank 0 writes them. Returns calibration.json's content."""
     model = Path(model)
+    rank, world = join_torchrun()
     mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, options)
     dtype = getattr(torch, options.dtype)
     with LayerwiseModel(model, dtype=dtype) as runner:
@@ -137,71 +180,43 @@ def run_calibration(
             "moe_layers": runner.moe_layers,
         }
         previous = read_info(directory)
-        if (
-            previous is not None
-            and all(previous.get(k) == v for k, v in info.items())
-            and previous.get("complete")
-        ):
+        same_job = previous is not None and all(previous.get(k) == v for k, v in info.items())
+        if same_job and previous.get("complete"):
             return previous
-        resume = previous is not None and all(previous.get(k) == v for k, v in info.items())
-        if not resume:
-            clear_staging(directory)
         _check_vocab(mixture, runner)
-        windows = mixture.batches(options.batch_size)
-        ids = [torch.stack([w.ids for w in batch]) for batch in windows]
+        windows = mixture.batches(options.batch_size)[rank::world]
+        states = runner.embed([torch.stack([w.ids for w in batch]) for batch in windows])
         tokens = [_tokens(batch) for batch in windows]
-        states = runner.embed(ids)
-        start, seconds = 0, 0.0
-        if resume and previous.get("done", -1) >= 0 and (directory / RESUME_NAME).is_file():
-            saved = load_safetensors(directory / RESUME_NAME)
+        resume_file = directory / (RESUME_NAME if world == 1 else f"resume-{rank}-of-{world}.safetensors")
+        start = previous["done"] + 1 if same_job and resume_file.is_file() else 0
+        start = _agreed(start, world, "min")
+        if start > 0:
+            saved = load_safetensors(resume_file)
             states = [saved[f"batch{b}"].to(dtype) for b in range(len(states))]
-            start, seconds = previous["done"] + 1, previous.get("seconds", 0.0)
+        elif rank == 0:
+            clear_staging(directory)
+        seconds = previous.get("seconds", 0.0) if start > 0 else 0.0
+        coverage = dict(previous.get("coverage", {})) if start > 0 else {}
         info |= {"done": start - 1, "complete": False, "seconds": seconds}
-        write_info(directory, info)
+        if rank == 0:
+            write_info(directory, info)
         began, snapped = time.perf_counter() - seconds, time.perf_counter()
-        sources = tuple(mixture.source_names)
-        bar = tqdm(
-            range(start, runner.num_layers), desc=f"calibrate {model.name}", unit="layer", disable=quiet
-        )
-        coverage = dict(previous.get("coverage", {})) if resume else {}
-        for index in bar:
-            view = runner.moe_view(index)
-            calls: list[MoECall] = []
-
-            def run_moe(moe, x, calls=calls):
-                call = eager_moe(moe, x)
-                calls.append(call)
-                return call.output.view_as(x)
-
-            observers = []
-            if view is not None:
-                E, D = view.router.weight.shape
-                extra = {"total_tokens": mixture.num_tokens, "sample_tokens": options.sample_tokens}
-                names = [n for n in options.observers if n != "inputs" or options.sample_tokens]
-                observers = [OBSERVERS[name](E, len(sources), D, extra) for name in names]
-            with runner.layer(index, run_moe=run_moe if view is not None else None) as run:
-                for b, hidden in enumerate(states):
-                    states[b] = run(b, hidden)
-                    if view is not None:
-                        call = calls.pop()
-                        for observer in observers:
-                            observer.update(call, tokens[b], states[b])
-            if view is not None:
-                results = {k: v for observer in observers for k, v in observer.result().items()}
-                stats = empty_like_layer(index, sources, results)
-                write_layer(directory, stats)
-                thin = int((stats.counts.sum((0, 1)) < COVERAGE_MIN_TOKENS).sum())
-                coverage[str(index)] = thin
+        layers = range(start, runner.num_layers)
+        for index in tqdm(layers, desc=f"calibrate {model.name}", unit="layer", disable=quiet):
+            stats = _calibrate_layer(runner, index, states, tokens, mixture, options, world)
+            if stats is not None:
+                coverage[str(index)] = int((stats.counts.sum((0, 1)) < COVERAGE_MIN_TOKENS).sum())
+                if rank == 0:
+                    write_layer(directory, stats)
             now = time.perf_counter()
             last = index == runner.num_layers - 1
             info |= {"seconds": round(now - began, 3), "coverage": coverage}
-            if last or now - snapped >= options.snapshot_seconds:
+            if last or _agreed(now - snapped >= options.snapshot_seconds, world, "max"):
                 if not last:
-                    save_safetensors(
-                        {f"batch{b}": s.contiguous() for b, s in enumerate(states)}, directory / RESUME_NAME
-                    )
+                    save_safetensors({f"batch{b}": s.contiguous() for b, s in enumerate(states)}, resume_file)
                 info["done"] = index
-                write_info(directory, info)
+                if rank == 0:
+                    write_info(directory, info)
                 snapped = now
         elapsed = time.perf_counter() - began
         info |= {
@@ -209,10 +224,60 @@ def run_calibration(
             "complete": True,
             "seconds": round(elapsed, 3),
             "tokens_per_second": round(mixture.num_tokens / max(elapsed, 1e-9), 1),
+            "processes": world,
         }
-        clear_staging(directory, only=[RESUME_NAME])
-        write_info(directory, info)
+        clear_staging(directory, only=[resume_file.name])
+        if rank == 0:
+            write_info(directory, info)
     return info
+
+
+def _calibrate_layer(
+    runner, index, states, tokens, mixture: Mixture, options: CalibrationOptions, world: int
+):
+    """Run decoder layer `index` over every batch of hidden states (replaced by its outputs);
+    for an MoE layer, the statistics of its block (summed over the process group)."""
+    view = runner.moe_view(index)
+    calls: list[MoECall] = []
+
+    def run_moe(moe, x):
+        call = eager_moe(moe, x)
+        calls.append(call)
+        return call.output.view_as(x)
+
+    observers = []
+    if view is not None:
+        E, D = view.router.weight.shape
+        extra = {"total_tokens": mixture.num_tokens, "sample_tokens": options.sample_tokens}
+        names = [n for n in options.observers if n != "inputs" or options.sample_tokens]
+        observers = [OBSERVERS[name](E, len(mixture.sources), D, extra) for name in names]
+    with runner.layer(index, run_moe=run_moe if view is not None else None) as run:
+        for b, hidden in enumerate(states):
+            states[b] = run(b, hidden)
+            if view is not None:
+                call = calls.pop()
+                for observer in observers:
+                    observer.update(call, tokens[b], states[b])
+    if view is None:
+        return None
+    results = {k: v for observer in observers for k, v in observer.result().items()}
+    if world > 1:
+        import torch.distributed as dist
+
+        for name, value in results.items():
+            dist.all_reduce(value, op=dist.ReduceOp.MAX if name in MAXIMA else dist.ReduceOp.SUM)
+    return empty_like_layer(index, tuple(mixture.source_names), results)
+
+
+def _agreed(value, world: int, how: str):
+    """`value` (a number or a bool) agreed over the process group: its min or max."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor(float(value), dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if how == "min" else dist.ReduceOp.MAX)
+    return type(value)(t.item())
 
 
 def _tokens(batch) -> Tokens:
