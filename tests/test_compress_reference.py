@@ -1072,3 +1072,47 @@ def test_check_protected():
     check_protected(router, 4, frozenset({0, 5}))
     with pytest.raises(ValueError, match=r"3 protected experts \[0, 1, 2\] in group 0, but it keeps only 2"):
         check_protected(router, 4, frozenset({0, 1, 2}))
+
+
+# ----------------------------------------------------------------------------- NAEE dynamic skipping
+
+
+def test_dynamic_skip_drops_weak_experts_and_keeps_the_weight():
+    from moelab.nn.routers import Routing, dynamic_skip
+
+    indices = torch.tensor([[3, 1], [0, 2], [4, -1]])
+    weights = torch.tensor([[0.7, 0.3], [0.55, 0.45], [1.0, 0.0]])
+    routing = Routing(indices, weights, torch.zeros(3, 5), torch.zeros(3, 5))
+    skipped = dynamic_skip(routing, 0.5)  # 0.3 < 0.5 * 0.7 goes; 0.45 >= 0.5 * 0.55 stays
+    assert skipped.indices.tolist() == [[3, -1], [0, 2], [4, -1]]
+    torch.testing.assert_close(skipped.weights, torch.tensor([[1.0, 0.0], [0.55, 0.45], [1.0, 0.0]]))
+    assert dynamic_skip(routing, 0.0).indices.tolist() == indices.tolist()
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        dynamic_skip(routing, 1.5)
+
+
+def test_a_layer_with_skipping_equals_the_layer_on_the_kept_slots():
+    from moelab.nn.routers import dynamic_skip
+
+    view = make_view(E=6, top_k=2, seed=3)
+    layer = moe_layer_from_view(view).double()
+    x = torch.randn(20, view.experts.dim, generator=torch.Generator().manual_seed(5), dtype=F64)
+    routing = dynamic_skip(layer.router(x), 0.6)
+    expected = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(routing.indices[t].tolist(), routing.weights[t].tolist()):
+            if e >= 0:
+                expected[t] += w * expert_ffn(x[t], e, {k: v.double() for k, v in layer.state_dict().items()})
+    layer.skip_ratio = 0.6
+    y, result = layer(x)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    assert 1 <= float(result.experts_per_token) < 2
+
+
+def test_skip_ratio_is_the_histogram_median():
+    from moelab.compress.skipping import median_skip_ratio
+
+    hist = torch.zeros(SKIP_BINS, dtype=F64)
+    hist[30], hist[70] = 3, 1  # 4 tokens: half of them at or below bin 30
+    stats = LayerStats(0, ("a",), *(torch.zeros(2, 1, 2, dtype=F64) for _ in range(5)), skip_ratios=hist)
+    assert median_skip_ratio(stats) == pytest.approx((30 + 2 / 3) / SKIP_BINS)

@@ -82,3 +82,21 @@ def test_the_cli_writes_a_table_and_json(model_dir, tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit):
         cli.main()  # the JSON exists: --overwrite is needed
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_dynamic_skipping_runs_fewer_experts(model_dir, tmp_path):
+    from dataclasses import replace
+
+    from moelab.compress import CalibrationOptions, calibrate
+
+    stats = calibrate(
+        model_dir, tmp_path / "stats", options=CalibrationOptions(tokens=256, seq_len=32), quiet=True
+    )
+    report = evaluate(
+        model_dir,
+        base=model_dir,
+        options=replace(SMALL, prompts=0, dynamic_skip=str(stats.directory)),
+        quiet=True,
+    )
+    assert report["agreement"]["all"]["kl"] > 0  # the skipped experts change the output
+    assert report["agreement"]["all"]["top1_agreement"] > 0.5

@@ -86,6 +86,30 @@ def bench_compress(
         console.print(f"wrote {json_path}")
 
 
+@bench_app.command("skip")
+def bench_skip(
+    stats: Annotated[Path, typer.Option("--stats", help="Calibration statistics of the model (moelab calibrate).")],
+    model: ModelArg = None,
+    tokens: Annotated[int, typer.Option(min=1, help="Test-split tokens, over the corpus domains.")] = 4096,
+    rounds: Annotated[int, typer.Option(min=1, help="Timed rounds per mode, interleaved.")] = 5,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """NAEE dynamic skipping in moelab's runtime: tokens/s, experts per token and loss, with and without."""
+    import json
+
+    from moelab.bench import skipping as bench
+    from moelab.io import atomic_write_text, check_output_file, has_json_format
+    from moelab.models.reference import reference_model_dir
+
+    if json_path is not None:
+        check_output_file(json_path, overwrite=overwrite, is_own=lambda p: has_json_format(p, bench.JSON_FORMAT))
+    doc = bench.run(Path(model) if model else reference_model_dir(), stats, bench.SkipOptions(tokens=tokens, rounds=rounds))
+    console.print(bench.render(doc))
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("runs/demo"),
@@ -326,6 +350,7 @@ def eval_cmd(
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
     prompts: Annotated[int, typer.Option(min=0, help="Prompts per domain for the degenerate-generation check (0: skip).")] = 4,
+    dynamic_skip: Annotated[Path | None, typer.Option("--dynamic-skip", help="Run the model (a moelab one) with NAEE dynamic skipping, ratios from these calibration statistics.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -338,7 +363,7 @@ def eval_cmd(
     if json_path is not None:
         check_output_file(json_path, overwrite=overwrite, is_own=lambda p: has_json_format(p, EVAL_FORMAT))
     options = EvalOptions(data=data, split=split, domains=domains, max_tokens=max_tokens, seq_len=seq_len,
-                          batch_size=batch_size, prompts=prompts)
+                          batch_size=batch_size, prompts=prompts, dynamic_skip=str(dynamic_skip) if dynamic_skip else None)
     report = evaluate(model or reference_model_dir(), base=base, options=options, quiet=quiet)
     console.print(render_report(report))
     if json_path is not None:

@@ -48,7 +48,8 @@ LOOP_REPEATS = 3
 class EvalOptions:
     """data: a data spec (`moelab.trace.data`); split: the corpus split; max_tokens: per domain;
     seq_len, batch_size: the windows; prompts: per domain, for the generation check (0: skip);
-    prompt_tokens, gen_tokens: their length and the greedy continuation's."""
+    prompt_tokens, gen_tokens: their length and the greedy continuation's; dynamic_skip:
+    calibration statistics whose NAEE skip ratios the model (a moelab one) runs with."""
 
     data: str = "corpus"
     split: str = "test"
@@ -59,6 +60,7 @@ class EvalOptions:
     prompts: int = 4
     prompt_tokens: int = 32
     gen_tokens: int = 48
+    dynamic_skip: str | None = None
 
     def __post_init__(self):
         for name in ("max_tokens", "seq_len", "batch_size", "prompt_tokens", "gen_tokens"):
@@ -119,6 +121,16 @@ def evaluate(
     """The evaluation report of `model` (and its distance from `base`); see the module docstring."""
     options = options or EvalOptions()
     lm = LoadedLM(model)
+    if options.dynamic_skip is not None:
+        if not lm.native:
+            raise ValueError(
+                f"dynamic skipping runs in moelab's runtime; {model} is a transformers checkpoint (evaluate it "
+                "without --dynamic-skip)"
+            )
+        from moelab.compress.skipping import apply_dynamic_skipping, skip_ratios
+        from moelab.compress.stats import Calibration
+
+        apply_dynamic_skipping(lm.model, skip_ratios(Calibration(options.dynamic_skip)))
     ref = LoadedLM(base) if base is not None else None
     if ref is not None and ref.vocab_size != lm.vocab_size:
         raise ValueError(

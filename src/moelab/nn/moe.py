@@ -20,7 +20,7 @@ from moelab.nn.dispatch import LocalDispatcher, plan_dispatch
 from moelab.nn.experts import Experts, SharedExperts
 from moelab.nn.latent import LatentProjection
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
-from moelab.nn.routers import Router, Routing
+from moelab.nn.routers import Router, Routing, dynamic_skip
 
 
 @dataclass
@@ -103,6 +103,8 @@ class MoELayer(nn.Module):
     sparsity_window: chunk length L of the "cls" metric of variable-k routers (BlockFFN: 8).
     dispatcher: how rows reach the experts; `LocalDispatcher` (default) or an expert-parallel
         one (`moelab.distributed`), in which case `experts` holds this rank's experts only.
+    skip_ratio (an attribute, default None): NAEE dynamic skipping at inference, a chosen expert
+        whose weight is below skip_ratio times the token's largest is dropped (`dynamic_skip`).
     """
 
     def __init__(
@@ -155,6 +157,7 @@ class MoELayer(nn.Module):
         self.latent = latent
         self.sparsity_window = sparsity_window
         self.dispatcher = dispatcher
+        self.skip_ratio: float | None = None  # NAEE dynamic skipping, an inference-time option (`dynamic_skip`)
 
     @property
     def num_experts(self) -> int:
@@ -196,6 +199,8 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, dim)
         if not router.needs_sequences:
             routing = router(x)
+        if self.skip_ratio is not None:
+            routing = dynamic_skip(routing, self.skip_ratio)
         plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor)
         rows = x if self.latent is None else self.latent.down(x)
         batch = self.dispatcher.dispatch(rows, routing.weights, plan)

@@ -271,6 +271,20 @@ class ReLURouter(Router):
         return Routing(experts.masked_fill(active <= 0, -1), weights, logits, probs)
 
 
+def dynamic_skip(routing: Routing, ratio: float) -> Routing:
+    """NAEE's dynamic skipping (Lu et al., 2024): drop every chosen expert whose combine weight is
+    below `ratio` times the token's largest, then rescale the kept weights to the same total, so
+    a token whose second expert is weak uses its first alone. indices of dropped slots become -1."""
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"the dynamic-skipping ratio must lie in [0, 1], got {ratio}")
+    top = routing.weights.abs().amax(-1, keepdim=True)
+    skip = (routing.weights.abs() < ratio * top) & (routing.indices >= 0)
+    weights = routing.weights.masked_fill(skip, 0.0)
+    total, kept = routing.weights.sum(-1, keepdim=True), weights.sum(-1, keepdim=True)
+    weights = torch.where(kept != 0, weights * (total / kept.where(kept != 0, torch.ones_like(kept))), weights)
+    return Routing(routing.indices.masked_fill(skip, -1), weights, routing.logits, routing.probs)
+
+
 def attach_expert_bias_update(optimizer: torch.optim.Optimizer, model: nn.Module, rate: float = 1e-3):
     """After every `optimizer.step()`, move the aux-loss-free bias of each balancing router in
     `model` from the load it saw since the last step. Returns the hook handle."""

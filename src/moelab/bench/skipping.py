@@ -1,0 +1,81 @@
+"""`moelab bench skip`: NAEE dynamic skipping in moelab's runtime, against the same model without
+it, timed in interleaved rounds in one process (forward passes over corpus windows, the MoE
+layers' skip ratios from calibration statistics), with the loss both ways and the experts each
+token used."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+
+from moelab.compress.skipping import apply_dynamic_skipping, skip_ratios
+from moelab.compress.stats import Calibration
+from moelab.data import IGNORE_INDEX, eval_batches, tokenize_split
+from moelab.models import load_pretrained
+
+JSON_FORMAT = "moelab-bench-skip/1"
+
+
+@dataclass(kw_only=True)
+class SkipOptions:
+    tokens: int = 4096
+    seq_len: int = 256
+    batch_size: int = 8
+    rounds: int = 5
+    split: str = "test"
+
+
+@torch.no_grad()
+def run(model_dir: Path, stats_dir: Path, options: SkipOptions) -> dict:
+    model = load_pretrained(model_dir).eval()
+    ratios = skip_ratios(Calibration(stats_dir))
+    stream = torch.cat([torch.from_numpy(tokenize_split(d, options.split)[: options.tokens // 8 + 1].astype("int64"))
+                        for d in ("code", "bible", "english", "german", "spanish", "italian", "polish", "russian")])  # fmt: skip
+    batches = list(eval_batches(stream.numpy(), options.seq_len, options.batch_size))
+    seconds = {"plain": [], "skipping": []}
+    measured = {}
+    for mode in seconds:  # warm-up, untimed
+        apply_dynamic_skipping(model, ratios if mode == "skipping" else None)
+        model(batches[0][0])
+    for r in range(options.rounds):
+        for mode in ("plain", "skipping") if r % 2 == 0 else ("skipping", "plain"):
+            apply_dynamic_skipping(model, ratios if mode == "skipping" else None)
+            loss = tokens = experts = 0.0
+            began = time.perf_counter()
+            for inputs, targets in batches:
+                out = model(inputs)
+                mask = targets != IGNORE_INDEX
+                loss += float(F.cross_entropy(out.logits[mask], targets[mask], reduction="sum"))
+                tokens += int(mask.sum())
+                experts += sum(float(res.experts_per_token) for res in out.moe_results.values()) / len(
+                    out.moe_results
+                )
+            seconds[mode].append(time.perf_counter() - began)
+            measured[mode] = {"loss": loss / tokens, "experts_per_token": experts / len(batches)}
+    apply_dynamic_skipping(model, None)
+    total = sum(int((t != IGNORE_INDEX).sum()) for _, t in batches)
+    doc = {"format": JSON_FORMAT, "model": str(model_dir), "ratios": {str(k): v for k, v in ratios.items()}}
+    for mode in seconds:
+        doc[mode] = measured[mode] | {"tokens_per_s": total / statistics.median(seconds[mode])}
+    doc["speedup"] = doc["skipping"]["tokens_per_s"] / doc["plain"]["tokens_per_s"]
+    return doc
+
+
+def render(doc: dict) -> Table:
+    table = Table(title=f"NAEE dynamic skipping on {Path(doc['model']).name} (median of interleaved rounds)")
+    for column in ("", "tokens/s", "experts/token", "loss (nats)", "perplexity"):
+        table.add_column(column, justify="right")
+    for mode in ("plain", "skipping"):
+        m = doc[mode]
+        table.add_row(mode, f"{m['tokens_per_s']:,.0f}", f"{m['experts_per_token']:.2f}", f"{m['loss']:.4f}",
+                      f"{torch.tensor(m['loss']).exp():.1f}")  # fmt: skip
+    table.caption = f"speed-up {doc['speedup']:.2f}x; betas " + ", ".join(
+        f"L{k} {v:.2f}" for k, v in doc["ratios"].items()
+    )
+    return table
