@@ -209,7 +209,7 @@ def _decide(
                 continue
             layer = view.layer(index)
             decision = method.decide(layer, stats[index], targets[index])
-            entry = _layer_entry(layer, decision, targets[index])
+            entry = _layer_entry(layer, decision, stats[index], targets[index])
             entry["stability_jaccard"] = _stability(method, layer, stats[index], targets[index])
             decisions[index] = decision
             report["layers"][str(index)] = entry
@@ -258,14 +258,22 @@ def _report(
     }
 
 
-def _layer_entry(layer: MoELayerView, decision: LayerDecision, target: Target) -> dict[str, Any]:
+def _layer_entry(
+    layer: MoELayerView, decision: LayerDecision, stats: LayerStats, target: Target
+) -> dict[str, Any]:
+    """The report of one layer. dropped_probability_mass: the mean router probability of the
+    dropped experts over the calibration tokens; without top-k renormalisation (Qwen2-MoE,
+    OLMoE) the kept experts' combine weights grow by about 1 / (1 - that mass) after pruning."""
     E = layer.router.num_experts
+    dropped = [e for e in range(E) if e not in decision.kept]
+    mass = float(stats.total("soft_counts")[dropped].sum()) / max(stats.token_total(), 1.0)
     return {
         "experts": E,
         "kept": decision.kept,
-        "dropped": [e for e in range(E) if e not in decision.kept],
+        "dropped": dropped,
         "scores": decision.scores,
         "protected": sorted(target.protect),
+        "dropped_probability_mass": mass,
         "notes": decision.notes,
     }
 
@@ -273,7 +281,7 @@ def _layer_entry(layer: MoELayerView, decision: LayerDecision, target: Target) -
 def _stability(method: Method, layer: MoELayerView, stats: LayerStats, target: Target) -> float | None:
     """Jaccard similarity of the kept sets decided on each half of the calibration data
     (scoring methods; 1 = the data agree)."""
-    if not isinstance(method, ScoringMethod) or min(stats.tokens.sum(1)) == 0:
+    if not isinstance(method, ScoringMethod) or not method.data_driven or min(stats.tokens.sum(1)) == 0:
         return None
     a, b = (set(method.decide(layer, stats, target.on_half(h)).kept) for h in (0, 1))
     return len(a & b) / len(a | b)

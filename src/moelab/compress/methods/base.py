@@ -67,7 +67,11 @@ class Method:
 
 
 class ScoringMethod(Method):
-    """Score every expert of a layer and keep the highest (`select_top`)."""
+    """Score every expert of a layer and keep the highest (`select_top`). data_driven: the
+    scores come from the calibration data (so the kept set's stability across the data's halves
+    means something)."""
+
+    data_driven: ClassVar[bool] = True
 
     def score(self, layer: MoELayerView, stats: LayerStats, target: Target) -> Tensor:
         """[E] float64 importance of each expert."""

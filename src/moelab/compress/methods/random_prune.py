@@ -10,6 +10,7 @@ from moelab.hf.view import MoELayerView
 class RandomPrune(ScoringMethod):
     name = "random"
     summary = "keep a random set of experts (a baseline; seed 0, one stream per layer)"
+    data_driven = False
 
     def __init__(self, seed: int = 0):
         self.seed = seed
