@@ -43,6 +43,9 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from moelab.files import inside_checkpoint
 
@@ -79,6 +82,69 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
 
     with _temporary_beside(Path(path)) as tmp:
         save_file(tensors, tmp, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor stored in a safetensors file, by location: `nbytes` bytes at byte `offset` of
+    `path`, with the file's dtype name ("BF16", ...) and shape. `save_safetensors_stream` copies
+    such tensors byte for byte, without loading them."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+SAFETENSORS_DTYPES = {
+    torch_name: st_name
+    for st_name, torch_name in (
+        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("I64", "int64"), ("I32", "int32"),
+        ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"),
+    )
+}  # fmt: skip
+_COPY_CHUNK = 1 << 24
+
+
+def save_safetensors_stream(
+    tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file (atomically, as `save_safetensors`) from in-memory tensors and
+    `RawTensor`s, which are copied from their files in chunks: writing a shard that is mostly
+    unchanged holds only the changed tensors in memory."""
+    entries, header, offset = [], {}, 0
+    for name, value in tensors.items():
+        if isinstance(value, RawTensor):
+            dtype, shape, nbytes = value.dtype, list(value.shape), value.nbytes
+        else:
+            value = value.detach().contiguous().cpu()
+            dtype, shape = SAFETENSORS_DTYPES[str(value.dtype).removeprefix("torch.")], list(value.shape)
+            nbytes = value.numel() * value.element_size()
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        entries.append(value)
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with _temporary_beside(Path(path)) as tmp, open(tmp, "wb") as out:
+        out.write(len(blob).to_bytes(8, "little"))
+        out.write(blob)
+        for value in entries:
+            if isinstance(value, RawTensor):
+                with open(value.path, "rb") as source:
+                    source.seek(value.offset)
+                    left = value.nbytes
+                    while left:
+                        chunk = source.read(min(left, _COPY_CHUNK))
+                        if not chunk:
+                            raise OSError(f"{value.path} ended before its tensor did; it is truncated")
+                        out.write(chunk)
+                        left -= len(chunk)
+            elif value.numel():
+                out.write(memoryview(value.view(-1).view(torch.uint8).numpy()))
 
 
 @contextmanager
@@ -499,7 +565,9 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash)
 
 
-def _clean_leftovers(directory: Path, name: str | None, *, held: bool = False, keep: Path | None = None) -> None:
+def _clean_leftovers(
+    directory: Path, name: str | None, *, held: bool = False, keep: Path | None = None
+) -> None:
     """Remove the leftovers of killed runs in `directory`: of the output `name` (whose lock the
     caller holds if `held`), or of every output there whose lock nobody holds; `keep` stays."""
     if not directory.is_dir():

@@ -7,7 +7,8 @@ family's own transformers class decides every tensor's name and shape), written 
 job runs in a fresh process that reports its peak resident memory (VmHWM): `moelab compress`
 (calibration layer by layer + REAP + the checked writer, without the whole-model transformers
 reload postcondition, which would load the model), and, as the baseline measured in the same
-run, transformers loading the same checkpoint (`from_pretrained`, bf16).
+run, transformers loading the same checkpoint (`from_pretrained`, bf16; it maps the shards
+lazily) and running the calibration tokens through it (which brings every weight in).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ SHAPES = {
     ),
 }  # fmt: skip
 JSON_FORMAT = "moelab-bench-compress/1"
-PER_LAYER_BYTES = 2 * 3 * 1024 * 1024 * 32 * 2  # the experts of one layer, both families (bf16)
 
 
 @dataclass(kw_only=True)
@@ -71,7 +71,11 @@ def make_checkpoint(directory: Path, family: str, size_gb: float, shard_mb: int 
     from moelab.data.tokenizer import TOKENIZER_DIR
     from moelab.hf.layerwise import transformers_skeleton
 
-    layers = max(1, math.ceil(size_gb * 1e9 / PER_LAYER_BYTES))
+    one = AutoConfig.for_model(family, num_hidden_layers=1, **SHAPES[family])
+    per_layer = 2 * sum(
+        p.numel() for n, p in transformers_skeleton(one).named_parameters() if ".layers.0." in n
+    )
+    layers = max(1, math.ceil(size_gb * 1e9 / per_layer))
     config = AutoConfig.for_model(family, num_hidden_layers=layers, dtype="bfloat16", **SHAPES[family])
     directory.mkdir(parents=True)
     config.save_pretrained(directory)
@@ -125,6 +129,10 @@ import json, sys, time, torch
 from transformers import AutoModelForCausalLM
 began = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, local_files_only=True)
+ids = torch.randint(0, model.config.vocab_size, (int(sys.argv[2]) // int(sys.argv[3]), int(sys.argv[3])))
+with torch.no_grad():
+    for batch in ids.split(8):
+        model(input_ids=batch, use_cache=False)
 seconds = time.perf_counter() - began
 peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 1024}))
@@ -157,8 +165,10 @@ def run(options: BenchOptions, work: Path, *, progress=None) -> dict:
     )
     doc["compress"]["peak_rss_over_checkpoint"] = doc["compress"]["peak_rss_mb"] * 2**20 / made["bytes"]
     if options.baseline:
-        say("baseline: transformers from_pretrained of the same checkpoint, in a fresh process")
-        doc["transformers_load"] = _child(_LOAD_JOB, [str(work / "source")])
+        say("baseline: transformers loads the same checkpoint and runs the calibration tokens through it")
+        doc["transformers_load"] = _child(
+            _LOAD_JOB, [str(work / "source"), str(options.tokens), str(options.seq_len)]
+        )
         doc["compress"]["peak_rss_vs_transformers_load"] = (
             doc["compress"]["peak_rss_mb"] / doc["transformers_load"]["peak_rss_mb"]
         )
@@ -184,6 +194,6 @@ def render(doc: dict) -> Table:
                   f"{comp['seconds']:.0f}", f"{comp['calibration_tokens_per_s']:,.0f}")  # fmt: skip
     if "transformers_load" in doc:
         load = doc["transformers_load"]
-        table.add_row("transformers from_pretrained (baseline)", f"{load['peak_rss_mb']:,.0f}",
+        table.add_row("transformers: load + forward (baseline)", f"{load['peak_rss_mb']:,.0f}",
                       f"{load['peak_rss_mb'] * 2**20 / made['bytes']:.2f}", f"{load['seconds']:.0f}", "-")  # fmt: skip
     return table

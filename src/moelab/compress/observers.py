@@ -35,17 +35,25 @@ class MoECall:
 
     x: [T, D] its input; routing: the router's output; outputs: [T, K, D] each slot's expert
     output f_e(x) (f_e(w x) for experts that take the weight on their input, Llama 4), zeros in
-    empty slots; contributions: [T, K, D] what each slot adds to the block's output (w f_e(x));
-    shared: [T, D] the shared experts' output (None without), shared_down: [T, D] their down
-    projection before any gate.
+    empty slots; shared: [T, D] the shared experts' output (None without), shared_down: [T, D]
+    their down projection before any gate; scale_input: the experts took the weight on their input.
     """
 
     x: Tensor
     routing: Routing
     outputs: Tensor
-    contributions: Tensor
     shared: Tensor | None
     shared_down: Tensor | None
+    scale_input: bool = False
+
+    @property
+    def contributions(self) -> Tensor:
+        """[T, K, D] what each slot adds to the block's output (w f_e(x); computed when asked)."""
+        return (
+            self.outputs
+            if self.scale_input
+            else self.outputs * self.routing.weights[..., None].to(self.outputs.dtype)
+        )
 
     @property
     def routed(self) -> Tensor:
@@ -76,21 +84,16 @@ def eager_moe(moe: MoELayer, x: Tensor) -> MoECall:
     plan = plan_dispatch(routing.indices, moe.num_experts)
     batch = LocalDispatcher().dispatch(x, routing.weights, plan)
     experts = moe.experts
-    if getattr(experts, "scale_input", False):
-        rows = experts(batch.rows, batch.counts, batch.row_weights)  # f(w x): the weight is the input's
-        scaled = rows
-    else:
-        rows = experts(batch.rows, batch.counts)
-        scaled = rows * batch.row_weights[:, None].to(rows.dtype)
+    scale_input = getattr(experts, "scale_input", False)  # f(w x): the weight is the input's
+    rows = experts(batch.rows, batch.counts, batch.row_weights if scale_input else None)
     outputs = x.new_zeros(T * K, x.shape[-1])
-    contributions = x.new_zeros(T * K, x.shape[-1])
     outputs[plan.slots] = rows
-    contributions[plan.slots] = scaled
+    del rows
     shared = shared_down = None
     if moe.shared is not None:
         shared_down = SwiGLU.forward(moe.shared, x)
         shared = shared_down if moe.shared.gate is None else torch.sigmoid(moe.shared.gate(x)) * shared_down
-    return MoECall(x, routing, outputs.view(T, K, -1), contributions.view(T, K, -1), shared, shared_down)
+    return MoECall(x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input)
 
 
 class Observer:
@@ -180,7 +183,7 @@ class OutputObserver(Observer):
         r = call.routing
         self.ean += self._per_group(per_expert(r, call.outputs.float().norm(dim=-1), self.E), tokens)
         self.reap += self._per_group(per_expert(r, call.contributions.float().norm(dim=-1), self.E), tokens)
-        peak = call.outputs.float().abs().amax(-1)  # [T, K]
+        peak = torch.linalg.vector_norm(call.outputs.float(), ord=float("inf"), dim=-1)  # [T, K] max |entry|
         chosen = r.indices >= 0
         self.max_output.scatter_reduce_(0, r.indices[chosen].cpu(), peak[chosen].double().cpu(), "amax")
         if call.shared_down is not None:

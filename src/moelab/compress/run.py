@@ -32,7 +32,7 @@ from moelab.compress.mixture import DEFAULT_SPEC
 from moelab.compress.observers import OBSERVERS
 from moelab.compress.stats import Calibration, LayerStats, fingerprint
 from moelab.eval.evaluate import parameter_counts
-from moelab.hf.adapters import open_checkpoint, resolve
+from moelab.hf.adapters import resolve
 from moelab.hf.checkpoint import Checkpoint
 from moelab.hf.edit import LayerEdit
 from moelab.hf.layouts import config_value
@@ -116,15 +116,8 @@ def compress(
 
 def _router_views(model: Path) -> dict[int, Any]:
     """{MoE layer: its RouterView}, read from shard headers only."""
-    config, checkpoint, family = resolve(model)
-    checkpoint.close()
-    view = ModelView(
-        Checkpoint(model, shapes_only=True), config, family, config_value(config, *family.num_layers)
-    )
-    try:
+    with _view(model, shapes_only=True) as view:
         layers = {i: view.layer(i) for i in range(view.num_layers)}
-    finally:
-        view.close()
     routers = {i: layer.router for i, layer in layers.items() if isinstance(layer, MoELayerView)}
     if not routers:
         raise ValueError(f"{model} has no MoE layers; there are no experts to remove")
@@ -194,7 +187,7 @@ def _decide(
     previous = _read_report(staging)
     same_job = previous is not None and all(previous.get(k) == report[k] for k in _JOB_KEYS)
     done = previous.get("layers", {}) if same_job else {}
-    with open_checkpoint(model) as view:
+    with _view(model, shapes_only=not method.needs_weights) as view:
         stats = {i: calibration.layer(i) for i in targets}
         if budget == "global":
             _check_global_budget(method, view, stats, targets)
@@ -309,6 +302,16 @@ def _check_global_budget(
             "and moelab's own format store one expert count for all layers, so this cannot be written. Use "
             "the per-layer budget (--budget layer)"
         )
+
+
+def _view(model: Path, *, shapes_only: bool) -> ModelView:
+    """The checkpoint's view; with shapes_only its tensors are meta tensors from the headers
+    (enough for methods that decide from statistics alone)."""
+    config, checkpoint, family = resolve(model)
+    if shapes_only:
+        checkpoint.close()
+        checkpoint = Checkpoint(model, shapes_only=True)
+    return ModelView(checkpoint, config, family, config_value(config, *family.num_layers))
 
 
 def _read_report(directory: Path) -> dict | None:

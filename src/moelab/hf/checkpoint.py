@@ -10,6 +10,7 @@ files inside the directory.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from moelab.files import file_inside, open_safetensors, read_json_object
+from moelab.io import RawTensor
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -48,6 +50,9 @@ class Checkpoint:
         self.shapes_only = shapes_only
         self._shard_of = _index(self.directory)
         self._open: tuple[str, object, set[str]] | None = None  # (shard file, safe_open handle, its keys)
+        self._headers: dict[
+            str, tuple[int, dict]
+        ] = {}  # shard -> (data start, {name: (dtype, shape, begin, end)})
 
     def keys(self) -> list[str]:
         return list(self._shard_of)
@@ -56,14 +61,43 @@ class Checkpoint:
         return name in self._shard_of
 
     def get(self, name: str) -> Tensor:
-        """The tensor `name`, as stored (dtype included); a meta tensor if shapes_only."""
+        """The tensor `name`, as stored (dtype included); a meta tensor if shapes_only. Read with
+        plain file reads, not through a memory map, so that the shard's pages do not stay in the
+        process's memory."""
         if not self.shapes_only:
-            return self._handle(name).get_tensor(name)
+            raw = self.raw(name)
+            if raw.dtype not in DTYPES:
+                raise CheckpointError(
+                    f"tensor {name!r} in {self.directory} has the unsupported dtype {raw.dtype}"
+                )
+            data = bytearray(raw.nbytes)
+            with open(raw.path, "rb") as f:
+                f.seek(raw.offset)
+                if f.readinto(data) != raw.nbytes:
+                    raise CheckpointError(
+                        f"{raw.path} ends inside tensor {name!r}; it is truncated, re-download it"
+                    )
+            tensor = (
+                torch.frombuffer(data, dtype=DTYPES[raw.dtype])
+                if raw.nbytes
+                else torch.empty(0, dtype=DTYPES[raw.dtype])
+            )
+            return tensor.reshape(raw.shape)
         header = self._handle(name).get_slice(name)
         dtype = header.get_dtype()
         if dtype not in DTYPES:
             raise CheckpointError(f"tensor {name!r} in {self.directory} has the unsupported dtype {dtype}")
         return torch.empty(header.get_shape(), dtype=DTYPES[dtype], device="meta")
+
+    def raw(self, name: str) -> RawTensor:
+        """Where tensor `name` lies in its shard (for copying it without loading it)."""
+        self._handle(name)  # checks the shard (readable, the name in it)
+        shard = self._shard_of[name]
+        if shard not in self._headers:
+            self._headers[shard] = _read_header(self.directory / shard)
+        start, entries = self._headers[shard]
+        dtype, shape, begin, end = entries[name]
+        return RawTensor(self.directory / shard, start + begin, end - begin, dtype, tuple(shape))
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape of tensor `name`, read from its shard's header."""
@@ -148,13 +182,31 @@ def _weight_map(index_path: Path) -> dict[str, str]:
     weight_map = index.get("weight_map")
     fix = "re-create the index, or delete it to read the directory's *.safetensors files"
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index_path} has no weight_map (a JSON object of tensor name: shard file); {fix}")
+        raise CheckpointError(
+            f"{index_path} has no weight_map (a JSON object of tensor name: shard file); {fix}"
+        )
     for name, shard in weight_map.items():
         if not isinstance(shard, str):
-            raise CheckpointError(f"{index_path} maps {name!r} to {shard!r}, expected a shard file name; {fix}")
+            raise CheckpointError(
+                f"{index_path} maps {name!r} to {shard!r}, expected a shard file name; {fix}"
+            )
     for shard in set(weight_map.values()):
         file_inside(index_path.parent, shard, index_path, error=CheckpointError)
     return weight_map
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(where the data starts, {name: (dtype, shape, begin, end)}) from a safetensors header
+    (which safetensors has already validated when the shard was opened)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    entries = {
+        name: (entry["dtype"], entry["shape"], *entry["data_offsets"])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
+    return 8 + size, entries
 
 
 def _safe_open(path: Path):

@@ -35,6 +35,7 @@ from moelab.hf.layouts import config_value
 from moelab.hf.modules import decoder_layers, find_moe_modules
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import ModelView, MoELayerView
+from moelab.memory import release_freed_memory
 from moelab.nn.moe import MoELayer, MoEResult
 
 RunMoE = Callable[[MoELayer, Tensor], Tensor]
@@ -93,7 +94,8 @@ class LayerwiseModel:
     ) -> Iterator[Callable[[int, Tensor], Tensor]]:
         """Decoder layer `index` with its weights: yields run(batch number, hidden [B, S, D]) ->
         the layer's output [B, S, D]. run_moe(moe, x [..., D]) -> y computes its MoE block
-        (default: the MoELayer itself)."""
+        (default: the MoELayer itself); it gets the routed experts in their stored dtype (the
+        grouped kernels cast one expert at a time), so a layer never holds a second copy."""
         if not self._calls:
             raise RuntimeError("call embed() first: the layers' inputs are recorded there")
         module = self._layers[index]
@@ -114,6 +116,7 @@ class LayerwiseModel:
             if restore is not None:
                 parent, name, original = restore[0], restore[1].rsplit(".", 1)[-1], restore[2]
                 setattr(parent, name, original)
+            release_freed_memory()
 
     def moe_view(self, index: int) -> MoELayerView | None:
         layer = self.view.layer(index)
@@ -140,7 +143,14 @@ class LayerwiseModel:
         found = find_moe_modules(module, index, E, D)
         if view.shared is not None and not found.shared_in_block:
             view = dataclasses.replace(view, shared=None)  # the decoder layer adds its shared experts itself
-        moe = moe_layer_from_view(view).to(self.dtype).eval()
+        moe = moe_layer_from_view(view).eval()
+        del view  # the layer holds the tensors now: converting it frees each stored tensor in turn
+        if run_moe is None:
+            moe.to(self.dtype)
+        else:  # a caller computing the block gets the experts as stored, cast one expert at a time
+            for part in (moe.router, moe.shared):
+                if part is not None:
+                    part.to(self.dtype)
         parent_name, _, name = found.block.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         original = getattr(parent, name)
@@ -242,7 +252,9 @@ class _MoEBlock(nn.Module):
 def _transformers_skeleton(path: Path) -> nn.Module:
     from transformers import AutoConfig
 
-    return transformers_skeleton(AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False))
+    return transformers_skeleton(
+        AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    )
 
 
 def transformers_skeleton(config) -> nn.Module:

@@ -19,6 +19,7 @@ from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.edit import moe_output
 from moelab.hf.layouts import Family, config_entry, config_value
 from moelab.hf.view import ModelView
+from moelab.memory import release_freed_memory
 
 
 @dataclass
@@ -56,6 +57,8 @@ def check_written(staging: Path, checks: dict[int, LayerCheck]) -> None:
         for index, check in checks.items():
             layer = view.layer(index)  # also checks the experts on disk against config.json
             got = moe_output(layer, check.x)
+            del layer
+            release_freed_memory()
             scale = max(1.0, check.expected.abs().max().item())
             if not torch.isfinite(got).all():
                 raise postcondition_error(f"layer {index} outputs NaN or Inf")

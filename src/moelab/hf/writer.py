@@ -44,7 +44,8 @@ from moelab.hf.expert_map import read_expert_map
 from moelab.hf.layouts import Config, Family, config_entry, config_value
 from moelab.hf.postconditions import LayerCheck, check_reload, check_written
 from moelab.hf.view import ModelView, MoELayerView
-from moelab.io import StagedOutput, atomic_write_text, copy_side_file, save_safetensors
+from moelab.io import RawTensor, StagedOutput, atomic_write_text, copy_side_file, save_safetensors_stream
+from moelab.memory import release_freed_memory
 from moelab.models.pretrained import CHECKPOINT_KIND
 
 EXPERT_MAP_NAME = "moelab_expert_map.json"
@@ -118,6 +119,7 @@ def write_edited(
 
 
 # ----------------------------------------------------------------------------- planning
+
 
 @dataclass
 class _Plan:
@@ -244,15 +246,21 @@ def _write(plan: _Plan, staging: Path, name: str, quiet: bool) -> dict[int, Laye
         disable=quiet,
         leave=False,
     ):
-        tensors: dict[str, Tensor] = {}
+        tensors: dict[str, Tensor | RawTensor] = {}
         for index in sorted(layers_of.get(shard, [])):
             new_tensors, checks[index] = _edited_layer(plan, view, index)
             tensors.update(new_tensors)
         for key in by_shard.get(shard, []):
-            tensors[key] = ckpt.get(key)
-        save_safetensors(tensors, staging / names[shard], metadata=ckpt.metadata(shard) or {"format": "pt"})
+            tensors[key] = ckpt.raw(key)  # copied byte for byte, never loaded
+        save_safetensors_stream(
+            tensors, staging / names[shard], metadata=ckpt.metadata(shard) or {"format": "pt"}
+        )
         weight_map.update(dict.fromkeys(tensors, names[shard]))
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        total += sum(
+            t.nbytes if isinstance(t, RawTensor) else t.numel() * t.element_size() for t in tensors.values()
+        )
+        del tensors
+        release_freed_memory()
     if has_index:
         index_doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         atomic_write_text(staging / INDEX_NAME, json.dumps(index_doc, indent=2) + "\n")
@@ -272,20 +280,21 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
     if not isinstance(original, MoELayerView):
         raise CheckpointError(f"layer {index} of {plan.ckpt.directory} reads as dense; it cannot be edited")
     edit = plan.edits[index]
-    edited = apply_edit(original, edit)
-    prefix = plan.family.layer_prefix.format(n=index)
-    layout = plan.family.layout_of(plan.ckpt, index)
-    tensors = layout.router.encode(edited.router, prefix) | layout.experts.encode(edited.experts, prefix)
-    for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"layer {index}: the edited tensor {key} has NaN or Inf; fix the edit")
     x = torch.randn(
         CHECK_TOKENS,
         original.experts.dim,
         generator=torch.Generator().manual_seed(index),
         dtype=torch.float64,
     )
+    edited = apply_edit(original, edit)
     expected = moe_output(original, x, keep=edit.selection) if edit.view is None else moe_output(edited, x)
+    del original  # one layer of source tensors at a time: only the edited ones are kept
+    prefix = plan.family.layer_prefix.format(n=index)
+    layout = plan.family.layout_of(plan.ckpt, index)
+    tensors = layout.router.encode(edited.router, prefix) | layout.experts.encode(edited.experts, prefix)
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"layer {index}: the edited tensor {key} has NaN or Inf; fix the edit")
     return tensors, LayerCheck(x, expected)
 
 
@@ -305,5 +314,3 @@ def _copy_side_files(source: Path, staging: Path) -> None:
             continue
         if note := copy_side_file(entry, staging / name, source):
             warnings.warn(note, stacklevel=3)
-
-

@@ -122,14 +122,15 @@ def _grouped_forward(xs, row_weights, w_in, b_in, w_out, b_out, counts, activati
             pre.append(xs.new_empty(0, w_in.shape[1]))
             continue
         h = xs.new_empty(end - start, w_in.shape[1])
-        _linear_into(h, xs[start:end], w_in[e], None if b_in is None else b_in[e])
+        cast = xs.dtype  # weights stored in another precision are cast one expert at a time
+        _linear_into(h, xs[start:end], w_in[e].to(cast), None if b_in is None else b_in[e].to(cast))
         hidden = act.forward(h)
         w = None if row_weights is None else row_weights[start:end, None]
         # Scaling the hidden rows by the routing weight scales the output (the projection is
         # linear); the output bias is scaled separately below.
-        torch.mm(hidden if w is None else hidden.mul_(w), w_out[e].t(), out=ys[start:end])
+        torch.mm(hidden if w is None else hidden.mul_(w), w_out[e].to(cast).t(), out=ys[start:end])
         if b_out is not None:
-            ys[start:end].add_(b_out[e] if w is None else w * b_out[e])
+            ys[start:end].add_(b_out[e].to(cast) if w is None else w * b_out[e].to(cast))
         if keep_pre:
             pre.append(h)
     return ys, pre
@@ -223,7 +224,11 @@ class _ContiguousGrad(torch.autograd.Function):
 def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated):
     widths = (xs.shape[1], w_in.shape[1], w_out.shape[1], w_out.shape[2])
     dtypes = (torch.bfloat16,) if xs.is_cuda else (torch.float32, torch.bfloat16, torch.float16)
-    if not hasattr(torch, "_grouped_mm") or xs.dtype not in dtypes or any(w * xs.element_size() % 16 for w in widths):
+    if (
+        not hasattr(torch, "_grouped_mm")
+        or xs.dtype not in dtypes
+        or any(w * xs.element_size() % 16 for w in widths)
+    ):
         return _grouped(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated)
     act = _Act(activation, gated)
     sizes = torch.tensor(list(counts), device=xs.device)
@@ -264,7 +269,8 @@ def grouped_mlp(
     """xs: [N, D] rows grouped by expert; counts: E python ints summing to N; row_weights: [N]
     routing weight that scales each row's output, or None; w_in: [E, H, D]; b_in: [E, H];
     w_out: [E, D, I]; b_out: [E, D]; activation: a name in ACTIVATIONS, or (gated only) a
-    two-input `ClampedSwiGLU`. Returns [N, D]."""
+    two-input `ClampedSwiGLU`. Weights in another floating dtype than xs (inference only) are
+    cast one expert at a time. Returns [N, D] in xs's dtype."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown experts backend {backend!r}; choose one of {sorted(BACKENDS)}")
     if isinstance(activation, ClampedSwiGLU):
@@ -281,4 +287,13 @@ def grouped_mlp(
         return xs.new_zeros(0, w_out.shape[1]) + 0 * (w_in.sum() + w_out.sum())
     if row_weights is not None:
         row_weights = row_weights.to(xs.dtype)
+    if w_in.dtype != xs.dtype:  # inference over weights kept in their stored precision (calibration)
+        if torch.is_grad_enabled() and (xs.requires_grad or w_in.requires_grad or w_out.requires_grad):
+            raise ValueError(
+                f"rows are {xs.dtype} but the expert weights {w_in.dtype}; mixed precision is for inference "
+                "(torch.no_grad()); cast the layer or the input"
+            )
+        return _grouped_forward(xs, row_weights, w_in, b_in, w_out, b_out, counts, activation, gated, False)[
+            0
+        ]
     return BACKENDS[backend](xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated)

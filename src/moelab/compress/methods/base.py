@@ -52,11 +52,13 @@ class LayerDecision:
 
 class Method:
     """A compression method. name: its registry name; needs: the observers
-    (`moelab.compress.observers`) whose statistics it reads."""
+    (`moelab.compress.observers`) whose statistics it reads; needs_weights: whether it reads the
+    layer's tensors (the others get a view of the shapes only, read from the shard headers)."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ("routing",)
+    needs_weights: ClassVar[bool] = False  # decide() reads the layer's tensors, not only its settings
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
         raise NotImplementedError

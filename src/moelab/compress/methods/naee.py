@@ -35,6 +35,7 @@ class NAEE(Method):
         "keep the expert set whose masked layer best reproduces the layer output (enumeration or greedy)"
     )
     needs = ("routing", "inputs")
+    needs_weights = True
 
     def __init__(self, max_candidates: int = 5000, chunk: int = 128):
         if max_candidates < 1 or chunk < 1:
