@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-slow bench experiment
+.PHONY: setup run test test-slow test-eval bench experiment
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 ## Slow tests only (torch.compile, larger shapes).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+## lm-evaluation-harness on a compressed checkpoint (installs the optional eval extra).
+test-eval: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[eval]'
+	$(BIN)/python -m pytest -q tests/test_lm_eval.py
 
 bench: $(STAMP)
 	$(BIN)/moelab bench layer
