@@ -320,10 +320,10 @@ def test_per_layer_counts_are_refused(mixtral, tmp_path):
     [
         ([3], r"new count 7 must be a multiple of 2"),
         ([0, 1, 2, 3], r"every group to keep 2 experts of its own.*keeps \[0, 4\] per group.*Prune equally"),
-        ([0, 1, 2, 4, 5, 6], r"top_k=2 exceeds the 1 experts of the topk_group=1 groups left"),
+        ([0, 1, 2, 4, 5, 6], r"after the edit, top_k \(2\) exceeds the 1 experts in the topk_group=1 kept groups"),
         (
             [0, 1, 2, 4, 5, 6, "topk_group=2"],
-            r"adds each group's two best experts, so every group must keep at least 2",
+            r"scores each group by its 2 best experts, so every group needs at least 2",
         ),
     ],
 )

@@ -28,7 +28,7 @@ from moelab.analyze.stats import super_experts
 from moelab.compress.calibration import CalibrationOptions, calibration_mixture, run_calibration
 from moelab.compress.methods import LayerDecision, Method, ScoringMethod, Target, get_method, plan_target
 from moelab.compress.methods.base import check_protected
-from moelab.compress.mixture import DEFAULT_SPEC
+from moelab.compress.mixture import DEFAULT_SPEC, Mixture
 from moelab.compress.observers import OBSERVERS
 from moelab.compress.stats import Calibration, LayerStats, fingerprint
 from moelab.eval.evaluate import parameter_counts
@@ -53,7 +53,7 @@ def compress(
     *,
     method: str = "reap",
     ratio: float = 0.25,
-    calib: str | Sequence[str] = DEFAULT_SPEC,
+    calib: str | Sequence[str] | Mixture = DEFAULT_SPEC,
     stats: str | os.PathLike | None = None,
     calib_options: CalibrationOptions | None = None,
     protect_super_experts: bool = False,
@@ -133,7 +133,7 @@ def _statistics(
         calibration = Calibration(stats)
         calibration.check_model(fingerprint(model), model)
         return calibration
-    mixture = calibration_mixture(model, calib, options)
+    mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, options)
     directory = staging / STATS_DIR
     directory.mkdir(exist_ok=True)
     run_calibration(model, directory, mixture, options, quiet=quiet)

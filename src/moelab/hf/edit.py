@@ -22,6 +22,7 @@ from torch import Tensor
 from moelab.hf.native import experts_from_view, moe_layer_from_view, router_from_view, shared_from_view
 from moelab.hf.view import ExpertsView, MoELayerView
 from moelab.nn.moe import MoELayer
+from moelab.nn.routers import check_groups
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,16 +210,10 @@ def check_edit(index: int, edit: LayerEdit, E: int, settings: dict[str, Any]) ->
             f"comes from {list(moved[0][1])}). Prune equally per group, or set n_group=1 and topk_group=1 in "
             "config.json first (that changes the routing)"
         )
-    if top_k > topk_group * size:
-        raise ValueError(
-            f"{where}: top_k={top_k} exceeds the {topk_group * size} experts of the topk_group={topk_group} "
-            f"groups left after the edit; keep more experts per group"
-        )
-    if settings["score_func"] == "sigmoid" and size < 2:
-        raise ValueError(
-            f"{where}: DeepSeek-V3-style routing adds each group's two best experts, so every group must "
-            f"keep at least 2 experts (the edit keeps {size}); keep more experts per group"
-        )
+    try:
+        check_groups(new_E, top_k, n_group, topk_group, 2 if settings["score_func"] == "sigmoid" else 1)
+    except ValueError as err:
+        raise ValueError(f"{where}: after the edit, {err}; keep more experts per group") from None
 
 
 def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:

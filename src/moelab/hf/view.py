@@ -58,11 +58,17 @@ class RouterView:
         for name in ("bias", "correction_bias"):
             _check_shape(f"router {name}", getattr(self, name), (E,))
         check_top_k(self.top_k, E)
-        check_groups(E, self.top_k, self.n_group, self.topk_group)
+        check_groups(E, self.top_k, self.n_group, self.topk_group, self.min_group_size)
 
     @property
     def num_experts(self) -> int:
         return self.weight.shape[0]
+
+    @property
+    def min_group_size(self) -> int:
+        """Experts every group must hold: DeepSeek-V3-style sigmoid routers score a group by its
+        two best experts (transformers' rule)."""
+        return 2 if self.score_func == "sigmoid" and self.n_group > 1 else 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -212,7 +218,9 @@ class ModelView:
         except ValueError as err:
             raise CheckpointError(f"{self.path}, layer {index}: {err}") from err
         except (TypeError, ArithmeticError) as err:  # a config.json value of the wrong type, a zero step, ...
-            raise CheckpointError(f"{self.path}, layer {index}: {err}; check the values in config.json") from err
+            raise CheckpointError(
+                f"{self.path}, layer {index}: {err}; check the values in config.json"
+            ) from err
 
     def layers(self) -> Iterator[LayerView]:
         for index in range(self.num_layers):
@@ -222,7 +230,9 @@ class ModelView:
         """Read every layer with shapes and dtypes only (shard headers, no weights), so that a
         checkpoint whose tensors do not match its config.json fails here with a CheckpointError
         naming the layer, before anything loads the weights."""
-        with ModelView(Checkpoint(self.path, shapes_only=True), self.config, self._adapter, self.num_layers) as meta:
+        with ModelView(
+            Checkpoint(self.path, shapes_only=True), self.config, self._adapter, self.num_layers
+        ) as meta:
             for _ in meta.layers():
                 pass
 

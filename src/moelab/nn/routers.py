@@ -281,7 +281,9 @@ def dynamic_skip(routing: Routing, ratio: float) -> Routing:
     skip = (routing.weights.abs() < ratio * top) & (routing.indices >= 0)
     weights = routing.weights.masked_fill(skip, 0.0)
     total, kept = routing.weights.sum(-1, keepdim=True), weights.sum(-1, keepdim=True)
-    weights = torch.where(kept != 0, weights * (total / kept.where(kept != 0, torch.ones_like(kept))), weights)
+    weights = torch.where(
+        kept != 0, weights * (total / kept.where(kept != 0, torch.ones_like(kept))), weights
+    )
     return Routing(routing.indices.masked_fill(skip, -1), weights, routing.logits, routing.probs)
 
 
@@ -306,8 +308,14 @@ def check_top_k(k: int, num_experts: int, name: str = "top_k") -> None:
         raise ValueError(f"{name} must lie in [1, num_experts={num_experts}], got {k}")
 
 
-def check_groups(num_experts: int, top_k: int, n_group: int, topk_group: int) -> None:
-    """Group-limited routing must keep enough experts for top-k (DeepSeek-V3 `n_group`)."""
+def check_groups(
+    num_experts: int, top_k: int, n_group: int, topk_group: int, min_group_size: int = 1
+) -> None:
+    """Group-limited routing (DeepSeek `n_group`) must split the experts evenly and keep enough of
+    them for top-k; `min_group_size`: what a group must hold at least (2 for transformers'
+    DeepSeek-V3 router, which scores a group by its two best experts; moelab's router takes the
+    best min(2, size)). The one statement of these rules: routers, configs, views, the checkpoint
+    writer and the compression planner all ask it."""
     for name, value in (("n_group", n_group), ("topk_group", topk_group)):
         if not is_int(value):
             raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
@@ -321,6 +329,12 @@ def check_groups(num_experts: int, top_k: int, n_group: int, topk_group: int) ->
             raise ValueError(
                 f"top_k ({top_k}) exceeds the {kept} experts in the topk_group={topk_group} kept groups; "
                 "raise topk_group or lower top_k"
+            )
+        if num_experts // n_group < min_group_size:
+            raise ValueError(
+                f"this router scores each group by its {min_group_size} best experts, so every group needs at "
+                f"least {min_group_size} experts; {num_experts} experts in {n_group} groups leave "
+                f"{num_experts // n_group}"
             )
 
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from moelab.compress.stats import LayerStats
 from moelab.hf.edit import LayerEdit
 from moelab.hf.view import MoELayerView, RouterView
+from moelab.nn.routers import check_groups
 
 
 @dataclass(frozen=True)
@@ -124,16 +125,9 @@ def plan_target(router: RouterView, ratio: float, where: str = "") -> int:
             f"remove at most {E - k} (ratio <= {(E - k) / E:.4g})"
         )
     if n_group > 1:
-        per_group_min = 2 if router.score_func == "sigmoid" else 1
-        valid = [
-            r
-            for r in range(1, E)
-            if (E - r) % n_group == 0
-            and (E - r) // n_group >= per_group_min
-            and (E - r) // n_group * router.topk_group >= k
-        ]
+        feasible = [r for r in range(1, E) if _groups_work(router, E - r)]
         if keep % n_group:
-            closest = sorted(sorted(valid, key=lambda r: abs(r - removed))[:2])
+            closest = sorted(sorted(feasible, key=lambda r: abs(r - removed))[:2])
             advice = (
                 f"remove {' or '.join(str(r) for r in closest)} experts "
                 f"(ratio {' or '.join(_ratio(r, E) for r in closest)})"
@@ -145,14 +139,10 @@ def plan_target(router: RouterView, ratio: float, where: str = "") -> int:
                 f"{where}group-limited routing splits the {E} experts into n_group={n_group} groups, so the {keep} kept "
                 f"must be a multiple of {n_group}; {advice}"
             )
-        if router.score_func == "sigmoid" and keep // n_group < 2:
-            raise ValueError(
-                f"{where}DeepSeek-V3-style group routing needs at least 2 experts per group; remove fewer"
-            )
-        if keep // n_group * router.topk_group < k:
-            raise ValueError(
-                f"{where}top_k={k} exceeds the experts left in the topk_group best groups; remove fewer"
-            )
+        try:
+            check_groups(keep, k, n_group, router.topk_group, router.min_group_size)
+        except ValueError as err:
+            raise ValueError(f"{where}keeping {keep} of {E} experts: {err}; remove fewer") from None
     return keep
 
 
@@ -164,6 +154,14 @@ def _ratio(removed: int, E: int) -> str:
         scale = 10 ** (3 - math.floor(math.log10(removed / E)))
         text = f"{math.ceil(removed / E * scale) / scale:.4g}"
     return text
+
+
+def _groups_work(router: RouterView, keep: int) -> bool:
+    try:
+        check_groups(keep, router.top_k, router.n_group, router.topk_group, router.min_group_size)
+    except ValueError:
+        return False
+    return True
 
 
 def check_protected(router: RouterView, keep: int, protect: frozenset[int], where: str = "") -> None:
