@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results" / "compression"
 MODELS = {"ref-8e-top2": "mixtral", "ref-32e-top4-shared": "qwen2_moe"}
 SPARSITIES = (0.25, 0.5)
+MOELAB_METHODS = ("reap", "naee")  # the same method as llm-compressor's, and moelab's best on these models
 CALIB = CalibrationOptions(tokens=64 * 256, seq_len=256)
 
 _MOELAB_JOB = """
@@ -44,7 +45,7 @@ from moelab.compress.calibration import CalibrationOptions, calibration_mixture
 began = time.perf_counter()
 options = CalibrationOptions(tokens=64 * 256, seq_len=256)
 mixture = calibration_mixture(sys.argv[1], "corpus", options)
-report = compress(sys.argv[1], sys.argv[2], method="reap", ratio=float(sys.argv[3]), calib=mixture,
+report = compress(sys.argv[1], sys.argv[2], method=sys.argv[4], ratio=float(sys.argv[3]), calib=mixture,
                   calib_options=options, overwrite=True, quiet=True)
 seconds = time.perf_counter() - began
 peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
@@ -76,15 +77,19 @@ def main() -> None:
                          str(args.work / f"{name}-windows.npy"), str(sparsity), str(llmc_out), str(report)], args.work)  # fmt: skip
             retained = json.loads(report.read_text())
             llmc["kept"] = {k.split(".")[2]: v for k, v in retained.items()}
-            moelab = _job([sys.executable, "-c", _MOELAB_JOB, str(export), str(args.work / f"moelab-{tag}"), str(sparsity)], args.work)
-            for who, out, result in (("llm-compressor", llmc_out, llmc), ("moelab", args.work / f"moelab-{tag}", moelab)):
-                result |= _quality(out, export, result["kept"])
+            ours = {}
+            for method in MOELAB_METHODS:
+                out = args.work / f"moelab-{method}-{tag}"
+                ours[method] = _job([sys.executable, "-c", _MOELAB_JOB, str(export), str(out), str(sparsity), method], args.work)
+                ours[method] |= _quality(out, export, ours[method]["kept"])
+            llmc |= _quality(llmc_out, export, llmc["kept"])
+            moelab = ours["reap"]
             jaccard = np.mean([len(set(llmc["kept"][k]) & set(moelab["kept"][k])) / len(set(llmc["kept"][k]) | set(moelab["kept"][k]))
                                for k in moelab["kept"]])  # fmt: skip
             rows.append({"model": name, "family": family, "sparsity": sparsity, "jaccard": float(jaccard),
-                         "llm-compressor": llmc, "moelab": moelab})  # fmt: skip
-            print(json.dumps(rows[-1] | {"llm-compressor": {k: v for k, v in llmc.items() if k != "kept"},
-                                         "moelab": {k: v for k, v in moelab.items() if k != "kept"}}))  # fmt: skip
+                         "llm-compressor": llmc} | {f"moelab {m}": r for m, r in ours.items()})  # fmt: skip
+            print(json.dumps({k: ({i: j for i, j in v.items() if i != "kept"} if isinstance(v, dict) else v)
+                              for k, v in rows[-1].items()}))  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / "llmcompressor_reap.json", json.dumps(rows, indent=1) + "\n")
     atomic_write_text(RESULTS / "llmcompressor_reap.md", markdown(rows))
@@ -131,10 +136,10 @@ def _experts_match(out: Path, base: Path, kept: dict) -> bool:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model (format) | removed | tool | perplexity | change | KL | top-1 | loads exactly | time (s) | peak RSS (MB) | kept-set Jaccard |",
+    lines = ["| model (format) | removed | tool | perplexity | change | KL | top-1 | loads exactly | time (s) | peak RSS (MB) | REAP kept-set Jaccard |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        for who in ("llm-compressor", "moelab"):
+        for who in ["llm-compressor", *(f"moelab {m}" for m in MOELAB_METHODS)]:
             m = r[who]
             quality = (f"{m['perplexity']:.1f} | {m['perplexity'] / m['base_perplexity'] - 1:+.1%} | {m['kl']:.3f} | "
                        f"{m['top1_agreement']:.1%}" if m["loads_exactly"] else "- | - | - | -")  # fmt: skip

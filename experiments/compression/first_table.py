@@ -23,6 +23,8 @@ from moelab.models.reference import REFERENCE_MODELS, reference_model_dir
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "compression"
 RATIOS = (0.25, 0.5)
+DOMAIN = "code"  # the domain-specific table: experts scored on code tokens only
+DOMAIN_METHODS = ("premoe", "easy_ep", "reap", "frequency")
 
 
 def main() -> None:
@@ -51,9 +53,15 @@ def main() -> None:
                 rows.append(_row(name, method, ratio, report, result, seconds, calib_s))
                 print(f"{name} {method} {ratio:.0%}: ppl {rows[-1]['perplexity']['all']:.1f} "
                       f"(base {rows[-1]['base_perplexity']['all']:.1f}), KL {rows[-1]['kl']:.3f}, {seconds:.1f} s")  # fmt: skip
+        for method in DOMAIN_METHODS:  # domain-specific pruning at 50 %: keep what code needs
+            out = args.out / name / f"{method}-{DOMAIN}-50"
+            report = compress(model, out, method=method, ratio=0.5, stats=stats.directory, domains=[DOMAIN],
+                              overwrite=True, quiet=True)  # fmt: skip
+            result = evaluate(out, base=model, options=options, quiet=True)
+            rows.append(_row(name, method, 0.5, report, result, 0.0, calib_s) | {"domain": DOMAIN})
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / "first_table.json", json.dumps(rows, indent=1) + "\n")
-    atomic_write_text(RESULTS / "first_table.md", markdown(rows))
+    atomic_write_text(RESULTS / "first_table.md", markdown([r for r in rows if "domain" not in r]) + domain_table(rows))
 
 
 def _row(model, method, ratio, report, result, seconds, calib_s) -> dict:
@@ -93,6 +101,20 @@ def markdown(rows: list[dict]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def domain_table(rows: list[dict]) -> str:
+    """Domain-specific pruning: perplexity on the chosen domain and on the others."""
+    lines = [f"### Domain-specific: experts scored on `{DOMAIN}` tokens only, 50 % removed", "",
+             f"| model | method | {DOMAIN} ppl (change) | other domains ppl (change) |", "|---|---|---|---|"]  # fmt: skip
+    for r in (r for r in rows if r.get("domain")):
+        base, ppl = r["base_perplexity"], r["perplexity"]
+        others = [d for d in ppl if d not in (DOMAIN, "all")]
+        mean = sum(ppl[d] for d in others) / len(others)
+        base_mean = sum(base[d] for d in others) / len(others)
+        lines.append(f"| {r['model']} | {r['method']} | {ppl[DOMAIN]:.1f} ({ppl[DOMAIN] / base[DOMAIN] - 1:+.1%}) | "
+                     f"{mean:.1f} ({mean / base_mean - 1:+.1%}) |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
