@@ -18,13 +18,13 @@ from moelab.nn import MoEConfig, build_moe
 CASES = {
     "topk softmax": dict(router="topk", top_k=2),
     "topk sigmoid groups + aux-free bias + shared": dict(
-        router="topk", top_k=4, score_func="sigmoid", n_group=4, topk_group=2, aux_free_bias=True, num_shared=1,
+        router="topk", top_k=4, score_func="sigmoid", n_group=4, topk_group=2, selection_bias=True, num_shared=1,
         shared_gate=True, route_scale=2.5,
     ),
     "top-p": dict(router="topp", top_p=0.5),
     "expert choice": dict(router="expert_choice"),
     "relu (BlockFFN), gelu experts": dict(router="relu", activation="gelu"),
-    "capacity 1.0 + expert biases": dict(router="topk", top_k=2, capacity_factor=1.0, expert_bias=True),
+    "capacity 1.0 + expert biases": dict(router="topk", top_k=2, capacity_factor=1.0, selection_bias=True),
 }
 
 

@@ -116,15 +116,15 @@ def route_topk(
     route_scale: float = 1.0,
     n_group: int = 1,
     topk_group: int = 1,
-    expert_bias: Tensor | None = None,
+    selection_bias: Tensor | None = None,
 ) -> RefRouting:
     """Token-choice top-k. Scores = softmax or sigmoid of the logits. Selection ranks
-    score + expert_bias; with n_group > 1 only the experts of the topk_group best groups (of
+    score + selection_bias; with n_group > 1 only the experts of the topk_group best groups (of
     E/n_group consecutive experts; group score = sum of the group's two best selection values for
     sigmoid, its best for softmax) compete. Weights: the un-biased scores of the chosen experts,
     divided by their sum if renormalize, times route_scale. Slot j = the j-th best chosen expert."""
     T, E = x.shape[0], W.shape[0]
-    bias = [0.0] * E if expert_bias is None else [float(v) for v in expert_bias]
+    bias = [0.0] * E if selection_bias is None else [float(v) for v in selection_bias]
     choices, logit_rows, prob_rows, margins, order_margins = [], [], [], [], []
     for t in range(T):
         logits = _token_logits(x[t], W, b)
@@ -380,7 +380,7 @@ def route(x: Tensor, p: dict[str, Tensor], spec: Spec) -> RefRouting:
         return route_topk(
             x, W, b, top_k=spec.top_k, score_func=spec.score_func, renormalize=spec.renormalize,
             route_scale=spec.route_scale, n_group=spec.n_group, topk_group=spec.topk_group,
-            expert_bias=p.get("router.expert_bias"),
+            selection_bias=p.get("router.selection_bias"),
         )
     if spec.router == "topp":
         return route_topp(x, W, b, top_p=spec.top_p, max_k=spec.max_k, renormalize=spec.renormalize)

@@ -38,11 +38,11 @@ CONFIGS = {
     "topp": variant(moe_fields=dict(router="topp", top_p=0.6, max_k=3)),
     "relu-router-bias": variant(moe_fields=dict(router="relu", activation="silu", router_bias=True)),
     "expert-choice": variant(moe_fields=dict(router="expert_choice"), allow_noncausal_routing=True),
-    "gelu-expert-bias": variant(moe_fields=dict(activation="gelu", expert_bias=True)),
-    "swiglu-expert-bias": variant(moe_fields=dict(expert_bias=True, top_k=1)),
+    "gelu-expert-bias": variant(moe_fields=dict(activation="gelu", expert_mlp_bias=True)),
+    "swiglu-expert-bias": variant(moe_fields=dict(expert_mlp_bias=True, top_k=1)),
     "shared-gated": variant(moe_fields=dict(num_shared=1, shared_gate=True, shared_hidden_dim=24)),
     "shared-2": variant(moe_fields=dict(num_shared=2)),
-    "aux-free-sigmoid": variant(moe_fields=dict(aux_free_bias=True, score_func="sigmoid", top_k=3)),
+    "aux-free-sigmoid": variant(moe_fields=dict(selection_bias=True, score_func="sigmoid", top_k=3)),
 }
 
 

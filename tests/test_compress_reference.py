@@ -62,7 +62,7 @@ def make_view(
     n_group: int = 1,
     topk_group: int = 1,
     router_bias: dict[int, float] | None = None,
-    correction_bias: bool = False,
+    selection_bias: bool = False,
     shared: bool = False,
     shared_gate: bool = False,
     scale_input: bool = False,
@@ -92,7 +92,7 @@ def make_view(
         n_group=n_group,
         topk_group=topk_group,
         bias=bias,
-        correction_bias=rnd(E, fan_in=100) if correction_bias else None,
+        selection_bias=rnd(E, fan_in=100) if selection_bias else None,
     )
     down = rnd(E, D, I, fan_in=I)
     for e in zero_down:
@@ -275,7 +275,7 @@ EAGER_LAYERS = {
     "softmax_raw": lambda: build_moe(_group_cfg(top_k=3, renormalize=False)),
     "sigmoid_groups": lambda: build_moe(
         _group_cfg(
-            top_k=2, score_func="sigmoid", n_group=4, topk_group=2, aux_free_bias=True, route_scale=2.5
+            top_k=2, score_func="sigmoid", n_group=4, topk_group=2, selection_bias=True, route_scale=2.5
         )
     ),
     "softmax_groups": lambda: build_moe(_group_cfg(top_k=2, n_group=2, topk_group=1)),
@@ -291,8 +291,8 @@ EAGER_LAYERS = {
 def _eager_layer(name: str) -> tuple[MoELayer, Spec]:
     torch.manual_seed(3)
     layer = EAGER_LAYERS[name]().double().eval()
-    if getattr(layer.router, "expert_bias", None) is not None:
-        layer.router.expert_bias.normal_(0, 0.1)
+    if getattr(layer.router, "selection_bias", None) is not None:
+        layer.router.selection_bias.normal_(0, 0.1)
     r = layer.router
     if name == "top_p_empty_slots":
         spec = Spec(router="topp", top_p=0.3, max_k=4, renormalize=False)
@@ -394,7 +394,7 @@ OBSERVER_LAYERS = {
         "score_func": "sigmoid",
         "n_group": 4,
         "topk_group": 2,
-        "correction_bias": True,
+        "selection_bias": True,
         "route_scale": 2.5,
     },
     "shared_gated": {"shared": True, "shared_gate": True},
@@ -850,7 +850,7 @@ def fresh(view: MoELayerView) -> MoELayerView:
         view.router,
         weight=clone(view.router.weight),
         bias=clone(view.router.bias),
-        correction_bias=clone(view.router.correction_bias),
+        selection_bias=clone(view.router.selection_bias),
     )
     return dataclasses.replace(view, router=router)
 
@@ -915,7 +915,7 @@ def test_naee_drops_an_expert_that_changes_nothing():
                 "score_func": "sigmoid",
                 "n_group": 2,
                 "topk_group": 1,
-                "correction_bias": True,
+                "selection_bias": True,
                 "route_scale": 2.5,
             },
             4,
@@ -942,7 +942,7 @@ def test_naee_exhaustive_equals_brute_force(kw, keep, chunk):
     whole = naee_loss(view, x, best, 10**6)
     assert decision.notes["loss"] != pytest.approx(whole, rel=1e-6)
     # and the method leaves the layer it was given as it was
-    for name in ("weight", "bias", "correction_bias"):
+    for name in ("weight", "bias", "selection_bias"):
         a, b = getattr(view.router, name), getattr(before.router, name)
         assert (a is None and b is None) or torch.equal(a, b), f"NAEE changed the view's router {name}"
 

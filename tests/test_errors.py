@@ -146,9 +146,9 @@ def test_config_validates_expert_choice_capacity_factor(c):
         MoEConfig(dim=D, num_experts=E, hidden_dim=I, router="expert_choice", ec_capacity_factor=c)
 
 
-def test_aux_free_bias_only_for_topk():
-    with pytest.raises(ValueError, match="aux_free_bias applies to router='topk' only"):
-        MoEConfig(dim=D, num_experts=E, hidden_dim=I, router="topp", aux_free_bias=True)
+def test_selection_bias_only_for_topk():
+    with pytest.raises(ValueError, match="selection_bias applies to router='topk' only"):
+        MoEConfig(dim=D, num_experts=E, hidden_dim=I, router="topp", selection_bias=True)
 
 
 # ----------------------------------------------------------------------------- names

@@ -84,7 +84,7 @@ def test_export_with_the_shipped_tokenizer(tmp_path):
         ("mixtral", {"num_shared": 1}, {"first_k_dense": 0}, "a shared expert"),
         (
             "qwen2_moe",
-            {"score_func": "sigmoid", "aux_free_bias": True},
+            {"score_func": "sigmoid", "selection_bias": True},
             {},
             r"score_func='sigmoid' \(only 'softmax'\); the aux-loss-free selection bias",
         ),

@@ -81,7 +81,7 @@ def test_view_layouts_and_settings(tmp_path):
         1,
         2.5,
     )
-    assert router.correction_bias.shape == (8,) and router.renormalize
+    assert router.selection_bias.shape == (8,) and router.renormalize
 
 
 def test_sharded_checkpoint_is_read_one_layer_and_one_shard_at_a_time(tmp_path, monkeypatch):

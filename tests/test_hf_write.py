@@ -256,8 +256,8 @@ def _native(tmp_path, **moe):
         for name, p in model.named_parameters():
             p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
         for layer in model.moe_layers.values():
-            if layer.router.expert_bias is not None:  # expert 1, dropped below, would win every selection
-                layer.router.expert_bias.uniform_(0, 0.1)[1] = 2.0
+            if layer.router.selection_bias is not None:  # expert 1, dropped below, would win every selection
+                layer.router.selection_bias.uniform_(0, 0.1)[1] = 2.0
     save_pretrained(model, tmp_path / "src")
     return model
 
@@ -267,7 +267,7 @@ def _native(tmp_path, **moe):
     [
         {},
         {"num_shared": 1, "shared_gate": True},
-        {"score_func": "sigmoid", "aux_free_bias": True, "router_bias": True},
+        {"score_func": "sigmoid", "selection_bias": True, "router_bias": True},
     ],
     ids=["plain", "shared", "sigmoid_bias"],
 )
@@ -418,12 +418,12 @@ def test_apply_edit_selects_rows():
     w = torch.arange(E * D, dtype=torch.float32).view(E, D)
     layer = MoELayerView(
         0,
-        RouterView(w, "softmax", 2, True, correction_bias=torch.arange(E, dtype=torch.float32)),
+        RouterView(w, "softmax", 2, True, selection_bias=torch.arange(E, dtype=torch.float32)),
         ExpertsView(
             torch.randn(E, I, D), torch.randn(E, I, D), torch.randn(E, D, I), down_bias=torch.randn(E, D)
         ),
     )
     edited = apply_edit(layer, LayerEdit.drop([1], E))
     torch.testing.assert_close(edited.router.weight, w[[0, 2, 3]])
-    torch.testing.assert_close(edited.router.correction_bias, torch.tensor([0.0, 2.0, 3.0]))
+    torch.testing.assert_close(edited.router.selection_bias, torch.tensor([0.0, 2.0, 3.0]))
     torch.testing.assert_close(edited.experts.down_bias, layer.experts.down_bias[[0, 2, 3]])

@@ -287,14 +287,14 @@ def test_generation_stops_at_eos_and_pads_with_it():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_save_load_gives_identical_logits(tmp_path, tied):
-    model = make_model(moe_fields=dict(aux_free_bias=True), tie_embeddings=tied)
+    model = make_model(moe_fields=dict(selection_bias=True), tie_embeddings=tied)
     with torch.no_grad():
-        model.layers[1].ffn.router.expert_bias.copy_(torch.randn(4))  # a buffer, not a parameter
+        model.layers[1].ffn.router.selection_bias.copy_(torch.randn(4))  # a buffer, not a parameter
     save_pretrained(model, tmp_path / "ckpt")
     loaded = load_pretrained(tmp_path / "ckpt")
     assert loaded.config == model.config
     torch.testing.assert_close(
-        loaded.layers[1].ffn.router.expert_bias, model.layers[1].ffn.router.expert_bias
+        loaded.layers[1].ffn.router.selection_bias, model.layers[1].ffn.router.selection_bias
     )
     assert (loaded.lm_head.weight is loaded.embed.weight) == tied
     ids = random_ids()
@@ -355,3 +355,24 @@ def test_tiny_model_overfits_one_batch():
         (out.loss + out.aux_loss).backward()
         optimizer.step()
     assert out.loss.item() < 0.1
+
+
+def test_checkpoints_saved_with_the_old_selection_bias_names_load(tmp_path):
+    """Before the rename: MoEConfig.aux_free_bias / expert_bias and the buffer router.expert_bias."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_model(moe_fields=dict(selection_bias=True))
+    with torch.no_grad():
+        model.layers[1].ffn.router.selection_bias.copy_(torch.randn(4))
+    save_pretrained(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["moe"]["aux_free_bias"] = config["moe"].pop("selection_bias")
+    config["moe"]["expert_bias"] = config["moe"].pop("expert_mlp_bias")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    old = {k.replace("router.selection_bias", "router.expert_bias"): v for k, v in tensors.items()}
+    assert any(k.endswith("router.expert_bias") for k in old)
+    save_file(old, tmp_path / "m" / "model.safetensors")
+    loaded = load_pretrained(tmp_path / "m")
+    assert loaded.config.moe.selection_bias
+    torch.testing.assert_close(loaded.layers[1].ffn.router.selection_bias, model.layers[1].ffn.router.selection_bias)

@@ -31,19 +31,19 @@ CONFIGS = {
     "topk-sigmoid-groups": dict(top_k=3, score_func="sigmoid", n_group=4, topk_group=2, route_scale=2.5),
     "topk-softmax-groups": dict(top_k=2, n_group=4, topk_group=1),
     "topk-router-bias": dict(router_bias=True),
-    "topk-aux-free-bias": dict(top_k=2, aux_free_bias=True),
+    "topk-aux-free-bias": dict(top_k=2, selection_bias=True),
     "topk-k=E": dict(top_k=E),
     "topk-shared": dict(num_shared=2),
     "topk-shared-gated": dict(num_shared=1, shared_gate=True, shared_hidden_dim=12),
-    "topk-expert-biases": dict(expert_bias=True),
-    "topk-mlp-gelu": dict(activation="gelu", expert_bias=True),
+    "topk-expert-biases": dict(expert_mlp_bias=True),
+    "topk-mlp-gelu": dict(activation="gelu", expert_mlp_bias=True),
     "topk-mlp-relu": dict(activation="relu"),
     "topp": dict(router="topp", top_p=0.5),
     "topp-raw-maxk": dict(router="topp", top_p=0.8, max_k=3, renormalize=False),
     "ec": dict(router="expert_choice", ec_capacity_factor=1.0),
     "ec-shared": dict(router="expert_choice", ec_capacity_factor=2.5, num_shared=1),
     "relu": dict(router="relu", activation="silu"),
-    "relu-biases": dict(router="relu", router_bias=True, expert_bias=True),
+    "relu-biases": dict(router="relu", router_bias=True, expert_mlp_bias=True),
     "cap-topk": dict(top_k=2, capacity_factor=1.0),
     "cap-topk-tight": dict(top_k=2, capacity_factor=0.5, num_shared=1),
     "cap-switch": dict(top_k=1, capacity_factor=1.25),
@@ -66,7 +66,7 @@ def make_layer(seed=0, *, randomise=True, **overrides):
             for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
                 if name.endswith("bias") and t is not None:  # router/expert biases start at 0
                     t.copy_(torch.randn(t.shape, generator=g) * 0.2)
-                if name == "router.expert_bias":
+                if name == "router.selection_bias":
                     t.copy_(torch.randn(t.shape, generator=g) * 0.05)
                 if name == "router.norm_weight":
                     t.copy_(1 + 0.3 * torch.randn(t.shape, generator=g))
@@ -92,9 +92,9 @@ def test_layer_matches_reference(name, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_expert_with_no_tokens_gets_exactly_zero_gradient(backend):
-    layer, spec = make_layer(top_k=2, aux_free_bias=True, backend=backend)
+    layer, spec = make_layer(top_k=2, selection_bias=True, backend=backend)
     with torch.no_grad():
-        layer.router.expert_bias[3] = -10.0  # never selected
+        layer.router.selection_bias[3] = -10.0  # never selected
     both = run_both(layer, spec, tokens(24))
     assert_matches(both, layer)
     assert both.result.tokens_per_expert[3] == 0
@@ -342,7 +342,7 @@ def test_layer_with_explicit_modules_matches_config():
 def test_config_round_trip_dict_and_json():
     cfg = MoEConfig(
         dim=32, num_experts=16, hidden_dim=24, router="topk", top_k=4, score_func="sigmoid", n_group=4, topk_group=2,
-        route_scale=2.5, aux_free_bias=True, num_shared=1, shared_gate=True, capacity_factor=1.25, z_coef=1e-3,
+        route_scale=2.5, selection_bias=True, num_shared=1, shared_gate=True, capacity_factor=1.25, z_coef=1e-3,
         backend="loop",
     )
     assert MoEConfig.from_dict(cfg.to_dict()) == cfg
@@ -353,8 +353,8 @@ def test_config_round_trip_dict_and_json():
 
 
 def test_config_built_layer_state_dict_round_trip():
-    layer, _ = make_layer(aux_free_bias=True, num_shared=1)
-    cfg = MoEConfig(dim=D, num_experts=E, hidden_dim=I, aux_free_bias=True, num_shared=1, **LOSSES)
+    layer, _ = make_layer(selection_bias=True, num_shared=1)
+    cfg = MoEConfig(dim=D, num_experts=E, hidden_dim=I, selection_bias=True, num_shared=1, **LOSSES)
     again = build_moe(MoEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))))
     again.load_state_dict(layer.state_dict())
     x = tokens(9)

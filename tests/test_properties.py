@@ -23,7 +23,7 @@ def configs(draw):
         hidden_dim=draw(st.sampled_from([4, 8])),
         router=router,
         activation=draw(st.sampled_from(["swiglu", "swiglu", "gelu", "silu", "relu"])),
-        expert_bias=draw(st.booleans()),
+        expert_mlp_bias=draw(st.booleans()),
         router_bias=draw(st.booleans()),
         backend=draw(st.sampled_from(["grouped", "loop", "grouped_mm"])),
         capacity_factor=draw(st.one_of(st.none(), st.sampled_from([0.5, 1.0, 1.5]))),
@@ -40,7 +40,7 @@ def configs(draw):
             score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
             renormalize=draw(st.booleans()),
             route_scale=draw(st.sampled_from([1.0, 2.5])),
-            aux_free_bias=draw(st.booleans()),
+            selection_bias=draw(st.booleans()),
         )
         groups = [g for g in range(2, E + 1) if E % g == 0]
         if groups and draw(st.booleans()):

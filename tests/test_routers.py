@@ -1,5 +1,5 @@
 """Every router against the naive per-token reference (tests/reference.py), forward and backward,
-and aux-loss-free balancing (expert_bias + attach_expert_bias_update)."""
+and aux-loss-free balancing (selection_bias + attach_selection_bias_update)."""
 
 import pytest
 import torch
@@ -20,7 +20,7 @@ from moelab.nn import (
     ReLURouter,
     TopKRouter,
     TopPRouter,
-    attach_expert_bias_update,
+    attach_selection_bias_update,
     build_moe,
 )
 
@@ -40,8 +40,8 @@ TOPK_SETTINGS = {
     "groups-sigmoid-1-of-2": dict(top_k=2, score_func="sigmoid", n_group=2, topk_group=1),
     "groups-of-one": dict(top_k=2, score_func="sigmoid", n_group=8, topk_group=3),
     "router-bias": dict(top_k=2, bias=True),
-    "expert-bias": dict(top_k=2, balance_bias=True),
-    "expert-bias-sigmoid-groups": dict(top_k=3, score_func="sigmoid", n_group=4, topk_group=2, balance_bias=True),
+    "expert-bias": dict(top_k=2, selection_bias=True),
+    "expert-bias-sigmoid-groups": dict(top_k=3, score_func="sigmoid", n_group=4, topk_group=2, selection_bias=True),
 }
 TOPP_SETTINGS = {
     "p0.1": dict(top_p=0.1),
@@ -68,18 +68,18 @@ def _randomise(router: torch.nn.Module, seed: int) -> None:
         router.weight.copy_(torch.randn(router.weight.shape, generator=g) * 1.5 / D**0.5)
         if router.bias is not None:
             router.bias.copy_(torch.randn(E, generator=g) * 0.3)
-        if getattr(router, "expert_bias", None) is not None:
-            router.expert_bias.copy_(torch.randn(E, generator=g) * 0.1)
+        if getattr(router, "selection_bias", None) is not None:
+            router.selection_bias.copy_(torch.randn(E, generator=g) * 0.1)
         if hasattr(router, "norm_weight"):
             router.norm_weight.copy_(1 + 0.5 * torch.randn(E, generator=g))
 
 
 def _ref(router, x, w, b, g):
     if isinstance(router, TopKRouter):
-        eb = None if router.expert_bias is None else router.expert_bias.to(F64)
+        eb = None if router.selection_bias is None else router.selection_bias.to(F64)
         return route_topk(
             x, w, b, top_k=router.top_k, score_func=router.score_func, renormalize=router.renormalize,
-            route_scale=router.route_scale, n_group=router.n_group, topk_group=router.topk_group, expert_bias=eb,
+            route_scale=router.route_scale, n_group=router.n_group, topk_group=router.topk_group, selection_bias=eb,
         )
     if isinstance(router, TopPRouter):
         return route_topp(x, w, b, top_p=router.top_p, max_k=router.top_k, renormalize=router.renormalize)
@@ -216,11 +216,11 @@ def test_single_token_and_bf16_input(router):
 
 def test_expert_bias_changes_selection_not_weights():
     torch.manual_seed(0)
-    router = TopKRouter(D, E, 2, balance_bias=True)
+    router = TopKRouter(D, E, 2, selection_bias=True)
     x = _x()
     plain = router(x)
     with torch.no_grad():
-        router.expert_bias[5] = 10.0  # expert 5 wins every token's first slot
+        router.selection_bias[5] = 10.0  # expert 5 wins every token's first slot
     biased = router(x)
     assert (biased.indices[:, 0] == 5).all()
     scores = plain.logits.softmax(-1)
@@ -230,22 +230,22 @@ def test_expert_bias_changes_selection_not_weights():
 
 
 def test_expert_bias_is_a_buffer_without_gradient():
-    router = TopKRouter(D, E, 2, balance_bias=True)
-    assert "expert_bias" not in dict(router.named_parameters())
-    assert "expert_bias" in router.state_dict()
+    router = TopKRouter(D, E, 2, selection_bias=True)
+    assert "selection_bias" not in dict(router.named_parameters())
+    assert "selection_bias" in router.state_dict()
     assert "tokens_per_expert" not in router.state_dict()  # a transient counter
     with torch.no_grad():
-        router.expert_bias.copy_(torch.randn(E))
+        router.selection_bias.copy_(torch.randn(E))
     routing = router(_x())
     (routing.weights.sum() + routing.probs.pow(2).sum()).backward()
-    assert not router.expert_bias.requires_grad and router.expert_bias.grad is None
+    assert not router.selection_bias.requires_grad and router.selection_bias.grad is None
     assert router.weight.grad is not None
 
 
 def _reference_load(layer, x, bias):
     """Tokens per expert that the reference top-k picks with the given bias."""
     W = layer.router.weight.detach().to(F64)
-    ref = route_topk(x.to(F64).reshape(-1, D), W, top_k=layer.router.top_k, expert_bias=bias.to(F64))
+    ref = route_topk(x.to(F64).reshape(-1, D), W, top_k=layer.router.top_k, selection_bias=bias.to(F64))
     load = torch.zeros(E)
     for t in range(len(ref.choices)):
         for e in ref.experts(t):
@@ -253,18 +253,18 @@ def _reference_load(layer, x, bias):
     return load
 
 
-def test_attach_expert_bias_update_moves_bias_by_sign_of_load_gap():
+def test_attach_selection_bias_update_moves_bias_by_sign_of_load_gap():
     torch.manual_seed(0)
-    cfg = MoEConfig(dim=D, num_experts=E, hidden_dim=8, top_k=2, aux_free_bias=True, balance_coef=0.0)
+    cfg = MoEConfig(dim=D, num_experts=E, hidden_dim=8, top_k=2, selection_bias=True, balance_coef=0.0)
     layer = build_moe(cfg)
     with torch.no_grad():
         layer.router.weight.mul_(3)  # an unbalanced router
     rate = 0.01
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-    handle = attach_expert_bias_update(opt, layer, rate)
+    handle = attach_selection_bias_update(opt, layer, rate)
     weights_before = layer.router.weight.detach().clone()
     for step in range(3):
-        bias = layer.router.expert_bias.clone()
+        bias = layer.router.selection_bias.clone()
         xs = [torch.randn(2, 16, D) for _ in range(2)]  # two micro-batches before the step
         load = sum(_reference_load(layer, x, bias) for x in xs)
         for x in xs:
@@ -274,48 +274,48 @@ def test_attach_expert_bias_update_moves_bias_by_sign_of_load_gap():
         opt.step()
         opt.zero_grad()
         expected = bias + rate * torch.sign(load.mean() - load)
-        assert torch.equal(layer.router.expert_bias, expected), (layer.router.expert_bias, expected)
+        assert torch.equal(layer.router.selection_bias, expected), (layer.router.selection_bias, expected)
         assert layer.router.tokens_per_expert.abs().sum() == 0, "counter must reset after the update"
         assert not torch.equal(expected, bias)
     assert not torch.equal(layer.router.weight, weights_before)  # the optimizer still updates weights
 
     # eval mode does not count tokens, so the next step leaves the bias alone
     layer.eval()
-    bias = layer.router.expert_bias.clone()
+    bias = layer.router.selection_bias.clone()
     layer(torch.randn(8, D))[0].sum().backward()
     assert layer.router.tokens_per_expert.abs().sum() == 0
     opt.step()
-    assert torch.equal(layer.router.expert_bias, bias)
+    assert torch.equal(layer.router.selection_bias, bias)
 
     # once removed, the hook no longer runs
     layer.train()
     handle.remove()
     layer(torch.randn(8, D))[0].sum().backward()
     opt.step()
-    assert torch.equal(layer.router.expert_bias, bias)
+    assert torch.equal(layer.router.selection_bias, bias)
 
 
-def test_attach_expert_bias_update_covers_every_layer():
+def test_attach_selection_bias_update_covers_every_layer():
     torch.manual_seed(0)
-    cfg = MoEConfig(dim=D, num_experts=E, hidden_dim=8, aux_free_bias=True)
+    cfg = MoEConfig(dim=D, num_experts=E, hidden_dim=8, selection_bias=True)
     model = torch.nn.ModuleList([build_moe(cfg), build_moe(cfg)])
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    attach_expert_bias_update(opt, model, rate=0.5)
+    attach_selection_bias_update(opt, model, rate=0.5)
     for layer in model:
         layer(torch.randn(32, D) * 3)[0].sum().backward()
     opt.step()
     for layer in model:
-        assert layer.router.expert_bias.abs().sum() > 0
-        assert set(layer.router.expert_bias.unique().tolist()) <= {-0.5, 0.0, 0.5}
+        assert layer.router.selection_bias.abs().sum() > 0
+        assert set(layer.router.selection_bias.unique().tolist()) <= {-0.5, 0.0, 0.5}
 
 
-def test_attach_expert_bias_update_needs_a_balancing_router():
+def test_attach_selection_bias_update_needs_a_balancing_router():
     layer = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=8))
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="balance_bias=True"):
-        attach_expert_bias_update(opt, layer)
-    with pytest.raises(ValueError, match="balance_bias=True"):
-        layer.router.update_expert_bias(0.1)
+    with pytest.raises(ValueError, match="selection_bias=True"):
+        attach_selection_bias_update(opt, layer)
+    with pytest.raises(ValueError, match="selection_bias=True"):
+        layer.router.update_selection_bias(0.1)
 
 
 @pytest.mark.parametrize("top_p,expected", [(0.25, 1), (0.2500001, 2), (0.5, 2), (0.75, 3), (0.76, 4), (1.0, 4)])

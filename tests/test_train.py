@@ -133,14 +133,14 @@ def test_gradient_accumulation_equals_the_full_batch():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-9)
 
 
-def test_aux_free_bias_moves_during_training(tmp_path):
-    moe = {**MODEL["moe"], "aux_free_bias": True, "balance_coef": 0.0, "bias_update_rate": 0.01}
+def test_selection_bias_moves_during_training(tmp_path):
+    moe = {**MODEL["moe"], "selection_bias": True, "balance_coef": 0.0, "bias_update_rate": 0.01}
     run = RunConfig.from_dict(
         {"model": {**MODEL, "moe": moe}, "train": {**TRAIN, "steps": 2, "eval_every": 2}}
     )
     train(run, tmp_path / "run", quiet=True)
     tensors = load_file(tmp_path / "run" / "model" / "model.safetensors")
-    bias = tensors["layers.1.ffn.router.expert_bias"]
+    bias = tensors["layers.1.ffn.router.selection_bias"]
     assert bias.abs().max() > 0  # two updates of +-0.01 each (or 0 for a perfectly balanced expert)
     assert torch.allclose(bias.abs() * 100, (bias.abs() * 100).round(), atol=1e-4)
 

@@ -193,11 +193,11 @@ def _llama4_sparse_layer(config: Config, i: int) -> bool:
 
 
 def _qwen2_moe_layouts(
-    shared: SharedMLP | None = None, correction_bias: str | None = None
+    shared: SharedMLP | None = None, selection_bias: str | None = None
 ) -> tuple[Layout, ...]:
     """The qwen2_moe pattern (Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3): per-expert gate/up/down_proj
     under mlp.experts.{e}, or the fused mlp.experts.gate_up_proj / down_proj."""
-    router = RouterKeys("mlp.gate.weight", correction_bias=correction_bias)
+    router = RouterKeys("mlp.gate.weight", selection_bias=selection_bias)
     return (
         Layout(
             router, PerExpert(*(f"mlp.experts.{{e}}.{p}_proj.weight" for p in ("gate", "up", "down"))), shared
@@ -260,7 +260,7 @@ NATIVE = Family(
     layouts=(
         Layout(
             RouterKeys(_NATIVE_FFN + "router.weight", bias=_NATIVE_FFN + "router.bias",
-                       correction_bias=_NATIVE_FFN + "router.expert_bias", optional=True),
+                       selection_bias=_NATIVE_FFN + "router.selection_bias", optional=True),
             FusedGateUp(*(f"{_NATIVE_FFN}experts.{name}" for name in
                           ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias"))),
             SharedMLP(*(f"{_NATIVE_FFN}shared.{p}_proj.weight" for p in ("gate", "up", "down")),
@@ -299,7 +299,7 @@ _FAMILIES = (
            router_settings=_deepseek_v2, is_moe_layer=_deepseek_sparse_layer(default_first_dense=0),
            expert_width=_MOE_WIDTH),
     Family("deepseek_v3",
-           layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), correction_bias=_DEEPSEEK_BIAS),
+           layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS),
            num_experts=("n_routed_experts", "num_local_experts"),
            router_settings=_deepseek_v3, is_moe_layer=_deepseek_sparse_layer(default_first_dense=3),
            expert_width=_MOE_WIDTH),

@@ -165,8 +165,8 @@ def _mask_router(router, num_experts: int, keep: Sequence[int]) -> None:
     dropped = torch.tensor(sorted(set(range(num_experts)) - set(keep)), dtype=torch.long)
     logits = router.router_logits
     router.router_logits = lambda x: logits(x).index_fill(-1, dropped, float("-inf"))  # this instance only
-    if getattr(router, "expert_bias", None) is not None:  # a copy: the router holds the view's own tensor
-        router.expert_bias = router.expert_bias.index_fill(0, dropped, float("-inf"))
+    if getattr(router, "selection_bias", None) is not None:  # a copy: the router holds the view's own tensor
+        router.selection_bias = router.selection_bias.index_fill(0, dropped, float("-inf"))
 
 
 def _one_expert(experts: ExpertsView, e: int) -> ExpertsView:
@@ -174,7 +174,7 @@ def _one_expert(experts: ExpertsView, e: int) -> ExpertsView:
     return dataclasses.replace(experts, **{name: pick(getattr(experts, name)) for name in _EXPERT_TENSORS})
 
 
-_ROUTER_TENSORS = ("weight", "bias", "correction_bias")
+_ROUTER_TENSORS = ("weight", "bias", "selection_bias")
 _EXPERT_TENSORS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
 

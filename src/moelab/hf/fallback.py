@@ -68,7 +68,7 @@ def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
             name=f"{config.get('model_type')} (structural)",
             layouts=(Layout(router, experts, shared),),
             num_experts=(experts_key,),
-            router_settings=_routing(sigmoid_default=router.correction_bias is not None),
+            router_settings=_routing(sigmoid_default=router.selection_bias is not None),
             is_moe_layer=None,
             layer_prefix=stem + "{n}.",
             num_layers=_NUM_LAYERS,
@@ -111,7 +111,7 @@ def _router(
     module = candidates[0].removesuffix("weight")
     optional = {name: module + name for name in ("bias", "e_score_correction_bias") if module + name in rests}
     return RouterKeys(
-        candidates[0], bias=optional.get("bias"), correction_bias=optional.get("e_score_correction_bias")
+        candidates[0], bias=optional.get("bias"), selection_bias=optional.get("e_score_correction_bias")
     )
 
 

@@ -65,11 +65,11 @@ class RouterKeys:
 
     weight: str
     bias: str | None = None
-    correction_bias: str | None = None
+    selection_bias: str | None = None
     optional: bool = False
 
     def _keys(self, ckpt: Checkpoint, prefix: str) -> dict[str, str]:
-        keys = {"weight": self.weight, "bias": self.bias, "correction_bias": self.correction_bias}
+        keys = {"weight": self.weight, "bias": self.bias, "selection_bias": self.selection_bias}
         return {
             name: key
             for name, key in keys.items()
@@ -84,13 +84,13 @@ class RouterKeys:
 
     def encode(self, router: RouterView, prefix: str) -> dict[str, Tensor]:
         """router -> on-disk tensors; a bias key the view has no tensor for gets zeros."""
-        for name in ("bias", "correction_bias"):
+        for name in ("bias", "selection_bias"):
             if getattr(router, name) is not None and getattr(self, name) is None:
                 raise CheckpointError(
                     f"the edited router has a {name}, but this family's router has none on disk; "
                     f"set the view's {name} to None (or fold it away) before writing"
                 )
-        keys = {"weight": self.weight, "bias": self.bias, "correction_bias": self.correction_bias}
+        keys = {"weight": self.weight, "bias": self.bias, "selection_bias": self.selection_bias}
         return {
             prefix + key: _or_zeros(getattr(router, name), router.weight, router.num_experts)
             for name, key in keys.items()

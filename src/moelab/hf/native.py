@@ -31,8 +31,8 @@ def router_from_view(view: RouterView) -> Router:
     state = {"weight": view.weight}
     if view.bias is not None:
         state["bias"] = view.bias
-    if view.correction_bias is not None:
-        state["expert_bias"] = view.correction_bias
+    if view.selection_bias is not None:
+        state["selection_bias"] = view.selection_bias
     return _holding(_router, view, state)
 
 
@@ -100,7 +100,7 @@ def _router(view: RouterView) -> Router:
         route_scale=view.route_scale,
         n_group=view.n_group,
         topk_group=view.topk_group,
-        balance_bias=view.correction_bias is not None,
+        selection_bias=view.selection_bias is not None,
         bias=view.bias is not None,
     )
 

@@ -27,7 +27,7 @@ ACTIVATIONS = ("silu", "clamped_swiglu")
 class RouterView:
     """How a layer picks experts: logits = x @ weight.T (+ bias), then
 
-    - "softmax" / "sigmoid": scores = f(logits); the top_k experts by `scores + correction_bias`
+    - "softmax" / "sigmoid": scores = f(logits); the top_k experts by `scores + selection_bias`
       (the correction bias steers selection only), optionally limited to the best `topk_group`
       of `n_group` expert groups; weights = the chosen scores, divided by their sum if
       `renormalize`, times `route_scale`. Families that take the top-k of the logits and then
@@ -36,7 +36,7 @@ class RouterView:
     - "sparsemixer" (PhiMoE, inference): two rounds; each picks the best remaining logit m and
       weights it by a softmax over the logits l with (m - l) / max(|l|, m) <= 2 * jitter_eps.
 
-    weight: [E, D]; bias: [E] | None (added to the logits); correction_bias: [E] | None.
+    weight: [E, D]; bias: [E] | None (added to the logits); selection_bias: [E] | None.
     """
 
     weight: Tensor
@@ -47,7 +47,7 @@ class RouterView:
     n_group: int = 1
     topk_group: int = 1
     bias: Tensor | None = None
-    correction_bias: Tensor | None = None
+    selection_bias: Tensor | None = None
     jitter_eps: float = 0.0
 
     def __post_init__(self):
@@ -55,7 +55,7 @@ class RouterView:
             raise ValueError(f"router score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}")
         _check_shape("router weight", self.weight, (None, None))
         E = self.weight.shape[0]
-        for name in ("bias", "correction_bias"):
+        for name in ("bias", "selection_bias"):
             _check_shape(f"router {name}", getattr(self, name), (E,))
         check_top_k(self.top_k, E)
         check_groups(E, self.top_k, self.n_group, self.topk_group, self.min_group_size)

@@ -7,7 +7,7 @@ k experts per token.
 Conventions:
 - total params: every parameter once (a tied LM head shares the embedding's table), equal to
   `sum(p.numel() for p in MoETransformer(config).parameters())`. Buffers (RoPE tables, the
-  aux-loss-free `expert_bias`) are not parameters.
+  aux-loss-free `selection_bias`) are not parameters.
 - active params: the parameters one token uses. Routed experts count k of E per MoE layer;
   everything else (attention, routers, shared experts, dense FFNs, norms, and the vocabulary
   tables) counts in full.
@@ -70,8 +70,8 @@ def _expert_params(moe: MoEConfig) -> int:
     """One routed expert's parameters (dim R for latent experts)."""
     D, I = moe.expert_dim, moe.hidden_dim
     if moe.activation == "swiglu":
-        return 3 * D * I + (2 * I + D) * moe.expert_bias
-    return 2 * D * I + (I + D) * moe.expert_bias
+        return 3 * D * I + (2 * I + D) * moe.expert_mlp_bias
+    return 2 * D * I + (I + D) * moe.expert_mlp_bias
 
 
 def _shared_params(moe: MoEConfig) -> int:

@@ -45,7 +45,7 @@ class ModelConfig:
     Architectures are config options. Each layer has a kind: "dense", "moe" (an FFN built from
     `moe`) or "uoe". The `moe` section selects the rest:
         plain top-k, DeepSeekMoE (many narrow experts + num_shared), aux-loss-free balancing
-        (aux_free_bias, sigmoid scores, groups): router="topk" and its fields;
+        (selection_bias, sigmoid scores, groups): router="topk" and its fields;
         dynamic top-p with its entropy loss: router="topp", entropy_coef;
         expert choice: router="expert_choice" (non-causal: needs allow_noncausal_routing);
         BlockFFN: router="relu", activation="silu", locality_coef, chunk_sparsity_coef (TLS and

@@ -1,6 +1,6 @@
 """Checkpoints of `MoETransformer`: a directory with `model.safetensors` and `config.json`.
 
-The state dict is saved as is (persistent buffers such as the aux-loss-free `expert_bias`
+The state dict is saved as is (persistent buffers such as the aux-loss-free `selection_bias`
 included), except that a tensor shared by several modules is stored once, under its first name:
 a tied LM head as `embed.weight`, a ReXMoE expert pool under its group's first layer. Tensors
 are read with safetensors only, never pickle.
@@ -9,6 +9,7 @@ are read with safetensors only, never pickle.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from moelab.models.config import ModelConfig
 from moelab.models.transformer import MoETransformer
 
 WEIGHTS_NAME = "model.safetensors"
+_RENAMED_BUFFER = re.compile(r"router\.expert_bias$")  # the selection bias's name before moelab 0.2
 CONFIG_NAME = "config.json"
 CHECKPOINT_KIND = "checkpoint"  # the output kind (`moelab.io`) of every model checkpoint moelab writes
 
@@ -93,6 +95,7 @@ def load_state(model: MoETransformer, tensors: dict[str, Tensor]) -> None:
     ValueError listing every missing, unexpected, wrongly shaped and wrongly typed (integer for
     floating point or back) key."""
     aliases = shared_aliases(model)
+    tensors = {_RENAMED_BUFFER.sub("router.selection_bias", name): t for name, t in tensors.items()}
     expected = {name: t for name, t in model.state_dict().items() if name not in aliases}
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())

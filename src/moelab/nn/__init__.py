@@ -17,7 +17,7 @@ from moelab.nn.routers import (
     Routing,
     TopKRouter,
     TopPRouter,
-    attach_expert_bias_update,
+    attach_selection_bias_update,
 )
 from moelab.nn.sparsemixer import SparseMixerRouter
 from moelab.nn.uoe import SelectiveAttention, UoEConfig, UoERouter, split_dense_mlp
@@ -52,7 +52,7 @@ __all__ = [
     "SwiGLUExperts",
     "TopKRouter",
     "TopPRouter",
-    "attach_expert_bias_update",
+    "attach_selection_bias_update",
     "build_moe",
     "grouped_mlp",
     "load_balancing_loss",

@@ -41,12 +41,12 @@ class MoEConfig:
     score_func, renormalize, route_scale, n_group, topk_group: top-k scoring (see TopKRouter).
         renormalize defaults to True for "topk" (Mixtral, Qwen3) and False for "topp" (the
         paper's raw probabilities).
-    aux_free_bias: aux-loss-free balancing bias for "topk" (update it with
-        `moelab.nn.attach_expert_bias_update`); bias_update_rate: its step size gamma.
+    selection_bias: aux-loss-free balancing bias for "topk" (update it with
+        `moelab.nn.attach_selection_bias_update`); bias_update_rate: its step size gamma.
     router_bias: a learned bias on the router logits (GPT-OSS).
     top_p, max_k: dynamic top-p threshold and cap. ec_capacity_factor: expert choice's average
         experts per token.
-    activation: "swiglu" or a plain MLP activation; expert_bias: biases in the experts.
+    activation: "swiglu" or a plain MLP activation; expert_mlp_bias: biases in the experts' MLPs.
     num_shared: always-on shared experts (fused to width num_shared * hidden_dim, or
         shared_hidden_dim if given); shared_gate: Qwen-style sigmoid gate on them.
     capacity_factor: None = dropless; else Switch/GShard token dropping.
@@ -79,14 +79,14 @@ class MoEConfig:
     route_scale: float = 1.0
     n_group: int = 1
     topk_group: int = 1
-    aux_free_bias: bool = False
+    selection_bias: bool = False
     bias_update_rate: float = 1e-3
     router_bias: bool = False
     top_p: float = 0.4
     max_k: int | None = None
     ec_capacity_factor: float = 2.0
     activation: str = "swiglu"
-    expert_bias: bool = False
+    expert_mlp_bias: bool = False
     num_shared: int = 0
     shared_hidden_dim: int | None = None
     shared_gate: bool = False
@@ -129,8 +129,8 @@ class MoEConfig:
                 f"MoEConfig.ec_capacity_factor (average experts per token) must lie in (0, {self.num_experts}], "
                 f"got {self.ec_capacity_factor}"
             )
-        if self.aux_free_bias and self.router != "topk":
-            raise ValueError("aux_free_bias applies to router='topk' only")
+        if self.selection_bias and self.router != "topk":
+            raise ValueError("selection_bias applies to router='topk' only")
         if self.num_shared < 0:
             raise ValueError(f"MoEConfig.num_shared must be >= 0, got {self.num_shared}")
         if self.shared_hidden_dim is not None and self.shared_hidden_dim < 1:
@@ -166,8 +166,14 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
+        """A config from its dict; the names of moelab before 0.2 are read as today's."""
+        data = {RENAMED_FIELDS.get(key, key): value for key, value in data.items()}
         check_known_fields(cls, data)
         return cls(**data)
+
+
+# fields renamed so that the selection bias has one name everywhere (configs saved earlier still load)
+RENAMED_FIELDS = {"aux_free_bias": "selection_bias", "expert_bias": "expert_mlp_bias"}
 
 
 def build_router(cfg: MoEConfig, reuse_position: int = 0):
@@ -180,7 +186,7 @@ def build_router(cfg: MoEConfig, reuse_position: int = 0):
             route_scale=cfg.route_scale,
             n_group=cfg.n_group,
             topk_group=cfg.topk_group,
-            balance_bias=cfg.aux_free_bias,
+            selection_bias=cfg.selection_bias,
             **common,
         )
         if cfg.reuse_layers > 1:
@@ -207,10 +213,10 @@ def build_experts(cfg: MoEConfig, num_experts: int | None = None) -> Experts:
     """The routed experts of a config (num_experts of them, default cfg.num_experts)."""
     num_experts = num_experts or cfg.num_experts
     if cfg.activation == "swiglu":
-        return SwiGLUExperts(num_experts, cfg.expert_dim, cfg.hidden_dim, bias=cfg.expert_bias, backend=cfg.backend)
+        return SwiGLUExperts(num_experts, cfg.expert_dim, cfg.hidden_dim, bias=cfg.expert_mlp_bias, backend=cfg.backend)
     return MLPExperts(
         num_experts, cfg.expert_dim, cfg.hidden_dim,
-        activation=cfg.activation, bias=cfg.expert_bias, backend=cfg.backend,
+        activation=cfg.activation, bias=cfg.expert_mlp_bias, backend=cfg.backend,
     )
 
 

@@ -66,7 +66,7 @@ def set_reuse_progress(model: nn.Module, fraction: float) -> None:
 
 def attach_progressive_scaling(optimizer: torch.optim.Optimizer, model: nn.Module, ramp_steps: int):
     """Start PSR at 0 now and raise it linearly to 1 over `ramp_steps` optimizer steps (a step
-    post-hook, like `attach_expert_bias_update`). Returns the hook handle."""
+    post-hook, like `attach_selection_bias_update`). Returns the hook handle."""
     if ramp_steps < 1:
         raise ValueError(f"ramp_steps must be >= 1, got {ramp_steps}")
     set_reuse_progress(model, 0.0)

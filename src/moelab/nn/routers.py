@@ -81,8 +81,8 @@ class Router(nn.Module):
 class TopKRouter(Router):
     """Token-choice top-k (Switch, GShard, Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2/V3).
 
-    scores = softmax(logits) or sigmoid(logits). Selection uses `scores + expert_bias` (the
-    aux-loss-free balancing bias, a buffer moved by `update_expert_bias`, never by gradients),
+    scores = softmax(logits) or sigmoid(logits). Selection uses `scores + selection_bias` (the
+    aux-loss-free balancing bias, a buffer moved by `update_selection_bias`, never by gradients),
     optionally limited to the best `topk_group` of `n_group` expert groups. The combine
     weights are the un-biased scores of the chosen experts, renormalised to sum to one if
     `renormalize`, times `route_scale`.
@@ -99,7 +99,7 @@ class TopKRouter(Router):
         route_scale: float = 1.0,
         n_group: int = 1,
         topk_group: int = 1,
-        balance_bias: bool = False,
+        selection_bias: bool = False,
         bias: bool = False,
     ):
         super().__init__(dim, num_experts, bias=bias)
@@ -115,9 +115,9 @@ class TopKRouter(Router):
         self.topk_group = topk_group
         # Aux-loss-free balancing (DeepSeek-V3): the bias changes which experts are chosen, not
         # the combine weights. tokens_per_expert counts load in training mode for the update.
-        self.register_buffer("expert_bias", torch.zeros(num_experts) if balance_bias else None)
+        self.register_buffer("selection_bias", torch.zeros(num_experts) if selection_bias else None)
         self.register_buffer(
-            "tokens_per_expert", torch.zeros(num_experts) if balance_bias else None, persistent=False
+            "tokens_per_expert", torch.zeros(num_experts) if selection_bias else None, persistent=False
         )
         # Experts this router may choose ([E] bool), or None for all; see moelab.nn.rexmoe.
         self.register_buffer("candidates", None, persistent=False)
@@ -127,7 +127,7 @@ class TopKRouter(Router):
         if self.candidates is not None:  # ReXMoE's progressive scaling: masked experts score 0
             logits = logits.masked_fill(~self.candidates, float("-inf"))
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
-        choice = scores if self.expert_bias is None else scores + self.expert_bias
+        choice = scores if self.selection_bias is None else scores + self.selection_bias
         if self.candidates is not None:
             choice = choice.masked_fill(~self.candidates, float("-inf"))
         if self.n_group > 1:
@@ -138,7 +138,7 @@ class TopKRouter(Router):
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         if self.route_scale != 1.0:
             weights = weights * self.route_scale
-        if self.expert_bias is not None and self.training:
+        if self.selection_bias is not None and self.training:
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.num_experts)
         probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
@@ -158,13 +158,13 @@ class TopKRouter(Router):
         return grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(T, -1)
 
     @torch.no_grad()
-    def update_expert_bias(self, rate: float) -> None:
+    def update_selection_bias(self, rate: float) -> None:
         """b_e += rate * sign(mean load - load_e), then reset the load counter (DeepSeek-V3)."""
-        if self.expert_bias is None:
-            raise ValueError("update_expert_bias needs a router built with balance_bias=True")
+        if self.selection_bias is None:
+            raise ValueError("update_selection_bias needs a router built with selection_bias=True")
         load = self.tokens_per_expert
         if load.sum() > 0:
-            self.expert_bias += rate * torch.sign(load.mean() - load)
+            self.selection_bias += rate * torch.sign(load.mean() - load)
         load.zero_()
 
 
@@ -287,16 +287,16 @@ def dynamic_skip(routing: Routing, ratio: float) -> Routing:
     return Routing(routing.indices.masked_fill(skip, -1), weights, routing.logits, routing.probs)
 
 
-def attach_expert_bias_update(optimizer: torch.optim.Optimizer, model: nn.Module, rate: float = 1e-3):
+def attach_selection_bias_update(optimizer: torch.optim.Optimizer, model: nn.Module, rate: float = 1e-3):
     """After every `optimizer.step()`, move the aux-loss-free bias of each balancing router in
     `model` from the load it saw since the last step. Returns the hook handle."""
-    routers = [m for m in model.modules() if isinstance(m, TopKRouter) and m.expert_bias is not None]
+    routers = [m for m in model.modules() if isinstance(m, TopKRouter) and m.selection_bias is not None]
     if not routers:
-        raise ValueError("model has no TopKRouter built with balance_bias=True; nothing to update")
+        raise ValueError("model has no TopKRouter built with selection_bias=True; nothing to update")
 
     def hook(*_):
         for router in routers:
-            router.update_expert_bias(rate)
+            router.update_selection_bias(rate)
 
     return optimizer.register_step_post_hook(hook)
 

@@ -40,7 +40,7 @@ from moelab.data import TOKENIZER_DIR, TokenWindows
 from moelab.eval import domain_losses
 from moelab.io import OutputDir, atomic_write_text, output_dir
 from moelab.models import MoETransformer, model_info, save_pretrained
-from moelab.nn import MoELayer, attach_expert_bias_update
+from moelab.nn import MoELayer, attach_selection_bias_update
 from moelab.nn.blockffn import AdaptiveCoefficient
 from moelab.nn.rexmoe import ReuseRouter, set_reuse_progress
 from moelab.nn.routers import TopKRouter
@@ -419,8 +419,8 @@ def check_same_run(run: RunConfig, out_dir: Path) -> None:
 
 
 def _attach_bias_updates(optimizer, model, run: RunConfig) -> None:
-    if any(isinstance(m, TopKRouter) and m.expert_bias is not None for m in model.modules()):
-        attach_expert_bias_update(optimizer, model, rate=run.model.moe.bias_update_rate)
+    if any(isinstance(m, TopKRouter) and m.selection_bias is not None for m in model.modules()):
+        attach_selection_bias_update(optimizer, model, rate=run.model.moe.bias_update_rate)
 
 
 def _adaptive_chunk_coefficient(model, cfg: TrainConfig) -> AdaptiveCoefficient | None:
