@@ -87,16 +87,6 @@ def _expert_id(value: Any) -> int:
     raise ValueError(f"expert ids are integers, got {type(value).__name__} {value!r}")
 
 
-def _expert_id(value: Any) -> int:
-    """An expert id given as an integer (Python or numpy/torch scalar); 1.7, "3" or True is an error."""
-    try:
-        if not isinstance(value, bool):
-            return value.__index__()
-    except (AttributeError, TypeError):
-        pass
-    raise ValueError(f"expert ids are integers, got {type(value).__name__} {value!r}")
-
-
 def apply_edit(layer: MoELayerView, edit: LayerEdit) -> MoELayerView:
     """The layer after `edit`, with the original's dtypes: original experts selected by
     `edit.sources`, or `edit.view`'s tensors checked against the original's settings."""
