@@ -333,3 +333,20 @@ def test_data_parallel_calibration_equals_one_process(tmp_path, model_dir, stats
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=1e-9, atol=1e-9, msg=name)
     assert not [p for p in (tmp_path / "dp").iterdir() if p.name.startswith("resume")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_every_method_on_every_transformers_family(tmp_path, family):
+    """Each method through `compress` on a tiny checkpoint of each family, from one calibration;
+    every output passes the writer's checks (strict transformers reload included)."""
+    source = hf_model(tmp_path / "src", family)
+    stats = calibrate(source, tmp_path / "stats", options=SMALL, quiet=True).directory
+    for method in sorted(METHODS):
+        domains = ["code"] if method == "premoe" else None
+        report = compress(
+            source, tmp_path / method, method=method, ratio=0.5, stats=stats, domains=domains, quiet=True
+        )
+        assert report["complete"] and all(
+            len(e["kept"]) * 2 == e["experts"] for e in report["layers"].values()
+        )

@@ -144,9 +144,13 @@ def markdown(rows: list[dict]) -> str:
             quality = (f"{m['perplexity']:.1f} | {m['perplexity'] / m['base_perplexity'] - 1:+.1%} | {m['kl']:.3f} | "
                        f"{m['top1_agreement']:.1%}" if m["loads_exactly"] else "- | - | - | -")  # fmt: skip
             lines.append(f"| {r['model']} ({r['family']}) | {r['sparsity']:.0%} | {who} | {quality} | "
-                         f"{'yes' if m['loads_exactly'] else 'no: ' + m['load_problem'][:80]} | {m['seconds']:.1f} | "
+                         f"{'yes' if m['loads_exactly'] else _problem(m['load_problem'])} | {m['seconds']:.1f} | "
                          f"{m['peak_rss_mb']:,.0f} | {r['jaccard']:.2f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _problem(text: str) -> str:
+    return "no: experts missing" if "missing_keys" in text else "no (see the JSON)"
 
 
 if __name__ == "__main__":

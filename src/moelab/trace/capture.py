@@ -60,7 +60,9 @@ class LayerRouting:
     def cat(cls, parts: list[LayerRouting]) -> LayerRouting:
         """Concatenate along tokens (parts in call order)."""
         logits = None if any(p.logits is None for p in parts) else torch.cat([p.logits for p in parts])
-        indices, weights, entropy = (torch.cat([getattr(p, name) for p in parts]) for name in ("indices", "weights", "entropy"))
+        indices, weights, entropy = (
+            torch.cat([getattr(p, name) for p in parts]) for name in ("indices", "weights", "entropy")
+        )
         return cls(indices, weights, entropy, logits)
 
 
@@ -117,7 +119,9 @@ class _LayerTap:
         self.expert_max.scatter_reduce_(0, experts[keep].cpu(), values[keep].float().cpu(), "amax")
 
     def record_shared(self, output: Tensor) -> None:
-        self.shared_max = torch.maximum(self.shared_max, output.detach().float().abs().amax().cpu().reshape(1))
+        self.shared_max = torch.maximum(
+            self.shared_max, output.detach().float().abs().amax().cpu().reshape(1)
+        )
 
 
 class RoutingCapture:
@@ -213,7 +217,9 @@ class RoutingCapture:
             layer = next((m for m in block.modules() if isinstance(m, MoELayer)), None)
             if layer is None:
                 continue
-            tap = self._taps[i] = _LayerTap(i, layer.num_experts, layer.router.top_k, layer.shared is not None)
+            tap = self._taps[i] = _LayerTap(
+                i, layer.num_experts, layer.router.top_k, layer.shared is not None
+            )
             self._handles.append(layer.router.register_forward_hook(_on_moelab_routing(tap)))
             if self.expert_stats:
                 self._handles.append(layer.experts.register_forward_hook(_on_moelab_experts(tap)))
@@ -231,10 +237,15 @@ class RoutingCapture:
             router = moe_layer_from_view(layer_view).router  # the family's rule, with the view's weights
             E, D = layer_view.router.weight.shape
             found = find_moe_modules(blocks[i], i, E, D)
-            router_module, experts_module = blocks[i].get_submodule(found.router), blocks[i].get_submodule(found.experts)
+            router_module, experts_module = (
+                blocks[i].get_submodule(found.router),
+                blocks[i].get_submodule(found.experts),
+            )
             shared_down = None if found.shared_down is None else blocks[i].get_submodule(found.shared_down)
             tap = self._taps[i] = _LayerTap(i, E, router.top_k, shared_down is not None)
-            self._handles.append(router_module.register_forward_hook(_on_hf_router(tap, router), with_kwargs=True))
+            self._handles.append(
+                router_module.register_forward_hook(_on_hf_router(tap, router), with_kwargs=True)
+            )
             self._handles.append(
                 experts_module.register_forward_hook(
                     _on_hf_experts(tap, experts_module, self.expert_stats), with_kwargs=True
@@ -256,18 +267,19 @@ def _on_moelab_routing(tap: _LayerTap):
 
 def _on_moelab_experts(tap: _LayerTap):
     """Experts see rows grouped by expert, `(xs [N, D], counts, row_weights [N])`, and return
-    each row's output times its routing weight: divide it back out."""
+    each row's output times its routing weight; the statistic wants what each expert computed,
+    so the rows are run again without the weights (never divided back out: a tiny weight would
+    blow the quotient up). Experts that take the weight on their input (Llama 4) keep it."""
 
     def hook(module: nn.Module, args, ys: Tensor) -> None:
-        counts = torch.as_tensor(list(args[1]))
-        experts = torch.repeat_interleave(torch.arange(len(counts)), counts)
-        out = ys.detach().float().abs().amax(-1)
+        xs, counts = args[0], list(args[1])
         row_weights = args[2] if len(args) > 2 else None
-        if row_weights is not None:
-            w = row_weights.detach().float().abs().cpu()
-            out = torch.where(w > 0, out.cpu() / w.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-            experts = experts.masked_fill(w == 0, -1)
-        tap.record_expert_max(experts, out)
+        experts = torch.repeat_interleave(torch.arange(len(counts)), torch.as_tensor(counts))
+        if row_weights is not None and not getattr(module, "scale_input", False):
+            with torch.no_grad():
+                ys = module.forward(xs.detach(), counts)  # .forward: no hooks
+            experts = experts.masked_fill(row_weights.detach().cpu() == 0, -1)  # padded or dropped rows
+        tap.record_expert_max(experts, ys.detach().float().abs().amax(-1).cpu())
 
     return hook
 
@@ -307,7 +319,9 @@ def _on_hf_experts(tap: _LayerTap, experts: nn.Module, expert_stats: bool):
             hidden, index, weights = (t.detach() for t in inputs[:3])
             index = index.reshape(-1, index.shape[-1]).long()
             index = index.masked_fill((index < 0) | (index >= tap.num_experts), -1)
-            used = LayerRouting(index, weights.reshape(index.shape).float(), recomputed.entropy, recomputed.logits)
+            used = LayerRouting(
+                index, weights.reshape(index.shape).float(), recomputed.entropy, recomputed.logits
+            )
             if expert_stats:
                 _slotwise_expert_max(tap, experts, hidden.reshape(-1, hidden.shape[-1]), index)
         elif tap.dense_scores is not None:
