@@ -350,3 +350,10 @@ def test_every_method_on_every_transformers_family(tmp_path, family):
         assert report["complete"] and all(
             len(e["kept"]) * 2 == e["experts"] for e in report["layers"].values()
         )
+
+
+def test_statistics_of_other_calibration_data_are_refused(tmp_path, model_dir, stats_dir):
+    with pytest.raises(ValueError, match=r"made on the calibration data 'corpus', not on 'corpus:code'"):
+        compress(model_dir, tmp_path / "out", stats=stats_dir, calib="corpus:code", quiet=True)
+    report = compress(model_dir, tmp_path / "out", stats=stats_dir, calib="corpus", quiet=True)
+    assert report["complete"]

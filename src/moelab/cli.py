@@ -329,7 +329,7 @@ def compress(
     from moelab.models.reference import reference_model_dir
 
     options = _calibration_options(tokens, seq_len, batch_size, sample_tokens)
-    report = run_compress(model or reference_model_dir(), out, method=method, ratio=ratio, calib=calib or "corpus",
+    report = run_compress(model or reference_model_dir(), out, method=method, ratio=ratio, calib=calib,
                           stats=stats, calib_options=options, protect_super_experts=protect_super_experts,
                           domains=domains, budget=budget, overwrite=overwrite, quiet=quiet)
     before, after = report["parameters"]["before"]["total"], report["parameters"]["after"]["total"]

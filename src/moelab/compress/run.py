@@ -53,7 +53,7 @@ def compress(
     *,
     method: str = "reap",
     ratio: float = 0.25,
-    calib: str | Sequence[str] | Mixture = DEFAULT_SPEC,
+    calib: str | Sequence[str] | Mixture | None = None,
     stats: str | os.PathLike | None = None,
     calib_options: CalibrationOptions | None = None,
     protect_super_experts: bool = False,
@@ -66,7 +66,9 @@ def compress(
 ) -> dict[str, Any]:
     """Remove `ratio` of the routed experts of every MoE layer of the checkpoint `model` with
     `method` (see `moelab.compress.methods.METHODS`) and write the result to `out` (see the
-    module docstring). stats: a statistics directory to use instead of calibrating on `calib`;
+    module docstring). calib: the calibration data (default: the shipped corpus; with `stats`,
+    checked against the data the statistics were made on); stats: a statistics directory to use
+    instead of calibrating;
     protect_super_experts: never drop an expert the Super Experts rule flags; domains: compute
     scores on these calibration sources only (PreMoe, EASY-EP: domain-specific pruning);
     budget: "layer" (the same ratio in every layer) or "global" (scores ranked across layers:
@@ -132,7 +134,13 @@ def _statistics(
     if stats is not None:
         calibration = Calibration(stats)
         calibration.check_model(fingerprint(model), model)
+        if calib is not None:  # the data asked for must be the data the statistics saw
+            settings = calibration.info["settings"]
+            used = CalibrationOptions(tokens=settings["tokens"], seq_len=settings["seq_len"])
+            mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, used)
+            calibration.check_mixture(mixture.digest, mixture.spec)
         return calibration
+    calib = DEFAULT_SPEC if calib is None else calib
     mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, options)
     directory = staging / STATS_DIR
     directory.mkdir(exist_ok=True)
