@@ -61,7 +61,7 @@ def main() -> None:
             rows.append(_row(name, method, 0.5, report, result, 0.0, calib_s) | {"domain": DOMAIN})
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / "first_table.json", json.dumps(rows, indent=1) + "\n")
-    atomic_write_text(RESULTS / "first_table.md", markdown([r for r in rows if "domain" not in r]) + domain_table(rows))
+    atomic_write_text(RESULTS / "first_table.md", markdown([r for r in rows if "domain" not in r]) + "\n" + domain_table(rows))
 
 
 def _row(model, method, ratio, report, result, seconds, calib_s) -> dict:
