@@ -240,7 +240,7 @@ def trace_integer_router_tensor(tmp, src):
 def trace_width_differs_outside_the_view(tmp, src):
     """The view does not read intermediate_size; transformers' own shape check catches it."""
     ckpt = hf(src, tmp, intermediate_size=8)
-    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt), "does not fit the model", "wrong shape"]
+    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt), "cannot load", "wrong shape"]
 
 
 @case

@@ -25,9 +25,9 @@ import torch
 
 from moelab.compress.calibration import CalibrationOptions, calibration_mixture
 from moelab.eval.evaluate import EvalOptions, evaluate
-from moelab.hf import open_checkpoint
+from moelab.hf import CheckpointError, open_checkpoint
 from moelab.hf.export import export_checkpoint
-from moelab.hf.postconditions import WriteCheckError, load_transformers_strict
+from moelab.hf.loading import load_causal_lm
 from moelab.io import atomic_write_text
 from moelab.models.reference import reference_model_dir
 
@@ -106,8 +106,8 @@ def _quality(out: Path, base: Path, kept: dict) -> dict:
     """Whether transformers loads `out` exactly (strictly, and with the kept experts' weights),
     and its perplexity and KL against `base` when it does."""
     try:
-        load_transformers_strict(out, quiet=True)
-    except WriteCheckError as err:
+        load_causal_lm(out, quiet=True)
+    except CheckpointError as err:
         return {"loads_exactly": False, "load_problem": str(err)[:300]}
     same = _experts_match(out, base, kept)
     if not same:
@@ -150,7 +150,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def _problem(text: str) -> str:
-    return "no: experts missing" if "missing_keys" in text else "no (see the JSON)"
+    return "no: experts missing" if "missing:" in text else "no (see the JSON)"
 
 
 if __name__ == "__main__":

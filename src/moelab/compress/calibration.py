@@ -28,8 +28,8 @@ from moelab.compress.stats import (
     KIND,
     RESUME_NAME,
     Calibration,
-    empty_like_layer,
     fingerprint,
+    layer_stats,
     read_info,
     write_info,
     write_layer,
@@ -266,7 +266,7 @@ def _calibrate_layer(
 
         for name, value in results.items():
             dist.all_reduce(value, op=dist.ReduceOp.MAX if name in MAXIMA else dist.ReduceOp.SUM)
-    return empty_like_layer(index, tuple(mixture.source_names), results)
+    return layer_stats(index, tuple(mixture.source_names), results)
 
 
 def _agreed(value, world: int, how: str):

@@ -25,7 +25,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -200,11 +199,7 @@ def fingerprint(path: str | os.PathLike, samples: int = 16, sample_bytes: int = 
     return h.hexdigest()
 
 
-def empty_like_layer(index: int, sources: tuple[str, ...], results: dict[str, Tensor]) -> LayerStats:
+def layer_stats(index: int, sources: tuple[str, ...], results: dict[str, Tensor]) -> LayerStats:
     """A LayerStats from observer results (names as in `LayerStats`)."""
     known = {f.name for f in fields(LayerStats)}
     return LayerStats(index, sources, **{k: v for k, v in results.items() if k in known})
-
-
-def stats_dtype() -> torch.dtype:
-    return torch.float64

@@ -85,9 +85,9 @@ class LoadedLM:
             self.encoder = None
             self.eos = None
         else:
-            from moelab.hf.postconditions import load_transformers_strict
+            from moelab.hf.loading import load_causal_lm
 
-            self.model = load_transformers_strict(self.path, quiet=True)
+            self.model = load_causal_lm(self.path, quiet=True, allow_unexpected=True)
             self.encoder = checkpoint_encoder(self.path)
             if self.encoder is None:
                 raise ValueError(

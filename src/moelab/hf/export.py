@@ -31,7 +31,9 @@ from torch import Tensor
 
 from moelab.data.tokenizer import EOT, PAD, TOKENIZER_DIR
 from moelab.hf.adapters import FAMILIES, NATIVE, resolve
-from moelab.hf.postconditions import load_transformers_strict, postcondition_error
+from moelab.hf.checkpoint import CheckpointError
+from moelab.hf.loading import load_causal_lm
+from moelab.hf.postconditions import postcondition_error
 from moelab.hf.view import MoELayerView, SharedView
 from moelab.io import StagedOutput, atomic_write_text, check_output_dir, copy_side_file, save_safetensors
 from moelab.models.config import ModelConfig
@@ -252,7 +254,10 @@ def _check_logits(model_dir: Path, staging: Path, quiet: bool) -> None:
     from moelab.models import load_pretrained
 
     native = load_pretrained(model_dir).eval()
-    exported = load_transformers_strict(staging, quiet, dtype=torch.float32)
+    try:
+        exported = load_causal_lm(staging, quiet=quiet, dtype=torch.float32)
+    except CheckpointError as err:
+        raise postcondition_error(str(err)) from err
     cfg = native.config
     ids = torch.randint(
         0, cfg.vocab_size, (2, min(cfg.max_seq_len, 16)), generator=torch.Generator().manual_seed(0)

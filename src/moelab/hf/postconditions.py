@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,6 +17,7 @@ from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.edit import moe_output
 from moelab.hf.layouts import Family, config_entry, config_value
+from moelab.hf.loading import load_causal_lm
 from moelab.hf.view import ModelView
 from moelab.memory import release_freed_memory
 
@@ -89,31 +89,12 @@ def check_reload(staging: Path, family: Family, quiet: bool) -> None:
         with torch.no_grad():
             logits = model.eval()(torch.arange(8)[None] % vocab).logits
     else:
-        model = load_transformers_strict(staging, quiet)
+        try:
+            model = load_causal_lm(staging, quiet=quiet)
+        except CheckpointError as err:
+            raise postcondition_error(str(err)) from err
         vocab = model.config.get_text_config().vocab_size
         with torch.no_grad():
             logits = model.eval()(torch.arange(8)[None] % vocab).logits
     if not torch.isfinite(logits).all():
         raise postcondition_error("the reloaded model's logits contain NaN or Inf")
-
-
-def load_transformers_strict(path: Path, quiet: bool, **kwargs: Any):
-    """AutoModelForCausalLM from the local `path` (no hub, no remote code), in eval mode; a
-    WriteCheckError if any key is missing, unexpected or mismatched."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-
-    bars = logging.is_progress_bar_enabled()
-    if quiet:
-        logging.disable_progress_bar()
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, output_loading_info=True, local_files_only=True, trust_remote_code=False, **kwargs
-        )
-    finally:
-        if bars:
-            logging.enable_progress_bar()
-    problems = {k: v for k, v in info.items() if v}
-    if problems:
-        raise postcondition_error(f"transformers loads it with {problems}")
-    return model.eval()

@@ -9,7 +9,6 @@ missing or of the wrong shape is an error, not a randomly initialised weight.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import torch
 from torch import nn
 
 from moelab.files import read_json_object
-from moelab.hf import CheckpointError, ModelView, open_checkpoint
+from moelab.hf import ModelView, open_checkpoint
+from moelab.hf.loading import load_causal_lm
 from moelab.hf.modules import is_transformers_model
 from moelab.models.reference import reference_model_dir
 from moelab.trace.data import Encoder
@@ -75,57 +75,11 @@ def wrap_model(model: nn.Module, view: ModelView | None = None, name: str | None
 
 
 def _load_transformers(path: Path, dtype: torch.dtype, quiet: bool) -> LoadedModel:
-    from transformers import AutoModelForCausalLM
-
     view = open_checkpoint(path)  # refuses quantized and non-MoE checkpoints with a clear error
     view.check()  # every MoE layer's tensors against config.json, from the shard headers
-    local = {"local_files_only": True, "trust_remote_code": False}
-    with _transformers_loading(path, quiet):
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True, **local
-        )
-        _check_loading_info(path, info)
-        encoder = checkpoint_encoder(path)
-    return LoadedModel(model.eval(), str(path), view, encoder, model.config.vocab_size, _hf_max_len(model.config))
-
-
-@contextmanager
-def _transformers_loading(path: Path, quiet: bool):
-    """transformers' load report muted (`_check_loading_info` turns its problems into errors) and
-    its progress bar off if quiet; whatever transformers raises becomes a CheckpointError naming `path`."""
-    from transformers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    if quiet:
-        logging.disable_progress_bar()
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except Exception as err:
-        raise CheckpointError(f"transformers cannot load {path}: {type(err).__name__}: {err}") from err
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
-def _check_loading_info(path: Path, info: dict) -> None:
-    """Weights transformers could not fill from the checkpoint would stay randomly initialised."""
-    mismatched = [
-        f"{key} (checkpoint {list(found)}, model {list(wanted)})" for key, found, wanted in info["mismatched_keys"]
-    ]
-    problems = [
-        f"{label}: {', '.join(sorted(keys)[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
-        for label, keys in (("missing", list(info["missing_keys"])), ("wrong shape", mismatched))
-        if keys
-    ]
-    if problems:
-        raise CheckpointError(
-            f"{path} does not fit the model its config.json describes (transformers finds {'; '.join(problems)}); "
-            "fix config.json or the weights"
-        )
+    model = load_causal_lm(path, dtype=dtype, quiet=quiet, allow_unexpected=True)
+    encoder = checkpoint_encoder(path)
+    return LoadedModel(model, str(path), view, encoder, model.config.vocab_size, _hf_max_len(model.config))
 
 
 def checkpoint_encoder(path: str | os.PathLike) -> Encoder | None:

@@ -1,0 +1,79 @@
+"""Loading a local checkpoint with transformers, exactly: never a hub download, never remote
+code, and never a model whose weights transformers quietly initialised at random.
+
+`load_causal_lm(path)` returns transformers' `AutoModelForCausalLM` in eval mode, or raises a
+CheckpointError naming `path` and the keys at fault: missing (they would be random), wrongly
+shaped, and (unless `allow_unexpected`) present in the checkpoint but unused. Whatever else
+transformers raises while loading becomes a CheckpointError too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from moelab.hf.checkpoint import CheckpointError
+
+
+def load_causal_lm(
+    path: str | os.PathLike, *, quiet: bool = False, allow_unexpected: bool = False, **kwargs: Any
+):
+    """The model of the local checkpoint `path` (see the module docstring); kwargs go to
+    `from_pretrained` (dtype, ...). allow_unexpected: tolerate checkpoint tensors the model does
+    not use (a real checkpoint's multi-token-prediction layers, say)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    with _transformers_loading(path, quiet):
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            use_safetensors=True,
+            local_files_only=True,
+            trust_remote_code=False,
+            **kwargs,
+        )
+    mismatched = [
+        f"{key} (checkpoint {list(found)}, model {list(wanted)})"
+        for key, found, wanted in info["mismatched_keys"]
+    ]
+    faults = [("missing", list(info["missing_keys"])), ("wrong shape", mismatched)]
+    if not allow_unexpected:
+        faults.append(("unused", list(info["unexpected_keys"])))
+    problems = [
+        f"{label}: {', '.join(sorted(keys)[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        for label, keys in faults
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(
+            f"transformers cannot load {path} exactly ({'; '.join(problems)}); missing or wrongly shaped "
+            "weights would be random: fix config.json or the weights"
+        )
+    return model.eval()
+
+
+@contextmanager
+def _transformers_loading(path: Path, quiet: bool) -> Iterator[None]:
+    """transformers' own load report muted (the keys at fault become the error instead), its
+    progress bar off if quiet, and whatever it raises a CheckpointError naming `path`."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    if quiet:
+        logging.disable_progress_bar()
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"transformers cannot load {path}: {type(err).__name__}: {err}") from err
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
