@@ -180,7 +180,9 @@ def test_overfits_a_tiny_batch(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(set(ARCHS) - {"topk", "coe", "uoe", "graph-sim"}))
 def test_overfits_a_tiny_batch_slow(name):
-    assert overfit(name) < 0.1
+    # 300 steps: at 150, UoE with the reference selection ends at 0.15 on one thread and 0.001 on
+    # two (reduction order), too close to the line to say anything
+    assert overfit(name, steps=300) < 0.1
 
 
 # ----------------------------------------------------------------------------- config errors
