@@ -187,13 +187,19 @@ def test_every_method_compresses_a_moelab_model(tmp_path, model_dir, stats_dir, 
     assert saved == report and report["complete"] and report["method"] == method
     for layer in ("0", "1"):
         entry = report["layers"][layer]
-        assert len(entry["kept"]) == 6 and sorted(entry["kept"] + entry["dropped"]) == list(range(8))
+        groups = entry["merge_groups"]
+        assert len(entry["kept"]) + len(groups) == 6
+        assert sorted(entry["kept"] + entry["dropped"] + [e for g in groups for e in g]) == list(range(8))
+        assert bool(groups) == METHODS[method].merges and (not groups or not entry["dropped"])
         if entry["scores"] is not None:  # the kept experts are the best scored
             worst_kept = min(entry["scores"][e] for e in entry["kept"])
             assert all(entry["scores"][e] <= worst_kept for e in entry["dropped"])
     assert report["parameters"]["after"]["total"] < report["parameters"]["before"]["total"]
     expert_map = json.loads((tmp_path / "out" / "moelab_expert_map.json").read_text())
     assert expert_map["layers"]["0"]["kept"] == report["layers"]["0"]["kept"]
+    assert expert_map["layers"]["0"]["merge_groups"] == [
+        sorted(g) for g in report["layers"]["0"]["merge_groups"]
+    ]
 
 
 @pytest.mark.parametrize("family", sorted(TINY))
@@ -348,7 +354,7 @@ def test_every_method_on_every_transformers_family(tmp_path, family):
             source, tmp_path / method, method=method, ratio=0.5, stats=stats, domains=domains, quiet=True
         )
         assert report["complete"] and all(
-            len(e["kept"]) * 2 == e["experts"] for e in report["layers"].values()
+            (len(e["kept"]) + len(e["merge_groups"])) * 2 == e["experts"] for e in report["layers"].values()
         )
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from layer_views import make_view
 from reference import (
     F64,
     Spec,
@@ -27,10 +28,10 @@ from reference import (
 
 from moelab.compress.methods import METHODS, Target, get_method, plan_target, select_top
 from moelab.compress.observers import OBSERVERS, SKIP_BINS, Tokens, combine, eager_moe, per_expert
-from moelab.compress.stats import LayerStats, empty_like_layer
+from moelab.compress.stats import LayerStats, layer_stats
 from moelab.hf.edit import masked_moe_layer
 from moelab.hf.native import moe_layer_from_view
-from moelab.hf.view import ExpertsView, MoELayerView, RouterView, SharedView
+from moelab.hf.view import MoELayerView, RouterView
 from moelab.nn import MoEConfig, MoELayer, SwiGLUExperts, TopKRouter, build_moe
 from moelab.nn.routers import Routing
 
@@ -48,65 +49,6 @@ def _one_thread(one_thread):
 
 
 # ----------------------------------------------------------------------------- layers
-
-
-def make_view(
-    E: int = 6,
-    D: int = 8,
-    I: int = 5,
-    *,
-    top_k: int = 2,
-    score_func: str = "softmax",
-    renormalize: bool = True,
-    route_scale: float = 1.0,
-    n_group: int = 1,
-    topk_group: int = 1,
-    router_bias: dict[int, float] | None = None,
-    selection_bias: bool = False,
-    shared: bool = False,
-    shared_gate: bool = False,
-    scale_input: bool = False,
-    zero_down: tuple[int, ...] = (),
-    dtype: torch.dtype = F64,
-    seed: int = 0,
-    index: int = 0,
-) -> MoELayerView:
-    """A random MoE layer view at unit scale (logits and outputs O(1))."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape: int, fan_in: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g, dtype=F64) * fan_in**-0.5).to(dtype)
-
-    weight = rnd(E, D, fan_in=D) * 2
-    bias = None
-    if router_bias is not None:
-        bias = torch.zeros(E, dtype=dtype)
-        for e, b in router_bias.items():
-            bias[e] = b
-    router = RouterView(
-        weight,
-        score_func,
-        top_k,
-        renormalize,
-        route_scale=route_scale,
-        n_group=n_group,
-        topk_group=topk_group,
-        bias=bias,
-        selection_bias=rnd(E, fan_in=100) if selection_bias else None,
-    )
-    down = rnd(E, D, I, fan_in=I)
-    for e in zero_down:
-        down[e] = 0
-    experts = ExpertsView(rnd(E, I, D, fan_in=D), rnd(E, I, D, fan_in=D), down, scale_input=scale_input)
-    shared_view = None
-    if shared:
-        shared_view = SharedView(
-            rnd(7, D, fan_in=D),
-            rnd(7, D, fan_in=D),
-            rnd(D, 7, fan_in=7),
-            rnd(1, D, fan_in=D) if shared_gate else None,
-        )
-    return MoELayerView(index, router, experts, shared_view)
 
 
 def spec_of(view: MoELayerView) -> Spec:
@@ -194,6 +136,7 @@ def naive_stats(layer: MoELayer, spec: Spec, batches: list[Batch], S: int, optio
     size = min(wanted, total)
     sampled = {i * total // size: i for i in range(size)}  # position floor(i * total / N) -> row i
     inputs = torch.zeros(size, D, dtype=torch.float32)
+    logit_gram = [[0.0] * E for _ in range(E)]
     for b in batches:
         x = b.x.to(F64)
         R = route(x, p, spec)
@@ -203,6 +146,8 @@ def naive_stats(layer: MoELayer, spec: Spec, batches: list[Batch], S: int, optio
             tokens[half, s] += 1
             for e in range(E):
                 sums["soft_counts"][half, s, e] += float(R.probs[t, e])
+                for j in range(E):
+                    logit_gram[e][j] += float(R.logits[t, e]) * float(R.logits[t, j])
             routed = torch.zeros(D, dtype=F64)
             norms = []
             for _, e, w in R.choices[t]:
@@ -237,6 +182,7 @@ def naive_stats(layer: MoELayer, spec: Spec, batches: list[Batch], S: int, optio
         "max_output": torch.tensor(max_output, dtype=F64),
         "shared_max": torch.tensor([shared_max], dtype=F64),
         "inputs": inputs,
+        "logit_gram": torch.tensor(logit_gram, dtype=F64),
     }
 
 
@@ -258,6 +204,7 @@ def check_stats(got: dict, expected: dict, tol: float, exact_skip: bool = True) 
         "max_output",
         "shared_max",
         "inputs",
+        "logit_gram",
     ):
         assert got[name].shape == expected[name].shape, name
         assert_close(got[name], expected[name], atol=tol, rtol=tol, what=name)
@@ -675,7 +622,7 @@ def test_methods_from_observed_statistics():
     view = make_view(router_bias={5: -30.0}, seed=8)
     layer = moe_layer_from_view(view)
     batches = make_batches(8, [16, 16], 2, F64, seed=6)
-    stats = empty_like_layer(0, SOURCES, observe(layer, batches, 2, {"total_tokens": 32, "sample_tokens": 8}))
+    stats = layer_stats(0, SOURCES, observe(layer, batches, 2, {"total_tokens": 32, "sample_tokens": 8}))
     p = params(layer)
     routed = [[] for _ in range(6)]  # per expert: (g, ||f||)
     for b in batches:
@@ -715,7 +662,8 @@ def test_random_is_seeded_per_layer():
 
 
 def test_every_method_is_covered():
-    assert set(METHODS) == {m for m, *_ in HAND} | {"random", "naee"}
+    """Scoring methods here; NAEE, random below; the merging methods in test_compress_merging.py."""
+    assert set(METHODS) == {m for m, *_ in HAND} | {"random", "naee"} | {"m_smoe", "hc_smoe", "sub_moe"}
 
 
 def test_select_top():
@@ -815,7 +763,9 @@ def test_plan_target_groups_with_no_valid_ratio():
 
 def test_plan_target_sigmoid_groups_need_two_per_group():
     router = _router(16, 2, n_group=4, topk_group=2, score_func="sigmoid")
-    with pytest.raises(ValueError, match="scores each group by its 2 best experts, so every group needs at least 2"):
+    with pytest.raises(
+        ValueError, match="scores each group by its 2 best experts, so every group needs at least 2"
+    ):
         plan_target(router, 0.75)  # keeps 4: one per group
     assert plan_target(_router(16, 2, n_group=4, topk_group=2), 0.75) == 4  # softmax groups may
     with pytest.raises(ValueError, match=r"top_k \(4\) exceeds"):

@@ -130,16 +130,18 @@ class RoutingObserver(Observer):
     """tokens [H, S]; counts: top-k selections; soft_counts: router probabilities of all tokens;
     gate_sums: combine weights of the chosen experts; premoe_sums: raw router logits of the
     chosen experts (PreMoe's task-conditioned score with k = the model's top-k), all [H, S, E];
-    skip_ratios [B]: tokens by the ratio of their second to their first combine weight."""
+    skip_ratios [B]: tokens by the ratio of their second to their first combine weight;
+    logit_gram [E, E]: sum over tokens of z z^T of the router logits (M-SMoE's similarity)."""
 
     name = "routing"
-    fields = ("tokens", "counts", "soft_counts", "gate_sums", "premoe_sums", "skip_ratios")
+    fields = ("tokens", "counts", "soft_counts", "gate_sums", "premoe_sums", "skip_ratios", "logit_gram")
 
     def __init__(self, num_experts: int, num_sources: int, dim: int, options: dict):
         super().__init__(num_experts, num_sources, dim, options)
         self.sums = {f: torch.zeros(HALVES, self.S, self.E, dtype=torch.float64) for f in self.fields[1:5]}
         self.tokens = torch.zeros(HALVES, self.S, dtype=torch.float64)
         self.skip = torch.zeros(SKIP_BINS, dtype=torch.float64)
+        self.gram = torch.zeros(self.E, self.E, dtype=torch.float64)
 
     def update(self, call: MoECall, tokens: Tokens, layer_output: Tensor) -> None:
         r = call.routing
@@ -158,9 +160,11 @@ class RoutingObserver(Observer):
                 top[:, 0] > 0, top[:, 1] / top[:, 0].clamp(min=1e-30), torch.zeros_like(top[:, 0])
             )
             self.skip += torch.histc(ratio.double().cpu(), bins=SKIP_BINS, min=0.0, max=1.0)
+        z = r.logits.double().cpu()
+        self.gram += z.T @ z
 
     def result(self) -> dict[str, Tensor]:
-        return {"tokens": self.tokens, **self.sums, "skip_ratios": self.skip}
+        return {"tokens": self.tokens, **self.sums, "skip_ratios": self.skip, "logit_gram": self.gram}
 
 
 class OutputObserver(Observer):

@@ -4,7 +4,7 @@ checkpoint written by the checked writer.
     compress("path/to/checkpoint", "pruned/", method="reap", ratio=0.25)
 
 The output is the source's own format (transformers and vLLM load it unchanged), plus
-`moelab_compression.json` (method, options, ratio, per-layer kept and dropped experts with
+`moelab_compression.json` (method, options, ratio, per-layer kept, merged and dropped experts with
 their scores, the calibration data's digest, versions, timings: enough to reproduce the run)
 and, when the statistics were calibrated for this run, `moelab_calibration/` (reuse them with
 `--stats pruned/moelab_calibration`). Everything is built in a staging directory that a killed
@@ -109,11 +109,24 @@ def compress(
         edits = {i: d.edit for i, d in decisions.items()}
         write_edited(model, staging, edits, reload=reload, quiet=quiet, name=Path(out).name)
         timings["write_s"] = round(time.perf_counter() - begin, 3)
-        report["parameters"] = {"before": parameter_counts(model), "after": parameter_counts(staging)}
+        report["parameters"] = {"before": parameter_counts(model), "after": _after(staging, report)}
         report["timings"] = timings | {"total_s": round(time.perf_counter() - started, 3)}
         report["complete"] = True
         _write_report(staging, report)
     return report
+
+
+def _after(staging: Path, report: dict[str, Any]) -> dict[str, int]:
+    """The written checkpoint's parameter counts; where layers were written at full width but
+    are factored (MC-SMoE's low rank, Sub-MoE's subspace), also "total_factored": the count of
+    the factored form."""
+    after = parameter_counts(staging)
+    notes = [e["notes"] for e in report["layers"].values() if "factored_parameters" in e["notes"]]
+    if notes:
+        after["total_factored"] = after["total"] - sum(
+            n["stored_parameters"] - n["factored_parameters"] for n in notes
+        )
+    return after
 
 
 def _router_views(model: Path) -> dict[int, Any]:
@@ -201,7 +214,7 @@ def _decide(
             _check_global_budget(method, view, stats, targets)
         decisions = {}
         for index in tqdm(sorted(targets), desc=f"{method.name}", unit="layer", disable=quiet):
-            if str(index) in done:
+            if str(index) in done and not method.merges:  # merges are recomputed (deterministically)
                 entry = done[str(index)]
                 decisions[index] = LayerDecision(
                     LayerEdit.keep(entry["kept"]), entry["kept"], entry.get("scores")
@@ -266,11 +279,13 @@ def _layer_entry(
     dropped experts over the calibration tokens; without top-k renormalisation (Qwen2-MoE,
     OLMoE) the kept experts' combine weights grow by about 1 / (1 - that mass) after pruning."""
     E = layer.router.num_experts
-    dropped = [e for e in range(E) if e not in decision.kept]
+    merged = {e for group in decision.merge_groups for e in group}
+    dropped = [e for e in range(E) if e not in decision.kept and e not in merged]
     mass = float(stats.total("soft_counts")[dropped].sum()) / max(stats.token_total(), 1.0)
     return {
         "experts": E,
         "kept": decision.kept,
+        "merge_groups": decision.merge_groups,
         "dropped": dropped,
         "scores": decision.scores,
         "protected": sorted(target.protect),

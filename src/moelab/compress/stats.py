@@ -42,8 +42,8 @@ class LayerStats:
 
     tokens [H, S]; counts, soft_counts, gate_sums, premoe_sums, ean_sums, reap_sums,
     easyep_sums [H, S, E] (see `moelab.compress.observers` for what each sums); max_output [E];
-    shared_max [1]; skip_ratios [B]; inputs [N, D] (empty when not sampled). Fields of observers
-    that did not run are None.
+    shared_max [1]; skip_ratios [B]; logit_gram [E, E]; inputs [N, D] (empty when not sampled).
+    Fields of observers that did not run are None.
     """
 
     layer: int
@@ -54,6 +54,7 @@ class LayerStats:
     gate_sums: Tensor
     premoe_sums: Tensor
     skip_ratios: Tensor
+    logit_gram: Tensor | None = None
     ean_sums: Tensor | None = None
     reap_sums: Tensor | None = None
     max_output: Tensor | None = None

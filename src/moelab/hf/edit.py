@@ -97,7 +97,7 @@ def apply_edit(layer: MoELayerView, edit: LayerEdit) -> MoELayerView:
             layer.router, **{name: pick(getattr(layer.router, name)) for name in _ROUTER_TENSORS}
         )
         experts = dataclasses.replace(
-            layer.experts, **{name: pick(getattr(layer.experts, name)) for name in _EXPERT_TENSORS}
+            layer.experts, **{name: pick(getattr(layer.experts, name)) for name in EXPERT_TENSORS}
         )
         return dataclasses.replace(layer, router=router, experts=experts)
     new = edit.view
@@ -113,7 +113,7 @@ def apply_edit(layer: MoELayerView, edit: LayerEdit) -> MoELayerView:
         new.experts,
         **{
             name: _cast(getattr(new.experts, name), getattr(layer.experts, name), layer.experts.gate)
-            for name in _EXPERT_TENSORS
+            for name in EXPERT_TENSORS
         },
     )
     return dataclasses.replace(layer, router=router, experts=experts)
@@ -144,7 +144,7 @@ def moe_output(layer: MoELayerView, x: Tensor, keep: Sequence[int] | None = None
             if e < 0:
                 continue
             tokens, slots = (routing.indices == e).nonzero(as_tuple=True)
-            expert = experts_from_view(_one_expert(layer.experts, e)).double()
+            expert = experts_from_view(one_expert(layer.experts, e)).double()
             y.index_add_(0, tokens, expert(x[tokens], [len(tokens)], routing.weights[tokens, slots]))
         if layer.shared is not None:
             y += shared_from_view(layer.shared).double()(x)
@@ -159,13 +159,14 @@ def _mask_router(router, num_experts: int, keep: Sequence[int]) -> None:
         router.selection_bias = router.selection_bias.index_fill(0, dropped, float("-inf"))
 
 
-def _one_expert(experts: ExpertsView, e: int) -> ExpertsView:
+def one_expert(experts: ExpertsView, e: int) -> ExpertsView:
+    """Expert `e` of a layer as a one-expert view (slices, no copies)."""
     pick = lambda t: None if t is None else t[e : e + 1]  # noqa: E731
-    return dataclasses.replace(experts, **{name: pick(getattr(experts, name)) for name in _EXPERT_TENSORS})
+    return dataclasses.replace(experts, **{name: pick(getattr(experts, name)) for name in EXPERT_TENSORS})
 
 
 _ROUTER_TENSORS = ("weight", "bias", "selection_bias")
-_EXPERT_TENSORS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+EXPERT_TENSORS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
 
 def check_edit(index: int, edit: LayerEdit, E: int, settings: dict[str, Any]) -> None:

@@ -8,17 +8,33 @@ from moelab.compress.methods.base import LayerDecision, Method, ScoringMethod, T
 from moelab.compress.methods.ean import EAN
 from moelab.compress.methods.easy_ep import EasyEP
 from moelab.compress.methods.frequency import Frequency
+from moelab.compress.methods.hcsmoe import HCSMoE
+from moelab.compress.methods.msmoe import MSMoE
 from moelab.compress.methods.naee import NAEE
 from moelab.compress.methods.premoe import PreMoe
 from moelab.compress.methods.random_prune import RandomPrune
 from moelab.compress.methods.reap import REAP
 from moelab.compress.methods.router_weight import RouterWeight
 from moelab.compress.methods.soft_count import SoftCount
+from moelab.compress.methods.submoe import SubMoE
 from moelab.validation import check_choice
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (Frequency, SoftCount, RouterWeight, EAN, REAP, EasyEP, PreMoe, NAEE, RandomPrune)
+    for cls in (
+        Frequency,
+        SoftCount,
+        RouterWeight,
+        EAN,
+        REAP,
+        EasyEP,
+        PreMoe,
+        NAEE,
+        RandomPrune,
+        MSMoE,
+        HCSMoE,
+        SubMoE,
+    )
 }
 
 

@@ -41,14 +41,24 @@ class Target:
 
 @dataclass
 class LayerDecision:
-    """edit: what the writer does; kept: the original ids kept (in order); scores: [E] each
-    expert's importance (higher = kept first), None for methods that do not score; notes:
-    method-specific facts for the report (a search's budget, its loss, ...)."""
+    """edit: what the writer does; kept: the original ids kept unchanged (in order); scores: [E]
+    each expert's importance (higher = kept first), None for methods that do not score; notes:
+    method-specific facts for the report (a search's budget, its loss, ...); merge_groups: the
+    groups of original ids merged into one expert each (merging methods)."""
 
     edit: LayerEdit
     kept: list[int]
     scores: list[float] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    merge_groups: list[list[int]] = field(default_factory=list)
+
+    @classmethod
+    def merged(cls, edit: LayerEdit, notes: dict[str, Any] | None = None) -> LayerDecision:
+        """The decision of a merging method: every group of `edit.sources` becomes one expert."""
+        groups = [list(g) for g in edit.sources]
+        return cls(
+            edit, [g[0] for g in groups if len(g) == 1], None, notes or {}, [g for g in groups if len(g) > 1]
+        )
 
 
 class Method:
@@ -60,6 +70,7 @@ class Method:
     summary: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ("routing",)
     needs_weights: ClassVar[bool] = False  # decide() reads the layer's tensors, not only its settings
+    merges: ClassVar[bool] = False  # its edits hold new expert tensors, not a subset of the old
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
         raise NotImplementedError

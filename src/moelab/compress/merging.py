@@ -1,0 +1,151 @@
+"""Merging a layer's experts: groups of experts become one expert each, by frequency-weighted
+averaging (after aligning their hidden neurons, optionally), with a router row per group.
+
+Shape legend: E experts, E' groups, D model dim, I expert hidden dim, N sampled tokens.
+
+Used by the merging methods (M-SMoE, HC-SMoE, Sub-MoE): they decide the groups and the weights;
+`merged_layer` builds the edited layer view the writer writes and checks. transformers' formats
+hold one router row per expert, so a merged expert gets one row: its dominant member's
+("dominant", M-SMoE's centre) or the members' frequency-weighted average ("weighted"). With
+group-limited routing every group of the router is merged on its own, so experts stay in their
+router group (`router_groups`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from moelab.hf.edit import EXPERT_TENSORS, LayerEdit, one_expert
+from moelab.hf.native import experts_from_view
+from moelab.hf.view import ExpertsView, MoELayerView, RouterView
+
+ROUTER_RULES = ("dominant", "weighted", "fit")
+
+
+def router_groups(router: RouterView) -> list[list[int]]:
+    """The experts of each routing group (one group without group-limited routing)."""
+    size = router.num_experts // router.n_group
+    return [list(range(g * size, (g + 1) * size)) for g in range(router.n_group)]
+
+
+def expert_features(layer: MoELayerView, x: Tensor) -> Tensor:
+    """[E, D] every expert's mean output over the tokens x [N, D] (HC-SMoE's characteristic
+    activations: each expert run on every token, unweighted), one expert at a time in float32."""
+    x = x.float()
+    features = []
+    with torch.no_grad():
+        for e in range(layer.router.num_experts):
+            expert = experts_from_view(one_expert(layer.experts, e)).float()
+            features.append(expert(x, [x.shape[0]]).mean(0))
+    return torch.stack(features)
+
+
+def logit_similarity(gram: Tensor) -> Tensor:
+    """[E, E] M-SMoE's router-logit similarity, (cos + 1) / 2 of two experts' logit columns over
+    the calibration tokens, from their Gram matrix sum_t z_t z_t^T [E, E]."""
+    norms = gram.diagonal().clamp(min=1e-30).sqrt()
+    return (gram / (norms[:, None] * norms[None, :]) + 1) / 2
+
+
+def alignment(reference: ExpertsView, other: ExpertsView) -> Tensor:
+    """[I] the permutation of `other`'s hidden neurons that best matches `reference`'s (both one
+    expert): maximise the summed inner products of gate rows, up rows and down columns
+    (`linear_sum_assignment`; float64, so ties are not an artefact of rounding). Applying it keeps
+    the expert's function: out[:, perm] and rows[perm]."""
+    ref = [reference.gate[0].double(), reference.up[0].double(), reference.down[0].T.double()]
+    oth = [other.gate[0].double(), other.up[0].double(), other.down[0].T.double()]
+    cost = sum(r @ o.T for r, o in zip(ref, oth))  # [I, I]: similarity of reference neuron i, other neuron j
+    _, perm = linear_sum_assignment(cost.numpy(), maximize=True)
+    return torch.as_tensor(perm, dtype=torch.long)
+
+
+def merged_layer(
+    layer: MoELayerView,
+    groups: Sequence[Sequence[int]],
+    weights: Tensor,
+    *,
+    router_rule: str = "weighted",
+    align: bool = False,
+    inputs: Tensor | None = None,
+) -> LayerEdit:
+    """The edit that merges each of `groups` (lists of original ids, the first one the group's
+    dominant member) into one expert: tensors averaged with `weights` [E] (usage frequencies;
+    groups whose weights are all 0 average evenly), after aligning every member to the dominant
+    one if `align`; router row by `router_rule`: "fit" (softmax routers) regresses, on the
+    sampled block inputs `inputs` [N, D], a row whose logit follows the group's log-sum-exp of its
+    members' logits, so the merged expert keeps the probability its members had together.
+    Returns the LayerEdit (sources = the groups)."""
+    if router_rule not in ROUTER_RULES:
+        raise ValueError(f"router rule must be one of {ROUTER_RULES}, got {router_rule!r}")
+    experts, router = layer.experts, layer.router
+    merged: dict[str, list[Tensor]] = {
+        name: [] for name in EXPERT_TENSORS if getattr(experts, name) is not None
+    }
+    rows: dict[str, list[Tensor]] = {
+        n: [] for n in ("weight", "bias", "selection_bias") if getattr(router, n) is not None
+    }
+    for group in groups:
+        w = weights[list(group)].double()
+        w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(group))
+        members = [one_expert(experts, e) for e in group]
+        if align:
+            members = [members[0]] + [_permuted(m, alignment(members[0], m)) for m in members[1:]]
+        for name in merged:
+            stacked = torch.stack([getattr(m, name)[0].double() for m in members])
+            merged[name].append(torch.einsum("m,m...->...", w, stacked))
+        for name in rows:
+            values = getattr(router, name)[list(group)].double()
+            rows[name].append(
+                values[0] if router_rule == "dominant" else torch.einsum("m,m...->...", w, values)
+            )
+        if router_rule == "fit":
+            rows["weight"][-1], fitted_bias = _fitted_row(router, group, inputs)
+            if "bias" in rows:
+                rows["bias"][-1] = fitted_bias
+    new_experts = dataclasses.replace(
+        experts, **{n: torch.stack(v).to(getattr(experts, n).dtype) for n, v in merged.items()}
+    )
+    new_router = dataclasses.replace(
+        router, **{n: torch.stack(v).to(getattr(router, n).dtype) for n, v in rows.items()}
+    )
+    view = dataclasses.replace(layer, router=new_router, experts=new_experts)
+    return LayerEdit(tuple(tuple(g) for g in groups), view=view)
+
+
+def _fitted_row(router: RouterView, group: Sequence[int], x: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(row [D], bias []) whose logit best matches, in least squares over x [N, D], the
+    log-sum-exp of the group members' logits (their joint softmax mass, up to the normaliser)."""
+    if x is None or router.score_func != "softmax":
+        raise ValueError("the 'fit' router rule needs a softmax router and the sampled block inputs")
+    x = x.double()
+    W = router.weight[list(group)].double()
+    z = x @ W.T + (0 if router.bias is None else router.bias[list(group)].double())
+    target = torch.logsumexp(z, dim=1)
+    design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    if router.bias is None:
+        design = x
+    solution = torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
+    return solution[: x.shape[1]], solution[x.shape[1]] if router.bias is not None else torch.zeros(
+        (), dtype=x.dtype
+    )
+
+
+def _permuted(expert: ExpertsView, perm: Tensor) -> ExpertsView:
+    """One expert with its hidden neurons reordered (the same function)."""
+
+    def rows(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[:, perm]
+
+    return dataclasses.replace(
+        expert,
+        gate=rows(expert.gate),
+        up=rows(expert.up),
+        down=expert.down[:, :, perm],
+        gate_bias=rows(expert.gate_bias),
+        up_bias=rows(expert.up_bias),
+    )

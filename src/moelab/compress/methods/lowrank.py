@@ -1,0 +1,53 @@
+"""MC-SMoE's compression of merged experts, without its distillation: every merged expert matrix
+W (out x in) becomes L R + S, L R its best rank-r approximation (SVD) and S the residual's
+`sparse` fraction of largest-magnitude entries. Transformers' formats hold full matrices, so the
+result is written at full width; the factored size is what the method would store."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from moelab.hf.edit import LayerEdit
+
+
+def factored_notes(edit: LayerEdit, factored: int) -> dict[str, int]:
+    """The report's notes of a layer written at full width but counted in factored form:
+    factored_parameters, and stored_parameters (its gate, up and down as written)."""
+    experts = edit.view.experts
+    stored = sum(getattr(experts, name).numel() for name in ("gate", "up", "down"))
+    return {"factored_parameters": factored, "stored_parameters": stored}
+
+
+def low_rank_sparse(edit: LayerEdit, rank: int, sparse: float) -> tuple[LayerEdit, int]:
+    """The edit with its experts' gate, up and down replaced by rank-`rank` + sparse
+    approximations; and their parameter count in factored form (r (out + in) + nnz(S) each)."""
+    if rank < 1 or not 0 <= sparse <= 1:
+        raise ValueError(
+            f"low-rank compression needs rank >= 1 and sparse in [0, 1], got {rank} and {sparse}"
+        )
+    experts = edit.view.experts
+    replaced, parameters = {}, 0
+    for name in ("gate", "up", "down"):
+        approximated = []
+        for W in getattr(experts, name).double():
+            approx, count = _approximate(W, rank, sparse)
+            approximated.append(approx)
+            parameters += count
+        replaced[name] = torch.stack(approximated).to(getattr(experts, name).dtype)
+    view = dataclasses.replace(edit.view, experts=dataclasses.replace(experts, **replaced))
+    return LayerEdit(edit.sources, view=view), parameters
+
+
+def _approximate(W: Tensor, rank: int, sparse: float) -> tuple[Tensor, int]:
+    r = min(rank, *W.shape)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    low = (U[:, :r] * S[:r]) @ Vh[:r]
+    residual = W - low
+    keep = int(round(sparse * residual.numel()))
+    if keep:
+        threshold = residual.abs().flatten().kthvalue(residual.numel() - keep + 1).values
+        low = low + torch.where(residual.abs() >= threshold, residual, torch.zeros_like(residual))
+    return low, r * (W.shape[0] + W.shape[1]) + keep

@@ -1,0 +1,67 @@
+"""Random MoE layer views for the compression tests."""
+
+from __future__ import annotations
+
+import torch
+from reference import F64
+
+from moelab.hf.view import ExpertsView, MoELayerView, RouterView, SharedView
+
+
+def make_view(
+    E: int = 6,
+    D: int = 8,
+    I: int = 5,
+    *,
+    top_k: int = 2,
+    score_func: str = "softmax",
+    renormalize: bool = True,
+    route_scale: float = 1.0,
+    n_group: int = 1,
+    topk_group: int = 1,
+    router_bias: dict[int, float] | None = None,
+    selection_bias: bool = False,
+    shared: bool = False,
+    shared_gate: bool = False,
+    scale_input: bool = False,
+    zero_down: tuple[int, ...] = (),
+    dtype: torch.dtype = F64,
+    seed: int = 0,
+    index: int = 0,
+) -> MoELayerView:
+    """A random MoE layer view at unit scale (logits and outputs O(1))."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, fan_in: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, dtype=F64) * fan_in**-0.5).to(dtype)
+
+    weight = rnd(E, D, fan_in=D) * 2
+    bias = None
+    if router_bias is not None:
+        bias = torch.zeros(E, dtype=dtype)
+        for e, b in router_bias.items():
+            bias[e] = b
+    router = RouterView(
+        weight,
+        score_func,
+        top_k,
+        renormalize,
+        route_scale=route_scale,
+        n_group=n_group,
+        topk_group=topk_group,
+        bias=bias,
+        selection_bias=rnd(E, fan_in=100) if selection_bias else None,
+    )
+    down = rnd(E, D, I, fan_in=I)
+    for e in zero_down:
+        down[e] = 0
+    experts = ExpertsView(rnd(E, I, D, fan_in=D), rnd(E, I, D, fan_in=D), down, scale_input=scale_input)
+    shared_view = None
+    if shared:
+        shared_view = SharedView(
+            rnd(7, D, fan_in=D),
+            rnd(7, D, fan_in=D),
+            rnd(D, 7, fan_in=7),
+            rnd(1, D, fan_in=D) if shared_gate else None,
+        )
+    return MoELayerView(index, router, experts, shared_view)

@@ -1,0 +1,394 @@
+"""The merging methods (M-SMoE, HC-SMoE, Sub-MoE, MC-SMoE's low-rank stage) against their specs
+(`../shared/research/compression.md` §2, §3, §6.7) on worked examples and naive references:
+loops over tokens, experts and clusters, written from the equations."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from layer_views import make_view
+from reference import F64, logsumexp, silu
+
+from moelab.compress.merging import (
+    _permuted,
+    alignment,
+    expert_features,
+    logit_similarity,
+    merged_layer,
+    router_groups,
+)
+from moelab.compress.methods import Target, get_method
+from moelab.compress.methods.hcsmoe import clusters_by_usage, hierarchical_labels
+from moelab.compress.methods.lowrank import low_rank_sparse
+from moelab.compress.methods.submoe import kmeans_labels, subspace_merge
+from moelab.compress.observers import SKIP_BINS
+from moelab.compress.stats import LayerStats
+from moelab.hf.edit import LayerEdit, one_expert
+
+PROPERTY = settings(settings.get_profile("ci"), max_examples=25, deadline=None)
+
+
+def ffn(view, e: int, x_t: torch.Tensor) -> torch.Tensor:
+    """Expert e of a layer view on one token, from its three matrices."""
+    ex = view.experts
+    return ex.down[e].double() @ (silu(ex.gate[e].double() @ x_t) * (ex.up[e].double() @ x_t))
+
+
+def stats_with(counts, *, logit_gram=None, inputs=None) -> LayerStats:
+    """Statistics of one source and one half holding the given usage counts [E]."""
+    counts = torch.tensor(counts, dtype=F64)
+    E = counts.numel()
+    cells = torch.zeros(2, 1, E, dtype=F64)
+    cells[0, 0] = counts
+    return LayerStats(
+        0,
+        ("corpus",),
+        tokens=torch.tensor([[float(counts.sum())], [0.0]], dtype=F64),
+        counts=cells,
+        soft_counts=cells.clone(),
+        gate_sums=cells.clone(),
+        premoe_sums=cells.clone(),
+        skip_ratios=torch.zeros(SKIP_BINS, dtype=F64),
+        logit_gram=logit_gram,
+        inputs=inputs,
+    )
+
+
+def labels_to_partition(labels) -> set[frozenset[int]]:
+    clusters: dict[int, set[int]] = {}
+    for i, label in enumerate(labels):
+        clusters.setdefault(int(label), set()).add(i)
+    return {frozenset(c) for c in clusters.values()}
+
+
+# ----------------------------------------------------------------------------- the merge itself
+
+
+def test_logit_similarity_is_the_shifted_cosine_of_logit_columns():
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(40, 5, generator=g, dtype=F64)  # tokens x experts
+    got = logit_similarity(Z.T @ Z)
+    for i, j in itertools.product(range(5), repeat=2):
+        a, b = Z[:, i], Z[:, j]
+        cos = sum(float(a[t] * b[t]) for t in range(40)) / (float(a.norm()) * float(b.norm()))
+        assert float(got[i, j]) == pytest.approx((cos + 1) / 2, abs=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["dominant", "weighted"])
+def test_merge_is_the_frequency_weighted_average(rule):
+    view = make_view(E=5, router_bias={0: 0.5, 3: -1.0})
+    counts = torch.tensor([6.0, 1.0, 3.0, 0.0, 0.0], dtype=F64)
+    groups = [[2, 0], [1], [3, 4]]  # [3, 4] was never used: an even average
+    edit = merged_layer(view, groups, counts, router_rule=rule)
+    assert edit.sources == ((2, 0), (1,), (3, 4))
+    weights = [{2: 1 / 3, 0: 2 / 3}, {1: 1.0}, {3: 0.5, 4: 0.5}]
+    for g, (group, w) in enumerate(zip(groups, weights)):
+        for name in ("gate", "up", "down"):
+            expected = sum(w[e] * getattr(view.experts, name)[e] for e in group)
+            torch.testing.assert_close(getattr(edit.view.experts, name)[g], expected, rtol=0, atol=1e-15)
+        lead = group[0]
+        for name in ("weight", "bias"):
+            values = getattr(view.router, name)
+            expected = values[lead] if rule == "dominant" else sum(w[e] * values[e] for e in group)
+            torch.testing.assert_close(getattr(edit.view.router, name)[g], expected, rtol=0, atol=1e-15)
+    assert edit.view.experts.gate.dtype == view.experts.gate.dtype
+
+
+def test_merge_keeps_the_stored_dtype():
+    view = make_view(E=4, dtype=torch.bfloat16)
+    edit = merged_layer(view, [[0, 1], [2, 3]], torch.ones(4))
+    assert edit.view.experts.down.dtype == torch.bfloat16 and edit.view.router.weight.dtype == torch.bfloat16
+
+
+def test_alignment_recovers_a_permutation_and_keeps_the_function():
+    view = make_view(E=1, I=7, top_k=1, seed=3)
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(1))
+    shuffled = _permuted(view.experts, perm)
+    x = torch.randn(8, dtype=F64)
+    shuffled_view = dataclasses.replace(view, experts=shuffled)
+    torch.testing.assert_close(ffn(shuffled_view, 0, x), ffn(view, 0, x))  # same function
+    assert not torch.equal(shuffled.gate, view.experts.gate)
+    back = _permuted(shuffled, alignment(view.experts, shuffled))
+    for name in ("gate", "up", "down"):
+        assert torch.equal(getattr(back, name), getattr(view.experts, name)), name
+
+
+def test_aligned_merge_of_permuted_copies_is_the_copy():
+    """Two experts that are the same function with their neurons shuffled: merged after
+    alignment they give that function back; averaged without alignment they do not."""
+    view = make_view(E=2, I=6, top_k=1, seed=4)
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(2))
+    copy = _permuted(one_expert(view.experts, 0), perm)
+    experts = dataclasses.replace(
+        view.experts,
+        gate=torch.cat([view.experts.gate[:1], copy.gate]),
+        up=torch.cat([view.experts.up[:1], copy.up]),
+        down=torch.cat([view.experts.down[:1], copy.down]),
+    )
+    view = dataclasses.replace(view, experts=experts)
+    x = torch.randn(8, dtype=F64)
+    aligned = merged_layer(view, [[0, 1]], torch.tensor([3.0, 1.0]), align=True).view
+    plain = merged_layer(view, [[0, 1]], torch.tensor([3.0, 1.0]), align=False).view
+    torch.testing.assert_close(ffn(aligned, 0, x), ffn(view, 0, x), rtol=1e-12, atol=1e-12)
+    assert (ffn(plain, 0, x) - ffn(view, 0, x)).abs().max() > 1e-3
+
+
+def test_fitted_router_row_is_exact_for_one_expert_and_least_squares_for_groups():
+    view = make_view(E=4, router_bias={0: 0.3, 1: -0.2, 2: 0.1, 3: 0.0}, seed=5)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
+    fitted = merged_layer(view, [[0], [1, 2, 3]], torch.ones(4), router_rule="fit", inputs=x).view.router
+    torch.testing.assert_close(fitted.weight[0], view.router.weight[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(fitted.bias[0], view.router.bias[0], rtol=0, atol=1e-10)
+    z = x @ view.router.weight.T + view.router.bias
+    target = torch.stack([logsumexp(z[t, 1:]) for t in range(64)])
+    weighted = merged_layer(view, [[0], [1, 2, 3]], torch.ones(4), router_rule="weighted").view.router
+
+    def error(router):
+        return float(((x @ router.weight[1] + router.bias[1]) - target).square().sum())
+
+    assert error(fitted) < error(weighted)
+    with pytest.raises(ValueError, match="softmax router"):
+        merged_layer(
+            make_view(E=4, score_func="sigmoid"), [[0, 1], [2, 3]], torch.ones(4), router_rule="fit", inputs=x
+        )
+
+
+def test_router_groups_split_experts_like_the_router():
+    assert router_groups(make_view(E=8, n_group=4, topk_group=2).router) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert router_groups(make_view(E=3, top_k=1).router) == [[0, 1, 2]]
+
+
+# ----------------------------------------------------------------------------- M-SMoE
+
+
+def _gram_with_twins(twins: dict[int, int], E: int, seed: int = 0) -> torch.Tensor:
+    """A logit Gram matrix over 50 tokens where expert j's logit column is expert twins[j]'s plus
+    a little noise (so j resembles it most)."""
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(50, E, generator=g, dtype=F64)
+    for j, i in twins.items():
+        Z[:, j] = Z[:, i] + 0.1 * torch.randn(50, generator=g, dtype=F64)
+    return Z.T @ Z
+
+
+def test_m_smoe_worked_example():
+    """Counts [10, 1, 8, 2, 6, 3], keep 3: the dominant experts are 0, 2, 4; expert 3 resembles 0,
+    1 resembles 2 and 5 resembles 4, so the groups are {0, 3}, {2, 1}, {4, 5}, each with its
+    dominant expert's router row and the frequency-weighted average of its aligned members."""
+    view = make_view(E=6, seed=6)
+    stats = stats_with([10, 1, 8, 2, 6, 3], logit_gram=_gram_with_twins({3: 0, 1: 2, 5: 4}, 6))
+    decision = get_method("m_smoe").decide(view, stats, Target(3))
+    assert decision.merge_groups == [[0, 3], [2, 1], [4, 5]] and decision.kept == []
+    assert decision.edit.sources == ((0, 3), (2, 1), (4, 5))
+    for g, lead in enumerate((0, 2, 4)):
+        assert torch.equal(decision.edit.view.router.weight[g], view.router.weight[lead])
+    perm = alignment(one_expert(view.experts, 2), one_expert(view.experts, 1))
+    expected = (8 * view.experts.up[2] + view.experts.up[1][perm]) / 9
+    torch.testing.assert_close(decision.edit.view.experts.up[1], expected, rtol=0, atol=1e-15)
+
+
+def test_m_smoe_protected_experts_are_dominant():
+    view = make_view(E=6, seed=6)
+    stats = stats_with([10, 1, 8, 2, 6, 3], logit_gram=_gram_with_twins({3: 0, 1: 2, 5: 4}, 6))
+    decision = get_method("m_smoe").decide(view, stats, Target(3, protect=frozenset({5})))
+    assert decision.edit.sources == ((0, 3), (2, 1), (5, 4))  # 5 leads; 4, its twin, joins it
+
+
+def test_m_smoe_merges_within_routing_groups():
+    view = make_view(E=8, n_group=2, topk_group=1, seed=7)
+    stats = stats_with([5, 4, 3, 2, 9, 1, 1, 1], logit_gram=_gram_with_twins({4: 0, 5: 1}, 8))
+    decision = get_method("m_smoe").decide(view, stats, Target(4))
+    for group in decision.edit.sources:
+        assert len({e // 4 for e in group}) == 1, f"{group} crosses a routing group"
+    assert len(decision.edit.sources) == 4
+
+
+def test_m_smoe_without_statistics_is_refused():
+    with pytest.raises(ValueError, match="logit Gram"):
+        get_method("m_smoe").decide(make_view(E=4), stats_with([1, 1, 1, 1]), Target(2))
+
+
+def test_mc_smoe_low_rank_stage():
+    view = make_view(E=4, seed=8)
+    stats = stats_with([4, 3, 2, 1], logit_gram=_gram_with_twins({2: 0, 3: 1}, 4))
+    plain = get_method("m_smoe").decide(view, stats, Target(2))
+    compressed = get_method("m_smoe", mc_rank=2, mc_sparse=0.0).decide(view, stats, Target(2))
+    for g in range(2):
+        W = plain.edit.view.experts.gate[g]
+        U, S, Vh = torch.linalg.svd(W)
+        torch.testing.assert_close(compressed.edit.view.experts.gate[g], (U[:, :2] * S[:2]) @ Vh[:2])
+    notes = compressed.notes
+    assert notes["factored_parameters"] == 2 * 3 * 2 * (5 + 8)  # 2 experts x 3 matrices x r (out + in)
+    assert notes["stored_parameters"] == 2 * 3 * 5 * 8
+
+
+# ----------------------------------------------------------------------------- low rank + sparse
+
+
+def test_low_rank_sparse_is_the_truncated_svd_plus_the_largest_residuals():
+    view = make_view(E=2, I=6, D=9, seed=9)
+    edit = LayerEdit(((0,), (1,)), view=view)
+    same, _ = low_rank_sparse(edit, rank=6, sparse=0.0)
+    torch.testing.assert_close(same.view.experts.down, view.experts.down, rtol=0, atol=1e-12)
+    low, count = low_rank_sparse(edit, rank=2, sparse=0.0)
+    for W, A in zip(view.experts.up, low.view.experts.up):  # Eckart-Young: the error is the tail
+        S = torch.linalg.svdvals(W)
+        assert float((W - A).norm()) == pytest.approx(float(S[2:].square().sum().sqrt()), rel=1e-10)
+    assert count == 2 * 3 * 2 * (6 + 9)
+    both, count = low_rank_sparse(edit, rank=2, sparse=0.25)
+    for W, A, B in zip(view.experts.gate, low.view.experts.gate, both.view.experts.gate):
+        residual = (W - A).flatten()
+        changed = ((B - A).flatten() != 0).nonzero().flatten()
+        largest = residual.abs().topk(round(0.25 * 54)).indices
+        assert set(changed.tolist()) == set(largest.tolist())
+        torch.testing.assert_close((B - A).flatten()[changed], residual[changed], rtol=0, atol=1e-14)
+    assert count == 2 * 3 * (2 * (6 + 9) + round(0.25 * 54))
+    with pytest.raises(ValueError, match="rank >= 1"):
+        low_rank_sparse(edit, rank=0, sparse=0.1)
+
+
+# ----------------------------------------------------------------------------- HC-SMoE
+
+
+def test_expert_features_are_mean_outputs_of_every_expert_on_every_token():
+    view = make_view(E=4, seed=10)
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(4), dtype=F64)
+    got = expert_features(view, x)
+    for e in range(4):
+        expected = sum(ffn(view, e, x[t]) for t in range(12)) / 12
+        torch.testing.assert_close(got[e].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def naive_agglomerative(points: np.ndarray, k: int, method: str) -> set[frozenset[int]]:
+    """Merge the two closest clusters until k remain; cluster distance by linkage: average
+    (mean pairwise), single (min), complete (max)."""
+    reduce = {"average": np.mean, "single": np.min, "complete": np.max}[method]
+    clusters = [[i] for i in range(len(points))]
+    while len(clusters) > k:
+        best = None
+        for a, b in itertools.combinations(range(len(clusters)), 2):
+            d = reduce([np.linalg.norm(points[i] - points[j]) for i in clusters[a] for j in clusters[b]])
+            if best is None or d < best[0]:
+                best = (d, a, b)
+        _, a, b = best
+        clusters[a] = clusters[a] + clusters[b]
+        del clusters[b]
+    return {frozenset(c) for c in clusters}
+
+
+@PROPERTY
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(2, 9),
+    method=st.sampled_from(["average", "single", "complete"]),
+    data=st.data(),
+)
+def test_hierarchical_clustering_matches_naive_agglomeration(seed, n, method, data):
+    k = data.draw(st.integers(1, n))
+    points = np.random.default_rng(seed).normal(size=(n, 3))
+    assert labels_to_partition(hierarchical_labels(points, k, method)) == naive_agglomerative(
+        points, k, method
+    )
+
+
+def _layer_of_families(families: list[list[int]], seed: int):
+    """A layer whose experts come in families of near-copies (expert = its family's first expert
+    plus 1 % noise)."""
+    view = make_view(E=sum(len(f) for f in families), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {name: getattr(view.experts, name).clone() for name in ("gate", "up", "down")}
+    for family in families:
+        for e in family[1:]:
+            for t in tensors.values():
+                t[e] = t[family[0]] * (1 + 0.01 * torch.randn(t[e].shape, generator=g, dtype=F64))
+    return dataclasses.replace(view, experts=dataclasses.replace(view.experts, **tensors))
+
+
+@pytest.mark.parametrize("method", ["hc_smoe", "sub_moe"])
+def test_output_clustering_finds_families_of_experts(method):
+    view = _layer_of_families([[0, 3], [1, 4, 5], [2]], seed=11)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5), dtype=F64).float()
+    stats = stats_with([1, 9, 5, 4, 2, 3], inputs=x)
+    decision = get_method(method).decide(view, stats, Target(3))
+    assert decision.edit.sources == ((1, 5, 4), (2,), (3, 0))  # led by the most used, ordered by leader
+    assert decision.kept == [2] and decision.merge_groups == [[1, 5, 4], [3, 0]]
+
+
+def test_clusters_by_usage_refuses_two_protected_experts_in_one_cluster():
+    assert clusters_by_usage([4, 5, 6], [0, 1, 0], torch.tensor([0, 0, 0, 0, 1.0, 2, 3]), frozenset()) == [
+        [5],
+        [6, 4],
+    ]
+    with pytest.raises(ValueError, match=r"protected experts \[4, 6\] fell into one cluster"):
+        clusters_by_usage([4, 5, 6], [0, 1, 0], torch.ones(7), frozenset({4, 6}))
+
+
+def test_merging_methods_refuse_missing_inputs():
+    with pytest.raises(ValueError, match="sampled layer inputs"):
+        get_method("hc_smoe").decide(make_view(E=4), stats_with([1, 1, 1, 1]), Target(2))
+
+
+# ----------------------------------------------------------------------------- Sub-MoE
+
+
+def _naive_subspace_merge(W: list[torch.Tensor], w: list[float], r: int) -> torch.Tensor:
+    """compression.md §3.2 steps 4-6, with explicit column slicing: W_cat = [W_1 ... W_m] = U S V^T,
+    V_i^T = V^T[:, i*in:(i+1)*in], merged = U_r S_r (sum_i w_i V_i^T)[:r]."""
+    inp = W[0].shape[1]
+    U, S, Vh = torch.linalg.svd(torch.cat(W, dim=1), full_matrices=False)
+    v = sum(wi * Vh[:, i * inp : (i + 1) * inp] for i, wi in enumerate(w))
+    return (U[:, :r] * S[:r]) @ v[:r]
+
+
+def test_sub_moe_merge_follows_the_column_block_split():
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(3, 7, 5, generator=g, dtype=F64)
+    freq = torch.tensor([2.0, 1.0, 1.0], dtype=F64)
+    w = [0.5, 0.25, 0.25]
+    average = sum(wi * Wi for wi, Wi in zip(w, W))
+    full = subspace_merge(W, [[0, 1, 2]], freq, rank=None)[0]
+    torch.testing.assert_close(full, average, rtol=0, atol=1e-12)  # no truncation: plain averaging
+    for r in (1, 3, 5):
+        got = subspace_merge(W, [[0, 1, 2]], freq, rank=r)[0]
+        torch.testing.assert_close(got, _naive_subspace_merge(list(W), w, r), rtol=0, atol=1e-12)
+        U = torch.linalg.svd(torch.cat(list(W), dim=1), full_matrices=False).U[:, :r]
+        torch.testing.assert_close(got, U @ U.T @ average, rtol=0, atol=1e-12)  # the projected average
+    # the public re-implementation's reshape interleaves rows: a different matrix
+    U, S, Vh = torch.linalg.svd(torch.cat(list(W), dim=1), full_matrices=False)
+    buggy = (U * S) @ sum(wi * Vi for wi, Vi in zip(w, Vh.reshape(3, Vh.shape[0], -1)))
+    assert (buggy - average).norm() > 0.1 * average.norm()
+
+
+def test_sub_moe_reports_the_factored_size():
+    view = _layer_of_families([[0, 3], [1, 4, 5], [2]], seed=11)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5), dtype=F64).float()
+    decision = get_method("sub_moe", rank=2).decide(view, stats_with([1, 9, 5, 4, 2, 3], inputs=x), Target(3))
+    # per group and matrix: min(r, out, m * in) * (out + in); gate/up are 5 x 8, down 8 x 5
+    assert decision.notes["factored_parameters"] == 3 * 3 * 2 * (5 + 8)
+    assert decision.notes["stored_parameters"] == 3 * 3 * 5 * 8
+
+
+@PROPERTY
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 6))
+def test_kmeans_gives_exactly_k_clusters_reproducibly(seed, k):
+    points = np.random.default_rng(seed).normal(size=(6, 4))
+    labels = kmeans_labels(points, k, seed)
+    assert len(set(labels.tolist())) == k
+    assert np.array_equal(labels, kmeans_labels(points, k, seed))
+
+
+def test_kmeans_finds_separated_blobs():
+    rng = np.random.default_rng(0)
+    centres = np.array([[10.0, 0], [0, 10], [-10, -10]])
+    points = np.concatenate([c + 0.1 * rng.normal(size=(3, 2)) for c in centres])
+    assert labels_to_partition(kmeans_labels(points, 3, 0)) == {
+        frozenset({0, 1, 2}),
+        frozenset({3, 4, 5}),
+        frozenset({6, 7, 8}),
+    }
