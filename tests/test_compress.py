@@ -5,6 +5,7 @@ tests/test_compress_reference.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ from moelab.nn import MoEConfig
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 SMALL = CalibrationOptions(tokens=512, seq_len=32, batch_size=4, sample_tokens=64)
+EVERY = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",))  # with the backward sweep
 
 
 def moelab_model(path: Path, *, num_experts: int = 8, top_k: int = 2, seed: int = 0, **moe) -> Path:
@@ -54,7 +56,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def stats_dir(model_dir, tmp_path_factory) -> Path:
-    return calibrate(model_dir, tmp_path_factory.mktemp("stats") / "s", options=SMALL, quiet=True).directory
+    return calibrate(model_dir, tmp_path_factory.mktemp("stats") / "s", options=EVERY, quiet=True).directory
 
 
 # ----------------------------------------------------------------------------- mixtures
@@ -119,7 +121,7 @@ def test_an_interrupted_calibration_resumes_to_the_same_files(tmp_path, model_di
     """Kill the pass after layer 0 (its hidden states saved), start it again: same statistics."""
     import moelab.compress.calibration as calibrate_module
 
-    options = CalibrationOptions(**{**SMALL.__dict__, "snapshot_seconds": 0.0})
+    options = dataclasses.replace(EVERY, snapshot_seconds=0.0)
     real = calibrate_module.write_layer
     calls = []
 
@@ -182,9 +184,13 @@ def test_every_method_compresses_a_moelab_model(tmp_path, model_dir, stats_dir, 
         model_dir, tmp_path / "out", method=method, ratio=0.25, stats=stats_dir, domains=domains, quiet=True
     )
     model = load_pretrained(tmp_path / "out")
-    assert model.config.moe.num_experts == 6
     saved = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
     assert saved == report and report["complete"] and report["method"] == method
+    assert report["parameters"]["after"]["total"] < report["parameters"]["before"]["total"]
+    if METHODS[method].narrows:  # every expert stays, 3/4 of the width
+        assert (model.config.moe.num_experts, model.config.moe.hidden_dim) == (8, 24)
+        return
+    assert model.config.moe.num_experts == 6
     for layer in ("0", "1"):
         entry = report["layers"][layer]
         groups = entry["merge_groups"]
@@ -194,7 +200,6 @@ def test_every_method_compresses_a_moelab_model(tmp_path, model_dir, stats_dir, 
         if entry["scores"] is not None:  # the kept experts are the best scored
             worst_kept = min(entry["scores"][e] for e in entry["kept"])
             assert all(entry["scores"][e] <= worst_kept for e in entry["dropped"])
-    assert report["parameters"]["after"]["total"] < report["parameters"]["before"]["total"]
     expert_map = json.loads((tmp_path / "out" / "moelab_expert_map.json").read_text())
     assert expert_map["layers"]["0"]["kept"] == report["layers"]["0"]["kept"]
     assert expert_map["layers"]["0"]["merge_groups"] == [
@@ -310,35 +315,40 @@ def test_group_limited_routing_keeps_every_group_equal(tmp_path):
     assert sum(e < 4 for e in kept) == sum(e >= 4 for e in kept) == 2
 
 
-def _calibrate_as_rank(rank: int, port: int, model: str, out: str) -> None:
+def _calibrate_as_rank(rank: int, port: int, model: str, out: str, options: CalibrationOptions) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
     try:
-        calibrate(model, out, options=SMALL, quiet=True)
+        calibrate(model, out, options=options, quiet=True)
     finally:
         import torch.distributed as dist
 
         dist.destroy_process_group()
 
 
-def test_data_parallel_calibration_equals_one_process(tmp_path, model_dir, stats_dir):
-    """torchrun-style: 2 gloo processes split the batches and sum the statistics."""
+def test_data_parallel_calibration_equals_one_process(tmp_path, model_dir):
+    """torchrun-style: 2 gloo processes split the batches and sum the statistics (the backward
+    sweep's included)."""
     import socket
 
     import torch.multiprocessing as mp
 
+    options = EVERY
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_calibrate_as_rank, args=(port, str(model_dir), str(tmp_path / "dp")), nprocs=2, join=True)
-    two, one = Calibration(tmp_path / "dp"), Calibration(stats_dir)
+    mp.spawn(
+        _calibrate_as_rank, args=(port, str(model_dir), str(tmp_path / "dp"), options), nprocs=2, join=True
+    )
+    two = Calibration(tmp_path / "dp")
+    one = calibrate(model_dir, tmp_path / "one", options=options, quiet=True)
     assert two.info["processes"] == 2 and two.info["mixture"] == one.info["mixture"]
     for index in one.layers:
         a, b = two.layer(index).tensors(), one.layer(index).tensors()
         assert a.keys() == b.keys()
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=1e-9, atol=1e-9, msg=name)
-    assert not [p for p in (tmp_path / "dp").iterdir() if p.name.startswith("resume")]
+    assert not [p for p in (tmp_path / "dp").iterdir() if p.name.startswith(("resume", "tape"))]
 
 
 @pytest.mark.slow
@@ -347,14 +357,16 @@ def test_every_method_on_every_transformers_family(tmp_path, family):
     """Each method through `compress` on a tiny checkpoint of each family, from one calibration;
     every output passes the writer's checks (strict transformers reload included)."""
     source = hf_model(tmp_path / "src", family)
-    stats = calibrate(source, tmp_path / "stats", options=SMALL, quiet=True).directory
+    stats = calibrate(source, tmp_path / "stats", options=EVERY, quiet=True).directory
     for method in sorted(METHODS):
         domains = ["code"] if method == "premoe" else None
         report = compress(
             source, tmp_path / method, method=method, ratio=0.5, stats=stats, domains=domains, quiet=True
         )
+        kept = 2 if METHODS[method].narrows else 1  # narrowing keeps every expert
         assert report["complete"] and all(
-            (len(e["kept"]) + len(e["merge_groups"])) * 2 == e["experts"] for e in report["layers"].values()
+            (len(e["kept"]) + len(e["merge_groups"])) * 2 == e["experts"] * kept
+            for e in report["layers"].values()
         )
 
 

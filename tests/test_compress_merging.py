@@ -224,7 +224,7 @@ def test_mc_smoe_low_rank_stage():
         U, S, Vh = torch.linalg.svd(W)
         torch.testing.assert_close(compressed.edit.view.experts.gate[g], (U[:, :2] * S[:2]) @ Vh[:2])
     notes = compressed.notes
-    assert notes["factored_parameters"] == 2 * 3 * 2 * (5 + 8)  # 2 experts x 3 matrices x r (out + in)
+    assert notes["compact_parameters"] == 2 * 3 * 2 * (5 + 8)  # 2 experts x 3 matrices x r (out + in)
     assert notes["stored_parameters"] == 2 * 3 * 5 * 8
 
 
@@ -370,7 +370,7 @@ def test_sub_moe_reports_the_factored_size():
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5), dtype=F64).float()
     decision = get_method("sub_moe", rank=2).decide(view, stats_with([1, 9, 5, 4, 2, 3], inputs=x), Target(3))
     # per group and matrix: min(r, out, m * in) * (out + in); gate/up are 5 x 8, down 8 x 5
-    assert decision.notes["factored_parameters"] == 3 * 3 * 2 * (5 + 8)
+    assert decision.notes["compact_parameters"] == 3 * 3 * 2 * (5 + 8)
     assert decision.notes["stored_parameters"] == 3 * 3 * 5 * 8
 
 

@@ -27,7 +27,15 @@ from reference import (
 )
 
 from moelab.compress.methods import METHODS, Target, get_method, plan_target, select_top
-from moelab.compress.observers import OBSERVERS, SKIP_BINS, Tokens, combine, eager_moe, per_expert
+from moelab.compress.observers import (
+    DEFAULT_OBSERVERS,
+    OBSERVERS,
+    SKIP_BINS,
+    Tokens,
+    combine,
+    eager_moe,
+    per_expert,
+)
 from moelab.compress.stats import LayerStats, layer_stats
 from moelab.hf.edit import masked_moe_layer
 from moelab.hf.native import moe_layer_from_view
@@ -107,7 +115,7 @@ def make_batches(D: int, sizes: list[int], S: int, dtype: torch.dtype, seed: int
 # ----------------------------------------------------------------------------- naive statistics
 
 
-def observe(layer: MoELayer, batches: list[Batch], S: int, options: dict, names=tuple(OBSERVERS)) -> dict:
+def observe(layer: MoELayer, batches: list[Batch], S: int, options: dict, names=DEFAULT_OBSERVERS) -> dict:
     """The observers' results after seeing every batch (the decoder layer's output being h + block)."""
     E, D = layer.router.weight.shape
     observers = [OBSERVERS[n](E, S, D, options) for n in names]
@@ -662,8 +670,10 @@ def test_random_is_seeded_per_layer():
 
 
 def test_every_method_is_covered():
-    """Scoring methods here; NAEE, random below; the merging methods in test_compress_merging.py."""
-    assert set(METHODS) == {m for m, *_ in HAND} | {"random", "naee"} | {"m_smoe", "hc_smoe", "sub_moe"}
+    """Scoring methods here; NAEE, random below; the merging methods in test_compress_merging.py;
+    HEAPr in test_compress_heapr.py."""
+    merging, narrowing = {"m_smoe", "hc_smoe", "sub_moe"}, {"heapr"}
+    assert set(METHODS) == {m for m, *_ in HAND} | {"random", "naee"} | merging | narrowing
 
 
 def test_select_top():
@@ -988,7 +998,7 @@ def test_statistics_properties(case, sample):
         for b in batches:
             tol = 1e-5 if kw["dtype"] == torch.float32 else 3e-2
             assert_close(eager_moe(layer, b.x).output.float(), layer(b.x)[0].float(), atol=tol, rtol=tol)
-    names = tuple(n for n in OBSERVERS if n != "inputs" or sample)
+    names = tuple(n for n in DEFAULT_OBSERVERS if n != "inputs" or sample)
     got = observe(layer, batches, S, {"total_tokens": T, "sample_tokens": sample}, names)
     tokens = got["tokens"]
     assert float(tokens.sum()) == T

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -275,10 +276,28 @@ CalibTokensOpt = Annotated[int, typer.Option("--calib-tokens", min=1, help="Cali
 SampleTokensOpt = Annotated[int, typer.Option("--sample-tokens", min=0, help="MoE inputs kept per layer for methods that re-run layers (NAEE).")]
 
 
-def _calibration_options(tokens: int, seq_len: int, batch_size: int, sample_tokens: int):
+def _calibration_options(tokens: int, seq_len: int, batch_size: int, sample_tokens: int, backward: bool = False):
     from moelab.compress import CalibrationOptions
+    from moelab.compress.observers import DEFAULT_OBSERVERS
 
-    return CalibrationOptions(tokens=tokens, seq_len=seq_len, batch_size=batch_size, sample_tokens=sample_tokens)
+    observers = DEFAULT_OBSERVERS + (("neurons",) if backward else ())
+    return CalibrationOptions(tokens=tokens, seq_len=seq_len, batch_size=batch_size, sample_tokens=sample_tokens,
+                              observers=observers)
+
+
+def _method_options(pairs: list[str] | None) -> dict:
+    """KEY=VALUE strings as method options; values are read as JSON where they parse (numbers,
+    true/false/null), else kept as strings."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option takes KEY=VALUE (e.g. layout=padded), got {pair!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
 
 
 @app.command()
@@ -290,6 +309,7 @@ def calibrate(
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
     sample_tokens: SampleTokensOpt = 1024,
+    backward: Annotated[bool, typer.Option("--backward", help="Also run the backward sweep: the per-neuron gradient statistics HEAPr needs (a loss gradient carried down layer by layer; about three times the time).")] = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -297,7 +317,7 @@ def calibrate(
     from moelab.compress import calibrate as run_calibrate
     from moelab.models.reference import reference_model_dir
 
-    options = _calibration_options(tokens, seq_len, batch_size, sample_tokens)
+    options = _calibration_options(tokens, seq_len, batch_size, sample_tokens, backward)
     stats = run_calibrate(model or reference_model_dir(), out, calib=calib or "corpus", options=options,
                           overwrite=overwrite, quiet=quiet)
     info = stats.info
@@ -309,14 +329,17 @@ def calibrate(
 @app.command()
 def compress(
     model: ModelArg = None,
-    method: Annotated[str, typer.Option("--method", help="frequency, soft_count, router_weight, ean, reap, easy_ep, premoe, naee, random.")] = "reap",
-    ratio: Annotated[float, typer.Option("--ratio", help="Fraction of each MoE layer's routed experts to remove, in (0, 1).")] = 0.25,
+    method: Annotated[str, typer.Option("--method", help="pruning: frequency, soft_count, router_weight, ean, reap, easy_ep, premoe, naee, random; merging: m_smoe, hc_smoe, sub_moe; neurons: heapr.")] = "reap",
+    ratio: Annotated[float, typer.Option("--ratio", help="Fraction of each MoE layer's routed experts (heapr: of their parameters) to remove, in (0, 1).")] = 0.25,
+    option: Annotated[list[str] | None, typer.Option("--option", help="A method option KEY=VALUE (repeatable): m_smoe align, mc_rank, mc_sparse; hc_smoe linkage, router_rule; sub_moe rank, seed; heapr layout; random seed.")] = None,
     out: Annotated[Path, typer.Option("--out", help="New directory for the compressed checkpoint.")] = Path("compressed"),
     calib: CalibOpt = None,
     stats: Annotated[Path | None, typer.Option("--stats", help="Reuse these calibration statistics (moelab calibrate, or an earlier output's moelab_calibration/).")] = None,
     domains: Annotated[list[str] | None, typer.Option("--domain", help="Score experts on these calibration domains only (repeatable; domain-specific pruning).")] = None,
     protect_super_experts: Annotated[bool, typer.Option("--protect-super-experts", help="Never drop an expert the Super Experts rule flags.")] = False,
     budget: Annotated[str, typer.Option("--budget", help="layer: the same ratio in every layer; global: rank scores across layers (refused when layers would differ).")] = "layer",
+    recalibrate_router: Annotated[int, typer.Option("--recalibrate-router", min=0, help="Afterwards, fit each edited layer's router for this many Adam steps to reproduce the original layer's output (0: off).")] = 0,
+    router_lr: Annotated[float, typer.Option("--router-lr", help="Learning rate of the router re-calibration.")] = 1e-3,
     tokens: CalibTokensOpt = 16384,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
@@ -326,15 +349,18 @@ def compress(
 ) -> None:
     """Remove experts with a compression method and write a checkpoint transformers loads unchanged."""
     from moelab.compress import compress as run_compress
+    from moelab.compress.router_fit import RouterFit
     from moelab.models.reference import reference_model_dir
 
     options = _calibration_options(tokens, seq_len, batch_size, sample_tokens)
     report = run_compress(model or reference_model_dir(), out, method=method, ratio=ratio, calib=calib,
                           stats=stats, calib_options=options, protect_super_experts=protect_super_experts,
-                          domains=domains, budget=budget, overwrite=overwrite, quiet=quiet)
+                          domains=domains, budget=budget, method_options=_method_options(option),
+                          router_fit=RouterFit(recalibrate_router, router_lr), overwrite=overwrite, quiet=quiet)
     before, after = report["parameters"]["before"]["total"], report["parameters"]["after"]["total"]
     stability = report["stability_jaccard"]
-    console.print(f"wrote {out}: {method} removed {ratio:.0%} of the experts, {before:,} -> {after:,} parameters"
+    what = "of the routed experts' parameters" if method == "heapr" else "of the experts"
+    console.print(f"wrote {out}: {method} removed {ratio:.0%} {what}, {before:,} -> {after:,} parameters"
                   + ("" if stability is None else f"; kept-set stability (Jaccard of two data halves) {stability:.2f}")
                   + f"; report in {out / 'moelab_compression.json'}")
 

@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from moelab.compress.distributed import agreed, join_torchrun, reduce_statistics
+from moelab.compress.gradients import backward_sweep, save_tape
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture, build_mixture
-from moelab.compress.observers import DEFAULT_OBSERVERS, MAXIMA, OBSERVERS, MoECall, Tokens, eager_moe
+from moelab.compress.observers import DEFAULT_OBSERVERS, OBSERVERS, MoECall, Tokens, eager_moe
 from moelab.compress.stats import (
     KIND,
     RESUME_NAME,
@@ -122,20 +124,6 @@ def calibrate(
     return Calibration(out)
 
 
-def join_torchrun() -> tuple[int, int]:
-    """(rank, world size): of the process group torchrun set up (joined here if needed; gloo on
-    CPU, NCCL on CUDA), or (0, 1) outside torchrun."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
-
-
 def calibration_mixture(
     model: str | os.PathLike, calib: str | list[str], options: CalibrationOptions
 ) -> Mixture:
@@ -189,20 +177,25 @@ def run_calibration(
         tokens = [_tokens(batch) for batch in windows]
         resume_file = directory / (RESUME_NAME if world == 1 else f"resume-{rank}-of-{world}.safetensors")
         start = previous["done"] + 1 if same_job and resume_file.is_file() else 0
-        start = _agreed(start, world, "min")
-        if start > 0:
+        start = agreed(start, world, "min")
+        if 0 < start < runner.num_layers:
             saved = load_safetensors(resume_file)
             states = [saved[f"batch{b}"].to(dtype) for b in range(len(states))]
-        elif rank == 0:
+        elif start == 0 and rank == 0:
             clear_staging(directory)
         seconds = previous.get("seconds", 0.0) if start > 0 else 0.0
         coverage = dict(previous.get("coverage", {})) if start > 0 else {}
         info |= {"done": start - 1, "complete": False, "seconds": seconds}
+        if start == runner.num_layers and "backward_next" in previous:  # killed in the backward sweep
+            info["backward_next"] = previous["backward_next"]
         if rank == 0:
             write_info(directory, info)
+        backward = [name for name in options.observers if OBSERVERS[name].backward]
         began, snapped = time.perf_counter() - seconds, time.perf_counter()
         layers = range(start, runner.num_layers)
         for index in tqdm(layers, desc=f"calibrate {model.name}", unit="layer", disable=quiet):
+            if backward:
+                save_tape(directory, rank, world, index, states)
             stats = _calibrate_layer(runner, index, states, tokens, mixture, options, world)
             if stats is not None:
                 coverage[str(index)] = int((stats.counts.sum((0, 1)) < COVERAGE_MIN_TOKENS).sum())
@@ -211,13 +204,32 @@ def run_calibration(
             now = time.perf_counter()
             last = index == runner.num_layers - 1
             info |= {"seconds": round(now - began, 3), "coverage": coverage}
-            if last or _agreed(now - snapped >= options.snapshot_seconds, world, "max"):
+            if last or agreed(now - snapped >= options.snapshot_seconds, world, "max"):
                 if not last:
                     save_safetensors({f"batch{b}": s.contiguous() for b, s in enumerate(states)}, resume_file)
+                elif backward:
+                    save_tape(directory, rank, world, index + 1, states)
                 info["done"] = index
                 if rank == 0:
                     write_info(directory, info)
                 snapped = now
+        if backward:
+            del states
+            backward_sweep(
+                runner,
+                directory,
+                [torch.stack([w.ids for w in batch]) for batch in windows],
+                tokens,
+                names=backward,
+                num_sources=len(mixture.sources),
+                predicted_tokens=sum(w.ids.numel() - 1 for w in mixture.windows),
+                info=info,
+                resume_file=resume_file,
+                snapshot_seconds=options.snapshot_seconds,
+                rank=rank,
+                world=world,
+                quiet=quiet,
+            )
         elapsed = time.perf_counter() - began
         info |= {
             "done": runner.num_layers - 1,
@@ -249,7 +261,11 @@ def _calibrate_layer(
     if view is not None:
         E, D = view.router.weight.shape
         extra = {"total_tokens": mixture.num_tokens, "sample_tokens": options.sample_tokens}
-        names = [n for n in options.observers if n != "inputs" or options.sample_tokens]
+        names = [
+            n
+            for n in options.observers
+            if not OBSERVERS[n].backward and (n != "inputs" or options.sample_tokens)
+        ]
         observers = [OBSERVERS[name](E, len(mixture.sources), D, extra) for name in names]
     with runner.layer(index, run_moe=run_moe if view is not None else None) as run:
         for b, hidden in enumerate(states):
@@ -261,23 +277,8 @@ def _calibrate_layer(
     if view is None:
         return None
     results = {k: v for observer in observers for k, v in observer.result().items()}
-    if world > 1:
-        import torch.distributed as dist
-
-        for name, value in results.items():
-            dist.all_reduce(value, op=dist.ReduceOp.MAX if name in MAXIMA else dist.ReduceOp.SUM)
+    reduce_statistics(results, world)
     return layer_stats(index, tuple(mixture.source_names), results)
-
-
-def _agreed(value, world: int, how: str):
-    """`value` (a number or a bool) agreed over the process group: its min or max."""
-    if world == 1:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor(float(value), dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN if how == "min" else dist.ReduceOp.MAX)
-    return type(value)(t.item())
 
 
 def _tokens(batch) -> Tokens:

@@ -37,6 +37,9 @@ class MoECall:
     output f_e(x) (f_e(w x) for experts that take the weight on their input, Llama 4), zeros in
     empty slots; shared: [T, D] the shared experts' output (None without), shared_down: [T, D]
     their down projection before any gate; scale_input: the experts took the weight on their input.
+    In the backward sweep (`eager_moe(..., keep_hidden=True)`) also hidden: [T, K, I] each slot's
+    hidden activation (what its down projection sees) and grad_hidden: [T, K, I] the loss's
+    gradient with respect to it, filled in when the backward pass reaches it; zeros in empty slots.
     """
 
     x: Tensor
@@ -45,6 +48,8 @@ class MoECall:
     shared: Tensor | None
     shared_down: Tensor | None
     scale_input: bool = False
+    hidden: Tensor | None = None
+    grad_hidden: Tensor | None = None
 
     @property
     def contributions(self) -> Tensor:
@@ -76,8 +81,10 @@ class Tokens:
     position: Tensor
 
 
-def eager_moe(moe: MoELayer, x: Tensor) -> MoECall:
-    """Compute `moe` on x [..., D] expert by expert (dropless), keeping each slot's output."""
+def eager_moe(moe: MoELayer, x: Tensor, *, keep_hidden: bool = False) -> MoECall:
+    """Compute `moe` on x [..., D] expert by expert (dropless), keeping each slot's output; with
+    keep_hidden (under autograd, for the backward sweep) also each slot's hidden activation, and
+    its gradient once the backward pass has run."""
     x = x.reshape(-1, x.shape[-1])
     routing = moe.router(x)
     T, K = routing.indices.shape
@@ -85,7 +92,23 @@ def eager_moe(moe: MoELayer, x: Tensor) -> MoECall:
     batch = LocalDispatcher().dispatch(x, routing.weights, plan)
     experts = moe.experts
     scale_input = getattr(experts, "scale_input", False)  # f(w x): the weight is the input's
-    rows = experts(batch.rows, batch.counts, batch.row_weights if scale_input else None)
+    row_weights = batch.row_weights if scale_input else None
+    hidden = grad_hidden = None
+    if keep_hidden:
+        rows_hidden = experts.hidden(batch.rows, batch.counts, row_weights)
+        rows = experts.project(rows_hidden, batch.counts)
+        hidden = x.new_zeros(T * K, rows_hidden.shape[1])
+        hidden[plan.slots] = rows_hidden.detach()
+        slot_grads = torch.zeros_like(hidden)
+
+        def keep_grad(g: Tensor) -> None:  # returns nothing: the gradient flows on unchanged
+            slot_grads.index_copy_(0, plan.slots, g)
+
+        if rows_hidden.requires_grad:
+            rows_hidden.register_hook(keep_grad)
+        hidden, grad_hidden = hidden.view(T, K, -1), slot_grads.view(T, K, -1)
+    else:
+        rows = experts(batch.rows, batch.counts, row_weights)
     outputs = x.new_zeros(T * K, x.shape[-1])
     outputs[plan.slots] = rows
     del rows
@@ -93,7 +116,7 @@ def eager_moe(moe: MoELayer, x: Tensor) -> MoECall:
     if moe.shared is not None:
         shared_down = SwiGLU.forward(moe.shared, x)
         shared = shared_down if moe.shared.gate is None else torch.sigmoid(moe.shared.gate(x)) * shared_down
-    return MoECall(x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input)
+    return MoECall(x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input, hidden, grad_hidden)
 
 
 class Observer:
@@ -102,6 +125,7 @@ class Observer:
 
     name: str = ""
     fields: tuple[str, ...] = ()
+    backward: bool = False  # sees the backward sweep's calls (with hidden and grad_hidden)
 
     def __init__(self, num_experts: int, num_sources: int, dim: int, options: dict):
         self.E, self.S, self.D = num_experts, num_sources, dim
@@ -253,10 +277,42 @@ class InputSample(Observer):
         return {"inputs": self.inputs}
 
 
+class NeuronObserver(Observer):
+    """HEAPr's per-neuron terms, from the backward sweep (the gradient of the mean next-token loss
+    over the calibration tokens): neuron_act_sums [H, S, E, I] sums each routed token's squared
+    hidden activation h_j^2, neuron_grad_sums [H, S, E, I] the squared gradient (dL/dh_j)^2 =
+    (w_j . g)^2, g the gradient at the expert's output (w_j: column j of its down projection).
+    options: hidden_dim (I)."""
+
+    name = "neurons"
+    fields = ("neuron_act_sums", "neuron_grad_sums")
+    backward = True
+
+    def __init__(self, num_experts: int, num_sources: int, dim: int, options: dict):
+        super().__init__(num_experts, num_sources, dim, options)
+        shape = (HALVES * self.S * self.E, options["hidden_dim"])
+        self.sums = {name: torch.zeros(shape, dtype=torch.float64) for name in self.fields}
+
+    def update(self, call: MoECall, tokens: Tokens, layer_output: Tensor) -> None:
+        r = call.routing
+        chosen = (r.indices >= 0).flatten().cpu()
+        group = tokens.half * self.S + tokens.source  # [T]
+        cell = (group[:, None] * self.E + r.indices.clamp(min=0).cpu()).flatten()[
+            chosen
+        ]  # half/source/expert
+        for name, values in (("neuron_act_sums", call.hidden), ("neuron_grad_sums", call.grad_hidden)):
+            squares = values.reshape(-1, values.shape[-1]).double().cpu()[chosen].square()
+            self.sums[name].index_add_(0, cell, squares)
+
+    def result(self) -> dict[str, Tensor]:
+        return {name: total.view(HALVES, self.S, self.E, -1) for name, total in self.sums.items()}
+
+
 OBSERVERS: dict[str, type[Observer]] = {
-    cls.name: cls for cls in (RoutingObserver, OutputObserver, ContributionObserver, InputSample)
+    cls.name: cls
+    for cls in (RoutingObserver, OutputObserver, ContributionObserver, InputSample, NeuronObserver)
 }
-DEFAULT_OBSERVERS = tuple(OBSERVERS)
+DEFAULT_OBSERVERS = tuple(name for name, cls in OBSERVERS.items() if not cls.backward)
 
 
 MAXIMA = ("max_output", "shared_max")  # every other statistic is a sum (samples: zeros where not taken)

@@ -14,6 +14,7 @@ decisions already made are kept, so the result is the same as an uninterrupted r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -27,9 +28,10 @@ import moelab
 from moelab.analyze.stats import super_experts
 from moelab.compress.calibration import CalibrationOptions, calibration_mixture, run_calibration
 from moelab.compress.methods import LayerDecision, Method, ScoringMethod, Target, get_method, plan_target
-from moelab.compress.methods.base import check_protected
+from moelab.compress.methods.base import check_protected, experts_worth_kept
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture
 from moelab.compress.observers import OBSERVERS
+from moelab.compress.router_fit import RouterFit, refit_router
 from moelab.compress.stats import Calibration, LayerStats, fingerprint
 from moelab.eval.evaluate import parameter_counts
 from moelab.hf.adapters import resolve
@@ -60,6 +62,7 @@ def compress(
     domains: Sequence[str] | None = None,
     budget: str = "layer",
     method_options: dict[str, Any] | None = None,
+    router_fit: RouterFit | None = None,
     overwrite: bool = False,
     reload: bool = True,
     quiet: bool = False,
@@ -72,7 +75,8 @@ def compress(
     protect_super_experts: never drop an expert the Super Experts rule flags; domains: compute
     scores on these calibration sources only (PreMoe, EASY-EP: domain-specific pruning);
     budget: "layer" (the same ratio in every layer) or "global" (scores ranked across layers:
-    refused when it gives layers different expert counts, which no target format stores).
+    refused when it gives layers different expert counts, which no target format stores);
+    router_fit: re-calibrate every edited layer's router afterwards (`moelab.compress.router_fit`).
     Returns the report (also in out/moelab_compression.json)."""
     started = time.perf_counter()
     model = Path(model)
@@ -81,18 +85,22 @@ def compress(
         raise ValueError(f"budget must be one of {list(BUDGETS)}, got {budget!r}")
     if budget == "global" and not isinstance(chosen, ScoringMethod):
         raise ValueError(f"a global budget ranks scores across layers; {method!r} does not score experts")
-    layers = _router_views(model)  # checks before any calibration: shapes only, no weights read
-    keep = {i: plan_target(router, ratio, f"layer {i}: ") for i, router in layers.items()}
+    layers = _router_views(model, chosen)  # checks before any calibration: shapes only, no weights read
+    if chosen.narrows:  # every expert stays; keep: how many experts' worth of parameters
+        keep = {i: experts_worth_kept(r.num_experts, ratio, f"layer {i}: ") for i, r in layers.items()}
+    else:
+        keep = {i: plan_target(router, ratio, f"layer {i}: ") for i, router in layers.items()}
+    fit = router_fit or RouterFit()
+    needs = chosen.needs + (("inputs",) if fit.steps else ())
     options = calib_options or CalibrationOptions()
-    missing = [name for name in chosen.needs if name not in options.observers]
-    if stats is None and missing:
-        raise ValueError(f"{method!r} needs the {missing} statistics; calibrate with those observers")
+    missing = tuple(dict.fromkeys(name for name in needs if name not in options.observers))
+    options = dataclasses.replace(options, observers=options.observers + missing)
     inputs = [model, stats]
     timings: dict[str, float] = {}
     with StagedOutput(out, CHECKPOINT_KIND, inputs=inputs, overwrite=overwrite, resume=True) as staging:
         begin = time.perf_counter()
         calibration = _statistics(model, staging, calib, stats, options, quiet)
-        _check_needs(chosen, calibration)
+        _check_needs(chosen.name, needs, calibration)
         timings["calibration_s"] = round(time.perf_counter() - begin, 3)
         protect = _protected(calibration) if protect_super_experts else {}
         sources = tuple(domains) if domains else None
@@ -101,10 +109,14 @@ def compress(
             check_protected(layers[i], target.keep, target.protect, f"layer {i}: ")
         begin = time.perf_counter()
         report = _report(
-            model, out, chosen, ratio, calibration, stats, protect_super_experts, protect, sources, budget
+            model, out, chosen, ratio, calibration, stats, protect_super_experts, protect, sources, budget, fit
         )
         decisions = _decide(model, staging, chosen, calibration, targets, budget, report, quiet)
         timings["decisions_s"] = round(time.perf_counter() - begin, 3)
+        if fit.steps:
+            begin = time.perf_counter()
+            _refit_routers(model, decisions, calibration, fit, report, quiet)
+            timings["router_fit_s"] = round(time.perf_counter() - begin, 3)
         begin = time.perf_counter()
         edits = {i: d.edit for i, d in decisions.items()}
         write_edited(model, staging, edits, reload=reload, quiet=quiet, name=Path(out).name)
@@ -118,21 +130,32 @@ def compress(
 
 def _after(staging: Path, report: dict[str, Any]) -> dict[str, int]:
     """The written checkpoint's parameter counts; where layers were written at full width but
-    are factored (MC-SMoE's low rank, Sub-MoE's subspace), also "total_factored": the count of
-    the factored form."""
+    are smaller in a compact form (MC-SMoE's low rank, Sub-MoE's subspace, HEAPr's zeroed
+    neurons), also "total_compact": the count in that form."""
     after = parameter_counts(staging)
-    notes = [e["notes"] for e in report["layers"].values() if "factored_parameters" in e["notes"]]
+    notes = [e["notes"] for e in report["layers"].values() if "compact_parameters" in e["notes"]]
     if notes:
-        after["total_factored"] = after["total"] - sum(
-            n["stored_parameters"] - n["factored_parameters"] for n in notes
+        after["total_compact"] = after["total"] - sum(
+            n["stored_parameters"] - n["compact_parameters"] for n in notes
         )
     return after
 
 
-def _router_views(model: Path) -> dict[int, Any]:
-    """{MoE layer: its RouterView}, read from shard headers only."""
+def _router_views(model: Path, method: Method) -> dict[int, Any]:
+    """{MoE layer: its RouterView}, read from shard headers only; settles the method's automatic
+    options for the checkpoint and refuses one that narrows experts on a family whose shared
+    experts' width follows theirs."""
+    config, checkpoint, family = resolve(model)
+    checkpoint.close()
     with _view(model, shapes_only=True) as view:
         layers = {i: view.layer(i) for i in range(view.num_layers)}
+    shared = any(isinstance(layer, MoELayerView) and layer.shared is not None for layer in layers.values())
+    method.settle(width_fixed=family.shared_width_follows and shared)
+    if method.changes_width and family.shared_width_follows and shared:
+        raise ValueError(
+            f"{method.name} with these options makes the routed experts narrower, but {family.name}'s shared experts "
+            f"take their width from the same config key; use an option that keeps the width (heapr: layout='padded')"
+        )
     routers = {i: layer.router for i, layer in layers.items() if isinstance(layer, MoELayerView)}
     if not routers:
         raise ValueError(f"{model} has no MoE layers; there are no experts to remove")
@@ -161,15 +184,16 @@ def _statistics(
     return Calibration(directory)
 
 
-def _check_needs(method: Method, calibration: Calibration) -> None:
+def _check_needs(method: str, needs: tuple[str, ...], calibration: Calibration) -> None:
     have = calibration.info["settings"]["observers"]
     if calibration.info["settings"].get("sample_tokens", 0) == 0:
         have = [n for n in have if n != "inputs"]
-    missing = [n for n in method.needs if n not in have]
+    missing = [n for n in needs if n not in have]
     if missing:
         raise ValueError(
-            f"{method.name!r} needs the {missing} statistics, which {calibration.directory} lacks; calibrate "
-            f"again with them (observers: {list(OBSERVERS)}; NAEE also needs sample_tokens > 0)"
+            f"{method!r} (with these options) needs the {missing} statistics, which {calibration.directory} lacks; "
+            f"calibrate again with them (observers: {list(OBSERVERS)}; 'neurons' is the backward sweep, `moelab "
+            "calibrate --backward`; 'inputs' (NAEE, router re-calibration) needs sample_tokens > 0)"
         )
 
 
@@ -212,9 +236,10 @@ def _decide(
         stats = {i: calibration.layer(i) for i in targets}
         if budget == "global":
             _check_global_budget(method, view, stats, targets)
+        method.prepare(stats, targets)
         decisions = {}
         for index in tqdm(sorted(targets), desc=f"{method.name}", unit="layer", disable=quiet):
-            if str(index) in done and not method.merges:  # merges are recomputed (deterministically)
+            if str(index) in done and not method.rewrites:  # new tensors are recomputed (deterministically)
                 entry = done[str(index)]
                 decisions[index] = LayerDecision(
                     LayerEdit.keep(entry["kept"]), entry["kept"], entry.get("scores")
@@ -233,6 +258,23 @@ def _decide(
     return decisions
 
 
+def _refit_routers(
+    model: Path,
+    decisions: dict[int, LayerDecision],
+    calibration: Calibration,
+    fit: RouterFit,
+    report: dict[str, Any],
+    quiet: bool,
+) -> None:
+    """Replace every decision's edit by one with its router re-calibrated; the losses go to the
+    layer's report notes. Recomputed on resume (deterministic)."""
+    with _view(model, shapes_only=False) as view:
+        for index in tqdm(sorted(decisions), desc="router fit", unit="layer", disable=quiet):
+            decision = decisions[index]
+            decision.edit, notes = refit_router(view.layer(index), decision.edit, calibration.layer(index).inputs, fit)
+            report["layers"][str(index)]["notes"]["router_fit"] = notes
+
+
 _JOB_KEYS = (
     "source_fingerprint",
     "method",
@@ -242,11 +284,12 @@ _JOB_KEYS = (
     "protected",
     "sources",
     "budget",
+    "router_fit",
 )
 
 
 def _report(
-    model, out, method, ratio, calibration, stats, protect_super, protect, sources, budget
+    model, out, method, ratio, calibration, stats, protect_super, protect, sources, budget, fit
 ) -> dict[str, Any]:
     info = calibration.info
     return {
@@ -258,6 +301,7 @@ def _report(
         "options": method.options(),
         "ratio": ratio,
         "budget": budget,
+        "router_fit": dataclasses.asdict(fit),
         "sources": list(sources) if sources else None,
         "calibration": {
             "statistics": str(Path(stats).resolve()) if stats is not None else STATS_DIR,

@@ -42,7 +42,8 @@ class LayerStats:
 
     tokens [H, S]; counts, soft_counts, gate_sums, premoe_sums, ean_sums, reap_sums,
     easyep_sums [H, S, E] (see `moelab.compress.observers` for what each sums); max_output [E];
-    shared_max [1]; skip_ratios [B]; logit_gram [E, E]; inputs [N, D] (empty when not sampled).
+    shared_max [1]; skip_ratios [B]; logit_gram [E, E]; neuron_act_sums, neuron_grad_sums
+    [H, S, E, I] (HEAPr's terms, from the backward sweep); inputs [N, D] (empty when not sampled).
     Fields of observers that did not run are None.
     """
 
@@ -55,6 +56,8 @@ class LayerStats:
     premoe_sums: Tensor
     skip_ratios: Tensor
     logit_gram: Tensor | None = None
+    neuron_act_sums: Tensor | None = None
+    neuron_grad_sums: Tensor | None = None
     ean_sums: Tensor | None = None
     reap_sums: Tensor | None = None
     max_output: Tensor | None = None

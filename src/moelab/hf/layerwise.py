@@ -96,13 +96,7 @@ class LayerwiseModel:
         the layer's output [B, S, D]. run_moe(moe, x [..., D]) -> y computes its MoE block
         (default: the MoELayer itself); it gets the routed experts in their stored dtype (the
         grouped kernels cast one expert at a time), so a layer never holds a second copy."""
-        if not self._calls:
-            raise RuntimeError("call embed() first: the layers' inputs are recorded there")
-        module = self._layers[index]
-        prefix = f"{self._layers_name}.{index}."
-        restore = self._swap_moe_block(index, module, run_moe)
-        try:
-            self._load(module, prefix, skip=restore[1] if restore else None)
+        with self._loaded(index, run_moe, cast_experts=run_moe is None) as module:
 
             def run(batch: int, hidden: Tensor) -> Tensor:
                 args, kwargs = self._calls[batch][index]
@@ -111,6 +105,68 @@ class LayerwiseModel:
                 return out[0] if isinstance(out, tuple) else out
 
             yield run
+
+    @contextlib.contextmanager
+    def layer_backward(
+        self, index: int, *, run_moe: RunMoE | None = None
+    ) -> Iterator[Callable[[int, Tensor, Tensor], Tensor]]:
+        """Decoder layer `index` for the backward sweep: yields vjp(batch number, hidden [B, S, D],
+        grad_out [B, S, D]) -> grad_in [B, S, D], the gradient with respect to the layer's input
+        given the one with respect to its output (the layer is recomputed under autograd; its
+        weights, the experts cast to `dtype`, need no gradient)."""
+        with self._loaded(index, run_moe, cast_experts=True) as module:
+
+            def vjp(batch: int, hidden: Tensor, grad_out: Tensor) -> Tensor:
+                args, kwargs = self._calls[batch][index]
+                with torch.enable_grad():
+                    x = hidden.detach().requires_grad_(True)
+                    out = module(x, *args, **kwargs)
+                    (grad,) = torch.autograd.grad(out[0] if isinstance(out, tuple) else out, x, grad_out)
+                return grad
+
+            yield vjp
+
+    def head_gradients(
+        self, batches: Sequence[Tensor], states: Sequence[Tensor], scale: float
+    ) -> list[Tensor]:
+        """The gradient of `scale` x the summed next-token cross-entropy of each batch of ids
+        [B, S] with respect to the last decoder layer's output states [B, S, D], computed by the
+        model's own final norm and output head (one sequence at a time)."""
+        grads = []
+        feed: list[Tensor] = []
+        with self._outside_layers(head=True), self._stand_ins([], feed=feed):
+            for ids, final in zip(batches, states):
+                grad = torch.empty_like(final)
+                for row in range(ids.shape[0]):
+                    with torch.enable_grad():
+                        h = final[row : row + 1].detach().requires_grad_(True)
+                        feed[:] = [h]
+                        out = (
+                            self.model(ids[row : row + 1])
+                            if self.family is NATIVE
+                            else self.model(input_ids=ids[row : row + 1], use_cache=False)
+                        )
+                        logits = out.logits[0, :-1]
+                        logits = logits.float() if logits.element_size() < 4 else logits  # bf16: in fp32
+                        loss = (
+                            torch.nn.functional.cross_entropy(logits, ids[row, 1:], reduction="sum") * scale
+                        )
+                        (grad[row : row + 1],) = torch.autograd.grad(loss, h)
+                grads.append(grad)
+        return grads
+
+    @contextlib.contextmanager
+    def _loaded(self, index: int, run_moe: RunMoE | None, *, cast_experts: bool) -> Iterator[nn.Module]:
+        """Decoder layer `index` with its weights read from disk and its MoE block swapped for
+        moelab's; freed again at the end."""
+        if not self._calls:
+            raise RuntimeError("call embed() first: the layers' inputs are recorded there")
+        module = self._layers[index]
+        prefix = f"{self._layers_name}.{index}."
+        restore = self._swap_moe_block(index, module, run_moe, cast_experts)
+        try:
+            self._load(module, prefix, skip=restore[1] if restore else None)
+            yield module
         finally:
             _to_meta(module)
             if restore is not None:
@@ -133,9 +189,10 @@ class LayerwiseModel:
 
     # ------------------------------------------------------------------ internals
 
-    def _swap_moe_block(self, index: int, module: nn.Module, run_moe: RunMoE | None):
-        """Put a moelab MoELayer (from the view) in place of layer `index`'s MoE block; returns
-        (parent, block name, original block) to put back, or None for a dense layer."""
+    def _swap_moe_block(self, index: int, module: nn.Module, run_moe: RunMoE | None, cast_experts: bool):
+        """Put a moelab MoELayer (from the view) in place of layer `index`'s MoE block, its
+        routed experts in `dtype` or (not cast_experts) as stored; returns (parent, block name,
+        original block) to put back, or None for a dense layer."""
         view = self.moe_view(index)
         if view is None:
             return None
@@ -145,9 +202,9 @@ class LayerwiseModel:
             view = dataclasses.replace(view, shared=None)  # the decoder layer adds its shared experts itself
         moe = moe_layer_from_view(view).eval()
         del view  # the layer holds the tensors now: converting it frees each stored tensor in turn
-        if run_moe is None:
+        if cast_experts:
             moe.to(self.dtype)
-        else:  # a caller computing the block gets the experts as stored, cast one expert at a time
+        else:  # the experts stay as stored, cast one expert at a time as they compute
             for part in (moe.router, moe.shared):
                 if part is not None:
                     part.to(self.dtype)
@@ -178,12 +235,14 @@ class LayerwiseModel:
             _set_tensor(module, name, self._ckpt.get(key).to(self.dtype))
 
     @contextlib.contextmanager
-    def _outside_layers(self):
+    def _outside_layers(self, *, head: bool = False):
         """The tensors outside the decoder layers (embedding, final norm, ...) while `embed` runs;
-        the output head stays on meta (it is never reached)."""
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        head = head if head is not None else getattr(self.model, "lm_head", None)
-        head_name = next((name for name, m in self.model.named_modules() if m is head), None)
+        the output head stays on meta unless `head` (`embed` never reaches it)."""
+        module = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        module = module if module is not None else getattr(self.model, "lm_head", None)
+        head_name = (
+            None if head else next((name for name, m in self.model.named_modules() if m is module), None)
+        )
         loaded = []
         for name, p in self.model.named_parameters():  # a tied head's weight is listed under the embedding
             if name.startswith(self._layers_name + ".") or (head_name and name.startswith(head_name + ".")):
@@ -201,9 +260,11 @@ class LayerwiseModel:
                 )
 
     @contextlib.contextmanager
-    def _stand_ins(self, recorded: list):
+    def _stand_ins(self, recorded: list, feed: list[Tensor] | None = None):
         """Replace every decoder layer's forward by one that records its inputs and passes the
-        hidden states through; the last one stops the forward pass."""
+        hidden states through; the last one stops the forward pass. With `feed`, layer 0 passes
+        on feed[0] instead of its input and the last one lets the pass go on to the output head
+        (the head sees feed[0] as the last layer's output)."""
         calls: list[tuple[tuple, dict]] = []
         first: list[Tensor] = []
         returns_tuple = self.family.layer_returns_tuple
@@ -213,8 +274,9 @@ class LayerwiseModel:
                 if index == 0:
                     calls.clear()
                     first[:] = [hidden_states]
+                    hidden_states = hidden_states if feed is None else feed[0]
                 calls.append((args, kwargs))
-                if index == self.num_layers - 1:
+                if index == self.num_layers - 1 and feed is None:
                     recorded.append((first[0], list(calls)))
                     raise _Stop
                 return (hidden_states, None, None) if returns_tuple else hidden_states

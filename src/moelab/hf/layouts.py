@@ -346,6 +346,9 @@ class Family:
     expert_settings(config): the ExpertsView fields besides tensors (activation, ...).
     expert_width: config keys for the routed experts' hidden width I (what the writer edits
         when experts get narrower).
+    shared_width_follows: the shared experts' width is computed from the same key (DeepSeek:
+        n_shared_experts x moe_intermediate_size; Llama 4: intermediate_size), so routed experts
+        cannot get narrower alone.
     block_returns: what the family's MoE block module returns in memory: "tensor" (y), "tuple"
         (y, router output: GPT-OSS, Llama 4) or "moelab" (y, MoEResult).
     layer_returns_tuple: its decoder layers return a tuple whose first item is the hidden states
@@ -362,6 +365,7 @@ class Family:
     num_layers: tuple[str, ...] = ("num_hidden_layers",)
     hidden_size: tuple[str, ...] = ("hidden_size",)
     expert_width: tuple[str, ...] = ("intermediate_size",)
+    shared_width_follows: bool = False
     block_returns: str = "tensor"
     layer_returns_tuple: bool = False
 

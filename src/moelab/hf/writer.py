@@ -162,7 +162,13 @@ class _Plan:
         for name in family.num_experts:
             _set_present(new_config, name, counts[moe_layers[0]])
         if any(edit.view is not None for edit in edits.values()):
-            width_key = config_entry(config, family.expert_width)[0]
+            width_key, before = config_entry(config, family.expert_width)
+            if family.shared_width_follows and widths[moe_layers[0]] != before:
+                raise ValueError(
+                    f"{family.name}'s shared experts take their width from {width_key} too, so the routed experts "
+                    f"cannot get narrower ({before} -> {widths[moe_layers[0]]}) on their own; keep their width "
+                    "(e.g. heapr with layout='padded' zeroes pruned neurons at full width)"
+                )
             _set_present(new_config, width_key, widths[moe_layers[0]])
         removed, home = set(), {}
         for index in edits:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.nn.grouped import ACTIVATIONS, BACKENDS, ClampedSwiGLU, grouped_mlp
+from moelab.nn.grouped import ACTIVATIONS, BACKENDS, Activation, ClampedSwiGLU, grouped_mlp
 
 
 class Experts(nn.Module):
@@ -82,6 +82,28 @@ class SwiGLUExperts(Experts):
             xs, counts, row_weights, self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias,
             activation=self.clamped or "silu", gated=True, backend=self.backend,
         )
+
+    def hidden(self, xs: Tensor, counts: Sequence[int], row_weights: Tensor | None = None) -> Tensor:
+        """[N, I] what each row's down projection sees (the gated activation), expert by expert
+        under plain autograd, weights cast to xs's dtype one expert at a time; row_weights only
+        matter with scale_input. `project(hidden(xs, counts), counts)` is `forward(xs, counts)`."""
+        self._check(xs)
+        if self.scale_input and row_weights is not None:
+            xs = xs * row_weights[:, None].to(xs.dtype)
+        act = Activation(self.clamped or "silu", gated=True)
+        parts = []
+        for e, rows in enumerate(xs.split(list(counts))):
+            bias = None if self.gate_up_bias is None else self.gate_up_bias[e].to(xs.dtype)
+            parts.append(act.forward(F.linear(rows, self.gate_up_proj[e].to(xs.dtype), bias)))
+        return torch.cat(parts)
+
+    def project(self, hidden: Tensor, counts: Sequence[int]) -> Tensor:
+        """[N, D] the down projection of hidden [N, I] (rows grouped by expert), expert by expert."""
+        parts = []
+        for e, rows in enumerate(hidden.split(list(counts))):
+            bias = None if self.down_bias is None else self.down_bias[e].to(hidden.dtype)
+            parts.append(F.linear(rows, self.down_proj[e].to(hidden.dtype), bias))
+        return torch.cat(parts)
 
 
 class MLPExperts(Experts):

@@ -70,7 +70,7 @@ class ClampedSwiGLU:
         return grad_gate, grad_up
 
 
-class _Act:
+class Activation:
     """The hidden activation as (forward(h), backward(grad_hidden, h) -> grad_h) of the first
     projection's output h: [n, H]. Gated: h = [gate | up]."""
 
@@ -114,7 +114,7 @@ def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) ->
 def _grouped_forward(xs, row_weights, w_in, b_in, w_out, b_out, counts, activation, gated, keep_pre):
     """The expert-by-expert forward. Returns ys [N, D] and, if keep_pre, each expert's
     pre-activation [n_e, H] (what the backward needs)."""
-    act = _Act(activation, gated)
+    act = Activation(activation, gated)
     ys = xs.new_empty(xs.shape[0], w_out.shape[1])
     pre = []
     for e, (start, end) in enumerate(_offsets(counts)):
@@ -147,7 +147,7 @@ class _GroupedMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ys):
         xs, row_weights, w_in, b_in, w_out, b_out, *pre = ctx.saved_tensors
-        act = _Act(ctx.activation, ctx.gated)
+        act = Activation(ctx.activation, ctx.gated)
         grad_ys = grad_ys.contiguous()  # e.g. the zero-stride gradient of ys.sum()
         need_x, need_rw, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:6]
         grad_xs = torch.empty_like(xs) if need_x else None
@@ -196,7 +196,7 @@ def _grouped(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gate
 
 
 def _loop(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated):
-    act = _Act(activation, gated)
+    act = Activation(activation, gated)
     E = w_in.shape[0]
     b_ins = [None] * E if b_in is None else b_in.unbind(0)
     b_outs = [None] * E if b_out is None else b_out.unbind(0)
@@ -230,7 +230,7 @@ def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, g
         or any(w * xs.element_size() % 16 for w in widths)
     ):
         return _grouped(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated)
-    act = _Act(activation, gated)
+    act = Activation(activation, gated)
     sizes = torch.tensor(list(counts), device=xs.device)
     offs = sizes.cumsum(0).to(torch.int32)
 

@@ -9,6 +9,7 @@ from moelab.compress.methods.ean import EAN
 from moelab.compress.methods.easy_ep import EasyEP
 from moelab.compress.methods.frequency import Frequency
 from moelab.compress.methods.hcsmoe import HCSMoE
+from moelab.compress.methods.heapr import HEAPr
 from moelab.compress.methods.msmoe import MSMoE
 from moelab.compress.methods.naee import NAEE
 from moelab.compress.methods.premoe import PreMoe
@@ -34,6 +35,7 @@ METHODS: dict[str, type[Method]] = {
         MSMoE,
         HCSMoE,
         SubMoE,
+        HEAPr,
     )
 }
 

@@ -70,7 +70,26 @@ class Method:
     summary: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ("routing",)
     needs_weights: ClassVar[bool] = False  # decide() reads the layer's tensors, not only its settings
-    merges: ClassVar[bool] = False  # its edits hold new expert tensors, not a subset of the old
+    merges: ClassVar[bool] = False  # its edits merge groups of experts into one each
+    narrows: ClassVar[bool] = False  # its edits keep every expert and remove neurons inside them
+
+    @property
+    def changes_width(self) -> bool:
+        """Its edits give the routed experts another hidden width."""
+        return False
+
+    def settle(self, width_fixed: bool) -> None:
+        """Resolve automatic options for the checkpoint: width_fixed, its routed experts' width
+        cannot change (the family's shared experts follow it)."""
+
+    @property
+    def rewrites(self) -> bool:
+        """Its edits hold new expert tensors, not a subset of the old."""
+        return self.merges or self.narrows
+
+    def prepare(self, stats: dict[int, LayerStats], targets: dict[int, Target]) -> None:
+        """Called with every layer's statistics before the per-layer decisions (a method that
+        ranks across layers computes its cut here)."""
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
         raise NotImplementedError
@@ -116,11 +135,9 @@ def select_top(
     return sorted(kept)
 
 
-def plan_target(router: RouterView, ratio: float, where: str = "") -> int:
-    """E' for removing `ratio` of a layer's experts (int(E * ratio) of them, at least one), checked
-    against the router: E' >= top_k, E' a multiple of n_group (every group keeping the same
-    number), and for sigmoid group routing at least 2 per group."""
-    E, k, n_group = router.num_experts, router.top_k, router.n_group
+def experts_worth_kept(E: int, ratio: float, where: str = "") -> int:
+    """E - int(E * ratio): what removing `ratio` of E experts (or of their parameters) keeps,
+    refused unless it removes at least one expert's worth."""
     if not 0 < ratio < 1:
         raise ValueError(f"the ratio of experts to remove must lie in (0, 1), got {ratio}")
     removed = int(E * ratio + 1e-9)
@@ -129,7 +146,16 @@ def plan_target(router: RouterView, ratio: float, where: str = "") -> int:
             f"{where}removing {ratio:.0%} of {E} experts removes none (int({E} x {ratio}) = 0); raise the ratio to "
             f"at least {_ratio(1, E)}"
         )
-    keep = E - removed
+    return E - removed
+
+
+def plan_target(router: RouterView, ratio: float, where: str = "") -> int:
+    """E' for removing `ratio` of a layer's experts (int(E * ratio) of them, at least one), checked
+    against the router: E' >= top_k, E' a multiple of n_group (every group keeping the same
+    number), and for sigmoid group routing at least 2 per group."""
+    E, k, n_group = router.num_experts, router.top_k, router.n_group
+    keep = experts_worth_kept(E, ratio, where)
+    removed = E - keep
     if keep < k:
         raise ValueError(
             f"{where}removing {removed} of {E} experts leaves {keep}, fewer than the {k} the router picks per token; "

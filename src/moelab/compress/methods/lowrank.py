@@ -13,12 +13,13 @@ from torch import Tensor
 from moelab.hf.edit import LayerEdit
 
 
-def factored_notes(edit: LayerEdit, factored: int) -> dict[str, int]:
-    """The report's notes of a layer written at full width but counted in factored form:
-    factored_parameters, and stored_parameters (its gate, up and down as written)."""
+def compact_notes(edit: LayerEdit, compact: int) -> dict[str, int]:
+    """The report's notes of a layer written at full width but smaller in its compact form
+    (factored, or without its zeroed neurons): compact_parameters, the routed experts' gate, up
+    and down in that form, and stored_parameters, as written."""
     experts = edit.view.experts
     stored = sum(getattr(experts, name).numel() for name in ("gate", "up", "down"))
-    return {"factored_parameters": factored, "stored_parameters": stored}
+    return {"compact_parameters": compact, "stored_parameters": stored}
 
 
 def low_rank_sparse(edit: LayerEdit, rank: int, sparse: float) -> tuple[LayerEdit, int]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from moelab.compress.merging import logit_similarity, merged_layer, router_groups
 from moelab.compress.methods.base import LayerDecision, Method, Target
-from moelab.compress.methods.lowrank import factored_notes, low_rank_sparse
+from moelab.compress.methods.lowrank import compact_notes, low_rank_sparse
 from moelab.compress.stats import LayerStats
 from moelab.hf.view import MoELayerView
 
@@ -53,4 +53,4 @@ class MSMoE(Method):
         if self.mc_rank is None:
             return LayerDecision.merged(edit)
         edit, factored = low_rank_sparse(edit, self.mc_rank, self.mc_sparse)
-        return LayerDecision.merged(edit, factored_notes(edit, factored))
+        return LayerDecision.merged(edit, compact_notes(edit, factored))

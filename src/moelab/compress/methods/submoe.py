@@ -26,7 +26,7 @@ from scipy.cluster.vq import kmeans2
 from moelab.compress.merging import expert_features, merged_layer, router_groups
 from moelab.compress.methods.base import LayerDecision, Method, Target
 from moelab.compress.methods.hcsmoe import _inputs, clusters_by_usage
-from moelab.compress.methods.lowrank import factored_notes
+from moelab.compress.methods.lowrank import compact_notes
 from moelab.compress.stats import LayerStats
 from moelab.hf.edit import LayerEdit
 from moelab.hf.view import MoELayerView
@@ -69,7 +69,7 @@ class SubMoE(Method):
         )
         view = dataclasses.replace(edit.view, experts=experts)
         edit = LayerEdit(edit.sources, view=view)
-        notes = {} if self.rank is None else factored_notes(edit, _factored(layer, groups, self.rank))
+        notes = {} if self.rank is None else compact_notes(edit, _factored(layer, groups, self.rank))
         return LayerDecision.merged(edit, notes)
 
 

@@ -1,0 +1,46 @@
+"""The calibration pass under torchrun: joining the process group, agreeing on a value, and
+summing statistics over the processes. Outside torchrun every helper is the identity."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from moelab.compress.observers import MAXIMA
+
+
+def join_torchrun() -> tuple[int, int]:
+    """(rank, world size): of the process group torchrun set up (joined here if needed; gloo on
+    CPU, NCCL on CUDA), or (0, 1) outside torchrun."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def agreed(value, world: int, how: str):
+    """`value` (a number or a bool) agreed over the process group: its min or max."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor(float(value), dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if how == "min" else dist.ReduceOp.MAX)
+    return type(value)(t.item())
+
+
+def reduce_statistics(results: dict[str, Tensor], world: int) -> None:
+    """Sum (maxima: max) every statistic over the process group, in place."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    for name, value in results.items():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX if name in MAXIMA else dist.ReduceOp.SUM)

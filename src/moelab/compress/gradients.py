@@ -1,0 +1,125 @@
+"""The calibration pass's backward sweep: the gradient of the language-model loss, carried from
+the output head down through the decoder layers one layer at a time, for the statistics that
+need it (HEAPr's per-neuron terms, `moelab.compress.observers.NeuronObserver`).
+
+Shape legend: B sequences, S tokens each, D model dim.
+
+The loss is the mean next-token cross-entropy over every calibration token (the windows' first
+tokens predict nothing), so the gradients do not depend on how the windows are batched or split
+over processes. The forward sweep saves each layer's input states to a tape file in the
+statistics directory; the backward sweep reads them from the last layer to the first, recomputes
+each layer under autograd (its weights need no gradient) and hands the gradient with respect to
+its input to the layer below. Peak memory stays one decoder layer plus its activations. The
+gradients are saved every `snapshot_seconds` like the hidden states of the forward sweep, so a
+killed run resumes the sweep where it was, with the same result.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from moelab.compress.distributed import agreed, reduce_statistics
+from moelab.compress.observers import OBSERVERS, MoECall, Tokens, eager_moe
+from moelab.compress.stats import read_layer, write_info, write_layer
+from moelab.files import load_safetensors
+from moelab.hf.layerwise import LayerwiseModel
+from moelab.io import save_safetensors
+
+
+def tape_file(directory: Path, rank: int, world: int, index: int) -> Path:
+    """The states entering decoder layer `index` (index = num_layers: the last layer's output),
+    one tensor per batch of this process."""
+    return directory / f"tape-{rank}-of-{world}-{index:05d}.safetensors"
+
+
+def save_tape(directory: Path, rank: int, world: int, index: int, states: list[Tensor]) -> None:
+    save_safetensors(
+        {f"batch{b}": s.contiguous() for b, s in enumerate(states)}, tape_file(directory, rank, world, index)
+    )
+
+
+def _load_batches(path: Path, prefix: str, count: int, dtype: torch.dtype) -> list[Tensor]:
+    saved = load_safetensors(path)
+    return [saved[f"{prefix}{b}"].to(dtype) for b in range(count)]
+
+
+def backward_sweep(
+    runner: LayerwiseModel,
+    directory: Path,
+    ids: list[Tensor],
+    tokens: list[Tokens],
+    *,
+    names: list[str],
+    num_sources: int,
+    predicted_tokens: int,
+    info: dict,
+    resume_file: Path,
+    snapshot_seconds: float,
+    rank: int,
+    world: int,
+    quiet: bool,
+) -> None:
+    """Run the backward sweep over this process's batches (`ids` [B, S] each, with their
+    `tokens`) and add the statistics of the observers `names` to every MoE layer's file in
+    `directory`. info["backward_next"] is the next layer to process (saved with the gradients
+    in `resume_file`); a sweep that finds both continues from there."""
+    dtype = runner.dtype
+    top = runner.num_layers - 1
+    start = info.get("backward_next")
+    if start is not None and resume_file.is_file():
+        grads = _load_batches(resume_file, "grad", len(ids), dtype)
+    else:
+        final = _load_batches(tape_file(directory, rank, world, top + 1), "batch", len(ids), dtype)
+        grads = runner.head_gradients(ids, final, 1.0 / predicted_tokens)
+        del final
+        start = top
+    snapped = time.perf_counter()
+    for index in tqdm(range(start, -1, -1), desc="backward sweep", unit="layer", disable=quiet):
+        states = _load_batches(tape_file(directory, rank, world, index), "batch", len(ids), dtype)
+        view = runner.moe_view(index)
+        calls: list[MoECall] = []
+
+        def run_moe(moe, x):
+            call = eager_moe(moe, x, keep_hidden=True)
+            calls.append(call)
+            return call.output.view_as(x)
+
+        observers = []
+        if view is not None:
+            E, D = view.router.weight.shape
+            options = {"hidden_dim": view.experts.hidden_dim}
+            observers = [OBSERVERS[name](E, num_sources, D, options) for name in names]
+        with runner.layer_backward(index, run_moe=run_moe if view is not None else None) as vjp:
+            for b, hidden in enumerate(states):
+                grads[b] = vjp(b, hidden, grads[b])
+                if view is not None:
+                    call = calls.pop()
+                    for observer in observers:
+                        observer.update(call, tokens[b], hidden)
+        if view is not None:
+            _add_to_layer(directory, index, observers, world, rank)
+        now = time.perf_counter()
+        if index > 0 and agreed(now - snapped >= snapshot_seconds, world, "max"):
+            save_safetensors({f"grad{b}": g.contiguous() for b, g in enumerate(grads)}, resume_file)
+            info["backward_next"] = index - 1
+            if rank == 0:
+                write_info(directory, info)
+            snapped = now
+    for index in range(top + 2):
+        tape_file(directory, rank, world, index).unlink(missing_ok=True)
+
+
+def _add_to_layer(directory: Path, index: int, observers, world: int, rank: int) -> None:
+    """Sum the observers' results over the process group and write them into the layer's file."""
+    results = {k: v for observer in observers for k, v in observer.result().items()}
+    reduce_statistics(results, world)
+    if rank == 0:
+        stats = read_layer(directory, index, ())
+        for name, value in results.items():
+            setattr(stats, name, value)
+        write_layer(directory, stats)

@@ -1,0 +1,165 @@
+"""HEAPr (Li et al., ICLR 2026): prune "atomic experts", the single hidden neurons of routed
+experts, by a second-order importance in the expert's output space, and keep every expert.
+
+Neuron j of expert e is scored S_ej = mean_t(h_tj^2) * mean_t((w_j . g_t)^2) over the tokens
+routed to e: h_tj its activation, w_j its column of the down projection, g_t the gradient of the
+loss at the expert's output (the Gauss-Newton form of the paper's w_j^T H_e w_j, accumulated
+without the D x D matrix). An expert no calibration token chose scores -1, so it goes first.
+
+The budget matches expert pruning's: `ratio` of the routed experts' parameters goes, i.e. a
+layer keeps keep/E of its neurons (Target.keep experts' worth). Layouts ("auto", the default:
+uniform, or padded where the family's shared experts take their width from the routed ones'):
+- "uniform": every expert keeps its best I' = round(I keep / E) neurons; the result is
+  a checkpoint with narrower experts that transformers loads (one width per model).
+- "padded": the paper's global ranking: all neurons of all layers ranked together, the best
+  kept; widths differ per expert, so the pruned neurons are zeroed at full width and the report
+  counts the parameters of the narrow form (`total_compact`). The function is the paper's;
+  the size on disk is not smaller. Protected (super) experts keep all their neurons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from moelab.compress.methods.base import LayerDecision, Method, Target
+from moelab.compress.methods.lowrank import compact_notes
+from moelab.compress.stats import LayerStats
+from moelab.hf.edit import LayerEdit
+from moelab.hf.view import ExpertsView, MoELayerView
+
+LAYOUTS = ("auto", "uniform", "padded")
+
+
+class HEAPr(Method):
+    name = "heapr"
+    summary = "prune neurons inside every expert by second-order importance (HEAPr); experts get narrower"
+    needs = ("routing", "neurons")
+    needs_weights = True
+    narrows: ClassVar[bool] = True
+
+    def __init__(self, layout: str = "auto"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"heapr layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
+        self.threshold: tuple[float, int] | None = None
+
+    def options(self):
+        return {"layout": self.layout}
+
+    @property
+    def changes_width(self) -> bool:
+        return self.layout == "uniform"
+
+    def settle(self, width_fixed: bool) -> None:
+        if self.layout == "auto":
+            self.layout = "padded" if width_fixed else "uniform"
+
+    def prepare(self, stats: dict[int, LayerStats], targets: dict[int, Target]) -> None:
+        """The padded layout's global cut: the score (and rank among equal scores) of the last
+        neuron kept when all layers' neurons are ranked together."""
+        if self.layout != "padded":
+            return
+        ranked = []
+        budget = 0
+        for index in sorted(stats):
+            scores = neuron_scores(stats[index], targets[index]).flatten()
+            E = stats[index].num_experts
+            budget += round(scores.numel() * targets[index].keep / E)
+            ranked += [(-float(s), index, j) for j, s in enumerate(scores.tolist())]
+        ranked.sort()
+        self.threshold = ranked[budget - 1] if budget else (float("inf"), -1, -1)
+
+    def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
+        scores = neuron_scores(stats, target)  # [E, I]
+        E, I = scores.shape
+        if self.layout == "uniform":
+            if target.protect:
+                raise ValueError(
+                    "heapr's uniform layout narrows every expert alike, so it cannot spare protected (super) "
+                    "experts; use layout='padded' or drop the protection"
+                )
+            width = round(I * target.keep / E)
+            keep = [sorted(_ranked(row)[:width]) for row in scores]
+            experts = narrowed(layer.experts, keep)
+            view = dataclasses.replace(layer, experts=experts)
+            notes = {"width": width}
+        else:
+            if self.threshold is None:
+                raise RuntimeError("heapr with the padded layout needs prepare() over every layer first")
+            cut = self.threshold
+            keep = [
+                [j for j in range(I) if (-float(scores[e, j]), layer.index, e * I + j) <= cut]
+                for e in range(E)
+            ]
+            view = dataclasses.replace(layer, experts=zeroed(layer.experts, keep))
+            notes = {"kept_neurons": [len(k) for k in keep]}
+        edit = LayerEdit(tuple((e,) for e in range(E)), view=view)
+        if self.layout == "padded":
+            D = layer.experts.gate.shape[2]
+            notes |= compact_notes(edit, sum(len(k) for k in keep) * 3 * D)
+        return LayerDecision(edit, list(range(E)), None, notes)
+
+
+def neuron_scores(stats: LayerStats, target: Target) -> Tensor:
+    """[E, I] float64 HEAPr importance of every neuron (-1 for experts no token chose; +inf for
+    protected experts, which keep every neuron)."""
+    act = stats.total("neuron_act_sums", target.sources, target.halves)
+    grad = stats.total("neuron_grad_sums", target.sources, target.halves)
+    n = stats.total("counts", target.sources, target.halves)[:, None]
+    scores = (act / n.clamp(min=1)) * (grad / n.clamp(min=1))
+    scores = torch.where(n > 0, scores, torch.full_like(scores, -1.0))
+    scores[sorted(target.protect)] = float("inf")
+    return scores
+
+
+def _ranked(row: Tensor) -> list[int]:
+    """Neuron ids by decreasing score, ties to the lower id."""
+    return sorted(range(row.numel()), key=lambda j: (-float(row[j]), j))
+
+
+def narrowed(experts: ExpertsView, keep: list[list[int]]) -> ExpertsView:
+    """The experts with only the neurons `keep[e]` (the same number for every expert)."""
+    index = torch.tensor(keep, dtype=torch.long)  # [E, I']
+
+    def rows(t: Tensor | None) -> Tensor | None:  # [E, I, ...] -> [E, I', ...]
+        if t is None:
+            return None
+        return torch.stack([t[e, index[e]] for e in range(t.shape[0])])
+
+    down = torch.stack([experts.down[e][:, index[e]] for e in range(experts.down.shape[0])])
+    return dataclasses.replace(
+        experts,
+        gate=rows(experts.gate),
+        up=rows(experts.up),
+        down=down,
+        gate_bias=rows(experts.gate_bias),
+        up_bias=rows(experts.up_bias),
+    )
+
+
+def zeroed(experts: ExpertsView, keep: list[list[int]]) -> ExpertsView:
+    """The experts at full width with every neuron not in `keep[e]` zeroed (gate and up rows,
+    their biases, and the down column): it contributes nothing."""
+    E, I, _ = experts.gate.shape
+    mask = torch.zeros(E, I, dtype=torch.bool)
+    for e, ids in enumerate(keep):
+        mask[e, ids] = True
+
+    def rows(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        m = mask.view(E, I, *([1] * (t.dim() - 2)))
+        return torch.where(m, t, torch.zeros((), dtype=t.dtype))
+
+    return dataclasses.replace(
+        experts,
+        gate=rows(experts.gate),
+        up=rows(experts.up),
+        down=torch.where(mask[:, None, :], experts.down, torch.zeros((), dtype=experts.down.dtype)),
+        gate_bias=rows(experts.gate_bias),
+        up_bias=rows(experts.up_bias),
+    )

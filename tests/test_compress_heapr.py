@@ -1,0 +1,315 @@
+"""HEAPr and the calibration's backward sweep against naive references: the layer-by-layer
+gradients equal one autograd pass through the whole model (moelab and transformers checkpoints),
+the per-neuron sums equal a token-by-token computation, the scores and the two layouts follow
+compression.md §4 on worked examples, and a killed backward sweep resumes to the same files."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from layer_views import make_view
+from reference import F64, silu
+from test_compress import SMALL, hf_model, moelab_model
+
+from moelab.compress import calibrate, compress
+from moelab.compress.calibration import calibration_mixture
+from moelab.compress.methods import Target, get_method
+from moelab.compress.methods.heapr import narrowed, neuron_scores, zeroed
+from moelab.compress.observers import DEFAULT_OBSERVERS, SKIP_BINS
+from moelab.compress.stats import LayerStats
+from moelab.hf.layerwise import LayerwiseModel
+from moelab.hf.loading import load_causal_lm
+from moelab.models import load_pretrained
+from moelab.nn import SwiGLUExperts
+from moelab.nn.grouped import ClampedSwiGLU
+from moelab.nn.moe import MoEResult
+
+BACKWARD = dataclasses.replace(SMALL, observers=DEFAULT_OBSERVERS + ("neurons",), dtype="float64")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny models: one intra-op thread is faster on the project's 2-core machine."""
+
+
+# ----------------------------------------------------------------------------- experts split in two
+
+
+@pytest.mark.parametrize(
+    "kind", ["plain", "bias", "clamped", "scale_input"]
+)  # the four ways a checkpoint's experts compute
+def test_hidden_then_project_is_the_experts_forward(kind):
+    torch.manual_seed(0)
+    experts = SwiGLUExperts(
+        4,
+        6,
+        5,
+        bias=kind == "bias",
+        clamped=ClampedSwiGLU() if kind == "clamped" else None,
+        scale_input=kind == "scale_input",
+    ).double()
+    if kind == "bias":
+        torch.nn.init.normal_(experts.gate_up_bias)
+        torch.nn.init.normal_(experts.down_bias)
+    counts = [3, 0, 4, 2]
+    xs = torch.randn(9, 6, dtype=F64)
+    weights = torch.rand(9, dtype=F64)
+    expected = experts(xs, counts, weights if kind == "scale_input" else None)
+    got = experts.project(experts.hidden(xs, counts, weights), counts)
+    if kind != "scale_input":
+        expected = experts(xs, counts)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # the hidden activation itself, token by token from the equations
+    W = experts.gate_up_proj
+    for row, e in enumerate([0, 0, 0, 2, 2, 2, 2, 3, 3]):
+        x = xs[row] * (weights[row] if kind == "scale_input" else 1)
+        h = W[e] @ x + (experts.gate_up_bias[e] if kind == "bias" else 0)
+        gate, up = h[:5], h[5:]
+        if kind == "clamped":
+            gate, up = gate.clamp(max=7.0), up.clamp(-7.0, 7.0)
+            act = gate * torch.sigmoid(1.702 * gate) * (up + 1)
+        else:
+            act = silu(gate) * up
+        torch.testing.assert_close(experts.hidden(xs, counts, weights)[row], act, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the backward sweep
+
+
+def _naive_moe(records: list, layer: int):
+    """A forward for a moelab MoELayer that computes every routed (token, expert) pair on its own,
+    keeping each hidden activation h (retain_grad) in `records` as (layer, window, position, e, h)."""
+
+    def forward(moe, x, context=None, window=None):
+        B, S, D = x.shape
+        flat = x.reshape(-1, D)
+        routing = moe.router(flat)
+        I = moe.experts.hidden_dim
+        W, Wd = moe.experts.gate_up_proj, moe.experts.down_proj
+        rows = []
+        for t in range(flat.shape[0]):
+            y = torch.zeros(D, dtype=flat.dtype)
+            for k in range(routing.indices.shape[1]):
+                e = int(routing.indices[t, k])
+                if e < 0:
+                    continue
+                h = silu(W[e, :I] @ flat[t]) * (W[e, I:] @ flat[t])
+                h.retain_grad()
+                records.append((layer, window[0], t, e, h))
+                y = y + routing.weights[t, k] * (Wd[e] @ h)
+            rows.append(y)
+        return torch.stack(rows).view(B, S, D), MoEResult(experts_per_token=torch.zeros(()))
+
+    return forward
+
+
+def test_backward_sweep_equals_one_autograd_pass_token_by_token(tmp_path):
+    """HEAPr's sums from the layer-by-layer sweep equal those of the whole moelab model in one
+    float64 autograd graph, every (token, expert) computed on its own: sum h^2 and sum (dL/dh)^2,
+    L the mean next-token loss over all calibration tokens."""
+    model_dir = moelab_model(tmp_path / "m")
+    stats = calibrate(model_dir, tmp_path / "s", options=BACKWARD, quiet=True)
+    mixture = calibration_mixture(model_dir, "corpus", BACKWARD)
+    model = load_pretrained(model_dir).double()
+    records: list = []
+    window = [0]
+    moe_layers = [i for i, block in enumerate(model.layers) if hasattr(block.ffn, "router")]
+    for i in moe_layers:
+        model.layers[i].ffn.forward = (lambda f, m: lambda x, context=None: f(m, x, context, window))(
+            _naive_moe(records, i), model.layers[i].ffn
+        )
+    predicted = sum(w.ids.numel() - 1 for w in mixture.windows)
+    loss = 0
+    for n, w in enumerate(mixture.windows):
+        window[0] = n
+        logits = model(w.ids[None]).logits[0]
+        loss = loss + torch.nn.functional.cross_entropy(logits[:-1], w.ids[1:], reduction="sum") / predicted
+    loss.backward()
+    S = len(mixture.sources)
+    for i in moe_layers:
+        act = torch.zeros(2, S, 8, 32, dtype=F64)
+        grad = torch.zeros(2, S, 8, 32, dtype=F64)
+        for layer, n, _, e, h in records:
+            if layer == i:
+                w = mixture.windows[n]
+                act[w.half, w.source, e] += h.detach() ** 2
+                grad[w.half, w.source, e] += h.grad**2
+        got = stats.layer(i)
+        assert float(grad.sum()) > 0
+        torch.testing.assert_close(got.neuron_act_sums, act, rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(got.neuron_grad_sums, grad, rtol=1e-7, atol=1e-18)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_layerwise_gradients_equal_transformers_autograd(tmp_path, family):
+    """head_gradients then layer_backward, layer by layer, give the gradient of the loss with
+    respect to every decoder layer's input that transformers' own model gives in one pass."""
+    path = hf_model(tmp_path / family, family)
+    ids = torch.randint(0, 8192, (2, 12), generator=torch.Generator().manual_seed(0))
+    scale = 1 / (2 * 11)
+    runner = LayerwiseModel(path, dtype=torch.float64)
+    states = runner.embed([ids])
+    tape = []
+    for i in range(runner.num_layers):
+        tape.append(states[0])
+        with runner.layer(i) as run:
+            states[0] = run(0, states[0])
+    grads = runner.head_gradients([ids], states, scale)
+    ours = {}
+    for i in reversed(range(runner.num_layers)):
+        with runner.layer_backward(i) as vjp:
+            grads[0] = vjp(0, tape[i], grads[0])
+        ours[i] = grads[0]
+    model = load_causal_lm(path, quiet=True, dtype=torch.float64, experts_implementation="eager")
+    inputs = {}
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda module, args, kwargs, i=i: inputs.__setitem__(
+                i, kwargs.get("hidden_states", args[0] if args else None)
+            ),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    out = model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    for t in inputs.values():
+        t.retain_grad()
+    loss = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"
+    )
+    (loss * scale).backward()
+    for i in range(runner.num_layers):  # transformers' routers take their softmax in float32
+        torch.testing.assert_close(ours[i], inputs[i].grad, rtol=1e-5, atol=1e-7)
+
+
+def test_killed_backward_sweep_resumes_to_the_same_statistics(tmp_path, monkeypatch):
+    model_dir = moelab_model(tmp_path / "m")
+    options = dataclasses.replace(BACKWARD, snapshot_seconds=0.0)
+    whole = calibrate(model_dir, tmp_path / "whole", options=options, quiet=True)
+    import moelab.hf.layerwise as layerwise
+
+    original = layerwise.LayerwiseModel.layer_backward
+    seen = []
+
+    def dying(self, index, **kwargs):
+        seen.append(index)
+        if len(seen) == 2:  # after the top layer's gradients were saved
+            raise KeyboardInterrupt
+        return original(self, index, **kwargs)
+
+    monkeypatch.setattr(layerwise.LayerwiseModel, "layer_backward", dying)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model_dir, tmp_path / "resumed", options=options, quiet=True)
+    monkeypatch.setattr(layerwise.LayerwiseModel, "layer_backward", original)
+    resumed = calibrate(model_dir, tmp_path / "resumed", options=options, quiet=True)
+    for i in whole.layers:
+        a, b = whole.layer(i), resumed.layer(i)
+        assert torch.equal(a.neuron_grad_sums, b.neuron_grad_sums) and torch.equal(
+            a.neuron_act_sums, b.neuron_act_sums
+        )
+    assert not list((tmp_path / "resumed").glob("tape-*"))
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def hand_stats(act, grad, counts) -> LayerStats:
+    """One source and one half holding per-neuron sums act, grad [E, I] and counts [E]."""
+    act, grad, counts = (torch.tensor(v, dtype=F64) for v in (act, grad, counts))
+    E, I = act.shape
+    cells = torch.zeros(2, 1, E, dtype=F64)
+    cells[0, 0] = counts
+    neurons = torch.zeros(2, 1, E, I, dtype=F64)
+    return LayerStats(
+        0,
+        ("corpus",),
+        tokens=torch.tensor([[float(counts.sum())], [0.0]], dtype=F64),
+        counts=cells,
+        soft_counts=cells.clone(),
+        gate_sums=cells.clone(),
+        premoe_sums=cells.clone(),
+        skip_ratios=torch.zeros(SKIP_BINS, dtype=F64),
+        neuron_act_sums=neurons.index_put((torch.tensor(0), torch.tensor(0)), act),
+        neuron_grad_sums=neurons.index_put((torch.tensor(0), torch.tensor(0)), grad),
+    )
+
+
+def test_scores_are_the_product_of_the_two_per_token_means():
+    stats = hand_stats([[4, 8, 2], [1, 1, 1], [9, 9, 9]], [[2, 1, 6], [3, 2, 1], [1, 1, 1]], [2, 1, 0])
+    scores = neuron_scores(stats, Target(2))
+    # expert 0: (4/2)(2/2)=2, (8/2)(1/2)=2, (2/2)(6/2)=3; expert 1: 3, 2, 1; expert 2: never routed
+    assert scores.tolist() == [[2.0, 2.0, 3.0], [3.0, 2.0, 1.0], [-1.0, -1.0, -1.0]]
+    assert neuron_scores(stats, Target(2, protect=frozenset({1})))[1].tolist() == [float("inf")] * 3
+
+
+def test_uniform_layout_keeps_each_experts_best_neurons():
+    view = make_view(E=3, I=3, top_k=1)
+    stats = hand_stats([[4, 8, 2], [1, 1, 1], [9, 9, 9]], [[2, 1, 6], [3, 2, 1], [1, 1, 1]], [2, 1, 0])
+    decision = get_method("heapr", layout="uniform").decide(view, stats, Target(2))  # keep 2/3 of neurons
+    assert decision.notes == {"width": 2} and decision.kept == [0, 1, 2]
+    experts = decision.edit.view.experts
+    # expert 0 keeps neurons 2 and 0 (3 > 2 = 2, ties to the lower id), expert 1 keeps 0, 1; expert 2: 0, 1
+    for e, ids in enumerate([[0, 2], [0, 1], [0, 1]]):
+        assert torch.equal(experts.gate[e], view.experts.gate[e, ids])
+        assert torch.equal(experts.up[e], view.experts.up[e, ids])
+        assert torch.equal(experts.down[e], view.experts.down[e][:, ids])
+    with pytest.raises(ValueError, match="cannot spare protected"):
+        get_method("heapr", layout="uniform").decide(view, stats, Target(2, protect=frozenset({0})))
+
+
+def test_padded_layout_ranks_neurons_of_all_layers_together():
+    """Two layers, 2 experts x 2 neurons each, keep half: the 4 best of 8 scores overall."""
+    method = get_method("heapr", layout="padded")
+    layer0 = hand_stats([[1, 10], [1, 1]], [[1, 10], [1, 1]], [1, 1])  # scores [[1, 100], [1, 1]]
+    layer1 = hand_stats([[5, 3], [7, 2]], [[1, 1], [1, 1]], [1, 1])  # scores [[5, 3], [7, 2]]
+    layer1.layer = 1
+    method.prepare({0: layer0, 1: layer1}, {0: Target(1), 1: Target(1)})
+    views = [make_view(E=2, I=2, top_k=1, index=i, seed=i) for i in (0, 1)]
+    d0 = method.decide(views[0], layer0, Target(1))
+    d1 = method.decide(views[1], layer1, Target(1))
+    assert d0.notes["kept_neurons"] == [1, 0] and d1.notes["kept_neurons"] == [2, 1]  # 100; 7, 5, 3
+    assert d0.notes["compact_parameters"] == 1 * 3 * 8 and d0.notes["stored_parameters"] == 4 * 3 * 8
+    experts = d0.edit.view.experts
+    assert (experts.down[0][:, 0] == 0).all() and torch.equal(
+        experts.down[0][:, 1], views[0].experts.down[0][:, 1]
+    )
+    assert (experts.gate[1] == 0).all() and (experts.up[1] == 0).all()
+
+
+def test_narrowed_and_zeroed_experts_compute_the_same():
+    view = make_view(E=2, I=5, top_k=1, seed=3)
+    keep = [[0, 3, 4], [1, 2, 4]]
+    narrow, padded = narrowed(view.experts, keep), zeroed(view.experts, keep)
+    x = torch.randn(8, dtype=F64)
+    for e in range(2):
+        a = narrow.down[e] @ (silu(narrow.gate[e] @ x) * (narrow.up[e] @ x))
+        b = padded.down[e] @ (silu(padded.gate[e] @ x) * (padded.up[e] @ x))
+        ids = keep[e]
+        c = view.experts.down[e][:, ids] @ (
+            silu(view.experts.gate[e, ids] @ x) * (view.experts.up[e, ids] @ x)
+        )
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-12)
+
+
+def test_heapr_end_to_end_and_its_refusals(tmp_path):
+    model_dir = moelab_model(tmp_path / "m")
+    stats = calibrate(model_dir, tmp_path / "s", options=BACKWARD, quiet=True).directory
+    report = compress(model_dir, tmp_path / "out", method="heapr", ratio=0.25, stats=stats, quiet=True)
+    assert report["options"] == {"layout": "uniform"}
+    assert (
+        report["parameters"]["after"]["routed_experts"]
+        == report["parameters"]["before"]["routed_experts"] * 3 // 4
+    )
+    assert load_pretrained(tmp_path / "out").config.moe.hidden_dim == 24
+    no_grads = calibrate(model_dir, tmp_path / "s2", options=SMALL, quiet=True).directory
+    with pytest.raises(ValueError, match=r"needs the \['neurons'\] statistics"):
+        compress(model_dir, tmp_path / "out2", method="heapr", stats=no_grads, quiet=True)
+    deepseek = hf_model(tmp_path / "ds", "deepseek_v3")
+    with pytest.raises(ValueError, match="shared experts take their width"):
+        compress(deepseek, tmp_path / "o", method="heapr", method_options={"layout": "uniform"}, quiet=True)
+    assert not (tmp_path / "o").exists()
