@@ -33,10 +33,12 @@ SMALL = CalibrationOptions(tokens=512, seq_len=32, batch_size=4, sample_tokens=6
 EVERY = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",))  # with the backward sweep
 
 
-def moelab_model(path: Path, *, num_experts: int = 8, top_k: int = 2, seed: int = 0, **moe) -> Path:
+def moelab_model(
+    path: Path, *, num_experts: int = 8, top_k: int = 2, seed: int = 0, tie_embeddings: bool = False, **moe
+) -> Path:
     torch.manual_seed(seed)
     cfg = ModelConfig(
-        vocab_size=8192, dim=32, n_layers=2, n_heads=4, max_seq_len=64,
+        vocab_size=8192, dim=32, n_layers=2, n_heads=4, max_seq_len=64, tie_embeddings=tie_embeddings,
         moe=MoEConfig(dim=32, num_experts=num_experts, hidden_dim=32, top_k=top_k, **moe),
     )  # fmt: skip
     return save_pretrained(MoETransformer(cfg), path)
@@ -196,7 +198,8 @@ def test_every_method_compresses_a_moelab_model(tmp_path, model_dir, stats_dir, 
         groups = entry["merge_groups"]
         assert len(entry["kept"]) + len(groups) == 6
         assert sorted(entry["kept"] + entry["dropped"] + [e for g in groups for e in g]) == list(range(8))
-        assert bool(groups) == METHODS[method].merges and (not groups or not entry["dropped"])
+        if method != "moelab":  # the recipe prunes and folds some dropped experts into kept ones
+            assert bool(groups) == METHODS[method].merges and (not groups or not entry["dropped"])
         if entry["scores"] is not None:  # the kept experts are the best scored
             worst_kept = min(entry["scores"][e] for e in entry["kept"])
             assert all(entry["scores"][e] <= worst_kept for e in entry["dropped"])

@@ -105,11 +105,12 @@ def _naive_moe(records: list, layer: int):
     return forward
 
 
-def test_backward_sweep_equals_one_autograd_pass_token_by_token(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])  # tied: the output head is the embedding's weight
+def test_backward_sweep_equals_one_autograd_pass_token_by_token(tmp_path, tied):
     """HEAPr's sums from the layer-by-layer sweep equal those of the whole moelab model in one
     float64 autograd graph, every (token, expert) computed on its own: sum h^2 and sum (dL/dh)^2,
     L the mean next-token loss over all calibration tokens."""
-    model_dir = moelab_model(tmp_path / "m")
+    model_dir = moelab_model(tmp_path / "m", tie_embeddings=tied)
     stats = calibrate(model_dir, tmp_path / "s", options=BACKWARD, quiet=True)
     mixture = calibration_mixture(model_dir, "corpus", BACKWARD)
     model = load_pretrained(model_dir).double()

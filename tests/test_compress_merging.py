@@ -17,6 +17,7 @@ from reference import F64, logsumexp, silu
 
 from moelab.compress.merging import (
     _permuted,
+    aligned_to,
     alignment,
     expert_features,
     logit_similarity,
@@ -29,7 +30,7 @@ from moelab.compress.methods.lowrank import low_rank_sparse
 from moelab.compress.methods.submoe import kmeans_labels, subspace_merge
 from moelab.compress.observers import SKIP_BINS
 from moelab.compress.stats import LayerStats
-from moelab.hf.edit import LayerEdit, one_expert
+from moelab.hf.edit import LayerEdit, moe_output, one_expert
 
 PROPERTY = settings(settings.get_profile("ci"), max_examples=25, deadline=None)
 
@@ -392,3 +393,17 @@ def test_kmeans_finds_separated_blobs():
         frozenset({3, 4, 5}),
         frozenset({6, 7, 8}),
     }
+
+
+def test_aligning_once_is_aligning_in_every_merge():
+    """aligned_to keeps every expert's function, and merging its result without alignment is
+    merging the original with alignment (what moelab's recipe relies on to align once)."""
+    view = make_view(E=5, I=6, seed=7)
+    aligned = aligned_to(view.experts, {3: 1, 4: 1, 2: 0})
+    x = torch.randn(11, 8, dtype=F64)
+    torch.testing.assert_close(moe_output(dataclasses.replace(view, experts=aligned), x), moe_output(view, x))
+    groups, weights = [[0, 2], [1, 3, 4]], torch.tensor([3.0, 1, 2, 5, 1])
+    once = merged_layer(dataclasses.replace(view, experts=aligned), groups, weights).view
+    every = merged_layer(view, groups, weights, align=True).view
+    for name in ("gate", "up", "down"):
+        torch.testing.assert_close(getattr(once.experts, name), getattr(every.experts, name))

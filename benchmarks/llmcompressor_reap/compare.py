@@ -73,7 +73,7 @@ def main() -> None:
         for sparsity in SPARSITIES:
             tag = f"{name}-{int(sparsity * 100)}"
             llmc_out, report = args.work / f"llmc-{tag}", args.work / f"llmc-{tag}.json"
-            llmc = _job([str(args.llmc_python), str(Path(__file__).with_name("llmc_reap.py")), str(export),
+            llmc = _job([str(args.llmc_python), str(ROOT / "src" / "moelab" / "compress" / "llmcompressor_job.py"), str(export),
                          str(args.work / f"{name}-windows.npy"), str(sparsity), str(llmc_out), str(report)], args.work)  # fmt: skip
             retained = json.loads(report.read_text())
             llmc["kept"] = {k.split(".")[2]: v for k, v in retained.items()}

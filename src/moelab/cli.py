@@ -329,9 +329,9 @@ def calibrate(
 @app.command()
 def compress(
     model: ModelArg = None,
-    method: Annotated[str, typer.Option("--method", help="pruning: frequency, soft_count, router_weight, ean, reap, easy_ep, premoe, naee, random; merging: m_smoe, hc_smoe, sub_moe; neurons: heapr.")] = "reap",
+    method: Annotated[str, typer.Option("--method", help="pruning: frequency, soft_count, router_weight, ean, reap, easy_ep, premoe, naee, random; merging: m_smoe, hc_smoe, sub_moe; neurons: heapr; moelab's recipe: moelab.")] = "reap",
     ratio: Annotated[float, typer.Option("--ratio", help="Fraction of each MoE layer's routed experts (heapr: of their parameters) to remove, in (0, 1).")] = 0.25,
-    option: Annotated[list[str] | None, typer.Option("--option", help="A method option KEY=VALUE (repeatable): m_smoe align, mc_rank, mc_sparse; hc_smoe linkage, router_rule; sub_moe rank, seed; heapr layout; random seed.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", help="A method option KEY=VALUE (repeatable): m_smoe align, mc_rank, mc_sparse; hc_smoe linkage, router_rule; sub_moe rank, seed; heapr layout; moelab fold, fit_steps, fit_lr, protect_super; random seed.")] = None,
     out: Annotated[Path, typer.Option("--out", help="New directory for the compressed checkpoint.")] = Path("compressed"),
     calib: CalibOpt = None,
     stats: Annotated[Path | None, typer.Option("--stats", help="Reuse these calibration statistics (moelab calibrate, or an earlier output's moelab_calibration/).")] = None,
@@ -363,6 +363,33 @@ def compress(
     console.print(f"wrote {out}: {method} removed {ratio:.0%} {what}, {before:,} -> {after:,} parameters"
                   + ("" if stability is None else f"; kept-set stability (Jaccard of two data halves) {stability:.2f}")
                   + f"; report in {out / 'moelab_compression.json'}")
+
+
+@app.command("compress-bench")
+def compress_bench(
+    model: Annotated[str | None, typer.Argument(help="A checkpoint directory or a shipped reference model's name (default: the shipped reference model).", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the bench (resumed when it holds one: finished cells are kept).")] = Path("compress-bench"),
+    methods: Annotated[list[str] | None, typer.Option("--method", help="Only these methods (repeatable; default: every general method).")] = None,
+    ratios: Annotated[list[float] | None, typer.Option("--ratio", help="Ratios to remove (repeatable; default 0.25 and 0.5).")] = None,
+    router_fit: Annotated[int, typer.Option("--router-fit", min=0, help="Also run every cell with its router re-calibrated for this many steps (0: not).")] = 0,
+    domain: Annotated[str | None, typer.Option("--domain", help="Also the domain cells: calibrate on this corpus domain alone, remove 50 % and 75 %.")] = None,
+    llmcompressor_python: Annotated[Path | None, typer.Option("--llmcompressor-python", help="Python of an environment with llm-compressor: adds its REAP (transformers checkpoints).")] = None,
+    calib_tokens: CalibTokensOpt = 16384,
+    eval_tokens: Annotated[int, typer.Option("--eval-tokens", min=1, help="Test tokens per domain.")] = 4096,
+    prompts: Annotated[int, typer.Option(min=0, help="Prompts per domain for the degenerate-generation rate.")] = 2,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Every compression method on one calibration and one evaluation: report.md, summary.json and plots."""
+    from moelab.compress.bench import GENERAL_METHODS, BenchOptions, run_bench
+    from moelab.models.reference import REFERENCE_MODELS, reference_model_dir
+
+    if model is None or (model in REFERENCE_MODELS and not Path(model).exists()):
+        model = reference_model_dir(*([model] if model else []))
+    options = BenchOptions(methods=tuple(methods or GENERAL_METHODS), ratios=tuple(ratios or (0.25, 0.5)),
+                           router_fit=router_fit, calib_tokens=calib_tokens, eval_tokens=eval_tokens, prompts=prompts,
+                           domain=domain, llmcompressor_python=str(llmcompressor_python) if llmcompressor_python else None)
+    run_bench(model, out, options, overwrite=overwrite, quiet=quiet)
 
 
 @app.command("eval")

@@ -64,6 +64,19 @@ def alignment(reference: ExpertsView, other: ExpertsView) -> Tensor:
     return torch.as_tensor(perm, dtype=torch.long)
 
 
+def aligned_to(experts: ExpertsView, partners: dict[int, int]) -> ExpertsView:
+    """The experts with each expert d of `partners` ({d: j}) having its hidden neurons permuted to
+    match expert j's (`alignment`); the layer computes the same. Lets a caller align once and
+    try many merges with align=False."""
+    stacked = {name: getattr(experts, name) for name in EXPERT_TENSORS if getattr(experts, name) is not None}
+    stacked = {name: t.clone() for name, t in stacked.items()}
+    for d, j in partners.items():
+        moved = _permuted(one_expert(experts, d), alignment(one_expert(experts, j), one_expert(experts, d)))
+        for name in stacked:
+            stacked[name][d] = getattr(moved, name)[0]
+    return dataclasses.replace(experts, **stacked)
+
+
 def merged_layer(
     layer: MoELayerView,
     groups: Sequence[Sequence[int]],

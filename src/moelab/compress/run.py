@@ -25,10 +25,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 import moelab
-from moelab.analyze.stats import super_experts
 from moelab.compress.calibration import CalibrationOptions, calibration_mixture, run_calibration
 from moelab.compress.methods import LayerDecision, Method, ScoringMethod, Target, get_method, plan_target
-from moelab.compress.methods.base import check_protected, experts_worth_kept
+from moelab.compress.methods.base import check_protected, experts_worth_kept, super_expert_ids
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture
 from moelab.compress.observers import OBSERVERS
 from moelab.compress.router_fit import RouterFit, refit_router
@@ -199,22 +198,7 @@ def _check_needs(method: str, needs: tuple[str, ...], calibration: Calibration) 
 
 def _protected(calibration: Calibration) -> dict[int, list[int]]:
     """{layer: experts} the Super Experts rule flags (shared experts are never dropped anyway)."""
-    layers = {i: calibration.layer(i) for i in calibration.layers}
-    if any(s.max_output is None for s in layers.values()):
-        raise ValueError("protecting super experts needs the 'outputs' statistics; calibrate with them")
-    found = super_experts(
-        {i: s.max_output for i, s in layers.items()},
-        {
-            i: s.shared_max
-            for i, s in layers.items()
-            if s.shared_max is not None and float(s.shared_max.max()) > 0
-        },
-    )
-    protect: dict[int, list[int]] = {}
-    for entry in found["super_experts"]:
-        if entry["expert"] >= 0:
-            protect.setdefault(entry["layer"], []).append(entry["expert"])
-    return {i: sorted(ids) for i, ids in protect.items()}
+    return super_expert_ids({i: calibration.layer(i) for i in calibration.layers})
 
 
 def _decide(

@@ -60,6 +60,7 @@ class LayerwiseModel:
         self.view = ModelView(self._ckpt, config, self.family, self.num_layers)
         self.model = _native_skeleton(config) if self.family is NATIVE else _transformers_skeleton(self.path)
         self._layers_name, self._layers = decoder_layers(self.model, self.num_layers)
+        self._stored_as = _tied_names(self.model, self._ckpt)
         expected = self.family.layer_prefix.format(n=0)
         if f"{self._layers_name}.0." != expected:
             raise CheckpointError(
@@ -243,13 +244,16 @@ class LayerwiseModel:
         head_name = (
             None if head else next((name for name, m in self.model.named_modules() if m is module), None)
         )
-        loaded = []
+        loaded, tensors = [], {}
         for name, p in self.model.named_parameters():  # a tied head's weight is listed under the embedding
             if name.startswith(self._layers_name + ".") or (head_name and name.startswith(head_name + ".")):
                 continue
-            if name not in self._ckpt:
+            key = self._stored_as.get(name, name)
+            if key not in self._ckpt:
                 raise CheckpointError(f"{self.path}: {name} is not in the checkpoint")
-            _set_tensor(self.model, name, self._ckpt.get(name).to(self.dtype))
+            if key not in tensors:
+                tensors[key] = self._ckpt.get(key).to(self.dtype)
+            _set_tensor(self.model, name, tensors[key])  # tied names get the same tensor again
             loaded.append(name)
         try:
             yield
@@ -369,3 +373,18 @@ def _to_meta(module: nn.Module) -> None:
         for attr, b in list(m._buffers.items()):
             if b is not None and attr not in m._non_persistent_buffers_set and not b.is_meta:
                 m._buffers[attr] = torch.empty(b.shape, dtype=b.dtype, device="meta")
+
+
+def _tied_names(model: nn.Module, checkpoint) -> dict[str, str]:
+    """{parameter name: the name its tensor is stored under} for parameters tied to another (an
+    output head sharing the embedding's weight). Ties are read once, from the fresh skeleton:
+    loading tensors one name at a time later unties them in memory."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    stored = {}
+    for names in groups.values():
+        present = [n for n in names if n in checkpoint]
+        if len(names) > 1 and present:
+            stored |= {n: present[0] for n in names}
+    return stored

@@ -3,20 +3,16 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from moelab.files import read_json_object  # noqa: E402
-from moelab.io import atomic_write_bytes, atomic_write_text  # noqa: E402
-from moelab.train.logging import read_log  # noqa: E402
+from moelab.files import read_json_object
+from moelab.io import atomic_write_bytes, atomic_write_text
+from moelab.plots import plt, png
+from moelab.train.logging import read_log
 
 FLOPS_TOLERANCE = 0.10
 
@@ -129,13 +125,6 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def _plot_curves(runs: dict[str, dict], key: str, title: str, smooth: int = 1) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, run in runs.items():
@@ -151,7 +140,7 @@ def _plot_curves(runs: dict[str, dict], key: str, title: str, smooth: int = 1) -
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def _plot_domains(runs: dict[str, dict]) -> bytes:
@@ -168,7 +157,7 @@ def _plot_domains(runs: dict[str, dict]) -> bytes:
     ax.set_ylabel("final validation loss")
     ax.set_title("validation loss per domain")
     ax.legend(fontsize=8, ncol=2)
-    return _png(fig)
+    return png(fig)
 
 
 def _plot_load(runs: dict[str, dict]) -> bytes | None:
@@ -185,4 +174,4 @@ def _plot_load(runs: dict[str, dict]) -> bytes | None:
         fig.colorbar(image, ax=ax)
     axes[-1, 0].set_xlabel("expert")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)

@@ -15,6 +15,7 @@ from moelab.compress.methods.naee import NAEE
 from moelab.compress.methods.premoe import PreMoe
 from moelab.compress.methods.random_prune import RandomPrune
 from moelab.compress.methods.reap import REAP
+from moelab.compress.methods.recipe import MoelabRecipe
 from moelab.compress.methods.router_weight import RouterWeight
 from moelab.compress.methods.soft_count import SoftCount
 from moelab.compress.methods.submoe import SubMoE
@@ -36,6 +37,7 @@ METHODS: dict[str, type[Method]] = {
         HCSMoE,
         SubMoE,
         HEAPr,
+        MoelabRecipe,
     )
 }
 

@@ -201,6 +201,24 @@ def _groups_work(router: RouterView, keep: int) -> bool:
     return True
 
 
+def super_expert_ids(layers: dict[int, LayerStats]) -> dict[int, list[int]]:
+    """{layer: routed experts} the Super Experts rule (`moelab.analyze.stats.super_experts`) flags
+    from the calibration's largest expert outputs; shared experts are never dropped anyway."""
+    from moelab.analyze.stats import super_experts
+
+    if any(s.max_output is None for s in layers.values()):
+        raise ValueError("protecting super experts needs the 'outputs' statistics; calibrate with them")
+    shared = {
+        i: s.shared_max for i, s in layers.items() if s.shared_max is not None and float(s.shared_max.max()) > 0
+    }
+    found = super_experts({i: s.max_output for i, s in layers.items()}, shared)
+    protect: dict[int, list[int]] = {}
+    for entry in found["super_experts"]:
+        if entry["expert"] >= 0:
+            protect.setdefault(entry["layer"], []).append(entry["expert"])
+    return {i: sorted(ids) for i, ids in protect.items()}
+
+
 def check_protected(router: RouterView, keep: int, protect: frozenset[int], where: str = "") -> None:
     """The protected experts fit in what a layer keeps (per group with group-limited routing)."""
     size, per_group = router.num_experts // router.n_group, keep // router.n_group

@@ -1,7 +1,9 @@
-"""Run llm-compressor's REAPPruningModifier on a transformers checkpoint (inside the separate
-environment made by setup.sh), on given calibration windows; print time and peak memory as JSON.
+"""Run llm-compressor's REAPPruningModifier on a transformers checkpoint, on given calibration
+windows; print time and peak memory as JSON. Runs in llm-compressor's own environment
+(benchmarks/llmcompressor_reap/setup.sh), never imported by moelab: `moelab compress-bench
+--llmcompressor-python` and benchmarks/llmcompressor_reap/compare.py start it as a script.
 
-    .venv-llmc/bin/python llmc_reap.py MODEL WINDOWS.npy SPARSITY OUT REPORT.json
+    .venv-llmc/bin/python llmcompressor_job.py MODEL WINDOWS.npy SPARSITY OUT REPORT.json
 """
 
 import json

@@ -1,0 +1,402 @@
+"""`moelab compress-bench MODEL --out DIR`: every compression method on one protocol.
+
+    moelab compress-bench ref-32e-top4-shared --out runs/cbench
+    run_bench("ckpt/", "runs/cbench", BenchOptions(ratios=(0.25, 0.5)))
+
+One calibration with every observer (the backward sweep HEAPr needs included) in
+`out/calibration`, reused by every cell; one evaluation protocol (`moelab eval` on the same
+held-out windows: the corpus test split, against the uncompressed model). A cell is a method at a
+ratio: pruning and merging methods remove that share of each layer's routed experts, HEAPr that
+share of their parameters (the same parameter budget). With `router_fit`, every cell also runs
+with the router re-calibrated afterwards (`+fit`). With `domain`, a second calibration on that
+domain alone and the domain cells (EASY-EP, PreMoe, NAEE and the best general method, calibrated
+on the domain, against the best general method calibrated on everything) at `domain_ratios`.
+With `llmcompressor_python` (the interpreter of an environment with llm-compressor; transformers
+checkpoints only), llm-compressor's REAP on the same calibration windows. Two ablations test the
+Super Experts claim: the flagged experts' outputs zeroed, against as many random others.
+
+Each cell's compression runs in a fresh process (its wall time and peak resident memory) into
+`out/cells/NAME/model`; its evaluation goes to `out/cells/NAME/cell.json`, written last, so a
+killed bench keeps every finished cell and redoes only the others. `report.md`, `summary.json`
+and the PNG plots (`moelab.compress.bench_report`) are rewritten from the cells at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moelab.compress.calibration import CalibrationOptions, calibrate, calibration_mixture
+from moelab.compress.methods import METHODS
+from moelab.compress.observers import DEFAULT_OBSERVERS
+from moelab.compress.stats import Calibration
+from moelab.eval.evaluate import ALL, EvalOptions, evaluate
+from moelab.hf.adapters import NATIVE, resolve
+from moelab.io import atomic_write_text, output_dir
+
+KIND = "compression benchmark"
+FORMAT = "moelab-compress-bench/1"
+CELL_NAME = "cell.json"
+GENERAL_METHODS = tuple(m for m in METHODS if m != "premoe")  # PreMoe is domain-specific by design
+DOMAIN_METHODS = ("easy_ep", "premoe", "naee")
+GENERAL = "all"  # the calibration of every domain
+
+
+@dataclass(kw_only=True)
+class BenchOptions:
+    """methods, ratios: the cells; router_fit: Adam steps of the `+fit` variants (0: none);
+    calib_tokens, seq_len, sample_tokens: the calibration; eval_tokens, prompts: the evaluation
+    (per domain), gen_tokens: each prompt's greedy continuation; domain, domain_ratios: the domain cells; llmcompressor_python: the interpreter
+    that runs llm-compressor's REAP."""
+
+    methods: Sequence[str] = GENERAL_METHODS
+    ratios: Sequence[float] = (0.25, 0.5)
+    router_fit: int = 0
+    router_lr: float = 1e-3
+    calib_tokens: int = 16384
+    seq_len: int = 256
+    sample_tokens: int = 1024
+    eval_tokens: int = 4096
+    prompts: int = 2
+    gen_tokens: int = 48
+    domain: str | None = None
+    domain_ratios: Sequence[float] = (0.5, 0.75)
+    llmcompressor_python: str | None = None
+
+    def __post_init__(self):
+        for name in self.methods:
+            if name not in METHODS:
+                raise ValueError(f"unknown compression method {name!r}; choose from {list(METHODS)}")
+        for ratio in (*self.ratios, *self.domain_ratios):
+            if not 0 < ratio < 1:
+                raise ValueError(f"ratios lie in (0, 1), got {ratio}")
+        if self.router_fit < 0:
+            raise ValueError(f"router_fit needs steps >= 0, got {self.router_fit}")
+        if self.llmcompressor_python is not None and not Path(self.llmcompressor_python).is_file():
+            raise ValueError(
+                f"{self.llmcompressor_python} is not a Python interpreter; give the python of an environment "
+                "with llm-compressor (benchmarks/llmcompressor_reap/setup.sh makes one in .venv-llmc)"
+            )
+
+    def calibration(self) -> CalibrationOptions:
+        return CalibrationOptions(
+            tokens=self.calib_tokens,
+            seq_len=self.seq_len,
+            sample_tokens=self.sample_tokens,
+            observers=DEFAULT_OBSERVERS + ("neurons",),
+        )
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One compression of the bench. calib: GENERAL or the domain the statistics come from;
+    tool: "moelab", "llm-compressor" or "ablation" (method "super_experts": the experts the
+    Super Experts rule flags get zero output weights; "random_experts": as many others in the
+    same layers)."""
+
+    method: str
+    ratio: float
+    router_fit: int = 0
+    calib: str = GENERAL
+    tool: str = "moelab"
+
+    @property
+    def name(self) -> str:
+        if self.tool == "ablation":
+            return f"zero-{self.method}"
+        tool = "" if self.tool == "moelab" else "llmc-"
+        fit = "+fit" if self.router_fit else ""
+        where = "" if self.calib == GENERAL else f"@{self.calib}"
+        return f"{tool}{self.method}{fit}{where}-{round(self.ratio * 100)}"
+
+
+def run_bench(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    options: BenchOptions | None = None,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run (or finish) the bench of `model` into `out` and write its report; returns the summary."""
+    from moelab.compress.bench_report import REPORT_FILES, write_report
+
+    options = options or BenchOptions()
+    model = Path(model)
+    config, checkpoint, family = resolve(model)  # a clear error for what is not a checkpoint
+    checkpoint.close()
+    if options.llmcompressor_python and family is NATIVE:
+        raise ValueError(
+            f"llm-compressor runs transformers checkpoints; {model} is moelab's own format (export it first: "
+            "moelab export)"
+        )
+    say = (lambda *a: None) if quiet else print
+    entries = ["bench.json", "calibration", "cells", "base.json", *REPORT_FILES]
+    if options.domain:
+        entries.append(f"calibration-{options.domain}")
+    with output_dir(out, KIND, entries=entries, inputs=[model], overwrite=overwrite, resume=True) as claimed:
+        root = claimed.path
+        _check_same_bench(root, model, options)
+        stats = {GENERAL: _calibrate(model, root / "calibration", "corpus", options, say)}
+        base = _base(model, root / "base.json", options, say)
+        cells = [Cell(m, r) for r in options.ratios for m in options.methods]
+        cells += [dataclasses.replace(c, router_fit=options.router_fit) for c in cells if options.router_fit]
+        if options.llmcompressor_python:
+            cells += [Cell("reap", r, tool="llm-compressor") for r in options.ratios]
+        cells += [Cell(which, 0.0, tool="ablation") for which in ABLATIONS]
+        results = [_cell(model, root, cell, stats, options, say) for cell in cells]
+        if options.domain:
+            domain = options.domain
+            stats[domain] = _calibrate(
+                model, root / f"calibration-{domain}", f"corpus:{domain}", options, say
+            )
+            best = _best_general(results, options.ratios)
+            domain_cells = [
+                Cell(m, r, calib=domain) for r in options.domain_ratios for m in (*DOMAIN_METHODS, best)
+            ]
+            domain_cells += [Cell(best, r) for r in options.domain_ratios if r not in options.ratios]
+            results += [_cell(model, root, cell, stats, options, say) for cell in dict.fromkeys(domain_cells)]
+        summary = {
+            "format": FORMAT,
+            "model": str(model),
+            "options": _describe(options),
+            "calibration": {k: _calibration_facts(v) for k, v in stats.items()},
+            "base": base,
+            "cells": results,
+        }
+        write_report(root, summary)
+        say(f"wrote {root / 'report.md'}")
+        return summary
+
+
+def _check_same_bench(root: Path, model: Path, options: BenchOptions) -> None:
+    """A resumed bench continues only with the same model and protocol (cells may be added)."""
+    path = root / "bench.json"
+    protocol = {
+        "model": str(model.resolve()),
+        "calibration": dataclasses.asdict(options.calibration()),
+        "eval": dataclasses.asdict(_eval_options(options)),
+    }
+    protocol = json.loads(json.dumps(protocol))  # as read back (tuples become lists)
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier != protocol:
+            changed = sorted(k for k in protocol if earlier.get(k) != protocol[k])
+            raise ValueError(
+                f"{root} holds a bench with another {', '.join(changed)}; its cells are not comparable with "
+                "these. Use another --out, or --overwrite to start again"
+            )
+    atomic_write_text(path, json.dumps(protocol, indent=1) + "\n")
+
+
+def _calibrate(model: Path, directory: Path, spec: str, options: BenchOptions, say) -> Calibration:
+    if (directory / "calibration.json").is_file():  # published whole: a killed calibration is resumed below
+        return Calibration(directory)
+    say(f"calibrating on {spec} ({options.calib_tokens:,} tokens, backward sweep included)")
+    return calibrate(model, directory, calib=spec, options=options.calibration(), quiet=False)
+
+
+def _eval_options(options: BenchOptions) -> EvalOptions:
+    return EvalOptions(
+        max_tokens=options.eval_tokens,
+        seq_len=options.seq_len,
+        prompts=options.prompts,
+        gen_tokens=options.gen_tokens,
+    )
+
+
+def _base(model: Path, path: Path, options: BenchOptions, say) -> dict[str, Any]:
+    """The uncompressed model on the protocol (computed once)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    say("evaluating the uncompressed model")
+    report = evaluate(model, options=_eval_options(options), quiet=True)
+    base = {
+        "perplexity": {d: v["perplexity"] for d, v in report["domains"].items()},
+        "degenerate_rate": report.get("generation", {}).get("model", {}).get("rate"),
+        "parameters": report["parameters"],
+        "tokens_per_second": report["tokens_per_second"],
+    }
+    atomic_write_text(path, json.dumps(base, indent=1) + "\n")
+    return base
+
+
+def _cell(model: Path, root: Path, cell: Cell, stats: dict[str, Calibration], options, say) -> dict[str, Any]:
+    """The cell's result: read when finished earlier, else compressed in a child process and
+    evaluated."""
+    directory = root / "cells" / cell.name
+    done = directory / CELL_NAME
+    if done.is_file():
+        result = json.loads(done.read_text())
+        if result.get("cell") == dataclasses.asdict(cell):
+            say(f"{cell.name}: finished earlier, kept")
+            return result
+    directory.mkdir(parents=True, exist_ok=True)
+    say(f"{cell.name}: compressing")
+    if cell.tool == "llm-compressor":
+        job = _llmcompressor(model, directory, cell, options)
+    elif cell.tool == "ablation":
+        job = _child(
+            _ABLATION_JOB, [str(model), str(directory / "model"), str(stats[GENERAL].directory), cell.method]
+        )
+        if not job["zeroed"]:
+            result = {"cell": dataclasses.asdict(cell), "name": cell.name, "job": job, "evaluated": False,
+                      "problem": "the Super Experts rule flags no expert in this model"}  # fmt: skip
+            atomic_write_text(done, json.dumps(result, indent=1) + "\n")
+            return result
+    else:
+        job = _child(
+            _COMPRESS_JOB, [str(model), str(directory / "model"), json.dumps(_job_args(cell, stats, options))]
+        )
+    say(f"{cell.name}: evaluating")
+    result = {"cell": dataclasses.asdict(cell), "name": cell.name, "job": job}
+    result |= _quality(directory / "model", model, options)
+    atomic_write_text(done, json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _job_args(cell: Cell, stats: dict[str, Calibration], options: BenchOptions) -> dict[str, Any]:
+    return {
+        "method": cell.method,
+        "ratio": cell.ratio,
+        "stats": str(stats[cell.calib].directory),
+        "router_fit": [cell.router_fit, options.router_lr],
+    }
+
+
+_COMPRESS_JOB = """
+import json, sys, time
+began = time.perf_counter()
+from moelab.compress import compress
+from moelab.compress.router_fit import RouterFit
+args = json.loads(sys.argv[3])
+report = compress(sys.argv[1], sys.argv[2], method=args["method"], ratio=args["ratio"], stats=args["stats"],
+                  router_fit=RouterFit(*args["router_fit"]), overwrite=True, quiet=True)
+seconds = time.perf_counter() - began
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+layers = report["layers"].values()
+stability = report["stability_jaccard"]
+print(json.dumps({"seconds": seconds, "peak_rss_mb": peak / 1024, "timings": report["timings"],
+                  "parameters": report["parameters"], "stability_jaccard": stability,
+                  "experts_kept": [len(e["kept"]) + len(e["merge_groups"]) for e in layers]}))
+"""
+
+
+ABLATIONS = ("super_experts", "random_experts")
+_ABLATION_JOB = """
+import dataclasses, json, sys, time
+began = time.perf_counter()
+import torch
+from moelab.compress.methods.base import super_expert_ids
+from moelab.compress.stats import Calibration
+from moelab.hf import open_checkpoint
+from moelab.hf.edit import LayerEdit
+from moelab.hf.writer import write_checkpoint
+model, out, stats, which = sys.argv[1:5]
+calibration = Calibration(stats)
+chosen = super_expert_ids({i: calibration.layer(i) for i in calibration.layers})
+generator = torch.Generator().manual_seed(0)
+edits = {}
+with open_checkpoint(model) as view:
+    for i, ids in chosen.items():
+        layer = view.layer(i)
+        E = layer.router.num_experts
+        if which == "random_experts":  # as many others, in the same layers
+            others = [e for e in range(E) if e not in ids]
+            ids = sorted(others[j] for j in torch.randperm(len(others), generator=generator)[: len(ids)].tolist())
+            chosen[i] = ids
+        down = layer.experts.down.clone()
+        down[ids] = 0
+        bias = layer.experts.down_bias
+        if bias is not None:
+            bias = bias.clone()
+            bias[ids] = 0
+        experts = dataclasses.replace(layer.experts, down=down, down_bias=bias)
+        edits[i] = LayerEdit(tuple((e,) for e in range(E)), dataclasses.replace(layer, experts=experts))
+if edits:
+    write_checkpoint(model, out, edits, overwrite=True, quiet=True)
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"seconds": time.perf_counter() - began, "peak_rss_mb": peak / 1024,
+                  "zeroed": {str(i): ids for i, ids in chosen.items()}}))
+"""
+
+
+def _llmcompressor(model: Path, directory: Path, cell: Cell, options: BenchOptions) -> dict[str, Any]:
+    """llm-compressor's REAP in its own environment, on the bench's calibration windows."""
+    mixture = calibration_mixture(model, "corpus", options.calibration())
+    windows = directory / "windows.npy"
+    np.save(windows, np.stack([w.ids.numpy() for w in mixture.windows]))
+    script = Path(__file__).resolve().parent / "llmcompressor_job.py"
+    args = [str(model), str(windows), str(cell.ratio), str(directory / "model"), str(directory / "reap.json")]
+    return _child(None, args, python=options.llmcompressor_python, script=script)
+
+
+def _child(
+    code: str | None, args: list[str], *, python: str | None = None, script: Path | None = None
+) -> dict:
+    """Run a job in a fresh process; its last stdout line is its JSON result."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    command = [python or sys.executable, *(["-c", code] if code is not None else [str(script)]), *args]
+    began = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the bench job failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result | {"wall_seconds": time.perf_counter() - began}
+
+
+def _quality(path: Path, base: Path, options: BenchOptions) -> dict[str, Any]:
+    """The compressed model on the protocol, against the base: perplexity per domain, KL, top-1,
+    degenerate generations, parameters; or why it could not be evaluated (a checkpoint
+    transformers cannot load exactly)."""
+    from moelab.hf import CheckpointError
+
+    try:
+        report = evaluate(path, base=base, options=_eval_options(options), quiet=True)
+    except (CheckpointError, ValueError) as err:
+        return {"evaluated": False, "problem": str(err).splitlines()[0][:300]}
+    generation = report.get("generation", {})
+    return {
+        "evaluated": True,
+        "perplexity": {d: v["perplexity"] for d, v in report["domains"].items()},
+        "kl": report["agreement"][ALL]["kl"],
+        "top1_agreement": report["agreement"][ALL]["top1_agreement"],
+        "degenerate_rate": generation.get("model", {}).get("rate"),
+        "parameters": report["parameters"],
+    }
+
+
+def _best_general(results: list[dict], ratios: Sequence[float]) -> str:
+    """The general moelab method with the lowest overall perplexity at the largest ratio."""
+    ratio = max(ratios)
+    plain = [
+        r
+        for r in results
+        if r.get("evaluated")
+        and r["cell"]["ratio"] == ratio
+        and r["cell"]["tool"] == "moelab"
+        and not r["cell"]["router_fit"]
+        and r["cell"]["method"] not in DOMAIN_METHODS
+    ]
+    if not plain:
+        raise ValueError("the domain cells need the general cells' results; keep at least one general method")
+    return min(plain, key=lambda r: r["perplexity"][ALL])["cell"]["method"]
+
+
+def _calibration_facts(calibration: Calibration) -> dict[str, Any]:
+    info = calibration.info
+    return {"mixture": info["mixture"]["spec"], "seconds": info["seconds"]}
+
+
+def _describe(options: BenchOptions) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(options).items()}

@@ -1,0 +1,116 @@
+"""`moelab compress-bench` on a tiny model: every cell compressed, evaluated and reported from
+one calibration; a killed bench keeps its finished cells; another protocol in the same
+directory is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_compress import moelab_model
+
+import moelab.compress.bench as bench
+from moelab.compress.bench import BenchOptions, run_bench
+from moelab.compress.bench_report import REPORT_FILES
+from moelab.models import load_pretrained, save_pretrained
+
+TINY = dict(calib_tokens=512, seq_len=32, sample_tokens=64, eval_tokens=64, prompts=1, gen_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny model with one super expert planted: expert 3 of layer 0 writes 30x larger outputs."""
+    path = moelab_model(tmp_path_factory.mktemp("model") / "m")
+    model = load_pretrained(path)
+    with torch.no_grad():
+        model.layers[0].ffn.experts.down_proj[3] *= 30
+    return save_pretrained(model, path.with_name("planted"))
+
+
+def test_bench_reports_every_cell_and_resumes(tiny, tmp_path, monkeypatch):
+    options = BenchOptions(methods=("hc_smoe", "heapr"), ratios=(0.25,), router_fit=3, **TINY)
+    calls = []
+    real_child, real_quality = bench._child, bench._quality
+
+    def child(code, args, **kw):
+        calls.append(args[1])
+        return real_child(code, args, **kw)
+
+    def quality(path, base, opts):
+        if path.parent.name == "heapr-25":
+            raise KeyboardInterrupt  # killed while evaluating the third cell
+        return real_quality(path, base, opts)
+
+    monkeypatch.setattr(bench, "_child", child)
+    monkeypatch.setattr(bench, "_quality", quality)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny, tmp_path / "b", options, quiet=True)
+    finished = {p.parent.name: p.read_bytes() for p in (tmp_path / "b" / "cells").glob("*/cell.json")}
+    assert set(finished) == {"hc_smoe-25"}
+
+    monkeypatch.setattr(bench, "_quality", real_quality)
+    calls.clear()
+    summary = run_bench(tiny, tmp_path / "b", options, quiet=True)
+    assert [p.split("/")[-2] for p in calls] == [
+        "heapr-25", "hc_smoe+fit-25", "heapr+fit-25", "zero-super_experts", "zero-random_experts"
+    ]  # fmt: skip
+    for name, data in finished.items():  # kept byte for byte
+        assert (tmp_path / "b" / "cells" / name / "cell.json").read_bytes() == data
+    names = [c["name"] for c in summary["cells"]]
+    assert names == [
+        "hc_smoe-25", "heapr-25", "hc_smoe+fit-25", "heapr+fit-25", "zero-super_experts", "zero-random_experts"
+    ]  # fmt: skip
+    base = summary["base"]["perplexity"]["all"]
+    for cell in summary["cells"]:
+        assert cell["evaluated"], cell
+        d = cell["derived"]
+        assert d["change"] == pytest.approx(cell["perplexity"]["all"] / base - 1)
+        assert d["kept"] == pytest.approx(base / cell["perplexity"]["all"])
+        assert d["worst_change"] == max(v for k, v in d["domain_change"].items() if k != "all")
+        assert cell["job"]["peak_rss_mb"] > 0 and cell["job"]["wall_seconds"] > 0
+    zeroed = {
+        c["cell"]["method"]: c["job"]["zeroed"] for c in summary["cells"] if c["cell"]["tool"] == "ablation"
+    }
+    assert zeroed["super_experts"] == {"0": [3]} and zeroed["random_experts"].keys() == {"0"}
+    for layer, ids in zeroed["super_experts"].items():  # as many others, in the same layers
+        assert len(ids) == len(zeroed["random_experts"][layer]) and not set(ids) & set(
+            zeroed["random_experts"][layer]
+        )
+    heapr = next(c for c in summary["cells"] if c["name"] == "heapr-25")
+    assert heapr["parameters"]["routed_experts"] == summary["base"]["parameters"]["routed_experts"] * 3 // 4
+    for name in REPORT_FILES:
+        assert (tmp_path / "b" / name).stat().st_size > 0
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert (
+        "| hc_smoe+fit | merging |" in report
+        and "| heapr | neurons |" in report
+        and "## Super experts" in report
+    )
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["cells"][0]["name"] == "hc_smoe-25"
+
+
+def test_domain_cells_and_protocol_check(tiny, tmp_path):
+    options = BenchOptions(
+        methods=("frequency", "reap"), ratios=(0.25,), domain="code", domain_ratios=(0.5,), **TINY
+    )
+    summary = run_bench(tiny, tmp_path / "b", options, quiet=True)
+    domain_cells = [c["name"] for c in summary["cells"] if c["cell"]["calib"] == "code"]
+    best = min(
+        (c for c in summary["cells"] if c["cell"]["calib"] == "all" and c["cell"]["ratio"] == 0.25),
+        key=lambda c: c["perplexity"]["all"],
+    )["cell"]["method"]
+    assert domain_cells == [f"easy_ep@code-50", "premoe@code-50", "naee@code-50", f"{best}@code-50"]
+    assert f"{best}-50" in [c["name"] for c in summary["cells"]]  # the task-agnostic baseline
+    assert "## Domain mode: calibrated on `code` only" in (tmp_path / "b" / "report.md").read_text()
+    with pytest.raises(ValueError, match="another calibration"):
+        run_bench(tiny, tmp_path / "b", BenchOptions(**(TINY | {"calib_tokens": 1024})), quiet=True)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="unknown compression method 'nope'"):
+        BenchOptions(methods=("nope",))
+    with pytest.raises(ValueError, match=r"ratios lie in \(0, 1\)"):
+        BenchOptions(ratios=(1.0,))
+    with pytest.raises(ValueError, match="not a Python interpreter"):
+        BenchOptions(llmcompressor_python="/nonexistent/python")

@@ -1,0 +1,90 @@
+"""moelab's recipe (`--method moelab`) against direct computations on a tiny model: each
+candidate's error is the relative squared error of the layer with only that kept set routed,
+the chosen candidate is the lowest, folds only ever lower the error and the written layer has
+the error the report states; super experts stay; the router fit runs last."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_compress import SMALL, moelab_model
+
+from moelab.compress import calibrate, compress
+from moelab.compress.methods.base import super_expert_ids
+from moelab.compress.stats import Calibration
+from moelab.hf import open_checkpoint
+from moelab.hf.edit import moe_output
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny models: one intra-op thread is faster on the project's 2-core machine."""
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    model = moelab_model(root / "m", num_experts=8, top_k=2)
+    return model, calibrate(model, root / "s", options=SMALL, quiet=True).directory
+
+
+def _error(base_layer, layer, x) -> float:
+    y = moe_output(base_layer, x)
+    return float((y - moe_output(layer, x)).pow(2).sum() / y.pow(2).sum())
+
+
+def test_recipe_picks_the_lowest_error_and_folds_only_what_helps(calibrated, tmp_path):
+    model, stats = calibrated
+    options = {"fit_steps": 0}
+    report = compress(
+        model, tmp_path / "o", method="moelab", ratio=0.5, stats=stats, method_options=options, quiet=True
+    )
+    kept_by = {
+        name: compress(model, tmp_path / name, method=name, ratio=0.5, stats=stats, quiet=True)["layers"]
+        for name in ("reap", "frequency", "naee")
+    }
+    calibration = Calibration(stats)
+    supers = super_expert_ids({i: calibration.layer(i) for i in calibration.layers})
+    with open_checkpoint(model) as base, open_checkpoint(tmp_path / "o") as out:
+        for index, entry in report["layers"].items():
+            i = int(index)
+            layer, x = base.layer(i), calibration.layer(i).inputs.double()
+            notes = entry["notes"]
+            for name, layers in kept_by.items():  # the candidates' errors, computed here
+                y = moe_output(layer, x)
+                masked = moe_output(layer, x, keep=layers[index]["kept"])
+                expected = float((y - masked).pow(2).sum() / y.pow(2).sum())
+                assert notes["candidate_errors"][name] == pytest.approx(expected, rel=1e-9)
+            errors = notes["candidate_errors"]
+            assert errors[notes["chosen"]] == min(errors.values())
+            assert notes["error"] <= errors[notes["chosen"]]
+            assert (notes["error"] < errors[notes["chosen"]]) == bool(notes["folded"])
+            assert notes["error"] == pytest.approx(_error(layer, out.layer(i), x), rel=1e-4)
+            leaders = entry["kept"] + [g[0] for g in entry["merge_groups"]]
+            assert len(leaders) == 4 and set(notes["protected"]) <= set(leaders)
+            assert notes["protected"] == supers.get(i, [])
+
+
+def test_recipe_options_and_router_fit(calibrated, tmp_path):
+    model, stats = calibrated
+    plain = compress(
+        model, tmp_path / "a", method="moelab", ratio=0.25, stats=stats,
+        method_options={"fold": False, "fit_steps": 0}, quiet=True,
+    )  # fmt: skip
+    fitted = compress(
+        model,
+        tmp_path / "b",
+        method="moelab",
+        ratio=0.25,
+        stats=stats,
+        method_options={"fold": False},
+        quiet=True,
+    )
+    assert plain["options"] == {"fold": False, "fit_steps": 0, "fit_lr": 1e-3, "protect_super": True}
+    for index, entry in fitted["layers"].items():
+        assert entry["merge_groups"] == [] and entry["kept"] == plain["layers"][index]["kept"]
+        fit = entry["notes"]["router_fit"]
+        assert fit["steps"] == 50 and fit["heldout_after"] <= fit["heldout_before"]
+    with open_checkpoint(tmp_path / "a") as a, open_checkpoint(tmp_path / "b") as b:
+        changed = [not torch.equal(a.layer(i).router.weight, b.layer(i).router.weight) for i in (0, 1)]
+    assert any(changed) == any(e["notes"]["router_fit"]["best_step"] > 0 for e in fitted["layers"].values())
