@@ -100,7 +100,7 @@ def test_domain_cells_and_protocol_check(tiny, tmp_path):
         (c for c in summary["cells"] if c["cell"]["calib"] == "all" and c["cell"]["ratio"] == 0.25),
         key=lambda c: c["perplexity"]["all"],
     )["cell"]["method"]
-    assert domain_cells == [f"easy_ep@code-50", "premoe@code-50", "naee@code-50", f"{best}@code-50"]
+    assert domain_cells == ["easy_ep@code-50", "premoe@code-50", "naee@code-50", f"{best}@code-50"]
     assert f"{best}-50" in [c["name"] for c in summary["cells"]]  # the task-agnostic baseline
     assert "## Domain mode: calibrated on `code` only" in (tmp_path / "b" / "report.md").read_text()
     with pytest.raises(ValueError, match="another calibration"):
