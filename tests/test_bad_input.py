@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -688,6 +689,51 @@ def compress_stats_of_another_model(tmp, src):
     }))  # fmt: skip
     args = ["compress", model, "--stats", stats, "--out", tmp / "out", "--quiet"]
     return args, [model, stats], ["were made on /elsewhere/model", "fingerprints differ"]
+
+
+@case
+def compress_option_without_value(tmp, src):
+    model = copy(src, "moelab", tmp)
+    args = ["compress", model, "--method", "heapr", "--option", "layout", "--out", tmp / "out", "--quiet"]
+    return args, [model], ["--option takes KEY=VALUE", "got 'layout'"]
+
+
+@case
+def compress_option_the_method_lacks(tmp, src):
+    model = copy(src, "moelab", tmp)
+    args = ["compress", model, "--method", "reap", "--option", "rank=4", "--out", tmp / "out", "--quiet"]
+    return args, [model], ["method 'reap' does not take these options"]
+
+
+@case
+def compress_heapr_unknown_layout(tmp, src):
+    model = copy(src, "moelab", tmp)
+    args = ["compress", model, "--method", "heapr", "--option", "layout=ragged", "--out", tmp / "out", "--quiet"]
+    return args, [model], ["heapr layout must be one of", "got 'ragged'"]
+
+
+@case
+def compress_fitted_router_rows_need_softmax(tmp, src):
+    model = copy(src, "moelab", tmp)
+    config = json.loads((model / "config.json").read_text())
+    config["moe"]["score_func"] = "sigmoid"
+    text(model / "config.json", json.dumps(config))
+    args = ["compress", model, "--method", "hc_smoe", "--option", "router_rule=fit", "--out", tmp / "out", "--quiet"]
+    return args, [model], ["layer 1: hc_smoe's router_rule='fit'", "scores with sigmoid", "use router_rule=weighted"]
+
+
+@case
+def compress_bench_unknown_method(tmp, src):
+    model = copy(src, "moelab", tmp)
+    args = ["compress-bench", model, "--method", "reep", "--out", tmp / "out", "--quiet"]
+    return args, [model], ["unknown compression method 'reep'"]
+
+
+@case
+def compress_bench_llmcompressor_on_a_moelab_model(tmp, src):
+    model = copy(src, "moelab", tmp)
+    args = ["compress-bench", model, "--llmcompressor-python", sys.executable, "--out", tmp / "out", "--quiet"]
+    return args, [model], ["llm-compressor runs transformers checkpoints", "export it first"]
 
 
 @case

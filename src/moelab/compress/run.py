@@ -158,6 +158,8 @@ def _router_views(model: Path, method: Method) -> dict[int, Any]:
     routers = {i: layer.router for i, layer in layers.items() if isinstance(layer, MoELayerView)}
     if not routers:
         raise ValueError(f"{model} has no MoE layers; there are no experts to remove")
+    for i, router in routers.items():
+        method.check_router(router, f"layer {i}: ")
     return routers
 
 

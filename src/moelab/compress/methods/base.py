@@ -78,6 +78,9 @@ class Method:
         """Its edits give the routed experts another hidden width."""
         return False
 
+    def check_router(self, router: RouterView, where: str = "") -> None:
+        """Refuse, before any calibration, a router this method's edits cannot be written for."""
+
     def settle(self, width_fixed: bool) -> None:
         """Resolve automatic options for the checkpoint: width_fixed, its routed experts' width
         cannot change (the family's shared experts follow it)."""

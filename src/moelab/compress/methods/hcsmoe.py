@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 from scipy.cluster.hierarchy import cut_tree, linkage
 
-from moelab.compress.merging import expert_features, merged_layer, router_groups
+from moelab.compress.merging import ROUTER_RULES, expert_features, merged_layer, router_groups
 from moelab.compress.methods.base import LayerDecision, Method, Target
 from moelab.compress.stats import LayerStats
-from moelab.hf.view import MoELayerView
+from moelab.hf.view import MoELayerView, RouterView
 
 LINKAGES = ("average", "single", "complete", "ward")
 
@@ -33,10 +33,20 @@ class HCSMoE(Method):
     def __init__(self, linkage: str = "average", router_rule: str = "weighted"):
         if linkage not in LINKAGES:
             raise ValueError(f"hc_smoe linkage must be one of {LINKAGES}, got {linkage!r}")
+        if router_rule not in ROUTER_RULES:
+            raise ValueError(f"hc_smoe router_rule must be one of {ROUTER_RULES}, got {router_rule!r}")
         self.linkage, self.router_rule = linkage, router_rule
 
     def options(self):
         return {"linkage": self.linkage, "router_rule": self.router_rule}
+
+    def check_router(self, router: RouterView, where: str = "") -> None:
+        if self.router_rule == "fit" and router.score_func != "softmax":
+            raise ValueError(
+                f"{where}hc_smoe's router_rule='fit' fits each merged expert a row whose softmax probability is its "
+                f"members' joint one, but this router scores with {router.score_func}; use router_rule=weighted or "
+                "dominant"
+            )
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
         features = expert_features(layer, _inputs(stats, self.name)).double()
