@@ -268,7 +268,7 @@ def test_padded_layout_ranks_neurons_of_all_layers_together():
     layer0 = hand_stats([[1, 10], [1, 1]], [[1, 10], [1, 1]], [1, 1])  # scores [[1, 100], [1, 1]]
     layer1 = hand_stats([[5, 3], [7, 2]], [[1, 1], [1, 1]], [1, 1])  # scores [[5, 3], [7, 2]]
     layer1.layer = 1
-    method.prepare({0: layer0, 1: layer1}, {0: Target(1), 1: Target(1)})
+    method.prepare(None, {0: layer0, 1: layer1}, {0: Target(1), 1: Target(1)})
     views = [make_view(E=2, I=2, top_k=1, index=i, seed=i) for i in (0, 1)]
     d0 = method.decide(views[0], layer0, Target(1))
     d1 = method.decide(views[1], layer1, Target(1))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_compress import SMALL, moelab_model
+from test_compress import EVERY, moelab_model
 
 from moelab.compress import calibrate, compress
 from moelab.compress.methods.base import super_expert_ids
@@ -25,7 +25,7 @@ def _one_thread(one_thread):
 def calibrated(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
     model = moelab_model(root / "m", num_experts=8, top_k=2)
-    return model, calibrate(model, root / "s", options=SMALL, quiet=True).directory
+    return model, calibrate(model, root / "s", options=EVERY, quiet=True).directory
 
 
 def _error(base_layer, layer, x) -> float:
@@ -35,7 +35,7 @@ def _error(base_layer, layer, x) -> float:
 
 def test_recipe_picks_the_lowest_error_and_folds_only_what_helps(calibrated, tmp_path):
     model, stats = calibrated
-    options = {"fit_steps": 0}
+    options = {"strategy": "experts", "fit_steps": 0}
     report = compress(
         model, tmp_path / "o", method="moelab", ratio=0.5, stats=stats, method_options=options, quiet=True
     )
@@ -69,7 +69,7 @@ def test_recipe_options_and_router_fit(calibrated, tmp_path):
     model, stats = calibrated
     plain = compress(
         model, tmp_path / "a", method="moelab", ratio=0.25, stats=stats,
-        method_options={"fold": False, "fit_steps": 0}, quiet=True,
+        method_options={"strategy": "experts", "fold": False, "fit_steps": 0}, quiet=True,
     )  # fmt: skip
     fitted = compress(
         model,
@@ -77,10 +77,16 @@ def test_recipe_options_and_router_fit(calibrated, tmp_path):
         method="moelab",
         ratio=0.25,
         stats=stats,
-        method_options={"fold": False},
+        method_options={"strategy": "experts", "fold": False},
         quiet=True,
     )
-    assert plain["options"] == {"fold": False, "fit_steps": 0, "fit_lr": 1e-3, "protect_super": True}
+    assert plain["options"] == {
+        "strategy": "experts",
+        "fold": False,
+        "fit_steps": 0,
+        "fit_lr": 1e-3,
+        "protect_super": True,
+    }
     for index, entry in fitted["layers"].items():
         assert entry["merge_groups"] == [] and entry["kept"] == plain["layers"][index]["kept"]
         fit = entry["notes"]["router_fit"]
@@ -88,3 +94,44 @@ def test_recipe_options_and_router_fit(calibrated, tmp_path):
     with open_checkpoint(tmp_path / "a") as a, open_checkpoint(tmp_path / "b") as b:
         changed = [not torch.equal(a.layer(i).router.weight, b.layer(i).router.weight) for i in (0, 1)]
     assert any(changed) == any(e["notes"]["router_fit"]["best_step"] > 0 for e in fitted["layers"].values())
+
+
+def test_auto_strategy_takes_the_lower_summed_error(calibrated, tmp_path):
+    """ "auto" sums each strategy's layer errors: HEAPr's narrowed layers (computed here from
+    heapr's own checkpoint) against the expert path's; the lower one is written."""
+    model, stats = calibrated
+    auto = compress(
+        model,
+        tmp_path / "auto",
+        method="moelab",
+        ratio=0.5,
+        stats=stats,
+        method_options={"fit_steps": 0},
+        quiet=True,
+    )
+    experts = compress(
+        model, tmp_path / "e", method="moelab", ratio=0.5, stats=stats,
+        method_options={"strategy": "experts", "fit_steps": 0}, quiet=True,
+    )  # fmt: skip
+    compress(model, tmp_path / "h", method="heapr", ratio=0.5, stats=stats, quiet=True)
+    calibration = Calibration(stats)
+    with open_checkpoint(model) as base, open_checkpoint(tmp_path / "h") as narrowed:
+        neurons = sum(
+            _error(base.layer(i), narrowed.layer(i), calibration.layer(i).inputs.double())
+            for i in calibration.layers
+        )
+    summed = {"experts": sum(e["notes"]["error"] for e in experts["layers"].values()), "neurons": neurons}
+    for entry in auto["layers"].values():
+        got = entry["notes"]["strategy_errors"]
+        assert got["experts"] == pytest.approx(summed["experts"], rel=1e-9)
+        assert got["neurons"] == pytest.approx(summed["neurons"], rel=1e-4)
+        assert entry["notes"]["strategy"] == min(summed, key=summed.get)
+    with pytest.raises(ValueError, match="moelab strategy must be one of"):
+        compress(
+            model,
+            tmp_path / "x",
+            method="moelab",
+            stats=stats,
+            method_options={"strategy": "both"},
+            quiet=True,
+        )

@@ -24,13 +24,21 @@ from moelab.plots import plt, png
 
 PLOT_FILES = ("quality.png", "domains.png", "tradeoff.png")
 REPORT_FILES = ("report.md", "summary.json", *PLOT_FILES)
-KIND_COLORS = {"pruning": "tab:blue", "merging": "tab:orange", "neurons": "tab:green", "external": "tab:gray"}
+KIND_COLORS = {
+    "pruning": "tab:blue",
+    "merging": "tab:orange",
+    "neurons": "tab:green",
+    "recipe": "tab:red",
+    "external": "tab:gray",
+}
 
 
 def kind(cell: dict[str, Any]) -> str:
-    """pruning, merging, neurons (HEAPr), external (another tool) or ablation."""
+    """pruning, merging, neurons (HEAPr), recipe (moelab's), external (another tool) or ablation."""
     if cell["tool"] != "moelab":
         return "ablation" if cell["tool"] == "ablation" else "external"
+    if cell["method"] == "moelab":
+        return "recipe"
     method = METHODS[cell["method"]]
     return "merging" if method.merges else "neurons" if method.narrows else "pruning"
 
@@ -237,7 +245,7 @@ def _plot_quality(rows: list[dict]) -> bytes:
         ax.set_title(f"{ratio:.0%} removed")
         ax.grid(axis="x", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLORS.values()]
-    fig.legend(handles, list(KIND_COLORS), loc="lower center", ncol=4, bbox_to_anchor=(0.5, -0.04))
+    fig.legend(handles, list(KIND_COLORS), loc="lower center", ncol=5, bbox_to_anchor=(0.5, -0.04))
     return png(fig)
 
 

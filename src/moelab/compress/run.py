@@ -222,7 +222,7 @@ def _decide(
         stats = {i: calibration.layer(i) for i in targets}
         if budget == "global":
             _check_global_budget(method, view, stats, targets)
-        method.prepare(stats, targets)
+        method.prepare(view, stats, targets)
         decisions = {}
         for index in tqdm(sorted(targets), desc=f"{method.name}", unit="layer", disable=quiet):
             if str(index) in done and not method.rewrites:  # new tensors are recomputed (deterministically)

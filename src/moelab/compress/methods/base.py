@@ -90,9 +90,10 @@ class Method:
         """Its edits hold new expert tensors, not a subset of the old."""
         return self.merges or self.narrows
 
-    def prepare(self, stats: dict[int, LayerStats], targets: dict[int, Target]) -> None:
-        """Called with every layer's statistics before the per-layer decisions (a method that
-        ranks across layers computes its cut here)."""
+    def prepare(self, view, stats: dict[int, LayerStats], targets: dict[int, Target]) -> None:
+        """Called with the model's view (shapes only unless `needs_weights`) and every layer's
+        statistics before the per-layer decisions (a method that ranks or chooses across layers
+        does it here)."""
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
         raise NotImplementedError

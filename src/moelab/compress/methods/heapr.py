@@ -58,7 +58,7 @@ class HEAPr(Method):
         if self.layout == "auto":
             self.layout = "padded" if width_fixed else "uniform"
 
-    def prepare(self, stats: dict[int, LayerStats], targets: dict[int, Target]) -> None:
+    def prepare(self, view, stats: dict[int, LayerStats], targets: dict[int, Target]) -> None:
         """The padded layout's global cut: the score (and rank among equal scores) of the last
         neuron kept when all layers' neurons are ranked together."""
         if self.layout != "padded":

@@ -1,25 +1,30 @@
 """moelab's recipe (`--method moelab`), built from what the compression bench shows: no single
-expert score wins on every model, the layer's own output is the best judge of a kept set, and
-merging everything (HC-SMoE) costs more than it saves, but folding a dropped expert into a close
-kept one can help where it lowers the layer's error.
+expert score wins on every model; the layer's own output is the best judge of a kept set; merging
+everything (HC-SMoE) costs more than it saves, but folding a dropped expert into a close kept one
+can help where it lowers the layer's error; and at the same parameter budget, narrowing every
+expert (HEAPr) can keep far more than removing experts.
 
-Per MoE layer, with x the sampled layer inputs [N, D] and y the original layer's output on them:
+Two strategies, judged by the relative squared error  sum ||y - y'||^2 / sum ||y||^2  of each
+edited layer's output y' against the original's y on the sampled layer inputs x [N, D]:
 
-1. Protect the super experts (the Super Experts rule on the calibration's largest outputs), as
-   far as the kept count allows.
-2. Candidates: the kept sets of REAP, EAN, soft counts, frequency, EASY-EP and router-weight
-   scores, and NAEE's search.
-3. Judge: the relative squared error  sum ||y - y_K||^2 / sum ||y||^2  of the layer with only
-   the kept set K routed (`moe_output`); the lowest wins.
-4. Fold: every dropped expert, most used first, is tried merged into its nearest kept expert
-   (mean outputs over x, HC-SMoE's features; same routing group), neurons aligned to the kept
-   one, in six variants: its share of the merge (its usage, 10 % or 30 %) times the router row
-   (the kept expert's, M-SMoE's dominant rule, or for softmax routers a row fitted to the pair's
-   joint probability); the best variant stays when it lowers the error.
-5. Router re-calibration (`moelab.compress.router_fit`, `fit_steps` Adam steps; 0: off).
+- "experts" (remove `ratio` of the experts), per MoE layer:
+  1. protect the super experts (the Super Experts rule on the calibration's largest outputs), as
+     far as the kept count allows;
+  2. candidates: the kept sets of REAP, EAN, soft counts, frequency, EASY-EP and router-weight
+     scores, and NAEE's search; the one with the lowest error wins;
+  3. fold: every dropped expert, most used first, is tried merged into its nearest kept expert
+     (mean outputs over x, HC-SMoE's features; same routing group), neurons aligned to the kept
+     one, in six variants: its share of the merge (its usage, 10 % or 30 %) times the router row
+     (the kept expert's, M-SMoE's dominant rule, or for softmax routers a row fitted to the pair's
+     joint probability); the best variant stays when it lowers the error.
+- "neurons" (remove `ratio` of the routed experts' parameters): HEAPr's uniform layout.
 
-The error is measured on the same sample the choices are made on; the router fit keeps only
-what improves its held-out quarter.
+"auto" (default) runs both on every layer and keeps the one with the lower summed error (one
+expert count and one width per model: no format stores a mix), except where the family's shared
+experts take their width from the routed ones' (then "experts"). Last, the router is
+re-calibrated (`moelab.compress.router_fit`, `fit_steps` Adam steps; 0: off). The errors are
+measured on the same sample the choices are made on; the router fit keeps only what improves
+its held-out quarter.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from moelab.compress.methods.base import LayerDecision, Method, Target, check_pr
 from moelab.compress.methods.ean import EAN
 from moelab.compress.methods.easy_ep import EasyEP
 from moelab.compress.methods.frequency import Frequency
+from moelab.compress.methods.heapr import HEAPr
 from moelab.compress.methods.naee import NAEE
 from moelab.compress.methods.reap import REAP
 from moelab.compress.methods.router_weight import RouterWeight
@@ -45,50 +51,119 @@ from moelab.hf.view import MoELayerView
 CANDIDATES = (REAP, EAN, SoftCount, Frequency, EasyEP, RouterWeight)
 
 
+def _layer_error(layer: MoELayerView, stats: LayerStats):
+    """error(edit) -> the relative squared error  sum ||y - y'||^2 / sum ||y||^2  of the edited
+    layer's output y' against the original's y on the sampled layer inputs (float64)."""
+    x = stats.inputs
+    if x is None or x.numel() == 0 or not (x != 0).any():
+        raise ValueError("moelab's recipe needs sampled layer inputs; calibrate with sample_tokens > 0")
+    x = x.double()
+    reference = moe_output(layer, x)
+    scale = float(reference.pow(2).sum())
+
+    def error(edit: LayerEdit) -> float:
+        edited = (
+            moe_output(layer, x, keep=edit.selection)
+            if edit.view is None
+            else moe_output(apply_edit(layer, edit), x)
+        )
+        return float((reference - edited).pow(2).sum()) / scale
+
+    return error
+
+
+STRATEGIES = ("auto", "experts", "neurons")
+
+
 class MoelabRecipe(Method):
     name = "moelab"
     summary = (
-        "moelab's recipe: super experts protected, the kept set the layer output prefers among every "
-        "score's and NAEE's, dropped experts folded in where that helps, router re-calibrated"
+        "moelab's recipe: remove experts (the kept set the layer output prefers among every score's and NAEE's, "
+        "super experts protected, dropped experts folded in where that helps) or narrow them (HEAPr), whichever "
+        "reproduces the layers better, then re-calibrate the router"
     )
-    needs = ("routing", "outputs", "contribution", "inputs")
     needs_weights = True
     merges = True
 
     def __init__(
-        self, fold: bool = True, fit_steps: int = 50, fit_lr: float = 1e-3, protect_super: bool = True
+        self,
+        strategy: str = "auto",
+        fold: bool = True,
+        fit_steps: int = 50,
+        fit_lr: float = 1e-3,
+        protect_super: bool = True,
     ):
-        self.fold, self.protect_super = fold, protect_super
+        if strategy not in STRATEGIES:
+            raise ValueError(f"moelab strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.strategy, self.fold, self.protect_super = strategy, fold, protect_super
         self.fit = RouterFit(fit_steps, fit_lr)
+        self.needs = ("routing", "outputs", "contribution", "inputs") + (
+            ("neurons",) if strategy != "experts" else ()
+        )
+        self.heapr = HEAPr(layout="uniform")
         self.protected: dict[int, list[int]] = {}
+        self.errors: dict[str, float] = {}  # the strategies' summed layer errors (auto)
+        self._pruned: dict[int, tuple[LayerEdit, dict]] = {}
 
     def options(self):
         return {
+            "strategy": self.strategy,
             "fold": self.fold,
             "fit_steps": self.fit.steps,
             "fit_lr": self.fit.lr,
             "protect_super": self.protect_super,
         }
 
-    def prepare(self, stats: dict[int, LayerStats], targets: dict[int, Target]) -> None:
+    @property
+    def changes_width(self) -> bool:
+        return self.strategy == "neurons"
+
+    def settle(self, width_fixed: bool) -> None:
+        """Narrower experts need their own width in the config; where shared experts share it,
+        "auto" removes experts."""
+        if width_fixed and self.strategy == "auto":
+            self.strategy = "experts"
+
+    def prepare(self, view, stats: dict[int, LayerStats], targets: dict[int, Target]) -> None:
+        """Super experts; with "auto", both strategies on every layer, and the one with the lower
+        summed layer error (the expert path's decisions are kept for `decide`)."""
         self.protected = super_expert_ids(stats) if self.protect_super else {}
+        if self.strategy != "auto":
+            return
+        errors = {"experts": 0.0, "neurons": 0.0}
+        for index in sorted(targets):
+            layer, target = view.layer(index), targets[index]
+            error = _layer_error(layer, stats[index])
+            self._pruned[index] = self._remove_experts(layer, stats[index], target, error)
+            errors["experts"] += self._pruned[index][1]["error"]
+            errors["neurons"] += error(self.heapr.decide(layer, stats[index], target).edit)
+        self.errors = errors
+        self.strategy = min(errors, key=lambda k: (errors[k], k))
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
-        x = stats.inputs
-        if x is None or x.numel() == 0 or not (x != 0).any():
-            raise ValueError("moelab's recipe needs sampled layer inputs; calibrate with sample_tokens > 0")
-        x = x.double()
-        reference = moe_output(layer, x)
-        scale = float(reference.pow(2).sum())
-
-        def error(edit: LayerEdit) -> float:
-            out = (
-                moe_output(layer, x, keep=edit.selection)
-                if edit.view is None
-                else moe_output(apply_edit(layer, edit), x)
+        if self.strategy == "neurons":
+            decision = self.heapr.decide(layer, stats, target)
+            decision.notes["error"] = _layer_error(layer, stats)(decision.edit)
+        else:
+            if layer.index not in self._pruned:
+                self._pruned[layer.index] = self._remove_experts(
+                    layer, stats, target, _layer_error(layer, stats)
+                )
+            edit, notes = self._pruned.pop(layer.index)
+            decision = LayerDecision.merged(edit, notes)
+        decision.notes["strategy"] = self.strategy
+        if self.errors:
+            decision.notes["strategy_errors"] = self.errors
+        if self.fit.steps:
+            decision.edit, decision.notes["router_fit"] = refit_router(
+                layer, decision.edit, stats.inputs, self.fit
             )
-            return float((reference - out).pow(2).sum()) / scale
+        return decision
 
+    def _remove_experts(
+        self, layer: MoELayerView, stats: LayerStats, target: Target, error
+    ) -> tuple[LayerEdit, dict]:
+        """The expert path: the best candidate kept set, then the folds (edit, notes)."""
         target = self._with_super_experts(layer, target)
         candidates = {cls.name: cls().decide(layer, stats, target).kept for cls in CANDIDATES}
         candidates[NAEE.name] = NAEE().decide(layer, stats, target).kept
@@ -97,11 +172,11 @@ class MoelabRecipe(Method):
         edit, best = LayerEdit.keep(candidates[chosen]), errors[chosen]
         notes = {"candidate_errors": errors, "chosen": chosen, "protected": sorted(target.protect)}
         if self.fold:
-            edit, best, notes["folded"] = self._fold(layer, stats, candidates[chosen], x, error, best)
+            edit, best, notes["folded"] = self._fold(
+                layer, stats, candidates[chosen], stats.inputs.double(), error, best
+            )
         notes["error"] = best
-        if self.fit.steps:
-            edit, notes["router_fit"] = refit_router(layer, edit, stats.inputs, self.fit)
-        return LayerDecision.merged(edit, notes)
+        return edit, notes
 
     def _with_super_experts(self, layer: MoELayerView, target: Target) -> Target:
         """The target with this layer's super experts protected too, unless they do not fit."""
@@ -131,7 +206,9 @@ class MoelabRecipe(Method):
             )
             for d in dropped
         }
-        aligned = dataclasses.replace(layer, experts=aligned_to(layer.experts, nearest))  # once, not per trial
+        aligned = dataclasses.replace(
+            layer, experts=aligned_to(layer.experts, nearest)
+        )  # once, not per trial
         for d in sorted(dropped, key=lambda e: (-float(counts[e]), e)):
             j = nearest[d]
             trial_groups = {e: members + [d] if e == j else members for e, members in groups.items()}
@@ -140,9 +217,7 @@ class MoelabRecipe(Method):
                 w = weights.clone()
                 w[d] = counts[d] if share == "usage" else weights[j] * share / (1 - share)
                 for rule in rules:
-                    trial = merged_layer(
-                        aligned, list(trial_groups.values()), w, router_rule=rule, inputs=x
-                    )
+                    trial = merged_layer(aligned, list(trial_groups.values()), w, router_rule=rule, inputs=x)
                     trials.append((error(trial), f"{share}/{rule}", trial, w))
             trial_error, variant, trial, w = min(trials, key=lambda t: t[0])
             if trial_error < best:
