@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 import torch
+from hf_tiny import build
 from layer_views import make_view
 from reference import F64, silu
 from test_compress import SMALL, hf_model, moelab_model
@@ -143,11 +144,13 @@ def test_backward_sweep_equals_one_autograd_pass_token_by_token(tmp_path, tied):
         torch.testing.assert_close(got.neuron_grad_sums, grad, rtol=1e-7, atol=1e-18)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
-def test_layerwise_gradients_equal_transformers_autograd(tmp_path, family):
+@pytest.mark.parametrize("family, tied", [("qwen2_moe", False), ("gpt_oss", False), ("mixtral", True)])
+def test_layerwise_gradients_equal_transformers_autograd(tmp_path, family, tied):
     """head_gradients then layer_backward, layer by layer, give the gradient of the loss with
-    respect to every decoder layer's input that transformers' own model gives in one pass."""
-    path = hf_model(tmp_path / family, family)
+    respect to every decoder layer's input that transformers' own model gives in one pass (tied:
+    the output head is the embedding, stored once)."""
+    path = tmp_path / family
+    build(family, vocab_size=8192, tie_word_embeddings=tied).save_pretrained(path)
     ids = torch.randint(0, 8192, (2, 12), generator=torch.Generator().manual_seed(0))
     scale = 1 / (2 * 11)
     runner = LayerwiseModel(path, dtype=torch.float64)

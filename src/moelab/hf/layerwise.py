@@ -377,11 +377,19 @@ def _to_meta(module: nn.Module) -> None:
 
 def _tied_names(model: nn.Module, checkpoint) -> dict[str, str]:
     """{parameter name: the name its tensor is stored under} for parameters tied to another (an
-    output head sharing the embedding's weight). Ties are read once, from the fresh skeleton:
-    loading tensors one name at a time later unties them in memory."""
+    output head sharing the embedding's weight: tied in the skeleton, or by the config's
+    tie_word_embeddings). Ties are read once, from the fresh skeleton: loading tensors one name at
+    a time later unties them in memory."""
     groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False):  # a transformers skeleton on meta is not tied yet
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        if head is not None and embedding is not None and head.weight is not embedding.weight:
+            groups[id(embedding.weight)] = [names[id(embedding.weight)], names[id(head.weight)]]
+            groups.pop(id(head.weight), None)
     stored = {}
     for names in groups.values():
         present = [n for n in names if n in checkpoint]
