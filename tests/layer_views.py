@@ -1,10 +1,12 @@
-"""Random MoE layer views for the compression tests."""
+"""Random MoE layer views and hand-made statistics for the compression tests."""
 
 from __future__ import annotations
 
 import torch
 from reference import F64
 
+from moelab.compress.observers import SKIP_BINS
+from moelab.compress.stats import LayerStats
 from moelab.hf.view import ExpertsView, MoELayerView, RouterView, SharedView
 
 
@@ -65,3 +67,22 @@ def make_view(
             rnd(1, D, fan_in=D) if shared_gate else None,
         )
     return MoELayerView(index, router, experts, shared_view)
+
+
+def stats_with(counts, **fields) -> LayerStats:
+    """Statistics of one source and one half holding the usage counts [E] (also as soft counts,
+    gate and PreMoe sums), plus any other `LayerStats` fields given."""
+    counts = torch.tensor(counts, dtype=F64)
+    cells = torch.zeros(2, 1, counts.numel(), dtype=F64)
+    cells[0, 0] = counts
+    return LayerStats(
+        0,
+        ("corpus",),
+        tokens=torch.tensor([[float(counts.sum())], [0.0]], dtype=F64),
+        counts=cells,
+        soft_counts=cells.clone(),
+        gate_sums=cells.clone(),
+        premoe_sums=cells.clone(),
+        skip_ratios=torch.zeros(SKIP_BINS, dtype=F64),
+        **fields,
+    )

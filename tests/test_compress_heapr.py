@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 from hf_tiny import build
-from layer_views import make_view
+from layer_views import make_view, stats_with
 from reference import F64, silu
 from test_compress import SMALL, hf_model, moelab_model
 
@@ -18,7 +18,7 @@ from moelab.compress import calibrate, compress
 from moelab.compress.calibration import calibration_mixture
 from moelab.compress.methods import Target, get_method
 from moelab.compress.methods.heapr import narrowed, neuron_scores, zeroed
-from moelab.compress.observers import DEFAULT_OBSERVERS, SKIP_BINS
+from moelab.compress.observers import DEFAULT_OBSERVERS
 from moelab.compress.stats import LayerStats
 from moelab.hf.layerwise import LayerwiseModel
 from moelab.hf.loading import load_causal_lm
@@ -223,22 +223,11 @@ def test_killed_backward_sweep_resumes_to_the_same_statistics(tmp_path, monkeypa
 
 def hand_stats(act, grad, counts) -> LayerStats:
     """One source and one half holding per-neuron sums act, grad [E, I] and counts [E]."""
-    act, grad, counts = (torch.tensor(v, dtype=F64) for v in (act, grad, counts))
-    E, I = act.shape
-    cells = torch.zeros(2, 1, E, dtype=F64)
-    cells[0, 0] = counts
-    neurons = torch.zeros(2, 1, E, I, dtype=F64)
-    return LayerStats(
-        0,
-        ("corpus",),
-        tokens=torch.tensor([[float(counts.sum())], [0.0]], dtype=F64),
-        counts=cells,
-        soft_counts=cells.clone(),
-        gate_sums=cells.clone(),
-        premoe_sums=cells.clone(),
-        skip_ratios=torch.zeros(SKIP_BINS, dtype=F64),
-        neuron_act_sums=neurons.index_put((torch.tensor(0), torch.tensor(0)), act),
-        neuron_grad_sums=neurons.index_put((torch.tensor(0), torch.tensor(0)), grad),
+    act, grad = (torch.tensor(v, dtype=F64) for v in (act, grad))
+    neurons = torch.zeros(2, 1, *act.shape, dtype=F64)
+    first = (torch.tensor(0), torch.tensor(0))
+    return stats_with(
+        counts, neuron_act_sums=neurons.index_put(first, act), neuron_grad_sums=neurons.index_put(first, grad)
     )
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layer_views import make_view
+from layer_views import make_view, stats_with
 from reference import F64, logsumexp, silu
 
 from moelab.compress.merging import (
@@ -28,8 +28,6 @@ from moelab.compress.methods import Target, get_method
 from moelab.compress.methods.hcsmoe import clusters_by_usage, hierarchical_labels
 from moelab.compress.methods.lowrank import low_rank_sparse
 from moelab.compress.methods.submoe import kmeans_labels, subspace_merge
-from moelab.compress.observers import SKIP_BINS
-from moelab.compress.stats import LayerStats
 from moelab.hf.edit import LayerEdit, moe_output, one_expert
 
 PROPERTY = settings(settings.get_profile("ci"), max_examples=25, deadline=None)
@@ -39,26 +37,6 @@ def ffn(view, e: int, x_t: torch.Tensor) -> torch.Tensor:
     """Expert e of a layer view on one token, from its three matrices."""
     ex = view.experts
     return ex.down[e].double() @ (silu(ex.gate[e].double() @ x_t) * (ex.up[e].double() @ x_t))
-
-
-def stats_with(counts, *, logit_gram=None, inputs=None) -> LayerStats:
-    """Statistics of one source and one half holding the given usage counts [E]."""
-    counts = torch.tensor(counts, dtype=F64)
-    E = counts.numel()
-    cells = torch.zeros(2, 1, E, dtype=F64)
-    cells[0, 0] = counts
-    return LayerStats(
-        0,
-        ("corpus",),
-        tokens=torch.tensor([[float(counts.sum())], [0.0]], dtype=F64),
-        counts=cells,
-        soft_counts=cells.clone(),
-        gate_sums=cells.clone(),
-        premoe_sums=cells.clone(),
-        skip_ratios=torch.zeros(SKIP_BINS, dtype=F64),
-        logit_gram=logit_gram,
-        inputs=inputs,
-    )
 
 
 def labels_to_partition(labels) -> set[frozenset[int]]:
