@@ -5,15 +5,22 @@ the error the report states; super experts stay; the router fit runs last."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from layer_views import make_view
+from reference import F64, silu
 from test_compress import EVERY, moelab_model
 
 from moelab.compress import calibrate, compress
 from moelab.compress.methods.base import super_expert_ids
+from moelab.compress.methods.heapr import narrowed
+from moelab.compress.methods.recipe import compensated
 from moelab.compress.stats import Calibration
 from moelab.hf import open_checkpoint
 from moelab.hf.edit import moe_output
+from moelab.hf.native import router_from_view
 
 
 @pytest.fixture(autouse=True)
@@ -97,34 +104,27 @@ def test_recipe_options_and_router_fit(calibrated, tmp_path):
 
 
 def test_auto_strategy_takes_the_lower_summed_error(calibrated, tmp_path):
-    """ "auto" sums each strategy's layer errors: HEAPr's narrowed layers (computed here from
-    heapr's own checkpoint) against the expert path's; the lower one is written."""
+    """ "auto" sums each strategy's layer errors (computed here from each strategy's own
+    checkpoint; the expert path before its folds) and writes the lower one."""
     model, stats = calibrated
-    auto = compress(
-        model,
-        tmp_path / "auto",
-        method="moelab",
-        ratio=0.5,
-        stats=stats,
-        method_options={"fit_steps": 0},
-        quiet=True,
-    )
-    experts = compress(
-        model, tmp_path / "e", method="moelab", ratio=0.5, stats=stats,
-        method_options={"strategy": "experts", "fit_steps": 0}, quiet=True,
-    )  # fmt: skip
-    compress(model, tmp_path / "h", method="heapr", ratio=0.5, stats=stats, quiet=True)
-    calibration = Calibration(stats)
-    with open_checkpoint(model) as base, open_checkpoint(tmp_path / "h") as narrowed:
-        neurons = sum(
-            _error(base.layer(i), narrowed.layer(i), calibration.layer(i).inputs.double())
-            for i in calibration.layers
+    runs = {
+        strategy: compress(
+            model, tmp_path / strategy, method="moelab", ratio=0.5, stats=stats,
+            method_options={"strategy": strategy, "fold": False, "fit_steps": 0}, quiet=True,
         )
-    summed = {"experts": sum(e["notes"]["error"] for e in experts["layers"].values()), "neurons": neurons}
-    for entry in auto["layers"].values():
+        for strategy in ("auto", "experts", "neurons")
+    }  # fmt: skip
+    calibration = Calibration(stats)
+    summed = {}
+    for strategy in ("experts", "neurons"):
+        with open_checkpoint(model) as base, open_checkpoint(tmp_path / strategy) as out:
+            summed[strategy] = sum(
+                _error(base.layer(i), out.layer(i), calibration.layer(i).inputs.double())
+                for i in calibration.layers
+            )
+    for entry in runs["auto"]["layers"].values():
         got = entry["notes"]["strategy_errors"]
-        assert got["experts"] == pytest.approx(summed["experts"], rel=1e-9)
-        assert got["neurons"] == pytest.approx(summed["neurons"], rel=1e-4)
+        assert got == pytest.approx(summed, rel=1e-4)
         assert entry["notes"]["strategy"] == min(summed, key=summed.get)
     with pytest.raises(ValueError, match="moelab strategy must be one of"):
         compress(
@@ -135,3 +135,34 @@ def test_auto_strategy_takes_the_lower_summed_error(calibrated, tmp_path):
             method_options={"strategy": "both"},
             quiet=True,
         )
+
+
+def test_compensation_is_the_ridge_solution_and_exact_when_nothing_is_pruned():
+    """compensated() against a token-by-token normal-equation build; with every neuron kept it
+    returns the original down projections (the target is reached exactly)."""
+    layer = make_view(E=4, I=6, top_k=2, seed=5)
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
+    same = compensated(layer, layer, x, ridge=1e-9)
+    torch.testing.assert_close(same.experts.down, layer.experts.down, rtol=1e-6, atol=1e-8)
+    keep = [[0, 2, 3], [1, 4, 5], [0, 1, 2], [3, 4, 5]]
+    narrow = dataclasses.replace(layer, experts=narrowed(layer.experts, keep))
+    got = compensated(layer, narrow, x, ridge=0.1)
+    with torch.no_grad():
+        routing = router_from_view(layer.router).double()(x)
+    for e in range(4):
+        gram, rhs = torch.zeros(3, 3, dtype=F64), torch.zeros(3, 8, dtype=F64)
+        for t in range(200):
+            for slot in range(2):
+                if routing.indices[t, slot] == e:
+                    g = routing.weights[t, slot].double()
+                    h = silu(narrow.experts.gate[e] @ x[t]) * (narrow.experts.up[e] @ x[t])
+                    y = layer.experts.down[e] @ (
+                        silu(layer.experts.gate[e] @ x[t]) * (layer.experts.up[e] @ x[t])
+                    )
+                    gram += g**2 * torch.outer(h, h)
+                    rhs += g**2 * torch.outer(h, y)
+        lam = 0.1 * float(gram.diagonal().mean())
+        expected = torch.linalg.solve(
+            gram + lam * torch.eye(3, dtype=F64), rhs + lam * narrow.experts.down[e].T
+        ).T
+        torch.testing.assert_close(got.experts.down[e], expected, rtol=1e-8, atol=1e-10)

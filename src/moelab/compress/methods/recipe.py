@@ -17,12 +17,18 @@ edited layer's output y' against the original's y on the sampled layer inputs x 
      one, in six variants: its share of the merge (its usage, 10 % or 30 %) times the router row
      (the kept expert's, M-SMoE's dominant rule, or for softmax routers a row fitted to the pair's
      joint probability); the best variant stays when it lowers the error.
-- "neurons" (remove `ratio` of the routed experts' parameters): HEAPr's uniform layout.
+- "neurons" (remove `ratio` of the routed experts' parameters): HEAPr's uniform layout, then
+  every expert's down projection refitted by ridge least squares so that its kept neurons make
+  up for the pruned ones on the sampled tokens routed to it (`compensated`), where that lowers
+  the error.
 
-"auto" (default) runs both on every layer and keeps the one with the lower summed error (one
+"auto" (default) runs both on every layer (the expert path before its folds, which only lower
+its error) and keeps the one with the lower summed error (one
 expert count and one width per model: no format stores a mix), except where the family's shared
 experts take their width from the routed ones' (then "experts"). Last, the router is
-re-calibrated (`moelab.compress.router_fit`, `fit_steps` Adam steps; 0: off). The errors are
+re-calibrated on the expert path (`moelab.compress.router_fit`, `fit_steps` Adam steps; 0: off;
+on the neuron path it found nothing to gain on the reference models, where the refitted down
+projections already reproduce the layer). The errors are
 measured on the same sample the choices are made on; the router fit keeps only what improves
 its held-out quarter.
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import Tensor
 
 from moelab.compress.merging import aligned_to, expert_features, merged_layer, router_groups
@@ -45,10 +52,43 @@ from moelab.compress.methods.router_weight import RouterWeight
 from moelab.compress.methods.soft_count import SoftCount
 from moelab.compress.router_fit import RouterFit, refit_router
 from moelab.compress.stats import LayerStats
-from moelab.hf.edit import LayerEdit, apply_edit, moe_output
+from moelab.hf.edit import LayerEdit, apply_edit, moe_output, one_expert
+from moelab.hf.native import experts_from_view, router_from_view
 from moelab.hf.view import MoELayerView
 
 CANDIDATES = (REAP, EAN, SoftCount, Frequency, EasyEP, RouterWeight)
+
+
+def compensated(layer: MoELayerView, narrowed: MoELayerView, x: Tensor, ridge: float = 1e-2) -> MoELayerView:
+    """`narrowed` with every expert's down projection refitted so that its kept neurons make up
+    for the pruned ones: per expert e, over the sampled tokens routed to e (weights g, its combine
+    weights), W' = argmin sum_t g_t^2 ||f_e(x_t) - b_e - W h_t||^2 + lam ||W - W_0||^2, h the
+    narrowed expert's hidden activations, W_0 its down projection, lam = ridge x the mean diagonal
+    of sum_t g_t^2 h_t h_t^T (float64, closed form)."""
+    with torch.no_grad():
+        return _compensated(layer, narrowed, x, ridge)
+
+
+def _compensated(layer: MoELayerView, narrowed: MoELayerView, x: Tensor, ridge: float) -> MoELayerView:
+    routing = router_from_view(layer.router).double()(x)
+    downs = []
+    for e in range(layer.router.num_experts):
+        rows, slots = (routing.indices == e).nonzero(as_tuple=True)
+        W0 = narrowed.experts.down[e].double()
+        if len(rows) == 0:
+            downs.append(W0)
+            continue
+        xs, g = x[rows], routing.weights[rows, slots].double()[:, None]
+        full = experts_from_view(one_expert(layer.experts, e)).double()
+        narrow = experts_from_view(one_expert(narrowed.experts, e)).double()
+        bias = 0 if narrowed.experts.down_bias is None else narrowed.experts.down_bias[e].double()
+        h, y = narrow.hidden(xs, [len(rows)]) * g, (full(xs, [len(rows)]) - bias) * g
+        gram = h.T @ h
+        lam = ridge * float(gram.diagonal().mean()) + 1e-12
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+        downs.append(torch.linalg.solve(gram + lam * eye, h.T @ y + lam * W0.T).T)
+    experts = dataclasses.replace(narrowed.experts, down=torch.stack(downs).to(narrowed.experts.down.dtype))
+    return dataclasses.replace(narrowed, experts=experts)
 
 
 def _layer_error(layer: MoELayerView, stats: LayerStats):
@@ -103,7 +143,7 @@ class MoelabRecipe(Method):
         self.heapr = HEAPr(layout="uniform")
         self.protected: dict[int, list[int]] = {}
         self.errors: dict[str, float] = {}  # the strategies' summed layer errors (auto)
-        self._pruned: dict[int, tuple[LayerEdit, dict]] = {}
+        self._kept: dict[int, tuple[list[int], dict]] = {}  # the expert path's choices made in prepare
 
     def options(self):
         return {
@@ -125,8 +165,8 @@ class MoelabRecipe(Method):
             self.strategy = "experts"
 
     def prepare(self, view, stats: dict[int, LayerStats], targets: dict[int, Target]) -> None:
-        """Super experts; with "auto", both strategies on every layer, and the one with the lower
-        summed layer error (the expert path's decisions are kept for `decide`)."""
+        """Super experts; with "auto", both strategies on every layer (the expert path before its
+        folds, which only lower its error), and the one with the lower summed layer error."""
         self.protected = super_expert_ids(stats) if self.protect_super else {}
         if self.strategy != "auto":
             return
@@ -134,49 +174,58 @@ class MoelabRecipe(Method):
         for index in sorted(targets):
             layer, target = view.layer(index), targets[index]
             error = _layer_error(layer, stats[index])
-            self._pruned[index] = self._remove_experts(layer, stats[index], target, error)
-            errors["experts"] += self._pruned[index][1]["error"]
-            errors["neurons"] += error(self.heapr.decide(layer, stats[index], target).edit)
+            self._kept[index] = self._best_kept(layer, stats[index], target, error)
+            errors["experts"] += self._kept[index][1]["error"]
+            errors["neurons"] += self._narrow(layer, stats[index], target, error).notes["error"]
         self.errors = errors
         self.strategy = min(errors, key=lambda k: (errors[k], k))
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
+        error = _layer_error(layer, stats)
         if self.strategy == "neurons":
-            decision = self.heapr.decide(layer, stats, target)
-            decision.notes["error"] = _layer_error(layer, stats)(decision.edit)
+            decision = self._narrow(layer, stats, target, error)
         else:
-            if layer.index not in self._pruned:
-                self._pruned[layer.index] = self._remove_experts(
-                    layer, stats, target, _layer_error(layer, stats)
+            kept, notes = self._kept.pop(layer.index, None) or self._best_kept(layer, stats, target, error)
+            edit = LayerEdit.keep(kept)
+            if self.fold:
+                x = stats.inputs.double()
+                edit, notes["error"], notes["folded"] = self._fold(
+                    layer, stats, kept, x, error, notes["error"]
                 )
-            edit, notes = self._pruned.pop(layer.index)
             decision = LayerDecision.merged(edit, notes)
+            if self.fit.steps:
+                decision.edit, notes["router_fit"] = refit_router(
+                    layer, decision.edit, stats.inputs, self.fit
+                )
         decision.notes["strategy"] = self.strategy
         if self.errors:
             decision.notes["strategy_errors"] = self.errors
-        if self.fit.steps:
-            decision.edit, decision.notes["router_fit"] = refit_router(
-                layer, decision.edit, stats.inputs, self.fit
-            )
         return decision
 
-    def _remove_experts(
+    def _narrow(self, layer: MoELayerView, stats: LayerStats, target: Target, error) -> LayerDecision:
+        """The neuron path: HEAPr's narrowed experts, with the down projections refitted
+        (`compensated`) where that lowers the layer's error."""
+        decision = self.heapr.decide(layer, stats, target)
+        refit = LayerEdit(
+            decision.edit.sources, compensated(layer, decision.edit.view, stats.inputs.double())
+        )
+        errors = {"heapr": error(decision.edit), "compensated": error(refit)}
+        if errors["compensated"] < errors["heapr"]:
+            decision.edit = refit
+        decision.notes |= {"candidate_errors": errors, "error": min(errors.values())}
+        return decision
+
+    def _best_kept(
         self, layer: MoELayerView, stats: LayerStats, target: Target, error
-    ) -> tuple[LayerEdit, dict]:
-        """The expert path: the best candidate kept set, then the folds (edit, notes)."""
+    ) -> tuple[list[int], dict]:
+        """The expert path's kept set: the candidate with the lowest error (kept ids, notes)."""
         target = self._with_super_experts(layer, target)
         candidates = {cls.name: cls().decide(layer, stats, target).kept for cls in CANDIDATES}
         candidates[NAEE.name] = NAEE().decide(layer, stats, target).kept
         errors = {name: error(LayerEdit.keep(kept)) for name, kept in candidates.items()}
         chosen = min(errors, key=lambda name: (errors[name], name))
-        edit, best = LayerEdit.keep(candidates[chosen]), errors[chosen]
         notes = {"candidate_errors": errors, "chosen": chosen, "protected": sorted(target.protect)}
-        if self.fold:
-            edit, best, notes["folded"] = self._fold(
-                layer, stats, candidates[chosen], stats.inputs.double(), error, best
-            )
-        notes["error"] = best
-        return edit, notes
+        return candidates[chosen], notes | {"error": errors[chosen]}
 
     def _with_super_experts(self, layer: MoELayerView, target: Target) -> Target:
         """The target with this layer's super experts protected too, unless they do not fit."""
