@@ -270,18 +270,30 @@ def _plot_domains(rows: list[dict]) -> bytes:
 
 
 def _plot_tradeoff(rows: list[dict], base: dict) -> bytes:
-    """Quality against size: compact parameters and perplexity of every cell."""
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for r in _evaluated(rows):
-        color = KIND_COLORS[kind(r["cell"])]
-        x, y = r["derived"]["compact_parameters"] / 1e6, r["perplexity"][ALL]
-        ax.scatter(x, y, color=color, marker="o" if r["cell"]["ratio"] <= 0.25 else "s", s=22)
-        ax.annotate(r["name"], (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-    ax.scatter(base["parameters"]["total"] / 1e6, base["perplexity"][ALL], color="k", marker="*", s=90,
-               label="uncompressed")  # fmt: skip
-    ax.set_xlabel("parameters in compact form (millions)")
-    ax.set_ylabel("perplexity (all domains)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("quality against size (circles: 25 %, squares: larger ratios)")
+    """Quality against size: stored parameters (left) and active parameters per token (right)
+    against perplexity; the three best cells of each ratio are labelled."""
+    cells = _evaluated(rows)
+    best = {
+        r["name"]
+        for ratio in {c["cell"]["ratio"] for c in cells}
+        for r in sorted((c for c in cells if c["cell"]["ratio"] == ratio), key=lambda c: c["perplexity"][ALL])[:3]
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    for ax, (label, size) in zip(
+        axes,
+        (("stored parameters, compact form (millions)", lambda r: r["derived"]["compact_parameters"]),
+         ("active parameters per token (millions)", lambda r: r["parameters"]["active"])),
+    ):  # fmt: skip
+        for r in cells:
+            x, y = size(r) / 1e6, r["perplexity"][ALL]
+            ax.scatter(x, y, color=KIND_COLORS[kind(r["cell"])], marker="o" if r["cell"]["ratio"] <= 0.25 else "s", s=22)
+            if r["name"] in best:
+                ax.annotate(r["name"], (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
+        base_size = base["parameters"]["total" if ax is axes[0] else "active"] / 1e6
+        ax.scatter(base_size, base["perplexity"][ALL], color="k", marker="*", s=90, label="uncompressed")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("perplexity (all domains)")
+    axes[0].legend()
+    fig.suptitle("quality against size (circles: 25 %, squares: larger ratios; colours as in quality.png)")
     return png(fig)
