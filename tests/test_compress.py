@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerFast
 from moelab.compress import METHODS, Calibration, CalibrationOptions, build_mixture, calibrate, compress
 from moelab.compress.calibration import run_calibration
 from moelab.compress.mixture import parse_sources
+from moelab.compress.router_fit import RouterFit
 from moelab.compress.run import REPORT_NAME, STATS_DIR
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import open_checkpoint
@@ -367,11 +368,36 @@ def test_every_method_on_every_transformers_family(tmp_path, family):
         report = compress(
             source, tmp_path / method, method=method, ratio=0.5, stats=stats, domains=domains, quiet=True
         )
-        kept = 2 if METHODS[method].narrows else 1  # narrowing keeps every expert
+        narrowed = (
+            METHODS[method].narrows
+            or report["layers"]["0" if "0" in report["layers"] else next(iter(report["layers"]))][
+                "notes"
+            ].get("strategy")
+            == "neurons"
+        )
+        kept = 2 if narrowed else 1  # narrowing keeps every expert
         assert report["complete"] and all(
             (len(e["kept"]) + len(e["merge_groups"])) * 2 == e["experts"] * kept
             for e in report["layers"].values()
         )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_router_fit_on_every_transformers_family(tmp_path, family):
+    """Router re-calibration after pruning, on every family: the fitted routers pass the
+    writer's checks (the edited layer reproduced, strict transformers reload)."""
+    source = hf_model(tmp_path / "src", family)
+    report = compress(
+        source,
+        tmp_path / "out",
+        method="reap",
+        ratio=0.5,
+        calib_options=SMALL,
+        router_fit=RouterFit(5, 1e-2),
+        quiet=True,
+    )
+    assert report["complete"] and all("router_fit" in e["notes"] for e in report["layers"].values())
 
 
 def test_statistics_of_other_calibration_data_are_refused(tmp_path, model_dir, stats_dir):

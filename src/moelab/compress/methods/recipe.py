@@ -57,6 +57,7 @@ from moelab.hf.native import experts_from_view, router_from_view
 from moelab.hf.view import MoELayerView
 
 CANDIDATES = (REAP, EAN, SoftCount, Frequency, EasyEP, RouterWeight)
+NAEE_SKIP = 4.0
 
 
 def compensated(layer: MoELayerView, narrowed: MoELayerView, x: Tensor, ridge: float = 1e-2) -> MoELayerView:
@@ -143,7 +144,8 @@ class MoelabRecipe(Method):
         self.heapr = HEAPr(layout="uniform")
         self.protected: dict[int, list[int]] = {}
         self.errors: dict[str, float] = {}  # the strategies' summed layer errors (auto)
-        self._kept: dict[int, tuple[list[int], dict]] = {}  # the expert path's choices made in prepare
+        self._kept: dict[int, tuple[list[int], dict]] = {}  # the choices made in prepare
+        self._narrowed: dict[int, LayerDecision] = {}
 
     def options(self):
         return {
@@ -166,24 +168,36 @@ class MoelabRecipe(Method):
 
     def prepare(self, view, stats: dict[int, LayerStats], targets: dict[int, Target]) -> None:
         """Super experts; with "auto", both strategies on every layer (the expert path before its
-        folds, which only lower its error), and the one with the lower summed layer error."""
+        folds, which only lower its error), and the one with the lower summed layer error. NAEE's
+        search, the slow candidate, is skipped when the scores' best sets already lose to the
+        neuron path by more than `NAEE_SKIP`x (it would have to beat them by that much)."""
         self.protected = super_expert_ids(stats) if self.protect_super else {}
         if self.strategy != "auto":
             return
         errors = {"experts": 0.0, "neurons": 0.0}
+        layers, scored = {}, {}
         for index in sorted(targets):
             layer, target = view.layer(index), targets[index]
             error = _layer_error(layer, stats[index])
-            self._kept[index] = self._best_kept(layer, stats[index], target, error)
-            errors["experts"] += self._kept[index][1]["error"]
-            errors["neurons"] += self._narrow(layer, stats[index], target, error).notes["error"]
+            layers[index] = (layer, error)
+            self._narrowed[index] = self._narrow(layer, stats[index], target, error)
+            errors["neurons"] += self._narrowed[index].notes["error"]
+            scored[index] = self._best_kept(layer, stats[index], target, error, search=False)
+            errors["experts"] += scored[index][1]["error"]
+        if errors["experts"] <= NAEE_SKIP * errors["neurons"]:  # close enough for NAEE to matter
+            errors["experts"] = 0.0
+            for index, (layer, error) in layers.items():
+                scored[index] = self._best_kept(layer, stats[index], targets[index], error)
+                errors["experts"] += scored[index][1]["error"]
         self.errors = errors
         self.strategy = min(errors, key=lambda k: (errors[k], k))
+        if self.strategy == "experts":
+            self._kept, self._narrowed = scored, {}
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
         error = _layer_error(layer, stats)
         if self.strategy == "neurons":
-            decision = self._narrow(layer, stats, target, error)
+            decision = self._narrowed.pop(layer.index, None) or self._narrow(layer, stats, target, error)
         else:
             kept, notes = self._kept.pop(layer.index, None) or self._best_kept(layer, stats, target, error)
             edit = LayerEdit.keep(kept)
@@ -216,12 +230,14 @@ class MoelabRecipe(Method):
         return decision
 
     def _best_kept(
-        self, layer: MoELayerView, stats: LayerStats, target: Target, error
+        self, layer: MoELayerView, stats: LayerStats, target: Target, error, search: bool = True
     ) -> tuple[list[int], dict]:
-        """The expert path's kept set: the candidate with the lowest error (kept ids, notes)."""
+        """The expert path's kept set: the candidate with the lowest error (kept ids, notes);
+        search: NAEE's search among the candidates."""
         target = self._with_super_experts(layer, target)
         candidates = {cls.name: cls().decide(layer, stats, target).kept for cls in CANDIDATES}
-        candidates[NAEE.name] = NAEE().decide(layer, stats, target).kept
+        if search:
+            candidates[NAEE.name] = NAEE().decide(layer, stats, target).kept
         errors = {name: error(LayerEdit.keep(kept)) for name, kept in candidates.items()}
         chosen = min(errors, key=lambda name: (errors[name], name))
         notes = {"candidate_errors": errors, "chosen": chosen, "protected": sorted(target.protect)}
