@@ -123,7 +123,7 @@ def _main_table(rows: list[dict]) -> str:
         cell, job = r["cell"], r["job"]
         name = r["name"].rsplit("-", 1)[0]
         if not r.get("evaluated"):
-            lines.append(f"| {name} | {kind(cell)} | not evaluated: {r['problem']} |" + " |" * 12)
+            lines.append(f"| {name} | {kind(cell)} | not evaluated: {_short(r['problem'])} |" + " |" * 12)
             continue
         d = r["derived"]
         stability = job.get("stability_jaccard")
@@ -216,6 +216,10 @@ def _ablation_table(rows: list[dict]) -> str:
             f"{_rate(r['degenerate_rate'])} |"
         )
     return "\n".join(lines)
+
+
+def _short(text: str, limit: int = 140) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _rate(rate: float | None) -> str:
