@@ -671,9 +671,9 @@ def test_random_is_seeded_per_layer():
 
 def test_every_method_is_covered():
     """Scoring methods here; NAEE, random below; the merging methods in test_compress_merging.py;
-    HEAPr in test_compress_heapr.py."""
+    HEAPr in test_compress_heapr.py; moelab's recipe in test_compress_recipe.py."""
     merging, narrowing = {"m_smoe", "hc_smoe", "sub_moe"}, {"heapr"}
-    assert set(METHODS) == {m for m, *_ in HAND} | {"random", "naee"} | merging | narrowing
+    assert set(METHODS) == {m for m, *_ in HAND} | {"random", "naee"} | merging | narrowing | {"moelab"}
 
 
 def test_select_top():
