@@ -28,7 +28,7 @@ from moelab.compress.observers import OBSERVERS, MoECall, Tokens, eager_moe
 from moelab.compress.stats import read_layer, write_info, write_layer
 from moelab.files import load_safetensors
 from moelab.hf.layerwise import LayerwiseModel
-from moelab.io import save_safetensors
+from moelab.io import clear_staging, save_safetensors
 
 
 def tape_file(directory: Path, rank: int, world: int, index: int) -> Path:
@@ -110,8 +110,7 @@ def backward_sweep(
             if rank == 0:
                 write_info(directory, info)
             snapped = now
-    for index in range(top + 2):
-        tape_file(directory, rank, world, index).unlink(missing_ok=True)
+    clear_staging(directory, [tape_file(directory, rank, world, i).name for i in range(top + 2)])
 
 
 def _add_to_layer(directory: Path, index: int, observers, world: int, rank: int) -> None:
