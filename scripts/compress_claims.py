@@ -32,7 +32,9 @@ def change(bench: dict, name: str) -> float | None:
 
 
 def pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:+.1%}"
+    if value is None:
+        return "-"
+    return f"{value:+.2%}" if abs(value) < 0.01 else f"{value:+.1%}"
 
 
 def ordering(bench: dict, names: list[str], ratio: int) -> tuple[bool | None, str]:
