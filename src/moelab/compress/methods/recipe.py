@@ -94,21 +94,23 @@ def _compensated(layer: MoELayerView, narrowed: MoELayerView, x: Tensor, ridge: 
 
 def _layer_error(layer: MoELayerView, stats: LayerStats):
     """error(edit) -> the relative squared error  sum ||y - y'||^2 / sum ||y||^2  of the edited
-    layer's output y' against the original's y on the sampled layer inputs (float64)."""
+    layer's output y' against the original's y on the sampled layer inputs (float64; y is computed
+    on the first call, so a decision made earlier costs nothing)."""
     x = stats.inputs
     if x is None or x.numel() == 0 or not (x != 0).any():
         raise ValueError("moelab's recipe needs sampled layer inputs; calibrate with sample_tokens > 0")
     x = x.double()
-    reference = moe_output(layer, x)
-    scale = float(reference.pow(2).sum())
+    reference: list[Tensor] = []
 
     def error(edit: LayerEdit) -> float:
+        if not reference:
+            reference.append(moe_output(layer, x))
         edited = (
             moe_output(layer, x, keep=edit.selection)
             if edit.view is None
             else moe_output(apply_edit(layer, edit), x)
         )
-        return float((reference - edited).pow(2).sum()) / scale
+        return float((reference[0] - edited).pow(2).sum() / reference[0].pow(2).sum())
 
     return error
 
