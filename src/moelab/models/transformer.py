@@ -190,8 +190,11 @@ class Block(nn.Module):
         kv_cache: KVCache | None,
         start_pos: int,
         mask: Tensor | None,
+        *,
+        infer: bool = False,
     ) -> tuple[Tensor, MoEResult | None, MoEResult | None]:
-        """x: [B, S, D] -> ([B, S, D], the FFN's MoEResult or None, the attention's or None)"""
+        """x: [B, S, D] -> ([B, S, D], the FFN's MoEResult or None, the attention's or None).
+        infer: the decode path, the routed FFN through `infer` and no MoEResults."""
         attn_result = None
         if self.kind == "uoe":
             a, attn_result = self.attn(self.attn_norm(x), cos, sin)
@@ -202,7 +205,10 @@ class Block(nn.Module):
         h = self.ffn_norm(x)
         if isinstance(self.ffn, SwiGLU):
             return x + self.ffn(h), None, None
-        y, result = self.ffn(h, context=context)
+        if infer:
+            y, result, attn_result = self.ffn.infer(h, context=context), None, None
+        else:
+            y, result = self.ffn(h, context=context)
         return (h if self.residual_from_norm else x) + y, result, attn_result
 
 
@@ -271,23 +277,11 @@ class MoETransformer(nn.Module):
     ) -> ModelOutput:
         """input_ids: [B, S] token ids at positions start_pos .. start_pos+S-1; targets: [B, S]
         next-token ids (-100 = ignore). With a `kv_cache`, attends to the cached positions too."""
-        self._check_routing_is_causal()
-        B, S = self._check_inputs(input_ids, targets, kv_cache, start_pos)
-        if kv_cache is not None and self.needs_sequences:
-            raise ValueError(
-                "this model's routing looks at whole sequences (graph-of-tokens or UoE layers), so it cannot "
-                "decode from a KV cache; call it on the full sequence (generate() does so by itself)"
-            )
-        cos = self.rope_cos[start_pos : start_pos + S]
-        sin = self.rope_sin[start_pos : start_pos + S]
-        mask = None  # is_causal: enough unless earlier positions sit in the cache
-        if kv_cache is not None and start_pos > 0:
-            positions = torch.arange(start_pos + S, device=input_ids.device)
-            mask = positions <= positions[start_pos:, None]  # [S, P]
+        positions = self._positions(input_ids, targets, kv_cache, start_pos)
         x = self.embed(input_ids)
         moe_results, attn_results = {}, {}
         for i, layer in enumerate(self.layers):
-            x, result, attn_result = layer(x, cos, sin, kv_cache, start_pos, mask)
+            x, result, attn_result = layer(x, *positions)
             if result is not None:
                 moe_results[i] = result
             if attn_result is not None:
@@ -303,6 +297,38 @@ class MoETransformer(nn.Module):
             [{"experts_per_token": r.experts_per_token.detach(), **r.metrics} for r in moe_results.values()]
         )
         return ModelOutput(logits, loss, aux_loss, aux_losses, moe_results, attn_results, metrics)
+
+    @torch.no_grad()
+    def decode_step(self, input_ids: Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
+        """The decode path: input_ids [B, S] at positions start_pos .. start_pos+S-1 -> logits of
+        the last position [B, V], the KV cache updated. MoE layers run `MoELayer.infer` (no
+        losses, loads or traces; a few tokens on gathered expert weights) and the output head
+        only the last position. Equals `forward(...).logits[:, -1]`."""
+        positions = self._positions(input_ids, None, kv_cache, start_pos)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, *positions, infer=True)[0]
+        return self.lm_head(self.norm(x[:, -1]))
+
+    def _positions(
+        self, input_ids: Tensor, targets: Tensor | None, kv_cache: KVCache | None, start_pos: int
+    ) -> tuple[Tensor, Tensor, KVCache | None, int, Tensor | None]:
+        """Check a call's inputs -> what every block takes besides x: (cos, sin: [S, Dh], kv_cache,
+        start_pos, mask: [S, P] or None for plain causal attention over the S positions)."""
+        self._check_routing_is_causal()
+        _, S = self._check_inputs(input_ids, targets, kv_cache, start_pos)
+        if kv_cache is not None and self.needs_sequences:
+            raise ValueError(
+                "this model's routing looks at whole sequences (graph-of-tokens or UoE layers), so it cannot "
+                "decode from a KV cache; call it on the full sequence (generate() does so by itself)"
+            )
+        cos = self.rope_cos[start_pos : start_pos + S]
+        sin = self.rope_sin[start_pos : start_pos + S]
+        mask = None  # is_causal: enough unless earlier positions sit in the cache
+        if kv_cache is not None and start_pos > 0:
+            positions = torch.arange(start_pos + S, device=input_ids.device)
+            mask = positions <= positions[start_pos:, None]  # [S, P]
+        return cos, sin, kv_cache, start_pos, mask
 
     def _check_routing_is_causal(self) -> None:
         if self.config.allow_noncausal_routing:
@@ -370,10 +396,7 @@ class MoETransformer(nn.Module):
         tokens, step_ids, pos = input_ids, input_ids, 0
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            if cache is None:
-                logits = self(tokens).logits[:, -1]
-            else:
-                logits = self(step_ids, kv_cache=cache, start_pos=pos).logits[:, -1]
+            logits = self.decode_step(tokens) if cache is None else self.decode_step(step_ids, cache, pos)
             pos += step_ids.shape[1]
             next_ids = sample_next_token(
                 logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator

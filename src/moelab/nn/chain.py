@@ -50,6 +50,15 @@ class ChainOfExperts(nn.Module):
             results.append(result)
         return total, MoEResult.merge(results)
 
+    def infer(self, x: Tensor, *, context: dict[str, Tensor] | None = None) -> Tensor:
+        """forward's output alone, each iteration through the layer's decode path (`MoELayer.infer`)."""
+        z, total = x, None
+        for router in [self.layer.router, *self.extra_routers]:
+            update = self.layer.infer(z, router, context=context)
+            z = z + update
+            total = update if total is None else total + update
+        return total
+
 
 def _fresh_copy(module: nn.Module) -> nn.Module:
     """A copy of `module` with its gate re-initialised (same kind, independent weights)."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.nn.grouped import ACTIVATIONS, BACKENDS, Activation, ClampedSwiGLU, grouped_mlp
+from moelab.nn.grouped import ACTIVATIONS, BACKENDS, Activation, ClampedSwiGLU, gathered_mlp, grouped_mlp
 
 
 class Experts(nn.Module):
@@ -83,6 +83,24 @@ class SwiGLUExperts(Experts):
             activation=self.clamped or "silu", gated=True, backend=self.backend,
         )
 
+    def gathered(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """x: [T, D], indices, weights: [T, K] -> [T, D], each token's K experts run on their
+        gathered weights (`gathered_mlp`, the decode path); index -1 = empty slot."""
+        self._check(x)
+        if self.scale_input:  # y = expert(w * x): scale each slot's input, not its output
+            T, K = indices.shape
+            rows = x.repeat_interleave(K, dim=0) * weights.reshape(-1, 1).to(x.dtype)
+            ones = (indices >= 0).reshape(-1, 1).to(weights.dtype)
+            ys = gathered_mlp(
+                rows, indices.reshape(-1, 1), ones, self.gate_up_proj, self.gate_up_bias, self.down_proj,
+                self.down_bias, activation=self.clamped or "silu", gated=True,
+            )
+            return ys.view(T, K, -1).sum(1)
+        return gathered_mlp(
+            x, indices, weights, self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias,
+            activation=self.clamped or "silu", gated=True,
+        )
+
     def hidden(self, xs: Tensor, counts: Sequence[int], row_weights: Tensor | None = None) -> Tensor:
         """[N, I] what each row's down projection sees (the gated activation), expert by expert
         under plain autograd, weights cast to xs's dtype one expert at a time; row_weights only
@@ -138,6 +156,14 @@ class MLPExperts(Experts):
         return grouped_mlp(
             xs, counts, row_weights, self.up_proj, self.up_bias, self.down_proj, self.down_bias,
             activation=self.activation, gated=False, backend=self.backend,
+        )
+
+    def gathered(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """x: [T, D], indices, weights: [T, K] -> [T, D] (`gathered_mlp`, the decode path)."""
+        self._check(x)
+        return gathered_mlp(
+            x, indices, weights, self.up_proj, self.up_bias, self.down_proj, self.down_bias,
+            activation=self.activation, gated=False,
         )
 
 

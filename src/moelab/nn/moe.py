@@ -105,6 +105,8 @@ class MoELayer(nn.Module):
         one (`moelab.distributed`), in which case `experts` holds this rank's experts only.
     skip_ratio (an attribute, default None): NAEE dynamic skipping at inference, a chosen expert
         whose weight is below skip_ratio times the token's largest is dropped (`dynamic_skip`).
+    gather_rows (an attribute, default E): `infer` runs the experts on gathered weights when
+        T*K is at most this (the gathered copies then hold no more than the E experts' weights).
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class MoELayer(nn.Module):
         self.sparsity_window = sparsity_window
         self.dispatcher = dispatcher
         self.skip_ratio: float | None = None  # NAEE dynamic skipping, an inference-time option (`dynamic_skip`)
+        self.gather_rows = router.num_experts  # `infer` gathers expert weights up to this many T*K rows
 
     @property
     def num_experts(self) -> int:
@@ -173,10 +176,48 @@ class MoELayer(nn.Module):
         self, x: Tensor, router: Router | None = None, *, context: dict[str, Tensor] | None = None
     ) -> tuple[Tensor, MoEResult]:
         """x: [..., D] -> (y [..., D], MoEResult). `router` replaces the layer's own for this call
-        (Chain-of-Experts routes each iteration with its own router over the same experts).
+        (Chain-of-Experts routes each iteration with its own router over the same experts);
+        `context` goes to routers that need whole sequences (see `_route`)."""
+        router = self.router if router is None else router
+        shape = x.shape
+        routing = self._route(router, x, context)
+        x = x.reshape(-1, router.dim)
+        plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor)
+        rows = x if self.latent is None else self.latent.down(x)
+        batch = self.dispatcher.dispatch(rows, routing.weights, plan)
+        ys = self.experts(batch.rows, batch.counts, batch.row_weights)
+        y = self._finish(x, self.dispatcher.combine(ys, plan, batch))
+        result = MoEResult(
+            losses=self._losses(routing, shape[:-1]),
+            tokens_per_expert=plan.tokens_per_expert,
+            dropped_fraction=plan.dropped_fraction,
+            experts_per_token=(routing.indices >= 0).sum() / max(x.shape[0], 1),
+            routing=routing if self.trace else None,
+            metrics=self._metrics(router, routing, shape[:-1]),
+        )
+        return y.view(shape), result
+
+    def infer(self, x: Tensor, router: Router | None = None, *, context: dict[str, Tensor] | None = None) -> Tensor:
+        """The decode path: `forward`'s output alone (no losses, loads or metrics), x: [..., D] ->
+        [..., D]. A few tokens (T*K <= `gather_rows`) run their experts on gathered weights
+        (`gathered_mlp`): a fixed sequence of operations, no host synchronisation, no loop over
+        experts. More tokens, capacity dropping and expert parallelism take forward's dispatch."""
+        router = self.router if router is None else router
+        tokens = x.numel() // max(x.shape[-1], 1)
+        small = tokens * router.top_k <= self.gather_rows
+        if not small or self.capacity_factor is not None or type(self.dispatcher) is not LocalDispatcher:
+            return self(x, router, context=context)[0]
+        shape = x.shape
+        routing = self._route(router, x, context)
+        x = x.reshape(-1, router.dim)
+        rows = x if self.latent is None else self.latent.down(x)
+        y = self._finish(x, self.experts.gathered(rows, routing.indices, routing.weights))
+        return y.view(shape)
+
+    def _route(self, router: Router, x: Tensor, context: dict[str, Tensor] | None) -> Routing:
+        """Check x: [..., D] and route it (with dynamic skipping if set) -> Routing over [T] tokens.
         Routers that need whole sequences (`router.needs_sequences`) get x as [B, S, D] and the
         block's `context` (e.g. the attention's queries and keys for attention-aware routing)."""
-        router = self.router if router is None else router
         dim = router.dim
         if x.dim() == 0 or x.shape[-1] != dim:
             raise ValueError(f"MoE layer expects input [..., {dim}], got {list(x.shape)}")
@@ -188,37 +229,23 @@ class MoELayer(nn.Module):
                 f"input dtype {x.dtype} differs from the layer's parameters ({param_dtype}); "
                 f"cast one of them (x.to({param_dtype}) or layer.to({x.dtype}))"
             )
-        shape = x.shape
         if router.needs_sequences:
             if x.dim() != 3:
                 raise ValueError(
                     f"{type(router).__name__} routes whole sequences; it needs input [batch, seq, dim], "
-                    f"got {list(shape)}"
+                    f"got {list(x.shape)}"
                 )
             routing = router(x, context=context or {})
-        x = x.reshape(-1, dim)
-        if not router.needs_sequences:
-            routing = router(x)
-        if self.skip_ratio is not None:
-            routing = dynamic_skip(routing, self.skip_ratio)
-        plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor)
-        rows = x if self.latent is None else self.latent.down(x)
-        batch = self.dispatcher.dispatch(rows, routing.weights, plan)
-        ys = self.experts(batch.rows, batch.counts, batch.row_weights)
-        y = self.dispatcher.combine(ys, plan, batch)
+        else:
+            routing = router(x.reshape(-1, dim))
+        return routing if self.skip_ratio is None else dynamic_skip(routing, self.skip_ratio)
+
+    def _finish(self, x: Tensor, y: Tensor) -> Tensor:
+        """The routed experts' combined output y: [T, D or latent rank] -> [T, D]: projected up
+        from the latent space, plus the shared experts' output on x: [T, D]."""
         if self.latent is not None:
             y = self.latent.up(y)
-        if self.shared is not None:
-            y = y + self.shared(x)
-        result = MoEResult(
-            losses=self._losses(routing, shape[:-1]),
-            tokens_per_expert=plan.tokens_per_expert,
-            dropped_fraction=plan.dropped_fraction,
-            experts_per_token=(routing.indices >= 0).sum() / max(x.shape[0], 1),
-            routing=routing if self.trace else None,
-            metrics=self._metrics(router, routing, shape[:-1]),
-        )
-        return y.view(shape), result
+        return y if self.shared is None else y + self.shared(x)
 
     def _metrics(self, router: Router, routing: Routing, token_shape: torch.Size) -> dict[str, Tensor]:
         """BlockFFN's TLS and CLS for routers with a variable number of experts per token."""

@@ -1,0 +1,256 @@
+"""The decode path: `gathered_mlp` (a few tokens' experts on gathered weights), `MoELayer.infer`
+and `MoETransformer.decode_step`, against the naive float64 reference (tests/reference.py) and
+against the training path, forward and backward, every router and setting, and the edge cases
+(empty slots, k = E, one token, all tokens to one expert, bf16)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import F64, assert_close, assert_no_near_tie, expert_ffn, f64_leaf, f64_leaves, moe_forward
+from test_model import make_model, random_ids
+from test_moe_layer import CONFIGS, D, E, make_layer, tokens
+
+from moelab.models import KVCache
+from moelab.models.config import UoEConfig
+from moelab.nn import MLPExperts, SwiGLUExperts
+from moelab.nn.grouped import ClampedSwiGLU, gathered_mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def always_gather(layer):
+    layer.gather_rows = 10**9
+    return layer
+
+
+def per_token(experts, x, indices, weights, activation="swiglu"):
+    """sum_k w_tk * expert_{i_tk}(x_t), token by token in float64 (reference.expert_ffn)."""
+    p = {f"experts.{n}": t.detach().to(F64) for n, t in experts.named_parameters()}
+    rows = []
+    for t in range(x.shape[0]):
+        y = torch.zeros(x.shape[1], dtype=F64)
+        for e, w in zip(indices[t].tolist(), weights[t].tolist()):
+            if e >= 0:
+                y = y + w * expert_ffn(x[t].to(F64), e, p, activation)
+        rows.append(y)
+    return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_infer_matches_reference_forward_and_backward(name):
+    """infer's output and its gradients (x and every parameter it uses) equal the reference's,
+    on the gathered path (capacity dropping falls back to the dispatch, still exact)."""
+    layer, spec = make_layer(**CONFIGS[name])
+    always_gather(layer)
+    x = tokens(2, 3)
+    leaves, x_ref = f64_leaves(layer), f64_leaf(x)
+    ref = moe_forward(x_ref, leaves, spec)
+    assert_no_near_tie(ref.routing, ordered=spec.capacity_factor is not None)
+    x_l = x.clone().requires_grad_(True)
+    y = layer.infer(x_l)
+    assert_close(y, ref.y, what="infer output")
+    G = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    (y.to(F64) * G).sum().backward()
+    (ref.y * G).sum().backward()
+    assert_close(x_l.grad, x_ref.grad, what="grad x")
+    for n, param in layer.named_parameters():
+        expected = leaves[n].grad if leaves[n].grad is not None else torch.zeros_like(leaves[n])
+        actual = param.grad if param.grad is not None else torch.zeros_like(param)
+        assert_close(actual, expected, what=f"grad {n}")
+
+
+@pytest.mark.parametrize("name", ["topk", "topk-k=E", "topp", "relu", "topk-shared-gated", "topk-mlp-gelu"])
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_infer_equals_forward_on_both_sides_of_the_threshold(name, T):
+    """gather_rows decides the path (T*K <= E: gathered, else dispatch); both give forward's output."""
+    layer, _ = make_layer(**CONFIGS[name])
+    x = tokens(T)
+    with torch.no_grad():
+        expected = layer(x)[0]
+        assert_close(layer.infer(x), expected, what="default threshold")
+        assert_close(always_gather(layer).infer(x), expected, what="always gathered")
+
+
+def test_infer_with_dynamic_skipping_latent_experts_and_a_chain():
+    from moelab.nn import MoEConfig, build_moe
+
+    for fields in (dict(latent_dim=8), dict(chain_iterations=3, num_shared=1), dict(top_k=3)):
+        torch.manual_seed(0)
+        module = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=8, **fields))
+        layer = getattr(module, "layer", module)
+        layer.skip_ratio = 0.5 if fields.get("top_k") == 3 else None
+        always_gather(layer)
+        x = tokens(5)
+        with torch.no_grad():
+            assert_close(module.infer(x), module(x)[0], what=str(fields))
+
+
+def test_infer_routes_whole_sequences_for_graph_routers():
+    from moelab.nn import MoEConfig, build_moe
+
+    torch.manual_seed(0)
+    layer = always_gather(build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=8, router="graph_sim")))
+    x = tokens(2, 3)
+    with torch.no_grad():
+        assert_close(layer.infer(x), layer(x)[0])
+
+
+def test_all_tokens_to_one_expert_and_tokens_with_no_expert():
+    layer, _ = make_layer(top_k=1, router_bias=True)
+    with torch.no_grad():
+        layer.router.bias.zero_()
+        layer.router.bias[2] = 30.0
+        x = tokens(4)
+        assert_close(always_gather(layer).infer(x), layer(x)[0])
+    experts = SwiGLUExperts(E, D, 8)
+    x = tokens(3)
+    indices = torch.tensor([[-1, -1], [4, -1], [-1, 0]])
+    weights = torch.tensor([[0.3, 0.2], [0.7, 0.5], [0.4, 1.3]])  # empty slots' weights are ignored
+    got = experts.gathered(x, indices, weights)
+    assert torch.all(got[0] == 0), "a token with no expert gets exactly zero"
+    assert_close(got, per_token(experts, x, indices, weights))
+
+
+@pytest.mark.parametrize("kind", ["swiglu-bias", "clamped", "scale_input", "gelu-bias", "relu"])
+def test_gathered_experts_match_per_token_loops(kind):
+    torch.manual_seed(0)
+    if kind == "gelu-bias" or kind == "relu":
+        experts = MLPExperts(E, D, 8, activation=kind.split("-")[0], bias=kind.endswith("bias"))
+    else:
+        experts = SwiGLUExperts(
+            E,
+            D,
+            8,
+            bias=kind != "scale_input",
+            clamped=ClampedSwiGLU(limit=0.5) if kind == "clamped" else None,
+            scale_input=kind == "scale_input",
+        )
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_()
+    x = tokens(4)
+    indices = torch.tensor([[0, 3], [3, -1], [7, 0], [5, 5]])
+    weights = torch.tensor([[0.6, 0.4], [1.0, 0.0], [0.2, 0.9], [0.5, 0.25]])
+    got = experts.gathered(x, indices, weights)
+    # The grouped path on the same assignments is the reference: rows sorted by expert.
+    flat = indices.reshape(-1)
+    keep = (flat >= 0).nonzero().flatten()
+    order = keep[torch.argsort(flat[keep], stable=True)]
+    counts = torch.bincount(flat[order], minlength=E).tolist()
+    ys = experts(x.repeat_interleave(2, 0)[order], counts, weights.reshape(-1)[order])
+    expected = torch.zeros(4, D).index_add_(0, order // 2, ys)
+    assert_close(got, expected, what=kind)
+    if kind in ("swiglu-bias", "gelu-bias", "relu"):
+        activation = "swiglu" if kind.startswith("swiglu") else kind.split("-")[0]
+        assert_close(got, per_token(experts, x, indices, weights, activation), what=f"{kind} vs float64")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    T=st.integers(1, 5),
+    E_=st.integers(1, 6),
+    data=st.data(),
+    bf16=st.booleans(),
+)
+def test_gathered_mlp_property(T, E_, data, bf16):
+    """Any T, E, K <= E, any pattern of empty slots, fp32 and bf16: gathered_mlp equals the float64
+    per-token sum (bf16 to its precision)."""
+    K = data.draw(st.integers(1, E_))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))
+    indices = torch.stack([torch.randperm(E_, generator=g)[:K] for _ in range(T)])
+    empty = torch.rand(T, K, generator=g) < 0.3
+    indices = indices.masked_fill(empty, -1)
+    weights = torch.rand(T, K, generator=g).masked_fill(empty, 0.0)
+    experts = SwiGLUExperts(E_, D, 4)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    experts.to(dtype)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    with torch.no_grad():
+        got = experts.gathered(x, indices, weights)
+    assert got.dtype == dtype and got.shape == (T, D)
+    tol = 3e-2 if bf16 else 1e-5
+    assert_close(got, per_token(experts, x, indices, weights), atol=tol, rtol=tol)
+
+
+def test_gathered_mlp_casts_weights_stored_in_another_dtype():
+    experts = SwiGLUExperts(E, D, 8).to(torch.bfloat16)
+    x = tokens(2)
+    indices, weights = torch.tensor([[1, 2], [3, 1]]), torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    got = gathered_mlp(
+        x,
+        indices,
+        weights,
+        experts.gate_up_proj,
+        None,
+        experts.down_proj,
+        None,
+        activation="silu",
+        gated=True,
+    )
+    assert got.dtype == torch.float32
+    assert_close(got, per_token(experts, x, indices, weights), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+ROUTERS = {
+    "topk": dict(),
+    "topp": dict(router="topp", top_p=0.5),
+    "relu": dict(router="relu", activation="silu"),
+    "chain": dict(chain_iterations=2),
+    "shared": dict(num_shared=1, shared_gate=True),
+}
+
+
+@pytest.mark.parametrize("kind", list(ROUTERS))
+def test_decode_step_equals_forward_with_and_without_cache(kind):
+    model = make_model(moe_fields=ROUTERS[kind], init_std=0.2).eval()
+    ids = random_ids(batch=3, seq=9)
+    cache = KVCache(model.config, batch_size=3, max_len=9)
+    with torch.no_grad():
+        full = model(ids).logits
+        assert_close(model.decode_step(ids), full[:, -1], what="no cache")
+        prefill = model.decode_step(ids[:, :6], cache, 0)
+        steps = [model.decode_step(ids[:, t : t + 1], cache, t) for t in range(6, 9)]
+    assert_close(prefill, full[:, 5], what="prefill")
+    for t, logits in zip(range(6, 9), steps):
+        assert_close(logits, full[:, t], what=f"step {t}")
+
+
+def test_decode_step_of_sequence_routing_models_and_uoe():
+    graph = make_model(moe_fields=dict(router="graph_sim")).eval()
+    uoe = make_model(
+        moe=None, uoe=UoEConfig(attn_top_k=2, mlp_experts=4, mlp_top_k=2), n_kv_heads=None, first_k_dense=0
+    ).eval()
+    ids = random_ids(batch=2, seq=7)
+    with torch.no_grad():
+        for model in (graph, uoe):
+            assert_close(model.decode_step(ids), model(ids).logits[:, -1])
+    with pytest.raises(ValueError, match="cannot decode from a KV cache"):
+        graph.decode_step(ids, KVCache(graph.config, batch_size=2, max_len=7), 0)
+
+
+def test_decode_step_checks_its_inputs():
+    model = make_model().eval()
+    with pytest.raises(ValueError, match="input_ids must be integer token ids"):
+        model.decode_step(torch.zeros(2, 3))
+    cache = KVCache(model.config, batch_size=2, max_len=4)
+    with pytest.raises(ValueError, match="exceed the KV cache's max_len"):
+        model.decode_step(random_ids(seq=2), cache, 3)
+    noncausal = make_model(moe_fields=dict(router="expert_choice", ec_capacity_factor=1.0))
+    with pytest.raises(ValueError, match="route non-causally"):
+        noncausal.decode_step(random_ids(seq=2))
+
+
+def test_decode_step_in_bf16_equals_forward():
+    model = make_model(init_std=0.2).eval().to(torch.bfloat16)
+    ids = random_ids(batch=2, seq=6)
+    with torch.no_grad():
+        logits = model.decode_step(ids)
+        assert logits.dtype == torch.bfloat16
+        assert_close(logits, model(ids).logits[:, -1], atol=2e-2, rtol=2e-2)
