@@ -632,6 +632,16 @@ def bench_skew_nan(tmp, src):
     return args, [], ["skew must be a finite number"]
 
 
+@case
+def bench_layer_load_negative(tmp, src):
+    return ["bench", "layer", "--load", "-1"], [], ["'--load'", "greater than or equal to 0"]
+
+
+@case
+def bench_generate_batch_zero(tmp, src):
+    return ["bench", "generate", "--batch", "0"], [], ["batch sizes must be integers >= 1"]
+
+
 # compress, calibrate, eval (issue 10 §6)
 
 

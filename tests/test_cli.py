@@ -63,3 +63,45 @@ def test_main_prints_user_errors_without_traceback(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("error: unknown preset 'no-such-preset'") and captured.err.count("\n") == 1
+
+
+def test_busy_processes_run_during_the_block_and_end_with_it():
+    from moelab.bench.load import busy_processes
+
+    with busy_processes(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.returncode is not None for p in procs)
+    try:
+        with busy_processes(1) as procs:
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert procs[0].returncode is not None, "an interrupted benchmark leaves no busy process behind"
+
+
+def test_bench_generate_json_contract(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from moelab.models import MoETransformer, save_pretrained, tiny
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    save_pretrained(MoETransformer(dataclasses.replace(tiny(), init_std=0.2)), model_dir)
+    out = tmp_path / "generate.json"
+    args = ["bench", "generate", str(model_dir), "--batch", "1", "--batch", "3", "--new-tokens", "4",
+            "--rounds", "1", "--json", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "moelab-bench-generate/1" and doc["setup"]["memory_bandwidth_gb_s"] > 0
+    assert [r["batch"] for r in doc["results"]] == [1, 3]
+    for row in doc["results"]:
+        assert row["family"] == "qwen2_moe"  # tiny() has a dense first layer, which Mixtral cannot express
+        assert row["same_greedy_tokens"] == 1.0, "the same weights decode the same greedy tokens"
+        assert row["moelab_tokens_per_s"] > 0 and row["transformers_tokens_per_s"] > 0
+        assert 0 < row["fraction_of_bound"] == row["moelab_tokens_per_s"] / row["bound_tokens_per_s"]
+        assert 1 <= row["distinct_experts_per_layer"] <= row["batch"] * tiny().moe.top_k
+    again = runner.invoke(app, args)
+    assert again.exit_code != 0 and "--overwrite" in str(again.exception) + again.output

@@ -34,6 +34,7 @@ def bench_layer(
     rounds: Annotated[int | None, typer.Option(min=1, help="Timed rounds per implementation (default 5; --quick 2).")] = None,
     skew: Annotated[float, typer.Option(help="Router bias ramp for the skewed-routing pass (0 = skip).")] = 2.0,
     memory: Annotated[bool, typer.Option(help="Measure peak memory of one fwd+bwd step per implementation.")] = True,
+    load: Annotated[int, typer.Option("--load", min=0, help="Busy processes to run beside the benchmark (a machine that is not idle).")] = 0,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """MoE layer tokens/s vs a dense FFN of equal active FLOPs, a naive loop and transformers.
@@ -46,7 +47,8 @@ def bench_layer(
     if json_path is not None:
         bench.check_json_path(json_path, overwrite)
     options = bench.BenchOptions.create(
-        quick=quick, configs=configs, dtypes=dtypes, modes=modes, tokens=tokens, rounds=rounds, skew=skew, memory=memory
+        quick=quick, configs=configs, dtypes=dtypes, modes=modes, tokens=tokens, rounds=rounds, skew=skew, memory=memory,
+        load=load,
     )
     doc = bench.run(options, progress=console)
     console.print(bench.render_table(doc))
@@ -54,6 +56,39 @@ def bench_layer(
         console.print(bench.render_memory(doc))
     if json_path is not None:
         bench.write_json(doc, json_path)
+        console.print(f"wrote {json_path}")
+
+
+@bench_app.command("generate")
+def bench_generate(
+    models: Annotated[list[str] | None, typer.Argument(help="Shipped reference model names or moelab checkpoint directories (default: both reference models).", show_default=False)] = None,
+    batch: Annotated[list[int] | None, typer.Option("--batch", help="Batch sizes (default 1, 8 and 32).")] = None,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Greedy tokens per sequence.")] = 64,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length.")] = 16,
+    rounds: Annotated[int, typer.Option(min=1, help="Timed rounds per implementation, interleaved.")] = 3,
+    threads: Annotated[int, typer.Option(min=1, help="Intra-op threads.")] = 1,
+    load: Annotated[int, typer.Option("--load", min=0, help="Busy processes to run beside the benchmark.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Decode tokens/s: moelab's generate vs transformers' on the same weights, and vs the memory-bandwidth bound."""
+    from moelab.bench import generate as bench
+    from moelab.io import atomic_write_text, check_output_file, has_json_format
+    from moelab.models.reference import REFERENCE_MODELS, reference_model_dir
+
+    if json_path is not None:
+        check_output_file(json_path, overwrite=overwrite, is_own=lambda p: has_json_format(p, bench.JSON_FORMAT))
+    options = bench.GenerateOptions(
+        batch_sizes=tuple(batch or (1, 8, 32)), prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
+        threads=threads, load=load,
+    )
+    names = models or list(REFERENCE_MODELS)
+    dirs = {m: reference_model_dir(m) if m in REFERENCE_MODELS and not Path(m).exists() else Path(m) for m in names}
+    with console.status("bench generate") as status:
+        doc = bench.run(dirs, options, progress=lambda what: status.update(f"bench generate: {what}"))
+    console.print(bench.render(doc))
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
         console.print(f"wrote {json_path}")
 
 

@@ -31,6 +31,7 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import Tensor, nn
 
+from moelab.bench.load import busy_processes
 from moelab.io import atomic_write_text, check_output_file, has_json_format
 from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter
 from moelab.validation import is_int
@@ -166,10 +167,11 @@ class BenchOptions:
     skew: float = 2.0
     memory: bool = True
     device: str = "cpu"
+    load: int = 0  # busy processes beside the benchmark (`moelab.bench.load`)
 
     @classmethod
     def create(cls, *, quick: bool = False, configs=None, dtypes=None, modes=None, tokens=None, rounds=None,
-               skew: float = 2.0, memory: bool = True, device: str = "cpu") -> BenchOptions:
+               skew: float = 2.0, memory: bool = True, device: str = "cpu", load: int = 0) -> BenchOptions:
         """Defaults, or the --quick ones, overridden by what the caller gave (None: the default); validated."""
         options = cls(
             configs=tuple(configs or SHAPES),
@@ -180,6 +182,7 @@ class BenchOptions:
             skew=skew,
             memory=memory and not quick,
             device=device,
+            load=load,
         )
         for name, values, valid in (
             ("config", options.configs, SHAPES),
@@ -192,6 +195,8 @@ class BenchOptions:
         for name in ("tokens", "rounds"):
             if not is_int(getattr(options, name)) or getattr(options, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(options, name)!r}")
+        if not is_int(options.load) or options.load < 0:
+            raise ValueError(f"load must be an integer >= 0 (busy processes), got {options.load!r}")
         if not math.isfinite(options.skew):
             raise ValueError(f"skew must be a finite number (0 = no skewed pass), got {options.skew}")
         return options
@@ -280,11 +285,12 @@ def _step_peak_mb(config: str, impl: str, tokens: int, device: str) -> float:
 
 def run(options: BenchOptions, progress: Console | None = None) -> dict:
     """The whole benchmark: uniform routing for every (config, dtype, mode); a skewed-routing
-    fp32 fwd+bwd pass; peak memory. Returns the JSON document."""
+    fp32 fwd+bwd pass; peak memory; all beside `options.load` busy processes. Returns the JSON
+    document."""
     torch.set_num_threads(2)
     jobs = [(c, d, m) for c in options.configs for d in options.dtypes for m in options.modes]
     doc: dict = {"format": JSON_FORMAT, "results": [], "skewed": [], "memory": []}
-    with Progress(console=progress, transient=True, disable=progress is None) as bar:
+    with busy_processes(options.load), Progress(console=progress, transient=True, disable=progress is None) as bar:
         task = bar.add_task("bench layer", total=len(jobs) + len(options.configs) * (1 + options.memory))
         for config, dtype, mode in jobs:
             bar.update(task, description=f"{config} {dtype} {mode}")
@@ -314,6 +320,7 @@ def run(options: BenchOptions, progress: Console | None = None) -> dict:
         "rounds": options.rounds,
         "threads": torch.get_num_threads(),
         "device": options.device,
+        "load": options.load,
         "torch": torch.__version__,
     }
     return doc
@@ -322,7 +329,8 @@ def run(options: BenchOptions, progress: Console | None = None) -> dict:
 def render_table(doc: dict) -> Table:
     """One row per (config, dtype, mode): tokens/s of each implementation and moelab's ratios."""
     table = Table(
-        title="MoE layer throughput, tokens/s (ratios: medians of same-round ratios)",
+        title="MoE layer throughput, tokens/s (ratios: medians of same-round ratios)"
+        + (f", {doc['setup']['load']} busy process(es) beside" if doc["setup"].get("load") else ""),
         caption="fwdbwd*: skewed routing (max/mean expert load "
         + ", ".join(f"{r['config']} {r['max_over_mean_load']:.1f}" for r in doc["skewed"] if r["impl"] == "moelab")
         + ")" if doc["skewed"] else None,

@@ -106,20 +106,7 @@ def export_checkpoint(
     Refuses models that do not map exactly; checks the result against moelab's logits."""
     model_dir = Path(model_dir).resolve()
     check_output_dir(out, CHECKPOINT_KIND, inputs=[model_dir, tokenizer], overwrite=overwrite)
-    config, ckpt, adapter = resolve(model_dir)
-    try:
-        if adapter is not NATIVE:
-            raise ValueError(f"{model_dir} is not a moelab checkpoint (its config.json has a model_type)")
-        model_config = ModelConfig.from_dict(config)
-        if problems := export_problems(model_config, family):
-            raise ValueError(
-                f"{model_dir} cannot be exported exactly as {family}: it has " + "; ".join(problems)
-            )
-        token_ids = _token_ids(tokenizer, model_config.vocab_size)
-        tensors, shared_width = _tensors(ckpt, config, family)
-        hf_config = _hf_config(model_config, family, shared_width, token_ids)
-    finally:
-        ckpt.close()
+    tensors, hf_config = export_state(model_dir, family, tokenizer=tokenizer)
     with StagedOutput(out, CHECKPOINT_KIND, inputs=[model_dir, tokenizer], overwrite=overwrite) as staging:
         save_safetensors(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         atomic_write_text(staging / "config.json", json.dumps(hf_config, indent=2) + "\n")
@@ -131,11 +118,56 @@ def export_checkpoint(
     return Path(out)
 
 
-def _tensors(ckpt, config: dict, family: str) -> tuple[dict[str, Tensor], int]:
-    """Every tensor under its `family` name (MoE blocks through the family's per-expert layout),
-    and the shared-expert width written."""
+def export_state(
+    model_dir: str | os.PathLike,
+    family: str,
+    *,
+    tokenizer: str | os.PathLike | None = TOKENIZER_DIR,
+    fused: bool = False,
+) -> tuple[dict[str, Tensor], dict]:
+    """The moelab checkpoint `model_dir` as `family` tensors and its config.json dict, without
+    writing anything; refuses models that do not map exactly. Tensors are named as
+    `save_pretrained` writes them (per expert), or with `fused` as the transformers module's
+    state_dict names them (stacked experts)."""
+    config, ckpt, adapter = resolve(Path(model_dir))
+    try:
+        if adapter is not NATIVE:
+            raise ValueError(f"{model_dir} is not a moelab checkpoint (its config.json has a model_type)")
+        model_config = ModelConfig.from_dict(config)
+        if problems := export_problems(model_config, family):
+            raise ValueError(
+                f"{model_dir} cannot be exported exactly as {family}: it has " + "; ".join(problems)
+            )
+        token_ids = _token_ids(tokenizer, model_config.vocab_size)
+        tensors, shared_width = _tensors(ckpt, config, family, fused)
+        return tensors, _hf_config(model_config, family, shared_width, token_ids)
+    finally:
+        ckpt.close()
+
+
+def exported_model(model_dir: str | os.PathLike, family: str):
+    """The transformers model (fp32, eval mode) of `export_state`, built in memory: what
+    `export_checkpoint` would write and `from_pretrained` load, for side-by-side benchmarks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tensors, hf_config = export_state(model_dir, family, tokenizer=None, fused=True)
+    fields = {k: v for k, v in hf_config.items() if k not in ("architectures", "model_type", "dtype")}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **fields), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if hf_config["tie_word_embeddings"] else set()
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"transformers' {family} model does not take the export: missing "
+                              f"{sorted(set(missing) - tied)[:3]}, unused {sorted(unexpected)[:3]}")
+    model.tie_weights()
+    return model.eval()
+
+
+def _tensors(ckpt, config: dict, family: str, fused: bool) -> tuple[dict[str, Tensor], int]:
+    """Every tensor under its `family` name (MoE blocks through the family's per-expert layout,
+    or its fused in-memory one), and the shared-expert width written."""
     target = FAMILIES[family]
-    layout = target.layouts[0]  # the original per-expert format that default save_pretrained writes
+    # layouts[0]: the original per-expert format that default save_pretrained writes; [1]: fused
+    layout = target.layouts[1 if fused else 0]
     tensors, shared_width = {}, 0
     moe_prefixes = []
     for index in range(config["n_layers"]):

@@ -1,0 +1,241 @@
+"""`moelab bench generate`: decode speed of moelab's `generate` against transformers' on the
+same weights, and against the machine's memory-bandwidth bound, all measured in one run.
+
+For each model (a moelab checkpoint; its transformers counterpart is built in memory from
+`export_state`, Mixtral where the model maps to it, else Qwen2-MoE) and batch size: random
+prompts of `prompt_tokens`, then `new_tokens` greedy tokens, fp32, on `threads` intra-op
+threads. Every round runs both implementations once, in a shuffled order; tokens/s is the
+median over rounds and `ratio` the median of the per-round ratios (transformers' time / moelab's),
+so both sides of a ratio saw the same machine load. The greedy tokens are compared too.
+
+The bound: a decode step must read every weight it uses once (attention, norms, routers, the
+output head, the experts its tokens were routed to, counted from the routing of an untimed
+moelab run) and the KV cache so far. bound tokens/s = measured copy bandwidth / bytes per token.
+On a small model the weights may stay in the CPU's caches, which the bound (DRAM bandwidth)
+does not credit.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from moelab.bench.load import busy_processes
+from moelab.hf.export import export_problems, exported_model
+from moelab.models import MoETransformer, load_pretrained
+from moelab.validation import is_int
+
+JSON_FORMAT = "moelab-bench-generate/1"
+IMPLS = ("moelab", "transformers")
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """batch_sizes: sequences decoded together; prompt_tokens, new_tokens: per sequence;
+    rounds: timed rounds per implementation; threads: intra-op threads; load: busy processes
+    beside the benchmark (`moelab.bench.load`)."""
+
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    prompt_tokens: int = 16
+    new_tokens: int = 64
+    rounds: int = 3
+    threads: int = 1
+    load: int = 0
+
+    def __post_init__(self):
+        for name in ("prompt_tokens", "new_tokens", "rounds", "threads"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.batch_sizes or any(not is_int(b) or b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be integers >= 1, got {list(self.batch_sizes)}")
+        if not is_int(self.load) or self.load < 0:
+            raise ValueError(f"load must be an integer >= 0 (busy processes), got {self.load!r}")
+
+
+def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
+    """Copy bandwidth (bytes read + written per second, best of `repeats`) on this process's
+    threads, over buffers far larger than any CPU cache."""
+    src = torch.ones(megabytes * 2**18)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * src.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def family_for(model: MoETransformer) -> str:
+    """Mixtral where the model maps to it exactly, else Qwen2-MoE (any exportable model)."""
+    return "mixtral" if not export_problems(model.config, "mixtral") else "qwen2_moe"
+
+
+def bytes_per_step(
+    model: MoETransformer, experts_per_layer: dict[int, float], batch: int, context: float
+) -> float:
+    """Bytes a decode step of `batch` sequences must read: every parameter but the routed experts
+    and the embedding (one row per sequence), the experts in `experts_per_layer` (distinct
+    experts a step routes to, by layer), and the KV cache at `context` positions."""
+    expert_params = {id(p) for layer in model.moe_layers.values() for p in layer.experts.parameters()}
+    size = 0.0
+    for name, p in model.named_parameters():  # tied weights appear once
+        if id(p) in expert_params:
+            continue
+        if p is model.embed.weight and p is not model.lm_head.weight:
+            size += batch * p[0].nbytes
+        else:
+            size += p.nbytes
+    for index, distinct in experts_per_layer.items():
+        experts = model.moe_layers[index].experts
+        size += distinct * sum(p.nbytes for p in experts.parameters()) / experts.num_experts
+    cfg = model.config
+    size += (
+        2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * context * model.embed.weight.element_size()
+    )
+    return size
+
+
+def distinct_experts_per_step(
+    model: MoETransformer, prompts: torch.Tensor, new_tokens: int
+) -> dict[int, float]:
+    """Mean number of distinct experts each MoE layer routes a decode step's tokens to (an
+    untimed `generate`; prefill calls excluded)."""
+    counts: dict[int, list[int]] = {i: [] for i in model.moe_layers}
+
+    def hook(index):
+        def record(module, args, routing):
+            if args[0].shape[0] == prompts.shape[0]:  # one token per sequence: a decode step
+                counts[index].append(int(routing.indices[routing.indices >= 0].unique().numel()))
+
+        return record
+
+    handles = [layer.router.register_forward_hook(hook(i)) for i, layer in model.moe_layers.items()]
+    try:
+        model.generate(prompts, new_tokens, greedy=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {i: statistics.mean(c) for i, c in counts.items() if c}
+
+
+def measure_model(
+    name: str, model_dir: Path, options: GenerateOptions, bandwidth: float, progress=None
+) -> list[dict]:
+    """One row per batch size: tokens/s of both implementations, their ratio, the bound."""
+    model = load_pretrained(model_dir).eval()
+    family = family_for(model)
+    hf = exported_model(model_dir, family)
+    hf.generation_config.eos_token_id = None  # decode exactly new_tokens, as moelab's generate does
+    hf.generation_config.pad_token_id = 0
+    run = {
+        "moelab": lambda ids: model.generate(ids, options.new_tokens, greedy=True),
+        "transformers": lambda ids: hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=options.new_tokens, do_sample=False
+        ),
+    }
+    rows = []
+    for batch in options.batch_sizes:
+        if progress is not None:
+            progress(f"{name} batch {batch}")
+        prompts = torch.randint(
+            0,
+            model.config.vocab_size,
+            (batch, options.prompt_tokens),
+            generator=torch.Generator().manual_seed(batch),
+        )
+        with torch.no_grad():
+            outputs = {impl: run[impl](prompts) for impl in IMPLS}  # warm-up, and the tokens compared
+            times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+            order = list(IMPLS)
+            for _ in range(options.rounds):
+                random.shuffle(order)
+                for impl in order:
+                    times[impl].append(_timed(lambda: run[impl](prompts)))
+            distinct = distinct_experts_per_step(model, prompts, options.new_tokens)
+        context = options.prompt_tokens + (options.new_tokens - 1) / 2
+        step_bytes = bytes_per_step(model, distinct, batch, context)
+        bound = bandwidth * 1e9 / (step_bytes / batch)
+        tokens = batch * options.new_tokens
+        moelab_speed = tokens / statistics.median(times["moelab"])
+        new = slice(options.prompt_tokens, None)
+        rows.append({
+            "model": name,
+            "family": family,
+            "batch": batch,
+            "moelab_tokens_per_s": moelab_speed,
+            "transformers_tokens_per_s": tokens / statistics.median(times["transformers"]),
+            "ratio_vs_transformers": statistics.median(h / m for h, m in zip(times["transformers"], times["moelab"])),
+            "bytes_per_token": step_bytes / batch,
+            "distinct_experts_per_layer": statistics.mean(distinct.values()) if distinct else 0.0,
+            "bound_tokens_per_s": bound,
+            "fraction_of_bound": moelab_speed / bound,
+            "same_greedy_tokens": float(
+                (outputs["moelab"][:, new] == outputs["transformers"][:, new]).all(-1).float().mean()
+            ),
+        })  # fmt: skip
+    return rows
+
+
+def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dict:
+    """The whole benchmark over `models` ({name: moelab checkpoint directory}); the JSON document."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
+    try:
+        with busy_processes(options.load):
+            bandwidth = memory_bandwidth_gb_s()
+            rows = [
+                row
+                for name, path in models.items()
+                for row in measure_model(name, path, options, bandwidth, progress)
+            ]
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "format": JSON_FORMAT,
+        "setup": {**asdict(options), "memory_bandwidth_gb_s": bandwidth, "torch": torch.__version__,
+                  "transformers": _transformers_version()},
+        "results": rows,
+    }  # fmt: skip
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def render(doc: dict) -> Table:
+    setup = doc["setup"]
+    table = Table(
+        title=f"Greedy decode, fp32, {setup['threads']} thread(s), {setup['new_tokens']} new tokens"
+        + (f", {setup['load']} busy process(es) beside" if setup["load"] else ""),
+        caption=f"bound: copy bandwidth {setup['memory_bandwidth_gb_s']:.1f} GB/s / bytes a token must read",
+    )
+    for column in (
+        "model",
+        "batch",
+        "moelab tok/s",
+        "transformers tok/s",
+        "x transformers",
+        "bound tok/s",
+        "of bound",
+        "same tokens",
+    ):
+        table.add_column(column, justify="right")
+    for r in doc["results"]:
+        table.add_row(
+            f"{r['model']} ({r['family']})", str(r["batch"]), f"{r['moelab_tokens_per_s']:,.0f}",
+            f"{r['transformers_tokens_per_s']:,.0f}", f"{r['ratio_vs_transformers']:.2f}",
+            f"{r['bound_tokens_per_s']:,.0f}", f"{r['fraction_of_bound']:.0%}", f"{r['same_greedy_tokens']:.0%}",
+        )  # fmt: skip
+    return table
