@@ -125,7 +125,7 @@ class Attention(nn.Module):
         mask: Tensor | None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """x: [B, S, D]; cos, sin: [S, Dh]; mask: [S, P] (True = attend) or None for causal
-        attention over these S positions -> ([B, S, D], {"q": [B, H, S, Dh], "k": [B, G, P, Dh]},
+        attention over these S positions (and every cached one) -> ([B, S, D], {"q": [B, H, S, Dh], "k": [B, G, P, Dh]},
         the rotated queries and keys, which attention-aware routing reuses)"""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
@@ -134,7 +134,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, start_pos, k, v)  # [B, G, P, Dh]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        causal = mask is None and S > 1  # a single position attends to every key (cached or its own)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1)), {"q": q, "k": k}
 
 
@@ -277,7 +278,8 @@ class MoETransformer(nn.Module):
     ) -> ModelOutput:
         """input_ids: [B, S] token ids at positions start_pos .. start_pos+S-1; targets: [B, S]
         next-token ids (-100 = ignore). With a `kv_cache`, attends to the cached positions too."""
-        positions = self._positions(input_ids, targets, kv_cache, start_pos)
+        self._check_call(input_ids, targets, kv_cache, start_pos)
+        positions = self._rope_and_mask(input_ids.shape[1], kv_cache, start_pos)
         x = self.embed(input_ids)
         moe_results, attn_results = {}, {}
         for i, layer in enumerate(self.layers):
@@ -298,35 +300,42 @@ class MoETransformer(nn.Module):
         )
         return ModelOutput(logits, loss, aux_loss, aux_losses, moe_results, attn_results, metrics)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode_step(self, input_ids: Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
         """The decode path: input_ids [B, S] at positions start_pos .. start_pos+S-1 -> logits of
         the last position [B, V], the KV cache updated. MoE layers run `MoELayer.infer` (no
         losses, loads or traces; a few tokens on gathered expert weights) and the output head
         only the last position. Equals `forward(...).logits[:, -1]`."""
-        positions = self._positions(input_ids, None, kv_cache, start_pos)
+        self._check_call(input_ids, None, kv_cache, start_pos)
+        return self._decode(input_ids, kv_cache, start_pos)
+
+    def _decode(self, input_ids: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
+        """decode_step without its checks (generate checks once, not at every token)."""
+        positions = self._rope_and_mask(input_ids.shape[1], kv_cache, start_pos)
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, *positions, infer=True)[0]
         return self.lm_head(self.norm(x[:, -1]))
 
-    def _positions(
-        self, input_ids: Tensor, targets: Tensor | None, kv_cache: KVCache | None, start_pos: int
-    ) -> tuple[Tensor, Tensor, KVCache | None, int, Tensor | None]:
-        """Check a call's inputs -> what every block takes besides x: (cos, sin: [S, Dh], kv_cache,
-        start_pos, mask: [S, P] or None for plain causal attention over the S positions)."""
+    def _check_call(self, input_ids: Tensor, targets: Tensor | None, kv_cache: KVCache | None, start_pos: int) -> None:
         self._check_routing_is_causal()
-        _, S = self._check_inputs(input_ids, targets, kv_cache, start_pos)
+        self._check_inputs(input_ids, targets, kv_cache, start_pos)
         if kv_cache is not None and self.needs_sequences:
             raise ValueError(
                 "this model's routing looks at whole sequences (graph-of-tokens or UoE layers), so it cannot "
                 "decode from a KV cache; call it on the full sequence (generate() does so by itself)"
             )
+
+    def _rope_and_mask(
+        self, S: int, kv_cache: KVCache | None, start_pos: int
+    ) -> tuple[Tensor, Tensor, KVCache | None, int, Tensor | None]:
+        """What every block takes besides x: (cos, sin: [S, Dh], kv_cache, start_pos, mask: [S, P]
+        or None, for causal attention over the S positions (and everything cached before them))."""
         cos = self.rope_cos[start_pos : start_pos + S]
         sin = self.rope_sin[start_pos : start_pos + S]
-        mask = None  # is_causal: enough unless earlier positions sit in the cache
-        if kv_cache is not None and start_pos > 0:
-            positions = torch.arange(start_pos + S, device=input_ids.device)
+        mask = None  # is_causal is enough unless earlier positions sit in the cache
+        if kv_cache is not None and start_pos > 0 and S > 1:  # one position attends to all: no mask
+            positions = torch.arange(start_pos + S, device=cos.device)
             mask = positions <= positions[start_pos:, None]  # [S, P]
         return cos, sin, kv_cache, start_pos, mask
 
@@ -360,7 +369,7 @@ class MoETransformer(nn.Module):
             raise ValueError(f"the KV cache holds {kv_cache.batch_size} sequences but input_ids has {B}")
         return B, S
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         input_ids: Tensor,
@@ -395,8 +404,9 @@ class MoETransformer(nn.Module):
             cache = KVCache(self.config, B, S + max_new_tokens, device=input_ids.device, dtype=self.embed.weight.dtype)
         tokens, step_ids, pos = input_ids, input_ids, 0
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        self._check_call(input_ids, None, cache, 0)  # the longest call fits: checked above
         for _ in range(max_new_tokens):
-            logits = self.decode_step(tokens) if cache is None else self.decode_step(step_ids, cache, pos)
+            logits = self._decode(tokens, None, 0) if cache is None else self._decode(step_ids, cache, pos)
             pos += step_ids.shape[1]
             next_ids = sample_next_token(
                 logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
