@@ -32,14 +32,15 @@ from moelab.models import MoETransformer, load_pretrained
 from moelab.validation import is_int
 
 JSON_FORMAT = "moelab-bench-generate/1"
-IMPLS = ("moelab", "transformers")
+IMPLS = ("moelab", "moelab_compiled", "transformers")
 
 
 @dataclass(frozen=True)
 class GenerateOptions:
     """batch_sizes: sequences decoded together; prompt_tokens, new_tokens: per sequence;
     rounds: timed rounds per implementation; threads: intra-op threads; load: busy processes
-    beside the benchmark (`moelab.bench.load`)."""
+    beside the benchmark (`moelab.bench.load`); compile: also time `generate(compile=True)`
+    (its compilation, minutes per model and batch size on a CPU, happens in the warm-up)."""
 
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     prompt_tokens: int = 16
@@ -47,6 +48,7 @@ class GenerateOptions:
     rounds: int = 3
     threads: int = 1
     load: int = 0
+    compile: bool = False
 
     def __post_init__(self):
         for name in ("prompt_tokens", "new_tokens", "rounds", "threads"):
@@ -139,10 +141,12 @@ def measure_model(
     hf.generation_config.pad_token_id = 0
     run = {
         "moelab": lambda ids: model.generate(ids, options.new_tokens, greedy=True),
+        "moelab_compiled": lambda ids: model.generate(ids, options.new_tokens, greedy=True, compile=True),
         "transformers": lambda ids: hf.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=options.new_tokens, do_sample=False
         ),
     }
+    impls = [impl for impl in IMPLS if options.compile or impl != "moelab_compiled"]
     rows = []
     for batch in options.batch_sizes:
         if progress is not None:
@@ -154,9 +158,9 @@ def measure_model(
             generator=torch.Generator().manual_seed(batch),
         )
         with torch.no_grad():
-            outputs = {impl: run[impl](prompts) for impl in IMPLS}  # warm-up, and the tokens compared
-            times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-            order = list(IMPLS)
+            outputs = {impl: run[impl](prompts) for impl in impls}  # warm-up, and the tokens compared
+            times: dict[str, list[float]] = {impl: [] for impl in impls}
+            order = list(impls)
             for _ in range(options.rounds):
                 random.shuffle(order)
                 for impl in order:
@@ -165,23 +169,24 @@ def measure_model(
         context = options.prompt_tokens + (options.new_tokens - 1) / 2
         step_bytes = bytes_per_step(model, distinct, batch, context)
         bound = bandwidth * 1e9 / (step_bytes / batch)
-        tokens = batch * options.new_tokens
-        moelab_speed = tokens / statistics.median(times["moelab"])
+        speed = {impl: batch * options.new_tokens / statistics.median(t) for impl, t in times.items()}
         new = slice(options.prompt_tokens, None)
         rows.append({
             "model": name,
             "family": family,
             "batch": batch,
-            "moelab_tokens_per_s": moelab_speed,
-            "transformers_tokens_per_s": tokens / statistics.median(times["transformers"]),
-            "ratio_vs_transformers": statistics.median(h / m for h, m in zip(times["transformers"], times["moelab"])),
+            "tokens_per_s": speed,
+            "ratio_vs_transformers": {
+                impl: statistics.median(h / m for h, m in zip(times["transformers"], t)) for impl, t in times.items()
+            },
+            "fraction_of_bound": {impl: v / bound for impl, v in speed.items()},
             "bytes_per_token": step_bytes / batch,
             "distinct_experts_per_layer": statistics.mean(distinct.values()) if distinct else 0.0,
             "bound_tokens_per_s": bound,
-            "fraction_of_bound": moelab_speed / bound,
-            "same_greedy_tokens": float(
-                (outputs["moelab"][:, new] == outputs["transformers"][:, new]).all(-1).float().mean()
-            ),
+            "same_greedy_tokens": {
+                impl: float((out[:, new] == outputs["transformers"][:, new]).all(-1).float().mean())
+                for impl, out in outputs.items()
+            },
         })  # fmt: skip
     return rows
 
@@ -219,23 +224,16 @@ def render(doc: dict) -> Table:
     table = Table(
         title=f"Greedy decode, fp32, {setup['threads']} thread(s), {setup['new_tokens']} new tokens"
         + (f", {setup['load']} busy process(es) beside" if setup["load"] else ""),
-        caption=f"bound: copy bandwidth {setup['memory_bandwidth_gb_s']:.1f} GB/s / bytes a token must read",
+        caption=f"bound: copy bandwidth {setup['memory_bandwidth_gb_s']:.1f} GB/s / bytes a token must read; "
+        "x transformers: median of same-round ratios",
     )
-    for column in (
-        "model",
-        "batch",
-        "moelab tok/s",
-        "transformers tok/s",
-        "x transformers",
-        "bound tok/s",
-        "of bound",
-        "same tokens",
-    ):
+    for column in ("model", "batch", "impl", "tok/s", "x transformers", "of bound", "same tokens"):
         table.add_column(column, justify="right")
     for r in doc["results"]:
-        table.add_row(
-            f"{r['model']} ({r['family']})", str(r["batch"]), f"{r['moelab_tokens_per_s']:,.0f}",
-            f"{r['transformers_tokens_per_s']:,.0f}", f"{r['ratio_vs_transformers']:.2f}",
-            f"{r['bound_tokens_per_s']:,.0f}", f"{r['fraction_of_bound']:.0%}", f"{r['same_greedy_tokens']:.0%}",
-        )  # fmt: skip
+        for impl, speed in r["tokens_per_s"].items():
+            table.add_row(
+                f"{r['model']} ({r['family']})", str(r["batch"]), impl, f"{speed:,.0f}",
+                f"{r['ratio_vs_transformers'][impl]:.2f}", f"{r['fraction_of_bound'][impl]:.1%}",
+                f"{r['same_greedy_tokens'][impl]:.0%}",
+            )  # fmt: skip
     return table
