@@ -255,14 +255,3 @@ def test_decode_step_in_bf16_equals_forward():
         assert logits.dtype == torch.bfloat16
         assert_close(logits, model(ids).logits[:, -1], atol=2e-2, rtol=2e-2)
 
-
-@pytest.mark.slow
-def test_compiled_generate_equals_eager():
-    """generate(compile=True) (the decode step through torch.compile, dynamic shapes) decodes the
-    same greedy tokens as the eager decode step, for two prompt lengths."""
-    model = make_model(init_std=0.2).eval()
-    for seq in (5, 7):
-        prompt = random_ids(batch=2, seq=seq)
-        assert torch.equal(
-            model.generate(prompt, 10, greedy=True, compile=True), model.generate(prompt, 10, greedy=True)
-        )

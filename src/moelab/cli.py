@@ -68,7 +68,6 @@ def bench_generate(
     rounds: Annotated[int, typer.Option(min=1, help="Timed rounds per implementation, interleaved.")] = 3,
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads.")] = 1,
     load: Annotated[int, typer.Option("--load", min=0, help="Busy processes to run beside the benchmark.")] = 0,
-    compile: Annotated[bool, typer.Option("--compile", help="Also time generate(compile=True) (compiling takes minutes per model and batch size).")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -81,7 +80,7 @@ def bench_generate(
         check_output_file(json_path, overwrite=overwrite, is_own=lambda p: has_json_format(p, bench.JSON_FORMAT))
     options = bench.GenerateOptions(
         batch_sizes=tuple(batch or (1, 8, 32)), prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
-        threads=threads, load=load, compile=compile,
+        threads=threads, load=load,
     )
     names = models or list(REFERENCE_MODELS)
     dirs = {m: reference_model_dir(m) if m in REFERENCE_MODELS and not Path(m).exists() else Path(m) for m in names}

@@ -32,15 +32,14 @@ from moelab.models import MoETransformer, load_pretrained
 from moelab.validation import is_int
 
 JSON_FORMAT = "moelab-bench-generate/1"
-IMPLS = ("moelab", "moelab_compiled", "transformers")
+IMPLS = ("moelab", "transformers")
 
 
 @dataclass(frozen=True)
 class GenerateOptions:
     """batch_sizes: sequences decoded together; prompt_tokens, new_tokens: per sequence;
     rounds: timed rounds per implementation; threads: intra-op threads; load: busy processes
-    beside the benchmark (`moelab.bench.load`); compile: also time `generate(compile=True)`
-    (its compilation, minutes per model and batch size on a CPU, happens in the warm-up)."""
+    beside the benchmark (`moelab.bench.load`)."""
 
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     prompt_tokens: int = 16
@@ -48,7 +47,6 @@ class GenerateOptions:
     rounds: int = 3
     threads: int = 1
     load: int = 0
-    compile: bool = False
 
     def __post_init__(self):
         for name in ("prompt_tokens", "new_tokens", "rounds", "threads"):
@@ -141,12 +139,10 @@ def measure_model(
     hf.generation_config.pad_token_id = 0
     run = {
         "moelab": lambda ids: model.generate(ids, options.new_tokens, greedy=True),
-        "moelab_compiled": lambda ids: model.generate(ids, options.new_tokens, greedy=True, compile=True),
         "transformers": lambda ids: hf.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=options.new_tokens, do_sample=False
         ),
     }
-    impls = [impl for impl in IMPLS if options.compile or impl != "moelab_compiled"]
     rows = []
     for batch in options.batch_sizes:
         if progress is not None:
@@ -158,9 +154,9 @@ def measure_model(
             generator=torch.Generator().manual_seed(batch),
         )
         with torch.no_grad():
-            outputs = {impl: run[impl](prompts) for impl in impls}  # warm-up, and the tokens compared
-            times: dict[str, list[float]] = {impl: [] for impl in impls}
-            order = list(impls)
+            outputs = {impl: run[impl](prompts) for impl in IMPLS}  # warm-up, and the tokens compared
+            times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+            order = list(IMPLS)
             for _ in range(options.rounds):
                 random.shuffle(order)
                 for impl in order:

@@ -317,13 +317,6 @@ class MoETransformer(nn.Module):
             x = layer(x, *positions, infer=True)[0]
         return self.lm_head(self.norm(x[:, -1]))
 
-    def _compiled_decode(self):
-        """`_decode` through torch.compile, built once per model (dynamo recompiles only when a
-        guard fails, e.g. another batch size)."""
-        if getattr(self, "_compiled", None) is None:
-            self._compiled = torch.compile(self._decode, dynamic=True)
-        return self._compiled
-
     def _check_call(self, input_ids: Tensor, targets: Tensor | None, kv_cache: KVCache | None, start_pos: int) -> None:
         self._check_routing_is_causal()
         self._check_inputs(input_ids, targets, kv_cache, start_pos)
@@ -387,14 +380,11 @@ class MoETransformer(nn.Module):
         greedy: bool = False,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
-        compile: bool = False,
     ) -> Tensor:
         """input_ids: [B, S] prompts -> [B, S + n] with n <= max_new_tokens new tokens, decoded with
         a KV cache. greedy: argmax; else sample from softmax(logits / temperature), restricted to
         the nucleus of mass top_p if given. A sequence that emits eos_token_id is padded with it;
-        generation stops early once all have. Runs in the model's current mode (call `.eval()`).
-        compile: run the decode step through `torch.compile` (dynamic shapes; compiled once per
-        model, which takes minutes on a CPU, then several times fewer operations per token)."""
+        generation stops early once all have. Runs in the model's current mode (call `.eval()`)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {list(input_ids.shape)}")
         B, S = input_ids.shape
@@ -415,9 +405,8 @@ class MoETransformer(nn.Module):
         tokens, step_ids, pos = input_ids, input_ids, 0
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         self._check_call(input_ids, None, cache, 0)  # the longest call fits: checked above
-        decode = self._compiled_decode() if compile else self._decode
         for _ in range(max_new_tokens):
-            logits = decode(tokens, None, 0) if cache is None else decode(step_ids, cache, pos)
+            logits = self._decode(tokens, None, 0) if cache is None else self._decode(step_ids, cache, pos)
             pos += step_ids.shape[1]
             next_ids = sample_next_token(
                 logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
