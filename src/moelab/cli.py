@@ -35,6 +35,7 @@ def bench_layer(
     skew: Annotated[float, typer.Option(help="Router bias ramp for the skewed-routing pass (0 = skip).")] = 2.0,
     memory: Annotated[bool, typer.Option(help="Measure peak memory of one fwd+bwd step per implementation.")] = True,
     load: Annotated[int, typer.Option("--load", min=0, help="Busy processes to run beside the benchmark (a machine that is not idle).")] = 0,
+    threads: Annotated[str, typer.Option("--threads", help="Intra-op threads, or 'auto': the cores free once --load runs.")] = "auto",
     overwrite: OverwriteOpt = False,
 ) -> None:
     """MoE layer tokens/s vs a dense FFN of equal active FLOPs, a naive loop and transformers.
@@ -48,7 +49,7 @@ def bench_layer(
         bench.check_json_path(json_path, overwrite)
     options = bench.BenchOptions.create(
         quick=quick, configs=configs, dtypes=dtypes, modes=modes, tokens=tokens, rounds=rounds, skew=skew, memory=memory,
-        load=load,
+        load=load, threads=int(threads) if threads.isdigit() else threads,
     )
     doc = bench.run(options, progress=console)
     console.print(bench.render_table(doc))

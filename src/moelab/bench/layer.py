@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from moelab.bench.load import busy_processes
 from moelab.io import atomic_write_text, check_output_file, has_json_format
 from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter
+from moelab.threads import check_threads, resolve_threads
 from moelab.validation import is_int
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -168,10 +169,12 @@ class BenchOptions:
     memory: bool = True
     device: str = "cpu"
     load: int = 0  # busy processes beside the benchmark (`moelab.bench.load`)
+    threads: int | str = "auto"  # intra-op threads, or "auto": the cores free once the load runs
 
     @classmethod
     def create(cls, *, quick: bool = False, configs=None, dtypes=None, modes=None, tokens=None, rounds=None,
-               skew: float = 2.0, memory: bool = True, device: str = "cpu", load: int = 0) -> BenchOptions:
+               skew: float = 2.0, memory: bool = True, device: str = "cpu", load: int = 0,
+               threads: int | str = "auto") -> BenchOptions:
         """Defaults, or the --quick ones, overridden by what the caller gave (None: the default); validated."""
         options = cls(
             configs=tuple(configs or SHAPES),
@@ -183,7 +186,9 @@ class BenchOptions:
             memory=memory and not quick,
             device=device,
             load=load,
+            threads=threads,
         )
+        check_threads(options.threads)
         for name, values, valid in (
             ("config", options.configs, SHAPES),
             ("dtype", options.dtypes, DTYPES),
@@ -287,10 +292,10 @@ def run(options: BenchOptions, progress: Console | None = None) -> dict:
     """The whole benchmark: uniform routing for every (config, dtype, mode); a skewed-routing
     fp32 fwd+bwd pass; peak memory; all beside `options.load` busy processes. Returns the JSON
     document."""
-    torch.set_num_threads(2)
     jobs = [(c, d, m) for c in options.configs for d in options.dtypes for m in options.modes]
     doc: dict = {"format": JSON_FORMAT, "results": [], "skewed": [], "memory": []}
     with busy_processes(options.load), Progress(console=progress, transient=True, disable=progress is None) as bar:
+        torch.set_num_threads(resolve_threads(options.threads))
         task = bar.add_task("bench layer", total=len(jobs) + len(options.configs) * (1 + options.memory))
         for config, dtype, mode in jobs:
             bar.update(task, description=f"{config} {dtype} {mode}")
@@ -319,6 +324,7 @@ def run(options: BenchOptions, progress: Console | None = None) -> dict:
         "bf16_tokens": options.tokens_for("bf16"),
         "rounds": options.rounds,
         "threads": torch.get_num_threads(),
+        "threads_option": options.threads,
         "device": options.device,
         "load": options.load,
         "torch": torch.__version__,

@@ -28,6 +28,7 @@ from moelab.files import read_config_file
 from moelab.io import atomic_write_text
 from moelab.models import ModelConfig, preset
 from moelab.models.config import check_not_transformers
+from moelab.threads import check_threads
 from moelab.validation import check_choice, check_field_types, check_known_fields, did_you_mean
 
 DTYPES = ("fp32", "bf16")
@@ -56,7 +57,8 @@ class TrainConfig:
         updated every chunk_sparsity_window steps; the paper uses 100).
     reuse_ramp_steps: ReXMoE's progressive scaling: the shared expert pool opens linearly over
         this many steps (0 = the whole pool from the start).
-    threads: torch intra-op threads (None = torch's default).
+    threads: torch intra-op threads: a count, "auto" (the cores no other process is using when
+        the run starts, `moelab.threads.free_cores`), or None (torch's default).
     device: "auto" (CUDA if available), "cpu" or "cuda".
     """
 
@@ -84,7 +86,7 @@ class TrainConfig:
     adaptive_chunk_sparsity: bool = False
     chunk_sparsity_window: int = 100
     reuse_ramp_steps: int = 0
-    threads: int | None = None
+    threads: int | str | None = None
     device: str = "auto"
 
     def __post_init__(self):
@@ -137,8 +139,10 @@ class TrainConfig:
                 raise ValueError("TrainConfig.domains is empty; list some domains or leave it out for all")
             for domain in self.domains:
                 check_choice("train.domain", domain, tuple(known))
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"TrainConfig.threads must be >= 1 or null, got {self.threads}")
+        try:
+            check_threads(self.threads)
+        except ValueError as err:
+            raise ValueError(f"TrainConfig.{err}") from None
 
     @property
     def tokens_per_step(self) -> int:

@@ -44,6 +44,7 @@ from moelab.nn import MoELayer, attach_selection_bias_update
 from moelab.nn.blockffn import AdaptiveCoefficient
 from moelab.nn.rexmoe import ReuseRouter, set_reuse_progress
 from moelab.nn.routers import TopKRouter
+from moelab.threads import resolve_threads
 from moelab.train.checkpoint import clean_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from moelab.train.config import RunConfig, TrainConfig
 from moelab.train.logging import LOG_NAME, RunLog
@@ -209,7 +210,7 @@ def train(
         start = _prepare_run(run, claimed, resume)
         threads = torch.get_num_threads()
         if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
+            torch.set_num_threads(resolve_threads(cfg.threads))
         try:
             return _train(run, Path(out_dir), device, start, quiet)
         finally:

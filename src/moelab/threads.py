@@ -1,0 +1,52 @@
+"""Intra-op threads that match the cores actually free.
+
+On a busy machine, an operation split over more threads than there are free cores waits at
+every barrier for whichever thread the OS has descheduled. The grouped expert kernel runs many
+small operations per step, so it suffers most: on the project's 2-core machine, with one busy
+process beside it, the e64k8 layer's forward+backward runs 3x faster on 1 thread than on 2
+(`docs/benchmarks.md`). `free_cores` counts the cores no other process is using right now.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def free_cores(samples: int = 5, interval: float = 0.01, loadavg: str = "/proc/loadavg") -> int:
+    """Available cores minus the other runnable tasks (the kernel's running count in
+    /proc/loadavg, the least of `samples` readings `interval` s apart, less the reading thread
+    itself), at least 1. Without /proc/loadavg: every available core."""
+    cores = available_cores()
+    try:
+        running = []
+        for i in range(samples):
+            if i:
+                time.sleep(interval)
+            with open(loadavg) as f:
+                running.append(int(f.read().split()[3].split("/")[0]))
+    except (OSError, ValueError, IndexError):
+        return cores
+    return max(1, min(cores, cores - (min(running) - 1)))
+
+
+def check_threads(threads: int | str | None) -> None:
+    """A thread setting is an integer >= 1, "auto" (the free cores) or None (torch's default)."""
+    if threads is None or threads == "auto":
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, 'auto' (the free cores) or null, got {threads!r}")
+
+
+def resolve_threads(threads: int | str | None) -> int | None:
+    """A thread setting -> the count to use: an int as is, "auto" the free cores now, None None."""
+    check_threads(threads)
+    return free_cores() if threads == "auto" else threads

@@ -1,0 +1,60 @@
+"""Thread counts that match the free cores (`moelab.threads`) and the settings that use them."""
+
+import pytest
+import torch
+
+from moelab.bench.load import busy_processes
+from moelab.threads import available_cores, check_threads, free_cores, resolve_threads
+
+
+@pytest.mark.parametrize(("running", "expected"), [("1/80", 4), ("2/80", 3), ("4/80", 1), ("9/80", 1)])
+def test_free_cores_subtracts_the_other_runnable_tasks(tmp_path, monkeypatch, running, expected):
+    monkeypatch.setattr("moelab.threads.available_cores", lambda: 4)
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text(f"0.50 0.40 0.30 {running} 1234\n")
+    assert free_cores(samples=2, interval=0, loadavg=str(loadavg)) == expected
+
+
+def test_free_cores_without_loadavg_is_every_core(tmp_path):
+    assert free_cores(loadavg=str(tmp_path / "missing")) == available_cores()
+
+
+def test_busy_processes_take_cores_away():
+    cores = available_cores()
+    assert 1 <= free_cores() <= cores
+    with busy_processes(2):
+        assert free_cores() <= max(1, cores - 2)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "two", True, 1.5])
+def test_bad_thread_settings_are_refused(bad):
+    with pytest.raises(ValueError, match="threads must be an integer >= 1, 'auto'"):
+        check_threads(bad)
+
+
+def test_resolve_threads():
+    assert resolve_threads(None) is None and resolve_threads(3) == 3
+    assert 1 <= resolve_threads("auto") <= available_cores()
+
+
+def test_train_config_takes_auto_and_refuses_zero():
+    from moelab.train.config import TrainConfig
+
+    assert TrainConfig(steps=1, threads="auto").threads == "auto"
+    with pytest.raises(ValueError, match="TrainConfig.threads must be an integer >= 1"):
+        TrainConfig(steps=1, threads=0)
+
+
+def test_bench_layer_reports_the_threads_it_ran_on():
+    from moelab.bench.layer import BenchOptions, run
+
+    threads = torch.get_num_threads()
+    options = BenchOptions.create(
+        configs=["e8k2"], dtypes=["fp32"], modes=["fwd"], tokens=16, rounds=1, skew=0, memory=False, threads=1
+    )
+    try:
+        assert run(options)["setup"]["threads"] == 1
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="threads must be"):
+        BenchOptions.create(threads=0)
