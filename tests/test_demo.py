@@ -31,16 +31,28 @@ def model_dir(tmp_path):
 
 def test_demo_measures_routes_compresses_and_compares(tmp_path, model_dir):
     summary = run_demo(
-        tmp_path / "out", model_dir=model_dir, prune=1, eval_tokens=64, trace_tokens=800, calib_tokens=512, quiet=True
+        tmp_path / "out",
+        model_dir=model_dir,
+        prune=1,
+        eval_tokens=64,
+        trace_tokens=800,
+        calib_tokens=512,
+        quiet=True,
     )
     stats = Calibration(tmp_path / "out" / "calibration")
-    assert set(summary["compressed"]) == {"frequency", "reap"}
+    assert set(summary["compressed"]) == {"frequency", "reap", "moelab"}
     for layer, dropped in summary["compressed"]["frequency"]["dropped_experts"].items():
         counts = stats.layer(int(layer)).total("counts")
         assert counts[dropped[0]] == counts.min()  # the least-chosen expert goes
     for method, result in summary["compressed"].items():
-        assert load_pretrained(result["dir"]).config.moe.num_experts == 3
+        if method != "moelab":
+            assert load_pretrained(result["dir"]).config.moe.num_experts == 3
         assert set(result["perplexity"]) == set(summary["perplexity"]) >= {"code", "all"}
+    # the recipe removes the same share of the routed parameters (1 of 4 experts' worth), give or take
+    # the router rows that removing experts also drops
+    routed = 2 * 4 * 3 * 32 * 32  # layers x experts x (gate, up, down) x D x I
+    removed = summary["model_info"]["total_params"] - summary["compressed"]["moelab"]["total_params"]
+    assert abs(removed - routed / 4) <= 2 * 32 * 2, removed
     assert summary["eval_split"] == "test"
     assert (tmp_path / "out" / "analysis" / "report.html").is_file()
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary

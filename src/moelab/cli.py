@@ -151,13 +151,13 @@ def bench_skip(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("runs/demo"),
     model: Annotated[Path | None, typer.Option("--model", help="A moelab MoE model directory (default: the shipped ref-8e-top2).")] = None,
-    prune: Annotated[int, typer.Option(min=0, help="Experts to drop per layer in the compression step (0 = skip).")] = 2,
+    prune: Annotated[int, typer.Option(min=0, help="Experts to drop per layer in the compression step (moelab's recipe removes as many experts' worth of parameters; 0 = skip).")] = 2,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer evaluation and routing tokens (about a minute).")] = False,
     overwrite: OverwriteOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or tables.")] = False,
 ) -> None:
     """The main job on built-in defaults: the shipped reference MoE's per-domain perplexity, its
-    routing report, and a first compression (drop the least-used experts) compared with it."""
+    routing report, and its compression (frequency pruning, REAP, moelab's recipe) compared with it."""
     from moelab.demo import run_demo
 
     tokens = {"eval_tokens": 4096, "trace_tokens": 8000} if quick else {}

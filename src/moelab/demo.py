@@ -4,12 +4,13 @@ measure it, show how it routes, compress it, and compare.
     1. the model: parameters, active parameters, FLOPs per token;
     2. held-out (test split) perplexity on each corpus domain;
     3. its routing (`moelab analyze`): load balance, expert x domain specialisation, the HTML report;
-    4. compression: one calibration pass on the validation split, then `prune` experts of every
-       layer removed by frequency pruning and by REAP (`moelab compress`, written by the checked
-       writer), and the perplexities side by side.
+    4. compression: one calibration pass on the validation split (with the backward sweep), then
+       `prune` experts of every layer removed by frequency pruning and by REAP, and the same share
+       of the routed parameters removed by moelab's recipe (`moelab compress`, written by the
+       checked writer), and the perplexities side by side.
 
-Everything lands in `out/`: analysis/ (report.html), calibration/, frequency-<E'>e/ and
-reap-<E'>e/ (the compressed checkpoints), summary.json.
+Everything lands in `out/`: analysis/ (report.html), calibration/, frequency-<E'>e/,
+reap-<E'>e/ and moelab-<kept %>pct/ (the compressed checkpoints), summary.json.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rich.table import Table
 
 from moelab.analyze import analyze
 from moelab.compress import CalibrationOptions, calibrate, compress
+from moelab.compress.observers import DEFAULT_OBSERVERS
 from moelab.eval import domain_losses
 from moelab.io import atomic_write_text, output_dir
 from moelab.models import load_pretrained, model_info
@@ -30,7 +32,7 @@ from moelab.models.reference import reference_model_dir
 from moelab.trace import TraceOptions
 
 KIND = "demo"
-METHODS = ("frequency", "reap")
+METHODS = ("frequency", "reap", "moelab")
 EVAL_SPLIT = "test"  # calibration reads the validation split
 
 
@@ -59,7 +61,11 @@ def run_demo(
         raise ValueError(
             f"--prune must lie in [0, num_experts - top_k = {cfg.moe.num_experts - cfg.moe.top_k}], got {prune}"
         )
-    names = {method: f"{method}-{cfg.moe.num_experts - prune}e" for method in METHODS} if prune else {}
+    E = cfg.moe.num_experts
+    kept = f"{E - prune}e" if prune else ""
+    names = {method: f"{method}-{kept}" for method in METHODS[:2]} if prune else {}
+    if prune:  # the recipe removes the same share of the routed parameters, not necessarily experts
+        names["moelab"] = f"moelab-{round(100 * (E - prune) / E)}pct"
     entries = ["analysis", "summary.json"] + (["calibration", *names.values()] if prune else [])
     with output_dir(out, KIND, entries=entries, inputs=[model_dir], overwrite=overwrite) as claimed:
         out = claimed.path
@@ -94,9 +100,13 @@ def run_demo(
 
         compressed = {}
         if prune:
-            E = cfg.moe.num_experts
-            console.rule(f"[bold]4/4 compress: remove {prune} of {E} experts per layer, frequency vs REAP")
-            options = CalibrationOptions(tokens=calib_tokens, seq_len=seq_len)
+            console.rule(
+                f"[bold]4/4 compress: remove {prune} of {E} experts per layer (frequency, REAP) "
+                f"or {prune / E:.0%} of the routed parameters (moelab's recipe)"
+            )
+            options = CalibrationOptions(
+                tokens=calib_tokens, seq_len=seq_len, observers=(*DEFAULT_OBSERVERS, "neurons")
+            )
             stats = calibrate(model_dir, out / "calibration", options=options, quiet=quiet).directory
             for method, name in names.items():
                 result = compress(
