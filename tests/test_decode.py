@@ -24,6 +24,14 @@ def always_gather(layer):
     return layer
 
 
+def never_gather(layer):
+    layer.gather_rows = 0
+    return layer
+
+
+PATHS = {"gathered": always_gather, "accumulated": never_gather}
+
+
 def per_token(experts, x, indices, weights, activation="swiglu"):
     """sum_k w_tk * expert_{i_tk}(x_t), token by token in float64 (reference.expert_ffn)."""
     p = {f"experts.{n}": t.detach().to(F64) for n, t in experts.named_parameters()}
@@ -40,12 +48,13 @@ def per_token(experts, x, indices, weights, activation="swiglu"):
 # ----------------------------------------------------------------------------- the layer
 
 
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_infer_matches_reference_forward_and_backward(name):
+def test_infer_matches_reference_forward_and_backward(name, path):
     """infer's output and its gradients (x and every parameter it uses) equal the reference's,
-    on the gathered path (capacity dropping falls back to the dispatch, still exact)."""
+    on the gathered and on the accumulated path (capacity dropping falls back to forward)."""
     layer, spec = make_layer(**CONFIGS[name])
-    always_gather(layer)
+    PATHS[path](layer)
     x = tokens(2, 3)
     leaves, x_ref = f64_leaves(layer), f64_leaf(x)
     ref = moe_forward(x_ref, leaves, spec)
@@ -73,6 +82,7 @@ def test_infer_equals_forward_on_both_sides_of_the_threshold(name, T):
         expected = layer(x)[0]
         assert_close(layer.infer(x), expected, what="default threshold")
         assert_close(always_gather(layer).infer(x), expected, what="always gathered")
+        assert_close(never_gather(layer).infer(x), expected, what="always accumulated")
 
 
 def test_infer_with_dynamic_skipping_latent_experts_and_a_chain():
@@ -83,20 +93,22 @@ def test_infer_with_dynamic_skipping_latent_experts_and_a_chain():
         module = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=8, **fields))
         layer = getattr(module, "layer", module)
         layer.skip_ratio = 0.5 if fields.get("top_k") == 3 else None
-        always_gather(layer)
         x = tokens(5)
-        with torch.no_grad():
-            assert_close(module.infer(x), module(x)[0], what=str(fields))
+        for path, choose in PATHS.items():
+            choose(layer)
+            with torch.no_grad():
+                assert_close(module.infer(x), module(x)[0], what=f"{fields} {path}")
 
 
 def test_infer_routes_whole_sequences_for_graph_routers():
     from moelab.nn import MoEConfig, build_moe
 
     torch.manual_seed(0)
-    layer = always_gather(build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=8, router="graph_sim")))
+    layer = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=8, router="graph_sim"))
     x = tokens(2, 3)
-    with torch.no_grad():
-        assert_close(layer.infer(x), layer(x)[0])
+    for choose in PATHS.values():
+        with torch.no_grad():
+            assert_close(choose(layer).infer(x), layer(x)[0])
 
 
 def test_all_tokens_to_one_expert_and_tokens_with_no_expert():
@@ -106,6 +118,7 @@ def test_all_tokens_to_one_expert_and_tokens_with_no_expert():
         layer.router.bias[2] = 30.0
         x = tokens(4)
         assert_close(always_gather(layer).infer(x), layer(x)[0])
+        assert_close(never_gather(layer).infer(x), layer(x)[0])
     experts = SwiGLUExperts(E, D, 8)
     x = tokens(3)
     indices = torch.tensor([[-1, -1], [4, -1], [-1, 0]])
@@ -144,6 +157,8 @@ def test_gathered_experts_match_per_token_loops(kind):
     ys = experts(x.repeat_interleave(2, 0)[order], counts, weights.reshape(-1)[order])
     expected = torch.zeros(4, D).index_add_(0, order // 2, ys)
     assert_close(got, expected, what=kind)
+    accumulated = experts.accumulated(x, order // 2, counts, weights.reshape(-1)[order])
+    assert_close(accumulated, expected, what=f"{kind} accumulated")
     if kind in ("swiglu-bias", "gelu-bias", "relu"):
         activation = "swiglu" if kind.startswith("swiglu") else kind.split("-")[0]
         assert_close(got, per_token(experts, x, indices, weights, activation), what=f"{kind} vs float64")

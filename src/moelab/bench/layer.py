@@ -1,7 +1,8 @@
 """`moelab bench layer`: MoE layer throughput against baselines measured in the same run.
 
 Implementations, all with the same router (a Mixtral-style top-k `TopKRouter`):
-  moelab: `MoELayer` (sort by expert -> grouped matmul -> fixed-order weighted combine).
+  moelab: `MoELayer` (sort by expert -> grouped matmul -> fixed-order weighted combine); forward-only
+          rounds run `MoELayer.infer`, the inference path.
   dense:  a SwiGLU FFN of width k*I, the same active FLOPs per token: the practical ceiling.
   loop:   the naive per-expert loop that indexes stacked weights `W[e]` under autograd.
   hf:     transformers' `MixtralExperts` with its default `grouped_mm` experts backend.
@@ -124,7 +125,8 @@ def build_impls(
     moe = MoELayer(router, experts).to(device=device, dtype=dtype)
     dense = DenseSwiGLU(shape.dim, shape.top_k * shape.hidden_dim).to(device=device, dtype=dtype)
     impls = {
-        "moelab": lambda x: moe(x)[0],
+        # forward-only runs the inference path (what evaluation and generation call), fwdbwd training's
+        "moelab": lambda x: moe(x)[0] if torch.is_grad_enabled() else moe.infer(x),
         "dense": dense,
         "loop": lambda x: naive_loop(router, experts, x),
     }

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.nn.grouped import ACTIVATIONS, BACKENDS, Activation, ClampedSwiGLU, gathered_mlp, grouped_mlp
+from moelab.nn.grouped import (
+    ACTIVATIONS,
+    BACKENDS,
+    Activation,
+    ClampedSwiGLU,
+    accumulated_mlp,
+    gathered_mlp,
+    grouped_mlp,
+)
 
 
 class Experts(nn.Module):
@@ -101,6 +109,18 @@ class SwiGLUExperts(Experts):
             activation=self.clamped or "silu", gated=True,
         )
 
+    def accumulated(self, x: Tensor, token_ids: Tensor, counts: Sequence[int], row_weights: Tensor) -> Tensor:
+        """x: [T, D]; token_ids, row_weights: [N] per routed row, grouped by expert -> [T, D], the
+        weighted outputs summed per token (`accumulated_mlp`, inference for many tokens)."""
+        self._check(x)
+        if self.scale_input:  # y = expert(w * x): rows scaled before the MLP, outputs summed as they are
+            ys = self(x.index_select(0, token_ids), counts, row_weights)
+            return torch.zeros_like(x).index_add_(0, token_ids, ys)
+        return accumulated_mlp(
+            x, token_ids, counts, row_weights, self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias,
+            activation=self.clamped or "silu", gated=True,
+        )
+
     def hidden(self, xs: Tensor, counts: Sequence[int], row_weights: Tensor | None = None) -> Tensor:
         """[N, I] what each row's down projection sees (the gated activation), expert by expert
         under plain autograd, weights cast to xs's dtype one expert at a time; row_weights only
@@ -156,6 +176,14 @@ class MLPExperts(Experts):
         return grouped_mlp(
             xs, counts, row_weights, self.up_proj, self.up_bias, self.down_proj, self.down_bias,
             activation=self.activation, gated=False, backend=self.backend,
+        )
+
+    def accumulated(self, x: Tensor, token_ids: Tensor, counts: Sequence[int], row_weights: Tensor) -> Tensor:
+        """x: [T, D]; token_ids, row_weights: [N] -> [T, D] (`accumulated_mlp`, inference for many tokens)."""
+        self._check(x)
+        return accumulated_mlp(
+            x, token_ids, counts, row_weights, self.up_proj, self.up_bias, self.down_proj, self.down_bias,
+            activation=self.activation, gated=False,
         )
 
     def gathered(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:

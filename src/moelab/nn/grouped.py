@@ -289,6 +289,44 @@ def gathered_mlp(
     return ys.view(T, K, -1).sum(1)
 
 
+def accumulated_mlp(
+    x: Tensor,
+    token_ids: Tensor,
+    counts: Sequence[int],
+    row_weights: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    *,
+    activation: str | ClampedSwiGLU = "silu",
+    gated: bool = True,
+) -> Tensor:
+    """The inference path for many tokens: x: [T, D]; token_ids: [N] the token of each routed
+    row, grouped by expert (counts: E python ints); row_weights: [N] -> [T, D], each token's
+    weighted expert outputs summed.
+
+    Expert by expert, its rows are gathered from x, run through its MLP and added into the output
+    at their tokens (`index_add_`, in expert order), so neither the [N, D] dispatched rows nor
+    the [N, D] expert outputs are ever materialised: on CPU that memory traffic is what keeps the
+    dispatch path behind a dense layer at inference. Sums in expert order (the training path
+    sums in slot order): equal to it up to rounding, deterministic on CPU."""
+    act = Activation(activation, gated)
+    y = torch.zeros(x.shape[0], w_out.shape[1], dtype=x.dtype, device=x.device)
+    row_weights = row_weights.to(x.dtype)
+    for e, (start, end) in enumerate(_offsets(counts)):
+        if end == start:
+            continue
+        tokens, cast = token_ids[start:end], x.dtype
+        h = F.linear(x.index_select(0, tokens), w_in[e].to(cast), None if b_in is None else b_in[e].to(cast))
+        w = row_weights[start:end, None]
+        out = F.linear(act.forward(h) * w, w_out[e].to(cast))
+        if b_out is not None:
+            out.add_(w * b_out[e].to(cast))
+        y.index_add_(0, tokens, out)
+    return y
+
+
 def grouped_mlp(
     xs: Tensor,
     counts: Sequence[int],

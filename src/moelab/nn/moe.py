@@ -198,21 +198,30 @@ class MoELayer(nn.Module):
         return y.view(shape), result
 
     def infer(self, x: Tensor, router: Router | None = None, *, context: dict[str, Tensor] | None = None) -> Tensor:
-        """The decode path: `forward`'s output alone (no losses, loads or metrics), x: [..., D] ->
-        [..., D]. A few tokens (T*K <= `gather_rows`) run their experts on gathered weights
+        """The inference path: `forward`'s output alone (no losses, loads or metrics), x: [..., D]
+        -> [..., D]. A few tokens (T*K <= `gather_rows`) run their experts on gathered weights
         (`gathered_mlp`): a fixed sequence of operations, no host synchronisation, no loop over
-        experts. More tokens, capacity dropping and expert parallelism take forward's dispatch."""
+        experts. More tokens on a CPU go expert by expert, gathering rows from x and adding the
+        outputs into y (`accumulated_mlp`: no [N, D] buffers). Capacity dropping, expert
+        parallelism and many tokens on a GPU take forward's dispatch."""
         router = self.router if router is None else router
         tokens = x.numel() // max(x.shape[-1], 1)
         small = tokens * router.top_k <= self.gather_rows
-        if not small or self.capacity_factor is not None or type(self.dispatcher) is not LocalDispatcher:
+        if self.capacity_factor is not None or type(self.dispatcher) is not LocalDispatcher:
+            return self(x, router, context=context)[0]
+        if not small and x.device.type != "cpu":  # index_add_ is not deterministic on GPUs
             return self(x, router, context=context)[0]
         shape = x.shape
         routing = self._route(router, x, context)
         x = x.reshape(-1, router.dim)
         rows = x if self.latent is None else self.latent.down(x)
-        y = self._finish(x, self.experts.gathered(rows, routing.indices, routing.weights))
-        return y.view(shape)
+        if small:
+            y = self.experts.gathered(rows, routing.indices, routing.weights)
+        else:
+            plan = plan_dispatch(routing.indices, self.num_experts)
+            row_weights = routing.weights.reshape(-1).index_select(0, plan.slots)
+            y = self.experts.accumulated(rows, plan.token_ids, plan.counts, row_weights)
+        return self._finish(x, y).view(shape)
 
     def _route(self, router: Router, x: Tensor, context: dict[str, Tensor] | None) -> Routing:
         """Check x: [..., D] and route it (with dynamic skipping if set) -> Routing over [T] tokens.
