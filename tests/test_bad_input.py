@@ -642,6 +642,11 @@ def bench_generate_batch_zero(tmp, src):
     return ["bench", "generate", "--batch", "0"], [], ["batch sizes must be integers >= 1"]
 
 
+@case
+def bench_generate_skip_zero(tmp, src):
+    return ["bench", "generate", "--skip", "0"], [], ["dynamic-skipping ratios must lie in (0, 1]"]
+
+
 # compress, calibrate, eval (issue 10 §6)
 
 

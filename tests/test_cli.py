@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from moelab.cli import app
@@ -88,10 +89,10 @@ def test_bench_generate_json_contract(tmp_path):
 
     torch.manual_seed(0)
     model_dir = tmp_path / "model"
-    save_pretrained(MoETransformer(dataclasses.replace(tiny(), init_std=0.2)), model_dir)
+    save_pretrained(MoETransformer(dataclasses.replace(tiny(), vocab_size=8192, init_std=0.2)), model_dir)
     out = tmp_path / "generate.json"
     args = ["bench", "generate", str(model_dir), "--batch", "1", "--batch", "3", "--new-tokens", "4",
-            "--rounds", "1", "--json", str(out)]
+            "--rounds", "1", "--skip", "0.5", "--skip", "1", "--json", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
@@ -99,11 +100,16 @@ def test_bench_generate_json_contract(tmp_path):
     assert [r["batch"] for r in doc["results"]] == [1, 3]
     for row in doc["results"]:
         assert row["family"] == "qwen2_moe"  # tiny() has a dense first layer, which Mixtral cannot express
-        assert set(row["tokens_per_s"]) == {"moelab", "transformers"}
-        assert row["same_greedy_tokens"] == {"moelab": 1.0, "transformers": 1.0}, "same weights, same tokens"
+        assert set(row["tokens_per_s"]) == {"moelab", "transformers", "moelab_skip0.5", "moelab_skip1"}
+        assert row["same_greedy_tokens"]["moelab"] == 1.0, "the same weights decode the same greedy tokens"
         assert row["ratio_vs_transformers"]["transformers"] == 1.0
         for impl, speed in row["tokens_per_s"].items():
             assert 0 < row["fraction_of_bound"][impl] == speed / row["bound_tokens_per_s"]
         assert 1 <= row["distinct_experts_per_layer"] <= row["batch"] * tiny().moe.top_k
+    quality = doc["skipping_quality"][str(model_dir)]
+    assert list(quality) == ["none", "0.5", "1"]
+    assert quality["none"]["experts_per_token"] == pytest.approx(2.0)  # top-2, every slot used
+    assert quality["1"]["experts_per_token"] == pytest.approx(1.0)  # beta = 1 keeps the top expert alone
+    assert quality["none"]["perplexity"] != quality["1"]["perplexity"]
     again = runner.invoke(app, args)
     assert again.exit_code != 0 and "--overwrite" in str(again.exception) + again.output

@@ -69,6 +69,7 @@ def bench_generate(
     rounds: Annotated[int, typer.Option(min=1, help="Timed rounds per implementation, interleaved.")] = 3,
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads.")] = 1,
     load: Annotated[int, typer.Option("--load", min=0, help="Busy processes to run beside the benchmark.")] = 0,
+    skip: Annotated[list[float] | None, typer.Option("--skip", help="NAEE dynamic-skipping ratios to time beside plain decoding, with the test perplexity at each.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -81,13 +82,15 @@ def bench_generate(
         check_output_file(json_path, overwrite=overwrite, is_own=lambda p: has_json_format(p, bench.JSON_FORMAT))
     options = bench.GenerateOptions(
         batch_sizes=tuple(batch or (1, 8, 32)), prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
-        threads=threads, load=load,
+        threads=threads, load=load, skip=tuple(skip or ()),
     )
     names = models or list(REFERENCE_MODELS)
     dirs = {m: reference_model_dir(m) if m in REFERENCE_MODELS and not Path(m).exists() else Path(m) for m in names}
     with console.status("bench generate") as status:
         doc = bench.run(dirs, options, progress=lambda what: status.update(f"bench generate: {what}"))
     console.print(bench.render(doc))
+    if doc["skipping_quality"]:
+        console.print(bench.render_skipping(doc))
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
         console.print(f"wrote {json_path}")

@@ -8,6 +8,10 @@ threads. Every round runs both implementations once, in a shuffled order; tokens
 median over rounds and `ratio` the median of the per-round ratios (transformers' time / moelab's),
 so both sides of a ratio saw the same machine load. The greedy tokens are compared too.
 
+With `skip` ratios, moelab also decodes with NAEE's dynamic skipping at each ratio β (a chosen
+expert whose weight is below β times the token's largest is dropped), timed in the same rounds,
+and the model's test perplexity and experts per token are measured at each β.
+
 The bound: a decode step must read every weight it uses once (attention, norms, routers, the
 output head, the experts its tokens were routed to, counted from the routing of an untimed
 moelab run) and the KV cache so far. bound tokens/s = measured copy bandwidth / bytes per token.
@@ -17,6 +21,7 @@ does not credit.
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
@@ -27,19 +32,21 @@ import torch
 from rich.table import Table
 
 from moelab.bench.load import busy_processes
+from moelab.bench.skipping import loss_and_experts, test_batches
+from moelab.compress.skipping import apply_dynamic_skipping
 from moelab.hf.export import export_problems, exported_model
 from moelab.models import MoETransformer, load_pretrained
 from moelab.validation import is_int
 
 JSON_FORMAT = "moelab-bench-generate/1"
-IMPLS = ("moelab", "transformers")
 
 
 @dataclass(frozen=True)
 class GenerateOptions:
     """batch_sizes: sequences decoded together; prompt_tokens, new_tokens: per sequence;
     rounds: timed rounds per implementation; threads: intra-op threads; load: busy processes
-    beside the benchmark (`moelab.bench.load`)."""
+    beside the benchmark (`moelab.bench.load`); skip: NAEE dynamic-skipping ratios to time beside
+    plain decoding; eval_tokens: test tokens for the perplexity at each skipping ratio."""
 
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     prompt_tokens: int = 16
@@ -47,6 +54,8 @@ class GenerateOptions:
     rounds: int = 3
     threads: int = 1
     load: int = 0
+    skip: tuple[float, ...] = ()
+    eval_tokens: int = 4096
 
     def __post_init__(self):
         for name in ("prompt_tokens", "new_tokens", "rounds", "threads"):
@@ -57,6 +66,10 @@ class GenerateOptions:
             raise ValueError(f"batch sizes must be integers >= 1, got {list(self.batch_sizes)}")
         if not is_int(self.load) or self.load < 0:
             raise ValueError(f"load must be an integer >= 0 (busy processes), got {self.load!r}")
+        if any(not 0 < ratio <= 1 for ratio in self.skip):
+            raise ValueError(f"dynamic-skipping ratios must lie in (0, 1], got {list(self.skip)}")
+        if not is_int(self.eval_tokens) or self.eval_tokens < 16:
+            raise ValueError(f"eval_tokens must be an integer >= 16, got {self.eval_tokens!r}")
 
 
 def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
@@ -143,6 +156,8 @@ def measure_model(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=options.new_tokens, do_sample=False
         ),
     }
+    for ratio in options.skip:
+        run[f"moelab_skip{ratio:g}"] = _skipping(model, ratio, options.new_tokens)
     rows = []
     for batch in options.batch_sizes:
         if progress is not None:
@@ -154,9 +169,9 @@ def measure_model(
             generator=torch.Generator().manual_seed(batch),
         )
         with torch.no_grad():
-            outputs = {impl: run[impl](prompts) for impl in IMPLS}  # warm-up, and the tokens compared
-            times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-            order = list(IMPLS)
+            outputs = {impl: go(prompts) for impl, go in run.items()}  # warm-up, and the tokens compared
+            times: dict[str, list[float]] = {impl: [] for impl in run}
+            order = list(run)
             for _ in range(options.rounds):
                 random.shuffle(order)
                 for impl in order:
@@ -187,6 +202,40 @@ def measure_model(
     return rows
 
 
+def _skipping(model: MoETransformer, ratio: float, new_tokens: int):
+    """generate with every MoE layer's dynamic-skipping ratio set to `ratio` (reset afterwards)."""
+
+    def generate(ids: torch.Tensor) -> torch.Tensor:
+        apply_dynamic_skipping(model, dict.fromkeys(model.moe_layers, ratio))
+        try:
+            return model.generate(ids, new_tokens, greedy=True)
+        finally:
+            apply_dynamic_skipping(model, None)
+
+    return generate
+
+
+def skipping_quality(model_dir: Path, options: GenerateOptions) -> dict[str, dict[str, float]]:
+    """{"none" or the ratio: test perplexity and experts per token} with dynamic skipping at each ratio."""
+    model = load_pretrained(model_dir).eval()
+    batches = test_batches(options.eval_tokens, min(256, model.config.max_seq_len), 8)
+    top = max(int(inputs.max()) for inputs, _ in batches)
+    if top >= model.config.vocab_size:
+        raise ValueError(
+            f"the corpus's token id {top} is outside {model_dir}'s vocabulary ({model.config.vocab_size}): "
+            "the perplexity under --skip needs a model trained with moelab's tokenizer"
+        )
+    quality = {}
+    for ratio in (None, *options.skip):
+        apply_dynamic_skipping(model, None if ratio is None else dict.fromkeys(model.moe_layers, ratio))
+        measured = loss_and_experts(model, batches)
+        quality["none" if ratio is None else f"{ratio:g}"] = {
+            "perplexity": math.exp(measured["loss"]),
+            "experts_per_token": measured["experts_per_token"],
+        }
+    return quality
+
+
 def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dict:
     """The whole benchmark over `models` ({name: moelab checkpoint directory}); the JSON document."""
     threads = torch.get_num_threads()
@@ -199,6 +248,11 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
                 for name, path in models.items()
                 for row in measure_model(name, path, options, bandwidth, progress)
             ]
+            skipping = (
+                {name: skipping_quality(path, options) for name, path in models.items()}
+                if options.skip
+                else {}
+            )
     finally:
         torch.set_num_threads(threads)
     return {
@@ -206,6 +260,7 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
         "setup": {**asdict(options), "memory_bandwidth_gb_s": bandwidth, "torch": torch.__version__,
                   "transformers": _transformers_version()},
         "results": rows,
+        "skipping_quality": skipping,
     }  # fmt: skip
 
 
@@ -232,4 +287,30 @@ def render(doc: dict) -> Table:
                 f"{r['ratio_vs_transformers'][impl]:.2f}", f"{r['fraction_of_bound'][impl]:.1%}",
                 f"{r['same_greedy_tokens'][impl]:.0%}",
             )  # fmt: skip
+    return table
+
+
+def render_skipping(doc: dict) -> Table:
+    """Dynamic skipping: test perplexity, experts per token and decode speed-up at each ratio."""
+    table = Table(
+        title="NAEE dynamic skipping at decode (speed-up: moelab with skipping ÷ without, same rounds)"
+    )
+    batches = sorted({r["batch"] for r in doc["results"]})
+    for column in (
+        "model",
+        "β",
+        "perplexity",
+        "change",
+        "experts/token",
+        *(f"speed-up b{b}" for b in batches),
+    ):
+        table.add_column(column, justify="right")
+    for model, quality in doc["skipping_quality"].items():
+        base = quality["none"]["perplexity"]
+        rows = {r["batch"]: r["tokens_per_s"] for r in doc["results"] if r["model"] == model}
+        for ratio, q in quality.items():
+            impl = "moelab" if ratio == "none" else f"moelab_skip{ratio}"
+            speedups = [f"{rows[b][impl] / rows[b]['moelab']:.2f}" for b in batches]
+            table.add_row(model, ratio, f"{q['perplexity']:.1f}", f"{q['perplexity'] / base - 1:+.1%}",
+                          f"{q['experts_per_token']:.2f}", *speedups)  # fmt: skip
     return table

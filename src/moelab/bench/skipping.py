@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.table import Table
+from torch import Tensor
 
 from moelab.compress.skipping import apply_dynamic_skipping, skip_ratios
 from moelab.compress.stats import Calibration
@@ -31,13 +32,36 @@ class SkipOptions:
     split: str = "test"
 
 
+def test_batches(
+    tokens: int, seq_len: int, batch_size: int, split: str = "test"
+) -> list[tuple[Tensor, Tensor]]:
+    """(inputs, targets) batches of about `tokens` tokens, an equal share from every corpus domain."""
+    stream = torch.cat([torch.from_numpy(tokenize_split(d, split)[: tokens // 8 + 1].astype("int64"))
+                        for d in ("code", "bible", "english", "german", "spanish", "italian", "polish", "russian")])  # fmt: skip
+    return list(eval_batches(stream.numpy(), seq_len, batch_size))
+
+
+@torch.no_grad()
+def loss_and_experts(model, batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """Mean next-token loss (nats) over the batches and the experts a token used, averaged over
+    the MoE layers."""
+    loss = tokens = experts = 0.0
+    for inputs, targets in batches:
+        out = model(inputs)
+        mask = targets != IGNORE_INDEX
+        loss += float(F.cross_entropy(out.logits[mask], targets[mask], reduction="sum"))
+        tokens += int(mask.sum())
+        experts += sum(float(res.experts_per_token) for res in out.moe_results.values()) / len(
+            out.moe_results
+        )
+    return {"loss": loss / tokens, "experts_per_token": experts / len(batches)}
+
+
 @torch.no_grad()
 def run(model_dir: Path, stats_dir: Path, options: SkipOptions) -> dict:
     model = load_pretrained(model_dir).eval()
     ratios = skip_ratios(Calibration(stats_dir))
-    stream = torch.cat([torch.from_numpy(tokenize_split(d, options.split)[: options.tokens // 8 + 1].astype("int64"))
-                        for d in ("code", "bible", "english", "german", "spanish", "italian", "polish", "russian")])  # fmt: skip
-    batches = list(eval_batches(stream.numpy(), options.seq_len, options.batch_size))
+    batches = test_batches(options.tokens, options.seq_len, options.batch_size, options.split)
     seconds = {"plain": [], "skipping": []}
     measured = {}
     for mode in seconds:  # warm-up, untimed
@@ -46,18 +70,9 @@ def run(model_dir: Path, stats_dir: Path, options: SkipOptions) -> dict:
     for r in range(options.rounds):
         for mode in ("plain", "skipping") if r % 2 == 0 else ("skipping", "plain"):
             apply_dynamic_skipping(model, ratios if mode == "skipping" else None)
-            loss = tokens = experts = 0.0
             began = time.perf_counter()
-            for inputs, targets in batches:
-                out = model(inputs)
-                mask = targets != IGNORE_INDEX
-                loss += float(F.cross_entropy(out.logits[mask], targets[mask], reduction="sum"))
-                tokens += int(mask.sum())
-                experts += sum(float(res.experts_per_token) for res in out.moe_results.values()) / len(
-                    out.moe_results
-                )
+            measured[mode] = loss_and_experts(model, batches)
             seconds[mode].append(time.perf_counter() - began)
-            measured[mode] = {"loss": loss / tokens, "experts_per_token": experts / len(batches)}
     apply_dynamic_skipping(model, None)
     total = sum(int((t != IGNORE_INDEX).sum()) for _, t in batches)
     doc = {"format": JSON_FORMAT, "model": str(model_dir), "ratios": {str(k): v for k, v in ratios.items()}}
