@@ -207,9 +207,8 @@ class MoELayer(nn.Module):
         router = self.router if router is None else router
         tokens = x.numel() // max(x.shape[-1], 1)
         small = tokens * router.top_k <= self.gather_rows
-        if self.capacity_factor is not None or type(self.dispatcher) is not LocalDispatcher:
-            return self(x, router, context=context)[0]
-        if not small and x.device.type != "cpu":  # index_add_ is not deterministic on GPUs
+        batch_dependent = self.capacity_factor is not None or type(self.dispatcher) is not LocalDispatcher
+        if batch_dependent or (not small and x.device.type != "cpu"):  # index_add_: nondeterministic on GPUs
             return self(x, router, context=context)[0]
         shape = x.shape
         routing = self._route(router, x, context)
