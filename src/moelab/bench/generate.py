@@ -144,7 +144,7 @@ def distinct_experts_per_step(
 def measure_model(
     name: str, model_dir: Path, options: GenerateOptions, bandwidth: float, progress=None
 ) -> list[dict]:
-    """One row per batch size: tokens/s of both implementations, their ratio, the bound."""
+    """One row per batch size: tokens/s of each implementation, its ratio to transformers, the bound."""
     model = load_pretrained(model_dir).eval()
     family = family_for(model)
     hf = exported_model(model_dir, family)
