@@ -209,9 +209,10 @@ class BenchOptions:
         return options
 
     def tokens_for(self, dtype: str) -> int:
-        """bf16 matmul has no native kernel on most CPUs (tens of times slower than fp32), so
-        CPU bf16 runs use at most 512 tokens; ratios stay comparable within the run."""
-        if dtype == "bf16" and self.device == "cpu":
+        """CPUs without a native bf16 matmul run bf16 tens of times slower than fp32, so there
+        bf16 uses at most 512 tokens (ratios stay comparable within the run); CPUs with one
+        (AVX512-BF16, AMX: oneDNN says so) use the full token count."""
+        if dtype == "bf16" and self.device == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return min(self.tokens, 512)
         return self.tokens
 
