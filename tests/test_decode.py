@@ -111,6 +111,13 @@ def test_infer_routes_whole_sequences_for_graph_routers():
             assert_close(choose(layer).infer(x), layer(x)[0])
 
 
+@pytest.mark.parametrize("bad", [torch.tensor(1.0), torch.zeros(3, D + 1), torch.zeros(3, D, dtype=torch.long)])
+def test_infer_rejects_bad_inputs_like_forward(bad):
+    layer, _ = make_layer()
+    with pytest.raises(ValueError, match="MoE layer expects"):
+        layer.infer(bad)
+
+
 def test_all_tokens_to_one_expert_and_tokens_with_no_expert():
     layer, _ = make_layer(top_k=1, router_bias=True)
     with torch.no_grad():

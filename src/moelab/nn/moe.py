@@ -16,7 +16,7 @@ from moelab.nn.blockffn import (
     chunk_sparsification_loss,
     sparsity_metrics,
 )
-from moelab.nn.dispatch import LocalDispatcher, plan_dispatch
+from moelab.nn.dispatch import DispatchPlan, LocalDispatcher, plan_dispatch
 from moelab.nn.experts import Experts, SharedExperts
 from moelab.nn.latent import LatentProjection
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
@@ -184,9 +184,7 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, router.dim)
         plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor)
         rows = x if self.latent is None else self.latent.down(x)
-        batch = self.dispatcher.dispatch(rows, routing.weights, plan)
-        ys = self.experts(batch.rows, batch.counts, batch.row_weights)
-        y = self._finish(x, self.dispatcher.combine(ys, plan, batch))
+        y = self._finish(x, self._dispatched(rows, routing, plan))
         result = MoEResult(
             losses=self._losses(routing, shape[:-1]),
             tokens_per_expert=plan.tokens_per_expert,
@@ -202,24 +200,24 @@ class MoELayer(nn.Module):
         -> [..., D]. A few tokens (T*K <= `gather_rows`) run their experts on gathered weights
         (`gathered_mlp`): a fixed sequence of operations, no host synchronisation, no loop over
         experts. More tokens on a CPU go expert by expert, gathering rows from x and adding the
-        outputs into y (`accumulated_mlp`: no [N, D] buffers). Capacity dropping, expert
-        parallelism and many tokens on a GPU take forward's dispatch."""
+        outputs into y (`accumulated_mlp`: no [N, D] buffers); on a GPU they take the training
+        path's dispatch. Capacity dropping and expert parallelism run `forward`."""
         router = self.router if router is None else router
-        tokens = x.numel() // max(x.shape[-1], 1)
-        small = tokens * router.top_k <= self.gather_rows
-        batch_dependent = self.capacity_factor is not None or type(self.dispatcher) is not LocalDispatcher
-        if batch_dependent or (not small and x.device.type != "cpu"):  # index_add_: nondeterministic on GPUs
-            return self(x, router, context=context)[0]
+        if self.capacity_factor is not None or type(self.dispatcher) is not LocalDispatcher:
+            return self(x, router, context=context)[0]  # who is dropped, or where rows go, depends on the batch
         shape = x.shape
         routing = self._route(router, x, context)
         x = x.reshape(-1, router.dim)
         rows = x if self.latent is None else self.latent.down(x)
-        if small:
+        if routing.indices.numel() <= self.gather_rows:
             y = self.experts.gathered(rows, routing.indices, routing.weights)
         else:
             plan = plan_dispatch(routing.indices, self.num_experts)
-            row_weights = routing.weights.reshape(-1).index_select(0, plan.slots)
-            y = self.experts.accumulated(rows, plan.token_ids, plan.counts, row_weights)
+            if x.device.type == "cpu":
+                row_weights = routing.weights.reshape(-1).index_select(0, plan.slots)
+                y = self.experts.accumulated(rows, plan.token_ids, plan.counts, row_weights)
+            else:  # index_add_ is not deterministic on GPUs
+                y = self._dispatched(rows, routing, plan)
         return self._finish(x, y).view(shape)
 
     def _route(self, router: Router, x: Tensor, context: dict[str, Tensor] | None) -> Routing:
@@ -247,6 +245,11 @@ class MoELayer(nn.Module):
         else:
             routing = router(x.reshape(-1, dim))
         return routing if self.skip_ratio is None else dynamic_skip(routing, self.skip_ratio)
+
+    def _dispatched(self, rows: Tensor, routing: Routing, plan: DispatchPlan) -> Tensor:
+        """rows: [T, D or latent rank] through the dispatcher and the experts -> the combined [T, ...]."""
+        batch = self.dispatcher.dispatch(rows, routing.weights, plan)
+        return self.dispatcher.combine(self.experts(batch.rows, batch.counts, batch.row_weights), plan, batch)
 
     def _finish(self, x: Tensor, y: Tensor) -> Tensor:
         """The routed experts' combined output y: [T, D or latent rank] -> [T, D]: projected up
