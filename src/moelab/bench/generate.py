@@ -142,10 +142,15 @@ def distinct_experts_per_step(
 
 
 def measure_model(
-    name: str, model_dir: Path, options: GenerateOptions, bandwidth: float, progress=None
+    name: str,
+    model_dir: Path,
+    model: MoETransformer,
+    options: GenerateOptions,
+    bandwidth: float,
+    progress=None,
 ) -> list[dict]:
-    """One row per batch size: tokens/s of each implementation, its ratio to transformers, the bound."""
-    model = load_pretrained(model_dir).eval()
+    """One row per batch size: tokens/s of each implementation, its ratio to transformers, the
+    bound. `model` is `model_dir` loaded."""
     family = family_for(model)
     hf = exported_model(model_dir, family)
     hf.generation_config.eos_token_id = None  # decode exactly new_tokens, as moelab's generate does
@@ -215,24 +220,26 @@ def _skipping(model: MoETransformer, ratio: float, new_tokens: int):
     return generate
 
 
-def skipping_quality(model_dir: Path, options: GenerateOptions) -> dict[str, dict[str, float]]:
+def skipping_quality(model: MoETransformer, options: GenerateOptions) -> dict[str, dict[str, float]]:
     """{"none" or the ratio: test perplexity and experts per token} with dynamic skipping at each ratio."""
-    model = load_pretrained(model_dir).eval()
     batches = test_batches(options.eval_tokens, min(256, model.config.max_seq_len), 8)
     top = max(int(inputs.max()) for inputs, _ in batches)
     if top >= model.config.vocab_size:
         raise ValueError(
-            f"the corpus's token id {top} is outside {model_dir}'s vocabulary ({model.config.vocab_size}): "
+            f"the corpus's token id {top} is outside the model's vocabulary ({model.config.vocab_size}): "
             "the perplexity under --skip needs a model trained with moelab's tokenizer"
         )
     quality = {}
-    for ratio in (None, *options.skip):
-        apply_dynamic_skipping(model, None if ratio is None else dict.fromkeys(model.moe_layers, ratio))
-        measured = loss_and_experts(model, batches)
-        quality["none" if ratio is None else f"{ratio:g}"] = {
-            "perplexity": math.exp(measured["loss"]),
-            "experts_per_token": measured["experts_per_token"],
-        }
+    try:
+        for ratio in (None, *options.skip):
+            apply_dynamic_skipping(model, None if ratio is None else dict.fromkeys(model.moe_layers, ratio))
+            measured = loss_and_experts(model, batches)
+            quality["none" if ratio is None else f"{ratio:g}"] = {
+                "perplexity": math.exp(measured["loss"]),
+                "experts_per_token": measured["experts_per_token"],
+            }
+    finally:
+        apply_dynamic_skipping(model, None)
     return quality
 
 
@@ -243,16 +250,12 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
     try:
         with busy_processes(options.load):
             bandwidth = memory_bandwidth_gb_s()
-            rows = [
-                row
-                for name, path in models.items()
-                for row in measure_model(name, path, options, bandwidth, progress)
-            ]
-            skipping = (
-                {name: skipping_quality(path, options) for name, path in models.items()}
-                if options.skip
-                else {}
-            )
+            rows, skipping = [], {}
+            for name, path in models.items():
+                model = load_pretrained(path).eval()
+                rows += measure_model(name, path, model, options, bandwidth, progress)
+                if options.skip:
+                    skipping[name] = skipping_quality(model, options)
     finally:
         torch.set_num_threads(threads)
     return {
