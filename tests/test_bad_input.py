@@ -647,6 +647,11 @@ def bench_generate_skip_zero(tmp, src):
     return ["bench", "generate", "--skip", "0"], [], ["dynamic-skipping ratios must lie in (0, 1]"]
 
 
+@case
+def bench_offload_resident_zero(tmp, src):
+    return ["bench", "offload", "--resident", "0"], [], ["resident fractions must lie in (0, 1]"]
+
+
 # compress, calibrate, eval (issue 10 §6)
 
 

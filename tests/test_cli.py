@@ -113,3 +113,34 @@ def test_bench_generate_json_contract(tmp_path):
     assert quality["none"]["perplexity"] != quality["1"]["perplexity"]
     again = runner.invoke(app, args)
     assert again.exit_code != 0 and "--overwrite" in str(again.exception) + again.output
+
+
+def test_bench_offload_json_contract(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from moelab.models import MoETransformer, save_pretrained, tiny
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    cfg = dataclasses.replace(tiny(), vocab_size=8192, n_layers=3, first_k_dense=0, init_std=0.2)
+    save_pretrained(MoETransformer(cfg), model_dir)
+    out = tmp_path / "offload.json"
+    args = ["bench", "offload", str(model_dir), "--resident", "0.5", "--resident", "1", "--prompts", "2",
+            "--new-tokens", "6", "--rounds", "1", "--json", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "moelab-bench-offload/1"
+    [model] = doc["models"]
+    assert model["experts"] == 12 and model["in_memory_tokens_per_s"] > 0
+    policies = ["lru", "affinity", "lookahead x1", "lookahead", "both"]
+    assert [(r["resident"], r["policy"]) for r in model["rows"]] == [(f, p) for f in (0.5, 1.0) for p in policies]
+    for row in model["rows"]:
+        assert row["same_tokens"], "offloaded decoding must produce the in-memory model's tokens"
+        assert 0 <= row["hit_rate"] <= 1 and row["slots"] == round(row["resident"] * 12)
+        if row["resident"] == 1.0:
+            assert row["hit_rate"] == 1.0 and row["reads_per_token"] == 0, "every expert resident from the warm start"
+    again = runner.invoke(app, args)
+    assert again.exit_code != 0 and "--overwrite" in str(again.exception) + again.output

@@ -60,3 +60,17 @@ def test_graph_breaks_are_recorded(name):
         where = " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in reversed(reason.user_stack[-2:]))
         print(f"  break: {reason.reason.splitlines()[0]} at {where}")
     assert explanation.graph_count >= 1
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_generate_decodes_the_eager_tokens(batch):
+    """generate(compile=True): batch 1 runs the compiled static step; batch 3 (3 x top-2 > 4 experts)
+    decodes eagerly. Both give the eager tokens."""
+    from test_model import make_model, random_ids
+
+    torch._dynamo.reset()
+    model = make_model(init_std=0.2).eval()
+    ids = random_ids(batch=batch, seq=5)
+    want = model.generate(ids, 12, greedy=True)
+    assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), want)
+    assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), want)  # the traced step again

@@ -244,6 +244,29 @@ def test_decode_step_equals_forward_with_and_without_cache(kind):
         assert_close(logits, full[:, t], what=f"step {t}")
 
 
+@pytest.mark.parametrize("kind", list(ROUTERS))
+def test_static_decode_step_equals_the_dynamic_one(kind):
+    """The step `generate(compile=True)` compiles: the position a 0-d tensor, the whole (longer)
+    cache attended under a mask; it must give the dynamic step's logits at every position."""
+    model = make_model(moe_fields=ROUTERS[kind], init_std=0.2).eval()
+    ids = random_ids(batch=2, seq=10)
+    dynamic = KVCache(model.config, batch_size=2, max_len=10)
+    static = KVCache(model.config, batch_size=2, max_len=16)  # positions 10..15 never written, masked
+    with torch.no_grad():
+        assert_close(model._decode(ids[:, :6], static, 0), model._decode(ids[:, :6], dynamic, 0), what="prefill")
+        for t in range(6, 10):
+            want = model._decode(ids[:, t : t + 1], dynamic, t)
+            assert_close(model._decode(ids[:, t : t + 1], static, torch.tensor(t)), want, what=f"step {t}")
+
+
+def test_only_batches_on_gathered_weights_compile():
+    model = make_model().eval()  # E = 4, top-2: batch 2 fills the gathered path, batch 3 needs the dispatch
+    moe = next(iter(model.moe_layers.values()))
+    assert moe.gathers(2) and not moe.gathers(3)
+    moe.capacity_factor = 1.0
+    assert not moe.gathers(1), "capacity dropping runs forward, not the gathered path"
+
+
 def test_decode_step_of_sequence_routing_models_and_uoe():
     graph = make_model(moe_fields=dict(router="graph_sim")).eval()
     uoe = make_model(

@@ -58,6 +58,41 @@ def test_view_matches_transformers(tmp_path, family, original):
         _assert_matches_transformers(view, family, load(tmp_path), TINY[family].dense)
 
 
+@pytest.mark.parametrize(
+    "family,original", CASES, ids=[f"{f}-{'per_expert' if o else 'fused'}" for f, o in CASES]
+)
+def test_reading_some_experts_equals_slicing_the_whole_layer(tmp_path, family, original):
+    """view.experts(i, range(a, b)) reads experts a..b-1 alone, in every family and layout."""
+    _save(family, tmp_path, original)
+    with open_checkpoint(tmp_path) as view:
+        for whole in view.layers():
+            if not isinstance(whole, MoELayerView):
+                continue
+            E = whole.experts.num_experts
+            for experts in (range(0, 1), range(E - 1, E), range(1, E - 1)):
+                part = view.experts(whole.index, experts)
+                assert part.num_experts == len(experts)
+                for name in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias"):
+                    full = getattr(whole.experts, name)
+                    if full is None:
+                        assert getattr(part, name) is None
+                    else:
+                        assert torch.equal(getattr(part, name), full[experts.start : experts.stop]), name
+            with pytest.raises(CheckpointError):
+                view.experts(whole.index, range(E, E + 1))
+
+
+def test_checkpoint_rewritten_while_in_use_is_refused(tmp_path):
+    _save("qwen2_moe", tmp_path)
+    with open_checkpoint(tmp_path) as view:
+        list(view.layers())
+        [shard] = tmp_path.glob("*.safetensors")
+        tensors = load_file(shard)
+        save_file(tensors | {"extra": torch.zeros(3)}, shard, metadata={"format": "pt"})  # rewritten in place
+        with pytest.raises(CheckpointError, match="changed on disk while moelab was reading it"):
+            list(view.layers())
+
+
 def test_view_layouts_and_settings(tmp_path):
     """Spot checks of what the view reports: GPT-OSS de-interleaved and transposed with biases
     and its clamped activation; DeepSeek-V3 sigmoid routing with groups and correction bias."""

@@ -70,30 +70,67 @@ def bench_generate(
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads.")] = 1,
     load: Annotated[int, typer.Option("--load", min=0, help="Busy processes to run beside the benchmark.")] = 0,
     skip: Annotated[list[float] | None, typer.Option("--skip", help="NAEE dynamic-skipping ratios to time beside plain decoding, with the test perplexity at each.")] = None,
+    compile_step: Annotated[bool, typer.Option("--compile", help="Also time generate(compile=True), the compiled static decode step.")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Decode tokens/s: moelab's generate vs transformers' on the same weights, and vs the memory-bandwidth bound."""
     from moelab.bench import generate as bench
     from moelab.io import atomic_write_text, check_output_file, has_json_format
-    from moelab.models.reference import REFERENCE_MODELS, reference_model_dir
 
     if json_path is not None:
         check_output_file(json_path, overwrite=overwrite, is_own=lambda p: has_json_format(p, bench.JSON_FORMAT))
     options = bench.GenerateOptions(
         batch_sizes=tuple(batch or (1, 8, 32)), prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
-        threads=threads, load=load, skip=tuple(skip or ()),
+        threads=threads, load=load, skip=tuple(skip or ()), compile=compile_step,
     )
-    names = models or list(REFERENCE_MODELS)
-    dirs = {m: reference_model_dir(m) if m in REFERENCE_MODELS and not Path(m).exists() else Path(m) for m in names}
     with console.status("bench generate") as status:
-        doc = bench.run(dirs, options, progress=lambda what: status.update(f"bench generate: {what}"))
+        doc = bench.run(_model_dirs(models), options, progress=lambda what: status.update(f"bench generate: {what}"))
     console.print(bench.render(doc))
     if doc["skipping_quality"]:
         console.print(bench.render_skipping(doc))
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
         console.print(f"wrote {json_path}")
+
+
+@bench_app.command("offload")
+def bench_offload(
+    models: Annotated[list[str] | None, typer.Argument(help="Shipped reference model names or checkpoint directories, moelab's or transformers' (default: both reference models).", show_default=False)] = None,
+    resident: Annotated[list[float] | None, typer.Option("--resident", help="Fractions of the routed experts the cache holds (default 0.05, 0.25, 0.5 and 1).")] = None,
+    prompts: Annotated[int, typer.Option(min=1, help="Prompts decoded (batch 1).")] = 8,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Greedy tokens per prompt.")] = 64,
+    threads: Annotated[int, typer.Option(min=1, help="Intra-op threads.")] = 1,
+    rounds: Annotated[int, typer.Option(min=1, help="Timed rounds per cell, each paired with the model in memory.")] = 2,
+    read_gbps: Annotated[float | None, typer.Option("--read-gbps", help="Emulate storage of this many GB/s (default: the files as fast as the OS serves them).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Offloaded decoding: expert-cache hit rate, prefetch accuracy and tokens/s against an LRU cache and the model in memory."""
+    from moelab.bench import offload as bench
+    from moelab.io import atomic_write_text, check_output_file, has_json_format
+
+    if json_path is not None:
+        check_output_file(json_path, overwrite=overwrite, is_own=lambda p: has_json_format(p, bench.JSON_FORMAT))
+    options = bench.OffloadOptions(
+        resident=tuple(resident or (0.05, 0.25, 0.5, 1.0)), prompts=prompts, new_tokens=new_tokens, threads=threads,
+        rounds=rounds, read_gbps=read_gbps,
+    )
+    with console.status("bench offload") as status:
+        doc = bench.run(_model_dirs(models), options, progress=lambda what: status.update(f"bench offload: {what}"))
+    console.print(bench.render(doc))
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
+        console.print(f"wrote {json_path}")
+
+
+def _model_dirs(models: list[str] | None) -> dict[str, Path]:
+    """{name: checkpoint directory} for shipped reference model names or paths (default: every
+    reference model)."""
+    from moelab.models.reference import REFERENCE_MODELS, reference_model_dir
+
+    names = models or list(REFERENCE_MODELS)
+    return {m: reference_model_dir(m) if m in REFERENCE_MODELS and not Path(m).exists() else Path(m) for m in names}
 
 
 @bench_app.command("compress")

@@ -46,7 +46,9 @@ class GenerateOptions:
     """batch_sizes: sequences decoded together; prompt_tokens, new_tokens: per sequence;
     rounds: timed rounds per implementation; threads: intra-op threads; load: busy processes
     beside the benchmark (`moelab.bench.load`); skip: NAEE dynamic-skipping ratios to time beside
-    plain decoding; eval_tokens: test tokens for the perplexity at each skipping ratio."""
+    plain decoding; eval_tokens: test tokens for the perplexity at each skipping ratio; compile:
+    also time `generate(compile=True)` (the compiled static step where the batch runs on gathered
+    weights; its one-time compilation is in the untimed warm-up)."""
 
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     prompt_tokens: int = 16
@@ -56,6 +58,7 @@ class GenerateOptions:
     load: int = 0
     skip: tuple[float, ...] = ()
     eval_tokens: int = 4096
+    compile: bool = False
 
     def __post_init__(self):
         for name in ("prompt_tokens", "new_tokens", "rounds", "threads"):
@@ -161,6 +164,8 @@ def measure_model(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=options.new_tokens, do_sample=False
         ),
     }
+    if options.compile:
+        run["moelab_compiled"] = lambda ids: model.generate(ids, options.new_tokens, greedy=True, compile=True)
     for ratio in options.skip:
         run[f"moelab_skip{ratio:g}"] = _skipping(model, ratio, options.new_tokens)
     rows = []

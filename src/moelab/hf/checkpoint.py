@@ -53,6 +53,7 @@ class Checkpoint:
         self._headers: dict[
             str, tuple[int, dict]
         ] = {}  # shard -> (data start, {name: (dtype, shape, begin, end)})
+        self._stats: dict[Path, tuple[int, int, int]] = {}  # shard path -> (inode, size, mtime) at its header read
 
     def keys(self) -> list[str]:
         return list(self._shard_of)
@@ -60,40 +61,51 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._shard_of
 
-    def get(self, name: str) -> Tensor:
-        """The tensor `name`, as stored (dtype included); a meta tensor if shapes_only. Read with
-        plain file reads, not through a memory map, so that the shard's pages do not stay in the
-        process's memory."""
-        if not self.shapes_only:
-            raw = self.raw(name)
-            if raw.dtype not in DTYPES:
-                raise CheckpointError(
-                    f"tensor {name!r} in {self.directory} has the unsupported dtype {raw.dtype}"
-                )
-            data = bytearray(raw.nbytes)
-            with open(raw.path, "rb") as f:
-                f.seek(raw.offset)
-                if f.readinto(data) != raw.nbytes:
-                    raise CheckpointError(
-                        f"{raw.path} ends inside tensor {name!r}; it is truncated, re-download it"
-                    )
-            tensor = (
-                torch.frombuffer(data, dtype=DTYPES[raw.dtype])
-                if raw.nbytes
-                else torch.empty(0, dtype=DTYPES[raw.dtype])
+    def get(self, name: str, rows: range | None = None) -> Tensor:
+        """The tensor `name`, as stored (dtype included); a meta tensor if shapes_only. rows: read
+        only these entries of its first dim (a step-1 range; e.g. some experts of a stacked
+        tensor). Read with plain file reads, not through a memory map, so that the shard's pages do
+        not stay in the process's memory; a shard that changed on disk since this checkpoint first
+        read it is refused."""
+        if self.shapes_only:
+            header = self._handle(name).get_slice(name)
+            dtype = header.get_dtype()
+            if dtype not in DTYPES:
+                raise CheckpointError(f"tensor {name!r} in {self.directory} has the unsupported dtype {dtype}")
+            shape = header.get_shape()
+            if rows is not None:
+                shape = [len(_rows(name, rows, shape)), *shape[1:]]
+            return torch.empty(shape, dtype=DTYPES[dtype], device="meta")
+        raw = self.raw(name)
+        if raw.dtype not in DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {self.directory} has the unsupported dtype {raw.dtype}")
+        offset, nbytes, shape = raw.offset, raw.nbytes, raw.shape
+        if rows is not None:
+            rows = _rows(name, rows, shape)
+            row_bytes = nbytes // shape[0] if shape[0] else 0
+            offset, nbytes, shape = offset + rows.start * row_bytes, len(rows) * row_bytes, (len(rows), *shape[1:])
+        data = bytearray(nbytes)
+        with open(raw.path, "rb") as f:
+            self._check_unchanged(raw.path, os.fstat(f.fileno()))
+            f.seek(offset)
+            if f.readinto(data) != nbytes:
+                raise CheckpointError(f"{raw.path} ends inside tensor {name!r}; it is truncated, re-download it")
+        tensor = torch.frombuffer(data, dtype=DTYPES[raw.dtype]) if nbytes else torch.empty(0, dtype=DTYPES[raw.dtype])
+        return tensor.reshape(shape)
+
+    def _check_unchanged(self, path: Path, stat: os.stat_result) -> None:
+        if _identity(stat) != self._stats[path]:
+            raise CheckpointError(
+                f"{path} changed on disk while moelab was reading it (size, time or inode differ from when it "
+                "was opened); do not rewrite a checkpoint that is in use: wait for the writer, then reopen it"
             )
-            return tensor.reshape(raw.shape)
-        header = self._handle(name).get_slice(name)
-        dtype = header.get_dtype()
-        if dtype not in DTYPES:
-            raise CheckpointError(f"tensor {name!r} in {self.directory} has the unsupported dtype {dtype}")
-        return torch.empty(header.get_shape(), dtype=DTYPES[dtype], device="meta")
 
     def raw(self, name: str) -> RawTensor:
         """Where tensor `name` lies in its shard (for copying it without loading it)."""
         self._handle(name)  # checks the shard (readable, the name in it)
         shard = self._shard_of[name]
         if shard not in self._headers:
+            self._stats[self.directory / shard] = _identity(os.stat(self.directory / shard))
             self._headers[shard] = _read_header(self.directory / shard)
         start, entries = self._headers[shard]
         dtype, shape, begin, end = entries[name]
@@ -193,6 +205,20 @@ def _weight_map(index_path: Path) -> dict[str, str]:
     for shard in set(weight_map.values()):
         file_inside(index_path.parent, shard, index_path, error=CheckpointError)
     return weight_map
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _rows(name: str, rows: range, shape: list[int] | tuple[int, ...]) -> range:
+    """rows, checked to be a step-1 range inside the first dim of tensor `name`'s shape."""
+    if not shape or rows.step != 1 or not 0 <= rows.start <= rows.stop <= shape[0]:
+        raise CheckpointError(
+            f"cannot read rows {rows} of tensor {name!r} with shape {list(shape)}; expected a step-1 range "
+            "inside its first dim"
+        )
+    return rows
 
 
 def _read_header(path: Path) -> tuple[int, dict]:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.hf.adapters import NATIVE, resolve
-from moelab.hf.checkpoint import CheckpointError
+from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.hf.layouts import config_value
 from moelab.hf.modules import decoder_layers, find_moe_modules
 from moelab.hf.native import moe_layer_from_view
@@ -58,9 +58,9 @@ class LayerwiseModel:
         self.dtype = dtype
         self.num_layers = config_value(config, *self.family.num_layers)
         self.view = ModelView(self._ckpt, config, self.family, self.num_layers)
-        self.model = _native_skeleton(config) if self.family is NATIVE else _transformers_skeleton(self.path)
+        self.model = skeleton(self.path, config, self.family)
         self._layers_name, self._layers = decoder_layers(self.model, self.num_layers)
-        self._stored_as = _tied_names(self.model, self._ckpt)
+        self._stored_as = tied_names(self.model, self._ckpt)
         expected = self.family.layer_prefix.format(n=0)
         if f"{self._layers_name}.0." != expected:
             raise CheckpointError(
@@ -212,28 +212,13 @@ class LayerwiseModel:
         parent_name, _, name = found.block.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         original = getattr(parent, name)
-        setattr(parent, name, _MoEBlock(moe, run_moe, self.family.block_returns))
+        setattr(parent, name, MoEBlock(moe, run_moe, self.family.block_returns))
         return parent, found.block, original
 
     def _load(self, module: nn.Module, prefix: str, skip: str | None) -> None:
         """Read `module`'s parameters and persistent buffers from disk (those under `skip`, the
         swapped-in MoE block, already hold the view's tensors)."""
-        persistent = {
-            f"{name}.{b}" if name else b
-            for name, m in module.named_modules()
-            for b in m._buffers
-            if b not in m._non_persistent_buffers_set
-        }
-        names = [n for n, _ in module.named_parameters()] + [
-            n for n, t in module.named_buffers() if n in persistent
-        ]
-        for name in names:
-            if skip is not None and name.startswith(skip + "."):
-                continue
-            key = prefix + name
-            if key not in self._ckpt:
-                raise CheckpointError(f"{self.path}: {key} is not in the checkpoint; the layer cannot be run")
-            _set_tensor(module, name, self._ckpt.get(key).to(self.dtype))
+        load_tensors(module, self._ckpt, self.dtype, prefix=prefix, skip=() if skip is None else (skip,))
 
     @contextlib.contextmanager
     def _outside_layers(self, *, head: bool = False):
@@ -253,13 +238,13 @@ class LayerwiseModel:
                 raise CheckpointError(f"{self.path}: {name} is not in the checkpoint")
             if key not in tensors:
                 tensors[key] = self._ckpt.get(key).to(self.dtype)
-            _set_tensor(self.model, name, tensors[key])  # tied names get the same tensor again
+            set_tensor(self.model, name, tensors[key])  # tied names get the same tensor again
             loaded.append(name)
         try:
             yield
         finally:
             for name in loaded:
-                _set_tensor(
+                set_tensor(
                     self.model, name, torch.empty(self.model.get_parameter(name).shape, device="meta")
                 )
 
@@ -296,7 +281,7 @@ class LayerwiseModel:
                 del layer.forward
 
 
-class _MoEBlock(nn.Module):
+class MoEBlock(nn.Module):
     """Stands in for a family's MoE block: computes it with moelab's MoELayer (or `run_moe`)
     and returns what the family's block returns."""
 
@@ -315,12 +300,14 @@ class _MoEBlock(nn.Module):
         return y
 
 
-def _transformers_skeleton(path: Path) -> nn.Module:
+def skeleton(path: Path, config: dict, family) -> nn.Module:
+    """The causal LM of the checkpoint at `path` (config.json `config`, adapter `family`) with its
+    parameters on the meta device: moelab's own class for a moelab checkpoint, else transformers'."""
+    if family is NATIVE:
+        return native_skeleton(config)
     from transformers import AutoConfig
 
-    return transformers_skeleton(
-        AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    )
+    return transformers_skeleton(AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False))
 
 
 def transformers_skeleton(config) -> nn.Module:
@@ -341,7 +328,7 @@ def transformers_skeleton(config) -> nn.Module:
     return model.eval()
 
 
-def _native_skeleton(config: dict) -> nn.Module:
+def native_skeleton(config: dict) -> nn.Module:
     from moelab.models.config import ModelConfig
     from moelab.models.transformer import MoETransformer, rope_tables
 
@@ -352,7 +339,39 @@ def _native_skeleton(config: dict) -> nn.Module:
     return model.eval()
 
 
-def _set_tensor(module: nn.Module, name: str, tensor: Tensor) -> None:
+def load_tensors(
+    module: nn.Module,
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    *,
+    prefix: str = "",
+    skip: Sequence[str] = (),
+    stored_as: dict[str, str] | None = None,
+) -> None:
+    """Give `module`'s parameters and persistent buffers the checkpoint's tensors `prefix + name`,
+    cast to `dtype`; names under a module in `skip` are left alone; stored_as: {name: the name
+    its tensor is stored under} for tied parameters (`tied_names`), read once and shared."""
+    persistent = {
+        f"{name}.{b}" if name else b
+        for name, m in module.named_modules()
+        for b in m._buffers
+        if b not in m._non_persistent_buffers_set
+    }
+    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in module.named_buffers() if n in persistent]
+    tensors: dict[str, Tensor] = {}
+    for name in names:
+        if any(name.startswith(s + ".") for s in skip):
+            continue
+        key = prefix + (stored_as or {}).get(name, name)
+        if key not in checkpoint:
+            raise CheckpointError(f"{checkpoint.directory}: {key} is not in the checkpoint; the model cannot be run")
+        if key not in tensors:
+            tensors[key] = checkpoint.get(key).to(dtype)
+        set_tensor(module, name, tensors[key])
+
+
+def set_tensor(module: nn.Module, name: str, tensor: Tensor) -> None:
     """Make `module`'s parameter or buffer `name` ("a.b.weight") this tensor."""
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
@@ -375,7 +394,7 @@ def _to_meta(module: nn.Module) -> None:
                 m._buffers[attr] = torch.empty(b.shape, dtype=b.dtype, device="meta")
 
 
-def _tied_names(model: nn.Module, checkpoint) -> dict[str, str]:
+def tied_names(model: nn.Module, checkpoint) -> dict[str, str]:
     """{parameter name: the name its tensor is stored under} for parameters tied to another (an
     output head sharing the embedding's weight: tied in the skeleton, or by the config's
     tie_word_embeddings). Ties are read once, from the fresh skeleton: loading tensors one name at

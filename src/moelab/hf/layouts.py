@@ -113,15 +113,17 @@ class PerExpert:
     def present(self, ckpt: Checkpoint, prefix: str) -> bool:
         return prefix + self.gate.format(e=0) in ckpt
 
-    def read(self, ckpt: Checkpoint, prefix: str, config: Config) -> dict[str, Tensor]:
-        found = expert_indices(ckpt, prefix + self.gate)
-        if found != list(range(len(found))):
-            raise CheckpointError(
-                f"{ckpt.directory}: experts under {prefix}{self.gate} are numbered {found}; expected 0..E-1 "
-                "(renumber the experts and slice the router rows to match)"
-            )
+    def read(self, ckpt: Checkpoint, prefix: str, config: Config, experts: range | None = None) -> dict[str, Tensor]:
+        if experts is None:
+            found = expert_indices(ckpt, prefix + self.gate)
+            if found != list(range(len(found))):
+                raise CheckpointError(
+                    f"{ckpt.directory}: experts under {prefix}{self.gate} are numbered {found}; expected 0..E-1 "
+                    "(renumber the experts and slice the router rows to match)"
+                )
+            experts = range(len(found))
         return {
-            name: _stack(ckpt, [prefix + pattern.format(e=e) for e in found])
+            name: _stack(ckpt, [prefix + pattern.format(e=e) for e in experts])
             for name, pattern in (("gate", self.gate), ("up", self.up), ("down", self.down))
         }
 
@@ -155,13 +157,13 @@ class FusedGateUp:
     def present(self, ckpt: Checkpoint, prefix: str) -> bool:
         return prefix + self.gate_up in ckpt
 
-    def read(self, ckpt: Checkpoint, prefix: str, config: Config) -> dict[str, Tensor]:
-        gate, up = _halves(ckpt.get(prefix + self.gate_up), dim=1, interleaved=False)
-        out = {"gate": gate, "up": up, "down": ckpt.get(prefix + self.down)}
+    def read(self, ckpt: Checkpoint, prefix: str, config: Config, experts: range | None = None) -> dict[str, Tensor]:
+        gate, up = _halves(ckpt.get(prefix + self.gate_up, experts), dim=1, interleaved=False)
+        out = {"gate": gate, "up": up, "down": ckpt.get(prefix + self.down, experts)}
         if self.gate_up_bias is not None and prefix + self.gate_up_bias in ckpt:
-            out["gate_bias"], out["up_bias"] = _halves(ckpt.get(prefix + self.gate_up_bias), 1, False)
+            out["gate_bias"], out["up_bias"] = _halves(ckpt.get(prefix + self.gate_up_bias, experts), 1, False)
         if self.down_bias is not None and prefix + self.down_bias in ckpt:
-            out["down_bias"] = ckpt.get(prefix + self.down_bias)
+            out["down_bias"] = ckpt.get(prefix + self.down_bias, experts)
         return out
 
     def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
@@ -197,19 +199,19 @@ class TransposedGateUp:
     def present(self, ckpt: Checkpoint, prefix: str) -> bool:
         return prefix + self.gate_up in ckpt
 
-    def read(self, ckpt: Checkpoint, prefix: str, config: Config) -> dict[str, Tensor]:
-        gate, up = _halves(ckpt.get(prefix + self.gate_up), dim=2, interleaved=self.interleaved)
+    def read(self, ckpt: Checkpoint, prefix: str, config: Config, experts: range | None = None) -> dict[str, Tensor]:
+        gate, up = _halves(ckpt.get(prefix + self.gate_up, experts), dim=2, interleaved=self.interleaved)
         out = {
             "gate": gate.transpose(1, 2),
             "up": up.transpose(1, 2),
-            "down": ckpt.get(prefix + self.down).transpose(1, 2),
+            "down": ckpt.get(prefix + self.down, experts).transpose(1, 2),
         }
         if self.gate_up_bias is not None:
             out["gate_bias"], out["up_bias"] = _halves(
-                ckpt.get(prefix + self.gate_up_bias), dim=1, interleaved=self.interleaved
+                ckpt.get(prefix + self.gate_up_bias, experts), dim=1, interleaved=self.interleaved
             )
         if self.down_bias is not None:
-            out["down_bias"] = ckpt.get(prefix + self.down_bias)
+            out["down_bias"] = ckpt.get(prefix + self.down_bias, experts)
         return out
 
     def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
@@ -241,11 +243,12 @@ class FlatExperts:
     def present(self, ckpt: Checkpoint, prefix: str) -> bool:
         return prefix + self.gate in ckpt
 
-    def read(self, ckpt: Checkpoint, prefix: str, config: Config) -> dict[str, Tensor]:
+    def read(self, ckpt: Checkpoint, prefix: str, config: Config, experts: range | None = None) -> dict[str, Tensor]:
         I = config_value(config, self.hidden_dim_key)
+        rows = None if experts is None else range(experts.start * I, experts.stop * I)
         out = {}
         for name, key in (("gate", self.gate), ("up", self.up), ("down", self.down)):
-            flat = ckpt.get(prefix + key)
+            flat = ckpt.get(prefix + key, rows)
             if flat.dim() != 2 or flat.shape[0] % I:
                 raise CheckpointError(
                     f"{ckpt.directory}: {prefix}{key} has shape {list(flat.shape)}, expected "
@@ -378,7 +381,11 @@ class Family:
         prefix = self.layer_prefix.format(n=index)
         return next((lay for lay in self.layouts if lay.experts.present(ckpt, prefix)), None)
 
-    def read_layer(self, ckpt: Checkpoint, config: Config, index: int) -> LayerView:
+    def read_layer(
+        self, ckpt: Checkpoint, config: Config, index: int, experts_from: Checkpoint | None = None
+    ) -> LayerView:
+        """Layer `index`'s view; experts_from: read the routed experts from this checkpoint instead
+        (a shapes-only one: meta tensors, nothing read)."""
         prefix = self.layer_prefix.format(n=index)
         layout = self.layout_of(ckpt, index)
         routers = [prefix + lay.router.weight for lay in self.layouts]
@@ -401,8 +408,8 @@ class Family:
                 f"{ckpt.directory}: layer {index} has a router but no expert tensors under {prefix}"
             )
         router = layout.router.read(ckpt, prefix)
-        experts = layout.experts.read(ckpt, prefix, config)
-        self._check_counts(ckpt, config, index, router, experts)
+        routed = layout.experts.read(experts_from or ckpt, prefix, config)
+        self._check_counts(ckpt, config, index, router, routed)
         shared = (
             layout.shared.read(ckpt, prefix)
             if layout.shared and layout.shared.present(ckpt, prefix)
@@ -411,9 +418,23 @@ class Family:
         return MoELayerView(
             index,
             RouterView(**router, **self.router_settings(config)),
-            ExpertsView(**experts, **self.expert_settings(config)),
+            ExpertsView(**routed, **self.expert_settings(config)),
             None if shared is None else SharedView(**shared),
         )
+
+    def read_experts(self, ckpt: Checkpoint, config: Config, index: int, experts: range) -> ExpertsView:
+        """Routed experts `experts` (a step-1 range) of MoE layer `index`, read alone."""
+        layout = self.layout_of(ckpt, index)
+        if layout is None:
+            raise CheckpointError(f"{ckpt.directory}: layer {index} has no routed experts")
+        key, E = config_entry(config, self.num_experts)
+        if not 0 <= experts.start < experts.stop <= E or experts.step != 1:
+            raise CheckpointError(
+                f"cannot read experts {experts} of layer {index}: config says {E} experts ({key}); pass a "
+                f"step-1 range inside range(0, {E})"
+            )
+        prefix = self.layer_prefix.format(n=index)
+        return ExpertsView(**layout.experts.read(ckpt, prefix, config, experts), **self.expert_settings(config))
 
     def _check_counts(self, ckpt, config, index, router, experts) -> None:
         key, E = config_entry(config, self.num_experts)

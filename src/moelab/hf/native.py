@@ -49,6 +49,28 @@ def experts_from_view(view: ExpertsView) -> Experts:
     return _holding(_experts, view, state)
 
 
+def empty_experts(view: ExpertsView, num_experts: int, *, dtype: torch.dtype, device: torch.device | str = "cpu") -> Experts:
+    """Stacked experts like the view's (shapes, biases, activation) but `num_experts` of them, with
+    uninitialised weights in `dtype` that need no gradient: slots to copy experts into."""
+    with torch.device("meta"):
+        module = _experts(view, num_experts)
+    return module.to_empty(device=device).to(dtype).requires_grad_(False)
+
+
+def copy_expert(view: ExpertsView, experts: SwiGLUExperts, slot: int) -> None:
+    """Write the view's one expert into entry `slot` of stacked experts built like it
+    (`empty_experts`), casting to their dtype."""
+    I = view.hidden_dim
+    experts.gate_up_proj[slot, :I].copy_(view.gate[0])
+    experts.gate_up_proj[slot, I:].copy_(view.up[0])
+    experts.down_proj[slot].copy_(view.down[0])
+    if experts.gate_up_bias is not None:
+        for part, bias in ((slice(0, I), view.gate_bias), (slice(I, 2 * I), view.up_bias)):
+            target = experts.gate_up_bias[slot, part]
+            target.zero_() if bias is None else target.copy_(bias[0])
+        experts.down_bias[slot].zero_() if view.down_bias is None else experts.down_bias[slot].copy_(view.down_bias[0])
+
+
 def shared_from_view(view: SharedView | None) -> SharedExperts | None:
     if view is None:
         return None
@@ -105,8 +127,9 @@ def _router(view: RouterView) -> Router:
     )
 
 
-def _experts(view: ExpertsView) -> Experts:
+def _experts(view: ExpertsView, num_experts: int | None = None) -> Experts:
     E, I, D = view.gate.shape
+    E = E if num_experts is None else num_experts
     bias = any(b is not None for b in (view.gate_bias, view.up_bias, view.down_bias))
     clamped = (
         ClampedSwiGLU(alpha=view.swiglu_alpha, limit=view.swiglu_limit)

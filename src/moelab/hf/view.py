@@ -184,7 +184,13 @@ class LayerReader(Protocol):
 
     name: str
 
-    def read_layer(self, checkpoint: Checkpoint, config: dict[str, Any], index: int) -> LayerView: ...
+    def read_layer(
+        self, checkpoint: Checkpoint, config: dict[str, Any], index: int, experts_from: Checkpoint | None = None
+    ) -> LayerView: ...
+
+    def read_experts(
+        self, checkpoint: Checkpoint, config: dict[str, Any], index: int, experts: range
+    ) -> ExpertsView: ...
 
 
 class ModelView:
@@ -208,11 +214,27 @@ class ModelView:
         self._adapter = adapter
         self._checkpoint = checkpoint
 
-    def layer(self, index: int) -> LayerView:
+    def layer(self, index: int, *, routed: bool = True) -> LayerView:
+        """Layer `index`; routed=False: its routed experts as meta tensors (shapes and dtypes, nothing
+        read), the router and shared experts read (e.g. to keep the experts elsewhere)."""
+        if routed:
+            return self._read(index, self._adapter.read_layer)
+        meta = Checkpoint(self.path, shapes_only=True)
+        try:
+            return self._read(index, lambda ckpt, config, i: self._adapter.read_layer(ckpt, config, i, meta))
+        finally:
+            meta.close()
+
+    def experts(self, index: int, experts: range) -> ExpertsView:
+        """Routed experts `experts` (a step-1 range) of MoE layer `index`, read alone (the rest of
+        the layer and the other experts are not read): loading one expert at a time."""
+        return self._read(index, lambda ckpt, config, i: self._adapter.read_experts(ckpt, config, i, experts))
+
+    def _read(self, index: int, read):
         if not 0 <= index < self.num_layers:
             raise IndexError(f"layer index {index} out of range: the model has {self.num_layers} layers")
         try:
-            return self._adapter.read_layer(self._checkpoint, self.config, index)
+            return read(self._checkpoint, self.config, index)
         except CheckpointError:
             raise
         except ValueError as err:

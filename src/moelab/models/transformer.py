@@ -95,8 +95,16 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def update(self, layer: int, start_pos: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v: [B, G, S, Dh] at start_pos; return every key and value so far, [B, G, P, Dh]."""
+    def update(self, layer: int, start_pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v: [B, G, S, Dh] at start_pos; return every key and value so far, [B, G, P, Dh].
+        A tensor start_pos (a 0-d position, the static decode step) returns the whole cache,
+        [B, G, max_len, Dh], whose unwritten positions the caller masks out: shapes that do not
+        change from step to step, so that a compiled step is traced once."""
+        if isinstance(start_pos, Tensor):
+            where = start_pos + torch.arange(k.shape[2], device=k.device)
+            self.k[layer].index_copy_(2, where, k)
+            self.v[layer].index_copy_(2, where, v)
+            return self.k[layer], self.v[layer]
         end = start_pos + k.shape[2]
         self.k[layer, :, :, start_pos:end] = k
         self.v[layer, :, :, start_pos:end] = v
@@ -327,10 +335,16 @@ class MoETransformer(nn.Module):
             )
 
     def _rope_and_mask(
-        self, S: int, kv_cache: KVCache | None, start_pos: int
-    ) -> tuple[Tensor, Tensor, KVCache | None, int, Tensor | None]:
+        self, S: int, kv_cache: KVCache | None, start_pos: int | Tensor
+    ) -> tuple[Tensor, Tensor, KVCache | None, int | Tensor, Tensor | None]:
         """What every block takes besides x: (cos, sin: [S, Dh], kv_cache, start_pos, mask: [S, P]
-        or None, for causal attention over the S positions (and everything cached before them))."""
+        or None, for causal attention over the S positions (and everything cached before them)).
+        A tensor start_pos (the static decode step) masks the whole cache: mask [S, max_len]."""
+        if isinstance(start_pos, Tensor):
+            here = start_pos + torch.arange(S, device=start_pos.device)  # [S]
+            cached = torch.arange(kv_cache.max_len, device=start_pos.device)
+            mask = cached <= here[:, None]  # [S, max_len]
+            return self.rope_cos[here], self.rope_sin[here], kv_cache, start_pos, mask
         cos = self.rope_cos[start_pos : start_pos + S]
         sin = self.rope_sin[start_pos : start_pos + S]
         mask = None  # is_causal is enough unless earlier positions sit in the cache
@@ -380,11 +394,17 @@ class MoETransformer(nn.Module):
         greedy: bool = False,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        compile: bool = False,
     ) -> Tensor:
         """input_ids: [B, S] prompts -> [B, S + n] with n <= max_new_tokens new tokens, decoded with
         a KV cache. greedy: argmax; else sample from softmax(logits / temperature), restricted to
         the nucleus of mass top_p if given. A sequence that emits eos_token_id is padded with it;
-        generation stops early once all have. Runs in the model's current mode (call `.eval()`)."""
+        generation stops early once all have. Runs in the model's current mode (call `.eval()`).
+        compile: run the one-token steps as a `torch.compile`d static step (the position a tensor,
+        the whole KV cache, its length rounded up to a multiple of 64, attended under a mask: the
+        same shapes at every step, one trace per batch size and cache length); the prompt runs
+        eagerly. Only where every MoE layer runs the batch on gathered weights (B*k <= E, see
+        `MoELayer.gathers`); larger batches read the routing on the host and decode eagerly."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {list(input_ids.shape)}")
         B, S = input_ids.shape
@@ -399,14 +419,23 @@ class MoETransformer(nn.Module):
             )
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        cache = None
+        cache, static_step = None, None
         if not self.needs_sequences:  # else recompute the whole prefix at every step
-            cache = KVCache(self.config, B, S + max_new_tokens, device=input_ids.device, dtype=self.embed.weight.dtype)
+            length = S + max_new_tokens
+            if compile and all(moe.gathers(B) for moe in self.moe_layers.values()):
+                length = min(self.config.max_seq_len, -(-length // 64) * 64)  # fewer distinct shapes to trace
+                static_step = torch.compile(self._decode, dynamic=False)
+            cache = KVCache(self.config, B, length, device=input_ids.device, dtype=self.embed.weight.dtype)
         tokens, step_ids, pos = input_ids, input_ids, 0
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         self._check_call(input_ids, None, cache, 0)  # the longest call fits: checked above
         for _ in range(max_new_tokens):
-            logits = self._decode(tokens, None, 0) if cache is None else self._decode(step_ids, cache, pos)
+            if cache is None:
+                logits = self._decode(tokens, None, 0)
+            elif static_step is not None and pos > 0:
+                logits = static_step(step_ids, cache, torch.tensor(pos, device=input_ids.device))
+            else:
+                logits = self._decode(step_ids, cache, pos)
             pos += step_ids.shape[1]
             next_ids = sample_next_token(
                 logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator

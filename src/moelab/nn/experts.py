@@ -41,6 +41,11 @@ class Experts(nn.Module):
         self.hidden_dim = hidden_dim
         self.backend = backend
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the experts compute in (their weights')."""
+        return next(self.parameters()).dtype
+
     def _check(self, xs: Tensor) -> None:
         if xs.dim() != 2 or xs.shape[1] != self.dim:
             raise ValueError(f"experts expect rows of shape [N, {self.dim}], got {list(xs.shape)}")
@@ -109,17 +114,22 @@ class SwiGLUExperts(Experts):
             activation=self.clamped or "silu", gated=True,
         )
 
-    def accumulated(self, x: Tensor, token_ids: Tensor, counts: Sequence[int], row_weights: Tensor) -> Tensor:
+    def accumulated(
+        self, x: Tensor, token_ids: Tensor, counts: Sequence[int], row_weights: Tensor,
+        weight_rows: Sequence[int] | None = None,
+    ) -> Tensor:  # fmt: skip
         """x: [T, D]; token_ids, row_weights: [N] per routed row, grouped by expert -> [T, D], the
-        weighted outputs summed per token (`accumulated_mlp`, inference for many tokens)."""
+        weighted outputs summed per token (`accumulated_mlp`, inference for many tokens; group g
+        runs on expert weight_rows[g], default g)."""
         self._check(x)
-        if self.scale_input:  # y = expert(w * x): rows scaled before the MLP, outputs summed as they are
-            ys = self(x.index_select(0, token_ids), counts, row_weights)
+        weights = (self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias)
+        options = {"activation": self.clamped or "silu", "gated": True, "weight_rows": weight_rows}
+        if self.scale_input:  # y = expert(w * x): each row scaled before the MLP, outputs summed as they are
+            rows = x.index_select(0, token_ids) * row_weights[:, None].to(x.dtype)
+            ones = torch.ones_like(row_weights)
+            ys = accumulated_mlp(rows, torch.arange(len(rows), device=x.device), counts, ones, *weights, **options)
             return torch.zeros_like(x).index_add_(0, token_ids, ys)
-        return accumulated_mlp(
-            x, token_ids, counts, row_weights, self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias,
-            activation=self.clamped or "silu", gated=True,
-        )
+        return accumulated_mlp(x, token_ids, counts, row_weights, *weights, **options)
 
     def hidden(self, xs: Tensor, counts: Sequence[int], row_weights: Tensor | None = None) -> Tensor:
         """[N, I] what each row's down projection sees (the gated activation), expert by expert
@@ -178,12 +188,16 @@ class MLPExperts(Experts):
             activation=self.activation, gated=False, backend=self.backend,
         )
 
-    def accumulated(self, x: Tensor, token_ids: Tensor, counts: Sequence[int], row_weights: Tensor) -> Tensor:
-        """x: [T, D]; token_ids, row_weights: [N] -> [T, D] (`accumulated_mlp`, inference for many tokens)."""
+    def accumulated(
+        self, x: Tensor, token_ids: Tensor, counts: Sequence[int], row_weights: Tensor,
+        weight_rows: Sequence[int] | None = None,
+    ) -> Tensor:  # fmt: skip
+        """x: [T, D]; token_ids, row_weights: [N] -> [T, D] (`accumulated_mlp`, inference for many
+        tokens; group g runs on expert weight_rows[g], default g)."""
         self._check(x)
         return accumulated_mlp(
             x, token_ids, counts, row_weights, self.up_proj, self.up_bias, self.down_proj, self.down_bias,
-            activation=self.activation, gated=False,
+            activation=self.activation, gated=False, weight_rows=weight_rows,
         )
 
     def gathered(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:

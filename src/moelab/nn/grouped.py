@@ -301,10 +301,12 @@ def accumulated_mlp(
     *,
     activation: str | ClampedSwiGLU = "silu",
     gated: bool = True,
+    weight_rows: Sequence[int] | None = None,
 ) -> Tensor:
     """The inference path for many tokens: x: [T, D]; token_ids: [N] the token of each routed
-    row, grouped by expert (counts: E python ints); row_weights: [N] -> [T, D], each token's
-    weighted expert outputs summed.
+    row, grouped by expert (counts: one python int per group); row_weights: [N] -> [T, D], each
+    token's weighted expert outputs summed. Group g runs on the stacked weights' entry
+    weight_rows[g] (default g: groups are the experts; offloaded experts name cache slots).
 
     Expert by expert, its rows are gathered from x, run through its MLP and added into the output
     at their tokens (`index_add_`, in expert order), so neither the [N, D] dispatched rows nor
@@ -314,7 +316,8 @@ def accumulated_mlp(
     act = Activation(activation, gated)
     y = torch.zeros(x.shape[0], w_out.shape[1], dtype=x.dtype, device=x.device)
     row_weights = row_weights.to(x.dtype)
-    for e, (start, end) in enumerate(_offsets(counts)):
+    weight_rows = range(len(counts)) if weight_rows is None else weight_rows
+    for e, (start, end) in zip(weight_rows, _offsets(counts), strict=True):
         if end == start:
             continue
         tokens, cast = token_ids[start:end], x.dtype

@@ -203,7 +203,7 @@ class MoELayer(nn.Module):
         outputs into y (`accumulated_mlp`: no [N, D] buffers); on a GPU they take the training
         path's dispatch. Capacity dropping and expert parallelism run `forward`."""
         router = self.router if router is None else router
-        if self.capacity_factor is not None or type(self.dispatcher) is not LocalDispatcher:
+        if not self._local_dropless:
             return self(x, router, context=context)[0]  # who is dropped, or where rows go, depends on the batch
         shape = x.shape
         routing = self._route(router, x, context)
@@ -220,6 +220,15 @@ class MoELayer(nn.Module):
                 y = self._dispatched(rows, routing, plan)
         return self._finish(x, y).view(shape)
 
+    def gathers(self, tokens: int) -> bool:
+        """Whether `infer` runs `tokens` tokens on gathered weights: a fixed sequence of operations
+        that never reads the routing on the host (what a compiled decode step needs)."""
+        return self._local_dropless and tokens * self.router.top_k <= self.gather_rows
+
+    @property
+    def _local_dropless(self) -> bool:
+        return self.capacity_factor is None and type(self.dispatcher) is LocalDispatcher
+
     def _route(self, router: Router, x: Tensor, context: dict[str, Tensor] | None) -> Routing:
         """Check x: [..., D] and route it (with dynamic skipping if set) -> Routing over [T] tokens.
         Routers that need whole sequences (`router.needs_sequences`) get x as [B, S, D] and the
@@ -229,7 +238,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoE layer expects input [..., {dim}], got {list(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"MoE layer expects a floating-point input, got {x.dtype}")
-        param_dtype = next(self.experts.parameters()).dtype
+        param_dtype = self.experts.dtype
         if x.dtype != param_dtype:
             raise ValueError(
                 f"input dtype {x.dtype} differs from the layer's parameters ({param_dtype}); "

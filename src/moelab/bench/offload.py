@@ -1,0 +1,168 @@
+"""`moelab bench offload`: decoding with the routed experts offloaded, at several cache sizes,
+against a no-prefetch LRU cache (the Mixtral-offloading baseline) and the model held in memory.
+
+For each model (a moelab checkpoint or a local transformers checkpoint): a routing prior is
+measured on `calibration_tokens` of the corpus's train split (`RoutingPrior.measure`), then
+`prompts` prompts of `prompt_tokens` test-split tokens are decoded greedily for `new_tokens`
+tokens each, batch 1, on `threads` intra-op threads:
+
+- in memory: the model loaded whole;
+- for each resident fraction of the routed experts and each policy (`POLICIES`): "lru" (LRU
+  eviction, no prefetch) and reuse-distance eviction with prefetch scored by the inter-layer
+  affinity, the next router's lookahead (reading 1x or 1.5x the experts a token uses; 1.5x is
+  `load_offloaded`'s default) or both, from the same warm start.
+
+Every cell is timed in `rounds` rounds, each from the same warm start (so with the same hits) and
+paired with a run of the model in memory (alternating which goes first); tokens/s is the median
+over rounds and "vs memory" the median of the per-round ratios, so both sides of a ratio saw the
+same machine load. Reported per cell: the decode hit rate (experts found resident at their layer; "late" hits, still
+loading from a prefetch, included and also given apart), prefetch accuracy, experts read from
+disk per token, tokens/s and its ratio to the model in memory, and whether the tokens equal the
+in-memory model's (they must). The experts are read from the checkpoint's files through the OS
+page cache: a small model's files stay cached, so tokens/s here prices the reading and copying,
+not a disk, unless `read_gbps` emulates a device of that bandwidth (each read then lasts at least
+an expert's bytes over it, one read at a time); hit rates do not depend on the storage.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from moelab.bench.skipping import test_batches
+from moelab.offload import RoutingPrior, load_offloaded
+from moelab.offload.model import greedy_generate
+from moelab.trace import load_model
+from moelab.validation import is_int
+
+JSON_FORMAT = "moelab-bench-offload/1"
+POLICIES = {  # name: (eviction, predictor, prefetch_factor)
+    "lru": ("lru", None, 0.0),
+    "affinity": ("reuse", "affinity", 1.5),
+    "lookahead x1": ("reuse", "lookahead", 1.0),
+    "lookahead": ("reuse", "lookahead", 1.5),  # load_offloaded's default
+    "both": ("reuse", "both", 1.5),
+}
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    """resident: fractions of the routed experts the cache holds; prompts, prompt_tokens,
+    new_tokens: the decoding; calibration_tokens: train-split tokens for the routing prior;
+    threads: intra-op threads."""
+
+    resident: tuple[float, ...] = (0.05, 0.25, 0.5, 1.0)
+    prompts: int = 8
+    prompt_tokens: int = 16
+    new_tokens: int = 64
+    calibration_tokens: int = 8192
+    threads: int = 1
+    rounds: int = 2
+    read_gbps: float | None = None
+
+    def __post_init__(self):
+        if not self.resident or any(not 0 < r <= 1 for r in self.resident):
+            raise ValueError(f"resident fractions must lie in (0, 1], got {list(self.resident)}")
+        for name in ("prompts", "prompt_tokens", "new_tokens", "threads", "rounds"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.read_gbps is not None and not self.read_gbps > 0:
+            raise ValueError(f"read_gbps must be > 0 (GB/s of emulated storage), got {self.read_gbps}")
+        if not is_int(self.calibration_tokens) or self.calibration_tokens < 256:
+            raise ValueError(f"calibration_tokens must be an integer >= 256, got {self.calibration_tokens!r}")
+
+
+def _decode(model, prompts: list[torch.Tensor], new_tokens: int) -> tuple[list[torch.Tensor], float]:
+    start = time.perf_counter()
+    out = [greedy_generate(model, p, new_tokens) for p in prompts]
+    return out, time.perf_counter() - start
+
+
+def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
+    """Every cell of the module docstring for the checkpoint at `path`."""
+    loaded = load_model(path, quiet=True)
+    seq_len = min(256, loaded.max_seq_len)
+    calibration = [x for x, _ in test_batches(options.calibration_tokens, seq_len, 8, split="train")]
+    prior = RoutingPrior.measure(loaded.model, calibration, loaded.view)
+    windows = test_batches(options.prompts * seq_len, seq_len, options.prompts)[0][0]
+    if windows.shape[0] < options.prompts or options.prompt_tokens > windows.shape[1]:
+        raise ValueError(f"the test split has too few tokens for {options.prompts} prompts of {options.prompt_tokens}")
+    prompts = [windows[i : i + 1, : options.prompt_tokens] for i in range(options.prompts)]
+    _decode(loaded.model, prompts[:1], 2)  # warm-up
+    reference, _ = _decode(loaded.model, prompts, options.new_tokens)
+    tokens = options.prompts * options.new_tokens
+    bandwidth = None if options.read_gbps is None else options.read_gbps * 1e9
+    rows, memory_times = [], []
+    for resident in options.resident:
+        for policy, (eviction, predictor, factor) in POLICIES.items():
+            if progress:
+                progress(f"{path.name}: {resident:.0%} resident, {policy}")
+            ratios, times = [], []
+            for round_ in range(options.rounds):  # each round from the same warm start: the same hits
+                model = load_offloaded(
+                    path, resident=resident, eviction=eviction, predictor=predictor, prefetch_factor=factor,
+                    prior=prior, read_bandwidth=bandwidth,
+                )  # fmt: skip
+                try:
+                    if round_ % 2:  # alternate which side runs first
+                        got, seconds = _decode(model.model, prompts, options.new_tokens)
+                        memory = _decode(loaded.model, prompts, options.new_tokens)[1]
+                    else:
+                        memory = _decode(loaded.model, prompts, options.new_tokens)[1]
+                        got, seconds = _decode(model.model, prompts, options.new_tokens)
+                    cache = model.cache
+                finally:
+                    model.close()
+                ratios.append(memory / seconds)
+                times.append(seconds)
+                memory_times.append(memory)
+            decode = cache.stats[1]
+            reads = cache.total().misses + cache.prefetch_stats.issued
+            rows.append({
+                "resident": resident, "policy": policy, "slots": cache.slots,
+                "hit_rate": decode.hit_rate, "late_rate": decode.late / decode.requests,
+                "prefetch_accuracy": cache.prefetch_stats.accuracy,
+                "reads_per_token": reads / tokens, "tokens_per_s": tokens / statistics.median(times),
+                "vs_memory": statistics.median(ratios),
+                "same_tokens": all(torch.equal(a, b) for a, b in zip(reference, got)),
+            })  # fmt: skip
+    in_memory = tokens / statistics.median(memory_times)
+    return {
+        "model": path.name,
+        "experts": len(prior.layers) * int(prior.frequency[prior.layers[0]].numel()),
+        "expert_bytes": cache.store.expert_bytes,
+        "in_memory_tokens_per_s": in_memory,
+        "rows": rows,
+    }
+
+
+def run(models: dict[str, Path], options: OffloadOptions, progress=None) -> dict:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
+    try:
+        results = [measure_model(path, options, progress) for path in models.values()]
+    finally:
+        torch.set_num_threads(previous)
+    return {"format": JSON_FORMAT, "options": options.__dict__, "torch": torch.__version__, "models": results}
+
+
+def render(doc: dict) -> Table:
+    table = Table(title="offloaded decoding (batch 1): hit rate and speed against LRU and the model in memory")
+    for column in ("model", "resident", "policy", "hit rate", "late", "prefetch acc.", "reads/token", "tok/s", "vs memory", "same tokens"):
+        table.add_column(column, justify="left" if column in ("model", "policy") else "right")  # fmt: skip
+    for m in doc["models"]:
+        table.add_row(m["model"], "in memory", "", "", "", "", "", f"{m['in_memory_tokens_per_s']:.0f}", "1.00", "")
+        for r in m["rows"]:
+            accuracy = "-" if r["prefetch_accuracy"] != r["prefetch_accuracy"] else f"{r['prefetch_accuracy']:.0%}"
+            table.add_row(
+                "", f"{r['resident']:.0%} ({r['slots']})", r["policy"], f"{r['hit_rate']:.1%}", f"{r['late_rate']:.0%}",
+                accuracy, f"{r['reads_per_token']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['vs_memory']:.2f}",
+                "yes" if r["same_tokens"] else "NO",
+            )  # fmt: skip
+    return table

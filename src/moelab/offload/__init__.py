@@ -1,0 +1,27 @@
+"""Offloaded inference: routed experts read from the checkpoint's files into a cache of hot
+experts, the next layer's likely experts prefetched on a background thread.
+
+    from moelab.offload import RoutingPrior, load_offloaded
+
+    prior = RoutingPrior.from_trace(open_trace("runs/trace"))       # calibration statistics
+    model = load_offloaded("path/to/checkpoint", resident=0.25, prior=prior)
+    ids = model.generate(prompt_ids, max_new_tokens=64)
+"""
+
+from moelab.offload.cache import EVICTIONS, CacheStats, ExpertCache, PrefetchStats
+from moelab.offload.model import OffloadedExperts, OffloadedModel, load_offloaded
+from moelab.offload.predict import PREDICTORS, RoutingPrior
+from moelab.offload.store import ExpertStore
+
+__all__ = [
+    "EVICTIONS",
+    "PREDICTORS",
+    "CacheStats",
+    "ExpertCache",
+    "ExpertStore",
+    "OffloadedExperts",
+    "OffloadedModel",
+    "PrefetchStats",
+    "RoutingPrior",
+    "load_offloaded",
+]

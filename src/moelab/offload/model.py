@@ -1,0 +1,294 @@
+"""A checkpoint run with its routed experts offloaded: everything else in memory, experts read
+from the safetensors files into an `ExpertCache` as the routing asks for them.
+
+    model = load_offloaded("path/to/checkpoint", resident=0.25, prior=RoutingPrior.from_trace(trace))
+    ids = model.generate(prompt_ids, max_new_tokens=64)     # greedy, [B, S + 64]
+    model.cache.stats                                        # hits, misses, prefetch accuracy
+
+Works for moelab checkpoints (the model's own MoE layers keep everything but their experts) and
+for every transformers family the checkpoint view reads (each MoE block is computed by a moelab
+`MoELayer` built from the view, as in `moelab.hf.layerwise`). Each MoE layer's experts are an
+`OffloadedExperts`: after routing it fetches the experts its tokens chose (reads on a miss),
+starts prefetching the next MoE layer's likely experts on a background thread, then computes on
+the pool's slots with the in-memory kernels, so the outputs equal the model held in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moelab.hf.adapters import NATIVE
+from moelab.hf.layerwise import MoEBlock, load_tensors, skeleton, tied_names
+from moelab.hf.modules import decoder_layers, find_moe_modules
+from moelab.hf.native import router_from_view, shared_from_view
+from moelab.hf.view import MoELayerView
+from moelab.models.transformer import MoETransformer
+from moelab.nn.dispatch import plan_dispatch
+from moelab.nn.experts import Experts
+from moelab.nn.moe import MoELayer
+from moelab.nn.routers import Router
+from moelab.offload.cache import ExpertCache
+from moelab.offload.predict import PREDICTORS, RoutingPrior, lookahead_scores
+from moelab.offload.store import ExpertStore
+
+
+class OffloadedExperts(Experts):
+    """Layer `layer`'s routed experts, kept in `cache` (no weights of its own). Inference only:
+    `gathered` and `accumulated`, the two paths of `MoELayer.infer`.
+
+    predictor: how to score the next MoE layer's experts for prefetching ("affinity", "lookahead",
+    "both", see `moelab.offload.predict`) or None for no prefetching; top_k: experts per token;
+    prefetch_factor: read ahead up to this many times the T*K experts the next layer's T tokens
+    can use (the best-scored ones; the eviction policy may refuse slots for the weaker ones).
+    """
+
+    def __init__(
+        self, cache: ExpertCache, layer: int, predictor: str | None, top_k: int, prefetch_factor: float = 1.5
+    ):
+        pool = cache.pool
+        super().__init__(cache.store.num_experts, pool.dim, pool.hidden_dim, "auto")
+        if predictor is not None and predictor not in PREDICTORS:
+            raise ValueError(f"unknown predictor {predictor!r}; choose one of {PREDICTORS} or None")
+        if predictor in ("affinity", "both") and cache.prior is None:
+            raise ValueError(f"the {predictor!r} predictor needs a RoutingPrior (calibration statistics)")
+        self.cache = cache
+        self.layer = layer
+        self.predictor = predictor
+        self.top_k = top_k
+        self.prefetch_factor = prefetch_factor
+        self._next: tuple[int, Router | None] | None = None  # (next MoE layer, its router); not a submodule
+
+    def link(self, next_layer: int, router: Router | None) -> None:
+        """Name the MoE layer that runs next and its router (None: predict it by habit alone, as for
+        the next token's first layer after the last one)."""
+        self._next = (next_layer, router)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cache.pool.dtype
+
+    def forward(self, xs: Tensor, counts: Sequence[int], row_weights: Tensor | None = None) -> Tensor:
+        raise ValueError(
+            "offloaded experts run inference only (MoELayer.infer, generate); training, capacity dropping "
+            "and expert parallelism need the experts in memory"
+        )
+
+    def gathered(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """x: [T, D], indices, weights: [T, K] -> [T, D] on the experts' cache slots."""
+        self._check(x)
+        needed = sorted(set(indices[indices >= 0].tolist()))
+        if len(needed) > self.cache.slots:  # more than the pool holds at once: expert by expert
+            plan = plan_dispatch(indices, self.num_experts)
+            row_weights = weights.reshape(-1).index_select(0, plan.slots)
+            return self.accumulated(x, plan.token_ids, plan.counts, row_weights)
+        slots = self.cache.fetch(self.layer, needed, tokens=x.shape[0])
+        try:
+            self._prefetch(x, indices)
+            table = torch.full((self.num_experts,), -1, dtype=torch.long, device=x.device)
+            table[needed] = torch.tensor(slots, dtype=torch.long, device=x.device)
+            return self.cache.pool.gathered(x, torch.where(indices >= 0, table[indices.clamp(min=0)], -1), weights)
+        finally:
+            self.cache.release()
+
+    def accumulated(
+        self, x: Tensor, token_ids: Tensor, counts: Sequence[int], row_weights: Tensor,
+        weight_rows: Sequence[int] | None = None,
+    ) -> Tensor:  # fmt: skip
+        """x: [T, D]; token_ids, row_weights: [N] rows grouped by expert -> [T, D], the experts
+        fetched as many at a time as the pool holds."""
+        self._check(x)
+        if weight_rows is not None:
+            raise ValueError("offloaded experts choose their own weight rows (cache slots)")
+        active = [e for e, n in enumerate(counts) if n]
+        starts = torch.tensor([0, *counts]).cumsum(0).tolist()
+        y = torch.zeros_like(x)
+        for first in range(0, len(active), self.cache.slots):
+            chunk = active[first : first + self.cache.slots]
+            slots = self.cache.fetch(self.layer, chunk, tokens=x.shape[0])
+            try:
+                if first == 0:
+                    experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(list(counts)))
+                    self._prefetch(x, experts[:, None].to(x.device))
+                rows = slice(starts[chunk[0]], starts[chunk[-1] + 1])
+                part_counts = [counts[e] for e in chunk]
+                y += self.cache.pool.accumulated(x, token_ids[rows], part_counts, row_weights[rows], slots)
+            finally:
+                self.cache.release()
+        return y
+
+    def _prefetch(self, x: Tensor, indices: Tensor) -> None:
+        """Score the next MoE layer's experts from this layer's input x: [T, D] and choices
+        indices: [T or N, K], and start reading the best of them."""
+        if self.predictor is None or self._next is None or self.cache.holds_all(self._next[0]):
+            return
+        next_layer, router = self._next
+        E, T = self.num_experts, x.shape[0]
+        limit = min(E, round(self.prefetch_factor * T * self.top_k))
+        if router is None:
+            habit = self.cache.habit(next_layer)
+            self.cache.prefetch(next_layer, habit, habit, limit)
+            return
+        scores, most = torch.zeros(E), 0.0  # most: the largest score a token can give an expert
+        if self.predictor in ("affinity", "both"):
+            scores += self.cache.prior.affinity_scores(self.layer, indices) / self.top_k
+            most += 1.0
+        if self.predictor in ("lookahead", "both") and router.dim == x.shape[1]:
+            routing = router.forward(x)  # .forward: no routing hooks fire
+            scores += lookahead_scores(routing.indices, routing.probs)
+            most += 2.0
+        if most == 0:
+            return
+        self.cache.prefetch(next_layer, scores, (scores / (T * most)).clamp(max=1.0), limit)
+
+
+@dataclass
+class OffloadedModel:
+    """model: the causal LM (moelab's `MoETransformer` or a transformers model) whose routed experts
+    live in `cache`."""
+
+    model: nn.Module
+    cache: ExpertCache
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
+        """Greedy decoding with a KV cache: input_ids [B, S] -> [B, S + max_new_tokens]."""
+        return greedy_generate(self.model, input_ids, max_new_tokens)
+
+    def close(self) -> None:
+        self.cache.close()
+        self.cache.store.close()
+
+
+@torch.inference_mode()
+def greedy_generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int) -> Tensor:
+    """Greedy decoding with a KV cache by moelab's `MoETransformer.generate` or transformers'
+    `generate` (exactly max_new_tokens, no stopping at EOS): [B, S] -> [B, S + max_new_tokens]."""
+    if isinstance(model, MoETransformer):
+        return model.generate(input_ids, max_new_tokens, greedy=True)
+    return model.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+    )  # fmt: skip
+
+
+def resident_slots(store: ExpertStore, resident: float | None, memory_budget: int | None, dense_bytes: int, top_k: int) -> int:
+    """Pool slots for a fraction of the routed experts (`resident`) or a total memory budget in
+    bytes (the dense parts included). At least `top_k` (one token's experts at one layer)."""
+    if (resident is None) == (memory_budget is None):
+        raise ValueError("give exactly one of resident (a fraction of the routed experts) and memory_budget (bytes)")
+    total = len(store.moe_layers) * store.num_experts
+    if resident is not None:
+        if not 0 < resident <= 1:
+            raise ValueError(f"resident must be a fraction in (0, 1] of the routed experts, got {resident}")
+        slots = round(resident * total)
+        if slots < top_k:
+            raise ValueError(
+                f"resident={resident} keeps {slots} of the {total} routed experts, fewer than the {top_k} one token "
+                f"needs at one layer; the minimum is {top_k / total:.4f}"
+            )
+        return slots
+    slots = min((memory_budget - dense_bytes) // store.expert_bytes, total)
+    if slots < top_k:
+        minimum = dense_bytes + top_k * store.expert_bytes
+        raise ValueError(
+            f"memory budget {memory_budget / 2**20:.1f} MiB is too small: the dense parts take "
+            f"{dense_bytes / 2**20:.1f} MiB and one layer's routed experts ({top_k} per token) "
+            f"{top_k * store.expert_bytes / 2**20:.1f} MiB; the minimum is {minimum / 2**20:.1f} MiB ({minimum} bytes)"
+        )
+    return int(slots)
+
+
+def load_offloaded(
+    path: str | os.PathLike,
+    *,
+    resident: float | None = None,
+    memory_budget: int | None = None,
+    eviction: str = "reuse",
+    predictor: str | None = "lookahead",
+    prior: RoutingPrior | None = None,
+    prefetch_factor: float = 1.5,
+    dtype: torch.dtype = torch.float32,
+    warm: bool = True,
+    read_bandwidth: float | None = None,
+) -> OffloadedModel:
+    """The checkpoint at `path` with its routed experts offloaded (see the module docstring).
+
+    resident: the fraction of all routed experts the cache holds, or memory_budget: bytes for the
+    whole model (dense parts + cache); eviction: "reuse" or "lru" (`ExpertCache`); predictor:
+    prefetching ("affinity", "lookahead", "both", None: none) and prefetch_factor (read ahead up
+    to this many times the experts the next layer's tokens use); prior: calibration statistics
+    (`RoutingPrior`) for the affinity predictor and the reuse policy (optional for the others);
+    warm: fill the cache at the start with each layer's most frequent experts (by the prior, else
+    expert order); read_bandwidth: emulate storage of this many bytes/s (`ExpertStore`).
+    """
+    store = ExpertStore(path, dtype=dtype, read_bandwidth=read_bandwidth)
+    view, native = store.view, store.family is NATIVE
+    if prior is not None and list(prior.layers) != store.moe_layers:
+        raise ValueError(
+            f"the routing prior covers MoE layers {list(prior.layers)} but the checkpoint's are "
+            f"{store.moe_layers}; measure the prior on this model"
+        )
+    model = skeleton(store.path, view.config, store.family)
+    layers_name, layers = decoder_layers(model, view.num_layers)
+    stored_as = tied_names(model, store.checkpoint)
+    views, found = {}, {}
+    for index in store.moe_layers:
+        views[index] = view.layer(index, routed=False)
+        assert isinstance(views[index], MoELayerView)
+        found[index] = find_moe_modules(layers[index], index, store.num_experts, views[index].router.weight.shape[1])
+    moved = {i: found[i].experts if native else found[i].block for i in store.moe_layers}
+    load_tensors(
+        model, store.checkpoint, dtype, skip=[f"{layers_name}.{i}.{name}" for i, name in moved.items()], stored_as=stored_as
+    )  # fmt: skip
+    dense_bytes = sum(t.nbytes for t in model.state_dict().values() if not t.is_meta)
+    if not native:  # the routers and shared experts the MoE blocks will hold
+        dense_bytes += sum(_view_bytes(views[i], dtype, found[i].shared_in_block) for i in store.moe_layers)
+    top_k = max(v.router.top_k for v in views.values())
+    cache = ExpertCache(
+        store, resident_slots(store, resident, memory_budget, dense_bytes, top_k), eviction=eviction, prior=prior
+    )
+    moes: dict[int, MoELayer] = {}
+    for index in store.moe_layers:
+        experts = OffloadedExperts(cache, index, predictor, views[index].router.top_k, prefetch_factor)
+        if native:  # moelab's own MoE layer stays; only its experts move out
+            moes[index] = layers[index].get_submodule(found[index].block)
+            moes[index].experts = experts
+        else:
+            shared = views[index].shared if found[index].shared_in_block else None
+            moes[index] = MoELayer(router_from_view(views[index].router), experts, shared_from_view(shared)).to(dtype)
+            parent_name, _, name = found[index].block.rpartition(".")
+            parent = layers[index].get_submodule(parent_name) if parent_name else layers[index]
+            setattr(parent, name, MoEBlock(moes[index], MoELayer.infer, store.family.block_returns))
+    for a, b in zip(store.moe_layers[:-1], store.moe_layers[1:]):
+        moes[a].experts.link(b, None if moes[b].router.needs_sequences else moes[b].router)
+    if len(moes) > 1:  # the last layer reads ahead for the next token's first, by habit
+        moes[store.moe_layers[-1]].experts.link(store.moe_layers[0], None)
+    if warm:
+        cache.fill(warm_start(store, prior, cache.slots))
+    return OffloadedModel(model.eval(), cache)
+
+
+def _view_bytes(layer: MoELayerView, dtype: torch.dtype, shared: bool) -> int:
+    """Bytes of a layer view's router (and shared experts) in `dtype`."""
+    tensors = [layer.router.weight, layer.router.bias, layer.router.selection_bias]
+    if shared and layer.shared is not None:
+        tensors += [layer.shared.gate, layer.shared.up, layer.shared.down, layer.shared.sigmoid_gate]
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(t.numel() * size for t in tensors if t is not None)
+
+
+def warm_start(store: ExpertStore, prior: RoutingPrior | None, slots: int) -> list[tuple[int, int]]:
+    """The (layer, expert) pairs to load first: round-robin over the MoE layers, each layer's
+    experts by decreasing prior frequency (expert order without a prior)."""
+    ranked = {}
+    for layer in store.moe_layers:
+        order = range(store.num_experts)
+        if prior is not None:
+            order = torch.argsort(prior.frequency[layer], descending=True, stable=True).tolist()
+        ranked[layer] = list(order)
+    pairs = [(layer, ranked[layer][r]) for r in range(store.num_experts) for layer in store.moe_layers]
+    return pairs[:slots]

@@ -1,0 +1,91 @@
+"""Routed experts read from a checkpoint directory one at a time, for offloaded inference.
+
+    store = ExpertStore("path/to/checkpoint", dtype=torch.float32)
+    one = store.read(layer=3, expert=5)        # an ExpertsView holding that one expert
+    pool = store.empty(slots=12)               # SwiGLUExperts with 12 uninitialised slots
+    copy_expert(one, pool, slot=0)
+
+Any checkpoint the view opens (moelab's own, every transformers family) is read through the
+view's one layout (`ModelView.experts`), so a read fetches one expert's bytes from its
+safetensors shard and nothing else. Reads are serialised by a lock (a background prefetch and a
+synchronous miss share one file reader); a shard that changes on disk while in use is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+
+from moelab.hf.adapters import resolve
+from moelab.hf.checkpoint import CheckpointError
+from moelab.hf.layouts import config_value
+from moelab.hf.native import empty_experts, experts_from_view
+from moelab.hf.view import ExpertsView, ModelView
+from moelab.nn.experts import Experts
+
+
+class ExpertStore:
+    """The routed experts of the checkpoint at `path`, read one at a time and cast to `dtype`.
+
+    view: the checkpoint's `ModelView` (checkpoint, family: its `Checkpoint` and adapter); moe_layers:
+    the indices of the decoder layers with routed experts; num_experts: E (every MoE layer has the
+    same); expert_bytes: one expert's weights in `dtype`. read_bandwidth: emulate storage of this
+    many bytes/s (each read lasts at least expert_bytes / read_bandwidth, holding the reader, as
+    one device would; benchmarks), None: as fast as the files can be read.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, read_bandwidth: float | None = None
+    ):
+        if read_bandwidth is not None and not read_bandwidth > 0:
+            raise ValueError(f"read_bandwidth must be > 0 bytes/s (or None), got {read_bandwidth}")
+        self.read_bandwidth = read_bandwidth
+        config, ckpt, family = resolve(path)
+        self.path = ckpt.directory
+        self.dtype = dtype
+        self.family = family
+        self.checkpoint = ckpt
+        self.view = ModelView(ckpt, config, family, config_value(config, *family.num_layers))
+        self.moe_layers = family.moe_layers(ckpt, config)
+        if not self.moe_layers:
+            ckpt.close()
+            raise CheckpointError(f"{self.path} has no layers with routed experts; there is nothing to offload")
+        self.num_experts = config_value(config, *family.num_experts)
+        self._lock = threading.Lock()
+        self.expert_bytes = 0  # set below, after reading the template unthrottled
+        self._template = self._view_of(self.moe_layers[0], 0)
+        one = experts_from_view(self._template)
+        self.expert_bytes = sum(p.numel() for p in one.parameters()) * torch.empty((), dtype=dtype).element_size()
+
+    def read(self, layer: int, expert: int) -> ExpertsView:
+        """Expert `expert` of MoE layer `layer`, read from disk (a view holding that one expert)."""
+        view = self._view_of(layer, expert)
+        if view.gate.shape[1:] != self._template.gate.shape[1:]:
+            raise CheckpointError(
+                f"{self.path}: layer {layer}'s experts have gate {list(view.gate.shape[1:])} but layer "
+                f"{self.moe_layers[0]}'s have {list(self._template.gate.shape[1:])}; offloading needs one "
+                "expert shape across layers"
+            )
+        return view
+
+    def empty(self, slots: int, device: torch.device | str = "cpu") -> Experts:
+        """`slots` uninitialised experts shaped like this checkpoint's, in the store's dtype."""
+        return empty_experts(self._template, slots, dtype=self.dtype, device=device)
+
+    def _view_of(self, layer: int, expert: int) -> ExpertsView:
+        if layer not in self.moe_layers:
+            raise ValueError(f"layer {layer} has no routed experts; the MoE layers are {self.moe_layers}")
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} out of range: the layers have {self.num_experts} experts")
+        with self._lock:
+            start = time.perf_counter()
+            view = self.view.experts(layer, range(expert, expert + 1))
+            if self.read_bandwidth is not None:
+                time.sleep(max(0.0, self.expert_bytes / self.read_bandwidth - (time.perf_counter() - start)))
+            return view
+
+    def close(self) -> None:
+        self.view.close()

@@ -1,0 +1,272 @@
+"""moelab.offload: decoding with the routed experts read from the checkpoint into a cache of slots.
+
+The reference is the model held in memory: offloaded decoding must produce its logits and tokens
+at every cache size, eviction policy and predictor, for moelab's own models and transformers'
+families. The cache's bookkeeping is checked on worked examples (LRU order, the reuse-distance
+victim, hit/miss/prefetch counts) and by a property test (every slot handed out holds the expert
+asked for, pinned slots survive, the pool never exceeds its size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hf_tiny import TINY, build
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moelab.hf.checkpoint import CheckpointError
+from moelab.models import MoETransformer, save_pretrained, tiny
+from moelab.offload import ExpertCache, ExpertStore, OffloadedExperts, RoutingPrior, load_offloaded
+from moelab.offload.model import greedy_generate
+from moelab.offload.predict import _Counter
+
+
+def _native(tmp_path, *, shared: int = 0, bias_free: bool = True):
+    """A 3-layer moelab model, every layer MoE (4 experts, top-2), saved to tmp_path / "m"."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(
+        tiny(), n_layers=3, first_k_dense=0, moe=dataclasses.replace(tiny().moe, num_shared=shared)
+    )
+    model = MoETransformer(cfg).eval()
+    save_pretrained(model, tmp_path / "m")
+    return model, tmp_path / "m"
+
+
+def _prior(model, vocab: int) -> RoutingPrior:
+    torch.manual_seed(1)
+    return RoutingPrior.measure(model, [torch.randint(0, vocab, (4, 32))])
+
+
+# ----------------------------------------------------------------------------- equal to in memory
+
+
+@pytest.mark.parametrize("resident", [0.17, 0.5, 1.0])
+@pytest.mark.parametrize(
+    "eviction,predictor", [("lru", None), ("reuse", None), ("reuse", "affinity"), ("reuse", "lookahead"), ("lru", "both"), ("reuse", "both")]
+)  # fmt: skip
+def test_offloaded_decoding_equals_the_model_in_memory(tmp_path, resident, eviction, predictor, one_thread):
+    model, path = _native(tmp_path, shared=1)
+    prior = _prior(model, model.config.vocab_size)
+    offloaded = load_offloaded(path, resident=resident, eviction=eviction, predictor=predictor, prior=prior)
+    try:
+        ids = torch.randint(0, model.config.vocab_size, (2, 5))
+        with torch.inference_mode():
+            torch.testing.assert_close(offloaded.model.decode_step(ids), model.decode_step(ids), atol=1e-5, rtol=1e-5)
+        assert torch.equal(offloaded.generate(ids[:1], 12), greedy_generate(model, ids[:1], 12))
+        stats = offloaded.cache.total()
+        assert stats.requests == stats.hits + stats.late + stats.misses > 0
+        if resident == 1.0:  # the warm start loads every expert: nothing to read or read ahead
+            assert stats.misses == 0 and offloaded.cache.prefetch_stats.issued == 0
+            assert all(offloaded.cache.holds_all(layer) for layer in range(3))
+        elif predictor is not None and offloaded.cache.slots > 2:  # 2 slots: one token's experts, no room ahead
+            assert offloaded.cache.prefetch_stats.issued > 0
+    finally:
+        offloaded.close()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"])
+def test_offloaded_transformers_checkpoint_decodes_like_transformers(tmp_path, family, one_thread):
+    torch.manual_seed(0)
+    model = build(family).eval()
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 64, (1, 6))
+    want = greedy_generate(model, ids, 8)
+    for resident, predictor in ((0.5, "lookahead"), (1.0, None)):
+        offloaded = load_offloaded(tmp_path, resident=resident, predictor=predictor)
+        try:
+            assert torch.equal(offloaded.generate(ids, 8), want), (family, resident)
+            with torch.inference_mode():
+                got = offloaded.model(input_ids=ids).logits
+                torch.testing.assert_close(got, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        finally:
+            offloaded.close()
+
+
+def test_a_prefill_larger_than_the_cache_runs_in_chunks(tmp_path, one_thread):
+    """A prompt that needs every expert of a layer at once, through a pool of 2 slots."""
+    model, path = _native(tmp_path)
+    offloaded = load_offloaded(path, resident=2 / 12, predictor=None)
+    try:
+        assert offloaded.cache.slots == 2
+        ids = torch.randint(0, model.config.vocab_size, (3, 20))
+        with torch.inference_mode():
+            torch.testing.assert_close(offloaded.model.decode_step(ids), model.decode_step(ids), atol=1e-5, rtol=1e-5)
+    finally:
+        offloaded.close()
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def _cache(tmp_path, slots: int, eviction: str = "lru", prior=None) -> ExpertCache:
+    _, path = _native(tmp_path)
+    return ExpertCache(ExpertStore(path), slots, eviction=eviction, prior=prior)
+
+
+def test_lru_worked_example(tmp_path):
+    cache = _cache(tmp_path, 3)
+    for layer, experts in ((0, [0, 1]), (1, [2]), (0, [1]), (2, [3])):  # 2 evicts (0, 0), the LRU
+        cache.fetch(layer, experts, tokens=1)
+        cache.release()
+    assert cache.resident() == {(0, 1), (1, 2), (2, 3)}
+    stats = cache.stats[1]
+    assert (stats.requests, stats.hits, stats.misses) == (5, 1, 4)
+    cache.close()
+
+
+def test_reuse_evicts_the_expert_needed_furthest_ahead(tmp_path):
+    """Layers 0, 1, 2 in a cycle; after running layer 2, layer 0 runs next (1 visit ahead), layer
+    1 after it (2 ahead) and layer 2 itself last (3 ahead). With equal probabilities the victim is
+    layer 2's expert; a lower probability pushes another layer's expert further."""
+    frequency = {i: torch.full((4,), 0.5) for i in range(3)}
+    affinity = {i: torch.full((4, 4), 0.25) for i in range(2)}
+    prior = RoutingPrior((0, 1, 2), frequency, affinity)
+    cache = _cache(tmp_path, 3, "reuse", prior)
+    for layer, expert in ((0, 0), (1, 1), (2, 2)):
+        cache.fetch(layer, [expert], tokens=1)
+        cache.release()
+    cache._current = 2  # noqa: SLF001 - the cycle position after layer 2 ran
+    cache._recency.clear()  # noqa: SLF001 - probabilities from the prior alone
+    assert cache._owner[cache._victim()] == (2, 2)  # noqa: SLF001
+    prior.frequency[1][1] = 0.01  # (1, 1): 2 + 3 * 99 visits ahead
+    assert cache._owner[cache._victim()] == (1, 1)  # noqa: SLF001
+    cache.close()
+
+
+def test_prefetch_counts_and_late_hits(tmp_path):
+    cache = _cache(tmp_path, 4)
+    cache.fetch(0, [0, 1], tokens=1)
+    cache.prefetch(1, torch.tensor([0.0, 3.0, 2.0, 1.0]), torch.tensor([0.0, 0.9, 0.6, 0.3]), limit=2)
+    cache.release()
+    assert cache.resident() == {(0, 0), (0, 1), (1, 1), (1, 2)}
+    cache.fetch(1, [1, 3], tokens=1)  # 1 was prefetched (hit or late), 3 was not
+    stats = cache.stats[1]
+    assert stats.hits + stats.late == 1 and stats.misses == 3  # 0 and 1 at first, then 3
+    assert (cache.prefetch_stats.issued, cache.prefetch_stats.used) == (2, 1)
+    cache.release()
+    cache.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    calls=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 3), min_size=1, max_size=3)), min_size=1, max_size=12),
+    slots=st.integers(3, 12),
+    eviction=st.sampled_from(["lru", "reuse"]),
+)  # fmt: skip
+def test_every_slot_handed_out_holds_its_expert(tmp_path_factory, calls, slots, eviction):
+    cache = _cache(tmp_path_factory.mktemp("c"), slots, eviction)
+    store = cache.store
+    try:
+        for layer, experts in calls:
+            experts = sorted(experts)
+            got = cache.fetch(layer, experts, tokens=len(experts))
+            cache.prefetch((layer + 1) % 3, torch.tensor([1.0, 0.0, 2.0, 0.5]), torch.full((4,), 0.5), limit=2)
+            assert len(set(got)) == len(experts) and len(cache.resident()) <= slots
+            for expert, slot in zip(experts, got):
+                cache._loading.pop(slot).result() if slot in cache._loading else None  # noqa: SLF001
+                one = store.read(layer, expert)
+                assert torch.equal(cache.pool.gate_up_proj[slot], torch.cat([one.gate[0], one.up[0]]))
+                assert torch.equal(cache.pool.down_proj[slot], one.down[0])
+            cache.release()
+    finally:
+        cache.close()
+
+
+def test_routing_prior_worked_example():
+    """Two tokens over layers 0 and 1 (3 experts): token a picks {0, 1} then {2}; token b picks {0}
+    then {1}."""
+    counter = _Counter({0: 3, 1: 3})
+    counter.add({0: torch.tensor([[0, 1], [0, -1]]), 1: torch.tensor([[2, -1], [1, -1]])})
+    prior = counter.prior("two tokens")
+    torch.testing.assert_close(prior.frequency[0], torch.tensor([1.0, 0.5, 0.0]))
+    torch.testing.assert_close(prior.frequency[1], torch.tensor([0.0, 0.5, 0.5]))
+    # expert 0 at layer 0 was followed by 2 (token a) and 1 (token b); expert 1 by 2; expert 2 never seen
+    expected = torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.0, 1.0], [1 / 3, 1 / 3, 1 / 3]])
+    torch.testing.assert_close(prior.affinity[0], expected)
+    torch.testing.assert_close(prior.affinity_scores(0, torch.tensor([[0, 1]])), torch.tensor([0.0, 0.5, 1.5]))
+    assert prior.next_layer(0) == 1 and prior.next_layer(1) is None
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_memory_budget_too_small_names_the_minimum(tmp_path):
+    _, path = _native(tmp_path)
+    with pytest.raises(ValueError, match=r"memory budget .* too small: the dense parts take .* the minimum is"):
+        load_offloaded(path, memory_budget=10_000)
+    with pytest.raises(ValueError, match="fewer than the 2 one token needs at one layer"):
+        load_offloaded(path, resident=0.05)
+    with pytest.raises(ValueError, match="exactly one of resident"):
+        load_offloaded(path)
+
+
+def test_a_budget_in_bytes_sets_the_slots(tmp_path):
+    _, path = _native(tmp_path)
+    roomy = load_offloaded(path, memory_budget=10**9, predictor=None)
+    assert roomy.cache.slots == 12  # every expert fits
+    expert = roomy.cache.store.expert_bytes
+    dense = sum(t.nbytes for t in roomy.model.state_dict().values())
+    roomy.close()
+    tight = load_offloaded(path, memory_budget=dense + 3 * expert + expert // 2, predictor=None)
+    assert tight.cache.slots == 3
+    tight.close()
+
+
+def test_bad_options_and_mismatched_prior(tmp_path):
+    model, path = _native(tmp_path)
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        load_offloaded(path, resident=0.5, eviction="fifo")
+    with pytest.raises(ValueError, match="needs a RoutingPrior"):
+        load_offloaded(path, resident=0.5, predictor="affinity")
+    with pytest.raises(ValueError, match="unknown predictor"):
+        load_offloaded(path, resident=0.5, predictor="oracle")
+    other = RoutingPrior((0, 1), {0: torch.ones(4), 1: torch.ones(4)}, {0: torch.ones(4, 4)})
+    with pytest.raises(ValueError, match="covers MoE layers"):
+        load_offloaded(path, resident=0.5, prior=other)
+
+
+def test_emulated_storage_bandwidth(tmp_path):
+    """read_bandwidth makes each read last at least an expert's bytes over it (a floor, not a speed)."""
+    import time
+
+    _, path = _native(tmp_path)
+    with pytest.raises(ValueError, match="read_bandwidth must be > 0"):
+        ExpertStore(path, read_bandwidth=0)
+    store = ExpertStore(path, read_bandwidth=1.0)
+    store.read_bandwidth = store.expert_bytes / 0.05  # 50 ms per expert
+    start = time.perf_counter()
+    store.read(1, 2)
+    assert time.perf_counter() - start >= 0.05
+    store.close()
+
+
+def test_offloaded_experts_refuse_training(tmp_path):
+    model, path = _native(tmp_path)
+    offloaded = load_offloaded(path, resident=0.5, predictor=None)
+    try:
+        experts = offloaded.model.layers[0].ffn.experts
+        assert isinstance(experts, OffloadedExperts)
+        with pytest.raises(ValueError, match="inference only"):
+            offloaded.model(torch.randint(0, 128, (1, 4)))
+    finally:
+        offloaded.close()
+
+
+def test_a_checkpoint_rewritten_under_the_cache_is_refused(tmp_path):
+    model, path = _native(tmp_path)
+    offloaded = load_offloaded(path, resident=2 / 12, predictor=None)
+    try:
+        [shard] = path.glob("*.safetensors")
+        shard.write_bytes(shard.read_bytes() + b" ")  # rewritten: one byte longer
+        with pytest.raises(CheckpointError, match="changed on disk while moelab was reading it"):
+            offloaded.generate(torch.randint(0, 128, (1, 4)), 4)
+    finally:
+        offloaded.close()
+
+
+def test_every_tiny_family_is_covered():
+    assert {"mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"} <= TINY.keys()
