@@ -82,3 +82,39 @@ def test_compare_input_errors(tmp_path, variants):
     short = write(tmp_path / "short.yaml", {**BASE, "max_seq_len": 8})
     with pytest.raises(ValueError, match="variant 'short': train.seq_len"):
         compare([short], TrainConfig(**RECIPE), tmp_path / "cmp", quiet=True)
+
+
+def test_compare_with_seeds_reports_means_spreads_and_verdicts(tmp_path, variants):
+    out = tmp_path / "cmp"
+    report = compare(variants[:2], TrainConfig(**RECIPE), out, seeds=3, quiet=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["dense", "moe"]
+    for name in ("dense", "moe"):
+        variant = summary[name]
+        rows = variant["per_seed"]
+        assert [r["run"] for r in rows] == [f"{name}-seed{s}" for s in (0, 1, 2)]
+        losses = [r["eval_loss"]["all"] for r in rows]
+        assert len(set(losses)) == 3, "each seed changes the initialisation and the data order"
+        assert variant["eval_loss"]["all"] == pytest.approx(sum(losses) / 3)
+        mean = sum(losses) / 3
+        assert variant["eval_loss_std"]["all"] == pytest.approx((sum((x - mean) ** 2 for x in losses) / 2) ** 0.5)
+        assert variant["eval_loss_range"] == pytest.approx(max(losses) - min(losses))
+        for run in rows:  # every seed is an ordinary run with its own seed
+            assert summarize_run(out / run["run"])["eval_loss"] == run["eval_loss"]
+        assert all(low <= mean <= high for (_, low, high), (_, mean) in zip(variant["eval_band"], variant["eval_curve"]))
+    text = report.read_text()
+    assert "± " in text and "seed-to-seed ranges" in text and "| moe-seed2 |" in text
+    [verdict_row] = [line for line in text.splitlines() if line.startswith("| moe | ") and "spread |" in line]
+    assert verdict_row.endswith(("| beyond the spread |", "| within the spread |"))
+    assert "the same data and schedule, each with seeds 0, 1, 2" in text
+    with pytest.raises(ValueError, match="seeds must be an integer >= 1"):
+        compare(variants[:2], TrainConfig(**RECIPE), tmp_path / "other", seeds=0, quiet=True)
+
+
+def test_beyond_spread_rule():
+    from moelab.train.report import beyond_spread
+
+    a = {"eval_loss": {"all": 1.00}, "eval_loss_range": 0.10}
+    assert beyond_spread(a, {"eval_loss": {"all": 1.05}, "eval_loss_range": 0.02}) is False  # 0.05 < 0.10
+    assert beyond_spread(a, {"eval_loss": {"all": 0.85}, "eval_loss_range": 0.02}) is True  # 0.15 > 0.10
+    assert beyond_spread(a, {"eval_loss": {"all": 0.85}}) is None  # one seed: no spread to judge by

@@ -230,6 +230,7 @@ def compare(
     configs: Annotated[list[str], typer.Argument(help="Model config files (.yaml/.json) or preset names, one per variant.")],
     recipe: Annotated[Path, typer.Option("--train", help="The shared training recipe: TrainConfig fields, or a run file's train section.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory: one run per variant plus report.md, summary.json and plots.")],
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Train each variant with this many seeds (the recipe's seed and the next ones); the report gives means, spreads and which differences exceed the seed-to-seed spread.")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Train every variant again instead of resuming the comparison in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
@@ -238,7 +239,9 @@ def compare(
     from moelab.train.compare import compare as run_compare
     from moelab.train.compare import load_recipe
 
-    report = run_compare(configs, load_recipe(recipe), out, overwrite=overwrite, inputs=[recipe], quiet=quiet)
+    report = run_compare(
+        configs, load_recipe(recipe), out, seeds=seeds, overwrite=overwrite, inputs=[recipe], quiet=quiet
+    )
     console.print(f"report: {report}")
 
 

@@ -15,6 +15,7 @@ by `moelab.train.report`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,20 +78,30 @@ def compare(
     recipe: TrainConfig,
     out_dir: str | Path,
     *,
+    seeds: int = 1,
     overwrite: bool = False,
     inputs: Sequence[str | Path] = (),
     quiet: bool = False,
 ) -> Path:
     """Train every variant in `specs` with `recipe` into `out_dir/<name>` (finished runs are kept,
     interrupted ones resumed; `overwrite` starts every variant again), then write the report.
-    inputs: the recipe file, which `out_dir` must not contain (the config files in `specs` are
-    inputs too). Returns the report's path."""
-    runs = {}
+    seeds: train each variant with this many seeds (recipe.seed, recipe.seed + 1, ...: the
+    initialisation and the data order) into `out_dir/<name>-seed<s>`; the report gives means and
+    spreads. inputs: the recipe file, which `out_dir` must not contain (the config files in `specs`
+    are inputs too). Returns the report's path."""
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
+    runs: dict[str, RunConfig] = {}
+    groups: dict[str, list[str]] = {}
     for name, model in load_variants(specs).items():
-        try:
-            runs[name] = RunConfig(model=model, train=recipe)
-        except ValueError as err:
-            raise ValueError(f"variant {name!r}: {err}") from None
+        groups[name] = []
+        for seed in range(recipe.seed, recipe.seed + seeds):
+            run_name = name if seeds == 1 else f"{name}-seed{seed}"
+            try:
+                runs[run_name] = RunConfig(model=model, train=dataclasses.replace(recipe, seed=seed))
+            except ValueError as err:
+                raise ValueError(f"variant {name!r}: {err}") from None
+            groups[name].append(run_name)
     files = [spec for spec in specs if Path(spec).suffix]
     with output_dir(
         out_dir,
@@ -110,4 +121,4 @@ def compare(
             if not quiet:
                 print(f"[{i}/{len(runs)}] {name}")
             train(run, run_dir, resume=is_output(run_dir, TRAIN_KIND), quiet=quiet)
-        return write_report(claimed.path, list(runs))
+        return write_report(claimed.path, groups)

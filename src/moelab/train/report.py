@@ -54,9 +54,49 @@ PLOT_FILES = ("val_loss.png", "train_loss.png", "domain_loss.png", "expert_load.
 REPORT_FILES = ("report.md", "summary.json", *PLOT_FILES)
 
 
-def write_report(out_dir: Path, names: list[str]) -> Path:
-    """Summarize the runs `out_dir/<name>` and write report.md, summary.json and the plots."""
-    runs = {name: summarize_run(out_dir / name) for name in names}
+def summarize_variant(out_dir: Path, run_names: list[str]) -> dict[str, Any]:
+    """One variant's numbers over its runs `out_dir/<run>` (one per seed): `summarize_run`'s, with
+    the losses, speeds, loads and curves averaged over seeds; with more than one seed also
+    "eval_loss_std" (per domain, sample standard deviation), "eval_loss_range" (max - min of the
+    overall loss), "eval_band" [(step, min, max)] and "per_seed" rows."""
+    summaries = [summarize_run(out_dir / name) for name in run_names]
+    out = dict(summaries[0])
+    if len(summaries) == 1:
+        return out
+    losses = {d: np.array([s["eval_loss"][d] for s in summaries]) for d in out["eval_loss"]}
+    out["eval_loss"] = {d: float(v.mean()) for d, v in losses.items()}
+    out["eval_loss_std"] = {d: float(v.std(ddof=1)) for d, v in losses.items()}
+    out["eval_loss_range"] = float(np.ptp(losses["all"]))
+    out["tokens_per_second"] = float(np.mean([s["tokens_per_second"] for s in summaries]))
+    for key in ("eval_curve", "train_curve"):
+        steps = [step for step, _ in out[key]]
+        values = np.array([[value for _, value in s[key]] for s in summaries])  # [seeds, points]
+        out[key] = list(zip(steps, values.mean(0).tolist()))
+        if key == "eval_curve":
+            out["eval_band"] = list(zip(steps, values.min(0).tolist(), values.max(0).tolist()))
+    out["load"] = {layer: np.mean([s["load"][layer] for s in summaries], axis=0).tolist() for layer in out["load"]}
+    if out["load_imbalance"] is not None:
+        out["load_imbalance"] = float(np.mean([s["load_imbalance"] for s in summaries]))
+    out["per_seed"] = [
+        {"run": name, "eval_loss": s["eval_loss"], "tokens_per_second": s["tokens_per_second"]}
+        for name, s in zip(run_names, summaries)
+    ]
+    return out
+
+
+def beyond_spread(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
+    """Whether two variants' mean losses differ by more than the seed-to-seed spread: the larger of
+    their ranges (max - min over seeds). None with one seed (no spread to compare against)."""
+    if "eval_loss_range" not in a or "eval_loss_range" not in b:
+        return None
+    return abs(a["eval_loss"]["all"] - b["eval_loss"]["all"]) > max(a["eval_loss_range"], b["eval_loss_range"])
+
+
+def write_report(out_dir: Path, groups: dict[str, list[str]]) -> Path:
+    """Summarize each variant's runs `out_dir/<run>` ({variant: its run names, one per seed}) and
+    write report.md, summary.json and the plots."""
+    runs = {name: summarize_variant(out_dir, run_names) for name, run_names in groups.items()}
+    names = list(runs)
     base = runs[names[0]]["flops_per_token"]
     for run in runs.values():
         run["flops_ratio"] = run["flops_per_token"] / base
@@ -80,10 +120,14 @@ def write_report(out_dir: Path, names: list[str]) -> Path:
 def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
     names = list(runs)
     first = runs[names[0]]
+    training = "the same data, seed and schedule"
+    if "per_seed" in first:
+        seeds = [row["run"].rsplit("-seed", 1)[1] for row in first["per_seed"]]
+        training = f"the same data and schedule, each with seeds {', '.join(seeds)}"
     lines = [
         "# Comparison",
         "",
-        f"Every variant trained on the same data, seed and schedule: {first['tokens']:,} tokens "
+        f"Every variant trained on {training}: {first['tokens']:,} tokens "
         f"({first['tokens_per_step']:,} per step). FLOPs/token is the forward cost at the measured "
         f"experts per token, relative to `{names[0]}`; variants more than {FLOPS_TOLERANCE:.0%} away "
         "are marked as not compute-matched.",
@@ -93,16 +137,19 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
     ]
     for name, run in runs.items():
         loss = run["eval_loss"]["all"]
+        shown = f"{loss:.4f}" + (f" ± {run['eval_loss_std']['all']:.4f}" if "per_seed" in run else "")
         ks = list(run["experts_per_token"].values())
         mark = "" if run["compute_matched"] else " (not matched)"
         lines.append(
-            f"| {name} | {loss:.4f} | {np.exp(loss):.1f} | {run['active_params']:,} | {run['total_params']:,} | "
+            f"| {name} | {shown} | {np.exp(loss):.1f} | {run['active_params']:,} | {run['total_params']:,} | "
             f"{run['flops_per_token']:,} | {run['flops_ratio']:.2f}{mark} | {run['tokens_per_second']:,.0f} | "
             + (f"{run['load_imbalance']:.2f}" if run["load_imbalance"] is not None else "–")
             + " | "
             + (f"{np.mean(ks):.2f}" if ks else "–")
             + " |"
         )
+    if "per_seed" in first:
+        lines += _seed_sections(runs)
     domains = [d for d in first["eval_loss"] if d != "all"]
     lines += [
         "",
@@ -125,6 +172,38 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _seed_sections(runs: dict[str, dict]) -> list[str]:
+    """The per-seed table and the differences from the first variant, judged against the spread."""
+    names = list(runs)
+    first = runs[names[0]]
+    seeds = len(first["per_seed"])
+    lines = [
+        "",
+        f"Validation losses are means ± sample standard deviations over {seeds} seeds (initialisation "
+        "and data order); the plots show the mean and, shaded, the range over seeds.",
+        "",
+        "## Differences from the first variant",
+        "",
+        "A difference counts as real (\"beyond the spread\") only if the two means differ by more than "
+        "the larger of the two variants' seed-to-seed ranges (max - min of the validation loss over seeds).",
+        "",
+        f"| variant | val loss − {names[0]} | seed range (this / {names[0]}) | verdict |",
+        "|---|---:|---:|---|",
+    ]
+    for name in names[1:]:
+        run = runs[name]
+        delta = run["eval_loss"]["all"] - first["eval_loss"]["all"]
+        verdict = "beyond the spread" if beyond_spread(run, first) else "within the spread"
+        lines.append(
+            f"| {name} | {delta:+.4f} | {run['eval_loss_range']:.4f} / {first['eval_loss_range']:.4f} | {verdict} |"
+        )
+    lines += ["", "## Every seed", "", "| run | val loss | tokens/s |", "|---|---:|---:|"]
+    for run in runs.values():
+        for row in run["per_seed"]:
+            lines.append(f"| {row['run']} | {row['eval_loss']['all']:.4f} | {row['tokens_per_second']:,.0f} |")
+    return lines
+
+
 def _plot_curves(runs: dict[str, dict], key: str, title: str, smooth: int = 1) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, run in runs.items():
@@ -134,7 +213,10 @@ def _plot_curves(runs: dict[str, dict], key: str, title: str, smooth: int = 1) -
         if smooth > 1 and len(values) >= smooth:
             values = np.convolve(values, np.ones(smooth) / smooth, mode="valid")
             steps = steps[smooth - 1 :]
-        ax.plot(steps * run["tokens_per_step"] / 1e6, values, label=name)
+        (line,) = ax.plot(steps * run["tokens_per_step"] / 1e6, values, label=name, marker="o" if len(values) < 3 else None)
+        if key == "eval_curve" and "eval_band" in run:
+            band_steps, low, high = map(np.array, zip(*run["eval_band"], strict=True))
+            ax.fill_between(band_steps * run["tokens_per_step"] / 1e6, low, high, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
@@ -150,7 +232,9 @@ def _plot_domains(runs: dict[str, dict]) -> bytes:
     fig, ax = plt.subplots(figsize=(max(7, len(domains) * 1.1), 4.2))
     x = np.arange(len(domains))
     for i, name in enumerate(names):
-        ax.bar(x + i * width, [runs[name]["eval_loss"][d] for d in domains], width, label=name)
+        std = runs[name].get("eval_loss_std")
+        errors = None if std is None else [std[d] for d in domains]
+        ax.bar(x + i * width, [runs[name]["eval_loss"][d] for d in domains], width, yerr=errors, capsize=2, label=name)
     ax.set_xticks(x + width * (len(names) - 1) / 2, domains, rotation=20)
     low = min(runs[n]["eval_loss"][d] for n in names for d in domains)
     ax.set_ylim(bottom=max(0.0, low - 0.5))
