@@ -55,14 +55,20 @@ def test_compare_writes_report_and_flags_unmatched_flops(tmp_path, variants):
     # the numbers in the table are the runs' own
     run = summarize_run(out / "moe")
     assert f"{run['eval_loss']['all']:.4f}" in text
+    # training speed measured side by side, once, for every variant
+    speeds = json.loads((out / "throughput.json").read_text())
+    assert list(speeds) == ["dense", "moe", "wide"] and speeds["dense"]["vs_first"] == 1.0
+    assert all(s["tokens_per_second"] > 0 and s["vs_first"] > 0 for s in speeds.values())
+    assert summary["wide"]["side_by_side"] == speeds["wide"]
+    assert f"| {speeds['moe']['tokens_per_second']:,.0f} | {speeds['moe']['vs_first']:.2f} |" in text
 
 
 def test_compare_keeps_finished_runs_and_refuses_changed_recipes(tmp_path, variants):
     out = tmp_path / "cmp"
     compare(variants[:2], TrainConfig(**RECIPE), out, quiet=True)
-    stamp = (out / "moe" / "results.json").stat().st_mtime_ns
+    stamps = [(out / name).stat().st_mtime_ns for name in ("moe/results.json", "throughput.json")]
     compare(variants[:2], TrainConfig(**RECIPE), out, quiet=True)
-    assert (out / "moe" / "results.json").stat().st_mtime_ns == stamp
+    assert [(out / name).stat().st_mtime_ns for name in ("moe/results.json", "throughput.json")] == stamps
     with pytest.raises(ValueError, match="train.lr"):
         compare(variants[:2], TrainConfig(**{**RECIPE, "lr": 1e-4}), out, quiet=True)
 

@@ -9,17 +9,20 @@ computed for each variant
 (at its measured experts per token for data-dependent routers) and reported next to the losses;
 variants more than `FLOPS_TOLERANCE` away from the first variant's FLOPs are flagged as not
 compute-matched. Each variant is an ordinary training run in `out/<name>`, so an interrupted
-comparison resumes where it stopped; the report (report.md, summary.json, PNG plots) is written
-by `moelab.train.report`.
+comparison resumes where it stopped. Once all have finished, their training throughput is
+measured side by side (`moelab.train.throughput`: interleaved steps of fresh models, so that one
+machine load is behind every ratio) into throughput.json; the report (report.md, summary.json,
+PNG plots) is written by `moelab.train.report`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from moelab.io import is_output, output_dir
+from moelab.io import atomic_write_text, is_output, output_dir
 from moelab.models import ModelConfig
 from moelab.models.config import check_not_transformers
 from moelab.train.config import (
@@ -30,7 +33,8 @@ from moelab.train.config import (
     read_config_file,
     train_config_from_dict,
 )
-from moelab.train.report import REPORT_FILES, write_report
+from moelab.train.report import REPORT_FILES, THROUGHPUT_NAME, write_report
+from moelab.train.throughput import interleaved_throughput
 from moelab.train.trainer import KIND as TRAIN_KIND
 from moelab.train.trainer import RESULTS_NAME, check_same_run, train
 
@@ -121,4 +125,10 @@ def compare(
             if not quiet:
                 print(f"[{i}/{len(runs)}] {name}")
             train(run, run_dir, resume=is_output(run_dir, TRAIN_KIND), quiet=quiet)
+        speeds = claimed.path / THROUGHPUT_NAME
+        if not speeds.exists():  # measured once all runs have finished, kept on re-runs
+            if not quiet:
+                print("training throughput, side by side")
+            firsts = {name: runs[run_names[0]] for name, run_names in groups.items()}
+            atomic_write_text(speeds, json.dumps(interleaved_throughput(firsts), indent=2) + "\n")
         return write_report(claimed.path, groups)

@@ -51,7 +51,8 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
 
 
 PLOT_FILES = ("val_loss.png", "train_loss.png", "domain_loss.png", "expert_load.png")
-REPORT_FILES = ("report.md", "summary.json", *PLOT_FILES)
+THROUGHPUT_NAME = "throughput.json"
+REPORT_FILES = ("report.md", "summary.json", THROUGHPUT_NAME, *PLOT_FILES)
 
 
 def summarize_variant(out_dir: Path, run_names: list[str]) -> dict[str, Any]:
@@ -96,6 +97,10 @@ def write_report(out_dir: Path, groups: dict[str, list[str]]) -> Path:
     """Summarize each variant's runs `out_dir/<run>` ({variant: its run names, one per seed}) and
     write report.md, summary.json and the plots."""
     runs = {name: summarize_variant(out_dir, run_names) for name, run_names in groups.items()}
+    speeds_path = out_dir / THROUGHPUT_NAME
+    speeds = read_json_object(speeds_path, "side-by-side throughput") if speeds_path.exists() else {}
+    for name, run in runs.items():
+        run["side_by_side"] = speeds.get(name)
     names = list(runs)
     base = runs[names[0]]["flops_per_token"]
     for run in runs.values():
@@ -132,8 +137,12 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
         f"experts per token, relative to `{names[0]}`; variants more than {FLOPS_TOLERANCE:.0%} away "
         "are marked as not compute-matched.",
         "",
-        "| variant | val loss | ppl | active params | total params | FLOPs/token | × first | tokens/s | load max/mean | experts/token |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Training speed was measured side by side once every run had finished: interleaved training "
+        "steps of fresh models, the ratio to the first variant's step time taken within each round "
+        "(median over rounds); the runs' own tokens/s, timed at different moments, are in summary.json.",
+        "",
+        "| variant | val loss | ppl | active params | total params | FLOPs/token | × first | tokens/s (side by side) | speed × first | load max/mean | experts/token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, run in runs.items():
         loss = run["eval_loss"]["all"]
@@ -142,7 +151,7 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
         mark = "" if run["compute_matched"] else " (not matched)"
         lines.append(
             f"| {name} | {shown} | {np.exp(loss):.1f} | {run['active_params']:,} | {run['total_params']:,} | "
-            f"{run['flops_per_token']:,} | {run['flops_ratio']:.2f}{mark} | {run['tokens_per_second']:,.0f} | "
+            f"{run['flops_per_token']:,} | {run['flops_ratio']:.2f}{mark} | {_speed(run)} | "
             + (f"{run['load_imbalance']:.2f}" if run["load_imbalance"] is not None else "–")
             + " | "
             + (f"{np.mean(ks):.2f}" if ks else "–")
@@ -170,6 +179,14 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
             )
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _speed(run: dict) -> str:
+    """The side-by-side tokens/s and ratio cells ("–" where not measured)."""
+    speed = run.get("side_by_side")
+    if speed is None:
+        return "– | –"
+    return f"{speed['tokens_per_second']:,.0f} | {speed['vs_first']:.2f}"
 
 
 def _seed_sections(runs: dict[str, dict]) -> list[str]:
