@@ -652,6 +652,16 @@ def bench_offload_resident_zero(tmp, src):
     return ["bench", "offload", "--resident", "0"], [], ["resident fractions must lie in (0, 1]"]
 
 
+@case
+def generate_budget_below_minimum(tmp, src):
+    return ["generate", "The king said", "--memory-budget", "1MB"], [], ["too small", "the minimum is"]
+
+
+@case
+def generate_empty_prompt(tmp, src):
+    return ["generate", ""], [], ["the prompt is empty"]
+
+
 # compress, calibrate, eval (issue 10 §6)
 
 

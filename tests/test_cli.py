@@ -144,3 +144,22 @@ def test_bench_offload_json_contract(tmp_path):
             assert row["hit_rate"] == 1.0 and row["reads_per_token"] == 0, "every expert resident from the warm start"
     again = runner.invoke(app, args)
     assert again.exit_code != 0 and "--overwrite" in str(again.exception) + again.output
+
+
+def test_generate_in_memory_and_offloaded_give_the_same_text():
+    args = ["generate", "The king said", "--max-new-tokens", "12"]
+    plain = runner.invoke(app, args)
+    assert plain.exit_code == 0, plain.output
+    offloaded = runner.invoke(app, [*args, "--resident", "0.25"])
+    assert offloaded.exit_code == 0, offloaded.output
+    text = plain.output.strip()
+    assert text.startswith("The king said") and len(text) > len("The king said")
+    assert offloaded.output.startswith(plain.output) and "expert cache: 12 slots, decode hit rate" in offloaded.output
+
+
+def test_parse_size():
+    from moelab.generate import parse_size
+
+    assert parse_size("2GiB") == 2 * 2**30 and parse_size("800MB") == 800 * 10**6 and parse_size("1234") == 1234
+    with pytest.raises(ValueError, match="cannot read '2 parsecs' as a size"):
+        parse_size("2 parsecs")

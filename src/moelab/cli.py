@@ -471,6 +471,32 @@ def compress_bench(
     run_bench(model, out, options, overwrite=overwrite, quiet=quiet)
 
 
+@app.command("generate")
+def generate_cmd(
+    prompt: Annotated[str, typer.Argument(help="The text to continue.")],
+    model: Annotated[Path | None, typer.Option("--model", help="A checkpoint directory, moelab's or transformers' (default: the shipped ref-8e-top2).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy tokens to add.")] = 64,
+    resident: Annotated[float | None, typer.Option("--resident", help="Offload the routed experts, keeping this fraction of them in memory (0-1].")] = None,
+    memory_budget: Annotated[str | None, typer.Option("--memory-budget", help="Offload the routed experts to fit the whole model in this much memory, e.g. 2GiB.")] = None,
+    prior: Annotated[Path | None, typer.Option("--prior", help="A routing trace (moelab trace) whose statistics guide the expert cache.")] = None,
+) -> None:
+    """Continue a prompt greedily, the model in memory or its routed experts offloaded (--resident / --memory-budget)."""
+    from moelab.generate import generate_text, parse_size
+    from moelab.models.reference import reference_model_dir
+    from moelab.offload import RoutingPrior
+    from moelab.trace import open_trace
+
+    text, stats = generate_text(
+        model or reference_model_dir(), prompt, max_new_tokens=max_new_tokens, resident=resident,
+        memory_budget=None if memory_budget is None else parse_size(memory_budget),
+        prior=None if prior is None else RoutingPrior.from_trace(open_trace(prior)),
+    )  # fmt: skip
+    console.print(prompt + text, markup=False, highlight=False)
+    if stats is not None:
+        hit = "-" if stats["decode_hit_rate"] is None else f"{stats['decode_hit_rate']:.1%}"
+        console.print(f"[dim]expert cache: {stats['slots']} slots, decode hit rate {hit}, {stats['experts_read']} experts read[/dim]")
+
+
 @app.command("eval")
 def eval_cmd(
     model: ModelArg = None,

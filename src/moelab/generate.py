@@ -1,0 +1,85 @@
+"""Text in, text out: `moelab generate MODEL "prompt"`, in memory or with the experts offloaded.
+
+    text, stats = generate_text("runs/ref-8e-top2-pruned", "def main():", max_new_tokens=64,
+                                resident=0.25)
+
+The model is any checkpoint the other commands read (moelab's or a transformers family), its
+tokenizer the one saved beside it (moelab's shipped tokenizer for a moelab checkpoint without
+one). Decoding is greedy. With `resident` or `memory_budget` the routed experts are offloaded
+(`moelab.offload`: prefetching by the next router's lookahead needs no calibration; a routing
+prior from a trace, `moelab trace`, sharpens the eviction policy), so nothing beyond the budget is
+loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from moelab.data import TOKENIZER_DIR
+from moelab.offload import RoutingPrior, load_offloaded
+from moelab.offload.model import greedy_generate
+from moelab.trace import load_model
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """"1.5GiB", "800MB", "123456" -> bytes."""
+    match = SIZE.match(text)
+    if match is None:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 2GiB, 800MB or a number of bytes")
+    return int(float(match.group(1)) * UNITS[(match.group(2) or "b").lower()])
+
+
+def load_tokenizer_of(path: str | os.PathLike):
+    """The tokenizer saved in the checkpoint directory, else moelab's shipped one (no downloads)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    source = path if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file() else TOKENIZER_DIR
+    return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+
+
+def generate_text(
+    path: str | os.PathLike,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    resident: float | None = None,
+    memory_budget: int | None = None,
+    prior: RoutingPrior | None = None,
+) -> tuple[str, dict | None]:
+    """(the prompt's continuation, the expert cache's statistics or None in memory). resident or
+    memory_budget (bytes): offload the routed experts (`load_offloaded`), with `prior` (routing
+    statistics, e.g. `RoutingPrior.from_trace`) for the eviction policy if given."""
+    if not prompt:
+        raise ValueError("the prompt is empty; give some text to continue")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    tokenizer = load_tokenizer_of(path)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+    if ids.shape[1] == 0:
+        raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
+    if resident is None and memory_budget is None:
+        loaded = load_model(path, quiet=True)
+        out = greedy_generate(loaded.model, ids, max_new_tokens)
+        return tokenizer.decode(out[0, ids.shape[1] :]), None
+    model = load_offloaded(path, resident=resident, memory_budget=memory_budget, prior=prior)
+    try:
+        out = model.generate(ids, max_new_tokens)
+        decode = model.cache.stats.get(1)
+        stats = {
+            "slots": model.cache.slots,
+            "decode_hit_rate": None if decode is None else decode.hit_rate,
+            "experts_read": model.cache.total().misses + model.cache.prefetch_stats.issued,
+            "prefetch_accuracy": model.cache.prefetch_stats.accuracy,
+        }
+    finally:
+        model.close()
+    return tokenizer.decode(out[0, ids.shape[1] :]), stats
