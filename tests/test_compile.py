@@ -74,3 +74,20 @@ def test_compiled_generate_decodes_the_eager_tokens(batch):
     want = model.generate(ids, 12, greedy=True)
     assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), want)
     assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), want)  # the traced step again
+
+
+def test_compiled_generate_sees_weights_changed_after_compiling():
+    """The compiled step freezes the weights into its graph: after an in-place update (an
+    optimizer step) or a loaded state it must trace again, never decode with stale weights."""
+    from test_model import make_model, random_ids
+
+    torch._dynamo.reset()
+    model = make_model(init_std=0.2).eval()
+    ids = random_ids(batch=1, seq=5)
+    model.generate(ids, 8, greedy=True, compile=True)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # in place: the same tensor, a new version
+    assert torch.equal(model.generate(ids, 8, greedy=True, compile=True), model.generate(ids, 8, greedy=True))
+    other = make_model(seed=3, init_std=0.2).eval()
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(model.generate(ids, 8, greedy=True, compile=True), other.generate(ids, 8, greedy=True))

@@ -325,6 +325,17 @@ class MoETransformer(nn.Module):
             x = layer(x, *positions, infer=True)[0]
         return self.lm_head(self.norm(x[:, -1]))
 
+    def _compiled_step(self):
+        """`_decode` compiled with Inductor's freezing (the weights folded in as constants, linear
+        weights prepacked for the CPU's GEMM). Frozen weights would go stale, so the step is traced
+        again (after `torch._dynamo.reset()`, which drops every compiled graph of the process) once
+        any parameter has changed: another tensor, another storage or an in-place update."""
+        weights = tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())
+        if getattr(self, "_frozen_weights", None) != weights:
+            torch._dynamo.reset()
+            self._frozen_weights = weights
+        return torch.compile(self._decode, dynamic=False)
+
     def _check_call(self, input_ids: Tensor, targets: Tensor | None, kv_cache: KVCache | None, start_pos: int) -> None:
         self._check_routing_is_causal()
         self._check_inputs(input_ids, targets, kv_cache, start_pos)
@@ -402,8 +413,8 @@ class MoETransformer(nn.Module):
         generation stops early once all have. Runs in the model's current mode (call `.eval()`).
         compile: run the one-token steps as a `torch.compile`d static step (the position a tensor,
         the whole KV cache, its length rounded up to a multiple of 64, attended under a mask: the
-        same shapes at every step, one trace per batch size and cache length); the prompt runs
-        eagerly. Only where every MoE layer runs the batch on gathered weights (B*k <= E, see
+        same shapes at every step, one trace per batch size and cache length; the weights frozen
+        into the graph and traced again whenever they change); the prompt runs eagerly. Only where every MoE layer runs the batch on gathered weights (B*k <= E, see
         `MoELayer.gathers`); larger batches read the routing on the host and decode eagerly."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {list(input_ids.shape)}")
@@ -424,7 +435,7 @@ class MoETransformer(nn.Module):
             length = S + max_new_tokens
             if compile and all(moe.gathers(B) for moe in self.moe_layers.values()):
                 length = min(self.config.max_seq_len, -(-length // 64) * 64)  # fewer distinct shapes to trace
-                static_step = torch.compile(self._decode, dynamic=False)
+                static_step = self._compiled_step()
             cache = KVCache(self.config, B, length, device=input_ids.device, dtype=self.embed.weight.dtype)
         tokens, step_ids, pos = input_ids, input_ids, 0
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -433,7 +444,8 @@ class MoETransformer(nn.Module):
             if cache is None:
                 logits = self._decode(tokens, None, 0)
             elif static_step is not None and pos > 0:
-                logits = static_step(step_ids, cache, torch.tensor(pos, device=input_ids.device))
+                with torch._inductor.config.patch(freezing=True):
+                    logits = static_step(step_ids, cache, torch.tensor(pos, device=input_ids.device))
             else:
                 logits = self._decode(step_ids, cache, pos)
             pos += step_ids.shape[1]
