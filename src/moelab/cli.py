@@ -76,10 +76,8 @@ def bench_generate(
 ) -> None:
     """Decode tokens/s: moelab's generate vs transformers' on the same weights, and vs the memory-bandwidth bound."""
     from moelab.bench import generate as bench
-    from moelab.io import atomic_write_text, check_output_file, has_json_format
 
-    if json_path is not None:
-        check_output_file(json_path, overwrite=overwrite, is_own=lambda p: has_json_format(p, bench.JSON_FORMAT))
+    _claim_json(json_path, bench.JSON_FORMAT, overwrite)
     options = bench.GenerateOptions(
         batch_sizes=tuple(batch or (1, 8, 32)), prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
         threads=threads, load=load, skip=tuple(skip or ()), compile=compile_step,
@@ -89,9 +87,7 @@ def bench_generate(
     console.print(bench.render(doc))
     if doc["skipping_quality"]:
         console.print(bench.render_skipping(doc))
-    if json_path is not None:
-        atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
-        console.print(f"wrote {json_path}")
+    _write_json(json_path, doc)
 
 
 @bench_app.command("offload")
@@ -108,10 +104,8 @@ def bench_offload(
 ) -> None:
     """Offloaded decoding: expert-cache hit rate, prefetch accuracy and tokens/s against an LRU cache and the model in memory."""
     from moelab.bench import offload as bench
-    from moelab.io import atomic_write_text, check_output_file, has_json_format
 
-    if json_path is not None:
-        check_output_file(json_path, overwrite=overwrite, is_own=lambda p: has_json_format(p, bench.JSON_FORMAT))
+    _claim_json(json_path, bench.JSON_FORMAT, overwrite)
     options = bench.OffloadOptions(
         resident=tuple(resident or (0.05, 0.25, 0.5, 1.0)), prompts=prompts, new_tokens=new_tokens, threads=threads,
         rounds=rounds, read_gbps=read_gbps,
@@ -119,9 +113,25 @@ def bench_offload(
     with console.status("bench offload") as status:
         doc = bench.run(_model_dirs(models), options, progress=lambda what: status.update(f"bench offload: {what}"))
     console.print(bench.render(doc))
-    if json_path is not None:
-        atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
-        console.print(f"wrote {json_path}")
+    _write_json(json_path, doc)
+
+
+def _claim_json(path: Path | None, json_format: str, overwrite: bool) -> None:
+    """Check, before any work, that `path` (if given) may be written: new, or moelab's own JSON of
+    this format with --overwrite."""
+    from moelab.io import check_output_file, has_json_format
+
+    if path is not None:
+        check_output_file(path, overwrite=overwrite, is_own=lambda p: has_json_format(p, json_format))
+
+
+def _write_json(path: Path | None, doc: dict) -> None:
+    """Write `doc` to `path` (if given) atomically and say so."""
+    from moelab.io import atomic_write_text
+
+    if path is not None:
+        atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+        console.print(f"wrote {path}")
 
 
 def _model_dirs(models: list[str] | None) -> dict[str, Path]:
@@ -145,22 +155,18 @@ def bench_compress(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Calibrate and REAP-prune a generated checkpoint larger than memory: peak RSS, time, tokens/s."""
-    import json
 
     from moelab.bench import compress as bench
-    from moelab.io import atomic_write_text, check_output_file, has_json_format, output_dir
+    from moelab.io import output_dir
 
-    if json_path is not None:
-        check_output_file(json_path, overwrite=overwrite, is_own=lambda p: has_json_format(p, bench.JSON_FORMAT))
+    _claim_json(json_path, bench.JSON_FORMAT, overwrite)
     options = bench.BenchOptions(family=family, size_gb=size_gb, tokens=tokens, baseline=baseline)
     with output_dir(work, "benchmark scratch", entries=["source", "pruned"], overwrite=overwrite) as claimed:
         doc = bench.run(options, claimed.path, progress=console)
         if not keep:
             claimed.clear()
     console.print(bench.render(doc))
-    if json_path is not None:
-        atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
-        console.print(f"wrote {json_path}")
+    _write_json(json_path, doc)
 
 
 @bench_app.command("skip")
@@ -173,18 +179,13 @@ def bench_skip(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """NAEE dynamic skipping in moelab's runtime: tokens/s, experts per token and loss, with and without."""
-    import json
-
     from moelab.bench import skipping as bench
-    from moelab.io import atomic_write_text, check_output_file, has_json_format
     from moelab.models.reference import reference_model_dir
 
-    if json_path is not None:
-        check_output_file(json_path, overwrite=overwrite, is_own=lambda p: has_json_format(p, bench.JSON_FORMAT))
+    _claim_json(json_path, bench.JSON_FORMAT, overwrite)
     doc = bench.run(Path(model) if model else reference_model_dir(), stats, bench.SkipOptions(tokens=tokens, rounds=rounds))
     console.print(bench.render(doc))
-    if json_path is not None:
-        atomic_write_text(json_path, json.dumps(doc, indent=1) + "\n")
+    _write_json(json_path, doc)
 
 
 @app.command()
@@ -515,20 +516,14 @@ def eval_cmd(
 ) -> None:
     """Perplexity per domain; against a base: KL and top-1 agreement; degenerate generations; size and speed."""
     from moelab.eval.evaluate import EVAL_FORMAT, EvalOptions, evaluate, render_report
-    from moelab.io import atomic_write_text, check_output_file, has_json_format
     from moelab.models.reference import reference_model_dir
 
-    if json_path is not None:
-        check_output_file(json_path, overwrite=overwrite, is_own=lambda p: has_json_format(p, EVAL_FORMAT))
+    _claim_json(json_path, EVAL_FORMAT, overwrite)
     options = EvalOptions(data=data, split=split, domains=domains, max_tokens=max_tokens, seq_len=seq_len,
                           batch_size=batch_size, prompts=prompts, dynamic_skip=str(dynamic_skip) if dynamic_skip else None)
     report = evaluate(model or reference_model_dir(), base=base, options=options, quiet=quiet)
     console.print(render_report(report))
-    if json_path is not None:
-        import json
-
-        atomic_write_text(json_path, json.dumps(report, indent=1) + "\n")
-        console.print(f"wrote {json_path}")
+    _write_json(json_path, report)
 
 
 @app.command()

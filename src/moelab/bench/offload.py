@@ -54,7 +54,8 @@ POLICIES = {  # name: (eviction, predictor, prefetch_factor)
 class OffloadOptions:
     """resident: fractions of the routed experts the cache holds; prompts, prompt_tokens,
     new_tokens: the decoding; calibration_tokens: train-split tokens for the routing prior;
-    threads: intra-op threads."""
+    threads: intra-op threads; rounds: timed rounds per cell; read_gbps: emulated storage GB/s
+    (None: the files as fast as the OS serves them)."""
 
     resident: tuple[float, ...] = (0.05, 0.25, 0.5, 1.0)
     prompts: int = 8
