@@ -106,11 +106,11 @@ def test_bench_generate_json_contract(tmp_path):
         for impl, speed in row["tokens_per_s"].items():
             assert 0 < row["fraction_of_bound"][impl] == speed / row["bound_tokens_per_s"]
         assert 1 <= row["distinct_experts_per_layer"] <= row["batch"] * tiny().moe.top_k
-    quality = doc["skipping_quality"][str(model_dir)]
-    assert list(quality) == ["none", "0.5", "1"]
+    quality = doc["routing_quality"][str(model_dir)]
+    assert list(quality) == ["none", "skip0.5", "skip1"]
     assert quality["none"]["experts_per_token"] == pytest.approx(2.0)  # top-2, every slot used
-    assert quality["1"]["experts_per_token"] == pytest.approx(1.0)  # beta = 1 keeps the top expert alone
-    assert quality["none"]["perplexity"] != quality["1"]["perplexity"]
+    assert quality["skip1"]["experts_per_token"] == pytest.approx(1.0)  # beta = 1 keeps the top expert alone
+    assert quality["none"]["perplexity"] != quality["skip1"]["perplexity"]
     again = runner.invoke(app, args)
     assert again.exit_code != 0 and "--overwrite" in str(again.exception) + again.output
 
@@ -163,3 +163,43 @@ def test_parse_size():
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("800MB") == 800 * 10**6 and parse_size("1234") == 1234
     with pytest.raises(ValueError, match="cannot read '2 parsecs' as a size"):
         parse_size("2 parsecs")
+
+
+def test_bench_generate_top_p_thresholds_on_a_top_p_model(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from moelab.models import MoETransformer, save_pretrained, tiny
+
+    torch.manual_seed(0)
+    moe = dataclasses.replace(tiny().moe, router="topp", top_p=0.6)
+    save_pretrained(MoETransformer(dataclasses.replace(tiny(), vocab_size=8192, init_std=0.2, moe=moe)), tmp_path / "m")
+    out = tmp_path / "g.json"
+    args = ["bench", "generate", str(tmp_path / "m"), "--batch", "1", "--new-tokens", "4", "--rounds", "1",
+            "--top-p", "0.2", "--top-p", "0.95", "--json", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    quality = doc["routing_quality"][str(tmp_path / "m")]
+    assert list(quality) == ["none", "topp0.2", "topp0.95"]
+    k = {name: q["experts_per_token"] for name, q in quality.items()}
+    assert 1.0 <= k["topp0.2"] < k["none"] < k["topp0.95"] <= 4.0  # adaptive k: the threshold sets k
+    row = doc["results"][0]
+    assert set(row["tokens_per_s"]) == {"moelab", "moelab_topp0.2", "moelab_topp0.95"}  # no transformers family
+    assert row["family"] is None and row["ratio_vs_transformers"] is None and row["same_greedy_tokens"]["moelab"] == 1.0
+    plain = runner.invoke(app, ["bench", "generate", str(tmp_path / "m"), "--batch", "1", "--new-tokens", "2",
+                                "--rounds", "1", "--top-p", "0.5"])  # fmt: skip
+    assert plain.exit_code == 0, plain.output
+
+
+def test_bench_generate_top_p_needs_top_p_routers(tmp_path):
+    import dataclasses
+
+    from moelab.models import MoETransformer, save_pretrained, tiny
+
+    save_pretrained(MoETransformer(dataclasses.replace(tiny(), vocab_size=8192)), tmp_path / "m")
+    result = runner.invoke(app, ["bench", "generate", str(tmp_path / "m"), "--batch", "1", "--new-tokens", "2",
+                                 "--rounds", "1", "--top-p", "0.5"])  # fmt: skip
+    assert result.exit_code != 0
+    assert "this model has none" in str(result.exception) + result.output

@@ -70,6 +70,7 @@ def bench_generate(
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads.")] = 1,
     load: Annotated[int, typer.Option("--load", min=0, help="Busy processes to run beside the benchmark.")] = 0,
     skip: Annotated[list[float] | None, typer.Option("--skip", help="NAEE dynamic-skipping ratios to time beside plain decoding, with the test perplexity at each.")] = None,
+    top_p: Annotated[list[float] | None, typer.Option("--top-p", help="Top-p thresholds to decode with (models with top-p routers: adaptive k), timed beside plain decoding, with the test perplexity at each.")] = None,
     compile_step: Annotated[bool, typer.Option("--compile", help="Also time generate(compile=True), the compiled static decode step.")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
@@ -80,13 +81,13 @@ def bench_generate(
     _claim_json(json_path, bench.JSON_FORMAT, overwrite)
     options = bench.GenerateOptions(
         batch_sizes=tuple(batch or (1, 8, 32)), prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
-        threads=threads, load=load, skip=tuple(skip or ()), compile=compile_step,
+        threads=threads, load=load, skip=tuple(skip or ()), top_p=tuple(top_p or ()), compile=compile_step,
     )
     with console.status("bench generate") as status:
         doc = bench.run(_model_dirs(models), options, progress=lambda what: status.update(f"bench generate: {what}"))
     console.print(bench.render(doc))
-    if doc["skipping_quality"]:
-        console.print(bench.render_skipping(doc))
+    if doc["routing_quality"]:
+        console.print(bench.render_routing(doc))
     _write_json(json_path, doc)
 
 

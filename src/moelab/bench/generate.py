@@ -2,7 +2,8 @@
 same weights, and against the machine's memory-bandwidth bound, all measured in one run.
 
 For each model (a moelab checkpoint; its transformers counterpart is built in memory from
-`export_state`, Mixtral where the model maps to it, else Qwen2-MoE) and batch size: random
+`export_state`, Mixtral where the model maps to it, else Qwen2-MoE; a model no transformers
+family computes, e.g. with top-p routing, is timed without it) and batch size: random
 prompts of `prompt_tokens`, then `new_tokens` greedy tokens, fp32, on `threads` intra-op
 threads. Every round runs both implementations once, in a shuffled order; tokens/s is the
 median over rounds and `ratio` the median of the per-round ratios (transformers' time / moelab's),
@@ -10,7 +11,9 @@ so both sides of a ratio saw the same machine load. The greedy tokens are compar
 
 With `skip` ratios, moelab also decodes with NAEE's dynamic skipping at each ratio β (a chosen
 expert whose weight is below β times the token's largest is dropped), timed in the same rounds,
-and the model's test perplexity and experts per token are measured at each β.
+and the model's test perplexity and experts per token are measured at each β. With `top_p`
+thresholds, a model with top-p routers (adaptive k, "harder tokens need more experts") decodes
+with its routers' threshold set to each, measured the same way.
 
 The bound: a decode step must read every weight it uses once (attention, norms, routers, the
 output head, the experts its tokens were routed to, counted from the routing of an untimed
@@ -21,6 +24,7 @@ does not credit.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import statistics
@@ -36,6 +40,7 @@ from moelab.bench.skipping import loss_and_experts, test_batches
 from moelab.compress.skipping import apply_dynamic_skipping
 from moelab.hf.export import export_problems, exported_model
 from moelab.models import MoETransformer, load_pretrained
+from moelab.nn.routers import TopPRouter
 from moelab.validation import is_int
 
 JSON_FORMAT = "moelab-bench-generate/1"
@@ -57,6 +62,7 @@ class GenerateOptions:
     threads: int = 1
     load: int = 0
     skip: tuple[float, ...] = ()
+    top_p: tuple[float, ...] = ()
     eval_tokens: int = 4096
     compile: bool = False
 
@@ -71,6 +77,8 @@ class GenerateOptions:
             raise ValueError(f"load must be an integer >= 0 (busy processes), got {self.load!r}")
         if any(not 0 < ratio <= 1 for ratio in self.skip):
             raise ValueError(f"dynamic-skipping ratios must lie in (0, 1], got {list(self.skip)}")
+        if any(not 0 < p <= 1 for p in self.top_p):
+            raise ValueError(f"top-p thresholds must lie in (0, 1], got {list(self.top_p)}")
         if not is_int(self.eval_tokens) or self.eval_tokens < 16:
             raise ValueError(f"eval_tokens must be an integer >= 16, got {self.eval_tokens!r}")
 
@@ -91,9 +99,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def family_for(model: MoETransformer) -> str:
-    """Mixtral where the model maps to it exactly, else Qwen2-MoE (any exportable model)."""
-    return "mixtral" if not export_problems(model.config, "mixtral") else "qwen2_moe"
+def family_for(model: MoETransformer) -> str | None:
+    """Mixtral where the model maps to it exactly, else Qwen2-MoE, else None (no transformers
+    family computes it: top-p routing, UoE, ...)."""
+    for family in ("mixtral", "qwen2_moe"):
+        if not export_problems(model.config, family):
+            return family
+    return None
 
 
 def bytes_per_step(
@@ -155,19 +167,19 @@ def measure_model(
     """One row per batch size: tokens/s of each implementation, its ratio to transformers, the
     bound. `model` is `model_dir` loaded."""
     family = family_for(model)
-    hf = exported_model(model_dir, family)
-    hf.generation_config.eos_token_id = None  # decode exactly new_tokens, as moelab's generate does
-    hf.generation_config.pad_token_id = 0
-    run = {
-        "moelab": lambda ids: model.generate(ids, options.new_tokens, greedy=True),
-        "transformers": lambda ids: hf.generate(
+    run = {"moelab": lambda ids: model.generate(ids, options.new_tokens, greedy=True)}
+    if family is not None:
+        hf = exported_model(model_dir, family)
+        hf.generation_config.eos_token_id = None  # decode exactly new_tokens, as moelab's generate does
+        hf.generation_config.pad_token_id = 0
+        run["transformers"] = lambda ids: hf.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=options.new_tokens, do_sample=False
-        ),
-    }
+        )
+    base = "transformers" if family is not None else "moelab"  # what ratios and token checks refer to
     if options.compile:
         run["moelab_compiled"] = lambda ids: model.generate(ids, options.new_tokens, greedy=True, compile=True)
-    for ratio in options.skip:
-        run[f"moelab_skip{ratio:g}"] = _skipping(model, ratio, options.new_tokens)
+    for variant, (setting, value) in routing_variants(options).items():
+        run[f"moelab_{variant}"] = _with_setting(model, setting, value, options.new_tokens)
     rows = []
     for batch in options.batch_sizes:
         if progress is not None:
@@ -198,53 +210,78 @@ def measure_model(
             "batch": batch,
             "tokens_per_s": speed,
             "ratio_vs_transformers": {
-                impl: statistics.median(h / m for h, m in zip(times["transformers"], t)) for impl, t in times.items()
-            },
+                impl: statistics.median(h / m for h, m in zip(times[base], t)) for impl, t in times.items()
+            } if family is not None else None,
             "fraction_of_bound": {impl: v / bound for impl, v in speed.items()},
             "bytes_per_token": step_bytes / batch,
             "distinct_experts_per_layer": statistics.mean(distinct.values()) if distinct else 0.0,
             "bound_tokens_per_s": bound,
-            "same_greedy_tokens": {
-                impl: float((out[:, new] == outputs["transformers"][:, new]).all(-1).float().mean())
+            "same_greedy_tokens": {  # as transformers' (as plain moelab's without a transformers family)
+                impl: float((out[:, new] == outputs[base][:, new]).all(-1).float().mean())
                 for impl, out in outputs.items()
             },
         })  # fmt: skip
     return rows
 
 
-def _skipping(model: MoETransformer, ratio: float, new_tokens: int):
-    """generate with every MoE layer's dynamic-skipping ratio set to `ratio` (reset afterwards)."""
+def routing_variants(options: GenerateOptions) -> dict[str, tuple[str, float]]:
+    """{name: (setting, value)} of the inference-time routing variants timed beside plain decoding:
+    "skip0.2": NAEE dynamic skipping at β = 0.2, "topp0.4": top-p routers' threshold set to 0.4."""
+    return {f"skip{r:g}": ("skip", r) for r in options.skip} | {f"topp{p:g}": ("top_p", p) for p in options.top_p}
 
-    def generate(ids: torch.Tensor) -> torch.Tensor:
-        apply_dynamic_skipping(model, dict.fromkeys(model.moe_layers, ratio))
+
+@contextlib.contextmanager
+def routing_setting(model: MoETransformer, setting: str, value: float):
+    """Run `model` with dynamic skipping at ratio `value` ("skip") or its top-p routers' threshold
+    at `value` ("top_p": adaptive k), restored afterwards."""
+    if setting == "skip":
+        apply_dynamic_skipping(model, dict.fromkeys(model.moe_layers, value))
         try:
-            return model.generate(ids, new_tokens, greedy=True)
+            yield
         finally:
             apply_dynamic_skipping(model, None)
+        return
+    routers = [moe.router for moe in model.moe_layers.values() if isinstance(moe.router, TopPRouter)]
+    if not routers:
+        raise ValueError(
+            "--top-p sets the threshold of top-p routers (adaptive k), but this model has none; pass a model "
+            "trained with router='topp' (e.g. configs/models/topp.yaml)"
+        )
+    trained = [router.top_p for router in routers]
+    for router in routers:
+        router.top_p = value
+    try:
+        yield
+    finally:
+        for router, p in zip(routers, trained):
+            router.top_p = p
+
+
+def _with_setting(model: MoETransformer, setting: str, value: float, new_tokens: int):
+    """generate under `routing_setting(model, setting, value)`."""
+
+    def generate(ids: torch.Tensor) -> torch.Tensor:
+        with routing_setting(model, setting, value):
+            return model.generate(ids, new_tokens, greedy=True)
 
     return generate
 
 
-def skipping_quality(model: MoETransformer, options: GenerateOptions) -> dict[str, dict[str, float]]:
-    """{"none" or the ratio: test perplexity and experts per token} with dynamic skipping at each ratio."""
+def routing_quality(model: MoETransformer, options: GenerateOptions) -> dict[str, dict[str, float]]:
+    """{"none" or a `routing_variants` name: test perplexity and experts per token}."""
     batches = test_batches(options.eval_tokens, min(256, model.config.max_seq_len), 8)
     top = max(int(inputs.max()) for inputs, _ in batches)
     if top >= model.config.vocab_size:
         raise ValueError(
             f"the corpus's token id {top} is outside the model's vocabulary ({model.config.vocab_size}): "
-            "the perplexity under --skip needs a model trained with moelab's tokenizer"
+            "the perplexity under --skip / --top-p needs a model trained with moelab's tokenizer"
         )
     quality = {}
-    try:
-        for ratio in (None, *options.skip):
-            apply_dynamic_skipping(model, None if ratio is None else dict.fromkeys(model.moe_layers, ratio))
+    variants = {"none": None} | routing_variants(options)
+    for name, variant in variants.items():
+        with routing_setting(model, *variant) if variant else contextlib.nullcontext():
             measured = loss_and_experts(model, batches)
-            quality["none" if ratio is None else f"{ratio:g}"] = {
-                "perplexity": math.exp(measured["loss"]),
-                "experts_per_token": measured["experts_per_token"],
-            }
-    finally:
-        apply_dynamic_skipping(model, None)
+        quality[name] = {"perplexity": math.exp(measured["loss"]), "experts_per_token": measured["experts_per_token"]}
     return quality
 
 
@@ -255,12 +292,12 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
     try:
         with busy_processes(options.load):
             bandwidth = memory_bandwidth_gb_s()
-            rows, skipping = [], {}
+            rows, quality = [], {}
             for name, path in models.items():
                 model = load_pretrained(path).eval()
                 rows += measure_model(name, path, model, options, bandwidth, progress)
-                if options.skip:
-                    skipping[name] = skipping_quality(model, options)
+                if routing_variants(options):
+                    quality[name] = routing_quality(model, options)
     finally:
         torch.set_num_threads(threads)
     return {
@@ -268,7 +305,7 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
         "setup": {**asdict(options), "memory_bandwidth_gb_s": bandwidth, "torch": torch.__version__,
                   "transformers": _transformers_version()},
         "results": rows,
-        "skipping_quality": skipping,
+        "routing_quality": quality,
     }  # fmt: skip
 
 
@@ -290,35 +327,27 @@ def render(doc: dict) -> Table:
         table.add_column(column, justify="right")
     for r in doc["results"]:
         for impl, speed in r["tokens_per_s"].items():
+            ratio = "-" if r["ratio_vs_transformers"] is None else f"{r['ratio_vs_transformers'][impl]:.2f}"
             table.add_row(
-                f"{r['model']} ({r['family']})", str(r["batch"]), impl, f"{speed:,.0f}",
-                f"{r['ratio_vs_transformers'][impl]:.2f}", f"{r['fraction_of_bound'][impl]:.1%}",
-                f"{r['same_greedy_tokens'][impl]:.0%}",
+                f"{r['model']} ({r['family'] or 'no transformers family'})", str(r["batch"]), impl, f"{speed:,.0f}",
+                ratio, f"{r['fraction_of_bound'][impl]:.1%}", f"{r['same_greedy_tokens'][impl]:.0%}",
             )  # fmt: skip
     return table
 
 
-def render_skipping(doc: dict) -> Table:
-    """Dynamic skipping: test perplexity, experts per token and decode speed-up at each ratio."""
-    table = Table(
-        title="NAEE dynamic skipping at decode (speed-up: moelab with skipping ÷ without, same rounds)"
-    )
+def render_routing(doc: dict) -> Table:
+    """Inference-time routing variants (dynamic skipping, top-p thresholds): test perplexity,
+    experts per token and decode speed-up of each."""
+    table = Table(title="routing at decode: dynamic skipping (skipβ), top-p threshold (toppP); speed-up ÷ plain moelab, same rounds")
     batches = sorted({r["batch"] for r in doc["results"]})
-    for column in (
-        "model",
-        "β",
-        "perplexity",
-        "change",
-        "experts/token",
-        *(f"speed-up b{b}" for b in batches),
-    ):
+    for column in ("model", "variant", "perplexity", "change", "experts/token", *(f"speed-up b{b}" for b in batches)):
         table.add_column(column, justify="right")
-    for model, quality in doc["skipping_quality"].items():
+    for model, quality in doc["routing_quality"].items():
         base = quality["none"]["perplexity"]
         rows = {r["batch"]: r["tokens_per_s"] for r in doc["results"] if r["model"] == model}
-        for ratio, q in quality.items():
-            impl = "moelab" if ratio == "none" else f"moelab_skip{ratio}"
+        for name, q in quality.items():
+            impl = "moelab" if name == "none" else f"moelab_{name}"
             speedups = [f"{rows[b][impl] / rows[b]['moelab']:.2f}" for b in batches]
-            table.add_row(model, ratio, f"{q['perplexity']:.1f}", f"{q['perplexity'] / base - 1:+.1%}",
+            table.add_row(model, name, f"{q['perplexity']:.1f}", f"{q['perplexity'] / base - 1:+.1%}",
                           f"{q['experts_per_token']:.2f}", *speedups)  # fmt: skip
     return table
