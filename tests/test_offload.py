@@ -188,7 +188,6 @@ def test_routing_prior_worked_example():
     expected = torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.0, 1.0], [1 / 3, 1 / 3, 1 / 3]])
     torch.testing.assert_close(prior.affinity[0], expected)
     torch.testing.assert_close(prior.affinity_scores(0, torch.tensor([[0, 1]])), torch.tensor([0.0, 0.5, 1.5]))
-    assert prior.next_layer(0) == 1 and prior.next_layer(1) is None
 
 
 # ----------------------------------------------------------------------------- bad input

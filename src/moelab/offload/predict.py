@@ -65,11 +65,6 @@ class RoutingPrior:
                 counter.add({i: routing.indices for i, routing in capture.pop().items()})
         return counter.prior("the calibration batches")
 
-    def next_layer(self, layer: int) -> int | None:
-        """The MoE layer after `layer`, None for the last."""
-        position = self.layers.index(layer)
-        return self.layers[position + 1] if position + 1 < len(self.layers) else None
-
     def affinity_scores(self, layer: int, indices: Tensor) -> Tensor:
         """indices: [T, K] the experts chosen at `layer` (-1 = empty) -> [E_next] expected choices
         of each expert of the next MoE layer over the T tokens."""
