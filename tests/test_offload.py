@@ -86,6 +86,17 @@ def test_offloaded_transformers_checkpoint_decodes_like_transformers(tmp_path, f
             offloaded.close()
 
 
+def test_generation_past_the_position_limit_is_refused(tmp_path):
+    build("mixtral").save_pretrained(tmp_path)  # max_position_embeddings: transformers' default
+    offloaded = load_offloaded(tmp_path, resident=1.0, predictor=None)
+    try:
+        limit = offloaded.model.config.max_position_embeddings
+        with pytest.raises(ValueError, match="exceed the model's max_position_embeddings"):
+            offloaded.generate(torch.zeros(1, 4, dtype=torch.long), limit)
+    finally:
+        offloaded.close()
+
+
 def test_a_prefill_larger_than_the_cache_runs_in_chunks(tmp_path, one_thread):
     """A prompt that needs every expert of a layer at once, through a pool of 2 slots."""
     model, path = _native(tmp_path)

@@ -169,6 +169,12 @@ def greedy_generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int) ->
     `generate` (exactly max_new_tokens, no stopping at EOS): [B, S] -> [B, S + max_new_tokens]."""
     if isinstance(model, MoETransformer):
         return model.generate(input_ids, max_new_tokens, greedy=True)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceed the model's "
+            f"max_position_embeddings ({limit}); shorten one of them"
+        )
     return model.generate(
         input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
         min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
