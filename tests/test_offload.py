@@ -142,8 +142,10 @@ def test_reuse_evicts_the_expert_needed_furthest_ahead(tmp_path):
         cache.release()
     cache._current = 2  # noqa: SLF001 - the cycle position after layer 2 ran
     cache._recency.clear()  # noqa: SLF001 - probabilities from the prior alone
+    cache._chance.clear()  # noqa: SLF001
     assert cache._owner[cache._victim()] == (2, 2)  # noqa: SLF001
     prior.frequency[1][1] = 0.01  # (1, 1): 2 + 3 * 99 visits ahead
+    cache._chance.clear()  # noqa: SLF001
     assert cache._owner[cache._victim()] == (1, 1)  # noqa: SLF001
     cache.close()
 

@@ -116,10 +116,11 @@ class ExpertCache:
         self._loading: dict[int, Future] = {}
         self._pinned: set[int] = set()
         self._recent: OrderedDict[int, None] = OrderedDict()  # slots, least recently used first
-        self._predicted: dict[int, Tensor] = {}  # layer -> [E] probability each expert is needed next visit
+        self._chance: dict[int, list[float]] = {}  # layer -> each expert's chance of being needed next visit
         self._prefetched: dict[int, set[int]] = {}
         self._recency: dict[int, Tensor] = {}  # layer -> [E] moving average of "chosen at a visit"
         self._count: dict[int, int] = {}  # layer -> experts of it in the pool
+        self._uniform = torch.full((store.num_experts,), 1.0 / store.num_experts)  # frequency without a prior
         self._current = store.moe_layers[0]
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="moelab-prefetch")
         self.stats: dict[int, CacheStats] = {}
@@ -145,9 +146,9 @@ class ExpertCache:
                 f"{self.slots} slots are free; ask for fewer at a time"
             )
         self._current = layer
-        self._predicted.pop(layer, None)
         recency = self._recency.setdefault(layer, torch.zeros(self.store.num_experts))
         recency.mul_(RECENCY_DECAY)[experts] += 1 - RECENCY_DECAY
+        self._chance[layer] = self.habit(layer).tolist()  # until the next prediction for it
         prefetched = self._prefetched.pop(layer, set())
         self.prefetch_stats.used += len(prefetched.intersection(experts))
         stats = self.stats.setdefault(tokens, CacheStats())
@@ -177,7 +178,7 @@ class ExpertCache:
         """Start reading up to `limit` experts of `layer` with the highest `scores` [E] (> 0) that are
         not resident, on the background thread, into slots the eviction policy frees.
         probability: [E] the chance each is needed at that layer's next visit (for "reuse")."""
-        self._predicted[layer] = probability
+        self._chance[layer] = probability.tolist()
         order = torch.argsort(scores, descending=True, stable=True).tolist()
         wanted = [e for e in order[:limit] if scores[e] > 0 and (layer, e) not in self._slot_of]
         issued = self._prefetched.setdefault(layer, set())
@@ -194,8 +195,7 @@ class ExpertCache:
         """[E] the chance each expert of `layer` is needed at its next visit, from habit alone: the
         mean of a moving average of its recent use and its calibration frequency (1/E without a
         prior)."""
-        E = self.store.num_experts
-        frequency = torch.full((E,), 1.0 / E) if self.prior is None else self.prior.frequency[layer]
+        frequency = self._uniform if self.prior is None else self.prior.frequency[layer]
         return (self._recency.get(layer, frequency) + frequency) / 2
 
     def release(self) -> None:
@@ -263,8 +263,9 @@ class ExpertCache:
     def _next_use(self, key: tuple[int, int]) -> float:
         """Expected layer visits until expert `key` is needed (see the module docstring)."""
         layer, expert = key
+        if layer not in self._chance:  # a layer not yet run: its calibration frequency
+            self._chance[layer] = self.habit(layer).tolist()
         L = len(self._position)
         ahead = (self._position[layer] - self._position[self._current]) % L or L
-        p = float(self._predicted[layer][expert] if layer in self._predicted else self.habit(layer)[expert])
-        p = min(max(p, 1e-3), 1.0)
+        p = min(max(self._chance[layer][expert], 1e-3), 1.0)
         return ahead + L * (1 - p) / p

@@ -81,7 +81,8 @@ class OffloadedExperts(Experts):
     def gathered(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """x: [T, D], indices, weights: [T, K] -> [T, D] on the experts' cache slots."""
         self._check(x)
-        needed = sorted(set(indices[indices >= 0].tolist()))
+        chosen = indices.tolist()  # the one host read: which experts to fetch
+        needed = sorted({e for row in chosen for e in row if e >= 0})
         if len(needed) > self.cache.slots:  # more than the pool holds at once: expert by expert
             plan = plan_dispatch(indices, self.num_experts)
             row_weights = weights.reshape(-1).index_select(0, plan.slots)
@@ -89,9 +90,9 @@ class OffloadedExperts(Experts):
         slots = self.cache.fetch(self.layer, needed, tokens=x.shape[0])
         try:
             self._prefetch(x, indices)
-            table = torch.full((self.num_experts,), -1, dtype=torch.long, device=x.device)
-            table[needed] = torch.tensor(slots, dtype=torch.long, device=x.device)
-            return self.cache.pool.gathered(x, torch.where(indices >= 0, table[indices.clamp(min=0)], -1), weights)
+            slot_of = dict(zip(needed, slots))
+            in_slots = torch.tensor([[slot_of.get(e, -1) for e in row] for row in chosen], device=x.device)
+            return self.cache.pool.gathered(x, in_slots.view(indices.shape), weights)
         finally:
             self.cache.release()
 
