@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -223,8 +224,22 @@ def train(
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts it again; pass one of them")
     result = run_training(run, out, resume=resume, overwrite=overwrite, inputs=[config], quiet=quiet)
-    console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, {result.tokens_per_second:,.0f} tokens/s, "
-                  f"val loss {result.eval_loss['all']:.4f}; model in {out / 'model'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+        console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, {result.tokens_per_second:,.0f} tokens/s, "
+                      f"val loss {result.eval_loss['all']:.4f}; model in {out / 'model'}")
+
+
+@app.command()
+def consolidate(
+    checkpoint: Annotated[Path, typer.Argument(help="A training checkpoint, RUN/checkpoints/step-NNNNNN (from torchrun or one process).")],
+    out: Annotated[Path, typer.Option("--out", help="The model directory to write (save_pretrained format, with the tokenizer).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model moelab wrote there before.")] = False,
+) -> None:
+    """Turn a training checkpoint, e.g. a distributed one saved under torchrun, into one model
+    directory that every other command reads."""
+    from moelab.train.checkpoint import consolidate_checkpoint
+
+    console.print(f"model in {consolidate_checkpoint(checkpoint, out, overwrite=overwrite)}")
 
 
 @app.command()

@@ -1,5 +1,7 @@
-"""Distributed MoE: expert parallelism over torch.distributed (gloo on CPU, NCCL on GPUs)."""
+"""Distributed MoE over torch.distributed (gloo on CPU, NCCL on GPUs): expert parallelism, FSDP2
+and checkpoints that reshard, for `moelab train` under torchrun."""
 
 from moelab.distributed.expert_parallel import ExpertParallelDispatcher, shard_experts
+from moelab.distributed.mesh import Parallel, ParallelConfig, init_parallel, torchrun_world
 
-__all__ = ["ExpertParallelDispatcher", "shard_experts"]
+__all__ = ["ExpertParallelDispatcher", "Parallel", "ParallelConfig", "init_parallel", "shard_experts", "torchrun_world"]

@@ -6,16 +6,21 @@ Shape legend: T tokens, E experts, K slots per token. Means over tokens are 0 (n
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 
-def load_balancing_loss(probs: Tensor, indices: Tensor) -> Tensor:
+def load_balancing_loss(probs: Tensor, indices: Tensor, group: ProcessGroup | None = None) -> Tensor:
     """Switch/GShard balance loss: E * sum_e f_e * P_e.
 
     probs: [T, E] router distribution; indices: [T, K] chosen experts (-1 = empty slot).
     f_e is the fraction of the assignments that went to e (all K choices counted, as in
     Mixtral/DeepSeek; for K = 1 this is Switch's loss) and P_e the mean probability of e.
     Equals 1 under perfectly uniform routing. Gradient flows through P only.
+    group: data-parallel ranks whose tokens form one batch (each with as many tokens): f_e is
+    then the fraction over all of them, so the mean of the ranks' losses, and of their gradients,
+    is the loss of the whole batch.
     """
     num_experts = probs.shape[-1]
     flat = indices.reshape(-1)
@@ -23,7 +28,9 @@ def load_balancing_loss(probs: Tensor, indices: Tensor) -> Tensor:
     counts = torch.zeros(num_experts, device=probs.device).index_add_(
         0, flat.clamp(min=0), valid.to(torch.float32)
     )
-    fraction = counts / valid.sum().clamp(min=1)
+    if group is not None:
+        dist.all_reduce(counts, group=group)
+    fraction = counts / counts.sum().clamp(min=1)
     mean_probs = probs.float().sum(0) / max(probs.shape[0], 1)
     return num_experts * (fraction * mean_probs).sum()
 

@@ -107,6 +107,9 @@ class MoELayer(nn.Module):
         whose weight is below skip_ratio times the token's largest is dropped (`dynamic_skip`).
     gather_rows (an attribute, default E): `infer` runs the experts on gathered weights when
         T*K is at most this (the gathered copies then hold no more than the E experts' weights).
+    stats_group (an attribute, default None): the data-parallel process group whose ranks' tokens
+        form one batch; the balance loss then counts the load of the whole batch
+        (`load_balancing_loss`).
     """
 
     def __init__(
@@ -161,6 +164,7 @@ class MoELayer(nn.Module):
         self.dispatcher = dispatcher
         self.skip_ratio: float | None = None  # NAEE dynamic skipping, an inference-time option (`dynamic_skip`)
         self.gather_rows = router.num_experts  # `infer` gathers expert weights up to this many T*K rows
+        self.stats_group = None  # data-parallel ranks whose load the balance loss counts
 
     @property
     def num_experts(self) -> int:
@@ -282,7 +286,7 @@ class MoELayer(nn.Module):
         if (self.coefs["locality"] or self.coefs["chunk_sparsity"]) and len(token_shape) != 2:
             raise ValueError("the locality and chunk-sparsity losses need input of shape [batch, seq, dim]")
         compute = {
-            "balance": lambda: load_balancing_loss(routing.probs, routing.indices),
+            "balance": lambda: load_balancing_loss(routing.probs, routing.indices, self.stats_group),
             "z": lambda: router_z_loss(routing.logits),
             "entropy": lambda: router_entropy_loss(routing.probs),
             "locality": lambda: activation_locality_loss(routing.logits.view(*token_shape, -1)),

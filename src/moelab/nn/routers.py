@@ -14,8 +14,10 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 from moelab.validation import is_int
 
@@ -158,11 +160,14 @@ class TopKRouter(Router):
         return grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(T, -1)
 
     @torch.no_grad()
-    def update_selection_bias(self, rate: float) -> None:
-        """b_e += rate * sign(mean load - load_e), then reset the load counter (DeepSeek-V3)."""
+    def update_selection_bias(self, rate: float, group: ProcessGroup | None = None) -> None:
+        """b_e += rate * sign(mean load - load_e), then reset the load counter (DeepSeek-V3).
+        group: data-parallel ranks whose summed load decides (every rank then moves alike)."""
         if self.selection_bias is None:
             raise ValueError("update_selection_bias needs a router built with selection_bias=True")
         load = self.tokens_per_expert
+        if group is not None:
+            dist.all_reduce(load, group=group)
         if load.sum() > 0:
             self.selection_bias += rate * torch.sign(load.mean() - load)
         load.zero_()
@@ -287,16 +292,19 @@ def dynamic_skip(routing: Routing, ratio: float) -> Routing:
     return Routing(routing.indices.masked_fill(skip, -1), weights, routing.logits, routing.probs)
 
 
-def attach_selection_bias_update(optimizer: torch.optim.Optimizer, model: nn.Module, rate: float = 1e-3):
+def attach_selection_bias_update(
+    optimizer: torch.optim.Optimizer, model: nn.Module, rate: float = 1e-3, group: ProcessGroup | None = None
+):
     """After every `optimizer.step()`, move the aux-loss-free bias of each balancing router in
-    `model` from the load it saw since the last step. Returns the hook handle."""
+    `model` from the load it saw since the last step (summed over `group`'s ranks). Returns the
+    hook handle."""
     routers = [m for m in model.modules() if isinstance(m, TopKRouter) and m.selection_bias is not None]
     if not routers:
         raise ValueError("model has no TopKRouter built with selection_bias=True; nothing to update")
 
     def hook(*_):
         for router in routers:
-            router.update_selection_bias(rate)
+            router.update_selection_bias(rate, group)
 
     return optimizer.register_step_post_hook(hook)
 

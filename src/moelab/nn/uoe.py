@@ -231,6 +231,7 @@ class SelectiveAttention(nn.Module):
         self.router = config.router(dim, n_heads, "attn")
         self.compact_positions = config.positions == "compact"
         self.balance_coef = config.balance_coef
+        self.stats_group = None  # data-parallel ranks whose load the balance loss counts (`load_balancing_loss`)
 
     @property
     def causal(self) -> bool:
@@ -264,7 +265,7 @@ class SelectiveAttention(nn.Module):
         y = x.new_zeros(B * S, D).index_add(0, flat, out.reshape(-1, D)).view(B, S, D)
         losses = {}
         if self.balance_coef:
-            losses["balance"] = self.balance_coef * load_balancing_loss(routing.probs, routing.indices)
+            losses["balance"] = self.balance_coef * load_balancing_loss(routing.probs, routing.indices, self.stats_group)
         result = MoEResult(
             losses=losses,
             tokens_per_expert=counts.sum(0),

@@ -1,8 +1,16 @@
 """Resumable training checkpoints, written atomically.
 
-    out/checkpoints/step-000200/
+    out/checkpoints/step-000200/                      one process
         model/model.safetensors, model/config.json   (moelab.models.save_pretrained)
         train_state.pt                                (optimizer, scheduler, data position, RNG)
+
+    out/checkpoints/step-000200/                      under torchrun
+        dcp/                                          (model and optimizer, torch.distributed.checkpoint:
+                                                       every rank writes its shards)
+        model/config.json, train_state.pt             (the rest, from rank 0)
+
+Either kind resumes under any degrees, or in one process (`restore_checkpoint`), and
+`consolidate_checkpoint` turns a distributed one into a model directory every command reads.
 
 A checkpoint is assembled in a hidden staging directory and appears by one rename, and an old
 one disappears by one rename before it is deleted (`moelab.io`), so a run killed at any moment
@@ -16,16 +24,23 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 
+from moelab.data import TOKENIZER_DIR
+from moelab.distributed import Parallel
+from moelab.distributed.state import load_full_state, load_training_state, read_checkpoint, training_state
 from moelab.io import OutputError, StagedOutput, clean_leftovers, is_output, remove_output
-from moelab.models import MoETransformer, load_pretrained
-from moelab.models.pretrained import write_model_files
+from moelab.models import ModelConfig, MoETransformer, load_pretrained, save_pretrained
+from moelab.models.pretrained import CONFIG_NAME, write_model_files
+from moelab.train.collectives import shared_from_rank0
 
+DCP_NAME = "dcp"
 PATTERN = re.compile(r"^step-(\d+)$")
 STATE_NAME = "train_state.pt"
 KIND = "training checkpoint"
@@ -53,16 +68,113 @@ def save_checkpoint(
     # overwrite: a checkpoint of this step from an earlier, interrupted attempt
     with StagedOutput(target, KIND, overwrite=True) as staging:
         write_model_files(model, staging / "model")
-        with open(staging / STATE_NAME, "wb") as f:
-            torch.save({"step": step, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_state(staging / STATE_NAME, {"step": step, **state})
+    _remove_old(out_dir, keep)
+    return target
+
+
+def save_distributed_checkpoint(
+    out_dir: Path,
+    step: int,
+    model: MoETransformer,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+    parallel: Parallel,
+) -> None:
+    """`save_checkpoint` for a torchrun run: every rank calls it. Rank 0 stages the directory;
+    every rank writes its shards of the model and optimizer into it with DCP; rank 0 adds the
+    config and the rest of the state (identical on every rank), publishes it by one rename and
+    deletes all but the `keep` newest checkpoints."""
+    dcp_state = training_state(model, optimizer, parallel)
+    staged, staging, error = None, None, None
+    if parallel.rank == 0:
+        # overwrite: a checkpoint of this step from an earlier, interrupted attempt
+        staged = StagedOutput(checkpoint_dir(out_dir, step), KIND, overwrite=True)
+        try:
+            staging = staged.open()
+        except Exception as err:
+            error = err
+    staging = shared_from_rank0(parallel, staging, error)
+    try:
+        dcp.save(dcp_state, checkpoint_id=str(staging / DCP_NAME))  # returns once every rank has written
+        if staged is not None:
+            (staging / "model").mkdir()
+            model.config.save(staging / "model" / CONFIG_NAME)
+            _write_state(staging / STATE_NAME, {"step": step, **state})
+            staged.publish()
+            _remove_old(out_dir, keep)
+    except BaseException:
+        if staged is not None:
+            staged.abort()
+        raise
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove_old(out_dir: Path, keep: int) -> None:
     for old in list_checkpoints(out_dir)[:-keep]:
         try:
             remove_output(old, KIND)
         except OutputError as err:
-            warnings.warn(f"kept the old checkpoint {old}: {err}", stacklevel=2)
-    return target
+            warnings.warn(f"kept the old checkpoint {old}: {err}", stacklevel=3)
+
+
+def restore_checkpoint(
+    path: Path,
+    model: MoETransformer,
+    optimizer: torch.optim.Optimizer,
+    build_optimizer: Callable[[MoETransformer], torch.optim.Optimizer],
+    device: torch.device,
+    parallel: Parallel | None,
+) -> tuple[int, dict[str, Any]]:
+    """Load checkpoint `path` of either kind into the freshly built `model` and `optimizer`
+    (parallelized already when `parallel` is set). Returns (step, the rest of the state).
+    build_optimizer: makes the optimizer of a one-process model (to read a one-process
+    checkpoint's optimizer state before it is split over the ranks)."""
+    if (path / DCP_NAME).is_dir():
+        state = _read_state(path, device)
+        try:
+            load_training_state(model, optimizer, path / DCP_NAME, parallel)
+        except Exception as err:
+            raise ValueError(
+                f"cannot load {path / DCP_NAME} into this model ({err}); it was saved by another model, "
+                "or is incomplete: delete this checkpoint to resume from an older one"
+            ) from None
+        return int(state.pop("step")), state
+    checkpoint = load_checkpoint(path, device)
+    state = checkpoint.state
+    if parallel is None:
+        model.load_state_dict(checkpoint.model.state_dict())
+        optimizer.load_state_dict(state.pop("optimizer"))
+    else:
+        full_optimizer = build_optimizer(checkpoint.model)
+        full_optimizer.load_state_dict(state.pop("optimizer"))
+        load_full_state(model, optimizer, checkpoint.model, full_optimizer, parallel)
+    return checkpoint.step, state
+
+
+def consolidate_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """A training checkpoint (distributed or not) as a model directory (`save_pretrained`
+    format, with the tokenizer) in `out`, in one process."""
+    path = Path(path)
+    if not (path / DCP_NAME).is_dir():
+        model = load_checkpoint(path).model
+    else:
+        model = MoETransformer(ModelConfig.load(path / "model" / CONFIG_NAME))
+        weights = model.state_dict()
+        try:
+            read_checkpoint({"model": weights}, path / DCP_NAME)
+        except Exception as err:
+            raise ValueError(f"cannot read the distributed checkpoint {path / DCP_NAME}: {err}") from None
+        model.load_state_dict(weights)
+    save_pretrained(model, out, overwrite=overwrite, extra_files=sorted(TOKENIZER_DIR.glob("*.json")))
+    return Path(out)
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
@@ -87,14 +199,18 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoint:
     """Read a checkpoint written by `save_checkpoint` (weights via safetensors, the rest with
     `weights_only=True`)."""
+    state = _read_state(path, device)
+    model = load_pretrained(path / "model", device=device)
+    return Checkpoint(step=int(state.pop("step")), model=model, state=state)
+
+
+def _read_state(path: Path, device: torch.device | str) -> dict[str, Any]:
     state_file = path / STATE_NAME
     if not state_file.is_file():
         raise FileNotFoundError(f"{state_file} not found: {path} is not a complete training checkpoint")
     try:
-        state = torch.load(state_file, map_location=device, weights_only=True)
+        return torch.load(state_file, map_location=device, weights_only=True)
     except Exception as err:  # corrupt or foreign file
         raise ValueError(
             f"cannot read {state_file} ({err}); delete this checkpoint to resume from an older one"
         ) from None
-    model = load_pretrained(path / "model", device=device)
-    return Checkpoint(step=int(state.pop("step")), model=model, state=state)

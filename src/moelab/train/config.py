@@ -1,6 +1,7 @@
 """`TrainConfig` and `RunConfig`: what a training run does, read from one YAML/JSON file.
 
-A run file has two sections, the model and the training recipe:
+A run file has two sections, the model and the training recipe, and optionally a third, how
+the processes of a torchrun launch split the work (`moelab.distributed.ParallelConfig`):
 
     model: small                  # a preset name, a path to a ModelConfig file, or its fields
     train:
@@ -8,6 +9,8 @@ A run file has two sections, the model and the training recipe:
       batch_size: 16
       seq_len: 256
       lr: 3.0e-3
+    parallel:                     # only read under torchrun
+      expert: 2
 
 Paths in `model:` are relative to the run file. Every field is validated on load; unknown keys
 are rejected with the closest valid name.
@@ -24,6 +27,7 @@ from typing import Any
 import yaml
 
 from moelab.data import list_domains
+from moelab.distributed.mesh import ParallelConfig
 from moelab.files import read_config_file
 from moelab.io import atomic_write_text
 from moelab.models import ModelConfig, preset
@@ -31,6 +35,7 @@ from moelab.models.config import check_not_transformers
 from moelab.threads import check_threads
 from moelab.validation import check_choice, check_field_types, check_known_fields, did_you_mean
 
+SECTIONS = ("model", "train", "parallel")
 DTYPES = ("fp32", "bf16")
 MIXTURES = ("proportional", "uniform")
 
@@ -155,6 +160,7 @@ class RunConfig:
 
     model: ModelConfig
     train: TrainConfig
+    parallel: ParallelConfig | None = None
 
     def __post_init__(self):
         if self.train.seq_len > self.model.max_seq_len:
@@ -164,22 +170,30 @@ class RunConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
+        data = {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
+        if self.parallel is not None:
+            data["parallel"] = dataclasses.asdict(self.parallel)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: Path = Path(".")) -> RunConfig:
         if not isinstance(data, dict):
             raise ValueError(f"a run config is a mapping with 'model' and 'train', got {type(data).__name__}")
         for key in data:
-            if key not in ("model", "train"):
+            if key not in SECTIONS:
                 raise ValueError(
-                    f"unknown run config section {key!r}{did_you_mean(key, ['model', 'train'])}; "
-                    "a run file has 'model' and 'train'"
+                    f"unknown run config section {key!r}{did_you_mean(key, list(SECTIONS))}; "
+                    "a run file has 'model', 'train' and optionally 'parallel'"
                 )
         for key in ("model", "train"):
             if key not in data:
                 raise ValueError(f"run config has no {key!r} section")
-        return cls(model=_model_config(data["model"], base_dir), train=train_config_from_dict(data["train"]))
+        parallel = data.get("parallel")
+        return cls(
+            model=_model_config(data["model"], base_dir),
+            train=train_config_from_dict(data["train"]),
+            parallel=None if parallel is None else ParallelConfig.from_dict(parallel),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:

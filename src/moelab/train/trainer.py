@@ -32,11 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from moelab.data import TOKENIZER_DIR, TokenWindows
+from moelab.distributed import Parallel, init_parallel
+from moelab.distributed.parallelize import clip_grad_norm_, parallelize
+from moelab.distributed.state import full_model_state
 from moelab.eval import domain_losses
 from moelab.io import OutputDir, atomic_write_text, output_dir
 from moelab.models import MoETransformer, model_info, save_pretrained
@@ -45,7 +49,14 @@ from moelab.nn.blockffn import AdaptiveCoefficient
 from moelab.nn.rexmoe import ReuseRouter, set_reuse_progress
 from moelab.nn.routers import TopKRouter
 from moelab.threads import resolve_threads
-from moelab.train.checkpoint import clean_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from moelab.train.checkpoint import (
+    clean_checkpoints,
+    latest_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+    save_distributed_checkpoint,
+)
+from moelab.train.collectives import agreed_flag, reduce_step_metrics, shared_from_rank0
 from moelab.train.config import RunConfig, TrainConfig
 from moelab.train.logging import LOG_NAME, RunLog
 
@@ -195,42 +206,59 @@ def train(
     stops after the current step, checkpoints and raises KeyboardInterrupt."""
     cfg = run.train
     device = resolve_device(cfg.device)
+    parallel = init_parallel(run.parallel, device)
+    if parallel is not None and cfg.batch_size % parallel.world:
+        raise ValueError(
+            f"train.batch_size ({cfg.batch_size}) is the global batch and must be divisible by the "
+            f"{parallel.world} processes; each rank trains on batch_size / world sequences"
+        )
     hint = " and start again (or --resume, resume=True, to continue it)"
-    with output_dir(
-        out_dir,
-        KIND,
-        entries=RUN_ENTRIES,
-        inputs=inputs,
-        overwrite=overwrite,
-        resume=resume,
-        resume_hint=hint,
-    ) as claimed:
-        if resume and not claimed.resumed:
-            raise ValueError(f"--resume: {out_dir} holds no training run; start the run without --resume")
-        start = _prepare_run(run, claimed, resume)
+    with contextlib.ExitStack() as stack:
+        start, error = None, None
+        if parallel is None or parallel.rank == 0:  # one process owns the output directory
+            try:
+                claimed = stack.enter_context(
+                    output_dir(
+                        out_dir,
+                        KIND,
+                        entries=RUN_ENTRIES,
+                        inputs=inputs,
+                        overwrite=overwrite,
+                        resume=resume,
+                        resume_hint=hint,
+                    )
+                )
+                if resume and not claimed.resumed:
+                    raise ValueError(f"--resume: {out_dir} holds no training run; start the run without --resume")
+                start = _prepare_run(run, claimed, resume)
+            except Exception as err:
+                error = err
+        start = shared_from_rank0(parallel, start, error)
         threads = torch.get_num_threads()
         if cfg.threads is not None:
             torch.set_num_threads(resolve_threads(cfg.threads))
         try:
-            return _train(run, Path(out_dir), device, start, quiet)
+            return _train(run, Path(out_dir), device, start, quiet, parallel)
         finally:
             torch.set_num_threads(threads)
 
 
 def _train(
-    run: RunConfig, out_dir: Path, device: torch.device, start: Path | None, quiet: bool
+    run: RunConfig, out_dir: Path, device: torch.device, start: Path | None, quiet: bool, parallel: Parallel | None
 ) -> TrainResult:
     cfg = run.train
+    rank0 = parallel is None or parallel.rank == 0
+    quiet = quiet or not rank0
     torch.manual_seed(cfg.seed)
-    checkpoint = load_checkpoint(start, device) if start is not None else None
-    model = checkpoint.model if checkpoint is not None else MoETransformer(run.model).to(device)
+    model = MoETransformer(run.model).to(device)
+    if parallel is not None:
+        parallelize(model, parallel)
     model.train()
     optimizer = build_optimizer(model, cfg)
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
     loader = TokenWindows.from_corpus(
         cfg.domains, "train", cfg.seq_len, cfg.batch_size, cfg.seed, cfg.mixture
     )
-    _attach_bias_updates(optimizer, model, run)
     chunk_coef = _adaptive_chunk_coefficient(model, cfg)
     reuse = cfg.reuse_ramp_steps > 0 and any(isinstance(m, ReuseRouter) for m in model.modules())
     # the loop's own state: everything in it goes into checkpoints, so a resumed run (and its
@@ -239,10 +267,10 @@ def _train(
     window, eval_window = _Window(), _Window()
     eval_loss: dict[str, float] = {}
     measured_experts: dict[int, float] = {}
-    if checkpoint is not None:
-        state = checkpoint.state
-        step = checkpoint.step
-        optimizer.load_state_dict(state["optimizer"])
+    if start is not None:
+        step, state = restore_checkpoint(
+            start, model, optimizer, lambda full: build_optimizer(full, cfg), device, parallel
+        )
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["cpu"].cpu())
@@ -254,13 +282,13 @@ def _train(
         if chunk_coef is not None:
             chunk_coef.load_state_dict(state["chunk_coef"])
             _set_chunk_coef(model, chunk_coef.value)
+    _attach_bias_updates(optimizer, model, run, parallel)
 
     def save(at: int) -> None:
         rng = {"cpu": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
         state = {
-            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "loader": loader.state_dict(),
             "rng": rng,
@@ -272,12 +300,16 @@ def _train(
         }
         if chunk_coef is not None:
             state["chunk_coef"] = chunk_coef.state_dict()
-        save_checkpoint(out_dir, at, model, state, keep=cfg.keep_checkpoints)
+        if parallel is None:
+            state["optimizer"] = optimizer.state_dict()
+            save_checkpoint(out_dir, at, model, state, keep=cfg.keep_checkpoints)
+        else:
+            save_distributed_checkpoint(out_dir, at, model, optimizer, state, cfg.keep_checkpoints, parallel)
 
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else contextlib.nullcontext()
     )
-    log = RunLog(out_dir, resume_step=step if checkpoint is not None else None)
+    log = RunLog(out_dir, resume_step=step if start is not None else None) if rank0 else None
     bar = tqdm(
         total=cfg.steps,
         initial=step,
@@ -293,7 +325,7 @@ def _train(
                 began = time.perf_counter()
                 if reuse:
                     set_reuse_progress(model, min(1.0, step / cfg.reuse_ramp_steps))
-                stats = train_step(model, optimizer, loader, cfg, device, autocast)
+                stats = train_step(model, optimizer, loader, cfg, device, autocast, parallel)
                 stats["last"] = {"lr": scheduler.get_last_lr()[0]}
                 scheduler.step()
                 if chunk_coef is not None:
@@ -308,7 +340,8 @@ def _train(
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     record = window.record()
-                    log.write(step, "train", record)
+                    if log is not None:
+                        log.write(step, "train", record)
                     bar.set_postfix(_postfix(record), refresh=False)
                     window = _Window()
                 if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -316,17 +349,19 @@ def _train(
                     measured_experts = eval_window.experts_per_token()
                     load = {str(layer): (l / l.sum()).tolist() for layer, l in eval_window.load.items()}
                     experts = {str(layer): k for layer, k in measured_experts.items()}
-                    log.write(step, "eval", {"loss": eval_loss, "load": load, "experts_per_token": experts})
+                    if log is not None:
+                        log.write(step, "eval", {"loss": eval_loss, "load": load, "experts_per_token": experts})
                     if not quiet:
                         bar.write(
                             f"step {step}: val loss {eval_loss['all']:.4f} "
                             + " ".join(f"{d}={v:.3f}" for d, v in eval_loss.items() if d != "all")
                         )
                     eval_window = _Window()
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps or interrupt.requested:
+                stop = agreed_flag(interrupt.requested, parallel)  # every rank stops after the same step
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
                     save(step)
                     saved_step = step
-                if interrupt.requested:
+                if stop:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         done = "checkpoint saved" if saved_step == step else f"last checkpoint at step {saved_step}"
@@ -334,7 +369,8 @@ def _train(
         raise
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
 
     result = TrainResult(
         out_dir=out_dir,
@@ -343,20 +379,34 @@ def _train(
         tokens_per_second=step * cfg.tokens_per_step / max(train_seconds, 1e-9),
         eval_loss=eval_loss,
     )
-    _write_final(model, run, out_dir, result, measured_experts)
+    if parallel is not None:  # the whole model, gathered from every rank, written by rank 0
+        full = full_model_state(model, parallel)
+        model = MoETransformer(run.model)
+        model.load_state_dict(full)
+    if rank0:
+        _write_final(model, run, out_dir, result, measured_experts)
+    if parallel is not None:
+        dist.barrier()
     return result
 
 
-def train_step(model, optimizer, loader, cfg: TrainConfig, device: torch.device, autocast) -> dict[str, Any]:
+def train_step(
+    model, optimizer, loader, cfg: TrainConfig, device: torch.device, autocast, parallel: Parallel | None = None
+) -> dict[str, Any]:
     """One optimizer step over `cfg.grad_accum` micro-batches. Returns the step's scalar metrics
     (loss, each aux loss, each model metric, grad norm, mean experts per token), and per MoE layer
-    its load ([E] counts) and experts per token."""
+    its load ([E] counts) and experts per token; under torchrun each rank trains on its slice of
+    every micro-batch and the metrics are those of the whole batch (means and load sums over the
+    ranks)."""
     optimizer.zero_grad(set_to_none=True)
     scalars: dict[str, float] = defaultdict(float)
     load: dict[int, Tensor] = {}
     experts_per_token: dict[int, float] = defaultdict(float)
     for _ in range(cfg.grad_accum):
         inputs, targets = next(loader)
+        if parallel is not None:
+            rows = slice(parallel.rank * len(inputs) // parallel.world, (parallel.rank + 1) * len(inputs) // parallel.world)
+            inputs, targets = inputs[rows], targets[rows]
         with autocast:
             out = model(inputs.to(device), targets=targets.to(device))
         ((out.loss + out.aux_loss) / cfg.grad_accum).backward()
@@ -372,7 +422,11 @@ def train_step(model, optimizer, loader, cfg: TrainConfig, device: torch.device,
             if result.experts_per_token is not None:
                 experts_per_token[layer] += result.experts_per_token.item() / cfg.grad_accum
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    scalars["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    if parallel is None:
+        scalars["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    else:
+        scalars["grad_norm"] = float(clip_grad_norm_(list(model.parameters()), max_norm, parallel))
+        reduce_step_metrics(scalars, load, experts_per_token, parallel)
     optimizer.step()
     if experts_per_token:
         scalars["experts_per_token"] = sum(experts_per_token.values()) / len(experts_per_token)
@@ -419,9 +473,10 @@ def check_same_run(run: RunConfig, out_dir: Path) -> None:
         )
 
 
-def _attach_bias_updates(optimizer, model, run: RunConfig) -> None:
+def _attach_bias_updates(optimizer, model, run: RunConfig, parallel: Parallel | None) -> None:
     if any(isinstance(m, TopKRouter) and m.selection_bias is not None for m in model.modules()):
-        attach_selection_bias_update(optimizer, model, rate=run.model.moe.bias_update_rate)
+        group = None if parallel is None else parallel.world_group  # the bias moves by the global load
+        attach_selection_bias_update(optimizer, model, rate=run.model.moe.bias_update_rate, group=group)
 
 
 def _adaptive_chunk_coefficient(model, cfg: TrainConfig) -> AdaptiveCoefficient | None:

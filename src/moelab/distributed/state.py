@@ -1,0 +1,142 @@
+"""Model and optimizer state of a parallel run as torch.distributed.checkpoint (DCP) saves it,
+so a checkpoint saved under one set of degrees loads under any other, or in one process.
+
+DCP stores each tensor by its global shape and the offsets of the pieces the ranks hold. FSDP's
+DTensors already say that for the non-expert parameters. An expert parameter is, to FSDP, this
+rank's expert-parallel shard [L, ...] split over "dp"; for the checkpoint it is gathered over
+"dp" and described as rows [e*L, (e+1)*L) of the global [E, ...] tensor (`_to_global`). Loading
+reverses that (`_to_local`). In one process the state is plain full tensors, which DCP fills from
+whatever pieces were saved.
+
+    state = training_state(model, optimizer, parallel)      # {"model": ..., "optim": ...}
+    dcp.save(state, checkpoint_id=path)
+    load_training_state(model, optimizer, path, parallel)   # any degrees, or parallel=None
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from moelab.distributed.mesh import Parallel
+from moelab.distributed.parallelize import expert_parameter_names
+
+OPTIMIZER_TENSORS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state shaped like the parameter
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, parallel: Parallel | None) -> dict[str, Any]:
+    """{"model": FQN -> tensor, "optim": FQN-keyed optimizer state}, expert entries global (see
+    the module docstring). Initialises the optimizer's state if it has none yet."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    if parallel is not None:  # new containers: get_state_dict's may be the optimizer's own
+        experts = expert_parameter_names(model)
+        model_state = {n: _to_global(t, parallel) if n in experts else t for n, t in model_state.items()}
+        optim_state = {
+            "state": {
+                n: {k: _to_global(t, parallel) if n in experts and k in OPTIMIZER_TENSORS else t for k, t in entry.items()}
+                for n, entry in optim_state["state"].items()
+            },
+            "param_groups": optim_state["param_groups"],
+        }
+    return {"model": model_state, "optim": optim_state}
+
+
+def load_training_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, parallel: Parallel | None
+) -> None:
+    """Fill `model` and `optimizer` from the DCP checkpoint at `path` (saved under any degrees)."""
+    state = training_state(model, optimizer, parallel)
+    read_checkpoint(state, path)
+    if parallel is not None:  # expert entries back to this rank's shard, laid out as FSDP holds it
+        template_model, template_optim = get_state_dict(model, optimizer)
+        for name in expert_parameter_names(model):
+            state["model"][name] = _like(state["model"][name].to_local(), template_model[name])
+            entry = state["optim"]["state"][name]
+            for key in OPTIMIZER_TENSORS:
+                entry[key] = _like(entry[key].to_local(), template_optim["state"][name][key])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def read_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """`dcp.load` of `state`'s entries from `path`, in place (in one process too)."""
+    with warnings.catch_warnings():  # DCP warns that it reads in one process: intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except CheckpointException as err:  # a BaseException, raised on every rank
+            failure = next(iter(err.failures.values()))  # (exception, its frames) of the first rank
+            failure = failure[0] if isinstance(failure, tuple) else failure
+            raise ValueError(f"{type(failure).__name__}: {failure}") from None
+
+
+def load_full_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    full_model: torch.nn.Module,
+    full_optimizer: torch.optim.Optimizer,
+    parallel: Parallel,
+) -> None:
+    """Fill the parallel `model` and `optimizer` from a one-process model and optimizer (a
+    checkpoint saved without torchrun): every rank slices its experts and its FSDP shards."""
+    full_model_state, full_optim_state = get_state_dict(full_model, full_optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    experts = expert_parameter_names(model)
+    model_state = {
+        name: _like(_ep_slice(full_model_state[name], name in experts, parallel), like)
+        for name, like in model_state.items()
+    }
+    optim_state = {
+        "state": {
+            name: {
+                key: _like(_ep_slice(full_optim_state["state"][name][key], name in experts and key in OPTIMIZER_TENSORS, parallel), like)
+                for key, like in entry.items()
+            }
+            for name, entry in optim_state["state"].items()
+        },
+        "param_groups": full_optim_state["param_groups"],  # the saved learning rates
+    }
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+def full_model_state(model: torch.nn.Module, parallel: Parallel) -> dict[str, Tensor]:
+    """Every parameter and buffer whole (experts gathered over "ep" too), on every rank, on the CPU."""
+    experts = expert_parameter_names(model)
+    full = {}
+    for name, value in model.state_dict().items():
+        tensor = value.full_tensor() if isinstance(value, DTensor) else value
+        if name in experts and parallel.ep > 1:
+            pieces = [torch.empty_like(tensor) for _ in range(parallel.ep)]
+            dist.all_gather(pieces, tensor.contiguous(), group=parallel.ep_group)
+            tensor = torch.cat(pieces)
+        full[name] = tensor.detach().cpu()
+    return full
+
+
+def _to_global(value: Tensor, parallel: Parallel) -> DTensor:
+    """This rank's expert shard [L, ...] (a DTensor over "dp") as rows of the global [E, ...]."""
+    local = value.full_tensor() if isinstance(value, DTensor) else value
+    return DTensor.from_local(local, parallel.mesh["ep"], [Shard(0)], run_check=False)
+
+
+def _ep_slice(full: Tensor, is_expert: bool, parallel: Parallel) -> Tensor:
+    if not is_expert:
+        return full
+    L = full.shape[0] // parallel.ep
+    return full[parallel.ep_rank * L : (parallel.ep_rank + 1) * L]
+
+
+def _like(full: Tensor, like: Tensor) -> Tensor:
+    """`full` (this rank's whole view of a tensor) laid out as `like`: sharded the same way if it
+    is a DTensor (each rank keeps its own piece, no communication)."""
+    if not isinstance(like, DTensor):
+        return full.to(like.device, like.dtype)
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)

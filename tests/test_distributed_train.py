@@ -1,0 +1,313 @@
+"""Training under torchrun (2 gloo processes, expert parallelism x FSDP2) equals one process.
+
+One optimizer step of the trainer's `train_step` on a fixed global batch: the parallel run's
+loss, gradients (after clipping), updated weights and aux-loss-free biases, gathered whole,
+equal the one-process step to 1e-5 in fp32 for every routing option. "Global" means: token
+choice and the balance loss see the whole batch (the one-process reference trains on it in one
+micro-batch); expert choice and capacity dropping choose among each rank's own tokens (the
+reference trains on the ranks' slices as micro-batches, with gradient accumulation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moelab.models import ModelConfig, MoETransformer
+from moelab.nn import attach_selection_bias_update
+from moelab.train import TrainConfig
+from moelab.train.trainer import build_optimizer, train_step
+
+WORLD = 2
+BASE = dict(vocab_size=8192, dim=32, n_layers=2, n_heads=2, n_kv_heads=2, max_seq_len=32, tie_embeddings=True)
+MOE = dict(num_experts=4, hidden_dim=32, top_k=2, balance_coef=0.01)
+# name -> (model config fields, routing per rank's tokens)
+VARIANTS = {
+    "topk softmax + z": (dict(moe=dict(MOE, z_coef=1e-3)), False),
+    "sigmoid group-limited + aux-free bias + shared": (
+        dict(moe=dict(MOE, score_func="sigmoid", selection_bias=True, n_group=2, topk_group=1, num_shared=1)),
+        False,
+    ),
+    "top-p": (dict(moe=dict(MOE, router="topp", top_p=0.5, max_k=3, entropy_coef=1e-3)), False),
+    "relu (BlockFFN)": (
+        dict(moe=dict(MOE, router="relu", activation="silu", balance_coef=0.0, locality_coef=2e-3, chunk_sparsity_coef=5e-2, chunk_len=8)),
+        False,
+    ),
+    "chain-of-experts": (dict(moe=dict(MOE, top_k=1, renormalize=False, chain_iterations=2)), False),
+    "union-of-experts": (
+        dict(dense_hidden_dim=64, first_k_dense=0, uoe=dict(attn_top_k=1, mlp_experts=4, mlp_top_k=2, balance_coef=0.01)),
+        False,
+    ),
+    "expert choice": (
+        dict(allow_noncausal_routing=True, moe=dict(MOE, router="expert_choice", ec_capacity_factor=2.0, balance_coef=0.0)),
+        True,
+    ),
+    "capacity dropping": (dict(allow_noncausal_routing=True, moe=dict(MOE, capacity_factor=1.0, balance_coef=0.0)), True),
+}
+TRAIN = dict(steps=10, batch_size=4, seq_len=16, lr=1e-2, warmup_steps=0, grad_clip=0.5, device="cpu")
+
+
+def _config(name: str) -> ModelConfig:
+    return ModelConfig.from_dict(dict(BASE, **VARIANTS[name][0]))
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 8192, (TRAIN["batch_size"], TRAIN["seq_len"] + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def _step(model: MoETransformer, cfg: TrainConfig, batches, parallel=None) -> dict:
+    optimizer = build_optimizer(model, cfg)
+    if any(getattr(m, "selection_bias", None) is not None for m in model.modules()):
+        group = None if parallel is None else parallel.world_group
+        attach_selection_bias_update(optimizer, model, rate=0.01, group=group)
+    stats = train_step(model, optimizer, iter(batches), cfg, torch.device("cpu"), contextlib.nullcontext(), parallel)
+    return {"loss": stats["scalars"]["loss"], "grad_norm": stats["scalars"]["grad_norm"], "load": stats["load"]}
+
+
+def _reference(name: str) -> dict:
+    torch.manual_seed(0)
+    model = MoETransformer(_config(name))
+    inputs, targets = _batch()
+    per_rank = VARIANTS[name][1]
+    if per_rank:  # each rank's slice is a micro-batch
+        b = len(inputs) // WORLD
+        batches = [(inputs[r * b : (r + 1) * b], targets[r * b : (r + 1) * b]) for r in range(WORLD)]
+        cfg = TrainConfig(**dict(TRAIN, batch_size=b, grad_accum=WORLD))
+    else:
+        batches, cfg = [(inputs, targets)], TrainConfig(**TRAIN)
+    out = _step(model, cfg, batches)
+    out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    out["state"] = {n: t.clone() for n, t in model.state_dict().items()}
+    return out
+
+
+def _worker(rank: int, port: int, names: list[str], expert: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    from moelab.distributed import ParallelConfig, init_parallel
+    from moelab.distributed.parallelize import expert_parameter_names, parallelize
+    from moelab.distributed.state import full_model_state
+
+    parallel = init_parallel(ParallelConfig(expert=expert, timeout_s=120), torch.device("cpu"))
+    try:
+        for name in names:
+            torch.manual_seed(0)
+            model = parallelize(MoETransformer(_config(name)), parallel)
+            result = _step(model, TrainConfig(**TRAIN), [_batch()], parallel)
+            experts = expert_parameter_names(model)
+            grads = {}
+            for pname, p in model.named_parameters():
+                g = p.grad.full_tensor()
+                if pname in experts and parallel.ep > 1:
+                    pieces = [torch.empty_like(g) for _ in range(parallel.ep)]
+                    dist.all_gather(pieces, g, group=parallel.ep_group)
+                    g = torch.cat(pieces)
+                grads[pname] = g
+            result["grads"] = grads
+            result["state"] = full_model_state(model, parallel)
+            if rank == 0:
+                out[name] = result
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(names: list[str], expert: int) -> dict:
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), names, expert, out), nprocs=WORLD, join=True)
+    return dict(out)
+
+
+def _check(name: str, got: dict) -> None:
+    want = _reference(name)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), name
+    # torch's clip_grad_norm_ sums each tensor's squares in fp32 (1.4e-5 off on the embedding's
+    # 262k entries here); the parallel norm sums the shards in fp64
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), name
+    for layer, load in want["load"].items():
+        torch.testing.assert_close(got["load"][layer], load, msg=lambda m: f"{name} load {layer}: {m}")
+    for pname, grad in want["grads"].items():
+        torch.testing.assert_close(got["grads"][pname], grad, **tol, msg=lambda m: f"{name} grad {pname}: {m}")
+    for key, value in want["state"].items():
+        torch.testing.assert_close(got["state"][key], value, **tol, msg=lambda m: f"{name} {key}: {m}")
+
+
+def test_expert_parallel_step_equals_one_process():
+    """EP 2 (each rank half the experts), every routing option: one spawn for all of them."""
+    got = _run(list(VARIANTS), expert=2)
+    for name in VARIANTS:
+        _check(name, got[name])
+
+
+def test_data_parallel_step_equals_one_process():
+    """EP 1, DP 2: experts replicated and FSDP-sharded over both ranks."""
+    names = ["topk softmax + z", "sigmoid group-limited + aux-free bias + shared"]
+    got = _run(names, expert=1)
+    for name in names:
+        _check(name, got[name])
+
+
+
+# ---------------------------------------------------------------- runs, checkpoints, resharding
+
+RUN = {
+    "model": dict(BASE, moe=dict(MOE, score_func="sigmoid", selection_bias=True)),
+    "train": dict(steps=4, batch_size=4, seq_len=16, eval_every=4, eval_tokens=128, checkpoint_every=2, log_every=1, device="cpu"),
+}
+
+
+def _train_worker(rank: int, port: int, out: str, run: dict, resume: bool, errors) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    from moelab.train import RunConfig, train
+
+    try:
+        train(RunConfig.from_dict(run), out, resume=resume, quiet=True)
+    except ValueError as err:
+        if errors is None:
+            raise
+        errors[rank] = str(err)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(out, world: int, expert: int = 2, resume: bool = False, run: dict = RUN, errors=None) -> None:
+    from moelab.train import RunConfig, train
+
+    if world == 1:
+        train(RunConfig.from_dict(run), out, resume=resume, quiet=True)
+    else:
+        run = dict(run, parallel=dict(dict(expert=expert, timeout_s=120), **run.get("parallel", {})))
+        mp.spawn(_train_worker, args=(_free_port(), str(out), run, resume, errors), nprocs=WORLD, join=True)
+
+
+def _errors(out, **kwargs) -> dict[int, str]:
+    """Each rank's one-line error of a run that must fail (and not hang)."""
+    errors = mp.Manager().dict()
+    _train(out, world=2, errors=errors, **kwargs)
+    assert sorted(errors) == list(range(WORLD)), dict(errors)
+    return dict(errors)
+
+
+def _interrupted_copy(run, to):
+    """The run as if killed after its step-2 checkpoint."""
+    import shutil
+
+    shutil.copytree(run, to)
+    for entry in ("checkpoints/step-000004", "model"):
+        shutil.rmtree(to / entry)
+    (to / "results.json").unlink()
+    return to
+
+
+def _weights(directory):
+    from safetensors.torch import load_file
+
+    return load_file(directory / "model.safetensors")
+
+
+def _assert_same_model(a, b, exact=False):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        if exact:
+            assert torch.equal(wa[key], wb[key]), key
+        else:
+            torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def test_runs_resume_under_other_degrees(tmp_path):
+    """2 ranks EP 2 vs one process, and resumed across: 2 -> 1, 1 -> 2, EP 2 -> EP 1 (DP 2)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(one, world=1)
+    _train(two, world=2)
+    _assert_same_model(one / "model", two / "model")
+    _train(_interrupted_copy(two, tmp_path / "2to1"), world=1, resume=True)
+    _assert_same_model(one / "model", tmp_path / "2to1" / "model")
+    _train(_interrupted_copy(one, tmp_path / "1to2"), world=2, resume=True)
+    _assert_same_model(one / "model", tmp_path / "1to2" / "model")
+    _train(_interrupted_copy(two, tmp_path / "ep2to1"), world=2, expert=1, resume=True)
+    _assert_same_model(one / "model", tmp_path / "ep2to1" / "model")
+
+    # a distributed checkpoint consolidates to exactly the weights the run gathered at its end
+    from moelab.train.checkpoint import consolidate_checkpoint
+
+    consolidate_checkpoint(two / "checkpoints" / "step-000004", tmp_path / "consolidated")
+    _assert_same_model(two / "model", tmp_path / "consolidated", exact=True)
+
+
+def test_bad_parallel_setups_fail_on_every_rank(tmp_path):
+    def run_with(**changes):
+        return {**RUN, **changes}
+
+    errors = _errors(tmp_path / "a", run=run_with(parallel={"expert": 2, "data": 2}))
+    assert all("= 4 does not match the 2 process(es)" in e for e in errors.values())
+    odd = dict(RUN["model"], moe=dict(MOE, num_experts=3))
+    errors = _errors(tmp_path / "b", run=run_with(model=odd))
+    assert all("3 experts, not divisible by parallel.expert = 2" in e for e in errors.values())
+    errors = _errors(tmp_path / "c", run=run_with(train=dict(RUN["train"], batch_size=3)))
+    assert all("batch_size (3) is the global batch" in e for e in errors.values())
+
+
+def test_bad_checkpoints_fail_on_every_rank(tmp_path):
+    two = tmp_path / "two"
+    _train(two, world=2)
+    other = dict(RUN, model=dict(RUN["model"], dim=48))
+    errors = _errors(_interrupted_copy(two, tmp_path / "other"), run=other, resume=True)
+    assert "rank 0 stopped the run" in errors[1] and "model.dim: run 32, now 48" in errors[1], errors
+    missing = _interrupted_copy(two, tmp_path / "missing")
+    (missing / "checkpoints" / "step-000002" / "dcp" / "__1_0.distcp").unlink()
+    errors = _errors(missing, resume=True)
+    assert all("No such file or directory" in e and "__1_0.distcp" in e for e in errors.values()), errors
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_of_one_rank(tmp_path):
+    """torchrun, 2 ranks: SIGKILL one rank after the first checkpoint; --resume finishes the run
+    with the weights of an uninterrupted one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    run = dict(RUN, train=dict(RUN["train"], steps=30, checkpoint_every=10, eval_every=30), parallel={"expert": 2})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "moelab", "train"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def launch(out, *extra):
+        return subprocess.Popen([*torchrun, str(tmp_path / "run.yaml"), "--out", str(out), "--quiet", *extra], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    whole = launch(tmp_path / "whole")
+    killed = launch(tmp_path / "killed")
+    first = tmp_path / "killed" / "checkpoints" / "step-000010"
+    deadline = time.monotonic() + 300
+    while not first.exists():
+        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    ranks = subprocess.run(["pgrep", "-P", str(killed.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(ranks[-1]), signal.SIGKILL)
+    assert killed.wait(timeout=300) != 0
+    assert not (tmp_path / "killed" / "model").exists()
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()
+    resumed = launch(tmp_path / "killed", "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    _assert_same_model(tmp_path / "whole" / "model", tmp_path / "killed" / "model", exact=True)
