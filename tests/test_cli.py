@@ -203,3 +203,29 @@ def test_bench_generate_top_p_needs_top_p_routers(tmp_path):
                                  "--rounds", "1", "--top-p", "0.5"])  # fmt: skip
     assert result.exit_code != 0
     assert "this model has none" in str(result.exception) + result.output
+
+
+def test_bench_distributed_json_contract(tmp_path):
+    """1 and 2 gloo processes: EP bytes measured equal the uniform-routing count within the
+    routing's imbalance; no exchange without EP."""
+    import yaml
+
+    model = dict(vocab_size=8192, dim=32, n_layers=2, n_heads=2, n_kv_heads=2, max_seq_len=64,
+                 moe=dict(num_experts=4, hidden_dim=32, top_k=2))  # fmt: skip
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(model))
+    out = tmp_path / "bench.json"
+    args = ["bench", "distributed", str(tmp_path / "model.yaml"), "--procs", "1", "--procs", "2", "--batch-size", "4",
+            "--seq-len", "32", "--steps", "1", "--rounds", "1", "--json", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "moelab-bench-distributed/1"
+    cells = {(c["procs"], c["layout"]): c for c in doc["cells"]}
+    assert list(cells) == [(1, "one"), (2, "dp"), (2, "ep")]
+    assert cells[(1, "one")]["vs_one_process"] == 1.0
+    assert cells[(2, "dp")]["ep_bytes_per_step"] == 0 and cells[(2, "dp")]["ep_exchange_share"] == 0
+    ep = cells[(2, "ep")]
+    assert ep["ep_exchange_share"] > 0 and ep["fsdp_share"] > 0
+    # 128 tokens x 2 experts x 2 layers x 1/2 crossing x (2*32+1) x 4 bytes x 2 (backward)
+    assert ep["ep_bytes_uniform"] == 2 * 128 * 2 * 2 * 0.5 * 65 * 4
+    assert 0.5 < ep["ep_bytes_per_step"] / ep["ep_bytes_uniform"] < 1.5

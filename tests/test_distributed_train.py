@@ -72,15 +72,15 @@ def _step(model: MoETransformer, cfg: TrainConfig, batches, parallel=None) -> di
     return {"loss": stats["scalars"]["loss"], "grad_norm": stats["scalars"]["grad_norm"], "load": stats["load"]}
 
 
-def _reference(name: str) -> dict:
+def _reference(name: str, world: int = WORLD) -> dict:
     torch.manual_seed(0)
     model = MoETransformer(_config(name))
     inputs, targets = _batch()
     per_rank = VARIANTS[name][1]
     if per_rank:  # each rank's slice is a micro-batch
-        b = len(inputs) // WORLD
-        batches = [(inputs[r * b : (r + 1) * b], targets[r * b : (r + 1) * b]) for r in range(WORLD)]
-        cfg = TrainConfig(**dict(TRAIN, batch_size=b, grad_accum=WORLD))
+        b = len(inputs) // world
+        batches = [(inputs[r * b : (r + 1) * b], targets[r * b : (r + 1) * b]) for r in range(world)]
+        cfg = TrainConfig(**dict(TRAIN, batch_size=b, grad_accum=world))
     else:
         batches, cfg = [(inputs, targets)], TrainConfig(**TRAIN)
     out = _step(model, cfg, batches)
@@ -89,8 +89,8 @@ def _reference(name: str) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, names: list[str], expert: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+def _worker(rank: int, port: int, names: list[str], expert: int, world: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     from moelab.distributed import ParallelConfig, init_parallel
     from moelab.distributed.parallelize import expert_parameter_names, parallelize
@@ -125,14 +125,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(names: list[str], expert: int) -> dict:
+def _run(names: list[str], expert: int, world: int = WORLD) -> dict:
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), names, expert, out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), names, expert, world, out), nprocs=world, join=True)
     return dict(out)
 
 
-def _check(name: str, got: dict) -> None:
-    want = _reference(name)
+def _check(name: str, got: dict, world: int = WORLD) -> None:
+    want = _reference(name, world)
     tol = dict(atol=1e-5, rtol=1e-5)
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), name
     # torch's clip_grad_norm_ sums each tensor's squares in fp32 (1.4e-5 off on the embedding's
@@ -151,6 +151,14 @@ def test_expert_parallel_step_equals_one_process():
     got = _run(list(VARIANTS), expert=2)
     for name in VARIANTS:
         _check(name, got[name])
+
+
+@pytest.mark.slow
+def test_four_processes_ep2_dp2_step_equals_one_process():
+    """World 4 = EP 2 x DP 2 (4 processes on this 2-core machine: slow, so not in the default suite)."""
+    got = _run(list(VARIANTS), expert=2, world=4)
+    for name in VARIANTS:
+        _check(name, got[name], world=4)
 
 
 def test_data_parallel_step_equals_one_process():

@@ -118,6 +118,33 @@ def bench_offload(
     _write_json(json_path, doc)
 
 
+@bench_app.command("distributed")
+def bench_distributed(
+    model: Annotated[str, typer.Argument(help="A model config file or preset to train.")] = "configs/models/moe_top2.yaml",
+    procs: Annotated[list[int] | None, typer.Option("--procs", help="Process counts (default 1, 2 and 4).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Global sequences per step.")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Tokens per sequence.")] = 256,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per cell (after 2 warmup steps).")] = 5,
+    rounds: Annotated[int, typer.Option(min=1, help="Passes over all the cells; each cell reports medians over them.")] = 2,
+    load: Annotated[int, typer.Option("--load", min=0, help="Busy processes to run beside the benchmark.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Training tokens/s over 1, 2, 4 processes, expert parallelism on and off, the share of step time in the exchanges and the bytes they move against the count for uniform routing."""
+    from moelab.bench import distributed as bench
+    from moelab.train.config import load_model_config
+
+    _claim_json(json_path, bench.JSON_FORMAT, overwrite)
+    options = bench.DistributedOptions(
+        procs=tuple(procs or (1, 2, 4)), batch_size=batch_size, seq_len=seq_len, steps=steps, rounds=rounds, load=load
+    )
+    config = load_model_config(model)
+    with console.status("bench distributed") as status:
+        doc = bench.run(config, options, progress=lambda what: status.update(f"bench distributed: {what}"))
+    console.print(bench.render(doc))
+    _write_json(json_path, doc)
+
+
 def _claim_json(path: Path | None, json_format: str, overwrite: bool) -> None:
     """Check, before any work, that `path` (if given) may be written: new, or moelab's own JSON of
     this format with --overwrite."""

@@ -12,7 +12,8 @@ for its own tokens, unchanged; `ExpertParallelDispatcher` only adds the two exch
     combine:  the inverse permutation, one all_to_all_single back, then the usual sum per token.
 
 Gradients flow through both exchanges (`all_to_all_single_autograd`). Works with gloo on CPU
-and NCCL on GPUs.
+and NCCL on GPUs. `bytes_sent` counts what the forward passes sent to other ranks (rows, row
+weights and results; the backward pass sends as much again, the received amounts in reverse).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class ExpertParallelDispatcher(LocalDispatcher):
         self.group = group if group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.bytes_sent = 0  # forward rows, row weights and results sent to other ranks
 
     def num_local_experts(self, num_experts: int) -> int:
         if num_experts % self.world_size:
@@ -57,6 +59,8 @@ class ExpertParallelDispatcher(LocalDispatcher):
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # [source rank, local expert]
         send_splits, recv_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        row_bytes = local.rows.shape[1] * local.rows.element_size() + local.row_weights.element_size()
+        self.bytes_sent += (sum(send_splits) - send_splits[self.rank]) * row_bytes
         rows = all_to_all_single_autograd(local.rows, recv_splits, send_splits, self.group)
         row_weights = all_to_all_single_autograd(local.row_weights, recv_splits, send_splits, self.group)
         expert_of_row = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv_counts.flatten())
@@ -71,6 +75,7 @@ class ExpertParallelDispatcher(LocalDispatcher):
 
     def combine(self, ys: Tensor, plan: DispatchPlan, batch: ExpertBatch) -> Tensor:
         ex: _Exchange = batch.exchange
+        self.bytes_sent += (sum(ex.recv_splits) - ex.recv_splits[self.rank]) * ys.shape[1] * ys.element_size()
         back = all_to_all_single_autograd(ys.index_select(0, ex.to_source_order), ex.send_splits, ex.recv_splits, self.group)
         return super().combine(back, plan, batch)
 

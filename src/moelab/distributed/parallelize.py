@@ -9,8 +9,10 @@
 
 Gradients: FSDP averages a non-expert gradient over all W ranks. An expert's local gradient
 already sums the contributions of every EP rank's tokens (they reach it through the all-to-all),
-so its reduce-scatter over "dp" is divided by W, not by the dp degree: both then equal the
-gradient of the mean loss over the global batch.
+so after FSDP has averaged it over "dp" it is divided by the EP degree as well
+(`scale_expert_gradients`, after the backward passes of a step): both then equal the gradient
+of the mean loss over the global batch. (FSDP2 could divide by W itself,
+`set_gradient_divide_factor`, but that needs a pre-scaled reduce-scatter gloo does not have.)
 """
 
 from __future__ import annotations
@@ -64,7 +66,6 @@ def parallelize(model: MoETransformer, parallel: Parallel) -> MoETransformer:
             shard_experts(layer, parallel.ep_group)
         layer.stats_group = parallel.world_group
         fully_shard(layer.experts, mesh=parallel.mesh["dp"])
-        layer.experts.set_gradient_divide_factor(float(parallel.world))
     for module in model.modules():
         if isinstance(module, SelectiveAttention):
             module.stats_group = parallel.world_group
@@ -72,6 +73,18 @@ def parallelize(model: MoETransformer, parallel: Parallel) -> MoETransformer:
         fully_shard(block, mesh=parallel.world_mesh)
     fully_shard(model, mesh=parallel.world_mesh)
     return model
+
+
+@torch.no_grad()
+def scale_expert_gradients(model: torch.nn.Module, parallel: Parallel) -> None:
+    """Divide the expert gradients (averaged over "dp" by FSDP) by the EP degree; call once per
+    step, after the backward passes."""
+    if parallel.ep == 1:
+        return
+    for layer in expert_layers(model).values():
+        for p in layer.experts.parameters():
+            if p.grad is not None:
+                p.grad.div_(parallel.ep)
 
 
 def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float, parallel: Parallel) -> Tensor:

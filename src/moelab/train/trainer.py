@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from moelab.data import TOKENIZER_DIR, TokenWindows
 from moelab.distributed import Parallel, init_parallel
-from moelab.distributed.parallelize import clip_grad_norm_, parallelize
+from moelab.distributed.parallelize import clip_grad_norm_, parallelize, scale_expert_gradients
 from moelab.distributed.state import full_model_state
 from moelab.eval import domain_losses
 from moelab.io import OutputDir, atomic_write_text, output_dir
@@ -425,6 +425,7 @@ def train_step(
     if parallel is None:
         scalars["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     else:
+        scale_expert_gradients(model, parallel)
         scalars["grad_norm"] = float(clip_grad_norm_(list(model.parameters()), max_norm, parallel))
         reduce_step_metrics(scalars, load, experts_per_token, parallel)
     optimizer.step()

@@ -1,0 +1,214 @@
+"""`moelab bench distributed`: training throughput over 1, 2, 4 ... processes, expert
+parallelism on and off, with the time spent in the exchanges and the bytes they move.
+
+For each process count N and layout (N = 1: one process, no collectives; N > 1: "dp" = FSDP2
+over N data-parallel ranks with the experts replicated, "ep" = the experts split over the N
+ranks, each also FSDP-sharded), N processes are spawned (gloo on CPU, intra-op threads = the
+free cores / N) and run the trainer's `train_step` on random tokens of the model's vocabulary:
+`warmup` steps, then `steps` timed steps (tokens/s = global tokens per step over the median
+step), then 2 steps under torch.profiler for the share of step time inside collectives (rank
+0's): the EP exchange (all-to-all) and FSDP's gathers and reductions (all-gather,
+reduce-scatter, all-reduce; also the trainer's few metric reductions). Gloo runs collectives on
+its own threads, so a share counts waiting for peers too; it is an upper bound of what the
+exchanges cost. Bytes: what the forward passes sent across ranks in the expert exchange
+(`ExpertParallelDispatcher.bytes_sent`, all ranks), doubled for the backward pass (it mirrors
+the forward), against the count for uniform routing: 2 x tokens x k x (EP-1)/EP x (2D+1) x 4
+bytes per MoE layer (rows and their weights out, results back; k measured).
+
+On one CPU machine the processes share its cores and memory bandwidth, so the curve only
+indicates how the code scales; the ratios are to the one-process run measured in the same
+invocation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.multiprocessing as mp
+from rich.table import Table
+
+from moelab.bench.load import busy_processes
+from moelab.models import ModelConfig
+
+JSON_FORMAT = "moelab-bench-distributed/1"
+COMM = {"ep": ("all_to_all",), "fsdp": ("all_gather", "allgather", "reduce_scatter", "all_reduce", "allreduce")}
+
+
+@dataclass(frozen=True)
+class DistributedOptions:
+    """procs: process counts; batch_size (global sequences per step) x seq_len tokens; warmup
+    and steps: untimed and timed steps per cell; rounds: passes over all the cells (a cell's
+    numbers are medians over rounds, so each ratio's two sides saw the machine at the same
+    times); load: busy processes beside the benchmark."""
+
+    procs: tuple[int, ...] = (1, 2, 4)
+    batch_size: int = 8
+    seq_len: int = 256
+    warmup: int = 2
+    steps: int = 5
+    rounds: int = 2
+    load: int = 0
+
+    def __post_init__(self):
+        if not self.procs or min(self.procs) < 1:
+            raise ValueError(f"--procs must be process counts >= 1, got {list(self.procs)}")
+        for n in self.procs:
+            if self.batch_size % n:
+                raise ValueError(f"--batch-size {self.batch_size} must be divisible by every process count, not by {n}")
+
+
+def run(model: ModelConfig, options: DistributedOptions, progress=lambda what: None) -> dict:
+    """Every (process count, layout) cell; see the module docstring."""
+    layouts = [
+        (n, layout)
+        for n in options.procs
+        for layout in (("dp", "ep") if n > 1 else ("one",))
+        if layout != "ep" or model.moe is None or model.moe.num_router_experts % n == 0
+    ]
+    measured: dict[tuple[int, str], list[dict]] = {cell: [] for cell in layouts}
+    with busy_processes(options.load):
+        for r in range(options.rounds):
+            for n, layout in layouts:
+                progress(f"round {r + 1}/{options.rounds}: {n} process(es), {layout}")
+                measured[(n, layout)].append(_cell(model, options, n, layout))
+    cells = [_median(runs) for runs in measured.values()]
+    base = next((c for c in cells if c["procs"] == 1), None)
+    for cell in cells:
+        cell["vs_one_process"] = cell["tokens_per_second"] / base["tokens_per_second"] if base else None
+    return {"format": JSON_FORMAT, "options": asdict(options), "model": model.to_dict(), "cells": cells}
+
+
+def _cell(model: ModelConfig, options: DistributedOptions, n: int, layout: str) -> dict:
+    out = mp.get_context("spawn").Manager().dict()
+    args = (_free_port(), model.to_dict(), options, n, layout, out)
+    mp.spawn(_worker, args=args, nprocs=n, join=True)
+    return dict(out["result"])
+
+
+def _median(runs: list[dict]) -> dict:
+    """A cell's numbers: the median over rounds of each."""
+    first = runs[0]
+    return {key: statistics.median(r[key] for r in runs) if isinstance(value, float) else value for key, value in first.items()}
+
+
+def _worker(rank: int, port: int, model: dict, options: DistributedOptions, n: int, layout: str, out) -> None:
+    import torch.distributed as dist
+
+    from moelab.distributed import ExpertParallelDispatcher, ParallelConfig, init_parallel
+    from moelab.distributed.parallelize import parallelize
+    from moelab.models import MoETransformer
+    from moelab.threads import free_cores
+    from moelab.train import TrainConfig
+    from moelab.train.trainer import build_optimizer, train_step
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n))
+    torch.set_num_threads(max(1, free_cores() // n))
+    config = ModelConfig.from_dict(model)
+    parallel = init_parallel(ParallelConfig(expert=n if layout == "ep" else 1), torch.device("cpu"))
+    try:
+        torch.manual_seed(0)
+        net = MoETransformer(config)
+        if parallel is not None:
+            parallelize(net, parallel)
+        cfg = TrainConfig(steps=1, batch_size=options.batch_size, seq_len=options.seq_len, device="cpu")
+        optimizer = build_optimizer(net, cfg)
+        batches = _random_batches(config.vocab_size, options.batch_size, options.seq_len)
+
+        def step() -> dict:
+            return train_step(net, optimizer, batches, cfg, torch.device("cpu"), contextlib.nullcontext(), parallel)
+
+        for _ in range(options.warmup):
+            step()
+        dispatchers = [m.dispatcher for m in net.modules() if isinstance(getattr(m, "dispatcher", None), ExpertParallelDispatcher)]
+        for d in dispatchers:
+            d.bytes_sent = 0
+        seconds, experts_per_token = [], []
+        for _ in range(options.steps):
+            began = time.perf_counter()
+            stats = step()
+            seconds.append(time.perf_counter() - began)
+            experts_per_token.append(stats["scalars"].get("experts_per_token", 0.0))
+        sent = torch.tensor(float(sum(d.bytes_sent for d in dispatchers)))
+        shares = _comm_shares(step)
+        if parallel is not None:
+            dist.all_reduce(sent)
+        if rank == 0:
+            tokens = options.batch_size * options.seq_len
+            step_time = statistics.median(seconds)
+            measured = 2 * sent.item() / options.steps
+            out["result"] = {
+                "procs": n,
+                "layout": layout,
+                "step_seconds": step_time,
+                "tokens_per_second": tokens / step_time,
+                "ep_exchange_share": shares["ep"],
+                "fsdp_share": shares["fsdp"],
+                "ep_bytes_per_step": measured,
+                "ep_bytes_uniform": _uniform_bytes(config, tokens, statistics.mean(experts_per_token), n if layout == "ep" else 1),
+            }
+    finally:
+        if parallel is not None:
+            dist.destroy_process_group()
+
+
+def _comm_shares(step) -> dict[str, float]:
+    """Shares of 2 profiled steps' wall time inside each kind of collective (this rank)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    began = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            step()
+    wall = time.perf_counter() - began
+    totals = dict.fromkeys(COMM, 0.0)
+    for event in prof.key_averages():
+        if not event.key.startswith("gloo:") and not event.key.startswith("nccl:"):
+            continue
+        for kind, names in COMM.items():
+            if any(name in event.key for name in names):
+                totals[kind] += event.cpu_time_total / 1e6
+    return {kind: total / wall for kind, total in totals.items()}
+
+
+def _uniform_bytes(config: ModelConfig, tokens: int, experts_per_token: float, ep: int) -> float:
+    """Expert-exchange bytes per step (all ranks, forward and backward) if every expert got the
+    same share of the rows. experts_per_token: routed rows per token and MoE layer, measured (a
+    Chain-of-Experts layer's iterations added up)."""
+    layers = sum(kind in ("moe", "uoe") for kind in config.layer_kinds)
+    if ep == 1 or layers == 0:
+        return 0.0
+    return 2 * tokens * experts_per_token * layers * (ep - 1) / ep * (2 * config.dim + 1) * 4
+
+
+def _random_batches(vocab: int, batch_size: int, seq_len: int):
+    g = torch.Generator().manual_seed(0)
+    while True:
+        ids = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g)
+        yield ids[:, :-1], ids[:, 1:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render(doc: dict) -> Table:
+    table = Table(title="training step, processes on one machine (ratios to one process in this run)")
+    for column in ("procs", "layout", "tokens/s", "vs 1 proc", "EP share", "FSDP share", "EP MB/step", "uniform"):
+        table.add_column(column, justify="right")
+    for c in doc["cells"]:
+        ratio = "" if c["vs_one_process"] is None else f"{c['vs_one_process']:.2f}x"
+        table.add_row(
+            str(c["procs"]), c["layout"], f"{c['tokens_per_second']:,.0f}", ratio,
+            f"{c['ep_exchange_share']:.0%}", f"{c['fsdp_share']:.0%}",
+            f"{c['ep_bytes_per_step'] / 1e6:.2f}", f"{c['ep_bytes_uniform'] / 1e6:.2f}",
+        )
+    return table
+
