@@ -11,6 +11,7 @@ reference trains on the ranks' slices as micro-batches, with gradient accumulati
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 
@@ -174,7 +175,9 @@ def test_data_parallel_step_equals_one_process():
 
 RUN = {
     "model": dict(BASE, moe=dict(MOE, score_func="sigmoid", selection_bias=True)),
-    "train": dict(steps=4, batch_size=4, seq_len=16, eval_every=4, eval_tokens=128, checkpoint_every=2, log_every=1, device="cpu"),
+    # eval: 9 windows in batches of 4, 4, 1 (the last leaves rank 1 without a row)
+    "train": dict(steps=4, batch_size=4, seq_len=16, eval_every=4, eval_tokens=144, eval_batch_size=4, checkpoint_every=2,
+                  log_every=1, device="cpu"),  # fmt: skip
 }
 
 
@@ -245,6 +248,11 @@ def test_runs_resume_under_other_degrees(tmp_path):
     _train(one, world=1)
     _train(two, world=2)
     _assert_same_model(one / "model", two / "model")
+    # validation split over the ranks gives the one-process losses
+    losses = [json.loads((run / "results.json").read_text())["eval_loss"] for run in (one, two)]
+    assert losses[0].keys() == losses[1].keys()
+    for domain, loss in losses[0].items():
+        assert losses[1][domain] == pytest.approx(loss, rel=1e-5), domain
     _train(_interrupted_copy(two, tmp_path / "2to1"), world=1, resume=True)
     _assert_same_model(one / "model", tmp_path / "2to1" / "model")
     _train(_interrupted_copy(one, tmp_path / "1to2"), world=2, resume=True)
@@ -282,6 +290,26 @@ def test_bad_checkpoints_fail_on_every_rank(tmp_path):
     (missing / "checkpoints" / "step-000002" / "dcp" / "__1_0.distcp").unlink()
     errors = _errors(missing, resume=True)
     assert all("No such file or directory" in e and "__1_0.distcp" in e for e in errors.values()), errors
+
+
+def _hanging_worker(rank: int, port: int, out: str, errors) -> None:
+    """Rank 1 stalls before its first step, longer than the collectives wait."""
+    import time
+
+    import moelab.train.trainer as trainer
+
+    if rank == 1:
+        step = trainer.train_step
+        trainer.train_step = lambda *args: (time.sleep(8), step(*args))[1]
+    _train_worker(rank, port, out, dict(RUN, parallel={"expert": 2, "timeout_s": 2}), False, errors)
+
+
+def test_a_stalled_rank_fails_every_rank_with_the_timeout(tmp_path):
+    errors = mp.Manager().dict()
+    mp.spawn(_hanging_worker, args=(_free_port(), str(tmp_path / "run"), errors), nprocs=WORLD, join=True)
+    assert sorted(errors) == [0, 1], dict(errors)
+    for rank, message in errors.items():
+        assert message.startswith(f"rank {rank}: a collective failed") and "parallel.timeout_s = 2 s" in message, message
 
 
 @pytest.mark.slow

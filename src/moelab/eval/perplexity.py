@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from moelab.data import IGNORE_INDEX, eval_batches, list_domains, tokenize_split
@@ -44,12 +45,16 @@ def domain_losses(
     max_tokens: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     quiet: bool = True,
+    group: dist.ProcessGroup | None = None,
 ) -> dict[str, DomainLoss]:
     """The loss of `model` (called as `model(ids).logits`, logits: [B, S, V]) on each domain's
     `split`, from its first `max_tokens` tokens (None = all), in consecutive windows of
     `seq_len`; key "all" holds the token-weighted mean over the domains. The model is put in eval
     mode for the call and restored after. The last window is padded; padded positions are not
-    scored, but routers that look across the batch (expert choice, capacity limits) see them."""
+    scored, but routers that look across the batch (expert choice, capacity limits) see them.
+    group: the ranks of a parallel model (every rank calls this): each scores its share of every
+    batch's rows (a rank left without rows runs one unscored row, so every rank makes the same
+    calls) and the sums are all-reduced."""
     names = list_domains() if domains is None else list(domains)
     if not names:
         raise ValueError("domain_losses needs at least one domain (None = all of them)")
@@ -64,6 +69,8 @@ def domain_losses(
                 tokens = tokens[: max_tokens + 1]
             total, count = 0.0, 0
             for inputs, targets in eval_batches(tokens, seq_len, batch_size):
+                if group is not None:
+                    inputs, targets = _rank_rows(inputs, targets, dist.get_rank(group), dist.get_world_size(group))
                 inputs, targets = inputs.to(device), targets.to(device)
                 autocast = (
                     torch.autocast(device.type, dtype=autocast_dtype)
@@ -79,9 +86,21 @@ def domain_losses(
                     reduction="sum",
                 ).item()
                 count += int((targets != IGNORE_INDEX).sum())
+            if group is not None:
+                sums = torch.tensor([total, count], dtype=torch.float64)
+                dist.all_reduce(sums, group=group)
+                total, count = sums[0].item(), int(sums[1].item())
             results[name] = DomainLoss(total / count, count)
     finally:
         model.train(was_training)
     tokens = sum(r.tokens for r in results.values())
     results[ALL] = DomainLoss(sum(r.loss * r.tokens for r in results.values()) / tokens, tokens)
     return results
+
+
+def _rank_rows(inputs: Tensor, targets: Tensor, rank: int, world: int) -> tuple[Tensor, Tensor]:
+    """This rank's contiguous share of a batch's rows [B, S]; one unscored row if it has none."""
+    rows = torch.tensor_split(torch.arange(len(inputs)), world)[rank]
+    if len(rows) == 0:
+        return inputs[:1], torch.full_like(targets[:1], IGNORE_INDEX)
+    return inputs[rows], targets[rows]

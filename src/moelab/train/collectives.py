@@ -65,3 +65,19 @@ def reduce_step_metrics(
         n = load[i].numel()
         load[i] = packed[offset : offset + n].float()
         offset += n
+
+
+COLLECTIVE_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "Watchdog")
+
+
+def collective_failure(err: RuntimeError, parallel: Parallel) -> ValueError | None:
+    """A one-line error for a collective that timed out or lost its peer (None for other errors)."""
+    text = str(err)
+    if not any(marker in text for marker in COLLECTIVE_FAILURES):
+        return None
+    detail = text.split("] ", 1)[-1].splitlines()[0][:200]
+    return ValueError(
+        f"rank {parallel.rank}: a collective failed ({detail}); another rank died, hangs or is far slower "
+        f"(collectives wait up to parallel.timeout_s = {parallel.config.timeout_s:g} s). Its log says why; "
+        "continue with --resume from the last complete checkpoint"
+    )

@@ -56,7 +56,7 @@ from moelab.train.checkpoint import (
     save_checkpoint,
     save_distributed_checkpoint,
 )
-from moelab.train.collectives import agreed_flag, reduce_step_metrics, shared_from_rank0
+from moelab.train.collectives import agreed_flag, collective_failure, reduce_step_metrics, shared_from_rank0
 from moelab.train.config import RunConfig, TrainConfig
 from moelab.train.logging import LOG_NAME, RunLog
 
@@ -239,6 +239,11 @@ def train(
             torch.set_num_threads(resolve_threads(cfg.threads))
         try:
             return _train(run, Path(out_dir), device, start, quiet, parallel)
+        except RuntimeError as err:
+            failure = None if parallel is None else collective_failure(err, parallel)
+            if failure is None:
+                raise
+            raise failure from None
         finally:
             torch.set_num_threads(threads)
 
@@ -345,7 +350,7 @@ def _train(
                     bar.set_postfix(_postfix(record), refresh=False)
                     window = _Window()
                 if step % cfg.eval_every == 0 or step == cfg.steps:
-                    eval_loss = _evaluate(model, cfg)
+                    eval_loss = _evaluate(model, cfg, parallel)
                     measured_experts = eval_window.experts_per_token()
                     load = {str(layer): (l / l.sum()).tolist() for layer, l in eval_window.load.items()}
                     experts = {str(layer): k for layer, k in measured_experts.items()}
@@ -499,7 +504,7 @@ def _set_chunk_coef(model, value: float) -> None:
             m.coefs["chunk_sparsity"] = value
 
 
-def _evaluate(model, cfg: TrainConfig) -> dict[str, float]:
+def _evaluate(model, cfg: TrainConfig, parallel: Parallel | None) -> dict[str, float]:
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
     losses = domain_losses(
         model,
@@ -508,6 +513,7 @@ def _evaluate(model, cfg: TrainConfig) -> dict[str, float]:
         batch_size=cfg.eval_batch_size,
         max_tokens=cfg.eval_tokens,
         autocast_dtype=dtype,
+        group=None if parallel is None else parallel.world_group,  # each rank its share of the rows
     )
     return {name: value.loss for name, value in losses.items()}
 
