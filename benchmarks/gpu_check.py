@@ -1,4 +1,6 @@
-"""GPU check: the MoE layer on CUDA matches the CPU float64 result, and its speed vs dense.
+"""GPU check: the MoE layer on CUDA matches the CPU float64 result, and its speed vs dense; and
+`moelab train` under torchrun with one process (the NCCL path: process group, FSDP2, DCP
+checkpoints) gives the one-process run's losses.
 
 Run on a machine with a CUDA GPU:  python benchmarks/gpu_check.py [--json out.json]
 Not part of the test suite (the project's machines have no GPU).
@@ -9,8 +11,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
+import yaml
 
 from moelab.bench.layer import BenchOptions, render_table, run
 from moelab.nn import MoEConfig, build_moe
@@ -61,6 +68,23 @@ def check_case(name: str, overrides: dict, backend: str, dtype: torch.dtype, dev
             "worst": max(errors, key=errors.get)}
 
 
+def check_torchrun_nccl(workdir: Path) -> dict:
+    """20 steps of a tiny run on CUDA, under torchrun (1 process, NCCL) and in one plain process."""
+    run = {
+        "model": dict(vocab_size=8192, dim=64, n_layers=2, n_heads=2, n_kv_heads=2, max_seq_len=64,
+                      moe=dict(num_experts=8, hidden_dim=64, top_k=2, balance_coef=0.01)),
+        "train": dict(steps=20, batch_size=8, seq_len=64, eval_every=20, eval_tokens=2048, checkpoint_every=10, device="cuda"),
+    }  # fmt: skip
+    path = workdir / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    moelab = [sys.executable, "-m", "moelab", "train", str(path), "--quiet", "--overwrite"]
+    subprocess.run([*moelab, "--out", str(workdir / "one")], check=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1"]
+    subprocess.run([*torchrun, *moelab[1:], "--out", str(workdir / "nccl")], check=True)
+    losses = [json.loads((workdir / d / "results.json").read_text())["eval_loss"]["all"] for d in ("one", "nccl")]
+    return {"one_process": losses[0], "torchrun_nccl": losses[1], "abs_diff": abs(losses[0] - losses[1])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
@@ -77,6 +101,9 @@ def main() -> None:
     doc = run(BenchOptions.create(device="cuda", memory=True, rounds=10, tokens=16384))
     doc["correctness"] = checks
     doc["gpu"] = torch.cuda.get_device_name()
+    with tempfile.TemporaryDirectory() as tmp:
+        doc["torchrun_nccl"] = check_torchrun_nccl(Path(tmp))
+    print("torchrun (NCCL, 1 process) vs one process, val loss:", doc["torchrun_nccl"])
     from rich.console import Console
 
     Console(width=160).print(render_table(doc))

@@ -162,12 +162,14 @@ def test_four_processes_ep2_dp2_step_equals_one_process():
         _check(name, got[name], world=4)
 
 
-def test_data_parallel_step_equals_one_process():
-    """EP 1, DP 2: experts replicated and FSDP-sharded over both ranks."""
+@pytest.mark.parametrize("world", [1, 2])
+def test_data_parallel_step_equals_one_process(world):
+    """EP 1, DP 2: experts replicated and FSDP-sharded over both ranks; and torchrun with one
+    process, which takes the parallel path (how one GPU checks NCCL)."""
     names = ["topk softmax + z", "sigmoid group-limited + aux-free bias + shared"]
-    got = _run(names, expert=1)
+    got = _run(names, expert=1, world=world)
     for name in names:
-        _check(name, got[name])
+        _check(name, got[name], world=world)
 
 
 

@@ -241,12 +241,19 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its newest checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out again from step 0.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    expert_parallel: Annotated[int | None, typer.Option("--expert-parallel", min=1, help="Under torchrun: split the experts over this many ranks (the run file's parallel.expert).")] = None,
 ) -> None:
-    """Train a model: checkpoints, log.jsonl and TensorBoard logs, per-domain validation."""
+    """Train a model: checkpoints, log.jsonl and TensorBoard logs, per-domain validation. Under
+    torchrun (`torchrun --nproc-per-node N -m moelab train ...`) on N processes: docs/distributed.md."""
+    import dataclasses
+
+    from moelab.distributed import ParallelConfig
     from moelab.train import RunConfig
     from moelab.train import train as run_training
 
     run = RunConfig.load(config)
+    if expert_parallel is not None:
+        run.parallel = dataclasses.replace(run.parallel or ParallelConfig(), expert=expert_parallel, data=None)
     out = out or Path("runs") / config.stem
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts it again; pass one of them")

@@ -107,10 +107,11 @@ def _worker(rank: int, port: int, model: dict, options: DistributedOptions, n: i
     from moelab.train import TrainConfig
     from moelab.train.trainer import build_optimizer, train_step
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n))
+    if n > 1:  # one process: the plain path, no process group
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n))
     torch.set_num_threads(max(1, free_cores() // n))
     config = ModelConfig.from_dict(model)
-    parallel = init_parallel(ParallelConfig(expert=n if layout == "ep" else 1), torch.device("cpu"))
+    parallel = init_parallel(ParallelConfig(expert=n if layout == "ep" else 1), torch.device("cpu")) if n > 1 else None
     try:
         torch.manual_seed(0)
         net = MoETransformer(config)

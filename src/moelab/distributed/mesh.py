@@ -87,17 +87,21 @@ class Parallel:
         return self.world_mesh.get_group()
 
 
-def torchrun_world() -> int:
-    """The number of processes torchrun started (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def torchrun_world() -> int | None:
+    """The number of processes torchrun started; None outside torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return int(os.environ["WORLD_SIZE"])
 
 
 def init_parallel(config: ParallelConfig | None, device: torch.device) -> Parallel | None:
-    """Join torchrun's process group (gloo on CPU, NCCL on CUDA) and build the mesh; None when the
-    run is one process. Raises a ValueError naming the fix when the degrees do not fit the world."""
+    """Join torchrun's process group (gloo on CPU, NCCL on CUDA) and build the mesh; None outside
+    torchrun (a plain one-process run; under torchrun even one process takes the parallel path,
+    which is how a single GPU checks it). Raises a ValueError naming the fix when the degrees do
+    not fit the world."""
     world = torchrun_world()
     config = config or ParallelConfig()
-    if world == 1:
+    if world is None:
         if config.expert > 1 or (config.data or 1) > 1:
             warnings.warn(
                 f"one process: parallel.expert = {config.expert} and parallel.data = {config.data} apply under "
