@@ -45,6 +45,12 @@ VARIANTS = {
         dict(dense_hidden_dim=64, first_k_dense=0, uoe=dict(attn_top_k=1, mlp_experts=4, mlp_top_k=2, balance_coef=0.01)),
         False,
     ),
+    "union-of-experts, reference selection": (
+        dict(dense_hidden_dim=64, first_k_dense=0, allow_noncausal_routing=True,
+             uoe=dict(attn_top_k=1, mlp_experts=4, mlp_top_k=2, selection="reference", gate="none")),
+        True,  # normalises over the batch, so per rank; gate="none": the routers get no gradient
+    ),  # fmt: skip
+    "graph router + expert biases": (dict(moe=dict(MOE, router="graph_sim", expert_mlp_bias=True)), False),
     "expert choice": (
         dict(allow_noncausal_routing=True, moe=dict(MOE, router="expert_choice", ec_capacity_factor=2.0, balance_coef=0.0)),
         True,
@@ -85,7 +91,7 @@ def _reference(name: str, world: int = WORLD) -> dict:
     else:
         batches, cfg = [(inputs, targets)], TrainConfig(**TRAIN)
     out = _step(model, cfg, batches)
-    out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    out["grads"] = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
     out["state"] = {n: t.clone() for n, t in model.state_dict().items()}
     return out
 
@@ -106,6 +112,9 @@ def _worker(rank: int, port: int, names: list[str], expert: int, world: int, out
             experts = expert_parameter_names(model)
             grads = {}
             for pname, p in model.named_parameters():
+                if p.grad is None:  # the same on every rank
+                    grads[pname] = None
+                    continue
                 g = p.grad.full_tensor()
                 if pname in experts and parallel.ep > 1:
                     pieces = [torch.empty_like(g) for _ in range(parallel.ep)]
@@ -142,6 +151,9 @@ def _check(name: str, got: dict, world: int = WORLD) -> None:
     for layer, load in want["load"].items():
         torch.testing.assert_close(got["load"][layer], load, msg=lambda m: f"{name} load {layer}: {m}")
     for pname, grad in want["grads"].items():
+        if grad is None:
+            assert got["grads"][pname] is None, f"{name}: {pname} got a gradient"
+            continue
         torch.testing.assert_close(got["grads"][pname], grad, **tol, msg=lambda m: f"{name} grad {pname}: {m}")
     for key, value in want["state"].items():
         torch.testing.assert_close(got["state"][key], value, **tol, msg=lambda m: f"{name} {key}: {m}")

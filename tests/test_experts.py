@@ -104,13 +104,16 @@ def test_backends_agree_with_each_other(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_rows_at_all(backend):
-    """N = 0 (e.g. every assignment dropped): an empty output, and zero (not missing) gradients."""
-    m = _experts("swiglu", False, backend)
+    """N = 0 (e.g. every assignment dropped, or an expert-parallel rank that receives no rows): an
+    empty output, and zero (not missing) gradients for every weight and bias, so data-parallel
+    ranks reduce the same set of gradients."""
+    m = _experts("swiglu", True, backend)
     xs = torch.zeros(0, D, requires_grad=True)
     ys = m(xs, [0] * E, torch.zeros(0, requires_grad=True))
     assert ys.shape == (0, D)
     ys.sum().backward()
-    assert torch.all(m.gate_up_proj.grad == 0) and torch.all(m.down_proj.grad == 0)
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.all(p.grad == 0), name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -119,9 +119,9 @@ def init_parallel(config: ParallelConfig | None, device: torch.device) -> Parall
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=config.timeout_s)
-        )
+        # on GPUs the small host-side reductions (metrics, flags, validation sums) go over gloo
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout_s))
     mesh = init_device_mesh(device.type, (data, config.expert), mesh_dim_names=("dp", "ep"))
     world_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("world",))
     return Parallel(ParallelConfig(expert=config.expert, data=data, timeout_s=config.timeout_s), mesh, world_mesh)

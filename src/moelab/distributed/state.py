@@ -23,8 +23,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moelab.distributed.mesh import Parallel
@@ -55,15 +61,18 @@ def load_training_state(
 ) -> None:
     """Fill `model` and `optimizer` from the DCP checkpoint at `path` (saved under any degrees)."""
     state = training_state(model, optimizer, parallel)
+    saved = _saved_optimizer_entries(path)
+    # parameters that never had a gradient (e.g. routers of UoE's gate="none") have no saved state
+    state["optim"]["state"] = {n: e for n, e in state["optim"]["state"].items() if n in saved}
     read_checkpoint(state, path)
     if parallel is not None:  # expert entries back to this rank's shard, laid out as FSDP holds it
         template_model, template_optim = get_state_dict(model, optimizer)
         for name in expert_parameter_names(model):
             state["model"][name] = _like(state["model"][name].to_local(), template_model[name])
-            entry = state["optim"]["state"][name]
-            for key in OPTIMIZER_TENSORS:
+            entry = state["optim"]["state"].get(name)
+            for key in OPTIMIZER_TENSORS if entry is not None else ():
                 entry[key] = _like(entry[key].to_local(), template_optim["state"][name][key])
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _set_state(model, optimizer, state["model"], state["optim"])
 
 
 def read_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -76,6 +85,13 @@ def read_checkpoint(state: dict[str, Any], path: Path) -> None:
             failure = next(iter(err.failures.values()))  # (exception, its frames) of the first rank
             failure = failure[0] if isinstance(failure, tuple) else failure
             raise ValueError(f"{type(failure).__name__}: {failure}") from None
+
+
+def _saved_optimizer_entries(path: Path) -> set[str]:
+    """Names of the parameters whose optimizer state the DCP checkpoint at `path` holds."""
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = "optim.state."
+    return {key[len(prefix) :].rsplit(".", 1)[0] for key in keys if key.startswith(prefix)}
 
 
 def load_full_state(
@@ -101,24 +117,36 @@ def load_full_state(
                 for key, like in entry.items()
             }
             for name, entry in optim_state["state"].items()
+            if name in full_optim_state["state"]  # parameters that never had a gradient have no state
         },
         "param_groups": full_optim_state["param_groups"],  # the saved learning rates
     }
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    _set_state(model, optimizer, model_state, optim_state)
 
 
 def full_model_state(model: torch.nn.Module, parallel: Parallel) -> dict[str, Tensor]:
-    """Every parameter and buffer whole (experts gathered over "ep" too), on every rank, on the CPU."""
+    """Every parameter and buffer whole (experts gathered over "ep" too), on the CPU, on rank 0;
+    the other ranks take part in the collectives and get {}."""
     experts = expert_parameter_names(model)
+    rank0 = parallel.rank == 0
+    first_replica = parallel.mesh["dp"].get_local_rank() == 0  # the "ep" group that holds rank 0
     full = {}
     for name, value in model.state_dict().items():
         tensor = value.full_tensor() if isinstance(value, DTensor) else value
-        if name in experts and parallel.ep > 1:
-            pieces = [torch.empty_like(tensor) for _ in range(parallel.ep)]
-            dist.all_gather(pieces, tensor.contiguous(), group=parallel.ep_group)
-            tensor = torch.cat(pieces)
-        full[name] = tensor.detach().cpu()
+        if name in experts and parallel.ep > 1 and first_replica:
+            pieces = [torch.empty_like(tensor) for _ in range(parallel.ep)] if rank0 else None
+            dist.gather(tensor.contiguous(), pieces, group=parallel.ep_group, group_dst=0)
+            tensor = torch.cat(pieces) if rank0 else tensor
+        if rank0:
+            full[name] = tensor.detach().cpu()
     return full
+
+
+def _set_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict) -> None:
+    """Load both, the model strictly; the optimizer state may lack parameters that never had a
+    gradient (they keep a fresh state, which no step ever reads)."""
+    set_model_state_dict(model, model_state)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(strict=False))
 
 
 def _to_global(value: Tensor, parallel: Parallel) -> DTensor:

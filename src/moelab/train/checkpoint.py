@@ -98,16 +98,21 @@ def save_distributed_checkpoint(
     staging = shared_from_rank0(parallel, staging, error)
     try:
         dcp.save(dcp_state, checkpoint_id=str(staging / DCP_NAME))  # returns once every rank has written
+    except BaseException:  # raised on every rank
         if staged is not None:
+            staged.abort()
+        raise
+    if staged is not None:
+        try:
             (staging / "model").mkdir()
             model.config.save(staging / "model" / CONFIG_NAME)
             _write_state(staging / STATE_NAME, {"step": step, **state})
             staged.publish()
             _remove_old(out_dir, keep)
-    except BaseException:
-        if staged is not None:
+        except Exception as err:
             staged.abort()
-        raise
+            error = err
+    shared_from_rank0(parallel, None, error)  # no rank goes on past a checkpoint rank 0 failed to write
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:

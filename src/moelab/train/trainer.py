@@ -32,14 +32,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from moelab.data import TOKENIZER_DIR, TokenWindows
 from moelab.distributed import Parallel, init_parallel
-from moelab.distributed.parallelize import clip_grad_norm_, parallelize, scale_expert_gradients
+from moelab.distributed.parallelize import (
+    check_parallel_model,
+    clip_grad_norm_,
+    parallelize,
+    scale_expert_gradients,
+)
 from moelab.distributed.state import full_model_state
 from moelab.eval import domain_losses
 from moelab.io import OutputDir, atomic_write_text, output_dir
@@ -171,10 +175,13 @@ class _Window:
 
 class _Interrupt:
     """While active, Ctrl-C (SIGINT) only sets `requested`, so the loop stops between two steps
-    with a consistent state to checkpoint; a second Ctrl-C interrupts at once."""
+    with a consistent state to checkpoint; a second Ctrl-C interrupts at once (one within 2 s of
+    the first counts as the first: torchrun forwards the terminal's Ctrl-C to its workers, which
+    got it already)."""
 
     def __init__(self):
         self.requested = False
+        self.first = 0.0
         self.previous = None
 
     def __enter__(self):
@@ -183,8 +190,13 @@ class _Interrupt:
         return self
 
     def _handle(self, *_):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
+        if self.requested and time.monotonic() - self.first < 2.0:
+            return  # torchrun forwards the terminal's Ctrl-C again at once: still the first one
+        if self.requested:
+            signal.signal(signal.SIGINT, self.previous)
+            signal.raise_signal(signal.SIGINT)
+            return
+        self.requested, self.first = True, time.monotonic()
 
     def __exit__(self, *exc):
         if self.previous is not None:
@@ -207,11 +219,14 @@ def train(
     cfg = run.train
     device = resolve_device(cfg.device)
     parallel = init_parallel(run.parallel, device)
-    if parallel is not None and cfg.batch_size % parallel.world:
-        raise ValueError(
-            f"train.batch_size ({cfg.batch_size}) is the global batch and must be divisible by the "
-            f"{parallel.world} processes; each rank trains on batch_size / world sequences"
-        )
+    if parallel is not None:  # before the output directory is claimed (an --overwrite would clear it)
+        if cfg.batch_size % parallel.world:
+            raise ValueError(
+                f"train.batch_size ({cfg.batch_size}) is the global batch and must be divisible by the "
+                f"{parallel.world} processes; each rank trains on batch_size / world sequences"
+            )
+        with torch.device("meta"):
+            check_parallel_model(MoETransformer(run.model), parallel)
     hint = " and start again (or --resume, resume=True, to continue it)"
     with contextlib.ExitStack() as stack:
         start, error = None, None
@@ -384,14 +399,18 @@ def _train(
         tokens_per_second=step * cfg.tokens_per_step / max(train_seconds, 1e-9),
         eval_loss=eval_loss,
     )
-    if parallel is not None:  # the whole model, gathered from every rank, written by rank 0
+    if parallel is not None:  # the whole model, gathered to rank 0, which writes it
         full = full_model_state(model, parallel)
-        model = MoETransformer(run.model)
-        model.load_state_dict(full)
+        if rank0:
+            model = MoETransformer(run.model)
+            model.load_state_dict(full)
+    error = None
     if rank0:
-        _write_final(model, run, out_dir, result, measured_experts)
-    if parallel is not None:
-        dist.barrier()
+        try:
+            _write_final(model, run, out_dir, result, measured_experts)
+        except Exception as err:
+            error = err
+    shared_from_rank0(parallel, None, error)  # no rank returns before the model is written
     return result
 
 
