@@ -270,9 +270,10 @@ def _train(
     rank0 = parallel is None or parallel.rank == 0
     quiet = quiet or not rank0
     torch.manual_seed(cfg.seed)
-    model = MoETransformer(run.model).to(device)
+    model = MoETransformer(run.model)  # built whole on the CPU; under torchrun only the shards reach the device
     if parallel is not None:
         parallelize(model, parallel)
+    model.to(device)
     model.train()
     optimizer = build_optimizer(model, cfg)
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
