@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-slow test-eval bench experiment
+.PHONY: setup run test test-slow test-eval bench experiment reproduce-reference
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,12 @@ bench: $(STAMP)
 ## The equal-compute comparison of seven architectures (~1 hour on 2 CPU cores).
 experiment: $(STAMP)
 	bash experiments/equal_compute/run.sh
+
+## Retrain the shipped reference models from their run files and check the weights are the
+## shipped ones, byte for byte (about an hour on 2 CPU cores; runs/reproduce-<name>).
+reproduce-reference: $(STAMP)
+	for name in ref-8e-top2 ref-32e-top4-shared; do \
+	  $(BIN)/moelab train configs/reference/$$name.yaml --out runs/reproduce-$$name --overwrite --quiet && \
+	  cmp runs/reproduce-$$name/model/model.safetensors src/moelab/assets/models/$$name/model.safetensors && \
+	  echo "$$name: the shipped weights, byte for byte" || exit 1; \
+	done

@@ -51,6 +51,10 @@ VARIANTS = {
         True,  # normalises over the batch, so per rank; gate="none": the routers get no gradient
     ),  # fmt: skip
     "graph router + expert biases": (dict(moe=dict(MOE, router="graph_sim", expert_mlp_bias=True)), False),
+    "all tokens to experts 0 and 1 (EP rank 1 gets no rows) + expert biases": (
+        dict(moe=dict(MOE, score_func="sigmoid", selection_bias=True, expert_mlp_bias=True)),
+        False,
+    ),
     "expert choice": (
         dict(allow_noncausal_routing=True, moe=dict(MOE, router="expert_choice", ec_capacity_factor=2.0, balance_coef=0.0)),
         True,
@@ -62,6 +66,17 @@ TRAIN = dict(steps=10, batch_size=4, seq_len=16, lr=1e-2, warmup_steps=0, grad_c
 
 def _config(name: str) -> ModelConfig:
     return ModelConfig.from_dict(dict(BASE, **VARIANTS[name][0]))
+
+
+def _model(name: str) -> MoETransformer:
+    """The variant's model as built with seed 0 (before any parallelization)."""
+    torch.manual_seed(0)
+    model = MoETransformer(_config(name))
+    if name.startswith("all tokens to experts 0 and 1"):
+        with torch.no_grad():
+            for layer in model.moe_layers.values():
+                layer.router.selection_bias.copy_(torch.tensor([10.0, 10.0, 0.0, 0.0]))
+    return model
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +95,7 @@ def _step(model: MoETransformer, cfg: TrainConfig, batches, parallel=None) -> di
 
 
 def _reference(name: str, world: int = WORLD) -> dict:
-    torch.manual_seed(0)
-    model = MoETransformer(_config(name))
+    model = _model(name)
     inputs, targets = _batch()
     per_rank = VARIANTS[name][1]
     if per_rank:  # each rank's slice is a micro-batch
@@ -106,8 +120,7 @@ def _worker(rank: int, port: int, names: list[str], expert: int, world: int, out
     parallel = init_parallel(ParallelConfig(expert=expert, timeout_s=120), torch.device("cpu"))
     try:
         for name in names:
-            torch.manual_seed(0)
-            model = parallelize(MoETransformer(_config(name)), parallel)
+            model = parallelize(_model(name), parallel)
             result = _step(model, TrainConfig(**TRAIN), [_batch()], parallel)
             experts = expert_parameter_names(model)
             grads = {}

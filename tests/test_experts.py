@@ -109,11 +109,15 @@ def test_no_rows_at_all(backend):
     ranks reduce the same set of gradients."""
     m = _experts("swiglu", True, backend)
     xs = torch.zeros(0, D, requires_grad=True)
-    ys = m(xs, [0] * E, torch.zeros(0, requires_grad=True))
+    row_weights = torch.zeros(0, requires_grad=True)
+    ys = m(xs, [0] * E, row_weights)
     assert ys.shape == (0, D)
     ys.sum().backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.all(p.grad == 0), name
+    # the (empty) gradient reaches the rows and their weights: an expert-parallel rank that
+    # received no rows must still run the backward of the exchange that delivered them
+    assert xs.grad is not None and xs.grad.shape == (0, D) and row_weights.grad is not None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

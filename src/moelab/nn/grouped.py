@@ -360,9 +360,13 @@ def grouped_mlp(
             f"counts must have one entry per expert ({w_in.shape[0]}) summing to the {xs.shape[0]} rows, "
             f"got {len(counts)} entries summing to {sum(counts)}"
         )
-    if xs.shape[0] == 0:  # every weight still gets a (zero) gradient: data-parallel ranks reduce the same set
-        weights = [w for w in (w_in, b_in, w_out, b_out) if w is not None]
-        return xs.new_zeros(0, w_out.shape[1]) + 0 * sum(w.sum() for w in weights)
+    if xs.shape[0] == 0:
+        # The output still depends on every input: each weight gets a (zero) gradient, so
+        # data-parallel ranks reduce the same set, and gradients flow back to the (empty) rows and
+        # row weights, so an expert-parallel rank that received no rows still runs the backward
+        # of the exchange that delivered them, as the other ranks do.
+        inputs = [t for t in (xs, row_weights, w_in, b_in, w_out, b_out) if t is not None]
+        return xs.new_zeros(0, w_out.shape[1]) + 0 * sum(t.sum() for t in inputs)
     if row_weights is not None:
         row_weights = row_weights.to(xs.dtype)
     if w_in.dtype != xs.dtype:  # inference over weights kept in their stored precision (calibration)

@@ -59,7 +59,8 @@ def summarize_variant(out_dir: Path, run_names: list[str]) -> dict[str, Any]:
     """One variant's numbers over its runs `out_dir/<run>` (one per seed): `summarize_run`'s, with
     the losses, speeds, loads and curves averaged over seeds; with more than one seed also
     "eval_loss_std" (per domain, sample standard deviation), "eval_loss_range" (max - min of the
-    overall loss), "eval_band" [(step, min, max)] and "per_seed" rows."""
+    overall loss), "eval_band" [(step, min, max)] and "per_seed" rows (each run's loss, speed and
+    training curve)."""
     summaries = [summarize_run(out_dir / name) for name in run_names]
     out = dict(summaries[0])
     if len(summaries) == 1:
@@ -79,7 +80,7 @@ def summarize_variant(out_dir: Path, run_names: list[str]) -> dict[str, Any]:
     if out["load_imbalance"] is not None:
         out["load_imbalance"] = float(np.mean([s["load_imbalance"] for s in summaries]))
     out["per_seed"] = [
-        {"run": name, "eval_loss": s["eval_loss"], "tokens_per_second": s["tokens_per_second"]}
+        {"run": name, "eval_loss": s["eval_loss"], "tokens_per_second": s["tokens_per_second"], "train_curve": s["train_curve"]}
         for name, s in zip(run_names, summaries)
     ]
     return out
