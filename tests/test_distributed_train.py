@@ -113,7 +113,7 @@ def _reference(name: str, world: int = WORLD) -> dict:
 def _worker(rank: int, port: int, names: list[str], expert: int, world: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from moelab.distributed import ParallelConfig, init_parallel
+    from moelab.distributed import ParallelConfig, exit_process, init_parallel
     from moelab.distributed.parallelize import expert_parameter_names, parallelize
     from moelab.distributed.state import full_model_state
 
@@ -140,6 +140,7 @@ def _worker(rank: int, port: int, names: list[str], expert: int, world: int, out
                 out[name] = result
     finally:
         dist.destroy_process_group()
+    exit_process(0)
 
 
 def _free_port() -> int:
@@ -211,6 +212,7 @@ RUN = {
 def _train_worker(rank: int, port: int, out: str, run: dict, resume: bool, errors) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
+    from moelab.distributed import exit_process
     from moelab.train import RunConfig, train
 
     try:
@@ -219,9 +221,7 @@ def _train_worker(rank: int, port: int, out: str, run: dict, resume: bool, error
         if errors is None:
             raise
         errors[rank] = str(err)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    exit_process(0)  # as `moelab` does under torchrun
 
 
 def _train(out, world: int, expert: int = 2, resume: bool = False, run: dict = RUN, errors=None) -> None:

@@ -603,6 +603,7 @@ def main() -> None:
     from safetensors import SafetensorError
 
     from moelab.data import CorpusIntegrityError
+    from moelab.distributed import exit_process, torchrun_world
 
     user_errors = (
         ValueError,  # moelab's own checks, CheckpointError, JSON and UTF-8 decoding
@@ -624,6 +625,8 @@ def main() -> None:
     except user_errors as err:
         _error(f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err))
         raise SystemExit(2) from None
+    if torchrun_world() is not None:  # a torchrun worker: see exit_process
+        exit_process(code or 0)
     if code:  # typer's exit code, e.g. 130 after Ctrl-C
         raise SystemExit(code)
 

@@ -100,7 +100,7 @@ def _median(runs: list[dict]) -> dict:
 def _worker(rank: int, port: int, model: dict, options: DistributedOptions, n: int, layout: str, out) -> None:
     import torch.distributed as dist
 
-    from moelab.distributed import ExpertParallelDispatcher, ParallelConfig, init_parallel
+    from moelab.distributed import ExpertParallelDispatcher, ParallelConfig, exit_process, init_parallel
     from moelab.distributed.parallelize import parallelize
     from moelab.models import MoETransformer
     from moelab.threads import free_cores
@@ -156,6 +156,7 @@ def _worker(rank: int, port: int, model: dict, options: DistributedOptions, n: i
     finally:
         if parallel is not None:
             dist.destroy_process_group()
+    exit_process(0)  # see exit_process: a normal exit may abort after a gloo run
 
 
 def _comm_shares(step) -> dict[str, float]:

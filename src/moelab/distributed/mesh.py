@@ -18,9 +18,11 @@ their shards sharded with FSDP2 over "dp" (`moelab.distributed.parallelize`).
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -61,6 +63,17 @@ class Parallel:
     config: ParallelConfig
     mesh: DeviceMesh
     world_mesh: DeviceMesh
+    owns_group: bool = False  # `init_parallel` started the process group, so `close` ends it
+
+    def close(self, *, wait: bool = True) -> None:
+        """End the process group if this run started it: after a barrier (`wait`), so that no rank
+        tears its side down while another still uses it (gloo can abort a process that exits
+        while a peer is mid-collective)."""
+        if not self.owns_group or not dist.is_initialized():
+            return
+        if wait:
+            dist.barrier(group=self.world_group)
+        dist.destroy_process_group()
 
     @property
     def rank(self) -> int:
@@ -118,10 +131,23 @@ def init_parallel(config: ParallelConfig | None, device: torch.device) -> Parall
         )
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         # on GPUs the small host-side reductions (metrics, flags, validation sums) go over gloo
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout_s))
     mesh = init_device_mesh(device.type, (data, config.expert), mesh_dim_names=("dp", "ep"))
     world_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("world",))
-    return Parallel(ParallelConfig(expert=config.expert, data=data, timeout_s=config.timeout_s), mesh, world_mesh)
+    resolved = ParallelConfig(expert=config.expert, data=data, timeout_s=config.timeout_s)
+    return Parallel(resolved, mesh, world_mesh, owns_group)
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """Leave a torchrun worker process at once, after flushing its output. A normal interpreter
+    exit runs C++ static destructors, and after a gloo run one of them occasionally aborts the
+    process ("terminate called without an active exception", about 1 exit in 12 here), so that
+    torchrun reports a finished run as failed; exiting here skips them. Call it only once the
+    process group is closed and every file is written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -216,9 +216,35 @@ def train(
     already there from its newest checkpoint, `overwrite=True` replaces it with a new one.
     inputs: files the run was read from (its run file), which `out_dir` must not contain. Ctrl-C
     stops after the current step, checkpoints and raises KeyboardInterrupt."""
-    cfg = run.train
-    device = resolve_device(cfg.device)
+    device = resolve_device(run.train.device)
     parallel = init_parallel(run.parallel, device)
+    finished = False
+    try:
+        result = _claim_and_train(run, Path(out_dir), device, parallel, resume, overwrite, inputs, quiet)
+        finished = True
+        return result
+    except RuntimeError as err:
+        failure = None if parallel is None else collective_failure(err, parallel)
+        if failure is None:
+            raise
+        raise failure from None
+    finally:
+        if parallel is not None:
+            parallel.close(wait=finished)  # after an error the other ranks may never arrive
+
+
+def _claim_and_train(
+    run: RunConfig,
+    out_dir: Path,
+    device: torch.device,
+    parallel: Parallel | None,
+    resume: bool,
+    overwrite: bool,
+    inputs: Sequence[str | Path],
+    quiet: bool,
+) -> TrainResult:
+    """Check the degrees, claim `out_dir` (rank 0; its outcome is every rank's), then train."""
+    cfg = run.train
     if parallel is not None:  # before the output directory is claimed (an --overwrite would clear it)
         if cfg.batch_size % parallel.world:
             raise ValueError(
@@ -253,12 +279,7 @@ def train(
         if cfg.threads is not None:
             torch.set_num_threads(resolve_threads(cfg.threads))
         try:
-            return _train(run, Path(out_dir), device, start, quiet, parallel)
-        except RuntimeError as err:
-            failure = None if parallel is None else collective_failure(err, parallel)
-            if failure is None:
-                raise
-            raise failure from None
+            return _train(run, out_dir, device, start, quiet, parallel)
         finally:
             torch.set_num_threads(threads)
 
