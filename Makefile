@@ -36,7 +36,7 @@ test-eval: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/moelab bench layer
 
-## The equal-compute comparison of seven architectures (~1 hour on 2 CPU cores).
+## The equal-compute comparison of seven architectures, 3 seeds each (~2 hours on 2 CPU cores).
 experiment: $(STAMP)
 	bash experiments/equal_compute/run.sh
 
