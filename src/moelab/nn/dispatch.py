@@ -177,6 +177,8 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_xs: Tensor):
+        if ctx.plan.num_rows == 0:  # nothing was gathered (every assignment empty or dropped)
+            return grad_xs.new_zeros(ctx.plan.num_tokens, grad_xs.shape[1]), None
         return _sum_slots(ctx.plan.slot_rows_by_slot, grad_xs.contiguous(), ctx.plan.slot_mask(grad_xs.dtype)), None
 
 
