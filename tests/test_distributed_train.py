@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moelab.distributed import free_port
 from moelab.models import ModelConfig, MoETransformer
 from moelab.nn import attach_selection_bias_update
 from moelab.train import TrainConfig
@@ -143,15 +143,10 @@ def _worker(rank: int, port: int, names: list[str], expert: int, world: int, out
     exit_process(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run(names: list[str], expert: int, world: int = WORLD) -> dict:
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), names, expert, world, out), nprocs=world, join=True)
+    mp.spawn(_worker, args=(free_port(), names, expert, world, out), nprocs=world, join=True)
     return dict(out)
 
 
@@ -231,7 +226,7 @@ def _train(out, world: int, expert: int = 2, resume: bool = False, run: dict = R
         train(RunConfig.from_dict(run), out, resume=resume, quiet=True)
     else:
         run = dict(run, parallel=dict(dict(expert=expert, timeout_s=120), **run.get("parallel", {})))
-        mp.spawn(_train_worker, args=(_free_port(), str(out), run, resume, errors), nprocs=WORLD, join=True)
+        mp.spawn(_train_worker, args=(free_port(), str(out), run, resume, errors), nprocs=WORLD, join=True)
 
 
 def _errors(out, **kwargs) -> dict[int, str]:
@@ -333,7 +328,7 @@ def _hanging_worker(rank: int, port: int, out: str, errors) -> None:
 
 def test_a_stalled_rank_fails_every_rank_with_the_timeout(tmp_path):
     errors = mp.Manager().dict()
-    mp.spawn(_hanging_worker, args=(_free_port(), str(tmp_path / "run"), errors), nprocs=WORLD, join=True)
+    mp.spawn(_hanging_worker, args=(free_port(), str(tmp_path / "run"), errors), nprocs=WORLD, join=True)
     assert sorted(errors) == [0, 1], dict(errors)
     for rank, message in errors.items():
         assert message.startswith(f"rank {rank}: a collective failed") and "parallel.timeout_s = 2 s" in message, message

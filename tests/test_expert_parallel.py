@@ -2,13 +2,13 @@
 (float64, so that the different summation order of the exchanged rows stays below the tolerance)."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moelab.distributed import free_port
 from moelab.nn import MoEConfig, build_moe
 
 WORLD = 2
@@ -17,11 +17,6 @@ CONFIGS = {
     "topp with capacity": MoEConfig(dim=16, num_experts=4, hidden_dim=8, router="topp", top_p=0.6, capacity_factor=1.0),
 }
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tokens(rank: int) -> torch.Tensor:
@@ -59,7 +54,7 @@ def test_expert_parallel_matches_single_process(name):
     sum(y.pow(2).sum() + res.loss for y, res in zip(ys, results)).backward()
 
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), name, out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), name, out), nprocs=WORLD, join=True)
 
     L = full.num_experts // WORLD
     for rank in range(WORLD):

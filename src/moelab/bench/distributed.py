@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ import torch.multiprocessing as mp
 from rich.table import Table
 
 from moelab.bench.load import busy_processes
+from moelab.distributed import free_port
 from moelab.models import ModelConfig
 
 JSON_FORMAT = "moelab-bench-distributed/1"
@@ -86,7 +86,7 @@ def run(model: ModelConfig, options: DistributedOptions, progress=lambda what: N
 
 def _cell(model: ModelConfig, options: DistributedOptions, n: int, layout: str) -> dict:
     out = mp.get_context("spawn").Manager().dict()
-    args = (_free_port(), model.to_dict(), options, n, layout, out)
+    args = (free_port(), model.to_dict(), options, n, layout, out)
     mp.spawn(_worker, args=args, nprocs=n, join=True)
     return dict(out["result"])
 
@@ -194,11 +194,6 @@ def _random_batches(vocab: int, batch_size: int, seq_len: int):
         ids = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g)
         yield ids[:, :-1], ids[:, 1:]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def render(doc: dict) -> Table:

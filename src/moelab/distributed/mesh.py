@@ -18,6 +18,7 @@ their shards sharded with FSDP2 over "dp" (`moelab.distributed.parallelize`).
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -151,3 +152,11 @@ def exit_process(code: int = 0) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a local process group (tests, benchmarks; another
+    process may still take it before the group binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
