@@ -91,3 +91,23 @@ def test_compiled_generate_sees_weights_changed_after_compiling():
     other = make_model(seed=3, init_std=0.2).eval()
     model.load_state_dict(other.state_dict())
     assert torch.equal(model.generate(ids, 8, greedy=True, compile=True), other.generate(ids, 8, greedy=True))
+
+
+def test_compiled_generate_sees_settings_changed_after_compiling():
+    """The compiled step keeps no guards on the modules: a module setting changed after compiling
+    (NAEE's skip ratio here) must trace it again, never decode with the old setting."""
+    from test_model import make_model, random_ids
+
+    from moelab.compress.skipping import apply_dynamic_skipping
+
+    torch._dynamo.reset()
+    model = make_model(init_std=0.2).eval()
+    ids = random_ids(batch=1, seq=5)
+    plain = model.generate(ids, 12, greedy=True, compile=True)
+    layers = [i for i, block in enumerate(model.layers) if block.kind == "moe"]
+    apply_dynamic_skipping(model, {i: 0.99 for i in layers})  # keeps only each token's first expert
+    skipped = model.generate(ids, 12, greedy=True)
+    assert not torch.equal(skipped, plain), "the setting must change the tokens for this test to mean anything"
+    assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), skipped)
+    apply_dynamic_skipping(model, None)
+    assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), plain)

@@ -142,8 +142,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, start_pos, k, v)  # [B, G, P, Dh]
-        causal = mask is None and S > 1  # a single position attends to every key (cached or its own)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        if isinstance(start_pos, Tensor):  # the static decode step: explicit math, which Inductor fuses
+            y = masked_attention(q, k, v, mask)
+        else:
+            causal = mask is None and S > 1  # a single position attends to every key (cached or its own)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1)), {"q": q, "k": k}
 
 
@@ -327,14 +330,32 @@ class MoETransformer(nn.Module):
 
     def _compiled_step(self):
         """`_decode` compiled with Inductor's freezing (the weights folded in as constants, linear
-        weights prepacked for the CPU's GEMM). Frozen weights would go stale, so the step is traced
-        again (after `torch._dynamo.reset()`, which drops every compiled graph of the process) once
-        any parameter has changed: another tensor, another storage or an in-place update."""
-        weights = tuple((id(p), p.data_ptr(), p._version) for p in self.parameters())
-        if getattr(self, "_frozen_weights", None) != weights:
+        weights prepacked for the CPU's GEMM, the q, k, v projections concatenated). The graph keeps no guards on the modules (checking
+        them at every token cost ~10 % of a batch-1 step); instead the step is traced again (after
+        `torch._dynamo.reset()`, which drops every compiled graph of the process) whenever
+        `_frozen_state` changes: another weight tensor, storage or in-place update, or another
+        module setting (a skip ratio, a router threshold)."""
+        state = self._frozen_state()
+        if getattr(self, "_frozen", None) != state:
             torch._dynamo.reset()
-            self._frozen_weights = weights
-        return torch.compile(self._decode, dynamic=False)
+            self._frozen = state
+        options = {
+            "freezing": True,
+            "cpp.enable_concat_linear": True,  # q, k, v projections as one GEMM (frozen weights concatenated)
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+        }
+        return torch.compile(self._decode, dynamic=False, options=options)
+
+    def _frozen_state(self) -> tuple:
+        """What a frozen decode graph depends on besides its inputs: every parameter and buffer
+        (identity, storage, in-place version) and every module's plain Python settings."""
+        tensors = tuple((id(t), t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+        plain = (bool, int, float, str, type(None))
+        settings = tuple(
+            (name, tuple((key, value) for key, value in vars(module).items() if isinstance(value, plain)))
+            for name, module in self.named_modules()
+        )
+        return tensors, settings
 
     def _check_call(self, input_ids: Tensor, targets: Tensor | None, kv_cache: KVCache | None, start_pos: int) -> None:
         self._check_routing_is_causal()
@@ -444,8 +465,7 @@ class MoETransformer(nn.Module):
             if cache is None:
                 logits = self._decode(tokens, None, 0)
             elif static_step is not None and pos > 0:
-                with torch._inductor.config.patch(freezing=True):
-                    logits = static_step(step_ids, cache, torch.tensor(pos, device=input_ids.device))
+                logits = static_step(step_ids, cache, torch.tensor(pos, device=input_ids.device))
             else:
                 logits = self._decode(step_ids, cache, pos)
             pos += step_ids.shape[1]
@@ -460,6 +480,19 @@ class MoETransformer(nn.Module):
             if eos_token_id is not None and done.all():
                 break
         return tokens
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(Dh), masked) v with grouped keys: q [B, H, S, Dh], k, v [B, G, P, Dh],
+    mask [S, P] (True = attend) -> [B, H, S, Dh]; head h reads key group h // (H / G), as
+    `scaled_dot_product_attention(..., enable_gqa=True)`. Written out for the compiled decode step,
+    where Inductor fuses it (the CPU's SDPA kernel costs tens of microseconds for one query)."""
+    B, H, S, Dh = q.shape
+    G = k.shape[1]
+    grouped = q.reshape(B, G, (H // G) * S, Dh)  # the H / G heads of a group share its keys
+    scores = (grouped @ k.transpose(-1, -2)).view(B, G, H // G, S, -1) * (1.0 / math.sqrt(Dh))
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).view(B, G, (H // G) * S, -1)
+    return (probs @ v).view(B, H, S, Dh)
 
 
 def _leak_name(block: Block) -> str:
