@@ -63,11 +63,17 @@ class ModelOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
+# How the compiled decode step is built: the weights frozen into the graph as constants (linear
+# weights prepacked for the CPU's GEMM) and the q, k, v projections of a layer concatenated into one.
+FROZEN = torch._inductor.config.patch({"freezing": True, "cpp.enable_concat_linear": True})
+
+
 class KVCache:
     """Keys and values of every layer for incremental decoding, preallocated for `max_len` positions.
 
-    k, v: [L, B, G, max_len, Dh]. `model(ids, kv_cache=cache, start_pos=p)` stores positions
-    p .. p+S-1 and attends to positions 0 .. p+S-1.
+    k, v: L tensors [B, G, max_len, Dh], one per layer (separate tensors, so that a compiled step
+    writing one layer's position does not copy the others). `model(ids, kv_cache=cache,
+    start_pos=p)` stores positions p .. p+S-1 and attends to positions 0 .. p+S-1.
     """
 
     def __init__(
@@ -83,17 +89,17 @@ class KVCache:
             raise ValueError(
                 f"KVCache max_len must lie in [1, max_seq_len={config.max_seq_len}], got {max_len}"
             )
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def update(self, layer: int, start_pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v: [B, G, S, Dh] at start_pos; return every key and value so far, [B, G, P, Dh].
@@ -106,9 +112,9 @@ class KVCache:
             self.v[layer].index_copy_(2, where, v)
             return self.k[layer], self.v[layer]
         end = start_pos + k.shape[2]
-        self.k[layer, :, :, start_pos:end] = k
-        self.v[layer, :, :, start_pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start_pos:end] = k
+        self.v[layer][:, :, start_pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):
@@ -329,22 +335,18 @@ class MoETransformer(nn.Module):
         return self.lm_head(self.norm(x[:, -1]))
 
     def _compiled_step(self):
-        """`_decode` compiled with Inductor's freezing (the weights folded in as constants, linear
-        weights prepacked for the CPU's GEMM, the q, k, v projections concatenated). The graph keeps no guards on the modules (checking
-        them at every token cost ~10 % of a batch-1 step); instead the step is traced again (after
-        `torch._dynamo.reset()`, which drops every compiled graph of the process) whenever
-        `_frozen_state` changes: another weight tensor, storage or in-place update, or another
-        module setting (a skip ratio, a router threshold)."""
+        """`_decode` compiled to run under `FROZEN`: the weights folded in as constants, linear
+        weights prepacked for the CPU's GEMM, each layer's q, k, v projections concatenated. The
+        graph keeps no guards on the modules (checking them at every token cost ~10 % of a batch-1
+        step); instead the step is traced again (after `torch._dynamo.reset()`, which drops every
+        compiled graph of the process) whenever `_frozen_state` changes: another weight tensor,
+        storage or in-place update, or another module setting (a skip ratio, a router threshold)."""
         state = self._frozen_state()
         if getattr(self, "_frozen", None) != state:
             torch._dynamo.reset()
             self._frozen = state
-        options = {
-            "freezing": True,
-            "cpp.enable_concat_linear": True,  # q, k, v projections as one GEMM (frozen weights concatenated)
-            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-        }
-        return torch.compile(self._decode, dynamic=False, options=options)
+        guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        return torch.compile(self._decode, dynamic=False, options=guards)
 
     def _frozen_state(self) -> tuple:
         """What a frozen decode graph depends on besides its inputs: every parameter and buffer
@@ -465,7 +467,8 @@ class MoETransformer(nn.Module):
             if cache is None:
                 logits = self._decode(tokens, None, 0)
             elif static_step is not None and pos > 0:
-                logits = static_step(step_ids, cache, torch.tensor(pos, device=input_ids.device))
+                with FROZEN:  # Inductor reads these when it traces, not from torch.compile's options
+                    logits = static_step(step_ids, cache, torch.tensor(pos, device=input_ids.device))
             else:
                 logits = self._decode(step_ids, cache, pos)
             pos += step_ids.shape[1]
