@@ -17,8 +17,10 @@ with its routers' threshold set to each, measured the same way.
 
 The bound: a decode step must read every weight it uses once (attention, norms, routers, the
 output head, the experts its tokens were routed to, counted from the routing of an untimed
-moelab run) and the KV cache so far. bound tokens/s = measured copy bandwidth / bytes per token.
-On a small model the weights may stay in the CPU's caches, which the bound (DRAM bandwidth)
+moelab run) and the KV cache so far. bound tokens/s = measured copy bandwidth / bytes per token,
+with the bandwidth measured again in every round beside the timed runs, so that the fraction of
+the bound (the median of the per-round fractions) holds when the machine's speed drifts. On a small
+model the weights may stay in the CPU's caches, which the bound (DRAM bandwidth)
 does not credit.
 """
 
@@ -161,11 +163,10 @@ def measure_model(
     model_dir: Path,
     model: MoETransformer,
     options: GenerateOptions,
-    bandwidth: float,
     progress=None,
 ) -> list[dict]:
     """One row per batch size: tokens/s of each implementation, its ratio to transformers, the
-    bound. `model` is `model_dir` loaded."""
+    bound and each implementation's fraction of it. `model` is `model_dir` loaded."""
     family = family_for(model)
     run = {"moelab": lambda ids: model.generate(ids, options.new_tokens, greedy=True)}
     if family is not None:
@@ -193,15 +194,19 @@ def measure_model(
         with torch.no_grad():
             outputs = {impl: go(prompts) for impl, go in run.items()}  # warm-up, and the tokens compared
             times: dict[str, list[float]] = {impl: [] for impl in run}
-            order = list(run)
+            bandwidths = []  # GB/s, one per round
+            order = [*run, None]  # None: measure the copy bandwidth
             for _ in range(options.rounds):
                 random.shuffle(order)
                 for impl in order:
-                    times[impl].append(_timed(lambda: run[impl](prompts)))
+                    if impl is None:
+                        bandwidths.append(memory_bandwidth_gb_s(repeats=3))
+                    else:
+                        times[impl].append(_timed(lambda: run[impl](prompts)))
             distinct = distinct_experts_per_step(model, prompts, options.new_tokens)
         context = options.prompt_tokens + (options.new_tokens - 1) / 2
         step_bytes = bytes_per_step(model, distinct, batch, context)
-        bound = bandwidth * 1e9 / (step_bytes / batch)
+        bounds = [gb_s * 1e9 / (step_bytes / batch) for gb_s in bandwidths]  # tokens/s, one per round
         speed = {impl: batch * options.new_tokens / statistics.median(t) for impl, t in times.items()}
         new = slice(options.prompt_tokens, None)
         rows.append({
@@ -212,10 +217,14 @@ def measure_model(
             "ratio_vs_transformers": {
                 impl: statistics.median(h / m for h, m in zip(times[base], t)) for impl, t in times.items()
             } if family is not None else None,
-            "fraction_of_bound": {impl: v / bound for impl, v in speed.items()},
+            "fraction_of_bound": {
+                impl: statistics.median(batch * options.new_tokens / tt / b for tt, b in zip(t, bounds))
+                for impl, t in times.items()
+            },
             "bytes_per_token": step_bytes / batch,
             "distinct_experts_per_layer": statistics.mean(distinct.values()) if distinct else 0.0,
-            "bound_tokens_per_s": bound,
+            "memory_bandwidth_gb_s": statistics.median(bandwidths),
+            "bound_tokens_per_s": statistics.median(bounds),
             "same_greedy_tokens": {  # as transformers' (as plain moelab's without a transformers family)
                 impl: float((out[:, new] == outputs[base][:, new]).all(-1).float().mean())
                 for impl, out in outputs.items()
@@ -295,7 +304,7 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
             rows, quality = [], {}
             for name, path in models.items():
                 model = load_pretrained(path).eval()
-                rows += measure_model(name, path, model, options, bandwidth, progress)
+                rows += measure_model(name, path, model, options, progress)
                 if routing_variants(options):
                     quality[name] = routing_quality(model, options)
     finally:
