@@ -10,8 +10,6 @@ rows ordered by the first bench's overall increase.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from compress_claims import DOCS, load
 
 PAGE = DOCS.parent / "compress.md"
@@ -62,7 +60,7 @@ def main() -> None:
         raise SystemExit(f"{PAGE} has no {BEGIN} ... {END} markers to write the tables between")
     head, rest = page.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    Path(PAGE).write_text(head + "\n".join(lines) + tail)
+    PAGE.write_text(head + "\n".join(lines) + tail)
     print(f"wrote the tables of {PAGE}")
 
 

@@ -15,6 +15,7 @@ routers, UoE) cannot decode from a KV cache; `generate` recomputes the prefix fo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -463,25 +464,27 @@ class MoETransformer(nn.Module):
         tokens, step_ids, pos = input_ids, input_ids, 0
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         self._check_call(input_ids, None, cache, 0)  # the longest call fits: checked above
-        for _ in range(max_new_tokens):
-            if cache is None:
-                logits = self._decode(tokens, None, 0)
-            elif static_step is not None and pos > 0:
-                with FROZEN:  # Inductor reads these when it traces, not from torch.compile's options
+        # Inductor reads FROZEN's settings when it traces (not from torch.compile's options); entered
+        # once for the whole loop, not at every token.
+        with FROZEN if static_step is not None else contextlib.nullcontext():
+            for _ in range(max_new_tokens):
+                if cache is None:
+                    logits = self._decode(tokens, None, 0)
+                elif static_step is not None and pos > 0:
                     logits = static_step(step_ids, cache, torch.tensor(pos, device=input_ids.device))
-            else:
-                logits = self._decode(step_ids, cache, pos)
-            pos += step_ids.shape[1]
-            next_ids = sample_next_token(
-                logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
-            )
-            if eos_token_id is not None:
-                next_ids = next_ids.masked_fill(done, eos_token_id)
-                done |= next_ids == eos_token_id
-            step_ids = next_ids[:, None]
-            tokens = torch.cat([tokens, step_ids], dim=1)
-            if eos_token_id is not None and done.all():
-                break
+                else:
+                    logits = self._decode(step_ids, cache, pos)
+                pos += step_ids.shape[1]
+                next_ids = sample_next_token(
+                    logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
+                )
+                if eos_token_id is not None:
+                    next_ids = next_ids.masked_fill(done, eos_token_id)
+                    done |= next_ids == eos_token_id
+                step_ids = next_ids[:, None]
+                tokens = torch.cat([tokens, step_ids], dim=1)
+                if eos_token_id is not None and done.all():
+                    break
         return tokens
 
 
