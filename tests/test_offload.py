@@ -86,6 +86,45 @@ def test_offloaded_transformers_checkpoint_decodes_like_transformers(tmp_path, f
             offloaded.close()
 
 
+@pytest.mark.parametrize("family", ["native", "mixtral"])
+def test_each_layer_reads_ahead_from_its_input_through_its_norm(tmp_path, monkeypatch, family, one_thread):
+    """The read-ahead hook of each MoE layer sees its decoder layer's input, normalised by the norm
+    before the MoE block (ffn_norm / post_attention_layernorm), and at a decode step the lookahead
+    then reads that input's router choices."""
+    if family == "native":
+        path, norm_name = _native(tmp_path)[1], "ffn_norm"
+    else:
+        torch.manual_seed(0)
+        build(family).save_pretrained(tmp_path)
+        path, norm_name = tmp_path, "post_attention_layernorm"
+    offloaded = load_offloaded(path, resident=0.5, predictor="lookahead", prefetch_factor=1.0)
+    seen, inputs = [], []
+    read_ahead = OffloadedExperts.read_ahead
+
+    def spy(self, hidden):
+        seen.append((self.layer, hidden.clone()))
+        read_ahead(self, hidden)
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        if rows.shape[0] == 1:  # a decode step: its router's choices are read ahead (or already there)
+            chosen = self._links[0].forward(rows).indices.flatten().tolist()
+            assert {(self.layer, e) for e in chosen} <= self.cache.resident()
+
+    monkeypatch.setattr(OffloadedExperts, "read_ahead", spy)
+    try:
+        layers = [m for m in offloaded.model.modules() if hasattr(m, norm_name)]
+        for layer in layers:
+            layer.register_forward_pre_hook(
+                lambda m, args, kwargs: inputs.append(getattr(m, norm_name)(args[0] if args else kwargs["hidden_states"])),
+                with_kwargs=True,
+            )  # fmt: skip
+        offloaded.generate(torch.randint(0, 64, (1, 4)), 3)
+        assert [layer for layer, _ in seen] == list(range(len(layers))) * 3
+        for (_, hidden), expected in zip(seen, inputs, strict=True):
+            torch.testing.assert_close(hidden, expected)
+    finally:
+        offloaded.close()
+
+
 def test_generation_past_the_position_limit_is_refused(tmp_path):
     build("mixtral").save_pretrained(tmp_path)  # max_position_embeddings: transformers' default
     offloaded = load_offloaded(tmp_path, resident=1.0, predictor=None)

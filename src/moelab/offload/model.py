@@ -8,8 +8,9 @@ from the safetensors files into an `ExpertCache` as the routing asks for them.
 Works for moelab checkpoints (the model's own MoE layers keep everything but their experts) and
 for every transformers family the checkpoint view reads (each MoE block is computed by a moelab
 `MoELayer` built from the view, as in `moelab.hf.layerwise`). Each MoE layer's experts are an
-`OffloadedExperts`: after routing it fetches the experts its tokens chose (reads on a miss),
-starts prefetching the next MoE layer's likely experts on a background thread, then computes on
+`OffloadedExperts`: when its decoder layer starts, a hook scores the layer's likely experts from
+the layer's input and starts reading them on a background thread while the attention runs; after
+routing it fetches the experts its tokens chose (reading a miss on the spot), then computes on
 the pool's slots with the in-memory kernels, so the outputs equal the model held in memory.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -36,15 +38,19 @@ from moelab.offload.cache import ExpertCache
 from moelab.offload.predict import PREDICTORS, RoutingPrior, lookahead_scores
 from moelab.offload.store import ExpertStore
 
+# A decoder layer's norm before its MoE block (moelab's, transformers'); without one the router
+# reads the raw residual stream (the same choices when the norm's weight is uniform).
+ROUTER_INPUT_NORMS = ("ffn_norm", "post_attention_layernorm")
+
 
 class OffloadedExperts(Experts):
     """Layer `layer`'s routed experts, kept in `cache` (no weights of its own). Inference only:
     `gathered` and `accumulated`, the two paths of `MoELayer.infer`.
 
-    predictor: how to score the next MoE layer's experts for prefetching ("affinity", "lookahead",
-    "both", see `moelab.offload.predict`) or None for no prefetching; top_k: experts per token;
-    prefetch_factor: read ahead up to this many times the T*K experts the next layer's T tokens
-    can use (the best-scored ones; the eviction policy may refuse slots for the weaker ones).
+    predictor: how to score this layer's experts for reading ahead (`read_ahead`: "affinity",
+    "lookahead", "both", see `moelab.offload.predict`) or None for no prefetching; top_k: experts
+    per token; prefetch_factor: read ahead up to this many times the T*K experts the layer's T
+    tokens can use (the best-scored ones; the eviction policy may refuse slots for the weaker ones).
     """
 
     def __init__(
@@ -61,12 +67,15 @@ class OffloadedExperts(Experts):
         self.predictor = predictor
         self.top_k = top_k
         self.prefetch_factor = prefetch_factor
-        self._next: tuple[int, Router | None] | None = None  # (next MoE layer, its router); not a submodule
+        self.chosen: Tensor | None = None  # [T or N, K] this layer's latest choices (the next layer's affinity)
+        # (this layer's router, the MoE layer before it in a token's pass); not submodules
+        self._links: tuple[Router | None, OffloadedExperts | None] = (None, None)
 
-    def link(self, next_layer: int, router: Router | None) -> None:
-        """Name the MoE layer that runs next and its router (None: predict it by habit alone, as for
-        the next token's first layer after the last one)."""
-        self._next = (next_layer, router)
+    def link(self, router: Router | None, previous: OffloadedExperts | None) -> None:
+        """Name this layer's router (None: predict by habit alone, as for a router that needs whole
+        sequences) and the MoE layer that runs before it within a token's pass (None for the first),
+        whose choices the affinity predictor reads."""
+        self._links = (router, previous)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -87,9 +96,9 @@ class OffloadedExperts(Experts):
             plan = plan_dispatch(indices, self.num_experts)
             row_weights = weights.reshape(-1).index_select(0, plan.slots)
             return self.accumulated(x, plan.token_ids, plan.counts, row_weights)
+        self.chosen = indices
         slots = self.cache.fetch(self.layer, needed, tokens=x.shape[0])
         try:
-            self._prefetch(x, indices)
             slot_of = dict(zip(needed, slots))
             in_slots = torch.tensor([[slot_of.get(e, -1) for e in row] for row in chosen], device=x.device)
             return self.cache.pool.gathered(x, in_slots.view(indices.shape), weights)
@@ -107,14 +116,12 @@ class OffloadedExperts(Experts):
             raise ValueError("offloaded experts choose their own weight rows (cache slots)")
         active = [e for e, n in enumerate(counts) if n]
         starts = torch.tensor([0, *counts]).cumsum(0).tolist()
+        self.chosen = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(list(counts)))[:, None]
         y = torch.zeros_like(x)
         for first in range(0, len(active), self.cache.slots):
             chunk = active[first : first + self.cache.slots]
             slots = self.cache.fetch(self.layer, chunk, tokens=x.shape[0])
             try:
-                if first == 0:
-                    experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(list(counts)))
-                    self._prefetch(x, experts[:, None].to(x.device))
                 rows = slice(starts[chunk[0]], starts[chunk[-1] + 1])
                 part_counts = [counts[e] for e in chunk]
                 y += self.cache.pool.accumulated(x, token_ids[rows], part_counts, row_weights[rows], slots)
@@ -122,29 +129,29 @@ class OffloadedExperts(Experts):
                 self.cache.release()
         return y
 
-    def _prefetch(self, x: Tensor, indices: Tensor) -> None:
-        """Score the next MoE layer's experts from this layer's input x: [T, D] and choices
-        indices: [T or N, K], and start reading the best of them."""
-        if self.predictor is None or self._next is None or self.cache.holds_all(self._next[0]):
+    def read_ahead(self, hidden: Tensor) -> None:
+        """Start reading this layer's likely experts on the background thread, scored from its decoder
+        layer's input hidden: [..., D] (normalised as the MoE input is), before the layer's attention
+        runs, and from the previous MoE layer's choices (see `moelab.offload.predict`)."""
+        if self.predictor is None or self.cache.holds_all(self.layer):
             return
-        next_layer, router = self._next
+        router, previous = self._links
+        x = hidden.reshape(-1, hidden.shape[-1])
         E, T = self.num_experts, x.shape[0]
         limit = min(E, round(self.prefetch_factor * T * self.top_k))
-        if router is None:
-            habit = self.cache.habit(next_layer)
-            self.cache.prefetch(next_layer, habit, habit, limit)
-            return
         scores, most = torch.zeros(E), 0.0  # most: the largest score a token can give an expert
-        if self.predictor in ("affinity", "both"):
-            scores += self.cache.prior.affinity_scores(self.layer, indices) / self.top_k
+        if self.predictor in ("affinity", "both") and previous is not None and previous.chosen is not None:
+            scores += self.cache.prior.affinity_scores(previous.layer, previous.chosen) / self.top_k
             most += 1.0
-        if self.predictor in ("lookahead", "both") and router.dim == x.shape[1]:
+        if self.predictor in ("lookahead", "both") and router is not None and router.dim == x.shape[1]:
             routing = router.forward(x)  # .forward: no routing hooks fire
             scores += lookahead_scores(routing.indices, routing.probs)
             most += 2.0
-        if most == 0:
+        if most == 0:  # nothing to go on but habit
+            habit = self.cache.habit(self.layer)
+            self.cache.prefetch(self.layer, habit, habit, limit)
             return
-        self.cache.prefetch(next_layer, scores, (scores / (T * most)).clamp(max=1.0), limit)
+        self.cache.prefetch(self.layer, scores, (scores / (T * most)).clamp(max=1.0), limit)
 
 
 @dataclass
@@ -270,13 +277,22 @@ def load_offloaded(
             parent_name, _, name = found[index].block.rpartition(".")
             parent = layers[index].get_submodule(parent_name) if parent_name else layers[index]
             setattr(parent, name, MoEBlock(moes[index], MoELayer.infer, store.family.block_returns))
-    for a, b in zip(store.moe_layers[:-1], store.moe_layers[1:]):
-        moes[a].experts.link(b, None if moes[b].router.needs_sequences else moes[b].router)
-    if len(moes) > 1:  # the last layer reads ahead for the next token's first, by habit
-        moes[store.moe_layers[-1]].experts.link(store.moe_layers[0], None)
+    previous = None
+    for index in store.moe_layers:
+        experts = moes[index].experts
+        experts.link(None if moes[index].router.needs_sequences else moes[index].router, previous)
+        previous = experts
+        norm = next((getattr(layers[index], n) for n in ROUTER_INPUT_NORMS if hasattr(layers[index], n)), None)
+        layers[index].register_forward_pre_hook(partial(_read_ahead, experts, norm), with_kwargs=True)
     if warm:
         cache.fill(warm_start(store, prior, cache.slots))
     return OffloadedModel(model.eval(), cache)
+
+
+def _read_ahead(experts: OffloadedExperts, norm: nn.Module | None, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A decoder layer's forward pre-hook: its MoE layer reads ahead from the layer's input."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    experts.read_ahead(hidden if norm is None else norm(hidden))
 
 
 def _view_bytes(layer: MoELayerView, dtype: torch.dtype, shared: bool) -> int:
