@@ -8,9 +8,10 @@ tokens each, batch 1, on `threads` intra-op threads:
 
 - in memory: the model loaded whole;
 - for each resident fraction of the routed experts and each policy (`POLICIES`): "lru" (LRU
-  eviction, no prefetch) and reuse-distance eviction with prefetch scored by the inter-layer
-  affinity, the next router's lookahead (reading 1x or 1.5x the experts a token uses; 1.5x is
-  `load_offloaded`'s default) or both, from the same warm start.
+  eviction, no prefetch) and reuse-distance eviction with each layer's experts read ahead when
+  its decoder layer starts, scored by the inter-layer affinity, the layer's router on the decoder
+  layer's input (reading 1x or 1.5x the experts a token uses; 1.5x is `load_offloaded`'s
+  default) or both, from the same warm start.
 
 Every cell is timed in `rounds` rounds, each from the same warm start (so with the same hits) and
 paired with a run of the model in memory (alternating which goes first); tokens/s is the median
