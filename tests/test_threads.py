@@ -45,15 +45,17 @@ def test_train_config_takes_auto_and_refuses_zero():
         TrainConfig(steps=1, threads=0)
 
 
-def test_bench_layer_reports_the_threads_it_ran_on():
+def test_bench_layer_reports_the_threads_and_allocator_settings_it_ran_on(monkeypatch):
     from moelab.bench.layer import BenchOptions, run
 
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1073741824")
     threads = torch.get_num_threads()
     options = BenchOptions.create(
         configs=["e8k2"], dtypes=["fp32"], modes=["fwd"], tokens=16, rounds=1, skew=0, memory=False, threads=1
     )
     try:
-        assert run(options)["setup"]["threads"] == 1
+        setup = run(options)["setup"]
+        assert setup["threads"] == 1 and setup["allocator_env"]["MALLOC_TRIM_THRESHOLD_"] == "1073741824"
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="threads must be"):

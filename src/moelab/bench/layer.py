@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -330,6 +331,8 @@ def run(options: BenchOptions, progress: Console | None = None) -> dict:
         "threads_option": options.threads,
         "device": options.device,
         "load": options.load,
+        # the C allocator's settings: with glibc's defaults every large fresh buffer is page-faulted in
+        "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
         "torch": torch.__version__,
     }
     return doc
