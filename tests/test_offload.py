@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moelab.hf.checkpoint import CheckpointError
+from moelab.hf.native import copy_expert
 from moelab.models import MoETransformer, save_pretrained, tiny
 from moelab.offload import ExpertCache, ExpertStore, OffloadedExperts, RoutingPrior, load_offloaded
 from moelab.offload.model import greedy_generate
@@ -278,6 +279,50 @@ def test_bad_options_and_mismatched_prior(tmp_path):
     other = RoutingPrior((0, 1), {0: torch.ones(4), 1: torch.ones(4)}, {0: torch.ones(4, 4)})
     with pytest.raises(ValueError, match="covers MoE layers"):
         load_offloaded(path, resident=0.5, prior=other)
+
+
+@pytest.mark.parametrize("family,direct", [("native", True), ("mixtral", True), ("qwen2_moe", True), ("gpt_oss", False)])
+def test_load_reads_an_expert_straight_into_its_slot_where_the_files_allow(tmp_path, monkeypatch, family, direct):
+    """`ExpertStore.load` fills a slot with what reading the view and copying gives, and reads
+    straight into the slot (no view) where the files hold the expert as the pool lays it out:
+    not for GPT-OSS (transposed, interleaved, biases) nor in another dtype than stored."""
+    if family == "native":
+        path = _native(tmp_path)[1]
+    else:
+        torch.manual_seed(0)
+        build(family).save_pretrained(tmp_path)
+        path = tmp_path
+    views = []
+    read = ExpertStore.read
+    monkeypatch.setattr(ExpertStore, "read", lambda self, *key: views.append(key) or read(self, *key))
+    for dtype in (torch.float32, torch.bfloat16):
+        store = ExpertStore(path, dtype=dtype)
+        try:
+            layer, expert = store.moe_layers[-1], store.num_experts - 1
+            pool, reference = store.empty(2), store.empty(2)
+            views.clear()
+            store.load(layer, expert, pool, 1)
+            assert (not views) == (direct and dtype == torch.float32), (family, dtype)
+            copy_expert(read(store, layer, expert), reference, 1)
+            for got, want in zip(pool.parameters(), reference.parameters(), strict=True):
+                assert torch.equal(got[1], want[1])
+        finally:
+            store.close()
+
+
+def test_read_into_refuses_a_target_of_another_dtype_or_shape(tmp_path):
+    store = ExpertStore(_native(tmp_path)[1])
+    try:
+        name = "layers.0.ffn.experts.down_proj"
+        D, I = store.empty(1).dim, store.empty(1).hidden_dim
+        with pytest.raises(ValueError, match="into a torch.bfloat16"):
+            store.checkpoint.read_into(name, torch.empty(D, I, dtype=torch.bfloat16), row=0)
+        with pytest.raises(ValueError, match=r"into a torch.float32 \[3, 3\] tensor"):
+            store.checkpoint.read_into(name, torch.empty(3, 3), row=0)
+        with pytest.raises(CheckpointError, match="cannot read rows"):
+            store.checkpoint.read_into(name, torch.empty(D, I), row=store.num_experts)
+    finally:
+        store.close()
 
 
 def test_emulated_storage_bandwidth(tmp_path):

@@ -93,6 +93,35 @@ class Checkpoint:
         tensor = torch.frombuffer(data, dtype=DTYPES[raw.dtype]) if nbytes else torch.empty(0, dtype=DTYPES[raw.dtype])
         return tensor.reshape(shape)
 
+    def read_into(self, name: str, out: Tensor, row: int | None = None) -> None:
+        """Read tensor `name`, or entry `row` of its first dim, straight into `out`: a contiguous CPU
+        tensor of its stored dtype and shape (one positioned read into `out`'s memory, no buffer in
+        between). A shard that changed on disk since this checkpoint first read it is refused."""
+        raw = self.raw(name)
+        offset, nbytes, shape = raw.offset, raw.nbytes, raw.shape
+        if row is not None:
+            _rows(name, range(row, row + 1), shape)
+            nbytes //= shape[0]
+            offset, shape = offset + row * nbytes, shape[1:]
+        if DTYPES.get(raw.dtype) != out.dtype or tuple(out.shape) != tuple(shape):
+            raise ValueError(
+                f"cannot read tensor {name!r} ({raw.dtype} {list(shape)}) into a {out.dtype} {list(out.shape)} tensor"
+            )
+        if out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError(f"read_into needs a contiguous CPU tensor, got one on {out.device}")
+        target = memoryview(out.detach().view(torch.uint8).numpy()).cast("B")
+        fd = os.open(raw.path, os.O_RDONLY)
+        try:
+            self._check_unchanged(raw.path, os.fstat(fd))
+            done = 0
+            while done < nbytes:
+                got = os.preadv(fd, [target[done:]], offset + done)
+                if got == 0:
+                    raise CheckpointError(f"{raw.path} ends inside tensor {name!r}; it is truncated, re-download it")
+                done += got
+        finally:
+            os.close(fd)
+
     def _check_unchanged(self, path: Path, stat: os.stat_result) -> None:
         if _identity(stat) != self._stats[path]:
             raise CheckpointError(

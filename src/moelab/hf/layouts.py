@@ -102,6 +102,19 @@ class RouterKeys:
 
 
 @dataclass(frozen=True)
+class ExpertPart:
+    """One stored tensor of an expert, or entry `row` of a stacked one, that holds `part` of it
+    in `SwiGLUExperts`' layout, same orientation: "gate", "up" ([I, D] each), "gate_up" ([2I, D],
+    gate rows first) or "down" ([D, I]). A layout whose experts are stored this way (no
+    transposes, no interleaving, no biases) offers `parts(ckpt, prefix, expert)`, so that an expert
+    can be read straight into a slot of stacked experts (`moelab.offload`)."""
+
+    name: str
+    row: int | None
+    part: str
+
+
+@dataclass(frozen=True)
 class PerExpert:
     """One matrix per expert and projection, as default `save_pretrained` writes them:
     gate, up: [I, D] each; down: [D, I]."""
@@ -126,6 +139,11 @@ class PerExpert:
             name: _stack(ckpt, [prefix + pattern.format(e=e) for e in experts])
             for name, pattern in (("gate", self.gate), ("up", self.up), ("down", self.down))
         }
+
+    def parts(self, ckpt: Checkpoint, prefix: str, expert: int) -> list[ExpertPart]:
+        """Where expert `expert`'s weights lie, as `SwiGLUExperts` lays them out (`ExpertPart`)."""
+        return [ExpertPart(prefix + pattern.format(e=expert), None, part)
+                for part, pattern in (("gate", self.gate), ("up", self.up), ("down", self.down))]  # fmt: skip
 
     def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
         return [
@@ -165,6 +183,12 @@ class FusedGateUp:
         if self.down_bias is not None and prefix + self.down_bias in ckpt:
             out["down_bias"] = ckpt.get(prefix + self.down_bias, experts)
         return out
+
+    def parts(self, ckpt: Checkpoint, prefix: str, expert: int) -> list[ExpertPart] | None:
+        """Where expert `expert`'s weights lie (`ExpertPart`); None where biases are stored too."""
+        if any(name is not None and prefix + name in ckpt for name in (self.gate_up_bias, self.down_bias)):
+            return None
+        return [ExpertPart(prefix + self.gate_up, expert, "gate_up"), ExpertPart(prefix + self.down, expert, "down")]
 
     def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
         names = (self.gate_up, self.down, self.gate_up_bias, self.down_bias)

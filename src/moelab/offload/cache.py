@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from moelab.hf.native import copy_expert
 from moelab.offload.predict import RoutingPrior
 from moelab.offload.store import ExpertStore
 
@@ -236,7 +235,7 @@ class ExpertCache:
 
     def _load(self, slot: int, key: tuple[int, int]) -> None:
         """Read expert `key` into `slot` (on the caller's thread)."""
-        copy_expert(self.store.read(*key), self.pool, slot)
+        self.store.load(*key, self.pool, slot)
 
     def _victim(self, instead_of: tuple[int, int] | None = None) -> int | None:
         """A slot to reuse: a free one, else the policy's choice among the unpinned loaded slots.

@@ -1,13 +1,16 @@
 """Routed experts read from a checkpoint directory one at a time, for offloaded inference.
 
     store = ExpertStore("path/to/checkpoint", dtype=torch.float32)
-    one = store.read(layer=3, expert=5)        # an ExpertsView holding that one expert
     pool = store.empty(slots=12)               # SwiGLUExperts with 12 uninitialised slots
-    copy_expert(one, pool, slot=0)
+    store.load(layer=3, expert=5, pool=pool, slot=0)
+    one = store.read(layer=3, expert=5)        # or: an ExpertsView holding that one expert
 
 Any checkpoint the view opens (moelab's own, every transformers family) is read through the
 view's one layout (`ModelView.experts`), so a read fetches one expert's bytes from its
-safetensors shard and nothing else. Reads are serialised by a lock (a background prefetch and a
+safetensors shard and nothing else. Where the files hold an expert as the pool lays it out (the
+same dtype, gate/up/down or gate_up/down matrices in the same orientation, no biases: moelab's
+own checkpoints, Mixtral, Qwen-MoE, OLMoE, DeepSeek), `load` reads it straight into the slot's
+memory, one positioned read per matrix; otherwise it reads the view and copies (converting). Reads are serialised by a lock (a background prefetch and a
 synchronous miss share one file reader); a shard that changes on disk while in use is refused.
 """
 
@@ -16,13 +19,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+from contextlib import contextmanager
 
 import torch
 
 from moelab.hf.adapters import resolve
-from moelab.hf.checkpoint import CheckpointError
-from moelab.hf.layouts import config_value
-from moelab.hf.native import empty_experts, experts_from_view
+from moelab.hf.checkpoint import DTYPES, CheckpointError
+from moelab.hf.layouts import ExpertPart, config_value
+from moelab.hf.native import copy_expert, empty_experts, experts_from_view
 from moelab.hf.view import ExpertsView, ModelView
 from moelab.nn.experts import Experts
 
@@ -71,21 +75,61 @@ class ExpertStore:
             )
         return view
 
+    def load(self, layer: int, expert: int, pool: Experts, slot: int) -> None:
+        """Put expert `expert` of MoE layer `layer` into entry `slot` of `pool` (from `empty`): read
+        straight into it where the files allow (see the module docstring), else read and copy."""
+        parts = self._parts(layer, expert, pool)
+        if parts is None:
+            copy_expert(self.read(layer, expert), pool, slot)
+            return
+        I = pool.hidden_dim
+        targets = {"gate": pool.gate_up_proj[slot, :I], "up": pool.gate_up_proj[slot, I:],
+                   "gate_up": pool.gate_up_proj[slot], "down": pool.down_proj[slot]}  # fmt: skip
+        with self._reading():
+            for part in parts:
+                self.checkpoint.read_into(part.name, targets[part.part], part.row)
+
+    def _parts(self, layer: int, expert: int, pool: Experts) -> list[ExpertPart] | None:
+        """Where the expert lies, if it can be read straight into `pool` (else None)."""
+        self._check_index(layer, expert)
+        layout = self.family.layout_of(self.checkpoint, layer).experts
+        if not hasattr(layout, "parts") or pool.gate_up_bias is not None:
+            return None
+        parts = layout.parts(self.checkpoint, self.family.layer_prefix.format(n=layer), expert)
+        if parts is None:
+            return None
+        I, D = pool.hidden_dim, pool.dim
+        shapes = {"gate": (I, D), "up": (I, D), "gate_up": (2 * I, D), "down": (D, I)}
+        for part in parts:
+            raw = self.checkpoint.raw(part.name)
+            stored = raw.shape if part.row is None else raw.shape[1:]
+            if DTYPES.get(raw.dtype) != self.dtype or tuple(stored) != shapes[part.part]:
+                return None  # converted, or refused with the shape error, by `read`
+        return parts
+
     def empty(self, slots: int, device: torch.device | str = "cpu") -> Experts:
         """`slots` uninitialised experts shaped like this checkpoint's, in the store's dtype."""
         return empty_experts(self._template, slots, dtype=self.dtype, device=device)
 
     def _view_of(self, layer: int, expert: int) -> ExpertsView:
+        self._check_index(layer, expert)
+        with self._reading():
+            return self.view.experts(layer, range(expert, expert + 1))
+
+    def _check_index(self, layer: int, expert: int) -> None:
         if layer not in self.moe_layers:
             raise ValueError(f"layer {layer} has no routed experts; the MoE layers are {self.moe_layers}")
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} out of range: the layers have {self.num_experts} experts")
+
+    @contextmanager
+    def _reading(self):
+        """One read at a time, lasting at least an expert's bytes over `read_bandwidth` if set."""
         with self._lock:
             start = time.perf_counter()
-            view = self.view.experts(layer, range(expert, expert + 1))
+            yield
             if self.read_bandwidth is not None:
                 time.sleep(max(0.0, self.expert_bytes / self.read_bandwidth - (time.perf_counter() - start)))
-            return view
 
     def close(self) -> None:
         self.view.close()
