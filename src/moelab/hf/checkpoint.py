@@ -54,6 +54,7 @@ class Checkpoint:
             str, tuple[int, dict]
         ] = {}  # shard -> (data start, {name: (dtype, shape, begin, end)})
         self._stats: dict[Path, tuple[int, int, int]] = {}  # shard path -> (inode, size, mtime) at its header read
+        self._located: dict[str, RawTensor] = {}  # read_into's tensors, located once
 
     def keys(self) -> list[str]:
         return list(self._shard_of)
@@ -97,7 +98,7 @@ class Checkpoint:
         """Read tensor `name`, or entry `row` of its first dim, straight into `out`: a contiguous CPU
         tensor of its stored dtype and shape (one positioned read into `out`'s memory, no buffer in
         between). A shard that changed on disk since this checkpoint first read it is refused."""
-        raw = self.raw(name)
+        raw = self._located.get(name) or self._located.setdefault(name, self.raw(name))
         offset, nbytes, shape = raw.offset, raw.nbytes, raw.shape
         if row is not None:
             _rows(name, range(row, row + 1), shape)

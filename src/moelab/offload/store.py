@@ -59,6 +59,7 @@ class ExpertStore:
             raise CheckpointError(f"{self.path} has no layers with routed experts; there is nothing to offload")
         self.num_experts = config_value(config, *family.num_experts)
         self._lock = threading.Lock()
+        self._planned: dict[tuple, list[ExpertPart] | None] = {}  # `_parts`, per expert and pool shape
         self.expert_bytes = 0  # set below, after reading the template unthrottled
         self._template = self._view_of(self.moe_layers[0], 0)
         one = experts_from_view(self._template)
@@ -90,7 +91,14 @@ class ExpertStore:
                 self.checkpoint.read_into(part.name, targets[part.part], part.row)
 
     def _parts(self, layer: int, expert: int, pool: Experts) -> list[ExpertPart] | None:
-        """Where the expert lies, if it can be read straight into `pool` (else None)."""
+        """Where the expert lies, if it can be read straight into `pool` (else None); worked out
+        once per expert and pool shape."""
+        key = (layer, expert, pool.dim, pool.hidden_dim, pool.gate_up_bias is None)
+        if key not in self._planned:
+            self._planned[key] = self._plan(layer, expert, pool)
+        return self._planned[key]
+
+    def _plan(self, layer: int, expert: int, pool: Experts) -> list[ExpertPart] | None:
         self._check_index(layer, expert)
         layout = self.family.layout_of(self.checkpoint, layer).experts
         if not hasattr(layout, "parts") or pool.gate_up_bias is not None:
