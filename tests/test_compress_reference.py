@@ -474,6 +474,9 @@ def test_per_expert_skips_empty_slots():
 # ----------------------------------------------------------------------------- 3. combine
 
 
+ROUTER_FLOAT32_SUMS = ("soft_counts", "gate_sums", "premoe_sums", "logit_gram", "reap_sums", "easyep_sums")
+
+
 @pytest.mark.parametrize("name", ["shared_gated", "sigmoid_groups"])
 def test_combine_of_disjoint_parts_is_the_whole(name):
     S = 2
@@ -501,7 +504,11 @@ def test_combine_of_disjoint_parts_is_the_whole(name):
         for merged in (combine(sa, sb), combine(sb, sa)):
             assert set(merged) == set(whole)
             for key, value in whole.items():
-                torch.testing.assert_close(merged[key], value, rtol=1e-12, atol=1e-12, msg=key)
+                # The router computes in float32 whatever the input, and its GEMM may round a token's
+                # logits differently in a call of other tokens (MKL's blocking depends on the batch):
+                # sums of router quantities agree to float32 rounding, the rest exactly.
+                tol = 1e-5 if key in ROUTER_FLOAT32_SUMS else 1e-12
+                torch.testing.assert_close(merged[key], value, rtol=tol, atol=tol, msg=key)
         # maxima are maxima (not sums), sums are sums
         assert torch.equal(combine(sa, sb)["max_output"], torch.maximum(sa["max_output"], sb["max_output"]))
         assert (sa["max_output"] > 0).any() and (sb["max_output"] > 0).any()

@@ -165,7 +165,18 @@ def _check(name: str, got: dict, world: int = WORLD) -> None:
             continue
         torch.testing.assert_close(got["grads"][pname], grad, **tol, msg=lambda m: f"{name} grad {pname}: {m}")
     for key, value in want["state"].items():
-        torch.testing.assert_close(got["state"][key], value, **tol, msg=lambda m: f"{name} {key}: {m}")
+        grad = want["grads"].get("embed.weight" if key == "lm_head.weight" else key)  # tied embeddings
+        if grad is not None:
+            # AdamW's first step moves an entry by lr * g / (|g| + eps): where |g| is rounding noise
+            # (near eps = 1e-8) that is rounding noise times lr, so such entries are only held to
+            # the size of a step (within which they moved alike) and the rest to 1e-5
+            noise = grad.abs() <= 1e-6
+            step = (got["state"][key] - value)[noise].abs()
+            assert step.numel() == 0 or step.max() <= 2 * TRAIN["lr"], f"{name} {key}: {step.max()}"
+            got_key, value = got["state"][key][~noise], value[~noise]
+        else:
+            got_key = got["state"][key]
+        torch.testing.assert_close(got_key, value, **tol, msg=lambda m: f"{name} {key}: {m}")
 
 
 def test_expert_parallel_step_equals_one_process():
