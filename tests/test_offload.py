@@ -319,6 +319,8 @@ def test_read_into_refuses_a_target_of_another_dtype_or_shape(tmp_path):
             store.checkpoint.read_into(name, torch.empty(D, I, dtype=torch.bfloat16), row=0)
         with pytest.raises(ValueError, match=r"into a torch.float32 \[3, 3\] tensor"):
             store.checkpoint.read_into(name, torch.empty(3, 3), row=0)
+        with pytest.raises(ValueError, match="got a non-contiguous one on cpu"):
+            store.checkpoint.read_into(name, torch.empty(I, D).t(), row=0)
         with pytest.raises(CheckpointError, match="cannot read rows"):
             store.checkpoint.read_into(name, torch.empty(D, I), row=store.num_experts)
     finally:

@@ -109,7 +109,10 @@ class Checkpoint:
                 f"cannot read tensor {name!r} ({raw.dtype} {list(shape)}) into a {out.dtype} {list(out.shape)} tensor"
             )
         if out.device.type != "cpu" or not out.is_contiguous():
-            raise ValueError(f"read_into needs a contiguous CPU tensor, got one on {out.device}")
+            raise ValueError(
+                f"read_into needs a contiguous CPU tensor, got a {'' if out.is_contiguous() else 'non-'}contiguous "
+                f"one on {out.device}"
+            )
         target = memoryview(out.detach().view(torch.uint8).numpy()).cast("B")
         fd = os.open(raw.path, os.O_RDONLY)
         try:

@@ -10,8 +10,9 @@ view's one layout (`ModelView.experts`), so a read fetches one expert's bytes fr
 safetensors shard and nothing else. Where the files hold an expert as the pool lays it out (the
 same dtype, gate/up/down or gate_up/down matrices in the same orientation, no biases: moelab's
 own checkpoints, Mixtral, Qwen-MoE, OLMoE, DeepSeek), `load` reads it straight into the slot's
-memory, one positioned read per matrix; otherwise it reads the view and copies (converting). Reads are serialised by a lock (a background prefetch and a
-synchronous miss share one file reader); a shard that changes on disk while in use is refused.
+memory, one positioned read per matrix; otherwise it reads the view and copies (converting).
+Reads are serialised by a lock (a background prefetch and a synchronous miss share one file
+reader); a shard that changes on disk while in use is refused.
 """
 
 from __future__ import annotations
