@@ -1,5 +1,5 @@
 """Offloaded inference: routed experts read from the checkpoint's files into a cache of hot
-experts, the next layer's likely experts prefetched on a background thread.
+experts, each layer's likely experts read ahead on a background thread while its attention runs.
 
     from moelab.offload import RoutingPrior, load_offloaded
 
