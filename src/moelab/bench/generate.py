@@ -300,7 +300,6 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
     torch.set_num_threads(options.threads)
     try:
         with busy_processes(options.load):
-            bandwidth = memory_bandwidth_gb_s()
             rows, quality = [], {}
             for name, path in models.items():
                 model = load_pretrained(path).eval()
@@ -311,8 +310,9 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
         torch.set_num_threads(threads)
     return {
         "format": JSON_FORMAT,
-        "setup": {**asdict(options), "memory_bandwidth_gb_s": bandwidth, "torch": torch.__version__,
-                  "transformers": _transformers_version()},
+        "setup": {**asdict(options), "torch": torch.__version__, "transformers": _transformers_version(),
+                  # the fractions of the bound use each round's own measurement; this is the median of the cells'
+                  "memory_bandwidth_gb_s": statistics.median(r["memory_bandwidth_gb_s"] for r in rows)},
         "results": rows,
         "routing_quality": quality,
     }  # fmt: skip
@@ -329,7 +329,8 @@ def render(doc: dict) -> Table:
     table = Table(
         title=f"Greedy decode, fp32, {setup['threads']} thread(s), {setup['new_tokens']} new tokens"
         + (f", {setup['load']} busy process(es) beside" if setup["load"] else ""),
-        caption=f"bound: copy bandwidth {setup['memory_bandwidth_gb_s']:.1f} GB/s / bytes a token must read; "
+        caption=f"bound: copy bandwidth (measured every round, median {setup['memory_bandwidth_gb_s']:.1f} GB/s) / "
+        "bytes a token must read; "
         "x transformers: median of same-round ratios",
     )
     for column in ("model", "batch", "impl", "tok/s", "x transformers", "of bound", "same tokens"):
