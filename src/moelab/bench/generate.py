@@ -17,7 +17,8 @@ with its routers' threshold set to each, measured the same way.
 
 The bound: a decode step must read every weight it uses once (attention, norms, routers, the
 output head, the experts its tokens were routed to, counted from the routing of an untimed
-moelab run) and the KV cache so far. bound tokens/s = measured copy bandwidth / bytes per token,
+moelab run) and the KV cache so far. bound tokens/s = measured read bandwidth (a matrix-vector
+product over a 256 MB matrix: what a perfect decode step would reach) / bytes per token,
 with the bandwidth measured again in every round beside the timed runs, so that the fraction of
 the bound (the median of the per-round fractions) holds when the machine's speed drifts. On a small
 model the weights may stay in the CPU's caches, which the bound (DRAM bandwidth)
@@ -86,13 +87,14 @@ class GenerateOptions:
 
 
 def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
-    """Copy bandwidth (bytes read + written per second, best of `repeats`) on this process's
-    threads, over buffers far larger than any CPU cache."""
-    src = torch.ones(megabytes * 2**18)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
-    return 2 * src.nbytes / best / 1e9
+    """Read bandwidth: the bytes per second a matrix-vector product streams from an fp32 matrix
+    far larger than any CPU cache (the operation a decode step is made of; best of `repeats`,
+    on this process's threads)."""
+    matrix = torch.ones(megabytes * 2**18 // 4096, 4096)
+    vector = torch.ones(4096)
+    torch.mv(matrix, vector)
+    best = min(_timed(lambda: torch.mv(matrix, vector)) for _ in range(repeats))
+    return matrix.nbytes / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -195,7 +197,7 @@ def measure_model(
             outputs = {impl: go(prompts) for impl, go in run.items()}  # warm-up, and the tokens compared
             times: dict[str, list[float]] = {impl: [] for impl in run}
             bandwidths = []  # GB/s, one per round
-            order = [*run, None]  # None: measure the copy bandwidth
+            order = [*run, None]  # None: measure the read bandwidth
             for _ in range(options.rounds):
                 random.shuffle(order)
                 for impl in order:
@@ -312,7 +314,8 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
         "format": JSON_FORMAT,
         "setup": {**asdict(options), "torch": torch.__version__, "transformers": _transformers_version(),
                   # the fractions of the bound use each round's own measurement; this is the median of the cells'
-                  "memory_bandwidth_gb_s": statistics.median(r["memory_bandwidth_gb_s"] for r in rows)},
+                  "memory_bandwidth_gb_s": statistics.median(r["memory_bandwidth_gb_s"] for r in rows),
+                  "bandwidth_measure": "read: fp32 matrix-vector product over 256 MB"},
         "results": rows,
         "routing_quality": quality,
     }  # fmt: skip
@@ -329,7 +332,7 @@ def render(doc: dict) -> Table:
     table = Table(
         title=f"Greedy decode, fp32, {setup['threads']} thread(s), {setup['new_tokens']} new tokens"
         + (f", {setup['load']} busy process(es) beside" if setup["load"] else ""),
-        caption=f"bound: copy bandwidth (measured every round, median {setup['memory_bandwidth_gb_s']:.1f} GB/s) / "
+        caption=f"bound: read bandwidth (measured every round, median {setup['memory_bandwidth_gb_s']:.1f} GB/s) / "
         "bytes a token must read; "
         "x transformers: median of same-round ratios",
     )
