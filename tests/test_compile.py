@@ -111,3 +111,24 @@ def test_compiled_generate_sees_settings_changed_after_compiling():
     assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), skipped)
     apply_dynamic_skipping(model, None)
     assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), plain)
+
+
+def test_compiled_step_keeps_the_gathered_path_whatever_the_copy_limit():
+    """gather_bytes sends eager CPU decoding expert by expert (which reads the routing on the
+    host); compiled, the gathered form reads the weights in place, so the step must keep it: no
+    graph break, the eager tokens."""
+    from test_model import make_model, random_ids
+
+    from moelab.models import KVCache
+
+    torch._dynamo.reset()
+    model = make_model(init_std=0.2).eval()
+    for moe in model.moe_layers.values():
+        moe.gather_bytes = 0
+    ids = random_ids(batch=1, seq=5)
+    cache = KVCache(model.config, batch_size=1, max_len=64)
+    with torch.no_grad():
+        model._decode(ids, cache, 0)
+        explanation = torch._dynamo.explain(model._decode)(ids[:, :1], cache, torch.tensor(5))
+    assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons]
+    assert torch.equal(model.generate(ids, 8, greedy=True, compile=True), model.generate(ids, 8, greedy=True))

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import F64, assert_close, assert_no_near_tie, expert_ffn, f64_leaf, f64_leaves, moe_forward
 from test_model import make_model, random_ids
-from test_moe_layer import CONFIGS, D, E, make_layer, tokens
+from test_moe_layer import CONFIGS, D, E, I, make_layer, tokens
 
 from moelab.models import KVCache
 from moelab.models.config import UoEConfig
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def always_gather(layer):
-    layer.gather_rows = 10**9
+    layer.gather_rows = layer.gather_bytes = 10**18
     return layer
 
 
@@ -83,6 +83,26 @@ def test_infer_equals_forward_on_both_sides_of_the_threshold(name, T):
         assert_close(layer.infer(x), expected, what="default threshold")
         assert_close(always_gather(layer).infer(x), expected, what="always gathered")
         assert_close(never_gather(layer).infer(x), expected, what="always accumulated")
+
+
+def test_infer_goes_expert_by_expert_where_the_gathered_copies_would_be_large(monkeypatch):
+    """Eager on a CPU, `infer` gathers weights only while the copies (T*K experts' bytes) fit
+    gather_bytes; beyond, it runs the experts where they lie (`accumulated`), with the same output."""
+    layer, _ = make_layer(**CONFIGS["topk"])
+    K = layer.router.top_k
+    one = (2 * I * D + D * I) * 4  # a SwiGLU expert's gate_up [2I, D] and down [D, I] in fp32, no biases
+    assert layer.experts.expert_bytes == one
+    x = tokens(1)
+    calls = []
+    for path in ("gathered", "accumulated"):
+        method = getattr(type(layer.experts), path)
+        monkeypatch.setattr(type(layer.experts), path, lambda self, *a, _m=method, _p=path, **k: calls.append(_p) or _m(self, *a, **k))
+    with torch.no_grad():
+        expected = layer(x)[0]
+        for limit, path in ((K * one, "gathered"), (K * one - 1, "accumulated")):
+            layer.gather_bytes, calls[:] = limit, []
+            assert_close(layer.infer(x), expected, what=path)
+            assert calls == [path], f"gather_bytes={limit}: expected the {path} path, ran {calls}"
 
 
 def test_infer_with_dynamic_skipping_latent_experts_and_a_chain():

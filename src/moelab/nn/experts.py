@@ -46,6 +46,11 @@ class Experts(nn.Module):
         """The dtype the experts compute in (their weights')."""
         return next(self.parameters()).dtype
 
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's weights (what `gathered` copies per routed row)."""
+        return sum(p.nbytes for p in self.parameters()) // self.num_experts
+
     def _check(self, xs: Tensor) -> None:
         if xs.dim() != 2 or xs.shape[1] != self.dim:
             raise ValueError(f"experts expect rows of shape [N, {self.dim}], got {list(xs.shape)}")

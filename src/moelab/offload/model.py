@@ -81,6 +81,10 @@ class OffloadedExperts(Experts):
     def dtype(self) -> torch.dtype:
         return self.cache.pool.dtype
 
+    @property
+    def expert_bytes(self) -> int:
+        return self.cache.store.expert_bytes
+
     def forward(self, xs: Tensor, counts: Sequence[int], row_weights: Tensor | None = None) -> Tensor:
         raise ValueError(
             "offloaded experts run inference only (MoELayer.infer, generate); training, capacity dropping "
