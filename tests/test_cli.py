@@ -113,6 +113,16 @@ def test_bench_generate_json_contract(tmp_path):
     assert quality["none"]["perplexity"] != quality["skip1"]["perplexity"]
     again = runner.invoke(app, args)
     assert again.exit_code != 0 and "--overwrite" in str(again.exception) + again.output
+    half = tmp_path / "generate_bf16.json"
+    bf16 = runner.invoke(app, [*args[:3], "--batch", "1", "--new-tokens", "4", "--rounds", "1", "--dtype", "bf16",
+                               "--json", str(half)])  # fmt: skip
+    assert bf16.exit_code == 0, bf16.output
+    row = json.loads(half.read_text())["results"][0]
+    assert json.loads(half.read_text())["setup"]["dtype"] == "bf16"
+    assert row["bytes_per_token"] < 0.6 * doc["results"][0]["bytes_per_token"], "bf16 weights and cache: half the bytes"
+    assert set(row["tokens_per_s"]) == {"moelab", "transformers"}
+    bad = runner.invoke(app, [*args[:3], "--dtype", "fp16"])
+    assert bad.exit_code != 0 and "dtype must be one of" in str(bad.exception) + bad.output
 
 
 def test_bench_offload_json_contract(tmp_path):

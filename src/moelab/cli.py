@@ -73,6 +73,7 @@ def bench_generate(
     skip: Annotated[list[float] | None, typer.Option("--skip", help="NAEE dynamic-skipping ratios to time beside plain decoding, with the test perplexity at each.")] = None,
     top_p: Annotated[list[float] | None, typer.Option("--top-p", help="Top-p thresholds to decode with (models with top-p routers: adaptive k), timed beside plain decoding, with the test perplexity at each.")] = None,
     compile_step: Annotated[bool, typer.Option("--compile", help="Also time generate(compile=True), the compiled static decode step.")] = False,
+    dtype: Annotated[str, typer.Option(help="fp32 or bf16: both implementations' weights and activations.")] = "fp32",
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -83,6 +84,7 @@ def bench_generate(
     options = bench.GenerateOptions(
         batch_sizes=tuple(batch or (1, 8, 32)), prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
         threads=threads, load=load, skip=tuple(skip or ()), top_p=tuple(top_p or ()), compile=compile_step,
+        dtype=dtype,
     )
     with console.status("bench generate") as status:
         doc = bench.run(_model_dirs(models), options, progress=lambda what: status.update(f"bench generate: {what}"))

@@ -4,7 +4,7 @@ same weights, and against the machine's memory-bandwidth bound, all measured in 
 For each model (a moelab checkpoint; its transformers counterpart is built in memory from
 `export_state`, Mixtral where the model maps to it, else Qwen2-MoE; a model no transformers
 family computes, e.g. with top-p routing, is timed without it) and batch size: random
-prompts of `prompt_tokens`, then `new_tokens` greedy tokens, fp32, on `threads` intra-op
+prompts of `prompt_tokens`, then `new_tokens` greedy tokens, in `dtype` (fp32 or bf16), on `threads` intra-op
 threads. Every round runs both implementations once, in a shuffled order; tokens/s is the
 median over rounds and `ratio` the median of the per-round ratios (transformers' time / moelab's),
 so both sides of a ratio saw the same machine load. The greedy tokens are compared too.
@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from moelab.bench.layer import DTYPES
 from moelab.bench.load import busy_processes
 from moelab.bench.skipping import loss_and_experts, test_batches
 from moelab.compress.skipping import apply_dynamic_skipping
@@ -51,7 +52,8 @@ JSON_FORMAT = "moelab-bench-generate/1"
 
 @dataclass(frozen=True)
 class GenerateOptions:
-    """batch_sizes: sequences decoded together; prompt_tokens, new_tokens: per sequence;
+    """batch_sizes: sequences decoded together; prompt_tokens, new_tokens: per sequence; dtype:
+    the weights' and activations' ("fp32" or "bf16", both implementations);
     rounds: timed rounds per implementation; threads: intra-op threads; load: busy processes
     beside the benchmark (`moelab.bench.load`); skip: NAEE dynamic-skipping ratios to time beside
     plain decoding; eval_tokens: test tokens for the perplexity at each skipping ratio; compile:
@@ -68,6 +70,7 @@ class GenerateOptions:
     top_p: tuple[float, ...] = ()
     eval_tokens: int = 4096
     compile: bool = False
+    dtype: str = "fp32"
 
     def __post_init__(self):
         for name in ("prompt_tokens", "new_tokens", "rounds", "threads"):
@@ -82,6 +85,8 @@ class GenerateOptions:
             raise ValueError(f"dynamic-skipping ratios must lie in (0, 1], got {list(self.skip)}")
         if any(not 0 < p <= 1 for p in self.top_p):
             raise ValueError(f"top-p thresholds must lie in (0, 1], got {list(self.top_p)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not is_int(self.eval_tokens) or self.eval_tokens < 16:
             raise ValueError(f"eval_tokens must be an integer >= 16, got {self.eval_tokens!r}")
 
@@ -172,7 +177,7 @@ def measure_model(
     family = family_for(model)
     run = {"moelab": lambda ids: model.generate(ids, options.new_tokens, greedy=True)}
     if family is not None:
-        hf = exported_model(model_dir, family)
+        hf = exported_model(model_dir, family).to(DTYPES[options.dtype])
         hf.generation_config.eos_token_id = None  # decode exactly new_tokens, as moelab's generate does
         hf.generation_config.pad_token_id = 0
         run["transformers"] = lambda ids: hf.generate(
@@ -304,7 +309,7 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
         with busy_processes(options.load):
             rows, quality = [], {}
             for name, path in models.items():
-                model = load_pretrained(path).eval()
+                model = load_pretrained(path).eval().to(DTYPES[options.dtype])
                 rows += measure_model(name, path, model, options, progress)
                 if routing_variants(options):
                     quality[name] = routing_quality(model, options)
@@ -330,7 +335,7 @@ def _transformers_version() -> str:
 def render(doc: dict) -> Table:
     setup = doc["setup"]
     table = Table(
-        title=f"Greedy decode, fp32, {setup['threads']} thread(s), {setup['new_tokens']} new tokens"
+        title=f"Greedy decode, {setup.get('dtype', 'fp32')}, {setup['threads']} thread(s), {setup['new_tokens']} new tokens"
         + (f", {setup['load']} busy process(es) beside" if setup["load"] else ""),
         caption=f"bound: read bandwidth (measured every round, median {setup['memory_bandwidth_gb_s']:.1f} GB/s) / "
         "bytes a token must read; "
