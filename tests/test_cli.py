@@ -162,9 +162,13 @@ def test_generate_in_memory_and_offloaded_give_the_same_text():
     assert plain.exit_code == 0, plain.output
     offloaded = runner.invoke(app, [*args, "--resident", "0.25"])
     assert offloaded.exit_code == 0, offloaded.output
-    text = plain.output.strip()
+    text, speed = plain.output.rstrip("\n").rsplit("\n", 1)
     assert text.startswith("The king said") and len(text) > len("The king said")
-    assert offloaded.output.startswith(plain.output) and "expert cache: 12 slots, decode hit rate" in offloaded.output
+    assert speed.startswith("12 tokens in ") and speed.endswith(" tokens/s")
+    assert offloaded.output.startswith(text + "\n12 tokens in ")
+    assert "expert cache: 12 slots, decode hit rate" in offloaded.output
+    refused = runner.invoke(app, [*args, "--resident", "0.25", "--compile"])
+    assert refused.exit_code != 0 and "offloaded experts decode eagerly" in str(refused.exception) + refused.output
 
 
 def test_parse_size():

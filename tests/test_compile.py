@@ -132,3 +132,17 @@ def test_compiled_step_keeps_the_gathered_path_whatever_the_copy_limit():
         explanation = torch._dynamo.explain(model._decode)(ids[:, :1], cache, torch.tensor(5))
     assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons]
     assert torch.equal(model.generate(ids, 8, greedy=True, compile=True), model.generate(ids, 8, greedy=True))
+
+
+def test_generate_command_with_compile_gives_the_eager_text():
+    from typer.testing import CliRunner
+
+    from moelab.cli import app
+
+    torch._dynamo.reset()
+    runner = CliRunner()
+    args = ["generate", "The king said", "--max-new-tokens", "12"]
+    plain, compiled = runner.invoke(app, args), runner.invoke(app, [*args, "--compile"])
+    assert plain.exit_code == 0 and compiled.exit_code == 0, plain.output + compiled.output
+    assert compiled.output.split("\n12 tokens in ")[0] == plain.output.split("\n12 tokens in ")[0]
+    assert "(compiling included)" in compiled.output

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
 
 from moelab.data import TOKENIZER_DIR
+from moelab.models import MoETransformer
 from moelab.offload import RoutingPrior, load_offloaded
 from moelab.offload.model import greedy_generate
 from moelab.trace import load_model
@@ -54,27 +56,42 @@ def generate_text(
     resident: float | None = None,
     memory_budget: int | None = None,
     prior: RoutingPrior | None = None,
-) -> tuple[str, dict | None]:
-    """(the prompt's continuation, the expert cache's statistics or None in memory). resident or
-    memory_budget (bytes): offload the routed experts (`load_offloaded`), with `prior` (routing
-    statistics, e.g. `RoutingPrior.from_trace`) for the eviction policy if given."""
+    compile: bool = False,
+) -> tuple[str, dict]:
+    """(the prompt's continuation, statistics: "seconds" and "tokens_per_s" of the decoding, the
+    prompt included, and with offloading the expert cache's). resident or memory_budget (bytes):
+    offload the routed experts (`load_offloaded`), with `prior` (routing statistics, e.g.
+    `RoutingPrior.from_trace`) for the eviction policy if given. compile: decode with a compiled
+    static step (`MoETransformer.generate(compile=True)`; moelab checkpoints in memory; the
+    one-time compilation, seconds, is part of the time)."""
     if not prompt:
         raise ValueError("the prompt is empty; give some text to continue")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    offloaded = resident is not None or memory_budget is not None
+    if compile and offloaded:
+        raise ValueError("compile=True decodes a model held in memory; offloaded experts decode eagerly (drop one)")
     tokenizer = load_tokenizer_of(path)
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
     if ids.shape[1] == 0:
         raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
-    if resident is None and memory_budget is None:
-        loaded = load_model(path, quiet=True)
-        out = greedy_generate(loaded.model, ids, max_new_tokens)
-        return tokenizer.decode(out[0, ids.shape[1] :]), None
+    if not offloaded:
+        model = load_model(path, quiet=True).model
+        if compile and not isinstance(model, MoETransformer):
+            raise ValueError(f"compile=True needs a moelab checkpoint; {path} is a transformers one")
+        start = time.perf_counter()
+        if compile:
+            out = model.generate(ids, max_new_tokens, greedy=True, compile=True)
+        else:
+            out = greedy_generate(model, ids, max_new_tokens)
+        return tokenizer.decode(out[0, ids.shape[1] :]), _speed(time.perf_counter() - start, max_new_tokens)
     model = load_offloaded(path, resident=resident, memory_budget=memory_budget, prior=prior)
     try:
+        start = time.perf_counter()
         out = model.generate(ids, max_new_tokens)
+        stats = _speed(time.perf_counter() - start, max_new_tokens)
         decode = model.cache.stats.get(1)
-        stats = {
+        stats |= {
             "slots": model.cache.slots,
             "decode_hit_rate": None if decode is None else decode.hit_rate,
             "experts_read": model.cache.total().misses + model.cache.prefetch_stats.issued,
@@ -83,3 +100,7 @@ def generate_text(
     finally:
         model.close()
     return tokenizer.decode(out[0, ids.shape[1] :]), stats
+
+
+def _speed(seconds: float, new_tokens: int) -> dict[str, float]:
+    return {"seconds": seconds, "tokens_per_s": new_tokens / seconds}
