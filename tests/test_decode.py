@@ -85,24 +85,23 @@ def test_infer_equals_forward_on_both_sides_of_the_threshold(name, T):
         assert_close(never_gather(layer).infer(x), expected, what="always accumulated")
 
 
-def test_infer_goes_expert_by_expert_where_the_gathered_copies_would_be_large(monkeypatch):
-    """Eager on a CPU, `infer` gathers weights only while the copies (T*K experts' bytes) fit
-    gather_bytes; beyond, it runs the experts where they lie (`accumulated`), with the same output."""
+def test_infer_goes_expert_by_expert_where_the_experts_are_large(monkeypatch):
+    """Eager on a CPU, `infer` gathers the weights of several tokens' experts only while an expert
+    fits gather_bytes; beyond, it runs them where they lie (`accumulated`), with the same output.
+    One token always takes the gathered path (which then copies nothing)."""
     layer, _ = make_layer(**CONFIGS["topk"])
-    K = layer.router.top_k
     one = (2 * I * D + D * I) * 4  # a SwiGLU expert's gate_up [2I, D] and down [D, I] in fp32, no biases
     assert layer.experts.expert_bytes == one
-    x = tokens(1)
     calls = []
     for path in ("gathered", "accumulated"):
         method = getattr(type(layer.experts), path)
         monkeypatch.setattr(type(layer.experts), path, lambda self, *a, _m=method, _p=path, **k: calls.append(_p) or _m(self, *a, **k))
     with torch.no_grad():
-        expected = layer(x)[0]
-        for limit, path in ((K * one, "gathered"), (K * one - 1, "accumulated")):
+        for T, limit, path in ((2, one, "gathered"), (2, one - 1, "accumulated"), (1, 0, "gathered")):
+            x = tokens(T)
             layer.gather_bytes, calls[:] = limit, []
-            assert_close(layer.infer(x), expected, what=path)
-            assert calls == [path], f"gather_bytes={limit}: expected the {path} path, ran {calls}"
+            assert_close(layer.infer(x), layer(x)[0], what=f"{T} tokens, {path}")
+            assert calls == [path], f"{T} tokens, gather_bytes={limit}: expected the {path} path, ran {calls}"
 
 
 def test_infer_with_dynamic_skipping_latent_experts_and_a_chain():

@@ -107,11 +107,12 @@ class MoELayer(nn.Module):
         whose weight is below skip_ratio times the token's largest is dropped (`dynamic_skip`).
     gather_rows (an attribute, default E): `infer` runs the experts on gathered weights when
         T*K is at most this (the gathered copies then hold no more than the E experts' weights),
-    gather_bytes (an attribute, default 2 MiB): and, run eagerly on a CPU, when those copies
-        (T*K times an expert's bytes) are at most this: beyond a core's cache the copies cost
-        more than the products, and going expert by expert over the weights in place is faster
-        (2-10x at 5-550 MB of copies, measured). Compiled, the gathered form reads the weights in
-        place and is kept.
+    gather_bytes (an attribute, default 256 KiB): and, run eagerly on a CPU with more than one
+        token, when an expert's weights are at most this: copying a larger expert costs more than
+        the per-expert loop's overhead, and going expert by expert over the weights in place is
+        faster (2-10x at 2-35 MB experts, measured). One token's experts are applied in place by
+        `gathered_mlp` itself, and compiled, the gathered form reads the weights in place: both
+        kept whatever the size.
     stats_group (an attribute, default None): the data-parallel process group whose ranks' tokens
         form one batch; the balance loss then counts the load of the whole batch
         (`load_balancing_loss`).
@@ -169,7 +170,7 @@ class MoELayer(nn.Module):
         self.dispatcher = dispatcher
         self.skip_ratio: float | None = None  # NAEE dynamic skipping, an inference-time option (`dynamic_skip`)
         self.gather_rows = router.num_experts  # `infer` gathers expert weights up to this many T*K rows
-        self.gather_bytes = 2 * 2**20  # ... and, eagerly on a CPU, up to this many bytes of copies
+        self.gather_bytes = 2**18  # ... and, eagerly on a CPU, experts of up to this many bytes
         self.stats_group = None  # data-parallel ranks whose load the balance loss counts
 
     @property
@@ -207,8 +208,8 @@ class MoELayer(nn.Module):
 
     def infer(self, x: Tensor, router: Router | None = None, *, context: dict[str, Tensor] | None = None) -> Tensor:
         """The inference path: `forward`'s output alone (no losses, loads or metrics), x: [..., D]
-        -> [..., D]. A few tokens (T*K <= `gather_rows`, and on a CPU in eager mode copies of at
-        most `gather_bytes`) run their experts on gathered weights (`gathered_mlp`): a fixed
+        -> [..., D]. A few tokens (T*K <= `gather_rows`, and on a CPU in eager mode experts of at
+        most `gather_bytes` or one token) run their experts on gathered weights (`gathered_mlp`): a fixed
         sequence of operations, no host synchronisation, no loop over experts. More tokens on a
         CPU go expert by expert, gathering rows from x and adding the outputs into y
         (`accumulated_mlp`: no [N, D] buffers, the weights read in place); on a GPU they take the
@@ -242,7 +243,7 @@ class MoELayer(nn.Module):
             return False
         if device.type != "cpu" or torch.compiler.is_compiling():
             return True
-        return rows * self.experts.expert_bytes <= self.gather_bytes
+        return rows <= self.router.top_k or self.experts.expert_bytes <= self.gather_bytes
 
     @property
     def _local_dropless(self) -> bool:
