@@ -160,16 +160,21 @@ def test_generate_runs_and_matches_recomputation(name):
 
 
 def overfit(name, steps=150):
+    """The lowest training loss over the last tenth of `steps` AdamW steps on one tiny batch (not
+    the last step's alone: at lr 1e-2 a fitted model can spike for a step, e.g. BlockFFN on the
+    Intel machine: 0.002 at step 200, 0.353 at step 300, 0.001 at 400)."""
     model = build(name)
     ids = random_ids(batch=2, seq=17)
     inputs, targets = ids[:, :-1], ids[:, 1:]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
     for _ in range(steps):
         out = model(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         (out.loss + out.aux_loss).backward()
         optimizer.step()
-    return out.loss.item()
+        losses.append(out.loss.item())
+    return min(losses[-(steps // 10) :])
 
 
 @pytest.mark.parametrize("name", ["topk", "coe", "uoe", "graph-sim"])
