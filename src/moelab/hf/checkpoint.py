@@ -98,7 +98,9 @@ class Checkpoint:
         """Read tensor `name`, or entry `row` of its first dim, straight into `out`: a contiguous CPU
         tensor of its stored dtype and shape (one positioned read into `out`'s memory, no buffer in
         between). A shard that changed on disk since this checkpoint first read it is refused."""
-        raw = self._located.get(name) or self._located.setdefault(name, self.raw(name))
+        if name not in self._located:
+            self._located[name] = self.raw(name)
+        raw = self._located[name]
         offset, nbytes, shape = raw.offset, raw.nbytes, raw.shape
         if row is not None:
             _rows(name, range(row, row + 1), shape)

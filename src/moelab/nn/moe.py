@@ -110,7 +110,7 @@ class MoELayer(nn.Module):
     gather_bytes (an attribute, default 256 KiB): and, run eagerly on a CPU with more than one
         token, when an expert's weights are at most this: copying a larger expert costs more than
         the per-expert loop's overhead, and going expert by expert over the weights in place is
-        faster (2-10x at 2-35 MB experts, measured). One token's experts are applied in place by
+        faster (1.8-10x at 2-35 MB experts, measured). One token's experts are applied in place by
         `gathered_mlp` itself, and compiled, the gathered form reads the weights in place: both
         kept whatever the size.
     stats_group (an attribute, default None): the data-parallel process group whose ranks' tokens

@@ -84,12 +84,9 @@ class ExpertStore:
         if parts is None:
             copy_expert(self.read(layer, expert), pool, slot)
             return
-        I = pool.hidden_dim
-        targets = {"gate": pool.gate_up_proj[slot, :I], "up": pool.gate_up_proj[slot, I:],
-                   "gate_up": pool.gate_up_proj[slot], "down": pool.down_proj[slot]}  # fmt: skip
         with self._reading():
             for part in parts:
-                self.checkpoint.read_into(part.name, targets[part.part], part.row)
+                self.checkpoint.read_into(part.name, _slot_part(pool, slot, part.part), part.row)
 
     def _parts(self, layer: int, expert: int, pool: Experts) -> list[ExpertPart] | None:
         """Where the expert lies, if it can be read straight into `pool` (else None); worked out
@@ -142,3 +139,11 @@ class ExpertStore:
 
     def close(self) -> None:
         self.view.close()
+
+
+def _slot_part(pool: Experts, slot: int, part: str) -> torch.Tensor:
+    """The view of `pool`'s entry `slot` that holds `part` ("gate", "up", "gate_up", "down")."""
+    I = pool.hidden_dim
+    if part == "down":
+        return pool.down_proj[slot]
+    return pool.gate_up_proj[slot, {"gate": slice(0, I), "up": slice(I, 2 * I), "gate_up": slice(None)}[part]]
