@@ -145,7 +145,7 @@ def test_bench_offload_json_contract(tmp_path):
     assert doc["format"] == "moelab-bench-offload/1"
     [model] = doc["models"]
     assert model["experts"] == 12 and model["in_memory_tokens_per_s"] > 0
-    policies = ["lru", "affinity", "lookahead x1", "lookahead", "both"]
+    policies = ["lru", "reuse", "affinity", "lookahead-x1", "lookahead", "both"]
     assert [(r["resident"], r["policy"]) for r in model["rows"]] == [(f, p) for f in (0.5, 1.0) for p in policies]
     for row in model["rows"]:
         assert row["same_tokens"], "offloaded decoding must produce the in-memory model's tokens"
@@ -167,8 +167,26 @@ def test_generate_in_memory_and_offloaded_give_the_same_text():
     assert speed.startswith("12 tokens in ") and speed.endswith(" tokens/s")
     assert offloaded.output.startswith(text + "\n12 tokens in ")
     assert "expert cache: 12 slots, decode hit rate" in offloaded.output
+    prefetching = runner.invoke(app, [*args, "--resident", "0.25", "--policy", "lookahead"])
+    assert prefetching.exit_code == 0, prefetching.output
+    assert prefetching.output.startswith(text + "\n12 tokens in "), "a policy changes the speed, never the text"
+    unknown = runner.invoke(app, [*args, "--resident", "0.25", "--policy", "lookahed"])
+    assert unknown.exit_code != 0 and "did you mean 'lookahead'" in str(unknown.exception) + unknown.output
     refused = runner.invoke(app, [*args, "--resident", "0.25", "--compile"])
     assert refused.exit_code != 0 and "offloaded experts decode eagerly" in str(refused.exception) + refused.output
+
+
+def test_generate_text_runs_the_policy_it_is_given():
+    from moelab.generate import generate_text
+    from moelab.models.reference import reference_model_dir
+
+    path = reference_model_dir()
+    _, default = generate_text(path, "The king said", max_new_tokens=4, resident=0.25)
+    _, lookahead = generate_text(path, "The king said", max_new_tokens=4, resident=0.25, policy="lookahead")
+    assert default["prefetch_accuracy"] != default["prefetch_accuracy"], "the default reads nothing ahead (NaN)"
+    assert 0 <= lookahead["prefetch_accuracy"] <= 1
+    with pytest.raises(ValueError, match="give a prior"):
+        generate_text(path, "The king said", max_new_tokens=4, resident=0.25, policy="affinity")
 
 
 def test_parse_size():

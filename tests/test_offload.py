@@ -68,6 +68,20 @@ def test_offloaded_decoding_equals_the_model_in_memory(tmp_path, resident, evict
         offloaded.close()
 
 
+def test_the_default_reads_no_expert_ahead_and_evicts_by_reuse(tmp_path, one_thread, monkeypatch):
+    model, path = _native(tmp_path)
+    calls = []
+    monkeypatch.setattr(OffloadedExperts, "read_ahead", lambda self, hidden: calls.append(self.layer))
+    offloaded = load_offloaded(path, resident=0.5)
+    try:
+        ids = torch.randint(0, model.config.vocab_size, (1, 5))
+        assert torch.equal(offloaded.generate(ids, 8), greedy_generate(model, ids, 8))
+        assert offloaded.cache.eviction == "reuse" and offloaded.cache.total().misses > 0
+        assert offloaded.cache.prefetch_stats.issued == 0 and calls == [], "no read-ahead, not even its hook"
+    finally:
+        offloaded.close()
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"])
 def test_offloaded_transformers_checkpoint_decodes_like_transformers(tmp_path, family, one_thread):
     torch.manual_seed(0)

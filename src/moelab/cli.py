@@ -532,6 +532,7 @@ def generate_cmd(
     resident: Annotated[float | None, typer.Option("--resident", help="Offload the routed experts, keeping this fraction of them in memory (0-1].")] = None,
     memory_budget: Annotated[str | None, typer.Option("--memory-budget", help="Offload the routed experts to fit the whole model in this much memory, e.g. 2GiB.")] = None,
     prior: Annotated[Path | None, typer.Option("--prior", help="A routing trace (moelab trace) whose statistics guide the expert cache.")] = None,
+    policy: Annotated[str, typer.Option("--policy", help="With --resident / --memory-budget, the expert cache's eviction and read-ahead: lru, reuse, affinity, lookahead-x1, lookahead or both (affinity and both need --prior; docs/benchmarks.md).")] = "reuse",
     compile_step: Annotated[bool, typer.Option("--compile", help="Decode with a compiled static step (moelab checkpoints in memory; compiling takes seconds, paid once).")] = False,
 ) -> None:
     """Continue a prompt greedily, the model in memory or its routed experts offloaded (--resident / --memory-budget)."""
@@ -543,7 +544,7 @@ def generate_cmd(
     text, stats = generate_text(
         model or reference_model_dir(), prompt, max_new_tokens=max_new_tokens, resident=resident,
         memory_budget=None if memory_budget is None else parse_size(memory_budget),
-        prior=None if prior is None else RoutingPrior.from_trace(open_trace(prior)), compile=compile_step,
+        prior=None if prior is None else RoutingPrior.from_trace(open_trace(prior)), policy=policy, compile=compile_step,
     )  # fmt: skip
     console.print(prompt + text, markup=False, highlight=False)
     compiling = " (compiling included)" if compile_step else ""

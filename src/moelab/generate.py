@@ -6,9 +6,8 @@
 The model is any checkpoint the other commands read (moelab's or a transformers family), its
 tokenizer the one saved beside it (moelab's shipped tokenizer for a moelab checkpoint without
 one). Decoding is greedy. With `resident` or `memory_budget` the routed experts are offloaded
-(`moelab.offload`: prefetching by the next router's lookahead needs no calibration; a routing
-prior from a trace, `moelab trace`, sharpens the eviction policy), so nothing beyond the budget is
-loaded.
+(`moelab.offload`: `policy` picks the eviction and read-ahead; a routing prior from a trace,
+`moelab trace`, sharpens the eviction policy), so nothing beyond the budget is loaded.
 """
 
 from __future__ import annotations
@@ -22,9 +21,10 @@ import torch
 
 from moelab.data import TOKENIZER_DIR
 from moelab.models import MoETransformer
-from moelab.offload import RoutingPrior, load_offloaded
+from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import greedy_generate
 from moelab.trace import load_model
+from moelab.validation import check_choice
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -56,12 +56,14 @@ def generate_text(
     resident: float | None = None,
     memory_budget: int | None = None,
     prior: RoutingPrior | None = None,
+    policy: str = "reuse",
     compile: bool = False,
 ) -> tuple[str, dict]:
     """(the prompt's continuation, statistics: "seconds" and "tokens_per_s" of the decoding, the
     prompt included, and with offloading the expert cache's). resident or memory_budget (bytes):
     offload the routed experts (`load_offloaded`), with `prior` (routing statistics, e.g.
-    `RoutingPrior.from_trace`) for the eviction policy if given. compile: decode with a compiled
+    `RoutingPrior.from_trace`) for the eviction policy if given, and `policy` (a name of
+    `moelab.offload.POLICIES`: eviction and read-ahead). compile: decode with a compiled
     static step (`MoETransformer.generate(compile=True)`; moelab checkpoints in memory; the
     one-time compilation, seconds, is part of the time)."""
     if not prompt:
@@ -69,6 +71,9 @@ def generate_text(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     offloaded = resident is not None or memory_budget is not None
+    check_choice("offload policy", policy, POLICIES)
+    if offloaded and prior is None and POLICIES[policy][1] in ("affinity", "both"):
+        raise ValueError(f"the {policy!r} policy reads ahead by routing statistics: give a prior (--prior TRACE)")
     if compile and offloaded:
         raise ValueError("compile=True decodes a model held in memory; offloaded experts decode eagerly (drop one)")
     tokenizer = load_tokenizer_of(path)
@@ -85,7 +90,11 @@ def generate_text(
         else:
             out = greedy_generate(model, ids, max_new_tokens)
         return tokenizer.decode(out[0, ids.shape[1] :]), _speed(time.perf_counter() - start, max_new_tokens)
-    model = load_offloaded(path, resident=resident, memory_budget=memory_budget, prior=prior)
+    eviction, predictor, prefetch_factor = POLICIES[policy]
+    model = load_offloaded(
+        path, resident=resident, memory_budget=memory_budget, prior=prior, eviction=eviction, predictor=predictor,
+        prefetch_factor=prefetch_factor,
+    )  # fmt: skip
     try:
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens)

@@ -7,11 +7,12 @@ measured on `calibration_tokens` of the corpus's train split (`RoutingPrior.meas
 tokens each, batch 1, on `threads` intra-op threads:
 
 - in memory: the model loaded whole;
-- for each resident fraction of the routed experts and each policy (`POLICIES`): "lru" (LRU
-  eviction, no prefetch) and reuse-distance eviction with each layer's experts read ahead when
-  its decoder layer starts, scored by the inter-layer affinity, the layer's router on the decoder
-  layer's input (reading 1x or 1.5x the experts a token uses; 1.5x is `load_offloaded`'s
-  default) or both, from the same warm start.
+- for each resident fraction of the routed experts and each policy (`moelab.offload.POLICIES`),
+  from the same warm start: no read-ahead with "lru" (LRU eviction) or "reuse" (reuse-distance
+  eviction, `load_offloaded`'s default), and reuse-distance eviction with each layer's experts
+  read ahead when its decoder layer starts, scored by the inter-layer affinity, the layer's
+  router on the decoder layer's input (reading 1x, "lookahead-x1", or 1.5x the experts a token
+  uses) or both.
 
 Every cell is timed in `rounds` rounds, each from the same warm start (so with the same hits) and
 paired with a run of the model in memory (alternating which goes first); tokens/s is the median
@@ -36,19 +37,12 @@ import torch
 from rich.table import Table
 
 from moelab.bench.skipping import test_batches
-from moelab.offload import RoutingPrior, load_offloaded
+from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import greedy_generate
 from moelab.trace import load_model
 from moelab.validation import is_int
 
 JSON_FORMAT = "moelab-bench-offload/1"
-POLICIES = {  # name: (eviction, predictor, prefetch_factor)
-    "lru": ("lru", None, 0.0),
-    "affinity": ("reuse", "affinity", 1.5),
-    "lookahead x1": ("reuse", "lookahead", 1.0),
-    "lookahead": ("reuse", "lookahead", 1.5),  # load_offloaded's default
-    "both": ("reuse", "both", 1.5),
-}
 
 
 @dataclass(frozen=True)

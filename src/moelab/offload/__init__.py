@@ -1,5 +1,6 @@
 """Offloaded inference: routed experts read from the checkpoint's files into a cache of hot
-experts, each layer's likely experts read ahead on a background thread while its attention runs.
+experts and, with a predictor, each layer's likely experts read ahead on a background thread
+while its attention runs (`POLICIES`: the combinations measured).
 
     from moelab.offload import RoutingPrior, load_offloaded
 
@@ -9,12 +10,13 @@ experts, each layer's likely experts read ahead on a background thread while its
 """
 
 from moelab.offload.cache import EVICTIONS, CacheStats, ExpertCache, PrefetchStats
-from moelab.offload.model import OffloadedExperts, OffloadedModel, load_offloaded
+from moelab.offload.model import POLICIES, OffloadedExperts, OffloadedModel, load_offloaded
 from moelab.offload.predict import PREDICTORS, RoutingPrior
 from moelab.offload.store import ExpertStore
 
 __all__ = [
     "EVICTIONS",
+    "POLICIES",
     "PREDICTORS",
     "CacheStats",
     "ExpertCache",

@@ -8,10 +8,11 @@ from the safetensors files into an `ExpertCache` as the routing asks for them.
 Works for moelab checkpoints (the model's own MoE layers keep everything but their experts) and
 for every transformers family the checkpoint view reads (each MoE block is computed by a moelab
 `MoELayer` built from the view, as in `moelab.hf.layerwise`). Each MoE layer's experts are an
-`OffloadedExperts`: when its decoder layer starts, a hook scores the layer's likely experts from
-the layer's input and starts reading them on a background thread while the attention runs; after
-routing it fetches the experts its tokens chose (reading a miss on the spot), then computes on
-the pool's slots with the in-memory kernels, so the outputs equal the model held in memory.
+`OffloadedExperts`: with a predictor, when its decoder layer starts, a hook scores the layer's
+likely experts from the layer's input and starts reading them on a background thread while the
+attention runs; after routing it fetches the experts its tokens chose (reading a miss on the
+spot), then computes on the pool's slots with the in-memory kernels, so the outputs equal the
+model held in memory.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ from moelab.nn.routers import Router
 from moelab.offload.cache import ExpertCache
 from moelab.offload.predict import PREDICTORS, RoutingPrior, lookahead_scores
 from moelab.offload.store import ExpertStore
+
+POLICIES = {  # name: load_offloaded's (eviction, predictor, prefetch_factor)
+    "lru": ("lru", None, 0.0),  # the Mixtral-offloading cache without its speculative loading
+    "reuse": ("reuse", None, 0.0),  # load_offloaded's default: no read-ahead, fewest reads (see load_offloaded)
+    "affinity": ("reuse", "affinity", 1.5),
+    "lookahead-x1": ("reuse", "lookahead", 1.0),
+    "lookahead": ("reuse", "lookahead", 1.5),  # the highest hit rates
+    "both": ("reuse", "both", 1.5),
+}
 
 # A decoder layer's norm before its MoE block (moelab's, transformers'); without one the router
 # reads the raw residual stream (the same choices when the norm's weight is uniform).
@@ -226,7 +236,7 @@ def load_offloaded(
     resident: float | None = None,
     memory_budget: int | None = None,
     eviction: str = "reuse",
-    predictor: str | None = "lookahead",
+    predictor: str | None = None,
     prior: RoutingPrior | None = None,
     prefetch_factor: float = 1.5,
     dtype: torch.dtype = torch.float32,
@@ -237,8 +247,12 @@ def load_offloaded(
 
     resident: the fraction of all routed experts the cache holds, or memory_budget: bytes for the
     whole model (dense parts + cache); eviction: "reuse" or "lru" (`ExpertCache`); predictor:
-    prefetching ("affinity", "lookahead", "both", None: none) and prefetch_factor (read ahead up
-    to this many times the experts the next layer's tokens use); prior: calibration statistics
+    reading ahead ("affinity", "lookahead", "both"; None, the default: experts are read when the
+    routing asks for them) and prefetch_factor (read ahead up to this many times the experts the
+    next layer's tokens use). `POLICIES` names the combinations `moelab bench offload` compares:
+    "lookahead" has the highest hit rates, but on the CPUs measured no read-ahead ("lru",
+    "reuse") gave the most tokens/s in every cell, and "reuse" reads the fewest experts
+    (docs/benchmarks.md); prior: calibration statistics
     (`RoutingPrior`) for the affinity predictor and the reuse policy (optional for the others);
     warm: fill the cache at the start with each layer's most frequent experts (by the prior, else
     expert order); read_bandwidth: emulate storage of this many bytes/s (`ExpertStore`).
@@ -286,8 +300,9 @@ def load_offloaded(
         experts = moes[index].experts
         experts.link(None if moes[index].router.needs_sequences else moes[index].router, previous)
         previous = experts
-        norm = next((getattr(layers[index], n) for n in ROUTER_INPUT_NORMS if hasattr(layers[index], n)), None)
-        layers[index].register_forward_pre_hook(partial(_read_ahead, experts, norm), with_kwargs=True)
+        if predictor is not None:
+            norm = next((getattr(layers[index], n) for n in ROUTER_INPUT_NORMS if hasattr(layers[index], n)), None)
+            layers[index].register_forward_pre_hook(partial(_read_ahead, experts, norm), with_kwargs=True)
     if warm:
         cache.fill(warm_start(store, prior, cache.slots))
     return OffloadedModel(model.eval(), cache)
