@@ -72,8 +72,6 @@ def generate_text(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     offloaded = resident is not None or memory_budget is not None
     check_choice("offload policy", policy, POLICIES)
-    if offloaded and prior is None and POLICIES[policy][1] in ("affinity", "both"):
-        raise ValueError(f"the {policy!r} policy reads ahead by routing statistics: give a prior (--prior TRACE)")
     if compile and offloaded:
         raise ValueError("compile=True decodes a model held in memory; offloaded experts decode eagerly (drop one)")
     tokenizer = load_tokenizer_of(path)

@@ -257,6 +257,8 @@ def load_offloaded(
     warm: fill the cache at the start with each layer's most frequent experts (by the prior, else
     expert order); read_bandwidth: emulate storage of this many bytes/s (`ExpertStore`).
     """
+    if predictor in ("affinity", "both") and prior is None:  # checked before any file is opened
+        raise ValueError(f"the {predictor!r} predictor needs a RoutingPrior (routing statistics): give a prior (prior=, --prior TRACE)")
     store = ExpertStore(path, dtype=dtype, read_bandwidth=read_bandwidth)
     view, native = store.view, store.family is NATIVE
     if prior is not None and list(prior.layers) != store.moe_layers:
