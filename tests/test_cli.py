@@ -25,7 +25,7 @@ def test_bench_layer_json_contract(tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     rows = doc["results"]
-    assert {(r["mode"], r["impl"]) for r in rows} >= {(m, i) for m in ("fwd", "fwdbwd") for i in ("moelab", "dense", "loop")}
+    assert {(r["mode"], r["impl"]) for r in rows} >= {(m, i) for m in ("fwd", "fwdbwd") for i in ("moelab", "serial", "dense", "loop")}
     for row in rows:
         assert set(row) == {"config", "dtype", "mode", "impl", "tokens_per_s", "ratio_vs_dense"}
         assert row["config"] == "e8k2" and row["dtype"] == "fp32"

@@ -2,9 +2,11 @@
 
 On a busy machine, an operation split over more threads than there are free cores waits at
 every barrier for whichever thread the OS has descheduled. The grouped expert kernel runs many
-small operations per step, so it suffers most: on the project's 2-core machine, with one busy
-process beside it, the e64k8 layer's forward+backward runs 3x faster on 1 thread than on 2
-(`docs/benchmarks.md`). `free_cores` counts the cores no other process is using right now.
+small operations per step, so it suffered most: on the project's 2-core machine, with one busy
+process beside it, the e64k8 layer's forward+backward ran 3x faster on 1 thread than on 2
+(`docs/benchmarks.md`). It now runs its experts on single-threaded workers
+(`moelab.nn.expert_threads`), which removes most of that; every other operation still splits.
+`free_cores` counts the cores no other process is using right now.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Implementations, all with the same router (a Mixtral-style top-k `TopKRouter`):
   moelab: `MoELayer` (sort by expert -> grouped matmul -> fixed-order weighted combine); forward-only
           rounds run `MoELayer.infer`, the inference path.
+  serial: the same `MoELayer` with its experts one after another on torch's intra-op threads
+          (`moelab.nn.expert_threads.serial()`) instead of side by side on single-threaded workers.
   dense:  a SwiGLU FFN of width k*I, the same active FLOPs per token: the practical ceiling.
   loop:   the naive per-expert loop that indexes stacked weights `W[e]` under autograd.
   hf:     transformers' `MixtralExperts` with its default `grouped_mm` experts backend.
@@ -36,11 +38,12 @@ from torch import Tensor, nn
 from moelab.bench.load import busy_processes
 from moelab.io import atomic_write_text, check_output_file, has_json_format
 from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter
+from moelab.nn.expert_threads import serial
 from moelab.threads import check_threads, resolve_threads
 from moelab.validation import is_int
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-IMPLS = ("moelab", "dense", "loop", "hf")
+IMPLS = ("moelab", "serial", "dense", "loop", "hf")
 JSON_FORMAT = "moelab-bench-layer/1"
 
 
@@ -125,9 +128,17 @@ def build_impls(
     experts = SwiGLUExperts(shape.num_experts, shape.dim, shape.hidden_dim)
     moe = MoELayer(router, experts).to(device=device, dtype=dtype)
     dense = DenseSwiGLU(shape.dim, shape.top_k * shape.hidden_dim).to(device=device, dtype=dtype)
-    impls = {
+    def run_moelab(x: Tensor) -> Tensor:
         # forward-only runs the inference path (what evaluation and generation call), fwdbwd training's
-        "moelab": lambda x: moe(x)[0] if torch.is_grad_enabled() else moe.infer(x),
+        return moe(x)[0] if torch.is_grad_enabled() else moe.infer(x)
+
+    def run_serial(x: Tensor) -> Tensor:
+        with serial():  # the backward follows the forward's choice
+            return run_moelab(x)
+
+    impls = {
+        "moelab": run_moelab,
+        "serial": run_serial,
         "dense": dense,
         "loop": lambda x: naive_loop(router, experts, x),
     }
@@ -347,15 +358,16 @@ def render_table(doc: dict) -> Table:
         + ", ".join(f"{r['config']} {r['max_over_mean_load']:.1f}" for r in doc["skewed"] if r["impl"] == "moelab")
         + ")" if doc["skewed"] else None,
     )
-    for column in ("config", "dtype", "mode", *IMPLS, "x dense", "x hf"):
+    for column in ("config", "dtype", "mode", *IMPLS, "x dense", "x serial", "x hf"):
         table.add_column(column, justify="right", no_wrap=True)
     groups: dict[tuple, dict[str, dict]] = {}
     for row in doc["results"] + [dict(r, mode=r["mode"] + "*") for r in doc["skewed"]]:
         groups.setdefault((row["config"], row["dtype"], row["mode"]), {})[row["impl"]] = row
     for key, rows in groups.items():
         speeds = [f"{rows[i]['tokens_per_s']:,.0f}" if i in rows else "-" for i in IMPLS]
-        vs_hf = rows["moelab"]["ratio_vs_dense"] / rows["hf"]["ratio_vs_dense"] if "hf" in rows else None
-        table.add_row(*key, *speeds, f"{rows['moelab']['ratio_vs_dense']:.2f}", f"{vs_hf:.2f}" if vs_hf else "-")
+        ratio = rows["moelab"]["ratio_vs_dense"]
+        vs = [f"{ratio / rows[i]['ratio_vs_dense']:.2f}" if i in rows else "-" for i in ("serial", "hf")]
+        table.add_row(*key, *speeds, f"{ratio:.2f}", *vs)
     return table
 
 

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moelab.nn.expert_threads import expert_workers, for_each_expert
+
 # activation name -> (forward, backward(grad_out, pre_activation) -> grad_pre_activation)
 ACTIVATIONS = {
     "silu": (F.silu, torch.ops.aten.silu_backward),
@@ -111,18 +113,19 @@ def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) ->
         torch.addmm(bias, x, weight.t(), out=out)
 
 
-def _grouped_forward(xs, row_weights, w_in, b_in, w_out, b_out, counts, activation, gated, keep_pre):
-    """The expert-by-expert forward. Returns ys [N, D] and, if keep_pre, each expert's
+def _grouped_forward(xs, row_weights, w_in, b_in, w_out, b_out, counts, activation, gated, keep_pre, workers=None):
+    """The expert-by-expert forward, on `workers` threads (default: `expert_workers`, see
+    `moelab.nn.expert_threads`). Returns ys [N, D] and, if keep_pre, each expert's
     pre-activation [n_e, H] (what the backward needs)."""
     act = Activation(activation, gated)
     ys = xs.new_empty(xs.shape[0], w_out.shape[1])
-    pre = []
-    for e, (start, end) in enumerate(_offsets(counts)):
-        if end == start:
-            pre.append(xs.new_empty(0, w_in.shape[1]))
-            continue
+    bounds = _offsets(counts)
+    pre = [xs.new_empty(0, w_in.shape[1]) for _ in counts]
+    cast = xs.dtype  # weights stored in another precision are cast one expert at a time
+
+    def expert(e: int, worker: int) -> None:
+        start, end = bounds[e]
         h = xs.new_empty(end - start, w_in.shape[1])
-        cast = xs.dtype  # weights stored in another precision are cast one expert at a time
         _linear_into(h, xs[start:end], w_in[e].to(cast), None if b_in is None else b_in[e].to(cast))
         hidden = act.forward(h)
         w = None if row_weights is None else row_weights[start:end, None]
@@ -132,16 +135,19 @@ def _grouped_forward(xs, row_weights, w_in, b_in, w_out, b_out, counts, activati
         if b_out is not None:
             ys[start:end].add_(b_out[e].to(cast) if w is None else w * b_out[e].to(cast))
         if keep_pre:
-            pre.append(h)
+            pre[e] = h
+
+    for_each_expert(expert, counts, expert_workers(counts, xs.device) if workers is None else workers)
     return ys, pre
 
 
 class _GroupedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs, row_weights, w_in, b_in, w_out, b_out, counts, activation, gated):
-        ys, pre = _grouped_forward(xs, row_weights, w_in, b_in, w_out, b_out, counts, activation, gated, True)
+        workers = expert_workers(counts, xs.device)  # the backward uses as many
+        ys, pre = _grouped_forward(xs, row_weights, w_in, b_in, w_out, b_out, counts, activation, gated, True, workers)
         ctx.save_for_backward(xs, row_weights, w_in, b_in, w_out, b_out, *pre)
-        ctx.counts, ctx.activation, ctx.gated = counts, activation, gated
+        ctx.counts, ctx.activation, ctx.gated, ctx.workers = counts, activation, gated, workers
         return ys
 
     @staticmethod
@@ -157,12 +163,15 @@ class _GroupedMLP(torch.autograd.Function):
         grad_w_out = torch.empty_like(w_out) if need_w_out else None
         grad_b_in = torch.empty_like(b_in) if need_b_in else None
         grad_b_out = torch.empty_like(b_out) if need_b_out else None
-        for e, (start, end) in enumerate(_offsets(ctx.counts)):
-            if end == start:
+        bounds = _offsets(ctx.counts)
+        for e, n in enumerate(ctx.counts):
+            if not n:
                 for grad in (grad_w_in, grad_w_out, grad_b_in, grad_b_out):
                     if grad is not None:
                         grad[e].zero_()
-                continue
+
+        def expert(e: int, worker: int) -> None:
+            start, end = bounds[e]
             h, g, x = pre[e], grad_ys[start:end], xs[start:end]
             hidden = act.forward(h)
             grad_hidden = g @ w_out[e]  # [n_e, I], before the routing weight
@@ -185,6 +194,8 @@ class _GroupedMLP(torch.autograd.Function):
                 torch.sum(grad_h, 0, out=grad_b_in[e])
             if need_x:
                 torch.mm(grad_h, w_in[e], out=grad_xs[start:end])
+
+        for_each_expert(expert, ctx.counts, ctx.workers)
         return grad_xs, grad_rw, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
 
 
@@ -332,22 +343,33 @@ def accumulated_mlp(
     at their tokens (`index_add_`, in expert order), so neither the [N, D] dispatched rows nor
     the [N, D] expert outputs are ever materialised: on CPU that memory traffic is what keeps the
     dispatch path behind a dense layer at inference. Sums in expert order (the training path
-    sums in slot order): equal to it up to rounding, deterministic on CPU."""
+    sums in slot order; with experts on several threads, `moelab.nn.expert_threads`, each worker
+    into an output of its own, added in worker order): equal to it up to rounding,
+    deterministic on CPU."""
+    if weight_rows is not None and len(weight_rows) != len(counts):
+        raise ValueError(f"weight_rows names {len(weight_rows)} groups, counts {len(counts)}")
     act = Activation(activation, gated)
-    y = torch.zeros(x.shape[0], w_out.shape[1], dtype=x.dtype, device=x.device)
-    row_weights = row_weights.to(x.dtype)
+    row_weights, cast = row_weights.to(x.dtype), x.dtype
     weight_rows = range(len(counts)) if weight_rows is None else weight_rows
-    for e, (start, end) in zip(weight_rows, _offsets(counts), strict=True):
-        if end == start:
-            continue
-        tokens, cast = token_ids[start:end], x.dtype
+    bounds = _offsets(counts)
+    workers = expert_workers(counts, x.device)
+    # One output per worker (index_add_ into a shared one would race), summed in worker order.
+    ys = [torch.zeros(x.shape[0], w_out.shape[1], dtype=x.dtype, device=x.device) for _ in range(workers)]
+
+    def expert(g: int, worker: int) -> None:
+        (start, end), e = bounds[g], weight_rows[g]
+        tokens = token_ids[start:end]
         h = F.linear(x.index_select(0, tokens), w_in[e].to(cast), None if b_in is None else b_in[e].to(cast))
         w = row_weights[start:end, None]
         out = F.linear(act.forward(h) * w, w_out[e].to(cast))
         if b_out is not None:
             out.add_(w * b_out[e].to(cast))
-        y.index_add_(0, tokens, out)
-    return y
+        ys[worker].index_add_(0, tokens, out)
+
+    for_each_expert(expert, counts, workers)
+    for other in ys[1:]:
+        ys[0].add_(other)
+    return ys[0]
 
 
 def grouped_mlp(
