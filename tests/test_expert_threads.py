@@ -9,11 +9,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import assert_close
-from test_experts import COUNTS, _check, _experts
+from test_experts import _check, _experts
 
 import moelab.nn.grouped as grouped
 from moelab.nn import expert_threads
 from moelab.nn.expert_threads import assign, expert_workers, for_each_expert, serial
+
+# experts 1 and 4 get no rows; none has more than half of them, so 2 workers run the step
+COUNTS = (3, 0, 4, 2, 0)
 
 
 @pytest.fixture
@@ -32,7 +35,20 @@ def threaded(monkeypatch, two_threads):
 
     def spy(fn, counts, workers):
         used.append(workers)
-        return for_each_expert(fn, counts, workers)
+        threads, started = set(), set()
+        together = threading.Barrier(workers, timeout=30)  # broken unless every worker waits at once
+
+        def recorded(e, w):
+            threads.add(threading.get_ident())
+            if w not in started:
+                started.add(w)
+                together.wait()
+            fn(e, w)
+
+        for_each_expert(recorded, counts, workers)
+        assert len(threads) == workers, f"{workers} workers asked for, {len(threads)} threads ran"
+        if workers > 1:
+            assert threading.get_ident() not in threads
 
     monkeypatch.setattr(grouped, "for_each_expert", spy)
     return used
@@ -46,33 +62,36 @@ def test_threaded_experts_match_reference(threaded, kind, bias, row_weights):
     assert threaded == [2, 2], "forward and backward must both have run on 2 workers"
 
 
-@pytest.mark.parametrize("counts", [(0, 0, 10, 0, 0), (1, 1, 1, 1, 1), (9, 1, 0, 0, 1), (7, 0, 0, 0, 0)])
-def test_threaded_skewed_counts(threaded, counts):
+@pytest.mark.parametrize(
+    ("counts", "workers"), [((0, 0, 10, 0, 0), 1), ((1, 1, 1, 1, 1), 2), ((9, 1, 0, 0, 1), 1), ((5, 1, 0, 4, 0), 2)]
+)
+def test_threaded_skewed_counts(threaded, counts, workers):
+    """One expert with more than half of the rows keeps the step on the caller's thread."""
     _check(_experts("swiglu", True, "grouped"), "swiglu", counts, row_weights=True)
-    busy = sum(1 for n in counts if n)
-    assert threaded == [min(2, busy)] * 2
+    assert threaded == [workers] * 2
 
 
 def test_serial_keeps_forward_and_backward_on_the_callers_thread(threaded):
     """`serial()` (the benchmark's baseline) around the forward only: the backward, run after the
     block, follows the forward's choice."""
     m = _experts("swiglu", False, "grouped")
-    xs = torch.randn(10, 16, requires_grad=True)
+    xs = torch.randn(sum(COUNTS), 16, requires_grad=True)
     with serial():
-        ys = m(xs, [3, 0, 6, 1, 0], None)
+        ys = m(xs, list(COUNTS), None)
     ys.sum().backward()
     assert threaded == [1, 1]
-    m(xs, [3, 0, 6, 1, 0], None).sum().backward()
+    m(xs, list(COUNTS), None).sum().backward()
     assert threaded == [1, 1, 2, 2]
 
 
-def test_threaded_equals_sequential_and_repeats_exactly(monkeypatch, two_threads):
+def test_threaded_equals_sequential_and_repeats_exactly(monkeypatch, threaded):
     """Each expert's numbers come from the same operations on either path: workers change who
     computes an expert, not how, so two threaded runs agree bit for bit and match one thread."""
     runs = {}
     for name, min_rows in (("sequential", 10**9), ("threaded", 0), ("threaded again", 0)):
         monkeypatch.setattr(expert_threads, "MIN_ROWS", min_rows)
         runs[name] = _check(_experts("swiglu", True, "grouped"), "swiglu", COUNTS, row_weights=True)
+    assert threaded == [1, 1, 2, 2, 2, 2]
     for a, b in zip(runs["threaded"], runs["threaded again"]):
         for x, y in zip(*(t.values() if isinstance(t, dict) else [t] for t in (a, b))):
             assert torch.equal(x, y)
@@ -93,9 +112,10 @@ def test_threaded_inference_path_matches_training_forward(threaded):
     x = torch.randn(96, 32)
     with torch.no_grad():
         expected = layer(x)[0]
+    threaded.clear()
     with torch.inference_mode():
         got = layer.infer(x)
-    assert 2 in threaded
+    assert threaded == [2]
     assert_close(got, expected, 1e-5, 1e-5, "infer")
 
 
@@ -112,24 +132,73 @@ def test_assign_deals_every_busy_expert_once(counts, workers):
     assert assign(counts, workers) == groups
 
 
-def test_expert_workers_decides_by_size_device_and_mode(monkeypatch, two_threads):
+def test_expert_workers_decides_by_size_balance_and_device(monkeypatch, two_threads):
     monkeypatch.setattr(expert_threads, "MIN_ROWS", 100)
     cpu = torch.device("cpu")
-    assert expert_workers([60, 50, 0], cpu) == 2
-    assert expert_workers([60, 30, 0], cpu) == 1  # fewer rows than MIN_ROWS
-    assert expert_workers([200, 0, 0], cpu) == 1  # one expert has every row
+    assert expert_workers([50, 50, 0], cpu) == 2
+    assert expert_workers([40, 30, 0], cpu) == 1  # fewer rows than MIN_ROWS
+    assert expert_workers([200, 0, 0], cpu) == 1  # fewer experts with rows than threads
+    assert expert_workers([3900, 100, 48, 48], cpu) == 1  # one expert would hold a worker for most of the step
     assert expert_workers([60, 50, 0], torch.device("cuda")) == 1
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert expert_workers([60, 50, 0], cpu) == 1
     torch.set_num_threads(1)
-    assert expert_workers([60, 50, 0], cpu) == 1
+    assert expert_workers([50, 50, 0], cpu) == 1
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        lambda: __import__("torch.utils.flop_counter").utils.flop_counter.FlopCounterMode(display=False),
+        lambda: torch.device("cpu"),  # a torch-function mode
+        lambda: torch.profiler.profile(),
+        serial,
+    ],
+    ids=["autocast", "flop-counter", "device-context", "profiler", "serial"],
+)
+def test_thread_local_state_keeps_the_callers_thread(monkeypatch, two_threads, context):
+    """State the workers would not see (each of these is per thread in torch) would change what
+    the step computes or records: measured, FlopCounterMode counted 393,216 FLOPs of 5,111,808
+    and the profiler 1 of 17 matmuls when the experts ran on workers."""
+    monkeypatch.setattr(expert_threads, "MIN_ROWS", 0)
+    with context():
+        assert expert_workers([50, 50], torch.device("cpu")) == 1
+    assert expert_workers([50, 50], torch.device("cpu")) == 2
+
+
+def test_vmap_and_jit_trace_keep_the_callers_thread(monkeypatch, two_threads):
+    monkeypatch.setattr(expert_threads, "MIN_ROWS", 0)
+    seen = []
+    probe = lambda x: seen.append(expert_workers([50, 50], torch.device("cpu"))) or x * 2  # noqa: E731
+    torch.func.vmap(probe)(torch.ones(3, 2))
+    torch.jit.trace(probe, torch.ones(2), check_trace=False)
+    assert seen and set(seen) == {1}
+
+
+def test_serial_is_per_thread(monkeypatch, two_threads):
+    monkeypatch.setattr(expert_threads, "MIN_ROWS", 0)
+    other = []
+    with serial():
+        thread = threading.Thread(target=lambda: other.append(serial_depth()))
+        thread.start()
+        thread.join()
+        assert serial_depth() == 1
+    assert other == [0] and serial_depth() == 0
+
+
+def serial_depth() -> int:
+    return getattr(expert_threads._local, "serial", 0)
+
+
+def test_workers_run_at_the_same_time():
+    both = threading.Barrier(2, timeout=30)  # broken, and the call raises, unless both wait at once
+    for_each_expert(lambda e, w: both.wait(), [1, 1], 2)
 
 
 def _fresh_pool(monkeypatch):
     """Make the next call start a new pool (restored, and the new one shut down, afterwards)."""
-    for name in ("_pool", "_pool_size", "_pool_pid"):
+    for name in ("_pool", "_pool_size"):
         monkeypatch.setattr(expert_threads, name, getattr(expert_threads, name))
-    expert_threads._pool = None
+    expert_threads._pool, expert_threads._pool_size = None, 0
 
 
 def test_workers_stay_single_threaded_and_the_caller_keeps_its_count(monkeypatch, two_threads):
@@ -153,18 +222,64 @@ def test_workers_stay_single_threaded_and_the_caller_keeps_its_count(monkeypatch
         expert_threads._pool.shutdown()
 
 
-def test_a_forked_child_starts_its_own_pool(monkeypatch):
-    """A child made by fork inherits the pool object without its threads; using it would hang."""
+def _names_in_child(queue) -> None:
+    names, together = set(), threading.Barrier(2, timeout=30)
+
+    def fn(e, w):
+        names.add(threading.current_thread().name)
+        together.wait()
+
+    for_each_expert(fn, [1, 1], 2)
+    queue.put(sorted(names))
+
+
+def test_a_forked_child_starts_its_own_pool(two_threads):
+    """A child made by fork (a DataLoader worker) inherits the pool object without its threads;
+    submitting to it would wait forever."""
+    import multiprocessing
+
+    for_each_expert(lambda e, w: None, [1, 1], 2)  # the parent's pool exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_names_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung on the parent's pool")
+    assert child.exitcode == 0
+    names = queue.get(timeout=5)
+    assert len(names) == 2 and all(n.startswith("moelab-experts") for n in names)
+
+
+@pytest.mark.parametrize("process_wide", [1, 3])
+def test_starting_the_pool_keeps_the_process_wide_thread_count(monkeypatch, two_threads, process_wide):
+    """The count a new thread starts with (set by whoever called torch.set_num_threads last)
+    is the same after the pool started as before; the caller keeps its own."""
     _fresh_pool(monkeypatch)
-    first = expert_threads._start_pool(2)
-    monkeypatch.setattr(expert_threads, "_pool_pid", -1)  # as seen from a child
+    in_new_thread = expert_threads._in_new_thread
+    in_new_thread(lambda: torch.set_num_threads(process_wide) or 0)  # this thread keeps 2
     try:
-        second = expert_threads._start_pool(2)
-        assert second is not first
-        assert first.submit(lambda: 1).result() == 1, "the parent's pool is not the child's to shut down"
+        for_each_expert(lambda e, w: None, [1, 1], 2)
+        assert torch.get_num_threads() == 2
+        assert in_new_thread(torch.get_num_threads) == process_wide
     finally:
-        first.shutdown()
-        second.shutdown()
+        expert_threads._pool.shutdown()
+        torch.set_num_threads(2)
+
+
+def test_no_new_threads_at_exit_runs_everything_on_the_callers_thread(monkeypatch):
+    """At interpreter exit (an atexit handler) a pool takes no new work: the step still runs."""
+    _fresh_pool(monkeypatch)
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(expert_threads.ThreadPoolExecutor, "submit", refuse)
+    ran = []
+    for_each_expert(lambda e, w: ran.append((e, threading.get_ident())), [3, 1, 1, 1], 2)
+    assert sorted(e for e, _ in ran) == [0, 1, 2, 3]
+    assert {t for _, t in ran} == {threading.get_ident()}
 
 
 def test_grad_and_inference_mode_follow_the_caller():

@@ -343,8 +343,8 @@ def accumulated_mlp(
     at their tokens (`index_add_`, in expert order), so neither the [N, D] dispatched rows nor
     the [N, D] expert outputs are ever materialised: on CPU that memory traffic is what keeps the
     dispatch path behind a dense layer at inference. Sums in expert order (the training path
-    sums in slot order; with experts on several threads, `moelab.nn.expert_threads`, each worker
-    into an output of its own, added in worker order): equal to it up to rounding,
+    sums in slot order; with experts on W threads, `moelab.nn.expert_threads`, each worker into
+    a [T, D] output of its own, added in worker order): equal to it up to rounding,
     deterministic on CPU."""
     if weight_rows is not None and len(weight_rows) != len(counts):
         raise ValueError(f"weight_rows names {len(weight_rows)} groups, counts {len(counts)}")
