@@ -315,3 +315,11 @@ def test_an_error_in_a_worker_reaches_the_caller_after_every_worker_stopped():
     with pytest.raises(RuntimeError, match="expert 0 failed"):
         for_each_expert(fn, [5, 1, 1, 1], 2)  # expert 0 alone on worker 0; 1-3 on worker 1
     assert sorted(done) == [1, 2, 3]
+
+
+def test_a_compiled_step_keeps_the_callers_thread(monkeypatch, two_threads):
+    monkeypatch.setattr(expert_threads, "MIN_ROWS", 0)
+    cpu = torch.device("cpu")
+    compiled = torch.compile(lambda x: x * expert_workers([50, 50], cpu), backend="eager", fullgraph=True)
+    assert compiled(torch.ones(2)).tolist() == [1.0, 1.0]
+    assert expert_workers([50, 50], cpu) == 2

@@ -117,11 +117,10 @@ def serial() -> Iterator[None]:
 
 def _caller_state_reaches_workers() -> bool:
     """False where thread-local state the workers would not see changes what a step computes or
-    records: autocast, torch.compile or jit tracing, functorch transforms (vmap, grad),
+    records: autocast, jit tracing, functorch transforms (vmap, grad),
     torch-function or dispatch modes (FlopCounterMode, `with torch.device(...)`), the profiler."""
     return not (
         torch.is_autocast_enabled("cpu")
-        or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or torch._C._are_functorch_transforms_active()
         or torch._C._is_torch_function_mode_enabled()
@@ -134,8 +133,11 @@ def expert_workers(counts: Sequence[int], device: torch.device) -> int:
     """How many threads to run the experts on: torch's intra-op thread count W when the step is
     on a CPU, has at least MIN_ROWS rows, at least W experts with rows and none with more than
     a W-th of them (one expert with most rows would run on one core); otherwise 1 (expert after
-    expert on the caller's thread, on all its intra-op threads). `serial()` and caller state the
-    workers would not see (`_caller_state_reaches_workers`) also keep the caller's thread."""
+    expert on the caller's thread, on all its intra-op threads). Tracing by torch.compile,
+    `serial()` and caller state the workers would not see (`_caller_state_reaches_workers`) also
+    keep the caller's thread."""
+    if torch.compiler.is_compiling():  # before any call Dynamo would break the graph on
+        return 1
     workers, rows = torch.get_num_threads(), sum(counts)
     if workers < 2 or getattr(_local, "serial", 0) or device.type != "cpu" or rows < MIN_ROWS:
         return 1
