@@ -11,10 +11,10 @@ on different threads, each single-threaded, leaves one barrier per step (`docs/b
 `for_each_expert(fn, counts, workers)` calls fn(e, worker) for every expert with rows, spread
 over `expert_workers(counts, device)` threads: torch's intra-op thread count (which
 `--threads auto` matches to the free cores) for balanced steps of at least MIN_ROWS rows on a
-CPU; `serial()` keeps a block on the caller's thread.
-Experts are dealt to workers by row count, largest first, so what each worker computes
-depends only on the counts and the thread count, never on timing. fn must write only its own
-expert's outputs (or a buffer of its own worker's).
+CPU; `serial()` keeps a block on the caller's thread. Experts are dealt to workers by row
+count, largest first, so what each worker computes depends only on the counts and the thread
+count, never on timing. fn must write only its own expert's outputs (or a buffer of its own
+worker's).
 """
 
 from __future__ import annotations
@@ -24,12 +24,15 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
 # Below this many routed rows (256 tokens at top-8) handing experts to threads costs more than
 # it saves on an idle machine (`docs/benchmarks.md`).
 MIN_ROWS = 2048
+
+T = TypeVar("T")
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -47,8 +50,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _in_new_thread(fn: Callable[[], int]) -> int:
-    result: list[int] = []
+def _in_new_thread(fn: Callable[[], T]) -> T:
+    """fn() on a fresh thread (one whose intra-op count comes from the process-wide one)."""
+    result: list[T] = []
     thread = threading.Thread(target=lambda: result.append(fn()))
     thread.start()
     thread.join()
@@ -86,7 +90,7 @@ def _start_pool(workers: int) -> ThreadPoolExecutor:
         pool.shutdown(wait=False)
         raise
     finally:
-        _in_new_thread(lambda: torch.set_num_threads(process_wide) or 0)
+        _in_new_thread(lambda: torch.set_num_threads(process_wide))
     if _pool is not None:
         _pool.shutdown(wait=False)  # its queued work still runs
     _pool, _pool_size = pool, workers
