@@ -1,5 +1,6 @@
-"""GPU check: the MoE layer on CUDA matches the CPU float64 result, and its speed vs dense; and
-`moelab train` under torchrun with one process (the NCCL path: process group, FSDP2, DCP
+"""GPU check: the MoE layer on CUDA matches the CPU float64 result, its bf16 training step on
+`torch._grouped_mm` reads nothing back to the host, and its speed vs dense; and `moelab train`
+under torchrun with one process (the NCCL path: process group, FSDP2, DCP
 checkpoints) gives the one-process run's losses.
 
 Run on a machine with a CUDA GPU:  python benchmarks/gpu_check.py [--json out.json]
@@ -68,6 +69,31 @@ def check_case(name: str, overrides: dict, backend: str, dtype: torch.dtype, dev
             "worst": max(errors, key=errors.get)}
 
 
+def check_no_host_sync(device: str = "cuda") -> dict:
+    """A bf16 training step of the layer on `torch._grouped_mm` (the default for bf16 on CUDA)
+    under CUDA's sync debug mode "error": any read back to the host raises, naming the op."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=512, num_experts=64, hidden_dim=352, top_k=8, balance_coef=0.01, z_coef=1e-3)
+    layer = build_moe(cfg).to(device, torch.bfloat16)
+    x = torch.randn(4096, 512, device=device, dtype=torch.bfloat16)
+
+    def step():
+        y, result = layer(x.detach().requires_grad_(True))
+        (y.float().square().mean() + result.loss).backward()
+
+    step()  # warm-up: first-call allocations, cuBLAS handles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        error = None
+    except RuntimeError as err:
+        error = str(err).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return {"layer": "e64k8 bf16 grouped_mm, 4096 tokens", "host_syncs": error or "none"}
+
+
 def check_torchrun_nccl(workdir: Path) -> dict:
     """20 steps of a tiny run on CUDA, under torchrun (1 process, NCCL) and in one plain process."""
     run = {
@@ -98,8 +124,11 @@ def main() -> None:
     ]
     for c in checks:
         print(f"{c['case']:45s} {c['backend']:10s} {c['dtype']:15s} max rel err {c['max_rel_error']:.2e} ({c['worst']})")
+    no_sync = check_no_host_sync()
+    print("training step without host synchronisation:", no_sync)
     doc = run(BenchOptions.create(device="cuda", memory=True, rounds=10, tokens=16384))
     doc["correctness"] = checks
+    doc["no_host_sync"] = no_sync
     doc["gpu"] = torch.cuda.get_device_name()
     with tempfile.TemporaryDirectory() as tmp:
         doc["torchrun_nccl"] = check_torchrun_nccl(Path(tmp))

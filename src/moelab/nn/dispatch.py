@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -34,20 +33,29 @@ class DispatchPlan:
     slots:      [N] (token, slot) of each routed row, flattened as t*K + k; rows grouped by expert.
     token_ids:  [N] source token of each routed row (slots // K).
     slot_rows:  [T*K] routed row of each (token, slot), or N for empty and dropped slots.
-    counts:     E python ints, routed rows per expert (the grouped matmul's group sizes).
+    counts:     E python ints, routed rows per expert (the grouped matmul's group sizes); or, for
+                a plan made without a host synchronisation (`plan_dispatch(host_counts=False)`),
+                an [E] tensor on the routing's device: then every (token, slot) has a row, the
+                empty slots' rows after all experts' rows, and the experts must return zeros
+                for those rows (see `Experts.takes_device_counts`).
     tokens_per_expert: [E] assignments per expert before capacity dropping (the load).
     dropped_fraction:  [] fraction of assignments dropped by the capacity limit.
     num_tokens, top_k: T and K.
+    slot_rows_by_slot: [K, T] routed row of each slot, clamped to a valid row (see `slot_mask`):
+                what the combine's forward and the dispatch's backward read.
+    slot_owns_row: [T, K] bool, whether a slot owns a routed row; None if every slot does.
     """
 
     slots: Tensor
     token_ids: Tensor
     slot_rows: Tensor
-    counts: tuple[int, ...]
+    counts: tuple[int, ...] | Tensor
     tokens_per_expert: Tensor
     dropped_fraction: Tensor
     num_tokens: int
     top_k: int
+    slot_rows_by_slot: Tensor
+    slot_owns_row: Tensor | None
 
     @property
     def num_rows(self) -> int:
@@ -57,22 +65,9 @@ class DispatchPlan:
     def has_empty_slots(self) -> bool:
         return self.num_rows < self.num_tokens * self.top_k
 
-    @cached_property
-    def slot_rows_by_slot(self) -> Tensor:
-        """[K, T] routed row of each slot, clamped to a valid row (see `slot_mask`). Computed
-        once per plan: the combine's forward and the dispatch's backward both read it."""
-        rows = self.slot_rows.view(self.num_tokens, self.top_k).t()
-        return rows.clamp(max=self.num_rows - 1).contiguous() if self.has_empty_slots else rows.contiguous()
-
-    @cached_property
-    def _slot_owns_row(self) -> Tensor | None:
-        if not self.has_empty_slots:
-            return None
-        return (self.slot_rows < self.num_rows).view(self.num_tokens, self.top_k)
-
     def slot_mask(self, dtype: torch.dtype) -> Tensor | None:
         """[T, K] 1 for slots that own a routed row, 0 for empty or dropped ones; None if all do."""
-        return None if self._slot_owns_row is None else self._slot_owns_row.to(dtype)
+        return None if self.slot_owns_row is None else self.slot_owns_row.to(dtype)
 
 
 def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: float) -> int:
@@ -80,47 +75,64 @@ def expert_capacity(num_assignments: int, num_experts: int, capacity_factor: flo
     return math.ceil(capacity_factor * num_assignments / num_experts)
 
 
-def plan_dispatch(indices: Tensor, num_experts: int, capacity_factor: float | None = None) -> DispatchPlan:
+def plan_dispatch(
+    indices: Tensor, num_experts: int, capacity_factor: float | None = None, *, host_counts: bool = True
+) -> DispatchPlan:
     """Sort the (token, slot) assignments of `indices: [T, K]` by expert.
 
     Slots with index -1 are skipped. With a `capacity_factor`, each expert keeps at most
     `expert_capacity(T*K, E, capacity_factor)` assignments: first choices before second choices,
     earlier tokens before later ones (GShard priority); the rest are dropped and contribute 0.
+
+    host_counts=False (dropless only) reads nothing back to the host: the counts stay an [E]
+    tensor and every slot keeps a row, the empty ones sorted after all experts' rows (see
+    `DispatchPlan.counts`), so a GPU step never waits for the routing; `torch._grouped_mm` takes
+    such counts.
     """
     if indices.dim() != 2:
         raise ValueError(f"indices must be [tokens, slots], got shape {list(indices.shape)}")
     if capacity_factor is not None and capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
+    if capacity_factor is not None and not host_counts:
+        raise ValueError("capacity dropping decides on the host who is dropped; plan it with host_counts=True")
     T, K = indices.shape
     flat = indices.reshape(-1)
     load = _bincount(flat + 1, num_experts)  # [E + 1]: empty slots, then expert 0..E-1
-    counts = load.tolist()  # the one host sync of the plan
-    num_empty, counts = counts[0], counts[1:]
     tokens_per_expert = load[1:]
-    num_assigned = T * K - num_empty
     # Empty slots get key E so that they sort after every expert's rows.
     key = flat.masked_fill(flat == -1, num_experts)
     dropped = torch.zeros((), device=indices.device)
-    if capacity_factor is not None:
-        capacity = expert_capacity(num_assigned, num_experts, capacity_factor)
-        key = _drop_over_capacity(key, T, K, num_experts, capacity)
-        counts = [min(n, capacity) for n in counts]
-        kept = sum(counts)
-        dropped = torch.tensor((num_assigned - kept) / max(num_assigned, 1), device=indices.device)
-        num_assigned = kept
+    if host_counts:
+        counts = load.tolist()  # the one host sync of the plan
+        num_empty, counts = counts[0], counts[1:]
+        num_rows = T * K - num_empty
+        if capacity_factor is not None:
+            capacity = expert_capacity(num_rows, num_experts, capacity_factor)
+            key = _drop_over_capacity(key, T, K, num_experts, capacity)
+            counts = [min(n, capacity) for n in counts]
+            kept = sum(counts)
+            dropped = torch.tensor((num_rows - kept) / max(num_rows, 1), device=indices.device)
+            num_rows = kept
+        counts = tuple(counts)
+    else:
+        counts, num_rows = tokens_per_expert, T * K
 
-    order = torch.argsort(key, stable=True)[:num_assigned]
-    slot_rows = torch.full((T * K,), num_assigned, dtype=torch.long, device=indices.device)
-    slot_rows[order] = torch.arange(num_assigned, device=indices.device)
+    order = torch.argsort(key, stable=True)[:num_rows]
+    slot_rows = torch.full((T * K,), num_rows, dtype=torch.long, device=indices.device)
+    slot_rows[order] = torch.arange(num_rows, device=indices.device)
+    by_slot = slot_rows.view(T, K).t()
+    has_empty = num_rows < T * K
     return DispatchPlan(
         slots=order,
         token_ids=order // K,
         slot_rows=slot_rows,
-        counts=tuple(counts),
+        counts=counts,
         tokens_per_expert=tokens_per_expert,
         dropped_fraction=dropped,
         num_tokens=T,
         top_k=K,
+        slot_rows_by_slot=(by_slot.clamp(max=num_rows - 1) if has_empty else by_slot).contiguous(),
+        slot_owns_row=(slot_rows < num_rows).view(T, K) if has_empty else None,
     )
 
 
@@ -200,13 +212,13 @@ class ExpertBatch:
     """The rows a rank's experts process, as `dispatch` hands them over.
 
     rows: [N_local, D] grouped by local expert; row_weights: [N_local] routing weight of each
-    row; counts: rows per local expert; exchange: whatever `combine` needs to send the results
+    row; counts: rows per local expert (python ints, or an [E] tensor: `DispatchPlan.counts`); exchange: whatever `combine` needs to send the results
     back (None for the local dispatcher).
     """
 
     rows: Tensor
     row_weights: Tensor
-    counts: tuple[int, ...]
+    counts: tuple[int, ...] | Tensor
     exchange: Any = None
 
 

@@ -3,8 +3,8 @@
 Shape legend: N routed rows grouped by expert, E experts, D model dim, I expert hidden dim.
 
 Experts take `xs: [N, D]` whose rows are grouped by expert, `counts`: E python ints (rows per
-expert) and optionally `row_weights: [N]` (each row's routing weight, which scales its output),
-and return `[N, D]` in the same row order.
+expert; or an [E] tensor where `takes_device_counts`) and optionally `row_weights: [N]` (each
+row's routing weight, which scales its output), and return `[N, D]` in the same row order.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from moelab.nn.grouped import (
     accumulated_mlp,
     gathered_mlp,
     grouped_mlp,
+    uses_grouped_mm,
 )
 
 
@@ -50,6 +51,11 @@ class Experts(nn.Module):
     def expert_bytes(self) -> int:
         """Bytes of one expert's weights (what `gathered` copies per routed row)."""
         return sum(p.nbytes for p in self.parameters()) // self.num_experts
+
+    def takes_device_counts(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether `forward(xs, counts, ...)` on rows of this device and dtype may take counts as
+        an [E] tensor there (`moelab.nn.dispatch.DispatchPlan.counts`: no host synchronisation)."""
+        return False
 
     def _check(self, xs: Tensor) -> None:
         if xs.dim() != 2 or xs.shape[1] != self.dim:
@@ -92,7 +98,10 @@ class SwiGLUExperts(Experts):
         _init_stacked(self.gate_up_proj, fan_in=dim)
         _init_stacked(self.down_proj, fan_in=hidden_dim)
 
-    def forward(self, xs: Tensor, counts: Sequence[int], row_weights: Tensor | None = None) -> Tensor:
+    def takes_device_counts(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return uses_grouped_mm(self.backend, device, dtype, self.gate_up_proj, self.down_proj)
+
+    def forward(self, xs: Tensor, counts: Sequence[int] | Tensor, row_weights: Tensor | None = None) -> Tensor:
         self._check(xs)
         if self.scale_input and row_weights is not None:
             xs, row_weights = xs * row_weights[:, None].to(xs.dtype), None
@@ -186,7 +195,10 @@ class MLPExperts(Experts):
         _init_stacked(self.up_proj, fan_in=dim)
         _init_stacked(self.down_proj, fan_in=hidden_dim)
 
-    def forward(self, xs: Tensor, counts: Sequence[int], row_weights: Tensor | None = None) -> Tensor:
+    def takes_device_counts(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return uses_grouped_mm(self.backend, device, dtype, self.up_proj, self.down_proj)
+
+    def forward(self, xs: Tensor, counts: Sequence[int] | Tensor, row_weights: Tensor | None = None) -> Tensor:
         self._check(xs)
         return grouped_mlp(
             xs, counts, row_weights, self.up_proj, self.up_bias, self.down_proj, self.down_bias,

@@ -20,7 +20,9 @@ bf16 on CUDA):
 - "loop": `W.unbind(0)` then plain `F.linear` per expert under autograd. The readable reference.
 - "grouped_mm": `torch._grouped_mm` for both projections (one CUTLASS kernel on recent NVIDIA
   GPUs, bf16 only; a loop of GEMMs on CPU). Needs 16-byte aligned rows; otherwise, and for
-  non-bf16 CUDA tensors, runs "grouped".
+  non-bf16 CUDA tensors, runs "grouped". The only backend that takes the counts as a device
+  tensor, so that `MoELayer` plans its dispatch without reading the routing back to the host
+  (`plan_dispatch(host_counts=False)`): a GPU step with no host synchronisation.
 
 None of them indexes stacked weights `W[e]` under autograd, which would give every expert a
 full-size zero gradient (`SelectBackward`).
@@ -232,22 +234,48 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _grouped_mm_supports(device: torch.device, dtype: torch.dtype, w_in: Tensor, w_out: Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes rows of this device and dtype through these weights: its
+    dtypes (bf16 only on CUDA), weights in the rows' dtype, and 16-byte aligned rows."""
+    widths = (w_in.shape[2], w_in.shape[1], w_out.shape[1], w_out.shape[2])
+    dtypes = (torch.bfloat16,) if device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)
+    return (
+        hasattr(torch, "_grouped_mm")
+        and dtype in dtypes
+        and w_in.dtype == w_out.dtype == dtype
+        and not any(w * dtype.itemsize % 16 for w in widths)
+    )
+
+
+def uses_grouped_mm(backend: str, device: torch.device, dtype: torch.dtype, w_in: Tensor, w_out: Tensor) -> bool:
+    """Whether `grouped_mlp(..., backend=backend)` runs rows of this device and dtype on
+    `torch._grouped_mm`: the one path that also takes the counts as a tensor (no host
+    synchronisation)."""
+    chosen = backend == "grouped_mm" or (backend == "auto" and device.type == "cuda" and dtype == torch.bfloat16)
+    return chosen and _grouped_mm_supports(device, dtype, w_in, w_out)
+
+
 def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated):
-    widths = (xs.shape[1], w_in.shape[1], w_out.shape[1], w_out.shape[2])
-    dtypes = (torch.bfloat16,) if xs.is_cuda else (torch.float32, torch.bfloat16, torch.float16)
-    if (
-        not hasattr(torch, "_grouped_mm")
-        or xs.dtype not in dtypes
-        or any(w * xs.element_size() % 16 for w in widths)
-    ):
+    if not _grouped_mm_supports(xs.device, xs.dtype, w_in, w_out):
         return _grouped(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated)
     act = Activation(activation, gated)
-    sizes = torch.tensor(list(counts), device=xs.device)
-    offs = sizes.cumsum(0).to(torch.int32)
+    on_device = isinstance(counts, Tensor)
+    ends = (counts if on_device else torch.tensor(list(counts), device=xs.device)).cumsum(0)
+    offs = ends.to(torch.int32)
+    row = torch.arange(xs.shape[0], device=xs.device)
+    # Rows past the last group (the empty slots of a plan made without host counts) come out of
+    # torch._grouped_mm unset, forward and backward: every product's output and the input are
+    # masked there, so those rows are zeros and pass zero gradients back, whatever was unset.
+    valid = (row < ends[-1])[:, None] if on_device else None
+    if valid is not None:
+        xs = torch.where(valid, xs, 0)
+    has_bias = b_in is not None or b_out is not None
+    expert_of_row = torch.searchsorted(ends, row, right=True).clamp(max=w_in.shape[0] - 1) if has_bias else None
 
     def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         out = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-        return out if b is None else out + b.repeat_interleave(sizes, dim=0)
+        out = out if b is None else out + b.index_select(0, expert_of_row)
+        return out if valid is None else torch.where(valid, out, 0)
 
     hidden = act.forward(linear(xs, w_in, b_in))
     ys = _ContiguousGrad.apply(linear(_ContiguousGrad.apply(hidden), w_out, b_out))
@@ -374,7 +402,7 @@ def accumulated_mlp(
 
 def grouped_mlp(
     xs: Tensor,
-    counts: Sequence[int],
+    counts: Sequence[int] | Tensor,
     row_weights: Tensor | None,
     w_in: Tensor,
     b_in: Tensor | None,
@@ -385,7 +413,9 @@ def grouped_mlp(
     gated: bool = True,
     backend: str = "auto",
 ) -> Tensor:
-    """xs: [N, D] rows grouped by expert; counts: E python ints summing to N; row_weights: [N]
+    """xs: [N, D] rows grouped by expert; counts: E python ints summing to N, or (the grouped_mm
+    path only, `uses_grouped_mm`) an [E] tensor summing to at most N, rows past its sum giving
+    zeros (`moelab.nn.dispatch.DispatchPlan.counts`); row_weights: [N]
     routing weight that scales each row's output, or None; w_in: [E, H, D]; b_in: [E, H];
     w_out: [E, D, I]; b_out: [E, D]; activation: a name in ACTIVATIONS, or (gated only) a
     two-input `ClampedSwiGLU`. Weights in another floating dtype than xs (inference only) are
@@ -397,7 +427,16 @@ def grouped_mlp(
             raise ValueError("ClampedSwiGLU is a gated activation of (gate, up); pass gated=True")
     elif activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-    if len(counts) != w_in.shape[0] or sum(counts) != xs.shape[0]:
+    if isinstance(counts, Tensor):
+        if not uses_grouped_mm(backend, xs.device, xs.dtype, w_in, w_out):
+            raise ValueError(
+                "counts as a tensor (no host synchronisation) need the torch._grouped_mm path: backend "
+                "'grouped_mm' (or 'auto' for bf16 on CUDA), weights in the rows' dtype, 16-byte aligned "
+                "widths; otherwise pass counts as python ints"
+            )
+        if counts.shape != (w_in.shape[0],):
+            raise ValueError(f"counts must be a [{w_in.shape[0]}] tensor (one per expert), got {list(counts.shape)}")
+    elif len(counts) != w_in.shape[0] or sum(counts) != xs.shape[0]:
         raise ValueError(
             f"counts must have one entry per expert ({w_in.shape[0]}) summing to the {xs.shape[0]} rows, "
             f"got {len(counts)} entries summing to {sum(counts)}"

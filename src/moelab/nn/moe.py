@@ -5,6 +5,7 @@ Shape legend: T tokens, D model dim, E experts, K slots per token.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ from moelab.nn.dispatch import DispatchPlan, LocalDispatcher, plan_dispatch
 from moelab.nn.experts import Experts, SharedExperts
 from moelab.nn.latent import LatentProjection
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
-from moelab.nn.routers import Router, Routing, dynamic_skip
+from moelab.nn.routers import Router, Routing, deferred_logit_check, dynamic_skip
 
 
 @dataclass
@@ -37,6 +38,10 @@ class MoEResult:
     metrics: detached scalar diagnostics by name; routers with a variable number of experts per
         token report BlockFFN's sparsity: "tls" (token-level) and "cls" (chunk-level, chunks of
         the layer's `sparsity_window` consecutive tokens of a sequence; input [B, S, D] only).
+    logits_finite: [] bool, whether the router logits were finite, where the layer ran without
+        a host synchronisation (its experts on `torch._grouped_mm`) and so left that check to
+        the caller (the trainer checks it after each micro-batch); None where the router
+        checked them itself and would have raised.
     """
 
     losses: dict[str, Tensor] = field(default_factory=dict)
@@ -45,6 +50,7 @@ class MoEResult:
     experts_per_token: Tensor | None = None
     routing: Routing | None = None
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    logits_finite: Tensor | None = None
 
     @classmethod
     def merge(cls, results: list[MoEResult]) -> MoEResult:
@@ -58,6 +64,7 @@ class MoEResult:
             experts_per_token=torch.stack([r.experts_per_token for r in results]).sum(),
             routing=None,
             metrics=mean_by_name([r.metrics for r in results]),
+            logits_finite=all_finite([r.logits_finite for r in results]),
         )
 
     @property
@@ -66,6 +73,12 @@ class MoEResult:
             device = None if self.tokens_per_expert is None else self.tokens_per_expert.device
             return torch.zeros((), device=device)
         return torch.stack(list(self.losses.values())).sum()
+
+
+def all_finite(flags: list[Tensor | None]) -> Tensor | None:
+    """The `logits_finite` of several passes: [] bool, all of the given flags; None if none."""
+    given = [f for f in flags if f is not None]
+    return torch.stack(given).all() if given else None
 
 
 def sum_by_name(dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -191,9 +204,18 @@ class MoELayer(nn.Module):
         `context` goes to routers that need whole sequences (see `_route`)."""
         router = self.router if router is None else router
         shape = x.shape
-        routing = self._route(router, x, context)
+        # Experts on torch._grouped_mm take the counts on the device, and the router's logits are
+        # checked by the caller: the step never waits for the routing (a GPU runs ahead). Not for
+        # variable-k routers: without the counts each of their T*K slots (K up to E) needs a row.
+        sync_free = (
+            self._local_dropless
+            and not router.variable_k
+            and self.experts.takes_device_counts(x.device, x.dtype)
+        )
+        with deferred_logit_check() if sync_free else contextlib.nullcontext():
+            routing = self._route(router, x, context)
         x = x.reshape(-1, router.dim)
-        plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor)
+        plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor, host_counts=not sync_free)
         rows = x if self.latent is None else self.latent.down(x)
         y = self._finish(x, self._dispatched(rows, routing, plan))
         result = MoEResult(
@@ -203,6 +225,7 @@ class MoELayer(nn.Module):
             experts_per_token=(routing.indices >= 0).sum() / max(x.shape[0], 1),
             routing=routing if self.trace else None,
             metrics=self._metrics(router, routing, shape[:-1]),
+            logits_finite=torch.isfinite(routing.logits).all() if sync_free else None,
         )
         return y.view(shape), result
 

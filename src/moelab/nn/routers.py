@@ -10,7 +10,10 @@ whatever the input dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -37,6 +40,27 @@ class Routing(NamedTuple):
     weights: Tensor
     logits: Tensor
     probs: Tensor
+
+
+NON_FINITE_LOGITS = (
+    "router logits contain NaN or Inf: the layer input or the router weight is not finite "
+    "(check the previous layer, the learning rate, or use gradient clipping)"
+)
+_deferring = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_logit_check() -> Iterator[None]:
+    """Routers called inside (on this thread) skip `router_logits`' finiteness check, a read back
+    to the host that on a GPU waits for the device at every layer; the caller checks the
+    routing's logits later (`MoELayer.forward` on its no-synchronisation path:
+    `MoEResult.logits_finite`)."""
+    previous = getattr(_deferring, "active", False)
+    _deferring.active = True
+    try:
+        yield
+    finally:
+        _deferring.active = previous
 
 
 class Router(nn.Module):
@@ -72,11 +96,10 @@ class Router(nn.Module):
             raise ValueError(f"router expects a floating-point input, got {x.dtype}")
         bias = None if self.bias is None else self.bias.float()
         logits = F.linear(x.float(), self.weight.float(), bias)
-        if not torch.compiler.is_compiling() and not torch.isfinite(logits).all():
-            raise ValueError(
-                "router logits contain NaN or Inf: the layer input or the router weight is not finite "
-                "(check the previous layer, the learning rate, or use gradient clipping)"
-            )
+        if torch.compiler.is_compiling() or getattr(_deferring, "active", False):
+            return logits
+        if not torch.isfinite(logits).all():
+            raise ValueError(NON_FINITE_LOGITS)
         return logits
 
 
@@ -141,8 +164,9 @@ class TopKRouter(Router):
         if self.route_scale != 1.0:
             weights = weights * self.route_scale
         if self.selection_bias is not None and self.training:
-            with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.num_experts)
+            with torch.no_grad():  # a scatter-add, not bincount: no read back to the host
+                flat = indices.flatten()
+                self.tokens_per_expert.index_add_(0, flat, torch.ones_like(flat, dtype=self.tokens_per_expert.dtype))
         probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
         return Routing(indices, weights, logits, probs)
 

@@ -51,7 +51,7 @@ from moelab.models import MoETransformer, model_info, save_pretrained
 from moelab.nn import MoELayer, attach_selection_bias_update
 from moelab.nn.blockffn import AdaptiveCoefficient
 from moelab.nn.rexmoe import ReuseRouter, set_reuse_progress
-from moelab.nn.routers import TopKRouter
+from moelab.nn.routers import NON_FINITE_LOGITS, TopKRouter
 from moelab.threads import resolve_threads
 from moelab.train.checkpoint import (
     clean_checkpoints,
@@ -462,6 +462,8 @@ def train_step(
         for name, value in out.metrics.items():  # architecture metrics, e.g. BlockFFN's TLS and CLS
             scalars[f"metrics/{name}"] += float(value) / cfg.grad_accum
         for layer, result in out.moe_results.items():
+            if result.logits_finite is not None and not result.logits_finite:  # the layer left it to us
+                raise ValueError(f"MoE layer {layer}: {NON_FINITE_LOGITS}")
             if result.tokens_per_expert is not None:
                 counts = result.tokens_per_expert.detach().float().cpu()
                 load[layer] = load[layer] + counts if layer in load else counts

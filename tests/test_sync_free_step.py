@@ -1,0 +1,248 @@
+"""The MoE layer's step without host synchronisation (experts on `torch._grouped_mm`): a plan
+whose counts stay on the device, experts that zero the rows past the last group whatever
+`torch._grouped_mm` left there, a router whose finiteness check is left to the caller, and the
+trainer that makes that check. A GPU is not needed: on the meta device any read back to the
+host raises, which is what proves a step reads nothing back."""
+
+import pytest
+import torch
+
+from moelab.models import ModelConfig, MoETransformer
+from moelab.nn import MoEConfig, build_moe, plan_dispatch
+from moelab.nn import moe as moe_module
+from moelab.nn.grouped import grouped_mlp
+from moelab.train import TrainConfig
+from moelab.train.trainer import train_step
+
+E, D, I = 4, 8, 4  # fp32 rows of 8 and 4 floats are 16-byte aligned: grouped_mm really runs
+
+
+@pytest.mark.parametrize("with_empty", [False, True])
+def test_plan_without_host_counts_keeps_the_host_plans_rows_and_puts_empty_slots_last(with_empty):
+    g = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, E, (9, 3), generator=g)
+    if with_empty:
+        indices[[0, 4, 4, 8], [2, 0, 1, 2]] = -1
+    host = plan_dispatch(indices, E)
+    device = plan_dispatch(indices, E, host_counts=False)
+    assert isinstance(device.counts, torch.Tensor) and device.counts.tolist() == list(host.counts)
+    N = host.num_rows
+    assert device.num_rows == 27 and not device.has_empty_slots and device.slot_mask(torch.float32) is None
+    assert torch.equal(device.slots[:N], host.slots)  # the same stable order by expert
+    assert (indices.reshape(-1)[device.slots[N:]] == -1).all()  # then the empty slots
+    assert torch.equal(device.token_ids, device.slots // 3)
+    assert torch.equal(device.slot_rows[device.slots], torch.arange(27))  # the inverse permutation
+
+
+def test_plan_without_host_counts_refuses_capacity():
+    with pytest.raises(ValueError, match="capacity dropping decides on the host.*host_counts=True"):
+        plan_dispatch(torch.zeros(4, 2, dtype=torch.long), E, capacity_factor=1.0, host_counts=False)
+
+
+class _UnsetRows(torch.autograd.Function):
+    """torch._grouped_mm, except that the rows past the last group are NaN in the output and in
+    the gradient of the rows: what unset memory may hold there."""
+
+    @staticmethod
+    def forward(ctx, a, b, offs):
+        ctx.save_for_backward(a, b, offs)
+        out = _REAL_GROUPED_MM(a, b, offs=offs).clone()
+        out[int(offs[-1]) :] = float("nan")
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, offs = ctx.saved_tensors
+        with torch.enable_grad():
+            a2, b2 = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+            grad_a, grad_b = torch.autograd.grad(_REAL_GROUPED_MM(a2, b2, offs=offs), (a2, b2), grad)
+        grad_a = grad_a.clone()
+        grad_a[int(offs[-1]) :] = float("nan")
+        return grad_a, grad_b, None
+
+
+_REAL_GROUPED_MM = torch._grouped_mm
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_rows_past_the_groups_are_zero_and_pass_zero_gradients(monkeypatch, gated):
+    """Counts as a tensor summing to 7 of 10 rows: the 7 rows equal the host-count path's, the 3
+    others are exactly 0 and get exactly 0 gradient, and no NaN reaches any weight's gradient,
+    although the product leaves NaN there (forward and backward)."""
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs=None: _UnsetRows.apply(a, b, offs))
+    g = torch.Generator().manual_seed(0)
+    H = 2 * I if gated else I
+    leaves = {
+        "xs": torch.randn(10, D, generator=g),
+        "row_weights": torch.rand(10, generator=g),
+        "w_in": torch.randn(E, H, D, generator=g) / D**0.5,
+        "b_in": torch.randn(E, H, generator=g),
+        "w_out": torch.randn(E, D, I, generator=g) / I**0.5,
+        "b_out": torch.randn(E, D, generator=g),
+    }
+    counts = [2, 0, 4, 1]
+    results = []
+    for backend, rows, given in (("grouped_mm", 10, torch.tensor(counts)), ("grouped", 7, counts)):
+        t = {n: v.clone().requires_grad_(True) for n, v in leaves.items()}
+        t["xs"] = leaves["xs"][:rows].clone().requires_grad_(True)
+        t["row_weights"] = leaves["row_weights"][:rows].clone().requires_grad_(True)
+        ys = grouped_mlp(
+            t["xs"], given, t["row_weights"], t["w_in"], t["b_in"], t["w_out"], t["b_out"],
+            activation="silu", gated=gated, backend=backend,
+        )  # fmt: skip
+        ys.backward(torch.ones_like(ys))
+        results.append((ys.detach(), {n: v.grad for n, v in t.items()}))
+    (ys, grads), (ref_ys, ref_grads) = results
+    assert torch.equal(ys[7:], torch.zeros(3, D))
+    torch.testing.assert_close(ys[:7], ref_ys)
+    for name in ("xs", "row_weights"):
+        assert torch.equal(grads[name][7:], torch.zeros_like(grads[name][7:])), name
+        torch.testing.assert_close(grads[name][:7], ref_grads[name])
+    for name in ("w_in", "b_in", "w_out", "b_out"):
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
+
+
+def test_tensor_counts_need_the_grouped_mm_path():
+    xs, w_in, w_out = torch.randn(5, D), torch.randn(E, 2 * I, D), torch.randn(E, D, I)
+    with pytest.raises(ValueError, match="counts as a tensor.*grouped_mm.*python ints"):
+        grouped_mlp(xs, torch.tensor([2, 1, 1, 1]), None, w_in, None, w_out, None, backend="grouped")
+    with pytest.raises(ValueError, match=r"counts must be a \[4\] tensor"):
+        grouped_mlp(xs, torch.tensor([2, 3]), None, w_in, None, w_out, None, backend="grouped_mm")
+
+
+ROUTERS = {
+    "topk": dict(router="topk", top_k=2),
+    "topk sigmoid, groups, selection bias, shared": dict(
+        router="topk", top_k=2, score_func="sigmoid", n_group=2, topk_group=1, selection_bias=True, num_shared=1,
+        shared_gate=True,
+    ),
+    "topk, k = E": dict(router="topk", top_k=E),
+}
+
+
+def _meta_step(backend: str, overrides: dict, skip_ratio: float | None = None) -> None:
+    """A bf16 training step of a layer on the meta device, where reading any value back to the
+    host raises (`Tensor.item() cannot be called on meta tensors`)."""
+    cfg = MoEConfig(dim=16, num_experts=E, hidden_dim=8, backend=backend, balance_coef=0.01, z_coef=1e-3,
+                    expert_mlp_bias=True, **overrides)  # fmt: skip
+    with torch.device("meta"):
+        layer = build_moe(cfg).to(torch.bfloat16).train()
+        x = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    layer.skip_ratio = skip_ratio
+    y, result = layer(x)
+    (y.float().sum() + result.loss).backward()
+    assert x.grad is not None and result.logits_finite is not None
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_training_step_reads_nothing_back_to_the_host(name):
+    _meta_step("grouped_mm", ROUTERS[name])
+
+
+def test_dynamic_skipping_reads_nothing_back_either():
+    """NAEE's skipping empties slots (index -1) inside a fixed k: their rows stay, masked."""
+    _meta_step("grouped_mm", ROUTERS["topk"], skip_ratio=0.5)
+
+
+def test_the_meta_device_catches_a_read_back():
+    """The per-expert backend reads the counts back (a python loop over experts): the same step
+    must fail on the meta device, or the test above proves nothing."""
+    with pytest.raises(RuntimeError, match="meta"):
+        _meta_step("grouped", ROUTERS["topk"])
+
+
+def test_grouped_mm_layer_plans_without_host_counts(monkeypatch):
+    """The reference tests of the grouped_mm backend (test_moe_layer, test_properties) run the
+    no-synchronisation path on aligned fp32 rows; capacity dropping keeps the host plan."""
+    seen = []
+    real = moe_module.plan_dispatch
+    monkeypatch.setattr(moe_module, "plan_dispatch", lambda *a, **kw: seen.append(kw["host_counts"]) or real(*a, **kw))
+    for capacity, backend, router in (
+        (None, "grouped_mm", "topk"),
+        (1.0, "grouped_mm", "topk"),
+        (None, "grouped_mm", "topp"),  # variable k: a row for each of T*E slots would cost more than a sync
+        (None, "grouped", "topk"),
+        (None, "auto", "topk"),  # auto picks the per-expert kernel on a CPU
+    ):
+        layer = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=I, top_k=2, router=router, backend=backend,
+                                    capacity_factor=capacity))  # fmt: skip
+        layer(torch.randn(6, D))
+    assert seen == [False, True, True, True, True]
+
+
+def test_non_finite_logits_are_flagged_not_raised_on_the_sync_free_path():
+    layer = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=I, top_k=2, backend="grouped_mm"))
+    x = torch.randn(6, D)
+    assert bool(layer(x)[1].logits_finite)
+    x[2, 1] = float("nan")
+    assert not bool(layer(x)[1].logits_finite)  # the caller checks; a router called on its own still raises
+    with pytest.raises(ValueError, match="router logits contain NaN or Inf"):
+        layer.router(x)
+
+
+def test_trainer_raises_on_non_finite_logits_the_layer_left_to_it():
+    cfg = ModelConfig.from_dict(
+        {"vocab_size": 64, "dim": D, "n_layers": 2, "n_heads": 2, "max_seq_len": 16,
+         "moe": {"num_experts": E, "hidden_dim": I, "top_k": 2, "backend": "grouped_mm"}}
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MoETransformer(cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = (torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
+
+    def step():
+        return train_step(model, optimizer, iter([batch]), TrainConfig(steps=1), torch.device("cpu"),
+                          torch.autocast("cpu", enabled=False))  # fmt: skip
+
+    assert step()["scalars"]["loss"] > 0  # finite: trains as before
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        model.layers[1].ffn.router.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="MoE layer 1: router logits contain NaN or Inf"):
+        step()
+    changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+    assert sum(changed) == 1  # only the weight set to NaN above: no optimizer step was taken
+
+
+@pytest.mark.slow
+def test_training_step_compiles_whole():
+    """No read back also means no graph break: forward+backward of a bf16 layer on grouped_mm
+    compiles with fullgraph=True and matches eager within bf16 rounding (relative to each
+    tensor's scale; measured worst 2e-2 of the loss scale on this example)."""
+    torch.manual_seed(0)
+    layer = build_moe(MoEConfig(dim=16, num_experts=E, hidden_dim=8, top_k=2, backend="grouped_mm",
+                                balance_coef=0.01, expert_mlp_bias=True)).to(torch.bfloat16)  # fmt: skip
+    x = torch.randn(12, 16, dtype=torch.bfloat16)
+
+    def step(inp):
+        y, result = layer(inp)
+        return (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + result.loss
+
+    runs = []
+    for fn in (torch.compile(step, fullgraph=True), step):
+        layer.zero_grad()
+        inp = x.clone().requires_grad_(True)
+        loss = fn(inp)
+        loss.backward()
+        runs.append([loss.detach(), inp.grad] + [p.grad for p in layer.parameters()])
+    for compiled, eager in zip(*runs):
+        scale = float(eager.float().abs().max()) + 1e-6
+        assert float((compiled.float() - eager.float()).abs().max()) <= 5e-2 * scale
+
+
+def test_skipped_slots_on_the_sync_free_path_match_the_host_path():
+    """Dynamic skipping empties some slots: their rows, kept and masked on the sync-free path,
+    change nothing against the per-expert kernel on the host plan (output and every gradient)."""
+    runs = []
+    for backend in ("grouped_mm", "grouped"):
+        torch.manual_seed(0)
+        layer = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=I, top_k=3, backend=backend,
+                                    expert_mlp_bias=True, balance_coef=0.01))  # fmt: skip
+        layer.skip_ratio = 0.6
+        x = torch.randn(16, D, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y, result = layer(x)
+        assert (result.experts_per_token < 3).item()  # some slots were skipped
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().add(result.loss).backward()
+        runs.append([y.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
