@@ -1,7 +1,8 @@
 """GPU check: the MoE layer on CUDA matches the CPU float64 result, its bf16 training step on
-`torch._grouped_mm` reads nothing back to the host, and its speed vs dense; and `moelab train`
-under torchrun with one process (the NCCL path: process group, FSDP2, DCP
-checkpoints) gives the one-process run's losses.
+`torch._grouped_mm` reads nothing back to the host, and its speed vs dense; decoding on CUDA
+(`moelab bench generate --device cuda`, fp32 and bf16); and `moelab train` under torchrun with
+one process (the NCCL path: process group, FSDP2, DCP checkpoints) gives the one-process run's
+losses.
 
 Run on a machine with a CUDA GPU:  python benchmarks/gpu_check.py [--json out.json]
 Not part of the test suite (the project's machines have no GPU).
@@ -94,6 +95,18 @@ def check_no_host_sync(device: str = "cuda") -> dict:
     return {"layer": "e64k8 bf16 grouped_mm, 4096 tokens", "host_syncs": error or "none"}
 
 
+def bench_generate_cuda(workdir: Path) -> dict:
+    """`moelab bench generate --device cuda` on the shipped models, fp32 and bf16, the compiled
+    step included: {dtype: its JSON document}."""
+    docs = {}
+    for dtype in ("fp32", "bf16"):
+        path = workdir / f"generate_{dtype}.json"
+        command = ["bench", "generate", "--device", "cuda", "--dtype", dtype, "--compile", "--rounds", "3"]
+        subprocess.run([sys.executable, "-m", "moelab", *command, "--json", str(path)], check=True)
+        docs[dtype] = json.loads(path.read_text())
+    return docs
+
+
 def check_torchrun_nccl(workdir: Path) -> dict:
     """20 steps of a tiny run on CUDA, under torchrun (1 process, NCCL) and in one plain process."""
     run = {
@@ -114,6 +127,7 @@ def check_torchrun_nccl(workdir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
+    parser.add_argument("--no-generate", dest="generate", action="store_false", help="skip `moelab bench generate`")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     checks = [
@@ -132,6 +146,8 @@ def main() -> None:
     doc["gpu"] = torch.cuda.get_device_name()
     with tempfile.TemporaryDirectory() as tmp:
         doc["torchrun_nccl"] = check_torchrun_nccl(Path(tmp))
+        if args.generate:
+            doc["generate"] = bench_generate_cuda(Path(tmp))
     print("torchrun (NCCL, 1 process) vs one process, val loss:", doc["torchrun_nccl"])
     from rich.console import Console
 

@@ -648,6 +648,18 @@ def bench_generate_skip_zero(tmp, src):
 
 
 @case
+def bench_generate_unknown_device(tmp, src):
+    return ["bench", "generate", "--device", "cuad"], [], ["unknown device 'cuad'", "did you mean 'cuda'"]
+
+
+@case
+def bench_layer_cuda_without_gpu(tmp, src):
+    if torch.cuda.is_available():  # the case is a machine without one; elsewhere the same refusal for a typo
+        return ["bench", "layer", "--device", "gpu"], [], ["unknown device 'gpu'"]
+    return ["bench", "layer", "--device", "cuda"], [], ["no CUDA device is available"]
+
+
+@case
 def bench_offload_resident_zero(tmp, src):
     return ["bench", "offload", "--resident", "0"], [], ["resident fractions must lie in (0, 1]"]
 

@@ -37,6 +37,7 @@ def bench_layer(
     memory: Annotated[bool, typer.Option(help="Measure peak memory of one fwd+bwd step per implementation.")] = True,
     load: Annotated[int, typer.Option("--load", min=0, help="Busy processes to run beside the benchmark (a machine that is not idle).")] = 0,
     threads: Annotated[str, typer.Option("--threads", help="Intra-op threads, or 'auto': the cores free once --load runs.")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     overwrite: OverwriteOpt = False,
 ) -> None:
     """MoE layer tokens/s vs a dense FFN of equal active FLOPs, a naive loop and transformers.
@@ -50,7 +51,7 @@ def bench_layer(
         bench.check_json_path(json_path, overwrite)
     options = bench.BenchOptions.create(
         quick=quick, configs=configs, dtypes=dtypes, modes=modes, tokens=tokens, rounds=rounds, skew=skew, memory=memory,
-        load=load, threads=int(threads) if threads.isdigit() else threads,
+        load=load, threads=int(threads) if threads.isdigit() else threads, device=device,
     )
     doc = bench.run(options, progress=console)
     console.print(bench.render_table(doc))
@@ -74,6 +75,7 @@ def bench_generate(
     top_p: Annotated[list[float] | None, typer.Option("--top-p", help="Top-p thresholds to decode with (models with top-p routers: adaptive k), timed beside plain decoding, with the test perplexity at each.")] = None,
     compile_step: Annotated[bool, typer.Option("--compile", help="Also time generate(compile=True), the compiled static decode step.")] = False,
     dtype: Annotated[str, typer.Option(help="fp32 or bf16: both implementations' weights and activations.")] = "fp32",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -84,7 +86,7 @@ def bench_generate(
     options = bench.GenerateOptions(
         batch_sizes=tuple(batch or (1, 8, 32)), prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
         threads=threads, load=load, skip=tuple(skip or ()), top_p=tuple(top_p or ()), compile=compile_step,
-        dtype=dtype,
+        dtype=dtype, device=device,
     )
     with console.status("bench generate") as status:
         doc = bench.run(_model_dirs(models), options, progress=lambda what: status.update(f"bench generate: {what}"))

@@ -25,6 +25,15 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}{did_you_mean(value, choices)}; choose one of {choices}")
 
 
+def check_device(device: str) -> None:
+    """A benchmark's device: "cpu", or "cuda" where a CUDA GPU is visible."""
+    check_choice("device", device, ("cpu", "cuda"))
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is 'cuda' but no CUDA device is available (torch.cuda.is_available() is False)")
+
+
 def is_int(value: object) -> bool:
     """An integer (numpy's included), not a bool and not an integral float such as 2.0."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -4,8 +4,8 @@ same weights, and against the machine's memory-bandwidth bound, all measured in 
 For each model (a moelab checkpoint; its transformers counterpart is built in memory from
 `export_state`, Mixtral where the model maps to it, else Qwen2-MoE; a model no transformers
 family computes, e.g. with top-p routing, is timed without it) and batch size: random
-prompts of `prompt_tokens`, then `new_tokens` greedy tokens, in `dtype` (fp32 or bf16), on `threads` intra-op
-threads. Every round runs both implementations once, in a shuffled order; tokens/s is the
+prompts of `prompt_tokens`, then `new_tokens` greedy tokens, in `dtype` (fp32 or bf16), on `device`
+(a CPU's `threads` intra-op threads, or a CUDA GPU). Every round runs both implementations once, in a shuffled order; tokens/s is the
 median over rounds and `ratio` the median of the per-round ratios (transformers' time / moelab's),
 so both sides of a ratio saw the same machine load. The greedy tokens are compared too.
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import platform
 import random
 import statistics
 import time
@@ -45,7 +46,7 @@ from moelab.compress.skipping import apply_dynamic_skipping
 from moelab.hf.export import export_problems, exported_model
 from moelab.models import MoETransformer, load_pretrained
 from moelab.nn.routers import TopPRouter
-from moelab.validation import is_int
+from moelab.validation import check_device, is_int
 
 JSON_FORMAT = "moelab-bench-generate/1"
 
@@ -71,6 +72,7 @@ class GenerateOptions:
     eval_tokens: int = 4096
     compile: bool = False
     dtype: str = "fp32"
+    device: str = "cpu"
 
     def __post_init__(self):
         for name in ("prompt_tokens", "new_tokens", "rounds", "threads"):
@@ -89,23 +91,32 @@ class GenerateOptions:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not is_int(self.eval_tokens) or self.eval_tokens < 16:
             raise ValueError(f"eval_tokens must be an integer >= 16, got {self.eval_tokens!r}")
+        check_device(self.device)
 
 
-def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
+def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5, device: str = "cpu") -> float:
     """Read bandwidth: the bytes per second a matrix-vector product streams from an fp32 matrix
     far larger than any CPU cache (the operation a decode step is made of; best of `repeats`,
-    on this process's threads)."""
-    matrix = torch.ones(megabytes * 2**18 // 4096, 4096)
-    vector = torch.ones(4096)
+    on this process's threads), or on a GPU from its memory (a GPU's cache is tens of MB)."""
+    matrix = torch.ones(megabytes * 2**18 // 4096, 4096, device=device)
+    vector = torch.ones(4096, device=device)
     torch.mv(matrix, vector)
-    best = min(_timed(lambda: torch.mv(matrix, vector)) for _ in range(repeats))
+    best = min(_timed(lambda: torch.mv(matrix, vector), device) for _ in range(repeats))
     return matrix.nbytes / best / 1e9
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: str = "cpu") -> float:
+    """Seconds `fn` takes, waiting for a GPU's queued work on both sides."""
+    _wait(device)
     start = time.perf_counter()
     fn()
+    _wait(device)
     return time.perf_counter() - start
+
+
+def _wait(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def family_for(model: MoETransformer) -> str | None:
@@ -177,7 +188,7 @@ def measure_model(
     family = family_for(model)
     run = {"moelab": lambda ids: model.generate(ids, options.new_tokens, greedy=True)}
     if family is not None:
-        hf = exported_model(model_dir, family).to(DTYPES[options.dtype])
+        hf = exported_model(model_dir, family).to(options.device, DTYPES[options.dtype])
         hf.generation_config.eos_token_id = None  # decode exactly new_tokens, as moelab's generate does
         hf.generation_config.pad_token_id = 0
         run["transformers"] = lambda ids: hf.generate(
@@ -197,7 +208,7 @@ def measure_model(
             model.config.vocab_size,
             (batch, options.prompt_tokens),
             generator=torch.Generator().manual_seed(batch),
-        )
+        ).to(options.device)
         with torch.no_grad():
             outputs = {impl: go(prompts) for impl, go in run.items()}  # warm-up, and the tokens compared
             times: dict[str, list[float]] = {impl: [] for impl in run}
@@ -207,9 +218,9 @@ def measure_model(
                 random.shuffle(order)
                 for impl in order:
                     if impl is None:
-                        bandwidths.append(memory_bandwidth_gb_s(repeats=3))
+                        bandwidths.append(memory_bandwidth_gb_s(repeats=3, device=options.device))
                     else:
-                        times[impl].append(_timed(lambda: run[impl](prompts)))
+                        times[impl].append(_timed(lambda: run[impl](prompts), options.device))
             distinct = distinct_experts_per_step(model, prompts, options.new_tokens)
         context = options.prompt_tokens + (options.new_tokens - 1) / 2
         step_bytes = bytes_per_step(model, distinct, batch, context)
@@ -285,7 +296,10 @@ def _with_setting(model: MoETransformer, setting: str, value: float, new_tokens:
 
 def routing_quality(model: MoETransformer, options: GenerateOptions) -> dict[str, dict[str, float]]:
     """{"none" or a `routing_variants` name: test perplexity and experts per token}."""
-    batches = test_batches(options.eval_tokens, min(256, model.config.max_seq_len), 8)
+    batches = [
+        (inputs.to(options.device), targets.to(options.device))
+        for inputs, targets in test_batches(options.eval_tokens, min(256, model.config.max_seq_len), 8)
+    ]
     top = max(int(inputs.max()) for inputs, _ in batches)
     if top >= model.config.vocab_size:
         raise ValueError(
@@ -309,7 +323,7 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
         with busy_processes(options.load):
             rows, quality = [], {}
             for name, path in models.items():
-                model = load_pretrained(path).eval().to(DTYPES[options.dtype])
+                model = load_pretrained(path).eval().to(options.device, DTYPES[options.dtype])
                 rows += measure_model(name, path, model, options, progress)
                 if routing_variants(options):
                     quality[name] = routing_quality(model, options)
@@ -320,10 +334,20 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
         "setup": {**asdict(options), "torch": torch.__version__, "transformers": _transformers_version(),
                   # the fractions of the bound use each round's own measurement; this is the median of the cells'
                   "memory_bandwidth_gb_s": statistics.median(r["memory_bandwidth_gb_s"] for r in rows),
-                  "bandwidth_measure": "read: fp32 matrix-vector product over 256 MB"},
+                  "bandwidth_measure": "read: fp32 matrix-vector product over 256 MB",
+                  "device_name": _device_name(options.device)},
         "results": rows,
         "routing_quality": quality,
     }  # fmt: skip
+
+
+def _where(setup: dict) -> str:
+    """"2 thread(s)" on a CPU, the GPU's name on CUDA (files written before the device option: CPU)."""
+    return setup["device_name"] if setup.get("device") == "cuda" else f"{setup['threads']} thread(s)"
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
 
 
 def _transformers_version() -> str:
@@ -335,7 +359,7 @@ def _transformers_version() -> str:
 def render(doc: dict) -> Table:
     setup = doc["setup"]
     table = Table(
-        title=f"Greedy decode, {setup.get('dtype', 'fp32')}, {setup['threads']} thread(s), {setup['new_tokens']} new tokens"
+        title=f"Greedy decode, {setup.get('dtype', 'fp32')}, {_where(setup)}, {setup['new_tokens']} new tokens"
         + (f", {setup['load']} busy process(es) beside" if setup["load"] else ""),
         caption=f"bound: read bandwidth (measured every round, median {setup['memory_bandwidth_gb_s']:.1f} GB/s) / "
         "bytes a token must read; "

@@ -40,7 +40,7 @@ from moelab.io import atomic_write_text, check_output_file, has_json_format
 from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter
 from moelab.nn.expert_threads import serial
 from moelab.threads import check_threads, resolve_threads
-from moelab.validation import is_int
+from moelab.validation import check_device, is_int
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("moelab", "serial", "dense", "loop", "hf")
@@ -203,6 +203,7 @@ class BenchOptions:
             threads=threads,
         )
         check_threads(options.threads)
+        check_device(options.device)
         for name, values, valid in (
             ("config", options.configs, SHAPES),
             ("dtype", options.dtypes, DTYPES),
