@@ -146,3 +146,40 @@ def test_generate_command_with_compile_gives_the_eager_text():
     assert plain.exit_code == 0 and compiled.exit_code == 0, plain.output + compiled.output
     assert compiled.output.split("\n12 tokens in ")[0] == plain.output.split("\n12 tokens in ")[0]
     assert "(compiling included)" in compiled.output
+
+
+ARCHITECTURES = ["moe_top2", "aux_free", "blockffn", "coe2", "deepseek", "expert_choice", "mole", "rexmoe", "topp"]
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_every_architecture_compiles_its_step_whole(name):
+    """configs/models/*.yaml (sequence-routed ones excepted: they decode without a cache): the
+    compiled step has no graph break (it is compiled with fullgraph) and decodes the eager tokens,
+    with weights scaled up so that the routing is far from uniform."""
+    from pathlib import Path
+
+    from moelab.models import ModelConfig, MoETransformer
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = ModelConfig.load(Path(__file__).parents[1] / "configs" / "models" / f"{name}.yaml")
+    model = MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(3.0)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), model.generate(ids, 6, greedy=True))
+
+
+def test_a_graph_break_in_the_step_is_an_error_not_wrong_tokens():
+    """Without module guards, the code after a break inside one layer would serve every layer;
+    the step is compiled whole, so a break (here one a hook asks for) raises."""
+    from test_model import make_model, random_ids
+
+    torch._dynamo.reset()
+    model = make_model(init_std=0.2).eval()
+    for block in model.layers:
+        block.register_forward_hook(lambda module, args, out: torch._dynamo.graph_break())
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        model.generate(random_ids(batch=1, seq=5), 4, greedy=True, compile=True)

@@ -347,13 +347,15 @@ class MoETransformer(nn.Module):
         graph keeps no guards on the modules (checking them at every token cost ~10 % of a batch-1
         step); instead the step is traced again (after `torch._dynamo.reset()`, which drops every
         compiled graph of the process) whenever `_frozen_state` changes: another weight tensor,
-        storage or in-place update, or another module setting (a skip ratio, a router threshold)."""
+        storage or in-place update, or another module setting (a skip ratio, a router threshold).
+        The step must compile whole (`fullgraph`): without the module guards, the code after a graph
+        break inside a layer would be shared by every layer (the first layer's, for all)."""
         state = self._frozen_state()
         if getattr(self, "_frozen", None) != state:
             torch._dynamo.reset()
             self._frozen = state
         guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        return torch.compile(self._decode, dynamic=False, options=guards)
+        return torch.compile(self._decode, dynamic=False, fullgraph=True, options=guards)
 
     def _frozen_state(self) -> tuple:
         """What a frozen decode graph depends on besides its inputs: every parameter and buffer

@@ -212,8 +212,8 @@ class ExpertBatch:
     """The rows a rank's experts process, as `dispatch` hands them over.
 
     rows: [N_local, D] grouped by local expert; row_weights: [N_local] routing weight of each
-    row; counts: rows per local expert (python ints, or an [E] tensor: `DispatchPlan.counts`); exchange: whatever `combine` needs to send the results
-    back (None for the local dispatcher).
+    row; counts: rows per local expert (python ints, or an [E] tensor: `DispatchPlan.counts`);
+    exchange: whatever `combine` needs to send the results back (None for the local dispatcher).
     """
 
     rows: Tensor
