@@ -34,13 +34,22 @@ CASES = {
     "expert choice": dict(router="expert_choice"),
     "relu (BlockFFN), gelu experts": dict(router="relu", activation="gelu"),
     "capacity 1.0 + expert biases": dict(router="topk", top_k=2, capacity_factor=1.0, selection_bias=True),
+    # empty slots inside a fixed k: the rows torch._grouped_mm leaves unset on the no-sync path
+    "topk 3 + dynamic skipping + expert biases": dict(router="topk", top_k=3, expert_mlp_bias=True, skip_ratio=0.4),
 }
 
 
-def check_case(name: str, overrides: dict, backend: str, dtype: torch.dtype, device: str = "cuda") -> dict:
+def check_case(
+    name: str, overrides: dict, backend: str, dtype: torch.dtype, device: str = "cuda", autocast: bool = False
+) -> dict:
+    """One layer's output and gradients on the device against float64 on the CPU; `autocast`: an
+    fp32 layer under bf16 autocast (how `moelab train --dtype bf16` runs)."""
     torch.manual_seed(0)
+    overrides = dict(overrides)
+    skip_ratio = overrides.pop("skip_ratio", None)
     cfg = MoEConfig(dim=64, num_experts=16, hidden_dim=32, backend=backend, **overrides)
     layer = build_moe(cfg)
+    layer.skip_ratio = skip_ratio
     with torch.no_grad():
         for param_name, param in layer.named_parameters():
             if "bias" in param_name:
@@ -61,26 +70,34 @@ def check_case(name: str, overrides: dict, backend: str, dtype: torch.dtype, dev
         }
 
     y_ref, gx_ref, g_ref = run_layer(reference, x)
-    y, gx, g = run_layer(layer, x.to(device, dtype))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        y, gx, g = run_layer(layer, x.to(device, dtype))
     scale = lambda t: t.abs().max().item() + 1e-12  # noqa: E731
     errors = {"y": (y - y_ref).abs().max().item() / scale(y_ref), "grad_x": (gx - gx_ref).abs().max().item() / scale(gx_ref)}
     for n in g_ref:
         errors[f"grad_{n}"] = (g[n] - g_ref[n]).abs().max().item() / scale(g_ref[n])
-    return {"case": name, "backend": backend, "dtype": str(dtype), "max_rel_error": max(errors.values()),
-            "worst": max(errors, key=errors.get)}
+    return {"case": name, "backend": backend, "dtype": f"{dtype}{' + bf16 autocast' if autocast else ''}",
+            "max_rel_error": max(errors.values()), "worst": max(errors, key=errors.get)}
 
 
-def check_no_host_sync(device: str = "cuda") -> dict:
-    """A bf16 training step of the layer on `torch._grouped_mm` (the default for bf16 on CUDA)
-    under CUDA's sync debug mode "error": any read back to the host raises, naming the op."""
+def check_no_host_sync(device: str = "cuda", autocast: bool = False) -> dict:
+    """A training step of the layer on `torch._grouped_mm` (the default for bf16 products on
+    CUDA: bf16 weights, or fp32 ones under bf16 autocast) with the aux-free selection bias,
+    expert biases, a gated shared expert and dynamic skipping, under CUDA's sync debug mode
+    "error": any read back to the host raises, naming the op."""
     torch.manual_seed(0)
-    cfg = MoEConfig(dim=512, num_experts=64, hidden_dim=352, top_k=8, balance_coef=0.01, z_coef=1e-3)
-    layer = build_moe(cfg).to(device, torch.bfloat16)
-    x = torch.randn(4096, 512, device=device, dtype=torch.bfloat16)
+    cfg = MoEConfig(dim=512, num_experts=64, hidden_dim=352, top_k=8, balance_coef=0.01, z_coef=1e-3,
+                    selection_bias=True, expert_mlp_bias=True, num_shared=1, shared_gate=True)  # fmt: skip
+    dtype = torch.float32 if autocast else torch.bfloat16
+    layer = build_moe(cfg).to(device, dtype)
+    layer.skip_ratio = 0.3
+    x = torch.randn(4096, 512, device=device, dtype=dtype)
 
     def step():
-        y, result = layer(x.detach().requires_grad_(True))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y, result = layer(x.detach().requires_grad_(True))
         (y.float().square().mean() + result.loss).backward()
+        assert result.logits_finite is not None, "the step took the host plan"
 
     step()  # warm-up: first-call allocations, cuBLAS handles
     torch.cuda.synchronize()
@@ -92,7 +109,8 @@ def check_no_host_sync(device: str = "cuda") -> dict:
         error = str(err).splitlines()[0]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return {"layer": "e64k8 bf16 grouped_mm, 4096 tokens", "host_syncs": error or "none"}
+    what = "fp32 under bf16 autocast" if autocast else "bf16"
+    return {"layer": f"e64k8 {what}, auto backend, 4096 tokens", "host_syncs": error or "none"}
 
 
 def bench_generate_cuda(workdir: Path) -> dict:
@@ -131,14 +149,14 @@ def main() -> None:
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     checks = [
-        check_case(name, overrides, backend, dtype)
+        check_case(name, overrides, backend, dtype, autocast=autocast)
         for name, overrides in CASES.items()
         for backend in ("grouped", "loop", "grouped_mm")
-        for dtype in (torch.float32, torch.bfloat16)
+        for dtype, autocast in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True))
     ]
     for c in checks:
-        print(f"{c['case']:45s} {c['backend']:10s} {c['dtype']:15s} max rel err {c['max_rel_error']:.2e} ({c['worst']})")
-    no_sync = check_no_host_sync()
+        print(f"{c['case']:45s} {c['backend']:10s} {c['dtype']:30s} max rel err {c['max_rel_error']:.2e} ({c['worst']})")
+    no_sync = [check_no_host_sync(autocast=autocast) for autocast in (False, True)]
     print("training step without host synchronisation:", no_sync)
     doc = run(BenchOptions.create(device="cuda", memory=True, rounds=10, tokens=16384))
     doc["correctness"] = checks

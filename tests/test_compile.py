@@ -148,7 +148,10 @@ def test_generate_command_with_compile_gives_the_eager_text():
     assert "(compiling included)" in compiled.output
 
 
-ARCHITECTURES = ["moe_top2", "aux_free", "blockffn", "coe2", "deepseek", "expert_choice", "mole", "rexmoe", "topp"]
+ARCHITECTURES = [
+    "moe_top2", "dense", "aux_free", "blockffn", "coe2", "coe_3x_experts", "deepseek", "expert_choice", "mole", "rexmoe",
+    "topp",
+]
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

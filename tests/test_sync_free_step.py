@@ -157,17 +157,21 @@ def test_grouped_mm_layer_plans_without_host_counts(monkeypatch):
     seen = []
     real = moe_module.plan_dispatch
     monkeypatch.setattr(moe_module, "plan_dispatch", lambda *a, **kw: seen.append(kw["host_counts"]) or real(*a, **kw))
-    for capacity, backend, router in (
-        (None, "grouped_mm", "topk"),
-        (1.0, "grouped_mm", "topk"),
-        (None, "grouped_mm", "topp"),  # variable k: a row for each of T*E slots would cost more than a sync
-        (None, "grouped", "topk"),
-        (None, "auto", "topk"),  # auto picks the per-expert kernel on a CPU
+    for capacity, backend, router, mode in (
+        (None, "grouped_mm", "topk", "train"),
+        (1.0, "grouped_mm", "topk", "train"),
+        (None, "grouped_mm", "topp", "train"),  # variable k: a row for each of T*E slots would cost more than a sync
+        (None, "grouped", "topk", "train"),
+        (None, "auto", "topk", "train"),  # auto picks the per-expert kernel on a CPU
+        (None, "grouped_mm", "topk", "eval"),  # outside training nobody would check the logits later
+        (None, "grouped_mm", "topk", "no_grad"),
     ):
         layer = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=I, top_k=2, router=router, backend=backend,
                                     capacity_factor=capacity))  # fmt: skip
-        layer(torch.randn(6, D))
-    assert seen == [False, True, True, True, True]
+        layer.train(mode != "eval")
+        with torch.set_grad_enabled(mode != "no_grad"):
+            layer(torch.randn(6, D))
+    assert seen == [False, True, True, True, True, True, True]
 
 
 def test_non_finite_logits_are_flagged_not_raised_on_the_sync_free_path():
@@ -178,6 +182,49 @@ def test_non_finite_logits_are_flagged_not_raised_on_the_sync_free_path():
     assert not bool(layer(x)[1].logits_finite)  # the caller checks; a router called on its own still raises
     with pytest.raises(ValueError, match="router logits contain NaN or Inf"):
         layer.router(x)
+
+
+def test_experts_masked_out_of_the_router_are_not_non_finite_logits():
+    """ReXMoE's progressive scaling masks experts' logits to -inf after the router computed them:
+    the deferred check looks at the logits as computed, as the router's own check does."""
+    from moelab.nn.rexmoe import set_reuse_progress
+
+    cfg = ModelConfig.from_dict(
+        {"vocab_size": 64, "dim": D, "n_layers": 2, "n_heads": 2, "max_seq_len": 16,
+         "moe": {"num_experts": E, "hidden_dim": I, "top_k": 2, "backend": "grouped_mm", "reuse_layers": 2}}
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MoETransformer(cfg)
+    set_reuse_progress(model, 0.0)  # part of the pool closed: -inf logits
+    out = model(torch.randint(0, 64, (2, 8)))
+    assert all(bool(r.logits_finite) for r in out.moe_results.values())
+
+
+def test_expert_statistics_of_a_training_step_with_skipped_slots():
+    """The tracer's expert hook gets the device counts and the empty slots' rows of a training
+    step; it records what the host plan's step records."""
+    from moelab.trace.capture import RoutingCapture
+
+    recorded = []
+    for backend in ("grouped_mm", "grouped"):
+        cfg = ModelConfig.from_dict(
+            {"vocab_size": 64, "dim": D, "n_layers": 2, "n_heads": 2, "max_seq_len": 16,
+             "moe": {"num_experts": E, "hidden_dim": I, "top_k": 3, "backend": backend}}
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = MoETransformer(cfg).train()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.mul_(5.0)
+        for moe in model.moe_layers.values():
+            moe.skip_ratio = 0.6
+        with RoutingCapture(model, None, expert_stats=True) as capture:
+            out = model(torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0)))
+            capture.pop()
+        assert (out.moe_results[0].logits_finite is not None) == (backend == "grouped_mm")
+        recorded.append(capture.expert_max[0])
+    torch.testing.assert_close(recorded[0], recorded[1])
 
 
 def test_trainer_raises_on_non_finite_logits_the_layer_left_to_it():
@@ -246,3 +293,49 @@ def test_skipped_slots_on_the_sync_free_path_match_the_host_path():
         runs.append([y.detach(), x.grad] + [p.grad for p in layer.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_over_fp32_weights_takes_the_sync_free_path():
+    """moelab's trainer runs bf16 as autocast over fp32 parameters: the experts then run
+    torch._grouped_mm on bf16 casts (as autocast's F.linear would), the plan stays on the device,
+    and output and gradients agree with the per-expert kernel under the same autocast within bf16
+    rounding (relative to each tensor's scale; measured worst about 1e-2)."""
+    runs = []
+    for backend in ("grouped_mm", "grouped"):
+        torch.manual_seed(0)
+        layer = build_moe(MoEConfig(dim=16, num_experts=E, hidden_dim=8, top_k=2, backend=backend,
+                                    expert_mlp_bias=True, num_shared=1, balance_coef=0.01))  # fmt: skip
+        x = torch.randn(24, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, result = layer(x)
+        assert (result.logits_finite is not None) == (backend == "grouped_mm")
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().add(result.loss).backward()
+        assert all(p.grad.dtype == torch.float32 for p in layer.parameters())
+        runs.append([y.detach().float(), x.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*runs):
+        scale = float(b.abs().max()) + 1e-6
+        assert float((a - b).abs().max()) <= 3e-2 * scale
+
+
+def test_under_autocast_the_products_run_in_its_dtype(monkeypatch):
+    dtypes = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs=None: dtypes.append((a.dtype, b.dtype)) or real(a, b, offs=offs))
+    layer = build_moe(MoEConfig(dim=16, num_experts=E, hidden_dim=8, top_k=2, backend="grouped_mm"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = layer(torch.randn(6, 16))
+    assert y.dtype == torch.bfloat16 and dtypes == [(torch.bfloat16, torch.bfloat16)] * 2
+
+
+def test_auto_picks_grouped_mm_for_bf16_products_on_cuda(monkeypatch):
+    """The decision alone (no GPU here): bf16 weights, or fp32 ones under bf16 autocast, on CUDA."""
+    from moelab.nn.grouped import uses_grouped_mm
+
+    cuda = torch.device("cuda")
+    w_in, w_out = torch.empty(E, 16, 16), torch.empty(E, 16, 8)
+    assert uses_grouped_mm("auto", cuda, torch.bfloat16, w_in.bfloat16(), w_out.bfloat16())
+    assert not uses_grouped_mm("auto", cuda, torch.float32, w_in, w_out)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.bfloat16)
+    assert uses_grouped_mm("auto", cuda, torch.float32, w_in, w_out)
+    assert not uses_grouped_mm("auto", torch.device("cpu"), torch.float32, w_in, w_out)

@@ -1,7 +1,8 @@
 """Dispatch: move token rows to their experts and back.
 
 Shape legend: T tokens, D model dim, E experts, K slots per token, N routed rows (token-expert
-assignments that are kept; N = T*K when every slot is used and nothing is dropped).
+assignments that are kept; N = T*K when every slot is used and nothing is dropped, and always in
+a plan made without host counts, whose empty slots keep rows).
 
 The MoE layer runs three explicit steps:
 
@@ -32,7 +33,8 @@ class DispatchPlan:
 
     slots:      [N] (token, slot) of each routed row, flattened as t*K + k; rows grouped by expert.
     token_ids:  [N] source token of each routed row (slots // K).
-    slot_rows:  [T*K] routed row of each (token, slot), or N for empty and dropped slots.
+    slot_rows:  [T*K] routed row of each (token, slot), or N for empty and dropped slots (none in
+                a plan without host counts: every slot has a row).
     counts:     E python ints, routed rows per expert (the grouped matmul's group sizes); or, for
                 a plan made without a host synchronisation (`plan_dispatch(host_counts=False)`),
                 an [E] tensor on the routing's device: then every (token, slot) has a row, the
@@ -63,6 +65,8 @@ class DispatchPlan:
 
     @property
     def has_empty_slots(self) -> bool:
+        """Whether some slots have no row (empty or dropped): never in a plan without host counts,
+        whose empty slots have rows that the experts zero."""
         return self.num_rows < self.num_tokens * self.top_k
 
     def slot_mask(self, dtype: torch.dtype) -> Tensor | None:
@@ -80,7 +84,7 @@ def plan_dispatch(
 ) -> DispatchPlan:
     """Sort the (token, slot) assignments of `indices: [T, K]` by expert.
 
-    Slots with index -1 are skipped. With a `capacity_factor`, each expert keeps at most
+    Slots with index -1 get no row. With a `capacity_factor`, each expert keeps at most
     `expert_capacity(T*K, E, capacity_factor)` assignments: first choices before second choices,
     earlier tokens before later ones (GShard priority); the rest are dropped and contribute 0.
 

@@ -234,30 +234,46 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a matmul of rows of this device and dtype runs in: autocast's lower precision
+    where autocast is on for the device and the rows are fp32, else the rows' own."""
+    if dtype == torch.float32 and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
 def _grouped_mm_supports(device: torch.device, dtype: torch.dtype, w_in: Tensor, w_out: Tensor) -> bool:
-    """Whether `torch._grouped_mm` takes rows of this device and dtype through these weights: its
-    dtypes (bf16 only on CUDA), weights in the rows' dtype, and 16-byte aligned rows."""
+    """Whether `torch._grouped_mm` takes rows of this device and dtype through these weights
+    (stored in the rows' dtype): its dtypes (bf16 only on CUDA) for the dtype the products run
+    in (`_matmul_dtype`: autocast's, if on), and 16-byte aligned rows."""
     widths = (w_in.shape[2], w_in.shape[1], w_out.shape[1], w_out.shape[2])
     dtypes = (torch.bfloat16,) if device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)
+    matmul = _matmul_dtype(device, dtype)
     return (
         hasattr(torch, "_grouped_mm")
-        and dtype in dtypes
+        and matmul in dtypes
         and w_in.dtype == w_out.dtype == dtype
-        and not any(w * dtype.itemsize % 16 for w in widths)
+        and not any(w * matmul.itemsize % 16 for w in widths)
     )
 
 
 def uses_grouped_mm(backend: str, device: torch.device, dtype: torch.dtype, w_in: Tensor, w_out: Tensor) -> bool:
     """Whether `grouped_mlp(..., backend=backend)` runs rows of this device and dtype on
-    `torch._grouped_mm`: the one path that also takes the counts as a tensor (no host
-    synchronisation)."""
-    chosen = backend == "grouped_mm" or (backend == "auto" and device.type == "cuda" and dtype == torch.bfloat16)
+    `torch._grouped_mm` ("auto": bf16 products on CUDA, fp32 rows under bf16 autocast included):
+    the one path that also takes the counts as a tensor (no host synchronisation)."""
+    bf16_on_cuda = device.type == "cuda" and _matmul_dtype(device, dtype) == torch.bfloat16
+    chosen = backend == "grouped_mm" or (backend == "auto" and bf16_on_cuda)
     return chosen and _grouped_mm_supports(device, dtype, w_in, w_out)
 
 
 def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated):
     if not _grouped_mm_supports(xs.device, xs.dtype, w_in, w_out):
         return _grouped(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated)
+    matmul = _matmul_dtype(xs.device, xs.dtype)
+    if matmul != xs.dtype:  # under autocast, as its F.linear would: rows and weights cast, the output in its dtype
+        xs, row_weights, w_in, b_in, w_out, b_out = (
+            None if t is None else t.to(matmul) for t in (xs, row_weights, w_in, b_in, w_out, b_out)
+        )
     act = Activation(activation, gated)
     on_device = isinstance(counts, Tensor)
     ends = (counts if on_device else torch.tensor(list(counts), device=xs.device)).cumsum(0)
@@ -283,9 +299,11 @@ def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, g
 
 
 def _auto(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated):
-    """Pick "grouped" on CPU; on CUDA, `torch._grouped_mm` for bf16 (one kernel instead of a
-    Python loop of per-expert launches), "grouped" otherwise."""
-    backend = _grouped_mm if xs.is_cuda and xs.dtype == torch.bfloat16 else _grouped
+    """Pick "grouped" on CPU; on CUDA, `torch._grouped_mm` for bf16 products (bf16 rows, or fp32
+    rows under bf16 autocast: one kernel instead of a Python loop of per-expert launches),
+    "grouped" otherwise."""
+    bf16_on_cuda = xs.is_cuda and _matmul_dtype(xs.device, xs.dtype) == torch.bfloat16
+    backend = _grouped_mm if bf16_on_cuda else _grouped
     return backend(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated)
 
 

@@ -38,10 +38,10 @@ class MoEResult:
     metrics: detached scalar diagnostics by name; routers with a variable number of experts per
         token report BlockFFN's sparsity: "tls" (token-level) and "cls" (chunk-level, chunks of
         the layer's `sparsity_window` consecutive tokens of a sequence; input [B, S, D] only).
-    logits_finite: [] bool, whether the router logits were finite, where the layer ran without
-        a host synchronisation (its experts on `torch._grouped_mm`) and so left that check to
-        the caller (the trainer checks it after each micro-batch); None where the router
-        checked them itself and would have raised.
+    logits_finite: [] bool, whether the router logits were finite, where a training step ran
+        without a host synchronisation (its experts on `torch._grouped_mm`) and so left that
+        check to the caller (moelab's trainer checks it after each micro-batch); None where the
+        router checked them itself and would have raised.
     """
 
     losses: dict[str, Tensor] = field(default_factory=dict)
@@ -204,15 +204,18 @@ class MoELayer(nn.Module):
         `context` goes to routers that need whole sequences (see `_route`)."""
         router = self.router if router is None else router
         shape = x.shape
-        # Experts on torch._grouped_mm take the counts on the device, and the router's logits are
-        # checked by the caller: the step never waits for the routing (a GPU runs ahead). Not for
-        # variable-k routers: without the counts each of their T*K slots (K up to E) needs a row.
+        # A training step on experts on torch._grouped_mm: the counts stay on the device and the
+        # router's logits are checked by the caller (the trainer), so the step never waits for
+        # the routing (a GPU runs ahead). Not for variable-k routers (without the counts each of
+        # their T*K slots, K up to E, needs a row), nor outside training, where nobody would check.
         sync_free = (
-            self._local_dropless
+            self.training
+            and torch.is_grad_enabled()
+            and self._local_dropless
             and not router.variable_k
             and self.experts.takes_device_counts(x.device, x.dtype)
         )
-        with deferred_logit_check() if sync_free else contextlib.nullcontext():
+        with deferred_logit_check() if sync_free else contextlib.nullcontext() as finite:
             routing = self._route(router, x, context)
         x = x.reshape(-1, router.dim)
         plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor, host_counts=not sync_free)
@@ -225,7 +228,7 @@ class MoELayer(nn.Module):
             experts_per_token=(routing.indices >= 0).sum() / max(x.shape[0], 1),
             routing=routing if self.trace else None,
             metrics=self._metrics(router, routing, shape[:-1]),
-            logits_finite=torch.isfinite(routing.logits).all() if sync_free else None,
+            logits_finite=torch.stack(finite).all() if finite else None,
         )
         return y.view(shape), result
 

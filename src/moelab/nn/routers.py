@@ -50,17 +50,18 @@ _deferring = threading.local()
 
 
 @contextlib.contextmanager
-def deferred_logit_check() -> Iterator[None]:
-    """Routers called inside (on this thread) skip `router_logits`' finiteness check, a read back
-    to the host that on a GPU waits for the device at every layer; the caller checks the
-    routing's logits later (`MoELayer.forward` on its no-synchronisation path:
+def deferred_logit_check() -> Iterator[list[Tensor]]:
+    """Routers called inside (on this thread) do not check their logits on the host, a read back
+    that on a GPU waits for the device at every layer: `router_logits` appends to the yielded
+    list whether its logits (before any masking of experts) were all finite, a [] bool tensor,
+    and the caller checks later (`MoELayer.forward` on its no-synchronisation path:
     `MoEResult.logits_finite`)."""
-    previous = getattr(_deferring, "active", False)
-    _deferring.active = True
+    previous = getattr(_deferring, "flags", None)
+    _deferring.flags = flags = []
     try:
-        yield
+        yield flags
     finally:
-        _deferring.active = previous
+        _deferring.flags = previous
 
 
 class Router(nn.Module):
@@ -86,7 +87,8 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=dim**-0.5)
 
     def router_logits(self, x: Tensor) -> Tensor:
-        """x: [T, D] -> logits [T, E] in float32; rejects bad shapes and non-finite logits."""
+        """x: [T, D] -> logits [T, E] in float32; rejects bad shapes and non-finite logits (the
+        latter left to the caller inside `deferred_logit_check`)."""
         if x.dim() != 2 or x.shape[-1] != self.dim:
             raise ValueError(
                 f"router expects x of shape [tokens, {self.dim}], got {list(x.shape)}; "
@@ -96,9 +98,10 @@ class Router(nn.Module):
             raise ValueError(f"router expects a floating-point input, got {x.dtype}")
         bias = None if self.bias is None else self.bias.float()
         logits = F.linear(x.float(), self.weight.float(), bias)
-        if torch.compiler.is_compiling() or getattr(_deferring, "active", False):
-            return logits
-        if not torch.isfinite(logits).all():
+        deferred = getattr(_deferring, "flags", None)
+        if deferred is not None:
+            deferred.append(torch.isfinite(logits).all())
+        elif not torch.compiler.is_compiling() and not torch.isfinite(logits).all():
             raise ValueError(NON_FINITE_LOGITS)
         return logits
 

@@ -272,8 +272,13 @@ def _on_moelab_experts(tap: _LayerTap):
     blow the quotient up). Experts that take the weight on their input (Llama 4) keep it."""
 
     def hook(module: nn.Module, args, ys: Tensor) -> None:
-        xs, counts = args[0], list(args[1])
+        xs, counts = args[0], args[1]
         row_weights = args[2] if len(args) > 2 else None
+        if isinstance(counts, Tensor):  # a training step's plan kept on the device: rows past the sum are empty slots
+            counts = counts.tolist()
+            xs, ys = xs[: sum(counts)], ys[: sum(counts)]
+            row_weights = None if row_weights is None else row_weights[: sum(counts)]
+        counts = list(counts)
         experts = torch.repeat_interleave(torch.arange(len(counts)), torch.as_tensor(counts))
         if row_weights is not None and not getattr(module, "scale_input", False):
             with torch.no_grad():
