@@ -29,7 +29,18 @@ def never_gather(layer):
     return layer
 
 
-PATHS = {"gathered": always_gather, "accumulated": never_gather}
+def expert_by_expert(layer):
+    never_gather(layer).small_expert_work = -1
+    return layer
+
+
+def one_grouped_mm_call(layer):
+    never_gather(layer).small_expert_work = 10**18
+    layer.small_expert_count = 0
+    return layer
+
+
+PATHS = {"gathered": always_gather, "accumulated": expert_by_expert, "grouped_mm": one_grouped_mm_call}
 
 
 def per_token(experts, x, indices, weights, activation="swiglu"):
@@ -52,7 +63,8 @@ def per_token(experts, x, indices, weights, activation="swiglu"):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_infer_matches_reference_forward_and_backward(name, path):
     """infer's output and its gradients (x and every parameter it uses) equal the reference's,
-    on the gathered and on the accumulated path (capacity dropping falls back to forward)."""
+    on the gathered path, the accumulated one and through one grouped_mm call (capacity dropping
+    falls back to forward)."""
     layer, spec = make_layer(**CONFIGS[name])
     PATHS[path](layer)
     x = tokens(2, 3)
@@ -75,14 +87,14 @@ def test_infer_matches_reference_forward_and_backward(name, path):
 @pytest.mark.parametrize("name", ["topk", "topk-k=E", "topp", "relu", "topk-shared-gated", "topk-mlp-gelu"])
 @pytest.mark.parametrize("T", [1, 3, 40])
 def test_infer_equals_forward_on_both_sides_of_the_threshold(name, T):
-    """gather_rows decides the path (T*K <= E: gathered, else dispatch); both give forward's output."""
+    """gather_rows decides the path (T*K <= E: gathered, else dispatch); all give forward's output."""
     layer, _ = make_layer(**CONFIGS[name])
     x = tokens(T)
     with torch.no_grad():
         expected = layer(x)[0]
         assert_close(layer.infer(x), expected, what="default threshold")
-        assert_close(always_gather(layer).infer(x), expected, what="always gathered")
-        assert_close(never_gather(layer).infer(x), expected, what="always accumulated")
+        for path, choose in PATHS.items():
+            assert_close(choose(layer).infer(x), expected, what=f"always {path}")
 
 
 def test_infer_goes_expert_by_expert_where_the_experts_are_large(monkeypatch):
@@ -90,6 +102,7 @@ def test_infer_goes_expert_by_expert_where_the_experts_are_large(monkeypatch):
     fits gather_bytes; beyond, it runs them where they lie (`accumulated`), with the same output.
     One token always takes the gathered path (which then copies nothing)."""
     layer, _ = make_layer(**CONFIGS["topk"])
+    layer.small_expert_work = -1  # not through one grouped_mm call (see the test below)
     one = (2 * I * D + D * I) * 4  # a SwiGLU expert's gate_up [2I, D] and down [D, I] in fp32, no biases
     assert layer.experts.expert_bytes == one
     calls = []
@@ -102,6 +115,37 @@ def test_infer_goes_expert_by_expert_where_the_experts_are_large(monkeypatch):
             layer.gather_bytes, calls[:] = limit, []
             assert_close(layer.infer(x), layer(x)[0], what=f"{T} tokens, {path}")
             assert calls == [path], f"{T} tokens, gather_bytes={limit}: expected the {path} path, ran {calls}"
+
+
+def test_infer_runs_small_experts_as_one_grouped_mm_call(monkeypatch):
+    """Beyond the gathered path, a CPU's `infer` runs the experts through the dispatch and one
+    torch._grouped_mm call per projection while an expert's work (rows x weights) is at most
+    small_expert_work and at least 16 experts have rows, else expert by expert; widths
+    torch._grouped_mm cannot take (not 16-byte aligned) stay expert by expert whatever the work,
+    and so do 8 experts. Same output every way."""
+    from moelab.nn import MoEConfig, build_moe
+
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append("grouped_mm") or real(*a, **k))
+    accumulated = SwiGLUExperts.accumulated
+    monkeypatch.setattr(SwiGLUExperts, "accumulated", lambda self, *a, **k: calls.append("accumulated") or accumulated(self, *a, **k))
+    for dim, want_small in ((16, "grouped_mm"), (6, "accumulated")):
+        torch.manual_seed(0)
+        layer = never_gather(build_moe(MoEConfig(dim=dim, num_experts=32, hidden_dim=I, top_k=4)))
+        x = torch.randn(40, dim)
+        work = 40 * 4 / 32 * (3 * dim * I)  # rows per expert x weights per expert
+        with torch.no_grad():
+            expected = layer(x)[0]
+            for limit, want in ((work, want_small), (work - 1, "accumulated")):
+                layer.small_expert_work, calls[:] = limit, []
+                assert_close(layer.infer(x), expected, what=f"dim {dim}, limit {limit}")
+                assert calls[-1] == want and set(calls) == {want}, (dim, limit, calls)
+    eight = never_gather(build_moe(MoEConfig(dim=16, num_experts=8, hidden_dim=I, top_k=2)))
+    calls[:] = []
+    with torch.no_grad():
+        eight.infer(torch.randn(40, 16))
+    assert set(calls) == {"accumulated"}
 
 
 def test_infer_with_dynamic_skipping_latent_experts_and_a_chain():

@@ -57,6 +57,11 @@ class Experts(nn.Module):
         an [E] tensor there (`moelab.nn.dispatch.DispatchPlan.counts`: no host synchronisation)."""
         return False
 
+    def runs_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether `forward(..., backend="grouped_mm")` runs rows of this device and dtype on
+        `torch._grouped_mm` (else it falls back to the per-expert kernel)."""
+        return False
+
     def _check(self, xs: Tensor) -> None:
         if xs.dim() != 2 or xs.shape[1] != self.dim:
             raise ValueError(f"experts expect rows of shape [N, {self.dim}], got {list(xs.shape)}")
@@ -101,13 +106,19 @@ class SwiGLUExperts(Experts):
     def takes_device_counts(self, device: torch.device, dtype: torch.dtype) -> bool:
         return uses_grouped_mm(self.backend, device, dtype, self.gate_up_proj, self.down_proj)
 
-    def forward(self, xs: Tensor, counts: Sequence[int] | Tensor, row_weights: Tensor | None = None) -> Tensor:
+    def runs_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return uses_grouped_mm("grouped_mm", device, dtype, self.gate_up_proj, self.down_proj)
+
+    def forward(
+        self, xs: Tensor, counts: Sequence[int] | Tensor, row_weights: Tensor | None = None, *, backend: str | None = None
+    ) -> Tensor:  # fmt: skip
+        """backend: this call's (`moelab.nn.grouped`), default the experts' own."""
         self._check(xs)
         if self.scale_input and row_weights is not None:
             xs, row_weights = xs * row_weights[:, None].to(xs.dtype), None
         return grouped_mlp(
             xs, counts, row_weights, self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias,
-            activation=self.clamped or "silu", gated=True, backend=self.backend,
+            activation=self.clamped or "silu", gated=True, backend=backend or self.backend,
         )
 
     def gathered(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
@@ -198,11 +209,17 @@ class MLPExperts(Experts):
     def takes_device_counts(self, device: torch.device, dtype: torch.dtype) -> bool:
         return uses_grouped_mm(self.backend, device, dtype, self.up_proj, self.down_proj)
 
-    def forward(self, xs: Tensor, counts: Sequence[int] | Tensor, row_weights: Tensor | None = None) -> Tensor:
+    def runs_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return uses_grouped_mm("grouped_mm", device, dtype, self.up_proj, self.down_proj)
+
+    def forward(
+        self, xs: Tensor, counts: Sequence[int] | Tensor, row_weights: Tensor | None = None, *, backend: str | None = None
+    ) -> Tensor:  # fmt: skip
+        """backend: this call's (`moelab.nn.grouped`), default the experts' own."""
         self._check(xs)
         return grouped_mlp(
             xs, counts, row_weights, self.up_proj, self.up_bias, self.down_proj, self.down_bias,
-            activation=self.activation, gated=False, backend=self.backend,
+            activation=self.activation, gated=False, backend=backend or self.backend,
         )
 
     def accumulated(
