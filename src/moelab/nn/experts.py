@@ -52,15 +52,21 @@ class Experts(nn.Module):
         """Bytes of one expert's weights (what `gathered` copies per routed row)."""
         return sum(p.nbytes for p in self.parameters()) // self.num_experts
 
+    def _stacked_weights(self) -> tuple[Tensor, Tensor] | None:
+        """(w_in [E, H, D], w_out [E, D, I]) where `forward` runs `grouped_mlp` on them, else None."""
+        return None
+
     def takes_device_counts(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether `forward(xs, counts, ...)` on rows of this device and dtype may take counts as
         an [E] tensor there (`moelab.nn.dispatch.DispatchPlan.counts`: no host synchronisation)."""
-        return False
+        weights = self._stacked_weights()
+        return weights is not None and uses_grouped_mm(self.backend, device, dtype, *weights)
 
     def runs_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether `forward(..., backend="grouped_mm")` runs rows of this device and dtype on
         `torch._grouped_mm` (else it falls back to the per-expert kernel)."""
-        return False
+        weights = self._stacked_weights()
+        return weights is not None and uses_grouped_mm("grouped_mm", device, dtype, *weights)
 
     def _check(self, xs: Tensor) -> None:
         if xs.dim() != 2 or xs.shape[1] != self.dim:
@@ -103,11 +109,8 @@ class SwiGLUExperts(Experts):
         _init_stacked(self.gate_up_proj, fan_in=dim)
         _init_stacked(self.down_proj, fan_in=hidden_dim)
 
-    def takes_device_counts(self, device: torch.device, dtype: torch.dtype) -> bool:
-        return uses_grouped_mm(self.backend, device, dtype, self.gate_up_proj, self.down_proj)
-
-    def runs_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
-        return uses_grouped_mm("grouped_mm", device, dtype, self.gate_up_proj, self.down_proj)
+    def _stacked_weights(self) -> tuple[Tensor, Tensor]:
+        return self.gate_up_proj, self.down_proj
 
     def forward(
         self, xs: Tensor, counts: Sequence[int] | Tensor, row_weights: Tensor | None = None, *, backend: str | None = None
@@ -206,11 +209,8 @@ class MLPExperts(Experts):
         _init_stacked(self.up_proj, fan_in=dim)
         _init_stacked(self.down_proj, fan_in=hidden_dim)
 
-    def takes_device_counts(self, device: torch.device, dtype: torch.dtype) -> bool:
-        return uses_grouped_mm(self.backend, device, dtype, self.up_proj, self.down_proj)
-
-    def runs_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
-        return uses_grouped_mm("grouped_mm", device, dtype, self.up_proj, self.down_proj)
+    def _stacked_weights(self) -> tuple[Tensor, Tensor]:
+        return self.up_proj, self.down_proj
 
     def forward(
         self, xs: Tensor, counts: Sequence[int] | Tensor, row_weights: Tensor | None = None, *, backend: str | None = None
