@@ -231,7 +231,7 @@ class MoELayer(nn.Module):
             experts_per_token=(routing.indices >= 0).sum() / max(x.shape[0], 1),
             routing=routing if self.trace else None,
             metrics=self._metrics(router, routing, shape[:-1]),
-            logits_finite=torch.stack(finite).all() if finite else None,
+            logits_finite=all_finite(finite or []),
         )
         return y.view(shape), result
 
@@ -243,7 +243,8 @@ class MoELayer(nn.Module):
         CPU go expert by expert, gathering rows from x and adding the outputs into y
         (`accumulated_mlp`: no [N, D] buffers, the weights read in place), or, where each expert
         has little work (`small_expert_work`), through the dispatch and one `torch._grouped_mm`
-        call per projection; on a GPU they take the training path's dispatch. Capacity dropping and expert parallelism run `forward`."""
+        call per projection; on a GPU they take the training path's dispatch. Capacity dropping
+        and expert parallelism run `forward`."""
         router = self.router if router is None else router
         if not self._local_dropless:
             return self(x, router, context=context)[0]  # who is dropped, or where rows go, depends on the batch
@@ -269,8 +270,8 @@ class MoELayer(nn.Module):
         `torch._grouped_mm` call per projection (its loop over experts in C++) rather than expert
         by expert in Python: where an expert's work (its rows times its weights, in multiply-adds)
         is at most `small_expert_work`, the per-expert Python costs more than the [N, D] copies
-        it saves (measured on one layer, 1 thread: 1.4-1.6x faster at 4-64 rows per expert of 32
-        experts of 37k weights, 1.1-1.3x at 32 rows of 64 experts of 540k weights, even at 128
+        it saves (measured on one layer, 1-2 threads: 1.2-1.6x faster at 4-64 rows per expert of
+        32 experts of 37k weights, 1.07-1.26x at 32 rows of 64 experts of 540k weights, even at 128
         rows, 0.6-0.75x at 512-1,024; `ref-32e-top4-shared` decoding batch 32, 1.15x), where at
         least `small_expert_count` experts have rows (`ref-8e-top2`'s 8: 0.96-0.99x end to end),
         and only where the experts would run one after another on this thread anyway: with
