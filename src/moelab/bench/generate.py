@@ -5,9 +5,9 @@ For each model (a moelab checkpoint; its transformers counterpart is built in me
 `export_state`, Mixtral where the model maps to it, else Qwen2-MoE; a model no transformers
 family computes, e.g. with top-p routing, is timed without it) and batch size: random
 prompts of `prompt_tokens`, then `new_tokens` greedy tokens, in `dtype` (fp32 or bf16), on `device`
-(a CPU's `threads` intra-op threads, or a CUDA GPU). Every round runs both implementations once, in a shuffled order; tokens/s is the
-median over rounds and `ratio` the median of the per-round ratios (transformers' time / moelab's),
-so both sides of a ratio saw the same machine load. The greedy tokens are compared too.
+(a CPU's `threads` intra-op threads, or a CUDA GPU). Every round runs both implementations once,
+in a shuffled order; tokens/s is the median over rounds and `ratio` the median of the per-round
+ratios (transformers' time / moelab's), so both sides of a ratio saw the same machine load. The greedy tokens are compared too.
 
 With `skip` ratios, moelab also decodes with NAEE's dynamic skipping at each ratio β (a chosen
 expert whose weight is below β times the token's largest is dropped), timed in the same rounds,
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from moelab.bench.layer import DTYPES
+from moelab.bench.layer import DTYPES, synchronize
 from moelab.bench.load import busy_processes
 from moelab.bench.skipping import loss_and_experts, test_batches
 from moelab.compress.skipping import apply_dynamic_skipping
@@ -107,16 +107,11 @@ def memory_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5, device: str = 
 
 def _timed(fn, device: str = "cpu") -> float:
     """Seconds `fn` takes, waiting for a GPU's queued work on both sides."""
-    _wait(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    _wait(device)
+    synchronize(device)
     return time.perf_counter() - start
-
-
-def _wait(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def family_for(model: MoETransformer) -> str | None:

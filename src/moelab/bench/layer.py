@@ -154,21 +154,22 @@ def build_impls(
     return impls
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a GPU's; a CPU has none)."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def time_step(fn: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor, mode: str) -> float:
     """Seconds for one forward (inference mode) or forward+backward step."""
-    _sync(x.device)
+    synchronize(x.device)
     start = time.perf_counter()
     if mode == "fwd":
         with torch.inference_mode():
             fn(x)
     else:
         fn(x.detach().requires_grad_(True)).backward(grad)
-    _sync(x.device)
+    synchronize(x.device)
     return time.perf_counter() - start
 
 
