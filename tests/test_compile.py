@@ -186,3 +186,17 @@ def test_a_graph_break_in_the_step_is_an_error_not_wrong_tokens():
         block.register_forward_hook(lambda module, args, out: torch._dynamo.graph_break())
     with pytest.raises(torch._dynamo.exc.Unsupported):
         model.generate(random_ids(batch=1, seq=5), 4, greedy=True, compile=True)
+
+
+def test_two_models_decoding_in_turn_each_use_their_own_weights():
+    """The compiled graphs are the process's and keep no guards on the modules: a model that
+    compiles its step after another must not leave its graph to the first one's next call."""
+    from test_model import make_model, random_ids
+
+    torch._dynamo.reset()
+    first, second = make_model(init_std=0.2).eval(), make_model(seed=3, init_std=0.2).eval()
+    ids = random_ids(batch=1, seq=5)
+    want = {m: m.generate(ids, 8, greedy=True) for m in (first, second)}
+    assert not torch.equal(want[first], want[second]), "the models must decode differently for this test to mean anything"
+    for model in (first, second, first, second):
+        assert torch.equal(model.generate(ids, 8, greedy=True, compile=True), want[model])

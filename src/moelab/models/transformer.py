@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,11 @@ class ModelOutput:
     moe_results: dict[int, MoEResult]
     attn_results: dict[int, MoEResult] = field(default_factory=dict)
     metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+# The model whose frozen decode step dynamo's compiled graphs hold, and the state it was traced
+# with (`MoETransformer._compiled_step`): (weak reference, `_frozen_state()`).
+_frozen_graph_of: tuple[weakref.ref, tuple] | None = None
 
 
 def frozen_step_settings(device: torch.device):
@@ -347,13 +353,18 @@ class MoETransformer(nn.Module):
         graph keeps no guards on the modules (checking them at every token cost ~10 % of a batch-1
         step); instead the step is traced again (after `torch._dynamo.reset()`, which drops every
         compiled graph of the process) whenever `_frozen_state` changes: another weight tensor,
-        storage or in-place update, or another module setting (a skip ratio, a router threshold).
+        storage or in-place update, or another module setting (a skip ratio, a router threshold),
+        or when another model compiled its step since (the graphs are the process's, and without
+        the module guards one model's graph would serve another: models decoding in turn trace
+        again at every turn).
         The step must compile whole (`fullgraph`): without the module guards, the code after a graph
         break inside a layer would be shared by every layer (the first layer's, for all)."""
+        global _frozen_graph_of
         state = self._frozen_state()
-        if getattr(self, "_frozen", None) != state:
+        traced = _frozen_graph_of
+        if traced is None or traced[0]() is not self or traced[1] != state:
             torch._dynamo.reset()
-            self._frozen = state
+            _frozen_graph_of = (weakref.ref(self), state)
         guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         return torch.compile(self._decode, dynamic=False, fullgraph=True, options=guards)
 
