@@ -62,18 +62,29 @@ def test_graph_breaks_are_recorded(name):
     assert explanation.graph_count >= 1
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_compiled_generate_decodes_the_eager_tokens(batch):
-    """generate(compile=True): batch 1 runs the compiled static step; batch 3 (3 x top-2 > 4 experts)
-    decodes eagerly. Both give the eager tokens."""
+@pytest.mark.parametrize(("batch", "compiled_gather_bytes", "opaque"), [(1, 0, False), (2, 2**23, False), (2, 0, True), (3, 2**23, True)])
+def test_compiled_generate_decodes_the_eager_tokens(batch, compiled_gather_bytes, opaque, monkeypatch):
+    """generate(compile=True) runs every step after the prompt as one compiled graph: one token's
+    experts on gathered weights whatever their size; 2 tokens (2 x top-2 = 4 experts) gathered
+    up to compiled_gather_bytes, else through the opaque op `routed_experts`; 3 tokens (more
+    rows than experts) always through the op. All give the eager tokens."""
     from test_model import make_model, random_ids
+
+    from moelab.nn import MoELayer
 
     torch._dynamo.reset()
     model = make_model(init_std=0.2).eval()
+    for moe in model.moe_layers.values():
+        moe.compiled_gather_bytes = compiled_gather_bytes
     ids = random_ids(batch=batch, seq=5)
     want = model.generate(ids, 12, greedy=True)
+    routed = MoELayer.routed
+    calls = []
+    monkeypatch.setattr(MoELayer, "routed", lambda self, *a: calls.append(1) or routed(self, *a))
     assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), want)
     assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), want)  # the traced step again
+    steps = 1 + (11 if opaque else 0)  # the eager prompt (10 rows) and, through the op, the compiled steps
+    assert len(calls) == 2 * steps * len(model.moe_layers), calls
 
 
 def test_compiled_generate_sees_weights_changed_after_compiling():
@@ -154,11 +165,13 @@ ARCHITECTURES = [
 ]
 
 
+@pytest.mark.parametrize("batch", [1, 9])
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_every_architecture_compiles_its_step_whole(name):
+def test_every_architecture_compiles_its_step_whole(name, batch):
     """configs/models/*.yaml (sequence-routed ones excepted: they decode without a cache): the
     compiled step has no graph break (it is compiled with fullgraph) and decodes the eager tokens,
-    with weights scaled up so that the routing is far from uniform."""
+    with weights scaled up so that the routing is far from uniform; batch 9 takes more rows than
+    any of them has experts, so its experts run through the opaque op."""
     from pathlib import Path
 
     from moelab.models import ModelConfig, MoETransformer
@@ -171,7 +184,7 @@ def test_every_architecture_compiles_its_step_whole(name):
         for p in model.parameters():
             if p.dim() > 1:
                 p.mul_(3.0)
-    ids = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, cfg.vocab_size, (batch, 8), generator=torch.Generator().manual_seed(1))
     assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), model.generate(ids, 6, greedy=True))
 
 

@@ -117,6 +117,51 @@ def test_infer_goes_expert_by_expert_where_the_experts_are_large(monkeypatch):
             assert calls == [path], f"{T} tokens, gather_bytes={limit}: expected the {path} path, ran {calls}"
 
 
+def test_compiled_infer_gathers_up_to_its_own_limit_and_else_calls_the_opaque_op(monkeypatch):
+    """Compiled on a CPU (is_compiling patched here; the compiled step itself is tested in
+    test_compile.py), several tokens' experts are gathered while an expert fits
+    compiled_gather_bytes, whatever gather_bytes says; beyond, `infer` calls the opaque op
+    `moelab::routed_experts`, which runs the layer's `routed`. Same output either way."""
+    from moelab.nn import MoELayer, moe
+
+    layer, _ = make_layer(**CONFIGS["topk"])
+    one = layer.experts.expert_bytes
+    calls = []
+    for name, owner in (("gathered", type(layer.experts)), ("routed", MoELayer), ("routed_experts", moe)):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    layer.gather_bytes = 0
+    x = tokens(2)
+    with torch.no_grad():
+        for limit, want in ((one, ["gathered"]), (one - 1, ["routed_experts", "routed"])):
+            layer.compiled_gather_bytes, calls[:] = limit, []
+            assert_close(layer.infer(x), layer(x)[0], what=f"compiled_gather_bytes={limit}")
+            assert calls == want, (limit, calls)
+
+
+def test_the_opaque_op_passes_torch_library_checks_and_names_a_missing_layer():
+    """`torch.library.opcheck`: schema, fake (meta) implementation, dispatch under AOT; the op finds
+    copies of a layer (deepcopy registers them) and refuses an id no layer has."""
+    import copy
+
+    layer, _ = make_layer(**CONFIGS["topk"])
+    x = tokens(6)
+    with torch.no_grad():
+        routing = layer.router(x)
+        want = layer.routed(x, routing.indices, routing.weights)
+        torch.library.opcheck(torch.ops.moelab.routed_experts.default, (x, routing.indices, routing.weights, id(layer)))
+        twin = copy.deepcopy(layer)
+        twin.experts.gate_up_proj.mul_(2.0)
+        doubled = torch.ops.moelab.routed_experts(x, routing.indices, routing.weights, id(twin))
+        assert_close(doubled, twin.routed(x, routing.indices, routing.weights), what="the copy's own experts")
+        assert not torch.allclose(doubled, want)
+        gone = id(twin)
+        del twin
+        with pytest.raises(RuntimeError, match="no longer exists"):
+            torch.ops.moelab.routed_experts(x, routing.indices, routing.weights, gone)
+
+
 def test_infer_runs_small_experts_as_one_grouped_mm_call(monkeypatch):
     """Beyond the gathered path, a CPU's `infer` runs the experts through the dispatch and one
     torch._grouped_mm call per projection while an expert's work (rows x weights) is at most
@@ -325,12 +370,11 @@ def test_static_decode_step_equals_the_dynamic_one(kind):
             assert_close(model._decode(ids[:, t : t + 1], static, torch.tensor(t)), want, what=f"step {t}")
 
 
-def test_only_batches_on_gathered_weights_compile():
-    model = make_model().eval()  # E = 4, top-2: batch 2 fills the gathered path, batch 3 needs the dispatch
-    moe = next(iter(model.moe_layers.values()))
-    assert moe.gathers(2) and not moe.gathers(3)
+def test_only_dropless_single_rank_layers_compile_their_infer():
+    moe = next(iter(make_model().eval().moe_layers.values()))
+    assert moe.compiles_infer
     moe.capacity_factor = 1.0
-    assert not moe.gathers(1), "capacity dropping runs forward, not the gathered path"
+    assert not moe.compiles_infer, "capacity dropping runs forward, which reads the routing on the host"
 
 
 def test_decode_step_of_sequence_routing_models_and_uoe():

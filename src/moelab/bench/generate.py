@@ -58,8 +58,8 @@ class GenerateOptions:
     rounds: timed rounds per implementation; threads: intra-op threads; load: busy processes
     beside the benchmark (`moelab.bench.load`); skip: NAEE dynamic-skipping ratios to time beside
     plain decoding; eval_tokens: test tokens for the perplexity at each skipping ratio; compile:
-    also time `generate(compile=True)` (the compiled static step where the batch runs on gathered
-    weights; its one-time compilation is in the untimed warm-up)."""
+    also time `generate(compile=True)` (the compiled static step; its one-time compilation is in
+    the untimed warm-up)."""
 
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     prompt_tokens: int = 16

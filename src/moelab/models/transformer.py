@@ -457,9 +457,11 @@ class MoETransformer(nn.Module):
         compile: run the one-token steps as a `torch.compile`d static step (the position a tensor,
         the whole KV cache, its length rounded up to a multiple of 64, attended under a mask: the
         same shapes at every step, one trace per batch size and cache length; the weights frozen
-        into the graph and traced again whenever they change); the prompt runs eagerly. Only
-        where every MoE layer runs the batch on gathered weights (B*k <= E, see
-        `MoELayer.gathers`); larger batches read the routing on the host and decode eagerly."""
+        into the graph and traced again whenever they change); the prompt runs eagerly. Where
+        an MoE layer does not gather its experts' weights (more than a few tokens, or large
+        experts), its experts run inside the graph as one opaque op (`moelab.nn.opaque`). Models
+        with a layer that drops by capacity or splits experts over ranks decode eagerly
+        (`MoELayer.compiles_infer`)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {list(input_ids.shape)}")
         B, S = input_ids.shape
@@ -477,7 +479,7 @@ class MoETransformer(nn.Module):
         cache, static_step = None, None
         if not self.needs_sequences:  # else recompute the whole prefix at every step
             length = S + max_new_tokens
-            if compile and all(moe.gathers(B) for moe in self.moe_layers.values()):
+            if compile and all(moe.compiles_infer for moe in self.moe_layers.values()):
                 length = min(self.config.max_seq_len, -(-length // 64) * 64)  # fewer distinct shapes to trace
                 static_step = self._compiled_step()
             cache = KVCache(self.config, B, length, device=input_ids.device, dtype=self.embed.weight.dtype)

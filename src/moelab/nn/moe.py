@@ -22,6 +22,7 @@ from moelab.nn.expert_threads import expert_workers
 from moelab.nn.experts import Experts, SharedExperts
 from moelab.nn.latent import LatentProjection
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
+from moelab.nn.opaque import register, routed_experts
 from moelab.nn.routers import Router, Routing, deferred_logit_check, dynamic_skip
 
 
@@ -125,8 +126,12 @@ class MoELayer(nn.Module):
         token, when an expert's weights are at most this: copying a larger expert costs more than
         the per-expert loop's overhead, and going expert by expert over the weights in place is
         faster (1.8-10x at 2-35 MB experts, measured). One token's experts are applied in place by
-        `gathered_mlp` itself, and compiled, the gathered form reads the weights in place: both
-        kept whatever the size.
+        `gathered_mlp` itself, whatever the size.
+    compiled_gather_bytes (an attribute, default 8 MiB): the same bound for a compiled step on a
+        CPU, where the gathered form reads the weights in place but reads an expert two tokens
+        share twice, and the alternative (the opaque op `routed_experts`, expert by expert) reads
+        each once: at 2-4 tokens of 8 experts top-2, gathered was 1.2-1.9x faster for experts of
+        0.6-3 MB, level at 6-13 MB, 0.75-0.8x at 25-35 MB (measured).
     stats_group (an attribute, default None): the data-parallel process group whose ranks' tokens
         form one batch; the balance loss then counts the load of the whole batch
         (`load_balancing_loss`).
@@ -185,9 +190,15 @@ class MoELayer(nn.Module):
         self.skip_ratio: float | None = None  # NAEE dynamic skipping, an inference-time option (`dynamic_skip`)
         self.gather_rows = router.num_experts  # `infer` gathers expert weights up to this many T*K rows
         self.gather_bytes = 2**18  # ... and, eagerly on a CPU, experts of up to this many bytes
+        self.compiled_gather_bytes = 2**23  # ... and, compiled on a CPU, of up to this many
         self.small_expert_work = 2**25  # `infer` on a CPU: one torch._grouped_mm call up to this much work per expert
         self.small_expert_count = 16  # ... where at least this many experts have rows (`_small_experts`)
         self.stats_group = None  # data-parallel ranks whose load the balance loss counts
+        register(self)  # a compiled step calls `routed` through the opaque op, by id
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        register(self)  # a copy (copy.deepcopy, pickle) is another layer
 
     @property
     def num_experts(self) -> int:
@@ -223,7 +234,7 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, router.dim)
         plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor, host_counts=not sync_free)
         rows = x if self.latent is None else self.latent.down(x)
-        y = self._finish(x, self._dispatched(rows, routing, plan))
+        y = self._finish(x, self._dispatched(rows, routing.weights, plan))
         result = MoEResult(
             losses=self._losses(routing, shape[:-1]),
             tokens_per_expert=plan.tokens_per_expert,
@@ -237,14 +248,12 @@ class MoELayer(nn.Module):
 
     def infer(self, x: Tensor, router: Router | None = None, *, context: dict[str, Tensor] | None = None) -> Tensor:
         """The inference path: `forward`'s output alone (no losses, loads or metrics), x: [..., D]
-        -> [..., D]. A few tokens (T*K <= `gather_rows`, and on a CPU in eager mode experts of at
-        most `gather_bytes` or one token) run their experts on gathered weights (`gathered_mlp`): a fixed
-        sequence of operations, no host synchronisation, no loop over experts. More tokens on a
-        CPU go expert by expert, gathering rows from x and adding the outputs into y
-        (`accumulated_mlp`: no [N, D] buffers, the weights read in place), or, where each expert
-        has little work (`small_expert_work`), through the dispatch and one `torch._grouped_mm`
-        call per projection; on a GPU they take the training path's dispatch. Capacity dropping
-        and expert parallelism run `forward`."""
+        -> [..., D]. A few tokens (T*K <= `gather_rows`, and on a CPU one token or experts of at
+        most `gather_bytes`, compiled `compiled_gather_bytes`) run their experts on gathered
+        weights (`gathered_mlp`): a fixed sequence of operations, no host synchronisation, no loop
+        over experts. The others run `routed`, which plans the dispatch on the host (compiled,
+        inside the opaque op `routed_experts`, so the step stays one graph). Capacity dropping and
+        expert parallelism run `forward`."""
         router = self.router if router is None else router
         if not self._local_dropless:
             return self(x, router, context=context)[0]  # who is dropped, or where rows go, depends on the batch
@@ -254,16 +263,26 @@ class MoELayer(nn.Module):
         rows = x if self.latent is None else self.latent.down(x)
         if self._gathers_rows(routing.indices.numel(), x.device):
             y = self.experts.gathered(rows, routing.indices, routing.weights)
+        elif torch.compiler.is_compiling():
+            y = routed_experts(rows, routing.indices, routing.weights, id(self))
         else:
-            plan = plan_dispatch(routing.indices, self.num_experts)
-            if x.device.type != "cpu":  # index_add_ is not deterministic on GPUs
-                y = self._dispatched(rows, routing, plan)
-            elif self._small_experts(plan.counts, rows):
-                y = self._dispatched(rows, routing, plan, backend="grouped_mm")
-            else:
-                row_weights = routing.weights.reshape(-1).index_select(0, plan.slots)
-                y = self.experts.accumulated(rows, plan.token_ids, plan.counts, row_weights)
+            y = self.routed(rows, routing.indices, routing.weights)
         return self._finish(x, y).view(shape)
+
+    def routed(self, rows: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """`infer`'s routed experts beyond the gathered path: rows [T, D or latent rank] with their
+        routing (indices, weights: [T, K]) -> the combined [T, ...]. On a CPU expert by expert,
+        each expert gathering its rows and adding its outputs into the result (`accumulated_mlp`:
+        no [N, D] buffers, the weights read in place), or, where each expert has little work
+        (`small_expert_work`), through the dispatch and one `torch._grouped_mm` call per
+        projection; on a GPU the training path's dispatch."""
+        plan = plan_dispatch(indices, self.num_experts)
+        if rows.device.type != "cpu":  # index_add_ is not deterministic on GPUs
+            return self._dispatched(rows, weights, plan)
+        if self._small_experts(plan.counts, rows):
+            return self._dispatched(rows, weights, plan, backend="grouped_mm")
+        row_weights = weights.reshape(-1).index_select(0, plan.slots)
+        return self.experts.accumulated(rows, plan.token_ids, plan.counts, row_weights)
 
     def _small_experts(self, counts: tuple[int, ...], rows: Tensor) -> bool:
         """Whether `infer` on a CPU runs its routed rows (`counts` per expert) as one
@@ -286,18 +305,20 @@ class MoELayer(nn.Module):
             and self.experts.runs_grouped_mm(rows.device, rows.dtype)
         )
 
-    def gathers(self, tokens: int) -> bool:
-        """Whether `infer` runs `tokens` tokens on gathered weights: a fixed sequence of operations
-        that never reads the routing on the host (what a compiled decode step needs)."""
-        return self._local_dropless and tokens * self.router.top_k <= self.gather_rows
+    @property
+    def compiles_infer(self) -> bool:
+        """Whether `infer` compiles as one graph (no break): dropless on one rank, where its
+        routed experts run on gathered weights or inside the opaque op `routed_experts`."""
+        return self._local_dropless
 
     def _gathers_rows(self, rows: int, device: torch.device) -> bool:
         """Whether `infer` runs `rows` routed rows (T*K) on gathered weights (see the class docstring)."""
         if rows > self.gather_rows:
             return False
-        if device.type != "cpu" or torch.compiler.is_compiling():
+        if device.type != "cpu" or rows <= self.router.top_k:
             return True
-        return rows <= self.router.top_k or self.experts.expert_bytes <= self.gather_bytes
+        limit = self.compiled_gather_bytes if torch.compiler.is_compiling() else self.gather_bytes
+        return self.experts.expert_bytes <= limit
 
     @property
     def _local_dropless(self) -> bool:
@@ -329,10 +350,10 @@ class MoELayer(nn.Module):
             routing = router(x.reshape(-1, dim))
         return routing if self.skip_ratio is None else dynamic_skip(routing, self.skip_ratio)
 
-    def _dispatched(self, rows: Tensor, routing: Routing, plan: DispatchPlan, backend: str | None = None) -> Tensor:
-        """rows: [T, D or latent rank] through the dispatcher and the experts (on `backend`, default
-        their own) -> the combined [T, ...]."""
-        batch = self.dispatcher.dispatch(rows, routing.weights, plan)
+    def _dispatched(self, rows: Tensor, weights: Tensor, plan: DispatchPlan, backend: str | None = None) -> Tensor:
+        """rows: [T, D or latent rank] with their routing weights [T, K] through the dispatcher and
+        the experts (on `backend`, default their own) -> the combined [T, ...]."""
+        batch = self.dispatcher.dispatch(rows, weights, plan)
         options = {} if backend is None else {"backend": backend}
         return self.dispatcher.combine(self.experts(batch.rows, batch.counts, batch.row_weights, **options), plan, batch)
 
