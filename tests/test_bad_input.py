@@ -670,6 +670,18 @@ def generate_budget_below_minimum(tmp, src):
 
 
 @case
+def generate_compiled_transformers_checkpoint(tmp, src):
+    ckpt = copy(src, "mixtral", tmp)
+    return ["generate", "The king said", "--model", ckpt, "--compile"], [ckpt], ["compile=True needs a moelab model", "drop compile"]
+
+
+@case
+def generate_compiled_with_read_ahead(tmp, src):
+    args = ["generate", "The king said", "--resident", "0.5", "--policy", "lookahead", "--compile"]
+    return args, [], ["cannot read ahead (policy 'lookahead')", "--policy reuse or lru"]
+
+
+@case
 def generate_empty_prompt(tmp, src):
     return ["generate", ""], [], ["the prompt is empty"]
 

@@ -172,8 +172,8 @@ def test_generate_in_memory_and_offloaded_give_the_same_text():
     assert prefetching.output.startswith(text + "\n12 tokens in "), "a policy changes the speed, never the text"
     unknown = runner.invoke(app, [*args, "--resident", "0.25", "--policy", "lookahed"])
     assert unknown.exit_code != 0 and "did you mean 'lookahead'" in str(unknown.exception) + unknown.output
-    refused = runner.invoke(app, [*args, "--resident", "0.25", "--compile"])
-    assert refused.exit_code != 0 and "offloaded experts decode eagerly" in str(refused.exception) + refused.output
+    refused = runner.invoke(app, [*args, "--resident", "0.25", "--policy", "lookahead", "--compile"])
+    assert refused.exit_code != 0 and "cannot read ahead (policy 'lookahead')" in str(refused.exception) + refused.output
 
 
 def test_generate_text_runs_the_policy_it_is_given():

@@ -78,9 +78,9 @@ def test_compiled_generate_decodes_the_eager_tokens(batch, compiled_gather_bytes
         moe.compiled_gather_bytes = compiled_gather_bytes
     ids = random_ids(batch=batch, seq=5)
     want = model.generate(ids, 12, greedy=True)
-    routed = MoELayer.routed
+    run_experts = MoELayer.run_experts  # what the eager prompt and the op call, not the graph's gathered form
     calls = []
-    monkeypatch.setattr(MoELayer, "routed", lambda self, *a: calls.append(1) or routed(self, *a))
+    monkeypatch.setattr(MoELayer, "run_experts", lambda self, *a: calls.append(1) or run_experts(self, *a))
     assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), want)
     assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), want)  # the traced step again
     steps = 1 + (11 if opaque else 0)  # the eager prompt (10 rows) and, through the op, the compiled steps
@@ -145,14 +145,15 @@ def test_compiled_step_keeps_the_gathered_path_whatever_the_copy_limit():
     assert torch.equal(model.generate(ids, 8, greedy=True, compile=True), model.generate(ids, 8, greedy=True))
 
 
-def test_generate_command_with_compile_gives_the_eager_text():
+@pytest.mark.parametrize("offload", [[], ["--resident", "0.25"]])
+def test_generate_command_with_compile_gives_the_eager_text(offload):
     from typer.testing import CliRunner
 
     from moelab.cli import app
 
     torch._dynamo.reset()
     runner = CliRunner()
-    args = ["generate", "The king said", "--max-new-tokens", "12"]
+    args = ["generate", "The king said", "--max-new-tokens", "12", *offload]
     plain, compiled = runner.invoke(app, args), runner.invoke(app, [*args, "--compile"])
     assert plain.exit_code == 0 and compiled.exit_code == 0, plain.output + compiled.output
     assert compiled.output.split("\n12 tokens in ")[0] == plain.output.split("\n12 tokens in ")[0]
@@ -213,3 +214,63 @@ def test_two_models_decoding_in_turn_each_use_their_own_weights():
     assert not torch.equal(want[first], want[second]), "the models must decode differently for this test to mean anything"
     for model in (first, second, first, second):
         assert torch.equal(model.generate(ids, 8, greedy=True, compile=True), want[model])
+
+
+@pytest.mark.parametrize("resident", [0.34, 1.0])
+def test_offloaded_experts_decode_compiled_with_the_eager_tokens_and_cache_decisions(tmp_path, resident):
+    """An offloaded moelab checkpoint (experts fetched into a cache by the routing) compiles its
+    step whole, the fetch and the experts inside the opaque op: the tokens of the model in memory,
+    and the same hits, misses and evictions as eager offloaded decoding, at batch 1 and 3."""
+    import dataclasses
+
+    from moelab.models import MoETransformer, save_pretrained, tiny
+    from moelab.offload import load_offloaded
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny(), n_layers=3, first_k_dense=0)
+    model = MoETransformer(cfg).eval()
+    save_pretrained(model, tmp_path / "m")
+    for batch in (1, 3):
+        ids = torch.randint(0, cfg.vocab_size, (batch, 5), generator=torch.Generator().manual_seed(batch))
+        want = model.generate(ids, 10, greedy=True)
+        stats = {}
+        for compile in (False, True):
+            offloaded = load_offloaded(tmp_path / "m", resident=resident)
+            try:
+                assert torch.equal(offloaded.generate(ids, 10, compile=compile), want)
+                stats[compile] = {n: (s.requests, s.hits, s.late, s.misses) for n, s in offloaded.cache.stats.items()}
+            finally:
+                offloaded.close()
+        assert stats[True] == stats[False]
+
+
+def test_bench_offload_times_the_compiled_step_with_the_eager_hits(tmp_path):
+    """`moelab bench offload --compile`: the no-read-ahead policies also decode compiled, after a
+    tracing run and a restart of the cache, so with the eager rows' hits; the in-memory model
+    is timed compiled too."""
+    import dataclasses
+    import json
+
+    from typer.testing import CliRunner
+
+    from moelab.cli import app
+    from moelab.models import MoETransformer, save_pretrained, tiny
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny(), vocab_size=8192, n_layers=3, first_k_dense=0, init_std=0.2)
+    save_pretrained(MoETransformer(cfg), tmp_path / "model")
+    out = tmp_path / "offload.json"
+    args = ["bench", "offload", str(tmp_path / "model"), "--resident", "0.5", "--prompts", "2", "--new-tokens", "6",
+            "--rounds", "1", "--compile", "--json", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    [model] = json.loads(out.read_text())["models"]
+    assert model["in_memory_compiled_tokens_per_s"] > 0
+    rows = {(r["policy"], r["compiled"]): r for r in model["rows"]}
+    for policy in ("lru", "reuse"):
+        eager, compiled = rows[policy, False], rows[policy, True]
+        assert compiled["same_tokens"]
+        assert compiled["hit_rate"] == eager["hit_rate"] < 1 and compiled["reads_per_token"] == eager["reads_per_token"]
+    assert ("lookahead", True) not in rows, "read-ahead cannot be compiled"

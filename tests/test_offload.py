@@ -282,6 +282,44 @@ def test_a_budget_in_bytes_sets_the_slots(tmp_path):
     tight.close()
 
 
+def test_compiled_decoding_refuses_read_ahead_and_transformers_models(tmp_path):
+    """compile=True runs the step as one graph: read-ahead hooks (Python at every layer) and
+    transformers models cannot; both refused before anything is compiled."""
+    model, path = _native(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (1, 4))
+    offloaded = load_offloaded(path, resident=0.5, predictor="lookahead")
+    try:
+        with pytest.raises(ValueError, match="cannot read ahead .*'lookahead'"):
+            offloaded.generate(ids, 2, compile=True)
+    finally:
+        offloaded.close()
+    hf_model = build("mixtral", seed=0)
+    with pytest.raises(ValueError, match="compile=True needs a moelab model"):
+        greedy_generate(hf_model, ids, 2, compile=True)
+
+
+def test_a_restarted_cache_behaves_as_a_new_one(tmp_path, one_thread):
+    """`ExpertCache.restart(warm)` after some decoding: the next decoding makes the same hits,
+    misses and evictions as on a freshly loaded model with that warm start."""
+    from moelab.offload.model import warm_start
+
+    model, path = _native(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    counts = []
+    for restart in (False, True):
+        offloaded = load_offloaded(path, resident=0.34)
+        try:
+            if restart:
+                offloaded.generate(ids.flip(1), 7)
+                cache = offloaded.cache
+                cache.restart(warm_start(cache.store, None, cache.slots))
+            offloaded.generate(ids, 9)
+            counts.append(({n: (s.requests, s.hits, s.misses) for n, s in offloaded.cache.stats.items()}, offloaded.cache.resident()))
+        finally:
+            offloaded.close()
+    assert counts[0] == counts[1] and counts[0][0][1][2] > 0, counts
+
+
 def test_bad_options_and_mismatched_prior(tmp_path):
     model, path = _native(tmp_path)
     with pytest.raises(ValueError, match="unknown eviction policy"):

@@ -105,6 +105,7 @@ def bench_offload(
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads.")] = 1,
     rounds: Annotated[int, typer.Option(min=1, help="Timed rounds per cell, each paired with the model in memory.")] = 2,
     read_gbps: Annotated[float | None, typer.Option("--read-gbps", help="Emulate storage of this many GB/s (default: the files as fast as the OS serves them).")] = None,
+    compile_step: Annotated[bool, typer.Option("--compile", help="Also time the policies without read-ahead, and the model in memory, with the compiled static decode step (moelab checkpoints).")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -114,7 +115,7 @@ def bench_offload(
     _claim_json(json_path, bench.JSON_FORMAT, overwrite)
     options = bench.OffloadOptions(
         resident=tuple(resident or (0.05, 0.25, 0.5, 1.0)), prompts=prompts, new_tokens=new_tokens, threads=threads,
-        rounds=rounds, read_gbps=read_gbps,
+        rounds=rounds, read_gbps=read_gbps, compile=compile_step,
     )
     with console.status("bench offload") as status:
         doc = bench.run(_model_dirs(models), options, progress=lambda what: status.update(f"bench offload: {what}"))
@@ -535,7 +536,7 @@ def generate_cmd(
     memory_budget: Annotated[str | None, typer.Option("--memory-budget", help="Offload the routed experts to fit the whole model in this much memory, e.g. 2GiB.")] = None,
     prior: Annotated[Path | None, typer.Option("--prior", help="A routing trace (moelab trace) whose statistics guide the expert cache.")] = None,
     policy: Annotated[str, typer.Option("--policy", help="With --resident / --memory-budget, the expert cache's eviction and read-ahead: lru, reuse, affinity, lookahead-x1, lookahead or both (affinity and both need --prior; docs/benchmarks.md).")] = "reuse",
-    compile_step: Annotated[bool, typer.Option("--compile", help="Decode with a compiled static step (moelab checkpoints in memory; compiling takes seconds, paid once).")] = False,
+    compile_step: Annotated[bool, typer.Option("--compile", help="Decode with a compiled static step (moelab checkpoints, in memory or offloaded without read-ahead; compiling takes seconds, paid once).")] = False,
 ) -> None:
     """Continue a prompt greedily, the model in memory or its routed experts offloaded (--resident / --memory-budget)."""
     from moelab.generate import generate_text, parse_size

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from moelab.data import TOKENIZER_DIR
-from moelab.models import MoETransformer
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import greedy_generate
 from moelab.trace import load_model
@@ -64,38 +63,33 @@ def generate_text(
     offload the routed experts (`load_offloaded`), with `prior` (routing statistics, e.g.
     `RoutingPrior.from_trace`) for the eviction policy if given, and `policy` (a name of
     `moelab.offload.POLICIES`: eviction and read-ahead). compile: decode with a compiled
-    static step (`MoETransformer.generate(compile=True)`; moelab checkpoints in memory; the
-    one-time compilation, seconds, is part of the time)."""
+    static step (`MoETransformer.generate(compile=True)`; moelab checkpoints, in memory or
+    offloaded without read-ahead; the one-time compilation, seconds, is part of the time)."""
     if not prompt:
         raise ValueError("the prompt is empty; give some text to continue")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     offloaded = resident is not None or memory_budget is not None
     check_choice("offload policy", policy, POLICIES)
-    if compile and offloaded:
-        raise ValueError("compile=True decodes a model held in memory; offloaded experts decode eagerly (drop one)")
+    eviction, predictor, prefetch_factor = POLICIES[policy]
+    if compile and offloaded and predictor is not None:
+        raise ValueError(f"compile=True cannot read ahead (policy {policy!r}); use --policy reuse or lru, or drop --compile")
     tokenizer = load_tokenizer_of(path)
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
     if ids.shape[1] == 0:
         raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
     if not offloaded:
         model = load_model(path, quiet=True).model
-        if compile and not isinstance(model, MoETransformer):
-            raise ValueError(f"compile=True needs a moelab checkpoint; {path} is a transformers one")
         start = time.perf_counter()
-        if compile:
-            out = model.generate(ids, max_new_tokens, greedy=True, compile=True)
-        else:
-            out = greedy_generate(model, ids, max_new_tokens)
+        out = greedy_generate(model, ids, max_new_tokens, compile=compile)
         return tokenizer.decode(out[0, ids.shape[1] :]), _speed(time.perf_counter() - start, max_new_tokens)
-    eviction, predictor, prefetch_factor = POLICIES[policy]
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, prior=prior, eviction=eviction, predictor=predictor,
         prefetch_factor=prefetch_factor,
     )  # fmt: skip
     try:
         start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens)
+        out = model.generate(ids, max_new_tokens, compile=compile)
         stats = _speed(time.perf_counter() - start, max_new_tokens)
         decode = model.cache.stats.get(1)
         stats |= {

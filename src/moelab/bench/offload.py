@@ -14,6 +14,13 @@ tokens each, batch 1, on `threads` intra-op threads:
   router on the decoder layer's input (reading 1x, "lookahead-x1", or 1.5x the experts a token
   uses) or both.
 
+With `compile`, the policies without read-ahead ("lru", "reuse") are also timed decoding with
+moelab's compiled static step (`generate(compile=True)`: the fetch and the experts inside it as
+one opaque op; moelab checkpoints only): each round traces the step on a first decoding, then
+restarts the cache from the warm start (`ExpertCache.restart`) before the timed one, so it sees
+the same hits as the eager rows; the model in memory is timed compiled once as well (its own
+rounds, after the offloaded ones: a model compiling its step drops the graphs of the last).
+
 Every cell is timed in `rounds` rounds, each from the same warm start (so with the same hits) and
 paired with a run of the model in memory (alternating which goes first); tokens/s is the median
 over rounds and "vs memory" the median of the per-round ratios, so both sides of a ratio saw the
@@ -31,14 +38,16 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from rich.table import Table
 
 from moelab.bench.skipping import test_batches
+from moelab.models import MoETransformer
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
-from moelab.offload.model import greedy_generate
+from moelab.offload.model import greedy_generate, warm_start
 from moelab.trace import load_model
 from moelab.validation import is_int
 
@@ -50,7 +59,7 @@ class OffloadOptions:
     """resident: fractions of the routed experts the cache holds; prompts, prompt_tokens,
     new_tokens: the decoding; calibration_tokens: train-split tokens for the routing prior;
     threads: intra-op threads; rounds: timed rounds per cell; read_gbps: emulated storage GB/s
-    (None: the files as fast as the OS serves them)."""
+    (None: the files as fast as the OS serves them); compile: also time the compiled step."""
 
     resident: tuple[float, ...] = (0.05, 0.25, 0.5, 1.0)
     prompts: int = 8
@@ -60,6 +69,7 @@ class OffloadOptions:
     threads: int = 1
     rounds: int = 2
     read_gbps: float | None = None
+    compile: bool = False
 
     def __post_init__(self):
         if not self.resident or any(not 0 < r <= 1 for r in self.resident):
@@ -74,9 +84,11 @@ class OffloadOptions:
             raise ValueError(f"calibration_tokens must be an integer >= 256, got {self.calibration_tokens!r}")
 
 
-def _decode(model, prompts: list[torch.Tensor], new_tokens: int) -> tuple[list[torch.Tensor], float]:
+def _decode(
+    model, prompts: list[torch.Tensor], new_tokens: int, compile: bool = False
+) -> tuple[list[torch.Tensor], float]:
     start = time.perf_counter()
-    out = [greedy_generate(model, p, new_tokens) for p in prompts]
+    out = [greedy_generate(model, p, new_tokens, compile=compile) for p in prompts]
     return out, time.perf_counter() - start
 
 
@@ -94,11 +106,14 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
     reference, _ = _decode(loaded.model, prompts, options.new_tokens)
     tokens = options.prompts * options.new_tokens
     bandwidth = None if options.read_gbps is None else options.read_gbps * 1e9
+    compiles = options.compile and isinstance(loaded.model, MoETransformer)
+    cells = [(policy, setting, False) for policy, setting in POLICIES.items()]
+    cells += [(policy, POLICIES[policy], True) for policy in ("lru", "reuse") if compiles]
     rows, memory_times = [], []
     for resident in options.resident:
-        for policy, (eviction, predictor, factor) in POLICIES.items():
+        for policy, (eviction, predictor, factor), compiled in cells:
             if progress:
-                progress(f"{path.name}: {resident:.0%} resident, {policy}")
+                progress(f"{path.name}: {resident:.0%} resident, {policy}{' compiled' if compiled else ''}")
             ratios, times = [], []
             for round_ in range(options.rounds):  # each round from the same warm start: the same hits
                 model = load_offloaded(
@@ -106,12 +121,16 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
                     prior=prior, read_bandwidth=bandwidth,
                 )  # fmt: skip
                 try:
+                    if compiled:  # trace the step, then start the cache again
+                        _decode(model.model, prompts[:1], options.new_tokens, compile=True)
+                        model.cache.restart(warm_start(model.cache.store, prior, model.cache.slots))
+                    offloaded = partial(_decode, model.model, prompts, options.new_tokens, compile=compiled)
                     if round_ % 2:  # alternate which side runs first
-                        got, seconds = _decode(model.model, prompts, options.new_tokens)
+                        got, seconds = offloaded()
                         memory = _decode(loaded.model, prompts, options.new_tokens)[1]
                     else:
                         memory = _decode(loaded.model, prompts, options.new_tokens)[1]
-                        got, seconds = _decode(model.model, prompts, options.new_tokens)
+                        got, seconds = offloaded()
                     cache = model.cache
                 finally:
                     model.close()
@@ -121,7 +140,7 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
             decode = cache.stats[1]
             reads = cache.total().misses + cache.prefetch_stats.issued
             rows.append({
-                "resident": resident, "policy": policy, "slots": cache.slots,
+                "resident": resident, "policy": policy, "compiled": compiled, "slots": cache.slots,
                 "hit_rate": decode.hit_rate, "late_rate": decode.late / decode.requests,
                 "prefetch_accuracy": cache.prefetch_stats.accuracy,
                 "reads_per_token": reads / tokens, "tokens_per_s": tokens / statistics.median(times),
@@ -129,11 +148,17 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
                 "same_tokens": all(torch.equal(a, b) for a, b in zip(reference, got)),
             })  # fmt: skip
     in_memory = tokens / statistics.median(memory_times)
+    in_memory_compiled = None
+    if compiles:
+        _decode(loaded.model, prompts[:1], options.new_tokens, compile=True)  # trace
+        seconds = [_decode(loaded.model, prompts, options.new_tokens, compile=True)[1] for _ in range(options.rounds)]
+        in_memory_compiled = tokens / statistics.median(seconds)
     return {
         "model": path.name,
         "experts": len(prior.layers) * int(prior.frequency[prior.layers[0]].numel()),
         "expert_bytes": cache.store.expert_bytes,
         "in_memory_tokens_per_s": in_memory,
+        "in_memory_compiled_tokens_per_s": in_memory_compiled,
         "rows": rows,
     }
 
@@ -154,10 +179,15 @@ def render(doc: dict) -> Table:
         table.add_column(column, justify="left" if column in ("model", "policy") else "right")  # fmt: skip
     for m in doc["models"]:
         table.add_row(m["model"], "in memory", "", "", "", "", "", f"{m['in_memory_tokens_per_s']:.0f}", "1.00", "")
+        if m.get("in_memory_compiled_tokens_per_s"):
+            compiled = m["in_memory_compiled_tokens_per_s"]
+            ratio = compiled / m["in_memory_tokens_per_s"]
+            table.add_row("", "in memory", "compiled", "", "", "", "", f"{compiled:.0f}", f"{ratio:.2f}", "")
         for r in m["rows"]:
             accuracy = "-" if r["prefetch_accuracy"] != r["prefetch_accuracy"] else f"{r['prefetch_accuracy']:.0%}"
             table.add_row(
-                "", f"{r['resident']:.0%} ({r['slots']})", r["policy"], f"{r['hit_rate']:.1%}", f"{r['late_rate']:.0%}",
+                "", f"{r['resident']:.0%} ({r['slots']})", r["policy"] + (" compiled" if r.get("compiled") else ""),
+                f"{r['hit_rate']:.1%}", f"{r['late_rate']:.0%}",
                 accuracy, f"{r['reads_per_token']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['vs_memory']:.2f}",
                 "yes" if r["same_tokens"] else "NO",
             )  # fmt: skip

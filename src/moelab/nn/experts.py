@@ -28,7 +28,13 @@ from moelab.nn.grouped import (
 
 
 class Experts(nn.Module):
-    """Common checks and the backend switch (see `moelab.nn.grouped`)."""
+    """Common checks and the backend switch (see `moelab.nn.grouped`).
+
+    reads_routing_on_host: whether even `gathered` reads the routing back to the host (offloaded
+    experts fetch what was chosen), so a compiled step must call them through the opaque op.
+    """
+
+    reads_routing_on_host = False
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, backend: str):
         super().__init__()

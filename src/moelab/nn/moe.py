@@ -251,9 +251,10 @@ class MoELayer(nn.Module):
         -> [..., D]. A few tokens (T*K <= `gather_rows`, and on a CPU one token or experts of at
         most `gather_bytes`, compiled `compiled_gather_bytes`) run their experts on gathered
         weights (`gathered_mlp`): a fixed sequence of operations, no host synchronisation, no loop
-        over experts. The others run `routed`, which plans the dispatch on the host (compiled,
-        inside the opaque op `routed_experts`, so the step stays one graph). Capacity dropping and
-        expert parallelism run `forward`."""
+        over experts. The others run `routed`, which plans the dispatch on the host. Compiled,
+        everything but the gathered path (and experts that read the routing on the host, as
+        offloaded ones do) runs inside the opaque op `routed_experts`, so the step stays one
+        graph. Capacity dropping and expert parallelism run `forward`."""
         router = self.router if router is None else router
         if not self._local_dropless:
             return self(x, router, context=context)[0]  # who is dropped, or where rows go, depends on the batch
@@ -261,17 +262,24 @@ class MoELayer(nn.Module):
         routing = self._route(router, x, context)
         x = x.reshape(-1, router.dim)
         rows = x if self.latent is None else self.latent.down(x)
-        if self._gathers_rows(routing.indices.numel(), x.device):
-            y = self.experts.gathered(rows, routing.indices, routing.weights)
-        elif torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and (
+            self.experts.reads_routing_on_host or not self._gathers_rows(routing.indices.numel(), x.device)
+        ):
             y = routed_experts(rows, routing.indices, routing.weights, id(self))
         else:
-            y = self.routed(rows, routing.indices, routing.weights)
+            y = self.run_experts(rows, routing.indices, routing.weights)
         return self._finish(x, y).view(shape)
 
+    def run_experts(self, rows: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """`infer`'s routed experts: rows [T, D or latent rank] with their routing (indices,
+        weights: [T, K]) -> the combined [T, ...], on gathered weights where `_gathers_rows`
+        says so, else through `routed`. What the opaque op `routed_experts` runs."""
+        if self._gathers_rows(indices.numel(), rows.device):
+            return self.experts.gathered(rows, indices, weights)
+        return self.routed(rows, indices, weights)
+
     def routed(self, rows: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-        """`infer`'s routed experts beyond the gathered path: rows [T, D or latent rank] with their
-        routing (indices, weights: [T, K]) -> the combined [T, ...]. On a CPU expert by expert,
+        """The routed experts beyond the gathered path (see `run_experts`). On a CPU expert by expert,
         each expert gathering its rows and adding its outputs into the result (`accumulated_mlp`:
         no [N, D] buffers, the weights read in place), or, where each expert has little work
         (`small_expert_work`), through the dispatch and one `torch._grouped_mm` call per

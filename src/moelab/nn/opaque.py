@@ -2,8 +2,9 @@
 
 A compiled decode step (`MoETransformer.generate(compile=True)`) must be one graph, but beyond
 a few tokens `MoELayer.infer` plans its dispatch on the host (how many rows each expert gets) and
-goes expert by expert. `routed_experts` wraps that eager path in a custom op: the graph calls it
-like any kernel (no graph break, no guard), and it runs the layer's own eager code.
+goes expert by expert, and offloaded experts (`moelab.offload`) fetch what the routing chose into
+their cache. `routed_experts` wraps that eager code in a custom op: the graph calls it like any
+kernel (no graph break, no guard), and it runs the layer's own `MoELayer.run_experts`.
 
 The op names its layer by `id()`; every `MoELayer` registers itself when built or copied
 (`register`), weakly, so the op never keeps a layer alive.
@@ -27,11 +28,11 @@ def register(layer) -> None:
 @torch.library.custom_op("moelab::routed_experts", mutates_args=())
 def routed_experts(rows: Tensor, indices: Tensor, weights: Tensor, layer: int) -> Tensor:
     """rows: [T, D] with their routing (indices, weights: [T, K]) through the routed experts of
-    the layer registered as `layer` (its eager `MoELayer.routed`) -> [T, D]."""
+    the layer registered as `layer` (its eager `MoELayer.run_experts`) -> [T, D]."""
     module = _LAYERS.get(layer)
     if module is None:
         raise RuntimeError("a compiled step calls an MoE layer that no longer exists; compile the step again")
-    return module.routed(rows, indices, weights)
+    return module.run_experts(rows, indices, weights)
 
 
 @routed_experts.register_fake

@@ -110,8 +110,14 @@ class ExpertCache:
         self.prior = prior
         self.pool = store.empty(slots, device)
         self._position = {layer: p for p, layer in enumerate(store.moe_layers)}
+        self._uniform = torch.full((store.num_experts,), 1.0 / store.num_experts)  # frequency without a prior
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="moelab-prefetch")
+        self._clear()
+
+    def _clear(self) -> None:
+        """Forget everything the pool held and every count: the state of a new cache."""
         self._slot_of: dict[tuple[int, int], int] = {}
-        self._owner: list[tuple[int, int] | None] = [None] * slots
+        self._owner: list[tuple[int, int] | None] = [None] * self.slots
         self._loading: dict[int, Future] = {}
         self._pinned: set[int] = set()
         self._recent: OrderedDict[int, None] = OrderedDict()  # slots, least recently used first
@@ -119,9 +125,7 @@ class ExpertCache:
         self._prefetched: dict[int, set[int]] = {}
         self._recency: dict[int, Tensor] = {}  # layer -> [E] moving average of "chosen at a visit"
         self._count: dict[int, int] = {}  # layer -> experts of it in the pool
-        self._uniform = torch.full((store.num_experts,), 1.0 / store.num_experts)  # frequency without a prior
-        self._current = store.moe_layers[0]
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="moelab-prefetch")
+        self._current = self.store.moe_layers[0]
         self.stats: dict[int, CacheStats] = {}
         self.prefetch_stats = PrefetchStats()
 
@@ -135,6 +139,14 @@ class ExpertCache:
             slot = self._owner.index(None)
             self._assign(slot, key)
             self._load(slot, key)
+
+    def restart(self, experts: list[tuple[int, int]]) -> None:
+        """Start again from an empty pool and zero counts, then `fill` it with `experts`: the
+        state of a new cache with the same warm start (e.g. after a compiled step's warm-up)."""
+        for future in list(self._loading.values()):
+            future.result()
+        self._clear()
+        self.fill(experts)
 
     def fetch(self, layer: int, experts: list[int], tokens: int) -> list[int]:
         """Make `experts` of `layer` resident and pin them until `release`; returns their slots.

@@ -63,6 +63,8 @@ class OffloadedExperts(Experts):
     tokens can use (the best-scored ones; the eviction policy may refuse slots for the weaker ones).
     """
 
+    reads_routing_on_host = True  # fetches the chosen experts: a compiled step calls it through an opaque op
+
     def __init__(
         self, cache: ExpertCache, layer: int, predictor: str | None, top_k: int, prefetch_factor: float = 1.5
     ):
@@ -77,7 +79,9 @@ class OffloadedExperts(Experts):
         self.predictor = predictor
         self.top_k = top_k
         self.prefetch_factor = prefetch_factor
-        self.chosen: Tensor | None = None  # [T or N, K] this layer's latest choices (the next layer's affinity)
+        # [T or N, K] this layer's latest choices (the next layer's affinity); [0, K] before any
+        # (a tensor from the start: a compiled step's record of plain module settings ignores it)
+        self.chosen = torch.empty(0, top_k, dtype=torch.long)
         # (this layer's router, the MoE layer before it in a token's pass); not submodules
         self._links: tuple[Router | None, OffloadedExperts | None] = (None, None)
 
@@ -154,7 +158,7 @@ class OffloadedExperts(Experts):
         E, T = self.num_experts, x.shape[0]
         limit = min(E, round(self.prefetch_factor * T * self.top_k))
         scores, most = torch.zeros(E), 0.0  # most: the largest score a token can give an expert
-        if self.predictor in ("affinity", "both") and previous is not None and previous.chosen is not None:
+        if self.predictor in ("affinity", "both") and previous is not None and previous.chosen.numel():
             scores += self.cache.prior.affinity_scores(previous.layer, previous.chosen) / self.top_k
             most += 1.0
         if self.predictor in ("lookahead", "both") and router is not None and router.dim == x.shape[1]:
@@ -171,14 +175,23 @@ class OffloadedExperts(Experts):
 @dataclass
 class OffloadedModel:
     """model: the causal LM (moelab's `MoETransformer` or a transformers model) whose routed experts
-    live in `cache`."""
+    live in `cache`; predictor: how they are read ahead (`load_offloaded`), None for not."""
 
     model: nn.Module
     cache: ExpertCache
+    predictor: str | None = None
 
-    def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
-        """Greedy decoding with a KV cache: input_ids [B, S] -> [B, S + max_new_tokens]."""
-        return greedy_generate(self.model, input_ids, max_new_tokens)
+    def generate(self, input_ids: Tensor, max_new_tokens: int, *, compile: bool = False) -> Tensor:
+        """Greedy decoding with a KV cache: input_ids [B, S] -> [B, S + max_new_tokens]. compile:
+        decode with moelab's compiled static step (`MoETransformer.generate(compile=True)`; a
+        moelab checkpoint without read-ahead), the experts fetched and run inside it by an
+        opaque op (`moelab.nn.opaque`)."""
+        if compile and self.predictor is not None:
+            raise ValueError(
+                f"compile=True cannot read ahead (the {self.predictor!r} predictor runs Python hooks at every "
+                "layer); use the policy 'reuse' or 'lru', or drop compile"
+            )
+        return greedy_generate(self.model, input_ids, max_new_tokens, compile=compile)
 
     def close(self) -> None:
         self.cache.close()
@@ -186,11 +199,17 @@ class OffloadedModel:
 
 
 @torch.inference_mode()
-def greedy_generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int) -> Tensor:
-    """Greedy decoding with a KV cache by moelab's `MoETransformer.generate` or transformers'
-    `generate` (exactly max_new_tokens, no stopping at EOS): [B, S] -> [B, S + max_new_tokens]."""
+def greedy_generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, compile: bool = False) -> Tensor:
+    """Greedy decoding with a KV cache by moelab's `MoETransformer.generate` (compile: its compiled
+    static step) or transformers' `generate` (exactly max_new_tokens, no stopping at EOS): [B, S] ->
+    [B, S + max_new_tokens]."""
     if isinstance(model, MoETransformer):
-        return model.generate(input_ids, max_new_tokens, greedy=True)
+        return model.generate(input_ids, max_new_tokens, greedy=True, compile=compile)
+    if compile:
+        raise ValueError(
+            f"compile=True needs a moelab model; this is transformers' {type(model).__name__}, which decodes "
+            "eagerly (drop compile)"
+        )
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(
@@ -307,7 +326,7 @@ def load_offloaded(
             layers[index].register_forward_pre_hook(partial(_read_ahead, experts, norm), with_kwargs=True)
     if warm:
         cache.fill(warm_start(store, prior, cache.slots))
-    return OffloadedModel(model.eval(), cache)
+    return OffloadedModel(model.eval(), cache, predictor)
 
 
 def _read_ahead(experts: OffloadedExperts, norm: nn.Module | None, layer: nn.Module, args: tuple, kwargs: dict) -> None:
