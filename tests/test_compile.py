@@ -202,18 +202,42 @@ def test_a_graph_break_in_the_step_is_an_error_not_wrong_tokens():
         model.generate(random_ids(batch=1, seq=5), 4, greedy=True, compile=True)
 
 
-def test_two_models_decoding_in_turn_each_use_their_own_weights():
-    """The compiled graphs are the process's and keep no guards on the modules: a model that
-    compiles its step after another must not leave its graph to the first one's next call."""
+def test_two_models_decoding_in_turn_each_use_their_own_weights_and_graphs():
+    """The compiled graphs keep no guards on the modules: a model that compiles its step after
+    another must not serve its graph to the first one's next call, and each keeps its own (no
+    tracing again when they take turns)."""
     from test_model import make_model, random_ids
+    from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     first, second = make_model(init_std=0.2).eval(), make_model(seed=3, init_std=0.2).eval()
     ids = random_ids(batch=1, seq=5)
     want = {m: m.generate(ids, 8, greedy=True) for m in (first, second)}
     assert not torch.equal(want[first], want[second]), "the models must decode differently for this test to mean anything"
+    traced = []
     for model in (first, second, first, second):
         assert torch.equal(model.generate(ids, 8, greedy=True, compile=True), want[model])
+        traced.append(counters["stats"]["unique_graphs"])
+    assert traced[0] < traced[1] == traced[2] == traced[3], traced
+
+
+def test_compiling_a_step_leaves_other_compiled_code_alone():
+    """moelab's compiled step never resets dynamo: a user's own compiled function keeps its graph."""
+    from test_model import make_model, random_ids
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    users = torch.compile(lambda x: (x * 2).sin())
+    x = torch.randn(8)
+    users(x)
+    model = make_model(init_std=0.2).eval()
+    model.generate(random_ids(batch=1, seq=5), 4, greedy=True, compile=True)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # traced again
+    model.generate(random_ids(batch=1, seq=5), 4, greedy=True, compile=True)
+    before = counters["stats"]["unique_graphs"]
+    users(x)
+    assert counters["stats"]["unique_graphs"] == before, "the user's graph was dropped and traced again"
 
 
 @pytest.mark.parametrize("resident", [0.34, 1.0])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 import weakref
 from dataclasses import dataclass, field
 
@@ -65,9 +66,8 @@ class ModelOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
-# The model whose frozen decode step dynamo's compiled graphs hold, and the state it was traced
-# with (`MoETransformer._compiled_step`): (weak reference, `_frozen_state()`).
-_frozen_graph_of: tuple[weakref.ref, tuple] | None = None
+# Each model's compiled decode step and the state it was traced with (`MoETransformer._compiled_step`).
+_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def frozen_step_settings(device: torch.device):
@@ -349,24 +349,23 @@ class MoETransformer(nn.Module):
 
     def _compiled_step(self):
         """`_decode` compiled to run under `frozen_step_settings`: the weights folded in as constants,
-        linear weights prepacked for the CPU's GEMM, each layer's q, k, v projections concatenated. The
-        graph keeps no guards on the modules (checking them at every token cost ~10 % of a batch-1
-        step); instead the step is traced again (after `torch._dynamo.reset()`, which drops every
-        compiled graph of the process) whenever `_frozen_state` changes: another weight tensor,
-        storage or in-place update, or another module setting (a skip ratio, a router threshold),
-        or when another model compiled its step since (the graphs are the process's, and without
-        the module guards one model's graph would serve another: models decoding in turn trace
-        again at every turn).
-        The step must compile whole (`fullgraph`): without the module guards, the code after a graph
-        break inside a layer would be shared by every layer (the first layer's, for all)."""
-        global _frozen_graph_of
+        linear weights prepacked for the CPU's GEMM, each layer's q, k, v projections concatenated;
+        called as `step(model, input_ids, kv_cache, start_pos)`. The graph keeps no guards on the
+        modules (checking them at every token cost ~10 % of a batch-1 step), so each model compiles
+        its own copy of `_decode`'s code (dynamo keeps its graphs per code object: one model's
+        never serve another), and a fresh one whenever `_frozen_state` changes: another weight
+        tensor, storage or in-place update, or another module setting (a skip ratio, a router
+        threshold); the old copy and its graphs are dropped with it. The step must compile whole
+        (`fullgraph`): without the module guards, the code after a graph break inside a layer
+        would be shared by every layer (the first layer's, for all)."""
         state = self._frozen_state()
-        traced = _frozen_graph_of
-        if traced is None or traced[0]() is not self or traced[1] != state:
-            torch._dynamo.reset()
-            _frozen_graph_of = (weakref.ref(self), state)
-        guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        return torch.compile(self._decode, dynamic=False, fullgraph=True, options=guards)
+        held = _compiled_steps.get(self)
+        if held is None or held[0] != state:
+            code = MoETransformer._decode.__code__.replace()  # a new code object, equal to the original
+            step = types.FunctionType(code, MoETransformer._decode.__globals__, "_decode")
+            guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            held = _compiled_steps[self] = (state, torch.compile(step, dynamic=False, fullgraph=True, options=guards))
+        return held[1]
 
     def _frozen_state(self) -> tuple:
         """What a frozen decode graph depends on besides its inputs: every parameter and buffer
@@ -494,7 +493,7 @@ class MoETransformer(nn.Module):
                 if cache is None:
                     logits = self._decode(tokens, None, 0)
                 elif static_step is not None and pos > 0:
-                    logits = static_step(step_ids, cache, torch.tensor(pos, device=input_ids.device))
+                    logits = static_step(self, step_ids, cache, torch.tensor(pos, device=input_ids.device))
                 else:
                     logits = self._decode(step_ids, cache, pos)
                 pos += step_ids.shape[1]
