@@ -678,7 +678,7 @@ def generate_compiled_transformers_checkpoint(tmp, src):
 @case
 def generate_compiled_with_read_ahead(tmp, src):
     args = ["generate", "The king said", "--resident", "0.5", "--policy", "lookahead", "--compile"]
-    return args, [], ["cannot read ahead (policy 'lookahead')", "--policy reuse or lru"]
+    return args, [], ["cannot read ahead (policy 'lookahead')", "'reuse' or 'lru' (--policy)"]
 
 
 @case

@@ -15,6 +15,29 @@ CASES = {
 }
 
 
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts the calls of the opaque op `moelab::routed_experts` made while the test runs (its
+    implementation looks the layer up once per call; the compiled graph calls it from C++)."""
+    from moelab.nn import opaque
+
+    class Counting:
+        def __init__(self, layers):
+            self.layers, self.calls, self.keys = layers, 0, set()
+
+        def get(self, key):
+            self.calls += 1
+            self.keys.add(key)
+            return self.layers.get(key)
+
+        def __setitem__(self, key, layer):
+            self.layers[key] = layer
+
+    counting = Counting(opaque._LAYERS)
+    monkeypatch.setattr(opaque, "_LAYERS", counting)
+    return counting
+
+
 def _layer(name):
     torch.manual_seed(0)
     return build_moe(MoEConfig(dim=16, num_experts=4, hidden_dim=8, balance_coef=0.01, z_coef=1e-3, **CASES[name]))
@@ -63,28 +86,26 @@ def test_graph_breaks_are_recorded(name):
 
 
 @pytest.mark.parametrize(("batch", "compiled_gather_bytes", "opaque"), [(1, 0, False), (2, 2**23, False), (2, 0, True), (3, 2**23, True)])
-def test_compiled_generate_decodes_the_eager_tokens(batch, compiled_gather_bytes, opaque, monkeypatch):
+def test_compiled_generate_decodes_the_eager_tokens(batch, compiled_gather_bytes, opaque, op_calls):
     """generate(compile=True) runs every step after the prompt as one compiled graph: one token's
     experts on gathered weights whatever their size; 2 tokens (2 x top-2 = 4 experts) gathered
-    up to compiled_gather_bytes, else through the opaque op `routed_experts`; 3 tokens (more
-    rows than experts) always through the op. All give the eager tokens."""
+    up to compiled_gather_bytes (even where eager decoding would not gather: gather_bytes 0),
+    else through the opaque op `routed_experts`; 3 tokens (more rows than experts) always through
+    the op. All give the eager tokens."""
     from test_model import make_model, random_ids
-
-    from moelab.nn import MoELayer
+    from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     model = make_model(init_std=0.2).eval()
     for moe in model.moe_layers.values():
-        moe.compiled_gather_bytes = compiled_gather_bytes
+        moe.compiled_gather_bytes, moe.gather_bytes = compiled_gather_bytes, 0
     ids = random_ids(batch=batch, seq=5)
     want = model.generate(ids, 12, greedy=True)
-    run_experts = MoELayer.run_experts  # what the eager prompt and the op call, not the graph's gathered form
-    calls = []
-    monkeypatch.setattr(MoELayer, "run_experts", lambda self, *a: calls.append(1) or run_experts(self, *a))
+    graphs = counters["stats"]["unique_graphs"]
     assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), want)
     assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), want)  # the traced step again
-    steps = 1 + (11 if opaque else 0)  # the eager prompt (10 rows) and, through the op, the compiled steps
-    assert len(calls) == 2 * steps * len(model.moe_layers), calls
+    assert counters["stats"]["unique_graphs"] == graphs + 1, "one graph, traced once"
+    assert op_calls.calls == (2 * 11 * len(model.moe_layers) if opaque else 0), "11 compiled steps a call"
 
 
 def test_compiled_generate_sees_weights_changed_after_compiling():
@@ -124,10 +145,11 @@ def test_compiled_generate_sees_settings_changed_after_compiling():
     assert torch.equal(model.generate(ids, 12, greedy=True, compile=True), plain)
 
 
-def test_compiled_step_keeps_the_gathered_path_whatever_the_copy_limit():
-    """gather_bytes sends eager CPU decoding expert by expert (which reads the routing on the
-    host); compiled, the gathered form reads the weights in place, so the step must keep it: no
-    graph break, the eager tokens."""
+@pytest.mark.parametrize("batch", [2, 3])
+def test_the_step_has_no_graph_break_whichever_way_its_experts_run(batch):
+    """Batch 2 with gather_bytes 0 (eager decoding would go expert by expert, reading the routing
+    on the host) keeps the gathered form inside the graph; batch 3 runs the opaque op. Neither
+    breaks the graph."""
     from test_model import make_model, random_ids
 
     from moelab.models import KVCache
@@ -136,13 +158,14 @@ def test_compiled_step_keeps_the_gathered_path_whatever_the_copy_limit():
     model = make_model(init_std=0.2).eval()
     for moe in model.moe_layers.values():
         moe.gather_bytes = 0
-    ids = random_ids(batch=1, seq=5)
-    cache = KVCache(model.config, batch_size=1, max_len=64)
+    ids = random_ids(batch=batch, seq=5)
+    cache = KVCache(model.config, batch_size=batch, max_len=64)
     with torch.no_grad():
         model._decode(ids, cache, 0)
         explanation = torch._dynamo.explain(model._decode)(ids[:, :1], cache, torch.tensor(5))
     assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons]
-    assert torch.equal(model.generate(ids, 8, greedy=True, compile=True), model.generate(ids, 8, greedy=True))
+    ops = [n.target for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert (torch.ops.moelab.routed_experts.default in ops) == (batch == 3), "the op runs exactly where it must"
 
 
 @pytest.mark.parametrize("offload", [[], ["--resident", "0.25"]])
@@ -168,7 +191,7 @@ ARCHITECTURES = [
 
 @pytest.mark.parametrize("batch", [1, 9])
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_every_architecture_compiles_its_step_whole(name, batch):
+def test_every_architecture_compiles_its_step_whole(name, batch, op_calls):
     """configs/models/*.yaml (sequence-routed ones excepted: they decode without a cache): the
     compiled step has no graph break (it is compiled with fullgraph) and decodes the eager tokens,
     with weights scaled up so that the routing is far from uniform; batch 9 takes more rows than
@@ -187,6 +210,7 @@ def test_every_architecture_compiles_its_step_whole(name, batch):
                 p.mul_(3.0)
     ids = torch.randint(0, cfg.vocab_size, (batch, 8), generator=torch.Generator().manual_seed(1))
     assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), model.generate(ids, 6, greedy=True))
+    assert (op_calls.calls > 0) == (batch == 9 and bool(model.moe_layers)), "batch 9: the experts run in the op"
 
 
 def test_a_graph_break_in_the_step_is_an_error_not_wrong_tokens():
@@ -221,6 +245,43 @@ def test_two_models_decoding_in_turn_each_use_their_own_weights_and_graphs():
     assert traced[0] < traced[1] == traced[2] == traced[3], traced
 
 
+def test_a_compiled_step_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
+    from test_model import make_model, random_ids
+
+    model = make_model(init_std=0.2).eval()
+    model.generate(random_ids(batch=1, seq=5), 4, greedy=True, compile=True)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_model_holding_another_module_of_the_same_tensors_traces_again(op_calls):
+    """The graph names MoE layers by id: a layer replaced by another over the same router and
+    experts (same tensors, same settings) must not leave the old layer's id in the graph (were
+    the old layer freed, its id could name any other layer)."""
+    import copy
+
+    from test_model import make_model, random_ids
+
+    torch._dynamo.reset()
+    model = make_model(init_std=0.2).eval()
+    ids = random_ids(batch=3, seq=5)  # through the op
+    want = model.generate(ids, 6, greedy=True)
+    assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)
+    old = {}
+    for i, block in enumerate(model.layers):
+        if block.moe is not None:
+            old[i] = block.moe  # kept alive: without the rule the stale graph would quietly call them
+            block.ffn = copy.copy(old[i])  # another object, the same submodules and settings
+    op_calls.keys.clear()
+    assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)
+    assert op_calls.keys == {id(moe) for moe in model.moe_layers.values()}
+
+
 def test_compiling_a_step_leaves_other_compiled_code_alone():
     """moelab's compiled step never resets dynamo: a user's own compiled function keeps its graph."""
     from test_model import make_model, random_ids
@@ -241,7 +302,7 @@ def test_compiling_a_step_leaves_other_compiled_code_alone():
 
 
 @pytest.mark.parametrize("resident", [0.34, 1.0])
-def test_offloaded_experts_decode_compiled_with_the_eager_tokens_and_cache_decisions(tmp_path, resident):
+def test_offloaded_experts_decode_compiled_with_the_eager_tokens_and_cache_decisions(tmp_path, resident, op_calls):
     """An offloaded moelab checkpoint (experts fetched into a cache by the routing) compiles its
     step whole, the fetch and the experts inside the opaque op: the tokens of the model in memory,
     and the same hits, misses and evictions as eager offloaded decoding, at batch 1 and 3."""
@@ -267,9 +328,11 @@ def test_offloaded_experts_decode_compiled_with_the_eager_tokens_and_cache_decis
             finally:
                 offloaded.close()
         assert stats[True] == stats[False]
+        assert op_calls.calls == 9 * len(model.moe_layers), "9 compiled steps, every layer's experts in the op"
+        op_calls.calls = 0
 
 
-def test_bench_offload_times_the_compiled_step_with_the_eager_hits(tmp_path):
+def test_bench_offload_times_the_compiled_step_with_the_eager_hits(tmp_path, op_calls):
     """`moelab bench offload --compile`: the no-read-ahead policies also decode compiled, after a
     tracing run and a restart of the cache, so with the eager rows' hits; the in-memory model
     is timed compiled too."""
@@ -298,3 +361,4 @@ def test_bench_offload_times_the_compiled_step_with_the_eager_hits(tmp_path):
         assert compiled["same_tokens"]
         assert compiled["hit_rate"] == eager["hit_rate"] < 1 and compiled["reads_per_token"] == eager["reads_per_token"]
     assert ("lookahead", True) not in rows, "read-ahead cannot be compiled"
+    assert op_calls.calls > 0

@@ -144,6 +144,7 @@ def test_the_opaque_op_passes_torch_library_checks_and_names_a_missing_layer():
     """`torch.library.opcheck`: schema, fake (meta) implementation, dispatch under AOT; the op finds
     copies of a layer (deepcopy registers them) and refuses an id no layer has."""
     import copy
+    import gc
 
     layer, _ = make_layer(**CONFIGS["topk"])
     x = tokens(6)
@@ -158,6 +159,7 @@ def test_the_opaque_op_passes_torch_library_checks_and_names_a_missing_layer():
         assert not torch.allclose(doubled, want)
         gone = id(twin)
         del twin
+        gc.collect()
         with pytest.raises(RuntimeError, match="no longer exists"):
             torch.ops.moelab.routed_experts(x, routing.indices, routing.weights, gone)
 

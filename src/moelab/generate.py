@@ -73,7 +73,10 @@ def generate_text(
     check_choice("offload policy", policy, POLICIES)
     eviction, predictor, prefetch_factor = POLICIES[policy]
     if compile and offloaded and predictor is not None:
-        raise ValueError(f"compile=True cannot read ahead (policy {policy!r}); use --policy reuse or lru, or drop --compile")
+        raise ValueError(
+            f"compile=True cannot read ahead (policy {policy!r}); use the policy 'reuse' or 'lru' (--policy), or "
+            "drop compile (--compile)"
+        )
     tokenizer = load_tokenizer_of(path)
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
     if ids.shape[1] == 0:

@@ -19,7 +19,7 @@ moelab's compiled static step (`generate(compile=True)`: the fetch and the exper
 one opaque op; moelab checkpoints only): each round traces the step on a first decoding, then
 restarts the cache from the warm start (`ExpertCache.restart`) before the timed one, so it sees
 the same hits as the eager rows; the model in memory is timed compiled once as well (its own
-rounds, after the offloaded ones: a model compiling its step drops the graphs of the last).
+rounds, after the offloaded ones). A transformers checkpoint has no compiled rows.
 
 Every cell is timed in `rounds` rounds, each from the same warm start (so with the same hits) and
 paired with a run of the model in memory (alternating which goes first); tokens/s is the median

@@ -361,19 +361,21 @@ class MoETransformer(nn.Module):
         state = self._frozen_state()
         held = _compiled_steps.get(self)
         if held is None or held[0] != state:
-            code = MoETransformer._decode.__code__.replace()  # a new code object, equal to the original
-            step = types.FunctionType(code, MoETransformer._decode.__globals__, "_decode")
+            decode = type(self)._decode
+            code = decode.__code__.replace()  # a new code object, equal to the original
+            step = types.FunctionType(code, decode.__globals__, "_decode", decode.__defaults__, decode.__closure__)
             guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
             held = _compiled_steps[self] = (state, torch.compile(step, dynamic=False, fullgraph=True, options=guards))
         return held[1]
 
     def _frozen_state(self) -> tuple:
         """What a frozen decode graph depends on besides its inputs: every parameter and buffer
-        (identity, storage, in-place version) and every module's plain Python settings."""
+        (identity, storage, in-place version), which module objects the model holds (the graph
+        names MoE layers by id for the opaque op) and every module's plain Python settings."""
         tensors = tuple((id(t), t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
         plain = (bool, int, float, str, type(None))
         settings = tuple(
-            (name, tuple((key, value) for key, value in vars(module).items() if isinstance(value, plain)))
+            (name, id(module), tuple((key, value) for key, value in vars(module).items() if isinstance(value, plain)))
             for name, module in self.named_modules()
         )
         return tensors, settings

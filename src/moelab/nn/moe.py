@@ -194,7 +194,7 @@ class MoELayer(nn.Module):
         self.small_expert_work = 2**25  # `infer` on a CPU: one torch._grouped_mm call up to this much work per expert
         self.small_expert_count = 16  # ... where at least this many experts have rows (`_small_experts`)
         self.stats_group = None  # data-parallel ranks whose load the balance loss counts
-        register(self)  # a compiled step calls `routed` through the opaque op, by id
+        register(self)  # a compiled step calls `run_experts` through the opaque op, by id
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

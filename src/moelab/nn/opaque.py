@@ -27,14 +27,17 @@ def register(layer) -> None:
 
 @torch.library.custom_op("moelab::routed_experts", mutates_args=())
 def routed_experts(rows: Tensor, indices: Tensor, weights: Tensor, layer: int) -> Tensor:
-    """rows: [T, D] with their routing (indices, weights: [T, K]) through the routed experts of
-    the layer registered as `layer` (its eager `MoELayer.run_experts`) -> [T, D]."""
+    """rows: [T, D or latent rank] with their routing (indices, weights: [T, K]) through the routed
+    experts of the layer registered as `layer` (its eager `MoELayer.run_experts`) -> rows' shape."""
     module = _LAYERS.get(layer)
     if module is None:
-        raise RuntimeError("a compiled step calls an MoE layer that no longer exists; compile the step again")
+        raise RuntimeError(
+            f"internal error: a compiled step calls MoE layer id {layer}, which no longer exists (a compiled "
+            "step is traced again whenever its model's modules change; please report this)"
+        )
     return module.run_experts(rows, indices, weights)
 
 
 @routed_experts.register_fake
 def _(rows: Tensor, indices: Tensor, weights: Tensor, layer: int) -> Tensor:
-    return torch.empty_like(rows)
+    return rows.new_empty(rows.shape)

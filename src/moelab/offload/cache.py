@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 
 import torch
@@ -142,9 +142,10 @@ class ExpertCache:
 
     def restart(self, experts: list[tuple[int, int]]) -> None:
         """Start again from an empty pool and zero counts, then `fill` it with `experts`: the
-        state of a new cache with the same warm start (e.g. after a compiled step's warm-up)."""
-        for future in list(self._loading.values()):
-            future.result()
+        cache's state when new with the same warm start (e.g. after a compiled step's warm-up;
+        the affinity predictor's memory of the last choices, `OffloadedExperts.chosen`, is the
+        experts')."""
+        wait(list(self._loading.values()))  # background reads finish (a failed read-ahead is dropped)
         self._clear()
         self.fill(experts)
 

@@ -114,7 +114,7 @@ class OffloadedExperts(Experts):
             plan = plan_dispatch(indices, self.num_experts)
             row_weights = weights.reshape(-1).index_select(0, plan.slots)
             return self.accumulated(x, plan.token_ids, plan.counts, row_weights)
-        self.chosen = indices
+        self.chosen = indices.clone()  # inside a compiled step's op, indices' buffer may be reused after it
         slots = self.cache.fetch(self.layer, needed, tokens=x.shape[0])
         try:
             slot_of = dict(zip(needed, slots))
