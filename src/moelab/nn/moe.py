@@ -131,7 +131,7 @@ class MoELayer(nn.Module):
         CPU, where the gathered form reads the weights in place but reads an expert two tokens
         share twice, and the alternative (the opaque op `routed_experts`, expert by expert) reads
         each once: at 2-4 tokens of 8 experts top-2, gathered was 1.2-1.9x faster for experts of
-        0.6-3 MB, level at 6-13 MB, 0.75-0.8x at 25-35 MB (measured).
+        0.6-3 MB, 0.9-1.2x at 6-13 MB, 0.75-0.8x at 25-35 MB (measured).
     stats_group (an attribute, default None): the data-parallel process group whose ranks' tokens
         form one batch; the balance loss then counts the load of the whole batch
         (`load_balancing_loss`).
