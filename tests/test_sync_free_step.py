@@ -102,6 +102,53 @@ def test_rows_past_the_groups_are_zero_and_pass_zero_gradients(monkeypatch, gate
         torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
 
 
+def test_counts_known_to_cover_every_row_mask_nothing(monkeypatch):
+    """rows_past_counts=False (the layer's promise that the device counts sum to every row):
+    the same output and gradients as the masked path, with no masking op run."""
+    g = torch.Generator().manual_seed(0)
+    xs, rw = torch.randn(7, D, generator=g), torch.rand(7, generator=g)
+    w_in, b_in = torch.randn(E, 2 * I, D, generator=g), torch.randn(E, 2 * I, generator=g)
+    w_out, b_out = torch.randn(E, D, I, generator=g), torch.randn(E, D, generator=g)
+    counts = torch.tensor([2, 0, 4, 1])
+    runs = []
+    for rows_past_counts in (True, False):
+        t = [v.clone().requires_grad_(True) for v in (xs, rw, w_in, b_in, w_out, b_out)]
+        wheres = []
+        real_where = torch.where
+        monkeypatch.setattr(torch, "where", lambda *a: wheres.append(1) or real_where(*a))
+        ys = grouped_mlp(t[0], counts, t[1], *t[2:], backend="grouped_mm", rows_past_counts=rows_past_counts)
+        ys.backward(torch.ones_like(ys))
+        monkeypatch.setattr(torch, "where", real_where)
+        runs.append((ys.detach(), [v.grad for v in t], len(wheres)))
+    (ys, grads, masks), (ys_unmasked, grads_unmasked, no_masks) = runs
+    assert masks == 2 and no_masks == 0  # the output forward, the input's gradient backward
+    torch.testing.assert_close(ys_unmasked, ys)
+    for a, b in zip(grads_unmasked, grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("skip_ratio", [None, 0.6])
+def test_the_layer_masks_exactly_when_slots_may_be_empty(monkeypatch, skip_ratio):
+    """A training step on the sync-free path with torch._grouped_mm leaving NaN past the last
+    group: with dynamic skipping (empty slots) the layer asks for masking and everything stays
+    finite; without it the counts cover every row and the layer asks for none."""
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs=None: _UnsetRows.apply(a, b, offs))
+    asked = []
+    real = grouped_mlp
+    monkeypatch.setattr(
+        "moelab.nn.experts.grouped_mlp", lambda *a, **kw: asked.append(kw["rows_past_counts"]) or real(*a, **kw)
+    )
+    torch.manual_seed(0)
+    layer = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=I, top_k=3, backend="grouped_mm", expert_mlp_bias=True))
+    layer.skip_ratio = skip_ratio
+    x = torch.randn(16, D, requires_grad=True)
+    y, result = layer(x)
+    y.square().sum().backward()
+    assert asked == [skip_ratio is not None]
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+
 def test_tensor_counts_need_the_grouped_mm_path():
     xs, w_in, w_out = torch.randn(5, D), torch.randn(E, 2 * I, D), torch.randn(E, D, I)
     with pytest.raises(ValueError, match="counts as a tensor.*grouped_mm.*python ints"):

@@ -119,15 +119,18 @@ class SwiGLUExperts(Experts):
         return self.gate_up_proj, self.down_proj
 
     def forward(
-        self, xs: Tensor, counts: Sequence[int] | Tensor, row_weights: Tensor | None = None, *, backend: str | None = None
+        self, xs: Tensor, counts: Sequence[int] | Tensor, row_weights: Tensor | None = None, *,
+        backend: str | None = None, rows_past_counts: bool = True,
     ) -> Tensor:  # fmt: skip
-        """backend: this call's (`moelab.nn.grouped`), default the experts' own."""
+        """backend: this call's (`moelab.nn.grouped`), default the experts' own; rows_past_counts:
+        see `grouped_mlp`."""
         self._check(xs)
         if self.scale_input and row_weights is not None:
             xs, row_weights = xs * row_weights[:, None].to(xs.dtype), None
         return grouped_mlp(
             xs, counts, row_weights, self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias,
             activation=self.clamped or "silu", gated=True, backend=backend or self.backend,
+            rows_past_counts=rows_past_counts,
         )
 
     def gathered(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
@@ -219,13 +222,16 @@ class MLPExperts(Experts):
         return self.up_proj, self.down_proj
 
     def forward(
-        self, xs: Tensor, counts: Sequence[int] | Tensor, row_weights: Tensor | None = None, *, backend: str | None = None
+        self, xs: Tensor, counts: Sequence[int] | Tensor, row_weights: Tensor | None = None, *,
+        backend: str | None = None, rows_past_counts: bool = True,
     ) -> Tensor:  # fmt: skip
-        """backend: this call's (`moelab.nn.grouped`), default the experts' own."""
+        """backend: this call's (`moelab.nn.grouped`), default the experts' own; rows_past_counts:
+        see `grouped_mlp`."""
         self._check(xs)
         return grouped_mlp(
             xs, counts, row_weights, self.up_proj, self.up_bias, self.down_proj, self.down_bias,
             activation=self.activation, gated=False, backend=backend or self.backend,
+            rows_past_counts=rows_past_counts,
         )
 
     def accumulated(

@@ -266,7 +266,7 @@ def uses_grouped_mm(backend: str, device: torch.device, dtype: torch.dtype, w_in
     return chosen and _grouped_mm_supports(device, dtype, w_in, w_out)
 
 
-def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated):
+def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated, rows_past_counts=True):
     if not _grouped_mm_supports(xs.device, xs.dtype, w_in, w_out):
         return _grouped(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated)
     matmul = _matmul_dtype(xs.device, xs.dtype)
@@ -278,24 +278,41 @@ def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, g
     on_device = isinstance(counts, Tensor)
     ends = (counts if on_device else torch.tensor(list(counts), device=xs.device)).cumsum(0)
     offs = ends.to(torch.int32)
-    row = torch.arange(xs.shape[0], device=xs.device)
     # Rows past the last group (the empty slots of a plan made without host counts) come out of
-    # torch._grouped_mm unset, forward and backward: every product's output and the input are
-    # masked there, so those rows are zeros and pass zero gradients back, whatever was unset.
-    valid = (row < ends[-1])[:, None] if on_device else None
-    if valid is not None:
-        xs = torch.where(valid, xs, 0)
-    has_bias = b_in is not None or b_out is not None
-    expert_of_row = torch.searchsorted(ends, row, right=True).clamp(max=w_in.shape[0] - 1) if has_bias else None
+    # torch._grouped_mm unset, forward and backward, and stay there: a product reads only its
+    # groups' rows. So only what leaves is masked: the output (zeros) and the gradient of the
+    # input rows (zeros); a bias past the last group is a zero row whose gradient is dropped.
+    masked = on_device and rows_past_counts
+    if masked:
+        valid = (torch.arange(xs.shape[0], device=xs.device) < ends[-1])[:, None]
+        xs = _MaskGrad.apply(xs, valid)
+    expert_of_row = None
+    if b_in is not None or b_out is not None:  # E (the zero row) past the last group
+        expert_of_row = torch.searchsorted(ends, torch.arange(xs.shape[0], device=xs.device), right=True)
 
     def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         out = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-        out = out if b is None else out + b.index_select(0, expert_of_row)
-        return out if valid is None else torch.where(valid, out, 0)
+        return out if b is None else out + F.pad(b, (0, 0, 0, 1)).index_select(0, expert_of_row)
 
     hidden = act.forward(linear(xs, w_in, b_in))
     ys = _ContiguousGrad.apply(linear(_ContiguousGrad.apply(hidden), w_out, b_out))
+    if masked:
+        ys = torch.where(valid, ys, 0)
     return ys if row_weights is None else ys * row_weights[:, None]
+
+
+class _MaskGrad(torch.autograd.Function):
+    """Identity whose backward zeroes the gradient where `keep` ([N, 1] bool) is False."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor) -> Tensor:
+        ctx.save_for_backward(keep)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0), None
 
 
 def _auto(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated):
@@ -430,10 +447,12 @@ def grouped_mlp(
     activation: str | ClampedSwiGLU = "silu",
     gated: bool = True,
     backend: str = "auto",
+    rows_past_counts: bool = True,
 ) -> Tensor:
     """xs: [N, D] rows grouped by expert; counts: E python ints summing to N, or (the grouped_mm
     path only, `uses_grouped_mm`) an [E] tensor summing to at most N, rows past its sum giving
-    zeros (`moelab.nn.dispatch.DispatchPlan.counts`); row_weights: [N]
+    zeros (`moelab.nn.dispatch.DispatchPlan.counts`; rows_past_counts=False: the caller knows
+    that the tensor sums to N, and nothing is masked); row_weights: [N]
     routing weight that scales each row's output, or None; w_in: [E, H, D]; b_in: [E, H];
     w_out: [E, D, I]; b_out: [E, D]; activation: a name in ACTIVATIONS, or (gated only) a
     two-input `ClampedSwiGLU`. Weights in another floating dtype than xs (inference only) are
@@ -477,4 +496,6 @@ def grouped_mlp(
         return _grouped_forward(xs, row_weights, w_in, b_in, w_out, b_out, counts, activation, gated, False)[
             0
         ]
+    if isinstance(counts, Tensor):  # checked above: the torch._grouped_mm path
+        return _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated, rows_past_counts)
     return BACKENDS[backend](xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated)

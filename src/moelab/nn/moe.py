@@ -234,7 +234,10 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, router.dim)
         plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor, host_counts=not sync_free)
         rows = x if self.latent is None else self.latent.down(x)
-        y = self._finish(x, self._dispatched(rows, routing.weights, plan))
+        # Only dynamic skipping empties slots of a fixed-k router: without it the device counts
+        # cover every row, and the experts mask nothing.
+        options = {"rows_past_counts": False} if sync_free and self.skip_ratio is None else {}
+        y = self._finish(x, self._dispatched(rows, routing.weights, plan, **options))
         result = MoEResult(
             losses=self._losses(routing, shape[:-1]),
             tokens_per_expert=plan.tokens_per_expert,
@@ -358,11 +361,10 @@ class MoELayer(nn.Module):
             routing = router(x.reshape(-1, dim))
         return routing if self.skip_ratio is None else dynamic_skip(routing, self.skip_ratio)
 
-    def _dispatched(self, rows: Tensor, weights: Tensor, plan: DispatchPlan, backend: str | None = None) -> Tensor:
+    def _dispatched(self, rows: Tensor, weights: Tensor, plan: DispatchPlan, **options) -> Tensor:
         """rows: [T, D or latent rank] with their routing weights [T, K] through the dispatcher and
-        the experts (on `backend`, default their own) -> the combined [T, ...]."""
+        the experts (with `options` for their forward: backend, rows_past_counts) -> the combined [T, ...]."""
         batch = self.dispatcher.dispatch(rows, weights, plan)
-        options = {} if backend is None else {"backend": backend}
         return self.dispatcher.combine(self.experts(batch.rows, batch.counts, batch.row_weights, **options), plan, batch)
 
     def _finish(self, x: Tensor, y: Tensor) -> Tensor:
