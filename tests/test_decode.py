@@ -412,3 +412,56 @@ def test_decode_step_in_bf16_equals_forward():
         assert logits.dtype == torch.bfloat16
         assert_close(logits, model(ids).logits[:, -1], atol=2e-2, rtol=2e-2)
 
+
+
+def test_on_a_gpu_infer_gathers_while_the_copies_fit_and_so_reads_nothing_back(monkeypatch):
+    """On a GPU (asked of the decision alone: no GPU here) the gathered path is taken while the
+    T*K experts' copies fit gpu_gather_bytes, whatever gather_rows says; there `infer` reads
+    nothing back to the host, which a CUDA graph of the decode step needs. Experts that read the
+    routing on the host always sync."""
+    layer, _ = make_layer(**CONFIGS["topk"])
+    cuda, K = torch.device("cuda"), layer.router.top_k
+    layer.gather_rows = 0
+    layer.gpu_gather_bytes = 3 * K * layer.experts.expert_bytes
+    assert layer._gathers_rows(3 * K, cuda) and not layer._gathers_rows(3 * K + 1, cuda)
+    assert not layer.infer_syncs(3, cuda) and layer.infer_syncs(4, cuda)
+    assert layer.infer_syncs(1, torch.device("cpu")), "gather_rows=0 on a CPU: the dispatch"
+    monkeypatch.setattr(type(layer.experts), "reads_routing_on_host", True)
+    assert layer.infer_syncs(1, cuda)
+
+
+class _ReplayByRerunning:
+    """A stand-in for a CUDA graph on a CPU: replay runs the captured function again and writes
+    its output into the buffer the capture returned, as a replay rewrites the graph's outputs."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out, self.replays = fn, out, 0
+
+    def replay(self):
+        self.out.copy_(self.fn())
+        self.replays += 1
+
+
+def test_generate_replays_one_decode_graph_where_no_layer_syncs(monkeypatch):
+    """generate(compile=True) on a GPU where nothing syncs captures the step once and replays it
+    at every later token, copying each token and position into the graph's buffers: the same
+    tokens as eager decoding. Run on a CPU with the capture replaced by a rerun of the captured
+    function (what CUDA does is CUDA's; the buffers, positions and calls are moelab's)."""
+    from moelab.models import decode_graph
+
+    model = make_model(init_std=0.2).eval()
+    ids = random_ids(batch=2, seq=5)
+    want = model.generate(ids, 6, greedy=True)
+    graphs = []
+
+    def fake_capture(fn):
+        fn()  # the warm-up
+        out = fn()
+        graphs.append(_ReplayByRerunning(fn, out))
+        return graphs[-1], out
+
+    monkeypatch.setattr(decode_graph, "capture", fake_capture)
+    monkeypatch.setattr(model, "_compiled_step", lambda: type(model)._decode)  # the static step, uncompiled
+    monkeypatch.setattr(model, "_graphs_decode", lambda batch, device: True)
+    assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)
+    assert len(graphs) == 1 and graphs[0].replays == 5  # the prompt eagerly, then one replay per token

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.models.config import ModelConfig
+from moelab.models.decode_graph import DecodeGraph
 from moelab.nn import (
     ChainOfExperts,
     MoELayer,
@@ -368,6 +369,11 @@ class MoETransformer(nn.Module):
             held = _compiled_steps[self] = (state, torch.compile(step, dynamic=False, fullgraph=True, options=guards))
         return held[1]
 
+    def _graphs_decode(self, batch: int, device: torch.device) -> bool:
+        """Whether the compiled decode step of `batch` tokens on `device` runs as a CUDA graph
+        (`DecodeGraph`): on a GPU, where no MoE layer reads anything back to the host."""
+        return device.type == "cuda" and not any(moe.infer_syncs(batch, device) for moe in self.moe_layers.values())
+
     def _frozen_state(self) -> tuple:
         """What a frozen decode graph depends on besides its inputs: every parameter and buffer
         (identity, storage, in-place version), which module objects the model holds (the graph
@@ -462,7 +468,8 @@ class MoETransformer(nn.Module):
         an MoE layer does not gather its experts' weights (more than a few tokens, or large
         experts), its experts run inside the graph as one opaque op (`moelab.nn.opaque`). Models
         with a layer that drops by capacity or splits experts over ranks decode eagerly
-        (`MoELayer.compiles_infer`)."""
+        (`MoELayer.compiles_infer`). On a GPU, where no MoE layer reads anything back to the host
+        (`MoELayer.infer_syncs`: its experts gathered), the step runs as a CUDA graph (`DecodeGraph`)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {list(input_ids.shape)}")
         B, S = input_ids.shape
@@ -490,10 +497,15 @@ class MoETransformer(nn.Module):
         # Inductor reads these settings when it traces (not from torch.compile's options); entered
         # once for the whole loop, not at every token.
         compiling = static_step is not None
+        graphed = compiling and self._graphs_decode(B, input_ids.device)
         with frozen_step_settings(input_ids.device) if compiling else contextlib.nullcontext():
             for _ in range(max_new_tokens):
                 if cache is None:
                     logits = self._decode(tokens, None, 0)
+                elif graphed and pos > 0:
+                    if graphed is True:
+                        graphed = DecodeGraph(static_step, self, step_ids, cache, pos)
+                    logits = graphed(step_ids, pos)
                 elif static_step is not None and pos > 0:
                     logits = static_step(self, step_ids, cache, torch.tensor(pos, device=input_ids.device))
                 else:

@@ -120,8 +120,8 @@ class MoELayer(nn.Module):
         one (`moelab.distributed`), in which case `experts` holds this rank's experts only.
     skip_ratio (an attribute, default None): NAEE dynamic skipping at inference, a chosen expert
         whose weight is below skip_ratio times the token's largest is dropped (`dynamic_skip`).
-    gather_rows (an attribute, default E): `infer` runs the experts on gathered weights when
-        T*K is at most this (the gathered copies then hold no more than the E experts' weights),
+    gather_rows (an attribute, default E): `infer` on a CPU runs the experts on gathered weights
+        when T*K is at most this (the gathered copies then hold no more than the E experts' weights),
     gather_bytes (an attribute, default 256 KiB): and, run eagerly on a CPU with more than one
         token, when an expert's weights are at most this: copying a larger expert costs more than
         the per-expert loop's overhead, and going expert by expert over the weights in place is
@@ -132,6 +132,10 @@ class MoELayer(nn.Module):
         share twice, and the alternative (the opaque op `routed_experts`, expert by expert) reads
         each once: at 2-4 tokens of 8 experts top-2, gathered was 1.2-1.9x faster for experts of
         0.6-3 MB, 0.9-1.2x at 6-13 MB, 0.75-0.8x at 25-35 MB (measured).
+    gpu_gather_bytes (an attribute, default 64 MiB): on a GPU, `infer` gathers the T*K rows'
+        experts when their copies take at most this: no host synchronisation (the dispatch
+        plan's counts), few kernels, so a compiled decode step can be captured in a CUDA graph;
+        larger experts are read in place through the dispatch.
     stats_group (an attribute, default None): the data-parallel process group whose ranks' tokens
         form one batch; the balance loss then counts the load of the whole batch
         (`load_balancing_loss`).
@@ -191,6 +195,7 @@ class MoELayer(nn.Module):
         self.gather_rows = router.num_experts  # `infer` gathers expert weights up to this many T*K rows
         self.gather_bytes = 2**18  # ... and, eagerly on a CPU, experts of up to this many bytes
         self.compiled_gather_bytes = 2**23  # ... and, compiled on a CPU, of up to this many
+        self.gpu_gather_bytes = 2**26  # on a GPU: T*K experts' copies of up to this many bytes
         self.small_expert_work = 2**25  # `infer` on a CPU: one torch._grouped_mm call up to this much work per expert
         self.small_expert_count = 16  # ... where at least this many experts have rows (`_small_experts`)
         self.stats_group = None  # data-parallel ranks whose load the balance loss counts
@@ -316,6 +321,12 @@ class MoELayer(nn.Module):
             and self.experts.runs_grouped_mm(rows.device, rows.dtype)
         )
 
+    def infer_syncs(self, tokens: int, device: torch.device) -> bool:
+        """Whether `infer` over `tokens` tokens on `device` reads anything back to the host (the
+        dispatch plan's counts, or offloaded experts' routing): else a compiled step of it can
+        be captured in a CUDA graph."""
+        return self.experts.reads_routing_on_host or not self._gathers_rows(tokens * self.router.top_k, device)
+
     @property
     def compiles_infer(self) -> bool:
         """Whether `infer` compiles as one graph (no break): dropless on one rank, where its
@@ -324,9 +335,11 @@ class MoELayer(nn.Module):
 
     def _gathers_rows(self, rows: int, device: torch.device) -> bool:
         """Whether `infer` runs `rows` routed rows (T*K) on gathered weights (see the class docstring)."""
+        if device.type != "cpu":
+            return rows * self.experts.expert_bytes <= self.gpu_gather_bytes
         if rows > self.gather_rows:
             return False
-        if device.type != "cpu" or rows <= self.router.top_k:
+        if rows <= self.router.top_k:
             return True
         limit = self.compiled_gather_bytes if torch.compiler.is_compiling() else self.gather_bytes
         return self.experts.expert_bytes <= limit
