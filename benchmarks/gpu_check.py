@@ -1,11 +1,13 @@
-"""GPU check: the MoE layer on CUDA matches the CPU float64 result, its bf16 training step on
-`torch._grouped_mm` reads nothing back to the host, and its speed vs dense; decoding on CUDA
-(`moelab bench generate --device cuda`, fp32 and bf16); and `moelab train` under torchrun with
-one process (the NCCL path: process group, FSDP2, DCP checkpoints) gives the one-process run's
-losses.
+"""GPU check: the MoE layer on CUDA against float64 on the CPU (forward and backward, every
+backend, fp32, bf16 and bf16 autocast); its bf16 training step on `torch._grouped_mm` reading
+nothing back to the host; `moelab bench layer` on CUDA (against dense and transformers'
+grouped_mm) with a profile of the e64k8 step; `moelab bench generate --device cuda --compile` on
+the shipped models (fp32 and bf16); and `moelab train` under torchrun with one process (the NCCL
+path: process group, FSDP2, DCP checkpoints) against the one-process run's losses.
 
-Run on a machine with a CUDA GPU:  python benchmarks/gpu_check.py [--json out.json]
-Not part of the test suite (the project's machines have no GPU).
+Run on a machine with a CUDA GPU:  python benchmarks/gpu_check.py --out DIR [--budget S] [--only SECTION ...]
+Each section's result (or its error) goes to DIR/results.json as soon as it ends; sections past
+the time budget are skipped. Not part of the test suite (the project's machines have no GPU).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import torch
 import yaml
+from rich.console import Console
 
 from moelab.bench.layer import BenchOptions, render_table, run
 from moelab.nn import MoEConfig, build_moe
@@ -56,8 +61,15 @@ def check_case(
                 param.normal_(std=0.1)
     layer = layer.to(device, dtype)
     # The reference sees the same (rounded) weights and input, in float64 on the CPU, so that
-    # routing decisions agree and the error is the arithmetic's alone.
-    reference = copy.deepcopy(layer).to("cpu", torch.float64)
+    # routing decisions agree and the error is the arithmetic's alone. Under autocast the router's
+    # logits are bf16, which float64 (or another device's bf16) would route differently (a flipped
+    # token is an O(1) error), so there the reference is the per-expert loop on the same device
+    # under the same autocast; the loop itself is checked against float64 in the other cases.
+    reference = copy.deepcopy(layer)
+    if autocast:
+        reference.experts.backend = "loop"
+    else:
+        reference = reference.to("cpu", torch.float64)
     x = torch.randn(257, 64).to(dtype).double()
     grad = torch.randn_like(x)
 
@@ -69,7 +81,8 @@ def check_case(
             n: p.grad.double().cpu() for n, p in module.named_parameters() if p.grad is not None
         }
 
-    y_ref, gx_ref, g_ref = run_layer(reference, x)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        y_ref, gx_ref, g_ref = run_layer(reference, x.to(device, dtype) if autocast else x)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         y, gx, g = run_layer(layer, x.to(device, dtype))
     scale = lambda t: t.abs().max().item() + 1e-12  # noqa: E731
@@ -113,18 +126,6 @@ def check_no_host_sync(device: str = "cuda", autocast: bool = False) -> dict:
     return {"layer": f"e64k8 {what}, auto backend, 4096 tokens", "host_syncs": error or "none"}
 
 
-def bench_generate_cuda(workdir: Path) -> dict:
-    """`moelab bench generate --device cuda` on the shipped models, fp32 and bf16, the compiled
-    step included: {dtype: its JSON document}."""
-    docs = {}
-    for dtype in ("fp32", "bf16"):
-        path = workdir / f"generate_{dtype}.json"
-        command = ["bench", "generate", "--device", "cuda", "--dtype", dtype, "--compile", "--rounds", "3"]
-        subprocess.run([sys.executable, "-m", "moelab", *command, "--json", str(path)], check=True)
-        docs[dtype] = json.loads(path.read_text())
-    return docs
-
-
 def check_torchrun_nccl(workdir: Path) -> dict:
     """20 steps of a tiny run on CUDA, under torchrun (1 process, NCCL) and in one plain process."""
     run = {
@@ -142,38 +143,126 @@ def check_torchrun_nccl(workdir: Path) -> dict:
     return {"one_process": losses[0], "torchrun_nccl": losses[1], "abs_diff": abs(losses[0] - losses[1])}
 
 
+def env_info() -> dict:
+    """The GPU and the versions this run used."""
+    import transformers
+
+    props = torch.cuda.get_device_properties(0)
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": transformers.__version__, "sms": props.multi_processor_count,
+            "memory_gb": props.total_memory / 1e9, "grouped_mm": hasattr(torch, "_grouped_mm")}  # fmt: skip
+
+
+def profile_layer(dtype: torch.dtype = torch.bfloat16, tokens: int = 16384) -> str:
+    """The kernels of one e64k8 forward+backward step, moelab's and transformers' (grouped_mm)
+    experts, by GPU time: where the step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moelab.bench.layer import SHAPES, build_impls
+
+    impls = build_impls(SHAPES["e64k8"], dtype, 0.0, "cuda")
+    x = torch.randn(tokens, 512, device="cuda", dtype=dtype)
+    grad = torch.randn_like(x)
+    tables = []
+    for name in ("moelab", "dense", "hf"):
+        if name not in impls:
+            continue
+        for _ in range(3):
+            impls[name](x.detach().requires_grad_(True)).backward(grad)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                impls[name](x.detach().requires_grad_(True)).backward(grad)
+            torch.cuda.synchronize()
+        tables.append(f"=== {name} e64k8 {dtype} fwd+bwd x3, {tokens} tokens ===\n"
+                      + prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    return "\n\n".join(tables)
+
+
+def profile_in_child(path: Path, timeout: float) -> str:
+    """`profile_layer` in a child process (a crash in the profiler leaves the other sections' results)."""
+    code = f"from gpu_check import profile_layer; open({str(path)!r}, 'w').write(profile_layer())"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=timeout, cwd=Path(__file__).parent)
+    return path.name
+
+
+def correctness() -> list[dict]:
+    """`check_case` for every case, backend and dtype; a case that raises is reported as such."""
+    checks = []
+    for name, overrides in CASES.items():
+        for backend in ("grouped", "loop", "grouped_mm"):
+            for dtype, autocast in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)):
+                try:
+                    checks.append(check_case(name, overrides, backend, dtype, autocast=autocast))
+                except Exception as err:  # noqa: BLE001 - reported per case, the others still run
+                    checks.append({"case": name, "backend": backend, "dtype": f"{dtype} autocast={autocast}",
+                                   "error": f"{type(err).__name__}: {err}"[:400]})  # fmt: skip
+                print(checks[-1], flush=True)
+    return checks
+
+
+def bench_layer() -> dict:
+    """`moelab bench layer --device cuda` at 4,096 and 16,384 tokens: {tokens: its JSON document}."""
+    docs = {}
+    for tokens in (4096, 16384):
+        doc = run(BenchOptions.create(device="cuda", memory=tokens == 16384, rounds=10, tokens=tokens))
+        Console(width=160).print(render_table(doc))
+        docs[str(tokens)] = doc
+    return docs
+
+
+def bench_generate(model: str, dtype: str, timeout: float) -> dict:
+    """`moelab bench generate --device cuda --compile` on one shipped model: its JSON document."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "generate.json"
+        command = ["bench", "generate", model, "--device", "cuda", "--dtype", dtype, "--compile", "--rounds", "3"]
+        subprocess.run([sys.executable, "-m", "moelab", *command, "--json", str(path)], check=True, timeout=timeout)
+        return json.loads(path.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--json")
-    parser.add_argument("--no-generate", dest="generate", action="store_false", help="skip `moelab bench generate`")
+    parser.add_argument("--out", default="gpu_results", help="folder for results.json, profile.txt")
+    parser.add_argument("--budget", type=float, default=540, help="seconds; later sections are skipped past it")
+    parser.add_argument("--only", nargs="*", help="run only these sections")
+    parser.add_argument("--overwrite", action="store_true", help="replace DIR/results.json and DIR/profile.txt")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
-    checks = [
-        check_case(name, overrides, backend, dtype, autocast=autocast)
-        for name, overrides in CASES.items()
-        for backend in ("grouped", "loop", "grouped_mm")
-        for dtype, autocast in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True))
-    ]
-    for c in checks:
-        print(f"{c['case']:45s} {c['backend']:10s} {c['dtype']:30s} max rel err {c['max_rel_error']:.2e} ({c['worst']})")
-    no_sync = [check_no_host_sync(autocast=autocast) for autocast in (False, True)]
-    print("training step without host synchronisation:", no_sync)
-    doc = run(BenchOptions.create(device="cuda", memory=True, rounds=10, tokens=16384))
-    doc["correctness"] = checks
-    doc["no_host_sync"] = no_sync
-    doc["gpu"] = torch.cuda.get_device_name()
-    with tempfile.TemporaryDirectory() as tmp:
-        doc["torchrun_nccl"] = check_torchrun_nccl(Path(tmp))
-        if args.generate:
-            doc["generate"] = bench_generate_cuda(Path(tmp))
-    print("torchrun (NCCL, 1 process) vs one process, val loss:", doc["torchrun_nccl"])
-    from rich.console import Console
-
-    Console(width=160).print(render_table(doc))
-    print(json.dumps(doc["memory"], indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
+    out = Path(args.out)
+    if (out / "results.json").exists() and not args.overwrite:
+        sys.exit(f"{out / 'results.json'} exists; pass --overwrite to replace it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    left = lambda: args.budget - (time.monotonic() - start)  # noqa: E731
+    sections = {
+        "env": env_info,
+        "correctness": correctness,
+        "no_host_sync": lambda: [check_no_host_sync(autocast=autocast) for autocast in (False, True)],
+        "layer": bench_layer,
+        "generate_bf16_ref-8e-top2": lambda: bench_generate("ref-8e-top2", "bf16", max(left(), 1)),
+        "generate_bf16_ref-32e-top4-shared": lambda: bench_generate("ref-32e-top4-shared", "bf16", max(left(), 1)),
+        "generate_fp32_ref-32e-top4-shared": lambda: bench_generate("ref-32e-top4-shared", "fp32", max(left(), 1)),
+        "profile": lambda: profile_in_child(out / "profile.txt", left()),
+        "generate_fp32_ref-8e-top2": lambda: bench_generate("ref-8e-top2", "fp32", max(left(), 1)),
+        "torchrun_nccl": lambda: check_torchrun_nccl(Path(tempfile.mkdtemp())),
+    }  # fmt: skip
+    results: dict = {}
+    for name, fn in sections.items():
+        if args.only and name not in args.only:
+            continue
+        if left() < 10:
+            results[name] = {"skipped": "out of budget"}
+            continue
+        print(f"--- {name} ({left():.0f} s left)", flush=True)
+        t0 = time.monotonic()
+        try:
+            results[name] = fn()
+        except BaseException as err:  # noqa: BLE001 - a section's failure is its result; the rest still run
+            results[name] = {"error": f"{type(err).__name__}: {err}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+            print(results[name]["traceback"], flush=True)
+        print(f"--- {name} took {time.monotonic() - t0:.1f} s", flush=True)
+        (out / "results.json.tmp").write_text(json.dumps(results, indent=1, default=str))
+        (out / "results.json.tmp").replace(out / "results.json")
 
 
 if __name__ == "__main__":
