@@ -413,7 +413,6 @@ def test_decode_step_in_bf16_equals_forward():
         assert_close(logits, model(ids).logits[:, -1], atol=2e-2, rtol=2e-2)
 
 
-
 def test_on_a_gpu_infer_gathers_while_the_copies_fit_and_so_reads_nothing_back(monkeypatch):
     """On a GPU (asked of the decision alone: no GPU here) the gathered path is taken while the
     T*K experts' copies fit gpu_gather_bytes, whatever gather_rows says; there `infer` reads
@@ -424,10 +423,10 @@ def test_on_a_gpu_infer_gathers_while_the_copies_fit_and_so_reads_nothing_back(m
     layer.gather_rows = 0
     layer.gpu_gather_bytes = 3 * K * layer.experts.expert_bytes
     assert layer._gathers_rows(3 * K, cuda) and not layer._gathers_rows(3 * K + 1, cuda)
-    assert not layer.infer_syncs(3, cuda) and layer.infer_syncs(4, cuda)
-    assert layer.infer_syncs(1, torch.device("cpu")), "gather_rows=0 on a CPU: the dispatch"
+    assert not layer.compiled_infer_syncs(3, cuda) and layer.compiled_infer_syncs(4, cuda)
+    assert layer.compiled_infer_syncs(1, torch.device("cpu")), "gather_rows=0 on a CPU: the dispatch"
     monkeypatch.setattr(type(layer.experts), "reads_routing_on_host", True)
-    assert layer.infer_syncs(1, cuda)
+    assert layer.compiled_infer_syncs(1, cuda)
 
 
 class _ReplayByRerunning:
@@ -454,7 +453,7 @@ def test_generate_replays_one_decode_graph_where_no_layer_syncs(monkeypatch):
     want = model.generate(ids, 6, greedy=True)
     graphs = []
 
-    def fake_capture(fn):
+    def fake_capture(fn, device):
         fn()  # the warm-up
         out = fn()
         graphs.append(_ReplayByRerunning(fn, out))
@@ -465,3 +464,23 @@ def test_generate_replays_one_decode_graph_where_no_layer_syncs(monkeypatch):
     monkeypatch.setattr(model, "_graphs_decode", lambda batch, device: True)
     assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)
     assert len(graphs) == 1 and graphs[0].replays == 5  # the prompt eagerly, then one replay per token
+
+
+def test_a_failed_capture_warns_and_decodes_uncaptured(monkeypatch):
+    """Where capturing fails (e.g. dynamo past its recompile limit runs the step eagerly, and the
+    router's check reads back inside the capture), generate warns and decodes without the graph:
+    the same tokens."""
+    from moelab.models import decode_graph
+
+    model = make_model(init_std=0.2).eval()
+    ids = random_ids(batch=2, seq=5)
+    want = model.generate(ids, 6, greedy=True)
+
+    def failing_capture(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decode_graph, "capture", failing_capture)
+    monkeypatch.setattr(model, "_compiled_step", lambda: type(model)._decode)
+    monkeypatch.setattr(model, "_graphs_decode", lambda batch, device: True)
+    with pytest.warns(UserWarning, match="without a CUDA graph.*not permitted"):
+        assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)

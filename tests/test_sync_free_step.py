@@ -145,6 +145,7 @@ def test_the_layer_masks_exactly_when_slots_may_be_empty(monkeypatch, skip_ratio
     y, result = layer(x)
     y.square().sum().backward()
     assert asked == [skip_ratio is not None]
+    assert (result.experts_per_token < 3).item() == (skip_ratio is not None)  # skipped slots: rows past the counts
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
 

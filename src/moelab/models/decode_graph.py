@@ -20,7 +20,7 @@ class DecodeGraph:
         self.ids = ids.clone()
         self.position = torch.tensor(position, device=ids.device)
         # The warm-up writes the cache at `position` what the first replay writes again.
-        self.graph, self.logits = capture(lambda: step(model, self.ids, cache, self.position))
+        self.graph, self.logits = capture(lambda: step(model, self.ids, cache, self.position), ids.device)
 
     def __call__(self, ids: Tensor, position: int) -> Tensor:
         self.ids.copy_(ids)
@@ -29,16 +29,17 @@ class DecodeGraph:
         return self.logits
 
 
-def capture(fn: Callable[[], Tensor]) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-    """fn() run once on a side stream (compiling, the libraries' lazy set-up: torch.cuda.graph's
-    warm-up), then captured: (the graph, fn's output buffer that each replay rewrites)."""
-    device = torch.cuda.current_device()
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+def capture(fn: Callable[[], Tensor], device: torch.device) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """fn() run once on a side stream of `device` (compiling, the libraries' lazy set-up:
+    torch.cuda.graph's warm-up), then captured: (the graph, fn's output buffer that each replay
+    rewrites)."""
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
     return graph, out

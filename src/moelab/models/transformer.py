@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import types
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -371,8 +372,21 @@ class MoETransformer(nn.Module):
 
     def _graphs_decode(self, batch: int, device: torch.device) -> bool:
         """Whether the compiled decode step of `batch` tokens on `device` runs as a CUDA graph
-        (`DecodeGraph`): on a GPU, where no MoE layer reads anything back to the host."""
-        return device.type == "cuda" and not any(moe.infer_syncs(batch, device) for moe in self.moe_layers.values())
+        (`DecodeGraph`): on a GPU, where no MoE layer's compiled `infer` reads anything back to
+        the host."""
+        return device.type == "cuda" and not any(
+            moe.compiled_infer_syncs(batch, device) for moe in self.moe_layers.values()
+        )
+
+    def _decode_graph(self, step, ids: Tensor, cache: KVCache, position: int) -> DecodeGraph | None:
+        """The compiled step captured at `position` (`DecodeGraph`), or None with a warning where
+        the capture fails: e.g. once dynamo stops compiling (its recompile limit) and runs the step
+        eagerly, whose router checks read back to the host. Decoding then goes on uncaptured."""
+        try:
+            return DecodeGraph(step, self, ids, cache, position)
+        except RuntimeError as err:
+            warnings.warn(f"decoding without a CUDA graph: capturing the compiled step failed ({err})", stacklevel=3)
+            return None
 
     def _frozen_state(self) -> tuple:
         """What a frozen decode graph depends on besides its inputs: every parameter and buffer
@@ -469,7 +483,8 @@ class MoETransformer(nn.Module):
         experts), its experts run inside the graph as one opaque op (`moelab.nn.opaque`). Models
         with a layer that drops by capacity or splits experts over ranks decode eagerly
         (`MoELayer.compiles_infer`). On a GPU, where no MoE layer reads anything back to the host
-        (`MoELayer.infer_syncs`: its experts gathered), the step runs as a CUDA graph (`DecodeGraph`)."""
+        (`MoELayer.compiled_infer_syncs`: its experts gathered), the step runs as a CUDA graph
+        (`DecodeGraph`)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {list(input_ids.shape)}")
         B, S = input_ids.shape
@@ -500,11 +515,11 @@ class MoETransformer(nn.Module):
         graphed = compiling and self._graphs_decode(B, input_ids.device)
         with frozen_step_settings(input_ids.device) if compiling else contextlib.nullcontext():
             for _ in range(max_new_tokens):
+                if graphed is True and pos > 0:  # the first one-token step: capture it
+                    graphed = self._decode_graph(static_step, step_ids, cache, pos)
                 if cache is None:
                     logits = self._decode(tokens, None, 0)
                 elif graphed and pos > 0:
-                    if graphed is True:
-                        graphed = DecodeGraph(static_step, self, step_ids, cache, pos)
                     logits = graphed(step_ids, pos)
                 elif static_step is not None and pos > 0:
                     logits = static_step(self, step_ids, cache, torch.tensor(pos, device=input_ids.device))

@@ -283,6 +283,8 @@ def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, g
     # groups' rows. So only what leaves is masked: the output (zeros) and the gradient of the
     # input rows (zeros); a bias past the last group is a zero row whose gradient is dropped.
     masked = on_device and rows_past_counts
+    if on_device and not rows_past_counts:  # the caller's promise, checked on the device (no sync on a GPU)
+        torch._assert_async(ends[-1] == xs.shape[0], "device counts must cover every row with rows_past_counts=False")
     if masked:
         valid = (torch.arange(xs.shape[0], device=xs.device) < ends[-1])[:, None]
         xs = _MaskGrad.apply(xs, valid)
@@ -344,8 +346,9 @@ def gathered_mlp(
 
     Each slot's expert weights are gathered ([T*K, H, D] and [T*K, D, I]) and applied as two
     batched matmuls: a fixed number of operations whatever the routing, no host synchronisation
-    and no loop over experts, so it suits a few tokens (T*K up to about E; beyond that the
-    gathered copies outweigh the grouped path's per-expert loop). Inference only. One token run
+    and no loop over experts, so it suits a few tokens (on a CPU T*K up to about E, beyond which
+    the gathered copies outweigh the grouped path's per-expert loop; on a GPU while the copies are
+    small: `MoELayer.gpu_gather_bytes`). Inference only. One token run
     eagerly on a CPU skips the copies (`_one_token_mlp`)."""
     T, K = indices.shape
     if T == 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():

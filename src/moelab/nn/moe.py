@@ -256,8 +256,9 @@ class MoELayer(nn.Module):
 
     def infer(self, x: Tensor, router: Router | None = None, *, context: dict[str, Tensor] | None = None) -> Tensor:
         """The inference path: `forward`'s output alone (no losses, loads or metrics), x: [..., D]
-        -> [..., D]. A few tokens (T*K <= `gather_rows`, and on a CPU one token or experts of at
-        most `gather_bytes`, compiled `compiled_gather_bytes`) run their experts on gathered
+        -> [..., D]. A few tokens (on a CPU T*K <= `gather_rows`, and one token or experts of at
+        most `gather_bytes`, compiled `compiled_gather_bytes`; on a GPU T*K experts' copies of at
+        most `gpu_gather_bytes`) run their experts on gathered
         weights (`gathered_mlp`): a fixed sequence of operations, no host synchronisation, no loop
         over experts. The others run `routed`, which plans the dispatch on the host. Compiled,
         everything but the gathered path (and experts that read the routing on the host, as
@@ -321,10 +322,11 @@ class MoELayer(nn.Module):
             and self.experts.runs_grouped_mm(rows.device, rows.dtype)
         )
 
-    def infer_syncs(self, tokens: int, device: torch.device) -> bool:
-        """Whether `infer` over `tokens` tokens on `device` reads anything back to the host (the
-        dispatch plan's counts, or offloaded experts' routing): else a compiled step of it can
-        be captured in a CUDA graph."""
+    def compiled_infer_syncs(self, tokens: int, device: torch.device) -> bool:
+        """Whether `infer`, compiled, over `tokens` tokens on `device` reads anything back to the
+        host (the dispatch plan's counts, or offloaded experts' routing; eagerly the router's
+        finiteness check reads back too): else a compiled step of it can be captured in a CUDA
+        graph."""
         return self.experts.reads_routing_on_host or not self._gathers_rows(tokens * self.router.top_k, device)
 
     @property
