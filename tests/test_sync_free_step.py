@@ -6,6 +6,8 @@ host raises, which is what proves a step reads nothing back."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moelab.models import ModelConfig, MoETransformer
 from moelab.nn import MoEConfig, build_moe, plan_dispatch
@@ -82,12 +84,12 @@ def test_rows_past_the_groups_are_zero_and_pass_zero_gradients(monkeypatch, gate
     }
     counts = [2, 0, 4, 1]
     results = []
-    for backend, rows, given in (("grouped_mm", 10, torch.tensor(counts)), ("grouped", 7, counts)):
+    for backend, rows, split in (("grouped_mm", 10, torch.tensor(counts)), ("grouped", 7, counts)):
         t = {n: v.clone().requires_grad_(True) for n, v in leaves.items()}
         t["xs"] = leaves["xs"][:rows].clone().requires_grad_(True)
         t["row_weights"] = leaves["row_weights"][:rows].clone().requires_grad_(True)
         ys = grouped_mlp(
-            t["xs"], given, t["row_weights"], t["w_in"], t["b_in"], t["w_out"], t["b_out"],
+            t["xs"], split, t["row_weights"], t["w_in"], t["b_in"], t["w_out"], t["b_out"],
             activation="silu", gated=gated, backend=backend,
         )  # fmt: skip
         ys.backward(torch.ones_like(ys))
@@ -100,6 +102,71 @@ def test_rows_past_the_groups_are_zero_and_pass_zero_gradients(monkeypatch, gate
         torch.testing.assert_close(grads[name][:7], ref_grads[name])
     for name in ("w_in", "b_in", "w_out", "b_out"):
         torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 5), min_size=E, max_size=E),
+    empty=st.integers(0, 4),
+    gated=st.booleans(),
+    biases=st.booleans(),
+    bf16=st.booleans(),
+)
+def test_device_counts_property(counts, empty, gated, biases, bf16):
+    """Any split of the rows over the experts (experts with no rows, all rows on one, no routed
+    row at all) plus `empty` rows past the counts, which torch._grouped_mm leaves NaN: the routed
+    rows equal the host-count path's forward and backward, the rows past the counts are exactly
+    zero with zero gradients, and no weight or bias gradient sees a NaN; with no rows past the
+    counts, rows_past_counts=False gives the same."""
+    real = torch._grouped_mm
+    torch._grouped_mm = lambda a, b, offs=None: _UnsetRows.apply(a, b, offs)
+    try:
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        width = 8 if bf16 else I  # grouped_mm needs 16-byte aligned rows
+        routed = sum(counts)
+        g = torch.Generator().manual_seed(routed * 7 + empty)
+        H = 2 * width if gated else width
+        leaves = {
+            "xs": torch.randn(routed + empty, D, generator=g),
+            "row_weights": torch.rand(routed + empty, generator=g),
+            "w_in": torch.randn(E, H, D, generator=g) / D**0.5,
+            "b_in": torch.randn(E, H, generator=g) if biases else None,
+            "w_out": torch.randn(E, D, width, generator=g) / width**0.5,
+            "b_out": torch.randn(E, D, generator=g) if biases else None,
+        }
+        modes = [("grouped_mm", routed + empty, torch.tensor(counts), True), ("grouped", routed, counts, True)]
+        if empty == 0:
+            modes.append(("grouped_mm", routed, torch.tensor(counts), False))
+        runs = []
+        for backend, rows, given_counts, past in modes:
+            t = {n: None if v is None else v.to(dtype).clone().requires_grad_(True) for n, v in leaves.items()}
+            t["xs"] = leaves["xs"][:rows].to(dtype).clone().requires_grad_(True)
+            t["row_weights"] = leaves["row_weights"][:rows].to(dtype).clone().requires_grad_(True)
+            if rows == 0 and backend == "grouped":
+                continue  # no routed row: nothing to compare against
+            ys = grouped_mlp(
+                t["xs"], given_counts, t["row_weights"], t["w_in"], t["b_in"], t["w_out"], t["b_out"],
+                activation="silu", gated=gated, backend=backend, rows_past_counts=past,
+            )  # fmt: skip
+            ys.float().square().sum().backward()
+            runs.append((ys.detach(), {n: v.grad for n, v in t.items() if v is not None}))
+        (ys, grads), *references = runs
+        assert torch.equal(ys[routed:], torch.zeros_like(ys[routed:]))
+        for name in ("xs", "row_weights"):
+            assert torch.equal(grads[name][routed:], torch.zeros_like(grads[name][routed:])), name
+        for name, grad in grads.items():
+            assert torch.isfinite(grad).all(), name
+
+        def close(mine, ref, name):  # bf16: within its rounding of the largest value
+            tol = {"rtol": 2e-2, "atol": 2e-2 * (float(ref.abs().max()) + 1)} if bf16 else {}
+            torch.testing.assert_close(mine, ref, **tol, msg=name)
+
+        for ref_ys, ref_grads in references:
+            close(ys[:routed], ref_ys, "ys")
+            for name, grad in ref_grads.items():
+                close(grads[name][:routed] if name in ("xs", "row_weights") else grads[name], grad, name)
+    finally:
+        torch._grouped_mm = real
 
 
 def test_counts_known_to_cover_every_row_mask_nothing(monkeypatch):
