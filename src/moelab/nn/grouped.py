@@ -285,12 +285,12 @@ def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, g
     masked = on_device and rows_past_counts
     if on_device and not rows_past_counts:  # the caller's promise, checked on the device (no sync on a GPU)
         torch._assert_async(ends[-1] == xs.shape[0], "device counts must cover every row with rows_past_counts=False")
+    has_bias = b_in is not None or b_out is not None
+    row = torch.arange(xs.shape[0], device=xs.device) if masked or has_bias else None
     if masked:
-        valid = (torch.arange(xs.shape[0], device=xs.device) < ends[-1])[:, None]
+        valid = (row < ends[-1])[:, None]
         xs = _MaskGrad.apply(xs, valid)
-    expert_of_row = None
-    if b_in is not None or b_out is not None:  # E (the zero row) past the last group
-        expert_of_row = torch.searchsorted(ends, torch.arange(xs.shape[0], device=xs.device), right=True)
+    expert_of_row = torch.searchsorted(ends, row, right=True) if has_bias else None  # E (the zero row) past the last group
 
     def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         out = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
