@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moelab.hf.checkpoint import CheckpointError
-from moelab.hf.native import copy_expert
+from moelab.hf.native import copy_expert, empty_experts
 from moelab.models import MoETransformer, save_pretrained, tiny
 from moelab.offload import ExpertCache, ExpertStore, OffloadedExperts, RoutingPrior, load_offloaded
 from moelab.offload.model import greedy_generate
@@ -352,12 +352,18 @@ def test_load_reads_an_expert_straight_into_its_slot_where_the_files_allow(tmp_p
         try:
             layer, expert = store.moe_layers[-1], store.num_experts - 1
             pool, reference = store.empty(2), store.empty(2)
+            unregistered = empty_experts(store._template, 2, dtype=dtype)  # no byte views made by `empty`
             views.clear()
             store.load(layer, expert, pool, 1)
             assert (not views) == (direct and dtype == torch.float32), (family, dtype)
+            store.checkpoint.close()  # the shards reopen on the next read
+            store.load(layer, expert, unregistered, 1)
+            store.load(layer, 0, pool, 0)
             copy_expert(read(store, layer, expert), reference, 1)
-            for got, want in zip(pool.parameters(), reference.parameters(), strict=True):
-                assert torch.equal(got[1], want[1])
+            copy_expert(read(store, layer, 0), reference, 0)
+            for got, want, other in zip(pool.parameters(), reference.parameters(), unregistered.parameters(), strict=True):
+                assert torch.equal(got, want)
+                assert torch.equal(other[1], want[1])
         finally:
             store.close()
 

@@ -2,8 +2,7 @@
 
 `Checkpoint(dir)` maps every tensor name to its shard, from `model.safetensors.index.json` or,
 without an index, from the headers of the directory's `*.safetensors` files. `get(name)` reads
-one tensor and keeps at most one shard open, so a model larger than RAM can be read piece by
-piece; `Checkpoint(dir, shapes_only=True)` reads shard headers only. Pickle weights
+one tensor with plain file reads, so a model larger than RAM can be read piece by piece; `Checkpoint(dir, shapes_only=True)` reads shard headers only. Pickle weights
 (`pytorch_model.bin`, `*.pt`, ...) are refused, never unpickled. Shard names in the index must be
 files inside the directory.
 """
@@ -38,7 +37,8 @@ class Checkpoint:
     """The tensors of one checkpoint directory, read lazily.
 
     keys(): every tensor name; `name in ckpt`; shape(name) reads a shard header only;
-    get(name) reads one tensor. At most one shard is open at a time (`close()` closes it).
+    get(name) reads one tensor (at most one shard's header handle is open at a time); read_into
+    reads one straight into a tensor, keeping the shards it reads open; `close()` closes them all.
     shapes_only: get(name) returns a tensor on the meta device with the stored shape and dtype,
     read from the shard header (no weights are read): enough to check a model's layout.
     """
@@ -55,6 +55,7 @@ class Checkpoint:
         ] = {}  # shard -> (data start, {name: (dtype, shape, begin, end)})
         self._stats: dict[Path, tuple[int, int, int]] = {}  # shard path -> (inode, size, mtime) at its header read
         self._located: dict[str, RawTensor] = {}  # read_into's tensors, located once
+        self._files: dict[Path, int] = {}  # read_bytes's open shards (file descriptors)
 
     def keys(self) -> list[str]:
         return list(self._shard_of)
@@ -115,18 +116,23 @@ class Checkpoint:
                 f"read_into needs a contiguous CPU tensor, got a {'' if out.is_contiguous() else 'non-'}contiguous "
                 f"one on {out.device}"
             )
-        target = memoryview(out.detach().view(torch.uint8).numpy()).cast("B")
-        fd = os.open(raw.path, os.O_RDONLY)
-        try:
-            self._check_unchanged(raw.path, os.fstat(fd))
-            done = 0
-            while done < nbytes:
-                got = os.preadv(fd, [target[done:]], offset + done)
-                if got == 0:
-                    raise CheckpointError(f"{raw.path} ends inside tensor {name!r}; it is truncated, re-download it")
-                done += got
-        finally:
-            os.close(fd)
+        self.read_bytes(raw.path, offset, byte_view(out), name)
+
+    def read_bytes(self, path: Path, offset: int, target: memoryview, name: str) -> None:
+        """Fill `target` (a writable byte view) with the bytes of shard `path` from `offset` (the data of
+        tensor `name`, located by `raw`): one positioned read, no buffer in between. The shard stays
+        open between calls (`close` closes it) and is checked unchanged at each: rewritten in place, it
+        is refused; replaced by a new file, the copy first opened keeps being read."""
+        fd = self._files.get(path)
+        if fd is None:
+            fd = self._files[path] = os.open(path, os.O_RDONLY)
+        self._check_unchanged(path, os.fstat(fd))
+        done, nbytes = 0, len(target)
+        while done < nbytes:
+            got = os.preadv(fd, [target[done:]], offset + done)
+            if got == 0:
+                raise CheckpointError(f"{path} ends inside tensor {name!r}; it is truncated, re-download it")
+            done += got
 
     def _check_unchanged(self, path: Path, stat: os.stat_result) -> None:
         if _identity(stat) != self._stats[path]:
@@ -166,6 +172,13 @@ class Checkpoint:
             return f.metadata() or {}
 
     def close(self) -> None:
+        """Close the open shards (they reopen when read again)."""
+        self._close_handle()
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def _close_handle(self) -> None:
         if self._open is not None:
             self._open[1].__exit__(None, None, None)
             self._open = None
@@ -181,7 +194,7 @@ class Checkpoint:
         if shard is None:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint {self.directory}")
         if self._open is None or self._open[0] != shard:
-            self.close()
+            self._close_handle()
             handle = _safe_open(self.directory / shard)
             self._open = (shard, handle, set(handle.keys()))
         _, handle, shard_keys = self._open
@@ -240,6 +253,11 @@ def _weight_map(index_path: Path) -> dict[str, str]:
     for shard in set(weight_map.values()):
         file_inside(index_path.parent, shard, index_path, error=CheckpointError)
     return weight_map
+
+
+def byte_view(tensor: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable in place (a target for `Checkpoint.read_bytes`)."""
+    return memoryview(tensor.detach().view(torch.uint8).numpy()).cast("B")
 
 
 def _identity(stat: os.stat_result) -> tuple[int, int, int]:

@@ -20,13 +20,16 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from moelab.hf.adapters import resolve
-from moelab.hf.checkpoint import DTYPES, CheckpointError
-from moelab.hf.layouts import ExpertPart, config_value
+from moelab.hf.checkpoint import DTYPES, CheckpointError, byte_view
+from moelab.hf.layouts import config_value
 from moelab.hf.native import copy_expert, empty_experts, experts_from_view
 from moelab.hf.view import ExpertsView, ModelView
 from moelab.nn.experts import Experts
@@ -60,7 +63,8 @@ class ExpertStore:
             raise CheckpointError(f"{self.path} has no layers with routed experts; there is nothing to offload")
         self.num_experts = config_value(config, *family.num_experts)
         self._lock = threading.Lock()
-        self._planned: dict[tuple, list[ExpertPart] | None] = {}  # `_parts`, per expert and pool shape
+        self._planned: dict[tuple, list[_Read] | None] = {}  # `_reads`, per expert and pool shape
+        self._targets: weakref.WeakKeyDictionary[Experts, list[dict[str, memoryview]]] = weakref.WeakKeyDictionary()
         self.expert_bytes = 0  # set below, after reading the template unthrottled
         self._template = self._view_of(self.moe_layers[0], 0)
         one = experts_from_view(self._template)
@@ -80,15 +84,17 @@ class ExpertStore:
     def load(self, layer: int, expert: int, pool: Experts, slot: int) -> None:
         """Put expert `expert` of MoE layer `layer` into entry `slot` of `pool` (from `empty`): read
         straight into it where the files allow (see the module docstring), else read and copy."""
-        parts = self._parts(layer, expert, pool)
-        if parts is None:
+        reads = self._reads(layer, expert, pool)
+        if reads is None:
             copy_expert(self.read(layer, expert), pool, slot)
             return
+        targets = self._targets.get(pool)
         with self._reading():
-            for part in parts:
-                self.checkpoint.read_into(part.name, _slot_part(pool, slot, part.part), part.row)
+            for read in reads:
+                target = byte_view(_slot_part(pool, slot, read.part)) if targets is None else targets[slot][read.part]
+                self.checkpoint.read_bytes(read.path, read.offset, target, read.name)
 
-    def _parts(self, layer: int, expert: int, pool: Experts) -> list[ExpertPart] | None:
+    def _reads(self, layer: int, expert: int, pool: Experts) -> list[_Read] | None:
         """Where the expert lies, if it can be read straight into `pool` (else None); worked out
         once per expert and pool shape."""
         key = (layer, expert, pool.dim, pool.hidden_dim, pool.gate_up_bias is None)
@@ -96,7 +102,7 @@ class ExpertStore:
             self._planned[key] = self._plan(layer, expert, pool)
         return self._planned[key]
 
-    def _plan(self, layer: int, expert: int, pool: Experts) -> list[ExpertPart] | None:
+    def _plan(self, layer: int, expert: int, pool: Experts) -> list[_Read] | None:
         self._check_index(layer, expert)
         layout = self.family.layout_of(self.checkpoint, layer).experts
         if not hasattr(layout, "parts") or pool.gate_up_bias is not None:
@@ -106,16 +112,26 @@ class ExpertStore:
             return None
         I, D = pool.hidden_dim, pool.dim
         shapes = {"gate": (I, D), "up": (I, D), "gate_up": (2 * I, D), "down": (D, I)}
+        reads = []
         for part in parts:
             raw = self.checkpoint.raw(part.name)
             stored = raw.shape if part.row is None else raw.shape[1:]
             if DTYPES.get(raw.dtype) != self.dtype or tuple(stored) != shapes[part.part]:
                 return None  # converted, or refused with the shape error, by `read`
-        return parts
+            offset = raw.offset if part.row is None else raw.offset + part.row * (raw.nbytes // raw.shape[0])
+            reads.append(_Read(part.name, raw.path, offset, part.part))
+        return reads
 
     def empty(self, slots: int, device: torch.device | str = "cpu") -> Experts:
-        """`slots` uninitialised experts shaped like this checkpoint's, in the store's dtype."""
-        return empty_experts(self._template, slots, dtype=self.dtype, device=device)
+        """`slots` uninitialised experts shaped like this checkpoint's, in the store's dtype (on a CPU
+        with each slot's byte views made once, for `load` to read into)."""
+        pool = empty_experts(self._template, slots, dtype=self.dtype, device=device)
+        if pool.gate_up_proj.device.type == "cpu" and pool.gate_up_bias is None:
+            self._targets[pool] = [
+                {part: byte_view(_slot_part(pool, slot, part)) for part in ("gate", "up", "gate_up", "down")}
+                for slot in range(slots)
+            ]  # fmt: skip
+        return pool
 
     def _view_of(self, layer: int, expert: int) -> ExpertsView:
         self._check_index(layer, expert)
@@ -139,6 +155,17 @@ class ExpertStore:
 
     def close(self) -> None:
         self.view.close()
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One positioned read of an expert's matrix: tensor `name`'s bytes for it at `offset` of shard
+    `path`, into `part` ("gate", "up", "gate_up", "down") of a pool slot."""
+
+    name: str
+    path: Path
+    offset: int
+    part: str
 
 
 def _slot_part(pool: Experts, slot: int, part: str) -> torch.Tensor:
