@@ -187,21 +187,26 @@ def test_reuse_evicts_the_expert_needed_furthest_ahead(tmp_path):
     """Layers 0, 1, 2 in a cycle; after running layer 2, layer 0 runs next (1 visit ahead), layer
     1 after it (2 ahead) and layer 2 itself last (3 ahead). With equal probabilities the victim is
     layer 2's expert; a lower probability pushes another layer's expert further."""
-    frequency = {i: torch.full((4,), 0.5) for i in range(3)}
-    affinity = {i: torch.full((4, 4), 0.25) for i in range(2)}
-    prior = RoutingPrior((0, 1, 2), frequency, affinity)
-    cache = _cache(tmp_path, 3, "reuse", prior)
-    for layer, expert in ((0, 0), (1, 1), (2, 2)):
-        cache.fetch(layer, [expert], tokens=1)
-        cache.release()
-    cache._current = 2  # noqa: SLF001 - the cycle position after layer 2 ran
-    cache._recency.clear()  # noqa: SLF001 - probabilities from the prior alone
-    cache._chance.clear()  # noqa: SLF001
-    assert cache._owner[cache._victim()] == (2, 2)  # noqa: SLF001
-    prior.frequency[1][1] = 0.01  # (1, 1): 2 + 3 * 99 visits ahead
-    cache._chance.clear()  # noqa: SLF001
-    assert cache._owner[cache._victim()] == (1, 1)  # noqa: SLF001
-    cache.close()
+    _, path = _native(tmp_path)
+
+    def victim(rare: float):
+        frequency = {i: torch.full((4,), 0.5) for i in range(3)}
+        frequency[1][1] = rare
+        prior = RoutingPrior((0, 1, 2), frequency, {i: torch.full((4, 4), 0.25) for i in range(2)})
+        cache = ExpertCache(ExpertStore(path), 3, eviction="reuse", prior=prior)
+        for layer, expert in ((0, 0), (1, 1), (2, 2)):
+            cache.fetch(layer, [expert], tokens=1)
+            cache.release()
+        cache._current = 2  # noqa: SLF001 - the cycle position after layer 2 ran
+        cache._visited[:] = False  # noqa: SLF001 - probabilities from the prior alone
+        cache._wait_known = [False] * 3  # noqa: SLF001
+        try:
+            return cache._owner[cache._victim()]  # noqa: SLF001
+        finally:
+            cache.close()
+
+    assert victim(0.5) == (2, 2)
+    assert victim(0.01) == (1, 1)  # (1, 1): 2 + 3 * 99 visits ahead
 
 
 def test_prefetch_counts_and_late_hits(tmp_path):
@@ -239,6 +244,73 @@ def test_every_slot_handed_out_holds_its_expert(tmp_path_factory, calls, slots, 
                 assert torch.equal(cache.pool.gate_up_proj[slot], torch.cat([one.gate[0], one.up[0]]))
                 assert torch.equal(cache.pool.down_proj[slot], one.down[0])
             cache.release()
+    finally:
+        cache.close()
+
+
+def _victim_slot_by_slot(cache: ExpertCache, predicted: dict, instead_of=None):
+    """`ExpertCache._victim`'s choice written slot by slot, in plain Python floats: the least
+    recently used unpinned slot ("lru"), or the one whose expert is expected furthest ahead,
+    d + L (1 - p) / p visits, ties to the least recently used ("reuse"); p: the layer's last
+    prediction (`predicted`) or its habit."""
+    if None in cache._owner:  # noqa: SLF001
+        return cache._owner.index(None)  # noqa: SLF001
+    order = sorted(range(cache.slots), key=lambda s: int(cache._used_at[s]))  # noqa: SLF001 - LRU first
+    candidates = [s for s in order if s not in cache._pinned]  # noqa: SLF001
+    if not candidates:
+        return None
+    if cache.eviction == "lru":
+        return candidates[0]
+    layers = cache.store.moe_layers
+    L = len(layers)
+
+    def next_use(layer, expert):
+        ahead = (layers.index(layer) - layers.index(cache._current)) % L or L  # noqa: SLF001
+        p = predicted[layer][expert] if layer in predicted else cache.habit(layer).tolist()[expert]
+        p = min(max(p, 1e-3), 1.0)
+        return ahead + L * (1 - p) / p
+
+    victim = max(candidates, key=lambda s: next_use(*cache._owner[s]))  # noqa: SLF001 - first of the ties
+    if instead_of is not None and cache._owner[victim][0] == instead_of[0]:  # noqa: SLF001
+        if next_use(*cache._owner[victim]) <= next_use(*instead_of):  # noqa: SLF001
+            return None
+    return victim
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    calls=st.lists(
+        st.tuples(
+            st.integers(0, 2), st.sets(st.integers(0, 3), min_size=1, max_size=3),
+            st.lists(st.sampled_from([0.0, 0.005, 0.1, 0.25, 0.5, 1.0]), min_size=4, max_size=4),
+        ),
+        min_size=1, max_size=12,
+    ),
+    slots=st.integers(3, 12),
+    eviction=st.sampled_from(["lru", "reuse"]),
+    with_prior=st.booleans(),
+)  # fmt: skip
+def test_eviction_equals_the_policy_written_slot_by_slot(tmp_path_factory, calls, slots, eviction, with_prior):
+    """The vectorised victim choice against `_victim_slot_by_slot`, before and after every fetch and
+    prefetch of a random sequence, with equal chances (ties) common."""
+    prior = None
+    if with_prior:
+        frequency = {i: torch.tensor([0.5, 0.25, 0.25, 1.0]) for i in range(3)}
+        prior = RoutingPrior((0, 1, 2), frequency, {i: torch.full((4, 4), 0.25) for i in range(2)})
+    cache = _cache(tmp_path_factory.mktemp("c"), slots, eviction, prior)
+    predicted = {}
+    try:
+        for layer, experts, chances in calls:
+            cache.fetch(layer, sorted(experts), tokens=1)
+            predicted.pop(layer, None)
+            assert cache._victim() == _victim_slot_by_slot(cache, predicted)  # noqa: SLF001 - pinned ones excluded
+            cache.release()
+            following = (layer + 1) % 3
+            probability = torch.tensor(chances)
+            cache.prefetch(following, probability + 0.01, probability, limit=2)
+            predicted[following] = probability.tolist()
+            for key in (None, (following, 0), (layer, 3)):
+                assert cache._victim(key) == _victim_slot_by_slot(cache, predicted, key)  # noqa: SLF001
     finally:
         cache.close()
 

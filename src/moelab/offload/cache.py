@@ -32,10 +32,10 @@ in the layer call (decode steps of batch B call every layer with B tokens; a pre
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -110,20 +110,36 @@ class ExpertCache:
         self.prior = prior
         self.pool = store.empty(slots, device)
         self._position = {layer: p for p, layer in enumerate(store.moe_layers)}
-        self._uniform = torch.full((store.num_experts,), 1.0 / store.num_experts)  # frequency without a prior
+        L, E = len(self._position), store.num_experts
+        self._frequency = np.full((L, E), 1.0 / E, dtype=np.float32)  # [L, E] calibration frequency (1/E without a prior)
+        if prior is not None:
+            self._frequency = torch.stack([prior.frequency[layer].float() for layer in store.moe_layers]).numpy()
+        # [L, L] visits from the current layer (row) to each layer's next visit (column): 1..L.
+        ahead = (np.arange(L)[None, :] - np.arange(L)[:, None]) % L
+        self._ahead = np.where(ahead == 0, L, ahead)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="moelab-prefetch")
         self._clear()
 
     def _clear(self) -> None:
         """Forget everything the pool held and every count: the state of a new cache."""
+        L, E = len(self._position), self.store.num_experts
         self._slot_of: dict[tuple[int, int], int] = {}
         self._owner: list[tuple[int, int] | None] = [None] * self.slots
+        # The owners again as arrays, for scoring every slot at once: MoE layer position, and
+        # position * E + expert (an index into `_wait`'s entries).
+        self._owner_position = np.zeros(self.slots, dtype=np.int64)
+        self._owner_entry = np.zeros(self.slots, dtype=np.int64)
+        self._used_at = np.zeros(self.slots, dtype=np.int64)  # the clock at each slot's last use (LRU)
+        self._clock = 0
         self._loading: dict[int, Future] = {}
         self._pinned: set[int] = set()
-        self._recent: OrderedDict[int, None] = OrderedDict()  # slots, least recently used first
-        self._chance: dict[int, list[float]] = {}  # layer -> each expert's chance of being needed next visit
+        # [L, E] visits between a layer's visit and an expert's use at it, L (1 - p) / p (see the module
+        # docstring), from each expert's chance p of being needed at its layer's next visit.
+        self._wait = np.zeros((L, E))
+        self._wait_known = [False] * L  # per layer position: the row holds the last prediction (or habit)
         self._prefetched: dict[int, set[int]] = {}
-        self._recency: dict[int, list[float]] = {}  # layer -> [E] moving average of "chosen at a visit"
+        self._recency = np.zeros((L, E))  # [L, E] moving average of "chosen at a visit" of each layer's experts
+        self._visited = np.zeros(L, dtype=bool)  # per layer position: fetched at least once
         self._count: dict[int, int] = {}  # layer -> experts of it in the pool
         self._current = self.store.moe_layers[0]
         self.stats: dict[int, CacheStats] = {}
@@ -158,13 +174,12 @@ class ExpertCache:
                 f"{self.slots} slots are free; ask for fewer at a time"
             )
         self._current = layer
-        # Python floats, not a tensor: tensor operations cost more than the rest of a decode
-        # step's fetch (3 against 22 us a hit of two experts; see docs/benchmarks.md).
-        recency = self._recency.setdefault(layer, [0.0] * self.store.num_experts)
-        recency[:] = [r * RECENCY_DECAY for r in recency]
-        for expert in experts:
-            recency[expert] += 1 - RECENCY_DECAY
-        self._chance.pop(layer, None)  # habit until the next prediction for it, computed when asked (`_next_use`)
+        position = self._position[layer]
+        recency = self._recency[position]
+        recency *= RECENCY_DECAY
+        recency[experts] += 1 - RECENCY_DECAY
+        self._visited[position] = True
+        self._wait_known[position] = False  # habit until the next prediction, computed when asked
         prefetched = self._prefetched.pop(layer, set())
         self.prefetch_stats.used += len(prefetched.intersection(experts))
         stats = self.stats.setdefault(tokens, CacheStats())
@@ -186,7 +201,7 @@ class ExpertCache:
                 self._load(slot, (layer, expert))
                 self._pinned.add(slot)
         for slot in found.values():
-            self._recent.move_to_end(slot)
+            self._touch(slot)
         stats.wait_s += time.perf_counter() - start
         return [found[e] for e in experts]
 
@@ -194,9 +209,10 @@ class ExpertCache:
         """Start reading up to `limit` experts of `layer` with the highest `scores` [E] (> 0) that are
         not resident, on the background thread, into slots the eviction policy frees.
         probability: [E] the chance each is needed at that layer's next visit (for "reuse")."""
-        self._chance[layer] = probability.tolist()
-        order = torch.argsort(scores, descending=True, stable=True).tolist()
-        wanted = [e for e in order[:limit] if scores[e] > 0 and (layer, e) not in self._slot_of]
+        self._set_wait(self._position[layer], probability.numpy())
+        values = scores.tolist()
+        order = sorted(range(len(values)), key=values.__getitem__, reverse=True)  # stable: ties in expert order
+        wanted = [e for e in order[:limit] if values[e] > 0 and (layer, e) not in self._slot_of]
         issued = self._prefetched.setdefault(layer, set())
         for expert in wanted:
             slot = self._victim(instead_of=(layer, expert))
@@ -211,9 +227,13 @@ class ExpertCache:
         """[E] the chance each expert of `layer` is needed at its next visit, from habit alone: the
         mean of a moving average of its recent use and its calibration frequency (1/E without a
         prior)."""
-        frequency = self._uniform if self.prior is None else self.prior.frequency[layer]
-        recency = self._recency.get(layer)
-        return frequency.clone() if recency is None else (torch.tensor(recency, dtype=frequency.dtype) + frequency) / 2
+        return torch.from_numpy(self._habit([self._position[layer]])[0])
+
+    def _habit(self, positions: list[int]) -> np.ndarray:
+        """[len(positions), E] float32 `habit` of the MoE layers at these positions."""
+        frequency = self._frequency[positions]
+        recent = (self._recency[positions].astype(np.float32) + frequency) / 2
+        return np.where(self._visited[positions, None], recent, frequency)
 
     def release(self) -> None:
         self._pinned.clear()
@@ -248,41 +268,66 @@ class ExpertCache:
         self._count[key[0]] = self._count.get(key[0], 0) + 1
         self._owner[slot] = key
         self._slot_of[key] = slot
-        self._recent[slot] = None
-        self._recent.move_to_end(slot)
+        self._owner_position[slot] = self._position[key[0]]
+        self._owner_entry[slot] = self._position[key[0]] * self.store.num_experts + key[1]
+        self._touch(slot)
+
+    def _touch(self, slot: int) -> None:
+        """Mark `slot` as the most recently used."""
+        self._used_at[slot] = self._clock
+        self._clock += 1
 
     def _load(self, slot: int, key: tuple[int, int]) -> None:
         """Read expert `key` into `slot` (on the caller's thread)."""
         self.store.load(*key, self.pool, slot)
 
     def _victim(self, instead_of: tuple[int, int] | None = None) -> int | None:
-        """A slot to reuse: a free one, else the policy's choice among the unpinned loaded slots.
-        instead_of: a prefetch candidate, which takes any other layer's slot (that layer will be
-        prefetched for in turn before it runs) but not a likelier expert of its own layer; None
-        if there is no such slot (`fetch` checks that unpinned slots remain). The choice never
-        depends on how far background reads have got, so hits and misses are reproducible."""
+        """A slot to reuse: a free one, else the policy's choice among the unpinned loaded slots
+        (ties: the least recently used). instead_of: a prefetch candidate, which takes any other
+        layer's slot (that layer will be prefetched for in turn before it runs) but not a likelier
+        expert of its own layer; None if there is no such slot (`fetch` checks that unpinned slots
+        remain). The choice never depends on how far background reads have got (decided as if loads
+        were instant), so hits and misses are reproducible. Every slot is scored at once (numpy): a
+        Python loop over them cost 23-107 us a miss at 24-180 slots and ~1 ms at 1,536."""
         if None in self._owner:
             return self._owner.index(None)
-        candidates = [s for s in self._recent if s not in self._pinned]  # decided as if loads were instant
-        if not candidates:
+        if len(self._pinned) == self.slots:
             return None
+        pinned = list(self._pinned)
         if self.eviction == "lru":
-            victim = candidates[0]
+            used_at = self._used_at.copy()
+            used_at[pinned] = self._clock
+            victim = int(used_at.argmin())
         else:
-            victim = max(candidates, key=lambda s: self._next_use(self._owner[s]))
+            score = self._next_uses(self._owner_position, self._owner_entry)
+            if pinned:
+                score[pinned] = -np.inf
+            ties = np.flatnonzero(score == score.max())
+            victim = int(ties[0] if len(ties) == 1 else ties[self._used_at[ties].argmin()])
             if instead_of is not None and self._owner[victim][0] == instead_of[0]:
-                if self._next_use(self._owner[victim]) <= self._next_use(instead_of):
+                position = self._position[instead_of[0]]
+                here = self._next_uses(np.array([position]), np.array([position * self.store.num_experts + instead_of[1]]))
+                if score[victim] <= here[0]:
                     return None  # a likelier expert of the same layer would go
         if victim in self._loading:  # a prefetch still reading into it: let it finish first
             self._loading.pop(victim).result()
         return victim
 
-    def _next_use(self, key: tuple[int, int]) -> float:
-        """Expected layer visits until expert `key` is needed (see the module docstring)."""
-        layer, expert = key
-        if layer not in self._chance:  # no prediction since the layer's last fetch (or ever): habit
-            self._chance[layer] = self.habit(layer).tolist()
-        L = len(self._position)
-        ahead = (self._position[layer] - self._position[self._current]) % L or L
-        p = min(max(self._chance[layer][expert], 1e-3), 1.0)
-        return ahead + L * (1 - p) / p
+    def _next_uses(self, positions: np.ndarray, entries: np.ndarray) -> np.ndarray:
+        """Expected layer visits until each expert (MoE layer position, position * E + expert) is
+        needed (see the module docstring), from the last prediction for its layer since the
+        layer's last fetch, else from habit."""
+        stale = [position for position, known in enumerate(self._wait_known) if not known]
+        if stale:
+            self._set_wait(stale, self._habit(stale))
+        ahead = self._ahead[self._position[self._current]].take(positions)
+        return ahead + self._wait.reshape(-1).take(entries)
+
+    def _set_wait(self, positions: int | list[int], chance: np.ndarray) -> None:
+        """Rows `positions` of `_wait` from chance: [E] or [len(positions), E] each expert's chance of
+        being needed at its layer's next visit."""
+        p = np.minimum(np.maximum(chance.astype(np.float64), 1e-3), 1.0)
+        L = len(self._wait_known)
+        self._wait[positions] = L * (1 - p) / p
+        for position in [positions] if isinstance(positions, int) else positions:
+            self._wait_known[position] = True
