@@ -10,6 +10,7 @@ asked for, pinned slots survive, the pool never exceeds its size).
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -221,6 +222,52 @@ def test_prefetch_counts_and_late_hits(tmp_path):
     assert (cache.prefetch_stats.issued, cache.prefetch_stats.used) == (2, 1)
     cache.release()
     cache.close()
+
+
+def test_read_aheads_yield_to_reads_on_demand_and_queued_ones_are_dropped_when_evicted(tmp_path, monkeypatch):
+    """A read-ahead waits while a read on demand runs; one still queued when its slot is chosen as
+    a victim is cancelled (not waited for), and the slot then holds what it was given."""
+    import threading
+
+    cache = _cache(tmp_path, 3, "reuse")
+    store, started, release = cache.store, [], threading.Event()
+    load = ExpertStore.load
+
+    def gated(self, layer, expert, pool, slot):
+        started.append((layer, expert))
+        if threading.current_thread() is not threading.main_thread():
+            assert release.wait(10)
+        load(self, layer, expert, pool, slot)
+
+    monkeypatch.setattr(ExpertStore, "load", gated)
+    try:
+        cache.fetch(0, [0], tokens=1)  # on demand, main thread
+        cache.release()
+        cache._no_demand.clear()  # noqa: SLF001 - as if a read on demand were running
+        cache.prefetch(1, torch.tensor([1.0, 2.0, 0, 0]), torch.tensor([0.001, 0.9, 0, 0]), limit=2)
+        first, queued = cache._slot_of[1, 1], cache._slot_of[1, 0]  # noqa: SLF001 - (1, 1) submitted first
+        time.sleep(0.05)
+        assert started == [(0, 0)]  # the read-ahead waits for the read on demand
+        cache._no_demand.set()  # noqa: SLF001
+        for _ in range(200):
+            if len(started) == 2:
+                break
+            time.sleep(0.01)
+        assert started == [(0, 0), (1, 1)]  # running (held at the gate); (1, 0) queued behind it
+        read = cache._loading[queued]  # noqa: SLF001
+        cache.fetch(2, [3], tokens=1)  # victim: (1, 0), unlikely (p = 0.001), dropped without waiting
+        assert read.cancelled() and cache._slot_of[2, 3] == queued  # noqa: SLF001
+        cache.release()
+        release.set()
+        cache.fetch(1, [1], tokens=1)  # the running one finishes and is a (late) hit
+        assert started == [(0, 0), (1, 1), (2, 3)] and cache._slot_of[1, 1] == first  # noqa: SLF001
+        for (layer, expert), slot in cache._slot_of.items():  # noqa: SLF001
+            one = store.read(layer, expert)
+            assert torch.equal(cache.pool.down_proj[slot], one.down[0])
+        cache.release()
+    finally:
+        release.set()
+        cache.close()
 
 
 @settings(max_examples=25, deadline=None)

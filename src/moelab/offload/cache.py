@@ -24,13 +24,15 @@ Eviction (which resident expert gives up its slot):
 A prefetch may take any other layer's slot (that layer is read ahead for in turn before it runs)
 but not a likelier expert of its own layer. Loads for `prefetch` run on one background thread
 while the current layer computes; a `fetch` of an expert still loading waits for it (a "late"
-hit). Which slot goes never depends on how far a background read has got, so the hits and misses
+hit), a read on demand (a miss) goes before queued read-aheads, and a queued read-ahead whose
+slot is given to another expert before it started is dropped. Which slot goes never depends on how far a background read has got, so the hits and misses
 of a run are reproducible. Statistics are kept per number of tokens
 in the layer call (decode steps of batch B call every layer with B tokens; a prefill with more).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -118,6 +120,8 @@ class ExpertCache:
         ahead = (np.arange(L)[None, :] - np.arange(L)[:, None]) % L
         self._ahead = np.where(ahead == 0, L, ahead)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="moelab-prefetch")
+        self._no_demand = threading.Event()  # cleared while `_load` reads on demand: read-aheads wait
+        self._no_demand.set()
         self._clear()
 
     def _clear(self) -> None:
@@ -219,7 +223,7 @@ class ExpertCache:
             if slot is None:
                 break
             self._assign(slot, (layer, expert))
-            self._loading[slot] = self._reader.submit(self._load, slot, (layer, expert))
+            self._loading[slot] = self._reader.submit(self._read_ahead, slot, (layer, expert))
             issued.add(expert)
             self.prefetch_stats.issued += 1
 
@@ -278,7 +282,16 @@ class ExpertCache:
         self._clock += 1
 
     def _load(self, slot: int, key: tuple[int, int]) -> None:
-        """Read expert `key` into `slot` (on the caller's thread)."""
+        """Read expert `key` into `slot` now, on the caller's thread, ahead of queued read-aheads."""
+        self._no_demand.clear()
+        try:
+            self.store.load(*key, self.pool, slot)
+        finally:
+            self._no_demand.set()
+
+    def _read_ahead(self, slot: int, key: tuple[int, int]) -> None:
+        """Read expert `key` into `slot` on the background thread, after any read on demand."""
+        self._no_demand.wait()
         self.store.load(*key, self.pool, slot)
 
     def _victim(self, instead_of: tuple[int, int] | None = None) -> int | None:
@@ -309,8 +322,10 @@ class ExpertCache:
                 here = self._next_uses(np.array([position]), np.array([position * self.store.num_experts + instead_of[1]]))
                 if score[victim] <= here[0]:
                     return None  # a likelier expert of the same layer would go
-        if victim in self._loading:  # a prefetch still reading into it: let it finish first
-            self._loading.pop(victim).result()
+        if victim in self._loading:  # a prefetch for it: dropped if not started, else let it finish first
+            read = self._loading.pop(victim)
+            if not read.cancel():
+                read.result()
         return victim
 
     def _next_uses(self, positions: np.ndarray, entries: np.ndarray) -> np.ndarray:
