@@ -25,7 +25,8 @@ A prefetch may take any other layer's slot (that layer is read ahead for in turn
 but not a likelier expert of its own layer. Loads for `prefetch` run on one background thread
 while the current layer computes; a `fetch` of an expert still loading waits for it (a "late"
 hit), a read on demand (a miss) goes before queued read-aheads, and a queued read-ahead whose
-slot is given to another expert before it started is dropped. Which slot goes never depends on how far a background read has got, so the hits and misses
+slot is given to another expert before it started is dropped (one still running is waited for by
+a read on demand; a read-ahead into its slot queues behind it: the one reader keeps their order). Which slot goes never depends on how far a background read has got, so the hits and misses
 of a run are reproducible. Statistics are kept per number of tokens
 in the layer call (decode steps of batch B call every layer with B tokens; a prefill with more).
 """
@@ -322,9 +323,9 @@ class ExpertCache:
                 here = self._next_uses(np.array([position]), np.array([position * self.store.num_experts + instead_of[1]]))
                 if score[victim] <= here[0]:
                     return None  # a likelier expert of the same layer would go
-        if victim in self._loading:  # a prefetch for it: dropped if not started, else let it finish first
+        if victim in self._loading:  # a read-ahead into it: dropped if not started, else finished first
             read = self._loading.pop(victim)
-            if not read.cancel():
+            if not read.cancel() and instead_of is None:  # a read-ahead's own read queues behind it
                 read.result()
         return victim
 
