@@ -2,7 +2,8 @@
 backend, fp32, bf16 and bf16 autocast); its bf16 training step on `torch._grouped_mm` reading
 nothing back to the host; `moelab bench layer` on CUDA (against dense and transformers'
 grouped_mm) with a profile of the e64k8 step; `moelab bench generate --device cuda --compile` on
-the shipped models (fp32 and bf16); and `moelab train` under torchrun with one process (the NCCL
+the shipped models (fp32 and bf16) and, in bf16, on `ref-8e-top2` widened to 25 MB experts (the
+dispatch path past `gpu_gather_bytes`); and `moelab train` under torchrun with one process (the NCCL
 path: process group, FSDP2, DCP checkpoints) against the one-process run's losses.
 
 Run on a machine with a CUDA GPU:  python benchmarks/gpu_check.py --out DIR [--budget S] [--only SECTION ...]
@@ -227,6 +228,17 @@ def bench_generate(model: str, dtype: str, timeout: float) -> dict:
         return json.loads(path.read_text())
 
 
+def bench_generate_wide(timeout: float) -> dict:
+    """`bench_generate` in bf16 on `ref-8e-top2` widened to 25 MB experts (`widened_model.py`, built
+    here): past `MoELayer.gpu_gather_bytes` at batch 8 and 32, so decoding takes the dispatch with
+    its counts on the device (a CUDA graph of the compiled step), against transformers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.monotonic()
+        script = Path(__file__).with_name("widened_model.py")
+        subprocess.run([sys.executable, str(script), str(Path(tmp) / "wide")], check=True, timeout=timeout)
+        return bench_generate(str(Path(tmp) / "wide"), "bf16", max(timeout - (time.monotonic() - started), 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="gpu_results", help="folder for results.json, profile.txt")
@@ -250,6 +262,7 @@ def main() -> None:
         "generate_bf16_ref-32e-top4-shared": lambda: bench_generate("ref-32e-top4-shared", "bf16", max(left(), 1)),
         "generate_fp32_ref-32e-top4-shared": lambda: bench_generate("ref-32e-top4-shared", "fp32", max(left(), 1)),
         "profile": lambda: profile_in_child(out / "profile.txt", left()),
+        "generate_bf16_wide-8e-top2": lambda: bench_generate_wide(max(left(), 1)),
         "generate_fp32_ref-8e-top2": lambda: bench_generate("ref-8e-top2", "fp32", max(left(), 1)),
         "torchrun_nccl": check_torchrun_nccl,
     }  # fmt: skip

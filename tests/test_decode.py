@@ -13,7 +13,7 @@ from test_moe_layer import CONFIGS, D, E, I, make_layer, tokens
 
 from moelab.models import KVCache
 from moelab.models.config import UoEConfig
-from moelab.nn import MLPExperts, SwiGLUExperts
+from moelab.nn import MLPExperts, MoEConfig, SwiGLUExperts, build_moe
 from moelab.nn.grouped import ClampedSwiGLU, gathered_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -170,7 +170,6 @@ def test_infer_runs_small_experts_as_one_grouped_mm_call(monkeypatch):
     small_expert_work and at least 16 experts have rows, else expert by expert; widths
     torch._grouped_mm cannot take (not 16-byte aligned) stay expert by expert whatever the work,
     and so do 8 experts. Same output every way."""
-    from moelab.nn import MoEConfig, build_moe
 
     calls = []
     real = torch._grouped_mm
@@ -416,8 +415,9 @@ def test_decode_step_in_bf16_equals_forward():
 def test_on_a_gpu_infer_gathers_while_the_copies_fit_and_so_reads_nothing_back(monkeypatch):
     """On a GPU (asked of the decision alone: no GPU here) the gathered path is taken while the
     T*K experts' copies fit gpu_gather_bytes, whatever gather_rows says; there `infer` reads
-    nothing back to the host, which a CUDA graph of the decode step needs. Experts that read the
-    routing on the host always sync."""
+    nothing back to the host, which a CUDA graph of the decode step needs. Beyond it, bf16 experts
+    on torch._grouped_mm keep the dispatch's counts on the device (read nothing back either), fp32
+    ones do not. Experts that read the routing on the host always sync."""
     layer, _ = make_layer(**CONFIGS["topk"])
     cuda, K = torch.device("cuda"), layer.router.top_k
     layer.gather_rows = 0
@@ -425,8 +425,12 @@ def test_on_a_gpu_infer_gathers_while_the_copies_fit_and_so_reads_nothing_back(m
     assert layer._gathers_rows(3 * K, cuda) and not layer._gathers_rows(3 * K + 1, cuda)
     assert not layer.compiled_infer_syncs(3, cuda) and layer.compiled_infer_syncs(4, cuda)
     assert layer.compiled_infer_syncs(1, torch.device("cpu")), "gather_rows=0 on a CPU: the dispatch"
+    beyond = build_moe(MoEConfig(dim=16, num_experts=E, hidden_dim=8, top_k=2))  # past gpu_gather_bytes: the dispatch
+    beyond.gpu_gather_bytes = 0
+    assert beyond.compiled_infer_syncs(1, cuda), "fp32 on CUDA: no torch._grouped_mm, counts on the host"
+    assert not beyond.to(torch.bfloat16).compiled_infer_syncs(1, cuda), "bf16: the counts stay on the device"
     monkeypatch.setattr(type(layer.experts), "reads_routing_on_host", True)
-    assert layer.compiled_infer_syncs(1, cuda)
+    assert layer.compiled_infer_syncs(1, cuda) and beyond.compiled_infer_syncs(1, cuda)
 
 
 class _ReplayByRerunning:

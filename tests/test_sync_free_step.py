@@ -13,6 +13,7 @@ from moelab.models import ModelConfig, MoETransformer
 from moelab.nn import MoEConfig, build_moe, plan_dispatch
 from moelab.nn import moe as moe_module
 from moelab.nn.grouped import grouped_mlp
+from moelab.nn.routers import deferred_logit_check
 from moelab.train import TrainConfig
 from moelab.train.trainer import train_step
 
@@ -454,3 +455,44 @@ def test_auto_picks_grouped_mm_for_bf16_products_on_cuda(monkeypatch):
     monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.bfloat16)
     assert uses_grouped_mm("auto", cuda, torch.float32, w_in, w_out)
     assert not uses_grouped_mm("auto", torch.device("cpu"), torch.float32, w_in, w_out)
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+@pytest.mark.parametrize("skip_ratio", [None, 0.5])
+def test_inference_beyond_the_gathered_path_reads_nothing_back_on_a_gpu(name, skip_ratio):
+    """`infer` past the gathered path (gpu_gather_bytes=0: experts too large to copy), bf16 on
+    torch._grouped_mm, off the CPU: the dispatch keeps its counts on the device, so the step (its
+    router's check deferred, as a compiled step skips it) reads nothing back; on the meta device
+    any read back raises."""
+    cfg = MoEConfig(dim=16, num_experts=E, hidden_dim=8, backend="grouped_mm", expert_mlp_bias=True, **ROUTERS[name])
+    with torch.device("meta"):
+        layer = build_moe(cfg).to(torch.bfloat16).eval()
+        x = torch.randn(3, 16, dtype=torch.bfloat16)
+    layer.skip_ratio, layer.gpu_gather_bytes = skip_ratio, 0
+    assert layer._routes_on_device(x.device, x.dtype)
+    with torch.no_grad(), deferred_logit_check():
+        y = layer.infer(x)
+    assert y.shape == (3, 16) and y.device.type == "meta"
+
+
+@pytest.mark.parametrize("skip_ratio", [None, 0.6])
+def test_inference_with_device_counts_equals_the_host_planned_path(monkeypatch, skip_ratio):
+    """The same routed rows with the counts on the device (forced here on the CPU) and planned on
+    the host: equal outputs, also where dynamic skipping empties slots whose rows torch._grouped_mm
+    leaves NaN (they are masked)."""
+    torch.manual_seed(0)
+    layer = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=I, top_k=3, backend="grouped_mm")).eval()
+    layer.skip_ratio = skip_ratio
+    x = torch.randn(16, D)
+    with torch.no_grad():
+        planned = layer.routed(x, *_routing(layer, x))
+        monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs=None: _UnsetRows.apply(a, b, offs))
+        monkeypatch.setattr(type(layer), "_routes_on_device", lambda self, device, dtype: True)
+        on_device = layer.routed(x, *_routing(layer, x))
+    torch.testing.assert_close(on_device, planned)
+    assert ((_routing(layer, x)[0] < 0).any()).item() == (skip_ratio is not None)
+
+
+def _routing(layer, x):
+    routing = layer._route(layer.router, x, None)
+    return routing.indices, routing.weights

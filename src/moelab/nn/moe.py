@@ -135,7 +135,9 @@ class MoELayer(nn.Module):
     gpu_gather_bytes (an attribute, default 64 MiB): on a GPU, `infer` gathers the T*K rows'
         experts when their copies take at most this: no host synchronisation (the dispatch
         plan's counts), few kernels, so a compiled decode step can be captured in a CUDA graph;
-        larger experts are read in place through the dispatch.
+        larger experts are read in place through the dispatch, with its counts kept on the device
+        where `torch._grouped_mm` takes them (bf16; `_routes_on_device`), so that it too stays
+        capturable; else (fp32 on CUDA) planned on the host.
     stats_group (an attribute, default None): the data-parallel process group whose ranks' tokens
         form one batch; the balance loss then counts the load of the whole batch
         (`load_balancing_loss`).
@@ -260,7 +262,8 @@ class MoELayer(nn.Module):
         most `gather_bytes`, compiled `compiled_gather_bytes`; on a GPU T*K experts' copies of at
         most `gpu_gather_bytes`) run their experts on gathered
         weights (`gathered_mlp`): a fixed sequence of operations, no host synchronisation, no loop
-        over experts. The others run `routed`, which plans the dispatch on the host. Compiled,
+        over experts. The others run `routed`, which plans the dispatch on the host (on a GPU in
+        bf16, on the device: `_routes_on_device`). Compiled,
         everything but the gathered path (and experts that read the routing on the host, as
         offloaded ones do) runs inside the opaque op `routed_experts`, so the step stays one
         graph. Capacity dropping and expert parallelism run `forward`."""
@@ -292,7 +295,10 @@ class MoELayer(nn.Module):
         each expert gathering its rows and adding its outputs into the result (`accumulated_mlp`:
         no [N, D] buffers, the weights read in place), or, where each expert has little work
         (`small_expert_work`), through the dispatch and one `torch._grouped_mm` call per
-        projection; on a GPU the training path's dispatch."""
+        projection; on a GPU the training path's dispatch, its counts on the device where
+        `_routes_on_device`."""
+        if self._routes_on_device(rows.device, rows.dtype):  # masked past the counts: any slot may be empty
+            return self._dispatched(rows, weights, plan_dispatch(indices, self.num_experts, host_counts=False))
         plan = plan_dispatch(indices, self.num_experts)
         if rows.device.type != "cpu":  # index_add_ is not deterministic on GPUs
             return self._dispatched(rows, weights, plan)
@@ -327,7 +333,15 @@ class MoELayer(nn.Module):
         host (the dispatch plan's counts, or offloaded experts' routing; eagerly the router's
         finiteness check reads back too): else a compiled step of it can be captured in a CUDA
         graph."""
-        return self.experts.reads_routing_on_host or not self._gathers_rows(tokens * self.router.top_k, device)
+        if self.experts.reads_routing_on_host:
+            return True
+        return not (self._gathers_rows(tokens * self.router.top_k, device) or self._routes_on_device(device, self.experts.dtype))
+
+    def _routes_on_device(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether `routed` keeps the dispatch plan's counts on the device (no host synchronisation):
+        on a GPU, where the experts run on `torch._grouped_mm` (bf16 on CUDA) and the router has a
+        fixed k (a variable-k router's T*K slots, K up to E, would each need a row)."""
+        return device.type != "cpu" and not self.router.variable_k and self.experts.takes_device_counts(device, dtype)
 
     @property
     def compiles_infer(self) -> bool:
