@@ -448,7 +448,7 @@ class _ReplayByRerunning:
 def test_generate_replays_one_decode_graph_where_no_layer_syncs(monkeypatch):
     """generate(compile=True) on a GPU where nothing syncs captures the step once and replays it
     at every later token, copying each token and position into the graph's buffers: the same
-    tokens as eager decoding. Run on a CPU with the capture replaced by a rerun of the captured
+    tokens as eager decoding. The next call of the same shapes replays the same graph. Run on a CPU with the capture replaced by a rerun of the captured
     function (what CUDA does is CUDA's; the buffers, positions and calls are moelab's)."""
     from moelab.models import decode_graph
 
@@ -464,10 +464,24 @@ def test_generate_replays_one_decode_graph_where_no_layer_syncs(monkeypatch):
         return graphs[-1], out
 
     monkeypatch.setattr(decode_graph, "capture", fake_capture)
-    monkeypatch.setattr(model, "_compiled_step", lambda: type(model)._decode)  # the static step, uncompiled
+    steps = [type(model)._decode]  # the static step, uncompiled; a new one when the weights change
+    monkeypatch.setattr(model, "_compiled_step", lambda: steps[-1])
     monkeypatch.setattr(model, "_graphs_decode", lambda batch, device: True)
     assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)
     assert len(graphs) == 1 and graphs[0].replays == 5  # the prompt eagerly, then one replay per token
+
+    # The next call of the same shapes (another, shorter prompt: the same 64-position cache) reuses
+    # the graph and its cache; the old entries past the new prompt are masked out.
+    other = random_ids(batch=2, seq=3, seed=7)
+    assert torch.equal(model.generate(other, 9, greedy=True, compile=True), model.generate(other, 9, greedy=True))
+    assert len(graphs) == 1 and graphs[0].replays == 5 + 8
+    # Other shapes capture anew (and replace the graph held); so does a new step (new weights).
+    three = random_ids(batch=3, seq=5, seed=8)
+    assert torch.equal(model.generate(three, 4, greedy=True, compile=True), model.generate(three, 4, greedy=True))
+    assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)
+    steps.append(lambda *args: type(model)._decode(*args))
+    assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)
+    assert [g.replays for g in graphs] == [13, 3, 5, 5]
 
 
 def test_a_failed_capture_warns_and_decodes_uncaptured(monkeypatch):

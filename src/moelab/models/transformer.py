@@ -70,6 +70,9 @@ class ModelOutput:
 
 # Each model's compiled decode step and the state it was traced with (`MoETransformer._compiled_step`).
 _compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Each model's last captured decode step, for the next `generate` of the same shapes: (the
+# compiled step, batch, cache length, device, dtype), the `DecodeGraph` and its `KVCache`.
+_decode_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def frozen_step_settings(device: torch.device):
@@ -483,8 +486,10 @@ class MoETransformer(nn.Module):
         experts), its experts run inside the graph as one opaque op (`moelab.nn.opaque`). Models
         with a layer that drops by capacity or splits experts over ranks decode eagerly
         (`MoELayer.compiles_infer`). On a GPU, where no MoE layer reads anything back to the host
-        (`MoELayer.compiled_infer_syncs`: its experts gathered), the step runs as a CUDA graph
-        (`DecodeGraph`)."""
+        (`MoELayer.compiled_infer_syncs`), the step runs as a CUDA graph (`DecodeGraph`), captured
+        at the first one-token step and kept with its KV cache for the next call with the same
+        batch size and cache length (one per model: a call of other shapes, or after the weights
+        changed, captures anew and frees the one held; not for concurrent calls on one model)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {list(input_ids.shape)}")
         B, S = input_ids.shape
@@ -499,24 +504,32 @@ class MoETransformer(nn.Module):
             )
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        cache, static_step = None, None
+        cache, static_step, graphed, shapes = None, None, False, None
         if not self.needs_sequences:  # else recompute the whole prefix at every step
             length = S + max_new_tokens
             if compile and all(moe.compiles_infer for moe in self.moe_layers.values()):
                 length = min(self.config.max_seq_len, -(-length // 64) * 64)  # fewer distinct shapes to trace
                 static_step = self._compiled_step()
-            cache = KVCache(self.config, B, length, device=input_ids.device, dtype=self.embed.weight.dtype)
+                graphed = self._graphs_decode(B, input_ids.device)
+            shapes = (static_step, B, length, input_ids.device, self.embed.weight.dtype)
+            held = _decode_graphs.get(self)
+            if graphed and held is not None and held[0] == shapes:  # the last call's graph and cache serve
+                graphed, cache = held[1], held[2]
+            else:
+                cache = KVCache(self.config, B, length, device=input_ids.device, dtype=self.embed.weight.dtype)
         tokens, step_ids, pos = input_ids, input_ids, 0
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         self._check_call(input_ids, None, cache, 0)  # the longest call fits: checked above
         # Inductor reads these settings when it traces (not from torch.compile's options); entered
         # once for the whole loop, not at every token.
         compiling = static_step is not None
-        graphed = compiling and self._graphs_decode(B, input_ids.device)
         with frozen_step_settings(input_ids.device) if compiling else contextlib.nullcontext():
             for _ in range(max_new_tokens):
                 if graphed is True and pos > 0:  # the first one-token step: capture it
+                    _decode_graphs.pop(self, None)  # the graph held before, and its memory, go first
                     graphed = self._decode_graph(static_step, step_ids, cache, pos)
+                    if graphed is not None:
+                        _decode_graphs[self] = (shapes, graphed, cache)
                 if cache is None:
                     logits = self._decode(tokens, None, 0)
                 elif graphed and pos > 0:
