@@ -448,8 +448,9 @@ class _ReplayByRerunning:
 def test_generate_replays_one_decode_graph_where_no_layer_syncs(monkeypatch):
     """generate(compile=True) on a GPU where nothing syncs captures the step once and replays it
     at every later token, copying each token and position into the graph's buffers: the same
-    tokens as eager decoding. The next call of the same shapes replays the same graph. Run on a CPU with the capture replaced by a rerun of the captured
-    function (what CUDA does is CUDA's; the buffers, positions and calls are moelab's)."""
+    tokens as eager decoding. The next call of the same shapes replays the same graph. Run on a
+    CPU with the capture replaced by a rerun of the captured function (what CUDA does is CUDA's;
+    the buffers, positions and calls are moelab's)."""
     from moelab.models import decode_graph
 
     model = make_model(init_std=0.2).eval()
@@ -481,7 +482,9 @@ def test_generate_replays_one_decode_graph_where_no_layer_syncs(monkeypatch):
     assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)
     steps.append(lambda *args: type(model)._decode(*args))
     assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)
-    assert [g.replays for g in graphs] == [13, 3, 5, 5]
+    model.release_decode_cache()  # the next call captures again
+    assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)
+    assert [g.replays for g in graphs] == [13, 3, 5, 5, 5]
 
 
 def test_a_failed_capture_warns_and_decodes_uncaptured(monkeypatch):

@@ -270,6 +270,46 @@ def test_read_aheads_yield_to_reads_on_demand_and_queued_ones_are_dropped_when_e
         cache.close()
 
 
+def test_a_read_on_demand_waits_for_a_running_read_ahead_into_its_slot(tmp_path, monkeypatch):
+    """A read-ahead still running into a slot that a later read-ahead took over (and that a miss
+    then takes) ends before the miss writes the slot: else its bytes would land on the new expert."""
+    import threading
+
+    cache = _cache(tmp_path, 3, "reuse")
+    events, release = [], threading.Event()
+    load = ExpertStore.load
+
+    def gated(self, layer, expert, pool, slot):
+        events.append(("start", layer, expert))
+        if (layer, expert) == (1, 1):
+            assert release.wait(10)
+        load(self, layer, expert, pool, slot)
+        events.append(("end", layer, expert))
+
+    monkeypatch.setattr(ExpertStore, "load", gated)
+    try:
+        cache.fetch(0, [0], tokens=1)
+        cache.release()
+        cache.prefetch(1, torch.tensor([0, 2.0, 1.0, 0]), torch.tensor([0, 0.001, 0.9, 0]), limit=2)
+        for _ in range(200):  # (1, 1) running, held at the gate; (1, 2) queued
+            if ("start", 1, 1) in events:
+                break
+            time.sleep(0.01)
+        slot = cache._slot_of[1, 1]  # noqa: SLF001
+        cache.prefetch(2, torch.tensor([1.0, 0, 0, 0]), torch.tensor([0.001, 0, 0, 0]), limit=1)
+        assert cache._slot_of[2, 0] == slot  # noqa: SLF001 - took the running read-ahead's slot
+        threading.Timer(0.2, release.set).start()
+        cache.fetch(0, [3], tokens=1)  # a miss whose victim is that slot again: waits for (1, 1)
+        assert cache._slot_of[0, 3] == slot  # noqa: SLF001
+        assert events.index(("end", 1, 1)) < events.index(("start", 0, 3))
+        one = cache.store.read(0, 3)
+        assert torch.equal(cache.pool.down_proj[slot], one.down[0])
+        cache.release()
+    finally:
+        release.set()
+        cache.close()
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     calls=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 3), min_size=1, max_size=3)), min_size=1, max_size=12),
@@ -500,6 +540,23 @@ def test_read_into_refuses_a_target_of_another_dtype_or_shape(tmp_path):
             store.checkpoint.read_into(name, torch.empty(I, D).t(), row=0)
         with pytest.raises(CheckpointError, match="cannot read rows"):
             store.checkpoint.read_into(name, torch.empty(D, I), row=store.num_experts)
+    finally:
+        store.close()
+
+
+def test_an_expert_past_the_stored_ones_is_refused(tmp_path):
+    """A config that claims more experts than the stacked tensors hold: reading one past them is a
+    clear error, not the neighbouring tensor's bytes."""
+    import json
+
+    _, path = _native(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["moe"]["num_experts"] += 1
+    (path / "config.json").write_text(json.dumps(config))
+    store = ExpertStore(path)
+    try:
+        with pytest.raises(CheckpointError, match="holds 4 experts, but expert 4 was asked for.*does not match its config"):
+            store.load(store.moe_layers[0], 4, store.empty(2), 0)
     finally:
         store.close()
 

@@ -2,15 +2,17 @@
 
 `Checkpoint(dir)` maps every tensor name to its shard, from `model.safetensors.index.json` or,
 without an index, from the headers of the directory's `*.safetensors` files. `get(name)` reads
-one tensor with plain file reads, so a model larger than RAM can be read piece by piece; `Checkpoint(dir, shapes_only=True)` reads shard headers only. Pickle weights
-(`pytorch_model.bin`, `*.pt`, ...) are refused, never unpickled. Shard names in the index must be
-files inside the directory.
+one tensor with plain file reads, so a model larger than RAM can be read piece by piece;
+`Checkpoint(dir, shapes_only=True)` reads shard headers only. Pickle weights (`pytorch_model.bin`,
+`*.pt`, ...) are refused, never unpickled. Shard names in the index must be files inside the
+directory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -56,6 +58,7 @@ class Checkpoint:
         self._stats: dict[Path, tuple[int, int, int]] = {}  # shard path -> (inode, size, mtime) at its header read
         self._located: dict[str, RawTensor] = {}  # read_into's tensors, located once
         self._files: dict[Path, int] = {}  # read_bytes's open shards (file descriptors)
+        weakref.finalize(self, _close_files, self._files)  # closed with the checkpoint, if `close` never is
 
     def keys(self) -> list[str]:
         return list(self._shard_of)
@@ -174,9 +177,7 @@ class Checkpoint:
     def close(self) -> None:
         """Close the open shards (they reopen when read again)."""
         self._close_handle()
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
+        _close_files(self._files)
 
     def _close_handle(self) -> None:
         if self._open is not None:
@@ -253,6 +254,12 @@ def _weight_map(index_path: Path) -> dict[str, str]:
     for shard in set(weight_map.values()):
         file_inside(index_path.parent, shard, index_path, error=CheckpointError)
     return weight_map
+
+
+def _close_files(files: dict[Path, int]) -> None:
+    for fd in files.values():
+        os.close(fd)
+    files.clear()
 
 
 def byte_view(tensor: Tensor) -> memoryview:

@@ -373,6 +373,13 @@ class MoETransformer(nn.Module):
             held = _compiled_steps[self] = (state, torch.compile(step, dynamic=False, fullgraph=True, options=guards))
         return held[1]
 
+    def release_decode_cache(self) -> None:
+        """Drop what `generate(compile=True)` keeps for its next call: the compiled decode step and,
+        on a GPU, the captured graph with its KV cache (their memory goes once nothing else holds
+        them; torch keeps each trace's frozen weights while the process lives, see docs)."""
+        _compiled_steps.pop(self, None)
+        _decode_graphs.pop(self, None)
+
     def _graphs_decode(self, batch: int, device: torch.device) -> bool:
         """Whether the compiled decode step of `batch` tokens on `device` runs as a CUDA graph
         (`DecodeGraph`): on a GPU, where no MoE layer's compiled `infer` reads anything back to
@@ -489,7 +496,8 @@ class MoETransformer(nn.Module):
         (`MoELayer.compiled_infer_syncs`), the step runs as a CUDA graph (`DecodeGraph`), captured
         at the first one-token step and kept with its KV cache for the next call with the same
         batch size and cache length (one per model: a call of other shapes, or after the weights
-        changed, captures anew and frees the one held; not for concurrent calls on one model)."""
+        changed, frees the one held and captures anew; `release_decode_cache` frees it; not for
+        concurrent calls on one model)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {list(input_ids.shape)}")
         B, S = input_ids.shape
@@ -516,6 +524,8 @@ class MoETransformer(nn.Module):
             if graphed and held is not None and held[0] == shapes:  # the last call's graph and cache serve
                 graphed, cache = held[1], held[2]
             else:
+                if graphed:
+                    _decode_graphs.pop(self, None)  # the graph held before, and its memory, go first
                 cache = KVCache(self.config, B, length, device=input_ids.device, dtype=self.embed.weight.dtype)
         tokens, step_ids, pos = input_ids, input_ids, 0
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -526,7 +536,6 @@ class MoETransformer(nn.Module):
         with frozen_step_settings(input_ids.device) if compiling else contextlib.nullcontext():
             for _ in range(max_new_tokens):
                 if graphed is True and pos > 0:  # the first one-token step: capture it
-                    _decode_graphs.pop(self, None)  # the graph held before, and its memory, go first
                     graphed = self._decode_graph(static_step, step_ids, cache, pos)
                     if graphed is not None:
                         _decode_graphs[self] = (shapes, graphed, cache)

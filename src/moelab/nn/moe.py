@@ -335,7 +335,8 @@ class MoELayer(nn.Module):
         graph."""
         if self.experts.reads_routing_on_host:
             return True
-        return not (self._gathers_rows(tokens * self.router.top_k, device) or self._routes_on_device(device, self.experts.dtype))
+        gathers = self._gathers_rows(tokens * self.router.top_k, device)
+        return not (gathers or self._routes_on_device(device, self.experts.dtype))
 
     def _routes_on_device(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether `routed` keeps the dispatch plan's counts on the device (no host synchronisation):

@@ -25,9 +25,10 @@ A prefetch may take any other layer's slot (that layer is read ahead for in turn
 but not a likelier expert of its own layer. Loads for `prefetch` run on one background thread
 while the current layer computes; a `fetch` of an expert still loading waits for it (a "late"
 hit), a read on demand (a miss) goes before queued read-aheads, and a queued read-ahead whose
-slot is given to another expert before it started is dropped (one still running is waited for by
-a read on demand; a read-ahead into its slot queues behind it: the one reader keeps their order). Which slot goes never depends on how far a background read has got, so the hits and misses
-of a run are reproducible. Statistics are kept per number of tokens
+slot is given to another expert before it started is dropped. One already running is finished
+before a read on demand writes its slot; a read-ahead into that slot queues behind it (the one
+reader thread keeps their order). Which slot goes never depends on how far a background read has
+got, so the hits and misses of a run are reproducible. Statistics are kept per number of tokens
 in the layer call (decode steps of batch B call every layer with B tokens; a prefill with more).
 """
 
@@ -114,7 +115,8 @@ class ExpertCache:
         self.pool = store.empty(slots, device)
         self._position = {layer: p for p, layer in enumerate(store.moe_layers)}
         L, E = len(self._position), store.num_experts
-        self._frequency = np.full((L, E), 1.0 / E, dtype=np.float32)  # [L, E] calibration frequency (1/E without a prior)
+        # [L, E] each expert's calibration frequency (1/E without a prior)
+        self._frequency = np.full((L, E), 1.0 / E, dtype=np.float32)
         if prior is not None:
             self._frequency = torch.stack([prior.frequency[layer].float() for layer in store.moe_layers]).numpy()
         # [L, L] visits from the current layer (row) to each layer's next visit (column): 1..L.
@@ -136,7 +138,8 @@ class ExpertCache:
         self._owner_entry = np.zeros(self.slots, dtype=np.int64)
         self._used_at = np.zeros(self.slots, dtype=np.int64)  # the clock at each slot's last use (LRU)
         self._clock = 0
-        self._loading: dict[int, Future] = {}
+        self._loading: dict[int, Future] = {}  # slot -> the read-ahead into it of its current expert
+        self._overtaken: dict[int, list[Future]] = {}  # slot -> running read-aheads of experts it no longer holds
         self._pinned: set[int] = set()
         # [L, E] visits between a layer's visit and an expert's use at it, L (1 - p) / p (see the module
         # docstring), from each expert's chance p of being needed at its layer's next visit.
@@ -166,7 +169,8 @@ class ExpertCache:
         cache's state when new with the same warm start (e.g. after a compiled step's warm-up;
         the affinity predictor's memory of the last choices, `OffloadedExperts.chosen`, is the
         experts')."""
-        wait(list(self._loading.values()))  # background reads finish (a failed read-ahead is dropped)
+        overtaken = [read for reads in self._overtaken.values() for read in reads]
+        wait([*self._loading.values(), *overtaken])  # background reads finish (a failed read-ahead is dropped)
         self._clear()
         self.fill(experts)
 
@@ -214,7 +218,7 @@ class ExpertCache:
         """Start reading up to `limit` experts of `layer` with the highest `scores` [E] (> 0) that are
         not resident, on the background thread, into slots the eviction policy frees.
         probability: [E] the chance each is needed at that layer's next visit (for "reuse")."""
-        self._set_wait(self._position[layer], probability.numpy())
+        self._set_wait(self._position[layer], probability.detach().float().cpu().numpy())
         values = scores.tolist()
         order = sorted(range(len(values)), key=values.__getitem__, reverse=True)  # stable: ties in expert order
         wanted = [e for e in order[:limit] if values[e] > 0 and (layer, e) not in self._slot_of]
@@ -320,13 +324,19 @@ class ExpertCache:
             victim = int(ties[0] if len(ties) == 1 else ties[self._used_at[ties].argmin()])
             if instead_of is not None and self._owner[victim][0] == instead_of[0]:
                 position = self._position[instead_of[0]]
-                here = self._next_uses(np.array([position]), np.array([position * self.store.num_experts + instead_of[1]]))
+                entry = position * self.store.num_experts + instead_of[1]
+                here = self._next_uses(np.array([position]), np.array([entry]))
                 if score[victim] <= here[0]:
                     return None  # a likelier expert of the same layer would go
-        if victim in self._loading:  # a read-ahead into it: dropped if not started, else finished first
+        # A read-ahead into the victim: dropped if not started, else finished before a read on demand
+        # writes the slot; a read-ahead's own read queues behind it on the one reader thread.
+        if victim in self._loading:
             read = self._loading.pop(victim)
-            if not read.cancel() and instead_of is None:  # a read-ahead's own read queues behind it
-                read.result()
+            if not read.cancel():
+                self._overtaken[victim] = [r for r in self._overtaken.get(victim, []) if not r.done()] + [read]
+        if instead_of is None:
+            for read in self._overtaken.pop(victim, []):
+                wait([read])  # its error, if any, is dropped with its expert
         return victim
 
     def _next_uses(self, positions: np.ndarray, entries: np.ndarray) -> np.ndarray:
@@ -342,7 +352,7 @@ class ExpertCache:
     def _set_wait(self, positions: int | list[int], chance: np.ndarray) -> None:
         """Rows `positions` of `_wait` from chance: [E] or [len(positions), E] each expert's chance of
         being needed at its layer's next visit."""
-        p = np.minimum(np.maximum(chance.astype(np.float64), 1e-3), 1.0)
+        p = np.fmin(np.fmax(chance.astype(np.float64), 1e-3), 1.0)  # a NaN chance counts as unlikely
         L = len(self._wait_known)
         self._wait[positions] = L * (1 - p) / p
         for position in [positions] if isinstance(positions, int) else positions:

@@ -97,15 +97,19 @@ class ExpertStore:
     def _reads(self, layer: int, expert: int, pool: Experts) -> list[_Read] | None:
         """Where the expert lies, if it can be read straight into `pool` (else None); worked out
         once per expert and pool shape."""
-        key = (layer, expert, pool.dim, pool.hidden_dim, pool.gate_up_bias is None)
+        key = (layer, expert, pool.dim, pool.hidden_dim,
+               pool.gate_up_bias is None, pool.dtype, pool.gate_up_proj.device)
         if key not in self._planned:
-            self._planned[key] = self._plan(layer, expert, pool)
+            with self._lock:  # the checkpoint's shard handle is shared with the other thread's reads
+                self._planned[key] = self._plan(layer, expert, pool)
         return self._planned[key]
 
     def _plan(self, layer: int, expert: int, pool: Experts) -> list[_Read] | None:
         self._check_index(layer, expert)
         layout = self.family.layout_of(self.checkpoint, layer).experts
-        if not hasattr(layout, "parts") or pool.gate_up_bias is not None:
+        if not hasattr(layout, "parts") or pool.gate_up_bias is not None or pool.dtype != self.dtype:
+            return None
+        if pool.gate_up_proj.device.type != "cpu":
             return None
         parts = layout.parts(self.checkpoint, self.family.layer_prefix.format(n=layer), expert)
         if parts is None:
@@ -118,6 +122,11 @@ class ExpertStore:
             stored = raw.shape if part.row is None else raw.shape[1:]
             if DTYPES.get(raw.dtype) != self.dtype or tuple(stored) != shapes[part.part]:
                 return None  # converted, or refused with the shape error, by `read`
+            if part.row is not None and not 0 <= part.row < raw.shape[0]:
+                raise CheckpointError(
+                    f"{self.path}: tensor {part.name!r} holds {raw.shape[0]} experts, but expert {part.row} was asked "
+                    f"for (the config says {self.num_experts}); the checkpoint does not match its config"
+                )
             offset = raw.offset if part.row is None else raw.offset + part.row * (raw.nbytes // raw.shape[0])
             reads.append(_Read(part.name, raw.path, offset, part.part))
         return reads
@@ -154,7 +163,8 @@ class ExpertStore:
                 time.sleep(max(0.0, self.expert_bytes / self.read_bandwidth - (time.perf_counter() - start)))
 
     def close(self) -> None:
-        self.view.close()
+        with self._lock:  # not during a read on another thread
+            self.view.close()
 
 
 @dataclass(frozen=True)
