@@ -89,7 +89,8 @@ class PrefetchStats:
 class ExpertCache:
     """`slots` resident experts of `store`'s checkpoint (see the module docstring).
 
-    eviction: "lru" or "reuse"; prior: calibration statistics for "reuse" (optional);
+    eviction: "lru" or "reuse"; prior: calibration statistics for "reuse" (optional; its
+    frequencies are read when the cache is built);
     device: where the pool lives. stats[tokens]: `CacheStats` of the layer calls with that many
     tokens; prefetch_stats: `PrefetchStats` over all calls.
     """
