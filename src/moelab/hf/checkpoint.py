@@ -10,6 +10,7 @@ directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import weakref
@@ -56,7 +57,7 @@ class Checkpoint:
             str, tuple[int, dict]
         ] = {}  # shard -> (data start, {name: (dtype, shape, begin, end)})
         self._stats: dict[Path, tuple[int, int, int]] = {}  # shard path -> (inode, size, mtime) at its header read
-        self._located: dict[str, RawTensor] = {}  # read_into's tensors, located once
+        self._located: dict[str, RawTensor] = {}  # `locate`'s tensors, located once
         self._files: dict[Path, int] = {}  # read_bytes's open shards (file descriptors)
         weakref.finalize(self, _close_files, self._files)  # closed with the checkpoint, if `close` never is
 
@@ -81,14 +82,10 @@ class Checkpoint:
             if rows is not None:
                 shape = [len(_rows(name, rows, shape)), *shape[1:]]
             return torch.empty(shape, dtype=DTYPES[dtype], device="meta")
-        raw = self.raw(name)
+        raw = self.locate(name, rows)
         if raw.dtype not in DTYPES:
             raise CheckpointError(f"tensor {name!r} in {self.directory} has the unsupported dtype {raw.dtype}")
         offset, nbytes, shape = raw.offset, raw.nbytes, raw.shape
-        if rows is not None:
-            rows = _rows(name, rows, shape)
-            row_bytes = nbytes // shape[0] if shape[0] else 0
-            offset, nbytes, shape = offset + rows.start * row_bytes, len(rows) * row_bytes, (len(rows), *shape[1:])
         data = bytearray(nbytes)
         with open(raw.path, "rb") as f:
             self._check_unchanged(raw.path, os.fstat(f.fileno()))
@@ -102,14 +99,8 @@ class Checkpoint:
         """Read tensor `name`, or entry `row` of its first dim, straight into `out`: a contiguous CPU
         tensor of its stored dtype and shape (one positioned read into `out`'s memory, no buffer in
         between). A shard that changed on disk since this checkpoint first read it is refused."""
-        if name not in self._located:
-            self._located[name] = self.raw(name)
-        raw = self._located[name]
-        offset, nbytes, shape = raw.offset, raw.nbytes, raw.shape
-        if row is not None:
-            _rows(name, range(row, row + 1), shape)
-            nbytes //= shape[0]
-            offset, shape = offset + row * nbytes, shape[1:]
+        raw = self.locate(name, None if row is None else range(row, row + 1))
+        offset, shape = raw.offset, raw.shape if row is None else raw.shape[1:]
         if DTYPES.get(raw.dtype) != out.dtype or tuple(out.shape) != tuple(shape):
             raise ValueError(
                 f"cannot read tensor {name!r} ({raw.dtype} {list(shape)}) into a {out.dtype} {list(out.shape)} tensor"
@@ -143,6 +134,19 @@ class Checkpoint:
                 f"{path} changed on disk while moelab was reading it (size, time or inode differ from when it "
                 "was opened); do not rewrite a checkpoint that is in use: wait for the writer, then reopen it"
             )
+
+    def locate(self, name: str, rows: range | None = None) -> RawTensor:
+        """Where tensor `name`, or these entries of its first dim (a step-1 range), lie in its shard."""
+        if name not in self._located:
+            self._located[name] = self.raw(name)
+        raw = self._located[name]
+        if rows is None:
+            return raw
+        rows = _rows(name, rows, raw.shape)
+        row_bytes = raw.nbytes // raw.shape[0] if raw.shape[0] else 0
+        return dataclasses.replace(
+            raw, offset=raw.offset + rows.start * row_bytes, nbytes=len(rows) * row_bytes, shape=(len(rows), *raw.shape[1:])
+        )
 
     def raw(self, name: str) -> RawTensor:
         """Where tensor `name` lies in its shard (for copying it without loading it)."""

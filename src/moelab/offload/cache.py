@@ -133,9 +133,8 @@ class ExpertCache:
         L, E = len(self._position), self.store.num_experts
         self._slot_of: dict[tuple[int, int], int] = {}
         self._owner: list[tuple[int, int] | None] = [None] * self.slots
-        # The owners again as arrays, for scoring every slot at once: MoE layer position, and
-        # position * E + expert (an index into `_wait`'s entries).
-        self._owner_position = np.zeros(self.slots, dtype=np.int64)
+        # The owners again, for scoring every slot at once: MoE layer position * E + expert (an index
+        # into `_wait`'s entries).
         self._owner_entry = np.zeros(self.slots, dtype=np.int64)
         self._used_at = np.zeros(self.slots, dtype=np.int64)  # the clock at each slot's last use (LRU)
         self._clock = 0
@@ -278,7 +277,6 @@ class ExpertCache:
         self._count[key[0]] = self._count.get(key[0], 0) + 1
         self._owner[slot] = key
         self._slot_of[key] = slot
-        self._owner_position[slot] = self._position[key[0]]
         self._owner_entry[slot] = self._position[key[0]] * self.store.num_experts + key[1]
         self._touch(slot)
 
@@ -318,15 +316,14 @@ class ExpertCache:
             used_at[pinned] = self._clock
             victim = int(used_at.argmin())
         else:
-            score = self._next_uses(self._owner_position, self._owner_entry)
+            score = self._next_uses(self._owner_entry)
             if pinned:
                 score[pinned] = -np.inf
             ties = np.flatnonzero(score == score.max())
             victim = int(ties[0] if len(ties) == 1 else ties[self._used_at[ties].argmin()])
             if instead_of is not None and self._owner[victim][0] == instead_of[0]:
-                position = self._position[instead_of[0]]
-                entry = position * self.store.num_experts + instead_of[1]
-                here = self._next_uses(np.array([position]), np.array([entry]))
+                entry = self._position[instead_of[0]] * self.store.num_experts + instead_of[1]
+                here = self._next_uses(np.array([entry]))
                 if score[victim] <= here[0]:
                     return None  # a likelier expert of the same layer would go
         # A read-ahead into the victim: dropped if not started, else finished before a read on demand
@@ -340,14 +337,14 @@ class ExpertCache:
                 wait([read])  # its error, if any, is dropped with its expert
         return victim
 
-    def _next_uses(self, positions: np.ndarray, entries: np.ndarray) -> np.ndarray:
-        """Expected layer visits until each expert (MoE layer position, position * E + expert) is
+    def _next_uses(self, entries: np.ndarray) -> np.ndarray:
+        """Expected layer visits until each expert (entries: MoE layer position * E + expert) is
         needed (see the module docstring), from the last prediction for its layer since the
         layer's last fetch, else from habit."""
         stale = [position for position, known in enumerate(self._wait_known) if not known]
         if stale:
             self._set_wait(stale, self._habit(stale))
-        ahead = self._ahead[self._position[self._current]].take(positions)
+        ahead = self._ahead[self._position[self._current]].take(entries // self.store.num_experts)
         return ahead + self._wait.reshape(-1).take(entries)
 
     def _set_wait(self, positions: int | list[int], chance: np.ndarray) -> None:

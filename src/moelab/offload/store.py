@@ -107,9 +107,8 @@ class ExpertStore:
     def _plan(self, layer: int, expert: int, pool: Experts) -> list[_Read] | None:
         self._check_index(layer, expert)
         layout = self.family.layout_of(self.checkpoint, layer).experts
-        if not hasattr(layout, "parts") or pool.gate_up_bias is not None or pool.dtype != self.dtype:
-            return None
-        if pool.gate_up_proj.device.type != "cpu":
+        direct = pool.gate_up_bias is None and pool.dtype == self.dtype and pool.gate_up_proj.device.type == "cpu"
+        if not hasattr(layout, "parts") or not direct:
             return None
         parts = layout.parts(self.checkpoint, self.family.layer_prefix.format(n=layer), expert)
         if parts is None:
@@ -127,8 +126,8 @@ class ExpertStore:
                     f"{self.path}: tensor {part.name!r} holds {raw.shape[0]} experts, but expert {part.row} was asked "
                     f"for (the config says {self.num_experts}); the checkpoint does not match its config"
                 )
-            offset = raw.offset if part.row is None else raw.offset + part.row * (raw.nbytes // raw.shape[0])
-            reads.append(_Read(part.name, raw.path, offset, part.part))
+            where = self.checkpoint.locate(part.name, None if part.row is None else range(part.row, part.row + 1))
+            reads.append(_Read(part.name, where.path, where.offset, part.part))
         return reads
 
     def empty(self, slots: int, device: torch.device | str = "cpu") -> Experts:
