@@ -3,7 +3,8 @@ backend, fp32, bf16 and bf16 autocast); its bf16 training step on `torch._groupe
 nothing back to the host; `moelab bench layer` on CUDA (against dense and transformers'
 grouped_mm) with a profile of the e64k8 step; `moelab bench generate --device cuda --compile` on
 the shipped models (fp32 and bf16) and, in bf16, on `ref-8e-top2` widened to 25 MB experts (the
-dispatch path past `gpu_gather_bytes`); and `moelab train` under torchrun with one process (the NCCL
+dispatch path past `gpu_gather_bytes`); `moelab bench offload --device cuda` (the expert cache in GPU
+memory, copies on a copy stream) on `ref-8e-top2` and its widened copy; and `moelab train` under torchrun with one process (the NCCL
 path: process group, FSDP2, DCP checkpoints) against the one-process run's losses.
 
 Run on a machine with a CUDA GPU:  python benchmarks/gpu_check.py --out DIR [--budget S] [--only SECTION ...]
@@ -239,6 +240,27 @@ def bench_generate_wide(timeout: float) -> dict:
         return bench_generate(str(Path(tmp) / "wide"), "bf16", max(timeout - (time.monotonic() - started), 1))
 
 
+def bench_offload(timeout: float) -> dict:
+    """`moelab bench offload --device cuda --dtype bf16` on `ref-8e-top2` and on it widened to 25 MB
+    experts (`widened_model.py`, built here): the cache in GPU memory, experts copied from pinned
+    host buffers on a copy stream (`moelab.offload.copier`); every cell must decode the in-memory
+    tokens, which a missing stream wait would break. {model: its JSON document}."""
+    docs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.monotonic()
+        left = lambda: max(timeout - (time.monotonic() - started), 1)  # noqa: E731
+        script = Path(__file__).with_name("widened_model.py")
+        subprocess.run([sys.executable, str(script), str(Path(tmp) / "wide")], check=True, timeout=left())
+        for model in ("ref-8e-top2", str(Path(tmp) / "wide")):
+            path = Path(tmp) / "offload.json"
+            command = ["bench", "offload", model, "--device", "cuda", "--dtype", "bf16", "--prompts", "4",
+                       "--new-tokens", "32", "--resident", "0.25", "--resident", "0.5", "--resident", "1"]  # fmt: skip
+            subprocess.run([sys.executable, "-m", "moelab", *command, "--json", str(path)], check=True, timeout=left())
+            docs[Path(model).name] = json.loads(path.read_text())
+            path.unlink()
+    return docs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="gpu_results", help="folder for results.json, profile.txt")
@@ -257,6 +279,7 @@ def main() -> None:
         "env": env_info,
         "correctness": correctness,
         "no_host_sync": lambda: [check_no_host_sync(autocast=autocast) for autocast in (False, True)],
+        "offload_bf16": lambda: bench_offload(min(max(left(), 1), 200)),
         "layer": bench_layer,
         "generate_bf16_ref-8e-top2": lambda: bench_generate("ref-8e-top2", "bf16", max(left(), 1)),
         "generate_bf16_ref-32e-top4-shared": lambda: bench_generate("ref-32e-top4-shared", "bf16", max(left(), 1)),

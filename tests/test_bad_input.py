@@ -665,6 +665,25 @@ def bench_offload_resident_zero(tmp, src):
 
 
 @case
+def bench_offload_cuda_without_gpu(tmp, src):
+    if torch.cuda.is_available():
+        return ["bench", "offload", "--device", "gpu"], [], ["unknown device 'gpu'"]
+    return ["bench", "offload", "--device", "cuda"], [], ["no CUDA device is available"]
+
+
+@case
+def generate_offloaded_on_cuda_without_gpu(tmp, src):
+    if torch.cuda.is_available():
+        return ["generate", "The king said", "--resident", "0.25", "--device", "gpu"], [], ["unknown device 'gpu'"]
+    return ["generate", "The king said", "--resident", "0.25", "--device", "cuda"], [], ["no CUDA device is available"]
+
+
+@case
+def generate_unknown_dtype(tmp, src):
+    return ["generate", "The king said", "--dtype", "fp16"], [], ["unknown dtype 'fp16'", "did you mean 'bf16'"]
+
+
+@case
 def generate_budget_below_minimum(tmp, src):
     return ["generate", "The king said", "--memory-budget", "1MB"], [], ["too small", "the minimum is"]
 

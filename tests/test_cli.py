@@ -143,6 +143,7 @@ def test_bench_offload_json_contract(tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["format"] == "moelab-bench-offload/1"
+    assert doc["device_name"] and "commit" in doc  # what ran it: the machine, moelab's commit (None outside git)
     [model] = doc["models"]
     assert model["experts"] == 12 and model["in_memory_tokens_per_s"] > 0
     policies = ["lru", "reuse", "affinity", "lookahead-x1", "lookahead", "both"]

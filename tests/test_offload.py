@@ -9,7 +9,9 @@ asked for, pinned slots survive, the pool never exceeds its size).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -65,6 +67,18 @@ def test_offloaded_decoding_equals_the_model_in_memory(tmp_path, resident, evict
             assert all(offloaded.cache.holds_all(layer) for layer in range(3))
         elif predictor is not None and offloaded.cache.slots > 2:  # 2 slots: one token's experts, no room ahead
             assert offloaded.cache.prefetch_stats.issued > 0
+    finally:
+        offloaded.close()
+
+
+def test_offloaded_bf16_decoding_equals_the_model_in_memory_in_bf16(tmp_path, one_thread):
+    model, path = _native(tmp_path, shared=1)
+    model = model.to(torch.bfloat16)
+    offloaded = load_offloaded(path, resident=0.5, predictor="lookahead", dtype=torch.bfloat16)
+    try:
+        assert offloaded.cache.pool.dtype == torch.bfloat16
+        ids = torch.randint(0, model.config.vocab_size, (1, 5))
+        assert torch.equal(offloaded.generate(ids, 12), greedy_generate(model, ids, 12))
     finally:
         offloaded.close()
 
@@ -227,7 +241,6 @@ def test_prefetch_counts_and_late_hits(tmp_path):
 def test_read_aheads_yield_to_reads_on_demand_and_queued_ones_are_dropped_when_evicted(tmp_path, monkeypatch):
     """A read-ahead waits while a read on demand runs; one still queued when its slot is chosen as
     a victim is cancelled (not waited for), and the slot then holds what it was given."""
-    import threading
 
     cache = _cache(tmp_path, 3, "reuse")
     store, started, release = cache.store, [], threading.Event()
@@ -273,7 +286,6 @@ def test_read_aheads_yield_to_reads_on_demand_and_queued_ones_are_dropped_when_e
 def test_a_read_on_demand_waits_for_a_running_read_ahead_into_its_slot(tmp_path, monkeypatch):
     """A read-ahead still running into a slot that a later read-ahead took over (and that a miss
     then takes) ends before the miss writes the slot: else its bytes would land on the new expert."""
-    import threading
 
     cache = _cache(tmp_path, 3, "reuse")
     events, release = [], threading.Event()
@@ -602,3 +614,193 @@ def test_a_checkpoint_rewritten_under_the_cache_is_refused(tmp_path):
 
 def test_every_tiny_family_is_covered():
     assert {"mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"} <= TINY.keys()
+
+
+# ----------------------------------------------------------------------------- a pool on an accelerator
+
+
+class _Streams:
+    """A stand-in for `torch.cuda`'s streams and events that runs every copy at once (CPU tensors)
+    but checks the order a GPU, which runs them later, would need. Each stream and the host keep a
+    vector clock of the work they know has run (an event carries its stream's clock, a wait merges
+    it, `synchronize` merges it into the host's, and work queued by the host knows what the host
+    knows); an access that is not ordered after a conflicting one is recorded in `races`."""
+
+    def __init__(self):
+        self.host: dict[str, int] = {}
+        self.compute = self.Stream(None, "compute")
+        self._local = threading.local()  # each thread's current stream, as in CUDA
+        self.races: list[str] = []
+        self.slot_writes: dict[int, tuple[str, int]] = {}  # slot -> its last copy in (stream, position)
+        self.slot_reads: dict[int, tuple[str, int]] = {}  # slot -> its last read by the compute stream
+        self.buffer_reads: dict[int, tuple[str, int]] = {}  # id(buffer) -> its last copy out
+
+    def Stream(self, device, name: str = "copy"):  # noqa: N802 - torch.cuda's name
+        return _Stream(self, name)
+
+    def Event(self):  # noqa: N802
+        return _Event(self)
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        previous = self.current_stream()
+        self._local.stream = stream
+        try:
+            yield
+        finally:
+            self._local.stream = previous
+
+    def current_stream(self, device=None):
+        return getattr(self._local, "stream", self.compute)
+
+    def knows(self, clock: dict[str, int], done: tuple[str, int] | None) -> bool:
+        return done is None or clock.get(done[0], 0) >= done[1]
+
+
+class _Stream:
+    def __init__(self, streams: _Streams, name: str):
+        self.streams, self.name, self.clock = streams, name, {}
+
+    def queue(self) -> tuple[str, int]:
+        """Queue one operation: it follows what the host knows. Returns its (stream, position)."""
+        for name, n in self.streams.host.items():
+            self.clock[name] = max(self.clock.get(name, 0), n)
+        self.clock[self.name] = self.clock.get(self.name, 0) + 1
+        return self.name, self.clock[self.name]
+
+    def wait_event(self, event):
+        for name, n in event.clock.items():
+            self.clock[name] = max(self.clock.get(name, 0), n)
+
+
+class _Event:
+    def __init__(self, streams: _Streams):
+        self.streams, self.clock = streams, {}
+
+    def record(self, stream):
+        stream.queue()
+        self.clock = dict(stream.clock)
+
+    def synchronize(self):
+        for name, n in self.clock.items():
+            self.streams.host[name] = max(self.streams.host.get(name, 0), n)
+
+
+def _checked_copier(monkeypatch, streams: _Streams):
+    """SlotCopier's copies and host reads, checked against `streams`' clocks."""
+    from moelab.offload.copier import SlotCopier
+
+    copy_in, load = SlotCopier._copy_in, ExpertStore.load  # noqa: SLF001
+
+    def checked_copy_in(self, slot, buffer):
+        stream = streams.current_stream()
+        at = stream.queue()
+        if not streams.knows(stream.clock, streams.slot_reads.get(slot)):
+            streams.races.append(f"copy into slot {slot} before the compute stream's last read of it")
+        streams.slot_writes[slot] = streams.buffer_reads[id(buffer)] = at
+        copy_in(self, slot, buffer)
+
+    def checked_load(self, layer, expert, pool, slot):
+        if not streams.knows(streams.host, streams.buffer_reads.get(id(pool))):
+            streams.races.append("a host buffer refilled before its last copy out ran")
+        load(self, layer, expert, pool, slot)
+
+    monkeypatch.setattr(SlotCopier, "_copy_in", checked_copy_in)
+    monkeypatch.setattr(ExpertStore, "load", checked_load)
+
+
+def _compute_reads(streams: _Streams, slots: list[int]) -> None:
+    """The compute stream's kernels reading `slots`, checked against their copies."""
+    at = streams.compute.queue()
+    for slot in slots:
+        if not streams.knows(streams.compute.clock, streams.slot_writes.get(slot)):
+            streams.races.append(f"the compute stream read slot {slot} before its copy")
+        streams.slot_reads[slot] = at
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    calls=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 3), min_size=1, max_size=3)), min_size=1, max_size=12),
+    slots=st.integers(3, 12),
+    eviction=st.sampled_from(["lru", "reuse"]),
+)  # fmt: skip
+def test_an_accelerator_pool_orders_every_copy_against_the_compute_stream(tmp_path_factory, calls, slots, eviction):
+    """Random fetches and read-aheads into a pool behind `SlotCopier`: no copy into a slot before the
+    compute stream's last read of its previous expert, no read before its copy, no host buffer
+    refilled before its copy out ran; and every slot handed out holds its expert."""
+    streams = _Streams()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _checked_copier(monkeypatch, streams)
+        _, path = _native(tmp_path_factory.mktemp("c"))
+        cache = ExpertCache(ExpertStore(path), slots, eviction=eviction, streams=streams)
+        try:
+            for layer, experts in calls:
+                experts = sorted(experts)
+                got = cache.fetch(layer, experts, tokens=len(experts))
+                _compute_reads(streams, got)
+                cache.prefetch((layer + 1) % 3, torch.tensor([1.0, 0.0, 2.0, 0.5]), torch.full((4,), 0.5), limit=2)
+                cache.release()
+                for expert, slot in zip(experts, got):
+                    one = cache.store.read(layer, expert)
+                    assert torch.equal(cache.pool.down_proj[slot], one.down[0])
+        finally:
+            cache.close()
+    assert streams.races == []
+
+
+@pytest.mark.parametrize("mutation", ["no ready", "no used", "no synchronize"])
+def test_the_copy_order_checker_catches_each_missing_wait(tmp_path, monkeypatch, mutation):
+    """Each of the three waits removed in turn: the fetch/read-ahead sequence below then races."""
+    from moelab.offload.copier import SlotCopier
+
+    streams = _Streams()
+    _checked_copier(monkeypatch, streams)
+    if mutation == "no ready":
+        monkeypatch.setattr(SlotCopier, "ready", lambda self, slots: None)
+    elif mutation == "no used":
+        monkeypatch.setattr(SlotCopier, "used", lambda self, slots: None)
+    else:
+        monkeypatch.setattr(_Event, "synchronize", lambda self: None)
+    _, path = _native(tmp_path)
+    cache = ExpertCache(ExpertStore(path), 3, eviction="lru", streams=streams)
+    try:
+        for layer, experts in ((0, [0, 1]), (1, [2]), (2, [0, 3]), (0, [2, 3]), (1, [0, 1])):
+            got = cache.fetch(layer, experts, tokens=1)
+            _compute_reads(streams, got)
+            cache.release()
+    finally:
+        cache.close()
+    assert streams.races
+
+
+def test_an_offloaded_model_on_an_accelerator_stand_in_decodes_as_in_memory(tmp_path, monkeypatch, one_thread):
+    """`load_offloaded` with its cache behind `SlotCopier` (the stand-in streams on the CPU), reading
+    ahead: the model in memory's tokens, every copy ordered."""
+    streams = _Streams()
+    _checked_copier(monkeypatch, streams)
+    init, fetch = ExpertCache.__init__, ExpertCache.fetch
+
+    def fetch_and_compute(self, layer, experts, tokens):
+        slots = fetch(self, layer, experts, tokens)
+        _compute_reads(streams, slots)  # what the layer's kernels then do
+        return slots
+
+    monkeypatch.setattr(ExpertCache, "__init__", lambda self, *a, **k: init(self, *a, **k, streams=streams))
+    monkeypatch.setattr(ExpertCache, "fetch", fetch_and_compute)
+    model, path = _native(tmp_path, shared=1)
+    offloaded = load_offloaded(path, resident=0.5, predictor="lookahead")
+    try:
+        ids = torch.randint(0, model.config.vocab_size, (1, 5))
+        assert torch.equal(offloaded.generate(ids, 12), greedy_generate(model, ids, 12))
+        assert offloaded.cache.prefetch_stats.issued > 0 and offloaded.cache.total().misses > 0
+    finally:
+        offloaded.close()
+    assert streams.races == []
+
+
+def test_an_unavailable_device_is_refused(tmp_path):
+    _, path = _native(tmp_path)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is available here")
+    with pytest.raises(ValueError, match="no CUDA device is available"):
+        load_offloaded(path, resident=0.5, device="cuda")

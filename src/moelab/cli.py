@@ -106,6 +106,8 @@ def bench_offload(
     rounds: Annotated[int, typer.Option(min=1, help="Timed rounds per cell, each paired with the model in memory.")] = 2,
     read_gbps: Annotated[float | None, typer.Option("--read-gbps", help="Emulate storage of this many GB/s (default: the files as fast as the OS serves them).")] = None,
     compile_step: Annotated[bool, typer.Option("--compile", help="Also time the policies without read-ahead, and the model in memory, with the compiled static decode step (moelab checkpoints; transformers ones are timed eagerly only).")] = False,
+    dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    device: Annotated[str, typer.Option(help="cpu or cuda (the model and the expert cache in GPU memory).")] = "cpu",
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -115,7 +117,7 @@ def bench_offload(
     _claim_json(json_path, bench.JSON_FORMAT, overwrite)
     options = bench.OffloadOptions(
         resident=tuple(resident or (0.05, 0.25, 0.5, 1.0)), prompts=prompts, new_tokens=new_tokens, threads=threads,
-        rounds=rounds, read_gbps=read_gbps, compile=compile_step,
+        rounds=rounds, read_gbps=read_gbps, compile=compile_step, dtype=dtype, device=device,
     )
     with console.status("bench offload") as status:
         doc = bench.run(_model_dirs(models), options, progress=lambda what: status.update(f"bench offload: {what}"))
@@ -537,17 +539,23 @@ def generate_cmd(
     prior: Annotated[Path | None, typer.Option("--prior", help="A routing trace (moelab trace) whose statistics guide the expert cache.")] = None,
     policy: Annotated[str, typer.Option("--policy", help="With --resident / --memory-budget, the expert cache's eviction and read-ahead: lru, reuse, affinity, lookahead-x1, lookahead or both (affinity and both need --prior; docs/benchmarks.md).")] = "reuse",
     compile_step: Annotated[bool, typer.Option("--compile", help="Decode with a compiled static step (moelab checkpoints, in memory or offloaded without read-ahead; compiling takes seconds, paid once).")] = False,
+    dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    device: Annotated[str, typer.Option(help="cpu or cuda (offloaded: the expert cache in GPU memory).")] = "cpu",
 ) -> None:
     """Continue a prompt greedily, the model in memory or its routed experts offloaded (--resident / --memory-budget)."""
+    from moelab.bench.layer import DTYPES
     from moelab.generate import generate_text, parse_size
     from moelab.models.reference import reference_model_dir
     from moelab.offload import RoutingPrior
     from moelab.trace import open_trace
+    from moelab.validation import check_choice
 
+    check_choice("dtype", dtype, DTYPES)
     text, stats = generate_text(
         model or reference_model_dir(), prompt, max_new_tokens=max_new_tokens, resident=resident,
         memory_budget=None if memory_budget is None else parse_size(memory_budget),
         prior=None if prior is None else RoutingPrior.from_trace(open_trace(prior)), policy=policy, compile=compile_step,
+        dtype=DTYPES[dtype], device=device,
     )  # fmt: skip
     console.print(prompt + text, markup=False, highlight=False)
     compiling = " (compiling included)" if compile_step else ""

@@ -23,7 +23,7 @@ from moelab.data import TOKENIZER_DIR
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import greedy_generate
 from moelab.trace import load_model
-from moelab.validation import check_choice
+from moelab.validation import check_choice, check_device
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -57,6 +57,8 @@ def generate_text(
     prior: RoutingPrior | None = None,
     policy: str = "reuse",
     compile: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> tuple[str, dict]:
     """(the prompt's continuation, statistics: "seconds" and "tokens_per_s" of the decoding, the
     prompt included, and with offloading the expert cache's). resident or memory_budget (bytes):
@@ -64,11 +66,13 @@ def generate_text(
     `RoutingPrior.from_trace`) for the eviction policy if given, and `policy` (a name of
     `moelab.offload.POLICIES`: eviction and read-ahead). compile: decode with a compiled
     static step (`MoETransformer.generate(compile=True)`; moelab checkpoints, in memory or
-    offloaded without read-ahead; the one-time compilation, seconds, is part of the time)."""
+    offloaded without read-ahead; the one-time compilation, seconds, is part of the time). dtype,
+    device: what the model computes in and where ("cuda": an offloaded model's cache in GPU memory)."""
     if not prompt:
         raise ValueError("the prompt is empty; give some text to continue")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_device(device)
     offloaded = resident is not None or memory_budget is not None
     check_choice("offload policy", policy, POLICIES)
     eviction, predictor, prefetch_factor = POLICIES[policy]
@@ -78,17 +82,17 @@ def generate_text(
             "drop compile (--compile)"
         )
     tokenizer = load_tokenizer_of(path)
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long, device=device)
     if ids.shape[1] == 0:
         raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
     if not offloaded:
-        model = load_model(path, quiet=True).model
+        model = load_model(path, dtype=dtype, quiet=True).model.to(device)
         start = time.perf_counter()
         out = greedy_generate(model, ids, max_new_tokens, compile=compile)
-        return tokenizer.decode(out[0, ids.shape[1] :]), _speed(time.perf_counter() - start, max_new_tokens)
+        return tokenizer.decode(out[0, ids.shape[1] :].tolist()), _speed(time.perf_counter() - start, max_new_tokens)
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, prior=prior, eviction=eviction, predictor=predictor,
-        prefetch_factor=prefetch_factor,
+        prefetch_factor=prefetch_factor, dtype=dtype, device=device,
     )  # fmt: skip
     try:
         start = time.perf_counter()
@@ -103,7 +107,7 @@ def generate_text(
         }
     finally:
         model.close()
-    return tokenizer.decode(out[0, ids.shape[1] :]), stats
+    return tokenizer.decode(out[0, ids.shape[1] :].tolist()), stats
 
 
 def _speed(seconds: float, new_tokens: int) -> dict[str, float]:

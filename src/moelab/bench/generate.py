@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import platform
 import random
 import statistics
 import time
@@ -41,6 +40,7 @@ from rich.table import Table
 
 from moelab.bench.layer import DTYPES, synchronize
 from moelab.bench.load import busy_processes
+from moelab.bench.machine import device_name, source_commit
 from moelab.bench.skipping import loss_and_experts, test_batches
 from moelab.compress.skipping import apply_dynamic_skipping
 from moelab.hf.export import export_problems, exported_model
@@ -330,7 +330,7 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
                   # the fractions of the bound use each round's own measurement; this is the median of the cells'
                   "memory_bandwidth_gb_s": statistics.median(r["memory_bandwidth_gb_s"] for r in rows),
                   "bandwidth_measure": "read: fp32 matrix-vector product over 256 MB",
-                  "device_name": _device_name(options.device)},
+                  "device_name": device_name(options.device), "commit": source_commit()},
         "results": rows,
         "routing_quality": quality,
     }  # fmt: skip
@@ -339,10 +339,6 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
 def _where(setup: dict) -> str:
     """"2 thread(s)" on a CPU, the GPU's name on CUDA (files written before the device option: CPU)."""
     return setup["device_name"] if setup.get("device") == "cuda" else f"{setup['threads']} thread(s)"
-
-
-def _device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
 
 
 def _transformers_version() -> str:

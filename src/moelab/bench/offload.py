@@ -44,12 +44,14 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from moelab.bench.layer import DTYPES, synchronize
+from moelab.bench.machine import device_name, source_commit
 from moelab.bench.skipping import test_batches
 from moelab.models import MoETransformer
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import greedy_generate, warm_start
 from moelab.trace import load_model
-from moelab.validation import is_int
+from moelab.validation import check_choice, check_device, is_int
 
 JSON_FORMAT = "moelab-bench-offload/1"
 
@@ -59,7 +61,9 @@ class OffloadOptions:
     """resident: fractions of the routed experts the cache holds; prompts, prompt_tokens,
     new_tokens: the decoding; calibration_tokens: train-split tokens for the routing prior;
     threads: intra-op threads; rounds: timed rounds per cell; read_gbps: emulated storage GB/s
-    (None: the files as fast as the OS serves them); compile: also time the compiled step."""
+    (None: the files as fast as the OS serves them); compile: also time the compiled step; dtype:
+    "fp32" or "bf16"; device: "cpu" or "cuda" (the model and the cache in GPU memory, experts
+    copied from host buffers, `moelab.offload.copier`)."""
 
     resident: tuple[float, ...] = (0.05, 0.25, 0.5, 1.0)
     prompts: int = 8
@@ -70,8 +74,12 @@ class OffloadOptions:
     rounds: int = 2
     read_gbps: float | None = None
     compile: bool = False
+    dtype: str = "fp32"
+    device: str = "cpu"
 
     def __post_init__(self):
+        check_choice("dtype", self.dtype, tuple(DTYPES))
+        check_device(self.device)
         if not self.resident or any(not 0 < r <= 1 for r in self.resident):
             raise ValueError(f"resident fractions must lie in (0, 1], got {list(self.resident)}")
         for name in ("prompts", "prompt_tokens", "new_tokens", "threads", "rounds"):
@@ -87,8 +95,11 @@ class OffloadOptions:
 def _decode(
     model, prompts: list[torch.Tensor], new_tokens: int, compile: bool = False
 ) -> tuple[list[torch.Tensor], float]:
+    device = prompts[0].device
+    synchronize(device)
     start = time.perf_counter()
     out = [greedy_generate(model, p, new_tokens, compile=compile) for p in prompts]
+    synchronize(device)
     return out, time.perf_counter() - start
 
 
@@ -101,7 +112,11 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
     windows = test_batches(options.prompts * seq_len, seq_len, options.prompts)[0][0]
     if windows.shape[0] < options.prompts or options.prompt_tokens > windows.shape[1]:
         raise ValueError(f"the test split has too few tokens for {options.prompts} prompts of {options.prompt_tokens}")
-    prompts = [windows[i : i + 1, : options.prompt_tokens] for i in range(options.prompts)]
+    prompts = [windows[i : i + 1, : options.prompt_tokens].to(options.device) for i in range(options.prompts)]
+    dtype = DTYPES[options.dtype]
+    if dtype != torch.float32 or options.device != "cpu":  # the model in memory as it loads in that dtype
+        loaded = load_model(path, dtype=dtype, quiet=True)
+        loaded.model.to(options.device)
     _decode(loaded.model, prompts[:1], 2)  # warm-up
     reference, _ = _decode(loaded.model, prompts, options.new_tokens)
     tokens = options.prompts * options.new_tokens
@@ -118,7 +133,7 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
             for round_ in range(options.rounds):  # each round from the same warm start: the same hits
                 model = load_offloaded(
                     path, resident=resident, eviction=eviction, predictor=predictor, prefetch_factor=factor,
-                    prior=prior, read_bandwidth=bandwidth,
+                    prior=prior, read_bandwidth=bandwidth, dtype=dtype, device=options.device,
                 )  # fmt: skip
                 try:
                     if compiled:  # trace the step, then start the cache again
@@ -170,7 +185,10 @@ def run(models: dict[str, Path], options: OffloadOptions, progress=None) -> dict
         results = [measure_model(path, options, progress) for path in models.values()]
     finally:
         torch.set_num_threads(previous)
-    return {"format": JSON_FORMAT, "options": options.__dict__, "torch": torch.__version__, "models": results}
+    return {
+        "format": JSON_FORMAT, "options": options.__dict__, "torch": torch.__version__,
+        "device_name": device_name(options.device), "commit": source_commit(), "models": results,
+    }  # fmt: skip
 
 
 def render(doc: dict) -> Table:

@@ -1,6 +1,8 @@
 """Offloaded inference: routed experts read from the checkpoint's files into a cache of hot
 experts and, with a predictor, each layer's likely experts read ahead on a background thread
-while its attention runs (`POLICIES`: the combinations measured).
+while its attention runs (`POLICIES`: the combinations measured). On a GPU (`device="cuda"`) the
+cache lives in GPU memory and experts reach it through pinned host buffers on a copy stream
+(`moelab.offload.copier`).
 
     from moelab.offload import RoutingPrior, load_offloaded
 

@@ -28,7 +28,10 @@ hit), a read on demand (a miss) goes before queued read-aheads, and a queued rea
 slot is given to another expert before it started is dropped. One already running is finished
 before a read on demand writes its slot; a read-ahead into that slot queues behind it (the one
 reader thread keeps their order). Which slot goes never depends on how far a background read has
-got, so the hits and misses of a run are reproducible. Statistics are kept per number of tokens
+got, so the hits and misses of a run are reproducible. A pool on an accelerator is filled through
+a `SlotCopier` (pinned host buffers, a copy stream): `fetch` makes the current stream wait for its
+slots' copies and `release` marks them used by the work queued so far, which later copies into
+them wait for. Statistics are kept per number of tokens
 in the layer call (decode steps of batch B call every layer with B tokens; a prefill with more).
 """
 
@@ -43,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from moelab.offload.copier import SlotCopier
 from moelab.offload.predict import RoutingPrior
 from moelab.offload.store import ExpertStore
 
@@ -91,8 +95,10 @@ class ExpertCache:
 
     eviction: "lru" or "reuse"; prior: calibration statistics for "reuse" (optional; its
     frequencies are read when the cache is built);
-    device: where the pool lives. stats[tokens]: `CacheStats` of the layer calls with that many
-    tokens; prefetch_stats: `PrefetchStats` over all calls.
+    device: where the pool lives (on an accelerator, experts reach it through pinned host buffers
+    and a copy stream, `SlotCopier`; streams: the device module ordering those copies, default the
+    device's own). stats[tokens]: `CacheStats` of the layer calls with that many tokens;
+    prefetch_stats: `PrefetchStats` over all calls.
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class ExpertCache:
         eviction: str = "reuse",
         prior: RoutingPrior | None = None,
         device: torch.device | str = "cpu",
+        streams=None,
     ):
         if eviction not in EVICTIONS:
             raise ValueError(f"unknown eviction policy {eviction!r}; choose one of {EVICTIONS}")
@@ -114,6 +121,8 @@ class ExpertCache:
         self.eviction = eviction
         self.prior = prior
         self.pool = store.empty(slots, device)
+        on_host = self.pool.gate_up_proj.device.type == "cpu" and streams is None
+        self._copier = None if on_host else SlotCopier(store, self.pool, streams=streams)
         self._position = {layer: p for p, layer in enumerate(store.moe_layers)}
         L, E = len(self._position), store.num_experts
         # [L, E] each expert's calibration frequency (1/E without a prior)
@@ -211,6 +220,8 @@ class ExpertCache:
                 self._pinned.add(slot)
         for slot in found.values():
             self._touch(slot)
+        if self._copier is not None:
+            self._copier.ready(found.values())
         stats.wait_s += time.perf_counter() - start
         return [found[e] for e in experts]
 
@@ -245,6 +256,10 @@ class ExpertCache:
         return np.where(self._visited[positions, None], recent, frequency)
 
     def release(self) -> None:
+        """Unpin the slots `fetch` handed out (on an accelerator: once the work queued on the current
+        stream, which reads them, has run, they may be written)."""
+        if self._copier is not None:
+            self._copier.used(self._pinned)
         self._pinned.clear()
 
     def holds_all(self, layer: int) -> bool:
@@ -289,14 +304,20 @@ class ExpertCache:
         """Read expert `key` into `slot` now, on the caller's thread, ahead of queued read-aheads."""
         self._no_demand.clear()
         try:
-            self.store.load(*key, self.pool, slot)
+            self._put(slot, key)
         finally:
             self._no_demand.set()
 
     def _read_ahead(self, slot: int, key: tuple[int, int]) -> None:
         """Read expert `key` into `slot` on the background thread, after any read on demand."""
         self._no_demand.wait()
-        self.store.load(*key, self.pool, slot)
+        self._put(slot, key)
+
+    def _put(self, slot: int, key: tuple[int, int]) -> None:
+        if self._copier is None:
+            self.store.load(*key, self.pool, slot)
+        else:
+            self._copier.load(*key, slot)
 
     def _victim(self, instead_of: tuple[int, int] | None = None) -> int | None:
         """A slot to reuse: a free one, else the policy's choice among the unpinned loaded slots

@@ -38,6 +38,7 @@ from moelab.nn.routers import Router
 from moelab.offload.cache import ExpertCache
 from moelab.offload.predict import PREDICTORS, RoutingPrior, lookahead_scores
 from moelab.offload.store import ExpertStore
+from moelab.validation import check_device
 
 POLICIES = {  # name: load_offloaded's (eviction, predictor, prefetch_factor)
     "lru": ("lru", None, 0.0),  # the Mixtral-offloading cache without its speculative loading
@@ -114,7 +115,7 @@ class OffloadedExperts(Experts):
             plan = plan_dispatch(indices, self.num_experts)
             row_weights = weights.reshape(-1).index_select(0, plan.slots)
             return self.accumulated(x, plan.token_ids, plan.counts, row_weights)
-        self.chosen = indices.clone()  # inside a compiled step's op, indices' buffer may be reused after it
+        self.chosen = indices.to("cpu", copy=True)  # a copy: inside a compiled step's op, indices' buffer may be reused
         slots = self.cache.fetch(self.layer, needed, tokens=x.shape[0])
         try:
             slot_of = dict(zip(needed, slots))
@@ -163,7 +164,7 @@ class OffloadedExperts(Experts):
             most += 1.0
         if self.predictor in ("lookahead", "both") and router is not None and router.dim == x.shape[1]:
             routing = router.forward(x)  # .forward: no routing hooks fire
-            scores += lookahead_scores(routing.indices, routing.probs)
+            scores += lookahead_scores(routing.indices.cpu(), routing.probs.cpu())
             most += 2.0
         if most == 0:  # nothing to go on but habit
             habit = self.cache.habit(self.layer)
@@ -261,6 +262,7 @@ def load_offloaded(
     dtype: torch.dtype = torch.float32,
     warm: bool = True,
     read_bandwidth: float | None = None,
+    device: torch.device | str = "cpu",
 ) -> OffloadedModel:
     """The checkpoint at `path` with its routed experts offloaded (see the module docstring).
 
@@ -274,8 +276,12 @@ def load_offloaded(
     (docs/benchmarks.md); prior: calibration statistics
     (`RoutingPrior`) for the affinity predictor and the reuse policy (optional for the others);
     warm: fill the cache at the start with each layer's most frequent experts (by the prior, else
-    expert order); read_bandwidth: emulate storage of this many bytes/s (`ExpertStore`).
+    expert order); read_bandwidth: emulate storage of this many bytes/s (`ExpertStore`); device:
+    where the model runs and the cache lives ("cuda": the dense parts and the pool in GPU memory,
+    a memory_budget counting GPU bytes; experts copied from pinned host buffers on a copy stream,
+    `moelab.offload.copier`).
     """
+    check_device(torch.device(device).type)
     if predictor in ("affinity", "both") and prior is None:  # checked before any file is opened
         raise ValueError(f"the {predictor!r} predictor needs a RoutingPrior (routing statistics): give a prior (prior=, --prior TRACE)")
     store = ExpertStore(path, dtype=dtype, read_bandwidth=read_bandwidth)
@@ -302,8 +308,9 @@ def load_offloaded(
         dense_bytes += sum(_view_bytes(views[i], dtype, found[i].shared_in_block) for i in store.moe_layers)
     top_k = max(v.router.top_k for v in views.values())
     cache = ExpertCache(
-        store, resident_slots(store, resident, memory_budget, dense_bytes, top_k), eviction=eviction, prior=prior
-    )
+        store, resident_slots(store, resident, memory_budget, dense_bytes, top_k), eviction=eviction, prior=prior,
+        device=device,
+    )  # fmt: skip
     moes: dict[int, MoELayer] = {}
     for index in store.moe_layers:
         experts = OffloadedExperts(cache, index, predictor, views[index].router.top_k, prefetch_factor)
@@ -324,6 +331,9 @@ def load_offloaded(
         if predictor is not None:
             norm = next((getattr(layers[index], n) for n in ROUTER_INPUT_NORMS if hasattr(layers[index], n)), None)
             layers[index].register_forward_pre_hook(partial(_read_ahead, experts, norm), with_kwargs=True)
+    # moelab's model computes in `dtype` throughout (its rotary tables too, as `load_pretrained(...).to(dtype)`);
+    # a transformers skeleton keeps the buffers `from_pretrained` keeps. The offloaded experts hold no tensors.
+    model.to(device, dtype) if native else model.to(device)
     if warm:
         cache.fill(warm_start(store, prior, cache.slots))
     return OffloadedModel(model.eval(), cache, predictor)

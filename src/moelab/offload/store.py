@@ -130,10 +130,14 @@ class ExpertStore:
             reads.append(_Read(part.name, where.path, where.offset, part.part))
         return reads
 
-    def empty(self, slots: int, device: torch.device | str = "cpu") -> Experts:
+    def empty(self, slots: int, device: torch.device | str = "cpu", *, pin_memory: bool = False) -> Experts:
         """`slots` uninitialised experts shaped like this checkpoint's, in the store's dtype (on a CPU
-        with each slot's byte views made once, for `load` to read into)."""
+        with each slot's byte views made once, for `load` to read into). pin_memory: in page-locked
+        host memory, which an accelerator copies from without blocking (a CPU pool only)."""
         pool = empty_experts(self._template, slots, dtype=self.dtype, device=device)
+        if pin_memory:
+            for p in pool.parameters():
+                p.data = p.data.pin_memory()
         if pool.gate_up_proj.device.type == "cpu" and pool.gate_up_bias is None:
             self._targets[pool] = [
                 {part: byte_view(_slot_part(pool, slot, part)) for part in ("gate", "up", "gate_up", "down")}

@@ -1,0 +1,90 @@
+"""Experts copied into a pool of slots on an accelerator, overlapped with its compute.
+
+    copier = SlotCopier(store, pool)      # pool: `ExpertStore.empty(slots, "cuda")`
+    copier.load(layer, expert, slot)      # read from the files into a pinned buffer; the copy is queued
+    copier.ready(slots)                   # the compute stream waits for these slots' copies
+    ...kernels on the compute stream read the slots...
+    copier.used(slots)                    # later copies into these slots wait for those kernels
+
+A read fills one of a few page-locked host buffers laid out as one slot (straight from the files
+where they allow, `ExpertStore.load`); a copy stream then moves it into the slot without holding
+up the host or the compute stream. Events order the three:
+
+- a buffer is refilled only after its last copy out has run (the host waits for that copy);
+- a copy into a slot starts after the compute stream's last use of the slot's previous expert;
+- the compute stream reads a slot only after the slot's copy.
+
+Only the first blocks the host, so a read ahead on the cache's background thread overlaps the
+decoding's kernels and its host work, and a read on demand costs one copy's latency.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+import torch
+
+from moelab.nn.experts import Experts
+from moelab.offload.store import ExpertStore
+
+
+class SlotCopier:
+    """Loads `store`'s experts into `pool`'s slots (on an accelerator) through `buffers` pinned host
+    buffers and a copy stream (see the module docstring). streams: the device module whose
+    `Stream`, `Event`, `stream` and `current_stream` order the copies (default: the pool's device
+    module, `torch.cuda` for a CUDA pool)."""
+
+    def __init__(self, store: ExpertStore, pool: Experts, *, buffers: int = 2, streams=None):
+        self.device = pool.gate_up_proj.device
+        self.streams = streams if streams is not None else torch.get_device_module(self.device)
+        self.store = store
+        self.pool = pool
+        self._stream = self.streams.Stream(self.device)
+        pin = self.device.type != "cpu"
+        self._buffers = [store.empty(1, "cpu", pin_memory=pin) for _ in range(buffers)]
+        self._emptied: list = [None] * buffers  # per buffer: the event after its last copy out
+        self._turn = 0  # the buffer the next read fills
+        slots = pool.gate_up_proj.shape[0]
+        self._copied: list = [None] * slots  # per slot: the event after its last copy in
+        self._used: list = [None] * slots  # per slot: the compute stream's event after its last use
+        self._lock = threading.Lock()  # one read at a time (a read ahead and a read on demand share the buffers)
+
+    def load(self, layer: int, expert: int, slot: int) -> None:
+        """Read expert `expert` of MoE layer `layer` into a host buffer and queue its copy into `slot`."""
+        with self._lock:
+            turn, self._turn = self._turn, (self._turn + 1) % len(self._buffers)
+            if self._emptied[turn] is not None:
+                self._emptied[turn].synchronize()  # the buffer's previous expert has left it
+            buffer = self._buffers[turn]
+            self.store.load(layer, expert, buffer, 0)
+            copied = self.streams.Event()
+            with self.streams.stream(self._stream):
+                if self._used[slot] is not None:
+                    self._stream.wait_event(self._used[slot])  # the slot's previous expert is no longer read
+                self._copy_in(slot, buffer)
+                copied.record(self._stream)
+            self._copied[slot] = self._emptied[turn] = copied
+
+    def _copy_in(self, slot: int, buffer: Experts) -> None:
+        """Queue the copy of `buffer`'s one expert into `slot` on the current stream."""
+        for target, source in zip(self.pool.parameters(), buffer.parameters()):
+            target[slot].copy_(source[0], non_blocking=True)
+
+    def ready(self, slots: Iterable[int]) -> None:
+        """Make the caller's current stream wait until these slots' copies have run."""
+        stream = self.streams.current_stream(self.device)
+        for slot in slots:
+            if self._copied[slot] is not None:
+                stream.wait_event(self._copied[slot])
+
+    def used(self, slots: Iterable[int]) -> None:
+        """Mark these slots as read by the work queued so far on the caller's current stream: a
+        later copy into one of them waits for it."""
+        slots = list(slots)
+        if not slots:
+            return
+        event = self.streams.Event()
+        event.record(self.streams.current_stream(self.device))
+        for slot in slots:
+            self._used[slot] = event
