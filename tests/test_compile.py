@@ -125,6 +125,36 @@ def test_compiled_generate_sees_weights_changed_after_compiling():
     assert torch.equal(model.generate(ids, 8, greedy=True, compile=True), other.generate(ids, 8, greedy=True))
 
 
+def test_after_an_in_place_update_the_step_reads_the_weights_and_is_not_traced_again():
+    """The first step freezes the weights; after they change in place it is traced once more with
+    the weights as inputs, and later updates decode with the new weights without a new trace. New
+    tensors (not in place) still trace again, and a model never updated keeps its frozen step."""
+    from test_model import make_model, random_ids
+    from torch._dynamo.utils import counters
+
+    from moelab.models.transformer import _compiled_steps
+
+    torch._dynamo.reset()
+    model = make_model(init_std=0.2).eval()
+    ids = random_ids(batch=1, seq=5)
+    model.generate(ids, 8, greedy=True, compile=True)
+    assert _compiled_steps[model].frozen
+    tokens = []
+    for update in range(4):
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1.0)  # flips the logits: different tokens at every update
+        if update == 1:
+            traced = counters["stats"]["unique_graphs"]
+        tokens.append(model.generate(ids, 8, greedy=True, compile=True))
+        assert torch.equal(tokens[-1], model.generate(ids, 8, greedy=True))
+        assert not _compiled_steps[model].frozen
+    assert not torch.equal(tokens[0], tokens[1]), "the updates must change the tokens for this test to mean anything"
+    assert counters["stats"]["unique_graphs"] == traced, "updates after the first one traced nothing"
+    model.lm_head.weight = torch.nn.Parameter(-model.lm_head.weight.detach().clone())  # a new tensor
+    assert torch.equal(model.generate(ids, 8, greedy=True, compile=True), model.generate(ids, 8, greedy=True))
+    assert counters["stats"]["unique_graphs"] > traced and not _compiled_steps[model].frozen
+
+
 def test_compiled_generate_sees_settings_changed_after_compiling():
     """The compiled step keeps no guards on the modules: a module setting changed after compiling
     (NAEE's skip ratio here) must trace it again, never decode with the old setting."""

@@ -3,6 +3,8 @@ and `MoETransformer.decode_step`, against the naive float64 reference (tests/ref
 against the training path, forward and backward, every router and setting, and the edge cases
 (empty slots, k = E, one token, all tokens to one expert, bf16)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -466,7 +468,7 @@ def test_generate_replays_one_decode_graph_where_no_layer_syncs(monkeypatch):
 
     monkeypatch.setattr(decode_graph, "capture", fake_capture)
     steps = [type(model)._decode]  # the static step, uncompiled; a new one when the weights change
-    monkeypatch.setattr(model, "_compiled_step", lambda: steps[-1])
+    monkeypatch.setattr(model, "_compiled_step", lambda: SimpleNamespace(step=steps[-1], frozen=True))
     monkeypatch.setattr(model, "_graphs_decode", lambda batch, device: True)
     assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)
     assert len(graphs) == 1 and graphs[0].replays == 5  # the prompt eagerly, then one replay per token
@@ -501,7 +503,7 @@ def test_a_failed_capture_warns_and_decodes_uncaptured(monkeypatch):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(decode_graph, "capture", failing_capture)
-    monkeypatch.setattr(model, "_compiled_step", lambda: type(model)._decode)
+    monkeypatch.setattr(model, "_compiled_step", lambda: SimpleNamespace(step=type(model)._decode, frozen=True))
     monkeypatch.setattr(model, "_graphs_decode", lambda batch, device: True)
     with pytest.warns(UserWarning, match="without a CUDA graph.*not permitted"):
         assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)

@@ -20,6 +20,7 @@ import math
 import types
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -70,19 +71,32 @@ class ModelOutput:
 
 # Each model's compiled decode step and the state it was traced with (`MoETransformer._compiled_step`).
 _compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _CompiledStep:
+    """A compiled decode step and what it was traced with: each parameter and buffer (identity,
+    storage), their in-place versions, every module's plain settings; frozen: the weights folded
+    into the graph (else read as inputs at every call, so in-place updates need no new trace)."""
+
+    step: Callable
+    tensors: tuple
+    versions: tuple
+    settings: tuple
+    frozen: bool
 # Each model's last captured decode step, for the next `generate` of the same shapes: (the
 # compiled step, batch, cache length, device, dtype), the `DecodeGraph` and its `KVCache`.
 _decode_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def frozen_step_settings(device: torch.device):
-    """Inductor's settings for the compiled decode step: the weights frozen into the graph as
-    constants (linear weights prepacked for the CPU's GEMM), the q, k, v projections of a layer
-    concatenated into one and, on the CPU, the graph's calls made from C++ (`cpp_wrapper`: 12-15 %
+def decode_step_settings(device: torch.device, frozen: bool = True):
+    """Inductor's settings for the compiled decode step: frozen, the weights folded into the graph
+    as constants (linear weights prepacked for the CPU's GEMM, the q, k, v projections of a layer
+    concatenated into one); on the CPU, the graph's calls made from C++ (`cpp_wrapper`: 12-15 %
     faster at batch 1 than Inductor's Python wrapper on an Intel Xeon, compiling takes twice as long)."""
     cpu = device.type == "cpu"
     return torch._inductor.config.patch(
-        {"freezing": True, "cpp.enable_concat_linear": True, "cpp_wrapper": cpu}
+        {"freezing": frozen, "cpp.enable_concat_linear": frozen, "cpp_wrapper": cpu}
     )
 
 
@@ -352,26 +366,38 @@ class MoETransformer(nn.Module):
             x = layer(x, *positions, infer=True)[0]
         return self.lm_head(self.norm(x[:, -1]))
 
-    def _compiled_step(self):
-        """`_decode` compiled to run under `frozen_step_settings`: the weights folded in as constants,
-        linear weights prepacked for the CPU's GEMM, each layer's q, k, v projections concatenated;
-        called as `step(model, input_ids, kv_cache, start_pos)`. The graph keeps no guards on the
-        modules (checking them at every token cost ~10 % of a batch-1 step), so each model compiles
-        its own copy of `_decode`'s code (dynamo keeps its graphs per code object: one model's
-        never serve another), and a fresh one whenever `_frozen_state` changes: another weight
-        tensor, storage or in-place update, or another module setting (a skip ratio, a router
-        threshold); the old copy and its graphs are dropped with it. The step must compile whole
-        (`fullgraph`): without the module guards, the code after a graph break inside a layer
+    def _compiled_step(self) -> _CompiledStep:
+        """`_decode` compiled, to run under `decode_step_settings(device, frozen)`; its step is called
+        as `step(model, input_ids, kv_cache, start_pos)`. The first step of a model is frozen: the
+        weights folded in as constants, linear weights prepacked for the CPU's GEMM, each layer's
+        q, k, v projections concatenated. Once its weights have changed in place (an optimizer
+        step, a loaded state), the step is traced again with the weights as the graph's inputs and
+        stays so: a frozen step would be traced again at every change (on `ref-8e-top2`, 14 s and
+        ~26 MB that torch keeps for the process's life, each time), an unfrozen one never (it
+        decodes at ~0.6x a frozen one's speed on a CPU at batch 1; docs/benchmarks.md).
+        The graph keeps no guards on the modules (checking them at every token cost ~10 % of a
+        batch-1 step), so each model compiles its own copy of `_decode`'s code (dynamo keeps its
+        graphs per code object: one model's never serve another), and a fresh one whenever
+        `_step_state` changes beyond what the step reads at each call: another weight tensor or
+        storage, another module setting (a skip ratio, a router threshold), or, for a frozen step,
+        an in-place update; the old copy and its graphs are dropped with it. The step must compile
+        whole (`fullgraph`): without the module guards, the code after a graph break inside a layer
         would be shared by every layer (the first layer's, for all)."""
-        state = self._frozen_state()
+        tensors, versions, settings = self._step_state()
         held = _compiled_steps.get(self)
-        if held is None or held[0] != state:
-            decode = type(self)._decode
-            code = decode.__code__.replace()  # a new code object, equal to the original
-            step = types.FunctionType(code, decode.__globals__, "_decode", decode.__defaults__, decode.__closure__)
-            guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-            held = _compiled_steps[self] = (state, torch.compile(step, dynamic=False, fullgraph=True, options=guards))
-        return held[1]
+        if held is not None and (held.tensors, held.settings) == (tensors, settings):
+            if not held.frozen or held.versions == versions:
+                return held
+            frozen = False  # updated in place since it was traced: read the weights as inputs from now on
+        else:
+            frozen = held is None or held.frozen
+        decode = type(self)._decode
+        code = decode.__code__.replace()  # a new code object, equal to the original
+        step = types.FunctionType(code, decode.__globals__, "_decode", decode.__defaults__, decode.__closure__)
+        guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        compiled = torch.compile(step, dynamic=False, fullgraph=True, options=guards)
+        held = _compiled_steps[self] = _CompiledStep(compiled, tensors, versions, settings, frozen)
+        return held
 
     def release_decode_cache(self) -> None:
         """Drop what `generate(compile=True)` keeps for its next call: the compiled decode step and,
@@ -398,17 +424,20 @@ class MoETransformer(nn.Module):
             warnings.warn(f"decoding without a CUDA graph: capturing the compiled step failed ({err})", stacklevel=3)
             return None
 
-    def _frozen_state(self) -> tuple:
-        """What a frozen decode graph depends on besides its inputs: every parameter and buffer
-        (identity, storage, in-place version), which module objects the model holds (the graph
-        names MoE layers by id for the opaque op) and every module's plain Python settings."""
-        tensors = tuple((id(t), t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+    def _step_state(self) -> tuple[tuple, tuple, tuple]:
+        """What a compiled decode graph depends on besides its inputs: every parameter and buffer
+        (identity and storage; their in-place versions apart, which only a frozen graph depends on),
+        which module objects the model holds (the graph names MoE layers by id for the opaque op)
+        and every module's plain Python settings."""
+        everything = (*self.parameters(), *self.buffers())
+        tensors = tuple((id(t), t.data_ptr()) for t in everything)
+        versions = tuple(t._version for t in everything)
         plain = (bool, int, float, str, type(None))
         settings = tuple(
             (name, id(module), tuple((key, value) for key, value in vars(module).items() if isinstance(value, plain)))
             for name, module in self.named_modules()
         )
-        return tensors, settings
+        return tensors, versions, settings
 
     def _check_call(self, input_ids: Tensor, targets: Tensor | None, kv_cache: KVCache | None, start_pos: int) -> None:
         self._check_routing_is_causal()
@@ -488,7 +517,8 @@ class MoETransformer(nn.Module):
         compile: run the one-token steps as a `torch.compile`d static step (the position a tensor,
         the whole KV cache, its length rounded up to a multiple of 64, attended under a mask: the
         same shapes at every step, one trace per batch size and cache length; the weights frozen
-        into the graph and traced again whenever they change); the prompt runs eagerly. Where
+        into the graph until they first change in place, then read as the graph's inputs, see
+        `_compiled_step`); the prompt runs eagerly. Where
         an MoE layer does not gather its experts' weights (more than a few tokens, or large
         experts), its experts run inside the graph as one opaque op (`moelab.nn.opaque`). Models
         with a layer that drops by capacity or splits experts over ranks decode eagerly
@@ -512,12 +542,13 @@ class MoETransformer(nn.Module):
             )
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        cache, static_step, graphed, shapes = None, None, False, None
+        cache, compiled, static_step, graphed, shapes = None, None, None, False, None
         if not self.needs_sequences:  # else recompute the whole prefix at every step
             length = S + max_new_tokens
             if compile and all(moe.compiles_infer for moe in self.moe_layers.values()):
                 length = min(self.config.max_seq_len, -(-length // 64) * 64)  # fewer distinct shapes to trace
-                static_step = self._compiled_step()
+                compiled = self._compiled_step()
+                static_step = compiled.step
                 graphed = self._graphs_decode(B, input_ids.device)
             shapes = (static_step, B, length, input_ids.device, self.embed.weight.dtype)
             held = _decode_graphs.get(self)
@@ -532,8 +563,8 @@ class MoETransformer(nn.Module):
         self._check_call(input_ids, None, cache, 0)  # the longest call fits: checked above
         # Inductor reads these settings when it traces (not from torch.compile's options); entered
         # once for the whole loop, not at every token.
-        compiling = static_step is not None
-        with frozen_step_settings(input_ids.device) if compiling else contextlib.nullcontext():
+        settings = contextlib.nullcontext() if compiled is None else decode_step_settings(input_ids.device, compiled.frozen)
+        with settings:
             for _ in range(max_new_tokens):
                 if graphed is True and pos > 0:  # the first one-token step: capture it
                     graphed = self._decode_graph(static_step, step_ids, cache, pos)
