@@ -240,12 +240,48 @@ def bench_generate_wide(timeout: float) -> dict:
         return bench_generate(str(Path(tmp) / "wide"), "bf16", max(timeout - (time.monotonic() - started), 1))
 
 
+def offload_same_tokens(prompts: int = 4, new_tokens: int = 32) -> dict:
+    """`ref-8e-top2` offloaded on CUDA in bf16 at 25 % resident with each policy: every policy runs
+    the same kernels on the same weights (only which slot holds an expert, and when its copy runs,
+    differ), so their tokens must be identical, bit for bit; a copy racing the compute would break
+    that. Also against the model in memory (whose prompt pass runs other kernels: equal up to
+    rounding, so a differing token there alone is not a race)."""
+    from moelab.models import load_pretrained
+    from moelab.models.reference import reference_model_dir
+    from moelab.offload import POLICIES, RoutingPrior, load_offloaded
+
+    path = reference_model_dir("ref-8e-top2")
+    model = load_pretrained(path).eval()
+    ids = torch.randint(0, model.config.vocab_size, (prompts, 16), generator=torch.Generator().manual_seed(0))
+    prior = RoutingPrior.measure(model, [ids])
+    model = model.to("cuda", torch.bfloat16)
+    ids = ids.cuda()
+    want = [model.generate(ids[i : i + 1], new_tokens, greedy=True) for i in range(prompts)]
+    tokens, stats = {}, {}
+    for policy, (eviction, predictor, factor) in POLICIES.items():
+        offloaded = load_offloaded(
+            path, resident=0.25, eviction=eviction, predictor=predictor, prefetch_factor=factor, prior=prior,
+            dtype=torch.bfloat16, device="cuda",
+        )  # fmt: skip
+        try:
+            tokens[policy] = [offloaded.generate(ids[i : i + 1], new_tokens) for i in range(prompts)]
+            stats[policy] = offloaded.cache.total().to_dict() | {"prefetched": offloaded.cache.prefetch_stats.issued}
+        finally:
+            offloaded.close()
+    first = tokens["lru"]
+    return {
+        "same_across_policies": {p: all(torch.equal(a, b) for a, b in zip(first, t)) for p, t in tokens.items()},
+        "same_as_in_memory": {p: all(torch.equal(a, b) for a, b in zip(want, t)) for p, t in tokens.items()},
+        "cache": stats,
+    }
+
+
 def bench_offload(timeout: float) -> dict:
     """`moelab bench offload --device cuda --dtype bf16` on `ref-8e-top2` and on it widened to 25 MB
     experts (`widened_model.py`, built here): the cache in GPU memory, experts copied from pinned
-    host buffers on a copy stream (`moelab.offload.copier`); every cell must decode the in-memory
-    tokens, which a missing stream wait would break. {model: its JSON document}."""
-    docs = {}
+    host buffers on a copy stream (`moelab.offload.copier`); `offload_same_tokens` first.
+    {model: its JSON document}."""
+    docs = {"same_tokens": offload_same_tokens()}
     with tempfile.TemporaryDirectory() as tmp:
         started = time.monotonic()
         left = lambda: max(timeout - (time.monotonic() - started), 1)  # noqa: E731

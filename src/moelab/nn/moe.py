@@ -296,12 +296,14 @@ class MoELayer(nn.Module):
         no [N, D] buffers, the weights read in place), or, where each expert has little work
         (`small_expert_work`), through the dispatch and one `torch._grouped_mm` call per
         projection; on a GPU the training path's dispatch, its counts on the device where
-        `_routes_on_device`."""
+        `_routes_on_device` (offloaded experts, which fetch their weights into cache slots, go expert
+        by expert there too: each expert adds into distinct tokens, so its `index_add_` is
+        deterministic)."""
         if self._routes_on_device(rows.device, rows.dtype):  # masked past the counts: any slot may be empty
             return self._dispatched(rows, weights, plan_dispatch(indices, self.num_experts, host_counts=False))
         plan = plan_dispatch(indices, self.num_experts)
-        if rows.device.type != "cpu":  # index_add_ is not deterministic on GPUs
-            return self._dispatched(rows, weights, plan)
+        if rows.device.type != "cpu" and not self.experts.reads_routing_on_host:
+            return self._dispatched(rows, weights, plan)  # index_add_ of repeated tokens is not deterministic on GPUs
         if self._small_experts(plan.counts, rows):
             return self._dispatched(rows, weights, plan, backend="grouped_mm")
         row_weights = weights.reshape(-1).index_select(0, plan.slots)
