@@ -258,11 +258,14 @@ def offload_same_tokens(prompts: int = 4, new_tokens: int = 32) -> dict:
     ids = ids.cuda()
     want = [model.generate(ids[i : i + 1], new_tokens, greedy=True) for i in range(prompts)]
     tokens, stats = {}, {}
-    for policy, (eviction, predictor, factor) in POLICIES.items():
+    cells = [(policy, False) for policy in POLICIES] + [("lookahead", True)]
+    for policy, host in cells:
+        eviction, predictor, factor = POLICIES[policy]
         offloaded = load_offloaded(
             path, resident=0.25, eviction=eviction, predictor=predictor, prefetch_factor=factor, prior=prior,
-            dtype=torch.bfloat16, device="cuda",
+            dtype=torch.bfloat16, device="cuda", host_memory=host,
         )  # fmt: skip
+        policy += " host-memory" if host else ""
         try:
             tokens[policy] = [offloaded.generate(ids[i : i + 1], new_tokens) for i in range(prompts)]
             stats[policy] = offloaded.cache.total().to_dict() | {"prefetched": offloaded.cache.prefetch_stats.issued}
@@ -279,7 +282,8 @@ def offload_same_tokens(prompts: int = 4, new_tokens: int = 32) -> dict:
 def bench_offload(timeout: float) -> dict:
     """`moelab bench offload --device cuda --dtype bf16` on `ref-8e-top2` and on it widened to 25 MB
     experts (`widened_model.py`, built here): the cache in GPU memory, experts copied from pinned
-    host buffers on a copy stream (`moelab.offload.copier`); `offload_same_tokens` first.
+    host buffers on a copy stream (`moelab.offload.copier`), and the widened one again with every
+    expert in pinned host memory (`--host-memory`); `offload_same_tokens` first.
     {model: its JSON document}."""
     docs = {"same_tokens": offload_same_tokens()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -287,12 +291,13 @@ def bench_offload(timeout: float) -> dict:
         left = lambda: max(timeout - (time.monotonic() - started), 1)  # noqa: E731
         script = Path(__file__).with_name("widened_model.py")
         subprocess.run([sys.executable, str(script), str(Path(tmp) / "wide")], check=True, timeout=left())
-        for model in ("ref-8e-top2", str(Path(tmp) / "wide")):
+        for model, host in (("ref-8e-top2", False), (str(Path(tmp) / "wide"), False), (str(Path(tmp) / "wide"), True)):
             path = Path(tmp) / "offload.json"
             command = ["bench", "offload", model, "--device", "cuda", "--dtype", "bf16", "--prompts", "4",
-                       "--new-tokens", "32", "--resident", "0.25", "--resident", "0.5", "--resident", "1"]  # fmt: skip
+                       "--new-tokens", "32", "--resident", "0.25", "--resident", "1", "--rounds", "1"]  # fmt: skip
+            command += ["--host-memory"] if host else []
             subprocess.run([sys.executable, "-m", "moelab", *command, "--json", str(path)], check=True, timeout=left())
-            docs[Path(model).name] = json.loads(path.read_text())
+            docs[Path(model).name + (" host-memory" if host else "")] = json.loads(path.read_text())
             path.unlink()
     return docs
 

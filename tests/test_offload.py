@@ -692,16 +692,16 @@ def _checked_copier(monkeypatch, streams: _Streams):
 
     copy_in, load = SlotCopier._copy_in, ExpertStore.load  # noqa: SLF001
 
-    def checked_copy_in(self, slot, buffer):
+    def checked_copy_in(self, slot, source, index):
         stream = streams.current_stream()
         at = stream.queue()
         if not streams.knows(stream.clock, streams.slot_reads.get(slot)):
             streams.races.append(f"copy into slot {slot} before the compute stream's last read of it")
-        streams.slot_writes[slot] = streams.buffer_reads[id(buffer)] = at
-        copy_in(self, slot, buffer)
+        streams.slot_writes[slot] = streams.buffer_reads[id(source), index] = at
+        copy_in(self, slot, source, index)
 
     def checked_load(self, layer, expert, pool, slot):
-        if not streams.knows(streams.host, streams.buffer_reads.get(id(pool))):
+        if not streams.knows(streams.host, streams.buffer_reads.get((id(pool), slot))):
             streams.races.append("a host buffer refilled before its last copy out ran")
         load(self, layer, expert, pool, slot)
 
@@ -723,16 +723,20 @@ def _compute_reads(streams: _Streams, slots: list[int]) -> None:
     calls=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 3), min_size=1, max_size=3)), min_size=1, max_size=12),
     slots=st.integers(3, 12),
     eviction=st.sampled_from(["lru", "reuse"]),
+    host_memory=st.booleans(),
 )  # fmt: skip
-def test_an_accelerator_pool_orders_every_copy_against_the_compute_stream(tmp_path_factory, calls, slots, eviction):
-    """Random fetches and read-aheads into a pool behind `SlotCopier`: no copy into a slot before the
-    compute stream's last read of its previous expert, no read before its copy, no host buffer
-    refilled before its copy out ran; and every slot handed out holds its expert."""
+def test_an_accelerator_pool_orders_every_copy_against_the_compute_stream(
+    tmp_path_factory, calls, slots, eviction, host_memory
+):
+    """Random fetches and read-aheads into a pool behind `SlotCopier` (through host buffers, or from
+    a host copy of every expert): no copy into a slot before the compute stream's last read of its
+    previous expert, no read before its copy, no host buffer refilled before its copy out ran; and
+    every slot handed out holds its expert."""
     streams = _Streams()
     with pytest.MonkeyPatch.context() as monkeypatch:
         _checked_copier(monkeypatch, streams)
         _, path = _native(tmp_path_factory.mktemp("c"))
-        cache = ExpertCache(ExpertStore(path), slots, eviction=eviction, streams=streams)
+        cache = ExpertCache(ExpertStore(path), slots, eviction=eviction, streams=streams, host_memory=host_memory)
         try:
             for layer, experts in calls:
                 experts = sorted(experts)
@@ -796,6 +800,44 @@ def test_an_offloaded_model_on_an_accelerator_stand_in_decodes_as_in_memory(tmp_
     finally:
         offloaded.close()
     assert streams.races == []
+
+
+def test_host_memory_copies_from_a_host_copy_of_every_expert(tmp_path, monkeypatch):
+    """host_memory: every expert read once at the start (nothing read from the files afterwards),
+    each load a copy from the host copy, and slots hold their experts."""
+    streams = _Streams()
+    _checked_copier(monkeypatch, streams)
+    _, path = _native(tmp_path)
+    store = ExpertStore(path)
+    loads = []
+    load = ExpertStore.load
+    monkeypatch.setattr(ExpertStore, "load", lambda self, *args: (loads.append(args[:2]), load(self, *args))[1])
+    cache = ExpertCache(store, 3, eviction="lru", streams=streams, host_memory=True)
+    try:
+        assert sorted(loads) == [(layer, e) for layer in range(3) for e in range(4)]  # each once, at the start
+        for layer, experts in ((0, [0, 1]), (1, [2]), (2, [0, 3]), (0, [2, 3])):
+            got = cache.fetch(layer, experts, tokens=1)
+            _compute_reads(streams, got)
+            for expert, slot in zip(experts, got):
+                assert torch.equal(cache.pool.down_proj[slot], store.read(layer, expert).down[0])
+            cache.release()
+        assert len(loads) == 12 and cache.total().misses > 3
+    finally:
+        cache.close()
+    assert streams.races == []
+
+
+def test_host_memory_is_refused_on_a_cpu_and_where_it_does_not_fit(tmp_path, monkeypatch):
+    from moelab.offload import model as offload_model
+
+    _, path = _native(tmp_path)
+    with pytest.raises(ValueError, match="device='cuda'.*resident=1.0"):
+        load_offloaded(path, resident=0.5, host_memory=True)
+    with pytest.raises(ValueError, match="a CPU's cache is in host memory already"):
+        ExpertCache(ExpertStore(path), 3, host_memory=True)
+    monkeypatch.setattr(offload_model.Path, "read_text", lambda self: "MemTotal: 100 kB\nMemAvailable: 1 kB\n")
+    with pytest.raises(ValueError, match=r"needs 0\.0 GiB of pinned host memory .* only 0\.0 GiB is available"):
+        offload_model.check_host_memory(2**20)
 
 
 def test_an_unavailable_device_is_refused(tmp_path):

@@ -108,6 +108,7 @@ def bench_offload(
     compile_step: Annotated[bool, typer.Option("--compile", help="Also time the policies without read-ahead, and the model in memory, with the compiled static decode step (moelab checkpoints; transformers ones are timed eagerly only).")] = False,
     dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu or cuda (the model and the expert cache in GPU memory).")] = "cpu",
+    host_memory: Annotated[bool, typer.Option("--host-memory", help="With --device cuda: keep every routed expert in pinned host memory and copy to the GPU from there (no file reads).")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -117,7 +118,7 @@ def bench_offload(
     _claim_json(json_path, bench.JSON_FORMAT, overwrite)
     options = bench.OffloadOptions(
         resident=tuple(resident or (0.05, 0.25, 0.5, 1.0)), prompts=prompts, new_tokens=new_tokens, threads=threads,
-        rounds=rounds, read_gbps=read_gbps, compile=compile_step, dtype=dtype, device=device,
+        rounds=rounds, read_gbps=read_gbps, compile=compile_step, dtype=dtype, device=device, host_memory=host_memory,
     )
     with console.status("bench offload") as status:
         doc = bench.run(_model_dirs(models), options, progress=lambda what: status.update(f"bench offload: {what}"))
@@ -541,6 +542,7 @@ def generate_cmd(
     compile_step: Annotated[bool, typer.Option("--compile", help="Decode with a compiled static step (moelab checkpoints, in memory or offloaded without read-ahead; compiling takes seconds, paid once).")] = False,
     dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu or cuda (offloaded: the expert cache in GPU memory).")] = "cpu",
+    host_memory: Annotated[bool, typer.Option("--host-memory", help="Offloaded on cuda: keep every routed expert in pinned host memory and copy to the GPU from there (no file reads).")] = False,
 ) -> None:
     """Continue a prompt greedily, the model in memory or its routed experts offloaded (--resident / --memory-budget)."""
     from moelab.bench.layer import DTYPES
@@ -555,7 +557,7 @@ def generate_cmd(
         model or reference_model_dir(), prompt, max_new_tokens=max_new_tokens, resident=resident,
         memory_budget=None if memory_budget is None else parse_size(memory_budget),
         prior=None if prior is None else RoutingPrior.from_trace(open_trace(prior)), policy=policy, compile=compile_step,
-        dtype=DTYPES[dtype], device=device,
+        dtype=DTYPES[dtype], device=device, host_memory=host_memory,
     )  # fmt: skip
     console.print(prompt + text, markup=False, highlight=False)
     compiling = " (compiling included)" if compile_step else ""

@@ -59,6 +59,7 @@ def generate_text(
     compile: bool = False,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    host_memory: bool = False,
 ) -> tuple[str, dict]:
     """(the prompt's continuation, statistics: "seconds" and "tokens_per_s" of the decoding, the
     prompt included, and with offloading the expert cache's). resident or memory_budget (bytes):
@@ -67,7 +68,8 @@ def generate_text(
     `moelab.offload.POLICIES`: eviction and read-ahead). compile: decode with a compiled
     static step (`MoETransformer.generate(compile=True)`; moelab checkpoints, in memory or
     offloaded without read-ahead; the one-time compilation, seconds, is part of the time). dtype,
-    device: what the model computes in and where ("cuda": an offloaded model's cache in GPU memory)."""
+    device: what the model computes in and where ("cuda": an offloaded model's cache in GPU memory;
+    host_memory: every expert also kept in pinned host memory, `load_offloaded`)."""
     if not prompt:
         raise ValueError("the prompt is empty; give some text to continue")
     if max_new_tokens < 1:
@@ -92,7 +94,7 @@ def generate_text(
         return tokenizer.decode(out[0, ids.shape[1] :].tolist()), _speed(time.perf_counter() - start, max_new_tokens)
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, prior=prior, eviction=eviction, predictor=predictor,
-        prefetch_factor=prefetch_factor, dtype=dtype, device=device,
+        prefetch_factor=prefetch_factor, dtype=dtype, device=device, host_memory=host_memory,
     )  # fmt: skip
     try:
         start = time.perf_counter()

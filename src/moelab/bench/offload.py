@@ -63,7 +63,8 @@ class OffloadOptions:
     threads: intra-op threads; rounds: timed rounds per cell; read_gbps: emulated storage GB/s
     (None: the files as fast as the OS serves them); compile: also time the compiled step; dtype:
     "fp32" or "bf16"; device: "cpu" or "cuda" (the model and the cache in GPU memory, experts
-    copied from host buffers, `moelab.offload.copier`)."""
+    copied from host buffers, `moelab.offload.copier`); host_memory: on a GPU, copy from a pinned
+    host copy of every expert instead of reading the files."""
 
     resident: tuple[float, ...] = (0.05, 0.25, 0.5, 1.0)
     prompts: int = 8
@@ -76,10 +77,13 @@ class OffloadOptions:
     compile: bool = False
     dtype: str = "fp32"
     device: str = "cpu"
+    host_memory: bool = False
 
     def __post_init__(self):
         check_choice("dtype", self.dtype, tuple(DTYPES))
         check_device(self.device)
+        if self.host_memory and self.device == "cpu":
+            raise ValueError("host_memory needs device='cuda' (on a CPU the cache is in host memory already)")
         if not self.resident or any(not 0 < r <= 1 for r in self.resident):
             raise ValueError(f"resident fractions must lie in (0, 1], got {list(self.resident)}")
         for name in ("prompts", "prompt_tokens", "new_tokens", "threads", "rounds"):
@@ -134,6 +138,7 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
                 model = load_offloaded(
                     path, resident=resident, eviction=eviction, predictor=predictor, prefetch_factor=factor,
                     prior=prior, read_bandwidth=bandwidth, dtype=dtype, device=options.device,
+                    host_memory=options.host_memory,
                 )  # fmt: skip
                 try:
                     if compiled:  # trace the step, then start the cache again

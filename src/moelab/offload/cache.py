@@ -96,7 +96,8 @@ class ExpertCache:
     eviction: "lru" or "reuse"; prior: calibration statistics for "reuse" (optional; its
     frequencies are read when the cache is built);
     device: where the pool lives (on an accelerator, experts reach it through pinned host buffers
-    and a copy stream, `SlotCopier`; streams: the device module ordering those copies, default the
+    and a copy stream, `SlotCopier`; host_memory: from a pinned host copy of every expert, read at
+    the start with `progress`; streams: the device module ordering those copies, default the
     device's own). stats[tokens]: `CacheStats` of the layer calls with that many tokens;
     prefetch_stats: `PrefetchStats` over all calls.
     """
@@ -109,6 +110,8 @@ class ExpertCache:
         eviction: str = "reuse",
         prior: RoutingPrior | None = None,
         device: torch.device | str = "cpu",
+        host_memory: bool = False,
+        progress=None,
         streams=None,
     ):
         if eviction not in EVICTIONS:
@@ -116,13 +119,20 @@ class ExpertCache:
         total = len(store.moe_layers) * store.num_experts
         if not 1 <= slots <= total:
             raise ValueError(f"slots must lie in 1..{total} (every routed expert of the model), got {slots}")
+        on_host = torch.device(device).type == "cpu" and streams is None
+        if host_memory and on_host:
+            raise ValueError(
+                "host_memory keeps every expert in host memory for a cache on a GPU; a CPU's cache is in host "
+                "memory already (hold every expert with slots = all of them, resident=1.0)"
+            )
         self.store = store
         self.slots = slots
         self.eviction = eviction
         self.prior = prior
         self.pool = store.empty(slots, device)
-        on_host = self.pool.gate_up_proj.device.type == "cpu" and streams is None
-        self._copier = None if on_host else SlotCopier(store, self.pool, streams=streams)
+        self._copier = None
+        if not on_host:
+            self._copier = SlotCopier(store, self.pool, host=host_memory, progress=progress, streams=streams)
         self._position = {layer: p for p, layer in enumerate(store.moe_layers)}
         L, E = len(self._position), store.num_experts
         # [L, E] each expert's calibration frequency (1/E without a prior)

@@ -16,6 +16,11 @@ up the host or the compute stream. Events order the three:
 
 Only the first blocks the host, so a read ahead on the cache's background thread overlaps the
 decoding's kernels and its host work, and a read on demand costs one copy's latency.
+
+With `host=True` every routed expert is read once, at the start, into page-locked host memory
+(which must hold them all), and each load is a copy from there alone: no file read, no host
+buffer, nothing on the host to wait for (the layout of Mixtral-offloading: experts in host RAM,
+a cache of them on the GPU).
 """
 
 from __future__ import annotations
@@ -31,17 +36,28 @@ from moelab.offload.store import ExpertStore
 
 class SlotCopier:
     """Loads `store`'s experts into `pool`'s slots (on an accelerator) through `buffers` pinned host
-    buffers and a copy stream (see the module docstring). streams: the device module whose
-    `Stream`, `Event`, `stream` and `current_stream` order the copies (default: the pool's device
-    module, `torch.cuda` for a CUDA pool)."""
+    buffers and a copy stream (see the module docstring); host: from a pinned host copy of every
+    routed expert instead, read at once (`progress`: a callable wrapping the iterable of experts,
+    e.g. tqdm). streams: the device module whose `Stream`, `Event`, `stream` and `current_stream`
+    order the copies (default: the pool's device module, `torch.cuda` for a CUDA pool)."""
 
-    def __init__(self, store: ExpertStore, pool: Experts, *, buffers: int = 2, streams=None):
+    def __init__(
+        self, store: ExpertStore, pool: Experts, *, buffers: int = 2, host: bool = False, progress=None, streams=None
+    ):
         self.device = pool.gate_up_proj.device
         self.streams = streams if streams is not None else torch.get_device_module(self.device)
         self.store = store
         self.pool = pool
         self._stream = self.streams.Stream(self.device)
         pin = self.device.type != "cpu"
+        self._position = {layer: p for p, layer in enumerate(store.moe_layers)}
+        self._host: Experts | None = None  # with host=True: every routed expert, MoE layer position * E + expert
+        if host:
+            keys = [(layer, e) for layer in store.moe_layers for e in range(store.num_experts)]
+            self._host = store.empty(len(keys), "cpu", pin_memory=pin)
+            for index, key in enumerate(keys if progress is None else progress(keys)):
+                store.load(*key, self._host, index)
+            buffers = 0
         self._buffers = [store.empty(1, "cpu", pin_memory=pin) for _ in range(buffers)]
         self._emptied: list = [None] * buffers  # per buffer: the event after its last copy out
         self._turn = 0  # the buffer the next read fills
@@ -51,25 +67,32 @@ class SlotCopier:
         self._lock = threading.Lock()  # one read at a time (a read ahead and a read on demand share the buffers)
 
     def load(self, layer: int, expert: int, slot: int) -> None:
-        """Read expert `expert` of MoE layer `layer` into a host buffer and queue its copy into `slot`."""
+        """Queue the copy of expert `expert` of MoE layer `layer` into `slot`: from the host copy of
+        every expert, else read into a host buffer first."""
         with self._lock:
-            turn, self._turn = self._turn, (self._turn + 1) % len(self._buffers)
-            if self._emptied[turn] is not None:
-                self._emptied[turn].synchronize()  # the buffer's previous expert has left it
-            buffer = self._buffers[turn]
-            self.store.load(layer, expert, buffer, 0)
+            turn = None
+            if self._host is not None:
+                source, index = self._host, self._position[layer] * self.store.num_experts + expert
+            else:
+                turn, self._turn = self._turn, (self._turn + 1) % len(self._buffers)
+                if self._emptied[turn] is not None:
+                    self._emptied[turn].synchronize()  # the buffer's previous expert has left it
+                source, index = self._buffers[turn], 0
+                self.store.load(layer, expert, source, 0)
             copied = self.streams.Event()
             with self.streams.stream(self._stream):
                 if self._used[slot] is not None:
                     self._stream.wait_event(self._used[slot])  # the slot's previous expert is no longer read
-                self._copy_in(slot, buffer)
+                self._copy_in(slot, source, index)
                 copied.record(self._stream)
-            self._copied[slot] = self._emptied[turn] = copied
+            self._copied[slot] = copied
+            if turn is not None:
+                self._emptied[turn] = copied
 
-    def _copy_in(self, slot: int, buffer: Experts) -> None:
-        """Queue the copy of `buffer`'s one expert into `slot` on the current stream."""
-        for target, source in zip(self.pool.parameters(), buffer.parameters()):
-            target[slot].copy_(source[0], non_blocking=True)
+    def _copy_in(self, slot: int, source: Experts, index: int) -> None:
+        """Queue the copy of `source`'s entry `index` into `slot` on the current stream."""
+        for target, part in zip(self.pool.parameters(), source.parameters()):
+            target[slot].copy_(part[index], non_blocking=True)
 
     def ready(self, slots: Iterable[int]) -> None:
         """Make the caller's current stream wait until these slots' copies have run."""

@@ -21,9 +21,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from moelab.hf.adapters import NATIVE
 from moelab.hf.layerwise import MoEBlock, load_tensors, skeleton, tied_names
@@ -263,6 +265,7 @@ def load_offloaded(
     warm: bool = True,
     read_bandwidth: float | None = None,
     device: torch.device | str = "cpu",
+    host_memory: bool = False,
 ) -> OffloadedModel:
     """The checkpoint at `path` with its routed experts offloaded (see the module docstring).
 
@@ -279,9 +282,16 @@ def load_offloaded(
     expert order); read_bandwidth: emulate storage of this many bytes/s (`ExpertStore`); device:
     where the model runs and the cache lives ("cuda": the dense parts and the pool in GPU memory,
     a memory_budget counting GPU bytes; experts copied from pinned host buffers on a copy stream,
-    `moelab.offload.copier`).
+    `moelab.offload.copier`); host_memory: on a GPU, keep every routed expert in pinned host memory
+    as well (read once, with a progress bar; refused where it does not fit) and copy from there,
+    with no file read per miss (Mixtral-offloading's layout).
     """
     check_device(torch.device(device).type)
+    if host_memory and torch.device(device).type == "cpu":
+        raise ValueError(
+            "host_memory=True keeps every expert in host memory for a cache on a GPU (device='cuda'); on a CPU "
+            "the cache is in host memory already: hold every expert with resident=1.0"
+        )
     if predictor in ("affinity", "both") and prior is None:  # checked before any file is opened
         raise ValueError(f"the {predictor!r} predictor needs a RoutingPrior (routing statistics): give a prior (prior=, --prior TRACE)")
     store = ExpertStore(path, dtype=dtype, read_bandwidth=read_bandwidth)
@@ -307,9 +317,11 @@ def load_offloaded(
     if not native:  # the routers and shared experts the MoE blocks will hold
         dense_bytes += sum(_view_bytes(views[i], dtype, found[i].shared_in_block) for i in store.moe_layers)
     top_k = max(v.router.top_k for v in views.values())
+    if host_memory:
+        check_host_memory(len(store.moe_layers) * store.num_experts * store.expert_bytes)
     cache = ExpertCache(
         store, resident_slots(store, resident, memory_budget, dense_bytes, top_k), eviction=eviction, prior=prior,
-        device=device,
+        device=device, host_memory=host_memory, progress=partial(tqdm, desc="experts to host memory", leave=False),
     )  # fmt: skip
     moes: dict[int, MoELayer] = {}
     for index in store.moe_layers:
@@ -337,6 +349,22 @@ def load_offloaded(
     if warm:
         cache.fill(warm_start(store, prior, cache.slots))
     return OffloadedModel(model.eval(), cache, predictor)
+
+
+def check_host_memory(nbytes: int) -> None:
+    """Refuse to pin `nbytes` of host memory where the kernel reports less available (Linux's
+    MemAvailable; elsewhere not checked)."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return
+    available = next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
+    if available is not None and nbytes > available:
+        raise ValueError(
+            f"host_memory needs {nbytes / 2**30:.1f} GiB of pinned host memory for every routed expert, but "
+            f"only {available / 2**30:.1f} GiB is available; drop host_memory (experts are then read from "
+            "the files) or free memory"
+        )
 
 
 def _read_ahead(experts: OffloadedExperts, norm: nn.Module | None, layer: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from moelab.hf.adapters import resolve
 from moelab.hf.checkpoint import DTYPES, CheckpointError, byte_view
@@ -134,10 +135,12 @@ class ExpertStore:
         """`slots` uninitialised experts shaped like this checkpoint's, in the store's dtype (on a CPU
         with each slot's byte views made once, for `load` to read into). pin_memory: in page-locked
         host memory, which an accelerator copies from without blocking (a CPU pool only)."""
-        pool = empty_experts(self._template, slots, dtype=self.dtype, device=device)
-        if pin_memory:
-            for p in pool.parameters():
-                p.data = p.data.pin_memory()
+        if pin_memory:  # allocated pinned (no unpinned copy first: a host copy of every expert may be large)
+            pool = empty_experts(self._template, slots, dtype=self.dtype, device="meta")
+            for name, p in list(pool.named_parameters()):
+                setattr(pool, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, pin_memory=True), requires_grad=False))
+        else:
+            pool = empty_experts(self._template, slots, dtype=self.dtype, device=device)
         if pool.gate_up_proj.device.type == "cpu" and pool.gate_up_bias is None:
             self._targets[pool] = [
                 {part: byte_view(_slot_part(pool, slot, part)) for part in ("gate", "up", "gate_up", "down")}
