@@ -638,7 +638,7 @@ class _Streams:
     def Stream(self, device, name: str = "copy"):  # noqa: N802 - torch.cuda's name
         return _Stream(self, name)
 
-    def Event(self):  # noqa: N802
+    def Event(self, blocking: bool = False):  # noqa: N802
         return _Event(self)
 
     @contextlib.contextmanager
@@ -671,6 +671,10 @@ class _Stream:
     def wait_event(self, event):
         for name, n in event.clock.items():
             self.clock[name] = max(self.clock.get(name, 0), n)
+
+    def synchronize(self):
+        for name, n in self.clock.items():
+            self.streams.host[name] = max(self.streams.host.get(name, 0), n)
 
 
 class _Event:

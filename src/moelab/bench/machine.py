@@ -32,6 +32,9 @@ def source_commit() -> str | None:
     where moelab is not run from a git checkout."""
     here = Path(__file__).resolve().parent
     try:
+        subprocess.run(  # moelab's own checkout, not another repository moelab was installed inside
+            ["git", "ls-files", "--error-unmatch", Path(__file__).name], cwd=here, capture_output=True, timeout=10, check=True
+        )
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()

@@ -402,7 +402,9 @@ class MoETransformer(nn.Module):
     def release_decode_cache(self) -> None:
         """Drop what `generate(compile=True)` keeps for its next call: the compiled decode step and,
         on a GPU, the captured graph with its KV cache (their memory goes once nothing else holds
-        them; torch keeps each trace's frozen weights while the process lives, see docs)."""
+        them; torch keeps each trace's frozen weights while the process lives, see docs). The next
+        call compiles a frozen step again (after weights changed for good, or were written through
+        `.data`, which no version counter sees)."""
         _compiled_steps.pop(self, None)
         _decode_graphs.pop(self, None)
 

@@ -289,8 +289,10 @@ class ExpertCache:
         return out
 
     def close(self) -> None:
-        """Wait for background reads and stop the reader thread."""
+        """Wait for background reads (and, on an accelerator, their copies) and stop the reader thread."""
         self._reader.shutdown(wait=True)
+        if self._copier is not None:
+            self._copier.close()
 
     # ------------------------------------------------------------------ internals
 

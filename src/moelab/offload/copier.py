@@ -61,6 +61,9 @@ class SlotCopier:
         self._buffers = [store.empty(1, "cpu", pin_memory=pin) for _ in range(buffers)]
         self._emptied: list = [None] * buffers  # per buffer: the event after its last copy out
         self._turn = 0  # the buffer the next read fills
+        for p in pool.parameters():  # freed (the cache dropped) only once the copies queued into it have run
+            if p.device.type == "cuda":
+                p.record_stream(self._stream)
         slots = pool.gate_up_proj.shape[0]
         self._copied: list = [None] * slots  # per slot: the event after its last copy in
         self._used: list = [None] * slots  # per slot: the compute stream's event after its last use
@@ -79,12 +82,14 @@ class SlotCopier:
                     self._emptied[turn].synchronize()  # the buffer's previous expert has left it
                 source, index = self._buffers[turn], 0
                 self.store.load(layer, expert, source, 0)
-            copied = self.streams.Event()
+            copied = self.streams.Event(blocking=True)  # a host waiting for it sleeps instead of spinning
             with self.streams.stream(self._stream):
                 if self._used[slot] is not None:
                     self._stream.wait_event(self._used[slot])  # the slot's previous expert is no longer read
-                self._copy_in(slot, source, index)
-                copied.record(self._stream)
+                try:
+                    self._copy_in(slot, source, index)
+                finally:  # after whatever copies were queued, even if one failed
+                    copied.record(self._stream)
             self._copied[slot] = copied
             if turn is not None:
                 self._emptied[turn] = copied
@@ -100,6 +105,10 @@ class SlotCopier:
         for slot in slots:
             if self._copied[slot] is not None:
                 stream.wait_event(self._copied[slot])
+
+    def close(self) -> None:
+        """Wait until every queued copy has run."""
+        self._stream.synchronize()
 
     def used(self, slots: Iterable[int]) -> None:
         """Mark these slots as read by the work queued so far on the caller's current stream: a

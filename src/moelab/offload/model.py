@@ -345,7 +345,10 @@ def load_offloaded(
             layers[index].register_forward_pre_hook(partial(_read_ahead, experts, norm), with_kwargs=True)
     # moelab's model computes in `dtype` throughout (its rotary tables too, as `load_pretrained(...).to(dtype)`);
     # a transformers skeleton keeps the buffers `from_pretrained` keeps. The offloaded experts hold no tensors.
-    model.to(device, dtype) if native else model.to(device)
+    if native:
+        model.to(device, dtype)
+    else:
+        model.to(device)
     if warm:
         cache.fill(warm_start(store, prior, cache.slots))
     return OffloadedModel(model.eval(), cache, predictor)
