@@ -756,9 +756,11 @@ def test_an_accelerator_pool_orders_every_copy_against_the_compute_stream(
     assert streams.races == []
 
 
+@pytest.mark.parametrize("read_ahead", [False, True])
 @pytest.mark.parametrize("mutation", ["no ready", "no used", "no synchronize"])
-def test_the_copy_order_checker_catches_each_missing_wait(tmp_path, monkeypatch, mutation):
-    """Each of the three waits removed in turn: the fetch/read-ahead sequence below then races."""
+def test_the_copy_order_checker_catches_each_missing_wait(tmp_path, monkeypatch, mutation, read_ahead):
+    """Each of the three waits removed in turn: the fetch sequence below, with or without reads
+    ahead between the fetches, then races."""
     from moelab.offload.copier import SlotCopier
 
     streams = _Streams()
@@ -770,12 +772,18 @@ def test_the_copy_order_checker_catches_each_missing_wait(tmp_path, monkeypatch,
     else:
         monkeypatch.setattr(_Event, "synchronize", lambda self: None)
     _, path = _native(tmp_path)
-    cache = ExpertCache(ExpertStore(path), 3, eviction="lru", streams=streams)
+    cache = ExpertCache(ExpertStore(path), 4, eviction="reuse", streams=streams)
     try:
         for layer, experts in ((0, [0, 1]), (1, [2]), (2, [0, 3]), (0, [2, 3]), (1, [0, 1])):
             got = cache.fetch(layer, experts, tokens=1)
             _compute_reads(streams, got)
+            if not read_ahead:
+                cache.release()
+                continue
+            cache.prefetch((layer + 1) % 3, torch.tensor([1.0, 0.0, 2.0, 0.5]), torch.full((4,), 0.5), limit=2)
             cache.release()
+            for read in list(cache._loading.values()):  # noqa: SLF001 - the read-aheads' copies queued
+                read.result()
     finally:
         cache.close()
     assert streams.races
