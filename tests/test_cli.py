@@ -262,3 +262,23 @@ def test_bench_distributed_json_contract(tmp_path):
     # 128 tokens x 2 experts x 2 layers x 1/2 crossing x (2*32+1) x 4 bytes x 2 (backward)
     assert ep["ep_bytes_uniform"] == 2 * 128 * 2 * 2 * 0.5 * 65 * 4
     assert 0.5 < ep["ep_bytes_per_step"] / ep["ep_bytes_uniform"] < 1.5
+
+
+def test_benchmarks_record_the_machine_and_the_commit(monkeypatch):
+    """`moelab.bench.machine`: the CPU's model name and cores; moelab's commit in its own checkout
+    (with "+changes" when its files differ), None where moelab's files are not in a git checkout."""
+    import re
+    import subprocess
+
+    from moelab.bench import machine
+
+    assert re.fullmatch(r".+, \d+ cores", machine.device_name("cpu"))
+    commit = machine.source_commit()
+    if commit is not None:  # run from moelab's checkout (CI's clean clone is one)
+        assert re.fullmatch(r"[0-9a-f]{7,}(\+changes)?", commit)
+
+    def outside_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, args[0])
+
+    monkeypatch.setattr(machine.subprocess, "run", outside_git)
+    assert machine.source_commit() is None
