@@ -852,6 +852,32 @@ def test_host_memory_is_refused_on_a_cpu_and_where_it_does_not_fit(tmp_path, mon
         offload_model.check_host_memory(2**20)
 
 
+def test_a_bf16_pool_allocates_no_float32_copy_of_its_slots(tmp_path):
+    """The pool of slots is allocated in its dtype directly: on a GPU with a tight budget a float32
+    copy beside it (3x the bf16 pool at the peak) could run out of memory."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            allocates = func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like)
+            if allocates and out.device.type != "meta":  # the module is built on the meta device first
+                self.dtypes.append(out.dtype)
+            return out
+
+    _, path = _native(tmp_path)
+    store = ExpertStore(path, dtype=torch.bfloat16)
+    with Allocations() as allocations:
+        pool = store.empty(3)
+    assert pool.gate_up_proj.dtype == torch.bfloat16
+    assert allocations.dtypes and set(allocations.dtypes) == {torch.bfloat16}, allocations.dtypes
+    store.close()
+
+
 def test_an_unavailable_device_is_refused(tmp_path):
     _, path = _native(tmp_path)
     if torch.cuda.is_available():

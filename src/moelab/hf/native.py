@@ -54,7 +54,8 @@ def empty_experts(view: ExpertsView, num_experts: int, *, dtype: torch.dtype, de
     uninitialised weights in `dtype` that need no gradient: slots to copy experts into."""
     with torch.device("meta"):
         module = _experts(view, num_experts)
-    return module.to_empty(device=device).to(dtype).requires_grad_(False)
+    # cast on the meta device first: memory for the slots in `dtype` only, never a float32 copy beside them
+    return module.to(dtype).to_empty(device=device).requires_grad_(False)
 
 
 def copy_expert(view: ExpertsView, experts: SwiGLUExperts, slot: int) -> None:
