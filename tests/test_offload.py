@@ -689,6 +689,11 @@ class _Event:
         for name, n in self.clock.items():
             self.streams.host[name] = max(self.streams.host.get(name, 0), n)
 
+    def query(self):
+        """Whether the host knows the work before this event has run (the stand-in runs nothing
+        later, so a copy counts as running until something waited for it)."""
+        return all(self.streams.host.get(name, 0) >= n for name, n in self.clock.items())
+
 
 def _checked_copier(monkeypatch, streams: _Streams):
     """SlotCopier's copies and host reads, checked against `streams`' clocks."""
@@ -766,7 +771,7 @@ def test_the_copy_order_checker_catches_each_missing_wait(tmp_path, monkeypatch,
     streams = _Streams()
     _checked_copier(monkeypatch, streams)
     if mutation == "no ready":
-        monkeypatch.setattr(SlotCopier, "ready", lambda self, slots: None)
+        monkeypatch.setattr(SlotCopier, "ready", lambda self, slots: [])
     elif mutation == "no used":
         monkeypatch.setattr(SlotCopier, "used", lambda self, slots: None)
     else:
@@ -850,6 +855,27 @@ def test_host_memory_is_refused_on_a_cpu_and_where_it_does_not_fit(tmp_path, mon
     monkeypatch.setattr(offload_model.Path, "read_text", lambda self: "MemTotal: 100 kB\nMemAvailable: 1 kB\n")
     with pytest.raises(ValueError, match=r"needs 0\.0 GiB of pinned host memory .* only 0\.0 GiB is available"):
         offload_model.check_host_memory(2**20)
+
+
+def test_hits_whose_copy_still_runs_are_counted_as_late_copies(tmp_path, monkeypatch):
+    streams = _Streams()
+    _checked_copier(monkeypatch, streams)
+    _, path = _native(tmp_path)
+    cache = ExpertCache(ExpertStore(path), 4, eviction="reuse", streams=streams)
+    try:
+        cache.fetch(0, [0, 1], tokens=1)  # misses: their copies are waited for on the device, not counted
+        cache.release()
+        cache.prefetch(1, torch.tensor([0.0, 0.0, 1.0, 0.0]), torch.tensor([0.0, 0.0, 0.9, 0.0]), limit=1)
+        cache._loading[cache._slot_of[1, 2]].result()  # noqa: SLF001 - read and its copy queued
+        cache.fetch(1, [2], tokens=1)  # a hit whose copy nothing has waited for yet: still running
+        cache.release()
+        assert (cache.stats[1].hits, cache.stats[1].late_copies) == (1, 1)
+        cache._copier.close()  # noqa: SLF001 - the host waits for every copy
+        cache.fetch(1, [2], tokens=1)
+        cache.release()
+        assert (cache.stats[1].hits, cache.stats[1].late_copies) == (2, 1)
+    finally:
+        cache.close()
 
 
 def test_a_bf16_pool_allocates_no_float32_copy_of_its_slots(tmp_path):

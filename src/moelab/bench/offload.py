@@ -25,8 +25,8 @@ Every cell is timed in `rounds` rounds, each from the same warm start (so with t
 paired with a run of the model in memory (alternating which goes first); tokens/s is the median
 over rounds and "vs memory" the median of the per-round ratios, so both sides of a ratio saw the
 same machine load. Reported per cell: the decode hit rate (experts found resident at their layer; "late" hits, still
-loading from a prefetch, included and also given apart), prefetch accuracy, experts read from
-disk per token, tokens/s and its ratio to the model in memory, and whether the tokens equal the
+loading from a prefetch, included and also given apart; on a GPU also the hits whose copy into
+GPU memory was still running), prefetch accuracy, experts read from disk per token, tokens/s and its ratio to the model in memory, and whether the tokens equal the
 in-memory model's (they must). The experts are read from the checkpoint's files through the OS
 page cache: a small model's files stay cached, so tokens/s here prices the reading and copying,
 not a disk, unless `read_gbps` emulates a device of that bandwidth (each read then lasts at least
@@ -162,6 +162,7 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
             rows.append({
                 "resident": resident, "policy": policy, "compiled": compiled, "slots": cache.slots,
                 "hit_rate": decode.hit_rate, "late_rate": decode.late / decode.requests,
+                "late_copy_rate": decode.late_copies / decode.requests,
                 "prefetch_accuracy": cache.prefetch_stats.accuracy,
                 "reads_per_token": reads / tokens, "tokens_per_s": tokens / statistics.median(times),
                 "vs_memory": statistics.median(ratios),

@@ -58,13 +58,15 @@ RECENCY_DECAY = 0.5  # per visit of a layer: consecutive tokens often reuse an e
 class CacheStats:
     """requests: experts asked for by `fetch`; hits: resident and loaded; late: resident but still
     loading from a prefetch (waited for); misses: read from disk on demand; wait_s: time `fetch`
-    spent blocked on reads."""
+    spent blocked on reads. On an accelerator, late_copies: hits (late ones included) whose copy
+    into the pool had not run yet when `fetch` returned (waited for by the device, not the host)."""
 
     requests: int = 0
     hits: int = 0
     late: int = 0
     misses: int = 0
     wait_s: float = 0.0
+    late_copies: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -214,6 +216,7 @@ class ExpertCache:
         stats.requests += len(experts)
         start = time.perf_counter()
         found = {e: self._slot_of[layer, e] for e in experts if (layer, e) in self._slot_of}
+        resident = set(found.values())
         self._pinned.update(found.values())  # first, so that a miss below cannot evict them
         reads = [self._loading.pop(slot) for slot in found.values() if slot in self._loading]
         late = sum(not read.done() for read in reads)
@@ -231,7 +234,7 @@ class ExpertCache:
         for slot in found.values():
             self._touch(slot)
         if self._copier is not None:
-            self._copier.ready(found.values())
+            stats.late_copies += len(resident.intersection(self._copier.ready(found.values())))
         stats.wait_s += time.perf_counter() - start
         return [found[e] for e in experts]
 
@@ -284,7 +287,7 @@ class ExpertCache:
         """`stats` summed over every call size."""
         out = CacheStats()
         for s in self.stats.values():
-            for name in ("requests", "hits", "late", "misses", "wait_s"):
+            for name in ("requests", "hits", "late", "misses", "wait_s", "late_copies"):
                 setattr(out, name, getattr(out, name) + getattr(s, name))
         return out
 

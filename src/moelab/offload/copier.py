@@ -99,12 +99,17 @@ class SlotCopier:
         for target, part in zip(self.pool.parameters(), source.parameters()):
             target[slot].copy_(part[index], non_blocking=True)
 
-    def ready(self, slots: Iterable[int]) -> None:
-        """Make the caller's current stream wait until these slots' copies have run."""
+    def ready(self, slots: Iterable[int]) -> list[int]:
+        """Make the caller's current stream wait until these slots' copies have run; returns the
+        slots whose copy had not run yet (a query, not a wait)."""
         stream = self.streams.current_stream(self.device)
+        running = []
         for slot in slots:
             if self._copied[slot] is not None:
+                if not self._copied[slot].query():
+                    running.append(slot)
                 stream.wait_event(self._copied[slot])
+        return running
 
     def close(self) -> None:
         """Wait until every queued copy has run."""
