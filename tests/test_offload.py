@@ -839,6 +839,11 @@ def test_host_memory_copies_from_a_host_copy_of_every_expert(tmp_path, monkeypat
                 assert torch.equal(cache.pool.down_proj[slot], store.read(layer, expert).down[0])
             cache.release()
         assert len(loads) == 12 and cache.total().misses > 3
+        cache.prefetch(1, torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.full((4,), 0.5), limit=2)
+        assert cache.prefetch_stats.issued == 2 and not cache._loading  # noqa: SLF001 - queued here, no thread
+        got = cache.fetch(1, [0, 1, 2], tokens=1)
+        _compute_reads(streams, got)
+        cache.release()
     finally:
         cache.close()
     assert streams.races == []

@@ -31,7 +31,8 @@ reader thread keeps their order). Which slot goes never depends on how far a bac
 got, so the hits and misses of a run are reproducible. A pool on an accelerator is filled through
 a `SlotCopier` (pinned host buffers, a copy stream): `fetch` makes the current stream wait for its
 slots' copies and `release` marks them used by the work queued so far, which later copies into
-them wait for. Statistics are kept per number of tokens
+them wait for. From a host copy of every expert (`host_memory`) a load only queues a device copy,
+so read-aheads are queued on the calling thread (no background thread, no late hits on the host). Statistics are kept per number of tokens
 in the layer call (decode steps of batch B call every layer with B tokens; a prefill with more).
 """
 
@@ -252,7 +253,10 @@ class ExpertCache:
             if slot is None:
                 break
             self._assign(slot, (layer, expert))
-            self._loading[slot] = self._reader.submit(self._read_ahead, slot, (layer, expert))
+            if self._copier is not None and self._copier.queues_only:  # a device copy, queued at once
+                self._copier.load(layer, expert, slot)
+            else:
+                self._loading[slot] = self._reader.submit(self._read_ahead, slot, (layer, expert))
             issued.add(expert)
             self.prefetch_stats.issued += 1
 

@@ -69,6 +69,12 @@ class SlotCopier:
         self._used: list = [None] * slots  # per slot: the compute stream's event after its last use
         self._lock = threading.Lock()  # one read at a time (a read ahead and a read on demand share the buffers)
 
+    @property
+    def queues_only(self) -> bool:
+        """Whether `load` only queues a device copy (from the host copy of every expert): nothing to
+        read or wait for on the host, so a caller need not put it on a background thread."""
+        return self._host is not None
+
     def load(self, layer: int, expert: int, slot: int) -> None:
         """Queue the copy of expert `expert` of MoE layer `layer` into `slot`: from the host copy of
         every expert, else read into a host buffer first."""
