@@ -71,6 +71,9 @@ class ModelOutput:
 
 # Each model's compiled decode step and the state it was traced with (`MoETransformer._compiled_step`).
 _compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Each model's last captured decode step, for the next `generate` of the same shapes: (the
+# compiled step, batch, cache length, device, dtype), the `DecodeGraph` and its `KVCache`.
+_decode_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,6 @@ class _CompiledStep:
     versions: tuple
     settings: tuple
     frozen: bool
-# Each model's last captured decode step, for the next `generate` of the same shapes: (the
-# compiled step, batch, cache length, device, dtype), the `DecodeGraph` and its `KVCache`.
-_decode_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def decode_step_settings(device: torch.device, frozen: bool = True):

@@ -28,12 +28,14 @@ hit), a read on demand (a miss) goes before queued read-aheads, and a queued rea
 slot is given to another expert before it started is dropped. One already running is finished
 before a read on demand writes its slot; a read-ahead into that slot queues behind it (the one
 reader thread keeps their order). Which slot goes never depends on how far a background read has
-got, so the hits and misses of a run are reproducible. A pool on an accelerator is filled through
-a `SlotCopier` (pinned host buffers, a copy stream): `fetch` makes the current stream wait for its
-slots' copies and `release` marks them used by the work queued so far, which later copies into
-them wait for. From a host copy of every expert (`host_memory`) a load only queues a device copy,
-so read-aheads are queued on the calling thread (no background thread, no late hits on the host). Statistics are kept per number of tokens
+got, so the hits and misses of a run are reproducible. Statistics are kept per number of tokens
 in the layer call (decode steps of batch B call every layer with B tokens; a prefill with more).
+
+A pool on an accelerator is filled through a `SlotCopier` (pinned host buffers, a copy stream):
+`fetch` makes the current stream wait for its slots' copies and `release` marks them used by the
+work queued so far, which later copies into them wait for. From a host copy of every expert
+(`host_memory`) a load only queues a device copy, so read-aheads are queued on the calling thread
+(no background thread, no late hits on the host).
 """
 
 from __future__ import annotations

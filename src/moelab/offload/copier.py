@@ -14,8 +14,8 @@ up the host or the compute stream. Events order the three:
 - a copy into a slot starts after the compute stream's last use of the slot's previous expert;
 - the compute stream reads a slot only after the slot's copy.
 
-Only the first blocks the host, so a read ahead on the cache's background thread overlaps the
-decoding's kernels and its host work, and a read on demand costs one copy's latency.
+Only the first blocks the host, so a read ahead on the cache's background thread copies while the
+GPU runs the decoding's kernels, and a read on demand costs one copy's latency.
 
 With `host=True` every routed expert is read once, at the start, into page-locked host memory
 (which must hold them all), and each load is a copy from there alone: no file read, no host
@@ -111,10 +111,14 @@ class SlotCopier:
         stream = self.streams.current_stream(self.device)
         running = []
         for slot in slots:
-            if self._copied[slot] is not None:
-                if not self._copied[slot].query():
-                    running.append(slot)
-                stream.wait_event(self._copied[slot])
+            copied = self._copied[slot]
+            if copied is None:
+                continue
+            if copied.query():  # ran already: nothing to wait for, now or at the slot's next use
+                self._copied[slot] = None
+            else:
+                running.append(slot)
+                stream.wait_event(copied)
         return running
 
     def close(self) -> None:
