@@ -91,7 +91,7 @@ def generate_text(
         model = load_model(path, dtype=dtype, quiet=True).model.to(device)
         start = time.perf_counter()
         out = greedy_generate(model, ids, max_new_tokens, compile=compile)
-        return tokenizer.decode(out[0, ids.shape[1] :].tolist()), _speed(time.perf_counter() - start, max_new_tokens)
+        return tokenizer.decode(out[0, ids.shape[1] :].tolist()), _speed(start, out, max_new_tokens)
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, prior=prior, eviction=eviction, predictor=predictor,
         prefetch_factor=prefetch_factor, dtype=dtype, device=device, host_memory=host_memory,
@@ -99,7 +99,7 @@ def generate_text(
     try:
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens, compile=compile)
-        stats = _speed(time.perf_counter() - start, max_new_tokens)
+        stats = _speed(start, out, max_new_tokens)
         decode = model.cache.stats.get(1)
         stats |= {
             "slots": model.cache.slots,
@@ -112,5 +112,10 @@ def generate_text(
     return tokenizer.decode(out[0, ids.shape[1] :].tolist()), stats
 
 
-def _speed(seconds: float, new_tokens: int) -> dict[str, float]:
+def _speed(start: float, out: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """Seconds since `start` (time.perf_counter) once `out` is computed (a GPU's queued work
+    waited for), and tokens/s."""
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    seconds = time.perf_counter() - start
     return {"seconds": seconds, "tokens_per_s": new_tokens / seconds}

@@ -26,8 +26,9 @@ paired with a run of the model in memory (alternating which goes first); tokens/
 over rounds and "vs memory" the median of the per-round ratios, so both sides of a ratio saw the
 same machine load. Reported per cell: the decode hit rate (experts found resident at their layer; "late" hits, still
 loading from a prefetch, included and also given apart; on a GPU also the hits whose copy into
-GPU memory was still running), prefetch accuracy, experts read from disk per token, tokens/s and its ratio to the model in memory, and whether the tokens equal the
-in-memory model's (they must). The experts are read from the checkpoint's files through the OS
+GPU memory was still running), prefetch accuracy, experts read from disk per token, tokens/s and
+its ratio to the model in memory, and whether the tokens equal the in-memory model's (they must
+on a CPU; on a GPU the prompt pass runs other kernels in memory, equal up to rounding). The experts are read from the checkpoint's files through the OS
 page cache: a small model's files stay cached, so tokens/s here prices the reading and copying,
 not a disk, unless `read_gbps` emulates a device of that bandwidth (each read then lasts at least
 an expert's bytes over it, one read at a time); hit rates do not depend on the storage.
