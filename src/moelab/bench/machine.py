@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 from pathlib import Path
 
 import torch
+
+from moelab.threads import available_cores
 
 
 def device_name(device: str) -> str:
@@ -23,8 +24,7 @@ def device_name(device: str) -> str:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{name}, {cores} cores"
+    return f"{name}, {available_cores()} cores"
 
 
 def source_commit() -> str | None:

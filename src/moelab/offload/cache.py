@@ -219,7 +219,7 @@ class ExpertCache:
         stats.requests += len(experts)
         start = time.perf_counter()
         found = {e: self._slot_of[layer, e] for e in experts if (layer, e) in self._slot_of}
-        resident = set(found.values())
+        resident = set(found.values()) if self._copier is not None else None  # the hits, for late_copies
         self._pinned.update(found.values())  # first, so that a miss below cannot evict them
         reads = [self._loading.pop(slot) for slot in found.values() if slot in self._loading]
         late = sum(not read.done() for read in reads)
