@@ -1,6 +1,7 @@
 """GPU check: the MoE layer on CUDA against float64 on the CPU (forward and backward, every
-backend, fp32, bf16 and bf16 autocast); its bf16 training step on `torch._grouped_mm` reading
-nothing back to the host; `moelab bench layer` on CUDA (against dense and transformers'
+backend, fp32, bf16 and bf16 autocast); the "triton" backend (fp32 and fp16 on moelab's Triton
+grouped GEMM) against float64, reading nothing back and benchmarked; its bf16 training step on
+`torch._grouped_mm` reading nothing back to the host; `moelab bench layer` on CUDA (against dense and transformers'
 grouped_mm) with a profile of the e64k8 step; `moelab bench generate --device cuda --compile` on
 the shipped models (fp32 and bf16) and, in bf16, on `ref-8e-top2` widened to 25 MB experts (the
 dispatch path past `gpu_gather_bytes`); `moelab bench offload --device cuda` (the expert cache in GPU
@@ -95,15 +96,17 @@ def check_case(
             "max_rel_error": max(errors.values()), "worst": max(errors, key=errors.get)}
 
 
-def check_no_host_sync(device: str = "cuda", autocast: bool = False) -> dict:
-    """A training step of the layer on `torch._grouped_mm` (the default for bf16 products on
-    CUDA: bf16 weights, or fp32 ones under bf16 autocast) with the aux-free selection bias,
-    expert biases, a gated shared expert and dynamic skipping, under CUDA's sync debug mode
-    "error": any read back to the host raises, naming the op."""
+def check_no_host_sync(device: str = "cuda", autocast: bool = False, backend: str = "auto") -> dict:
+    """A training step of the layer on a one-kernel grouped GEMM (`auto`: `torch._grouped_mm`, the
+    default for bf16 products on CUDA: bf16 weights, or fp32 ones under bf16 autocast; `triton`:
+    fp32 weights on moelab's Triton kernel) with the aux-free selection bias, expert biases, a
+    gated shared expert and dynamic skipping, under CUDA's sync debug mode "error": any read back
+    to the host raises, naming the op."""
     torch.manual_seed(0)
     cfg = MoEConfig(dim=512, num_experts=64, hidden_dim=352, top_k=8, balance_coef=0.01, z_coef=1e-3,
-                    selection_bias=True, expert_mlp_bias=True, num_shared=1, shared_gate=True)  # fmt: skip
-    dtype = torch.float32 if autocast else torch.bfloat16
+                    selection_bias=True, expert_mlp_bias=True, num_shared=1, shared_gate=True,
+                    backend=backend)  # fmt: skip
+    dtype = torch.float32 if autocast or backend == "triton" else torch.bfloat16
     layer = build_moe(cfg).to(device, dtype)
     layer.skip_ratio = 0.3
     x = torch.randn(4096, 512, device=device, dtype=dtype)
@@ -124,8 +127,29 @@ def check_no_host_sync(device: str = "cuda", autocast: bool = False) -> dict:
         error = str(err).splitlines()[0]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    what = "fp32 under bf16 autocast" if autocast else "bf16"
-    return {"layer": f"e64k8 {what}, auto backend, 4096 tokens", "host_syncs": error or "none"}
+    what = "fp32 under bf16 autocast" if autocast else str(dtype).removeprefix("torch.")
+    return {"layer": f"e64k8 {what}, {backend} backend, 4096 tokens", "host_syncs": error or "none"}
+
+
+def check_triton() -> dict:
+    """The "triton" experts backend (fp32 and fp16 on moelab's Triton grouped GEMM, compiled and
+    autotuned here; the tests run it in Triton's interpreter): every case against float64, its
+    fp32 training step reading nothing back, and `moelab bench layer` fp32 at 16,384 tokens
+    (its `triton` row against moelab's default, dense and transformers)."""
+    checks = []
+    for name, overrides in CASES.items():
+        for dtype in (torch.float32, torch.float16):
+            try:
+                checks.append(check_case(name, overrides, "triton", dtype))
+            except Exception as err:  # noqa: BLE001 - reported per case, the others still run
+                checks.append({"case": name, "backend": "triton", "dtype": str(dtype),
+                               "error": f"{type(err).__name__}: {err}"[:400]})  # fmt: skip
+            print(checks[-1], flush=True)
+    sync = check_no_host_sync(backend="triton")
+    print(sync, flush=True)
+    doc = run(BenchOptions.create(device="cuda", dtypes=["fp32"], memory=False, rounds=5, tokens=16384))
+    Console(width=160).print(render_table(doc))
+    return {"correctness": checks, "no_host_sync": sync, "bench_layer_fp32_16384": doc}
 
 
 def check_torchrun_nccl() -> dict:
@@ -335,6 +359,7 @@ def main() -> None:
     sections = {
         "env": env_info,
         "correctness": correctness,
+        "triton": check_triton,
         "no_host_sync": lambda: [check_no_host_sync(autocast=autocast) for autocast in (False, True)],
         "offload_bf16": lambda: bench_offload(min(max(left(), 1), 200)),
         "layer": bench_layer,

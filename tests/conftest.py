@@ -3,6 +3,10 @@
 Hypothesis profiles: "default" (random examples, no per-example deadline: the first call of a
 torch op can be slow) and "ci" (derandomised, reproducible from run to run); pick one with
 HYPOTHESIS_PROFILE=ci.
+
+Without a GPU, Triton (where installed) runs its kernels in its interpreter
+(`tests/test_triton_grouped.py`): Triton reads TRITON_INTERPRET as it is imported, so it is set
+here, before any test module imports it.
 """
 
 import os
@@ -10,6 +14,9 @@ import os
 import pytest
 import torch
 from hypothesis import settings
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 settings.register_profile("default", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)

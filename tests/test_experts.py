@@ -7,7 +7,7 @@ from reference import F64, assert_close, expert_ffn, f64_leaf, f64_leaves, share
 
 from moelab.nn import MLPExperts, SharedExperts, SwiGLUExperts, grouped_mlp
 
-BACKENDS = ["auto", "grouped", "loop", "grouped_mm"]
+BACKENDS = ["auto", "grouped", "loop", "grouped_mm", "triton"]
 # D, I multiples of 4: fp32 rows are 16-byte aligned, so "grouped_mm" really runs torch._grouped_mm
 D, I, E = 16, 8, 5
 COUNTS = (3, 0, 6, 1, 0)  # experts 1 and 4 get no rows

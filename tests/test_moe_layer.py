@@ -21,7 +21,7 @@ from reference import (
 from moelab.nn import MoEConfig, MoELayer, MoEResult, SwiGLUExperts, TopKRouter, build_moe
 
 D, E, I = 16, 8, 8
-BACKENDS = ["grouped", "loop", "grouped_mm"]
+BACKENDS = ["grouped", "loop", "grouped_mm", "triton"]
 LOSSES = dict(balance_coef=0.01, z_coef=1e-3, entropy_coef=0.02)
 
 CONFIGS = {

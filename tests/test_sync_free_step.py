@@ -445,16 +445,33 @@ def test_under_autocast_the_products_run_in_its_dtype(monkeypatch):
 
 def test_auto_picks_grouped_mm_for_bf16_products_on_cuda(monkeypatch):
     """The decision alone (no GPU here): bf16 weights, or fp32 ones under bf16 autocast, on CUDA."""
-    from moelab.nn.grouped import uses_grouped_mm
+    from moelab.nn.grouped import grouped_gemm
 
     cuda = torch.device("cuda")
     w_in, w_out = torch.empty(E, 16, 16), torch.empty(E, 16, 8)
-    assert uses_grouped_mm("auto", cuda, torch.bfloat16, w_in.bfloat16(), w_out.bfloat16())
-    assert not uses_grouped_mm("auto", cuda, torch.float32, w_in, w_out)
+    assert grouped_gemm("auto", cuda, torch.bfloat16, w_in.bfloat16(), w_out.bfloat16()) is not None
+    assert grouped_gemm("auto", cuda, torch.float32, w_in, w_out) is None
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
     monkeypatch.setattr(torch, "get_autocast_dtype", lambda device_type: torch.bfloat16)
-    assert uses_grouped_mm("auto", cuda, torch.float32, w_in, w_out)
-    assert not uses_grouped_mm("auto", torch.device("cpu"), torch.float32, w_in, w_out)
+    assert grouped_gemm("auto", cuda, torch.float32, w_in, w_out) is not None
+    assert grouped_gemm("auto", torch.device("cpu"), torch.float32, w_in, w_out) is None
+
+
+def test_triton_picks_its_kernel_for_fp32_and_fp16_and_grouped_mm_for_bf16_on_cuda(monkeypatch):
+    """The decision alone: with Triton installed, fp32 and fp16 on its kernel, bf16 on
+    torch._grouped_mm; without it, fp32 on the per-expert kernels (None)."""
+    from moelab.nn import triton_grouped
+    from moelab.nn.grouped import _torch_grouped_mm, grouped_gemm
+
+    cuda = torch.device("cuda")
+    w_in, w_out = torch.empty(E, 16, 16), torch.empty(E, 16, 8)
+    monkeypatch.setattr(triton_grouped.importlib.util, "find_spec", lambda name: object())
+    assert grouped_gemm("triton", cuda, torch.float32, w_in, w_out) is triton_grouped.grouped_mm
+    assert grouped_gemm("triton", cuda, torch.float16, w_in.half(), w_out.half()) is triton_grouped.grouped_mm
+    assert grouped_gemm("triton", cuda, torch.bfloat16, w_in.bfloat16(), w_out.bfloat16()) is _torch_grouped_mm
+    assert grouped_gemm("triton", cuda, torch.float32, w_in.half(), w_out.half()) is None  # weights in another dtype
+    monkeypatch.setattr(triton_grouped.importlib.util, "find_spec", lambda name: None)
+    assert grouped_gemm("triton", cuda, torch.float32, w_in, w_out) is None
 
 
 @pytest.mark.parametrize("name", ROUTERS)

@@ -5,6 +5,8 @@ Implementations, all with the same router (a Mixtral-style top-k `TopKRouter`):
           rounds run `MoELayer.infer`, the inference path.
   serial: the same `MoELayer` with its experts one after another on torch's intra-op threads
           (`moelab.nn.expert_threads.serial()`) instead of side by side on single-threaded workers.
+  triton: the same `MoELayer` on the "triton" experts backend (`moelab.nn.triton_grouped`), only
+          where it differs from moelab's default: fp32 and fp16 on CUDA, with Triton installed.
   dense:  a SwiGLU FFN of width k*I, the same active FLOPs per token: the practical ceiling.
   loop:   the naive per-expert loop that indexes stacked weights `W[e]` under autograd.
   hf:     transformers' `MixtralExperts` with its default `grouped_mm` experts backend.
@@ -37,13 +39,13 @@ from torch import Tensor, nn
 
 from moelab.bench.load import busy_processes
 from moelab.io import atomic_write_text, check_output_file, has_json_format
-from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter
+from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter, triton_grouped
 from moelab.nn.expert_threads import serial
 from moelab.threads import check_threads, resolve_threads
 from moelab.validation import check_device, is_int
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-IMPLS = ("moelab", "serial", "dense", "loop", "hf")
+IMPLS = ("moelab", "serial", "triton", "dense", "loop", "hf")
 JSON_FORMAT = "moelab-bench-layer/1"
 
 
@@ -136,12 +138,17 @@ def build_impls(
         with serial():  # the backward follows the forward's choice
             return run_moelab(x)
 
-    impls = {
-        "moelab": run_moelab,
-        "serial": run_serial,
-        "dense": dense,
-        "loop": lambda x: naive_loop(router, experts, x),
-    }
+    def run_triton(x: Tensor) -> Tensor:
+        experts.backend = "triton"  # the autograd graph keeps the forward's choice for the backward
+        try:
+            return run_moelab(x)
+        finally:
+            experts.backend = "auto"
+
+    impls = {"moelab": run_moelab, "serial": run_serial}
+    if torch.device(device).type == "cuda" and triton_grouped.runs_on(torch.device(device), dtype):
+        impls["triton"] = run_triton
+    impls |= {"dense": dense, "loop": lambda x: naive_loop(router, experts, x)}
     hf = hf_experts(shape, experts)
     if hf is not None:
         hf = hf.to(device)

@@ -53,7 +53,7 @@ class MoEConfig:
     balance_coef, z_coef, entropy_coef: auxiliary-loss coefficients.
     locality_coef, chunk_sparsity_coef, chunk_len: BlockFFN's objectives (paper: 2e-3, 5e-2
         adaptive, 64).
-    backend: expert MLP backend ("auto", "grouped", "loop", "grouped_mm"; see moelab.nn.grouped).
+    backend: expert MLP backend ("auto", "grouped", "loop", "grouped_mm", "triton"; see moelab.nn.grouped).
     chain_iterations: Chain-of-Experts iterations C (`moelab.nn.chain`), each with its own router
         over the same experts; 1 = a plain MoE layer.
     residual_from_norm: the block adds the FFN output to its *normalised* input and drops the

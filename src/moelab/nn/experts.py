@@ -22,8 +22,8 @@ from moelab.nn.grouped import (
     ClampedSwiGLU,
     accumulated_mlp,
     gathered_mlp,
+    grouped_gemm,
     grouped_mlp,
-    uses_grouped_mm,
 )
 
 
@@ -66,13 +66,13 @@ class Experts(nn.Module):
         """Whether `forward(xs, counts, ...)` on rows of this device and dtype may take counts as
         an [E] tensor there (`moelab.nn.dispatch.DispatchPlan.counts`: no host synchronisation)."""
         weights = self._stacked_weights()
-        return weights is not None and uses_grouped_mm(self.backend, device, dtype, *weights)
+        return weights is not None and grouped_gemm(self.backend, device, dtype, *weights) is not None
 
     def runs_grouped_mm(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether `forward(..., backend="grouped_mm")` runs rows of this device and dtype on
         `torch._grouped_mm` (else it falls back to the per-expert kernel)."""
         weights = self._stacked_weights()
-        return weights is not None and uses_grouped_mm("grouped_mm", device, dtype, *weights)
+        return weights is not None and grouped_gemm("grouped_mm", device, dtype, *weights) is not None
 
     def _check(self, xs: Tensor) -> None:
         if xs.dim() != 2 or xs.shape[1] != self.dim:

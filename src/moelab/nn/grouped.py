@@ -20,9 +20,13 @@ bf16 on CUDA):
 - "loop": `W.unbind(0)` then plain `F.linear` per expert under autograd. The readable reference.
 - "grouped_mm": `torch._grouped_mm` for both projections (one CUTLASS kernel on recent NVIDIA
   GPUs, bf16 only; a loop of GEMMs on CPU). Needs 16-byte aligned rows; otherwise, and for
-  non-bf16 CUDA tensors, runs "grouped". The only backend that takes the counts as a device
-  tensor, so that `MoELayer` plans its dispatch without reading the routing back to the host
-  (`plan_dispatch(host_counts=False)`): a GPU step with no host synchronisation.
+  non-bf16 CUDA tensors, runs "grouped".
+- "triton": fp32 and fp16 products on CUDA on moelab's Triton grouped GEMM
+  (`moelab.nn.triton_grouped`, the dtypes `torch._grouped_mm` lacks there), bf16 ones on
+  `torch._grouped_mm`; "grouped" where neither runs (a CPU, Triton not installed).
+"grouped_mm", "triton" and "auto" on bf16 CUDA run one kernel per projection and take the counts
+as a device tensor, so that `MoELayer` plans its dispatch without reading the routing back to the
+host (`plan_dispatch(host_counts=False)`): a GPU step with no host synchronisation (`grouped_gemm`).
 
 None of them indexes stacked weights `W[e]` under autograd, which would give every expert a
 full-size zero gradient (`SelectBackward`).
@@ -30,13 +34,15 @@ full-size zero gradient (`SelectBackward`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moelab.nn import triton_grouped
 from moelab.nn.expert_threads import expert_workers, for_each_expert
 
 # activation name -> (forward, backward(grad_out, pre_activation) -> grad_pre_activation)
@@ -242,32 +248,46 @@ def _matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _grouped_mm_supports(device: torch.device, dtype: torch.dtype, w_in: Tensor, w_out: Tensor) -> bool:
-    """Whether `torch._grouped_mm` takes rows of this device and dtype through these weights
-    (stored in the rows' dtype): its dtypes (bf16 only on CUDA) for the dtype the products run
-    in (`_matmul_dtype`: autocast's, if on), and 16-byte aligned rows."""
+def _torch_grouped_mm(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
+    return torch._grouped_mm(a, b, offs=ends)
+
+
+def _torch_grouped_mm_runs(device: torch.device, matmul: torch.dtype, w_in: Tensor, w_out: Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes products in this dtype on this device (bf16 only on
+    CUDA) through these weights: rows of 16-byte aligned widths."""
     widths = (w_in.shape[2], w_in.shape[1], w_out.shape[1], w_out.shape[2])
     dtypes = (torch.bfloat16,) if device.type == "cuda" else (torch.float32, torch.bfloat16, torch.float16)
+    return hasattr(torch, "_grouped_mm") and matmul in dtypes and not any(w * matmul.itemsize % 16 for w in widths)
+
+
+def grouped_gemm(
+    backend: str, device: torch.device, dtype: torch.dtype, w_in: Tensor, w_out: Tensor
+) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+    """The one-kernel grouped GEMM `(a [N, K], b [E, K, M], ends [E] int32) -> [N, M]` that
+    `grouped_mlp(..., backend=backend)` runs rows of this device and dtype on, or None where it
+    runs the per-expert kernels. It is the one path that also takes the counts as a tensor (no
+    host synchronisation). The weights must be in the rows' dtype; products run in `_matmul_dtype`
+    (autocast's, if on).
+    - "grouped_mm": `torch._grouped_mm` where it runs;
+    - "triton": moelab's Triton kernel for fp32 and fp16 products (`moelab.nn.triton_grouped`),
+      `torch._grouped_mm` for the others where it runs;
+    - "auto": `torch._grouped_mm` for bf16 products on CUDA."""
+    if w_in.dtype != dtype or w_out.dtype != dtype:
+        return None
     matmul = _matmul_dtype(device, dtype)
-    return (
-        hasattr(torch, "_grouped_mm")
-        and matmul in dtypes
-        and w_in.dtype == w_out.dtype == dtype
-        and not any(w * matmul.itemsize % 16 for w in widths)
-    )
+    if backend == "triton" and triton_grouped.runs_on(device, matmul):
+        return triton_grouped.grouped_mm
+    bf16_on_cuda = device.type == "cuda" and matmul == torch.bfloat16
+    if backend in ("grouped_mm", "triton") or (backend == "auto" and bf16_on_cuda):
+        return _torch_grouped_mm if _torch_grouped_mm_runs(device, matmul, w_in, w_out) else None
+    return None
 
 
-def uses_grouped_mm(backend: str, device: torch.device, dtype: torch.dtype, w_in: Tensor, w_out: Tensor) -> bool:
-    """Whether `grouped_mlp(..., backend=backend)` runs rows of this device and dtype on
-    `torch._grouped_mm` ("auto": bf16 products on CUDA, fp32 rows under bf16 autocast included):
-    the one path that also takes the counts as a tensor (no host synchronisation)."""
-    bf16_on_cuda = device.type == "cuda" and _matmul_dtype(device, dtype) == torch.bfloat16
-    chosen = backend == "grouped_mm" or (backend == "auto" and bf16_on_cuda)
-    return chosen and _grouped_mm_supports(device, dtype, w_in, w_out)
-
-
-def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated, rows_past_counts=True):
-    if not _grouped_mm_supports(xs.device, xs.dtype, w_in, w_out):
+def _one_kernel(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated, rows_past_counts=True, *,
+                backend: str):  # fmt: skip
+    """Both projections on `grouped_gemm(backend, ...)`'s kernel; where there is none, "grouped"."""
+    gemm = grouped_gemm(backend, xs.device, xs.dtype, w_in, w_out)
+    if gemm is None:
         return _grouped(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated)
     matmul = _matmul_dtype(xs.device, xs.dtype)
     if matmul != xs.dtype:  # under autocast, as its F.linear would: rows and weights cast, the output in its dtype
@@ -279,7 +299,7 @@ def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, g
     ends = (counts if on_device else torch.tensor(list(counts), device=xs.device)).cumsum(0)
     offs = ends.to(torch.int32)
     # Rows past the last group (the empty slots of a plan made without host counts) come out of
-    # torch._grouped_mm unset, forward and backward, and stay there: a product reads only its
+    # the grouped GEMM unset, forward and backward, and stay there: a product reads only its
     # groups' rows. So only what leaves is masked: the output (zeros) and the gradient of the
     # input rows (zeros); a bias past the last group is a zero row whose gradient is dropped.
     masked = on_device and rows_past_counts
@@ -293,7 +313,7 @@ def _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, g
     expert_of_row = torch.searchsorted(ends, row, right=True) if has_bias else None  # E (the zero row) past the last group
 
     def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        out = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        out = gemm(x, w.transpose(-2, -1), offs)
         return out if b is None else out + F.pad(b, (0, 0, 0, 1)).index_select(0, expert_of_row)
 
     hidden = act.forward(linear(xs, w_in, b_in))
@@ -317,16 +337,13 @@ class _MaskGrad(torch.autograd.Function):
         return torch.where(keep, grad, 0), None
 
 
-def _auto(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated):
-    """Pick "grouped" on CPU; on CUDA, `torch._grouped_mm` for bf16 products (bf16 rows, or fp32
-    rows under bf16 autocast: one kernel instead of a Python loop of per-expert launches),
-    "grouped" otherwise."""
-    bf16_on_cuda = xs.is_cuda and _matmul_dtype(xs.device, xs.dtype) == torch.bfloat16
-    backend = _grouped_mm if bf16_on_cuda else _grouped
-    return backend(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated)
-
-
-BACKENDS = {"auto": _auto, "grouped": _grouped, "loop": _loop, "grouped_mm": _grouped_mm}
+BACKENDS = {
+    "auto": functools.partial(_one_kernel, backend="auto"),
+    "grouped": _grouped,
+    "loop": _loop,
+    "grouped_mm": functools.partial(_one_kernel, backend="grouped_mm"),
+    "triton": functools.partial(_one_kernel, backend="triton"),
+}
 
 
 def gathered_mlp(
@@ -453,7 +470,7 @@ def grouped_mlp(
     rows_past_counts: bool = True,
 ) -> Tensor:
     """xs: [N, D] rows grouped by expert; counts: E python ints summing to N, or (the grouped_mm
-    path only, `uses_grouped_mm`) an [E] tensor summing to at most N, rows past its sum giving
+    paths only, `grouped_gemm`) an [E] tensor summing to at most N, rows past its sum giving
     zeros (`moelab.nn.dispatch.DispatchPlan.counts`; rows_past_counts=False: the caller knows
     that the tensor sums to N, and nothing is masked); row_weights: [N]
     routing weight that scales each row's output, or None; w_in: [E, H, D]; b_in: [E, H];
@@ -468,11 +485,12 @@ def grouped_mlp(
     elif activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
     if isinstance(counts, Tensor):
-        if not uses_grouped_mm(backend, xs.device, xs.dtype, w_in, w_out):
+        if grouped_gemm(backend, xs.device, xs.dtype, w_in, w_out) is None:
             raise ValueError(
-                "counts as a tensor (no host synchronisation) need the torch._grouped_mm path: backend "
-                "'grouped_mm' (or 'auto' for bf16 on CUDA), weights in the rows' dtype, 16-byte aligned "
-                "widths; otherwise pass counts as python ints"
+                "counts as a tensor (no host synchronisation) need a one-kernel grouped GEMM: backend "
+                "'grouped_mm' (torch._grouped_mm: bf16 on CUDA, 16-byte aligned widths), 'triton' (fp32 or "
+                "fp16 on CUDA, with Triton installed) or 'auto' (bf16 on CUDA), weights in the rows' dtype; "
+                "otherwise pass counts as python ints"
             )
         if counts.shape != (w_in.shape[0],):
             raise ValueError(f"counts must be a [{w_in.shape[0]}] tensor (one per expert), got {list(counts.shape)}")
@@ -499,6 +517,8 @@ def grouped_mlp(
         return _grouped_forward(xs, row_weights, w_in, b_in, w_out, b_out, counts, activation, gated, False)[
             0
         ]
-    if isinstance(counts, Tensor):  # checked above: the torch._grouped_mm path
-        return _grouped_mm(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated, rows_past_counts)
+    if isinstance(counts, Tensor):  # checked above: a one-kernel path
+        return _one_kernel(
+            xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated, rows_past_counts, backend=backend
+        )
     return BACKENDS[backend](xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, gated)
