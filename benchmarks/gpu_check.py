@@ -96,17 +96,19 @@ def check_case(
             "max_rel_error": max(errors.values()), "worst": max(errors, key=errors.get)}
 
 
-def check_no_host_sync(device: str = "cuda", autocast: bool = False, backend: str = "auto") -> dict:
+def check_no_host_sync(
+    device: str = "cuda", autocast: bool = False, backend: str = "auto", dtype: torch.dtype = torch.bfloat16
+) -> dict:
     """A training step of the layer on a one-kernel grouped GEMM (`auto`: `torch._grouped_mm`, the
     default for bf16 products on CUDA: bf16 weights, or fp32 ones under bf16 autocast; `triton`:
-    fp32 weights on moelab's Triton kernel) with the aux-free selection bias, expert biases, a
+    its kernels for `dtype`'s weights) with the aux-free selection bias, expert biases, a
     gated shared expert and dynamic skipping, under CUDA's sync debug mode "error": any read back
     to the host raises, naming the op."""
     torch.manual_seed(0)
     cfg = MoEConfig(dim=512, num_experts=64, hidden_dim=352, top_k=8, balance_coef=0.01, z_coef=1e-3,
                     selection_bias=True, expert_mlp_bias=True, num_shared=1, shared_gate=True,
                     backend=backend)  # fmt: skip
-    dtype = torch.float32 if autocast or backend == "triton" else torch.bfloat16
+    dtype = torch.float32 if autocast else dtype
     layer = build_moe(cfg).to(device, dtype)
     layer.skip_ratio = 0.3
     x = torch.randn(4096, 512, device=device, dtype=dtype)
@@ -132,24 +134,25 @@ def check_no_host_sync(device: str = "cuda", autocast: bool = False, backend: st
 
 
 def check_triton() -> dict:
-    """The "triton" experts backend (fp32 and fp16 on moelab's Triton grouped GEMM, compiled and
-    autotuned here; the tests run it in Triton's interpreter): every case against float64, its
-    fp32 training step reading nothing back, and `moelab bench layer` fp32 at 16,384 tokens
-    (its `triton` row against moelab's default, dense and transformers)."""
+    """The "triton" experts backend (fp32 and fp16 products on moelab's Triton grouped GEMM, bf16
+    ones on torch._grouped_mm, SwiGLU fused in a Triton kernel for all three; compiled and
+    autotuned here, the tests run the kernels in Triton's interpreter): every case against
+    float64, its fp32 and bf16 training steps reading nothing back, and `moelab bench layer` at
+    16,384 tokens (its `triton` row against moelab's default, dense and transformers)."""
     checks = []
     for name, overrides in CASES.items():
-        for dtype in (torch.float32, torch.float16):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
             try:
                 checks.append(check_case(name, overrides, "triton", dtype))
             except Exception as err:  # noqa: BLE001 - reported per case, the others still run
                 checks.append({"case": name, "backend": "triton", "dtype": str(dtype),
                                "error": f"{type(err).__name__}: {err}"[:400]})  # fmt: skip
             print(checks[-1], flush=True)
-    sync = check_no_host_sync(backend="triton")
+    sync = [check_no_host_sync(backend="triton", dtype=dtype) for dtype in (torch.float32, torch.bfloat16)]
     print(sync, flush=True)
-    doc = run(BenchOptions.create(device="cuda", dtypes=["fp32"], memory=False, rounds=5, tokens=16384))
+    doc = run(BenchOptions.create(device="cuda", memory=False, rounds=5, tokens=16384))
     Console(width=160).print(render_table(doc))
-    return {"correctness": checks, "no_host_sync": sync, "bench_layer_fp32_16384": doc}
+    return {"correctness": checks, "no_host_sync": sync, "bench_layer_16384": doc}
 
 
 def check_torchrun_nccl() -> dict:
@@ -176,17 +179,23 @@ def _torchrun_against_one_process(workdir: Path) -> dict:
 
 def env_info() -> dict:
     """The GPU and the versions this run used."""
+    import importlib.metadata
+
     import transformers
 
     props = torch.cuda.get_device_properties(0)
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": transformers.__version__, "sms": props.multi_processor_count,
+            "transformers": transformers.__version__, "triton": triton, "sms": props.multi_processor_count,
             "memory_gb": props.total_memory / 1e9, "grouped_mm": hasattr(torch, "_grouped_mm")}  # fmt: skip
 
 
 def profile_layer(dtype: torch.dtype = torch.bfloat16, tokens: int = 16384) -> str:
-    """The kernels of one e64k8 forward+backward step, moelab's and transformers' (grouped_mm)
-    experts, by GPU time: where the step's time goes."""
+    """The kernels of one e64k8 forward+backward step, moelab's (default and "triton" backends)
+    and transformers' (grouped_mm) experts, by GPU time: where the step's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     from moelab.bench.layer import SHAPES, build_impls
@@ -195,7 +204,7 @@ def profile_layer(dtype: torch.dtype = torch.bfloat16, tokens: int = 16384) -> s
     x = torch.randn(tokens, 512, device="cuda", dtype=dtype)
     grad = torch.randn_like(x)
     tables = []
-    for name in ("moelab", "dense", "hf"):
+    for name in ("moelab", "triton", "dense", "hf"):
         if name not in impls:
             continue
         for _ in range(3):

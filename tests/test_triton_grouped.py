@@ -1,7 +1,7 @@
-"""moelab's Triton grouped GEMM (`moelab.nn.triton_grouped`) run by Triton's interpreter on the
-CPU (`TRITON_INTERPRET=1`): the kernels' grouping, tiling and masking against per-group matmuls
-in float64, forward and backward, then the layer's training step on the "triton" backend against
-the per-expert kernel. The interpreter runs the same kernel code as a GPU, not its compiler or its
+"""moelab's Triton kernels, the grouped GEMM (`moelab.nn.triton_grouped`) and the fused SwiGLU
+(`moelab.nn.triton_swiglu`), run by Triton's interpreter on the CPU (`TRITON_INTERPRET=1`): their
+grouping, tiling and masking against per-group matmuls and the activation in float64, forward and
+backward, then the layer's training step on the "triton" backend against the per-expert kernel. The interpreter runs the same kernel code as a GPU, not its compiler or its
 tensor-core products; `benchmarks/gpu_check.py` checks those against float64 on a GPU."""
 
 import pytest
@@ -13,6 +13,7 @@ from moelab.nn import MoEConfig, build_moe, triton_grouped
 from moelab.nn import moe as moe_module
 from moelab.nn.grouped import grouped_mlp
 from moelab.nn.triton_grouped import grouped_mm
+from moelab.nn.triton_swiglu import swiglu
 
 pytestmark = pytest.mark.skipif(
     not triton_grouped.runs_on(torch.device("cpu"), torch.float32),
@@ -127,10 +128,12 @@ def test_grouped_mm_needs_cuda_or_the_interpreter(monkeypatch):
         grouped_mm(torch.randn(4, 8), torch.randn(2, 8, 5), torch.tensor([2, 4]))
 
 
-@pytest.mark.parametrize("gated", [True, False])
-def test_grouped_mlp_on_triton_equals_the_per_expert_kernel(gated):
-    """Both projections, biases and routing weights, with host counts and with device counts
-    whose rows past the groups give zeros: the per-expert kernel's output and gradients."""
+@pytest.mark.parametrize("gated, out_bias", [(True, True), (True, False), (False, True)])
+def test_grouped_mlp_on_triton_equals_the_per_expert_kernel(gated, out_bias):
+    """Both projections, biases and routing weights (scaling the fused SwiGLU's output where no
+    output bias follows, the projection's output where one does), with host counts and with
+    device counts whose rows past the groups give zeros: the per-expert kernel's output and
+    gradients."""
     g = torch.Generator().manual_seed(2)
     E, D, I = 4, 12, 6
     H = 2 * I if gated else I
@@ -142,6 +145,8 @@ def test_grouped_mlp_on_triton_equals_the_per_expert_kernel(gated):
         "w_out": torch.randn(E, D, I, generator=g) / I**0.5,
         "b_out": torch.randn(E, D, generator=g),
     }
+    if not out_bias:
+        del leaves["b_out"]
     counts = [4, 0, 6, 1]
     probe = torch.linspace(-1, 1, 13 * D).view(13, D)  # the gradient each output row receives
     runs = []
@@ -149,7 +154,7 @@ def test_grouped_mlp_on_triton_equals_the_per_expert_kernel(gated):
         t = {n: v.clone().requires_grad_(True) for n, v in leaves.items()}
         t["xs"] = leaves["xs"][:rows].clone().requires_grad_(True)
         t["row_weights"] = leaves["row_weights"][:rows].clone().requires_grad_(True)
-        ys = grouped_mlp(t["xs"], split, t["row_weights"], t["w_in"], t["b_in"], t["w_out"], t["b_out"],
+        ys = grouped_mlp(t["xs"], split, t["row_weights"], t["w_in"], t["b_in"], t["w_out"], t.get("b_out"),
                          activation="silu", gated=gated, backend=backend)  # fmt: skip
         (ys * probe[:rows]).sum().backward()
         runs.append((ys.detach(), {n: v.grad for n, v in t.items()}))
@@ -184,3 +189,74 @@ def test_layer_training_step_on_triton_plans_on_the_device_and_equals_the_per_ex
     assert seen == [False, True]
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_training_step_on_triton_in_bf16_and_fp32(dtype):
+    """bf16 on the "triton" backend is torch._grouped_mm's GEMMs around the fused SwiGLU (the
+    GPU's path): the per-expert kernel's output and gradients within bf16's rounding."""
+    runs = []
+    for backend in ("triton", "grouped"):
+        torch.manual_seed(0)
+        layer = build_moe(MoEConfig(dim=16, num_experts=4, hidden_dim=8, top_k=2, backend=backend)).to(dtype)
+        x = torch.randn(20, 16, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_(True)
+        y, result = layer(x)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().add(result.loss).backward()
+        runs.append([y.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*runs):
+        tol = {"rtol": 2e-2, "atol": 2e-2 * float(b.abs().max())} if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(a, b, **tol)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    I=st.sampled_from([1, 5, 16, 45]),
+    valid_fraction=st.floats(0, 1),
+    weighted=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+)
+def test_swiglu_matches_float64_and_zeroes_the_rows_past_valid(rows, I, valid_fraction, weighted, dtype):
+    """silu(gate) * up * w against float64 autograd, forward and backward (pre-activations and
+    routing weights), for widths below, at and across the kernel's column blocks; the rows at or
+    past `valid` hold NaN (unset memory), in the input and in the incoming gradient, and come out
+    exactly zero, with zero gradients."""
+    g = torch.Generator().manual_seed(rows * 7 + I)
+    valid = int(rows * valid_fraction)
+    pre = torch.randn(rows, 2 * I, generator=g) * 3
+    pre[valid:] = float("nan")
+    weights = torch.rand(rows, generator=g) if weighted else None
+    grad = torch.randn(rows, I, generator=g)
+    grad[valid:] = float("nan")
+    pre = pre.to(dtype).requires_grad_(True)
+    weights = None if weights is None else weights.to(dtype).requires_grad_(True)
+    h = swiglu(pre, weights, torch.tensor([valid]))
+    h.backward(grad.to(dtype))
+
+    p64 = pre.detach()[:valid].double().requires_grad_(True)
+    w64 = None if weights is None else weights.detach()[:valid].double().requires_grad_(True)
+    ref = torch.nn.functional.silu(p64[:, :I]) * p64[:, I:] * (1 if w64 is None else w64[:, None])
+    ref.backward(grad[:valid].double())
+    pairs = [(h[:valid], ref), (pre.grad[:valid], p64.grad)] + ([] if w64 is None else [(weights.grad[:valid], w64.grad)])
+    for got, want in pairs:
+        assert got.dtype == dtype
+        scale = float(want.detach().abs().max()) if want.numel() else 0.0
+        tol = {"rtol": 1e-5, "atol": 1e-5 * (scale + 1)} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2 * (scale + 1)}
+        torch.testing.assert_close(got.double(), want, **tol)
+    for past in (h[valid:], pre.grad[valid:]) + (() if weights is None else (weights.grad[valid:],)):
+        assert torch.equal(past, torch.zeros_like(past))
+
+
+@pytest.mark.parametrize(
+    "pre, weights, match",
+    [
+        (torch.randn(4, 5), None, r"\[N, 2I\]"),
+        (torch.randn(4, 6).t(), None, r"\[N, 2I\] with contiguous rows"),
+        (torch.randn(4, 6), torch.rand(3), r"row_weights must be \[4\]"),
+        (torch.randn(4, 6), torch.rand(4).double(), r"row_weights must be \[4\] in torch.float32"),
+        (torch.randn(4, 6).double(), None, "fp32, fp16 or bf16"),
+    ],
+)
+def test_swiglu_bad_input(pre, weights, match):
+    with pytest.raises(ValueError, match=match):
+        swiglu(pre, weights, torch.tensor([4]))

@@ -5,8 +5,8 @@ Implementations, all with the same router (a Mixtral-style top-k `TopKRouter`):
           rounds run `MoELayer.infer`, the inference path.
   serial: the same `MoELayer` with its experts one after another on torch's intra-op threads
           (`moelab.nn.expert_threads.serial()`) instead of side by side on single-threaded workers.
-  triton: the same `MoELayer` on the "triton" experts backend (`moelab.nn.triton_grouped`), only
-          where it differs from moelab's default: fp32 and fp16 on CUDA, with Triton installed.
+  triton: the same `MoELayer` on the "triton" experts backend (moelab's Triton grouped GEMM for
+          fp32 and fp16, the fused SwiGLU for every dtype), on CUDA with Triton installed.
   dense:  a SwiGLU FFN of width k*I, the same active FLOPs per token: the practical ceiling.
   loop:   the naive per-expert loop that indexes stacked weights `W[e]` under autograd.
   hf:     transformers' `MixtralExperts` with its default `grouped_mm` experts backend.
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from moelab.bench.load import busy_processes
 from moelab.io import atomic_write_text, check_output_file, has_json_format
-from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter, triton_grouped
+from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter, triton_swiglu
 from moelab.nn.expert_threads import serial
 from moelab.threads import check_threads, resolve_threads
 from moelab.validation import check_device, is_int
@@ -146,7 +146,7 @@ def build_impls(
             experts.backend = "auto"
 
     impls = {"moelab": run_moelab, "serial": run_serial}
-    if torch.device(device).type == "cuda" and triton_grouped.runs_on(torch.device(device), dtype):
+    if torch.device(device).type == "cuda" and triton_swiglu.runs_on(torch.device(device), dtype):
         impls["triton"] = run_triton
     impls |= {"dense": dense, "loop": lambda x: naive_loop(router, experts, x)}
     hf = hf_experts(shape, experts)

@@ -23,7 +23,9 @@ bf16 on CUDA):
   non-bf16 CUDA tensors, runs "grouped".
 - "triton": fp32 and fp16 products on CUDA on moelab's Triton grouped GEMM
   (`moelab.nn.triton_grouped`, the dtypes `torch._grouped_mm` lacks there), bf16 ones on
-  `torch._grouped_mm`; "grouped" where neither runs (a CPU, Triton not installed).
+  `torch._grouped_mm`, and between the projections SwiGLU and the routing weight in one Triton
+  kernel each way (`moelab.nn.triton_swiglu`); "grouped" where neither GEMM runs (a CPU, Triton
+  not installed).
 "grouped_mm", "triton" and "auto" on bf16 CUDA run one kernel per projection and take the counts
 as a device tensor, so that `MoELayer` plans its dispatch without reading the routing back to the
 host (`plan_dispatch(host_counts=False)`): a GPU step with no host synchronisation (`grouped_gemm`).
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moelab.nn import triton_grouped
+from moelab.nn import triton_grouped, triton_swiglu
 from moelab.nn.expert_threads import expert_workers, for_each_expert
 
 # activation name -> (forward, backward(grad_out, pre_activation) -> grad_pre_activation)
@@ -316,7 +318,15 @@ def _one_kernel(xs, row_weights, counts, w_in, b_in, w_out, b_out, activation, g
         out = gemm(x, w.transpose(-2, -1), offs)
         return out if b is None else out + F.pad(b, (0, 0, 0, 1)).index_select(0, expert_of_row)
 
-    hidden = act.forward(linear(xs, w_in, b_in))
+    pre = linear(xs, w_in, b_in)
+    if backend == "triton" and gated and activation == "silu" and triton_swiglu.runs_on(pre.device, pre.dtype):
+        # SwiGLU in one kernel each way, with the routing weight unless an output bias (which it
+        # would scale too) comes after it; rows past the last group come out zero.
+        scaled = row_weights is not None and b_out is None
+        hidden = triton_swiglu.swiglu(pre, row_weights if scaled else None, ends[-1:])
+        row_weights = None if scaled else row_weights
+    else:
+        hidden = act.forward(pre)
     ys = _ContiguousGrad.apply(linear(_ContiguousGrad.apply(hidden), w_out, b_out))
     if masked:
         ys = torch.where(valid, ys, 0)
