@@ -150,9 +150,38 @@ def check_triton() -> dict:
             print(checks[-1], flush=True)
     sync = [check_no_host_sync(backend="triton", dtype=dtype) for dtype in (torch.float32, torch.bfloat16)]
     print(sync, flush=True)
+    compiled = [check_compiles_whole("triton", dtype) for dtype in (torch.float32, torch.bfloat16)]
+    print(compiled, flush=True)
     doc = run(BenchOptions.create(device="cuda", memory=False, rounds=5, tokens=16384))
     Console(width=160).print(render_table(doc))
-    return {"correctness": checks, "no_host_sync": sync, "bench_layer_16384": doc}
+    return {"correctness": checks, "no_host_sync": sync, "compiles_whole": compiled, "bench_layer_16384": doc}
+
+
+def check_compiles_whole(backend: str, dtype: torch.dtype, tokens: int = 4096) -> dict:
+    """An e64k8 training step compiled with fullgraph=True against the eager step: the loss and
+    the input's gradient, relative to their scale (or the error that stopped the compile)."""
+    torch.manual_seed(0)
+    layer = build_moe(MoEConfig(dim=512, num_experts=64, hidden_dim=352, top_k=8, balance_coef=0.01,
+                                backend=backend)).to("cuda", dtype)  # fmt: skip
+    x = torch.randn(tokens, 512, device="cuda", dtype=dtype)
+
+    def step(inp):
+        y, result = layer(inp)
+        return y.float().square().mean() + result.loss
+
+    runs = []
+    try:
+        for fn in (torch.compile(step, fullgraph=True), step):
+            inp = x.clone().requires_grad_(True)
+            loss = fn(inp)
+            loss.backward()
+            runs.append((loss.detach().float(), inp.grad.float()))
+    except Exception as err:  # noqa: BLE001 - the failure is the result
+        return {"backend": backend, "dtype": str(dtype), "error": f"{type(err).__name__}: {err}"[:600]}
+    (loss_c, grad_c), (loss_e, grad_e) = runs
+    return {"backend": backend, "dtype": str(dtype),
+            "loss_rel_diff": float((loss_c - loss_e).abs() / loss_e.abs().clamp_min(1e-12)),
+            "grad_rel_diff": float((grad_c - grad_e).abs().max() / grad_e.abs().max().clamp_min(1e-12))}  # fmt: skip
 
 
 def check_torchrun_nccl() -> dict:

@@ -260,3 +260,29 @@ def test_swiglu_matches_float64_and_zeroes_the_rows_past_valid(rows, I, valid_fr
 def test_swiglu_bad_input(pre, weights, match):
     with pytest.raises(ValueError, match=match):
         swiglu(pre, weights, torch.tensor([4]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_step_on_triton_compiles_whole(dtype):
+    """The kernels are custom ops, so a compiled training step on the backend is one graph
+    (fullgraph=True) and gives eager's loss and gradients."""
+    torch.manual_seed(0)
+    layer = build_moe(MoEConfig(dim=16, num_experts=4, hidden_dim=8, top_k=2, backend="triton",
+                                balance_coef=0.01, expert_mlp_bias=True)).to(dtype)  # fmt: skip
+    x = torch.randn(12, 16).to(dtype)
+
+    def step(inp):
+        y, result = layer(inp)
+        return (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + result.loss
+
+    runs = []
+    for fn in (torch.compile(step, fullgraph=True), step):
+        layer.zero_grad()
+        inp = x.clone().requires_grad_(True)
+        loss = fn(inp)
+        loss.backward()
+        runs.append([loss.detach(), inp.grad] + [p.grad for p in layer.parameters()])
+    for compiled, eager in zip(*runs):
+        scale = float(eager.float().abs().max()) + 1e-6
+        assert float((compiled.float() - eager.float()).abs().max()) <= (5e-2 if dtype == torch.bfloat16 else 1e-5) * scale

@@ -189,18 +189,40 @@ def _weights(a: Tensor, grad: Tensor, ends: Tensor) -> Tensor:
     return out
 
 
-class _GroupedMM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
-        ctx.save_for_backward(a, b, ends)
-        return _rows(a, b, ends)
+# Custom ops: a compiled step (torch.compile, fullgraph) calls them like any kernel instead of
+# tracing Triton's launch machinery.
+@torch.library.custom_op("moelab::triton_grouped_mm", mutates_args=())
+def _grouped_mm_op(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
+    return _rows(a, b, ends)
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        a, b, ends = ctx.saved_tensors
-        grad_a = _rows(grad, b.transpose(1, 2), ends) if ctx.needs_input_grad[0] else None
-        grad_b = _weights(a, grad, ends) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, None
+
+@_grouped_mm_op.register_fake
+def _(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
+    return a.new_empty(a.shape[0], b.shape[2])
+
+
+@torch.library.custom_op("moelab::triton_grouped_weights", mutates_args=())
+def _weights_op(a: Tensor, grad: Tensor, ends: Tensor) -> Tensor:
+    return _weights(a, grad, ends)
+
+
+@_weights_op.register_fake
+def _(a: Tensor, grad: Tensor, ends: Tensor) -> Tensor:
+    return a.new_empty(ends.shape[0], a.shape[1], grad.shape[1])
+
+
+def _save(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad: Tensor):
+    a, b, ends = ctx.saved_tensors
+    grad_a = _grouped_mm_op(grad, b.transpose(1, 2), ends) if ctx.needs_input_grad[0] else None
+    grad_b = _weights_op(a, grad, ends) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_save)
 
 
 def grouped_mm(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
@@ -215,4 +237,4 @@ def grouped_mm(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
         raise ValueError(
             f"grouped_mm runs fp32 or fp16 on CUDA with Triton installed; got {a.dtype} x {b.dtype} on {a.device}"
         )
-    return _GroupedMM.apply(a, b, ends.to(torch.int32))
+    return _grouped_mm_op(a, b, ends.to(torch.int32))

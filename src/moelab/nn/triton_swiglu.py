@@ -89,35 +89,60 @@ def _blocks() -> dict:
     return {"BLOCK_ROWS": BLOCK_ROWS, "BLOCK_COLS": 16 if triton_grouped.interpreting() else BLOCK_COLS}
 
 
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre: Tensor, weights: Tensor | None, valid: Tensor) -> Tensor:
-        import triton
+# Custom ops, as in `triton_grouped`: opaque to torch.compile. The backward returns an empty
+# routing-weight gradient where there are no routing weights.
+@torch.library.custom_op("moelab::triton_swiglu", mutates_args=())
+def _forward_op(pre: Tensor, weights: Tensor | None, valid: Tensor) -> Tensor:
+    import triton
 
-        N, I = pre.shape[0], pre.shape[1] // 2
-        out = pre.new_empty(N, I)
-        blocks = _blocks()
-        grid = (triton.cdiv(N, blocks["BLOCK_ROWS"]), triton.cdiv(I, blocks["BLOCK_COLS"]))
-        _kernels()[0][grid](pre, weights, valid, out, N, I, pre.stride(0), out.stride(0),
-                            HAS_WEIGHTS=weights is not None, **blocks)  # fmt: skip
-        ctx.save_for_backward(pre, weights, valid)
-        return out
+    N, I = pre.shape[0], pre.shape[1] // 2
+    out = pre.new_empty(N, I)
+    blocks = _blocks()
+    grid = (triton.cdiv(N, blocks["BLOCK_ROWS"]), triton.cdiv(I, blocks["BLOCK_COLS"]))
+    _kernels()[0][grid](pre, weights, valid, out, N, I, pre.stride(0), out.stride(0),
+                        HAS_WEIGHTS=weights is not None, **blocks)  # fmt: skip
+    return out
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        import triton
 
-        pre, weights, valid = ctx.saved_tensors
-        grad = grad.contiguous()
-        N, I = grad.shape
-        grad_pre = torch.empty_like(pre)
-        grad_weights = None if weights is None else torch.empty_like(weights)
-        blocks = _blocks()
-        _kernels()[1][(triton.cdiv(N, blocks["BLOCK_ROWS"]),)](
-            grad, pre, weights, valid, grad_pre, grad_weights, N, I, grad.stride(0), pre.stride(0),
-            grad_pre.stride(0), HAS_WEIGHTS=weights is not None, **blocks,
-        )  # fmt: skip
-        return grad_pre, grad_weights, None
+@_forward_op.register_fake
+def _(pre: Tensor, weights: Tensor | None, valid: Tensor) -> Tensor:
+    return pre.new_empty(pre.shape[0], pre.shape[1] // 2)
+
+
+@torch.library.custom_op("moelab::triton_swiglu_backward", mutates_args=())
+def _backward_op(grad: Tensor, pre: Tensor, weights: Tensor | None, valid: Tensor) -> tuple[Tensor, Tensor]:
+    import triton
+
+    grad = grad.contiguous()
+    N, I = grad.shape
+    grad_pre = torch.empty_like(pre)
+    grad_weights = pre.new_empty(0) if weights is None else torch.empty_like(weights)
+    blocks = _blocks()
+    _kernels()[1][(triton.cdiv(N, blocks["BLOCK_ROWS"]),)](
+        grad, pre, weights, valid, grad_pre, None if weights is None else grad_weights, N, I, grad.stride(0),
+        pre.stride(0), grad_pre.stride(0), HAS_WEIGHTS=weights is not None, **blocks,
+    )  # fmt: skip
+    return grad_pre, grad_weights
+
+
+@_backward_op.register_fake
+def _(grad: Tensor, pre: Tensor, weights: Tensor | None, valid: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(pre), pre.new_empty(0) if weights is None else torch.empty_like(weights)
+
+
+def _save(ctx, inputs, output) -> None:
+    pre, weights, valid = inputs
+    ctx.has_weights = weights is not None
+    ctx.save_for_backward(pre, weights, valid)
+
+
+def _backward(ctx, grad: Tensor):
+    pre, weights, valid = ctx.saved_tensors
+    grad_pre, grad_weights = _backward_op(grad, pre, weights if ctx.has_weights else None, valid)
+    return grad_pre, grad_weights if ctx.has_weights else None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_save)
 
 
 def swiglu(pre: Tensor, row_weights: Tensor | None, valid: Tensor) -> Tensor:
@@ -129,4 +154,4 @@ def swiglu(pre: Tensor, row_weights: Tensor | None, valid: Tensor) -> Tensor:
         raise ValueError(f"row_weights must be [{pre.shape[0]}] in {pre.dtype}, got {list(row_weights.shape)}")
     if not runs_on(pre.device, pre.dtype):
         raise ValueError(f"swiglu runs fp32, fp16 or bf16 on CUDA with Triton installed; got {pre.dtype} on {pre.device}")
-    return _SwiGLU.apply(pre, row_weights, valid.reshape(1))
+    return _forward_op(pre, row_weights, valid.reshape(1))
