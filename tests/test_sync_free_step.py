@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moelab.models import ModelConfig, MoETransformer
-from moelab.nn import MoEConfig, build_moe, plan_dispatch
+from moelab.nn import MoEConfig, build_moe, plan_dispatch, triton_grouped
 from moelab.nn import moe as moe_module
 from moelab.nn.grouped import grouped_mlp
 from moelab.nn.routers import deferred_logit_check
@@ -118,7 +118,8 @@ def test_device_counts_property(counts, empty, gated, biases, bf16):
     row at all) plus `empty` rows past the counts, which torch._grouped_mm leaves NaN: the routed
     rows equal the host-count path's forward and backward, the rows past the counts are exactly
     zero with zero gradients, and no weight or bias gradient sees a NaN; with no rows past the
-    counts, rows_past_counts=False gives the same."""
+    counts, rows_past_counts=False gives the same, and so does the "triton" backend (where
+    Triton's interpreter runs)."""
     real = torch._grouped_mm
     torch._grouped_mm = lambda a, b, offs=None: _UnsetRows.apply(a, b, offs)
     try:
@@ -136,6 +137,9 @@ def test_device_counts_property(counts, empty, gated, biases, bf16):
             "b_out": torch.randn(E, D, generator=g) if biases else None,
         }
         modes = [("grouped_mm", routed + empty, torch.tensor(counts), True), ("grouped", routed, counts, True)]
+        if triton_grouped.runs_on(torch.device("cpu"), torch.float32):  # Triton's interpreter (tests/conftest.py):
+            # fp32 on moelab's GEMM, bf16 on the NaN-leaving torch._grouped_mm, both with the fused SwiGLU
+            modes.append(("triton", routed + empty, torch.tensor(counts), True))
         if empty == 0:
             modes.append(("grouped_mm", routed, torch.tensor(counts), False))
         runs = []
@@ -150,22 +154,27 @@ def test_device_counts_property(counts, empty, gated, biases, bf16):
                 activation="silu", gated=gated, backend=backend, rows_past_counts=past,
             )  # fmt: skip
             ys.float().square().sum().backward()
-            runs.append((ys.detach(), {n: v.grad for n, v in t.items() if v is not None}))
-        (ys, grads), *references = runs
-        assert torch.equal(ys[routed:], torch.zeros_like(ys[routed:]))
-        for name in ("xs", "row_weights"):
-            assert torch.equal(grads[name][routed:], torch.zeros_like(grads[name][routed:])), name
-        for name, grad in grads.items():
-            assert torch.isfinite(grad).all(), name
+            runs.append((rows, ys.detach(), {n: v.grad for n, v in t.items() if v is not None}))
+        for rows, run_ys, run_grads in runs:  # the runs with rows past the counts
+            if rows > routed:
+                assert torch.equal(run_ys[routed:], torch.zeros_like(run_ys[routed:]))
+                for name in ("xs", "row_weights"):
+                    assert torch.equal(run_grads[name][routed:], torch.zeros_like(run_grads[name][routed:])), name
+                for name, grad in run_grads.items():
+                    assert torch.isfinite(grad).all(), name
 
         def close(mine, ref, name):  # bf16: within its rounding of the largest value
             tol = {"rtol": 2e-2, "atol": 2e-2 * ((float(ref.abs().max()) if ref.numel() else 0.0) + 1)} if bf16 else {}
             torch.testing.assert_close(mine, ref, **tol, msg=name)
 
-        for ref_ys, ref_grads in references:
-            close(ys[:routed], ref_ys, "ys")
+        def routed_part(name, grad):
+            return grad[:routed] if name in ("xs", "row_weights") else grad
+
+        (_, ys, grads), *references = runs
+        for _, ref_ys, ref_grads in references:
+            close(ys[:routed], ref_ys[:routed], "ys")
             for name, grad in ref_grads.items():
-                close(grads[name][:routed] if name in ("xs", "row_weights") else grads[name], grad, name)
+                close(routed_part(name, grads[name]), routed_part(name, grad), name)
     finally:
         torch._grouped_mm = real
 

@@ -4,12 +4,16 @@ grouping, tiling and masking against per-group matmuls and the activation in flo
 backward, then the layer's training step on the "triton" backend against the per-expert kernel. The interpreter runs the same kernel code as a GPU, not its compiler or its
 tensor-core products; `benchmarks/gpu_check.py` checks those against float64 on a GPU."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moelab.nn import MoEConfig, build_moe, triton_grouped
+from moelab.nn import grouped as grouped_module
 from moelab.nn import moe as moe_module
 from moelab.nn.grouped import grouped_mlp
 from moelab.nn.triton_grouped import grouped_mm
@@ -90,6 +94,55 @@ def test_the_reference_check_fails_on_a_kernel_that_crosses_a_group_boundary(mon
         torch.testing.assert_close(mine[0].double(), ref[0])
 
 
+def test_rows_past_the_groups_are_never_written():
+    """The interpreter runs one program after another, so a tile writing a row of the next group
+    would be overwritten by that group's own tile and go unseen; past the last group nothing
+    overwrites it. An output filled beforehand must keep those rows (and the GEMM every row of
+    every group), with every tile shape the GPU's autotuner may pick."""
+    g = torch.Generator().manual_seed(3)
+    counts = [7, 0, 13, 1, 40]
+    a, b = torch.randn(70, 24, generator=g), torch.randn(5, 24, 40, generator=g)
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    for tiles in sorted({tuple(c[:3]) for c in triton_grouped.ROWS_CONFIGS + triton_grouped.WEIGHTS_CONFIGS}):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(triton_grouped, "INTERPRETER_TILES", tiles)
+            out = triton_grouped._rows(a, b, ends, out=torch.full((70, 40), 7.0))
+            grad_b = triton_grouped._weights(a, out, ends)
+        torch.testing.assert_close(out[:61].double(), per_group(a, b.double(), counts), rtol=1e-5, atol=1e-5, msg=str(tiles))
+        assert torch.equal(out[61:], torch.full((9, 40), 7.0)), tiles
+        want = torch.stack([a[s:e].double().T @ out[s:e].double() for s, e in zip([0, 7, 7, 20, 21], [7, 7, 20, 21, 61])])
+        torch.testing.assert_close(grad_b.double(), want, rtol=1e-5, atol=1e-4, msg=str(tiles))
+
+
+def test_tf32_follows_torchs_setting_through_either_api():
+    """TF32 for fp32 products only where torch's own matmuls use it, set through the legacy flag
+    or the newer fp32_precision (after which reading the legacy flag raises). In a fresh process:
+    the settings are global."""
+    code = """
+import torch
+from moelab.nn.triton_grouped import _tf32
+assert not _tf32()
+torch.backends.cuda.matmul.allow_tf32 = True
+assert _tf32()
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+assert _tf32()
+torch.backends.cuda.matmul.fp32_precision = "ieee"
+assert not _tf32()
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_strided_routing_weights_scale_the_right_rows():
+    """Routing weights that are a column of a wider tensor (stride 2): the per-expert kernel's result."""
+    g = torch.Generator().manual_seed(4)
+    xs, weights = torch.randn(9, 8, generator=g), torch.rand(9, 2, generator=g)
+    w_in, w_out = torch.randn(3, 12, 8, generator=g), torch.randn(3, 8, 6, generator=g)
+    ys = [grouped_mlp(xs, [4, 0, 5], weights[:, 0], w_in, None, w_out, None, backend=backend)
+          for backend in ("triton", "grouped")]  # fmt: skip
+    torch.testing.assert_close(*ys)
+
+
 def test_grouped_mm_is_torch_grouped_mm_where_both_run():
     """The same contract as torch._grouped_mm (2-D rows, 3-D weights, int32 group ends, which it
     runs on a CPU in fp32): equal outputs and gradients on the groups' rows."""
@@ -114,11 +167,18 @@ def test_grouped_mm_is_torch_grouped_mm_where_both_run():
         (torch.randn(4, 8), torch.randn(2, 8, 5), torch.tensor([4]), r"ends \[E\]"),
         (torch.randn(4, 8).bfloat16(), torch.randn(2, 8, 5).bfloat16(), torch.tensor([2, 4]), "fp32 or fp16"),
         (torch.randn(4, 8), torch.randn(2, 8, 5).half(), torch.tensor([2, 4]), "fp32 or fp16"),
+        (torch.randn(4, 8), torch.randn(2, 8, 5), torch.tensor([2, 4], device="meta"), "on one device"),
     ],
 )
 def test_grouped_mm_bad_input(a, b, ends, match):
     with pytest.raises(ValueError, match=match):
         grouped_mm(a, b, ends)
+
+
+@pytest.mark.parametrize("ends", [[3, 2], [2, 5], [-1, 4]])
+def test_grouped_mm_refuses_ends_out_of_order_or_past_the_rows(ends):
+    with pytest.raises(RuntimeError, match="ends must be non-decreasing"):
+        grouped_mm(torch.randn(4, 8), torch.randn(2, 8, 5), torch.tensor(ends))
 
 
 def test_grouped_mm_needs_cuda_or_the_interpreter(monkeypatch):
@@ -161,6 +221,7 @@ def test_grouped_mlp_on_triton_equals_the_per_expert_kernel(gated, out_bias):
     (device_ys, device_grads), *host_runs = runs
     assert torch.equal(device_ys[11:], torch.zeros(2, D))
     assert torch.equal(device_grads["xs"][11:], torch.zeros(2, D))
+    assert torch.equal(device_grads["row_weights"][11:], torch.zeros(2))
     for ys, grads in host_runs[:1] + [(device_ys[:11], device_grads)]:
         ref_ys, ref_grads = host_runs[1]
         torch.testing.assert_close(ys[:11], ref_ys, rtol=1e-5, atol=1e-6)
@@ -191,10 +252,15 @@ def test_layer_training_step_on_triton_plans_on_the_device_and_equals_the_per_ex
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layer_training_step_on_triton_in_bf16_and_fp32(dtype):
-    """bf16 on the "triton" backend is torch._grouped_mm's GEMMs around the fused SwiGLU (the
-    GPU's path): the per-expert kernel's output and gradients within bf16's rounding."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_layer_training_step_on_triton_in_each_dtype(monkeypatch, dtype):
+    """fp32 and fp16 run moelab's GEMM, bf16 torch._grouped_mm's (the GPU's path), all three the
+    fused SwiGLU: the per-expert kernel's output and gradients, within fp16's and bf16's rounding."""
+    ran = []
+    for module, name in ((triton_grouped, "grouped_mm"), (grouped_module, "_torch_grouped_mm"),
+                         (grouped_module.triton_swiglu, "swiglu")):  # fmt: skip
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **kw: ran.append(_name) or _real(*a, **kw))
     runs = []
     for backend in ("triton", "grouped"):
         torch.manual_seed(0)
@@ -203,8 +269,10 @@ def test_layer_training_step_on_triton_in_bf16_and_fp32(dtype):
         y, result = layer(x)
         (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().add(result.loss).backward()
         runs.append([y.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    gemm = "_torch_grouped_mm" if dtype == torch.bfloat16 else "grouped_mm"
+    assert sorted(set(ran)) == sorted({gemm, "swiglu"}) and ran.count(gemm) == 2
     for a, b in zip(*runs):
-        tol = {"rtol": 2e-2, "atol": 2e-2 * float(b.abs().max())} if dtype == torch.bfloat16 else {}
+        tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2 * float(b.abs().max())}
         torch.testing.assert_close(a, b, **tol)
 
 
@@ -260,16 +328,20 @@ def test_swiglu_matches_float64_and_zeroes_the_rows_past_valid(rows, I, valid_fr
 def test_swiglu_bad_input(pre, weights, match):
     with pytest.raises(ValueError, match=match):
         swiglu(pre, weights, torch.tensor([4]))
+    with pytest.raises(ValueError, match="valid must be one integer"):
+        swiglu(torch.randn(4, 6), None, torch.tensor([4.0]))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_training_step_on_triton_compiles_whole(dtype):
+@pytest.mark.parametrize("biases", [False, True])
+def test_training_step_on_triton_compiles_whole(dtype, biases):
     """The kernels are custom ops, so a compiled training step on the backend is one graph
-    (fullgraph=True) and gives eager's loss and gradients."""
+    (fullgraph=True) and gives eager's loss and gradients; without biases the routing weight
+    runs inside the fused SwiGLU, with them after the projection."""
     torch.manual_seed(0)
     layer = build_moe(MoEConfig(dim=16, num_experts=4, hidden_dim=8, top_k=2, backend="triton",
-                                balance_coef=0.01, expert_mlp_bias=True)).to(dtype)  # fmt: skip
+                                balance_coef=0.01, expert_mlp_bias=biases)).to(dtype)  # fmt: skip
     x = torch.randn(12, 16).to(dtype)
 
     def step(inp):

@@ -139,11 +139,11 @@ def build_impls(
             return run_moelab(x)
 
     def run_triton(x: Tensor) -> Tensor:
-        experts.backend = "triton"  # the autograd graph keeps the forward's choice for the backward
+        default, experts.backend = experts.backend, "triton"  # the autograd graph keeps the forward's choice
         try:
             return run_moelab(x)
         finally:
-            experts.backend = "auto"
+            experts.backend = default
 
     impls = {"moelab": run_moelab, "serial": run_serial}
     if torch.device(device).type == "cuda" and triton_swiglu.runs_on(torch.device(device), dtype):

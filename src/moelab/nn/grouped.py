@@ -24,8 +24,8 @@ bf16 on CUDA):
 - "triton": fp32 and fp16 products on CUDA on moelab's Triton grouped GEMM
   (`moelab.nn.triton_grouped`, the dtypes `torch._grouped_mm` lacks there), bf16 ones on
   `torch._grouped_mm`, and between the projections SwiGLU and the routing weight in one Triton
-  kernel each way (`moelab.nn.triton_swiglu`); "grouped" where neither GEMM runs (a CPU, Triton
-  not installed).
+  kernel each way (`moelab.nn.triton_swiglu`). Without Triton on the device (a CPU, Triton not
+  installed) it is "grouped_mm".
 "grouped_mm", "triton" and "auto" on bf16 CUDA run one kernel per projection and take the counts
 as a device tensor, so that `MoELayer` plans its dispatch without reading the routing back to the
 host (`plan_dispatch(host_counts=False)`): a GPU step with no host synchronisation (`grouped_gemm`).

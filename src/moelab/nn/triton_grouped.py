@@ -16,8 +16,9 @@ Two kernels, both accumulating in fp32:
   summing a[rows].T @ grad[rows] over the group's rows in steps of BLOCK_M; an empty group
   gets zeros.
 
-fp32 products follow torch's matmul setting: TF32 only where
-`torch.backends.cuda.matmul.allow_tf32` is on (off by default), else full fp32 ("ieee").
+fp32 products follow torch's matmul setting: TF32 only where torch's is TF32
+(`torch.backends.cuda.matmul.fp32_precision`, or the legacy `allow_tf32`; off by default), else
+full fp32 ("ieee").
 
 Triton is imported at the first call. On a CPU, the kernels run under Triton's interpreter when
 `TRITON_INTERPRET=1` was set before that call (how the tests check them; numpy, far too slow to
@@ -26,6 +27,7 @@ be of use otherwise).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -49,6 +51,11 @@ def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
+# The autotuner's choices on a GPU: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
+ROWS_CONFIGS = ((64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (32, 64, 32, 4, 4))
+WEIGHTS_CONFIGS = ((32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3), (64, 128, 128, 8, 3))
+
+
 @functools.cache
 def _kernels():
     """(rows kernel, weights kernel), built at the first call: autotuned on a GPU, one
@@ -56,23 +63,14 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    def tuned(configs: list[triton.Config], key: list[str]):
+    def tuned(table: tuple, key: list[str]):
         if interpreting():
             return lambda kernel: kernel
+        names = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+        configs = [triton.Config(dict(zip(names, tiles)), num_warps=w, num_stages=s) for *tiles, w, s in table]
         return triton.autotune(configs, key=key)
 
-    rows_configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in ((64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                              (128, 128, 32, 8, 3), (32, 64, 32, 4, 4))  # fmt: skip
-    ]
-    weights_configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in ((32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3),
-                              (64, 128, 128, 8, 3))  # fmt: skip
-    ]
-
-    @tuned(rows_configs, key=["K", "M", "E"])
+    @tuned(ROWS_CONFIGS, key=["K", "M", "E"])
     @triton.jit
     def rows_kernel(
         a, b, out, ends, K, M,
@@ -92,10 +90,10 @@ def _kernels():
             start = tl.sum(tl.where(groups == g, group_start, 0), 0)
             end = tl.sum(tl.where(groups == g, group_end, 0), 0)
             rows = (start + (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-            cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
+                ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
                 a_tile = tl.load(
                     a + rows[:, None] * stride_an + ks[None, :] * stride_ak,
                     mask=(rows[:, None] < end) & (ks[None, :] < K), other=0.0,
@@ -111,7 +109,7 @@ def _kernels():
                 mask=(rows[:, None] < end) & (cols[None, :] < M),
             )
 
-    @tuned(weights_configs, key=["K", "M", "E"])
+    @tuned(WEIGHTS_CONFIGS, key=["K", "M", "E"])
     @triton.jit
     def weights_kernel(
         a, grad, out, ends, K, M,
@@ -121,8 +119,8 @@ def _kernels():
     ):  # fmt: skip
         g = tl.program_id(0)
         col_tiles = tl.cdiv(M, BLOCK_N)
-        ks = (tl.program_id(1) // col_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
-        cols = (tl.program_id(1) % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = ((tl.program_id(1) // col_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+        cols = ((tl.program_id(1) % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         start = tl.load(ends + g - 1, mask=g > 0, other=0)
         end = tl.load(ends + g)
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -146,27 +144,54 @@ def _kernels():
     return rows_kernel, weights_kernel
 
 
+def _tf32() -> bool:
+    """Whether torch runs fp32 CUDA matmuls in TF32: its newer `fp32_precision` settings where set
+    (reading the legacy flag after them raises), else the legacy `allow_tf32`."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    if precision != "none":
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
 def _precision(dtype: torch.dtype) -> str:
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting()
-    return "tf32" if tf32 else "ieee"
+    return "tf32" if dtype == torch.float32 and not interpreting() and _tf32() else "ieee"
 
 
-def _rows(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
-    """a [N, K] @ b[g] per group -> [N, M] (rows past ends[-1] unset)."""
+# The interpreter's tiles (no autotuner there): (BLOCK_M, BLOCK_N, BLOCK_K); the tests set the GPU's too.
+INTERPRETER_TILES = (16, 16, 16)
+
+
+def _tiles() -> dict:
+    """The tile sizes to pass at launch: none on a GPU (the autotuner's), the interpreter's there."""
+    if not interpreting():
+        return {}
+    return dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), INTERPRETER_TILES))
+
+
+def on_device(t: Tensor):
+    """A context in which Triton launches on t's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _rows(a: Tensor, b: Tensor, ends: Tensor, out: Tensor | None = None) -> Tensor:
+    """a [N, K] @ b[g] per group -> out [N, M] (new if None; rows past ends[-1] not written)."""
     import triton
 
     (N, K), (E, _, M) = a.shape, b.shape
-    out = a.new_empty(N, M)
+    out = a.new_empty(N, M) if out is None else out
     rows_kernel, _ = _kernels()
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]) + E, triton.cdiv(M, meta["BLOCK_N"]))
 
-    rows_kernel[grid](
-        a, b, out, ends, K, M, *a.stride(), *b.stride(), *out.stride(),
-        E=E, E_POW2=triton.next_power_of_2(E), PRECISION=_precision(a.dtype),
-        **({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16} if interpreting() else {}),
-    )  # fmt: skip
+    with on_device(a):
+        rows_kernel[grid](
+            a, b, out, ends, K, M, *a.stride(), *b.stride(), *out.stride(),
+            E=E, E_POW2=triton.next_power_of_2(E), PRECISION=_precision(a.dtype), **_tiles(),
+        )  # fmt: skip
     return out
 
 
@@ -181,11 +206,11 @@ def _weights(a: Tensor, grad: Tensor, ends: Tensor) -> Tensor:
     def grid(meta):
         return (E, triton.cdiv(K, meta["BLOCK_K"]) * triton.cdiv(M, meta["BLOCK_N"]))
 
-    weights_kernel[grid](
-        a, grad, out, ends, K, M, *a.stride(), *grad.stride(), *out.stride(),
-        E=E, PRECISION=_precision(a.dtype),
-        **({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16} if interpreting() else {}),
-    )  # fmt: skip
+    with on_device(a):
+        weights_kernel[grid](
+            a, grad, out, ends, K, M, *a.stride(), *grad.stride(), *out.stride(),
+            E=E, PRECISION=_precision(a.dtype), **_tiles(),
+        )  # fmt: skip
     return out
 
 
@@ -226,8 +251,9 @@ _grouped_mm_op.register_autograd(_backward, setup_context=_save)
 
 
 def grouped_mm(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
-    """a: [N, K]; b: [E, K, M] (any strides); ends: [E] int32, non-decreasing, at most N ->
-    [N, M] in a's dtype, rows past ends[-1] unset (see the module docstring)."""
+    """a: [N, K]; b: [E, K, M] (any strides); ends: [E] integers on a's device, non-decreasing,
+    at most N (checked on the device, without a host synchronisation on a GPU) -> [N, M] in a's
+    dtype, rows past ends[-1] unset (see the module docstring)."""
     if a.dim() != 2 or b.dim() != 3 or a.shape[1] != b.shape[1] or ends.shape != (b.shape[0],):
         raise ValueError(
             f"grouped_mm takes a [N, K], b [E, K, M] and ends [E]; got {list(a.shape)}, {list(b.shape)}, "
@@ -237,4 +263,10 @@ def grouped_mm(a: Tensor, b: Tensor, ends: Tensor) -> Tensor:
         raise ValueError(
             f"grouped_mm runs fp32 or fp16 on CUDA with Triton installed; got {a.dtype} x {b.dtype} on {a.device}"
         )
-    return _grouped_mm_op(a, b, ends.to(torch.int32))
+    if b.device != a.device or ends.device != a.device:
+        raise ValueError(f"grouped_mm needs a, b and ends on one device, got {a.device}, {b.device}, {ends.device}")
+    ends = ends.to(torch.int32)
+    if ends.numel():
+        ordered = (ends[0] >= 0) & (ends[-1] <= a.shape[0]) & (ends[1:] >= ends[:-1]).all()
+        torch._assert_async(ordered, "grouped_mm: ends must be non-decreasing, from 0 up to the rows of a")
+    return _grouped_mm_op(a, b, ends)

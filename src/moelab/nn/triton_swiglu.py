@@ -89,6 +89,11 @@ def _blocks() -> dict:
     return {"BLOCK_ROWS": BLOCK_ROWS, "BLOCK_COLS": 16 if triton_grouped.interpreting() else BLOCK_COLS}
 
 
+def _launch(kernel, grid, *args, **constants) -> None:
+    with triton_grouped.on_device(args[0]):
+        kernel[grid](*args, **constants, **_blocks())
+
+
 # Custom ops, as in `triton_grouped`: opaque to torch.compile. The backward returns an empty
 # routing-weight gradient where there are no routing weights.
 @torch.library.custom_op("moelab::triton_swiglu", mutates_args=())
@@ -97,10 +102,9 @@ def _forward_op(pre: Tensor, weights: Tensor | None, valid: Tensor) -> Tensor:
 
     N, I = pre.shape[0], pre.shape[1] // 2
     out = pre.new_empty(N, I)
-    blocks = _blocks()
-    grid = (triton.cdiv(N, blocks["BLOCK_ROWS"]), triton.cdiv(I, blocks["BLOCK_COLS"]))
-    _kernels()[0][grid](pre, weights, valid, out, N, I, pre.stride(0), out.stride(0),
-                        HAS_WEIGHTS=weights is not None, **blocks)  # fmt: skip
+    grid = (triton.cdiv(N, BLOCK_ROWS), triton.cdiv(I, _blocks()["BLOCK_COLS"]))
+    _launch(_kernels()[0], grid, pre, weights, valid, out, N, I, pre.stride(0), out.stride(0),
+            HAS_WEIGHTS=weights is not None)  # fmt: skip
     return out
 
 
@@ -117,10 +121,10 @@ def _backward_op(grad: Tensor, pre: Tensor, weights: Tensor | None, valid: Tenso
     N, I = grad.shape
     grad_pre = torch.empty_like(pre)
     grad_weights = pre.new_empty(0) if weights is None else torch.empty_like(weights)
-    blocks = _blocks()
-    _kernels()[1][(triton.cdiv(N, blocks["BLOCK_ROWS"]),)](
-        grad, pre, weights, valid, grad_pre, None if weights is None else grad_weights, N, I, grad.stride(0),
-        pre.stride(0), grad_pre.stride(0), HAS_WEIGHTS=weights is not None, **blocks,
+    _launch(
+        _kernels()[1], (triton.cdiv(N, BLOCK_ROWS),), grad, pre, weights, valid, grad_pre,
+        None if weights is None else grad_weights, N, I, grad.stride(0), pre.stride(0), grad_pre.stride(0),
+        HAS_WEIGHTS=weights is not None,
     )  # fmt: skip
     return grad_pre, grad_weights
 
@@ -147,11 +151,14 @@ _forward_op.register_autograd(_backward, setup_context=_save)
 
 def swiglu(pre: Tensor, row_weights: Tensor | None, valid: Tensor) -> Tensor:
     """pre: [N, 2I] (gate columns, then up), rows contiguous; row_weights: [N] or None; valid: [1]
-    int, the rows at or past it give zeros -> [N, I] in pre's dtype (see the module docstring)."""
+    int on pre's device, the rows at or past it give zeros -> [N, I] in pre's dtype (see the
+    module docstring)."""
     if pre.dim() != 2 or pre.shape[1] % 2 or pre.stride(1) != 1:
         raise ValueError(f"swiglu takes pre-activations [N, 2I] with contiguous rows, got {list(pre.shape)}")
     if row_weights is not None and (row_weights.shape != (pre.shape[0],) or row_weights.dtype != pre.dtype):
         raise ValueError(f"row_weights must be [{pre.shape[0]}] in {pre.dtype}, got {list(row_weights.shape)}")
     if not runs_on(pre.device, pre.dtype):
         raise ValueError(f"swiglu runs fp32, fp16 or bf16 on CUDA with Triton installed; got {pre.dtype} on {pre.device}")
-    return _forward_op(pre, row_weights, valid.reshape(1))
+    if valid.numel() != 1 or valid.device != pre.device or valid.is_floating_point():
+        raise ValueError(f"valid must be one integer on {pre.device}, got {valid.dtype} {list(valid.shape)} on {valid.device}")
+    return _forward_op(pre, None if row_weights is None else row_weights.contiguous(), valid.reshape(1))
