@@ -1,18 +1,18 @@
 """A grouped GEMM in Triton: `torch._grouped_mm`'s contract for the dtypes it lacks on CUDA.
 
-`grouped_mm(a [N, K], b [E, K, M], ends [E] int32) -> [N, M]` multiplies rows
+`grouped_mm(a [N, K], b [E, K, M], ends [E]) -> [N, M]` multiplies rows
 `ends[g-1]:ends[g]` of a (`ends[-1]` read as 0 for the first group) by b[g]. Rows past the last
 group are left unset, as `torch._grouped_mm` leaves them. Differentiable in a and b. The ends are
 read on the device, so a step never waits for the routing. It takes fp32 and fp16: bf16 on CUDA
 has `torch._grouped_mm`'s CUTLASS kernel, which moelab keeps for it.
 
 Two kernels, both accumulating in fp32:
-- `_rows_kernel`: a [BLOCK_M, BLOCK_N] tile of the output per program. Each group's rows are cut
+- `rows_kernel`: a [BLOCK_M, BLOCK_N] tile of the output per program. Each group's rows are cut
   into tiles of BLOCK_M that never cross into the next group, so the grid holds at most
   cdiv(N, BLOCK_M) + E row tiles; a program finds its group from the tile counts, computed in
   the kernel from the ends, and spare programs return at once. It also gives a's gradient
   (b transposed, through its strides).
-- `_weights_kernel`: b's gradient, one [BLOCK_K, BLOCK_N] tile of one group's [K, M] per program,
+- `weights_kernel`: b's gradient, one [BLOCK_K, BLOCK_N] tile of one group's [K, M] per program,
   summing a[rows].T @ grad[rows] over the group's rows in steps of BLOCK_M; an empty group
   gets zeros.
 
@@ -20,9 +20,9 @@ fp32 products follow torch's matmul setting: TF32 only where torch's is TF32
 (`torch.backends.cuda.matmul.fp32_precision`, or the legacy `allow_tf32`; off by default), else
 full fp32 ("ieee").
 
-Triton is imported at the first call. On a CPU, the kernels run under Triton's interpreter when
-`TRITON_INTERPRET=1` was set before that call (how the tests check them; numpy, far too slow to
-be of use otherwise).
+The kernels are built at the first call. On a CPU they run under Triton's interpreter where
+`TRITON_INTERPRET=1` was set before Triton was imported (how the tests check them; numpy, far too
+slow to be of use otherwise).
 """
 
 from __future__ import annotations
@@ -43,10 +43,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
+def installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `grouped_mm` runs rows of this device and dtype: fp32 or fp16, with Triton
     installed, on CUDA, or on a CPU under the interpreter."""
-    if dtype not in DTYPES or importlib.util.find_spec("triton") is None:
+    if dtype not in DTYPES or not installed():
         return False
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
