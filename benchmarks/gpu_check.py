@@ -395,11 +395,12 @@ def main() -> None:
     start = time.monotonic()
     left = lambda: args.budget - (time.monotonic() - start)  # noqa: E731
     sections = {
+        # the sections never run on a GPU yet first
         "env": env_info,
-        "correctness": correctness,
         "triton": check_triton,
-        "no_host_sync": lambda: [check_no_host_sync(autocast=autocast) for autocast in (False, True)],
         "offload_bf16": lambda: bench_offload(min(max(left(), 1), 200)),
+        "correctness": correctness,
+        "no_host_sync": lambda: [check_no_host_sync(autocast=autocast) for autocast in (False, True)],
         "layer": bench_layer,
         "generate_bf16_ref-8e-top2": lambda: bench_generate("ref-8e-top2", "bf16", max(left(), 1)),
         "generate_bf16_ref-32e-top4-shared": lambda: bench_generate("ref-32e-top4-shared", "bf16", max(left(), 1)),
