@@ -43,15 +43,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+INSTALLED = importlib.util.find_spec("triton") is not None  # looked up once (and not under torch.compile)
 
 
 def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `grouped_mm` runs rows of this device and dtype: fp32 or fp16, with Triton
     installed, on CUDA, or on a CPU under the interpreter."""
-    if dtype not in DTYPES or not installed():
+    if dtype not in DTYPES or not INSTALLED:
         return False
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
