@@ -489,8 +489,8 @@ def test_triton_picks_its_kernel_for_fp32_and_fp16_and_grouped_mm_for_bf16_on_cu
     cuda = torch.device("cuda")
     w_in, w_out = torch.empty(E, 16, 16), torch.empty(E, 16, 8)
     monkeypatch.setattr(triton_grouped, "INSTALLED", True)
-    assert grouped_gemm("triton", cuda, torch.float32, w_in, w_out) is triton_grouped.grouped_mm
-    assert grouped_gemm("triton", cuda, torch.float16, w_in.half(), w_out.half()) is triton_grouped.grouped_mm
+    assert grouped_gemm("triton", cuda, torch.float32, w_in, w_out).func is triton_grouped.grouped_mm
+    assert grouped_gemm("triton", cuda, torch.float16, w_in.half(), w_out.half()).func is triton_grouped.grouped_mm
     assert grouped_gemm("triton", cuda, torch.bfloat16, w_in.bfloat16(), w_out.bfloat16()) is _torch_grouped_mm
     assert grouped_gemm("triton", cuda, torch.float32, w_in.half(), w_out.half()) is None  # weights in another dtype
     monkeypatch.setattr(triton_grouped, "INSTALLED", False)

@@ -278,7 +278,7 @@ def grouped_gemm(
         return None
     matmul = _matmul_dtype(device, dtype)
     if backend == "triton" and triton_grouped.runs_on(device, matmul):
-        return triton_grouped.grouped_mm
+        return functools.partial(triton_grouped.grouped_mm, check_ends=False)  # ends: a cumsum of counts
     bf16_on_cuda = device.type == "cuda" and matmul == torch.bfloat16
     if backend in ("grouped_mm", "triton") or (backend == "auto" and bf16_on_cuda):
         return _torch_grouped_mm if _torch_grouped_mm_runs(device, matmul, w_in, w_out) else None
