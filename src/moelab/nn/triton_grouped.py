@@ -54,6 +54,7 @@ def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
+TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 # The autotuner's choices on a GPU: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
 ROWS_CONFIGS = ((64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (32, 64, 32, 4, 4))
 WEIGHTS_CONFIGS = ((32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3), (64, 128, 128, 8, 3))
@@ -69,8 +70,7 @@ def _kernels():
     def tuned(table: tuple, key: list[str]):
         if interpreting():
             return lambda kernel: kernel
-        names = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-        configs = [triton.Config(dict(zip(names, tiles)), num_warps=w, num_stages=s) for *tiles, w, s in table]
+        configs = [triton.Config(dict(zip(TILE_NAMES, tiles)), num_warps=w, num_stages=s) for *tiles, w, s in table]
         return triton.autotune(configs, key=key)
 
     @tuned(ROWS_CONFIGS, key=["K", "M", "E"])
@@ -171,7 +171,7 @@ def _tiles() -> dict:
     """The tile sizes to pass at launch: none on a GPU (the autotuner's), the interpreter's there."""
     if not interpreting():
         return {}
-    return dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), INTERPRETER_TILES))
+    return dict(zip(TILE_NAMES, INTERPRETER_TILES))
 
 
 def on_device(t: Tensor):
