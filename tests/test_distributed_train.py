@@ -116,11 +116,15 @@ def _worker(rank: int, port: int, names: list[str], expert: int, world: int, out
     from moelab.distributed import ParallelConfig, exit_process, init_parallel
     from moelab.distributed.parallelize import expert_parameter_names, parallelize
     from moelab.distributed.state import full_model_state
+    from moelab.models import use_decode_layout
 
     parallel = init_parallel(ParallelConfig(expert=expert, timeout_s=120), torch.device("cpu"))
     try:
         for name in names:
-            model = parallelize(_model(name), parallel)
+            model = _model(name)
+            if world == 1:  # as a model that decoded on the CPU leaves them (FSDP takes contiguous ones)
+                use_decode_layout(model)
+            model = parallelize(model, parallel)
             result = _step(model, TrainConfig(**TRAIN), [_batch()], parallel)
             experts = expert_parameter_names(model)
             grads = {}
@@ -197,7 +201,8 @@ def test_four_processes_ep2_dp2_step_equals_one_process():
 @pytest.mark.parametrize("world", [1, 2])
 def test_data_parallel_step_equals_one_process(world):
     """EP 1, DP 2: experts replicated and FSDP-sharded over both ranks; and torchrun with one
-    process, which takes the parallel path (how one GPU checks NCCL)."""
+    process, which takes the parallel path (how one GPU checks NCCL), on a model whose matrices
+    decoding left column-major (`use_decode_layout`)."""
     names = ["topk softmax + z", "sigmoid group-limited + aux-free bias + shared"]
     got = _run(names, expert=1, world=world)
     for name in names:

@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from moelab.distributed.expert_parallel import shard_experts
 from moelab.distributed.mesh import Parallel
 from moelab.models import MoETransformer
+from moelab.models.decode_layout import use_row_major_layout
 from moelab.nn import MoELayer, SelectiveAttention
 
 
@@ -61,6 +62,7 @@ def check_parallel_model(model: MoETransformer, parallel: Parallel) -> None:
 def parallelize(model: MoETransformer, parallel: Parallel) -> MoETransformer:
     """Shard `model` in place for `parallel` (see the module docstring) and return it."""
     check_parallel_model(model, parallel)
+    use_row_major_layout(model)  # FSDP takes contiguous parameters only (a model that decoded may not be)
     for layer in expert_layers(model).values():
         if parallel.ep > 1:
             shard_experts(layer, parallel.ep_group)

@@ -9,6 +9,7 @@ from moelab.models.accounting import (
     param_counts,
 )
 from moelab.models.config import PRESETS, ModelConfig, preset, small, tiny
+from moelab.models.decode_layout import use_decode_layout
 from moelab.models.pretrained import load_pretrained, load_state, save_pretrained
 from moelab.models.transformer import KVCache, ModelOutput, MoETransformer, sample_next_token
 
@@ -31,4 +32,5 @@ __all__ = [
     "save_pretrained",
     "small",
     "tiny",
+    "use_decode_layout",
 ]

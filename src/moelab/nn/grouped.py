@@ -386,14 +386,23 @@ def gathered_mlp(
     # Rows as [T*K, 1, D] times transposed weights: CPU BLAS runs these as GEMMs (the
     # column-vector form [T*K, H, D] @ [T*K, D, 1] takes a path ~15x slower).
     rows = x.repeat_interleave(K, dim=0)[:, None, :]  # [T*K, 1, D]
-    h = torch.bmm(rows, w_in.index_select(0, experts).to(x.dtype).transpose(1, 2))[:, 0]  # [T*K, H]
+    h = torch.bmm(rows, _transposed_matrices(w_in, experts).to(x.dtype))[:, 0]  # [T*K, H]
     if b_in is not None:
         h = h + b_in.index_select(0, experts).to(x.dtype)
     hidden = Activation(activation, gated).forward(h) * slot_weights  # [T*K, I]
-    ys = torch.bmm(hidden[:, None, :], w_out.index_select(0, experts).to(x.dtype).transpose(1, 2))[:, 0]  # [T*K, D]
+    ys = torch.bmm(hidden[:, None, :], _transposed_matrices(w_out, experts).to(x.dtype))[:, 0]  # [T*K, D]
     if b_out is not None:
         ys = ys + slot_weights * b_out.index_select(0, experts).to(x.dtype)
     return ys.view(T, K, -1).sum(1)
+
+
+def _transposed_matrices(w: Tensor, experts: Tensor) -> Tensor:
+    """w: [E, out, in]; experts: [n] -> the chosen experts' matrices transposed, [n, in, out],
+    copied from w in its own memory order (column-major matrices, `moelab.models.decode_layout`,
+    copy straight; a transposing copy gathers ~2x slower)."""
+    if w.mT.is_contiguous():
+        return w.mT.index_select(0, experts)
+    return w.index_select(0, experts).mT
 
 
 def _one_token_mlp(

@@ -1,0 +1,147 @@
+"""Column-major weights for decoding on a CPU (`moelab.models.decode_layout`): the same values,
+shapes and Parameter objects, every decode path and the training step on them against the
+row-major model and a float64 copy, and what `generate` leaves behind (saving, training)."""
+
+import copy
+
+import pytest
+import torch
+from reference import F64, assert_close
+from test_decode import PATHS
+from test_model import make_model, random_ids
+from test_moe_layer import make_layer, tokens
+
+from moelab.models import load_pretrained, save_pretrained
+from moelab.models.config import UoEConfig
+from moelab.models.decode_layout import (
+    decode_layout_weights,
+    is_column_major,
+    use_decode_layout,
+    use_row_major_layout,
+)
+from moelab.nn import SwiGLUExperts
+from moelab.nn.grouped import gathered_mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FEATURES = dict(moe_fields=dict(num_shared=1, shared_gate=True), tie_embeddings=True, init_std=0.2)
+
+
+def column_major_copy(module):
+    moved = copy.deepcopy(module)
+    assert use_decode_layout(moved) > 0
+    return moved
+
+
+def test_layout_keeps_values_shapes_parameters_and_ties():
+    model = make_model(**FEATURES)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    moved = decode_layout_weights(model)
+    row_major = sum(not is_column_major(w) for w in moved)  # a [1, D] matrix is both
+    names = {name for name, p in params.items() if any(p is m for m in moved)}
+    # every attention, dense, shared-expert and output matrix and the stacked experts; not routers or norms
+    assert {"layers.1.ffn.experts.gate_up_proj", "layers.1.ffn.experts.down_proj", "embed.weight"} <= names
+    assert {"layers.0.attn.q_proj.weight", "layers.0.ffn.down_proj.weight", "layers.1.ffn.shared.up_proj.weight"} <= names
+    assert not any("router" in name or "norm" in name for name in names)
+    assert use_decode_layout(model) == row_major > 0
+    assert dict(model.named_parameters()) == params  # the same objects
+    assert model.lm_head.weight is model.embed.weight
+    for name, t in model.state_dict().items():
+        assert t.shape == before[name].shape and torch.equal(t, before[name]), name
+    for weight in moved:
+        assert is_column_major(weight) and (weight.shape[-2] == 1 or not weight.is_contiguous())
+    pointers = [w.data_ptr() for w in moved]
+    assert use_decode_layout(model) == 0  # already in place: nothing copied
+    assert [w.data_ptr() for w in moved] == pointers
+    assert use_row_major_layout(model) == row_major and use_row_major_layout(model) == 0
+    assert all(p.is_contiguous() for p in model.parameters())
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), name
+
+
+def test_layout_skips_uoe_blocks_and_tensors_off_the_cpu():
+    uoe = UoEConfig(attn_top_k=2, mlp_experts=4, mlp_top_k=2)
+    model = make_model(moe=None, uoe=uoe, n_kv_heads=None, first_k_dense=0, tie_embeddings=False)
+    moved = {id(w) for w in decode_layout_weights(model)}
+    assert not any(id(p) in moved for p in model.layers.parameters())  # UoE blocks view their weights
+    assert moved == {id(model.lm_head.weight)}
+    assert decode_layout_weights(torch.nn.Linear(4, 4, device="meta")) == []
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_every_infer_path_on_column_major_experts_equals_float64(path, T):
+    """infer of 1, 3 and 40 tokens on the gathered, accumulated and grouped_mm paths, with the
+    layer's matrices column-major, against a float64 copy of the layer (row-major)."""
+    layer, _ = make_layer(num_shared=1)
+    reference = copy.deepcopy(layer).to(F64)
+    moved = PATHS[path](column_major_copy(layer))
+    x = tokens(T)
+    with torch.no_grad():
+        assert_close(moved.infer(x), reference.infer(x.to(F64)), what=f"{path}, {T} tokens")
+
+
+def test_training_step_on_column_major_weights_equals_float64():
+    """forward and backward of the whole model with every matrix column-major: loss, the
+    input-side gradients of every parameter against a float64 row-major copy; the gradients
+    come back in the parameters' own layout."""
+    model = make_model(**FEATURES)
+    reference = copy.deepcopy(model).to(F64)
+    moved = column_major_copy(model)
+    ids = random_ids(batch=2, seq=12)
+    out, ref = moved(ids, ids), reference(ids, ids)
+    assert_close(out.loss, ref.loss, what="loss")
+    (out.loss + out.aux_loss).backward()
+    (ref.loss + ref.aux_loss).backward()
+    expected = dict(reference.named_parameters())
+    for name, p in moved.named_parameters():
+        assert_close(p.grad, expected[name].grad, what=f"grad {name}")
+        assert p.grad.stride() == p.stride(), name
+
+
+def test_generate_moves_the_weights_and_decodes_as_the_float64_model():
+    """generate on a CPU stores the matrices column-major (out of inference mode, so the model
+    trains afterwards); its decode steps give the float64 row-major model's logits and its
+    greedy tokens; the model then saves and reloads to the same values."""
+    model = make_model(**FEATURES).eval()
+    reference = copy.deepcopy(model).to(F64)
+    ids = random_ids(batch=2, seq=5)
+    tokens_ = model.generate(ids, 6, greedy=True)
+    assert all(is_column_major(w) for w in decode_layout_weights(model))
+    assert torch.equal(tokens_, reference.generate(ids, 6, greedy=True))
+    with torch.inference_mode():
+        assert_close(model.decode_step(tokens_), reference.decode_step(tokens_), what="logits")
+    model.train()
+    out = model(ids, ids)
+    out.loss.backward()  # inference tensors would refuse to be saved for backward
+    assert model.embed.weight.grad is not None
+
+
+def test_a_model_saved_after_generate_reloads_equal(tmp_path):
+    model = make_model(**FEATURES).eval()
+    model.generate(random_ids(batch=1, seq=4), 2, greedy=True)
+    save_pretrained(model, tmp_path / "m")
+    loaded = load_pretrained(tmp_path / "m")
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert loaded.lm_head.weight is loaded.embed.weight
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_gathered_mlp_reads_either_layout(T):
+    """The gathered copies (T > 1) and the one-token path (T = 1) on row- and column-major
+    experts give the same result."""
+    experts = SwiGLUExperts(6, 16, 8)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_()
+    moved = column_major_copy(experts)
+    x = tokens(T)
+    indices = torch.tensor([[4, 1], [1, -1]])[:T]
+    weights = torch.tensor([[0.7, 0.3], [1.0, 0.0]])[:T]
+    args = dict(activation="silu", gated=True)
+    with torch.no_grad():
+        got = gathered_mlp(x, indices, weights, moved.gate_up_proj, None, moved.down_proj, None, **args)
+        expected = gathered_mlp(x, indices, weights, experts.gate_up_proj, None, experts.down_proj, None, **args)
+    assert_close(got, expected, atol=1e-6, rtol=1e-6, what=f"{T} tokens")
