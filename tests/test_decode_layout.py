@@ -145,3 +145,21 @@ def test_gathered_mlp_reads_either_layout(T):
         got = gathered_mlp(x, indices, weights, moved.gate_up_proj, None, moved.down_proj, None, **args)
         expected = gathered_mlp(x, indices, weights, experts.gate_up_proj, None, experts.down_proj, None, **args)
     assert_close(got, expected, atol=1e-6, rtol=1e-6, what=f"{T} tokens")
+
+
+def test_compiling_generate_stores_row_major_and_a_held_step_pins_the_layout():
+    """compile=True stores the matrices row-major before tracing (Inductor's products run faster
+    on them: ref-8e-top2 644 against 519 tokens/s); while the model holds the compiled step an
+    eager call leaves them there (moving them would trace again); once released, eager moves them."""
+    model = make_model(**FEATURES).eval()
+    ids = random_ids(batch=1, seq=4)
+    eager = model.generate(ids, 3, greedy=True)
+    weights = decode_layout_weights(model)
+    assert all(is_column_major(w) for w in weights)
+    assert torch.equal(model.generate(ids, 3, greedy=True, compile=True), eager)
+    assert all(w.is_contiguous() for w in weights)
+    assert torch.equal(model.generate(ids, 3, greedy=True), eager)
+    assert all(w.is_contiguous() for w in weights)
+    model.release_decode_cache()
+    model.generate(ids, 3, greedy=True)
+    assert all(is_column_major(w) for w in weights)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from moelab.models.config import ModelConfig
 from moelab.models.decode_graph import DecodeGraph
-from moelab.models.decode_layout import use_decode_layout
+from moelab.models.decode_layout import use_decode_layout, use_row_major_layout
 from moelab.nn import (
     ChainOfExperts,
     MoELayer,
@@ -531,9 +531,11 @@ class MoETransformer(nn.Module):
         at the first one-token step and kept with its KV cache for the next call with the same
         batch size and cache length (one per model: a call of other shapes, or after the weights
         changed, frees the one held and captures anew; `release_decode_cache` frees it; not for
-        concurrent calls on one model). On a CPU the first call stores the weight matrices
+        concurrent calls on one model). On a CPU an eager call stores the weight matrices
         column-major, in place (`moelab.models.decode_layout`: same values, shapes and parameters,
-        1.05-1.2x faster decoding; `state_dict()` tensors are then transposed views)."""
+        1.05-1.2x faster eager decoding; `state_dict()` tensors are then transposed views), and a
+        compiling call row-major (what Inductor's products run fastest on); while the model holds
+        a compiled step (until `release_decode_cache`) neither moves them."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {list(input_ids.shape)}")
         B, S = input_ids.shape
@@ -550,10 +552,13 @@ class MoETransformer(nn.Module):
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
         cache, compiled, static_step, graphed, shapes = None, None, None, False, None
         if not self.needs_sequences:  # else recompute the whole prefix at every step
-            if input_ids.device.type == "cpu":
-                use_decode_layout(self)  # before a compiled step reads the weights' strides
             length = S + max_new_tokens
-            if compile and all(moe.compiles_infer for moe in self.moe_layers.values()):
+            compiling = compile and all(moe.compiles_infer for moe in self.moe_layers.values())
+            if input_ids.device.type == "cpu" and self not in _compiled_steps:
+                # eager one-token products run faster on column-major weights, Inductor's on row-major
+                # ones; never moved under a compiled step the model holds (it would trace again)
+                (use_row_major_layout if compiling else use_decode_layout)(self)
+            if compiling:
                 length = min(self.config.max_seq_len, -(-length // 64) * 64)  # fewer distinct shapes to trace
                 compiled = self._compiled_step()
                 static_step = compiled.step
