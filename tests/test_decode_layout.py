@@ -163,3 +163,19 @@ def test_compiling_generate_stores_row_major_and_a_held_step_pins_the_layout():
     model.release_decode_cache()
     model.generate(ids, 3, greedy=True)
     assert all(is_column_major(w) for w in weights)
+
+
+def test_bench_generate_times_each_mode_in_its_own_layout(tmp_path):
+    """`moelab bench generate --compile` times eager decoding on column-major weights and the
+    compiled step on its own row-major copy, as a user would get each (one model for both would
+    pin it row-major, see above), and both decode transformers' tokens."""
+    from moelab.bench.generate import GenerateOptions, measure_model
+
+    model = make_model(**FEATURES).eval()
+    save_pretrained(model, tmp_path / "m")
+    model = load_pretrained(tmp_path / "m").eval()
+    options = GenerateOptions(batch_sizes=(1,), prompt_tokens=4, new_tokens=3, rounds=1, compile=True)
+    (row,) = measure_model("m", tmp_path / "m", model, options)
+    assert set(row["same_greedy_tokens"]) == {"moelab", "transformers", "moelab_compiled"}
+    assert all(same == 1.0 for same in row["same_greedy_tokens"].values())
+    assert all(is_column_major(w) for w in decode_layout_weights(model))

@@ -28,6 +28,7 @@ does not credit.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 import statistics
@@ -190,8 +191,9 @@ def measure_model(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=options.new_tokens, do_sample=False
         )
     base = "transformers" if family is not None else "moelab"  # what ratios and token checks refer to
-    if options.compile:
-        run["moelab_compiled"] = lambda ids: model.generate(ids, options.new_tokens, greedy=True, compile=True)
+    if options.compile:  # a copy of its own: its compiled step keeps the weights row-major (see generate)
+        compiled = copy.deepcopy(model)
+        run["moelab_compiled"] = lambda ids: compiled.generate(ids, options.new_tokens, greedy=True, compile=True)
     for variant, (setting, value) in routing_variants(options).items():
         run[f"moelab_{variant}"] = _with_setting(model, setting, value, options.new_tokens)
     rows = []
