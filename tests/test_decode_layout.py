@@ -60,13 +60,16 @@ def test_layout_keeps_values_shapes_parameters_and_ties():
         assert torch.equal(t, before[name]), name
 
 
-def test_layout_skips_uoe_blocks_and_tensors_off_the_cpu():
+def test_layout_skips_uoe_blocks_bf16_and_tensors_off_the_cpu():
     uoe = UoEConfig(attn_top_k=2, mlp_experts=4, mlp_top_k=2)
     model = make_model(moe=None, uoe=uoe, n_kv_heads=None, first_k_dense=0, tie_embeddings=False)
     moved = {id(w) for w in decode_layout_weights(model)}
     assert not any(id(p) in moved for p in model.layers.parameters())  # UoE blocks view their weights
     assert moved == {id(model.lm_head.weight)}
     assert decode_layout_weights(torch.nn.Linear(4, 4, device="meta")) == []
+    assert decode_layout_weights(make_model().to(torch.bfloat16)) == []
+    cast = column_major_copy(make_model()).to(torch.bfloat16)  # a cast keeps the strides
+    assert use_row_major_layout(cast) > 0 and all(p.is_contiguous() for p in cast.parameters())
 
 
 @pytest.mark.parametrize("path", list(PATHS))
