@@ -6,11 +6,11 @@ numbers each; stored column-major (the same [out, in] tensor with strides (1, ou
 W^T's rows of `out` numbers, one scaled add per input. On short rows the first form reads the
 weights from memory far below the machine's bandwidth: ref-8e-top2's output head, [8192, 256],
 at 8 GB/s against 21 GB/s column-major on the 2-core AMD EPYC (fp32, 1 thread, caches flushed);
-square and wide matrices are about even either way (0.95-1.1x), tall ones gain 1.25-1.45x. A
-compiled step runs faster on row-major weights (Inductor prepacks them for MKL), so
-`generate(compile=True)` stores them row-major.
-Large-batch GEMMs (prefill, training) run equally fast in either layout (within 3 % measured).
-In bf16 decoding gained nothing (0.94-1.02x), so only float32 matrices move.
+square and wide matrices are about even either way (0.95-1.1x), tall ones gain 1.25-1.45x.
+Products of many rows (prefill, training) run equally fast in either layout (within 3 %). Not
+every product gains: in bf16 decoding gained nothing (0.94-1.02x), so only float32 matrices
+move, and a compiled step runs faster on row-major weights (Inductor prepacks them for MKL), so
+`generate(compile=True)` stores them row-major (docs/benchmarks.md, "Column-major weights").
 
 `use_decode_layout(model)` stores the matrices a decode step multiplies column-major, in place:
 the same Parameter objects (tied weights stay tied), shapes and values, other strides. Their
