@@ -166,6 +166,10 @@ def test_compiling_generate_stores_row_major_and_a_held_step_pins_the_layout():
     model.release_decode_cache()
     model.generate(ids, 3, greedy=True)
     assert all(is_column_major(w) for w in weights)
+    model.decode_layout = False  # the user's choice: no call moves them
+    use_row_major_layout(model)
+    assert torch.equal(model.generate(ids, 3, greedy=True), eager)
+    assert all(w.is_contiguous() for w in weights)
 
 
 def test_bench_generate_times_each_mode_in_its_own_layout(tmp_path):

@@ -279,6 +279,7 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
+        self.decode_layout = True  # whether generate on a CPU may store the weights for its products (see generate)
 
     @staticmethod
     def _blocks(config: ModelConfig) -> list[Block]:
@@ -535,7 +536,8 @@ class MoETransformer(nn.Module):
         column-major, in place (`moelab.models.decode_layout`: same values, shapes and parameters,
         1.05-1.2x faster eager decoding; `state_dict()` tensors are then transposed views), and a
         compiling call row-major (what Inductor's products run fastest on); while the model holds
-        a compiled step (until `release_decode_cache`) neither moves them."""
+        a compiled step (until `release_decode_cache`) neither moves them, nor does any call once
+        `model.decode_layout = False`."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {list(input_ids.shape)}")
         B, S = input_ids.shape
@@ -554,7 +556,7 @@ class MoETransformer(nn.Module):
         if not self.needs_sequences:  # else recompute the whole prefix at every step
             length = S + max_new_tokens
             compiling = compile and all(moe.compiles_infer for moe in self.moe_layers.values())
-            if input_ids.device.type == "cpu" and self not in _compiled_steps:
+            if input_ids.device.type == "cpu" and self.decode_layout and self not in _compiled_steps:
                 # eager one-token products run faster on column-major weights, Inductor's on row-major
                 # ones; never moved under a compiled step the model holds (it would trace again)
                 (use_row_major_layout if compiling else use_decode_layout)(self)
