@@ -4,6 +4,7 @@ other as `generate` leaves it; rounds interleaved, the ratio the median of the p
 
     python benchmarks/decode_layout.py                                  # both shipped models, fp32, 1 thread
     python benchmarks/decode_layout.py --threads 2 --json /tmp/layout.json
+    python benchmarks/decode_layout.py --load 1                         # one busy process beside
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import torch
 
 from moelab.bench.layer import DTYPES
+from moelab.bench.load import busy_processes
 from moelab.bench.machine import device_name, source_commit
 from moelab.io import atomic_write_text, check_output_file, has_json_format
 from moelab.models import load_pretrained
@@ -59,6 +61,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--load", type=int, default=0, help="busy processes beside the benchmark")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--overwrite", action="store_true", help="replace moelab's earlier results file")
     args = parser.parse_args()
@@ -66,19 +69,20 @@ def main() -> None:
         check_output_file(args.json, overwrite=args.overwrite, is_own=lambda p: has_json_format(p, JSON_FORMAT))
     torch.set_num_threads(args.threads)
     results = []
-    for name in args.model or MODELS:
-        for batch in args.batch or (1, 8, 32):
-            row = measure(name, batch, args.new_tokens, args.rounds, DTYPES[args.dtype])
-            speed = row["tokens_per_s"]
-            print(
-                f"{name} batch {batch}: row-major {speed['row_major']:,.0f}, column-major "
-                f"{speed['column_major']:,.0f} tokens/s, ratio {row['column_over_row']:.2f}, "
-                f"same tokens {row['same_tokens']}",
-                flush=True,
-            )
-            results.append(row)
+    with busy_processes(args.load):
+        for name in args.model or MODELS:
+            for batch in args.batch or (1, 8, 32):
+                row = measure(name, batch, args.new_tokens, args.rounds, DTYPES[args.dtype])
+                speed = row["tokens_per_s"]
+                print(
+                    f"{name} batch {batch}: row-major {speed['row_major']:,.0f}, column-major "
+                    f"{speed['column_major']:,.0f} tokens/s, ratio {row['column_over_row']:.2f}, "
+                    f"same tokens {row['same_tokens']}",
+                    flush=True,
+                )
+                results.append(row)
     if args.json:
-        setup = {"threads": args.threads, "dtype": args.dtype, "new_tokens": args.new_tokens, "rounds": args.rounds,
+        setup = {"threads": args.threads, "load": args.load, "dtype": args.dtype, "new_tokens": args.new_tokens, "rounds": args.rounds,
                  "device_name": device_name("cpu"), "commit": source_commit(), "torch": torch.__version__}  # fmt: skip
         doc = {"format": JSON_FORMAT, "setup": setup, "results": results}
         atomic_write_text(args.json, json.dumps(doc, indent=2) + "\n")
