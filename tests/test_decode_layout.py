@@ -121,6 +121,20 @@ def test_generate_moves_the_weights_and_decodes_as_the_float64_model():
     assert model.embed.weight.grad is not None
 
 
+def test_a_model_made_in_inference_mode_decodes_on_inference_tensors():
+    """Parameters made in inference mode are moved there too (a normal tensor swapped into an
+    inference parameter breaks every later product: "Inference tensors do not track version
+    counter"), and decode as the float64 model."""
+    with torch.inference_mode():
+        model = make_model(**FEATURES).eval()
+        reference = copy.deepcopy(model).to(F64)
+        ids = random_ids(batch=1, seq=4)
+        tokens_ = model.generate(ids, 4, greedy=True)
+        assert all(is_column_major(w) and w.is_inference() for w in decode_layout_weights(model))
+        assert torch.equal(tokens_, reference.generate(ids, 4, greedy=True))
+        assert use_row_major_layout(model) > 0 and all(p.is_inference() for p in model.parameters())
+
+
 def test_a_model_saved_after_generate_reloads_equal(tmp_path):
     model = make_model(**FEATURES).eval()
     model.generate(random_ids(batch=1, seq=4), 2, greedy=True)

@@ -65,8 +65,9 @@ def is_column_major(weight: Tensor) -> bool:
 
 def use_decode_layout(model: nn.Module) -> int:
     """Store `decode_layout_weights(model)` column-major, in place; return how many moved (0 when
-    all already are). Copies one matrix at a time (its bytes, briefly, twice); works in and out
-    of inference mode, leaving tensors that autograd can still train."""
+    all already are). Copies one matrix at a time (its bytes, briefly, twice); called in or out of
+    inference mode, it leaves each parameter the kind it was (trainable, or an inference tensor
+    where it was made in inference mode)."""
     return _store(model, column_major=True)
 
 
@@ -78,13 +79,12 @@ def use_row_major_layout(model: nn.Module) -> int:
 
 def _store(model: nn.Module, column_major: bool) -> int:
     moved = 0
-    with torch.inference_mode(False), torch.no_grad():
-        for weight in decode_layout_weights(model) if column_major else _matrices(model):
-            if column_major and not is_column_major(weight):
-                weight.data = weight.data.mT.contiguous().mT
-            elif not column_major and not weight.is_contiguous():
-                weight.data = weight.data.contiguous()
-            else:
-                continue
-            moved += 1
+    for weight in decode_layout_weights(model) if column_major else _matrices(model):
+        if is_column_major(weight) if column_major else weight.is_contiguous():
+            continue
+        # the copy is made in the mode the parameter was made in: a normal tensor stays trainable
+        # (generate runs in inference mode), one made in inference mode stays an inference tensor
+        with torch.inference_mode(weight.is_inference()), torch.no_grad():
+            weight.data = weight.data.mT.contiguous().mT if column_major else weight.data.contiguous()
+        moved += 1
     return moved
