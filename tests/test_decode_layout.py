@@ -68,8 +68,8 @@ def test_layout_skips_uoe_blocks_bf16_and_tensors_off_the_cpu():
     assert moved == {id(model.lm_head.weight)}
     assert decode_layout_weights(torch.nn.Linear(4, 4, device="meta")) == []
     assert decode_layout_weights(make_model().to(torch.bfloat16)) == []
-    cast = column_major_copy(make_model()).to(torch.bfloat16)  # a cast keeps the strides
-    assert use_row_major_layout(cast) > 0 and all(p.is_contiguous() for p in cast.parameters())
+    cast = column_major_copy(SwiGLUExperts(4, 16, 8)).to(torch.bfloat16)  # a plain module's cast keeps the strides
+    assert use_row_major_layout(cast) == 2 and all(p.is_contiguous() for p in cast.parameters())
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -200,3 +200,19 @@ def test_bench_generate_times_each_mode_in_its_own_layout(tmp_path):
     assert set(row["same_greedy_tokens"]) == {"moelab", "transformers", "moelab_compiled"}
     assert all(same == 1.0 for same in row["same_greedy_tokens"].values())
     assert all(is_column_major(w) for w in decode_layout_weights(model))
+
+
+def test_a_cast_or_a_move_stores_the_moved_matrices_row_major_again():
+    """After `.to(bf16)` (or a move off the CPU) nothing stays column-major: the layout is for CPU
+    float32 products only; a move that keeps them CPU float32 keeps it."""
+    model = make_model(**FEATURES).eval()
+    model.generate(random_ids(batch=1, seq=4), 2, greedy=True)
+    weights = decode_layout_weights(model)
+    model.to(torch.float32)  # nothing changes
+    assert all(is_column_major(w) for w in weights)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    model.to(torch.bfloat16)
+    assert all(p.is_contiguous() for p in model.parameters())
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name].to(t.dtype)), name
+    assert model.lm_head.weight is model.embed.weight

@@ -68,18 +68,21 @@ def use_decode_layout(model: nn.Module) -> int:
     all already are). Copies one matrix at a time (its bytes, briefly, twice); called in or out of
     inference mode, it leaves each parameter the kind it was (trainable, or an inference tensor
     where it was made in inference mode)."""
-    return _store(model, column_major=True)
+    return _store(decode_layout_weights(model), column_major=True)
 
 
-def use_row_major_layout(model: nn.Module) -> int:
+def use_row_major_layout(model: nn.Module, keep: list[nn.Parameter] = ()) -> int:
     """Undo `use_decode_layout`: store those matrices row-major again, on any device and in any
-    dtype (what FSDP requires: `moelab.distributed.parallelize` calls it); return how many moved."""
-    return _store(model, column_major=False)
+    dtype (what FSDP requires: `moelab.distributed.parallelize` calls it), but those in `keep`;
+    return how many moved. `MoETransformer` calls it after every move or cast, keeping the CPU
+    float32 ones."""
+    kept = {id(weight) for weight in keep}
+    return _store([w for w in _matrices(model) if id(w) not in kept], column_major=False)
 
 
-def _store(model: nn.Module, column_major: bool) -> int:
+def _store(weights: list[nn.Parameter], column_major: bool) -> int:
     moved = 0
-    for weight in decode_layout_weights(model) if column_major else _matrices(model):
+    for weight in weights:
         if is_column_major(weight) if column_major else weight.is_contiguous():
             continue
         # the copy is made in the mode the parameter was made in: a normal tensor stays trainable

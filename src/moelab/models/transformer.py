@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from moelab.models.config import ModelConfig
 from moelab.models.decode_graph import DecodeGraph
-from moelab.models.decode_layout import use_decode_layout, use_row_major_layout
+from moelab.models.decode_layout import decode_layout_weights, use_decode_layout, use_row_major_layout
 from moelab.nn import (
     ChainOfExperts,
     MoELayer,
@@ -307,6 +307,14 @@ class MoETransformer(nn.Module):
                 continue
             is_output = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
             nn.init.normal_(p, std=out_std if is_output else std)
+
+    def _apply(self, fn, recurse=True):
+        """`nn.Module._apply` (what `.to()`, `.cuda()`, `.half()` run), then every weight matrix
+        that decoding on a CPU left column-major and that is now off the CPU or not float32 stored
+        row-major again: the layout is for CPU float32 products only (`moelab.models.decode_layout`)."""
+        super()._apply(fn, recurse)
+        use_row_major_layout(self, keep=decode_layout_weights(self))
+        return self
 
     @property
     def moe_layers(self) -> dict[int, MoELayer]:
