@@ -22,7 +22,6 @@ from moelab.bench.load import busy_processes
 from moelab.bench.machine import device_name, source_commit
 from moelab.io import atomic_write_text, check_output_file, has_json_format
 from moelab.models import load_pretrained
-from moelab.models.decode_layout import use_row_major_layout
 from moelab.models.reference import reference_model_dir
 
 MODELS = ("ref-8e-top2", "ref-32e-top4-shared")
@@ -32,9 +31,8 @@ JSON_FORMAT = "moelab-bench-decode-layout/1"
 def measure(name: str, batch: int, new_tokens: int, rounds: int, dtype: torch.dtype) -> dict:
     """tokens/s of greedy decoding on each layout, their ratio, and whether the tokens agree."""
     column = load_pretrained(reference_model_dir(name)).eval().to(dtype)
-    row = copy.deepcopy(column)
+    row = copy.deepcopy(column)  # loaded row-major, and kept so
     row.decode_layout = False
-    use_row_major_layout(row)
     prompts = torch.randint(0, column.config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(batch))
     models = {"row_major": row, "column_major": column}
     tokens = {layout: model.generate(prompts, new_tokens, greedy=True) for layout, model in models.items()}  # warm-up

@@ -33,7 +33,11 @@ def decode_layout_weights(model: nn.Module) -> list[nn.Parameter]:
     ([E, out, in]: each expert's matrix), in float32 on a CPU; not those of UoE blocks (they view
     their weights per head or expert), nor bf16 ones (oneDNN's bf16 products gained nothing:
     0.94-1.02x)."""
-    return [w for w in _matrices(model) if w.device.type == "cpu" and w.dtype == torch.float32]
+    return [w for w in _matrices(model) if _on_cpu_in_float32(w)]
+
+
+def _on_cpu_in_float32(weight: Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
 def _matrices(model: nn.Module) -> list[nn.Parameter]:
@@ -71,13 +75,13 @@ def use_decode_layout(model: nn.Module) -> int:
     return _store(decode_layout_weights(model), column_major=True)
 
 
-def use_row_major_layout(model: nn.Module, keep: list[nn.Parameter] = ()) -> int:
+def use_row_major_layout(model: nn.Module, *, keep_cpu_float32: bool = False) -> int:
     """Undo `use_decode_layout`: store those matrices row-major again, on any device and in any
-    dtype (what FSDP requires: `moelab.distributed.parallelize` calls it), but those in `keep`;
-    return how many moved. `MoETransformer` calls it after every move or cast, keeping the CPU
-    float32 ones."""
-    kept = {id(weight) for weight in keep}
-    return _store([w for w in _matrices(model) if id(w) not in kept], column_major=False)
+    dtype (what FSDP requires: `moelab.distributed.parallelize` calls it); return how many moved.
+    keep_cpu_float32: leave the CPU float32 ones as they are (`MoETransformer` restores the others
+    after every move or cast)."""
+    weights = [w for w in _matrices(model) if not (keep_cpu_float32 and _on_cpu_in_float32(w))]
+    return _store(weights, column_major=False)
 
 
 def _store(weights: list[nn.Parameter], column_major: bool) -> int:

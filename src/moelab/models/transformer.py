@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from moelab.models.config import ModelConfig
 from moelab.models.decode_graph import DecodeGraph
-from moelab.models.decode_layout import decode_layout_weights, use_decode_layout, use_row_major_layout
+from moelab.models.decode_layout import use_decode_layout, use_row_major_layout
 from moelab.nn import (
     ChainOfExperts,
     MoELayer,
@@ -313,7 +313,7 @@ class MoETransformer(nn.Module):
         that decoding on a CPU left column-major and that is now off the CPU or not float32 stored
         row-major again: the layout is for CPU float32 products only (`moelab.models.decode_layout`)."""
         super()._apply(fn, recurse)
-        use_row_major_layout(self, keep=decode_layout_weights(self))
+        use_row_major_layout(self, keep_cpu_float32=True)
         return self
 
     @property
@@ -542,7 +542,7 @@ class MoETransformer(nn.Module):
         changed, frees the one held and captures anew; `release_decode_cache` frees it; not for
         concurrent calls on one model). On a CPU an eager call stores the weight matrices
         column-major, in place (`moelab.models.decode_layout`: same values, shapes and parameters,
-        1.05-1.2x faster eager decoding; `state_dict()` tensors are then transposed views), and a
+        1.04-1.2x faster eager decoding; `state_dict()` tensors are then transposed views), and a
         compiling call row-major (what Inductor's products run fastest on); while the model holds
         a compiled step (until `release_decode_cache`) neither moves them, nor does any call once
         `model.decode_layout = False`."""
