@@ -132,6 +132,10 @@ def test_compiled_infer_gathers_up_to_its_own_limit_and_else_calls_the_opaque_op
     for name, owner in (("gathered", type(layer.experts)), ("routed", MoELayer), ("routed_experts", moe)):
         real = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    # dynamo maps torch's functions to its rules once, when it is first imported (the opaque op's
+    # call below imports it): made while is_compiling is patched, that map would name the lambda,
+    # and every later compile in the process would refuse the real is_compiling
+    torch._dynamo.trace_rules.get_torch_obj_rule_map()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     layer.gather_bytes = 0
     x = tokens(2)

@@ -73,6 +73,21 @@ def test_non_finite_router_weight():
         layer(torch.randn(5, D))
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_logits_near_the_float32_limit_pass_and_one_non_finite_among_them_does_not(bad):
+    """The CPU check sums the logits in float64: logits of 3e38, whose float32 sum overflows, pass."""
+    router = TopKRouter(D, E, 2)
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[:, :E] = torch.eye(E)  # logits = x[:, :E]
+    x = torch.zeros(3, D)
+    x[:, :E] = 3e38
+    router(x)
+    x[1, 2] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        router(x)
+
+
 @pytest.mark.parametrize("router", [lambda: TopPRouter(D, E, 0.5), lambda: ExpertChoiceRouter(D, E), lambda: ReLURouter(D, E)])
 def test_non_finite_input_every_router(router):
     x = torch.randn(5, D)

@@ -66,7 +66,8 @@ def naive_selective_attention(attn: SelectiveAttention, x, chosen, gates, cos, s
             k = xs @ attn.k_proj.weight[hs].T
             v = xs @ attn.v_proj.weight[hs].T
             pos = torch.arange(len(sel)) if compact else sel
-            c, s = cos[pos].double(), sin[pos].double()
+            # rope_tables' sin carries rotate-half's minus in its first half: undo it for the plain formula
+            c, s = cos[pos].double(), sin[pos].double() * torch.tensor([-1.0, 1.0]).repeat_interleave(Dh // 2)
             rot = lambda t: t * c + torch.cat([-t[:, Dh // 2 :], t[:, : Dh // 2]], -1) * s  # noqa: E731
             q, k = rot(q), rot(k)
             scores = q @ k.T / Dh**0.5

@@ -50,8 +50,10 @@ class Experts(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the experts compute in (their weights')."""
-        return next(self.parameters()).dtype
+        """The dtype the experts compute in (their weights'). Read from the module's own first
+        parameter where it has one: walking `parameters()` costs a decode step ~5 us per layer."""
+        own = next((p for p in self._parameters.values() if p is not None), None)
+        return (own if own is not None else next(self.parameters())).dtype
 
     @property
     def expert_bytes(self) -> int:

