@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moelab.cli import app
+from moelab.models.reference import reference_model_dir
 
 runner = CliRunner()
 
@@ -177,9 +178,29 @@ def test_generate_in_memory_and_offloaded_give_the_same_text():
     assert refused.exit_code != 0 and "cannot read ahead (policy 'lookahead')" in str(refused.exception) + refused.output
 
 
+def test_generate_decodes_several_prompts_as_one_batch_each_as_alone():
+    """Prompts of different lengths decode as one left-padded batch, in memory and offloaded: each
+    continuation is the one it gets alone."""
+    prompts = ["The king said", "Once upon a time there was"]
+    alone = []
+    for prompt in prompts:
+        result = runner.invoke(app, ["generate", prompt, "--max-new-tokens", "10"])
+        assert result.exit_code == 0, result.output
+        alone.append(result.output.rstrip("\n").rsplit("\n", 1)[0])
+    for extra in ([], ["--resident", "0.25"]):
+        batch = runner.invoke(app, ["generate", *prompts, "--max-new-tokens", "10", *extra])
+        assert batch.exit_code == 0, batch.output
+        assert batch.output.startswith("\n".join(alone) + "\n2 x 10 tokens in "), batch.output
+    from moelab.generate import generate_texts
+
+    with pytest.raises(TypeError, match="a list of strings"):
+        generate_texts(reference_model_dir(), "The king said")
+    with pytest.raises(ValueError, match=r"prompts \[1\] \(from 0\) are empty"):
+        generate_texts(reference_model_dir(), ["The king said", ""])
+
+
 def test_generate_text_runs_the_policy_it_is_given():
     from moelab.generate import generate_text
-    from moelab.models.reference import reference_model_dir
 
     path = reference_model_dir()
     _, default = generate_text(path, "The king said", max_new_tokens=4, resident=0.25)

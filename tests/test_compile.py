@@ -108,6 +108,22 @@ def test_compiled_generate_decodes_the_eager_tokens(batch, compiled_gather_bytes
     assert op_calls.calls == (2 * 11 * len(model.moe_layers) if opaque else 0), "11 compiled steps a call"
 
 
+@pytest.mark.parametrize("compiled_gather_bytes", [2**23, 0])
+def test_a_compiled_step_decodes_a_left_padded_batch_as_eager(compiled_gather_bytes):
+    """The static step takes the padding ([B] slots) as an input: per-sequence positions and a
+    [B, 1, 1, max_len] mask, on gathered weights and through the opaque op; the eager tokens."""
+    from test_model import left_padded, make_model, random_ids
+
+    torch._dynamo.reset()
+    model = make_model(init_std=0.2).eval()
+    for moe in model.moe_layers.values():
+        moe.compiled_gather_bytes = compiled_gather_bytes
+    prompts = [random_ids(batch=1, seq=n, seed=n)[0] for n in (5, 2)]
+    ids, mask = left_padded(prompts, torch.zeros(2, 5, dtype=torch.long))
+    want = model.generate(ids, 10, attention_mask=mask, greedy=True)
+    assert torch.equal(model.generate(ids, 10, attention_mask=mask, greedy=True, compile=True), want)
+
+
 def test_compiled_generate_sees_weights_changed_after_compiling():
     """The compiled step freezes the weights into its graph: after an in-place update (an
     optimizer step) or a loaded state it must trace again, never decode with stale weights."""

@@ -64,6 +64,13 @@ def test_export_matches_moelab_logits(tmp_path, case):
         ours = model.generate(ids[:1, :5], 6, greedy=True)
         theirs = hf.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, min_new_tokens=6)
     assert torch.equal(ours, theirs)
+    # and so does a left-padded batch: positions from each prompt's first token, padding unseen
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
+    with torch.no_grad():
+        ours = model.generate(ids[:, :7], 6, attention_mask=mask, greedy=True)
+        options = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        theirs = hf.generate(ids[:, :7], attention_mask=mask, **options)
+    assert torch.equal(ours, theirs)
 
 
 def test_export_with_the_shipped_tokenizer(tmp_path):

@@ -17,6 +17,7 @@ from moelab.models import (
     save_pretrained,
     tiny,
 )
+from moelab.models.transformer import masked_attention
 from moelab.nn import MoELayer, SwiGLU
 
 ROUTERS = {
@@ -280,6 +281,97 @@ def test_generation_stops_at_eos_and_pads_with_it():
         ends.append(5 + hits[0].item() if len(hits) else free.shape[1])
         assert torch.equal(row[: ends[-1]], free_row[: ends[-1]]) and (row[ends[-1] :] == eos).all()
     assert model.generate(prompt[:1], 10, greedy=True, eos_token_id=eos).shape[1] == ends[0]  # stops early
+
+
+def left_padded(prompts: list[torch.Tensor], pad_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of several lengths as one [B, S] batch with padding (taken from pad_ids) before
+    each, and its attention_mask."""
+    S = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([pad_ids[i, : S - len(p)], p]) for i, p in enumerate(prompts)])
+    mask = torch.stack([torch.arange(S) >= S - len(p) for p in prompts]).long()
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind", ["topk", "topp", "shared"])
+def test_a_left_padded_batch_decodes_each_prompt_as_it_would_alone(kind):
+    """Each sequence of a padded batch gives the tokens it gives alone (float64, so no near-tie
+    flips an argmax), whatever the padding's token ids; a mask of ones changes nothing."""
+    fields = {"shared": dict(num_shared=1, shared_gate=True)}.get(kind, ROUTERS.get(kind))
+    model = make_model(moe_fields=fields, init_std=0.2).to(torch.float64).eval()
+    prompts = [random_ids(batch=1, seq=n, seed=n)[0] for n in (5, 2, 7, 1)]
+    ids, mask = left_padded(prompts, torch.zeros(4, 7, dtype=torch.long))
+    out = model.generate(ids, 9, attention_mask=mask, greedy=True)
+    assert out.shape == (4, 16) and torch.equal(out[:, :7], ids)
+    for row, prompt in zip(out, prompts, strict=True):
+        alone = model.generate(prompt[None], 9, greedy=True)[0]
+        assert torch.equal(row[7:], alone[len(prompt) :]), (kind, len(prompt))
+    garbage, _ = left_padded(prompts, random_ids(batch=4, seq=7, seed=9))
+    assert torch.equal(model.generate(garbage, 9, attention_mask=mask, greedy=True)[:, 7:], out[:, 7:])
+    full = random_ids(batch=2, seq=4)
+    ones = model.generate(full, 5, attention_mask=torch.ones_like(full), greedy=True)
+    assert torch.equal(ones, model.generate(full, 5, greedy=True))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_padded_batch_s_positions_and_mask_equal_a_loop_over_its_slots(static):
+    """Slot s of sequence b (after pads[b] padding slots) sits at position s - pads[b] and attends
+    to the keys pads[b] <= j <= s; a padding slot attends to itself alone, so that even
+    `masked_attention` (the static step's, a plain softmax) leaves it finite: NaN there would
+    reach every query through the cache (0 x NaN). The static step masks the whole cache."""
+    model = make_model().eval()
+    cache = KVCache(model.config, batch_size=2, max_len=8)
+    pads, start, S = torch.tensor([3, 0]), 1, 5
+    cos, sin, _, _, mask = model._rope_and_mask(S, cache, torch.tensor(start) if static else start, pads)
+    keys = 8 if static else start + S
+    assert mask.shape == (2, 1, S, keys) and cos.shape == sin.shape == (2, 1, S, model.config.head_dim)
+    for b, p in enumerate(pads.tolist()):
+        for i in range(S):
+            s = start + i
+            assert mask[b, 0, i].tolist() == [j == s if s < p else p <= j <= s for j in range(keys)], (b, s)
+            position = max(s - p, 0)
+            assert torch.equal(cos[b, 0, i], model.rope_cos[position])
+            assert torch.equal(sin[b, 0, i], model.rope_sin[position])
+    H, G, Dh = model.config.n_heads, model.config.n_kv_heads, model.config.head_dim
+    k, v = torch.randn(2, G, keys, Dh), torch.randn(2, G, keys, Dh)
+    assert masked_attention(torch.randn(2, H, S, Dh), k, v, mask).isfinite().all()
+
+
+def test_a_left_padded_batch_stops_at_eos_and_samples_reproducibly():
+    model = make_model(init_std=0.2).to(torch.float64).eval()
+    prompts = [random_ids(batch=1, seq=n, seed=n)[0] for n in (3, 6)]
+    ids, mask = left_padded(prompts, torch.zeros(2, 6, dtype=torch.long))
+    free = model.generate(ids, 8, attention_mask=mask, greedy=True)
+    eos = free[1, 8].item()
+    out = model.generate(ids, 8, attention_mask=mask, greedy=True, eos_token_id=eos)
+    for row, free_row in zip(out, free, strict=True):
+        hits = (free_row[6:] == eos).nonzero()
+        end = 7 + hits[0].item() if len(hits) else free.shape[1]
+        assert torch.equal(row[:end], free_row[:end]) and (row[end:] == eos).all()
+    seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    first, again = (model.generate(ids, 6, attention_mask=mask, generator=seeded()) for _ in "ab")
+    assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize(
+    ("mask", "match"),
+    [
+        (torch.ones(2, 3, dtype=torch.long), r"must have input_ids' shape \[2, 4\], got \[2, 3\]"),
+        (torch.tensor([[0, 1, 1, 1], [1, 1, 2, 1]]), "must hold 1 for the prompts' tokens and 0 for padding"),
+        (torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]]), r"rows \[1\] pad after their tokens.*'left'"),
+        (torch.tensor([[0, 0, 0, 0], [0, 0, 1, 1]]), r"rows \[0\] are all padding"),
+    ],
+)
+def test_generate_rejects_a_bad_attention_mask(mask, match):
+    model = make_model().eval()
+    with pytest.raises(ValueError, match=match):
+        model.generate(random_ids(batch=2, seq=4), 2, attention_mask=mask)
+
+
+def test_models_routing_whole_sequences_refuse_a_padded_batch():
+    model = make_model(moe_fields=dict(router="graph_sim")).eval()
+    assert model.needs_sequences
+    with pytest.raises(ValueError, match="padding would change how the prompts are routed"):
+        model.generate(random_ids(batch=2, seq=4), 2, attention_mask=torch.tensor([[0, 1, 1, 1], [1] * 4]))
 
 
 # ----------------------------------------------------------------------------- checkpoints

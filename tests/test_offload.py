@@ -71,6 +71,26 @@ def test_offloaded_decoding_equals_the_model_in_memory(tmp_path, resident, evict
         offloaded.close()
 
 
+@pytest.mark.parametrize("family", ["native", "mixtral"])
+def test_offloaded_models_decode_a_left_padded_batch_as_in_memory(tmp_path, family, one_thread):
+    torch.manual_seed(0)
+    if family == "native":
+        model, path = _native(tmp_path, shared=1)
+    else:
+        model, path = build("mixtral").eval(), tmp_path
+        model.save_pretrained(path)
+    ids = torch.randint(0, 64, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    want = greedy_generate(model, ids, 8, attention_mask=mask)
+    offloaded = load_offloaded(path, resident=0.5)
+    try:
+        assert torch.equal(offloaded.generate(ids, 8, attention_mask=mask), want)
+        with pytest.raises(ValueError, match="pad after their tokens"):
+            offloaded.generate(ids, 2, attention_mask=mask.flip(1))
+    finally:
+        offloaded.close()
+
+
 def test_offloaded_bf16_decoding_equals_the_model_in_memory_in_bf16(tmp_path, one_thread):
     model, path = _native(tmp_path, shared=1)
     model = model.to(torch.bfloat16)

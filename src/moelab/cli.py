@@ -532,7 +532,7 @@ def compress_bench(
 
 @app.command("generate")
 def generate_cmd(
-    prompt: Annotated[str, typer.Argument(help="The text to continue.")],
+    prompts: Annotated[list[str], typer.Argument(help="The text to continue; several prompts decode as one batch.")],
     model: Annotated[Path | None, typer.Option("--model", help="A checkpoint directory, moelab's or transformers' (default: the shipped ref-8e-top2).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy tokens to add.")] = 64,
     resident: Annotated[float | None, typer.Option("--resident", help="Offload the routed experts, keeping this fraction of them in memory (0-1].")] = None,
@@ -544,24 +544,26 @@ def generate_cmd(
     device: Annotated[str, typer.Option(help="cpu or cuda (offloaded: the expert cache in GPU memory).")] = "cpu",
     host_memory: Annotated[bool, typer.Option("--host-memory", help="Offloaded on cuda: keep every routed expert in pinned host memory and copy to the GPU from there (no file reads).")] = False,
 ) -> None:
-    """Continue a prompt greedily, the model in memory or its routed experts offloaded (--resident / --memory-budget)."""
+    """Continue prompts greedily, the model in memory or its routed experts offloaded (--resident / --memory-budget)."""
     from moelab.bench.layer import DTYPES
-    from moelab.generate import generate_text, parse_size
+    from moelab.generate import generate_texts, parse_size
     from moelab.models.reference import reference_model_dir
     from moelab.offload import RoutingPrior
     from moelab.trace import open_trace
     from moelab.validation import check_choice
 
     check_choice("dtype", dtype, DTYPES)
-    text, stats = generate_text(
-        model or reference_model_dir(), prompt, max_new_tokens=max_new_tokens, resident=resident,
+    texts, stats = generate_texts(
+        model or reference_model_dir(), prompts, max_new_tokens=max_new_tokens, resident=resident,
         memory_budget=None if memory_budget is None else parse_size(memory_budget),
         prior=None if prior is None else RoutingPrior.from_trace(open_trace(prior)), policy=policy, compile=compile_step,
         dtype=DTYPES[dtype], device=device, host_memory=host_memory,
     )  # fmt: skip
-    console.print(prompt + text, markup=False, highlight=False)
+    for prompt, text in zip(prompts, texts, strict=True):
+        console.print(prompt + text, markup=False, highlight=False)
     compiling = " (compiling included)" if compile_step else ""
-    console.print(f"[dim]{max_new_tokens} tokens in {stats['seconds']:.2f} s, {stats['tokens_per_s']:.1f} tokens/s{compiling}[/dim]")
+    tokens = f"{len(prompts)} x {max_new_tokens}" if len(prompts) > 1 else f"{max_new_tokens}"
+    console.print(f"[dim]{tokens} tokens in {stats['seconds']:.2f} s, {stats['tokens_per_s']:.1f} tokens/s{compiling}[/dim]")
     if "slots" in stats:
         hit = "-" if stats["decode_hit_rate"] is None else f"{stats['decode_hit_rate']:.1%}"
         console.print(f"[dim]expert cache: {stats['slots']} slots, decode hit rate {hit}, {stats['experts_read']} experts read[/dim]")

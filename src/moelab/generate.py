@@ -1,13 +1,16 @@
-"""Text in, text out: `moelab generate MODEL "prompt"`, in memory or with the experts offloaded.
+"""Text in, text out: `moelab generate "prompt" ["prompt" ...] --model DIR`, in memory or with the
+experts offloaded.
 
     text, stats = generate_text("runs/ref-8e-top2-pruned", "def main():", max_new_tokens=64,
                                 resident=0.25)
+    texts, stats = generate_texts("runs/ref-8e-top2-pruned", ["def main():", "Once upon a time"])
 
 The model is any checkpoint the other commands read (moelab's or a transformers family), its
 tokenizer the one saved beside it (moelab's shipped tokenizer for a moelab checkpoint without
-one). Decoding is greedy. With `resident` or `memory_budget` the routed experts are offloaded
-(`moelab.offload`: `policy` picks the eviction and read-ahead; a routing prior from a trace,
-`moelab trace`, sharpens the eviction policy), so nothing beyond the budget is loaded.
+one). Decoding is greedy; several prompts decode as one batch, left-padded. With `resident` or
+`memory_budget` the routed experts are offloaded (`moelab.offload`: `policy` picks the eviction
+and read-ahead; a routing prior from a trace, `moelab trace`, sharpens the eviction policy), so
+nothing beyond the budget is loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -47,9 +51,15 @@ def load_tokenizer_of(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
 
 
-def generate_text(
+def generate_text(path: str | os.PathLike, prompt: str, **options) -> tuple[str, dict]:
+    """(the prompt's continuation, statistics): `generate_texts` for one prompt."""
+    texts, stats = generate_texts(path, [prompt], **options)
+    return texts[0], stats
+
+
+def generate_texts(
     path: str | os.PathLike,
-    prompt: str,
+    prompts: Sequence[str],
     *,
     max_new_tokens: int = 64,
     resident: float | None = None,
@@ -60,9 +70,11 @@ def generate_text(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     host_memory: bool = False,
-) -> tuple[str, dict]:
-    """(the prompt's continuation, statistics: "seconds" and "tokens_per_s" of the decoding, the
-    prompt included, and with offloading the expert cache's). resident or memory_budget (bytes):
+) -> tuple[list[str], dict]:
+    """(each prompt's continuation, statistics: "seconds" and "tokens_per_s" of the decoding, the
+    prompts included (tokens/s: new tokens of every prompt), and with offloading the expert
+    cache's). The prompts decode as one batch, each left-padded to the longest (`attention_mask`
+    of `MoETransformer.generate`), as each would alone. resident or memory_budget (bytes):
     offload the routed experts (`load_offloaded`), with `prior` (routing statistics, e.g.
     `RoutingPrior.from_trace`) for the eviction policy if given, and `policy` (a name of
     `moelab.offload.POLICIES`: eviction and read-ahead). compile: decode with a compiled
@@ -70,8 +82,12 @@ def generate_text(
     offloaded without read-ahead; the one-time compilation, seconds, is part of the time). dtype,
     device: what the model computes in and where ("cuda": an offloaded model's cache in GPU memory;
     host_memory: every expert also kept in pinned host memory, `load_offloaded`)."""
-    if not prompt:
-        raise ValueError("the prompt is empty; give some text to continue")
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings; for one prompt call generate_text")
+    empty = [i for i, prompt in enumerate(prompts) if not prompt]
+    if not prompts or empty:
+        which = "the prompt is" if len(prompts) <= 1 else f"prompts {empty} (from 0) are"
+        raise ValueError(f"{which} empty; give some text to continue")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_device(device)
@@ -84,21 +100,20 @@ def generate_text(
             "drop compile (--compile)"
         )
     tokenizer = load_tokenizer_of(path)
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long, device=device)
-    if ids.shape[1] == 0:
-        raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
+    encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+    ids, mask = _left_padded(encoded, prompts, device)
     if not offloaded:
         model = load_model(path, dtype=dtype, quiet=True).model.to(device)
         start = time.perf_counter()
-        out = greedy_generate(model, ids, max_new_tokens, compile=compile)
-        return tokenizer.decode(out[0, ids.shape[1] :].tolist()), _speed(start, out, max_new_tokens)
+        out = greedy_generate(model, ids, max_new_tokens, attention_mask=mask, compile=compile)
+        return _continuations(tokenizer, out, ids.shape[1]), _speed(start, out, max_new_tokens)
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, prior=prior, eviction=eviction, predictor=predictor,
         prefetch_factor=prefetch_factor, dtype=dtype, device=device, host_memory=host_memory,
     )  # fmt: skip
     try:
         start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens, compile=compile)
+        out = model.generate(ids, max_new_tokens, attention_mask=mask, compile=compile)
         stats = _speed(start, out, max_new_tokens)
         decode = model.cache.stats.get(1)
         stats |= {
@@ -109,13 +124,31 @@ def generate_text(
         }
     finally:
         model.close()
-    return tokenizer.decode(out[0, ids.shape[1] :].tolist()), stats
+    return _continuations(tokenizer, out, ids.shape[1]), stats
+
+
+def _left_padded(
+    encoded: list[list[int]], prompts: Sequence[str], device: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prompts' token ids as one [B, S] batch, each padded on the left to the longest (with
+    token 0, never attended to), and its attention_mask (None where all are equally long)."""
+    for ids, prompt in zip(encoded, prompts, strict=True):
+        if not ids:
+            raise ValueError(f"the prompt {prompt!r} encodes to no tokens")
+    S = max(len(ids) for ids in encoded)
+    batch = torch.tensor([[0] * (S - len(ids)) + ids for ids in encoded], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (S - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    return batch, None if bool(mask.all()) else mask
+
+
+def _continuations(tokenizer, out: torch.Tensor, prompt_len: int) -> list[str]:
+    return [tokenizer.decode(row[prompt_len:].tolist()) for row in out]
 
 
 def _speed(start: float, out: torch.Tensor, new_tokens: int) -> dict[str, float]:
     """Seconds since `start` (time.perf_counter) once `out` is computed (a GPU's queued work
-    waited for), and tokens/s."""
+    waited for), and tokens/s (new tokens of every sequence of the batch)."""
     if out.is_cuda:
         torch.cuda.synchronize(out.device)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens_per_s": new_tokens / seconds}
+    return {"seconds": seconds, "tokens_per_s": out.shape[0] * new_tokens / seconds}

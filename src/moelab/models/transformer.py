@@ -171,9 +171,10 @@ class Attention(nn.Module):
         start_pos: int,
         mask: Tensor | None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """x: [B, S, D]; cos, sin: [S, Dh]; mask: [S, P] (True = attend) or None for causal
-        attention over these S positions (and every cached one) -> ([B, S, D], {"q": [B, H, S, Dh], "k": [B, G, P, Dh]},
-        the rotated queries and keys, which attention-aware routing reuses)"""
+        """x: [B, S, D]; cos, sin: [S, Dh] (per sequence: [B, 1, S, Dh]); mask: [S, P] or
+        [B, 1, S, P] (True = attend), or None for causal attention over these S positions (and
+        every cached one) -> ([B, S, D], {"q": [B, H, S, Dh], "k": [B, G, P, Dh]}, the rotated
+        queries and keys, which attention-aware routing reuses)"""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Dh]
@@ -369,9 +370,12 @@ class MoETransformer(nn.Module):
         self._check_call(input_ids, None, kv_cache, start_pos)
         return self._decode(input_ids, kv_cache, start_pos)
 
-    def _decode(self, input_ids: Tensor, kv_cache: KVCache | None, start_pos: int) -> Tensor:
-        """decode_step without its checks (generate checks once, not at every token)."""
-        positions = self._rope_and_mask(input_ids.shape[1], kv_cache, start_pos)
+    def _decode(
+        self, input_ids: Tensor, kv_cache: KVCache | None, start_pos: int, pads: Tensor | None = None
+    ) -> Tensor:
+        """decode_step without its checks (generate checks once, not at every token); pads: [B]
+        the padding slots before each sequence of a left-padded batch (`generate`'s attention_mask)."""
+        positions = self._rope_and_mask(input_ids.shape[1], kv_cache, start_pos, pads)
         x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, *positions, infer=True)[0]
@@ -379,7 +383,7 @@ class MoETransformer(nn.Module):
 
     def _compiled_step(self) -> _CompiledStep:
         """`_decode` compiled, to run under `decode_step_settings(device, frozen)`; its step is called
-        as `step(model, input_ids, kv_cache, start_pos)`. The first step of a model is frozen: the
+        as `step(model, input_ids, kv_cache, start_pos, pads=None)`. The first step of a model is frozen: the
         weights folded in as constants, linear weights prepacked for the CPU's GEMM, each layer's
         q, k, v projections concatenated. Once its weights have changed in place (an optimizer
         step, a loaded state), the step is traced again with the weights as the graph's inputs and
@@ -462,11 +466,14 @@ class MoETransformer(nn.Module):
             )
 
     def _rope_and_mask(
-        self, S: int, kv_cache: KVCache | None, start_pos: int | Tensor
+        self, S: int, kv_cache: KVCache | None, start_pos: int | Tensor, pads: Tensor | None = None
     ) -> tuple[Tensor, Tensor, KVCache | None, int | Tensor, Tensor | None]:
         """What every block takes besides x: (cos, sin: [S, Dh], kv_cache, start_pos, mask: [S, P]
         or None, for causal attention over the S positions (and everything cached before them)).
-        A tensor start_pos (the static decode step) masks the whole cache: mask [S, max_len]."""
+        A tensor start_pos (the static decode step) masks the whole cache: mask [S, max_len].
+        pads: [B] a left-padded batch's padding slots per sequence (`_padded_rope_and_mask`)."""
+        if pads is not None:
+            return self._padded_rope_and_mask(S, kv_cache, start_pos, pads)
         if isinstance(start_pos, Tensor):
             here = start_pos + torch.arange(S, device=start_pos.device)  # [S]
             cached = torch.arange(kv_cache.max_len, device=start_pos.device)
@@ -479,6 +486,22 @@ class MoETransformer(nn.Module):
             positions = torch.arange(start_pos + S, device=cos.device)
             mask = positions <= positions[start_pos:, None]  # [S, P]
         return cos, sin, kv_cache, start_pos, mask
+
+    def _padded_rope_and_mask(
+        self, S: int, kv_cache: KVCache | None, start_pos: int | Tensor, pads: Tensor
+    ) -> tuple[Tensor, Tensor, KVCache | None, int | Tensor, Tensor]:
+        """`_rope_and_mask` for slots start_pos .. start_pos+S-1 of a batch whose sequence b starts
+        after pads[b] padding slots: its positions count from its first token (cos, sin:
+        [B, 1, S, Dh]) and its queries never attend to its padding (mask [B, 1, S, P]). A padding
+        slot attends to itself alone, so that its activations, never read, stay finite."""
+        slots = start_pos + torch.arange(S, device=pads.device)  # [S]
+        cached = kv_cache.max_len if isinstance(start_pos, Tensor) else start_pos + S
+        keys = torch.arange(cached, device=pads.device)  # [P]
+        # [B, S, P]: its own tokens up to the query, or itself alone while it is padding
+        mask = (keys <= slots[:, None]) & (keys >= pads[:, None, None]) | (keys == slots[:, None])
+        positions = (slots - pads[:, None]).clamp(min=0)  # [B, S]
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        return cos, sin, kv_cache, start_pos, mask[:, None]
 
     def _check_routing_is_causal(self) -> None:
         if self.config.allow_noncausal_routing:
@@ -516,6 +539,7 @@ class MoETransformer(nn.Module):
         input_ids: Tensor,
         max_new_tokens: int,
         *,
+        attention_mask: Tensor | None = None,
         temperature: float = 1.0,
         top_p: float | None = None,
         greedy: bool = False,
@@ -523,29 +547,32 @@ class MoETransformer(nn.Module):
         generator: torch.Generator | None = None,
         compile: bool = False,
     ) -> Tensor:
-        """input_ids: [B, S] prompts -> [B, S + n] with n <= max_new_tokens new tokens, decoded with
-        a KV cache. greedy: argmax; else sample from softmax(logits / temperature), restricted to
-        the nucleus of mass top_p if given. A sequence that emits eos_token_id is padded with it;
-        generation stops early once all have. Runs in the model's current mode (call `.eval()`).
-        compile: run the one-token steps as a `torch.compile`d static step (the position a tensor,
-        the whole KV cache, its length rounded up to a multiple of 64, attended under a mask: the
-        same shapes at every step, one trace per batch size and cache length; the weights frozen
-        into the graph until they first change in place, then read as the graph's inputs, see
-        `_compiled_step`); the prompt runs eagerly. Where
-        an MoE layer does not gather its experts' weights (more than a few tokens, or large
-        experts), its experts run inside the graph as one opaque op (`moelab.nn.opaque`). Models
-        with a layer that drops by capacity or splits experts over ranks decode eagerly
-        (`MoELayer.compiles_infer`). On a GPU, where no MoE layer reads anything back to the host
-        (`MoELayer.compiled_infer_syncs`), the step runs as a CUDA graph (`DecodeGraph`), captured
-        at the first one-token step and kept with its KV cache for the next call with the same
-        batch size and cache length (one per model: a call of other shapes, or after the weights
-        changed, frees the one held and captures anew; `release_decode_cache` frees it; not for
-        concurrent calls on one model). On a CPU an eager call stores the weight matrices
-        column-major, in place (`moelab.models.decode_layout`: same values, shapes and parameters,
-        1.04-1.2x faster eager decoding; `state_dict()` tensors are then transposed views), and a
-        compiling call row-major (what Inductor's products run fastest on); while the model holds
-        a compiled step (until `release_decode_cache`) neither moves them, nor does any call once
-        `model.decode_layout = False`."""
+        """input_ids: [B, S] prompts -> [B, S + n] with n <= max_new_tokens new tokens, decoded with a
+        KV cache. attention_mask: [B, S], 1 for the prompts' tokens and 0 for padding, which must come
+        before them (left padding, transformers' convention for decoder-only generation): each
+        sequence then decodes as it would alone, its positions counted from its first token and its
+        padding never attended to (not for models whose routing looks at whole sequences; on a GPU a
+        padded batch's compiled step runs without a CUDA graph). greedy: argmax; else sample from
+        softmax(logits / temperature), restricted to the nucleus of mass top_p if given. A sequence
+        that emits eos_token_id is padded with it; generation stops early once all have. Runs in the
+        model's current mode (call `.eval()`). compile: run the one-token steps as a `torch.compile`d
+        static step (the position a tensor, the whole KV cache, its length rounded up to a multiple of
+        64, attended under a mask: the same shapes at every step, one trace per batch size and cache
+        length; the weights frozen into the graph until they first change in place, then read as the
+        graph's inputs, see `_compiled_step`); the prompt runs eagerly. Where an MoE layer does not
+        gather its experts' weights (more than a few tokens, or large experts), its experts run inside
+        the graph as one opaque op (`moelab.nn.opaque`). Models with a layer that drops by capacity or
+        splits experts over ranks decode eagerly (`MoELayer.compiles_infer`). On a GPU, where no MoE
+        layer reads anything back to the host (`MoELayer.compiled_infer_syncs`), the step runs as a
+        CUDA graph (`DecodeGraph`), captured at the first one-token step and kept with its KV cache
+        for the next call with the same batch size and cache length (one per model: a call of other
+        shapes, or after the weights changed, frees the one held and captures anew;
+        `release_decode_cache` frees it; not for concurrent calls on one model). On a CPU an eager
+        call stores the weight matrices column-major, in place (`moelab.models.decode_layout`: same
+        values, shapes and parameters, 1.04-1.2x faster eager decoding; `state_dict()` tensors are
+        then transposed views), and a compiling call row-major (what Inductor's products run fastest
+        on); while the model holds a compiled step (until `release_decode_cache`) neither moves them,
+        nor does any call once `model.decode_layout = False`."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {list(input_ids.shape)}")
         B, S = input_ids.shape
@@ -560,6 +587,12 @@ class MoETransformer(nn.Module):
             )
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        pads = left_padding(attention_mask, input_ids)
+        if pads is not None and self.needs_sequences:
+            raise ValueError(
+                "this model's routing looks at whole sequences (graph-of-tokens or UoE layers), so padding "
+                "would change how the prompts are routed: generate each prompt on its own, or pad none"
+            )
         cache, compiled, static_step, graphed, shapes = None, None, None, False, None
         if not self.needs_sequences:  # else recompute the whole prefix at every step
             length = S + max_new_tokens
@@ -572,7 +605,7 @@ class MoETransformer(nn.Module):
                 length = min(self.config.max_seq_len, -(-length // 64) * 64)  # fewer distinct shapes to trace
                 compiled = self._compiled_step()
                 static_step = compiled.step
-                graphed = self._graphs_decode(B, input_ids.device)
+                graphed = pads is None and self._graphs_decode(B, input_ids.device)
             shapes = (static_step, B, length, input_ids.device, self.embed.weight.dtype)
             held = _decode_graphs.get(self)
             if graphed and held is not None and held[0] == shapes:  # the last call's graph and cache serve
@@ -598,9 +631,10 @@ class MoETransformer(nn.Module):
                 elif graphed and pos > 0:
                     logits = graphed(step_ids, pos)
                 elif static_step is not None and pos > 0:
-                    logits = static_step(self, step_ids, cache, torch.tensor(pos, device=input_ids.device))
+                    position = torch.tensor(pos, device=input_ids.device)
+                    logits = static_step(self, step_ids, cache, position, pads)
                 else:
-                    logits = self._decode(step_ids, cache, pos)
+                    logits = self._decode(step_ids, cache, pos, pads)
                 pos += step_ids.shape[1]
                 next_ids = sample_next_token(
                     logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
@@ -615,15 +649,41 @@ class MoETransformer(nn.Module):
         return tokens
 
 
+def left_padding(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | None:
+    """[B] how many padding slots come before each prompt of a left-padded batch (attention_mask
+    [B, S]: 1 for the prompts' tokens, 0 for padding), or None where nothing is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != input_ids.shape:
+        shapes = f"{list(input_ids.shape)}, got {list(attention_mask.shape)}"
+        raise ValueError(f"attention_mask must have input_ids' shape {shapes}")
+    if attention_mask.is_complex() or not ((attention_mask == 0) | (attention_mask == 1)).all():
+        raise ValueError("attention_mask must hold 1 for the prompts' tokens and 0 for padding, nothing else")
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    after = (mask[:, 1:] < mask[:, :-1]).any(1).nonzero().flatten().tolist()
+    if after:
+        raise ValueError(
+            f"attention_mask rows {after} pad after their tokens: generation needs the padding before each "
+            "prompt (left padding; with a transformers tokenizer, padding_side='left')"
+        )
+    pads = (mask == 0).sum(1)
+    empty = (pads == mask.shape[1]).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask rows {empty} are all padding: each prompt needs a token")
+    return pads if bool(pads.any()) else None
+
+
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(Dh), masked) v with grouped keys: q [B, H, S, Dh], k, v [B, G, P, Dh],
-    mask [S, P] (True = attend) -> [B, H, S, Dh]; head h reads key group h // (H / G), as
+    mask [S, P] or [B, 1, S, P] (True = attend) -> [B, H, S, Dh]; head h reads key group h // (H / G), as
     `scaled_dot_product_attention(..., enable_gqa=True)`. Written out for the compiled decode step,
     where Inductor fuses it (the CPU's SDPA kernel costs tens of microseconds for one query)."""
     B, H, S, Dh = q.shape
     G = k.shape[1]
     grouped = q.reshape(B, G, (H // G) * S, Dh)  # the H / G heads of a group share its keys
     scores = (grouped @ k.transpose(-1, -2)).view(B, G, H // G, S, -1) * (1.0 / math.sqrt(Dh))
+    if mask.dim() == 4:  # one mask per sequence: [B, 1, 1, S, P] against the scores' [B, G, H / G, S, P]
+        mask = mask.unsqueeze(2)
     probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).view(B, G, (H // G) * S, -1)
     return (probs @ v).view(B, H, S, Dh)
 

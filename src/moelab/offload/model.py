@@ -32,7 +32,7 @@ from moelab.hf.layerwise import MoEBlock, load_tensors, skeleton, tied_names
 from moelab.hf.modules import decoder_layers, find_moe_modules
 from moelab.hf.native import router_from_view, shared_from_view
 from moelab.hf.view import MoELayerView
-from moelab.models.transformer import MoETransformer
+from moelab.models.transformer import MoETransformer, left_padding
 from moelab.nn.dispatch import plan_dispatch
 from moelab.nn.experts import Experts
 from moelab.nn.moe import MoELayer
@@ -184,8 +184,16 @@ class OffloadedModel:
     cache: ExpertCache
     predictor: str | None = None
 
-    def generate(self, input_ids: Tensor, max_new_tokens: int, *, compile: bool = False) -> Tensor:
-        """Greedy decoding with a KV cache: input_ids [B, S] -> [B, S + max_new_tokens]. compile:
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        *,
+        attention_mask: Tensor | None = None,
+        compile: bool = False,
+    ) -> Tensor:
+        """Greedy decoding with a KV cache: input_ids [B, S] -> [B, S + max_new_tokens];
+        attention_mask [B, S]: 0 for the left padding of a batch of prompts. compile:
         decode with moelab's compiled static step (`MoETransformer.generate(compile=True)`; a
         moelab checkpoint without read-ahead), the experts fetched and run inside it by an
         opaque op (`moelab.nn.opaque`)."""
@@ -194,7 +202,9 @@ class OffloadedModel:
                 f"compile=True cannot read ahead (the {self.predictor!r} predictor runs Python hooks at every "
                 "layer); use the policy 'reuse' or 'lru', or drop compile"
             )
-        return greedy_generate(self.model, input_ids, max_new_tokens, compile=compile)
+        return greedy_generate(
+            self.model, input_ids, max_new_tokens, attention_mask=attention_mask, compile=compile
+        )
 
     def close(self) -> None:
         self.cache.close()
@@ -202,12 +212,21 @@ class OffloadedModel:
 
 
 @torch.inference_mode()
-def greedy_generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, compile: bool = False) -> Tensor:
+def greedy_generate(
+    model: nn.Module,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    attention_mask: Tensor | None = None,
+    compile: bool = False,
+) -> Tensor:
     """Greedy decoding with a KV cache by moelab's `MoETransformer.generate` (compile: its compiled
     static step) or transformers' `generate` (exactly max_new_tokens, no stopping at EOS): [B, S] ->
-    [B, S + max_new_tokens]."""
+    [B, S + max_new_tokens]; attention_mask [B, S]: 0 for the left padding of a batch of prompts."""
     if isinstance(model, MoETransformer):
-        return model.generate(input_ids, max_new_tokens, greedy=True, compile=compile)
+        return model.generate(
+            input_ids, max_new_tokens, attention_mask=attention_mask, greedy=True, compile=compile
+        )
     if compile:
         raise ValueError(
             f"compile=True needs a moelab model; this is transformers' {type(model).__name__}, which decodes "
@@ -219,8 +238,11 @@ def greedy_generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *,
             f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceed the model's "
             f"max_position_embeddings ({limit}); shorten one of them"
         )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    left_padding(attention_mask, input_ids)  # moelab's checks and errors for transformers' models too
     return model.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+        input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
         min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
     )  # fmt: skip
 
