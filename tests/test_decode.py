@@ -61,15 +61,16 @@ def per_token(experts, x, indices, weights, activation="swiglu"):
 # ----------------------------------------------------------------------------- the layer
 
 
+@pytest.mark.parametrize("shape", [(2, 3), (1, 1)], ids=["6 tokens", "1 token"])
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_infer_matches_reference_forward_and_backward(name, path):
+def test_infer_matches_reference_forward_and_backward(name, path, shape):
     """infer's output and its gradients (x and every parameter it uses) equal the reference's,
     on the gathered path, the accumulated one and through one grouped_mm call (capacity dropping
-    falls back to forward)."""
+    falls back to forward); one token takes the one-token path whichever is set."""
     layer, spec = make_layer(**CONFIGS[name])
     PATHS[path](layer)
-    x = tokens(2, 3)
+    x = tokens(*shape)
     leaves, x_ref = f64_leaves(layer), f64_leaf(x)
     ref = moe_forward(x_ref, leaves, spec)
     assert_no_near_tie(ref.routing, ordered=spec.capacity_factor is not None)

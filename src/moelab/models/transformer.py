@@ -551,11 +551,12 @@ class MoETransformer(nn.Module):
         KV cache. attention_mask: [B, S], 1 for the prompts' tokens and 0 for padding, which must come
         before them (left padding, transformers' convention for decoder-only generation): each
         sequence then decodes as it would alone, its positions counted from its first token and its
-        padding never attended to (not for models whose routing looks at whole sequences; on a GPU a
-        padded batch's compiled step runs without a CUDA graph). greedy: argmax; else sample from
-        softmax(logits / temperature), restricted to the nucleus of mass top_p if given. A sequence
-        that emits eos_token_id is padded with it; generation stops early once all have. Runs in the
-        model's current mode (call `.eval()`). compile: run the one-token steps as a `torch.compile`d
+        padding never attended to (where routing looks at one token at a time: capacity dropping and
+        expert choice route a batch together, padded or not; refused for models whose routing looks
+        at whole sequences; on a GPU a padded batch's compiled step runs without a CUDA graph).
+        greedy: argmax; else sample from softmax(logits / temperature), restricted to the nucleus of
+        mass top_p if given. A sequence that emits eos_token_id is padded with it; generation stops
+        early once all have. Runs in the model's current mode (call `.eval()`). compile: run the one-token steps as a `torch.compile`d
         static step (the position a tensor, the whole KV cache, its length rounded up to a multiple of
         64, attended under a mask: the same shapes at every step, one trace per batch size and cache
         length; the weights frozen into the graph until they first change in place, then read as the

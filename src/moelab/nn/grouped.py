@@ -415,7 +415,10 @@ def _one_token_mlp(
     us), summed in slot order. On a CPU the gathered copies cost as much as the products
     (ref-8e-top2's layer: 47 against 107 us)."""
     cast, y = x.dtype, None
-    for e, w in zip(indices[0].tolist(), weights[0].to(cast).tolist()):
+    slot_weights = weights[0].to(cast)
+    if not slot_weights.requires_grad:  # plain numbers are cheaper; tensors keep the router's gradient
+        slot_weights = slot_weights.tolist()
+    for e, w in zip(indices[0].tolist(), slot_weights):
         if e < 0:
             continue
         h = F.linear(x, w_in[e].to(cast), None if b_in is None else b_in[e].to(cast))

@@ -21,5 +21,5 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tens
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: [..., S, Dh]; cos, sin: [S, Dh] from `rope_tables`, or broadcastable to x -> x rotated by
     its positions' angles: x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1], as
-    [x2, x1] times the table's signed sin (the same numbers as negating x2; 3 operations fewer)."""
+    [x2, x1] times the table's signed sin (the same numbers as negating x2; 2 operations fewer)."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
