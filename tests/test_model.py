@@ -352,6 +352,34 @@ def test_a_left_padded_batch_stops_at_eos_and_samples_reproducibly():
     assert torch.equal(first, again)
 
 
+class Recorder:
+    """A streamer (transformers' protocol) that keeps what it is told."""
+
+    def __init__(self):
+        self.puts, self.ended = [], 0
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ended += 1
+
+
+def test_a_streamer_is_told_the_prompts_each_step_s_tokens_and_the_end():
+    model = make_model(init_std=0.2).eval()
+    prompt = random_ids(seq=4)
+    streamer = Recorder()
+    out = model.generate(prompt, 6, greedy=True, streamer=streamer)
+    assert streamer.ended == 1 and len(streamer.puts) == 7
+    assert torch.equal(streamer.puts[0], prompt)
+    assert torch.equal(torch.stack(streamer.puts[1:], dim=1), out[:, 4:])
+    eos = out[0, 5].item()  # the steps told are the steps run, however early the batch stops
+    stopped = Recorder()
+    short = model.generate(prompt, 6, greedy=True, eos_token_id=eos, streamer=stopped)
+    assert len(stopped.puts) == short.shape[1] - 4 + 1 and stopped.ended == 1
+    assert torch.equal(torch.stack(stopped.puts[1:], dim=1), short[:, 4:])
+
+
 @pytest.mark.parametrize(
     ("mask", "match"),
     [

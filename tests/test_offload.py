@@ -19,6 +19,7 @@ import torch
 from hf_tiny import TINY, build
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_model import Recorder
 
 from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.native import copy_expert, empty_experts
@@ -72,7 +73,7 @@ def test_offloaded_decoding_equals_the_model_in_memory(tmp_path, resident, evict
 
 
 @pytest.mark.parametrize("family", ["native", "mixtral"])
-def test_offloaded_models_decode_a_left_padded_batch_as_in_memory(tmp_path, family, one_thread):
+def test_offloaded_models_decode_a_left_padded_batch_as_in_memory_and_stream_it(tmp_path, family, one_thread):
     torch.manual_seed(0)
     if family == "native":
         model, path = _native(tmp_path, shared=1)
@@ -84,7 +85,9 @@ def test_offloaded_models_decode_a_left_padded_batch_as_in_memory(tmp_path, fami
     want = greedy_generate(model, ids, 8, attention_mask=mask)
     offloaded = load_offloaded(path, resident=0.5)
     try:
-        assert torch.equal(offloaded.generate(ids, 8, attention_mask=mask), want)
+        streamer = Recorder()
+        assert torch.equal(offloaded.generate(ids, 8, attention_mask=mask, streamer=streamer), want)
+        assert torch.equal(torch.stack([p.view(-1) for p in streamer.puts[1:]], dim=1), want[:, 6:])
         with pytest.raises(ValueError, match="pad after their tokens"):
             offloaded.generate(ids, 2, attention_mask=mask.flip(1))
     finally:

@@ -544,23 +544,32 @@ def generate_cmd(
     device: Annotated[str, typer.Option(help="cpu or cuda (offloaded: the expert cache in GPU memory).")] = "cpu",
     host_memory: Annotated[bool, typer.Option("--host-memory", help="Offloaded on cuda: keep every routed expert in pinned host memory and copy to the GPU from there (no file reads).")] = False,
 ) -> None:
-    """Continue prompts greedily, the model in memory or its routed experts offloaded (--resident / --memory-budget)."""
+    """Continue prompts greedily (one printed as it is decoded, several as one batch), the model in
+    memory or its routed experts offloaded (--resident / --memory-budget)."""
+    from transformers import TextStreamer
+
     from moelab.bench.layer import DTYPES
-    from moelab.generate import generate_texts, parse_size
+    from moelab.generate import generate_texts, load_tokenizer_of, parse_size
     from moelab.models.reference import reference_model_dir
     from moelab.offload import RoutingPrior
     from moelab.trace import open_trace
     from moelab.validation import check_choice
 
     check_choice("dtype", dtype, DTYPES)
+    path = model or reference_model_dir()
+    streamer = None
+    if len(prompts) == 1:  # printed as it comes (transformers' streamer takes a batch of one)
+        streamer = TextStreamer(load_tokenizer_of(path), skip_prompt=True)
+        console.print(prompts[0], end="", markup=False, highlight=False, soft_wrap=True)
     texts, stats = generate_texts(
-        model or reference_model_dir(), prompts, max_new_tokens=max_new_tokens, resident=resident,
+        path, prompts, max_new_tokens=max_new_tokens, resident=resident,
         memory_budget=None if memory_budget is None else parse_size(memory_budget),
         prior=None if prior is None else RoutingPrior.from_trace(open_trace(prior)), policy=policy, compile=compile_step,
-        dtype=DTYPES[dtype], device=device, host_memory=host_memory,
+        dtype=DTYPES[dtype], device=device, host_memory=host_memory, streamer=streamer,
     )  # fmt: skip
-    for prompt, text in zip(prompts, texts, strict=True):
-        console.print(prompt + text, markup=False, highlight=False)
+    if streamer is None:
+        for prompt, text in zip(prompts, texts, strict=True):
+            console.print(prompt + text, markup=False, highlight=False)
     compiling = " (compiling included)" if compile_step else ""
     tokens = f"{len(prompts)} x {max_new_tokens}" if len(prompts) > 1 else f"{max_new_tokens}"
     console.print(f"[dim]{tokens} tokens in {stats['seconds']:.2f} s, {stats['tokens_per_s']:.1f} tokens/s{compiling}[/dim]")

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from moelab.data import TOKENIZER_DIR
+from moelab.models.transformer import TokenStreamer
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import greedy_generate
 from moelab.trace import load_model
@@ -70,6 +71,7 @@ def generate_texts(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     host_memory: bool = False,
+    streamer: TokenStreamer | None = None,
 ) -> tuple[list[str], dict]:
     """(each prompt's continuation, statistics: "seconds" and "tokens_per_s" of the decoding, the
     prompts included (tokens/s: new tokens of every prompt), and with offloading the expert
@@ -81,7 +83,9 @@ def generate_texts(
     static step (`MoETransformer.generate(compile=True)`; moelab checkpoints, in memory or
     offloaded without read-ahead; the one-time compilation, seconds, is part of the time). dtype,
     device: what the model computes in and where ("cuda": an offloaded model's cache in GPU memory;
-    host_memory: every expert also kept in pinned host memory, `load_offloaded`)."""
+    host_memory: every expert also kept in pinned host memory, `load_offloaded`). streamer: told
+    each step's tokens (`MoETransformer.generate`; e.g. transformers' `TextStreamer(tokenizer,
+    skip_prompt=True)`, which prints one prompt's continuation as it decodes)."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings; for one prompt call generate_text")
     empty = [i for i, prompt in enumerate(prompts) if not prompt]
@@ -105,7 +109,8 @@ def generate_texts(
     if not offloaded:
         model = load_model(path, dtype=dtype, quiet=True).model.to(device)
         start = time.perf_counter()
-        out = greedy_generate(model, ids, max_new_tokens, attention_mask=mask, compile=compile)
+        options = dict(attention_mask=mask, compile=compile, streamer=streamer)
+        out = greedy_generate(model, ids, max_new_tokens, **options)
         return _continuations(tokenizer, out, ids.shape[1]), _speed(start, out, max_new_tokens)
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, prior=prior, eviction=eviction, predictor=predictor,
@@ -113,7 +118,7 @@ def generate_texts(
     )  # fmt: skip
     try:
         start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens, attention_mask=mask, compile=compile)
+        out = model.generate(ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=streamer)
         stats = _speed(start, out, max_new_tokens)
         decode = model.cache.stats.get(1)
         stats |= {

@@ -22,6 +22,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -546,6 +547,7 @@ class MoETransformer(nn.Module):
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
         compile: bool = False,
+        streamer: TokenStreamer | None = None,
     ) -> Tensor:
         """input_ids: [B, S] prompts -> [B, S + n] with n <= max_new_tokens new tokens, decoded with a
         KV cache. attention_mask: [B, S], 1 for the prompts' tokens and 0 for padding, which must come
@@ -556,7 +558,10 @@ class MoETransformer(nn.Module):
         at whole sequences; on a GPU a padded batch's compiled step runs without a CUDA graph).
         greedy: argmax; else sample from softmax(logits / temperature), restricted to the nucleus of
         mass top_p if given. A sequence that emits eos_token_id is padded with it; generation stops
-        early once all have. Runs in the model's current mode (call `.eval()`). compile: run the one-token steps as a `torch.compile`d
+        early once all have. streamer: told the prompts (`put(input_ids)`), each step's new tokens
+        (`put(ids [B])`) and the end (`end()`), as transformers' `generate` tells it: its
+        `TextStreamer(tokenizer, skip_prompt=True)` prints a batch of one as it decodes. Runs in the
+        model's current mode (call `.eval()`). compile: run the one-token steps as a `torch.compile`d
         static step (the position a tensor, the whole KV cache, its length rounded up to a multiple of
         64, attended under a mask: the same shapes at every step, one trace per batch size and cache
         length; the weights frozen into the graph until they first change in place, then read as the
@@ -617,6 +622,8 @@ class MoETransformer(nn.Module):
                 cache = KVCache(self.config, B, length, device=input_ids.device, dtype=self.embed.weight.dtype)
         tokens, step_ids, pos = input_ids, input_ids, 0
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
         self._check_call(input_ids, None, cache, 0)  # the longest call fits: checked above
         # Inductor reads these settings when it traces (not from torch.compile's options); entered
         # once for the whole loop, not at every token.
@@ -645,9 +652,22 @@ class MoETransformer(nn.Module):
                     done |= next_ids == eos_token_id
                 step_ids = next_ids[:, None]
                 tokens = torch.cat([tokens, step_ids], dim=1)
+                if streamer is not None:
+                    streamer.put(next_ids.cpu())
                 if eos_token_id is not None and done.all():
                     break
+        if streamer is not None:
+            streamer.end()
         return tokens
+
+
+class TokenStreamer(Protocol):
+    """What `generate` tells as it decodes (transformers' streamers, e.g. `TextStreamer`, are ones):
+    put(the prompts' ids [B, S]) first, then put(each step's new ids [B]), then end()."""
+
+    def put(self, value: Tensor) -> None: ...
+
+    def end(self) -> None: ...
 
 
 def left_padding(attention_mask: Tensor | None, input_ids: Tensor) -> Tensor | None:

@@ -32,7 +32,7 @@ from moelab.hf.layerwise import MoEBlock, load_tensors, skeleton, tied_names
 from moelab.hf.modules import decoder_layers, find_moe_modules
 from moelab.hf.native import router_from_view, shared_from_view
 from moelab.hf.view import MoELayerView
-from moelab.models.transformer import MoETransformer, left_padding
+from moelab.models.transformer import MoETransformer, TokenStreamer, left_padding
 from moelab.nn.dispatch import plan_dispatch
 from moelab.nn.experts import Experts
 from moelab.nn.moe import MoELayer
@@ -191,9 +191,11 @@ class OffloadedModel:
         *,
         attention_mask: Tensor | None = None,
         compile: bool = False,
+        streamer: TokenStreamer | None = None,
     ) -> Tensor:
         """Greedy decoding with a KV cache: input_ids [B, S] -> [B, S + max_new_tokens];
-        attention_mask [B, S]: 0 for the left padding of a batch of prompts. compile:
+        attention_mask [B, S]: 0 for the left padding of a batch of prompts; streamer: told each
+        step's tokens (`MoETransformer.generate`). compile:
         decode with moelab's compiled static step (`MoETransformer.generate(compile=True)`; a
         moelab checkpoint without read-ahead), the experts fetched and run inside it by an
         opaque op (`moelab.nn.opaque`)."""
@@ -202,9 +204,8 @@ class OffloadedModel:
                 f"compile=True cannot read ahead (the {self.predictor!r} predictor runs Python hooks at every "
                 "layer); use the policy 'reuse' or 'lru', or drop compile"
             )
-        return greedy_generate(
-            self.model, input_ids, max_new_tokens, attention_mask=attention_mask, compile=compile
-        )
+        options = dict(attention_mask=attention_mask, compile=compile, streamer=streamer)
+        return greedy_generate(self.model, input_ids, max_new_tokens, **options)
 
     def close(self) -> None:
         self.cache.close()
@@ -219,14 +220,15 @@ def greedy_generate(
     *,
     attention_mask: Tensor | None = None,
     compile: bool = False,
+    streamer: TokenStreamer | None = None,
 ) -> Tensor:
     """Greedy decoding with a KV cache by moelab's `MoETransformer.generate` (compile: its compiled
     static step) or transformers' `generate` (exactly max_new_tokens, no stopping at EOS): [B, S] ->
-    [B, S + max_new_tokens]; attention_mask [B, S]: 0 for the left padding of a batch of prompts."""
+    [B, S + max_new_tokens]; attention_mask [B, S]: 0 for the left padding of a batch of prompts;
+    streamer: told the prompts, each step's tokens and the end, by either."""
     if isinstance(model, MoETransformer):
-        return model.generate(
-            input_ids, max_new_tokens, attention_mask=attention_mask, greedy=True, compile=compile
-        )
+        options = dict(attention_mask=attention_mask, compile=compile, streamer=streamer)
+        return model.generate(input_ids, max_new_tokens, greedy=True, **options)
     if compile:
         raise ValueError(
             f"compile=True needs a moelab model; this is transformers' {type(model).__name__}, which decodes "
@@ -243,7 +245,7 @@ def greedy_generate(
     left_padding(attention_mask, input_ids)  # moelab's checks and errors for transformers' models too
     return model.generate(
         input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+        min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, streamer=streamer,
     )  # fmt: skip
 
 
