@@ -27,7 +27,7 @@ def always_gather(layer):
 
 
 def never_gather(layer):
-    layer.gather_rows = 0
+    layer.gather_rows, layer.every_expert_work = 0, -1
     return layer
 
 
@@ -42,7 +42,18 @@ def one_grouped_mm_call(layer):
     return layer
 
 
-PATHS = {"gathered": always_gather, "accumulated": expert_by_expert, "grouped_mm": one_grouped_mm_call}
+def every_expert(layer):
+    never_gather(layer).every_expert_work = 10**18
+    layer.every_expert_share, layer.small_expert_count = 0, 10**9  # whatever the experts chosen
+    return layer
+
+
+PATHS = {
+    "gathered": always_gather,
+    "accumulated": expert_by_expert,
+    "grouped_mm": one_grouped_mm_call,
+    "every_expert": every_expert,
+}
 
 
 def per_token(experts, x, indices, weights, activation="swiglu"):
@@ -105,7 +116,7 @@ def test_infer_goes_expert_by_expert_where_the_experts_are_large(monkeypatch):
     fits gather_bytes; beyond, it runs them where they lie (`accumulated`), with the same output.
     One token always takes the gathered path (which then copies nothing)."""
     layer, _ = make_layer(**CONFIGS["topk"])
-    layer.small_expert_work = -1  # not through one grouped_mm call (see the test below)
+    layer.small_expert_work = layer.every_expert_work = -1  # neither one grouped_mm call nor every expert
     one = (2 * I * D + D * I) * 4  # a SwiGLU expert's gate_up [2I, D] and down [D, I] in fp32, no biases
     assert layer.experts.expert_bytes == one
     calls = []
@@ -169,6 +180,35 @@ def test_the_opaque_op_passes_torch_library_checks_and_names_a_missing_layer():
         gc.collect()
         with pytest.raises(RuntimeError, match="no longer exists"):
             torch.ops.moelab.routed_experts(x, routing.indices, routing.weights, gone)
+
+
+def test_infer_runs_every_expert_on_few_tokens_up_to_its_extra_work(monkeypatch):
+    """Past the gathered path, `routed` on a CPU runs every expert on every token where the extra
+    products, (E*T - T*K) experts' weights in multiply-adds, are at most every_expert_work and the
+    tokens chose at least every_expert_share of the experts but fewer than small_expert_count; else
+    it plans the dispatch. The same output either way; never for experts that scale their input."""
+    layer, _ = make_layer(**CONFIGS["topk"])
+    never_gather(layer)
+    calls = []
+    real = type(layer.experts).every_expert
+    monkeypatch.setattr(type(layer.experts), "every_expert", lambda s, *a: calls.append(1) or real(s, *a))
+    T = 3
+    extra = (layer.num_experts * T - T * layer.router.top_k) * layer.experts.expert_bytes // 4
+    x = tokens(T)
+    active = layer.router(x).indices.unique().numel()
+    share = active / layer.num_experts
+    cases = [(extra, share, active + 1, True), (extra - 1, share, active + 1, False)]
+    cases += [(extra, share + 1e-3, active + 1, False), (extra, share, active, False)]
+    with torch.no_grad():
+        for limit, least, most, runs in cases:
+            layer.every_expert_work, layer.every_expert_share, layer.small_expert_count = limit, least, most
+            calls[:] = []
+            assert_close(layer.infer(x), layer(x)[0], what=f"work {limit}, share {least}, {most}")
+            assert bool(calls) == runs, (limit, least, most)
+        layer.experts.scale_input, calls[:] = True, []
+        layer.every_expert_work = 10**18
+        assert_close(layer.infer(x), layer(x)[0], what="scale_input")
+        assert not calls
 
 
 def test_infer_runs_small_experts_as_one_grouped_mm_call(monkeypatch):
@@ -285,6 +325,11 @@ def test_gathered_experts_match_per_token_loops(kind):
     assert_close(got, expected, what=kind)
     accumulated = experts.accumulated(x, order // 2, counts, weights.reshape(-1)[order])
     assert_close(accumulated, expected, what=f"{kind} accumulated")
+    if experts.runs_every_expert:
+        assert_close(experts.every_expert(x, indices, weights), expected, what=f"{kind} every expert")
+    else:
+        with pytest.raises(NotImplementedError):
+            experts.every_expert(x, indices, weights)
     if kind in ("swiglu-bias", "gelu-bias", "relu"):
         activation = "swiglu" if kind.startswith("swiglu") else kind.split("-")[0]
         assert_close(got, per_token(experts, x, indices, weights, activation), what=f"{kind} vs float64")
@@ -298,8 +343,8 @@ def test_gathered_experts_match_per_token_loops(kind):
     bf16=st.booleans(),
 )
 def test_gathered_mlp_property(T, E_, data, bf16):
-    """Any T, E, K <= E, any pattern of empty slots, fp32 and bf16: gathered_mlp equals the float64
-    per-token sum (bf16 to its precision)."""
+    """Any T, E, K <= E, any pattern of empty slots, fp32 and bf16: gathered_mlp and
+    every_expert_mlp equal the float64 per-token sum (bf16 to its precision)."""
     K = data.draw(st.integers(1, E_))
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 10**6)))
     indices = torch.stack([torch.randperm(E_, generator=g)[:K] for _ in range(T)])
@@ -310,11 +355,12 @@ def test_gathered_mlp_property(T, E_, data, bf16):
     dtype = torch.bfloat16 if bf16 else torch.float32
     experts.to(dtype)
     x = torch.randn(T, D, generator=g).to(dtype)
-    with torch.no_grad():
-        got = experts.gathered(x, indices, weights)
-    assert got.dtype == dtype and got.shape == (T, D)
     tol = 3e-2 if bf16 else 1e-5
-    assert_close(got, per_token(experts, x, indices, weights), atol=tol, rtol=tol)
+    for run in (experts.gathered, experts.every_expert):
+        with torch.no_grad():
+            got = run(x, indices, weights)
+        assert got.dtype == dtype and got.shape == (T, D)
+        assert_close(got, per_token(experts, x, indices, weights), atol=tol, rtol=tol, what=run.__name__)
 
 
 def test_gathered_mlp_casts_weights_stored_in_another_dtype():

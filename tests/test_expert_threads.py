@@ -109,7 +109,7 @@ def test_threaded_inference_path_matches_training_forward(threaded):
 
     torch.manual_seed(0)
     layer = build_moe(MoEConfig(dim=32, num_experts=64, top_k=8, hidden_dim=16))
-    layer.small_expert_work = -1  # expert by expert, not one grouped_mm call
+    layer.small_expert_work = layer.every_expert_work = -1  # expert by expert: neither shortcut
     x = torch.randn(96, 32)
     with torch.no_grad():
         expected = layer(x)[0]

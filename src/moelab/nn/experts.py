@@ -21,6 +21,7 @@ from moelab.nn.grouped import (
     Activation,
     ClampedSwiGLU,
     accumulated_mlp,
+    every_expert_mlp,
     gathered_mlp,
     grouped_gemm,
     grouped_mlp,
@@ -35,6 +36,7 @@ class Experts(nn.Module):
     """
 
     reads_routing_on_host = False
+    runs_every_expert = False  # whether `every_expert` runs (`MoELayer.every_expert_work`)
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, backend: str):
         super().__init__()
@@ -63,6 +65,11 @@ class Experts(nn.Module):
     def _stacked_weights(self) -> tuple[Tensor, Tensor] | None:
         """(w_in [E, H, D], w_out [E, D, I]) where `forward` runs `grouped_mlp` on them, else None."""
         return None
+
+    def every_expert(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """x: [T, D], indices, weights: [T, K] -> [T, D], every expert run on every token and the
+        outputs weighted by the routing (`every_expert_mlp`); where `runs_every_expert`."""
+        raise NotImplementedError(f"{type(self).__name__} does not run every expert on every token")
 
     def takes_device_counts(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether `forward(xs, counts, ...)` on rows of this device and dtype may take counts as
@@ -153,6 +160,19 @@ class SwiGLUExperts(Experts):
             activation=self.clamped or "silu", gated=True,
         )
 
+    @property
+    def runs_every_expert(self) -> bool:
+        return not self.scale_input  # its weights scale the inputs: not a weighted sum of outputs
+
+    def every_expert(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        if not self.runs_every_expert:
+            return super().every_expert(x, indices, weights)
+        self._check(x)
+        return every_expert_mlp(
+            x, indices, weights, self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias,
+            activation=self.clamped or "silu", gated=True,
+        )
+
     def accumulated(
         self, x: Tensor, token_ids: Tensor, counts: Sequence[int], row_weights: Tensor,
         weight_rows: Sequence[int] | None = None,
@@ -198,6 +218,8 @@ class MLPExperts(Experts):
 
     up_proj: [E, I, D]; down_proj: [E, D, I]; optional up_bias: [E, I], down_bias: [E, D].
     """
+
+    runs_every_expert = True
 
     def __init__(
         self,
@@ -252,6 +274,13 @@ class MLPExperts(Experts):
         """x: [T, D], indices, weights: [T, K] -> [T, D] (`gathered_mlp`, the decode path)."""
         self._check(x)
         return gathered_mlp(
+            x, indices, weights, self.up_proj, self.up_bias, self.down_proj, self.down_bias,
+            activation=self.activation, gated=False,
+        )
+
+    def every_expert(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        self._check(x)
+        return every_expert_mlp(
             x, indices, weights, self.up_proj, self.up_bias, self.down_proj, self.down_bias,
             activation=self.activation, gated=False,
         )

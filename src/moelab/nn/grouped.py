@@ -396,6 +396,38 @@ def gathered_mlp(
     return ys.view(T, K, -1).sum(1)
 
 
+def every_expert_mlp(
+    x: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    w_in: Tensor,
+    b_in: Tensor | None,
+    w_out: Tensor,
+    b_out: Tensor | None,
+    *,
+    activation: str | ClampedSwiGLU = "silu",
+    gated: bool = True,
+) -> Tensor:
+    """x: [T, D]; indices, weights: [T, K] (index -1: an empty slot) -> [T, D], as `gathered_mlp`:
+    every one of the E experts run on every token as two batched products over [E, T, ...], each
+    output weighted by the token's routing weight for it (0 where it did not choose it) and the
+    E summed. E/K times the products a token needs, but no loop over experts and no copies: for a
+    few tokens on many small experts' worth of rows (`MoELayer.every_expert_work`). Inference only
+    (an expert a token did not choose still runs on it: a non-finite output there would turn its
+    zero weight into NaN)."""
+    T, E = x.shape[0], w_in.shape[0]
+    chosen = torch.where(indices < 0, E, indices)  # empty slots to a column past the experts
+    # [E, T, 1]: each token's weight for each expert (summed where it chose one twice, as gathered_mlp)
+    dense = x.new_zeros(T, E + 1).scatter_add_(1, chosen, weights.to(x.dtype))[:, :E].T[:, :, None]
+    h = torch.matmul(x, w_in.mT.to(x.dtype))  # [E, T, H]
+    if b_in is not None:
+        h = h + b_in[:, None].to(x.dtype)
+    y = torch.matmul(Activation(activation, gated).forward(h) * dense, w_out.mT.to(x.dtype))  # [E, T, D]
+    if b_out is not None:
+        y = y + dense * b_out[:, None].to(x.dtype)
+    return y.sum(0)
+
+
 def _transposed_matrices(w: Tensor, experts: Tensor) -> Tensor:
     """w: [E, out, in]; experts: [n] -> the chosen experts' matrices transposed, [n, in, out],
     copied from w in its own memory order (column-major matrices, `moelab.models.decode_layout`,
