@@ -199,6 +199,7 @@ def test_infer_runs_every_expert_on_few_tokens_up_to_its_extra_work(monkeypatch)
     share = active / layer.num_experts
     cases = [(extra, share, active + 1, True), (extra - 1, share, active + 1, False)]
     cases += [(extra, share + 1e-3, active + 1, False), (extra, share, active, False)]
+    cases += [(extra, 0, active, False)]  # as many chosen as small_expert_count: the grouped call's
     with torch.no_grad():
         for limit, least, most, runs in cases:
             layer.every_expert_work, layer.every_expert_share, layer.small_expert_count = limit, least, most
