@@ -109,8 +109,9 @@ def generate_texts(
     if not offloaded:
         model = load_model(path, dtype=dtype, quiet=True).model.to(device)
         start = time.perf_counter()
-        options = dict(attention_mask=mask, compile=compile, streamer=streamer)
-        out = greedy_generate(model, ids, max_new_tokens, **options)
+        out = greedy_generate(
+            model, ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=streamer
+        )
         return _continuations(tokenizer, out, ids.shape[1]), _speed(start, out, max_new_tokens)
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, prior=prior, eviction=eviction, predictor=predictor,

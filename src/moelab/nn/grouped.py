@@ -412,7 +412,7 @@ def every_expert_mlp(
     every one of the E experts run on every token as two batched products over [E, T, ...], each
     output weighted by the token's routing weight for it (0 where it did not choose it) and the
     E summed. E/K times the products a token needs, but no loop over experts and no copies: for a
-    few tokens on many small experts' worth of rows (`MoELayer.every_expert_work`). Inference only
+    few tokens that choose most of a few small experts (`MoELayer._runs_every_expert`). Inference only
     (an expert a token did not choose still runs on it: a non-finite output there would turn its
     zero weight into NaN)."""
     T, E = x.shape[0], w_in.shape[0]

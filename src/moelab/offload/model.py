@@ -204,8 +204,10 @@ class OffloadedModel:
                 f"compile=True cannot read ahead (the {self.predictor!r} predictor runs Python hooks at every "
                 "layer); use the policy 'reuse' or 'lru', or drop compile"
             )
-        options = dict(attention_mask=attention_mask, compile=compile, streamer=streamer)
-        return greedy_generate(self.model, input_ids, max_new_tokens, **options)
+        return greedy_generate(
+            self.model, input_ids, max_new_tokens, attention_mask=attention_mask, compile=compile,
+            streamer=streamer,
+        )  # fmt: skip
 
     def close(self) -> None:
         self.cache.close()
@@ -227,8 +229,10 @@ def greedy_generate(
     [B, S + max_new_tokens]; attention_mask [B, S]: 0 for the left padding of a batch of prompts;
     streamer: told the prompts, each step's tokens and the end, by either."""
     if isinstance(model, MoETransformer):
-        options = dict(attention_mask=attention_mask, compile=compile, streamer=streamer)
-        return model.generate(input_ids, max_new_tokens, greedy=True, **options)
+        return model.generate(
+            input_ids, max_new_tokens, attention_mask=attention_mask, greedy=True, compile=compile,
+            streamer=streamer,
+        )  # fmt: skip
     if compile:
         raise ValueError(
             f"compile=True needs a moelab model; this is transformers' {type(model).__name__}, which decodes "
