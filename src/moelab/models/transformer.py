@@ -177,9 +177,7 @@ class Attention(nn.Module):
         every cached one) -> ([B, S, D], {"q": [B, H, S, Dh], "k": [B, G, P, Dh]}, the rotated
         queries and keys, which attention-aware routing reuses)"""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, Dh]
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, Dh]
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._heads(self.q_proj(x), self.n_heads), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, start_pos, k, v)  # [B, G, P, Dh]
@@ -188,7 +186,17 @@ class Attention(nn.Module):
         else:
             causal = mask is None and S > 1  # a single position attends to every key (cached or its own)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1)), {"q": q, "k": k}
+        y = y.view(B, 1, -1) if S == 1 else y.transpose(1, 2).reshape(B, S, -1)  # [B, S, H * Dh]
+        return self.o_proj(y), {"q": q, "k": k}
+
+    def _heads(self, projected: Tensor, heads: int | None = None) -> Tensor:
+        """A projection [B, S, heads * Dh] -> [B, heads, S, Dh] (default heads: the G key/value
+        heads); one position is viewed as such directly (a decode step: 1 operation, not 2)."""
+        B, S, _ = projected.shape
+        heads = self.n_kv_heads if heads is None else heads
+        if S == 1:
+            return projected.view(B, heads, 1, self.head_dim)
+        return projected.view(B, S, heads, self.head_dim).transpose(1, 2)
 
 
 class Block(nn.Module):

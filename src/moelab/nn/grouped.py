@@ -447,16 +447,22 @@ def _one_token_mlp(
     us), summed in slot order. On a CPU the gathered copies cost as much as the products
     (ref-8e-top2's layer: 47 against 107 us)."""
     cast, y = x.dtype, None
-    slot_weights = weights[0].to(cast)
-    if not slot_weights.requires_grad:  # plain numbers are cheaper; tensors keep the router's gradient
-        slot_weights = slot_weights.tolist()
-    for e, w in zip(indices[0].tolist(), slot_weights):
+    slot_weights = _as(weights, cast)
+    # plain numbers are cheaper; tensors keep the router's gradient
+    slot_weights = slot_weights[0] if slot_weights.requires_grad else slot_weights.tolist()[0]
+    for e, w in zip(indices.tolist()[0], slot_weights):
         if e < 0:
             continue
-        h = F.linear(x, w_in[e].to(cast), None if b_in is None else b_in[e].to(cast))
-        out = F.linear(act.forward(h) * w, w_out[e].to(cast), None if b_out is None else w * b_out[e].to(cast))
+        h = F.linear(x, _as(w_in[e], cast), None if b_in is None else _as(b_in[e], cast))
+        out = F.linear(act.forward(h) * w, _as(w_out[e], cast), None if b_out is None else w * _as(b_out[e], cast))
         y = out if y is None else y.add_(out)
     return torch.zeros_like(x) if y is None else y
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype, without a call to `Tensor.to` where it already is (~1 us each, several per
+    decode step and layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def accumulated_mlp(

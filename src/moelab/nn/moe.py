@@ -243,8 +243,7 @@ class MoELayer(nn.Module):
             and self.experts.takes_device_counts(x.device, x.dtype)
         )
         with deferred_logit_check() if sync_free else contextlib.nullcontext() as finite:
-            routing = self._route(router, x, context)
-        x = x.reshape(-1, router.dim)
+            routing, x = self._route(router, x, context)
         plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor, host_counts=not sync_free)
         rows = x if self.latent is None else self.latent.down(x)
         # Only dynamic skipping empties slots of a fixed-k router: without it the device counts
@@ -277,8 +276,7 @@ class MoELayer(nn.Module):
         if not self._local_dropless:
             return self(x, router, context=context)[0]  # who is dropped, or where rows go, depends on the batch
         shape = x.shape
-        routing = self._route(router, x, context)
-        x = x.reshape(-1, router.dim)
+        routing, x = self._route(router, x, context)
         rows = x if self.latent is None else self.latent.down(x)
         if torch.compiler.is_compiling() and (
             self.experts.reads_routing_on_host or not self._gathers_rows(routing.indices.numel(), x.device)
@@ -401,10 +399,10 @@ class MoELayer(nn.Module):
     def _local_dropless(self) -> bool:
         return self.capacity_factor is None and type(self.dispatcher) is LocalDispatcher
 
-    def _route(self, router: Router, x: Tensor, context: dict[str, Tensor] | None) -> Routing:
-        """Check x: [..., D] and route it (with dynamic skipping if set) -> Routing over [T] tokens.
-        Routers that need whole sequences (`router.needs_sequences`) get x as [B, S, D] and the
-        block's `context` (e.g. the attention's queries and keys for attention-aware routing)."""
+    def _route(self, router: Router, x: Tensor, context: dict[str, Tensor] | None) -> tuple[Routing, Tensor]:
+        """Check x: [..., D] and route it (with dynamic skipping if set) -> (Routing over [T] tokens,
+        x as [T, D]). Routers that need whole sequences (`router.needs_sequences`) get x as [B, S, D]
+        and the block's `context` (e.g. the attention's queries and keys for attention-aware routing)."""
         dim = router.dim
         if x.dim() == 0 or x.shape[-1] != dim:
             raise ValueError(f"MoE layer expects input [..., {dim}], got {list(x.shape)}")
@@ -422,10 +420,11 @@ class MoELayer(nn.Module):
                     f"{type(router).__name__} routes whole sequences; it needs input [batch, seq, dim], "
                     f"got {list(x.shape)}"
                 )
-            routing = router(x, context=context or {})
+            routing, x = router(x, context=context or {}), x.reshape(-1, dim)
         else:
-            routing = router(x.reshape(-1, dim))
-        return routing if self.skip_ratio is None else dynamic_skip(routing, self.skip_ratio)
+            x = x.reshape(-1, dim)
+            routing = router(x)
+        return (routing if self.skip_ratio is None else dynamic_skip(routing, self.skip_ratio)), x
 
     def _dispatched(self, rows: Tensor, weights: Tensor, plan: DispatchPlan, **options) -> Tensor:
         """rows: [T, D or latent rank] with their routing weights [T, K] through the dispatcher and
