@@ -177,7 +177,8 @@ class Attention(nn.Module):
         every cached one) -> ([B, S, D], {"q": [B, H, S, Dh], "k": [B, G, P, Dh]}, the rotated
         queries and keys, which attention-aware routing reuses)"""
         B, S, _ = x.shape
-        q, k, v = self._heads(self.q_proj(x), self.n_heads), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        q = self._heads(self.q_proj(x), self.n_heads)  # [B, H, S, Dh]
+        k, v = self._heads(self.k_proj(x)), self._heads(self.v_proj(x))  # [B, G, S, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, start_pos, k, v)  # [B, G, P, Dh]

@@ -454,7 +454,8 @@ def _one_token_mlp(
         if e < 0:
             continue
         h = F.linear(x, _as(w_in[e], cast), None if b_in is None else _as(b_in[e], cast))
-        out = F.linear(act.forward(h) * w, _as(w_out[e], cast), None if b_out is None else w * _as(b_out[e], cast))
+        bias = None if b_out is None else w * _as(b_out[e], cast)
+        out = F.linear(act.forward(h) * w, _as(w_out[e], cast), bias)
         y = out if y is None else y.add_(out)
     return torch.zeros_like(x) if y is None else y
 
