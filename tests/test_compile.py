@@ -257,6 +257,26 @@ def test_every_architecture_compiles_its_step_whole(name, batch, op_calls):
     ids = torch.randint(0, cfg.vocab_size, (batch, 8), generator=torch.Generator().manual_seed(1))
     assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), model.generate(ids, 6, greedy=True))
     assert (op_calls.calls > 0) == (batch == 9 and bool(model.moe_layers)), "batch 9: the experts run in the op"
+    if batch == 1:  # a longer cache than the first call's: traced once more, with its length dynamic
+        assert torch.equal(model.generate(ids, 60, greedy=True, compile=True), model.generate(ids, 60, greedy=True))
+
+
+def test_a_second_cache_length_traces_once_more_and_serves_every_later_length():
+    """The first call of a batch size traces its cache length statically; a call of another length
+    traces a graph whose cache length is dynamic, which then serves every length (before, each
+    length rounded up to 64 was a new trace). Each call gives the eager tokens."""
+    from test_model import make_model, random_ids
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = make_model(init_std=0.2, max_seq_len=256).eval()
+    ids = random_ids(batch=1, seq=5)
+    traced = [counters["stats"]["unique_graphs"]]
+    for new_tokens in (12, 80, 150, 12, 40):  # cache lengths 64, 128, 192, 64 (the static graph), 64
+        want = model.generate(ids, new_tokens, greedy=True)
+        assert torch.equal(model.generate(ids, new_tokens, greedy=True, compile=True), want), new_tokens
+        traced.append(counters["stats"]["unique_graphs"])
+    assert [b - a for a, b in zip(traced, traced[1:])] == [1, 1, 0, 0, 0], traced
 
 
 def test_a_graph_break_in_the_step_is_an_error_not_wrong_tokens():
