@@ -611,6 +611,39 @@ def test_emulated_storage_bandwidth(tmp_path):
     store.close()
 
 
+def test_a_store_past_the_page_cache_drops_every_read_and_reads_the_same_experts(tmp_path, monkeypatch):
+    """page_cache=False (the benchmarks' real-storage mode): the shards are dropped from the page
+    cache when the store opens, then each read's bytes once read, exactly the bytes read; the
+    experts are those a cached store reads, and offloaded decoding gives the in-memory tokens."""
+    import os
+
+    model, path = _native(tmp_path)
+    dropped, real = [], os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, *where: dropped.append(where) or real(fd, *where))
+    cached, uncached = ExpertStore(path), ExpertStore(path, page_cache=False)
+    try:
+        assert dropped == [(0, 0, os.POSIX_FADV_DONTNEED)], "the whole shard, at open"
+        layer, expert = uncached.moe_layers[-1], uncached.num_experts - 1
+        got, want = uncached.empty(1), cached.empty(1)
+        dropped.clear()
+        uncached.load(layer, expert, got, 0)
+        cached.load(layer, expert, want, 0)
+        reads = uncached._reads(layer, expert, got)
+        sizes = {"gate_up": got.gate_up_proj[0].nbytes, "down": got.down_proj[0].nbytes}
+        assert sorted(dropped) == sorted((r.offset, sizes[r.part], os.POSIX_FADV_DONTNEED) for r in reads)
+        for a, b in zip(got.parameters(), want.parameters(), strict=True):
+            assert torch.equal(a, b)
+    finally:
+        cached.close()
+        uncached.close()
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    offloaded = load_offloaded(path, resident=0.5, page_cache=False)
+    try:
+        assert torch.equal(greedy_generate(offloaded.model, ids, 6), model.generate(ids, 6, greedy=True))
+    finally:
+        offloaded.close()
+
+
 def test_offloaded_experts_refuse_training(tmp_path):
     model, path = _native(tmp_path)
     offloaded = load_offloaded(path, resident=0.5, predictor=None)

@@ -105,6 +105,7 @@ def bench_offload(
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads.")] = 1,
     rounds: Annotated[int, typer.Option(min=1, help="Timed rounds per cell, each paired with the model in memory.")] = 2,
     read_gbps: Annotated[float | None, typer.Option("--read-gbps", help="Emulate storage of this many GB/s (default: the files as fast as the OS serves them).")] = None,
+    page_cache: Annotated[bool, typer.Option("--page-cache/--no-page-cache", help="--no-page-cache: drop each expert's bytes from the OS page cache once read, so every read goes to the storage device (Linux).")] = True,
     compile_step: Annotated[bool, typer.Option("--compile", help="Also time the policies without read-ahead, and the model in memory, with the compiled static decode step (moelab checkpoints; transformers ones are timed eagerly only).")] = False,
     dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu or cuda (the model and the expert cache in GPU memory).")] = "cpu",
@@ -118,7 +119,8 @@ def bench_offload(
     _claim_json(json_path, bench.JSON_FORMAT, overwrite)
     options = bench.OffloadOptions(
         resident=tuple(resident or (0.05, 0.25, 0.5, 1.0)), prompts=prompts, new_tokens=new_tokens, threads=threads,
-        rounds=rounds, read_gbps=read_gbps, compile=compile_step, dtype=dtype, device=device, host_memory=host_memory,
+        rounds=rounds, read_gbps=read_gbps, page_cache=page_cache, compile=compile_step, dtype=dtype,
+        device=device, host_memory=host_memory,
     )
     with console.status("bench offload") as status:
         doc = bench.run(_model_dirs(models), options, progress=lambda what: status.update(f"bench offload: {what}"))

@@ -31,7 +31,9 @@ its ratio to the model in memory, and whether the tokens equal the in-memory mod
 on a CPU; on a GPU the prompt pass runs other kernels in memory, equal up to rounding). The experts are read from the checkpoint's files through the OS
 page cache: a small model's files stay cached, so tokens/s here prices the reading and copying,
 not a disk, unless `read_gbps` emulates a device of that bandwidth (each read then lasts at least
-an expert's bytes over it, one read at a time); hit rates do not depend on the storage.
+an expert's bytes over it, one read at a time) or `page_cache` is False (each expert's bytes are
+dropped from the page cache once read, so every read goes to the storage device, as for a
+checkpoint far larger than memory); hit rates do not depend on the storage.
 """
 
 from __future__ import annotations
@@ -62,10 +64,11 @@ class OffloadOptions:
     """resident: fractions of the routed experts the cache holds; prompts, prompt_tokens,
     new_tokens: the decoding; calibration_tokens: train-split tokens for the routing prior;
     threads: intra-op threads; rounds: timed rounds per cell; read_gbps: emulated storage GB/s
-    (None: the files as fast as the OS serves them); compile: also time the compiled step; dtype:
-    "fp32" or "bf16"; device: "cpu" or "cuda" (the model and the cache in GPU memory, experts
-    copied from host buffers, `moelab.offload.copier`); host_memory: on a GPU, copy from a pinned
-    host copy of every expert instead of reading the files."""
+    (None: the files as fast as the OS serves them); page_cache: False reads every expert from
+    the storage device (its bytes dropped from the OS page cache once read); compile: also time
+    the compiled step; dtype: "fp32" or "bf16"; device: "cpu" or "cuda" (the model and the cache
+    in GPU memory, experts copied from host buffers, `moelab.offload.copier`); host_memory: on a
+    GPU, copy from a pinned host copy of every expert instead of reading the files."""
 
     resident: tuple[float, ...] = (0.05, 0.25, 0.5, 1.0)
     prompts: int = 8
@@ -75,6 +78,7 @@ class OffloadOptions:
     threads: int = 1
     rounds: int = 2
     read_gbps: float | None = None
+    page_cache: bool = True
     compile: bool = False
     dtype: str = "fp32"
     device: str = "cpu"
@@ -138,8 +142,8 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
             for round_ in range(options.rounds):  # each round from the same warm start: the same hits
                 model = load_offloaded(
                     path, resident=resident, eviction=eviction, predictor=predictor, prefetch_factor=factor,
-                    prior=prior, read_bandwidth=bandwidth, dtype=dtype, device=options.device,
-                    host_memory=options.host_memory,
+                    prior=prior, read_bandwidth=bandwidth, page_cache=options.page_cache, dtype=dtype,
+                    device=options.device, host_memory=options.host_memory,
                 )  # fmt: skip
                 try:
                     if compiled:  # trace the step, then start the cache again

@@ -112,11 +112,15 @@ class Checkpoint:
             )
         self.read_bytes(raw.path, offset, byte_view(out), name)
 
-    def read_bytes(self, path: Path, offset: int, target: memoryview, name: str) -> None:
+    def read_bytes(
+        self, path: Path, offset: int, target: memoryview, name: str, *, uncached: bool = False
+    ) -> None:
         """Fill `target` (a writable byte view) with the bytes of shard `path` from `offset` (the data of
         tensor `name`, located by `raw`): one positioned read, no buffer in between. The shard stays
         open between calls (`close` closes it) and is checked unchanged at each: rewritten in place, it
-        is refused; replaced by a new file, the copy first opened keeps being read."""
+        is refused; replaced by a new file, the copy first opened keeps being read. uncached: drop the
+        bytes from the OS page cache once read (`posix_fadvise`, Linux), so that reading them again
+        goes to the storage device."""
         fd = self._files.get(path)
         if fd is None:
             fd = self._files[path] = os.open(path, os.O_RDONLY)
@@ -127,6 +131,8 @@ class Checkpoint:
             if got == 0:
                 raise CheckpointError(f"{path} ends inside tensor {name!r}; it is truncated, re-download it")
             done += got
+        if uncached:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
     def _check_unchanged(self, path: Path, stat: os.stat_result) -> None:
         if _identity(stat) != self._stats[path]:
@@ -177,6 +183,16 @@ class Checkpoint:
         """The string metadata in a shard's header (transformers writes {"format": "pt"})."""
         with _safe_open(self.directory / shard) as f:
             return f.metadata() or {}
+
+    def drop_cached(self) -> None:
+        """Drop every shard's bytes from the OS page cache (`posix_fadvise`, Linux; pages another
+        process or mapping holds stay), so that the next reads go to the storage device."""
+        for shard in sorted(set(self._shard_of.values())):
+            fd = os.open(self.directory / shard, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         """Close the open shards (they reopen when read again)."""

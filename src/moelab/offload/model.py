@@ -292,6 +292,7 @@ def load_offloaded(
     dtype: torch.dtype = torch.float32,
     warm: bool = True,
     read_bandwidth: float | None = None,
+    page_cache: bool = True,
     device: torch.device | str = "cpu",
     host_memory: bool = False,
 ) -> OffloadedModel:
@@ -307,7 +308,8 @@ def load_offloaded(
     (docs/benchmarks.md); prior: calibration statistics
     (`RoutingPrior`) for the affinity predictor and the reuse policy (optional for the others);
     warm: fill the cache at the start with each layer's most frequent experts (by the prior, else
-    expert order); read_bandwidth: emulate storage of this many bytes/s (`ExpertStore`); device:
+    expert order); read_bandwidth: emulate storage of this many bytes/s, page_cache=False: every
+    expert read from the storage device, past the OS page cache (`ExpertStore`; benchmarks); device:
     where the model runs and the cache lives ("cuda": the dense parts and the pool in GPU memory,
     a memory_budget counting GPU bytes; experts copied from pinned host buffers on a copy stream,
     `moelab.offload.copier`); host_memory: on a GPU, keep every routed expert in pinned host memory
@@ -322,7 +324,7 @@ def load_offloaded(
         )
     if predictor in ("affinity", "both") and prior is None:  # checked before any file is opened
         raise ValueError(f"the {predictor!r} predictor needs a RoutingPrior (routing statistics): give a prior (prior=, --prior TRACE)")
-    store = ExpertStore(path, dtype=dtype, read_bandwidth=read_bandwidth)
+    store = ExpertStore(path, dtype=dtype, read_bandwidth=read_bandwidth, page_cache=page_cache)
     view, native = store.view, store.family is NATIVE
     if prior is not None and list(prior.layers) != store.moe_layers:
         raise ValueError(

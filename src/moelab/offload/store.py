@@ -44,19 +44,32 @@ class ExpertStore:
     same); expert_bytes: one expert's weights in `dtype`. read_bandwidth: emulate storage of this
     many bytes/s (each read lasts at least expert_bytes / read_bandwidth, holding the reader, as
     one device would; benchmarks), None: as fast as the files can be read.
+    page_cache: False drops each expert's bytes from the OS page cache once read into a slot
+    (`posix_fadvise`, Linux), so that every read goes to the storage device, as for a checkpoint
+    far larger than memory (benchmarks; reads that convert, which go through the view, are cached).
     """
 
     def __init__(
-        self, path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, read_bandwidth: float | None = None
+        self,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype = torch.float32,
+        read_bandwidth: float | None = None,
+        page_cache: bool = True,
     ):
         if read_bandwidth is not None and not read_bandwidth > 0:
             raise ValueError(f"read_bandwidth must be > 0 bytes/s (or None), got {read_bandwidth}")
+        if not page_cache and not hasattr(os, "posix_fadvise"):
+            raise ValueError("page_cache=False needs posix_fadvise (Linux) to drop what it reads from the page cache")
         self.read_bandwidth = read_bandwidth
+        self.page_cache = page_cache
         config, ckpt, family = resolve(path)
         self.path = ckpt.directory
         self.dtype = dtype
         self.family = family
         self.checkpoint = ckpt
+        if not page_cache:
+            ckpt.drop_cached()  # the first reads too
         self.view = ModelView(ckpt, config, family, config_value(config, *family.num_layers))
         self.moe_layers = family.moe_layers(ckpt, config)
         if not self.moe_layers:
@@ -93,7 +106,8 @@ class ExpertStore:
         with self._reading():
             for read in reads:
                 target = byte_view(_slot_part(pool, slot, read.part)) if targets is None else targets[slot][read.part]
-                self.checkpoint.read_bytes(read.path, read.offset, target, read.name)
+                uncached = not self.page_cache
+                self.checkpoint.read_bytes(read.path, read.offset, target, read.name, uncached=uncached)
 
     def _reads(self, layer: int, expert: int, pool: Experts) -> list[_Read] | None:
         """Where the expert lies, if it can be read straight into `pool` (else None); worked out
