@@ -166,7 +166,7 @@ def test_generate_in_memory_and_offloaded_give_the_same_text():
     assert offloaded.exit_code == 0, offloaded.output
     text, speed = plain.output.rstrip("\n").rsplit("\n", 1)
     assert text.startswith("The king said") and len(text) > len("The king said")
-    assert speed.startswith("12 tokens in ") and speed.endswith(" tokens/s")
+    assert speed.startswith("12 tokens in ") and speed.endswith(" tokens/s after the first two")
     assert offloaded.output.startswith(text + "\n12 tokens in ")
     assert "expert cache: 12 slots, decode hit rate" in offloaded.output
     prefetching = runner.invoke(app, [*args, "--resident", "0.25", "--policy", "lookahead"])
@@ -176,6 +176,40 @@ def test_generate_in_memory_and_offloaded_give_the_same_text():
     assert unknown.exit_code != 0 and "did you mean 'lookahead'" in str(unknown.exception) + unknown.output
     refused = runner.invoke(app, [*args, "--resident", "0.25", "--policy", "lookahead", "--compile"])
     assert refused.exit_code != 0 and "cannot read ahead (policy 'lookahead')" in str(refused.exception) + refused.output
+
+
+def test_the_rate_after_the_first_two_steps_counts_only_their_tokens(monkeypatch):
+    """generate_texts' "later_tokens_per_s": batch x (steps - 2) over the time from the second
+    step's tokens to the last's (the prompts' pass and the first one-token step, where a compiled
+    step is traced, left out); None below 3 steps; the tokens still reach the caller's streamer."""
+    import torch
+
+    import moelab.generate as G
+    from moelab.generate import generate_text
+
+    clock_times = iter([0.0, 5.0, 20.0, 21.0, 21.5, 22.0])  # prompt, then steps 1..5
+    monkeypatch.setattr(G.time, "perf_counter", lambda: next(clock_times))
+    seen = []
+
+    class Inner:
+        def put(self, value):
+            seen.append(value.shape)
+
+        def end(self):
+            seen.append("end")
+
+    clock = G._StepClock(Inner())
+    for shape in [(3, 4), (3,), (3,), (3,), (3,), (3,)]:
+        clock.put(torch.zeros(shape))
+    clock.end()
+    assert clock.later_rate() == {"later_tokens_per_s": 3 * 3 / (22.0 - 20.0)}
+    assert seen[0] == (3, 4) and len(seen) == 7 and seen[-1] == "end"
+    monkeypatch.undo()
+    short = G._StepClock(None)
+    for _ in range(3):  # the prompts and two steps
+        short.put(torch.zeros(1, 2))
+    assert short.later_rate() == {"later_tokens_per_s": None}
+    assert generate_text(reference_model_dir(), "The king said", max_new_tokens=5)[1]["later_tokens_per_s"] > 0
 
 
 def test_generate_decodes_several_prompts_as_one_batch_each_as_alone():

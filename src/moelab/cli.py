@@ -574,7 +574,10 @@ def generate_cmd(
             console.print(prompt + text, markup=False, highlight=False)
     compiling = " (compiling included)" if compile_step else ""
     tokens = f"{len(prompts)} x {max_new_tokens}" if len(prompts) > 1 else f"{max_new_tokens}"
-    console.print(f"[dim]{tokens} tokens in {stats['seconds']:.2f} s, {stats['tokens_per_s']:.1f} tokens/s{compiling}[/dim]")
+    later = stats["later_tokens_per_s"]
+    later = "" if later is None else f"; {later:.1f} tokens/s after the first two"
+    speed = f"{stats['tokens_per_s']:.1f} tokens/s{compiling}{later}"
+    console.print(f"[dim]{tokens} tokens in {stats['seconds']:.2f} s, {speed}[/dim]")
     if "slots" in stats:
         hit = "-" if stats["decode_hit_rate"] is None else f"{stats['decode_hit_rate']:.1%}"
         console.print(f"[dim]expert cache: {stats['slots']} slots, decode hit rate {hit}, {stats['experts_read']} experts read[/dim]")

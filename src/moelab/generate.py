@@ -74,8 +74,9 @@ def generate_texts(
     streamer: TokenStreamer | None = None,
 ) -> tuple[list[str], dict]:
     """(each prompt's continuation, statistics: "seconds" and "tokens_per_s" of the decoding, the
-    prompts included (tokens/s: new tokens of every prompt), and with offloading the expert
-    cache's). The prompts decode as one batch, each left-padded to the longest (`attention_mask`
+    prompts included (tokens/s: new tokens of every prompt), "later_tokens_per_s": the rate of the
+    steps after the first two (without the prompts' pass and the first one-token step, where a
+    compiled step is traced; None for fewer than 3 tokens), and with offloading the expert cache's). The prompts decode as one batch, each left-padded to the longest (`attention_mask`
     of `MoETransformer.generate`), as each would alone. resident or memory_budget (bytes):
     offload the routed experts (`load_offloaded`), with `prior` (routing statistics, e.g.
     `RoutingPrior.from_trace`) for the eviction policy if given, and `policy` (a name of
@@ -106,21 +107,20 @@ def generate_texts(
     tokenizer = load_tokenizer_of(path)
     encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
     ids, mask = _left_padded(encoded, prompts, device)
+    clock = _StepClock(streamer)
     if not offloaded:
         model = load_model(path, dtype=dtype, quiet=True).model.to(device)
         start = time.perf_counter()
-        out = greedy_generate(
-            model, ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=streamer
-        )
-        return _continuations(tokenizer, out, ids.shape[1]), _speed(start, out, max_new_tokens)
+        out = greedy_generate(model, ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock)
+        return _continuations(tokenizer, out, ids.shape[1]), _speed(start, out, max_new_tokens) | clock.later_rate()
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, prior=prior, eviction=eviction, predictor=predictor,
         prefetch_factor=prefetch_factor, dtype=dtype, device=device, host_memory=host_memory,
     )  # fmt: skip
     try:
         start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=streamer)
-        stats = _speed(start, out, max_new_tokens)
+        out = model.generate(ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock)
+        stats = _speed(start, out, max_new_tokens) | clock.later_rate()
         decode = model.cache.stats.get(1)
         stats |= {
             "slots": model.cache.slots,
@@ -149,6 +149,32 @@ def _left_padded(
 
 def _continuations(tokenizer, out: torch.Tensor, prompt_len: int) -> list[str]:
     return [tokenizer.decode(row[prompt_len:].tolist()) for row in out]
+
+
+class _StepClock:
+    """A streamer that notes when the prompts and each step's tokens come (a GPU's tokens are copied
+    to the host as they come, so each note follows its step's work), and passes them on to `inner`."""
+
+    def __init__(self, inner: TokenStreamer | None):
+        self.inner, self.times, self.batch = inner, [], 1
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+        if len(self.times) == 1:
+            self.batch = value.shape[0]
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+    def later_rate(self) -> dict[str, float | None]:
+        """{"later_tokens_per_s": new tokens/s of the steps after the first two} (see generate_texts)."""
+        steps = len(self.times) - 1  # the first note is the prompts'
+        if steps < 3:
+            return {"later_tokens_per_s": None}
+        return {"later_tokens_per_s": self.batch * (steps - 2) / (self.times[-1] - self.times[2])}
 
 
 def _speed(start: float, out: torch.Tensor, new_tokens: int) -> dict[str, float]:
