@@ -76,8 +76,9 @@ def generate_texts(
     """(each prompt's continuation, statistics: "seconds" and "tokens_per_s" of the decoding, the
     prompts included (tokens/s: new tokens of every prompt), "later_tokens_per_s": the rate of the
     steps after the first two (without the prompts' pass and the first one-token step, where a
-    compiled step is traced; None for fewer than 3 tokens), and with offloading the expert cache's). The prompts decode as one batch, each left-padded to the longest (`attention_mask`
-    of `MoETransformer.generate`), as each would alone. resident or memory_budget (bytes):
+    compiled step is traced; None for fewer than 3 tokens), and with offloading the expert
+    cache's). The prompts decode as one batch, each left-padded to the longest (`attention_mask` of
+    `MoETransformer.generate`), as each would alone. resident or memory_budget (bytes):
     offload the routed experts (`load_offloaded`), with `prior` (routing statistics, e.g.
     `RoutingPrior.from_trace`) for the eviction policy if given, and `policy` (a name of
     `moelab.offload.POLICIES`: eviction and read-ahead). compile: decode with a compiled
@@ -112,7 +113,8 @@ def generate_texts(
         model = load_model(path, dtype=dtype, quiet=True).model.to(device)
         start = time.perf_counter()
         out = greedy_generate(model, ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock)
-        return _continuations(tokenizer, out, ids.shape[1]), _speed(start, out, max_new_tokens) | clock.later_rate()
+        stats = _speed(start, out, max_new_tokens) | clock.later_rate()
+        return _continuations(tokenizer, out, ids.shape[1]), stats
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, prior=prior, eviction=eviction, predictor=predictor,
         prefetch_factor=prefetch_factor, dtype=dtype, device=device, host_memory=host_memory,
