@@ -520,7 +520,8 @@ def test_generate_replays_one_decode_graph_where_no_layer_syncs(monkeypatch):
 
     monkeypatch.setattr(decode_graph, "capture", fake_capture)
     steps = [type(model)._decode]  # the static step, uncompiled; a new one when the weights change
-    monkeypatch.setattr(model, "_compiled_step", lambda: SimpleNamespace(step=steps[-1], frozen=True))
+    compiled = lambda: SimpleNamespace(step=steps[-1], frozen=True, mark_cache=lambda cache: None)  # noqa: E731
+    monkeypatch.setattr(model, "_compiled_step", compiled)
     monkeypatch.setattr(model, "_graphs_decode", lambda batch, device: True)
     assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)
     assert len(graphs) == 1 and graphs[0].replays == 5  # the prompt eagerly, then one replay per token
@@ -555,7 +556,8 @@ def test_a_failed_capture_warns_and_decodes_uncaptured(monkeypatch):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(decode_graph, "capture", failing_capture)
-    monkeypatch.setattr(model, "_compiled_step", lambda: SimpleNamespace(step=type(model)._decode, frozen=True))
+    fake = SimpleNamespace(step=type(model)._decode, frozen=True, mark_cache=lambda cache: None)
+    monkeypatch.setattr(model, "_compiled_step", lambda: fake)
     monkeypatch.setattr(model, "_graphs_decode", lambda batch, device: True)
     with pytest.warns(UserWarning, match="without a CUDA graph.*not permitted"):
         assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), want)
