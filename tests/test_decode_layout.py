@@ -60,14 +60,16 @@ def test_layout_keeps_values_shapes_parameters_and_ties():
         assert torch.equal(t, before[name]), name
 
 
-def test_layout_skips_uoe_blocks_bf16_and_tensors_off_the_cpu():
+def test_layout_skips_uoe_blocks_fp16_and_tensors_off_the_cpu():
     uoe = UoEConfig(attn_top_k=2, mlp_experts=4, mlp_top_k=2)
     model = make_model(moe=None, uoe=uoe, n_kv_heads=None, first_k_dense=0, tie_embeddings=False)
     moved = {id(w) for w in decode_layout_weights(model)}
     assert not any(id(p) in moved for p in model.layers.parameters())  # UoE blocks view their weights
     assert moved == {id(model.lm_head.weight)}
     assert decode_layout_weights(torch.nn.Linear(4, 4, device="meta")) == []
-    assert decode_layout_weights(make_model().to(torch.bfloat16)) == []
+    assert decode_layout_weights(make_model().to(torch.float16)) == []
+    every = len(decode_layout_weights(make_model()))
+    assert len(decode_layout_weights(make_model().to(torch.bfloat16))) == every
     cast = column_major_copy(SwiGLUExperts(4, 16, 8)).to(torch.bfloat16)  # a plain module's cast keeps the strides
     assert use_row_major_layout(cast) == 2 and all(p.is_contiguous() for p in cast.parameters())
 
@@ -203,8 +205,8 @@ def test_bench_generate_times_each_mode_in_its_own_layout(tmp_path):
 
 
 def test_a_cast_or_a_move_stores_the_moved_matrices_row_major_again():
-    """After `.to(bf16)` (or a move off the CPU) nothing stays column-major: the layout is for CPU
-    float32 products only; a move that keeps them CPU float32 keeps it."""
+    """After `.to(fp16)` (or a move off the CPU) nothing stays column-major: the layout is for CPU
+    float32 and bf16 products only; a move that keeps them CPU float32 or bf16 keeps it."""
     model = make_model(**FEATURES).eval()
     model.generate(random_ids(batch=1, seq=4), 2, greedy=True)
     weights = decode_layout_weights(model)
@@ -212,7 +214,11 @@ def test_a_cast_or_a_move_stores_the_moved_matrices_row_major_again():
     assert all(is_column_major(w) for w in weights)
     before = {name: t.clone() for name, t in model.state_dict().items()}
     model.to(torch.bfloat16)
+    assert all(is_column_major(w) for w in weights)
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name].to(torch.bfloat16)), name
+    model.to(torch.float16)
     assert all(p.is_contiguous() for p in model.parameters())
     for name, t in model.state_dict().items():
-        assert torch.equal(t, before[name].to(t.dtype)), name
+        assert torch.equal(t, before[name].to(torch.bfloat16).to(t.dtype)), name
     assert model.lm_head.weight is model.embed.weight

@@ -7,10 +7,12 @@ W^T's rows of `out` numbers, one scaled add per input. On short rows the first f
 weights from memory far below the machine's bandwidth: ref-8e-top2's output head, [8192, 256],
 at 8 GB/s against 21 GB/s column-major on the 2-core AMD EPYC (fp32, 1 thread, caches flushed);
 square and wide matrices are about even either way (0.95-1.1x), tall ones gain 1.25-1.45x.
-Products of many rows (prefill, training) run equally fast in either layout (within 3 %). Not
-every product gains: in bf16 decoding gained nothing (0.94-1.02x), so only float32 matrices
-move, and a compiled step runs faster on row-major weights (Inductor prepacks them for MKL), so
-`generate(compile=True)` stores them row-major (docs/benchmarks.md, "Column-major weights").
+Products of many rows (prefill, training) run equally fast in either layout (within 3 %). In
+bf16 torch's own products gained nothing from it (0.94-1.02x), but one row over a column-major
+bf16 matrix runs as `embedding_bag` (`moelab.nn.linear.one_row_linear`), 1.5x faster decoding,
+so float32 and bf16 matrices move. A compiled step runs faster on row-major weights (Inductor
+prepacks them for MKL), so `generate(compile=True)` stores them row-major (docs/benchmarks.md,
+"Column-major weights").
 
 `use_decode_layout(model)` stores the matrices a decode step multiplies column-major, in place:
 the same Parameter objects (tied weights stay tied), shapes and values, other strides. Their
@@ -30,14 +32,14 @@ from moelab.nn.experts import Experts
 def decode_layout_weights(model: nn.Module) -> list[nn.Parameter]:
     """The matrices `use_decode_layout` stores column-major: every `nn.Linear` weight (the output
     head, and the embedding tied to it, included) and every experts module's stacked matrices
-    ([E, out, in]: each expert's matrix), in float32 on a CPU; not those of UoE blocks (they view
-    their weights per head or expert), nor bf16 ones (oneDNN's bf16 products gained nothing:
-    0.94-1.02x)."""
-    return [w for w in _matrices(model) if _on_cpu_in_float32(w)]
+    ([E, out, in]: each expert's matrix), in float32 or bf16 on a CPU (bf16 one-row products then
+    run through `moelab.nn.linear.one_row_linear`); not those of UoE blocks (they view their
+    weights per head or expert)."""
+    return [w for w in _matrices(model) if _decodes_column_major(w)]
 
 
-def _on_cpu_in_float32(weight: Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32
+def _decodes_column_major(weight: Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
 
 
 def _matrices(model: nn.Module) -> list[nn.Parameter]:
@@ -75,12 +77,12 @@ def use_decode_layout(model: nn.Module) -> int:
     return _store(decode_layout_weights(model), column_major=True)
 
 
-def use_row_major_layout(model: nn.Module, *, keep_cpu_float32: bool = False) -> int:
+def use_row_major_layout(model: nn.Module, *, keep_decode_layout: bool = False) -> int:
     """Undo `use_decode_layout`: store those matrices row-major again, on any device and in any
     dtype (what FSDP requires: `moelab.distributed.parallelize` calls it); return how many moved.
-    keep_cpu_float32: leave the CPU float32 ones as they are (`MoETransformer` restores the others
-    after every move or cast)."""
-    weights = [w for w in _matrices(model) if not (keep_cpu_float32 and _on_cpu_in_float32(w))]
+    keep_decode_layout: leave the ones `use_decode_layout` moves (CPU float32 and bf16) as they are
+    (`MoETransformer` restores the others after every move or cast)."""
+    weights = [w for w in _matrices(model) if not (keep_decode_layout and _decodes_column_major(w))]
     return _store(weights, column_major=False)
 
 

@@ -42,6 +42,7 @@ from moelab.nn import (
 )
 from moelab.nn.config import build_experts
 from moelab.nn.experts import Experts
+from moelab.nn.linear import Linear
 from moelab.nn.moe import mean_by_name, sum_by_name
 from moelab.nn.rope import apply_rope, rope_tables
 
@@ -169,10 +170,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.q_proj = Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(
         self,
@@ -294,7 +295,7 @@ class MoETransformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(self._blocks(config))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
@@ -335,7 +336,7 @@ class MoETransformer(nn.Module):
         that decoding on a CPU left column-major and that is now off the CPU or not float32 stored
         row-major again: the layout is for CPU float32 products only (`moelab.models.decode_layout`)."""
         super()._apply(fn, recurse)
-        use_row_major_layout(self, keep_cpu_float32=True)
+        use_row_major_layout(self, keep_decode_layout=True)
         return self
 
     @property

@@ -26,6 +26,7 @@ from moelab.nn.grouped import (
     grouped_gemm,
     grouped_mlp,
 )
+from moelab.nn.linear import Linear
 
 
 class Experts(nn.Module):
@@ -294,9 +295,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden_dim, bias=False)
+        self.up_proj = Linear(dim, hidden_dim, bias=False)
+        self.down_proj = Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., D] -> [..., D]"""

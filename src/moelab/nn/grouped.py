@@ -46,6 +46,7 @@ from torch import Tensor
 
 from moelab.nn import triton_grouped, triton_swiglu
 from moelab.nn.expert_threads import expert_workers, for_each_expert
+from moelab.nn.linear import one_row_linear
 
 # activation name -> (forward, backward(grad_out, pre_activation) -> grad_pre_activation)
 ACTIVATIONS = {
@@ -453,9 +454,9 @@ def _one_token_mlp(
     for e, w in zip(indices.tolist()[0], slot_weights):
         if e < 0:
             continue
-        h = F.linear(x, _as(w_in[e], cast), None if b_in is None else _as(b_in[e], cast))
+        h = one_row_linear(x, _as(w_in[e], cast), None if b_in is None else _as(b_in[e], cast))
         bias = None if b_out is None else w * _as(b_out[e], cast)
-        out = F.linear(act.forward(h) * w, _as(w_out[e], cast), bias)
+        out = one_row_linear(act.forward(h) * w, _as(w_out[e], cast), bias)
         y = out if y is None else y.add_(out)
     return torch.zeros_like(x) if y is None else y
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from moelab.nn.linear import Linear
+
 
 class LatentProjection(nn.Module):
     """The shared projections of a latent-expert layer: `down: Linear(D, R)`, `up: Linear(R, D)`."""
@@ -29,8 +31,8 @@ class LatentProjection(nn.Module):
         if not 1 <= rank <= dim:
             raise ValueError(f"latent rank must lie in [1, dim={dim}], got {rank}")
         self.dim, self.rank = dim, rank
-        self.down_proj = nn.Linear(dim, rank, bias=False)
-        self.up_proj = nn.Linear(rank, dim, bias=False)
+        self.down_proj = Linear(dim, rank, bias=False)
+        self.up_proj = Linear(rank, dim, bias=False)
 
     def down(self, x: Tensor) -> Tensor:
         """x: [T, D] -> z: [T, R]"""

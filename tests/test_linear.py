@@ -1,0 +1,96 @@
+"""moelab.nn.linear: one to four bf16 rows on a CPU over a column-major weight go through
+`embedding_bag`; the result is F.linear's. On integer-valued data every product and sum is exact
+in float32, so both round once and must agree bit for bit; on random data both lie within bf16's
+rounding of a float64 reference. Everything else (float32, row-major weights, five rows,
+gradients) is F.linear itself."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moelab.nn import linear
+from moelab.nn.linear import Linear, one_row_linear
+
+
+def _column_major(w):
+    return w.mT.contiguous().mT
+
+
+@pytest.fixture
+def bag_calls(monkeypatch):
+    calls = []
+    real = torch.embedding_bag
+    monkeypatch.setattr(torch, "embedding_bag", lambda *args: calls.append(args[0].shape) or real(*args))
+    return calls
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    inputs=st.integers(1, 40),
+    outputs=st.integers(1, 40),
+    decode_shape=st.booleans(),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_bags_equal_f_linear_bit_for_bit_on_exact_data(rows, inputs, outputs, decode_shape, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, 1, inputs) if decode_shape else (rows, inputs)  # a decode step's [B, 1, D], or rows
+    x = torch.randint(-3, 4, shape, generator=g).bfloat16()
+    w = _column_major(torch.randint(-3, 4, (outputs, inputs), generator=g).bfloat16())
+    b = torch.randint(-3, 4, (outputs,), generator=g).bfloat16() if bias else None
+    with torch.inference_mode():
+        assert linear._takes_bag(x, w)
+        got = one_row_linear(x, w, b)
+        want = F.linear(x, w.contiguous(), b)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_bags_lie_within_bf16_rounding_of_a_float64_reference(rows, bag_calls):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, 256, generator=g).bfloat16()
+    w = _column_major(torch.randn(384, 256, generator=g).bfloat16())
+    with torch.no_grad():
+        got = one_row_linear(x, w)
+    assert bag_calls == [(256, 384)], "the weight's transpose, one bag per row"
+    want = x.double() @ w.double().T
+    # one rounding to bf16 of a float32 sum: half an ulp of the result, plus float32's own error
+    assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-3).all()
+
+
+def test_everything_else_is_f_linear(bag_calls):
+    g = torch.Generator().manual_seed(0)
+    w = _column_major(torch.randn(8, 6, generator=g).bfloat16())
+    x = torch.randn(1, 6, generator=g).bfloat16()
+    with torch.inference_mode():
+        one_row_linear(x.float(), w.float())  # float32
+        one_row_linear(x, w.contiguous())  # row-major
+        one_row_linear(torch.randn(5, 6).bfloat16(), w)  # five rows
+        one_row_linear(x.half(), w.half())  # another dtype
+    grad_w = w.detach().clone().requires_grad_(True)
+    y = one_row_linear(x, grad_w)  # gradients wanted
+    y.sum().backward()
+    assert grad_w.grad is not None
+    assert bag_calls == []
+    with torch.inference_mode():
+        one_row_linear(x, w)
+    assert len(bag_calls) == 1
+
+
+def test_linear_module_keeps_nn_linear_state_and_results(bag_calls):
+    torch.manual_seed(0)
+    plain, ours = torch.nn.Linear(6, 8), Linear(6, 8)
+    ours.load_state_dict(plain.state_dict())
+    assert isinstance(ours, torch.nn.Linear) and ours.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randint(-3, 4, (3, 6)).float()
+    assert torch.equal(ours(x), plain(x))
+    ours.bfloat16()
+    ours.weight.data = _column_major(ours.weight.data.round())
+    with torch.inference_mode():
+        row = x[:1].bfloat16()
+        assert torch.equal(ours(row), F.linear(row, ours.weight.contiguous(), ours.bias))
+    assert len(bag_calls) == 1
