@@ -204,6 +204,21 @@ def test_bench_generate_times_each_mode_in_its_own_layout(tmp_path):
     assert all(is_column_major(w) for w in decode_layout_weights(model))
 
 
+def test_bf16_matrices_are_column_major_for_batch_1_and_row_major_for_larger_batches():
+    """bf16 one-row products run as `embedding_bag` over column-major weights; several rows run
+    torch's products, slower on column-major bf16 matrices: generate lays bf16 matrices out for
+    its batch size, and float32 ones column-major at every batch size."""
+    model = make_model(**FEATURES).eval().to(torch.bfloat16)
+    weights = decode_layout_weights(model)
+    assert weights and all(w.dtype == torch.bfloat16 for w in weights)
+    assert decode_layout_weights(model, batch=2) == []
+    for batch, column_major in [(1, True), (2, False), (1, True)]:
+        model.generate(random_ids(batch=batch, seq=4), 2, greedy=True)
+        assert all(is_column_major(w) if column_major else w.is_contiguous() for w in weights), batch
+        assert any(w.is_contiguous() != column_major for w in weights), batch
+    assert use_decode_layout(model, batch=3) > 0 and use_decode_layout(model, batch=3) == 0
+
+
 def test_a_cast_or_a_move_stores_the_moved_matrices_row_major_again():
     """After `.to(fp16)` (or a move off the CPU) nothing stays column-major: the layout is for CPU
     float32 and bf16 products only; a move that keeps them CPU float32 or bf16 keeps it."""

@@ -1,8 +1,8 @@
-"""moelab.nn.linear: one to four bf16 rows on a CPU over a column-major weight go through
-`embedding_bag`; the result is F.linear's. On integer-valued data every product and sum is exact
-in float32, so both round once and must agree bit for bit; on random data both lie within bf16's
-rounding of a float64 reference. Everything else (float32, row-major weights, five rows,
-gradients) is F.linear itself."""
+"""moelab.nn.linear: one bf16 row on a CPU over a column-major weight goes through `embedding_bag`;
+the result is F.linear's. On integer-valued data every product and sum is exact in float32, so
+both round once and must agree bit for bit; on random data both lie within bf16's rounding of a
+float64 reference. Everything else (float32, row-major weights, two rows, gradients) is F.linear
+itself."""
 
 import pytest
 import torch
@@ -28,16 +28,15 @@ def bag_calls(monkeypatch):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    rows=st.integers(1, 4),
     inputs=st.integers(1, 40),
     outputs=st.integers(1, 40),
     decode_shape=st.booleans(),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_bags_equal_f_linear_bit_for_bit_on_exact_data(rows, inputs, outputs, decode_shape, bias, seed):
+def test_a_bag_equals_f_linear_bit_for_bit_on_exact_data(inputs, outputs, decode_shape, bias, seed):
     g = torch.Generator().manual_seed(seed)
-    shape = (rows, 1, inputs) if decode_shape else (rows, inputs)  # a decode step's [B, 1, D], or rows
+    shape = (1, 1, inputs) if decode_shape else (1, inputs)  # a decode step's [1, 1, D], or a row
     x = torch.randint(-3, 4, shape, generator=g).bfloat16()
     w = _column_major(torch.randint(-3, 4, (outputs, inputs), generator=g).bfloat16())
     b = torch.randint(-3, 4, (outputs,), generator=g).bfloat16() if bias else None
@@ -49,14 +48,14 @@ def test_bags_equal_f_linear_bit_for_bit_on_exact_data(rows, inputs, outputs, de
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4])
-def test_bags_lie_within_bf16_rounding_of_a_float64_reference(rows, bag_calls):
-    g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 1, 256, generator=g).bfloat16()
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_bag_lies_within_bf16_rounding_of_a_float64_reference(seed, bag_calls):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, 256, generator=g).bfloat16()
     w = _column_major(torch.randn(384, 256, generator=g).bfloat16())
     with torch.no_grad():
         got = one_row_linear(x, w)
-    assert bag_calls == [(256, 384)], "the weight's transpose, one bag per row"
+    assert bag_calls == [(256, 384)], "the weight's transpose"
     want = x.double() @ w.double().T
     # one rounding to bf16 of a float32 sum: half an ulp of the result, plus float32's own error
     assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-3).all()
@@ -69,7 +68,7 @@ def test_everything_else_is_f_linear(bag_calls):
     with torch.inference_mode():
         one_row_linear(x.float(), w.float())  # float32
         one_row_linear(x, w.contiguous())  # row-major
-        one_row_linear(torch.randn(5, 6).bfloat16(), w)  # five rows
+        one_row_linear(torch.randn(2, 6).bfloat16(), w)  # two rows
         one_row_linear(x.half(), w.half())  # another dtype
     grad_w = w.detach().clone().requires_grad_(True)
     y = one_row_linear(x, grad_w)  # gradients wanted

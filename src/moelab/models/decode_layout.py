@@ -8,11 +8,12 @@ weights from memory far below the machine's bandwidth: ref-8e-top2's output head
 at 8 GB/s against 21 GB/s column-major on the 2-core AMD EPYC (fp32, 1 thread, caches flushed);
 square and wide matrices are about even either way (0.95-1.1x), tall ones gain 1.25-1.45x.
 Products of many rows (prefill, training) run equally fast in either layout (within 3 %). In
-bf16 torch's own products gained nothing from it (0.94-1.02x), but one row over a column-major
-bf16 matrix runs as `embedding_bag` (`moelab.nn.linear.one_row_linear`), 1.5x faster decoding,
-so float32 and bf16 matrices move. A compiled step runs faster on row-major weights (Inductor
-prepacks them for MKL), so `generate(compile=True)` stores them row-major (docs/benchmarks.md,
-"Column-major weights").
+bf16 torch's own products gained nothing from it (0.94-1.02x; several rows over large matrices
+lost up to 1.5x), but one row over a column-major bf16 matrix runs as `embedding_bag`
+(`moelab.nn.linear.one_row_linear`), 1.5x faster decoding at batch 1; so float32 matrices move
+for every batch size and bf16 ones for batch 1 (at larger batches they are stored row-major).
+A compiled step runs faster on row-major weights (Inductor prepacks them for MKL), so
+`generate(compile=True)` stores them row-major (docs/benchmarks.md, "Column-major weights").
 
 `use_decode_layout(model)` stores the matrices a decode step multiplies column-major, in place:
 the same Parameter objects (tied weights stay tied), shapes and values, other strides. Their
@@ -29,17 +30,18 @@ from torch import Tensor, nn
 from moelab.nn.experts import Experts
 
 
-def decode_layout_weights(model: nn.Module) -> list[nn.Parameter]:
-    """The matrices `use_decode_layout` stores column-major: every `nn.Linear` weight (the output
-    head, and the embedding tied to it, included) and every experts module's stacked matrices
-    ([E, out, in]: each expert's matrix), in float32 or bf16 on a CPU (bf16 one-row products then
-    run through `moelab.nn.linear.one_row_linear`); not those of UoE blocks (they view their
-    weights per head or expert)."""
-    return [w for w in _matrices(model) if _decodes_column_major(w)]
+def decode_layout_weights(model: nn.Module, batch: int = 1) -> list[nn.Parameter]:
+    """The matrices `use_decode_layout` stores column-major for decoding `batch` sequences: every
+    `nn.Linear` weight (the output head, and the embedding tied to it, included) and every experts
+    module's stacked matrices ([E, out, in]: each expert's matrix) on a CPU, in float32, and in
+    bf16 at batch 1 (their one-row products then run through `moelab.nn.linear.one_row_linear`);
+    not those of UoE blocks (they view their weights per head or expert)."""
+    return [w for w in _matrices(model) if _decodes_column_major(w, batch)]
 
 
-def _decodes_column_major(weight: Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+def _decodes_column_major(weight: Tensor, batch: int = 1) -> bool:
+    dtypes = (torch.float32, torch.bfloat16) if batch == 1 else (torch.float32,)
+    return weight.device.type == "cpu" and weight.dtype in dtypes
 
 
 def _matrices(model: nn.Module) -> list[nn.Parameter]:
@@ -69,12 +71,17 @@ def is_column_major(weight: Tensor) -> bool:
     return weight.mT.is_contiguous()
 
 
-def use_decode_layout(model: nn.Module) -> int:
-    """Store `decode_layout_weights(model)` column-major, in place; return how many moved (0 when
-    all already are). Copies one matrix at a time (its bytes, briefly, twice); called in or out of
-    inference mode, it leaves each parameter the kind it was (trainable, or an inference tensor
-    where it was made in inference mode)."""
-    return _store(decode_layout_weights(model), column_major=True)
+def use_decode_layout(model: nn.Module, batch: int = 1) -> int:
+    """Store `decode_layout_weights(model, batch)` column-major and the model's other CPU bf16
+    matrices row-major, in place; return how many moved (0 when all already are: a model whose
+    bf16 decoding alternates batch 1 with larger batches copies its bf16 matrices at each switch).
+    Copies one matrix at a time (its bytes, briefly, twice); called in or out of inference mode,
+    it leaves each parameter the kind it was (trainable, or an inference tensor where it was made
+    in inference mode)."""
+    column_major = decode_layout_weights(model, batch)
+    chosen = {id(w) for w in column_major}
+    row_major = [w for w in _matrices(model) if _decodes_column_major(w) and id(w) not in chosen]
+    return _store(column_major, column_major=True) + _store(row_major, column_major=False)
 
 
 def use_row_major_layout(model: nn.Module, *, keep_decode_layout: bool = False) -> int:

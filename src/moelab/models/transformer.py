@@ -627,7 +627,10 @@ class MoETransformer(nn.Module):
             if input_ids.device.type == "cpu" and self.decode_layout and self not in _compiled_steps:
                 # eager one-token products run faster on column-major weights, Inductor's on row-major
                 # ones; never moved under a compiled step the model holds (it would trace again)
-                (use_row_major_layout if compiling else use_decode_layout)(self)
+                if compiling:
+                    use_row_major_layout(self)
+                else:
+                    use_decode_layout(self, B)
             if compiling:
                 length = min(self.config.max_seq_len, -(-length // 64) * 64)  # fewer distinct shapes to trace
                 compiled = self._compiled_step()
