@@ -32,8 +32,8 @@ def one_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
     key = (weight.shape[1], x.device)
     bag = _BAGS.get(key)
     if bag is None:
-        indices, offsets = torch.arange(key[0], device=x.device), torch.zeros(1, dtype=torch.long, device=x.device)
-        bag = _BAGS[key] = (indices, offsets)
+        zero = torch.zeros(1, dtype=torch.long, device=x.device)
+        bag = _BAGS[key] = (torch.arange(key[0], device=x.device), zero)
     y = torch.embedding_bag(weight.mT, bag[0], bag[1], False, 0, False, x.reshape(-1), False)[0]
     y = y.view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias
