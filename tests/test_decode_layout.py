@@ -215,7 +215,6 @@ def test_bf16_matrices_are_column_major_for_batch_1_and_row_major_for_larger_bat
     for batch, column_major in [(1, True), (2, False), (1, True)]:
         model.generate(random_ids(batch=batch, seq=4), 2, greedy=True)
         assert all(is_column_major(w) if column_major else w.is_contiguous() for w in weights), batch
-        assert any(w.is_contiguous() != column_major for w in weights), batch
     assert use_decode_layout(model, batch=3) > 0 and use_decode_layout(model, batch=3) == 0
 
 

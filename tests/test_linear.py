@@ -1,8 +1,10 @@
 """moelab.nn.linear: one bf16 row on a CPU over a column-major weight goes through `embedding_bag`;
-the result is F.linear's. On integer-valued data every product and sum is exact in float32, so
-both round once and must agree bit for bit; on random data both lie within bf16's rounding of a
-float64 reference. Everything else (float32, row-major weights, two rows, gradients) is F.linear
-itself."""
+the result is F.linear's. On integer-valued data up to 30 in size every product and sum is exact
+in float32 (sums up to 36,000, far past bf16's 256 exact integers), so the result must be the
+exact sum rounded once to a nearest bf16 (a sum exactly halfway between two may go either way:
+F.linear rounds such ties to even, the bag not always), as F.linear's is; on random data both lie
+within bf16's rounding of a float64 reference.
+Everything else (float32, row-major weights, two rows, a bias, gradients) is F.linear itself."""
 
 import pytest
 import torch
@@ -31,21 +33,21 @@ def bag_calls(monkeypatch):
     inputs=st.integers(1, 40),
     outputs=st.integers(1, 40),
     decode_shape=st.booleans(),
-    bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_a_bag_equals_f_linear_bit_for_bit_on_exact_data(inputs, outputs, decode_shape, bias, seed):
+def test_a_bag_rounds_the_exact_sum_once_to_a_nearest_bf16(inputs, outputs, decode_shape, seed):
     g = torch.Generator().manual_seed(seed)
     shape = (1, 1, inputs) if decode_shape else (1, inputs)  # a decode step's [1, 1, D], or a row
-    x = torch.randint(-3, 4, shape, generator=g).bfloat16()
-    w = _column_major(torch.randint(-3, 4, (outputs, inputs), generator=g).bfloat16())
-    b = torch.randint(-3, 4, (outputs,), generator=g).bfloat16() if bias else None
+    x = torch.randint(-30, 31, shape, generator=g).bfloat16()
+    w = _column_major(torch.randint(-30, 31, (outputs, inputs), generator=g).bfloat16())
     with torch.inference_mode():
         assert linear._takes_bag(x, w)
-        got = one_row_linear(x, w, b)
-        want = F.linear(x, w.contiguous(), b)
+        got = one_row_linear(x, w)
+        want = F.linear(x, w.contiguous())
     assert got.shape == want.shape and got.dtype == torch.bfloat16
-    assert torch.equal(got, want)
+    exact = x.double() @ w.double().mT
+    assert ((got.double() - exact).abs() <= (want.double() - exact).abs()).all(), "as near as F.linear's"
+    assert ((got == want) | ((got.double() - exact).abs() == (want.double() - exact).abs())).all()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -70,6 +72,7 @@ def test_everything_else_is_f_linear(bag_calls):
         one_row_linear(x, w.contiguous())  # row-major
         one_row_linear(torch.randn(2, 6).bfloat16(), w)  # two rows
         one_row_linear(x.half(), w.half())  # another dtype
+        one_row_linear(x, w, torch.ones(8).bfloat16())  # a bias: added after a bag, rounded twice
     grad_w = w.detach().clone().requires_grad_(True)
     y = one_row_linear(x, grad_w)  # gradients wanted
     y.sum().backward()
@@ -82,7 +85,7 @@ def test_everything_else_is_f_linear(bag_calls):
 
 def test_linear_module_keeps_nn_linear_state_and_results(bag_calls):
     torch.manual_seed(0)
-    plain, ours = torch.nn.Linear(6, 8), Linear(6, 8)
+    plain, ours = torch.nn.Linear(6, 8, bias=False), Linear(6, 8, bias=False)
     ours.load_state_dict(plain.state_dict())
     assert isinstance(ours, torch.nn.Linear) and ours.state_dict().keys() == plain.state_dict().keys()
     x = torch.randint(-3, 4, (3, 6)).float()

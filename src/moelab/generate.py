@@ -76,7 +76,8 @@ def generate_texts(
     """(each prompt's continuation, statistics: "seconds" and "tokens_per_s" of the decoding, the
     prompts included (tokens/s: new tokens of every prompt), "later_tokens_per_s": the rate of the
     steps after the first two (without the prompts' pass and the first one-token step, where a
-    compiled step is traced; None for fewer than 3 tokens), and with offloading the expert
+    compiled step is traced; None for fewer than 3 tokens, and on a GPU without a streamer, which
+    would wait for every step), and with offloading the expert
     cache's). The prompts decode as one batch, each left-padded to the longest (`attention_mask` of
     `MoETransformer.generate`), as each would alone. resident or memory_budget (bytes):
     offload the routed experts (`load_offloaded`), with `prior` (routing statistics, e.g.
@@ -108,12 +109,13 @@ def generate_texts(
     tokenizer = load_tokenizer_of(path)
     encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
     ids, mask = _left_padded(encoded, prompts, device)
-    clock = _StepClock(streamer)
+    # the clock needs each step's tokens on the host: on a GPU only where a streamer takes them anyway
+    clock = _StepClock(streamer) if streamer is not None or device == "cpu" else None
     if not offloaded:
         model = load_model(path, dtype=dtype, quiet=True).model.to(device)
         start = time.perf_counter()
         out = greedy_generate(model, ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock)
-        stats = _speed(start, out, max_new_tokens) | clock.later_rate()
+        stats = _speed(start, out, max_new_tokens) | _later_rate(clock)
         return _continuations(tokenizer, out, ids.shape[1]), stats
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, prior=prior, eviction=eviction, predictor=predictor,
@@ -122,7 +124,7 @@ def generate_texts(
     try:
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock)
-        stats = _speed(start, out, max_new_tokens) | clock.later_rate()
+        stats = _speed(start, out, max_new_tokens) | _later_rate(clock)
         decode = model.cache.stats.get(1)
         stats |= {
             "slots": model.cache.slots,
@@ -177,6 +179,10 @@ class _StepClock:
         if steps < 3:
             return {"later_tokens_per_s": None}
         return {"later_tokens_per_s": self.batch * (steps - 2) / (self.times[-1] - self.times[2])}
+
+
+def _later_rate(clock: _StepClock | None) -> dict[str, float | None]:
+    return {"later_tokens_per_s": None} if clock is None else clock.later_rate()
 
 
 def _speed(start: float, out: torch.Tensor, new_tokens: int) -> dict[str, float]:

@@ -118,21 +118,27 @@ class Checkpoint:
         """Fill `target` (a writable byte view) with the bytes of shard `path` from `offset` (the data of
         tensor `name`, located by `raw`): one positioned read, no buffer in between. The shard stays
         open between calls (`close` closes it) and is checked unchanged at each: rewritten in place, it
-        is refused; replaced by a new file, the copy first opened keeps being read. uncached: drop the
-        bytes from the OS page cache once read (`posix_fadvise`, Linux), so that reading them again
-        goes to the storage device."""
+        is refused; replaced by a new file, the copy first opened keeps being read. uncached: read
+        the bytes from the storage device, not the OS page cache (`posix_fadvise`, Linux): dropped
+        from the cache before the read (other reads of the file, and the kernel's read-ahead past
+        them, may have brought them in) and after it, and no read-ahead past them."""
         fd = self._files.get(path)
         if fd is None:
             fd = self._files[path] = os.open(path, os.O_RDONLY)
         self._check_unchanged(path, os.fstat(fd))
         done, nbytes = 0, len(target)
+        if uncached:  # whole pages: the kernel drops only those inside the range
+            page = os.sysconf("SC_PAGE_SIZE")
+            start, end = offset // page * page, -(-(offset + nbytes) // page) * page
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_RANDOM)
         while done < nbytes:
             got = os.preadv(fd, [target[done:]], offset + done)
             if got == 0:
                 raise CheckpointError(f"{path} ends inside tensor {name!r}; it is truncated, re-download it")
             done += got
         if uncached:
-            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
     def _check_unchanged(self, path: Path, stat: os.stat_result) -> None:
         if _identity(stat) != self._stats[path]:

@@ -5,7 +5,8 @@ one row costs 15-24 us on `ref-8e-top2`'s [128-384, 256] matrices on the 2-core 
 warm; 172 us for the [8192, 256] output head). `embedding_bag` in "sum" mode with the row as its
 per-sample weights computes the same product from the weight's transpose [in, out]: the sum over
 inputs i of x_i times row i, scaled adds over `out` numbers accumulated in float32, rounded to
-bf16 once, as `F.linear` rounds: 4.6-8 us (the head 81 us). It reads that transpose row by row,
+bf16 once, as `F.linear` rounds (a sum exactly halfway between two bf16 numbers may round the
+other way): 4.6-8 us (the head 81 us). It reads that transpose row by row,
 so the weight must be stored column-major (`moelab.models.decode_layout`, which `generate`
 applies on a CPU at batch 1). Several rows could each make a bag, but each bag reads the weight
 again: decoding a 1.2 GB model (`benchmarks/large_model.py`) at batch 4 so took 1.27x as long
@@ -25,9 +26,10 @@ _BAGS: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
 
 def one_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)`, x: [..., in], weight: [out, in] -> [..., out]; for one bf16 row
-    on a CPU without gradients, over a column-major weight, as `embedding_bag` (see the module
-    docstring), else `F.linear` itself."""
-    if not _takes_bag(x, weight):
+    on a CPU without gradients or a bias, over a column-major weight, as `embedding_bag` (see the
+    module docstring), else `F.linear` itself (a bias added after the bag would round the sum
+    twice, where `F.linear` rounds once)."""
+    if bias is not None or not _takes_bag(x, weight):
         return F.linear(x, weight, bias)
     key = (weight.shape[1], x.device)
     bag = _BAGS.get(key)
@@ -35,8 +37,7 @@ def one_row_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Ten
         zero = torch.zeros(1, dtype=torch.long, device=x.device)
         bag = _BAGS[key] = (torch.arange(key[0], device=x.device), zero)
     y = torch.embedding_bag(weight.mT, bag[0], bag[1], False, 0, False, x.reshape(-1), False)[0]
-    y = y.view(*x.shape[:-1], weight.shape[0])
-    return y if bias is None else y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _takes_bag(x: Tensor, weight: Tensor) -> bool:
