@@ -105,7 +105,7 @@ def bench_offload(
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads.")] = 1,
     rounds: Annotated[int, typer.Option(min=1, help="Timed rounds per cell, each paired with the model in memory.")] = 2,
     read_gbps: Annotated[float | None, typer.Option("--read-gbps", help="Emulate storage of this many GB/s (default: the files as fast as the OS serves them).")] = None,
-    page_cache: Annotated[bool, typer.Option("--page-cache/--no-page-cache", help="--no-page-cache: drop each expert's bytes from the OS page cache once read, so every read goes to the storage device (Linux).")] = True,
+    page_cache: Annotated[bool, typer.Option("--page-cache/--no-page-cache", help="--no-page-cache: read every expert from the storage device, past the OS page cache (Linux).")] = True,
     compile_step: Annotated[bool, typer.Option("--compile", help="Also time the policies without read-ahead, and the model in memory, with the compiled static decode step (moelab checkpoints; transformers ones are timed eagerly only).")] = False,
     dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu or cuda (the model and the expert cache in GPU memory).")] = "cpu",

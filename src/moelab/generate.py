@@ -77,9 +77,9 @@ def generate_texts(
     prompts included (tokens/s: new tokens of every prompt), "later_tokens_per_s": the rate of the
     steps after the first two (without the prompts' pass and the first one-token step, where a
     compiled step is traced; None for fewer than 3 tokens, and on a GPU without a streamer, which
-    would wait for every step), and with offloading the expert
-    cache's). The prompts decode as one batch, each left-padded to the longest (`attention_mask` of
-    `MoETransformer.generate`), as each would alone. resident or memory_budget (bytes):
+    would wait for every step), and with offloading the expert cache's). The prompts decode as one
+    batch, each left-padded to the longest (`attention_mask` of `MoETransformer.generate`), as each
+    would alone. resident or memory_budget (bytes):
     offload the routed experts (`load_offloaded`), with `prior` (routing statistics, e.g.
     `RoutingPrior.from_trace`) for the eviction policy if given, and `policy` (a name of
     `moelab.offload.POLICIES`: eviction and read-ahead). compile: decode with a compiled

@@ -31,9 +31,9 @@ its ratio to the model in memory, and whether the tokens equal the in-memory mod
 on a CPU; on a GPU the prompt pass runs other kernels in memory, equal up to rounding). The experts are read from the checkpoint's files through the OS
 page cache: a small model's files stay cached, so tokens/s here prices the reading and copying,
 not a disk, unless `read_gbps` emulates a device of that bandwidth (each read then lasts at least
-an expert's bytes over it, one read at a time) or `page_cache` is False (each expert's bytes are
-dropped from the page cache once read, so every read goes to the storage device, as for a
-checkpoint far larger than memory); hit rates do not depend on the storage.
+an expert's bytes over it, one read at a time) or `page_cache` is False (each expert's pages are
+dropped from the page cache before and after its read, so every read goes to the storage device,
+as for a checkpoint far larger than memory); hit rates do not depend on the storage.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class OffloadOptions:
     new_tokens: the decoding; calibration_tokens: train-split tokens for the routing prior;
     threads: intra-op threads; rounds: timed rounds per cell; read_gbps: emulated storage GB/s
     (None: the files as fast as the OS serves them); page_cache: False reads every expert from
-    the storage device (its bytes dropped from the OS page cache once read); compile: also time
+    the storage device, past the OS page cache; compile: also time
     the compiled step; dtype: "fp32" or "bf16"; device: "cpu" or "cuda" (the model and the cache
     in GPU memory, experts copied from host buffers, `moelab.offload.copier`); host_memory: on a
     GPU, copy from a pinned host copy of every expert instead of reading the files."""

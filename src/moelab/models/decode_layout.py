@@ -78,10 +78,9 @@ def use_decode_layout(model: nn.Module, batch: int = 1) -> int:
     Copies one matrix at a time (its bytes, briefly, twice); called in or out of inference mode,
     it leaves each parameter the kind it was (trainable, or an inference tensor where it was made
     in inference mode)."""
-    column_major = decode_layout_weights(model, batch)
-    chosen = {id(w) for w in column_major}
-    row_major = [w for w in _matrices(model) if _decodes_column_major(w) and id(w) not in chosen]
-    return _store(column_major, column_major=True) + _store(row_major, column_major=False)
+    cpu_bf16 = [w for w in _matrices(model) if _decodes_column_major(w) and w.dtype == torch.bfloat16]
+    bf16 = cpu_bf16 if batch > 1 else []  # stored row-major again
+    return _store(decode_layout_weights(model, batch), column_major=True) + _store(bf16, column_major=False)
 
 
 def use_row_major_layout(model: nn.Module, *, keep_decode_layout: bool = False) -> int:

@@ -95,7 +95,7 @@ class _CompiledStep:
     def mark_cache(self, cache: KVCache) -> None:
         """On a CPU, a batch size's first cache length is traced with static shapes; a call of
         another length marks its cache's length dynamic, so that one more trace serves every
-        length (each new length used to cost a trace: ~11-16 s on `ref-8e-top2`; the dynamic
+        length (each new length used to cost a trace: 13-17 s on `ref-8e-top2`; the dynamic
         graph decodes at 0.91-1.00x the static one's speed)."""
         first = self.first_lengths.setdefault(cache.batch_size, cache.max_len)
         if cache.max_len != first and cache.k[0].device.type == "cpu":
@@ -333,8 +333,9 @@ class MoETransformer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """`nn.Module._apply` (what `.to()`, `.cuda()`, `.half()` run), then every weight matrix
-        that decoding on a CPU left column-major and that is now off the CPU or not float32 stored
-        row-major again: the layout is for CPU float32 products only (`moelab.models.decode_layout`)."""
+        that decoding on a CPU left column-major and that is now off the CPU or neither float32 nor
+        bf16 stored row-major again: the layout is for CPU float32 and bf16 products only
+        (`moelab.models.decode_layout`)."""
         super()._apply(fn, recurse)
         use_row_major_layout(self, keep_decode_layout=True)
         return self

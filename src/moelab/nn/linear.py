@@ -6,9 +6,9 @@ warm; 172 us for the [8192, 256] output head). `embedding_bag` in "sum" mode wit
 per-sample weights computes the same product from the weight's transpose [in, out]: the sum over
 inputs i of x_i times row i, scaled adds over `out` numbers accumulated in float32, rounded to
 bf16 once, as `F.linear` rounds (a sum exactly halfway between two bf16 numbers may round the
-other way): 4.6-8 us (the head 81 us). It reads that transpose row by row,
-so the weight must be stored column-major (`moelab.models.decode_layout`, which `generate`
-applies on a CPU at batch 1). Several rows could each make a bag, but each bag reads the weight
+other way): 4.6-8 us (the head 81 us). It reads that transpose row by row, so the weight must
+be stored column-major (`moelab.models.decode_layout`, which `generate` applies on a CPU at
+batch 1). Several rows could each make a bag, but each bag reads the weight
 again: decoding a 1.2 GB model (`benchmarks/large_model.py`) at batch 4 so took 1.27x as long
 as on row-major weights, so only one row takes it. In float32 it was slower inside a decode
 step (0.91-0.93x), so only bf16 takes it.
