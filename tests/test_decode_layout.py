@@ -16,6 +16,7 @@ from moelab.models.config import UoEConfig
 from moelab.models.decode_layout import (
     decode_layout_weights,
     is_column_major,
+    side_by_side,
     use_decode_layout,
     use_row_major_layout,
 )
@@ -90,7 +91,8 @@ def test_every_infer_path_on_column_major_experts_equals_float64(path, T):
 def test_training_step_on_column_major_weights_equals_float64():
     """forward and backward of the whole model with every matrix column-major: loss, the
     input-side gradients of every parameter against a float64 row-major copy; the gradients
-    come back in the parameters' own layout."""
+    come back in the parameters' own layout (row-major for the attention projections stored side
+    by side: torch gives a view with gaps a contiguous gradient)."""
     model = make_model(**FEATURES)
     reference = copy.deepcopy(model).to(F64)
     moved = column_major_copy(model)
@@ -102,7 +104,8 @@ def test_training_step_on_column_major_weights_equals_float64():
     expected = dict(reference.named_parameters())
     for name, p in moved.named_parameters():
         assert_close(p.grad, expected[name].grad, what=f"grad {name}")
-        assert p.grad.stride() == p.stride(), name
+        side_by_side = name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))
+        assert p.grad.stride() == (p.grad.contiguous().stride() if side_by_side else p.stride()), name
 
 
 def test_generate_moves_the_weights_and_decodes_as_the_float64_model():
@@ -236,3 +239,47 @@ def test_a_cast_or_a_move_stores_the_moved_matrices_row_major_again():
     for name, t in model.state_dict().items():
         assert torch.equal(t, before[name].to(torch.bfloat16).to(t.dtype)), name
     assert model.lm_head.weight is model.embed.weight
+
+
+def test_attention_projections_are_stored_side_by_side_and_multiplied_once():
+    """use_decode_layout stores each attention block's q, k and v projections as adjacent column
+    blocks of one column-major matrix (their values and Parameters unchanged), which the block
+    multiplies once when no gradient flows: the same logits as the float64 model, in float32 and
+    (one row, through embedding_bag) bf16; training multiplies them one by one; storing them
+    row-major again gives each its own storage."""
+    model = make_model(**FEATURES).eval()
+    reference = copy.deepcopy(model).to(F64)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    use_decode_layout(model)
+    attn = model.layers[0].attn
+    weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    assert len({w.untyped_storage().data_ptr() for w in weights}) == 1
+    with torch.no_grad():
+        assert torch.equal(attn._qkv_weight(), torch.cat(weights))
+    assert attn._qkv_weight() is None  # a gradient would flow: three products
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), name
+    ids = random_ids(batch=2, seq=5)
+    with torch.inference_mode():
+        assert_close(model.decode_step(ids), reference.decode_step(ids), what="float32 logits")
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    use_decode_layout(bf16, batch=1)
+    assert bf16.layers[1].attn._qkv_weight() is None  # not in inference mode, but:
+    with torch.inference_mode():
+        assert bf16.layers[1].attn._qkv_weight() is not None
+        logits = bf16.decode_step(ids[:1])
+    assert_close(logits.double(), reference.decode_step(ids[:1]), atol=0.1, rtol=0.05, what="bf16 logits")
+    use_row_major_layout(model)
+    assert len({w.data_ptr() for w in weights}) == 3 and all(w.is_contiguous() for w in weights)
+    with torch.no_grad():
+        assert attn._qkv_weight() is None
+
+
+def test_side_by_side_finds_only_adjacent_blocks_in_order():
+    columns = torch.randn(6, 9)  # [in, 4 + 3 + 2 outputs], row-major: a column-major [9, 6] matrix
+    a, b, c = columns[:, :4].mT, columns[:, 4:7].mT, columns[:, 7:].mT
+    assert torch.equal(side_by_side([a, b, c]), columns.mT)
+    assert side_by_side([a, c, b]) is None and side_by_side([b, c]) is None  # out of order, or a gap before
+    assert side_by_side([a, b]) is None  # its own columns are 7 of 9 wide, not 7
+    assert side_by_side([a, b, c.clone()]) is None  # a block with storage of its own
+    assert side_by_side([a.contiguous(), b, c]) is None

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from moelab.models.config import ModelConfig
 from moelab.models.decode_graph import DecodeGraph
-from moelab.models.decode_layout import use_decode_layout, use_row_major_layout
+from moelab.models.decode_layout import side_by_side, use_decode_layout, use_row_major_layout
 from moelab.nn import (
     ChainOfExperts,
     MoELayer,
@@ -42,7 +42,7 @@ from moelab.nn import (
 )
 from moelab.nn.config import build_experts
 from moelab.nn.experts import Experts
-from moelab.nn.linear import Linear
+from moelab.nn.linear import Linear, one_row_linear
 from moelab.nn.moe import mean_by_name, sum_by_name
 from moelab.nn.rope import apply_rope, rope_tables
 
@@ -166,6 +166,9 @@ class KVCache:
 class Attention(nn.Module):
     """Causal grouped-query self-attention with RoPE: H query heads share G key/value heads."""
 
+    # stored side by side for decoding (`moelab.models.decode_layout`): then one product serves all three
+    side_by_side_projections = ("q_proj", "k_proj", "v_proj")
+
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
@@ -189,9 +192,16 @@ class Attention(nn.Module):
         every cached one) -> ([B, S, D], {"q": [B, H, S, Dh], "k": [B, G, P, Dh]}, the rotated
         queries and keys, which attention-aware routing reuses)"""
         B, S, _ = x.shape
-        q = self._heads(self.q_proj(x), self.n_heads)  # [B, H, S, Dh]
-        k, v = self._heads(self.k_proj(x)), self._heads(self.v_proj(x))  # [B, G, S, Dh]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv_weight = self._qkv_weight()
+        if qkv_weight is None:
+            q = self._heads(self.q_proj(x), self.n_heads)  # [B, H, S, Dh]
+            k, v = self._heads(self.k_proj(x)), self._heads(self.v_proj(x))  # [B, G, S, Dh]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:  # one product, and the queries and keys rotated together
+            H, G = self.n_heads, self.n_kv_heads
+            qkv = one_row_linear(x, qkv_weight)  # [B, S, (H + 2G) * Dh]
+            qk = apply_rope(self._heads(qkv[..., : (H + G) * self.head_dim], H + G), cos, sin)
+            q, k, v = qk[:, :H], qk[:, H:], self._heads(qkv[..., (H + G) * self.head_dim :])
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, start_pos, k, v)  # [B, G, P, Dh]
         if isinstance(start_pos, Tensor):  # the static decode step: explicit math, which Inductor fuses
@@ -201,6 +211,18 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         y = y.view(B, 1, -1) if S == 1 else y.transpose(1, 2).reshape(B, S, -1)  # [B, S, H * Dh]
         return self.o_proj(y), {"q": q, "k": k}
+
+    def _qkv_weight(self) -> Tensor | None:
+        """The [(H + 2G) * Dh, D] matrix of the query, key and value projections, where they are
+        stored side by side (`moelab.models.decode_layout.side_by_side`) and no gradient flows
+        to them; else None."""
+        modules = self._modules  # plain lookups: this runs at every decode step
+        weights = [modules[name]._parameters["weight"] for name in self.side_by_side_projections]
+        if torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return None
+        return side_by_side(weights)
 
     def _heads(self, projected: Tensor, heads: int | None = None) -> Tensor:
         """A projection [B, S, heads * Dh] -> [B, heads, S, Dh] (default heads: the G key/value
