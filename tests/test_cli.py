@@ -178,6 +178,17 @@ def test_generate_in_memory_and_offloaded_give_the_same_text():
     assert refused.exit_code != 0 and "cannot read ahead (policy 'lookahead')" in str(refused.exception) + refused.output
 
 
+def test_generate_samples_with_a_seed_and_top_k_1_is_greedy():
+    args = ["generate", "The king said", "--max-new-tokens", "12"]
+    text = lambda result: result.output.rsplit("\n12 tokens in ", 1)[0]  # noqa: E731
+    greedy = text(runner.invoke(app, args))
+    assert text(runner.invoke(app, [*args, "--top-k", "1", "--temperature", "3"])) == greedy
+    drawn = [text(runner.invoke(app, [*args, "--temperature", "1.5", "--seed", s])) for s in ("1", "1", "2")]
+    assert drawn[0] == drawn[1] != drawn[2] and greedy not in drawn
+    refused = runner.invoke(app, [*args, "--temperature", "0"])
+    assert refused.exit_code != 0 and "temperature must be > 0" in str(refused.exception) + refused.output
+
+
 def test_the_rate_after_the_first_two_steps_counts_only_their_tokens(monkeypatch):
     """generate_texts' "later_tokens_per_s": batch x (steps - 2) over the time from the second
     step's tokens to the last's (the prompts' pass and the first one-token step, where a compiled

@@ -17,7 +17,7 @@ from moelab.models import (
     save_pretrained,
     tiny,
 )
-from moelab.models.transformer import masked_attention
+from moelab.models.transformer import masked_attention, sample_next_token
 from moelab.nn import MoELayer, SwiGLU
 
 ROUTERS = {
@@ -263,10 +263,56 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
     sample = lambda seed, **kw: model.generate(prompt, 8, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
     assert torch.equal(sample(0, temperature=0.8), sample(0, temperature=0.8))
     assert torch.equal(sample(0, top_p=1e-6), model.generate(prompt, 8, greedy=True))
+    assert torch.equal(sample(3, top_k=1, temperature=2.0), model.generate(prompt, 8, greedy=True))
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        model.generate(prompt, 2, top_k=0)
     with pytest.raises(ValueError, match="must fit ModelConfig.max_seq_len"):
         model.generate(prompt, 61)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         model.generate(prompt, 2, temperature=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_k_then_top_p_keep_the_tokens_transformers_keeps(seed):
+    """The tokens `sample_next_token` may draw (temperature, then top-k, then top-p over the
+    renormalised top-k) are those transformers' own warpers leave finite, on random logits."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(seed)
+    logits = torch.randn(4, 50) * 3
+    cases = [(0.7, 5, 0.8), (1.3, 20, 0.5), (1.0, 3, None), (1.0, None, 0.9), (1.0, 50, 1.0)]
+    for temperature, top_k, top_p in cases:
+        warped = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k is not None:
+            warped = TopKLogitsWarper(top_k)(None, warped)
+        if top_p is not None:
+            warped = TopPLogitsWarper(top_p)(None, warped)
+        draws = torch.stack([
+            sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                              generator=torch.Generator().manual_seed(i))
+            for i in range(400)
+        ])  # fmt: skip
+        drawn = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, draws.T, True)
+        allowed = warped.isfinite()
+        assert not (drawn & ~allowed).any(), (temperature, top_k, top_p)
+        if top_k is not None and top_k <= 5:
+            assert torch.equal(drawn, allowed), (temperature, top_k, top_p)
+
+
+def test_top_p_applies_to_the_renormalised_top_k():
+    """probs 0.5, 0.3, 0.2: top-k 2 leaves 0.625 and 0.375, whose first alone reaches top-p 0.6;
+    over the unrenormalised 0.5 the second would be kept too."""
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    def draws(**kw) -> set[int]:
+        seeded = [torch.Generator().manual_seed(i) for i in range(200)]
+        return {int(sample_next_token(logits, top_k=2, generator=g, **kw)) for g in seeded}
+
+    assert draws(top_p=0.6) == {0}
+    assert draws() == {0, 1}
 
 
 def test_generation_stops_at_eos_and_pads_with_it():

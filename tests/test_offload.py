@@ -24,8 +24,9 @@ from test_model import Recorder
 from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.native import copy_expert, empty_experts
 from moelab.models import MoETransformer, save_pretrained, tiny
+from moelab.models.transformer import Sampling
 from moelab.offload import ExpertCache, ExpertStore, OffloadedExperts, RoutingPrior, load_offloaded
-from moelab.offload.model import greedy_generate
+from moelab.offload.model import generate_ids
 from moelab.offload.predict import _Counter
 
 
@@ -60,7 +61,7 @@ def test_offloaded_decoding_equals_the_model_in_memory(tmp_path, resident, evict
         ids = torch.randint(0, model.config.vocab_size, (2, 5))
         with torch.inference_mode():
             torch.testing.assert_close(offloaded.model.decode_step(ids), model.decode_step(ids), atol=1e-5, rtol=1e-5)
-        assert torch.equal(offloaded.generate(ids[:1], 12), greedy_generate(model, ids[:1], 12))
+        assert torch.equal(offloaded.generate(ids[:1], 12), generate_ids(model, ids[:1], 12))
         stats = offloaded.cache.total()
         assert stats.requests == stats.hits + stats.late + stats.misses > 0
         if resident == 1.0:  # the warm start loads every expert: nothing to read or read ahead
@@ -82,7 +83,7 @@ def test_offloaded_models_decode_a_left_padded_batch_as_in_memory_and_stream_it(
         model.save_pretrained(path)
     ids = torch.randint(0, 64, (2, 6))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
-    want = greedy_generate(model, ids, 8, attention_mask=mask)
+    want = generate_ids(model, ids, 8, attention_mask=mask)
     offloaded = load_offloaded(path, resident=0.5)
     try:
         streamer = Recorder()
@@ -101,7 +102,7 @@ def test_offloaded_bf16_decoding_equals_the_model_in_memory_in_bf16(tmp_path, on
     try:
         assert offloaded.cache.pool.dtype == torch.bfloat16
         ids = torch.randint(0, model.config.vocab_size, (1, 5))
-        assert torch.equal(offloaded.generate(ids, 12), greedy_generate(model, ids, 12))
+        assert torch.equal(offloaded.generate(ids, 12), generate_ids(model, ids, 12))
     finally:
         offloaded.close()
 
@@ -113,11 +114,36 @@ def test_the_default_reads_no_expert_ahead_and_evicts_by_reuse(tmp_path, one_thr
     offloaded = load_offloaded(path, resident=0.5)
     try:
         ids = torch.randint(0, model.config.vocab_size, (1, 5))
-        assert torch.equal(offloaded.generate(ids, 8), greedy_generate(model, ids, 8))
+        assert torch.equal(offloaded.generate(ids, 8), generate_ids(model, ids, 8))
         assert offloaded.cache.eviction == "reuse" and offloaded.cache.total().misses > 0
         assert offloaded.cache.prefetch_stats.issued == 0 and calls == [], "no read-ahead, not even its hook"
     finally:
         offloaded.close()
+
+
+def test_offloaded_sampling_draws_the_in_memory_tokens_and_hf_sampling_is_seeded(tmp_path, one_thread):
+    """One seed, one text: an offloaded moelab model samples the tokens its in-memory model
+    samples; transformers' sampling is seeded too, leaves torch's global generator as it was, and
+    with top-k 1 is greedy."""
+    model, path = _native(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    sampling = Sampling(temperature=1.5, top_p=0.95, seed=3)
+    want = generate_ids(model, ids, 10, sampling=sampling)
+    assert not torch.equal(want, generate_ids(model, ids, 10)), "drawn, not greedy"
+    offloaded = load_offloaded(path, resident=0.5)
+    try:
+        assert torch.equal(offloaded.generate(ids, 10, sampling=sampling), want)
+    finally:
+        offloaded.close()
+    torch.manual_seed(0)
+    hf = build("mixtral").eval()
+    state = torch.random.get_rng_state()
+    drawn = generate_ids(hf, ids % 64, 8, sampling=Sampling(temperature=1.5, seed=1))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(generate_ids(hf, ids % 64, 8, sampling=Sampling(temperature=1.5, seed=1)), drawn)
+    assert not torch.equal(generate_ids(hf, ids % 64, 8, sampling=Sampling(temperature=1.5, seed=2)), drawn)
+    greedy = generate_ids(hf, ids % 64, 8)
+    assert torch.equal(generate_ids(hf, ids % 64, 8, sampling=Sampling(temperature=1.5, top_k=1)), greedy)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"])
@@ -127,7 +153,7 @@ def test_offloaded_transformers_checkpoint_decodes_like_transformers(tmp_path, f
     model.save_pretrained(tmp_path)
     torch.manual_seed(2)
     ids = torch.randint(0, 64, (1, 6))
-    want = greedy_generate(model, ids, 8)
+    want = generate_ids(model, ids, 8)
     for resident, predictor in ((0.5, "lookahead"), (1.0, None)):
         offloaded = load_offloaded(tmp_path, resident=resident, predictor=predictor)
         try:
@@ -489,7 +515,7 @@ def test_compiled_decoding_refuses_read_ahead_and_transformers_models(tmp_path):
         offloaded.close()
     hf_model = build("mixtral", seed=0)
     with pytest.raises(ValueError, match="compile=True needs a moelab model"):
-        greedy_generate(hf_model, ids, 2, compile=True)
+        generate_ids(hf_model, ids, 2, compile=True)
 
 
 def test_a_restarted_cache_behaves_as_a_new_one(tmp_path, one_thread):
@@ -668,7 +694,7 @@ def test_a_store_past_the_page_cache_reads_every_expert_from_the_device(tmp_path
     ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
     offloaded = load_offloaded(path, resident=0.5, page_cache=False)
     try:
-        assert torch.equal(greedy_generate(offloaded.model, ids, 6), model.generate(ids, 6, greedy=True))
+        assert torch.equal(generate_ids(offloaded.model, ids, 6), model.generate(ids, 6, greedy=True))
     finally:
         offloaded.close()
 
@@ -897,7 +923,7 @@ def test_an_offloaded_model_on_an_accelerator_stand_in_decodes_as_in_memory(tmp_
     offloaded = load_offloaded(path, resident=0.5, predictor="lookahead")
     try:
         ids = torch.randint(0, model.config.vocab_size, (1, 5))
-        assert torch.equal(offloaded.generate(ids, 12), greedy_generate(model, ids, 12))
+        assert torch.equal(offloaded.generate(ids, 12), generate_ids(model, ids, 12))
         assert offloaded.cache.prefetch_stats.issued > 0 and offloaded.cache.total().misses > 0
     finally:
         offloaded.close()

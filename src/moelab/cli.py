@@ -536,7 +536,7 @@ def compress_bench(
 def generate_cmd(
     prompts: Annotated[list[str], typer.Argument(help="The text to continue; several prompts decode as one batch.")],
     model: Annotated[Path | None, typer.Option("--model", help="A checkpoint directory, moelab's or transformers' (default: the shipped ref-8e-top2).")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy tokens to add.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to add.")] = 64,
     resident: Annotated[float | None, typer.Option("--resident", help="Offload the routed experts, keeping this fraction of them in memory (0-1].")] = None,
     memory_budget: Annotated[str | None, typer.Option("--memory-budget", help="Offload the routed experts to fit the whole model in this much memory, e.g. 2GiB.")] = None,
     prior: Annotated[Path | None, typer.Option("--prior", help="A routing trace (moelab trace) whose statistics guide the expert cache.")] = None,
@@ -545,19 +545,29 @@ def generate_cmd(
     dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu or cuda (offloaded: the expert cache in GPU memory).")] = "cpu",
     host_memory: Annotated[bool, typer.Option("--host-memory", help="Offloaded on cuda: keep every routed expert in pinned host memory and copy to the GPU from there (no file reads).")] = False,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="Sample each token from softmax(logits / temperature) instead of taking the most likely one.")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Sample from the smallest set of most likely tokens whose probability reaches this (0-1].")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="Sample from the k most likely tokens.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling: one seed, one text.")] = 0,
 ) -> None:
-    """Continue prompts greedily (one printed as it is decoded, several as one batch), the model in
-    memory or its routed experts offloaded (--resident / --memory-budget)."""
+    """Continue prompts (one printed as it is decoded, several as one batch), greedily or, with any
+    of --temperature / --top-p / --top-k, sampling (temperature 1 unless given); the model in memory
+    or its routed experts offloaded (--resident / --memory-budget)."""
     from transformers import TextStreamer
 
     from moelab.bench.layer import DTYPES
     from moelab.generate import generate_texts, load_tokenizer_of, parse_size
     from moelab.models.reference import reference_model_dir
+    from moelab.models.transformer import Sampling
     from moelab.offload import RoutingPrior
     from moelab.trace import open_trace
     from moelab.validation import check_choice
 
     check_choice("dtype", dtype, DTYPES)
+    sampling = None
+    if (temperature, top_p, top_k) != (None, None, None):
+        temperature = 1.0 if temperature is None else temperature
+        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     path = model or reference_model_dir()
     streamer = None
     if len(prompts) == 1:  # printed as it comes (transformers' streamer takes a batch of one)
@@ -567,7 +577,7 @@ def generate_cmd(
         path, prompts, max_new_tokens=max_new_tokens, resident=resident,
         memory_budget=None if memory_budget is None else parse_size(memory_budget),
         prior=None if prior is None else RoutingPrior.from_trace(open_trace(prior)), policy=policy, compile=compile_step,
-        dtype=DTYPES[dtype], device=device, host_memory=host_memory, streamer=streamer,
+        dtype=DTYPES[dtype], device=device, host_memory=host_memory, streamer=streamer, sampling=sampling,
     )  # fmt: skip
     if streamer is None:
         for prompt, text in zip(prompts, texts, strict=True):

@@ -7,7 +7,8 @@ experts offloaded.
 
 The model is any checkpoint the other commands read (moelab's or a transformers family), its
 tokenizer the one saved beside it (moelab's shipped tokenizer for a moelab checkpoint without
-one). Decoding is greedy; several prompts decode as one batch, left-padded. With `resident` or
+one). Decoding is greedy, or draws tokens (`sampling=Sampling(temperature, top_p, top_k, seed)`);
+several prompts decode as one batch, left-padded. With `resident` or
 `memory_budget` the routed experts are offloaded (`moelab.offload`: `policy` picks the eviction
 and read-ahead; a routing prior from a trace, `moelab trace`, sharpens the eviction policy), so
 nothing beyond the budget is loaded.
@@ -24,9 +25,9 @@ from pathlib import Path
 import torch
 
 from moelab.data import TOKENIZER_DIR
-from moelab.models.transformer import TokenStreamer
+from moelab.models.transformer import Sampling, TokenStreamer
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
-from moelab.offload.model import greedy_generate
+from moelab.offload.model import generate_ids
 from moelab.trace import load_model
 from moelab.validation import check_choice, check_device
 
@@ -72,6 +73,7 @@ def generate_texts(
     device: str = "cpu",
     host_memory: bool = False,
     streamer: TokenStreamer | None = None,
+    sampling: Sampling | None = None,
 ) -> tuple[list[str], dict]:
     """(each prompt's continuation, statistics: "seconds" and "tokens_per_s" of the decoding, the
     prompts included (tokens/s: new tokens of every prompt), "later_tokens_per_s": the rate of the
@@ -88,7 +90,8 @@ def generate_texts(
     device: what the model computes in and where ("cuda": an offloaded model's cache in GPU memory;
     host_memory: every expert also kept in pinned host memory, `load_offloaded`). streamer: told
     each step's tokens (`MoETransformer.generate`; e.g. transformers' `TextStreamer(tokenizer,
-    skip_prompt=True)`, which prints one prompt's continuation as it decodes)."""
+    skip_prompt=True)`, which prints one prompt's continuation as it decodes). sampling: draw each
+    token (`moelab.models.transformer.Sampling`; one seed gives one text), else greedy."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings; for one prompt call generate_text")
     empty = [i for i, prompt in enumerate(prompts) if not prompt]
@@ -114,7 +117,10 @@ def generate_texts(
     if not offloaded:
         model = load_model(path, dtype=dtype, quiet=True).model.to(device)
         start = time.perf_counter()
-        out = greedy_generate(model, ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock)
+        out = generate_ids(
+            model, ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock,
+            sampling=sampling,
+        )  # fmt: skip
         stats = _speed(start, out, max_new_tokens) | _later_rate(clock)
         return _continuations(tokenizer, out, ids.shape[1]), stats
     model = load_offloaded(
@@ -123,7 +129,9 @@ def generate_texts(
     )  # fmt: skip
     try:
         start = time.perf_counter()
-        out = model.generate(ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock)
+        out = model.generate(
+            ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock, sampling=sampling
+        )
         stats = _speed(start, out, max_new_tokens) | _later_rate(clock)
         decode = model.cache.stats.get(1)
         stats |= {

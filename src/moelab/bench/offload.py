@@ -52,7 +52,7 @@ from moelab.bench.machine import device_name, source_commit
 from moelab.bench.skipping import test_batches
 from moelab.models import MoETransformer
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
-from moelab.offload.model import greedy_generate, warm_start
+from moelab.offload.model import generate_ids, warm_start
 from moelab.trace import load_model
 from moelab.validation import check_choice, check_device, is_int
 
@@ -107,7 +107,7 @@ def _decode(
     device = prompts[0].device
     synchronize(device)
     start = time.perf_counter()
-    out = [greedy_generate(model, p, new_tokens, compile=compile) for p in prompts]
+    out = [generate_ids(model, p, new_tokens, compile=compile) for p in prompts]
     synchronize(device)
     return out, time.perf_counter() - start
 

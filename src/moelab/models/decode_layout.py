@@ -24,7 +24,7 @@ refuses them (`use_row_major_layout` stores them back; moelab's `parallelize` ca
 Matrices that a step multiplies by the same rows (an attention block's query, key and value
 projections, named by its `side_by_side_projections`) go side by side: adjacent column blocks of one
 column-major matrix (`side_by_side`), so that one product serves them all (one call instead of
-three: 1.07-1.10x faster batch-1 decoding of the shipped models, fp32 and bf16). Each keeps its
+three: 1.05-1.06x faster batch-1 decoding of the shipped models, fp32 and bf16). Each keeps its
 own Parameter, shape and values; a cast or `use_row_major_layout` gives each its own storage again.
 """
 

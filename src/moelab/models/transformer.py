@@ -587,6 +587,7 @@ class MoETransformer(nn.Module):
         attention_mask: Tensor | None = None,
         temperature: float = 1.0,
         top_p: float | None = None,
+        top_k: int | None = None,
         greedy: bool = False,
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
@@ -600,9 +601,10 @@ class MoETransformer(nn.Module):
         padding never attended to (where routing looks at one token at a time: capacity dropping and
         expert choice route a batch together, padded or not; refused for models whose routing looks
         at whole sequences; on a GPU a padded batch's compiled step runs without a CUDA graph).
-        greedy: argmax; else sample from softmax(logits / temperature), restricted to the nucleus of
-        mass top_p if given. A sequence that emits eos_token_id is padded with it; generation stops
-        early once all have. streamer: told the prompts (`put(input_ids)`), each step's new tokens
+        greedy: argmax; else sample from softmax(logits / temperature), restricted to the top_k
+        most likely tokens and then to the nucleus of mass top_p, where given
+        (`sample_next_token`). A sequence that emits eos_token_id is padded with it; generation
+        stops early once all have. streamer: told the prompts (`put(input_ids)`), each step's new tokens
         (`put(ids [B])`) and the end (`end()`), as transformers' `generate` tells it: its
         `TextStreamer(tokenizer, skip_prompt=True)` prints a batch of one as it decodes. Runs in the
         model's current mode (call `.eval()`). compile: run the one-token steps as a `torch.compile`d
@@ -635,8 +637,7 @@ class MoETransformer(nn.Module):
             raise ValueError(
                 f"temperature must be > 0 when sampling, got {temperature}; use greedy=True for argmax"
             )
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        check_sampling(top_p=top_p, top_k=top_k)
         pads = left_padding(attention_mask, input_ids)
         if pads is not None and self.needs_sequences:
             raise ValueError(
@@ -694,7 +695,8 @@ class MoETransformer(nn.Module):
                     logits = self._decode(step_ids, cache, pos, pads)
                 pos += step_ids.shape[1]
                 next_ids = sample_next_token(
-                    logits, temperature=temperature, top_p=top_p, greedy=greedy, generator=generator
+                    logits, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
+                    generator=generator,
                 )
                 if eos_token_id is not None:
                     next_ids = next_ids.masked_fill(done, eos_token_id)
@@ -766,20 +768,58 @@ def _leak_name(block: Block) -> str:
     return type(router).__name__ if not router.causal else "capacity dropping"
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How to draw each next token instead of taking the argmax (`sample_next_token`): softmax of
+    the logits / temperature, the top_k most likely tokens, then the nucleus of mass top_p, where
+    given; `seed` seeds the draws, so one seed gives one text."""
+
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0 when sampling, got {self.temperature}; for the most likely "
+                "token at every step decode greedily (give no temperature, top_p or top_k)"
+            )
+        check_sampling(top_p=self.top_p, top_k=self.top_k)
+
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+
+def check_sampling(*, top_p: float | None = None, top_k: int | None = None) -> None:
+    """Refuse a nucleus mass outside (0, 1] and a top_k below 1, with what to give instead."""
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (1: greedy), got {top_k}")
+
+
 def sample_next_token(
     logits: Tensor,
     *,
     temperature: float = 1.0,
     top_p: float | None = None,
+    top_k: int | None = None,
     greedy: bool = False,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """logits: [B, V] -> next token ids [B]: the argmax if greedy, else a sample from
-    softmax(logits / temperature), keeping only the smallest set of most likely tokens whose
-    mass reaches top_p (the token that crosses it included) if top_p is given."""
+    softmax(logits / temperature), keeping only the top_k most likely tokens (and any tied with
+    the k-th) if top_k is given, then, renormalised, only the smallest set of most likely tokens
+    whose mass reaches top_p (the token that crosses it included) if top_p is given: transformers'
+    order (temperature, top-k, top-p)."""
     if greedy:
         return logits.argmax(-1)
     probs = (logits.float() / temperature).softmax(-1)
+    if top_k is not None and top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, -1).values[..., -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
     if top_p is not None:
         sorted_probs, order = probs.sort(-1, descending=True)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs

@@ -2,7 +2,7 @@
 from the safetensors files into an `ExpertCache` as the routing asks for them.
 
     model = load_offloaded("path/to/checkpoint", resident=0.25, prior=RoutingPrior.from_trace(trace))
-    ids = model.generate(prompt_ids, max_new_tokens=64)     # greedy, [B, S + 64]
+    ids = model.generate(prompt_ids, max_new_tokens=64)     # greedy (or sampling=Sampling(...)), [B, S + 64]
     model.cache.stats                                        # hits, misses, prefetch accuracy
 
 Works for moelab checkpoints (the model's own MoE layers keep everything but their experts) and
@@ -32,7 +32,7 @@ from moelab.hf.layerwise import MoEBlock, load_tensors, skeleton, tied_names
 from moelab.hf.modules import decoder_layers, find_moe_modules
 from moelab.hf.native import router_from_view, shared_from_view
 from moelab.hf.view import MoELayerView
-from moelab.models.transformer import MoETransformer, TokenStreamer, left_padding
+from moelab.models.transformer import MoETransformer, Sampling, TokenStreamer, left_padding
 from moelab.nn.dispatch import plan_dispatch
 from moelab.nn.experts import Experts
 from moelab.nn.moe import MoELayer
@@ -192,10 +192,11 @@ class OffloadedModel:
         attention_mask: Tensor | None = None,
         compile: bool = False,
         streamer: TokenStreamer | None = None,
+        sampling: Sampling | None = None,
     ) -> Tensor:
-        """Greedy decoding with a KV cache: input_ids [B, S] -> [B, S + max_new_tokens];
+        """Decoding with a KV cache (`generate_ids`): input_ids [B, S] -> [B, S + max_new_tokens];
         attention_mask [B, S]: 0 for the left padding of a batch of prompts; streamer: told each
-        step's tokens (`MoETransformer.generate`). compile:
+        step's tokens (`MoETransformer.generate`); sampling: draw the tokens (default: greedy). compile:
         decode with moelab's compiled static step (`MoETransformer.generate(compile=True)`; a
         moelab checkpoint without read-ahead), the experts fetched and run inside it by an
         opaque op (`moelab.nn.opaque`)."""
@@ -204,9 +205,9 @@ class OffloadedModel:
                 f"compile=True cannot read ahead (the {self.predictor!r} predictor runs Python hooks at every "
                 "layer); use the policy 'reuse' or 'lru', or drop compile"
             )
-        return greedy_generate(
+        return generate_ids(
             self.model, input_ids, max_new_tokens, attention_mask=attention_mask, compile=compile,
-            streamer=streamer,
+            streamer=streamer, sampling=sampling,
         )  # fmt: skip
 
     def close(self) -> None:
@@ -215,7 +216,7 @@ class OffloadedModel:
 
 
 @torch.inference_mode()
-def greedy_generate(
+def generate_ids(
     model: nn.Module,
     input_ids: Tensor,
     max_new_tokens: int,
@@ -223,15 +224,22 @@ def greedy_generate(
     attention_mask: Tensor | None = None,
     compile: bool = False,
     streamer: TokenStreamer | None = None,
+    sampling: Sampling | None = None,
 ) -> Tensor:
-    """Greedy decoding with a KV cache by moelab's `MoETransformer.generate` (compile: its compiled
+    """Decoding with a KV cache by moelab's `MoETransformer.generate` (compile: its compiled
     static step) or transformers' `generate` (exactly max_new_tokens, no stopping at EOS): [B, S] ->
     [B, S + max_new_tokens]; attention_mask [B, S]: 0 for the left padding of a batch of prompts;
-    streamer: told the prompts, each step's tokens and the end, by either."""
+    streamer: told the prompts, each step's tokens and the end, by either. Greedy, or sampling's
+    draws (transformers' draws come from torch's global generator, seeded inside and then put
+    back as it was; transformers' default top-k of 50 is not applied)."""
     if isinstance(model, MoETransformer):
+        draws = {"greedy": True} if sampling is None else {
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+            "generator": sampling.generator(input_ids.device),
+        }  # fmt: skip
         return model.generate(
-            input_ids, max_new_tokens, attention_mask=attention_mask, greedy=True, compile=compile,
-            streamer=streamer,
+            input_ids, max_new_tokens, attention_mask=attention_mask, compile=compile, streamer=streamer,
+            **draws,
         )  # fmt: skip
     if compile:
         raise ValueError(
@@ -247,10 +255,18 @@ def greedy_generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     left_padding(attention_mask, input_ids)  # moelab's checks and errors for transformers' models too
-    return model.generate(
-        input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, streamer=streamer,
-    )  # fmt: skip
+    draws = {"do_sample": False} if sampling is None else {
+        "do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k or 0,
+        "top_p": 1.0 if sampling.top_p is None else sampling.top_p,
+    }  # fmt: skip
+    cuda = [input_ids.device] if input_ids.is_cuda else []
+    with torch.random.fork_rng(devices=cuda, enabled=sampling is not None):
+        if sampling is not None:
+            torch.manual_seed(sampling.seed)
+        return model.generate(
+            input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens, pad_token_id=0, streamer=streamer, **draws,
+        )  # fmt: skip
 
 
 def resident_slots(store: ExpertStore, resident: float | None, memory_budget: int | None, dense_bytes: int, top_k: int) -> int:
