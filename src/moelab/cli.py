@@ -411,6 +411,21 @@ def export(
     console.print(f"wrote {path} ({family}; loads with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
+@app.command("import")
+def import_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="A transformers checkpoint directory: mixtral, or qwen2_moe with zero attention biases.")],
+    out: Annotated[Path, typer.Option("--out", help="New directory for the moelab checkpoint.")],
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a transformers MoE checkpoint as a moelab one, which decodes on moelab's fast path (the
+    inverse of export; checked: logits match to 1e-4)."""
+    from moelab.hf.conversion import import_checkpoint
+
+    path = import_checkpoint(model_dir, out, overwrite=overwrite, quiet=quiet)
+    console.print(f"wrote {path} (a moelab checkpoint: moelab.models.load_pretrained, moelab generate --model)")
+
+
 CalibOpt = Annotated[list[str] | None, typer.Option("--calib", help="Calibration data: corpus, corpus:code,german, corpus:code=3,german=1, a .txt/.jsonl file or directory (repeatable; default corpus).")]
 CalibTokensOpt = Annotated[int, typer.Option("--calib-tokens", min=1, help="Calibration token budget, split over the sources by weight.")]
 SampleTokensOpt = Annotated[int, typer.Option("--sample-tokens", min=0, help="MoE inputs kept per layer for methods that re-run layers (NAEE).")]

@@ -7,9 +7,11 @@ experts offloaded.
 
 The model is any checkpoint the other commands read (moelab's or a transformers family), its
 tokenizer the one saved beside it (moelab's shipped tokenizer for a moelab checkpoint without
-one). Decoding is greedy, or draws tokens (`sampling=Sampling(temperature, top_p, top_k, seed)`);
-several prompts decode as one batch, left-padded. With `resident` or
-`memory_budget` the routed experts are offloaded (`moelab.offload`: `policy` picks the eviction
+one). In memory, a transformers checkpoint that moelab's decoder represents exactly (Mixtral,
+Qwen2-MoE with zero attention biases: `moelab.hf.conversion`) runs as a moelab model, converted
+as it loads (the statistics' "engine" says which ran). Decoding is greedy, or draws tokens
+(`sampling=Sampling(temperature, top_p, top_k, seed)`); several prompts decode as one batch,
+left-padded. With `resident` or `memory_budget` the routed experts are offloaded (`moelab.offload`: `policy` picks the eviction
 and read-ahead; a routing prior from a trace, `moelab trace`, sharpens the eviction policy), so
 nothing beyond the budget is loaded.
 """
@@ -25,7 +27,9 @@ from pathlib import Path
 import torch
 
 from moelab.data import TOKENIZER_DIR
-from moelab.models.transformer import Sampling, TokenStreamer
+from moelab.files import read_json_object
+from moelab.hf.conversion import conversion_problems, moelab_model
+from moelab.models.transformer import MoETransformer, Sampling, TokenStreamer
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import generate_ids
 from moelab.trace import load_model
@@ -111,17 +115,19 @@ def generate_texts(
         )
     tokenizer = load_tokenizer_of(path)
     encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+    _check_vocabulary(path, encoded)
     ids, mask = _left_padded(encoded, prompts, device)
     # the clock needs each step's tokens on the host: on a GPU only where a streamer takes them anyway
     clock = _StepClock(streamer) if streamer is not None or device == "cpu" else None
     if not offloaded:
-        model = load_model(path, dtype=dtype, quiet=True).model.to(device)
+        model = _model_in_memory(path, dtype).to(device)
         start = time.perf_counter()
         out = generate_ids(
             model, ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock,
             sampling=sampling,
         )  # fmt: skip
         stats = _speed(start, out, max_new_tokens) | _later_rate(clock)
+        stats["engine"] = "moelab" if isinstance(model, MoETransformer) else "transformers"
         return _continuations(tokenizer, out, ids.shape[1]), stats
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, prior=prior, eviction=eviction, predictor=predictor,
@@ -143,6 +149,32 @@ def generate_texts(
     finally:
         model.close()
     return _continuations(tokenizer, out, ids.shape[1]), stats
+
+
+def _model_in_memory(path: str | os.PathLike, dtype: torch.dtype) -> torch.nn.Module:
+    """The model at `path` in eval mode: a moelab checkpoint, or a transformers one as a moelab
+    model where it converts exactly (`moelab.hf.conversion`: it decodes faster so), else
+    transformers' own model."""
+    config = Path(path) / "config.json"
+    if config.is_file() and "model_type" in read_json_object(config, "a model config"):
+        if not conversion_problems(path):
+            return moelab_model(path, dtype=dtype)
+    return load_model(path, dtype=dtype, quiet=True).model
+
+
+def _check_vocabulary(path: str | os.PathLike, encoded: list[list[int]]) -> None:
+    """Refuse prompts whose token ids the model has no embedding for (a checkpoint without a
+    tokenizer of its own gets moelab's, which may not be its own)."""
+    config = Path(path) / "config.json"
+    vocab_size = read_json_object(config, "a model config").get("vocab_size") if config.is_file() else None
+    largest = max(max(ids, default=0) for ids in encoded)
+    if isinstance(vocab_size, int) and largest >= vocab_size:
+        own = (Path(path) / "tokenizer.json").is_file() or (Path(path) / "tokenizer_config.json").is_file()
+        whose = "its own tokenizer" if own else f"moelab's shipped tokenizer ({path} has none of its own)"
+        raise ValueError(
+            f"the prompt encodes to token id {largest} with {whose}, but the model's vocabulary has "
+            f"{vocab_size} tokens; save the tokenizer the model was trained with beside it (tokenizer.json)"
+        )
 
 
 def _left_padded(

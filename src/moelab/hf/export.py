@@ -43,16 +43,30 @@ from moelab.validation import did_you_mean
 EXPORT_FAMILIES = ("qwen2_moe", "mixtral")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _ARCHITECTURES = {"qwen2_moe": "Qwen2MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
-# moelab key -> transformers key, for everything outside the MoE blocks ({i}: layer, {p}: projection)
-_RENAMES = (
-    (r"embed\.weight", "model.embed_tokens.weight"),
-    (r"norm\.weight", "model.norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"layers\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"layers\.(\d+)\.attn\.([qkvo])_proj\.weight", r"model.layers.\1.self_attn.\2_proj.weight"),
-    (r"layers\.(\d+)\.ffn\.(gate|up|down)_proj\.weight", r"model.layers.\1.mlp.\2_proj.weight"),
+# moelab key <-> transformers key, for everything outside the MoE blocks ({i}: a layer, {attn}:
+# an attention projection, {mlp}: a dense FFN projection)
+NAME_PAIRS = (
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.attn.{attn}_proj.weight", "model.layers.{i}.self_attn.{attn}_proj.weight"),
+    ("layers.{i}.ffn.{mlp}_proj.weight", "model.layers.{i}.mlp.{mlp}_proj.weight"),
 )
+_FIELDS = {"i": r"\d+", "attn": "[qkvo]", "mlp": "gate|up|down"}
+
+
+def renamed(key: str, *, to_transformers: bool) -> str | None:
+    """`key`'s name on the other side of `NAME_PAIRS` (a moelab key's transformers name, or the
+    reverse), None where it has none."""
+    for pair in NAME_PAIRS:
+        source, target = pair if to_transformers else pair[::-1]
+        pattern = re.escape(source).replace(r"\{", "{").replace(r"\}", "}")
+        pattern = re.sub(r"\{(\w+)\}", lambda m: f"(?P<{m[1]}>{_FIELDS[m[1]]})", pattern)
+        if match := re.fullmatch(pattern, key):
+            return target.format(**match.groupdict())
+    return None
 
 
 def export_problems(config: ModelConfig, family: str) -> list[str]:
@@ -184,9 +198,7 @@ def _tensors(ckpt, config: dict, family: str, fused: bool) -> tuple[dict[str, Te
     for key in ckpt.keys():
         if key.startswith(tuple(moe_prefixes)):
             continue
-        name = next(
-            (re.sub(pattern, repl, key) for pattern, repl in _RENAMES if re.fullmatch(pattern, key)), None
-        )
+        name = renamed(key, to_transformers=True)
         if name is None:
             raise ValueError(
                 f"the checkpoint tensor {key!r} has no counterpart in {family}; it cannot be exported"

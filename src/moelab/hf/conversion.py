@@ -1,0 +1,200 @@
+"""A transformers checkpoint as a moelab model: the inverse of `moelab.hf.export`.
+
+moelab's decoder computes exactly what a Mixtral checkpoint computes, and a Qwen2-MoE one whose
+attention biases are zero (as `moelab export --family qwen2_moe` writes them). Such a checkpoint
+becomes a `MoETransformer`, weight for weight, and then decodes on moelab's own path (KV cache,
+column-major one-row products, the compiled static step: `docs/benchmarks.md`), which runs
+transformers' own model of the same weights several times slower at batch 1.
+
+    model = moelab_model("path/to/mixtral")                # in memory
+    import_checkpoint("path/to/mixtral", "runs/mixtral-moelab")   # a moelab checkpoint directory
+
+Anything else (another family, sliding-window attention, scaled RoPE, a head width other than
+D / H, nonzero attention biases, other activations or routers) is refused with the reasons
+(`conversion_problems`). `import_checkpoint` checks what it wrote: moelab's logits equal
+transformers' to 1e-4.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moelab.hf.adapters import NATIVE, resolve
+from moelab.hf.checkpoint import Checkpoint, CheckpointError
+from moelab.hf.export import TOKENIZER_FILES, renamed
+from moelab.hf.layouts import Config
+from moelab.hf.view import MoELayerView
+from moelab.io import StagedOutput, check_output_dir, copy_side_file
+from moelab.models.config import ModelConfig
+from moelab.models.pretrained import CHECKPOINT_KIND, load_state, write_model_files
+from moelab.models.transformer import MoETransformer
+from moelab.nn.config import MoEConfig
+
+CONVERTIBLE_FAMILIES = ("mixtral", "qwen2_moe")
+_ATTENTION_BIAS = re.compile(r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias")
+
+
+def conversion_problems(path: str | os.PathLike) -> list[str]:
+    """Why the transformers checkpoint at `path` cannot become a moelab model exactly (empty: it
+    can); reads config.json and, for Qwen2-MoE, the attention biases."""
+    config, ckpt, family = resolve(path)
+    try:
+        return _problems(path, ckpt, family.name)
+    finally:
+        ckpt.close()
+
+
+def moelab_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> MoETransformer:
+    """The transformers checkpoint at `path` as a moelab `MoETransformer` (eval mode; in the
+    checkpoint's dtype unless `dtype` is given); refuses what does not convert exactly."""
+    config, ckpt, family = resolve(path)
+    try:
+        if problems := _problems(path, ckpt, family.name):
+            raise ValueError(f"{path} cannot run as a moelab model exactly: it has " + "; ".join(problems))
+        model_config = _model_config(_transformers_config(path), family.name)
+        tensors = _tensors(ckpt, config, family, model_config)
+    finally:
+        ckpt.close()
+    model = MoETransformer(model_config)
+    load_state(model, tensors)
+    return model.to(dtype or next(iter(tensors.values())).dtype).eval()
+
+
+def import_checkpoint(
+    path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, quiet: bool = False
+) -> Path:
+    """Write the transformers checkpoint at `path` to the new directory `out` as a moelab
+    checkpoint (`moelab.models.save_pretrained`'s files, in the checkpoint's dtype), with its
+    tokenizer files; checked before it is reported: moelab's logits equal transformers' to 1e-4."""
+    path = Path(path).resolve()
+    check_output_dir(out, CHECKPOINT_KIND, inputs=[path], overwrite=overwrite)
+    model = moelab_model(path)
+    with StagedOutput(out, CHECKPOINT_KIND, inputs=[path], overwrite=overwrite) as staging:
+        write_model_files(model, staging)
+        for name in TOKENIZER_FILES:
+            if (path / name).is_file():
+                copy_side_file(path / name, staging / name, path)
+        _check_logits(path, model, quiet)
+    return Path(out)
+
+
+def _transformers_config(path: str | os.PathLike):
+    """transformers' config object of the checkpoint (its class defaults filled in; local files
+    only, no remote code)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def _problems(path: str | os.PathLike, ckpt: Checkpoint, family: str) -> list[str]:
+    if family not in CONVERTIBLE_FAMILIES:
+        return [f"model_type {family!r}; moelab converts {' and '.join(CONVERTIBLE_FAMILIES)} checkpoints"]
+    config, problems = _transformers_config(path), []
+    dim, heads = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is not None and head_dim * heads != dim:
+        problems.append(f"a head width of {head_dim} where moelab's is hidden_size / heads = {dim // heads}")
+    rope = config.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"scaled RoPE ({rope['rope_type']})")
+    if config.hidden_act != "silu":
+        problems.append(f"the activation {config.hidden_act!r} (moelab's experts are SwiGLU)")
+    if family == "qwen2_moe":
+        layers = range(config.num_hidden_layers)
+        biases = [f"model.layers.{i}.self_attn.{p}_proj.bias" for i in layers for p in "qkv"]
+        if any(key in ckpt and bool(ckpt.get(key).any()) for key in biases):
+            problems.append("attention biases that are not zero (moelab's attention has none)")
+    return problems
+
+
+def _model_config(config, family: str) -> ModelConfig:
+    """moelab's config of the same decoder (see `moelab.hf.export._hf_config`, its inverse). A
+    sliding attention window caps the sequence length: within it, attention is exact."""
+    window = getattr(config, "sliding_window", None)
+    if family == "qwen2_moe" and not config.use_sliding_window:
+        window = None
+    common = dict(
+        vocab_size=config.vocab_size,
+        dim=config.hidden_size,
+        n_layers=config.num_hidden_layers,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=config.num_key_value_heads,
+        max_seq_len=min(config.max_position_embeddings, window or config.max_position_embeddings),
+        rope_theta=float(config.rope_parameters["rope_theta"]),
+        norm_eps=float(config.rms_norm_eps),
+        tie_embeddings=bool(config.tie_word_embeddings),
+    )
+    moe = dict(dim=config.hidden_size, router="topk", score_func="softmax", top_k=config.num_experts_per_tok)
+    if family == "mixtral":
+        moe |= dict(num_experts=config.num_local_experts, hidden_dim=config.intermediate_size)
+        moe |= dict(renormalize=True)
+        return ModelConfig(**common, moe=MoEConfig(**moe))
+    shared = config.shared_expert_intermediate_size
+    moe |= dict(
+        num_experts=config.num_experts,
+        hidden_dim=config.moe_intermediate_size,
+        renormalize=bool(config.norm_topk_prob),
+        num_shared=1 if shared else 0,
+        shared_hidden_dim=shared or None,
+        shared_gate=bool(shared),
+    )
+    dense, step = set(config.mlp_only_layers or []), config.decoder_sparse_step
+    kinds = ["moe" if i not in dense and (i + 1) % step == 0 else "dense" for i in range(common["n_layers"])]
+    return ModelConfig(
+        **common, moe=MoEConfig(**moe), layer_types=kinds, dense_hidden_dim=config.intermediate_size
+    )
+
+
+def _tensors(ckpt: Checkpoint, config: Config, family, model_config: ModelConfig) -> dict[str, Tensor]:
+    """Every tensor under its moelab name: MoE blocks through their views into moelab's layout, the
+    rest renamed (`moelab.hf.export.NAME_PAIRS`); Qwen2-MoE's zero attention biases dropped."""
+    native = NATIVE.layouts[0]
+    tensors, read = {}, set()
+    for index in range(model_config.n_layers):
+        layer = family.read_layer(ckpt, config, index)
+        if not isinstance(layer, MoELayerView):
+            continue
+        prefix, source = NATIVE.layer_prefix.format(n=index), family.layer_prefix.format(n=index)
+        tensors |= native.router.encode(layer.router, prefix) | native.experts.encode(layer.experts, prefix)
+        layout = family.layout_of(ckpt, index)
+        read |= set(layout.router.keys(ckpt, source) + layout.experts.keys(ckpt, source))
+        if layer.shared is not None:
+            tensors |= native.shared.encode(layer.shared, prefix)
+            names = (layout.shared.gate, layout.shared.up, layout.shared.down, layout.shared.sigmoid_gate)
+            read |= {source + name for name in names if name is not None}
+    for key in ckpt.keys():
+        if key in read or (family.name == "qwen2_moe" and _ATTENTION_BIAS.fullmatch(key)):
+            continue  # Qwen2-MoE's attention biases: zero (`_problems`)
+        name = renamed(key, to_transformers=False)
+        if name is None:
+            raise CheckpointError(f"the checkpoint tensor {key!r} has no counterpart in a moelab model")
+        tensors[name] = ckpt.get(key)
+    if model_config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    return tensors
+
+
+def _check_logits(path: Path, model: MoETransformer, quiet: bool) -> None:
+    """moelab's logits equal transformers' to 1e-4 (relative to their scale), in float32."""
+    from moelab.hf.loading import load_causal_lm
+    from moelab.hf.postconditions import postcondition_error
+
+    reference = load_causal_lm(path, quiet=quiet, dtype=torch.float32)
+    cfg = model.config
+    ids = torch.randint(
+        0, cfg.vocab_size, (2, min(cfg.max_seq_len, 16)), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = model.float()(ids).logits
+    scale = max(1.0, expected.abs().max().item())
+    error = (got - expected).abs().max().item()
+    if not torch.isfinite(got).all() or error > 1e-4 * scale:
+        raise postcondition_error(
+            f"the converted model's logits differ from transformers' by {error:.3g} (max |logit| {scale:.3g})"
+        )

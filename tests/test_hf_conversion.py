@@ -1,0 +1,123 @@
+"""moelab.hf.conversion: transformers Mixtral and (zero attention bias) Qwen2-MoE checkpoints as
+moelab models: transformers' logits and greedy tokens, a moelab checkpoint that round-trips
+through `moelab export` bit for bit, and clear refusals of everything else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_tiny import build
+from test_hf_export import _model
+
+from moelab.hf.conversion import conversion_problems, import_checkpoint, moelab_model
+from moelab.hf.export import export_checkpoint
+from moelab.models import MoETransformer, load_pretrained
+from moelab.offload.model import generate_ids
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _saved(tmp_path, family: str, **overrides):
+    """A tiny random transformers model of `family`, saved; Qwen2-MoE's attention biases zeroed;
+    no EOS token (transformers' `generate(min_new_tokens=...)` would forbid the tiny vocabulary's
+    token 2, which moelab's greedy decoding may pick)."""
+    model = build(family, eos_token_id=None, **overrides)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                p.zero_()
+    model.save_pretrained(tmp_path / family)
+    return model, tmp_path / family
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("mixtral", {}),
+        ("mixtral", {"tie_word_embeddings": True, "rope_theta": 321.0}),
+        ("qwen2_moe", {}),  # layer 0 dense (decoder_sparse_step 2), a gated shared expert
+        ("qwen2_moe", {"norm_topk_prob": True, "mlp_only_layers": [1], "decoder_sparse_step": 1}),
+    ],
+)
+def test_a_converted_checkpoint_computes_what_transformers_computes(tmp_path, family, overrides):
+    reference, path = _saved(tmp_path, family, **overrides)
+    assert conversion_problems(path) == []
+    model = moelab_model(path)
+    assert isinstance(model, MoETransformer) and not model.training
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(generate_ids(model, ids, 6), generate_ids(reference, ids, 6))
+    dense = set(overrides.get("mlp_only_layers", [0] if family == "qwen2_moe" else []))
+    assert model.config.layer_kinds == ["dense" if i in dense else "moe" for i in range(2)]
+
+
+def test_a_moelab_checkpoint_exported_and_imported_is_the_same_checkpoint(tmp_path):
+    """moelab -> export (mixtral, qwen2_moe) -> import: every tensor bit for bit; the import writes
+    the checkpoint's dtype and refuses to replace a directory without overwrite."""
+    original = _model(tmp_path / "m", moe={"renormalize": True}, first_k_dense=0)
+    for family in ("mixtral", "qwen2_moe"):
+        export_checkpoint(tmp_path / "m", tmp_path / family, family, tokenizer=None, quiet=True)
+        out = import_checkpoint(tmp_path / family, tmp_path / f"back-{family}", quiet=True)
+        back = load_pretrained(out)
+        expected = original.state_dict()
+        got = back.state_dict()
+        if family == "qwen2_moe":  # Qwen2-MoE always has a gated shared expert: a zero one comes back
+            got = {k: t for k, t in got.items() if ".shared" not in k}
+        assert got.keys() == expected.keys(), family
+        for name, t in expected.items():
+            assert torch.equal(got[name], t), (family, name)
+    with pytest.raises(ValueError, match="pass --overwrite"):
+        import_checkpoint(tmp_path / "mixtral", tmp_path / "back-mixtral", quiet=True)
+    _, path = _saved(tmp_path, "mixtral")
+    half = moelab_model(path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+
+
+def test_what_does_not_convert_exactly_is_refused_with_the_reasons(tmp_path):
+    model = build("qwen2_moe")  # random attention biases
+    model.save_pretrained(tmp_path / "biased")
+    (problem,) = conversion_problems(tmp_path / "biased")
+    assert problem == "attention biases that are not zero (moelab's attention has none)"
+    with pytest.raises(ValueError, match="cannot run as a moelab model exactly: it has attention biases"):
+        moelab_model(tmp_path / "biased")
+    build("olmoe").save_pretrained(tmp_path / "olmoe")
+    assert "model_type 'olmoe'" in conversion_problems(tmp_path / "olmoe")[0]
+    _, path = _saved(tmp_path, "mixtral")
+    config = json.loads((path / "config.json").read_text())
+    linear = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1.0}
+    for change, problem in [
+        ({"head_dim": 16}, "a head width of 16"),
+        ({"rope_parameters": linear}, "scaled RoPE (linear)"),
+        ({"hidden_act": "gelu"}, "the activation 'gelu'"),
+    ]:
+        (path / "config.json").write_text(json.dumps(config | change))
+        assert any(p.startswith(problem) for p in conversion_problems(path)), change
+    (path / "config.json").write_text(json.dumps(config | {"sliding_window": 24}))
+    assert conversion_problems(path) == []
+    assert moelab_model(path).config.max_seq_len == 24  # exact within the window
+
+
+def test_generate_runs_a_convertible_transformers_checkpoint_on_moelab_and_the_cli_imports_it(tmp_path):
+    """`generate_text` on an exported Mixtral decodes as moelab with the moelab checkpoint's text;
+    an OLMoE checkpoint stays on transformers; `moelab import` writes the checkpoint."""
+    from typer.testing import CliRunner
+
+    from moelab.cli import app
+    from moelab.generate import generate_text
+    from moelab.models.reference import reference_model_dir
+
+    export_checkpoint(reference_model_dir(), tmp_path / "mixtral", "mixtral", quiet=True)
+    native, stats = generate_text(reference_model_dir(), "The king said", max_new_tokens=6)
+    converted, converted_stats = generate_text(tmp_path / "mixtral", "The king said", max_new_tokens=6)
+    assert converted == native and stats["engine"] == converted_stats["engine"] == "moelab"
+    model = build("olmoe", vocab_size=8192)
+    model.save_pretrained(tmp_path / "olmoe")
+    assert generate_text(tmp_path / "olmoe", "The king said", max_new_tokens=2)[1]["engine"] == "transformers"
+    args = ["import", str(tmp_path / "mixtral"), "--out", str(tmp_path / "back"), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "back" / "tokenizer.json").is_file()
+    assert load_pretrained(tmp_path / "back").config.n_layers == 6
