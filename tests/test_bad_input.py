@@ -42,13 +42,15 @@ MIXTRAL_ROUTER = "model.layers.0.block_sparse_moe.gate.weight"
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> Path:
     """Pristine inputs, copied by each case: moelab/ (tiny(), one file), mixtral/ (one file),
-    sharded/ (mixtral with an index and several shards), trace/ (of moelab/)."""
+    sharded/ (mixtral with an index and several shards), olmoe/ (moelab's vocabulary), trace/ (of
+    moelab/)."""
     root = tmp_path_factory.mktemp("sources")
     torch.manual_seed(0)
     save_pretrained(MoETransformer(tiny()), root / "moelab")
     model = build("mixtral")
     model.save_pretrained(root / "mixtral")
     model.save_pretrained(root / "sharded", max_shard_size="20KB")
+    build("olmoe", vocab_size=8192).save_pretrained(root / "olmoe")
     streams = {"a": np.arange(96) % 128, "b": np.arange(96)[::-1] % 128}
     trace_model(load_model(root / "moelab"), streams, root / "trace", TraceOptions(max_tokens=64, seq_len=16))
     return root
@@ -690,8 +692,20 @@ def generate_budget_below_minimum(tmp, src):
 
 @case
 def generate_compiled_transformers_checkpoint(tmp, src):
-    ckpt = copy(src, "mixtral", tmp)
+    ckpt = copy(src, "olmoe", tmp)  # stays on transformers (a Mixtral one runs as a moelab model)
     return ["generate", "The king said", "--model", ckpt, "--compile"], [ckpt], ["compile=True needs a moelab model", "drop compile"]
+
+
+@case
+def generate_a_tokenizer_past_the_vocabulary(tmp, src):
+    ckpt = copy(src, "mixtral", tmp)  # 64 tokens, no tokenizer of its own: moelab's is used
+    expected = ["encodes to token id", "has 64 tokens", "save the tokenizer"]
+    return ["generate", "The king said", "--model", ckpt], [ckpt], expected
+
+
+@case
+def generate_seed_without_sampling(tmp, src):
+    return ["generate", "The king said", "--seed", "3"], [], ["--seed seeds sampling", "add --temperature"]
 
 
 @case

@@ -256,7 +256,9 @@ def test_attention_projections_are_stored_side_by_side_and_multiplied_once():
     assert len({w.untyped_storage().data_ptr() for w in weights}) == 1
     with torch.no_grad():
         assert torch.equal(attn._qkv_weight(), torch.cat(weights))
-    assert attn._qkv_weight() is None  # a gradient would flow: three products
+    assert attn._qkv_weight() is None  # a gradient would flow: stored apart again, three products
+    assert side_by_side(weights) is None
+    use_decode_layout(model)
     for name, t in model.state_dict().items():
         assert torch.equal(t, before[name]), name
     ids = random_ids(batch=2, seq=5)
@@ -264,7 +266,6 @@ def test_attention_projections_are_stored_side_by_side_and_multiplied_once():
         assert_close(model.decode_step(ids), reference.decode_step(ids), what="float32 logits")
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     use_decode_layout(bf16, batch=1)
-    assert bf16.layers[1].attn._qkv_weight() is None  # not in inference mode, but:
     with torch.inference_mode():
         assert bf16.layers[1].attn._qkv_weight() is not None
         logits = bf16.decode_step(ids[:1])
@@ -283,3 +284,54 @@ def test_side_by_side_finds_only_adjacent_blocks_in_order():
     assert side_by_side([a, b]) is None  # its own columns are 7 of 9 wide, not 7
     assert side_by_side([a, b, c.clone()]) is None  # a block with storage of its own
     assert side_by_side([a.contiguous(), b, c]) is None
+
+
+@pytest.mark.parametrize("when", ["between_steps", "after_backward"])
+def test_a_fused_optimizer_steps_a_model_that_decodes_between_steps_as_one_that_does_not(when):
+    """torch's fused optimizers step a weight, its gradient and its state as flat blocks: decoding
+    between steps (the optimizer's state made) moves the weights, and the next training forward
+    stores them row-major again; decoding between a backward and its step moves nothing. Either
+    way `Adam(fused=True)` steps the model as one that never decoded."""
+    model = make_model(**FEATURES)
+    reference = copy.deepcopy(model)
+    ids = random_ids(batch=2, seq=6)
+    attn = model.layers[0].attn
+    projections = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    for m in (model, reference):
+        optimizer = torch.optim.Adam(m.parameters(), lr=0.05, fused=True)
+        for step in range(3):
+            optimizer.zero_grad()
+            if m is model and when == "between_steps" and step > 0:
+                m.eval().generate(ids, 2, greedy=True)
+                assert side_by_side(projections) is not None and not model.lm_head.weight.is_contiguous()
+            m.train()(ids, ids).loss.backward()
+            if m is model and when == "after_backward":
+                m.eval().generate(ids, 2, greedy=True)
+                assert all(p.is_contiguous() for p in m.parameters())  # nothing with a gradient moved
+            optimizer.step()
+    expected = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, expected[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_projections_with_hooks_biases_or_parametrizations_are_multiplied_one_by_one():
+    """Only plain projections go side by side and into one product: a hook on one still fires
+    at every decode step, a bias is added, a parametrized weight is used; each decodes the tokens
+    of the same model kept row-major."""
+    model = make_model(**FEATURES, n_layers=4).eval()
+    calls = []
+    model.layers[0].attn.q_proj.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        k_proj = model.layers[1].attn.k_proj
+        k_proj.bias = torch.nn.Parameter(torch.randn(k_proj.out_features))
+    torch.nn.utils.parametrizations.weight_norm(model.layers[2].attn.v_proj)
+    reference = copy.deepcopy(model)
+    reference.decode_layout = False
+    ids = random_ids(batch=1, seq=4)
+    tokens_ = model.generate(ids, 5, greedy=True)
+    assert len(calls) == 5  # the prompt and 4 one-token steps
+    assert torch.equal(tokens_, reference.generate(ids, 5, greedy=True))
+    sides = [[a.q_proj.weight, a.k_proj.weight, a.v_proj.weight] for a in (b.attn for b in model.layers[:2])]
+    assert all(side_by_side(weights) is None for weights in sides)
+    assert side_by_side([model.layers[3].attn.q_proj.weight, model.layers[3].attn.k_proj.weight,
+                         model.layers[3].attn.v_proj.weight]) is not None  # fmt: skip

@@ -17,7 +17,7 @@ from moelab.models import (
     save_pretrained,
     tiny,
 )
-from moelab.models.transformer import masked_attention, sample_next_token
+from moelab.models.transformer import Sampling, masked_attention, sample_next_token
 from moelab.nn import MoELayer, SwiGLU
 
 ROUTERS = {
@@ -264,8 +264,13 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
     assert torch.equal(sample(0, temperature=0.8), sample(0, temperature=0.8))
     assert torch.equal(sample(0, top_p=1e-6), model.generate(prompt, 8, greedy=True))
     assert torch.equal(sample(3, top_k=1, temperature=2.0), model.generate(prompt, 8, greedy=True))
-    with pytest.raises(ValueError, match="top_k must be >= 1"):
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
         model.generate(prompt, 2, top_k=0)
+    for bad in (2.5, True):
+        with pytest.raises(ValueError, match="top_k must be an integer"):
+            Sampling(top_k=bad)
+    logits = torch.randn(3, 50) * 4
+    assert torch.equal(sample_next_token(logits, temperature=1e-45), logits.argmax(-1))  # not inf / inf
     with pytest.raises(ValueError, match="must fit ModelConfig.max_seq_len"):
         model.generate(prompt, 61)
     with pytest.raises(ValueError, match="temperature must be > 0"):

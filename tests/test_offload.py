@@ -121,10 +121,12 @@ def test_the_default_reads_no_expert_ahead_and_evicts_by_reuse(tmp_path, one_thr
         offloaded.close()
 
 
-def test_offloaded_sampling_draws_the_in_memory_tokens_and_hf_sampling_is_seeded(tmp_path, one_thread):
+def test_offloaded_sampling_draws_the_in_memory_tokens_and_hf_sampling_is_seeded(
+    tmp_path, one_thread, monkeypatch
+):
     """One seed, one text: an offloaded moelab model samples the tokens its in-memory model
-    samples; transformers' sampling is seeded too, leaves torch's global generator as it was, and
-    with top-k 1 is greedy."""
+    samples; transformers' sampling is seeded too, leaves torch's global generator as it was (and,
+    without a GPU, seeds no GPU's for later), and with top-k 1 is greedy."""
     model, path = _native(tmp_path)
     ids = torch.randint(0, model.config.vocab_size, (2, 5))
     sampling = Sampling(temperature=1.5, top_p=0.95, seed=3)
@@ -138,8 +140,11 @@ def test_offloaded_sampling_draws_the_in_memory_tokens_and_hf_sampling_is_seeded
     torch.manual_seed(0)
     hf = build("mixtral").eval()
     state = torch.random.get_rng_state()
+    seeded_gpus = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded_gpus.append)
     drawn = generate_ids(hf, ids % 64, 8, sampling=Sampling(temperature=1.5, seed=1))
     assert torch.equal(torch.random.get_rng_state(), state)
+    assert seeded_gpus == [] or torch.cuda.is_available()
     assert torch.equal(generate_ids(hf, ids % 64, 8, sampling=Sampling(temperature=1.5, seed=1)), drawn)
     assert not torch.equal(generate_ids(hf, ids % 64, 8, sampling=Sampling(temperature=1.5, seed=2)), drawn)
     greedy = generate_ids(hf, ids % 64, 8)

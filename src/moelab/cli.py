@@ -563,7 +563,7 @@ def generate_cmd(
     temperature: Annotated[float | None, typer.Option("--temperature", help="Sample each token from softmax(logits / temperature) instead of taking the most likely one.")] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", help="Sample from the smallest set of most likely tokens whose probability reaches this (0-1].")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="Sample from the k most likely tokens.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling: one seed, one text.")] = 0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the sampling (default 0): one seed and the same prompts, one text.")] = None,
 ) -> None:
     """Continue prompts (one printed as it is decoded, several as one batch), greedily or, with any
     of --temperature / --top-p / --top-k, sampling (temperature 1 unless given); the model in memory
@@ -582,7 +582,9 @@ def generate_cmd(
     sampling = None
     if (temperature, top_p, top_k) != (None, None, None):
         temperature = 1.0 if temperature is None else temperature
-        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed or 0)
+    elif seed is not None:
+        raise ValueError("--seed seeds sampling: add --temperature, --top-p or --top-k (else it is greedy)")
     path = model or reference_model_dir()
     streamer = None
     if len(prompts) == 1:  # printed as it comes (transformers' streamer takes a batch of one)

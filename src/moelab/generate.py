@@ -95,7 +95,7 @@ def generate_texts(
     host_memory: every expert also kept in pinned host memory, `load_offloaded`). streamer: told
     each step's tokens (`MoETransformer.generate`; e.g. transformers' `TextStreamer(tokenizer,
     skip_prompt=True)`, which prints one prompt's continuation as it decodes). sampling: draw each
-    token (`moelab.models.transformer.Sampling`; one seed gives one text), else greedy."""
+    token (`moelab.models.Sampling`; one seed and the same prompts give one text), else greedy."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings; for one prompt call generate_text")
     empty = [i for i, prompt in enumerate(prompts) if not prompt]

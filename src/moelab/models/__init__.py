@@ -11,7 +11,7 @@ from moelab.models.accounting import (
 from moelab.models.config import PRESETS, ModelConfig, preset, small, tiny
 from moelab.models.decode_layout import use_decode_layout
 from moelab.models.pretrained import load_pretrained, load_state, save_pretrained
-from moelab.models.transformer import KVCache, ModelOutput, MoETransformer, sample_next_token
+from moelab.models.transformer import KVCache, ModelOutput, MoETransformer, Sampling, sample_next_token
 
 __all__ = [
     "PRESETS",
@@ -19,6 +19,7 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "MoETransformer",
+    "Sampling",
     "active_params",
     "count_params",
     "experts_per_token_by_layer",

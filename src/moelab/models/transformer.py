@@ -30,7 +30,13 @@ from torch import Tensor, nn
 
 from moelab.models.config import ModelConfig
 from moelab.models.decode_graph import DecodeGraph
-from moelab.models.decode_layout import side_by_side, use_decode_layout, use_row_major_layout
+from moelab.models.decode_layout import (
+    plain_projections,
+    side_by_side,
+    store_apart,
+    use_decode_layout,
+    use_row_major_layout,
+)
 from moelab.nn import (
     ChainOfExperts,
     MoELayer,
@@ -214,13 +220,17 @@ class Attention(nn.Module):
 
     def _qkv_weight(self) -> Tensor | None:
         """The [(H + 2G) * Dh, D] matrix of the query, key and value projections, where they are
-        stored side by side (`moelab.models.decode_layout.side_by_side`) and no gradient flows
-        to them; else None."""
-        modules = self._modules  # plain lookups: this runs at every decode step
-        weights = [modules[name]._parameters["weight"] for name in self.side_by_side_projections]
+        stored side by side (`moelab.models.decode_layout.side_by_side`), are plain projections
+        and no gradient flows to them; else None. Where a gradient flows, they get their own
+        storage again first (`store_apart`)."""
         if torch.compiler.is_compiling():
             return None
+        modules = [self._modules[name] for name in self.side_by_side_projections]  # plain lookups: every step
+        if not plain_projections(modules):
+            return None
+        weights = [module._parameters["weight"] for module in modules]
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            store_apart(weights)
             return None
         return side_by_side(weights)
 
@@ -325,6 +335,7 @@ class MoETransformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
         self.decode_layout = True  # whether generate on a CPU may store the weights for its products (see generate)
+        self.decode_layout_in_use = False  # set by use_decode_layout: forward undoes it before training
 
     @staticmethod
     def _blocks(config: ModelConfig) -> list[Block]:
@@ -382,7 +393,12 @@ class MoETransformer(nn.Module):
         start_pos: int = 0,
     ) -> ModelOutput:
         """input_ids: [B, S] token ids at positions start_pos .. start_pos+S-1; targets: [B, S]
-        next-token ids (-100 = ignore). With a `kv_cache`, attends to the cached positions too."""
+        next-token ids (-100 = ignore). With a `kv_cache`, attends to the cached positions too.
+        Where a gradient flows, the weights go back to their row-major layout first if decoding
+        moved them (`moelab.models.decode_layout`: an optimizer's state keeps the layout the weights
+        had when it was made, and torch's fused optimizers step them as flat blocks)."""
+        if self.decode_layout_in_use and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            use_row_major_layout(self)
         self._check_call(input_ids, targets, kv_cache, start_pos)
         positions = self._rope_and_mask(input_ids.shape[1], kv_cache, start_pos)
         x = self.embed(input_ids)
@@ -772,7 +788,8 @@ def _leak_name(block: Block) -> str:
 class Sampling:
     """How to draw each next token instead of taking the argmax (`sample_next_token`): softmax of
     the logits / temperature, the top_k most likely tokens, then the nucleus of mass top_p, where
-    given; `seed` seeds the draws, so one seed gives one text."""
+    given; `seed` seeds the draws, so one seed gives one text for the same prompts (a batch
+    draws for all its sequences from one generator)."""
 
     temperature: float = 1.0
     top_p: float | None = None
@@ -783,9 +800,11 @@ class Sampling:
         if not self.temperature > 0:
             raise ValueError(
                 f"temperature must be > 0 when sampling, got {self.temperature}; for the most likely "
-                "token at every step decode greedily (give no temperature, top_p or top_k)"
+                "token at every step decode greedily (no temperature, top-p or top-k)"
             )
         check_sampling(top_p=self.top_p, top_k=self.top_k)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
     def generator(self, device: torch.device | str) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed)
@@ -795,8 +814,8 @@ def check_sampling(*, top_p: float | None = None, top_k: int | None = None) -> N
     """Refuse a nucleus mass outside (0, 1] and a top_k below 1, with what to give instead."""
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (1: greedy), got {top_k}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (1: greedy), got {top_k!r}")
 
 
 def sample_next_token(
@@ -815,7 +834,9 @@ def sample_next_token(
     order (temperature, top-k, top-p)."""
     if greedy:
         return logits.argmax(-1)
-    probs = (logits.float() / temperature).softmax(-1)
+    logits = logits.float()
+    # shifted first, so that a tiny temperature tends to the argmax instead of inf / inf
+    probs = ((logits - logits.amax(-1, keepdim=True)) / temperature).softmax(-1)
     if top_k is not None and top_k < probs.shape[-1]:
         kth = probs.topk(top_k, -1).values[..., -1:]
         probs = probs.masked_fill(probs < kth, 0.0)

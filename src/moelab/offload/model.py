@@ -259,10 +259,15 @@ def generate_ids(
         "do_sample": True, "temperature": sampling.temperature, "top_k": sampling.top_k or 0,
         "top_p": 1.0 if sampling.top_p is None else sampling.top_p,
     }  # fmt: skip
-    cuda = [input_ids.device] if input_ids.is_cuda else []
-    with torch.random.fork_rng(devices=cuda, enabled=sampling is not None):
+    # transformers draws from the default generator of the logits' device: seed the CPU's and every
+    # GPU's (a model may span several), and put them all back afterwards
+    sampling_on_gpus = sampling is not None and torch.cuda.is_available()
+    gpus = list(range(torch.cuda.device_count())) if sampling_on_gpus else []
+    with torch.random.fork_rng(devices=gpus, enabled=sampling is not None):
         if sampling is not None:
-            torch.manual_seed(sampling.seed)
+            torch.random.default_generator.manual_seed(sampling.seed)
+            if gpus:
+                torch.cuda.manual_seed_all(sampling.seed)
         return model.generate(
             input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens, pad_token_id=0, streamer=streamer, **draws,
