@@ -32,6 +32,7 @@ from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import CheckpointError, open_checkpoint
 from moelab.hf.expert_map import read_expert_map
 from moelab.models import MoETransformer, load_pretrained, model_info, save_pretrained, tiny
+from moelab.models.reference import reference_model_dir
 from moelab.nn import MoEConfig
 from moelab.trace import TraceOptions, load_model, load_streams, open_trace, trace_model
 from moelab.train import RunConfig
@@ -42,8 +43,8 @@ MIXTRAL_ROUTER = "model.layers.0.block_sparse_moe.gate.weight"
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> Path:
     """Pristine inputs, copied by each case: moelab/ (tiny(), one file), mixtral/ (one file),
-    sharded/ (mixtral with an index and several shards), olmoe/ (moelab's vocabulary), trace/ (of
-    moelab/)."""
+    sharded/ (mixtral with an index and several shards), olmoe/ and mixtral8k/ (moelab's
+    vocabulary), trace/ (of moelab/)."""
     root = tmp_path_factory.mktemp("sources")
     torch.manual_seed(0)
     save_pretrained(MoETransformer(tiny()), root / "moelab")
@@ -51,6 +52,7 @@ def sources(tmp_path_factory) -> Path:
     model.save_pretrained(root / "mixtral")
     model.save_pretrained(root / "sharded", max_shard_size="20KB")
     build("olmoe", vocab_size=8192).save_pretrained(root / "olmoe")
+    build("mixtral", vocab_size=8192).save_pretrained(root / "mixtral8k")
     streams = {"a": np.arange(96) % 128, "b": np.arange(96)[::-1] % 128}
     trace_model(load_model(root / "moelab"), streams, root / "trace", TraceOptions(max_tokens=64, seq_len=16))
     return root
@@ -699,8 +701,56 @@ def generate_compiled_transformers_checkpoint(tmp, src):
 @case
 def generate_a_tokenizer_past_the_vocabulary(tmp, src):
     ckpt = copy(src, "mixtral", tmp)  # 64 tokens, no tokenizer of its own: moelab's is used
-    expected = ["encodes to token id", "has 64 tokens", "save the tokenizer"]
+    expected = ["encodes to token id", "vocabulary of 64 tokens", "save the model's own tokenizer"]
     return ["generate", "The king said", "--model", ckpt], [ckpt], expected
+
+
+@case
+def generate_offloaded_with_fewer_layers_in_config(tmp, src):
+    ckpt = Path(shutil.copytree(reference_model_dir(), tmp / "ref"))  # moelab's vocabulary
+    edit_json(ckpt / "config.json", n_layers=1)
+    args = ["generate", "The king said", "--model", ckpt, "--resident", "0.5", "--max-new-tokens", "2"]
+    return args, [ckpt], ["holds layers [1, 2, 3] ...", "config.json does not describe these weights"]
+
+
+@case
+def generate_offloaded_with_another_expert_width(tmp, src):
+    ckpt = Path(shutil.copytree(reference_model_dir(), tmp / "ref"))  # moelab's vocabulary
+    config = json.loads((ckpt / "config.json").read_text())
+    edit_json(ckpt / "config.json", moe={**config["moe"], "hidden_dim": config["moe"]["hidden_dim"] + 8})
+    args = ["generate", "The king said", "--model", ckpt, "--resident", "0.5", "--max-new-tokens", "2"]
+    return args, [ckpt], ["config.json sets moe.hidden_dim", "config.json does not describe"]
+
+
+@case
+def generate_offloaded_transformers_checkpoint_with_other_heads(tmp, src):
+    ckpt = copy(src, "mixtral8k", tmp)
+    edit_json(ckpt / "config.json", num_key_value_heads=4)
+    args = ["generate", "The king said", "--model", ckpt, "--resident", "0.5", "--max-new-tokens", "2"]
+    return args, [ckpt], ["k_proj.weight is [16, 32] but config.json makes it [32, 32]"]
+
+
+@case
+def generate_non_finite_weights(tmp, src):
+    ckpt = Path(shutil.copytree(reference_model_dir(), tmp / "ref"))  # moelab's vocabulary
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["norm.weight"][0] = float("nan")
+    save_file(tensors, ckpt / "model.safetensors")
+    return ["generate", "The king said", "--model", ckpt], [ckpt], ["NaN or Inf in norm.weight", "corrupt"]
+
+
+@case
+def generate_broken_tokenizer(tmp, src):
+    ckpt = copy(src, "moelab", tmp)
+    (ckpt / "tokenizer.json").write_text("{bad")
+    expected = ["cannot read the tokenizer in", "never runs"]
+    return ["generate", "The king said", "--model", ckpt], [ckpt], expected
+
+
+@case
+def generate_offload_options_in_memory(tmp, src):
+    args = ["generate", "The king said", "--policy", "lru", "--host-memory"]
+    return args, [], ["--policy, --host-memory: for offloaded experts", "add --resident"]
 
 
 @case
@@ -914,6 +964,7 @@ def test_cli_bad_input_gives_one_line(name, sources, tmp_path, monkeypatch, caps
     for fragment in fragments:
         assert fragment in lines[0]
     assert digest(inputs) == before
+    assert args[0] != "generate" or out == "", "the prompt is printed only once decoding starts"
 
 
 def test_cli_help_and_success_still_work(monkeypatch, capsys):

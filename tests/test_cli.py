@@ -81,6 +81,32 @@ def test_busy_processes_run_during_the_block_and_end_with_it():
     assert procs[0].returncode is not None, "an interrupted benchmark leaves no busy process behind"
 
 
+def test_a_busy_process_ends_when_the_benchmark_is_killed_outright():
+    """SIGKILL skips the block's cleanup: the busy loop notices its parent is gone and ends."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from moelab.bench.load import _SPIN
+
+    code = (
+        f"import os, subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {_SPIN!r}, "
+        "str(os.getpid())]); print(p.pid, flush=True); time.sleep(60)"
+    )
+    benchmark = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    spinner = int(benchmark.stdout.readline())
+    benchmark.kill()
+    benchmark.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{spinner}"):
+        if open(f"/proc/{spinner}/status").read().split("State:")[1].split()[0] == "Z":
+            break  # ended, not yet reaped
+        time.sleep(0.1)
+    else:
+        assert not os.path.exists(f"/proc/{spinner}"), "the busy loop outlived the benchmark"
+
+
 def test_bench_generate_json_contract(tmp_path):
     import dataclasses
 
@@ -176,6 +202,16 @@ def test_generate_in_memory_and_offloaded_give_the_same_text():
     assert unknown.exit_code != 0 and "did you mean 'lookahead'" in str(unknown.exception) + unknown.output
     refused = runner.invoke(app, [*args, "--resident", "0.25", "--policy", "lookahead", "--compile"])
     assert refused.exit_code != 0 and "cannot read ahead (policy 'lookahead')" in str(refused.exception) + refused.output
+
+
+def test_generate_prints_a_batch_verbatim_and_its_decode_hit_rate():
+    """Several prompts: each text as decoded (no wrapping at the console's width), and the expert
+    cache's hit rate over the decode steps (a step of B prompts reads B tokens' experts)."""
+    long = "And it came to pass in those days, that there went out a decree from Caesar Augustus, that all"
+    result = runner.invoke(app, ["generate", long, "Hi", "--max-new-tokens", "4", "--resident", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith(long)
+    assert "decode hit rate -" not in result.output and "decode hit rate " in result.output
 
 
 def test_generate_samples_with_a_seed_and_top_k_1_is_greedy():

@@ -586,10 +586,13 @@ def generate_cmd(
     elif seed is not None:
         raise ValueError("--seed seeds sampling: add --temperature, --top-p or --top-k (else it is greedy)")
     path = model or reference_model_dir()
+    offloaded = resident is not None or memory_budget is not None
+    offload_only = {"--prior": prior is not None, "--policy": policy != "reuse", "--host-memory": host_memory}
+    if unused := [flag for flag, given in offload_only.items() if given and not offloaded]:
+        raise ValueError(f"{', '.join(unused)}: for offloaded experts; add --resident or --memory-budget")
     streamer = None
     if len(prompts) == 1:  # printed as it comes (transformers' streamer takes a batch of one)
-        streamer = TextStreamer(load_tokenizer_of(path), skip_prompt=True)
-        console.print(prompts[0], end="", markup=False, highlight=False, soft_wrap=True)
+        streamer = _PromptFirst(TextStreamer(load_tokenizer_of(path), skip_prompt=True), prompts[0])
     texts, stats = generate_texts(
         path, prompts, max_new_tokens=max_new_tokens, resident=resident,
         memory_budget=None if memory_budget is None else parse_size(memory_budget),
@@ -598,7 +601,7 @@ def generate_cmd(
     )  # fmt: skip
     if streamer is None:
         for prompt, text in zip(prompts, texts, strict=True):
-            console.print(prompt + text, markup=False, highlight=False)
+            console.print(prompt + text, markup=False, highlight=False, soft_wrap=True)
     compiling = " (compiling included)" if compile_step else ""
     tokens = f"{len(prompts)} x {max_new_tokens}" if len(prompts) > 1 else f"{max_new_tokens}"
     later = stats["later_tokens_per_s"]
@@ -608,6 +611,23 @@ def generate_cmd(
     if "slots" in stats:
         hit = "-" if stats["decode_hit_rate"] is None else f"{stats['decode_hit_rate']:.1%}"
         console.print(f"[dim]expert cache: {stats['slots']} slots, decode hit rate {hit}, {stats['experts_read']} experts read[/dim]")
+
+
+class _PromptFirst:
+    """A streamer that prints the prompt once decoding starts (after every check has passed), then
+    passes each step's tokens on to `inner`."""
+
+    def __init__(self, inner, prompt: str):
+        self.inner, self.prompt, self.started = inner, prompt, False
+
+    def put(self, value) -> None:
+        if not self.started:
+            self.started = True
+            console.print(self.prompt, end="", markup=False, highlight=False, soft_wrap=True)
+        self.inner.put(value)
+
+    def end(self) -> None:
+        self.inner.end()
 
 
 @app.command("eval")

@@ -53,8 +53,17 @@ def load_tokenizer_of(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     path = Path(path)
+    if (path / "config.json").is_file():  # moelab's errors before transformers' (it reads it too)
+        read_json_object(path / "config.json", "a model config")
     source = path if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file() else TOKENIZER_DIR
-    return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as err:  # transformers' advice (remote code, extra packages) does not apply
+        raise ValueError(
+            f"cannot read the tokenizer in {source} (tokenizer.json, tokenizer_config.json): "
+            f"{str(err).splitlines()[0]}; moelab reads a tokenizer.json with its config and never runs a "
+            "checkpoint's own code"
+        ) from None
 
 
 def generate_text(path: str | os.PathLike, prompt: str, **options) -> tuple[str, dict]:
@@ -139,7 +148,7 @@ def generate_texts(
             ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock, sampling=sampling
         )
         stats = _speed(start, out, max_new_tokens) | _later_rate(clock)
-        decode = model.cache.stats.get(1)
+        decode = model.cache.stats.get(len(prompts))  # a decode step: one token per prompt
         stats |= {
             "slots": model.cache.slots,
             "decode_hit_rate": None if decode is None else decode.hit_rate,
@@ -172,8 +181,9 @@ def _check_vocabulary(path: str | os.PathLike, encoded: list[list[int]]) -> None
         own = (Path(path) / "tokenizer.json").is_file() or (Path(path) / "tokenizer_config.json").is_file()
         whose = "its own tokenizer" if own else f"moelab's shipped tokenizer ({path} has none of its own)"
         raise ValueError(
-            f"the prompt encodes to token id {largest} with {whose}, but the model's vocabulary has "
-            f"{vocab_size} tokens; save the tokenizer the model was trained with beside it (tokenizer.json)"
+            f"the prompt encodes to token id {largest} with {whose}, past the model's vocabulary of "
+            f"{vocab_size} tokens (config.json's vocab_size): the two do not belong together; save the "
+            "model's own tokenizer beside it (tokenizer.json), or correct config.json"
         )
 
 

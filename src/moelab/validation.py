@@ -25,6 +25,15 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}{did_you_mean(value, choices)}; choose one of {choices}")
 
 
+def non_finite_names(named: Iterable[tuple[str, object]]) -> list[str]:
+    """The names of the floating-point tensors among (name, tensor) pairs that hold NaN or Inf (a
+    corrupt checkpoint: decoding on it gives garbage, not an error)."""
+    import torch
+
+    floating = [(name, t) for name, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [name for name, t in floating if not t.is_meta and not bool(torch.isfinite(t).all())]
+
+
 def check_device(device: str) -> None:
     """A benchmark's device: "cpu", or "cuda" where a CUDA GPU is visible."""
     check_choice("device", device, ("cpu", "cuda"))

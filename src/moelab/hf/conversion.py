@@ -56,7 +56,10 @@ def moelab_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -
     try:
         if problems := _problems(path, ckpt, family.name):
             raise ValueError(f"{path} cannot run as a moelab model exactly: it has " + "; ".join(problems))
-        model_config = _model_config(_transformers_config(path), family.name)
+        try:
+            model_config = _model_config(_transformers_config(path), family.name)
+        except ValueError as err:
+            raise ValueError(f"{path}/config.json: {err}") from None
         tensors = _tensors(ckpt, config, family, model_config)
     finally:
         ckpt.close()

@@ -37,6 +37,7 @@ from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import ModelView, MoELayerView
 from moelab.memory import release_freed_memory
 from moelab.nn.moe import MoELayer, MoEResult
+from moelab.validation import non_finite_names
 
 RunMoE = Callable[[MoELayer, Tensor], Tensor]
 
@@ -350,7 +351,9 @@ def load_tensors(
 ) -> None:
     """Give `module`'s parameters and persistent buffers the checkpoint's tensors `prefix + name`,
     cast to `dtype`; names under a module in `skip` are left alone; stored_as: {name: the name
-    its tensor is stored under} for tied parameters (`tied_names`), read once and shared."""
+    its tensor is stored under} for tied parameters (`tied_names`), read once and shared. A tensor
+    missing from the checkpoint or shaped otherwise than `module` (built from config.json) expects
+    is a CheckpointError."""
     persistent = {
         f"{name}.{b}" if name else b
         for name, m in module.named_modules()
@@ -358,6 +361,7 @@ def load_tensors(
         if b not in m._non_persistent_buffers_set
     }
     names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+    params = set(names)
     names += [n for n, _ in module.named_buffers() if n in persistent]
     tensors: dict[str, Tensor] = {}
     for name in names:
@@ -366,8 +370,16 @@ def load_tensors(
         key = prefix + (stored_as or {}).get(name, name)
         if key not in checkpoint:
             raise CheckpointError(f"{checkpoint.directory}: {key} is not in the checkpoint; the model cannot be run")
+        wanted = tuple(module.get_parameter(name).shape if name in params else module.get_buffer(name).shape)
+        if checkpoint.shape(key) != wanted:
+            raise CheckpointError(
+                f"{checkpoint.directory}: {key} is {list(checkpoint.shape(key))} but config.json makes it "
+                f"{list(wanted)}; config.json does not describe these weights"
+            )
         if key not in tensors:
             tensors[key] = checkpoint.get(key).to(dtype)
+            if non_finite_names([(key, tensors[key])]):
+                raise CheckpointError(f"{checkpoint.directory}: NaN or Inf in {key}: the weights are corrupt")
         set_tensor(module, name, tensors[key])
 
 

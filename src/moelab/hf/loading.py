@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.hf.checkpoint import CheckpointError
+from moelab.validation import non_finite_names
 
 
 def load_causal_lm(
@@ -54,6 +55,9 @@ def load_causal_lm(
             f"transformers cannot load {path} exactly ({'; '.join(problems)}); missing or wrongly shaped "
             "weights would be random: fix config.json or the weights"
         )
+    if bad := non_finite_names(model.named_parameters()):
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(f"{path}: NaN or Inf in {', '.join(bad[:3])}{more}: the weights are corrupt")
     return model.eval()
 
 

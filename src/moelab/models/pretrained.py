@@ -20,6 +20,7 @@ from moelab.files import load_safetensors
 from moelab.io import StagedOutput, copy_side_file, save_safetensors
 from moelab.models.config import ModelConfig
 from moelab.models.transformer import MoETransformer
+from moelab.validation import non_finite_names
 
 WEIGHTS_NAME = "model.safetensors"
 _RENAMED_BUFFER = re.compile(r"router\.expert_bias$")  # the selection bias's name before moelab 0.2
@@ -126,4 +127,7 @@ def load_state(model: MoETransformer, tensors: dict[str, Tensor]) -> None:
             + "; ".join(problems)
             + ". Check that config.json is the one the weights were saved with"
         )
+    if bad := non_finite_names(sorted(tensors.items())):
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"NaN or Inf in {', '.join(bad[:3])}{more}: the weights are corrupt")
     model.load_state_dict(tensors, strict=False)

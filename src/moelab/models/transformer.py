@@ -688,6 +688,8 @@ class MoETransformer(nn.Module):
                     compiled.mark_cache(cache)
         tokens, step_ids, pos = input_ids, input_ids, 0
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        # the logits' running sum: NaN or Inf once any step's are (checked after the loop, no per-step wait)
+        checksum = torch.zeros((), dtype=torch.float64, device=input_ids.device)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         self._check_call(input_ids, None, cache, 0)  # the longest call fits: checked above
@@ -710,6 +712,7 @@ class MoETransformer(nn.Module):
                 else:
                     logits = self._decode(step_ids, cache, pos, pads)
                 pos += step_ids.shape[1]
+                checksum.add_(logits.sum(dtype=torch.float64))
                 next_ids = sample_next_token(
                     logits, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
                     generator=generator,
@@ -725,6 +728,11 @@ class MoETransformer(nn.Module):
                     break
         if streamer is not None:
             streamer.end()
+        if not math.isfinite(checksum.item()):
+            raise ValueError(
+                "the logits held NaN or Inf while decoding, so these tokens are not the model's: its weights "
+                "or inputs hold non-finite values (check the checkpoint, or the dtype's range)"
+            )
         return tokens
 
 

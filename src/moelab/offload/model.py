@@ -18,6 +18,7 @@ model held in memory.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -28,7 +29,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from moelab.hf.adapters import NATIVE
+from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.layerwise import MoEBlock, load_tensors, skeleton, tied_names
+from moelab.hf.layouts import config_entry
 from moelab.hf.modules import decoder_layers, find_moe_modules
 from moelab.hf.native import router_from_view, shared_from_view
 from moelab.hf.view import MoELayerView
@@ -274,6 +277,27 @@ def generate_ids(
         )  # fmt: skip
 
 
+def _check_config_fits(store: ExpertStore) -> None:
+    """config.json describes the weights where the offloaded model does not check by itself (its
+    dense tensors' shapes are checked as they load): no layer's tensors past its layer count (a
+    DeepSeek checkpoint's next-token-prediction layers aside), and the routed experts' width."""
+    view, family = store.view, store.family
+    layers = view.num_layers + (view.config.get("num_nextn_predict_layers") or 0)
+    pattern = re.compile(re.escape(family.layer_prefix).replace(r"\{n\}", r"(\d+)"))
+    found = {int(m[1]) for key in store.checkpoint.keys() if (m := pattern.match(key))}
+    if extra := sorted(i for i in found if i >= layers):
+        raise CheckpointError(
+            f"{store.path}: the checkpoint holds layers {extra[:3]}{' ...' if len(extra) > 3 else ''} but "
+            f"config.json has {view.num_layers}; config.json does not describe these weights"
+        )
+    key, width = config_entry(view.config, family.expert_width, default=None)
+    if width is not None and width != store.expert_width:
+        raise CheckpointError(
+            f"{store.path}: config.json sets {key} = {width} but the checkpoint's experts are "
+            f"{store.expert_width} wide; config.json does not describe these weights"
+        )
+
+
 def resident_slots(store: ExpertStore, resident: float | None, memory_budget: int | None, dense_bytes: int, top_k: int) -> int:
     """Pool slots for a fraction of the routed experts (`resident`) or a total memory budget in
     bytes (the dense parts included). At least `top_k` (one token's experts at one layer)."""
@@ -352,6 +376,7 @@ def load_offloaded(
             f"the routing prior covers MoE layers {list(prior.layers)} but the checkpoint's are "
             f"{store.moe_layers}; measure the prior on this model"
         )
+    _check_config_fits(store)
     model = skeleton(store.path, view.config, store.family)
     layers_name, layers = decoder_layers(model, view.num_layers)
     stored_as = tied_names(model, store.checkpoint)

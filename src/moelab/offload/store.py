@@ -83,6 +83,7 @@ class ExpertStore:
         self._template = self._view_of(self.moe_layers[0], 0)
         one = experts_from_view(self._template)
         self.expert_bytes = sum(p.numel() for p in one.parameters()) * torch.empty((), dtype=dtype).element_size()
+        self.expert_width = self._template.gate.shape[1]  # I, as the files hold it
 
     def read(self, layer: int, expert: int) -> ExpertsView:
         """Expert `expert` of MoE layer `layer`, read from disk (a view holding that one expert)."""
