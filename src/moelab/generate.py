@@ -11,9 +11,9 @@ one). In memory, a transformers checkpoint that moelab's decoder represents exac
 Qwen2-MoE with zero attention biases: `moelab.hf.conversion`) runs as a moelab model, converted
 as it loads (the statistics' "engine" says which ran). Decoding is greedy, or draws tokens
 (`sampling=Sampling(temperature, top_p, top_k, seed)`); several prompts decode as one batch,
-left-padded. With `resident` or `memory_budget` the routed experts are offloaded (`moelab.offload`: `policy` picks the eviction
-and read-ahead; a routing prior from a trace, `moelab trace`, sharpens the eviction policy), so
-nothing beyond the budget is loaded.
+left-padded. With `resident` or `memory_budget` the routed experts are offloaded
+(`moelab.offload`: `policy` picks the eviction and read-ahead; a routing prior from a trace,
+`moelab trace`, sharpens the eviction policy), so nothing beyond the budget is loaded.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def load_tokenizer_of(path: str | os.PathLike):
     path = Path(path)
     if (path / "config.json").is_file():  # moelab's errors before transformers' (it reads it too)
         read_json_object(path / "config.json", "a model config")
-    source = path if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file() else TOKENIZER_DIR
+    source = path if _has_tokenizer(path) else TOKENIZER_DIR
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as err:  # transformers' advice (remote code, extra packages) does not apply
@@ -64,6 +64,10 @@ def load_tokenizer_of(path: str | os.PathLike):
             f"{str(err).splitlines()[0]}; moelab reads a tokenizer.json with its config and never runs a "
             "checkpoint's own code"
         ) from None
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
 def generate_text(path: str | os.PathLike, prompt: str, **options) -> tuple[str, dict]:
@@ -178,8 +182,7 @@ def _check_vocabulary(path: str | os.PathLike, encoded: list[list[int]]) -> None
     vocab_size = read_json_object(config, "a model config").get("vocab_size") if config.is_file() else None
     largest = max(max(ids, default=0) for ids in encoded)
     if isinstance(vocab_size, int) and largest >= vocab_size:
-        own = (Path(path) / "tokenizer.json").is_file() or (Path(path) / "tokenizer_config.json").is_file()
-        whose = "its own tokenizer" if own else f"moelab's shipped tokenizer ({path} has none of its own)"
+        whose = "its own tokenizer" if _has_tokenizer(Path(path)) else f"moelab's tokenizer ({path} has none)"
         raise ValueError(
             f"the prompt encodes to token id {largest} with {whose}, past the model's vocabulary of "
             f"{vocab_size} tokens (config.json's vocab_size): the two do not belong together; save the "

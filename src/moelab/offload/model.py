@@ -371,10 +371,11 @@ def load_offloaded(
         raise ValueError(f"the {predictor!r} predictor needs a RoutingPrior (routing statistics): give a prior (prior=, --prior TRACE)")
     store = ExpertStore(path, dtype=dtype, read_bandwidth=read_bandwidth, page_cache=page_cache)
     view, native = store.view, store.family is NATIVE
-    if prior is not None and list(prior.layers) != store.moe_layers:
+    prior_experts = {len(f) for f in prior.frequency.values()} if prior is not None else {store.num_experts}
+    if prior is not None and (list(prior.layers) != store.moe_layers or prior_experts != {store.num_experts}):
         raise ValueError(
-            f"the routing prior covers MoE layers {list(prior.layers)} but the checkpoint's are "
-            f"{store.moe_layers}; measure the prior on this model"
+            f"the routing prior covers MoE layers {list(prior.layers)} of {sorted(prior_experts)} experts but "
+            f"the checkpoint's are {store.moe_layers} of {store.num_experts}; measure the prior on this model"
         )
     _check_config_fits(store)
     model = skeleton(store.path, view.config, store.family)
