@@ -760,6 +760,11 @@ def generate_with_the_prior_of_another_model(tmp, src):
 
 
 @case
+def bench_generate_unknown_model(tmp, src):
+    return ["bench", "generate", "ref-9e-top2", "--rounds", "1"], [], ["no model at ref-9e-top2", "'ref-8e-top2'"]
+
+
+@case
 def generate_seed_without_sampling(tmp, src):
     return ["generate", "The king said", "--seed", "3"], [], ["--seed seeds sampling", "add --temperature"]
 

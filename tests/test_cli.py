@@ -34,6 +34,15 @@ def test_bench_layer_json_contract(tmp_path):
     assert all(r["ratio_vs_dense"] == 1.0 for r in rows if r["impl"] == "dense")
 
 
+def test_bench_layer_runs_its_skewed_and_memory_passes_only_with_fp32_fwdbwd(tmp_path):
+    """Those passes time the fp32 training step: a run asked for the forward alone runs neither."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "layer", "--config", "e8k2", "--mode", "fwd", "--tokens", "64", "--rounds", "1", "--json", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    doc = json.loads(out.read_text())
+    assert doc["skewed"] == [] and doc["memory"] == [] and {r["mode"] for r in doc["results"]} == {"fwd"}
+
+
 def test_bench_layer_rejects_unknown_config():
     result = runner.invoke(app, ["bench", "layer", "--config", "e9k3", "--tokens", "8", "--rounds", "1"])
     assert result.exit_code != 0

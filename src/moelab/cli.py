@@ -177,8 +177,14 @@ def _model_dirs(models: list[str] | None) -> dict[str, Path]:
     """{name: checkpoint directory} for shipped reference model names or paths (default: every
     reference model)."""
     from moelab.models.reference import REFERENCE_MODELS, reference_model_dir
+    from moelab.validation import did_you_mean
 
     names = models or list(REFERENCE_MODELS)
+    if missing := [m for m in names if m not in REFERENCE_MODELS and not Path(m).exists()]:
+        raise ValueError(
+            f"no model at {missing[0]}: give a checkpoint directory or a shipped model, one of "
+            f"{list(REFERENCE_MODELS)}{did_you_mean(missing[0], REFERENCE_MODELS)}"
+        )
     return {m: reference_model_dir(m) if m in REFERENCE_MODELS and not Path(m).exists() else Path(m) for m in names}
 
 

@@ -183,7 +183,8 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool, is_own: Calla
             raise OutputError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
         if not is_own(path):
             raise OutputError(
-                f"{path} was not written by moelab; moelab does not replace it: choose another name"
+                f"{path} was not written by moelab as this command's output (it replaces only such a file): "
+                "choose another name"
             )
     return path
 

@@ -313,28 +313,31 @@ def _step_peak_mb(config: str, impl: str, tokens: int, device: str) -> float:
 
 
 def run(options: BenchOptions, progress: Console | None = None) -> dict:
-    """The whole benchmark: uniform routing for every (config, dtype, mode); a skewed-routing
-    fp32 fwd+bwd pass; peak memory; all beside `options.load` busy processes. Returns the JSON
-    document."""
+    """The whole benchmark: uniform routing for every (config, dtype, mode); where fp32 fwd+bwd is
+    among them, a skewed-routing fp32 fwd+bwd pass and its peak memory; all beside `options.load`
+    busy processes. Returns the JSON document."""
     jobs = [(c, d, m) for c in options.configs for d in options.dtypes for m in options.modes]
     doc: dict = {"format": JSON_FORMAT, "results": [], "skewed": [], "memory": []}
+    fp32_step = "fp32" in options.dtypes and "fwdbwd" in options.modes  # the skewed and memory passes' step
+    skew, memory = (options.skew, options.memory) if fp32_step else (0.0, False)
     with busy_processes(options.load), Progress(console=progress, transient=True, disable=progress is None) as bar:
         torch.set_num_threads(resolve_threads(options.threads))
-        task = bar.add_task("bench layer", total=len(jobs) + len(options.configs) * (1 + options.memory))
+        task = bar.add_task("bench layer", total=len(jobs) + len(options.configs) * (1 + memory))
         for config, dtype, mode in jobs:
             bar.update(task, description=f"{config} {dtype} {mode}")
             tokens = options.tokens_for(dtype)
             doc["results"] += measure(SHAPES[config], dtype, mode, tokens, options.rounds, device=options.device)
             bar.advance(task)
         for config in options.configs:
-            if options.skew:
+            if skew:
                 bar.update(task, description=f"{config} skewed routing")
-                imbalance = expert_load_imbalance(SHAPES[config], options.tokens, options.skew)
-                rows = measure(SHAPES[config], "fp32", "fwdbwd", options.tokens, options.rounds, options.skew,
-                               options.device)
+                imbalance = expert_load_imbalance(SHAPES[config], options.tokens, skew)
+                rows = measure(
+                    SHAPES[config], "fp32", "fwdbwd", options.tokens, options.rounds, skew, options.device
+                )
                 doc["skewed"] += [dict(row, max_over_mean_load=imbalance) for row in rows]
             bar.advance(task)
-            if options.memory:
+            if memory:
                 bar.update(task, description=f"{config} peak memory")
                 impls = dict.fromkeys(row["impl"] for row in doc["results"] if row["config"] == config)
                 doc["memory"] += [
