@@ -126,14 +126,9 @@ def plain_projections(modules: Sequence[nn.Module]) -> bool:
 
 
 def store_apart(weights: Sequence[nn.Parameter]) -> int:
-    """Give weights stored side by side their own column-major storage again, in place (before a
+    """Give weights stored side by side their own row-major storage again, in place (before a
     gradient flows to them: see the module docstring); return how many moved."""
-    if side_by_side(weights) is None:
-        return 0
-    for weight in weights:
-        with torch.inference_mode(weight.is_inference()), torch.no_grad():
-            weight.data = weight.data.mT.contiguous().mT
-    return len(weights)
+    return 0 if side_by_side(weights) is None else _store(list(weights), column_major=False)
 
 
 def _side_by_side_groups(model: nn.Module) -> list[list[nn.Parameter]]:
