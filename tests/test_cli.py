@@ -76,6 +76,21 @@ def test_main_prints_user_errors_without_traceback(monkeypatch, capsys):
     assert captured.err.startswith("error: unknown preset 'no-such-preset'") and captured.err.count("\n") == 1
 
 
+def test_piped_output_gets_room_for_its_tables():
+    """Redirected to a file, rich would cut tables to 80 columns ("ref-8e-to…"): moelab's console
+    takes 160 there, unless COLUMNS says otherwise."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from moelab.cli import console; print(console.width)"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    width = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert width.stdout.strip() == "160"
+    narrow = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env | {"COLUMNS": "100"})
+    assert narrow.stdout.strip() == "100"
+
+
 def test_busy_processes_run_during_the_block_and_end_with_it():
     from moelab.bench.load import busy_processes
 

@@ -20,7 +20,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks, reported as ratios to baselines measured in the same run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-console = Console()
+# piped or redirected output: rich would cut its tables to 80 columns ("ref-8e-to…"); give them room
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace moelab's earlier output there (never files moelab did not write).")]
 
 
