@@ -52,17 +52,14 @@ def conversion_problems(path: str | os.PathLike) -> list[str]:
 def moelab_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> MoETransformer:
     """The transformers checkpoint at `path` as a moelab `MoETransformer` (eval mode; in the
     checkpoint's dtype unless `dtype` is given); refuses what does not convert exactly."""
+    model_config = moelab_config(path)
     config, ckpt, family = resolve(path)
     try:
-        if problems := _problems(path, ckpt, family.name):
-            raise ValueError(f"{path} cannot run as a moelab model exactly: it has " + "; ".join(problems))
-        try:
-            model_config = _model_config(_transformers_config(path), family.name)
-        except ValueError as err:
-            raise ValueError(f"{path}/config.json: {err}") from None
-        tensors = _tensors(ckpt, config, family, model_config)
+        tensors = moelab_tensors(ckpt, config, family, model_config.n_layers)
     finally:
         ckpt.close()
+    if model_config.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
     model = MoETransformer(model_config)
     load_state(model, tensors)
     return model.to(dtype or next(iter(tensors.values())).dtype).eval()
@@ -153,23 +150,47 @@ def _model_config(config, family: str) -> ModelConfig:
     )
 
 
-def _tensors(ckpt: Checkpoint, config: Config, family, model_config: ModelConfig) -> dict[str, Tensor]:
-    """Every tensor under its moelab name: MoE blocks through their views into moelab's layout, the
-    rest renamed (`moelab.hf.export.NAME_PAIRS`); Qwen2-MoE's zero attention biases dropped."""
+def moelab_config(path: str | os.PathLike) -> ModelConfig:
+    """moelab's config of the transformers checkpoint at `path`; refuses what does not convert
+    exactly (`conversion_problems`)."""
+    config, ckpt, family = resolve(path)
+    ckpt.close()
+    if problems := conversion_problems(path):
+        raise ValueError(f"{path} cannot run as a moelab model exactly: it has " + "; ".join(problems))
+    try:
+        return _model_config(_transformers_config(path), family.name)
+    except ValueError as err:
+        raise ValueError(f"{path}/config.json: {err}") from None
+
+
+def moelab_tensors(
+    ckpt: Checkpoint, config: Config, family, n_layers: int, *, routed: bool = True
+) -> dict[str, Tensor]:
+    """Every tensor of the checkpoint under its moelab name: MoE blocks through their views into
+    moelab's layout, the rest renamed (`moelab.hf.export.NAME_PAIRS`); Qwen2-MoE's zero attention
+    biases dropped. routed=False: without the routed experts (none of them read: an offloaded
+    model reads them one at a time)."""
     native = NATIVE.layouts[0]
     tensors, read = {}, set()
-    for index in range(model_config.n_layers):
-        layer = family.read_layer(ckpt, config, index)
-        if not isinstance(layer, MoELayerView):
-            continue
-        prefix, source = NATIVE.layer_prefix.format(n=index), family.layer_prefix.format(n=index)
-        tensors |= native.router.encode(layer.router, prefix) | native.experts.encode(layer.experts, prefix)
-        layout = family.layout_of(ckpt, index)
-        read |= set(layout.router.keys(ckpt, source) + layout.experts.keys(ckpt, source))
-        if layer.shared is not None:
-            tensors |= native.shared.encode(layer.shared, prefix)
-            names = (layout.shared.gate, layout.shared.up, layout.shared.down, layout.shared.sigmoid_gate)
-            read |= {source + name for name in names if name is not None}
+    meta = None if routed else Checkpoint(ckpt.directory, shapes_only=True)
+    try:
+        for index in range(n_layers):
+            layer = family.read_layer(ckpt, config, index, meta)
+            if not isinstance(layer, MoELayerView):
+                continue
+            prefix, source = NATIVE.layer_prefix.format(n=index), family.layer_prefix.format(n=index)
+            tensors |= native.router.encode(layer.router, prefix)
+            if routed:
+                tensors |= native.experts.encode(layer.experts, prefix)
+            layout = family.layout_of(ckpt, index)
+            read |= set(layout.router.keys(ckpt, source) + layout.experts.keys(ckpt, source))
+            if layer.shared is not None:
+                tensors |= native.shared.encode(layer.shared, prefix)
+                names = (layout.shared.gate, layout.shared.up, layout.shared.down, layout.shared.sigmoid_gate)
+                read |= {source + name for name in names if name is not None}
+    finally:
+        if meta is not None:
+            meta.close()
     for key in ckpt.keys():
         if key in read or (family.name == "qwen2_moe" and _ATTENTION_BIAS.fullmatch(key)):
             continue  # Qwen2-MoE's attention biases: zero (`_problems`)
@@ -177,8 +198,6 @@ def _tensors(ckpt: Checkpoint, config: Config, family, model_config: ModelConfig
         if name is None:
             raise CheckpointError(f"the checkpoint tensor {key!r} has no counterpart in a moelab model")
         tensors[name] = ckpt.get(key)
-    if model_config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
     return tensors
 
 

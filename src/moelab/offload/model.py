@@ -5,9 +5,11 @@ from the safetensors files into an `ExpertCache` as the routing asks for them.
     ids = model.generate(prompt_ids, max_new_tokens=64)     # greedy (or sampling=Sampling(...)), [B, S + 64]
     model.cache.stats                                        # hits, misses, prefetch accuracy
 
-Works for moelab checkpoints (the model's own MoE layers keep everything but their experts) and
-for every transformers family the checkpoint view reads (each MoE block is computed by a moelab
-`MoELayer` built from the view, as in `moelab.hf.layerwise`). Each MoE layer's experts are an
+Works for moelab checkpoints (the model's own MoE layers keep everything but their experts), for
+the transformers checkpoints moelab's decoder represents exactly (Mixtral, zero-bias Qwen2-MoE:
+run as a moelab model, converted as they load, `moelab.hf.conversion`) and for every other
+transformers family the checkpoint view reads (each MoE block is computed by a moelab `MoELayer`
+built from the view, as in `moelab.hf.layerwise`). Each MoE layer's experts are an
 `OffloadedExperts`: with a predictor, when its decoder layer starts, a hook scores the layer's
 likely experts from the layer's input and starts reading them on a background thread while the
 attention runs; after routing it fetches the experts its tokens chose (reading a miss on the
@@ -30,7 +32,8 @@ from tqdm.auto import tqdm
 
 from moelab.hf.adapters import NATIVE
 from moelab.hf.checkpoint import CheckpointError
-from moelab.hf.layerwise import MoEBlock, load_tensors, skeleton, tied_names
+from moelab.hf.conversion import CONVERTIBLE_FAMILIES, conversion_problems, moelab_config, moelab_tensors
+from moelab.hf.layerwise import MoEBlock, load_tensors, native_skeleton, set_tensor, skeleton, tied_names
 from moelab.hf.layouts import config_entry
 from moelab.hf.modules import decoder_layers, find_moe_modules
 from moelab.hf.native import router_from_view, shared_from_view
@@ -43,7 +46,7 @@ from moelab.nn.routers import Router
 from moelab.offload.cache import ExpertCache
 from moelab.offload.predict import PREDICTORS, RoutingPrior, lookahead_scores
 from moelab.offload.store import ExpertStore
-from moelab.validation import check_device
+from moelab.validation import check_device, non_finite_names
 
 POLICIES = {  # name: load_offloaded's (eviction, predictor, prefetch_factor)
     "lru": ("lru", None, 0.0),  # the Mixtral-offloading cache without its speculative loading
@@ -277,6 +280,31 @@ def generate_ids(
         )  # fmt: skip
 
 
+def _load_converted(model: MoETransformer, store: ExpertStore, dtype: torch.dtype, skip: list[str]) -> None:
+    """Give the moelab skeleton of a convertible transformers checkpoint its tensors, the routed
+    experts left out (`moelab.hf.conversion.moelab_tensors`); the tied output head shares the
+    embedding's."""
+    view, layers = store.view, model.config.n_layers
+    tensors = moelab_tensors(store.checkpoint, view.config, store.family, layers, routed=False)
+    if model.config.tie_embeddings:
+        tensors["lm_head.weight"] = tensors["embed.weight"]
+    loaded: dict[int, Tensor] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if any(name.startswith(s + ".") for s in skip):
+            continue
+        if name not in tensors:
+            raise CheckpointError(f"{store.path}: {name} is not in the checkpoint; the model cannot be run")
+        if tensors[name].shape != param.shape:
+            raise CheckpointError(
+                f"{store.path}: {name} is {list(tensors[name].shape)} but config.json makes it "
+                f"{list(param.shape)}; config.json does not describe these weights"
+            )
+        tensor = loaded.setdefault(id(tensors[name]), tensors[name].to(dtype))
+        if non_finite_names([(name, tensor)]):
+            raise CheckpointError(f"{store.path}: NaN or Inf in {name}: the weights are corrupt")
+        set_tensor(model, name, tensor)
+
+
 def _check_config_fits(store: ExpertStore) -> None:
     """config.json describes the weights where the offloaded model does not check by itself (its
     dense tensors' shapes are checked as they load): no layer's tensors past its layer count (a
@@ -378,20 +406,29 @@ def load_offloaded(
             f"the checkpoint's are {store.moe_layers} of {store.num_experts}; measure the prior on this model"
         )
     _check_config_fits(store)
-    model = skeleton(store.path, view.config, store.family)
+    # a transformers checkpoint that moelab's decoder represents exactly runs as a moelab model
+    # (`moelab.hf.conversion`: it decodes faster so); either way only the routed experts move out
+    convertible = store.family.name in CONVERTIBLE_FAMILIES
+    converted = not native and convertible and not conversion_problems(store.path)
+    own = native or converted
+    if converted:
+        model = native_skeleton(moelab_config(store.path).to_dict())
+    else:
+        model = skeleton(store.path, view.config, store.family)
     layers_name, layers = decoder_layers(model, view.num_layers)
-    stored_as = tied_names(model, store.checkpoint)
     views, found = {}, {}
     for index in store.moe_layers:
         views[index] = view.layer(index, routed=False)
         assert isinstance(views[index], MoELayerView)
         found[index] = find_moe_modules(layers[index], index, store.num_experts, views[index].router.weight.shape[1])
-    moved = {i: found[i].experts if native else found[i].block for i in store.moe_layers}
-    load_tensors(
-        model, store.checkpoint, dtype, skip=[f"{layers_name}.{i}.{name}" for i, name in moved.items()], stored_as=stored_as
-    )  # fmt: skip
+    moved = {i: found[i].experts if own else found[i].block for i in store.moe_layers}
+    skip = [f"{layers_name}.{i}.{name}" for i, name in moved.items()]
+    if converted:
+        _load_converted(model, store, dtype, skip)
+    else:
+        load_tensors(model, store.checkpoint, dtype, skip=skip, stored_as=tied_names(model, store.checkpoint))
     dense_bytes = sum(t.nbytes for t in model.state_dict().values() if not t.is_meta)
-    if not native:  # the routers and shared experts the MoE blocks will hold
+    if not own:  # the routers and shared experts the MoE blocks will hold
         dense_bytes += sum(_view_bytes(views[i], dtype, found[i].shared_in_block) for i in store.moe_layers)
     top_k = max(v.router.top_k for v in views.values())
     if host_memory:
@@ -403,7 +440,7 @@ def load_offloaded(
     moes: dict[int, MoELayer] = {}
     for index in store.moe_layers:
         experts = OffloadedExperts(cache, index, predictor, views[index].router.top_k, prefetch_factor)
-        if native:  # moelab's own MoE layer stays; only its experts move out
+        if own:  # moelab's own MoE layer stays; only its experts move out
             moes[index] = layers[index].get_submodule(found[index].block)
             moes[index].experts = experts
         else:
@@ -422,7 +459,7 @@ def load_offloaded(
             layers[index].register_forward_pre_hook(partial(_read_ahead, experts, norm), with_kwargs=True)
     # moelab's model computes in `dtype` throughout (its rotary tables too, as `load_pretrained(...).to(dtype)`);
     # a transformers skeleton keeps the buffers `from_pretrained` keeps. The offloaded experts hold no tensors.
-    if native:
+    if own:
         model.to(device, dtype)
     else:
         model.to(device)
