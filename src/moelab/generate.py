@@ -128,12 +128,14 @@ def generate_texts(
         )
     tokenizer = load_tokenizer_of(path)
     encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
-    _check_vocabulary(path, encoded)
+    config_path = Path(path) / "config.json"
+    config = read_json_object(config_path, "a model config") if config_path.is_file() else {}
+    _check_vocabulary(path, config, encoded)
     ids, mask = _left_padded(encoded, prompts, device)
     # the clock needs each step's tokens on the host: on a GPU only where a streamer takes them anyway
     clock = _StepClock(streamer) if streamer is not None or device == "cpu" else None
     if not offloaded:
-        model = _model_in_memory(path, dtype).to(device)
+        model = _model_in_memory(path, config, dtype).to(device)
         start = time.perf_counter()
         out = generate_ids(
             model, ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock,
@@ -164,22 +166,19 @@ def generate_texts(
     return _continuations(tokenizer, out, ids.shape[1]), stats
 
 
-def _model_in_memory(path: str | os.PathLike, dtype: torch.dtype) -> torch.nn.Module:
-    """The model at `path` in eval mode: a moelab checkpoint, or a transformers one as a moelab
-    model where it converts exactly (`moelab.hf.conversion`: it decodes faster so), else
-    transformers' own model."""
-    config = Path(path) / "config.json"
-    if config.is_file() and "model_type" in read_json_object(config, "a model config"):
-        if not conversion_problems(path):
-            return moelab_model(path, dtype=dtype)
+def _model_in_memory(path: str | os.PathLike, config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """The model at `path` (config.json: `config`) in eval mode: a moelab checkpoint, or a
+    transformers one as a moelab model where it converts exactly (`moelab.hf.conversion`: it
+    decodes faster so), else transformers' own model."""
+    if "model_type" in config and not conversion_problems(path):
+        return moelab_model(path, dtype=dtype)
     return load_model(path, dtype=dtype, quiet=True).model
 
 
-def _check_vocabulary(path: str | os.PathLike, encoded: list[list[int]]) -> None:
-    """Refuse prompts whose token ids the model has no embedding for (a checkpoint without a
-    tokenizer of its own gets moelab's, which may not be its own)."""
-    config = Path(path) / "config.json"
-    vocab_size = read_json_object(config, "a model config").get("vocab_size") if config.is_file() else None
+def _check_vocabulary(path: str | os.PathLike, config: dict, encoded: list[list[int]]) -> None:
+    """Refuse prompts whose token ids the model (config.json: `config`) has no embedding for (a
+    checkpoint without a tokenizer of its own gets moelab's, which may not be its own)."""
+    vocab_size = config.get("vocab_size")
     largest = max(max(ids, default=0) for ids in encoded)
     if isinstance(vocab_size, int) and largest >= vocab_size:
         whose = "its own tokenizer" if _has_tokenizer(Path(path)) else f"moelab's tokenizer ({path} has none)"

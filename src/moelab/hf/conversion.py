@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moelab.files import read_json_object
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.hf.export import TOKENIZER_FILES, renamed
@@ -39,14 +40,22 @@ CONVERTIBLE_FAMILIES = ("mixtral", "qwen2_moe")
 _ATTENTION_BIAS = re.compile(r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias")
 
 
-def conversion_problems(path: str | os.PathLike) -> list[str]:
+def conversion_problems(path: str | os.PathLike, checkpoint: Checkpoint | None = None) -> list[str]:
     """Why the transformers checkpoint at `path` cannot become a moelab model exactly (empty: it
-    can); reads config.json and, for Qwen2-MoE, the attention biases."""
+    can); reads config.json and, for Qwen2-MoE, the attention biases (through `checkpoint` where
+    it is open already)."""
+    if checkpoint is not None:
+        return _problems(path, checkpoint, checkpoint_family(path))
     config, ckpt, family = resolve(path)
     try:
         return _problems(path, ckpt, family.name)
     finally:
         ckpt.close()
+
+
+def checkpoint_family(path: str | os.PathLike) -> str | None:
+    """config.json's model_type."""
+    return read_json_object(Path(path) / "config.json", "a model config").get("model_type")
 
 
 def moelab_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> MoETransformer:
@@ -150,15 +159,13 @@ def _model_config(config, family: str) -> ModelConfig:
     )
 
 
-def moelab_config(path: str | os.PathLike) -> ModelConfig:
-    """moelab's config of the transformers checkpoint at `path`; refuses what does not convert
-    exactly (`conversion_problems`)."""
-    config, ckpt, family = resolve(path)
-    ckpt.close()
-    if problems := conversion_problems(path):
+def moelab_config(path: str | os.PathLike, checkpoint: Checkpoint | None = None) -> ModelConfig:
+    """moelab's config of the transformers checkpoint at `path` (read through `checkpoint` where it
+    is open already); refuses what does not convert exactly (`conversion_problems`)."""
+    if problems := conversion_problems(path, checkpoint):
         raise ValueError(f"{path} cannot run as a moelab model exactly: it has " + "; ".join(problems))
     try:
-        return _model_config(_transformers_config(path), family.name)
+        return _model_config(_transformers_config(path), checkpoint_family(path))
     except ValueError as err:
         raise ValueError(f"{path}/config.json: {err}") from None
 

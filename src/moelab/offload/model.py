@@ -409,10 +409,10 @@ def load_offloaded(
     # a transformers checkpoint that moelab's decoder represents exactly runs as a moelab model
     # (`moelab.hf.conversion`: it decodes faster so); either way only the routed experts move out
     convertible = store.family.name in CONVERTIBLE_FAMILIES
-    converted = not native and convertible and not conversion_problems(store.path)
+    converted = not native and convertible and not conversion_problems(store.path, store.checkpoint)
     own = native or converted
     if converted:
-        model = native_skeleton(moelab_config(store.path).to_dict())
+        model = native_skeleton(moelab_config(store.path, store.checkpoint).to_dict())
     else:
         model = skeleton(store.path, view.config, store.family)
     layers_name, layers = decoder_layers(model, view.num_layers)
