@@ -286,12 +286,16 @@ def test_side_by_side_finds_only_adjacent_blocks_in_order():
     assert side_by_side([a.contiguous(), b, c]) is None
 
 
-@pytest.mark.parametrize("when", ["between_steps", "after_backward"])
-def test_a_fused_optimizer_steps_a_model_that_decodes_between_steps_as_one_that_does_not(when):
+@pytest.mark.parametrize(
+    "when, compiled",
+    [("between_steps", False), ("after_backward", False),
+     pytest.param("between_steps", True, marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_a_fused_optimizer_steps_a_model_that_decodes_between_steps_as_one_that_does_not(when, compiled):
     """torch's fused optimizers step a weight, its gradient and its state as flat blocks: decoding
     between steps (the optimizer's state made) moves the weights, and the next training forward
-    stores them row-major again; decoding between a backward and its step moves nothing. Either
-    way `Adam(fused=True)` steps the model as one that never decoded."""
+    (compiled too) stores them row-major again; decoding between a backward and its step moves
+    nothing. Either way `Adam(fused=True)` steps the model as one that never decoded."""
     model = make_model(**FEATURES)
     reference = copy.deepcopy(model)
     ids = random_ids(batch=2, seq=6)
@@ -304,7 +308,8 @@ def test_a_fused_optimizer_steps_a_model_that_decodes_between_steps_as_one_that_
             if m is model and when == "between_steps" and step > 0:
                 m.eval().generate(ids, 2, greedy=True)
                 assert side_by_side(projections) is not None and not model.lm_head.weight.is_contiguous()
-            m.train()(ids, ids).loss.backward()
+            forward = torch.compile(m.train()) if compiled else m.train()
+            forward(ids, ids).loss.backward()
             if m is model and when == "after_backward":
                 m.eval().generate(ids, 2, greedy=True)
                 assert all(p.is_contiguous() for p in m.parameters())  # nothing with a gradient moved

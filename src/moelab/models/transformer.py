@@ -384,6 +384,10 @@ class MoETransformer(nn.Module):
         """Whether some block routes over whole sequences, so decoding cannot use a KV cache."""
         return any(block.needs_sequences for block in self.layers)
 
+    @torch.compiler.disable  # moves parameters: run eagerly, also under a compiled training forward
+    def _store_row_major(self) -> None:
+        use_row_major_layout(self)
+
     def forward(
         self,
         input_ids: Tensor,
@@ -397,8 +401,8 @@ class MoETransformer(nn.Module):
         Where a gradient flows, the weights go back to their row-major layout first if decoding
         moved them (`moelab.models.decode_layout`: an optimizer's state keeps the layout the weights
         had when it was made, and torch's fused optimizers step them as flat blocks)."""
-        if self.decode_layout_in_use and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            use_row_major_layout(self)
+        if self.decode_layout_in_use and torch.is_grad_enabled():
+            self._store_row_major()
         self._check_call(input_ids, targets, kv_cache, start_pos)
         positions = self._rope_and_mask(input_ids.shape[1], kv_cache, start_pos)
         x = self.embed(input_ids)
