@@ -14,16 +14,15 @@ from test_hf_export import _model
 from moelab.hf.conversion import conversion_problems, import_checkpoint, moelab_model
 from moelab.hf.export import export_checkpoint
 from moelab.models import MoETransformer, load_pretrained
+from moelab.offload import load_offloaded
 from moelab.offload.model import generate_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _saved(tmp_path, family: str, **overrides):
-    """A tiny random transformers model of `family`, saved; Qwen2-MoE's attention biases zeroed;
-    no EOS token (transformers' `generate(min_new_tokens=...)` would forbid the tiny vocabulary's
-    token 2, which moelab's greedy decoding may pick)."""
-    model = build(family, eos_token_id=None, **overrides)
+    """A tiny random transformers model of `family`, saved; Qwen2-MoE's attention biases zeroed."""
+    model = build(family, **overrides)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("_proj.bias"):
@@ -95,9 +94,73 @@ def test_what_does_not_convert_exactly_is_refused_with_the_reasons(tmp_path):
     ]:
         (path / "config.json").write_text(json.dumps(config | change))
         assert any(p.startswith(problem) for p in conversion_problems(path)), change
-    (path / "config.json").write_text(json.dumps(config | {"sliding_window": 24}))
-    assert conversion_problems(path) == []
-    assert moelab_model(path).config.max_seq_len == 24  # exact within the window
+    for change, problem in [
+        ({"sliding_window": 24}, "sliding-window attention (24 positions, under max_position_embeddings"),
+        ({"sliding_window": 24, "max_position_embeddings": 24}, None),  # the window is the whole context
+        ({"hidden_act": "swish"}, None),  # transformers' name for SiLU too
+    ]:
+        (path / "config.json").write_text(json.dumps(config | change))
+        problems = conversion_problems(path)
+        assert problems == [] if problem is None else problems[0].startswith(problem), change
+    _, qwen = _saved(tmp_path, "qwen2_moe")
+    qwen_config = json.loads((qwen / "config.json").read_text())
+    (qwen / "config.json").write_text(json.dumps(qwen_config | {"decoder_sparse_step": 0}))
+    assert conversion_problems(qwen)[0].startswith("decoder_sparse_step 0")
+    (native := tmp_path / "native").mkdir()
+    _model(native / "m")
+    assert "a moelab checkpoint already" in conversion_problems(native / "m")[0]
+
+
+def test_the_checkpoint_decides_the_head_the_dtype_and_the_files_that_come_along(tmp_path):
+    """config.json ties the head but the checkpoint stores another one: transformers keeps it, so
+    does the conversion. A bf16 checkpoint with float32 router weights converts to bf16 (config.json's
+    dtype, not the first tensor's). The import copies the chat template, generation config and
+    license with the tokenizer, never weights or code, and keeps the balance coefficient."""
+    reference, path = _saved(tmp_path, "mixtral", router_aux_loss_coef=0.05)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    for name in ("chat_template.jinja", "LICENSE", "tokenizer.json", "modeling_evil.py"):
+        (path / name).write_text("{}")
+    model = moelab_model(path)
+    assert not model.config.tie_embeddings and model.config.moe.balance_coef == 0.05
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    offloaded = load_offloaded(path, resident=0.5)
+    try:
+        assert torch.equal(offloaded.generate(ids, 4), generate_ids(reference, ids, 4))
+    finally:
+        offloaded.close()
+    out = import_checkpoint(path, tmp_path / "back", quiet=True)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "LICENSE", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+        "tokenizer.json",
+    ]  # fmt: skip
+    mixed = build("mixtral").to(torch.bfloat16)
+    for layer in mixed.model.layers:
+        layer.mlp.gate.float()
+    mixed.save_pretrained(tmp_path / "mixed")
+    assert moelab_model(tmp_path / "mixed").embed.weight.dtype == torch.bfloat16
+
+
+def test_the_import_check_catches_a_wrong_tensor_in_the_layers_it_runs(tmp_path, monkeypatch):
+    """The written checkpoint is checked against transformers on its layers up to the second MoE
+    layer: a conversion that got layer 1's expert weights wrong is not written."""
+    from moelab.hf import conversion
+    from moelab.hf.postconditions import WriteCheckError
+
+    _, path = _saved(tmp_path, "mixtral")
+    convert = conversion.moelab_tensors
+
+    def wrong(*args, **kwargs):
+        tensors = convert(*args, **kwargs)
+        tensors["layers.1.ffn.experts.down_proj"] = tensors["layers.1.ffn.experts.down_proj"] * 1.01
+        return tensors
+
+    monkeypatch.setattr(conversion, "moelab_tensors", wrong)
+    with pytest.raises(WriteCheckError, match="logits differ from transformers'"):
+        import_checkpoint(path, tmp_path / "back", quiet=True)
+    assert not (tmp_path / "back").exists()
 
 
 def test_generate_runs_a_convertible_transformers_checkpoint_on_moelab_and_the_cli_imports_it(tmp_path):

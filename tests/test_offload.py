@@ -154,10 +154,9 @@ def test_offloaded_sampling_draws_the_in_memory_tokens_and_hf_sampling_is_seeded
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"])
 def test_offloaded_transformers_checkpoint_decodes_like_transformers(tmp_path, family, one_thread):
     """Mixtral runs offloaded as a moelab model (`moelab.hf.conversion`), the others on transformers'
-    modules with moelab's MoE blocks. No EOS token: transformers' `generate(min_new_tokens=...)`
-    forbids it, which moelab's greedy decoding does not."""
+    modules with moelab's MoE blocks; the EOS token neither stops nor is forbidden on either side."""
     torch.manual_seed(0)
-    model = build(family, eos_token_id=None).eval()
+    model = build(family).eval()
     model.save_pretrained(tmp_path)
     torch.manual_seed(2)
     ids = torch.randint(0, 64, (1, 6))

@@ -11,12 +11,15 @@ transformers' own model of the same weights several times slower at batch 1.
 
 Anything else (another family, sliding-window attention, scaled RoPE, a head width other than
 D / H, nonzero attention biases, other activations or routers) is refused with the reasons
-(`conversion_problems`). `import_checkpoint` checks what it wrote: moelab's logits equal
-transformers' to 1e-4.
+(`conversion_problems`). As in transformers, an output head stored apart from the embedding stays
+apart even where config.json ties them. `import_checkpoint` checks what it wrote: moelab's logits
+equal transformers' to 1e-4, on the layers up to the second MoE layer (every later layer's tensors
+convert by the same names), so the check needs memory for those layers only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -27,7 +30,7 @@ from torch import Tensor
 from moelab.files import read_json_object
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
-from moelab.hf.export import TOKENIZER_FILES, renamed
+from moelab.hf.export import renamed
 from moelab.hf.layouts import Config
 from moelab.hf.view import MoELayerView
 from moelab.io import StagedOutput, check_output_dir, copy_side_file
@@ -35,9 +38,13 @@ from moelab.models.config import ModelConfig
 from moelab.models.pretrained import CHECKPOINT_KIND, load_state, write_model_files
 from moelab.models.transformer import MoETransformer
 from moelab.nn.config import MoEConfig
+from moelab.nn.rope import rope_tables
 
 CONVERTIBLE_FAMILIES = ("mixtral", "qwen2_moe")
 _ATTENTION_BIAS = re.compile(r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias")
+# files of a checkpoint directory that `import_checkpoint` does not copy beside the moelab weights
+_NOT_COPIED = re.compile(r"config\.json|.*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|py)|.*\.index\.json|\..*")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def conversion_problems(path: str | os.PathLike, checkpoint: Checkpoint | None = None) -> list[str]:
@@ -60,18 +67,42 @@ def checkpoint_family(path: str | os.PathLike) -> str | None:
 
 def moelab_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> MoETransformer:
     """The transformers checkpoint at `path` as a moelab `MoETransformer` (eval mode; in the
-    checkpoint's dtype unless `dtype` is given); refuses what does not convert exactly."""
-    model_config = moelab_config(path)
+    checkpoint's dtype, config.json's, unless `dtype` is given); refuses what does not convert
+    exactly. Built around the checkpoint's tensors: no second copy of the weights."""
     config, ckpt, family = resolve(path)
     try:
+        model_config = moelab_config(path, ckpt)
         tensors = moelab_tensors(ckpt, config, family, model_config.n_layers)
     finally:
         ckpt.close()
     if model_config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    model = MoETransformer(model_config)
-    load_state(model, tensors)
-    return model.to(dtype or next(iter(tensors.values())).dtype).eval()
+    return _assembled(model_config, tensors).to(dtype or _checkpoint_dtype(path, tensors)).eval()
+
+
+def _assembled(config: ModelConfig, tensors: dict[str, Tensor]) -> MoETransformer:
+    """A `MoETransformer` of `config` whose parameters are `tensors` themselves (`load_state`'s
+    checks; nothing initialised, nothing copied)."""
+    with torch.device("meta"):
+        model = MoETransformer(config)
+    load_state(model, tensors, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+    return model
+
+
+def _checkpoint_dtype(path: str | os.PathLike, tensors: dict[str, Tensor]) -> torch.dtype:
+    """config.json's dtype (torch_dtype), else the floating dtype most of the weights are in."""
+    config = read_json_object(Path(path) / "config.json", "a model config")
+    named = config.get("dtype", config.get("torch_dtype"))
+    if named in _DTYPES:
+        return _DTYPES[named]
+    counts: dict[torch.dtype, int] = {}
+    for t in tensors.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.__getitem__)
 
 
 def import_checkpoint(
@@ -85,11 +116,16 @@ def import_checkpoint(
     model = moelab_model(path)
     with StagedOutput(out, CHECKPOINT_KIND, inputs=[path], overwrite=overwrite) as staging:
         write_model_files(model, staging)
-        for name in TOKENIZER_FILES:
-            if (path / name).is_file():
-                copy_side_file(path / name, staging / name, path)
+        for side in side_files(path):
+            copy_side_file(side, staging / side.name, path)
         _check_logits(path, model, quiet)
     return Path(out)
+
+
+def side_files(path: Path) -> list[Path]:
+    """The files beside a checkpoint's weights and config.json that go with it (tokenizer files,
+    chat template, generation config, license, ...): not weights, indexes, code or hidden files."""
+    return sorted(p for p in path.iterdir() if p.is_file() and not _NOT_COPIED.fullmatch(p.name))
 
 
 def _transformers_config(path: str | os.PathLike):
@@ -101,6 +137,8 @@ def _transformers_config(path: str | os.PathLike):
 
 
 def _problems(path: str | os.PathLike, ckpt: Checkpoint, family: str) -> list[str]:
+    if family == NATIVE.name:
+        return ["no transformers model_type: it is a moelab checkpoint already (moelab.models.load_pretrained)"]
     if family not in CONVERTIBLE_FAMILIES:
         return [f"model_type {family!r}; moelab converts {' and '.join(CONVERTIBLE_FAMILIES)} checkpoints"]
     config, problems = _transformers_config(path), []
@@ -111,8 +149,18 @@ def _problems(path: str | os.PathLike, ckpt: Checkpoint, family: str) -> list[st
     rope = config.rope_parameters or {}
     if rope.get("rope_type", "default") != "default":
         problems.append(f"scaled RoPE ({rope['rope_type']})")
-    if config.hidden_act != "silu":
+    if config.hidden_act not in ("silu", "swish"):
         problems.append(f"the activation {config.hidden_act!r} (moelab's experts are SwiGLU)")
+    window = getattr(config, "sliding_window", None)
+    if family == "qwen2_moe" and not config.use_sliding_window:
+        window = None
+    if window is not None and window < config.max_position_embeddings:
+        problems.append(
+            f"sliding-window attention ({window} positions, under max_position_embeddings "
+            f"{config.max_position_embeddings}; moelab's attention sees every position)"
+        )
+    if family == "qwen2_moe" and config.decoder_sparse_step < 1:
+        problems.append(f"decoder_sparse_step {config.decoder_sparse_step} (every how many layers one is MoE: >= 1)")
     if family == "qwen2_moe":
         layers = range(config.num_hidden_layers)
         biases = [f"model.layers.{i}.self_attn.{p}_proj.bias" for i in layers for p in "qkv"]
@@ -121,24 +169,23 @@ def _problems(path: str | os.PathLike, ckpt: Checkpoint, family: str) -> list[st
     return problems
 
 
-def _model_config(config, family: str) -> ModelConfig:
-    """moelab's config of the same decoder (see `moelab.hf.export._hf_config`, its inverse). A
-    sliding attention window caps the sequence length: within it, attention is exact."""
-    window = getattr(config, "sliding_window", None)
-    if family == "qwen2_moe" and not config.use_sliding_window:
-        window = None
+def _model_config(config, family: str, ckpt: Checkpoint) -> ModelConfig:
+    """moelab's config of the same decoder (see `moelab.hf.export._hf_config`, its inverse; the
+    balance loss's coefficient is router_aux_loss_coef). The embedding ties to the output head
+    where config.json says so and the checkpoint stores no other head (transformers' rule)."""
     common = dict(
         vocab_size=config.vocab_size,
         dim=config.hidden_size,
         n_layers=config.num_hidden_layers,
         n_heads=config.num_attention_heads,
         n_kv_heads=config.num_key_value_heads,
-        max_seq_len=min(config.max_position_embeddings, window or config.max_position_embeddings),
+        max_seq_len=config.max_position_embeddings,
         rope_theta=float(config.rope_parameters["rope_theta"]),
         norm_eps=float(config.rms_norm_eps),
-        tie_embeddings=bool(config.tie_word_embeddings),
+        tie_embeddings=bool(config.tie_word_embeddings) and not _stores_own_head(ckpt),
     )
     moe = dict(dim=config.hidden_size, router="topk", score_func="softmax", top_k=config.num_experts_per_tok)
+    moe |= dict(balance_coef=float(config.router_aux_loss_coef))
     if family == "mixtral":
         moe |= dict(num_experts=config.num_local_experts, hidden_dim=config.intermediate_size)
         moe |= dict(renormalize=True)
@@ -159,13 +206,25 @@ def _model_config(config, family: str) -> ModelConfig:
     )
 
 
+def _stores_own_head(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint stores an output head other than its embedding."""
+    head, embedding = "lm_head.weight", "model.embed_tokens.weight"
+    return head in ckpt and embedding in ckpt and not torch.equal(ckpt.get(head), ckpt.get(embedding))
+
+
 def moelab_config(path: str | os.PathLike, checkpoint: Checkpoint | None = None) -> ModelConfig:
     """moelab's config of the transformers checkpoint at `path` (read through `checkpoint` where it
     is open already); refuses what does not convert exactly (`conversion_problems`)."""
+    if checkpoint is None:
+        _, checkpoint, _ = resolve(path)
+        try:
+            return moelab_config(path, checkpoint)
+        finally:
+            checkpoint.close()
     if problems := conversion_problems(path, checkpoint):
         raise ValueError(f"{path} cannot run as a moelab model exactly: it has " + "; ".join(problems))
     try:
-        return _model_config(_transformers_config(path), checkpoint_family(path))
+        return _model_config(_transformers_config(path), checkpoint_family(path), checkpoint)
     except ValueError as err:
         raise ValueError(f"{path}/config.json: {err}") from None
 
@@ -209,21 +268,35 @@ def moelab_tensors(
 
 
 def _check_logits(path: Path, model: MoETransformer, quiet: bool) -> None:
-    """moelab's logits equal transformers' to 1e-4 (relative to their scale), in float32."""
+    """moelab's logits equal transformers' to 1e-4 (relative to their scale), in float32, on the
+    layers up to the second MoE layer (both models cut there; see the module docstring)."""
     from moelab.hf.loading import load_causal_lm
     from moelab.hf.postconditions import postcondition_error
 
-    reference = load_causal_lm(path, quiet=quiet, dtype=torch.float32)
-    cfg = model.config
+    moe = [i for i, kind in enumerate(model.config.layer_kinds) if kind == "moe"]
+    layers = moe[1] + 1 if len(moe) > 1 else model.config.n_layers
+    reference = load_causal_lm(
+        path, quiet=quiet, dtype=torch.float32, num_hidden_layers=layers, allow_unexpected=True
+    )
+    cfg = dataclasses.replace(model.config, n_layers=layers)
+    kept = {n: t.float() for n, t in model.state_dict().items() if _layer_index(n) < layers}
+    if cfg.tie_embeddings:
+        del kept["lm_head.weight"]
+    cut = _assembled(cfg, kept)
     ids = torch.randint(
         0, cfg.vocab_size, (2, min(cfg.max_seq_len, 16)), generator=torch.Generator().manual_seed(0)
     )
     with torch.no_grad():
         expected = reference(ids).logits
-        got = model.float()(ids).logits
+        got = cut(ids).logits
     scale = max(1.0, expected.abs().max().item())
     error = (got - expected).abs().max().item()
     if not torch.isfinite(got).all() or error > 1e-4 * scale:
         raise postcondition_error(
             f"the converted model's logits differ from transformers' by {error:.3g} (max |logit| {scale:.3g})"
         )
+
+
+def _layer_index(name: str) -> int:
+    """The decoder layer of a moelab tensor name (-1 outside the layers)."""
+    return int(name.split(".")[1]) if name.startswith("layers.") else -1

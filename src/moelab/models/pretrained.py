@@ -91,10 +91,11 @@ def _tensors_to_save(model: MoETransformer) -> dict[str, Tensor]:
     return {name: t.contiguous() for name, t in model.state_dict().items() if name not in aliases}
 
 
-def load_state(model: MoETransformer, tensors: dict[str, Tensor]) -> None:
-    """Copy `tensors` (a state dict as `save_pretrained` stores it) into `model`, or raise a
-    ValueError listing every missing, unexpected, wrongly shaped and wrongly typed (integer for
-    floating point or back) key."""
+def load_state(model: MoETransformer, tensors: dict[str, Tensor], *, assign: bool = False) -> None:
+    """Copy `tensors` (a state dict as `save_pretrained` stores it) into `model` (assign: make them
+    its parameters, as `load_state_dict(assign=True)`; ties are then the caller's to restore), or
+    raise a ValueError listing every missing, unexpected, wrongly shaped and wrongly typed (integer
+    for floating point or back) key."""
     aliases = shared_aliases(model)
     tensors = {_RENAMED_BUFFER.sub("router.selection_bias", name): t for name, t in tensors.items()}
     expected = {name: t for name, t in model.state_dict().items() if name not in aliases}
@@ -130,4 +131,4 @@ def load_state(model: MoETransformer, tensors: dict[str, Tensor]) -> None:
     if bad := non_finite_names(sorted(tensors.items())):
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise ValueError(f"NaN or Inf in {', '.join(bad[:3])}{more}: the weights are corrupt")
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict(tensors, strict=False, assign=assign)

@@ -233,7 +233,8 @@ def generate_ids(
     sampling: Sampling | None = None,
 ) -> Tensor:
     """Decoding with a KV cache by moelab's `MoETransformer.generate` (compile: its compiled
-    static step) or transformers' `generate` (exactly max_new_tokens, no stopping at EOS): [B, S] ->
+    static step) or transformers' `generate` (exactly max_new_tokens: EOS neither stops nor is
+    forbidden, as in moelab's): [B, S] ->
     [B, S + max_new_tokens]; attention_mask [B, S]: 0 for the left padding of a batch of prompts;
     streamer: told the prompts, each step's tokens and the end, by either. Greedy, or sampling's
     draws (transformers' draws come from torch's global generator, seeded inside and then put
@@ -276,7 +277,7 @@ def generate_ids(
                 torch.cuda.manual_seed_all(sampling.seed)
         return model.generate(
             input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens, pad_token_id=0, streamer=streamer, **draws,
+            eos_token_id=None, pad_token_id=0, streamer=streamer, **draws,
         )  # fmt: skip
 
 
