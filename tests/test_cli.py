@@ -284,6 +284,26 @@ def test_the_rate_after_the_first_two_steps_counts_only_their_tokens(monkeypatch
     assert stats["later_tokens_per_s"] > 0
 
 
+def test_a_text_ends_at_the_end_of_text_token_unless_ignore_eos():
+    """The shipped model ends "Amen." after 5 greedy tokens (its 6th is <|endoftext|>): the text
+    stops there, unprinted, in memory, offloaded and in a batch whose other prompt goes on;
+    --ignore-eos decodes every token, the end-of-text token included (transformers' engine:
+    tests/test_hf_conversion.py)."""
+    from moelab.generate import generate_texts
+
+    args = ["generate", "Amen.", "--max-new-tokens", "12"]
+    ended = runner.invoke(app, args)
+    assert ended.exit_code == 0, ended.output
+    text, speed = ended.output.rstrip("\n").rsplit("\n", 1)
+    assert speed.startswith("6 tokens in ") and "<|endoftext|>" not in text
+    offloaded = runner.invoke(app, [*args, "--resident", "0.25"])
+    assert offloaded.output.startswith(text + "\n6 tokens in "), offloaded.output
+    full = runner.invoke(app, [*args, "--ignore-eos"])
+    assert full.output.startswith(text + "<|endoftext|>") and "\n12 tokens in " in full.output, full.output
+    texts, stats = generate_texts(reference_model_dir(), ["Amen.", "The king said"], max_new_tokens=12)
+    assert stats["steps"] == 12 and texts[0] == text.removeprefix("Amen.") and len(texts[1]) > 12
+
+
 def test_generate_decodes_several_prompts_as_one_batch_each_as_alone():
     """Prompts of different lengths decode as one left-padded batch, in memory and offloaded: each
     continuation is the one it gets alone."""

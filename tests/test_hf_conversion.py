@@ -48,7 +48,11 @@ def test_a_converted_checkpoint_computes_what_transformers_computes(tmp_path, fa
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
-    assert torch.equal(generate_ids(model, ids, 6), generate_ids(reference, ids, 6))
+    free = generate_ids(reference, ids, 6)
+    assert torch.equal(generate_ids(model, ids, 6), free)
+    eos = free[0, 11].item()  # row 0 ends after its third new token: both engines stop it and pad it alike
+    ended = generate_ids(reference, ids, 6, eos_token_id=eos)
+    assert torch.equal(generate_ids(model, ids, 6, eos_token_id=eos), ended) and (ended[0, 12:] == eos).all()
     dense = set(overrides.get("mlp_only_layers", [0] if family == "qwen2_moe" else []))
     assert model.config.layer_kinds == ["dense" if i in dense else "moe" for i in range(2)]
 

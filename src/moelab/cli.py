@@ -571,6 +571,7 @@ def generate_cmd(
     top_p: Annotated[float | None, typer.Option("--top-p", help="Sample from the smallest set of most likely tokens whose probability reaches this (0-1].")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="Sample from the k most likely tokens.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the sampling (default 0): one seed and the same prompts, one text.")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Decode --max-new-tokens whatever comes, past the end-of-text token (default: a text ends there).")] = False,
 ) -> None:
     """Continue prompts (one printed as it is decoded, several as one batch), greedily or, with any
     of --temperature / --top-p / --top-k, sampling (temperature 1 unless given); the model in memory
@@ -599,18 +600,20 @@ def generate_cmd(
         raise ValueError(f"{', '.join(unused)}: for offloaded experts; add --resident or --memory-budget")
     streamer = None
     if len(prompts) == 1:  # printed as it comes (transformers' streamer takes a batch of one)
-        streamer = _PromptFirst(TextStreamer(load_tokenizer_of(path), skip_prompt=True), prompts[0])
+        tokenizer = load_tokenizer_of(path)  # the end-of-text token ends the text, unprinted
+        streamer = _PromptFirst(TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=not ignore_eos), prompts[0])
     texts, stats = generate_texts(
         path, prompts, max_new_tokens=max_new_tokens, resident=resident,
         memory_budget=None if memory_budget is None else parse_size(memory_budget),
         prior=None if prior is None else RoutingPrior.from_trace(open_trace(prior)), policy=policy, compile=compile_step,
         dtype=DTYPES[dtype], device=device, host_memory=host_memory, streamer=streamer, sampling=sampling,
+        ignore_eos=ignore_eos,
     )  # fmt: skip
     if streamer is None:
         for prompt, text in zip(prompts, texts, strict=True):
             console.print(prompt + text, markup=False, highlight=False, soft_wrap=True)
     compiling = " (compiling included)" if compile_step else ""
-    tokens = f"{len(prompts)} x {max_new_tokens}" if len(prompts) > 1 else f"{max_new_tokens}"
+    tokens = f"{len(prompts)} x {stats['steps']}" if len(prompts) > 1 else f"{stats['steps']}"
     later = stats["later_tokens_per_s"]
     later = "" if later is None else f"; {later:.1f} tokens/s after the first two"
     speed = f"{stats['tokens_per_s']:.1f} tokens/s{compiling}{later}"

@@ -91,9 +91,12 @@ def generate_texts(
     host_memory: bool = False,
     streamer: TokenStreamer | None = None,
     sampling: Sampling | None = None,
+    ignore_eos: bool = False,
 ) -> tuple[list[str], dict]:
-    """(each prompt's continuation, statistics: "seconds" and "tokens_per_s" of the decoding, the
-    prompts included (tokens/s: new tokens of every prompt), "later_tokens_per_s": the rate of the
+    """(each prompt's continuation, up to the tokenizer's end-of-text token unless ignore_eos;
+    statistics: "steps" decoded (max_new_tokens, or fewer where every prompt's text ended),
+    "seconds" and "tokens_per_s" of the decoding, the prompts included (tokens/s: the steps'
+    tokens of every prompt), "later_tokens_per_s": the rate of the
     steps after the first two (without the prompts' pass and the first one-token step, where a
     compiled step is traced; None for fewer than 3 tokens, and on a GPU without a streamer, which
     would wait for every step), and with offloading the expert cache's). The prompts decode as one
@@ -108,7 +111,8 @@ def generate_texts(
     host_memory: every expert also kept in pinned host memory, `load_offloaded`). streamer: told
     each step's tokens (`MoETransformer.generate`; e.g. transformers' `TextStreamer(tokenizer,
     skip_prompt=True)`, which prints one prompt's continuation as it decodes). sampling: draw each
-    token (`moelab.models.Sampling`; one seed and the same prompts give one text), else greedy."""
+    token (`moelab.models.Sampling`; one seed and the same prompts give one text), else greedy.
+    ignore_eos: decode max_new_tokens whatever comes (as benchmarks do)."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings; for one prompt call generate_text")
     empty = [i for i, prompt in enumerate(prompts) if not prompt]
@@ -127,6 +131,7 @@ def generate_texts(
             "drop compile (--compile)"
         )
     tokenizer = load_tokenizer_of(path)
+    eos = None if ignore_eos else tokenizer.eos_token_id
     encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
     config_path = Path(path) / "config.json"
     config = read_json_object(config_path, "a model config") if config_path.is_file() else {}
@@ -139,11 +144,11 @@ def generate_texts(
         start = time.perf_counter()
         out = generate_ids(
             model, ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock,
-            sampling=sampling,
+            sampling=sampling, eos_token_id=eos,
         )  # fmt: skip
-        stats = _speed(start, out, max_new_tokens) | _later_rate(clock)
+        stats = _speed(start, out, out.shape[1] - ids.shape[1]) | _later_rate(clock)
         stats["engine"] = "moelab" if isinstance(model, MoETransformer) else "transformers"
-        return _continuations(tokenizer, out, ids.shape[1]), stats
+        return _continuations(tokenizer, out, ids.shape[1], eos), stats
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, prior=prior, eviction=eviction, predictor=predictor,
         prefetch_factor=prefetch_factor, dtype=dtype, device=device, host_memory=host_memory,
@@ -151,9 +156,10 @@ def generate_texts(
     try:
         start = time.perf_counter()
         out = model.generate(
-            ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock, sampling=sampling
-        )
-        stats = _speed(start, out, max_new_tokens) | _later_rate(clock)
+            ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock, sampling=sampling,
+            eos_token_id=eos,
+        )  # fmt: skip
+        stats = _speed(start, out, out.shape[1] - ids.shape[1]) | _later_rate(clock)
         decode = model.cache.stats.get(len(prompts))  # a decode step: one token per prompt
         stats |= {
             "slots": model.cache.slots,
@@ -163,7 +169,7 @@ def generate_texts(
         }
     finally:
         model.close()
-    return _continuations(tokenizer, out, ids.shape[1]), stats
+    return _continuations(tokenizer, out, ids.shape[1], eos), stats
 
 
 def _model_in_memory(path: str | os.PathLike, config: dict, dtype: torch.dtype) -> torch.nn.Module:
@@ -203,8 +209,12 @@ def _left_padded(
     return batch, None if bool(mask.all()) else mask
 
 
-def _continuations(tokenizer, out: torch.Tensor, prompt_len: int) -> list[str]:
-    return [tokenizer.decode(row[prompt_len:].tolist()) for row in out]
+def _continuations(tokenizer, out: torch.Tensor, prompt_len: int, eos: int | None) -> list[str]:
+    """Each row's new tokens as text, up to its first `eos` (not included)."""
+    texts = []
+    for row in out[:, prompt_len:].tolist():
+        texts.append(tokenizer.decode(row[: row.index(eos)] if eos in row else row))
+    return texts
 
 
 class _StepClock:
@@ -237,10 +247,10 @@ def _later_rate(clock: _StepClock | None) -> dict[str, float | None]:
     return {"later_tokens_per_s": None} if clock is None else clock.later_rate()
 
 
-def _speed(start: float, out: torch.Tensor, new_tokens: int) -> dict[str, float]:
-    """Seconds since `start` (time.perf_counter) once `out` is computed (a GPU's queued work
-    waited for), and tokens/s (new tokens of every sequence of the batch)."""
+def _speed(start: float, out: torch.Tensor, steps: int) -> dict[str, float]:
+    """The decode steps run, seconds since `start` (time.perf_counter) once `out` is computed (a
+    GPU's queued work waited for), and tokens/s (the steps' tokens of every sequence of the batch)."""
     if out.is_cuda:
         torch.cuda.synchronize(out.device)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "tokens_per_s": out.shape[0] * new_tokens / seconds}
+    return {"steps": steps, "seconds": seconds, "tokens_per_s": out.shape[0] * steps / seconds}

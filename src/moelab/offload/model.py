@@ -199,10 +199,12 @@ class OffloadedModel:
         compile: bool = False,
         streamer: TokenStreamer | None = None,
         sampling: Sampling | None = None,
+        eos_token_id: int | None = None,
     ) -> Tensor:
         """Decoding with a KV cache (`generate_ids`): input_ids [B, S] -> [B, S + max_new_tokens];
         attention_mask [B, S]: 0 for the left padding of a batch of prompts; streamer: told each
-        step's tokens (`MoETransformer.generate`); sampling: draw the tokens (default: greedy). compile:
+        step's tokens (`MoETransformer.generate`); sampling: draw the tokens (default: greedy);
+        eos_token_id: stop a sequence there (`generate_ids`). compile:
         decode with moelab's compiled static step (`MoETransformer.generate(compile=True)`; a
         moelab checkpoint without read-ahead), the experts fetched and run inside it by an
         opaque op (`moelab.nn.opaque`)."""
@@ -213,7 +215,7 @@ class OffloadedModel:
             )
         return generate_ids(
             self.model, input_ids, max_new_tokens, attention_mask=attention_mask, compile=compile,
-            streamer=streamer, sampling=sampling,
+            streamer=streamer, sampling=sampling, eos_token_id=eos_token_id,
         )  # fmt: skip
 
     def close(self) -> None:
@@ -231,12 +233,13 @@ def generate_ids(
     compile: bool = False,
     streamer: TokenStreamer | None = None,
     sampling: Sampling | None = None,
+    eos_token_id: int | None = None,
 ) -> Tensor:
     """Decoding with a KV cache by moelab's `MoETransformer.generate` (compile: its compiled
-    static step) or transformers' `generate` (exactly max_new_tokens: EOS neither stops nor is
-    forbidden, as in moelab's): [B, S] ->
-    [B, S + max_new_tokens]; attention_mask [B, S]: 0 for the left padding of a batch of prompts;
-    streamer: told the prompts, each step's tokens and the end, by either. Greedy, or sampling's
+    static step) or transformers' `generate`: [B, S] -> [B, S + max_new_tokens], or fewer where
+    every sequence has emitted eos_token_id (each padded with it after its own; None: EOS neither
+    stops nor is forbidden, by either); attention_mask [B, S]: 0 for the left padding of a batch
+    of prompts; streamer: told the prompts, each step's tokens and the end, by either. Greedy, or sampling's
     draws (transformers' draws come from torch's global generator, seeded inside and then put
     back as it was; transformers' default top-k of 50 is not applied)."""
     if isinstance(model, MoETransformer):
@@ -246,7 +249,7 @@ def generate_ids(
         }  # fmt: skip
         return model.generate(
             input_ids, max_new_tokens, attention_mask=attention_mask, compile=compile, streamer=streamer,
-            **draws,
+            eos_token_id=eos_token_id, **draws,
         )  # fmt: skip
     if compile:
         raise ValueError(
@@ -277,7 +280,8 @@ def generate_ids(
                 torch.cuda.manual_seed_all(sampling.seed)
         return model.generate(
             input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            eos_token_id=None, pad_token_id=0, streamer=streamer, **draws,
+            eos_token_id=eos_token_id, pad_token_id=0 if eos_token_id is None else eos_token_id,
+            streamer=streamer, **draws,
         )  # fmt: skip
 
 
