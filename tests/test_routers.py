@@ -147,6 +147,42 @@ def test_topk_router_matches_reference(name):
     check_router(router, _x())
 
 
+@pytest.mark.parametrize("name", list(TOPK_SETTINGS))
+def test_topk_router_choice_for_inference_matches_the_reference(name):
+    """`choose` (the inference path; softmax renormalised over the top k: a softmax over the top k
+    logits) gives the reference's indices and weights, and their gradients."""
+    torch.manual_seed(0)
+    router = TopKRouter(D, E, **TOPK_SETTINGS[name])
+    _randomise(router, seed=3)
+    x = _x()
+    check_router(router, x)  # forward against the reference
+    xl = x.clone().requires_grad_(True)
+    indices, weights = router.choose(xl)
+    routing = router(x)
+    assert torch.equal(indices, routing.indices)
+    assert_close(weights.double(), routing.weights.double())
+    grad_out = torch.randn(weights.shape, generator=torch.Generator().manual_seed(5))
+    (x_grad,) = torch.autograd.grad((weights * grad_out).sum(), xl)
+    xf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad((router(xf).weights * grad_out).sum(), xf)
+    assert_close(x_grad.double(), expected.double())
+
+
+def test_the_choice_for_inference_checks_its_logits_and_keeps_hooks():
+    """A NaN or +inf logit is refused as by `forward`; with a forward hook on the router, `choose`
+    calls `forward` (a trace's tap sees the routing)."""
+    router = TopKRouter(D, E, top_k=2)
+    for bad in (float("nan"), float("inf")):
+        x = _x()
+        x[3, 0] = bad
+        with pytest.raises(ValueError, match="router logits contain NaN or Inf"):
+            router.choose(x)
+    seen = []
+    router.register_forward_hook(lambda module, args, out: seen.append(out))
+    indices, _ = router.choose(_x())
+    assert len(seen) == 1 and torch.equal(seen[0].indices, indices)
+
+
 @pytest.mark.parametrize("name", list(TOPP_SETTINGS))
 def test_topp_router_matches_reference(name):
     torch.manual_seed(0)

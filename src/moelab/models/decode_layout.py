@@ -44,9 +44,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as module_hooks
 
 from moelab.nn.experts import Experts
+from moelab.nn.hooks import forward_hooked
 from moelab.nn.linear import Linear
 
 
@@ -119,10 +119,8 @@ def plain_projections(modules: Sequence[nn.Module]) -> bool:
     """Whether each module is exactly moelab's `Linear` without a bias, hooks or parametrizations
     (and no global module hooks are set): what one product over their weights side by side may
     stand in for. Called at every decode step: plain lookups."""
-    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
-        return False
-    hooked = (m._forward_hooks or m._forward_pre_hooks for m in modules)
-    return all(type(m) is Linear and m._parameters.get("bias") is None for m in modules) and not any(hooked)
+    plain = all(type(m) is Linear and m._parameters.get("bias") is None for m in modules)
+    return plain and not forward_hooked(modules)
 
 
 def store_apart(weights: Sequence[nn.Parameter]) -> int:

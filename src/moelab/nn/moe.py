@@ -23,7 +23,7 @@ from moelab.nn.experts import Experts, SharedExperts
 from moelab.nn.latent import LatentProjection
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
 from moelab.nn.opaque import register, routed_experts
-from moelab.nn.routers import Router, Routing, deferred_logit_check, dynamic_skip
+from moelab.nn.routers import Router, Routing, deferred_logit_check, dynamic_skip, skip_weak_experts
 
 
 @dataclass
@@ -276,14 +276,14 @@ class MoELayer(nn.Module):
         if not self._local_dropless:
             return self(x, router, context=context)[0]  # who is dropped, or where rows go, depends on the batch
         shape = x.shape
-        routing, x = self._route(router, x, context)
+        indices, weights, x = self._choose(router, x, context)
         rows = x if self.latent is None else self.latent.down(x)
         if torch.compiler.is_compiling() and (
-            self.experts.reads_routing_on_host or not self._gathers_rows(routing.indices.numel(), x.device)
+            self.experts.reads_routing_on_host or not self._gathers_rows(indices.numel(), x.device)
         ):
-            y = routed_experts(rows, routing.indices, routing.weights, id(self))
+            y = routed_experts(rows, indices, weights, id(self))
         else:
-            y = self.run_experts(rows, routing.indices, routing.weights)
+            y = self.run_experts(rows, indices, weights)
         return self._finish(x, y).view(shape)
 
     def run_experts(self, rows: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
@@ -403,6 +403,31 @@ class MoELayer(nn.Module):
         """Check x: [..., D] and route it (with dynamic skipping if set) -> (Routing over [T] tokens,
         x as [T, D]). Routers that need whole sequences (`router.needs_sequences`) get x as [B, S, D]
         and the block's `context` (e.g. the attention's queries and keys for attention-aware routing)."""
+        self._check_input(router, x)
+        if router.needs_sequences:
+            routing, x = router(x, context=context or {}), x.reshape(-1, router.dim)
+        else:
+            x = x.reshape(-1, router.dim)
+            routing = router(x)
+        return (routing if self.skip_ratio is None else dynamic_skip(routing, self.skip_ratio)), x
+
+    def _choose(
+        self, router: Router, x: Tensor, context: dict[str, Tensor] | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`_route` for the inference path: (indices, weights [T, K], x as [T, D]), by the router's
+        `choose` where it routes one token at a time."""
+        if router.needs_sequences:
+            routing, x = self._route(router, x, context)
+            return routing.indices, routing.weights, x
+        self._check_input(router, x)
+        x = x.reshape(-1, router.dim)
+        indices, weights = router.choose(x)
+        if self.skip_ratio is not None:
+            indices, weights = skip_weak_experts(indices, weights, self.skip_ratio)
+        return indices, weights, x
+
+    def _check_input(self, router: Router, x: Tensor) -> None:
+        """x: [..., D] in the parameters' floating dtype; [B, S, D] for routers that need sequences."""
         dim = router.dim
         if x.dim() == 0 or x.shape[-1] != dim:
             raise ValueError(f"MoE layer expects input [..., {dim}], got {list(x.shape)}")
@@ -414,17 +439,11 @@ class MoELayer(nn.Module):
                 f"input dtype {x.dtype} differs from the layer's parameters ({param_dtype}); "
                 f"cast one of them (x.to({param_dtype}) or layer.to({x.dtype}))"
             )
-        if router.needs_sequences:
-            if x.dim() != 3:
-                raise ValueError(
-                    f"{type(router).__name__} routes whole sequences; it needs input [batch, seq, dim], "
-                    f"got {list(x.shape)}"
-                )
-            routing, x = router(x, context=context or {}), x.reshape(-1, dim)
-        else:
-            x = x.reshape(-1, dim)
-            routing = router(x)
-        return (routing if self.skip_ratio is None else dynamic_skip(routing, self.skip_ratio)), x
+        if router.needs_sequences and x.dim() != 3:
+            raise ValueError(
+                f"{type(router).__name__} routes whole sequences; it needs input [batch, seq, dim], "
+                f"got {list(x.shape)}"
+            )
 
     def _dispatched(self, rows: Tensor, weights: Tensor, plan: DispatchPlan, **options) -> Tensor:
         """rows: [T, D or latent rank] with their routing weights [T, K] through the dispatcher and
