@@ -319,6 +319,30 @@ def test_a_fused_optimizer_steps_a_model_that_decodes_between_steps_as_one_that_
         torch.testing.assert_close(p, expected[name], atol=1e-6, rtol=1e-6, msg=name)
 
 
+def test_a_model_that_decoded_under_torch_distributed_trains_under_ddp_as_one_that_did_not(tmp_path):
+    """DDP records the weights' layout when it wraps a model: where torch.distributed is initialised,
+    generate stores them row-major again before it returns, so DDP (its default gradient copies)
+    gives the gradients of a model that never decoded (before: up to 0.58 off)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = make_model(**FEATURES)
+        reference = copy.deepcopy(model)
+        ids = random_ids(batch=2, seq=6)
+        model.eval().generate(ids, 2, greedy=True)
+        assert not model.decode_layout_in_use and all(p.is_contiguous() for p in model.parameters())
+        wrapped = DistributedDataParallel(model.train())
+        wrapped(ids, ids).loss.backward()
+        reference.train()(ids, ids).loss.backward()
+        expected = dict(reference.named_parameters())
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name].grad, atol=1e-6, rtol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_projections_with_hooks_biases_or_parametrizations_are_multiplied_one_by_one():
     """Only plain projections go side by side and into one product: a hook on one still fires
     at every decode step, a bias is added, a parametrized weight is used; each decodes the tokens

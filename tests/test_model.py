@@ -453,6 +453,52 @@ def test_models_routing_whole_sequences_refuse_a_padded_batch():
         model.generate(random_ids(batch=2, seq=4), 2, attention_mask=torch.tensor([[0, 1, 1, 1], [1] * 4]))
 
 
+@pytest.mark.parametrize(
+    "moe_fields", [ROUTERS["expert_choice"], dict(capacity_factor=1.0)], ids=["expert_choice", "capacity"]
+)
+def test_non_causal_routing_decodes_what_the_full_forward_computes(moe_fields):
+    """Expert choice and capacity dropping route a token by the others routed with it: a one-token
+    step would route as no full forward does (every expert picks the one token), so generate
+    recomputes the prefix: its greedy tokens are the full forward's argmax, step by step."""
+    model = make_model(moe_fields=moe_fields, allow_noncausal_routing=True).eval()
+    assert not model.decodes_from_cache
+    ids = random_ids(batch=1, seq=6)
+    out = model.generate(ids, 6, greedy=True)
+    expected = ids
+    with torch.no_grad():
+        for _ in range(6):
+            expected = torch.cat([expected, model(expected).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="padding would change how the prompts are routed"):
+        model.generate(random_ids(batch=2, seq=4), 2, attention_mask=torch.tensor([[0, 1, 1, 1], [1] * 4]))
+
+
+def test_generate_refuses_empty_prompts_foreign_ids_and_compiling_past_hooks():
+    model = make_model().eval()
+    with pytest.raises(ValueError, match=r"hold no tokens \(\[batch, 0\]\)"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 2)
+    for bad in (-1, model.config.vocab_size):
+        ids = random_ids(batch=1, seq=4)
+        ids[0, 2] = bad
+        with pytest.raises(ValueError, match="token ids outside the vocabulary"):
+            model.generate(ids, 2)
+        with pytest.raises(ValueError, match="token ids outside the vocabulary"):
+            model(ids)
+    model.layers[0].attn.register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match="calls no forward hooks"):
+        model.generate(random_ids(batch=1, seq=4), 2, compile=True)
+
+
+def test_generating_in_training_mode_leaves_the_balancing_load_alone():
+    """The aux-loss-free bias moves by the load of training forwards; decoding (in training mode,
+    without gradients) adds none to it."""
+    model = make_model(moe_fields=dict(selection_bias=True))
+    model.generate(random_ids(batch=1, seq=4), 3, greedy=True)
+    assert all(float(m.router.tokens_per_expert.sum()) == 0 for m in model.moe_layers.values())
+    model(random_ids(batch=1, seq=4)).logits.sum().backward()
+    assert all(float(m.router.tokens_per_expert.sum()) > 0 for m in model.moe_layers.values())
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

@@ -35,7 +35,10 @@ weight moved between a backward and its step, or after the optimizer made its st
 stepped wrongly (measured: 0.04-3.6 off after one Adam step), and a weight with gaps between its
 columns cannot be stepped so at all. So `use_decode_layout` leaves weights that have a gradient
 where they are, and marks the model (`decode_layout_in_use`): `MoETransformer.forward` stores
-everything row-major again before a forward that a gradient flows through.
+everything row-major again before a forward that a gradient flows through. DDP records the
+layout when it wraps a model, before any forward: where torch.distributed is initialised,
+`generate` stores the weights row-major again before it returns (elsewhere, call
+`use_row_major_layout` before wrapping a model that decoded in DDP or the like).
 """
 
 from __future__ import annotations

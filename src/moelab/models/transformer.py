@@ -48,6 +48,7 @@ from moelab.nn import (
 )
 from moelab.nn.config import build_experts
 from moelab.nn.experts import Experts
+from moelab.nn.hooks import forward_hooked
 from moelab.nn.linear import Linear, one_row_linear
 from moelab.nn.moe import mean_by_name, sum_by_name
 from moelab.nn.rope import apply_rope, rope_tables
@@ -384,6 +385,14 @@ class MoETransformer(nn.Module):
         """Whether some block routes over whole sequences, so decoding cannot use a KV cache."""
         return any(block.needs_sequences for block in self.layers)
 
+    @property
+    def decodes_from_cache(self) -> bool:
+        """Whether a token's routing depends on that token alone, so `generate` may decode one token
+        at a time from a KV cache; else (whole-sequence routers, and non-causal routing: expert
+        choice, capacity dropping, whose one-token steps would route as no full forward does) it
+        recomputes the whole prefix at every step, as `model(ids)` computes it."""
+        return not self.needs_sequences and all(block.causal for block in self.layers)
+
     @torch.compiler.disable  # moves parameters: run eagerly, also under a compiled training forward
     def _store_row_major(self) -> None:
         use_row_major_layout(self)
@@ -404,6 +413,8 @@ class MoETransformer(nn.Module):
         if self.decode_layout_in_use and torch.is_grad_enabled():
             self._store_row_major()
         self._check_call(input_ids, targets, kv_cache, start_pos)
+        if input_ids.device.type == "cpu":
+            self._check_prompt(input_ids)
         positions = self._rope_and_mask(input_ids.shape[1], kv_cache, start_pos)
         x = self.embed(input_ids)
         moe_results, attn_results = {}, {}
@@ -588,6 +599,8 @@ class MoETransformer(nn.Module):
             got = f"{input_ids.dtype} {list(input_ids.shape)}"
             raise ValueError(f"input_ids must be integer token ids [batch, seq], got {got}")
         B, S = input_ids.shape
+        if S == 0:
+            raise ValueError("input_ids hold no tokens ([batch, 0]); give at least one token per sequence")
         if targets is not None and targets.shape != input_ids.shape:
             raise ValueError(f"targets must have input_ids' shape {[B, S]}, got {list(targets.shape)}")
         limit = self.config.max_seq_len if kv_cache is None else kv_cache.max_len
@@ -658,16 +671,25 @@ class MoETransformer(nn.Module):
                 f"temperature must be > 0 when sampling, got {temperature}; use greedy=True for argmax"
             )
         check_sampling(top_p=top_p, top_k=top_k)
+        self._check_inputs(input_ids, None, None, 0)
+        self._check_prompt(input_ids)
         pads = left_padding(attention_mask, input_ids)
-        if pads is not None and self.needs_sequences:
+        if pads is not None and not self.decodes_from_cache:
             raise ValueError(
-                "this model's routing looks at whole sequences (graph-of-tokens or UoE layers), so padding "
-                "would change how the prompts are routed: generate each prompt on its own, or pad none"
+                "this model's routing looks at other tokens (graph-of-tokens, UoE, expert choice or capacity "
+                "dropping), so padding would change how the prompts are routed: generate each prompt on its "
+                "own, or pad none"
             )
         cache, compiled, static_step, graphed, shapes = None, None, None, False, None
-        if not self.needs_sequences:  # else recompute the whole prefix at every step
+        if self.decodes_from_cache:  # else recompute the whole prefix at every step
             length = S + max_new_tokens
             compiling = compile and all(moe.compiles_infer for moe in self.moe_layers.values())
+            if compiling and forward_hooked(self.modules()):
+                raise ValueError(
+                    "compile=True runs each decode step as one compiled graph, which calls no forward hooks, "
+                    "and modules of this model have some (a routing capture's, say): remove them, or drop "
+                    "compile"
+                )
             if input_ids.device.type == "cpu" and self.decode_layout and self not in _compiled_steps:
                 # eager one-token products run faster on column-major weights, Inductor's on row-major
                 # ones; never moved under a compiled step the model holds (it would trace again)
@@ -737,7 +759,18 @@ class MoETransformer(nn.Module):
                 "the logits held NaN or Inf while decoding, so these tokens are not the model's: its weights "
                 "or inputs hold non-finite values (check the checkpoint, or the dtype's range)"
             )
+        if self.decode_layout_in_use and torch.distributed.is_available() and torch.distributed.is_initialized():
+            use_row_major_layout(self)  # a DDP wrapper made now records the weights' layout: the training one
         return tokens
+
+    def _check_prompt(self, input_ids: Tensor) -> None:
+        """Every id in the vocabulary (a read back to the host: `generate` once per call, `forward`
+        on a CPU only)."""
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.config.vocab_size:
+            raise ValueError(
+                f"input_ids hold token ids outside the vocabulary [0, {self.config.vocab_size}): "
+                f"{int(input_ids.min())}..{int(input_ids.max())}; encode the prompts with this model's tokenizer"
+            )
 
 
 class TokenStreamer(Protocol):

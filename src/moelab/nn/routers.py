@@ -171,7 +171,8 @@ class TopKRouter(Router):
         self.n_group = n_group
         self.topk_group = topk_group
         # Aux-loss-free balancing (DeepSeek-V3): the bias changes which experts are chosen, not
-        # the combine weights. tokens_per_expert counts load in training mode for the update.
+        # the combine weights. tokens_per_expert counts load in training forwards (training mode, with
+        # gradients) for the update.
         self.register_buffer("selection_bias", torch.zeros(num_experts) if selection_bias else None)
         self.register_buffer(
             "tokens_per_expert", torch.zeros(num_experts) if selection_bias else None, persistent=False
@@ -198,7 +199,7 @@ class TopKRouter(Router):
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         if self.route_scale != 1.0:
             weights = weights * self.route_scale
-        if self.selection_bias is not None and self.training:
+        if self.selection_bias is not None and self.training and torch.is_grad_enabled():
             with torch.no_grad():  # a scatter-add, not bincount: no read back to the host
                 flat = indices.flatten()
                 self.tokens_per_expert.index_add_(0, flat, torch.ones_like(flat, dtype=self.tokens_per_expert.dtype))
