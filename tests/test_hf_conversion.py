@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from hf_tiny import build
+from safetensors.torch import load_file, save_file
 from test_hf_export import _model
 
 from moelab.hf.conversion import conversion_problems, import_checkpoint, moelab_model
@@ -118,13 +119,16 @@ def test_what_does_not_convert_exactly_is_refused_with_the_reasons(tmp_path):
 def test_the_checkpoint_decides_the_head_the_dtype_and_the_files_that_come_along(tmp_path):
     """config.json ties the head but the checkpoint stores another one: transformers keeps it, so
     does the conversion. A bf16 checkpoint with float32 router weights converts to bf16 (config.json's
-    dtype, not the first tensor's). The import copies the chat template, generation config and
+    dtype, not the first tensor's). Stored RoPE frequencies are skipped. The import copies the chat template, generation config and
     license with the tokenizer, never weights or code, and keeps the balance coefficient."""
     reference, path = _saved(tmp_path, "mixtral", router_aux_loss_coef=0.05)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
     for name in ("chat_template.jinja", "LICENSE", "tokenizer.json", "modeling_evil.py"):
         (path / name).write_text("{}")
+    tensors = load_file(path / "model.safetensors")  # as older checkpoints stored them: RoPE's frequencies too
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(4)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     model = moelab_model(path)
     assert not model.config.tie_embeddings and model.config.moe.balance_coef == 0.05
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))

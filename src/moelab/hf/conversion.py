@@ -260,6 +260,8 @@ def moelab_tensors(
     for key in ckpt.keys():
         if key in read or (family.name == "qwen2_moe" and _ATTENTION_BIAS.fullmatch(key)):
             continue  # Qwen2-MoE's attention biases: zero (`_problems`)
+        if key.endswith(".rotary_emb.inv_freq"):
+            continue  # older checkpoints store RoPE's frequencies, which both models compute (transformers skips them)
         name = renamed(key, to_transformers=False)
         if name is None:
             raise CheckpointError(f"the checkpoint tensor {key!r} has no counterpart in a moelab model")
