@@ -1,6 +1,7 @@
 """The `moelab` command line: verbs exist, help reads, and the benchmark keeps its JSON contract."""
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -429,3 +430,20 @@ def test_benchmarks_record_the_machine_and_the_commit(monkeypatch):
 
     monkeypatch.setattr(machine.subprocess, "run", outside_git)
     assert machine.source_commit() is None
+
+
+def test_every_model_argument_takes_a_shipped_models_name():
+    """A shipped model's name stands for its directory where no such path exists (CLI and
+    `load_pretrained`); anything else that is no path is refused with the names."""
+    from moelab.models import load_pretrained
+    from moelab.models.reference import model_dir
+
+    assert model_dir("ref-32e-top4-shared") == reference_model_dir("ref-32e-top4-shared")
+    assert model_dir(None) == reference_model_dir() and model_dir("runs/x") == Path("runs/x")
+    assert load_pretrained("ref-32e-top4-shared").config.moe.num_experts == 32
+    result = runner.invoke(app, ["generate", "The king said", "--model", "ref-32e-top4-shared", "--max-new-tokens", "2"])
+    assert result.exit_code == 0 and "2 tokens in" in result.output, result.output
+    for args in (["eval", "ref-32x"], ["calibrate", "ref-32x", "--out", "nowhere"], ["generate", "hi", "--model", "ref-32x"]):
+        refused = runner.invoke(app, args)
+        message = str(refused.exception) + refused.output
+        assert refused.exit_code != 0 and "no model at ref-32x" in message and "ref-32e-top4-shared" in message, args

@@ -90,11 +90,12 @@ def test_bench_reports_every_cell_and_resumes(tiny, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["cells"][0]["name"] == "hc_smoe-25"
 
 
-def test_domain_cells_and_protocol_check(tiny, tmp_path):
+def test_domain_cells_and_protocol_check(tiny, tmp_path, capfd):
     options = BenchOptions(
         methods=("frequency", "reap"), ratios=(0.25,), domain="code", domain_ratios=(0.5,), **TINY
     )
     summary = run_bench(tiny, tmp_path / "b", options, quiet=True)
+    assert capfd.readouterr() == ("", ""), "quiet: no progress bars (the calibrations' included)"
     domain_cells = [c["name"] for c in summary["cells"] if c["cell"]["calib"] == "code"]
     best = min(
         (c for c in summary["cells"] if c["cell"]["calib"] == "all" and c["cell"]["ratio"] == 0.25),

@@ -58,10 +58,15 @@ def test_demo_measures_routes_compresses_and_compares(tmp_path, model_dir):
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
 
 
-def test_demo_without_pruning(tmp_path, model_dir):
+def test_demo_without_pruning(tmp_path, model_dir, capsys):
+    """quiet: nothing printed, even with a console given (the CLI passes its own)."""
+    from rich.console import Console
+
     summary = run_demo(
-        tmp_path / "out", model_dir=model_dir, prune=0, eval_tokens=32, trace_tokens=200, quiet=True
-    )
+        tmp_path / "out", model_dir=model_dir, prune=0, eval_tokens=32, trace_tokens=200, quiet=True,
+        console=Console(),
+    )  # fmt: skip
+    assert capsys.readouterr().out == ""
     assert summary["compressed"] == {} and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         ".moelab-output.json",
         "analysis",

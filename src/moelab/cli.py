@@ -44,7 +44,7 @@ def bench_layer(
     """MoE layer tokens/s vs a dense FFN of equal active FLOPs, a naive loop and transformers.
 
     E=8/k=2 and E=64/k=8 at equal active FLOPs, fp32 and bf16, forward and forward+backward,
-    on 2 threads. bf16 runs at most 512 tokens on CPUs without native bf16 matmul.
+    on the free cores (--threads). bf16 runs at most 512 tokens on CPUs without native bf16 matmul.
     """
     from moelab.bench import layer as bench
 
@@ -177,16 +177,24 @@ def _write_json(path: Path | None, doc: dict) -> None:
 def _model_dirs(models: list[str] | None) -> dict[str, Path]:
     """{name: checkpoint directory} for shipped reference model names or paths (default: every
     reference model)."""
-    from moelab.models.reference import REFERENCE_MODELS, reference_model_dir
+    from moelab.models.reference import REFERENCE_MODELS
+
+    return {m: _model_dir(m) for m in models or REFERENCE_MODELS}
+
+
+def _model_dir(model: str | Path | None) -> Path:
+    """`moelab.models.reference.model_dir` (a path, or a shipped model's name; None: the default
+    shipped model), refusing a name that is neither."""
+    from moelab.models.reference import REFERENCE_MODELS, model_dir
     from moelab.validation import did_you_mean
 
-    names = models or list(REFERENCE_MODELS)
-    if missing := [m for m in names if m not in REFERENCE_MODELS and not Path(m).exists()]:
+    path = model_dir(model)
+    if not path.exists():
         raise ValueError(
-            f"no model at {missing[0]}: give a checkpoint directory or a shipped model, one of "
-            f"{list(REFERENCE_MODELS)}{did_you_mean(missing[0], REFERENCE_MODELS)}"
+            f"no model at {model}: give a checkpoint directory or a shipped model, one of "
+            f"{list(REFERENCE_MODELS)}{did_you_mean(str(model), REFERENCE_MODELS)}"
         )
-    return {m: reference_model_dir(m) if m in REFERENCE_MODELS and not Path(m).exists() else Path(m) for m in names}
+    return path
 
 
 @bench_app.command("compress")
@@ -226,10 +234,9 @@ def bench_skip(
 ) -> None:
     """NAEE dynamic skipping in moelab's runtime: tokens/s, experts per token and loss, with and without."""
     from moelab.bench import skipping as bench
-    from moelab.models.reference import reference_model_dir
 
     _claim_json(json_path, bench.JSON_FORMAT, overwrite)
-    doc = bench.run(Path(model) if model else reference_model_dir(), stats, bench.SkipOptions(tokens=tokens, rounds=rounds))
+    doc = bench.run(_model_dir(model), stats, bench.SkipOptions(tokens=tokens, rounds=rounds))
     console.print(bench.render(doc))
     _write_json(json_path, doc)
 
@@ -237,7 +244,7 @@ def bench_skip(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("runs/demo"),
-    model: Annotated[Path | None, typer.Option("--model", help="A moelab MoE model directory (default: the shipped ref-8e-top2).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="A moelab MoE model directory or a shipped model's name (default: ref-8e-top2).")] = None,
     prune: Annotated[int, typer.Option(min=0, help="Experts to drop per layer in the compression step (moelab's recipe removes as many experts' worth of parameters; 0 = skip).")] = 2,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer evaluation and routing tokens (about a minute).")] = False,
     overwrite: OverwriteOpt = False,
@@ -248,7 +255,7 @@ def demo(
     from moelab.demo import run_demo
 
     tokens = {"eval_tokens": 4096, "trace_tokens": 8000} if quick else {}
-    run_demo(out, model_dir=model, prune=prune, overwrite=overwrite, console=console, quiet=quiet, **tokens)
+    run_demo(out, model_dir=None if model is None else _model_dir(model), prune=prune, overwrite=overwrite, console=console, quiet=quiet, **tokens)
 
 
 @app.command()
@@ -339,7 +346,7 @@ def info(
     console.print(table)
 
 
-ModelArg = Annotated[str | None, typer.Argument(help="A moelab or local transformers checkpoint directory (default: the shipped reference model).", show_default=False)]
+ModelArg = Annotated[str | None, typer.Argument(help="A moelab or local transformers checkpoint directory, or a shipped model's name: ref-8e-top2 (the default), ref-32e-top4-shared.", show_default=False)]
 DataOpt = Annotated[str, typer.Option(help="'corpus' (the shipped corpus), a .txt/.jsonl file or a directory of them.")]
 SplitOpt = Annotated[str, typer.Option(help="Corpus split.")]
 DomainOpt = Annotated[list[str] | None, typer.Option("--domain", help="Only these domains (repeatable; default all).")]
@@ -368,7 +375,7 @@ def trace_cmd(
 
     options = TraceOptions(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, logits=logits)
     trace = trace_from_files(
-        model, out, data=data, split=split, domains=domains, options=options, overwrite=overwrite, quiet=quiet
+        _model_dir(model), out, data=data, split=split, domains=domains, options=options, overwrite=overwrite, quiet=quiet
     )
     info = trace.info
     console.print(f"traced {info.num_tokens:,} tokens through {len(info.layers)} MoE layers "
@@ -395,14 +402,14 @@ def analyze(
 
     options = TraceOptions(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
     path = run_analysis(
-        model, out, data=data, split=split, domains=domains, options=options, overwrite=overwrite, quiet=quiet
+        _model_dir(model), out, data=data, split=split, domains=domains, options=options, overwrite=overwrite, quiet=quiet
     )
     console.print(f"wrote {path} (numbers in {out / 'report.json'}, plots in {out / 'plots'})")
 
 
 @app.command()
 def export(
-    model_dir: Annotated[Path, typer.Argument(help="A moelab checkpoint directory (save_pretrained).")],
+    model_dir: Annotated[str, typer.Argument(help="A moelab checkpoint directory (save_pretrained) or a shipped model's name.")],
     family: Annotated[str, typer.Option("--family", help="Target format: qwen2_moe or mixtral.")],
     out: Annotated[Path, typer.Option("--out", help="New directory for the transformers checkpoint.")],
     no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Weights only, without moelab's shipped tokenizer.")] = False,
@@ -414,7 +421,7 @@ def export(
     from moelab.hf.export import export_checkpoint
 
     tokenizer = None if no_tokenizer else TOKENIZER_DIR
-    path = export_checkpoint(model_dir, out, family, tokenizer=tokenizer, overwrite=overwrite, quiet=quiet)
+    path = export_checkpoint(_model_dir(model_dir), out, family, tokenizer=tokenizer, overwrite=overwrite, quiet=quiet)
     console.print(f"wrote {path} ({family}; loads with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
@@ -477,10 +484,9 @@ def calibrate(
 ) -> None:
     """Record, in one pass layer by layer, every statistic the compression methods need (resumable)."""
     from moelab.compress import calibrate as run_calibrate
-    from moelab.models.reference import reference_model_dir
 
     options = _calibration_options(tokens, seq_len, batch_size, sample_tokens, backward)
-    stats = run_calibrate(model or reference_model_dir(), out, calib=calib or "corpus", options=options,
+    stats = run_calibrate(_model_dir(model), out, calib=calib or "corpus", options=options,
                           overwrite=overwrite, quiet=quiet)
     info = stats.info
     thin = sum(info.get("coverage", {}).values())
@@ -492,7 +498,7 @@ def calibrate(
 def compress(
     model: ModelArg = None,
     method: Annotated[str, typer.Option("--method", help="pruning: frequency, soft_count, router_weight, ean, reap, easy_ep, premoe, naee, random; merging: m_smoe, hc_smoe, sub_moe; neurons: heapr; moelab's recipe: moelab.")] = "reap",
-    ratio: Annotated[float, typer.Option("--ratio", help="Fraction of each MoE layer's routed experts (heapr: of their parameters) to remove, in (0, 1).")] = 0.25,
+    ratio: Annotated[float, typer.Option("--ratio", help="Fraction of each MoE layer's routed experts (heapr and moelab: of their parameters) to remove, in (0, 1).")] = 0.25,
     option: Annotated[list[str] | None, typer.Option("--option", help="A method option KEY=VALUE (repeatable): m_smoe align, mc_rank, mc_sparse; hc_smoe linkage, router_rule; sub_moe rank, seed; heapr layout; moelab fold, fit_steps, fit_lr, protect_super; random seed.")] = None,
     out: Annotated[Path, typer.Option("--out", help="New directory for the compressed checkpoint.")] = Path("compressed"),
     calib: CalibOpt = None,
@@ -509,20 +515,22 @@ def compress(
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Remove experts with a compression method and write a checkpoint transformers loads unchanged."""
+    """Compress the routed experts (prune, merge or narrow them; moelab's recipe picks per layer)
+    and write a checkpoint transformers loads unchanged."""
     from moelab.compress import compress as run_compress
     from moelab.compress.router_fit import RouterFit
-    from moelab.models.reference import reference_model_dir
 
     options = _calibration_options(tokens, seq_len, batch_size, sample_tokens)
-    report = run_compress(model or reference_model_dir(), out, method=method, ratio=ratio, calib=calib,
+    report = run_compress(_model_dir(model), out, method=method, ratio=ratio, calib=calib,
                           stats=stats, calib_options=options, protect_super_experts=protect_super_experts,
                           domains=domains, budget=budget, method_options=_method_options(option),
                           router_fit=RouterFit(recalibrate_router, router_lr), overwrite=overwrite, quiet=quiet)
-    before, after = report["parameters"]["before"]["total"], report["parameters"]["after"]["total"]
+    before, after = report["parameters"]["before"], report["parameters"]["after"]
+    routed = f"{before['routed_experts']:,} -> {after['routed_experts']:,}"
+    removed = 1 - after["routed_experts"] / before["routed_experts"]
     stability = report["stability_jaccard"]
-    what = "of the routed experts' parameters" if method == "heapr" else "of the experts"
-    console.print(f"wrote {out}: {method} removed {ratio:.0%} {what}, {before:,} -> {after:,} parameters"
+    console.print(f"wrote {out}: {method} took the routed experts' parameters from {routed} (-{removed:.0%}), "
+                  f"the model's {before['total']:,} -> {after['total']:,}"
                   + ("" if stability is None else f"; kept-set stability (Jaccard of two data halves) {stability:.2f}")
                   + f"; report in {out / 'moelab_compression.json'}")
 
@@ -544,10 +552,7 @@ def compress_bench(
 ) -> None:
     """Every compression method on one calibration and one evaluation: report.md, summary.json and plots."""
     from moelab.compress.bench import GENERAL_METHODS, BenchOptions, run_bench
-    from moelab.models.reference import REFERENCE_MODELS, reference_model_dir
-
-    if model is None or (model in REFERENCE_MODELS and not Path(model).exists()):
-        model = reference_model_dir(*([model] if model else []))
+    model = _model_dir(model)
     options = BenchOptions(methods=tuple(methods or GENERAL_METHODS), ratios=tuple(ratios or (0.25, 0.5)),
                            router_fit=router_fit, calib_tokens=calib_tokens, eval_tokens=eval_tokens, prompts=prompts,
                            domain=domain, llmcompressor_python=str(llmcompressor_python) if llmcompressor_python else None)
@@ -557,7 +562,7 @@ def compress_bench(
 @app.command("generate")
 def generate_cmd(
     prompts: Annotated[list[str], typer.Argument(help="The text to continue; several prompts decode as one batch.")],
-    model: Annotated[Path | None, typer.Option("--model", help="A checkpoint directory, moelab's or transformers' (default: the shipped ref-8e-top2).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="A checkpoint directory, moelab's or transformers', or a shipped model's name (default: ref-8e-top2).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to add.")] = 64,
     resident: Annotated[float | None, typer.Option("--resident", help="Offload the routed experts, keeping this fraction of them in memory (0-1].")] = None,
     memory_budget: Annotated[str | None, typer.Option("--memory-budget", help="Offload the routed experts to fit the whole model in this much memory, e.g. 2GiB.")] = None,
@@ -580,7 +585,6 @@ def generate_cmd(
 
     from moelab.bench.layer import DTYPES
     from moelab.generate import generate_texts, load_tokenizer_of, parse_size
-    from moelab.models.reference import reference_model_dir
     from moelab.models.transformer import Sampling
     from moelab.offload import RoutingPrior
     from moelab.trace import open_trace
@@ -593,7 +597,7 @@ def generate_cmd(
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed or 0)
     elif seed is not None:
         raise ValueError("--seed seeds sampling: add --temperature, --top-p or --top-k (else it is greedy)")
-    path = model or reference_model_dir()
+    path = _model_dir(model)
     offloaded = resident is not None or memory_budget is not None
     offload_only = {"--prior": prior is not None, "--policy": policy != "reuse", "--host-memory": host_memory}
     if unused := [flag for flag, given in offload_only.items() if given and not offloaded]:
@@ -643,7 +647,7 @@ class _PromptFirst:
 @app.command("eval")
 def eval_cmd(
     model: ModelArg = None,
-    base: Annotated[Path | None, typer.Option("--base", help="The model this one was made from: adds KL, top-1 agreement and its own numbers.")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="The model this one was made from (a directory or a shipped model's name): adds KL, top-1 agreement and its own numbers.")] = None,
     data: DataOpt = "corpus",
     split: Annotated[str, typer.Option(help="Corpus split (test by default: calibration uses validation).")] = "test",
     domains: DomainOpt = None,
@@ -658,12 +662,11 @@ def eval_cmd(
 ) -> None:
     """Perplexity per domain; against a base: KL and top-1 agreement; degenerate generations; size and speed."""
     from moelab.eval.evaluate import EVAL_FORMAT, EvalOptions, evaluate, render_report
-    from moelab.models.reference import reference_model_dir
 
     _claim_json(json_path, EVAL_FORMAT, overwrite)
     options = EvalOptions(data=data, split=split, domains=domains, max_tokens=max_tokens, seq_len=seq_len,
                           batch_size=batch_size, prompts=prompts, dynamic_skip=str(dynamic_skip) if dynamic_skip else None)
-    report = evaluate(model or reference_model_dir(), base=base, options=options, quiet=quiet)
+    report = evaluate(_model_dir(model), base=None if base is None else _model_dir(base), options=options, quiet=quiet)
     console.print(render_report(report))
     _write_json(json_path, report)
 

@@ -51,7 +51,7 @@ def run_demo(
     """Run the four steps on `model_dir` (default: the shipped ref-8e-top2) into `out`, removing
     `prune` experts per MoE layer. A previous demo in `out` is replaced only with `overwrite`.
     Returns the summary (also in out/summary.json)."""
-    console = console or Console(quiet=quiet)
+    console = Console(quiet=True) if quiet else console or Console()
     model_dir = reference_model_dir() if model_dir is None else Path(model_dir)
     model = load_pretrained(model_dir).eval()
     cfg = model.config

@@ -147,7 +147,7 @@ def run_bench(
     with output_dir(out, KIND, entries=entries, inputs=[model], overwrite=overwrite, resume=True) as claimed:
         root = claimed.path
         _check_same_bench(root, model, options)
-        stats = {GENERAL: _calibrate(model, root / "calibration", "corpus", options, say)}
+        stats = {GENERAL: _calibrate(model, root / "calibration", "corpus", options, say, quiet)}
         base = _base(model, root / "base.json", options, say)
         cells = [Cell(m, r) for r in options.ratios for m in options.methods]
         cells += [dataclasses.replace(c, router_fit=options.router_fit) for c in cells if options.router_fit]
@@ -158,7 +158,7 @@ def run_bench(
         if options.domain:
             domain = options.domain
             stats[domain] = _calibrate(
-                model, root / f"calibration-{domain}", f"corpus:{domain}", options, say
+                model, root / f"calibration-{domain}", f"corpus:{domain}", options, say, quiet
             )
             best = _best_general(results, options.ratios)
             domain_cells = [
@@ -199,11 +199,11 @@ def _check_same_bench(root: Path, model: Path, options: BenchOptions) -> None:
     atomic_write_text(path, json.dumps(protocol, indent=1) + "\n")
 
 
-def _calibrate(model: Path, directory: Path, spec: str, options: BenchOptions, say) -> Calibration:
+def _calibrate(model: Path, directory: Path, spec: str, options: BenchOptions, say, quiet: bool) -> Calibration:
     if (directory / "calibration.json").is_file():  # published whole: a killed calibration is resumed below
         return Calibration(directory)
     say(f"calibrating on {spec} ({options.calib_tokens:,} tokens, backward sweep included)")
-    return calibrate(model, directory, calib=spec, options=options.calibration(), quiet=False)
+    return calibrate(model, directory, calib=spec, options=options.calibration(), quiet=quiet)
 
 
 def _eval_options(options: BenchOptions) -> EvalOptions:

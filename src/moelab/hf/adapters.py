@@ -352,7 +352,10 @@ def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
     path = Path(path)
     config_path = path / "config.json"
     if not config_path.exists():
-        raise CheckpointError(f"no config.json in {path}; pass a transformers checkpoint directory")
+        what = "no such directory" if not path.exists() else f"no config.json in {path}"
+        raise CheckpointError(
+            f"{what} ({path}); pass a checkpoint directory (moelab's or a transformers family's)"
+        )
     config = read_json_object(config_path, "a model config", error=CheckpointError)
     if config.get("quantization_config") is not None:
         quantization = config["quantization_config"]

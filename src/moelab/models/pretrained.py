@@ -19,6 +19,7 @@ from torch import Tensor
 from moelab.files import load_safetensors
 from moelab.io import StagedOutput, copy_side_file, save_safetensors
 from moelab.models.config import ModelConfig
+from moelab.models.reference import model_dir
 from moelab.models.transformer import MoETransformer
 from moelab.validation import non_finite_names
 
@@ -69,8 +70,9 @@ def write_model_files(model: MoETransformer, directory: Path) -> None:
 
 
 def load_pretrained(directory: str | os.PathLike, *, device: torch.device | str = "cpu") -> MoETransformer:
-    """Rebuild the model from `directory/config.json` and load `directory/model.safetensors`."""
-    directory = Path(directory)
+    """Rebuild the model from `directory/config.json` and load `directory/model.safetensors`
+    (`directory`: a path, or a shipped reference model's name, "ref-8e-top2" say)."""
+    directory = model_dir(directory)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).exists():
             raise FileNotFoundError(

@@ -9,6 +9,7 @@ Both were trained on the shipped corpus by `moelab train` with the run files in
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from moelab.validation import check_choice
@@ -23,6 +24,16 @@ def retrain_command(name: str = DEFAULT_REFERENCE) -> str:
         f"moelab train configs/reference/{name}.yaml --out runs/{name} "
         f"&& mkdir -p {MODELS_DIR / name} && cp runs/{name}/model/* {MODELS_DIR / name}/"
     )
+
+
+def model_dir(model: str | os.PathLike | None = None) -> Path:
+    """The checkpoint directory a user names: `model` itself where such a path exists, else the
+    shipped reference model of that name; None: the default one (`DEFAULT_REFERENCE`)."""
+    if model is None:
+        return reference_model_dir()
+    if not Path(model).exists() and str(model) in REFERENCE_MODELS:
+        return reference_model_dir(str(model))
+    return Path(model)
 
 
 def reference_model_dir(name: str = DEFAULT_REFERENCE) -> Path:
