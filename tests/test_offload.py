@@ -73,6 +73,48 @@ def test_offloaded_decoding_equals_the_model_in_memory(tmp_path, resident, evict
         offloaded.close()
 
 
+@pytest.mark.parametrize(
+    "predictor,fault", [(None, KeyboardInterrupt), (None, OSError), ("lookahead", OSError)]
+)  # fmt: skip
+def test_an_expert_read_that_fails_or_is_interrupted_leaves_nothing_wrong_behind(
+    tmp_path, monkeypatch, predictor, fault, one_thread
+):  # fmt: skip
+    """A read on demand fails part-way (Ctrl-C, EIO), or every read-ahead on the background
+    thread does: a slot left half written holds no expert afterwards and nothing stays pinned, so
+    the same model decodes the in-memory tokens when asked again (before: a slot marked as holding
+    an expert kept other weights, or the pins blocked every later call at the smallest cache, and
+    a failed read-ahead's error surfaced at the fetch, its expert still marked resident). An expert
+    whose read-ahead failed is read again on demand."""
+    model, path = _native(tmp_path)
+    offloaded = load_offloaded(path, resident=0.17, predictor=predictor, warm=False)
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
+    load, reads = ExpertStore.load, []
+
+    def failing(self, layer, expert, pool, slot):
+        background = threading.current_thread() is not threading.main_thread()
+        reads.append(background)
+        if background or (predictor is None and len(reads) == 5):
+            pool.down_proj[slot].fill_(7.0)  # the slot half written: the weights it held are gone
+            raise fault("the read failed")
+        return load(self, layer, expert, pool, slot)
+
+    try:
+        monkeypatch.setattr(ExpertStore, "load", failing)
+        if predictor is None:
+            with pytest.raises(fault, match="the read failed"):
+                offloaded.generate(ids, 8)
+            assert not offloaded.cache._pinned
+        else:
+            assert torch.equal(offloaded.generate(ids, 8), generate_ids(model, ids, 8)) and any(reads)
+        monkeypatch.setattr(ExpertStore, "load", load)
+        pool = offloaded.cache.pool
+        for (layer, expert), slot in offloaded.cache._slot_of.items():
+            assert torch.equal(pool.down_proj[slot], model.layers[layer].ffn.experts.down_proj[expert])
+        assert torch.equal(offloaded.generate(ids, 8), generate_ids(model, ids, 8))
+    finally:
+        offloaded.close()
+
+
 @pytest.mark.parametrize("family", ["native", "mixtral"])
 def test_offloaded_models_decode_a_left_padded_batch_as_in_memory_and_stream_it(tmp_path, family, one_thread):
     torch.manual_seed(0)

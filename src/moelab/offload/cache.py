@@ -186,7 +186,7 @@ class ExpertCache:
                 continue
             slot = self._owner.index(None)
             self._assign(slot, key)
-            self._load(slot, key)
+            self._load(slot, key)  # frees the slot again if it fails
 
     def restart(self, experts: list[tuple[int, int]]) -> None:
         """Start again from an empty pool and zero counts, then `fill` it with `experts`: the
@@ -219,27 +219,50 @@ class ExpertCache:
         stats.requests += len(experts)
         start = time.perf_counter()
         found = {e: self._slot_of[layer, e] for e in experts if (layer, e) in self._slot_of}
-        resident = set(found.values()) if self._copier is not None else None  # the hits, for late_copies
+        pinned_before = set(self._pinned)
         self._pinned.update(found.values())  # first, so that a miss below cannot evict them
-        reads = [self._loading.pop(slot) for slot in found.values() if slot in self._loading]
-        late = sum(not read.done() for read in reads)
-        for read in reads:
-            read.result()  # waits; a failed background read surfaces here
-        stats.late += late
-        stats.hits += len(found) - late
-        for expert in experts:
-            if expert not in found:
-                stats.misses += 1
-                slot = found[expert] = self._victim()
-                self._assign(slot, (layer, expert))
-                self._load(slot, (layer, expert))
-                self._pinned.add(slot)
+        try:
+            late = self._finish_reads(found)
+            resident = set(found.values()) if self._copier is not None else None  # the hits, for late_copies
+            stats.late += late
+            stats.hits += len(found) - late
+            for expert in experts:
+                if expert not in found:
+                    stats.misses += 1
+                    slot = found[expert] = self._victim()
+                    self._assign(slot, (layer, expert))
+                    self._pinned.add(slot)
+                    self._load(slot, (layer, expert))
+        except BaseException:  # an interrupted or failed read: nothing stays pinned by this call
+            self._pinned = pinned_before
+            raise
         for slot in found.values():
             self._touch(slot)
         if self._copier is not None:
             stats.late_copies += len(resident.intersection(self._copier.ready(found.values())))
         stats.wait_s += time.perf_counter() - start
         return [found[e] for e in experts]
+
+    def _finish_reads(self, found: dict[int, int]) -> int:
+        """Wait for the read-aheads into the slots of `found` ({expert: slot}, pinned); return how
+        many were still running. An expert whose read-ahead failed leaves `found` and the pool (it is
+        then read on demand, where a lasting fault raises)."""
+        late = 0
+        for expert, slot in list(found.items()):
+            read = self._loading.get(slot)
+            if read is None:
+                continue
+            late += not read.done()
+            try:
+                read.result()
+            except BaseException:
+                if not read.done():  # the wait was interrupted: the read goes on, for the next fetch to wait for
+                    raise
+                self._unassign(slot)
+                self._pinned.discard(slot)
+                del found[expert]
+            del self._loading[slot]
+        return late
 
     def prefetch(self, layer: int, scores: Tensor, probability: Tensor, limit: int) -> None:
         """Start reading up to `limit` experts of `layer` with the highest `scores` [E] (> 0) that are
@@ -255,10 +278,14 @@ class ExpertCache:
             if slot is None:
                 break
             self._assign(slot, (layer, expert))
-            if self._copier is not None and self._copier.queues_only:  # a device copy, queued at once
-                self._copier.load(layer, expert, slot)
-            else:
-                self._loading[slot] = self._reader.submit(self._read_ahead, slot, (layer, expert))
+            try:
+                if self._copier is not None and self._copier.queues_only:  # a device copy, queued at once
+                    self._copier.load(layer, expert, slot)
+                else:
+                    self._loading[slot] = self._reader.submit(self._read_ahead, slot, (layer, expert))
+            except BaseException:
+                self._unassign(slot)
+                raise
             issued.add(expert)
             self.prefetch_stats.issued += 1
 
@@ -316,16 +343,28 @@ class ExpertCache:
         self._owner_entry[slot] = self._position[key[0]] * self.store.num_experts + key[1]
         self._touch(slot)
 
+    def _unassign(self, slot: int) -> None:
+        """Free `slot`: its expert is no longer in the pool (its read failed or was interrupted)."""
+        old = self._owner[slot]
+        if old is not None:
+            del self._slot_of[old]
+            self._count[old[0]] -= 1
+            self._owner[slot] = None
+
     def _touch(self, slot: int) -> None:
         """Mark `slot` as the most recently used."""
         self._used_at[slot] = self._clock
         self._clock += 1
 
     def _load(self, slot: int, key: tuple[int, int]) -> None:
-        """Read expert `key` into `slot` now, on the caller's thread, ahead of queued read-aheads."""
+        """Read expert `key` into `slot` now, on the caller's thread, ahead of queued read-aheads;
+        if the read fails or is interrupted, the slot is freed (it holds no expert whole)."""
         self._no_demand.clear()
         try:
             self._put(slot, key)
+        except BaseException:
+            self._unassign(slot)
+            raise
         finally:
             self._no_demand.set()
 

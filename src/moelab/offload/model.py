@@ -124,8 +124,8 @@ class OffloadedExperts(Experts):
             row_weights = weights.reshape(-1).index_select(0, plan.slots)
             return self.accumulated(x, plan.token_ids, plan.counts, row_weights)
         self.chosen = indices.to("cpu", copy=True)  # a copy: inside a compiled step's op, indices' buffer may be reused
-        slots = self.cache.fetch(self.layer, needed, tokens=x.shape[0])
         try:
+            slots = self.cache.fetch(self.layer, needed, tokens=x.shape[0])
             slot_of = dict(zip(needed, slots))
             in_slots = torch.tensor([[slot_of.get(e, -1) for e in row] for row in chosen], device=x.device)
             return self.cache.pool.gathered(x, in_slots.view(indices.shape), weights)
@@ -147,8 +147,8 @@ class OffloadedExperts(Experts):
         y = torch.zeros_like(x)
         for first in range(0, len(active), self.cache.slots):
             chunk = active[first : first + self.cache.slots]
-            slots = self.cache.fetch(self.layer, chunk, tokens=x.shape[0])
             try:
+                slots = self.cache.fetch(self.layer, chunk, tokens=x.shape[0])
                 rows = slice(starts[chunk[0]], starts[chunk[-1] + 1])
                 part_counts = [counts[e] for e in chunk]
                 y += self.cache.pool.accumulated(x, token_ids[rows], part_counts, row_weights[rows], slots)
