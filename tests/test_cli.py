@@ -209,6 +209,21 @@ def test_bench_offload_json_contract(tmp_path):
     assert again.exit_code != 0 and "--overwrite" in str(again.exception) + again.output
 
 
+def test_bench_offload_runs_a_convertible_checkpoint_against_its_converted_model(tmp_path):
+    """A Mixtral checkpoint offloads as a moelab model: the bench times it against that model in
+    memory (before: against transformers' model of it, 2x slower, whose tokens may differ in
+    bf16); fewer than 2 new tokens leave no decode step to measure and are refused."""
+    from moelab.bench.offload import OffloadOptions, measure_model
+    from moelab.hf.export import export_checkpoint
+
+    export_checkpoint(reference_model_dir(), tmp_path / "mixtral", "mixtral", quiet=True)
+    options = OffloadOptions(resident=(1.0,), prompts=1, prompt_tokens=8, new_tokens=3, rounds=1, calibration_tokens=512)
+    result = measure_model(tmp_path / "mixtral", options)
+    assert all(row["same_tokens"] for row in result["rows"]) and result["rows"][0]["hit_rate"] == 1.0
+    with pytest.raises(ValueError, match="new_tokens must be >= 2"):
+        OffloadOptions(new_tokens=1)
+
+
 def test_generate_in_memory_and_offloaded_give_the_same_text():
     args = ["generate", "The king said", "--max-new-tokens", "12"]
     plain = runner.invoke(app, args)

@@ -8,6 +8,7 @@ by `moe_layer_from_view` must match transformers' own MoE block on random hidden
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -89,6 +90,16 @@ def test_checkpoint_rewritten_while_in_use_is_refused(tmp_path):
         [shard] = tmp_path.glob("*.safetensors")
         tensors = load_file(shard)
         save_file(tensors | {"extra": torch.zeros(3)}, shard, metadata={"format": "pt"})  # rewritten in place
+        with pytest.raises(CheckpointError, match="changed on disk while moelab was reading it"):
+            list(view.layers())
+    with open_checkpoint(tmp_path) as view:  # the same size, rewritten in place, its time set back
+        list(view.layers())
+        before = shard.stat()
+        with open(shard, "r+b") as f:
+            f.seek(before.st_size - 4)
+            f.write(b"\x00\x00\x80\x7f")  # a tensor's last number: now +inf
+        os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
         with pytest.raises(CheckpointError, match="changed on disk while moelab was reading it"):
             list(view.layers())
 

@@ -115,6 +115,32 @@ def test_an_expert_read_that_fails_or_is_interrupted_leaves_nothing_wrong_behind
         offloaded.close()
 
 
+def test_a_model_with_aux_loss_free_balancing_and_a_tied_head_offloads(tmp_path, one_thread):
+    """Its routers' load counters are in no checkpoint (before: left on the meta device, so
+    load_offloaded failed with 'Cannot copy out of meta tensor'); the tied head stays the
+    embedding's Parameter through decoding (before: two Parameters on one tensor, parted by the
+    decode layout into two copies) and counts once in the memory budget."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(
+        tiny(), moe=dataclasses.replace(tiny().moe, selection_bias=True), tie_embeddings=True
+    )
+    model = MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for moe in model.moe_layers.values():
+            moe.router.selection_bias.normal_()
+    save_pretrained(model, tmp_path / "m")
+    offloaded = load_offloaded(tmp_path / "m", resident=0.5)
+    try:
+        ids = torch.randint(0, cfg.vocab_size, (1, 5))
+        assert torch.equal(offloaded.generate(ids, 6), generate_ids(model, ids, 6))
+        assert offloaded.model.lm_head.weight is offloaded.model.embed.weight
+    finally:
+        offloaded.close()
+    dense = sum(t.nbytes for n, t in model.state_dict().items() if ".experts." not in n and n != "lm_head.weight")
+    one_layer = 2 * offloaded.cache.store.expert_bytes  # top-2: the fewest slots that run a token
+    load_offloaded(tmp_path / "m", memory_budget=dense + one_layer).close()
+
+
 @pytest.mark.parametrize("family", ["native", "mixtral"])
 def test_offloaded_models_decode_a_left_padded_batch_as_in_memory_and_stream_it(tmp_path, family, one_thread):
     torch.manual_seed(0)
@@ -345,7 +371,8 @@ def test_prefetch_counts_and_late_hits(tmp_path):
 
 def test_read_aheads_yield_to_reads_on_demand_and_queued_ones_are_dropped_when_evicted(tmp_path, monkeypatch):
     """A read-ahead waits while a read on demand runs; one still queued when its slot is chosen as
-    a victim is cancelled (not waited for), and the slot then holds what it was given."""
+    a victim is cancelled (not waited for, not counted as read ahead), and the slot then holds
+    what it was given."""
 
     cache = _cache(tmp_path, 3, "reuse")
     store, started, release = cache.store, [], threading.Event()
@@ -375,6 +402,7 @@ def test_read_aheads_yield_to_reads_on_demand_and_queued_ones_are_dropped_when_e
         read = cache._loading[queued]  # noqa: SLF001
         cache.fetch(2, [3], tokens=1)  # victim: (1, 0), unlikely (p = 0.001), dropped without waiting
         assert read.cancelled() and cache._slot_of[2, 3] == queued  # noqa: SLF001
+        assert cache.prefetch_stats.issued == 1  # the dropped read-ahead read nothing: not counted
         cache.release()
         release.set()
         cache.fetch(1, [1], tokens=1)  # the running one finishes and is a (late) hit
@@ -1082,3 +1110,16 @@ def test_an_unavailable_device_is_refused(tmp_path):
         pytest.skip("a CUDA device is available here")
     with pytest.raises(ValueError, match="no CUDA device is available"):
         load_offloaded(path, resident=0.5, device="cuda")
+
+
+def test_a_closed_offloaded_model_refuses_to_run(tmp_path, one_thread):
+    """After close() (its files closed, its reader stopped): a one-line error, not a reopened file
+    or the executor's 'cannot schedule new futures after shutdown'."""
+    model, path = _native(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (1, 4))
+    for predictor in (None, "lookahead"):
+        offloaded = load_offloaded(path, resident=0.17, predictor=predictor)
+        offloaded.generate(ids, 2)
+        offloaded.close()
+        with pytest.raises(ValueError, match=r"was closed \(close\(\)\); open it again with load_offloaded"):
+            offloaded.generate(ids, 2)

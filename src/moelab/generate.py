@@ -140,7 +140,7 @@ def generate_texts(
     # the clock needs each step's tokens on the host: on a GPU only where a streamer takes them anyway
     clock = _StepClock(streamer) if streamer is not None or device == "cpu" else None
     if not offloaded:
-        model = _model_in_memory(path, config, dtype).to(device)
+        model = model_in_memory(path, dtype, config).to(device)
         start = time.perf_counter()
         out = generate_ids(
             model, ids, max_new_tokens, attention_mask=mask, compile=compile, streamer=clock,
@@ -172,10 +172,14 @@ def generate_texts(
     return _continuations(tokenizer, out, ids.shape[1], eos), stats
 
 
-def _model_in_memory(path: str | os.PathLike, config: dict, dtype: torch.dtype) -> torch.nn.Module:
-    """The model at `path` (config.json: `config`) in eval mode: a moelab checkpoint, or a
-    transformers one as a moelab model where it converts exactly (`moelab.hf.conversion`: it
-    decodes faster so), else transformers' own model."""
+def model_in_memory(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, config: dict | None = None
+) -> torch.nn.Module:
+    """The model at `path` (config.json: `config`, read if not given) in eval mode, as `generate`
+    runs it: a moelab checkpoint, or a transformers one as a moelab model where it converts exactly
+    (`moelab.hf.conversion`: it decodes faster so), else transformers' own model."""
+    if config is None:
+        config = read_json_object(Path(path) / "config.json", "a model config")
     if "model_type" in config and not conversion_problems(path):
         return moelab_model(path, dtype=dtype)
     return load_model(path, dtype=dtype, quiet=True).model

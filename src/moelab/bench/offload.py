@@ -50,6 +50,7 @@ from rich.table import Table
 from moelab.bench.layer import DTYPES, synchronize
 from moelab.bench.machine import device_name, source_commit
 from moelab.bench.skipping import test_batches
+from moelab.generate import model_in_memory
 from moelab.models import MoETransformer
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import generate_ids, warm_start
@@ -95,6 +96,11 @@ class OffloadOptions:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.new_tokens < 2:
+            raise ValueError(
+                f"new_tokens must be >= 2, got {self.new_tokens}: the first comes from the prompt's pass, and "
+                "the hit rates are over the one-token steps after it"
+            )
         if self.read_gbps is not None and not self.read_gbps > 0:
             raise ValueError(f"read_gbps must be > 0 (GB/s of emulated storage), got {self.read_gbps}")
         if not is_int(self.calibration_tokens) or self.calibration_tokens < 256:
@@ -123,14 +129,14 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
         raise ValueError(f"the test split has too few tokens for {options.prompts} prompts of {options.prompt_tokens}")
     prompts = [windows[i : i + 1, : options.prompt_tokens].to(options.device) for i in range(options.prompts)]
     dtype = DTYPES[options.dtype]
-    if dtype != torch.float32 or options.device != "cpu":  # the model in memory as it loads in that dtype
-        loaded = load_model(path, dtype=dtype, quiet=True)
-        loaded.model.to(options.device)
-    _decode(loaded.model, prompts[:1], 2)  # warm-up
-    reference, _ = _decode(loaded.model, prompts, options.new_tokens)
+    # the model in memory as `moelab generate` runs it (a convertible transformers checkpoint converted,
+    # as `load_offloaded` runs it too), as it loads in that dtype
+    in_memory = model_in_memory(path, dtype).to(options.device)
+    _decode(in_memory, prompts[:1], 2)  # warm-up
+    reference, _ = _decode(in_memory, prompts, options.new_tokens)
     tokens = options.prompts * options.new_tokens
     bandwidth = None if options.read_gbps is None else options.read_gbps * 1e9
-    compiles = options.compile and isinstance(loaded.model, MoETransformer)
+    compiles = options.compile and isinstance(in_memory, MoETransformer)
     cells = [(policy, setting, False) for policy, setting in POLICIES.items()]
     cells += [(policy, POLICIES[policy], True) for policy in ("lru", "reuse") if compiles]
     rows, memory_times = [], []
@@ -152,9 +158,9 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
                     offloaded = partial(_decode, model.model, prompts, options.new_tokens, compile=compiled)
                     if round_ % 2:  # alternate which side runs first
                         got, seconds = offloaded()
-                        memory = _decode(loaded.model, prompts, options.new_tokens)[1]
+                        memory = _decode(in_memory, prompts, options.new_tokens)[1]
                     else:
-                        memory = _decode(loaded.model, prompts, options.new_tokens)[1]
+                        memory = _decode(in_memory, prompts, options.new_tokens)[1]
                         got, seconds = offloaded()
                     cache = model.cache
                 finally:

@@ -293,8 +293,11 @@ def byte_view(tensor: Tensor) -> memoryview:
     return memoryview(tensor.detach().view(torch.uint8).numpy()).cast("B")
 
 
-def _identity(stat: os.stat_result) -> tuple[int, int, int]:
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file's content may have: its inode, size, modification time, and the
+    inode's change time (a rewrite that sets the modification time back, as `rsync --inplace -t`
+    does, still moves it)."""
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def _rows(name: str, rows: range, shape: list[int] | tuple[int, ...]) -> range:

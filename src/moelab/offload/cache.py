@@ -148,6 +148,7 @@ class ExpertCache:
         ahead = (np.arange(L)[None, :] - np.arange(L)[:, None]) % L
         self._ahead = np.where(ahead == 0, L, ahead)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="moelab-prefetch")
+        self.closed = False
         self._no_demand = threading.Event()  # cleared while `_load` reads on demand: read-aheads wait
         self._no_demand.set()
         self._clear()
@@ -201,6 +202,7 @@ class ExpertCache:
     def fetch(self, layer: int, experts: list[int], tokens: int) -> list[int]:
         """Make `experts` of `layer` resident and pin them until `release`; returns their slots.
         At most `slots` experts at once. `tokens`: the layer call's token count (for `stats`)."""
+        self._check_open()
         if len(experts) > self.slots - len(self._pinned):
             raise ValueError(
                 f"{len(experts)} experts asked for at once, but only {self.slots - len(self._pinned)} of "
@@ -268,6 +270,7 @@ class ExpertCache:
         """Start reading up to `limit` experts of `layer` with the highest `scores` [E] (> 0) that are
         not resident, on the background thread, into slots the eviction policy frees.
         probability: [E] the chance each is needed at that layer's next visit (for "reuse")."""
+        self._check_open()
         self._set_wait(self._position[layer], probability.detach().float().cpu().numpy())
         values = scores.tolist()
         order = sorted(range(len(values)), key=values.__getitem__, reverse=True)  # stable: ties in expert order
@@ -325,10 +328,16 @@ class ExpertCache:
         return out
 
     def close(self) -> None:
-        """Wait for background reads (and, on an accelerator, their copies) and stop the reader thread."""
-        self._reader.shutdown(wait=True)
+        """Drop the read-aheads not started, wait for the running one (and, on an accelerator, the
+        copies) and stop the reader thread; the cache serves nothing afterwards."""
+        self.closed = True
+        self._reader.shutdown(wait=True, cancel_futures=True)
         if self._copier is not None:
             self._copier.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("this offloaded model was closed (close()); open it again with load_offloaded")
 
     # ------------------------------------------------------------------ internals
 
@@ -411,7 +420,11 @@ class ExpertCache:
         # writes the slot; a read-ahead's own read queues behind it on the one reader thread.
         if victim in self._loading:
             read = self._loading.pop(victim)
-            if not read.cancel():
+            if read.cancel():  # never read: not counted as read ahead
+                layer, expert = self._owner[victim]
+                self._prefetched.get(layer, set()).discard(expert)
+                self.prefetch_stats.issued -= 1
+            else:
                 self._overtaken[victim] = [r for r in self._overtaken.get(victim, []) if not r.done()] + [read]
         if instead_of is None:
             for read in self._overtaken.pop(victim, []):

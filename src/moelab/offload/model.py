@@ -432,7 +432,10 @@ def load_offloaded(
         _load_converted(model, store, dtype, skip)
     else:
         load_tensors(model, store.checkpoint, dtype, skip=skip, stored_as=tied_names(model, store.checkpoint))
-    dense_bytes = sum(t.nbytes for t in model.state_dict().values() if not t.is_meta)
+    _zero_load_counters(model)
+    _tie_output_head(model)
+    held = {t.data_ptr(): t.nbytes for t in model.state_dict().values() if not t.is_meta}  # a tied head once
+    dense_bytes = sum(held.values())
     if not own:  # the routers and shared experts the MoE blocks will hold
         dense_bytes += sum(_view_bytes(views[i], dtype, found[i].shared_in_block) for i in store.moe_layers)
     top_k = max(v.router.top_k for v in views.values())
@@ -471,6 +474,29 @@ def load_offloaded(
     if warm:
         cache.fill(warm_start(store, prior, cache.slots))
     return OffloadedModel(model.eval(), cache, predictor)
+
+
+def _tie_output_head(model: nn.Module) -> None:
+    """Where the output head and the embedding were loaded as one tensor (a tied checkpoint), make
+    them one Parameter, as in memory (two Parameters on one tensor would part at the first in-place
+    move of the decode layout, which then holds both)."""
+    if isinstance(model, MoETransformer):
+        head, embedding = model.lm_head, model.embed
+    else:
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None or head.weight is embedding.weight or head.weight.is_meta:
+        return
+    if head.weight.shape == embedding.weight.shape and head.weight.data_ptr() == embedding.weight.data_ptr():
+        head.weight = embedding.weight
+
+
+def _zero_load_counters(model: nn.Module) -> None:
+    """The routers' load counters (`tokens_per_expert` of aux-loss-free balancing: not in a
+    checkpoint, zero in a new model) made real; the skeleton built them on the meta device."""
+    for module in model.modules():
+        counter = module._buffers.get("tokens_per_expert")
+        if counter is not None and counter.is_meta:
+            module._buffers["tokens_per_expert"] = torch.zeros(counter.shape, dtype=counter.dtype)
 
 
 def check_host_memory(nbytes: int) -> None:
