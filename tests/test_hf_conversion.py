@@ -12,6 +12,7 @@ from hf_tiny import build
 from safetensors.torch import load_file, save_file
 from test_hf_export import _model
 
+from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.conversion import conversion_problems, import_checkpoint, moelab_model
 from moelab.hf.export import export_checkpoint
 from moelab.models import MoETransformer, load_pretrained
@@ -107,6 +108,9 @@ def test_what_does_not_convert_exactly_is_refused_with_the_reasons(tmp_path):
         (path / "config.json").write_text(json.dumps(config | change))
         problems = conversion_problems(path)
         assert problems == [] if problem is None else problems[0].startswith(problem), change
+    (path / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1}))
+    with pytest.raises(CheckpointError, match="a layer past num_hidden_layers.*check that config.json belongs"):
+        moelab_model(path)
     _, qwen = _saved(tmp_path, "qwen2_moe")
     qwen_config = json.loads((qwen / "config.json").read_text())
     (qwen / "config.json").write_text(json.dumps(qwen_config | {"decoder_sparse_step": 0}))

@@ -264,7 +264,11 @@ def moelab_tensors(
             continue  # older checkpoints store RoPE's frequencies, which both models compute (transformers skips them)
         name = renamed(key, to_transformers=False)
         if name is None:
-            raise CheckpointError(f"the checkpoint tensor {key!r} has no counterpart in a moelab model")
+            raise CheckpointError(
+                f"the checkpoint tensor {key!r} has no counterpart in a moelab model of its config.json (a layer "
+                "past num_hidden_layers, or a module moelab's decoder lacks): check that config.json belongs to "
+                "these weights"
+            )
         tensors[name] = ckpt.get(key)
     return tensors
 
