@@ -157,7 +157,8 @@ def test_the_checkpoint_decides_the_head_the_dtype_and_the_files_that_come_along
 
 def test_the_import_check_catches_a_wrong_tensor_in_the_layers_it_runs(tmp_path, monkeypatch):
     """The written checkpoint is checked against transformers on its layers up to the second MoE
-    layer: a conversion that got layer 1's expert weights wrong is not written."""
+    layer and the first of every other kind: a conversion that got layer 1's expert weights, or a
+    late dense layer's, wrong is not written."""
     from moelab.hf import conversion
     from moelab.hf.postconditions import WriteCheckError
 
@@ -173,6 +174,20 @@ def test_the_import_check_catches_a_wrong_tensor_in_the_layers_it_runs(tmp_path,
     with pytest.raises(WriteCheckError, match="logits differ from transformers'"):
         import_checkpoint(path, tmp_path / "back", quiet=True)
     assert not (tmp_path / "back").exists()
+    # Qwen2-MoE, 4 layers: moe, moe, moe, dense. The check cuts after the dense one (the first of its
+    # kind), so a wrong dense layer is caught too (the cut keeps the layer kinds it runs)
+    _, qwen = _saved(tmp_path, "qwen2_moe", num_hidden_layers=4, decoder_sparse_step=1, mlp_only_layers=[3])
+    monkeypatch.setattr(conversion, "moelab_tensors", convert)
+    assert load_pretrained(import_checkpoint(qwen, tmp_path / "qwen-back", quiet=True)).config.n_layers == 4
+
+    def wrong_dense(*args, **kwargs):
+        tensors = convert(*args, **kwargs)
+        tensors["layers.3.ffn.gate_proj.weight"] = tensors["layers.3.ffn.gate_proj.weight"] * 1.5
+        return tensors
+
+    monkeypatch.setattr(conversion, "moelab_tensors", wrong_dense)
+    with pytest.raises(WriteCheckError, match="logits differ from transformers'"):
+        import_checkpoint(qwen, tmp_path / "qwen-wrong", quiet=True)
 
 
 def test_generate_runs_a_convertible_transformers_checkpoint_on_moelab_and_the_cli_imports_it(tmp_path):

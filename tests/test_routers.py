@@ -169,8 +169,8 @@ def test_topk_router_choice_for_inference_matches_the_reference(name):
 
 
 def test_the_choice_for_inference_checks_its_logits_and_keeps_hooks():
-    """A NaN or +inf logit is refused as by `forward`; with a forward hook on the router, `choose`
-    calls `forward` (a trace's tap sees the routing)."""
+    """A NaN or +inf logit is refused as by `forward`; with a forward hook on the router, or logits
+    of the instance's own, `choose` calls `forward` (a trace's tap sees the routing)."""
     router = TopKRouter(D, E, top_k=2)
     for bad in (float("nan"), float("inf")):
         x = _x()
@@ -181,6 +181,11 @@ def test_the_choice_for_inference_checks_its_logits_and_keeps_hooks():
     router.register_forward_hook(lambda module, args, out: seen.append(out))
     indices, _ = router.choose(_x())
     assert len(seen) == 1 and torch.equal(seen[0].indices, indices)
+    masked = TopKRouter(D, E, top_k=2)  # an instance's own logits (moelab.hf.edit masks experts so)
+    logits = masked.router_logits
+    masked.router_logits = lambda x: logits(x).index_fill(-1, torch.tensor([0, 1, 2]), float("-inf"))
+    indices, weights = masked.choose(_x())
+    assert indices.min() >= 3 and torch.equal(weights, masked(_x()).weights)
 
 
 @pytest.mark.parametrize("name", list(TOPP_SETTINGS))

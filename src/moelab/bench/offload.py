@@ -19,7 +19,8 @@ moelab's compiled static step (`generate(compile=True)`: the fetch and the exper
 one opaque op; moelab checkpoints only): each round traces the step on a first decoding, then
 restarts the cache from the warm start (`ExpertCache.restart`) before the timed one, so it sees
 the same hits as the eager rows; the model in memory is timed compiled once as well (its own
-rounds, after the offloaded ones). A transformers checkpoint has no compiled rows.
+rounds, after the offloaded ones). A transformers checkpoint that does not convert to a moelab model
+(`moelab.hf.conversion`) has no compiled rows.
 
 Every cell is timed in `rounds` rounds, each from the same warm start (so with the same hits) and
 paired with a run of the model in memory (alternating which goes first); tokens/s is the median
@@ -124,6 +125,7 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
     seq_len = min(256, loaded.max_seq_len)
     calibration = [x for x, _ in test_batches(options.calibration_tokens, seq_len, 8, split="train")]
     prior = RoutingPrior.measure(loaded.model, calibration, loaded.view)
+    del loaded  # the model in memory is loaded below as generate runs it
     windows = test_batches(options.prompts * seq_len, seq_len, options.prompts)[0][0]
     if windows.shape[0] < options.prompts or options.prompt_tokens > windows.shape[1]:
         raise ValueError(f"the test split has too few tokens for {options.prompts} prompts of {options.prompt_tokens}")

@@ -13,8 +13,9 @@ Anything else (another family, sliding-window attention, scaled RoPE, a head wid
 D / H, nonzero attention biases, other activations or routers) is refused with the reasons
 (`conversion_problems`). As in transformers, an output head stored apart from the embedding stays
 apart even where config.json ties them. `import_checkpoint` checks what it wrote: moelab's logits
-equal transformers' to 1e-4, on the layers up to the second MoE layer (every later layer's tensors
-convert by the same names), so the check needs memory for those layers only.
+equal transformers' to 1e-4, on the layers up to the second MoE layer and the first of every other
+kind (every later layer's tensors convert by the same names as the first of its kind), so the
+check needs memory for those layers only.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ from moelab.nn.rope import rope_tables
 CONVERTIBLE_FAMILIES = ("mixtral", "qwen2_moe")
 _ATTENTION_BIAS = re.compile(r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias")
 # files of a checkpoint directory that `import_checkpoint` does not copy beside the moelab weights
-_NOT_COPIED = re.compile(r"config\.json|.*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|py)|.*\.index\.json|\..*")
+_NOT_COPIED = re.compile(
+    r"config\.json|\..*|.*\.index\.json"
+    r"|.*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|onnx_data|ot|tflite|npz|npy|pkl|pickle|py)"
+)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -275,16 +279,16 @@ def moelab_tensors(
 
 def _check_logits(path: Path, model: MoETransformer, quiet: bool) -> None:
     """moelab's logits equal transformers' to 1e-4 (relative to their scale), in float32, on the
-    layers up to the second MoE layer (both models cut there; see the module docstring)."""
+    first `_checked_layers` layers (both models cut there; see the module docstring)."""
     from moelab.hf.loading import load_causal_lm
     from moelab.hf.postconditions import postcondition_error
 
-    moe = [i for i, kind in enumerate(model.config.layer_kinds) if kind == "moe"]
-    layers = moe[1] + 1 if len(moe) > 1 else model.config.n_layers
+    layers = _checked_layers(model.config)
     reference = load_causal_lm(
         path, quiet=quiet, dtype=torch.float32, num_hidden_layers=layers, allow_unexpected=True
     )
-    cfg = dataclasses.replace(model.config, n_layers=layers)
+    kinds = model.config.layer_types
+    cfg = dataclasses.replace(model.config, n_layers=layers, layer_types=None if kinds is None else kinds[:layers])
     kept = {n: t.float() for n, t in model.state_dict().items() if _layer_index(n) < layers}
     if cfg.tie_embeddings:
         del kept["lm_head.weight"]
@@ -301,6 +305,15 @@ def _check_logits(path: Path, model: MoETransformer, quiet: bool) -> None:
         raise postcondition_error(
             f"the converted model's logits differ from transformers' by {error:.3g} (max |logit| {scale:.3g})"
         )
+
+
+def _checked_layers(config: ModelConfig) -> int:
+    """How many of the first layers `_check_logits` runs: up to the second MoE layer, and at least
+    to the first layer of every kind the model has (each kind converts by its own names)."""
+    kinds = config.layer_kinds
+    moe = [i for i, kind in enumerate(kinds) if kind == "moe"]
+    firsts = [kinds.index(kind) for kind in set(kinds)]
+    return max([*firsts, *moe[1:2]]) + 1
 
 
 def _layer_index(name: str) -> int:

@@ -628,12 +628,13 @@ class MoETransformer(nn.Module):
         streamer: TokenStreamer | None = None,
     ) -> Tensor:
         """input_ids: [B, S] prompts -> [B, S + n] with n <= max_new_tokens new tokens, decoded with a
-        KV cache. attention_mask: [B, S], 1 for the prompts' tokens and 0 for padding, which must come
-        before them (left padding, transformers' convention for decoder-only generation): each
-        sequence then decodes as it would alone, its positions counted from its first token and its
-        padding never attended to (where routing looks at one token at a time: capacity dropping and
-        expert choice route a batch together, padded or not; refused for models whose routing looks
-        at whole sequences; on a GPU a padded batch's compiled step runs without a CUDA graph).
+        KV cache (`decodes_from_cache`; else the whole prefix recomputed at every step, as the full
+        forward computes it). attention_mask: [B, S], 1 for the prompts' tokens and 0 for padding,
+        which must come before them (left padding, transformers' convention for decoder-only
+        generation): each sequence then decodes as it would alone, its positions counted from its
+        first token and its padding never attended to (refused where routing looks at other tokens:
+        whole-sequence routers, expert choice, capacity dropping; on a GPU a padded batch's compiled
+        step runs without a CUDA graph).
         greedy: argmax; else sample from softmax(logits / temperature), restricted to the top_k
         most likely tokens and then to the nucleus of mass top_p, where given
         (`sample_next_token`). A sequence that emits eos_token_id is padded with it; generation

@@ -396,32 +396,20 @@ class ExpertCache:
         remain). The choice never depends on how far background reads have got (decided as if loads
         were instant), so hits and misses are reproducible. Every slot is scored at once (numpy): a
         Python loop over them cost 23-107 us a miss at 24-180 slots and ~1 ms at 1,536."""
-        if None in self._owner:
-            return self._owner.index(None)
-        if len(self._pinned) == self.slots:
+        if None in self._owner:  # free (an overtaken read-ahead into it is waited for below)
+            victim = self._owner.index(None)
+        elif len(self._pinned) == self.slots:
             return None
-        pinned = list(self._pinned)
-        if self.eviction == "lru":
-            used_at = self._used_at.copy()
-            used_at[pinned] = self._clock
-            victim = int(used_at.argmin())
         else:
-            score = self._next_uses(self._owner_entry)
-            if pinned:
-                score[pinned] = -np.inf
-            ties = np.flatnonzero(score == score.max())
-            victim = int(ties[0] if len(ties) == 1 else ties[self._used_at[ties].argmin()])
-            if instead_of is not None and self._owner[victim][0] == instead_of[0]:
-                entry = self._position[instead_of[0]] * self.store.num_experts + instead_of[1]
-                here = self._next_uses(np.array([entry]))
-                if score[victim] <= here[0]:
-                    return None  # a likelier expert of the same layer would go
+            victim = self._policy_victim(instead_of)
+            if victim is None:
+                return None
         # A read-ahead into the victim: dropped if not started, else finished before a read on demand
         # writes the slot; a read-ahead's own read queues behind it on the one reader thread.
         if victim in self._loading:
             read = self._loading.pop(victim)
             if read.cancel():  # never read: not counted as read ahead
-                layer, expert = self._owner[victim]
+                layer, expert = self._owner[victim]  # a slot with a read-ahead holds its expert
                 self._prefetched.get(layer, set()).discard(expert)
                 self.prefetch_stats.issued -= 1
             else:
@@ -429,6 +417,25 @@ class ExpertCache:
         if instead_of is None:
             for read in self._overtaken.pop(victim, []):
                 wait([read])  # its error, if any, is dropped with its expert
+        return victim
+
+    def _policy_victim(self, instead_of: tuple[int, int] | None) -> int | None:
+        """The eviction policy's choice among the unpinned slots, all of them loaded (see `_victim`)."""
+        pinned = list(self._pinned)
+        if self.eviction == "lru":
+            used_at = self._used_at.copy()
+            used_at[pinned] = self._clock
+            return int(used_at.argmin())
+        score = self._next_uses(self._owner_entry)
+        if pinned:
+            score[pinned] = -np.inf
+        ties = np.flatnonzero(score == score.max())
+        victim = int(ties[0] if len(ties) == 1 else ties[self._used_at[ties].argmin()])
+        if instead_of is not None and self._owner[victim][0] == instead_of[0]:
+            entry = self._position[instead_of[0]] * self.store.num_experts + instead_of[1]
+            here = self._next_uses(np.array([entry]))
+            if score[victim] <= here[0]:
+                return None  # a likelier expert of the same layer would go
         return victim
 
     def _next_uses(self, entries: np.ndarray) -> np.ndarray:
