@@ -133,12 +133,12 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
     dtype = DTYPES[options.dtype]
     # the model in memory as `moelab generate` runs it (a convertible transformers checkpoint converted,
     # as `load_offloaded` runs it too), as it loads in that dtype
-    in_memory = model_in_memory(path, dtype).to(options.device)
-    _decode(in_memory, prompts[:1], 2)  # warm-up
-    reference, _ = _decode(in_memory, prompts, options.new_tokens)
+    memory_model = model_in_memory(path, dtype).to(options.device)
+    _decode(memory_model, prompts[:1], 2)  # warm-up
+    reference, _ = _decode(memory_model, prompts, options.new_tokens)
     tokens = options.prompts * options.new_tokens
     bandwidth = None if options.read_gbps is None else options.read_gbps * 1e9
-    compiles = options.compile and isinstance(in_memory, MoETransformer)
+    compiles = options.compile and isinstance(memory_model, MoETransformer)
     cells = [(policy, setting, False) for policy, setting in POLICIES.items()]
     cells += [(policy, POLICIES[policy], True) for policy in ("lru", "reuse") if compiles]
     rows, memory_times = [], []
@@ -160,9 +160,9 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
                     offloaded = partial(_decode, model.model, prompts, options.new_tokens, compile=compiled)
                     if round_ % 2:  # alternate which side runs first
                         got, seconds = offloaded()
-                        memory = _decode(in_memory, prompts, options.new_tokens)[1]
+                        memory = _decode(memory_model, prompts, options.new_tokens)[1]
                     else:
-                        memory = _decode(in_memory, prompts, options.new_tokens)[1]
+                        memory = _decode(memory_model, prompts, options.new_tokens)[1]
                         got, seconds = offloaded()
                     cache = model.cache
                 finally:
@@ -184,8 +184,8 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
     in_memory = tokens / statistics.median(memory_times)
     in_memory_compiled = None
     if compiles:
-        _decode(loaded.model, prompts[:1], options.new_tokens, compile=True)  # trace
-        seconds = [_decode(loaded.model, prompts, options.new_tokens, compile=True)[1] for _ in range(options.rounds)]
+        _decode(memory_model, prompts[:1], options.new_tokens, compile=True)  # trace
+        seconds = [_decode(memory_model, prompts, options.new_tokens, compile=True)[1] for _ in range(options.rounds)]
         in_memory_compiled = tokens / statistics.median(seconds)
     return {
         "model": path.name,
