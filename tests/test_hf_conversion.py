@@ -162,15 +162,20 @@ def test_the_import_check_catches_a_wrong_tensor_in_the_layers_it_runs(tmp_path,
     from moelab.hf import conversion
     from moelab.hf.postconditions import WriteCheckError
 
-    _, path = _saved(tmp_path, "mixtral")
     convert = conversion.moelab_tensors
 
-    def wrong(*args, **kwargs):
-        tensors = convert(*args, **kwargs)
-        tensors["layers.1.ffn.experts.down_proj"] = tensors["layers.1.ffn.experts.down_proj"] * 1.01
-        return tensors
+    def scaled(name: str, factor: float):
+        """moelab_tensors with tensor `name` multiplied by `factor`: a wrong conversion."""
 
-    monkeypatch.setattr(conversion, "moelab_tensors", wrong)
+        def wrong(*args, **kwargs):
+            tensors = convert(*args, **kwargs)
+            tensors[name] = tensors[name] * factor
+            return tensors
+
+        return wrong
+
+    _, path = _saved(tmp_path, "mixtral")
+    monkeypatch.setattr(conversion, "moelab_tensors", scaled("layers.1.ffn.experts.down_proj", 1.01))
     with pytest.raises(WriteCheckError, match="logits differ from transformers'"):
         import_checkpoint(path, tmp_path / "back", quiet=True)
     assert not (tmp_path / "back").exists()
@@ -179,13 +184,7 @@ def test_the_import_check_catches_a_wrong_tensor_in_the_layers_it_runs(tmp_path,
     _, qwen = _saved(tmp_path, "qwen2_moe", num_hidden_layers=4, decoder_sparse_step=1, mlp_only_layers=[3])
     monkeypatch.setattr(conversion, "moelab_tensors", convert)
     assert load_pretrained(import_checkpoint(qwen, tmp_path / "qwen-back", quiet=True)).config.n_layers == 4
-
-    def wrong_dense(*args, **kwargs):
-        tensors = convert(*args, **kwargs)
-        tensors["layers.3.ffn.gate_proj.weight"] = tensors["layers.3.ffn.gate_proj.weight"] * 1.5
-        return tensors
-
-    monkeypatch.setattr(conversion, "moelab_tensors", wrong_dense)
+    monkeypatch.setattr(conversion, "moelab_tensors", scaled("layers.3.ffn.gate_proj.weight", 1.5))
     with pytest.raises(WriteCheckError, match="logits differ from transformers'"):
         import_checkpoint(qwen, tmp_path / "qwen-wrong", quiet=True)
 
