@@ -529,8 +529,9 @@ def compress(
     routed = f"{before['routed_experts']:,} -> {after['routed_experts']:,}"
     removed = 1 - after["routed_experts"] / before["routed_experts"]
     stability = report["stability_jaccard"]
+    compact = f" ({after['total_compact']:,} in compact form)" if "total_compact" in after else ""
     console.print(f"wrote {out}: {method} took the routed experts' parameters from {routed} (-{removed:.0%}), "
-                  f"the model's {before['total']:,} -> {after['total']:,}"
+                  f"the model's {before['total']:,} -> {after['total']:,}{compact}"
                   + ("" if stability is None else f"; kept-set stability (Jaccard of two data halves) {stability:.2f}")
                   + f"; report in {out / 'moelab_compression.json'}")
 

@@ -185,7 +185,7 @@ def run_calibration(
             clear_staging(directory)
         seconds = previous.get("seconds", 0.0) if start > 0 else 0.0
         coverage = dict(previous.get("coverage", {})) if start > 0 else {}
-        info |= {"done": start - 1, "complete": False, "seconds": seconds}
+        info |= {"done": start - 1, "complete": False, "seconds": seconds, "coverage": coverage}
         if start == runner.num_layers and "backward_next" in previous:  # killed in the backward sweep
             info["backward_next"] = previous["backward_next"]
         if rank == 0:
