@@ -10,7 +10,7 @@ import torch
 
 from moelab import cli
 from moelab.eval.evaluate import EvalOptions, evaluate, is_degenerate, parameter_counts, wilson_interval
-from moelab.models import ModelConfig, MoETransformer, save_pretrained
+from moelab.models import ModelConfig, MoETransformer, load_pretrained, save_pretrained
 from moelab.nn import MoEConfig
 
 
@@ -100,3 +100,7 @@ def test_dynamic_skipping_runs_fewer_experts(model_dir, tmp_path):
     )
     assert report["agreement"]["all"]["kl"] > 0  # the skipped experts change the output
     assert report["agreement"]["all"]["top1_agreement"] > 0.5
+    torch.manual_seed(1)  # another model of the same shapes: its ratios are not this one's
+    other = save_pretrained(MoETransformer(load_pretrained(model_dir).config), tmp_path / "other")
+    with pytest.raises(ValueError, match="their fingerprints differ"):
+        evaluate(other, options=replace(SMALL, prompts=0, dynamic_skip=str(stats.directory)), quiet=True)

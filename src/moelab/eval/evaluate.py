@@ -31,6 +31,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from moelab.data import IGNORE_INDEX, eval_batches
+from moelab.files import read_json_object
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import Checkpoint
 from moelab.hf.layouts import config_value
@@ -128,9 +129,17 @@ def evaluate(
                 "without --dynamic-skip)"
             )
         from moelab.compress.skipping import apply_dynamic_skipping, skip_ratios
-        from moelab.compress.stats import Calibration
+        from moelab.compress.stats import Calibration, fingerprint
 
-        apply_dynamic_skipping(lm.model, skip_ratios(Calibration(options.dynamic_skip)))
+        calibration = Calibration(options.dynamic_skip)
+        own = fingerprint(model)
+        report = Path(model) / "moelab_compression.json"  # a compressed model: its source's statistics serve
+        source = None
+        if report.is_file():
+            source = read_json_object(report, "a compression report").get("source_fingerprint")
+        if calibration.info["model"]["fingerprint"] != source:
+            calibration.check_model(own, model)
+        apply_dynamic_skipping(lm.model, skip_ratios(calibration))
     ref = LoadedLM(base) if base is not None else None
     if ref is not None and ref.vocab_size != lm.vocab_size:
         raise ValueError(
