@@ -215,10 +215,8 @@ def _left_padded(
 
 def _continuations(tokenizer, out: torch.Tensor, prompt_len: int, eos: int | None) -> list[str]:
     """Each row's new tokens as text, up to its first `eos` (not included)."""
-    texts = []
-    for row in out[:, prompt_len:].tolist():
-        texts.append(tokenizer.decode(row[: row.index(eos)] if eos in row else row))
-    return texts
+    rows = out[:, prompt_len:].tolist()
+    return [tokenizer.decode(row[: row.index(eos)] if eos in row else row) for row in rows]
 
 
 class _StepClock:

@@ -216,9 +216,8 @@ class TopKRouter(Router):
         the shipped models ran 1.04-1.07x faster (docs/benchmarks.md)."""
         plain = self.score_func == "softmax" and self.renormalize and self.n_group == 1
         replaced = "router_logits" in vars(self)  # an instance's own logits (`moelab.hf.edit`'s masks)
-        if not plain or replaced or self.selection_bias is not None or self.candidates is not None:
-            return super().choose(x)
-        if forward_hooked([self]):
+        others = replaced or self.selection_bias is not None or self.candidates is not None
+        if not plain or others or forward_hooked([self]):
             return super().choose(x)
         values, indices = self.router_logits(x, check=False).topk(self.top_k, dim=-1)
         check_finite_logits(values)
