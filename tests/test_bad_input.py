@@ -854,6 +854,13 @@ def compress_option_the_method_lacks(tmp, src):
 
 
 @case
+def compress_option_of_the_wrong_type(tmp, src):
+    model = copy(src, "moelab", tmp)
+    args = ["compress", model, "--method", "m_smoe", "--option", "align=False", "--out", tmp / "out", "--quiet"]
+    return args, [model], ["m_smoe option align='False' must be bool", "--option align=true"]
+
+
+@case
 def compress_heapr_unknown_layout(tmp, src):
     model = copy(src, "moelab", tmp)
     args = ["compress", model, "--method", "heapr", "--option", "layout=ragged", "--out", tmp / "out", "--quiet"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,14 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 from hf_tiny import TINY, build
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
 from moelab.compress import METHODS, Calibration, CalibrationOptions, build_mixture, calibrate, compress
-from moelab.compress.calibration import run_calibration
+from moelab.compress.calibration import calibration_mixture, run_calibration
 from moelab.compress.mixture import parse_sources
 from moelab.compress.router_fit import RouterFit
 from moelab.compress.run import REPORT_NAME, STATS_DIR
+from moelab.compress.stats import fingerprint
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import open_checkpoint
 from moelab.models import ModelConfig, MoETransformer, load_pretrained, save_pretrained
@@ -148,6 +151,36 @@ def test_an_interrupted_calibration_resumes_to_the_same_files(tmp_path, model_di
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.parametrize("snapshot_seconds", [0.0, 1e9])
+def test_a_calibration_interrupted_in_its_backward_sweep_resumes_there(
+    tmp_path, model_dir, stats_dir, monkeypatch, snapshot_seconds
+):
+    """Killed after the backward sweep's first layer, with its gradients saved or not: the
+    forward pass is not run again and the statistics are the uninterrupted run's."""
+    import moelab.compress.calibration as calibrate_module
+    import moelab.compress.gradients as gradients_module
+
+    options = dataclasses.replace(EVERY, snapshot_seconds=snapshot_seconds)
+    real = gradients_module._add_to_layer
+
+    def dies_after_top_layer(directory, index, *args):
+        real(directory, index, *args)
+        if index == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(gradients_module, "_add_to_layer", dies_after_top_layer)
+    directory = tmp_path / "partial"
+    directory.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run_calibration(model_dir, directory, "corpus", options, quiet=True)
+    monkeypatch.setattr(gradients_module, "_add_to_layer", real)
+    monkeypatch.setattr(calibrate_module, "_calibrate_layer", lambda *a: pytest.fail("forward pass again"))
+    run_calibration(model_dir, directory, "corpus", options, quiet=True)
+    for name in ("layer-00000.safetensors", "layer-00001.safetensors"):
+        a, b = load_file(directory / name), load_file(stats_dir / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_a_killed_calibrate_command_is_taken_over(tmp_path, model_dir):
     """kill -9 in the middle of `calibrate`, run it again into the same --out: it finishes."""
     code = (
@@ -175,6 +208,19 @@ def test_statistics_of_another_model_are_refused(tmp_path, stats_dir):
     other = moelab_model(tmp_path / "other", seed=1)  # same shapes, other weights
     with pytest.raises(ValueError, match="were made on .* not on .*fingerprints differ"):
         compress(other, tmp_path / "out", stats=stats_dir, quiet=True)
+
+
+def test_statistics_of_a_router_only_fine_tune_are_refused(tmp_path, model_dir, stats_dir):
+    """The fingerprint reads the routers whole: a copy whose routers alone moved is another model
+    (the samples are made too small here to cover the router by chance)."""
+    tuned = Path(shutil.copytree(model_dir, tmp_path / "tuned"))
+    tensors = load_file(tuned / "model.safetensors")
+    tensors["layers.1.ffn.router.weight"][3, 5] += 1e-3
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        save_file(tensors, tuned / "model.safetensors", metadata=f.metadata())  # the same header
+    assert fingerprint(tuned, samples=1, sample_bytes=16) != fingerprint(model_dir, samples=1, sample_bytes=16)
+    with pytest.raises(ValueError, match="fingerprints differ"):
+        compress(tuned, tmp_path / "out", stats=stats_dir, quiet=True)
 
 
 # ----------------------------------------------------------------------------- compress
@@ -226,6 +272,15 @@ def test_every_transformers_family_compresses_and_loads(tmp_path, family):
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
+def test_moelab_recipe_on_deepseek_needs_no_backward_sweep(tmp_path):
+    """DeepSeek's shared experts take their width from the routed experts' key, so the recipe
+    removes experts and must not ask for the neuron statistics only narrowing reads."""
+    source = hf_model(tmp_path / "src", "deepseek_v3")
+    report = compress(source, tmp_path / "out", method="moelab", ratio=0.5, calib_options=SMALL, quiet=True)
+    assert report["options"]["strategy"] == "experts"
+    assert "neurons" not in report["calibration"]["settings"]["observers"]
+
+
 def test_compress_takes_over_a_killed_run(tmp_path, model_dir, monkeypatch):
     """Killed after deciding layer 0: the rerun keeps that decision and the statistics."""
     import moelab.compress.run as run_module
@@ -245,6 +300,65 @@ def test_compress_takes_over_a_killed_run(tmp_path, model_dir, monkeypatch):
     report = compress(model_dir, tmp_path / "out", method="naee", calib_options=SMALL, quiet=True)
     assert calls == ["calibrated"]  # the call resumes (finds everything done); no layer is decided again
     assert report["complete"] and load_pretrained(tmp_path / "out").config.moe.num_experts == 6
+
+
+def test_a_refused_compress_keeps_its_calibration_and_a_new_job_starts_clean(
+    tmp_path, model_dir, stats_dir
+):
+    """Refused after calibrating (a global budget no format can store): the staging stays and
+    the next run reuses its calibration; what a killed write left there is not published, nor,
+    under --stats, the staging's own calibration."""
+    out = tmp_path / "out"
+    kwargs = dict(method="frequency", ratio=0.5, calib_options=SMALL, quiet=True)
+    with pytest.raises(ValueError, match="keeps different numbers of experts per layer"):
+        compress(model_dir, out, budget="global", **kwargs)
+    (staging,) = [p for p in tmp_path.iterdir() if ".moelab-staging-" in p.name]
+    calibrated = (staging / STATS_DIR / "calibration.json").read_text()
+    (staging / "model-00002-of-00002.safetensors").write_bytes(b"a killed write's shard")
+    compress(model_dir, out, **kwargs)
+    assert (out / STATS_DIR / "calibration.json").read_text() == calibrated  # not calibrated again
+    assert not (out / "model-00002-of-00002.safetensors").exists()
+    with pytest.raises(ValueError, match="keeps different numbers of experts per layer"):
+        compress(model_dir, tmp_path / "again", budget="global", **kwargs)
+    report = compress(model_dir, tmp_path / "again", stats=stats_dir, **kwargs)
+    assert report["complete"] and not (tmp_path / "again" / STATS_DIR).exists()
+
+
+def test_unknown_domains_are_refused_before_calibrating(tmp_path, model_dir, monkeypatch):
+    import moelab.compress.run as run_module
+
+    monkeypatch.setattr(run_module, "run_calibration", lambda *a, **k: pytest.fail("calibrated"))
+    with pytest.raises(ValueError, match="--domain \\['klingon'\\] are not among the calibration sources"):
+        compress(model_dir, tmp_path / "out", domains=["klingon"], calib_options=SMALL, quiet=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_domains_restrict_the_statistics_and_the_sampled_inputs(tmp_path, model_dir, stats_dir, monkeypatch):
+    """The sampled inputs know their source (from the mixture's windows, independently); a
+    restriction keeps those sources' sums and inputs; NAEE, which re-runs the layer on the inputs,
+    sees only the chosen domains'."""
+    stats = Calibration(stats_dir)
+    layer = stats.layer(0)
+    mixture = calibration_mixture(model_dir, "corpus", EVERY)
+    source_at = [w.source for w in mixture.windows for _ in range(len(w.ids))]
+    N, total = layer.inputs.shape[0], len(source_at)
+    assert layer.input_sources.tolist() == [source_at[i * total // N] for i in range(N)]
+    chosen = [stats.sources[3], stats.sources[1]]
+    part = layer.restricted(chosen)
+    assert part.sources == tuple(chosen) and torch.equal(part.counts, layer.counts[:, [3, 1]])
+    assert torch.equal(part.neuron_grad_sums, layer.neuron_grad_sums[:, [3, 1]])
+    rows = [i for i, s in enumerate(layer.input_sources.tolist()) if s in (1, 3)]
+    assert 0 < len(rows) < N and torch.equal(part.inputs, layer.inputs[rows])
+    assert part.input_sources.tolist() == [{3: 0, 1: 1}[s] for s in layer.input_sources[rows].tolist()]
+    seen, real = [], METHODS["naee"].decide
+
+    def decide(self, view, layer_stats, target):
+        seen.append(layer_stats.inputs)
+        return real(self, view, layer_stats, target)
+
+    monkeypatch.setattr(METHODS["naee"], "decide", decide)
+    compress(model_dir, tmp_path / "out", method="naee", stats=stats_dir, domains=chosen, quiet=True)
+    assert torch.equal(seen[0], part.inputs)
 
 
 def test_super_experts_are_protected(tmp_path, model_dir):
@@ -297,8 +411,11 @@ def test_global_budget_is_refused_when_layers_would_differ(tmp_path, stats_dir, 
         ({"ratio": 0.9}, "fewer than the 2 the router picks"),
         ({"method": "reapp"}, "unknown compression method 'reapp' \\(did you mean 'reap'\\?\\)"),
         ({"method": "naee", "method_options": {"beam": 3}}, "does not take these options"),
+        ({"method": "random", "method_options": {"seed": "abc"}}, "random option seed='abc' must be int"),
+        ({"method": "m_smoe", "method_options": {"align": "False"}}, "option align='False' must be bool"),
+        ({"method": "sub_moe", "method_options": {"rank": 2.5}}, "option rank=2.5 must be int or null"),
         ({"budget": "per-model"}, "budget must be one of"),
-        ({"domains": ["klingon"]}, "calibration sources \\['klingon'\\] are not in these statistics"),
+        ({"domains": ["klingon"]}, "--domain \\['klingon'\\] are not among the calibration sources"),
     ],
 )
 def test_bad_requests_fail_before_anything_is_written(tmp_path, stats_dir, model_dir, kwargs, message):

@@ -33,9 +33,9 @@ def test_bench_reports_every_cell_and_resumes(tiny, tmp_path, monkeypatch):
     calls = []
     real_child, real_quality = bench._child, bench._quality
 
-    def child(code, args, **kw):
+    def child(name, code, args, **kw):
         calls.append(args[1])
-        return real_child(code, args, **kw)
+        return real_child(name, code, args, **kw)
 
     def quality(path, base, opts):
         if path.parent.name == "heapr-25":
@@ -115,3 +115,25 @@ def test_bad_options():
         BenchOptions(ratios=(1.0,))
     with pytest.raises(ValueError, match="not a Python interpreter"):
         BenchOptions(llmcompressor_python="/nonexistent/python")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(domain="klingon"), "klingon"),
+        (dict(ratios=(0.9,)), "frequency at ratio 0.9: layer 0: .* fewer than the 2 the router picks"),
+        (dict(domain="code", domain_ratios=(0.95,)), "at ratio 0.95: layer 0: "),
+    ],
+)
+def test_cells_that_would_fail_are_refused_before_calibrating(tiny, tmp_path, monkeypatch, options, message):
+    monkeypatch.setattr(bench, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    with pytest.raises(ValueError, match=message):
+        run_bench(tiny, tmp_path / "b", BenchOptions(methods=("frequency",), **(TINY | options)), quiet=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_refused_cell_is_one_line_naming_it(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"^cell frequency-25: .* holds no calibration statistics[^\n]*$"):
+        bench._child("frequency-25", bench._COMPRESS_JOB, [str(tiny), str(tmp_path / "out"), json.dumps(
+            {"method": "frequency", "ratio": 0.25, "stats": str(tmp_path / "stats"), "router_fit": [0, 1e-3]}
+        )])

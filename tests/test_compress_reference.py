@@ -144,6 +144,7 @@ def naive_stats(layer: MoELayer, spec: Spec, batches: list[Batch], S: int, optio
     size = min(wanted, total)
     sampled = {i * total // size: i for i in range(size)}  # position floor(i * total / N) -> row i
     inputs = torch.zeros(size, D, dtype=torch.float32)
+    input_sources = torch.zeros(size, dtype=torch.int64)
     logit_gram = [[0.0] * E for _ in range(E)]
     for b in batches:
         x = b.x.to(F64)
@@ -183,6 +184,7 @@ def naive_stats(layer: MoELayer, spec: Spec, batches: list[Batch], S: int, optio
                 sums["easyep_sums"][half, s, e] += n * turn
             if pos in sampled:
                 inputs[sampled[pos]] = b.x[t].float()
+                input_sources[sampled[pos]] = s
     return {
         "tokens": tokens,
         **sums,
@@ -190,13 +192,14 @@ def naive_stats(layer: MoELayer, spec: Spec, batches: list[Batch], S: int, optio
         "max_output": torch.tensor(max_output, dtype=F64),
         "shared_max": torch.tensor([shared_max], dtype=F64),
         "inputs": inputs,
+        "input_sources": input_sources,
         "logit_gram": torch.tensor(logit_gram, dtype=F64),
     }
 
 
 def check_stats(got: dict, expected: dict, tol: float, exact_skip: bool = True) -> None:
     assert set(got) == set(expected), sorted(set(got) ^ set(expected))
-    for name in ("tokens", "counts"):
+    for name in ("tokens", "counts", "input_sources"):
         assert torch.equal(got[name], expected[name]), f"{name}: {got[name]} != {expected[name]}"
     if exact_skip:
         assert torch.equal(got["skip_ratios"], expected["skip_ratios"]), "skip_ratios histogram"
@@ -422,8 +425,9 @@ def test_observers_low_precision_layers(dtype):
     got = observe(layer, batches, S, options)
     expected = naive_stats(layer, spec_of(view), batches, S, options)
     check_stats(got, expected, tol=1e-5 if dtype == torch.float32 else 4e-2)
-    for value in got.values():
-        assert value.dtype in (F64, torch.float32) and torch.isfinite(value).all()
+    for name, value in got.items():  # statistics in full precision, whatever the layer's
+        assert value.dtype in (F64, torch.float32, torch.int64 if name == "input_sources" else F64), name
+        assert torch.isfinite(value).all(), name
 
 
 def test_observers_top_p_empty_slots():
@@ -550,38 +554,39 @@ def hand_stats(**changes) -> LayerStats:
 
 
 HAND = [
-    # method, target, exact scores, kept
-    ("frequency", Target(2), [11, 0, 20, 25], [2, 3]),
-    ("frequency", Target(2, sources=("math",)), [8, 0, 3, 5], [0, 3]),
-    ("frequency", Target(3, halves=(1,)), [6, 0, 10, 12], [0, 2, 3]),
-    ("soft_count", Target(2), [9, 4.5, 7, 7.5], [0, 3]),
-    ("soft_count", Target(2, sources=("code",), halves=(0,)), [2.5, 1.5, 3, 3], [2, 3]),
-    ("router_weight", Target(2), [7, 0, 8.75, 12.25], [2, 3]),
-    ("router_weight", Target(2, sources=("math",)), [5.5, 0, 1.25, 1.25], [0, 2]),  # tie 2/3: lower id
-    ("ean", Target(2), [44, 0, 20, 30], [0, 3]),
-    ("ean", Target(1, sources=("code",)), [4, 0, 10, 20], [3]),
+    # method, target, sources (the statistics restricted to them; None: all), exact scores, kept
+    ("frequency", Target(2), None, [11, 0, 20, 25], [2, 3]),
+    ("frequency", Target(2), ("math",), [8, 0, 3, 5], [0, 3]),
+    ("frequency", Target(3, halves=(1,)), None, [6, 0, 10, 12], [0, 2, 3]),
+    ("soft_count", Target(2), None, [9, 4.5, 7, 7.5], [0, 3]),
+    ("soft_count", Target(2, halves=(0,)), ("code",), [2.5, 1.5, 3, 3], [2, 3]),
+    ("router_weight", Target(2), None, [7, 0, 8.75, 12.25], [2, 3]),
+    ("router_weight", Target(2), ("math",), [5.5, 0, 1.25, 1.25], [0, 2]),  # tie 2/3: lower id
+    ("ean", Target(2), None, [44, 0, 20, 30], [0, 3]),
+    ("ean", Target(1), ("code",), [4, 0, 10, 20], [3]),
     # REAP: means over routed tokens, sums [22, 0, 35, 30] / counts [11, 0, 20, 25]; by sums it
     # would keep [2, 3]. The never-routed expert 1 scores 0, not NaN.
-    ("reap", Target(2), [2.0, 0.0, 1.75, 1.2], [0, 2]),
-    ("reap", Target(2, sources=("math",)), [2.0, 0.0, 2.0, 1.2], [0, 2]),
-    ("reap", Target(3, halves=(0,)), [2.0, 0.0, 1.7, 15 / 13], [0, 2, 3]),
+    ("reap", Target(2), None, [2.0, 0.0, 1.75, 1.2], [0, 2]),
+    ("reap", Target(2), ("math",), [2.0, 0.0, 2.0, 1.2], [0, 2]),
+    ("reap", Target(3, halves=(0,)), None, [2.0, 0.0, 1.7, 15 / 13], [0, 2, 3]),
     # EASY-EP: code [0, 0, 30, 10] / 40 + math [3, 0, 0.5, 0.5] / 4; unnormalised would keep [2, 3].
-    ("easy_ep", Target(2), [0.75, 0.0, 0.875, 0.375], [0, 2]),
-    ("easy_ep", Target(2, sources=("code",)), [0.0, 0.0, 0.75, 0.25], [2, 3]),
+    ("easy_ep", Target(2), None, [0.75, 0.0, 0.875, 0.375], [0, 2]),
+    ("easy_ep", Target(2), ("code",), [0.0, 0.0, 0.75, 0.25], [2, 3]),
     # PreMoe: logit sums over the chosen sources' tokens only.
-    ("premoe", Target(2), [0.3, 0.0, -0.1, 0.5], [0, 3]),
-    ("premoe", Target(3), [0.3, 0.0, -0.1, 0.5], [0, 1, 3]),
-    ("premoe", Target(2, sources=("math",)), [0.75, 0.0, 0.025, 0.375], [0, 3]),
-    ("premoe", Target(2, halves=(1,)), [4.4 / 14, 0.0, -1 / 14, 6.5 / 14], [0, 3]),
+    ("premoe", Target(2), None, [0.3, 0.0, -0.1, 0.5], [0, 3]),
+    ("premoe", Target(3), None, [0.3, 0.0, -0.1, 0.5], [0, 1, 3]),
+    ("premoe", Target(2), ("math",), [0.75, 0.0, 0.025, 0.375], [0, 3]),
+    ("premoe", Target(2, halves=(1,)), None, [4.4 / 14, 0.0, -1 / 14, 6.5 / 14], [0, 3]),
 ]
 
 
 @pytest.mark.parametrize(
-    "method,target,scores,kept", HAND, ids=[f"{m}-{i}" for i, (m, *_) in enumerate(HAND)]
+    "method,target,sources,scores,kept", HAND, ids=[f"{m}-{i}" for i, (m, *_) in enumerate(HAND)]
 )
-def test_scoring_methods_on_a_worked_example(method, target, scores, kept):
+def test_scoring_methods_on_a_worked_example(method, target, sources, scores, kept):
     view = make_view(E=4, seed=0)
-    decision = get_method(method).decide(view, hand_stats(), target)
+    stats = hand_stats() if sources is None else hand_stats().restricted(sources)
+    decision = get_method(method).decide(view, stats, target)
     assert decision.scores == pytest.approx(scores, rel=1e-12, abs=1e-12)
     assert decision.kept == kept
     assert decision.edit.selection == kept
@@ -626,7 +631,8 @@ def test_reap_is_the_papers_mean_over_routed_tokens():
         for j in range(E):
             mine = [gate * norm for _, _, e, gate, norm in chosen if e == j]
             paper.append(sum(mine) / len(mine) if mine else 0.0)
-        scores = get_method("reap").score(make_view(E=E), stats, Target(2, sources=sources))
+        restricted = stats if sources is None else stats.restricted(sources)
+        scores = get_method("reap").score(make_view(E=E), restricted, Target(2))
         assert scores.tolist() == pytest.approx(paper, rel=1e-12)
         assert paper[4] == 0.0
 

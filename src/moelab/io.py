@@ -253,9 +253,9 @@ class StagedOutput:
             ...write files into staging...     # published on success, discarded on error
 
     `open()` / `publish()` / `abort()` do the same for writers that stream across calls. With
-    `resume`, the staging directory a killed (or Ctrl-C'd) run left is taken over (`resumed`
-    tells), so a long job can continue from what it had written; the caller checks that it
-    belongs to the same job.
+    `resume`, the staging directory a killed (or failed, or Ctrl-C'd) run left is taken over
+    (`resumed` tells), so a long job can continue from what it had written; the caller checks
+    that it belongs to the same job.
     """
 
     def __init__(
@@ -317,8 +317,8 @@ class StagedOutput:
         return self.out
 
     def abort(self, *, keep: bool = False) -> None:
-        """Discard the staging directory (or, with `keep`, leave it for a resumed run to take
-        over); `out` stays as it was."""
+        """Discard the staging directory (or, with `keep` and anything in it, leave it for a
+        resumed run to take over); `out` stays as it was."""
         self._release(keep=keep)
 
     def _previous_staging(self) -> Path | None:
@@ -340,11 +340,11 @@ class StagedOutput:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is None:
             self.publish()
-        else:  # Ctrl-C keeps a resumable job's work, as a kill does; an error discards it
-            self.abort(keep=self.resume and issubclass(exc_type, KeyboardInterrupt))
+        else:  # a resumable job keeps its work for the next run (after an error or Ctrl-C, as after a kill)
+            self.abort(keep=self.resume)
 
     def _release(self, keep: bool = False) -> None:
-        if self.staging is not None and self.staging.exists() and not keep:
+        if self.staging is not None and self.staging.exists() and not (keep and any(self.staging.iterdir())):
             shutil.rmtree(self.staging, ignore_errors=True)
         self.staging = None
         if self._unlock is not None:

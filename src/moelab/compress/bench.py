@@ -39,6 +39,7 @@ import numpy as np
 from moelab.compress.calibration import CalibrationOptions, calibrate, calibration_mixture
 from moelab.compress.methods import METHODS
 from moelab.compress.observers import DEFAULT_OBSERVERS
+from moelab.compress.run import check_compression
 from moelab.compress.stats import Calibration
 from moelab.eval.evaluate import ALL, EvalOptions, evaluate
 from moelab.hf.adapters import NATIVE, resolve
@@ -140,6 +141,7 @@ def run_bench(
             f"llm-compressor runs transformers checkpoints; {model} is moelab's own format (export it first: "
             "moelab export)"
         )
+    _check_cells(model, options)
     say = (lambda *a: None) if quiet else print
     entries = ["bench.json", "calibration", "cells", "base.json", *REPORT_FILES]
     if options.domain:
@@ -177,6 +179,20 @@ def run_bench(
         write_report(root, summary)
         say(f"wrote {root / 'report.md'}")
         return summary
+
+
+def _check_cells(model: Path, options: BenchOptions) -> None:
+    """The errors a cell or the domain calibration would raise hours into the bench, now: every
+    method at every ratio it will run at (shard headers only), and the domain's text."""
+    runs = {(m, r) for m in options.methods for r in options.ratios}
+    if options.domain:
+        runs |= {(m, r) for m in (*DOMAIN_METHODS, *options.methods) for r in options.domain_ratios}
+        calibration_mixture(model, f"corpus:{options.domain}", options.calibration())
+    for method, ratio in sorted(runs):
+        try:
+            check_compression(model, method, ratio)
+        except ValueError as err:
+            raise ValueError(f"{method} at ratio {ratio}: {err}") from None
 
 
 def _check_same_bench(root: Path, model: Path, options: BenchOptions) -> None:
@@ -246,18 +262,16 @@ def _cell(model: Path, root: Path, cell: Cell, stats: dict[str, Calibration], op
     if cell.tool == "llm-compressor":
         job = _llmcompressor(model, directory, cell, options)
     elif cell.tool == "ablation":
-        job = _child(
-            _ABLATION_JOB, [str(model), str(directory / "model"), str(stats[GENERAL].directory), cell.method]
-        )
+        args = [str(model), str(directory / "model"), str(stats[GENERAL].directory), cell.method]
+        job = _child(cell.name, _ABLATION_JOB, args)
         if not job["zeroed"]:
             result = {"cell": dataclasses.asdict(cell), "name": cell.name, "job": job, "evaluated": False,
                       "problem": "the Super Experts rule flags no expert in this model"}  # fmt: skip
             atomic_write_text(done, json.dumps(result, indent=1) + "\n")
             return result
     else:
-        job = _child(
-            _COMPRESS_JOB, [str(model), str(directory / "model"), json.dumps(_job_args(cell, stats, options))]
-        )
+        args = [str(model), str(directory / "model"), json.dumps(_job_args(cell, stats, options))]
+        job = _child(cell.name, _COMPRESS_JOB, args)
     say(f"{cell.name}: evaluating")
     result = {"cell": dataclasses.asdict(cell), "name": cell.name, "job": job}
     result |= _quality(directory / "model", model, options)
@@ -338,19 +352,24 @@ def _llmcompressor(model: Path, directory: Path, cell: Cell, options: BenchOptio
     np.save(windows, np.stack([w.ids.numpy() for w in mixture.windows]))
     script = Path(__file__).resolve().parent / "llmcompressor_job.py"
     args = [str(model), str(windows), str(cell.ratio), str(directory / "model"), str(directory / "reap.json")]
-    return _child(None, args, python=options.llmcompressor_python, script=script)
+    return _child(cell.name, None, args, python=options.llmcompressor_python, script=script)
 
 
 def _child(
-    code: str | None, args: list[str], *, python: str | None = None, script: Path | None = None
+    name: str, code: str | None, args: list[str], *, python: str | None = None, script: Path | None = None
 ) -> dict:
-    """Run a job in a fresh process; its last stdout line is its JSON result."""
+    """Run the job of cell `name` in a fresh process; its last stdout line is its JSON result. A
+    job that refuses its input (a ValueError) raises it as one line."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     command = [python or sys.executable, *(["-c", code] if code is not None else [str(script)]), *args]
     began = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"the bench job failed:\n{proc.stderr[-3000:]}")
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        kind, _, message = last.partition(": ")
+        if kind.endswith(("ValueError", "CheckpointError")):  # a refusal: its message, as compress gives it
+            raise ValueError(f"cell {name}: {message}")
+        raise RuntimeError(f"the bench job of cell {name} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return result | {"wall_seconds": time.perf_counter() - began}
 

@@ -114,9 +114,9 @@ def calibrate(
     try:
         run_calibration(model, Path(shared[0]), calib, options, quiet=quiet or rank > 0)
         dist.barrier()
-    except BaseException as err:
+    except BaseException:
         if staged is not None:
-            staged.abort(keep=isinstance(err, KeyboardInterrupt))
+            staged.abort(keep=True)
         raise
     if staged is not None:
         staged.publish()
@@ -176,7 +176,8 @@ def run_calibration(
         states = runner.embed([torch.stack([w.ids for w in batch]) for batch in windows])
         tokens = [_tokens(batch) for batch in windows]
         resume_file = directory / (RESUME_NAME if world == 1 else f"resume-{rank}-of-{world}.safetensors")
-        start = previous["done"] + 1 if same_job and resume_file.is_file() else 0
+        forward_done = same_job and previous["done"] == runner.num_layers - 1  # killed in the backward sweep
+        start = previous["done"] + 1 if same_job and (resume_file.is_file() or forward_done) else 0
         start = agreed(start, world, "min")
         if 0 < start < runner.num_layers:
             saved = load_safetensors(resume_file)

@@ -255,16 +255,18 @@ class ContributionObserver(Observer):
 class InputSample(Observer):
     """inputs [N, D]: the block's inputs at N global token positions spread evenly over the
     calibration data (position floor(i * total / N) for i < N), for methods that re-run a layer
-    (NAEE). options: sample_tokens (N), total_tokens (of the mixture)."""
+    (NAEE), and input_sources [N] their sources. options: sample_tokens (N), total_tokens (of the
+    mixture)."""
 
     name = "inputs"
-    fields = ("inputs",)
+    fields = ("inputs", "input_sources")
 
     def __init__(self, num_experts: int, num_sources: int, dim: int, options: dict):
         super().__init__(num_experts, num_sources, dim, options)
         self.total = options["total_tokens"]
         self.size = min(options["sample_tokens"], self.total)
         self.inputs = torch.zeros(self.size, dim, dtype=torch.float32)
+        self.sources = torch.zeros(self.size, dtype=torch.int64)  # summed over processes: 0 where not sampled
 
     def update(self, call: MoECall, tokens: Tokens, layer_output: Tensor) -> None:
         slot = (
@@ -272,9 +274,10 @@ class InputSample(Observer):
         ) // self.total  # the first i with floor(i total / N) >= p
         pick = (slot < self.size) & (slot * self.total // self.size == tokens.position)
         self.inputs[slot[pick]] = call.x[pick.to(call.x.device)].float().cpu()
+        self.sources[slot[pick]] = tokens.source[pick].cpu()
 
     def result(self) -> dict[str, Tensor]:
-        return {"inputs": self.inputs}
+        return {"inputs": self.inputs, "input_sources": self.sources}
 
 
 class NeuronObserver(Observer):

@@ -8,8 +8,9 @@ The output is the source's own format (transformers and vLLM load it unchanged),
 their scores, the calibration data's digest, versions, timings: enough to reproduce the run)
 and, when the statistics were calibrated for this run, `moelab_calibration/` (reuse them with
 `--stats pruned/moelab_calibration`). Everything is built in a staging directory that a killed
-run takes over when it is started again: calibration resumes from its last saved layer and
-decisions already made are kept, so the result is the same as an uninterrupted run's.
+(or failed) run leaves and the next run into the same output takes over: calibration resumes
+from its last saved layer if its model, data and settings are the same, and decisions are kept
+if the job is the same, so the result is the same as an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from moelab.hf.edit import LayerEdit
 from moelab.hf.layouts import config_value
 from moelab.hf.view import ModelView, MoELayerView
 from moelab.hf.writer import write_edited
-from moelab.io import StagedOutput, atomic_write_text
+from moelab.io import StagedOutput, atomic_write_text, clear_staging
 from moelab.models.pretrained import CHECKPOINT_KIND
 
 REPORT_NAME = "moelab_compression.json"
@@ -84,11 +85,7 @@ def compress(
         raise ValueError(f"budget must be one of {list(BUDGETS)}, got {budget!r}")
     if budget == "global" and not isinstance(chosen, ScoringMethod):
         raise ValueError(f"a global budget ranks scores across layers; {method!r} does not score experts")
-    layers = _router_views(model, chosen)  # checks before any calibration: shapes only, no weights read
-    if chosen.narrows:  # every expert stays; keep: how many experts' worth of parameters
-        keep = {i: experts_worth_kept(r.num_experts, ratio, f"layer {i}: ") for i, r in layers.items()}
-    else:
-        keep = {i: plan_target(router, ratio, f"layer {i}: ") for i, router in layers.items()}
+    keep = _planned(model, chosen, ratio)  # checks before any calibration: shapes only, no weights read
     fit = router_fit or RouterFit()
     needs = chosen.needs + (("inputs",) if fit.steps else ())
     options = calib_options or CalibrationOptions()
@@ -98,26 +95,27 @@ def compress(
     timings: dict[str, float] = {}
     with StagedOutput(out, CHECKPOINT_KIND, inputs=inputs, overwrite=overwrite, resume=True) as staging:
         begin = time.perf_counter()
-        calibration = _statistics(model, staging, calib, stats, options, quiet)
+        calibration = _statistics(model, staging, calib, stats, options, domains, quiet)
         _check_needs(chosen.name, needs, calibration)
         timings["calibration_s"] = round(time.perf_counter() - begin, 3)
         protect = _protected(calibration) if protect_super_experts else {}
         sources = tuple(domains) if domains else None
-        targets = {i: Target(keep[i], frozenset(protect.get(i, ())), sources) for i in layers}
+        targets = {i: Target(n, frozenset(protect.get(i, ()))) for i, (router, n) in keep.items()}
         for i, target in targets.items():
-            check_protected(layers[i], target.keep, target.protect, f"layer {i}: ")
+            check_protected(keep[i][0], target.keep, target.protect, f"layer {i}: ")
         begin = time.perf_counter()
         report = _report(
             model, out, chosen, ratio, calibration, stats, protect_super_experts, protect, sources, budget, fit
         )
-        decisions = _decide(model, staging, chosen, calibration, targets, budget, report, quiet)
+        decisions = _decide(model, staging, chosen, calibration, sources, targets, budget, report, quiet)
         timings["decisions_s"] = round(time.perf_counter() - begin, 3)
         if fit.steps:
             begin = time.perf_counter()
-            _refit_routers(model, decisions, calibration, fit, report, quiet)
+            _refit_routers(model, decisions, calibration, sources, fit, report, quiet)
             timings["router_fit_s"] = round(time.perf_counter() - begin, 3)
         begin = time.perf_counter()
         edits = {i: d.edit for i, d in decisions.items()}
+        clear_staging(staging, [p.name for p in staging.iterdir() if p.name not in (STATS_DIR, REPORT_NAME)])
         write_edited(model, staging, edits, reload=reload, quiet=quiet, name=Path(out).name)
         timings["write_s"] = round(time.perf_counter() - begin, 3)
         report["parameters"] = {"before": parameter_counts(model), "after": _after(staging, report)}
@@ -138,6 +136,21 @@ def _after(staging: Path, report: dict[str, Any]) -> dict[str, int]:
             n["stored_parameters"] - n["compact_parameters"] for n in notes
         )
     return after
+
+
+def check_compression(model: str | os.PathLike, method: str, ratio: float, **method_options: Any) -> None:
+    """Raise the error `compress` would give for this method and ratio on `model` before
+    calibrating (reads the shard headers only); for jobs that run many compressions later."""
+    _planned(Path(model), get_method(method, **method_options), ratio)
+
+
+def _planned(model: Path, method: Method, ratio: float) -> dict[int, tuple[Any, int]]:
+    """{MoE layer: (its RouterView, the experts it keeps)}; for a method that narrows experts
+    instead, how many experts' worth of parameters it keeps."""
+    layers = _router_views(model, method)
+    if method.narrows:
+        return {i: (r, experts_worth_kept(r.num_experts, ratio, f"layer {i}: ")) for i, r in layers.items()}
+    return {i: (r, plan_target(r, ratio, f"layer {i}: ")) for i, r in layers.items()}
 
 
 def _router_views(model: Path, method: Method) -> dict[int, Any]:
@@ -164,13 +177,16 @@ def _router_views(model: Path, method: Method) -> dict[int, Any]:
 
 
 def _statistics(
-    model: Path, staging: Path, calib, stats, options: CalibrationOptions, quiet: bool
+    model: Path, staging: Path, calib, stats, options: CalibrationOptions, domains, quiet: bool
 ) -> Calibration:
     """The statistics to decide with: `stats` checked against the model, or a calibration of
-    `model` on `calib` made (or resumed) inside the output."""
+    `model` on `calib` made (or resumed) inside the output. domains: checked to be among the
+    calibration sources before any calibration."""
     if stats is not None:
+        clear_staging(staging, [STATS_DIR])  # an earlier run's calibration: these statistics replace it
         calibration = Calibration(stats)
         calibration.check_model(fingerprint(model), model)
+        _check_domains(domains, calibration.sources)
         if calib is not None:  # the data asked for must be the data the statistics saw
             settings = calibration.info["settings"]
             used = CalibrationOptions(tokens=settings["tokens"], seq_len=settings["seq_len"])
@@ -179,10 +195,19 @@ def _statistics(
         return calibration
     calib = DEFAULT_SPEC if calib is None else calib
     mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, options)
+    _check_domains(domains, mixture.source_names)
     directory = staging / STATS_DIR
     directory.mkdir(exist_ok=True)
     run_calibration(model, directory, mixture, options, quiet=quiet)
     return Calibration(directory)
+
+
+def _check_domains(domains: Sequence[str] | None, sources: list[str]) -> None:
+    if unknown := [d for d in domains or () if d not in sources]:
+        raise ValueError(
+            f"--domain {unknown} are not among the calibration sources {sources}; name sources of the "
+            "calibration mixture (--calib corpus:DOMAIN,...)"
+        )
 
 
 def _check_needs(method: str, needs: tuple[str, ...], calibration: Calibration) -> None:
@@ -208,18 +233,20 @@ def _decide(
     staging: Path,
     method: Method,
     calibration: Calibration,
+    sources: tuple[str, ...] | None,
     targets: dict[int, Target],
     budget: str,
     report: dict[str, Any],
     quiet: bool,
 ) -> dict[int, LayerDecision]:
-    """Every layer's decision (kept from an earlier, killed run of the same job when there is
-    one), with the stability of the kept set between the two halves of the calibration data."""
+    """Every layer's decision on the calibration `sources` (None: all; kept from an earlier,
+    killed run of the same job when there is one), with the stability of the kept set between
+    the two halves of the calibration data."""
     previous = _read_report(staging)
     same_job = previous is not None and all(previous.get(k) == report[k] for k in _JOB_KEYS)
     done = previous.get("layers", {}) if same_job else {}
     with _view(model, shapes_only=not method.needs_weights) as view:
-        stats = {i: calibration.layer(i) for i in targets}
+        stats = {i: _layer_stats(calibration, i, sources) for i in targets}
         if budget == "global":
             _check_global_budget(method, view, stats, targets)
         method.prepare(view, stats, targets)
@@ -248,17 +275,24 @@ def _refit_routers(
     model: Path,
     decisions: dict[int, LayerDecision],
     calibration: Calibration,
+    sources: tuple[str, ...] | None,
     fit: RouterFit,
     report: dict[str, Any],
     quiet: bool,
 ) -> None:
-    """Replace every decision's edit by one with its router re-calibrated; the losses go to the
-    layer's report notes. Recomputed on resume (deterministic)."""
+    """Replace every decision's edit by one with its router re-calibrated on the sampled inputs
+    of `sources`; the losses go to the layer's report notes. Recomputed on resume (deterministic)."""
     with _view(model, shapes_only=False) as view:
         for index in tqdm(sorted(decisions), desc="router fit", unit="layer", disable=quiet):
             decision = decisions[index]
-            decision.edit, notes = refit_router(view.layer(index), decision.edit, calibration.layer(index).inputs, fit)
+            inputs = _layer_stats(calibration, index, sources).inputs
+            decision.edit, notes = refit_router(view.layer(index), decision.edit, inputs, fit)
             report["layers"][str(index)]["notes"]["router_fit"] = notes
+
+
+def _layer_stats(calibration: Calibration, index: int, sources: tuple[str, ...] | None) -> LayerStats:
+    stats = calibration.layer(index)
+    return stats if sources is None else stats.restricted(sources)
 
 
 _JOB_KEYS = (

@@ -11,20 +11,25 @@ compressed checkpoint):
     layer-00003.safetensors   one MoE layer's statistics (`LayerStats` fields)
     resume.safetensors        while running: the hidden states after the last finished layer
 
-The model fingerprint hashes config.json and every safetensors file's size, header and 16
-evenly spaced 64 KiB samples of its data, so statistics are never applied to another model
-(a fine-tuned copy of the same architecture included) without reading whole checkpoints.
+The model fingerprint hashes config.json and every safetensors file's size, header, 16 evenly
+spaced 64 KiB samples of its data, its routers and its tensors of at most 64 KiB, so statistics
+are never applied to another model (a fine-tuned copy of the same architecture included, or one
+with only its routers fine-tuned) without reading whole checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -43,8 +48,8 @@ class LayerStats:
     tokens [H, S]; counts, soft_counts, gate_sums, premoe_sums, ean_sums, reap_sums,
     easyep_sums [H, S, E] (see `moelab.compress.observers` for what each sums); max_output [E];
     shared_max [1]; skip_ratios [B]; logit_gram [E, E]; neuron_act_sums, neuron_grad_sums
-    [H, S, E, I] (HEAPr's terms, from the backward sweep); inputs [N, D] (empty when not sampled).
-    Fields of observers that did not run are None.
+    [H, S, E, I] (HEAPr's terms, from the backward sweep); inputs [N, D] (empty when not sampled)
+    and input_sources [N] the source of each. Fields of observers that did not run are None.
     """
 
     layer: int
@@ -64,6 +69,7 @@ class LayerStats:
     shared_max: Tensor | None = None
     easyep_sums: Tensor | None = None
     inputs: Tensor | None = None
+    input_sources: Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -92,9 +98,35 @@ class LayerStats:
             )
         return [self.sources.index(s) for s in sources]
 
+    def restricted(self, sources: Sequence[str]) -> LayerStats:
+        """These statistics on the calibration sources `sources` alone (their tokens' sums and
+        sampled inputs); the maxima, skip ratios and logit Gram matrix stay the whole data's."""
+        index = self._source_index(list(sources))
+        per_source = {n: getattr(self, n)[:, index] for n in PER_SOURCE if getattr(self, n) is not None}
+        inputs = input_sources = self.inputs
+        if self.inputs is not None and self.inputs.numel():
+            if self.input_sources is None:
+                raise ValueError(
+                    "these statistics do not record which source each sampled input came from (an older "
+                    "moelab's); calibrate again to score on some domains"
+                )
+            rows = torch.isin(self.input_sources, torch.tensor(index))
+            renumber = torch.full((len(self.sources),), -1, dtype=torch.int64)
+            renumber[index] = torch.arange(len(index))
+            inputs, input_sources = self.inputs[rows], renumber[self.input_sources[rows]]
+        return dataclasses.replace(
+            self, sources=tuple(sources), inputs=inputs, input_sources=input_sources, **per_source
+        )
+
     def tensors(self) -> dict[str, Tensor]:
         names = [f.name for f in fields(self) if f.name not in ("layer", "sources")]
         return {n: getattr(self, n).contiguous() for n in names if getattr(self, n) is not None}
+
+
+PER_SOURCE = (  # the fields laid out [H, S, ...]
+    "tokens", "counts", "soft_counts", "gate_sums", "premoe_sums", "ean_sums", "reap_sums", "easyep_sums",
+    "neuron_act_sums", "neuron_grad_sums",
+)
 
 
 class Calibration:
@@ -186,7 +218,9 @@ def read_info(directory: Path) -> dict[str, Any] | None:
 
 def fingerprint(path: str | os.PathLike, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
     """A hash of a checkpoint that changes with any of its weights' shapes or values (see the
-    module docstring); reads config.json, the safetensors headers and a few samples."""
+    module docstring); reads config.json, the safetensors headers, a few samples, and whole the
+    routers and every tensor of at most `sample_bytes` (norms, biases), which a fine-tune of the
+    routing alone changes."""
     path = Path(path)
     h = hashlib.sha256((path / "config.json").read_bytes())
     for file in sorted(path.glob("*.safetensors")):
@@ -194,13 +228,36 @@ def fingerprint(path: str | os.PathLike, samples: int = 16, sample_bytes: int = 
         h.update(f"{file.name}:{size}:".encode())
         with open(file, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
-            h.update(f.read(min(header_len, size)))
+            header = f.read(min(header_len, size))
+            h.update(header)
             start = 8 + header_len
             span = max(size - start - sample_bytes, 0)
             for k in range(samples):
                 f.seek(start + span * k // max(samples - 1, 1))
                 h.update(f.read(sample_bytes))
+            for begin, end in _whole_tensors(header, sample_bytes):
+                f.seek(start + begin)
+                h.update(f.read(end - begin))
     return h.hexdigest()
+
+
+_ROUTING = re.compile(r"(^|\.)(gate|router|[a-z_]*score_correction[a-z_]*|shared_expert_gate)(\.|$)")
+
+
+def _whole_tensors(header: bytes, small: int) -> list[tuple[int, int]]:
+    """The data offsets of the routing tensors and of the tensors of at most `small` bytes named
+    in a safetensors header (nothing for a header that does not parse)."""
+    try:
+        entries = json.loads(header)
+    except ValueError:
+        return []
+    spans = []
+    for name, entry in sorted(entries.items()) if isinstance(entries, dict) else ():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets):
+            if _ROUTING.search(name) or offsets[1] - offsets[0] <= small:
+                spans.append((offsets[0], offsets[1]))
+    return spans
 
 
 def layer_stats(index: int, sources: tuple[str, ...], results: dict[str, Tensor]) -> LayerStats:

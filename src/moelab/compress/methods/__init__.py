@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any
 
 from moelab.compress.methods.base import LayerDecision, Method, ScoringMethod, Target, plan_target, select_top
@@ -43,14 +45,36 @@ METHODS: dict[str, type[Method]] = {
 
 
 def get_method(name: str, **options: Any) -> Method:
-    """The method registered as `name`, built with `options`."""
+    """The method registered as `name`, built with `options` (each of the type its constructor
+    declares: `align="False"` is refused, not read as true)."""
     check_choice("compression method", name, METHODS)
+    hints = typing.get_type_hints(METHODS[name].__init__)
+    for key, value in options.items():
+        if key in hints:
+            _check_option_type(name, key, value, hints[key])
     try:
         return METHODS[name](**options)
     except TypeError as err:
         raise ValueError(
             f"method {name!r} does not take these options ({err}); see `moelab compress --help`"
         ) from None
+
+
+def _check_option_type(method: str, key: str, value: Any, hint: Any) -> None:
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def fits(kind: type) -> bool:
+        if kind is bool or isinstance(value, bool):
+            return kind is bool and isinstance(value, bool)
+        return isinstance(value, kind) or (kind is float and number)
+
+    if not any(fits(kind) for kind in allowed):
+        names = " or ".join("null" if kind is type(None) else kind.__name__ for kind in allowed)
+        raise ValueError(
+            f"{method} option {key}={value!r} must be {names} (on the command line, values are JSON: "
+            f"--option {key}=true, =3, =0.5, =null)"
+        )
 
 
 __all__ = [

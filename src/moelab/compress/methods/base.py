@@ -27,16 +27,15 @@ from moelab.nn.routers import check_groups
 @dataclass(frozen=True)
 class Target:
     """What one layer must come down to. keep: E' experts; protect: original ids that must stay
-    (super experts); sources: the calibration sources scores are computed on (None: all);
-    halves: the halves of the calibration data to use ((0, 1): all)."""
+    (super experts); halves: the halves of the calibration data to use ((0, 1): all). To decide
+    on some calibration sources only, pass the statistics `restricted` to them."""
 
     keep: int
     protect: frozenset[int] = frozenset()
-    sources: tuple[str, ...] | None = None
     halves: tuple[int, ...] = (0, 1)
 
     def on_half(self, half: int) -> Target:
-        return Target(self.keep, self.protect, self.sources, (half,))
+        return Target(self.keep, self.protect, (half,))
 
 
 @dataclass

@@ -12,4 +12,4 @@ class EAN(ScoringMethod):
     needs = ("routing", "outputs")
 
     def score(self, layer: MoELayerView, stats: LayerStats, target: Target):
-        return stats.total("ean_sums", target.sources, target.halves)
+        return stats.total("ean_sums", halves=target.halves)

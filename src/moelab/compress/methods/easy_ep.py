@@ -22,7 +22,7 @@ class EasyEP(ScoringMethod):
 
     def score(self, layer: MoELayerView, stats: LayerStats, target: Target):
         total = torch.zeros(stats.num_experts, dtype=torch.float64)
-        for source in target.sources or stats.sources:
+        for source in stats.sources:
             scores = stats.total("easyep_sums", [source], target.halves)
             total += scores / scores.sum() if scores.sum() > 0 else scores
         return total

@@ -10,4 +10,4 @@ class Frequency(ScoringMethod):
     summary = "keep the experts chosen most often (top-k selections over the calibration tokens)"
 
     def score(self, layer: MoELayerView, stats: LayerStats, target: Target):
-        return stats.total("counts", target.sources, target.halves)
+        return stats.total("counts", halves=target.halves)

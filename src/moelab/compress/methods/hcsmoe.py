@@ -50,7 +50,7 @@ class HCSMoE(Method):
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
         features = expert_features(layer, _inputs(stats, self.name)).double()
-        counts = stats.total("counts", target.sources, target.halves)
+        counts = stats.total("counts", halves=target.halves)
         per_group = target.keep // layer.router.n_group
         groups = []
         for members in router_groups(layer.router):

@@ -107,9 +107,9 @@ class HEAPr(Method):
 def neuron_scores(stats: LayerStats, target: Target) -> Tensor:
     """[E, I] float64 HEAPr importance of every neuron (-1 for experts no token chose; +inf for
     protected experts, which keep every neuron)."""
-    act = stats.total("neuron_act_sums", target.sources, target.halves)
-    grad = stats.total("neuron_grad_sums", target.sources, target.halves)
-    n = stats.total("counts", target.sources, target.halves)[:, None]
+    act = stats.total("neuron_act_sums", halves=target.halves)
+    grad = stats.total("neuron_grad_sums", halves=target.halves)
+    n = stats.total("counts", halves=target.halves)[:, None]
     scores = (act / n.clamp(min=1)) * (grad / n.clamp(min=1))
     scores = torch.where(n > 0, scores, torch.full_like(scores, -1.0))
     scores[sorted(target.protect)] = float("inf")

@@ -35,7 +35,7 @@ class MSMoE(Method):
         return {"align": self.align, "mc_rank": self.mc_rank, "mc_sparse": self.mc_sparse}
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
-        counts = stats.total("counts", target.sources, target.halves)
+        counts = stats.total("counts", halves=target.halves)
         if stats.logit_gram is None:
             raise ValueError("m_smoe needs the router-logit Gram matrix; calibrate again with this moelab")
         similarity = logit_similarity(stats.logit_gram)

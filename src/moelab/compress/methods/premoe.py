@@ -1,7 +1,7 @@
 """PreMoe-style task-conditioned pruning (Pei et al., 2025): keep the experts with the largest
 expected selection score on the chosen domain's tokens, the mean over tokens of the raw router
 logit of each chosen expert (0 where not chosen), TCESS with k = the model's top-k. Pick the
-domain with `sources` (`--domain`); with several, their tokens are pooled."""
+domain with `--domain` (statistics `restricted` to it); with several, their tokens are pooled."""
 
 from moelab.compress.methods.base import ScoringMethod, Target
 from moelab.compress.stats import LayerStats
@@ -13,5 +13,5 @@ class PreMoe(ScoringMethod):
     summary = "keep the experts with the largest expected selection score (TCESS) on the chosen domain"
 
     def score(self, layer: MoELayerView, stats: LayerStats, target: Target):
-        tokens = stats.token_total(list(target.sources) if target.sources else None, target.halves)
-        return stats.total("premoe_sums", target.sources, target.halves) / max(tokens, 1.0)
+        tokens = stats.token_total(halves=target.halves)
+        return stats.total("premoe_sums", halves=target.halves) / max(tokens, 1.0)

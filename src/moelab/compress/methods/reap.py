@@ -21,6 +21,6 @@ class REAP(ScoringMethod):
     needs = ("routing", "outputs")
 
     def score(self, layer: MoELayerView, stats: LayerStats, target: Target):
-        sums = stats.total("reap_sums", target.sources, target.halves)
-        counts = stats.total("counts", target.sources, target.halves)
+        sums = stats.total("reap_sums", halves=target.halves)
+        counts = stats.total("counts", halves=target.halves)
         return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))

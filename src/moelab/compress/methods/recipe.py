@@ -140,9 +140,6 @@ class MoelabRecipe(Method):
             raise ValueError(f"moelab strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.strategy, self.fold, self.protect_super = strategy, fold, protect_super
         self.fit = RouterFit(fit_steps, fit_lr)
-        self.needs = ("routing", "outputs", "contribution", "inputs") + (
-            ("neurons",) if strategy != "experts" else ()
-        )
         self.heapr = HEAPr(layout="uniform")
         self.protected: dict[int, list[int]] = {}
         self.errors: dict[str, float] = {}  # the strategies' summed layer errors (auto)
@@ -157,6 +154,12 @@ class MoelabRecipe(Method):
             "fit_lr": self.fit.lr,
             "protect_super": self.protect_super,
         }
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The neuron path needs the backward sweep's statistics (not once `settle` rules it out)."""
+        neurons = ("neurons",) if self.strategy != "experts" else ()
+        return ("routing", "outputs", "contribution", "inputs") + neurons
 
     @property
     def changes_width(self) -> bool:

@@ -11,4 +11,4 @@ class RouterWeight(ScoringMethod):
     summary = "keep the experts with the largest sum of combine weights over their routed tokens"
 
     def score(self, layer: MoELayerView, stats: LayerStats, target: Target):
-        return stats.total("gate_sums", target.sources, target.halves)
+        return stats.total("gate_sums", halves=target.halves)

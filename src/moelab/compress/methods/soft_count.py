@@ -11,4 +11,4 @@ class SoftCount(ScoringMethod):
     summary = "keep the experts with the most router probability over all tokens (S-prune)"
 
     def score(self, layer: MoELayerView, stats: LayerStats, target: Target):
-        return stats.total("soft_counts", target.sources, target.halves)
+        return stats.total("soft_counts", halves=target.halves)

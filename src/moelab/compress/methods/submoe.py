@@ -52,7 +52,7 @@ class SubMoE(Method):
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
         features = expert_features(layer, _inputs(stats, self.name)).double()
         features = features / features.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        counts = stats.total("counts", target.sources, target.halves)
+        counts = stats.total("counts", halves=target.halves)
         per_group = target.keep // layer.router.n_group
         groups = []
         for g, members in enumerate(router_groups(layer.router)):
