@@ -208,6 +208,20 @@ def trace_expert_count_differs(tmp, src):
 
 
 @case
+def analyze_transformers_checkpoint_without_tokenizer(tmp, src):
+    ckpt = copy(src, "mixtral8k", tmp)  # its ids fit moelab's vocabulary, but its text is not moelab's
+    args = ["analyze", ckpt, "--out", tmp / "out", "--max-tokens", "64", "--quiet"]
+    return args, [ckpt], [str(ckpt), "has no tokenizer files", "tokenizer.save_pretrained"]
+
+
+@case
+def analyze_trace_with_data_options(tmp, src):
+    trace = copy(src, "trace", tmp)
+    args = ["analyze", trace, "--out", tmp / "out", "--domain", "code", "--quiet"]
+    return args, [trace], [str(trace), "is a trace", "do not apply"]
+
+
+@case
 def trace_negative_expert_count(tmp, src):
     ckpt = hf(src, tmp, num_local_experts=-4)
     return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt), "config says -4 experts (num_local_experts)"]
@@ -896,7 +910,7 @@ def calibrate_empty_data(tmp, src):
     model = copy(src, "moelab", tmp)
     data = text(tmp / "empty.txt", "")
     args = ["calibrate", model, "--calib", data, "--out", tmp / "out", "--quiet"]
-    return args, [model, data], [str(data), "has no tokens to speak of"]
+    return args, [model, data], [str(data), "has no text in domain 'empty'"]
 
 
 @case
@@ -1239,8 +1253,13 @@ def test_read_expert_map_accepts_the_writers_output(sources, tmp_path):
         ),
         ("d.jsonl", '{"text": "a", "domain": ""}\n', r"d.jsonl:1: 'domain' must be a non-empty string"),
         ("d.txt", b"\xff\xfe", r"d.txt is not UTF-8 text"),
+        ("d.txt", "", r"d.txt has no text in domain 'd' \(empty or blank documents only\)"),
+        ("d.txt", " \n\t\n", r"d.txt has no text in domain 'd'"),
+        ("d.jsonl", '{"text": "a", "domain": "x"}\n{"text": " ", "domain": "y"}\n', r"no text in domain 'y'"),
+        ("d.jsonl", "\n\n", r"d.jsonl has no text \(no JSON line with a text\)"),
     ],
-    ids=["text_number", "json_line", "domain_null", "domain_empty", "utf8"],
+    ids=["text_number", "json_line", "domain_null", "domain_empty", "utf8", "empty", "blank", "blank_domain",
+         "no_lines"],
 )
 def test_data_loading(tmp_path, name, content, message):
     path = text(tmp_path / name, content)

@@ -104,3 +104,20 @@ def test_dynamic_skipping_runs_fewer_experts(model_dir, tmp_path):
     other = save_pretrained(MoETransformer(load_pretrained(model_dir).config), tmp_path / "other")
     with pytest.raises(ValueError, match="their fingerprints differ"):
         evaluate(other, options=replace(SMALL, prompts=0, dynamic_skip=str(stats.directory)), quiet=True)
+
+
+def test_windows_longer_than_the_context_are_cut_to_it(model_dir):
+    """max_seq_len is 64: windows of 512 would run positions the model never saw (or fail); they
+    are cut to 64, as analyze and calibrate cut them, and the report says what was asked."""
+    import dataclasses
+
+    long = evaluate(model_dir, options=dataclasses.replace(SMALL, seq_len=512, prompts=0), quiet=True)
+    fits = evaluate(model_dir, options=dataclasses.replace(SMALL, seq_len=64, prompts=0), quiet=True)
+    assert long["options"]["seq_len"] == 64 and long["options"]["seq_len_asked"] == 512
+    assert "seq_len_asked" not in fits["options"]
+    for name, scored in fits["domains"].items():
+        assert (long["domains"][name]["loss_sum"], long["domains"][name]["tokens"]) == (
+            scored["loss_sum"], scored["tokens"]
+        )
+    with pytest.raises(ValueError, match=r"prompt_tokens \+ gen_tokens \(32 \+ 48\) exceed the context of 64"):
+        evaluate(model_dir, options=dataclasses.replace(SMALL, prompt_tokens=32, gen_tokens=48), quiet=True)

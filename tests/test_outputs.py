@@ -473,6 +473,25 @@ def test_two_analyses_into_one_directory_never_mix(tmp_path, moe_dir):
     assert list(report["domains"]) == ["german"]
 
 
+def test_a_failed_analysis_overwrite_keeps_the_old_one_and_plots_are_guarded(tmp_path, moe_dir):
+    """The replacement is built beside the old analysis, which stays whole when it fails; a file
+    the user put among the plots stops --overwrite."""
+    from moelab.analyze import analyze
+
+    options, out = TraceOptions(max_tokens=200, seq_len=32), tmp_path / "analysis"
+    analyze(moe_dir, out, options=options, quiet=True)
+    before = tree_digest(out)
+    with pytest.raises(ValueError, match="nonexistent"):
+        analyze(moe_dir, out, data=tmp_path / "nonexistent.txt", options=options, overwrite=True, quiet=True)
+    assert tree_digest(out) == before and hidden(tmp_path) == []
+    (out / "plots" / "load_annotated.png").write_bytes(b"the user's")
+    with pytest.raises(OutputError, match="load_annotated.png"):
+        analyze(moe_dir, out, options=options, overwrite=True, quiet=True)
+    assert (out / "plots" / "load_annotated.png").read_bytes() == b"the user's"
+    with pytest.raises(ValueError, match="is a trace: .* do not apply"):
+        analyze(out / "trace", tmp_path / "again", domains=["code"], quiet=True)
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 

@@ -384,3 +384,36 @@ def test_routing_check_flags_a_view_that_disagrees_with_the_model(tmp_path):
     with RoutingCapture(loaded.model, loaded.view) as capture, torch.no_grad():
         loaded.model(input_ids=torch.randint(0, 64, (2, 16)), use_cache=False)
     assert capture.checks[0].mismatched > 0 and capture.checks[1].mismatched == 0
+
+
+def test_a_moelab_checkpoint_is_read_with_its_own_tokenizer(tmp_path):
+    """An imported model keeps its own tokenizer beside moelab-format weights: tracing, evaluation
+    and calibration must read text with it (here: moelab's with two ids swapped), not with the
+    shipped one; the shipped one (or none) keeps moelab's own encoding."""
+    from transformers import AutoTokenizer
+
+    from moelab.compress.calibration import CalibrationOptions, calibration_mixture
+    from moelab.data.tokenizer import TOKENIZER_DIR, load_tokenizer
+    from moelab.eval.evaluate import LoadedLM
+    from moelab.trace.model import checkpoint_encoder
+
+    model = save_pretrained(_native(), tmp_path / "m")
+    assert checkpoint_encoder(model, native=True) is None
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model / name).write_bytes((TOKENIZER_DIR / name).read_bytes())
+    assert checkpoint_encoder(model, native=True) is None and load_model(model).encoder is None
+    shipped = load_tokenizer()
+    a, b = shipped.token_to_id("Ġthe"), shipped.token_to_id("Ġand")
+    doc = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())
+    doc["model"]["vocab"]["Ġthe"], doc["model"]["vocab"]["Ġand"] = b, a
+    (model / "tokenizer.json").write_text(json.dumps(doc))
+    text = "the cat and the dog"
+    own = AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)["input_ids"]
+    assert b in own and own != shipped.encode(text).ids
+    encoders = (load_model(model).encoder, LoadedLM(model).encoder, checkpoint_encoder(model, native=True))
+    for encoder in encoders:
+        assert encoder([text]).tolist()[: len(own)] == own
+    (tmp_path / "calib.txt").write_text("the cat and the dog " * 40)
+    options = CalibrationOptions(tokens=64, seq_len=16)
+    ids = calibration_mixture(model, str(tmp_path / "calib.txt"), options).windows[0].ids.tolist()
+    assert ids[: len(own)] == own

@@ -299,7 +299,8 @@ class StagedOutput:
     def publish(self) -> Path:
         """Mark the staging directory as moelab's and move it to `out`. Returns `out`."""
         try:
-            _write_marker(self.staging, self.kind, (p.name for p in self.staging.iterdir()))
+            names = [p.name for p in self.staging.iterdir()]
+            _write_marker(self.staging, self.kind, names, parts=_parts(self.staging))
             old = None
             if self.out.exists():
                 marker = _read_marker(self.out)
@@ -502,6 +503,11 @@ def _read_marker(directory: Path) -> dict | None:
             isinstance(e, str) and e and "/" not in e and e not in (".", "..") for e in marker.get("entries")
         ):
             raise ValueError("bad 'kind' or 'entries'")
+        parts = marker.get("parts", {})
+        if not isinstance(parts, dict) or not all(
+            isinstance(names, list) and all(isinstance(n, str) for n in names) for names in parts.values()
+        ):
+            raise ValueError("bad 'parts'")
     except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as err:
         raise OutputError(
             f"{path} is damaged ({err}); moelab cannot tell which files in {directory} it wrote, so it "
@@ -510,9 +516,25 @@ def _read_marker(directory: Path) -> dict | None:
     return marker
 
 
-def _write_marker(directory: Path, kind: str, entries: Iterable[str]) -> None:
+def _write_marker(
+    directory: Path, kind: str, entries: Iterable[str], parts: dict[str, list[str]] | None = None
+) -> None:
     doc = {"format": MARKER_FORMAT, "kind": kind, "entries": sorted(set(entries) - {MARKER})}
+    if parts:
+        doc["parts"] = parts
     atomic_write_text(directory / MARKER, json.dumps(doc, indent=1) + "\n")
+
+
+def _parts(directory: Path, prefix: str = "") -> dict[str, list[str]]:
+    """{path relative to `directory`: its entries} for every directory inside it that is not an
+    output of its own (a report's plots/): what the marker records, so that `--overwrite` finds
+    files added to them later."""
+    parts = {}
+    for entry in sorted(directory.iterdir()):
+        if entry.is_dir() and not entry.is_symlink() and _read_marker(entry) is None:
+            parts[prefix + entry.name] = sorted(p.name for p in entry.iterdir())
+            parts |= _parts(entry, f"{prefix}{entry.name}/")
+    return parts
 
 
 def _check_replaceable(out: Path, kind: str, marker: dict | None, overwrite: bool, hint: str = "") -> None:
@@ -540,18 +562,24 @@ def _check_no_foreign(out: Path, marker: dict) -> None:
 
 
 def _foreign_entries(out: Path, marker: dict) -> list[Path]:
-    """Entries of `out` that moelab did not write (looking into owned outputs with markers)."""
-    owned = set(marker["entries"])
+    """Entries of `out` that moelab did not write (looking into owned outputs with markers, and
+    into the directories the marker lists as parts)."""
+    return _foreign_in(out, set(marker["entries"]), marker.get("parts") or {}, "")
+
+
+def _foreign_in(directory: Path, owned: set[str], parts: dict[str, list[str]], prefix: str) -> list[Path]:
     foreign = []
-    for entry in sorted(out.iterdir()):
+    for entry in sorted(directory.iterdir()):
         if entry.name == MARKER or _LEFTOVER.match(entry.name):
             continue
         if entry.name not in owned:
             foreign.append(entry)
         elif entry.is_dir() and not entry.is_symlink():
-            inner = _read_marker(entry)
+            inner, part = _read_marker(entry), prefix + entry.name
             if inner is not None:
                 foreign += _foreign_entries(entry, inner)
+            elif part in parts:
+                foreign += _foreign_in(entry, set(parts[part]), parts, part + "/")
     return foreign
 
 

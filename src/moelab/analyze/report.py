@@ -27,7 +27,6 @@ from moelab.io import atomic_write_bytes, atomic_write_text  # noqa: E402
 MAX_PANELS = 16  # grids of per-layer heatmaps show at most this many layers, evenly spaced
 
 
-REPORT_ENTRIES = ("report.json", "report.html", "plots")
 
 
 def write_report(summary: dict[str, Any], out: str | os.PathLike) -> Path:

@@ -6,14 +6,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from moelab.analyze.report import REPORT_ENTRIES, write_report
+from moelab.analyze.report import write_report
 from moelab.analyze.stats import analyze_trace
-from moelab.io import output_dir
+from moelab.io import StagedOutput
 from moelab.trace import TraceOptions, is_trace, open_trace, trace_from_files
 
 DEFAULT_CHUNK_LENS = (1, 8, 64)
 KIND = "routing analysis"
-ENTRIES = (*REPORT_ENTRIES, "trace")
 
 
 def analyze(
@@ -34,18 +33,20 @@ def analyze(
     the HTML path."""
     if any(L < 1 for L in chunk_lens):
         raise ValueError(f"chunk lengths must be >= 1, got {list(chunk_lens)}")
+    from_trace = model is not None and is_trace(model)
+    reads_data = data != "corpus" or split != "validation" or domains or options not in (None, TraceOptions())
+    if from_trace and reads_data:
+        raise ValueError(
+            f"{model} is a trace: it is analysed as it was recorded, so the data options (--data, --split, "
+            "--domain, --max-tokens, --seq-len, --batch-size) do not apply; drop them, or give the model"
+        )
     inputs = [model, data if data != "corpus" else None]
-    with output_dir(out, KIND, entries=ENTRIES, inputs=inputs, overwrite=overwrite) as claimed:
-        if model is not None and is_trace(model):
+    with StagedOutput(out, KIND, inputs=inputs, overwrite=overwrite) as staging:  # the old one stays till then
+        if from_trace:
             trace = open_trace(model)
         else:
             trace = trace_from_files(
-                model,
-                claimed.path / "trace",
-                data=data,
-                split=split,
-                domains=domains,
-                options=options,
-                quiet=quiet,
+                model, staging / "trace", data=data, split=split, domains=domains, options=options, quiet=quiet
             )
-        return write_report(analyze_trace(trace, chunk_lens=chunk_lens), claimed.path)
+        html = write_report(analyze_trace(trace, chunk_lens=chunk_lens), staging)
+    return Path(out).resolve() / html.name

@@ -130,7 +130,7 @@ def calibration_mixture(
     """The calibration windows for `model`, tokenised with its own tokenizer."""
     runner_config = _config(model)
     native = "model_type" not in runner_config
-    encoder = None if native else checkpoint_encoder(model)
+    encoder = checkpoint_encoder(model, native=native)
     if encoder is None and not native:
         raise ValueError(
             f"{model} has no tokenizer files (tokenizer.json); moelab needs the model's tokenizer to tokenise "

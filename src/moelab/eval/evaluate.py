@@ -16,6 +16,7 @@ checkpoint transformers cannot load exactly is an error, not a randomly initiali
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -37,7 +38,7 @@ from moelab.hf.checkpoint import Checkpoint
 from moelab.hf.layouts import config_value
 from moelab.hf.view import ModelView, MoELayerView
 from moelab.trace.data import load_streams
-from moelab.trace.model import checkpoint_encoder
+from moelab.trace.model import checkpoint_encoder, hf_max_len
 
 ALL = "all"
 EVAL_FORMAT = "moelab-eval/1"
@@ -83,18 +84,18 @@ class LoadedLM:
             from moelab.models import load_pretrained
 
             self.model = load_pretrained(self.path).eval()
-            self.encoder = None
-            self.eos = None
+            self.encoder = checkpoint_encoder(self.path, native=True)
+            self.max_len = self.model.config.max_seq_len
         else:
             from moelab.hf.loading import load_causal_lm
 
             self.model = load_causal_lm(self.path, quiet=True, allow_unexpected=True)
             self.encoder = checkpoint_encoder(self.path)
+            self.max_len = hf_max_len(self.model.config)
             if self.encoder is None:
                 raise ValueError(
                     f"{self.path} has no tokenizer files; save the model's tokenizer beside its weights"
                 )
-            self.eos = getattr(self.model.generation_config, "eos_token_id", None)
         self.vocab_size = int(config.get("vocab_size") or self.model.config.vocab_size)
 
     @torch.no_grad()
@@ -146,6 +147,14 @@ def evaluate(
             f"{model} has {lm.vocab_size} tokens and the base {base} has {ref.vocab_size}; they cannot be "
             "compared token by token (pass the model this one was made from)"
         )
+    context = min(m.max_len for m in (lm, ref) if m is not None)
+    asked = options.seq_len
+    options = dataclasses.replace(options, seq_len=min(options.seq_len, context))  # as analyze, calibrate do
+    if options.prompts and options.prompt_tokens + options.gen_tokens > context:
+        raise ValueError(
+            f"prompt_tokens + gen_tokens ({options.prompt_tokens} + {options.gen_tokens}) exceed the context "
+            f"of {context} tokens; lower --prompt-tokens or --gen-tokens"
+        )
     streams = load_streams(options.data, split=options.split, domains=options.domains, encoder=lm.encoder)
     streams = {name: s[: options.max_tokens + 1] for name, s in streams.items() if len(s) >= 2}
     if not streams:
@@ -159,7 +168,7 @@ def evaluate(
         "format": EVAL_FORMAT,
         "model": str(model),
         "base": None if base is None else str(base),
-        "options": _describe(options),
+        "options": _describe(options) | ({"seq_len_asked": asked} if asked != options.seq_len else {}),
     }
     scored = {name: _score(lm, ref, stream, options, quiet) for name, stream in streams.items()}
     report["domains"] = {name: s["model"] for name, s in scored.items()}

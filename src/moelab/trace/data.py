@@ -81,6 +81,13 @@ def _read_texts(path: Path) -> dict[str, list[str]]:
             if line.strip():
                 domain, text = _record(parse_json(line, file, first_line=n), f"{file}:{n}", file.stem)
                 texts.setdefault(domain, []).append(text)
+    if blank := [domain for domain, docs in texts.items() if not any(doc.strip() for doc in docs)]:
+        raise ValueError(
+            f"{path} has no text in domain {', '.join(map(repr, blank))} (empty or blank documents only): "
+            "give it text, or leave it out"
+        )
+    if not texts:
+        raise ValueError(f"{path} has no text (no JSON line with a text); give it some")
     return texts
 
 

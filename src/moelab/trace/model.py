@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
+from moelab.data.tokenizer import load_tokenizer
 from moelab.files import read_json_object
 from moelab.hf import ModelView, open_checkpoint
 from moelab.hf.loading import load_causal_lm
@@ -56,7 +58,8 @@ def load_model(
         from moelab.models import load_pretrained
 
         model = load_pretrained(path).to(dtype).eval()
-        return LoadedModel(model, str(path), None, None, model.config.vocab_size, model.config.max_seq_len)
+        encoder = checkpoint_encoder(path, native=True)
+        return LoadedModel(model, str(path), None, encoder, model.config.vocab_size, model.config.max_seq_len)
     return _load_transformers(path, dtype, quiet)
 
 
@@ -71,7 +74,8 @@ def wrap_model(model: nn.Module, view: ModelView | None = None, name: str | None
             )
         return LoadedModel(model, name or type(model).__name__, None, None, config.vocab_size, config.max_seq_len)
     view = view or open_checkpoint(model.name_or_path)
-    return LoadedModel(model, name or str(view.path), view, None, model.config.vocab_size, _hf_max_len(model.config))
+    vocab, max_len = model.config.vocab_size, hf_max_len(model.config)
+    return LoadedModel(model, name or str(view.path), view, None, vocab, max_len)
 
 
 def _load_transformers(path: Path, dtype: torch.dtype, quiet: bool) -> LoadedModel:
@@ -79,18 +83,31 @@ def _load_transformers(path: Path, dtype: torch.dtype, quiet: bool) -> LoadedMod
     view.check()  # every MoE layer's tensors against config.json, from the shard headers
     model = load_causal_lm(path, dtype=dtype, quiet=quiet, allow_unexpected=True)
     encoder = checkpoint_encoder(path)
-    return LoadedModel(model, str(path), view, encoder, model.config.vocab_size, _hf_max_len(model.config))
+    return LoadedModel(model, str(path), view, encoder, model.config.vocab_size, hf_max_len(model.config))
 
 
-def checkpoint_encoder(path: str | os.PathLike) -> Encoder | None:
-    """The tokenizer saved in a local transformers checkpoint directory as an `Encoder`, or None
-    if it has no tokenizer files (never a download, never remote code)."""
+def checkpoint_encoder(path: str | os.PathLike, *, native: bool = False) -> Encoder | None:
+    """The tokenizer saved in a local checkpoint directory as an `Encoder`, or None if it has no
+    tokenizer files (never a download, never remote code). native (a checkpoint in moelab's
+    format): None also where its tokenizer is moelab's shipped one, whose own encoding (documents
+    between end-of-text tokens) then applies; an imported model's tokenizer is its own."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None
+    if native and _is_shipped_tokenizer(path / "tokenizer.json"):
+        return None
     return _hf_encoder(AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False))
+
+
+def _is_shipped_tokenizer(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return Tokenizer.from_file(str(path)).to_str() == load_tokenizer().to_str()
+    except Exception:  # not a tokenizer the tokenizers library reads: not moelab's
+        return False
 
 
 def _hf_encoder(tokenizer) -> Encoder:
@@ -106,7 +123,8 @@ def _hf_encoder(tokenizer) -> Encoder:
     return encode
 
 
-def _hf_max_len(config) -> int:
+def hf_max_len(config) -> int:
+    """The longest sequence a transformers config allows (2,048 where it names none)."""
     for key in ("max_position_embeddings", "max_seq_len", "n_positions"):
         if getattr(config, key, None):
             return int(getattr(config, key))

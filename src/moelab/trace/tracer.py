@@ -111,5 +111,10 @@ def trace_from_files(
     inputs = [model, data if data != "corpus" else None]
     check_output_dir(out, KIND, inputs=inputs, overwrite=overwrite)  # before the slow load
     loaded = load_model(model, quiet=quiet)
+    if loaded.view is not None and loaded.encoder is None:  # moelab's tokenizer means nothing to this model
+        raise ValueError(
+            f"{model} has no tokenizer files (tokenizer.json); moelab needs the model's tokenizer to read the "
+            "text: save it beside the weights (tokenizer.save_pretrained)"
+        )
     streams = load_streams(data, split=split, domains=domains, encoder=loaded.encoder)
     return trace_model(loaded, streams, out, options, overwrite=overwrite, inputs=inputs, quiet=quiet)
