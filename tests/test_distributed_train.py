@@ -385,3 +385,43 @@ def test_resume_after_kill_9_of_one_rank(tmp_path):
     resumed = launch(tmp_path / "killed", "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     _assert_same_model(tmp_path / "whole" / "model", tmp_path / "killed" / "model", exact=True)
+
+
+class _Planted:
+    """Unpickled with pickle's full power, it would leave a file behind."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_distributed_checkpoints_are_read_without_unpickling_code(tmp_path):
+    """DCP keeps its index (.metadata) and non-tensor entries as pickles; moelab reads the index
+    with an unpickler that builds only DCP's records and checks the entries weights-only, so a
+    crafted checkpoint is refused and runs nothing, while a real one reads back."""
+    import pickle
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    from moelab.distributed.state import read_checkpoint
+
+    model = torch.nn.Linear(4, 3)
+    saved = {"model": dict(model.state_dict()), "optim": {"lr": 0.25, "betas": (0.9, 0.95)}}
+    dcp.save(saved, checkpoint_id=str(tmp_path / "real"))
+    state = {"model": {k: torch.zeros_like(v) for k, v in saved["model"].items()}, "optim": {"lr": 0.0, "betas": ()}}
+    read_checkpoint(state, tmp_path / "real")
+    assert state["optim"] == saved["optim"]
+    assert all(torch.equal(state["model"][k], v) for k, v in saved["model"].items())
+
+    planted = tmp_path / "planted"
+    shutil.copytree(tmp_path / "real", tmp_path / "index")
+    (tmp_path / "index" / ".metadata").write_bytes(pickle.dumps(_Planted(str(planted))))
+    with pytest.raises(ValueError, match="index.* is not a readable checkpoint index .* no place in a checkpoint"):
+        read_checkpoint(state, tmp_path / "index")
+    dcp.save({"optim": {"lr": _Planted(str(planted))}}, checkpoint_id=str(tmp_path / "entry"))
+    with pytest.raises(ValueError, match="entry optim.lr is not plain data"):
+        read_checkpoint({"optim": {"lr": 0.0}}, tmp_path / "entry")
+    assert not planted.exists()

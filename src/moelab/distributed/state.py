@@ -15,6 +15,8 @@ whatever pieces were saved.
 
 from __future__ import annotations
 
+import io
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -76,20 +79,81 @@ def load_training_state(
 
 
 def read_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """`dcp.load` of `state`'s entries from `path`, in place (in one process too)."""
+    """`dcp.load` of `state`'s entries from `path`, in place (in one process too), unpickling
+    nothing but plain data (see `CheckedReader`)."""
+    CheckedReader(path).read_metadata()  # its error, before DCP logs the failure on every rank
     with warnings.catch_warnings():  # DCP warns that it reads in one process: intended here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, storage_reader=CheckedReader(path), planner=WeightsOnlyLoadPlanner())
         except CheckpointException as err:  # a BaseException, raised on every rank
             failure = next(iter(err.failures.values()))  # (exception, its frames) of the first rank
             failure = failure[0] if isinstance(failure, tuple) else failure
             raise ValueError(f"{type(failure).__name__}: {failure}") from None
 
 
+# What DCP's metadata file may name: its own record types, torch's sizes, dtypes and layouts, a path.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = name in _METADATA_CLASSES.get(module, ()) or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint's metadata")
+        return super().find_class(module, name)
+
+
+class CheckedReader(FileSystemReader):
+    """DCP's file reader, but its metadata file (a pickle) is read by an unpickler that builds
+    only DCP's own record types: a crafted checkpoint cannot run code (torch's reader unpickles
+    anything). Tensors are read weights-only, as torch reads them."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(str(path))
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as file:
+            try:
+                metadata = _MetadataUnpickler(file).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+                raise ValueError(f"{path} is not a readable checkpoint index ({err}); nothing was loaded") from None
+        if not isinstance(metadata, Metadata):
+            raise ValueError(f"{path} is not a checkpoint index (it holds a {type(metadata).__name__})")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, but the non-tensor entries (optimizer settings) are checked to unpickle
+    weights-only (plain data) before torch unpickles them."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"checkpoint entry {read_item.dest_index.fqn} is not plain data ({err})") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
 def _saved_optimizer_entries(path: Path) -> set[str]:
     """Names of the parameters whose optimizer state the DCP checkpoint at `path` holds."""
-    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    keys = CheckedReader(path).read_metadata().state_dict_metadata
     prefix = "optim.state."
     return {key[len(prefix) :].rsplit(".", 1)[0] for key in keys if key.startswith(prefix)}
 
