@@ -69,6 +69,10 @@ def test_compare_keeps_finished_runs_and_refuses_changed_recipes(tmp_path, varia
     stamps = [(out / name).stat().st_mtime_ns for name in ("moe/results.json", "throughput.json")]
     compare(variants[:2], TrainConfig(**RECIPE), out, quiet=True)
     assert [(out / name).stat().st_mtime_ns for name in ("moe/results.json", "throughput.json")] == stamps
+    compare(variants[1::-1], TrainConfig(**RECIPE), out, quiet=True)  # the same runs, the other one first
+    speeds = json.loads((out / "throughput.json").read_text())
+    assert list(speeds) == ["moe", "dense"] and speeds["moe"]["vs_first"] == 1.0  # measured again
+    assert (out / "moe/results.json").stat().st_mtime_ns == stamps[0]
     with pytest.raises(ValueError, match="train.lr"):
         compare(variants[:2], TrainConfig(**{**RECIPE, "lr": 1e-4}), out, quiet=True)
 

@@ -223,6 +223,22 @@ def test_bad_capacity_factor(cf):
         MoEConfig(dim=D, num_experts=E, hidden_dim=I, capacity_factor=cf)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("balance_coef", -1.0, r"balance_coef must be >= 0 \(0 turns it off\), got -1.0"),
+        ("z_coef", -1e-3, "z_coef must be >= 0"),
+        ("entropy_coef", -2.0, "entropy_coef must be >= 0"),
+        ("bias_update_rate", -0.1, "bias_update_rate must be >= 0"),
+        ("route_scale", 0.0, r"route_scale must be > 0 \(it multiplies the routed output\), got 0.0"),
+    ],
+)
+def test_coefficients_of_the_wrong_sign(field, value, message):
+    """A negative coefficient rewards what its loss penalises, and trained silently before."""
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(dim=D, num_experts=E, hidden_dim=I, **{field: value})
+
+
 @pytest.mark.parametrize("field", ["dim", "num_experts", "hidden_dim"])
 def test_non_positive_sizes(field):
     kw = dict(dim=D, num_experts=E, hidden_dim=I, top_k=1)

@@ -570,3 +570,47 @@ def test_a_hugging_face_cache_snapshot_with_linked_shards_opens_and_writes(tmp_p
         (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
     drop_experts(snapshot, tmp_path / "out", [0], quiet=True)
     assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())
+
+
+def test_train_refuses_to_lose_a_run(tmp_path, monkeypatch, capsys):
+    """What a finished or interrupted run holds survives every refusal: a user's files among the
+    checkpoints and TensorBoard events stop --overwrite; a checkpoint this moelab cannot read stops
+    --resume (which used to start again from step 0, deleting it); a new config that cannot train
+    is refused before the old run is cleared; --resume into a new directory creates nothing."""
+    run = RunConfig.from_dict(TINY_RUN)
+    out = tmp_path / "run"
+    train(run, out, quiet=True)
+    for extra in (out / "checkpoints" / "my_notes.txt", out / "tensorboard" / "other_run.tfevents"):
+        extra.write_text("the user's")
+        before = tree_digest(out)
+        with pytest.raises(OutputError, match=extra.name):
+            train(run, out, overwrite=True, quiet=True)
+        assert tree_digest(out) == before
+        extra.unlink()
+    before = tree_digest(out)
+    tiny_vocab = dict(TINY_RUN, model=dict(TINY_RUN["model"], vocab_size=128))
+    with pytest.raises(ValueError, match=r"model.vocab_size \(128\) does not cover the training corpus"):
+        train(RunConfig.from_dict(tiny_vocab), out, overwrite=True, quiet=True)
+    assert tree_digest(out) == before
+    (out / "results.json").unlink()  # as if killed before its end
+    marker = out / "checkpoints" / "step-000002" / ".moelab-output.json"
+    marker.write_text(marker.read_text().replace("moelab-output/1", "moelab-output/9"))
+    before = tree_digest(out)
+    with pytest.raises(ValueError, match="step-000002 are not checkpoints this moelab can read"):
+        train(run, out, resume=True, quiet=True)
+    assert tree_digest(out) == before
+    with pytest.raises(ValueError, match="holds no training run; start the run without --resume"):
+        train(run, tmp_path / "new", resume=True, quiet=True)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_diverged_run_stops_and_a_setup_failure_leaves_no_claimed_directory(tmp_path, monkeypatch):
+    import moelab.train.trainer as trainer
+
+    huge = dict(TINY_RUN, model=dict(TINY_RUN["model"], moe=None), train=dict(TINY_RUN["train"], lr=1e30))
+    with pytest.raises(ValueError, match="the training loss is (nan|inf): the run diverged"):
+        train(RunConfig.from_dict(huge), tmp_path / "diverged", quiet=True)
+    monkeypatch.setattr(trainer, "_prepare_run", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train(RunConfig.from_dict(TINY_RUN), tmp_path / "stopped", quiet=True)
+    assert not (tmp_path / "stopped").exists()

@@ -133,6 +133,28 @@ def test_gradient_accumulation_equals_the_full_batch():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-9)
 
 
+def test_a_capacity_limit_reports_what_it_dropped():
+    """With capacity dropping the step reports the fraction of assignments dropped (counted here
+    from the plan the layer used), and the load stays the routers' choice, before the drop."""
+    from moelab.nn.dispatch import expert_capacity
+
+    torch.manual_seed(0)
+    moe = {**MODEL["moe"], "capacity_factor": 0.5, "balance_coef": 0.0}
+    model = MoETransformer(ModelConfig.from_dict({**MODEL, "moe": moe, "allow_noncausal_routing": True}))
+    inputs = torch.randint(0, 8192, (4, 16))
+    loader = FixedBatches([(inputs, torch.randint(0, 8192, (4, 16)))])
+    stats = train_step(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), loader, TrainConfig(steps=1), torch.device("cpu"),
+        torch.autocast("cpu", enabled=False),
+    )  # fmt: skip
+    E, K, T = moe["num_experts"], moe["top_k"], inputs.numel()
+    capacity = expert_capacity(T * K, E, 0.5)
+    dropped = [float((load - load.clamp(max=capacity)).sum()) / (T * K) for load in stats["load"].values()]
+    assert all(float(load.sum()) == T * K for load in stats["load"].values())
+    assert stats["scalars"]["dropped_fraction"] == pytest.approx(sum(dropped) / len(dropped))
+    assert sum(dropped) > 0
+
+
 def test_selection_bias_moves_during_training(tmp_path):
     moe = {**MODEL["moe"], "selection_bias": True, "balance_coef": 0.0, "bias_update_rate": 0.01}
     run = RunConfig.from_dict(

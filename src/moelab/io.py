@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,13 +226,16 @@ def output_dir(
     overwrite: bool = False,
     resume: bool = False,
     resume_hint: str = "",
+    patterns: Mapping[str, str] | None = None,
 ) -> Iterator[OutputDir]:
     """Claim `out` for an output of `kind` that is filled step by step, holding its lock until
     the block ends. entries: the names moelab writes directly inside it. An existing output of
     the same kind is cleared first with `overwrite`, kept with `resume`, refused otherwise
-    (`resume_hint` tells how to continue it)."""
+    (`resume_hint` tells how to continue it). patterns: {entry directory: a regular expression of
+    the names moelab writes in it}, so that `--overwrite` refuses a user's file added there."""
     out = _resolve(out)
     with _lock(out):
+        created = not out.exists()
         marker = _inspect(out, kind, inputs)
         if marker is not None and (overwrite or not resume):
             _check_replaceable(out, kind, marker, overwrite, resume_hint)
@@ -241,8 +244,20 @@ def output_dir(
         out.mkdir(parents=True, exist_ok=True)
         _clean_leftovers(out, None)
         owned = set(entries) | (set(marker["entries"]) if resumed else set())
-        _write_marker(out, kind, owned)
-        yield OutputDir(out, resumed)
+        _write_marker(out, kind, owned, patterns=patterns)
+        try:
+            yield OutputDir(out, resumed)
+        except BaseException:
+            if created:  # a run that failed before writing anything leaves no claimed, empty output behind
+                _remove_if_empty(out)
+            raise
+
+
+def _remove_if_empty(directory: Path) -> None:
+    """Remove `directory` if it holds nothing but markers and empty directories."""
+    entries = [p for p in directory.rglob("*") if p.name != MARKER]
+    if all(p.is_dir() and not p.is_symlink() for p in entries):
+        shutil.rmtree(directory)
 
 
 class StagedOutput:
@@ -359,13 +374,15 @@ def check_output_dir(
     *,
     inputs: Iterable[str | os.PathLike | None] = (),
     overwrite: bool = False,
+    hint: str = "",
 ) -> None:
     """The checks `StagedOutput` makes when it opens, without claiming `out`: to fail before slow
-    work (loading a model) rather than after it."""
+    work (loading a model) rather than after it. hint: how else to go on (as `output_dir`'s
+    resume_hint)."""
     out = _resolve(out)
     marker = _inspect(out, kind, inputs)
     if marker is not None:
-        _check_replaceable(out, kind, marker, overwrite)
+        _check_replaceable(out, kind, marker, overwrite, hint)
 
 
 def is_output(path: str | os.PathLike, kind: str) -> bool:
@@ -503,12 +520,16 @@ def _read_marker(directory: Path) -> dict | None:
             isinstance(e, str) and e and "/" not in e and e not in (".", "..") for e in marker.get("entries")
         ):
             raise ValueError("bad 'kind' or 'entries'")
-        parts = marker.get("parts", {})
+        parts, patterns = marker.get("parts", {}), marker.get("patterns", {})
         if not isinstance(parts, dict) or not all(
             isinstance(names, list) and all(isinstance(n, str) for n in names) for names in parts.values()
         ):
             raise ValueError("bad 'parts'")
-    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        if not isinstance(patterns, dict) or not all(isinstance(p, str) for p in patterns.values()):
+            raise ValueError("bad 'patterns'")
+        for pattern in patterns.values():
+            re.compile(pattern)
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError, re.error) as err:
         raise OutputError(
             f"{path} is damaged ({err}); moelab cannot tell which files in {directory} it wrote, so it "
             "leaves them alone: choose another output directory"
@@ -517,11 +538,19 @@ def _read_marker(directory: Path) -> dict | None:
 
 
 def _write_marker(
-    directory: Path, kind: str, entries: Iterable[str], parts: dict[str, list[str]] | None = None
+    directory: Path,
+    kind: str,
+    entries: Iterable[str],
+    parts: dict[str, list[str]] | None = None,
+    patterns: Mapping[str, str] | None = None,
 ) -> None:
+    """parts: {subdirectory: its entries}; patterns: {subdirectory: a regular expression of the
+    names moelab writes in it} (for outputs filled step by step)."""
     doc = {"format": MARKER_FORMAT, "kind": kind, "entries": sorted(set(entries) - {MARKER})}
     if parts:
         doc["parts"] = parts
+    if patterns:
+        doc["patterns"] = dict(patterns)
     atomic_write_text(directory / MARKER, json.dumps(doc, indent=1) + "\n")
 
 
@@ -563,23 +592,29 @@ def _check_no_foreign(out: Path, marker: dict) -> None:
 
 def _foreign_entries(out: Path, marker: dict) -> list[Path]:
     """Entries of `out` that moelab did not write (looking into owned outputs with markers, and
-    into the directories the marker lists as parts)."""
-    return _foreign_in(out, set(marker["entries"]), marker.get("parts") or {}, "")
+    into the directories the marker lists as parts or gives a pattern of names)."""
+    parts = marker.get("parts") or {}
+    patterns = {part: re.compile(pattern) for part, pattern in (marker.get("patterns") or {}).items()}
+    return _foreign_in(out, set(marker["entries"]).__contains__, parts, patterns, "")
 
 
-def _foreign_in(directory: Path, owned: set[str], parts: dict[str, list[str]], prefix: str) -> list[Path]:
+def _foreign_in(
+    directory: Path, owns: Callable[[str], Any], parts: dict, patterns: dict, prefix: str
+) -> list[Path]:
     foreign = []
     for entry in sorted(directory.iterdir()):
         if entry.name == MARKER or _LEFTOVER.match(entry.name):
             continue
-        if entry.name not in owned:
+        if not owns(entry.name):
             foreign.append(entry)
         elif entry.is_dir() and not entry.is_symlink():
             inner, part = _read_marker(entry), prefix + entry.name
             if inner is not None:
                 foreign += _foreign_entries(entry, inner)
             elif part in parts:
-                foreign += _foreign_in(entry, set(parts[part]), parts, part + "/")
+                foreign += _foreign_in(entry, set(parts[part]).__contains__, parts, patterns, part + "/")
+            elif part in patterns:
+                foreign += _foreign_in(entry, patterns[part].fullmatch, parts, patterns, part + "/")
     return foreign
 
 

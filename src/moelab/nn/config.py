@@ -139,6 +139,14 @@ class MoEConfig:
             )
         if self.chunk_len < 1:
             raise ValueError(f"MoEConfig.chunk_len must be >= 1, got {self.chunk_len}")
+        coefficients = ("balance_coef", "z_coef", "entropy_coef", "locality_coef", "chunk_sparsity_coef")
+        for name in (*coefficients, "bias_update_rate"):
+            if not getattr(self, name) >= 0:  # a negative coefficient rewards what the loss penalises
+                raise ValueError(f"MoEConfig.{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+        if not self.route_scale > 0:
+            raise ValueError(
+                f"MoEConfig.route_scale must be > 0 (it multiplies the routed output), got {self.route_scale}"
+            )
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
         for name in ("chain_iterations", "reuse_layers", "sparsity_window"):

@@ -37,11 +37,9 @@ class ReuseRouter(TopKRouter):
             )
         super().__init__(dim, reuse * num_local, top_k, **kwargs)
         self.num_local, self.reuse, self.position = num_local, reuse, position
-        owner = torch.arange(reuse * num_local) // num_local
-        distance = (owner - position).abs()
+        distance = [abs(e // num_local - position) for e in range(reuse * num_local)]  # to the owning layer
         # foreign experts in unmasking order: nearest owning layer first, then by index
-        order = sorted(range(reuse * num_local), key=lambda e: (distance[e].item(), e))
-        foreign = [e for e in order if distance[e] > 0]
+        foreign = sorted((e for e, d in enumerate(distance) if d > 0), key=lambda e: (distance[e], e))
         self.register_buffer("unmask_order", torch.tensor(foreign, dtype=torch.long), persistent=False)
 
     @torch.no_grad()

@@ -191,6 +191,13 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
 
 
+def unreadable_checkpoints(out_dir: Path) -> list[Path]:
+    """What is named like a checkpoint under `out_dir` but is not a complete one moelab can read."""
+    root = out_dir / "checkpoints"
+    named = [p for p in root.iterdir() if PATTERN.match(p.name)] if root.is_dir() else []
+    return sorted(p for p in named if not is_output(p, KIND))
+
+
 def clean_checkpoints(out_dir: Path) -> None:
     """Remove what a killed run left among the checkpoints (half-written or half-deleted ones)."""
     clean_leftovers(out_dir / "checkpoints")

@@ -126,9 +126,17 @@ def compare(
                 print(f"[{i}/{len(runs)}] {name}")
             train(run, run_dir, resume=is_output(run_dir, TRAIN_KIND), quiet=quiet)
         speeds = claimed.path / THROUGHPUT_NAME
-        if not speeds.exists():  # measured once all runs have finished, kept on re-runs
+        if _measured_variants(speeds) != list(groups):  # once all have finished; again for other variants
             if not quiet:
                 print("training throughput, side by side")
             firsts = {name: runs[run_names[0]] for name, run_names in groups.items()}
             atomic_write_text(speeds, json.dumps(interleaved_throughput(firsts), indent=2) + "\n")
         return write_report(claimed.path, groups)
+
+
+def _measured_variants(path: Path) -> list[str] | None:
+    """The variants, in order, whose throughput `path` holds (None: none measured)."""
+    try:
+        return list(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None

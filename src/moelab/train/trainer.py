@@ -46,7 +46,7 @@ from moelab.distributed.parallelize import (
 )
 from moelab.distributed.state import full_model_state
 from moelab.eval import domain_losses
-from moelab.io import OutputDir, atomic_write_text, output_dir
+from moelab.io import OutputDir, atomic_write_text, check_output_dir, is_output, output_dir
 from moelab.models import MoETransformer, model_info, save_pretrained
 from moelab.nn import MoELayer, attach_selection_bias_update
 from moelab.nn.blockffn import AdaptiveCoefficient
@@ -59,6 +59,7 @@ from moelab.train.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
     save_distributed_checkpoint,
+    unreadable_checkpoints,
 )
 from moelab.train.collectives import agreed_flag, collective_failure, reduce_step_metrics, shared_from_rank0
 from moelab.train.config import RunConfig, TrainConfig
@@ -68,6 +69,8 @@ CONFIG_NAME = "config.yaml"
 RESULTS_NAME = "results.json"
 KIND = "training run"
 RUN_ENTRIES = (CONFIG_NAME, LOG_NAME, "tensorboard", "checkpoints", "model", RESULTS_NAME)
+RESUME_HINT = " and start again (or --resume, resume=True, to continue it)"
+RUN_PATTERNS = {"checkpoints": r"step-\d+", "tensorboard": r"events\.out\.tfevents\..+"}  # moelab's files there
 
 
 @dataclass
@@ -243,17 +246,33 @@ def _claim_and_train(
     inputs: Sequence[str | Path],
     quiet: bool,
 ) -> TrainResult:
-    """Check the degrees, claim `out_dir` (rank 0; its outcome is every rank's), then train."""
+    """Check the run (the model, its data, the degrees), claim `out_dir` (rank 0; its outcome is
+    every rank's), then train. Everything that can fail before the first step fails before the
+    claim: an --overwrite clears the old run only for one that starts."""
     cfg = run.train
-    if parallel is not None:  # before the output directory is claimed (an --overwrite would clear it)
+    error = None
+    if parallel is None or parallel.rank == 0:  # the output directory is rank 0's to judge
+        try:
+            _check_output(out_dir, inputs, resume, overwrite)
+        except Exception as err:
+            error = err
+    shared_from_rank0(parallel, None, error)
+    with torch.device("meta"):
+        model = MoETransformer(run.model)
+    if parallel is not None:
         if cfg.batch_size % parallel.world:
             raise ValueError(
                 f"train.batch_size ({cfg.batch_size}) is the global batch and must be divisible by the "
                 f"{parallel.world} processes; each rank trains on batch_size / world sequences"
             )
-        with torch.device("meta"):
-            check_parallel_model(MoETransformer(run.model), parallel)
-    hint = " and start again (or --resume, resume=True, to continue it)"
+        check_parallel_model(model, parallel)
+    loader = TokenWindows.from_corpus(cfg.domains, "train", cfg.seq_len, cfg.batch_size, cfg.seed, cfg.mixture)
+    top = max(int(tokens.max()) for tokens in loader.arrays.values())
+    if top >= run.model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size ({run.model.vocab_size}) does not cover the training corpus, read with "
+            f"moelab's tokenizer: its token ids reach {top}; set model.vocab_size to at least {top + 1}"
+        )
     with contextlib.ExitStack() as stack:
         start, error = None, None
         if parallel is None or parallel.rank == 0:  # one process owns the output directory
@@ -266,11 +285,10 @@ def _claim_and_train(
                         inputs=inputs,
                         overwrite=overwrite,
                         resume=resume,
-                        resume_hint=hint,
+                        resume_hint=RESUME_HINT,
+                        patterns=RUN_PATTERNS,
                     )
                 )
-                if resume and not claimed.resumed:
-                    raise ValueError(f"--resume: {out_dir} holds no training run; start the run without --resume")
                 start = _prepare_run(run, claimed, resume)
             except Exception as err:
                 error = err
@@ -279,13 +297,28 @@ def _claim_and_train(
         if cfg.threads is not None:
             torch.set_num_threads(resolve_threads(cfg.threads))
         try:
-            return _train(run, out_dir, device, start, quiet, parallel)
+            return _train(run, out_dir, device, start, loader, quiet, parallel)
         finally:
             torch.set_num_threads(threads)
 
 
+def _check_output(out_dir: Path, inputs: Sequence[str | Path], resume: bool, overwrite: bool) -> None:
+    """The output directory's errors, before anything else's (and before anything is cleared)."""
+    if not resume:
+        check_output_dir(out_dir, KIND, inputs=inputs, overwrite=overwrite, hint=RESUME_HINT)
+    elif not is_output(out_dir, KIND):
+        check_output_dir(out_dir, KIND, inputs=inputs)  # a directory that is not moelab's: that error
+        raise ValueError(f"--resume: {out_dir} holds no training run; start the run without --resume")
+
+
 def _train(
-    run: RunConfig, out_dir: Path, device: torch.device, start: Path | None, quiet: bool, parallel: Parallel | None
+    run: RunConfig,
+    out_dir: Path,
+    device: torch.device,
+    start: Path | None,
+    loader: TokenWindows,
+    quiet: bool,
+    parallel: Parallel | None,
 ) -> TrainResult:
     cfg = run.train
     rank0 = parallel is None or parallel.rank == 0
@@ -298,9 +331,6 @@ def _train(
     model.train()
     optimizer = build_optimizer(model, cfg)
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    loader = TokenWindows.from_corpus(
-        cfg.domains, "train", cfg.seq_len, cfg.batch_size, cfg.seed, cfg.mixture
-    )
     chunk_coef = _adaptive_chunk_coefficient(model, cfg)
     reuse = cfg.reuse_ramp_steps > 0 and any(isinstance(m, ReuseRouter) for m in model.modules())
     # the loop's own state: everything in it goes into checkpoints, so a resumed run (and its
@@ -440,11 +470,14 @@ def train_step(
     model, optimizer, loader, cfg: TrainConfig, device: torch.device, autocast, parallel: Parallel | None = None
 ) -> dict[str, Any]:
     """One optimizer step over `cfg.grad_accum` micro-batches. Returns the step's scalar metrics
-    (loss, each aux loss, each model metric, grad norm, mean experts per token), and per MoE layer
-    its load ([E] counts) and experts per token; under torchrun each rank trains on its slice of
+    (loss, each aux loss, each model metric, grad norm, mean experts per token, with a capacity
+    limit the mean fraction of assignments dropped), and per MoE layer its load ([E] counts, as
+    routed: before any drop) and experts per token; under torchrun each rank trains on its slice of
     every micro-batch and the metrics are those of the whole batch (means and load sums over the
     ranks)."""
     optimizer.zero_grad(set_to_none=True)
+    moe_config = getattr(getattr(model, "config", None), "moe", None)
+    dropping = getattr(moe_config, "capacity_factor", None) is not None
     scalars: dict[str, float] = defaultdict(float)
     load: dict[int, Tensor] = {}
     experts_per_token: dict[int, float] = defaultdict(float)
@@ -464,6 +497,9 @@ def train_step(
         for layer, result in out.moe_results.items():
             if result.logits_finite is not None and not result.logits_finite:  # the layer left it to us
                 raise ValueError(f"MoE layer {layer}: {NON_FINITE_LOGITS}")
+            if dropping and result.dropped_fraction is not None:  # the load below is the routers', before it
+                share = float(result.dropped_fraction) / len(out.moe_results)
+                scalars["dropped_fraction"] += share / cfg.grad_accum
             if result.tokens_per_expert is not None:
                 counts = result.tokens_per_expert.detach().float().cpu()
                 load[layer] = load[layer] + counts if layer in load else counts
@@ -476,6 +512,11 @@ def train_step(
         scale_expert_gradients(model, parallel)
         scalars["grad_norm"] = float(clip_grad_norm_(list(model.parameters()), max_norm, parallel))
         reduce_step_metrics(scalars, load, experts_per_token, parallel)
+    if not math.isfinite(scalars["loss"]):  # every rank sees the reduced loss, so every rank stops
+        raise ValueError(
+            f"the training loss is {scalars['loss']}: the run diverged; lower train.lr, or clip gradients "
+            "(train.grad_clip > 0)"
+        )
     optimizer.step()
     if experts_per_token:
         scalars["experts_per_token"] = sum(experts_per_token.values()) / len(experts_per_token)
@@ -491,6 +532,12 @@ def _prepare_run(run: RunConfig, claimed: OutputDir, resume: bool) -> Path | Non
         check_same_run(run, out_dir)
         clean_checkpoints(out_dir)
         start = latest_checkpoint(out_dir)
+        if unreadable := unreadable_checkpoints(out_dir):
+            raise ValueError(
+                f"--resume: {', '.join(map(str, unreadable))} are not checkpoints this moelab can read (damaged, "
+                "or written by another version); move them out to resume from an older one, or --overwrite to "
+                "start again"
+            )
         if (out_dir / RESULTS_NAME).exists():
             raise ValueError(
                 f"the run in {out_dir} has finished; pass --overwrite to train it again, or choose another --out"
