@@ -149,6 +149,7 @@ def test_analyze_native_model_writes_html_png_json(tmp_path):
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     assert report["domains"] == {"code": 300, "german": 300}
+    assert (report["trace_settings"]["data"], report["trace_settings"]["split"]) == ("corpus", "validation")
     assert set(report["layers"]) == {"1"} and report["layers"]["1"]["tokens"] == 600
     plots = sorted(p.name for p in (out / "plots").iterdir())
     assert plots == ["coactivation.png", "layer_metrics.png", "load.png", "specialisation.png", "super_experts.png"]

@@ -37,10 +37,13 @@ def write_report(summary: dict[str, Any], out: str | os.PathLike) -> Path:
         "load": _load_figure(summary),
         "layer_metrics": _metrics_figure(summary),
         "specialisation": _grid_figure(
-            summary, "P(expert | domain)", lambda s: _domain_share(s), ylabels=list(summary["domains"])
+            summary, "P(expert | domain)", _domain_share, list(summary["domains"]), labels=("expert", None)
         ),
         "coactivation": _grid_figure(
-            summary, "co-activation P(j chosen | i chosen)", lambda s: s["coactivation_conditional"]
+            summary,
+            "co-activation P(j chosen | i chosen) (diagonal, always 1, left out)",
+            lambda s: _without_diagonal(s["coactivation_conditional"]),
+            labels=("expert j", "expert i"),
         ),
         "affinity": _affinity_figure(summary),
         "super_experts": _super_figure(summary),
@@ -94,6 +97,22 @@ def _load_figure(summary: dict[str, Any]):
     return fig
 
 
+def _without_diagonal(matrix: list[list[float]]) -> np.ndarray:
+    shown = np.array(matrix, dtype=float)
+    np.fill_diagonal(shown, np.nan)
+    return shown
+
+
+def _layer_axis(ax, layers: list[int]) -> None:
+    """x = MoE layer index: integer ticks, and room on both sides of a single layer."""
+    ax.set_xlabel("layer")
+    if len(layers) <= 16:
+        ax.set_xticks(layers)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(min(layers) - 0.5, max(layers) + 0.5)
+
+
 def _metrics_figure(summary: dict[str, Any]):
     layers = _layers(summary)
     x = [int(i) for i in layers]
@@ -103,7 +122,8 @@ def _metrics_figure(summary: dict[str, Any]):
     axes[0, 0].plot(x, [s["max_over_mean"] for s in stats], "s-", label="max / mean")
     axes[0, 0].set_title("load imbalance")
     axes[0, 1].plot(x, [s["routing_entropy_bits"] for s in stats], "o-", label="mean per-token router entropy")
-    axes[0, 1].plot(x, [s["max_entropy_bits"] for s in stats], "k--", label="log2 E (uniform)")
+    uniform = [s["max_entropy_bits"] for s in stats]
+    axes[0, 1].plot(x, uniform, "k--", marker="_", ms=16, label="log2 E (uniform)")
     axes[0, 1].set_title("routing entropy (bits)")
     axes[1, 0].plot(x, [s["domain_mi_bits"] for s in stats], "o-", label="I(expert; domain)")
     axes[1, 0].set_title("expert-domain mutual information (bits)")
@@ -111,14 +131,20 @@ def _metrics_figure(summary: dict[str, Any]):
         axes[1, 1].plot(x, [s["cls"][L] if s["cls"][L] is not None else np.nan for s in stats], "o-", label=f"L={L}")
     axes[1, 1].set_title("chunk-level sparsity CLS_L")
     for ax in axes.flat:
-        ax.set_xlabel("layer")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _layer_axis(ax, x)
+        ax.margins(y=0.1)
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def _heatmaps(panels: list[tuple[str, Any]], title: str, ylabels: list[str] | None = None):
+def _heatmaps(
+    panels: list[tuple[str, Any]],
+    title: str,
+    ylabels: list[str] | None = None,
+    labels: tuple[str | None, str | None] = (None, None),
+):
+    """One heatmap per panel (name, matrix); labels: the (x, y) axis labels."""
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
@@ -129,22 +155,25 @@ def _heatmaps(panels: list[tuple[str, Any]], title: str, ylabels: list[str] | No
         ax.set_title(name, fontsize=9)
         if ylabels is not None:
             ax.set_yticks(range(len(ylabels)), ylabels, fontsize=7)
+        ax.set_xlabel(labels[0] or "", fontsize=8)
+        ax.set_ylabel(labels[1] or "", fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def _grid_figure(summary: dict[str, Any], title: str, matrix_of, ylabels: list[str] | None = None):
+def _grid_figure(summary: dict[str, Any], title: str, matrix_of, ylabels=None, labels=(None, None)):
     panels = [(f"layer {i}", matrix_of(summary["layers"][i])) for i in _shown(_layers(summary))]
-    return _heatmaps(panels, title, ylabels)
+    return _heatmaps(panels, title, ylabels, labels)
 
 
 def _affinity_figure(summary: dict[str, Any]):
     if not summary["affinity"]:
         return None
     panels = [(f"layer {a['from']} -> {a['to']}", a["conditional"]) for a in _shown(summary["affinity"])]
-    return _heatmaps(panels, "inter-layer affinity P(expert j at next MoE layer | expert i)")
+    labels = ("expert j at the next MoE layer", "expert i")
+    return _heatmaps(panels, "inter-layer affinity P(expert j at next MoE layer | expert i)", labels=labels)
 
 
 def _super_figure(summary: dict[str, Any]):
@@ -152,17 +181,22 @@ def _super_figure(summary: dict[str, Any]):
     if not found or found["threshold"] is None:
         return None
     fig, ax = plt.subplots(figsize=(10, 4))
+    spread = {i: np.linspace(-0.3, 0.3, len(v)) for i, v in summary["expert_max_output"].items()}  # by expert
     for i, values in summary["expert_max_output"].items():
-        ax.scatter(np.full(len(values), int(i)) + np.linspace(-0.3, 0.3, len(values)), values, s=8, c="tab:blue")
+        ax.scatter(int(i) + spread[i], values, s=8, c="tab:blue")
     for i, value in summary["shared_max_output"].items():
         ax.scatter([int(i)], [value], marker="D", s=24, c="tab:green")
     for s in found["super_experts"]:
-        ax.scatter([s["layer"]], [s["max_output"]], s=80, facecolors="none", edgecolors="red")
+        shared = s["expert"] == -1
+        x = s["layer"] + (0.0 if shared else spread[str(s["layer"])][s["expert"]])
+        ax.scatter([x], [s["max_output"]], s=80, facecolors="none", edgecolors="red")
+        label = "shared" if shared else f"expert {s['expert']}"
+        ax.annotate(label, (x, s["max_output"]), xytext=(6, 4), textcoords="offset points", fontsize=8, c="red")
     ax.axhline(found["threshold"], color="red", ls="--", lw=1, label="threshold")
     ax.set_yscale("log")
-    ax.set_xlabel("layer")
+    _layer_axis(ax, [int(i) for i in summary["expert_max_output"]])
     ax.set_ylabel("max |down-projection output|")
-    ax.set_title("super experts (red circles; diamonds: shared experts)")
+    ax.set_title("super experts (red circles; in a layer, experts left to right by index; diamonds: shared)")
     ax.legend()
     return fig
 
@@ -217,10 +251,13 @@ def _super_table(summary: dict[str, Any]) -> str:
 def _html(summary: dict[str, Any], images: dict[str, str]) -> str:
     title = f"moelab routing analysis: {summary['model']}"
     domains = ", ".join(f"{d} ({n:,})" for d, n in summary["domains"].items())
+    settings = summary.get("trace_settings", {})
+    split = f", {settings['split']} split" if "split" in settings else ""
+    source = settings.get("data", "given token streams") + split
     parts = [
         f"<h1>{html.escape(title)}</h1>",
-        f"<p>family {html.escape(summary['family'])}; {summary['tokens']:,} tokens; "
-        f"domains: {html.escape(domains)}</p>",
+        f"<p>family {html.escape(summary['family'])}; {summary['tokens']:,} tokens of {html.escape(source)} "
+        f"in windows of {settings.get('seq_len', '?')}; domains: {html.escape(domains)}</p>",
         _layer_table(summary),
     ]
     if summary["checks"]:

@@ -42,11 +42,13 @@ def trace_model(
     *,
     overwrite: bool = False,
     inputs: Sequence[str | os.PathLike | None] = (),
+    source: dict[str, str] | None = None,
     quiet: bool = False,
 ) -> Trace:
     """Trace `model` on `streams` ({domain: token ids [n]}, see `moelab.trace.data.load_streams`)
     and write the trace to the new directory `out` (a previous trace there is replaced only with
-    `overwrite`; `inputs`, the files read, must lie outside it). Returns the opened trace."""
+    `overwrite`; `inputs`, the files read, must lie outside it). source: where the streams came
+    from ({"data": ..., "split": ...}), recorded in the settings. Returns the opened trace."""
     options = options or TraceOptions()
     loaded = model if isinstance(model, LoadedModel) else wrap_model(model)
     seq_len = min(options.seq_len, loaded.max_seq_len)
@@ -67,7 +69,7 @@ def trace_model(
             top_k=list(capture.top_k.values()),
             domains=list(streams),
             logits=options.logits,
-            settings={**asdict(options), "seq_len": seq_len},
+            settings={**asdict(options), "seq_len": seq_len, **(source or {})},
         )
         writer = TraceWriter(out, info, shard_tokens=options.shard_tokens, overwrite=overwrite, inputs=inputs)
         with writer, torch.inference_mode():
@@ -117,4 +119,7 @@ def trace_from_files(
             "text: save it beside the weights (tokenizer.save_pretrained)"
         )
     streams = load_streams(data, split=split, domains=domains, encoder=loaded.encoder)
-    return trace_model(loaded, streams, out, options, overwrite=overwrite, inputs=inputs, quiet=quiet)
+    source = {"data": str(data)} | ({"split": split} if str(data) == "corpus" else {})
+    return trace_model(
+        loaded, streams, out, options, overwrite=overwrite, inputs=inputs, source=source, quiet=quiet
+    )
