@@ -847,7 +847,7 @@ def compress_stats_of_another_model(tmp, src):
     stats = tmp / "stats"
     text(stats / "calibration.json", json.dumps({
         "format": "moelab-calibration/1", "complete": True, "moe_layers": [1], "settings": {"observers": ["routing"]},
-        "model": {"path": "/elsewhere/model", "fingerprint": "0" * 64}, "mixture": {"spec": "corpus", "sources": []},
+        "model": {"path": "/elsewhere/model", "fingerprint": "2:" + "0" * 64}, "mixture": {"spec": "corpus", "sources": []},
     }))  # fmt: skip
     args = ["compress", model, "--stats", stats, "--out", tmp / "out", "--quiet"]
     return args, [model, stats], ["were made on /elsewhere/model", "fingerprints differ"]
@@ -1265,6 +1265,14 @@ def test_data_loading(tmp_path, name, content, message):
     path = text(tmp_path / name, content)
     with pytest.raises(ValueError, match=message):
         load_streams(path)
+
+
+def test_a_blank_domain_left_out_is_not_read(tmp_path):
+    text(tmp_path / "data" / "code.txt", "def f(): return 1\n" * 20)
+    text(tmp_path / "data" / "notes.txt", "")
+    assert list(load_streams(tmp_path / "data", domains=["code"])) == ["code"]
+    with pytest.raises(ValueError, match="no text in domain 'notes'"):
+        load_streams(tmp_path / "data")
 
 
 def test_zero_counts_are_not_defaults():

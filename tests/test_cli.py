@@ -29,10 +29,11 @@ def test_bench_layer_json_contract(tmp_path):
     rows = doc["results"]
     assert {(r["mode"], r["impl"]) for r in rows} >= {(m, i) for m in ("fwd", "fwdbwd") for i in ("moelab", "serial", "dense", "loop")}
     for row in rows:
-        assert set(row) == {"config", "dtype", "mode", "impl", "tokens_per_s", "ratio_vs_dense"}
+        assert set(row) == {"config", "dtype", "mode", "impl", "tokens_per_s", "ratio_vs_dense", "moelab_speedup"}
         assert row["config"] == "e8k2" and row["dtype"] == "fp32"
         assert row["tokens_per_s"] > 0 and row["ratio_vs_dense"] > 0
     assert all(r["ratio_vs_dense"] == 1.0 for r in rows if r["impl"] == "dense")
+    assert all(r["moelab_speedup"] == 1.0 for r in rows if r["impl"] == "moelab")
 
 
 def test_bench_layer_runs_its_skewed_and_memory_passes_only_with_fp32_fwdbwd(tmp_path):
@@ -154,7 +155,8 @@ def test_bench_generate_json_contract(tmp_path):
         assert row["family"] == "qwen2_moe"  # tiny() has a dense first layer, which Mixtral cannot express
         assert set(row["tokens_per_s"]) == {"moelab", "transformers", "moelab_skip0.5", "moelab_skip1"}
         assert row["same_greedy_tokens"]["moelab"] == 1.0, "the same weights decode the same greedy tokens"
-        assert row["ratio_vs_transformers"]["transformers"] == 1.0
+        assert row["ratio_vs_transformers"]["transformers"] == 1.0 and row["speedup_vs_moelab"]["moelab"] == 1.0
+        assert set(row["speedup_vs_moelab"]) == set(row["tokens_per_s"])
         for impl, speed in row["tokens_per_s"].items():
             assert 0 < row["fraction_of_bound"][impl] == speed / row["bound_tokens_per_s"]
         assert 1 <= row["distinct_experts_per_layer"] <= row["batch"] * tiny().moe.top_k
@@ -175,6 +177,8 @@ def test_bench_generate_json_contract(tmp_path):
     assert set(row["tokens_per_s"]) == {"moelab", "transformers"}
     bad = runner.invoke(app, [*args[:3], "--dtype", "fp16"])
     assert bad.exit_code != 0 and "dtype must be one of" in str(bad.exception) + bad.output
+    one = runner.invoke(app, [*args[:3], "--new-tokens", "1"])  # no decode step: its bound would leave the experts out
+    assert one.exit_code != 0 and "greater than or equal to 2" in str(one.exception) + one.output
 
 
 def test_bench_offload_json_contract(tmp_path):

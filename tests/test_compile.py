@@ -426,7 +426,7 @@ def test_bench_offload_times_the_compiled_step_with_the_eager_hits(tmp_path, op_
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     [model] = json.loads(out.read_text())["models"]
-    assert model["in_memory_compiled_tokens_per_s"] > 0
+    assert model["in_memory_compiled_tokens_per_s"] > 0 and model["in_memory_compiled_vs_memory"] > 0
     rows = {(r["policy"], r["compiled"]): r for r in model["rows"]}
     for policy in ("lru", "reuse"):
         eager, compiled = rows[policy, False], rows[policy, True]

@@ -315,6 +315,8 @@ def test_a_refused_compress_keeps_its_calibration_and_a_new_job_starts_clean(
     (staging,) = [p for p in tmp_path.iterdir() if ".moelab-staging-" in p.name]
     calibrated = (staging / STATS_DIR / "calibration.json").read_text()
     (staging / "model-00002-of-00002.safetensors").write_bytes(b"a killed write's shard")
+    with pytest.raises(ValueError, match="holds no calibration statistics"):
+        compress(model_dir, out, stats=tmp_path / "typo", **kwargs)  # refused: the kept calibration stays
     compress(model_dir, out, **kwargs)
     assert (out / STATS_DIR / "calibration.json").read_text() == calibrated  # not calibrated again
     assert not (out / "model-00002-of-00002.safetensors").exists()

@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
 def test_bench_reports_every_cell_and_resumes(tiny, tmp_path, monkeypatch):
     options = BenchOptions(methods=("hc_smoe", "heapr"), ratios=(0.25,), router_fit=3, **TINY)
     calls = []
-    real_child, real_quality = bench._child, bench._quality
+    real_child, real_quality = bench.run_job, bench._quality
 
     def child(name, code, args, **kw):
         calls.append(args[1])
@@ -42,7 +42,7 @@ def test_bench_reports_every_cell_and_resumes(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed while evaluating the third cell
         return real_quality(path, base, opts)
 
-    monkeypatch.setattr(bench, "_child", child)
+    monkeypatch.setattr(bench, "run_job", child)
     monkeypatch.setattr(bench, "_quality", quality)
     with pytest.raises(KeyboardInterrupt):
         run_bench(tiny, tmp_path / "b", options, quiet=True)
@@ -134,6 +134,6 @@ def test_cells_that_would_fail_are_refused_before_calibrating(tiny, tmp_path, mo
 
 def test_a_refused_cell_is_one_line_naming_it(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"^cell frequency-25: .* holds no calibration statistics[^\n]*$"):
-        bench._child("frequency-25", bench._COMPRESS_JOB, [str(tiny), str(tmp_path / "out"), json.dumps(
+        bench.run_job("cell frequency-25", bench._COMPRESS_JOB, [str(tiny), str(tmp_path / "out"), json.dumps(
             {"method": "frequency", "ratio": 0.25, "stats": str(tmp_path / "stats"), "router_fit": [0, 1e-3]}
         )])

@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from hf_tiny import build
 
 from moelab import cli
@@ -614,3 +615,46 @@ def test_a_diverged_run_stops_and_a_setup_failure_leaves_no_claimed_directory(tm
     with pytest.raises(KeyboardInterrupt):
         train(RunConfig.from_dict(TINY_RUN), tmp_path / "stopped", quiet=True)
     assert not (tmp_path / "stopped").exists()
+
+
+def test_patterns_name_what_a_step_by_step_output_writes_in_its_directories(tmp_path):
+    """compress-bench's cells/: a directory per cell holding cell.json and a model; a user's file
+    there, or among a cell's files, stops --overwrite; a resumed run keeps the staging directories
+    its nested jobs take over."""
+    patterns = {"cells": r"[\w.+@-]+/", "cells/*": r"cell\.json|model/"}
+    out = tmp_path / "bench"
+    with output_dir(out, "bench", entries=["cells"], patterns=patterns) as claimed:
+        (claimed.path / "cells" / "reap-25").mkdir(parents=True)
+        (claimed.path / "cells" / "reap-25" / "cell.json").write_text("{}")
+        (claimed.path / ".calibration.moelab-staging-x").mkdir()  # a killed calibration's work
+    with output_dir(out, "bench", entries=["cells"], resume=True, patterns=patterns):
+        assert (out / ".calibration.moelab-staging-x").is_dir()
+    for extra in (out / "cells" / "notes.md", out / "cells" / "reap-25" / "notes.md"):
+        extra.write_text("the user's")
+        with pytest.raises(OutputError, match="notes.md"):
+            with output_dir(out, "bench", entries=["cells"], overwrite=True, patterns=patterns):
+                pass
+        assert extra.read_text() == "the user's"
+        extra.unlink()
+    with output_dir(out, "bench", entries=["cells"], overwrite=True, patterns=patterns):
+        assert not (out / "cells").exists()
+
+
+def test_resume_names_what_changed_and_what_a_state_file_lacks(tmp_path):
+    """A changed nested field is named as such; a state file without the loop's state, or with
+    pickled objects, is refused in one line (torch's advice to unpickle anyway is not passed on)."""
+    run = RunConfig.from_dict(TINY_RUN)
+    out = tmp_path / "run"
+    train(run, out, quiet=True)
+    (out / "results.json").unlink()
+    other = dict(TINY_RUN, model=dict(TINY_RUN["model"], moe=dict(TINY_RUN["model"]["moe"], top_k=1)))
+    with pytest.raises(ValueError, match=r"model.moe.top_k: run 2, now 1\. Use the same config"):
+        train(RunConfig.from_dict(other), out, resume=True, quiet=True)
+    state = out / "checkpoints" / "step-000002" / "train_state.pt"
+    torch.save({"step": 2}, state)
+    with pytest.raises(ValueError, match=r"train_state.pt lacks \['scheduler', 'loader'"):
+        train(run, out, resume=True, quiet=True)
+    torch.save({"step": 2, "thing": OutputError("an object")}, state)
+    with pytest.raises(ValueError, match="holds pickled objects other than tensors and plain data") as refused:
+        train(run, out, resume=True, quiet=True)
+    assert "weights_only=False" not in str(refused.value)

@@ -67,7 +67,7 @@ def bench_layer(
 def bench_generate(
     models: Annotated[list[str] | None, typer.Argument(help="Shipped reference model names or moelab checkpoint directories (default: both reference models).", show_default=False)] = None,
     batch: Annotated[list[int] | None, typer.Option("--batch", help="Batch sizes (default 1, 8 and 32).")] = None,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Greedy tokens per sequence.")] = 64,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Greedy tokens per sequence.")] = 64,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length.")] = 16,
     rounds: Annotated[int, typer.Option(min=1, help="Timed rounds per implementation, interleaved.")] = 3,
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads.")] = 1,
@@ -179,7 +179,11 @@ def _model_dirs(models: list[str] | None) -> dict[str, Path]:
     reference model)."""
     from moelab.models.reference import REFERENCE_MODELS
 
-    return {m: _model_dir(m) for m in models or REFERENCE_MODELS}
+    dirs = {m: _model_dir(m) for m in models or REFERENCE_MODELS}
+    for path in dirs.values():  # every one before the first is timed
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is not a checkpoint (no config.json); give a moelab checkpoint directory")
+    return dirs
 
 
 def _model_dir(model: str | Path | None) -> Path:
@@ -216,9 +220,11 @@ def bench_compress(
     _claim_json(json_path, bench.JSON_FORMAT, overwrite)
     options = bench.BenchOptions(family=family, size_gb=size_gb, tokens=tokens, baseline=baseline)
     with output_dir(work, "benchmark scratch", entries=["source", "pruned"], overwrite=overwrite) as claimed:
-        doc = bench.run(options, claimed.path, progress=console)
-        if not keep:
-            claimed.clear()
+        try:
+            doc = bench.run(options, claimed.path, progress=console)
+        finally:  # the generated checkpoints (gigabytes) go however the run ends
+            if not keep:
+                claimed.clear()
     console.print(bench.render(doc))
     _write_json(json_path, doc)
 

@@ -242,7 +242,7 @@ def output_dir(
             OutputDir(out, resumed=False).clear()
         resumed = marker is not None and not overwrite
         out.mkdir(parents=True, exist_ok=True)
-        _clean_leftovers(out, None)
+        _clean_leftovers(out, None, keep_staging=resume)  # a resumed job's nested outputs take theirs over
         owned = set(entries) | (set(marker["entries"]) if resumed else set())
         _write_marker(out, kind, owned, patterns=patterns)
         try:
@@ -545,7 +545,8 @@ def _write_marker(
     patterns: Mapping[str, str] | None = None,
 ) -> None:
     """parts: {subdirectory: its entries}; patterns: {subdirectory: a regular expression of the
-    names moelab writes in it} (for outputs filled step by step)."""
+    names moelab writes in it, a name ending in "/" for a directory} (for outputs filled step by
+    step; "cells/*" stands for every directory in cells/)."""
     doc = {"format": MARKER_FORMAT, "kind": kind, "entries": sorted(set(entries) - {MARKER})}
     if parts:
         doc["parts"] = parts
@@ -605,16 +606,18 @@ def _foreign_in(
     for entry in sorted(directory.iterdir()):
         if entry.name == MARKER or _LEFTOVER.match(entry.name):
             continue
-        if not owns(entry.name):
+        is_dir = entry.is_dir() and not entry.is_symlink()
+        if not (owns(entry.name) or (is_dir and owns(entry.name + "/"))):  # a pattern "x/" names directories
             foreign.append(entry)
-        elif entry.is_dir() and not entry.is_symlink():
+        elif is_dir:
             inner, part = _read_marker(entry), prefix + entry.name
+            pattern = patterns.get(part) or patterns.get(prefix + "*")  # "cells/*": any directory in cells/
             if inner is not None:
                 foreign += _foreign_entries(entry, inner)
             elif part in parts:
                 foreign += _foreign_in(entry, set(parts[part]).__contains__, parts, patterns, part + "/")
-            elif part in patterns:
-                foreign += _foreign_in(entry, patterns[part].fullmatch, parts, patterns, part + "/")
+            elif pattern is not None:
+                foreign += _foreign_in(entry, pattern.fullmatch, parts, patterns, part + "/")
     return foreign
 
 
@@ -630,15 +633,23 @@ def _discard(path: Path) -> None:
 
 
 def _clean_leftovers(
-    directory: Path, name: str | None, *, held: bool = False, keep: Path | None = None
+    directory: Path,
+    name: str | None,
+    *,
+    held: bool = False,
+    keep: Path | None = None,
+    keep_staging: bool = False,
 ) -> None:
     """Remove the leftovers of killed runs in `directory`: of the output `name` (whose lock the
-    caller holds if `held`), or of every output there whose lock nobody holds; `keep` stays."""
+    caller holds if `held`), or of every output there whose lock nobody holds; `keep` stays, and
+    with `keep_staging` every staging directory (for the resumable jobs inside to take over)."""
     if not directory.is_dir():
         return
     by_name: dict[str, list[tuple[Path, str]]] = {}
     for entry in sorted(directory.iterdir()):
         match = _LEFTOVER.match(entry.name)
+        if keep_staging and match is not None and match["what"] == "staging":
+            continue
         if match is not None and (name is None or match["name"] == name) and entry != keep:
             by_name.setdefault(match["name"], []).append((entry, match["what"]))
     for target, found in by_name.items():

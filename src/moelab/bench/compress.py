@@ -8,16 +8,13 @@ job runs in a fresh process that reports its peak resident memory (VmHWM): `moel
 (calibration layer by layer + REAP + the checked writer, without the whole-model transformers
 reload postcondition, which would load the model), and, as the baseline measured in the same
 run, transformers loading the same checkpoint (`from_pretrained`, bf16; it maps the shards
-lazily) and running the calibration tokens through it (which brings every weight in).
+lazily) and running as many tokens through it (random ids, which bring every weight in).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +22,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from moelab.compress.bench import run_job
 from moelab.io import atomic_write_text, save_safetensors
 
 SHAPES = {
@@ -62,6 +60,8 @@ class BenchOptions:
             raise ValueError(f"unknown family {self.family!r}; choose one of {list(SHAPES)}")
         if not self.size_gb > 0 or self.tokens < 1 or self.seq_len < 1 or self.shard_mb < 1:
             raise ValueError("size_gb, tokens, seq_len and shard_mb must be positive")
+        if self.tokens < self.seq_len:
+            raise ValueError(f"tokens ({self.tokens}) must be at least one window of seq_len ({self.seq_len})")
 
 
 def make_checkpoint(directory: Path, family: str, size_gb: float, shard_mb: int = 256, seed: int = 0) -> dict:
@@ -159,28 +159,19 @@ def run(options: BenchOptions, work: Path, *, progress=None) -> dict:
         str(options.tokens),
         str(options.seq_len),
     ]
-    doc["compress"] = _child(_COMPRESS_JOB, args)
+    doc["compress"] = run_job("compress", _COMPRESS_JOB, args)
     doc["compress"]["calibration_tokens_per_s"] = (
         doc["compress"]["calibration_tokens"] / doc["compress"]["timings"]["calibration_s"]
     )
     doc["compress"]["peak_rss_over_checkpoint"] = doc["compress"]["peak_rss_mb"] * 2**20 / made["bytes"]
     if options.baseline:
         say("baseline: transformers loads the same checkpoint and runs the calibration tokens through it")
-        doc["transformers_load"] = _child(
-            _LOAD_JOB, [str(work / "source"), str(options.tokens), str(options.seq_len)]
-        )
+        args = [str(work / "source"), str(options.tokens), str(options.seq_len)]
+        doc["transformers_load"] = run_job("transformers baseline", _LOAD_JOB, args)
         doc["compress"]["peak_rss_vs_transformers_load"] = (
             doc["compress"]["peak_rss_mb"] / doc["transformers_load"]["peak_rss_mb"]
         )
     return doc
-
-
-def _child(code: str, args: list[str]) -> dict:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the benchmark job failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def render(doc: dict) -> Table:

@@ -197,7 +197,11 @@ def _random_batches(vocab: int, batch_size: int, seq_len: int):
 
 
 def render(doc: dict) -> Table:
-    table = Table(title="training step, processes on one machine (ratios to one process in this run)")
+    load = doc["options"].get("load", 0)
+    table = Table(
+        title="training step, processes on one machine (ratios to one process in this run)"
+        + (f", {load} busy process(es) beside" if load else "")
+    )
     for column in ("procs", "layout", "tokens/s", "vs 1 proc", "EP share", "FSDP share", "EP MB/step", "uniform"):
         table.add_column(column, justify="right")
     for c in doc["cells"]:

@@ -80,6 +80,8 @@ class GenerateOptions:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.new_tokens < 2:  # the first token comes from the prompt pass: no decode step to time
+            raise ValueError(f"new_tokens must be >= 2 (a decode step after the prompt), got {self.new_tokens}")
         if not self.batch_sizes or any(not is_int(b) or b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be integers >= 1, got {list(self.batch_sizes)}")
         if not is_int(self.load) or self.load < 0:
@@ -232,6 +234,9 @@ def measure_model(
             "ratio_vs_transformers": {
                 impl: statistics.median(h / m for h, m in zip(times[base], t)) for impl, t in times.items()
             } if family is not None else None,
+            "speedup_vs_moelab": {  # the routing variants' speed-up over plain moelab, same rounds
+                impl: statistics.median(m / v for m, v in zip(times["moelab"], t)) for impl, t in times.items()
+            },
             "fraction_of_bound": {
                 impl: statistics.median(batch * options.new_tokens / tt / b for tt, b in zip(t, bounds))
                 for impl, t in times.items()
@@ -379,10 +384,10 @@ def render_routing(doc: dict) -> Table:
         table.add_column(column, justify="right")
     for model, quality in doc["routing_quality"].items():
         base = quality["none"]["perplexity"]
-        rows = {r["batch"]: r["tokens_per_s"] for r in doc["results"] if r["model"] == model}
+        rows = {r["batch"]: r["speedup_vs_moelab"] for r in doc["results"] if r["model"] == model}
         for name, q in quality.items():
             impl = "moelab" if name == "none" else f"moelab_{name}"
-            speedups = [f"{rows[b][impl] / rows[b]['moelab']:.2f}" for b in batches]
+            speedups = [f"{rows[b][impl]:.2f}" for b in batches]
             table.add_row(model, name, f"{q['perplexity']:.1f}", f"{q['perplexity'] / base - 1:+.1%}",
                           f"{q['experts_per_token']:.2f}", *speedups)  # fmt: skip
     return table

@@ -50,6 +50,7 @@ FORMAT = "moelab-compress-bench/1"
 CELL_NAME = "cell.json"
 GENERAL_METHODS = tuple(m for m in METHODS if m != "premoe")  # PreMoe is domain-specific by design
 DOMAIN_METHODS = ("easy_ep", "premoe", "naee")
+CELL_PATTERNS = {"cells": r"[\w.+@-]+/", "cells/*": r"cell\.json|model/|windows\.npy|reap\.json"}  # its files
 GENERAL = "all"  # the calibration of every domain
 
 
@@ -146,7 +147,9 @@ def run_bench(
     entries = ["bench.json", "calibration", "cells", "base.json", *REPORT_FILES]
     if options.domain:
         entries.append(f"calibration-{options.domain}")
-    with output_dir(out, KIND, entries=entries, inputs=[model], overwrite=overwrite, resume=True) as claimed:
+    with output_dir(
+        out, KIND, entries=entries, inputs=[model], overwrite=overwrite, resume=True, patterns=CELL_PATTERNS
+    ) as claimed:
         root = claimed.path
         _check_same_bench(root, model, options)
         stats = {GENERAL: _calibrate(model, root / "calibration", "corpus", options, say, quiet)}
@@ -263,7 +266,7 @@ def _cell(model: Path, root: Path, cell: Cell, stats: dict[str, Calibration], op
         job = _llmcompressor(model, directory, cell, options)
     elif cell.tool == "ablation":
         args = [str(model), str(directory / "model"), str(stats[GENERAL].directory), cell.method]
-        job = _child(cell.name, _ABLATION_JOB, args)
+        job = run_job(f"cell {cell.name}", _ABLATION_JOB, args)
         if not job["zeroed"]:
             result = {"cell": dataclasses.asdict(cell), "name": cell.name, "job": job, "evaluated": False,
                       "problem": "the Super Experts rule flags no expert in this model"}  # fmt: skip
@@ -271,7 +274,7 @@ def _cell(model: Path, root: Path, cell: Cell, stats: dict[str, Calibration], op
             return result
     else:
         args = [str(model), str(directory / "model"), json.dumps(_job_args(cell, stats, options))]
-        job = _child(cell.name, _COMPRESS_JOB, args)
+        job = run_job(f"cell {cell.name}", _COMPRESS_JOB, args)
     say(f"{cell.name}: evaluating")
     result = {"cell": dataclasses.asdict(cell), "name": cell.name, "job": job}
     result |= _quality(directory / "model", model, options)
@@ -352,14 +355,14 @@ def _llmcompressor(model: Path, directory: Path, cell: Cell, options: BenchOptio
     np.save(windows, np.stack([w.ids.numpy() for w in mixture.windows]))
     script = Path(__file__).resolve().parent / "llmcompressor_job.py"
     args = [str(model), str(windows), str(cell.ratio), str(directory / "model"), str(directory / "reap.json")]
-    return _child(cell.name, None, args, python=options.llmcompressor_python, script=script)
+    return run_job(f"cell {cell.name}", None, args, python=options.llmcompressor_python, script=script)
 
 
-def _child(
+def run_job(
     name: str, code: str | None, args: list[str], *, python: str | None = None, script: Path | None = None
 ) -> dict:
-    """Run the job of cell `name` in a fresh process; its last stdout line is its JSON result. A
-    job that refuses its input (a ValueError) raises it as one line."""
+    """Run the job `name` (Python `code`, or a `script`) in a fresh process; its last stdout line
+    is its JSON result. A job that refuses its input (a ValueError) raises it as one line."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     command = [python or sys.executable, *(["-c", code] if code is not None else [str(script)]), *args]
     began = time.perf_counter()
@@ -368,8 +371,8 @@ def _child(
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
         kind, _, message = last.partition(": ")
         if kind.endswith(("ValueError", "CheckpointError")):  # a refusal: its message, as compress gives it
-            raise ValueError(f"cell {name}: {message}")
-        raise RuntimeError(f"the bench job of cell {name} failed:\n{proc.stderr[-3000:]}")
+            raise ValueError(f"{name}: {message}")
+        raise RuntimeError(f"the job {name} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return result | {"wall_seconds": time.perf_counter() - began}
 

@@ -183,7 +183,6 @@ def _statistics(
     `model` on `calib` made (or resumed) inside the output. domains: checked to be among the
     calibration sources before any calibration."""
     if stats is not None:
-        clear_staging(staging, [STATS_DIR])  # an earlier run's calibration: these statistics replace it
         calibration = Calibration(stats)
         calibration.check_model(fingerprint(model), model)
         _check_domains(domains, calibration.sources)
@@ -192,6 +191,7 @@ def _statistics(
             used = CalibrationOptions(tokens=settings["tokens"], seq_len=settings["seq_len"])
             mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, used)
             calibration.check_mixture(mixture.digest, mixture.spec)
+        clear_staging(staging, [STATS_DIR])  # an earlier run's calibration: these statistics replace it
         return calibration
     calib = DEFAULT_SPEC if calib is None else calib
     mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, options)

@@ -164,6 +164,7 @@ class Calibration:
 
     def check_model(self, fingerprint: str, model: str | os.PathLike) -> None:
         """Raise unless these statistics were made on the model with this fingerprint."""
+        check_fingerprint_version(self.info["model"]["fingerprint"], self.directory)
         if self.info["model"]["fingerprint"] != fingerprint:
             raise ValueError(
                 f"the statistics in {self.directory} were made on {self.info['model']['path']}, not on {model} "
@@ -216,6 +217,18 @@ def read_info(directory: Path) -> dict[str, Any] | None:
     return info if isinstance(info, dict) and info.get("format") == FORMAT else None
 
 
+FINGERPRINT_VERSION = "2"  # "2:<sha256>"; version 1 (a bare hash) did not read the routers whole
+
+
+def check_fingerprint_version(recorded: str, where: str | os.PathLike) -> None:
+    """Raise if `recorded` was made by another version of `fingerprint` (it cannot be compared)."""
+    if not recorded.startswith(FINGERPRINT_VERSION + ":"):
+        raise ValueError(
+            f"{where} was made by another moelab version, whose model fingerprints this one cannot compare; "
+            "calibrate again"
+        )
+
+
 def fingerprint(path: str | os.PathLike, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
     """A hash of a checkpoint that changes with any of its weights' shapes or values (see the
     module docstring); reads config.json, the safetensors headers, a few samples, and whole the
@@ -238,7 +251,7 @@ def fingerprint(path: str | os.PathLike, samples: int = 16, sample_bytes: int = 
             for begin, end in _whole_tensors(header, sample_bytes):
                 f.seek(start + begin)
                 h.update(f.read(end - begin))
-    return h.hexdigest()
+    return f"{FINGERPRINT_VERSION}:{h.hexdigest()}"
 
 
 _ROUTING = re.compile(r"(^|\.)(gate|router|[a-z_]*score_correction[a-z_]*|shared_expert_gate)(\.|$)")

@@ -86,7 +86,10 @@ def tokenize_split(
     key = hashlib.sha256(f"{CACHE_FORMAT}\0{entry['sha256']}\0{tokenizer_sha}".encode()).hexdigest()[:16]
     path = cache_dir() / "tokens" / f"{domain}.{split}.{key}.npy"
     if path.is_file():
-        return np.load(path)
+        try:
+            return np.load(path)
+        except (ValueError, OSError, EOFError):  # a damaged cache file (moelab's own): made again below
+            pass
     tokens = tokenize_texts(
         [doc.text for doc in load_documents(domain, split, corpus_dir)],
         load_tokenizer(tokenizer_dir),

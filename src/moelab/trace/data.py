@@ -56,6 +56,11 @@ def load_streams(
         return {name: tokenize_split(name, split) for name in names}
     if texts is None:
         texts = {name: [doc.text for doc in load_documents(name, split)] for name in names}
+    elif blank := [name for name in names if not any(doc.strip() for doc in texts[name])]:
+        raise ValueError(
+            f"{data} has no text in domain {', '.join(map(repr, blank))} (empty or blank documents only): "
+            "give it text, or leave it out"
+        )
     encode = encoder or (lambda t: tokenize_texts(t, load_tokenizer()))
     return {name: encode(texts[name]) for name in names}
 
@@ -81,11 +86,6 @@ def _read_texts(path: Path) -> dict[str, list[str]]:
             if line.strip():
                 domain, text = _record(parse_json(line, file, first_line=n), f"{file}:{n}", file.stem)
                 texts.setdefault(domain, []).append(text)
-    if blank := [domain for domain, docs in texts.items() if not any(doc.strip() for doc in docs)]:
-        raise ValueError(
-            f"{path} has no text in domain {', '.join(map(repr, blank))} (empty or blank documents only): "
-            "give it text, or leave it out"
-        )
     if not texts:
         raise ValueError(f"{path} has no text (no JSON line with a text); give it some")
     return texts

@@ -22,6 +22,7 @@ moelab's output marker. `train_state.pt` holds only tensors and plain containers
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import warnings
 from collections.abc import Callable
@@ -216,13 +217,29 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     return Checkpoint(step=int(state.pop("step")), model=model, state=state)
 
 
+STATE_KEYS = ("step", "scheduler", "loader", "rng", "train_seconds", "window", "eval_window", "eval_loss")
+
+
 def _read_state(path: Path, device: torch.device | str) -> dict[str, Any]:
     state_file = path / STATE_NAME
     if not state_file.is_file():
         raise FileNotFoundError(f"{state_file} not found: {path} is not a complete training checkpoint")
     try:
-        return torch.load(state_file, map_location=device, weights_only=True)
+        state = torch.load(state_file, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:  # torch's message goes on to suggest unpickling it anyway
+        raise ValueError(
+            f"cannot read {state_file}: it holds pickled objects other than tensors and plain data, which "
+            "moelab never loads; delete this checkpoint to resume from an older one"
+        ) from None
     except Exception as err:  # corrupt or foreign file
         raise ValueError(
-            f"cannot read {state_file} ({err}); delete this checkpoint to resume from an older one"
+            f"cannot read {state_file} ({str(err).splitlines()[0]}); delete this checkpoint to resume from an "
+            "older one"
         ) from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(
+            f"{state_file} lacks {missing}: it is not a training state this moelab wrote; delete this "
+            "checkpoint to resume from an older one"
+        )
+    return state

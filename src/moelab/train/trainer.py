@@ -70,7 +70,7 @@ RESULTS_NAME = "results.json"
 KIND = "training run"
 RUN_ENTRIES = (CONFIG_NAME, LOG_NAME, "tensorboard", "checkpoints", "model", RESULTS_NAME)
 RESUME_HINT = " and start again (or --resume, resume=True, to continue it)"
-RUN_PATTERNS = {"checkpoints": r"step-\d+", "tensorboard": r"events\.out\.tfevents\..+"}  # moelab's files there
+RUN_PATTERNS = {"checkpoints": r"step-\d+/", "tensorboard": r"events\.out\.tfevents\..+"}  # its files there
 
 
 @dataclass
@@ -257,8 +257,9 @@ def _claim_and_train(
         except Exception as err:
             error = err
     shared_from_rank0(parallel, None, error)
-    with torch.device("meta"):
-        model = MoETransformer(run.model)
+    torch.manual_seed(cfg.seed)
+    model = MoETransformer(run.model)  # built whole on the CPU; under torchrun only shards reach the device
+    chunk_coef = _adaptive_chunk_coefficient(model, cfg)
     if parallel is not None:
         if cfg.batch_size % parallel.world:
             raise ValueError(
@@ -297,7 +298,7 @@ def _claim_and_train(
         if cfg.threads is not None:
             torch.set_num_threads(resolve_threads(cfg.threads))
         try:
-            return _train(run, out_dir, device, start, loader, quiet, parallel)
+            return _train(run, out_dir, device, start, model, loader, chunk_coef, quiet, parallel)
         finally:
             torch.set_num_threads(threads)
 
@@ -316,22 +317,22 @@ def _train(
     out_dir: Path,
     device: torch.device,
     start: Path | None,
+    model: MoETransformer,
     loader: TokenWindows,
+    chunk_coef: AdaptiveCoefficient | None,
     quiet: bool,
     parallel: Parallel | None,
 ) -> TrainResult:
+    """Train the freshly built (seeded) `model` on `loader` (see `_claim_and_train`)."""
     cfg = run.train
     rank0 = parallel is None or parallel.rank == 0
     quiet = quiet or not rank0
-    torch.manual_seed(cfg.seed)
-    model = MoETransformer(run.model)  # built whole on the CPU; under torchrun only the shards reach the device
     if parallel is not None:
         parallelize(model, parallel)
     model.to(device)
     model.train()
     optimizer = build_optimizer(model, cfg)
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-    chunk_coef = _adaptive_chunk_coefficient(model, cfg)
     reuse = cfg.reuse_ramp_steps > 0 and any(isinstance(m, ReuseRouter) for m in model.modules())
     # the loop's own state: everything in it goes into checkpoints, so a resumed run (and its
     # logs and results) continues exactly where it stopped
@@ -535,8 +536,8 @@ def _prepare_run(run: RunConfig, claimed: OutputDir, resume: bool) -> Path | Non
         if unreadable := unreadable_checkpoints(out_dir):
             raise ValueError(
                 f"--resume: {', '.join(map(str, unreadable))} are not checkpoints this moelab can read (damaged, "
-                "or written by another version); move them out to resume from an older one, or --overwrite to "
-                "start again"
+                "or written by another version); move them out of the run (or delete them) to resume from an "
+                "older checkpoint"
             )
         if (out_dir / RESULTS_NAME).exists():
             raise ValueError(
@@ -555,18 +556,25 @@ def check_same_run(run: RunConfig, out_dir: Path) -> None:
         return
     saved = RunConfig.load(config_path).to_dict()
     mine = run.to_dict()
-    diffs = [
-        f"{section}.{key}: run {saved[section].get(key)!r}, now {mine[section].get(key)!r}"
-        for section in ("model", "train")
-        for key in mine[section]
-        if saved[section].get(key) != mine[section][key]
-    ]
+    diffs = [d for section in ("model", "train") for d in _differences(saved[section], mine[section], section)]
     if diffs:
         raise ValueError(
             f"the run in {out_dir} was made with a different config ({config_path}): "
             + "; ".join(diffs)
             + ". Use the same config, or another output directory"
         )
+
+
+def _differences(saved: dict, mine: dict, prefix: str) -> list[str]:
+    """"prefix.key: run A, now B" for every field that changed, looking into nested sections."""
+    diffs = []
+    for key in dict.fromkeys([*mine, *saved]):
+        a, b = saved.get(key), mine.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _differences(a, b, f"{prefix}.{key}")
+        elif a != b:
+            diffs.append(f"{prefix}.{key}: run {a!r}, now {b!r}")
+    return diffs
 
 
 def _attach_bias_updates(optimizer, model, run: RunConfig, parallel: Parallel | None) -> None:
