@@ -138,16 +138,26 @@ def test_an_interrupted_calibration_resumes_to_the_same_files(tmp_path, model_di
             raise KeyboardInterrupt
 
     monkeypatch.setattr(calibrate_module, "write_layer", dies_after_first_layer)
-    directory = tmp_path / "partial"
-    directory.mkdir()
-    with pytest.raises(KeyboardInterrupt):
-        run_calibration(model_dir, directory, "corpus", options, quiet=True)
+    directory = calibrated_until_interrupted(tmp_path, model_dir, options)
     info = json.loads((directory / "calibration.json").read_text())
     assert info["done"] == 0 and not info["complete"] and (directory / "resume.safetensors").is_file()
     monkeypatch.setattr(calibrate_module, "write_layer", real)
     run_calibration(model_dir, directory, "corpus", options, quiet=True)
+    assert_same_statistics(directory, stats_dir)
+
+
+def calibrated_until_interrupted(tmp_path: Path, model_dir: Path, options: CalibrationOptions) -> Path:
+    """tmp_path/partial, holding what a calibration left when it was interrupted."""
+    directory = tmp_path / "partial"
+    directory.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run_calibration(model_dir, directory, "corpus", options, quiet=True)
+    return directory
+
+
+def assert_same_statistics(directory: Path, expected: Path) -> None:
     for name in ("layer-00000.safetensors", "layer-00001.safetensors"):
-        a, b = load_file(directory / name), load_file(stats_dir / name)
+        a, b = load_file(directory / name), load_file(expected / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
@@ -169,16 +179,11 @@ def test_a_calibration_interrupted_in_its_backward_sweep_resumes_there(
             raise KeyboardInterrupt
 
     monkeypatch.setattr(gradients_module, "_add_to_layer", dies_after_top_layer)
-    directory = tmp_path / "partial"
-    directory.mkdir()
-    with pytest.raises(KeyboardInterrupt):
-        run_calibration(model_dir, directory, "corpus", options, quiet=True)
+    directory = calibrated_until_interrupted(tmp_path, model_dir, options)
     monkeypatch.setattr(gradients_module, "_add_to_layer", real)
     monkeypatch.setattr(calibrate_module, "_calibrate_layer", lambda *a: pytest.fail("forward pass again"))
     run_calibration(model_dir, directory, "corpus", options, quiet=True)
-    for name in ("layer-00000.safetensors", "layer-00001.safetensors"):
-        a, b = load_file(directory / name), load_file(stats_dir / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_statistics(directory, stats_dir)
 
 
 def test_a_killed_calibrate_command_is_taken_over(tmp_path, model_dir):
