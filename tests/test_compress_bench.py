@@ -89,6 +89,15 @@ def test_bench_reports_every_cell_and_resumes(tiny, tmp_path, monkeypatch):
     )
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["cells"][0]["name"] == "hc_smoe-25"
 
+    # statistics an older moelab fingerprinted differently are made again, not refused cell after cell
+    info_path = tmp_path / "b" / "calibration" / "calibration.json"
+    info = json.loads(info_path.read_text())
+    info["model"]["fingerprint"] = info["model"]["fingerprint"].split(":")[-1]
+    info_path.write_text(json.dumps(info))
+    summary = run_bench(tiny, tmp_path / "b", options, quiet=True)
+    assert json.loads(info_path.read_text())["model"]["fingerprint"].startswith("2:")
+    assert [c["name"] for c in summary["cells"]] == names
+
 
 def test_domain_cells_and_protocol_check(tiny, tmp_path, capfd):
     options = BenchOptions(

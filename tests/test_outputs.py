@@ -636,8 +636,8 @@ def test_patterns_name_what_a_step_by_step_output_writes_in_its_directories(tmp_
                 pass
         assert extra.read_text() == "the user's"
         extra.unlink()
-    with output_dir(out, "bench", entries=["cells"], overwrite=True, patterns=patterns):
-        assert not (out / "cells").exists()
+    with output_dir(out, "bench", entries=["cells"], resume=True, overwrite=True, patterns=patterns):
+        assert not (out / "cells").exists() and hidden(out) == []  # starting again: no staging to take over
 
 
 def test_resume_names_what_changed_and_what_a_state_file_lacks(tmp_path):
@@ -651,6 +651,16 @@ def test_resume_names_what_changed_and_what_a_state_file_lacks(tmp_path):
     with pytest.raises(ValueError, match=r"model.moe.top_k: run 2, now 1\. Use the same config"):
         train(RunConfig.from_dict(other), out, resume=True, quiet=True)
     state = out / "checkpoints" / "step-000002" / "train_state.pt"
+    saved = torch.load(state, weights_only=True)
+    del saved["measured_experts"]
+    torch.save(saved, state)
+    with pytest.raises(ValueError, match=r"train_state.pt lacks \['measured_experts'\]"):
+        train(run, out, resume=True, quiet=True)
+    del saved["optimizer"]
+    saved["measured_experts"] = {}
+    torch.save(saved, state)
+    with pytest.raises(ValueError, match=r"train_state.pt lacks \['optimizer'\]"):
+        train(run, out, resume=True, quiet=True)
     torch.save({"step": 2}, state)
     with pytest.raises(ValueError, match=r"train_state.pt lacks \['scheduler', 'loader'"):
         train(run, out, resume=True, quiet=True)

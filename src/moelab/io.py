@@ -242,7 +242,7 @@ def output_dir(
             OutputDir(out, resumed=False).clear()
         resumed = marker is not None and not overwrite
         out.mkdir(parents=True, exist_ok=True)
-        _clean_leftovers(out, None, keep_staging=resume)  # a resumed job's nested outputs take theirs over
+        _clean_leftovers(out, None, keep_staging=resumed)  # a resumed job's nested outputs take theirs over
         owned = set(entries) | (set(marker["entries"]) if resumed else set())
         _write_marker(out, kind, owned, patterns=patterns)
         try:

@@ -40,7 +40,7 @@ from moelab.compress.calibration import CalibrationOptions, calibrate, calibrati
 from moelab.compress.methods import METHODS
 from moelab.compress.observers import DEFAULT_OBSERVERS
 from moelab.compress.run import check_compression
-from moelab.compress.stats import Calibration
+from moelab.compress.stats import Calibration, fingerprint
 from moelab.eval.evaluate import ALL, EvalOptions, evaluate
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.io import atomic_write_text, output_dir
@@ -219,10 +219,19 @@ def _check_same_bench(root: Path, model: Path, options: BenchOptions) -> None:
 
 
 def _calibrate(model: Path, directory: Path, spec: str, options: BenchOptions, say, quiet: bool) -> Calibration:
-    if (directory / "calibration.json").is_file():  # published whole: a killed calibration is resumed below
-        return Calibration(directory)
+    """The bench's statistics in `directory`: kept from an earlier run if they belong to `model`
+    (a calibration published whole; a killed one is resumed), else made (again)."""
+    again = False
+    if (directory / "calibration.json").is_file():
+        calibration = Calibration(directory)
+        try:
+            calibration.check_model(fingerprint(model), model)
+            return calibration
+        except ValueError as err:  # another moelab version's fingerprint, or a changed model
+            say(f"calibrating again: {err}")
+            again = True
     say(f"calibrating on {spec} ({options.calib_tokens:,} tokens, backward sweep included)")
-    return calibrate(model, directory, calib=spec, options=options.calibration(), quiet=quiet)
+    return calibrate(model, directory, calib=spec, options=options.calibration(), overwrite=again, quiet=quiet)
 
 
 def _eval_options(options: BenchOptions) -> EvalOptions:

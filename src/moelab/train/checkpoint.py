@@ -155,6 +155,11 @@ def restore_checkpoint(
         return int(state.pop("step")), state
     checkpoint = load_checkpoint(path, device)
     state = checkpoint.state
+    if "optimizer" not in state:
+        raise ValueError(
+            f"{path / STATE_NAME} lacks ['optimizer']: it is not a training state this moelab wrote; delete "
+            "this checkpoint to resume from an older one"
+        )
     if parallel is None:
         model.load_state_dict(checkpoint.model.state_dict())
         optimizer.load_state_dict(state.pop("optimizer"))
@@ -217,7 +222,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     return Checkpoint(step=int(state.pop("step")), model=model, state=state)
 
 
-STATE_KEYS = ("step", "scheduler", "loader", "rng", "train_seconds", "window", "eval_window", "eval_loss")
+STATE_KEYS = (  # what every resume reads (a one-process checkpoint also holds "optimizer")
+    "step", "scheduler", "loader", "rng", "train_seconds", "window", "eval_window", "eval_loss", "measured_experts",
+)
 
 
 def _read_state(path: Path, device: torch.device | str) -> dict[str, Any]:
