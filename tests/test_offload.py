@@ -795,6 +795,24 @@ def test_offloaded_experts_refuse_training(tmp_path):
         offloaded.close()
 
 
+@pytest.mark.parametrize(
+    ("moe", "named"),
+    [
+        (dict(chain_iterations=2), "chain_iterations=2"),
+        (dict(activation="gelu"), "activation='gelu'"),
+        (dict(reuse_layers=3), "reuse_layers=3"),
+        (dict(router="topp", top_p=0.5), "router='topp'"),
+    ],
+)
+def test_architectures_the_view_does_not_cover_are_named(tmp_path, moe, named):
+    """Chain-of-Experts and GELU experts were refused as "no layers with routed experts", ReXMoE
+    as a wrong expert count in config.json; each is named, with what to do."""
+    cfg = dataclasses.replace(tiny(), n_layers=3, first_k_dense=0, moe=dataclasses.replace(tiny().moe, **moe))
+    path = save_pretrained(MoETransformer(cfg), tmp_path / "m")
+    with pytest.raises(CheckpointError, match=f"{named}.* covers plain top-k MoE layers .* run this model in"):
+        load_offloaded(path, resident=0.5, predictor=None)
+
+
 def test_a_checkpoint_rewritten_under_the_cache_is_refused(tmp_path):
     model, path = _native(tmp_path)
     offloaded = load_offloaded(path, resident=2 / 12, predictor=None)

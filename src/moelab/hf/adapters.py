@@ -122,8 +122,9 @@ def _native(config: Config) -> dict:
         raise CheckpointError(
             f"this moelab checkpoint has router={moe.router!r}, activation={moe.activation!r}, "
             f"chain_iterations={moe.chain_iterations}, latent_dim={moe.latent_dim}, reuse_layers="
-            f"{moe.reuse_layers}; views cover plain top-k MoE layers (router='topk', activation='swiglu', "
-            "no chain, latent or reuse) only"
+            f"{moe.reuse_layers}; the checkpoint view (which offloading, compression and the writer read) "
+            "covers plain top-k MoE layers (router='topk', activation='swiglu', no chain, latent or reuse) "
+            "only: run this model in memory"
         )
     return {
         "score_func": moe.score_func,

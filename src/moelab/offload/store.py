@@ -71,6 +71,11 @@ class ExpertStore:
         if not page_cache:
             ckpt.drop_cached()  # the first reads too
         self.view = ModelView(ckpt, config, family, config_value(config, *family.num_layers))
+        try:
+            family.router_settings(config)  # an architecture the view does not cover, named before its tensors
+        except CheckpointError:
+            ckpt.close()
+            raise
         self.moe_layers = family.moe_layers(ckpt, config)
         if not self.moe_layers:
             ckpt.close()
