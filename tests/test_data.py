@@ -31,6 +31,7 @@ from moelab.data import (
     read_manifest,
     tokenize_split,
 )
+from moelab.data.tokenizer import tokenize_texts
 
 EXPECTED_DOMAINS = {"code", "bible", "english", "german", "spanish", "italian", "polish", "russian"}
 
@@ -196,6 +197,18 @@ def test_tokenize_split_layout_and_cache(tmp_path, monkeypatch, tokenizer):
 
     monkeypatch.setattr("moelab.data.tokenizer.load_documents", no_reads)
     np.testing.assert_array_equal(tokenize_split("spanish", "validation"), tokens)
+    cached[0].write_bytes(cached[0].read_bytes()[:100])  # a damaged cache file is made again, not an error
+    monkeypatch.undo()
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path))
+    np.testing.assert_array_equal(tokenize_split("spanish", "validation"), tokens)
+
+
+def test_quiet_tokenizing_shows_no_progress_bar(tokenizer, capfd):
+    texts = ["a short document"] * 1200  # more than one batch of 512: a bar unless quiet
+    tokenize_texts(texts, tokenizer, quiet=True)
+    assert capfd.readouterr().err == ""
+    tokenize_texts(texts, tokenizer)
+    assert "tokenizing" in capfd.readouterr().err
 
 
 # --- training windows ---------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def _check_cells(model: Path, options: BenchOptions) -> None:
     runs = {(m, r) for m in options.methods for r in options.ratios}
     if options.domain:
         runs |= {(m, r) for m in (*DOMAIN_METHODS, *options.methods) for r in options.domain_ratios}
-        calibration_mixture(model, f"corpus:{options.domain}", options.calibration())
+        calibration_mixture(model, f"corpus:{options.domain}", options.calibration(), quiet=True)
     for method, ratio in sorted(runs):
         try:
             check_compression(model, method, ratio)

@@ -125,7 +125,7 @@ def calibrate(
 
 
 def calibration_mixture(
-    model: str | os.PathLike, calib: str | list[str], options: CalibrationOptions
+    model: str | os.PathLike, calib: str | list[str], options: CalibrationOptions, quiet: bool = False
 ) -> Mixture:
     """The calibration windows for `model`, tokenised with its own tokenizer."""
     runner_config = _config(model)
@@ -137,7 +137,7 @@ def calibration_mixture(
             "the calibration text: save it beside the weights (tokenizer.save_pretrained)"
         )
     seq_len = min(options.seq_len, _max_positions(runner_config))
-    return build_mixture(calib, tokens=options.tokens, seq_len=seq_len, encoder=encoder)
+    return build_mixture(calib, tokens=options.tokens, seq_len=seq_len, encoder=encoder, quiet=quiet)
 
 
 def run_calibration(
@@ -154,7 +154,7 @@ def run_calibration(
     are summed over the group; rank 0 writes them. Returns calibration.json's content."""
     model = Path(model)
     rank, world = join_torchrun()
-    mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, options)
+    mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, options, quiet)
     dtype = getattr(torch, options.dtype)
     with LayerwiseModel(model, dtype=dtype) as runner:
         info = {

@@ -139,6 +139,7 @@ def build_mixture(
     seq_len: int,
     encoder: Encoder | None = None,
     split: str = "validation",
+    quiet: bool = False,
 ) -> Mixture:
     """Tokenise the sources of `specs` (see the module docstring) with `encoder` (None: moelab's
     tokenizer) and cut `tokens` tokens of windows of `seq_len` from them, split by weight."""
@@ -147,7 +148,8 @@ def build_mixture(
     sources: list[Source] = []
     streams: list[np.ndarray] = []
     for data, domains, weight in parse_sources(specs):
-        found = load_streams(data, split=split, domains=list(domains) if domains else None, encoder=encoder)
+        chosen = list(domains) if domains else None
+        found = load_streams(data, split=split, domains=chosen, encoder=encoder, quiet=quiet)
         for domain, stream in found.items():
             share = weight / len(found) if domains is None else domains[domain]
             if any(s.data == str(data) and s.domain == domain for s in sources):

@@ -189,12 +189,12 @@ def _statistics(
         if calib is not None:  # the data asked for must be the data the statistics saw
             settings = calibration.info["settings"]
             used = CalibrationOptions(tokens=settings["tokens"], seq_len=settings["seq_len"])
-            mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, used)
+            mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, used, quiet)
             calibration.check_mixture(mixture.digest, mixture.spec)
         clear_staging(staging, [STATS_DIR])  # an earlier run's calibration: these statistics replace it
         return calibration
     calib = DEFAULT_SPEC if calib is None else calib
-    mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, options)
+    mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, options, quiet)
     _check_domains(domains, mixture.source_names)
     directory = staging / STATS_DIR
     directory.mkdir(exist_ok=True)

@@ -57,13 +57,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOELAB_CACHE", "~/.cache/moelab")).expanduser()
 
 
-def tokenize_texts(texts: Sequence[str], tokenizer: Tokenizer, desc: str = "tokenizing") -> np.ndarray:
-    """``EOT t1 EOT t2 ... EOT`` as one flat uint16 array of shape [n_tokens]."""
+def tokenize_texts(
+    texts: Sequence[str], tokenizer: Tokenizer, desc: str = "tokenizing", quiet: bool = False
+) -> np.ndarray:
+    """``EOT t1 EOT t2 ... EOT`` as one flat uint16 array of shape [n_tokens] (a progress bar for
+    many texts, unless `quiet`)."""
     if tokenizer.get_vocab_size() > np.iinfo(np.uint16).max + 1:
         raise ValueError(f"vocab size {tokenizer.get_vocab_size()} does not fit uint16 token ids")
     pieces = [np.array([EOT_ID], dtype=np.uint16)]
     batch = 512
-    for i in tqdm(range(0, len(texts), batch), desc=desc, unit="batch", leave=False, disable=len(texts) <= batch):
+    starts = range(0, len(texts), batch)
+    for i in tqdm(starts, desc=desc, unit="batch", leave=False, disable=quiet or len(texts) <= batch):
         for encoding in tokenizer.encode_batch(list(texts[i : i + batch]), add_special_tokens=False):
             pieces.append(np.array(encoding.ids, dtype=np.uint16))
             pieces.append(np.array([EOT_ID], dtype=np.uint16))
@@ -75,6 +79,7 @@ def tokenize_split(
     split: str,
     corpus_dir: Path = CORPUS_DIR,
     tokenizer_dir: Path = TOKENIZER_DIR,
+    quiet: bool = False,
 ) -> np.ndarray:
     """All documents of ``domain``'s ``split`` as one flat uint16 token array of shape [n_tokens].
 
@@ -94,6 +99,7 @@ def tokenize_split(
         [doc.text for doc in load_documents(domain, split, corpus_dir)],
         load_tokenizer(tokenizer_dir),
         desc=f"tokenizing {domain}.{split}",
+        quiet=quiet,
     )
     buffer = io.BytesIO()
     np.save(buffer, tokens)

@@ -155,7 +155,9 @@ def evaluate(
             f"prompt_tokens + gen_tokens ({options.prompt_tokens} + {options.gen_tokens}) exceed the context "
             f"of {context} tokens; lower --prompt-tokens or --gen-tokens"
         )
-    streams = load_streams(options.data, split=options.split, domains=options.domains, encoder=lm.encoder)
+    streams = load_streams(
+        options.data, split=options.split, domains=options.domains, encoder=lm.encoder, quiet=quiet
+    )
     streams = {name: s[: options.max_tokens + 1] for name, s in streams.items() if len(s) >= 2}
     if not streams:
         raise ValueError(f"the evaluation data {options.data!r} has no domain with at least 2 tokens")

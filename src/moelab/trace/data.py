@@ -38,9 +38,10 @@ def load_streams(
     split: str = "validation",
     domains: Sequence[str] | None = None,
     encoder: Encoder | None = None,
+    quiet: bool = False,
 ) -> dict[str, np.ndarray]:
     """{domain: flat token ids [n]} for a data spec (see the module docstring); `split` applies to
-    the corpus; `domains` keeps only those (in that order)."""
+    the corpus; `domains` keeps only those (in that order); quiet: no tokenizing progress bar."""
     if str(data) == "corpus":
         names = list_domains()
         texts = None
@@ -53,7 +54,7 @@ def load_streams(
                 raise ValueError(f"unknown domain {name!r}{did_you_mean(name, names)} in {data}; choose from {names}")
         names = list(domains)
     if texts is None and encoder is None:
-        return {name: tokenize_split(name, split) for name in names}
+        return {name: tokenize_split(name, split, quiet=quiet) for name in names}
     if texts is None:
         texts = {name: [doc.text for doc in load_documents(name, split)] for name in names}
     elif blank := [name for name in names if not any(doc.strip() for doc in texts[name])]:
@@ -61,7 +62,7 @@ def load_streams(
             f"{data} has no text in domain {', '.join(map(repr, blank))} (empty or blank documents only): "
             "give it text, or leave it out"
         )
-    encode = encoder or (lambda t: tokenize_texts(t, load_tokenizer()))
+    encode = encoder or (lambda t: tokenize_texts(t, load_tokenizer(), quiet=quiet))
     return {name: encode(texts[name]) for name in names}
 
 

@@ -118,7 +118,7 @@ def trace_from_files(
             f"{model} has no tokenizer files (tokenizer.json); moelab needs the model's tokenizer to read the "
             "text: save it beside the weights (tokenizer.save_pretrained)"
         )
-    streams = load_streams(data, split=split, domains=domains, encoder=loaded.encoder)
+    streams = load_streams(data, split=split, domains=domains, encoder=loaded.encoder, quiet=quiet)
     source = {"data": str(data)} | ({"split": split} if str(data) == "corpus" else {})
     return trace_model(
         loaded, streams, out, options, overwrite=overwrite, inputs=inputs, source=source, quiet=quiet
