@@ -286,6 +286,16 @@ def test_moelab_recipe_on_deepseek_needs_no_backward_sweep(tmp_path):
     assert "neurons" not in report["calibration"]["settings"]["observers"]
 
 
+def test_heapr_removes_the_ratio_of_neurons_not_whole_experts_worth(tmp_path, model_dir, stats_dir):
+    """The paper's budget: 20 % of 8 experts of 32 neurons is 6.4 experts' worth, every expert 26
+    neurons wide (round(32 x 0.8)); rounding to whole experts kept 28 (12.5 % removed)."""
+    report = compress(model_dir, tmp_path / "out", method="heapr", ratio=0.2, stats=stats_dir, quiet=True)
+    assert {e["notes"]["width"] for e in report["layers"].values()} == {26}
+    assert load_pretrained(tmp_path / "out").config.moe.hidden_dim == 26
+    with pytest.raises(ValueError, match="keeps all of them; raise the ratio to at least 0.0312"):
+        compress(model_dir, tmp_path / "none", method="heapr", ratio=0.01, stats=stats_dir, quiet=True)
+
+
 def test_compress_takes_over_a_killed_run(tmp_path, model_dir, monkeypatch):
     """Killed after deciding layer 0: the rerun keeps that decision and the statistics."""
     import moelab.compress.run as run_module

@@ -210,7 +210,7 @@ def test_mc_smoe_low_rank_stage():
 # ----------------------------------------------------------------------------- low rank + sparse
 
 
-def test_low_rank_sparse_is_the_truncated_svd_plus_the_largest_residuals():
+def test_low_rank_sparse_is_the_truncated_svd_plus_the_largest_residual_rows():
     view = make_view(E=2, I=6, D=9, seed=9)
     edit = LayerEdit(((0,), (1,)), view=view)
     same, _ = low_rank_sparse(edit, rank=6, sparse=0.0)
@@ -220,14 +220,17 @@ def test_low_rank_sparse_is_the_truncated_svd_plus_the_largest_residuals():
         S = torch.linalg.svdvals(W)
         assert float((W - A).norm()) == pytest.approx(float(S[2:].square().sum().sqrt()), rel=1e-10)
     assert count == 2 * 3 * 2 * (6 + 9)
-    both, count = low_rank_sparse(edit, rank=2, sparse=0.25)
-    for W, A, B in zip(view.experts.gate, low.view.experts.gate, both.view.experts.gate):
-        residual = (W - A).flatten()
-        changed = ((B - A).flatten() != 0).nonzero().flatten()
-        largest = residual.abs().topk(round(0.25 * 54)).indices
-        assert set(changed.tolist()) == set(largest.tolist())
-        torch.testing.assert_close((B - A).flatten()[changed], residual[changed], rtol=0, atol=1e-14)
-    assert count == 2 * 3 * (2 * (6 + 9) + round(0.25 * 54))
+    both, count = low_rank_sparse(edit, rank=2, sparse=0.5)  # S: half of each matrix's rows, whole
+    for name, rows, cols in (("gate", 6, 9), ("down", 9, 6)):
+        matrices = (getattr(edit.view.experts, name) for edit in (edit, low, both))
+        for W, A, B in zip(*matrices):
+            residual = W - A
+            norms = sorted(((float(residual[i].norm()), i) for i in range(rows)), reverse=True)
+            largest = sorted(i for _, i in norms[: round(0.5 * rows)])  # the rows whose loss costs most
+            changed = sorted(i for i in range(rows) if (B[i] != A[i]).any())
+            assert changed == largest, name
+            torch.testing.assert_close(B[largest], W[largest], rtol=0, atol=1e-12)  # those rows exact
+    assert count == 2 * (2 * (2 * (6 + 9) + 3 * 9) + (2 * (9 + 6) + round(4.5) * 6))
     with pytest.raises(ValueError, match="rank >= 1"):
         low_rank_sparse(edit, rank=0, sparse=0.1)
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 import moelab
 from moelab.compress.calibration import CalibrationOptions, calibration_mixture, run_calibration
 from moelab.compress.methods import LayerDecision, Method, ScoringMethod, Target, get_method, plan_target
-from moelab.compress.methods.base import check_protected, experts_worth_kept, super_expert_ids
+from moelab.compress.methods.base import check_protected, share_kept, super_expert_ids
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture
 from moelab.compress.observers import OBSERVERS
 from moelab.compress.router_fit import RouterFit, refit_router
@@ -149,7 +149,7 @@ def _planned(model: Path, method: Method, ratio: float) -> dict[int, tuple[Any, 
     instead, how many experts' worth of parameters it keeps."""
     layers = _router_views(model, method)
     if method.narrows:
-        return {i: (r, experts_worth_kept(r.num_experts, ratio, f"layer {i}: ")) for i, r in layers.items()}
+        return {i: (r, share_kept(r.num_experts, ratio)) for i, r in layers.items()}
     return {i: (r, plan_target(r, ratio, f"layer {i}: ")) for i, r in layers.items()}
 
 

@@ -26,11 +26,12 @@ from moelab.nn.routers import check_groups
 
 @dataclass(frozen=True)
 class Target:
-    """What one layer must come down to. keep: E' experts; protect: original ids that must stay
-    (super experts); halves: the halves of the calibration data to use ((0, 1): all). To decide
-    on some calibration sources only, pass the statistics `restricted` to them."""
+    """What one layer must come down to. keep: E' experts (for a method that narrows experts, the
+    experts' worth of parameters kept, which may be fractional: `share_kept`); protect: original
+    ids that must stay (super experts); halves: the halves of the calibration data to use ((0, 1):
+    all). To decide on some calibration sources only, pass the statistics `restricted` to them."""
 
-    keep: int
+    keep: int | float
     protect: frozenset[int] = frozenset()
     halves: tuple[int, ...] = (0, 1)
 
@@ -150,6 +151,14 @@ def experts_worth_kept(E: int, ratio: float, where: str = "") -> int:
             f"at least {_ratio(1, E)}"
         )
     return E - removed
+
+
+def share_kept(E: int, ratio: float) -> float:
+    """E (1 - ratio): the experts' worth of parameters a method that narrows experts keeps when it
+    removes `ratio` of them (neurons, so not rounded to whole experts)."""
+    if not 0 < ratio < 1:
+        raise ValueError(f"the ratio of parameters to remove must lie in (0, 1), got {ratio}")
+    return E * (1 - ratio)
 
 
 def plan_target(router: RouterView, ratio: float, where: str = "") -> int:

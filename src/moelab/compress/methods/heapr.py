@@ -6,8 +6,9 @@ routed to e: h_tj its activation, w_j its column of the down projection, g_t the
 loss at the expert's output (the Gauss-Newton form of the paper's w_j^T H_e w_j, accumulated
 without the D x D matrix). An expert no calibration token chose scores -1, so it goes first.
 
-The budget matches expert pruning's: `ratio` of the routed experts' parameters goes, i.e. a
-layer keeps keep/E of its neurons (Target.keep experts' worth). Layouts ("auto", the default:
+The budget is the paper's: `ratio` of the routed experts' neurons (so of their parameters) goes,
+i.e. a layer keeps keep/E of them (Target.keep experts' worth, `share_kept`; rounded to whole
+neurons, never to whole experts). Layouts ("auto", the default:
 uniform, or padded where the family's shared experts take their width from the routed ones'):
 - "uniform": every expert keeps its best I' = round(I keep / E) neurons; the result is
   a checkpoint with narrower experts that transformers loads (one width per model).
@@ -71,6 +72,8 @@ class HEAPr(Method):
             budget += round(scores.numel() * targets[index].keep / E)
             ranked += [(-float(s), index, j) for j, s in enumerate(scores.tolist())]
         ranked.sort()
+        if budget >= len(ranked):
+            raise ValueError(f"heapr keeps all {len(ranked)} neurons at this ratio; raise the ratio")
         self.threshold = ranked[budget - 1] if budget else (float("inf"), -1, -1)
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
@@ -83,11 +86,21 @@ class HEAPr(Method):
                     "experts; use layout='padded' or drop the protection"
                 )
             width = round(I * target.keep / E)
+            if width >= I:
+                raise ValueError(
+                    f"layer {layer.index}: keeping {target.keep / E:.1%} of each expert's {I} neurons keeps "
+                    f"all of them; raise the ratio to at least {1 / I:.3g}"
+                )
             keep = [sorted(_ranked(row)[:width]) for row in scores]
             experts = narrowed(layer.experts, keep)
             view = dataclasses.replace(layer, experts=experts)
             notes = {"width": width}
         else:
+            if self.layout == "auto":
+                raise ValueError(
+                    "heapr's layout 'auto' is settled per checkpoint (settle(), as compress does); give "
+                    "layout='uniform' or 'padded' to call decide() directly"
+                )
             if self.threshold is None:
                 raise RuntimeError("heapr with the padded layout needs prepare() over every layer first")
             cut = self.threshold

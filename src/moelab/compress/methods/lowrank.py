@@ -1,7 +1,10 @@
 """MC-SMoE's compression of merged experts, without its distillation: every merged expert matrix
 W (out x in) becomes L R + S, L R its best rank-r approximation (SVD) and S the residual's
-`sparse` fraction of largest-magnitude entries. Transformers' formats hold full matrices, so the
-result is written at full width; the factored size is what the method would store."""
+`sparse` fraction of rows, as in the paper's row-structured S (which needs no per-entry indices).
+The paper ranks rows by their mean |theta * grad|; without gradients, moelab keeps the rows of
+largest residual norm, the choice that minimises ||W - L R - S||_F. Transformers' formats hold
+full matrices, so the result is written at full width; the factored size is what the method
+would store."""
 
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ def compact_notes(edit: LayerEdit, compact: int) -> dict[str, int]:
 
 def low_rank_sparse(edit: LayerEdit, rank: int, sparse: float) -> tuple[LayerEdit, int]:
     """The edit with its experts' gate, up and down replaced by rank-`rank` + sparse
-    approximations; and their parameter count in factored form (r (out + in) + nnz(S) each)."""
+    approximations; and their parameter count in factored form (r (out + in) + S's kept rows x in
+    each)."""
     if rank < 1 or not 0 <= sparse <= 1:
         raise ValueError(
             f"low-rank compression needs rank >= 1 and sparse in [0, 1], got {rank} and {sparse}"
@@ -47,8 +51,7 @@ def _approximate(W: Tensor, rank: int, sparse: float) -> tuple[Tensor, int]:
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     low = (U[:, :r] * S[:r]) @ Vh[:r]
     residual = W - low
-    keep = int(round(sparse * residual.numel()))
-    if keep:
-        threshold = residual.abs().flatten().kthvalue(residual.numel() - keep + 1).values
-        low = low + torch.where(residual.abs() >= threshold, residual, torch.zeros_like(residual))
-    return low, r * (W.shape[0] + W.shape[1]) + keep
+    rows = int(round(sparse * W.shape[0]))
+    kept = residual.norm(dim=1).topk(rows).indices  # ties: torch's order
+    low[kept] += residual[kept]
+    return low, r * (W.shape[0] + W.shape[1]) + rows * W.shape[1]

@@ -14,9 +14,10 @@ edited layer's output y' against the original's y on the sampled layer inputs x 
      scores, and NAEE's search; the one with the lowest error wins;
   3. fold: every dropped expert, most used first, is tried merged into its nearest kept expert
      (mean outputs over x, HC-SMoE's features; same routing group), neurons aligned to the kept
-     one, in six variants: its share of the merge (its usage, 10 % or 30 %) times the router row
-     (the kept expert's, M-SMoE's dominant rule, or for softmax routers a row fitted to the pair's
-     joint probability); the best variant stays when it lowers the error.
+     one, in six variants: its weight in the merge (its usage, or 10 % or 30 % of a pair with
+     the kept expert's own weight; a second fold into the same expert adds to the group) times
+     the router row (the kept expert's, M-SMoE's dominant rule, or for softmax routers a row
+     fitted to the pair's joint probability); the best variant stays when it lowers the error.
 - "neurons" (remove `ratio` of the routed experts' parameters): HEAPr's uniform layout, then
   every expert's down projection refitted by ridge least squares so that its kept neurons make
   up for the pruned ones on the sampled tokens routed to it (`compensated`), where that lowers
@@ -259,9 +260,10 @@ class MoelabRecipe(Method):
 
     def _fold(self, layer, stats, kept: list[int], x: Tensor, error, best: float):
         """(edit, its error, [[kept expert, dropped expert, variant], ...] folds that stayed).
-        Variants of one fold: the dropped expert's share of the merge (its usage, or 10 % or 30 %
-        of the pair) and the router row (the kept expert's, or for softmax routers the row fitted
-        to the pair's joint probability, `merged_layer`'s "fit" rule); the best one is tried."""
+        Variants of one fold: the dropped expert's weight in the merge (its usage, or 10 % or 30 %
+        of a pair with the kept expert's own weight) and the router row (the kept expert's, or
+        for softmax routers the row fitted to the pair's joint probability, `merged_layer`'s
+        "fit" rule); the best one is tried."""
         counts = stats.total("counts").double().clamp(min=1e-9)
         features = expert_features(layer, x)
         group_of = {e: g for g, members in enumerate(router_groups(layer.router)) for e in members}
