@@ -1,5 +1,8 @@
 """Soft-count pruning (S-prune, HC-SMoE's baseline): keep the experts with the most router
-probability mass over all calibration tokens, chosen or not."""
+probability mass over all calibration tokens, chosen or not. The probability is the router's
+own: softmax of the logits, or for a sigmoid router (DeepSeek-V3, Llama 4) the sigmoids
+normalised to sum 1 per token, where the paper, written for softmax routers, would apply a
+softmax to logits that were never one."""
 
 from moelab.compress.methods.base import ScoringMethod, Target
 from moelab.compress.stats import LayerStats
