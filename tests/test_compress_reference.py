@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import re
 
 import pytest
@@ -398,6 +399,26 @@ def test_observers_equal_naive_loops(name):
         assert float(got["shared_max"]) > 0
     sample = torch.cat([b.x for b in batches])[torch.argsort(torch.cat([b.tokens.position for b in batches]))]
     torch.testing.assert_close(got["inputs"], sample[[0, 4, 8, 12, 17, 21, 25]].float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_soft_counts_are_the_routers_probabilities_from_the_logits(score_func):
+    """Written out from the router's weight alone: softmax of x W^T, or for a sigmoid router
+    sigmoid(x W^T) normalised to sum 1 per token (the router's own probabilities), summed per
+    half and source. A selection bias shifts the choice, never these probabilities."""
+    view = make_view(E=6, score_func=score_func, selection_bias=score_func == "sigmoid", seed=3)
+    batches = make_batches(view.experts.dim, [9, 7], 2, F64, seed=4)
+    got = observe(moe_layer_from_view(view), batches, 2, {"total_tokens": 16, "sample_tokens": 4})
+    expected = torch.zeros(2, 2, 6, dtype=F64)
+    for b in batches:
+        for t in range(b.x.shape[0]):
+            z = [float(b.x[t].double() @ view.router.weight[e].double()) for e in range(6)]
+            if score_func == "softmax":
+                p = [math.exp(v - max(z)) for v in z]
+            else:
+                p = [1 / (1 + math.exp(-v)) for v in z]
+            expected[int(b.tokens.half[t]), int(b.tokens.source[t])] += torch.tensor(p, dtype=F64) / sum(p)
+    torch.testing.assert_close(got["soft_counts"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_observers_single_token():
