@@ -100,7 +100,7 @@ def compress(
         timings["calibration_s"] = round(time.perf_counter() - begin, 3)
         protect = _protected(calibration) if protect_super_experts else {}
         sources = tuple(domains) if domains else None
-        targets = {i: Target(n, frozenset(protect.get(i, ()))) for i, (router, n) in keep.items()}
+        targets = {i: Target(n, frozenset(protect.get(i, ()))) for i, (_, n) in keep.items()}
         for i, target in targets.items():
             check_protected(keep[i][0], target.keep, target.protect, f"layer {i}: ")
         begin = time.perf_counter()
@@ -144,7 +144,7 @@ def check_compression(model: str | os.PathLike, method: str, ratio: float, **met
     _planned(Path(model), get_method(method, **method_options), ratio)
 
 
-def _planned(model: Path, method: Method, ratio: float) -> dict[int, tuple[Any, int]]:
+def _planned(model: Path, method: Method, ratio: float) -> dict[int, tuple[Any, int | float]]:
     """{MoE layer: (its RouterView, the experts it keeps)}; for a method that narrows experts
     instead, how many experts' worth of parameters it keeps."""
     layers = _router_views(model, method)

@@ -103,7 +103,7 @@ class LayerStats:
         sampled inputs); the maxima, skip ratios and logit Gram matrix stay the whole data's."""
         index = self._source_index(list(sources))
         per_source = {n: getattr(self, n)[:, index] for n in PER_SOURCE if getattr(self, n) is not None}
-        inputs = input_sources = self.inputs
+        inputs, input_sources = self.inputs, self.input_sources
         if self.inputs is not None and self.inputs.numel():
             if self.input_sources is None:
                 raise ValueError(

@@ -155,11 +155,7 @@ def restore_checkpoint(
         return int(state.pop("step")), state
     checkpoint = load_checkpoint(path, device)
     state = checkpoint.state
-    if "optimizer" not in state:
-        raise ValueError(
-            f"{path / STATE_NAME} lacks ['optimizer']: it is not a training state this moelab wrote; delete "
-            "this checkpoint to resume from an older one"
-        )
+    _check_keys(state, ("optimizer",), path / STATE_NAME)
     if parallel is None:
         model.load_state_dict(checkpoint.model.state_dict())
         optimizer.load_state_dict(state.pop("optimizer"))
@@ -243,10 +239,13 @@ def _read_state(path: Path, device: torch.device | str) -> dict[str, Any]:
             f"cannot read {state_file} ({str(err).splitlines()[0]}); delete this checkpoint to resume from an "
             "older one"
         ) from None
-    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
+    _check_keys(state, STATE_KEYS, state_file)
+    return state
+
+
+def _check_keys(state: Any, keys: tuple[str, ...], state_file: Path) -> None:
+    if missing := [k for k in keys if not isinstance(state, dict) or k not in state]:
         raise ValueError(
             f"{state_file} lacks {missing}: it is not a training state this moelab wrote; delete this "
             "checkpoint to resume from an older one"
         )
-    return state
