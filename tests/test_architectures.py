@@ -32,7 +32,7 @@ from moelab.nn import (
     build_moe,
     set_reuse_progress,
 )
-from moelab.nn.blockffn import chunk_sparsification_loss
+from moelab.nn.blockffn import AdaptiveCoefficient, chunk_sparsification_loss
 from moelab.nn.losses import router_entropy_loss
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -481,3 +481,23 @@ def test_chunk_loss_matches_a_naive_product_and_composes_with_entropy():
     torch.testing.assert_close(loss.double(), expected, **fp32)
     (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
     torch.testing.assert_close(grad, torch.autograd.grad(expected, logits)[0], **fp32)
+
+
+def test_adaptive_chunk_coefficient_follows_the_schedule_worked_by_hand():
+    """BlockFFN's AdaptiveLinearScheduler, warmup 4, windows of 2 from the first step: at steps 4, 6
+    and 8 the ratio of the last two windows' mean losses (2, 0.5, 1.01 -> factor 2, 0.5, 1.025) sets
+    the target, reached linearly over the next window (the reference moves from the first window
+    that ends at or after the warmup; before, moelab started counting windows after it)."""
+    coef = AdaptiveCoefficient(initial=1.0, warmup=4, window=2, max_factor=4.0)
+    losses = [1, 1, 1, 3, 1, 1, 1.01, 1.01, 1, 1]
+    values = [coef.step(loss) for loss in losses]
+    expected = [1, 1, 1, 1, 1.5, 2, 1.5, 1, 1.0125, 1.025]
+    assert values == pytest.approx(expected, rel=1e-12)
+
+    capped = AdaptiveCoefficient(initial=1.0, warmup=0, window=1, max_factor=4.0)
+    assert [capped.step(loss) for loss in (1, 3, 9, 27)] == pytest.approx([1, 1, 3, 4])  # 1 * 3, then 4 * 1
+
+    resumed = AdaptiveCoefficient(initial=1.0, warmup=4, window=2)
+    resumed.load_state_dict(AdaptiveCoefficient(initial=1.0, warmup=4, window=2).state_dict())
+    with pytest.raises(ValueError, match="train from the start"):
+        resumed.load_state_dict({"value": 1.0})

@@ -1,5 +1,7 @@
 """Bad input raises a clear error that names the fix (checked with pytest.raises(match=...))."""
 
+import re
+
 import pytest
 import torch
 
@@ -159,6 +161,31 @@ def test_config_validates_expert_choice_capacity_factor(c):
     not later in build_moe."""
     with pytest.raises(ValueError, match="ec_capacity_factor"):
         MoEConfig(dim=D, num_experts=E, hidden_dim=I, router="expert_choice", ec_capacity_factor=c)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (dict(router="graph_sim", route_scale=2.0), "route_scale=2.0 has no effect without router='topk'"),
+        (dict(router="topp", score_func="sigmoid"), "score_func='sigmoid' has no effect without router='topk'"),
+        (dict(router="graph_attn", n_group=2, topk_group=1), "n_group=2 has no effect"),
+        (dict(router="expert_choice", renormalize=True), "renormalize=True has no effect without router 'topk'"),
+        (dict(router="topk", top_p=0.9), "top_p=0.9 has no effect without router='topp'"),
+        (dict(router="topk", max_k=3), "max_k=3 has no effect without router='topp'"),
+        (dict(router="topp", ec_capacity_factor=1.0), "ec_capacity_factor=1.0 has no effect"),
+        (dict(router="graph_attn", graph_tau=2.0), "graph_tau=2.0 has no effect without router='graph_sim'"),
+        (dict(bias_update_rate=0.1), "bias_update_rate=0.1 has no effect without selection_bias=True"),
+        (dict(shared_gate=True), "shared_gate=True has no effect without num_shared >= 1"),
+        (dict(shared_hidden_dim=16), "shared_hidden_dim=16 has no effect without num_shared >= 1"),
+    ],
+)
+def test_a_setting_the_layer_would_not_read_is_refused(options, named):
+    """Each named setting, left at its default, builds; changed where the layer never reads it, it is
+    refused by name, instead of building a layer that silently ignores it."""
+    with pytest.raises(ValueError, match=re.escape(named) + ".*leave it at its default"):
+        MoEConfig(dim=D, num_experts=E, hidden_dim=I, **options)
+    defaults = {name: MoEConfig.__dataclass_fields__[name].default for name in options if name != "router"}
+    MoEConfig(dim=D, num_experts=E, hidden_dim=I, router=options.get("router", "topk"), **defaults)
 
 
 def test_selection_bias_only_for_topk():

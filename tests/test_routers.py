@@ -350,6 +350,47 @@ def test_attach_selection_bias_update_covers_every_layer():
         assert set(layer.router.selection_bias.unique().tolist()) <= {-0.5, 0.0, 0.5}
 
 
+def test_selection_bias_update_leaves_rexmoe_masked_experts_alone():
+    """Experts the progressive schedule still masks take no load; they keep their bias, and the mean
+    load the others are held to is the candidates' (before, a masked expert's bias rose every step)."""
+    from moelab.nn.rexmoe import ReuseRouter
+
+    torch.manual_seed(0)
+    router = ReuseRouter(D, 4, 2, 0, 2, selection_bias=True)  # a pool of 8, experts 0-3 its own
+    router.set_progress(0.5)  # own experts and the 2 nearest foreign ones: 4 and 5
+    candidates = router.candidates.clone()
+    router.train()
+    routing = router(torch.randn(64, D) * 3)
+    assert candidates[routing.indices].all()
+    load = torch.bincount(routing.indices.flatten(), minlength=8).float()
+    assert torch.equal(router.tokens_per_expert, load)
+    router.update_selection_bias(0.25)
+    mean = load[candidates].mean()
+    expected = torch.where(candidates, 0.25 * torch.sign(mean - load), torch.zeros(8))
+    assert torch.equal(router.selection_bias, expected)
+    assert (router.selection_bias[~candidates] == 0).all() and router.selection_bias[candidates].abs().sum() > 0
+
+
+def test_selection_bias_and_load_counter_stay_float32_when_the_router_is_cast():
+    """A bf16 counter stops at 256 (256 + 1 rounds to 256) and a bf16 bias of 0.5 cannot take a step
+    of 1e-3; casting the layer keeps both float32, its weights cast."""
+    torch.manual_seed(0)
+    layer = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=8, selection_bias=True)).to(torch.bfloat16)
+    router = layer.router
+    assert router.weight.dtype == torch.bfloat16
+    assert router.selection_bias.dtype == router.tokens_per_expert.dtype == torch.float32
+    with torch.no_grad():
+        router.selection_bias.fill_(0.5)
+    y, _ = layer(torch.randn(2048, D, dtype=torch.bfloat16))
+    y.float().sum().backward()
+    assert router.tokens_per_expert.sum() == 2048 * 2 and router.tokens_per_expert.max() > 256
+    router.update_selection_bias(1e-3)
+    steps = torch.tensor([0.5 - 1e-3, 0.5, 0.5 + 1e-3], dtype=torch.float32)
+    assert torch.isin(router.selection_bias, steps).all()
+    assert (router.selection_bias != 0.5).any()
+    assert layer.to(torch.float64).router.selection_bias.dtype == torch.float32  # any cast
+
+
 def test_attach_selection_bias_update_needs_a_balancing_router():
     layer = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=8))
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)

@@ -166,3 +166,22 @@ def test_split_dense_mlp_rejects_uneven_slices():
 
     with pytest.raises(ValueError, match="width 10 must be divisible by the 4 experts"):
         split_dense_mlp(SwiGLU(8, 10), 4)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"expert_top_k": 1}, r"expert_top_k \(1\) must lie in \[top_k=2, 4 experts\]"),
+        ({"expert_top_k": 5}, r"expert_top_k \(5\) must lie in \[top_k=2, 4 experts\]"),
+        ({"selection": "global"}, "unknown selection .global."),
+        ({"gate": "softmax"}, "unknown gate .softmax."),
+        ({"token_fraction": 1.5}, r"token_fraction must lie in \(0, 1\]"),
+    ],
+)
+def test_router_refuses_bad_settings_itself(options, message):
+    """Built directly (not through UoEConfig), the router checks its settings: an expert_top_k below
+    top_k used to route tokens to experts their sequence had dropped, one above E to fail in topk."""
+    with pytest.raises(ValueError, match=message):
+        UoERouter(8, 4, 2, **options)
+    with pytest.raises(ValueError, match=r"UoEConfig.mlp_expert_top_k \(1\) must lie in \[mlp_top_k=2"):
+        UoEConfig(mlp_top_k=2, mlp_expert_top_k=1)

@@ -97,11 +97,12 @@ def chunk_sparsification_loss(probs: Tensor, chunk_len: int = 64) -> Tensor:
 class AdaptiveCoefficient:
     """The chunk-loss weight schedule of BlockFFN (`AdaptiveLinearScheduler`).
 
-    Constant at `initial` for `warmup` steps; then, at the end of every `window` steps, the
-    ratio r = mean(L_CS over the last window) / mean(L_CS over the window before) sets a target
+    The losses are averaged over windows of `window` steps, counted from the first step. At the
+    end of every window from step `warmup` on (the coefficient is `initial` until then), the ratio
+    r = mean(L_CS over this window) / mean(L_CS over the window before) sets a target
     coefficient * (max(1.025, r) if r > 1 else r), capped at `max_factor * initial`, and the
-    coefficient moves linearly to it over the next window. Call `step(loss_value)` once per
-    optimizer step; read `value`.
+    coefficient moves linearly to it over the next window, reaching it at that window's last step.
+    Call `step(loss_value)` once per optimizer step: it returns the coefficient of that step.
     """
 
     def __init__(self, initial: float = 5e-2, warmup: int = 1000, window: int = 100, max_factor: float = 4.0):
@@ -113,24 +114,30 @@ class AdaptiveCoefficient:
         self._losses: list[float] = []
         self._previous_mean: float | None = None
         self._start = self._target = initial
+        self._moved_at = 0  # the step the coefficient started moving from _start to _target
 
     def step(self, loss: float) -> float:
         self.steps += 1
-        if self.steps > self.warmup:
-            self._losses.append(float(loss))
-            done = len(self._losses)
-            self.value = self._start + (self._target - self._start) * min(done / self.window, 1.0)
-            if done == self.window:
-                mean = sum(self._losses) / done
-                if self._previous_mean:
-                    ratio = mean / self._previous_mean
-                    factor = max(1.025, ratio) if ratio > 1 else ratio
-                    self._start, self._target = self.value, min(self.value * factor, self.cap)
-                self._previous_mean, self._losses = mean, []
+        self._losses.append(float(loss))
+        moved = min((self.steps - self._moved_at) / self.window, 1.0)
+        self.value = self._start + (self._target - self._start) * moved
+        if self.steps % self.window == 0:
+            mean = sum(self._losses) / self.window
+            if self._previous_mean and self.steps >= self.warmup:
+                ratio = mean / self._previous_mean
+                factor = max(1.025, ratio) if ratio > 1 else ratio
+                self._start, self._target = self.value, min(self.value * factor, self.cap)
+                self._moved_at = self.steps
+            self._previous_mean, self._losses = mean, []
         return self.value
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
 
     def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.__dict__):
+            raise ValueError(
+                "the adaptive chunk-sparsity schedule's saved state does not match this moelab's schedule "
+                f"(saved: {sorted(state)}); resume with the moelab that wrote it, or train from the start"
+            )
         self.__dict__.update(state)

@@ -40,7 +40,8 @@ class MoEConfig:
     top_k: experts per token for "topk" and the graph routers.
     score_func, renormalize, route_scale, n_group, topk_group: top-k scoring (see TopKRouter).
         renormalize defaults to True for "topk" (Mixtral, Qwen3) and False for "topp" (the
-        paper's raw probabilities).
+        paper's raw probabilities). With top_k=1 it makes every weight 1, so the router learns from
+        the auxiliary losses alone; Switch-style top-1 layers set renormalize=False.
     selection_bias: aux-loss-free balancing bias for "topk" (update it with
         `moelab.nn.attach_selection_bias_update`); bias_update_rate: its step size gamma.
     router_bias: a learned bias on the router logits (GPT-OSS).
@@ -158,6 +159,32 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.latent_dim must lie in [1, dim={self.dim}] or be None, got {self.latent_dim}")
         if self.reuse_layers > 1 and (self.router != "topk" or self.n_group > 1):
             raise ValueError("MoEConfig.reuse_layers > 1 (ReXMoE) needs router='topk' without expert groups (n_group=1)")
+        self._check_read_fields()
+
+    def _check_read_fields(self) -> None:
+        """Refuse a setting the layer would not read (route_scale=2 with router='graph_sim' used to
+        build a layer with 1): each such field must keep its default."""
+        topk, graph = self.router == "topk", self.router in ("graph_sim", "graph_attn")
+        read_where = {
+            **dict.fromkeys(("score_func", "route_scale", "n_group", "topk_group"), ("router='topk'", topk)),
+            "renormalize": ("router 'topk', 'topp' or a graph router", topk or graph or self.router == "topp"),
+            "top_p": ("router='topp'", self.router == "topp"),
+            "max_k": ("router='topp'", self.router == "topp"),
+            "ec_capacity_factor": ("router='expert_choice'", self.router == "expert_choice"),
+            "graph_learned": ("router='graph_sim'", self.router == "graph_sim"),
+            "graph_tau": ("router='graph_sim'", self.router == "graph_sim"),
+            "bias_update_rate": ("selection_bias=True", self.selection_bias),
+            "shared_hidden_dim": ("num_shared >= 1", self.num_shared > 0),
+            "shared_gate": ("num_shared >= 1", self.num_shared > 0),
+        }
+        for field in dataclasses.fields(self):
+            where, read = read_where.get(field.name, ("", True))
+            value = getattr(self, field.name)
+            if not read and value != field.default:
+                raise ValueError(
+                    f"MoEConfig.{field.name}={value!r} has no effect without {where} "
+                    f"(router={self.router!r}); leave it at its default {field.default!r}"
+                )
 
     @property
     def num_router_experts(self) -> int:

@@ -135,6 +135,9 @@ def check_finite_logits(logits: Tensor) -> None:
         raise ValueError(NON_FINITE_LOGITS)
 
 
+BALANCING_BUFFERS = ("selection_bias", "tokens_per_expert")  # float32 whatever the router's dtype
+
+
 class TopKRouter(Router):
     """Token-choice top-k (Switch, GShard, Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2/V3).
 
@@ -247,8 +250,24 @@ class TopKRouter(Router):
         if group is not None:
             dist.all_reduce(load, group=group)
         if load.sum() > 0:
-            self.selection_bias += rate * torch.sign(load.mean() - load)
+            if self.candidates is None:
+                self.selection_bias += rate * torch.sign(load.mean() - load)
+            else:  # ReXMoE's masked experts take no load and keep their bias: the mean is the candidates'
+                mean = load.sum() / self.candidates.sum()
+                self.selection_bias += rate * torch.sign(mean - load) * self.candidates
         load.zero_()
+
+    def _apply(self, fn, recurse=True):
+        """`nn.Module._apply` (what `.to()` runs), but the balancing bias and its load counter stay
+        float32 whatever the cast: a bf16 counter stops at 256 and a bf16 bias near 0.5 cannot take a
+        step of 1e-3."""
+        kept = {name: self._buffers[name] for name in BALANCING_BUFFERS if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
 
 
 class TopPRouter(Router):

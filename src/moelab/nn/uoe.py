@@ -92,7 +92,7 @@ class UoEConfig:
             raise ValueError(f"UoEConfig.mlp_experts must be >= 1, got {self.mlp_experts}")
         check_top_k(self.mlp_top_k, self.mlp_experts, name="UoEConfig.mlp_top_k")
         if self.mlp_expert_top_k is not None:
-            _check_expert_top_k("mlp", self.mlp_expert_top_k, self.mlp_top_k, self.mlp_experts)
+            check_expert_top_k(self.mlp_expert_top_k, self.mlp_top_k, self.mlp_experts, part="mlp_")
         if not 0.0 < self.token_fraction <= 1.0:
             raise ValueError(f"UoEConfig.token_fraction must lie in (0, 1], got {self.token_fraction}")
 
@@ -100,7 +100,7 @@ class UoEConfig:
         """Validate the attention settings against the model's H heads."""
         check_top_k(self.attn_top_k, n_heads, name="UoEConfig.attn_top_k")
         if self.attn_expert_top_k is not None:
-            _check_expert_top_k("attn", self.attn_expert_top_k, self.attn_top_k, n_heads)
+            check_expert_top_k(self.attn_expert_top_k, self.attn_top_k, n_heads, part="attn_")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,10 +125,13 @@ class UoEConfig:
         )
 
 
-def _check_expert_top_k(part: str, value: int, top_k: int, num_experts: int) -> None:
+def check_expert_top_k(value: int, top_k: int, num_experts: int, part: str = "") -> None:
+    """Expert selection keeps `value` experts per sequence; a token then picks its top_k among them.
+    part: "attn_" or "mlp_" for UoEConfig's names, "" for the router's own."""
     if not top_k <= value <= num_experts:
+        where = f"UoEConfig.{part}" if part else ""
         raise ValueError(
-            f"UoEConfig.{part}_expert_top_k ({value}) must lie in [{part}_top_k={top_k}, {num_experts} experts]: "
+            f"{where}expert_top_k ({value}) must lie in [{part}top_k={top_k}, {num_experts} experts]: "
             "a token picks its top-k among the experts its sequence keeps"
         )
 
@@ -157,6 +160,12 @@ class UoERouter(Router):
     ):
         super().__init__(dim, num_experts, bias=bias)
         check_top_k(top_k, num_experts)
+        check_choice("selection", selection, SELECTIONS)
+        check_choice("gate", gate, GATES)
+        if expert_top_k is not None:
+            check_expert_top_k(expert_top_k, top_k, num_experts)
+        if token_fraction is not None and not 0.0 < token_fraction <= 1.0:
+            raise ValueError(f"token_fraction must lie in (0, 1] or be None, got {token_fraction}")
         self.k, self.top_k = top_k, num_experts
         self.selection, self.gate = selection, gate
         self.expert_top_k, self.token_fraction = expert_top_k, token_fraction
