@@ -171,12 +171,21 @@ def test_moe_output_is_the_masked_layer_one_expert_at_a_time(tmp_path, family):
 
 def test_sharded_source_side_files_and_chained_edits(tmp_path):
     """A sharded source stays sharded (renumbered index), tokenizer-like side files are copied,
-    pickles are not, and a second edit's expert map refers to the first model's ids."""
+    weights in other formats and folders are not (stale copies of the unedited model), and a second
+    edit's expert map refers to the first model's ids."""
     src = tmp_path / "src"
     build("mixtral").save_pretrained(src, max_shard_size="20KB")
     (src / "tokenizer_config.json").write_text("{}")
     (src / "pytorch_model.bin").write_bytes(b"stale")
+    for stale in ("tf_model.h5", "flax_model.msgpack", "model.gguf", "onnx/model.onnx", "original/consolidated.00.pth",
+                  "original/model.safetensors"):  # fmt: skip
+        (src / stale).parent.mkdir(exist_ok=True)
+        (src / stale).write_bytes(b"stale weights of the unedited model")
+    (src / "original" / "params.json").write_text("{}")
     drop_experts(src, tmp_path / "a", [1], quiet=True)  # keeps 0, 2, 3
+    assert not [p.name for p in (tmp_path / "a").rglob("*") if p.suffix in (".h5", ".msgpack", ".gguf", ".onnx", ".pth")]
+    assert not (tmp_path / "a" / "onnx").exists() and not (tmp_path / "a" / "original" / "model.safetensors").exists()
+    assert (tmp_path / "a" / "original" / "params.json").is_file()
     index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert all((tmp_path / "a" / shard).is_file() for shard in index["weight_map"].values())
@@ -372,8 +381,11 @@ def test_output_directory_is_checked(mixtral, tmp_path):
         with pytest.raises(ValueError, match="busy exists and was not written by moelab"):
             drop_experts(mixtral, tmp_path / "busy", [0], quiet=True, overwrite=overwrite)
     assert (tmp_path / "busy" / "x").is_file()
-    with pytest.raises(ValueError, match="lies inside the input"):
-        drop_experts(mixtral, mixtral / "pruned", [0], quiet=True)
+    before = sorted(mixtral.rglob("*"))
+    for inside in (mixtral / "pruned", mixtral / "a" / "b" / "pruned"):
+        with pytest.raises(ValueError, match="lies inside the input"):
+            drop_experts(mixtral, inside, [0], quiet=True)
+    assert sorted(mixtral.rglob("*")) == before  # refused before the lock file or a parent was made
     drop_experts(mixtral, tmp_path / "pruned", [0], quiet=True)
     with pytest.raises(ValueError, match="already holds a moelab checkpoint; pass --overwrite"):
         drop_experts(mixtral, tmp_path / "pruned", [1], quiet=True)

@@ -311,6 +311,24 @@ def test_links_out_of_a_checkpoint_are_copied_as_links_never_by_content(tmp_path
     assert not (out / "inside.json").is_symlink() and (out / "inside.json").read_text() == "{}"
 
 
+def test_a_link_loop_in_a_checkpoint_is_not_followed(tmp_path):
+    """`sub/loop -> ..` (and `loop -> .`) would copy the checkpoint into itself level after level
+    until the path is too long; they are left out with a note, once."""
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "sub").mkdir(parents=True)
+    (ckpt / "tokenizer.json").write_text("{}")
+    (ckpt / "sub" / "notes.txt").write_text("notes")
+    (ckpt / "sub" / "loop").symlink_to("..")
+    (ckpt / "loop").symlink_to(".")
+    out = tmp_path / "out"
+    out.mkdir()
+    note = copy_side_file(ckpt / "sub", out / "sub", ckpt)
+    assert "is a link back to" in note and "not followed" in note
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["sub", "sub/notes.txt"]
+    assert "not followed" in copy_side_file(ckpt / "loop", out / "loop", ckpt)
+    assert not (out / "loop").exists()
+
+
 def test_hugging_face_cache_links_count_as_the_checkpoints_own(tmp_path):
     repo = tmp_path / "models--org--name"
     (repo / "blobs").mkdir(parents=True)

@@ -234,6 +234,7 @@ def output_dir(
     (`resume_hint` tells how to continue it). patterns: {entry directory: a regular expression of
     the names moelab writes in it}, so that `--overwrite` refuses a user's file added there."""
     out = _resolve(out)
+    _check_inputs(out, inputs)
     with _lock(out):
         created = not out.exists()
         marker = _inspect(out, kind, inputs)
@@ -293,6 +294,7 @@ class StagedOutput:
 
     def open(self) -> Path:
         """Take the lock, check `out`, clean what killed runs left; returns the staging directory."""
+        _check_inputs(self.out, self.inputs)
         lock = _lock(self.out)
         lock.__enter__()
         self._unlock = lambda: lock.__exit__(None, None, None)
@@ -424,20 +426,33 @@ def clean_leftovers(directory: str | os.PathLike) -> None:
     _clean_leftovers(Path(directory), None)
 
 
-def copy_side_file(src: Path, dst: Path, root: Path) -> str | None:
+def copy_side_file(
+    src: Path, dst: Path, root: Path, skip: Callable[[Path], bool] | None = None
+) -> str | None:
     """Copy the file or directory `src` of the checkpoint `root` to `dst`. A symlink whose target
     lies outside `root` is copied as a link to that target, never by content (a crafted
     checkpoint must not copy, say, ~/.ssh into an output the user may publish); returns a note
     saying so, else None. A Hugging Face cache snapshot's links into its own `blobs/` count as
-    inside."""
+    inside. A link back to a directory being copied (a loop) is not followed. skip: files, at any
+    depth, to leave behind (a directory they leave empty is not made)."""
+    return _copy_side(src, dst, root, skip or (lambda path: False), frozenset({root.resolve()}))
+
+
+def _copy_side(src: Path, dst: Path, root: Path, skip: Callable[[Path], bool], copying: frozenset) -> str | None:
     if src.is_symlink() and not inside_checkpoint(src.resolve(), root):
         os.symlink(src.resolve(), dst)
         return f"{src.name} is a link to {src.resolve()}, outside {root}: copied as a link, not its content"
     if src.is_dir():
+        real = src.resolve()
+        if real in copying:
+            return f"{src} is a link back to {real}, a directory being copied: not followed"
         dst.mkdir()
-        notes = [copy_side_file(entry, dst / entry.name, root) for entry in sorted(src.iterdir())]
+        notes = [_copy_side(e, dst / e.name, root, skip, copying | {real}) for e in sorted(src.iterdir())]
+        if not any(dst.iterdir()):
+            dst.rmdir()
         return "; ".join(n for n in notes if n) or None
-    shutil.copy2(src, dst)
+    if not skip(src):
+        shutil.copy2(src, dst)
     return None
 
 
@@ -471,9 +486,9 @@ def _check_parents(out: Path) -> None:
             return
 
 
-def _inspect(out: Path, kind: str, inputs: Iterable[str | os.PathLike | None]) -> dict | None:
-    """Check `out` against the contract; its marker if it holds moelab's output of `kind`, None
-    if it is new or empty."""
+def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """`out` is none of the inputs, above none and inside none: checked before anything is created
+    (the lock file beside `out`, its missing parents), so that a refused run leaves no trace there."""
     for given in inputs:
         if given is None or not Path(given).exists():
             continue
@@ -488,6 +503,12 @@ def _inspect(out: Path, kind: str, inputs: Iterable[str | os.PathLike | None]) -
             raise OutputError(
                 f"the output {out} lies inside the input {source}; choose an output directory outside it"
             )
+
+
+def _inspect(out: Path, kind: str, inputs: Iterable[str | os.PathLike | None]) -> dict | None:
+    """Check `out` against the contract; its marker if it holds moelab's output of `kind`, None
+    if it is new or empty."""
+    _check_inputs(out, inputs)
     _check_parents(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} is a file; the output must be a directory: choose another path")

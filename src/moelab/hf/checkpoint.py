@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import weakref
 from pathlib import Path
 
@@ -24,6 +25,10 @@ from moelab.io import RawTensor
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# weights in any format: beside an edited or converted checkpoint they would be stale copies of the source
+WEIGHT_FILE = re.compile(
+    r".*\.(safetensors|bin|pt|pth|ckpt|pkl|pickle|h5|msgpack|gguf|onnx|onnx_data|ot|tflite|npz|npy)"
+)
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,

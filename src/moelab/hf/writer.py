@@ -37,7 +37,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from moelab.hf.adapters import NATIVE, resolve
-from moelab.hf.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, CheckpointError
+from moelab.hf.checkpoint import INDEX_NAME, WEIGHT_FILE, Checkpoint, CheckpointError
 from moelab.hf.edit import LayerEdit, apply_edit, check_edit, moe_output
 from moelab.hf.expert_map import FORMAT as EXPERT_MAP_FORMAT
 from moelab.hf.expert_map import read_expert_map
@@ -307,16 +307,16 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
 def _copy_side_files(source: Path, staging: Path) -> None:
     """Tokenizer, generation config, README, ...: everything but weights, config and moelab's
     own files about the source (its expert map, compression report and statistics, remade for the
-    output). Pickle weights are left behind: they would be stale copies of the unedited model.
-    Links to outside the checkpoint are copied as links (with a warning), never by content."""
+    output). Weights in any other format or folder (pickles, `original/*.pth`, ONNX, GGUF, ...)
+    are left behind: they would be stale copies of the unedited model. Links to outside the
+    checkpoint are copied as links (with a warning), never by content."""
     for entry in sorted(source.iterdir()):
         name = entry.name
-        if (
-            name.startswith((".", "moelab_"))
-            or name.endswith(".safetensors")
-            or name.endswith(PICKLE_SUFFIXES)
-            or name in (INDEX_NAME, "config.json")
-        ):
+        if name.startswith((".", "moelab_")) or name in (INDEX_NAME, "config.json"):
             continue
-        if note := copy_side_file(entry, staging / name, source):
+        if note := copy_side_file(entry, staging / name, source, skip=_is_weight_file):
             warnings.warn(note, stacklevel=3)
+
+
+def _is_weight_file(path: Path) -> bool:
+    return WEIGHT_FILE.fullmatch(path.name) is not None
