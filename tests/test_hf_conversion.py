@@ -210,3 +210,26 @@ def test_generate_runs_a_convertible_transformers_checkpoint_on_moelab_and_the_c
     assert result.exit_code == 0, result.output
     assert (tmp_path / "back" / "tokenizer.json").is_file()
     assert load_pretrained(tmp_path / "back").config.n_layers == 6
+
+
+def test_an_imported_model_exports_with_its_own_tokenizer_dtype_and_generation_config(tmp_path):
+    """import then export gives the source's tokenizer (and its bos/eos ids in config.json), its
+    generation config and its dtype back; before, export wrote moelab's shipped tokenizer (whose
+    8,192 tokens were refused only where the vocabulary is smaller) and declared float32."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(58)} | {"<unk>": 58, "<s>": 59, "</s>": 60}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    source = tmp_path / "source"
+    build("mixtral", bos_token_id=59, eos_token_id=60).to(torch.bfloat16).save_pretrained(source)
+    PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(source)
+    import_checkpoint(source, tmp_path / "moelab", quiet=True)
+    export_checkpoint(tmp_path / "moelab", tmp_path / "back", "mixtral", quiet=True)
+    back = tmp_path / "back"
+    assert (back / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
+    assert json.loads((back / "generation_config.json").read_text())["eos_token_id"] == 60
+    config = json.loads((back / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["dtype"]) == (59, 60, "bfloat16")
+    assert AutoModelForCausalLM.from_pretrained(back).dtype == torch.bfloat16

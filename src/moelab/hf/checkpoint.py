@@ -331,3 +331,17 @@ def _read_header(path: Path) -> tuple[int, dict]:
 
 def _safe_open(path: Path):
     return open_safetensors(path, error=CheckpointError)
+
+
+# files of a checkpoint directory that do not go with its weights to another format
+_NOT_SIDE_FILES = re.compile(r"config\.json|\..*|.*\.index\.json|.*\.py")
+
+
+def side_files(path: Path) -> list[Path]:
+    """The files beside a checkpoint's weights and config.json that go with it (tokenizer files,
+    chat template, generation config, license, moelab's expert map, ...): not weights, indexes,
+    code or hidden files."""
+    return sorted(
+        p for p in path.iterdir()
+        if p.is_file() and not _NOT_SIDE_FILES.fullmatch(p.name) and not WEIGHT_FILE.fullmatch(p.name)
+    )

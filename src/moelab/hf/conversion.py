@@ -30,7 +30,7 @@ from torch import Tensor
 
 from moelab.files import read_json_object
 from moelab.hf.adapters import NATIVE, resolve
-from moelab.hf.checkpoint import WEIGHT_FILE, Checkpoint, CheckpointError
+from moelab.hf.checkpoint import Checkpoint, CheckpointError, side_files
 from moelab.hf.export import renamed
 from moelab.hf.layouts import Config
 from moelab.hf.view import MoELayerView
@@ -43,8 +43,6 @@ from moelab.nn.rope import rope_tables
 
 CONVERTIBLE_FAMILIES = ("mixtral", "qwen2_moe")
 _ATTENTION_BIAS = re.compile(r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias")
-# files of a checkpoint directory that `import_checkpoint` does not copy beside the moelab weights
-_NOT_COPIED = re.compile(r"config\.json|\..*|.*\.index\.json|.*\.py")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -121,15 +119,6 @@ def import_checkpoint(
             copy_side_file(side, staging / side.name, path)
         _check_logits(path, model, quiet)
     return Path(out)
-
-
-def side_files(path: Path) -> list[Path]:
-    """The files beside a checkpoint's weights and config.json that go with it (tokenizer files,
-    chat template, generation config, license, ...): not weights, indexes, code or hidden files."""
-    return sorted(
-        p for p in path.iterdir()
-        if p.is_file() and not _NOT_COPIED.fullmatch(p.name) and not WEIGHT_FILE.fullmatch(p.name)
-    )
 
 
 def _transformers_config(path: str | os.PathLike):

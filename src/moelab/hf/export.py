@@ -20,18 +20,18 @@ to 1e-4.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 from torch import Tensor
 
-from moelab.data.tokenizer import EOT, PAD, TOKENIZER_DIR
+from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf.adapters import FAMILIES, NATIVE, resolve
-from moelab.hf.checkpoint import CheckpointError
+from moelab.hf.checkpoint import CheckpointError, side_files
 from moelab.hf.loading import load_causal_lm
 from moelab.hf.postconditions import postcondition_error
 from moelab.hf.view import MoELayerView, SharedView
@@ -110,26 +110,40 @@ def export_checkpoint(
     out: str | os.PathLike,
     family: str,
     *,
-    tokenizer: str | os.PathLike | None = TOKENIZER_DIR,
+    tokenizer: str | os.PathLike | None = "auto",
     overwrite: bool = False,
     quiet: bool = False,
 ) -> Path:
     """Write the moelab checkpoint `model_dir` (`moelab.models.save_pretrained`) to the new
-    directory `out` as a `family` checkpoint (see EXPORT_FAMILIES), with `tokenizer` (a directory
-    of tokenizer.json and friends; default: moelab's shipped tokenizer; None: weights only).
+    directory `out` as a `family` checkpoint (see EXPORT_FAMILIES). tokenizer: "auto" (default)
+    for the checkpoint's own tokenizer with the files beside it (generation config, chat template,
+    ...: a model `moelab import` wrote keeps its own), or moelab's shipped tokenizer where it has
+    none; a directory of tokenizer.json and friends; None for weights only.
     Refuses models that do not map exactly; checks the result against moelab's logits."""
     model_dir = Path(model_dir).resolve()
+    tokenizer = export_tokenizer(model_dir, tokenizer)
     check_output_dir(out, CHECKPOINT_KIND, inputs=[model_dir, tokenizer], overwrite=overwrite)
     tensors, hf_config = export_state(model_dir, family, tokenizer=tokenizer)
     with StagedOutput(out, CHECKPOINT_KIND, inputs=[model_dir, tokenizer], overwrite=overwrite) as staging:
         save_safetensors(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         atomic_write_text(staging / "config.json", json.dumps(hf_config, indent=2) + "\n")
-        if tokenizer is not None:
+        if tokenizer == model_dir:
+            for side in side_files(model_dir):
+                copy_side_file(side, staging / side.name, model_dir)
+        elif tokenizer is not None:
             for name in TOKENIZER_FILES:
-                if (Path(tokenizer) / name).is_file():
-                    copy_side_file(Path(tokenizer) / name, staging / name, Path(tokenizer))
+                if (tokenizer / name).is_file():
+                    copy_side_file(tokenizer / name, staging / name, tokenizer)
         _check_logits(model_dir, staging, quiet)
     return Path(out)
+
+
+def export_tokenizer(model_dir: Path, tokenizer: str | os.PathLike | None) -> Path | None:
+    """The tokenizer directory an export of `model_dir` takes (`export_checkpoint`'s rule)."""
+    if tokenizer != "auto":
+        return None if tokenizer is None else Path(tokenizer).resolve()
+    own = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
+    return model_dir if own else TOKENIZER_DIR.resolve()
 
 
 def export_state(
@@ -154,7 +168,9 @@ def export_state(
             )
         token_ids = _token_ids(tokenizer, model_config.vocab_size)
         tensors, shared_width = _tensors(ckpt, config, family, fused)
-        return tensors, _hf_config(model_config, family, shared_width, token_ids)
+        dtypes = collections.Counter(t.dtype for t in tensors.values() if t.is_floating_point())
+        dtype = str(dtypes.most_common(1)[0][0]).removeprefix("torch.")  # as stored: bf16 stays bf16
+        return tensors, _hf_config(model_config, family, shared_width, token_ids, dtype)
     finally:
         ckpt.close()
 
@@ -226,9 +242,9 @@ def _qwen2_shared(layer: MoELayerView) -> SharedView:
     return shared
 
 
-def _hf_config(cfg: ModelConfig, family: str, shared_width: int, token_ids: dict[str, int]) -> dict:
+def _hf_config(cfg: ModelConfig, family: str, shared_width: int, token_ids: dict[str, int], dtype: str) -> dict:
     """config.json for `family`, written as JSON (legacy `rope_theta` beside `rope_parameters`,
-    for older readers)."""
+    for older readers); dtype: the weights' ("float32", "bfloat16", ...)."""
     moe = cfg.moe
     common = {
         "architectures": [_ARCHITECTURES[family]],
@@ -248,7 +264,7 @@ def _hf_config(cfg: ModelConfig, family: str, shared_width: int, token_ids: dict
         "attention_dropout": 0.0,
         "num_experts_per_tok": moe.top_k,
         "router_aux_loss_coef": moe.balance_coef,
-        "dtype": "float32",
+        "dtype": dtype,
         **token_ids,
     }
     if family == "mixtral":
@@ -276,20 +292,21 @@ def _token_ids(tokenizer: str | os.PathLike | None, vocab_size: int) -> dict[str
     """bos/eos/pad ids of the tokenizer that goes with the export, checked against the vocab."""
     if tokenizer is None:
         return {}
-    path = Path(tokenizer) / "tokenizer.json"
-    if not path.is_file():
-        raise ValueError(f"no tokenizer.json in {tokenizer}; pass a tokenizer directory or tokenizer=None")
-    tok = Tokenizer.from_file(str(path))
-    if tok.get_vocab_size() > vocab_size:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as err:
         raise ValueError(
-            f"the tokenizer in {tokenizer} has {tok.get_vocab_size()} tokens but the model's vocab_size is "
+            f"cannot read the tokenizer in {tokenizer} ({str(err).splitlines()[0]}); pass a directory of "
+            "tokenizer.json and tokenizer_config.json, or tokenizer=None (--no-tokenizer) for weights only"
+        ) from None
+    if len(tok) > vocab_size:
+        raise ValueError(
+            f"the tokenizer in {tokenizer} has {len(tok)} tokens but the model's vocab_size is "
             f"{vocab_size}; pass the tokenizer the model was trained with, or tokenizer=None for weights only"
         )
-    ids = {
-        "bos_token_id": tok.token_to_id(EOT),
-        "eos_token_id": tok.token_to_id(EOT),
-        "pad_token_id": tok.token_to_id(PAD),
-    }
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     return {key: value for key, value in ids.items() if value is not None}
 
 
