@@ -292,6 +292,22 @@ def test_native_checkpoint(tmp_path, moe):
     torch.testing.assert_close(_logits(pruned, ids), _logits(model, ids), atol=1e-5, rtol=0)
 
 
+def test_narrowing_native_experts_keeps_a_shared_expert_that_took_their_width(tmp_path):
+    """shared_hidden_dim=None: the shared expert's width is num_shared * hidden_dim. Narrowing the
+    routed experts writes that width out, so the shared expert keeps its own (before: the written
+    config gave it the new width and the write failed its postcondition as "a moelab bug")."""
+    _native(tmp_path, num_shared=1)
+    with open_checkpoint(tmp_path / "src") as view:
+        views = {layer.index: _narrow_and_merge(layer) for layer in view.layers() if isinstance(layer, MoELayerView)}
+    write_checkpoint(tmp_path / "src", tmp_path / "out", {i: LayerEdit(((0, 1), (2,), (3,)), view=v) for i, v in views.items()}, quiet=True)
+    narrowed = load_pretrained(tmp_path / "out").eval()
+    assert (narrowed.config.moe.hidden_dim, narrowed.config.moe.shared_hidden_dim) == (16, 32)
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))
+    for i, layer in narrowed.moe_layers.items():
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x)[0], moe_layer_from_view(views[i])(x)[0], atol=1e-5, rtol=0)
+
+
 def test_native_per_layer_counts_are_refused(tmp_path):
     model = _native(tmp_path)
     cfg = dataclasses.replace(model.config, first_k_dense=0)
@@ -439,3 +455,39 @@ def test_apply_edit_selects_rows():
     torch.testing.assert_close(edited.router.weight, w[[0, 2, 3]])
     torch.testing.assert_close(edited.router.selection_bias, torch.tensor([0.0, 2.0, 3.0]))
     torch.testing.assert_close(edited.experts.down_bias, layer.experts.down_bias[[0, 2, 3]])
+
+
+def test_a_multi_token_prediction_layer_is_left_out_not_left_unedited(tmp_path):
+    """DeepSeek-V3 stores its multi-token prediction module as `model.layers.<num_hidden_layers>.*`,
+    a layer with routed experts that transformers does not build. The edit does not reach it, so it
+    is left out (num_nextn_predict_layers 0) rather than written with the old expert count."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    build("deepseek_v3", num_hidden_layers=2, first_k_dense_replace=1).save_pretrained(src)
+    tensors = load_file(src / "model.safetensors")
+    mtp = {k.replace("model.layers.1.", "model.layers.2."): v.clone() for k, v in tensors.items() if k.startswith("model.layers.1.")}
+    mtp["model.layers.2.eh_proj.weight"] = torch.randn(D, 2 * D)
+    save_file(tensors | mtp, src / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
+    with pytest.warns(UserWarning, match=r"layers \[2\] beyond num_hidden_layers .* left out of the output"):
+        drop_experts(src, tmp_path / "out", [1, 5], quiet=True)  # one of each group of 4
+    assert not [key for key in _tensors(tmp_path / "out") if key.startswith("model.layers.2.")]
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["num_nextn_predict_layers"] == 0 and written["n_routed_experts"] == config["n_routed_experts"] - 2
+    drop_experts(tmp_path / "out", tmp_path / "again", [0, 3], quiet=True)  # nothing left to warn about
+
+
+def test_an_expert_map_that_does_not_match_the_weights_is_refused_before_writing(mixtral, tmp_path):
+    """Weights replaced after moelab pruned them, the pruned model's map left beside them: the map
+    names 3 experts a layer, the weights hold 4 (before: an IndexError after the whole write)."""
+    import shutil
+
+    drop_experts(mixtral, tmp_path / "pruned", [1], quiet=True)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(mixtral, mixed)
+    shutil.copy(tmp_path / "pruned" / EXPERT_MAP_NAME, mixed)
+    with pytest.raises(ValueError, match=r"lists 3 experts for layer 0, but the checkpoint holds 4: the map does not"):
+        drop_experts(mixed, tmp_path / "out", [0], quiet=True)
+    assert not (tmp_path / "out").exists()

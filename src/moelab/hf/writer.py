@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -147,6 +148,7 @@ class _Plan:
         settings = family.router_settings(config)
         for index, edit in edits.items():
             check_edit(index, edit, E, settings)
+        _check_expert_map(ckpt.directory, E)
         counts = {i: len(edits[i].sources) if i in edits else E for i in moe_layers}
         widths = _widths(config, family, edits, moe_layers)
         new_config = copy.deepcopy(config)
@@ -170,7 +172,19 @@ class _Plan:
                     "(e.g. heapr with layout='padded' zeroes pruned neurons at full width)"
                 )
             _set_present(new_config, width_key, widths[moe_layers[0]])
+            moe = new_config.get("moe") if family is NATIVE else None
+            if moe and moe.get("num_shared") and moe.get("shared_hidden_dim") is None:
+                moe["shared_hidden_dim"] = moe["num_shared"] * before  # it followed the experts' width
         removed, home = set(), {}
+        if extra := _layers_beyond(config, ckpt, family):
+            removed.update(key for keys in extra.values() for key in keys)
+            _set_present(new_config, "num_nextn_predict_layers", 0)
+            warnings.warn(
+                f"layers {sorted(extra)} beyond {family.num_layers[0]} (multi-token prediction modules) hold "
+                "routed experts this edit does not reach: they are left out of the output (num_nextn_predict_layers "
+                "set to 0), which would otherwise disagree with its expert count",
+                stacklevel=4,
+            )
         for index in edits:
             prefix = family.layer_prefix.format(n=index)
             layout = family.layout_of(ckpt, index)
@@ -212,6 +226,19 @@ def _widths(
     return {i: views[i].experts.hidden_dim if i in views else before for i in moe_layers}
 
 
+def _layers_beyond(config: Config, ckpt: Checkpoint, family: Family) -> dict[int, list[str]]:
+    """{index: its keys} of the layers stored past the model's layer count that hold routed experts
+    (DeepSeek-V3's multi-token prediction modules, `model.layers.61.*`: transformers does not build them)."""
+    count = config_value(config, *family.num_layers)
+    head, _, tail = family.layer_prefix.partition("{n}")
+    pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
+    found: dict[int, list[str]] = {}
+    for key in ckpt.keys():
+        if (match := pattern.match(key)) and int(match[1]) >= count:
+            found.setdefault(int(match[1]), []).append(key)
+    return {index: keys for index, keys in found.items() if family.layout_of(ckpt, index) is not None}
+
+
 def _set_present(config: Config, dotted: str, value: Any) -> None:
     """Set config["a"]["b"] for "a.b" where that key exists (aliases that are absent stay absent)."""
     *parents, last = dotted.split(".")
@@ -220,6 +247,17 @@ def _set_present(config: Config, dotted: str, value: Any) -> None:
         node = node.get(part) if isinstance(node, dict) else None
     if isinstance(node, dict) and last in node:
         node[last] = value
+
+
+def _check_expert_map(source: Path, num_experts: int) -> None:
+    """The source's own expert map (it was written by moelab before) names every expert it holds."""
+    for index, layer in _read_expert_map(source).items():
+        if len(layer.get("sources", ())) != num_experts:
+            raise ValueError(
+                f"{source / EXPERT_MAP_NAME} lists {len(layer.get('sources', ()))} experts for layer {index}, but the "
+                f"checkpoint holds {num_experts}: the map does not belong to these weights (they changed after "
+                "moelab wrote it); restore the weights, or move the map away to start a new record"
+            )
 
 
 def _read_expert_map(source: Path) -> dict[str, Any]:
