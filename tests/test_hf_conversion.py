@@ -122,8 +122,9 @@ def test_what_does_not_convert_exactly_is_refused_with_the_reasons(tmp_path):
 
 def test_the_checkpoint_decides_the_head_the_dtype_and_the_files_that_come_along(tmp_path):
     """config.json ties the head but the checkpoint stores another one: transformers keeps it, so
-    does the conversion. A bf16 checkpoint with float32 router weights converts to bf16 (config.json's
-    dtype, not the first tensor's). Stored RoPE frequencies are skipped. The import copies the chat template, generation config and
+    does the conversion. A bf16 checkpoint with float32 router weights converts to bf16 (the dtype of
+    most of its weights, not the first tensor's); float32 weights under a config.json that says
+    bfloat16 stay float32 (before, they were rounded and the import refused itself as a moelab bug). Stored RoPE frequencies are skipped. The import copies the chat template, generation config and
     license with the tokenizer, never weights or code, and keeps the balance coefficient."""
     reference, path = _saved(tmp_path, "mixtral", router_aux_loss_coef=0.05)
     config = json.loads((path / "config.json").read_text())
@@ -153,6 +154,10 @@ def test_the_checkpoint_decides_the_head_the_dtype_and_the_files_that_come_along
         layer.mlp.gate.float()
     mixed.save_pretrained(tmp_path / "mixed")
     assert moelab_model(tmp_path / "mixed").embed.weight.dtype == torch.bfloat16
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"dtype": "bfloat16"}))
+    assert moelab_model(path).embed.weight.dtype == torch.float32
+    import_checkpoint(path, tmp_path / "stored", quiet=True)
 
 
 def test_the_import_check_catches_a_wrong_tensor_in_the_layers_it_runs(tmp_path, monkeypatch):

@@ -424,6 +424,26 @@ def test_corrupt_sources(mixtral, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("fault", ["nan", "layers"])
+def test_a_source_that_does_not_load_is_blamed_not_moelab(mixtral, tmp_path, fault):
+    """Faults the writer copies through (a NaN in a tensor it never edits, a config.json with more
+    layers than the weights) fail the reload check; the source fails it too, so the error names the
+    source's problem instead of "a moelab bug"."""
+    from safetensors.torch import load_file, save_file
+
+    if fault == "nan":
+        tensors = load_file(mixtral / "model.safetensors")
+        tensors["model.norm.weight"][0] = float("nan")
+        save_file(tensors, mixtral / "model.safetensors", metadata={"format": "pt"})
+    else:
+        config = json.loads((mixtral / "config.json").read_text())
+        (mixtral / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3}))
+    message = "NaN or Inf in model.norm.weight" if fault == "nan" else "missing: model.layers.2"
+    with pytest.raises(CheckpointError, match=rf"the source checkpoint {mixtral} does not load either \(.*{message}") as err:
+        drop_experts(mixtral, tmp_path / "out", [0], quiet=True)
+    assert "moelab bug" not in str(err.value) and not (tmp_path / "out").exists()
+
+
 def test_a_broken_layout_encoder_fails_the_postconditions(mixtral, tmp_path, monkeypatch):
     """The checks can fail: an encoder that swaps gate and up writes a loadable checkpoint that
     computes something else; the writer refuses it and leaves no output."""
@@ -471,7 +491,7 @@ def test_a_multi_token_prediction_layer_is_left_out_not_left_unedited(tmp_path):
     save_file(tensors | mtp, src / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
-    with pytest.warns(UserWarning, match=r"layers \[2\] beyond num_hidden_layers .* left out of the output"):
+    with pytest.warns(UserWarning, match=r"layers \[2\] stored beyond num_hidden_layers .* left out of the output"):
         drop_experts(src, tmp_path / "out", [1, 5], quiet=True)  # one of each group of 4
     assert not [key for key in _tensors(tmp_path / "out") if key.startswith("model.layers.2.")]
     written = json.loads((tmp_path / "out" / "config.json").read_text())

@@ -43,7 +43,6 @@ from moelab.nn.rope import rope_tables
 
 CONVERTIBLE_FAMILIES = ("mixtral", "qwen2_moe")
 _ATTENTION_BIAS = re.compile(r"model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def conversion_problems(path: str | os.PathLike, checkpoint: Checkpoint | None = None) -> list[str]:
@@ -76,7 +75,7 @@ def moelab_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -
         ckpt.close()
     if model_config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    return _assembled(model_config, tensors).to(dtype or _checkpoint_dtype(path, tensors)).eval()
+    return _assembled(model_config, tensors).to(dtype or _stored_dtype(tensors)).eval()
 
 
 def _assembled(config: ModelConfig, tensors: dict[str, Tensor]) -> MoETransformer:
@@ -91,12 +90,10 @@ def _assembled(config: ModelConfig, tensors: dict[str, Tensor]) -> MoETransforme
     return model
 
 
-def _checkpoint_dtype(path: str | os.PathLike, tensors: dict[str, Tensor]) -> torch.dtype:
-    """config.json's dtype (torch_dtype), else the floating dtype most of the weights are in."""
-    config = read_json_object(Path(path) / "config.json", "a model config")
-    named = config.get("dtype", config.get("torch_dtype"))
-    if named in _DTYPES:
-        return _DTYPES[named]
+def _stored_dtype(tensors: dict[str, Tensor]) -> torch.dtype:
+    """The floating dtype most of the weights are stored in (by count): a bf16 checkpoint with
+    float32 routers stays bf16, and weights stored in float32 under a config.json that says bfloat16
+    are not rounded (the conversion is exact; transformers would round them)."""
     counts: dict[torch.dtype, int] = {}
     for t in tensors.values():
         if t.is_floating_point():

@@ -76,25 +76,37 @@ def check_written(staging: Path, checks: dict[int, LayerCheck]) -> None:
         ckpt.close()
 
 
-def check_reload(staging: Path, family: Family, quiet: bool) -> None:
-    """Strict load with the library that owns the format, then a finite forward pass."""
-    if family is NATIVE:
-        from moelab.models import load_pretrained
+def check_reload(staging: Path, family: Family, quiet: bool, source: Path | None = None) -> None:
+    """Strict load with the library that owns the format, then a finite forward pass. source: the
+    checkpoint the output was written from; where the output fails, the source is tried the same
+    way, and a source that fails too is blamed (a CheckpointError naming its problem), not moelab."""
+    problem = reload_problem(staging, family, quiet)
+    if problem is None:
+        return
+    if source is not None and (own := reload_problem(source, family, quiet)) is not None:
+        raise CheckpointError(
+            f"the source checkpoint {source} does not load either ({own}); nothing was written: fix or "
+            "re-create the source (its config.json, index and weights must agree, with finite weights)"
+        )
+    raise postcondition_error(problem)
 
-        try:
-            model = load_pretrained(staging)
-        except ValueError as err:
-            raise postcondition_error(f"moelab.models.load_pretrained refuses it: {err}") from err
-        vocab = model.config.vocab_size
-        with torch.no_grad():
-            logits = model.eval()(torch.arange(8)[None] % vocab).logits
-    else:
-        try:
-            model = load_causal_lm(staging, quiet=quiet)
-        except CheckpointError as err:
-            raise postcondition_error(str(err)) from err
-        vocab = model.config.get_text_config().vocab_size
-        with torch.no_grad():
-            logits = model.eval()(torch.arange(8)[None] % vocab).logits
+
+def reload_problem(path: Path, family: Family, quiet: bool) -> str | None:
+    """Why the checkpoint at `path` does not load strictly, or gives non-finite logits; None if it
+    loads and runs."""
+    try:
+        if family is NATIVE:
+            from moelab.models import load_pretrained
+
+            model = load_pretrained(path)
+            vocab = model.config.vocab_size
+        else:
+            model = load_causal_lm(path, quiet=quiet)
+            vocab = model.config.get_text_config().vocab_size
+    except ValueError as err:  # CheckpointError included: load_causal_lm says what transformers refused
+        return f"moelab.models.load_pretrained refuses it: {err}" if family is NATIVE else str(err)
+    with torch.no_grad():
+        logits = model.eval()(torch.arange(8)[None] % vocab).logits
     if not torch.isfinite(logits).all():
-        raise postcondition_error("the reloaded model's logits contain NaN or Inf")
+        return "the reloaded model's logits contain NaN or Inf"
+    return None

@@ -114,7 +114,7 @@ def write_edited(
         atomic_write_text(directory / EXPERT_MAP_NAME, json.dumps(plan.expert_map(source), indent=2) + "\n")
         check_written(directory, checks)
         if reload:
-            check_reload(directory, family, quiet)
+            check_reload(directory, family, quiet, source=source)
     finally:
         ckpt.close()
 
@@ -180,9 +180,10 @@ class _Plan:
             removed.update(key for keys in extra.values() for key in keys)
             _set_present(new_config, "num_nextn_predict_layers", 0)
             warnings.warn(
-                f"layers {sorted(extra)} beyond {family.num_layers[0]} (multi-token prediction modules) hold "
-                "routed experts this edit does not reach: they are left out of the output (num_nextn_predict_layers "
-                "set to 0), which would otherwise disagree with its expert count",
+                f"layers {sorted(extra)} stored beyond {family.num_layers[0]} (such as DeepSeek-V3's multi-token "
+                "prediction module; transformers does not build them) hold routed experts this edit does not reach: "
+                "they are left out of the output (num_nextn_predict_layers set to 0), which would otherwise disagree "
+                "with its expert count",
                 stacklevel=4,
             )
         for index in edits:
