@@ -343,6 +343,9 @@ def test_generate_decodes_several_prompts_as_one_batch_each_as_alone():
         generate_texts(reference_model_dir(), "The king said")
     with pytest.raises(ValueError, match=r"prompts \[1\] \(from 0\) are empty"):
         generate_texts(reference_model_dir(), ["The king said", ""])
+    latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of `moelab generate $'caf\xe9'`
+    with pytest.raises(ValueError, match=r"prompt 1 \(from 0\) is not UTF-8 text \(byte '\\udce9' at position 3\)"):
+        generate_texts(reference_model_dir(), ["The king said", latin1])
 
 
 def test_generate_text_runs_the_policy_it_is_given():

@@ -120,6 +120,24 @@ def test_corrupt_corpus_file_names_file_and_fix(tmp_path):
         load_documents("german", "test", corpus_dir=corpus)
 
 
+def test_a_cached_token_stream_does_not_outlive_its_corpus_file(tmp_path, monkeypatch):
+    """The cache key holds the manifest's sha256, not the file's: an edited or deleted corpus file
+    used to leave its cached tokens readable; the file is checked on every call."""
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    shutil.copytree(CORPUS_DIR, corpus)
+    assert len(tokenize_split("german", "test", corpus_dir=corpus)) > 0  # cached now
+    target = corpus / "german.test.jsonl.gz"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(CorpusIntegrityError, match=r"german\.test\.jsonl\.gz does not match the sha256"):
+        tokenize_split("german", "test", corpus_dir=corpus)
+    target.unlink()
+    with pytest.raises(CorpusIntegrityError, match=r"german\.test\.jsonl\.gz is missing"):
+        tokenize_split("german", "test", corpus_dir=corpus)
+
+
 def test_unknown_domain_or_split_names_the_valid_choices():
     with pytest.raises(ValueError, match=r"unknown domain 'klingon'; choose one of code, bible, .*russian"):
         load_documents("klingon", "train")
@@ -332,3 +350,20 @@ def test_eval_batches_score_every_token_once(n):
     np.testing.assert_array_equal(torch.cat(scored).numpy(), tokens[1:].astype(np.int64))
     n_windows = -(-(n - 1) // seq_len)
     assert sum(len(x) for x, _ in batches) == n_windows
+
+
+def test_special_token_text_in_a_document_is_text(tokenizer):
+    """A literal "<|endoftext|>" or "<|pad|>" in user data used to become the separator (mid-document)
+    or PAD; it is encoded as its characters, and the tokenizer is left as it was."""
+    text = "a <|endoftext|> b <|pad|>"
+    tokens = tokenize_texts([text], tokenizer)
+    assert (tokens == EOT_ID).sum() == 2 and PAD_ID not in tokens  # the two separators only
+    assert tokenizer.decode(tokens[1:-1].tolist()) == text
+    assert tokenizer.encode(text, add_special_tokens=False).ids.count(EOT_ID) == 1  # left as it was
+    from transformers import AutoTokenizer
+
+    from moelab.data import TOKENIZER_DIR
+    from moelab.trace.model import _hf_encoder
+
+    ids = _hf_encoder(AutoTokenizer.from_pretrained(TOKENIZER_DIR))([text])  # a checkpoint's own tokenizer
+    assert ids.tolist() == tokens[1:].tolist()

@@ -84,6 +84,38 @@ def test_the_cli_writes_a_table_and_json(model_dir, tmp_path, monkeypatch, capsy
     assert "already exists; pass --overwrite" in capsys.readouterr().err
 
 
+def test_a_loop_check_that_checked_nothing_says_so(model_dir, tmp_path, capfd):
+    """Texts shorter than a prompt leave no continuation to check: the report says it was skipped
+    (it used to show "0/0 ... loop (0%)" and a rate of 0.0), and scoring shows a bar unless quiet."""
+    from dataclasses import replace
+
+    from moelab.eval.evaluate import render_report
+
+    data = tmp_path / "short.jsonl"
+    data.write_text('{"text": "def f(x): return x"}\n')
+    report = evaluate(model_dir, options=replace(SMALL, data=str(data), domains=None, prompt_tokens=32), quiet=False)
+    assert "score" in capfd.readouterr().err
+    assert report["generation"] == {"prompts": 0, "skipped": "no domain has the 32 tokens a prompt takes"}
+    assert "rate" not in json.dumps(report["generation"])
+    table = render_report(report)
+    assert "not checked: no domain has the 32 tokens" in table.caption
+
+
+def test_the_json_is_never_written_inside_the_model_or_through_a_link(model_dir, tmp_path, monkeypatch, capsys):
+    """`--json MODEL/eval.json` used to write into the model directory (the shipped one too), where
+    the file then blocked `compress --out MODEL --overwrite`; a link would have become a file."""
+    (tmp_path / "results").mkdir()
+    (tmp_path / "latest.json").symlink_to(tmp_path / "results" / "eval.json")
+    for path, message in [(model_dir / "eval.json", "lies inside the input"), (tmp_path / "latest.json", "is a link")]:
+        args = ["moelab", "eval", str(model_dir), "--domain", "code", "--max-tokens", "64", "--prompts", "0", "--json",
+                str(path), "--quiet", "--overwrite"]  # fmt: skip
+        monkeypatch.setattr("sys.argv", args)
+        with pytest.raises(SystemExit):
+            cli.main()
+        assert message in capsys.readouterr().err
+    assert not (model_dir / "eval.json").exists() and (tmp_path / "latest.json").is_symlink()
+
+
 def test_dynamic_skipping_runs_fewer_experts(model_dir, tmp_path):
     from dataclasses import replace
 

@@ -83,7 +83,7 @@ def bench_generate(
     """Decode tokens/s: moelab's generate vs transformers' on the same weights, and vs the memory-bandwidth bound."""
     from moelab.bench import generate as bench
 
-    _claim_json(json_path, bench.JSON_FORMAT, overwrite)
+    _claim_json(json_path, bench.JSON_FORMAT, overwrite, tuple(_model_dirs(models).values()))
     options = bench.GenerateOptions(
         batch_sizes=tuple(batch or (1, 8, 32)), prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
         threads=threads, load=load, skip=tuple(skip or ()), top_p=tuple(top_p or ()), compile=compile_step,
@@ -117,7 +117,7 @@ def bench_offload(
     """Offloaded decoding: expert-cache hit rate, prefetch accuracy and tokens/s against an LRU cache and the model in memory."""
     from moelab.bench import offload as bench
 
-    _claim_json(json_path, bench.JSON_FORMAT, overwrite)
+    _claim_json(json_path, bench.JSON_FORMAT, overwrite, tuple(_model_dirs(models).values()))
     options = bench.OffloadOptions(
         resident=tuple(resident or (0.05, 0.25, 0.5, 1.0)), prompts=prompts, new_tokens=new_tokens, threads=threads,
         rounds=rounds, read_gbps=read_gbps, page_cache=page_cache, compile=compile_step, dtype=dtype,
@@ -156,13 +156,13 @@ def bench_distributed(
     _write_json(json_path, doc)
 
 
-def _claim_json(path: Path | None, json_format: str, overwrite: bool) -> None:
+def _claim_json(path: Path | None, json_format: str, overwrite: bool, inputs: tuple[Path | str | None, ...] = ()) -> None:
     """Check, before any work, that `path` (if given) may be written: new, or moelab's own JSON of
-    this format with --overwrite."""
+    this format with --overwrite; never inside an input (a model directory, data, statistics)."""
     from moelab.io import check_output_file, has_json_format
 
     if path is not None:
-        check_output_file(path, overwrite=overwrite, is_own=lambda p: has_json_format(p, json_format))
+        check_output_file(path, overwrite=overwrite, is_own=lambda p: has_json_format(p, json_format), inputs=inputs)
 
 
 def _write_json(path: Path | None, doc: dict) -> None:
@@ -217,7 +217,7 @@ def bench_compress(
     from moelab.bench import compress as bench
     from moelab.io import output_dir
 
-    _claim_json(json_path, bench.JSON_FORMAT, overwrite)
+    _claim_json(json_path, bench.JSON_FORMAT, overwrite, (work,))
     options = bench.BenchOptions(family=family, size_gb=size_gb, tokens=tokens, baseline=baseline)
     with output_dir(work, "benchmark scratch", entries=["source", "pruned"], overwrite=overwrite) as claimed:
         try:
@@ -241,7 +241,7 @@ def bench_skip(
     """NAEE dynamic skipping in moelab's runtime: tokens/s, experts per token and loss, with and without."""
     from moelab.bench import skipping as bench
 
-    _claim_json(json_path, bench.JSON_FORMAT, overwrite)
+    _claim_json(json_path, bench.JSON_FORMAT, overwrite, (_model_dir(model), stats))
     doc = bench.run(_model_dir(model), stats, bench.SkipOptions(tokens=tokens, rounds=rounds))
     console.print(bench.render(doc))
     _write_json(json_path, doc)
@@ -669,7 +669,8 @@ def eval_cmd(
     """Perplexity per domain; against a base: KL and top-1 agreement; degenerate generations; size and speed."""
     from moelab.eval.evaluate import EVAL_FORMAT, EvalOptions, evaluate, render_report
 
-    _claim_json(json_path, EVAL_FORMAT, overwrite)
+    inputs = (_model_dir(model), base and _model_dir(base), None if data == "corpus" else data, dynamic_skip)
+    _claim_json(json_path, EVAL_FORMAT, overwrite, inputs)
     options = EvalOptions(data=data, split=split, domains=domains, max_tokens=max_tokens, seq_len=seq_len,
                           batch_size=batch_size, prompts=prompts, dynamic_skip=str(dynamic_skip) if dynamic_skip else None)
     report = evaluate(_model_dir(model), base=None if base is None else _model_dir(base), options=options, quiet=quiet)

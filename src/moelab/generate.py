@@ -119,6 +119,15 @@ def generate_texts(
     if not prompts or empty:
         which = "the prompt is" if len(prompts) <= 1 else f"prompts {empty} (from 0) are"
         raise ValueError(f"{which} empty; give some text to continue")
+    for i, prompt in enumerate(prompts):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:  # bytes a shell passed that are not UTF-8 (surrogate escapes)
+            which = "the prompt" if len(prompts) == 1 else f"prompt {i} (from 0)"
+            raise ValueError(
+                f"{which} is not UTF-8 text (byte {prompt[err.start]!r} at position {err.start}); "
+                "give the prompt in UTF-8"
+            ) from None
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_device(device)

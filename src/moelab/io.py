@@ -171,10 +171,23 @@ def _umask() -> int:
     return mask
 
 
-def check_output_file(path: str | os.PathLike, *, overwrite: bool, is_own: Callable[[Path], bool]) -> Path:
+def check_output_file(
+    path: str | os.PathLike,
+    *,
+    overwrite: bool,
+    is_own: Callable[[Path], bool],
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> Path:
     """A single output file (a benchmark's JSON): new, or with `overwrite` one that `is_own`
-    recognises as moelab's. Returns the resolved path; the caller writes it atomically."""
+    recognises as moelab's; not a link, not inside an input directory. Returns the resolved path;
+    the caller writes it atomically."""
+    if Path(path).is_symlink():
+        raise OutputError(
+            f"{path} is a link (to {Path(path).resolve()}); writing would replace the link with a file: give "
+            "the file's own path or a new name"
+        )
     path = _resolve(path)
+    _check_inputs(path, inputs)
     _check_parents(path)
     if path.is_dir():
         raise OutputError(f"{path} is a directory; give a file name for the output")

@@ -104,13 +104,15 @@ class TokenWindows:
         weights: str | Mapping[str, float] = "proportional",
         corpus_dir: Path = CORPUS_DIR,
         tokenizer_dir: Path = TOKENIZER_DIR,
+        quiet: bool = False,
     ) -> TokenWindows:
-        """Windows over the shipped corpus: one domain, several, or all of them (None)."""
+        """Windows over the shipped corpus: one domain, several, or all of them (None); quiet: no
+        tokenizing bars where a split is not cached yet."""
         if domains is None:
             names = list_domains(corpus_dir)
         else:
             names = [domains] if isinstance(domains, str) else list(domains)
-        tokens = {name: tokenize_split(name, split, corpus_dir, tokenizer_dir) for name in names}
+        tokens = {name: tokenize_split(name, split, corpus_dir, tokenizer_dir, quiet=quiet) for name in names}
         return cls(tokens, seq_len, batch_size, seed, weights)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

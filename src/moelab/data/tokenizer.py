@@ -24,7 +24,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from moelab.data.corpus import CORPUS_DIR, REBUILD_HINT, load_documents, split_entry
+from moelab.data.corpus import CORPUS_DIR, REBUILD_HINT, load_documents, split_entry, verified_bytes
 from moelab.io import atomic_write_bytes
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
@@ -61,16 +61,21 @@ def tokenize_texts(
     texts: Sequence[str], tokenizer: Tokenizer, desc: str = "tokenizing", quiet: bool = False
 ) -> np.ndarray:
     """``EOT t1 EOT t2 ... EOT`` as one flat uint16 array of shape [n_tokens] (a progress bar for
-    many texts, unless `quiet`)."""
+    many texts, unless `quiet`). Texts are text: a literal "<|endoftext|>" or "<|pad|>" in one is
+    encoded as its characters, so only moelab's separators are EOT and PAD never appears."""
     if tokenizer.get_vocab_size() > np.iinfo(np.uint16).max + 1:
         raise ValueError(f"vocab size {tokenizer.get_vocab_size()} does not fit uint16 token ids")
     pieces = [np.array([EOT_ID], dtype=np.uint16)]
     batch = 512
     starts = range(0, len(texts), batch)
-    for i in tqdm(starts, desc=desc, unit="batch", leave=False, disable=quiet or len(texts) <= batch):
-        for encoding in tokenizer.encode_batch(list(texts[i : i + batch]), add_special_tokens=False):
-            pieces.append(np.array(encoding.ids, dtype=np.uint16))
-            pieces.append(np.array([EOT_ID], dtype=np.uint16))
+    literal, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
+    try:
+        for i in tqdm(starts, desc=desc, unit="batch", leave=False, disable=quiet or len(texts) <= batch):
+            for encoding in tokenizer.encode_batch(list(texts[i : i + batch]), add_special_tokens=False):
+                pieces.append(np.array(encoding.ids, dtype=np.uint16))
+                pieces.append(np.array([EOT_ID], dtype=np.uint16))
+    finally:
+        tokenizer.encode_special_tokens = literal
     return np.concatenate(pieces)
 
 
@@ -84,9 +89,12 @@ def tokenize_split(
     """All documents of ``domain``'s ``split`` as one flat uint16 token array of shape [n_tokens].
 
     Cached in ``cache_dir()/tokens/`` under a key that hashes the tokenizer file and the corpus
-    file's sha256, so a rebuilt corpus or tokenizer never reuses stale tokens.
+    file's sha256, so a rebuilt corpus or tokenizer never reuses stale tokens; the corpus file is
+    checked against its manifest on every call (an edited or missing file raises
+    CorpusIntegrityError, as `load_documents` does).
     """
     entry = split_entry(domain, split, corpus_dir)
+    verified_bytes(corpus_dir / entry["file"], entry["sha256"])  # a cached stream too: the file must match
     tokenizer_sha = hashlib.sha256(tokenizer_file(tokenizer_dir).read_bytes()).hexdigest()
     key = hashlib.sha256(f"{CACHE_FORMAT}\0{entry['sha256']}\0{tokenizer_sha}".encode()).hexdigest()[:16]
     path = cache_dir() / "tokens" / f"{domain}.{split}.{key}.npy"

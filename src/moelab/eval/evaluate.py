@@ -172,7 +172,9 @@ def evaluate(
         "base": None if base is None else str(base),
         "options": _describe(options) | ({"seq_len_asked": asked} if asked != options.seq_len else {}),
     }
-    scored = {name: _score(lm, ref, stream, options, quiet) for name, stream in streams.items()}
+    targets = sum(len(stream) - 1 for stream in streams.values())
+    with tqdm(total=targets, desc=f"score {lm.path.name}", unit="tok", disable=quiet, leave=False) as bar:
+        scored = {name: _score(lm, ref, stream, options, bar) for name, stream in streams.items()}
     report["domains"] = {name: s["model"] for name, s in scored.items()}
     report["domains"][ALL] = _pool([s["model"] for s in scored.values()])
     report["tokens_per_second"] = _speed(scored, "model")
@@ -184,16 +186,22 @@ def evaluate(
         report["agreement"][ALL] = _pool([s["agreement"] for s in scored.values()])
         report["base_tokens_per_second"] = _speed(scored, "base")
         report["base_parameters"] = parameter_counts(base)
-    if options.prompts:
-        prompts = _prompts(streams, options)
+    prompts = _prompts(streams, options) if options.prompts else []
+    if prompts:
         report["generation"] = {"prompts": len(prompts), "model": _degeneration(lm, prompts, options, quiet)}
         if ref is not None:
             report["generation"]["base"] = _degeneration(ref, prompts, options, quiet)
+    elif options.prompts:  # not a rate of 0 %: nothing was checked
+        report["generation"] = {
+            "prompts": 0,
+            "skipped": f"no domain has the {options.prompt_tokens} tokens a prompt takes",
+        }
     return report
 
 
-def _score(lm: LoadedLM, ref: LoadedLM | None, stream: np.ndarray, options: EvalOptions, quiet: bool) -> dict:
-    """Loss sums (and KL / agreement against `ref`) of one domain's windows."""
+def _score(lm: LoadedLM, ref: LoadedLM | None, stream: np.ndarray, options: EvalOptions, bar: tqdm) -> dict:
+    """Loss sums (and KL / agreement against `ref`) of one domain's windows; `bar` counts the
+    scored tokens."""
     out = {"model": {"loss_sum": 0.0, "tokens": 0, "seconds": 0.0}}
     if ref is not None:
         out["base"] = {"loss_sum": 0.0, "tokens": 0, "seconds": 0.0}
@@ -214,6 +222,7 @@ def _score(lm: LoadedLM, ref: LoadedLM | None, stream: np.ndarray, options: Eval
             out["agreement"]["kl_sum"] += float((p.exp() * (p - q)).sum())
             out["agreement"]["agree"] += int((p.argmax(-1) == q.argmax(-1)).sum())
             out["agreement"]["tokens"] += int(mask.sum())
+        bar.update(int(mask.sum()))
     return {k: _finish(v) for k, v in out.items()}
 
 
@@ -356,7 +365,9 @@ def render_report(report: dict[str, Any]) -> Table:
             f"base {report['base_parameters']['total']:,} (active {report['base_parameters']['active']:,}); "
             f"{report['base_tokens_per_second']:,.0f} tokens/s"
         )
-    if "generation" in report:
+    if "skipped" in report.get("generation", {}):
+        caption.append(f"degenerate generations not checked: {report['generation']['skipped']}")
+    elif "generation" in report:
         for who in ("model", "base"):
             if who in report["generation"]:
                 g = report["generation"][who]

@@ -64,7 +64,7 @@ def domain_losses(
     results: dict[str, DomainLoss] = {}
     try:
         for name in tqdm(names, desc=f"eval {split}", unit="domain", disable=quiet, leave=False):
-            tokens = tokenize_split(name, split)
+            tokens = tokenize_split(name, split, quiet=quiet)
             if max_tokens is not None:
                 tokens = tokens[: max_tokens + 1]
             total, count = 0.0, 0

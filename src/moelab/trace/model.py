@@ -111,13 +111,14 @@ def _is_shipped_tokenizer(path: Path) -> bool:
 
 
 def _hf_encoder(tokenizer) -> Encoder:
-    """Texts -> ids, each document followed by the tokenizer's eos token (if it has one)."""
+    """Texts -> ids, each document followed by the tokenizer's eos token (if it has one); special
+    tokens' text inside a document is encoded as text, as `moelab.data.tokenize_texts` does."""
     end = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
     def encode(texts: list[str]) -> np.ndarray:
         ids: list[int] = []
         for text in texts:
-            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + end
+            ids += tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + end
         return np.asarray(ids, dtype=np.int64)
 
     return encode

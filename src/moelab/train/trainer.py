@@ -267,7 +267,9 @@ def _claim_and_train(
                 f"{parallel.world} processes; each rank trains on batch_size / world sequences"
             )
         check_parallel_model(model, parallel)
-    loader = TokenWindows.from_corpus(cfg.domains, "train", cfg.seq_len, cfg.batch_size, cfg.seed, cfg.mixture)
+    loader = TokenWindows.from_corpus(
+        cfg.domains, "train", cfg.seq_len, cfg.batch_size, cfg.seed, cfg.mixture, quiet=quiet
+    )
     top = max(int(tokens.max()) for tokens in loader.arrays.values())
     if top >= run.model.vocab_size:
         raise ValueError(
