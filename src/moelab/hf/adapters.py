@@ -340,7 +340,9 @@ def open_checkpoint(path: str | os.PathLike) -> ModelView:
 
     The adapter is chosen by config.json's model_type (a moelab checkpoint has none and a `moe`
     section); an unknown model_type gets a structural fallback (router and experts found by name
-    and shape) where the checkpoint allows one.
+    and shape) where the checkpoint allows one, refused where its reading may be wrong (see
+    `moelab.hf.fallback`: checked against transformers' own MoE block where transformers knows the
+    model_type).
     Quantized checkpoints (a `quantization_config`) are refused: their experts are not plain weights.
     Tensors are read later, one layer at a time.
     """
@@ -370,7 +372,11 @@ def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
     if model_type is not None and not isinstance(model_type, str):
         raise CheckpointError(f"{config_path}: model_type must be a string such as 'mixtral', got {model_type!r}")
     checkpoint = Checkpoint(path)
-    family = family_of(config, checkpoint)
+    try:
+        family = family_of(config, checkpoint)
+    except BaseException:
+        checkpoint.close()
+        raise
     if family is None:
         checkpoint.close()
         raise CheckpointError(

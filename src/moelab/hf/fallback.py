@@ -6,6 +6,12 @@ It recognises the layouts most families share: per-expert `<block>.experts.{e}.<
 its `bias` / `e_score_correction_bias` if present) and `<block>.shared_expert(s).*_proj` (plus
 `shared_expert_gate`). Routing is read from the usual config keys. The result is an ordinary
 `Family` named "<model_type> (structural)"; layers without a router are dense.
+
+A reading that may be wrong is refused, never returned: a MoE block holding tensors the layout
+above does not use (a routing bias kept on the block itself, expert biases, ...) is refused, and
+where transformers knows the model_type natively (no remote code), the first MoE layer is run
+through transformers' own MoE block (built from config.json, only that block's tensors read) and
+through moelab's reading of it, on a few random tokens; outputs that differ are refused.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from moelab.hf.checkpoint import Checkpoint
+import torch
+
+from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.hf.layouts import (
     Config,
     Family,
@@ -25,6 +33,7 @@ from moelab.hf.layouts import (
     config_entry,
     config_value,
 )
+from moelab.memory import release_freed_memory
 
 _LAYER = re.compile(r"(?P<stem>(?:.+\.)?(?:layers|blocks|h)\.)(?P<n>\d+)\.(?P<rest>.+)")
 _PER_EXPERT = re.compile(r"(?P<block>.+)\.experts\.0\.(?P<proj>[^.]+)\.weight")
@@ -33,6 +42,8 @@ _SHARED_NAMES = ("shared_expert", "shared_experts")
 _NUM_EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _NUM_LAYERS = ("num_hidden_layers", "n_layers", "num_layers")
 _HIDDEN = ("hidden_size", "d_model")
+_CHECK_TOKENS = 8
+_CHECK_RTOL = 1e-4
 
 
 def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
@@ -64,7 +75,7 @@ def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
             ),
             None,
         )
-        return Family(
+        family = Family(
             name=f"{config.get('model_type')} (structural)",
             layouts=(Layout(router, experts, shared),),
             num_experts=(experts_key,),
@@ -75,6 +86,10 @@ def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
             hidden_size=_HIDDEN,
             expert_width=("moe_intermediate_size",),
         )
+        same_stem = {f"{stem}{k}.": keys for (s, k), keys in sorted(layers.items()) if s == stem}
+        _check_claimed(ckpt, config, family.layouts[0], block, same_stem)
+        _check_against_transformers(ckpt, config, family, n, f"{prefix}{block}")
+        return family
     return None
 
 
@@ -141,3 +156,149 @@ def _routing(sigmoid_default: bool) -> Callable[[Config], dict]:
         }
 
     return settings
+
+
+def _check_claimed(
+    ckpt: Checkpoint, config: Config, layout: Layout, block: str, layers: dict[str, set[str]]
+) -> None:
+    """Refuse a MoE block, in any layer (layers: {layer prefix: its keys, relative}), that holds
+    tensors `layout` does not read: moelab would compute the block without them."""
+    experts, shared, router = layout.experts, layout.shared, layout.router
+    patterns = [router.weight, router.bias, router.selection_bias]
+    if isinstance(experts, PerExpert):
+        patterns += [experts.gate, experts.up, experts.down]
+    else:
+        patterns += [experts.gate_up, experts.down]
+    if shared is not None:
+        patterns += [shared.gate, shared.up, shared.down, shared.sigmoid_gate]
+    claimed = re.compile("|".join(re.escape(p).replace(r"\{e\}", r"\d+") for p in patterns if p is not None))
+    for prefix, rests in layers.items():
+        unclaimed = sorted(r for r in rests if r.startswith(block + ".") and not claimed.fullmatch(r))
+        if unclaimed and experts.present(ckpt, prefix):
+            raise CheckpointError(
+                f"{ckpt.directory}: the MoE block {prefix}{block} holds "
+                f"{', '.join(prefix + rest for rest in unclaimed)}, which moelab's structural reading "
+                f"(router weight and bias, experts, shared experts) does not use: {_cannot(config)}"
+            )
+
+
+def _cannot(config: Config) -> str:
+    model_type = config.get("model_type")
+    return (
+        f"moelab cannot read the routing of model_type {model_type!r}. Convert the checkpoint to a supported "
+        f"family, or file an adapter for {model_type!r} (moelab.hf.adapters)"
+    )
+
+
+def _check_against_transformers(
+    ckpt: Checkpoint, config: Config, family: Family, index: int, block: str
+) -> None:
+    """Where transformers knows the model_type natively: refuse the reading of MoE layer `index`
+    if it computes other outputs than transformers' own block (`block` on disk) for a few random
+    hidden states [1, T, D]. Costs a meta skeleton of the model and about three copies of one MoE
+    layer in fp32, once."""
+    from transformers import CONFIG_MAPPING
+
+    if config.get("model_type") not in CONFIG_MAPPING:
+        return
+    D = config_value(config, *_HIDDEN)
+    x = torch.randn(1, _CHECK_TOKENS, D, generator=torch.Generator().manual_seed(0))
+    hf_block = _transformers_block(ckpt, config, block)
+    what = f"transformers' {type(hf_block).__name__} ({block})"
+    try:
+        with torch.no_grad():
+            out = hf_block(x)
+    except Exception as err:  # noqa: BLE001 - whatever stops transformers' block stops the check
+        raise CheckpointError(
+            f"{ckpt.directory}: {what} fails on hidden states [1, {_CHECK_TOKENS}, {D}] "
+            f"({type(err).__name__}: {err}), so moelab cannot check its structural reading: {_cannot(config)}"
+        ) from err
+    expected = out[0] if isinstance(out, tuple) else out  # some blocks return (y, router logits)
+    del hf_block, out
+    release_freed_memory()
+    if not isinstance(expected, torch.Tensor) or expected.numel() != x.numel():
+        raise CheckpointError(
+            f"{ckpt.directory}: {what} does not return hidden states shaped like its input "
+            f"[1, {_CHECK_TOKENS}, {D}], so moelab cannot check its structural reading: {_cannot(config)}"
+        )
+    from moelab.hf.native import moe_layer_from_view  # imports moelab.nn: only where a check runs
+
+    layer = family.read_layer(ckpt, config, index)
+    with torch.no_grad():
+        got = moe_layer_from_view(layer).float()(x)[0]
+    expected = expected.reshape(got.shape).float()
+    error, scale = (got - expected).abs().max().item(), expected.abs().max().item()
+    if not error <= _CHECK_RTOL * max(scale, 1e-6):
+        r = layer.router
+        raise CheckpointError(
+            f"{ckpt.directory}: moelab's structural reading of layer {index} ({r.score_func} scores, "
+            f"top-{r.top_k}, renormalize={r.renormalize}, route_scale={r.route_scale}, "
+            f"{'a' if r.selection_bias is not None else 'no'} correction bias) differs from {what} by up "
+            f"to {error:.3g} (outputs up to {scale:.3g}) on random hidden states: {_cannot(config)}"
+        )
+
+
+def _transformers_block(ckpt: Checkpoint, config: Config, block: str) -> torch.nn.Module:
+    """transformers' module for the MoE block stored under `block`, in fp32, holding the
+    checkpoint's tensors under `block` as transformers' own loading reads and converts them (the
+    rest of the model stays on the meta device)."""
+    from transformers import AutoConfig
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.utils import logging
+
+    from moelab.hf.layerwise import transformers_skeleton
+
+    try:
+        hf_config = AutoConfig.from_pretrained(ckpt.directory, local_files_only=True, trust_remote_code=False)
+        hf_config._experts_implementation = "eager"  # transformers' reference loop, any dtype and device
+        model = transformers_skeleton(hf_config)
+    except Exception as err:  # noqa: BLE001 - a config.json transformers cannot build a model from
+        raise CheckpointError(
+            f"{ckpt.directory}: transformers cannot build its model_type {config.get('model_type')!r} model "
+            f"from config.json ({type(err).__name__}: {err}), so moelab cannot check its structural reading "
+            f"against transformers' MoE block: {_cannot(config)}"
+        ) from err
+    tensors = {key: ckpt.get(key) for key in ckpt.keys() if key.startswith(block + ".")}
+    load = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=torch.float32)
+    bar = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        info, _ = convert_and_load_state_dict_in_model(model, tensors, load)
+    finally:
+        if bar:
+            logging.enable_progress_bar()
+    del tensors
+    loaded = set(model.state_dict()) - info.missing_keys
+    if not loaded or info.conversion_errors or info.mismatched_keys:
+        shapes = ", ".join(f"{n} {list(a)} vs {list(b)}" for n, a, b in sorted(info.mismatched_keys))
+        problem = (
+            f"shapes differ: {shapes}" if info.mismatched_keys
+            else f"conversion failed: {info.conversion_errors}" if info.conversion_errors
+            else "its model has none of them"
+        )  # fmt: skip
+        raise CheckpointError(
+            f"{ckpt.directory}: transformers cannot load the tensors under {block} into its model built from "
+            f"config.json ({problem}); config.json does not describe these weights"
+        )
+    name = ".".join(_common_prefix([key.split(".")[:-1] for key in loaded]))
+    module = model.get_submodule(name)
+    unread = sorted(f"{name}.{key}" for key in module.state_dict() if f"{name}.{key}" not in loaded)
+    if unread:
+        raise CheckpointError(
+            f"{ckpt.directory}: transformers' {type(module).__name__} ({name}) also holds "
+            f"{', '.join(unread)}, not stored under {block} (transformers may read them from elsewhere in "
+            f"the layer), so moelab's structural reading of the block misses them: {_cannot(config)}"
+        )
+    return module.eval()
+
+
+def _common_prefix(names: list[list[str]]) -> list[str]:
+    """The leading parts all of `names` share."""
+    common = []
+    for parts in zip(*names):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return common

@@ -1,0 +1,146 @@
+"""The structural fallback (model_types without an adapter) never gives a silently wrong reading.
+
+Tiny random models of MoE families transformers supports natively but moelab has no table for:
+those whose block keeps tensors the structural layout does not read (a sigmoid correction bias
+on the block itself: exaone_moe, afmoe, lfm2_moe) are refused by name; those whose tensors it
+reads but whose routing it would get wrong (flint's sigmoid without a bias, cohere2_moe's
+averaged shared expert or sigmoid option) are refused by running transformers' own block; those
+it reads right (glm4_moe, dots1, cohere2_moe's default) open and match transformers' block.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_tiny import COMMON, D
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moelab.hf import CheckpointError, MoELayerView, fallback, moe_layer_from_view, open_checkpoint
+from moelab.hf.layerwise import LayerwiseModel
+
+SMALL = dict(COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_experts_per_tok=2)
+DEEPSEEK_LIKE = dict(SMALL, first_k_dense_replace=0, n_group=1, topk_group=1)
+CONFIGS = {
+    "exaone_moe": dict(DEEPSEEK_LIKE, num_experts=8, num_shared_experts=1),
+    "afmoe": dict(SMALL, num_experts=4, num_dense_layers=0),
+    "lfm2_moe": dict(SMALL, num_experts=4, num_dense_layers=0, layer_types=["full_attention"] * 2),
+    "glm4_moe": dict(
+        DEEPSEEK_LIKE, n_routed_experts=8, n_shared_experts=1, n_group=2, routed_scaling_factor=2.0
+    ),
+    "dots1": dict(DEEPSEEK_LIKE, n_routed_experts=8, n_shared_experts=1),
+    "cohere2_moe": dict(SMALL, intermediate_size=16, num_experts=4),
+    "flint": dict(SMALL, num_experts=4, shared_expert_intermediate_size=16, mlp_only_layers=[]),
+}
+# the tensor each refused family keeps on its block, besides router, experts and shared experts
+BLOCK_BIAS = {
+    "exaone_moe": "model.layers.0.mlp.e_score_correction_bias",
+    "afmoe": "model.layers.0.mlp.expert_bias",
+    "lfm2_moe": "model.layers.0.feed_forward.expert_bias",
+}
+
+
+def _save(path, model_type: str, **overrides):
+    """A random fp32 model with unit-scale weights and its routing biases drawn in [0, 0.5], saved."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**CONFIGS[model_type], **overrides})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith(("correction_bias", "expert_bias")):
+                b.uniform_(0, 0.5)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("model_type", sorted(BLOCK_BIAS))
+def test_block_tensors_the_layout_does_not_read_are_refused(tmp_path, model_type):
+    _save(tmp_path, model_type)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"holds {BLOCK_BIAS[model_type]}, which moelab's structural reading .* does not use: moelab "
+        rf"cannot read the routing of model_type '{model_type}'.*file an adapter",
+    ):
+        open_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="cannot read the routing"):
+        LayerwiseModel(tmp_path)
+
+
+@pytest.mark.parametrize("model_type", sorted(BLOCK_BIAS))
+def test_running_transformers_block_refuses_them_too(tmp_path, monkeypatch, model_type):
+    """The second line of defence alone: without the name check, the outputs tell."""
+    monkeypatch.setattr(fallback, "_check_claimed", lambda *args: None)
+    _save(tmp_path, model_type)
+    with pytest.raises(
+        CheckpointError, match=r"softmax scores.*no correction bias\) differs from transformers'"
+    ):
+        open_checkpoint(tmp_path)
+
+
+def test_unread_block_tensors_are_refused_without_transformers_knowing_the_type(tmp_path):
+    """The name check needs no transformers model: a model_type transformers has never heard of."""
+    _save(tmp_path, "exaone_moe")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "my_new_moe"}))
+    with pytest.raises(CheckpointError, match=r"holds model\.layers\.0\.mlp\.e_score_correction_bias"):
+        open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "model_type,overrides",
+    [
+        ("flint", {}),
+        ("cohere2_moe", {"expert_selection_fn": "sigmoid"}),
+        ("cohere2_moe", {"num_shared_experts": 1}),
+    ],
+    ids=["flint-sigmoid", "cohere2_moe-sigmoid", "cohere2_moe-averaged-shared"],
+)
+def test_a_reading_that_differs_from_transformers_block_is_refused(tmp_path, model_type, overrides):
+    """Every tensor of these blocks is one the layout reads; only running transformers' block
+    shows that moelab would compute something else."""
+    _save(tmp_path, model_type, **overrides)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"structural reading of layer 0 \(softmax scores, top-2.*\) differs from transformers' "
+        rf"\w+SparseMoeBlock \(model\.layers\.0\.mlp\) by up to .*cannot read the routing of model_type "
+        rf"'{model_type}'",
+    ):
+        open_checkpoint(tmp_path)
+
+
+def test_a_block_that_reads_tensors_stored_elsewhere_is_refused(tmp_path):
+    """transformers' block holds a parameter the checkpoint keeps outside the block's prefix (here:
+    the router's correction bias moved out of it): moelab's reading of the block cannot include it."""
+    _save(tmp_path, "glm4_moe")
+    tensors = load_file(tmp_path / "model.safetensors")
+    for i in range(2):
+        bias = tensors.pop(f"model.layers.{i}.mlp.gate.e_score_correction_bias")
+        tensors[f"model.layers.{i}.moved_bias"] = bias
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        CheckpointError,
+        match=r"Glm4MoeMoE \(model\.layers\.0\.mlp\) also holds "
+        r"model\.layers\.0\.mlp\.gate\.e_score_correction_bias, not stored under model\.layers\.0\.mlp",
+    ):
+        open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("model_type", ["glm4_moe", "dots1", "cohere2_moe"])
+def test_families_read_right_open_and_match_transformers(tmp_path, model_type):
+    model = _save(tmp_path, model_type)
+    torch.manual_seed(1)
+    x = torch.randn(2, 7, D)
+    with open_checkpoint(tmp_path) as view:
+        assert view.family == f"{model_type} (structural)"
+        layers = [layer for layer in view.layers() if isinstance(layer, MoELayerView)]
+        assert [layer.index for layer in layers] == [0, 1]
+        for layer in layers:
+            with torch.no_grad():
+                expected = model.model.layers[layer.index].mlp(x)
+                got, _ = moe_layer_from_view(layer)(x)
+            assert expected.abs().max() > 0.1
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
