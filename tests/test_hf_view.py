@@ -180,6 +180,19 @@ def test_unknown_model_type_uses_structural_fallback(tmp_path, family, original)
     _assert_matches_transformers(view, family, model, TINY[family].dense)
 
 
+@pytest.mark.parametrize("norm", [None, 1.0])
+def test_dbrx_null_normalize_expert_weights_means_no_normalisation(tmp_path, norm):
+    """transformers' DBRX router divides the top-k weights by their norm only if
+    moe_normalize_expert_weights is not None: an explicit null is not the default 1.0."""
+    ffn = {**TINY["dbrx"].config["ffn_config"], "moe_normalize_expert_weights": norm}
+    model = build("dbrx", ffn_config=ffn)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["ffn_config"].items() >= ffn.items()
+    with open_checkpoint(tmp_path) as view:
+        assert view.layer(0).router.renormalize is (norm is not None)
+        _assert_matches_transformers(view, "dbrx", model, ())
+
+
 # ----------------------------------------------------------------------------- errors
 
 

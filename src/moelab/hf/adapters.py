@@ -100,8 +100,10 @@ def _llama4(config: Config) -> dict:
 
 
 def _dbrx(config: Config) -> dict:
-    """softmax, top-k, then divided by the p-norm of the k weights (p = moe_normalize_expert_weights)."""
-    p = config_value(config, "ffn_config.moe_normalize_expert_weights", default=1.0)
+    """softmax, top-k, then divided by the p-norm of the k weights (p = moe_normalize_expert_weights:
+    transformers' default 1.0 where absent; an explicit null: not normalised)."""
+    ffn = config.get("ffn_config")
+    p = ffn.get("moe_normalize_expert_weights", 1.0) if isinstance(ffn, dict) else 1.0
     if p not in (None, 1):
         raise CheckpointError(
             f"DBRX moe_normalize_expert_weights={p} (a {p}-norm) is not supported; only 1 (sum to one) "
