@@ -236,6 +236,52 @@ def test_missing_shard(tmp_path):
         open_checkpoint(tmp_path)
 
 
+def _router_reads(path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer 0's router weight as the view reads it, as transformers loads it) of a Mixtral checkpoint."""
+    with open_checkpoint(path) as view:
+        return view.layer(0).router.weight, load(path).model.layers[0].mlp.gate.weight
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["backup-beside", "index-beside"])
+def test_model_safetensors_is_read_alone_as_transformers_does(tmp_path, sharded):
+    """transformers reads model.safetensors alone when it is there: other weights beside it (a
+    backup with the same tensor names, no index; or shards with their index) are ignored by both."""
+    _save("mixtral", tmp_path)
+    build("mixtral", seed=1).save_pretrained(tmp_path / "other", max_shard_size="20KB" if sharded else "50GB")
+    for file in (tmp_path / "other").iterdir():
+        if file.name != "config.json" and file.name.endswith((".safetensors", ".json")):
+            name = "model_backup.safetensors" if file.name == "model.safetensors" else file.name
+            (tmp_path / name).write_bytes(file.read_bytes())
+    assert (tmp_path / "model.safetensors.index.json").exists() == sharded
+    view_weight, hf_weight = _router_reads(tmp_path)
+    assert torch.equal(hf_weight, build("mixtral").model.layers[0].mlp.gate.weight)
+    assert torch.equal(view_weight, hf_weight)
+
+
+def test_config_transformers_weights_names_the_file_read(tmp_path):
+    """config.json's transformers_weights makes transformers read that file instead."""
+    _save("mixtral", tmp_path)
+    build("mixtral", seed=1).save_pretrained(tmp_path / "other")
+    (tmp_path / "a_weights.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["transformers_weights"] = "a_weights.safetensors"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    view_weight, hf_weight = _router_reads(tmp_path)
+    assert torch.equal(hf_weight, build("mixtral", seed=1).model.layers[0].mlp.gate.weight)
+    assert torch.equal(view_weight, hf_weight)
+
+
+def test_shards_without_index_holding_one_name_twice_are_refused(tmp_path):
+    """No model.safetensors and no index (transformers loads neither): every *.safetensors is
+    read, and a tensor name in two of them has no rule to pick one."""
+    _save("mixtral", tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "a.safetensors")
+    build("mixtral", seed=1).save_pretrained(tmp_path / "other")
+    (tmp_path / "b.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"tensor '.+' is in both a\.safetensors and b\.safetensors"):
+        open_checkpoint(tmp_path)
+
+
 def test_index_names_a_tensor_its_shard_lacks(tmp_path):
     _save("mixtral", tmp_path, max_shard_size="20KB")
     index_path = tmp_path / "model.safetensors.index.json"

@@ -1,7 +1,10 @@
 """Lazy, read-only access to the tensors of a safetensors checkpoint directory.
 
-`Checkpoint(dir)` maps every tensor name to its shard, from `model.safetensors.index.json` or,
-without an index, from the headers of the directory's `*.safetensors` files. `get(name)` reads
+`Checkpoint(dir)` maps every tensor name to its shard, from the files transformers'
+`from_pretrained` reads: the file config.json's `transformers_weights` names, else
+`model.safetensors` alone, else `model.safetensors.index.json`; a directory with none of them
+(which transformers does not load) is read from the headers of all its `*.safetensors` files, a
+tensor name in two of them refused. `get(name)` reads
 one tensor with plain file reads, so a model larger than RAM can be read piece by piece;
 `Checkpoint(dir, shapes_only=True)` reads shard headers only. Pickle weights (`pytorch_model.bin`,
 `*.pt`, ...) are refused, never unpickled. Shard names in the index must be files inside the
@@ -24,6 +27,7 @@ from moelab.files import file_inside, open_safetensors, read_json_object
 from moelab.io import RawTensor
 
 INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # weights in any format: beside an edited or converted checkpoint they would be stale copies of the source
 WEIGHT_FILE = re.compile(
@@ -239,9 +243,14 @@ class Checkpoint:
 
 
 def _index(directory: Path) -> dict[str, str]:
-    """tensor name -> shard file name, from the index if there is one, else from every
-    `*.safetensors` file's header. Raises for missing shards and pickle-only checkpoints."""
-    index_path = directory / INDEX_NAME
+    """tensor name -> shard file name, from the weights transformers reads (see the module
+    docstring). Raises for missing shards, names in two shards and pickle-only checkpoints."""
+    explicit = _explicit_weights(directory)
+    if explicit is not None and not explicit.endswith(".safetensors.index.json"):
+        return _names_in(directory, [explicit])
+    if explicit is None and (directory / WEIGHTS_NAME).is_file():
+        return _names_in(directory, [WEIGHTS_NAME])  # transformers ignores an index beside it
+    index_path = directory / (explicit or INDEX_NAME)
     if index_path.exists():
         weight_map = _weight_map(index_path)
         missing = sorted({shard for shard in weight_map.values() if not (directory / shard).is_file()})
@@ -261,11 +270,43 @@ def _index(directory: Path) -> dict[str, str]:
                 "e.g. on a trusted machine: transformers' model.save_pretrained(out_dir) writes safetensors"
             )
         raise CheckpointError(f"no *.safetensors weights (and no {INDEX_NAME}) in {directory}")
-    shard_of = {}
+    return _names_in(directory, shards)
+
+
+def _names_in(directory: Path, shards: list[str]) -> dict[str, str]:
+    """tensor name -> shard file name, from the shards' headers; a name in two shards is refused."""
+    shard_of: dict[str, str] = {}
     for shard in shards:
         with _safe_open(directory / shard) as f:
-            shard_of.update(dict.fromkeys(f.keys(), shard))
+            for name in f.keys():
+                if name in shard_of:
+                    raise CheckpointError(
+                        f"{directory}: tensor {name!r} is in both {shard_of[name]} and {shard}, and no "
+                        f"{WEIGHTS_NAME} or {INDEX_NAME} says which file holds the model; remove the "
+                        "stray file, or write an index"
+                    )
+                shard_of[name] = shard
     return shard_of
+
+
+def _explicit_weights(directory: Path) -> str | None:
+    """The weights file config.json's `transformers_weights` names (transformers reads it instead
+    of model.safetensors or the index): a .safetensors file or a .safetensors.index.json."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        return None
+    name = read_json_object(config_path, "a model config", error=CheckpointError).get("transformers_weights")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name.endswith((".safetensors", ".safetensors.index.json")):
+        raise CheckpointError(
+            f"{config_path} sets transformers_weights to {name!r}, expected a .safetensors or "
+            ".safetensors.index.json file name; fix or remove it"
+        )
+    path = file_inside(directory, name, config_path, error=CheckpointError)
+    if not path.is_file():
+        raise CheckpointError(f"{config_path} sets transformers_weights to {name!r}, not a file in {directory}")
+    return name
 
 
 def _weight_map(index_path: Path) -> dict[str, str]:
