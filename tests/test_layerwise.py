@@ -4,10 +4,12 @@ model computes, layer by layer, for every supported family and for moelab's own 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
-from hf_tiny import TINY, build
+from hf_tiny import TINY, build, load
+from safetensors.torch import load_file, save_file
 
 from moelab.hf.layerwise import LayerwiseModel
 from moelab.hf.modules import decoder_layers
@@ -92,3 +94,30 @@ def test_layer_needs_embed_first(tmp_path):
     with pytest.raises(RuntimeError, match="call embed"):
         with LayerwiseModel(tmp_path).layer(0):
             pass
+
+
+@pytest.mark.parametrize("stores_head", [True, False], ids=["own-head", "no-head"])
+def test_config_tied_head_is_read_as_transformers_reads_it(tmp_path, stores_head, one_thread):
+    """config.json ties the embeddings: transformers keeps a stored output head that differs from
+    the embedding (and ties a head that is not stored to it); the head gradients follow it."""
+    build("mixtral").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    if not stores_head:
+        tensors = load_file(tmp_path / "model.safetensors")
+        del tensors["lm_head.weight"]
+        save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reference = load(tmp_path)
+    assert torch.equal(reference.lm_head.weight, reference.model.embed_tokens.weight) != stores_head
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))
+    runner = LayerwiseModel(tmp_path)
+    states = runner.embed([ids])
+    for i in range(runner.num_layers):
+        with runner.layer(i) as run:
+            states = [run(0, h) for h in states]
+    got = runner.head_gradients([ids], states, 1.0)[0]
+    h = states[0].detach().clone().requires_grad_(True)
+    logits = reference.lm_head(reference.model.norm(h))[0, :-1]
+    loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+    (expected,) = torch.autograd.grad(loss, h)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

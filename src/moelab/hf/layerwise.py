@@ -409,8 +409,10 @@ def _to_meta(module: nn.Module) -> None:
 def tied_names(model: nn.Module, checkpoint) -> dict[str, str]:
     """{parameter name: the name its tensor is stored under} for parameters tied to another (an
     output head sharing the embedding's weight: tied in the skeleton, or by the config's
-    tie_word_embeddings). Ties are read once, from the fresh skeleton: loading tensors one name at
-    a time later unties them in memory."""
+    tie_word_embeddings) where only some of them are stored. Where every name of a tie is stored,
+    each is read as stored: transformers' `from_pretrained` keeps a stored head that differs from
+    the embedding despite the config (and ties equal ones, which reads the same). Ties are read
+    once, from the fresh skeleton: loading tensors one name at a time later unties them in memory."""
     groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
@@ -424,6 +426,6 @@ def tied_names(model: nn.Module, checkpoint) -> dict[str, str]:
     stored = {}
     for names in groups.values():
         present = [n for n in names if n in checkpoint]
-        if len(names) > 1 and present:
+        if 0 < len(present) < len(names):
             stored |= {n: present[0] for n in names}
     return stored
