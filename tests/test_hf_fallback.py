@@ -129,6 +129,16 @@ def test_a_block_that_reads_tensors_stored_elsewhere_is_refused(tmp_path):
         open_checkpoint(tmp_path)
 
 
+def test_corrupt_weights_are_named_as_such(tmp_path):
+    """NaN in the block's weights: both outputs are NaN, and the error says why."""
+    _save(tmp_path, "glm4_moe")
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.0.mlp.shared_experts.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"NaN or Inf in layer 0's MoE block: corrupt weights"):
+        open_checkpoint(tmp_path)
+
+
 @pytest.mark.parametrize("model_type", ["glm4_moe", "dots1", "cohere2_moe"])
 def test_families_read_right_open_and_match_transformers(tmp_path, model_type):
     model = _save(tmp_path, model_type)

@@ -195,8 +195,8 @@ def _check_against_transformers(
 ) -> None:
     """Where transformers knows the model_type natively: refuse the reading of MoE layer `index`
     if it computes other outputs than transformers' own block (`block` on disk) for a few random
-    hidden states [1, T, D]. Costs a meta skeleton of the model and about three copies of one MoE
-    layer in fp32, once."""
+    hidden states [1, T, D]. Costs a meta skeleton of the model and up to about three copies of one
+    MoE layer's tensors (fp32), once."""
     from transformers import CONFIG_MAPPING
 
     if config.get("model_type") not in CONFIG_MAPPING:
@@ -227,6 +227,8 @@ def _check_against_transformers(
     with torch.no_grad():
         got = moe_layer_from_view(layer).float()(x)[0]
     expected = expected.reshape(got.shape).float()
+    if not torch.isfinite(expected).all():
+        raise CheckpointError(f"{ckpt.directory}: NaN or Inf in layer {index}'s MoE block: corrupt weights")
     error, scale = (got - expected).abs().max().item(), expected.abs().max().item()
     if not error <= _CHECK_RTOL * max(scale, 1e-6):
         r = layer.router
