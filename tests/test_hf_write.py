@@ -418,6 +418,12 @@ def test_corrupt_sources(mixtral, tmp_path):
         drop_experts(mixtral, tmp_path / "out", [0], quiet=True)
     sharded = tmp_path / "sharded"
     build("mixtral").save_pretrained(sharded, max_shard_size="20KB")
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"]["lm_head.weight"]  # still in its shard: transformers loads it, the index drops it
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"holds 1 tensor\(s\) that model.safetensors.index.json does not list \(lm_head"):
+        drop_experts(sharded, tmp_path / "out", [0], quiet=True)
     sorted(sharded.glob("model-*.safetensors"))[1].unlink()
     with pytest.raises(CheckpointError, match="missing from"):
         drop_experts(sharded, tmp_path / "out", [0], quiet=True)

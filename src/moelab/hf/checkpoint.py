@@ -259,6 +259,13 @@ def _index(directory: Path) -> dict[str, str]:
                 f"{index_path} lists shard(s) {', '.join(missing)}, missing from {directory}; "
                 "copy or re-download the missing shard files"
             )
+        stored = _names_in(directory, sorted(set(weight_map.values())))
+        if unlisted := sorted(set(stored) - set(weight_map)):
+            raise CheckpointError(
+                f"{stored[unlisted[0]]} holds {len(unlisted)} tensor(s) that {index_path.name} does not list "
+                f"({', '.join(unlisted[:3])}); the index does not match its shards (transformers would load them, "
+                "a copy that follows the index would drop them): re-create the index"
+            )
         return weight_map
     shards = sorted(p.name for p in directory.glob("*.safetensors"))
     if not shards:
