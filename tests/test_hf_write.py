@@ -416,6 +416,9 @@ def test_corrupt_sources(mixtral, tmp_path):
         CheckpointError, match=r"config says 8 experts \(num_local_experts\), checkpoint layer 0 has 4"
     ):
         drop_experts(mixtral, tmp_path / "out", [0], quiet=True)
+    (mixtral / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    with pytest.raises(CheckpointError, match=r"config says the experts are \d+ wide \(intermediate_size\), checkpoint layer 0's are"):
+        drop_experts(mixtral, tmp_path / "out", [0], quiet=True)
     sharded = tmp_path / "sharded"
     build("mixtral").save_pretrained(sharded, max_shard_size="20KB")
     index_path = sharded / "model.safetensors.index.json"

@@ -477,6 +477,15 @@ class Family:
                 f"config says hidden size {D!r} ({key}), but layer {index}'s router weight has shape "
                 f"{list(router['weight'].shape)} in {ckpt.directory}"
             )
+        try:
+            key, width = config_entry(config, self.expert_width)
+        except ValueError:  # a family whose config may leave the width out
+            return
+        if experts["down"].shape[-1] != width:
+            raise CheckpointError(
+                f"config says the experts are {width!r} wide ({key}), checkpoint layer {index}'s are "
+                f"{experts['down'].shape[-1]} in {ckpt.directory}; fix {key} in config.json or the checkpoint"
+            )
 
 
 # ----------------------------------------------------------------------------- helpers
