@@ -256,10 +256,10 @@ def trace_integer_router_tensor(tmp, src):
 
 
 @case
-def trace_width_differs_outside_the_view(tmp, src):
-    """The view does not read intermediate_size; transformers' own shape check catches it."""
+def trace_width_differs_from_the_config(tmp, src):
+    """The view checks the experts' width against intermediate_size, before transformers would."""
     ckpt = hf(src, tmp, intermediate_size=8)
-    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt), "cannot load", "wrong shape"]
+    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt), "config says the experts are 8 wide (intermediate_size)"]
 
 
 @case

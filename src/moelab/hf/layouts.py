@@ -481,10 +481,10 @@ class Family:
             key, width = config_entry(config, self.expert_width)
         except ValueError:  # a family whose config may leave the width out
             return
-        if experts["down"].shape[-1] != width:
+        if experts["up"].shape[-2] != width:  # up: [E, I, D]
             raise CheckpointError(
                 f"config says the experts are {width!r} wide ({key}), checkpoint layer {index}'s are "
-                f"{experts['down'].shape[-1]} in {ckpt.directory}; fix {key} in config.json or the checkpoint"
+                f"{experts['up'].shape[-2]} in {ckpt.directory}; fix {key} in config.json or the checkpoint"
             )
 
 
