@@ -351,6 +351,25 @@ def test_a_stalled_rank_fails_every_rank_with_the_timeout(tmp_path):
 
 
 @pytest.mark.slow
+def _timeout_worker(rank: int, port: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="4")
+    from moelab.distributed import ParallelConfig, exit_process, init_parallel
+
+    parallel = init_parallel(ParallelConfig(expert=2, timeout_s=7), torch.device("cpu"))
+    groups = {"ep": parallel.ep_group, "dp": parallel.mesh.get_group("dp"), "world": parallel.world_group}
+    out[rank] = {name: g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for name, g in groups.items()}
+    parallel.close()
+    exit_process(0)
+
+
+def test_every_group_waits_timeout_s():
+    """EP 2 x DP 2: the expert and data groups are smaller than the world, so torch makes them new,
+    with its default timeout of 30 minutes; a stalled rank then held the others that long."""
+    out = mp.Manager().dict()
+    mp.spawn(_timeout_worker, args=(free_port(), out), nprocs=4, join=True)
+    assert dict(out) == {rank: {"ep": 7.0, "dp": 7.0, "world": 7.0} for rank in range(4)}
+
+
 def test_resume_after_kill_9_of_one_rank(tmp_path):
     """torchrun, 2 ranks: SIGKILL one rank after the first checkpoint; --resume finishes the run
     with the weights of an uninterrupted one."""

@@ -28,6 +28,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from moelab.validation import check_field_types, check_known_fields
 
@@ -139,6 +140,9 @@ def init_parallel(config: ParallelConfig | None, device: torch.device) -> Parall
         dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout_s))
     mesh = init_device_mesh(device.type, (data, config.expert), mesh_dim_names=("dp", "ep"))
     world_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("world",))
+    for group in {mesh.get_group("dp"), mesh.get_group("ep"), world_mesh.get_group("world")}:
+        # a group smaller than the world is new, with torch's default timeout (30 min), not timeout_s
+        _set_pg_timeout(timedelta(seconds=config.timeout_s), group)
     resolved = ParallelConfig(expert=config.expert, data=data, timeout_s=config.timeout_s)
     return Parallel(resolved, mesh, world_mesh, owns_group)
 
