@@ -408,6 +408,15 @@ def test_bench_generate_top_p_needs_top_p_routers(tmp_path):
     assert "this model has none" in str(result.exception) + result.output
 
 
+def test_bench_distributed_refuses_a_model_the_parallel_path_cannot_run_before_any_cell():
+    """ReXMoE cannot run under torchrun: refused in one line before the one-process cell, where a
+    worker's traceback used to come after it."""
+    result = runner.invoke(app, ["bench", "distributed", "configs/models/rexmoe.yaml", "--procs", "1", "--procs", "2",
+                                 "--steps", "1", "--rounds", "1", "--batch-size", "2", "--seq-len", "16"])  # fmt: skip
+    assert result.exit_code != 0
+    assert "ReXMoE's shared expert pools" in str(result.exception) + result.output
+
+
 def test_bench_distributed_json_contract(tmp_path):
     """1 and 2 gloo processes: EP bytes measured equal the uniform-routing count within the
     routing's imbalance; no exchange without EP."""

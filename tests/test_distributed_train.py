@@ -228,7 +228,7 @@ def _train_worker(rank: int, port: int, out: str, run: dict, resume: bool, error
 
     try:
         train(RunConfig.from_dict(run), out, resume=resume, quiet=True)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # what `moelab` prints in one line
         if errors is None:
             raise
         errors[rank] = str(err)
@@ -311,6 +311,8 @@ def test_bad_parallel_setups_fail_on_every_rank(tmp_path):
 
     errors = _errors(tmp_path / "a", run=run_with(parallel={"expert": 2, "data": 2}))
     assert all("= 4 does not match the 2 process(es)" in e for e in errors.values())
+    errors = _errors(tmp_path / "d", run=run_with(parallel={"expert": 3}))  # data left to moelab
+    assert all("parallel.expert (3) must divide the 2 process(es)" in e for e in errors.values())
     odd = dict(RUN["model"], moe=dict(MOE, num_experts=3))
     errors = _errors(tmp_path / "b", run=run_with(model=odd))
     assert all("3 experts, not divisible by parallel.expert = 2" in e for e in errors.values())
@@ -351,6 +353,40 @@ def test_a_stalled_rank_fails_every_rank_with_the_timeout(tmp_path):
 
 
 @pytest.mark.slow
+def _full_disk_worker(rank: int, port: int, out: str, errors) -> None:
+    """Rank 1's checkpoint shards do not fit on its disk."""
+    import errno
+
+    from torch.distributed.checkpoint import filesystem
+
+    if rank == 1:
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        filesystem._write_item = full
+    _train_worker(rank, port, out, dict(RUN, parallel={"expert": 2, "timeout_s": 60}), False, errors)
+
+
+def test_a_shard_that_cannot_be_written_is_one_error_on_every_rank(tmp_path):
+    """DCP wraps a rank's failed write in a CheckpointException (a BaseException) on every rank,
+    which printed a traceback per rank; each rank raises the write's own error, and the staged
+    checkpoint is gone."""
+    errors = mp.Manager().dict()
+    mp.spawn(_full_disk_worker, args=(free_port(), str(tmp_path / "run"), errors), nprocs=WORLD, join=True)
+    assert dict(errors) == {0: "[Errno 28] No space left on device", 1: "[Errno 28] No space left on device"}
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_a_rank_that_never_starts_is_one_error(tmp_path):
+    """Rank 0 of two, started alone, waits parallel.timeout_s for rank 1 to join, then says so in
+    one line (it raised DistStoreError with a traceback)."""
+    errors = mp.Manager().dict()
+    run = dict(RUN, parallel={"expert": 2, "timeout_s": 2})
+    mp.spawn(_train_worker, args=(free_port(), str(tmp_path / "run"), run, False, errors), nprocs=1, join=True)
+    assert errors[0].startswith("the processes did not all start within parallel.timeout_s = 2 s"), dict(errors)
+    assert not (tmp_path / "run").exists()
+
+
 def _timeout_worker(rank: int, port: int, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="4")
     from moelab.distributed import ParallelConfig, exit_process, init_parallel

@@ -709,10 +709,7 @@ def main() -> None:
 
     user_errors = (
         ValueError,  # moelab's own checks, CheckpointError, JSON and UTF-8 decoding
-        FileNotFoundError,
-        PermissionError,
-        IsADirectoryError,
-        NotADirectoryError,
+        OSError,  # a missing or unreadable file, a full disk: the file and the system's reason
         yaml.YAMLError,
         SafetensorError,
         CorpusIntegrityError,

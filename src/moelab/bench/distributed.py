@@ -34,7 +34,8 @@ from rich.table import Table
 
 from moelab.bench.load import busy_processes
 from moelab.distributed import free_port
-from moelab.models import ModelConfig
+from moelab.distributed.parallelize import check_parallel_model
+from moelab.models import ModelConfig, MoETransformer
 
 JSON_FORMAT = "moelab-bench-distributed/1"
 COMM = {"ep": ("all_to_all",), "fsdp": ("all_gather", "allgather", "reduce_scatter", "all_reduce", "allreduce")}
@@ -64,12 +65,17 @@ class DistributedOptions:
 
 
 def run(model: ModelConfig, options: DistributedOptions, progress=lambda what: None) -> dict:
-    """Every (process count, layout) cell; see the module docstring."""
+    """Every (process count, layout) cell; see the module docstring. A model the parallel path
+    cannot run at all is refused before any cell; expert parallelism is timed at the process
+    counts that divide its experts."""
+    with torch.device("meta"):
+        built = MoETransformer(model)
+    check_parallel_model(built, 1)
     layouts = [
         (n, layout)
         for n in options.procs
         for layout in (("dp", "ep") if n > 1 else ("one",))
-        if layout != "ep" or model.moe is None or model.moe.num_router_experts % n == 0
+        if layout != "ep" or _splits(built, n)
     ]
     measured: dict[tuple[int, str], list[dict]] = {cell: [] for cell in layouts}
     with busy_processes(options.load):
@@ -82,6 +88,14 @@ def run(model: ModelConfig, options: DistributedOptions, progress=lambda what: N
     for cell in cells:
         cell["vs_one_process"] = cell["tokens_per_second"] / base["tokens_per_second"] if base else None
     return {"format": JSON_FORMAT, "options": asdict(options), "model": model.to_dict(), "cells": cells}
+
+
+def _splits(model: MoETransformer, ep: int) -> bool:
+    try:
+        check_parallel_model(model, ep)
+    except ValueError:
+        return False
+    return True
 
 
 def _cell(model: ModelConfig, options: DistributedOptions, n: int, layout: str) -> dict:

@@ -124,7 +124,12 @@ def init_parallel(config: ParallelConfig | None, device: torch.device) -> Parall
                 stacklevel=2,
             )
         return None
-    data = config.data if config.data is not None else max(world // config.expert, 1)
+    if config.data is None and world % config.expert:
+        raise ValueError(
+            f"parallel.expert ({config.expert}) must divide the {world} process(es) torchrun started "
+            "(--nproc-per-node x --nnodes); choose an expert-parallel degree that divides it"
+        )
+    data = config.data if config.data is not None else world // config.expert
     if data * config.expert != world:
         raise ValueError(
             f"parallel.data ({data}) x parallel.expert ({config.expert}) = {data * config.expert} does not match "

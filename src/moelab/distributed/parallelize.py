@@ -44,24 +44,24 @@ def expert_parameter_names(model: torch.nn.Module) -> set[str]:
     }
 
 
-def check_parallel_model(model: MoETransformer, parallel: Parallel) -> None:
-    """Clear errors for models the degrees cannot split."""
+def check_parallel_model(model: MoETransformer, ep: int) -> None:
+    """Clear errors for models an expert-parallel degree of `ep` (1: data parallel only) cannot split."""
     moe = model.config.moe
     if moe is not None and moe.reuse_layers > 1:
         raise ValueError(
             "ReXMoE's shared expert pools (moe.reuse_layers > 1) cannot run under torchrun yet; train it in one process"
         )
     for name, layer in expert_layers(model).items():
-        if layer.num_experts % parallel.ep:
+        if layer.num_experts % ep:
             raise ValueError(
-                f"{name} has {layer.num_experts} experts, not divisible by parallel.expert = {parallel.ep}; "
+                f"{name} has {layer.num_experts} experts, not divisible by parallel.expert = {ep}; "
                 f"choose an expert-parallel degree that divides {layer.num_experts}"
             )
 
 
 def parallelize(model: MoETransformer, parallel: Parallel) -> MoETransformer:
     """Shard `model` in place for `parallel` (see the module docstring) and return it."""
-    check_parallel_model(model, parallel)
+    check_parallel_model(model, parallel.ep)
     use_row_major_layout(model)  # FSDP takes contiguous parameters only (a model that decoded may not be)
     for layer in expert_layers(model).values():
         if parallel.ep > 1:

@@ -86,10 +86,16 @@ def read_checkpoint(state: dict[str, Any], path: Path) -> None:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
             dcp.load(state, storage_reader=CheckedReader(path), planner=WeightsOnlyLoadPlanner())
-        except CheckpointException as err:  # a BaseException, raised on every rank
-            failure = next(iter(err.failures.values()))  # (exception, its frames) of the first rank
-            failure = failure[0] if isinstance(failure, tuple) else failure
+        except CheckpointException as err:
+            failure = first_failure(err)
             raise ValueError(f"{type(failure).__name__}: {failure}") from None
+
+
+def first_failure(err: CheckpointException) -> BaseException:
+    """The exception of the first rank that failed, out of DCP's CheckpointException (a
+    BaseException that every rank raises, with every failed rank's exception and frames)."""
+    failure = next(iter(err.failures.values()))
+    return failure[0] if isinstance(failure, tuple) else failure
 
 
 # What DCP's metadata file may name: its own record types, torch's sizes, dtypes and layouts, a path.

@@ -32,10 +32,17 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from moelab.data import TOKENIZER_DIR
 from moelab.distributed import Parallel
-from moelab.distributed.state import load_full_state, load_training_state, read_checkpoint, training_state
+from moelab.distributed.state import (
+    first_failure,
+    load_full_state,
+    load_training_state,
+    read_checkpoint,
+    training_state,
+)
 from moelab.io import OutputError, StagedOutput, clean_leftovers, is_output, remove_output
 from moelab.models import ModelConfig, MoETransformer, load_pretrained, save_pretrained
 from moelab.models.pretrained import CONFIG_NAME, write_model_files
@@ -99,9 +106,11 @@ def save_distributed_checkpoint(
     staging = shared_from_rank0(parallel, staging, error)
     try:
         dcp.save(dcp_state, checkpoint_id=str(staging / DCP_NAME))  # returns once every rank has written
-    except BaseException:  # raised on every rank
+    except BaseException as err:  # raised on every rank
         if staged is not None:
             staged.abort()
+        if isinstance(err, CheckpointException):  # a shard write failed (a full disk, ...): its own error
+            raise first_failure(err) from None
         raise
     if staged is not None:
         try:

@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from moelab.data import TOKENIZER_DIR, TokenWindows
-from moelab.distributed import Parallel, init_parallel
+from moelab.distributed import Parallel, ParallelConfig, init_parallel
 from moelab.distributed.parallelize import (
     check_parallel_model,
     clip_grad_norm_,
@@ -220,7 +221,14 @@ def train(
     inputs: files the run was read from (its run file), which `out_dir` must not contain. Ctrl-C
     stops after the current step, checkpoints and raises KeyboardInterrupt."""
     device = resolve_device(run.train.device)
-    parallel = init_parallel(run.parallel, device)
+    try:
+        parallel = init_parallel(run.parallel, device)
+    except dist.DistStoreError as err:  # the processes did not all join in time
+        timeout = (run.parallel or ParallelConfig()).timeout_s
+        raise ValueError(
+            f"the processes did not all start within parallel.timeout_s = {timeout:g} s "
+            f"({str(err).splitlines()[0][:120]}); start every rank together, or raise parallel.timeout_s"
+        ) from None
     finished = False
     try:
         result = _claim_and_train(run, Path(out_dir), device, parallel, resume, overwrite, inputs, quiet)
@@ -266,7 +274,7 @@ def _claim_and_train(
                 f"train.batch_size ({cfg.batch_size}) is the global batch and must be divisible by the "
                 f"{parallel.world} processes; each rank trains on batch_size / world sequences"
             )
-        check_parallel_model(model, parallel)
+        check_parallel_model(model, parallel.ep)
     loader = TokenWindows.from_corpus(
         cfg.domains, "train", cfg.seq_len, cfg.batch_size, cfg.seed, cfg.mixture, quiet=quiet
     )
