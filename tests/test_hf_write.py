@@ -520,3 +520,36 @@ def test_an_expert_map_that_does_not_match_the_weights_is_refused_before_writing
     with pytest.raises(ValueError, match=r"lists 3 experts for layer 0, but the checkpoint holds 4: the map does not"):
         drop_experts(mixed, tmp_path / "out", [0], quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_linked_from_elsewhere_and_a_named_index(tmp_path):
+    """A weights file that is a link to outside the checkpoint (a --local-dir download, a hand-made
+    directory) is read through and never linked into the output, nor is a pickle linked from
+    elsewhere; an index that config.json's transformers_weights names is rewritten under that name."""
+    import os
+
+    src, blobs = tmp_path / "src", tmp_path / "blobs"
+    blobs.mkdir()
+    build("mixtral").save_pretrained(src)
+    for name, data in [("model.safetensors", None), ("pytorch_model.bin", b"stale")]:
+        if data is None:
+            (src / name).rename(blobs / name)
+        else:
+            (blobs / name).write_bytes(data)
+        os.symlink(blobs / name, src / name)
+    drop_experts(src, tmp_path / "out", [1], quiet=True)
+    out = tmp_path / "out"
+    assert not [p.name for p in out.iterdir() if p.is_symlink()] and not (out / "pytorch_model.bin").exists()
+    assert load(out).config.num_local_experts == 3
+
+    named = tmp_path / "named"
+    build("mixtral").save_pretrained(named, max_shard_size="20KB")
+    (named / "model.safetensors.index.json").rename(named / "custom.safetensors.index.json")
+    config = json.loads((named / "config.json").read_text())
+    (named / "config.json").write_text(json.dumps(config | {"transformers_weights": "custom.safetensors.index.json"}))
+    drop_experts(named, tmp_path / "named_out", [1], quiet=True)
+    out = tmp_path / "named_out"
+    index = json.loads((out / "custom.safetensors.index.json").read_text())
+    assert all((out / shard).is_file() for shard in index["weight_map"].values())
+    assert not (out / "model.safetensors.index.json").exists()
+    assert load(out).config.num_local_experts == 3

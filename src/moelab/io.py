@@ -452,6 +452,8 @@ def copy_side_file(
 
 
 def _copy_side(src: Path, dst: Path, root: Path, skip: Callable[[Path], bool], copying: frozenset) -> str | None:
+    if not src.is_dir() and skip(src):  # a file or a link to one, inside the checkpoint or not
+        return None
     if src.is_symlink() and not inside_checkpoint(src.resolve(), root):
         os.symlink(src.resolve(), dst)
         return f"{src.name} is a link to {src.resolve()}, outside {root}: copied as a link, not its content"
@@ -464,8 +466,7 @@ def _copy_side(src: Path, dst: Path, root: Path, skip: Callable[[Path], bool], c
         if not any(dst.iterdir()):
             dst.rmdir()
         return "; ".join(n for n in notes if n) or None
-    if not skip(src):
-        shutil.copy2(src, dst)
+    shutil.copy2(src, dst)
     return None
 
 

@@ -281,7 +281,8 @@ def _write(plan: _Plan, staging: Path, name: str, quiet: bool) -> dict[int, Laye
     for index, shard in plan.home.items():
         layers_of.setdefault(shard, []).append(index)
     shards = [s for s in ckpt.shards() if by_shard.get(s) or layers_of.get(s)]
-    has_index = (ckpt.directory / INDEX_NAME).is_file()
+    index_name = _index_name(ckpt.directory, plan.config)
+    has_index = index_name is not None
     names = _shard_names(ckpt.shards(), shards, has_index)
     weight_map, total, checks = {}, 0, {}
     for shard in tqdm(
@@ -308,8 +309,17 @@ def _write(plan: _Plan, staging: Path, name: str, quiet: bool) -> dict[int, Laye
         release_freed_memory()
     if has_index:
         index_doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        atomic_write_text(staging / INDEX_NAME, json.dumps(index_doc, indent=2) + "\n")
+        atomic_write_text(staging / index_name, json.dumps(index_doc, indent=2) + "\n")
     return checks
+
+
+def _index_name(source: Path, config: Config) -> str | None:
+    """The source's index, rewritten under its own name: the one config.json's `transformers_weights`
+    names (the output's config.json names it too), else model.safetensors.index.json where it is."""
+    named = config.get("transformers_weights")
+    if isinstance(named, str) and named.endswith(".index.json"):
+        return named
+    return INDEX_NAME if (source / INDEX_NAME).is_file() else None
 
 
 def _shard_names(before: list[str], after: list[str], has_index: bool) -> dict[str, str]:
@@ -351,7 +361,7 @@ def _copy_side_files(source: Path, staging: Path) -> None:
     checkpoint are copied as links (with a warning), never by content."""
     for entry in sorted(source.iterdir()):
         name = entry.name
-        if name.startswith((".", "moelab_")) or name in (INDEX_NAME, "config.json"):
+        if name.startswith((".", "moelab_")) or name.endswith(".index.json") or name == "config.json":
             continue
         if note := copy_side_file(entry, staging / name, source, skip=_is_weight_file):
             warnings.warn(note, stacklevel=3)
