@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from moelab.data import TOKENIZER_DIR
 from moelab.hf import WriteCheckError
 from moelab.hf import export as export_module
 from moelab.hf.export import export_checkpoint
@@ -111,8 +112,10 @@ def test_bad_arguments(tmp_path):
     _model(tmp_path / "src")
     with pytest.raises(ValueError, match=r"unknown export family 'qwen2moe' \(did you mean 'qwen2_moe'\?\)"):
         export_checkpoint(tmp_path / "src", tmp_path / "out", "qwen2moe")
-    with pytest.raises(ValueError, match=r"tokenizer .* has 8192 tokens but the model's vocab_size is 128"):
+    with pytest.raises(ValueError, match=r"has no tokenizer and its vocabulary \(128\) is not that of moelab's shipped"):
         export_checkpoint(tmp_path / "src", tmp_path / "out", "qwen2_moe")
+    with pytest.raises(ValueError, match=r"tokenizer .* has 8192 tokens but the model's vocab_size is 128"):
+        export_checkpoint(tmp_path / "src", tmp_path / "out", "qwen2_moe", tokenizer=TOKENIZER_DIR)
 
 
 def test_a_wrong_mapping_fails_the_logit_check(tmp_path, monkeypatch):
@@ -152,3 +155,7 @@ def test_cli_export(tmp_path):
     assert "wrote" in result.output and (tmp_path / "out" / "config.json").is_file()
     result = CliRunner().invoke(app, [*args[:3], "mixtral", "--out", str(tmp_path / "out2")])
     assert result.exit_code != 0 and "cannot be exported exactly as mixtral" in str(result.exception)
+    result = CliRunner().invoke(app, [*args[:5], str(tmp_path / "out3"), "--tokenizer", str(TOKENIZER_DIR)])  # vocab 128
+    assert result.exit_code != 0 and "has 8192 tokens but the model's vocab_size is 128" in str(result.exception)
+    result = CliRunner().invoke(app, [*args, "--tokenizer", str(TOKENIZER_DIR)])
+    assert result.exit_code != 0 and "exclude each other" in str(result.exception)

@@ -154,3 +154,19 @@ def test_families_read_right_open_and_match_transformers(tmp_path, model_type):
                 got, _ = moe_layer_from_view(layer)(x)
             assert expected.abs().max() > 0.1
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_the_check_runs_once_per_checkpoint_files(tmp_path, monkeypatch):
+    """A command opens its checkpoint several times (a write: two or three); the check against
+    transformers' block (a whole MoE layer in fp32) runs once for the same files, again once they change."""
+    _save(tmp_path, "glm4_moe")
+    calls = []
+    real = fallback._check_against_transformers
+    monkeypatch.setattr(fallback, "_check_against_transformers", lambda *args: (calls.append(1), real(*args)))
+    for _ in range(3):
+        open_checkpoint(tmp_path).close()
+    assert len(calls) == 1
+    config = tmp_path / "config.json"
+    config.write_text(config.read_text() + " ")  # the same settings, another file
+    open_checkpoint(tmp_path).close()
+    assert len(calls) == 2

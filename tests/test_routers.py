@@ -388,7 +388,10 @@ def test_selection_bias_and_load_counter_stay_float32_when_the_router_is_cast():
     steps = torch.tensor([0.5 - 1e-3, 0.5, 0.5 + 1e-3], dtype=torch.float32)
     assert torch.isin(router.selection_bias, steps).all()
     assert (router.selection_bias != 0.5).any()
-    assert layer.to(torch.float64).router.selection_bias.dtype == torch.float32  # any cast
+    assert layer.to(torch.float16).router.selection_bias.dtype == torch.float32  # any cast down
+    assert layer.to(torch.float64).router.selection_bias.dtype == torch.float64  # up is kept
+    router.selection_bias = router.selection_bias.to(torch.bfloat16)  # as load_state_dict(assign=True) may leave it
+    assert layer.to(torch.bfloat16).router.selection_bias.dtype == torch.float32
 
 
 def test_attach_selection_bias_update_needs_a_balancing_router():

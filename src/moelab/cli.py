@@ -418,15 +418,18 @@ def export(
     model_dir: Annotated[str, typer.Argument(help="A moelab checkpoint directory (save_pretrained) or a shipped model's name.")],
     family: Annotated[str, typer.Option("--family", help="Target format: qwen2_moe or mixtral.")],
     out: Annotated[Path, typer.Option("--out", help="New directory for the transformers checkpoint.")],
-    no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Weights only, without a tokenizer (by default the checkpoint's own, with its generation config and other side files, else moelab's shipped one).")] = False,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="A tokenizer directory to write beside the weights (default: the checkpoint's own, with its generation config and other side files, else moelab's shipped one for a model of its vocabulary).")] = None,
+    no_tokenizer: Annotated[bool, typer.Option("--no-tokenizer", help="Weights only, without a tokenizer.")] = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Write a moelab MoE checkpoint in a transformers family's format (checked: logits match to 1e-4)."""
     from moelab.hf.export import export_checkpoint
 
-    tokenizer = None if no_tokenizer else "auto"
-    path = export_checkpoint(_model_dir(model_dir), out, family, tokenizer=tokenizer, overwrite=overwrite, quiet=quiet)
+    if no_tokenizer and tokenizer is not None:
+        raise ValueError("--tokenizer and --no-tokenizer exclude each other; give one")
+    chosen = None if no_tokenizer else tokenizer or "auto"
+    path = export_checkpoint(_model_dir(model_dir), out, family, tokenizer=chosen, overwrite=overwrite, quiet=quiet)
     console.print(f"wrote {path} ({family}; loads with transformers.AutoModelForCausalLM.from_pretrained)")
 
 

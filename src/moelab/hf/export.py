@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moelab.data.tokenizer import TOKENIZER_DIR
+from moelab.data.tokenizer import TOKENIZER_DIR, load_tokenizer
+from moelab.files import read_json_object
 from moelab.hf.adapters import FAMILIES, NATIVE, resolve
 from moelab.hf.checkpoint import CheckpointError, side_files
 from moelab.hf.loading import load_causal_lm
@@ -121,9 +122,9 @@ def export_checkpoint(
     none; a directory of tokenizer.json and friends; None for weights only.
     Refuses models that do not map exactly; checks the result against moelab's logits."""
     model_dir = Path(model_dir).resolve()
+    check_output_dir(out, CHECKPOINT_KIND, inputs=[model_dir], overwrite=overwrite)
+    tensors, hf_config = export_state(model_dir, family, tokenizer=tokenizer)  # the model's problems first
     tokenizer = export_tokenizer(model_dir, tokenizer)
-    check_output_dir(out, CHECKPOINT_KIND, inputs=[model_dir, tokenizer], overwrite=overwrite)
-    tensors, hf_config = export_state(model_dir, family, tokenizer=tokenizer)
     with StagedOutput(out, CHECKPOINT_KIND, inputs=[model_dir, tokenizer], overwrite=overwrite) as staging:
         save_safetensors(tensors, staging / "model.safetensors", metadata={"format": "pt"})
         atomic_write_text(staging / "config.json", json.dumps(hf_config, indent=2) + "\n")
@@ -142,19 +143,29 @@ def export_tokenizer(model_dir: Path, tokenizer: str | os.PathLike | None) -> Pa
     """The tokenizer directory an export of `model_dir` takes (`export_checkpoint`'s rule)."""
     if tokenizer != "auto":
         return None if tokenizer is None else Path(tokenizer).resolve()
-    own = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
-    return model_dir if own else TOKENIZER_DIR.resolve()
+    if any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        return model_dir
+    vocab = read_json_object(model_dir / "config.json", "a model config").get("vocab_size")
+    shipped = load_tokenizer().get_vocab_size()
+    if vocab != shipped:  # not a model of moelab's tokenizer (e.g. imported without its tokenizer)
+        raise ValueError(
+            f"{model_dir} has no tokenizer and its vocabulary ({vocab}) is not that of moelab's shipped tokenizer "
+            f"({shipped}); pass its tokenizer (tokenizer=DIR, --tokenizer DIR), or export the weights alone "
+            "(tokenizer=None, --no-tokenizer)"
+        )
+    return TOKENIZER_DIR.resolve()
 
 
 def export_state(
     model_dir: str | os.PathLike,
     family: str,
     *,
-    tokenizer: str | os.PathLike | None = TOKENIZER_DIR,
+    tokenizer: str | os.PathLike | None = "auto",
     fused: bool = False,
 ) -> tuple[dict[str, Tensor], dict]:
     """The moelab checkpoint `model_dir` as `family` tensors and its config.json dict, without
-    writing anything; refuses models that do not map exactly. Tensors are named as
+    writing anything; refuses models that do not map exactly. tokenizer: as `export_checkpoint`
+    takes it (its bos/eos/pad ids go into the config). Tensors are named as
     `save_pretrained` writes them (per expert), or with `fused` as the transformers module's
     state_dict names them (stacked experts)."""
     config, ckpt, adapter = resolve(Path(model_dir))
@@ -166,7 +177,7 @@ def export_state(
             raise ValueError(
                 f"{model_dir} cannot be exported exactly as {family}: it has " + "; ".join(problems)
             )
-        token_ids = _token_ids(tokenizer, model_config.vocab_size)
+        token_ids = _token_ids(export_tokenizer(Path(model_dir), tokenizer), model_config.vocab_size)
         tensors, shared_width = _tensors(ckpt, config, family, fused)
         dtypes = collections.Counter(t.dtype for t in tensors.values() if t.is_floating_point())
         dtype = str(dtypes.most_common(1)[0][0]).removeprefix("torch.")  # as stored: bf16 stays bf16

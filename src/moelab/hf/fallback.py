@@ -88,7 +88,7 @@ def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
         )
         same_stem = {f"{stem}{k}.": keys for (s, k), keys in sorted(layers.items()) if s == stem}
         _check_claimed(ckpt, config, family.layouts[0], block, same_stem)
-        _check_against_transformers(ckpt, config, family, n, f"{prefix}{block}")
+        _checked_once(ckpt, config, family, n, f"{prefix}{block}")
         return family
     return None
 
@@ -190,13 +190,36 @@ def _cannot(config: Config) -> str:
     )
 
 
+# a checkpoint's files as they were checked (path, size, mtime) -> the check's refusal, None if it passed
+_CHECKED: dict[tuple, str | None] = {}
+
+
+def _checked_once(ckpt: Checkpoint, config: Config, family: Family, index: int, block: str) -> None:
+    """`_check_against_transformers`, run once per process for the same files: a checkpoint is
+    opened several times by one command (a write opens its source two or three times)."""
+    names = ["config.json", *ckpt.shards()]
+    files = tuple((name, (ckpt.directory / name).stat().st_size, (ckpt.directory / name).stat().st_mtime_ns)
+                  for name in names)  # fmt: skip
+    key = (str(ckpt.directory.resolve()), files)
+    if key not in _CHECKED:
+        try:
+            _check_against_transformers(ckpt, config, family, index, block)
+        except CheckpointError as err:
+            _CHECKED[key] = str(err)
+            raise
+        _CHECKED[key] = None
+    if _CHECKED[key] is not None:
+        raise CheckpointError(_CHECKED[key])
+
+
 def _check_against_transformers(
     ckpt: Checkpoint, config: Config, family: Family, index: int, block: str
 ) -> None:
     """Where transformers knows the model_type natively: refuse the reading of MoE layer `index`
     if it computes other outputs than transformers' own block (`block` on disk) for a few random
-    hidden states [1, T, D]. Costs a meta skeleton of the model and up to about three copies of one
-    MoE layer's tensors (fp32), once."""
+    hidden states [1, T, D]. Costs a meta skeleton of the model and up to about four copies of one
+    MoE layer's tensors (fp32): about 2 s and 4.5x a bf16 layer's size at its peak, once per
+    checkpoint and process (`_checked_once`)."""
     from transformers import CONFIG_MAPPING
 
     if config.get("model_type") not in CONFIG_MAPPING:

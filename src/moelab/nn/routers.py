@@ -258,15 +258,15 @@ class TopKRouter(Router):
         load.zero_()
 
     def _apply(self, fn, recurse=True):
-        """`nn.Module._apply` (what `.to()` runs), but the balancing bias and its load counter stay
-        float32 whatever the cast: a bf16 counter stops at 256 and a bf16 bias near 0.5 cannot take a
-        step of 1e-3."""
+        """`nn.Module._apply` (what `.to()` runs), but the balancing bias and its load counter keep at
+        least float32 whatever the cast: a bf16 counter stops at 256 and a bf16 bias near 0.5 cannot
+        take a step of 1e-3."""
         kept = {name: self._buffers[name] for name in BALANCING_BUFFERS if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
         for name, before in kept.items():
             after = self._buffers[name]
-            if after.dtype != before.dtype:
-                self._buffers[name] = before.to(after.device)
+            if after.is_floating_point() and after.element_size() < 4:  # cast to bf16 or fp16
+                self._buffers[name] = (before if before.element_size() >= 4 else before.float()).to(after.device)
         return self
 
 
