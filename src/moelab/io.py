@@ -250,7 +250,7 @@ def output_dir(
     _check_inputs(out, inputs)
     with _lock(out):
         created = not out.exists()
-        marker = _inspect(out, kind, inputs)
+        marker = _inspect(out, kind)
         if marker is not None and (overwrite or not resume):
             _check_replaceable(out, kind, marker, overwrite, resume_hint)
             OutputDir(out, resumed=False).clear()
@@ -312,7 +312,7 @@ class StagedOutput:
         lock.__enter__()
         self._unlock = lambda: lock.__exit__(None, None, None)
         try:
-            marker = _inspect(self.out, self.kind, self.inputs)
+            marker = _inspect(self.out, self.kind)
             if marker is not None:
                 _check_replaceable(self.out, self.kind, marker, self.overwrite)
             previous = self._previous_staging() if self.resume else None
@@ -395,7 +395,8 @@ def check_output_dir(
     work (loading a model) rather than after it. hint: how else to go on (as `output_dir`'s
     resume_hint)."""
     out = _resolve(out)
-    marker = _inspect(out, kind, inputs)
+    _check_inputs(out, inputs)
+    marker = _inspect(out, kind)
     if marker is not None:
         _check_replaceable(out, kind, marker, overwrite, hint)
 
@@ -519,10 +520,9 @@ def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None
             )
 
 
-def _inspect(out: Path, kind: str, inputs: Iterable[str | os.PathLike | None]) -> dict | None:
-    """Check `out` against the contract; its marker if it holds moelab's output of `kind`, None
-    if it is new or empty."""
-    _check_inputs(out, inputs)
+def _inspect(out: Path, kind: str) -> dict | None:
+    """Check `out` against the contract (its relation to the inputs: `_check_inputs`); its marker
+    if it holds moelab's output of `kind`, None if it is new or empty."""
     _check_parents(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} is a file; the output must be a directory: choose another path")

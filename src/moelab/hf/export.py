@@ -118,8 +118,9 @@ def export_checkpoint(
     """Write the moelab checkpoint `model_dir` (`moelab.models.save_pretrained`) to the new
     directory `out` as a `family` checkpoint (see EXPORT_FAMILIES). tokenizer: "auto" (default)
     for the checkpoint's own tokenizer with the files beside it (generation config, chat template,
-    ...: a model `moelab import` wrote keeps its own), or moelab's shipped tokenizer where it has
-    none; a directory of tokenizer.json and friends; None for weights only.
+    ...: a model `moelab import` wrote keeps its own), or moelab's shipped tokenizer for a model of
+    its vocabulary that has none (another is refused); a directory of tokenizer.json and friends;
+    None for weights only.
     Refuses models that do not map exactly; checks the result against moelab's logits."""
     model_dir = Path(model_dir).resolve()
     check_output_dir(out, CHECKPOINT_KIND, inputs=[model_dir], overwrite=overwrite)
