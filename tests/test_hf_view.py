@@ -193,6 +193,20 @@ def test_dbrx_null_normalize_expert_weights_means_no_normalisation(tmp_path, nor
         _assert_matches_transformers(view, "dbrx", model, ())
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3"])  # (Qwen3-MoE's config refuses a null)
+def test_a_null_norm_topk_prob_is_false_as_in_transformers(tmp_path, family):
+    """transformers' routers test `if config.norm_topk_prob:`, so an explicit null does not
+    renormalise; moelab read it as unset, i.e. DeepSeek-V3's default True."""
+    model = build(family)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"norm_topk_prob": None}))
+    model = build(family, norm_topk_prob=None)
+    with open_checkpoint(tmp_path) as view:
+        assert {layer.router.renormalize for layer in view.layers() if isinstance(layer, MoELayerView)} == {False}
+        _assert_matches_transformers(view, family, model, TINY[family].dense)
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -26,6 +26,7 @@ from moelab.hf.layouts import (
     SharedFusedMLP,
     SharedMLP,
     TransposedGateUp,
+    config_flag,
     config_value,
     swiglu,
 )
@@ -48,7 +49,7 @@ def _softmax_norm_topk_prob(config: Config) -> dict:
     return {
         "score_func": "softmax",
         "top_k": _top_k(config),
-        "renormalize": config_value(config, "norm_topk_prob", default=False),
+        "renormalize": config_flag(config, "norm_topk_prob", default=False),
     }
 
 
@@ -77,7 +78,7 @@ def _deepseek_v3(config: Config) -> dict:
     return {
         "score_func": "sigmoid",
         "top_k": _top_k(config),
-        "renormalize": config_value(config, "norm_topk_prob", default=True),
+        "renormalize": config_flag(config, "norm_topk_prob", default=True),
         "route_scale": float(config_value(config, "routed_scaling_factor", default=2.5)),
         "n_group": config_value(config, "n_group", default=8),
         "topk_group": config_value(config, "topk_group", default=4),

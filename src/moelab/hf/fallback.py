@@ -31,6 +31,7 @@ from moelab.hf.layouts import (
     RouterKeys,
     SharedMLP,
     config_entry,
+    config_flag,
     config_value,
 )
 from moelab.memory import release_freed_memory
@@ -149,7 +150,7 @@ def _routing(sigmoid_default: bool) -> Callable[[Config], dict]:
                 config, "scoring_func", default="sigmoid" if sigmoid_default else "softmax"
             ),
             "top_k": config_value(config, "num_experts_per_tok", "moe_top_k", "top_k"),
-            "renormalize": config_value(config, "norm_topk_prob", default=True),
+            "renormalize": config_flag(config, "norm_topk_prob", default=True),
             "route_scale": float(config_value(config, "routed_scaling_factor", default=1.0)),
             "n_group": config_value(config, "n_group", default=1),
             "topk_group": config_value(config, "topk_group", default=1),

@@ -44,6 +44,12 @@ def config_value(config: Config, *keys: str, default: Any = _REQUIRED) -> Any:
     return config_entry(config, keys, default)[1]
 
 
+def config_flag(config: Config, key: str, default: bool) -> bool:
+    """A top-level boolean setting as transformers' modules read it (`if config.key:`): its class
+    default where absent, false where config.json says null."""
+    return bool(config.get(key, default))
+
+
 def every_layer(config: Config, index: int) -> bool:
     """The default: every decoder layer is sparse."""
     return True
