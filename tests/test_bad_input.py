@@ -683,6 +683,14 @@ def bench_offload_resident_zero(tmp, src):
 
 
 @case
+def bench_offload_model_of_a_smaller_vocabulary(tmp, src):
+    """The bench decodes moelab's corpus in moelab's token ids: a transformers checkpoint of 64 tokens
+    used to fail with an IndexError traceback after its calibration."""
+    ckpt = copy(src, "mixtral", tmp)
+    return ["bench", "offload", str(ckpt)], [ckpt], [str(ckpt), "vocabulary of 64 tokens", "moelab's tokenizer's 8192 ids"]
+
+
+@case
 def bench_offload_cuda_without_gpu(tmp, src):
     if torch.cuda.is_available():
         return ["bench", "offload", "--device", "gpu"], [], ["unknown device 'gpu'"]

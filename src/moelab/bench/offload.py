@@ -51,6 +51,8 @@ from rich.table import Table
 from moelab.bench.layer import DTYPES, synchronize
 from moelab.bench.machine import device_name, source_commit
 from moelab.bench.skipping import test_batches
+from moelab.data.tokenizer import load_tokenizer
+from moelab.files import read_json_object
 from moelab.generate import model_in_memory
 from moelab.models import MoETransformer
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
@@ -205,6 +207,8 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
 
 
 def run(models: dict[str, Path], options: OffloadOptions, progress=None) -> dict:
+    for path in models.values():  # every one before the first is measured
+        _check_vocabulary(path)
     previous = torch.get_num_threads()
     torch.set_num_threads(options.threads)
     try:
@@ -215,6 +219,18 @@ def run(models: dict[str, Path], options: OffloadOptions, progress=None) -> dict
         "format": JSON_FORMAT, "options": options.__dict__, "torch": torch.__version__,
         "device_name": device_name(options.device), "commit": source_commit(), "models": results,
     }  # fmt: skip
+
+
+def _check_vocabulary(path: Path) -> None:
+    """The bench decodes moelab's corpus in moelab's tokenizer's ids: the model must embed them all."""
+    config = read_json_object(path / "config.json", "a model config")
+    vocab = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+    needed = load_tokenizer().get_vocab_size()
+    if isinstance(vocab, int) and vocab < needed:
+        raise ValueError(
+            f"{path} has a vocabulary of {vocab} tokens, but bench offload decodes moelab's corpus in moelab's "
+            f"tokenizer's {needed} ids; benchmark a model of that tokenizer (or of a vocabulary at least as large)"
+        )
 
 
 def render(doc: dict) -> Table:
