@@ -664,6 +664,8 @@ def eval_cmd(
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
     prompts: Annotated[int, typer.Option(min=0, help="Prompts per domain for the degenerate-generation check (0: skip).")] = 4,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Each prompt's length in tokens.")] = 32,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", min=1, help="Greedy tokens generated after each prompt.")] = 48,
     dynamic_skip: Annotated[Path | None, typer.Option("--dynamic-skip", help="Run the model (a moelab one) with NAEE dynamic skipping, ratios from these calibration statistics.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
@@ -675,7 +677,8 @@ def eval_cmd(
     inputs = (_model_dir(model), base and _model_dir(base), None if data == "corpus" else data, dynamic_skip)
     _claim_json(json_path, EVAL_FORMAT, overwrite, inputs)
     options = EvalOptions(data=data, split=split, domains=domains, max_tokens=max_tokens, seq_len=seq_len,
-                          batch_size=batch_size, prompts=prompts, dynamic_skip=str(dynamic_skip) if dynamic_skip else None)
+                          batch_size=batch_size, prompts=prompts, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+                          dynamic_skip=str(dynamic_skip) if dynamic_skip else None)
     report = evaluate(_model_dir(model), base=None if base is None else _model_dir(base), options=options, quiet=quiet)
     console.print(render_report(report))
     _write_json(json_path, report)
