@@ -198,9 +198,8 @@ _CHECKED: dict[tuple, str | None] = {}
 def _checked_once(ckpt: Checkpoint, config: Config, family: Family, index: int, block: str) -> None:
     """`_check_against_transformers`, run once per process for the same files: a checkpoint is
     opened several times by one command (a write opens its source two or three times)."""
-    names = ["config.json", *ckpt.shards()]
-    files = tuple((name, (ckpt.directory / name).stat().st_size, (ckpt.directory / name).stat().st_mtime_ns)
-                  for name in names)  # fmt: skip
+    stats = {name: (ckpt.directory / name).stat() for name in ("config.json", *ckpt.shards())}
+    files = tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats.items())
     key = (str(ckpt.directory.resolve()), files)
     if key not in _CHECKED:
         try:
