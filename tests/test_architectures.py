@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -412,6 +413,28 @@ def test_rexmoe_progressive_scaling_hook_ramps():
     assert router.candidates.all()
     with pytest.raises(ValueError, match="no ReXMoE router"):
         set_reuse_progress(build("topk"), 0.5)
+
+
+def test_rexmoe_checkpoint_saved_mid_ramp_routes_as_it_did(tmp_path):
+    model = build("rexmoe", init_std=0.3).eval()
+    set_reuse_progress(model, 0.25)  # the trainer's checkpoints during reuse_ramp_steps
+    save_pretrained(model, tmp_path / "ckpt")
+    loaded = load_pretrained(tmp_path / "ckpt").eval()
+    ids = random_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert torch.equal(loaded.layers[0].ffn.router.candidates, model.layers[0].ffn.router.candidates)
+    assert not loaded.layers[0].ffn.router.candidates.all()
+
+
+def test_rexmoe_checkpoint_without_the_mask_loads_with_the_whole_pool(tmp_path):
+    model = build("rexmoe")
+    save_pretrained(model, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    tensors = {k: v for k, v in safetensors.torch.load_file(weights).items() if not k.endswith("candidates")}
+    safetensors.torch.save_file(tensors, weights)  # as written before the mask was saved
+    loaded = load_pretrained(tmp_path / "ckpt")
+    assert all(block.ffn.router.candidates.all() for block in loaded.layers)
 
 
 # ----------------------------------------------------------------------------- latent experts

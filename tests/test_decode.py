@@ -445,6 +445,18 @@ def test_decode_step_of_sequence_routing_models_and_uoe():
         graph.decode_step(ids, KVCache(graph.config, batch_size=2, max_len=7), 0)
 
 
+@pytest.mark.parametrize("moe_fields", [dict(router="expert_choice"), dict(capacity_factor=0.5)])
+def test_kv_cache_is_refused_where_routing_sees_other_tokens(moe_fields):
+    model = make_model(moe_fields=moe_fields, allow_noncausal_routing=True).eval()
+    ids = random_ids(batch=1, seq=8)
+    with torch.no_grad():
+        assert_close(model.decode_step(ids), model(ids).logits[:, -1])  # no cache: the full forward
+        with pytest.raises(ValueError, match="cannot decode from a KV cache"):
+            model.decode_step(ids, KVCache(model.config, batch_size=1, max_len=8), 0)
+        with pytest.raises(ValueError, match="cannot decode from a KV cache"):
+            model(ids, kv_cache=KVCache(model.config, batch_size=1, max_len=8))
+
+
 def test_decode_step_checks_its_inputs():
     model = make_model().eval()
     with pytest.raises(ValueError, match="input_ids must be integer token ids"):

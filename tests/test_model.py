@@ -108,6 +108,7 @@ def test_presets():
         (dict(layer_types=["moe", "mo"]), "unknown kind 'mo' \\(did you mean 'moe'\\?\\)"),
         (dict(first_k_dense=2), r"first_k_dense \(2\) must lie in \[0, n_layers=2\)"),
         (dict(moe=None, layer_types=["dense", "moe"]), "'moe' layers but moe is None"),
+        (dict(layer_types=["dense", "dense"]), "moe is set but layer_types has no 'moe' layer"),
         (dict(vocab_size=0), "vocab_size must be >= 1"),
     ],
 )

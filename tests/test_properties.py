@@ -55,8 +55,6 @@ def configs(draw):
         )
     elif router == "expert_choice":
         kw.update(ec_capacity_factor=draw(st.floats(0.1, float(E))))
-    else:
-        kw.update(top_k=1)
     return MoEConfig(**kw)
 
 

@@ -185,3 +185,6 @@ def test_router_refuses_bad_settings_itself(options, message):
         UoERouter(8, 4, 2, **options)
     with pytest.raises(ValueError, match=r"UoEConfig.mlp_expert_top_k \(1\) must lie in \[mlp_top_k=2"):
         UoEConfig(mlp_top_k=2, mlp_expert_top_k=1)
+    with pytest.raises(ValueError, match="token_fraction=0.25 has no effect with selection='causal'"):
+        UoEConfig(token_fraction=0.25)
+    UoEConfig(token_fraction=0.25, selection="reference")

@@ -167,6 +167,11 @@ class ModelConfig:
                     raise ValueError(
                         f"ModelConfig.layer_types has {kind!r} layers but {kind} is None; set {kind}={config}(...)"
                     )
+                if kind not in self.layer_types and getattr(self, kind) is not None:
+                    raise ValueError(
+                        f"ModelConfig.{kind} is set but layer_types has no {kind!r} layer, so it has no effect; "
+                        f"add {kind!r} layers or leave {kind} out"
+                    )
         elif self.moe is not None and self.uoe is not None:
             raise ValueError("ModelConfig has both moe and uoe; set layer_types to say which layers are which")
         elif self.first_k_dense < 0 or (self.sparse_kind != "dense" and self.first_k_dense >= self.n_layers):

@@ -535,10 +535,11 @@ class MoETransformer(nn.Module):
     def _check_call(self, input_ids: Tensor, targets: Tensor | None, kv_cache: KVCache | None, start_pos: int) -> None:
         self._check_routing_is_causal()
         self._check_inputs(input_ids, targets, kv_cache, start_pos)
-        if kv_cache is not None and self.needs_sequences:
+        if kv_cache is not None and not self.decodes_from_cache:
             raise ValueError(
-                "this model's routing looks at whole sequences (graph-of-tokens or UoE layers), so it cannot "
-                "decode from a KV cache; call it on the full sequence (generate() does so by itself)"
+                "this model's routing looks at other tokens of the sequence (graph-of-tokens, UoE, expert choice "
+                "or capacity dropping), so it cannot decode from a KV cache; call it on the full sequence "
+                "(generate() does so by itself)"
             )
 
     def _rope_and_mask(

@@ -13,7 +13,9 @@ layers of its group is not added).
 Progressive Scaling Routing (PSR): foreign experts start masked and are unmasked gradually.
 `set_reuse_progress(model, f)` unmasks the first round(f * (r-1)*E) foreign experts of every
 router (nearest layers first, then by index); `attach_progressive_scaling` does so after every
-optimizer step on a linear ramp. Without either, every expert of the pool is a candidate.
+optimizer step on a linear ramp. Without either, every expert of the pool is a candidate. The
+mask is part of the state dict (`router.candidates`), so a checkpoint saved mid-ramp reloads
+routing as it did.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class ReuseRouter(TopKRouter):
         # foreign experts in unmasking order: nearest owning layer first, then by index
         foreign = sorted((e for e, d in enumerate(distance) if d > 0), key=lambda e: (distance[e], e))
         self.register_buffer("unmask_order", torch.tensor(foreign, dtype=torch.long), persistent=False)
+        # the PSR mask is saved with the weights: a checkpoint written mid-ramp routes as it did
+        self.register_buffer("candidates", torch.ones(reuse * num_local, dtype=torch.bool))
 
     @torch.no_grad()
     def set_progress(self, fraction: float) -> None:

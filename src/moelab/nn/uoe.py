@@ -95,6 +95,11 @@ class UoEConfig:
             check_expert_top_k(self.mlp_expert_top_k, self.mlp_top_k, self.mlp_experts, part="mlp_")
         if not 0.0 < self.token_fraction <= 1.0:
             raise ValueError(f"UoEConfig.token_fraction must lie in (0, 1], got {self.token_fraction}")
+        if self.selection != "reference" and self.token_fraction != UoEConfig.token_fraction:
+            raise ValueError(
+                f"UoEConfig.token_fraction={self.token_fraction} has no effect with selection={self.selection!r} "
+                "(only the reference selection reads it); set selection='reference' or leave it out"
+            )
 
     def check_heads(self, n_heads: int) -> None:
         """Validate the attention settings against the model's H heads."""
