@@ -102,7 +102,9 @@ def load_state(model: MoETransformer, tensors: dict[str, Tensor], *, assign: boo
     tensors = {_RENAMED_BUFFER.sub("router.selection_bias", name): t for name, t in tensors.items()}
     expected = {name: t for name, t in model.state_dict().items() if name not in aliases}
     # ReXMoE checkpoints saved before the PSR mask was stored keep the model's: every expert a candidate
-    missing = sorted(name for name in expected.keys() - tensors.keys() if not name.endswith(".router.candidates"))
+    missing = sorted(
+        name for name in expected.keys() - tensors.keys() if not name.endswith(".router.candidates")
+    )
     unexpected = sorted(tensors.keys() - expected.keys())
     found = [(name, t, expected[name]) for name, t in sorted(tensors.items()) if name in expected]
     mismatched = [
