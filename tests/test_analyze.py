@@ -158,6 +158,8 @@ def test_analyze_native_model_writes_html_png_json(tmp_path):
     # The trace written beside the report can be analysed again without the model.
     again = analyze(out / "trace", tmp_path / "again", quiet=True)
     assert json.loads((again.parent / "report.json").read_text())["layers"] == report["layers"]
+    with pytest.raises(ValueError, match="is an analysis, not a model or a trace; analyse its trace again with"):
+        analyze(out, tmp_path / "third", quiet=True)
 
 
 def test_analyze_transformers_model(tmp_path):
@@ -192,3 +194,45 @@ def test_analyze_bad_inputs(tmp_path):
         analyze(None, tmp_path, chunk_lens=(0,))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         analyze(tmp_path / "missing", tmp_path / "out")
+
+
+def test_super_expert_report_when_most_experts_never_ran_and_the_largest_is_not_searched(tmp_path):
+    """More than half the candidates 0 (few tokens, many experts): over_median is null, and the
+    report stays strict JSON (it held Infinity, which JSON parsers refuse). The largest candidate in
+    the last quarter of MoE layers is not flagged; the report counts it instead of saying nothing."""
+    from moelab.analyze.report import write_report
+
+    found = super_experts({0: torch.tensor([0.0, 0.0, 0.0, 5.0])}, {})
+    assert found["super_experts"] == [{"layer": 0, "expert": 3, "max_output": 5.0, "over_median": None}]
+    trace = _fake_trace(tmp_path / "trace")
+    summary = analyze_trace(trace, chunk_lens=(1,))
+    summary["expert_max_output"] = {"0": [0.0, 0.0, 0.0], "2": [0.0, 9.0]}
+    summary["shared_max_output"] = {}
+    summary["super_experts"] = super_experts({0: torch.zeros(3), 2: torch.tensor([0.0, 9.0])}, {})
+    assert summary["super_experts"]["layers"] == [0] and summary["super_experts"]["super_experts"] == []
+    html = write_report(summary, tmp_path / "report").read_text()
+    assert "1 candidate(s) above the threshold in the layers not searched" in html
+    summary["super_experts"], summary["expert_max_output"] = found, {"0": [0.0, 0.0, 0.0, 5.0]}
+    write_report(summary, tmp_path / "report2")
+    parsed = json.loads((tmp_path / "report2" / "report.json").read_text(), parse_constant=pytest.fail)
+    assert parsed["super_experts"]["super_experts"][0]["over_median"] is None
+
+
+def test_expert_stats_of_another_model_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    trace = _fake_trace(tmp_path / "trace")
+    stats = trace.directory / "expert_stats.safetensors"
+    save_file({"layer0.expert_max": torch.ones(32), "layer2.expert_max": torch.ones(2)}, stats)
+    with pytest.raises(ValueError, match=r"layer0.expert_max has shape \[32\], expected \[3\]"):
+        analyze_trace(open_trace(trace.directory))
+    save_file({"layer0.expert_max": torch.ones(3)}, stats)
+    with pytest.raises(ValueError, match="no layer2.expert_max"):
+        analyze_trace(open_trace(trace.directory))
+
+
+def test_a_trace_without_expert_stats_reports_none(tmp_path):
+    trace = _fake_trace(tmp_path / "trace")
+    trace.info.settings["expert_stats"] = False
+    summary = analyze_trace(trace)
+    assert summary["super_experts"] is None and summary["expert_max_output"] is None

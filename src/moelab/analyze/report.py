@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from moelab.io import atomic_write_bytes, atomic_write_text  # noqa: E402
@@ -32,7 +33,7 @@ MAX_PANELS = 16  # grids of per-layer heatmaps show at most this many layers, ev
 def write_report(summary: dict[str, Any], out: str | os.PathLike) -> Path:
     """Write report.json, plots/*.png and report.html into `out`; returns the HTML path."""
     out = Path(out)
-    atomic_write_text(out / "report.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=1, allow_nan=False))  # strict JSON
     figures = {
         "load": _load_figure(summary),
         "layer_metrics": _metrics_figure(summary),
@@ -41,7 +42,7 @@ def write_report(summary: dict[str, Any], out: str | os.PathLike) -> Path:
         ),
         "coactivation": _grid_figure(
             summary,
-            "co-activation P(j chosen | i chosen) (diagonal, always 1, left out)",
+            "co-activation P(j chosen | i chosen) (diagonal, always 1, left out: grey)",
             lambda s: _without_diagonal(s["coactivation_conditional"]),
             labels=("expert j", "expert i"),
         ),
@@ -128,6 +129,8 @@ def _metrics_figure(summary: dict[str, Any]):
     axes[1, 0].plot(x, [s["domain_mi_bits"] for s in stats], "o-", label="I(expert; domain)")
     axes[1, 0].set_title("expert-domain mutual information (bits)")
     for L in stats[0]["cls"]:
+        if all(s["cls"][L] is None for s in stats):  # no window held a whole chunk of L tokens
+            continue
         axes[1, 1].plot(x, [s["cls"][L] if s["cls"][L] is not None else np.nan for s in stats], "o-", label=f"L={L}")
     axes[1, 1].set_title("chunk-level sparsity CLS_L")
     for ax in axes.flat:
@@ -150,8 +153,9 @@ def _heatmaps(
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
+    cmap = plt.get_cmap("magma").with_extremes(bad="lightgrey")  # left-out cells, not the maximum's white
     for ax, (name, matrix) in zip(axes.flat, panels):
-        image = ax.imshow(np.array(matrix), aspect="auto", cmap="magma", vmin=0)
+        image = ax.imshow(np.array(matrix), aspect="auto", cmap=cmap, vmin=0)
         ax.set_title(name, fontsize=9)
         if ylabels is not None:
             ax.set_yticks(range(len(ylabels)), ylabels, fontsize=7)
@@ -193,11 +197,18 @@ def _super_figure(summary: dict[str, Any]):
         label = "shared" if shared else f"expert {s['expert']}"
         ax.annotate(label, (x, s["max_output"]), xytext=(6, 4), textcoords="offset points", fontsize=8, c="red")
     ax.axhline(found["threshold"], color="red", ls="--", lw=1, label="threshold")
+    unsearched = [int(i) for i in summary["expert_max_output"] if int(i) not in found["layers"]]
+    for i in unsearched:
+        ax.axvspan(i - 0.5, i + 0.5, color="lightgrey", alpha=0.5, lw=0)
     ax.set_yscale("log")
     _layer_axis(ax, [int(i) for i in summary["expert_max_output"]])
     ax.set_ylabel("max |down-projection output|")
     ax.set_title("super experts (red circles; in a layer, experts left to right by index; diamonds: shared)")
-    ax.legend()
+    handles, names = ax.get_legend_handles_labels()
+    if unsearched:
+        handles.append(Patch(color="lightgrey", alpha=0.5))
+        names.append("not searched (the last quarter of MoE layers)")
+    ax.legend(handles, names)
     return fig
 
 
@@ -217,6 +228,8 @@ SECTIONS = (
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
+        if v is None:
+            return "-"
         return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -240,11 +253,22 @@ def _super_table(summary: dict[str, Any]) -> str:
     found = summary["super_experts"]
     if found is None:
         return "<p>Expert statistics were not recorded in this trace.</p>"
+    if found["threshold"] is None:
+        return "<p>No expert produced any output.</p>"
+    note = f"<p>threshold {found['threshold']:.4g}; searched MoE layers {found['layers']}"
+    above = sum(
+        v > found["threshold"]
+        for i, values in summary["expert_max_output"].items()
+        if int(i) not in found["layers"]
+        for v in [*values, summary["shared_max_output"].get(i, 0.0)]
+    )
+    if above:
+        note += f"; {above} candidate(s) above the threshold in the layers not searched (the rule's last quarter)"
+    note += "</p>"
     if not found["super_experts"]:
-        return "<p>No super experts found.</p>"
+        return note + "<p>No super experts in the searched layers.</p>"
     rows = [[s["layer"], "shared" if s["expert"] == -1 else s["expert"], s["max_output"], s["over_median"]]
             for s in found["super_experts"]]
-    note = f"<p>threshold {found['threshold']:.4g}; searched MoE layers {found['layers']}</p>"
     return note + _table(["layer", "expert", "max |output|", "x median"], rows)
 
 
@@ -257,7 +281,7 @@ def _html(summary: dict[str, Any], images: dict[str, str]) -> str:
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p>family {html.escape(summary['family'])}; {summary['tokens']:,} tokens of {html.escape(source)} "
-        f"in windows of {settings.get('seq_len', '?')}; domains: {html.escape(domains)}</p>",
+        f"in windows of at most {settings.get('seq_len', '?')}; domains: {html.escape(domains)}</p>",
         _layer_table(summary),
     ]
     if summary["checks"]:

@@ -34,6 +34,10 @@ def analyze(
     if any(L < 1 for L in chunk_lens):
         raise ValueError(f"chunk lengths must be >= 1, got {list(chunk_lens)}")
     from_trace = model is not None and is_trace(model)
+    if model is not None and not from_trace and is_trace(Path(model) / "trace"):
+        raise ValueError(
+            f"{model} is an analysis, not a model or a trace; analyse its trace again with `{Path(model) / 'trace'}`"
+        )
     reads_data = data != "corpus" or split != "validation" or domains or options not in (None, TraceOptions())
     if from_trace and reads_data:
         raise ValueError(

@@ -86,7 +86,8 @@ def super_experts(
 ) -> dict[str, Any]:
     """expert_max: {layer: [E] max |down output|}; shared_max: {layer: [1]} -> {"threshold",
     "layers" (the MoE layers searched: the first max(1, int(fraction * n)) of them),
-    "super_experts": [{"layer", "expert" (-1 = shared), "max_output", "over_median"}]}."""
+    "super_experts": [{"layer", "expert" (-1 = shared), "max_output", "over_median" (None where the
+    median candidate is 0: more than half the experts never ran)}]}."""
     layers = sorted(expert_max)
     candidates = [(i, e, float(v)) for i in layers for e, v in enumerate(expert_max[i].tolist())]
     candidates += [(i, -1, float(v)) for i, v in sorted(shared_max.items())]
@@ -97,7 +98,7 @@ def super_experts(
     searched = layers[: max(1, int(len(layers) * layer_fraction))]
     median = float(torch.quantile(values, 0.5))
     found = [
-        {"layer": i, "expert": e, "max_output": v, "over_median": v / median if median > 0 else math.inf}
+        {"layer": i, "expert": e, "max_output": v, "over_median": v / median if median > 0 else None}
         for i, e, v in candidates
         if v > threshold and i in searched
     ]
@@ -196,6 +197,7 @@ def analyze_trace(trace: Trace, *, chunk_lens: Sequence[int] = (1, 8, 64)) -> di
     if not any(a.tokens for a in acc.values()):
         raise ValueError(f"the trace in {trace.directory} holds no tokens; trace some data first")
     expert_max, shared_max = trace.expert_stats()
+    recorded = info.settings.get("expert_stats", True)
     return {
         "model": info.model,
         "family": info.family,
@@ -212,9 +214,9 @@ def analyze_trace(trace: Trace, *, chunk_lens: Sequence[int] = (1, 8, 64)) -> di
             }
             for (a, b), m in affinity.items()
         ],
-        "expert_max_output": {str(i): t.tolist() for i, t in expert_max.items()},
-        "shared_max_output": {str(i): float(t[0]) for i, t in shared_max.items()},
-        "super_experts": super_experts(expert_max, shared_max) if info.settings.get("expert_stats", True) else None,
+        "expert_max_output": {str(i): t.tolist() for i, t in expert_max.items()} if recorded else None,
+        "shared_max_output": {str(i): float(t[0]) for i, t in shared_max.items()} if recorded else None,
+        "super_experts": super_experts(expert_max, shared_max) if recorded else None,
         "checks": info.checks,
         "trace_settings": info.settings,
     }

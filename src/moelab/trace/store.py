@@ -303,8 +303,19 @@ class Trace:
         if not path.is_file():
             raise ValueError(f"{path} is missing; re-create the trace with `moelab trace`")
         tensors = load_safetensors(path)
-        routed = {i: tensors[f"layer{i}.expert_max"] for i in self.info.layers if f"layer{i}.expert_max" in tensors}
-        shared = {i: tensors[f"layer{i}.shared_max"] for i in self.info.layers if f"layer{i}.shared_max" in tensors}
+        routed = {i: tensors.pop(f"layer{i}.expert_max", None) for i in self.info.layers}
+        shared = {i: tensors.pop(f"layer{i}.shared_max") for i in self.info.layers if f"layer{i}.shared_max" in tensors}
+        problems = [f"unexpected {name}" for name in sorted(tensors)]
+        for i, t in routed.items():
+            if t is None:
+                problems.append(f"no layer{i}.expert_max")
+            elif t.shape != (self.info.experts_of(i),):
+                problems.append(f"layer{i}.expert_max has shape {list(t.shape)}, expected [{self.info.experts_of(i)}]")
+        problems += [f"layer{i}.shared_max has shape {list(t.shape)}, expected [1]" for i, t in shared.items() if t.shape != (1,)]
+        if problems:
+            raise ValueError(
+                f"{path} does not match {MANIFEST}: {'; '.join(problems[:3])}; re-create the trace with `moelab trace`"
+            )
         return routed, shared
 
 
