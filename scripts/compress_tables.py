@@ -41,7 +41,7 @@ def table(benches: dict[str, dict], ratio: int) -> list[str]:
         for bench in benches.values():
             cell = bench["cells"].get(f"{method}-{ratio}")
             derived = cell and cell["derived"]
-            cells.append("·" if not cell else f"{derived['change']:+.1%} / {derived['worst_change']:+.0%}")
+            cells.append("·" if not cell else f"{derived['change']:+.1%} / {derived['worst_change']:+.1%}")
         name = f"**{method}**" if method.startswith("moelab") else method
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines

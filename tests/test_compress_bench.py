@@ -4,6 +4,7 @@ directory is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -124,6 +125,43 @@ def test_bad_options():
         BenchOptions(ratios=(1.0,))
     with pytest.raises(ValueError, match="not a Python interpreter"):
         BenchOptions(llmcompressor_python="/nonexistent/python")
+    with pytest.raises(ValueError, match="method frequency given twice"):
+        BenchOptions(methods=("frequency", "reap", "frequency"))
+    with pytest.raises(ValueError, match="ratio 0.25 given twice"):
+        BenchOptions(ratios=(0.25, 0.5, 0.25))
+    with pytest.raises(ValueError, match=r"name the same cells \(\['25', '25'\] %\)"):
+        BenchOptions(ratios=(0.25, 0.2500000001))
+    # two ratios that round to one percent used to share (and overwrite) one cell directory
+    assert [bench.Cell("reap", r).name for r in (0.25, 0.254, 1 / 3)] == ["reap-25", "reap-25.4", "reap-33.3333"]
+
+
+def test_a_changed_model_or_cell_is_refused_not_reported_with_old_numbers(tmp_path, monkeypatch):
+    """The same path with other weights: its baseline and cells are the old model's (they used to
+    be reported as the new one's). A cell.json of other router-fit settings is not replaced."""
+    options = BenchOptions(**TINY)
+    monkeypatch.setattr(bench, "fingerprint", lambda model: "2:aaaa")
+    bench._check_same_bench(tmp_path, tmp_path / "m", options)
+    bench._check_same_bench(tmp_path, tmp_path / "m", options)  # unchanged: resumes
+    monkeypatch.setattr(bench, "fingerprint", lambda model: "3:bbbb")  # another moelab's: not comparable
+    bench._check_same_bench(tmp_path, tmp_path / "m", options)
+    monkeypatch.setattr(bench, "fingerprint", lambda model: "3:cccc")
+    with pytest.raises(ValueError, match="has changed since the bench .* began"):
+        bench._check_same_bench(tmp_path, tmp_path / "m", options)
+
+    cell = bench.Cell("reap", 0.25, router_fit=5, router_lr=1e-3)
+    (tmp_path / "cells" / cell.name).mkdir(parents=True)
+    earlier = dataclasses.asdict(dataclasses.replace(cell, router_lr=1e-2))
+    (tmp_path / "cells" / cell.name / "cell.json").write_text(json.dumps({"cell": earlier, "name": cell.name}))
+    with pytest.raises(ValueError, match="other router-fit settings"):
+        bench._cell(tmp_path / "m", tmp_path, cell, {}, options, say=lambda *a: None)
+    plain = bench.Cell("reap", 0.5)  # a cell written before router_lr was kept
+    (tmp_path / "cells" / plain.name).mkdir()
+    old = {k: v for k, v in dataclasses.asdict(plain).items() if k != "router_lr"}
+    (tmp_path / "cells" / plain.name / "cell.json").write_text(json.dumps({"cell": old, "name": plain.name}))
+    assert bench._cell(tmp_path / "m", tmp_path, plain, {}, options, say=lambda *a: None)["cell"] == old
+    # cells of earlier runs stay in the report: cells may be added
+    kept = bench._earlier_cells(tmp_path, [{"name": plain.name}], calibrations={bench.GENERAL})
+    assert [r["name"] for r in kept] == [cell.name]
 
 
 @pytest.mark.parametrize(
@@ -132,12 +170,13 @@ def test_bad_options():
         (dict(domain="klingon"), "klingon"),
         (dict(ratios=(0.9,)), "frequency at ratio 0.9: layer 0: .* fewer than the 2 the router picks"),
         (dict(domain="code", domain_ratios=(0.95,)), "at ratio 0.95: layer 0: "),
+        (dict(domain="code", methods=("moelab", "naee")), "compare with the best general paper method"),
     ],
 )
 def test_cells_that_would_fail_are_refused_before_calibrating(tiny, tmp_path, monkeypatch, options, message):
     monkeypatch.setattr(bench, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
     with pytest.raises(ValueError, match=message):
-        run_bench(tiny, tmp_path / "b", BenchOptions(methods=("frequency",), **(TINY | options)), quiet=True)
+        run_bench(tiny, tmp_path / "b", BenchOptions(**({"methods": ("frequency",)} | TINY | options)), quiet=True)
     assert not list(tmp_path.iterdir())
 
 

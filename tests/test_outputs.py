@@ -116,7 +116,7 @@ def test_replacing_needs_overwrite_the_same_kind_and_no_foreign_files(tmp_path):
     with pytest.raises(OutputError, match="holds a moelab thing, not a trace"):
         publish(out, "trace", overwrite=True)
     (out / "README.md").write_text("the user's")
-    with pytest.raises(OutputError, match=r"README.md was not written by moelab; move them out"):
+    with pytest.raises(OutputError, match=r"README.md was not written by moelab; move it out"):
         publish(out, files={"a.txt": "2"}, overwrite=True)
     assert (out / "a.txt").read_text() == "1" and (out / "README.md").read_text() == "the user's"
     (out / "README.md").unlink()

@@ -622,7 +622,7 @@ def _check_no_foreign(out: Path, marker: dict) -> None:
         )
         raise OutputError(
             f"cannot replace {out}: {shown} {'was' if len(foreign) == 1 else 'were'} not written by moelab; "
-            "move them out of it first, or choose another output directory"
+            f"move {'it' if len(foreign) == 1 else 'them'} out of it first, or choose another output directory"
         )
 
 

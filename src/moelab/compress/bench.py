@@ -79,6 +79,16 @@ class BenchOptions:
         for name in self.methods:
             if name not in METHODS:
                 raise ValueError(f"unknown compression method {name!r}; choose from {list(METHODS)}")
+        for label, values in (("method", self.methods), ("ratio", self.ratios), ("domain ratio", self.domain_ratios)):
+            if twice := sorted({v for v in values if list(values).count(v) > 1}):
+                raise ValueError(f"{label} {', '.join(map(str, twice))} given twice; give each once")
+        for values in (self.ratios, self.domain_ratios):
+            names = [percent(r) for r in values]
+            if len(set(names)) < len(names):
+                raise ValueError(
+                    f"ratios {list(values)} name the same cells ({names} %); give ratios that differ in the "
+                    "first 6 significant digits of their percentage"
+                )
         for ratio in (*self.ratios, *self.domain_ratios):
             if not 0 < ratio < 1:
                 raise ValueError(f"ratios lie in (0, 1), got {ratio}")
@@ -109,6 +119,7 @@ class Cell:
     method: str
     ratio: float
     router_fit: int = 0
+    router_lr: float | None = None  # of the router fit, where there is one
     calib: str = GENERAL
     tool: str = "moelab"
 
@@ -119,7 +130,12 @@ class Cell:
         tool = "" if self.tool == "moelab" else "llmc-"
         fit = "+fit" if self.router_fit else ""
         where = "" if self.calib == GENERAL else f"@{self.calib}"
-        return f"{tool}{self.method}{fit}{where}-{round(self.ratio * 100)}"
+        return f"{tool}{self.method}{fit}{where}-{percent(self.ratio)}"
+
+
+def percent(ratio: float) -> str:
+    """A ratio as the percentage cell names and headings give: 0.25 -> "25", 0.254 -> "25.4"."""
+    return f"{ratio * 100:g}"
 
 
 def run_bench(
@@ -155,7 +171,8 @@ def run_bench(
         stats = {GENERAL: _calibrate(model, root / "calibration", "corpus", options, say, quiet)}
         base = _base(model, root / "base.json", options, say)
         cells = [Cell(m, r) for r in options.ratios for m in options.methods]
-        cells += [dataclasses.replace(c, router_fit=options.router_fit) for c in cells if options.router_fit]
+        fit = dict(router_fit=options.router_fit, router_lr=options.router_lr)
+        cells += [dataclasses.replace(c, **fit) for c in cells if options.router_fit]
         if options.llmcompressor_python:
             cells += [Cell("reap", r, tool="llm-compressor") for r in options.ratios]
         cells += [Cell(which, 0.0, tool="ablation") for which in ABLATIONS]
@@ -171,6 +188,7 @@ def run_bench(
             ]
             domain_cells += [Cell(best, r) for r in options.domain_ratios if r not in options.ratios]
             results += [_cell(model, root, cell, stats, options, say) for cell in dict.fromkeys(domain_cells)]
+        results += _earlier_cells(root, results, calibrations=set(stats))
         summary = {
             "format": FORMAT,
             "model": str(model),
@@ -188,6 +206,11 @@ def _check_cells(model: Path, options: BenchOptions) -> None:
     """The errors a cell or the domain calibration would raise hours into the bench, now: every
     method at every ratio it will run at (shard headers only), and the domain's text."""
     runs = {(m, r) for m in options.methods for r in options.ratios}
+    if options.domain and not any(m not in (*DOMAIN_METHODS, "moelab") for m in options.methods):
+        raise ValueError(
+            f"the domain cells (--domain {options.domain}) compare with the best general paper method, and "
+            f"{list(options.methods)} holds none; add one (e.g. --method reap)"
+        )
     if options.domain:
         runs |= {(m, r) for m in (*DOMAIN_METHODS, *options.methods) for r in options.domain_ratios}
         calibration_mixture(model, f"corpus:{options.domain}", options.calibration(), quiet=True)
@@ -199,16 +222,27 @@ def _check_cells(model: Path, options: BenchOptions) -> None:
 
 
 def _check_same_bench(root: Path, model: Path, options: BenchOptions) -> None:
-    """A resumed bench continues only with the same model and protocol (cells may be added)."""
+    """A resumed bench continues only with the same model (path and weights) and protocol (cells
+    may be added)."""
     path = root / "bench.json"
     protocol = {
         "model": str(model.resolve()),
         "calibration": dataclasses.asdict(options.calibration()),
         "eval": dataclasses.asdict(_eval_options(options)),
+        "fingerprint": fingerprint(model),
     }
     protocol = json.loads(json.dumps(protocol))  # as read back (tuples become lists)
     if path.is_file():
         earlier = json.loads(path.read_text())
+        earlier.setdefault("fingerprint", protocol["fingerprint"])  # a bench begun before it was recorded
+        version, now = earlier["fingerprint"].partition(":")[0], protocol["fingerprint"].partition(":")[0]
+        if version != now:  # another moelab's fingerprint (its statistics are made again): not comparable
+            earlier["fingerprint"] = protocol["fingerprint"]
+        if earlier["model"] == protocol["model"] and earlier["fingerprint"] != protocol["fingerprint"]:
+            raise ValueError(
+                f"{model} has changed since the bench in {root} began (its fingerprint differs); its baseline "
+                "and cells describe the old weights. Use another --out, or --overwrite to start again"
+            )
         if earlier != protocol:
             changed = sorted(k for k in protocol if earlier.get(k) != protocol[k])
             raise ValueError(
@@ -266,9 +300,14 @@ def _cell(model: Path, root: Path, cell: Cell, stats: dict[str, Calibration], op
     done = directory / CELL_NAME
     if done.is_file():
         result = json.loads(done.read_text())
-        if result.get("cell") == dataclasses.asdict(cell):
-            say(f"{cell.name}: finished earlier, kept")
-            return result
+        earlier = {"router_lr": None} | result.get("cell", {})  # cells written before router_lr was kept
+        if earlier != dataclasses.asdict(cell):
+            raise ValueError(
+                f"{directory} holds the cell {earlier}, not {dataclasses.asdict(cell)} (other router-fit "
+                "settings); use another --out, or --overwrite to start again"
+            )
+        say(f"{cell.name}: finished earlier, kept")
+        return result
     directory.mkdir(parents=True, exist_ok=True)
     say(f"{cell.name}: compressing")
     if cell.tool == "llm-compressor":
@@ -296,7 +335,7 @@ def _job_args(cell: Cell, stats: dict[str, Calibration], options: BenchOptions) 
         "method": cell.method,
         "ratio": cell.ratio,
         "stats": str(stats[cell.calib].directory),
-        "router_fit": [cell.router_fit, options.router_lr],
+        "router_fit": [cell.router_fit, options.router_lr if cell.router_lr is None else cell.router_lr],
     }
 
 
@@ -405,6 +444,15 @@ def _quality(path: Path, base: Path, options: BenchOptions) -> dict[str, Any]:
         "degenerate_rate": generation.get("model", {}).get("rate"),
         "parameters": report["parameters"],
     }
+
+
+def _earlier_cells(root: Path, results: list[dict], calibrations: set[str]) -> list[dict]:
+    """The finished cells of earlier runs of this bench (same model and protocol) that this run did
+    not ask for, calibrated on everything or on this run's domain, so that the report keeps them:
+    cells may be added."""
+    asked = {r["name"] for r in results}
+    found = [json.loads(p.read_text()) for p in sorted((root / "cells").glob(f"*/{CELL_NAME}"))]
+    return [r for r in found if r["name"] not in asked and r["cell"]["calib"] in calibrations]
 
 
 def _best_general(results: list[dict], ratios: Sequence[float]) -> str:

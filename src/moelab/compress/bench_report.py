@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from moelab.compress.bench import percent
 from moelab.compress.methods import METHODS
 from moelab.eval.evaluate import ALL
 from moelab.io import atomic_write_bytes, atomic_write_text
@@ -96,7 +97,7 @@ def markdown(summary: dict[str, Any]) -> str:
             key=lambda r: r["derived"]["change"] if r.get("evaluated") else float("inf"),
         )
         lines += [
-            f"## {ratio:.0%} removed",
+            f"## {percent(ratio)}% removed",
             "",
             _main_table(rows),
             "",
@@ -145,7 +146,7 @@ def _domain_table(rows: list[dict], base: dict, domains: list[str]) -> str:
     ]
     for r in rows:
         if r.get("evaluated"):
-            cells = (f"{r['perplexity'][d]:.1f} ({r['derived']['domain_change'][d]:+.0%})" for d in domains)
+            cells = (f"{r['perplexity'][d]:.1f} ({r['derived']['domain_change'][d]:+.1%})" for d in domains)
             lines.append(f"| {r['name'].rsplit('-', 1)[0]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -181,7 +182,7 @@ def _domain_mode(summary: dict, rows: list[dict]) -> str:
         out = float(np.mean([ppl[d] for d in others]))
         where = "task-agnostic" if r["cell"]["calib"] == "all" else domain
         lines.append(
-            f"| {r['cell']['ratio']:.0%} | {r['cell']['method']} | {where} | {ppl[domain]:.1f} "
+            f"| {percent(r['cell']['ratio'])}% | {r['cell']['method']} | {where} | {ppl[domain]:.1f} "
             f"({ppl[domain] / base[domain] - 1:+.1%}) | {out:.1f} ({out / base_out - 1:+.1%}) |"
         )
     return "\n".join(lines)
@@ -246,10 +247,11 @@ def _plot_quality(rows: list[dict]) -> bytes:
                    label="worst domain")  # fmt: skip
         ax.set_yticks(y, [r["name"].rsplit("-", 1)[0] for r in cells], fontsize=8)
         ax.set_xlabel("perplexity increase over the uncompressed model (%)")
-        ax.set_title(f"{ratio:.0%} removed")
+        ax.set_title(f"{percent(ratio)}% removed")
         ax.grid(axis="x", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLORS.values()]
-    fig.legend(handles, list(KIND_COLORS), loc="lower center", ncol=5, bbox_to_anchor=(0.5, -0.04))
+    handles.append(plt.Line2D([], [], color="k", marker="o", ls="", markersize=4))
+    fig.legend(handles, [*KIND_COLORS, "worst domain"], loc="upper center", ncol=6, bbox_to_anchor=(0.5, 0))
     return png(fig)
 
 
@@ -267,7 +269,8 @@ def _plot_domains(rows: list[dict]) -> bytes:
     ax.set_yticks(range(len(cells)), [r["name"] for r in cells], fontsize=8)
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
-            ax.text(j, i, f"{values[i, j]:+.0f}", ha="center", va="center", fontsize=6)
+            dark = abs(values[i, j]) > 0.6 * limit  # the colour map's ends: white text
+            ax.text(j, i, f"{values[i, j]:+.0f}", ha="center", va="center", fontsize=6, c="w" if dark else "k")
     fig.colorbar(image, ax=ax, label="perplexity change (%)")
     ax.set_title("perplexity change per domain")
     return png(fig)
@@ -277,6 +280,7 @@ def _plot_tradeoff(rows: list[dict], base: dict) -> bytes:
     """Quality against size: stored parameters (left) and active parameters per token (right)
     against perplexity; the three best cells of each ratio are labelled."""
     cells = _evaluated(rows)
+    smallest = min((c["cell"]["ratio"] for c in cells), default=0.0)
     best = {
         r["name"]
         for ratio in {c["cell"]["ratio"] for c in cells}
@@ -290,7 +294,8 @@ def _plot_tradeoff(rows: list[dict], base: dict) -> bytes:
     ):  # fmt: skip
         for r in cells:
             x, y = size(r) / 1e6, r["perplexity"][ALL]
-            ax.scatter(x, y, color=KIND_COLORS[kind(r["cell"])], marker="o" if r["cell"]["ratio"] <= 0.25 else "s", s=22)
+            marker = "o" if r["cell"]["ratio"] == smallest else "s"
+            ax.scatter(x, y, color=KIND_COLORS[kind(r["cell"])], marker=marker, s=22)
             if r["name"] in best:
                 ax.annotate(r["name"], (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
         base_size = base["parameters"]["total" if ax is axes[0] else "active"] / 1e6
@@ -299,5 +304,5 @@ def _plot_tradeoff(rows: list[dict], base: dict) -> bytes:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("perplexity (all domains)")
     axes[0].legend()
-    fig.suptitle("quality against size (circles: 25 %, squares: larger ratios; colours as in quality.png)")
+    fig.suptitle(f"quality against size (circles: {percent(smallest)} %, squares: larger ratios; colours as in quality.png)")
     return png(fig)

@@ -166,8 +166,14 @@ class Calibration:
         """Raise unless these statistics were made on the model with this fingerprint."""
         check_fingerprint_version(self.info["model"]["fingerprint"], self.directory)
         if self.info["model"]["fingerprint"] != fingerprint:
+            made_on = self.info["model"]["path"]
+            if Path(made_on).resolve() == Path(model).resolve():
+                raise ValueError(
+                    f"the statistics in {self.directory} were made on {made_on} before its weights changed (their "
+                    "fingerprints differ); calibrate it again instead of reusing them"
+                )
             raise ValueError(
-                f"the statistics in {self.directory} were made on {self.info['model']['path']}, not on {model} "
+                f"the statistics in {self.directory} were made on {made_on}, not on {model} "
                 "(their fingerprints differ); calibrate this model instead of reusing them"
             )
 

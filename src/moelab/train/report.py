@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from moelab.files import read_json_object
 from moelab.io import atomic_write_bytes, atomic_write_text
@@ -57,7 +58,7 @@ REPORT_FILES = ("report.md", "summary.json", THROUGHPUT_NAME, *PLOT_FILES)
 
 def summarize_variant(out_dir: Path, run_names: list[str]) -> dict[str, Any]:
     """One variant's numbers over its runs `out_dir/<run>` (one per seed): `summarize_run`'s, with
-    the losses, speeds, loads and curves averaged over seeds; with more than one seed also
+    the losses, speeds, loads, experts per token, metrics and curves averaged over seeds; with more than one seed also
     "eval_loss_std" (per domain, sample standard deviation), "eval_loss_range" (max - min of the
     overall loss), "eval_band" [(step, min, max)] and "per_seed" rows (each run's loss, speed and
     training curve)."""
@@ -79,6 +80,8 @@ def summarize_variant(out_dir: Path, run_names: list[str]) -> dict[str, Any]:
     out["load"] = {layer: np.mean([s["load"][layer] for s in summaries], axis=0).tolist() for layer in out["load"]}
     if out["load_imbalance"] is not None:
         out["load_imbalance"] = float(np.mean([s["load_imbalance"] for s in summaries]))
+    for key in ("experts_per_token", "metrics"):
+        out[key] = {k: float(np.mean([s[key][k] for s in summaries])) for k in out[key]}
     out["per_seed"] = [
         {"run": name, "eval_loss": s["eval_loss"], "tokens_per_second": s["tokens_per_second"], "train_curve": s["train_curve"]}
         for name, s in zip(run_names, summaries)
@@ -115,6 +118,8 @@ def write_report(out_dir: Path, groups: dict[str, list[str]]) -> Path:
     load_plot = _plot_load(runs)
     if load_plot is not None:
         plots["expert_load.png"] = load_plot
+    else:  # an earlier run's plot of variants this comparison no longer has
+        (out_dir / "expert_load.png").unlink(missing_ok=True)
     for name, data in plots.items():
         atomic_write_bytes(out_dir / name, data)
     atomic_write_text(out_dir / "summary.json", json.dumps(runs, indent=2) + "\n")
@@ -172,7 +177,8 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{run['eval_loss'][d]:.3f}" for d in domains) + " |")
     metric_rows = [(name, run["metrics"]) for name, run in runs.items() if run["metrics"]]
     if metric_rows:
-        lines += ["", "## Architecture metrics (last logged training window)", ""]
+        seeds = ", mean over seeds" if "per_seed" in first else ""
+        lines += ["", f"## Architecture metrics (last logged training window{seeds})", ""]
         for name, metrics in metric_rows:
             lines.append(
                 f"- **{name}**: "
@@ -273,7 +279,8 @@ def _plot_load(runs: dict[str, dict]) -> bytes | None:
         image = ax.imshow(grid, aspect="auto", cmap="coolwarm", vmin=0, vmax=2)
         ax.set_yticks(range(len(layers)), [f"L{l}" for l in layers])
         ax.set_title(f"{name}: expert load / uniform share", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("expert")
         fig.colorbar(image, ax=ax)
-    axes[-1, 0].set_xlabel("expert")
     fig.tight_layout()
     return png(fig)
