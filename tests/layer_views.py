@@ -70,19 +70,25 @@ def make_view(
 
 
 def stats_with(counts, **fields) -> LayerStats:
-    """Statistics of one source and one half holding the usage counts [E] (also as soft counts,
-    gate and PreMoe sums), plus any other `LayerStats` fields given."""
+    """Statistics of one source and one half holding the usage counts [E], plus any other
+    `LayerStats` fields given. The soft counts, gate and PreMoe sums are the counts in other
+    orders (reversed, rotated by one and by two), so that a method reading the wrong one of them
+    gets other numbers."""
     counts = torch.tensor(counts, dtype=F64)
-    cells = torch.zeros(2, 1, counts.numel(), dtype=F64)
-    cells[0, 0] = counts
+
+    def cells(values: Tensor) -> Tensor:
+        held = torch.zeros(2, 1, counts.numel(), dtype=F64)
+        held[0, 0] = values
+        return held
+
     return LayerStats(
         0,
         ("corpus",),
         tokens=torch.tensor([[float(counts.sum())], [0.0]], dtype=F64),
-        counts=cells,
-        soft_counts=cells.clone(),
-        gate_sums=cells.clone(),
-        premoe_sums=cells.clone(),
+        counts=cells(counts),
+        soft_counts=cells(counts.flip(0)),
+        gate_sums=cells(counts.roll(1)),
+        premoe_sums=cells(counts.roll(2)),
         skip_ratios=torch.zeros(SKIP_BINS, dtype=F64),
         **fields,
     )

@@ -33,7 +33,7 @@ from moelab.nn import (
     build_moe,
     set_reuse_progress,
 )
-from moelab.nn.blockffn import AdaptiveCoefficient, chunk_sparsification_loss
+from moelab.nn.blockffn import AdaptiveCoefficient, activation_locality_loss, chunk_sparsification_loss
 from moelab.nn.losses import router_entropy_loss
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -504,6 +504,37 @@ def test_chunk_loss_matches_a_naive_product_and_composes_with_entropy():
     torch.testing.assert_close(loss.double(), expected, **fp32)
     (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
     torch.testing.assert_close(grad, torch.autograd.grad(expected, logits)[0], **fp32)
+
+
+def test_chunk_loss_stays_differentiable_where_an_expert_is_certain():
+    """p = 1: log(1 - p) alone is -inf, its gradient NaN; the reference's 1e-5 keeps both finite."""
+    logits = torch.tensor([[[0.0, 0.0], [50.0, -50.0]]], dtype=torch.float64, requires_grad=True)
+    p = torch.cat([logits[:, :1].softmax(-1), torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)], dim=1) + 0 * logits
+    loss = chunk_sparsification_loss(p, chunk_len=2)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    expected = 1 - ((1 - p[0, 0] + 1e-5) * (1 - p[0, 1] + 1e-5)).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_activation_locality_loss_matches_a_naive_loop_forward_and_backward():
+    """L_AL = mean over (t, e) of BCEWithLogits(logit = 100 r[t-1, e], target = sigmoid(100 r[t, e])),
+    written out per pair: -(y log s(z) + (1 - y) log(1 - s(z))), z from token t-1, y from token t."""
+    torch.manual_seed(0)
+    logits = (0.02 * torch.randn(2, 5, 3, dtype=torch.float64)).requires_grad_()
+    loss = activation_locality_loss(logits)
+    terms = []
+    for b in range(2):
+        for t in range(1, 5):
+            for e in range(3):
+                z, y = 100 * logits[b, t - 1, e], torch.sigmoid(100 * logits[b, t, e])
+                terms.append(-(y * F.logsigmoid(z) + (1 - y) * F.logsigmoid(-z)))
+    expected = torch.stack(terms).mean()
+    fp32 = dict(rtol=1e-5, atol=1e-6)  # the loss computes in float32
+    torch.testing.assert_close(loss.double(), expected, **fp32)
+    (grad,) = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, logits)[0], **fp32)
+    assert activation_locality_loss(logits[:, :1]) == 0  # one position: no pair
 
 
 def test_adaptive_chunk_coefficient_follows_the_schedule_worked_by_hand():

@@ -254,6 +254,16 @@ def test_uniform_layout_keeps_each_experts_best_neurons():
         get_method("heapr", layout="uniform").decide(view, stats, Target(2, protect=frozenset({0})))
 
 
+def test_uniform_width_rounds_to_the_nearest_neuron():
+    """Keep 4 of 5 experts' worth of 7 neurons each: 5.6 -> 6 neurons per expert (not 5)."""
+    g = torch.Generator().manual_seed(0)
+    act, grad = (torch.rand(5, 7, generator=g, dtype=F64).tolist() for _ in range(2))
+    decision = get_method("heapr", layout="uniform").decide(
+        make_view(E=5, I=7, top_k=1), hand_stats(act, grad, [1, 2, 3, 4, 5]), Target(4)
+    )
+    assert decision.notes == {"width": 6} and decision.edit.view.experts.gate.shape[1] == 6
+
+
 def test_padded_layout_ranks_neurons_of_all_layers_together():
     """Two layers, 2 experts x 2 neurons each, keep half: the 4 best of 8 scores overall."""
     method = get_method("heapr", layout="padded")

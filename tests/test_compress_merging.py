@@ -98,6 +98,30 @@ def test_alignment_recovers_a_permutation_and_keeps_the_function():
         assert torch.equal(getattr(back, name), getattr(view.experts, name)), name
 
 
+@PROPERTY
+@given(seed=st.integers(0, 10_000), twins=st.booleans())
+def test_alignment_maximises_the_summed_inner_products_over_every_permutation(seed, twins):
+    """Brute force over all 5! permutations of the summed inner products of gate rows, up rows and
+    down columns. twins: two of the other expert's neurons share their gate and up rows, so that
+    only their down columns tell them apart."""
+    view = make_view(E=2, I=5, top_k=1, seed=seed)
+    ref, other = one_expert(view.experts, 0), one_expert(view.experts, 1)
+    if twins:
+        gate, up = other.gate.clone(), other.up.clone()
+        gate[0, 1], up[0, 1] = gate[0, 0], up[0, 0]
+        other = dataclasses.replace(other, gate=gate, up=up)
+
+    def similarity(perm) -> float:
+        return sum(
+            float(ref.gate[0, i] @ other.gate[0, j] + ref.up[0, i] @ other.up[0, j])
+            + float(ref.down[0][:, i] @ other.down[0][:, j])
+            for i, j in enumerate(perm)
+        )
+
+    best = max(itertools.permutations(range(5)), key=similarity)
+    assert similarity(alignment(ref, other).tolist()) == pytest.approx(similarity(best), rel=1e-12)
+
+
 def test_aligned_merge_of_permuted_copies_is_the_copy():
     """Two experts that are the same function with their neurons shuffled: merged after
     alignment they give that function back; averaged without alignment they do not."""
@@ -132,6 +156,11 @@ def test_fitted_router_row_is_exact_for_one_expert_and_least_squares_for_groups(
         return float(((x @ router.weight[1] + router.bias[1]) - target).square().sum())
 
     assert error(fitted) < error(weighted)
+    # the least-squares solution itself: numpy's lstsq of [x, 1] onto the group's log-sum-exp
+    design = np.concatenate([x.numpy(), np.ones((64, 1))], axis=1)
+    solution = np.linalg.lstsq(design, target.numpy(), rcond=None)[0]
+    torch.testing.assert_close(fitted.weight[1], torch.from_numpy(solution[:8]), rtol=0, atol=1e-10)
+    torch.testing.assert_close(fitted.bias[1], torch.tensor(solution[8], dtype=F64), rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="softmax router"):
         merged_layer(
             make_view(E=4, score_func="sigmoid"), [[0, 1], [2, 3]], torch.ones(4), router_rule="fit", inputs=x
@@ -300,6 +329,28 @@ def test_output_clustering_finds_families_of_experts(method):
     decision = get_method(method).decide(view, stats, Target(3))
     assert decision.edit.sources == ((1, 5, 4), (2,), (3, 0))  # led by the most used, ordered by leader
     assert decision.kept == [2] and decision.merge_groups == [[1, 5, 4], [3, 0]]
+    for g, weights in ((0, {1: 9, 5: 3, 4: 2}), (2, {3: 4, 0: 1})):  # the usage counts, not another statistic
+        for name in ("gate", "up", "down"):
+            stacked = getattr(view.experts, name)
+            expected = sum(w * stacked[e] for e, w in weights.items()) / sum(weights.values())
+            torch.testing.assert_close(getattr(decision.edit.view.experts, name)[g], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("method", "groups_the_scaled_copy"), [("sub_moe", True), ("hc_smoe", False)])
+def test_sub_moe_clusters_by_direction_and_hc_smoe_by_distance(method, groups_the_scaled_copy):
+    """Expert 1 is expert 0 with its down projection 5x: its mean output has the same direction,
+    4x the length away. Sub-MoE's K-means on normalised outputs (cosine) merges the two; HC-SMoE's
+    Euclidean clustering does not."""
+    view = make_view(E=4, seed=12)
+    down = view.experts.down.clone()
+    down[1] = 5 * down[0]
+    gate, up = view.experts.gate.clone(), view.experts.up.clone()
+    gate[1], up[1] = gate[0], up[0]
+    view = dataclasses.replace(view, experts=dataclasses.replace(view.experts, gate=gate, up=up, down=down))
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5), dtype=F64).float()
+    decision = get_method(method).decide(view, stats_with([4, 3, 2, 1], inputs=x), Target(3))
+    together = any({0, 1} <= set(group) for group in decision.merge_groups)
+    assert together == groups_the_scaled_copy, decision.merge_groups
 
 
 def test_clusters_by_usage_refuses_two_protected_experts_in_one_cluster():

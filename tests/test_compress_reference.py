@@ -1081,6 +1081,8 @@ def test_dynamic_skip_drops_weak_experts_and_keeps_the_weight():
     assert skipped.indices.tolist() == [[3, -1], [0, 2], [4, -1]]
     torch.testing.assert_close(skipped.weights, torch.tensor([[1.0, 0.0], [0.55, 0.45], [1.0, 0.0]]))
     assert dynamic_skip(routing, 0.0).indices.tolist() == indices.tolist()
+    at_the_threshold = Routing(torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.25]]), torch.zeros(1, 5), torch.zeros(1, 5))
+    assert dynamic_skip(at_the_threshold, 0.5).indices.tolist() == [[0, 1]]  # 0.25 = 0.5 * 0.5: not below, kept
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         dynamic_skip(routing, 1.5)
 

@@ -57,23 +57,20 @@ def sparsity_metrics(active: Tensor, sequences: Tensor | None, chunk_len: int) -
     return metrics
 
 
-def activation_locality_loss(logits: Tensor, steepness: float = 100.0, first_in_doc: Tensor | None = None) -> Tensor:
+def activation_locality_loss(logits: Tensor, steepness: float = 100.0) -> Tensor:
     """L_AL = mean over (t, e) of BCE-with-logits(steepness * r[t-1, e], sigmoid(steepness * r[t, e])).
 
-    logits: [B, S, E] pre-ReLU router logits (0 if S < 2); first_in_doc: [B, S] bool marking tokens that
-    start a document (their pair with t-1 is skipped). The target is not detached: both tokens
-    of a pair get gradient, as in the reference.
+    logits: [B, S, E] pre-ReLU router logits (0 if S < 2). The target is not detached: both tokens
+    of a pair get gradient, as in the reference. Every consecutive pair of a window counts: the
+    reference skips pairs across a document boundary of its packed sequences, which a layer does
+    not see here (a window of S tokens holding n documents has n - 1 such pairs among its S - 1).
     """
     if logits.dim() != 3:
         raise ValueError(f"activation locality needs logits [batch, seq, experts], got {list(logits.shape)}")
     if logits.shape[1] < 2:  # no (t-1, t) pair, e.g. one decoding step
         return logits.new_zeros((), dtype=torch.float32)
     prev, cur = steepness * logits[:, :-1].float(), steepness * logits[:, 1:].float()
-    loss = F.binary_cross_entropy_with_logits(prev, torch.sigmoid(cur), reduction="none").mean(-1)  # [B, S-1]
-    if first_in_doc is None:
-        return loss.mean()
-    keep = ~first_in_doc[:, 1:]
-    return (loss * keep).sum() / keep.sum().clamp(min=1)
+    return F.binary_cross_entropy_with_logits(prev, torch.sigmoid(cur))
 
 
 def chunk_sparsification_loss(probs: Tensor, chunk_len: int = 64) -> Tensor:
