@@ -490,6 +490,16 @@ def test_data_parallel_calibration_equals_one_process(tmp_path, model_dir):
     assert not [p for p in (tmp_path / "dp").iterdir() if p.name.startswith(("resume", "tape"))]
 
 
+def test_more_processes_than_batches_are_refused(tmp_path, model_dir, monkeypatch):
+    """A process without a batch crashed in its first layer ("call embed() first") and left the
+    others waiting; now every process refuses the run in one line before any layer."""
+    import moelab.compress.calibration as calibration
+
+    monkeypatch.setattr(calibration, "join_torchrun", lambda: (1, 64))
+    with pytest.raises(ValueError, match=r"batch\(es\) of up to 4 windows, fewer than the 64 processes: run at most"):
+        calibration.run_calibration(model_dir, tmp_path, "corpus", SMALL, quiet=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_every_method_on_every_transformers_family(tmp_path, family):

@@ -131,7 +131,7 @@ def bench_offload(
 
 @bench_app.command("distributed")
 def bench_distributed(
-    model: Annotated[str, typer.Argument(help="A model config file or preset to train.")] = "configs/models/moe_top2.yaml",
+    model: Annotated[str | None, typer.Argument(help="A model config file or preset to train (default: the repository's configs/models/moe_top2.yaml).", show_default=False)] = None,
     procs: Annotated[list[int] | None, typer.Option("--procs", help="Process counts (default 1, 2 and 4).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Global sequences per step.")] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Tokens per sequence.")] = 256,
@@ -149,6 +149,10 @@ def bench_distributed(
     options = bench.DistributedOptions(
         procs=tuple(procs or (1, 2, 4)), batch_size=batch_size, seq_len=seq_len, steps=steps, rounds=rounds, load=load
     )
+    if model is None:  # the repository's config, wherever the command runs from
+        model = str(Path(__file__).resolve().parents[2] / "configs" / "models" / "moe_top2.yaml")
+        if not Path(model).is_file():
+            raise ValueError("give a model config file or preset: the default, configs/models/moe_top2.yaml, ships with moelab's repository, not with this install")
     config = load_model_config(model)
     with console.status("bench distributed") as status:
         doc = bench.run(config, options, progress=lambda what: status.update(f"bench distributed: {what}"))

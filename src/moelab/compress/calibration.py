@@ -172,7 +172,14 @@ def run_calibration(
         if same_job and previous.get("complete"):
             return previous
         _check_vocab(mixture, runner)
-        windows = mixture.batches(options.batch_size)[rank::world]
+        batches = mixture.batches(options.batch_size)
+        if len(batches) < world:  # a process without a batch has nothing to run the layers on
+            raise ValueError(
+                f"the calibration data make {len(batches)} batch(es) of up to {options.batch_size} windows, fewer "
+                f"than the {world} processes: run at most {len(batches)}, or give more tokens (--calib-tokens) "
+                "or smaller batches (--batch-size)"
+            )
+        windows = batches[rank::world]
         states = runner.embed([torch.stack([w.ids for w in batch]) for batch in windows])
         tokens = [_tokens(batch) for batch in windows]
         resume_file = directory / (RESUME_NAME if world == 1 else f"resume-{rank}-of-{world}.safetensors")
