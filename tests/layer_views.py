@@ -76,7 +76,7 @@ def stats_with(counts, **fields) -> LayerStats:
     gets other numbers."""
     counts = torch.tensor(counts, dtype=F64)
 
-    def cells(values: Tensor) -> Tensor:
+    def cells(values: torch.Tensor) -> torch.Tensor:
         held = torch.zeros(2, 1, counts.numel(), dtype=F64)
         held[0, 0] = values
         return held
