@@ -490,6 +490,14 @@ def test_data_parallel_calibration_equals_one_process(tmp_path, model_dir):
     assert not [p for p in (tmp_path / "dp").iterdir() if p.name.startswith(("resume", "tape"))]
 
 
+def test_one_token_windows_are_refused_for_the_backward_sweep(tmp_path, model_dir):
+    """No next token to predict: the backward sweep divided by zero predicted tokens (a traceback)."""
+    options = dataclasses.replace(EVERY, tokens=8, seq_len=1)
+    with pytest.raises(ValueError, match="these calibration windows are one token long"):
+        calibrate(model_dir, tmp_path / "s", options=options, quiet=True)
+    calibrate(model_dir, tmp_path / "fwd", options=dataclasses.replace(SMALL, tokens=8, seq_len=1), quiet=True)
+
+
 def test_more_processes_than_batches_are_refused(tmp_path, model_dir, monkeypatch):
     """A process without a batch crashed in its first layer ("call embed() first") and left the
     others waiting; now every process refuses the run in one line before any layer."""

@@ -262,6 +262,9 @@ def test_uniform_width_rounds_to_the_nearest_neuron():
         make_view(E=5, I=7, top_k=1), hand_stats(act, grad, [1, 2, 3, 4, 5]), Target(4)
     )
     assert decision.notes == {"width": 6} and decision.edit.view.experts.gate.shape[1] == 6
+    with pytest.raises(ValueError, match="keeps none; lower the ratio"):  # the writer said "hidden_dim must be >= 1"
+        get_method("heapr", layout="uniform").decide(make_view(E=5, I=2, top_k=1), hand_stats(
+            [[1, 1]] * 5, [[1, 1]] * 5, [1, 2, 3, 4, 5]), Target(1))
 
 
 def test_padded_layout_ranks_neurons_of_all_layers_together():

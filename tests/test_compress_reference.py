@@ -593,11 +593,12 @@ HAND = [
     # EASY-EP: code [0, 0, 30, 10] / 40 + math [3, 0, 0.5, 0.5] / 4; unnormalised would keep [2, 3].
     ("easy_ep", Target(2), None, [0.75, 0.0, 0.875, 0.375], [0, 2]),
     ("easy_ep", Target(2), ("code",), [0.0, 0.0, 0.75, 0.25], [2, 3]),
-    # PreMoe: logit sums over the chosen sources' tokens only.
-    ("premoe", Target(2), None, [0.3, 0.0, -0.1, 0.5], [0, 3]),
-    ("premoe", Target(3), None, [0.3, 0.0, -0.1, 0.5], [0, 1, 3]),
-    ("premoe", Target(2), ("math",), [0.75, 0.0, 0.025, 0.375], [0, 3]),
-    ("premoe", Target(2, halves=(1,)), None, [4.4 / 14, 0.0, -1 / 14, 6.5 / 14], [0, 3]),
+    # PreMoe: logit sums over the chosen sources' tokens only. Expert 1, never chosen, ranks below
+    # every chosen expert (1 below the lowest): its raw 0 would keep it over expert 2's mean -0.1.
+    ("premoe", Target(2), None, [0.3, -1.1, -0.1, 0.5], [0, 3]),
+    ("premoe", Target(3), None, [0.3, -1.1, -0.1, 0.5], [0, 2, 3]),
+    ("premoe", Target(2), ("math",), [0.75, -0.975, 0.025, 0.375], [0, 3]),
+    ("premoe", Target(2, halves=(1,)), None, [4.4 / 14, -1 / 14 - 1, -1 / 14, 6.5 / 14], [0, 3]),
 ]
 
 
@@ -763,6 +764,8 @@ def test_plan_target_fewer_than_top_k():
     with pytest.raises(ValueError, match=r"leaves 2, fewer than the 3 .*remove at most 5 \(ratio <= 0.625\)"):
         plan_target(router, 0.75)
     assert _removed_by(router, 0.625) == 5
+    with pytest.raises(ValueError, match=r"picks every expert \(top_k = E\), so no expert can go"):
+        plan_target(_router(4, 4), 0.25)  # was: "remove at most 0 (ratio <= 0)", which no ratio meets
 
 
 def _suggestions(message: str) -> list[tuple[int, float]]:

@@ -510,7 +510,7 @@ def calibrate(
 def compress(
     model: ModelArg = None,
     method: Annotated[str, typer.Option("--method", help="pruning: frequency, soft_count, router_weight, ean, reap, easy_ep, premoe, naee, random; merging: m_smoe, hc_smoe, sub_moe; neurons: heapr; moelab's recipe: moelab.")] = "reap",
-    ratio: Annotated[float, typer.Option("--ratio", help="Fraction of each MoE layer's routed experts (heapr and moelab: of their parameters) to remove, in (0, 1).")] = 0.25,
+    ratio: Annotated[float, typer.Option("--ratio", help="Fraction of each MoE layer's routed experts to remove, in (0, 1): int(E x ratio) experts (heapr: that fraction of their parameters; moelab: int(E x ratio) experts' worth of parameters, whole experts or neurons).")] = 0.25,
     option: Annotated[list[str] | None, typer.Option("--option", help="A method option KEY=VALUE (repeatable): m_smoe align, mc_rank, mc_sparse; hc_smoe linkage, router_rule; sub_moe rank, seed; heapr layout; moelab fold, fit_steps, fit_lr, protect_super; random seed.")] = None,
     out: Annotated[Path, typer.Option("--out", help="New directory for the compressed checkpoint.")] = Path("compressed"),
     calib: CalibOpt = None,

@@ -172,6 +172,14 @@ def run_calibration(
         if same_job and previous.get("complete"):
             return previous
         _check_vocab(mixture, runner)
+        backward = [name for name in options.observers if OBSERVERS[name].backward]
+        predicted_tokens = sum(w.ids.numel() - 1 for w in mixture.windows)
+        if backward and predicted_tokens == 0:
+            raise ValueError(
+                f"the backward sweep ({', '.join(backward)} statistics: heapr, moelab's recipe) follows the loss of "
+                "predicting each next token, and these calibration windows are one token long; give more tokens "
+                "(--calib-tokens) or longer windows (--seq-len)"
+            )
         batches = mixture.batches(options.batch_size)
         if len(batches) < world:  # a process without a batch has nothing to run the layers on
             raise ValueError(
@@ -198,7 +206,6 @@ def run_calibration(
             info["backward_next"] = previous["backward_next"]
         if rank == 0:
             write_info(directory, info)
-        backward = [name for name in options.observers if OBSERVERS[name].backward]
         began, snapped = time.perf_counter() - seconds, time.perf_counter()
         layers = range(start, runner.num_layers)
         for index in tqdm(layers, desc=f"calibrate {model.name}", unit="layer", disable=quiet):
@@ -230,7 +237,7 @@ def run_calibration(
                 tokens,
                 names=backward,
                 num_sources=len(mixture.sources),
-                predicted_tokens=sum(w.ids.numel() - 1 for w in mixture.windows),
+                predicted_tokens=predicted_tokens,
                 info=info,
                 resume_file=resume_file,
                 snapshot_seconds=options.snapshot_seconds,

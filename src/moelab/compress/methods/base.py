@@ -169,9 +169,14 @@ def plan_target(router: RouterView, ratio: float, where: str = "") -> int:
     keep = experts_worth_kept(E, ratio, where)
     removed = E - keep
     if keep < k:
+        advice = (
+            f"remove at most {E - k} (ratio <= {(E - k) / E:.4g})"
+            if k < E
+            else "its router picks every expert (top_k = E), so no expert can go: narrow them instead (method heapr)"
+        )
         raise ValueError(
             f"{where}removing {removed} of {E} experts leaves {keep}, fewer than the {k} the router picks per token; "
-            f"remove at most {E - k} (ratio <= {(E - k) / E:.4g})"
+            + advice
         )
     if n_group > 1:
         feasible = [r for r in range(1, E) if _groups_work(router, E - r)]

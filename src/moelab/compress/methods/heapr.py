@@ -86,6 +86,11 @@ class HEAPr(Method):
                     "experts; use layout='padded' or drop the protection"
                 )
             width = round(I * target.keep / E)
+            if width < 1:
+                raise ValueError(
+                    f"layer {layer.index}: keeping {target.keep / E:.1%} of each expert's {I} neurons keeps none; "
+                    "lower the ratio"
+                )
             if width >= I:
                 raise ValueError(
                     f"layer {layer.index}: keeping {target.keep / E:.1%} of each expert's {I} neurons keeps "
