@@ -155,6 +155,8 @@ def test_analyze_native_model_writes_html_png_json(tmp_path):
     assert plots == ["coactivation.png", "layer_metrics.png", "load.png", "specialisation.png", "super_experts.png"]
     html = html_path.read_text()
     assert html.count("data:image/png;base64,") == len(plots) and "Super experts" in html
+    assert "Needs at least two MoE layers" in html  # one MoE layer: no affinity plot, and a reason
+    assert report["trace_settings"]["dtype"] == "float32"
     # The trace written beside the report can be analysed again without the model.
     again = analyze(out / "trace", tmp_path / "again", quiet=True)
     assert json.loads((again.parent / "report.json").read_text())["layers"] == report["layers"]

@@ -286,13 +286,20 @@ def _html(summary: dict[str, Any], images: dict[str, str]) -> str:
     ]
     if summary["checks"]:
         rows = [[i, c["tokens"], c["mismatched"], c["max_weight_error"]] for i, c in summary["checks"].items()]
+        low = settings.get("dtype") in ("bfloat16", "float16")
+        precision = (f" The model ran in {settings['dtype']}: a few mismatched tokens can be near-ties that the "
+                     "block's lower-precision routing broke the other way." if low else "")
         parts += ["<h2>Routing check</h2>",
-                  "<p>Routing recomputed from the checkpoint view against what each block used.</p>",
+                  f"<p>Routing recomputed from the checkpoint view against what each block used.{precision}</p>",
                   _table(["layer", "tokens", "mismatched", "max weight error"], rows)]
     for name, heading, text in SECTIONS:
+        if name == "super_experts" and summary["family"] == "llama4_text":
+            text += " Llama 4 scales an expert's input by its routing weight, so these outputs are of scaled inputs."
         parts.append(f"<h2>{heading}</h2><p>{text}</p>")
         if name in images:
             parts.append(f'<img alt="{name}" src="data:image/png;base64,{images[name]}">')
+        elif name == "affinity":
+            parts.append("<p>Needs at least two MoE layers.</p>")
         if name == "super_experts":
             parts.append(_super_table(summary))
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"

@@ -69,7 +69,12 @@ def trace_model(
             top_k=list(capture.top_k.values()),
             domains=list(streams),
             logits=options.logits,
-            settings={**asdict(options), "seq_len": seq_len, **(source or {})},
+            settings={
+                **asdict(options),
+                "seq_len": seq_len,
+                "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+                **(source or {}),
+            },
         )
         writer = TraceWriter(out, info, shard_tokens=options.shard_tokens, overwrite=overwrite, inputs=inputs)
         with writer, torch.inference_mode():
