@@ -162,6 +162,8 @@ def test_analyze_native_model_writes_html_png_json(tmp_path):
     assert json.loads((again.parent / "report.json").read_text())["layers"] == report["layers"]
     with pytest.raises(ValueError, match="is an analysis, not a model or a trace; analyse its trace again with"):
         analyze(out, tmp_path / "third", quiet=True)
+    with pytest.raises(ValueError, match="is an analysis, not a model or a trace; give the model or trace it was"):
+        analyze(tmp_path / "again", tmp_path / "third", quiet=True)  # made from a trace: holds none
 
 
 def test_analyze_transformers_model(tmp_path):
@@ -201,7 +203,7 @@ def test_analyze_bad_inputs(tmp_path):
 def test_super_expert_report_when_most_experts_never_ran_and_the_largest_is_not_searched(tmp_path):
     """More than half the candidates 0 (few tokens, many experts): over_median is null, and the
     report stays strict JSON (it held Infinity, which JSON parsers refuse). The largest candidate in
-    the last quarter of MoE layers is not flagged; the report counts it instead of saying nothing."""
+    the MoE layers after the first 75 % is not flagged; the report counts it instead of saying nothing."""
     from moelab.analyze.report import write_report
 
     found = super_experts({0: torch.tensor([0.0, 0.0, 0.0, 5.0])}, {})
@@ -215,9 +217,11 @@ def test_super_expert_report_when_most_experts_never_ran_and_the_largest_is_not_
     html = write_report(summary, tmp_path / "report").read_text()
     assert "1 candidate(s) above the threshold in the layers not searched" in html
     summary["super_experts"], summary["expert_max_output"] = found, {"0": [0.0, 0.0, 0.0, 5.0]}
+    summary["layers"]["0"]["routing_entropy_bits"] = float("nan")  # e.g. from an overflowed bf16 model
     write_report(summary, tmp_path / "report2")
     parsed = json.loads((tmp_path / "report2" / "report.json").read_text(), parse_constant=pytest.fail)
     assert parsed["super_experts"]["super_experts"][0]["over_median"] is None
+    assert parsed["layers"]["0"]["routing_entropy_bits"] is None
 
 
 def test_expert_stats_of_another_model_are_refused(tmp_path):

@@ -424,7 +424,9 @@ def test_rexmoe_checkpoint_saved_mid_ramp_routes_as_it_did(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert torch.equal(loaded.layers[0].ffn.router.candidates, model.layers[0].ffn.router.candidates)
-    assert not loaded.layers[0].ffn.router.candidates.all()
+    assert not loaded.layers[0].ffn.router.candidates.all() and loaded.layers[0].ffn.router.masked is not None
+    set_reuse_progress(loaded, 1.0)  # the whole pool: routing skips the mask
+    assert loaded.layers[0].ffn.router.masked is None
 
 
 def test_rexmoe_checkpoint_without_the_mask_loads_with_the_whole_pool(tmp_path):

@@ -129,8 +129,10 @@ def test_bad_options():
         BenchOptions(methods=("frequency", "reap", "frequency"))
     with pytest.raises(ValueError, match="ratio 0.25 given twice"):
         BenchOptions(ratios=(0.25, 0.5, 0.25))
-    with pytest.raises(ValueError, match=r"name the same cells \(\['25', '25'\] %\)"):
+    with pytest.raises(ValueError, match=r"ratios \[0.25, 0.2500000001\] name the same cells \(25 %\)"):
         BenchOptions(ratios=(0.25, 0.2500000001))
+    with pytest.raises(ValueError, match=r"name the same cells \(50 %\)"):  # the domain's too
+        BenchOptions(ratios=(0.5,), domain_ratios=(0.5000001,))
     # two ratios that round to one percent used to share (and overwrite) one cell directory
     assert [bench.Cell("reap", r).name for r in (0.25, 0.254, 1 / 3)] == ["reap-25", "reap-25.4", "reap-33.3333"]
 
@@ -152,16 +154,24 @@ def test_a_changed_model_or_cell_is_refused_not_reported_with_old_numbers(tmp_pa
     (tmp_path / "cells" / cell.name).mkdir(parents=True)
     earlier = dataclasses.asdict(dataclasses.replace(cell, router_lr=1e-2))
     (tmp_path / "cells" / cell.name / "cell.json").write_text(json.dumps({"cell": earlier, "name": cell.name}))
-    with pytest.raises(ValueError, match="other router-fit settings"):
+    with pytest.raises(ValueError, match=r"holds the cell .*'router_lr': 0.01.*, not .*; use another --out"):
         bench._cell(tmp_path / "m", tmp_path, cell, {}, options, say=lambda *a: None)
-    plain = bench.Cell("reap", 0.5)  # a cell written before router_lr was kept
-    (tmp_path / "cells" / plain.name).mkdir()
-    old = {k: v for k, v in dataclasses.asdict(plain).items() if k != "router_lr"}
-    (tmp_path / "cells" / plain.name / "cell.json").write_text(json.dumps({"cell": old, "name": plain.name}))
-    assert bench._cell(tmp_path / "m", tmp_path, plain, {}, options, say=lambda *a: None)["cell"] == old
-    # cells of earlier runs stay in the report: cells may be added
-    kept = bench._earlier_cells(tmp_path, [{"name": plain.name}], calibrations={bench.GENERAL})
-    assert [r["name"] for r in kept] == [cell.name]
+    for plain in (bench.Cell("reap", 0.5), bench.Cell("frequency", 0.5, router_fit=5, router_lr=1e-3)):
+        # cells written before router_lr was kept: resumed, not refused
+        (tmp_path / "cells" / plain.name).mkdir()
+        old = {k: v for k, v in dataclasses.asdict(plain).items() if k != "router_lr"}
+        (tmp_path / "cells" / plain.name / "cell.json").write_text(json.dumps({"cell": old, "name": plain.name}))
+        assert bench._cell(tmp_path / "m", tmp_path, plain, {}, options, say=lambda *a: None)["cell"] == old
+    # cells of earlier runs stay in the report (cells may be added), once: "reap-12" is an older
+    # name of this run's "reap-12.5"
+    twelve = bench.Cell("reap", 0.125)
+    (tmp_path / "cells" / "reap-12").mkdir()
+    (tmp_path / "cells" / "reap-12" / "cell.json").write_text(
+        json.dumps({"cell": dataclasses.asdict(twelve), "name": "reap-12"})
+    )
+    ran = [{"name": "reap-50", "cell": old}, {"name": twelve.name, "cell": dataclasses.asdict(twelve)}]
+    kept = bench._earlier_cells(tmp_path, ran, calibrations={bench.GENERAL})
+    assert sorted(r["name"] for r in kept) == [cell.name, "reap-50"]
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ MAX_PANELS = 16  # grids of per-layer heatmaps show at most this many layers, ev
 def write_report(summary: dict[str, Any], out: str | os.PathLike) -> Path:
     """Write report.json, plots/*.png and report.html into `out`; returns the HTML path."""
     out = Path(out)
-    atomic_write_text(out / "report.json", json.dumps(summary, indent=1, allow_nan=False))  # strict JSON
+    atomic_write_text(out / "report.json", json.dumps(_finite(summary), indent=1, allow_nan=False))  # strict JSON
     figures = {
         "load": _load_figure(summary),
         "layer_metrics": _metrics_figure(summary),
@@ -61,6 +61,17 @@ def write_report(summary: dict[str, Any], out: str | os.PathLike) -> Path:
     path = out / "report.html"
     atomic_write_text(path, _html(summary, images))
     return path
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float (an overflowed bf16 output, say) as None: JSON null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------- figures
@@ -207,7 +218,7 @@ def _super_figure(summary: dict[str, Any]):
     handles, names = ax.get_legend_handles_labels()
     if unsearched:
         handles.append(Patch(color="lightgrey", alpha=0.5))
-        names.append("not searched (the last quarter of MoE layers)")
+        names.append("not searched (after the first 75 % of MoE layers)")
     ax.legend(handles, names)
     return fig
 
@@ -263,7 +274,7 @@ def _super_table(summary: dict[str, Any]) -> str:
         for v in [*values, summary["shared_max_output"].get(i, 0.0)]
     )
     if above:
-        note += f"; {above} candidate(s) above the threshold in the layers not searched (the rule's last quarter)"
+        note += f"; {above} candidate(s) above the threshold in the layers not searched (after the first 75 %)"
     note += "</p>"
     if not found["super_experts"]:
         return note + "<p>No super experts in the searched layers.</p>"

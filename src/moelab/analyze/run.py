@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moelab.analyze.report import write_report
 from moelab.analyze.stats import analyze_trace
-from moelab.io import StagedOutput
+from moelab.io import StagedOutput, is_output
 from moelab.trace import TraceOptions, is_trace, open_trace, trace_from_files
 
 DEFAULT_CHUNK_LENS = (1, 8, 64)
@@ -34,10 +34,10 @@ def analyze(
     if any(L < 1 for L in chunk_lens):
         raise ValueError(f"chunk lengths must be >= 1, got {list(chunk_lens)}")
     from_trace = model is not None and is_trace(model)
-    if model is not None and not from_trace and is_trace(Path(model) / "trace"):
-        raise ValueError(
-            f"{model} is an analysis, not a model or a trace; analyse its trace again with `{Path(model) / 'trace'}`"
-        )
+    if model is not None and not from_trace and is_output(model, KIND):
+        trace = Path(model) / "trace"
+        again = f"analyse its trace again with `{trace}`" if is_trace(trace) else "give the model or trace it was made from"
+        raise ValueError(f"{model} is an analysis, not a model or a trace; {again}")
     reads_data = data != "corpus" or split != "validation" or domains or options not in (None, TraceOptions())
     if from_trace and reads_data:
         raise ValueError(

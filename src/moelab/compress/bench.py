@@ -82,13 +82,13 @@ class BenchOptions:
         for label, values in (("method", self.methods), ("ratio", self.ratios), ("domain ratio", self.domain_ratios)):
             if twice := sorted({v for v in values if list(values).count(v) > 1}):
                 raise ValueError(f"{label} {', '.join(map(str, twice))} given twice; give each once")
-        for values in (self.ratios, self.domain_ratios):
-            names = [percent(r) for r in values]
-            if len(set(names)) < len(names):
-                raise ValueError(
-                    f"ratios {list(values)} name the same cells ({names} %); give ratios that differ in the "
-                    "first 6 significant digits of their percentage"
-                )
+        ratios = sorted({*self.ratios, *self.domain_ratios})  # the task-agnostic cells run at both
+        names = [percent(r) for r in ratios]
+        if clash := [r for r, name in zip(ratios, names) if names.count(name) > 1]:
+            raise ValueError(
+                f"ratios {clash} name the same cells ({', '.join(sorted({percent(r) for r in clash}))} %); give "
+                "ratios that differ in the first 6 significant digits of their percentage"
+            )
         for ratio in (*self.ratios, *self.domain_ratios):
             if not 0 < ratio < 1:
                 raise ValueError(f"ratios lie in (0, 1), got {ratio}")
@@ -300,11 +300,10 @@ def _cell(model: Path, root: Path, cell: Cell, stats: dict[str, Calibration], op
     done = directory / CELL_NAME
     if done.is_file():
         result = json.loads(done.read_text())
-        earlier = {"router_lr": None} | result.get("cell", {})  # cells written before router_lr was kept
-        if earlier != dataclasses.asdict(cell):
+        if not _same_cell(result.get("cell", {}), cell):
             raise ValueError(
-                f"{directory} holds the cell {earlier}, not {dataclasses.asdict(cell)} (other router-fit "
-                "settings); use another --out, or --overwrite to start again"
+                f"{directory} holds the cell {result.get('cell')}, not {dataclasses.asdict(cell)}; use another "
+                "--out, or --overwrite to start again"
             )
         say(f"{cell.name}: finished earlier, kept")
         return result
@@ -446,13 +445,27 @@ def _quality(path: Path, base: Path, options: BenchOptions) -> dict[str, Any]:
     }
 
 
+def _same_cell(stored: dict[str, Any], cell: Cell) -> bool:
+    """Whether a cell.json's cell is `cell`; one written before moelab kept the router fit's
+    learning rate (its lr then the default, which no CLI option changed) matches any."""
+    wanted = dataclasses.asdict(cell)
+    if "router_lr" not in stored:
+        wanted.pop("router_lr")
+    return stored == wanted
+
+
 def _earlier_cells(root: Path, results: list[dict], calibrations: set[str]) -> list[dict]:
     """The finished cells of earlier runs of this bench (same model and protocol) that this run did
     not ask for, calibrated on everything or on this run's domain, so that the report keeps them:
-    cells may be added."""
-    asked = {r["name"] for r in results}
+    cells may be added. A cell this run made too is not added again under an older name (a ratio
+    of a fractional percentage was named by its rounded one)."""
+    asked = [Cell(**{k: v for k, v in r["cell"].items() if k in Cell.__dataclass_fields__}) for r in results]
     found = [json.loads(p.read_text()) for p in sorted((root / "cells").glob(f"*/{CELL_NAME}"))]
-    return [r for r in found if r["name"] not in asked and r["cell"]["calib"] in calibrations]
+    return [
+        r
+        for r in found
+        if r["cell"]["calib"] in calibrations and not any(_same_cell(r["cell"], cell) for cell in asked)
+    ]
 
 
 def _best_general(results: list[dict], ratios: Sequence[float]) -> str:

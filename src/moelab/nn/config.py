@@ -167,13 +167,11 @@ class MoEConfig:
         topk, graph = self.router == "topk", self.router in ("graph_sim", "graph_attn")
         variable_k = self.router in ("topp", "relu", "expert_choice")
         read_where = {
-            "top_k": (
-                "router 'topk' or a graph router (top-p, ReLU and expert choice set their own k)",
-                self.router in TOP_K_ROUTERS,
-            ),
+            "top_k": ("router 'topk' or a graph router: top-p, ReLU and expert choice set their own k",
+                      self.router in TOP_K_ROUTERS),
             **dict.fromkeys(("score_func", "route_scale", "n_group"), ("router='topk'", topk)),
-            "topk_group": ("router='topk' with expert groups (n_group > 1)", topk and self.n_group > 1),
-            "sparsity_window": ("a router of variable k ('topp', 'relu', 'expert_choice')", variable_k),
+            "topk_group": ("router='topk' with expert groups, n_group > 1", topk and self.n_group > 1),
+            "sparsity_window": ("a router of variable k: 'topp', 'relu' or 'expert_choice'", variable_k),
             "renormalize": ("router 'topk', 'topp' or a graph router", topk or graph or self.router == "topp"),
             "top_p": ("router='topp'", self.router == "topp"),
             "max_k": ("router='topp'", self.router == "topp"),

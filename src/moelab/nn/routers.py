@@ -183,14 +183,20 @@ class TopKRouter(Router):
         # Experts this router may choose ([E] bool), or None for all; see moelab.nn.rexmoe.
         self.register_buffer("candidates", None, persistent=False)
 
+    @property
+    def masked(self) -> Tensor | None:
+        """The candidates mask where some expert is not a candidate, else None."""
+        return self.candidates
+
     def forward(self, x: Tensor) -> Routing:
         logits = self.router_logits(x)
-        if self.candidates is not None:  # ReXMoE's progressive scaling: masked experts score 0
-            logits = logits.masked_fill(~self.candidates, float("-inf"))
+        masked = self.masked
+        if masked is not None:  # ReXMoE's progressive scaling: masked experts score 0
+            logits = logits.masked_fill(~masked, float("-inf"))
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
         choice = scores if self.selection_bias is None else scores + self.selection_bias
-        if self.candidates is not None:
-            choice = choice.masked_fill(~self.candidates, float("-inf"))
+        if masked is not None:
+            choice = choice.masked_fill(~masked, float("-inf"))
         if self.n_group > 1:
             choice = self._limit_to_groups(choice)
         if choice is scores:  # the chosen scores come with the choice
@@ -219,7 +225,7 @@ class TopKRouter(Router):
         the shipped models ran 1.04-1.07x faster (docs/benchmarks.md)."""
         plain = self.score_func == "softmax" and self.renormalize and self.n_group == 1
         replaced = "router_logits" in vars(self)  # an instance's own logits (`moelab.hf.edit`'s masks)
-        others = replaced or self.selection_bias is not None or self.candidates is not None
+        others = replaced or self.selection_bias is not None or self.masked is not None
         if not plain or others or forward_hooked([self]):
             return super().choose(x)
         values, indices = self.router_logits(x, check=False).topk(self.top_k, dim=-1)
@@ -250,7 +256,7 @@ class TopKRouter(Router):
         if group is not None:
             dist.all_reduce(load, group=group)
         if load.sum() > 0:
-            if self.candidates is None:
+            if self.masked is None:
                 self.selection_bias += rate * torch.sign(load.mean() - load)
             else:  # ReXMoE's masked experts take no load and keep their bias: the mean is the candidates'
                 mean = load.sum() / self.candidates.sum()

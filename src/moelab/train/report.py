@@ -58,7 +58,8 @@ REPORT_FILES = ("report.md", "summary.json", THROUGHPUT_NAME, *PLOT_FILES)
 
 def summarize_variant(out_dir: Path, run_names: list[str]) -> dict[str, Any]:
     """One variant's numbers over its runs `out_dir/<run>` (one per seed): `summarize_run`'s, with
-    the losses, speeds, loads, experts per token, metrics and curves averaged over seeds; with more than one seed also
+    the losses, speeds, loads, experts per token (and the active parameters and FLOPs counted at
+    it), metrics and curves averaged over seeds; with more than one seed also
     "eval_loss_std" (per domain, sample standard deviation), "eval_loss_range" (max - min of the
     overall loss), "eval_band" [(step, min, max)] and "per_seed" rows (each run's loss, speed and
     training curve)."""
@@ -82,6 +83,8 @@ def summarize_variant(out_dir: Path, run_names: list[str]) -> dict[str, Any]:
         out["load_imbalance"] = float(np.mean([s["load_imbalance"] for s in summaries]))
     for key in ("experts_per_token", "metrics"):
         out[key] = {k: float(np.mean([s[key][k] for s in summaries])) for k in out[key]}
+    for key in ("active_params", "active_non_embedding_params", "flops_per_token"):  # at the measured k
+        out[key] = round(float(np.mean([s[key] for s in summaries])))
     out["per_seed"] = [
         {"run": name, "eval_loss": s["eval_loss"], "tokens_per_second": s["tokens_per_second"], "train_curve": s["train_curve"]}
         for name, s in zip(run_names, summaries)
