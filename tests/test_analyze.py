@@ -90,6 +90,10 @@ def test_statistics_of_the_worked_example(tmp_path):
     assert l0["cls"] == pytest.approx({"1": 1 - 14 / 24, "2": 1 - 8 / 12, "3": 1 - 5 / 6, "4": 1 - 5 / 6})
     assert l2["cls"] == pytest.approx({"1": 0.5, "2": 1 - 5 / 8, "3": 0.0, "4": 0.0})
     assert l0["weight_sum"] == pytest.approx([2.0, 2.5, 2.5])
+    assert l0["load_fraction"] == pytest.approx([4 / 14, 5 / 14, 5 / 14])  # of the 14 assignments
+    assert l0["max_entropy_bits"] == pytest.approx(math.log2(3)) and l2["max_entropy_bits"] == 1.0
+    assert l0["load_entropy_bits"] == pytest.approx(-sum(p * math.log2(p) for p in (4 / 14, 5 / 14, 5 / 14)))
+    assert l0["domain_entropy_bits"] == pytest.approx(1.0)  # 7 assignments from each domain
     (affinity,) = summary["affinity"]
     assert (affinity["from"], affinity["to"]) == (0, 2)
     assert affinity["counts"] == [[2, 2], [2, 3], [1, 4]]
