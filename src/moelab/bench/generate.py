@@ -42,6 +42,7 @@ from rich.table import Table
 from moelab.bench.layer import DTYPES, synchronize
 from moelab.bench.load import busy_processes
 from moelab.bench.machine import device_name, source_commit
+from moelab.bench.rounds import bound_tokens_per_s, fraction_of_bound, speedup
 from moelab.bench.skipping import loss_and_experts, test_batches
 from moelab.compress.skipping import apply_dynamic_skipping
 from moelab.hf.export import export_problems, exported_model
@@ -223,7 +224,7 @@ def measure_model(
             distinct = distinct_experts_per_step(model, prompts, options.new_tokens)
         context = options.prompt_tokens + (options.new_tokens - 1) / 2
         step_bytes = bytes_per_step(model, distinct, batch, context)
-        bounds = [gb_s * 1e9 / (step_bytes / batch) for gb_s in bandwidths]  # tokens/s, one per round
+        bounds = [bound_tokens_per_s(gb_s, step_bytes / batch) for gb_s in bandwidths]  # one per round
         speed = {impl: batch * options.new_tokens / statistics.median(t) for impl, t in times.items()}
         new = slice(options.prompt_tokens, None)
         rows.append({
@@ -232,14 +233,13 @@ def measure_model(
             "batch": batch,
             "tokens_per_s": speed,
             "ratio_vs_transformers": {
-                impl: statistics.median(h / m for h, m in zip(times[base], t)) for impl, t in times.items()
+                impl: speedup(times[base], t) for impl, t in times.items()
             } if family is not None else None,
             "speedup_vs_moelab": {  # the routing variants' speed-up over plain moelab, same rounds
-                impl: statistics.median(m / v for m, v in zip(times["moelab"], t)) for impl, t in times.items()
+                impl: speedup(times["moelab"], t) for impl, t in times.items()
             },
             "fraction_of_bound": {
-                impl: statistics.median(batch * options.new_tokens / tt / b for tt, b in zip(t, bounds))
-                for impl, t in times.items()
+                impl: fraction_of_bound(batch * options.new_tokens, t, bounds) for impl, t in times.items()
             },
             "bytes_per_token": step_bytes / batch,
             "distinct_experts_per_layer": statistics.mean(distinct.values()) if distinct else 0.0,

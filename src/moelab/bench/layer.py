@@ -38,6 +38,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from moelab.bench.load import busy_processes
+from moelab.bench.rounds import speedup
 from moelab.io import atomic_write_text, check_output_file, has_json_format
 from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter, triton_swiglu
 from moelab.nn.expert_threads import serial
@@ -261,8 +262,8 @@ def measure(
             "mode": mode,
             "impl": name,
             "tokens_per_s": tokens / statistics.median(ts),
-            "ratio_vs_dense": statistics.median(d / t for d, t in zip(times["dense"], ts)),
-            "moelab_speedup": statistics.median(t / m for t, m in zip(ts, times["moelab"])),
+            "ratio_vs_dense": speedup(times["dense"], ts),
+            "moelab_speedup": speedup(ts, times["moelab"]),
         }
         for name, ts in times.items()
     ]
