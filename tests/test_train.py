@@ -155,6 +155,107 @@ def test_a_capacity_limit_reports_what_it_dropped():
     assert sum(dropped) > 0
 
 
+def _step(model, batches, **train_fields):
+    """One `train_step` on `batches` with a frozen model (SGD at lr 0, no clipping)."""
+    return train_step(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), FixedBatches(batches),
+        TrainConfig(steps=1, grad_clip=0.0, **train_fields), torch.device("cpu"),
+        torch.autocast("cpu", enabled=False),
+    )  # fmt: skip
+
+
+def test_accumulated_step_reports_the_mean_over_its_micro_batches():
+    """A step's loss, experts per token and dropped fraction are the means of its micro-batches'
+    (each of which, alone, is a grad_accum=1 step), not their sums."""
+    torch.manual_seed(0)
+    moe = {**MODEL["moe"], "capacity_factor": 0.5, "balance_coef": 0.0}
+    model = MoETransformer(ModelConfig.from_dict({**MODEL, "moe": moe, "allow_noncausal_routing": True}))
+    batches = [(torch.randint(0, 8192, (2, 16)), torch.randint(0, 8192, (2, 16))) for _ in range(2)]
+    alone = [_step(model, [batch]) for batch in batches]
+    both = _step(model, batches, grad_accum=2)
+    for name in ("loss", "experts_per_token", "dropped_fraction"):
+        expected = (alone[0]["scalars"][name] + alone[1]["scalars"][name]) / 2
+        assert both["scalars"][name] == pytest.approx(expected, rel=1e-5), name
+    assert both["scalars"]["dropped_fraction"] > 0 and both["scalars"]["experts_per_token"] > 0
+    for layer, k in both["experts_per_token"].items():
+        mean = (alone[0]["experts_per_token"][layer] + alone[1]["experts_per_token"][layer]) / 2
+        assert k == pytest.approx(mean)
+    for layer, load in both["load"].items():  # the load is a count: summed over micro-batches
+        torch.testing.assert_close(load, alone[0]["load"][layer] + alone[1]["load"][layer])
+
+
+def test_accumulation_scales_the_aux_loss_like_the_lm_loss():
+    """With a balance loss, two accumulated micro-batches give the gradient of
+    sum_i (loss_i + aux_i) / 2, each micro-batch's aux loss weighted like its LM loss."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict({**MODEL, "moe": {**MODEL["moe"], "balance_coef": 0.5}})
+    batches = [(torch.randint(0, 8192, (2, 16)), torch.randint(0, 8192, (2, 16))) for _ in range(2)]
+    torch.manual_seed(1)
+    model = MoETransformer(cfg)
+    reference = MoETransformer(cfg)
+    reference.load_state_dict(model.state_dict())
+    _step(model, batches, grad_accum=2)
+    for inputs, targets in batches:
+        out = reference(inputs, targets=targets)
+        assert float(out.aux_loss.detach()) > 0
+        ((out.loss + out.aux_loss) / 2).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_logged_window_means_imbalance_and_token_count(tmp_path, monkeypatch):
+    """With log_every=2 each train record holds the mean loss of its two steps and the load
+    imbalance (max / mean) of their summed load; the result counts every step's tokens."""
+    from moelab.train import trainer
+
+    steps = []
+
+    def spy(*args, **kwargs):
+        stats = train_step(*args, **kwargs)
+        steps.append(stats)
+        return stats
+
+    monkeypatch.setattr(trainer, "train_step", spy)
+    run = RunConfig.from_dict(
+        {"model": MODEL, "train": {**TRAIN, "steps": 4, "log_every": 2, "eval_every": 4, "grad_accum": 2}}
+    )
+    result = train(run, tmp_path / "run", quiet=True)
+    records = [r for r in read_log(tmp_path / "run") if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [2, 4] and len(steps) == 4
+    for record, pair in zip(records, (steps[0:2], steps[2:4]), strict=True):
+        assert record["loss"] == pytest.approx((pair[0]["scalars"]["loss"] + pair[1]["scalars"]["loss"]) / 2)
+        ratios = []
+        for layer, load in pair[0]["load"].items():
+            total = load + pair[1]["load"][layer]
+            ratios.append(float(total.max() / total.mean()))
+        assert record["load_imbalance"] == pytest.approx(sum(ratios) / len(ratios))
+        assert record["load_imbalance"] >= 1.0
+    assert result.steps == 4
+    assert result.tokens == 4 * 2 * 2 * 16 == 4 * run.train.tokens_per_step
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["tokens"] == result.tokens
+
+
+def test_rexmoe_pool_opens_linearly_from_zero(tmp_path, monkeypatch):
+    """reuse_ramp_steps=4: the step after s optimizer steps trains at progress min(1, s / 4),
+    so the first step sees only the layer's own experts and step 5 on the whole pool."""
+    from moelab.train import trainer
+
+    progress = []
+    real = trainer.set_reuse_progress
+
+    def spy(model, fraction):
+        progress.append(fraction)
+        real(model, fraction)
+
+    monkeypatch.setattr(trainer, "set_reuse_progress", spy)
+    model = {**MODEL, "moe": {**MODEL["moe"], "reuse_layers": 2}}
+    run = RunConfig.from_dict(
+        {"model": model, "train": {**TRAIN, "steps": 6, "reuse_ramp_steps": 4, "eval_every": 6}}
+    )
+    train(run, tmp_path / "run", quiet=True)
+    assert progress == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+
+
 def test_selection_bias_moves_during_training(tmp_path):
     moe = {**MODEL["moe"], "selection_bias": True, "balance_coef": 0.0, "bias_update_rate": 0.01}
     run = RunConfig.from_dict(
