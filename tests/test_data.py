@@ -319,6 +319,19 @@ def test_mixture_weight_modes():
         mixture_weights(sizes, "balanced")
 
 
+def test_mixture_weights_are_read_by_domain_name():
+    """A mapping's weights go to the domains they name, in the order of `sizes`, whatever the
+    order of its keys (here neither sizes' nor alphabetical)."""
+    sizes = {"zeta": 100, "alpha": 100, "mid": 100}
+    weights = {"mid": 1.0, "zeta": 2.0, "alpha": 5.0}
+    np.testing.assert_allclose(mixture_weights(sizes, weights), [2 / 8, 5 / 8, 1 / 8])
+    data = {name: ramp(100, offset=1000 * i) for i, name in enumerate(sizes)}
+    np.testing.assert_allclose(TokenWindows(data, 8, 4, weights=weights).probs, [2 / 8, 5 / 8, 1 / 8])
+    only_mid = TokenWindows(data, 8, 16, weights={"mid": 1.0, "alpha": 0.0, "zeta": 0.0})
+    inputs, _ = next(only_mid)
+    assert ((inputs >= 2000) & (inputs < 3000)).all()  # every row from "mid" (offset 2000)
+
+
 def test_too_short_array_is_rejected():
     with pytest.raises(ValueError, match=r"'tokens': need a 1-D array of at least seq_len \+ 1 = 9"):
         TokenWindows(ramp(8), seq_len=8, batch_size=1)

@@ -158,3 +158,128 @@ def test_windows_longer_than_the_context_are_cut_to_it(model_dir, monkeypatch, c
     monkeypatch.setattr("sys.argv", args)
     cli.main()  # the CLI takes the lengths that fit (it had no such options)
     assert "0/1 greedy" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def base_and_model(model_dir, tmp_path_factory):
+    """model_dir's model with its output head sharpened (x40: the base) and a blunter, noisier copy
+    of it (x10, 10 % noise: the model): the two KL directions differ, top-1 agreement is partial."""
+    out = tmp_path_factory.mktemp("pair")
+    torch.manual_seed(1)
+    net = load_pretrained(model_dir)
+    head = net.lm_head.weight.detach().clone()
+    noise = 0.1 * head.std() * torch.randn_like(head)
+    dirs = []
+    for name, weight in (("base", 40 * head), ("model", 10 * (head + noise))):
+        with torch.no_grad():
+            net.lm_head.weight.copy_(weight)
+        dirs.append(save_pretrained(net, out / name))
+    return tuple(dirs)
+
+
+def test_kl_is_base_against_model_and_agreement_is_over_real_tokens(base_and_model):
+    """kl = mean over tokens of sum_v p_base (log p_base - log p_model), not the reverse; top-1
+    agreement counts only real tokens, also when the last window is mostly padding (40 targets
+    in windows of 32)."""
+    from dataclasses import replace
+
+    from moelab.trace.data import load_streams
+    from moelab.trace.model import checkpoint_encoder
+
+    base_dir, model_dir = base_and_model
+    nets = [load_pretrained(path).eval() for path in (base_dir, model_dir)]
+    encoder = checkpoint_encoder(base_dir, native=True)
+    code = load_streams("corpus", split="test", domains=["code"], encoder=encoder, quiet=True)["code"]
+    ids = torch.as_tensor(code[:65].astype("int64"))
+    for max_tokens in (64, 40):
+        options = replace(SMALL, domains=["code"], max_tokens=max_tokens, prompts=0)
+        report = evaluate(model_dir, base=base_dir, options=options, quiet=True)
+        windows = [ids[a : b + 1] for a, b in ((0, 32), (32, max_tokens))]  # each alone, real tokens only
+        with torch.no_grad():
+            p, q = (
+                torch.cat([net(w[None, :-1]).logits[0].float().log_softmax(-1) for w in windows]) for net in nets
+            )
+        assert len(p) == max_tokens
+        kl = float((p.exp() * (p - q)).sum(-1).mean())
+        reverse = float((q.exp() * (q - p)).sum(-1).mean())
+        agree = float((p.argmax(-1) == q.argmax(-1)).float().mean())
+        assert abs(reverse - kl) > 0.2 * kl and 0.3 < agree < 1  # the directions differ; agreement is partial
+        for name in ("code", "all"):
+            agreement = report["agreement"][name]
+            assert agreement["tokens"] == max_tokens
+            assert agreement["kl"] == pytest.approx(kl, rel=1e-3)
+            assert agreement["top1_agreement"] == pytest.approx(agree)
+
+
+def test_agreement_with_itself_ignores_a_padded_last_window(model_dir):
+    """40 targets in windows of 32: the 24 padded positions of the second window are no tokens,
+    so a model against itself agrees on exactly 40 of 40 (not 64 of 40)."""
+    from dataclasses import replace
+
+    report = evaluate(model_dir, base=model_dir, options=replace(SMALL, max_tokens=40, prompts=0), quiet=True)
+    for name in ("code", "german", "all"):
+        agreement = report["agreement"][name]
+        assert agreement["top1_agreement"] == 1.0 and agreement["agree"] == agreement["tokens"]
+        assert agreement["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert report["agreement"]["all"]["tokens"] == report["domains"]["all"]["tokens"] == 2 * 40
+
+
+def test_prompts_start_at_evenly_spaced_offsets():
+    """k of n prompts starts at span * k // n (span: the last possible start), from 0 on; a domain
+    shorter than a prompt gives none."""
+    import numpy as np
+
+    from moelab.eval.evaluate import _prompts
+
+    streams = {"a": np.arange(100), "b": np.arange(1000, 1008), "c": np.arange(5)}
+    got = _prompts(streams, EvalOptions(prompts=2, prompt_tokens=8))
+    assert [(name, ids.shape, int(ids[0, 0])) for name, ids in got] == [
+        ("a", (1, 8), 0), ("a", (1, 8), 46), ("b", (1, 8), 1000), ("b", (1, 8), 1000)
+    ]  # fmt: skip
+    assert torch.equal(got[1][1][0], torch.arange(46, 54))
+    got = _prompts({"a": np.arange(100)}, EvalOptions(prompts=3, prompt_tokens=10))
+    assert [int(ids[0, 0]) for _, ids in got] == [0, 30, 60]  # span 90
+
+
+class _Bigram(torch.nn.Module):
+    """logits of the next token from the current one alone: each window's loss is known in closed form."""
+
+    def __init__(self, vocab: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, ids):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.table(ids))
+
+
+def test_domain_losses_score_max_tokens_real_targets_and_pool_by_tokens(monkeypatch):
+    """max_tokens=N scores exactly N targets (the first N + 1 tokens), padding of the last window
+    (N = 40 in windows of 16) is neither scored nor counted, and "all" is the token-weighted mean
+    of the domains' losses."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from moelab.eval import domain_losses
+
+    rng = np.random.default_rng(0)
+    streams = {"short": rng.integers(0, 16, 30), "long": rng.integers(0, 16, 500)}
+    monkeypatch.setattr(
+        "moelab.eval.perplexity.tokenize_split", lambda name, split, quiet=True: streams[name]
+    )
+    model = _Bigram()
+    losses = domain_losses(model, ["short", "long"], seq_len=16, batch_size=2, max_tokens=40)
+    expected = {}
+    for name, n in (("short", 29), ("long", 40)):
+        ids = torch.as_tensor(streams[name][: n + 1])
+        with torch.no_grad():
+            expected[name] = float(F.cross_entropy(model.table(ids[:-1]), ids[1:]))
+        assert losses[name].tokens == n
+        assert losses[name].loss == pytest.approx(expected[name], rel=1e-5)
+    assert losses["all"].tokens == 69
+    pooled = (29 * expected["short"] + 40 * expected["long"]) / 69
+    assert losses["all"].loss == pytest.approx(pooled, rel=1e-5)
+    assert abs(pooled - (expected["short"] + expected["long"]) / 2) > 1e-3  # not the plain mean
+    assert model.training  # restored

@@ -321,6 +321,26 @@ def test_top_p_applies_to_the_renormalised_top_k():
     assert draws() == {0, 1}
 
 
+@pytest.mark.parametrize(
+    "top_k, top_p, support",
+    [(None, None, [0, 1, 2, 3, 4, 5]), (3, None, [0, 1, 2]), (None, 0.7, [0, 1])],
+)
+def test_sampling_frequencies_follow_the_tempered_softmax_over_the_support(top_k, top_p, support):
+    """20k seeded draws from fixed logits at temperature 0.8: each token's frequency is its
+    softmax(logits / T) probability renormalised over the kept tokens (within 0.015; 4.5 sigma)."""
+    logits = torch.tensor([2.0, 1.2, 0.5, 0.0, -0.5, -1.5])
+    probs = (logits / 0.8).softmax(-1)  # 0.60 0.22 0.09 0.05 ...: top-p 0.7 keeps the first two
+    expected = torch.zeros(6)
+    expected[support] = probs[support] / probs[support].sum()
+    draws = sample_next_token(
+        logits.expand(20_000, -1), temperature=0.8, top_k=top_k, top_p=top_p,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    freq = torch.bincount(draws, minlength=6).float() / len(draws)
+    assert (freq[expected == 0] == 0).all()
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
+
+
 def test_generation_stops_at_eos_and_pads_with_it():
     model = make_model(init_std=0.2).eval()
     prompt = random_ids(seq=4)
