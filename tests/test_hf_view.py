@@ -412,3 +412,61 @@ def test_experts_view_checks_shapes():
     E, I = 4, 8
     with pytest.raises(ValueError, match=r"experts down has shape \[4, 8, 32\], expected \[4, 32, 8\]"):
         ExpertsView(torch.zeros(E, I, D), torch.zeros(E, I, D), torch.zeros(E, I, D))
+
+
+@pytest.mark.parametrize(
+    "family,key",
+    [
+        ("qwen3_moe", "norm_topk_prob"),
+        ("olmoe", "norm_topk_prob"),
+        ("deepseek_v3", "routed_scaling_factor"),
+        ("phimoe", "router_jitter_noise"),
+        ("gpt_oss", "swiglu_alpha"),
+    ],
+)
+def test_a_setting_missing_from_config_is_transformers_default(tmp_path, family, key):
+    """save_pretrained writes every config key, so the adapters' defaults are only read for
+    hand-written or older config.json files: with `key` deleted, the view must route and
+    activate as transformers does with its class default."""
+    _save(family, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert key in config
+    del config[key]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = load(tmp_path)
+    assert getattr(model.config, key) == getattr(type(model.config)(), key)
+    with open_checkpoint(tmp_path) as view:
+        _assert_matches_transformers(view, family, model, TINY[family].dense)
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_phimoe_routes_two_experts_whatever_num_experts_per_tok_says(tmp_path, top_k):
+    """transformers' sparsemixer always picks 2 experts (its top_k argument is unused)."""
+    build("phimoe", num_experts_per_tok=top_k).save_pretrained(tmp_path)
+    model = load(tmp_path)
+    assert model.config.num_experts_per_tok == top_k
+    with open_checkpoint(tmp_path) as view:
+        assert view.layer(0).router.top_k == 2
+        _assert_matches_transformers(view, "phimoe", model, ())
+
+
+def test_llama4_interleaved_moe_layers_without_moe_layers_key(tmp_path):
+    """Without `moe_layers`, Llama 4 makes every `interleave_moe_layer_step`-th layer sparse
+    (layers step-1, 2*step-1, ...), as transformers' config computes them."""
+    model = build(
+        "llama4_text",
+        num_hidden_layers=4,
+        moe_layers=None,
+        interleave_moe_layer_step=2,
+        layer_types=["chunked_attention", "full_attention"] * 2,
+        no_rope_layers=[1, 0, 1, 0],
+    )
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("moe_layers", None)
+    (tmp_path / "config.json").write_text(json.dumps(config | {"interleave_moe_layer_step": 2}))
+    model = load(tmp_path)
+    assert list(model.config.moe_layers) == [1, 3]
+    with open_checkpoint(tmp_path) as view:
+        assert view.num_layers == 4
+        _assert_matches_transformers(view, "llama4_text", model, (0, 2))

@@ -553,3 +553,110 @@ def test_weights_linked_from_elsewhere_and_a_named_index(tmp_path):
     assert all((out / shard).is_file() for shard in index["weight_map"].values())
     assert not (out / "model.safetensors.index.json").exists()
     assert load(out).config.num_local_experts == 3
+
+
+def test_native_checkpoint_without_renormalisation_reads_as_the_model(tmp_path):
+    """A moelab checkpoint with renormalize=False: the view's layer computes the model's own."""
+    model = _native(tmp_path, renormalize=False)
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))
+    with open_checkpoint(tmp_path / "src") as view:
+        for i, layer in model.moe_layers.items():
+            assert view.layer(i).router.renormalize is False
+            with torch.no_grad():
+                expected, _ = layer(x)
+                got, _ = moe_layer_from_view(view.layer(i))(x)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+_CHANGED_SETTINGS = [
+    ("deepseek_v3", "router", "score_func", "softmax"),
+    ("deepseek_v3", "router", "top_k", 1),
+    ("deepseek_v3", "router", "renormalize", False),
+    ("deepseek_v3", "router", "route_scale", 1.0),
+    ("deepseek_v3", "router", "n_group", 4),
+    ("deepseek_v3", "router", "topk_group", 2),
+    ("phimoe", "router", "jitter_eps", 0.5),
+    ("mixtral", "experts", "activation", "clamped_swiglu"),
+    ("gpt_oss", "experts", "swiglu_alpha", 1.0),
+    ("gpt_oss", "experts", "swiglu_limit", 3.0),
+    ("gpt_oss", "experts", "scale_input", True),
+]
+
+
+@pytest.mark.parametrize(
+    "family,part,name,value", _CHANGED_SETTINGS, ids=[f"{f}-{n}" for f, _, n, _ in _CHANGED_SETTINGS]
+)
+def test_an_edit_that_changes_a_setting_is_refused(tmp_path, family, part, name, value):
+    """Routing and activation settings live in config.json, which the writer keeps: an edited view
+    whose setting differs from the checkpoint's is refused, naming that setting."""
+    from moelab.hf.edit import check_same_settings
+
+    src = tmp_path / "src"
+    build(family).save_pretrained(src)
+    with open_checkpoint(src) as view:
+        layer = next(layer for layer in view.layers() if isinstance(layer, MoELayerView))
+    changes = {name: value}
+    if name == "activation":
+        changes |= {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+    assert getattr(getattr(layer, part), name) != value
+    edited = dataclasses.replace(layer, **{part: dataclasses.replace(getattr(layer, part), **changes)})
+    message = rf"the edited {part} has {name}={value!r} but the checkpoint's is"
+    with pytest.raises(ValueError, match=message):
+        check_same_settings(layer, edited)
+    E = layer.router.num_experts
+    with pytest.raises(ValueError, match=message):
+        write_checkpoint(
+            src, tmp_path / "out", {layer.index: LayerEdit(tuple((e,) for e in range(E)), view=edited)}, quiet=True
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_fp32_edit_of_a_bf16_source_is_written_in_bf16(tmp_path):
+    """Merged and narrowed tensors given in float32 are stored in the source's dtype."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    build("qwen3_moe").to(torch.bfloat16).save_pretrained(src)
+    with open_checkpoint(src) as view:
+        layer = _narrow_and_merge(view.layer(1))
+    fp32 = lambda t: None if t is None else t.float()  # noqa: E731
+    edited = dataclasses.replace(
+        layer,
+        router=dataclasses.replace(layer.router, weight=fp32(layer.router.weight)),
+        experts=dataclasses.replace(layer.experts, gate=fp32(layer.experts.gate), up=fp32(layer.experts.up),
+                                    down=fp32(layer.experts.down)),
+    )
+    assert edited.experts.gate.dtype == edited.router.weight.dtype == torch.float32
+    write_checkpoint(src, out, {1: LayerEdit(((0, 1), (2,), (3,)), view=edited)}, quiet=True)
+    with safe_open(out / "model.safetensors", "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert set(dtypes.values()) == {"BF16"}, {k: d for k, d in dtypes.items() if d != "BF16"}
+    written = open_checkpoint(out).layer(1)
+    assert written.router.weight.dtype == written.experts.gate.dtype == torch.bfloat16
+    assert torch.equal(written.experts.gate, edited.experts.gate.to(torch.bfloat16))
+
+
+def test_a_merge_across_routing_groups_is_refused(tmp_path):
+    """DeepSeek group-limited routing (8 experts, 2 groups of 4): a merged expert placed in group 0
+    may not take an expert of group 1, even as its second id."""
+    src = tmp_path / "src"
+    build("deepseek_v3").save_pretrained(src)
+    with open_checkpoint(src) as view:
+        six = apply_edit(view.layer(1), LayerEdit.keep([0, 1, 2, 4, 6, 7]))  # 3 + 3 experts, tensors only
+    edit = LayerEdit(((0, 5), (1,), (2,), (4,), (6,), (7,)), view=six)
+    with pytest.raises(ValueError, match=r"needs every group to keep 3 experts of its own.*new expert 0 comes from \[0, 5\]"):
+        write_checkpoint(src, tmp_path / "out", {1: edit}, quiet=True)
+    assert not (tmp_path / "out").exists()
+    write_checkpoint(src, tmp_path / "out", {1: LayerEdit(((0, 3), (1,), (2,), (4,), (6,), (7,)), view=six)}, quiet=True)
+
+
+def test_a_sharded_output_index_counts_the_bytes_written(tmp_path):
+    """metadata.total_size of the rewritten index is the size of every tensor in its shards."""
+    from safetensors.torch import load_file
+
+    build("mixtral").save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    drop_experts(tmp_path / "src", tmp_path / "out", {0: [1], 1: [2]}, quiet=True)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1
+    tensors = {k: v for shard in shards for k, v in load_file(tmp_path / "out" / shard).items()}
+    assert set(tensors) == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
