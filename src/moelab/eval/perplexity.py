@@ -48,7 +48,7 @@ def domain_losses(
     group: dist.ProcessGroup | None = None,
 ) -> dict[str, DomainLoss]:
     """The loss of `model` (called as `model(ids).logits`, logits: [B, S, V]) on each domain's
-    `split`, from its first `max_tokens` tokens (None = all), in consecutive windows of
+    `split`, scoring `max_tokens` predicted tokens (None = all; from the first max_tokens + 1), in windows of
     `seq_len`; key "all" holds the token-weighted mean over the domains. The model is put in eval
     mode for the call and restored after. The last window is padded; padded positions are not
     scored, but routers that look across the batch (expert choice, capacity limits) see them.
