@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from moelab.files import read_json_object
-from moelab.io import atomic_write_bytes, atomic_write_text
+from moelab.io import atomic_write_bytes, atomic_write_text, clear_staging
 from moelab.plots import plt, png
 from moelab.train.logging import read_log
 
@@ -122,7 +122,7 @@ def write_report(out_dir: Path, groups: dict[str, list[str]]) -> Path:
     if load_plot is not None:
         plots["expert_load.png"] = load_plot
     else:  # an earlier run's plot of variants this comparison no longer has
-        (out_dir / "expert_load.png").unlink(missing_ok=True)
+        clear_staging(out_dir, only=["expert_load.png"])
     for name, data in plots.items():
         atomic_write_bytes(out_dir / name, data)
     atomic_write_text(out_dir / "summary.json", json.dumps(runs, indent=2) + "\n")
