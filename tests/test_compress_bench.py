@@ -169,8 +169,7 @@ def test_a_changed_model_or_cell_is_refused_not_reported_with_old_numbers(tmp_pa
     (tmp_path / "cells" / "reap-12" / "cell.json").write_text(
         json.dumps({"cell": dataclasses.asdict(twelve), "name": "reap-12"})
     )
-    ran = [{"name": "reap-50", "cell": old}, {"name": twelve.name, "cell": dataclasses.asdict(twelve)}]
-    kept = bench._earlier_cells(tmp_path, ran, calibrations={bench.GENERAL})
+    kept = bench._earlier_cells(tmp_path, [plain, twelve], calibrations={bench.GENERAL})
     assert sorted(r["name"] for r in kept) == [cell.name, "reap-50"]
 
 

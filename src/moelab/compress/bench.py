@@ -187,8 +187,9 @@ def run_bench(
                 Cell(m, r, calib=domain) for r in options.domain_ratios for m in (*DOMAIN_METHODS, best)
             ]
             domain_cells += [Cell(best, r) for r in options.domain_ratios if r not in options.ratios]
+            cells += dict.fromkeys(domain_cells)
             results += [_cell(model, root, cell, stats, options, say) for cell in dict.fromkeys(domain_cells)]
-        results += _earlier_cells(root, results, calibrations=set(stats))
+        results += _earlier_cells(root, cells, calibrations=set(stats))
         summary = {
             "format": FORMAT,
             "model": str(model),
@@ -454,17 +455,16 @@ def _same_cell(stored: dict[str, Any], cell: Cell) -> bool:
     return stored == wanted
 
 
-def _earlier_cells(root: Path, results: list[dict], calibrations: set[str]) -> list[dict]:
+def _earlier_cells(root: Path, cells: list[Cell], calibrations: set[str]) -> list[dict]:
     """The finished cells of earlier runs of this bench (same model and protocol) that this run did
     not ask for, calibrated on everything or on this run's domain, so that the report keeps them:
     cells may be added. A cell this run made too is not added again under an older name (a ratio
     of a fractional percentage was named by its rounded one)."""
-    asked = [Cell(**{k: v for k, v in r["cell"].items() if k in Cell.__dataclass_fields__}) for r in results]
     found = [json.loads(p.read_text()) for p in sorted((root / "cells").glob(f"*/{CELL_NAME}"))]
     return [
         r
         for r in found
-        if r["cell"]["calib"] in calibrations and not any(_same_cell(r["cell"], cell) for cell in asked)
+        if r["cell"]["calib"] in calibrations and not any(_same_cell(r["cell"], cell) for cell in cells)
     ]
 
 

@@ -180,13 +180,12 @@ class TopKRouter(Router):
         self.register_buffer(
             "tokens_per_expert", torch.zeros(num_experts) if selection_bias else None, persistent=False
         )
-        # Experts this router may choose ([E] bool), or None for all; see moelab.nn.rexmoe.
-        self.register_buffer("candidates", None, persistent=False)
 
     @property
     def masked(self) -> Tensor | None:
-        """The candidates mask where some expert is not a candidate, else None."""
-        return self.candidates
+        """[E] bool, the experts this router may choose where some may not (ReXMoE's progressive
+        scaling, `moelab.nn.rexmoe`), else None."""
+        return None
 
     def forward(self, x: Tensor) -> Routing:
         logits = self.router_logits(x)
@@ -256,11 +255,12 @@ class TopKRouter(Router):
         if group is not None:
             dist.all_reduce(load, group=group)
         if load.sum() > 0:
-            if self.masked is None:
+            mask = self.masked
+            if mask is None:
                 self.selection_bias += rate * torch.sign(load.mean() - load)
             else:  # ReXMoE's masked experts take no load and keep their bias: the mean is the candidates'
-                mean = load.sum() / self.candidates.sum()
-                self.selection_bias += rate * torch.sign(mean - load) * self.candidates
+                mean = load.sum() / mask.sum()
+                self.selection_bias += rate * torch.sign(mean - load) * mask
         load.zero_()
 
     def _apply(self, fn, recurse=True):
