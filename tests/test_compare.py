@@ -75,6 +75,10 @@ def test_compare_keeps_finished_runs_and_refuses_changed_recipes(tmp_path, varia
     assert (out / "moe/results.json").stat().st_mtime_ns == stamps[0]
     with pytest.raises(ValueError, match="train.lr"):
         compare(variants[:2], TrainConfig(**{**RECIPE, "lr": 1e-4}), out, quiet=True)
+    assert (out / "expert_load.png").exists()
+    compare(variants[:1], TrainConfig(**RECIPE), out, quiet=True)  # the dense model alone: no load to plot
+    assert not (out / "expert_load.png").exists(), "the earlier comparison's load plot is stale"
+    assert "expert_load.png" not in (out / "report.md").read_text()
 
 
 def test_compare_input_errors(tmp_path, variants):
@@ -109,9 +113,15 @@ def test_compare_with_seeds_reports_means_spreads_and_verdicts(tmp_path, variant
         mean = sum(losses) / 3
         assert variant["eval_loss_std"]["all"] == pytest.approx((sum((x - mean) ** 2 for x in losses) / 2) ** 0.5)
         assert variant["eval_loss_range"] == pytest.approx(max(losses) - min(losses))
-        for run in rows:  # every seed is an ordinary run with its own seed
-            assert summarize_run(out / run["run"])["eval_loss"] == run["eval_loss"]
+        seed_runs = [summarize_run(out / run["run"]) for run in rows]  # every seed is an ordinary run
+        assert [s["eval_loss"] for s in seed_runs] == [r["eval_loss"] for r in rows]
+        assert variant["tokens_per_second"] == pytest.approx(sum(s["tokens_per_second"] for s in seed_runs) / 3)
+        for key in ("metrics", "experts_per_token"):  # means over seeds, not the first seed's
+            assert variant[key] == pytest.approx({k: sum(s[key][k] for s in seed_runs) / 3 for k in variant[key]})
         assert all(low <= mean <= high for (_, low, high), (_, mean) in zip(variant["eval_band"], variant["eval_curve"]))
+    moe_runs = [summarize_run(out / f"moe-seed{s}") for s in (0, 1, 2)]
+    assert len({r["load_imbalance"] for r in moe_runs}) == 3
+    assert summary["moe"]["load_imbalance"] == pytest.approx(sum(r["load_imbalance"] for r in moe_runs) / 3)
     text = report.read_text()
     assert "± " in text and "seed-to-seed ranges" in text and "| moe-seed2 |" in text
     [verdict_row] = [line for line in text.splitlines() if line.startswith("| moe | ") and "spread |" in line]
