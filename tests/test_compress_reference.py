@@ -28,6 +28,7 @@ from reference import (
 )
 
 from moelab.compress.methods import METHODS, Target, get_method, plan_target, select_top
+from moelab.compress.methods.base import check_protected, super_expert_ids
 from moelab.compress.observers import (
     DEFAULT_OBSERVERS,
     OBSERVERS,
@@ -37,7 +38,7 @@ from moelab.compress.observers import (
     eager_moe,
     per_expert,
 )
-from moelab.compress.stats import LayerStats, layer_stats
+from moelab.compress.stats import PER_SOURCE, LayerStats, layer_stats
 from moelab.hf.edit import masked_moe_layer
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import MoELayerView, RouterView
@@ -688,6 +689,41 @@ def test_easy_ep_source_without_importance_adds_nothing():
     assert decision.scores == pytest.approx([0.0, 0.0, 0.75, 0.25])
 
 
+def _half_only(stats: LayerStats, half: int) -> LayerStats:
+    """The statistics with every per-source sum of the other half zeroed."""
+    cut = {n: getattr(stats, n).clone() for n in PER_SOURCE if getattr(stats, n) is not None}
+    for value in cut.values():
+        value[1 - half] = 0
+    return dataclasses.replace(stats, **cut)
+
+
+@pytest.mark.parametrize("method", sorted({m for m, *_ in HAND}))
+@pytest.mark.parametrize("half", [0, 1])
+def test_scores_on_one_half_read_that_half_alone(method, half):
+    """Scoring on one half equals scoring all of statistics whose other half is zero."""
+    stats = hand_stats()
+    differ = {n: torch.stack([getattr(stats, n)[0], getattr(stats, n)[0].flip(-1)]) for n in SUMS}
+    stats = dataclasses.replace(stats, tokens=torch.tensor([[10.0, 4], [6, 3]], dtype=F64), **differ)
+    view, m = make_view(E=4, seed=0), get_method(method)
+    on_half = m.score(view, stats, Target(2, halves=(half,)))
+    alone = m.score(view, _half_only(stats, half), Target(2))
+    assert on_half.tolist() == pytest.approx(alone.tolist(), rel=1e-12, abs=1e-12)
+
+
+def test_restricted_keeps_every_per_source_statistic_of_those_sources():
+    """Every [H, S, ...] statistic, HEAPr's neuron sums included, is cut to the chosen sources."""
+    g = torch.Generator().manual_seed(0)
+    neurons = {n: torch.rand(2, 2, 4, 3, generator=g, dtype=F64) for n in ("neuron_act_sums", "neuron_grad_sums")}
+    stats = hand_stats(**neurons)
+    math_only = stats.restricted(["math"])
+    shapes = {f.name: getattr(getattr(stats, f.name), "shape", ()) for f in dataclasses.fields(stats)}
+    per_source = [name for name, shape in shapes.items() if shape[:2] == (2, 2)]  # [H, S, ...]
+    assert {"tokens", "counts", "neuron_grad_sums"} <= set(per_source)
+    for name in per_source:
+        assert torch.equal(getattr(math_only, name), getattr(stats, name)[:, [1]]), name
+    assert stats.token_total(["math"]) == 8 and stats.token_total(["math"], halves=(1,)) == 4
+
+
 def test_random_is_seeded_per_layer():
     stats = hand_stats()
     runs = {}
@@ -739,6 +775,7 @@ def test_plan_target_accepts():
     assert plan_target(_router(8, 2), 0.75) == 2
     assert plan_target(_router(60, 4), 0.5) == 30
     assert plan_target(_router(100, 2), 0.29) == 71  # 100 x 0.29 = 28.999999999999996 in floats
+    assert plan_target(_router(8, 2), 0.45) == 5  # removes int(3.6) = 3, not round(3.6) = 4
     assert plan_target(_router(16, 2, n_group=4, topk_group=2, score_func="sigmoid"), 0.5) == 8
 
 
@@ -899,6 +936,13 @@ def test_naee_drops_an_expert_that_changes_nothing():
     # dropping any routed expert does change the output
     x = stats.inputs.double()
     assert min(naee_loss(view, x, kept, 128) for kept in kept_sets(5, 4) if 3 in kept) > 1e-3
+
+
+def test_naee_exhaustive_ties_keep_the_first_set_in_lexicographic_order():
+    """Two never-routed experts: dropping either loses exactly nothing; the lower ids stay."""
+    view = make_view(E=5, router_bias={3: -30.0, 4: -30.0}, seed=4)
+    decision = get_method("naee").decide(view, naee_stats(view, 16), Target(4))
+    assert decision.notes["loss"] == 0.0 and decision.kept == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize(
@@ -1063,12 +1107,17 @@ def test_statistics_properties(case, sample):
 
 
 def test_check_protected():
-    from moelab.compress.methods.base import check_protected
-
     router = make_view(E=8, top_k=2, n_group=2, topk_group=1, score_func="sigmoid").router
     check_protected(router, 4, frozenset({0, 5}))
+    check_protected(router, 4, frozenset({0, 1, 4, 5}))  # a group may keep only protected experts
     with pytest.raises(ValueError, match=r"3 protected experts \[0, 1, 2\] in group 0, but it keeps only 2"):
         check_protected(router, 4, frozenset({0, 1, 2}))
+
+
+def test_super_expert_ids_flag_expert_zero_and_skip_the_shared_expert():
+    """Expert 0 is an expert like the others; a shared super expert (id -1) is never listed."""
+    assert super_expert_ids({0: hand_stats(max_output=torch.tensor([100.0, 1, 1, 1], dtype=F64))}) == {0: [0]}
+    assert super_expert_ids({0: hand_stats(shared_max=torch.tensor([100.0], dtype=F64))}) == {}
 
 
 # ----------------------------------------------------------------------------- NAEE dynamic skipping
@@ -1115,3 +1164,29 @@ def test_skip_ratio_is_the_histogram_median():
     hist[30], hist[70] = 3, 1  # 4 tokens: half of them at or below bin 30
     stats = LayerStats(0, ("a",), *(torch.zeros(2, 1, 2, dtype=F64) for _ in range(5)), skip_ratios=hist)
     assert median_skip_ratio(stats) == pytest.approx((30 + 2 / 3) / SKIP_BINS)
+
+
+def test_skip_ratio_median_in_the_first_bin_and_between_bins():
+    """The median inside bin 0 (no bins before it); with the tokens split evenly between two bins,
+    the lower middle (torch.median's convention): the top of the lower bin."""
+    from moelab.compress.skipping import median_skip_ratio
+
+    def median(**bins):
+        hist = torch.zeros(SKIP_BINS, dtype=F64)
+        for b, n in bins.items():
+            hist[int(b[1:])] = n
+        return median_skip_ratio(LayerStats(0, ("a",), *(torch.zeros(2, 1, 2) for _ in range(5)), skip_ratios=hist))
+
+    assert median(b0=3, b50=1) == pytest.approx((2 / 3) / SKIP_BINS)
+    assert median(b30=2, b70=2) == pytest.approx(31 / SKIP_BINS)
+
+
+def test_dynamic_skipping_refuses_ratios_for_other_layers():
+    from test_model import make_model
+
+    from moelab.compress.skipping import apply_dynamic_skipping
+
+    model = make_model()
+    moe = [i for i, block in enumerate(model.layers) if block.kind == "moe"]
+    with pytest.raises(ValueError, match="skip ratios cover layers"):
+        apply_dynamic_skipping(model, {i + 100: 0.5 for i in moe})
