@@ -713,8 +713,8 @@ def test_scores_on_one_half_read_that_half_alone(method, half):
 def test_restricted_keeps_every_per_source_statistic_of_those_sources():
     """Every [H, S, ...] statistic, HEAPr's neuron sums included, is cut to the chosen sources."""
     g = torch.Generator().manual_seed(0)
-    neurons = {n: torch.rand(2, 2, 4, 3, generator=g, dtype=F64) for n in ("neuron_act_sums", "neuron_grad_sums")}
-    stats = hand_stats(**neurons)
+    names = ("neuron_act_sums", "neuron_grad_sums")
+    stats = hand_stats(**{n: torch.rand(2, 2, 4, 3, generator=g, dtype=F64) for n in names})
     math_only = stats.restricted(["math"])
     shapes = {f.name: getattr(getattr(stats, f.name), "shape", ()) for f in dataclasses.fields(stats)}
     per_source = [name for name, shape in shapes.items() if shape[:2] == (2, 2)]  # [H, S, ...]
@@ -1175,7 +1175,8 @@ def test_skip_ratio_median_in_the_first_bin_and_between_bins():
         hist = torch.zeros(SKIP_BINS, dtype=F64)
         for b, n in bins.items():
             hist[int(b[1:])] = n
-        return median_skip_ratio(LayerStats(0, ("a",), *(torch.zeros(2, 1, 2) for _ in range(5)), skip_ratios=hist))
+        zeros = (torch.zeros(2, 1, 2) for _ in range(5))
+        return median_skip_ratio(LayerStats(0, ("a",), *zeros, skip_ratios=hist))
 
     assert median(b0=3, b50=1) == pytest.approx((2 / 3) / SKIP_BINS)
     assert median(b30=2, b70=2) == pytest.approx(31 / SKIP_BINS)
