@@ -286,6 +286,40 @@ def test_padded_layout_ranks_neurons_of_all_layers_together():
     assert (experts.gate[1] == 0).all() and (experts.up[1] == 0).all()
 
 
+def test_scores_on_one_half_read_that_half_alone():
+    """Target.halves picks the halves of every HEAPr sum (activations, gradients and counts)."""
+    a = hand_stats([[4, 8, 2], [1, 1, 1]], [[2, 1, 6], [3, 2, 1]], [2, 1])
+    b = hand_stats([[1, 2, 3], [5, 5, 5]], [[7, 1, 1], [1, 2, 3]], [1, 3])
+    names = ("tokens", "counts", "neuron_act_sums", "neuron_grad_sums")
+    both = dataclasses.replace(a, **{n: getattr(a, n) + getattr(b, n).flip(0) for n in names})
+    assert torch.equal(neuron_scores(both, Target(1, halves=(0,))), neuron_scores(a, Target(1)))
+    assert torch.equal(neuron_scores(both, Target(1, halves=(1,))), neuron_scores(b, Target(1)))
+
+
+def test_padded_budget_rounds_to_the_nearest_neuron():
+    """2 experts x 3 neurons keeping 1.25 experts' worth: round(3.75) = 4 neurons, not 3."""
+    method = get_method("heapr", layout="padded")
+    stats = hand_stats([[1, 2, 3], [4, 5, 6]], [[1, 1, 1], [1, 1, 1]], [1, 1])
+    method.prepare(None, {0: stats}, {0: Target(1.25)})
+    decision = method.decide(make_view(E=2, I=3, top_k=1), stats, Target(1.25))
+    assert decision.notes["kept_neurons"] == [1, 3]
+
+
+def test_padded_ties_across_experts_keep_exactly_the_budget():
+    """Equal scores everywhere: the cut falls inside the tie and the layer keeps its budget, the
+    lower (expert, neuron) ids first."""
+    method = get_method("heapr", layout="padded")
+    stats = hand_stats([[1, 1], [1, 1]], [[1, 1], [1, 1]], [1, 1])
+    method.prepare(None, {0: stats}, {0: Target(1)})
+    assert method.decide(make_view(E=2, I=2, top_k=1), stats, Target(1)).notes["kept_neurons"] == [2, 0]
+
+
+def test_padded_budget_that_keeps_every_neuron_is_refused():
+    stats = hand_stats([[1, 2, 3], [4, 5, 6]], [[1, 1, 1], [1, 1, 1]], [1, 1])
+    with pytest.raises(ValueError, match="keeps all 6 neurons"):
+        get_method("heapr", layout="padded").prepare(None, {0: stats}, {0: Target(1.98)})
+
+
 def test_narrowed_and_zeroed_experts_compute_the_same():
     view = make_view(E=2, I=5, top_k=1, seed=3)
     keep = [[0, 3, 4], [1, 2, 4]]
