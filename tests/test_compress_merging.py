@@ -260,6 +260,8 @@ def test_low_rank_sparse_is_the_truncated_svd_plus_the_largest_residual_rows():
             assert changed == largest, name
             torch.testing.assert_close(B[largest], W[largest], rtol=0, atol=1e-12)  # those rows exact
     assert count == 2 * (2 * (2 * (6 + 9) + 3 * 9) + (2 * (9 + 6) + round(4.5) * 6))
+    _, count = low_rank_sparse(edit, rank=2, sparse=0.3)  # S rows: round(1.8) = 2 of 6, round(2.7) = 3 of 9
+    assert count == 2 * (2 * (2 * (6 + 9) + 2 * 9) + (2 * (9 + 6) + 3 * 6))
     with pytest.raises(ValueError, match="rank >= 1"):
         low_rank_sparse(edit, rank=0, sparse=0.1)
 
