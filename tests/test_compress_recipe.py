@@ -14,9 +14,10 @@ from reference import F64, silu
 from test_compress import EVERY, moelab_model
 
 from moelab.compress import calibrate, compress
+from moelab.compress.methods import Target
 from moelab.compress.methods.base import super_expert_ids
 from moelab.compress.methods.heapr import narrowed
-from moelab.compress.methods.recipe import NAEE_SKIP, compensated
+from moelab.compress.methods.recipe import NAEE_SKIP, MoelabRecipe, compensated
 from moelab.compress.stats import Calibration
 from moelab.hf import open_checkpoint
 from moelab.hf.edit import moe_output
@@ -168,3 +169,12 @@ def test_compensation_is_the_ridge_solution_and_exact_when_nothing_is_pruned():
             gram + lam * torch.eye(3, dtype=F64), rhs + lam * narrow.experts.down[e].T
         ).T
         torch.testing.assert_close(got.experts.down[e], expected, rtol=1e-8, atol=1e-10)
+
+
+def test_super_experts_join_the_protected_set_where_they_fit():
+    """The layer's super experts join the protected ids, unless they do not fit in what it keeps."""
+    recipe, layer = MoelabRecipe(), make_view(E=4, top_k=1, index=3)
+    recipe.protected = {3: [2]}
+    assert recipe._with_super_experts(layer, Target(2, frozenset({0}))).protect == {0, 2}
+    recipe.protected = {3: [1, 2]}
+    assert recipe._with_super_experts(layer, Target(1)).protect == frozenset()
