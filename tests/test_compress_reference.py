@@ -28,7 +28,7 @@ from reference import (
 )
 
 from moelab.compress.methods import METHODS, Target, get_method, plan_target, select_top
-from moelab.compress.methods.base import check_protected, super_expert_ids
+from moelab.compress.methods.base import ScoringMethod, check_protected, super_expert_ids
 from moelab.compress.observers import (
     DEFAULT_OBSERVERS,
     OBSERVERS,
@@ -747,6 +747,15 @@ def test_every_method_is_covered():
     assert set(METHODS) == {m for m, *_ in HAND} | {"random", "naee"} | merging | narrowing | {"moelab"}
 
 
+def test_non_finite_scores_are_refused():
+    """A score that is NaN or infinite cannot rank experts: decide() refuses it."""
+
+    class Broken(ScoringMethod):
+        def score(self, layer, stats, target):
+            return torch.tensor([1.0, float("nan"), 2.0, 3.0])
+
+    with pytest.raises(ValueError, match="not 4 finite numbers"):
+        Broken().decide(make_view(E=4), hand_stats(), Target(2))
 def test_select_top():
     flat = torch.ones(6, dtype=F64)
     assert select_top(flat, 2) == [0, 1]  # ties: lower id
