@@ -10,7 +10,8 @@ over chunks of `chunk` tokens, as in the reference code.
 
 Search: every kept set when there are at most `max_candidates` of them (C(8, 2) = 28 for
 Mixtral at 25 %), else greedy backward elimination (drop, one at a time, the expert whose
-removal raises the loss least: sum over steps of the experts left evaluations). With
+removal raises the loss least: sum over steps of the experts left evaluations). Both searches
+keep the lower ids on an exact tie. With
 group-limited routing, every group drops the same number of experts. The decision's notes give
 the search used, the number of sets evaluated and the best loss.
 """
@@ -108,13 +109,14 @@ def _candidates(E: int, target: Target, n_group: int):
 
 
 def _greedy(E: int, target: Target, n_group: int, loss) -> tuple[int, ...]:
-    """Drop experts one at a time, always the one whose removal gives the lowest loss."""
+    """Drop experts one at a time, always the one whose removal gives the lowest loss (on a tie
+    the higher id, so that lower ids stay, as in the exhaustive search and `select_top`)."""
     size = E // n_group
     kept = set(range(E))
     drops_left = [size - target.keep // n_group] * n_group
     while sum(drops_left):
         options = [e for e in sorted(kept) if e not in target.protect and drops_left[e // size] > 0]
-        best = min(options, key=lambda e: (loss(tuple(sorted(kept - {e}))), e))
+        best = min(options, key=lambda e: (loss(tuple(sorted(kept - {e}))), -e))
         kept.remove(best)
         drops_left[best // size] -= 1
     return tuple(sorted(kept))
