@@ -27,6 +27,7 @@ from moelab.io import (
     OutputError,
     OutputInUseError,
     StagedOutput,
+    check_output_dir,
     check_output_file,
     copy_side_file,
     is_output,
@@ -193,8 +194,9 @@ def test_single_output_files(tmp_path):
         check_output_file(path, overwrite=False, is_own=own)
     check_output_file(path, overwrite=True, is_own=own)
     path.write_text('{"someone": "else"}')
-    with pytest.raises(OutputError, match="was not written by moelab"):
-        check_output_file(path, overwrite=True, is_own=own)
+    for overwrite in (False, True):  # never advised to pass --overwrite, which could not replace it
+        with pytest.raises(OutputError, match="exists and was not written by moelab"):
+            check_output_file(path, overwrite=overwrite, is_own=own)
     with pytest.raises(OutputError, match="is a directory"):
         check_output_file(tmp_path, overwrite=True, is_own=own)
 
@@ -640,22 +642,77 @@ def test_patterns_name_what_a_step_by_step_output_writes_in_its_directories(tmp_
     there, or among a cell's files, stops --overwrite; a resumed run keeps the staging directories
     its nested jobs take over."""
     patterns = {"cells": r"[\w.+@-]+/", "cells/*": r"cell\.json|model/"}
-    out = tmp_path / "bench"
-    with output_dir(out, "bench", entries=["cells"], patterns=patterns) as claimed:
+    out, entries = tmp_path / "bench", ["cells", "calibration"]
+    with output_dir(out, "bench", entries=entries, patterns=patterns) as claimed:
         (claimed.path / "cells" / "reap-25").mkdir(parents=True)
         (claimed.path / "cells" / "reap-25" / "cell.json").write_text("{}")
-        (claimed.path / ".calibration.moelab-staging-x").mkdir()  # a killed calibration's work
-    with output_dir(out, "bench", entries=["cells"], resume=True, patterns=patterns):
-        assert (out / ".calibration.moelab-staging-x").is_dir()
+        (claimed.path / ".calibration.moelab-staging-1a2b").mkdir()  # a killed calibration's work
+    with output_dir(out, "bench", entries=entries, resume=True, patterns=patterns):
+        assert (out / ".calibration.moelab-staging-1a2b").is_dir()
     for extra in (out / "cells" / "notes.md", out / "cells" / "reap-25" / "notes.md"):
         extra.write_text("the user's")
         with pytest.raises(OutputError, match="notes.md"):
-            with output_dir(out, "bench", entries=["cells"], overwrite=True, patterns=patterns):
+            with output_dir(out, "bench", entries=entries, overwrite=True, patterns=patterns):
                 pass
         assert extra.read_text() == "the user's"
         extra.unlink()
-    with output_dir(out, "bench", entries=["cells"], resume=True, overwrite=True, patterns=patterns):
+    with output_dir(out, "bench", entries=entries, resume=True, overwrite=True, patterns=patterns):
         assert not (out / "cells").exists() and hidden(out) == []  # starting again: no staging to take over
+
+
+@pytest.mark.parametrize("mine", ["checkpoints/step-000999/mine.txt", "cells/mine/model/weights.bin"])
+def test_a_directory_named_as_moelab_names_its_outputs_but_without_a_marker_is_not_moelabs(tmp_path, mine):
+    """checkpoints/step-N/ and cells/*/model/ are outputs moelab writes whole, with a marker: a
+    user's directory of such a name is not moelab's, and --overwrite neither deletes nor enters it."""
+    patterns = {"checkpoints": r"step-\d+/", "cells": r"[\w.+@-]+/", "cells/*": r"cell\.json|model/"}
+    out = tmp_path / "run"
+    with output_dir(out, "run", entries=["checkpoints", "cells"], patterns=patterns):
+        publish(out / "checkpoints" / "step-000001", "checkpoint")
+    (out / mine).parent.mkdir(parents=True)
+    (out / mine).write_text("the user's")
+    with pytest.raises(OutputError, match=f"{Path(mine).name} was not written by moelab"):
+        with output_dir(out, "run", entries=["checkpoints", "cells"], overwrite=True, patterns=patterns):
+            pass
+    assert (out / mine).read_text() == "the user's" and (out / "checkpoints" / "step-000001" / "a.txt").is_file()
+
+
+def test_a_users_file_named_like_moelabs_leftovers_is_never_removed(tmp_path):
+    """Only a hidden `.NAME.moelab-*` entry for a NAME moelab writes there, with the random suffix
+    moelab gives it (a lock has none), is a killed run's leftover."""
+    out = publish(tmp_path / "out")
+    for name in (".mine.moelab-tmp", ".mine.moelab-tmp-1a2b", ".a.txt.moelab-staging"):
+        (out / name).write_text("the user's")
+        with pytest.raises(OutputError, match=f"{name} was not written by moelab"):
+            publish(out, overwrite=True)
+        (out / name).unlink()
+    (out / ".a.txt.moelab-tmp-1a2b").write_text("a killed write")
+    publish(out, overwrite=True)  # a leftover of a file moelab wrote there goes with the old output
+    run = tmp_path / "run"
+    with output_dir(run, "run", entries=["log"]):
+        (run / ".mine.moelab-tmp-1a2b").write_text("the user's")
+        (run / ".log.moelab-tmp-1a2b").write_text("a killed write")
+    with output_dir(run, "run", entries=["log"], resume=True):
+        assert hidden(run) == [".mine.moelab-tmp-1a2b"], "a resumed run cleans its own leftovers only"
+
+
+def test_an_output_that_is_a_link_is_refused(tmp_path):
+    """moelab writes where it is told, never through a link (its parents may be links)."""
+    (tmp_path / "elsewhere").mkdir()
+    for target in (tmp_path / "elsewhere", tmp_path / "nowhere" / "deep"):
+        link = tmp_path / "link"
+        link.symlink_to(target)
+        for claim in (
+            lambda: publish(link),
+            lambda: output_dir(link, "thing", entries=[]).__enter__(),
+            lambda: check_output_dir(link, "thing"),
+            lambda: check_output_file(link, overwrite=True, is_own=lambda p: True),
+        ):
+            with pytest.raises(OutputError, match="is a link"):
+                claim()
+        link.unlink()
+    assert os.listdir(tmp_path / "elsewhere") == [] and not (tmp_path / "nowhere").exists()
+    (tmp_path / "parent").symlink_to(tmp_path / "elsewhere")
+    assert (publish(tmp_path / "parent" / "out") / "a.txt").is_file()
 
 
 def test_resume_names_what_changed_and_what_a_state_file_lacks(tmp_path):

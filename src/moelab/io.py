@@ -51,7 +51,7 @@ from moelab.files import inside_checkpoint
 
 MARKER = ".moelab-output.json"
 MARKER_FORMAT = "moelab-output/1"
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.moelab-(?P<what>lock|staging|old|trash|tmp)(-[0-9a-z_]+)?$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.moelab-(?P<what>lock|staging|old|trash|tmp)(?P<suffix>-[0-9a-z_]+)?$")
 
 
 class OutputError(ValueError):
@@ -181,24 +181,19 @@ def check_output_file(
     """A single output file (a benchmark's JSON): new, or with `overwrite` one that `is_own`
     recognises as moelab's; not a link, not inside an input directory. Returns the resolved path;
     the caller writes it atomically."""
-    if Path(path).is_symlink():
-        raise OutputError(
-            f"{path} is a link (to {Path(path).resolve()}); writing would replace the link with a file: give "
-            "the file's own path or a new name"
-        )
-    path = _resolve(path)
+    path = _output_path(path, "file")
     _check_inputs(path, inputs)
     _check_parents(path)
     if path.is_dir():
         raise OutputError(f"{path} is a directory; give a file name for the output")
     if path.exists():
-        if not overwrite:
-            raise OutputError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
         if not is_own(path):
             raise OutputError(
-                f"{path} was not written by moelab as this command's output (it replaces only such a file): "
-                "choose another name"
+                f"{path} exists and was not written by moelab as this command's output (it replaces only such a "
+                "file): choose another name"
             )
+        if not overwrite:
+            raise OutputError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
     return path
 
 
@@ -246,7 +241,7 @@ def output_dir(
     the same kind is cleared first with `overwrite`, kept with `resume`, refused otherwise
     (`resume_hint` tells how to continue it). patterns: {entry directory: a regular expression of
     the names moelab writes in it}, so that `--overwrite` refuses a user's file added there."""
-    out = _resolve(out)
+    out = _output_path(out)
     _check_inputs(out, inputs)
     with _lock(out):
         created = not out.exists()
@@ -256,8 +251,9 @@ def output_dir(
             OutputDir(out, resumed=False).clear()
         resumed = marker is not None and not overwrite
         out.mkdir(parents=True, exist_ok=True)
-        _clean_leftovers(out, None, keep_staging=resumed)  # a resumed job's nested outputs take theirs over
         owned = set(entries) | (set(marker["entries"]) if resumed else set())
+        # a resumed job's nested outputs take their staging directories over
+        _clean_leftovers(out, None, keep_staging=resumed, owns=owned.__contains__)
         _write_marker(out, kind, owned, patterns=patterns)
         try:
             yield OutputDir(out, resumed)
@@ -296,7 +292,7 @@ class StagedOutput:
         overwrite: bool = False,
         resume: bool = False,
     ):
-        self.out = _resolve(out)
+        self.out = _output_path(out)
         self.kind = kind
         self.inputs = list(inputs)
         self.overwrite = overwrite
@@ -357,7 +353,7 @@ class StagedOutput:
         found = [
             entry
             for entry in self.out.parent.iterdir()
-            if (match := _LEFTOVER.match(entry.name))
+            if (match := _leftover(entry.name))
             and match["name"] == self.out.name
             and match["what"] == "staging"
             and entry.is_dir()
@@ -394,7 +390,7 @@ def check_output_dir(
     """The checks `StagedOutput` makes when it opens, without claiming `out`: to fail before slow
     work (loading a model) rather than after it. hint: how else to go on (as `output_dir`'s
     resume_hint)."""
-    out = _resolve(out)
+    out = _output_path(out)
     _check_inputs(out, inputs)
     marker = _inspect(out, kind)
     if marker is not None:
@@ -478,6 +474,18 @@ def _resolve(path: str | os.PathLike) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def _output_path(path: str | os.PathLike, what: str = "directory") -> Path:
+    """The absolute path of an output, which must not be a link: moelab writes where it was told,
+    not where a link points (links among its parents are followed)."""
+    given = Path(path).expanduser()
+    if given.is_symlink():
+        raise OutputError(
+            f"{path} is a link (to {given.resolve()}); moelab does not write through a link to an output: give "
+            f"the {what}'s own path or a new name"
+        )
+    return given.resolve()
+
+
 def _sibling(out: Path, what: str) -> Path:
     """A hidden name beside `out` for moelab's own bookkeeping (lock, staging, old, trash)."""
     suffix = "" if what == "lock" else f"-{os.getpid():x}{uuid.uuid4().hex[:8]}"
@@ -512,11 +520,11 @@ def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None
             what = "is" if out == source else "contains"
             raise OutputError(
                 f"the output {out} {what} the input {source}; writing there could replace the input: "
-                "choose an output directory outside it"
+                "choose an output path outside it"
             )
         if source.is_dir() and source in out.parents:
             raise OutputError(
-                f"the output {out} lies inside the input {source}; choose an output directory outside it"
+                f"the output {out} lies inside the input {source}; choose an output path outside it"
             )
 
 
@@ -639,9 +647,9 @@ def _foreign_in(
 ) -> list[Path]:
     foreign = []
     for entry in sorted(directory.iterdir()):
-        if entry.name == MARKER or _LEFTOVER.match(entry.name):
-            continue
         is_dir = entry.is_dir() and not entry.is_symlink()
+        if entry.name == MARKER or _leftover(entry.name, lambda name: owns(name) or owns(name + "/")):
+            continue
         if not (owns(entry.name) or (is_dir and owns(entry.name + "/"))):  # a pattern "x/" names directories
             foreign.append(entry)
         elif is_dir:
@@ -653,7 +661,19 @@ def _foreign_in(
                 foreign += _foreign_in(entry, set(parts[part]).__contains__, parts, patterns, part + "/")
             elif pattern is not None:
                 foreign += _foreign_in(entry, pattern.fullmatch, parts, patterns, part + "/")
+            else:  # moelab writes this directory whole, with a marker: one without was not written by moelab
+                foreign += list(entry.iterdir())
     return foreign
+
+
+def _leftover(name: str, owns: Callable[[str], Any] = lambda name: True) -> re.Match | None:
+    """The match of `name` if it is one moelab gives its bookkeeping beside an output (`_sibling`,
+    `_temporary_beside`: a lock, or a staging, old, trash or temporary entry with its random
+    suffix) for an output name that `owns` accepts; else None."""
+    match = _LEFTOVER.match(name)
+    if match is None or (match["what"] == "lock") != (match["suffix"] is None) or not owns(match["name"]):
+        return None
+    return match
 
 
 def _discard(path: Path) -> None:
@@ -674,15 +694,17 @@ def _clean_leftovers(
     held: bool = False,
     keep: Path | None = None,
     keep_staging: bool = False,
+    owns: Callable[[str], Any] = lambda name: True,
 ) -> None:
     """Remove the leftovers of killed runs in `directory`: of the output `name` (whose lock the
-    caller holds if `held`), or of every output there whose lock nobody holds; `keep` stays, and
-    with `keep_staging` every staging directory (for the resumable jobs inside to take over)."""
+    caller holds if `held`), or of every output there that `owns` accepts and whose lock nobody
+    holds; `keep` stays, and with `keep_staging` every staging directory (for the resumable jobs
+    inside to take over)."""
     if not directory.is_dir():
         return
     by_name: dict[str, list[tuple[Path, str]]] = {}
     for entry in sorted(directory.iterdir()):
-        match = _LEFTOVER.match(entry.name)
+        match = _leftover(entry.name, owns)
         if keep_staging and match is not None and match["what"] == "staging":
             continue
         if match is not None and (name is None or match["name"] == name) and entry != keep:
