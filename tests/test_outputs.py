@@ -460,9 +460,11 @@ def test_train_overwrite_starts_again_and_resume_cleans_what_a_kill_left(tmp_pat
     out = tmp_path / "run"
     first = train(run, out, quiet=True)
     (out / "checkpoints" / ".step-000003.moelab-staging-dead").mkdir()  # a kill while checkpointing
+    (out / "checkpoints" / ".notes.moelab-tmp-1a2b").write_text("the user's, named like a leftover")
     (out / "results.json").unlink()
     resumed = train(run, out, resume=True, quiet=True)
-    assert hidden(out / "checkpoints") == [] and resumed.eval_loss == first.eval_loss
+    assert hidden(out / "checkpoints") == [".notes.moelab-tmp-1a2b"] and resumed.eval_loss == first.eval_loss
+    (out / "checkpoints" / ".notes.moelab-tmp-1a2b").unlink()
     again = train(run, out, overwrite=True, quiet=True)
     assert again.eval_loss == first.eval_loss
     assert [p.name for p in list_checkpoints(out)] == ["step-000001", "step-000002"]
@@ -725,6 +727,12 @@ def test_resume_names_what_changed_and_what_a_state_file_lacks(tmp_path):
     other = dict(TINY_RUN, model=dict(TINY_RUN["model"], moe=dict(TINY_RUN["model"]["moe"], top_k=1)))
     with pytest.raises(ValueError, match=r"model.moe.top_k: run 2, now 1\. Use the same config"):
         train(RunConfig.from_dict(other), out, resume=True, quiet=True)
+    weights = out / "checkpoints" / "step-000002" / "model" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"truncated or corrupt.*delete this checkpoint to resume from an older one"):
+        train(run, out, resume=True, quiet=True)
+    weights.write_bytes(whole)
     state = out / "checkpoints" / "step-000002" / "train_state.pt"
     saved = torch.load(state, weights_only=True)
     del saved["measured_experts"]

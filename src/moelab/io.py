@@ -429,11 +429,12 @@ def clear_staging(directory: str | os.PathLike, only: Iterable[str] | None = Non
             _discard(path)
 
 
-def clean_leftovers(directory: str | os.PathLike) -> None:
+def clean_leftovers(directory: str | os.PathLike, owns: Callable[[str], Any]) -> None:
     """Remove what killed runs left in `directory` (hidden staging and trash directories, stale
-    locks) and put back outputs moved aside for a replacement that never happened. Only for a
-    directory whose outputs are all written under one lock the caller holds (a run's checkpoints)."""
-    _clean_leftovers(Path(directory), None)
+    locks) for the outputs whose names `owns` accepts, and put back outputs moved aside for a
+    replacement that never happened. Only for a directory whose outputs are all written under one
+    lock the caller holds (a run's checkpoints)."""
+    _clean_leftovers(Path(directory), None, owns=owns)
 
 
 def copy_side_file(

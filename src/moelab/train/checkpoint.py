@@ -211,7 +211,7 @@ def unreadable_checkpoints(out_dir: Path) -> list[Path]:
 
 def clean_checkpoints(out_dir: Path) -> None:
     """Remove what a killed run left among the checkpoints (half-written or half-deleted ones)."""
-    clean_leftovers(out_dir / "checkpoints")
+    clean_leftovers(out_dir / "checkpoints", PATTERN.fullmatch)
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -223,7 +223,10 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     """Read a checkpoint written by `save_checkpoint` (weights via safetensors, the rest with
     `weights_only=True`)."""
     state = _read_state(path, device)
-    model = load_pretrained(path / "model", device=device)
+    try:
+        model = load_pretrained(path / "model", device=device)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{err}; delete this checkpoint to resume from an older one") from None
     return Checkpoint(step=int(state.pop("step")), model=model, state=state)
 
 
