@@ -40,6 +40,7 @@ def _worker(rank: int, port: int, name: str, out: dict) -> None:
             "y": y.detach(),
             "grad_x": x.grad,
             "grads": {n: p.grad for n, p in layer.named_parameters()},
+            "bytes_sent": layer.dispatcher.bytes_sent,
         }
     finally:
         dist.destroy_process_group()
@@ -47,6 +48,7 @@ def _worker(rank: int, port: int, name: str, out: dict) -> None:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_expert_parallel_matches_single_process(name):
+    """Outputs and gradients equal the single-process layer's; bytes_sent counts the rows the routing exchanges."""
     torch.manual_seed(0)
     full = build_moe(CONFIGS[name]).double()
     xs = [_tokens(r).requires_grad_(True) for r in range(WORLD)]
@@ -63,6 +65,13 @@ def test_expert_parallel_matches_single_process(name):
         for pname, grad in out[rank]["grads"].items():
             if pname.startswith("experts."):  # local shard: gradient over every rank's tokens
                 torch.testing.assert_close(grad, full.get_parameter(pname).grad[rank * L : (rank + 1) * L], atol=1e-10, rtol=1e-10)
+    if CONFIGS[name].capacity_factor is None:  # every routed row is exchanged: count them from the routing
+        owner = [(full.router(x).indices // L) for x in xs]
+        row, result = 16 * 8 + 4, 16 * 8  # a float64 row and its float32 routing weight; a float64 result
+        for rank in range(WORLD):
+            sent = int((owner[rank] != rank).sum())
+            returned = sum(int((owner[s] == rank).sum()) for s in range(WORLD) if s != rank)
+            assert out[rank]["bytes_sent"] == sent * row + returned * result
     # Replicated parameters (router, shared experts) see only their rank's tokens: the ranks' sum is the full gradient.
     for pname, param in full.named_parameters():
         if not pname.startswith("experts."):
