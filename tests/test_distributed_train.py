@@ -480,3 +480,28 @@ def test_distributed_checkpoints_are_read_without_unpickling_code(tmp_path):
     with pytest.raises(ValueError, match="entry optim.lr is not plain data"):
         read_checkpoint({"optim": {"lr": 0.0}}, tmp_path / "entry")
     assert not planted.exists()
+
+
+def test_training_state_round_trips_in_one_process_without_state_for_unused_parameters(tmp_path):
+    """A DCP checkpoint of a model with a parameter that never had a gradient (no optimizer state)
+    loads back into a fresh model and optimizer: the same weights and AdamW moments."""
+    import torch.distributed.checkpoint as dcp
+
+    from moelab.distributed.state import load_training_state, training_state
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 3), "unused": torch.nn.Linear(4, 3)})
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    model, optimizer = build(0)
+    model["used"](torch.randn(5, 4)).pow(2).sum().backward()
+    optimizer.step()
+    dcp.save(training_state(model, optimizer, None), checkpoint_id=str(tmp_path / "dcp"))
+    fresh, fresh_optimizer = build(1)
+    load_training_state(fresh, fresh_optimizer, tmp_path / "dcp", None)
+    for name, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    for p, q in zip(model["used"].parameters(), fresh["used"].parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(fresh_optimizer.state[q][key], optimizer.state[p][key]), key
