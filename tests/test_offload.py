@@ -329,6 +329,25 @@ def test_lru_worked_example(tmp_path):
     cache.close()
 
 
+def test_holds_all_counts_only_the_experts_the_pool_holds_after_a_failed_read(tmp_path, monkeypatch):
+    """A read that fails frees its slot: the layer does not count as held whole until it is."""
+    cache = _cache(tmp_path, 12)
+    cache.fill([(0, 0), (0, 1), (0, 2)])
+
+    def failing(*args):
+        raise OSError("the read failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(cache.store, "load", failing)
+        with pytest.raises(OSError):
+            cache.fetch(0, [3], tokens=1)
+    assert not cache.holds_all(0) and (0, 3) not in cache.resident()
+    cache.fetch(0, [3], tokens=1)
+    cache.release()
+    assert cache.holds_all(0)
+    cache.close()
+
+
 def test_reuse_evicts_the_expert_needed_furthest_ahead(tmp_path):
     """Layers 0, 1, 2 in a cycle; after running layer 2, layer 0 runs next (1 visit ahead), layer
     1 after it (2 ahead) and layer 2 itself last (3 ahead). With equal probabilities the victim is
