@@ -388,6 +388,14 @@ def test_prefetch_counts_and_late_hits(tmp_path):
     cache.close()
 
 
+def test_prefetch_reads_no_expert_scored_zero(tmp_path):
+    """Experts the prediction gives no chance are not read ahead, whatever the limit."""
+    cache = _cache(tmp_path, 8)
+    cache.prefetch(1, torch.tensor([0.0, 3.0, 0.0, 1.0]), torch.tensor([0.0, 0.9, 0.0, 0.3]), limit=4)
+    assert cache.resident() == {(1, 1), (1, 3)} and cache.prefetch_stats.issued == 2
+    cache.close()
+
+
 def test_read_aheads_yield_to_reads_on_demand_and_queued_ones_are_dropped_when_evicted(tmp_path, monkeypatch):
     """A read-ahead waits while a read on demand runs; one still queued when its slot is chosen as
     a victim is cancelled (not waited for, not counted as read ahead), and the slot then holds
