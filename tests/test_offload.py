@@ -26,8 +26,9 @@ from moelab.hf.native import copy_expert, empty_experts
 from moelab.models import MoETransformer, save_pretrained, tiny
 from moelab.models.transformer import Sampling
 from moelab.offload import ExpertCache, ExpertStore, OffloadedExperts, RoutingPrior, load_offloaded
-from moelab.offload.model import generate_ids
-from moelab.offload.predict import _Counter
+from moelab.offload.cache import RECENCY_DECAY
+from moelab.offload.model import generate_ids, warm_start
+from moelab.offload.predict import _Counter, lookahead_scores
 
 
 def _native(tmp_path, *, shared: int = 0, bias_free: bool = True):
@@ -588,6 +589,42 @@ def test_routing_prior_worked_example():
     torch.testing.assert_close(prior.affinity_scores(0, torch.tensor([[0, 1]])), torch.tensor([0.0, 0.5, 1.5]))
 
 
+def test_lookahead_scores_worked_example():
+    """Each token's scores normalised to sum to 1, plus 1 for each of its choices (-1: empty)."""
+    indices = torch.tensor([[0, -1], [2, -1]])
+    probs = torch.tensor([[2.0, 1.0, 1.0, 0.0], [0.0, 1.0, 3.0, 0.0]])  # unnormalised, as sigmoid scores are
+    torch.testing.assert_close(lookahead_scores(indices, probs), torch.tensor([1.5, 0.5, 2.0, 0.0]))
+
+
+def test_habit_averages_recent_use_with_the_prior_frequency(tmp_path):
+    """The mean of the decayed record of a layer's choices and its prior frequency; the frequency
+    alone for a layer not yet visited."""
+    frequency = {i: torch.tensor([0.4, 0.3, 0.2, 0.1]) for i in range(3)}
+    prior = RoutingPrior((0, 1, 2), frequency, {i: torch.full((4, 4), 0.25) for i in range(2)})
+    cache = _cache(tmp_path, 4, eviction="reuse", prior=prior)
+    for experts in ([0, 1], [1]):
+        cache.fetch(0, experts, tokens=1)
+        cache.release()
+    d = RECENCY_DECAY
+    recent = torch.tensor([d * (1 - d), d * (1 - d) + (1 - d), 0.0, 0.0])
+    torch.testing.assert_close(cache.habit(0), (recent + frequency[0]) / 2)
+    torch.testing.assert_close(cache.habit(1), frequency[1])
+    cache.close()
+
+
+def test_the_warm_start_takes_each_layers_most_frequent_experts_first(tmp_path):
+    """Round-robin over the MoE layers, each layer's experts by decreasing prior frequency (ties in
+    expert order)."""
+    _, path = _native(tmp_path)
+    frequency = {
+        0: torch.tensor([0.1, 0.9, 0.5, 0.5]), 1: torch.tensor([0.8, 0.2, 0.3, 0.7]), 2: torch.tensor([0.0, 0.0, 1.0, 1.0])
+    }
+    store = ExpertStore(path)
+    expected = [(0, 1), (1, 0), (2, 2), (0, 2), (1, 3), (2, 3), (0, 3)]
+    assert warm_start(store, RoutingPrior((0, 1, 2), frequency, {}), 7) == expected
+    store.close()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -632,7 +669,6 @@ def test_compiled_decoding_refuses_read_ahead_and_transformers_models(tmp_path):
 def test_a_restarted_cache_behaves_as_a_new_one(tmp_path, one_thread):
     """`ExpertCache.restart(warm)` after some decoding: the next decoding makes the same hits,
     misses and evictions as on a freshly loaded model with that warm start."""
-    from moelab.offload.model import warm_start
 
     model, path = _native(tmp_path)
     ids = torch.randint(0, model.config.vocab_size, (1, 5))
