@@ -20,19 +20,23 @@ import pytest
 import torch
 from hf_tiny import build
 
-from moelab import cli
+from moelab import cli, io
 from moelab.hf.writer import drop_experts
 from moelab.io import (
     MARKER,
     OutputError,
     OutputInUseError,
+    RawTensor,
     StagedOutput,
+    atomic_write_text,
     check_output_dir,
     check_output_file,
+    clean_leftovers,
     copy_side_file,
     is_output,
     output_dir,
     remove_output,
+    save_safetensors_stream,
 )
 from moelab.models import ModelConfig, MoETransformer, save_pretrained
 from moelab.nn import MoEConfig
@@ -209,6 +213,101 @@ def test_a_damaged_marker_leaves_everything_alone(tmp_path):
     assert (out / "a.txt").is_file()
 
 
+def test_a_marker_of_another_format_counts_as_damaged(tmp_path):
+    """A marker from a future moelab (another "format") is not trusted to say what moelab wrote."""
+    out = publish(tmp_path / "out")
+    (out / MARKER).write_text('{"format": "moelab-output/2", "kind": "thing", "entries": ["a.txt"]}')
+    with pytest.raises(OutputError, match="is damaged"):
+        publish(out, overwrite=True)
+    assert (out / "a.txt").is_file()
+
+
+def test_atomic_writes_are_synced_before_the_rename_and_get_the_usual_permissions(tmp_path, monkeypatch):
+    """mkstemp makes 0600 files; the output gets 0666 less the umask, flushed before it replaces the old."""
+    calls = []
+    monkeypatch.setattr(io.os, "fsync", lambda fd: calls.append("fsync"))
+    real_replace = os.replace
+    monkeypatch.setattr(io.os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b)))
+    old_mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old_mask)
+    assert calls == ["fsync", "replace"]
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    """A RawTensor copied from a truncated file fails the write; the target stays as it was."""
+    source = tmp_path / "short.bin"
+    source.write_bytes(b"\0" * 8)
+    (tmp_path / "out.safetensors").write_text("old")
+    raw = RawTensor(source, offset=0, nbytes=16, dtype="F32", shape=(4,))
+    with pytest.raises(OSError, match="truncated"):
+        save_safetensors_stream({"w": raw}, tmp_path / "out.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["out.safetensors", "short.bin"]
+    assert (tmp_path / "out.safetensors").read_text() == "old"
+
+
+@pytest.mark.parametrize("name", ["a", "ab", "abc", "abcd", "abcde", "abcdef", "abcdefg", "abcdefgh"])
+def test_streamed_safetensors_headers_are_padded_to_eight_bytes(tmp_path, name):
+    """The data then starts 8-byte aligned, as readers that map the file expect."""
+    save_safetensors_stream({name: torch.ones(2)}, tmp_path / "w.safetensors")
+    assert int.from_bytes((tmp_path / "w.safetensors").read_bytes()[:8], "little") % 8 == 0
+
+
+def test_a_failed_run_keeps_a_users_empty_directory_and_what_it_wrote(tmp_path):
+    """Only an output the failed run created, and left empty, is removed."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError), output_dir(tmp_path / "empty", "thing", entries=["log"]):
+        raise RuntimeError("setup failed")
+    assert (tmp_path / "empty").is_dir()
+    with pytest.raises(RuntimeError), output_dir(tmp_path / "new", "thing", entries=["log"]):
+        (tmp_path / "new" / "log").write_text("step 1")
+        raise RuntimeError("failed after writing")
+    assert (tmp_path / "new" / "log").read_text() == "step 1"
+
+
+def test_staged_output_refuses_an_existing_output_when_it_opens(tmp_path):
+    """Before the slow work, not only when publishing."""
+    out = publish(tmp_path / "out")
+    with pytest.raises(OutputError, match="already holds a moelab thing"):
+        StagedOutput(out, "thing").open()
+    assert hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_files_added_to_the_output_while_it_was_built_stop_the_publish(tmp_path, existing):
+    out = publish(tmp_path / "out") if existing else tmp_path / "out"
+    staged = StagedOutput(out, "thing", overwrite=True)
+    (staged.open() / "a.txt").write_text("new")
+    out.mkdir(exist_ok=True)
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(OutputError, match="not written by moelab" if existing else "changed while moelab wrote"):
+        staged.publish()
+    assert (out / "notes.txt").read_text() == "the user's" and hidden(tmp_path) == []
+
+
+def test_an_output_that_is_not_yet_there_is_not_an_input_path(tmp_path):
+    """An input that does not exist (a hub id such as org/name) cannot be replaced: it blocks nothing."""
+    with output_dir(tmp_path, "thing", entries=[], inputs=[tmp_path / "org" / "name"]):
+        pass
+
+
+def test_only_the_nearest_existing_parent_must_be_writable(tmp_path, monkeypatch):
+    """/home itself is not writable; /home/user/new/out still is a path moelab may create."""
+    real = io.tempfile.TemporaryFile
+
+    def writable_only_in_tmp_path(*args, dir, **kw):
+        if not Path(dir).is_relative_to(tmp_path):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(io.tempfile, "TemporaryFile", writable_only_in_tmp_path)
+    publish(tmp_path / "new" / "out")
+    assert (tmp_path / "new" / "out" / "a.txt").is_file()
+
+
 # ----------------------------------------------------------------------------- one process at a time
 
 HOLD = """
@@ -292,6 +391,50 @@ def test_removed_outputs_vanish_at_once_and_half_deleted_ones_are_never_listed(t
     assert list_checkpoints(tmp_path / "run") == []
 
 
+def test_a_run_cleans_only_its_own_leftovers_and_never_a_live_runs(tmp_path):
+    (tmp_path / ".other.moelab-staging-1").mkdir()  # another output's, cleaned by a run into it
+    publish(tmp_path / "out")
+    assert (tmp_path / ".other.moelab-staging-1").is_dir()
+    with StagedOutput(tmp_path / "ckpt", "thing") as staging:
+        (staging / "a.txt").write_text("a")
+        clean_leftovers(tmp_path, lambda name: True)
+        assert staging.is_dir(), "the staging directory of a run that holds its lock stays"
+
+
+def test_a_lock_file_replaced_before_it_was_locked_is_locked_again(tmp_path, monkeypatch):
+    """The previous holder removes its lock file on release; a lock taken on the removed file locks nothing."""
+    real, lock = io.fcntl.flock, tmp_path / ".out.moelab-lock"
+    raced = []
+
+    def racing_flock(fd, op):
+        if not raced:
+            raced.append(lock.unlink())
+            lock.touch()
+        return real(fd, op)
+
+    monkeypatch.setattr(io.fcntl, "flock", racing_flock)
+    with output_dir(tmp_path / "out", "thing", entries=[]):
+        with pytest.raises(OutputInUseError):
+            with output_dir(tmp_path / "out", "thing", entries=[]):
+                pass
+
+
+def test_a_new_output_left_beside_its_old_one_by_a_kill_stays(tmp_path):
+    """A kill after the new output moved in, before the old one was deleted: the old one goes."""
+    out = publish(tmp_path / "out", files={"a.txt": "new"})
+    old = publish(tmp_path / ".out.moelab-old-1234abcd", files={"a.txt": "old"})
+    publish(out, files={"a.txt": "newer"}, overwrite=True)
+    assert (out / "a.txt").read_text() == "newer" and not old.exists() and hidden(tmp_path) == []
+
+
+def test_remove_output_refuses_an_output_holding_a_users_file(tmp_path):
+    out = publish(tmp_path / "step-000002", "training checkpoint")
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(OutputError, match="notes.txt was not written by moelab"):
+        remove_output(out, "training checkpoint")
+    assert (out / "notes.txt").read_text() == "the user's" and (out / "a.txt").is_file()
+
+
 # ----------------------------------------------------------------------------- side files
 
 
@@ -329,6 +472,19 @@ def test_a_link_loop_in_a_checkpoint_is_not_followed(tmp_path):
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["sub", "sub/notes.txt"]
     assert "not followed" in copy_side_file(ckpt / "loop", out / "loop", ckpt)
     assert not (out / "loop").exists()
+
+
+def test_skip_leaves_files_behind_at_any_depth_but_never_a_directory(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "onnx").mkdir(parents=True)
+    (ckpt / "onnx" / "model.onnx").write_text("weights")
+    (ckpt / "docs.onnx").mkdir()
+    (ckpt / "docs.onnx" / "README.md").write_text("notes")
+    skip = lambda path: path.suffix == ".onnx"  # noqa: E731
+    for name in ("onnx", "docs.onnx"):
+        assert copy_side_file(ckpt / name, tmp_path / name, ckpt, skip) is None
+    assert not (tmp_path / "onnx").exists(), "a directory the skipped files leave empty is not made"
+    assert (tmp_path / "docs.onnx" / "README.md").read_text() == "notes"
 
 
 def test_hugging_face_cache_links_count_as_the_checkpoints_own(tmp_path):
