@@ -11,6 +11,7 @@ per API entry point. Inputs are tiny models and traces built once per module.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from moelab import cli
 from moelab import files as files_module
 from moelab.bench.layer import BenchOptions
 from moelab.data.tokenizer import TOKENIZER_DIR
+from moelab.files import file_inside, read_config_file, read_text
 from moelab.hf import CheckpointError, open_checkpoint
 from moelab.hf.expert_map import read_expert_map
 from moelab.models import MoETransformer, load_pretrained, model_info, save_pretrained, tiny
@@ -36,6 +38,7 @@ from moelab.models.reference import reference_model_dir
 from moelab.nn import MoEConfig
 from moelab.trace import TraceOptions, load_model, load_streams, open_trace, trace_model
 from moelab.train import RunConfig
+from moelab.validation import check_field_types, non_finite_names
 
 MIXTRAL_ROUTER = "model.layers.0.block_sparse_moe.gate.weight"
 
@@ -1150,8 +1153,9 @@ def test_open_trace(sources, tmp_path, manifest, message):
         (RUN_YAML + "  eval_every: 2.0\n", r"run.yaml: TrainConfig.eval_every must be int, got float 2.0"),
         (RUN_YAML + "  domains: [code, 7]\n", r"TrainConfig.domains must be list\[str\] or None, got list"),
         ('{"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"]}', r"is a transformers model config"),
+        ('{"architectures": ["OlmoeForCausalLM"]}', r"is a transformers model config"),
     ],
-    ids=["dup_key", "dup_section", "nan", "inf", "float_for_int", "list_item", "transformers"],
+    ids=["dup_key", "dup_section", "nan", "inf", "float_for_int", "list_item", "transformers", "architectures_only"],
 )
 def test_run_config_load(tmp_path, content, message):
     path = text(tmp_path / "run.yaml", content)
@@ -1169,6 +1173,7 @@ def test_run_config_load(tmp_path, content, message):
         ("balance_coef", float("nan"), r"MoEConfig.balance_coef must be a finite number, got nan"),
         ("route_scale", float("inf"), r"MoEConfig.route_scale must be a finite number, got inf"),
         ("capacity_factor", "1.25", r"MoEConfig.capacity_factor must be float or None, got str '1.25'"),
+        ("balance_coef", True, r"MoEConfig.balance_coef must be float, got bool True"),
         ("renormalize", "yes", r"MoEConfig.renormalize must be bool or None"),
         ("shared_hidden_dim", 0, r"MoEConfig.shared_hidden_dim must be >= 1 or None"),
     ],
@@ -1176,6 +1181,55 @@ def test_run_config_load(tmp_path, content, message):
 def test_moe_config_types(field, value, message):
     with pytest.raises(ValueError, match=message):
         MoEConfig(**{"dim": 16, "num_experts": 4, "hidden_dim": 8, field: value})
+
+
+@dataclasses.dataclass
+class Typed:
+    pair: tuple[int, str] = (1, "a")
+    sizes: tuple[int, ...] = ()
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(pair=(1,)), r"Typed.pair must be tuple\[int, str\], got tuple \(1,\)"),
+        (dict(pair=(1, 2)), r"Typed.pair must be tuple\[int, str\]"),
+        (dict(sizes=(1, "2")), r"Typed.sizes must be tuple"),
+        (dict(counts={1: 2}), r"Typed.counts must be dict\[str, int\]"),
+    ],
+)
+def test_field_types_check_tuple_lengths_and_dict_keys(change, message):
+    check_field_types(Typed(sizes=(1, 2, 3), counts={"a": 1}))
+    with pytest.raises(ValueError, match=message):
+        check_field_types(Typed(**change))
+
+
+def test_non_finite_names_finds_inf_as_well_as_nan():
+    named = [("ok", torch.ones(2)), ("nan", torch.tensor([float("nan")])), ("inf", torch.tensor([-float("inf")]))]
+    assert non_finite_names(named) == ["nan", "inf"]
+
+
+def test_reading_a_directory_as_a_text_file_names_it(tmp_path):
+    with pytest.raises(ValueError, match="is a directory, expected a file"):
+        read_text(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["run.yml", "run.YAML", "run.Json"])
+def test_config_files_by_any_case_of_their_suffix(tmp_path, name):
+    assert read_config_file(text(tmp_path / name, '{"steps": 2}')) == {"steps": 2}
+
+
+def test_yaml_merge_keys_are_not_duplicate_keys(tmp_path):
+    path = text(tmp_path / "run.yaml", "base: &base {steps: 2}\ntrain:\n  <<: *base\n  seq_len: 16\n")
+    assert read_config_file(path)["train"] == {"steps": 2, "seq_len": 16}
+
+
+def test_a_file_name_with_dotdot_is_refused_even_when_it_stays_inside(tmp_path):
+    (tmp_path / "sub").mkdir()
+    text(tmp_path / "w.safetensors", "")
+    with pytest.raises(ValueError, match=r"names the file 'sub/../w.safetensors', which is not a file inside"):
+        file_inside(tmp_path, "sub/../w.safetensors", tmp_path / "index.json")
 
 
 EXPERT_MAP = {
