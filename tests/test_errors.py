@@ -270,6 +270,24 @@ def test_coefficients_of_the_wrong_sign(field, value, message):
         MoEConfig(dim=D, num_experts=E, hidden_dim=I, **{field: value})
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(num_shared=-1), "num_shared must be >= 0, got -1"),
+        (dict(router="graph_sim", graph_tau=0.0), r"graph_tau must be > 0 or None \(sqrt\(dim\)\), got 0.0"),
+        (dict(chunk_len=0), "chunk_len must be >= 1, got 0"),
+    ],
+)
+def test_out_of_range_settings_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(dim=D, num_experts=E, hidden_dim=I, **options)
+
+
+def test_top_p_of_one_is_allowed():
+    """top_p lies in (0, 1]: 1.0 (every expert up to max_k) is a valid setting."""
+    assert MoEConfig(dim=D, num_experts=E, hidden_dim=I, router="topp", top_p=1.0).top_p == 1.0
+
+
 @pytest.mark.parametrize("field", ["dim", "num_experts", "hidden_dim"])
 def test_non_positive_sizes(field):
     kw = dict(dim=D, num_experts=E, hidden_dim=I, top_k=1)

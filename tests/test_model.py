@@ -110,6 +110,10 @@ def test_presets():
         (dict(moe=None, layer_types=["dense", "moe"]), "'moe' layers but moe is None"),
         (dict(layer_types=["dense", "dense"]), "moe is set but layer_types has no 'moe' layer"),
         (dict(vocab_size=0), "vocab_size must be >= 1"),
+        (dict(moe_every=0), "moe_every must be >= 1, got 0"),
+        (dict(n_kv_heads=0), r"n_kv_heads \(0\) must divide n_heads"),
+        (dict(norm_eps=0.0), "norm_eps must be > 0, got 0.0"),
+        (dict(first_k_dense=-1), r"first_k_dense \(-1\) must lie in \[0, n_layers=2\)"),
     ],
 )
 def test_bad_configs_fail_at_config_time(change, message):
