@@ -1201,7 +1201,7 @@ class Typed:
     [
         (dict(pair=(1,)), r"Typed.pair must be tuple\[int, str\], got tuple \(1,\)"),
         (dict(pair=(1, 2)), r"Typed.pair must be tuple\[int, str\]"),
-        (dict(sizes=(1, "2")), r"Typed.sizes must be tuple"),
+        (dict(sizes=(1, "2")), r"Typed.sizes must be tuple\[int, \.\.\.\], got"),
         (dict(counts={1: 2}), r"Typed.counts must be dict\[str, int\]"),
     ],
 )

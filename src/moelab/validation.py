@@ -105,7 +105,7 @@ def _type_name(hint: object) -> str:
     for option in _options(hint):
         args = typing.get_args(option)
         t = typing.get_origin(option) or option
-        name = "None" if option is type(None) else getattr(t, "__name__", str(t))
+        name = "None" if option is type(None) else "..." if option is Ellipsis else getattr(t, "__name__", str(t))
         names.append(f"{name}[{', '.join(_type_name(a) for a in args)}]" if args else name)
     return " or ".join(names)
 
