@@ -93,6 +93,24 @@ def test_staged_output_appears_whole_with_its_marker(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_failed_run_removes_the_parents_it_made_and_nothing_else(tmp_path):
+    """The missing parents of an output are made for the run and go again if it fails; a parent
+    someone wrote into meanwhile stays."""
+    for claim in (
+        lambda out: StagedOutput(out, "thing"),
+        lambda out: output_dir(out, "thing", entries=["a.txt"]),
+    ):
+        with pytest.raises(RuntimeError), claim(tmp_path / "a" / "b" / "out"):
+            raise RuntimeError("the writer failed")
+        assert os.listdir(tmp_path) == []
+        with pytest.raises(RuntimeError), claim(tmp_path / "a" / "b" / "out"):
+            (tmp_path / "a" / "theirs.txt").write_text("another process's")
+            raise RuntimeError("the writer failed")
+        assert os.listdir(tmp_path / "a") == ["theirs.txt"]
+        (tmp_path / "a" / "theirs.txt").unlink()
+        (tmp_path / "a").rmdir()
+
+
 def test_an_empty_directory_counts_as_new(tmp_path):
     (tmp_path / "out").mkdir()
     publish(tmp_path / "out")

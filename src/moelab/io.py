@@ -737,8 +737,10 @@ def _remove_leftovers(target: Path, found: list[tuple[Path, str]]) -> None:
 
 @contextmanager
 def _lock(out: Path) -> Iterator[None]:
-    """Hold `out`'s lock file (beside it) for the block, or raise OutputInUseError at once."""
+    """Hold `out`'s lock file (beside it) for the block, or raise OutputInUseError at once. The
+    missing parents of `out` are made for it, and removed again if the block leaves no `out`."""
     _check_parents(out)
+    made = [parent for parent in out.parents if not parent.exists()]  # innermost first
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -766,6 +768,12 @@ def _lock(out: Path) -> Iterator[None]:
         yield
     finally:
         _unlock(out, fd)
+        if not out.exists():  # a failed run leaves no empty directories it made on the way
+            for parent in made:
+                try:
+                    parent.rmdir()
+                except OSError:  # no longer empty (another process wrote there): it stays
+                    break
 
 
 def _try_lock(out: Path) -> int | None:
