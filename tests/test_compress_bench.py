@@ -4,8 +4,13 @@ directory is refused."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import os
+import sys
+import time
 
 import pytest
 import torch
@@ -29,6 +34,22 @@ def tiny(tmp_path_factory):
     return save_pretrained(model, path.with_name("planted"))
 
 
+@pytest.fixture
+def jobs_in_process(monkeypatch):
+    """The cells' compression jobs run in this process, as `bench.run_job` runs them in a fresh one
+    (whose imports cost seconds a cell); `test_a_refused_cell_is_one_line_naming_it` keeps real ones."""
+
+    def run_job(name, code, args, *, python=None, script=None):
+        began, printed = time.perf_counter(), io.StringIO()
+        with monkeypatch.context() as m, contextlib.redirect_stdout(printed):
+            m.setattr(sys, "argv", ["-c", *args])
+            exec(code, {"__name__": "__main__"})
+        return json.loads(printed.getvalue().splitlines()[-1]) | {"wall_seconds": time.perf_counter() - began}
+
+    monkeypatch.setattr(bench, "run_job", run_job)
+
+
+@pytest.mark.usefixtures("jobs_in_process")
 def test_bench_reports_every_cell_and_resumes(tiny, tmp_path, monkeypatch):
     options = BenchOptions(methods=("hc_smoe", "heapr"), ratios=(0.25,), router_fit=3, **TINY)
     calls = []
@@ -100,6 +121,7 @@ def test_bench_reports_every_cell_and_resumes(tiny, tmp_path, monkeypatch):
     assert [c["name"] for c in summary["cells"]] == names
 
 
+@pytest.mark.usefixtures("jobs_in_process")
 def test_domain_cells_and_protocol_check(tiny, tmp_path, capfd):
     options = BenchOptions(
         methods=("frequency", "reap"), ratios=(0.25,), domain="code", domain_ratios=(0.5,), **TINY
@@ -194,3 +216,11 @@ def test_a_refused_cell_is_one_line_naming_it(tiny, tmp_path):
         bench.run_job("cell frequency-25", bench._COMPRESS_JOB, [str(tiny), str(tmp_path / "out"), json.dumps(
             {"method": "frequency", "ratio": 0.25, "stats": str(tmp_path / "stats"), "router_fit": [0, 1e-3]}
         )])
+
+
+def test_a_job_runs_in_a_fresh_process_and_returns_its_last_line():
+    """What `jobs_in_process` stands in for: the arguments reach the job, its last stdout line is
+    its result."""
+    code = "import json, os, sys; print('progress'); print(json.dumps({'args': sys.argv[1:], 'pid': os.getpid()}))"
+    result = bench.run_job("echo", code, ["a", "b c"])
+    assert result["args"] == ["a", "b c"] and result["pid"] != os.getpid() and result["wall_seconds"] > 0
