@@ -169,6 +169,7 @@ def test_gathered_mlp_reads_either_layout(T):
     assert_close(got, expected, atol=1e-6, rtol=1e-6, what=f"{T} tokens")
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiling_generate_stores_row_major_and_a_held_step_pins_the_layout():
     """compile=True stores the matrices row-major before tracing (Inductor's products run faster
     on them: ref-8e-top2 644 against 519 tokens/s); while the model holds the compiled step an

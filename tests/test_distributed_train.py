@@ -344,6 +344,7 @@ def _hanging_worker(rank: int, port: int, out: str, errors) -> None:
     _train_worker(rank, port, out, dict(RUN, parallel={"expert": 2, "timeout_s": 2}), False, errors)
 
 
+@pytest.mark.slow  # waits out a stall (11 s)
 def test_a_stalled_rank_fails_every_rank_with_the_timeout(tmp_path):
     errors = mp.Manager().dict()
     mp.spawn(_hanging_worker, args=(free_port(), str(tmp_path / "run"), errors), nprocs=WORLD, join=True)
@@ -352,7 +353,6 @@ def test_a_stalled_rank_fails_every_rank_with_the_timeout(tmp_path):
         assert message.startswith(f"rank {rank}: a collective failed") and "parallel.timeout_s = 2 s" in message, message
 
 
-@pytest.mark.slow
 def _full_disk_worker(rank: int, port: int, out: str, errors) -> None:
     """Rank 1's checkpoint shards do not fit on its disk."""
     import errno
@@ -367,6 +367,7 @@ def _full_disk_worker(rank: int, port: int, out: str, errors) -> None:
     _train_worker(rank, port, out, dict(RUN, parallel={"expert": 2, "timeout_s": 60}), False, errors)
 
 
+@pytest.mark.slow
 def test_a_shard_that_cannot_be_written_is_one_error_on_every_rank(tmp_path):
     """DCP wraps a rank's failed write in a CheckpointException (a BaseException) on every rank,
     which printed a traceback per rank; each rank raises the write's own error, and the staged
@@ -374,7 +375,8 @@ def test_a_shard_that_cannot_be_written_is_one_error_on_every_rank(tmp_path):
     errors = mp.Manager().dict()
     mp.spawn(_full_disk_worker, args=(free_port(), str(tmp_path / "run"), errors), nprocs=WORLD, join=True)
     assert dict(errors) == {0: "[Errno 28] No space left on device", 1: "[Errno 28] No space left on device"}
-    assert not list((tmp_path / "run" / "checkpoints").iterdir())
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not (checkpoints.exists() and any(checkpoints.iterdir())), "the staged checkpoint is gone"
 
 
 def test_a_rank_that_never_starts_is_one_error(tmp_path):
