@@ -25,7 +25,7 @@ from moelab.compress import METHODS, Calibration, CalibrationOptions, build_mixt
 from moelab.compress.calibration import calibration_mixture, run_calibration
 from moelab.compress.mixture import parse_sources
 from moelab.compress.router_fit import RouterFit
-from moelab.compress.run import REPORT_NAME, STATS_DIR
+from moelab.compress.run import REPORT_NAME, STATS_DIR, check_compression
 from moelab.compress.stats import fingerprint
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import open_checkpoint
@@ -294,6 +294,9 @@ def test_heapr_removes_the_ratio_of_neurons_not_whole_experts_worth(tmp_path, mo
     assert load_pretrained(tmp_path / "out").config.moe.hidden_dim == 26
     with pytest.raises(ValueError, match="keeps all of them; raise the ratio to at least 0.0312"):
         compress(model_dir, tmp_path / "none", method="heapr", ratio=0.01, stats=stats_dir, quiet=True)
+    for ratio, message in ((0.01, "keeps all of them"), (0.99, "keeps none")):  # refused before calibrating
+        with pytest.raises(ValueError, match=f"^layer 0: keeping .* neurons {message}"):
+            check_compression(model_dir, "heapr", ratio)
 
 
 def test_compress_takes_over_a_killed_run(tmp_path, model_dir, monkeypatch):

@@ -147,16 +147,19 @@ def check_compression(model: str | os.PathLike, method: str, ratio: float, **met
 def _planned(model: Path, method: Method, ratio: float) -> dict[int, tuple[Any, int | float]]:
     """{MoE layer: (its RouterView, the experts it keeps)}; for a method that narrows experts
     instead, how many experts' worth of parameters it keeps."""
-    layers = _router_views(model, method)
+    layers = _layer_views(model, method)
     if method.narrows:
-        return {i: (r, share_kept(r.num_experts, ratio)) for i, r in layers.items()}
-    return {i: (r, plan_target(r, ratio, f"layer {i}: ")) for i, r in layers.items()}
+        planned = {i: (layer.router, share_kept(layer.router.num_experts, ratio)) for i, layer in layers.items()}
+        for i, (_, keep) in planned.items():
+            method.check_width(layers[i].experts.hidden_dim, layers[i].router.num_experts, keep, f"layer {i}: ")
+        return planned
+    return {i: (layer.router, plan_target(layer.router, ratio, f"layer {i}: ")) for i, layer in layers.items()}
 
 
-def _router_views(model: Path, method: Method) -> dict[int, Any]:
-    """{MoE layer: its RouterView}, read from shard headers only; settles the method's automatic
-    options for the checkpoint and refuses one that narrows experts on a family whose shared
-    experts' width follows theirs."""
+def _layer_views(model: Path, method: Method) -> dict[int, MoELayerView]:
+    """{MoE layer: its MoELayerView}, read from shard headers only (shapes, no weights); settles
+    the method's automatic options for the checkpoint and refuses one that narrows experts on a
+    family whose shared experts' width follows theirs."""
     config, checkpoint, family = resolve(model)
     checkpoint.close()
     with _view(model, shapes_only=True) as view:
@@ -168,12 +171,12 @@ def _router_views(model: Path, method: Method) -> dict[int, Any]:
             f"{method.name} with these options makes the routed experts narrower, but {family.name}'s shared experts "
             f"take their width from the same config key; use an option that keeps the width (heapr: layout='padded')"
         )
-    routers = {i: layer.router for i, layer in layers.items() if isinstance(layer, MoELayerView)}
-    if not routers:
+    moe_layers = {i: layer for i, layer in layers.items() if isinstance(layer, MoELayerView)}
+    if not moe_layers:
         raise ValueError(f"{model} has no MoE layers; there are no experts to remove")
-    for i, router in routers.items():
-        method.check_router(router, f"layer {i}: ")
-    return routers
+    for i, layer in moe_layers.items():
+        method.check_router(layer.router, f"layer {i}: ")
+    return moe_layers
 
 
 def _statistics(

@@ -81,6 +81,10 @@ class Method:
     def check_router(self, router: RouterView, where: str = "") -> None:
         """Refuse, before any calibration, a router this method's edits cannot be written for."""
 
+    def check_width(self, hidden_dim: int, num_experts: int, keep: float, where: str = "") -> None:
+        """For a method that narrows experts: refuse, before any calibration, to keep `keep`
+        experts' worth of the E experts' `hidden_dim` neurons where its edits could not."""
+
     def settle(self, width_fixed: bool) -> None:
         """Resolve automatic options for the checkpoint: width_fixed, its routed experts' width
         cannot change (the family's shared experts follow it)."""

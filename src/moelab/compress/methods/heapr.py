@@ -59,6 +59,10 @@ class HEAPr(Method):
         if self.layout == "auto":
             self.layout = "padded" if width_fixed else "uniform"
 
+    def check_width(self, hidden_dim: int, num_experts: int, keep: float, where: str = "") -> None:
+        if self.layout == "uniform":
+            uniform_width(hidden_dim, num_experts, keep, where)
+
     def prepare(self, view, stats: dict[int, LayerStats], targets: dict[int, Target]) -> None:
         """The padded layout's global cut: the score (and rank among equal scores) of the last
         neuron kept when all layers' neurons are ranked together."""
@@ -85,17 +89,7 @@ class HEAPr(Method):
                     "heapr's uniform layout narrows every expert alike, so it cannot spare protected (super) "
                     "experts; use layout='padded' or drop the protection"
                 )
-            width = round(I * target.keep / E)
-            if width < 1:
-                raise ValueError(
-                    f"layer {layer.index}: keeping {target.keep / E:.1%} of each expert's {I} neurons keeps none; "
-                    "lower the ratio"
-                )
-            if width >= I:
-                raise ValueError(
-                    f"layer {layer.index}: keeping {target.keep / E:.1%} of each expert's {I} neurons keeps "
-                    f"all of them; raise the ratio to at least {1 / I:.3g}"
-                )
+            width = uniform_width(I, E, target.keep, f"layer {layer.index}: ")
             keep = [sorted(_ranked(row)[:width]) for row in scores]
             experts = narrowed(layer.experts, keep)
             view = dataclasses.replace(layer, experts=experts)
@@ -120,6 +114,20 @@ class HEAPr(Method):
             D = layer.experts.gate.shape[2]
             notes |= compact_notes(edit, sum(len(k) for k in keep) * 3 * D)
         return LayerDecision(edit, list(range(E)), None, notes)
+
+
+def uniform_width(hidden_dim: int, num_experts: int, keep: float, where: str = "") -> int:
+    """The neurons each expert keeps in the uniform layout, round(I keep / E), refused where it
+    keeps none or all of them."""
+    width, share = round(hidden_dim * keep / num_experts), keep / num_experts
+    if width < 1:
+        raise ValueError(f"{where}keeping {share:.1%} of each expert's {hidden_dim} neurons keeps none; lower the ratio")
+    if width >= hidden_dim:
+        raise ValueError(
+            f"{where}keeping {share:.1%} of each expert's {hidden_dim} neurons keeps all of them; raise the ratio "
+            f"to at least {1 / hidden_dim:.3g}"
+        )
+    return width
 
 
 def neuron_scores(stats: LayerStats, target: Target) -> Tensor:
