@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +225,20 @@ def test_a_job_runs_in_a_fresh_process_and_returns_its_last_line():
     code = "import json, os, sys; print('progress'); print(json.dumps({'args': sys.argv[1:], 'pid': os.getpid()}))"
     result = bench.run_job("echo", code, ["a", "b c"])
     assert result["args"] == ["a", "b c"] and result["pid"] != os.getpid() and result["wall_seconds"] > 0
+
+
+def test_llm_compressors_model_is_published_as_moelabs_output(tiny, tmp_path, monkeypatch):
+    """llm-compressor's job writes the model into a staging directory, which appears whole with
+    moelab's marker (an unmarked model directory in a cell would stop --overwrite as not moelab's)."""
+    from moelab.io import is_output
+    from moelab.models.pretrained import CHECKPOINT_KIND
+
+    def job(name, code, args, *, python=None, script=None):
+        assert not (tmp_path / "model").exists(), "written into staging, not in place"
+        (Path(args[3]) / "model.safetensors").write_text("weights")
+        return {"seconds": 1.0}
+
+    monkeypatch.setattr(bench, "run_job", job)
+    cell = bench.Cell("reap", 0.25, tool="llm-compressor")
+    assert bench._llmcompressor(tiny, tmp_path, cell, BenchOptions(**TINY)) == {"seconds": 1.0}
+    assert is_output(tmp_path / "model", CHECKPOINT_KIND) and (tmp_path / "model" / "model.safetensors").is_file()

@@ -187,6 +187,8 @@ def check_output_file(
     if path.is_dir():
         raise OutputError(f"{path} is a directory; give a file name for the output")
     if path.exists():
+        if not path.is_file():
+            raise OutputError(f"{path} is not a regular file; give a file name for the output")
         if not is_own(path):
             raise OutputError(
                 f"{path} exists and was not written by moelab as this command's output (it replaces only such a "
@@ -252,8 +254,9 @@ def output_dir(
         resumed = marker is not None and not overwrite
         out.mkdir(parents=True, exist_ok=True)
         owned = set(entries) | (set(marker["entries"]) if resumed else set())
+        earlier = set(marker["entries"]) if marker is not None else set()  # a replaced output's leftovers go too
         # a resumed job's nested outputs take their staging directories over
-        _clean_leftovers(out, None, keep_staging=resumed, owns=owned.__contains__)
+        _clean_leftovers(out, None, keep_staging=resumed, owns=(owned | earlier).__contains__)
         _write_marker(out, kind, owned, patterns=patterns)
         try:
             yield OutputDir(out, resumed)
@@ -644,8 +647,10 @@ def _foreign_entries(out: Path, marker: dict) -> list[Path]:
 
 
 def _foreign_in(
-    directory: Path, owns: Callable[[str], Any], parts: dict, patterns: dict, prefix: str
+    directory: Path, owns: Callable[[str], Any], parts: dict, patterns: dict, prefix: str, by_pattern: bool = False
 ) -> list[Path]:
+    """by_pattern: `owns` is a pattern of names (a directory it names is an output of its own, with
+    a marker), not the list of entries moelab wrote."""
     foreign = []
     for entry in sorted(directory.iterdir()):
         is_dir = entry.is_dir() and not entry.is_symlink()
@@ -661,9 +666,9 @@ def _foreign_in(
             elif part in parts:
                 foreign += _foreign_in(entry, set(parts[part]).__contains__, parts, patterns, part + "/")
             elif pattern is not None:
-                foreign += _foreign_in(entry, pattern.fullmatch, parts, patterns, part + "/")
-            else:  # moelab writes this directory whole, with a marker: one without was not written by moelab
-                foreign += list(entry.iterdir())
+                foreign += _foreign_in(entry, pattern.fullmatch, parts, patterns, part + "/", by_pattern=True)
+            elif by_pattern:  # moelab writes such a directory whole, with a marker: one without is not moelab's
+                foreign += sorted(entry.iterdir())
     return foreign
 
 
@@ -672,9 +677,9 @@ def _leftover(name: str, owns: Callable[[str], Any] = lambda name: True) -> re.M
     `_temporary_beside`: a lock, or a staging, old, trash or temporary entry with its random
     suffix) for an output name that `owns` accepts; else None."""
     match = _LEFTOVER.match(name)
-    if match is None or (match["what"] == "lock") != (match["suffix"] is None) or not owns(match["name"]):
+    if match is None or (match["what"] == "lock") != (match["suffix"] is None):
         return None
-    return match
+    return match if owns(match["name"]) or match["name"] == MARKER else None
 
 
 def _discard(path: Path) -> None:
@@ -737,10 +742,8 @@ def _remove_leftovers(target: Path, found: list[tuple[Path, str]]) -> None:
 
 @contextmanager
 def _lock(out: Path) -> Iterator[None]:
-    """Hold `out`'s lock file (beside it) for the block, or raise OutputInUseError at once. The
-    missing parents of `out` are made for it, and removed again if the block leaves no `out`."""
+    """Hold `out`'s lock file (beside it) for the block, or raise OutputInUseError at once."""
     _check_parents(out)
-    made = [parent for parent in out.parents if not parent.exists()]  # innermost first
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -768,12 +771,6 @@ def _lock(out: Path) -> Iterator[None]:
         yield
     finally:
         _unlock(out, fd)
-        if not out.exists():  # a failed run leaves no empty directories it made on the way
-            for parent in made:
-                try:
-                    parent.rmdir()
-                except OSError:  # no longer empty (another process wrote there): it stays
-                    break
 
 
 def _try_lock(out: Path) -> int | None:

@@ -43,7 +43,8 @@ from moelab.compress.run import check_compression
 from moelab.compress.stats import Calibration, fingerprint
 from moelab.eval.evaluate import ALL, EvalOptions, evaluate
 from moelab.hf.adapters import NATIVE, resolve
-from moelab.io import atomic_write_text, output_dir
+from moelab.io import StagedOutput, atomic_write_text, output_dir
+from moelab.models.pretrained import CHECKPOINT_KIND
 
 KIND = "compression benchmark"
 FORMAT = "moelab-compress-bench/1"
@@ -402,8 +403,10 @@ def _llmcompressor(model: Path, directory: Path, cell: Cell, options: BenchOptio
     windows = directory / "windows.npy"
     np.save(windows, np.stack([w.ids.numpy() for w in mixture.windows]))
     script = Path(__file__).resolve().parent / "llmcompressor_job.py"
-    args = [str(model), str(windows), str(cell.ratio), str(directory / "model"), str(directory / "reap.json")]
-    return run_job(f"cell {cell.name}", None, args, python=options.llmcompressor_python, script=script)
+    # llm-compressor writes the model into a staging directory, published with moelab's marker
+    with StagedOutput(directory / "model", CHECKPOINT_KIND, inputs=[model], overwrite=True) as staging:
+        args = [str(model), str(windows), str(cell.ratio), str(staging), str(directory / "reap.json")]
+        return run_job(f"cell {cell.name}", None, args, python=options.llmcompressor_python, script=script)
 
 
 def run_job(

@@ -223,10 +223,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Checkpoin
     """Read a checkpoint written by `save_checkpoint` (weights via safetensors, the rest with
     `weights_only=True`)."""
     state = _read_state(path, device)
-    try:
-        model = load_pretrained(path / "model", device=device)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{err}; delete this checkpoint to resume from an older one") from None
+    model = load_pretrained(path / "model", device=device)
     return Checkpoint(step=int(state.pop("step")), model=model, state=state)
 
 
