@@ -147,13 +147,16 @@ def check_compression(model: str | os.PathLike, method: str, ratio: float, **met
 def _planned(model: Path, method: Method, ratio: float) -> dict[int, tuple[Any, int | float]]:
     """{MoE layer: (its RouterView, the experts it keeps)}; for a method that narrows experts
     instead, how many experts' worth of parameters it keeps."""
-    layers = _layer_views(model, method)
-    if method.narrows:
-        planned = {i: (layer.router, share_kept(layer.router.num_experts, ratio)) for i, layer in layers.items()}
-        for i, (_, keep) in planned.items():
-            method.check_width(layers[i].experts.hidden_dim, layers[i].router.num_experts, keep, f"layer {i}: ")
-        return planned
-    return {i: (layer.router, plan_target(layer.router, ratio, f"layer {i}: ")) for i, layer in layers.items()}
+    planned = {}
+    for i, layer in _layer_views(model, method).items():
+        router, where = layer.router, f"layer {i}: "
+        if method.narrows:
+            keep = share_kept(router.num_experts, ratio)
+            method.check_width(layer.experts.hidden_dim, router.num_experts, keep, where)
+        else:
+            keep = plan_target(router, ratio, where)
+        planned[i] = (router, keep)
+    return planned
 
 
 def _layer_views(model: Path, method: Method) -> dict[int, MoELayerView]:
