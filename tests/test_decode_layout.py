@@ -192,6 +192,7 @@ def test_compiling_generate_stores_row_major_and_a_held_step_pins_the_layout():
     assert all(w.is_contiguous() for w in weights)
 
 
+@pytest.mark.slow  # torch.compile
 def test_bench_generate_times_each_mode_in_its_own_layout(tmp_path):
     """`moelab bench generate --compile` times eager decoding on column-major weights and the
     compiled step on its own row-major copy, as a user would get each (one model for both would

@@ -305,14 +305,23 @@ def test_runs_resume_under_other_degrees(tmp_path):
     _assert_same_model(two / "model", tmp_path / "consolidated", exact=True)
 
 
+def test_degrees_that_do_not_fit_the_world_are_refused_before_any_rank_joins(monkeypatch):
+    """Every rank makes these checks alike before the process group exists (none waits for another)."""
+    from moelab.distributed.mesh import ParallelConfig, init_parallel
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"= 4 does not match the 2 process\(es\)"):
+        init_parallel(ParallelConfig(expert=2, data=2), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"parallel.expert \(3\) must divide the 2 process\(es\)"):  # data left to moelab
+        init_parallel(ParallelConfig(expert=3), torch.device("cpu"))
+    assert not dist.is_initialized()
+
+
 def test_bad_parallel_setups_fail_on_every_rank(tmp_path):
     def run_with(**changes):
         return {**RUN, **changes}
 
-    errors = _errors(tmp_path / "a", run=run_with(parallel={"expert": 2, "data": 2}))
-    assert all("= 4 does not match the 2 process(es)" in e for e in errors.values())
-    errors = _errors(tmp_path / "d", run=run_with(parallel={"expert": 3}))  # data left to moelab
-    assert all("parallel.expert (3) must divide the 2 process(es)" in e for e in errors.values())
     odd = dict(RUN["model"], moe=dict(MOE, num_experts=3))
     errors = _errors(tmp_path / "b", run=run_with(model=odd))
     assert all("3 experts, not divisible by parallel.expert = 2" in e for e in errors.values())
