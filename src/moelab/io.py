@@ -253,10 +253,10 @@ def output_dir(
             OutputDir(out, resumed=False).clear()
         resumed = marker is not None and not overwrite
         out.mkdir(parents=True, exist_ok=True)
-        owned = set(entries) | (set(marker["entries"]) if resumed else set())
-        earlier = set(marker["entries"]) if marker is not None else set()  # a replaced output's leftovers go too
-        # a resumed job's nested outputs take their staging directories over
-        _clean_leftovers(out, None, keep_staging=resumed, owns=(owned | earlier).__contains__)
+        earlier = set(marker["entries"]) if marker is not None else set()
+        owned = set(entries) | (earlier if resumed else set())
+        # leftovers of a replaced output's entries go too; a resumed job's nested outputs take their staging over
+        _clean_leftovers(out, None, keep_staging=resumed, owns=(set(entries) | earlier).__contains__)
         _write_marker(out, kind, owned, patterns=patterns)
         try:
             yield OutputDir(out, resumed)
@@ -653,9 +653,9 @@ def _foreign_in(
     a marker), not the list of entries moelab wrote."""
     foreign = []
     for entry in sorted(directory.iterdir()):
-        is_dir = entry.is_dir() and not entry.is_symlink()
         if entry.name == MARKER or _leftover(entry.name, lambda name: owns(name) or owns(name + "/")):
             continue
+        is_dir = entry.is_dir() and not entry.is_symlink()
         if not (owns(entry.name) or (is_dir and owns(entry.name + "/"))):  # a pattern "x/" names directories
             foreign.append(entry)
         elif is_dir:
