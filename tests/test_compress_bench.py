@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -242,3 +243,53 @@ def test_llm_compressors_model_is_published_as_moelabs_output(tiny, tmp_path, mo
     cell = bench.Cell("reap", 0.25, tool="llm-compressor")
     assert bench._llmcompressor(tiny, tmp_path, cell, BenchOptions(**TINY)) == {"seconds": 1.0}
     assert is_output(tmp_path / "model", CHECKPOINT_KIND) and (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (a killed process that nobody reaped yet counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's parent-death signal is Linux's")
+def test_a_job_dies_with_the_bench_that_started_it(tmp_path):
+    """A bench killed outright (kill -9 skips every cleanup) takes its running job with it: a job
+    left over would go on writing into the bench's output while the next run starts."""
+    pid_file = tmp_path / "job.pid"
+    job = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    starter = f"from moelab.compress.bench import run_job; run_job('sleeper', {job!r}, [])"
+    bench_process = subprocess.Popen([sys.executable, "-c", starter])
+    try:
+        for _ in range(600):
+            if pid_file.is_file() and pid_file.read_text():
+                break
+            time.sleep(0.1)
+        job_pid = int(pid_file.read_text())
+        assert _running(job_pid)
+    finally:
+        bench_process.kill()
+        bench_process.wait()
+    for _ in range(100):
+        if not _running(job_pid):
+            break
+        time.sleep(0.1)
+    assert not _running(job_pid), "the job outlived the bench that started it"
+
+
+def test_a_job_does_not_import_from_the_working_directory(tmp_path, monkeypatch):
+    """`python -c` puts the working directory first on sys.path; a job run from a directory that
+    holds a json.py must still import the standard library's json."""
+    (tmp_path / "json.py").write_text("raise SystemExit('imported the working directory json.py')\n")
+    monkeypatch.chdir(tmp_path)
+    code = "import json; print(json.dumps({'ok': True}))"
+    assert bench.run_job("echo", code, [])["ok"] is True
+
+
+def test_a_script_job_runs_as_python_script_would(tmp_path):
+    """llm-compressor's job is a script: it runs as `__main__` with the script first in sys.argv."""
+    script = tmp_path / "job.py"
+    script.write_text("import json, sys; print(json.dumps({'argv': sys.argv, 'name': __name__}))\n")
+    result = bench.run_job("script", None, ["a", "b c"], script=script)
+    assert result["argv"] == [str(script), "a", "b c"] and result["name"] == "__main__"
