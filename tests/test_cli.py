@@ -478,3 +478,22 @@ def test_every_model_argument_takes_a_shipped_models_name():
         refused = runner.invoke(app, args)
         message = str(refused.exception) + refused.output
         assert refused.exit_code != 0 and "no model at ref-32x" in message and "ref-32e-top4-shared" in message, args
+
+
+def test_generate_keeps_room_for_its_kv_cache_in_a_memory_budget(monkeypatch):
+    """The KV cache that decoding fills (every prompt's positions, the prompt's and the new
+    tokens') comes out of a memory budget: generate_texts tells load_offloaded its size."""
+    import moelab.generate as generate
+    asked = {}
+
+    def load_offloaded(path, **options):
+        asked.update(options)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(generate, "load_offloaded", load_offloaded)
+    prompts = ["The king said", "Once upon a time there was"]
+    tokenizer = generate.load_tokenizer_of(reference_model_dir())
+    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    with pytest.raises(RuntimeError, match="stop here"):
+        generate.generate_texts(reference_model_dir(), prompts, max_new_tokens=10, memory_budget=2**30)
+    assert asked["memory_budget"] == 2**30 and asked["kv_cache_tokens"] == 2 * (longest + 10)

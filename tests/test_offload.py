@@ -24,10 +24,10 @@ from test_model import Recorder
 from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.native import copy_expert, empty_experts
 from moelab.models import MoETransformer, save_pretrained, tiny
-from moelab.models.transformer import Sampling
+from moelab.models.transformer import KVCache, Sampling
 from moelab.offload import ExpertCache, ExpertStore, OffloadedExperts, RoutingPrior, load_offloaded
 from moelab.offload.cache import RECENCY_DECAY
-from moelab.offload.model import generate_ids, warm_start
+from moelab.offload.model import generate_ids, kv_bytes_per_token, warm_start
 from moelab.offload.predict import _Counter, lookahead_scores
 
 
@@ -648,6 +648,49 @@ def test_a_budget_in_bytes_sets_the_slots(tmp_path):
     tight = load_offloaded(path, memory_budget=dense + 3 * expert + expert // 2, predictor=None)
     assert tight.cache.slots == 3
     tight.close()
+
+
+def test_a_budget_keeps_room_for_the_kv_cache(tmp_path):
+    """kv_cache_tokens (sequences × positions) of keys and values come out of the budget before
+    the experts' slots; one expert's worth more of them costs one slot."""
+    model, path = _native(tmp_path)
+    per_token = kv_bytes_per_token(model, torch.float32)
+    roomy = load_offloaded(path, resident=1.0)
+    expert, dense = roomy.cache.store.expert_bytes, sum(t.nbytes for t in roomy.model.state_dict().values())
+    roomy.close()
+    budget = dense + 3 * per_token * 10 + 3 * expert + expert // 2
+
+    def slots(kv_cache_tokens: int) -> int:
+        offloaded = load_offloaded(path, memory_budget=budget, kv_cache_tokens=kv_cache_tokens)
+        offloaded.close()
+        return offloaded.cache.slots
+
+    assert slots(30) == 3 and slots(0) == (30 * per_token + 3 * expert + expert // 2) // expert  # 4 here
+    tokens = 30 + -(-expert // per_token)  # one expert's bytes more of keys and values
+    assert slots(tokens) == 2
+    with pytest.raises(ValueError, match=r"the KV cache 0\.\d MiB .* the minimum is"):
+        load_offloaded(path, memory_budget=budget, kv_cache_tokens=tokens + 2 * -(-expert // per_token))
+    with pytest.raises(ValueError, match="kv_cache_tokens .* >= 0"):
+        load_offloaded(path, memory_budget=budget, kv_cache_tokens=-1)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_kv_bytes_per_token_are_what_transformers_caches(family):
+    """Against the keys and values transformers' own cache holds after 2 sequences of 5 tokens
+    (DeepSeek's latent attention caches a compressed latent, not per-head keys and values)."""
+    model = build(family).eval()
+    with torch.no_grad():
+        cache = model(torch.randint(0, 32, (2, 5)), use_cache=True).past_key_values
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert kv_bytes_per_token(model, torch.float32) * 2 * 5 == held
+    assert kv_bytes_per_token(model, torch.bfloat16) * 2 * 5 == held // 2
+
+
+def test_kv_bytes_per_token_are_what_moelabs_cache_holds():
+    config = dataclasses.replace(tiny(), n_kv_heads=1)
+    cache = KVCache(config, batch_size=2, max_len=5)
+    held = sum(t.nbytes for t in cache.k + cache.v)
+    assert kv_bytes_per_token(MoETransformer(config), torch.float32) * 2 * 5 == held
 
 
 def test_compiled_decoding_refuses_read_ahead_and_transformers_models(tmp_path):

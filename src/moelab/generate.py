@@ -158,9 +158,11 @@ def generate_texts(
         stats = _speed(start, out, out.shape[1] - ids.shape[1]) | _later_rate(clock)
         stats["engine"] = "moelab" if isinstance(model, MoETransformer) else "transformers"
         return _continuations(tokenizer, out, ids.shape[1], eos), stats
+    kv_cache_tokens = ids.shape[0] * (ids.shape[1] + max_new_tokens)  # part of a memory budget
     model = load_offloaded(
-        path, resident=resident, memory_budget=memory_budget, prior=prior, eviction=eviction, predictor=predictor,
-        prefetch_factor=prefetch_factor, dtype=dtype, device=device, host_memory=host_memory,
+        path, resident=resident, memory_budget=memory_budget, kv_cache_tokens=kv_cache_tokens, prior=prior,
+        eviction=eviction, predictor=predictor, prefetch_factor=prefetch_factor, dtype=dtype, device=device,
+        host_memory=host_memory,
     )  # fmt: skip
     try:
         start = time.perf_counter()

@@ -331,9 +331,13 @@ def _check_config_fits(store: ExpertStore) -> None:
         )
 
 
-def resident_slots(store: ExpertStore, resident: float | None, memory_budget: int | None, dense_bytes: int, top_k: int) -> int:
+def resident_slots(
+    store: ExpertStore, resident: float | None, memory_budget: int | None, dense_bytes: int, top_k: int,
+    kv_cache_bytes: int = 0,
+) -> int:
     """Pool slots for a fraction of the routed experts (`resident`) or a total memory budget in
-    bytes (the dense parts included). At least `top_k` (one token's experts at one layer)."""
+    bytes (the dense parts and the KV cache included). At least `top_k` (one token's experts at
+    one layer)."""
     if (resident is None) == (memory_budget is None):
         raise ValueError("give exactly one of resident (a fraction of the routed experts) and memory_budget (bytes)")
     total = len(store.moe_layers) * store.num_experts
@@ -347,12 +351,13 @@ def resident_slots(store: ExpertStore, resident: float | None, memory_budget: in
                 f"needs at one layer; the minimum is {top_k / total:.4f}"
             )
         return slots
-    slots = min((memory_budget - dense_bytes) // store.expert_bytes, total)
+    slots = min((memory_budget - dense_bytes - kv_cache_bytes) // store.expert_bytes, total)
     if slots < top_k:
-        minimum = dense_bytes + top_k * store.expert_bytes
+        minimum = dense_bytes + kv_cache_bytes + top_k * store.expert_bytes
         raise ValueError(
             f"memory budget {memory_budget / 2**20:.1f} MiB is too small: the dense parts take "
-            f"{dense_bytes / 2**20:.1f} MiB and one layer's routed experts ({top_k} per token) "
+            f"{dense_bytes / 2**20:.1f} MiB, the KV cache {kv_cache_bytes / 2**20:.1f} MiB and one layer's "
+            f"routed experts ({top_k} per token) "
             f"{top_k * store.expert_bytes / 2**20:.1f} MiB; the minimum is {minimum / 2**20:.1f} MiB ({minimum} bytes)"
         )
     return int(slots)
@@ -363,6 +368,7 @@ def load_offloaded(
     *,
     resident: float | None = None,
     memory_budget: int | None = None,
+    kv_cache_tokens: int = 0,
     eviction: str = "reuse",
     predictor: str | None = None,
     prior: RoutingPrior | None = None,
@@ -377,7 +383,8 @@ def load_offloaded(
     """The checkpoint at `path` with its routed experts offloaded (see the module docstring).
 
     resident: the fraction of all routed experts the cache holds, or memory_budget: bytes for the
-    whole model (dense parts + cache); eviction: "reuse" or "lru" (`ExpertCache`); predictor:
+    whole model (dense parts + the KV cache of kv_cache_tokens tokens, i.e. sequences × positions
+    decoding will hold + cache); eviction: "reuse" or "lru" (`ExpertCache`); predictor:
     reading ahead ("affinity", "lookahead", "both"; None, the default: experts are read when the
     routing asks for them) and prefetch_factor (read ahead up to this many times the experts the
     next layer's tokens use). `POLICIES` names the combinations `moelab bench offload` compares:
@@ -395,6 +402,8 @@ def load_offloaded(
     with no file read per miss (Mixtral-offloading's layout).
     """
     check_device(torch.device(device).type)
+    if kv_cache_tokens < 0:
+        raise ValueError(f"kv_cache_tokens counts the tokens the KV cache will hold: >= 0, got {kv_cache_tokens}")
     if host_memory and torch.device(device).type == "cpu":
         raise ValueError(
             "host_memory=True keeps every expert in host memory for a cache on a GPU (device='cuda'); on a CPU "
@@ -441,8 +450,10 @@ def load_offloaded(
     top_k = max(v.router.top_k for v in views.values())
     if host_memory:
         check_host_memory(len(store.moe_layers) * store.num_experts * store.expert_bytes)
+    kv_cache_bytes = kv_cache_tokens * kv_bytes_per_token(model, dtype)
     cache = ExpertCache(
-        store, resident_slots(store, resident, memory_budget, dense_bytes, top_k), eviction=eviction, prior=prior,
+        store, resident_slots(store, resident, memory_budget, dense_bytes, top_k, kv_cache_bytes), eviction=eviction,
+        prior=prior,
         device=device, host_memory=host_memory, progress=partial(tqdm, desc="experts to host memory", leave=False),
     )  # fmt: skip
     moes: dict[int, MoELayer] = {}
@@ -474,6 +485,24 @@ def load_offloaded(
     if warm:
         cache.fill(warm_start(store, prior, cache.slots))
     return OffloadedModel(model.eval(), cache, predictor)
+
+
+def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of keys and values that decoding caches per token (one position of one sequence),
+    over every layer: moelab's KV cache, or transformers' (where DeepSeek's multi-head latent
+    attention caches the compressed latent and the shared rotary key, not per-head keys and values)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    if isinstance(model, MoETransformer):
+        config = model.config
+        return 2 * config.n_layers * config.n_kv_heads * config.head_dim * size
+    config = model.config
+    if getattr(config, "kv_lora_rank", None):
+        per_layer = config.kv_lora_rank + config.qk_rope_head_dim
+    else:
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per_layer = 2 * heads * head_dim
+    return config.num_hidden_layers * per_layer * size
 
 
 def _tie_output_head(model: nn.Module) -> None:
