@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from moelab.analyze import (
     analyze,
     analyze_trace,
+    chunk_activity,
     imbalance,
     mutual_information,
     super_experts,
@@ -115,6 +116,26 @@ def test_small_statistics():
     assert mutual_information(torch.tensor([[3.0, 1], [1, 3]])) == pytest.approx(_mi_by_definition([[3, 1], [1, 3]]))
     with pytest.raises(ValueError, match="at least one assignment"):
         imbalance(torch.zeros(3))
+    # Independent: rounding makes H(a) + H(b) - H(a, b) about -4e-16 here; the MI is never negative.
+    assert mutual_information(torch.outer(torch.tensor([9.0, 2, 6]), torch.tensor([7.0, 6, 4]))) == 0.0
+
+
+def test_chunk_activity_of_several_sequences_against_a_loop():
+    """Sequences of different lengths in one call: each sequence's chunks of L tokens, the
+    partial last one skipped, counted by a loop over sequences and chunks."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 3, 7, 4]
+    active = torch.rand(sum(lengths), 4, generator=g) < 0.3
+    sequence = torch.cat([torch.full((n,), q) for q, n in enumerate(lengths)])
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    for L in (1, 2, 3, 5):
+        pairs = chunks = start = 0
+        for n in lengths:
+            for c in range(n // L):
+                pairs += int(active[start + c * L : start + (c + 1) * L].any(0).sum())
+                chunks += 1
+            start += n
+        assert chunk_activity(active, sequence, positions, L) == (pairs, chunks)
 
 
 def test_super_expert_rule():
@@ -134,7 +155,11 @@ def test_super_expert_rule():
     found = super_experts(stats, {1: torch.tensor([400.0])})
     assert found["layers"] == [0, 1, 2]
     assert [(s["layer"], s["expert"]) for s in found["super_experts"]] == [(1, -1)]
-    assert super_experts({0: torch.zeros(4)}, {})["super_experts"] == []
+    # A candidate in a layer not searched still sets the threshold: 5000 / 10 > 400.
+    found = super_experts(stats, {1: torch.tensor([400.0]), 3: torch.tensor([5000.0])})
+    assert found["threshold"] == pytest.approx(500.0) and found["super_experts"] == []
+    nothing = {"threshold": None, "layers": [], "super_experts": []}
+    assert super_experts({0: torch.zeros(4)}, {}) == nothing == super_experts({}, {})
 
 
 # ---------------------------------------------------------------------- end to end

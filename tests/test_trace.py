@@ -26,6 +26,8 @@ from moelab.trace import (
     open_trace,
     trace_model,
 )
+from moelab.trace.capture import RoutingCheck
+from moelab.trace.data import count_tokens
 
 
 def _native(seed: int = 0, **moe) -> MoETransformer:
@@ -252,6 +254,71 @@ def test_transformers_trace_with_its_own_tokenizer(tmp_path):
     assert trace.info.checks["0"]["mismatched"] == 0 and trace.info.num_tokens == 64
 
 
+def test_routing_check_compares_expert_sets_and_aligns_weights_by_expert():
+    """Token 0: the same experts in another slot order (weight error 0.01 once aligned by
+    expert); token 1: the same, error 0.02; token 2 shares one of its two experts and token 3
+    none: both mismatched, and their weights are not compared."""
+
+    def routing(indices, weights):
+        return LayerRouting(torch.tensor(indices), torch.tensor(weights), torch.zeros(len(indices)))
+
+    recomputed = routing([[0, 1], [2, 3], [0, 2], [0, 1]], [[0.7, 0.3], [0.5, 0.5], [0.6, 0.4], [0.9, 0.1]])
+    used = routing([[1, 0], [2, 3], [0, 3], [2, 3]], [[0.3, 0.69], [0.5, 0.48], [0.6, 0.4], [0.1, 0.9]])
+    check = RoutingCheck()
+    check.update(recomputed, used)
+    assert (check.tokens, check.mismatched) == (4, 2)
+    assert check.max_weight_error == pytest.approx(0.02, abs=1e-6)
+    check.update(routing([[3, 1]], [[0.5, 0.5]]), routing([[3, 1]], [[0.5, 0.499]]))
+    assert (check.tokens, check.mismatched) == (5, 2)
+    assert check.max_weight_error == pytest.approx(0.02, abs=1e-6), "the largest over every call"
+
+
+
+def test_native_shared_max_is_the_max_over_every_call():
+    """shared_max keeps the largest |shared down output| over calls, for the layers that have
+    shared experts only."""
+    model = _native(num_shared=1)
+    (index, layer), = model.moe_layers.items()
+    shared = layer.shared
+    inputs = []
+    layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+    with RoutingCapture(model) as capture, torch.no_grad():
+        model(torch.randint(0, model.config.vocab_size, (2, 24)))
+        model(torch.randint(0, model.config.vocab_size, (1, 1)))
+        per_call = [shared.down_proj(torch.nn.functional.silu(shared.gate_proj(x)) * shared.up_proj(x)).abs().max()
+                    for x in inputs]
+    assert per_call[0] > per_call[1], "the first call holds the max"
+    torch.testing.assert_close(capture.shared_max, {index: per_call[0].reshape(1)})
+    with RoutingCapture(_native()) as capture:
+        assert capture.shared_max == {}
+    with RoutingCapture(model, expert_stats=False) as capture, torch.no_grad():
+        model(torch.randint(0, model.config.vocab_size, (2, 24)))
+    assert capture.shared_max[index] == 0 and (capture.expert_max[index] == 0).all()
+
+
+
+def test_pop_refuses_when_one_layer_recorded_nothing():
+    torch.manual_seed(0)
+    model = MoETransformer(dataclasses.replace(tiny(), first_k_dense=0)).eval()
+    with RoutingCapture(model) as capture, torch.no_grad():
+        model.moe_layers[0].router._forward_hooks.clear()
+        model(torch.randint(0, model.config.vocab_size, (1, 4)))
+        with pytest.raises(RuntimeError, match=r"MoE layers \[0\] recorded nothing while others did"):
+            capture.pop()
+
+
+
+def test_hf_experts_hook_marks_out_of_range_slots_empty():
+    """Slots a block fills with -1 or with E (past the last expert) are empty in the record."""
+    from moelab.trace.capture import _LayerTap, _on_hf_experts
+
+    tap = _LayerTap(0, 4, 2)
+    tap.pending = LayerRouting(torch.tensor([[0, 1], [2, 3]]), torch.ones(2, 2), torch.zeros(2))
+    hook = _on_hf_experts(tap, torch.nn.Identity(), expert_stats=False)
+    hook(None, (torch.zeros(2, 8), torch.tensor([[0, 4], [-1, 3]]), torch.tensor([[0.5, 0.5], [0.0, 1.0]])), {}, None)
+    assert tap.parts[0].indices.tolist() == [[0, -1], [-1, 3]]
+
+
 # ---------------------------------------------------------------------- storage
 
 
@@ -361,6 +428,64 @@ def test_bad_inputs_give_clear_errors(tmp_path, monkeypatch):
     save_pretrained(model, tmp_path / "native")
     assert isinstance(load_model(tmp_path / "native").model, MoETransformer)
     assert not (tmp_path / "t").exists()
+
+
+def test_count_tokens_is_what_batches_yields():
+    """Budgets that do not split evenly, and a domain shorter than its share."""
+    streams = {"a": np.arange(100), "b": np.arange(30), "c": np.arange(50)}
+    for max_tokens in (3, 7, 80, 100, 181, 1000):
+        got = list(batches(streams, max_tokens=max_tokens, seq_len=16, batch_size=2))
+        assert count_tokens(streams, max_tokens) == sum(b.token_ids.numel() for b in got)
+
+
+def test_batches_refuse_bad_sizes_and_keep_an_empty_domain():
+    streams = {"a": np.arange(10), "b": np.arange(10)}
+    for name in ("max_tokens", "seq_len", "batch_size"):
+        sizes = dict(max_tokens=8, seq_len=4, batch_size=1) | {name: 0}
+        with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+            list(batches(streams, **sizes))
+    with pytest.raises(ValueError, match=r"max_tokens \(1\) must be at least the number of domains \(2\)"):
+        list(batches(streams, max_tokens=1, seq_len=4, batch_size=1))
+    got = list(batches({"empty": np.arange(0), "b": np.arange(10)}, max_tokens=8, seq_len=4, batch_size=1))
+    assert [(b.domain, b.token_ids.tolist()) for b in got] == [(1, [[0, 1, 2, 3]])]
+
+
+def test_load_streams_domains_in_the_order_asked_and_blank_text_refused(tmp_path):
+    for name in ("x", "y", "z"):
+        (tmp_path / f"{name}.txt").write_text(f"text of {name}")
+    encode = lambda texts: np.array([len(texts[0])])  # noqa: E731
+    assert list(load_streams(tmp_path, domains=["z", "x"], encoder=encode)) == ["z", "x"]
+    (tmp_path / "blank.txt").write_text(" \n\t ")
+    with pytest.raises(ValueError, match="has no text in domain 'blank'"):
+        load_streams(tmp_path, encoder=encode)
+    (tmp_path / "blank.txt").unlink()
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "t", "domain": ""}) + "\n")
+    with pytest.raises(ValueError, match="d.jsonl:1: 'domain' must be a non-empty string, got ''"):
+        load_streams(tmp_path, encoder=encode)
+
+
+def test_hf_max_len_reads_the_first_length_key_and_defaults_to_2048():
+    from types import SimpleNamespace
+
+    from moelab.trace.model import hf_max_len
+
+    assert hf_max_len(SimpleNamespace(max_position_embeddings=4096, n_positions=1024)) == 4096
+    assert hf_max_len(SimpleNamespace(max_seq_len=512)) == 512
+    assert hf_max_len(SimpleNamespace(n_positions=1024, max_position_embeddings=None)) == 1024
+    assert hf_max_len(SimpleNamespace()) == 2048
+
+
+def test_hf_encoder_ends_each_document_with_eos_and_reads_special_text_as_text():
+    from transformers import PreTrainedTokenizerFast
+
+    from moelab.data import TOKENIZER_DIR
+    from moelab.trace.model import _hf_encoder
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR)
+    eos = tokenizer.eos_token_id
+    one, two = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("one doc", "two"))
+    assert _hf_encoder(tokenizer)(["one doc", "two"]).tolist() == one + [eos] + two + [eos]
+    assert eos not in _hf_encoder(tokenizer)([tokenizer.eos_token]).tolist()[:-1]
 
 
 def test_model_without_moe_blocks_in_a_moe_config(tmp_path):
