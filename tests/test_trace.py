@@ -28,6 +28,7 @@ from moelab.trace import (
 )
 from moelab.trace.capture import RoutingCheck
 from moelab.trace.data import count_tokens
+from moelab.trace.model import wrap_model
 
 
 def _native(seed: int = 0, **moe) -> MoETransformer:
@@ -542,3 +543,37 @@ def test_a_moelab_checkpoint_is_read_with_its_own_tokenizer(tmp_path):
     options = CalibrationOptions(tokens=64, seq_len=16)
     ids = calibration_mixture(model, str(tmp_path / "calib.txt"), options).windows[0].ids.tolist()
     assert ids[: len(own)] == own
+
+
+def test_trace_windows_are_capped_at_the_models_length_and_logits_stored_only_if_asked(tmp_path):
+    """seq_len above the model's max_seq_len (tiny: 64) traces windows of 64; logits=False stores
+    no logits, logits=True stores them."""
+    model = _native()
+    streams = _streams(model.config.vocab_size, sizes=(300,))
+    for logits in (False, True):
+        options = TraceOptions(max_tokens=256, seq_len=1024, batch_size=2, logits=logits)
+        trace = trace_model(model, streams, tmp_path / f"t{logits}", options, quiet=True)
+        assert trace.info.settings["seq_len"] == 64 and trace.info.logits is logits
+        shards = list(trace.shards())
+        assert int(torch.cat([s.positions for s in shards]).max()) == 63
+        assert all((s.layers[i].logits is not None) is logits for s in shards for i in trace.info.layers)
+
+
+def test_wrap_model_reads_the_models_own_length_and_vocabulary():
+    model = MoETransformer(dataclasses.replace(tiny(), max_seq_len=48, vocab_size=100))
+    loaded = wrap_model(model)
+    assert (loaded.max_seq_len, loaded.vocab_size) == (48, 100)
+
+
+def test_a_token_id_equal_to_the_vocabulary_size_is_refused(tmp_path):
+    model = _native()
+    V = model.config.vocab_size
+    with pytest.raises(ValueError, match=f"token id {V} is outside the model's vocabulary"):
+        trace_model(model, {"a": np.array([0, V - 1, V])}, tmp_path / "t", quiet=True)
+    assert trace_model(model, {"a": np.array([0, V - 1])}, tmp_path / "ok", quiet=True).info.num_tokens == 2
+
+
+def test_a_directory_named_like_a_text_file_is_not_read(tmp_path):
+    (tmp_path / "data" / "notes.txt").mkdir(parents=True)
+    (tmp_path / "data" / "poems.txt").write_text("roses are red")
+    assert list(load_streams(tmp_path / "data", encoder=lambda texts: np.arange(3))) == ["poems"]
