@@ -1266,6 +1266,7 @@ def _layer(**fields) -> dict:
         ({k: v for k, v in EXPERT_MAP.items() if k != "source"}, r"the map has no 'source'"),
         ({**EXPERT_MAP, "extra": 1}, r"the map has unknown 'extra'"),
         ({**EXPERT_MAP, "family": 3}, r"family must be a string, got 3"),
+        ({**EXPERT_MAP, "source": None}, r"source must be a string, got None"),
         ({**EXPERT_MAP, "layers": []}, r"layers must be an object"),
         (
             {**EXPERT_MAP, "layers": {"one": EXPERT_MAP["layers"]["0"]}},
@@ -1275,11 +1276,23 @@ def _layer(**fields) -> dict:
             {**EXPERT_MAP, "layers": {"-1": EXPERT_MAP["layers"]["0"]}},
             r"layer key '-1' is not a layer number",
         ),
+        (
+            {**EXPERT_MAP, "layers": {"01": EXPERT_MAP["layers"]["0"]}},
+            r"layer key '01' is not a layer number",
+        ),
+        (
+            {**EXPERT_MAP, "layers": {"1x": EXPERT_MAP["layers"]["0"]}},
+            r"layer key '1x' is not a layer number",
+        ),
         ({**EXPERT_MAP, "layers": {"0": [[0]]}}, r"layer 0 must be an object"),
         (_layer(sources=[[0], [-2]]), r"layer 0: sources must be .* expert ids >= 0"),
         (_layer(sources=[[0], [1.0]]), r"layer 0: sources must be .* expert ids >= 0"),
         (_layer(sources=[[0], [True]]), r"layer 0: sources must be .* expert ids >= 0"),
         (_layer(sources=[[0], []]), r"layer 0: sources must be a non-empty list of non-empty lists"),
+        (
+            _layer(sources=[], kept=[], merge_groups=[]),
+            r"layer 0: sources must be a non-empty list of non-empty lists",
+        ),
         (_layer(sources=[[0], [2, 0]]), r"layer 0: sources name an expert twice"),
         (_layer(kept=[0, 2]), r"layer 0: kept is \[0, 2\], but sources .* make it \[0, 1\]"),
         (_layer(kept=[0, 1.0]), r"layer 0: kept is \[0, 1.0\]"),
