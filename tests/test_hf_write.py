@@ -486,6 +486,55 @@ def test_apply_edit_selects_rows():
     torch.testing.assert_close(edited.experts.down_bias, layer.experts.down_bias[[0, 2, 3]])
 
 
+def test_keep_renumbers_in_increasing_order_and_drop_checks_every_id():
+    """keep: new expert j is the j-th smallest kept id, whatever order the ids come in (a set of
+    ids 8, 1, 3 iterates as 8, 1, 3); drop: an id past the layer's last expert is an error, not
+    silently ignored (dropping nothing)."""
+    assert LayerEdit.keep([8, 1, 3, 1]).sources == ((1,), (3,), (8,))
+    assert LayerEdit.keep(iter([8, 1, 3])).selection == [1, 3, 8]
+    assert LayerEdit.drop([2, 0], 4).selection == [1, 3]
+    for bad in (4, -1):
+        with pytest.raises(ValueError, match=rf"cannot drop experts \[{bad}\]: the layer has experts 0..3"):
+            LayerEdit.drop([1, bad], 4)
+
+
+def test_an_edit_with_other_expert_dim_or_shared_experts_is_refused():
+    """An edited view whose experts read another model dim, or whose shared expert differs in any
+    tensor (or is missing), is refused by name; the same shared expert in another dtype is fine."""
+    from moelab.hf.edit import check_same_settings
+    from moelab.hf.view import ExpertsView, RouterView, SharedView
+
+    E, I = 4, 3
+
+    def layer(dim=D, with_shared=True, **shared):
+        g = torch.Generator().manual_seed(0)
+        experts = (torch.randn(E, I, dim, generator=g) for _ in range(2))
+        own = dict(zip(("gate", "up", "down", "sigmoid_gate"), (torch.randn(s, generator=g) for s in
+                   ((5, D), (5, D), (D, 5), (1, D)))))  # fmt: skip
+        return MoELayerView(
+            0,
+            RouterView(torch.randn(E, dim, generator=g), "softmax", 2, True),
+            ExpertsView(*experts, torch.randn(E, dim, I, generator=g)),
+            SharedView(**(own | shared)) if with_shared else None,
+        )
+
+    original = layer()
+    check_same_settings(original, layer())
+    check_same_settings(original, dataclasses.replace(original, shared=SharedView(
+        *(t.double() for t in (original.shared.gate, original.shared.up, original.shared.down,
+                               original.shared.sigmoid_gate)))))  # fmt: skip
+    with pytest.raises(ValueError, match=rf"layer 0: the edited experts have dim {D + 1}, expected {D}"):
+        check_same_settings(layer(with_shared=False), layer(D + 1, with_shared=False))
+    for name in ("gate", "up", "down", "sigmoid_gate"):
+        changed = getattr(original.shared, name).clone()
+        changed[0, 0] += 1
+        with pytest.raises(ValueError, match="the edited view changes the shared experts"):
+            check_same_settings(original, layer(**{name: changed}))
+    for edited in (layer(sigmoid_gate=None), dataclasses.replace(original, shared=None)):
+        with pytest.raises(ValueError, match="the edited view changes the shared experts"):
+            check_same_settings(original, edited)
+
+
 def test_a_multi_token_prediction_layer_is_left_out_not_left_unedited(tmp_path):
     """DeepSeek-V3 stores its multi-token prediction module as `model.layers.<num_hidden_layers>.*`,
     a layer with routed experts that transformers does not build. The edit does not reach it, so it
