@@ -283,3 +283,42 @@ def test_domain_losses_score_max_tokens_real_targets_and_pool_by_tokens(monkeypa
     assert losses["all"].loss == pytest.approx(pooled, rel=1e-5)
     assert abs(pooled - (expected["short"] + expected["long"]) / 2) > 1e-3  # not the plain mean
     assert model.training  # restored
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_domain_losses_run_the_model_in_eval_mode_and_restore_its_mode(monkeypatch, training):
+    """Every forward pass sees eval mode (dropout off), the mode the caller set is restored, and
+    perplexity is exp(loss)."""
+    import numpy as np
+
+    from moelab.eval import domain_losses
+
+    seen = []
+
+    class Recording(_Bigram):
+        def forward(self, ids):
+            seen.append(self.training)
+            return super().forward(ids)
+
+    stream = np.random.default_rng(0).integers(0, 16, 100)
+    monkeypatch.setattr("moelab.eval.perplexity.tokenize_split", lambda name, split, quiet=True: stream)
+    model = Recording().train(training)
+    losses = domain_losses(model, ["a"], seq_len=16, batch_size=2)
+    assert seen and not any(seen)
+    assert model.training is training
+    assert losses["a"].perplexity == pytest.approx(math.exp(losses["a"].loss), rel=1e-12)
+    assert losses["a"].loss > 1  # a perplexity well away from 1
+
+
+def test_rank_rows_split_a_batch_contiguously_and_pad_an_idle_rank_with_an_unscored_row():
+    from moelab.data import IGNORE_INDEX
+    from moelab.eval.perplexity import _rank_rows
+
+    inputs = torch.arange(5 * 3).view(5, 3)
+    targets = inputs + 100
+    shares = [_rank_rows(inputs, targets, rank, 3) for rank in range(3)]
+    assert [i[:, 0].tolist() for i, _ in shares] == [[0, 3], [6, 9], [12]]
+    assert all(torch.equal(t, i + 100) for i, t in shares)
+    idle_inputs, idle_targets = _rank_rows(inputs[:2], targets[:2], 3, 4)
+    assert torch.equal(idle_inputs, inputs[:1])
+    assert (idle_targets == IGNORE_INDEX).all() and idle_targets.shape == (1, 3)
