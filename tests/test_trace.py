@@ -577,3 +577,10 @@ def test_a_directory_named_like_a_text_file_is_not_read(tmp_path):
     (tmp_path / "data" / "notes.txt").mkdir(parents=True)
     (tmp_path / "data" / "poems.txt").write_text("roses are red")
     assert list(load_streams(tmp_path / "data", encoder=lambda texts: np.arange(3))) == ["poems"]
+
+
+def test_wrap_model_refuses_a_model_that_is_neither_moelabs_nor_transformers():
+    model = torch.nn.Linear(2, 2)
+    model.config = dataclasses.make_dataclass("Config", [("vocab_size", int)])(8)  # no max_seq_len
+    with pytest.raises(ValueError, match="cannot trace Linear: pass a moelab MoETransformer or a transformers model"):
+        wrap_model(model)
