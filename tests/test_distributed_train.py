@@ -120,6 +120,9 @@ def _worker(rank: int, port: int, names: list[str], expert: int, world: int, out
 
     parallel = init_parallel(ParallelConfig(expert=expert, timeout_s=120), torch.device("cpu"))
     try:
+        # the degrees asked for (data parallelism alone would give the same results as EP 2)
+        data = world // expert
+        assert (parallel.ep, parallel.config.data, parallel.mesh["dp"].size()) == (expert, data, data)
         for name in names:
             model = _model(name)
             if world == 1:  # as a model that decoded on the CPU leaves them (FSDP takes contiguous ones)
@@ -315,6 +318,38 @@ def test_degrees_that_do_not_fit_the_world_are_refused_before_any_rank_joins(mon
         init_parallel(ParallelConfig(expert=2, data=2), torch.device("cpu"))
     with pytest.raises(ValueError, match=r"parallel.expert \(3\) must divide the 2 process\(es\)"):  # data left to moelab
         init_parallel(ParallelConfig(expert=3), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"= 3 does not match the 2 process\(es\)"):  # data given
+        init_parallel(ParallelConfig(expert=3, data=1), torch.device("cpu"))
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(expert=0), r"parallel.expert and parallel.data must be >= 1, got 0 and None"),
+        (dict(data=0), r"must be >= 1, got 1 and 0"),
+        (dict(timeout_s=0.0), r"parallel.timeout_s must be > 0, got 0.0"),
+    ],
+)
+def test_parallel_config_refuses_degrees_below_1_and_no_timeout(fields, message):
+    from moelab.distributed.mesh import ParallelConfig
+
+    with pytest.raises(ValueError, match=message):
+        ParallelConfig.from_dict(fields)
+
+
+def test_one_process_outside_torchrun_warns_that_the_degrees_do_not_apply(monkeypatch):
+    """torchrun sets both RANK and WORLD_SIZE; either alone is not torchrun."""
+    from moelab.distributed.mesh import ParallelConfig, init_parallel, torchrun_world
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert torchrun_world() is None
+    for fields in (dict(expert=2), dict(data=2)):
+        with pytest.warns(UserWarning, match="apply under torchrun only"):
+            assert init_parallel(ParallelConfig(**fields), torch.device("cpu")) is None
+    monkeypatch.setenv("RANK", "0")
+    assert torchrun_world() == 2
     assert not dist.is_initialized()
 
 
@@ -339,6 +374,72 @@ def test_bad_checkpoints_fail_on_every_rank(tmp_path):
     (missing / "checkpoints" / "step-000002" / "dcp" / "__1_0.distcp").unlink()
     errors = _errors(missing, resume=True)
     assert all("No such file or directory" in e and "__1_0.distcp" in e for e in errors.values()), errors
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 2500ms for recv operation",
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234",
+        "[c10d] Connection reset by peer",
+        "[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=8, OpType=ALLREDUCE)",
+        "[store] wait timed out after 2500ms",
+    ],
+)
+def test_a_failed_collective_is_named_in_one_line(text):
+    """The line names the rank, the collective's own message (without its source location) and the timeout."""
+    from types import SimpleNamespace
+
+    from moelab.distributed import ParallelConfig
+    from moelab.train.collectives import collective_failure
+
+    parallel = SimpleNamespace(rank=1, config=ParallelConfig(timeout_s=2.5))
+    err = collective_failure(RuntimeError(text + "\nException raised from recvFromRank at ..."), parallel)
+    detail = text.split("] ", 1)[1]
+    assert str(err).startswith(f"rank 1: a collective failed ({detail}); another rank died"), str(err)
+    assert "parallel.timeout_s = 2.5 s" in str(err)
+    assert collective_failure(RuntimeError("[allocator] not enough memory"), parallel) is None
+
+
+def _collectives_worker(rank: int, port: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    from moelab.distributed import ParallelConfig, exit_process, init_parallel
+    from moelab.train.collectives import agreed_flag, reduce_step_metrics, shared_from_rank0
+
+    parallel = init_parallel(ParallelConfig(timeout_s=60), torch.device("cpu"))
+    got = {"flags": [agreed_flag(rank == 1, parallel), agreed_flag(False, parallel)]}
+    scalars = {"loss": 1.0 + rank, "aux/balance": 0.5 * rank}
+    load = {0: torch.tensor([1.0, 2.0]) * (rank + 1), 3: torch.tensor([float(rank), 0.0, 4.0])}
+    experts_per_token = {0: 2.0 + rank, 3: 1.0}
+    reduce_step_metrics(scalars, load, experts_per_token, parallel)
+    got.update(scalars=scalars, experts_per_token=experts_per_token)
+    got["load"] = {i: t.tolist() for i, t in load.items()}
+    got["shared"] = shared_from_rank0(parallel, f"rank {rank}'s", None)
+    try:
+        shared_from_rank0(parallel, None, OSError(28, "No space left on device") if rank == 0 else None)
+    except Exception as err:
+        got["error"] = f"{type(err).__name__}: {err}"
+    out[rank] = got
+    parallel.close()
+    exit_process(0)
+
+
+@pytest.mark.slow  # spawns 2 processes (8 s on this shared machine)
+def test_ranks_agree_on_flags_metrics_and_rank_0s_value_and_error():
+    """2 ranks: a flag set on one rank is set on both; scalars and experts per token are the means over
+    the ranks and the loads their sums; rank 0's value, and its error (its own on rank 0)."""
+    out = mp.Manager().dict()
+    mp.spawn(_collectives_worker, args=(free_port(), out), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        got = out[rank]
+        assert got["flags"] == [True, False]
+        assert got["scalars"] == {"loss": 1.5, "aux/balance": 0.25}
+        assert got["load"] == {0: [3.0, 6.0], 3: [1.0, 0.0, 8.0]}
+        assert got["experts_per_token"] == {0: 2.5, 3: 1.0}
+        assert got["shared"] == "rank 0's"
+    assert out[0]["error"] == "OSError: [Errno 28] No space left on device"
+    stopped = "ValueError: rank 0 stopped the run: OSError: [Errno 28] No space left on device"
+    assert out[1]["error"] == stopped
 
 
 def _hanging_worker(rank: int, port: int, out: str, errors) -> None:
@@ -403,17 +504,30 @@ def _timeout_worker(rank: int, port: int, out) -> None:
 
     parallel = init_parallel(ParallelConfig(expert=2, timeout_s=7), torch.device("cpu"))
     groups = {"ep": parallel.ep_group, "dp": parallel.mesh.get_group("dp"), "world": parallel.world_group}
-    out[rank] = {name: g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for name, g in groups.items()}
+    out[rank] = {
+        "timeouts": {
+            name: g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for name, g in groups.items()
+        },
+        "ranks": {name: dist.get_process_group_ranks(g) for name, g in groups.items()},
+        "config": (parallel.ep, parallel.ep_rank, parallel.config.data, parallel.config.timeout_s),
+    }
     parallel.close()
     exit_process(0)
 
 
 def test_every_group_waits_timeout_s():
     """EP 2 x DP 2: the expert and data groups are smaller than the world, so torch makes them new,
-    with its default timeout of 30 minutes; a stalled rank then held the others that long."""
+    with its default timeout of 30 minutes; a stalled rank then held the others that long. The
+    mesh is rank = d * expert + e: an expert group is 2 consecutive ranks."""
     out = mp.Manager().dict()
     mp.spawn(_timeout_worker, args=(free_port(), out), nprocs=4, join=True)
-    assert dict(out) == {rank: {"ep": 7.0, "dp": 7.0, "world": 7.0} for rank in range(4)}
+    assert {rank: got["timeouts"] for rank, got in out.items()} == {
+        rank: {"ep": 7.0, "dp": 7.0, "world": 7.0} for rank in range(4)
+    }
+    for rank in range(4):
+        d, e = divmod(rank, 2)
+        assert out[rank]["ranks"] == {"ep": [2 * d, 2 * d + 1], "dp": [e, e + 2], "world": [0, 1, 2, 3]}, rank
+        assert out[rank]["config"] == (2, e, 2, 7.0), rank  # EP degree and rank, data degree, timeout
 
 
 def test_resume_after_kill_9_of_one_rank(tmp_path):

@@ -1,6 +1,7 @@
 """Expert parallelism over 2 gloo processes equals the single-process layer, forward and backward
 (float64, so that the different summation order of the exchanged rows stays below the tolerance)."""
 
+import copy
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moelab.distributed import free_port
+from moelab.distributed import free_port, shard_experts
 from moelab.nn import MoEConfig, build_moe
 
 WORLD = 2
@@ -77,3 +78,31 @@ def test_expert_parallel_matches_single_process(name):
         if not pname.startswith("experts."):
             total = sum(out[r]["grads"][pname] for r in range(WORLD))
             torch.testing.assert_close(total, param.grad, atol=1e-10, rtol=1e-10)
+
+
+def _group(monkeypatch, *, rank: int, size: int, global_rank: int, world: int) -> object:
+    """A stand-in expert-parallel group (no process group: shard_experts runs no collective)."""
+    group = object()
+    monkeypatch.setattr(dist, "get_rank", lambda g=None: rank if g is group else global_rank)
+    monkeypatch.setattr(dist, "get_world_size", lambda g=None: size if g is group else world)
+    return group
+
+
+def test_shard_keeps_the_experts_of_its_rank_in_the_expert_group(monkeypatch):
+    """EP 2 x DP 2, global rank 3 = EP rank 1: the shard is experts [4, 8) of 8 (by the rank and
+    size in the expert group, not the world's), their values as they were, a frozen one still frozen."""
+    group = _group(monkeypatch, rank=1, size=2, global_rank=3, world=4)
+    torch.manual_seed(0)
+    full = build_moe(CONFIGS["topk"])
+    full.experts.down_proj.requires_grad_(False)
+    layer = shard_experts(copy.deepcopy(full), group)
+    assert layer.experts.num_experts == 4 and layer.dispatcher.rank == 1 and layer.dispatcher.world_size == 2
+    for pname, param in full.experts.named_parameters():
+        shard = layer.experts.get_parameter(pname)
+        assert torch.equal(shard, param[4:8]) and shard.requires_grad == param.requires_grad, pname
+
+
+def test_experts_the_group_does_not_divide_are_refused(monkeypatch):
+    group = _group(monkeypatch, rank=0, size=3, global_rank=0, world=3)
+    with pytest.raises(ValueError, match=r"num_experts \(8\) must be divisible by the 3 expert-parallel"):
+        shard_experts(build_moe(CONFIGS["topk"]), group)

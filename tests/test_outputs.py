@@ -392,6 +392,19 @@ def test_removed_outputs_vanish_at_once_and_half_deleted_ones_are_never_listed(t
     assert list_checkpoints(tmp_path / "run") == []
 
 
+def test_saving_a_checkpoint_keeps_the_newest_by_step_number(tmp_path):
+    """keep=2 leaves the two highest steps, compared as numbers (by name step-1000000 comes first)."""
+    from moelab.train.checkpoint import latest_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig.from_dict(dict(TINY_RUN["model"], n_layers=1)))
+    for step in (999_998, 999_999, 1_000_000):
+        save_checkpoint(tmp_path, step, model, {}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-999999", "step-1000000"]
+    assert latest_checkpoint(tmp_path).name == "step-1000000"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1000000", "step-999999"]
+
+
 def test_a_run_cleans_only_its_own_leftovers_and_never_a_live_runs(tmp_path):
     (tmp_path / ".other.moelab-staging-1").mkdir()  # another output's, cleaned by a run into it
     publish(tmp_path / "out")
