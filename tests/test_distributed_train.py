@@ -213,6 +213,44 @@ def test_data_parallel_step_equals_one_process(world):
 
 
 
+def test_expert_gradients_are_divided_by_the_expert_parallel_degree_not_the_world():
+    """EP 2 x DP 2: FSDP averaged them over "dp" already; the other gradients are left alone."""
+    from types import SimpleNamespace
+
+    from moelab.distributed.parallelize import expert_parameter_names, scale_expert_gradients
+
+    model = _model("topk softmax + z")
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    scale_expert_gradients(model, SimpleNamespace(ep=2, world=4))
+    experts = expert_parameter_names(model)
+    assert experts
+    for name, p in model.named_parameters():
+        assert torch.all(p.grad == (0.5 if name in experts else 1.0)), name
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0, float("inf")])
+def test_clipping_equals_torchs_on_one_rank(monkeypatch, max_norm):
+    """One rank (the all-reduce the identity): the norm and clipped gradients are torch's, and a
+    norm below max_norm leaves the gradients as they were."""
+    from types import SimpleNamespace
+
+    from moelab.distributed.parallelize import clip_grad_norm_
+
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, group=None: None)
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (5, 7)]
+    reference = [torch.nn.Parameter(torch.zeros(n)) for n in (5, 7)]
+    for p, q in zip(params, reference):
+        p.grad = torch.randn(p.shape, generator=g)
+        q.grad = p.grad.clone()
+    total = clip_grad_norm_(params, max_norm, SimpleNamespace(world_group=None))
+    want = torch.nn.utils.clip_grad_norm_(reference, max_norm)
+    torch.testing.assert_close(total, want)
+    for p, q in zip(params, reference):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
 # ---------------------------------------------------------------- runs, checkpoints, resharding
 
 RUN = {
