@@ -288,8 +288,26 @@ def test_a_job_does_not_import_from_the_working_directory(tmp_path, monkeypatch)
 
 
 def test_a_script_job_runs_as_python_script_would(tmp_path):
-    """llm-compressor's job is a script: it runs as `__main__` with the script first in sys.argv."""
+    """llm-compressor's job is a script: it runs as `__main__` with the script first in sys.argv
+    and its directory first on sys.path (a module beside it imports); a class it defines pickles."""
+    (tmp_path / "beside.py").write_text("VALUE = 42\n")
     script = tmp_path / "job.py"
-    script.write_text("import json, sys; print(json.dumps({'argv': sys.argv, 'name': __name__}))\n")
+    script.write_text(
+        "import json, pickle, sys, beside\nclass Point: pass\npickle.dumps(Point())\n"
+        "print(json.dumps({'argv': sys.argv, 'name': __name__, 'beside': beside.VALUE}))\n"
+    )
     result = bench.run_job("script", None, ["a", "b c"], script=script)
-    assert result["argv"] == [str(script), "a", "b c"] and result["name"] == "__main__"
+    assert result == {"argv": [str(script), "a", "b c"], "name": "__main__", "beside": 42} | {
+        "wall_seconds": result["wall_seconds"]
+    }
+
+
+def test_a_job_started_by_a_wrapper_script_runs(tmp_path):
+    """An interpreter given as a shell script that starts python (without exec): the job's parent
+    is then the script, not the bench, and the job still runs."""
+    wrapper = tmp_path / "python.sh"
+    wrapper.write_text(f"#!/bin/sh\n{sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    script = tmp_path / "job.py"
+    script.write_text("import json; print(json.dumps({'ok': True}))\n")
+    assert bench.run_job("wrapped", None, [], python=str(wrapper), script=script)["ok"] is True

@@ -409,26 +409,26 @@ def _llmcompressor(model: Path, directory: Path, cell: Cell, options: BenchOptio
         return run_job(f"cell {cell.name}", None, args, python=options.llmcompressor_python, script=script)
 
 
-# Starts a job: on Linux the kernel kills it when the bench that started it dies, however it dies
-# (kill -9 included: a job outliving its bench would go on writing into the bench's output), and
-# a bench that died before that was set up is seen as a changed parent. Then runs the job's code,
-# or its script as `python SCRIPT` would, with the job's arguments in sys.argv.
+# Starts a job, then becomes it (exec: the job runs as `python -P -c CODE` or `python SCRIPT`
+# would, same process): on Linux the kernel kills it when the bench that started it dies, however
+# it dies (kill -9 included: a job outliving its bench would go on writing into the bench's
+# output); a bench that died before that was set up is seen here. Not covered: processes the job
+# starts itself, and an interpreter given as a wrapper script that runs python without `exec`.
 _JOB_START = """
 import sys
-if sys.path[:1] == [""]:  # the working directory, which -c puts first: a json.py there would shadow json
+if sys.path[:1] == [""]:  # the working directory, which -c puts first: nothing is imported from there
     del sys.path[0]
-import ctypes, os, runpy, signal
-bench, script, code = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+import os
+bench, command = int(sys.argv[1]), sys.argv[2:]
 if sys.platform == "linux":
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-if os.getppid() != bench:
-    sys.exit("the bench that started this job has ended")
-if script:
-    sys.argv = [script, *sys.argv[4:]]
-    runpy.run_path(script, run_name="__main__")
-else:
-    sys.argv = ["-c", *sys.argv[4:]]
-    exec(compile(code, "<job>", "exec"), {"__name__": "__main__"})
+    import ctypes, signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG, kept across exec
+if os.getppid() != bench:  # the bench has ended, or a wrapper script started this interpreter
+    try:
+        os.kill(bench, 0)
+    except ProcessLookupError:
+        sys.exit("the bench that started this job has ended")
+os.execv(sys.executable, [sys.executable, *command])
 """
 
 
@@ -439,8 +439,8 @@ def run_job(
     one; its last stdout line is its JSON result. A job that refuses its input (a ValueError)
     raises it as one line."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    job = [str(os.getpid()), str(script or ""), code or ""]
-    command = [python or sys.executable, "-c", _JOB_START, *job, *args]
+    job = ["-P", "-c", code] if code is not None else [str(script)]  # -P: not from the working directory either
+    command = [python or sys.executable, "-c", _JOB_START, str(os.getpid()), *job, *args]
     began = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
