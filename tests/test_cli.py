@@ -482,7 +482,8 @@ def test_every_model_argument_takes_a_shipped_models_name():
 
 def test_generate_keeps_room_for_its_kv_cache_in_a_memory_budget(monkeypatch):
     """The KV cache that decoding fills (every prompt's positions, the prompt's and the new
-    tokens') comes out of a memory budget: generate_texts tells load_offloaded its size."""
+    tokens', compiled rounded up to 64) comes out of a memory budget: generate_texts tells
+    load_offloaded its size."""
     import moelab.generate as generate
     asked = {}
 
@@ -497,3 +498,6 @@ def test_generate_keeps_room_for_its_kv_cache_in_a_memory_budget(monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):
         generate.generate_texts(reference_model_dir(), prompts, max_new_tokens=10, memory_budget=2**30)
     assert asked["memory_budget"] == 2**30 and asked["kv_cache_tokens"] == 2 * (longest + 10)
+    with pytest.raises(RuntimeError, match="stop here"):  # a compiled step's cache: 64 positions
+        generate.generate_texts(reference_model_dir(), prompts, max_new_tokens=10, memory_budget=2**30, compile=True)
+    assert asked["kv_cache_tokens"] == 2 * 64

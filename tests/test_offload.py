@@ -24,7 +24,7 @@ from test_model import Recorder
 from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.native import copy_expert, empty_experts
 from moelab.models import MoETransformer, save_pretrained, tiny
-from moelab.models.transformer import KVCache, Sampling
+from moelab.models.transformer import KVCache, Sampling, decode_cache_length
 from moelab.offload import ExpertCache, ExpertStore, OffloadedExperts, RoutingPrior, load_offloaded
 from moelab.offload.cache import RECENCY_DECAY
 from moelab.offload.model import generate_ids, kv_bytes_per_token, warm_start
@@ -672,6 +672,31 @@ def test_a_budget_keeps_room_for_the_kv_cache(tmp_path):
         load_offloaded(path, memory_budget=budget, kv_cache_tokens=tokens + 2 * -(-expert // per_token))
     with pytest.raises(ValueError, match="kv_cache_tokens .* >= 0"):
         load_offloaded(path, memory_budget=budget, kv_cache_tokens=-1)
+    with pytest.raises(ValueError, match="kv_cache_tokens keeps room .* in a memory_budget"):
+        load_offloaded(path, resident=0.5, kv_cache_tokens=30)
+
+
+def test_a_call_whose_kv_cache_outgrows_the_budgets_room_is_refused(tmp_path):
+    """Loaded with room for 30 tokens: 2 prompts of 5 + 10 new tokens fit, 11 do not, and neither
+    does a compiled call of 1 x (5 + 10), whose cache is rounded up to 64 positions (refused
+    before anything is compiled)."""
+    model, path = _native(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    offloaded = load_offloaded(path, memory_budget=10**9, kv_cache_tokens=30)
+    try:
+        assert torch.equal(offloaded.generate(ids, 10), generate_ids(model, ids, 10))
+        with pytest.raises(ValueError, match=r"holds 32 tokens \(2 sequences x 16 positions\) .* room for 30"):
+            offloaded.generate(ids, 11)
+        with pytest.raises(ValueError, match=r"holds 64 tokens \(1 sequences x 64 positions\)"):
+            offloaded.generate(ids[:1], 10, compile=True)
+    finally:
+        offloaded.close()
+
+
+def test_decode_cache_length_is_the_prompts_and_new_tokens_compiled_rounded_up_to_64():
+    assert decode_cache_length(3, 8, False) == 11 and decode_cache_length(3, 8, True) == 64
+    assert decode_cache_length(60, 4, True) == 64 and decode_cache_length(60, 5, True) == 128
+    assert decode_cache_length(60, 5, True, max_seq_len=100) == 100
 
 
 @pytest.mark.parametrize("family", sorted(TINY))

@@ -29,7 +29,7 @@ import torch
 from moelab.data import TOKENIZER_DIR
 from moelab.files import read_json_object
 from moelab.hf.conversion import conversion_problems, moelab_model
-from moelab.models.transformer import MoETransformer, Sampling, TokenStreamer
+from moelab.models.transformer import MoETransformer, Sampling, TokenStreamer, decode_cache_length
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import generate_ids
 from moelab.trace import load_model
@@ -158,7 +158,7 @@ def generate_texts(
         stats = _speed(start, out, out.shape[1] - ids.shape[1]) | _later_rate(clock)
         stats["engine"] = "moelab" if isinstance(model, MoETransformer) else "transformers"
         return _continuations(tokenizer, out, ids.shape[1], eos), stats
-    kv_cache_tokens = ids.shape[0] * (ids.shape[1] + max_new_tokens)  # part of a memory budget
+    kv_cache_tokens = ids.shape[0] * decode_cache_length(ids.shape[1], max_new_tokens, compile)  # in a memory budget
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, kv_cache_tokens=kv_cache_tokens, prior=prior,
         eviction=eviction, predictor=predictor, prefetch_factor=prefetch_factor, dtype=dtype, device=device,

@@ -121,6 +121,17 @@ def decode_step_settings(device: torch.device, frozen: bool = True):
     )
 
 
+def decode_cache_length(prompt_len: int, max_new_tokens: int, compile: bool, max_seq_len: int | None = None) -> int:
+    """Positions of the KV cache `MoETransformer.generate` allocates for a prompt of prompt_len and
+    max_new_tokens; compiled, rounded up to a multiple of 64 (fewer distinct shapes to trace), at
+    most max_seq_len (None: not capped, an upper bound for any model)."""
+    length = prompt_len + max_new_tokens
+    if not compile:
+        return length
+    rounded = -(-length // 64) * 64
+    return rounded if max_seq_len is None else min(max_seq_len, rounded)
+
+
 class KVCache:
     """Keys and values of every layer for incremental decoding, preallocated for `max_len` positions.
 
@@ -700,7 +711,7 @@ class MoETransformer(nn.Module):
                 else:
                     use_decode_layout(self, B)
             if compiling:
-                length = min(self.config.max_seq_len, -(-length // 64) * 64)  # fewer distinct shapes to trace
+                length = decode_cache_length(S, max_new_tokens, compiling, self.config.max_seq_len)
                 compiled = self._compiled_step()
                 static_step = compiled.step
                 graphed = pads is None and self._graphs_decode(B, input_ids.device)

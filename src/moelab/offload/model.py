@@ -19,6 +19,7 @@ model held in memory.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -38,7 +39,13 @@ from moelab.hf.layouts import config_entry
 from moelab.hf.modules import decoder_layers, find_moe_modules
 from moelab.hf.native import router_from_view, shared_from_view
 from moelab.hf.view import MoELayerView
-from moelab.models.transformer import MoETransformer, Sampling, TokenStreamer, left_padding
+from moelab.models.transformer import (
+    MoETransformer,
+    Sampling,
+    TokenStreamer,
+    decode_cache_length,
+    left_padding,
+)
 from moelab.nn.dispatch import plan_dispatch
 from moelab.nn.experts import Experts
 from moelab.nn.moe import MoELayer
@@ -184,11 +191,14 @@ class OffloadedExperts(Experts):
 @dataclass
 class OffloadedModel:
     """model: the causal LM (moelab's `MoETransformer` or a transformers model) whose routed experts
-    live in `cache`; predictor: how they are read ahead (`load_offloaded`), None for not."""
+    live in `cache`; predictor: how they are read ahead (`load_offloaded`), None for not;
+    kv_cache_tokens: the KV cache's tokens (sequences × positions) its memory budget keeps room
+    for, None where it was loaded without a budget."""
 
     model: nn.Module
     cache: ExpertCache
     predictor: str | None = None
+    kv_cache_tokens: int | None = None
 
     def generate(
         self,
@@ -213,10 +223,25 @@ class OffloadedModel:
                 f"compile=True cannot read ahead (the {self.predictor!r} predictor runs Python hooks at every "
                 "layer); use the policy 'reuse' or 'lru', or drop compile"
             )
+        self._check_kv_cache(input_ids, max_new_tokens, compile)
         return generate_ids(
             self.model, input_ids, max_new_tokens, attention_mask=attention_mask, compile=compile,
             streamer=streamer, sampling=sampling, eos_token_id=eos_token_id,
         )  # fmt: skip
+
+    def _check_kv_cache(self, input_ids: Tensor, max_new_tokens: int, compile: bool) -> None:
+        """Refuse a call whose KV cache would not fit in the room the memory budget kept for it."""
+        if self.kv_cache_tokens is None:
+            return
+        ours = isinstance(self.model, MoETransformer)
+        B, S = input_ids.shape
+        max_len = self.model.config.max_seq_len if ours else None
+        length = decode_cache_length(S, max_new_tokens, compile and ours, max_len)
+        if B * length > self.kv_cache_tokens:
+            raise ValueError(
+                f"this call's KV cache holds {B * length} tokens ({B} sequences x {length} positions) but the "
+                f"memory budget kept room for {self.kv_cache_tokens}: load with kv_cache_tokens >= {B * length}"
+            )
 
     def close(self) -> None:
         self.cache.close()
@@ -358,7 +383,8 @@ def resident_slots(
             f"memory budget {memory_budget / 2**20:.1f} MiB is too small: the dense parts take "
             f"{dense_bytes / 2**20:.1f} MiB, the KV cache {kv_cache_bytes / 2**20:.1f} MiB and one layer's "
             f"routed experts ({top_k} per token) "
-            f"{top_k * store.expert_bytes / 2**20:.1f} MiB; the minimum is {minimum / 2**20:.1f} MiB ({minimum} bytes)"
+            f"{top_k * store.expert_bytes / 2**20:.1f} MiB; the minimum is {math.ceil(minimum / 2**20 * 10) / 10:.1f} MiB "
+            f"({minimum} bytes)"
         )
     return int(slots)
 
@@ -383,8 +409,9 @@ def load_offloaded(
     """The checkpoint at `path` with its routed experts offloaded (see the module docstring).
 
     resident: the fraction of all routed experts the cache holds, or memory_budget: bytes for the
-    whole model (dense parts + the KV cache of kv_cache_tokens tokens, i.e. sequences × positions
-    decoding will hold + cache); eviction: "reuse" or "lru" (`ExpertCache`); predictor:
+    whole model: dense parts + the KV cache of kv_cache_tokens tokens (sequences × positions; a
+    `generate` call whose cache holds more is refused; `decode_cache_length` gives a call's
+    positions) + cache; eviction: "reuse" or "lru" (`ExpertCache`); predictor:
     reading ahead ("affinity", "lookahead", "both"; None, the default: experts are read when the
     routing asks for them) and prefetch_factor (read ahead up to this many times the experts the
     next layer's tokens use). `POLICIES` names the combinations `moelab bench offload` compares:
@@ -404,6 +431,10 @@ def load_offloaded(
     check_device(torch.device(device).type)
     if kv_cache_tokens < 0:
         raise ValueError(f"kv_cache_tokens counts the tokens the KV cache will hold: >= 0, got {kv_cache_tokens}")
+    if kv_cache_tokens and memory_budget is None:
+        raise ValueError(
+            "kv_cache_tokens keeps room for the KV cache in a memory_budget; give one, or drop kv_cache_tokens"
+        )
     if host_memory and torch.device(device).type == "cpu":
         raise ValueError(
             "host_memory=True keeps every expert in host memory for a cache on a GPU (device='cuda'); on a CPU "
@@ -484,7 +515,7 @@ def load_offloaded(
         model.to(device)
     if warm:
         cache.fill(warm_start(store, prior, cache.slots))
-    return OffloadedModel(model.eval(), cache, predictor)
+    return OffloadedModel(model.eval(), cache, predictor, None if memory_budget is None else kv_cache_tokens)
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
