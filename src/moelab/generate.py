@@ -158,9 +158,11 @@ def generate_texts(
         stats = _speed(start, out, out.shape[1] - ids.shape[1]) | _later_rate(clock)
         stats["engine"] = "moelab" if isinstance(model, MoETransformer) else "transformers"
         return _continuations(tokenizer, out, ids.shape[1], eos), stats
-    kv_cache_tokens = ids.shape[0] * decode_cache_length(ids.shape[1], max_new_tokens, compile)  # in a memory budget
+    kv_cache = {} if memory_budget is None else {  # room in the budget
+        "kv_cache_tokens": ids.shape[0] * decode_cache_length(ids.shape[1], max_new_tokens, compile)
+    }
     model = load_offloaded(
-        path, resident=resident, memory_budget=memory_budget, kv_cache_tokens=kv_cache_tokens, prior=prior,
+        path, resident=resident, memory_budget=memory_budget, **kv_cache, prior=prior,
         eviction=eviction, predictor=predictor, prefetch_factor=prefetch_factor, dtype=dtype, device=device,
         host_memory=host_memory,
     )  # fmt: skip

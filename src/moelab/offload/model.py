@@ -379,12 +379,12 @@ def resident_slots(
     slots = min((memory_budget - dense_bytes - kv_cache_bytes) // store.expert_bytes, total)
     if slots < top_k:
         minimum = dense_bytes + kv_cache_bytes + top_k * store.expert_bytes
+        shown = math.ceil(minimum / 2**20 * 10) / 10  # rounded up: a budget of the MiB shown works
         raise ValueError(
             f"memory budget {memory_budget / 2**20:.1f} MiB is too small: the dense parts take "
             f"{dense_bytes / 2**20:.1f} MiB, the KV cache {kv_cache_bytes / 2**20:.1f} MiB and one layer's "
-            f"routed experts ({top_k} per token) "
-            f"{top_k * store.expert_bytes / 2**20:.1f} MiB; the minimum is {math.ceil(minimum / 2**20 * 10) / 10:.1f} MiB "
-            f"({minimum} bytes)"
+            f"routed experts ({top_k} per token) {top_k * store.expert_bytes / 2**20:.1f} MiB; the minimum is "
+            f"{shown:.1f} MiB ({minimum} bytes)"
         )
     return int(slots)
 
@@ -482,10 +482,10 @@ def load_offloaded(
     if host_memory:
         check_host_memory(len(store.moe_layers) * store.num_experts * store.expert_bytes)
     kv_cache_bytes = kv_cache_tokens * kv_bytes_per_token(model, dtype)
+    slots = resident_slots(store, resident, memory_budget, dense_bytes, top_k, kv_cache_bytes)
     cache = ExpertCache(
-        store, resident_slots(store, resident, memory_budget, dense_bytes, top_k, kv_cache_bytes), eviction=eviction,
-        prior=prior,
-        device=device, host_memory=host_memory, progress=partial(tqdm, desc="experts to host memory", leave=False),
+        store, slots, eviction=eviction, prior=prior, device=device, host_memory=host_memory,
+        progress=partial(tqdm, desc="experts to host memory", leave=False),
     )  # fmt: skip
     moes: dict[int, MoELayer] = {}
     for index in store.moe_layers:
@@ -522,11 +522,9 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     """Bytes of keys and values that decoding caches per token (one position of one sequence),
     over every layer: moelab's KV cache, or transformers' (where DeepSeek's multi-head latent
     attention caches the compressed latent and the shared rotary key, not per-head keys and values)."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size, config = torch.empty((), dtype=dtype).element_size(), model.config
     if isinstance(model, MoETransformer):
-        config = model.config
         return 2 * config.n_layers * config.n_kv_heads * config.head_dim * size
-    config = model.config
     if getattr(config, "kv_lora_rank", None):
         per_layer = config.kv_lora_rank + config.qk_rope_head_dim
     else:
