@@ -97,6 +97,7 @@ def test_what_does_not_convert_exactly_is_refused_with_the_reasons(tmp_path):
         ({"head_dim": 16}, "a head width of 16"),
         ({"rope_parameters": linear}, "scaled RoPE (linear)"),
         ({"hidden_act": "gelu"}, "the activation 'gelu'"),
+        ({"hidden_act": "relu"}, "the activation 'relu'"),  # an allow-list of SiLU, not a deny-list of GELU
     ]:
         (path / "config.json").write_text(json.dumps(config | change))
         assert any(p.startswith(problem) for p in conversion_problems(path)), change
@@ -115,9 +116,51 @@ def test_what_does_not_convert_exactly_is_refused_with_the_reasons(tmp_path):
     qwen_config = json.loads((qwen / "config.json").read_text())
     (qwen / "config.json").write_text(json.dumps(qwen_config | {"decoder_sparse_step": 0}))
     assert conversion_problems(qwen)[0].startswith("decoder_sparse_step 0")
+    # Qwen2-MoE's window counts only where use_sliding_window says so (transformers' rule)
+    (qwen / "config.json").write_text(json.dumps(qwen_config | {"use_sliding_window": True, "sliding_window": 4}))
+    assert conversion_problems(qwen)[0].startswith("sliding-window attention (4 positions")
+    (qwen / "config.json").write_text(json.dumps(qwen_config | {"use_sliding_window": False, "sliding_window": 4}))
+    assert conversion_problems(qwen) == []
     (native := tmp_path / "native").mkdir()
     _model(native / "m")
     assert "a moelab checkpoint already" in conversion_problems(native / "m")[0]
+
+
+def test_one_nonzero_attention_bias_anywhere_is_refused_and_a_mixtral_one_is_not_dropped(tmp_path):
+    """Qwen2-MoE: zero biases everywhere but layer 1's v_proj is still refused (moelab's attention
+    would compute something else there). Mixtral has no attention biases: a checkpoint that stores
+    some does not match its config.json and is refused, not converted without them."""
+    _, qwen = _saved(tmp_path, "qwen2_moe")
+    tensors = load_file(qwen / "model.safetensors")
+    assert all(not t.any() for k, t in tensors.items() if k.endswith("_proj.bias"))
+    tensors["model.layers.1.self_attn.v_proj.bias"][3] = 0.5
+    save_file(tensors, qwen / "model.safetensors", metadata={"format": "pt"})
+    assert conversion_problems(qwen) == ["attention biases that are not zero (moelab's attention has none)"]
+    _, mixtral = _saved(tmp_path, "mixtral")
+    tensors = load_file(mixtral / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.full((32,), 0.5)
+    save_file(tensors, mixtral / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="'model.layers.0.self_attn.q_proj.bias' has no counterpart"):
+        moelab_model(mixtral)
+
+
+def test_the_config_maps_field_for_field_and_a_stored_tied_head_is_the_embedding(tmp_path):
+    """moelab's config carries config.json's context length, RoPE base, norm epsilon and head
+    counts; config.json ties the head and the checkpoint stores a head equal to the embedding (as
+    some writers do): it converts tied, with transformers' logits."""
+    overrides = dict(max_position_embeddings=40, rope_theta=321.0, rms_norm_eps=0.25, tie_word_embeddings=True)
+    reference, path = _saved(tmp_path, "mixtral", **overrides)
+    tensors = load_file(path / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    model = moelab_model(path)
+    c = model.config
+    assert (c.max_seq_len, c.rope_theta, c.norm_eps, c.n_heads, c.n_kv_heads) == (40, 321.0, 0.25, 4, 2)
+    assert c.tie_embeddings and model.lm_head.weight is model.embed.weight
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_the_checkpoint_decides_the_head_the_dtype_and_the_files_that_come_along(tmp_path):
@@ -181,6 +224,11 @@ def test_the_import_check_catches_a_wrong_tensor_in_the_layers_it_runs(tmp_path,
 
     _, path = _saved(tmp_path, "mixtral")
     monkeypatch.setattr(conversion, "moelab_tensors", scaled("layers.1.ffn.experts.down_proj", 1.01))
+    with pytest.raises(WriteCheckError, match="logits differ from transformers'"):
+        import_checkpoint(path, tmp_path / "back", quiet=True)
+    assert not (tmp_path / "back").exists()
+    # overflowing (finite) weights: NaN logits, refused too (a NaN error compares as within any tolerance)
+    monkeypatch.setattr(conversion, "moelab_tensors", scaled("layers.1.ffn.experts.down_proj", 1e38))
     with pytest.raises(WriteCheckError, match="logits differ from transformers'"):
         import_checkpoint(path, tmp_path / "back", quiet=True)
     assert not (tmp_path / "back").exists()

@@ -154,6 +154,24 @@ def test_masked_simulation_is_the_original_where_kept_experts_were_chosen(tmp_pa
     assert (masked[~untouched] - original[~untouched]).abs().max() > 1e-3
 
 
+def test_a_dropped_expert_with_a_large_correction_bias_is_never_chosen(tmp_path):
+    """DeepSeek-V3: masking a dropped expert masks its selection score too, so however large its
+    correction bias, the masked simulation (and the writer's float64 check) computes what the layer
+    with that expert removed computes."""
+    build("deepseek_v3").save_pretrained(tmp_path)
+    layer = open_checkpoint(tmp_path).layer(1)
+    bias = layer.router.selection_bias.clone()
+    bias[1] = 100.0  # dropped below: without its mask it would win every token
+    layer = dataclasses.replace(layer, router=dataclasses.replace(layer.router, selection_bias=bias))
+    keep = [0, 3, 5, 6]  # two per routing group
+    x = torch.randn(40, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        smaller = moe_layer_from_view(apply_edit(layer, LayerEdit.keep(keep))).double()(x)[0]
+        masked = masked_moe_layer(layer, keep).double()(x)[0]
+    torch.testing.assert_close(masked, smaller, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(moe_output(layer, x, keep), smaller, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_moe_output_is_the_masked_layer_one_expert_at_a_time(tmp_path, family):
     """The writer's float64 check computes what masked_moe_layer computes, for every family."""
@@ -371,6 +389,9 @@ def test_bad_edits(mixtral, tmp_path):
         LayerEdit(((0,), (0,)))
     with pytest.raises(ValueError, match="merged experts .* need their new tensors"):
         LayerEdit(((0, 1), (2,)))
+    four = open_checkpoint(mixtral).layer(0)
+    with pytest.raises(ValueError, match="LayerEdit.view has 4 experts but sources lists 3"):
+        LayerEdit(((0,), (1,), (2, 3)), view=four)
     with pytest.raises(ValueError, match="names no experts"):
         drop_experts(mixtral, tmp_path / "out", [], quiet=True)
     layer = open_checkpoint(mixtral).layer(0)
@@ -466,6 +487,44 @@ def test_a_broken_layout_encoder_fails_the_postconditions(mixtral, tmp_path, mon
         drop_experts(mixtral, tmp_path / "out", [0], quiet=True)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_each_postcondition_refuses_what_it_checks(mixtral, tmp_path):
+    """check_written and reload_problem on a correct written checkpoint, then on one fault each:
+    an output off by 1e-3 (far above the 1e-5 tolerance on O(1) outputs), NaN weights, a
+    config.json that disagrees with the router rows or the expert width, logits that overflow."""
+    from safetensors.torch import load_file, save_file
+
+    from moelab.hf.postconditions import LayerCheck, check_written, reload_problem
+
+    out = drop_experts(mixtral, tmp_path / "out", [1], quiet=True)
+    x = torch.randn(16, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with open_checkpoint(out) as view:
+        expected = moe_output(view.layer(0), x)
+    assert 0.1 < expected.abs().max() < 10
+    check_written(out, {0: LayerCheck(x, expected)})
+    with pytest.raises(WriteCheckError, match=r"layer 0 differs from the edit applied to the original .* by 0.001"):
+        check_written(out, {0: LayerCheck(x, expected + 1e-3)})
+    family = open_checkpoint(out).family  # moelab's mixtral family, as the writer resolves it
+    assert reload_problem(out, family, quiet=True) is None
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {"num_local_experts": 4}))
+    with pytest.raises(WriteCheckError, match="layer 0 has 3 router rows but config.json says 4 experts"):
+        check_written(out, {})
+    (out / "config.json").write_text(json.dumps(config | {"intermediate_size": 32}))
+    with pytest.raises(WriteCheckError, match="the written checkpoint does not read back: .*intermediate_size"):
+        check_written(out, {0: LayerCheck(x, expected)})
+    (out / "config.json").write_text(json.dumps(config))
+    tensors = load_file(out / "model.safetensors")
+    good = dict(tensors)
+    w2 = "model.layers.0.block_sparse_moe.experts.0.w2.weight"
+    tensors[w2] = torch.full_like(tensors[w2], float("nan"))
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WriteCheckError, match="layer 0 outputs NaN or Inf"):
+        check_written(out, {0: LayerCheck(x, expected)})
+    overflow = {"model.norm.weight": 3e38, "lm_head.weight": 3e38}  # finite weights, logits of +-inf and NaN
+    save_file(good | {k: good[k] * f for k, f in overflow.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    assert reload_problem(out, family, quiet=True) == "the reloaded model's logits contain NaN or Inf"
 
 
 def test_apply_edit_selects_rows():
