@@ -212,12 +212,13 @@ def test_the_import_check_catches_a_wrong_tensor_in_the_layers_it_runs(tmp_path,
 
     convert = conversion.moelab_tensors
 
-    def scaled(name: str, factor: float):
-        """moelab_tensors with tensor `name` multiplied by `factor`: a wrong conversion."""
+    def scaled(name: str, factor: float, *more: str):
+        """moelab_tensors with tensor `name` (and `more`) multiplied by `factor`: a wrong conversion."""
 
         def wrong(*args, **kwargs):
             tensors = convert(*args, **kwargs)
-            tensors[name] = tensors[name] * factor
+            for key in (name, *more):
+                tensors[key] = tensors[key] * factor
             return tensors
 
         return wrong
@@ -227,8 +228,8 @@ def test_the_import_check_catches_a_wrong_tensor_in_the_layers_it_runs(tmp_path,
     with pytest.raises(WriteCheckError, match="logits differ from transformers'"):
         import_checkpoint(path, tmp_path / "back", quiet=True)
     assert not (tmp_path / "back").exists()
-    # overflowing (finite) weights: NaN logits, refused too (a NaN error compares as within any tolerance)
-    monkeypatch.setattr(conversion, "moelab_tensors", scaled("layers.1.ffn.experts.down_proj", 1e38))
+    # finite weights whose logits overflow to +-inf and NaN: refused too (a NaN error passes any tolerance)
+    monkeypatch.setattr(conversion, "moelab_tensors", scaled("norm.weight", 3e38, "lm_head.weight"))
     with pytest.raises(WriteCheckError, match="logits differ from transformers'"):
         import_checkpoint(path, tmp_path / "back", quiet=True)
     assert not (tmp_path / "back").exists()
