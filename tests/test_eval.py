@@ -120,6 +120,7 @@ def test_dynamic_skipping_runs_fewer_experts(model_dir, tmp_path):
     from dataclasses import replace
 
     from moelab.compress import CalibrationOptions, calibrate
+    from moelab.eval.evaluate import render_report
 
     stats = calibrate(
         model_dir, tmp_path / "stats", options=CalibrationOptions(tokens=256, seq_len=32), quiet=True
@@ -132,6 +133,10 @@ def test_dynamic_skipping_runs_fewer_experts(model_dir, tmp_path):
     )
     assert report["agreement"]["all"]["kl"] > 0  # the skipped experts change the output
     assert report["agreement"]["all"]["top1_agreement"] > 0.5
+    assert report["options"]["dynamic_skip"] == str(stats.directory)  # the report says skipping was on
+    assert f"with dynamic skipping (ratios from {stats.directory})" in render_report(report).title
+    plain = evaluate(model_dir, options=replace(SMALL, prompts=0), quiet=True)
+    assert "skipping" not in render_report(plain).title
     torch.manual_seed(1)  # another model of the same shapes: its ratios are not this one's
     other = save_pretrained(MoETransformer(load_pretrained(model_dir).config), tmp_path / "other")
     with pytest.raises(ValueError, match="their fingerprints differ"):

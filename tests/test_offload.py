@@ -29,6 +29,7 @@ from moelab.offload import ExpertCache, ExpertStore, OffloadedExperts, RoutingPr
 from moelab.offload.cache import RECENCY_DECAY
 from moelab.offload.model import generate_ids, kv_bytes_per_token, warm_start
 from moelab.offload.predict import _Counter, lookahead_scores
+from moelab.trace import TraceOptions, trace_model
 
 
 def _native(tmp_path, *, shared: int = 0, bias_free: bool = True):
@@ -1272,3 +1273,20 @@ def test_a_closed_offloaded_model_refuses_to_run(tmp_path, one_thread):
         offloaded.close()
         with pytest.raises(ValueError, match=r"was closed \(close\(\)\); open it again with load_offloaded"):
             offloaded.generate(ids, 2)
+
+
+def test_a_prior_from_a_trace_directory_is_the_prior_measured_on_its_tokens(tmp_path):
+    """`moelab trace`'s directory, opened or given as a path, gives the counts that measuring the
+    model on the same windows gives."""
+    model, _ = _native(tmp_path)
+    windows = torch.randint(0, model.config.vocab_size, (4, 32))
+    streams = {"d": windows.reshape(-1).numpy()}
+    options = TraceOptions(max_tokens=128, seq_len=32, batch_size=4, expert_stats=False)
+    trace = trace_model(model, streams, tmp_path / "trace", options, quiet=True)
+    measured = RoutingPrior.measure(model, [windows])
+    for prior in (RoutingPrior.from_trace(trace), RoutingPrior.from_trace(tmp_path / "trace")):
+        assert prior.layers == measured.layers and prior.affinity.keys() == measured.affinity.keys()
+        for i in measured.layers:
+            torch.testing.assert_close(prior.frequency[i], measured.frequency[i], atol=0, rtol=0)
+        for i in measured.affinity:  # every MoE layer but the last
+            torch.testing.assert_close(prior.affinity[i], measured.affinity[i], atol=0, rtol=0)

@@ -338,7 +338,12 @@ def render_report(report: dict[str, Any]) -> Table:
     """The report as a table: one row per domain (perplexity, and against the base: its
     perplexity, the change, KL and top-1 agreement), then size, speed and degeneration."""
     has_base = report.get("base") is not None
-    table = Table(title=f"{report['model']}" + (f" vs base {report['base']}" if has_base else ""))
+    skipping = report["options"].get("dynamic_skip")
+    table = Table(
+        title=f"{report['model']}"
+        + (f" with dynamic skipping (ratios from {skipping})" if skipping else "")
+        + (f" vs base {report['base']}" if has_base else "")
+    )
     columns = ["domain", "perplexity"] + (
         ["base", "change", "KL(base||model)", "top-1 agree"] if has_base else []
     )

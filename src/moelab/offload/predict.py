@@ -26,6 +26,7 @@ by T times that maximum serve as the chance an expert is needed at b (for evicti
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.hf.view import ModelView
-from moelab.trace import RoutingCapture, Trace
+from moelab.trace import RoutingCapture, Trace, open_trace
 
 PREDICTORS = ("affinity", "lookahead", "both")
 
@@ -49,8 +50,11 @@ class RoutingPrior:
     affinity: dict[int, Tensor]
 
     @classmethod
-    def from_trace(cls, trace: Trace) -> RoutingPrior:
-        """Count choices and consecutive-layer co-choices over every token of a routing trace."""
+    def from_trace(cls, trace: Trace | str | os.PathLike) -> RoutingPrior:
+        """Count choices and consecutive-layer co-choices over every token of a routing trace (or
+        the trace directory `moelab trace` wrote)."""
+        if not isinstance(trace, Trace):
+            trace = open_trace(trace)
         counter = _Counter({i: trace.info.experts_of(i) for i in trace.info.layers})
         for shard in trace.shards():
             counter.add({i: routing.indices for i, routing in shard.layers.items()})
