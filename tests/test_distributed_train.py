@@ -91,7 +91,8 @@ def _step(model: MoETransformer, cfg: TrainConfig, batches, parallel=None) -> di
         group = None if parallel is None else parallel.world_group
         attach_selection_bias_update(optimizer, model, rate=0.01, group=group)
     stats = train_step(model, optimizer, iter(batches), cfg, torch.device("cpu"), contextlib.nullcontext(), parallel)
-    return {"loss": stats["scalars"]["loss"], "grad_norm": stats["scalars"]["grad_norm"], "load": stats["load"]}
+    keys = ("load", "experts_per_token")
+    return {"loss": stats["scalars"]["loss"], "grad_norm": stats["scalars"]["grad_norm"]} | {k: stats[k] for k in keys}
 
 
 def _reference(name: str, world: int = WORLD) -> dict:
@@ -166,6 +167,7 @@ def _check(name: str, got: dict, world: int = WORLD) -> None:
     assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), name
     for layer, load in want["load"].items():
         torch.testing.assert_close(got["load"][layer], load, msg=lambda m: f"{name} load {layer}: {m}")
+    assert got["experts_per_token"] == pytest.approx(want["experts_per_token"], rel=1e-6), name  # the mean over ranks
     for pname, grad in want["grads"].items():
         if grad is None:
             assert got["grads"][pname] is None, f"{name}: {pname} got a gradient"
