@@ -159,3 +159,68 @@ def test_cli_export(tmp_path):
     assert result.exit_code != 0 and "has 8192 tokens but the model's vocab_size is 128" in str(result.exception)
     result = CliRunner().invoke(app, [*args, "--tokenizer", str(TOKENIZER_DIR)])
     assert result.exit_code != 0 and "exclude each other" in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    "family,moe,fields,message",
+    [
+        ("qwen2_moe", {"route_scale": 2.0}, {}, r"route_scale=2\.0"),
+        ("qwen2_moe", {"router_bias": True}, {}, "a router bias"),
+        ("qwen2_moe", {"expert_mlp_bias": True}, {}, "expert biases"),
+        ("mixtral", {"renormalize": False}, {"first_k_dense": 0}, r"renormalize=False \(Mixtral always"),
+    ],
+)
+def test_settings_that_change_the_logits_are_refused_not_exported(tmp_path, family, moe, fields, message):
+    """Settings with no Qwen2-MoE / Mixtral counterpart besides those above: the export would load
+    in transformers but compute something else, so it is refused up front, naming the setting."""
+    _model(tmp_path / "src", moe=moe, **fields)
+    with pytest.raises(ValueError, match=rf"cannot be exported exactly as {family}: it has .*{message}"):
+        export_checkpoint(tmp_path / "src", tmp_path / "out", family, tokenizer=None, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_model_is_exported_in_bf16(tmp_path):
+    """The weights keep the dtype they are stored in, and config.json says so, as save_pretrained
+    would write it for a bf16 model (transformers loads dtype="auto" from it)."""
+    from safetensors import safe_open
+
+    model = _model(tmp_path / "fp32", moe={"num_shared": 1})
+    save_pretrained(model.to(torch.bfloat16), tmp_path / "src")
+    export_checkpoint(tmp_path / "src", tmp_path / "out", "qwen2_moe", tokenizer=None, quiet=True)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"BF16"}
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert hf.dtype == torch.bfloat16
+
+
+def test_config_carries_the_settings_that_do_not_show_in_logits(tmp_path):
+    """Context length and the balance-loss coefficient: read back by transformers from the
+    export, they are moelab's own (a wrong value would not change the logit check)."""
+    for family, fields in (("qwen2_moe", {}), ("mixtral", {"first_k_dense": 0})):
+        src = tmp_path / f"src-{family}"
+        model = _model(src, moe={"balance_coef": 0.037}, max_seq_len=96, **fields)
+        export_checkpoint(src, tmp_path / family, family, tokenizer=None, quiet=True)
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / family).config
+        assert hf.max_position_embeddings == model.config.max_seq_len == 96
+        assert hf.router_aux_loss_coef == model.config.moe.balance_coef == 0.037
+        assert hf.num_experts_per_tok == model.config.moe.top_k == 2
+
+
+@pytest.mark.parametrize("case", ["qwen2_moe-shared-tied-theta", "mixtral-tied"])
+def test_exported_model_in_memory_is_the_moelab_model(tmp_path, case):
+    """`exported_model` (the fused in-memory layout, used by `moelab bench generate`) computes
+    moelab's logits, like the checkpoint export does."""
+    family, moe, fields = CASES[case]
+    model = _model(tmp_path / "src", moe=moe, **fields)
+    hf = export_module.exported_model(tmp_path / "src", family)
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = model(ids).logits, hf(ids).logits
+    assert expected.abs().max() > 1
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    tensors, _ = export_module.export_state(tmp_path / "src", family, tokenizer=None, fused=True)
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in tensors), "not the fused layout"
+    tensors, _ = export_module.export_state(tmp_path / "src", family, tokenizer=None)
+    assert not any("gate_up" in k for k in tensors), "not the per-expert layout save_pretrained writes"

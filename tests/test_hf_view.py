@@ -470,3 +470,26 @@ def test_llama4_interleaved_moe_layers_without_moe_layers_key(tmp_path):
     with open_checkpoint(tmp_path) as view:
         assert view.num_layers == 4
         _assert_matches_transformers(view, "llama4_text", model, (0, 2))
+
+
+@pytest.mark.parametrize("original", [True, False], ids=["per_expert", "fused"])
+def test_a_range_past_the_last_expert_is_refused(tmp_path, original):
+    """A range that starts inside but runs past the experts is refused like one wholly outside
+    (a fused tensor would otherwise slice it short without a word)."""
+    build("qwen3_moe").save_pretrained(tmp_path, save_original_format=original)
+    with open_checkpoint(tmp_path) as view:
+        message = r"cannot read experts range\(3, 5\) of layer 1: config says 4 experts"
+        with pytest.raises(CheckpointError, match=message):
+            view.experts(1, range(3, 5))
+
+
+def test_config_expert_width_differs_from_disk(tmp_path):
+    """config.json's intermediate_size (what the writer edits when experts narrow) must be the
+    experts' width on disk, as it is their count."""
+    build("mixtral").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"intermediate_size": 8}))
+    with open_checkpoint(tmp_path) as view:
+        message = r"config says the experts are 8 wide \(intermediate_size\).* 16"
+        with pytest.raises(CheckpointError, match=message):
+            view.layer(0)

@@ -768,3 +768,81 @@ def test_a_sharded_output_index_counts_the_bytes_written(tmp_path):
     tensors = {k: v for shard in shards for k, v in load_file(tmp_path / "out" / shard).items()}
     assert set(tensors) == set(index["weight_map"])
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_native_checkpoint_with_expert_biases(tmp_path):
+    """moelab's fused layout stores expert biases too (gate_up_bias [E, 2I], gate half first;
+    down_bias [E, D]): a pruned model with them computes the masked original, bias for bias."""
+    model = _native(tmp_path, expert_mlp_bias=True)
+    for layer in model.moe_layers.values():  # unequal gate and up halves: swapping them shows
+        assert layer.experts.gate_up_bias.abs().min() > 0
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    before = _logits(model, ids)
+    drop_experts(tmp_path / "src", tmp_path / "out", [1], quiet=True)
+    pruned = load_pretrained(tmp_path / "out").eval()
+    assert pruned.config.moe.num_experts == 3 and pruned.config.moe.expert_mlp_bias
+    with open_checkpoint(tmp_path / "src") as view:
+        for i in model.moe_layers:
+            model.layers[i].ffn = masked_moe_layer(view.layer(i), [0, 1, 2, 3])
+    # the view reads the biases as the model has them (nothing masked: the model itself)
+    torch.testing.assert_close(_logits(model, ids), before, atol=1e-5, rtol=0)
+    with open_checkpoint(tmp_path / "src") as view:
+        for i in model.moe_layers:
+            model.layers[i].ffn = masked_moe_layer(view.layer(i), [0, 2, 3])
+    torch.testing.assert_close(_logits(pruned, ids), _logits(model, ids), atol=1e-5, rtol=0)
+
+
+def test_a_family_shared_expert_gate_is_never_left_out():
+    """Qwen2-MoE's shared expert always has its sigmoid gate on disk: a view without one is refused
+    (written without it, transformers would load a randomly initialised gate); moelab's own
+    checkpoints, where the gate is optional, write the three projections alone."""
+    from moelab.hf.adapters import FAMILIES, NATIVE
+    from moelab.hf.view import SharedView
+
+    g = torch.Generator().manual_seed(0)
+    shared = SharedView(*(torch.randn(*shape, generator=g) for shape in ((3, 8), (3, 8), (8, 3))))
+    qwen2 = FAMILIES["qwen2_moe"].layouts[0].shared
+    with pytest.raises(CheckpointError, match="shared experts have a sigmoid gate; the view has none"):
+        qwen2.encode(shared, "model.layers.0.")
+    gate = torch.randn(1, 8, generator=g)
+    written = qwen2.encode(SharedView(shared.gate, shared.up, shared.down, gate), "model.layers.0.")
+    assert torch.equal(written["model.layers.0.mlp.shared_expert_gate.weight"], gate)
+    assert torch.equal(written["model.layers.0.mlp.shared_expert.down_proj.weight"], shared.down)
+    native = NATIVE.layouts[0].shared.encode(shared, "layers.0.")
+    assert sorted(native) == [f"layers.0.ffn.shared.{p}_proj.weight" for p in ("down", "gate", "up")]
+
+
+def test_experts_with_biases_are_not_offered_as_bare_parts(tmp_path):
+    """`parts` (stacked-expert slots for offloading) describes weights alone: where expert biases
+    are on disk too it offers nothing, so that no reader drops them; without biases, expert e is
+    row e of the fused tensors, gate rows first."""
+    from moelab.hf.adapters import NATIVE
+    from moelab.hf.checkpoint import Checkpoint
+
+    experts = NATIVE.layouts[0].experts
+    for bias in (True, False):
+        model = _native(tmp_path / str(bias), expert_mlp_bias=bias)
+        (i,) = model.moe_layers
+        ckpt = Checkpoint(tmp_path / str(bias) / "src")
+        try:
+            parts = experts.parts(ckpt, f"layers.{i}.", 2)
+        finally:
+            ckpt.close()
+        if bias:
+            assert parts is None
+            continue
+        assert [(p.name, p.row, p.part) for p in parts] == [
+            (f"layers.{i}.ffn.experts.gate_up_proj", 2, "gate_up"),
+            (f"layers.{i}.ffn.experts.down_proj", 2, "down"),
+        ]
+
+
+def test_per_layer_widths_are_refused_before_writing(tmp_path):
+    """Experts narrowed in one layer but not the other leave config.json no single width to hold:
+    refused up front, like per-layer counts, with each layer's count x width."""
+    build("mixtral").save_pretrained(tmp_path / "src")
+    narrowed = _narrow_and_merge(open_checkpoint(tmp_path / "src").layer(0))
+    edits = {0: LayerEdit(((0, 1), (2,), (3,)), view=narrowed), 1: LayerEdit.drop([1], 4)}
+    with pytest.raises(ValueError, match=r"\(layer 0: 3 x 8, layer 1: 3 x 16; experts x width\)"):
+        write_checkpoint(tmp_path / "src", tmp_path / "out", edits, quiet=True)
+    assert not (tmp_path / "out").exists()
