@@ -43,3 +43,90 @@ def test_bytes_a_decode_step_reads(tied):
     kv = 2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * context * 4
     expected = dense - rows + distinct * expert_bytes / cfg.moe.num_experts + kv
     assert bytes_per_step(model, {1: distinct}, batch, context) == pytest.approx(expected)
+
+
+def test_speedup_over_an_even_number_of_rounds_is_the_middle_pair_s_mean():
+    """Per-round ratios 8, 1, 2, 3: the median is 2.5 (the mean 3.5, the first round's 8, the upper
+    middle value 3)."""
+    assert speedup([8.0, 1.0, 4.0, 6.0], [1.0, 1.0, 2.0, 2.0]) == 2.5
+
+
+def test_fraction_of_bound_is_the_median_of_per_round_fractions():
+    """10 tokens in 1, 1 and 0.5 s against bounds of 100, 20 and 10 tokens/s: 0.1, 0.5 and 2.0,
+    median 0.5 (the mean would say 0.867); a round without its bound is refused."""
+    assert fraction_of_bound(10, [1.0, 1.0, 0.5], [100.0, 20.0, 10.0]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="one time and one bound per round"):
+        fraction_of_bound(10, [1.0, 1.0], [100.0])
+
+
+def test_a_bf16_decode_step_reads_two_bytes_a_cached_value():
+    """bf16 weights and a bf16 KV cache: half the fp32 bytes, the cache included."""
+    import torch
+
+    model = MoETransformer(tiny()).to(torch.bfloat16)
+    cfg, batch, context = model.config, 2, 6.0
+    fp32 = MoETransformer(tiny())
+    kv = lambda size: 2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * context * size  # noqa: E731
+    weights32 = bytes_per_step(fp32, {1: 1.0}, batch, context) - kv(4)
+    assert bytes_per_step(model, {1: 1.0}, batch, context) == pytest.approx(weights32 / 2 + kv(2))
+
+
+def test_memory_bandwidth_is_the_matrix_s_bytes_over_the_fastest_read_in_gb_s(monkeypatch):
+    """An 8 MB (2**20 bytes) matrix read in 0.5, 0.25 and 0.4 s: 8 * 2**20 / 0.25 / 1e9 GB/s."""
+    import moelab.bench.generate as G
+
+    seconds = iter([0.5, 0.25, 0.4])
+    monkeypatch.setattr(G, "_timed", lambda fn, device="cpu": next(seconds))
+    assert G.memory_bandwidth_gb_s(megabytes=8, repeats=3) == pytest.approx(8 * 2**20 / 0.25 / 1e9)
+
+
+def test_distinct_experts_counts_each_expert_once_per_decode_step():
+    """A router of zero weights sends every token to the same top-2 experts: 2 distinct experts a
+    step, however many sequences decode together (not 3 sequences x 2 slots)."""
+    import torch
+
+    from moelab.bench.generate import distinct_experts_per_step
+
+    torch.manual_seed(0)
+    model = MoETransformer(tiny()).eval()
+    with torch.no_grad():
+        model.moe_layers[1].router.weight.zero_()
+    prompts = torch.randint(0, model.config.vocab_size, (3, 4))
+    assert distinct_experts_per_step(model, prompts, 4) == {1: 2.0}
+
+
+def test_bench_generate_rows_from_injected_timings(tmp_path, monkeypatch):
+    """measure_model's arithmetic on scripted timings (rounds in a fixed order: moelab,
+    transformers, moelab at skip 0.5, then the bandwidth), batch 2 x 3 new tokens after 4 prompt
+    tokens (a mean context of 4 + (3 - 1) / 2 = 5 positions), 2 distinct experts a step."""
+    import torch
+
+    import moelab.bench.generate as G
+    from moelab.models import save_pretrained
+
+    torch.manual_seed(0)
+    save_pretrained(MoETransformer(tiny()), tmp_path / "m")
+    model = G.load_pretrained(tmp_path / "m").eval()
+    #          moelab transformers skip   GB/s
+    rounds = [(1.0, 2.0, 0.5, 10.0), (4.0, 4.0, 1.0, 40.0), (2.0, 6.0, 4.0, 20.0)]
+    seconds = iter(t for r in rounds for t in r[:3])
+    bandwidths = iter(r[3] for r in rounds)
+    monkeypatch.setattr(G.random, "shuffle", lambda order: None)
+    monkeypatch.setattr(G, "_timed", lambda fn, device="cpu": next(seconds))
+    monkeypatch.setattr(G, "memory_bandwidth_gb_s", lambda **kwargs: next(bandwidths))
+    monkeypatch.setattr(G, "distinct_experts_per_step", lambda model, prompts, new_tokens: {1: 2.0})
+    options = G.GenerateOptions(batch_sizes=(2,), prompt_tokens=4, new_tokens=3, rounds=3, skip=(0.5,))
+    (row,) = G.measure_model("m", tmp_path / "m", model, options)
+    assert next(seconds, None) is None and next(bandwidths, None) is None, "3 rounds, no more"
+    per_token = bytes_per_step(model, {1: 2.0}, 2, 5.0) / 2
+    assert row["bytes_per_token"] == pytest.approx(per_token)
+    assert row["memory_bandwidth_gb_s"] == 20.0  # median of 10, 40, 20
+    assert row["bound_tokens_per_s"] == pytest.approx(20e9 / per_token)
+    assert row["tokens_per_s"] == {"moelab": 2 * 3 / 2.0, "transformers": 2 * 3 / 4.0, "moelab_skip0.5": 2 * 3 / 1.0}
+    # transformers' time over moelab's per round: 2, 1, 3 -> 2; over skip's: 4, 4, 1.5 -> 4
+    assert row["ratio_vs_transformers"] == {"moelab": 2.0, "transformers": 1.0, "moelab_skip0.5": 4.0}
+    # moelab's over skip's: 2, 4, 0.5 -> 2
+    assert row["speedup_vs_moelab"] == {"moelab": 1.0, "transformers": 0.5, "moelab_skip0.5": 2.0}
+    # moelab: 6 tokens / 1, 4, 2 s against bounds 10, 40, 20 GB/s over per_token bytes
+    fractions = [6 / t / (gb * 1e9 / per_token) for t, gb in [(1.0, 10.0), (4.0, 40.0), (2.0, 20.0)]]
+    assert row["fraction_of_bound"]["moelab"] == pytest.approx(sorted(fractions)[1])
