@@ -130,3 +130,90 @@ def test_bench_generate_rows_from_injected_timings(tmp_path, monkeypatch):
     # moelab: 6 tokens / 1, 4, 2 s against bounds 10, 40, 20 GB/s over per_token bytes
     fractions = [6 / t / (gb * 1e9 / per_token) for t, gb in [(1.0, 10.0), (4.0, 40.0), (2.0, 20.0)]]
     assert row["fraction_of_bound"]["moelab"] == pytest.approx(sorted(fractions)[1])
+
+
+def test_bench_layer_rows_from_injected_timings(monkeypatch):
+    """measure's arithmetic on scripted step times: one untimed warm-up step each, then 3 rounds;
+    tokens/s over the median step, ratios the median of same-round ratios."""
+    import moelab.bench.layer as L
+
+    impls = {"moelab": lambda x: x, "dense": lambda x: x, "serial": lambda x: x}
+    steps = {  # the warm-up's 100 s must count nowhere
+        impls["moelab"]: iter([100.0, 1.0, 4.0, 2.0]),
+        impls["dense"]: iter([100.0, 2.0, 4.0, 6.0]),
+        impls["serial"]: iter([100.0, 4.0, 4.0, 3.0]),
+    }
+    monkeypatch.setattr(L, "build_impls", lambda shape, dtype, skew, device: impls)
+    monkeypatch.setattr(L, "time_step", lambda fn, x, grad, mode: next(steps[fn]))
+    rows = {r["impl"]: r for r in L.measure(L.SHAPES["e8k2"], "fp32", "fwd", tokens=12, rounds=3)}
+    assert all(next(s, None) is None for s in steps.values()), "a warm-up and 3 rounds, no more"
+    assert {i: r["tokens_per_s"] for i, r in rows.items()} == {"moelab": 6.0, "dense": 3.0, "serial": 3.0}
+    # dense over moelab per round: 2, 1, 3 -> 2; over serial: 0.5, 1, 2 -> 1; serial over moelab: 4, 1, 1.5 -> 1.5
+    assert rows["moelab"]["ratio_vs_dense"] == 2.0 and rows["serial"]["ratio_vs_dense"] == 1.0
+    assert rows["serial"]["moelab_speedup"] == 1.5 and rows["moelab"]["moelab_speedup"] == 1.0
+
+
+def test_bench_layer_dense_baseline_has_the_active_width_and_bf16_tokens_are_capped(monkeypatch):
+    import torch
+
+    import moelab.bench.layer as L
+
+    shape = L.SHAPES["e64k8"]
+    dense = L.build_impls(shape, torch.float32)["dense"]
+    assert dense.down.in_features == shape.top_k * shape.hidden_dim  # the same active FLOPs per token
+    options = L.BenchOptions.create(tokens=4096)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert options.tokens_for("bf16") == 512 and options.tokens_for("fp32") == 4096
+    assert L.BenchOptions.create(tokens=100).tokens_for("bf16") == 100
+
+
+def test_expert_load_imbalance_of_one_token_is_experts_over_k():
+    """One token reaches k of E experts once each: max load 1 over a mean load of k / E."""
+    from moelab.bench.layer import SHAPES, expert_load_imbalance
+
+    assert expert_load_imbalance(SHAPES["e64k8"], 1, 0.0) == pytest.approx(64 / 8)
+
+
+def test_peak_memory_on_a_cpu_is_the_rss_growth_in_mib(monkeypatch):
+    import torch
+
+    import moelab.bench.layer as L
+
+    peaks = iter([1000, 1000 + 3 * 1024])  # VmHWM, kB, before and after the step
+    monkeypatch.setattr(L, "_peak_rss_kb", lambda: next(peaks))
+    threads = torch.get_num_threads()
+    try:
+        assert L._step_peak_mb("e8k2", "moelab", 8, "cpu") == 3.0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bench_distributed_cells_are_medians_over_rounds_and_ratios_to_one_process(monkeypatch):
+    """run's arithmetic with the spawned cells replaced by scripted results: each number the
+    median over 3 rounds, then the ratio to the one-process cell's median tokens/s."""
+    import moelab.bench.distributed as D
+
+    scripted = {
+        (1, "one"): iter([100.0, 300.0, 200.0]),  # median 200
+        (2, "dp"): iter([500.0, 100.0, 300.0]),  # median 300 (mean 300 too; the first round 500)
+        (2, "ep"): iter([50.0, 150.0, 400.0]),  # median 150 (mean 200)
+    }
+
+    def cell(model, options, n, layout):
+        return {"procs": n, "layout": layout, "tokens_per_second": next(scripted[(n, layout)])}
+
+    monkeypatch.setattr(D, "_cell", cell)
+    config = dataclasses.replace(tiny(), first_k_dense=0)
+    doc = D.run(config, D.DistributedOptions(procs=(1, 2), batch_size=2, rounds=3))
+    got = {(c["procs"], c["layout"]): (c["tokens_per_second"], c["vs_one_process"]) for c in doc["cells"]}
+    assert got == {(1, "one"): (200.0, 1.0), (2, "dp"): (300.0, 1.5), (2, "ep"): (150.0, 0.75)}
+
+
+def test_uniform_expert_exchange_bytes():
+    """2 (backward) x 64 tokens x 1.5 rows x 3 MoE layers x 3/4 crossing x (2 x 32 + 1) x 4 bytes;
+    dense layers exchange nothing, and one expert-parallel rank sends nothing."""
+    from moelab.bench.distributed import _uniform_bytes
+
+    config = dataclasses.replace(tiny(), n_layers=4, first_k_dense=1)
+    assert _uniform_bytes(config, 64, 1.5, 4) == pytest.approx(2 * 64 * 1.5 * 3 * 0.75 * 65 * 4)
+    assert _uniform_bytes(config, 64, 1.5, 1) == 0.0
