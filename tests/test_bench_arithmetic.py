@@ -4,12 +4,22 @@ the bytes a decode step reads (a CLI run checks only that the numbers are there)
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import pytest
+import torch
 
-from moelab.bench.generate import bytes_per_step
+import moelab.bench.distributed as D
+import moelab.bench.generate as G
+import moelab.bench.layer as L
+import moelab.bench.skipping as skipping
+from moelab.bench.distributed import _uniform_bytes
+from moelab.bench.generate import bytes_per_step, distinct_experts_per_step
+from moelab.bench.layer import SHAPES, expert_load_imbalance
 from moelab.bench.rounds import bound_tokens_per_s, fraction_of_bound, speedup
-from moelab.models import MoETransformer, tiny
+from moelab.compress import CalibrationOptions, calibrate
+from moelab.models import ModelConfig, MoETransformer, save_pretrained, tiny
+from moelab.nn import MoEConfig
 
 
 def test_speedup_is_the_median_of_per_round_ratios():
@@ -61,8 +71,6 @@ def test_fraction_of_bound_is_the_median_of_per_round_fractions():
 
 def test_a_bf16_decode_step_reads_two_bytes_a_cached_value():
     """bf16 weights and a bf16 KV cache: half the fp32 bytes, the cache included."""
-    import torch
-
     model = MoETransformer(tiny()).to(torch.bfloat16)
     cfg, batch, context = model.config, 2, 6.0
     fp32 = MoETransformer(tiny())
@@ -73,8 +81,6 @@ def test_a_bf16_decode_step_reads_two_bytes_a_cached_value():
 
 def test_memory_bandwidth_is_the_matrix_s_bytes_over_the_fastest_read_in_gb_s(monkeypatch):
     """An 8 MB (2**20 bytes) matrix read in 0.5, 0.25 and 0.4 s: 8 * 2**20 / 0.25 / 1e9 GB/s."""
-    import moelab.bench.generate as G
-
     seconds = iter([0.5, 0.25, 0.4])
     monkeypatch.setattr(G, "_timed", lambda fn, device="cpu": next(seconds))
     assert G.memory_bandwidth_gb_s(megabytes=8, repeats=3) == pytest.approx(8 * 2**20 / 0.25 / 1e9)
@@ -83,10 +89,6 @@ def test_memory_bandwidth_is_the_matrix_s_bytes_over_the_fastest_read_in_gb_s(mo
 def test_distinct_experts_counts_each_expert_once_per_decode_step():
     """A router of zero weights sends every token to the same top-2 experts: 2 distinct experts a
     step, however many sequences decode together (not 3 sequences x 2 slots)."""
-    import torch
-
-    from moelab.bench.generate import distinct_experts_per_step
-
     torch.manual_seed(0)
     model = MoETransformer(tiny()).eval()
     with torch.no_grad():
@@ -99,11 +101,6 @@ def test_bench_generate_rows_from_injected_timings(tmp_path, monkeypatch):
     """measure_model's arithmetic on scripted timings (rounds in a fixed order: moelab,
     transformers, moelab at skip 0.5, then the bandwidth), batch 2 x 3 new tokens after 4 prompt
     tokens (a mean context of 4 + (3 - 1) / 2 = 5 positions), 2 distinct experts a step."""
-    import torch
-
-    import moelab.bench.generate as G
-    from moelab.models import save_pretrained
-
     torch.manual_seed(0)
     save_pretrained(MoETransformer(tiny()), tmp_path / "m")
     model = G.load_pretrained(tmp_path / "m").eval()
@@ -135,8 +132,6 @@ def test_bench_generate_rows_from_injected_timings(tmp_path, monkeypatch):
 def test_bench_layer_rows_from_injected_timings(monkeypatch):
     """measure's arithmetic on scripted step times: one untimed warm-up step each, then 3 rounds;
     tokens/s over the median step, ratios the median of same-round ratios."""
-    import moelab.bench.layer as L
-
     impls = {"moelab": lambda x: x, "dense": lambda x: x, "serial": lambda x: x}
     steps = {  # the warm-up's 100 s must count nowhere
         impls["moelab"]: iter([100.0, 1.0, 4.0, 2.0]),
@@ -154,10 +149,6 @@ def test_bench_layer_rows_from_injected_timings(monkeypatch):
 
 
 def test_bench_layer_dense_baseline_has_the_active_width_and_bf16_tokens_are_capped(monkeypatch):
-    import torch
-
-    import moelab.bench.layer as L
-
     shape = L.SHAPES["e64k8"]
     dense = L.build_impls(shape, torch.float32)["dense"]
     assert dense.down.in_features == shape.top_k * shape.hidden_dim  # the same active FLOPs per token
@@ -169,16 +160,10 @@ def test_bench_layer_dense_baseline_has_the_active_width_and_bf16_tokens_are_cap
 
 def test_expert_load_imbalance_of_one_token_is_experts_over_k():
     """One token reaches k of E experts once each: max load 1 over a mean load of k / E."""
-    from moelab.bench.layer import SHAPES, expert_load_imbalance
-
     assert expert_load_imbalance(SHAPES["e64k8"], 1, 0.0) == pytest.approx(64 / 8)
 
 
 def test_peak_memory_on_a_cpu_is_the_rss_growth_in_mib(monkeypatch):
-    import torch
-
-    import moelab.bench.layer as L
-
     peaks = iter([1000, 1000 + 3 * 1024])  # VmHWM, kB, before and after the step
     monkeypatch.setattr(L, "_peak_rss_kb", lambda: next(peaks))
     threads = torch.get_num_threads()
@@ -191,8 +176,6 @@ def test_peak_memory_on_a_cpu_is_the_rss_growth_in_mib(monkeypatch):
 def test_bench_distributed_cells_are_medians_over_rounds_and_ratios_to_one_process(monkeypatch):
     """run's arithmetic with the spawned cells replaced by scripted results: each number the
     median over 3 rounds, then the ratio to the one-process cell's median tokens/s."""
-    import moelab.bench.distributed as D
-
     scripted = {
         (1, "one"): iter([100.0, 300.0, 200.0]),  # median 200
         (2, "dp"): iter([500.0, 100.0, 300.0]),  # median 300 (mean 300 too; the first round 500)
@@ -212,8 +195,31 @@ def test_bench_distributed_cells_are_medians_over_rounds_and_ratios_to_one_proce
 def test_uniform_expert_exchange_bytes():
     """2 (backward) x 64 tokens x 1.5 rows x 3 MoE layers x 3/4 crossing x (2 x 32 + 1) x 4 bytes;
     dense layers exchange nothing, and one expert-parallel rank sends nothing."""
-    from moelab.bench.distributed import _uniform_bytes
-
     config = dataclasses.replace(tiny(), n_layers=4, first_k_dense=1)
     assert _uniform_bytes(config, 64, 1.5, 4) == pytest.approx(2 * 64 * 1.5 * 3 * 0.75 * 65 * 4)
     assert _uniform_bytes(config, 64, 1.5, 1) == 0.0
+
+
+def test_bench_skip_speedup_is_the_median_of_per_round_ratios(tmp_path, monkeypatch):
+    """`moelab bench skip` on scripted seconds: plain 1, 10, 10 and skipping 0.5, 20, 4 give
+    per-round speed-ups 2, 0.5, 2.5 (median 2.0), not the ratio of the medians (10 / 4 = 2.5);
+    experts per token are weighted by each batch's tokens."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=8192, dim=32, n_layers=2, n_heads=4, max_seq_len=64,
+                         moe=MoEConfig(dim=32, num_experts=4, hidden_dim=32, top_k=2))  # fmt: skip
+    model = save_pretrained(MoETransformer(config), tmp_path / "m")
+    stats = calibrate(model, tmp_path / "stats", options=CalibrationOptions(tokens=256, seq_len=32), quiet=True)
+    # rounds alternate the order: plain, skipping | skipping, plain | plain, skipping
+    durations = iter([1.0, 0.5, 20.0, 10.0, 10.0, 4.0])
+    clock = [0.0]
+
+    def perf_counter():
+        clock.append(clock[-1] + (next(durations) if len(clock) % 2 == 0 else 0.0))
+        return clock[-1]
+
+    monkeypatch.setattr(skipping, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    doc = skipping.run(model, stats.directory, skipping.SkipOptions(tokens=96, seq_len=16, batch_size=4, rounds=3))
+    assert doc["speedup"] == 2.0
+    total = sum(int((t != -100).sum()) for _, t in skipping.test_batches(96, 16, 4))
+    assert doc["plain"]["tokens_per_s"] == total / 10.0 and doc["skipping"]["tokens_per_s"] == total / 4.0
+    assert doc["plain"]["experts_per_token"] == 2.0 and 1.0 <= doc["skipping"]["experts_per_token"] < 2.0

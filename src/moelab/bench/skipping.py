@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch import Tensor
 
+from moelab.bench.rounds import speedup
 from moelab.compress.skipping import apply_dynamic_skipping, skip_ratios
 from moelab.compress.stats import Calibration
 from moelab.data import IGNORE_INDEX, eval_batches, tokenize_split
@@ -44,17 +45,18 @@ def test_batches(
 @torch.no_grad()
 def loss_and_experts(model, batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
     """Mean next-token loss (nats) over the batches and the experts a token used, averaged over
-    the MoE layers."""
+    the MoE layers; both weighted by each batch's tokens (a shorter last batch counts less)."""
     loss = tokens = experts = 0.0
     for inputs, targets in batches:
         out = model(inputs)
         mask = targets != IGNORE_INDEX
+        n = int(mask.sum())
         loss += float(F.cross_entropy(out.logits[mask], targets[mask], reduction="sum"))
-        tokens += int(mask.sum())
-        experts += sum(float(res.experts_per_token) for res in out.moe_results.values()) / len(
+        tokens += n
+        experts += n * sum(float(res.experts_per_token) for res in out.moe_results.values()) / len(
             out.moe_results
         )
-    return {"loss": loss / tokens, "experts_per_token": experts / len(batches)}
+    return {"loss": loss / tokens, "experts_per_token": experts / tokens}
 
 
 @torch.no_grad()
@@ -78,7 +80,7 @@ def run(model_dir: Path, stats_dir: Path, options: SkipOptions) -> dict:
     doc = {"format": JSON_FORMAT, "model": str(model_dir), "ratios": {str(k): v for k, v in ratios.items()}}
     for mode in seconds:
         doc[mode] = measured[mode] | {"tokens_per_s": total / statistics.median(seconds[mode])}
-    doc["speedup"] = doc["skipping"]["tokens_per_s"] / doc["plain"]["tokens_per_s"]
+    doc["speedup"] = speedup(seconds["plain"], seconds["skipping"])  # within each round: robust to drift
     return doc
 
 
