@@ -45,8 +45,9 @@ COMM = {"ep": ("all_to_all",), "fsdp": ("all_gather", "allgather", "reduce_scatt
 class DistributedOptions:
     """procs: process counts; batch_size (global sequences per step) x seq_len tokens; warmup
     and steps: untimed and timed steps per cell; rounds: passes over all the cells (a cell's
-    numbers are medians over rounds, so each ratio's two sides saw the machine at the same
-    times); load: busy processes beside the benchmark."""
+    numbers are medians over rounds; its ratio to one process is the median of the ratios
+    within each round, whose two sides saw the machine at about the same time); load: busy
+    processes beside the benchmark."""
 
     procs: tuple[int, ...] = (1, 2, 4)
     batch_size: int = 8
@@ -83,10 +84,11 @@ def run(model: ModelConfig, options: DistributedOptions, progress=lambda what: N
             for n, layout in layouts:
                 progress(f"round {r + 1}/{options.rounds}: {n} process(es), {layout}")
                 measured[(n, layout)].append(_cell(model, options, n, layout))
-    cells = [_median(runs) for runs in measured.values()]
-    base = next((c for c in cells if c["procs"] == 1), None)
-    for cell in cells:
-        cell["vs_one_process"] = cell["tokens_per_second"] / base["tokens_per_second"] if base else None
+    base = next((runs for (n, _), runs in measured.items() if n == 1), None)
+    cells = []
+    for runs in measured.values():  # the ratio within each round, then its median: robust to drift
+        ratios = None if base is None else [r["tokens_per_second"] / b["tokens_per_second"] for r, b in zip(runs, base)]
+        cells.append(_median(runs) | {"vs_one_process": None if ratios is None else statistics.median(ratios)})
     return {"format": JSON_FORMAT, "options": asdict(options), "model": model.to_dict(), "cells": cells}
 
 
