@@ -464,7 +464,6 @@ def _collectives_worker(rank: int, port: int, out) -> None:
     exit_process(0)
 
 
-@pytest.mark.slow  # spawns 2 processes (8 s on this shared machine)
 def test_ranks_agree_on_flags_metrics_and_rank_0s_value_and_error():
     """2 ranks: a flag set on one rank is set on both; scalars and experts per token are the means over
     the ranks and the loads their sums; rank 0's value, and its error (its own on rank 0)."""
