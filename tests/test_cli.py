@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from moelab.cli import app
@@ -501,3 +502,10 @@ def test_generate_keeps_room_for_its_kv_cache_in_a_memory_budget(monkeypatch):
     with pytest.raises(RuntimeError, match="stop here"):  # a compiled step's cache: 64 positions
         generate.generate_texts(reference_model_dir(), prompts, max_new_tokens=10, memory_budget=2**30, compile=True)
     assert asked["kv_cache_tokens"] == 2 * 64
+    with pytest.raises(RuntimeError, match="stop here"):  # at most the context (512): longer fails as it starts
+        generate.generate_texts(reference_model_dir(), prompts, max_new_tokens=600, memory_budget=2**30)
+    assert asked["kv_cache_tokens"] == 2 * 512
+    config = {"model_type": "olmoe", "max_position_embeddings": 4096}  # transformers runs it: no compiled step
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    assert generate._kv_cache_tokens(config, ids, 10, compile=True) == 2 * 15
+    assert generate._kv_cache_tokens(config | {"model_type": "mixtral"}, ids, 10, compile=True) == 2 * 64

@@ -674,7 +674,7 @@ def test_a_budget_keeps_room_for_the_kv_cache(tmp_path):
     with pytest.raises(ValueError, match="kv_cache_tokens .* >= 0"):
         load_offloaded(path, memory_budget=budget, kv_cache_tokens=-1)
     with pytest.raises(ValueError, match="kv_cache_tokens keeps room .* in a memory_budget"):
-        load_offloaded(path, resident=0.5, kv_cache_tokens=30)
+        load_offloaded(path, resident=0.5, kv_cache_tokens=0)
 
 
 def test_a_call_whose_kv_cache_outgrows_the_budgets_room_is_refused(tmp_path):
@@ -683,12 +683,17 @@ def test_a_call_whose_kv_cache_outgrows_the_budgets_room_is_refused(tmp_path):
     before anything is compiled)."""
     model, path = _native(tmp_path)
     ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    uncounted = load_offloaded(path, memory_budget=10**9)  # the budget leaves the KV cache out: no check
+    try:
+        assert uncounted.kv_cache_tokens is None and torch.equal(uncounted.generate(ids, 11), generate_ids(model, ids, 11))
+    finally:
+        uncounted.close()
     offloaded = load_offloaded(path, memory_budget=10**9, kv_cache_tokens=30)
     try:
         assert torch.equal(offloaded.generate(ids, 10), generate_ids(model, ids, 10))
-        with pytest.raises(ValueError, match=r"holds 32 tokens \(2 sequences x 16 positions\) .* room for 30"):
+        with pytest.raises(ValueError, match=r"holds 32 tokens \(2 sequence\(s\) x 16 positions\) .* room for 30"):
             offloaded.generate(ids, 11)
-        with pytest.raises(ValueError, match=r"holds 64 tokens \(1 sequences x 64 positions\)"):
+        with pytest.raises(ValueError, match=r"holds 64 tokens \(1 sequence\(s\) x 64 positions\)"):
             offloaded.generate(ids[:1], 10, compile=True)
     finally:
         offloaded.close()

@@ -28,7 +28,7 @@ import torch
 
 from moelab.data import TOKENIZER_DIR
 from moelab.files import read_json_object
-from moelab.hf.conversion import conversion_problems, moelab_model
+from moelab.hf.conversion import CONVERTIBLE_FAMILIES, conversion_problems, moelab_model
 from moelab.models.transformer import MoETransformer, Sampling, TokenStreamer, decode_cache_length
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import generate_ids
@@ -158,9 +158,9 @@ def generate_texts(
         stats = _speed(start, out, out.shape[1] - ids.shape[1]) | _later_rate(clock)
         stats["engine"] = "moelab" if isinstance(model, MoETransformer) else "transformers"
         return _continuations(tokenizer, out, ids.shape[1], eos), stats
-    kv_cache = {} if memory_budget is None else {  # room in the budget
-        "kv_cache_tokens": ids.shape[0] * decode_cache_length(ids.shape[1], max_new_tokens, compile)
-    }
+    kv_cache = {}  # the room a memory budget keeps for it
+    if memory_budget is not None:
+        kv_cache["kv_cache_tokens"] = _kv_cache_tokens(config, ids, max_new_tokens, compile)
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, **kv_cache, prior=prior,
         eviction=eviction, predictor=predictor, prefetch_factor=prefetch_factor, dtype=dtype, device=device,
@@ -183,6 +183,16 @@ def generate_texts(
     finally:
         model.close()
     return _continuations(tokenizer, out, ids.shape[1], eos), stats
+
+
+def _kv_cache_tokens(config: dict, ids: torch.Tensor, max_new_tokens: int, compile: bool) -> int:
+    """The room for the KV cache that a memory budget keeps: every sequence's positions, rounded
+    as a compiled step rounds them where the model runs as moelab's (only moelab's compile) and at
+    most the model's context (a longer call is refused when it starts, not by the budget)."""
+    moelab_runs = config.get("model_type") in (None, *CONVERTIBLE_FAMILIES)
+    limit = config.get("max_seq_len") or config.get("max_position_embeddings")
+    positions = decode_cache_length(ids.shape[1], max_new_tokens, compile and moelab_runs, limit)
+    return ids.shape[0] * (positions if limit is None else min(positions, limit))
 
 
 def model_in_memory(

@@ -193,7 +193,7 @@ class OffloadedModel:
     """model: the causal LM (moelab's `MoETransformer` or a transformers model) whose routed experts
     live in `cache`; predictor: how they are read ahead (`load_offloaded`), None for not;
     kv_cache_tokens: the KV cache's tokens (sequences × positions) its memory budget keeps room
-    for, None where it was loaded without a budget."""
+    for, None where the budget does not count the KV cache or there is no budget."""
 
     model: nn.Module
     cache: ExpertCache
@@ -239,7 +239,7 @@ class OffloadedModel:
         length = decode_cache_length(S, max_new_tokens, compile and ours, max_len)
         if B * length > self.kv_cache_tokens:
             raise ValueError(
-                f"this call's KV cache holds {B * length} tokens ({B} sequences x {length} positions) but the "
+                f"this call's KV cache holds {B * length} tokens ({B} sequence(s) x {length} positions) but the "
                 f"memory budget kept room for {self.kv_cache_tokens}: load with kv_cache_tokens >= {B * length}"
             )
 
@@ -394,7 +394,7 @@ def load_offloaded(
     *,
     resident: float | None = None,
     memory_budget: int | None = None,
-    kv_cache_tokens: int = 0,
+    kv_cache_tokens: int | None = None,
     eviction: str = "reuse",
     predictor: str | None = None,
     prior: RoutingPrior | None = None,
@@ -411,7 +411,7 @@ def load_offloaded(
     resident: the fraction of all routed experts the cache holds, or memory_budget: bytes for the
     whole model: dense parts + the KV cache of kv_cache_tokens tokens (sequences × positions; a
     `generate` call whose cache holds more is refused; `decode_cache_length` gives a call's
-    positions) + cache; eviction: "reuse" or "lru" (`ExpertCache`); predictor:
+    positions; None: the budget does not count the KV cache) + cache; eviction: "reuse" or "lru" (`ExpertCache`); predictor:
     reading ahead ("affinity", "lookahead", "both"; None, the default: experts are read when the
     routing asks for them) and prefetch_factor (read ahead up to this many times the experts the
     next layer's tokens use). `POLICIES` names the combinations `moelab bench offload` compares:
@@ -429,9 +429,9 @@ def load_offloaded(
     with no file read per miss (Mixtral-offloading's layout).
     """
     check_device(torch.device(device).type)
-    if kv_cache_tokens < 0:
+    if kv_cache_tokens is not None and kv_cache_tokens < 0:
         raise ValueError(f"kv_cache_tokens counts the tokens the KV cache will hold: >= 0, got {kv_cache_tokens}")
-    if kv_cache_tokens and memory_budget is None:
+    if kv_cache_tokens is not None and memory_budget is None:
         raise ValueError(
             "kv_cache_tokens keeps room for the KV cache in a memory_budget; give one, or drop kv_cache_tokens"
         )
@@ -481,7 +481,7 @@ def load_offloaded(
     top_k = max(v.router.top_k for v in views.values())
     if host_memory:
         check_host_memory(len(store.moe_layers) * store.num_experts * store.expert_bytes)
-    kv_cache_bytes = kv_cache_tokens * kv_bytes_per_token(model, dtype)
+    kv_cache_bytes = (kv_cache_tokens or 0) * kv_bytes_per_token(model, dtype)
     slots = resident_slots(store, resident, memory_budget, dense_bytes, top_k, kv_cache_bytes)
     cache = ExpertCache(
         store, slots, eviction=eviction, prior=prior, device=device, host_memory=host_memory,
@@ -515,7 +515,7 @@ def load_offloaded(
         model.to(device)
     if warm:
         cache.fill(warm_start(store, prior, cache.slots))
-    return OffloadedModel(model.eval(), cache, predictor, None if memory_budget is None else kv_cache_tokens)
+    return OffloadedModel(model.eval(), cache, predictor, kv_cache_tokens)
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
