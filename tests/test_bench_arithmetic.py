@@ -12,6 +12,7 @@ import torch
 import moelab.bench.distributed as D
 import moelab.bench.generate as G
 import moelab.bench.layer as L
+import moelab.bench.offload as O
 import moelab.bench.skipping as skipping
 from moelab.bench.distributed import _uniform_bytes
 from moelab.bench.generate import bytes_per_step, distinct_experts_per_step
@@ -20,6 +21,7 @@ from moelab.bench.rounds import bound_tokens_per_s, fraction_of_bound, speedup
 from moelab.compress import CalibrationOptions, calibrate
 from moelab.models import ModelConfig, MoETransformer, save_pretrained, tiny
 from moelab.nn import MoEConfig
+from moelab.offload import POLICIES, load_offloaded
 
 
 def test_speedup_is_the_median_of_per_round_ratios():
@@ -224,3 +226,87 @@ def test_bench_skip_speedup_is_the_median_of_per_round_ratios(tmp_path, monkeypa
     total = sum(int((t != -100).sum()) for _, t in skipping.test_batches(96, 16, 4))
     assert doc["plain"]["tokens_per_s"] == total / 10.0 and doc["skipping"]["tokens_per_s"] == total / 4.0
     assert doc["plain"]["experts_per_token"] == 2.0 and 1.0 <= doc["skipping"]["experts_per_token"] < 2.0
+
+
+def test_bench_offload_rows_from_scripted_seconds_and_the_cache_s_own_counts(tmp_path, monkeypatch):
+    """measure_model's arithmetic: the real decoding and the real cache (so hits, misses and
+    read-aheads are counted for real), each decode's seconds scripted. 2 prompts x 3 new tokens =
+    6 tokens; 3 rounds per cell, the in-memory run first in rounds 1 and 3, second in round 2.
+    Every cell's in-memory seconds are (1, 10, 10) and offloaded ones (0.5, 20, 4) times its number
+    (1..5): vs memory is the median of the per-round ratios 2, 0.5, 2.5 -> 2 (the ratio of medians
+    says 2.5, inverted 0.5), tokens/s 6 over the median 4 (not round 1's 0.5). The compiled cells
+    decode eagerly here (the arithmetic does not depend on it; a compiled step sees the same hits).
+    No CPU decode has late hits for sure: after each timed decode one hit is made late and two
+    copies late, to price late_rate over the requests (not the hits); one cell's last round gets
+    one token wrong, which its same_tokens must say."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny(), n_layers=3, first_k_dense=0)
+    save_pretrained(MoETransformer(cfg), tmp_path / "m")
+    generator = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(
+        O, "test_batches", lambda tokens, seq_len, batch, split="test": [(torch.randint(0, 128, (batch, seq_len), generator=generator), None)]
+    )  # fmt: skip
+    monkeypatch.setattr(O, "POLICIES", {p: POLICIES[p] for p in ("lru", "reuse", "lookahead")})
+    memory, offloaded = (1.0, 10.0, 10.0), (0.5, 20.0, 4.0)
+    eager, compiled = (2.0, 8.0, 3.0), (1.0, 2.0, 6.0)  # the in-memory model's compiled rounds: e / c = 2, 4, 0.5
+    untimed = 1000.0  # warm-up, reference and tracing decodes: counted nowhere
+    expected = [("memory", False, 1, 2, untimed), ("memory", False, 2, 3, untimed)]  # (model, compile, prompts, new, s)
+    cells = [("lru", False), ("reuse", False), ("lookahead", False), ("lru", True), ("reuse", True)]
+    for n, (_, is_compiled) in enumerate(cells, start=1):
+        for r in range(3):
+            if is_compiled:
+                expected.append(("offloaded", True, 1, 3, untimed))
+            pair = [("memory", False, 2, 3, n * memory[r]), ("offloaded", is_compiled, 2, 3, n * offloaded[r])]
+            expected += pair[::-1] if r % 2 else pair
+    expected.append(("memory", True, 1, 3, untimed))
+    for r in range(3):
+        pair = [("memory", False, 2, 3, eager[r]), ("memory", True, 2, 3, compiled[r])]
+        expected += pair[::-1] if r % 2 else pair
+    script, models, decode = iter(expected), [], O._decode
+
+    def load(*args, **kwargs):
+        models.append(load_offloaded(*args, **kwargs))
+        return models[-1]
+
+    def scripted(model, prompts, new_tokens, compile=False):
+        who = "offloaded" if models and model is models[-1].model else "memory"
+        *call, seconds = next(script)
+        assert (who, compile, len(prompts), new_tokens) == tuple(call)
+        out, _ = decode(model, prompts, new_tokens)  # eagerly
+        if who == "offloaded" and len(prompts) == 2:
+            if len(models) == 6:  # the "reuse" cell's last round: the second prompt's last token differs
+                out[1] = torch.cat([out[1][:, :-1], (out[1][:, -1:] + 1) % 128], dim=1)
+            step = models[-1].cache.stats[1]
+            step.hits, step.late, step.late_copies = step.hits - 1, step.late + 1, step.late_copies + 2
+        return out, seconds
+
+    monkeypatch.setattr(O, "load_offloaded", load)
+    monkeypatch.setattr(O, "_decode", scripted)
+    options = O.OffloadOptions(resident=(0.5,), prompts=2, prompt_tokens=4, new_tokens=3, rounds=3,
+                               calibration_tokens=256, compile=True)  # fmt: skip
+    result = O.measure_model(tmp_path / "m", options)
+    assert next(script, None) is None and len(models) == 5 * 3
+    # in memory: 6 tokens over the median of 1, 10, 10, 2, 20, 20, ... 5, 50, 50 = 20 (the mean is 21)
+    assert result["in_memory_tokens_per_s"] == 6 / 20.0
+    assert result["in_memory_compiled_tokens_per_s"] == 6 / 2.0  # median of 1, 2, 6
+    assert result["in_memory_compiled_vs_memory"] == 2.0  # median of 2, 4, 0.5 (ratio of medians: 1.5)
+    assert [(r["policy"], r["compiled"]) for r in result["rows"]] == cells
+    assert [r["same_tokens"] for r in result["rows"]] == [True, False, True, True, True]
+    assert result["experts"] == 3 * 4 and result["expert_bytes"] == 3 * 32 * 32 * 4  # gate, up, down in fp32
+    some_prompt_misses = False
+    for n, (row, model) in enumerate(zip(result["rows"], models[2::3]), start=1):  # each cell's last round
+        step, total, prefetch = model.cache.stats[1], model.cache.total(), model.cache.prefetch_stats
+        assert step.requests == 2 * (3 - 1) * 3 * 2  # 2 prompts x 2 one-token steps x 3 layers x top-2
+        assert row["slots"] == 6
+        assert row["tokens_per_s"] == 6 / (4.0 * n) and row["vs_memory"] == 2.0
+        assert row["hit_rate"] == (step.hits + step.late) / step.requests
+        assert row["late_rate"] == step.late / step.requests and row["late_copy_rate"] == step.late_copies / step.requests
+        assert row["reads_per_token"] == (total.misses + prefetch.issued) / 6
+        if prefetch.issued:
+            assert row["prefetch_accuracy"] == prefetch.used / prefetch.issued
+        else:
+            assert row["prefetch_accuracy"] != row["prefetch_accuracy"]  # NaN: nothing read ahead
+        some_prompt_misses |= total.misses > step.misses
+    lookahead = result["rows"][2]
+    assert models[8].cache.prefetch_stats.issued > 0 and lookahead["reads_per_token"] > 0
+    assert some_prompt_misses, "the prompt pass must read experts, or decode and total stats would agree"
