@@ -22,6 +22,8 @@ from moelab.hf import (
     DenseLayerView,
     ExpertsView,
     MoELayerView,
+    RouterView,
+    SharedView,
     moe_layer_from_view,
     open_checkpoint,
 )
@@ -412,6 +414,98 @@ def test_experts_view_checks_shapes():
     E, I = 4, 8
     with pytest.raises(ValueError, match=r"experts down has shape \[4, 8, 32\], expected \[4, 32, 8\]"):
         ExpertsView(torch.zeros(E, I, D), torch.zeros(E, I, D), torch.zeros(E, I, D))
+
+
+def _views(**change):
+    """A valid router, experts and shared expert of 4 experts, dim 32, hidden 8 (shared 6), with
+    `change` applied as {"router"|"experts"|"shared": {field: value}}, built into an MoELayerView."""
+    E, I = 4, 8
+    router = {"weight": torch.zeros(E, D), "score_func": "softmax", "top_k": 2, "renormalize": True}
+    experts = {"gate": torch.zeros(E, I, D), "up": torch.zeros(E, I, D), "down": torch.zeros(E, D, I)}
+    shared = {"gate": torch.zeros(6, D), "up": torch.zeros(6, D), "down": torch.zeros(D, 6)}
+    return MoELayerView(
+        0,
+        RouterView(**router | change.get("router", {})),
+        ExpertsView(**experts | change.get("experts", {})),
+        SharedView(**shared | change.get("shared", {})),
+    )
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"router": {"score_func": "relu"}}, r"score_func must be one of"),
+        ({"router": {"bias": torch.zeros(5)}}, r"router bias has shape \[5\], expected \[4\]"),
+        ({"router": {"bias": torch.zeros(4, 1)}}, r"router bias has shape \[4, 1\], expected \[4\]"),
+        ({"router": {"selection_bias": torch.zeros(3)}}, r"router selection_bias has shape \[3\], expected \[4\]"),
+        ({"router": {"top_k": 5}}, r"top_k"),
+        ({"router": {"n_group": 3}}, r"n_group \(3\) must be >= 1 and divide num_experts \(4\)"),
+        # groups of one expert: a sigmoid router scores a group by its two best (a softmax one is fine, below)
+        ({"router": {"score_func": "sigmoid", "top_k": 1, "n_group": 4}}, r"every group needs at least 2 experts"),
+        ({"experts": {"activation": "gelu"}}, r"experts activation must be one of"),
+        ({"experts": {"activation": "clamped_swiglu", "swiglu_alpha": 1.7}}, r"set exactly when activation is"),
+        ({"experts": {"swiglu_alpha": 1.7, "swiglu_limit": 7.0}}, r"set exactly when activation is"),
+        ({"experts": {"up": torch.zeros(4, 8, 31)}}, r"experts up has shape \[4, 8, 31\], expected \[4, 8, 32\]"),
+        ({"experts": {"gate_bias": torch.zeros(4, 7)}}, r"experts gate_bias has shape \[4, 7\], expected \[4, 8\]"),
+        ({"experts": {"up_bias": torch.zeros(3, 8)}}, r"experts up_bias has shape \[3, 8\], expected \[4, 8\]"),
+        ({"experts": {"down_bias": torch.zeros(4, 8)}}, r"experts down_bias has shape \[4, 8\], expected \[4, 32\]"),
+        ({"experts": {"gate": torch.zeros(4, 8, D, dtype=torch.int8)}}, r"experts gate has dtype torch.int8"),
+        ({"shared": {"up": torch.zeros(6, 31)}}, r"shared up has shape \[6, 31\], expected \[6, 32\]"),
+        ({"shared": {"down": torch.zeros(D, 5)}}, r"shared down has shape \[32, 5\], expected \[32, 6\]"),
+        ({"shared": {"sigmoid_gate": torch.zeros(2, D)}}, r"shared sigmoid_gate has shape \[2, 32\], expected \[1, 32\]"),
+        ({"experts": {n: torch.zeros(3, *s) for n, s in (("gate", (8, D)), ("up", (8, D)), ("down", (D, 8)))}},
+         r"router weight \[4, 32\] \(\[experts, dim\]\) does not match experts gate \[3, 8, 32\]"),
+        ({"experts": {n: torch.zeros(4, *s) for n, s in (("gate", (8, 16)), ("up", (8, 16)), ("down", (16, 8)))}},
+         r"router weight \[4, 32\] \(\[experts, dim\]\) does not match experts gate \[4, 8, 16\]"),
+        ({"shared": {"gate": torch.zeros(6, 16), "up": torch.zeros(6, 16), "down": torch.zeros(16, 6)}},
+         r"shared gate \[6, 16\] does not match the model dim 32"),
+    ],
+)  # fmt: skip
+def test_layer_views_refuse_inconsistent_fields(change, message):
+    """Every check a view makes of its own fields, one bad field at a time (the adapters build views
+    from config.json and the tensors; these checks are what stops a bad pair of them)."""
+    _views()  # valid as it stands
+    with pytest.raises(ValueError, match=message):
+        _views(**change)
+
+
+def test_group_size_rule_is_the_sigmoid_router_s():
+    """Groups of one expert: refused for a sigmoid router (transformers scores a group by its two
+    best experts), fine for a softmax one."""
+    softmax = _views(router={"top_k": 1, "n_group": 4}).router
+    assert (softmax.min_group_size, softmax.n_group) == (1, 4)
+    assert _views(router={"score_func": "sigmoid", "n_group": 2, "topk_group": 1}).router.min_group_size == 2
+    assert _views(router={"score_func": "sigmoid"}).router.min_group_size == 1
+
+
+def test_a_negative_layer_index_is_out_of_range(tmp_path):
+    _save("mixtral", tmp_path)
+    with pytest.raises(IndexError, match="layer index -1 out of range: the model has 2 layers"):
+        open_checkpoint(tmp_path).layer(-1)
+
+
+def test_a_zero_in_config_json_that_a_layer_divides_by_names_the_layer(tmp_path):
+    """Qwen2-MoE's decoder_sparse_step of 0: a CheckpointError naming the layer and config.json,
+    not a bare ZeroDivisionError."""
+    _save("qwen2_moe", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "decoder_sparse_step": 0}))
+    with pytest.raises(CheckpointError, match=r"layer 0: .*check the values in config.json"):
+        open_checkpoint(tmp_path).layer(0)
+
+
+def test_a_layer_without_its_routed_experts_reads_none_of_them(tmp_path):
+    """layer(routed=False): the routed experts as meta tensors of their shapes and dtypes, the
+    router and shared experts read as in layer()."""
+    _save("qwen2_moe", tmp_path)
+    with open_checkpoint(tmp_path) as view:
+        index = next(layer.index for layer in view.layers() if isinstance(layer, MoELayerView))
+        whole, light = view.layer(index), view.layer(index, routed=False)
+    for name in ("gate", "up", "down"):
+        full, meta = getattr(whole.experts, name), getattr(light.experts, name)
+        assert meta.is_meta and not full.is_meta and (meta.shape, meta.dtype) == (full.shape, full.dtype)
+    assert torch.equal(light.router.weight, whole.router.weight) and not light.router.weight.is_meta
+    assert torch.equal(light.shared.gate, whole.shared.gate) and not light.shared.down.is_meta
 
 
 @pytest.mark.parametrize(
