@@ -514,6 +514,7 @@ def test_a_layer_without_its_routed_experts_reads_none_of_them(tmp_path):
         ("qwen3_moe", "norm_topk_prob"),
         ("olmoe", "norm_topk_prob"),
         ("deepseek_v3", "routed_scaling_factor"),
+        ("deepseek_v3", "norm_topk_prob"),
         ("phimoe", "router_jitter_noise"),
         ("gpt_oss", "swiglu_alpha"),
     ],
@@ -531,6 +532,36 @@ def test_a_setting_missing_from_config_is_transformers_default(tmp_path, family,
     assert getattr(model.config, key) == getattr(type(model.config)(), key)
     with open_checkpoint(tmp_path) as view:
         _assert_matches_transformers(view, family, model, TINY[family].dense)
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("deepseek_v3", {"routed_scaling_factor": 1.5}),
+        ("dbrx", {"ffn_config": {"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 3}}),
+    ],
+)
+def test_a_setting_other_than_the_tiny_models_is_read_from_config(tmp_path, family, overrides):
+    """The tiny configs use 2.5 (DeepSeek-V3's default) and top-2: another value must reach the view."""
+    model = build(family, **overrides)
+    model.save_pretrained(tmp_path)
+    with open_checkpoint(tmp_path) as view:
+        _assert_matches_transformers(view, family, model, TINY[family].dense)
+
+
+def test_a_moelab_checkpoint_s_router_settings_reach_the_view(tmp_path):
+    """renormalize=False, sigmoid scores, groups and a route scale, as the moelab config says."""
+    import dataclasses
+
+    from moelab.models import MoETransformer, save_pretrained, tiny
+
+    base = tiny()
+    moe = dataclasses.replace(base.moe, score_func="sigmoid", renormalize=False, route_scale=1.5, n_group=2, topk_group=1)
+    save_pretrained(MoETransformer(dataclasses.replace(base, moe=moe)), tmp_path)
+    with open_checkpoint(tmp_path) as view:
+        router = view.layer(1).router
+    got = (router.score_func, router.top_k, router.renormalize, router.route_scale, router.n_group, router.topk_group)
+    assert got == ("sigmoid", 2, False, 1.5, 2, 1)
 
 
 @pytest.mark.parametrize("top_k", [1, 3])
