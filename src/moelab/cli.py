@@ -600,7 +600,6 @@ def generate_cmd(
     from moelab.generate import generate_texts, load_tokenizer_of, parse_size
     from moelab.models.transformer import Sampling
     from moelab.offload import RoutingPrior
-    from moelab.trace import open_trace
     from moelab.validation import check_choice
 
     check_choice("dtype", dtype, DTYPES)
@@ -622,7 +621,7 @@ def generate_cmd(
     texts, stats = generate_texts(
         path, prompts, max_new_tokens=max_new_tokens, resident=resident,
         memory_budget=None if memory_budget is None else parse_size(memory_budget),
-        prior=None if prior is None else RoutingPrior.from_trace(open_trace(prior)), policy=policy, compile=compile_step,
+        prior=None if prior is None else RoutingPrior.from_trace(prior), policy=policy, compile=compile_step,
         dtype=DTYPES[dtype], device=device, host_memory=host_memory, streamer=streamer, sampling=sampling,
         ignore_eos=ignore_eos,
     )  # fmt: skip
