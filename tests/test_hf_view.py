@@ -445,6 +445,7 @@ def _views(**change):
         ({"experts": {"activation": "gelu"}}, r"experts activation must be one of"),
         ({"experts": {"activation": "clamped_swiglu", "swiglu_alpha": 1.7}}, r"set exactly when activation is"),
         ({"experts": {"swiglu_alpha": 1.7, "swiglu_limit": 7.0}}, r"set exactly when activation is"),
+        ({"experts": {"swiglu_alpha": 1.7}}, r"set exactly when activation is"),  # half the pair, on silu
         ({"experts": {"up": torch.zeros(4, 8, 31)}}, r"experts up has shape \[4, 8, 31\], expected \[4, 8, 32\]"),
         ({"experts": {"gate_bias": torch.zeros(4, 7)}}, r"experts gate_bias has shape \[4, 7\], expected \[4, 8\]"),
         ({"experts": {"up_bias": torch.zeros(3, 8)}}, r"experts up_bias has shape \[3, 8\], expected \[4, 8\]"),

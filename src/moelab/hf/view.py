@@ -101,9 +101,8 @@ class ExpertsView:
                 f"experts activation must be one of {ACTIVATIONS}, got {self.activation!r} (config.json's "
                 "hidden_act); other gated activations are not supported yet"
             )
-        if (self.activation == "clamped_swiglu") != (
-            self.swiglu_alpha is not None and self.swiglu_limit is not None
-        ):
+        clamped = self.activation == "clamped_swiglu"
+        if any((value is not None) != clamped for value in (self.swiglu_alpha, self.swiglu_limit)):
             raise ValueError(
                 "swiglu_alpha and swiglu_limit are set exactly when activation is 'clamped_swiglu'"
             )
