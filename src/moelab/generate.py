@@ -158,11 +158,9 @@ def generate_texts(
         stats = _speed(start, out, out.shape[1] - ids.shape[1]) | _later_rate(clock)
         stats["engine"] = "moelab" if isinstance(model, MoETransformer) else "transformers"
         return _continuations(tokenizer, out, ids.shape[1], eos), stats
-    kv_cache = {}  # the room a memory budget keeps for it
-    if memory_budget is not None:
-        kv_cache["kv_cache_tokens"] = _kv_cache_tokens(config, ids, max_new_tokens, compile)
+    kv_cache_tokens = None if memory_budget is None else _kv_cache_tokens(config, ids, max_new_tokens, compile)
     model = load_offloaded(
-        path, resident=resident, memory_budget=memory_budget, **kv_cache, prior=prior,
+        path, resident=resident, memory_budget=memory_budget, kv_cache_tokens=kv_cache_tokens, prior=prior,
         eviction=eviction, predictor=predictor, prefetch_factor=prefetch_factor, dtype=dtype, device=device,
         host_memory=host_memory,
     )  # fmt: skip
@@ -191,8 +189,7 @@ def _kv_cache_tokens(config: dict, ids: torch.Tensor, max_new_tokens: int, compi
     most the model's context (a longer call is refused when it starts, not by the budget)."""
     moelab_runs = config.get("model_type") in (None, *CONVERTIBLE_FAMILIES)
     limit = config.get("max_seq_len") or config.get("max_position_embeddings")
-    positions = decode_cache_length(ids.shape[1], max_new_tokens, compile and moelab_runs, limit)
-    return ids.shape[0] * (positions if limit is None else min(positions, limit))
+    return ids.shape[0] * decode_cache_length(ids.shape[1], max_new_tokens, compile and moelab_runs, limit)
 
 
 def model_in_memory(

@@ -123,13 +123,12 @@ def decode_step_settings(device: torch.device, frozen: bool = True):
 
 def decode_cache_length(prompt_len: int, max_new_tokens: int, compile: bool, max_seq_len: int | None = None) -> int:
     """Positions of the KV cache `MoETransformer.generate` allocates for a prompt of prompt_len and
-    max_new_tokens; compiled, rounded up to a multiple of 64 (fewer distinct shapes to trace), at
-    most max_seq_len (None: not capped, an upper bound for any model)."""
+    max_new_tokens; compiled, rounded up to a multiple of 64 (fewer distinct shapes to trace); at
+    most max_seq_len (None: not capped; a longer call is refused when it starts)."""
     length = prompt_len + max_new_tokens
-    if not compile:
-        return length
-    rounded = -(-length // 64) * 64
-    return rounded if max_seq_len is None else min(max_seq_len, rounded)
+    if compile:
+        length = -(-length // 64) * 64
+    return length if max_seq_len is None else min(max_seq_len, length)
 
 
 class KVCache:

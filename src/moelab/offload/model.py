@@ -411,9 +411,9 @@ def load_offloaded(
     resident: the fraction of all routed experts the cache holds, or memory_budget: bytes for the
     whole model: dense parts + the KV cache of kv_cache_tokens tokens (sequences × positions; a
     `generate` call whose cache holds more is refused; `decode_cache_length` gives a call's
-    positions; None: the budget does not count the KV cache) + cache; eviction: "reuse" or "lru" (`ExpertCache`); predictor:
-    reading ahead ("affinity", "lookahead", "both"; None, the default: experts are read when the
-    routing asks for them) and prefetch_factor (read ahead up to this many times the experts the
+    positions; None: the budget does not count the KV cache) + cache; eviction: "reuse" or "lru"
+    (`ExpertCache`); predictor: reading ahead ("affinity", "lookahead", "both"; None, the default:
+    experts are read when the routing asks for them) and prefetch_factor (read ahead up to this many times the experts the
     next layer's tokens use). `POLICIES` names the combinations `moelab bench offload` compares:
     "lookahead" has the highest hit rates, but on the CPUs measured no read-ahead ("lru",
     "reuse") gave the most tokens/s in every cell, and "reuse" reads the fewest experts
