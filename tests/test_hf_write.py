@@ -846,3 +846,46 @@ def test_per_layer_widths_are_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match=r"\(layer 0: 3 x 8, layer 1: 3 x 16; experts x width\)"):
         write_checkpoint(tmp_path / "src", tmp_path / "out", edits, quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def _reshard(directory, shards: list[tuple[list[str], dict[str, str] | None]]) -> list[str]:
+    """Rewrite directory's model.safetensors as shards part-i.safetensors holding the given keys
+    (every other key goes to the first), each with the given header metadata; -> the shard names."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    (directory / "model.safetensors").unlink()
+    names = [f"part-{i}.safetensors" for i in range(1, len(shards) + 1)]
+    rest = set(tensors) - {key for keys, _ in shards for key in keys}
+    weight_map = {}
+    for name, (keys, metadata) in zip(names, shards):
+        keys = keys + sorted(rest) if name == names[0] else keys
+        save_file({key: tensors[key] for key in keys}, directory / name, metadata=metadata)
+        weight_map |= dict.fromkeys(keys, name)
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return names
+
+
+@pytest.mark.parametrize("second_shard", ["expert 3", "lm_head"])
+def test_shard_names_and_metadata_are_the_sources_unless_a_shard_empties(mixtral, tmp_path, second_shard):
+    """The output keeps each shard's header metadata (a shard without any gets {"format": "pt"}),
+    and the shards' names while every shard keeps tensors; a shard left empty (one that held only
+    edited experts: their new tensors go to the router's shard) is not written and the rest are
+    renumbered -0000i-of-0000n."""
+    from safetensors.torch import load_file
+
+    keys = load_file(mixtral / "model.safetensors")
+    second = [key for key in keys if ".experts.3." in key] if second_shard == "expert 3" else ["lm_head.weight"]
+    names = _reshard(mixtral, [([], {"format": "pt", "producer": "test"}), (second, None)])
+    out = drop_experts(mixtral, tmp_path / "out", [2], quiet=True)
+    written = sorted(set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    metadata = []
+    for name in written:
+        with safe_open(out / name, "pt") as f:
+            metadata.append(f.metadata())
+    if second_shard == "expert 3":
+        assert written == ["model-00001-of-00001.safetensors"] and metadata == [{"format": "pt", "producer": "test"}]
+    else:
+        assert written == names and metadata == [{"format": "pt", "producer": "test"}, {"format": "pt"}]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == written
