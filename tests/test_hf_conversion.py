@@ -116,11 +116,19 @@ def test_what_does_not_convert_exactly_is_refused_with_the_reasons(tmp_path):
     qwen_config = json.loads((qwen / "config.json").read_text())
     (qwen / "config.json").write_text(json.dumps(qwen_config | {"decoder_sparse_step": 0}))
     assert conversion_problems(qwen)[0].startswith("decoder_sparse_step 0")
-    # Qwen2-MoE's window counts only where use_sliding_window says so (transformers' rule)
-    (qwen / "config.json").write_text(json.dumps(qwen_config | {"use_sliding_window": True, "sliding_window": 4}))
-    assert conversion_problems(qwen)[0].startswith("sliding-window attention (4 positions")
-    (qwen / "config.json").write_text(json.dumps(qwen_config | {"use_sliding_window": False, "sliding_window": 4}))
-    assert conversion_problems(qwen) == []
+    # Qwen2-MoE's window counts only in the layers that layer_types makes slide (transformers' rule:
+    # from use_sliding_window and max_window_layers where config.json gives no layer_types)
+    del qwen_config["layer_types"]
+    for change, slides in [
+        ({"use_sliding_window": True}, True),
+        ({"use_sliding_window": False}, False),
+        ({"use_sliding_window": True, "max_window_layers": 0}, False),  # no layer below 0 slides
+        ({"use_sliding_window": True, "layer_types": ["full_attention"] * 2}, False),
+        ({"use_sliding_window": True, "layer_types": ["full_attention", "sliding_attention"]}, True),
+    ]:
+        (qwen / "config.json").write_text(json.dumps(qwen_config | {"sliding_window": 4} | change))
+        problems = conversion_problems(qwen)
+        assert problems[0].startswith("sliding-window attention (4 positions") if slides else problems == [], change
     (native := tmp_path / "native").mkdir()
     _model(native / "m")
     assert "a moelab checkpoint already" in conversion_problems(native / "m")[0]

@@ -142,8 +142,8 @@ def _problems(path: str | os.PathLike, ckpt: Checkpoint, family: str) -> list[st
     if config.hidden_act not in ("silu", "swish"):
         problems.append(f"the activation {config.hidden_act!r} (moelab's experts are SwiGLU)")
     window = getattr(config, "sliding_window", None)
-    if family == "qwen2_moe" and not config.use_sliding_window:
-        window = None
+    if family == "qwen2_moe" and "sliding_attention" not in config.layer_types:
+        window = None  # transformers' rule: only layers that layer_types names slide
     if window is not None and window < config.max_position_embeddings:
         problems.append(
             f"sliding-window attention ({window} positions, under max_position_embeddings "
