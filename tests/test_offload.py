@@ -390,6 +390,33 @@ def test_prefetch_counts_and_late_hits(tmp_path):
     cache.close()
 
 
+def test_a_read_ahead_counts_as_used_once_however_often_its_layer_then_runs(tmp_path):
+    """Prefetch accuracy: each expert read ahead counts as used at most once, at the layer's next
+    fetch; later fetches of the layer, with no new read-ahead, add nothing."""
+    cache = _cache(tmp_path, 6)
+    cache.prefetch(1, torch.tensor([0.0, 3.0, 2.0, 0.0]), torch.tensor([0.0, 0.9, 0.6, 0.0]), limit=2)
+    for _ in range(3):
+        cache.fetch(1, [1, 3], tokens=1)  # 1 read ahead and used, 2 read ahead and not, 3 not read ahead
+        cache.release()
+    assert (cache.prefetch_stats.issued, cache.prefetch_stats.used) == (2, 1)
+    assert cache.prefetch_stats.accuracy == 0.5
+    cache.close()
+
+
+def test_fetching_more_experts_than_the_unpinned_slots_is_refused(tmp_path):
+    """Slots pinned by a fetch not yet released are not free: asking for more than the rest is
+    refused, naming how many are free, and leaves the pinned slots and counts as they were."""
+    cache = _cache(tmp_path, 3)
+    held = cache.fetch(0, [0, 1], tokens=1)
+    with pytest.raises(ValueError, match="2 experts asked for at once, but only 1 of 3 slots are free"):
+        cache.fetch(1, [0, 1], tokens=1)
+    assert cache._pinned == set(held)  # noqa: SLF001
+    cache.fetch(1, [0], tokens=1)  # the one free slot serves
+    cache.release()
+    assert cache.resident() == {(0, 0), (0, 1), (1, 0)} and cache.stats[1].requests == 3
+    cache.close()
+
+
 def test_prefetch_reads_no_expert_scored_zero(tmp_path):
     """Experts the prediction gives no chance are not read ahead, whatever the limit."""
     cache = _cache(tmp_path, 8)
