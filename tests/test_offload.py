@@ -26,7 +26,7 @@ from moelab.hf.native import copy_expert, empty_experts
 from moelab.models import MoETransformer, save_pretrained, tiny
 from moelab.models.transformer import KVCache, Sampling, decode_cache_length
 from moelab.offload import ExpertCache, ExpertStore, OffloadedExperts, RoutingPrior, load_offloaded
-from moelab.offload.cache import RECENCY_DECAY
+from moelab.offload.cache import RECENCY_DECAY, CacheStats
 from moelab.offload.model import generate_ids, kv_bytes_per_token, warm_start
 from moelab.offload.predict import _Counter, lookahead_scores
 from moelab.trace import TraceOptions, trace_model
@@ -331,6 +331,31 @@ def test_lru_worked_example(tmp_path):
     cache.close()
 
 
+def test_lru_counts_a_hit_as_a_use(tmp_path):
+    """A hit makes its expert the most recently used: the next miss evicts the other one."""
+    cache = _cache(tmp_path, 2)
+    for layer, expert in ((0, 0), (0, 1), (0, 0), (1, 2)):  # (0, 0) hit, then (1, 2) evicts (0, 1)
+        cache.fetch(layer, [expert], tokens=1)
+        cache.release()
+    assert cache.resident() == {(0, 0), (1, 2)} and (cache.stats[1].hits, cache.stats[1].misses) == (1, 3)
+    cache.close()
+
+
+def test_lru_counts_a_read_ahead_as_a_use(tmp_path):
+    """An expert read ahead is the most recently used when it arrives: the next miss evicts the
+    oldest expert fetched before it, not the read-ahead (whose slot was the least recently used)."""
+    cache = _cache(tmp_path, 3)
+    for expert in (0, 1, 2):
+        cache.fetch(0, [expert], tokens=1)
+        cache.release()
+    cache.prefetch(1, torch.tensor([0.0, 1.0, 0.0, 0.0]), torch.tensor([0.0, 0.9, 0.0, 0.0]), limit=1)
+    assert cache.resident() == {(1, 1), (0, 1), (0, 2)}  # took (0, 0)'s slot, the LRU
+    cache.fetch(2, [3], tokens=1)  # evicts (0, 1), now the LRU
+    cache.release()
+    assert cache.resident() == {(1, 1), (0, 2), (2, 3)}
+    cache.close()
+
+
 def test_holds_all_counts_only_the_experts_the_pool_holds_after_a_failed_read(tmp_path, monkeypatch):
     """A read that fails frees its slot: the layer does not count as held whole until it is."""
     cache = _cache(tmp_path, 12)
@@ -417,6 +442,16 @@ def test_fetching_more_experts_than_the_unpinned_slots_is_refused(tmp_path):
     cache.close()
 
 
+def test_total_sums_every_count_over_the_call_sizes(tmp_path):
+    """`total()`: each field of `stats` summed over the layer calls' token counts, late hits and
+    late copies included (the benchmark's reads and hit rates come from it)."""
+    cache = _cache(tmp_path, 3)
+    cache.stats = {1: CacheStats(10, 5, 2, 3, 0.5, 1), 7: CacheStats(4, 1, 1, 2, 0.25, 3)}
+    assert cache.total() == CacheStats(14, 6, 3, 5, 0.75, 4)
+    assert cache.total().hit_rate == 9 / 14
+    cache.close()
+
+
 def test_prefetch_reads_no_expert_scored_zero(tmp_path):
     """Experts the prediction gives no chance are not read ahead, whatever the limit."""
     cache = _cache(tmp_path, 8)
@@ -469,6 +504,31 @@ def test_read_aheads_yield_to_reads_on_demand_and_queued_ones_are_dropped_when_e
         cache.release()
     finally:
         release.set()
+        cache.close()
+
+
+def test_read_aheads_are_held_back_exactly_while_a_read_on_demand_runs(tmp_path, monkeypatch):
+    """A miss's read (and a warm start's) holds queued read-aheads back for as long as it runs,
+    and lets them go once it ends, whether it succeeded or failed."""
+    cache = _cache(tmp_path, 3)
+    during = []
+    load = ExpertStore.load
+
+    def noting(self, layer, expert, pool, slot):
+        during.append(cache._no_demand.is_set())  # noqa: SLF001
+        if expert == 3:
+            raise OSError("the read failed")
+        load(self, layer, expert, pool, slot)
+
+    monkeypatch.setattr(ExpertStore, "load", noting)
+    try:
+        cache.fill([(0, 0)])
+        cache.fetch(1, [1, 2], tokens=1)
+        cache.release()
+        with pytest.raises(OSError):
+            cache.fetch(2, [3], tokens=1)
+        assert during == [False, False, False, False] and cache._no_demand.is_set()  # noqa: SLF001
+    finally:
         cache.close()
 
 
@@ -786,6 +846,37 @@ def test_a_restarted_cache_behaves_as_a_new_one(tmp_path, one_thread):
         finally:
             offloaded.close()
     assert counts[0] == counts[1] and counts[0][0][1][2] > 0, counts
+
+
+def test_restart_waits_for_a_running_read_ahead_before_refilling(tmp_path, monkeypatch):
+    """A read-ahead still running when the cache restarts ends before the warm start's reads write
+    the emptied pool: else its bytes would land on whatever expert the slot is given."""
+    cache = _cache(tmp_path, 3, "reuse")
+    events, release = [], threading.Event()
+    load = ExpertStore.load
+
+    def gated(self, layer, expert, pool, slot):
+        events.append(("start", layer, expert))
+        if (layer, expert) == (1, 1):
+            assert release.wait(10)
+        load(self, layer, expert, pool, slot)
+        events.append(("end", layer, expert))
+
+    monkeypatch.setattr(ExpertStore, "load", gated)
+    try:
+        cache.prefetch(1, torch.tensor([0, 1.0, 0, 0]), torch.tensor([0, 0.9, 0, 0]), limit=1)
+        for _ in range(200):
+            if ("start", 1, 1) in events:
+                break
+            time.sleep(0.01)
+        slot = cache._slot_of[1, 1]  # noqa: SLF001
+        threading.Timer(0.2, release.set).start()
+        cache.restart([(2, 3)])
+        assert events.index(("end", 1, 1)) < events.index(("start", 2, 3)) and cache._slot_of[2, 3] == slot  # noqa: SLF001
+        torch.testing.assert_close(cache.pool.down_proj[slot], cache.store.read(2, 3).down[0], rtol=0, atol=0)
+    finally:
+        release.set()
+        cache.close()
 
 
 def test_bad_options_and_mismatched_prior(tmp_path):
