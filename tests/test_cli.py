@@ -259,6 +259,28 @@ def test_generate_prints_a_batch_verbatim_and_its_decode_hit_rate():
     assert "decode hit rate -" not in result.output and "decode hit rate " in result.output
 
 
+def test_generate_texts_reports_the_decode_steps_hit_rate_and_every_expert_read(tmp_path, monkeypatch):
+    """With two prompts a decode step calls each layer with 2 tokens: decode_hit_rate is the cache's
+    hit rate over those calls (the prompts' pass left out); experts_read counts the reads on demand
+    (misses) and the read-aheads."""
+    import dataclasses
+
+    import moelab.generate as generate
+    from moelab.models import MoETransformer, save_pretrained, tiny
+
+    torch.manual_seed(0)
+    save_pretrained(MoETransformer(dataclasses.replace(tiny(), vocab_size=8192)), tmp_path / "m")  # moelab's tokenizer
+    loaded, load = [], generate.load_offloaded
+    monkeypatch.setattr(generate, "load_offloaded", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    prompts = ["The king said", "Once upon a time there was"]
+    _, stats = generate.generate_texts(tmp_path / "m", prompts, max_new_tokens=4, resident=0.5, policy="lookahead")
+    cache = loaded[0].cache
+    assert stats["decode_hit_rate"] == cache.stats[2].hit_rate and len(cache.stats) == 2  # steps, prompts
+    assert cache.prefetch_stats.issued > 0
+    assert stats["experts_read"] == cache.total().misses + cache.prefetch_stats.issued
+    assert stats["prefetch_accuracy"] == cache.prefetch_stats.used / cache.prefetch_stats.issued
+
+
 def test_generate_samples_with_a_seed_and_top_k_1_is_greedy():
     args = ["generate", "The king said", "--max-new-tokens", "12"]
     text = lambda result: result.output.rsplit("\n12 tokens in ", 1)[0]  # noqa: E731
