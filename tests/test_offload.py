@@ -720,6 +720,13 @@ def test_memory_budget_too_small_names_the_minimum(tmp_path):
     _, path = _native(tmp_path)
     with pytest.raises(ValueError, match=r"memory budget .* too small: the dense parts take .* the minimum is"):
         load_offloaded(path, memory_budget=10_000)
+    roomy = load_offloaded(path, memory_budget=10**9, predictor=None, kv_cache_tokens=0)
+    dense, expert = sum(t.nbytes for t in roomy.model.state_dict().values()), roomy.cache.store.expert_bytes
+    roomy.close()
+    minimum = dense + 100 * kv_bytes_per_token(roomy.model, torch.float32) + 2 * expert  # the KV cache, top-2
+    with pytest.raises(ValueError, match=rf"the minimum is [\d.]+ MiB \({minimum} bytes\)"):
+        load_offloaded(path, memory_budget=minimum - 1, kv_cache_tokens=100)
+    load_offloaded(path, memory_budget=minimum, kv_cache_tokens=100, predictor=None).close()  # the minimum works
     with pytest.raises(ValueError, match="fewer than the 2 one token needs at one layer"):
         load_offloaded(path, resident=0.05)
     with pytest.raises(ValueError, match="exactly one of resident"):
