@@ -282,6 +282,15 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
         model.generate(prompt, 2, temperature=0)
 
 
+def test_top_p_stops_at_the_token_whose_mass_reaches_it_exactly():
+    """Four equally likely tokens (0.25 each, exact): a nucleus of 0.5 is two of them, the second
+    reaching 0.5 exactly; a third (whose mass before it is 0.5) is never drawn."""
+    logits = torch.zeros(400, 4)
+    drawn = sample_next_token(logits, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert len(drawn.unique()) == 2
+    assert len(sample_next_token(logits, top_p=0.75, generator=torch.Generator().manual_seed(0)).unique()) == 3
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_top_k_then_top_p_keep_the_tokens_transformers_keeps(seed):
     """The tokens `sample_next_token` may draw (temperature, then top-k, then top-p over the
