@@ -441,3 +441,159 @@ def test_aligning_once_is_aligning_in_every_merge():
     every = merged_layer(view, groups, weights, align=True).view
     for name in ("gate", "up", "down"):
         torch.testing.assert_close(getattr(once.experts, name), getattr(every.experts, name))
+
+
+# ----------------------------------------------------------------------------- gaps found by mutation testing
+
+
+def test_alignment_moves_expert_biases_with_their_neurons():
+    """GPT-OSS experts carry gate/up biases per hidden neuron: permuting (and aligning) an expert
+    must move them with their rows, or the expert computes something else."""
+    view = make_view(E=3, I=6, seed=13)
+    g = torch.Generator().manual_seed(7)
+    experts = dataclasses.replace(
+        view.experts,
+        gate_bias=torch.randn(3, 6, generator=g, dtype=F64),
+        up_bias=torch.randn(3, 6, generator=g, dtype=F64),
+        down_bias=torch.randn(3, 8, generator=g, dtype=F64),
+    )
+    view = dataclasses.replace(view, experts=experts)
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(1))
+    shuffled = _permuted(one_expert(experts, 0), perm)
+    assert torch.equal(shuffled.gate_bias[0], experts.gate_bias[0][perm])
+    assert torch.equal(shuffled.up_bias[0], experts.up_bias[0][perm])
+    assert torch.equal(shuffled.down_bias, experts.down_bias[:1])
+    x = torch.randn(10, 8, generator=g, dtype=F64)
+    aligned = dataclasses.replace(view, experts=aligned_to(experts, {1: 0, 2: 0}))
+    torch.testing.assert_close(moe_output(aligned, x), moe_output(view, x), rtol=1e-12, atol=1e-12)
+
+
+def test_m_smoe_similarity_is_the_cosine_not_the_inner_product():
+    """Expert 2's logit column is expert 0's (cos ~ 1); expert 1's column is 100x longer and only
+    partly aligned with it (cos ~ 0.3), so its raw inner product with expert 2 is ~30x larger. The
+    paper's cosine joins 2 to 0."""
+    g = torch.Generator().manual_seed(8)
+    Z = torch.randn(50, 3, generator=g, dtype=F64)
+    Z[:, 2] = Z[:, 0] + 0.05 * torch.randn(50, generator=g, dtype=F64)
+    Z[:, 1] = 100 * (0.3 * Z[:, 0] + Z[:, 1])
+    gram = Z.T @ Z
+    assert gram[2, 1] > 10 * gram[2, 0]  # the inner product would pick expert 1
+    stats = stats_with([5, 4, 1], logit_gram=gram)
+    decision = get_method("m_smoe", align=False).decide(make_view(E=3, seed=6), stats, Target(2))
+    assert decision.edit.sources == ((0, 2), (1,))
+
+
+def test_m_smoe_ties_go_to_the_lower_id():
+    """Counts tie for dominance (2, 2, 2): experts 0 and 1 lead; experts 2 (orthogonal to both)
+    and 3 (equally like both) tie in similarity and join the lower id, 0."""
+    Z = torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=F64)  # tokens x E
+    stats = stats_with([2, 2, 2, 1], logit_gram=Z.T @ Z)
+    decision = get_method("m_smoe", align=False).decide(make_view(E=4, seed=6), stats, Target(2))
+    assert decision.edit.sources == ((0, 2, 3), (1,))
+
+
+@pytest.mark.parametrize("options", [{}, {"mc_sparse": 0.4}])
+def test_mc_smoe_sparse_fraction_reaches_the_compression(options):
+    """mc_sparse (default 0.1, the README's final_threshold: keep 10 % of S's rows) is the sparse
+    fraction low_rank_sparse gets."""
+    view = make_view(E=4, seed=8)
+    stats = stats_with([4, 3, 2, 1], logit_gram=_gram_with_twins({2: 0, 3: 1}, 4))
+    plain = get_method("m_smoe").decide(view, stats, Target(2))
+    compressed = get_method("m_smoe", mc_rank=1, **options).decide(view, stats, Target(2))
+    expected, _ = low_rank_sparse(plain.edit, 1, options.get("mc_sparse", 0.1))
+    for name in ("gate", "up", "down"):
+        torch.testing.assert_close(
+            getattr(compressed.edit.view.experts, name), getattr(expected.view.experts, name), rtol=0, atol=0
+        )
+
+
+@pytest.mark.parametrize("method", ["average", "single", "complete"])
+def test_hierarchical_clustering_matches_naive_agglomeration_on_fixed_cases(method):
+    """Non-trivial sizes (the property test's derandomised draws are mostly k = 1 or k = n)."""
+    for seed in range(15):
+        points = np.random.default_rng(seed).normal(size=(8, 3))
+        for k in (2, 3, 5):
+            assert labels_to_partition(hierarchical_labels(points, k, method)) == naive_agglomerative(
+                points, k, method
+            ), (seed, k)
+
+
+def test_hc_smoe_clusters_mean_outputs_with_the_chosen_linkage():
+    """The partition HC-SMoE merges is the naive agglomeration of the experts' mean outputs with
+    its linkage (average by default); on this layer the three linkages disagree."""
+    view = make_view(E=8, seed=2)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(2), dtype=F64).float()
+    features = expert_features(view, x).double().numpy()
+    expected = {m: naive_agglomerative(features, 3, m) for m in ("average", "single", "complete")}
+    assert len(set(map(frozenset, expected.values()))) == 3
+    stats = stats_with([8, 7, 6, 5, 4, 3, 2, 1], inputs=x)
+    for method in (None, "average", "single", "complete"):
+        options = {} if method is None else {"linkage": method}
+        decision = get_method("hc_smoe", **options).decide(view, stats, Target(3))
+        assert {frozenset(g) for g in decision.edit.sources} == expected[method or "average"], method
+
+
+def test_hc_smoe_router_rows_and_protected_leaders():
+    """Default router row: the members' usage-weighted average; router_rule=dominant: the leader's.
+    A protected expert leads its cluster (and keeps its row) even when it is used less."""
+    view = _layer_of_families([[0, 3], [1, 4, 5], [2]], seed=11)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5), dtype=F64).float()
+    stats = stats_with([1, 9, 5, 4, 2, 3], inputs=x)
+    weighted = get_method("hc_smoe").decide(view, stats, Target(3)).edit
+    rows = view.router.weight
+    torch.testing.assert_close(weighted.view.router.weight[0], (9 * rows[1] + 3 * rows[5] + 2 * rows[4]) / 14)
+    torch.testing.assert_close(weighted.view.router.weight[2], (4 * rows[3] + rows[0]) / 5)
+    protect = Target(3, protect=frozenset({0}))
+    dominant = get_method("hc_smoe", router_rule="dominant").decide(view, stats, protect)
+    assert dominant.edit.sources == ((0, 3), (1, 5, 4), (2,))
+    for g, lead in enumerate((0, 1, 2)):
+        assert torch.equal(dominant.edit.view.router.weight[g], rows[lead])
+    assert clusters_by_usage([4, 5, 6], [0, 1, 0], torch.tensor([0, 0, 0, 0, 1.0, 2, 3]), frozenset({4})) == [
+        [4, 6],
+        [5],
+    ]
+
+
+def test_merging_methods_refuse_all_zero_inputs():
+    """Sampled inputs that are all zeros are a calibration without samples (the buffer's fill)."""
+    with pytest.raises(ValueError, match="sampled layer inputs"):
+        stats = stats_with([1, 1, 1, 1], inputs=torch.zeros(5, 8))
+        get_method("sub_moe").decide(make_view(E=4), stats, Target(2))
+
+
+def test_sub_moe_truncates_every_matrix_and_counts_the_factored_size():
+    """With rank r each of gate, up and down is its group's subspace merge (§3.2 steps 4-6, column
+    slices) with usage weights; the factored size is min(r, out, m * in) (out + in) per matrix."""
+    view = _layer_of_families([[0, 3], [1, 4, 5], [2]], seed=11)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5), dtype=F64).float()
+    counts = [1, 9, 5, 4, 2, 3]
+    decision = get_method("sub_moe", rank=2).decide(view, stats_with(counts, inputs=x), Target(3))
+    assert decision.edit.sources == ((1, 5, 4), (2,), (3, 0))
+    for g, group in enumerate(decision.edit.sources):
+        w = [counts[e] / sum(counts[e] for e in group) for e in group]
+        for name in ("gate", "up", "down"):
+            W = [getattr(view.experts, name)[e] for e in group]
+            expected = _naive_subspace_merge(W, w, 2)
+            got = getattr(decision.edit.view.experts, name)[g]
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    big = get_method("sub_moe", rank=100).decide(view, stats_with(counts, inputs=x), Target(3))
+    # gate/up 5 x 8: r = 5; down 8 x 5: r = min(8, m * 5): 8 for the pair and triple, 5 for the single
+    assert big.notes["compact_parameters"] == 3 * 2 * 5 * 13 + (8 + 5 + 8) * 13
+
+
+def test_sub_moe_group_never_used_is_an_even_merge():
+    W = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(9), dtype=F64)
+    got = subspace_merge(W, [[0, 1], [2]], torch.zeros(3, dtype=F64), rank=None)
+    torch.testing.assert_close(got[0], (W[0] + W[1]) / 2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1], W[2], rtol=0, atol=1e-12)
+
+
+def test_low_rank_sparse_rank_above_the_matrix_rank_counts_the_matrix_rank():
+    view = make_view(E=1, I=6, D=9, top_k=1, seed=9)
+    edit = LayerEdit(((0,),), view=view)
+    same, count = low_rank_sparse(edit, rank=50, sparse=0.0)  # r = min(50, 6, 9) = 6 per matrix
+    assert count == 3 * 6 * (6 + 9)
+    torch.testing.assert_close(same.view.experts.gate, view.experts.gate, rtol=0, atol=1e-12)
+    for sparse in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"sparse in \[0, 1\]"):
+            low_rank_sparse(edit, rank=2, sparse=sparse)
