@@ -9,18 +9,19 @@ import dataclasses
 
 import pytest
 import torch
-from layer_views import make_view
+from layer_views import make_view, stats_with
 from reference import F64, silu
 from test_compress import EVERY, moelab_model
 
 from moelab.compress import calibrate, compress
+from moelab.compress.merging import expert_features, merged_layer
 from moelab.compress.methods import Target
 from moelab.compress.methods.base import super_expert_ids
 from moelab.compress.methods.heapr import narrowed
-from moelab.compress.methods.recipe import NAEE_SKIP, MoelabRecipe, compensated
+from moelab.compress.methods.recipe import NAEE_SKIP, MoelabRecipe, _layer_error, compensated
 from moelab.compress.stats import Calibration
 from moelab.hf import open_checkpoint
-from moelab.hf.edit import moe_output
+from moelab.hf.edit import LayerEdit, moe_output
 from moelab.hf.native import router_from_view
 
 
@@ -178,3 +179,57 @@ def test_super_experts_join_the_protected_set_where_they_fit():
     assert recipe._with_super_experts(layer, Target(2, frozenset({0}))).protect == {0, 2}
     recipe.protected = {3: [1, 2]}
     assert recipe._with_super_experts(layer, Target(1)).protect == frozenset()
+
+
+def test_compensation_subtracts_the_down_bias():
+    """With a down bias (GPT-OSS) and nothing pruned, the refit reproduces the down projection:
+    the bias is not part of what W h has to make."""
+    layer = make_view(E=4, I=6, top_k=2, seed=5)
+    bias = torch.randn(4, 8, generator=torch.Generator().manual_seed(4), dtype=F64)
+    layer = dataclasses.replace(layer, experts=dataclasses.replace(layer.experts, down_bias=bias))
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
+    same = compensated(layer, layer, x, ridge=1e-9)
+    torch.testing.assert_close(same.experts.down, layer.experts.down, rtol=1e-6, atol=1e-8)
+
+
+def _naive_fold(layer, counts, kept, x, error, best):
+    """The recipe's fold from its description: dropped experts, most used first, each tried in its
+    nearest kept expert's group (mean outputs, Euclidean), aligned to it (merged_layer's align),
+    with weight = its usage or a 10 % / 30 % share of the pair, times router rule dominant / fit;
+    the best trial stays when it lowers the error."""
+    features = expert_features(layer, x).double()
+    groups, weights, folded = {e: [e] for e in kept}, counts.clone(), []
+    dropped = sorted((e for e in range(len(counts)) if e not in kept), key=lambda e: (-float(counts[e]), e))
+    for d in dropped:
+        j = min(kept, key=lambda e: (float((features[e] - features[d]).norm()), e))
+        trial_groups = {e: members + [d] if e == j else members for e, members in groups.items()}
+        trials = []
+        for share in ("usage", 0.1, 0.3):
+            w = weights.clone()
+            w[d] = counts[d] if share == "usage" else share / (1 - share) * weights[j]
+            if share != "usage":
+                assert float(w[d] / (w[d] + weights[j])) == pytest.approx(share)
+            for rule in ("dominant", "fit"):
+                members = list(trial_groups.values())
+                edit = merged_layer(layer, members, w, router_rule=rule, align=True, inputs=x)
+                trials.append((error(edit), f"{share}/{rule}", w))
+        trial_error, variant, w = min(trials, key=lambda t: t[0])
+        if trial_error < best:
+            groups, weights, best = trial_groups, w, trial_error
+            folded.append([j, d, variant])
+    return tuple(tuple(g) for g in groups.values()), best, folded
+
+
+@pytest.mark.parametrize("seed", [0, 4, 5])
+def test_fold_follows_its_description(seed):
+    layer = make_view(E=5, I=5, top_k=2, seed=seed)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    counts = torch.tensor([9.0, 7, 3, 5, 2], dtype=F64)
+    stats = stats_with(counts.tolist(), inputs=x.float())
+    error = _layer_error(layer, stats)
+    best = error(LayerEdit.keep([0, 1]))
+    edit, got_error, folded = MoelabRecipe()._fold(layer, stats, [0, 1], x, error, best)
+    sources, expected_error, expected_folded = _naive_fold(layer, counts, [0, 1], x, error, best)
+    assert folded == expected_folded and edit.sources == sources
+    assert got_error == pytest.approx(expected_error, rel=1e-9)
+    assert got_error == pytest.approx(error(edit), rel=1e-12)
