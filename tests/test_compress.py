@@ -560,3 +560,27 @@ def test_statistics_of_other_calibration_data_are_refused(tmp_path, model_dir, s
         compress(model_dir, tmp_path / "out", stats=stats_dir, calib="corpus:code", quiet=True)
     report = compress(model_dir, tmp_path / "out", stats=stats_dir, calib="corpus", quiet=True)
     assert report["complete"]
+
+
+def test_mixture_windows_batches_and_source_weights(tmp_path):
+    """Partial last windows: starts are cumulative sizes, and batches hold at most batch_size
+    windows of one length. A whole source's weight is split over its domains. Weights must be
+    positive; '=' in a file name stays in the name; a file of a few tokens is refused."""
+    mixture = build_mixture("corpus:code=3,german=1", tokens=420, seq_len=50)  # 315 + 105 tokens
+    sizes = [w.ids.numel() for w in mixture.windows]
+    assert sizes == [50] * 6 + [15] + [50, 50, 5]
+    assert [w.start for w in mixture.windows] == [sum(sizes[:i]) for i in range(len(sizes))]
+    batches = [[w.ids.numel() for w in b] for b in mixture.batches(4)]
+    assert batches == [[50] * 4, [50] * 2, [15], [50] * 2, [5]]
+    path = tmp_path / "notes.txt"
+    path.write_text("hello world " * 200)
+    both = build_mixture([str(path), "corpus"], tokens=200, seq_len=20)
+    assert both.sources[0].weight == pytest.approx(0.5) and len(both.sources) > 2
+    assert sum(s.weight for s in both.sources[1:]) == pytest.approx(0.5)
+    assert parse_sources("my=notes.txt=0.5") == [("my=notes.txt", None, 0.5)]
+    with pytest.raises(ValueError, match="weights must be positive"):
+        parse_sources("corpus:code=0")
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("hi")
+    with pytest.raises(ValueError, match="no tokens to speak of"):
+        build_mixture(str(tiny), tokens=100, seq_len=10)
