@@ -57,6 +57,23 @@ def test_lr_schedule_worked_values():
     assert lr_factor(10, cfg) == pytest.approx(0.1)  # the last step reaches the floor
 
 
+def test_lr_schedule_short_runs():
+    """A run one step longer than its warmup has one cosine step, at the peak; a one-step run
+    (default warmup 0) trains at the peak; warmup = steps never decays."""
+    assert [lr_factor(s, TrainConfig(steps=3, warmup_steps=2)) for s in range(3)] == [0.5, 1.0, 1.0]
+    assert lr_factor(0, TrainConfig(steps=1)) == 1.0
+    assert [lr_factor(s, TrainConfig(steps=2, warmup_steps=2)) for s in range(2)] == [0.5, 1.0]
+
+
+def test_optimizer_uses_the_configured_adamw_settings():
+    model = MoETransformer(ModelConfig.from_dict(MODEL))
+    cfg = TrainConfig(steps=1, lr=2e-3, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.05)
+    optimizer = build_optimizer(model, cfg)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+    for group in optimizer.param_groups:
+        assert (group["lr"], group["betas"], group["eps"]) == (2e-3, (0.8, 0.9), 1e-6)
+
+
 @pytest.mark.parametrize(
     ("train_fields", "message"),
     [
@@ -184,6 +201,26 @@ def test_accumulated_step_reports_the_mean_over_its_micro_batches():
         torch.testing.assert_close(load, alone[0]["load"][layer] + alone[1]["load"][layer])
 
 
+def test_accumulated_step_reports_the_mean_aux_losses_metrics_and_experts():
+    """Every aux loss and architecture metric of an accumulated step (here BlockFFN's, with a
+    balance loss too) is the mean of its micro-batches' values, not their sum or the last one;
+    its experts per token is the mean over the MoE layers."""
+    torch.manual_seed(0)
+    moe = {**MODEL["moe"], **ARCHITECTURES["blockffn_adaptive"][0], "balance_coef": 0.01}
+    model = MoETransformer(ModelConfig.from_dict({**MODEL, "moe": moe}))
+    batches = [(torch.randint(0, 8192, (2, 16)), torch.randint(0, 8192, (2, 16))) for _ in range(2)]
+    alone = [_step(model, [batch]) for batch in batches]
+    both = _step(model, batches, grad_accum=2)
+    names = [name for name in both["scalars"] if name.startswith(("aux/", "metrics/"))]
+    assert {"aux/balance", "aux/chunk_sparsity", "metrics/tls", "metrics/cls"} <= set(names)
+    for name in names:
+        expected = (alone[0]["scalars"][name] + alone[1]["scalars"][name]) / 2
+        assert both["scalars"][name] == pytest.approx(expected, rel=1e-5), name
+    layers = both["experts_per_token"]  # the layers differ: the step's value is their mean
+    assert len(set(layers.values())) == 2
+    assert both["scalars"]["experts_per_token"] == pytest.approx(sum(layers.values()) / 2)
+
+
 def test_accumulation_scales_the_aux_loss_like_the_lm_loss():
     """With a balance loss, two accumulated micro-batches give the gradient of
     sum_i (loss_i + aux_i) / 2, each micro-batch's aux loss weighted like its LM loss."""
@@ -201,6 +238,23 @@ def test_accumulation_scales_the_aux_loss_like_the_lm_loss():
         ((out.loss + out.aux_loss) / 2).backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.01])
+def test_gradients_are_clipped_to_grad_clip_and_the_norm_reported_before_clipping(grad_clip):
+    """The step reports the global gradient norm before clipping; the optimizer sees gradients of
+    norm grad_clip when it is exceeded, and untouched ones with grad_clip = 0 (no clipping)."""
+    torch.manual_seed(0)
+    model = MoETransformer(ModelConfig.from_dict(MODEL))
+    batch = (torch.randint(0, 8192, (2, 16)), torch.randint(0, 8192, (2, 16)))
+    stats = train_step(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), FixedBatches([batch]),
+        TrainConfig(steps=1, grad_clip=grad_clip), torch.device("cpu"), torch.autocast("cpu", enabled=False),
+    )  # fmt: skip
+    reported = stats["scalars"]["grad_norm"]
+    seen = float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert reported > 0.1
+    assert seen == pytest.approx(grad_clip if grad_clip else reported, rel=1e-4)
 
 
 def test_logged_window_means_imbalance_and_token_count(tmp_path, monkeypatch):
