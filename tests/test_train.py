@@ -289,6 +289,44 @@ def test_logged_window_means_imbalance_and_token_count(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["tokens"] == result.tokens
 
 
+def test_a_last_partial_window_is_logged_and_evaluated_on_its_own_steps(tmp_path, monkeypatch):
+    """steps=3 with log_every=eval_every=2: step 3 ends the run, so it logs and evaluates a window
+    of one step (its own loss and load, nothing carried over from steps 1-2), and the result's
+    eval loss is that last evaluation's."""
+    from moelab.train import trainer
+
+    steps = []
+
+    def spy(*args, **kwargs):
+        steps.append(train_step(*args, **kwargs))
+        return steps[-1]
+
+    monkeypatch.setattr(trainer, "train_step", spy)
+    run = RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "steps": 3, "log_every": 2, "eval_every": 2}})
+    result = train(run, tmp_path / "run", quiet=True)
+    records = read_log(tmp_path / "run")
+    train_records = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train_records] == [2, 3] and [r["step"] for r in evals] == [2, 3]
+    assert train_records[1]["loss"] == pytest.approx(steps[2]["scalars"]["loss"])
+    for record, window in zip(evals, (steps[0:2], steps[2:]), strict=True):
+        for layer, share in record["load"].items():
+            load = sum(s["load"][int(layer)] for s in window)
+            assert share == pytest.approx((load / load.sum()).tolist())
+    assert result.eval_loss == evals[1]["loss"] != evals[0]["loss"]
+
+
+def test_checkpoints_every_n_steps_and_at_the_end_keeping_the_newest(tmp_path):
+    """checkpoint_every=2 over 5 steps writes steps 2, 4 and 5 (the end); keep_checkpoints=2
+    leaves the newest two."""
+    from moelab.train.checkpoint import list_checkpoints
+
+    train_fields = {**TRAIN, "steps": 5, "eval_every": 5, "log_every": 5, "keep_checkpoints": 2}
+    train(RunConfig.from_dict({"model": MODEL, "train": train_fields}), tmp_path / "run", quiet=True)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000004", "step-000005"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+
+
 def test_rexmoe_pool_opens_linearly_from_zero(tmp_path, monkeypatch):
     """reuse_ramp_steps=4: the step after s optimizer steps trains at progress min(1, s / 4),
     so the first step sees only the layer's own experts and step 5 on the whole pool."""
