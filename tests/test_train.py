@@ -495,6 +495,49 @@ def test_resume_is_bit_identical_for_stateful_architectures(tmp_path, name):
         assert 1.0 <= records[-1]["experts_per_token"] <= 4.0
 
 
+@pytest.mark.parametrize("stopped_after", [4, 6])
+def test_resume_from_a_later_or_the_last_checkpoint_reports_what_the_straight_run_did(
+    tmp_path, monkeypatch, stopped_after
+):
+    """Resume a BlockFFN run (adaptive coefficient, variable experts per token) from step 4, inside
+    a log window and an eval window and after the coefficient moved, or from its last checkpoint
+    (killed before results.json): with a clock that ticks evenly, every log record, the weights
+    and results.json (speed, measured experts per token) are the straight run's."""
+    import shutil
+    from types import SimpleNamespace
+
+    from moelab.train import trainer
+
+    now = [0.0]
+
+    def tick():
+        now[0] += 0.25
+        return now[0]
+
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=tick, monotonic=time.monotonic))
+    moe_extra, train_extra = ARCHITECTURES["blockffn_adaptive"]
+    model = {**MODEL, "moe": {**MODEL["moe"], **moe_extra}}
+    train_fields = {**TRAIN, **train_extra, "steps": 6, "log_every": 5, "eval_every": 3, "checkpoint_every": 2}
+    run = RunConfig.from_dict({"model": model, "train": train_fields})
+    straight = tmp_path / "straight"
+    train(run, straight, quiet=True)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    for later in [f"checkpoints/step-{s:06d}" for s in range(stopped_after + 2, 7, 2)] + ["model"]:
+        shutil.rmtree(resumed / later)
+    (resumed / "results.json").unlink()
+    train(run, resumed, resume=True, quiet=True)
+    assert read_log(resumed) == read_log(straight)
+    a, b = (load_file(d / "model" / "model.safetensors") for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    results = [json.loads((d / "results.json").read_text()) for d in (straight, resumed)]
+    assert [{k: v for k, v in r.items() if k != "out_dir"} for r in results] == [
+        {k: v for k, v in results[0].items() if k != "out_dir"}
+    ] * 2
+    state = torch.load(straight / "checkpoints" / "step-000004" / "train_state.pt", weights_only=True)
+    assert state["chunk_coef"]["value"] != moe_extra["chunk_sparsity_coef"], "it had moved by step 4"
+
+
 def test_training_options_checked_against_the_model(tmp_path):
     run = RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "adaptive_chunk_sparsity": True}})
     with pytest.raises(ValueError, match="chunk_sparsity_coef > 0"):
