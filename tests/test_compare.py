@@ -138,3 +138,37 @@ def test_beyond_spread_rule():
     assert beyond_spread(a, {"eval_loss": {"all": 1.05}, "eval_loss_range": 0.02}) is False  # 0.05 < 0.10
     assert beyond_spread(a, {"eval_loss": {"all": 0.85}, "eval_loss_range": 0.02}) is True  # 0.15 > 0.10
     assert beyond_spread(a, {"eval_loss": {"all": 0.85}}) is None  # one seed: no spread to judge by
+
+
+def test_side_by_side_throughput_is_the_median_over_rounds(monkeypatch):
+    """With a fake clock: each variant's untimed first step is left out, tokens/s is its tokens
+    per step (batch x seq_len x grad_accum) over its median step time, and vs_first the median of
+    the per-round ratios first / this."""
+    from types import SimpleNamespace
+
+    from moelab.train import throughput
+    from moelab.train.config import RunConfig
+
+    now = [0.0]
+    durations = {0: [100.0, 1.0, 1.0], 1: [100.0, 2.0, 4.0]}  # by seed; the first is untimed
+
+    def stepper(run):
+        steps = iter(durations[run.train.seed])
+
+        def step():
+            now[0] += next(steps)
+
+        return step
+
+    monkeypatch.setattr(throughput, "_stepper", stepper)
+    monkeypatch.setattr(throughput, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    model = {**BASE, "dense_hidden_dim": 64}
+    runs = {
+        "a": RunConfig.from_dict({"model": model, "train": {**RECIPE, "seed": 0}}),
+        "b": RunConfig.from_dict({"model": model, "train": {**RECIPE, "seed": 1, "grad_accum": 2}}),
+    }
+    speeds = throughput.interleaved_throughput(runs, rounds=2)
+    assert speeds == {
+        "a": {"tokens_per_second": pytest.approx(2 * 16 / 1.0), "vs_first": pytest.approx(1.0)},
+        "b": {"tokens_per_second": pytest.approx(2 * 16 * 2 / 3.0), "vs_first": pytest.approx((1 / 2 + 1 / 4) / 2)},
+    }
