@@ -63,6 +63,7 @@ def test_lr_schedule_short_runs():
     assert [lr_factor(s, TrainConfig(steps=3, warmup_steps=2)) for s in range(3)] == [0.5, 1.0, 1.0]
     assert lr_factor(0, TrainConfig(steps=1)) == 1.0
     assert [lr_factor(s, TrainConfig(steps=2, warmup_steps=2)) for s in range(2)] == [0.5, 1.0]
+    assert TrainConfig(steps=25).warmup_steps == 2  # the default: a tenth of the steps
 
 
 def test_optimizer_uses_the_configured_adamw_settings():
@@ -536,6 +537,38 @@ def test_resume_from_a_later_or_the_last_checkpoint_reports_what_the_straight_ru
     ] * 2
     state = torch.load(straight / "checkpoints" / "step-000004" / "train_state.pt", weights_only=True)
     assert state["chunk_coef"]["value"] != moe_extra["chunk_sparsity_coef"], "it had moved by step 4"
+
+
+def test_resume_refuses_a_changed_model(tmp_path):
+    train_fields = {**TRAIN, "steps": 1, "warmup_steps": 0}
+    train(RunConfig.from_dict({"model": MODEL, "train": train_fields}), tmp_path / "run", quiet=True)
+    other = RunConfig.from_dict({"model": {**MODEL, "moe": {**MODEL["moe"], "top_k": 1}}, "train": train_fields})
+    with pytest.raises(ValueError, match=r"model.moe.top_k: run 2, now 1"):
+        train(other, tmp_path / "run", resume=True, quiet=True)
+
+
+def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_again(tmp_path, monkeypatch):
+    """Ctrl-C at step 2 of a run whose first checkpoint is at step 4: --resume trains it from the
+    start, and its log is the straight run's (nothing of the stopped attempt left in it)."""
+    from moelab.train import trainer
+
+    run = RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "steps": 4, "checkpoint_every": 4}})
+    train(run, tmp_path / "straight", quiet=True)
+    calls = []
+
+    def stop_at_step_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", stop_at_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, tmp_path / "stopped", quiet=True)
+    assert [r["step"] for r in read_log(tmp_path / "stopped")] == [1]
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    train(run, tmp_path / "stopped", resume=True, quiet=True)
+    assert _comparable(tmp_path / "stopped") == _comparable(tmp_path / "straight")
 
 
 def test_training_options_checked_against_the_model(tmp_path):
