@@ -268,6 +268,8 @@ def test_windows_deterministic_under_seed():
     c = take(TokenWindows(ramp(10_000), 32, 4, seed=8), 5)
     assert_same_batches(a, b)
     assert not all(torch.equal(x, y) for (x, _), (y, _) in zip(a, c, strict=True))
+    assert not torch.equal(a[0][0], a[1][0]), "every step draws new windows"
+    assert not torch.equal(a[1][0], c[0][0]), "seed 8 is not seed 7 one step later"
 
 
 def test_resume_from_state_dict_matches_uninterrupted_run():
@@ -293,6 +295,8 @@ def test_load_state_dict_rejects_a_different_setup():
         TokenWindows(ramp(1000), 32, 4, seed=1).load_state_dict(state)
     with pytest.raises(ValueError, match=r"sizes"):
         TokenWindows(ramp(999), 16, 4, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"seed: checkpoint 1, loader 2"):
+        TokenWindows(ramp(1000), 16, 4, seed=2).load_state_dict(state)
 
 
 def test_mixture_weights_pick_rows_from_whole_domains():
@@ -315,6 +319,9 @@ def test_mixture_weight_modes():
     np.testing.assert_allclose(mixture_weights(sizes, {"a": 3, "b": 1}), [0.75, 0.25])
     with pytest.raises(ValueError, match="one weight for each of"):
         mixture_weights(sizes, {"a": 1})
+    for bad in ({"a": 0, "b": 0}, {"a": -1, "b": 2}):
+        with pytest.raises(ValueError, match="must be >= 0 with a positive sum"):
+            mixture_weights(sizes, bad)
     with pytest.raises(ValueError, match="'proportional', 'uniform'"):
         mixture_weights(sizes, "balanced")
 

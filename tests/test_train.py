@@ -64,6 +64,7 @@ def test_lr_schedule_short_runs():
     assert lr_factor(0, TrainConfig(steps=1)) == 1.0
     assert [lr_factor(s, TrainConfig(steps=2, warmup_steps=2)) for s in range(2)] == [0.5, 1.0]
     assert TrainConfig(steps=25).warmup_steps == 2  # the default: a tenth of the steps
+    assert lr_factor(24, TrainConfig(steps=25)) == pytest.approx(0.1)  # the default floor
 
 
 def test_optimizer_uses_the_configured_adamw_settings():
@@ -89,6 +90,7 @@ def test_optimizer_uses_the_configured_adamw_settings():
         ({"steps": 5, "domains": ["klingon"]}, "unknown train.domain 'klingon'"),
         ({"steps": 5, "setps": 3}, "did you mean 'steps'"),
         ({"steps": 5, "seq_len": 64}, "exceeds model.max_seq_len"),
+        ({"steps": 5, "min_lr_ratio": 1.5}, "min_lr_ratio must lie in"),
         ({"lr": 1.0}, "steps"),
     ],
 )
@@ -103,6 +105,7 @@ def test_run_config_sections_checked_and_round_trip(tmp_path):
     with pytest.raises(ValueError, match="no 'train' section"):
         RunConfig.from_dict({"model": MODEL})
     run = RunConfig.from_dict({"model": "tiny", "train": {"steps": 3, "seq_len": 16}})
+    assert RunConfig.from_dict({"model": MODEL, "train": {"steps": 3, "seq_len": 32}}).train.seq_len == 32  # = max
     run.save(tmp_path / "run.yaml")
     assert RunConfig.load(tmp_path / "run.yaml").to_dict() == run.to_dict()
 
