@@ -48,6 +48,8 @@ def test_compare_writes_report_and_flags_unmatched_flops(tmp_path, variants):
     assert summary["moe"]["compute_matched"] and summary["moe"]["flops_ratio"] == pytest.approx(1.0, abs=0.02)
     assert not summary["wide"]["compute_matched"]
     assert summary["dense"]["load_imbalance"] is None and summary["moe"]["load_imbalance"] >= 1.0
+    shares = summary["moe"]["load"].values()  # the last eval's load: imbalance is max / mean, per layer
+    assert summary["moe"]["load_imbalance"] == pytest.approx(sum(max(s) * len(s) for s in shares) / len(shares))
     text = report.read_text()
     assert "| wide |" in text and "(not matched)" in text and "| code | russian |" in text
     for name in ("val_loss.png", "train_loss.png", "domain_loss.png", "expert_load.png"):
