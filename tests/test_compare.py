@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -56,7 +57,7 @@ def test_compare_writes_report_and_flags_unmatched_flops(tmp_path, variants):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     # the numbers in the table are the runs' own
     run = summarize_run(out / "moe")
-    assert f"{run['eval_loss']['all']:.4f}" in text
+    assert f"| {run['eval_loss']['all']:.4f} | {math.exp(run['eval_loss']['all']):.1f} |" in text  # loss, ppl
     # training speed measured side by side, once, for every variant
     speeds = json.loads((out / "throughput.json").read_text())
     assert list(speeds) == ["dense", "moe", "wide"] and speeds["dense"]["vs_first"] == 1.0
@@ -121,6 +122,11 @@ def test_compare_with_seeds_reports_means_spreads_and_verdicts(tmp_path, variant
         for key in ("metrics", "experts_per_token"):  # means over seeds (equal over seeds at fixed top-k)
             assert variant[key] == pytest.approx({k: sum(s[key][k] for s in seed_runs) / 3 for k in variant[key]})
         assert all(low <= mean <= high for (_, low, high), (_, mean) in zip(variant["eval_band"], variant["eval_curve"]))
+        curves = [[loss for _, loss in s["eval_curve"]] for s in seed_runs]
+        assert [[low, high] for _, low, high in variant["eval_band"]] == [[min(c), max(c)] for c in zip(*curves)]
+        for layer, load in variant["load"].items():
+            assert load == pytest.approx([sum(x) / 3 for x in zip(*(s["load"][int(layer)] for s in seed_runs))])
+        assert variant["tokens_per_step"] == 2 * 16
     moe_runs = [summarize_run(out / f"moe-seed{s}") for s in (0, 1, 2)]
     assert len({r["load_imbalance"] for r in moe_runs}) == 3
     assert summary["moe"]["load_imbalance"] == pytest.approx(sum(r["load_imbalance"] for r in moe_runs) / 3)
