@@ -188,6 +188,42 @@ def test_the_choice_for_inference_checks_its_logits_and_keeps_hooks():
     assert indices.min() >= 3 and torch.equal(weights, masked(_x()).weights)
 
 
+def test_the_choice_for_inference_keeps_rexmoe_masks():
+    """A ReXMoE router partway through its progressive schedule (no selection bias) masks the
+    experts that are not yet candidates: `choose` must not take its plain top-k of the logits,
+    which would pick masked experts, but route as `forward` does."""
+    from moelab.nn.rexmoe import ReuseRouter
+
+    torch.manual_seed(0)
+    router = ReuseRouter(D, 4, 2, 0, 2)  # a pool of 8, experts 0-3 its own
+    router.set_progress(0.0)  # only the own experts 0-3 are candidates
+    x = _x() * 3
+    assert router.router_logits(x).topk(2, dim=-1).indices.max() >= 4, "some token should prefer a masked expert"
+    indices, weights = router.choose(x)
+    routing = router(x)
+    assert indices.max() < 4
+    assert torch.equal(indices, routing.indices) and torch.equal(weights, routing.weights)
+
+
+@pytest.mark.parametrize("bad", ["wide", "narrow", "int"])
+def test_a_router_called_directly_rejects_bad_input(bad):
+    """The router's own checks (not only the layer's): x must be [T, dim] and floating point; an
+    integer x would otherwise be cast to float and routed silently."""
+    router = TopKRouter(D, E, top_k=2)
+    x = {"wide": torch.randn(3, D + 1), "narrow": torch.randn(3, D - 1), "int": torch.ones(3, D, dtype=torch.long)}[bad]
+    match = "floating-point" if bad == "int" else rf"router expects x of shape \[tokens, {D}\]"
+    with pytest.raises(ValueError, match=match):
+        router(x)
+
+
+@pytest.mark.parametrize("router", [TopKRouter, TopPRouter, ExpertChoiceRouter, ReLURouter])
+@pytest.mark.parametrize("sizes", [dict(dim=0, num_experts=E), dict(dim=D, num_experts=0)])
+def test_routers_refuse_empty_sizes(router, sizes):
+    extra = {TopKRouter: dict(top_k=1), TopPRouter: dict(top_p=0.5)}.get(router, {})
+    with pytest.raises(ValueError, match=r"(dim|num_experts) must be >= 1"):
+        router(**sizes, **extra)
+
+
 @pytest.mark.parametrize("name", list(TOPP_SETTINGS))
 def test_topp_router_matches_reference(name):
     torch.manual_seed(0)
