@@ -7,6 +7,7 @@ import torch
 
 from moelab.nn import (
     ExpertChoiceRouter,
+    LatentProjection,
     MLPExperts,
     MoEConfig,
     MoELayer,
@@ -245,6 +246,17 @@ def test_router_and_experts_disagree_on_dim():
     with pytest.raises(ValueError, match=r"dim 16\) does not match experts \(4 experts, dim 12\)"):
         MoELayer(TopKRouter(D, E, 2), SwiGLUExperts(E, 12, I))
 
+
+def test_latent_projection_must_match_the_router_dim():
+    """The experts (dim 4) match the latent rank, but the projection reads inputs of dim 20, not
+    the router's 16: refused rather than failing at the first forward."""
+    with pytest.raises(ValueError, match=r"latent projection dim 20 does not match the router's dim 16"):
+        MoELayer(TopKRouter(D, E, 2), SwiGLUExperts(E, 4, I), latent=LatentProjection(20, 4))
+
+
+def test_bad_sparsity_window():
+    with pytest.raises(ValueError, match=r"sparsity_window must be >= 1, got 0"):
+        MoELayer(ReLURouter(D, E), SwiGLUExperts(E, D, I), sparsity_window=0)
 
 @pytest.mark.parametrize("cf", [0.0, -0.5])
 def test_bad_capacity_factor(cf):
