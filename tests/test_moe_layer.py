@@ -327,6 +327,31 @@ def test_merge_results():
         torch.testing.assert_close(m.losses[n], a.losses[n] + b.losses[n])
 
 
+def test_merge_results_by_hand():
+    """`MoEResult.merge` as documented: losses, loads and experts per token add up, the dropped
+    fraction is the mean, a metric is the mean over the results that report it, logits are
+    finite only if every pass's are, routings are dropped."""
+    def result(dropped, epk, metrics, finite):
+        return MoEResult(
+            losses={"z": torch.tensor(1.0)}, tokens_per_expert=torch.tensor([1.0, 2.0]),
+            dropped_fraction=torch.tensor(dropped), experts_per_token=torch.tensor(epk),
+            metrics={k: torch.tensor(v) for k, v in metrics.items()},
+            logits_finite=None if finite is None else torch.tensor(finite),
+        )
+
+    m = MoEResult.merge([
+        result(0.1, 1.5, {"tls": 0.2, "cls": 0.6}, True),
+        result(0.3, 2.0, {"tls": 0.4}, False),
+        result(0.5, 0.5, {"tls": 0.9}, None),
+    ])
+    assert m.losses["z"].item() == 3.0 and m.tokens_per_expert.tolist() == [3.0, 6.0]
+    assert m.dropped_fraction.item() == pytest.approx(0.3)
+    assert m.experts_per_token.item() == pytest.approx(4.0)
+    assert m.metrics["tls"].item() == pytest.approx(0.5) and m.metrics["cls"].item() == pytest.approx(0.6)
+    assert m.routing is None and not bool(m.logits_finite)
+    assert bool(MoEResult.merge([result(0.0, 1.0, {}, True), result(0.0, 1.0, {}, True)]).logits_finite)
+    assert MoEResult.merge([result(0.0, 1.0, {}, None)]).logits_finite is None
+
 def test_layer_with_explicit_modules_matches_config():
     """MoELayer(router, experts) built by hand = build_moe of the equivalent config."""
     layer, spec = make_layer(balance_coef=0.0, z_coef=0.0, entropy_coef=0.0)
