@@ -407,6 +407,37 @@ def test_selection_bias_update_leaves_rexmoe_masked_experts_alone():
     assert (router.selection_bias[~candidates] == 0).all() and router.selection_bias[candidates].abs().sum() > 0
 
 
+def test_rexmoe_masked_experts_are_not_chosen_whatever_their_selection_bias():
+    """A masked expert scores 0; a large selection bias must not bring it back into the choice
+    (the mask applies after the bias is added)."""
+    from moelab.nn.rexmoe import ReuseRouter
+
+    torch.manual_seed(0)
+    router = ReuseRouter(D, 4, 2, 0, 2, selection_bias=True)  # a pool of 8, experts 0-3 its own
+    router.set_progress(0.0)  # only the own experts are candidates
+    with torch.no_grad():
+        router.selection_bias[4:] = 10.0
+    routing = router(_x())
+    assert routing.indices.max() < 4 and torch.all(routing.weights > 0)
+
+
+def test_load_is_counted_only_in_training_forwards_with_gradients():
+    """tokens_per_expert counts a forward in training mode with gradients enabled, not one in eval
+    mode nor one under no_grad (e.g. the first pass of reentrant activation checkpointing, whose
+    recomputation would count the tokens a second time)."""
+    torch.manual_seed(0)
+    router = TopKRouter(D, E, 2, selection_bias=True)
+    x = _x()
+    router.eval()
+    router(x)
+    router.train()
+    with torch.no_grad():
+        router(x)
+    assert not router.tokens_per_expert.any()
+    routing = router(x)
+    expected = torch.bincount(routing.indices.flatten(), minlength=E).float()
+    assert torch.equal(router.tokens_per_expert, expected)
+
 def test_selection_bias_and_load_counter_stay_float32_when_the_router_is_cast():
     """A bf16 counter stops at 256 (256 + 1 rounds to 256) and a bf16 bias of 0.5 cannot take a step
     of 1e-3; casting the layer keeps both float32, its weights cast."""
