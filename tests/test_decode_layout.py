@@ -4,6 +4,7 @@ row-major model and a float64 copy, and what `generate` leaves behind (saving, t
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from reference import F64, assert_close
@@ -17,6 +18,7 @@ from moelab.models.decode_layout import (
     decode_layout_weights,
     is_column_major,
     side_by_side,
+    store_apart,
     use_decode_layout,
     use_row_major_layout,
 )
@@ -286,6 +288,37 @@ def test_side_by_side_finds_only_adjacent_blocks_in_order():
     assert side_by_side([a, b]) is None  # its own columns are 7 of 9 wide, not 7
     assert side_by_side([a, b, c.clone()]) is None  # a block with storage of its own
     assert side_by_side([a.contiguous(), b, c]) is None
+    assert side_by_side([a, b, columns[:5, 7:].mT]) is None  # adjacent, but 5 columns wide, not 6
+    assert side_by_side([a, b, c.view(torch.int32)]) is None  # adjacent bytes of another dtype
+    alone = [torch.randn(6, 3).mT, torch.randn(6, 2).mT]  # column-major, each in its own storage
+    assert store_apart(alone) == 0 and all(is_column_major(w) for w in alone)  # only blocks side by side move
+    assert store_apart([a, b, c]) == 3 and all(w.is_contiguous() for w in (a, b, c))
+
+
+def test_side_by_side_needs_every_block_inside_the_first_ones_storage():
+    """Blocks that start where the previous one ends but lie in another storage (here two tensors
+    over one numpy buffer) are not one matrix: the first's storage does not hold them all."""
+    buffer = np.arange(24, dtype=np.float32)
+    first, second = torch.from_numpy(buffer[:10]), torch.from_numpy(buffer[2:12])  # storages of 40 bytes
+    a, b = first.as_strided((2, 3), (1, 4)), second.as_strided((2, 3), (1, 4))  # columns of a [4, 3] matrix
+    assert b.data_ptr() == a.data_ptr() + 2 * 4 and a.untyped_storage().nbytes() == 40
+    assert side_by_side([a, b]) is None  # the [4, 3] matrix would need 48 bytes of a's storage
+    whole = torch.from_numpy(buffer[:12]).as_strided((4, 3), (1, 4))
+    assert torch.equal(side_by_side([whole[:2], whole[2:]]), whole)
+
+
+def test_only_projections_of_one_dtype_go_side_by_side():
+    """A block whose key projection is bf16 and the others float32 (all moved at batch 1) keeps
+    each projection's dtype and values: stored column-major one by one, not side by side."""
+    model = make_model(**FEATURES).eval()
+    attn = model.layers[0].attn
+    attn.k_proj.to(torch.bfloat16)
+    weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    before = [w.clone() for w in weights]
+    use_decode_layout(model, batch=1)
+    assert [w.dtype for w in weights] == [torch.float32, torch.bfloat16, torch.float32]
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))
+    assert all(is_column_major(w) for w in weights) and side_by_side(weights) is None
 
 
 @pytest.mark.parametrize(
