@@ -464,6 +464,12 @@ def test_decode_step_checks_its_inputs():
     cache = KVCache(model.config, batch_size=2, max_len=4)
     with pytest.raises(ValueError, match="exceed the KV cache's max_len"):
         model.decode_step(random_ids(seq=2), cache, 3)
+    with pytest.raises(ValueError, match="the KV cache holds 2 sequences but input_ids has 3"):
+        model.decode_step(random_ids(batch=3, seq=1), cache, 0)
+    assert KVCache(model.config, batch_size=1, max_len=model.config.max_seq_len).max_len == model.config.max_seq_len
+    for bad in (0, model.config.max_seq_len + 1):
+        with pytest.raises(ValueError, match="KVCache max_len must lie in"):
+            KVCache(model.config, batch_size=1, max_len=bad)
     noncausal = make_model(moe_fields=dict(router="expert_choice", ec_capacity_factor=1.0))
     with pytest.raises(ValueError, match="route non-causally"):
         noncausal.decode_step(random_ids(seq=2))

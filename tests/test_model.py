@@ -276,6 +276,7 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
             Sampling(top_k=bad)
     logits = torch.randn(3, 50) * 4
     assert torch.equal(sample_next_token(logits, temperature=1e-45), logits.argmax(-1))  # not inf / inf
+    assert model.generate(prompt, 60, greedy=True).shape[1] == model.config.max_seq_len == 64  # fills it
     with pytest.raises(ValueError, match="must fit ModelConfig.max_seq_len"):
         model.generate(prompt, 61)
     with pytest.raises(ValueError, match="temperature must be > 0"):
@@ -366,6 +367,23 @@ def test_generation_stops_at_eos_and_pads_with_it():
         ends.append(5 + hits[0].item() if len(hits) else free.shape[1])
         assert torch.equal(row[: ends[-1]], free_row[: ends[-1]]) and (row[ends[-1] :] == eos).all()
     assert model.generate(prompt[:1], 10, greedy=True, eos_token_id=eos).shape[1] == ends[0]  # stops early
+
+
+def test_generate_refuses_the_tokens_of_non_finite_logits():
+    """A NaN in the weights makes NaN logits, whose argmax is no token of the model's: refused."""
+    model = make_model().eval()
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="the logits held NaN or Inf while decoding"):
+        model.generate(random_ids(seq=4), 2, greedy=True)
+
+
+def test_no_new_tokens_returns_the_prompts():
+    """max_new_tokens=0 decodes nothing, a one-token prompt too (its KV cache holds the prompt)."""
+    model = make_model().eval()
+    for seq in (1, 3):
+        ids = random_ids(batch=2, seq=seq)
+        assert torch.equal(model.generate(ids, 0, greedy=True), ids)
 
 
 def left_padded(prompts: list[torch.Tensor], pad_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,6 +503,9 @@ def test_models_routing_whole_sequences_refuse_a_padded_batch():
     assert model.needs_sequences
     with pytest.raises(ValueError, match="padding would change how the prompts are routed"):
         model.generate(random_ids(batch=2, seq=4), 2, attention_mask=torch.tensor([[0, 1, 1, 1], [1] * 4]))
+    ids = random_ids(batch=2, seq=4)  # a mask that pads nothing is no padding: decoded as without one
+    assert torch.equal(model.generate(ids, 2, greedy=True, attention_mask=torch.ones_like(ids)),
+                       model.generate(ids, 2, greedy=True))  # fmt: skip
 
 
 @pytest.mark.parametrize(
