@@ -966,6 +966,17 @@ def test_an_expert_past_the_stored_ones_is_refused(tmp_path):
             store.load(store.moe_layers[0], 4, store.empty(2), 0)
     finally:
         store.close()
+    store = ExpertStore(_native(tmp_path / "fits")[1])  # a config that fits: E is past the last expert
+    try:
+        for expert in (-1, store.num_experts):
+            with pytest.raises(ValueError, match=f"expert {expert} out of range: the layers have 4 experts"):
+                store.read(store.moe_layers[0], expert)
+            with pytest.raises(ValueError, match=f"expert {expert} out of range"):
+                store.load(store.moe_layers[0], expert, store.empty(2), 0)
+        with pytest.raises(ValueError, match=r"layer 3 has no routed experts; the MoE layers are \[0, 1, 2\]"):
+            store.read(3, 0)
+    finally:
+        store.close()
 
 
 def test_emulated_storage_bandwidth(tmp_path):
@@ -980,6 +991,24 @@ def test_emulated_storage_bandwidth(tmp_path):
     start = time.perf_counter()
     store.read(1, 2)
     assert time.perf_counter() - start >= 0.05
+    store.close()
+
+
+def test_emulated_storage_bandwidth_sleeps_only_what_a_read_left_of_its_floor(tmp_path, monkeypatch):
+    """On a scripted clock: a read that took 20 ms of a 50 ms floor sleeps the other 30 ms, one that
+    took 80 ms sleeps none."""
+    import types
+
+    import moelab.offload.store as store_module
+
+    _, path = _native(tmp_path)
+    store = ExpertStore(path)
+    store.read_bandwidth = store.expert_bytes / 0.05
+    ticks, slept = iter([10.0, 10.02, 20.0, 20.08]), []  # each read: its start, its end
+    monkeypatch.setattr(store_module, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks), sleep=slept.append))
+    store.read(1, 2)
+    store.read(1, 3)
+    assert slept == [pytest.approx(0.03), 0.0]
     store.close()
 
 
