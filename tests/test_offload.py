@@ -934,6 +934,21 @@ def test_load_reads_an_expert_straight_into_its_slot_where_the_files_allow(tmp_p
             store.close()
 
 
+def test_a_pool_in_another_dtype_than_the_stores_is_filled_by_converting(tmp_path):
+    """A float32 store loading into a bf16 pool (not from its `empty`) converts the expert, also
+    after a float32 pool of the same shape read that expert straight from the files."""
+    store = ExpertStore(_native(tmp_path)[1])
+    try:
+        layer = store.moe_layers[0]
+        same, other = store.empty(1), empty_experts(store._template, 1, dtype=torch.bfloat16)
+        store.load(layer, 2, same, 0)
+        store.load(layer, 2, other, 0)
+        for got, want in zip(other.parameters(), same.parameters(), strict=True):
+            assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+    finally:
+        store.close()
+
+
 def test_read_into_refuses_a_target_of_another_dtype_or_shape(tmp_path):
     store = ExpertStore(_native(tmp_path)[1])
     try:
@@ -975,6 +990,28 @@ def test_an_expert_past_the_stored_ones_is_refused(tmp_path):
                 store.load(store.moe_layers[0], expert, store.empty(2), 0)
         with pytest.raises(ValueError, match=r"layer 3 has no routed experts; the MoE layers are \[0, 1, 2\]"):
             store.read(3, 0)
+    finally:
+        store.close()
+
+
+def test_experts_of_another_width_at_a_later_layer_are_refused(tmp_path):
+    """One pool holds every layer's experts: a layer whose experts are narrower than the first MoE
+    layer's is named, by read and by load."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = _native(tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["layers.1.ffn.experts.gate_up_proj"] = tensors["layers.1.ffn.experts.gate_up_proj"][:, :48].clone()
+    tensors["layers.1.ffn.experts.down_proj"] = tensors["layers.1.ffn.experts.down_proj"][..., :24].clone()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})  # layer 1: I = 24, not 32
+    store = ExpertStore(path)
+    try:
+        message = r"layer 1's experts have gate \[24, 32\] but layer 0's have \[32, 32\]; offloading needs one"
+        with pytest.raises(CheckpointError, match=message):
+            store.read(1, 0)
+        with pytest.raises(CheckpointError, match=message):
+            store.load(1, 0, store.empty(2), 0)
+        assert store.read(2, 0).gate.shape[1:] == (32, 32)  # the other layers still read
     finally:
         store.close()
 
