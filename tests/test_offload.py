@@ -949,6 +949,23 @@ def test_a_pool_in_another_dtype_than_the_stores_is_filled_by_converting(tmp_pat
         store.close()
 
 
+def test_a_store_names_one_experts_width_and_bytes_and_reads_that_one_expert(tmp_path):
+    """Mixtral's tiny experts (I = 16, D = 32): expert_width is I, expert_bytes three I x D matrices
+    in the store's dtype, and a read holds the one expert asked for."""
+    torch.manual_seed(0)
+    build("mixtral").save_pretrained(tmp_path)
+    I, D = TINY["mixtral"].config["intermediate_size"], TINY["mixtral"].config["hidden_size"]
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        store = ExpertStore(tmp_path, dtype=dtype)
+        try:
+            assert (store.expert_width, store.expert_bytes) == (I, 3 * I * D * size) and I != D
+            layer = store.moe_layers[0]
+            one, whole = store.read(layer, 2), store.view.experts(layer, range(store.num_experts))
+            assert one.gate.shape[0] == 1 and torch.equal(one.gate[0], whole.gate[2])
+        finally:
+            store.close()
+
+
 def test_read_into_refuses_a_target_of_another_dtype_or_shape(tmp_path):
     store = ExpertStore(_native(tmp_path)[1])
     try:
