@@ -327,3 +327,87 @@ def test_rank_rows_split_a_batch_contiguously_and_pad_an_idle_rank_with_an_unsco
     idle_inputs, idle_targets = _rank_rows(inputs[:2], targets[:2], 3, 4)
     assert torch.equal(idle_inputs, inputs[:1])
     assert (idle_targets == IGNORE_INDEX).all() and idle_targets.shape == (1, 3)
+
+
+def _window_losses(path, stream, seq_len: int) -> float:
+    """The summed next-token loss of `stream` in consecutive windows of `seq_len` targets, one
+    window at a time (the naive reference of the evaluation's batches)."""
+    import torch.nn.functional as F
+
+    net = load_pretrained(path).eval()
+    ids = torch.as_tensor(stream.astype("int64"))
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, seq_len):
+            window = ids[start : start + seq_len + 1]
+            total += float(F.cross_entropy(net(window[None, :-1]).logits[0].float(), window[1:], reduction="sum"))
+    return total
+
+
+def test_each_column_is_its_own_models_and_all_pools_by_tokens(model_dir, tmp_path, monkeypatch):
+    """Against a base of another size: the model's and the base's perplexities and parameter
+    counts each come from their own model; "all" is the token-weighted loss over the domains
+    (19 and 70 targets), not the mean of the domains'; a domain of one token (no target) is not
+    reported; the table's change is model / base - 1."""
+    import io
+    import sys
+    from dataclasses import replace
+
+    import numpy as np
+    from rich.console import Console
+
+    from moelab.eval.evaluate import render_report
+
+    torch.manual_seed(2)
+    cfg = ModelConfig(vocab_size=8192, dim=32, n_layers=1, n_heads=4, max_seq_len=64,
+                      moe=MoEConfig(dim=32, num_experts=2, hidden_dim=16, top_k=1))  # fmt: skip
+    small = save_pretrained(MoETransformer(cfg), tmp_path / "small")
+    rng = np.random.default_rng(0)
+    streams = {"a": rng.integers(0, 8192, 20), "b": rng.integers(0, 8192, 71), "c": np.array([5])}
+    monkeypatch.setattr(sys.modules["moelab.eval.evaluate"], "load_streams", lambda *a, **k: streams)
+    report = evaluate(small, base=model_dir, options=replace(SMALL, prompts=0), quiet=True)
+    assert set(report["domains"]) == set(report["base_domains"]) == {"a", "b", "all"}
+    for key, path in (("domains", small), ("base_domains", model_dir)):
+        sums = {d: _window_losses(path, streams[d], 32) for d in ("a", "b")}
+        for d, n in (("a", 19), ("b", 70)):
+            assert report[key][d]["tokens"] == n
+            assert report[key][d]["loss"] == pytest.approx(sums[d] / n, rel=1e-4)
+        pooled = (sums["a"] + sums["b"]) / 89
+        assert report[key]["all"]["loss"] == pytest.approx(pooled, rel=1e-4)
+        assert report[key]["all"]["perplexity"] == pytest.approx(math.exp(pooled), rel=1e-4)
+        assert abs(pooled - (sums["a"] / 19 + sums["b"] / 70) / 2) > 1e-3  # not the plain mean
+    assert report["domains"]["a"]["loss"] != pytest.approx(report["base_domains"]["a"]["loss"], rel=1e-3)
+    assert report["parameters"] == parameter_counts(small)
+    assert report["base_parameters"] == parameter_counts(model_dir) != report["parameters"]
+    console = Console(file=io.StringIO(), width=200)
+    console.print(render_report(report))
+    change = report["domains"]["a"]["perplexity"] / report["base_domains"]["a"]["perplexity"] - 1
+    assert f"{change:+.1%}" in console.file.getvalue()
+
+
+def test_the_degenerate_rate_counts_looping_continuations_per_domain():
+    """3 of 4 continuations loop (2 of 3 in "a", 1 of 1 in "b"): rate 3/4, its Wilson interval
+    and the rate per domain."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from moelab.eval.evaluate import _degeneration
+
+    loop, fresh = [1, 2, 3, 4] * 3, list(range(12))
+    outputs = iter([loop, fresh, loop, loop])
+    lm = SimpleNamespace(path=Path("m"), generate=lambda ids, n: torch.tensor(next(outputs)))
+    prompts = [(name, torch.zeros(1, 4, dtype=torch.long)) for name in ("a", "a", "a", "b")]
+    got = _degeneration(lm, prompts, EvalOptions(gen_tokens=12), quiet=True)
+    assert got == {"degenerate": 3, "rate": 0.75, "ci95": list(wilson_interval(3, 4)),
+                   "by_domain": {"a": pytest.approx(2 / 3), "b": 1.0}}  # fmt: skip
+
+
+def test_a_prompt_and_continuation_that_fill_the_context_exactly_are_run(model_dir):
+    """prompt_tokens + gen_tokens = the context (64) fits; one more is refused."""
+    from dataclasses import replace
+
+    options = replace(SMALL, domains=["code"], max_tokens=32, prompt_tokens=32, gen_tokens=32)
+    report = evaluate(model_dir, options=options, quiet=True)
+    assert report["generation"]["prompts"] == 1
+    with pytest.raises(ValueError, match="exceed the context of 64 tokens"):
+        evaluate(model_dir, options=replace(options, gen_tokens=33), quiet=True)
