@@ -320,6 +320,51 @@ def test_compress_takes_over_a_killed_run(tmp_path, model_dir, monkeypatch):
     assert report["complete"] and load_pretrained(tmp_path / "out").config.moe.num_experts == 6
 
 
+def test_a_killed_run_of_a_method_that_rewrites_experts_resumes_to_the_same_model(
+    tmp_path, model_dir, stats_dir, monkeypatch
+):
+    """HEAPr keeps every expert and narrows them: a decision kept from a killed run cannot be
+    written as a subset of the old experts (that would publish the uncompressed widths); the rerun
+    writes what an uninterrupted run writes."""
+    import moelab.compress.run as run_module
+
+    real = run_module.write_edited
+    kwargs = dict(method="heapr", ratio=0.2, stats=stats_dir, reload=False, quiet=True)
+    compress(model_dir, tmp_path / "whole", **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(run_module, "write_edited", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            compress(model_dir, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists() and run_module.write_edited is real
+    compress(model_dir, tmp_path / "out", **kwargs)
+    assert load_pretrained(tmp_path / "out").config.moe.hidden_dim == 26
+    shards = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
+    assert shards == sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    for name in shards:
+        whole, resumed = (load_file(tmp_path / run / name) for run in ("whole", "out"))
+        assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.parametrize("change", [dict(ratio=0.5), dict(domains=["code"])])
+def test_a_killed_run_of_another_job_is_not_taken_as_decided(tmp_path, model_dir, stats_dir, monkeypatch, change):
+    """Killed after deciding every layer at 25 % by frequency: a rerun into the same output with
+    another ratio or other calibration sources decides again (it must not publish the old
+    decisions)."""
+    import moelab.compress.run as run_module
+
+    kwargs = dict(method="frequency", ratio=0.25, stats=stats_dir, reload=False, quiet=True)
+    with monkeypatch.context() as m:
+        m.setattr(run_module, "write_edited", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            compress(model_dir, tmp_path / "out", **kwargs)
+    report = compress(model_dir, tmp_path / "out", **(kwargs | change))
+    fresh = compress(model_dir, tmp_path / "fresh", **(kwargs | change))
+    assert {i: e["kept"] for i, e in report["layers"].items()} == {i: e["kept"] for i, e in fresh["layers"].items()}
+    assert report["method"] == fresh["method"] and report["ratio"] == fresh["ratio"]
+    kept = 4 if change.get("ratio") == 0.5 else 6
+    assert load_pretrained(tmp_path / "out").config.moe.num_experts == kept
+
+
 def test_a_refused_compress_keeps_its_calibration_and_a_new_job_starts_clean(
     tmp_path, model_dir, stats_dir
 ):
