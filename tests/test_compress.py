@@ -365,6 +365,21 @@ def test_a_killed_run_of_another_job_is_not_taken_as_decided(tmp_path, model_dir
     assert load_pretrained(tmp_path / "out").config.moe.num_experts == kept
 
 
+def test_a_finished_output_is_replaced_only_with_overwrite_and_never_inside_the_statistics(
+    tmp_path, model_dir, stats_dir
+):
+    kwargs = dict(method="frequency", stats=stats_dir, reload=False, quiet=True)
+    compress(model_dir, tmp_path / "out", ratio=0.25, **kwargs)
+    written = (tmp_path / "out" / REPORT_NAME).read_text()
+    with pytest.raises(ValueError, match="already holds a moelab .*pass --overwrite"):
+        compress(model_dir, tmp_path / "out", ratio=0.5, **kwargs)
+    assert (tmp_path / "out" / REPORT_NAME).read_text() == written
+    assert compress(model_dir, tmp_path / "out", ratio=0.5, overwrite=True, **kwargs)["ratio"] == 0.5
+    with pytest.raises(ValueError, match="lies inside the input"):
+        compress(model_dir, stats_dir / "pruned", ratio=0.25, **kwargs)
+    assert not (stats_dir / "pruned").exists()
+
+
 def test_a_refused_compress_keeps_its_calibration_and_a_new_job_starts_clean(
     tmp_path, model_dir, stats_dir
 ):
