@@ -644,3 +644,95 @@ def test_mixture_windows_batches_and_source_weights(tmp_path):
     tiny.write_text("hi")
     with pytest.raises(ValueError, match="no tokens to speak of"):
         build_mixture(str(tiny), tokens=100, seq_len=10)
+
+
+# ----------------------------------------------------------------------------- the report's numbers
+
+
+def _stats(counts: list[list[float]], soft: list[list[float]], tokens: tuple[float, float]):
+    """LayerStats of one source: counts and soft counts [2 halves][E], tokens per half."""
+    from moelab.compress.stats import LayerStats
+
+    counts_t, soft_t = torch.tensor(counts, dtype=torch.float64)[:, None], torch.tensor(soft, dtype=torch.float64)[:, None]
+    zeros = torch.zeros_like(counts_t)
+    return LayerStats(
+        0, ("code",), torch.tensor(tokens, dtype=torch.float64)[:, None], counts_t, soft_t, zeros, zeros,
+        torch.zeros(1),
+    )  # fmt: skip
+
+
+def _layer(index: int = 0, experts: int = 4):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(index=index, router=SimpleNamespace(num_experts=experts, n_group=1))
+
+
+def test_stability_is_the_jaccard_of_the_halves_kept_sets_for_data_driven_methods_only():
+    """Frequency keeps 2 of 4: {0, 1} on half 0, {0, 2} on half 1, so |a & b| / |a | b| = 1/3 (not
+    |a & b| / |a| = 1/2); a method whose scores do not come from the data (random) reports none."""
+    from moelab.compress.methods import Target, get_method
+    from moelab.compress.run import _stability
+
+    stats = _stats([[9, 8, 1, 0], [9, 0, 8, 1]], [[1] * 4, [1] * 4], (10, 10))
+    assert _stability(get_method("frequency"), _layer(), stats, Target(2)) == pytest.approx(1 / 3)
+    assert _stability(get_method("random"), _layer(), stats, Target(2)) is None
+
+
+def test_dropped_probability_mass_is_the_dropped_experts_mean_probability_per_token():
+    """Experts 2 and 3 dropped: their soft counts over both halves, (1 + 1) + (3 + 1), over the
+    20 calibration tokens."""
+    from moelab.compress.methods import LayerDecision, Target
+    from moelab.compress.run import _layer_entry
+    from moelab.hf.edit import LayerEdit
+
+    stats = _stats([[5, 3, 1, 1], [4, 2, 3, 1]], [[5, 3, 1, 1], [4, 2, 3, 1]], (10, 10))
+    entry = _layer_entry(_layer(), LayerDecision(LayerEdit.keep([0, 1]), [0, 1]), stats, Target(2))
+    assert entry["dropped"] == [2, 3] and entry["dropped_probability_mass"] == pytest.approx(6 / 20)
+
+
+def test_the_compact_count_subtracts_what_the_compact_form_saves(tmp_path, monkeypatch):
+    """Stored at full width 50 + 40 parameters in two layers whose compact form holds 30 + 10: the
+    compact total is the written total less 20 + 30."""
+    import moelab.compress.run as run
+
+    monkeypatch.setattr(run, "parameter_counts", lambda path: {"total": 1000})
+    notes = [{"stored_parameters": 50, "compact_parameters": 30}, {"stored_parameters": 40, "compact_parameters": 10}]
+    report = {"layers": {str(i): {"notes": n} for i, n in enumerate(notes)} | {"2": {"notes": {}}}}
+    assert run._after(tmp_path, report) == {"total": 1000, "total_compact": 950}
+    assert run._after(tmp_path, {"layers": {"0": {"notes": {}}}}) == {"total": 1000}
+
+
+def test_the_global_budget_ranks_scores_normalised_within_each_layer():
+    """Keeping 1 expert per layer: normalised, the best two overall are layer 0's 0.6 and layer
+    1's 0.4, one per layer, so it passes; raw scores (60 and 30, both layer 0's) or the worst two
+    (both layer 0's 0.05) would refuse it."""
+    from types import SimpleNamespace
+
+    from moelab.compress.methods import ScoringMethod, Target
+    from moelab.compress.run import _check_global_budget
+
+    raw = {0: [60.0, 30.0, 5.0, 5.0], 1: [4.0, 3.0, 2.0, 1.0]}
+
+    class Given(ScoringMethod):
+        name = "given"
+
+        def score(self, layer, stats, target):
+            return torch.tensor(raw[layer.index])
+
+    view = SimpleNamespace(layer=_layer)
+    _check_global_budget(Given(), view, {0: None, 1: None}, {0: Target(1), 1: Target(1)})
+    raw[1] = [400.0, 300.0, 200.0, 100.0]  # the same normalised scores: still one each
+    _check_global_budget(Given(), view, {0: None, 1: None}, {0: Target(1), 1: Target(1)})
+    raw[0] = [2.5, 45.0, 2.5, 50.0]  # now layer 0's two best (0.5, 0.45) beat layer 1's 0.4
+    with pytest.raises(ValueError, match=r"layer 0: 2, layer 1: 0"):
+        _check_global_budget(Given(), view, {0: None, 1: None}, {0: Target(1), 1: Target(1)})
+
+
+def test_the_reports_stability_is_the_mean_over_layers(tmp_path, model_dir, stats_dir, monkeypatch):
+    """Layers of stability 0.5 and 1.0 (stubbed) report 0.75 for the model."""
+    import moelab.compress.run as run
+
+    monkeypatch.setattr(run, "_stability", lambda method, layer, stats, target: 0.5 if layer.index == 0 else 1.0)
+    report = compress(model_dir, tmp_path / "out", method="frequency", ratio=0.25, stats=stats_dir, quiet=True)
+    assert [report["layers"][i]["stability_jaccard"] for i in ("0", "1")] == [0.5, 1.0]
+    assert report["stability_jaccard"] == 0.75
