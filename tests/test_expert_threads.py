@@ -324,3 +324,24 @@ def test_a_compiled_step_keeps_the_callers_thread(monkeypatch, two_threads):
     compiled = torch.compile(lambda x: x * expert_workers([50, 50], cpu), backend="eager", fullgraph=True)
     assert compiled(torch.ones(2)).tolist() == [1.0, 1.0]
     assert expert_workers([50, 50], cpu) == 2
+
+
+def test_assign_breaks_ties_to_the_lower_worker_and_the_lower_expert():
+    """Equal counts: experts in index order, each to the least-loaded worker, ties to the lower one."""
+    assert assign([5, 5, 5], 2) == [[0, 2], [1]]
+    assert assign([2, 7, 2, 0], 3) == [[1], [0], [2]]
+
+
+def test_a_larger_step_grows_the_pool(monkeypatch):
+    """A pool started for 2 workers is replaced by one of 3 when a step asks for 3 (else the third
+    worker's experts would queue behind the others)."""
+    _fresh_pool(monkeypatch)
+    try:
+        for_each_expert(lambda e, w: None, [1, 1], 2)
+        assert expert_threads._pool_size == 2
+        for_each_expert(lambda e, w: None, [1, 1, 1], 3)
+        assert expert_threads._pool_size == 3 and expert_threads._pool._max_workers == 3
+        for_each_expert(lambda e, w: None, [1, 1], 2)  # a smaller step keeps the larger pool
+        assert expert_threads._pool_size == 3
+    finally:
+        expert_threads._pool.shutdown()

@@ -276,3 +276,30 @@ def test_clamped_swiglu_needs_gated():
                     activation=ClampedSwiGLU(), gated=False)
     with pytest.raises(ValueError, match="limit must be > 0"):
         ClampedSwiGLU(limit=0)
+
+
+def test_clamped_swiglu_backward_passes_gradient_at_the_clamp_bounds():
+    """The hand-written backward against autograd through torch.clamp, with gate and up exactly at
+    the limits (torch.clamp passes the gradient at its bounds, included) and on either side."""
+    from moelab.nn import ClampedSwiGLU
+
+    act = ClampedSwiGLU(alpha=1.702, limit=0.5)
+    gate = torch.tensor([[0.5, 0.25, 0.75, -0.5, 0.5]], dtype=F64, requires_grad=True)
+    up = torch.tensor([[0.5, -0.5, 0.25, 0.75, -0.75]], dtype=F64, requires_grad=True)
+    grad = torch.tensor([[1.0, -2.0, 0.5, 1.5, 3.0]], dtype=F64)
+    want = torch.autograd.grad(act(gate, up), (gate, up), grad)
+    got = act.backward(grad, gate.detach(), up.detach())
+    assert_close(got[0], want[0], what="grad gate")
+    assert_close(got[1], want[1], what="grad up")
+    assert got[0][0, 0] != 0 and got[1][0, 0] != 0 and got[1][0, 1] != 0  # the bounds pass gradient
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "gelu"])
+def test_stacked_weights_start_at_fan_in_scale(kind):
+    """Each projection starts with std fan_in**-0.5: the first over the model dim (64 -> 0.125),
+    the down projection over the expert width (4 -> 0.5)."""
+    torch.manual_seed(0)
+    m = SwiGLUExperts(16, 64, 4) if kind == "swiglu" else MLPExperts(16, 64, 4)
+    w_in = m.gate_up_proj if kind == "swiglu" else m.up_proj
+    assert abs(w_in.std().item() - 64**-0.5) < 0.01
+    assert abs(m.down_proj.std().item() - 4**-0.5) < 0.03

@@ -466,6 +466,20 @@ def test_under_autocast_the_products_run_in_its_dtype(monkeypatch):
     assert y.dtype == torch.bfloat16 and dtypes == [(torch.bfloat16, torch.bfloat16)] * 2
 
 
+def test_autocast_leaves_float64_rows_in_float64():
+    """Autocast lowers only fp32 rows (as its F.linear does): float64 experts under bf16 autocast
+    compute in float64, the same numbers as without autocast, not on bf16 casts."""
+    torch.manual_seed(0)
+    # widths of 8: bf16 rows of them are 16-byte aligned, so bf16 casts could run torch._grouped_mm
+    w_in, w_out = torch.randn(E, 16, D, dtype=torch.float64), torch.randn(E, D, 8, dtype=torch.float64)
+    xs, counts = torch.randn(7, D, dtype=torch.float64), [3, 0, 4, 0]
+    want = grouped_mlp(xs, counts, None, w_in, None, w_out, None, backend="grouped_mm")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = grouped_mlp(xs, counts, None, w_in, None, w_out, None, backend="grouped_mm")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_auto_picks_grouped_mm_for_bf16_products_on_cuda(monkeypatch):
     """The decision alone (no GPU here): bf16 weights, or fp32 ones under bf16 autocast, on CUDA."""
     from moelab.nn.grouped import grouped_gemm
