@@ -254,6 +254,13 @@ def test_latent_projection_must_match_the_router_dim():
         MoELayer(TopKRouter(D, E, 2), SwiGLUExperts(E, 4, I), latent=LatentProjection(20, 4))
 
 
+def test_latent_rank_lies_between_1_and_the_dim():
+    assert LatentProjection(D, D).rank == D  # the full rank is allowed
+    for rank in (0, D + 1):
+        with pytest.raises(ValueError, match=rf"latent rank must lie in \[1, dim={D}\], got {rank}"):
+            LatentProjection(D, rank)
+
+
 def test_bad_sparsity_window():
     with pytest.raises(ValueError, match=r"sparsity_window must be >= 1, got 0"):
         MoELayer(ReLURouter(D, E), SwiGLUExperts(E, D, I), sparsity_window=0)

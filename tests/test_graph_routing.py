@@ -65,6 +65,17 @@ def test_similarity_routing_matches_a_naive_loop_forward_and_backward(learned):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_similarity_temperature_defaults_to_the_square_root_of_the_dim():
+    """tau = sqrt(D) unless given: the default router mixes as one built with tau = sqrt(16) = 4."""
+    torch.manual_seed(0)
+    default = SimilarityRouter(16, 5, 2)
+    assert default.tau == 4.0
+    explicit = SimilarityRouter(16, 5, 2, tau=4.0)
+    explicit.load_state_dict(default.state_dict())
+    x = 3 * torch.randn(2, 6, 16)
+    torch.testing.assert_close(default(x).probs, naive_similarity(explicit, x).reshape(12, 5))
+
+
 def test_attention_routing_matches_a_naive_loop_forward_and_backward():
     torch.manual_seed(0)
     router = AttentionRouter(8, 4, 2, renormalize=False)

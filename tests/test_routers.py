@@ -499,3 +499,46 @@ def test_topp_one_keeps_max_k_experts_even_when_peaked(max_k):
     assert [len(c) for c in ref.choices] == [max_k or 4] * 3
     routing = router(x)
     assert ((routing.indices >= 0).sum(-1) == (max_k or 4)).all(), routing.indices
+
+
+def test_sparsemixer_worked_example_at_the_threshold():
+    """PhiMoE's sparsemixer at inference, logits [1, 0.5, 0, -1] and jitter_eps 0.25 (threshold
+    2 * eps = 0.5): round 1 takes expert 0 and keeps the logits l with (1 - l) / max(|l|, 1) <= 0.5,
+    i.e. 1 and 0.5 (exactly at the threshold: kept, as transformers' strict `>` masks): weight
+    softmax([1, 0.5])[0] = sigmoid(0.5). Round 2 takes expert 1 among [0.5, 0, -1]: (0.5 - 0) /
+    max(0, 0.5) = 1 > 0.5 masks 0, so its weight is 1. probs is the plain softmax of the logits."""
+    from moelab.nn import SparseMixerRouter
+
+    router = SparseMixerRouter(4, 4, jitter_eps=0.25, top_k=2)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(4))
+    x = torch.tensor([[1.0, 0.5, 0.0, -1.0]])
+    routing = router(x)
+    assert routing.indices.tolist() == [[0, 1]]
+    torch.testing.assert_close(routing.weights, torch.tensor([[torch.sigmoid(torch.tensor(0.5)).item(), 1.0]]))
+    torch.testing.assert_close(routing.probs, x.softmax(-1))
+    SparseMixerRouter(4, 4, jitter_eps=0.0)  # eps = 0: only ties with the best logit share its weight
+    with pytest.raises(ValueError, match="jitter_eps must be >= 0"):
+        SparseMixerRouter(4, 4, jitter_eps=-0.1)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((4, 2, 2, 0, 3), r"top_k \(3\) must not exceed the 2 experts a layer owns"),
+        ((4, 2, 2, 2, 1), "need reuse >= 1 and 0 <= position < reuse, got reuse=2, position=2"),
+        ((4, 2, 2, -1, 1), "need reuse >= 1 and 0 <= position < reuse"),
+    ],
+)
+def test_rexmoe_router_refuses_bad_settings(args, message):
+    """ReuseRouter(dim, num_local, reuse, position, top_k): a layer's top-k must fit in the experts
+    it owns (progressive scaling starts with those alone), its position lie inside its group, and
+    the progress in [0, 1]."""
+    from moelab.nn.rexmoe import ReuseRouter
+
+    with pytest.raises(ValueError, match=message):
+        ReuseRouter(*args)
+    router = ReuseRouter(4, 2, 2, 1, 2)  # top_k = num_local and the last position: allowed
+    for fraction in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"PSR progress must lie in \[0, 1\]"):
+            router.set_progress(fraction)
