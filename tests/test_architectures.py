@@ -358,6 +358,13 @@ def test_chain_matches_a_naive_loop_forward_and_backward():
     torch.testing.assert_close(grad, expected_grad, **ROUTER_FP32)
 
 
+def test_chain_needs_at_least_one_iteration():
+    layer = build_moe(small_layer_config())
+    with pytest.raises(ValueError, match="Chain-of-Experts needs iterations >= 1, got 0"):
+        ChainOfExperts(layer, 0)
+    assert ChainOfExperts(layer, 1).iterations == 1
+
+
 def test_chain_routers_are_independent():
     chain = build_moe(small_layer_config(chain_iterations=2))
     assert not torch.equal(chain.layer.router.weight, chain.extra_routers[0].weight)
@@ -399,6 +406,11 @@ def test_rexmoe_progressive_scaling_masks_foreign_experts():
     assert router.candidates.nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
     router.set_progress(1.0)
     assert router.candidates.all()
+    last = ReuseRouter(8, 4, 3, 2, 2)  # owns 8-11; layer 1's experts 4-7 are nearer than layer 0's 0-3
+    last.set_progress(0.5)
+    assert last.candidates.nonzero().flatten().tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    last.set_progress(0.7)  # round(0.7 * 8) = round(5.6) = 6 foreign experts
+    assert last.candidates.nonzero().flatten().tolist() == [0, 1, 4, 5, 6, 7, 8, 9, 10, 11]
 
 
 def test_rexmoe_progressive_scaling_hook_ramps():
@@ -489,6 +501,24 @@ def test_blockffn_metrics_are_reported_and_match_a_naive_count():
     assert 0 < out.metrics["tls"] < 1 and {"locality", "chunk_sparsity"} <= set(out.aux_losses)
 
 
+def test_chunk_level_sparsity_drops_the_final_partial_chunk_of_each_sequence():
+    """CLS over chunks of 4 consecutive tokens within each sequence of 10: chunks 0-3 and 4-7;
+    tokens 8-9 (a partial chunk) are dropped, however busy. With a whole chunk (S = chunk_len) the
+    layer's metrics report it."""
+    from moelab.nn.blockffn import chunk_level_sparsity, sparsity_metrics
+
+    active = torch.zeros(2, 10, 3, dtype=torch.bool)
+    active[0, 1, 0] = True  # sequence 0, chunk 0, expert 0
+    active[1, 6, 2] = active[1, 7, 2] = True  # sequence 1, chunk 1, expert 2 (one pair)
+    active[:, 8:] = True  # the partial chunk
+    fired = torch.tensor([[active[b, c : c + 4, e].any() for e in range(3)] for b in range(2) for c in (0, 4)])
+    assert fired.sum() == 2
+    torch.testing.assert_close(chunk_level_sparsity(active, 4), 1 - fired.float().mean())
+    metrics = sparsity_metrics(active[:, :4].reshape(-1, 3), active[:, :4], chunk_len=4)
+    assert set(metrics) == {"tls", "cls"}
+    torch.testing.assert_close(metrics["cls"], torch.tensor(1 - 1 / 6))
+
+
 def test_chunk_loss_matches_a_naive_product_and_composes_with_entropy():
     """L_CS = 1 - mean over (chunk, expert) of prod (1 - p); the reference's in-place masking broke
     backward when another term (entropy) had used p first: both together must backprop."""
@@ -552,6 +582,15 @@ def test_adaptive_chunk_coefficient_follows_the_schedule_worked_by_hand():
 
     capped = AdaptiveCoefficient(initial=1.0, warmup=0, window=1, max_factor=4.0)
     assert [capped.step(loss) for loss in (1, 3, 9, 27)] == pytest.approx([1, 1, 3, 4])  # 1 * 3, then 4 * 1
+
+    # a ratio of exactly 1 (the loss as before) is a factor 1: max(1.025, r) only where r > 1
+    steady = AdaptiveCoefficient(initial=1.0, warmup=0, window=2)
+    assert [steady.step(1.0) for _ in range(6)] == pytest.approx([1.0] * 6, rel=0, abs=0)
+    # once at its target the coefficient stays there while no new target is set: ratio 2 at step 4,
+    # ratio 0 at step 6 (target 0, reached at step 8), and after a window of mean 0 no ratio at step 8
+    held = AdaptiveCoefficient(initial=1.0, warmup=0, window=2)
+    values = [held.step(loss) for loss in (1, 1, 2, 2, 0, 0, 0, 0, 0, 0)]
+    assert values == pytest.approx([1, 1, 1, 1, 1.5, 2, 1, 0, 0, 0])
 
     resumed = AdaptiveCoefficient(initial=1.0, warmup=4, window=2)
     resumed.load_state_dict(AdaptiveCoefficient(initial=1.0, warmup=4, window=2).state_dict())

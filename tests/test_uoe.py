@@ -101,6 +101,21 @@ def test_selective_attention_matches_a_naive_loop_forward_and_backward(config, c
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # the router runs in float32
 
 
+def test_selective_attention_reports_heads_per_token_and_its_scaled_balance_loss():
+    """Each token picks attn_top_k = 2 of the 4 heads (so 2 experts per token, not 2 / H), and the
+    balance loss is balance_coef times the Switch loss of the head routing, by hand: E sum f_e P_e."""
+    torch.manual_seed(0)
+    attn = SelectiveAttention(32, 4, UoEConfig(attn_top_k=2, balance_coef=0.5))
+    cos, sin = rope_tables(8, 16, 10000.0)
+    x = torch.randn(2, 11, 32)
+    _, result = attn(x, cos[:11], sin[:11])
+    routing = attn.router(x)
+    assert result.experts_per_token.item() == 2.0
+    chosen = (routing.indices >= 0).float()  # [22, 4]: one slot per head
+    switch = 4 * (chosen.sum(0) / chosen.sum() * routing.probs.mean(0)).sum()
+    torch.testing.assert_close(result.losses["balance"], 0.5 * switch)
+
+
 def naive_causal_choice(router: UoERouter, x):
     """Per token: its top-k experts (among the k_s its prefix keeps), gates n * s / sum s."""
     B, S, D = x.shape
@@ -140,10 +155,11 @@ def test_causal_router_matches_naive_token_choice(seed, experts, data):
     assert ((routing.indices >= 0).sum(-1) == k).all()
 
 
-@pytest.mark.parametrize("fraction", [None, 0.5])
+@pytest.mark.parametrize("fraction", [None, 0.5, 0.35, 0.05])
 def test_reference_selection_matches_the_reference_code(fraction):
     """top-k mask, normalise across the batch, then the top L' tokens per (sequence, expert); L'
-    is the largest routed count (attention) or fraction * S (MLP); gates unused."""
+    is the largest routed count (attention) or int(fraction * S) (MLP; 0.35 * 10 = 3.5 -> 3), at
+    least 1 (0.05 * 10 -> 1); gates unused."""
     torch.manual_seed(0)
     router = UoERouter(8, 4, 2, selection="reference", gate="none", token_fraction=fraction)
     x = torch.randn(3, 10, 8)
@@ -151,7 +167,7 @@ def test_reference_selection_matches_the_reference_code(fraction):
     probs = (x.reshape(-1, 8) @ router.weight.T).softmax(-1).view(3, 10, 4)
     mask = torch.zeros_like(probs).scatter_(-1, probs.topk(2, dim=-1).indices, 1.0)
     normalised = probs * mask / ((probs * mask).sum(0, keepdim=True) + 1e-8)
-    width = int((normalised > 0).sum(1).max()) if fraction is None else int(fraction * 10)
+    width = int((normalised > 0).sum(1).max()) if fraction is None else max(1, int(fraction * 10))
     expected = torch.zeros(3, 10, 4, dtype=torch.bool)
     for b in range(3):
         for e in range(4):
