@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import threading
 import time
 
@@ -684,6 +685,43 @@ def test_lookahead_scores_worked_example():
     torch.testing.assert_close(lookahead_scores(indices, probs), torch.tensor([1.5, 0.5, 2.0, 0.0]))
 
 
+@pytest.mark.parametrize("predictor", ["lookahead", "both"])
+def test_read_ahead_worked_example(tmp_path, monkeypatch, predictor):
+    """Layer 1 reading ahead for T=2 tokens (4 experts, top-2, prefetch_factor 1.5): up to
+    min(4, round(1.5 * 2 * 2)) = 4 experts; scores: the affinity's expected choices / K (the
+    previous layer chose {0, 1} and {2}) plus the lookahead's (worked example above); the chance
+    each is needed: scores / (T * the most a token gives: 1 by affinity + 2 by lookahead)."""
+    affinity = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0], [0.25] * 4])
+    prior = RoutingPrior((0, 1, 2), {i: torch.full((4,), 0.5) for i in range(3)}, {0: affinity, 1: affinity})
+    cache = _cache(tmp_path, 4, eviction="reuse", prior=prior)
+    calls = []
+    monkeypatch.setattr(cache, "prefetch", lambda *args: calls.append(args))
+    previous = OffloadedExperts(cache, 0, None, 2)
+    previous.chosen = torch.tensor([[0, 1], [2, -1]])
+    routing = dataclasses.make_dataclass("Routing", ["indices", "probs"])(
+        torch.tensor([[0, -1], [2, -1]]), torch.tensor([[2.0, 1.0, 1.0, 0.0], [0.0, 1.0, 3.0, 0.0]])
+    )
+    router = dataclasses.make_dataclass("Router", ["dim", "forward"])(cache.pool.dim, lambda x: routing)
+    experts = OffloadedExperts(cache, 1, predictor, 2, prefetch_factor=1.5)
+    experts.link(router, previous)
+    try:
+        experts.read_ahead(torch.zeros(1, 2, cache.pool.dim))
+        [(layer, scores, probability, limit)] = calls
+        lookahead = torch.tensor([1.5, 0.5, 2.0, 0.0])
+        if predictor == "both":  # affinity: rows 0 + 1 + 2 = [0.5, 0.5, 1, 1], over K = 2
+            expected, most = lookahead + torch.tensor([0.25, 0.25, 0.5, 0.5]), 3.0
+        else:
+            expected, most = lookahead, 2.0
+        assert (layer, limit) == (1, 4)
+        torch.testing.assert_close(scores, expected)
+        torch.testing.assert_close(probability, expected / (2 * most))
+        experts.prefetch_factor = 0.5  # round(0.5 * 2 * 2) = 2 experts
+        experts.read_ahead(torch.zeros(2, 1, cache.pool.dim))
+        assert calls[1][3] == 2
+    finally:
+        cache.close()
+
+
 def test_habit_averages_recent_use_with_the_prior_frequency(tmp_path):
     """The mean of the decayed record of a layer's choices and its prior frequency; the frequency
     alone for a layer not yet visited."""
@@ -724,8 +762,10 @@ def test_memory_budget_too_small_names_the_minimum(tmp_path):
     dense, expert = sum(t.nbytes for t in roomy.model.state_dict().values()), roomy.cache.store.expert_bytes
     roomy.close()
     minimum = dense + 100 * kv_bytes_per_token(roomy.model, torch.float32) + 2 * expert  # the KV cache, top-2
-    with pytest.raises(ValueError, match=rf"the minimum is [\d.]+ MiB \({minimum} bytes\)"):
+    with pytest.raises(ValueError, match=rf"the minimum is [\d.]+ MiB \({minimum} bytes\)") as refused:
         load_offloaded(path, memory_budget=minimum - 1, kv_cache_tokens=100)
+    shown = float(re.search(r"the minimum is ([\d.]+) MiB", str(refused.value))[1])
+    assert shown * 2**20 >= minimum > (shown - 0.1) * 2**20  # rounded up: a budget of the MiB shown works
     load_offloaded(path, memory_budget=minimum, kv_cache_tokens=100, predictor=None).close()  # the minimum works
     with pytest.raises(ValueError, match="fewer than the 2 one token needs at one layer"):
         load_offloaded(path, resident=0.05)
@@ -743,6 +783,14 @@ def test_a_budget_in_bytes_sets_the_slots(tmp_path):
     tight = load_offloaded(path, memory_budget=dense + 3 * expert + expert // 2, predictor=None)
     assert tight.cache.slots == 3
     tight.close()
+
+
+def test_resident_keeps_the_nearest_whole_number_of_the_routed_experts(tmp_path):
+    _, path = _native(tmp_path)
+    for resident, slots in ((0.3, 4), (0.29, 3)):  # of 12: 3.6 and 3.48
+        offloaded = load_offloaded(path, resident=resident, warm=False)
+        offloaded.close()
+        assert offloaded.cache.slots == slots
 
 
 def test_a_budget_keeps_room_for_the_kv_cache(tmp_path):
