@@ -222,6 +222,34 @@ def test_offloaded_sampling_draws_the_in_memory_tokens_and_hf_sampling_is_seeded
     assert torch.equal(generate_ids(hf, ids % 64, 8, sampling=Sampling(temperature=1.5, top_k=1)), greedy)
 
 
+def test_transformers_sampling_draws_with_the_temperature_alone_from_the_seed():
+    """Sampling(temperature, seed) on a transformers model: its `generate` drawing with that
+    temperature and nothing else (top-k 0 for its default 50, top-p 1; EOS not stopping) from
+    torch's generator seeded with `seed`."""
+    hf = build("mixtral")
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        want = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, eos_token_id=None, pad_token_id=0,
+            do_sample=True, temperature=3.0, top_k=0, top_p=1.0,
+        )  # fmt: skip
+    assert torch.equal(generate_ids(hf, ids, 6, sampling=Sampling(temperature=3.0, seed=4)), want)
+
+
+def test_a_transformers_model_pads_a_sequence_that_ended_with_the_eos_token():
+    """Greedy decoding of two prompts, the EOS token the second token of the first one's greedy
+    continuation: that sequence is EOS from there on, the other one's tokens unchanged."""
+    hf = build("mixtral")
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    greedy = generate_ids(hf, ids, 8)
+    eos = int(greedy[0, 6])
+    assert eos not in greedy[1, 5:].tolist() and greedy[0, 7:].ne(eos).any()
+    want = greedy.clone()
+    want[0, 7:] = eos
+    assert torch.equal(generate_ids(hf, ids, 8, eos_token_id=eos), want)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"])
 def test_offloaded_transformers_checkpoint_decodes_like_transformers(tmp_path, family, one_thread):
     """Mixtral runs offloaded as a moelab model (`moelab.hf.conversion`), the others on transformers'
@@ -789,6 +817,22 @@ def test_resident_keeps_the_nearest_whole_number_of_the_routed_experts(tmp_path)
     _, path = _native(tmp_path)
     for resident, slots in ((0.3, 4), (0.29, 3)):  # of 12: 3.6 and 3.48
         offloaded = load_offloaded(path, resident=resident, warm=False)
+        offloaded.close()
+        assert offloaded.cache.slots == slots
+
+
+def test_a_transformers_models_budget_counts_its_moe_blocks_routers_and_shared_experts(tmp_path):
+    """Qwen2-MoE with attention biases (run by transformers, each MoE block rebuilt as a moelab
+    `MoELayer`): the budget's dense part is every tensor the loaded model holds, the blocks'
+    routers and shared experts included."""
+    build("qwen2_moe").save_pretrained(tmp_path)
+    roomy = load_offloaded(tmp_path, resident=1.0)
+    assert not isinstance(roomy.model, MoETransformer)
+    dense = sum({t.data_ptr(): t.nbytes for t in roomy.model.state_dict().values()}.values())
+    expert = roomy.cache.store.expert_bytes
+    roomy.close()
+    for spare, slots in ((0, 3), (-1, 2)):
+        offloaded = load_offloaded(tmp_path, memory_budget=dense + 3 * expert + spare)
         offloaded.close()
         assert offloaded.cache.slots == slots
 
