@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import re
 import threading
 import time
@@ -137,6 +138,8 @@ def test_a_model_with_aux_loss_free_balancing_and_a_tied_head_offloads(tmp_path,
         ids = torch.randint(0, cfg.vocab_size, (1, 5))
         assert torch.equal(offloaded.generate(ids, 6), generate_ids(model, ids, 6))
         assert offloaded.model.lm_head.weight is offloaded.model.embed.weight
+        counters = [m.tokens_per_expert for m in offloaded.model.modules() if hasattr(m, "tokens_per_expert")]
+        assert counters and all(torch.equal(c, torch.zeros_like(c)) for c in counters)  # as in a new model
     finally:
         offloaded.close()
     dense = sum(t.nbytes for n, t in model.state_dict().items() if ".experts." not in n and n != "lm_head.weight")
@@ -317,13 +320,31 @@ def test_each_layer_reads_ahead_from_its_input_through_its_norm(tmp_path, monkey
         offloaded.close()
 
 
+def test_each_moe_layer_reads_ahead_from_the_choices_of_the_one_before(tmp_path, monkeypatch, one_thread):
+    """The affinity predictor of MoE layers 1 and 2 reads the choices of layers 0 and 1 (layer 0 has
+    none before it)."""
+    model, path = _native(tmp_path)
+    offloaded = load_offloaded(path, resident=0.5, predictor="affinity", prior=_prior(model, model.config.vocab_size))
+    seen = []
+    scores = RoutingPrior.affinity_scores
+    monkeypatch.setattr(
+        RoutingPrior, "affinity_scores", lambda self, layer, indices: (seen.append(layer), scores(self, layer, indices))[1]
+    )
+    try:
+        offloaded.generate(torch.randint(0, model.config.vocab_size, (1, 4)), 3)
+    finally:
+        offloaded.close()
+    assert sorted(set(seen)) == [0, 1]
+
+
 def test_generation_past_the_position_limit_is_refused(tmp_path):
-    build("olmoe").save_pretrained(tmp_path)  # max_position_embeddings: transformers' default
+    build("olmoe", max_position_embeddings=16).save_pretrained(tmp_path)
     offloaded = load_offloaded(tmp_path, resident=1.0, predictor=None)
     try:
-        limit = offloaded.model.config.max_position_embeddings
-        with pytest.raises(ValueError, match="exceed the model's max_position_embeddings"):
-            offloaded.generate(torch.zeros(1, 4, dtype=torch.long), limit)
+        ids = torch.zeros(1, 4, dtype=torch.long)
+        assert offloaded.generate(ids, 12).shape == (1, 16)  # up to the limit
+        with pytest.raises(ValueError, match=r"\(4\) \+ max_new_tokens \(13\) exceed the model's max_position_embeddings"):
+            offloaded.generate(ids, 13)
     finally:
         offloaded.close()
 
@@ -885,6 +906,29 @@ def test_a_call_whose_kv_cache_outgrows_the_budgets_room_is_refused(tmp_path):
         offloaded.close()
 
 
+def test_a_compiled_calls_kv_cache_is_counted_as_moelab_compiles_it(tmp_path):
+    """A moelab model's compiled call holds its positions rounded up to 64 but not past the
+    context (1 x (5 + 90) -> min(128, max_seq_len 100)); a transformers model's, never compiled
+    by moelab, holds them unrounded: refused for compile=True, not for its KV cache (both refused
+    before anything is compiled)."""
+    torch.manual_seed(0)
+    save_pretrained(MoETransformer(dataclasses.replace(tiny(), max_seq_len=100)).eval(), tmp_path / "m")
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    offloaded = load_offloaded(tmp_path / "m", memory_budget=10**9, kv_cache_tokens=99)
+    try:
+        with pytest.raises(ValueError, match=r"holds 100 tokens \(1 sequence\(s\) x 100 positions\) .* room for 99"):
+            offloaded.generate(ids, 90, compile=True)
+    finally:
+        offloaded.close()
+    build("olmoe").save_pretrained(tmp_path / "hf")
+    offloaded = load_offloaded(tmp_path / "hf", memory_budget=10**9, kv_cache_tokens=20)
+    try:
+        with pytest.raises(ValueError, match="compile=True needs a moelab model"):
+            offloaded.generate(ids, 10, compile=True)
+    finally:
+        offloaded.close()
+
+
 def test_decode_cache_length_is_the_prompts_and_new_tokens_compiled_rounded_up_to_64():
     assert decode_cache_length(3, 8, False) == 11 and decode_cache_length(3, 8, True) == 64
     assert decode_cache_length(60, 4, True) == 64 and decode_cache_length(60, 5, True) == 128
@@ -1248,6 +1292,14 @@ def test_architectures_the_view_does_not_cover_are_named(tmp_path, moe, named):
     path = save_pretrained(MoETransformer(cfg), tmp_path / "m")
     with pytest.raises(CheckpointError, match=f"{named}.* covers plain top-k MoE layers .* run this model in"):
         load_offloaded(path, resident=0.5, predictor=None)
+
+
+def test_a_checkpoint_with_a_layer_past_its_configs_count_is_refused(tmp_path):
+    _, path = _native(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "n_layers": 2}))  # the checkpoint has 3
+    with pytest.raises(CheckpointError, match=r"holds layers \[2\] but config.json has 2"):
+        load_offloaded(path, resident=0.5)
 
 
 def test_a_checkpoint_rewritten_under_the_cache_is_refused(tmp_path):
