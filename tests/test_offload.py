@@ -362,6 +362,20 @@ def test_a_prefill_larger_than_the_cache_runs_in_chunks(tmp_path, one_thread):
         offloaded.close()
 
 
+def test_one_tokens_logits_equal_the_model_in_memory_for_every_expert_it_chooses(tmp_path, one_thread):
+    """Single tokens (the gathered decode path, on the pool's slots): the in-memory logits, expert
+    0 included."""
+    model, path = _native(tmp_path)
+    offloaded = load_offloaded(path, resident=0.5)
+    try:
+        with torch.inference_mode():
+            for token in range(16):
+                ids = torch.tensor([[token]])
+                torch.testing.assert_close(offloaded.model.decode_step(ids), model.decode_step(ids), atol=1e-5, rtol=1e-5)
+    finally:
+        offloaded.close()
+
+
 # ----------------------------------------------------------------------------- the cache
 
 
