@@ -531,3 +531,18 @@ def test_generate_keeps_room_for_its_kv_cache_in_a_memory_budget(monkeypatch):
     ids = torch.zeros(2, 5, dtype=torch.long)
     assert generate._kv_cache_tokens(config, ids, 10, compile=True) == 2 * 15
     assert generate._kv_cache_tokens(config | {"model_type": "mixtral"}, ids, 10, compile=True) == 2 * 64
+
+
+def test_sizes_read_in_decimal_and_binary_units():
+    from moelab.generate import parse_size
+
+    texts = ("123456", "2KiB", "2 kb", "1.5GiB", "800MB")
+    assert [parse_size(t) for t in texts] == [123456, 2048, 2000, 3 * 2**29, 800 * 10**6]
+
+
+def test_a_prompt_token_id_of_the_vocabulary_size_is_refused(tmp_path):
+    from moelab.generate import _check_vocabulary
+
+    _check_vocabulary(tmp_path, {"vocab_size": 64}, [[0, 63]])  # the largest id there is
+    with pytest.raises(ValueError, match="token id 64 .* vocabulary of 64 tokens"):
+        _check_vocabulary(tmp_path, {"vocab_size": 64}, [[5], [64]])
