@@ -546,3 +546,13 @@ def test_a_prompt_token_id_of_the_vocabulary_size_is_refused(tmp_path):
     _check_vocabulary(tmp_path, {"vocab_size": 64}, [[0, 63]])  # the largest id there is
     with pytest.raises(ValueError, match="token id 64 .* vocabulary of 64 tokens"):
         _check_vocabulary(tmp_path, {"vocab_size": 64}, [[5], [64]])
+
+
+def test_the_speed_counts_every_prompts_tokens(monkeypatch):
+    """3 prompts, 4 steps in 2 s: 6 tokens/s."""
+    import torch
+
+    import moelab.generate as G
+
+    monkeypatch.setattr(G.time, "perf_counter", lambda: 12.0)
+    assert G._speed(10.0, torch.zeros(3, 9, dtype=torch.long), 4) == {"steps": 4, "seconds": 2.0, "tokens_per_s": 6.0}
