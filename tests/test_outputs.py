@@ -32,6 +32,7 @@ from moelab.io import (
     check_output_dir,
     check_output_file,
     clean_leftovers,
+    clear_staging,
     copy_side_file,
     is_output,
     output_dir,
@@ -144,6 +145,50 @@ def test_foreign_files_inside_nested_outputs_block_an_overwrite(tmp_path):
         assert sorted(os.listdir(out)) == [MARKER], "overwrite clears what moelab wrote"
 
 
+
+def test_files_added_deep_in_a_staged_outputs_directories_block_an_overwrite(tmp_path):
+    """The marker lists the files of every directory in the output, at any depth (a report's plots/sub/)."""
+    out = tmp_path / "out"
+    with StagedOutput(out, "thing") as staging:
+        (staging / "plots" / "sub").mkdir(parents=True)
+        (staging / "plots" / "sub" / "p.png").write_text("plot")
+    (out / "plots" / "sub" / "mine.txt").write_text("the user's")
+    with pytest.raises(OutputError, match="mine.txt was not written by moelab"):
+        publish(out, overwrite=True)
+    assert (out / "plots" / "sub" / "mine.txt").read_text() == "the user's"
+
+
+def test_clearing_a_claimed_output_refuses_a_users_file_among_its_entries(tmp_path):
+    """A resumed run that starts again clears what it wrote; a user's file in one of its directories stops it."""
+    out, entries, patterns = tmp_path / "run", ["tensorboard", "log"], {"tensorboard": r"events\.out\..+"}
+    with output_dir(out, "run", entries=entries, patterns=patterns):
+        (out / "tensorboard").mkdir()
+        (out / "tensorboard" / "events.out.1").write_text("events")
+        (out / "log").write_text("step 1")
+    (out / "tensorboard" / "notes.md").write_text("the user's")
+    with output_dir(out, "run", entries=entries, resume=True, patterns=patterns) as claimed:
+        with pytest.raises(OutputError, match="notes.md was not written by moelab"):
+            claimed.clear()
+        assert (out / "tensorboard" / "notes.md").read_text() == "the user's" and (out / "log").is_file()
+        (out / "tensorboard" / "notes.md").unlink()
+        claimed.clear()
+        assert os.listdir(out) == [MARKER]
+
+
+def test_a_users_link_named_as_moelab_names_its_directories_is_not_moelabs(tmp_path):
+    """checkpoints/step-N/ names a directory: a link of that name (to a directory) is the user's."""
+    patterns = {"checkpoints": r"step-\d+/"}
+    out = tmp_path / "run"
+    with output_dir(out, "run", entries=["checkpoints"], patterns=patterns):
+        publish(out / "checkpoints" / "step-000001", "checkpoint")
+    (tmp_path / "elsewhere").mkdir()
+    (out / "checkpoints" / "step-000002").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutputError, match="step-000002 was not written by moelab"):
+        with output_dir(out, "run", entries=["checkpoints"], overwrite=True, patterns=patterns):
+            pass
+    assert (out / "checkpoints" / "step-000002").is_symlink()
+
+
 def test_output_dir_resumes_or_refuses(tmp_path):
     out = tmp_path / "run"
     with output_dir(out, "run", entries=["log"]) as claimed:
@@ -208,10 +253,55 @@ def test_single_output_files(tmp_path):
         check_output_file(tmp_path / "fifo", overwrite=False, is_own=own)
 
 
+
+def test_single_output_files_never_go_inside_or_replace_an_input(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "stats.json").write_text('{"format": "mine"}')
+    for path, source, pattern in (
+        (model / "r.json", model, "lies inside the input"),
+        (model / "stats.json", model / "stats.json", "is the input"),
+    ):
+        with pytest.raises(OutputError, match=pattern):
+            check_output_file(path, overwrite=True, is_own=lambda p: True, inputs=[None, source])
+    assert os.listdir(model) == ["stats.json"]
+
+
+def test_check_output_dir_refuses_before_the_slow_work_and_claims_nothing(tmp_path):
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    with pytest.raises(OutputError, match="lies inside the input"):
+        check_output_dir(source / "out", "thing", inputs=[source])
+    out = publish(tmp_path / "out")
+    with pytest.raises(OutputError, match=r"already holds a moelab thing; pass --overwrite .*replace it and go on"):
+        check_output_dir(out, "thing", hint=" and go on")
+    check_output_dir(out, "thing", overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "out"] and os.listdir(source) == []
+
+
+def test_inputs_and_outputs_are_compared_with_links_resolved(tmp_path):
+    """An input named through a link, or an output through a linked parent, is still the same directory."""
+    source = tmp_path / "A" / "ckpt"
+    source.mkdir(parents=True)
+    (source / "w.bin").write_text("weights")
+    (tmp_path / "link-to-A").symlink_to(tmp_path / "A")
+    (tmp_path / "link-to-ckpt").symlink_to(source)
+    for out, given in (
+        (tmp_path / "link-to-A" / "ckpt", source),  # the output through a linked parent
+        (source, tmp_path / "link-to-ckpt"),  # the input through a link
+    ):
+        with pytest.raises(OutputError, match="is the input"):
+            publish(out, inputs=[given], overwrite=True)
+        with pytest.raises(OutputError, match="is the input"):
+            check_output_file(out / "w.bin", overwrite=True, is_own=lambda p: True, inputs=[given / "w.bin"])
+    assert tree_digest(tmp_path / "A") == {"ckpt": "dir", "ckpt/w.bin": hashlib.sha256(b"weights").hexdigest()}
+
+
 @pytest.mark.parametrize(
     "marker",
     [
         '{"format": "moelab-output/1", "kind": "thing", "entries": ["../../etc"]}',
+        '{"format": "moelab-output/1", "kind": "thing", "entries": [".."]}',  # out / ".." is its parent
         '{"format": "moelab-output/2", "kind": "thing", "entries": ["a.txt"]}',  # a future moelab's: not trusted
     ],
 )
@@ -277,6 +367,23 @@ def test_staged_output_refuses_an_existing_output_when_it_opens(tmp_path):
     assert hidden(tmp_path) == []
 
 
+
+def test_a_marker_that_is_not_a_file_is_no_marker(tmp_path):
+    out = tmp_path / "mine"
+    (out / MARKER).mkdir(parents=True)
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(OutputError, match="mine exists and was not written by moelab"):
+        publish(out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "the user's" and (out / MARKER).is_dir()
+
+
+def test_clear_staging_removes_links_whose_target_is_gone(tmp_path):
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    clear_staging(tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("existing", [True, False])
 def test_files_added_to_the_output_while_it_was_built_stop_the_publish(tmp_path, existing):
     out = publish(tmp_path / "out") if existing else tmp_path / "out"
@@ -307,6 +414,33 @@ def test_only_the_nearest_existing_parent_must_be_writable(tmp_path, monkeypatch
     monkeypatch.setattr(io.tempfile, "TemporaryFile", writable_only_in_tmp_path)
     publish(tmp_path / "new" / "out")
     assert (tmp_path / "new" / "out" / "a.txt").is_file()
+
+
+
+def test_an_output_whose_directory_cannot_be_written_is_refused_before_anything_is_made(tmp_path, monkeypatch):
+    """Tried, not read from permission bits (which do not stop root): a file made and removed there."""
+    real = io.tempfile.TemporaryFile
+
+    def read_only_parent(*args, dir, **kw):
+        if Path(dir) == tmp_path / "ro":
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kw)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(io.tempfile, "TemporaryFile", read_only_parent)
+    with pytest.raises(OutputError, match="ro is not writable"):
+        publish(tmp_path / "ro" / "out")
+    with pytest.raises(OutputError, match="ro is not writable"):
+        check_output_file(tmp_path / "ro" / "r.json", overwrite=False, is_own=lambda p: True)
+    assert os.listdir(tmp_path / "ro") == []
+
+
+def test_an_existing_output_moelab_cannot_write_is_refused(tmp_path, monkeypatch):
+    out = publish(tmp_path / "out")
+    monkeypatch.setattr(io.os, "access", lambda path, mode: Path(path) != out)
+    with pytest.raises(OutputError, match="out is not writable"):
+        publish(out, overwrite=True)
+    assert (out / "a.txt").read_text() == "a" and hidden(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- one process at a time
@@ -403,6 +537,23 @@ def test_saving_a_checkpoint_keeps_the_newest_by_step_number(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-999999", "step-1000000"]
     assert latest_checkpoint(tmp_path).name == "step-1000000"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1000000", "step-999999"]
+
+
+
+def test_a_resumed_staged_output_takes_over_the_newest_staging_of_its_own_output(tmp_path):
+    """A resumable job continues from the work its last killed run left, never another output's."""
+    for age, name in enumerate((".other.moelab-staging-3", ".out.moelab-staging-2", ".out.moelab-staging-1")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.txt").write_text(name)
+        os.utime(tmp_path / name, (1_000_000 - age, 1_000_000 - age))
+    (tmp_path / ".out.moelab-staging-4").write_text("not a directory")
+    with StagedOutput(tmp_path / "out", "thing", resume=True) as staging:
+        assert staging.name == ".out.moelab-staging-2"
+    assert (tmp_path / "out" / "a.txt").read_text() == ".out.moelab-staging-2"
+    assert hidden(tmp_path) == [".other.moelab-staging-3"]
+    with pytest.raises(RuntimeError), StagedOutput(tmp_path / "new", "thing", resume=True):
+        raise RuntimeError("failed before writing anything")
+    assert hidden(tmp_path) == [".other.moelab-staging-3"], "an empty staging directory is not kept"
 
 
 def test_a_run_cleans_only_its_own_leftovers_and_never_a_live_runs(tmp_path):
