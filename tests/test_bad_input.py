@@ -1238,6 +1238,16 @@ def test_a_file_name_with_dotdot_is_refused_even_when_it_stays_inside(tmp_path):
         file_inside(tmp_path, "sub/../w.safetensors", tmp_path / "index.json")
 
 
+
+def test_a_file_inside_a_checkpoint_named_by_a_relative_path_or_a_link_is_inside(tmp_path, monkeypatch):
+    (tmp_path / "ckpt").mkdir()
+    text(tmp_path / "ckpt" / "w.safetensors", "")
+    (tmp_path / "link").symlink_to(tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    for directory in (Path("ckpt"), tmp_path / "link"):
+        assert file_inside(directory, "w.safetensors", "index.json") == directory / "w.safetensors"
+
+
 EXPERT_MAP = {
     "format": "moelab-expert-map/1",
     "source": "/models/original",
