@@ -526,6 +526,18 @@ def test_removed_outputs_vanish_at_once_and_half_deleted_ones_are_never_listed(t
     assert list_checkpoints(tmp_path / "run") == []
 
 
+
+def test_an_interrupted_removal_leaves_no_half_deleted_output_in_view(tmp_path, monkeypatch):
+    out = publish(tmp_path / "step-000002", "training checkpoint")
+    monkeypatch.setattr(io.shutil, "rmtree", lambda path, **kw: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        remove_output(out, "training checkpoint")
+    assert not out.exists() and [name.split("-trash-")[0] for name in hidden(tmp_path)] == [".step-000002.moelab"]
+    monkeypatch.undo()
+    publish(out, "training checkpoint")  # the next run into it removes the rest
+    assert hidden(tmp_path) == []
+
+
 def test_saving_a_checkpoint_keeps_the_newest_by_step_number(tmp_path):
     """keep=2 leaves the two highest steps, compared as numbers (by name step-1000000 comes first)."""
     from moelab.train.checkpoint import latest_checkpoint, save_checkpoint
