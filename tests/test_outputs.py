@@ -881,6 +881,41 @@ def test_bench_json_is_not_replaced_without_overwrite(tmp_path, monkeypatch, cap
     assert path.read_text() == '{"mine": true}'
 
 
+
+def test_bench_compress_claims_its_work_directory_and_its_generated_checkpoints_go(tmp_path, monkeypatch, capsys):
+    """`bench compress --work W` (gigabytes of generated checkpoints, measured here by a stand-in):
+    W is claimed as moelab's scratch, its checkpoints go however the run ends unless --keep, and the
+    JSON is never written inside W (clearing W would take it along)."""
+    from moelab.bench import compress as bench
+
+    def fake_run(options, work, progress=None):
+        (work / "source").mkdir()
+        (work / "source" / "w.bin").write_text("weights")
+        if options.tokens == 4096:
+            raise RuntimeError("the compression job failed")
+        return {"format": bench.JSON_FORMAT}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "render", lambda doc: "table")
+    work, path = tmp_path / "work", tmp_path / "bench.json"
+
+    def bench_compress(*flags: str) -> None:
+        monkeypatch.setattr("sys.argv", ["moelab", "bench", "compress", "--work", str(work), *flags])
+        cli.main()
+
+    code, output = run_cli(monkeypatch, capsys, "bench", "compress", "--work", str(work), "--json", str(work / "r.json"))
+    assert code == 2 and "lies inside the input" in output and not work.exists()
+    bench_compress()
+    assert os.listdir(work) == [MARKER] and hidden(tmp_path) == []
+    code, output = run_cli(monkeypatch, capsys, "bench", "compress", "--work", str(work), "--keep")
+    assert code == 2 and "already holds a moelab benchmark scratch; pass --overwrite" in output
+    bench_compress("--keep", "--overwrite", "--json", str(path))
+    assert (work / "source" / "w.bin").is_file() and json.loads(path.read_text())["format"] == bench.JSON_FORMAT
+    with pytest.raises(RuntimeError, match="failed"):
+        bench_compress("--overwrite", "--tokens", "4096")
+    assert os.listdir(work) == [MARKER], "a failed run's checkpoints go too"
+
+
 def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
     code = textwrap.dedent("""
         import os, sys

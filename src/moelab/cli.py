@@ -221,9 +221,9 @@ def bench_compress(
     from moelab.bench import compress as bench
     from moelab.io import output_dir
 
-    _claim_json(json_path, bench.JSON_FORMAT, overwrite, (work,))
     options = bench.BenchOptions(family=family, size_gb=size_gb, tokens=tokens, baseline=baseline)
     with output_dir(work, "benchmark scratch", entries=["source", "pruned"], overwrite=overwrite) as claimed:
+        _claim_json(json_path, bench.JSON_FORMAT, overwrite, (work,))  # once --work exists: never inside it
         try:
             doc = bench.run(options, claimed.path, progress=console)
         finally:  # the generated checkpoints (gigabytes) go however the run ends
