@@ -27,6 +27,7 @@ from moelab.hf import (
     moe_layer_from_view,
     open_checkpoint,
 )
+from moelab.hf.checkpoint import Checkpoint
 
 CASES = [(family, True) for family in TINY] + [(family, False) for family, tiny in TINY.items() if tiny.fused]
 
@@ -104,6 +105,59 @@ def test_checkpoint_rewritten_while_in_use_is_refused(tmp_path):
         assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
         with pytest.raises(CheckpointError, match="changed on disk while moelab was reading it"):
             list(view.layers())
+
+
+def test_a_tensor_first_read_after_its_shard_was_rewritten_is_refused(tmp_path):
+    """One tensor of a shard was read, then the shard rewritten in place: reading another tensor
+    of it is refused too (the checkpoint would mix two versions of the model)."""
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.zeros(4), "b": torch.zeros(4)}, path)
+    with Checkpoint(tmp_path) as ckpt:
+        assert torch.equal(ckpt.get("a"), torch.zeros(4))
+        save_file({"a": torch.ones(4), "b": torch.ones(4)}, path)
+        with pytest.raises(CheckpointError, match="changed on disk while moelab was reading it"):
+            ckpt.get("b")
+
+
+@pytest.mark.parametrize("read", ["get", "read_into"])
+def test_a_shard_truncated_after_it_was_opened_is_refused(tmp_path, read):
+    """The shard's header was read (and its handle opened) before the file lost its tail: reading
+    a tensor that ends past the new end is refused, not returned with zeros in place of its tail."""
+    save_file({"w": torch.arange(64, dtype=torch.float32).reshape(8, 8)}, tmp_path / "model.safetensors")
+    ckpt = Checkpoint(tmp_path)
+    assert ckpt.shape("w") == (8, 8)  # opens the shard
+    with open(tmp_path / "model.safetensors", "r+b") as f:
+        f.truncate((tmp_path / "model.safetensors").stat().st_size - 16)
+    with pytest.raises(CheckpointError, match="truncated"):
+        if read == "get":
+            ckpt.get("w")
+        else:
+            ckpt.read_into("w", torch.empty(8, 8))
+    ckpt.close()
+
+
+@pytest.mark.parametrize("shapes_only", [False, True], ids=["tensors", "shapes_only"])
+def test_checkpoint_reads_rows_of_the_first_dim_only(tmp_path, shapes_only):
+    """get(name, rows) is the step-1 range's entries of the first dim; a range with another step,
+    past the end of the dim, or of a 0-d tensor is refused (never the next tensor's bytes)."""
+    w = torch.arange(64, dtype=torch.float32).reshape(8, 8)
+    save_file({"w": w, "after": torch.ones(8), "scalar": torch.tensor(1.0)}, tmp_path / "model.safetensors")
+    with Checkpoint(tmp_path, shapes_only=shapes_only) as ckpt:
+        part = ckpt.get("w", range(2, 5))
+        assert part.shape == (3, 8)
+        if not shapes_only:
+            assert torch.equal(part, w[2:5])
+        for name, rows in [("w", range(0, 9)), ("w", range(7, 9)), ("w", range(0, 8, 2)), ("scalar", range(0, 1))]:
+            with pytest.raises(CheckpointError, match="expected a step-1 range"):
+                ckpt.get(name, rows)
+
+
+@pytest.mark.parametrize("shapes_only", [False, True], ids=["tensors", "shapes_only"])
+def test_a_tensor_of_a_dtype_moelab_does_not_read_is_named(tmp_path, shapes_only):
+    save_file({"u": torch.zeros(4, dtype=torch.uint16)}, tmp_path / "model.safetensors")
+    with Checkpoint(tmp_path, shapes_only=shapes_only) as ckpt:
+        with pytest.raises(CheckpointError, match="'u' .* has the unsupported dtype U16"):
+            ckpt.get("u")
 
 
 def test_view_layouts_and_settings(tmp_path):
@@ -285,6 +339,16 @@ def test_config_transformers_weights_names_the_file_read(tmp_path):
     view_weight, hf_weight = _router_reads(tmp_path)
     assert torch.equal(hf_weight, build("mixtral", seed=1).model.layers[0].mlp.gate.weight)
     assert torch.equal(view_weight, hf_weight)
+
+
+@pytest.mark.parametrize("name", ["gone.safetensors", "gone.safetensors.index.json"])
+def test_config_transformers_weights_naming_a_missing_file_is_refused(tmp_path, name):
+    """Not read as the directory's other weights (model.safetensors here) instead."""
+    _save("mixtral", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "transformers_weights": name}))
+    with pytest.raises(CheckpointError, match="not a file in"):
+        Checkpoint(tmp_path)
 
 
 def test_shards_without_index_holding_one_name_twice_are_refused(tmp_path):
