@@ -27,7 +27,7 @@ from moelab.hf import (
     moe_layer_from_view,
     open_checkpoint,
 )
-from moelab.hf.checkpoint import Checkpoint
+from moelab.hf.checkpoint import Checkpoint, side_files
 
 CASES = [(family, True) for family in TINY] + [(family, False) for family, tiny in TINY.items() if tiny.fused]
 
@@ -158,6 +158,20 @@ def test_a_tensor_of_a_dtype_moelab_does_not_read_is_named(tmp_path, shapes_only
     with Checkpoint(tmp_path, shapes_only=shapes_only) as ckpt:
         with pytest.raises(CheckpointError, match="'u' .* has the unsupported dtype U16"):
             ckpt.get("u")
+
+
+def test_side_files_are_neither_weights_nor_indexes_code_or_config(tmp_path):
+    names = [
+        "config.json", "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+        "pytorch_model.bin", "consolidated.pth", "model.gguf", "modeling_evil.py", ".gitattributes",
+        "tokenizer.json", "generation_config.json", "LICENSE", "chat_template.jinja",
+    ]  # fmt: skip
+    for name in names:
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "original").mkdir()
+    assert [p.name for p in side_files(tmp_path)] == [
+        "LICENSE", "chat_template.jinja", "generation_config.json", "tokenizer.json"
+    ]
 
 
 def test_view_layouts_and_settings(tmp_path):
