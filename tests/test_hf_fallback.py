@@ -11,6 +11,7 @@ it reads right (glm4_moe, dots1, cohere2_moe's default) open and match transform
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -170,3 +171,38 @@ def test_the_check_runs_once_per_checkpoint_files(tmp_path, monkeypatch):
     config.write_text(config.read_text() + " ")  # the same settings, another file
     open_checkpoint(tmp_path).close()
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["model.layers.1.mlp.expert_bias", "model.layers.0.mlp.experts.0.down_proj.weight_scale_inv"],
+    ids=["later-layer", "name-extending-a-read-one"],
+)
+def test_an_unread_block_tensor_transformers_check_does_not_see_is_refused(tmp_path, extra):
+    """The check against transformers runs layer 0 and loads only the tensors its block has: an
+    unread tensor in another MoE layer, or one whose name merely starts like a read one, is
+    refused by name."""
+    _save(tmp_path, "glm4_moe")
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors[extra] = torch.zeros(8)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"holds {re.escape(extra)}, which moelab's structural reading"):
+        open_checkpoint(tmp_path)
+
+
+def test_a_refused_checkpoint_is_refused_again_when_reopened(tmp_path):
+    """The check runs once per checkpoint files; its refusal stands for every later open."""
+    _save(tmp_path, "flint")
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match="differs from transformers'"):
+            open_checkpoint(tmp_path)
+
+
+def test_norm_topk_prob_missing_from_config_json_is_renormalised(tmp_path):
+    """The structural reading's default (renormalise) is what transformers does for glm4_moe."""
+    _save(tmp_path, "glm4_moe")
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["norm_topk_prob"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with open_checkpoint(tmp_path) as view:
+        assert view.layer(0).router.renormalize
