@@ -11,6 +11,7 @@ import torch
 from hf_tiny import TINY, build, load
 from safetensors.torch import load_file, save_file
 
+from moelab.hf import CheckpointError
 from moelab.hf.layerwise import LayerwiseModel
 from moelab.hf.modules import decoder_layers
 from moelab.models import MoETransformer, save_pretrained, tiny
@@ -121,3 +122,24 @@ def test_config_tied_head_is_read_as_transformers_reads_it(tmp_path, stores_head
     loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
     (expected,) = torch.autograd.grad(loss, h)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        (torch.ones(1), r"input_layernorm\.weight is \[1\] but config\.json makes it \[32\]"),
+        (torch.full((32,), float("nan")), r"NaN or Inf in model\.layers\.1\.input_layernorm\.weight"),
+    ],
+    ids=["shape", "nan"],
+)
+def test_a_layer_tensor_config_json_does_not_describe_or_corrupt_is_refused(tmp_path, value, message):
+    """A decoder layer's norm stored as [1] (it would broadcast) or holding NaN is named, not run."""
+    build("mixtral").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.1.input_layernorm.weight"] = value
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    runner = LayerwiseModel(tmp_path)
+    runner.embed([torch.randint(0, 64, (1, 5))])
+    with pytest.raises(CheckpointError, match=message):
+        with runner.layer(1):
+            pass
