@@ -596,11 +596,9 @@ def test_read_aheads_are_held_back_exactly_while_a_read_on_demand_runs(tmp_path,
         cache.close()
 
 
-def test_a_read_on_demand_waits_for_a_running_read_ahead_into_its_slot(tmp_path, monkeypatch):
-    """A read-ahead still running into a slot that a later read-ahead took over (and that a miss
-    then takes) ends before the miss writes the slot: else its bytes would land on the new expert."""
-
-    cache = _cache(tmp_path, 3, "reuse")
+def _gate_reads(monkeypatch) -> tuple[list[tuple[str, int, int]], threading.Event]:
+    """Log every expert read's ("start" | "end", layer, expert) and hold the read of layer 1's
+    expert 1 until the returned event is set."""
     events, release = [], threading.Event()
     load = ExpertStore.load
 
@@ -612,14 +610,27 @@ def test_a_read_on_demand_waits_for_a_running_read_ahead_into_its_slot(tmp_path,
         events.append(("end", layer, expert))
 
     monkeypatch.setattr(ExpertStore, "load", gated)
+    return events, release
+
+
+def _wait_for(events: list, event: tuple, seconds: float = 2.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if event in events:
+            return
+        time.sleep(0.01)
+
+
+def test_a_read_on_demand_waits_for_a_running_read_ahead_into_its_slot(tmp_path, monkeypatch):
+    """A read-ahead still running into a slot that a later read-ahead took over (and that a miss
+    then takes) ends before the miss writes the slot: else its bytes would land on the new expert."""
+
+    cache = _cache(tmp_path, 3, "reuse")
+    events, release = _gate_reads(monkeypatch)
     try:
         cache.fetch(0, [0], tokens=1)
         cache.release()
         cache.prefetch(1, torch.tensor([0, 2.0, 1.0, 0]), torch.tensor([0, 0.001, 0.9, 0]), limit=2)
-        for _ in range(200):  # (1, 1) running, held at the gate; (1, 2) queued
-            if ("start", 1, 1) in events:
-                break
-            time.sleep(0.01)
+        _wait_for(events, ("start", 1, 1))  # (1, 1) running, held at the gate; (1, 2) queued
         slot = cache._slot_of[1, 1]  # noqa: SLF001
         cache.prefetch(2, torch.tensor([1.0, 0, 0, 0]), torch.tensor([0.001, 0, 0, 0]), limit=1)
         assert cache._slot_of[2, 0] == slot  # noqa: SLF001 - took the running read-ahead's slot
@@ -1009,23 +1020,10 @@ def test_restart_waits_for_a_running_read_ahead_before_refilling(tmp_path, monke
     """A read-ahead still running when the cache restarts ends before the warm start's reads write
     the emptied pool: else its bytes would land on whatever expert the slot is given."""
     cache = _cache(tmp_path, 3, "reuse")
-    events, release = [], threading.Event()
-    load = ExpertStore.load
-
-    def gated(self, layer, expert, pool, slot):
-        events.append(("start", layer, expert))
-        if (layer, expert) == (1, 1):
-            assert release.wait(10)
-        load(self, layer, expert, pool, slot)
-        events.append(("end", layer, expert))
-
-    monkeypatch.setattr(ExpertStore, "load", gated)
+    events, release = _gate_reads(monkeypatch)
     try:
         cache.prefetch(1, torch.tensor([0, 1.0, 0, 0]), torch.tensor([0, 0.9, 0, 0]), limit=1)
-        for _ in range(200):
-            if ("start", 1, 1) in events:
-                break
-            time.sleep(0.01)
+        _wait_for(events, ("start", 1, 1))
         slot = cache._slot_of[1, 1]  # noqa: SLF001
         threading.Timer(0.2, release.set).start()
         cache.restart([(2, 3)])
