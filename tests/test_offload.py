@@ -613,11 +613,12 @@ def _gate_reads(monkeypatch) -> tuple[list[tuple[str, int, int]], threading.Even
     return events, release
 
 
-def _wait_for(events: list, event: tuple, seconds: float = 2.0) -> None:
+def _wait_for(events: list, event: tuple, seconds: float = 30.0) -> None:
     for _ in range(int(seconds / 0.01)):
         if event in events:
             return
         time.sleep(0.01)
+    pytest.fail(f"{event} did not happen within {seconds} s")
 
 
 def test_a_read_on_demand_waits_for_a_running_read_ahead_into_its_slot(tmp_path, monkeypatch):

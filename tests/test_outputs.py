@@ -904,13 +904,17 @@ def test_bench_compress_claims_its_work_directory_and_its_generated_checkpoints_
         cli.main()
 
     code, output = run_cli(monkeypatch, capsys, "bench", "compress", "--work", str(work), "--json", str(work / "r.json"))
-    assert code == 2 and "lies inside the input" in output and not work.exists()
+    assert code == 2 and "lies inside --work" in output and not work.exists()
     bench_compress()
     assert os.listdir(work) == [MARKER] and hidden(tmp_path) == []
     code, output = run_cli(monkeypatch, capsys, "bench", "compress", "--work", str(work), "--keep")
     assert code == 2 and "already holds a moelab benchmark scratch; pass --overwrite" in output
     bench_compress("--keep", "--overwrite", "--json", str(path))
     assert (work / "source" / "w.bin").is_file() and json.loads(path.read_text())["format"] == bench.JSON_FORMAT
+    (tmp_path / "notes.json").write_text("{}")  # a user's file: --json refuses it before --work is touched
+    code, output = run_cli(monkeypatch, capsys, "bench", "compress", "--work", str(work), "--overwrite", "--json",
+                           str(tmp_path / "notes.json"))  # fmt: skip
+    assert code == 2 and "was not written by moelab" in output and (work / "source" / "w.bin").is_file()
     with pytest.raises(RuntimeError, match="failed"):
         bench_compress("--overwrite", "--tokens", "4096")
     assert os.listdir(work) == [MARKER], "a failed run's checkpoints go too"

@@ -219,11 +219,15 @@ def bench_compress(
     """Calibrate and REAP-prune a generated checkpoint larger than memory: peak RSS, time, tokens/s."""
 
     from moelab.bench import compress as bench
-    from moelab.io import output_dir
+    from moelab.io import OutputError, output_dir
 
+    if json_path is not None and work.resolve() in (json_path.resolve(), *json_path.resolve().parents):
+        raise OutputError(
+            f"--json {json_path} lies inside --work {work}, which is cleared after the run: write it elsewhere"
+        )
+    _claim_json(json_path, bench.JSON_FORMAT, overwrite, (work,))  # before --work is claimed: a refusal touches nothing
     options = bench.BenchOptions(family=family, size_gb=size_gb, tokens=tokens, baseline=baseline)
     with output_dir(work, "benchmark scratch", entries=["source", "pruned"], overwrite=overwrite) as claimed:
-        _claim_json(json_path, bench.JSON_FORMAT, overwrite, (work,))  # once --work exists: never inside it
         try:
             doc = bench.run(options, claimed.path, progress=console)
         finally:  # the generated checkpoints (gigabytes) go however the run ends
