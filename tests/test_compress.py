@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_tiny import TINY, build
+from layer_views import make_view
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
@@ -661,12 +662,6 @@ def _stats(counts: list[list[float]], soft: list[list[float]], tokens: tuple[flo
     )  # fmt: skip
 
 
-def _layer(index: int = 0, experts: int = 4):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(index=index, router=SimpleNamespace(num_experts=experts, n_group=1))
-
-
 def test_stability_is_the_jaccard_of_the_halves_kept_sets_for_data_driven_methods_only():
     """Frequency keeps 2 of 4: {0, 1} on half 0, {0, 2} on half 1, so |a & b| / |a | b| = 1/3 (not
     |a & b| / |a| = 1/2); a method whose scores do not come from the data (random) reports none."""
@@ -674,8 +669,8 @@ def test_stability_is_the_jaccard_of_the_halves_kept_sets_for_data_driven_method
     from moelab.compress.run import _stability
 
     stats = _stats([[9, 8, 1, 0], [9, 0, 8, 1]], [[1] * 4, [1] * 4], (10, 10))
-    assert _stability(get_method("frequency"), _layer(), stats, Target(2)) == pytest.approx(1 / 3)
-    assert _stability(get_method("random"), _layer(), stats, Target(2)) is None
+    assert _stability(get_method("frequency"), make_view(4), stats, Target(2)) == pytest.approx(1 / 3)
+    assert _stability(get_method("random"), make_view(4), stats, Target(2)) is None
 
 
 def test_dropped_probability_mass_is_the_dropped_experts_mean_probability_per_token():
@@ -686,7 +681,7 @@ def test_dropped_probability_mass_is_the_dropped_experts_mean_probability_per_to
     from moelab.hf.edit import LayerEdit
 
     stats = _stats([[5, 3, 1, 1], [4, 2, 3, 1]], [[5, 3, 1, 1], [4, 2, 3, 1]], (10, 10))
-    entry = _layer_entry(_layer(), LayerDecision(LayerEdit.keep([0, 1]), [0, 1]), stats, Target(2))
+    entry = _layer_entry(make_view(4), LayerDecision(LayerEdit.keep([0, 1]), [0, 1]), stats, Target(2))
     assert entry["dropped"] == [2, 3] and entry["dropped_probability_mass"] == pytest.approx(6 / 20)
 
 
@@ -719,7 +714,7 @@ def test_the_global_budget_ranks_scores_normalised_within_each_layer():
         def score(self, layer, stats, target):
             return torch.tensor(raw[layer.index])
 
-    view = SimpleNamespace(layer=_layer)
+    view = SimpleNamespace(layer=lambda index: make_view(4, index=index))
     _check_global_budget(Given(), view, {0: None, 1: None}, {0: Target(1), 1: Target(1)})
     raw[1] = [400.0, 300.0, 200.0, 100.0]  # the same normalised scores: still one each
     _check_global_budget(Given(), view, {0: None, 1: None}, {0: Target(1), 1: Target(1)})
