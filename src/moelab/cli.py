@@ -223,7 +223,8 @@ def bench_compress(
 
     if json_path is not None and work.resolve() in (json_path.resolve(), *json_path.resolve().parents):
         raise OutputError(
-            f"--json {json_path} lies inside --work {work}, which is cleared after the run: write it elsewhere"
+            f"--json {json_path} lies inside --work {work}, moelab's scratch (cleared after the run unless --keep): "
+            "write the JSON elsewhere"
         )
     _claim_json(json_path, bench.JSON_FORMAT, overwrite, (work,))  # before --work is claimed: a refusal touches nothing
     options = bench.BenchOptions(family=family, size_gb=size_gb, tokens=tokens, baseline=baseline)
