@@ -414,6 +414,24 @@ def test_unknown_domains_are_refused_before_calibrating(tmp_path, model_dir, mon
     assert not list(tmp_path.iterdir())
 
 
+def test_methods_that_rerun_layers_on_sampled_inputs_need_sampled_inputs(tmp_path, model_dir, monkeypatch):
+    """NAEE re-runs each layer on sampled MoE inputs: asked to calibrate without any
+    (sample_tokens=0) it is refused before calibrating, and given statistics made without any it
+    is refused naming the missing 'inputs', not later inside the method."""
+    import moelab.compress.run as run_module
+
+    no_inputs = dataclasses.replace(SMALL, sample_tokens=0)
+    stats = calibrate(model_dir, tmp_path / "stats", options=no_inputs, quiet=True).directory
+    monkeypatch.setattr(run_module, "run_calibration", lambda *a, **k: pytest.fail("calibrated"))
+    with pytest.raises(ValueError, match="'naee' .* calibrate with sample_tokens > 0"):
+        compress(model_dir, tmp_path / "out", method="naee", calib_options=no_inputs, quiet=True)
+    with pytest.raises(ValueError, match="re-runs layers on sampled MoE inputs"):
+        compress(model_dir, tmp_path / "out", router_fit=RouterFit(steps=5), calib_options=no_inputs, quiet=True)
+    with pytest.raises(ValueError, match=r"'naee' .* needs the \['inputs'\] statistics"):
+        compress(model_dir, tmp_path / "out", method="naee", stats=stats, quiet=True)
+    assert compress(model_dir, tmp_path / "reap", stats=stats, quiet=True)["complete"]  # REAP needs none
+
+
 def test_domains_restrict_the_statistics_and_the_sampled_inputs(tmp_path, model_dir, stats_dir, monkeypatch):
     """The sampled inputs know their source (from the mixture's windows, independently); a
     restriction keeps those sources' sums and inputs; NAEE, which re-runs the layer on the inputs,

@@ -91,6 +91,11 @@ def compress(
     options = calib_options or CalibrationOptions()
     missing = tuple(dict.fromkeys(name for name in needs if name not in options.observers))
     options = dataclasses.replace(options, observers=options.observers + missing)
+    if stats is None and "inputs" in needs and options.sample_tokens == 0:  # refused before calibrating
+        raise ValueError(
+            f"{chosen.name!r} (with these options) re-runs layers on sampled MoE inputs, which a calibration "
+            "with sample_tokens=0 does not keep; calibrate with sample_tokens > 0"
+        )
     inputs = [model, stats]
     timings: dict[str, float] = {}
     with StagedOutput(out, CHECKPOINT_KIND, inputs=inputs, overwrite=overwrite, resume=True) as staging:
