@@ -18,6 +18,14 @@ from hypothesis import settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def pytest_configure(config):
+    """Tokenised corpus splits are cached under pytest's cache directory (.pytest_cache/d/moelab,
+    kept from run to run), not in the user's ~/.cache/moelab; MOELAB_CACHE, where set, wins."""
+    if "MOELAB_CACHE" not in os.environ and getattr(config, "cache", None) is not None:
+        os.environ["MOELAB_CACHE"] = str(config.cache.mkdir("moelab"))
+
+
 settings.register_profile("default", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
