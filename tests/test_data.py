@@ -138,6 +138,24 @@ def test_a_cached_token_stream_does_not_outlive_its_corpus_file(tmp_path, monkey
         tokenize_split("german", "test", corpus_dir=corpus)
 
 
+def test_a_rebuilt_corpus_file_is_tokenised_again(tmp_path, monkeypatch, tokenizer):
+    """A corpus rebuilt with other text (its manifest's sha256 updated, as build_corpus.py writes
+    it) is tokenised again, not served the old file's cached tokens."""
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    shutil.copytree(CORPUS_DIR, corpus)
+    before = tokenize_split("spanish", "validation", corpus_dir=corpus)  # cached now
+    record = {"text": "Un documento nuevo.", "domain": "spanish", "source": "test"}
+    data = gzip.compress((json.dumps(record) + "\n").encode(), mtime=0)
+    (corpus / "spanish.validation.jsonl.gz").write_bytes(data)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    manifest["domains"]["spanish"]["splits"]["validation"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    after = tokenize_split("spanish", "validation", corpus_dir=corpus)
+    assert len(after) < len(before)
+    assert tokenizer.decode(after[1:-1].tolist()) == record["text"]
+
+
 def test_unknown_domain_or_split_names_the_valid_choices():
     with pytest.raises(ValueError, match=r"unknown domain 'klingon'; choose one of code, bible, .*russian"):
         load_documents("klingon", "train")
