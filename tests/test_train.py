@@ -471,6 +471,35 @@ ARCHITECTURES = {
 }
 
 
+def test_the_adaptive_chunk_schedule_sees_the_unweighted_chunk_loss(tmp_path, monkeypatch):
+    """BlockFFN's schedule compares L_CS itself from window to window: the trainer hands it the
+    step's weighted aux loss divided by the coefficient that weighted it, not the weighted loss."""
+    import moelab.train.trainer as trainer_module
+    from moelab.nn.blockffn import AdaptiveCoefficient
+
+    moe_extra, train_extra = ARCHITECTURES["blockffn_adaptive"]
+    model = {**MODEL, "moe": {**MODEL["moe"], **moe_extra}}
+    run = RunConfig.from_dict({"model": model, "train": {**TRAIN, "steps": 4, **train_extra}})
+    weighted, used, given = [], [], []
+
+    def recorded_step(model, *args):
+        used.append(next(m for m in model.modules() if hasattr(m, "coefs")).coefs["chunk_sparsity"])
+        stats = train_step(model, *args)
+        weighted.append(stats["scalars"]["aux/chunk_sparsity"])
+        return stats
+
+    def recorded_schedule(self, loss):
+        given.append(loss)
+        return schedule(self, loss)
+
+    schedule = AdaptiveCoefficient.step
+    monkeypatch.setattr(trainer_module, "train_step", recorded_step)
+    monkeypatch.setattr(AdaptiveCoefficient, "step", recorded_schedule)
+    train(run, tmp_path / "run", quiet=True)
+    assert len(given) == 4 and len(set(used)) > 1  # the coefficient moved between steps
+    assert given == pytest.approx([w / c for w, c in zip(weighted, used)], rel=1e-6)
+
+
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_resume_is_bit_identical_for_stateful_architectures(tmp_path, name):
     """Resume from the step-2 checkpoint of a finished run: the adaptive chunk coefficient,
