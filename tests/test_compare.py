@@ -66,6 +66,27 @@ def test_compare_writes_report_and_flags_unmatched_flops(tmp_path, variants):
     assert f"| {speeds['moe']['tokens_per_second']:,.0f} | {speeds['moe']['vs_first']:.2f} |" in text
 
 
+def test_a_run_is_summarised_by_its_last_eval_and_train_records(tmp_path):
+    """The summary's load and imbalance are the last evaluation's, its metrics the last training
+    record's, and its curves every record's, in order (a log written by hand)."""
+    info = {"total_params": 10, "active_params": 6, "active_non_embedding_params": 4, "flops_per_token": 12}
+    results = {"eval_loss": {"all": 2.0}, "tokens": 64, "steps": 4, "tokens_per_second": 1.0, "model_info": info}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    records = [
+        {"kind": "train", "step": 1, "loss": 3.0, "metrics/tls": 0.1, "lr": 1.0},
+        {"kind": "eval", "step": 2, "loss": {"all": 2.5}, "load": {"0": [0.5, 0.5]}},
+        {"kind": "train", "step": 4, "loss": 2.2, "metrics/tls": 0.7, "lr": 1.0},
+        {"kind": "eval", "step": 4, "loss": {"all": 2.0}, "load": {"0": [0.75, 0.25], "1": [0.5, 0.5]}},
+    ]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = summarize_run(tmp_path)
+    assert run["metrics"] == {"metrics/tls": 0.7}
+    assert run["load"] == {0: [0.75, 0.25], 1: [0.5, 0.5]}
+    assert run["load_imbalance"] == pytest.approx((1.5 + 1.0) / 2)
+    assert run["eval_curve"] == [(2, 2.5), (4, 2.0)] and run["train_curve"] == [(1, 3.0), (4, 2.2)]
+    assert run["tokens_per_step"] == 16
+
+
 def test_compare_keeps_finished_runs_and_refuses_changed_recipes(tmp_path, variants):
     out = tmp_path / "cmp"
     compare(variants[:2], TrainConfig(**RECIPE), out, quiet=True)
