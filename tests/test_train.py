@@ -471,6 +471,28 @@ ARCHITECTURES = {
 }
 
 
+def test_training_reads_the_train_split_and_evaluation_the_validation_split(tmp_path, monkeypatch):
+    """The held-out splits stay held out: the training windows come from each domain's train
+    split, the periodic evaluation reads the validation split, and nothing reads test."""
+    import moelab.data.loader as loader_module
+    import moelab.eval.perplexity as perplexity_module
+
+    read = {"loader": [], "eval": []}
+
+    def recording(kind, tokenize):
+        def tokenize_and_record(domain, split, *args, **kwargs):
+            read[kind].append((domain, split))
+            return tokenize(domain, split, *args, **kwargs)
+
+        return tokenize_and_record
+
+    monkeypatch.setattr(loader_module, "tokenize_split", recording("loader", loader_module.tokenize_split))
+    monkeypatch.setattr(perplexity_module, "tokenize_split", recording("eval", perplexity_module.tokenize_split))
+    train(RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "steps": 4}}), tmp_path / "run", quiet=True)
+    assert read["loader"] == [("code", "train"), ("german", "train")]
+    assert read["eval"] and set(read["eval"]) == {("code", "validation"), ("german", "validation")}
+
+
 def test_the_adaptive_chunk_schedule_sees_the_unweighted_chunk_loss(tmp_path, monkeypatch):
     """BlockFFN's schedule compares L_CS itself from window to window: the trainer hands it the
     step's weighted aux loss divided by the coefficient that weighted it, not the weighted loss."""
