@@ -194,14 +194,16 @@ def test_compensation_subtracts_the_down_bias():
 
 def _naive_fold(layer, counts, kept, x, error, best):
     """The recipe's fold from its description: dropped experts, most used first, each tried in its
-    nearest kept expert's group (mean outputs, Euclidean), aligned to it (merged_layer's align),
+    nearest kept expert of its routing group (mean outputs, Euclidean), aligned to it (merged_layer's align),
     with weight = its usage or a 10 % / 30 % share of the pair, times router rule dominant / fit;
     the best trial stays when it lowers the error."""
     features = expert_features(layer, x).double()
     groups, weights, folded = {e: [e] for e in kept}, counts.clone(), []
     dropped = sorted((e for e in range(len(counts)) if e not in kept), key=lambda e: (-float(counts[e]), e))
+    size = len(counts) // layer.router.n_group  # routing groups: consecutive experts
     for d in dropped:
-        j = min(kept, key=lambda e: (float((features[e] - features[d]).norm()), e))
+        same_group = [e for e in kept if e // size == d // size]
+        j = min(same_group, key=lambda e: (float((features[e] - features[d]).norm()), e))
         trial_groups = {e: members + [d] if e == j else members for e, members in groups.items()}
         trials = []
         for share in ("usage", 0.1, 0.3):
@@ -233,3 +235,20 @@ def test_fold_follows_its_description(seed):
     assert folded == expected_folded and edit.sources == sources
     assert got_error == pytest.approx(expected_error, rel=1e-9)
     assert got_error == pytest.approx(error(edit), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [2, 10])
+def test_fold_stays_within_the_routing_group(seed):
+    """With group-limited routing (2 groups of 3) a dropped expert folds into the nearest kept
+    expert of its own group, even where one of the other group is nearer (these seeds)."""
+    layer = make_view(E=6, I=5, top_k=2, n_group=2, topk_group=2, seed=seed)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    counts = torch.tensor([9.0, 7, 3, 8, 5, 2], dtype=F64)
+    stats = stats_with(counts.tolist(), inputs=x.float())
+    error = _layer_error(layer, stats)
+    best = error(LayerEdit.keep([0, 3]))
+    edit, got_error, folded = MoelabRecipe()._fold(layer, stats, [0, 3], x, error, best)
+    sources, expected_error, expected_folded = _naive_fold(layer, counts, [0, 3], x, error, best)
+    assert folded and folded == expected_folded and edit.sources == sources
+    assert all(kept // 3 == dropped // 3 for kept, dropped, _ in folded)
+    assert got_error == pytest.approx(expected_error, rel=1e-9)
