@@ -141,6 +141,34 @@ def test_auto_strategy_takes_the_lower_summed_error(calibrated, tmp_path):
         )
 
 
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_the_neuron_path_keeps_the_refit_only_where_it_lowers_the_error(calibrated, tmp_path, monkeypatch, scale):
+    """The neuron path writes the refitted down projections (scale 1: `compensated` itself)
+    where they lower the layer's error, and HEAPr's own where the refit would raise it (scale 3: a
+    refit tripled, which hurts); the report's error is then the written layer's."""
+    import moelab.compress.methods.recipe as recipe_module
+
+    model, stats = calibrated
+
+    def refit(layer, narrowed, x, ridge=1e-2):
+        view = compensated(layer, narrowed, x, ridge)
+        return dataclasses.replace(view, experts=dataclasses.replace(view.experts, down=view.experts.down * scale))
+
+    monkeypatch.setattr(recipe_module, "compensated", refit)
+    options = {"strategy": "neurons", "fit_steps": 0}
+    report = compress(
+        model, tmp_path / "o", method="moelab", ratio=0.5, stats=stats, method_options=options, quiet=True
+    )
+    calibration = Calibration(stats)
+    with open_checkpoint(model) as base, open_checkpoint(tmp_path / "o") as out:
+        for index, entry in report["layers"].items():
+            errors, layer = entry["notes"]["candidate_errors"], base.layer(int(index))
+            assert (errors["compensated"] < errors["heapr"]) == (scale == 1.0)
+            assert entry["notes"]["error"] == min(errors.values())
+            x = calibration.layer(int(index)).inputs.double()
+            assert _error(layer, out.layer(int(index)), x) == pytest.approx(min(errors.values()), rel=1e-4)
+
+
 def test_compensation_is_the_ridge_solution_and_exact_when_nothing_is_pruned():
     """compensated() against a token-by-token normal-equation build; with every neuron kept it
     returns the original down projections (the target is reached exactly)."""
