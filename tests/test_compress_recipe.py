@@ -22,7 +22,7 @@ from moelab.compress.methods.recipe import NAEE_SKIP, MoelabRecipe, _layer_error
 from moelab.compress.stats import Calibration
 from moelab.hf import open_checkpoint
 from moelab.hf.edit import LayerEdit, moe_output
-from moelab.hf.native import router_from_view
+from moelab.hf.native import moe_layer_from_view, router_from_view
 
 
 @pytest.fixture(autouse=True)
@@ -207,6 +207,32 @@ def test_super_experts_join_the_protected_set_where_they_fit():
     assert recipe._with_super_experts(layer, Target(2, frozenset({0}))).protect == {0, 2}
     recipe.protected = {3: [1, 2]}
     assert recipe._with_super_experts(layer, Target(1)).protect == frozenset()
+
+
+def test_protected_experts_send_auto_down_the_expert_path():
+    """`--protect-super-experts` with the recipe: the neuron path narrows every expert alike, so
+    "auto" removes experts, keeping the protected one, and "neurons" is refused naming the fix
+    (both used to fail inside HEAPr, naming a layout option the recipe does not have)."""
+    from test_compress_reference import DEFAULT_OBSERVERS, make_batches, observe
+
+    from moelab.compress.stats import layer_stats
+
+    view = make_view(E=6, D=6, I=4, top_k=2, seed=3)
+    batches = make_batches(6, [16, 16], 2, torch.float32, seed=3)
+    options = {"total_tokens": 32, "sample_tokens": 32}
+    stats = layer_stats(0, ("a", "b"), observe(moe_layer_from_view(view), batches, 2, options, DEFAULT_OBSERVERS))
+    stats.neuron_act_sums = stats.neuron_grad_sums = torch.rand(2, 2, 6, 4, generator=torch.Generator().manual_seed(0))
+    rare = int(stats.total("counts").argmin())
+    target = Target(3, frozenset({rare}))
+    models = type("OneLayer", (), {"layer": lambda self, index: view})()
+    recipe = MoelabRecipe(fit_steps=0)
+    recipe.prepare(models, {0: stats}, {0: target})
+    decision = recipe.decide(view, stats, target)
+    assert decision.notes["strategy"] == "experts" and rare in [g[0] for g in decision.edit.sources]
+    narrowing = MoelabRecipe(strategy="neurons", fit_steps=0)
+    narrowing.prepare(models, {0: stats}, {0: target})
+    with pytest.raises(ValueError, match="neuron path .* cannot spare protected .* use strategy 'experts'"):
+        narrowing.decide(view, stats, target)
 
 
 def test_compensation_subtracts_the_down_bias():

@@ -26,7 +26,8 @@ edited layer's output y' against the original's y on the sampled layer inputs x 
 "auto" (default) runs both on every layer (the expert path before its folds, which only lower
 its error) and keeps the one with the lower summed error (one
 expert count and one width per model: no format stores a mix), except where the family's shared
-experts take their width from the routed ones' (then "experts"). Last, the router is
+experts take their width from the routed ones', or where experts are protected
+(`--protect-super-experts`: the neuron path narrows every expert alike); then "experts". Last, the router is
 re-calibrated on the expert path (`moelab.compress.router_fit`, `fit_steps` Adam steps; 0: off;
 on the neuron path it found nothing to gain on the reference models, where the refitted down
 projections already reproduce the layer). The errors are
@@ -178,6 +179,8 @@ class MoelabRecipe(Method):
         search, the slow candidate, is skipped when the scores' best sets already lose to the
         neuron path by more than `NAEE_SKIP`x (it would have to beat them by that much)."""
         self.protected = super_expert_ids(stats) if self.protect_super else {}
+        if self.strategy == "auto" and any(target.protect for target in targets.values()):
+            self.strategy = "experts"  # the neuron path narrows every expert alike: it cannot spare any
         if self.strategy != "auto":
             return
         errors = {"experts": 0.0, "neurons": 0.0}
@@ -225,6 +228,12 @@ class MoelabRecipe(Method):
     def _narrow(self, layer: MoELayerView, stats: LayerStats, target: Target, error) -> LayerDecision:
         """The neuron path: HEAPr's narrowed experts, with the down projections refitted
         (`compensated`) where that lowers the layer's error."""
+        if target.protect:
+            raise ValueError(
+                "moelab's neuron path (strategy 'neurons') narrows every expert alike, so it cannot spare "
+                "protected (super) experts; use strategy 'experts' or 'auto' (which then removes experts), or drop "
+                "the protection"
+            )
         decision = self.heapr.decide(layer, stats, target)
         refit = LayerEdit(
             decision.edit.sources, compensated(layer, decision.edit.view, stats.inputs.double())
