@@ -209,29 +209,41 @@ def test_super_experts_join_the_protected_set_where_they_fit():
     assert recipe._with_super_experts(layer, Target(1)).protect == frozenset()
 
 
-def test_protected_experts_send_auto_down_the_expert_path():
-    """`--protect-super-experts` with the recipe: the neuron path narrows every expert alike, so
-    "auto" removes experts, keeping the protected one, and "neurons" is refused naming the fix
-    (both used to fail inside HEAPr, naming a layout option the recipe does not have)."""
+def _observed(view, tokens: int = 32):
+    """Statistics observed on `view` (the routing and output observers, every token's input
+    sampled) plus random HEAPr neuron sums."""
     from test_compress_reference import DEFAULT_OBSERVERS, make_batches, observe
 
     from moelab.compress.stats import layer_stats
 
-    view = make_view(E=6, D=6, I=4, top_k=2, seed=3)
-    batches = make_batches(6, [16, 16], 2, torch.float32, seed=3)
-    options = {"total_tokens": 32, "sample_tokens": 32}
+    D, E, I = view.experts.dim, view.experts.num_experts, view.experts.hidden_dim
+    batches = make_batches(D, [tokens // 2, tokens - tokens // 2], 2, torch.float32, seed=3)
+    options = {"total_tokens": tokens, "sample_tokens": tokens}
     stats = layer_stats(0, ("a", "b"), observe(moe_layer_from_view(view), batches, 2, options, DEFAULT_OBSERVERS))
-    stats.neuron_act_sums = stats.neuron_grad_sums = torch.rand(2, 2, 6, 4, generator=torch.Generator().manual_seed(0))
+    stats.neuron_act_sums = stats.neuron_grad_sums = torch.rand(2, 2, E, I, generator=torch.Generator().manual_seed(0))
+    return stats
+
+
+@pytest.mark.parametrize("case", ["protected", "every neuron kept"])
+def test_auto_removes_experts_where_the_neuron_path_cannot_apply(case):
+    """The neuron path narrows every expert alike, so it cannot spare protected (super) experts
+    (`--protect-super-experts`), and at 7 of 8 experts' worth of 4 neurons its uniform width keeps
+    all 4: "auto" then removes experts (keeping the protected one), and "neurons" is refused naming
+    the fix. Both used to fail inside HEAPr, the first naming a layout option the recipe lacks."""
+    view = make_view(E=6, D=6, I=4, top_k=2, seed=3) if case == "protected" else make_view(E=8, D=6, I=4, seed=3)
+    stats = _observed(view)
     rare = int(stats.total("counts").argmin())
-    target = Target(3, frozenset({rare}))
+    target = Target(3, frozenset({rare})) if case == "protected" else Target(7)
     models = type("OneLayer", (), {"layer": lambda self, index: view})()
     recipe = MoelabRecipe(fit_steps=0)
     recipe.prepare(models, {0: stats}, {0: target})
     decision = recipe.decide(view, stats, target)
-    assert decision.notes["strategy"] == "experts" and rare in [g[0] for g in decision.edit.sources]
+    assert decision.notes["strategy"] == "experts" and len(decision.edit.sources) == target.keep
+    assert target.protect <= {g[0] for g in decision.edit.sources}
     narrowing = MoelabRecipe(strategy="neurons", fit_steps=0)
     narrowing.prepare(models, {0: stats}, {0: target})
-    with pytest.raises(ValueError, match="neuron path .* cannot spare protected .* use strategy 'experts'"):
+    fix = "use strategy 'experts'" if case == "protected" else "keeps all of them; raise the ratio"
+    with pytest.raises(ValueError, match=fix):
         narrowing.decide(view, stats, target)
 
 

@@ -26,8 +26,9 @@ edited layer's output y' against the original's y on the sampled layer inputs x 
 "auto" (default) runs both on every layer (the expert path before its folds, which only lower
 its error) and keeps the one with the lower summed error (one
 expert count and one width per model: no format stores a mix), except where the family's shared
-experts take their width from the routed ones', or where experts are protected
-(`--protect-super-experts`: the neuron path narrows every expert alike); then "experts". Last, the router is
+experts take their width from the routed ones', where experts are protected
+(`--protect-super-experts`: the neuron path narrows every expert alike) or where the uniform width
+would keep every neuron; then "experts". Last, the router is
 re-calibrated on the expert path (`moelab.compress.router_fit`, `fit_steps` Adam steps; 0: off;
 on the neuron path it found nothing to gain on the reference models, where the refitted down
 projections already reproduce the layer). The errors are
@@ -47,7 +48,7 @@ from moelab.compress.methods.base import LayerDecision, Method, Target, check_pr
 from moelab.compress.methods.ean import EAN
 from moelab.compress.methods.easy_ep import EasyEP
 from moelab.compress.methods.frequency import Frequency
-from moelab.compress.methods.heapr import HEAPr
+from moelab.compress.methods.heapr import HEAPr, uniform_width
 from moelab.compress.methods.naee import NAEE
 from moelab.compress.methods.reap import REAP
 from moelab.compress.methods.router_weight import RouterWeight
@@ -179,8 +180,8 @@ class MoelabRecipe(Method):
         search, the slow candidate, is skipped when the scores' best sets already lose to the
         neuron path by more than `NAEE_SKIP`x (it would have to beat them by that much)."""
         self.protected = super_expert_ids(stats) if self.protect_super else {}
-        if self.strategy == "auto" and any(target.protect for target in targets.values()):
-            self.strategy = "experts"  # the neuron path narrows every expert alike: it cannot spare any
+        if self.strategy == "auto" and not self._narrowable(view, targets):
+            self.strategy = "experts"
         if self.strategy != "auto":
             return
         errors = {"experts": 0.0, "neurons": 0.0}
@@ -202,6 +203,18 @@ class MoelabRecipe(Method):
         self.strategy = min(errors, key=lambda k: (errors[k], k))
         if self.strategy == "experts":
             self._kept, self._narrowed = scored, {}
+
+    @staticmethod
+    def _narrowable(view, targets: dict[int, Target]) -> bool:
+        """Whether the neuron path applies to every layer: no protected experts (it narrows every
+        expert alike) and a uniform width that keeps some but not all neurons."""
+        for index, target in targets.items():
+            experts = view.layer(index).experts
+            try:
+                uniform_width(experts.hidden_dim, experts.num_experts, target.keep)
+            except ValueError:
+                return False
+        return not any(target.protect for target in targets.values())
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
         error = _layer_error(layer, stats)
