@@ -1,0 +1,124 @@
+"""Every compression method on random tiny layers and the routing edge cases (all tokens to one
+expert, an expert no token chooses, a single token, k up to E - 1, group-limited routing, bf16
+weights): each decision keeps what the target asks, names distinct experts, spares the protected
+ones, and its edit gives a layer with the asked expert count whose output is finite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from layer_views import make_view
+from test_compress_reference import DEFAULT_OBSERVERS, make_batches, observe
+
+from moelab.compress.methods import METHODS, Target, get_method, plan_target
+from moelab.compress.stats import layer_stats
+from moelab.hf.edit import apply_edit, moe_output
+from moelab.hf.native import moe_layer_from_view
+
+PROPERTY = settings(
+    settings.get_profile("ci"),
+    max_examples=8,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+OPTIONS = {"moelab": {"fit_steps": 0}}  # the router fit is checked in test_compress_router_fit.py
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny layers: one intra-op thread is faster on the project's 2-core machine."""
+
+
+@st.composite
+def cases(draw):
+    """(view keyword arguments, experts kept, token counts per call, a protected expert or None)."""
+    n_group = draw(st.sampled_from([1, 1, 2]))
+    E = draw(st.sampled_from([4, 6, 8] if n_group == 2 else [3, 4, 5, 6, 8]))
+    k = draw(st.integers(1, E - 1 if n_group == 1 else E // 2 - 1 or 1))
+    kw = {
+        "E": E,
+        "D": 6,
+        "I": 4,
+        "top_k": k,
+        "score_func": draw(st.sampled_from(["softmax", "sigmoid"])),
+        "renormalize": draw(st.booleans()),
+        "shared": draw(st.booleans()),
+        "dtype": draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+    if n_group == 2:
+        kw |= {"n_group": 2, "topk_group": draw(st.integers(1, 2))}
+        if kw["score_func"] == "sigmoid":
+            kw["score_func"] = "softmax"  # sigmoid group routing needs 2 per group: fewer cases to plan
+    edge = draw(st.sampled_from(["none", "one expert takes all", "one expert never chosen"]))
+    if edge != "none":
+        kw["router_bias"] = {draw(st.integers(0, E - 1)): 30.0 if edge == "one expert takes all" else -30.0}
+    view = make_view(**kw)
+    ratio = draw(st.sampled_from([0.25, 0.5, 0.75]))
+    try:
+        keep = plan_target(view.router, ratio)
+    except ValueError:
+        keep = E - n_group  # the smallest removal every router here allows
+    sizes = draw(st.sampled_from([[1], [3, 2], [12, 9]]))
+    protect = draw(st.one_of(st.none(), st.integers(0, E - 1))) if n_group == 1 else None
+    return kw, keep, sizes, protect
+
+
+class _ModelView:
+    """The model view `Method.prepare` reads: one MoE layer, index 0."""
+
+    def __init__(self, layer):
+        self._layer = layer
+
+    def layer(self, index: int):
+        assert index == 0
+        return self._layer
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@PROPERTY
+@given(case=cases())
+def test_every_method_keeps_a_valid_layer_on_edge_case_routing(name, case):
+    kw, keep, sizes, protect = case
+    view = make_view(**kw)
+    E, S = kw["E"], 2
+    layer = moe_layer_from_view(view)
+    batches = make_batches(kw["D"], sizes, S, kw["dtype"], seed=kw["seed"])
+    options = {"total_tokens": sum(sizes), "sample_tokens": sum(sizes)}
+    stats = layer_stats(0, ("a", "b"), observe(layer, batches, S, options, DEFAULT_OBSERVERS))
+    g = torch.Generator().manual_seed(kw["seed"])
+    neurons = torch.rand(2, S, E, kw["I"], generator=g, dtype=torch.float64) * (stats.counts[..., None] > 0)
+    stats.neuron_act_sums, stats.neuron_grad_sums = neurons, neurons.flip(-1)
+    method = get_method(name, **OPTIONS.get(name, {}))
+    method.settle(width_fixed=False)
+    if method.narrows:
+        try:
+            method.check_width(kw["I"], E, keep)
+        except ValueError:
+            return  # refused before calibrating (`compress`), as test_compress_heapr.py checks
+    target = Target(keep, frozenset() if protect is None or name == "heapr" else {protect})
+    method.prepare(_ModelView(view), {0: stats}, {0: target})
+    decision = method.decide(view, stats, target)
+
+    ids = [e for group in decision.edit.sources for e in group]
+    assert len(ids) == len(set(ids)) and all(0 <= e < E for e in ids)
+    assert decision.kept == sorted(decision.kept) and set(decision.kept) <= set(ids)
+    if method.narrows or decision.notes.get("strategy") == "neurons":  # every expert stays, narrower
+        assert sorted(ids) == list(range(E)) and not target.protect
+        assert apply_edit(view, decision.edit).experts.gate.shape[1] <= kw["I"]
+    else:
+        assert len(decision.edit.sources) == keep, decision.notes
+        assert target.protect <= set(decision.kept) | {g[0] for g in decision.merge_groups}
+    if not method.merges and not method.narrows and name != "moelab":
+        assert decision.kept == ids  # pruning: the kept experts themselves
+    if decision.scores is not None:
+        assert len(decision.scores) == E and all(map(torch.isfinite, torch.tensor(decision.scores)))
+    edited = apply_edit(view, decision.edit)
+    if kw.get("n_group", 1) == 2:  # merges stay within a routing group, and each group keeps as many
+        size = E // 2
+        assert all(len({e // size for e in group}) == 1 for group in decision.edit.sources)
+        assert sum(group[0] < size for group in decision.edit.sources) * 2 == len(decision.edit.sources)
+    x = torch.cat([b.x for b in batches]).double()
+    y = moe_output(edited, x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
