@@ -88,6 +88,8 @@ def test_refit_needs_sampled_inputs():
     layer = make_view()
     with pytest.raises(ValueError, match="needs sampled layer inputs"):
         refit_router(layer, LayerEdit.keep([0, 1, 2]), None, RouterFit(steps=5))
+    with pytest.raises(ValueError, match=f"fewer than {HOLDOUT_EVERY} .*sample_tokens >= {HOLDOUT_EVERY}"):
+        refit_router(layer, LayerEdit.keep([0, 1, 2]), _inputs(HOLDOUT_EVERY - 1), RouterFit(steps=5))
     with pytest.raises(ValueError, match="steps >= 0"):
         RouterFit(steps=-1)
     with pytest.raises(ValueError, match="learning rate > 0"):

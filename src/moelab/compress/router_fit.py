@@ -52,7 +52,7 @@ def refit_router(
     if inputs is None or inputs.shape[0] < HOLDOUT_EVERY or not (inputs != 0).any():
         raise ValueError(
             f"router re-calibration needs sampled layer inputs; layer {layer.index}'s statistics have fewer than "
-            f"{HOLDOUT_EVERY} (calibrate with sample_tokens > 0)"
+            f"{HOLDOUT_EVERY} (calibrate with sample_tokens >= {HOLDOUT_EVERY})"
         )
     edited = apply_edit(layer, edit)
     x = inputs.float()
