@@ -122,6 +122,18 @@ def test_calibration_records_every_moe_layer(stats_dir, model_dir):
     assert layer.counts.shape == (2, 8, 8) and float(layer.counts.sum()) == 512 * 2  # top-2
     assert layer.inputs.shape == (64, 32) and layer.reap_sums is not None
     assert not (stats_dir / "resume.safetensors").exists()
+    assert stats.info["tokens_per_second"] == pytest.approx(512 / stats.info["seconds"], rel=0.01)
+
+
+def test_sampled_inputs_are_spread_evenly_over_the_calibration_data(stats_dir, model_dir):
+    """The 64 sampled MoE inputs sit at the global positions floor(i * 512 / 64) of the 512
+    calibration tokens (positions run on across windows): each is a real input, from the source
+    of the window holding that position."""
+    mixture = calibration_mixture(model_dir, "corpus", EVERY)
+    source_at = torch.cat([torch.full((w.ids.numel(),), w.source) for w in mixture.windows])
+    layer = Calibration(stats_dir).layer(0)
+    assert layer.input_sources.tolist() == source_at[torch.arange(64) * 512 // 64].tolist()
+    assert bool((layer.inputs.abs().sum(1) > 0).all())
 
 
 def test_an_interrupted_calibration_resumes_to_the_same_files(tmp_path, model_dir, stats_dir, monkeypatch):
@@ -142,9 +154,13 @@ def test_an_interrupted_calibration_resumes_to_the_same_files(tmp_path, model_di
     directory = calibrated_until_interrupted(tmp_path, model_dir, options)
     info = json.loads((directory / "calibration.json").read_text())
     assert info["done"] == 0 and not info["complete"] and (directory / "resume.safetensors").is_file()
+    (directory / "calibration.json").write_text(json.dumps(info | {"seconds": 1000.0}))  # time spent so far
     monkeypatch.setattr(calibrate_module, "write_layer", real)
-    run_calibration(model_dir, directory, "corpus", options, quiet=True)
+    resumed = run_calibration(model_dir, directory, "corpus", options, quiet=True)
     assert_same_statistics(directory, stats_dir)
+    assert resumed["seconds"] > 1000, "the time spent before the interruption counts"
+    assert info["coverage"].keys() == {"0"} and resumed["coverage"].keys() == {"0", "1"}
+    assert not (directory / "resume.safetensors").exists()
 
 
 def calibrated_until_interrupted(tmp_path: Path, model_dir: Path, options: CalibrationOptions) -> Path:
@@ -588,6 +604,104 @@ def test_more_processes_than_batches_are_refused(tmp_path, model_dir, monkeypatc
     monkeypatch.setattr(calibration, "join_torchrun", lambda: (1, 64))
     with pytest.raises(ValueError, match=r"batch\(es\) of up to 4 windows, fewer than the 64 processes: run at most"):
         calibration.run_calibration(model_dir, tmp_path, "corpus", SMALL, quiet=True)
+
+
+def test_calibration_options_are_checked_and_the_snapshot_period_is_no_setting():
+    """Counts below 1 (sample_tokens below 0), unknown observers and dtypes are refused; the
+    settings a calibration is matched on leave out how often it snapshots."""
+    for name in ("tokens", "seq_len", "batch_size"):
+        with pytest.raises(ValueError, match=f"calibration {name} must be >= 1, got 0"):
+            CalibrationOptions(**{name: 0})
+    with pytest.raises(ValueError, match="sample_tokens must be >= 0, got -1"):
+        CalibrationOptions(sample_tokens=-1)
+    assert CalibrationOptions(tokens=1, seq_len=1, batch_size=1, sample_tokens=0).sample_tokens == 0
+    with pytest.raises(ValueError, match="unknown observer 'nope'"):
+        CalibrationOptions(observers=("nope",))
+    with pytest.raises(ValueError, match="unknown calibration dtype 'float16'"):
+        CalibrationOptions(dtype="float16")
+    settings = SMALL.settings()
+    assert settings == dataclasses.replace(SMALL, snapshot_seconds=1.0).settings()
+    assert "snapshot_seconds" not in settings and settings["dtype"] == "float32"
+    assert settings["observers"] == list(SMALL.observers) and settings["sample_tokens"] == 64
+
+
+def test_windows_are_capped_at_the_models_length(tmp_path, model_dir):
+    """seq_len above the model's max_seq_len (64) calibrates windows of 64, and the settings
+    record 64; a config without a positive length caps at 2048."""
+    from moelab.compress.calibration import _max_positions
+
+    options = dataclasses.replace(SMALL, tokens=128, seq_len=1000)
+    assert {w.ids.numel() for w in calibration_mixture(model_dir, "corpus:code", options).windows} == {64}
+    info = run_calibration(model_dir, tmp_path, "corpus:code", options, quiet=True)
+    assert info["settings"]["seq_len"] == 64 and info["complete"]
+    assert _max_positions({"max_seq_len": 0, "n_positions": 128}) == 128
+    assert _max_positions({"max_position_embeddings": None}) == 2048
+
+
+def test_a_finished_calibration_is_reused_only_for_the_same_job(tmp_path, model_dir, monkeypatch):
+    """Run again on the same model, data and settings, a finished calibration is returned as it is
+    (no layer runs again, nothing is rewritten); other settings calibrate again."""
+    import moelab.compress.calibration as calibration
+
+    options = dataclasses.replace(SMALL, tokens=64, seq_len=16)
+    first = run_calibration(model_dir, tmp_path, "corpus:code", options, quiet=True)
+    real = calibration._calibrate_layer
+    real_info = calibration.write_info
+    monkeypatch.setattr(calibration, "_calibrate_layer", lambda *a: pytest.fail("calibrated again"))
+    monkeypatch.setattr(calibration, "write_info", lambda *a: pytest.fail("rewritten"))
+    assert run_calibration(model_dir, tmp_path, "corpus:code", options, quiet=True).items() >= first.items()
+    monkeypatch.setattr(calibration, "_calibrate_layer", real)
+    monkeypatch.setattr(calibration, "write_info", real_info)
+    other = dataclasses.replace(options, sample_tokens=8)
+    again = run_calibration(model_dir, tmp_path, "corpus:code", other, quiet=True)
+    assert again["settings"]["sample_tokens"] == 8 and again["complete"]
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, model_dir):
+    """Calibration text tokenised for a larger vocabulary (8192 here): id 8192 is refused in one
+    line before any layer runs; 8191, the last id, calibrates."""
+    mixture = build_mixture("corpus:code", tokens=32, seq_len=16)
+    for top in (8191, 8192):
+        ids = mixture.windows[0].ids.clone()
+        ids[3] = top
+        windows = (dataclasses.replace(mixture.windows[0], ids=ids), *mixture.windows[1:])
+        calib = dataclasses.replace(mixture, windows=windows)
+        (tmp_path / str(top)).mkdir()
+        if top == 8191:
+            assert run_calibration(model_dir, tmp_path / str(top), calib, SMALL, quiet=True)["complete"]
+            continue
+        with pytest.raises(ValueError, match=r"calibration token id 8192 is outside .*vocabulary \(8192\)"):
+            run_calibration(model_dir, tmp_path / str(top), calib, SMALL, quiet=True)
+
+
+def test_as_many_processes_as_batches_calibrate(tmp_path, model_dir, monkeypatch):
+    """The refusal above starts at one process more than batches: 2 processes for 2 batches run,
+    each its own batch, and the statistics say how many processes made them."""
+    import moelab.compress.calibration as calibration
+
+    monkeypatch.setattr(calibration, "join_torchrun", lambda: (0, 2))
+    monkeypatch.setattr(calibration, "agreed", lambda value, world, how: value)
+    monkeypatch.setattr(calibration, "reduce_statistics", lambda results, world: None)
+    options = dataclasses.replace(SMALL, tokens=64, seq_len=16, batch_size=2)  # 4 windows: 2 batches
+    info = calibration.run_calibration(model_dir, tmp_path, "corpus:code", options, quiet=True)
+    assert info["complete"] and info["processes"] == 2
+    counts = load_file(tmp_path / "layer-00000.safetensors")["counts"]
+    assert float(counts.sum()) == 32 * 2  # its own batch: 2 windows of 16 tokens, top-2
+
+
+def test_coverage_counts_the_experts_routed_fewer_than_8_tokens(tmp_path, model_dir):
+    """A router of zeros sends all 8 calibration tokens to the same two experts: those have
+    exactly 8 (enough), the other 6 none; a sample size of 0 stores no inputs."""
+    from moelab.compress.calibration import COVERAGE_MIN_TOKENS
+
+    model = load_pretrained(model_dir)
+    with torch.no_grad():
+        model.layers[0].ffn.router.weight.zero_()
+    zero = save_pretrained(model, tmp_path / "zero")
+    options = dataclasses.replace(SMALL, tokens=8, seq_len=8, sample_tokens=0)
+    stats = calibrate(zero, tmp_path / "stats", calib="corpus:code", options=options, quiet=True)
+    assert sorted(stats.layer(0).counts.sum((0, 1)).tolist()) == [0] * 6 + [8, 8] and COVERAGE_MIN_TOKENS == 8
+    assert stats.info["coverage"]["0"] == 6 and stats.layer(0).inputs is None
 
 
 @pytest.mark.slow
