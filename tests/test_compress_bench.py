@@ -19,6 +19,7 @@ import torch
 from test_compress import moelab_model
 
 import moelab.compress.bench as bench
+import moelab.compress.bench_report as bench_report
 from moelab.compress.bench import BenchOptions, run_bench
 from moelab.compress.bench_report import REPORT_FILES
 from moelab.models import load_pretrained, save_pretrained
@@ -159,6 +160,115 @@ def test_bad_options():
         BenchOptions(ratios=(0.5,), domain_ratios=(0.5000001,))
     # two ratios that round to one percent used to share (and overwrite) one cell directory
     assert [bench.Cell("reap", r).name for r in (0.25, 0.254, 1 / 3)] == ["reap-25", "reap-25.4", "reap-33.3333"]
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _result(name: str, method: str, ratio: float, ppl: tuple[float, float, float] | None, **cell) -> dict:
+    """A cell's result as run_bench records it: perplexity on (code, german, all), or not
+    evaluated when `ppl` is None."""
+    cell = {"method": method, "ratio": ratio, "router_fit": 0, "router_lr": None, "calib": "all",
+            "tool": "moelab"} | cell  # fmt: skip
+    job = {"wall_seconds": 2.0, "peak_rss_mb": 300.0, "parameters": {"after": {}}, "zeroed": {}}
+    if ppl is None:
+        return {"cell": cell, "name": name, "job": job, "evaluated": False, "problem": f"{name} failed"}
+    return {
+        "cell": cell, "name": name, "job": job, "evaluated": True, "kl": 0.01, "top1_agreement": 0.9,
+        "perplexity": dict(zip(("code", "german", "all"), ppl)), "degenerate_rate": 0.25,
+        "parameters": {"total": 900, "active": 500},
+    }  # fmt: skip
+
+
+def _summary(cells: list[dict]) -> dict:
+    base = {"perplexity": {"code": 10.0, "german": 20.0, "all": 15.0}, "degenerate_rate": None,
+            "parameters": {"total": 1000, "active": 600}}  # fmt: skip
+    return {
+        "model": "/models/tiny", "base": base, "cells": cells,
+        "options": {"calib_tokens": 512, "eval_tokens": 64, "prompts": 1},
+        "calibration": {"all": {"mixture": "corpus", "seconds": 3.0}},
+    }  # fmt: skip
+
+
+def test_the_derived_numbers_and_kinds():
+    """change and kept are against the base's perplexity; the worst domain is the domain (never
+    the pooled 'all') of largest relative increase; the compact count is the job's when it has one."""
+    from moelab.compress.bench_report import derived, kind
+
+    base = _summary([])["base"]
+    result = _result("frequency-25", "frequency", 0.25, (11.0, 21.0, 18.0))  # +10 %, +5 %, +20 %
+    d = derived(result, base)
+    assert d["change"] == pytest.approx(0.2) and d["kept"] == pytest.approx(15 / 18)
+    assert (d["worst_domain"], d["worst_change"]) == ("code", pytest.approx(0.1))
+    assert d["domain_change"]["german"] == pytest.approx(0.05) and d["compact_parameters"] == 900
+    result["job"]["parameters"]["after"]["total_compact"] = 700
+    assert derived(result, base)["compact_parameters"] == 700
+    kinds = {(tool, method): kind({"tool": tool, "method": method}) for tool, method in [
+        ("moelab", "frequency"), ("moelab", "hc_smoe"), ("moelab", "heapr"), ("moelab", "moelab"),
+        ("ablation", "super_experts"), ("llm-compressor", "reap"),
+    ]}  # fmt: skip
+    assert list(kinds.values()) == ["pruning", "merging", "neurons", "recipe", "ablation", "external"]
+
+
+def test_the_report_tables():
+    """report.md: per ratio, the general cells by increasing perplexity change, the ones not
+    evaluated last (a long problem shortened), every row as many columns as its header; the domain
+    mode compares the domain cells with the same method calibrated on every domain (no router
+    fit); the Super Experts table lists the zeroed experts."""
+    from moelab.compress.bench_report import markdown
+
+    cells = [
+        _result("frequency-25", "frequency", 0.25, (11.0, 21.0, 18.0)),
+        _result("hc_smoe-25", "hc_smoe", 0.25, None) | {"problem": "x" * 140},
+        _result("reap-25", "reap", 0.25, (10.5, 22.0, 16.5)),
+        _result("heapr-25", "heapr", 0.25, None) | {"problem": "y" * 141},
+        _result("easy_ep@code-50", "easy_ep", 0.5, (12.0, 25.0, 19.0), calib="code"),
+        _result("frequency@code-50", "frequency", 0.5, (13.0, 21.0, 17.0), calib="code"),
+        _result("frequency+fit-50", "frequency", 0.5, (10.0, 20.0, 15.0), router_fit=3),
+        _result("frequency-50", "frequency", 0.5, (15.0, 30.0, 22.5)),
+        _result("zero-super_experts", "super_experts", 0.0, (12.0, 24.0, 18.0), tool="ablation"),
+        _result("zero-random_experts", "random_experts", 0.0, None, tool="ablation"),
+    ]
+    cells[0]["job"]["parameters"]["after"]["total_compact"] = 700
+    cells[8]["job"]["zeroed"] = {"0": [3]}
+    summary = _summary(cells)
+    for r in cells:
+        if r["evaluated"]:
+            r["derived"] = bench_report.derived(r, summary["base"])
+    report = markdown(summary)
+    tables = [b.splitlines() for b in report.split("\n\n") if b.startswith("|")]
+    for table in tables:
+        assert all(row.count("|") == table[0].count("|") for row in table), table
+    main = [row.split(" | ")[0] for row in tables[0][2:]]
+    assert main == ["| reap", "| frequency", "| hc_smoe", "| heapr"] and "frequency@code" not in report
+    assert "| frequency | pruning | 18.0 | +20.0% | 83.3% | code +10.0% |" in tables[0][3]
+    assert "| 25% | 900 | 700 | 500 | 2.0 | 300 |" in tables[0][3]
+    assert f"| hc_smoe | merging | not evaluated: {'x' * 140} |" in report
+    assert f"| heapr | neurons | not evaluated: {'y' * 137}... |" in report
+    assert "degenerate rate -." in report
+    assert "## Domain mode: calibrated on `code` only" in report
+    domain = [row for row in report.splitlines() if row.startswith("| 50% |")]
+    assert domain == [
+        "| 50% | easy_ep | code | 12.0 (+20.0%) | 25.0 (+25.0%) |",
+        "| 50% | frequency | code | 13.0 (+30.0%) | 21.0 (+5.0%) |",
+        "| 50% | frequency | task-agnostic | 15.0 (+50.0%) | 30.0 (+50.0%) |",
+    ]
+    assert "| super_experts | 0: [3] | 18.0 | +20.0% | code +20.0% |" in report
+    assert "| random_experts | none | zero-random_experts failed |" in report
+
+
+def test_the_report_files_with_one_ratio_and_a_cell_not_evaluated(tmp_path):
+    """write_report derives the numbers of the evaluated cells only, and draws the plots of a
+    single ratio with a cell that could not be evaluated."""
+    cells = [
+        _result("frequency-25", "frequency", 0.25, (11.0, 21.0, 18.0)),
+        _result("reap-25", "reap", 0.25, None),
+    ]
+    bench_report.write_report(tmp_path, _summary(cells))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert ["derived" in r for r in summary["cells"]] == [True, False]
+    for name in REPORT_FILES:
+        assert (tmp_path / name).stat().st_size > 0
 
 
 def test_a_changed_model_or_cell_is_refused_not_reported_with_old_numbers(tmp_path, monkeypatch):
