@@ -627,7 +627,8 @@ def test_calibration_options_are_checked_and_the_snapshot_period_is_no_setting()
 
 def test_windows_are_capped_at_the_models_length(tmp_path, model_dir):
     """seq_len above the model's max_seq_len (64) calibrates windows of 64, and the settings
-    record 64; a config without a positive length caps at 2048."""
+    record 64; a config without a positive length caps at 2048; a multimodal config's length is
+    its text_config's, as its vocabulary is."""
     from moelab.compress.calibration import _max_positions
 
     options = dataclasses.replace(SMALL, tokens=128, seq_len=1000)
@@ -636,6 +637,7 @@ def test_windows_are_capped_at_the_models_length(tmp_path, model_dir):
     assert info["settings"]["seq_len"] == 64 and info["complete"]
     assert _max_positions({"max_seq_len": 0, "n_positions": 128}) == 128
     assert _max_positions({"max_position_embeddings": None}) == 2048
+    assert _max_positions({"text_config": {"max_position_embeddings": 4096}, "max_position_embeddings": 77}) == 4096
 
 
 def test_a_finished_calibration_is_reused_only_for_the_same_job(tmp_path, model_dir, monkeypatch):

@@ -326,12 +326,17 @@ def _config(model: str | os.PathLike) -> dict:
 
 
 def _max_positions(config: dict) -> int:
+    text = _text_config(config)
     for key in ("max_seq_len", "max_position_embeddings", "n_positions", "max_seq_length"):
-        if isinstance(config.get(key), int) and config[key] > 0:
-            return config[key]
+        if isinstance(text.get(key), int) and text[key] > 0:
+            return text[key]
     return 2048
 
 
 def _vocab_size(config: dict) -> int:
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    return int(text.get("vocab_size"))
+    return int(_text_config(config).get("vocab_size"))
+
+
+def _text_config(config: dict) -> dict:
+    """The language model's settings: a multimodal config's `text_config`, else the config."""
+    return config["text_config"] if isinstance(config.get("text_config"), dict) else config
