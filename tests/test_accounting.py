@@ -21,6 +21,7 @@ from moelab.models import (
     small,
     tiny,
 )
+from moelab.nn import UoEConfig
 
 
 def variant(moe_fields=None, **overrides):
@@ -43,6 +44,7 @@ CONFIGS = {
     "shared-gated": variant(moe_fields=dict(num_shared=1, shared_gate=True, shared_hidden_dim=24)),
     "shared-2": variant(moe_fields=dict(num_shared=2)),
     "aux-free-sigmoid": variant(moe_fields=dict(selection_bias=True, score_func="sigmoid", top_k=3)),
+    "graph-sim-identity": variant(moe_fields=dict(router="graph_sim", graph_learned=False)),
 }
 
 
@@ -107,6 +109,8 @@ def test_nominal_experts_per_token():
     assert nominal("topp") == {1: 3.0}  # max_k: an upper bound
     assert nominal("relu-router-bias") == {1: 4.0}  # every expert: an upper bound
     assert nominal("expert-choice") == {1: 2.0}  # ec_capacity_factor
+    ec = variant(moe_fields=dict(router="expert_choice", ec_capacity_factor=1.5), allow_noncausal_routing=True)
+    assert experts_per_token_by_layer(ec) == {1: 1.5}  # not top_k, which keeps its default 2
     assert nominal("mqa-interleaved") == {0: 2.0, 2: 2.0}
     assert nominal("dense") == {}
 
@@ -118,6 +122,38 @@ def test_measured_experts_per_token_are_validated():
         flops_per_token(tiny(), 16, {1: 5})
     with pytest.raises(ValueError, match="seq_len must be >= 1"):
         flops_per_token(tiny(), 0)
+    with pytest.raises(ValueError, match=r"experts_per_token\[1\] = -0.5 must lie in \[0, num_experts=4\]"):
+        active_params(tiny(), {1: -0.5})
+    # both ends of [0, E] are valid (a ReLU router may pick no expert, or every one)
+    assert active_params(tiny(), {1: 0.0}) < active_params(tiny(), {1: 4.0}) == count_params(tiny())
+
+
+def test_chain_of_experts_with_more_expert_calls_than_experts():
+    """C * top_k = 3 * 2 = 6 expert calls per token on 4 latent experts with a graph router: FLOPs
+    (by torch's counter) count all 6 calls and C runs of the latent projections and token graphs;
+    the measured k = 6 > E is valid; every expert counts once as active, so active == total."""
+    cfg = variant(
+        moe_fields=dict(chain_iterations=3, top_k=2, latent_dim=16, router="graph_sim", graph_learned=False)
+    )
+    model = MoETransformer(cfg)
+    flops, measured = counted_forward_flops(model, torch.randint(0, cfg.vocab_size, (2, 24)))
+    assert measured == {1: 6.0}
+    assert flops_per_token(cfg, 24) == flops_per_token(cfg, 24, measured) == flops
+    total = sum(p.numel() for p in model.parameters())
+    assert count_params(cfg) == active_params(cfg) == active_params(cfg, measured) == total
+
+
+def test_uoe_active_params_take_the_share_of_heads_and_slices():
+    """UoE with 2 of 4 heads and 1 of 2 MLP slices per token (H != E), routers with biases: the
+    count matches the model, and a token uses half of the attention projections and of the slices."""
+    uoe = UoEConfig(attn_top_k=2, mlp_experts=2, mlp_top_k=1, router_bias=True)
+    cfg = variant(moe=None, uoe=uoe, n_kv_heads=None, first_k_dense=0)
+    model = MoETransformer(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    assert count_params(cfg) == total
+    projections = sum(p.numel() for b in model.layers for n, p in b.attn.named_parameters() if "router" not in n)
+    slices = sum(p.numel() for b in model.layers for p in b.ffn.experts.parameters())
+    assert active_params(cfg) == total - projections / 2 - slices / 2
 
 
 def test_flop_formula_by_hand():
@@ -142,7 +178,20 @@ def test_model_info_is_json_ready_and_consistent():
     assert sum(info["params_by_component"].values()) == info["total_params"]
 
 
+def test_model_info_uses_the_measured_experts_per_token():
+    """An untied model with measured k: every count in the summary takes it, and non-embedding
+    leaves out both vocabulary tables."""
+    cfg, measured = CONFIGS["relu-router-bias"], {1: 1.5}
+    info = model_info(cfg, seq_len=16, experts_per_token=measured)
+    assert info["non_embedding_params"] == count_params(cfg) - 2 * cfg.vocab_size * cfg.dim
+    assert info["active_params"] == active_params(cfg, measured) < active_params(cfg)
+    assert info["active_non_embedding_params"] == active_params(cfg, measured, embeddings=False)
+    assert info["flops_per_token"] == flops_per_token(cfg, 16, measured) < flops_per_token(cfg, 16)
+    assert info["experts_per_token"] == {1: 1.5}
+
+
 def test_small_preset_size():
+    """The sizes small()'s docstring gives: ~23M parameters (8 layers, tied), ~8M active."""
     info = model_info(small())
-    assert 10e6 < info["total_params"] < 30e6
-    assert info["active_params"] < info["total_params"] / 2
+    assert info["total_params"] == pytest.approx(23e6, rel=0.05)
+    assert info["active_params"] == pytest.approx(8e6, rel=0.1)
