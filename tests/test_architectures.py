@@ -203,7 +203,7 @@ def test_overfits_a_tiny_batch_slow(name):
         (dict(moe=dict(num_experts=4, hidden_dim=8, router="graph_sin")), r"unknown router 'graph_sin' \(did you mean 'graph_sim'\?\)"),
         (dict(layer_types=["dense", "ueo"]), r"unknown kind 'ueo' \(did you mean 'uoe'\?\)"),
         (dict(moe=None, uoe=dict(attn_top_k=5), n_kv_heads=None), r"uoe: UoEConfig.attn_top_k must lie in \[1, num_experts=4\]"),
-        (dict(moe=None, uoe=dict(mlp_top_k=5)), r"UoEConfig.mlp_top_k must lie in \[1, num_experts=4\]"),
+        (dict(moe=None, uoe=dict(mlp_top_k=5)), r"ModelConfig.uoe: UoEConfig.mlp_top_k must lie in \[1, num_experts=4\]"),
         (dict(moe=None, uoe=dict(selection="casual")), r"unknown UoEConfig.selection 'casual' \(did you mean 'causal'\?\)"),
         (dict(moe=None, uoe={}, n_kv_heads=2), r"set n_kv_heads \(2\) equal to n_heads \(4\)"),
         (dict(moe=None, uoe=dict(mlp_experts=3), n_kv_heads=None), r"dense_hidden_dim \(64\) must be divisible by uoe.mlp_experts \(3\)"),

@@ -63,7 +63,7 @@ def random_ids(batch=2, seq=16, vocab=128, seed=1):
 )
 def test_config_round_trips_through_dict_json_and_yaml(cfg, tmp_path):
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    for name in ("config.json", "config.yaml", "config.yml"):
+    for name in ("config.json", "config.yaml", "config.yml", "config.YML"):
         cfg.save(tmp_path / name)
         assert ModelConfig.load(tmp_path / name) == cfg
 
@@ -79,6 +79,8 @@ def test_config_derives_defaults_and_moe_dim():
     cfg = ModelConfig.from_dict(data)
     assert cfg.moe.dim == 48 and cfg.n_kv_heads == 4 and cfg.head_dim == 12
     assert cfg.dense_hidden_dim == 128  # 8/3 * 48 = 128, already a multiple of 64
+    small_dim = ModelConfig.from_dict({**data, "dim": 32, "moe": None})
+    assert small_dim.dense_hidden_dim == 128  # 8/3 * 32 = 85.3, rounded up to a multiple of 64
 
 
 def test_presets():
@@ -113,6 +115,10 @@ def test_presets():
         (dict(moe_every=0), "moe_every must be >= 1, got 0"),
         (dict(n_kv_heads=0), r"n_kv_heads \(0\) must divide n_heads"),
         (dict(norm_eps=0.0), "norm_eps must be > 0, got 0.0"),
+        (dict(rope_theta=0.0), "rope_theta must be > 0, got 0.0"),
+        (dict(init_std=0.0), "init_std must be > 0, got 0.0"),
+        (dict(max_seq_len=0), "max_seq_len must be >= 1, got 0"),
+        (dict(dense_hidden_dim=0), "dense_hidden_dim must be >= 1, got 0"),
         (dict(first_k_dense=-1), r"first_k_dense \(-1\) must lie in \[0, n_layers=2\)"),
     ],
 )
@@ -120,6 +126,13 @@ def test_bad_configs_fail_at_config_time(change, message):
     data = make_config().to_dict()
     data.update(change)
     with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict(data)
+
+
+def test_a_missing_field_is_a_value_error_naming_it():
+    data = make_config().to_dict()
+    del data["vocab_size"]
+    with pytest.raises(ValueError, match=r"^ModelConfig: .*missing 1 required keyword-only argument: 'vocab_size'"):
         ModelConfig.from_dict(data)
 
 
@@ -140,6 +153,7 @@ def test_config_load_rejects_unknown_suffix_and_non_mapping(tmp_path):
         (dict(n_layers=6, first_k_dense=1, moe_every=2), ["dense", "moe", "dense", "moe", "dense", "moe"]),
         (dict(n_layers=3, moe_every=2, layer_types=["dense", "dense", "moe"]), ["dense", "dense", "moe"]),
         (dict(n_layers=3, moe=None), ["dense"] * 3),
+        (dict(n_layers=3, moe=None, first_k_dense=3), ["dense"] * 3),  # no MoE layer to leave
     ],
 )
 def test_layer_kinds_place_the_right_ffn(overrides, kinds):
