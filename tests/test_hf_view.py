@@ -28,6 +28,7 @@ from moelab.hf import (
     open_checkpoint,
 )
 from moelab.hf.checkpoint import Checkpoint, side_files
+from moelab.hf.native import empty_experts, experts_from_view, router_from_view
 
 CASES = [(family, True) for family in TINY] + [(family, False) for family, tiny in TINY.items() if tiny.fused]
 
@@ -492,6 +493,46 @@ def test_experts_view_checks_shapes():
     E, I = 4, 8
     with pytest.raises(ValueError, match=r"experts down has shape \[4, 8, 32\], expected \[4, 32, 8\]"):
         ExpertsView(torch.zeros(E, I, D), torch.zeros(E, I, D), torch.zeros(E, I, D))
+
+
+
+def test_native_experts_with_only_some_biases_keep_them():
+    """A view with a down bias alone: the native experts hold it, with zero gate and up biases."""
+    E, I = 4, 8
+    down_bias = torch.randn(E, D)
+    view = ExpertsView(torch.randn(E, I, D), torch.randn(E, I, D), torch.randn(E, D, I), down_bias=down_bias)
+    experts = experts_from_view(view)
+    assert experts.down_bias is not None and torch.equal(experts.down_bias, down_bias)
+    assert experts.gate_up_bias.shape == (E, 2 * I) and not experts.gate_up_bias.any()
+
+
+def test_native_experts_take_a_fused_gate_up_as_it_is():
+    """gate and up that are the two halves of one [E, 2I, D] tensor become the experts' gate_up_proj
+    itself (no copy); halves of a tensor of more experts than the view's are copied."""
+    E, I = 4, 8
+    fused = torch.randn(E, 2 * I, D)
+    experts = experts_from_view(ExpertsView(fused[:, :I], fused[:, I:], torch.randn(E, D, I)))
+    assert experts.gate_up_proj.data_ptr() == fused.data_ptr()
+    some = experts_from_view(ExpertsView(fused[:2, :I], fused[:2, I:], torch.randn(2, D, I)))
+    assert torch.equal(some.gate_up_proj, fused[:2])
+
+
+def test_native_router_buffers_start_at_zero_and_groups_are_kept():
+    """A buffer the view does not give (the aux-free load counts) starts at 0; n_group and
+    topk_group reach the router."""
+    view = _views(router={"selection_bias": torch.ones(4), "n_group": 2, "topk_group": 2})
+    router = router_from_view(view.router)
+    assert torch.equal(router.selection_bias, torch.ones(4))
+    assert not router.tokens_per_expert.is_meta and not router.tokens_per_expert.any()
+    assert (router.n_group, router.topk_group) == (2, 2)
+
+
+def test_empty_experts_are_slots_on_the_device_and_dtype_asked_for():
+    """empty_experts: num_experts slots like the view's, in dtype, on device (meta to size them)."""
+    view = ExpertsView(torch.randn(4, 8, D), torch.randn(4, 8, D), torch.randn(4, D, 8))
+    slots = empty_experts(view, 3, dtype=torch.bfloat16, device="meta")
+    assert slots.gate_up_proj.shape == (3, 16, D) and slots.gate_up_proj.is_meta
+    assert {(p.dtype, p.requires_grad) for p in slots.parameters()} == {(torch.bfloat16, False)}
 
 
 def _views(**change):
