@@ -13,6 +13,7 @@ from layer_views import make_view
 from test_compress_reference import DEFAULT_OBSERVERS, make_batches, observe
 
 from moelab.compress.methods import METHODS, Target, get_method, plan_target
+from moelab.compress.methods.base import check_protected
 from moelab.compress.stats import layer_stats
 from moelab.hf.edit import apply_edit, moe_output
 from moelab.hf.native import moe_layer_from_view
@@ -61,7 +62,7 @@ def cases(draw):
     except ValueError:
         keep = E - n_group  # the smallest removal every router here allows
     sizes = draw(st.sampled_from([[1], [3, 2], [12, 9]]))
-    protect = draw(st.one_of(st.none(), st.integers(0, E - 1))) if n_group == 1 else None
+    protect = draw(st.one_of(st.none(), st.integers(0, E - 1)))
     return kw, keep, sizes, protect
 
 
@@ -98,6 +99,7 @@ def test_every_method_keeps_a_valid_layer_on_edge_case_routing(name, case):
         except ValueError:
             return  # refused before calibrating (`compress`), as test_compress_heapr.py checks
     target = Target(keep, frozenset() if protect is None or name == "heapr" else {protect})
+    check_protected(view.router, keep, target.protect)  # what `compress` checks first: always feasible here
     method.prepare(_ModelView(view), {0: stats}, {0: target})
     decision = method.decide(view, stats, target)
 
