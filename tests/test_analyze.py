@@ -17,6 +17,7 @@ from moelab.analyze import (
     chunk_activity,
     imbalance,
     mutual_information,
+    row_normalise,
     super_experts,
 )
 from moelab.cli import app
@@ -118,6 +119,12 @@ def test_small_statistics():
         imbalance(torch.zeros(3))
     # Independent: rounding makes H(a) + H(b) - H(a, b) about -4e-16 here; the MI is never negative.
     assert mutual_information(torch.outer(torch.tensor([9.0, 2, 6]), torch.tensor([7.0, 6, 4]))) == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        mutual_information(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="chunk_len must be >= 1"):
+        chunk_activity(torch.ones(4, 2, dtype=torch.bool), torch.zeros(4, dtype=torch.long), torch.arange(4), 0)
+    # A row summing to 0 (an expert never chosen) stays 0 rather than 0 / 0 = NaN.
+    assert row_normalise(torch.tensor([[1.0, 3], [0, 0]])).tolist() == [[0.25, 0.75], [0.0, 0.0]]
 
 
 def test_chunk_activity_of_several_sequences_against_a_loop():
@@ -149,6 +156,9 @@ def test_super_expert_rule():
     found = super_experts({0: torch.cat([flat, torch.tensor([100.0, 9.0, 9.5])])}, {})
     assert found["threshold"] == pytest.approx(10.0)
     assert [s["expert"] for s in found["super_experts"]] == [300]
+    # A candidate equal to the threshold (here max / 10 = 10) is not above it.
+    found = super_experts({0: torch.cat([flat, torch.tensor([100.0, 10.0])])}, {})
+    assert found["threshold"] == 10.0 and [s["expert"] for s in found["super_experts"]] == [300]
     # Layers: 4 MoE layers -> the first 3 are searched; shared experts are candidates (expert -1).
     stats = {i: torch.ones(100) for i in range(4)}
     stats[3] = torch.cat([torch.ones(99), torch.tensor([500.0])])
@@ -271,3 +281,34 @@ def test_a_trace_without_expert_stats_reports_none(tmp_path):
     trace.info.settings["expert_stats"] = False
     summary = analyze_trace(trace)
     assert summary["super_experts"] is None and summary["expert_max_output"] is None
+
+
+
+def _top1_trace(path, layers: dict[int, list[int]], num_experts: list[int]):
+    """One sequence of domain "a", top-1 routing {layer: expert of each token (-1 = none)}."""
+    info = TraceInfo(model="fake", family="moelab", num_layers=max(layers) + 1, layers=list(layers),
+                     num_experts=num_experts, top_k=[1] * len(layers), domains=["a"])
+    T = len(next(iter(layers.values())))
+    with TraceWriter(path, info) as writer:
+        writer.add(torch.zeros(1, T, dtype=torch.long), 0,
+                   {i: LayerRouting(torch.tensor(e)[:, None], torch.ones(T, 1), torch.zeros(T)) for i, e in layers.items()})
+        return writer.close({i: torch.arange(1.0, E + 1) for i, E in zip(layers, num_experts)}, {})
+
+
+def test_an_unchosen_expert_a_chunk_longer_than_every_sequence_and_degenerate_traces(tmp_path):
+    """An expert no token chose keeps a zero row in P(j | i) and in the affinity's P(next | i), not
+    0 / 0 = NaN; the CLS of a chunk length no sequence reaches is None; a manifest without the
+    expert_stats setting (settings {}) still reports the super experts; layers no token routed
+    through both of have an affinity MI of 0; a trace of empty sequences is refused by name."""
+    trace = _top1_trace(tmp_path / "trace", {0: [0, 1, 0, 1], 1: [0, 1, 1, 1]}, [3, 2])
+    assert trace.info.settings == {}
+    summary = analyze_trace(trace, chunk_lens=(2, 5))
+    l0 = summary["layers"]["0"]
+    assert l0["coactivation_conditional"] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    assert summary["affinity"][0]["conditional"] == [[0.5, 0.5], [0.0, 1.0], [0.0, 0.0]]
+    assert l0["cls"] == {"2": pytest.approx(1 - 4 / 6), "5": None}  # chunks {0, 1} {0, 1} of 3 experts
+    assert summary["super_experts"]["threshold"] == pytest.approx(2.98)  # 99.5th percentile of [1, 1, 2, 2, 3]
+    disjoint = analyze_trace(_top1_trace(tmp_path / "disjoint", {0: [0, -1], 1: [-1, 1]}, [2, 2]))
+    assert disjoint["affinity"][0]["counts"] == [[0, 0], [0, 0]] and disjoint["affinity"][0]["mi_bits"] == 0.0
+    with pytest.raises(ValueError, match="holds no tokens; trace some data first"):
+        analyze_trace(_top1_trace(tmp_path / "empty", {0: []}, [3]))
