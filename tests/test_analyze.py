@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -183,13 +184,14 @@ def _tiny_native(path):
 
 def test_analyze_native_model_writes_html_png_json(tmp_path):
     _tiny_native(tmp_path / "model")
-    html_path = analyze(tmp_path / "model", tmp_path / "out", domains=["code", "german"],
+    html_path = analyze(tmp_path / "model", tmp_path / "out", split="test", domains=["code", "german"],
                         options=TraceOptions(max_tokens=600, seq_len=64), quiet=True)
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     assert report["domains"] == {"code": 300, "german": 300}
-    assert (report["trace_settings"]["data"], report["trace_settings"]["split"]) == ("corpus", "validation")
+    assert (report["trace_settings"]["data"], report["trace_settings"]["split"]) == ("corpus", "test")
     assert set(report["layers"]) == {"1"} and report["layers"]["1"]["tokens"] == 600
+    assert list(report["layers"]["1"]["cls"]) == ["1", "8", "64"]  # the default chunk lengths
     plots = sorted(p.name for p in (out / "plots").iterdir())
     assert plots == ["coactivation.png", "layer_metrics.png", "load.png", "specialisation.png", "super_experts.png"]
     html = html_path.read_text()
@@ -212,8 +214,9 @@ def test_analyze_transformers_model(tmp_path):
     loaded = load_model(tmp_path / "model")
     streams = {"x": torch.randint(0, 64, (200,)).numpy(), "y": torch.randint(0, 64, (200,)).numpy()}
     trace = trace_model(loaded, streams, tmp_path / "trace", TraceOptions(max_tokens=400, seq_len=50), quiet=True)
-    html_path = analyze(tmp_path / "trace", tmp_path / "report", quiet=True)
+    html_path = analyze(tmp_path / "trace", tmp_path / "report", chunk_lens=(2, 5), quiet=True)
     report = json.loads((html_path.parent / "report.json").read_text())
+    assert list(report["layers"]["1"]["cls"]) == ["2", "5"]  # the chunk lengths asked for
     assert report["family"] == "qwen2_moe" and report["checks"]["1"]["mismatched"] == 0
     assert report["shared_max_output"]["1"] > 0  # Qwen2-MoE's shared expert is a candidate
     assert open_trace(tmp_path / "trace").info.num_tokens == trace.info.num_tokens == 400
@@ -237,6 +240,18 @@ def test_analyze_bad_inputs(tmp_path):
         analyze(None, tmp_path, chunk_lens=(0,))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         analyze(tmp_path / "missing", tmp_path / "out")
+    # A trace is analysed as recorded: every data option is refused, not silently ignored.
+    trace = _fake_trace(tmp_path / "trace").directory
+    for option in ({"data": tmp_path / "notes.txt"}, {"split": "test"}, {"options": TraceOptions(max_tokens=64)}):
+        with pytest.raises(ValueError, match="is a trace: it is analysed as it was recorded"):
+            analyze(trace, tmp_path / "out", **option)
+    # The model and the data are inputs: an output inside either is refused before anything is written.
+    for name in ("model", "data"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("some text")
+        with pytest.raises(ValueError, match=f"the output {re.escape(str(tmp_path / name / 'out'))} lies inside"):
+            analyze(tmp_path / "model", tmp_path / name / "out", data=tmp_path / "data")
+        assert [p.name for p in (tmp_path / name).iterdir()] == ["notes.txt"]
 
 
 def test_super_expert_report_when_most_experts_never_ran_and_the_largest_is_not_searched(tmp_path):
