@@ -29,6 +29,7 @@ from moelab.trace import (
 from moelab.trace.capture import RoutingCheck
 from moelab.trace.data import count_tokens
 from moelab.trace.model import wrap_model
+from moelab.trace.store import ShardInfo
 
 
 def _native(seed: int = 0, **moe) -> MoETransformer:
@@ -135,6 +136,7 @@ def test_trace_model_round_trip_across_shards(tmp_path):
     assert sequences.unique().numel() == info.num_sequences == sum(s.sequences for s in info.shards)
     routed, _ = trace.expert_stats()
     assert set(routed) == set(info.layers) and all((t > 0).all() for t in routed.values())
+    assert info.checks == {}  # a moelab model's routing is recorded as computed: nothing to check
 
 
 # ---------------------------------------------------------------------- transformers models
@@ -374,16 +376,44 @@ def test_writer_and_reader_errors(tmp_path):
     with TraceWriter(tmp_path / "t", _info()) as writer:
         with pytest.raises(ValueError, match="routing covers layers"):
             writer.add(torch.zeros(1, 4, dtype=torch.long), 0, {})
+        with pytest.raises(ValueError, match="domain 2 out of range for 2 domains"):
+            writer.add(torch.zeros(1, 4, dtype=torch.long), 2, _routing(4))
         with pytest.raises(ValueError, match="no tokens were traced"):
             writer.close()
     with pytest.raises(ValueError, match="is not a routing trace"):
         open_trace(tmp_path / "taken")
+    with pytest.raises(ValueError, match="tokens and sequences must be >= 0"):
+        ShardInfo("shard-00000.safetensors", -1, 1)
     with TraceWriter(tmp_path / "t", _info()) as writer:
         writer.add(torch.zeros(1, 4, dtype=torch.long), 0, _routing(4))
         writer.close()
     (tmp_path / "t" / "shard-00000.safetensors").unlink()
     with pytest.raises(ValueError, match="shard .* is missing"):
         list(open_trace(tmp_path / "t").shards())
+
+
+
+def test_reader_refuses_a_shard_one_past_the_manifest(tmp_path):
+    """A shard whose domain number equals the number of domains, whose expert index equals the
+    number of experts, or whose tensor has one row too few, does not match its manifest."""
+    from safetensors.torch import load_file, save_file
+
+    with TraceWriter(tmp_path / "t", _info()) as writer:
+        writer.add(torch.zeros(1, 4, dtype=torch.long), 0, _routing(4))
+        writer.close()
+    shard = tmp_path / "t" / "shard-00000.safetensors"
+    original = load_file(shard)
+    edits = {
+        "domain numbers outside": lambda t: t["domain"].fill_(2),
+        r"layer1.indices outside \[-1, 3\)": lambda t: t["layer1.indices"].fill_(3),
+        "positions has shape \\[3\\], expected 4 rows": lambda t: t.__setitem__("positions", t["positions"][:3]),
+    }
+    for message, edit in edits.items():
+        tensors = {k: v.clone() for k, v in original.items()}
+        edit(tensors)
+        save_file(tensors, shard)
+        with pytest.raises(ValueError, match=message):
+            list(open_trace(tmp_path / "t").shards())
 
 
 # ---------------------------------------------------------------------- data and bad inputs
