@@ -432,9 +432,9 @@ def test_text_and_jsonl_data(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "poems.txt").write_text("roses are red")
     (tmp_path / "data" / "mixed.jsonl").write_text(
-        json.dumps({"text": "def f(): pass", "domain": "code"}) + "\n" + json.dumps({"text": "hallo"}) + "\n")
+        json.dumps({"text": "def f(): pass", "domain": "code"}) + "\n \t\n" + json.dumps({"text": "hallo"}) + "\n")
     streams = load_streams(tmp_path / "data", encoder=lambda texts: np.arange(len(" ".join(texts))))
-    assert sorted(streams) == ["code", "mixed", "poems"]
+    assert sorted(streams) == ["code", "mixed", "poems"]  # the blank line between the records is skipped
     assert len(load_streams(tmp_path / "data" / "poems.txt")["poems"]) > 2  # moelab's tokenizer
     with pytest.raises(ValueError, match="did you mean 'poems'"):
         load_streams(tmp_path / "data", domains=["poem"])
