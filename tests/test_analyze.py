@@ -20,6 +20,7 @@ from moelab.analyze import (
     mutual_information,
     row_normalise,
     super_experts,
+    write_report,
 )
 from moelab.cli import app
 from moelab.models import MoETransformer, save_pretrained, tiny
@@ -327,3 +328,19 @@ def test_an_unchosen_expert_a_chunk_longer_than_every_sequence_and_degenerate_tr
     assert disjoint["affinity"][0]["counts"] == [[0, 0], [0, 0]] and disjoint["affinity"][0]["mi_bits"] == 0.0
     with pytest.raises(ValueError, match="holds no tokens; trace some data first"):
         analyze_trace(_top1_trace(tmp_path / "empty", {0: []}, [3]))
+
+
+def test_a_layer_that_routes_no_token_is_reported_not_refused(tmp_path):
+    """A ReLU router may choose no expert for any token of a layer: the layer's load imbalance and
+    entropies are None (the report shows "-"), not an error that stops the whole analysis, and the
+    other layers' numbers are unchanged."""
+    routed = {0: [0, 1, 0, 1], 1: [1, 0, 0, 1]}
+    summary = analyze_trace(_top1_trace(tmp_path / "trace", {0: routed[0], 1: [-1, -1, -1, -1]}, [3, 2]))
+    quiet = summary["layers"]["1"]
+    assert quiet["load"] == [0.0, 0.0] and quiet["experts_per_token"] == 0.0 and quiet["tokens"] == 4
+    assert all(quiet[k] is None for k in ("cv", "max_over_mean", "load_entropy_bits", "domain_mi_bits",
+                                           "domain_entropy_bits"))  # fmt: skip
+    both = analyze_trace(_top1_trace(tmp_path / "both", routed, [3, 2]))
+    assert summary["layers"]["0"] == both["layers"]["0"]
+    html = write_report(summary, tmp_path / "report").read_text()
+    assert "<td>1</td><td>2</td><td>-</td><td>-</td>" in html  # layer 1, 2 experts, CV and max/mean

@@ -147,21 +147,24 @@ class LayerAccumulator:
             self.chunks[L] += chunks
 
     def summary(self, domains: list[str]) -> dict[str, Any]:
+        """The layer's statistics; the load's imbalance and entropies are None where no token chose
+        any expert here (a ReLU router may choose none)."""
         E = self.num_experts
         total = float(self.load.sum())
+        assigned = total > 0
         return {
             "num_experts": E,
             "tokens": self.tokens,
             "load": self.load.tolist(),
             "load_fraction": (self.load / max(total, 1.0)).tolist(),
             "weight_sum": self.weight_sum.tolist(),
-            **imbalance(self.load),
+            **(imbalance(self.load) if assigned else {"cv": None, "max_over_mean": None}),
             "experts_per_token": total / max(self.tokens, 1),
             "routing_entropy_bits": self.entropy_sum / max(self.tokens, 1),
             "max_entropy_bits": math.log2(E),
-            "load_entropy_bits": entropy_of(self.load),
-            "domain_mi_bits": mutual_information(self.domain_load),
-            "domain_entropy_bits": entropy_of(self.domain_load.sum(1)),
+            "load_entropy_bits": entropy_of(self.load) if assigned else None,
+            "domain_mi_bits": mutual_information(self.domain_load) if assigned else None,
+            "domain_entropy_bits": entropy_of(self.domain_load.sum(1)) if assigned else None,
             "domain_load": {d: self.domain_load[m].tolist() for m, d in enumerate(domains)},
             "coactivation": self.coactivation.tolist(),
             "coactivation_conditional": _conditional(self.coactivation).tolist(),
