@@ -1,6 +1,8 @@
 """The `moelab` command line: verbs exist, help reads, and the benchmark keeps its JSON contract."""
 
+import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -558,3 +560,341 @@ def test_the_speed_counts_every_prompts_tokens(monkeypatch):
 
     monkeypatch.setattr(G, "time", SimpleNamespace(perf_counter=lambda: 12.0))  # this module's clock only
     assert G._speed(10.0, torch.zeros(3, 9, dtype=torch.long), 4) == {"steps": 4, "seconds": 2.0, "tokens_per_s": 6.0}
+
+
+# ------------------------------------------------------------- flags reach the library call
+
+
+def _record(monkeypatch, target: str, result=None) -> list:
+    """Replace `target` ("module.attr") by a stand-in that records each call's (args, kwargs)."""
+    calls = []
+    monkeypatch.setattr(target, lambda *a, **k: calls.append((a, k)) or result)
+    return calls
+
+
+def _ok(args: list) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, (args, result.output, result.exception)
+    return result.output
+
+
+def test_trace_and_analyze_pass_every_option_on(monkeypatch, tmp_path):
+    """Each flag of trace / analyze reaches trace_from_files / analyze, unswapped; no flag: the defaults."""
+    from types import SimpleNamespace
+
+    from moelab.trace import TraceOptions
+
+    info = SimpleNamespace(num_tokens=5, layers=[1], settings={"tokens_per_second": 2.0})
+    traced = _record(monkeypatch, "moelab.trace.trace_from_files", SimpleNamespace(info=info))
+    analyzed = _record(monkeypatch, "moelab.analyze.analyze", tmp_path / "report.html")
+    flags = ["--data", "d.txt", "--split", "test", "--domain", "code", "--domain", "german", "--max-tokens", 11,
+             "--seq-len", 12, "--batch-size", 13, "--overwrite", "--quiet"]  # fmt: skip
+    _ok(["trace", "ref-8e-top2", "--out", tmp_path / "t", *flags, "--logits"])
+    _ok(["analyze", "ref-8e-top2", "--out", tmp_path / "a", *flags])
+    _ok(["trace"])
+    _ok(["analyze"])
+    given = dict(data="d.txt", split="test", domains=["code", "german"], overwrite=True, quiet=True)
+    default = dict(data="corpus", split="validation", domains=None, options=TraceOptions(), overwrite=False, quiet=False)
+    model = reference_model_dir()
+    assert traced == [((model, tmp_path / "t"), dict(given, options=TraceOptions(max_tokens=11, seq_len=12, batch_size=13, logits=True))),
+                      ((model, Path("trace")), default)]  # fmt: skip
+    assert analyzed == [((model, tmp_path / "a"), dict(given, options=TraceOptions(max_tokens=11, seq_len=12, batch_size=13))),
+                        ((model, Path("analysis")), default)]  # fmt: skip
+
+
+def test_calibrate_and_compress_pass_every_option_on(monkeypatch, tmp_path):
+    """Each flag of calibrate / compress reaches the library call, unswapped; no flag: the defaults."""
+    from types import SimpleNamespace
+
+    from moelab.compress import CalibrationOptions
+    from moelab.compress.observers import DEFAULT_OBSERVERS
+    from moelab.compress.router_fit import RouterFit
+
+    stats = SimpleNamespace(info={"coverage": {"0": 1}, "mixture": {"tokens": 5}, "moe_layers": [0], "tokens_per_second": 1.0})
+    calibrated = _record(monkeypatch, "moelab.compress.calibrate", stats)
+    sizes = {"before": {"routed_experts": 8, "total": 10}, "after": {"routed_experts": 4, "total": 6}}
+    compressed = _record(monkeypatch, "moelab.compress.compress", {"parameters": sizes, "stability_jaccard": None})
+    window = ["--calib-tokens", 21, "--seq-len", 22, "--batch-size", 23, "--sample-tokens", 24]
+    _ok(["calibrate", "ref-8e-top2", "--out", tmp_path / "c", "--calib", "corpus:code", "--calib", "x.txt", *window,
+         "--backward", "--overwrite", "--quiet"])  # fmt: skip
+    _ok(["calibrate"])
+    _ok(["compress", "ref-8e-top2", "--method", "frequency", "--ratio", 0.5, "--option", "a=1", "--option", "b=x",
+         "--out", tmp_path / "o", "--calib", "c.txt", "--stats", tmp_path / "s", "--domain", "code",
+         "--protect-super-experts", "--budget", "global", "--recalibrate-router", 5, "--router-lr", 0.01, *window,
+         "--overwrite", "--quiet"])  # fmt: skip
+    _ok(["compress"])
+    model, options = reference_model_dir(), CalibrationOptions(tokens=21, seq_len=22, batch_size=23, sample_tokens=24)
+    backward = dataclasses.replace(options, observers=DEFAULT_OBSERVERS + ("neurons",))
+    assert calibrated == [
+        ((model, tmp_path / "c"), dict(calib=["corpus:code", "x.txt"], options=backward, overwrite=True, quiet=True)),
+        ((model, Path("calibration")), dict(calib="corpus", options=CalibrationOptions(), overwrite=False, quiet=False)),
+    ]
+    assert compressed == [
+        ((model, tmp_path / "o"), dict(
+            method="frequency", ratio=0.5, calib=["c.txt"], stats=tmp_path / "s", calib_options=options,
+            protect_super_experts=True, domains=["code"], budget="global", method_options={"a": 1, "b": "x"},
+            router_fit=RouterFit(5, 0.01), overwrite=True, quiet=True)),
+        ((model, Path("compressed")), dict(
+            method="reap", ratio=0.25, calib=None, stats=None, calib_options=CalibrationOptions(),
+            protect_super_experts=False, domains=None, budget="layer", method_options={}, router_fit=RouterFit(),
+            overwrite=False, quiet=False)),
+    ]  # fmt: skip
+
+
+def test_method_options_read_json_values_and_refuse_a_pair_without_a_key():
+    """--option KEY=VALUE: JSON where the value parses, else the string; a missing '=' or key is refused."""
+    from moelab.cli import _method_options
+
+    pairs = ["a=1", "b=true", " c =x y", "d=null", "e=1=2", "f=", "g=0.5", 'h="q"']
+    assert _method_options(pairs) == {"a": 1, "b": True, "c": "x y", "d": None, "e": "1=2", "f": "", "g": 0.5, "h": "q"}
+    assert _method_options(None) == {} and _method_options([]) == {}
+    for bad in ("layout", "=3", " =3"):
+        with pytest.raises(ValueError, match=f"--option takes KEY=VALUE .*got {bad!r}"):
+            _method_options(["a=1", bad])
+
+
+def test_eval_export_import_consolidate_pass_every_option_on(monkeypatch, tmp_path):
+    """Each flag of eval / export / import / consolidate reaches the library call; eval writes its --json."""
+    import importlib
+
+    from moelab.eval.evaluate import EvalOptions
+
+    module = importlib.import_module("moelab.eval.evaluate")  # the package's `evaluate` is the function
+    evaluated = []
+    monkeypatch.setattr(module, "evaluate", lambda *a, **k: evaluated.append((a, k)) or {"n": 1})
+    monkeypatch.setattr(module, "render_report", lambda report: "table")
+    exported = _record(monkeypatch, "moelab.hf.export.export_checkpoint", tmp_path / "e")
+    imported = _record(monkeypatch, "moelab.hf.conversion.import_checkpoint", tmp_path / "i")
+    consolidated = _record(monkeypatch, "moelab.train.checkpoint.consolidate_checkpoint", tmp_path / "m")
+    _ok(["eval", "ref-8e-top2", "--base", "ref-32e-top4-shared", "--data", "d.txt", "--split", "validation",
+         "--domain", "code", "--max-tokens", 41, "--seq-len", 42, "--batch-size", 43, "--prompts", 5,
+         "--prompt-tokens", 6, "--gen-tokens", 7, "--dynamic-skip", tmp_path / "s", "--json", tmp_path / "r.json",
+         "--quiet"])  # fmt: skip
+    _ok(["eval"])
+    assert json.loads((tmp_path / "r.json").read_text()) == {"n": 1}
+    options = EvalOptions(data="d.txt", split="validation", domains=["code"], max_tokens=41, seq_len=42, batch_size=43,
+                          prompts=5, prompt_tokens=6, gen_tokens=7, dynamic_skip=str(tmp_path / "s"))
+    model = reference_model_dir()
+    assert evaluated == [((model,), dict(base=reference_model_dir("ref-32e-top4-shared"), options=options, quiet=True)),
+                         ((model,), dict(base=None, options=EvalOptions(), quiet=False))]  # fmt: skip
+    _ok(["export", "ref-8e-top2", "--family", "mixtral", "--out", tmp_path / "x", "--tokenizer", tmp_path / "tok",
+         "--overwrite", "--quiet"])  # fmt: skip
+    _ok(["export", "ref-8e-top2", "--family", "qwen2_moe", "--out", tmp_path / "y", "--no-tokenizer"])
+    _ok(["export", "ref-8e-top2", "--family", "mixtral", "--out", tmp_path / "z"])
+    assert exported == [
+        ((model, tmp_path / "x", "mixtral"), dict(tokenizer=tmp_path / "tok", overwrite=True, quiet=True)),
+        ((model, tmp_path / "y", "qwen2_moe"), dict(tokenizer=None, overwrite=False, quiet=False)),
+        ((model, tmp_path / "z", "mixtral"), dict(tokenizer="auto", overwrite=False, quiet=False)),
+    ]
+    _ok(["import", tmp_path / "hf", "--out", tmp_path / "i", "--overwrite", "--quiet"])
+    _ok(["import", tmp_path / "hf", "--out", tmp_path / "j"])
+    assert imported == [((tmp_path / "hf", tmp_path / "i"), dict(overwrite=True, quiet=True)),
+                        ((tmp_path / "hf", tmp_path / "j"), dict(overwrite=False, quiet=False))]  # fmt: skip
+    _ok(["consolidate", tmp_path / "ck", "--out", tmp_path / "m", "--overwrite"])
+    _ok(["consolidate", tmp_path / "ck", "--out", tmp_path / "n"])
+    assert consolidated == [((tmp_path / "ck", tmp_path / "m"), dict(overwrite=True)),
+                            ((tmp_path / "ck", tmp_path / "n"), dict(overwrite=False))]  # fmt: skip
+
+
+def test_train_compare_demo_and_compress_bench_pass_every_option_on(monkeypatch, tmp_path):
+    """Each flag of train / compare / demo / compress-bench reaches the library call; train refuses
+    --resume with --overwrite, and --expert-parallel replaces the run file's expert degree and its data degree."""
+    from types import SimpleNamespace
+
+    from moelab.compress.bench import BenchOptions
+    from moelab.distributed import ParallelConfig
+    from moelab.train import RunConfig
+
+    runs, parallel = [], ParallelConfig(expert=4, data=2, timeout_s=5.0)  # the run file's
+    monkeypatch.setattr(RunConfig, "load", lambda path: runs.append(SimpleNamespace(parallel=parallel)) or runs[-1])
+    result = SimpleNamespace(steps=1, tokens=2, tokens_per_second=3.0, eval_loss={"all": 1.0})
+    trained = _record(monkeypatch, "moelab.train.train", result)
+    config = tmp_path / "run.yaml"
+    _ok(["train", config, "--out", tmp_path / "r", "--resume", "--quiet", "--expert-parallel", 2])
+    _ok(["train", config, "--overwrite"])
+    assert runs[0].parallel == ParallelConfig(expert=2, data=None, timeout_s=5.0) and runs[1].parallel == parallel
+    assert trained == [((runs[0], tmp_path / "r"), dict(resume=True, overwrite=False, inputs=[config], quiet=True)),
+                       ((runs[1], Path("runs/run")), dict(resume=False, overwrite=True, inputs=[config], quiet=False))]
+    refused = runner.invoke(app, ["train", str(config), "--resume", "--overwrite"])
+    assert refused.exit_code != 0 and "pass one of them" in str(refused.exception) and len(trained) == 2
+
+    monkeypatch.setattr("moelab.train.compare.load_recipe", lambda path: ("recipe", path))
+    compared = _record(monkeypatch, "moelab.train.compare.compare", tmp_path / "report.md")
+    _ok(["compare", "a.yaml", "tiny", "--train", tmp_path / "t.yaml", "--out", tmp_path / "c", "--seeds", 3,
+         "--overwrite", "--quiet"])  # fmt: skip
+    _ok(["compare", "a.yaml", "--train", tmp_path / "t.yaml", "--out", tmp_path / "d"])
+    recipe = ("recipe", tmp_path / "t.yaml")
+    assert compared == [
+        ((["a.yaml", "tiny"], recipe, tmp_path / "c"), dict(seeds=3, overwrite=True, inputs=[tmp_path / "t.yaml"], quiet=True)),
+        ((["a.yaml"], recipe, tmp_path / "d"), dict(seeds=1, overwrite=False, inputs=[tmp_path / "t.yaml"], quiet=False)),
+    ]  # fmt: skip
+
+    from moelab import cli
+
+    demos = _record(monkeypatch, "moelab.demo.run_demo")
+    _ok(["demo", "--out", tmp_path / "demo", "--model", "ref-32e-top4-shared", "--prune", 3, "--quick", "--overwrite",
+         "--quiet"])  # fmt: skip
+    _ok(["demo"])
+    assert demos == [
+        ((tmp_path / "demo",), dict(model_dir=reference_model_dir("ref-32e-top4-shared"), prune=3, overwrite=True,
+                                    console=cli.console, quiet=True, eval_tokens=4096, trace_tokens=8000)),
+        ((Path("runs/demo"),), dict(model_dir=None, prune=2, overwrite=False, console=cli.console, quiet=False)),
+    ]  # fmt: skip
+
+    benched = _record(monkeypatch, "moelab.compress.bench.run_bench")
+    _ok(["compress-bench", "ref-32e-top4-shared", "--out", tmp_path / "b", "--method", "reap", "--method", "frequency",
+         "--ratio", 0.3, "--router-fit", 4, "--domain", "code", "--llmcompressor-python", sys.executable,
+         "--calib-tokens", 51, "--eval-tokens", 52, "--prompts", 3, "--overwrite", "--quiet"])  # fmt: skip
+    _ok(["compress-bench"])
+    options = BenchOptions(methods=("reap", "frequency"), ratios=(0.3,), router_fit=4, calib_tokens=51, eval_tokens=52,
+                           prompts=3, domain="code", llmcompressor_python=sys.executable)
+    assert benched == [
+        ((reference_model_dir("ref-32e-top4-shared"), tmp_path / "b", options), dict(overwrite=True, quiet=True)),
+        ((reference_model_dir(), Path("compress-bench"), BenchOptions()), dict(overwrite=False, quiet=False)),
+    ]
+
+
+def test_bench_commands_pass_every_option_on(monkeypatch, tmp_path):
+    """Each flag of bench layer / generate / offload / distributed / skip reaches its options, unswapped;
+    --threads N is a number, auto stays a word."""
+    from moelab.bench import distributed, layer, offload, skipping
+    from moelab.bench import generate as bench_generate
+
+    created = []
+    monkeypatch.setattr(layer.BenchOptions, "create", lambda **k: created.append(k))
+    monkeypatch.setattr(layer, "run", lambda options, progress: {"memory": []})
+    monkeypatch.setattr(layer, "render_table", lambda doc: "table")
+    _ok(["bench", "layer", "--quick", "--config", "e8k2", "--dtype", "bf16", "--mode", "fwd", "--tokens", 7, "--rounds",
+         3, "--skew", 0.5, "--no-memory", "--load", 2, "--threads", 3, "--device", "cuda"])  # fmt: skip
+    _ok(["bench", "layer"])
+    assert created == [
+        dict(quick=True, configs=["e8k2"], dtypes=["bf16"], modes=["fwd"], tokens=7, rounds=3, skew=0.5, memory=False,
+             load=2, threads=3, device="cuda"),
+        dict(quick=False, configs=None, dtypes=None, modes=None, tokens=None, rounds=None, skew=2.0, memory=True,
+             load=0, threads="auto", device="cpu"),
+    ]  # fmt: skip
+
+    runs = []
+    for module in (bench_generate, offload):
+        monkeypatch.setattr(module, "check_device", lambda device: None)  # --device cuda on a CPU-only machine
+    for module in (bench_generate, offload, distributed, skipping):
+        monkeypatch.setattr(module, "run", lambda *a, **k: runs.append(a) or {"routing_quality": []})
+        monkeypatch.setattr(module, "render", lambda doc: "table")
+    model = reference_model_dir("ref-32e-top4-shared")
+    _ok(["bench", "generate", "ref-32e-top4-shared", "--batch", 2, "--batch", 4, "--new-tokens", 5, "--prompt-tokens",
+         6, "--rounds", 7, "--threads", 8, "--load", 9, "--skip", 0.1, "--top-p", 0.8, "--compile", "--dtype", "bf16",
+         "--device", "cuda"])  # fmt: skip
+    _ok(["bench", "generate"])
+    assert runs.pop(0) == ({"ref-32e-top4-shared": model}, bench_generate.GenerateOptions(
+        batch_sizes=(2, 4), prompt_tokens=6, new_tokens=5, rounds=7, threads=8, load=9, skip=(0.1,), top_p=(0.8,),
+        compile=True, dtype="bf16", device="cuda"))  # fmt: skip
+    assert runs.pop(0) == ({name: reference_model_dir(name) for name in ("ref-8e-top2", "ref-32e-top4-shared")},
+                           bench_generate.GenerateOptions())  # fmt: skip
+    _ok(["bench", "offload", "ref-32e-top4-shared", "--resident", 0.5, "--prompts", 2, "--new-tokens", 3, "--threads",
+         4, "--rounds", 5, "--read-gbps", 1.5, "--no-page-cache", "--compile", "--dtype", "bf16", "--device", "cuda",
+         "--host-memory"])  # fmt: skip
+    _ok(["bench", "offload"])
+    assert runs.pop(0) == ({"ref-32e-top4-shared": model}, offload.OffloadOptions(
+        resident=(0.5,), prompts=2, new_tokens=3, threads=4, rounds=5, read_gbps=1.5, page_cache=False, compile=True,
+        dtype="bf16", device="cuda", host_memory=True))  # fmt: skip
+    assert runs.pop(0)[1] == offload.OffloadOptions()
+    monkeypatch.setattr("moelab.train.config.load_model_config", lambda model: ("config", model))
+    _ok(["bench", "distributed", "tiny", "--procs", 2, "--batch-size", 6, "--seq-len", 4, "--steps", 5, "--rounds", 6,
+         "--load", 7])  # fmt: skip
+    _ok(["bench", "distributed", "tiny"])
+    assert runs.pop(0) == (("config", "tiny"), distributed.DistributedOptions(
+        procs=(2,), batch_size=6, seq_len=4, steps=5, rounds=6, load=7))  # fmt: skip
+    assert runs.pop(0) == (("config", "tiny"), distributed.DistributedOptions())
+    _ok(["bench", "skip", "ref-32e-top4-shared", "--stats", tmp_path / "s", "--tokens", 61, "--rounds", 62])
+    _ok(["bench", "skip", "--stats", tmp_path / "s"])
+    assert runs == [(model, tmp_path / "s", skipping.SkipOptions(tokens=61, rounds=62)),
+                    (reference_model_dir(), tmp_path / "s", skipping.SkipOptions())]  # fmt: skip
+
+
+def test_generate_passes_every_option_on(monkeypatch, tmp_path):
+    """Each flag of generate reaches generate_texts; a sampling flag alone samples at temperature 1, seed 0."""
+    import torch
+
+    from moelab.models.transformer import Sampling
+
+    calls = []
+    stats = {"steps": 2, "seconds": 1.0, "tokens_per_s": 2.0, "later_tokens_per_s": None}
+    monkeypatch.setattr("moelab.generate.generate_texts", lambda *a, **k: calls.append((a, k)) or (["!", "?"], stats))
+    monkeypatch.setattr("moelab.offload.RoutingPrior.from_trace", lambda path: ("prior", path))
+    out = _ok(["generate", "one", "two", "--model", "ref-32e-top4-shared", "--max-new-tokens", 5, "--memory-budget",
+               "1KiB", "--prior", tmp_path / "t", "--policy", "lru", "--compile", "--dtype", "bf16", "--device", "cuda",
+               "--host-memory", "--temperature", 0.5, "--top-p", 0.9, "--top-k", 3, "--seed", 4, "--ignore-eos"])
+    assert "one!" in out and "two?" in out and "2 x 2 tokens" in out
+    _ok(["generate", "one", "two", "--top-k", 2])
+    _ok(["generate", "one", "two", "--resident", 0.5])
+    given = dict(max_new_tokens=5, resident=None, memory_budget=1024, prior=("prior", tmp_path / "t"), policy="lru",
+                 compile=True, dtype=torch.bfloat16, device="cuda", host_memory=True, streamer=None,
+                 sampling=Sampling(temperature=0.5, top_p=0.9, top_k=3, seed=4), ignore_eos=True)  # fmt: skip
+    default = dict(max_new_tokens=64, resident=None, memory_budget=None, prior=None, policy="reuse", compile=False,
+                   dtype=torch.float32, device="cpu", host_memory=False, streamer=None, sampling=None, ignore_eos=False)
+    prompts = ["one", "two"]
+    assert calls == [((reference_model_dir("ref-32e-top4-shared"), prompts), given),
+                     ((reference_model_dir(), prompts), dict(default, sampling=Sampling(temperature=1.0, top_k=2))),
+                     ((reference_model_dir(), prompts), dict(default, resident=0.5))]  # fmt: skip
+    for flags, message in ((["--seed", "1"], "--seed seeds sampling"), (["--policy", "lru"], "--policy: for offloaded"),
+                           (["--host-memory", "--prior", "p"], "--prior, --host-memory: for offloaded")):
+        refused = runner.invoke(app, ["generate", "one", "two", *flags])
+        assert refused.exit_code != 0 and message in str(refused.exception), flags
+    assert len(calls) == 3
+
+
+def test_main_exit_codes_and_one_line_errors(monkeypatch, capsys):
+    """main(): a usage error and a user mistake exit 2 with one `error:` line (a usage error names
+    the command's --help; an OSError its file and the system's reason); typer's own exit code (130
+    after Ctrl-C) passes through."""
+    import typer
+
+    from moelab import cli
+
+    def run(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr("sys.argv", ["moelab", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") <= 1
+        return exit_info.value.code, captured.err
+
+    code, err = run("trace", "--seq-len", "lots")
+    assert code == 2 and err.startswith("error: ") and err.endswith(" trace --help')\n") and "(see '" in err, err
+
+    def fail(error):
+        def model_info(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr("moelab.models.model_info", model_info)
+        return run("info", "tiny")
+
+    assert fail(FileNotFoundError(2, "No such file or directory", "/x/y.yaml")) == (
+        2, "error: /x/y.yaml: No such file or directory\n")  # fmt: skip
+    assert fail(ValueError("a long\n   message,  wrapped")) == (2, "error: a long message, wrapped\n")
+    assert fail(typer.Exit(130)) == (130, "")
+
+
+def test_bench_model_arguments_are_all_checked_before_the_first_is_timed(monkeypatch, tmp_path):
+    """bench generate / offload refuse a directory without config.json, even after a good model,
+    before any timing starts."""
+    from moelab.bench import generate as bench_generate
+    from moelab.bench import offload
+
+    runs = []
+    for module in (bench_generate, offload):
+        monkeypatch.setattr(module, "run", lambda *a, **k: runs.append(a))
+    for verb in ("generate", "offload"):
+        refused = runner.invoke(app, ["bench", verb, "ref-8e-top2", str(tmp_path)])
+        assert refused.exit_code != 0 and f"{tmp_path} is not a checkpoint (no config.json)" in str(refused.exception)
+    assert runs == []
+
+
+def test_info_pass_every_option_on():
+    """info --seq-len sets the sequence length of the attention FLOPs (default: the model's max_seq_len)."""
+    from moelab.models import model_info, tiny
+
+    for flags, seq_len in (([], None), (["--seq-len", "7"], 7)):
+        result = runner.invoke(app, ["info", "tiny", "--json", *flags])
+        assert result.exit_code == 0 and json.loads(result.output) == json.loads(json.dumps(model_info(tiny(), seq_len=seq_len))), flags
+    assert json.loads(result.output)["seq_len"] == 7
