@@ -344,3 +344,89 @@ def test_a_layer_that_routes_no_token_is_reported_not_refused(tmp_path):
     assert summary["layers"]["0"] == both["layers"]["0"]
     html = write_report(summary, tmp_path / "report").read_text()
     assert "<td>1</td><td>2</td><td>-</td><td>-</td>" in html  # layer 1, 2 experts, CV and max/mean
+
+
+def _cells(html: str, tag: str = "td") -> list[str]:
+    import re
+
+    return re.findall(f"<{tag}>(.*?)</{tag}>", html)
+
+
+def test_report_tables_put_each_value_under_its_header():
+    """The HTML tables: floats to 4 significant digits, None as '-', text escaped; the per-layer
+    table puts each statistic in its column and a chunk length no window held as '-'."""
+    from moelab.analyze.report import _layer_table, _table
+
+    table = _table(["a<b", "n"], [[0.123456, None], ["<i>", 3]])
+    assert _cells(table, "th") == ["a&lt;b", "n"] and _cells(table) == ["0.1235", "-", "&lt;i&gt;", "3"]
+    stats = dict(num_experts=8, cv=0.5, max_over_mean=2.0, routing_entropy_bits=1.5, domain_mi_bits=0.25)
+    layers = {"0": dict(stats, cls={1: 0.75, 64: None}), "2": dict(stats, cv=0.125, cls={1: 0.5, 64: 0.0})}
+    table = _layer_table({"layers": layers})
+    assert _cells(table, "th") == ["layer", "experts", "CV", "max/mean", "entropy (bits)", "I(expert;domain) (bits)",
+                                   "CLS_1", "CLS_64"]  # fmt: skip
+    assert _cells(table) == ["0", "8", "0.5", "2", "1.5", "0.25", "0.75", "-", "2", "8", "0.125", "2", "1.5", "0.25",
+                             "0.5", "0"]  # fmt: skip
+
+
+def test_report_tables_of_super_experts_count_the_unsearched_candidates():
+    """The super-expert section: why there is no table (no statistics, no output, none found), and
+    the candidates strictly above the threshold in the unsearched layers, shared experts included."""
+    from moelab.analyze.report import _super_table
+
+    assert "were not recorded" in _super_table({"super_experts": None})
+    assert _super_table({"super_experts": {"threshold": None}}) == "<p>No expert produced any output.</p>"
+    found = {"threshold": 50.0, "layers": [0], "super_experts": []}
+    summary = {"super_experts": found, "expert_max_output": {"0": [1.0, 99.0], "1": [50.0, 60.0, 2.0]},
+               "shared_max_output": {"1": 70.0, "0": 80.0}}  # fmt: skip
+    html = _super_table(summary)
+    assert html.startswith("<p>threshold 50; searched MoE layers [0]; 2 candidate(s) above the threshold in the layers")
+    assert html.endswith("<p>No super experts in the searched layers.</p>")
+    summary["expert_max_output"]["1"], summary["shared_max_output"] = [2.0], {}
+    assert _super_table(summary).startswith("<p>threshold 50; searched MoE layers [0]</p>")
+    found["super_experts"] = [{"layer": 0, "expert": 1, "max_output": 99.0, "over_median": 12.5},
+                              {"layer": 0, "expert": -1, "max_output": 80.0, "over_median": None}]  # fmt: skip
+    table = _super_table(summary)
+    assert _cells(table, "th") == ["layer", "expert", "max |output|", "x median"]
+    assert _cells(table) == ["0", "1", "99", "12.5", "0", "shared", "80", "-"]
+
+
+def test_report_tables_page_notes_follow_the_model_and_the_trace():
+    """The page names the data and its split, adds the low-precision note to the routing check of a
+    bf16/fp16 model and the scaled-input note for Llama 4, and says why an affinity plot is missing."""
+    from moelab.analyze.report import _html
+
+    stats = dict(num_experts=4, cv=0.5, max_over_mean=2.0, routing_entropy_bits=1.5, domain_mi_bits=0.25, cls={})
+    summary = {"model": "m", "family": "llama4_text", "tokens": 1000, "domains": {"code": 600, "german": 400},
+               "trace_settings": {"data": "corpus", "split": "validation", "seq_len": 64, "dtype": "bfloat16"},
+               "layers": {"0": stats}, "checks": {"0": {"tokens": 9, "mismatched": 1, "max_weight_error": 0.5}},
+               "super_experts": None}  # fmt: skip
+    page = _html(summary, {})
+    assert "1,000 tokens of corpus, validation split in windows of at most 64; domains: code (600), german (400)" in page
+    assert "The model ran in bfloat16" in page and "scaled inputs" in page and "Needs at least two MoE layers" in page
+    assert _cells(page.split("Routing check")[1]) == ["0", "9", "1", "0.5"]
+    summary.update(family="mixtral", trace_settings={"dtype": "float16"})
+    page = _html(summary, {"affinity": "AAAA"})
+    assert "1,000 tokens of given token streams in windows of at most ?" in page and "The model ran in float16" in page
+    assert "scaled inputs" not in page and "Needs at least two" not in page and 'src="data:image/png;base64,AAAA"' in page
+    summary.update(trace_settings={"dtype": "float32"}, checks={})
+    page = _html(summary, {})
+    assert "The model ran in" not in page and "Routing check" not in page
+
+
+def test_report_tables_helpers_for_json_and_plots():
+    """report.json has no NaN or infinity at any depth; grids show at most MAX_PANELS layers, evenly
+    spaced with both ends; P(expert | domain) normalises each domain's row; co-activation greys its diagonal."""
+    from moelab.analyze.report import MAX_PANELS, _domain_share, _finite, _shown, _without_diagonal
+
+    nan, inf = float("nan"), float("inf")
+    assert _finite({"a": [1.0, nan, (inf, 2)], "b": {"c": -inf, "d": "x"}, "e": 3}) == {
+        "a": [1.0, None, [None, 2]], "b": {"c": None, "d": "x"}, "e": 3}  # fmt: skip
+    assert _shown(list(range(MAX_PANELS))) == list(range(MAX_PANELS))
+    for n in (MAX_PANELS + 1, 40):
+        shown = _shown(list(range(n)))
+        assert len(shown) == MAX_PANELS and shown == sorted(set(shown)) and shown[0] == 0 and shown[-1] == n - 1
+    assert _shown(list(range(40)))[:3] == [0, 3, 5]
+    assert _domain_share({"domain_load": {"code": [3, 1], "german": [0, 0], "x": [1, 4]}}) == [
+        [0.75, 0.25], [0.0, 0.0], [0.2, 0.8]]  # fmt: skip
+    shown = _without_diagonal([[1.0, 0.5], [0.25, 1.0]])
+    assert shown[0, 1] == 0.5 and shown[1, 0] == 0.25 and math.isnan(shown[0, 0]) and math.isnan(shown[1, 1])
