@@ -299,7 +299,6 @@ def test_a_trace_without_expert_stats_reports_none(tmp_path):
     assert summary["super_experts"] is None and summary["expert_max_output"] is None
 
 
-
 def _top1_trace(path, layers: dict[int, list[int]], num_experts: list[int]):
     """One sequence of domain "a", top-1 routing {layer: expert of each token (-1 = none)}."""
     info = TraceInfo(model="fake", family="moelab", num_layers=max(layers) + 1, layers=list(layers),
