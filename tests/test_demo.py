@@ -96,3 +96,21 @@ def test_shipped_reference_models_load_and_beat_chance(name):
     assert model.config.moe is not None and model.config.vocab_size == 8192
     loss = domain_losses(model, max_tokens=2048)["all"].loss
     assert loss < 0.6 * math.log(8192)  # uniform guessing scores log(V) = 9.0 nats
+
+
+def test_the_routing_table_shows_a_layer_that_routed_no_token():
+    """A layer whose router chose no expert for any token (imbalance and MI None in the analysis)
+    is a row of "-", not a TypeError that stops the demo after it has traced the model."""
+    from rich.console import Console
+
+    from moelab.demo import _routing_table
+
+    none = dict(max_over_mean=None, cv=None, routing_entropy_bits=0.0, domain_mi_bits=None)
+    routed = dict(max_over_mean=1.5, cv=0.25, routing_entropy_bits=0.75, domain_mi_bits=0.125)
+    console = Console(width=120, record=True)
+    console.print(_routing_table({"tokens": 8, "layers": {"0": routed, "1": none}}))
+    rows = [line.split("│")[1:-1] for line in console.export_text().splitlines() if line.count("│") == 6]
+    assert [[cell.strip() for cell in row] for row in rows[-2:]] == [
+        ["0", "1.50", "0.25", "0.75", "0.125"],
+        ["1", "-", "-", "0.00", "-"],
+    ]

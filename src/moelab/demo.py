@@ -160,12 +160,17 @@ def _routing_table(routing: dict[str, Any]) -> Table:
     for layer, stats in routing["layers"].items():
         table.add_row(
             layer,
-            f"{stats['max_over_mean']:.2f}",
-            f"{stats['cv']:.2f}",
-            f"{stats['routing_entropy_bits']:.2f}",
-            f"{stats['domain_mi_bits']:.3f}",
+            _number(stats["max_over_mean"], ".2f"),
+            _number(stats["cv"], ".2f"),
+            _number(stats["routing_entropy_bits"], ".2f"),
+            _number(stats["domain_mi_bits"], ".3f"),
         )
     return table
+
+
+def _number(value: float | None, spec: str) -> str:
+    """`value` formatted, or "-" where the analysis has none (a layer whose router chose no expert)."""
+    return "-" if value is None else format(value, spec)
 
 
 def _specialisation_table(routing: dict[str, Any]) -> Table:
