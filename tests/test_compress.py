@@ -432,8 +432,9 @@ def test_unknown_domains_are_refused_before_calibrating(tmp_path, model_dir, mon
 
 def test_methods_that_rerun_layers_on_sampled_inputs_need_sampled_inputs(tmp_path, model_dir, monkeypatch):
     """NAEE re-runs each layer on sampled MoE inputs: asked to calibrate without any
-    (sample_tokens=0) it is refused before calibrating, and given statistics made without any it
-    is refused naming the missing 'inputs', not later inside the method."""
+    (sample_tokens=0) it is refused before calibrating, as is the router re-calibration with fewer
+    than the 4 it needs; given statistics made without any, NAEE is refused naming the missing
+    'inputs', not later inside the method."""
     import moelab.compress.run as run_module
 
     no_inputs = dataclasses.replace(SMALL, sample_tokens=0)
@@ -441,8 +442,10 @@ def test_methods_that_rerun_layers_on_sampled_inputs_need_sampled_inputs(tmp_pat
     monkeypatch.setattr(run_module, "run_calibration", lambda *a, **k: pytest.fail("calibrated"))
     with pytest.raises(ValueError, match="'naee' .* calibrate with sample_tokens > 0"):
         compress(model_dir, tmp_path / "out", method="naee", calib_options=no_inputs, quiet=True)
-    with pytest.raises(ValueError, match="re-runs layers on sampled MoE inputs"):
-        compress(model_dir, tmp_path / "out", router_fit=RouterFit(steps=5), calib_options=no_inputs, quiet=True)
+    for sample_tokens in (0, 3):  # the router fit holds out one in 4 sampled inputs: it needs at least 4
+        few = dataclasses.replace(SMALL, sample_tokens=sample_tokens)
+        with pytest.raises(ValueError, match=f"router re-calibration .*sample_tokens >= 4, got {sample_tokens}"):
+            compress(model_dir, tmp_path / "out", router_fit=RouterFit(steps=5), calib_options=few, quiet=True)
     with pytest.raises(ValueError, match=r"'naee' .* needs the \['inputs'\] statistics"):
         compress(model_dir, tmp_path / "out", method="naee", stats=stats, quiet=True)
     assert compress(model_dir, tmp_path / "reap", stats=stats, quiet=True)["complete"]  # REAP needs none

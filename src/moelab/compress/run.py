@@ -31,7 +31,7 @@ from moelab.compress.methods import LayerDecision, Method, ScoringMethod, Target
 from moelab.compress.methods.base import check_protected, share_kept, super_expert_ids
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture
 from moelab.compress.observers import OBSERVERS
-from moelab.compress.router_fit import RouterFit, refit_router
+from moelab.compress.router_fit import HOLDOUT_EVERY, RouterFit, refit_router
 from moelab.compress.stats import Calibration, LayerStats, fingerprint
 from moelab.eval.evaluate import parameter_counts
 from moelab.hf.adapters import resolve
@@ -91,11 +91,8 @@ def compress(
     options = calib_options or CalibrationOptions()
     missing = tuple(dict.fromkeys(name for name in needs if name not in options.observers))
     options = dataclasses.replace(options, observers=options.observers + missing)
-    if stats is None and "inputs" in needs and options.sample_tokens == 0:  # refused before calibrating
-        raise ValueError(
-            f"{chosen.name!r} (with these options) re-runs layers on sampled MoE inputs, which a calibration "
-            "with sample_tokens=0 does not keep; calibrate with sample_tokens > 0"
-        )
+    if stats is None:  # refused before calibrating
+        _check_sample_size(chosen, fit, options.sample_tokens)
     inputs = [model, stats]
     timings: dict[str, float] = {}
     with StagedOutput(out, CHECKPOINT_KIND, inputs=inputs, overwrite=overwrite, resume=True) as staging:
@@ -218,6 +215,22 @@ def _check_domains(domains: Sequence[str] | None, sources: list[str]) -> None:
         raise ValueError(
             f"--domain {unknown} are not among the calibration sources {sources}; name sources of the "
             "calibration mixture (--calib corpus:DOMAIN,...)"
+        )
+
+
+def _check_sample_size(method: Method, fit: RouterFit, sample_tokens: int) -> None:
+    """Refuse a calibration that would keep too few sampled MoE inputs: none for a method that
+    re-runs layers on them, fewer than HOLDOUT_EVERY for the router re-calibration (which holds out
+    one in HOLDOUT_EVERY)."""
+    if "inputs" in method.needs and sample_tokens == 0:
+        raise ValueError(
+            f"{method.name!r} (with these options) re-runs layers on sampled MoE inputs, which a calibration "
+            "with sample_tokens=0 does not keep; calibrate with sample_tokens > 0"
+        )
+    if fit.steps and sample_tokens < HOLDOUT_EVERY:
+        raise ValueError(
+            f"router re-calibration fits the routers on sampled MoE inputs, holding out one in {HOLDOUT_EVERY}; "
+            f"calibrate with sample_tokens >= {HOLDOUT_EVERY}, got {sample_tokens}"
         )
 
 
