@@ -92,3 +92,16 @@ def stats_with(counts, **fields) -> LayerStats:
         skip_ratios=torch.zeros(SKIP_BINS, dtype=F64),
         **fields,
     )
+
+
+class OneLayerModel:
+    """The model view `Method.prepare` reads, holding one MoE layer (index 0); `reads` records
+    each layer() call's (index, routed)."""
+
+    def __init__(self, layer: MoELayerView):
+        self._layer, self.reads = layer, []
+
+    def layer(self, index: int, *, routed: bool = True) -> MoELayerView:
+        assert index == 0
+        self.reads.append((index, routed))
+        return self._layer

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from layer_views import make_view
+from layer_views import OneLayerModel, make_view
 from test_compress_reference import DEFAULT_OBSERVERS, make_batches, observe
 
 from moelab.compress.methods import METHODS, Target, get_method, plan_target
@@ -66,17 +66,6 @@ def cases(draw):
     return kw, keep, sizes, protect
 
 
-class _ModelView:
-    """The model view `Method.prepare` reads: one MoE layer, index 0."""
-
-    def __init__(self, layer):
-        self._layer = layer
-
-    def layer(self, index: int):
-        assert index == 0
-        return self._layer
-
-
 @pytest.mark.parametrize("name", sorted(METHODS))
 @PROPERTY
 @given(case=cases())
@@ -100,7 +89,7 @@ def test_every_method_keeps_a_valid_layer_on_edge_case_routing(name, case):
             return  # refused before calibrating (`compress`), as test_compress_heapr.py checks
     target = Target(keep, frozenset() if protect is None or name == "heapr" else {protect})
     check_protected(view.router, keep, target.protect)  # what `compress` checks first: always feasible here
-    method.prepare(_ModelView(view), {0: stats}, {0: target})
+    method.prepare(OneLayerModel(view), {0: stats}, {0: target})
     decision = method.decide(view, stats, target)
 
     ids = [e for group in decision.edit.sources for e in group]

@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from layer_views import make_view, stats_with
+from layer_views import OneLayerModel, make_view, stats_with
 from reference import F64, silu
 from test_compress import EVERY, moelab_model
 
@@ -234,9 +234,10 @@ def test_auto_removes_experts_where_the_neuron_path_cannot_apply(case):
     stats = _observed(view)
     rare = int(stats.total("counts").argmin())
     target = Target(3, frozenset({rare})) if case == "protected" else Target(7)
-    models = type("OneLayer", (), {"layer": lambda self, index: view})()
+    models = OneLayerModel(view)
     recipe = MoelabRecipe(fit_steps=0)
     recipe.prepare(models, {0: stats}, {0: target})
+    assert models.reads == ([] if case == "protected" else [(0, False)])  # shapes only, no expert weights
     decision = recipe.decide(view, stats, target)
     assert decision.notes["strategy"] == "experts" and len(decision.edit.sources) == target.keep
     assert target.protect <= {g[0] for g in decision.edit.sources}

@@ -207,14 +207,17 @@ class MoelabRecipe(Method):
     @staticmethod
     def _narrowable(view, targets: dict[int, Target]) -> bool:
         """Whether the neuron path applies to every layer: no protected experts (it narrows every
-        expert alike) and a uniform width that keeps some but not all neurons."""
+        expert alike) and a uniform width that keeps some but not all neurons (read from the
+        experts' shapes: their weights are not read)."""
+        if any(target.protect for target in targets.values()):
+            return False
         for index, target in targets.items():
-            experts = view.layer(index).experts
+            experts = view.layer(index, routed=False).experts
             try:
                 uniform_width(experts.hidden_dim, experts.num_experts, target.keep)
             except ValueError:
                 return False
-        return not any(target.protect for target in targets.values())
+        return True
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
         error = _layer_error(layer, stats)
