@@ -21,9 +21,12 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config):
     """Tokenised corpus splits are cached under pytest's cache directory (.pytest_cache/d/moelab,
-    kept from run to run), not in the user's ~/.cache/moelab; MOELAB_CACHE, where set, wins."""
+    kept from run to run), not in the user's ~/.cache/moelab: MOELAB_CACHE is set for the session
+    (subprocesses inherit it) and removed again at its end. MOELAB_CACHE, where set, wins; without
+    the cache plugin (-p no:cacheprovider) the default stays."""
     if "MOELAB_CACHE" not in os.environ and getattr(config, "cache", None) is not None:
         os.environ["MOELAB_CACHE"] = str(config.cache.mkdir("moelab"))
+        config.add_cleanup(lambda: os.environ.pop("MOELAB_CACHE", None))
 
 
 settings.register_profile("default", deadline=None)
