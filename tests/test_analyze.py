@@ -346,8 +346,6 @@ def test_a_layer_that_routes_no_token_is_reported_not_refused(tmp_path):
 
 
 def _cells(html: str, tag: str = "td") -> list[str]:
-    import re
-
     return re.findall(f"<{tag}>(.*?)</{tag}>", html)
 
 
