@@ -433,7 +433,7 @@ def test_unknown_domains_are_refused_before_calibrating(tmp_path, model_dir, mon
 def test_methods_that_rerun_layers_on_sampled_inputs_need_sampled_inputs(tmp_path, model_dir, monkeypatch):
     """NAEE re-runs each layer on sampled MoE inputs: asked to calibrate without any
     (sample_tokens=0) it is refused before calibrating, as is the router re-calibration with fewer
-    than the 4 it needs; given statistics made without any, NAEE is refused naming the missing
+    than the 4 it needs (asked for, or the recipe's own); given statistics made without any, NAEE is refused naming the missing
     'inputs', not later inside the method."""
     import moelab.compress.run as run_module
 
@@ -446,6 +446,12 @@ def test_methods_that_rerun_layers_on_sampled_inputs_need_sampled_inputs(tmp_pat
         few = dataclasses.replace(SMALL, sample_tokens=sample_tokens)
         with pytest.raises(ValueError, match=f"router re-calibration .*sample_tokens >= 4, got {sample_tokens}"):
             compress(model_dir, tmp_path / "out", router_fit=RouterFit(steps=5), calib_options=few, quiet=True)
+    few = dataclasses.replace(SMALL, sample_tokens=3)  # moelab's recipe fits its routers itself (fit_steps)
+    with pytest.raises(ValueError, match="'moelab''s router re-calibration \\(fit_steps\\) .*>= 4, got 3"):
+        compress(model_dir, tmp_path / "out", method="moelab", calib_options=few, quiet=True)
+    options = {"method": "moelab", "calib_options": few, "quiet": True, "method_options": {"fit_steps": 0}}
+    with pytest.raises(pytest.fail.Exception, match="calibrated"):  # without its fit: calibrates as asked
+        compress(model_dir, tmp_path / "out", **options)
     with pytest.raises(ValueError, match=r"'naee' .* needs the \['inputs'\] statistics"):
         compress(model_dir, tmp_path / "out", method="naee", stats=stats, quiet=True)
     assert compress(model_dir, tmp_path / "reap", stats=stats, quiet=True)["complete"]  # REAP needs none

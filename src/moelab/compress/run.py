@@ -227,9 +227,10 @@ def _check_sample_size(method: Method, fit: RouterFit, sample_tokens: int) -> No
             f"{method.name!r} (with these options) re-runs layers on sampled MoE inputs, which a calibration "
             "with sample_tokens=0 does not keep; calibrate with sample_tokens > 0"
         )
-    if fit.steps and sample_tokens < HOLDOUT_EVERY:
+    if (fit.steps or method.fits_routers) and sample_tokens < HOLDOUT_EVERY:
+        which = "router re-calibration" if fit.steps else f"{method.name!r}'s router re-calibration (fit_steps)"
         raise ValueError(
-            f"router re-calibration fits the routers on sampled MoE inputs, holding out one in {HOLDOUT_EVERY}; "
+            f"{which} fits the routers on sampled MoE inputs, holding out one in {HOLDOUT_EVERY}; "
             f"calibrate with sample_tokens >= {HOLDOUT_EVERY}, got {sample_tokens}"
         )
 

@@ -78,6 +78,11 @@ class Method:
         """Its edits give the routed experts another hidden width."""
         return False
 
+    @property
+    def fits_routers(self) -> bool:
+        """Its decisions re-calibrate routers on the sampled MoE inputs (`moelab.compress.router_fit`)."""
+        return False
+
     def check_router(self, router: RouterView, where: str = "") -> None:
         """Refuse, before any calibration, a router this method's edits cannot be written for."""
 

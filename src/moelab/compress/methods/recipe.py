@@ -168,6 +168,10 @@ class MoelabRecipe(Method):
     def changes_width(self) -> bool:
         return self.strategy == "neurons"
 
+    @property
+    def fits_routers(self) -> bool:
+        return self.fit.steps > 0 and self.strategy != "neurons"
+
     def settle(self, width_fixed: bool) -> None:
         """Narrower experts need their own width in the config; where shared experts share it,
         "auto" removes experts."""
