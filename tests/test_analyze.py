@@ -290,6 +290,13 @@ def test_expert_stats_of_another_model_are_refused(tmp_path):
     save_file({"layer0.expert_max": torch.ones(3)}, stats)
     with pytest.raises(ValueError, match="no layer2.expert_max"):
         analyze_trace(open_trace(trace.directory))
+    routed = {"layer0.expert_max": torch.ones(3), "layer2.expert_max": torch.ones(2)}
+    save_file(routed | {"layer1.expert_max": torch.ones(3)}, stats)
+    with pytest.raises(ValueError, match="unexpected layer1.expert_max"):
+        analyze_trace(open_trace(trace.directory))
+    save_file(routed | {"layer2.shared_max": torch.ones(2)}, stats)
+    with pytest.raises(ValueError, match=r"layer2.shared_max has shape \[2\], expected \[1\]"):
+        analyze_trace(open_trace(trace.directory))
 
 
 def test_a_trace_without_expert_stats_reports_none(tmp_path):

@@ -274,6 +274,8 @@ def test_routing_check_compares_expert_sets_and_aligns_weights_by_expert():
     check.update(routing([[3, 1]], [[0.5, 0.5]]), routing([[3, 1]], [[0.5, 0.499]]))
     assert (check.tokens, check.mismatched) == (5, 2)
     assert check.max_weight_error == pytest.approx(0.02, abs=1e-6), "the largest over every call"
+    check.update(routing([[0, 2]], [[0.5, 0.5]]), routing([[2, 0]], [[0.53, 0.5]]))
+    assert check.max_weight_error == pytest.approx(0.03, abs=1e-6), "|error|: the used weight may be the larger"
 
 
 
@@ -312,14 +314,53 @@ def test_pop_refuses_when_one_layer_recorded_nothing():
 
 
 def test_hf_experts_hook_marks_out_of_range_slots_empty():
-    """Slots a block fills with -1 or with E (past the last expert) are empty in the record."""
+    """Slots a block fills with -1 or with E (past the last expert) are empty in the record; the
+    recomputed routing serves one experts call only, and is what is recorded (unchecked) when the
+    experts get neither the choices nor dense scores."""
     from moelab.trace.capture import _LayerTap, _on_hf_experts
 
     tap = _LayerTap(0, 4, 2)
     tap.pending = LayerRouting(torch.tensor([[0, 1], [2, 3]]), torch.ones(2, 2), torch.zeros(2))
     hook = _on_hf_experts(tap, torch.nn.Identity(), expert_stats=False)
-    hook(None, (torch.zeros(2, 8), torch.tensor([[0, 4], [-1, 3]]), torch.tensor([[0.5, 0.5], [0.0, 1.0]])), {}, None)
+    args = (torch.zeros(2, 8), torch.tensor([[0, 4], [-1, 3]]), torch.tensor([[0.5, 0.5], [0.0, 1.0]]))
+    hook(None, args, {}, None)
     assert tap.parts[0].indices.tolist() == [[0, -1], [-1, 3]]
+    with pytest.raises(RuntimeError, match="layer 0: the experts ran without the router hook firing first"):
+        hook(None, args, {}, None)
+    tap.pending = recomputed = LayerRouting(torch.tensor([[1, 2]]), torch.ones(1, 2), torch.zeros(1))
+    hook(None, (torch.zeros(1, 8),), {}, None)
+    assert tap.parts[1] is recomputed and tap.check.tokens == 2
+
+
+def test_transformers_capture_without_expert_stats_keeps_no_maxima(tmp_path):
+    """expert_stats=False: the routing is recorded, but neither the routed experts' nor the
+    shared experts' maxima are."""
+    build("qwen2_moe").save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    with RoutingCapture(loaded.model, loaded.view, expert_stats=False) as capture, torch.no_grad():
+        loaded.model(input_ids=torch.randint(0, 64, (2, 10)), use_cache=False)
+        assert capture.pop()
+    assert capture.shared_max, "qwen2_moe has shared experts"
+    assert all((t == 0).all() for t in [*capture.expert_max.values(), *capture.shared_max.values()])
+
+
+def test_moelab_experts_hook_skips_zero_weight_rows_and_keeps_scaled_inputs_as_computed():
+    """The moelab experts hook reruns the rows unweighted, but rows of routing weight 0 (padded
+    or dropped) count for no expert; experts that scale their input (Llama 4) keep their output."""
+    from moelab.nn.experts import SwiGLUExperts
+    from moelab.trace.capture import _LayerTap, _on_moelab_experts
+
+    torch.manual_seed(0)
+    xs, counts, w = torch.randn(3, 8), [2, 1], torch.tensor([0.5, 0.0, 0.25])
+    xs[1] *= 10
+    for scale_input in (False, True):
+        experts, tap = SwiGLUExperts(2, 8, 16, scale_input=scale_input), _LayerTap(0, 2, 1)
+        with torch.no_grad():
+            ys, unweighted = experts(xs, counts, w), experts(xs, counts)
+            _on_moelab_experts(tap)(experts, (xs, counts, w), ys)
+        rows = (ys if scale_input else unweighted).abs().amax(-1)
+        assert unweighted[1].abs().max() > unweighted[0].abs().max()
+        torch.testing.assert_close(tap.expert_max, torch.stack([rows[0], rows[2]]))
 
 
 # ---------------------------------------------------------------------- storage
@@ -378,10 +419,19 @@ def test_writer_and_reader_errors(tmp_path):
             writer.add(torch.zeros(1, 4, dtype=torch.long), 0, {})
         with pytest.raises(ValueError, match="domain 2 out of range for 2 domains"):
             writer.add(torch.zeros(1, 4, dtype=torch.long), 2, _routing(4))
+        with pytest.raises(ValueError, match=r"token_ids must be \[batch, seq\], got \[4\]"):
+            writer.add(torch.zeros(4, dtype=torch.long), 0, _routing(4))
+        with pytest.raises(ValueError, match="layer 1 routed 5 tokens, the batch has 4"):
+            writer.add(torch.zeros(1, 4, dtype=torch.long), 0, _routing(5))
         with pytest.raises(ValueError, match="no tokens were traced"):
             writer.close()
     with pytest.raises(ValueError, match="is not a routing trace"):
         open_trace(tmp_path / "taken")
+    with pytest.raises(ValueError, match="shard_tokens must be >= 1, got 0"):
+        TraceWriter(tmp_path / "z", _info(), shard_tokens=0)
+    with TraceWriter(tmp_path / "z", _info(logits=True)) as writer:
+        with pytest.raises(ValueError, match="layer 1 has no logits but the trace records them"):
+            writer.add(torch.zeros(1, 4, dtype=torch.long), 0, _routing(4))
     with pytest.raises(ValueError, match="tokens and sequences must be >= 0"):
         ShardInfo("shard-00000.safetensors", -1, 1)
     with TraceWriter(tmp_path / "t", _info()) as writer:
@@ -395,7 +445,8 @@ def test_writer_and_reader_errors(tmp_path):
 
 def test_reader_refuses_a_shard_one_past_the_manifest(tmp_path):
     """A shard whose domain number equals the number of domains, whose expert index equals the
-    number of experts, or whose tensor has one row too few, does not match its manifest."""
+    number of experts or lies below -1 (the empty slot), or whose tensor has one row too few,
+    does not match its manifest."""
     from safetensors.torch import load_file, save_file
 
     with TraceWriter(tmp_path / "t", _info()) as writer:
@@ -403,12 +454,13 @@ def test_reader_refuses_a_shard_one_past_the_manifest(tmp_path):
         writer.close()
     shard = tmp_path / "t" / "shard-00000.safetensors"
     original = load_file(shard)
-    edits = {
-        "domain numbers outside": lambda t: t["domain"].fill_(2),
-        r"layer1.indices outside \[-1, 3\)": lambda t: t["layer1.indices"].fill_(3),
-        "positions has shape \\[3\\], expected 4 rows": lambda t: t.__setitem__("positions", t["positions"][:3]),
-    }
-    for message, edit in edits.items():
+    edits = [
+        ("domain numbers outside", lambda t: t["domain"].fill_(2)),
+        (r"layer1.indices outside \[-1, 3\)", lambda t: t["layer1.indices"].fill_(3)),
+        (r"layer1.indices outside \[-1, 3\)", lambda t: t["layer1.indices"].fill_(-2)),
+        ("positions has shape \\[3\\], expected 4 rows", lambda t: t.__setitem__("positions", t["positions"][:3])),
+    ]
+    for message, edit in edits:
         tensors = {k: v.clone() for k, v in original.items()}
         edit(tensors)
         save_file(tensors, shard)
