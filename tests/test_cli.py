@@ -385,6 +385,35 @@ def test_generate_text_runs_the_policy_it_is_given():
         generate_text(path, "The king said", max_new_tokens=4, resident=0.25, policy="affinity")
 
 
+def test_generate_texts_refuses_zero_new_tokens():
+    """max_new_tokens < 1 is refused before anything loads (the CLI's --max-new-tokens has min=1)."""
+    from moelab.generate import generate_texts
+
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        generate_texts(reference_model_dir(), ["The king said"], max_new_tokens=0)
+
+
+def test_a_tokenizer_config_alone_is_the_checkpoints_own_tokenizer(tmp_path):
+    """A checkpoint with tokenizer_config.json but no tokenizer.json has a tokenizer of its own:
+    it is read (a broken one refused), never swapped for moelab's."""
+    from moelab.generate import load_tokenizer_of
+
+    (tmp_path / "tokenizer_config.json").write_text("{bad")
+    with pytest.raises(ValueError, match=f"cannot read the tokenizer in {tmp_path} "):
+        load_tokenizer_of(tmp_path)
+
+
+def test_prompts_are_left_padded_with_a_mask_only_where_lengths_differ():
+    """Shorter prompts get token 0 on the left and a mask; equally long ones no mask (None)."""
+    from moelab.generate import _left_padded
+
+    batch, mask = _left_padded([[5, 6, 7], [8]], ["a", "b"], "cpu")
+    assert batch.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert _left_padded([[5], [8]], ["a", "b"], "cpu")[1] is None
+    with pytest.raises(ValueError, match="the prompt 'b' encodes to no tokens"):
+        _left_padded([[5], []], ["a", "b"], "cpu")
+
+
 def test_parse_size():
     from moelab.generate import parse_size
 
@@ -533,6 +562,7 @@ def test_generate_keeps_room_for_its_kv_cache_in_a_memory_budget(monkeypatch):
     ids = torch.zeros(2, 5, dtype=torch.long)
     assert generate._kv_cache_tokens(config, ids, 10, compile=True) == 2 * 15
     assert generate._kv_cache_tokens(config | {"model_type": "mixtral"}, ids, 10, compile=True) == 2 * 64
+    assert generate._kv_cache_tokens(config | {"max_position_embeddings": 12}, ids, 10, compile=False) == 2 * 12
 
 
 def test_sizes_read_in_decimal_and_binary_units():
