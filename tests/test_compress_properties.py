@@ -10,13 +10,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from layer_views import OneLayerModel, make_view
-from test_compress_reference import DEFAULT_OBSERVERS, make_batches, observe
+from test_compress_reference import observed_stats
 
 from moelab.compress.methods import METHODS, Target, get_method, plan_target
 from moelab.compress.methods.base import check_protected
-from moelab.compress.stats import layer_stats
 from moelab.hf.edit import apply_edit, moe_output
-from moelab.hf.native import moe_layer_from_view
 
 PROPERTY = settings(
     settings.get_profile("ci"),
@@ -71,15 +69,8 @@ def cases(draw):
 @given(case=cases())
 def test_every_method_keeps_a_valid_layer_on_edge_case_routing(name, case):
     kw, keep, sizes, protect = case
-    view = make_view(**kw)
-    E, S = kw["E"], 2
-    layer = moe_layer_from_view(view)
-    batches = make_batches(kw["D"], sizes, S, kw["dtype"], seed=kw["seed"])
-    options = {"total_tokens": sum(sizes), "sample_tokens": sum(sizes)}
-    stats = layer_stats(0, ("a", "b"), observe(layer, batches, S, options, DEFAULT_OBSERVERS))
-    g = torch.Generator().manual_seed(kw["seed"])
-    neurons = torch.rand(2, S, E, kw["I"], generator=g, dtype=torch.float64) * (stats.counts[..., None] > 0)
-    stats.neuron_act_sums, stats.neuron_grad_sums = neurons, neurons.flip(-1)
+    view, E = make_view(**kw), kw["E"]
+    stats = observed_stats(view, sizes, kw["dtype"], kw["seed"])
     options = OPTIONS.get(name, {})
     if name == "heapr" and protect is not None:
         options = {"layout": "padded"}  # the uniform layout narrows every expert alike: it spares none
@@ -117,6 +108,6 @@ def test_every_method_keeps_a_valid_layer_on_edge_case_routing(name, case):
         size = E // 2
         assert all(len({e // size for e in group}) == 1 for group in decision.edit.sources)
         assert sum(group[0] < size for group in decision.edit.sources) * 2 == len(decision.edit.sources)
-    x = torch.cat([b.x for b in batches]).double()
+    x = stats.inputs.double()  # every token's input
     y = moe_output(edited, x)
     assert y.shape == x.shape and torch.isfinite(y).all()

@@ -12,6 +12,7 @@ import torch
 from layer_views import OneLayerModel, make_view, stats_with
 from reference import F64, silu
 from test_compress import EVERY, moelab_model
+from test_compress_reference import observed_stats
 
 from moelab.compress import calibrate, compress
 from moelab.compress.merging import expert_features, merged_layer
@@ -22,7 +23,7 @@ from moelab.compress.methods.recipe import NAEE_SKIP, MoelabRecipe, _layer_error
 from moelab.compress.stats import Calibration
 from moelab.hf import open_checkpoint
 from moelab.hf.edit import LayerEdit, moe_output
-from moelab.hf.native import moe_layer_from_view, router_from_view
+from moelab.hf.native import router_from_view
 
 
 @pytest.fixture(autouse=True)
@@ -209,21 +210,6 @@ def test_super_experts_join_the_protected_set_where_they_fit():
     assert recipe._with_super_experts(layer, Target(1)).protect == frozenset()
 
 
-def _observed(view, tokens: int = 32):
-    """Statistics observed on `view` (the routing and output observers, every token's input
-    sampled) plus random HEAPr neuron sums."""
-    from test_compress_reference import DEFAULT_OBSERVERS, make_batches, observe
-
-    from moelab.compress.stats import layer_stats
-
-    D, E, I = view.experts.dim, view.experts.num_experts, view.experts.hidden_dim
-    batches = make_batches(D, [tokens // 2, tokens - tokens // 2], 2, torch.float32, seed=3)
-    options = {"total_tokens": tokens, "sample_tokens": tokens}
-    stats = layer_stats(0, ("a", "b"), observe(moe_layer_from_view(view), batches, 2, options, DEFAULT_OBSERVERS))
-    stats.neuron_act_sums = stats.neuron_grad_sums = torch.rand(2, 2, E, I, generator=torch.Generator().manual_seed(0))
-    return stats
-
-
 @pytest.mark.parametrize("case", ["protected", "every neuron kept"])
 def test_auto_removes_experts_where_the_neuron_path_cannot_apply(case):
     """The neuron path narrows every expert alike, so it cannot spare protected (super) experts
@@ -231,7 +217,7 @@ def test_auto_removes_experts_where_the_neuron_path_cannot_apply(case):
     all 4: "auto" then removes experts (keeping the protected one), and "neurons" is refused naming
     the fix. Both used to fail inside HEAPr, the first naming a layout option the recipe lacks."""
     view = make_view(E=6, D=6, I=4, top_k=2, seed=3) if case == "protected" else make_view(E=8, D=6, I=4, seed=3)
-    stats = _observed(view)
+    stats = observed_stats(view, [16, 16], torch.float32, seed=3)
     rare = int(stats.total("counts").argmin())
     target = Target(3, frozenset({rare})) if case == "protected" else Target(7)
     models = OneLayerModel(view)

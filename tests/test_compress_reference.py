@@ -130,6 +130,20 @@ def observe(layer: MoELayer, batches: list[Batch], S: int, options: dict, names=
     return {k: v for o in observers for k, v in o.result().items()}
 
 
+def observed_stats(view: MoELayerView, sizes: list[int], dtype: torch.dtype, seed: int) -> LayerStats:
+    """A layer's statistics over calls of `sizes` tokens (2 sources; every token's input sampled)
+    from the forward observers, plus random HEAPr neuron sums (zero for experts no token chose;
+    activation and gradient sums differ)."""
+    S = 2
+    batches = make_batches(view.experts.dim, sizes, S, dtype, seed=seed)
+    options = {"total_tokens": sum(sizes), "sample_tokens": sum(sizes)}
+    stats = layer_stats(0, ("a", "b"), observe(moe_layer_from_view(view), batches, S, options, DEFAULT_OBSERVERS))
+    shape = (2, S, view.experts.num_experts, view.experts.hidden_dim)
+    neurons = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=F64) * (stats.counts[..., None] > 0)
+    stats.neuron_act_sums, stats.neuron_grad_sums = neurons, neurons.flip(-1)
+    return stats
+
+
 def naive_stats(layer: MoELayer, spec: Spec, batches: list[Batch], S: int, options: dict) -> dict:
     """Every statistic of `moelab.compress.observers`, token by token, slot by slot, from the
     definitions (compression.md §1, §5, §6.1-6.4), in float64."""
