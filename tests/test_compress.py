@@ -39,12 +39,19 @@ EVERY = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",))  # 
 
 
 def moelab_model(
-    path: Path, *, num_experts: int = 8, top_k: int = 2, seed: int = 0, tie_embeddings: bool = False, **moe
+    path: Path,
+    *,
+    num_experts: int = 8,
+    top_k: int = 2,
+    hidden_dim: int = 32,
+    seed: int = 0,
+    tie_embeddings: bool = False,
+    **moe,
 ) -> Path:
     torch.manual_seed(seed)
     cfg = ModelConfig(
         vocab_size=8192, dim=32, n_layers=2, n_heads=4, max_seq_len=64, tie_embeddings=tie_embeddings,
-        moe=MoEConfig(dim=32, num_experts=num_experts, hidden_dim=32, top_k=top_k, **moe),
+        moe=MoEConfig(dim=32, num_experts=num_experts, hidden_dim=hidden_dim, top_k=top_k, **moe),
     )  # fmt: skip
     return save_pretrained(MoETransformer(cfg), path)
 
@@ -455,6 +462,44 @@ def test_methods_that_rerun_layers_on_sampled_inputs_need_sampled_inputs(tmp_pat
     with pytest.raises(ValueError, match=r"'naee' .* needs the \['inputs'\] statistics"):
         compress(model_dir, tmp_path / "out", method="naee", stats=stats, quiet=True)
     assert compress(model_dir, tmp_path / "reap", stats=stats, quiet=True)["complete"]  # REAP needs none
+
+
+def test_what_a_method_cannot_do_is_refused_before_calibrating(tmp_path, model_dir, monkeypatch):
+    """HEAPr's uniform layout (its `auto` on this family) and the recipe's neuron path narrow every
+    expert alike, so they cannot protect super experts: asked to, they are refused before
+    calibrating (they used to calibrate first and fail only where a layer had a super expert), as
+    is a recipe neuron path whose uniform width keeps every neuron (3 neurons, 7 of 8 experts'
+    worth: round(2.625) = 3). The padded layout and the recipe's `auto` protect, and calibrate."""
+    import moelab.compress.run as run_module
+
+    monkeypatch.setattr(run_module, "run_calibration", lambda *a, **k: pytest.fail("calibrated"))
+    protecting = {"protect_super_experts": True, "calib_options": SMALL, "quiet": True}
+    refused = [("heapr", {}, "layout='padded'"), ("heapr", {"layout": "uniform"}, "layout='padded'")]
+    refused += [("moelab", {"strategy": "neurons"}, "strategy 'experts'")]
+    for method, options, fix in refused:
+        with pytest.raises(ValueError, match=f"cannot spare protected \\(super\\) experts; use {fix}"):
+            compress(model_dir, tmp_path / "out", method=method, method_options=options, **protecting)
+    for method, options in [("heapr", {"layout": "padded"}), ("moelab", {}), ("moelab", {"strategy": "experts"})]:
+        with pytest.raises(pytest.fail.Exception, match="calibrated"):
+            compress(model_dir, tmp_path / "out", method=method, method_options=options, overwrite=True, **protecting)
+    narrow = moelab_model(tmp_path / "narrow", hidden_dim=3)
+    with pytest.raises(ValueError, match="layer 0: keeping 87.5% of each expert's 3 neurons keeps all of them"):
+        compress(narrow, tmp_path / "out", method="moelab", ratio=0.125, method_options={"strategy": "neurons"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_statistics_with_too_few_sampled_inputs_are_refused_before_deciding(tmp_path, model_dir, monkeypatch):
+    """Given statistics with 3 sampled inputs, a router re-calibration (which holds out one in 4)
+    is refused before any method decides, not after."""
+    import moelab.compress.run as run_module
+
+    stats = calibrate(model_dir, tmp_path / "stats", options=dataclasses.replace(SMALL, sample_tokens=3), quiet=True)
+    monkeypatch.setattr(run_module, "_decide", lambda *a, **k: pytest.fail("decided"))
+    with pytest.raises(ValueError, match="router re-calibration .*sample_tokens >= 4, got 3"):
+        compress(model_dir, tmp_path / "out", stats=stats.directory, router_fit=RouterFit(steps=5), quiet=True)
+    with pytest.raises(ValueError, match="'moelab''s router re-calibration \\(fit_steps\\) .*>= 4, got 3"):
+        compress(model_dir, tmp_path / "out2", method="moelab", method_options={"strategy": "experts"},
+                 stats=stats.directory, quiet=True)  # fmt: skip
 
 
 def test_domains_restrict_the_statistics_and_the_sampled_inputs(tmp_path, model_dir, stats_dir, monkeypatch):

@@ -86,6 +86,8 @@ def compress(
     if budget == "global" and not isinstance(chosen, ScoringMethod):
         raise ValueError(f"a global budget ranks scores across layers; {method!r} does not score experts")
     keep = _planned(model, chosen, ratio)  # checks before any calibration: shapes only, no weights read
+    if protect_super_experts:
+        chosen.check_protection()
     fit = router_fit or RouterFit()
     needs = chosen.needs + (("inputs",) if fit.steps else ())
     options = calib_options or CalibrationOptions()
@@ -99,6 +101,7 @@ def compress(
         begin = time.perf_counter()
         calibration = _statistics(model, staging, calib, stats, options, domains, quiet)
         _check_needs(chosen.name, needs, calibration)
+        _check_sample_size(chosen, fit, calibration.info["settings"].get("sample_tokens", 0))
         timings["calibration_s"] = round(time.perf_counter() - begin, 3)
         protect = _protected(calibration) if protect_super_experts else {}
         sources = tuple(domains) if domains else None
@@ -152,11 +155,8 @@ def _planned(model: Path, method: Method, ratio: float) -> dict[int, tuple[Any, 
     planned = {}
     for i, layer in _layer_views(model, method).items():
         router, where = layer.router, f"layer {i}: "
-        if method.narrows:
-            keep = share_kept(router.num_experts, ratio)
-            method.check_width(layer.experts.hidden_dim, router.num_experts, keep, where)
-        else:
-            keep = plan_target(router, ratio, where)
+        keep = share_kept(router.num_experts, ratio) if method.narrows else plan_target(router, ratio, where)
+        method.check_width(layer.experts.hidden_dim, router.num_experts, keep, where)
         planned[i] = (router, keep)
     return planned
 

@@ -87,8 +87,13 @@ class Method:
         """Refuse, before any calibration, a router this method's edits cannot be written for."""
 
     def check_width(self, hidden_dim: int, num_experts: int, keep: float, where: str = "") -> None:
-        """For a method that narrows experts: refuse, before any calibration, to keep `keep`
-        experts' worth of the E experts' `hidden_dim` neurons where its edits could not."""
+        """For a method that narrows experts (with these options): refuse, before any calibration,
+        to keep `keep` experts' worth of the E experts' `hidden_dim` neurons where its edits could
+        not."""
+
+    def check_protection(self, where: str = "") -> None:
+        """Refuse, before any calibration, to protect (super) experts where its edits cannot keep
+        them whole."""
 
     def settle(self, width_fixed: bool) -> None:
         """Resolve automatic options for the checkpoint: width_fixed, its routed experts' width

@@ -63,6 +63,13 @@ class HEAPr(Method):
         if self.layout == "uniform":
             uniform_width(hidden_dim, num_experts, keep, where)
 
+    def check_protection(self, where: str = "") -> None:
+        if self.layout == "uniform":
+            raise ValueError(
+                f"{where}heapr's uniform layout narrows every expert alike, so it cannot spare protected (super) "
+                "experts; use layout='padded' or drop the protection"
+            )
+
     def prepare(self, view, stats: dict[int, LayerStats], targets: dict[int, Target]) -> None:
         """The padded layout's global cut: the score (and rank among equal scores) of the last
         neuron kept when all layers' neurons are ranked together."""
@@ -85,10 +92,7 @@ class HEAPr(Method):
         E, I = scores.shape
         if self.layout == "uniform":
             if target.protect:
-                raise ValueError(
-                    "heapr's uniform layout narrows every expert alike, so it cannot spare protected (super) "
-                    "experts; use layout='padded' or drop the protection"
-                )
+                self.check_protection(f"layer {layer.index}: ")
             width = uniform_width(I, E, target.keep, f"layer {layer.index}: ")
             keep = [sorted(_ranked(row)[:width]) for row in scores]
             experts = narrowed(layer.experts, keep)

@@ -172,6 +172,18 @@ class MoelabRecipe(Method):
     def fits_routers(self) -> bool:
         return self.fit.steps > 0 and self.strategy != "neurons"
 
+    def check_width(self, hidden_dim: int, num_experts: int, keep: float, where: str = "") -> None:
+        if self.strategy == "neurons":
+            uniform_width(hidden_dim, num_experts, keep, where)
+
+    def check_protection(self, where: str = "") -> None:
+        if self.strategy == "neurons":
+            raise ValueError(
+                f"{where}moelab's neuron path (strategy 'neurons') narrows every expert alike, so it cannot spare "
+                "protected (super) experts; use strategy 'experts' or 'auto' (which then removes experts), or drop "
+                "the protection"
+            )
+
     def settle(self, width_fixed: bool) -> None:
         """Narrower experts need their own width in the config; where shared experts share it,
         "auto" removes experts."""
@@ -249,11 +261,7 @@ class MoelabRecipe(Method):
         """The neuron path: HEAPr's narrowed experts, with the down projections refitted
         (`compensated`) where that lowers the layer's error."""
         if target.protect:
-            raise ValueError(
-                "moelab's neuron path (strategy 'neurons') narrows every expert alike, so it cannot spare "
-                "protected (super) experts; use strategy 'experts' or 'auto' (which then removes experts), or drop "
-                "the protection"
-            )
+            self.check_protection(f"layer {layer.index}: ")
         decision = self.heapr.decide(layer, stats, target)
         refit = LayerEdit(
             decision.edit.sources, compensated(layer, decision.edit.view, stats.inputs.double())
