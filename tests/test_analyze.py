@@ -28,7 +28,7 @@ from moelab.trace import LayerRouting, TraceInfo, TraceOptions, TraceWriter, ope
 
 # ---------------------------------------------------------------------- worked example
 #
-# Two sequences of 4 tokens (sequence 0 from domain "a", sequence 1 from domain "b"), written
+# Two sequences of 4 tokens (sequence 0 from domain 1 "b", sequence 1 from domain 0 "a"), written
 # as two shards. Layer 0: E=3, K=2 (-1 = empty slot); layer 2: E=2, K=1.
 #
 #   token        t0     t1     t2     t3      t4     t5     t6      t7
@@ -36,7 +36,7 @@ from moelab.trace import LayerRouting, TraceInfo, TraceOptions, TraceWriter, ope
 #   layer 2      0      0      1      1       1      1      0       1
 #
 # Layer 0: load [4, 5, 5], mean 14/3, population std sqrt(2)/3 -> CV sqrt(2)/14, max/mean 15/14.
-#   domain a: [4, 2, 1], domain b: [0, 3, 4]. Co-activation off-diagonal: (0,1) 2, (0,2) 1, (1,2) 3.
+#   domain a: [0, 3, 4], domain b: [4, 2, 1]. Co-activation off-diagonal: (0,1) 2, (0,2) 1, (1,2) 3.
 #   CLS_1 = 1 - 14/24; CLS_2: chunks {0,1} {0,2} {1,2} {1,2} -> 1 - 8/12; CLS_3: {0,1,2}, {1,2}
 #   (t3 and t7 are partial chunks, skipped) -> 1 - 5/6; CLS_4: {0,1,2} {1,2} -> 1 - 5/6.
 # Layer 2: load [3, 5], CV 1/4, max/mean 5/4; CLS_2: chunks {0} {1} {1} {0,1} -> 1 - 5/8;
@@ -65,7 +65,7 @@ def _fake_trace(path):
     info = TraceInfo(model="fake", family="moelab", num_layers=3, layers=[0, 2], num_experts=[3, 2], top_k=[2, 1],
                      domains=["a", "b"], settings={"expert_stats": True})
     with TraceWriter(path, info, shard_tokens=4) as writer:
-        for seq, domain in ((slice(0, 4), 0), (slice(4, 8), 1)):
+        for seq, domain in ((slice(0, 4), 1), (slice(4, 8), 0)):
             routing = {
                 0: LayerRouting(torch.tensor(L0[seq]), torch.full((4, 2), 0.5), torch.tensor(ENTROPY0[seq])),
                 2: LayerRouting(torch.tensor(L2[seq]), torch.ones(4, 1), torch.zeros(4)),
@@ -85,7 +85,7 @@ def test_statistics_of_the_worked_example(tmp_path):
     assert l0["cv"] == pytest.approx(math.sqrt(2) / 14) and l0["max_over_mean"] == pytest.approx(15 / 14)
     assert l2["cv"] == pytest.approx(0.25) and l2["max_over_mean"] == pytest.approx(1.25)
     assert l0["experts_per_token"] == pytest.approx(14 / 8)
-    assert l0["domain_load"] == {"a": [4, 2, 1], "b": [0, 3, 4]}
+    assert l0["domain_load"] == {"a": [0, 3, 4], "b": [4, 2, 1]}
     assert l0["domain_mi_bits"] == pytest.approx(_mi_by_definition([[4, 2, 1], [0, 3, 4]]))
     assert l2["domain_mi_bits"] == pytest.approx(_mi_by_definition([[2, 2], [1, 3]]))
     assert l0["coactivation"] == [[4, 2, 1], [2, 5, 3], [1, 3, 5]]
