@@ -516,7 +516,7 @@ def compress(
     model: ModelArg = None,
     method: Annotated[str, typer.Option("--method", help="pruning: frequency, soft_count, router_weight, ean, reap, easy_ep, premoe, naee, random; merging: m_smoe, hc_smoe, sub_moe; neurons: heapr; moelab's recipe: moelab.")] = "reap",
     ratio: Annotated[float, typer.Option("--ratio", help="Fraction of each MoE layer's routed experts to remove, in (0, 1): int(E x ratio) experts (heapr: that fraction of their parameters; moelab: int(E x ratio) experts' worth of parameters, whole experts or neurons).")] = 0.25,
-    option: Annotated[list[str] | None, typer.Option("--option", help="A method option KEY=VALUE (repeatable): m_smoe align, mc_rank, mc_sparse; hc_smoe linkage, router_rule; sub_moe rank, seed; heapr layout; moelab strategy, fold, fit_steps, fit_lr, protect_super; random seed.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", help="A method option KEY=VALUE (repeatable): m_smoe align, mc_rank, mc_sparse; hc_smoe linkage, router_rule; sub_moe rank, seed; naee max_candidates, chunk; heapr layout; moelab strategy, fold, fit_steps, fit_lr, protect_super; random seed.")] = None,
     out: Annotated[Path, typer.Option("--out", help="New directory for the compressed checkpoint.")] = Path("compressed"),
     calib: CalibOpt = None,
     stats: Annotated[Path | None, typer.Option("--stats", help="Reuse these calibration statistics (moelab calibrate, or an earlier output's moelab_calibration/).")] = None,
