@@ -533,7 +533,7 @@ def compress(
     quiet: QuietOpt = False,
 ) -> None:
     """Compress the routed experts (prune, merge or narrow them; moelab's recipe picks per layer)
-    and write a checkpoint transformers loads unchanged."""
+    and write a checkpoint in the source's own format (a transformers one loads unchanged)."""
     from moelab.compress import compress as run_compress
     from moelab.compress.router_fit import RouterFit
 
