@@ -889,3 +889,85 @@ def test_shard_names_and_metadata_are_the_sources_unless_a_shard_empties(mixtral
     else:
         assert written == names and metadata == [{"format": "pt", "producer": "test"}, {"format": "pt"}]
     assert sorted(p.name for p in out.glob("*.safetensors")) == written
+
+
+def test_narrowing_experts_whose_width_the_shared_experts_share_is_refused(tmp_path):
+    """DeepSeek computes its shared experts' width from moe_intermediate_size, the routed experts'
+    key: narrower routed experts would narrow the shared ones in config.json too, so the edit is
+    refused by name before anything is written; the same experts at full width are written."""
+    src = tmp_path / "src"
+    build("deepseek_v3").save_pretrained(src)
+    with open_checkpoint(src) as view:
+        layer = view.layer(1)
+    ex, E = layer.experts, layer.router.num_experts
+    half = ex.hidden_dim // 2
+    narrow = dataclasses.replace(
+        layer, experts=dataclasses.replace(ex, gate=ex.gate[:, :half], up=ex.up[:, :half], down=ex.down[..., :half])
+    )
+    same = tuple((e,) for e in range(E))
+    with pytest.raises(ValueError, match=rf"deepseek_v3's shared experts take their width from moe_intermediate_size "
+                                         rf"too.*\({ex.hidden_dim} -> {half}\)"):  # fmt: skip
+        write_checkpoint(src, tmp_path / "out", {1: LayerEdit(same, view=narrow)}, quiet=True)
+    assert not (tmp_path / "out").exists()
+    write_checkpoint(src, tmp_path / "out", {1: LayerEdit(same, view=layer)}, reload=False, quiet=True)
+
+
+def test_narrowing_native_experts_pins_the_width_of_every_shared_expert(tmp_path):
+    """shared_hidden_dim=None with two shared experts: their width was 2 x hidden_dim, and the
+    written config keeps that (not one hidden_dim) when the routed experts are narrowed."""
+    _native(tmp_path, num_shared=2)
+    with open_checkpoint(tmp_path / "src") as view:
+        views = {layer.index: _narrow_and_merge(layer) for layer in view.layers() if isinstance(layer, MoELayerView)}
+    edits = {i: LayerEdit(((0, 1), (2,), (3,)), view=v) for i, v in views.items()}
+    write_checkpoint(tmp_path / "src", tmp_path / "out", edits, reload=False, quiet=True)
+    moe = json.loads((tmp_path / "out" / "config.json").read_text())["moe"]
+    assert (moe["hidden_dim"], moe["num_shared"], moe["shared_hidden_dim"]) == (16, 2, 64)
+
+
+def test_an_edited_layer_stays_in_the_shard_that_held_it(mixtral, tmp_path):
+    """A layer's new router and expert tensors go to the shard its router was in (one shard plus
+    one layer in memory, and the index keeps pointing where the source did), not to the first."""
+    from safetensors.torch import load_file
+
+    moved = [key for key in load_file(mixtral / "model.safetensors") if ".1.block_sparse_moe." in key]
+    names = _reshard(mixtral, [([], None), (moved + ["lm_head.weight"], None)])
+    out = drop_experts(mixtral, tmp_path / "out", [2], quiet=True, reload=False)
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    layer_1 = {shard for key, shard in weight_map.items() if ".1.block_sparse_moe." in key}
+    layer_0 = {shard for key, shard in weight_map.items() if ".0.block_sparse_moe." in key}
+    assert (layer_0, layer_1) == ({names[0]}, {names[1]})
+
+
+def test_the_postcondition_checks_a_selection_against_the_original_not_the_edited_view(mixtral, tmp_path, monkeypatch):
+    """Dropping experts is checked against the original layer with their routing masked, so a
+    selection that picks the wrong experts is refused, however consistent the tensors it writes."""
+    import moelab.hf.writer as writer_module
+
+    real = writer_module.apply_edit
+    monkeypatch.setattr(writer_module, "apply_edit", lambda layer, edit: real(layer, LayerEdit.keep([0, 1, 2])))
+    with pytest.raises(WriteCheckError, match=r"layer 0 differs from the edit applied to the original"):
+        drop_experts(mixtral, tmp_path / "out", [0], quiet=True, reload=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dense_layer_stored_beyond_the_layer_count_is_copied(tmp_path):
+    """Only layers past num_hidden_layers that hold routed experts are left out (their expert
+    count would disagree with config.json); a dense one stored there is copied like any other
+    tensor the edit does not touch, without a warning and with num_nextn_predict_layers kept."""
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    build("deepseek_v3", num_hidden_layers=2, first_k_dense_replace=1).save_pretrained(src)
+    tensors = load_file(src / "model.safetensors")
+    extra = {k.replace("model.layers.0.", "model.layers.2."): v.clone() for k, v in tensors.items() if k.startswith("model.layers.0.")}
+    save_file(tensors | extra, src / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drop_experts(src, tmp_path / "out", [1, 5], quiet=True, reload=False)
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in extra.items())
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 1
