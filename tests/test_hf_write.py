@@ -971,3 +971,16 @@ def test_a_dense_layer_stored_beyond_the_layer_count_is_copied(tmp_path):
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         assert all(torch.equal(f.get_tensor(k), v) for k, v in extra.items())
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+
+
+def test_the_expert_map_lists_merged_ids_in_increasing_order(tmp_path):
+    """A merge group given as (1, 0) is recorded as [0, 1] in sources and merge_groups (the
+    order of a group's ids means nothing; compress's report lists them sorted too)."""
+    src = tmp_path / "src"
+    build("qwen3_moe").save_pretrained(src)
+    with open_checkpoint(src) as view:
+        moe_layers = [i for i in range(2) if i not in TINY["qwen3_moe"].dense]
+        edits = {i: LayerEdit(((1, 0), (2,), (3,)), view=_narrow_and_merge(view.layer(i))) for i in moe_layers}
+    write_checkpoint(src, tmp_path / "out", edits, reload=False, quiet=True)
+    layer = json.loads((tmp_path / "out" / EXPERT_MAP_NAME).read_text())["layers"][str(moe_layers[-1])]
+    assert (layer["sources"], layer["merge_groups"], layer["kept"]) == ([[0, 1], [2], [3]], [[0, 1]], [2, 3])
