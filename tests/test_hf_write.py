@@ -984,3 +984,14 @@ def test_the_expert_map_lists_merged_ids_in_increasing_order(tmp_path):
     write_checkpoint(src, tmp_path / "out", edits, reload=False, quiet=True)
     layer = json.loads((tmp_path / "out" / EXPERT_MAP_NAME).read_text())["layers"][str(moe_layers[-1])]
     assert (layer["sources"], layer["merge_groups"], layer["kept"]) == ([[0, 1], [2], [3]], [[0, 1]], [2, 3])
+
+
+def test_a_second_edit_of_some_layers_keeps_the_record_of_the_others(mixtral, tmp_path):
+    """The expert map of an edit of layer 1 alone (of a checkpoint moelab edited before) still
+    records layer 0's earlier edit, and composes layer 1's with it."""
+    drop_experts(mixtral, tmp_path / "a", [1], quiet=True, reload=False)  # keeps 0, 2, 3
+    first = json.loads((tmp_path / "a" / EXPERT_MAP_NAME).read_text())["layers"]
+    write_checkpoint(tmp_path / "a", tmp_path / "b", {1: LayerEdit.keep([0, 1, 2])}, quiet=True, reload=False)
+    layers = json.loads((tmp_path / "b" / EXPERT_MAP_NAME).read_text())["layers"]
+    assert layers["0"] == first["0"] and layers["0"]["kept"] == [0, 2, 3]
+    assert layers["1"]["kept"] == [0, 2, 3] and layers["1"]["tensors_replaced"] is False
