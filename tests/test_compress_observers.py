@@ -3,12 +3,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
+import pytest
 import torch
 from layer_views import make_view
 from reference import F64, silu
-from test_compress_reference import params
+from safetensors.torch import load_file, save_file
+from test_compress_reference import SOURCES, hand_stats, params
 
 from moelab.compress.observers import ContributionObserver, MoECall, Tokens, eager_moe
+from moelab.compress.stats import (
+    FORMAT,
+    INFO_NAME,
+    Calibration,
+    fingerprint,
+    layer_file,
+    layer_stats,
+    read_info,
+    write_info,
+    write_layer,
+)
 from moelab.hf.native import moe_layer_from_view
 from moelab.nn.routers import Routing
 
@@ -47,3 +63,138 @@ def test_easy_ep_importance_is_never_negative_when_float32_rounds_cos_above_one(
     sums = observer.result()["easyep_sums"][0, 0]
     assert (sums >= 0).all(), sums.min()
     assert not sums[cos > 1].any()
+
+
+# ----------------------------------------------------------------------------- stats.py
+
+
+def test_a_source_list_selects_those_sources_and_an_unknown_one_is_refused():
+    """sources=None is every source; an empty list none (zeros, not everything); an unknown
+    source is named in the error."""
+    stats = hand_stats()
+    assert stats.total("counts", []).tolist() == [0, 0, 0, 0] and stats.token_total([]) == 0
+    assert stats.total("counts").tolist() == [11, 0, 20, 25] and stats.token_total() == 28
+    with pytest.raises(ValueError, match=r"\['poetry'\] are not in these statistics"):
+        stats.total("counts", ["math", "poetry"])
+    with pytest.raises(ValueError, match="have no 'easyep_sums'"):
+        hand_stats(easyep_sums=None).total("easyep_sums")
+
+
+def _checkpoint_file(path, tensors: dict[str, int]) -> None:
+    """A safetensors file of float32 tensors named and sized (in bytes) by `tensors`, values 0..n."""
+    save_file({n: torch.arange(size // 4, dtype=torch.float32) for n, size in tensors.items()}, path)
+
+
+def _flip(path, name: str, at: float) -> None:
+    """Change the byte at fraction `at` of tensor `name`'s data in the safetensors file `path`."""
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8 : 8 + header_len])[name]["data_offsets"]
+    data[8 + header_len + begin + int((end - begin - 1) * at)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "tensors,name,at,changes",
+    [
+        # two samples of 64 bytes: the first and the last 64 bytes of the data
+        ({"model.experts.weight": 4096}, "model.experts.weight", 1.0, True),  # the very last byte
+        ({"model.experts.weight": 4096}, "model.experts.weight", 0.0, True),
+        ({"model.experts.weight": 4096}, "model.experts.weight", 0.5, False),  # not sampled, not small
+        # routing tensors are read whole, whatever their size
+        ({"model.layers.0.mlp.gate.weight": 4096}, "model.layers.0.mlp.gate.weight", 0.5, True),
+        ({"model.layers.0.mlp.router.weight": 4096}, "model.layers.0.mlp.router.weight", 0.5, True),
+        ({"mlp.gate.e_score_correction_bias": 4096}, "mlp.gate.e_score_correction_bias", 0.5, True),
+        ({"mlp.shared_expert_gate.weight": 4096}, "mlp.shared_expert_gate.weight", 0.5, True),
+        ({"mlp.experts.0.gate_proj.weight": 4096}, "mlp.experts.0.gate_proj.weight", 0.5, False),
+        ({"a.weight": 4096, "m.gate.weight": 4096, "z.weight": 4096}, "m.gate.weight", 1.0, True),  # its end
+        # a tensor of exactly sample_bytes between two big ones is read whole; one byte more is not
+        ({"a.weight": 4096, "m.norm.weight": 64, "z.weight": 4096}, "m.norm.weight", 0.5, True),
+        ({"a.weight": 4096, "m.norm.weight": 68, "z.weight": 4096}, "m.norm.weight", 0.5, False),
+    ],
+)
+def test_fingerprint_reads_the_samples_the_routers_and_the_small_tensors(tmp_path, tensors, name, at, changes):
+    """fingerprint(samples=2, sample_bytes=64) on one safetensors file: which single-byte edits
+    of the data it sees."""
+    (tmp_path / "config.json").write_text("{}")
+    file = tmp_path / "model.safetensors"
+    _checkpoint_file(file, tensors)
+    before = fingerprint(tmp_path, samples=2, sample_bytes=64)
+    assert before.startswith("2:")
+    _flip(file, name, at)
+    assert (fingerprint(tmp_path, samples=2, sample_bytes=64) != before) == changes
+
+
+def _calibration_dir(tmp_path, **info):
+    """A finished statistics directory of layer 3 (the hand-made statistics, with a transposed,
+    so non-contiguous, logit Gram matrix) and its info."""
+    stats = dataclasses.replace(hand_stats(), layer=3, logit_gram=torch.arange(16, dtype=F64).view(4, 4).T)
+    assert not stats.logit_gram.is_contiguous()
+    info = {
+        "complete": True,
+        "moe_layers": [3],
+        "model": {"path": str(tmp_path / "model"), "fingerprint": "2:abc"},
+        "mixture": {"spec": "corpus:code,corpus:math", "digest": "d1", "sources": [{"domain": s} for s in SOURCES]},
+        **info,
+    }
+    write_info(tmp_path, info)
+    write_layer(tmp_path, stats)
+    return stats
+
+
+def test_a_calibration_directory_round_trips_and_checks_its_model_and_data(tmp_path):
+    """write_info/write_layer then Calibration: every tensor back, a missing layer named, and the
+    model and mixture checks (same path with other weights, another path, other data)."""
+    written = _calibration_dir(tmp_path)
+    stats = Calibration(tmp_path)
+    assert stats.layers == [3] and stats.sources == list(SOURCES) and read_info(tmp_path)["format"] == FORMAT
+    layer = stats.layer(3)
+    assert layer.layer == 3 and layer.sources == SOURCES
+    for name, value in written.tensors().items():
+        assert torch.equal(getattr(layer, name), value), name
+    with pytest.raises(ValueError, match=r"no statistics for layer 2; it has \[3\]"):
+        stats.layer(2)
+    stats.check_model("2:abc", tmp_path / "model")
+    stats.check_mixture("d1", "corpus:code,corpus:math")
+    with pytest.raises(ValueError, match="before its weights changed"):
+        stats.check_model("2:def", tmp_path / "model")
+    with pytest.raises(ValueError, match="not on .*other.*fingerprints differ"):
+        stats.check_model("2:def", tmp_path / "other")
+    with pytest.raises(ValueError, match="not on 'corpus'"):
+        stats.check_mixture("d2", "corpus")
+
+
+def test_a_layer_file_with_statistics_of_a_later_moelab_still_reads(tmp_path):
+    """Tensors LayerStats does not know (another moelab's observers) are left out, not refused."""
+    _calibration_dir(tmp_path)
+    file = layer_file(tmp_path, 3)
+    save_file({**load_file(file), "future_sums": torch.ones(2, 2, 4)}, file)
+    assert torch.equal(Calibration(tmp_path).layer(3).counts, hand_stats().counts)
+    assert layer_stats(3, SOURCES, {**hand_stats().tensors(), "future_sums": torch.ones(1)}).layer == 3
+
+
+@pytest.mark.parametrize(
+    "text,message,ours",
+    [
+        (None, "holds no calibration statistics", False),
+        ("{not json", "is not valid JSON", False),
+        ('["moelab-calibration/1"]', "is not a moelab-calibration/1 file", False),
+        ('{"format": "moelab-calibration/0", "complete": true}', "is not a moelab-calibration/1 file", False),
+        ('{"format": "moelab-calibration/1"}', "did not finish", True),
+        ('{"format": "moelab-calibration/1", "complete": false}', "did not finish", True),
+    ],
+)
+def test_a_directory_that_is_not_finished_statistics_is_refused(tmp_path, text, message, ours):
+    """Calibration refuses it; read_info (resuming) reads only a calibration.json of this format."""
+    if text is not None:
+        (tmp_path / INFO_NAME).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        Calibration(tmp_path)
+    assert (read_info(tmp_path) is not None) == ours
+
+
+def test_statistics_fingerprinted_by_another_version_cannot_be_compared(tmp_path):
+    """Even an equal hash: a version-1 fingerprint is another function's value."""
+    _calibration_dir(tmp_path, model={"path": str(tmp_path), "fingerprint": "1:abc"})
+    with pytest.raises(ValueError, match="another moelab version"):
+        Calibration(tmp_path).check_model("1:abc", tmp_path)
