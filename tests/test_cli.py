@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -239,7 +240,7 @@ def test_generate_in_memory_and_offloaded_give_the_same_text():
     assert offloaded.exit_code == 0, offloaded.output
     text, speed = plain.output.rstrip("\n").rsplit("\n", 1)
     assert text.startswith("The king said") and len(text) > len("The king said")
-    assert speed.startswith("12 tokens in ") and speed.endswith(" tokens/s after the first two")
+    assert re.fullmatch(r"12 tokens in .* tokens/s after the first two, \d+ threads?", speed)
     assert offloaded.output.startswith(text + "\n12 tokens in ")
     assert "expert cache: 12 slots, decode hit rate" in offloaded.output
     prefetching = runner.invoke(app, [*args, "--resident", "0.25", "--policy", "lookahead"])
@@ -589,7 +590,8 @@ def test_the_speed_counts_every_prompts_tokens(monkeypatch):
     import moelab.generate as G
 
     monkeypatch.setattr(G, "time", SimpleNamespace(perf_counter=lambda: 12.0))  # this module's clock only
-    assert G._speed(10.0, torch.zeros(3, 9, dtype=torch.long), 4) == {"steps": 4, "seconds": 2.0, "tokens_per_s": 6.0}
+    speed = G._speed(10.0, torch.zeros(3, 9, dtype=torch.long), 4)
+    assert speed == {"steps": 4, "seconds": 2.0, "tokens_per_s": 6.0, "threads": torch.get_num_threads()}
 
 
 # ------------------------------------------------------------- flags reach the library call
@@ -784,6 +786,64 @@ def test_train_compare_demo_and_compress_bench_pass_every_option_on(monkeypatch,
     ]
 
 
+
+def test_compute_commands_run_on_their_threads_and_put_torch_s_back(monkeypatch, tmp_path):
+    """Every command that runs a model runs its library call on --threads N intra-op threads, or with
+    'auto' (the default) on the free cores, and puts torch's count back afterwards; where
+    OMP_NUM_THREADS is set (torchrun's workers), 'auto' leaves torch's count as it is."""
+    import importlib
+    from types import SimpleNamespace
+
+    from moelab.train import RunConfig
+
+    seen = []
+
+    def stand_in(target, result=None, name=None):  # target: "module.attr", or a module and name
+        record = lambda *a, **k: seen.append(torch.get_num_threads()) or result  # noqa: E731
+        monkeypatch.setattr(target, *(() if name is None else (name,)), record)
+
+    info = SimpleNamespace(num_tokens=5, layers=[1], settings={"tokens_per_second": 2.0})
+    stand_in("moelab.trace.trace_from_files", SimpleNamespace(info=info))
+    stand_in("moelab.analyze.analyze", tmp_path / "report.html")
+    stats = SimpleNamespace(info={"coverage": {"0": 1}, "mixture": {"tokens": 5}, "moe_layers": [0], "tokens_per_second": 1.0})
+    stand_in("moelab.compress.calibrate", stats)
+    sizes = {"before": {"routed_experts": 8, "total": 10}, "after": {"routed_experts": 4, "total": 6}}
+    stand_in("moelab.compress.compress", {"parameters": sizes, "stability_jaccard": None})
+    stand_in("moelab.compress.bench.run_bench")
+    stand_in("moelab.demo.run_demo")
+    evaluate = importlib.import_module("moelab.eval.evaluate")
+    stand_in(evaluate, {"n": 1}, "evaluate")  # the package's `evaluate` is the function
+    monkeypatch.setattr(evaluate, "render_report", lambda report: "table")
+    monkeypatch.setattr(RunConfig, "load", lambda path: SimpleNamespace(parallel=None))
+    stand_in("moelab.train.train", SimpleNamespace(steps=1, tokens=2, tokens_per_second=3.0, eval_loss={"all": 1.0}))
+    monkeypatch.setattr("moelab.train.compare.load_recipe", lambda path: "recipe")
+    stand_in("moelab.train.compare.compare", tmp_path / "report.md")
+    decoded = {"steps": 1, "seconds": 1.0, "tokens_per_s": 1.0, "later_tokens_per_s": None, "threads": 1}
+    stand_in("moelab.generate.generate_texts", (["a", "b"], decoded))
+    commands = [["trace"], ["analyze"], ["calibrate"], ["compress"], ["compress-bench"], ["demo"], ["eval"],
+                ["train", tmp_path / "run.yaml"], ["compare", "a.yaml", "--train", "t.yaml", "--out", tmp_path / "c"],
+                ["generate", "one", "two"]]  # fmt: skip
+    monkeypatch.setattr("moelab.threads.free_cores", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        for args in commands:
+            torch.set_num_threads(2)
+            _ok([*args, "--threads", 1])
+            assert torch.get_num_threads() == 2, args
+            torch.set_num_threads(1)
+            _ok(args)  # auto: the 2 free cores
+            assert torch.get_num_threads() == 1, args
+        assert seen == [1, 2] * len(commands)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        _ok(["eval"])
+        assert seen[-1] == 1
+        for bad, shown in (("0", "0"), ("two", "'two'")):  # refused before the library call
+            refused = runner.invoke(app, ["eval", "--threads", bad])
+            assert f"threads must be an integer >= 1 or 'auto' (the free cores), got {shown}" in str(refused.exception)
+        assert len(seen) == 2 * len(commands) + 1
+    finally:
+        torch.set_num_threads(before)
+
 def test_bench_commands_pass_every_option_on(monkeypatch, tmp_path):
     """Each flag of bench layer / generate / offload / distributed / skip reaches its options, unswapped;
     --threads N is a number, auto stays a word."""
@@ -848,13 +908,13 @@ def test_generate_passes_every_option_on(monkeypatch, tmp_path):
     from moelab.models.transformer import Sampling
 
     calls = []
-    stats = {"steps": 2, "seconds": 1.0, "tokens_per_s": 2.0, "later_tokens_per_s": None}
+    stats = {"steps": 2, "seconds": 1.0, "tokens_per_s": 2.0, "later_tokens_per_s": None, "threads": 2}
     monkeypatch.setattr("moelab.generate.generate_texts", lambda *a, **k: calls.append((a, k)) or (["!", "?"], stats))
     monkeypatch.setattr("moelab.offload.RoutingPrior.from_trace", lambda path: ("prior", path))
     out = _ok(["generate", "one", "two", "--model", "ref-32e-top4-shared", "--max-new-tokens", 5, "--memory-budget",
                "1KiB", "--prior", tmp_path / "t", "--policy", "lru", "--compile", "--dtype", "bf16", "--device", "cuda",
                "--host-memory", "--temperature", 0.5, "--top-p", 0.9, "--top-k", 3, "--seed", 4, "--ignore-eos"])
-    assert "one!" in out and "two?" in out and "2 x 2 tokens" in out
+    assert "one!" in out and "two?" in out and "2 x 2 tokens" in out and out.rstrip().endswith(", 2 threads")
     _ok(["generate", "one", "two", "--top-k", 2])
     _ok(["generate", "one", "two", "--resident", 0.5])
     given = dict(max_new_tokens=5, resident=None, memory_budget=1024, prior=("prior", tmp_path / "t"), policy="lru",

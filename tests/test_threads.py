@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moelab.bench.load import busy_processes
-from moelab.threads import available_cores, check_threads, free_cores, resolve_threads
+from moelab.threads import available_cores, check_threads, free_cores, intra_op_threads, resolve_threads
 
 
 @pytest.mark.parametrize(("running", "expected"), [("1/80", 4), ("2/80", 3), ("4/80", 1), ("9/80", 1)])
@@ -28,13 +28,34 @@ def test_busy_processes_take_cores_away():
 
 @pytest.mark.parametrize("bad", [0, -1, "two", True, 1.5])
 def test_bad_thread_settings_are_refused(bad):
-    with pytest.raises(ValueError, match="threads must be an integer >= 1, 'auto'"):
+    with pytest.raises(ValueError, match="threads must be an integer >= 1 or 'auto'"):
         check_threads(bad)
 
 
 def test_resolve_threads():
     assert resolve_threads(None) is None and resolve_threads(3) == 3
     assert 1 <= resolve_threads("auto") <= available_cores()
+
+
+def test_intra_op_threads_set_the_count_for_the_block_and_put_it_back(monkeypatch):
+    """An int and "auto" (the free cores) set torch's count inside the block, None leaves it; the
+    count is put back on leaving, also after an error; a bad setting changes nothing."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr("moelab.threads.free_cores", lambda: 2)
+    try:
+        torch.set_num_threads(1)
+        for setting, inside in ((2, 2), ("auto", 2), (None, 1)):
+            with intra_op_threads(setting) as count:
+                assert count == torch.get_num_threads() == inside
+            assert torch.get_num_threads() == 1
+        with pytest.raises(KeyError), intra_op_threads(2):
+            raise KeyError
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="got 0"), intra_op_threads(0):
+            pass
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_train_config_takes_auto_and_refuses_zero():

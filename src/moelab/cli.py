@@ -23,6 +23,7 @@ app.add_typer(bench_app, name="bench")
 # piped or redirected output: rich would cut its tables to 80 columns ("ref-8e-to…"); give them room
 console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace moelab's earlier output there (never files moelab did not write).")]
+ThreadsOpt = Annotated[str, typer.Option("--threads", help="torch's intra-op threads: a count, or 'auto': the cores no other process is using when the command starts (OMP_NUM_THREADS instead, where it is set); on a busy core every split operation waits.")]
 
 
 @bench_app.command("layer")
@@ -160,6 +161,17 @@ def bench_distributed(
     _write_json(json_path, doc)
 
 
+def _use_threads(ctx: typer.Context, threads: str) -> None:
+    """The rest of the command on `--threads` intra-op threads (`moelab.threads.resolve_threads`);
+    torch's count is put back when the command ends."""
+    from moelab.threads import intra_op_threads
+
+    setting = int(threads) if threads.isdigit() else threads
+    if setting == "auto" and os.environ.get("OMP_NUM_THREADS"):  # e.g. torchrun's workers: 1 each
+        setting = None
+    ctx.with_resource(intra_op_threads(setting))
+
+
 def _claim_json(path: Path | None, json_format: str, overwrite: bool, inputs: tuple[Path | str | None, ...] = ()) -> None:
     """Check, before any work, that `path` (if given) may be written: new, or moelab's own JSON of
     this format with --overwrite; never inside an input (a model directory, data, statistics)."""
@@ -258,15 +270,18 @@ def bench_skip(
 
 @app.command()
 def demo(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("runs/demo"),
     model: Annotated[str | None, typer.Option("--model", help="A moelab MoE model directory or a shipped model's name (default: ref-8e-top2).")] = None,
     prune: Annotated[int, typer.Option(min=0, help="Experts to drop per layer in the compression step (moelab's recipe removes as many experts' worth of parameters; 0 = skip).")] = 2,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer evaluation and routing tokens (about a minute).")] = False,
     overwrite: OverwriteOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or tables.")] = False,
+    threads: ThreadsOpt = "auto",
 ) -> None:
     """The main job on built-in defaults: the shipped reference MoE's per-domain perplexity, its
     routing report, and its compression (frequency pruning, REAP, moelab's recipe) compared with it."""
+    _use_threads(ctx, threads)
     from moelab.demo import run_demo
 
     tokens = {"eval_tokens": 4096, "trace_tokens": 8000} if quick else {}
@@ -275,15 +290,18 @@ def demo(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     config: Annotated[Path, typer.Argument(help="A run config (.yaml/.json) with 'model' and 'train' sections.")],
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<config name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its newest checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out again from step 0.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     expert_parallel: Annotated[int | None, typer.Option("--expert-parallel", min=1, help="Under torchrun: split the experts over this many ranks (the run file's parallel.expert).")] = None,
+    threads: ThreadsOpt = "auto",
 ) -> None:
     """Train a model: checkpoints, log.jsonl and TensorBoard logs, per-domain validation. Under
     torchrun (`torchrun --nproc-per-node N -m moelab train ...`) on N processes: docs/distributed.md."""
+    _use_threads(ctx, threads)
     import dataclasses
 
     from moelab.distributed import ParallelConfig
@@ -317,15 +335,18 @@ def consolidate(
 
 @app.command()
 def compare(
+    ctx: typer.Context,
     configs: Annotated[list[str], typer.Argument(help="Model config files (.yaml/.json) or preset names, one per variant.")],
     recipe: Annotated[Path, typer.Option("--train", help="The shared training recipe: TrainConfig fields, or a run file's train section.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory: one run per variant plus report.md, summary.json and plots.")],
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Train each variant with this many seeds (the recipe's seed and the next ones); the report gives means, spreads and which differences exceed the seed-to-seed spread.")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Train every variant again instead of resuming the comparison in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    threads: ThreadsOpt = "auto",
 ) -> None:
     """Train several variants on one recipe (equal tokens) and report loss, per-domain loss,
     params, FLOPs/token, speed and expert load. Re-running resumes and keeps finished variants."""
+    _use_threads(ctx, threads)
     from moelab.train.compare import compare as run_compare
     from moelab.train.compare import load_recipe
 
@@ -373,6 +394,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
 
 @app.command("trace")
 def trace_cmd(
+    ctx: typer.Context,
     model: ModelArg = None,
     out: Annotated[Path, typer.Option("--out", help="New trace directory.")] = Path("trace"),
     data: DataOpt = "corpus",
@@ -384,8 +406,10 @@ def trace_cmd(
     logits: Annotated[bool, typer.Option("--logits", help="Also store full router logits (float16).")] = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = "auto",
 ) -> None:
     """Record every MoE layer's routing (experts, weights, entropy; domain-labelled) on calibration text."""
+    _use_threads(ctx, threads)
     from moelab.trace import TraceOptions, trace_from_files
 
     options = TraceOptions(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, logits=logits)
@@ -399,6 +423,7 @@ def trace_cmd(
 
 @app.command()
 def analyze(
+    ctx: typer.Context,
     model: ModelArg = None,
     out: Annotated[Path, typer.Option("--out", help="Report directory.")] = Path("analysis"),
     data: DataOpt = "corpus",
@@ -409,9 +434,11 @@ def analyze(
     batch_size: BatchOpt = 8,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = "auto",
 ) -> None:
     """Routing report of a model (or an existing trace directory): load, specialisation, entropy,
     co-activation, inter-layer affinity, chunk sparsity, super experts -> HTML + PNG + JSON."""
+    _use_threads(ctx, threads)
     from moelab.analyze import analyze as run_analysis
     from moelab.trace import TraceOptions
 
@@ -488,6 +515,7 @@ def _method_options(pairs: list[str] | None) -> dict:
 
 @app.command()
 def calibrate(
+    ctx: typer.Context,
     model: ModelArg = None,
     out: Annotated[Path, typer.Option("--out", help="New directory for the statistics.")] = Path("calibration"),
     calib: CalibOpt = None,
@@ -498,8 +526,10 @@ def calibrate(
     backward: Annotated[bool, typer.Option("--backward", help="Also run the backward sweep: the per-neuron gradient statistics HEAPr needs (a loss gradient carried down layer by layer; about three times the time).")] = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = "auto",
 ) -> None:
     """Record, in one pass layer by layer, every statistic the compression methods need (resumable)."""
+    _use_threads(ctx, threads)
     from moelab.compress import calibrate as run_calibrate
 
     options = _calibration_options(tokens, seq_len, batch_size, sample_tokens, backward)
@@ -513,6 +543,7 @@ def calibrate(
 
 @app.command()
 def compress(
+    ctx: typer.Context,
     model: ModelArg = None,
     method: Annotated[str, typer.Option("--method", help="pruning: frequency, soft_count, router_weight, ean, reap, easy_ep, premoe, naee, random; merging: m_smoe, hc_smoe, sub_moe; neurons: heapr; moelab's recipe: moelab.")] = "reap",
     ratio: Annotated[float, typer.Option("--ratio", help="Fraction of each MoE layer's routed experts to remove, in (0, 1): int(E x ratio) experts (heapr: that fraction of their parameters; moelab: int(E x ratio) experts' worth of parameters, whole experts or neurons).")] = 0.25,
@@ -531,9 +562,11 @@ def compress(
     sample_tokens: SampleTokensOpt = 1024,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = "auto",
 ) -> None:
     """Compress the routed experts (prune, merge or narrow them; moelab's recipe picks per layer)
     and write a checkpoint in the source's own format (a transformers one loads unchanged)."""
+    _use_threads(ctx, threads)
     from moelab.compress import compress as run_compress
     from moelab.compress.router_fit import RouterFit
 
@@ -555,6 +588,7 @@ def compress(
 
 @app.command("compress-bench")
 def compress_bench(
+    ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help="A checkpoint directory or a shipped reference model's name (default: the shipped reference model).", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", help="Directory for the bench (resumed when it holds one: finished cells are kept).")] = Path("compress-bench"),
     methods: Annotated[list[str] | None, typer.Option("--method", help="Only these methods (repeatable; default: every general method).")] = None,
@@ -567,8 +601,10 @@ def compress_bench(
     prompts: Annotated[int, typer.Option(min=0, help="Prompts per domain for the degenerate-generation rate.")] = 2,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = "auto",
 ) -> None:
     """Every compression method on one calibration and one evaluation: report.md, summary.json and plots."""
+    _use_threads(ctx, threads)
     from moelab.compress.bench import GENERAL_METHODS, BenchOptions, run_bench
     model = _model_dir(model)
     options = BenchOptions(methods=tuple(methods or GENERAL_METHODS), ratios=tuple(ratios or (0.25, 0.5)),
@@ -579,6 +615,7 @@ def compress_bench(
 
 @app.command("generate")
 def generate_cmd(
+    ctx: typer.Context,
     prompts: Annotated[list[str], typer.Argument(help="The text to continue; several prompts decode as one batch.")],
     model: Annotated[str | None, typer.Option("--model", help="A checkpoint directory, moelab's or transformers', or a shipped model's name (default: ref-8e-top2).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to add.")] = 64,
@@ -595,10 +632,12 @@ def generate_cmd(
     top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="Sample from the k most likely tokens.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the sampling (default 0): one seed and the same prompts, one text.")] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Decode --max-new-tokens whatever comes, past the end-of-text token (default: a text ends there).")] = False,
+    threads: ThreadsOpt = "auto",
 ) -> None:
     """Continue prompts (one printed as it is decoded, several as one batch), greedily or, with any
     of --temperature / --top-p / --top-k, sampling (temperature 1 unless given); the model in memory
     or its routed experts offloaded (--resident / --memory-budget)."""
+    _use_threads(ctx, threads)
     from transformers import TextStreamer
 
     from moelab.bench.layer import DTYPES
@@ -638,7 +677,8 @@ def generate_cmd(
     later = stats["later_tokens_per_s"]
     later = "" if later is None else f"; {later:.1f} tokens/s after the first two"
     speed = f"{stats['tokens_per_s']:.1f} tokens/s{compiling}{later}"
-    console.print(f"[dim]{tokens} tokens in {stats['seconds']:.2f} s, {speed}[/dim]")
+    on = f"{stats['threads']} thread{'s' * (stats['threads'] > 1)}"
+    console.print(f"[dim]{tokens} tokens in {stats['seconds']:.2f} s, {speed}, {on}[/dim]")
     if "slots" in stats:
         hit = "-" if stats["decode_hit_rate"] is None else f"{stats['decode_hit_rate']:.1%}"
         console.print(f"[dim]expert cache: {stats['slots']} slots, decode hit rate {hit}, {stats['experts_read']} experts read[/dim]")
@@ -663,6 +703,7 @@ class _PromptFirst:
 
 @app.command("eval")
 def eval_cmd(
+    ctx: typer.Context,
     model: ModelArg = None,
     base: Annotated[str | None, typer.Option("--base", help="The model this one was made from (a directory or a shipped model's name): adds KL, top-1 agreement and its own numbers.")] = None,
     data: DataOpt = "corpus",
@@ -678,8 +719,10 @@ def eval_cmd(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = "auto",
 ) -> None:
     """Perplexity per domain; against a base: KL and top-1 agreement; degenerate generations; size and speed."""
+    _use_threads(ctx, threads)
     from moelab.eval.evaluate import EVAL_FORMAT, EvalOptions, evaluate, render_report
 
     inputs = (_model_dir(model), base and _model_dir(base), None if data == "corpus" else data, dynamic_skip)

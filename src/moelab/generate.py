@@ -96,7 +96,7 @@ def generate_texts(
     """(each prompt's continuation, up to the tokenizer's end-of-text token unless ignore_eos;
     statistics: "steps" decoded (max_new_tokens, or fewer where every prompt's text ended),
     "seconds" and "tokens_per_s" of the decoding, the prompts included (tokens/s: the steps'
-    tokens of every prompt), "later_tokens_per_s": the rate of the
+    tokens of every prompt), "threads" (torch's intra-op threads), "later_tokens_per_s": the rate of the
     steps after the first two (without the prompts' pass and the first one-token step, where a
     compiled step is traced; None for fewer than 3 tokens, and on a GPU without a streamer, which
     would wait for every step), and with offloading the expert cache's). The prompts decode as one
@@ -269,10 +269,14 @@ def _later_rate(clock: _StepClock | None) -> dict[str, float | None]:
     return {"later_tokens_per_s": None} if clock is None else clock.later_rate()
 
 
-def _speed(start: float, out: torch.Tensor, steps: int) -> dict[str, float]:
+def _speed(start: float, out: torch.Tensor, steps: int) -> dict[str, float | int]:
     """The decode steps run, seconds since `start` (time.perf_counter) once `out` is computed (a
-    GPU's queued work waited for), and tokens/s (the steps' tokens of every sequence of the batch)."""
+    GPU's queued work waited for), tokens/s (the steps' tokens of every sequence of the batch) and
+    torch's intra-op threads."""
     if out.is_cuda:
         torch.cuda.synchronize(out.device)
     seconds = time.perf_counter() - start
-    return {"steps": steps, "seconds": seconds, "tokens_per_s": out.shape[0] * steps / seconds}
+    return {
+        "steps": steps, "seconds": seconds, "tokens_per_s": out.shape[0] * steps / seconds,
+        "threads": torch.get_num_threads(),
+    }  # fmt: skip

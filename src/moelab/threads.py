@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
 
 
 def available_cores() -> int:
@@ -45,10 +49,24 @@ def check_threads(threads: int | str | None) -> None:
     if threads is None or threads == "auto":
         return
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be an integer >= 1, 'auto' (the free cores) or null, got {threads!r}")
+        raise ValueError(f"threads must be an integer >= 1 or 'auto' (the free cores), got {threads!r}")
 
 
 def resolve_threads(threads: int | str | None) -> int | None:
     """A thread setting -> the count to use: an int as is, "auto" the free cores now, None None."""
     check_threads(threads)
     return free_cores() if threads == "auto" else threads
+
+
+@contextmanager
+def intra_op_threads(threads: int | str | None) -> Iterator[int]:
+    """Run the block on `threads` intra-op threads (`resolve_threads`; None: torch's count as it
+    is), then put torch's count back; yields the count in use."""
+    previous = torch.get_num_threads()
+    count = resolve_threads(threads)
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)

@@ -48,6 +48,7 @@ from moelab.compress.skipping import apply_dynamic_skipping
 from moelab.hf.export import export_problems, exported_model
 from moelab.models import MoETransformer, load_pretrained
 from moelab.nn.routers import TopPRouter
+from moelab.threads import intra_op_threads
 from moelab.validation import check_device, is_int
 
 JSON_FORMAT = "moelab-bench-generate/1"
@@ -319,18 +320,13 @@ def routing_quality(model: MoETransformer, options: GenerateOptions) -> dict[str
 
 def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dict:
     """The whole benchmark over `models` ({name: moelab checkpoint directory}); the JSON document."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(options.threads)
-    try:
-        with busy_processes(options.load):
-            rows, quality = [], {}
-            for name, path in models.items():
-                model = load_pretrained(path).eval().to(options.device, DTYPES[options.dtype])
-                rows += measure_model(name, path, model, options, progress)
-                if routing_variants(options):
-                    quality[name] = routing_quality(model, options)
-    finally:
-        torch.set_num_threads(threads)
+    with intra_op_threads(options.threads), busy_processes(options.load):
+        rows, quality = [], {}
+        for name, path in models.items():
+            model = load_pretrained(path).eval().to(options.device, DTYPES[options.dtype])
+            rows += measure_model(name, path, model, options, progress)
+            if routing_variants(options):
+                quality[name] = routing_quality(model, options)
     return {
         "format": JSON_FORMAT,
         "setup": {**asdict(options), "torch": torch.__version__, "transformers": _transformers_version(),

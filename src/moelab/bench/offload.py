@@ -57,6 +57,7 @@ from moelab.generate import model_in_memory
 from moelab.models import MoETransformer
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import generate_ids, warm_start
+from moelab.threads import intra_op_threads
 from moelab.trace import load_model
 from moelab.validation import check_choice, check_device, is_int
 
@@ -209,12 +210,8 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
 def run(models: dict[str, Path], options: OffloadOptions, progress=None) -> dict:
     for path in models.values():  # every one before the first is measured
         _check_vocabulary(path)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(options.threads)
-    try:
+    with intra_op_threads(options.threads):
         results = [measure_model(path, options, progress) for path in models.values()]
-    finally:
-        torch.set_num_threads(previous)
     return {
         "format": JSON_FORMAT, "options": options.__dict__, "torch": torch.__version__,
         "device_name": device_name(options.device), "commit": source_commit(), "models": results,

@@ -21,7 +21,7 @@ import torch
 
 from moelab.data import TokenWindows
 from moelab.models import MoETransformer
-from moelab.threads import resolve_threads
+from moelab.threads import intra_op_threads
 from moelab.train.config import RunConfig
 from moelab.train.trainer import build_optimizer, resolve_device, train_step
 
@@ -33,10 +33,7 @@ def interleaved_throughput(runs: dict[str, RunConfig], rounds: int = 5) -> dict[
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     first = next(iter(runs.values())).train
-    threads = torch.get_num_threads()
-    if first.threads is not None:
-        torch.set_num_threads(resolve_threads(first.threads))
-    try:
+    with intra_op_threads(first.threads):
         steps = {name: _stepper(run) for name, run in runs.items()}
         for step in steps.values():
             step()  # untimed: allocations, first-call overheads
@@ -49,8 +46,6 @@ def interleaved_throughput(runs: dict[str, RunConfig], rounds: int = 5) -> dict[
                 start = time.perf_counter()
                 steps[name]()
                 times[name].append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
     base = times[next(iter(runs))]
     out = {}
     for name, run in runs.items():

@@ -53,7 +53,7 @@ from moelab.nn import MoELayer, attach_selection_bias_update
 from moelab.nn.blockffn import AdaptiveCoefficient
 from moelab.nn.rexmoe import ReuseRouter, set_reuse_progress
 from moelab.nn.routers import NON_FINITE_LOGITS, TopKRouter
-from moelab.threads import resolve_threads
+from moelab.threads import intra_op_threads
 from moelab.train.checkpoint import (
     clean_checkpoints,
     latest_checkpoint,
@@ -304,13 +304,8 @@ def _claim_and_train(
             except Exception as err:
                 error = err
         start = shared_from_rank0(parallel, start, error)
-        threads = torch.get_num_threads()
-        if cfg.threads is not None:
-            torch.set_num_threads(resolve_threads(cfg.threads))
-        try:
+        with intra_op_threads(cfg.threads):
             return _train(run, out_dir, device, start, model, loader, chunk_coef, quiet, parallel)
-        finally:
-            torch.set_num_threads(threads)
 
 
 def _check_output(out_dir: Path, inputs: Sequence[str | Path], resume: bool, overwrite: bool) -> None:
