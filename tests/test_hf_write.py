@@ -995,3 +995,52 @@ def test_a_second_edit_of_some_layers_keeps_the_record_of_the_others(mixtral, tm
     layers = json.loads((tmp_path / "b" / EXPERT_MAP_NAME).read_text())["layers"]
     assert layers["0"] == first["0"] and layers["0"]["kept"] == [0, 2, 3]
     assert layers["1"]["kept"] == [0, 2, 3] and layers["1"]["tensors_replaced"] is False
+
+
+def test_the_expert_map_records_whether_an_edit_replaced_the_tensors(mixtral, tmp_path):
+    """tensors_replaced is true for an edit that brings its own tensors (view), even one that
+    only selects experts, and false for a plain selection."""
+    with open_checkpoint(mixtral) as view:
+        edits = {i: LayerEdit(((0,), (2,), (3,)), view=apply_edit(view.layer(i), LayerEdit.keep([0, 2, 3]))) for i in (0, 1)}
+    write_checkpoint(mixtral, tmp_path / "out", edits, quiet=True, reload=False)
+    layers = json.loads((tmp_path / "out" / EXPERT_MAP_NAME).read_text())["layers"]
+    assert [(layer["kept"], layer["tensors_replaced"]) for layer in layers.values()] == [([0, 2, 3], True)] * 2
+
+
+def test_moelab_files_about_the_source_are_not_copied(mixtral, tmp_path):
+    """The source's own compression report and calibration statistics describe the source, not
+    the output: they are left behind (the expert map is remade), other side files are copied."""
+    (mixtral / "moelab_compression.json").write_text('{"stale": true}')
+    (mixtral / "moelab_calibration").mkdir()
+    (mixtral / "moelab_calibration" / "stats.json").write_text("{}")
+    (mixtral / "notes.md").write_text("kept")
+    out = drop_experts(mixtral, tmp_path / "out", [1], quiet=True, reload=False)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("moelab_")) == [EXPERT_MAP_NAME]
+    assert (out / "notes.md").read_text() == "kept"
+
+
+def test_an_edit_whose_tensors_hold_nan_is_blamed_before_anything_is_written(mixtral, tmp_path):
+    """A NaN or Inf in an edit's own tensors is refused as the edit's fault, by layer and tensor
+    name, before the shard is written (not left to the postconditions to report as moelab's)."""
+    with open_checkpoint(mixtral) as view:
+        layer = view.layer(0)
+    down = layer.experts.down.clone()
+    down[1, 0, 0] = float("inf")
+    bad = dataclasses.replace(layer, experts=dataclasses.replace(layer.experts, down=down))
+    edits = {0: LayerEdit(((0,), (1,), (2,), (3,)), view=bad)}
+    with pytest.raises(CheckpointError, match=r"layer 0: the edited tensor .*experts\.1\.w2\.weight has NaN or Inf; fix the edit"):
+        write_checkpoint(mixtral, tmp_path / "out", edits, quiet=True, reload=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_that_held_only_an_edited_layer_is_written_with_its_new_tensors(mixtral, tmp_path):
+    """Every tensor of a shard that held only layer 1's router and experts is replaced by the
+    edit; the shard still receives the layer's new tensors under its own name."""
+    from safetensors.torch import load_file
+
+    moved = [key for key in load_file(mixtral / "model.safetensors") if ".1.block_sparse_moe." in key]
+    names = _reshard(mixtral, [([], None), (moved, None)])
+    out = drop_experts(mixtral, tmp_path / "out", [2], quiet=True, reload=False)
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {shard for key, shard in weight_map.items() if ".1.block_sparse_moe." in key} == {names[1]}
+    assert sorted(p.name for p in out.glob("*.safetensors")) == names
