@@ -89,3 +89,13 @@ def test_group_limited_sigmoid_routing_needs_two_experts_per_group_before_writin
     with pytest.raises(ValueError, match=r"layer 3: after the edit, .*scores each group by its 2 best experts"):
         check_edit(3, edit, 8, settings | {"score_func": "sigmoid"})
     check_edit(3, LayerEdit.keep([0, 1, 4, 5]), 8, settings | {"score_func": "sigmoid"})
+
+
+def test_an_edited_view_is_the_layer_it_edits(tmp_path):
+    """apply_edit returns the edited layer itself (its index and shared experts), whatever the
+    view's own index: only the router and routed experts come from the view."""
+    build("mixtral").save_pretrained(tmp_path)
+    with open_checkpoint(tmp_path) as view:
+        layer, other = view.layer(0), view.layer(1)
+    edited = apply_edit(layer, LayerEdit(((0,), (1,), (2,), (3,)), view=other))
+    assert edited.index == 0 and torch.equal(edited.experts.gate, other.experts.gate)
