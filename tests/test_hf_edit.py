@@ -99,3 +99,15 @@ def test_an_edited_view_is_the_layer_it_edits(tmp_path):
         layer, other = view.layer(0), view.layer(1)
     edited = apply_edit(layer, LayerEdit(((0,), (1,), (2,), (3,)), view=other))
     assert edited.index == 0 and torch.equal(edited.experts.gate, other.experts.gate)
+
+
+def test_moe_output_computes_in_float64_whatever_the_input_dtype(tmp_path):
+    """moe_output takes x in any float dtype and computes (and returns) in float64."""
+    from moelab.hf.edit import moe_output
+
+    build("mixtral").save_pretrained(tmp_path)
+    with open_checkpoint(tmp_path) as view:
+        layer = view.layer(0)
+    x = torch.randn(8, layer.experts.dim, generator=torch.Generator().manual_seed(0))
+    y = moe_output(layer, x, keep=[0, 2, 3])
+    assert y.dtype == torch.float64 and torch.equal(y, moe_output(layer, x.double(), keep=[0, 2, 3]))
