@@ -1393,3 +1393,37 @@ def test_symlinked_shard_inside_the_directory_is_fine(sources, tmp_path):
     shard.rename(ckpt / "real.safetensors")
     os.symlink("real.safetensors", shard)
     open_checkpoint(ckpt).check()
+
+
+# ----------------------------------------------------------------------------- CLI fuzzing (branch cli-fuzz)
+
+
+def _stats_info(**changes) -> str:
+    """A complete calibration.json of another model, with top-level keys changed (`...` deletes)."""
+    info = {
+        "format": "moelab-calibration/1", "complete": True, "moe_layers": [1],
+        "settings": {"observers": ["routing"], "tokens": 64, "seq_len": 16},
+        "model": {"path": "/elsewhere/model", "fingerprint": "2:" + "0" * 64},
+        "mixture": {"spec": "corpus", "sources": [], "digest": "0"},
+    }  # fmt: skip
+    for key, value in changes.items():
+        info.pop(key) if value is ... else info.__setitem__(key, value)
+    return json.dumps(info)
+
+
+@case
+def compress_stats_info_without_model(tmp, src):
+    model = copy(src, "moelab", tmp)
+    stats = tmp / "stats"
+    text(stats / "calibration.json", _stats_info(model=...))
+    args = ["compress", model, "--stats", stats, "--out", tmp / "out", "--quiet"]
+    return args, [model, stats], [f"{stats / 'calibration.json'}: model.path must be str, got None", "calibrate again"]
+
+
+@case
+def compress_stats_info_sources_not_records(tmp, src):
+    model = copy(src, "moelab", tmp)
+    stats = tmp / "stats"
+    text(stats / "calibration.json", _stats_info(mixture={"spec": "corpus", "sources": ["code"]}))
+    args = ["compress", model, "--stats", stats, "--out", tmp / "out", "--quiet"]
+    return args, [model, stats], ["mixture.sources must be records with a 'domain' name"]

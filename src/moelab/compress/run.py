@@ -195,8 +195,8 @@ def _statistics(
         calibration.check_model(fingerprint(model), model)
         _check_domains(domains, calibration.sources)
         if calib is not None:  # the data asked for must be the data the statistics saw
-            settings = calibration.info["settings"]
-            used = CalibrationOptions(tokens=settings["tokens"], seq_len=settings["seq_len"])
+            tokens, seq_len = calibration.windows()
+            used = CalibrationOptions(tokens=tokens, seq_len=seq_len)
             mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, used, quiet)
             calibration.check_mixture(mixture.digest, mixture.spec)
         clear_staging(staging, [STATS_DIR])  # an earlier run's calibration: these statistics replace it

@@ -148,6 +148,7 @@ class Calibration:
             raise ValueError(f"{path} is not a {FORMAT} file; calibrate again with this moelab")
         if not self.info.get("complete"):
             raise ValueError(f"the calibration in {self.directory} did not finish; run it again to resume it")
+        _check_info(self.info, path)
 
     @property
     def layers(self) -> list[int]:
@@ -177,12 +178,53 @@ class Calibration:
                 "(their fingerprints differ); calibrate this model instead of reusing them"
             )
 
+    def windows(self) -> tuple[int, int]:
+        """(token budget, window length) the statistics were calibrated with."""
+        _check_info(self.info, self.directory / INFO_NAME, MIXTURE_FIELDS)
+        return self.info["settings"]["tokens"], self.info["settings"]["seq_len"]
+
     def check_mixture(self, digest: str, spec: str) -> None:
+        _check_info(self.info, self.directory / INFO_NAME, MIXTURE_FIELDS)
         if self.info["mixture"]["digest"] != digest:
             raise ValueError(
                 f"the statistics in {self.directory} were made on the calibration data "
                 f"{self.info['mixture']['spec']!r}, not on {spec!r} (their digests differ); calibrate again"
             )
+
+
+INFO_FIELDS = (  # (keys, type) of what every reader takes from calibration.json
+    (("model", "path"), str),
+    (("model", "fingerprint"), str),
+    (("mixture", "spec"), str),
+    (("mixture", "sources"), list),
+    (("moe_layers",), list),
+    (("settings", "observers"), list),
+)
+MIXTURE_FIELDS = (  # what checking the statistics against calibration data takes besides
+    (("mixture", "digest"), str),
+    (("settings", "tokens"), int),
+    (("settings", "seq_len"), int),
+)
+
+
+def _check_info(info: dict[str, Any], path: Path, fields: tuple = INFO_FIELDS) -> None:
+    """Raise a ValueError naming the first of `fields` of calibration.json that is missing or of
+    the wrong type (an edited or foreign file), instead of a KeyError or TypeError later."""
+    for keys, kind in fields:
+        value: Any = info
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(
+                f"{path}: {'.'.join(keys)} must be {kind.__name__}, got {value!r}; the file was edited or is "
+                "not moelab's: calibrate again"
+            )
+    if fields is not INFO_FIELDS:
+        return
+    if not all(isinstance(s, dict) and isinstance(s.get("domain"), str) for s in info["mixture"]["sources"]):
+        raise ValueError(f"{path}: mixture.sources must be records with a 'domain' name; calibrate again")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in info["moe_layers"]):
+        raise ValueError(f"{path}: moe_layers must be layer numbers, got {info['moe_layers']!r}; calibrate again")
 
 
 def layer_file(directory: Path, index: int) -> Path:
