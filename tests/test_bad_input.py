@@ -1427,3 +1427,10 @@ def compress_stats_info_sources_not_records(tmp, src):
     text(stats / "calibration.json", _stats_info(mixture={"spec": "corpus", "sources": ["code"]}))
     args = ["compress", model, "--stats", stats, "--out", tmp / "out", "--quiet"]
     return args, [model, stats], ["mixture.sources must be records with a 'domain' name"]
+
+
+@case
+def compress_m_smoe_mc_sparse_outside(tmp, src):
+    model = copy(src, "moelab", tmp)
+    args = ["compress", model, "--method", "m_smoe", "--option", "mc_sparse=2", "--out", tmp / "out", "--quiet"]
+    return args, [model], ["m_smoe mc_sparse must lie in [0, 1]", "got 2"]

@@ -29,6 +29,10 @@ class MSMoE(Method):
     merges = True
 
     def __init__(self, align: bool = True, mc_rank: int | None = None, mc_sparse: float = 0.1):
+        if mc_rank is not None and mc_rank < 1:
+            raise ValueError(f"m_smoe mc_rank must be >= 1 (or None for no low-rank step), got {mc_rank}")
+        if not 0 <= mc_sparse <= 1:
+            raise ValueError(f"m_smoe mc_sparse must lie in [0, 1] (a fraction of the residual entries), got {mc_sparse}")
         self.align, self.mc_rank, self.mc_sparse = align, mc_rank, mc_sparse
 
     def options(self):
