@@ -1434,3 +1434,10 @@ def compress_m_smoe_mc_sparse_outside(tmp, src):
     model = copy(src, "moelab", tmp)
     args = ["compress", model, "--method", "m_smoe", "--option", "mc_sparse=2", "--out", tmp / "out", "--quiet"]
     return args, [model], ["m_smoe mc_sparse must lie in [0, 1]", "got 2"]
+
+
+@case
+def compress_option_given_twice(tmp, src):
+    model = copy(src, "moelab", tmp)
+    args = ["compress", model, "--method", "random", "--option", "seed=1", "--option", "seed=2", "--out", tmp / "out"]
+    return args, [model], ["--option seed is given twice", "give each option once"]

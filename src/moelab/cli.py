@@ -506,6 +506,8 @@ def _method_options(pairs: list[str] | None) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--option takes KEY=VALUE (e.g. layout=padded), got {pair!r}")
+        if key.strip() in options:
+            raise ValueError(f"--option {key.strip()} is given twice; give each option once")
         try:
             options[key.strip()] = json.loads(value)
         except ValueError:
