@@ -1441,3 +1441,25 @@ def compress_option_given_twice(tmp, src):
     model = copy(src, "moelab", tmp)
     args = ["compress", model, "--method", "random", "--option", "seed=1", "--option", "seed=2", "--out", tmp / "out"]
     return args, [model], ["--option seed is given twice", "give each option once"]
+
+
+def _fewer_layers_in_config(tmp: Path, src: Path) -> Path:
+    """A copy of the moelab checkpoint whose config.json has one layer fewer than its weights."""
+    model = copy(src, "moelab", tmp)
+    edit_json(model / "config.json", n_layers=json.loads((model / "config.json").read_text())["n_layers"] - 1)
+    return model
+
+
+@case
+def calibrate_config_with_fewer_layers_than_the_weights(tmp, src):
+    model = _fewer_layers_in_config(tmp, src)
+    args = ["calibrate", model, "--out", tmp / "out", "--quiet"]
+    return args, [model], [f"{model}: the checkpoint holds layers", "config.json does not describe these weights"]
+
+
+@case
+def compress_config_with_fewer_layers_than_the_weights(tmp, src):
+    model = _fewer_layers_in_config(tmp, src)
+    args = ["compress", model, "--method", "frequency", "--out", tmp / "out", "--quiet"]
+    return args, [model], ["the checkpoint holds layers", "config.json does not describe these weights"]
+

@@ -35,7 +35,7 @@ from moelab.hf.adapters import FAMILIES, NATIVE, resolve
 from moelab.hf.checkpoint import CheckpointError, side_files
 from moelab.hf.loading import load_causal_lm
 from moelab.hf.postconditions import postcondition_error
-from moelab.hf.view import MoELayerView, SharedView
+from moelab.hf.view import MoELayerView, SharedView, check_no_layers_beyond
 from moelab.io import StagedOutput, atomic_write_text, check_output_dir, copy_side_file, save_safetensors
 from moelab.models.config import ModelConfig
 from moelab.models.pretrained import CHECKPOINT_KIND
@@ -174,6 +174,7 @@ def export_state(
         if adapter is not NATIVE:
             raise ValueError(f"{model_dir} is not a moelab checkpoint (its config.json has a model_type)")
         model_config = ModelConfig.from_dict(config)
+        check_no_layers_beyond(ckpt, config, adapter, model_config.n_layers)
         if problems := export_problems(model_config, family):
             raise ValueError(
                 f"{model_dir} cannot be exported exactly as {family}: it has " + "; ".join(problems)

@@ -9,6 +9,7 @@ compression read views. A `ModelView` reads one layer's tensors when asked for t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -206,6 +207,7 @@ class ModelView:
                 f"config.json in {checkpoint.directory} gives {num_layers!r} as the number of layers; expected an "
                 "integer >= 1 (num_hidden_layers or the family's equivalent)"
             )
+        check_no_layers_beyond(checkpoint, config, adapter, num_layers)
         self.path = checkpoint.directory
         self.config = config
         self.family = adapter.name
@@ -268,6 +270,24 @@ class ModelView:
 
     def __repr__(self) -> str:
         return f"ModelView({str(self.path)!r}, family={self.family!r}, num_layers={self.num_layers})"
+
+
+def check_no_layers_beyond(checkpoint: Checkpoint, config: dict[str, Any], adapter: LayerReader, num_layers: int):
+    """Refuse a checkpoint that stores decoder layers past config.json's layer count (a DeepSeek
+    checkpoint's next-token-prediction layers, num_nextn_predict_layers, aside): config.json does
+    not describe these weights, and reading only its first layers would give another model."""
+    prefix = getattr(adapter, "layer_prefix", None)
+    if prefix is None or "{n}" not in prefix:
+        return
+    nextn = config.get("num_nextn_predict_layers")
+    limit = num_layers + (nextn if is_int(nextn) and nextn > 0 else 0)
+    pattern = re.compile(re.escape(prefix).replace(r"\{n\}", r"(\d+)"))
+    extra = sorted({int(m[1]) for key in checkpoint.keys() if (m := pattern.match(key)) and int(m[1]) >= limit})
+    if extra:
+        raise CheckpointError(
+            f"{checkpoint.directory}: the checkpoint holds layers {extra[:3]}{' ...' if len(extra) > 3 else ''} but "
+            f"config.json has {num_layers}; config.json does not describe these weights (fix its layer count)"
+        )
 
 
 def _check_shape(name: str, tensor: Tensor | None, expected: tuple[int | None, ...]) -> None:
