@@ -1463,3 +1463,11 @@ def compress_config_with_fewer_layers_than_the_weights(tmp, src):
     args = ["compress", model, "--method", "frequency", "--out", tmp / "out", "--quiet"]
     return args, [model], ["the checkpoint holds layers", "config.json does not describe these weights"]
 
+
+
+@case
+def consolidate_out_inside_the_checkpoint(tmp, src):
+    ckpt = tmp / "run" / "checkpoints" / "step-000002"
+    text(ckpt / "train_state.pt", b"")  # the check comes before anything is read
+    args = ["consolidate", ckpt, "--out", ckpt / "model2"]
+    return args, [ckpt], [f"{ckpt / 'model2'} lies inside the input {ckpt}", "choose an output path outside it"]

@@ -43,9 +43,9 @@ from moelab.distributed.state import (
     read_checkpoint,
     training_state,
 )
-from moelab.io import OutputError, StagedOutput, clean_leftovers, is_output, remove_output
+from moelab.io import OutputError, StagedOutput, check_output_dir, clean_leftovers, is_output, remove_output
 from moelab.models import ModelConfig, MoETransformer, load_pretrained, save_pretrained
-from moelab.models.pretrained import CONFIG_NAME, write_model_files
+from moelab.models.pretrained import CHECKPOINT_KIND, CONFIG_NAME, write_model_files
 from moelab.train.collectives import shared_from_rank0
 
 DCP_NAME = "dcp"
@@ -179,6 +179,7 @@ def consolidate_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, o
     """A training checkpoint (distributed or not) as a model directory (`save_pretrained`
     format, with the tokenizer) in `out`, in one process."""
     path = Path(path)
+    check_output_dir(out, CHECKPOINT_KIND, inputs=[path], overwrite=overwrite)  # before reading anything
     if not (path / DCP_NAME).is_dir():
         model = load_checkpoint(path).model
     else:
@@ -189,7 +190,7 @@ def consolidate_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, o
         except Exception as err:
             raise ValueError(f"cannot read the distributed checkpoint {path / DCP_NAME}: {err}") from None
         model.load_state_dict(weights)
-    save_pretrained(model, out, overwrite=overwrite, extra_files=sorted(TOKENIZER_DIR.glob("*.json")))
+    save_pretrained(model, out, overwrite=overwrite, extra_files=sorted(TOKENIZER_DIR.glob("*.json")), inputs=[path])
     return Path(out)
 
 
