@@ -1471,3 +1471,12 @@ def consolidate_out_inside_the_checkpoint(tmp, src):
     text(ckpt / "train_state.pt", b"")  # the check comes before anything is read
     args = ["consolidate", ckpt, "--out", ckpt / "model2"]
     return args, [ckpt], [f"{ckpt / 'model2'} lies inside the input {ckpt}", "choose an output path outside it"]
+
+
+@case
+def bench_skip_stats_of_another_model(tmp, src):
+    model = copy(src, "moelab", tmp)
+    stats = tmp / "stats"
+    text(stats / "calibration.json", _stats_info())
+    args = ["bench", "skip", model, "--stats", stats, "--tokens", "64", "--rounds", "1"]
+    return args, [model, stats], ["were made on /elsewhere/model", "fingerprints differ", "calibrate this model"]

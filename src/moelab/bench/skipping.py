@@ -16,7 +16,7 @@ from rich.table import Table
 from torch import Tensor
 
 from moelab.bench.rounds import speedup
-from moelab.compress.skipping import apply_dynamic_skipping, skip_ratios
+from moelab.compress.skipping import apply_dynamic_skipping, check_skip_statistics, skip_ratios
 from moelab.compress.stats import Calibration
 from moelab.data import IGNORE_INDEX, eval_batches, tokenize_split
 from moelab.models import load_pretrained
@@ -61,8 +61,10 @@ def loss_and_experts(model, batches: list[tuple[Tensor, Tensor]]) -> dict[str, f
 
 @torch.no_grad()
 def run(model_dir: Path, stats_dir: Path, options: SkipOptions) -> dict:
+    calibration = Calibration(stats_dir)
+    check_skip_statistics(calibration, model_dir)
     model = load_pretrained(model_dir).eval()
-    ratios = skip_ratios(Calibration(stats_dir))
+    ratios = skip_ratios(calibration)
     batches = test_batches(options.tokens, options.seq_len, options.batch_size, options.split)
     seconds = {"plain": [], "skipping": []}
     measured = {}

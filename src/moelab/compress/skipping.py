@@ -10,10 +10,14 @@ runtime (`MoELayer.skip_ratio`): checkpoints are unchanged, so it applies to moe
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from moelab.compress.stats import Calibration, LayerStats
+from moelab.compress.stats import Calibration, LayerStats, fingerprint
+from moelab.files import read_json_object
 from moelab.nn.moe import MoELayer
 
 
@@ -31,6 +35,17 @@ def median_skip_ratio(stats: LayerStats) -> float:
     before = float(cumulative[b - 1]) if b > 0 else 0.0
     inside = (total / 2 - before) / float(hist[b]) if hist[b] > 0 else 0.0
     return (b + inside) / hist.numel()
+
+
+def check_skip_statistics(calibration: Calibration, model: str | os.PathLike) -> None:
+    """Raise unless `calibration` was made on `model`, or on the model a compressed `model` was
+    made from (its moelab_compression.json's source_fingerprint: the source's statistics serve)."""
+    report = Path(model) / "moelab_compression.json"
+    source = None
+    if report.is_file():
+        source = read_json_object(report, "a compression report").get("source_fingerprint")
+    if calibration.info["model"]["fingerprint"] != source:
+        calibration.check_model(fingerprint(model), model)
 
 
 def skip_ratios(calibration: Calibration) -> dict[int, float]:

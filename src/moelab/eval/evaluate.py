@@ -32,7 +32,6 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from moelab.data import IGNORE_INDEX, eval_batches
-from moelab.files import read_json_object
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import Checkpoint
 from moelab.hf.layouts import config_value
@@ -129,17 +128,11 @@ def evaluate(
                 f"dynamic skipping runs in moelab's runtime; {model} is a transformers checkpoint (evaluate it "
                 "without --dynamic-skip)"
             )
-        from moelab.compress.skipping import apply_dynamic_skipping, skip_ratios
-        from moelab.compress.stats import Calibration, fingerprint
+        from moelab.compress.skipping import apply_dynamic_skipping, check_skip_statistics, skip_ratios
+        from moelab.compress.stats import Calibration
 
         calibration = Calibration(options.dynamic_skip)
-        own = fingerprint(model)
-        report = Path(model) / "moelab_compression.json"  # a compressed model: its source's statistics serve
-        source = None
-        if report.is_file():
-            source = read_json_object(report, "a compression report").get("source_fingerprint")
-        if calibration.info["model"]["fingerprint"] != source:
-            calibration.check_model(own, model)
+        check_skip_statistics(calibration, model)
         apply_dynamic_skipping(lm.model, skip_ratios(calibration))
     ref = LoadedLM(base) if base is not None else None
     if ref is not None and ref.vocab_size != lm.vocab_size:
