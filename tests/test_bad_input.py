@@ -1480,3 +1480,15 @@ def bench_skip_stats_of_another_model(tmp, src):
     text(stats / "calibration.json", _stats_info())
     args = ["bench", "skip", model, "--stats", stats, "--tokens", "64", "--rounds", "1"]
     return args, [model, stats], ["were made on /elsewhere/model", "fingerprints differ", "calibrate this model"]
+
+
+@case
+def calibrate_inf_in_an_expert(tmp, src):
+    ckpt = copy(src, "mixtral8k", tmp)  # moelab's vocabulary: the corpus calibrates it
+    tensors = load_file(ckpt / "model.safetensors")
+    name = next(k for k in sorted(tensors) if ".experts." in k and k.startswith("model.layers.1."))
+    tensors[name].view(-1)[0] = float("inf")
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(ckpt)
+    args = ["calibrate", ckpt, "--calib-tokens", "256", "--seq-len", "32", "--out", tmp / "out", "--quiet"]
+    return args, [ckpt], [f"{ckpt}: NaN or Inf in layer 1's MoE block (experts.", "weights are corrupt"]

@@ -204,6 +204,10 @@ class LayerwiseModel:
             view = dataclasses.replace(view, shared=None)  # the decoder layer adds its shared experts itself
         moe = moe_layer_from_view(view).eval()
         del view  # the layer holds the tensors now: converting it frees each stored tensor in turn
+        if bad := non_finite_names(moe.named_parameters()):
+            raise CheckpointError(
+                f"{self.path}: NaN or Inf in layer {index}'s MoE block ({', '.join(bad)}): the weights are corrupt"
+            )
         if cast_experts:
             moe.to(self.dtype)
         else:  # the experts stay as stored, cast one expert at a time as they compute
