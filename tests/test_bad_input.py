@@ -1492,3 +1492,9 @@ def calibrate_inf_in_an_expert(tmp, src):
     PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(ckpt)
     args = ["calibrate", ckpt, "--calib-tokens", "256", "--seq-len", "32", "--out", tmp / "out", "--quiet"]
     return args, [ckpt], [f"{ckpt}: NaN or Inf in layer 1's MoE block (experts.", "weights are corrupt"]
+
+
+@case
+def generate_infinite_temperature(tmp, src):
+    args = ["generate", "hi", "--max-new-tokens", "2", "--temperature", "inf"]
+    return args, [], ["temperature must be > 0 and finite when sampling, got inf"]

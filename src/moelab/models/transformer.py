@@ -678,9 +678,9 @@ class MoETransformer(nn.Module):
                 f"prompt ({S}) + max_new_tokens ({max_new_tokens}) must fit ModelConfig.max_seq_len "
                 f"({self.config.max_seq_len}); shorten one of them"
             )
-        if not greedy and temperature <= 0:
+        if not greedy and not 0 < temperature < math.inf:
             raise ValueError(
-                f"temperature must be > 0 when sampling, got {temperature}; use greedy=True for argmax"
+                f"temperature must be > 0 and finite when sampling, got {temperature}; use greedy=True for argmax"
             )
         check_sampling(top_p=top_p, top_k=top_k)
         self._check_inputs(input_ids, None, None, 0)
@@ -854,9 +854,9 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.temperature > 0:
+        if not 0 < self.temperature < math.inf:
             raise ValueError(
-                f"temperature must be > 0 when sampling, got {self.temperature}; for the most likely "
+                f"temperature must be > 0 and finite when sampling, got {self.temperature}; for the most likely "
                 "token at every step decode greedily (no temperature, top-p or top-k)"
             )
         check_sampling(top_p=self.top_p, top_k=self.top_k)
