@@ -1498,3 +1498,9 @@ def calibrate_inf_in_an_expert(tmp, src):
 def generate_infinite_temperature(tmp, src):
     args = ["generate", "hi", "--max-new-tokens", "2", "--temperature", "inf"]
     return args, [], ["temperature must be > 0 and finite when sampling, got inf"]
+
+
+@case
+def info_checkpoint_directory(tmp, src):
+    model = copy(src, "moelab", tmp)
+    return ["info", model], [model], [f"{model} is a directory", f"its config.json: {model / 'config.json'}"]

@@ -31,7 +31,7 @@ from moelab.distributed.mesh import ParallelConfig
 from moelab.files import read_config_file
 from moelab.io import atomic_write_text
 from moelab.models import ModelConfig, preset
-from moelab.models.config import check_not_transformers
+from moelab.models.config import PRESETS, check_not_transformers
 from moelab.threads import check_threads
 from moelab.validation import check_choice, check_field_types, check_known_fields, did_you_mean
 
@@ -237,6 +237,9 @@ def is_run_config(data: Any) -> bool:
 def load_model_config(spec: str | Path) -> ModelConfig:
     """A model config from a preset name, a ModelConfig file, or a run file (its model section)."""
     path = Path(spec)
+    if not path.suffix and str(spec) not in PRESETS and path.is_dir():
+        hint = f" (its config.json: {path / 'config.json'})" if (path / "config.json").is_file() else ""
+        raise ValueError(f"{path} is a directory; give a model or run config file{hint} or a preset name")
     if not path.suffix:
         return preset(str(spec))
     data = read_config_file(path)
