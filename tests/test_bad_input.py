@@ -864,32 +864,32 @@ def compress_stats_of_another_model(tmp, src):
     return args, [model, stats], ["were made on /elsewhere/model", "fingerprints differ"]
 
 
+def _compress_with_options(tmp: Path, src: Path, method: str, *options: str) -> tuple[list, list[Path]]:
+    """moelab compress of a copy of the moelab checkpoint with `method` and each of `options` as an
+    --option: (its arguments, its inputs)."""
+    model = copy(src, "moelab", tmp)
+    given = [arg for option in options for arg in ("--option", option)]
+    return ["compress", model, "--method", method, *given, "--out", tmp / "out", "--quiet"], [model]
+
+
 @case
 def compress_option_without_value(tmp, src):
-    model = copy(src, "moelab", tmp)
-    args = ["compress", model, "--method", "heapr", "--option", "layout", "--out", tmp / "out", "--quiet"]
-    return args, [model], ["--option takes KEY=VALUE", "got 'layout'"]
+    return *_compress_with_options(tmp, src, "heapr", "layout"), ["--option takes KEY=VALUE", "got 'layout'"]
 
 
 @case
 def compress_option_the_method_lacks(tmp, src):
-    model = copy(src, "moelab", tmp)
-    args = ["compress", model, "--method", "reap", "--option", "rank=4", "--out", tmp / "out", "--quiet"]
-    return args, [model], ["method 'reap' does not take these options"]
+    return *_compress_with_options(tmp, src, "reap", "rank=4"), ["method 'reap' does not take these options"]
 
 
 @case
 def compress_option_of_the_wrong_type(tmp, src):
-    model = copy(src, "moelab", tmp)
-    args = ["compress", model, "--method", "m_smoe", "--option", "align=False", "--out", tmp / "out", "--quiet"]
-    return args, [model], ["m_smoe option align='False' must be bool", "--option align=true"]
+    return *_compress_with_options(tmp, src, "m_smoe", "align=False"), ["m_smoe option align='False' must be bool", "--option align=true"]
 
 
 @case
 def compress_heapr_unknown_layout(tmp, src):
-    model = copy(src, "moelab", tmp)
-    args = ["compress", model, "--method", "heapr", "--option", "layout=ragged", "--out", tmp / "out", "--quiet"]
-    return args, [model], ["heapr layout must be one of", "got 'ragged'"]
+    return *_compress_with_options(tmp, src, "heapr", "layout=ragged"), ["heapr layout must be one of", "got 'ragged'"]
 
 
 @case
@@ -1431,16 +1431,12 @@ def compress_stats_info_sources_not_records(tmp, src):
 
 @case
 def compress_m_smoe_mc_sparse_outside(tmp, src):
-    model = copy(src, "moelab", tmp)
-    args = ["compress", model, "--method", "m_smoe", "--option", "mc_sparse=2", "--out", tmp / "out", "--quiet"]
-    return args, [model], ["m_smoe mc_sparse must lie in [0, 1]", "got 2"]
+    return *_compress_with_options(tmp, src, "m_smoe", "mc_sparse=2"), ["m_smoe mc_sparse must lie in [0, 1]", "got 2"]
 
 
 @case
 def compress_option_given_twice(tmp, src):
-    model = copy(src, "moelab", tmp)
-    args = ["compress", model, "--method", "random", "--option", "seed=1", "--option", "seed=2", "--out", tmp / "out"]
-    return args, [model], ["--option seed is given twice", "give each option once"]
+    return *_compress_with_options(tmp, src, "random", "seed=1", "seed=2"), ["--option seed is given twice", "give each option once"]
 
 
 def _fewer_layers_in_config(tmp: Path, src: Path) -> Path:
