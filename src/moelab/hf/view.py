@@ -272,6 +272,18 @@ class ModelView:
         return f"ModelView({str(self.path)!r}, family={self.family!r}, num_layers={self.num_layers})"
 
 
+def stored_layers(checkpoint: Checkpoint, layer_prefix: str) -> dict[int, list[str]]:
+    """{decoder layer index: its tensor names} of the tensors stored under `layer_prefix`
+    ("model.layers.{n}."), in checkpoint order."""
+    head, _, tail = layer_prefix.partition("{n}")
+    pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
+    found: dict[int, list[str]] = {}
+    for key in checkpoint.keys():
+        if match := pattern.match(key):
+            found.setdefault(int(match[1]), []).append(key)
+    return found
+
+
 def check_no_layers_beyond(checkpoint: Checkpoint, config: dict[str, Any], adapter: LayerReader, num_layers: int):
     """Refuse a checkpoint that stores decoder layers past config.json's layer count (a DeepSeek
     checkpoint's next-token-prediction layers, num_nextn_predict_layers, aside): config.json does
@@ -281,8 +293,7 @@ def check_no_layers_beyond(checkpoint: Checkpoint, config: dict[str, Any], adapt
         return
     nextn = config.get("num_nextn_predict_layers")
     limit = num_layers + (nextn if is_int(nextn) and nextn > 0 else 0)
-    pattern = re.compile(re.escape(prefix).replace(r"\{n\}", r"(\d+)"))
-    extra = sorted({int(m[1]) for key in checkpoint.keys() if (m := pattern.match(key)) and int(m[1]) >= limit})
+    extra = sorted(i for i in stored_layers(checkpoint, prefix) if i >= limit)
     if extra:
         raise CheckpointError(
             f"{checkpoint.directory}: the checkpoint holds layers {extra[:3]}{' ...' if len(extra) > 3 else ''} but "

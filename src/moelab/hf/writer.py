@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from moelab.hf.expert_map import FORMAT as EXPERT_MAP_FORMAT
 from moelab.hf.expert_map import read_expert_map
 from moelab.hf.layouts import Config, Family, config_entry, config_value
 from moelab.hf.postconditions import LayerCheck, check_reload, check_written
-from moelab.hf.view import ModelView, MoELayerView
+from moelab.hf.view import ModelView, MoELayerView, stored_layers
 from moelab.io import RawTensor, StagedOutput, atomic_write_text, copy_side_file, save_safetensors_stream
 from moelab.memory import release_freed_memory
 from moelab.models.pretrained import CHECKPOINT_KIND
@@ -231,12 +230,7 @@ def _layers_beyond(config: Config, ckpt: Checkpoint, family: Family) -> dict[int
     """{index: its keys} of the layers stored past the model's layer count that hold routed experts
     (DeepSeek-V3's multi-token prediction modules, `model.layers.61.*`: transformers does not build them)."""
     count = config_value(config, *family.num_layers)
-    head, _, tail = family.layer_prefix.partition("{n}")
-    pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
-    found: dict[int, list[str]] = {}
-    for key in ckpt.keys():
-        if (match := pattern.match(key)) and int(match[1]) >= count:
-            found.setdefault(int(match[1]), []).append(key)
+    found = {index: keys for index, keys in stored_layers(ckpt, family.layer_prefix).items() if index >= count}
     return {index: keys for index, keys in found.items() if family.layout_of(ckpt, index) is not None}
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -337,17 +336,9 @@ def _load_converted(model: MoETransformer, store: ExpertStore, dtype: torch.dtyp
 
 def _check_config_fits(store: ExpertStore) -> None:
     """config.json describes the weights where the offloaded model does not check by itself (its
-    dense tensors' shapes are checked as they load): no layer's tensors past its layer count (a
-    DeepSeek checkpoint's next-token-prediction layers aside), and the routed experts' width."""
+    dense tensors' shapes are checked as they load, and the store's `ModelView` refuses layers
+    stored past the layer count): the routed experts' width."""
     view, family = store.view, store.family
-    layers = view.num_layers + (view.config.get("num_nextn_predict_layers") or 0)
-    pattern = re.compile(re.escape(family.layer_prefix).replace(r"\{n\}", r"(\d+)"))
-    found = {int(m[1]) for key in store.checkpoint.keys() if (m := pattern.match(key))}
-    if extra := sorted(i for i in found if i >= layers):
-        raise CheckpointError(
-            f"{store.path}: the checkpoint holds layers {extra[:3]}{' ...' if len(extra) > 3 else ''} but "
-            f"config.json has {view.num_layers}; config.json does not describe these weights"
-        )
     key, width = config_entry(view.config, family.expert_width, default=None)
     if width is not None and width != store.expert_width:
         raise CheckpointError(
