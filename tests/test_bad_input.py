@@ -1227,6 +1227,23 @@ def test_non_finite_names_finds_inf_as_well_as_nan():
     assert non_finite_names(named) == ["nan", "inf"]
 
 
+def test_non_finite_names_checks_a_large_tensor_a_slice_at_a_time(monkeypatch):
+    """A layer's stacked experts are checked in slices along their first dimensions, so the
+    boolean mask stays small (it was as large as the tensor: a gigabyte per billion elements);
+    a NaN anywhere, the tensor non-contiguous too, is still found."""
+    from moelab.validation import _all_finite
+
+    real, seen = torch.isfinite, []
+    monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t.numel()) or real(t))
+    clean = torch.zeros(5, 3, 4)
+    assert _all_finite(clean, chunk=10) and _all_finite(clean.transpose(0, 2), chunk=10)
+    for index in [(0, 0, 0), (4, 2, 3), (2, 1, 0), (3, 2, 1)]:
+        bad = clean.clone()
+        bad[index] = float("nan")
+        assert not _all_finite(bad, chunk=10) and not _all_finite(bad.transpose(0, 2), chunk=10), index
+    assert seen and max(seen) <= 10
+
+
 def test_reading_a_directory_as_a_text_file_names_it(tmp_path):
     with pytest.raises(ValueError, match="is a directory, expected a file"):
         read_text(tmp_path)

@@ -31,7 +31,22 @@ def non_finite_names(named: Iterable[tuple[str, object]]) -> list[str]:
     import torch
 
     floating = [(name, t) for name, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return [name for name, t in floating if not t.is_meta and not bool(torch.isfinite(t).all())]
+    return [name for name, t in floating if not t.is_meta and not _all_finite(t)]
+
+
+FINITE_CHUNK = 1 << 24  # elements checked at once: a mask of 16 MB, whatever the tensor's size
+
+
+def _all_finite(t, chunk: int = FINITE_CHUNK) -> bool:
+    """`torch.isfinite(t).all()` a slice along the first dimension at a time: a layer's stacked
+    experts (billions of elements in a large model) would otherwise need a boolean mask as large."""
+    import torch
+
+    if t.dim() == 0 or t.numel() <= chunk:
+        return bool(torch.isfinite(t).all())
+    row = t.numel() // t.shape[0]
+    parts = t.unbind(0) if row > chunk else t.split(chunk // row)
+    return all(_all_finite(part, chunk) for part in parts)
 
 
 def check_device(device: str) -> None:
