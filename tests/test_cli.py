@@ -824,6 +824,7 @@ def test_compute_commands_run_on_their_threads_and_put_torch_s_back(monkeypatch,
                 ["train", tmp_path / "run.yaml"], ["compare", "a.yaml", "--train", "t.yaml", "--out", tmp_path / "c"],
                 ["generate", "one", "two"]]  # fmt: skip
     monkeypatch.setattr("moelab.threads.free_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # set where the tests run, 'auto' would keep torch's count
     before = torch.get_num_threads()
     try:
         for args in commands:
