@@ -293,8 +293,11 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
     assert model.generate(prompt, 60, greedy=True).shape[1] == model.config.max_seq_len == 64  # fills it
     with pytest.raises(ValueError, match="must fit ModelConfig.max_seq_len"):
         model.generate(prompt, 61)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        model.generate(prompt, 2, temperature=0)
+    for bad in (0, float("inf"), float("nan")):  # inf: logits / inf = 0, every token alike
+        with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
+            model.generate(prompt, 2, temperature=bad)
+        with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
+            Sampling(temperature=bad)
 
 
 def test_top_p_stops_at_the_token_whose_mass_reaches_it_exactly():
