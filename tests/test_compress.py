@@ -454,7 +454,7 @@ def test_methods_that_rerun_layers_on_sampled_inputs_need_sampled_inputs(tmp_pat
         with pytest.raises(ValueError, match=f"router re-calibration .*sample_tokens >= 4, got {sample_tokens}"):
             compress(model_dir, tmp_path / "out", router_fit=RouterFit(steps=5), calib_options=few, quiet=True)
     few = dataclasses.replace(SMALL, sample_tokens=3)  # moelab's recipe fits its routers itself (fit_steps)
-    with pytest.raises(ValueError, match="'moelab''s router re-calibration \\(fit_steps\\) .*>= 4, got 3"):
+    with pytest.raises(ValueError, match=r"the router re-calibration of 'moelab' \(its fit_steps option\) .*>= 4, got 3"):
         compress(model_dir, tmp_path / "out", method="moelab", calib_options=few, quiet=True)
     options = {"method": "moelab", "calib_options": few, "quiet": True, "method_options": {"fit_steps": 0}}
     with pytest.raises(pytest.fail.Exception, match="calibrated"):  # without its fit: calibrates as asked
@@ -497,7 +497,7 @@ def test_statistics_with_too_few_sampled_inputs_are_refused_before_deciding(tmp_
     monkeypatch.setattr(run_module, "_decide", lambda *a, **k: pytest.fail("decided"))
     with pytest.raises(ValueError, match="router re-calibration .*sample_tokens >= 4, got 3"):
         compress(model_dir, tmp_path / "out", stats=stats.directory, router_fit=RouterFit(steps=5), quiet=True)
-    with pytest.raises(ValueError, match="'moelab''s router re-calibration \\(fit_steps\\) .*>= 4, got 3"):
+    with pytest.raises(ValueError, match=r"the router re-calibration of 'moelab' \(its fit_steps option\) .*>= 4, got 3"):
         compress(model_dir, tmp_path / "out2", method="moelab", method_options={"strategy": "experts"},
                  stats=stats.directory, quiet=True)  # fmt: skip
 

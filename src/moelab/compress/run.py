@@ -228,7 +228,9 @@ def _check_sample_size(method: Method, fit: RouterFit, sample_tokens: int) -> No
             "with sample_tokens=0 does not keep; calibrate with sample_tokens > 0"
         )
     if (fit.steps or method.fits_routers) and sample_tokens < HOLDOUT_EVERY:
-        which = "router re-calibration" if fit.steps else f"{method.name!r}'s router re-calibration (fit_steps)"
+        which = "router re-calibration"
+        if not fit.steps:
+            which = f"the {which} of {method.name!r} (its fit_steps option)"
         raise ValueError(
             f"{which} fits the routers on sampled MoE inputs, holding out one in {HOLDOUT_EVERY}; "
             f"calibrate with sample_tokens >= {HOLDOUT_EVERY}, got {sample_tokens}"
