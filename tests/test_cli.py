@@ -838,7 +838,7 @@ def test_compute_commands_run_on_their_threads_and_put_torch_s_back(monkeypatch,
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         _ok(["eval"])
         assert seen[-1] == 1
-        for bad, shown in (("0", "0"), ("two", "'two'")):  # refused before the library call
+        for bad, shown in (("0", "0"), ("two", "'two'"), ("²", "'²'")):  # refused before the library call
             refused = runner.invoke(app, ["eval", "--threads", bad])
             assert f"threads must be an integer >= 1 or 'auto' (the free cores), got {shown}" in str(refused.exception)
         assert len(seen) == 2 * len(commands) + 1

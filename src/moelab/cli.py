@@ -166,7 +166,7 @@ def _use_threads(ctx: typer.Context, threads: str) -> None:
     torch's count is put back when the command ends."""
     from moelab.threads import intra_op_threads
 
-    setting = int(threads) if threads.isdigit() else threads
+    setting = int(threads) if threads.isdecimal() else threads  # not isdigit: int("²") fails
     if setting == "auto" and os.environ.get("OMP_NUM_THREADS"):  # e.g. torchrun's workers: 1 each
         setting = None
     ctx.with_resource(intra_op_threads(setting))
