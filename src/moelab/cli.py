@@ -53,7 +53,7 @@ def bench_layer(
         bench.check_json_path(json_path, overwrite)
     options = bench.BenchOptions.create(
         quick=quick, configs=configs, dtypes=dtypes, modes=modes, tokens=tokens, rounds=rounds, skew=skew, memory=memory,
-        load=load, threads=int(threads) if threads.isdigit() else threads, device=device,
+        load=load, threads=int(threads) if threads.isdecimal() else threads, device=device,
     )
     doc = bench.run(options, progress=console)
     console.print(bench.render_table(doc))
