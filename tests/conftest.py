@@ -23,10 +23,15 @@ def pytest_configure(config):
     """Tokenised corpus splits are cached under pytest's cache directory (.pytest_cache/d/moelab,
     kept from run to run), not in the user's ~/.cache/moelab: MOELAB_CACHE is set for the session
     (subprocesses inherit it) and removed again at its end. MOELAB_CACHE, where set, wins; without
-    the cache plugin (-p no:cacheprovider) the default stays."""
+    the cache plugin (-p no:cacheprovider) the default stays. OMP_NUM_THREADS is set to torch's
+    count likewise, so that the commands' `--threads auto` (which reads the machine's load) computes
+    alike in every run of a test."""
     if "MOELAB_CACHE" not in os.environ and getattr(config, "cache", None) is not None:
         os.environ["MOELAB_CACHE"] = str(config.cache.mkdir("moelab"))
         config.add_cleanup(lambda: os.environ.pop("MOELAB_CACHE", None))
+    if "OMP_NUM_THREADS" not in os.environ:  # the commands' --threads auto then keeps torch's count
+        os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # (it would follow the machine's load)
+        config.add_cleanup(lambda: os.environ.pop("OMP_NUM_THREADS", None))
 
 
 settings.register_profile("default", deadline=None)
