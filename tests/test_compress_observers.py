@@ -135,6 +135,7 @@ def _calibration_dir(tmp_path, **info):
         "moe_layers": [3],
         "model": {"path": str(tmp_path / "model"), "fingerprint": "2:abc"},
         "mixture": {"spec": "corpus:code,corpus:math", "digest": "d1", "sources": [{"domain": s} for s in SOURCES]},
+        "settings": {"observers": ["routing"], "tokens": 64, "seq_len": 16},
         **info,
     }
     write_info(tmp_path, info)
