@@ -844,7 +844,7 @@ def test_memory_budget_too_small_names_the_minimum(tmp_path):
     load_offloaded(path, memory_budget=minimum, kv_cache_tokens=100, predictor=None).close()  # the minimum works
     with pytest.raises(ValueError, match="fewer than the 2 one token needs at one layer"):
         load_offloaded(path, resident=0.05)
-    with pytest.raises(ValueError, match="exactly one of resident"):
+    with pytest.raises(ValueError, match=r"exactly one of resident \(--resident: .*memory_budget \(--memory-budget"):
         load_offloaded(path)
 
 
@@ -1568,7 +1568,7 @@ def test_host_memory_is_refused_on_a_cpu_and_where_it_does_not_fit(tmp_path, mon
     from moelab.offload import model as offload_model
 
     _, path = _native(tmp_path)
-    with pytest.raises(ValueError, match="device='cuda'.*resident=1.0"):
+    with pytest.raises(ValueError, match=r"host_memory=True \(--host-memory\) .*device='cuda'.*resident=1.0 \(--resident 1\)"):
         load_offloaded(path, resident=0.5, host_memory=True)
     with pytest.raises(ValueError, match="a CPU's cache is in host memory already"):
         ExpertCache(ExpertStore(path), 3, host_memory=True)

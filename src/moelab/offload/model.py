@@ -355,7 +355,10 @@ def resident_slots(
     bytes (the dense parts and the KV cache included). At least `top_k` (one token's experts at
     one layer)."""
     if (resident is None) == (memory_budget is None):
-        raise ValueError("give exactly one of resident (a fraction of the routed experts) and memory_budget (bytes)")
+        raise ValueError(
+            "give exactly one of resident (--resident: the fraction of the routed experts kept in memory) and "
+            "memory_budget (--memory-budget: bytes)"
+        )
     total = len(store.moe_layers) * store.num_experts
     if resident is not None:
         if not 0 < resident <= 1:
@@ -428,8 +431,9 @@ def load_offloaded(
         )
     if host_memory and torch.device(device).type == "cpu":
         raise ValueError(
-            "host_memory=True keeps every expert in host memory for a cache on a GPU (device='cuda'); on a CPU "
-            "the cache is in host memory already: hold every expert with resident=1.0"
+            "host_memory=True (--host-memory) keeps every expert in host memory for a cache on a GPU "
+            "(device='cuda'); on a CPU the cache is in host memory already: hold every expert with resident=1.0 "
+            "(--resident 1)"
         )
     if predictor in ("affinity", "both") and prior is None:  # checked before any file is opened
         raise ValueError(f"the {predictor!r} predictor needs a RoutingPrior (routing statistics): give a prior (prior=, --prior TRACE)")
