@@ -634,6 +634,13 @@ def export_missing_family(tmp, src):
     return ["export", model, "--out", tmp / "out"], [model], ["Missing option '--family'"]
 
 
+@case
+def import_moelab_checkpoint(tmp, src):
+    model = copy(src, "moelab", tmp)
+    args = ["import", model, "--out", tmp / "out", "--quiet"]
+    return args, [model], ["no transformers model_type: it is a moelab checkpoint already"]
+
+
 # bench layer: 0 used to mean "the default"
 
 

@@ -127,7 +127,7 @@ def _transformers_config(path: str | os.PathLike):
 
 
 def _problems(path: str | os.PathLike, ckpt: Checkpoint, family: str) -> list[str]:
-    if family == NATIVE.name:
+    if family in (None, NATIVE.name):  # config.json's model_type (None) or the adapter's name
         return ["no transformers model_type: it is a moelab checkpoint already (moelab.models.load_pretrained)"]
     if family not in CONVERTIBLE_FAMILIES:
         return [f"model_type {family!r}; moelab converts {' and '.join(CONVERTIBLE_FAMILIES)} checkpoints"]
