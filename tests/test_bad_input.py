@@ -1484,13 +1484,20 @@ def compress_config_with_fewer_layers_than_the_weights(tmp, src):
     return args, [model], ["the checkpoint holds layers", "config.json does not describe these weights"]
 
 
-
 @case
 def consolidate_out_inside_the_checkpoint(tmp, src):
     ckpt = tmp / "run" / "checkpoints" / "step-000002"
     text(ckpt / "train_state.pt", b"")  # the check comes before anything is read
     args = ["consolidate", ckpt, "--out", ckpt / "model2"]
     return args, [ckpt], [f"{ckpt / 'model2'} lies inside the input {ckpt}", "choose an output path outside it"]
+
+
+@case
+def consolidate_a_run_instead_of_its_checkpoint(tmp, src):
+    run = tmp / "run"
+    text(run / "checkpoints" / "step-000002" / "train_state.pt", b"")
+    args = ["consolidate", run, "--out", tmp / "model"]
+    return args, [run], [f"{run} is a training run, not one of its checkpoints", "checkpoints/step-N"]
 
 
 @case

@@ -180,6 +180,12 @@ def consolidate_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, o
     format, with the tokenizer) in `out`, in one process."""
     path = Path(path)
     check_output_dir(out, CHECKPOINT_KIND, inputs=[path], overwrite=overwrite)  # before reading anything
+    if (path / "checkpoints").is_dir() and not (path / STATE_NAME).is_file():
+        newest = list_checkpoints(path)[-1:]
+        raise ValueError(
+            f"{path} is a training run, not one of its checkpoints: consolidate one of {path / 'checkpoints'}/step-N"
+            + (f" (the newest: {newest[0]})" if newest else "")
+        )
     if not (path / DCP_NAME).is_dir():
         model = load_checkpoint(path).model
     else:
