@@ -53,7 +53,7 @@ def bench_layer(
         bench.check_json_path(json_path, overwrite)
     options = bench.BenchOptions.create(
         quick=quick, configs=configs, dtypes=dtypes, modes=modes, tokens=tokens, rounds=rounds, skew=skew, memory=memory,
-        load=load, threads=int(threads) if threads.isdecimal() else threads, device=device,
+        load=load, threads=_thread_setting(threads), device=device,
     )
     doc = bench.run(options, progress=console)
     console.print(bench.render_table(doc))
@@ -161,12 +161,17 @@ def bench_distributed(
     _write_json(json_path, doc)
 
 
+def _thread_setting(threads: str) -> int | str:
+    """--threads as given: a number, else the word ('auto'; anything else is refused by its user)."""
+    return int(threads) if threads.isdecimal() else threads  # not isdigit: int("²") fails
+
+
 def _use_threads(ctx: typer.Context, threads: str) -> None:
     """The rest of the command on `--threads` intra-op threads (`moelab.threads.resolve_threads`);
     torch's count is put back when the command ends."""
     from moelab.threads import intra_op_threads
 
-    setting = int(threads) if threads.isdecimal() else threads  # not isdigit: int("²") fails
+    setting = _thread_setting(threads)
     if setting == "auto" and os.environ.get("OMP_NUM_THREADS"):  # e.g. torchrun's workers: 1 each
         setting = None
     ctx.with_resource(intra_op_threads(setting))
