@@ -47,16 +47,14 @@ def save_pretrained(
     *,
     overwrite: bool = False,
     extra_files: Iterable[str | os.PathLike] = (),
-    inputs: Iterable[str | os.PathLike | None] = (),
 ) -> Path:
     """Write `directory/model.safetensors` and `directory/config.json` (plus copies of
     `extra_files`, e.g. tokenizer files).
 
     The directory is built beside the target and appears whole by one rename; an existing
-    checkpoint there is replaced only with `overwrite` (see `moelab.io`); inputs: what the model
-    was read from, which the directory must not be, lie above nor inside. Returns the directory.
+    checkpoint there is replaced only with `overwrite` (see `moelab.io`). Returns the directory.
     """
-    with StagedOutput(directory, CHECKPOINT_KIND, overwrite=overwrite, inputs=inputs) as staging:
+    with StagedOutput(directory, CHECKPOINT_KIND, overwrite=overwrite) as staging:
         write_model_files(model, staging)
         for path in map(Path, extra_files):
             copy_side_file(path, staging / path.name, path.parent)

@@ -196,7 +196,7 @@ def consolidate_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, o
         except Exception as err:
             raise ValueError(f"cannot read the distributed checkpoint {path / DCP_NAME}: {err}") from None
         model.load_state_dict(weights)
-    save_pretrained(model, out, overwrite=overwrite, extra_files=sorted(TOKENIZER_DIR.glob("*.json")), inputs=[path])
+    save_pretrained(model, out, overwrite=overwrite, extra_files=sorted(TOKENIZER_DIR.glob("*.json")))
     return Path(out)
 
 

@@ -173,8 +173,8 @@ class MoelabRecipe(Method):
         return self.fit.steps > 0 and self.strategy != "neurons"
 
     def check_width(self, hidden_dim: int, num_experts: int, keep: float, where: str = "") -> None:
-        if self.strategy == "neurons":
-            uniform_width(hidden_dim, num_experts, keep, where)
+        if self.strategy == "neurons":  # the neuron path is HEAPr's uniform layout
+            self.heapr.check_width(hidden_dim, num_experts, keep, where)
 
     def check_protection(self, where: str = "") -> None:
         if self.strategy == "neurons":
