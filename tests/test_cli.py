@@ -26,9 +26,11 @@ def test_help_lists_verbs():
 def test_bench_layer_json_contract(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "layer", "--config", "e8k2", "--dtype", "fp32", "--mode", "fwd", "--mode", "fwdbwd",
-            "--tokens", "64", "--rounds", "1", "--skew", "0", "--no-memory", "--json", str(out)]
+            "--tokens", "64", "--rounds", "1", "--skew", "0", "--no-memory", "--json", str(out),
+            "--plot", str(tmp_path / "bench.png")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    _assert_drawn(out, tmp_path / "bench.png")
     doc = json.loads(out.read_text())
     rows = doc["results"]
     assert {(r["mode"], r["impl"]) for r in rows} >= {(m, i) for m in ("fwd", "fwdbwd") for i in ("moelab", "serial", "dense", "loop")}
@@ -137,6 +139,16 @@ def test_a_busy_process_ends_when_the_benchmark_is_killed_outright():
         assert not os.path.exists(f"/proc/{spinner}"), "the busy loop outlived the benchmark"
 
 
+def _assert_drawn(result: Path, drawn: Path) -> None:
+    """`--plot` wrote moelab's PNG, the one `moelab bench plot` draws from the --json file."""
+    from moelab.bench.figures import is_own_png
+
+    assert is_own_png(drawn)
+    again = drawn.with_name("again.png")
+    assert runner.invoke(app, ["bench", "plot", str(result), "--out", str(again)]).exit_code == 0
+    assert again.read_bytes() == drawn.read_bytes()
+
+
 def test_bench_generate_json_contract(tmp_path):
     import dataclasses
 
@@ -149,9 +161,10 @@ def test_bench_generate_json_contract(tmp_path):
     save_pretrained(MoETransformer(dataclasses.replace(tiny(), vocab_size=8192, init_std=0.2)), model_dir)
     out = tmp_path / "generate.json"
     args = ["bench", "generate", str(model_dir), "--batch", "1", "--batch", "3", "--new-tokens", "4",
-            "--rounds", "1", "--skip", "0.5", "--skip", "1", "--json", str(out)]
+            "--rounds", "1", "--skip", "0.5", "--skip", "1", "--json", str(out), "--plot", str(tmp_path / "g.png")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    _assert_drawn(out, tmp_path / "g.png")
     doc = json.loads(out.read_text())
     assert doc["format"] == "moelab-bench-generate/1" and doc["setup"]["memory_bandwidth_gb_s"] > 0
     assert [r["batch"] for r in doc["results"]] == [1, 3]
@@ -198,9 +211,10 @@ def test_bench_offload_json_contract(tmp_path):
     save_pretrained(MoETransformer(cfg), model_dir)
     out = tmp_path / "offload.json"
     args = ["bench", "offload", str(model_dir), "--resident", "0.5", "--resident", "1", "--prompts", "2",
-            "--new-tokens", "6", "--rounds", "1", "--json", str(out)]  # fmt: skip
+            "--new-tokens", "6", "--rounds", "1", "--json", str(out), "--plot", str(tmp_path / "o.png")]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    _assert_drawn(out, tmp_path / "o.png")
     doc = json.loads(out.read_text())
     assert doc["format"] == "moelab-bench-offload/1"
     assert doc["device_name"] and "commit" in doc  # what ran it: the machine, moelab's commit (None outside git)

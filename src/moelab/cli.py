@@ -23,6 +23,7 @@ app.add_typer(bench_app, name="bench")
 # piped or redirected output: rich would cut its tables to 80 columns ("ref-8e-to…"); give them room
 console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace moelab's earlier output there (never files moelab did not write).")]
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw the results as a PNG here (as `moelab bench plot` draws the --json file).")]
 ThreadsOpt = Annotated[str, typer.Option("--threads", help="torch's intra-op threads: a count, or 'auto': the cores no other process is using when the command starts (OMP_NUM_THREADS instead, where it is set); on a busy core every split operation waits.")]
 
 
@@ -40,6 +41,7 @@ def bench_layer(
     load: Annotated[int, typer.Option("--load", min=0, help="Busy processes to run beside the benchmark (a machine that is not idle).")] = 0,
     threads: Annotated[str, typer.Option("--threads", help="Intra-op threads, or 'auto': the cores free once --load runs.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    plot: PlotOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """MoE layer tokens/s vs a dense FFN of equal active FLOPs, a naive loop and transformers.
@@ -51,6 +53,7 @@ def bench_layer(
 
     if json_path is not None:
         bench.check_json_path(json_path, overwrite)
+    _claim_plot(plot, overwrite, json_path)
     options = bench.BenchOptions.create(
         quick=quick, configs=configs, dtypes=dtypes, modes=modes, tokens=tokens, rounds=rounds, skew=skew, memory=memory,
         load=load, threads=_thread_setting(threads), device=device,
@@ -62,6 +65,7 @@ def bench_layer(
     if json_path is not None:
         bench.write_json(doc, json_path)
         console.print(f"wrote {json_path}")
+    _write_plot(plot, doc)
 
 
 @bench_app.command("generate")
@@ -79,12 +83,14 @@ def bench_generate(
     dtype: Annotated[str, typer.Option(help="fp32 or bf16: both implementations' weights and activations.")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    plot: PlotOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Decode tokens/s: moelab's generate vs transformers' on the same weights, and vs the memory-bandwidth bound."""
     from moelab.bench import generate as bench
 
     _claim_json(json_path, bench.JSON_FORMAT, overwrite, tuple(_model_dirs(models).values()))
+    _claim_plot(plot, overwrite, json_path, tuple(_model_dirs(models).values()))
     options = bench.GenerateOptions(
         batch_sizes=tuple(batch or (1, 8, 32)), prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
         threads=threads, load=load, skip=tuple(skip or ()), top_p=tuple(top_p or ()), compile=compile_step,
@@ -96,6 +102,7 @@ def bench_generate(
     if doc["routing_quality"]:
         console.print(bench.render_routing(doc))
     _write_json(json_path, doc)
+    _write_plot(plot, doc)
 
 
 @bench_app.command("offload")
@@ -113,12 +120,14 @@ def bench_offload(
     device: Annotated[str, typer.Option(help="cpu or cuda (the model and the expert cache in GPU memory).")] = "cpu",
     host_memory: Annotated[bool, typer.Option("--host-memory", help="With --device cuda: keep every routed expert in pinned host memory and copy to the GPU from there (no file reads).")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    plot: PlotOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Offloaded decoding: expert-cache hit rate, prefetch accuracy and tokens/s against an LRU cache and the model in memory."""
     from moelab.bench import offload as bench
 
     _claim_json(json_path, bench.JSON_FORMAT, overwrite, tuple(_model_dirs(models).values()))
+    _claim_plot(plot, overwrite, json_path, tuple(_model_dirs(models).values()))
     options = bench.OffloadOptions(
         resident=tuple(resident or (0.05, 0.25, 0.5, 1.0)), prompts=prompts, new_tokens=new_tokens, threads=threads,
         rounds=rounds, read_gbps=read_gbps, page_cache=page_cache, compile=compile_step, dtype=dtype,
@@ -128,6 +137,7 @@ def bench_offload(
         doc = bench.run(_model_dirs(models), options, progress=lambda what: status.update(f"bench offload: {what}"))
     console.print(bench.render(doc))
     _write_json(json_path, doc)
+    _write_plot(plot, doc)
 
 
 @bench_app.command("distributed")
@@ -271,6 +281,46 @@ def bench_skip(
     doc = bench.run(_model_dir(model), stats, bench.SkipOptions(tokens=tokens, rounds=rounds))
     console.print(bench.render(doc))
     _write_json(json_path, doc)
+
+
+@bench_app.command("plot")
+def bench_plot(
+    result: Annotated[Path, typer.Argument(help="The --json file of `moelab bench layer`, `generate` or `offload`.")],
+    out: Annotated[Path | None, typer.Option("--out", help="The PNG to write (default: the result's name with .png).")] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Draw a benchmark's JSON result as a PNG: the layer's ratios to dense, decode tokens/s against batch size, offloading's hit rates and speed against the experts resident."""
+    from moelab.bench.figures import read_result
+
+    doc = read_result(result)
+    out = result.with_suffix(".png") if out is None else out
+    _claim_plot(out, overwrite, result)
+    _write_plot(out, doc)
+
+
+def _claim_plot(
+    path: Path | None, overwrite: bool, json_path: Path | None = None, inputs: tuple[Path | str | None, ...] = ()
+) -> None:
+    """Check, before any work, that the PNG `path` (if given) may be written, as `_claim_json`
+    does for JSON (a PNG moelab drew may be replaced), and that it is not the JSON file as well."""
+    from moelab.bench.figures import is_own_png
+    from moelab.io import check_output_file
+
+    if path is None:
+        return
+    if json_path is not None and path.resolve() == json_path.resolve():
+        raise ValueError(f"the PNG and the JSON result would both be {path}: give the PNG its own name")
+    check_output_file(path, overwrite=overwrite, is_own=is_own_png, inputs=inputs)
+
+
+def _write_plot(path: Path | None, doc: dict) -> None:
+    """Draw `doc` to the PNG `path` (if given) atomically and say so."""
+    from moelab.bench.figures import png_of
+    from moelab.io import atomic_write_bytes
+
+    if path is not None:
+        atomic_write_bytes(path, png_of(doc))
+        console.print(f"wrote {path}")
 
 
 @app.command()

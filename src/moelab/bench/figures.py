@@ -1,0 +1,193 @@
+"""Figures of the speed benchmarks' results: `moelab bench plot RESULT.json`, and `--plot` on
+`moelab bench layer`, `generate` and `offload`. One PNG per result file, drawn from its JSON
+alone (so a result measured on another machine can be drawn here):
+
+- layer: each implementation's tokens/s over the dense FFN's (the baseline of the same rounds),
+  one panel per dtype, a group of bars per shape and mode;
+- generate: tokens/s against batch size per implementation, with the read-bandwidth bound;
+- offload: per model, the expert-cache hit rate (top) and tokens/s over the model in memory
+  (bottom) against the share of experts resident, one line per cache policy.
+
+The PNG carries the text chunk Software = "moelab bench plot": the mark by which `--overwrite`
+knows a file it may replace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from moelab.bench import generate, layer, offload
+from moelab.files import read_json_object
+from moelab.plots import plt, png
+
+SOFTWARE = "moelab bench plot"
+GOAL_HIT_RATE = (0.25, 0.85)  # the inference issue's goal: >= 85 % hits with a quarter of the experts resident
+
+
+def png_of(doc: dict) -> bytes:
+    """The figure of a benchmark's JSON result (`doc`, as `moelab bench ... --json` writes it), as PNG bytes."""
+    return png(figure(doc), metadata={"Software": SOFTWARE})
+
+
+def figure(doc: dict):
+    """The matplotlib figure of `doc`; a result of another kind is refused naming the kinds drawn."""
+    draw = _FIGURES.get(doc.get("format"))
+    if draw is None:
+        kinds = ", ".join(sorted(_FIGURES))
+        raise ValueError(f"no figure for a result of format {doc.get('format')!r}: `moelab bench plot` draws {kinds}")
+    open_before = set(plt.get_fignums())
+    try:
+        return draw(doc)
+    except (KeyError, TypeError, IndexError, AttributeError) as err:  # a result file edited or cut short
+        for number in set(plt.get_fignums()) - open_before:
+            plt.close(number)
+        raise ValueError(
+            f"the {doc['format']} result is incomplete or malformed ({type(err).__name__}: {err}): draw a file "
+            "that `moelab bench ... --json` wrote"
+        ) from None
+
+
+def read_result(path: str | Path) -> dict:
+    """A benchmark result file, checked to be one `figure` draws."""
+    doc = read_json_object(path, "a benchmark result")
+    if doc.get("format") not in _FIGURES:
+        kinds = ", ".join(sorted(_FIGURES))
+        raise ValueError(
+            f"{path} is not a result `moelab bench plot` draws (format {doc.get('format')!r}; it draws {kinds}): "
+            "give the --json file of `moelab bench layer`, `generate` or `offload`"
+        )
+    return doc
+
+
+def is_own_png(path: Path) -> bool:
+    """Whether `path` is a PNG this module wrote (its Software text chunk)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == SOFTWARE
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
+def _layer(doc: dict):
+    """moelab ÷ dense (and every other implementation's ratio): bars per shape and mode, a panel per dtype."""
+    rows = [dict(r, mode=r["mode"]) for r in doc["results"]]
+    rows += [dict(r, mode=r["mode"] + "\nskewed") for r in doc.get("skewed", [])]
+    dtypes = sorted({r["dtype"] for r in rows}, key=list(layer.DTYPES).index)
+    impls = [i for i in _LAYER_IMPLS if any(r["impl"] == i for r in rows)]  # dense: the dashed line at 1
+    setup = doc.get("setup", {})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4.2), squeeze=False, sharey=True)
+    for ax, dtype in zip(axes[0], dtypes):
+        ours = [r for r in rows if r["dtype"] == dtype]
+        groups = list(dict.fromkeys((r["config"], r["mode"]) for r in ours))
+        width = 0.8 / len(impls)
+        for j, impl in enumerate(impls):
+            ratio = {(r["config"], r["mode"]): r["ratio_vs_dense"] for r in ours if r["impl"] == impl}
+            xs = [i + (j - (len(impls) - 1) / 2) * width for i, g in enumerate(groups) if g in ratio]
+            bars = ax.bar(xs, [ratio[g] for g in groups if g in ratio], width, label=impl, color=_color(impl))
+            if impl == "moelab":
+                ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--", label="dense")
+        ax.set_xticks(range(len(groups)), [f"{config}\n{mode}" for config, mode in groups], fontsize=8)
+        tokens = setup.get("bf16_tokens" if dtype == "bf16" else "tokens", setup.get("tokens", "?"))
+        ax.set_title(f"{dtype}, {tokens} tokens")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("tokens/s ÷ dense FFN of equal active FLOPs")
+    load = f", {setup['load']} busy process(es) beside" if setup.get("load") else ""
+    fig.suptitle(f"MoE layer, {setup.get('threads', '?')} thread(s){load}")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), bbox_to_anchor=(0.5, 0))
+    return fig
+
+
+def _generate(doc: dict):
+    """tokens/s against batch size (both axes log), one panel per model, with the bound."""
+    models = list(dict.fromkeys(r["model"] for r in doc["results"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = sorted((r for r in doc["results"] if r["model"] == model), key=lambda r: r["batch"])
+        batches = [r["batch"] for r in rows]
+        impls = list(dict.fromkeys(name for r in rows for name in r["tokens_per_s"]))
+        labelled = [i for i in impls if i != "transformers"]
+        for impl in impls:
+            speeds = [r["tokens_per_s"].get(impl, float("nan")) for r in rows]
+            ax.plot(batches, speeds, marker="o", label=impl, color=_color(impl))
+            if impl != "transformers" and "transformers" in impls:
+                for b, s, r in zip(batches, speeds, rows):
+                    ax.annotate(f"{r['ratio_vs_transformers'][impl]:.2f}×", (b, s), fontsize=7, color=_color(impl),
+                                xytext=(4, 11 * labelled.index(impl) - 10), textcoords="offset points")  # fmt: skip
+        ax.plot(batches, [r["bound_tokens_per_s"] for r in rows], "k:", label="read-bandwidth bound")
+        family = rows[0].get("family")
+        ax.set_title(model + (f" (transformers: {family})" if family else ""))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("batch size")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("decoded tokens/s (labels: × transformers)")
+    setup = doc.get("setup", {})
+    fig.suptitle(
+        f"greedy decoding, {setup.get('dtype', '?')}, {setup.get('threads', '?')} thread(s), "
+        f"{setup.get('new_tokens', '?')} new tokens, {setup.get('device_name', setup.get('device', ''))}"
+    )
+    return fig
+
+
+def _offload(doc: dict):
+    """Per model: hit rate (top) and tokens/s ÷ in memory (bottom) against the share resident."""
+    models = doc["models"]
+    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 7.5), squeeze=False, sharex=True)
+    for column, m in enumerate(models):
+        hits, speed = axes[0][column], axes[1][column]
+        residents = sorted({r["resident"] for r in m["rows"]})
+        for policy in dict.fromkeys(r["policy"] for r in m["rows"]):
+            for compiled in (False, True):
+                rows = sorted(
+                    (r for r in m["rows"] if r["policy"] == policy and bool(r.get("compiled")) == compiled),
+                    key=lambda r: r["resident"],
+                )
+                if not rows:
+                    continue
+                xs = [100 * r["resident"] for r in rows]
+                style = dict(color=_color(policy), marker="o", ls="--" if compiled else "-")
+                if not compiled:  # a compiled row has the same hits as the eager one
+                    hits.plot(xs, [100 * r["hit_rate"] for r in rows], label=policy, **style)
+                speed.plot(xs, [r["vs_memory"] for r in rows], label=policy + (" compiled" if compiled else ""), **style)
+        hits.plot(100 * GOAL_HIT_RATE[0], 100 * GOAL_HIT_RATE[1], "k*", ms=11, label="goal: 85 % at 25 %")
+        speed.axhline(1.0, color="k", lw=0.8, ls=":")
+        hits.set_title(f"{m['model']}: {m['experts']} routed experts")
+        hits.set_ylabel("decode hit rate (%)")
+        hits.set_ylim(0, 102)
+        speed.set_ylabel("tokens/s ÷ the model in memory")
+        speed.set_xlabel("routed experts resident (%)")
+        speed.set_xscale("log")
+        speed.set_xticks([100 * r for r in residents], [f"{100 * r:g}" for r in residents])
+        for ax in (hits, speed):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    options = doc.get("options", {})
+    storage = f"storage emulated at {options['read_gbps']} GB/s" if options.get("read_gbps") else "files in page cache"
+    fig.suptitle(f"offloaded decoding, batch 1, {options.get('threads', '?')} thread(s), {storage}")
+    return fig
+
+
+_LAYER_IMPLS = ("moelab", "serial", "triton", "loop", "hf")
+_COLORS = {
+    "moelab": "C0", "transformers": "C1", "moelab_compiled": "C2", "dense": "C7", "hf": "C1", "loop": "C3",
+    "serial": "C4", "triton": "C5", "lru": "C3", "reuse": "C7", "affinity": "C4", "lookahead-x1": "C9",
+    "lookahead": "C0", "both": "C2",
+}  # fmt: skip
+
+
+def _color(name: str) -> str | None:
+    return _COLORS.get(name)
+
+
+_FIGURES: dict[str, Callable[[dict], object]] = {
+    layer.JSON_FORMAT: _layer,
+    generate.JSON_FORMAT: _generate,
+    offload.JSON_FORMAT: _offload,
+}

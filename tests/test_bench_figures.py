@@ -1,0 +1,151 @@
+"""`moelab bench plot` and `--plot`: the figures draw the results' numbers, and the PNGs follow the
+output rules (new, or moelab's own with --overwrite)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from moelab.bench import figures, generate, layer, offload
+from moelab.cli import app
+from moelab.plots import plt, png
+
+runner = CliRunner()
+
+
+def _layer_doc() -> dict:
+    results = [
+        {"config": c, "dtype": d, "mode": m, "impl": i, "tokens_per_s": 1000.0, "ratio_vs_dense": r}
+        for c, d, m, i, r in [
+            ("e8k2", "fp32", "fwd", "moelab", 1.13), ("e8k2", "fp32", "fwd", "hf", 0.92),
+            ("e8k2", "fp32", "fwd", "dense", 1.0), ("e64k8", "fp32", "fwdbwd", "moelab", 0.86),
+            ("e64k8", "fp32", "fwdbwd", "hf", 0.6), ("e64k8", "fp32", "fwdbwd", "dense", 1.0),
+            ("e8k2", "bf16", "fwd", "moelab", 0.64), ("e8k2", "bf16", "fwd", "dense", 1.0),
+        ]
+    ]  # fmt: skip
+    skewed = [
+        {"config": "e64k8", "dtype": "fp32", "mode": "fwdbwd", "impl": "moelab", "ratio_vs_dense": 0.89},
+        {"config": "e64k8", "dtype": "fp32", "mode": "fwdbwd", "impl": "dense", "ratio_vs_dense": 1.0},
+    ]
+    setup = {"tokens": 4096, "bf16_tokens": 512, "threads": 2, "load": 1}
+    return {"format": layer.JSON_FORMAT, "results": results, "skewed": skewed, "memory": [], "setup": setup}
+
+
+def _generate_doc() -> dict:
+    def row(model, batch, moelab, transformers, bound):
+        return {
+            "model": model, "family": "mixtral", "batch": batch,
+            "tokens_per_s": {"moelab": moelab, "transformers": transformers},
+            "ratio_vs_transformers": {"moelab": moelab / transformers, "transformers": 1.0},
+            "bound_tokens_per_s": bound,
+        }  # fmt: skip
+
+    results = [row("a", 1, 300.0, 150.0, 1000.0), row("a", 8, 900.0, 800.0, 4000.0), row("b", 1, 250.0, 100.0, 900.0)]
+    setup = {"dtype": "fp32", "threads": 1, "new_tokens": 64, "device_name": "a CPU"}
+    return {"format": generate.JSON_FORMAT, "setup": setup, "results": results, "routing_quality": {}}
+
+
+def _offload_doc() -> dict:
+    def row(resident, policy, hit_rate, vs_memory, compiled=False):
+        return {"resident": resident, "policy": policy, "compiled": compiled, "hit_rate": hit_rate, "vs_memory": vs_memory}
+
+    rows = [
+        row(0.05, "lru", 0.0, 0.79), row(0.25, "lru", 0.45, 0.83), row(1.0, "lru", 1.0, 0.9),
+        row(0.05, "lookahead", 0.84, 0.58), row(0.25, "lookahead", 0.9, 0.57), row(1.0, "lookahead", 1.0, 0.86),
+        row(0.05, "lru", 0.0, 1.5, compiled=True), row(0.25, "lru", 0.45, 1.7, compiled=True),
+    ]  # fmt: skip
+    model = {"model": "ref", "experts": 48, "rows": rows}
+    return {"format": offload.JSON_FORMAT, "options": {"threads": 1, "read_gbps": 2.0}, "models": [model]}
+
+
+def _lines(ax) -> dict[str, list[float]]:
+    return {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+
+
+def test_the_layer_figure_draws_each_implementations_ratio_to_dense():
+    fig = figures.figure(_layer_doc())
+    fp32, bf16 = fig.axes
+    assert fp32.get_title() == "fp32, 4096 tokens" and bf16.get_title() == "bf16, 512 tokens"
+    bars = {label: [round(p.get_height(), 3) for p in c] for c, label in zip(fp32.containers, ("moelab", "hf"))}
+    assert bars == {"moelab": [1.13, 0.86, 0.89], "hf": [0.92, 0.6]}  # the skewed group has no hf bar
+    assert [t.get_text() for t in fp32.get_xticklabels()] == ["e8k2\nfwd", "e64k8\nfwdbwd", "e64k8\nfwdbwd\nskewed"]
+    assert [round(p.get_height(), 3) for p in bf16.containers[0]] == [0.64]
+    assert "1 busy process" in fig._suptitle.get_text()
+    plt.close(fig)
+
+
+def test_the_generate_figure_draws_tokens_per_s_against_batch_with_the_bound():
+    fig = figures.figure(_generate_doc())
+    a, b = fig.axes
+    assert _lines(a) == {"moelab": [300.0, 900.0], "transformers": [150.0, 800.0], "read-bandwidth bound": [1000.0, 4000.0]}
+    assert list(a.get_lines()[0].get_xdata()) == [1, 8]
+    assert [t.get_text() for t in a.texts] == ["2.00×", "1.12×"]
+    assert _lines(b)["moelab"] == [250.0] and b.get_title() == "b (transformers: mixtral)"
+    plt.close(fig)
+
+
+def test_the_offload_figure_draws_hit_rates_and_speed_against_the_share_resident():
+    fig = figures.figure(_offload_doc())
+    hits, speed = fig.axes
+    assert _lines(hits) == {"lru": [0.0, 45.0, 100.0], "lookahead": [84.0, 90.0, 100.0], "goal: 85 % at 25 %": [85.0]}
+    assert list(hits.get_lines()[0].get_xdata()) == [5.0, 25.0, 100.0]
+    lines = _lines(speed)
+    assert lines["lru"] == [0.79, 0.83, 0.9] and lines["lru compiled"] == [1.5, 1.7]
+    assert lines["lookahead"] == [0.58, 0.57, 0.86]
+    assert "2.0 GB/s" in fig._suptitle.get_text()
+    plt.close(fig)
+
+
+def test_a_png_carries_moelabs_mark_and_only_its_own_are_recognised(tmp_path):
+    own, foreign, text = tmp_path / "own.png", tmp_path / "foreign.png", tmp_path / "text.png"
+    own.write_bytes(figures.png_of(_offload_doc()))
+    fig, _ = plt.subplots()
+    foreign.write_bytes(png(fig))
+    text.write_text("not a picture")
+    assert Image.open(io.BytesIO(own.read_bytes())).format == "PNG"
+    assert [figures.is_own_png(p) for p in (own, foreign, text, tmp_path / "missing.png")] == [True, False, False, False]
+
+
+@pytest.mark.parametrize(
+    "doc,message",
+    [
+        ({"format": "moelab-bench-distributed/1"}, r"no figure for a result of format 'moelab-bench-distributed/1'"),
+        ({"format": offload.JSON_FORMAT, "models": [{"model": "x"}]}, r"offload/1 result is incomplete or malformed"),
+        ({"format": generate.JSON_FORMAT, "results": [{"model": "a", "batch": 1}]}, r"incomplete or malformed"),
+    ],
+    ids=["other-format", "offload-cut-short", "generate-cut-short"],
+)
+def test_a_result_it_cannot_draw_is_refused_and_leaves_no_figure_open(doc, message):
+    before = plt.get_fignums()
+    with pytest.raises(ValueError, match=message):
+        figures.figure(doc)
+    assert plt.get_fignums() == before
+
+
+def test_bench_plot_writes_beside_the_result_and_replaces_only_its_own(tmp_path):
+    result = tmp_path / "r.json"
+    result.write_text(json.dumps(_generate_doc()))
+    assert runner.invoke(app, ["bench", "plot", str(result)]).exit_code == 0
+    drawn = tmp_path / "r.png"
+    assert figures.is_own_png(drawn)
+    again = runner.invoke(app, ["bench", "plot", str(result)])
+    assert again.exit_code != 0 and "--overwrite" in str(again.exception)
+    assert runner.invoke(app, ["bench", "plot", str(result), "--overwrite"]).exit_code == 0
+
+    foreign = tmp_path / "mine.png"
+    foreign.write_bytes(b"\x89PNG a user's picture")
+    refused = runner.invoke(app, ["bench", "plot", str(result), "--out", str(foreign), "--overwrite"])
+    assert "was not written by moelab" in str(refused.exception)
+    assert foreign.read_bytes() == b"\x89PNG a user's picture"
+    same = runner.invoke(app, ["bench", "plot", str(result), "--out", str(result)])
+    assert "would both be" in str(same.exception) and json.loads(result.read_text())["format"] == generate.JSON_FORMAT
+
+    other = tmp_path / "d.json"
+    other.write_text(json.dumps({"format": "moelab-bench-distributed/1"}))
+    refused = runner.invoke(app, ["bench", "plot", str(other)])
+    assert "is not a result `moelab bench plot` draws" in str(refused.exception)
+    assert not (tmp_path / "d.png").exists()
