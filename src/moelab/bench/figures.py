@@ -73,16 +73,15 @@ def is_own_png(path: Path) -> bool:
 
 def _layer(doc: dict):
     """moelab ÷ dense (and every other implementation's ratio): bars per shape and mode, a panel per dtype."""
-    rows = [dict(r, mode=r["mode"]) for r in doc["results"]]
-    rows += [dict(r, mode=r["mode"] + "\nskewed") for r in doc.get("skewed", [])]
-    dtypes = sorted({r["dtype"] for r in rows}, key=list(layer.DTYPES).index)
+    rows = doc["results"] + [dict(r, mode=r["mode"] + "\nskewed") for r in doc.get("skewed", [])]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     impls = [i for i in _LAYER_IMPLS if any(r["impl"] == i for r in rows)]  # dense: the dashed line at 1
     setup = doc.get("setup", {})
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4.2), squeeze=False, sharey=True)
     for ax, dtype in zip(axes[0], dtypes):
         ours = [r for r in rows if r["dtype"] == dtype]
         groups = list(dict.fromkeys((r["config"], r["mode"]) for r in ours))
-        width = 0.8 / len(impls)
+        width = 0.8 / max(len(impls), 1)
         for j, impl in enumerate(impls):
             ratio = {(r["config"], r["mode"]): r["ratio_vs_dense"] for r in ours if r["impl"] == impl}
             xs = [i + (j - (len(impls) - 1) / 2) * width for i, g in enumerate(groups) if g in ratio]
