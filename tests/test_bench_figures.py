@@ -62,6 +62,10 @@ def _offload_doc() -> dict:
     return {"format": offload.JSON_FORMAT, "options": {"threads": 1, "read_gbps": 2.0}, "models": [model]}
 
 
+def test_each_benchmarks_format_has_its_figure():
+    assert set(figures._FIGURES) == {layer.JSON_FORMAT, generate.JSON_FORMAT, offload.JSON_FORMAT}
+
+
 def _lines(ax) -> dict[str, list[float]]:
     return {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
 
