@@ -24,6 +24,9 @@ from moelab.compress.bench import BenchOptions, run_bench
 from moelab.compress.bench_report import REPORT_FILES
 from moelab.models import load_pretrained, save_pretrained
 
+# a tiny model: a second intra-op thread only adds synchronisation (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(calib_tokens=512, seq_len=32, sample_tokens=64, eval_tokens=64, prompts=1, gen_tokens=16)
 
 
