@@ -15,6 +15,9 @@ from moelab.models import ModelConfig, MoETransformer, load_pretrained, save_pre
 from moelab.models.reference import REFERENCE_MODELS, reference_model_dir
 from moelab.nn import MoEConfig
 
+# a tiny model: a second intra-op thread only adds synchronisation (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture
 def model_dir(tmp_path):
