@@ -36,6 +36,8 @@ from moelab.nn import MoEConfig
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 SMALL = CalibrationOptions(tokens=512, seq_len=32, batch_size=4, sample_tokens=64)
 EVERY = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",))  # with the backward sweep
+# tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def moelab_model(
