@@ -14,6 +14,9 @@ from moelab.cli import app
 from moelab.models.reference import reference_model_dir
 
 runner = CliRunner()
+# tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread); a
+# command given --threads sets its own
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_help_lists_verbs():
