@@ -624,15 +624,13 @@ def test_data_parallel_calibration_equals_one_process(tmp_path, model_dir):
     sweep's included)."""
     import socket
 
-    import torch.multiprocessing as mp
+    from processes import spawn
 
     options = EVERY
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(
-        _calibrate_as_rank, args=(port, str(model_dir), str(tmp_path / "dp"), options), nprocs=2, join=True
-    )
+    spawn(_calibrate_as_rank, args=(port, str(model_dir), str(tmp_path / "dp"), options), nprocs=2)
     two = Calibration(tmp_path / "dp")
     one = calibrate(model_dir, tmp_path / "one", options=options, quiet=True)
     assert two.info["processes"] == 2 and two.info["mixture"] == one.info["mixture"]

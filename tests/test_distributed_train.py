@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from processes import spawn
 
 from moelab.distributed import free_port
 from moelab.models import ModelConfig, MoETransformer
@@ -154,7 +155,7 @@ def _worker(rank: int, port: int, names: list[str], expert: int, world: int, out
 
 def _run(names: list[str], expert: int, world: int = WORLD) -> dict:
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), names, expert, world, out), nprocs=world, join=True)
+    spawn(_worker, args=(free_port(), names, expert, world, out), nprocs=world)
     return dict(out)
 
 
@@ -285,7 +286,7 @@ def _train(out, world: int, expert: int = 2, resume: bool = False, run: dict = R
         train(RunConfig.from_dict(run), out, resume=resume, quiet=True)
     else:
         run = dict(run, parallel=dict(dict(expert=expert, timeout_s=120), **run.get("parallel", {})))
-        mp.spawn(_train_worker, args=(free_port(), str(out), run, resume, errors), nprocs=WORLD, join=True)
+        spawn(_train_worker, args=(free_port(), str(out), run, resume, errors), nprocs=WORLD)
 
 
 def _errors(out, **kwargs) -> dict[int, str]:
@@ -468,7 +469,7 @@ def test_ranks_agree_on_flags_metrics_and_rank_0s_value_and_error():
     """2 ranks: a flag set on one rank is set on both; scalars and experts per token are the means over
     the ranks and the loads their sums; rank 0's value, and its error (its own on rank 0)."""
     out = mp.Manager().dict()
-    mp.spawn(_collectives_worker, args=(free_port(), out), nprocs=WORLD, join=True)
+    spawn(_collectives_worker, args=(free_port(), out), nprocs=WORLD)
     for rank in range(WORLD):
         got = out[rank]
         assert got["flags"] == [True, False]
@@ -496,7 +497,7 @@ def _hanging_worker(rank: int, port: int, out: str, errors) -> None:
 @pytest.mark.slow  # waits out a stall (11 s)
 def test_a_stalled_rank_fails_every_rank_with_the_timeout(tmp_path):
     errors = mp.Manager().dict()
-    mp.spawn(_hanging_worker, args=(free_port(), str(tmp_path / "run"), errors), nprocs=WORLD, join=True)
+    spawn(_hanging_worker, args=(free_port(), str(tmp_path / "run"), errors), nprocs=WORLD)
     assert sorted(errors) == [0, 1], dict(errors)
     for rank, message in errors.items():
         assert message.startswith(f"rank {rank}: a collective failed") and "parallel.timeout_s = 2 s" in message, message
@@ -522,7 +523,7 @@ def test_a_shard_that_cannot_be_written_is_one_error_on_every_rank(tmp_path):
     which printed a traceback per rank; each rank raises the write's own error, and the staged
     checkpoint is gone."""
     errors = mp.Manager().dict()
-    mp.spawn(_full_disk_worker, args=(free_port(), str(tmp_path / "run"), errors), nprocs=WORLD, join=True)
+    spawn(_full_disk_worker, args=(free_port(), str(tmp_path / "run"), errors), nprocs=WORLD)
     assert dict(errors) == {0: "[Errno 28] No space left on device", 1: "[Errno 28] No space left on device"}
     assert not list((tmp_path / "run" / "checkpoints").iterdir())
 
@@ -532,7 +533,7 @@ def test_a_rank_that_never_starts_is_one_error(tmp_path):
     one line (it raised DistStoreError with a traceback)."""
     errors = mp.Manager().dict()
     run = dict(RUN, parallel={"expert": 2, "timeout_s": 2})
-    mp.spawn(_train_worker, args=(free_port(), str(tmp_path / "run"), run, False, errors), nprocs=1, join=True)
+    spawn(_train_worker, args=(free_port(), str(tmp_path / "run"), run, False, errors), nprocs=1)
     assert errors[0].startswith("the processes did not all start within parallel.timeout_s = 2 s"), dict(errors)
     assert not (tmp_path / "run").exists()
 
@@ -559,7 +560,7 @@ def test_every_group_waits_timeout_s():
     with its default timeout of 30 minutes; a stalled rank then held the others that long. The
     mesh is rank = d * expert + e: an expert group is 2 consecutive ranks."""
     out = mp.Manager().dict()
-    mp.spawn(_timeout_worker, args=(free_port(), out), nprocs=4, join=True)
+    spawn(_timeout_worker, args=(free_port(), out), nprocs=4)
     assert {rank: got["timeouts"] for rank, got in out.items()} == {
         rank: {"ep": 7.0, "dp": 7.0, "world": 7.0} for rank in range(4)
     }

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from processes import spawn
 
 from moelab.distributed import free_port, shard_experts
 from moelab.nn import MoEConfig, build_moe
@@ -57,7 +58,7 @@ def test_expert_parallel_matches_single_process(name):
     sum(y.pow(2).sum() + res.loss for y, res in zip(ys, results)).backward()
 
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), name, out), nprocs=WORLD, join=True)
+    spawn(_worker, args=(free_port(), name, out), nprocs=WORLD)
 
     L = full.num_experts // WORLD
     for rank in range(WORLD):
