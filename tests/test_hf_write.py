@@ -36,6 +36,9 @@ from moelab.hf.writer import EXPERT_MAP_NAME
 from moelab.models import MoETransformer, load_pretrained, save_pretrained, tiny
 from moelab.nn import MoEConfig
 
+# tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CASES = [(family, True) for family in TINY] + [
     (family, False) for family, tiny_ in TINY.items() if tiny_.fused
 ]

@@ -17,6 +17,9 @@ from moelab.nn.routers import deferred_logit_check
 from moelab.train import TrainConfig
 from moelab.train.trainer import train_step
 
+# tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 E, D, I = 4, 8, 4  # fp32 rows of 8 and 4 floats are 16-byte aligned: grouped_mm really runs
 _TRITON = pytest.mark.skipif(
     not triton_grouped.runs_on(torch.device("cpu"), torch.float32), reason="needs Triton's interpreter"

@@ -21,6 +21,9 @@ from moelab.models import ModelConfig, MoETransformer
 from moelab.train import RunConfig, TrainConfig, build_optimizer, lr_factor, read_log, train
 from moelab.train.trainer import train_step
 
+# tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MODEL = {
     "vocab_size": 8192,
     "dim": 32,
