@@ -26,6 +26,9 @@ from moelab.cli import app
 from moelab.models import MoETransformer, save_pretrained, tiny
 from moelab.trace import LayerRouting, TraceInfo, TraceOptions, TraceWriter, open_trace
 
+# tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ---------------------------------------------------------------------- worked example
 #
 # Two sequences of 4 tokens (sequence 0 from domain 1 "b", sequence 1 from domain 0 "a"), written

@@ -30,6 +30,9 @@ from moelab.compress.methods.lowrank import low_rank_sparse
 from moelab.compress.methods.submoe import kmeans_labels, subspace_merge
 from moelab.hf.edit import LayerEdit, moe_output, one_expert
 
+# tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROPERTY = settings(settings.get_profile("ci"), max_examples=25, deadline=None)
 
 

@@ -13,6 +13,9 @@ from moelab.eval.evaluate import EvalOptions, evaluate, is_degenerate, parameter
 from moelab.models import ModelConfig, MoETransformer, load_pretrained, save_pretrained
 from moelab.nn import MoEConfig
 
+# tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):

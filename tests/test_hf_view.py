@@ -30,6 +30,9 @@ from moelab.hf import (
 from moelab.hf.checkpoint import Checkpoint, side_files
 from moelab.hf.native import empty_experts, experts_from_view, router_from_view
 
+# tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CASES = [(family, True) for family in TINY] + [(family, False) for family, tiny in TINY.items() if tiny.fused]
 
 

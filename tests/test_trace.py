@@ -31,6 +31,9 @@ from moelab.trace.data import count_tokens
 from moelab.trace.model import wrap_model
 from moelab.trace.store import ShardInfo
 
+# tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _native(seed: int = 0, **moe) -> MoETransformer:
     torch.manual_seed(seed)
