@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -388,21 +389,45 @@ def test_each_column_is_its_own_models_and_all_pools_by_tokens(model_dir, tmp_pa
     assert f"{change:+.1%}" in console.file.getvalue()
 
 
-def test_the_degenerate_rate_counts_looping_continuations_per_domain():
+def test_the_degenerate_rate_counts_looping_continuations_per_domain(monkeypatch):
     """3 of 4 continuations loop (2 of 3 in "a", 1 of 1 in "b"): rate 3/4, its Wilson interval
-    and the rate per domain."""
+    and the rate per domain; with batches of 3 prompts, each continuation is its own prompt's."""
     from pathlib import Path
     from types import SimpleNamespace
 
     from moelab.eval.evaluate import _degeneration
 
+    module = sys.modules[_degeneration.__module__]  # the package's `evaluate` is the function
+    monkeypatch.setattr(module, "GENERATION_BATCH", 3)
     loop, fresh = [1, 2, 3, 4] * 3, list(range(12))
-    outputs = iter([loop, fresh, loop, loop])
-    lm = SimpleNamespace(path=Path("m"), generate=lambda ids, n: torch.tensor(next(outputs)))
-    prompts = [(name, torch.zeros(1, 4, dtype=torch.long)) for name in ("a", "a", "a", "b")]
+    continuation = {0: loop, 1: fresh, 2: loop, 3: loop}  # by the prompt's first token
+    batches = []
+    lm = SimpleNamespace(
+        path=Path("m"),
+        generate=lambda ids, n: batches.append(len(ids)) or torch.tensor([continuation[int(i)] for i in ids[:, 0]]),
+    )
+    prompts = [(name, torch.full((1, 4), k)) for k, name in enumerate(("a", "a", "a", "b"))]
     got = _degeneration(lm, prompts, EvalOptions(gen_tokens=12), quiet=True)
     assert got == {"degenerate": 3, "rate": 0.75, "ci95": list(wilson_interval(3, 4)),
                    "by_domain": {"a": pytest.approx(2 / 3), "b": 1.0}}  # fmt: skip
+    assert batches == [3, 1]
+
+
+@pytest.mark.parametrize("runtime", ["moelab", "transformers"])
+def test_prompts_decoded_together_continue_as_each_alone(model_dir, tmp_path, runtime):
+    """`LoadedLM.generate` on a batch of prompts gives each prompt's own greedy continuation, in
+    moelab's runtime and in transformers' (the model exported)."""
+    from moelab.eval.evaluate import LoadedLM
+    from moelab.hf.export import export_checkpoint
+
+    path = model_dir if runtime == "moelab" else export_checkpoint(model_dir, tmp_path / "m", "mixtral", quiet=True)
+    lm = LoadedLM(path)
+    assert lm.native == (runtime == "moelab")
+    prompts = torch.randint(0, lm.vocab_size, (4, 6), generator=torch.Generator().manual_seed(0))
+    together = lm.generate(prompts, 10)
+    assert together.shape == (4, 10)
+    assert torch.equal(together, torch.cat([lm.generate(p[None], 10) for p in prompts]))
+    assert len({tuple(row) for row in together.tolist()}) > 1  # not one continuation for all
 
 
 def test_a_prompt_and_continuation_that_fill_the_context_exactly_are_run(model_dir):

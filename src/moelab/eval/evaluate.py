@@ -43,6 +43,9 @@ ALL = "all"
 EVAL_FORMAT = "moelab-eval/1"
 LOOP_NGRAM = 4  # a continuation is degenerate when one of its 4-grams occurs LOOP_REPEATS times
 LOOP_REPEATS = 3
+# prompts decoded together: on the shipped models and five compressed transformers exports, 32
+# prompts each, batch 16 gave batch 1's greedy tokens, 6-13x faster
+GENERATION_BATCH = 16
 
 
 @dataclass(kw_only=True)
@@ -103,13 +106,15 @@ class LoadedLM:
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, n: int) -> torch.Tensor:
-        """ids: [1, S] -> [n] greedy continuation (never stopped early, so loops show)."""
+        """ids: [B, S] prompts of equal length -> [B, n] greedy continuations (never stopped early,
+        so loops show)."""
         if self.native:
-            return self.model.generate(ids, n, greedy=True)[0, ids.shape[1] :]
+            return self.model.generate(ids, n, greedy=True)[:, ids.shape[1] :]
         out = self.model.generate(
-            input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
-        )
-        return out[0, ids.shape[1] :]
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+        return out[:, ids.shape[1] :]
 
 
 def evaluate(
@@ -260,15 +265,19 @@ def _prompts(streams: dict[str, np.ndarray], options: EvalOptions) -> list[tuple
 
 
 def _degeneration(lm: LoadedLM, prompts, options: EvalOptions, quiet: bool) -> dict:
-    """The share of greedy continuations stuck in a loop, with a 95 % Wilson interval."""
+    """The share of greedy continuations stuck in a loop, with a 95 % Wilson interval. The prompts
+    (all `prompt_tokens` long) decode `GENERATION_BATCH` at a time."""
     loops = 0
     by_domain: dict[str, list[int]] = {}
-    for name, ids in tqdm(
-        prompts, desc=f"generate {lm.path.name}", unit="prompt", disable=quiet, leave=False
-    ):
-        looped = is_degenerate(lm.generate(ids, options.gen_tokens).tolist())
-        loops += looped
-        by_domain.setdefault(name, []).append(int(looped))
+    with tqdm(total=len(prompts), desc=f"generate {lm.path.name}", unit="prompt", disable=quiet, leave=False) as bar:
+        for first in range(0, len(prompts), GENERATION_BATCH):
+            batch = prompts[first : first + GENERATION_BATCH]
+            continuations = lm.generate(torch.cat([ids for _, ids in batch]), options.gen_tokens)
+            for (name, _), tokens in zip(batch, continuations.tolist()):
+                looped = is_degenerate(tokens)
+                loops += looped
+                by_domain.setdefault(name, []).append(int(looped))
+            bar.update(len(batch))
     n = len(prompts)
     low, high = wilson_interval(loops, n)
     return {
