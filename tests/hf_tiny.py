@@ -1,11 +1,13 @@
 """Tiny random transformers MoE models, one per supported family, for the checkpoint-view tests.
 
 Every model: hidden 32, 2 layers, 4 experts of width 16, top-2 (Llama 4: top-1; DeepSeek: 8
-experts in 2 groups, so that half of them can be dropped group by group), vocab 64, fp32.
+experts in 2 groups, so that half of them can be dropped group by group; EXAONE-MoE: the same),
+vocab 64, fp32.
 Weights are re-drawn at unit scale (std 1/sqrt(last dim)) so that block outputs are O(0.1-1)
 and an atol of 1e-5 means something; transformers' own init (std 0.02) gives outputs
 near 1e-4. Configs exercise each family's options: dense layers, renormalisation, groups,
-scaling, GPT-OSS clamping, PhiMoE's jitter threshold.
+scaling, shared experts, GPT-OSS clamping, PhiMoE's jitter threshold, LFM2-MoE's conv layers;
+sigmoid routers' selection-only biases are drawn in [0, 0.1] (AFMoE's, a parameter: N(0, 0.3)).
 """
 
 from __future__ import annotations
@@ -154,6 +156,52 @@ TINY = {
         path="model.layers.{i}.feed_forward",
         returns_tuple=True,
     ),
+    "exaone_moe": Tiny(
+        dict(
+            COMMON,
+            head_dim=8,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            num_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            first_k_dense_replace=1,
+            sliding_window=16,
+        ),
+        dense=(0,),
+    ),
+    "afmoe": Tiny(
+        dict(
+            COMMON,
+            head_dim=8,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_shared_experts=2,
+            num_dense_layers=1,
+            route_scale=1.5,
+            sliding_window=16,
+        ),
+        dense=(0,),
+    ),
+    "lfm2_moe": Tiny(
+        dict(
+            COMMON,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_dense_layers=0,
+            routed_scaling_factor=2.0,
+            layer_types=["conv", "full_attention"],
+        ),
+        block=lambda model, i: model.model.layers[i].feed_forward,
+        path="model.layers.{i}.feed_forward",
+    ),
     "dbrx": Tiny(
         dict(
             vocab_size=64,
@@ -182,7 +230,7 @@ def build(family: str, seed: int = 0, **overrides):
         for p in model.parameters():
             p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
         for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
                 b.uniform_(0, 0.1)
     return model.eval()
 

@@ -297,7 +297,7 @@ def test_dense_model_with_unknown_type_lists_supported_families(tmp_path):
     )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     with pytest.raises(
-        CheckpointError, match=r"'llama' .* not a supported MoE family.*Supported families: dbrx, deepseek_v2"
+        CheckpointError, match=r"'llama' .* not a supported MoE family.*Supported families: afmoe, dbrx, deepseek_v2"
     ):
         open_checkpoint(tmp_path)
     assert {
@@ -313,6 +313,9 @@ def test_dense_model_with_unknown_type_lists_supported_families(tmp_path):
         "granitemoeshared",
         "llama4_text",
         "dbrx",
+        "exaone_moe",
+        "afmoe",
+        "lfm2_moe",
     } <= FAMILIES.keys()
 
 

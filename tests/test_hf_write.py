@@ -46,8 +46,8 @@ IDS = [f"{f}-{'per_expert' if o else 'fused'}" for f, o in CASES]
 
 
 def _drop(family: str, index: int) -> list[int]:
-    """Half the experts, different per layer; DeepSeek's 8 experts in 2 groups lose 2 per group."""
-    if family.startswith("deepseek"):
+    """Half the experts, different per layer; 8 experts in 2 groups (DeepSeek, EXAONE-MoE) lose 2 per group."""
+    if TINY[family].config.get("n_group", 1) > 1:
         return [1, 2, 4, 7]
     return [0, 2] if index % 2 else [1, 2]
 

@@ -85,6 +85,42 @@ def _deepseek_v3(config: Config) -> dict:
     }
 
 
+def _exaone_moe(config: Config) -> dict:
+    """EXAONE-MoE: DeepSeek-V3's router (sigmoid, correction bias for selection, groups scored by
+    their top-2 sum, renormalised if norm_topk_prob, x routed_scaling_factor), groups always on."""
+    return {
+        "score_func": "sigmoid",
+        "top_k": _top_k(config),
+        "renormalize": config_flag(config, "norm_topk_prob", default=True),
+        "route_scale": float(config_value(config, "routed_scaling_factor", default=2.5)),
+        "n_group": config_value(config, "n_group", default=1),
+        "topk_group": config_value(config, "topk_group", default=1),
+    }
+
+
+def _afmoe(config: Config) -> dict:
+    """AFMoE: sigmoid, the block's expert_bias steers selection only, always renormalised,
+    x route_scale; no groups."""
+    return {
+        "score_func": "sigmoid",
+        "top_k": _top_k(config),
+        "renormalize": True,
+        "route_scale": float(config_value(config, "route_scale", default=1.0)),
+    }
+
+
+def _lfm2_moe(config: Config) -> dict:
+    """LFM2-MoE: sigmoid, the block's expert_bias (if use_expert_bias) steers selection only,
+    renormalised if norm_topk_prob (transformers adds 1e-6 to the sum, moelab 1e-20: a relative
+    1e-6), x routed_scaling_factor; no groups."""
+    return {
+        "score_func": "sigmoid",
+        "top_k": _top_k(config),
+        "renormalize": config_flag(config, "norm_topk_prob", default=True),
+        "route_scale": float(config_value(config, "routed_scaling_factor", default=1.0)),
+    }
+
+
 def _sparsemixer(config: Config) -> dict:
     """PhiMoE: transformers' sparsemixer always picks 2 experts, whatever num_experts_per_tok says."""
     return {
@@ -163,6 +199,11 @@ def _llama4_experts(config: Config) -> dict:
     return {**swiglu(config), "scale_input": True}
 
 
+def _silu_experts(config: Config) -> dict:
+    """Experts whose activation is SiLU whatever hidden_act says (LFM2-MoE)."""
+    return {"activation": "silu"}
+
+
 def _dbrx_experts(config: Config) -> dict:
     return {"activation": config_value(config, "ffn_config.ffn_act_fn.name", default="silu")}
 
@@ -179,6 +220,25 @@ def _qwen_sparse_layer(config: Config, i: int) -> bool:
 
 def _deepseek_sparse_layer(default_first_dense: int) -> Callable[[Config, int], bool]:
     return lambda config, i: i >= config_value(config, "first_k_dense_replace", default=default_first_dense)
+
+
+def _first_dense_layers(key: str, default: int) -> Callable[[Config, int], bool]:
+    """Layers from `key` on are sparse (AFMoE, LFM2-MoE: num_dense_layers)."""
+    return lambda config, i: i >= config_value(config, key, default=default)
+
+
+def _exaone_sparse_layer(config: Config, i: int) -> bool:
+    """mlp_layer_types ("dense" / "sparse" per layer, what EXAONE-MoE's config writes), else
+    the first `first_k_dense_replace` layers are dense."""
+    kinds = config.get("mlp_layer_types")
+    if kinds is None:
+        return i >= config_value(config, "first_k_dense_replace", default=1)
+    if not isinstance(kinds, list) or i >= len(kinds) or kinds[i] not in ("dense", "sparse"):
+        raise CheckpointError(
+            f"config.json's mlp_layer_types must list 'dense' or 'sparse' for each of the "
+            f"{config_value(config, 'num_hidden_layers')} layers, got {kinds!r}"
+        )
+    return kinds[i] == "sparse"
 
 
 def _native_sparse_layer(config: Config, i: int) -> bool:
@@ -234,6 +294,35 @@ def _granite_layouts(shared: SharedFusedMLP | None = None) -> tuple[Layout, ...]
             FusedGateUp(moe + "experts.gate_up_proj", moe + "experts.down_proj"),
             shared,
         ),
+    )
+
+
+def _exaone_moe_layouts() -> tuple[Layout, ...]:
+    """The qwen2_moe pattern with shared experts; the correction bias is mlp.e_score_correction_bias
+    on disk (transformers renames it to the router's), mlp.gate.e_score_correction_bias fused."""
+    shared = _shared("mlp.shared_experts")
+    per_expert, _ = _qwen2_moe_layouts(shared, selection_bias="mlp.e_score_correction_bias")
+    _, fused = _qwen2_moe_layouts(shared, selection_bias=_DEEPSEEK_BIAS)
+    return per_expert, fused
+
+
+def _afmoe_layouts() -> tuple[Layout, ...]:
+    """The qwen2_moe experts; the router is mlp.router.gate, its bias the block's mlp.expert_bias."""
+    router = RouterKeys("mlp.router.gate.weight", selection_bias="mlp.expert_bias")
+    shared = _shared("mlp.shared_experts")
+    return tuple(Layout(router, lay.experts, shared) for lay in _qwen2_moe_layouts())
+
+
+def _lfm2_moe_layouts() -> tuple[Layout, ...]:
+    """feed_forward.experts.{e}.w1 (gate) / w3 (up) / w2 (down) on disk, fused under the same
+    block; router feed_forward.gate, its bias the block's feed_forward.expert_bias where the config
+    has use_expert_bias."""
+    ff = "feed_forward."
+    router = RouterKeys(ff + "gate.weight", selection_bias=ff + "expert_bias", optional=True)
+    per_expert = PerExpert(*(f"{ff}experts.{{e}}.{w}.weight" for w in ("w1", "w3", "w2")))
+    return (
+        Layout(router, per_expert),
+        Layout(router, FusedGateUp(ff + "experts.gate_up_proj", ff + "experts.down_proj")),
     )
 
 
@@ -307,6 +396,15 @@ _FAMILIES = (
            num_experts=("n_routed_experts", "num_local_experts"),
            router_settings=_deepseek_v3, is_moe_layer=_deepseek_sparse_layer(default_first_dense=3),
            expert_width=_MOE_WIDTH, shared_width_follows=True),
+    Family("exaone_moe", layouts=_exaone_moe_layouts(), num_experts=("num_experts",),
+           router_settings=_exaone_moe, is_moe_layer=_exaone_sparse_layer, expert_width=_MOE_WIDTH,
+           shared_width_follows=True),
+    Family("afmoe", layouts=_afmoe_layouts(), num_experts=("num_experts",), router_settings=_afmoe,
+           is_moe_layer=_first_dense_layers("num_dense_layers", default=1), expert_width=_MOE_WIDTH,
+           shared_width_follows=True),
+    Family("lfm2_moe", layouts=_lfm2_moe_layouts(), num_experts=("num_experts",), router_settings=_lfm2_moe,
+           is_moe_layer=_first_dense_layers("num_dense_layers", default=2), expert_settings=_silu_experts,
+           expert_width=_MOE_WIDTH),
     Family("gpt_oss",
            layouts=(Layout(RouterKeys("mlp.router.weight", bias="mlp.router.bias"), _GPT_OSS_EXPERTS),),
            num_experts=("num_local_experts", "num_experts"),
