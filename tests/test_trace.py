@@ -153,7 +153,7 @@ def _block_choices(model, family: str):
     layers = model.transformer.blocks if family == "dbrx" else model.model.layers
     for i, layer in enumerate(layers):
         named = dict(layer.named_modules())
-        experts = next((m for n, m in named.items() if n.endswith("experts")), None)
+        experts = next((m for n, m in named.items() if n.rsplit(".", 1)[-1] == "experts"), None)  # not shared_experts
         if experts is None or i in TINY[family].dense:
             continue
         seen[i] = []

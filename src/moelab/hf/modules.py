@@ -59,7 +59,7 @@ class MoEModules:
 
 
 def find_moe_modules(layer: nn.Module, index: int, num_experts: int, dim: int) -> MoEModules:
-    """In decoder layer `index`: the router (a module named gate/router holding a [E, D] weight),
+    """In decoder layer `index`: the router (the innermost module named gate/router holding a [E, D] weight),
     the routed experts (named experts) and the shared experts' down projection, if any."""
     modules = dict(layer.named_modules())
     routers = [
@@ -68,6 +68,8 @@ def find_moe_modules(layer: nn.Module, index: int, num_experts: int, dim: int) -
         if name.rsplit(".", 1)[-1] in ("gate", "router")
         and any(p.shape == (num_experts, dim) for p in m.parameters())
     ]
+    # a router module around the gate that holds its weight (AFMoE: mlp.router.gate): the gate
+    routers = [name for name in routers if not any(other.startswith(name + ".") for other in routers)]
     experts = [name for name in modules if name.rsplit(".", 1)[-1] == "experts"]
     shared = [name for name in modules if SHARED_DOWN.search(name)]
     if len(routers) != 1 or len(experts) != 1 or len(shared) > 1:

@@ -516,7 +516,8 @@ def load_offloaded(
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     """Bytes of keys and values that decoding caches per token (one position of one sequence),
     over every layer: moelab's KV cache, or transformers' (where DeepSeek's multi-head latent
-    attention caches the compressed latent and the shared rotary key, not per-head keys and values)."""
+    attention caches the compressed latent and the shared rotary key, not per-head keys and values,
+    and a hybrid model's convolution layers cache none)."""
     size, config = torch.empty((), dtype=dtype).element_size(), model.config
     if isinstance(model, MoETransformer):
         return 2 * config.n_layers * config.n_kv_heads * config.head_dim * size
@@ -526,7 +527,16 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         per_layer = 2 * heads * head_dim
-    return config.num_hidden_layers * per_layer * size
+    return _attention_layers(config) * per_layer * size
+
+
+def _attention_layers(config) -> int:
+    """The layers that cache keys and values per token: all of them, unless config.layer_types
+    names others (LFM2's short convolutions, linear attention: a fixed-size state per sequence)."""
+    types = getattr(config, "layer_types", None)
+    if not isinstance(types, (list, tuple)) or len(types) != config.num_hidden_layers:
+        return config.num_hidden_layers
+    return sum(1 for t in types if str(t).endswith("attention") and t != "linear_attention")
 
 
 def _tie_output_head(model: nn.Module) -> None:
