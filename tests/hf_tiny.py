@@ -202,6 +202,12 @@ TINY = {
         block=lambda model, i: model.model.layers[i].feed_forward,
         path="model.layers.{i}.feed_forward",
     ),
+    "minimax_m2": Tiny(
+        dict(COMMON, head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "hunyuan_v1_moe": Tiny(
+        dict(COMMON, head_dim=8, intermediate_size=16, num_experts=4, moe_topk=2),
+    ),
     "dbrx": Tiny(
         dict(
             vocab_size=64,

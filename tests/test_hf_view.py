@@ -316,6 +316,8 @@ def test_dense_model_with_unknown_type_lists_supported_families(tmp_path):
         "exaone_moe",
         "afmoe",
         "lfm2_moe",
+        "minimax_m2",
+        "hunyuan_v1_moe",
     } <= FAMILIES.keys()
 
 
@@ -699,6 +701,19 @@ def test_phimoe_routes_two_experts_whatever_num_experts_per_tok_says(tmp_path, t
     with open_checkpoint(tmp_path) as view:
         assert view.layer(0).router.top_k == 2
         _assert_matches_transformers(view, "phimoe", model, ())
+
+
+def test_hunyuan_top_k_per_layer_is_read_only_where_the_layers_agree(tmp_path):
+    """Hunyuan-MoE's moe_topk may list one k per layer: one k for all is read, different ones refused."""
+    model = build("hunyuan_v1_moe", moe_topk=[2, 2])
+    model.save_pretrained(tmp_path)
+    with open_checkpoint(tmp_path) as view:
+        assert view.layer(0).router.top_k == 2
+        _assert_matches_transformers(view, "hunyuan_v1_moe", model, ())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"moe_topk": [1, 2]}))
+    with pytest.raises(CheckpointError, match=r"moe_topk gives layers different top-k values \[1, 2\]"):
+        open_checkpoint(tmp_path).layer(0)
 
 
 def test_llama4_interleaved_moe_layers_without_moe_layers_key(tmp_path):

@@ -8,6 +8,7 @@ Written against, and tested on, transformers 5.24.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +120,26 @@ def _lfm2_moe(config: Config) -> dict:
         "renormalize": config_flag(config, "norm_topk_prob", default=True),
         "route_scale": float(config_value(config, "routed_scaling_factor", default=1.0)),
     }
+
+
+def _minimax_m2(config: Config) -> dict:
+    """MiniMax-M2: sigmoid, the block's e_score_correction_bias steers selection only, always
+    renormalised, no scaling (transformers reads no scoring_func / use_routing_bias key)."""
+    return {"score_func": "sigmoid", "top_k": _top_k(config), "renormalize": True}
+
+
+def _hunyuan_v1_moe(config: Config) -> dict:
+    """Hunyuan-MoE V1: softmax, top moe_topk, renormalised. moe_topk may list one k per layer;
+    only a list of one k is read (the settings are the model's, not a layer's)."""
+    k = config_value(config, "moe_topk", "num_experts_per_tok")
+    if isinstance(k, list):
+        if len(set(k)) != 1:
+            raise CheckpointError(
+                f"config.json's moe_topk gives layers different top-k values {k}; moelab's views take one "
+                "top-k for the model"
+            )
+        k = k[0]
+    return {"score_func": "softmax", "top_k": k, "renormalize": True}
 
 
 def _sparsemixer(config: Config) -> dict:
@@ -326,6 +347,23 @@ def _lfm2_moe_layouts() -> tuple[Layout, ...]:
     )
 
 
+def _minimax_m2_layouts() -> tuple[Layout, ...]:
+    """Mixtral's layouts plus the block's correction bias: block_sparse_moe.e_score_correction_bias
+    on disk, mlp.e_score_correction_bias fused."""
+    per_expert, fused = _w1w3w2_layouts("mlp.gate.weight")
+    return (
+        Layout(dataclasses.replace(per_expert.router, selection_bias="block_sparse_moe.e_score_correction_bias"),
+               per_expert.experts),
+        Layout(dataclasses.replace(fused.router, selection_bias="mlp.e_score_correction_bias"), fused.experts),
+    )  # fmt: skip
+
+
+def _hunyuan_v1_moe_layouts() -> tuple[Layout, ...]:
+    """The qwen2_moe experts; router mlp.gate.wg; shared expert mlp.shared_mlp."""
+    router, shared = RouterKeys("mlp.gate.wg.weight"), _shared("mlp.shared_mlp")
+    return tuple(Layout(router, lay.experts, shared) for lay in _qwen2_moe_layouts())
+
+
 def _shared(name: str, sigmoid_gate: str | None = None) -> SharedMLP:
     return SharedMLP(*(f"{name}.{p}_proj.weight" for p in ("gate", "up", "down")), sigmoid_gate=sigmoid_gate)
 
@@ -405,6 +443,10 @@ _FAMILIES = (
     Family("lfm2_moe", layouts=_lfm2_moe_layouts(), num_experts=("num_experts",), router_settings=_lfm2_moe,
            is_moe_layer=_first_dense_layers("num_dense_layers", default=2), expert_settings=_silu_experts,
            expert_width=_MOE_WIDTH),
+    Family("minimax_m2", layouts=_minimax_m2_layouts(), num_experts=("num_local_experts",),
+           router_settings=_minimax_m2),
+    Family("hunyuan_v1_moe", layouts=_hunyuan_v1_moe_layouts(), num_experts=("num_experts", "num_local_experts"),
+           router_settings=_hunyuan_v1_moe, shared_width_follows=True),
     Family("gpt_oss",
            layouts=(Layout(RouterKeys("mlp.router.weight", bias="mlp.router.bias"), _GPT_OSS_EXPERTS),),
            num_experts=("num_local_experts", "num_experts"),
