@@ -208,6 +208,22 @@ TINY = {
     "hunyuan_v1_moe": Tiny(
         dict(COMMON, head_dim=8, intermediate_size=16, num_experts=4, moe_topk=2),
     ),
+    "jamba": Tiny(
+        dict(
+            COMMON,
+            intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            attn_layer_period=2,
+            attn_layer_offset=0,
+            use_mamba_kernels=False,
+        ),
+        block=lambda model, i: model.model.layers[i].feed_forward,
+        dense=(0,),
+        path="model.layers.{i}.feed_forward",
+    ),
     "dbrx": Tiny(
         dict(
             vocab_size=64,

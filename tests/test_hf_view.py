@@ -318,6 +318,7 @@ def test_dense_model_with_unknown_type_lists_supported_families(tmp_path):
         "lfm2_moe",
         "minimax_m2",
         "hunyuan_v1_moe",
+        "jamba",
     } <= FAMILIES.keys()
 
 

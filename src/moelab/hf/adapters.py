@@ -122,6 +122,11 @@ def _lfm2_moe(config: Config) -> dict:
     }
 
 
+def _softmax_top_k(config: Config) -> dict:
+    """Jamba: top-k of the softmax over all experts, never renormalised."""
+    return {"score_func": "softmax", "top_k": _top_k(config), "renormalize": False}
+
+
 def _minimax_m2(config: Config) -> dict:
     """MiniMax-M2: sigmoid, the block's e_score_correction_bias steers selection only, always
     renormalised, no scaling (transformers reads no scoring_func / use_routing_bias key)."""
@@ -262,6 +267,14 @@ def _exaone_sparse_layer(config: Config, i: int) -> bool:
     return kinds[i] == "sparse"
 
 
+def _jamba_sparse_layer(config: Config, i: int) -> bool:
+    """Every expert_layer_period-th layer from expert_layer_offset (transformers' defaults 2 and 1),
+    where num_experts > 1."""
+    period = config_value(config, "expert_layer_period", default=2)
+    offset = config_value(config, "expert_layer_offset", default=1)
+    return config_value(config, "num_experts", default=16) > 1 and i % period == offset
+
+
 def _native_sparse_layer(config: Config, i: int) -> bool:
     return _native_config(config).layer_kinds[i] == "moe"
 
@@ -364,6 +377,14 @@ def _hunyuan_v1_moe_layouts() -> tuple[Layout, ...]:
     return tuple(Layout(router, lay.experts, shared) for lay in _qwen2_moe_layouts())
 
 
+def _jamba_layouts() -> tuple[Layout, ...]:
+    """The qwen2_moe pattern under feed_forward, router feed_forward.router."""
+    router = RouterKeys("feed_forward.router.weight")
+    per_expert = PerExpert(*(f"feed_forward.experts.{{e}}.{p}_proj.weight" for p in ("gate", "up", "down")))
+    fused = FusedGateUp("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")
+    return Layout(router, per_expert), Layout(router, fused)
+
+
 def _shared(name: str, sigmoid_gate: str | None = None) -> SharedMLP:
     return SharedMLP(*(f"{name}.{p}_proj.weight" for p in ("gate", "up", "down")), sigmoid_gate=sigmoid_gate)
 
@@ -447,6 +468,8 @@ _FAMILIES = (
            router_settings=_minimax_m2),
     Family("hunyuan_v1_moe", layouts=_hunyuan_v1_moe_layouts(), num_experts=("num_experts", "num_local_experts"),
            router_settings=_hunyuan_v1_moe, shared_width_follows=True),
+    Family("jamba", layouts=_jamba_layouts(), num_experts=("num_experts",), router_settings=_softmax_top_k,
+           is_moe_layer=_jamba_sparse_layer),
     Family("gpt_oss",
            layouts=(Layout(RouterKeys("mlp.router.weight", bias="mlp.router.bias"), _GPT_OSS_EXPERTS),),
            num_experts=("num_local_experts", "num_experts"),
