@@ -208,6 +208,19 @@ TINY = {
     "hunyuan_v1_moe": Tiny(
         dict(COMMON, head_dim=8, intermediate_size=16, num_experts=4, moe_topk=2),
     ),
+    "ernie4_5_moe": Tiny(
+        dict(
+            COMMON,
+            head_dim=8,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+        ),
+        dense=(0,),
+    ),
     "jamba": Tiny(
         dict(
             COMMON,

@@ -319,6 +319,7 @@ def test_dense_model_with_unknown_type_lists_supported_families(tmp_path):
         "minimax_m2",
         "hunyuan_v1_moe",
         "jamba",
+        "ernie4_5_moe",
     } <= FAMILIES.keys()
 
 
@@ -715,6 +716,13 @@ def test_hunyuan_top_k_per_layer_is_read_only_where_the_layers_agree(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config | {"moe_topk": [1, 2]}))
     with pytest.raises(CheckpointError, match=r"moe_topk gives layers different top-k values \[1, 2\]"):
         open_checkpoint(tmp_path).layer(0)
+
+
+def test_ernie_with_biased_shared_experts_is_refused(tmp_path):
+    """ERNIE 4.5's use_bias gives its shared experts biases, which views do not read."""
+    build("ernie4_5_moe", use_bias=True).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="sets use_bias: its shared experts have biases"):
+        open_checkpoint(tmp_path).layer(1)
 
 
 def test_llama4_interleaved_moe_layers_without_moe_layers_key(tmp_path):

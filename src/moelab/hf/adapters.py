@@ -127,6 +127,18 @@ def _softmax_top_k(config: Config) -> dict:
     return {"score_func": "softmax", "top_k": _top_k(config), "renormalize": False}
 
 
+def _ernie4_5_moe(config: Config) -> dict:
+    """ERNIE 4.5 MoE: softmax, the correction bias (moe_statics) steers selection only,
+    renormalised (transformers divides by max(sum, moe_norm_min = 1e-12): the same for softmax
+    scores, whose top-k sum is at least k/E), no scaling."""
+    if config_flag(config, "use_bias", default=False):
+        raise CheckpointError(
+            "this ERNIE 4.5 MoE config sets use_bias: its shared experts have biases, which moelab's views do "
+            "not read"
+        )
+    return {"score_func": "softmax", "top_k": config_value(config, "moe_k", "num_experts_per_tok"), "renormalize": True}
+
+
 def _minimax_m2(config: Config) -> dict:
     """MiniMax-M2: sigmoid, the block's e_score_correction_bias steers selection only, always
     renormalised, no scaling (transformers reads no scoring_func / use_routing_bias key)."""
@@ -267,6 +279,17 @@ def _exaone_sparse_layer(config: Config, i: int) -> bool:
     return kinds[i] == "sparse"
 
 
+def _ernie_sparse_layer(config: Config, i: int) -> bool:
+    """Every moe_layer_interval-th layer (counting from 1) from moe_layer_start_index to
+    moe_layer_end_index (-1: the last layer), transformers' defaults 1, 1 and -1."""
+    end = config_value(config, "moe_layer_end_index", default=-1)
+    end = config_value(config, "num_hidden_layers") - 1 if end == -1 else end
+    return (
+        (i + 1) % config_value(config, "moe_layer_interval", default=1) == 0
+        and config_value(config, "moe_layer_start_index", default=1) <= i <= end
+    )
+
+
 def _jamba_sparse_layer(config: Config, i: int) -> bool:
     """Every expert_layer_period-th layer from expert_layer_offset (transformers' defaults 2 and 1),
     where num_experts > 1."""
@@ -377,6 +400,20 @@ def _hunyuan_v1_moe_layouts() -> tuple[Layout, ...]:
     return tuple(Layout(router, lay.experts, shared) for lay in _qwen2_moe_layouts())
 
 
+def _ernie4_5_moe_layouts() -> tuple[Layout, ...]:
+    """The qwen2_moe pattern with shared experts; the correction bias, one row [1, E], is
+    mlp.moe_statics.e_score_correction_bias on disk, mlp.gate.moe_statics.e_score_correction_bias fused."""
+    shared = _shared("mlp.shared_experts")
+    per_expert, fused = _qwen2_moe_layouts(shared)
+    bias = "moe_statics.e_score_correction_bias"
+    return (
+        Layout(RouterKeys("mlp.gate.weight", selection_bias=f"mlp.{bias}", selection_bias_row=True),
+               per_expert.experts, shared),
+        Layout(RouterKeys("mlp.gate.weight", selection_bias=f"mlp.gate.{bias}", selection_bias_row=True),
+               fused.experts, shared),
+    )  # fmt: skip
+
+
 def _jamba_layouts() -> tuple[Layout, ...]:
     """The qwen2_moe pattern under feed_forward, router feed_forward.router."""
     router = RouterKeys("feed_forward.router.weight")
@@ -468,6 +505,9 @@ _FAMILIES = (
            router_settings=_minimax_m2),
     Family("hunyuan_v1_moe", layouts=_hunyuan_v1_moe_layouts(), num_experts=("num_experts", "num_local_experts"),
            router_settings=_hunyuan_v1_moe, shared_width_follows=True),
+    Family("ernie4_5_moe", layouts=_ernie4_5_moe_layouts(), num_experts=("moe_num_experts", "num_experts"),
+           router_settings=_ernie4_5_moe, is_moe_layer=_ernie_sparse_layer, expert_width=_MOE_WIDTH,
+           shared_width_follows=True),
     Family("jamba", layouts=_jamba_layouts(), num_experts=("num_experts",), router_settings=_softmax_top_k,
            is_moe_layer=_jamba_sparse_layer),
     Family("gpt_oss",

@@ -67,12 +67,14 @@ def swiglu(config: Config) -> dict[str, Any]:
 class RouterKeys:
     """The router's weight [E, D], and its logit bias [E] / selection-only correction bias [E]
     where the family has one. `optional`: the biases are on disk only where a model has them
-    (moelab's own checkpoints); otherwise every named key must be there."""
+    (moelab's own checkpoints); otherwise every named key must be there. `selection_bias_row`:
+    the selection bias is stored as one row [1, E] (ERNIE 4.5)."""
 
     weight: str
     bias: str | None = None
     selection_bias: str | None = None
     optional: bool = False
+    selection_bias_row: bool = False
 
     def _keys(self, ckpt: Checkpoint, prefix: str) -> dict[str, str]:
         keys = {"weight": self.weight, "bias": self.bias, "selection_bias": self.selection_bias}
@@ -83,7 +85,16 @@ class RouterKeys:
         }
 
     def read(self, ckpt: Checkpoint, prefix: str) -> dict[str, Tensor]:
-        return {name: ckpt.get(prefix + key) for name, key in self._keys(ckpt, prefix).items()}
+        out = {name: ckpt.get(prefix + key) for name, key in self._keys(ckpt, prefix).items()}
+        if self.selection_bias_row and "selection_bias" in out:
+            row = out["selection_bias"]
+            if row.dim() != 2 or row.shape[0] != 1:
+                raise CheckpointError(
+                    f"{ckpt.directory}: {prefix}{self.selection_bias} has shape {list(row.shape)}, expected one "
+                    "row [1, experts]"
+                )
+            out["selection_bias"] = row[0]
+        return out
 
     def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
         return [prefix + key for key in self._keys(ckpt, prefix).values()]
@@ -97,11 +108,14 @@ class RouterKeys:
                     f"set the view's {name} to None (or fold it away) before writing"
                 )
         keys = {"weight": self.weight, "bias": self.bias, "selection_bias": self.selection_bias}
-        return {
+        out = {
             prefix + key: _or_zeros(getattr(router, name), router.weight, router.num_experts)
             for name, key in keys.items()
             if key is not None and (not self.optional or getattr(router, name) is not None)
         }
+        if self.selection_bias_row and prefix + self.selection_bias in out:
+            out[prefix + self.selection_bias] = out[prefix + self.selection_bias][None]
+        return out
 
 
 # ----------------------------------------------------------------------------- routed experts
