@@ -137,6 +137,21 @@ TINY = {
         path="model.layers.{i}.block_sparse_moe",
         shared_outside=True,
     ),
+    "granitemoehybrid": Tiny(
+        dict(
+            COMMON,
+            intermediate_size=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            shared_intermediate_size=24,
+            layer_types=["mamba", "attention"],
+            mamba_n_heads=4,
+            mamba_d_head=16,
+        ),
+        block=_granite_shared,
+        path="model.layers.{i}.block_sparse_moe",
+        shared_outside=True,
+    ),
     "llama4_text": Tiny(
         dict(
             COMMON,

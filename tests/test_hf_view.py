@@ -320,6 +320,7 @@ def test_dense_model_with_unknown_type_lists_supported_families(tmp_path):
         "hunyuan_v1_moe",
         "jamba",
         "ernie4_5_moe",
+        "granitemoehybrid",
     } <= FAMILIES.keys()
 
 
