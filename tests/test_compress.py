@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import TINY, build
+from hf_tiny import COMPRESS_SLOW, TINY, build
 from layer_views import make_view
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -289,7 +289,9 @@ def test_every_method_compresses_a_moelab_model(tmp_path, model_dir, stats_dir, 
     ]
 
 
-@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=pytest.mark.slow) if f in COMPRESS_SLOW else f for f in sorted(TINY)]
+)
 def test_every_transformers_family_compresses_and_loads(tmp_path, family):
     """REAP on a tiny checkpoint of each family; the writer's postconditions load it strictly in
     transformers and compare every edited layer with the masked original."""
