@@ -894,12 +894,17 @@ def test_shard_names_and_metadata_are_the_sources_unless_a_shard_empties(mixtral
     assert sorted(p.name for p in out.glob("*.safetensors")) == written
 
 
-def test_narrowing_experts_whose_width_the_shared_experts_share_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    "family,what,key",
+    [("deepseek_v3", "shared experts", "moe_intermediate_size"), ("jamba", "dense layers' MLPs", "intermediate_size")],
+)
+def test_narrowing_experts_whose_width_the_shared_experts_share_is_refused(tmp_path, family, what, key):
     """DeepSeek computes its shared experts' width from moe_intermediate_size, the routed experts'
-    key: narrower routed experts would narrow the shared ones in config.json too, so the edit is
-    refused by name before anything is written; the same experts at full width are written."""
+    key (Jamba: its dense layers' MLPs, from intermediate_size): narrower routed experts would
+    narrow them in config.json too, so the edit is refused by name before anything is written;
+    the same experts at full width are written."""
     src = tmp_path / "src"
-    build("deepseek_v3").save_pretrained(src)
+    build(family).save_pretrained(src)
     with open_checkpoint(src) as view:
         layer = view.layer(1)
     ex, E = layer.experts, layer.router.num_experts
@@ -908,7 +913,7 @@ def test_narrowing_experts_whose_width_the_shared_experts_share_is_refused(tmp_p
         layer, experts=dataclasses.replace(ex, gate=ex.gate[:, :half], up=ex.up[:, :half], down=ex.down[..., :half])
     )
     same = tuple((e,) for e in range(E))
-    with pytest.raises(ValueError, match=rf"deepseek_v3's shared experts take their width from moe_intermediate_size "
+    with pytest.raises(ValueError, match=rf"{family}'s {what} take their width from {key} "
                                          rf"too.*\({ex.hidden_dim} -> {half}\)"):  # fmt: skip
         write_checkpoint(src, tmp_path / "out", {1: LayerEdit(same, view=narrow)}, quiet=True)
     assert not (tmp_path / "out").exists()

@@ -164,16 +164,22 @@ def _planned(model: Path, method: Method, ratio: float) -> dict[int, tuple[Any, 
 def _layer_views(model: Path, method: Method) -> dict[int, MoELayerView]:
     """{MoE layer: its MoELayerView}, read from shard headers only (shapes, no weights); settles
     the method's automatic options for the checkpoint and refuses one that narrows experts on a
-    family whose shared experts' width follows theirs."""
+    family whose shared experts' (or dense layers') width follows theirs."""
     config, checkpoint, family = resolve(model)
     checkpoint.close()
     with _view(model, shapes_only=True) as view:
         layers = {i: view.layer(i) for i in range(view.num_layers)}
     shared = any(isinstance(layer, MoELayerView) and layer.shared is not None for layer in layers.values())
-    method.settle(width_fixed=family.shared_width_follows and shared)
-    if method.changes_width and family.shared_width_follows and shared:
+    dense = any(not isinstance(layer, MoELayerView) for layer in layers.values())
+    follows = (
+        "shared experts" if family.shared_width_follows and shared
+        else "dense layers' MLPs" if family.dense_width_follows and dense
+        else None
+    )  # fmt: skip
+    method.settle(width_fixed=follows is not None)
+    if method.changes_width and follows is not None:
         raise ValueError(
-            f"{method.name} with these options makes the routed experts narrower, but {family.name}'s shared experts "
+            f"{method.name} with these options makes the routed experts narrower, but {family.name}'s {follows} "
             f"take their width from the same config key; use an option that keeps the width (heapr: layout='padded')"
         )
     moe_layers = {i: layer for i, layer in layers.items() if isinstance(layer, MoELayerView)}

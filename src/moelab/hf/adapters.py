@@ -509,7 +509,7 @@ _FAMILIES = (
            router_settings=_ernie4_5_moe, is_moe_layer=_ernie_sparse_layer, expert_width=_MOE_WIDTH,
            shared_width_follows=True),
     Family("jamba", layouts=_jamba_layouts(), num_experts=("num_experts",), router_settings=_softmax_top_k,
-           is_moe_layer=_jamba_sparse_layer),
+           is_moe_layer=_jamba_sparse_layer, dense_width_follows=True),
     Family("gpt_oss",
            layouts=(Layout(RouterKeys("mlp.router.weight", bias="mlp.router.bias"), _GPT_OSS_EXPERTS),),
            num_experts=("num_local_experts", "num_experts"),

@@ -396,6 +396,8 @@ class Family:
     shared_width_follows: the shared experts' width is computed from the same key (DeepSeek:
         n_shared_experts x moe_intermediate_size; Llama 4: intermediate_size), so routed experts
         cannot get narrower alone.
+    dense_width_follows: the dense layers' MLPs take their width from the same key (Jamba:
+        intermediate_size), so routed experts cannot get narrower alone in a model with dense layers.
     block_returns: what the family's MoE block module returns in memory: "tensor" (y), "tuple"
         (y, router output: GPT-OSS, Llama 4) or "moelab" (y, MoEResult).
     layer_returns_tuple: its decoder layers return a tuple whose first item is the hidden states
@@ -413,6 +415,7 @@ class Family:
     hidden_size: tuple[str, ...] = ("hidden_size",)
     expert_width: tuple[str, ...] = ("intermediate_size",)
     shared_width_follows: bool = False
+    dense_width_follows: bool = False
     block_returns: str = "tensor"
     layer_returns_tuple: bool = False
 

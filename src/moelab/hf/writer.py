@@ -164,9 +164,11 @@ class _Plan:
             _set_present(new_config, name, counts[moe_layers[0]])
         if any(edit.view is not None for edit in edits.values()):
             width_key, before = config_entry(config, family.expert_width)
-            if family.shared_width_follows and widths[moe_layers[0]] != before:
+            dense = family.dense_width_follows and len(moe_layers) < config_value(config, *family.num_layers)
+            if (family.shared_width_follows or dense) and widths[moe_layers[0]] != before:
+                what = "shared experts" if family.shared_width_follows else "dense layers' MLPs"
                 raise ValueError(
-                    f"{family.name}'s shared experts take their width from {width_key} too, so the routed experts "
+                    f"{family.name}'s {what} take their width from {width_key} too, so the routed experts "
                     f"cannot get narrower ({before} -> {widths[moe_layers[0]]}) on their own; keep their width "
                     "(e.g. heapr with layout='padded' zeroes pruned neurons at full width)"
                 )
