@@ -1125,6 +1125,7 @@ def test_load_pretrained(sources, tmp_path, make, file, message):
         ({"layers": [0, 0], "num_experts": [4, 4], "top_k": [1, 1]}, r"must be distinct layer numbers"),
         ({"layers": [], "num_experts": [], "top_k": []}, r"needs at least one MoE layer"),
         ({"top_k": [5]}, r"TraceInfo.top_k \[5\] must lie in \[1, num_experts \[4\]\]"),
+        ({"top_k": [0]}, r"TraceInfo.top_k \[0\] must lie in \[1, num_experts \[4\]\]"),
         ({"shards": [{"file": "shard-00000.safetensors", "tokens": 64, "sequences": -1}]}, r"must be >= 0"),
         ({"shards": {"file": "x"}}, r"TraceInfo.shards must be a list"),
         ({"shards": ["shard-00000.safetensors"]}, r"TraceInfo.shards must be a list of \{file"),
@@ -1135,6 +1136,7 @@ def test_load_pretrained(sources, tmp_path, make, file, message):
         ),
         ({"shards": [{"file": "/etc/passwd", "tokens": 1, "sequences": 1}]}, r"names the file '/etc/passwd'"),
         ({"version": 2}, r"version 2, expected 'moelab-trace' version 1"),
+        ({"format": "other-trace"}, r"format 'other-trace' version 1, expected 'moelab-trace' version 1"),
     ],
     ids=[
         "missing",
@@ -1145,6 +1147,7 @@ def test_load_pretrained(sources, tmp_path, make, file, message):
         "layer_twice",
         "no_layers",
         "top_k_above_experts",
+        "top_k_zero",
         "negative_sequences",
         "shards_dict",
         "shard_not_object",
@@ -1152,6 +1155,7 @@ def test_load_pretrained(sources, tmp_path, make, file, message):
         "shard_unknown_field",
         "shard_abs",
         "version",
+        "format",
     ],
 )
 def test_open_trace(sources, tmp_path, manifest, message):
@@ -1383,9 +1387,10 @@ def test_read_expert_map_accepts_the_writers_output(sources, tmp_path):
         ("d.txt", " \n\t\n", r"d.txt has no text in domain 'd'"),
         ("d.jsonl", '{"text": "a", "domain": "x"}\n{"text": " ", "domain": "y"}\n', r"no text in domain 'y'"),
         ("d.jsonl", "\n\n", r"d.jsonl has no text \(no JSON line with a text\)"),
+        ("d.csv", "text\nhello\n", r"'.*d.csv' is not 'corpus', a .txt/.jsonl file or a directory of them$"),
     ],
     ids=["text_number", "json_line", "domain_null", "domain_empty", "utf8", "empty", "blank", "blank_domain",
-         "no_lines"],
+         "no_lines", "csv"],
 )
 def test_data_loading(tmp_path, name, content, message):
     path = text(tmp_path / name, content)
