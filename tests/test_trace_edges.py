@@ -155,12 +155,21 @@ def test_a_transformers_checkpoint_keeps_moelabs_tokenizer_as_its_own(tmp_path):
     assert checkpoint_encoder(tmp_path)(["the"]).size > 0
 
 
-def test_an_unreadable_tokenizer_is_not_replaced_by_moelabs(tmp_path):
+def test_an_unreadable_tokenizer_is_not_replaced_by_moelabs_and_is_named(tmp_path):
+    """A truncated tokenizer.json, or a tokenizer_config.json alone: one error naming the
+    directory and its tokenizer files (moelab's own tokenizer offered for its own format only)."""
+    import re
+
     from moelab.trace.model import checkpoint_encoder
 
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(ValueError):
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    files = re.escape(f"{tmp_path}: its tokenizer files (tokenizer.json, tokenizer_config.json) could not be read")
+    with pytest.raises(ValueError, match=files + r" \(.+\); save the model's tokenizer there again .*moelab's$"):
         checkpoint_encoder(tmp_path, native=True)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"files \(tokenizer_config.json\) could not be read .*save_pretrained\)$"):
+        checkpoint_encoder(tmp_path)
 
 
 def test_hf_encoder_adds_no_bos_token():
@@ -281,6 +290,15 @@ def test_a_shard_is_written_once_it_holds_shard_tokens(tmp_path):
             writer.add(torch.zeros(1, 4, dtype=torch.long), 0, _routing(torch.zeros(4, 2, dtype=torch.long)))
         trace = writer.close()
     assert [s.tokens for s in trace.info.shards] == [4, 4, 4]
+
+
+def test_an_empty_batch_adds_no_sequence_and_no_shard(tmp_path):
+    """A [0, S] batch right after a full shard: no 0-token shard at close, no sequence counted."""
+    with TraceWriter(tmp_path / "t", _info(), shard_tokens=4) as writer:
+        writer.add(torch.zeros(1, 4, dtype=torch.long), 0, _routing(torch.zeros(4, 2, dtype=torch.long)))
+        writer.add(torch.zeros(0, 4, dtype=torch.long), 1, _routing(torch.zeros(0, 2, dtype=torch.long)))
+        trace = writer.close()
+    assert [s.tokens for s in trace.info.shards] == [4] and trace.info.num_sequences == 1
 
 
 def test_closing_an_empty_trace_leaves_nothing_behind(tmp_path):

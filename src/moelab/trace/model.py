@@ -98,7 +98,17 @@ def checkpoint_encoder(path: str | os.PathLike, *, native: bool = False) -> Enco
         return None
     if native and _is_shipped_tokenizer(path / "tokenizer.json"):
         return None
-    return _hf_encoder(AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (ValueError, OSError) as err:  # a truncated tokenizer.json, a lone tokenizer_config.json, ...
+        found = ", ".join(name for name in TOKENIZER_FILES if (path / name).is_file())
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        fallback = ", or remove them to use moelab's" if native else ""
+        raise ValueError(
+            f"{path}: its tokenizer files ({found}) could not be read ({reason}); save the model's tokenizer "
+            f"there again (tokenizer.save_pretrained){fallback}"
+        ) from None
+    return _hf_encoder(tokenizer)
 
 
 def _is_shipped_tokenizer(path: Path) -> bool:

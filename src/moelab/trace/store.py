@@ -166,6 +166,8 @@ class TraceWriter:
         if sorted(routing) != self.info.layers:
             raise ValueError(f"routing covers layers {sorted(routing)}, the trace expects {self.info.layers}")
         B, S = token_ids.shape
+        if B * S == 0:  # nothing to record (a shard of 0 tokens would follow)
+            return
         first = self.info.num_sequences
         tensors = {
             "token_ids": token_ids.reshape(-1).to(torch.int32),
