@@ -719,6 +719,21 @@ def test_hunyuan_top_k_per_layer_is_read_only_where_the_layers_agree(tmp_path):
         open_checkpoint(tmp_path).layer(0)
 
 
+def test_lfm2_routes_with_its_expert_bias_only_where_the_config_uses_it(tmp_path):
+    """use_expert_bias false: no bias on disk, read and matched without one; a bias on disk that
+    the config turns off (transformers would ignore it) is refused, not routed with."""
+    model = build("lfm2_moe", use_expert_bias=False)
+    model.save_pretrained(tmp_path / "plain")
+    with open_checkpoint(tmp_path / "plain") as view:
+        assert view.layer(0).router.selection_bias is None
+        _assert_matches_transformers(view, "lfm2_moe", model, ())
+    build("lfm2_moe").save_pretrained(tmp_path / "biased")
+    config = json.loads((tmp_path / "biased" / "config.json").read_text())
+    (tmp_path / "biased" / "config.json").write_text(json.dumps(config | {"use_expert_bias": False}))
+    with pytest.raises(CheckpointError, match=r"feed_forward\.expert_bias, but config\.json sets use_expert_bias false"):
+        open_checkpoint(tmp_path / "biased").layer(0)
+
+
 def test_ernie_with_biased_shared_experts_is_refused(tmp_path):
     """ERNIE 4.5's use_bias gives its shared experts biases, which views do not read."""
     build("ernie4_5_moe", use_bias=True).save_pretrained(tmp_path)

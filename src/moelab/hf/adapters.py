@@ -500,7 +500,7 @@ _FAMILIES = (
            shared_width_follows=True),
     Family("lfm2_moe", layouts=_lfm2_moe_layouts(), num_experts=("num_experts",), router_settings=_lfm2_moe,
            is_moe_layer=_first_dense_layers("num_dense_layers", default=2), expert_settings=_silu_experts,
-           expert_width=_MOE_WIDTH),
+           expert_width=_MOE_WIDTH, selection_bias_flag="use_expert_bias"),
     Family("minimax_m2", layouts=_minimax_m2_layouts(), num_experts=("num_local_experts",),
            router_settings=_minimax_m2),
     Family("hunyuan_v1_moe", layouts=_hunyuan_v1_moe_layouts(), num_experts=("num_experts", "num_local_experts"),

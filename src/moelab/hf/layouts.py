@@ -398,6 +398,9 @@ class Family:
         cannot get narrower alone.
     dense_width_follows: the dense layers' MLPs take their width from the same key (Jamba:
         intermediate_size), so routed experts cannot get narrower alone in a model with dense layers.
+    selection_bias_flag: the config flag without which the family's modules hold no selection
+        bias (LFM2-MoE: use_expert_bias); a bias on disk with the flag false is refused, since
+        transformers would not read it.
     block_returns: what the family's MoE block module returns in memory: "tensor" (y), "tuple"
         (y, router output: GPT-OSS, Llama 4) or "moelab" (y, MoEResult).
     layer_returns_tuple: its decoder layers return a tuple whose first item is the hidden states
@@ -416,6 +419,7 @@ class Family:
     expert_width: tuple[str, ...] = ("intermediate_size",)
     shared_width_follows: bool = False
     dense_width_follows: bool = False
+    selection_bias_flag: str | None = None
     block_returns: str = "tensor"
     layer_returns_tuple: bool = False
 
@@ -455,6 +459,12 @@ class Family:
                 f"{ckpt.directory}: layer {index} has a router but no expert tensors under {prefix}"
             )
         router = layout.router.read(ckpt, prefix)
+        flag = self.selection_bias_flag
+        if flag is not None and router.get("selection_bias") is not None and not config_flag(config, flag, True):
+            raise CheckpointError(
+                f"{ckpt.directory}: layer {index} stores {prefix}{layout.router.selection_bias}, but config.json sets "
+                f"{flag} false, so transformers would ignore it; set {flag} true to route with it, or drop the tensor"
+            )
         routed = layout.experts.read(experts_from or ckpt, prefix, config)
         self._check_counts(ckpt, config, index, router, routed)
         shared = (
