@@ -36,6 +36,11 @@ CONFIGS = {
     "dots1": dict(DEEPSEEK_LIKE, n_routed_experts=8, n_shared_experts=1),
     "cohere2_moe": dict(SMALL, intermediate_size=16, num_experts=4),
     "flint": dict(SMALL, num_experts=4, shared_expert_intermediate_size=16, mlp_only_layers=[]),
+    "kimi_linear": dict(
+        DEEPSEEK_LIKE, num_experts=8, num_expert_group=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, mlp_layer_types=["dense", "sparse"], layer_types=["full_attention"] * 2,
+        pad_token_id=0,
+    ),
 }
 # the tensor each refused family keeps on its block, besides router, experts and shared experts
 BLOCK_BIAS = {
@@ -112,6 +117,19 @@ def test_a_reading_that_differs_from_transformers_block_is_refused(tmp_path, mod
         match=rf"structural reading of layer 0 \(softmax scores, top-2.*\) differs from transformers' "
         rf"\w+SparseMoeBlock \(model\.layers\.0\.mlp\) by up to .*cannot read the routing of model_type "
         rf"'{model_type}'",
+    ):
+        open_checkpoint(tmp_path)
+
+
+def test_kimi_linears_top_k_is_read_and_its_expert_groups_are_refused(tmp_path):
+    """Kimi-Linear saves its top-k as num_experts_per_token and its groups as num_expert_group:
+    the fallback reads the first, so that the check against transformers' block (not a missing
+    top-k) refuses the groups it does not read."""
+    _save(tmp_path, "kimi_linear")
+    assert json.loads((tmp_path / "config.json").read_text())["num_experts_per_token"] == 2
+    with pytest.raises(
+        CheckpointError,
+        match=r"structural reading of layer 1 \(sigmoid scores, top-2, .*\) differs from transformers' KimiLinearMoE",
     ):
         open_checkpoint(tmp_path)
 

@@ -149,7 +149,7 @@ def _routing(sigmoid_default: bool) -> Callable[[Config], dict]:
             "score_func": config_value(
                 config, "scoring_func", default="sigmoid" if sigmoid_default else "softmax"
             ),
-            "top_k": config_value(config, "num_experts_per_tok", "moe_top_k", "top_k"),
+            "top_k": config_value(config, "num_experts_per_tok", "num_experts_per_token", "moe_top_k", "top_k"),
             "renormalize": config_flag(config, "norm_topk_prob", default=True),
             "route_scale": float(config_value(config, "routed_scaling_factor", default=1.0)),
             "n_group": config_value(config, "n_group", default=1),
