@@ -141,7 +141,8 @@ def _shared(block: str, name: str, rests: set[str]) -> SharedMLP:
 
 def _routing(sigmoid_default: bool) -> Callable[[Config], dict]:
     """Routing from the usual config keys: `scoring_func` (default: sigmoid if the router has
-    a correction bias, else softmax), num_experts_per_tok, norm_topk_prob (default True),
+    a correction bias, else softmax), num_experts_per_tok (or num_experts_per_token, moe_top_k,
+    top_k), norm_topk_prob (default True),
     routed_scaling_factor, n_group / topk_group."""
 
     def settings(config: Config) -> dict:
