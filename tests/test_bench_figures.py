@@ -104,6 +104,19 @@ def test_the_offload_figure_draws_hit_rates_and_speed_against_the_share_resident
     plt.close(fig)
 
 
+def test_variants_beside_the_known_implementations_get_colours_of_their_own():
+    """`--skip` and `--top-p` add rows such as moelab_skip0.5: never drawn in a known one's colour."""
+    doc = _generate_doc()
+    for row in doc["results"]:
+        for name, speed in (("moelab_skip0.2", 280.0), ("moelab_skip0.5", 260.0)):
+            row["tokens_per_s"][name] = speed
+            row["ratio_vs_transformers"][name] = speed / row["tokens_per_s"]["transformers"]
+    fig = figures.figure(doc)
+    colours = [line.get_color() for line in fig.axes[0].get_lines()]
+    assert len(set(colours)) == len(colours) == 5  # moelab, transformers, two variants, the bound
+    plt.close(fig)
+
+
 def test_a_png_carries_moelabs_mark_and_only_its_own_are_recognised(tmp_path):
     own, foreign, text = tmp_path / "own.png", tmp_path / "foreign.png", tmp_path / "text.png"
     own.write_bytes(figures.png_of(_offload_doc()))

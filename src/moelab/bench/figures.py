@@ -75,7 +75,7 @@ def _layer(doc: dict):
     rows = doc["results"] + [dict(r, mode=r["mode"] + "\nskewed") for r in doc.get("skewed", [])]
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     impls = [i for i in _LAYER_IMPLS if any(r["impl"] == i for r in rows)]  # dense: the dashed line at 1
-    setup = doc.get("setup", {})
+    setup, colors = doc.get("setup", {}), _colors(impls)
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4.2), squeeze=False, sharey=True)
     for ax, dtype in zip(axes[0], dtypes):
         ours = [r for r in rows if r["dtype"] == dtype]
@@ -84,7 +84,7 @@ def _layer(doc: dict):
         for j, impl in enumerate(impls):
             ratio = {(r["config"], r["mode"]): r["ratio_vs_dense"] for r in ours if r["impl"] == impl}
             xs = [i + (j - (len(impls) - 1) / 2) * width for i, g in enumerate(groups) if g in ratio]
-            bars = ax.bar(xs, [ratio[g] for g in groups if g in ratio], width, label=impl, color=_color(impl))
+            bars = ax.bar(xs, [ratio[g] for g in groups if g in ratio], width, label=impl, color=colors[impl])
             if impl == "moelab":
                 ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.axhline(1.0, color="k", lw=0.8, ls="--", label="dense")
@@ -108,13 +108,14 @@ def _generate(doc: dict):
         rows = sorted((r for r in doc["results"] if r["model"] == model), key=lambda r: r["batch"])
         batches = [r["batch"] for r in rows]
         impls = list(dict.fromkeys(name for r in rows for name in r["tokens_per_s"]))
+        colors = _colors(impls)
         labelled = [i for i in impls if i != "transformers"]
         for impl in impls:
             speeds = [r["tokens_per_s"].get(impl, float("nan")) for r in rows]
-            ax.plot(batches, speeds, marker="o", label=impl, color=_color(impl))
+            ax.plot(batches, speeds, marker="o", label=impl, color=colors[impl])
             if impl != "transformers" and "transformers" in impls:
                 for b, s, r in zip(batches, speeds, rows):
-                    ax.annotate(f"{r['ratio_vs_transformers'][impl]:.2f}×", (b, s), fontsize=7, color=_color(impl),
+                    ax.annotate(f"{r['ratio_vs_transformers'][impl]:.2f}×", (b, s), fontsize=7, color=colors[impl],
                                 xytext=(4, 11 * labelled.index(impl) - 10), textcoords="offset points")  # fmt: skip
         ax.plot(batches, [r["bound_tokens_per_s"] for r in rows], "k:", label="read-bandwidth bound")
         family = rows[0].get("family")
@@ -127,10 +128,13 @@ def _generate(doc: dict):
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("decoded tokens/s (labels: × transformers)")
     setup = doc.get("setup", {})
-    fig.suptitle(
-        f"greedy decoding, {setup.get('dtype', '?')}, {setup.get('threads', '?')} thread(s), "
-        f"{setup.get('new_tokens', '?')} new tokens, {setup.get('device_name', setup.get('device', ''))}"
-    )
+    parts = [
+        setup.get("dtype"),
+        setup.get("threads") and f"{setup['threads']} thread(s)",
+        setup.get("new_tokens") and f"{setup['new_tokens']} new tokens",
+        setup.get("device_name") or setup.get("device"),
+    ]
+    fig.suptitle(", ".join(["greedy decoding", *(str(p) for p in parts if p)]))
     return fig
 
 
@@ -141,7 +145,9 @@ def _offload(doc: dict):
     for column, m in enumerate(models):
         hits, speed = axes[0][column], axes[1][column]
         residents = sorted({r["resident"] for r in m["rows"]})
-        for policy in dict.fromkeys(r["policy"] for r in m["rows"]):
+        policies = list(dict.fromkeys(r["policy"] for r in m["rows"]))
+        colors = _colors(policies)
+        for policy in policies:
             for compiled in (False, True):
                 rows = sorted(
                     (r for r in m["rows"] if r["policy"] == policy and bool(r.get("compiled")) == compiled),
@@ -150,7 +156,7 @@ def _offload(doc: dict):
                 if not rows:
                     continue
                 xs = [100 * r["resident"] for r in rows]
-                style = dict(color=_color(policy), marker="o", ls="--" if compiled else "-")
+                style = dict(color=colors[policy], marker="o", ls="--" if compiled else "-")
                 if not compiled:  # a compiled row has the same hits as the eager one
                     hits.plot(xs, [100 * r["hit_rate"] for r in rows], label=policy, **style)
                 speed.plot(xs, [r["vs_memory"] for r in rows], label=policy + (" compiled" if compiled else ""), **style)
@@ -180,8 +186,11 @@ _COLORS = {
 }  # fmt: skip
 
 
-def _color(name: str) -> str | None:
-    return _COLORS.get(name)
+def _colors(names: list[str]) -> dict[str, str]:
+    """A colour per name: its own for the implementations and policies moelab benchmarks, others
+    (a skip ratio, a top-p threshold) from colours none of those take."""
+    spare = iter(("C6", "C8", "teal", "navy", "darkgoldenrod", "crimson", "k"))
+    return {name: _COLORS.get(name) or next(spare, "k") for name in names}
 
 
 # the benchmarks' JSON_FORMAT, spelled out: drawing a result needs none of the benchmarks' imports (torch)
