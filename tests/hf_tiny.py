@@ -171,6 +171,29 @@ TINY = {
         path="model.layers.{i}.feed_forward",
         returns_tuple=True,
     ),
+    "kimi_linear": Tiny(
+        dict(
+            COMMON,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=2,  # saved as num_experts_per_token, n_group as num_expert_group
+            num_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            mlp_layer_types=["dense", "sparse"],
+            layer_types=["full_attention", "full_attention"],  # its linear attention needs fla's kernels
+            num_key_value_heads=4,  # its multi-head latent attention gives every head its keys
+            pad_token_id=0,
+        ),
+        dense=(0,),
+    ),
     "exaone_moe": Tiny(
         dict(
             COMMON,
@@ -273,7 +296,10 @@ TINY = {
 # tests check their reading and writing; test_compress's whole REAP run (calibration, scoring, writing)
 # on each of them adds about 3 s and nothing family-specific, so it runs with the slow tests.
 COMPRESS_SLOW = frozenset(
-    {"exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid"}
+    {
+        "exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid",
+        "kimi_linear",
+    }
 )
 
 

@@ -121,10 +121,11 @@ def test_a_reading_that_differs_from_transformers_block_is_refused(tmp_path, mod
         open_checkpoint(tmp_path)
 
 
-def test_kimi_linears_top_k_is_read_and_its_expert_groups_are_refused(tmp_path):
-    """Kimi-Linear saves its top-k as num_experts_per_token and its groups as num_expert_group:
-    the fallback reads the first, so that the check against transformers' block (not a missing
-    top-k) refuses the groups it does not read."""
+def test_kimi_linears_top_k_is_read_and_its_expert_groups_are_refused(tmp_path, monkeypatch):
+    """Kimi-Linear (its adapter taken away) saves its top-k as num_experts_per_token and its
+    groups as num_expert_group: the fallback reads the first, so that the check against
+    transformers' block (not a missing top-k) refuses the groups it does not read."""
+    monkeypatch.delitem(FAMILIES, "kimi_linear")
     _save(tmp_path, "kimi_linear")
     assert json.loads((tmp_path / "config.json").read_text())["num_experts_per_token"] == 2
     with pytest.raises(

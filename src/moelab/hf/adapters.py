@@ -99,6 +99,19 @@ def _exaone_moe(config: Config) -> dict:
     }
 
 
+def _kimi_linear(config: Config) -> dict:
+    """Kimi-Linear: DeepSeek-V3's router under its own config keys (moe_renormalize,
+    num_expert_group; transformers maps norm_topk_prob and n_group onto them)."""
+    return {
+        "score_func": "sigmoid",
+        "top_k": config_value(config, "num_experts_per_token", "num_experts_per_tok"),
+        "renormalize": bool(config_value(config, "moe_renormalize", "norm_topk_prob", default=True)),
+        "route_scale": float(config_value(config, "routed_scaling_factor", default=1.0)),
+        "n_group": config_value(config, "num_expert_group", "n_group", default=1),
+        "topk_group": config_value(config, "topk_group", default=1),
+    }
+
+
 def _afmoe(config: Config) -> dict:
     """AFMoE: sigmoid, the block's expert_bias steers selection only, always renormalised,
     x route_scale; no groups."""
@@ -363,6 +376,24 @@ def _exaone_moe_layouts() -> tuple[Layout, ...]:
     return per_expert, fused
 
 
+def _kimi_linear_layouts() -> tuple[Layout, ...]:
+    """Moonshot's layout on disk: block_sparse_moe.gate (weight, e_score_correction_bias),
+    experts.{e}.w1 (gate) / w3 (up) / w2 (down), shared_experts; transformers' own in memory
+    (mlp., fused experts), as DeepSeek-V3's fused layout."""
+    block = "block_sparse_moe."
+    router = RouterKeys(block + "gate.weight", selection_bias=block + "gate.e_score_correction_bias")
+    per_expert = PerExpert(*(f"{block}experts.{{e}}.{w}.weight" for w in ("w1", "w3", "w2")))
+    _, fused = _qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS)
+    return Layout(router, per_expert, _shared(block + "shared_experts")), fused
+
+
+# transformers' renames of Kimi-Linear's other tensors: the dense layers' MLPs are stored under
+# block_sparse_moe too, the linear attention's forget gate directly under self_attn (its q/k/v
+# convolutions, which transformers concatenates on loading, are not read by name: such layers
+# cannot be run layer by layer)
+_KIMI_RENAMES = ((".mlp.", ".block_sparse_moe."), ("self_attn.forget_gate.", "self_attn."))
+
+
 def _afmoe_layouts() -> tuple[Layout, ...]:
     """The qwen2_moe experts; the router is mlp.router.gate, its bias the block's mlp.expert_bias."""
     router = RouterKeys("mlp.router.gate.weight", selection_bias="mlp.expert_bias")
@@ -495,6 +526,9 @@ _FAMILIES = (
     Family("exaone_moe", layouts=_exaone_moe_layouts(), num_experts=("num_experts",),
            router_settings=_exaone_moe, is_moe_layer=_exaone_sparse_layer, expert_width=_MOE_WIDTH,
            shared_width_follows=True),
+    Family("kimi_linear", layouts=_kimi_linear_layouts(), num_experts=("num_experts", "num_local_experts"),
+           router_settings=_kimi_linear, is_moe_layer=_exaone_sparse_layer, expert_width=_MOE_WIDTH,
+           shared_width_follows=True, stored_renames=_KIMI_RENAMES),
     Family("afmoe", layouts=_afmoe_layouts(), num_experts=("num_experts",), router_settings=_afmoe,
            is_moe_layer=_first_dense_layers("num_dense_layers", default=1), expert_width=_MOE_WIDTH,
            shared_width_follows=True),

@@ -223,7 +223,8 @@ class LayerwiseModel:
     def _load(self, module: nn.Module, prefix: str, skip: str | None) -> None:
         """Read `module`'s parameters and persistent buffers from disk (those under `skip`, the
         swapped-in MoE block, already hold the view's tensors)."""
-        load_tensors(module, self._ckpt, self.dtype, prefix=prefix, skip=() if skip is None else (skip,))
+        skipped = () if skip is None else (skip,)
+        load_tensors(module, self._ckpt, self.dtype, prefix=prefix, skip=skipped, renames=self.family.stored_renames)
 
     @contextlib.contextmanager
     def _outside_layers(self, *, head: bool = False):
@@ -352,10 +353,12 @@ def load_tensors(
     prefix: str = "",
     skip: Sequence[str] = (),
     stored_as: dict[str, str] | None = None,
+    renames: tuple[tuple[str, str], ...] = (),
 ) -> None:
     """Give `module`'s parameters and persistent buffers the checkpoint's tensors `prefix + name`,
     cast to `dtype`; names under a module in `skip` are left alone; stored_as: {name: the name
-    its tensor is stored under} for tied parameters (`tied_names`), read once and shared. A tensor
+    its tensor is stored under} for tied parameters (`tied_names`), read once and shared; renames:
+    (in memory, on disk) parts of names the family stores otherwise (`Family.stored_renames`). A tensor
     missing from the checkpoint or shaped otherwise than `module` (built from config.json) expects
     is a CheckpointError."""
     persistent = {
@@ -372,6 +375,8 @@ def load_tensors(
         if any(name.startswith(s + ".") for s in skip):
             continue
         key = prefix + (stored_as or {}).get(name, name)
+        stored = (key.replace(memory, disk) for memory, disk in renames if memory in key)
+        key = key if key in checkpoint else next((k for k in stored if k in checkpoint), key)
         if key not in checkpoint:
             raise CheckpointError(f"{checkpoint.directory}: {key} is not in the checkpoint; the model cannot be run")
         wanted = tuple(module.get_parameter(name).shape if name in params else module.get_buffer(name).shape)

@@ -401,6 +401,9 @@ class Family:
     selection_bias_flag: the config flag without which the family's modules hold no selection
         bias (LFM2-MoE: use_expert_bias); a bias on disk with the flag false is refused, since
         transformers would not read it.
+    stored_renames: (in memory, on disk) parts of the names of tensors outside the MoE blocks
+        that transformers renames when it loads the family (its conversion mapping), for the
+        runs that load them by name (layer by layer, offloaded).
     block_returns: what the family's MoE block module returns in memory: "tensor" (y), "tuple"
         (y, router output: GPT-OSS, Llama 4) or "moelab" (y, MoEResult).
     layer_returns_tuple: its decoder layers return a tuple whose first item is the hidden states
@@ -420,6 +423,7 @@ class Family:
     shared_width_follows: bool = False
     dense_width_follows: bool = False
     selection_bias_flag: str | None = None
+    stored_renames: tuple[tuple[str, str], ...] = ()
     block_returns: str = "tensor"
     layer_returns_tuple: bool = False
 

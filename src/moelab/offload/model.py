@@ -466,7 +466,8 @@ def load_offloaded(
     if converted:
         _load_converted(model, store, dtype, skip)
     else:
-        load_tensors(model, store.checkpoint, dtype, skip=skip, stored_as=tied_names(model, store.checkpoint))
+        stored_as, renames = tied_names(model, store.checkpoint), store.family.stored_renames
+        load_tensors(model, store.checkpoint, dtype, skip=skip, stored_as=stored_as, renames=renames)
     _zero_load_counters(model)
     _tie_output_head(model)
     held = {t.data_ptr(): t.nbytes for t in model.state_dict().values() if not t.is_meta}  # a tied head once
