@@ -734,6 +734,29 @@ def test_lfm2_routes_with_its_expert_bias_only_where_the_config_uses_it(tmp_path
         open_checkpoint(tmp_path / "biased").layer(0)
 
 
+def test_kimi_linear_settings_left_out_of_config_json_are_its_configs_defaults(tmp_path):
+    """Without routed_scaling_factor, moe_renormalize and num_expert_group in config.json the view
+    reads KimiLinearConfig's defaults (2.446, True, 1), as transformers does; a null
+    moe_renormalize is false for both."""
+    build("kimi_linear").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("routed_scaling_factor", "moe_renormalize", "num_expert_group"):
+        del config[key]
+    for renormalize in (None, False):
+        if renormalize is not None:
+            config["moe_renormalize"] = renormalize
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        with open_checkpoint(tmp_path) as view:
+            router = view.layer(1).router
+            assert (router.route_scale, router.renormalize, router.n_group) == (2.446, renormalize is None, 1)
+            _assert_matches_transformers(view, "kimi_linear", load(tmp_path), (0,))
+    config["moe_renormalize"] = None
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with open_checkpoint(tmp_path) as view:
+        assert view.layer(1).router.renormalize is False
+        _assert_matches_transformers(view, "kimi_linear", load(tmp_path), (0,))
+
+
 def test_ernie_with_biased_shared_experts_is_refused(tmp_path):
     """ERNIE 4.5's use_bias gives its shared experts biases, which views do not read."""
     build("ernie4_5_moe", use_bias=True).save_pretrained(tmp_path)

@@ -101,12 +101,14 @@ def _exaone_moe(config: Config) -> dict:
 
 def _kimi_linear(config: Config) -> dict:
     """Kimi-Linear: DeepSeek-V3's router under its own config keys (moe_renormalize,
-    num_expert_group; transformers maps norm_topk_prob and n_group onto them)."""
+    num_expert_group; transformers maps norm_topk_prob and n_group onto them), with
+    KimiLinearConfig's defaults (routed_scaling_factor 2.446)."""
+    renormalize = "moe_renormalize" if "moe_renormalize" in config else "norm_topk_prob"
     return {
         "score_func": "sigmoid",
-        "top_k": config_value(config, "num_experts_per_token", "num_experts_per_tok"),
-        "renormalize": bool(config_value(config, "moe_renormalize", "norm_topk_prob", default=True)),
-        "route_scale": float(config_value(config, "routed_scaling_factor", default=1.0)),
+        "top_k": config_value(config, "num_experts_per_token", "num_experts_per_tok", default=8),
+        "renormalize": config_flag(config, renormalize, default=True),
+        "route_scale": float(config_value(config, "routed_scaling_factor", default=2.446)),
         "n_group": config_value(config, "num_expert_group", "n_group", default=1),
         "topk_group": config_value(config, "topk_group", default=1),
     }
