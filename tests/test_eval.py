@@ -404,6 +404,7 @@ def test_the_degenerate_rate_counts_looping_continuations_per_domain(monkeypatch
     batches = []
     lm = SimpleNamespace(
         path=Path("m"),
+        routes_each_prompt_alone=True,
         generate=lambda ids, n: batches.append(len(ids)) or torch.tensor([continuation[int(i)] for i in ids[:, 0]]),
     )
     prompts = [(name, torch.full((1, 4), k)) for k, name in enumerate(("a", "a", "a", "b"))]
@@ -428,6 +429,32 @@ def test_prompts_decoded_together_continue_as_each_alone(model_dir, tmp_path, ru
     assert together.shape == (4, 10)
     assert torch.equal(together, torch.cat([lm.generate(p[None], 10) for p in prompts]))
     assert len({tuple(row) for row in together.tolist()}) > 1  # not one continuation for all
+
+
+@pytest.mark.parametrize("moe", [{"router": "expert_choice"}, {"capacity_factor": 0.5}], ids=["expert_choice", "capacity"])
+def test_prompts_routed_across_the_batch_decode_one_at_a_time(tmp_path, monkeypatch, moe):
+    """Expert choice and capacity dropping route over every token of a call: prompts decoded
+    together would continue otherwise than each alone (here they do), so the degeneration check
+    decodes them one at a time, each as `generate` would alone."""
+    from moelab.eval.evaluate import LoadedLM, _degeneration
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, dim=32, n_layers=2, n_heads=4, max_seq_len=64, allow_noncausal_routing=True,
+                      moe=MoEConfig(dim=32, num_experts=4, hidden_dim=32, top_k=2, **moe))  # fmt: skip
+    model = MoETransformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
+    lm = LoadedLM(save_pretrained(model, tmp_path / "m"))
+    prompts = torch.randint(0, 512, (4, 6), generator=torch.Generator().manual_seed(0))
+    alone = [lm.generate(p[None], 10)[0].tolist() for p in prompts]
+    assert lm.generate(prompts, 10).tolist() != alone  # together, the batch changes the routing
+    calls = []
+    generate = lm.generate
+    monkeypatch.setattr(lm, "generate", lambda ids, n: calls.append(ids.tolist()) or generate(ids, n))
+    got = _degeneration(lm, [("a", p[None]) for p in prompts], EvalOptions(gen_tokens=10), quiet=True)
+    assert calls == [[p] for p in prompts.tolist()]
+    assert got["degenerate"] == sum(is_degenerate(tokens) for tokens in alone)
 
 
 def test_a_prompt_and_continuation_that_fill_the_context_exactly_are_run(model_dir):
