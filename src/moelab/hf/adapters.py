@@ -127,8 +127,10 @@ def _afmoe(config: Config) -> dict:
 
 def _lfm2_moe(config: Config) -> dict:
     """LFM2-MoE: sigmoid, the block's expert_bias (if use_expert_bias) steers selection only,
-    renormalised if norm_topk_prob (transformers adds 1e-6 to the sum, moelab 1e-20: a relative
-    1e-6), x routed_scaling_factor; no groups."""
+    renormalised if norm_topk_prob, x routed_scaling_factor; no groups. transformers adds 1e-6 to
+    the chosen scores' sum, moelab 1e-20: the weights differ by a factor 1 + 1e-6 / sum, 1e-6
+    where the chosen scores sum to about 1, 0.1 % for a token whose chosen scores sum to 1e-3
+    (router logits near -8)."""
     return {
         "score_func": "sigmoid",
         "top_k": _top_k(config),
