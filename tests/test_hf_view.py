@@ -764,6 +764,14 @@ def test_ernie_with_biased_shared_experts_is_refused(tmp_path):
         open_checkpoint(tmp_path).layer(1)
 
 
+def test_ernie_with_a_floor_under_its_weight_sum_is_refused(tmp_path):
+    """transformers divides ERNIE 4.5's routing weights by max(sum, moe_norm_min): the class
+    default (1e-12) never binds, a floor above the sum would, and moelab's routers divide by the sum."""
+    build("ernie4_5_moe", moe_norm_min=0.9).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"sets moe_norm_min 0\.9: transformers divides the routing weights"):
+        open_checkpoint(tmp_path).layer(1)
+
+
 def test_llama4_interleaved_moe_layers_without_moe_layers_key(tmp_path):
     """Without `moe_layers`, Llama 4 makes every `interleave_moe_layer_step`-th layer sparse
     (layers step-1, 2*step-1, ...), as transformers' config computes them."""

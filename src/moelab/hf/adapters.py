@@ -144,14 +144,25 @@ def _softmax_top_k(config: Config) -> dict:
     return {"score_func": "softmax", "top_k": _top_k(config), "renormalize": False}
 
 
+_ERNIE_NORM_MIN = 1e-6  # far below any k/E: the floor never binds
+
+
 def _ernie4_5_moe(config: Config) -> dict:
     """ERNIE 4.5 MoE: softmax, the correction bias (moe_statics) steers selection only,
-    renormalised (transformers divides by max(sum, moe_norm_min = 1e-12): the same for softmax
-    scores, whose top-k sum is at least k/E), no scaling."""
+    renormalised, no scaling. transformers divides by max(sum, moe_norm_min): the plain sum for
+    the class default 1e-12 (the chosen softmax scores sum to about k/E or more), but a larger
+    floor, which moelab's routers do not have, is refused."""
     if config_flag(config, "use_bias", default=False):
         raise CheckpointError(
             "this ERNIE 4.5 MoE config sets use_bias: its shared experts have biases, which moelab's views do "
             "not read"
+        )
+    norm_min = config_value(config, "moe_norm_min", default=1e-12)
+    if not norm_min <= _ERNIE_NORM_MIN:
+        raise CheckpointError(
+            f"this ERNIE 4.5 MoE config sets moe_norm_min {norm_min!r}: transformers divides the routing weights "
+            f"by at least that, where moelab's routers divide by their sum; moelab reads moe_norm_min up to "
+            f"{_ERNIE_NORM_MIN:g}"
         )
     return {"score_func": "softmax", "top_k": config_value(config, "moe_k", "num_experts_per_tok"), "renormalize": True}
 
