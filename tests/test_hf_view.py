@@ -772,6 +772,57 @@ def test_ernie_with_a_floor_under_its_weight_sum_is_refused(tmp_path):
         open_checkpoint(tmp_path).layer(1)
 
 
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("jamba", dict(expert_layer_period=3, expert_layer_offset=2)),
+        ("jamba", dict(expert_layer_period=2, expert_layer_offset=0)),
+        ("ernie4_5_moe", dict(moe_layer_interval=2, moe_layer_start_index=0)),
+        ("ernie4_5_moe", dict(moe_layer_start_index=1, moe_layer_end_index=2)),
+        ("exaone_moe", dict(mlp_layer_types=["sparse", "dense", "sparse", "dense"], n_group=1)),
+        ("afmoe", dict(num_dense_layers=2)),
+        ("lfm2_moe", dict(num_dense_layers=3, layer_types=["conv", "full_attention"] * 2)),
+    ],
+    ids=["jamba-period3", "jamba-offset0", "ernie-interval2", "ernie-end2", "exaone-types", "afmoe", "lfm2"],
+)
+def test_the_moe_layers_are_transformers(tmp_path, family, overrides):
+    """Over 4 layers, the layers a config makes sparse are those transformers builds an MoE block in
+    (experts), and those read match transformers' blocks."""
+    model = build(family, num_hidden_layers=4, **overrides)
+    model.save_pretrained(tmp_path)
+    path = TINY[family].path
+    sparse = [i for i in range(4) if hasattr(model.get_submodule(path.format(i=i)), "experts")]
+    assert 0 < len(sparse) < 4
+    with open_checkpoint(tmp_path) as view:
+        assert [layer.index for layer in view.layers() if isinstance(layer, MoELayerView)] == sparse
+        _assert_matches_transformers(view, family, model, tuple(i for i in range(4) if i not in sparse))
+
+
+NEW_FAMILIES = ["exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe",
+                "granitemoehybrid"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [(family, {}) for family in NEW_FAMILIES] + [("exaone_moe", dict(n_group=1, topk_group=1))],
+    ids=NEW_FAMILIES + ["exaone_moe-no-groups"],
+)
+def test_a_config_that_leaves_out_its_defaults_reads_as_transformers_does(tmp_path, family, overrides):
+    """config.json with only the entries that differ from the config class's defaults (as a
+    hand-written or older config may be): the adapter's defaults are transformers'. (The top-k,
+    which moelab's adapters require written out, stays.)"""
+    model = build(family, **overrides)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    defaults = type(model.config)().to_dict()
+    required = ("model_type", "num_experts_per_tok")
+    kept = {k: v for k, v in config.items() if k in required or k not in defaults or defaults[k] != v}
+    assert len(kept) < len(config)
+    (tmp_path / "config.json").write_text(json.dumps(kept))
+    with open_checkpoint(tmp_path) as view:
+        _assert_matches_transformers(view, family, load(tmp_path), TINY[family].dense)
+
+
 def test_llama4_interleaved_moe_layers_without_moe_layers_key(tmp_path):
     """Without `moe_layers`, Llama 4 makes every `interleave_moe_layer_step`-th layer sparse
     (layers step-1, 2*step-1, ...), as transformers' config computes them."""
