@@ -314,6 +314,23 @@ def test_moelab_recipe_on_deepseek_needs_no_backward_sweep(tmp_path):
     assert "neurons" not in report["calibration"]["settings"]["observers"]
 
 
+def test_jamba_s_experts_keep_their_width_because_its_dense_layers_share_it(tmp_path, monkeypatch):
+    """Jamba's dense layers' MLPs take their width from intermediate_size, the experts' key: a
+    method that narrows experts is refused by name before calibrating, HEAPr's `auto` layout
+    becomes the padded one (full width), and the recipe removes whole experts."""
+    import moelab.compress.run as run_module
+
+    source = hf_model(tmp_path / "src", "jamba")
+    monkeypatch.setattr(run_module, "run_calibration", lambda *a, **k: pytest.fail("calibrated"))
+    with pytest.raises(ValueError, match="heapr with these options makes the routed experts narrower, but jamba's "
+                                         "dense layers' MLPs take their width from the same config key"):  # fmt: skip
+        compress(source, tmp_path / "o", method="heapr", method_options={"layout": "uniform"}, quiet=True)
+    assert not (tmp_path / "o").exists()
+    monkeypatch.undo()
+    report = compress(source, tmp_path / "out", method="moelab", ratio=0.5, calib_options=SMALL, quiet=True)
+    assert report["options"]["strategy"] == "experts"
+
+
 def test_heapr_removes_the_ratio_of_neurons_not_whole_experts_worth(tmp_path, model_dir, stats_dir):
     """The paper's budget: 20 % of 8 experts of 32 neurons is 6.4 experts' worth, every expert 26
     neurons wide (round(32 x 0.8)); rounding to whole experts kept 28 (12.5 % removed)."""
