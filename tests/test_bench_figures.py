@@ -166,3 +166,21 @@ def test_bench_plot_writes_beside_the_result_and_replaces_only_its_own(tmp_path)
     refused = runner.invoke(app, ["bench", "plot", str(other)])
     assert "is not a result `moelab bench plot` draws" in str(refused.exception)
     assert not (tmp_path / "d.png").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["layer", "--quick"], ["generate", "ref-8e-top2"], ["offload", "ref-8e-top2"]],
+    ids=["layer", "generate", "offload"],
+)
+def test_a_plot_path_holding_a_users_file_is_refused_before_the_benchmark_runs(tmp_path, monkeypatch, command):
+    """`--plot` over a file moelab did not draw is refused before anything is timed, with or
+    without --overwrite, and the file is left as it was (the PNG is written only at the end)."""
+    module = {"layer": layer, "generate": generate, "offload": offload}[command[0]]
+    monkeypatch.setattr(module, "run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"\x89PNG a user's picture")
+    for extra in ([], ["--overwrite"]):
+        refused = runner.invoke(app, ["bench", *command, "--plot", str(mine), *extra])
+        assert isinstance(refused.exception, ValueError) and "was not written by moelab" in str(refused.exception)
+    assert mine.read_bytes() == b"\x89PNG a user's picture"
