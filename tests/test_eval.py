@@ -390,8 +390,9 @@ def test_each_column_is_its_own_models_and_all_pools_by_tokens(model_dir, tmp_pa
 
 
 def test_the_degenerate_rate_counts_looping_continuations_per_domain(monkeypatch):
-    """3 of 4 continuations loop (2 of 3 in "a", 1 of 1 in "b"): rate 3/4, its Wilson interval
-    and the rate per domain; with batches of 3 prompts, each continuation is its own prompt's."""
+    """3 of 4 continuations loop (1 of 2 in "a", 2 of 2 in "b"): rate 3/4, its Wilson interval
+    and the rate per domain; with batches of 3 prompts, each continuation is its own prompt's
+    (the first batch spans both domains: a continuation given to another prompt shows)."""
     from pathlib import Path
     from types import SimpleNamespace
 
@@ -400,17 +401,17 @@ def test_the_degenerate_rate_counts_looping_continuations_per_domain(monkeypatch
     module = sys.modules[_degeneration.__module__]  # the package's `evaluate` is the function
     monkeypatch.setattr(module, "GENERATION_BATCH", 3)
     loop, fresh = [1, 2, 3, 4] * 3, list(range(12))
-    continuation = {0: loop, 1: fresh, 2: loop, 3: loop}  # by the prompt's first token
+    continuation = {0: fresh, 1: loop, 2: loop, 3: loop}  # by the prompt's first token
     batches = []
     lm = SimpleNamespace(
         path=Path("m"),
         routes_each_prompt_alone=True,
         generate=lambda ids, n: batches.append(len(ids)) or torch.tensor([continuation[int(i)] for i in ids[:, 0]]),
     )
-    prompts = [(name, torch.full((1, 4), k)) for k, name in enumerate(("a", "a", "a", "b"))]
+    prompts = [(name, torch.full((1, 4), k)) for k, name in enumerate(("a", "a", "b", "b"))]
     got = _degeneration(lm, prompts, EvalOptions(gen_tokens=12), quiet=True)
     assert got == {"degenerate": 3, "rate": 0.75, "ci95": list(wilson_interval(3, 4)),
-                   "by_domain": {"a": pytest.approx(2 / 3), "b": 1.0}}  # fmt: skip
+                   "by_domain": {"a": 0.5, "b": 1.0}}  # fmt: skip
     assert batches == [3, 1]
 
 
@@ -429,6 +430,24 @@ def test_prompts_decoded_together_continue_as_each_alone(model_dir, tmp_path, ru
     assert together.shape == (4, 10)
     assert torch.equal(together, torch.cat([lm.generate(p[None], 10) for p in prompts]))
     assert len({tuple(row) for row in together.tolist()}) > 1  # not one continuation for all
+
+
+def test_a_prompt_holding_the_pad_token_decodes_whole_in_transformers(model_dir, tmp_path):
+    """eval passes transformers' generate pad_token_id=0 and an all-ones attention mask: without
+    the mask, generate would infer one from the pad token (eos being another) and mask a prompt's
+    token 0 out. The continuations are the greedy ones of the full forward."""
+    from moelab.eval.evaluate import LoadedLM
+    from moelab.hf.export import export_checkpoint
+
+    lm = LoadedLM(export_checkpoint(model_dir, tmp_path / "m", "mixtral", quiet=True))
+    lm.model.generation_config.eos_token_id = 2  # not the pad token, as in most tokenizers
+    prompts = torch.randint(1, lm.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    prompts[:, :2] = 0
+    ids = prompts
+    with torch.no_grad():
+        for _ in range(8):
+            ids = torch.cat([ids, lm.logits(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(lm.generate(prompts, 8), ids[:, 6:])
 
 
 @pytest.mark.parametrize("moe", [{"router": "expert_choice"}, {"capacity_factor": 0.5}], ids=["expert_choice", "capacity"])
