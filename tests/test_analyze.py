@@ -324,7 +324,8 @@ def test_an_unchosen_expert_a_chunk_longer_than_every_sequence_and_degenerate_tr
     """An expert no token chose keeps a zero row in P(j | i) and in the affinity's P(next | i), not
     0 / 0 = NaN; the CLS of a chunk length no sequence reaches is None; a manifest without the
     expert_stats setting (settings {}) still reports the super experts; layers no token routed
-    through both of have an affinity MI of 0; a trace of empty sequences is refused by name."""
+    through both of have an affinity MI of 0; a trace of empty sequences is refused when written,
+    and when analysed (an older moelab wrote them)."""
     trace = _top1_trace(tmp_path / "trace", {0: [0, 1, 0, 1], 1: [0, 1, 1, 1]}, [3, 2])
     assert trace.info.settings == {}
     summary = analyze_trace(trace, chunk_lens=(2, 5))
@@ -335,8 +336,12 @@ def test_an_unchosen_expert_a_chunk_longer_than_every_sequence_and_degenerate_tr
     assert summary["super_experts"]["threshold"] == pytest.approx(2.98)  # 99.5th percentile of [1, 1, 2, 2, 3]
     disjoint = analyze_trace(_top1_trace(tmp_path / "disjoint", {0: [0, -1], 1: [-1, 1]}, [2, 2]))
     assert disjoint["affinity"][0]["counts"] == [[0, 0], [0, 0]] and disjoint["affinity"][0]["mi_bits"] == 0.0
+    with pytest.raises(ValueError, match="no tokens were traced"):  # the writer refuses an empty trace
+        _top1_trace(tmp_path / "empty", {0: []}, [3])
+    old = _top1_trace(tmp_path / "old", {0: [0]}, [3])
+    old.info.shards.clear()  # as an older moelab wrote one: empty sequences in a 0-token shard
     with pytest.raises(ValueError, match="holds no tokens; trace some data first"):
-        analyze_trace(_top1_trace(tmp_path / "empty", {0: []}, [3]))
+        analyze_trace(old)
 
 
 def test_a_layer_that_routes_no_token_is_reported_not_refused(tmp_path):
