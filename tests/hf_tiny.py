@@ -20,6 +20,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 D = 32
 COMMON = dict(vocab_size=64, hidden_size=D, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+# dense MLPs 48 wide, routed experts 16 wide, top-2: the newer families' configs
+WIDTHS = dict(COMMON, intermediate_size=48, moe_intermediate_size=16, num_experts_per_tok=2)
 DEEPSEEK = dict(
     COMMON,
     intermediate_size=48,
@@ -173,13 +175,10 @@ TINY = {
     ),
     "kimi_linear": Tiny(
         dict(
-            COMMON,
-            intermediate_size=48,
-            moe_intermediate_size=16,
+            WIDTHS,
             num_experts=8,
-            num_experts_per_tok=2,  # saved as num_experts_per_token, n_group as num_expert_group
             num_shared_experts=1,
-            n_group=2,
+            n_group=2,  # saved as num_expert_group, num_experts_per_tok as num_experts_per_token
             topk_group=1,
             routed_scaling_factor=1.5,
             kv_lora_rank=16,
@@ -196,12 +195,9 @@ TINY = {
     ),
     "exaone_moe": Tiny(
         dict(
-            COMMON,
+            WIDTHS,
             head_dim=8,
-            intermediate_size=48,
-            moe_intermediate_size=16,
             num_experts=8,
-            num_experts_per_tok=2,
             num_shared_experts=1,
             n_group=2,
             topk_group=1,
@@ -213,12 +209,9 @@ TINY = {
     ),
     "afmoe": Tiny(
         dict(
-            COMMON,
+            WIDTHS,
             head_dim=8,
-            intermediate_size=48,
-            moe_intermediate_size=16,
             num_experts=4,
-            num_experts_per_tok=2,
             num_shared_experts=2,
             num_dense_layers=1,
             route_scale=1.5,
@@ -228,11 +221,8 @@ TINY = {
     ),
     "lfm2_moe": Tiny(
         dict(
-            COMMON,
-            intermediate_size=48,
-            moe_intermediate_size=16,
+            WIDTHS,
             num_experts=4,
-            num_experts_per_tok=2,
             num_dense_layers=0,
             routed_scaling_factor=2.0,
             layer_types=["conv", "full_attention"],
@@ -248,12 +238,9 @@ TINY = {
     ),
     "ernie4_5_moe": Tiny(
         dict(
-            COMMON,
+            WIDTHS,
             head_dim=8,
-            intermediate_size=48,
-            moe_intermediate_size=16,
             num_experts=4,
-            num_experts_per_tok=2,
             moe_num_shared_experts=1,
             moe_layer_start_index=1,
         ),
