@@ -424,3 +424,97 @@ def test_a_job_started_by_a_wrapper_script_runs(tmp_path):
     script = tmp_path / "job.py"
     script.write_text("import json; print(json.dumps({'ok': True}))\n")
     assert bench.run_job("wrapped", None, [], python=str(wrapper), script=script)["ok"] is True
+
+
+# ----------------------------------------------------------------------------- gaps mutation testing found
+
+
+def test_the_main_table_shows_kl_top1_and_a_zero_stability():
+    """Each column holds its own number: KL and top-1 agreement apart, and a stability (Jaccard) of
+    exactly 0 printed as 0.00 (a blank is kept for cells without one)."""
+    from moelab.compress.bench_report import markdown
+
+    cells = [
+        _result("frequency-25", "frequency", 0.25, (11.0, 21.0, 18.0)) | {"kl": 0.012, "top1_agreement": 0.875},
+        _result("reap-25", "reap", 0.25, (10.5, 22.0, 16.5)),
+    ]
+    cells[0]["job"]["stability_jaccard"] = 0.0
+    summary = _summary(cells)
+    for r in cells:
+        r["derived"] = bench_report.derived(r, summary["base"])
+    rows = {row.split(" | ")[0]: row for row in markdown(summary).splitlines() if " | pruning | " in row}
+    assert rows["| frequency"].endswith("| 0.012 | 87.5% | 25% | 900 | 900 | 500 | 2.0 | 300 | 0.00 |")
+    assert rows["| reap"].endswith("| 0.010 | 90.0% | 25% | 900 | 900 | 500 | 2.0 | 300 |  |")
+
+
+def test_the_super_experts_table_gives_the_worst_domains_own_change():
+    """The ablation row's worst domain carries that domain's increase, not the overall one."""
+    from moelab.compress.bench_report import markdown
+
+    cells = [_result("zero-super_experts", "super_experts", 0.0, (12.0, 21.0, 16.5), tool="ablation")]
+    cells[0]["job"]["zeroed"] = {"1": [0, 5]}
+    summary = _summary(cells)
+    cells[0]["derived"] = bench_report.derived(cells[0], summary["base"])  # code +20 %, german +5 %, all +10 %
+    assert "| super_experts | 1: [0, 5] | 16.5 | +10.0% | code +20.0% | 0.010 | 90.0% | 25% |" in markdown(summary)
+
+
+def test_the_best_general_method_is_the_lowest_perplexity_plain_paper_method_at_the_largest_ratio():
+    """Router-fit variants, moelab's recipe, domain methods and cells not evaluated are
+    passed over; a better method at a smaller ratio does not count."""
+    results = [
+        _result("frequency-25", "frequency", 0.25, (10.0, 20.0, 14.0)),  # best, but at the smaller ratio
+        _result("reap-25", "reap", 0.25, (10.0, 20.0, 19.0)),
+        _result("frequency-50", "frequency", 0.5, (10.0, 20.0, 21.0)),
+        _result("reap-50", "reap", 0.5, (10.0, 20.0, 20.0)),
+        _result("hc_smoe-50", "hc_smoe", 0.5, None),
+        _result("frequency+fit-50", "frequency", 0.5, (10.0, 20.0, 15.0), router_fit=3),
+        _result("moelab-50", "moelab", 0.5, (10.0, 20.0, 15.0)),
+        _result("naee-50", "naee", 0.5, (10.0, 20.0, 15.0)),
+    ]
+    assert bench._best_general(results, (0.25, 0.5)) == "reap"
+    assert bench._best_general(results, (0.5, 0.25)) == "reap"
+    with pytest.raises(ValueError, match="keep at least one general method"):
+        bench._best_general(results[4:], (0.5,))
+
+
+def test_earlier_cells_of_another_domain_are_left_out_of_the_report(tmp_path):
+    """A cell calibrated on a domain this run does not calibrate on is not reported with its cells."""
+    for cell in (bench.Cell("reap", 0.5, calib="code"), bench.Cell("reap", 0.25)):
+        (tmp_path / "cells" / cell.name).mkdir(parents=True)
+        (tmp_path / "cells" / cell.name / "cell.json").write_text(
+            json.dumps({"cell": dataclasses.asdict(cell), "name": cell.name})
+        )
+    kept = bench._earlier_cells(tmp_path, [], calibrations={bench.GENERAL})
+    assert [r["name"] for r in kept] == ["reap-25"]
+    kept = bench._earlier_cells(tmp_path, [], calibrations={bench.GENERAL, "code"})
+    assert sorted(r["name"] for r in kept) == ["reap-25", "reap@code-50"]
+
+
+def test_a_zero_ratio_and_negative_router_fit_steps_are_refused():
+    with pytest.raises(ValueError, match=r"ratios lie in \(0, 1\), got 0.0"):
+        BenchOptions(ratios=(0.0,))
+    with pytest.raises(ValueError, match=r"ratios lie in \(0, 1\), got 0.0"):
+        BenchOptions(domain_ratios=(0.0,))
+    with pytest.raises(ValueError, match="router_fit needs steps >= 0, got -1"):
+        BenchOptions(router_fit=-1)
+    assert BenchOptions(router_fit=0).router_fit == 0
+
+
+def test_cells_of_other_tools_fits_and_domains_get_their_own_names():
+    """Each kind of cell has its own directory: llm-compressor's REAP is not moelab's reap-25."""
+    names = [
+        bench.Cell("reap", 0.25).name,
+        bench.Cell("reap", 0.25, tool="llm-compressor").name,
+        bench.Cell("reap", 0.25, router_fit=3).name,
+        bench.Cell("reap", 0.25, calib="code").name,
+        bench.Cell("super_experts", 0.0, tool="ablation").name,
+    ]
+    assert names == ["reap-25", "llmc-reap-25", "reap+fit-25", "reap@code-25", "zero-super_experts"]
+
+
+def test_a_job_refusing_its_checkpoint_is_one_line_too():
+    """A CheckpointError in the job (a checkpoint it cannot read) is a refusal like a ValueError."""
+    # a class of that name, as moelab.hf's would print (importing moelab.hf costs seconds)
+    code = "class CheckpointError(Exception): pass\nraise CheckpointError('no weights in x')"
+    with pytest.raises(ValueError, match=r"^cell c: no weights in x$"):
+        bench.run_job("cell c", code, [])
