@@ -518,3 +518,47 @@ def test_a_job_refusing_its_checkpoint_is_one_line_too():
     code = "class CheckpointError(Exception): pass\nraise CheckpointError('no weights in x')"
     with pytest.raises(ValueError, match=r"^cell c: no weights in x$"):
         bench.run_job("cell c", code, [])
+
+
+def test_a_domain_ratio_that_is_also_a_general_ratio_runs_the_task_agnostic_cell_once(tmp_path, monkeypatch):
+    """The task-agnostic baseline of the domain mode is the general cell where the ratio is one of
+    the general ones (run and reported once), and its own cell where it is not. Every step that
+    computes is stubbed: only run_bench's choice of cells runs."""
+    ran = []
+
+    def cell(model, root, c, stats, options, say):
+        ran.append(c.name)
+        ppl = {"reap": 10.0, "frequency": 12.0}.get(c.method, 11.0)
+        return {"cell": dataclasses.asdict(c), "name": c.name, "evaluated": True, "perplexity": {"all": ppl}}
+
+    class Checkpoint:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bench, "resolve", lambda model: (None, Checkpoint(), None))
+    monkeypatch.setattr(bench, "_check_cells", lambda model, options: None)
+    monkeypatch.setattr(bench, "fingerprint", lambda model: "2:aaaa")
+    monkeypatch.setattr(bench, "_calibrate", lambda *a: object())
+    monkeypatch.setattr(bench, "_calibration_facts", lambda calibration: {})
+    monkeypatch.setattr(bench, "_base", lambda *a: {})
+    monkeypatch.setattr(bench, "_cell", cell)
+    monkeypatch.setattr(bench_report, "write_report", lambda root, summary: None)
+    options = BenchOptions(
+        methods=("frequency", "reap"), ratios=(0.25, 0.5), domain="code", domain_ratios=(0.5, 0.75)
+    )
+    summary = run_bench(tmp_path / "m", tmp_path / "b", options, quiet=True)
+    names = [c["name"] for c in summary["cells"]]
+    assert names == ran and len(set(names)) == len(names), names
+    assert names[-9:] == [
+        "easy_ep@code-50", "premoe@code-50", "naee@code-50", "reap@code-50",
+        "easy_ep@code-75", "premoe@code-75", "naee@code-75", "reap@code-75", "reap-75",
+    ]  # fmt: skip
+    assert names.count("reap-50") == 1
+
+
+def test_a_resumed_bench_reads_the_baseline_it_evaluated_before(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "evaluate", lambda *a, **k: pytest.fail("evaluated the base again"))
+    (tmp_path / "base.json").write_text(json.dumps({"perplexity": {"all": 15.0}}))
+    assert bench._base(tmp_path / "m", tmp_path / "base.json", BenchOptions(**TINY), say=print) == {
+        "perplexity": {"all": 15.0}
+    }
