@@ -562,3 +562,26 @@ def test_a_resumed_bench_reads_the_baseline_it_evaluated_before(tmp_path, monkey
     assert bench._base(tmp_path / "m", tmp_path / "base.json", BenchOptions(**TINY), say=print) == {
         "perplexity": {"all": 15.0}
     }
+
+
+def test_the_report_gives_each_domains_own_change_the_base_sizes_and_skips_a_failed_domain_cell():
+    """The per-domain table holds each domain's change (not the overall one), the header the base's
+    stored and active parameters, and a domain cell not evaluated is left out of the domain mode."""
+    from moelab.compress.bench_report import markdown
+
+    cells = [
+        _result("frequency-50", "frequency", 0.5, (11.0, 21.0, 18.0)),  # +10 %, +5 %, +20 %
+        _result("easy_ep@code-50", "easy_ep", 0.5, None, calib="code"),
+        _result("frequency@code-50", "frequency", 0.5, (13.0, 21.0, 17.0), calib="code"),
+    ]
+    summary = _summary(cells)
+    for r in cells:
+        if r["evaluated"]:
+            r["derived"] = bench_report.derived(r, summary["base"])
+    report = markdown(summary)
+    assert "Uncompressed: perplexity 15.0, 1,000 parameters (600 active per token), degenerate rate -." in report
+    assert "| frequency | 11.0 (+10.0%) | 21.0 (+5.0%) |" in report.splitlines()
+    assert [row for row in report.splitlines() if row.startswith("| 50% |")] == [
+        "| 50% | frequency | code | 13.0 (+30.0%) | 21.0 (+5.0%) |",
+        "| 50% | frequency | task-agnostic | 11.0 (+10.0%) | 21.0 (+5.0%) |",
+    ]
