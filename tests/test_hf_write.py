@@ -1052,3 +1052,15 @@ def test_a_shard_that_held_only_an_edited_layer_is_written_with_its_new_tensors(
     weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert {shard for key, shard in weight_map.items() if ".1.block_sparse_moe." in key} == {names[1]}
     assert sorted(p.name for p in out.glob("*.safetensors")) == names
+
+
+def test_an_edit_that_would_make_jamba_s_moe_layers_dense_is_refused(tmp_path):
+    """Jamba builds a layer of one expert as a plain MLP: top-1 routing pruned to one expert per
+    layer is refused by name before anything is written; two experts are written."""
+    src = tmp_path / "src"
+    build("jamba", num_experts_per_tok=1).save_pretrained(src)
+    with pytest.raises(ValueError, match=r"with 1 expert\(s\) per layer, jamba's config.json would make MoE layers \[1\] dense"):
+        drop_experts(src, tmp_path / "out", [1, 2, 3], quiet=True)
+    assert not (tmp_path / "out").exists()
+    drop_experts(src, tmp_path / "out", [2, 3], quiet=True)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts"] == 2

@@ -162,6 +162,13 @@ class _Plan:
             )
         for name in family.num_experts:
             _set_present(new_config, name, counts[moe_layers[0]])
+        sparse = family.is_moe_layer
+        if sparse is not None and (made_dense := [i for i in moe_layers if not sparse(new_config, i)]):
+            raise ValueError(
+                f"with {counts[moe_layers[0]]} expert(s) per layer, {family.name}'s config.json would make MoE layers "
+                f"{made_dense} dense (transformers builds a plain MLP there, which the experts' tensors cannot fill); "
+                "keep more experts"
+            )
         if any(edit.view is not None for edit in edits.values()):
             width_key, before = config_entry(config, family.expert_width)
             dense = family.dense_width_follows and len(moe_layers) < config_value(config, *family.num_layers)
