@@ -73,45 +73,39 @@ def _deepseek_v2(config: Config) -> dict:
     }
 
 
-def _deepseek_v3(config: Config) -> dict:
-    """sigmoid + correction bias for selection; groups scored by their top-2 sum; optional
-    renormalisation; × routed_scaling_factor."""
-    return {
-        "score_func": "sigmoid",
-        "top_k": _top_k(config),
-        "renormalize": config_flag(config, "norm_topk_prob", default=True),
-        "route_scale": float(config_value(config, "routed_scaling_factor", default=2.5)),
-        "n_group": config_value(config, "n_group", default=8),
-        "topk_group": config_value(config, "topk_group", default=4),
-    }
+def _deepseek_v3_router(
+    n_group: int = 8, topk_group: int = 4, route_scale: float = 2.5
+) -> Callable[[Config], dict]:
+    """DeepSeek-V3's router: sigmoid + correction bias for selection; groups scored by their top-2
+    sum; optional renormalisation; × routed_scaling_factor. The arguments are the family config's
+    defaults where config.json leaves a key out."""
+
+    def settings(config: Config) -> dict:
+        return {
+            "score_func": "sigmoid",
+            "top_k": _top_k(config),
+            "renormalize": config_flag(config, "norm_topk_prob", default=True),
+            "route_scale": float(config_value(config, "routed_scaling_factor", default=route_scale)),
+            "n_group": config_value(config, "n_group", default=n_group),
+            "topk_group": config_value(config, "topk_group", default=topk_group),
+        }
+
+    return settings
 
 
-def _exaone_moe(config: Config) -> dict:
-    """EXAONE-MoE: DeepSeek-V3's router (sigmoid, correction bias for selection, groups scored by
-    their top-2 sum, renormalised if norm_topk_prob, x routed_scaling_factor), groups always on."""
-    return {
-        "score_func": "sigmoid",
-        "top_k": _top_k(config),
-        "renormalize": config_flag(config, "norm_topk_prob", default=True),
-        "route_scale": float(config_value(config, "routed_scaling_factor", default=2.5)),
-        "n_group": config_value(config, "n_group", default=1),
-        "topk_group": config_value(config, "topk_group", default=1),
-    }
+_deepseek_v3 = _deepseek_v3_router()
+_exaone_moe = _deepseek_v3_router(n_group=1, topk_group=1)  # EXAONE-MoE: groups off unless set
+_KIMI_KEYS = {
+    "num_experts_per_token": "num_experts_per_tok", "moe_renormalize": "norm_topk_prob", "num_expert_group": "n_group"
+}
 
 
 def _kimi_linear(config: Config) -> dict:
-    """Kimi-Linear: DeepSeek-V3's router under its own config keys (moe_renormalize,
-    num_expert_group; transformers maps norm_topk_prob and n_group onto them), with
-    KimiLinearConfig's defaults (routed_scaling_factor 2.446)."""
-    renormalize = "moe_renormalize" if "moe_renormalize" in config else "norm_topk_prob"
-    return {
-        "score_func": "sigmoid",
-        "top_k": config_value(config, "num_experts_per_token", "num_experts_per_tok", default=8),
-        "renormalize": config_flag(config, renormalize, default=True),
-        "route_scale": float(config_value(config, "routed_scaling_factor", default=2.446)),
-        "n_group": config_value(config, "num_expert_group", "n_group", default=1),
-        "topk_group": config_value(config, "topk_group", default=1),
-    }
+    """Kimi-Linear: DeepSeek-V3's router under its own config keys (transformers maps
+    num_experts_per_tok, norm_topk_prob and n_group onto them), with KimiLinearConfig's defaults
+    (top-8, no groups, routed_scaling_factor 2.446)."""
+    canonical = {_KIMI_KEYS.get(key, key): value for key, value in config.items()}
+    return _deepseek_v3_router(n_group=1, topk_group=1, route_scale=2.446)({"num_experts_per_tok": 8, **canonical})
 
 
 def _afmoe(config: Config) -> dict:
