@@ -32,6 +32,7 @@ from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import open_checkpoint
 from moelab.models import ModelConfig, MoETransformer, load_pretrained, save_pretrained
 from moelab.nn import MoEConfig
+from moelab.threads import intra_op_threads
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 SMALL = CalibrationOptions(tokens=512, seq_len=32, batch_size=4, sample_tokens=64)
@@ -72,7 +73,10 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def stats_dir(model_dir, tmp_path_factory) -> Path:
-    return calibrate(model_dir, tmp_path_factory.mktemp("stats") / "s", options=EVERY, quiet=True).directory
+    # on one thread, as the tests that compare their statistics with these run (one_thread): MKL's
+    # sums on Intel CPUs depend on the thread count (a module fixture is set up before one_thread)
+    with intra_op_threads(1):
+        return calibrate(model_dir, tmp_path_factory.mktemp("stats") / "s", options=EVERY, quiet=True).directory
 
 
 # ----------------------------------------------------------------------------- mixtures
