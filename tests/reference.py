@@ -51,7 +51,11 @@ def relu(z: Tensor) -> Tensor:
     return torch.where(z > 0, z, torch.zeros_like(z))
 
 
-ACT = {"silu": silu, "gelu": gelu, "relu": relu}
+def relu2(z: Tensor) -> Tensor:  # Nemotron-H's squared ReLU
+    return relu(z) * relu(z)
+
+
+ACT = {"silu": silu, "gelu": gelu, "relu": relu, "relu2": relu2}
 
 
 def logsumexp(z: Tensor) -> Tensor:

@@ -295,10 +295,10 @@ def test_all_tokens_to_one_expert_and_tokens_with_no_expert():
         assert_close(one, got[t : t + 1], what=f"token {t} alone")
 
 
-@pytest.mark.parametrize("kind", ["swiglu-bias", "clamped", "scale_input", "gelu-bias", "relu"])
+@pytest.mark.parametrize("kind", ["swiglu-bias", "clamped", "scale_input", "gelu-bias", "relu", "relu2"])
 def test_gathered_experts_match_per_token_loops(kind):
     torch.manual_seed(0)
-    if kind == "gelu-bias" or kind == "relu":
+    if kind in ("gelu-bias", "relu", "relu2"):
         experts = MLPExperts(E, D, 8, activation=kind.split("-")[0], bias=kind.endswith("bias"))
     else:
         experts = SwiGLUExperts(
@@ -331,7 +331,7 @@ def test_gathered_experts_match_per_token_loops(kind):
     else:
         with pytest.raises(NotImplementedError):
             experts.every_expert(x, indices, weights)
-    if kind in ("swiglu-bias", "gelu-bias", "relu"):
+    if kind in ("swiglu-bias", "gelu-bias", "relu", "relu2"):
         activation = "swiglu" if kind.startswith("swiglu") else kind.split("-")[0]
         assert_close(got, per_token(experts, x, indices, weights, activation), what=f"{kind} vs float64")
 

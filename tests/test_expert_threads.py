@@ -54,7 +54,7 @@ def threaded(monkeypatch, two_threads):
     return used
 
 
-@pytest.mark.parametrize("kind", ["swiglu", "gelu", "relu"])
+@pytest.mark.parametrize("kind", ["swiglu", "gelu", "relu", "relu2"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("row_weights", [False, True])
 def test_threaded_experts_match_reference(threaded, kind, bias, row_weights):

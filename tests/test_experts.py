@@ -71,7 +71,7 @@ def _check(module, kind, counts, *, row_weights, grad="random", tol=1e-5):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["swiglu", "gelu", "silu", "relu"])
+@pytest.mark.parametrize("kind", ["swiglu", "gelu", "silu", "relu", "relu2"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("row_weights", [False, True])
 def test_experts_match_reference(backend, kind, bias, row_weights):

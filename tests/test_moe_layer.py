@@ -38,6 +38,7 @@ CONFIGS = {
     "topk-expert-biases": dict(expert_mlp_bias=True),
     "topk-mlp-gelu": dict(activation="gelu", expert_mlp_bias=True),
     "topk-mlp-relu": dict(activation="relu"),
+    "topk-mlp-relu2": dict(activation="relu2", num_shared=1),
     "topp": dict(router="topp", top_p=0.5),
     "topp-raw-maxk": dict(router="topp", top_p=0.8, max_k=3, renormalize=False),
     "ec": dict(router="expert_choice", ec_capacity_factor=1.0),

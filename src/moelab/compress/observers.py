@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from moelab.nn.dispatch import LocalDispatcher, plan_dispatch
-from moelab.nn.experts import SwiGLU
 from moelab.nn.moe import MoELayer
 from moelab.nn.routers import Routing
 
@@ -114,7 +113,7 @@ def eager_moe(moe: MoELayer, x: Tensor, *, keep_hidden: bool = False) -> MoECall
     del rows
     shared = shared_down = None
     if moe.shared is not None:
-        shared_down = SwiGLU.forward(moe.shared, x)
+        shared_down = moe.shared.mlp(x)
         shared = shared_down if moe.shared.gate is None else torch.sigmoid(moe.shared.gate(x)) * shared_down
     return MoECall(x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input, hidden, grad_hidden)
 

@@ -199,23 +199,16 @@ class SwiGLUExperts(Experts):
         if self.scale_input and row_weights is not None:
             xs = xs * row_weights[:, None].to(xs.dtype)
         act = Activation(self.clamped or "silu", gated=True)
-        parts = []
-        for e, rows in enumerate(xs.split(list(counts))):
-            bias = None if self.gate_up_bias is None else self.gate_up_bias[e].to(xs.dtype)
-            parts.append(act.forward(F.linear(rows, self.gate_up_proj[e].to(xs.dtype), bias)))
-        return torch.cat(parts)
+        return _hidden_rows(xs, counts, self.gate_up_proj, self.gate_up_bias, act)
 
     def project(self, hidden: Tensor, counts: Sequence[int]) -> Tensor:
         """[N, D] the down projection of hidden [N, I] (rows grouped by expert), expert by expert."""
-        parts = []
-        for e, rows in enumerate(hidden.split(list(counts))):
-            bias = None if self.down_bias is None else self.down_bias[e].to(hidden.dtype)
-            parts.append(F.linear(rows, self.down_proj[e].to(hidden.dtype), bias))
-        return torch.cat(parts)
+        return _project_rows(hidden, counts, self.down_proj, self.down_bias)
 
 
 class MLPExperts(Experts):
-    """E two-layer MLPs: y = down(act(up(x))), act in {gelu, silu, relu} (BlockFFN uses silu).
+    """E two-layer MLPs: y = down(act(up(x))), act in {gelu, silu, relu, relu2} (BlockFFN uses silu;
+    Nemotron-H relu2 = relu(x)²).
 
     up_proj: [E, I, D]; down_proj: [E, D, I]; optional up_bias: [E, I], down_bias: [E, D].
     """
@@ -286,6 +279,35 @@ class MLPExperts(Experts):
             activation=self.activation, gated=False,
         )
 
+    def hidden(self, xs: Tensor, counts: Sequence[int], row_weights: Tensor | None = None) -> Tensor:
+        """[N, I] what each row's down projection sees (the activation), expert by expert under
+        plain autograd, weights cast to xs's dtype one expert at a time (row_weights: unused).
+        `project(hidden(xs, counts), counts)` is `forward(xs, counts)`."""
+        self._check(xs)
+        return _hidden_rows(xs, counts, self.up_proj, self.up_bias, Activation(self.activation, gated=False))
+
+    def project(self, hidden: Tensor, counts: Sequence[int]) -> Tensor:
+        """[N, D] the down projection of hidden [N, I] (rows grouped by expert), expert by expert."""
+        return _project_rows(hidden, counts, self.down_proj, self.down_bias)
+
+
+def _hidden_rows(xs: Tensor, counts: Sequence[int], w_in: Tensor, b_in: Tensor | None, act: Activation) -> Tensor:
+    """[N, I]: act(x @ w_in[e].T + b_in[e]) for each expert's rows of xs [N, D]."""
+    parts = []
+    for e, rows in enumerate(xs.split(list(counts))):
+        bias = None if b_in is None else b_in[e].to(xs.dtype)
+        parts.append(act.forward(F.linear(rows, w_in[e].to(xs.dtype), bias)))
+    return torch.cat(parts)
+
+
+def _project_rows(hidden: Tensor, counts: Sequence[int], w_out: Tensor, b_out: Tensor | None) -> Tensor:
+    """[N, D]: hidden @ w_out[e].T + b_out[e] for each expert's rows of hidden [N, I]."""
+    parts = []
+    for e, rows in enumerate(hidden.split(list(counts))):
+        bias = None if b_out is None else b_out[e].to(hidden.dtype)
+        parts.append(F.linear(rows, w_out[e].to(hidden.dtype), bias))
+    return torch.cat(parts)
+
 
 class SwiGLU(nn.Module):
     """A dense SwiGLU MLP: down(silu(gate(x)) * up(x)).
@@ -304,18 +326,34 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class SharedExperts(SwiGLU):
-    """Always-on experts (DeepSeekMoE: n_shared experts fused into one SwiGLU MLP of width
-    n_shared * I), optionally scaled by a per-token sigmoid gate (Qwen2-MoE `shared_expert_gate`).
+class SharedExperts(nn.Module):
+    """Always-on experts (DeepSeekMoE: n_shared experts fused into one MLP of width n_shared * I),
+    optionally scaled by a per-token sigmoid gate (Qwen2-MoE `shared_expert_gate`).
 
-    gate: Linear(D, 1) or None.
+    activation "swiglu": down(silu(gate_proj(x)) * up_proj(x)); a name in ACTIVATIONS (Nemotron-H:
+    relu2): the plain MLP down(act(up_proj(x))), no gate_proj.
+    gate_proj (SwiGLU only), up_proj: Linear(D, H); down_proj: Linear(H, D); gate: Linear(D, 1) or None.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, *, gated: bool = False):
-        super().__init__(dim, hidden_dim)
+    def __init__(self, dim: int, hidden_dim: int, *, gated: bool = False, activation: str = "swiglu"):
+        super().__init__()
+        if activation != "swiglu" and activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown shared-expert activation {activation!r}; choose swiglu or one of {sorted(ACTIVATIONS)}"
+            )
+        self.activation = activation
+        self.gate_proj = Linear(dim, hidden_dim, bias=False) if activation == "swiglu" else None
+        self.up_proj = Linear(dim, hidden_dim, bias=False)
+        self.down_proj = Linear(hidden_dim, dim, bias=False)
         self.gate = nn.Linear(dim, 1, bias=False) if gated else None
+
+    def mlp(self, x: Tensor) -> Tensor:
+        """x: [T, D] -> [T, D], the MLP before the sigmoid gate."""
+        if self.gate_proj is None:
+            return self.down_proj(ACTIVATIONS[self.activation][0](self.up_proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [T, D] -> [T, D]"""
-        y = super().forward(x)
+        y = self.mlp(x)
         return y if self.gate is None else torch.sigmoid(self.gate(x)) * y

@@ -53,6 +53,7 @@ ACTIVATIONS = {
     "silu": (F.silu, torch.ops.aten.silu_backward),
     "gelu": (F.gelu, torch.ops.aten.gelu_backward),
     "relu": (F.relu, lambda grad, x: grad * (x > 0)),
+    "relu2": (lambda x: F.relu(x).square(), lambda grad, x: grad * 2 * F.relu(x)),  # Nemotron-H, Primer
 }
 
 
