@@ -262,6 +262,27 @@ TINY = {
         dense=(0,),
         path="model.layers.{i}.feed_forward",
     ),
+    "nemotron_h": Tiny(
+        dict(
+            WIDTHS,
+            head_dim=8,
+            n_routed_experts=8,
+            moe_shared_expert_intermediate_size=24,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            layers_block_type=["full_attention", "moe"],  # plain relu² experts; Mamba-2 layers: test_nemotron_h
+            mamba_num_heads=4,
+            mamba_head_dim=16,
+            ssm_state_size=8,
+            n_groups=2,
+            chunk_size=8,
+            pad_token_id=0,
+        ),
+        block=lambda model, i: model.model.layers[i].mixer,
+        dense=(0,),
+        path="model.layers.{i}.mixer",
+    ),
     "dbrx": Tiny(
         dict(
             vocab_size=64,
@@ -285,7 +306,7 @@ TINY = {
 COMPRESS_SLOW = frozenset(
     {
         "exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid",
-        "kimi_linear",
+        "kimi_linear", "nemotron_h",
     }
 )
 

@@ -969,8 +969,10 @@ def test_kv_bytes_per_token_are_what_transformers_caches(family):
     model = build(family).eval()
     with torch.no_grad():
         cache = model(torch.randint(0, 32, (2, 5)), use_cache=True).past_key_values
-    # LFM2-MoE's convolution layers hold a fixed-size state, no keys or values
-    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if hasattr(layer, "keys"))
+    # LFM2-MoE's convolution layers hold a fixed-size state, no keys or values; Nemotron-H's MoE layers none
+    held = sum(
+        layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if getattr(layer, "keys", None) is not None
+    )
     assert kv_bytes_per_token(model, torch.float32) * 2 * 5 == held
     assert kv_bytes_per_token(model, torch.bfloat16) * 2 * 5 == held // 2
 
@@ -1174,7 +1176,7 @@ def test_experts_of_another_width_at_a_later_layer_are_refused(tmp_path):
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})  # layer 1: I = 24, not 32
     store = ExpertStore(path)
     try:
-        message = r"layer 1's experts have gate \[24, 32\] but layer 0's have \[32, 32\]; offloading needs one"
+        message = r"layer 1's experts have up \[24, 32\] but layer 0's have \[32, 32\]; offloading needs one"
         with pytest.raises(CheckpointError, match=message):
             store.read(1, 0)
         with pytest.raises(CheckpointError, match=message):

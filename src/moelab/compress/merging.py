@@ -54,12 +54,16 @@ def logit_similarity(gram: Tensor) -> Tensor:
 
 def alignment(reference: ExpertsView, other: ExpertsView) -> Tensor:
     """[I] the permutation of `other`'s hidden neurons that best matches `reference`'s (both one
-    expert): maximise the summed inner products of gate rows, up rows and down columns
-    (`linear_sum_assignment`; float64, so ties are not an artefact of rounding). Applying it keeps
-    the expert's function: out[:, perm] and rows[perm]."""
-    ref = [reference.gate[0].double(), reference.up[0].double(), reference.down[0].T.double()]
-    oth = [other.gate[0].double(), other.up[0].double(), other.down[0].T.double()]
-    cost = sum(r @ o.T for r, o in zip(ref, oth))  # [I, I]: similarity of reference neuron i, other neuron j
+    expert): maximise the summed inner products of gate rows (gated experts), up rows and down
+    columns (`linear_sum_assignment`; float64, so ties are not an artefact of rounding). Applying
+    it keeps the expert's function: out[:, perm] and rows[perm]."""
+
+    def neuron_rows(expert: ExpertsView) -> list[Tensor]:
+        rows = ([expert.gate[0]] if expert.gated else []) + [expert.up[0], expert.down[0].T]
+        return [t.double() for t in rows]
+
+    pairs = zip(neuron_rows(reference), neuron_rows(other))
+    cost = sum(r @ o.T for r, o in pairs)  # [I, I]: similarity of reference neuron i, other neuron j
     _, perm = linear_sum_assignment(cost.numpy(), maximize=True)
     return torch.as_tensor(perm, dtype=torch.long)
 

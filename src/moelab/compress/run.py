@@ -37,7 +37,6 @@ from moelab.eval.evaluate import parameter_counts
 from moelab.hf.adapters import resolve
 from moelab.hf.checkpoint import Checkpoint
 from moelab.hf.edit import LayerEdit
-from moelab.hf.layouts import config_value
 from moelab.hf.view import ModelView, MoELayerView
 from moelab.hf.writer import write_edited
 from moelab.io import StagedOutput, atomic_write_text, clear_staging
@@ -431,7 +430,7 @@ def _view(model: Path, *, shapes_only: bool) -> ModelView:
     if shapes_only:
         checkpoint.close()
         checkpoint = Checkpoint(model, shapes_only=True)
-    return ModelView(checkpoint, config, family, config_value(config, *family.num_layers))
+    return ModelView(checkpoint, config, family, family.layer_count(config))
 
 
 def _read_report(directory: Path) -> dict | None:

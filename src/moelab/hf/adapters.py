@@ -26,6 +26,7 @@ from moelab.hf.layouts import (
     RouterKeys,
     SharedFusedMLP,
     SharedMLP,
+    StackedUpDown,
     TransposedGateUp,
     config_flag,
     config_value,
@@ -95,6 +96,7 @@ def _deepseek_v3_router(
 
 _deepseek_v3 = _deepseek_v3_router()
 _exaone_moe = _deepseek_v3_router(n_group=1, topk_group=1)  # EXAONE-MoE: groups off unless set
+_nemotron_h = _deepseek_v3_router(n_group=1, topk_group=1, route_scale=1.0)  # NemotronHConfig's defaults
 _KIMI_KEYS = {
     "num_experts_per_token": "num_experts_per_tok", "moe_renormalize": "norm_topk_prob", "num_expert_group": "n_group"
 }
@@ -264,6 +266,21 @@ def _silu_experts(config: Config) -> dict:
     return {"activation": "silu"}
 
 
+def _nemotron_h_experts(config: Config) -> dict:
+    """Plain experts, act(up x) with mlp_hidden_act (relu2: relu(x)²); no latent projection, no
+    shared-expert biases."""
+    if config.get("moe_latent_size") is not None:
+        raise CheckpointError(
+            f"this Nemotron-H config sets moe_latent_size {config['moe_latent_size']}: its experts work in a "
+            "projected latent space (fc1/fc2_latent_proj), which moelab's views do not read yet"
+        )
+    if config_flag(config, "mlp_bias", default=False):
+        raise CheckpointError(
+            "this Nemotron-H config sets mlp_bias: its shared experts have biases, which moelab's views do not read"
+        )
+    return {"activation": config_value(config, "mlp_hidden_act", default="relu2")}
+
+
 def _dbrx_experts(config: Config) -> dict:
     return {"activation": config_value(config, "ffn_config.ffn_act_fn.name", default="silu")}
 
@@ -318,6 +335,23 @@ def _jamba_sparse_layer(config: Config, i: int) -> bool:
     period = config_value(config, "expert_layer_period", default=2)
     offset = config_value(config, "expert_layer_offset", default=1)
     return config_value(config, "num_experts", default=16) > 1 and i % period == offset
+
+
+_NEMOTRON_H_PATTERN = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
+
+
+def _nemotron_h_sparse_layer(config: Config, i: int) -> bool:
+    """layers_block_type[i] == "moe" (transformers' key), else hybrid_override_pattern[i] == "E"
+    (the key NVIDIA's config.json files write)."""
+    kinds = config.get("layers_block_type")
+    if kinds is None and isinstance(config.get("hybrid_override_pattern"), str):
+        kinds = [_NEMOTRON_H_PATTERN.get(c, c) for c in config["hybrid_override_pattern"]]
+    if not isinstance(kinds, list) or i >= len(kinds):
+        raise CheckpointError(
+            f"config.json's layers_block_type (or hybrid_override_pattern) must name every decoder layer's kind, "
+            f"got {kinds!r}"
+        )
+    return kinds[i] == "moe"
 
 
 def _native_sparse_layer(config: Config, i: int) -> bool:
@@ -462,6 +496,19 @@ def _jamba_layouts() -> tuple[Layout, ...]:
     return Layout(router, per_expert), Layout(router, fused)
 
 
+def _nemotron_h_layouts() -> tuple[Layout, ...]:
+    """Plain experts under mixer: experts.{e}.up_proj / down_proj on disk, stacked
+    experts.up_proj / down_proj fused; router mixer.gate with its correction bias; a plain shared
+    expert mixer.shared_experts."""
+    router = RouterKeys("mixer.gate.weight", selection_bias="mixer.gate.e_score_correction_bias")
+    shared = SharedMLP(None, "mixer.shared_experts.up_proj.weight", "mixer.shared_experts.down_proj.weight")
+    per_expert = PerExpert(None, "mixer.experts.{e}.up_proj.weight", "mixer.experts.{e}.down_proj.weight")
+    return (
+        Layout(router, per_expert, shared),
+        Layout(router, StackedUpDown("mixer.experts.up_proj", "mixer.experts.down_proj"), shared),
+    )
+
+
 def _shared(name: str, sigmoid_gate: str | None = None) -> SharedMLP:
     return SharedMLP(*(f"{name}.{p}_proj.weight" for p in ("gate", "up", "down")), sigmoid_gate=sigmoid_gate)
 
@@ -553,6 +600,10 @@ _FAMILIES = (
            shared_width_follows=True),
     Family("jamba", layouts=_jamba_layouts(), num_experts=("num_experts",), router_settings=_softmax_top_k,
            is_moe_layer=_jamba_sparse_layer, dense_width_follows=True),
+    Family("nemotron_h", layouts=_nemotron_h_layouts(), num_experts=("n_routed_experts", "num_local_experts"),
+           router_settings=_nemotron_h, is_moe_layer=_nemotron_h_sparse_layer, expert_settings=_nemotron_h_experts,
+           num_layers=("layers_block_type", "hybrid_override_pattern", "num_hidden_layers"),
+           expert_width=_MOE_WIDTH, mtp_prefix="mtp.layers.{n}.", original_prefix="backbone."),
     Family("gpt_oss",
            layouts=(Layout(RouterKeys("mlp.router.weight", bias="mlp.router.bias"), _GPT_OSS_EXPERTS),),
            num_experts=("num_local_experts", "num_experts"),
@@ -584,7 +635,8 @@ def family_of(config: Config, checkpoint: Checkpoint) -> Family | None:
     """The adapter for this config.json, None if neither a table nor the fallback fits."""
     if "model_type" not in config and isinstance(config.get("moe"), dict):
         return NATIVE
-    return FAMILIES.get(config.get("model_type")) or structural_family(config, checkpoint)
+    family = FAMILIES.get(config.get("model_type"))
+    return family.stored_as(checkpoint) if family else structural_family(config, checkpoint)
 
 
 def open_checkpoint(path: str | os.PathLike) -> ModelView:
@@ -599,7 +651,7 @@ def open_checkpoint(path: str | os.PathLike) -> ModelView:
     Tensors are read later, one layer at a time.
     """
     config, checkpoint, family = resolve(path)
-    return ModelView(checkpoint, config, family, config_value(config, *family.num_layers))
+    return ModelView(checkpoint, config, family, family.layer_count(config))
 
 
 def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:

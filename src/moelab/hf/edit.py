@@ -112,7 +112,7 @@ def apply_edit(layer: MoELayerView, edit: LayerEdit) -> MoELayerView:
     experts = dataclasses.replace(
         new.experts,
         **{
-            name: _cast(getattr(new.experts, name), getattr(layer.experts, name), layer.experts.gate)
+            name: _cast(getattr(new.experts, name), getattr(layer.experts, name), layer.experts.up)
             for name in EXPERT_TENSORS
         },
     )

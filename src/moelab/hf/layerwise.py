@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
-from moelab.hf.layouts import config_value
 from moelab.hf.modules import decoder_layers, find_moe_modules
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import ModelView, MoELayerView
@@ -57,13 +56,13 @@ class LayerwiseModel:
         config, self._ckpt, self.family = resolve(path)
         self.path = Path(path)
         self.dtype = dtype
-        self.num_layers = config_value(config, *self.family.num_layers)
+        self.num_layers = self.family.layer_count(config)
         self.view = ModelView(self._ckpt, config, self.family, self.num_layers)
         self.model = skeleton(self.path, config, self.family)
         self._layers_name, self._layers = decoder_layers(self.model, self.num_layers)
         self._stored_as = tied_names(self.model, self._ckpt)
         expected = self.family.layer_prefix.format(n=0)
-        if f"{self._layers_name}.0." != expected:
+        if _as_stored(f"{self._layers_name}.0.", self.family.stored_renames) != expected:
             raise CheckpointError(
                 f"{self.path}: the model's decoder layers are named {self._layers_name}.N in memory but "
                 f"{expected.replace('0', 'N')} on disk; this family cannot be run layer by layer"
@@ -239,7 +238,7 @@ class LayerwiseModel:
         for name, p in self.model.named_parameters():  # a tied head's weight is listed under the embedding
             if name.startswith(self._layers_name + ".") or (head_name and name.startswith(head_name + ".")):
                 continue
-            key = self._stored_as.get(name, name)
+            key = stored_key(self._ckpt, self._stored_as.get(name, name), self.family.stored_renames)
             if key not in self._ckpt:
                 raise CheckpointError(f"{self.path}: {name} is not in the checkpoint")
             if key not in tensors:
@@ -374,9 +373,7 @@ def load_tensors(
     for name in names:
         if any(name.startswith(s + ".") for s in skip):
             continue
-        key = prefix + (stored_as or {}).get(name, name)
-        stored = (key.replace(memory, disk) for memory, disk in renames if memory in key)
-        key = key if key in checkpoint else next((k for k in stored if k in checkpoint), key)
+        key = stored_key(checkpoint, prefix + (stored_as or {}).get(name, name), renames)
         if key not in checkpoint:
             raise CheckpointError(f"{checkpoint.directory}: {key} is not in the checkpoint; the model cannot be run")
         wanted = tuple(module.get_parameter(name).shape if name in params else module.get_buffer(name).shape)
@@ -390,6 +387,19 @@ def load_tensors(
             if non_finite_names([(key, tensors[key])]):
                 raise CheckpointError(f"{checkpoint.directory}: NaN or Inf in {key}: the weights are corrupt")
         set_tensor(module, name, tensors[key])
+
+
+def stored_key(checkpoint: Checkpoint, key: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """The name tensor `key` (its name in memory) is stored under: itself, else the first of its
+    renamed forms (`Family.stored_renames`) the checkpoint holds, else itself (missing)."""
+    if key in checkpoint:
+        return key
+    return next((k for memory, disk in renames if memory in key and (k := key.replace(memory, disk)) in checkpoint), key)
+
+
+def _as_stored(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """`name` with the first of the renames that applies to it."""
+    return next((name.replace(memory, disk) for memory, disk in renames if memory in name), name)
 
 
 def set_tensor(module: nn.Module, name: str, tensor: Tensor) -> None:

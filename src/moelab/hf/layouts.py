@@ -11,6 +11,7 @@ into them (the writer's half). A `Family` holds the patterns and config keys of 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,8 +125,8 @@ class RouterKeys:
 @dataclass(frozen=True)
 class ExpertPart:
     """One stored tensor of an expert, or entry `row` of a stacked one, that holds `part` of it
-    in `SwiGLUExperts`' layout, same orientation: "gate", "up" ([I, D] each), "gate_up" ([2I, D],
-    gate rows first) or "down" ([D, I]). A layout whose experts are stored this way (no
+    in `SwiGLUExperts`' layout (plain experts: `MLPExperts`'), same orientation: "gate", "up" ([I, D]
+    each), "gate_up" ([2I, D], gate rows first) or "down" ([D, I]). A layout whose experts are stored this way (no
     transposes, no interleaving, no biases) offers `parts(ckpt, prefix, expert)`, so that an expert
     can be read straight into a slot of stacked experts (`moelab.offload`)."""
 
@@ -137,47 +138,49 @@ class ExpertPart:
 @dataclass(frozen=True)
 class PerExpert:
     """One matrix per expert and projection, as default `save_pretrained` writes them:
-    gate, up: [I, D] each; down: [D, I]."""
+    gate, up: [I, D] each; down: [D, I]. gate None: plain experts (Nemotron-H: up and down only)."""
 
-    gate: str
+    gate: str | None
     up: str
     down: str
 
+    def _patterns(self) -> tuple[tuple[str, str], ...]:
+        named = (("gate", self.gate), ("up", self.up), ("down", self.down))
+        return tuple((name, pattern) for name, pattern in named if pattern is not None)
+
     def present(self, ckpt: Checkpoint, prefix: str) -> bool:
-        return prefix + self.gate.format(e=0) in ckpt
+        return prefix + self.up.format(e=0) in ckpt
 
     def read(self, ckpt: Checkpoint, prefix: str, config: Config, experts: range | None = None) -> dict[str, Tensor]:
         if experts is None:
-            found = expert_indices(ckpt, prefix + self.gate)
+            found = expert_indices(ckpt, prefix + self.up)
             if found != list(range(len(found))):
                 raise CheckpointError(
-                    f"{ckpt.directory}: experts under {prefix}{self.gate} are numbered {found}; expected 0..E-1 "
+                    f"{ckpt.directory}: experts under {prefix}{self.up} are numbered {found}; expected 0..E-1 "
                     "(renumber the experts and slice the router rows to match)"
                 )
             experts = range(len(found))
-        return {
-            name: _stack(ckpt, [prefix + pattern.format(e=e) for e in experts])
-            for name, pattern in (("gate", self.gate), ("up", self.up), ("down", self.down))
-        }
+        out = {name: _stack(ckpt, [prefix + pattern.format(e=e) for e in experts]) for name, pattern in self._patterns()}
+        return {"gate": None, **out}
 
     def parts(self, ckpt: Checkpoint, prefix: str, expert: int) -> list[ExpertPart]:
-        """Where expert `expert`'s weights lie, as `SwiGLUExperts` lays them out (`ExpertPart`)."""
-        return [ExpertPart(prefix + pattern.format(e=expert), None, part)
-                for part, pattern in (("gate", self.gate), ("up", self.up), ("down", self.down))]  # fmt: skip
+        """Where expert `expert`'s weights lie, as the stacked experts lay them out (`ExpertPart`)."""
+        return [ExpertPart(prefix + pattern.format(e=expert), None, part) for part, pattern in self._patterns()]
 
     def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
         return [
             prefix + pattern.format(e=e)
-            for pattern in (self.gate, self.up, self.down)
+            for _, pattern in self._patterns()
             for e in expert_indices(ckpt, prefix + pattern)
         ]
 
     def encode(self, experts: ExpertsView, prefix: str) -> dict[str, Tensor]:
         _no_biases(experts, "per-expert")
+        _same_gating(experts, self.gate is not None)
         return {
             prefix + pattern.format(e=e): t.clone()  # clone: safetensors refuses views of one storage
-            for pattern, stacked in zip((self.gate, self.up, self.down), (experts.gate, experts.up, experts.down))
-            for e, t in enumerate(stacked)
+            for name, pattern in self._patterns()
+            for e, t in enumerate(getattr(experts, name))
         }
 
 
@@ -215,6 +218,7 @@ class FusedGateUp:
         return [prefix + name for name in names if name is not None and prefix + name in ckpt]
 
     def encode(self, experts: ExpertsView, prefix: str) -> dict[str, Tensor]:
+        _same_gating(experts, gated=True)
         out = {
             prefix + self.gate_up: torch.cat([experts.gate, experts.up], dim=1),
             prefix + self.down: experts.down.contiguous(),
@@ -226,6 +230,32 @@ class FusedGateUp:
             out[prefix + self.gate_up_bias] = torch.cat([gate_bias, up_bias], dim=1)
             out[prefix + self.down_bias] = down_bias
         return out
+
+
+@dataclass(frozen=True)
+class StackedUpDown:
+    """Plain experts in transformers' in-memory layout (Nemotron-H, `save_original_format=False`):
+    up: [E, I, D]; down: [E, D, I]."""
+
+    up: str
+    down: str
+
+    def present(self, ckpt: Checkpoint, prefix: str) -> bool:
+        return prefix + self.up in ckpt
+
+    def read(self, ckpt: Checkpoint, prefix: str, config: Config, experts: range | None = None) -> dict[str, Tensor]:
+        return {"gate": None, "up": ckpt.get(prefix + self.up, experts), "down": ckpt.get(prefix + self.down, experts)}
+
+    def parts(self, ckpt: Checkpoint, prefix: str, expert: int) -> list[ExpertPart]:
+        return [ExpertPart(prefix + self.up, expert, "up"), ExpertPart(prefix + self.down, expert, "down")]
+
+    def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
+        return [prefix + self.up, prefix + self.down]
+
+    def encode(self, experts: ExpertsView, prefix: str) -> dict[str, Tensor]:
+        _no_biases(experts, "stacked")
+        _same_gating(experts, gated=False)
+        return {prefix + self.up: experts.up.contiguous(), prefix + self.down: experts.down.contiguous()}
 
 
 @dataclass(frozen=True)
@@ -263,6 +293,7 @@ class TransposedGateUp:
         return [prefix + name for name in names if name is not None]
 
     def encode(self, experts: ExpertsView, prefix: str) -> dict[str, Tensor]:
+        _same_gating(experts, gated=True)
         gate_up = _join(experts.gate.transpose(1, 2), experts.up.transpose(1, 2), self.interleaved)
         out = {prefix + self.gate_up: gate_up, prefix + self.down: experts.down.transpose(1, 2).contiguous()}
         if self.gate_up_bias is None and self.down_bias is None:
@@ -307,6 +338,7 @@ class FlatExperts:
 
     def encode(self, experts: ExpertsView, prefix: str) -> dict[str, Tensor]:
         _no_biases(experts, "flattened")
+        _same_gating(experts, gated=True)
         E, I, D = experts.gate.shape
         return {
             prefix + self.gate: experts.gate.reshape(E * I, D).clone(),
@@ -315,7 +347,7 @@ class FlatExperts:
         }
 
 
-ExpertsLayout = PerExpert | FusedGateUp | TransposedGateUp | FlatExperts
+ExpertsLayout = PerExpert | FusedGateUp | StackedUpDown | TransposedGateUp | FlatExperts
 
 
 # ----------------------------------------------------------------------------- shared experts
@@ -324,26 +356,34 @@ ExpertsLayout = PerExpert | FusedGateUp | TransposedGateUp | FlatExperts
 @dataclass(frozen=True)
 class SharedMLP:
     """gate, up: [Is, D]; down: [D, Is]; optional sigmoid_gate: [1, D] (Qwen2-MoE; on disk only
-    where a model has one if `optional_gate`, as in moelab's own checkpoints)."""
+    where a model has one if `optional_gate`, as in moelab's own checkpoints). gate None: a plain
+    MLP, up and down only (Nemotron-H)."""
 
-    gate: str
+    gate: str | None
     up: str
     down: str
     sigmoid_gate: str | None = None
     optional_gate: bool = False
 
     def present(self, ckpt: Checkpoint, prefix: str) -> bool:
-        return prefix + self.gate in ckpt
+        return prefix + self.up in ckpt
 
     def read(self, ckpt: Checkpoint, prefix: str) -> dict[str, Tensor]:
         keys = (("gate", self.gate), ("up", self.up), ("down", self.down))
-        out = {name: ckpt.get(prefix + key) for name, key in keys}
+        out = {name: None if key is None else ckpt.get(prefix + key) for name, key in keys}
         if self.sigmoid_gate is not None and (not self.optional_gate or prefix + self.sigmoid_gate in ckpt):
             out["sigmoid_gate"] = ckpt.get(prefix + self.sigmoid_gate)
         return out
 
     def encode(self, shared: SharedView, prefix: str) -> dict[str, Tensor]:
-        out = {prefix + self.gate: shared.gate, prefix + self.up: shared.up, prefix + self.down: shared.down}
+        if (shared.gate is None) != (self.gate is None):
+            kinds = {True: "a plain MLP (no gate projection)", False: "a gated MLP"}
+            raise CheckpointError(
+                f"the shared experts are {kinds[shared.gate is None]}, but this family's are {kinds[self.gate is None]}"
+            )
+        out = {prefix + self.up: shared.up, prefix + self.down: shared.down}
+        if self.gate is not None:
+            out[prefix + self.gate] = shared.gate
         if shared.sigmoid_gate is not None:
             if self.sigmoid_gate is None:
                 raise CheckpointError("the shared experts have a sigmoid gate, but this family's have none")
@@ -404,6 +444,11 @@ class Family:
     stored_renames: (in memory, on disk) parts of the names of tensors outside the MoE blocks
         that transformers renames when it loads the family (its conversion mapping), for the
         runs that load them by name (layer by layer, offloaded).
+    mtp_prefix: where the family stores multi-token prediction layers that transformers does not
+        build (Nemotron-H: "mtp.layers.{n}."); the writer leaves out those with routed experts.
+    original_prefix: what default `save_pretrained` writes in place of the model's "model."
+        (Nemotron-H: "backbone."); a checkpoint stored so gets it in layer_prefix and
+        stored_renames (`stored_as`), one saved with `save_original_format=False` keeps "model.".
     block_returns: what the family's MoE block module returns in memory: "tensor" (y), "tuple"
         (y, router output: GPT-OSS, Llama 4) or "moelab" (y, MoEResult).
     layer_returns_tuple: its decoder layers return a tuple whose first item is the hidden states
@@ -424,12 +469,31 @@ class Family:
     dense_width_follows: bool = False
     selection_bias_flag: str | None = None
     stored_renames: tuple[tuple[str, str], ...] = ()
+    mtp_prefix: str | None = None
+    original_prefix: str | None = None
     block_returns: str = "tensor"
     layer_returns_tuple: bool = False
 
+    def layer_count(self, config: Config) -> int:
+        """The number of decoder layers: the first of `num_layers` set, or the length of a
+        per-layer list or pattern there (Nemotron-H's layers_block_type, hybrid_override_pattern)."""
+        count = config_value(config, *self.num_layers)
+        return len(count) if isinstance(count, (list, str)) else count
+
+    def stored_as(self, ckpt: Checkpoint) -> Family:
+        """This family with the names `ckpt` stores its tensors under (see `original_prefix`)."""
+        prefix = self.original_prefix
+        if prefix is None or not any(key.startswith(prefix) for key in ckpt.keys()):
+            return self
+        return dataclasses.replace(
+            self,
+            layer_prefix=self.layer_prefix.replace("model.", prefix, 1),
+            stored_renames=(("model.", prefix), *self.stored_renames),
+        )
+
     def moe_layers(self, ckpt: Checkpoint, config: Config) -> list[int]:
         """The indices of the layers with routed experts on disk."""
-        return [i for i in range(config_value(config, *self.num_layers)) if self.layout_of(ckpt, i) is not None]
+        return [i for i in range(self.layer_count(config)) if self.layout_of(ckpt, i) is not None]
 
     def layout_of(self, ckpt: Checkpoint, index: int) -> Layout | None:
         """The layout layer `index`'s experts are stored in, None if it has no experts."""
@@ -476,12 +540,10 @@ class Family:
             if layout.shared and layout.shared.present(ckpt, prefix)
             else None
         )
-        return MoELayerView(
-            index,
-            RouterView(**router, **self.router_settings(config)),
-            ExpertsView(**routed, **self.expert_settings(config)),
-            None if shared is None else SharedView(**shared),
-        )
+        experts = ExpertsView(**routed, **self.expert_settings(config))
+        if shared is not None:  # plain shared experts take the routed experts' activation
+            shared = SharedView(**shared, activation="silu" if shared["gate"] is not None else experts.activation)
+        return MoELayerView(index, RouterView(**router, **self.router_settings(config)), experts, shared)
 
     def read_experts(self, ckpt: Checkpoint, config: Config, index: int, experts: range) -> ExpertsView:
         """Routed experts `experts` (a step-1 range) of MoE layer `index`, read alone."""
@@ -501,7 +563,7 @@ class Family:
         key, E = config_entry(config, self.num_experts)
         for what, found in (
             ("router rows", router["weight"].shape[0]),
-            ("experts", experts["gate"].shape[0]),
+            ("experts", experts["up"].shape[0]),
         ):
             if found != E:
                 raise CheckpointError(
@@ -562,16 +624,25 @@ def _has_bias(experts: ExpertsView) -> bool:
 
 def _biases(experts: ExpertsView) -> tuple[Tensor, Tensor, Tensor]:
     """(gate_bias [E, I], up_bias [E, I], down_bias [E, D]), zeros where the view has none."""
-    E, I, D = experts.gate.shape
+    E, I, D = experts.up.shape
     return (
-        _or_zeros(experts.gate_bias, experts.gate, E, I),
-        _or_zeros(experts.up_bias, experts.gate, E, I),
-        _or_zeros(experts.down_bias, experts.gate, E, D),
+        _or_zeros(experts.gate_bias, experts.up, E, I),
+        _or_zeros(experts.up_bias, experts.up, E, I),
+        _or_zeros(experts.down_bias, experts.up, E, D),
     )
 
 
 def _or_zeros(t: Tensor | None, like: Tensor, *shape: int) -> Tensor:
     return like.new_zeros(shape) if t is None else t.contiguous()
+
+
+def _same_gating(experts: ExpertsView, gated: bool) -> None:
+    if experts.gated != gated:
+        kinds = {True: "gated (gate and up projections)", False: "plain (up projection only)"}
+        raise CheckpointError(
+            f"the edited experts are {kinds[experts.gated]}, but this family's on-disk layout holds "
+            f"{kinds[gated]} experts; write them to a family of their kind"
+        )
 
 
 def _no_biases(experts: ExpertsView, layout: str) -> None:

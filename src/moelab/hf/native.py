@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from moelab.hf.view import ExpertsView, MoELayerView, RouterView, SharedView
-from moelab.nn.experts import Experts, SharedExperts, SwiGLUExperts
+from moelab.nn.experts import Experts, MLPExperts, SharedExperts, SwiGLUExperts
 from moelab.nn.grouped import ClampedSwiGLU
 from moelab.nn.moe import MoELayer
 from moelab.nn.routers import Router, TopKRouter
@@ -37,9 +37,18 @@ def router_from_view(view: RouterView) -> Router:
 
 
 def experts_from_view(view: ExpertsView) -> Experts:
-    """The view's routed experts as stacked moelab experts holding its tensors (gate and up fused)."""
+    """The view's routed experts as stacked moelab experts holding its tensors: `SwiGLUExperts`
+    (gate and up fused) or, for plain experts, `MLPExperts`."""
+    if not view.gated:
+        state = {"up_proj": view.up, "down_proj": view.down}
+        if _has_bias(view):
+            zeros = view.up.new_zeros
+            E, I, D = view.up.shape
+            state["up_bias"] = zeros(E, I) if view.up_bias is None else view.up_bias
+            state["down_bias"] = zeros(E, D) if view.down_bias is None else view.down_bias
+        return _holding(_experts, view, state)
     state = {"gate_up_proj": _gate_up(view), "down_proj": view.down}
-    if any(b is not None for b in (view.gate_bias, view.up_bias, view.down_bias)):
+    if _has_bias(view):
         E, I, D = view.gate.shape
         zeros = view.gate.new_zeros
         gate_bias = zeros(E, I) if view.gate_bias is None else view.gate_bias
@@ -58,9 +67,16 @@ def empty_experts(view: ExpertsView, num_experts: int, *, dtype: torch.dtype, de
     return module.to(dtype).to_empty(device=device).requires_grad_(False)
 
 
-def copy_expert(view: ExpertsView, experts: SwiGLUExperts, slot: int) -> None:
+def copy_expert(view: ExpertsView, experts: SwiGLUExperts | MLPExperts, slot: int) -> None:
     """Write the view's one expert into entry `slot` of stacked experts built like it
     (`empty_experts`), casting to their dtype."""
+    if not view.gated:
+        experts.up_proj[slot].copy_(view.up[0])
+        experts.down_proj[slot].copy_(view.down[0])
+        for target, bias in ((experts.up_bias, view.up_bias), (experts.down_bias, view.down_bias)):
+            if target is not None:
+                target[slot].zero_() if bias is None else target[slot].copy_(bias[0])
+        return
     I = view.hidden_dim
     experts.gate_up_proj[slot, :I].copy_(view.gate[0])
     experts.gate_up_proj[slot, I:].copy_(view.up[0])
@@ -75,7 +91,9 @@ def copy_expert(view: ExpertsView, experts: SwiGLUExperts, slot: int) -> None:
 def shared_from_view(view: SharedView | None) -> SharedExperts | None:
     if view is None:
         return None
-    state = {"gate_proj.weight": view.gate, "up_proj.weight": view.up, "down_proj.weight": view.down}
+    state = {"up_proj.weight": view.up, "down_proj.weight": view.down}
+    if view.gate is not None:
+        state["gate_proj.weight"] = view.gate
     if view.sigmoid_gate is not None:
         state["gate.weight"] = view.sigmoid_gate
     return _holding(_shared, view, state)
@@ -128,10 +146,16 @@ def _router(view: RouterView) -> Router:
     )
 
 
+def _has_bias(view: ExpertsView) -> bool:
+    return any(b is not None for b in (view.gate_bias, view.up_bias, view.down_bias))
+
+
 def _experts(view: ExpertsView, num_experts: int | None = None) -> Experts:
-    E, I, D = view.gate.shape
+    E, I, D = view.up.shape
     E = E if num_experts is None else num_experts
-    bias = any(b is not None for b in (view.gate_bias, view.up_bias, view.down_bias))
+    bias = _has_bias(view)
+    if not view.gated:
+        return MLPExperts(E, D, I, activation=view.activation, bias=bias)
     clamped = (
         ClampedSwiGLU(alpha=view.swiglu_alpha, limit=view.swiglu_limit)
         if view.activation == "clamped_swiglu"
@@ -143,5 +167,6 @@ def _experts(view: ExpertsView, num_experts: int | None = None) -> Experts:
 def _shared(view: SharedView | None) -> SharedExperts | None:
     if view is None:
         return None
-    Is, D = view.gate.shape
-    return SharedExperts(D, Is, gated=view.sigmoid_gate is not None)
+    Is, D = view.up.shape
+    activation = "swiglu" if view.gate is not None else view.activation
+    return SharedExperts(D, Is, gated=view.sigmoid_gate is not None, activation=activation)

@@ -16,7 +16,7 @@ from torch import Tensor
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.edit import moe_output
-from moelab.hf.layouts import Family, config_entry, config_value
+from moelab.hf.layouts import Family, config_entry
 from moelab.hf.loading import load_causal_lm
 from moelab.hf.view import ModelView
 from moelab.memory import release_freed_memory
@@ -46,7 +46,7 @@ def check_written(staging: Path, checks: dict[int, LayerCheck]) -> None:
     edited layer computes what its check expects."""
     config, ckpt, family = resolve(staging)
     try:
-        view = ModelView(ckpt, config, family, config_value(config, *family.num_layers))
+        view = ModelView(ckpt, config, family, family.layer_count(config))
         E = config_entry(config, family.num_experts)[1]
         for index in family.moe_layers(ckpt, config):
             rows = ckpt.shape(

@@ -21,7 +21,9 @@ from moelab.nn.routers import check_groups, check_top_k
 from moelab.validation import is_int
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sparsemixer")
-ACTIVATIONS = ("silu", "clamped_swiglu")
+GATED_ACTIVATIONS = ("silu", "clamped_swiglu")
+PLAIN_ACTIVATIONS = ("relu2",)  # experts with no gate: Nemotron-H
+ACTIVATIONS = GATED_ACTIVATIONS + PLAIN_ACTIVATIONS
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,18 +76,20 @@ class RouterView:
 
 @dataclass(frozen=True, eq=False)
 class ExpertsView:
-    """E gated MLPs: y_e(x) = down_e @ act(gate_e @ x + gate_bias_e, up_e @ x + up_bias_e) + down_bias_e.
+    """E MLPs. Gated (gate set): y_e(x) = down_e @ act(gate_e @ x + gate_bias_e, up_e @ x + up_bias_e)
+    + down_bias_e; plain (gate None): y_e(x) = down_e @ act(up_e @ x + up_bias_e) + down_bias_e.
 
     activation "silu": act(g, u) = silu(g) * u (SwiGLU). "clamped_swiglu" (GPT-OSS):
     g' = min(g, swiglu_limit), u' = clamp(u, -swiglu_limit, swiglu_limit),
-    act = g' * sigmoid(swiglu_alpha * g') * (u' + 1).
+    act = g' * sigmoid(swiglu_alpha * g') * (u' + 1). "relu2" (plain, Nemotron-H): act(u) = relu(u)².
     scale_input: the routing weight w scales the expert's input, y = y_e(w * x) (Llama 4),
     instead of its output, y = w * y_e(x) (everyone else).
 
-    gate, up: [E, I, D]; down: [E, D, I]; gate_bias, up_bias: [E, I] | None; down_bias: [E, D] | None.
+    gate (None for a plain activation), up: [E, I, D]; down: [E, D, I]; gate_bias, up_bias: [E, I] |
+    None; down_bias: [E, D] | None.
     """
 
-    gate: Tensor
+    gate: Tensor | None
     up: Tensor
     down: Tensor
     gate_bias: Tensor | None = None
@@ -100,51 +104,77 @@ class ExpertsView:
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"experts activation must be one of {ACTIVATIONS}, got {self.activation!r} (config.json's "
-                "hidden_act); other gated activations are not supported yet"
+                "hidden_act); other activations are not supported yet"
             )
         clamped = self.activation == "clamped_swiglu"
         if any((value is not None) != clamped for value in (self.swiglu_alpha, self.swiglu_limit)):
             raise ValueError(
                 "swiglu_alpha and swiglu_limit are set exactly when activation is 'clamped_swiglu'"
             )
-        _check_shape("experts gate", self.gate, (None, None, None))
-        E, I, D = self.gate.shape
-        _check_shape("experts up", self.up, (E, I, D))
+        if (self.gate is None) != (self.activation in PLAIN_ACTIVATIONS):
+            problem = "need a gate projection, got none" if self.gate is None else "have no gate projection, got one"
+            raise ValueError(
+                f"experts with activation {self.activation!r} {problem}; gated activations: {GATED_ACTIVATIONS}, "
+                f"plain ones: {PLAIN_ACTIVATIONS}"
+            )
+        _check_shape("experts up", self.up, (None, None, None))
+        E, I, D = self.up.shape
+        _check_shape("experts gate", self.gate, (E, I, D))
         _check_shape("experts down", self.down, (E, D, I))
+        if self.gate is None and self.gate_bias is not None:
+            raise ValueError("plain experts (no gate projection) have no gate_bias")
         _check_shape("experts gate_bias", self.gate_bias, (E, I))
         _check_shape("experts up_bias", self.up_bias, (E, I))
         _check_shape("experts down_bias", self.down_bias, (E, D))
 
     @property
+    def gated(self) -> bool:
+        return self.gate is not None
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        """The names of the weight matrices the experts hold: gate (gated only), up, down."""
+        return ("gate", "up", "down") if self.gated else ("up", "down")
+
+    @property
     def num_experts(self) -> int:
-        return self.gate.shape[0]
+        return self.up.shape[0]
 
     @property
     def dim(self) -> int:
-        return self.gate.shape[2]
+        return self.up.shape[2]
 
     @property
     def hidden_dim(self) -> int:
-        return self.gate.shape[1]
+        return self.up.shape[1]
 
 
 @dataclass(frozen=True, eq=False)
 class SharedView:
-    """Always-on SwiGLU expert(s), fused into one MLP of width Is, added to the routed output:
-    y = down @ (silu(gate @ x) * (up @ x)), times sigmoid(sigmoid_gate @ x) if that is set (Qwen2-MoE).
+    """Always-on expert(s), fused into one MLP of width Is, added to the routed output:
+    y = down @ (silu(gate @ x) * (up @ x)) (SwiGLU), or down @ act(up @ x) where gate is None and
+    `activation` names a plain one (Nemotron-H: relu2); times sigmoid(sigmoid_gate @ x) if that is
+    set (Qwen2-MoE).
 
-    gate, up: [Is, D]; down: [D, Is]; sigmoid_gate: [1, D] | None.
+    gate (or None), up: [Is, D]; down: [D, Is]; sigmoid_gate: [1, D] | None.
     """
 
-    gate: Tensor
+    gate: Tensor | None
     up: Tensor
     down: Tensor
     sigmoid_gate: Tensor | None = None
+    activation: str = "silu"
 
     def __post_init__(self):
-        _check_shape("shared gate", self.gate, (None, None))
-        Is, D = self.gate.shape
-        _check_shape("shared up", self.up, (Is, D))
+        if (self.gate is None) != (self.activation in PLAIN_ACTIVATIONS) or self.activation == "clamped_swiglu":
+            raise ValueError(
+                f"shared experts: a gate projection with activation 'silu', or none with one of "
+                f"{PLAIN_ACTIVATIONS}; got activation {self.activation!r} and "
+                f"{'no gate' if self.gate is None else 'a gate'}"
+            )
+        _check_shape("shared up", self.up, (None, None))
+        Is, D = self.up.shape
+        _check_shape("shared gate", self.gate, (Is, D))
         _check_shape("shared down", self.down, (D, Is))
         _check_shape("shared sigmoid_gate", self.sigmoid_gate, (1, D))
 
@@ -163,10 +193,10 @@ class MoELayerView:
         if (self.experts.num_experts, self.experts.dim) != (E, D):
             raise ValueError(
                 f"router weight {list(self.router.weight.shape)} ([experts, dim]) does not match experts "
-                f"gate {list(self.experts.gate.shape)} ([experts, hidden, dim])"
+                f"up {list(self.experts.up.shape)} ([experts, hidden, dim])"
             )
-        if self.shared is not None and self.shared.gate.shape[1] != D:
-            raise ValueError(f"shared gate {list(self.shared.gate.shape)} does not match the model dim {D}")
+        if self.shared is not None and self.shared.up.shape[1] != D:
+            raise ValueError(f"shared up {list(self.shared.up.shape)} does not match the model dim {D}")
 
 
 @dataclass(frozen=True)

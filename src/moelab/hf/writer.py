@@ -41,7 +41,7 @@ from moelab.hf.checkpoint import INDEX_NAME, WEIGHT_FILE, Checkpoint, Checkpoint
 from moelab.hf.edit import LayerEdit, apply_edit, check_edit, moe_output
 from moelab.hf.expert_map import FORMAT as EXPERT_MAP_FORMAT
 from moelab.hf.expert_map import read_expert_map
-from moelab.hf.layouts import Config, Family, config_entry, config_value
+from moelab.hf.layouts import Config, Family, config_entry
 from moelab.hf.postconditions import LayerCheck, check_reload, check_written
 from moelab.hf.view import ModelView, MoELayerView, stored_layers
 from moelab.io import RawTensor, StagedOutput, atomic_write_text, copy_side_file, save_safetensors_stream
@@ -171,7 +171,7 @@ class _Plan:
             )
         if any(edit.view is not None for edit in edits.values()):
             width_key, before = config_entry(config, family.expert_width)
-            dense = family.dense_width_follows and len(moe_layers) < config_value(config, *family.num_layers)
+            dense = family.dense_width_follows and len(moe_layers) < family.layer_count(config)
             if (family.shared_width_follows or dense) and widths[moe_layers[0]] != before:
                 what = "shared experts" if family.shared_width_follows else "dense layers' MLPs"
                 raise ValueError(
@@ -184,14 +184,14 @@ class _Plan:
             if moe and moe.get("num_shared") and moe.get("shared_hidden_dim") is None:
                 moe["shared_hidden_dim"] = moe["num_shared"] * before  # it followed the experts' width
         removed, home = set(), {}
-        if extra := _layers_beyond(config, ckpt, family):
+        if extra := _unbuilt_layers(config, ckpt, family):
             removed.update(key for keys in extra.values() for key in keys)
             _set_present(new_config, "num_nextn_predict_layers", 0)
             warnings.warn(
-                f"layers {sorted(extra)} stored beyond {family.num_layers[0]} (such as DeepSeek-V3's multi-token "
-                "prediction module; transformers does not build them) hold routed experts this edit does not reach: "
-                "they are left out of the output (num_nextn_predict_layers set to 0), which would otherwise disagree "
-                "with its expert count",
+                f"the stored layers {', '.join(sorted(extra))} (multi-token prediction modules, such as DeepSeek-V3's "
+                f"past {family.num_layers[0]} or Nemotron-H's mtp.*; transformers does not build them) hold routed "
+                "experts this edit does not reach: they are left out of the output (num_nextn_predict_layers set "
+                "to 0), which would otherwise disagree with its expert count",
                 stacklevel=4,
             )
         for index in edits:
@@ -235,12 +235,20 @@ def _widths(
     return {i: views[i].experts.hidden_dim if i in views else before for i in moe_layers}
 
 
-def _layers_beyond(config: Config, ckpt: Checkpoint, family: Family) -> dict[int, list[str]]:
-    """{index: its keys} of the layers stored past the model's layer count that hold routed experts
-    (DeepSeek-V3's multi-token prediction modules, `model.layers.61.*`: transformers does not build them)."""
-    count = config_value(config, *family.num_layers)
-    found = {index: keys for index, keys in stored_layers(ckpt, family.layer_prefix).items() if index >= count}
-    return {index: keys for index, keys in found.items() if family.layout_of(ckpt, index) is not None}
+def _unbuilt_layers(config: Config, ckpt: Checkpoint, family: Family) -> dict[str, list[str]]:
+    """{prefix: its keys} of the stored layers that transformers does not build and that hold routed
+    experts: multi-token prediction modules past the model's layer count (DeepSeek-V3's
+    `model.layers.61.`) or under the family's `mtp_prefix` (Nemotron-H's `mtp.layers.N.`)."""
+    places = [(family.layer_prefix, family.layer_count(config))]
+    if family.mtp_prefix is not None:
+        places.append((family.mtp_prefix, 0))
+    found = {}
+    for pattern, first in places:
+        for index, keys in stored_layers(ckpt, pattern).items():
+            prefix = pattern.format(n=index)
+            if index >= first and any(layout.experts.present(ckpt, prefix) for layout in family.layouts):
+                found[prefix] = keys
+    return found
 
 
 def _set_present(config: Config, dotted: str, value: Any) -> None:
@@ -275,7 +283,7 @@ def _read_expert_map(source: Path) -> dict[str, Any]:
 def _write(plan: _Plan, staging: Path, name: str, quiet: bool) -> dict[int, LayerCheck]:
     """Write the weight shards and index into `staging`; return each edited layer's check."""
     ckpt, family = plan.ckpt, plan.family
-    view = ModelView(ckpt, plan.config, family, config_value(plan.config, *family.num_layers))
+    view = ModelView(ckpt, plan.config, family, family.layer_count(plan.config))
     by_shard: dict[str, list[str]] = {}
     for key in ckpt.keys():
         if key not in plan.removed:

@@ -6,7 +6,7 @@
     ...compute on cache.pool with `slots`...
     cache.release()                                 # unpin
 
-`pool` is one stacked-experts module with `slots` entries (`SwiGLUExperts` layout), so a layer
+`pool` is one stacked-experts module with `slots` entries (`SwiGLUExperts` or `MLPExperts`), so a layer
 computes on its experts' slots with the same kernels as a model held in memory. The pool is
 global: a layer may hold more or fewer slots than another, as the eviction policy decides.
 

@@ -44,7 +44,7 @@ class SlotCopier:
     def __init__(
         self, store: ExpertStore, pool: Experts, *, buffers: int = 2, host: bool = False, progress=None, streams=None
     ):
-        self.device = pool.gate_up_proj.device
+        self.device = pool.down_proj.device
         self.streams = streams if streams is not None else torch.get_device_module(self.device)
         self.store = store
         self.pool = pool
@@ -64,7 +64,7 @@ class SlotCopier:
         for p in pool.parameters():  # freed (the cache dropped) only once the copies queued into it have run
             if p.device.type == "cuda":
                 p.record_stream(self._stream)
-        slots = pool.gate_up_proj.shape[0]
+        slots = pool.down_proj.shape[0]
         self._copied: list = [None] * slots  # per slot: the event after its last copy in
         self._used: list = [None] * slots  # per slot: the compute stream's event after its last use
         self._lock = threading.Lock()  # one read at a time (a read ahead and a read on demand share the buffers)

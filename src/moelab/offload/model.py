@@ -63,9 +63,10 @@ POLICIES = {  # name: load_offloaded's (eviction, predictor, prefetch_factor)
     "both": ("reuse", "both", 1.5),
 }
 
-# A decoder layer's norm before its MoE block (moelab's, transformers'); without one the router
-# reads the raw residual stream (the same choices when the norm's weight is uniform).
-ROUTER_INPUT_NORMS = ("ffn_norm", "post_attention_layernorm")
+# A decoder layer's norm before its MoE block (moelab's, transformers', Nemotron-H's one norm before
+# its mixer); without one the router reads the raw residual stream (the same choices when the
+# norm's weight is uniform).
+ROUTER_INPUT_NORMS = ("ffn_norm", "post_attention_layernorm", "norm")
 
 
 class OffloadedExperts(Experts):

@@ -1,15 +1,15 @@
 """Routed experts read from a checkpoint directory one at a time, for offloaded inference.
 
     store = ExpertStore("path/to/checkpoint", dtype=torch.float32)
-    pool = store.empty(slots=12)               # SwiGLUExperts with 12 uninitialised slots
+    pool = store.empty(slots=12)               # stacked experts (SwiGLU or plain) with 12 uninitialised slots
     store.load(layer=3, expert=5, pool=pool, slot=0)
     one = store.read(layer=3, expert=5)        # or: an ExpertsView holding that one expert
 
 Any checkpoint the view opens (moelab's own, every transformers family) is read through the
 view's one layout (`ModelView.experts`), so a read fetches one expert's bytes from its
 safetensors shard and nothing else. Where the files hold an expert as the pool lays it out (the
-same dtype, gate/up/down or gate_up/down matrices in the same orientation, no biases: moelab's
-own checkpoints, Mixtral, Qwen-MoE, OLMoE, DeepSeek), `load` reads it straight into the slot's
+same dtype, gate/up/down, gate_up/down or (plain experts) up/down matrices in the same orientation,
+no biases: moelab's own checkpoints, Mixtral, Qwen-MoE, OLMoE, DeepSeek, Nemotron-H), `load` reads it straight into the slot's
 memory, one positioned read per matrix; otherwise it reads the view and copies (converting).
 Reads are serialised by a lock (a background prefetch and a synchronous miss share one file
 reader); a shard that changes on disk while in use is refused.
@@ -33,7 +33,7 @@ from moelab.hf.checkpoint import DTYPES, CheckpointError, byte_view
 from moelab.hf.layouts import config_value
 from moelab.hf.native import copy_expert, empty_experts, experts_from_view
 from moelab.hf.view import ExpertsView, ModelView
-from moelab.nn.experts import Experts
+from moelab.nn.experts import Experts, MLPExperts
 
 
 class ExpertStore:
@@ -70,7 +70,7 @@ class ExpertStore:
         self.checkpoint = ckpt
         if not page_cache:
             ckpt.drop_cached()  # the first reads too
-        self.view = ModelView(ckpt, config, family, config_value(config, *family.num_layers))
+        self.view = ModelView(ckpt, config, family, family.layer_count(config))
         try:
             family.router_settings(config)  # an architecture the view does not cover, named before its tensors
         except CheckpointError:
@@ -88,15 +88,15 @@ class ExpertStore:
         self._template = self._view_of(self.moe_layers[0], 0)
         one = experts_from_view(self._template)
         self.expert_bytes = sum(p.numel() for p in one.parameters()) * torch.empty((), dtype=dtype).element_size()
-        self.expert_width = self._template.gate.shape[1]  # I, as the files hold it
+        self.expert_width = self._template.hidden_dim  # I, as the files hold it
 
     def read(self, layer: int, expert: int) -> ExpertsView:
         """Expert `expert` of MoE layer `layer`, read from disk (a view holding that one expert)."""
         view = self._view_of(layer, expert)
-        if view.gate.shape[1:] != self._template.gate.shape[1:]:
+        if view.up.shape[1:] != self._template.up.shape[1:]:
             raise CheckpointError(
-                f"{self.path}: layer {layer}'s experts have gate {list(view.gate.shape[1:])} but layer "
-                f"{self.moe_layers[0]}'s have {list(self._template.gate.shape[1:])}; offloading needs one "
+                f"{self.path}: layer {layer}'s experts have up {list(view.up.shape[1:])} but layer "
+                f"{self.moe_layers[0]}'s have {list(self._template.up.shape[1:])}; offloading needs one "
                 "expert shape across layers"
             )
         return view
@@ -118,8 +118,8 @@ class ExpertStore:
     def _reads(self, layer: int, expert: int, pool: Experts) -> list[_Read] | None:
         """Where the expert lies, if it can be read straight into `pool` (else None); worked out
         once per expert and pool shape."""
-        key = (layer, expert, pool.dim, pool.hidden_dim,
-               pool.gate_up_bias is None, pool.dtype, pool.gate_up_proj.device)
+        key = (layer, expert, type(pool), pool.dim, pool.hidden_dim,
+               pool.down_bias is None, pool.dtype, pool.down_proj.device)
         if key not in self._planned:
             with self._lock:  # the checkpoint's shard handle is shared with the other thread's reads
                 self._planned[key] = self._plan(layer, expert, pool)
@@ -128,7 +128,7 @@ class ExpertStore:
     def _plan(self, layer: int, expert: int, pool: Experts) -> list[_Read] | None:
         self._check_index(layer, expert)
         layout = self.family.layout_of(self.checkpoint, layer).experts
-        direct = pool.gate_up_bias is None and pool.dtype == self.dtype and pool.gate_up_proj.device.type == "cpu"
+        direct = pool.down_bias is None and pool.dtype == self.dtype and pool.down_proj.device.type == "cpu"
         if not hasattr(layout, "parts") or not direct:
             return None
         parts = layout.parts(self.checkpoint, self.family.layer_prefix.format(n=layer), expert)
@@ -161,11 +161,11 @@ class ExpertStore:
                 setattr(pool, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, pin_memory=True), requires_grad=False))
         else:
             pool = empty_experts(self._template, slots, dtype=self.dtype, device=device)
-        if pool.gate_up_proj.device.type == "cpu" and pool.gate_up_bias is None:
+        if pool.down_proj.device.type == "cpu" and pool.down_bias is None:
+            parts = ("gate", "up", "gate_up", "down") if self._template.gated else ("up", "down")
             self._targets[pool] = [
-                {part: byte_view(_slot_part(pool, slot, part)) for part in ("gate", "up", "gate_up", "down")}
-                for slot in range(slots)
-            ]  # fmt: skip
+                {part: byte_view(_slot_part(pool, slot, part)) for part in parts} for slot in range(slots)
+            ]
         return pool
 
     def _view_of(self, layer: int, expert: int) -> ExpertsView:
@@ -205,8 +205,11 @@ class _Read:
 
 
 def _slot_part(pool: Experts, slot: int, part: str) -> torch.Tensor:
-    """The view of `pool`'s entry `slot` that holds `part` ("gate", "up", "gate_up", "down")."""
+    """The view of `pool`'s entry `slot` that holds `part` ("gate", "up", "gate_up", "down"; plain
+    experts: "up", "down")."""
     I = pool.hidden_dim
     if part == "down":
         return pool.down_proj[slot]
+    if isinstance(pool, MLPExperts):
+        return pool.up_proj[slot]
     return pool.gate_up_proj[slot, {"gate": slice(0, I), "up": slice(I, 2 * I), "gate_up": slice(None)}[part]]

@@ -115,8 +115,8 @@ class HEAPr(Method):
             notes = {"kept_neurons": [len(k) for k in keep]}
         edit = LayerEdit(tuple((e,) for e in range(E)), view=view)
         if self.layout == "padded":
-            D = layer.experts.gate.shape[2]
-            notes |= compact_notes(edit, sum(len(k) for k in keep) * 3 * D)
+            matrices = len(layer.experts.matrices)
+            notes |= compact_notes(edit, sum(len(k) for k in keep) * matrices * layer.experts.dim)
         return LayerDecision(edit, list(range(E)), None, notes)
 
 
@@ -174,7 +174,7 @@ def narrowed(experts: ExpertsView, keep: list[list[int]]) -> ExpertsView:
 def zeroed(experts: ExpertsView, keep: list[list[int]]) -> ExpertsView:
     """The experts at full width with every neuron not in `keep[e]` zeroed (gate and up rows,
     their biases, and the down column): it contributes nothing."""
-    E, I, _ = experts.gate.shape
+    E, I, _ = experts.up.shape
     mask = torch.zeros(E, I, dtype=torch.bool)
     for e, ids in enumerate(keep):
         mask[e, ids] = True

@@ -21,12 +21,12 @@ def compact_notes(edit: LayerEdit, compact: int) -> dict[str, int]:
     (factored, or without its zeroed neurons): compact_parameters, the routed experts' gate, up
     and down in that form, and stored_parameters, as written."""
     experts = edit.view.experts
-    stored = sum(getattr(experts, name).numel() for name in ("gate", "up", "down"))
+    stored = sum(getattr(experts, name).numel() for name in experts.matrices)
     return {"compact_parameters": compact, "stored_parameters": stored}
 
 
 def low_rank_sparse(edit: LayerEdit, rank: int, sparse: float) -> tuple[LayerEdit, int]:
-    """The edit with its experts' gate, up and down replaced by rank-`rank` + sparse
+    """The edit with its experts' gate (if gated), up and down replaced by rank-`rank` + sparse
     approximations; and their parameter count in factored form (r (out + in) + S's kept rows x in
     each)."""
     if rank < 1 or not 0 <= sparse <= 1:
@@ -35,7 +35,7 @@ def low_rank_sparse(edit: LayerEdit, rank: int, sparse: float) -> tuple[LayerEdi
         )
     experts = edit.view.experts
     replaced, parameters = {}, 0
-    for name in ("gate", "up", "down"):
+    for name in experts.matrices:
         approximated = []
         for W in getattr(experts, name).double():
             approx, count = _approximate(W, rank, sparse)

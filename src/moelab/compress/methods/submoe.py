@@ -64,7 +64,7 @@ class SubMoE(Method):
             edit.view.experts,
             **{
                 name: subspace_merge(getattr(layer.experts, name), groups, weights, self.rank)
-                for name in ("gate", "up", "down")
+                for name in layer.experts.matrices
             },
         )
         view = dataclasses.replace(edit.view, experts=experts)
@@ -106,6 +106,7 @@ def subspace_merge(
 
 def _factored(layer: MoELayerView, groups, rank: int) -> int:
     """Parameters of the groups' factored form: per matrix, U_r S_r (out x r) + V_merged (r x in)."""
-    E, I, D = layer.experts.gate.shape
-    per_matrix = [(I, D), (I, D), (D, I)]
+    E, I, D = layer.experts.up.shape
+    shapes = {"gate": (I, D), "up": (I, D), "down": (D, I)}
+    per_matrix = [shapes[name] for name in layer.experts.matrices]
     return sum(min(rank, o, len(g) * i) * (o + i) for g in groups for o, i in per_matrix)

@@ -1,0 +1,188 @@
+"""Nemotron-H (NVIDIA Nemotron 3): plain relu² experts (up and down, no gate), a plain shared
+expert, DeepSeek-V3's sigmoid router, and Mamba-2, attention, dense-MLP and MoE layers in one
+stack, stored under `backbone.` by default `save_pretrained` and `model.` fused. Every piece of
+moelab that reads a checkpoint runs on a tiny hybrid model here: the view against transformers'
+own block, compression with every method through the layer-by-layer runner and transformers'
+reload, and offloaded decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from hf_tiny import TINY, block_output, build, load
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from moelab.compress import METHODS, CalibrationOptions, calibrate, compress
+from moelab.data.tokenizer import TOKENIZER_DIR
+from moelab.hf import open_checkpoint
+from moelab.hf.checkpoint import CheckpointError
+from moelab.hf.edit import LayerEdit
+from moelab.hf.native import moe_layer_from_view
+from moelab.hf.view import MoELayerView
+from moelab.hf.writer import drop_experts, write_checkpoint
+from moelab.offload import load_offloaded
+from moelab.offload.model import generate_ids
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Mamba-2, MoE, attention, dense MLP, MoE: every kind of Nemotron-H layer
+HYBRID = dict(TINY["nemotron_h"].config, layers_block_type=["linear_attention", "moe", "full_attention", "mlp", "moe"])
+MOE_LAYERS = [1, 4]
+_SMALL = CalibrationOptions(tokens=256, seq_len=32, batch_size=4, sample_tokens=64)
+EVERY = dataclasses.replace(_SMALL, observers=_SMALL.observers + ("neurons",))  # with the backward sweep
+
+
+def hybrid(seed: int = 0, **overrides):
+    """The hybrid model with unit-scale weights (as `hf_tiny.build`), selection biases in [0, 0.1]."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("nemotron_h", **{**HYBRID, **overrides})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "A_log" in name or "dt_bias" in name:
+                continue  # Mamba's decay and step size keep their init: random ones blow the state up
+            p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(model, {"original": backbone.-prefixed per-expert files, "fused": model.-prefixed stacked})."""
+    model = hybrid(vocab_size=8192)
+    root = tmp_path_factory.mktemp("nemotron_h")
+    model.save_pretrained(root / "original")
+    model.save_pretrained(root / "fused", save_original_format=False)
+    for path in root.iterdir():
+        PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    return model, {"original": root / "original", "fused": root / "fused"}
+
+
+@pytest.mark.parametrize("layout", ["original", "fused"])
+def test_the_view_reads_both_layouts_as_transformers_computes_them(saved, layout):
+    model, paths = saved
+    with safe_open(paths[layout] / "model.safetensors", "pt") as f:
+        prefixes = {key.split(".")[0] for key in f.keys()} - {"lm_head"}
+    assert prefixes == {"backbone" if layout == "original" else "model"}
+    view = open_checkpoint(paths[layout])
+    layers = list(view.layers())
+    assert [i for i, layer in enumerate(layers) if isinstance(layer, MoELayerView)] == MOE_LAYERS
+    x = torch.randn(2, 7, HYBRID["hidden_size"])
+    for i in MOE_LAYERS:
+        layer = layers[i]
+        assert not layer.experts.gated and layer.experts.activation == "relu2" and layer.shared.gate is None
+        assert layer.router.score_func == "sigmoid" and layer.router.n_group == 2 and layer.router.route_scale == 2.5
+        want = block_output("nemotron_h", model, i, x)
+        got = moe_layer_from_view(layer)(x.reshape(-1, x.shape[-1]))[0].reshape(x.shape)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_nvidias_config_keys_open_too(saved, tmp_path):
+    """NVIDIA's config.json files give the layers as hybrid_override_pattern and num_hidden_layers."""
+    _, paths = saved
+    config = AutoConfig.from_pretrained(paths["original"]).to_dict()
+    pattern = "".join({"linear_attention": "M", "moe": "E", "full_attention": "*", "mlp": "-"}[k]
+                      for k in config.pop("layers_block_type"))  # fmt: skip
+    shutil.copytree(paths["original"], tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(
+        json.dumps(config | {"hybrid_override_pattern": pattern, "num_hidden_layers": len(pattern)})
+    )
+    view = open_checkpoint(tmp_path / "m")
+    assert [i for i, layer in enumerate(view.layers()) if isinstance(layer, MoELayerView)] == MOE_LAYERS
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"moe_latent_size": 16}, "moe_latent_size 16: its experts work in a projected latent space"),
+        ({"mlp_bias": True}, "sets mlp_bias: its shared experts have biases"),
+        ({"mlp_hidden_act": "gelu"}, "experts activation must be one of"),
+    ],
+)
+def test_what_the_view_does_not_read_is_refused(saved, tmp_path, change, message):
+    _, paths = saved
+    shutil.copytree(paths["original"], tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises((CheckpointError, ValueError), match=message):
+        open_checkpoint(tmp_path / "m").layer(1)
+
+
+def test_plain_experts_are_refused_by_a_gated_layout_and_gated_ones_by_a_plain_layout(saved, tmp_path):
+    _, paths = saved
+    mixtral = open_checkpoint(_mixtral(tmp_path)).layer(0)
+    nemotron = open_checkpoint(paths["original"]).layer(1)
+    for source, foreign, out in ((paths["original"], mixtral, "a"), (_mixtral(tmp_path), nemotron, "b")):
+        layer = 1 if source == paths["original"] else 0
+        E = foreign.router.num_experts
+        with pytest.raises((CheckpointError, ValueError)):
+            write_checkpoint(source, tmp_path / out, {layer: LayerEdit(tuple((e,) for e in range(E)), view=foreign)}, quiet=True)
+        assert not (tmp_path / out).exists()
+
+
+def _mixtral(tmp_path):
+    path = tmp_path / "mixtral"
+    if not path.exists():
+        build("mixtral").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["original", "fused"])
+def test_every_method_compresses_the_hybrid_stack_and_transformers_reloads_it(saved, tmp_path, layout):
+    """Calibration runs the Mamba, attention and dense layers layer by layer, forward and backward
+    (`stored_renames`: the files say backbone., the modules model.); every method's output passes the writer's checks,
+    which reload it with plain transformers and compare each edited layer."""
+    _, paths = saved
+    stats = calibrate(paths[layout], tmp_path / "stats", options=EVERY, quiet=True).directory
+    for method in sorted(METHODS):
+        domains = ["code"] if method == "premoe" else None
+        report = compress(paths[layout], tmp_path / method, method=method, ratio=0.5, stats=stats, domains=domains, quiet=True)
+        assert report["complete"] and sorted(report["layers"]) == [str(i) for i in MOE_LAYERS], method
+        narrows = METHODS[method].narrows or any(e["notes"].get("strategy") == "neurons" for e in report["layers"].values())
+        for entry in report["layers"].values():  # half the experts, or every expert at half its width
+            assert len(entry["kept"]) + len(entry["merge_groups"]) == (8 if narrows else 4), method
+        experts = load(tmp_path / method).model.layers[4].mixer.experts
+        assert experts.up_proj.shape[0] == (8 if narrows else 4), method
+
+
+@pytest.mark.parametrize("layout", ["original", "fused"])
+def test_offloaded_decoding_gives_transformers_tokens(saved, layout):
+    model, paths = saved
+    torch.manual_seed(1)
+    ids = torch.randint(0, 8192, (1, 6))
+    want = generate_ids(model, ids, 8)
+    for resident, predictor in ((0.25, "lookahead"), (1.0, None)):
+        offloaded = load_offloaded(paths[layout], resident=resident, predictor=predictor)
+        try:
+            assert torch.equal(offloaded.generate(ids, 8), want), (layout, resident)
+        finally:
+            offloaded.close()
+
+
+def test_multi_token_prediction_layers_with_experts_are_left_out(saved, tmp_path):
+    """NVIDIA stores Nemotron-H's multi-token prediction module as mtp.layers.N.* (transformers skips
+    it on loading): its layer with routed experts would keep the old expert count, so the writer
+    leaves it out, with a warning, and copies the rest of the module."""
+    _, paths = saved
+    src = tmp_path / "src"
+    shutil.copytree(paths["original"], src)
+    tensors = load_file(src / "model.safetensors")
+    mtp = {k.replace("backbone.layers.1.", "mtp.layers.1."): v.clone() for k, v in tensors.items() if k.startswith("backbone.layers.1.")}
+    mtp["mtp.layers.0.eh_proj.weight"] = torch.randn(HYBRID["hidden_size"], 2 * HYBRID["hidden_size"])
+    save_file(tensors | mtp, src / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
+    with pytest.warns(UserWarning, match=r"stored layers mtp.layers.1. \(.*Nemotron-H's mtp.* left out of the output"):
+        drop_experts(src, tmp_path / "out", [0, 5], quiet=True)  # one of each router group of 4
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert not [k for k in written if k.startswith("mtp.layers.1.")]
+    assert torch.equal(written["mtp.layers.0.eh_proj.weight"], mtp["mtp.layers.0.eh_proj.weight"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
