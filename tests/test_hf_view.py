@@ -21,6 +21,7 @@ from moelab.hf import (
     CheckpointError,
     DenseLayerView,
     ExpertsView,
+    LatentView,
     MoELayerView,
     RouterView,
     SharedView,
@@ -558,6 +559,7 @@ def _views(**change):
         RouterView(**router | change.get("router", {})),
         ExpertsView(**experts | change.get("experts", {})),
         SharedView(**shared | change.get("shared", {})),
+        LatentView(**change["latent"]) if "latent" in change else None,
     )
 
 
@@ -592,9 +594,13 @@ def _views(**change):
         ({"shared": {"down": torch.zeros(D, 5)}}, r"shared down has shape \[32, 5\], expected \[32, 6\]"),
         ({"shared": {"sigmoid_gate": torch.zeros(2, D)}}, r"shared sigmoid_gate has shape \[2, 32\], expected \[1, 32\]"),
         ({"experts": {n: torch.zeros(3, *s) for n, s in (("gate", (8, D)), ("up", (8, D)), ("down", (D, 8)))}},
-         r"router weight \[4, 32\] \(\[experts, dim\]\) does not match experts up \[3, 8, 32\]"),
+         r"router weight \[4, 32\] \(\[experts, dim\]\) and the model dim 32 do not match experts up \[3, 8, 32\]"),
         ({"experts": {n: torch.zeros(4, *s) for n, s in (("gate", (8, 16)), ("up", (8, 16)), ("down", (16, 8)))}},
-         r"router weight \[4, 32\] \(\[experts, dim\]\) does not match experts up \[4, 8, 16\]"),
+         r"router weight \[4, 32\] \(\[experts, dim\]\) and the model dim 32 do not match experts up \[4, 8, 16\]"),
+        ({"latent": {"down": torch.zeros(16, D), "up": torch.zeros(D, 16)}},
+         r"and the latent dim 16 do not match experts up \[4, 8, 32\]"),
+        ({"latent": {"down": torch.zeros(8, 16), "up": torch.zeros(16, 8)}}, r"latent down \[8, 16\] does not match the model dim 32"),
+        ({"latent": {"down": torch.zeros(8, D), "up": torch.zeros(D, 7)}}, r"latent up has shape \[32, 7\], expected \[32, 8\]"),
         ({"shared": {"gate": torch.zeros(6, 16), "up": torch.zeros(6, 16), "down": torch.zeros(16, 6)}},
          r"shared up \[6, 16\] does not match the model dim 32"),
     ],

@@ -54,10 +54,11 @@ def hybrid(seed: int = 0, **overrides):
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """(model, {"original": backbone.-prefixed per-expert files, "fused": model.-prefixed stacked})."""
-    model = hybrid(vocab_size=8192)
+@pytest.fixture(scope="module", params=[None, 16], ids=["plain", "latent"])
+def saved(request, tmp_path_factory):
+    """(model, {"original": backbone.-prefixed per-expert files, "fused": model.-prefixed stacked}),
+    the experts in the model's space or (Nemotron 3 Super's latent MoE) in a latent space of 16."""
+    model = hybrid(vocab_size=8192, moe_latent_size=request.param)
     root = tmp_path_factory.mktemp("nemotron_h")
     model.save_pretrained(root / "original")
     model.save_pretrained(root / "fused", save_original_format=False)
@@ -80,6 +81,8 @@ def test_the_view_reads_both_layouts_as_transformers_computes_them(saved, layout
         layer = layers[i]
         assert not layer.experts.gated and layer.experts.activation == "relu2" and layer.shared.gate is None
         assert layer.router.score_func == "sigmoid" and layer.router.n_group == 2 and layer.router.route_scale == 2.5
+        latent = model.config.moe_latent_size
+        assert (layer.latent is None) if latent is None else layer.experts.dim == latent == layer.latent.down.shape[0]
         want = block_output("nemotron_h", model, i, x)
         got = moe_layer_from_view(layer)(x.reshape(-1, x.shape[-1]))[0].reshape(x.shape)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -102,8 +105,7 @@ def test_nvidias_config_keys_open_too(saved, tmp_path):
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"moe_latent_size": 16}, "moe_latent_size 16: its experts work in a projected latent space"),
-        ({"mlp_bias": True}, "sets mlp_bias: its shared experts have biases"),
+        ({"mlp_bias": True}, "sets mlp_bias: its shared experts and latent projections have biases"),
         ({"mlp_hidden_act": "gelu"}, "experts activation must be one of"),
     ],
 )

@@ -21,7 +21,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from moelab.hf.edit import EXPERT_TENSORS, LayerEdit, one_expert
-from moelab.hf.native import experts_from_view
+from moelab.hf.native import expert_input, experts_from_view, routed_output
 from moelab.hf.view import ExpertsView, MoELayerView, RouterView
 
 ROUTER_RULES = ("dominant", "weighted", "fit")
@@ -35,14 +35,15 @@ def router_groups(router: RouterView) -> list[list[int]]:
 
 def expert_features(layer: MoELayerView, x: Tensor) -> Tensor:
     """[E, D] every expert's mean output over the tokens x [N, D] (HC-SMoE's characteristic
-    activations: each expert run on every token, unweighted), one expert at a time in float32."""
-    x = x.float()
+    activations: each expert run on every token, unweighted; in a latent block, projected up as the
+    block's output), one expert at a time in float32."""
+    z = expert_input(layer, x.float())
     features = []
     with torch.no_grad():
         for e in range(layer.router.num_experts):
             expert = experts_from_view(one_expert(layer.experts, e)).float()
-            features.append(expert(x, [x.shape[0]]).mean(0))
-    return torch.stack(features)
+            features.append(expert(z, [z.shape[0]]).mean(0))
+    return routed_output(layer, torch.stack(features))
 
 
 def logit_similarity(gram: Tensor) -> Tensor:

@@ -33,8 +33,8 @@ class MoECall:
     """One call of an MoE block, computed eagerly.
 
     x: [T, D] its input; routing: the router's output; outputs: [T, K, D] each slot's expert
-    output f_e(x) (f_e(w x) for experts that take the weight on their input, Llama 4), zeros in
-    empty slots; shared: [T, D] the shared experts' output (None without), shared_down: [T, D]
+    output f_e(x) (f_e(w x) for experts that take the weight on their input, Llama 4; in a latent
+    block, up @ f_e(down @ x), the expert's share of the output), zeros in empty slots; shared: [T, D] the shared experts' output (None without), shared_down: [T, D]
     their down projection before any gate; scale_input: the experts took the weight on their input.
     In the backward sweep (`eager_moe(..., keep_hidden=True)`) also hidden: [T, K, I] each slot's
     hidden activation (what its down projection sees) and grad_hidden: [T, K, I] the loss's
@@ -88,7 +88,8 @@ def eager_moe(moe: MoELayer, x: Tensor, *, keep_hidden: bool = False) -> MoECall
     routing = moe.router(x)
     T, K = routing.indices.shape
     plan = plan_dispatch(routing.indices, moe.num_experts)
-    batch = LocalDispatcher().dispatch(x, routing.weights, plan)
+    z = x if moe.latent is None else moe.latent.down(x)  # what the experts read
+    batch = LocalDispatcher().dispatch(z, routing.weights, plan)
     experts = moe.experts
     scale_input = getattr(experts, "scale_input", False)  # f(w x): the weight is the input's
     row_weights = batch.row_weights if scale_input else None
@@ -108,6 +109,8 @@ def eager_moe(moe: MoELayer, x: Tensor, *, keep_hidden: bool = False) -> MoECall
         hidden, grad_hidden = hidden.view(T, K, -1), slot_grads.view(T, K, -1)
     else:
         rows = experts(batch.rows, batch.counts, row_weights)
+    if moe.latent is not None:
+        rows = moe.latent.up(rows)  # linear: the block's up @ (sum of w f_e) is the sum of these, weighted
     outputs = x.new_zeros(T * K, x.shape[-1])
     outputs[plan.slots] = rows
     del rows

@@ -21,6 +21,7 @@ from moelab.hf.layouts import (
     Family,
     FlatExperts,
     FusedGateUp,
+    LatentKeys,
     Layout,
     PerExpert,
     RouterKeys,
@@ -267,16 +268,12 @@ def _silu_experts(config: Config) -> dict:
 
 
 def _nemotron_h_experts(config: Config) -> dict:
-    """Plain experts, act(up x) with mlp_hidden_act (relu2: relu(x)²); no latent projection, no
-    shared-expert biases."""
-    if config.get("moe_latent_size") is not None:
-        raise CheckpointError(
-            f"this Nemotron-H config sets moe_latent_size {config['moe_latent_size']}: its experts work in a "
-            "projected latent space (fc1/fc2_latent_proj), which moelab's views do not read yet"
-        )
+    """Plain experts, act(up x) with mlp_hidden_act (relu2: relu(x)²); no biases (mlp_bias gives the
+    shared experts and the latent projections some)."""
     if config_flag(config, "mlp_bias", default=False):
         raise CheckpointError(
-            "this Nemotron-H config sets mlp_bias: its shared experts have biases, which moelab's views do not read"
+            "this Nemotron-H config sets mlp_bias: its shared experts and latent projections have biases, which "
+            "moelab's views do not read"
         )
     return {"activation": config_value(config, "mlp_hidden_act", default="relu2")}
 
@@ -499,13 +496,15 @@ def _jamba_layouts() -> tuple[Layout, ...]:
 def _nemotron_h_layouts() -> tuple[Layout, ...]:
     """Plain experts under mixer: experts.{e}.up_proj / down_proj on disk, stacked
     experts.up_proj / down_proj fused; router mixer.gate with its correction bias; a plain shared
-    expert mixer.shared_experts."""
+    expert mixer.shared_experts; with moe_latent_size, the latent projections mixer.fc1_latent_proj
+    (down) and fc2_latent_proj (up)."""
     router = RouterKeys("mixer.gate.weight", selection_bias="mixer.gate.e_score_correction_bias")
     shared = SharedMLP(None, "mixer.shared_experts.up_proj.weight", "mixer.shared_experts.down_proj.weight")
     per_expert = PerExpert(None, "mixer.experts.{e}.up_proj.weight", "mixer.experts.{e}.down_proj.weight")
+    latent = LatentKeys("mixer.fc1_latent_proj.weight", "mixer.fc2_latent_proj.weight")
     return (
-        Layout(router, per_expert, shared),
-        Layout(router, StackedUpDown("mixer.experts.up_proj", "mixer.experts.down_proj"), shared),
+        Layout(router, per_expert, shared, latent),
+        Layout(router, StackedUpDown("mixer.experts.up_proj", "mixer.experts.down_proj"), shared, latent),
     )
 
 

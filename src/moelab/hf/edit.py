@@ -19,7 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moelab.hf.native import experts_from_view, moe_layer_from_view, router_from_view, shared_from_view
+from moelab.hf.native import (
+    experts_from_view,
+    latent_from_view,
+    moe_layer_from_view,
+    router_from_view,
+    shared_from_view,
+)
 from moelab.hf.view import ExpertsView, MoELayerView
 from moelab.nn.moe import MoELayer
 from moelab.nn.routers import check_groups
@@ -137,15 +143,19 @@ def moe_output(layer: MoELayerView, x: Tensor, keep: Sequence[int] | None = None
     router = router_from_view(layer.router).double()
     if keep is not None:
         _mask_router(router, layer.router.num_experts, keep)
+    latent = latent_from_view(layer.latent)
     with torch.no_grad():
         routing = router(x)
-        y = torch.zeros_like(x)
+        z = x if latent is None else latent.double().down(x)  # what the experts read
+        y = torch.zeros_like(z)
         for e in routing.indices.unique().tolist():
             if e < 0:
                 continue
             tokens, slots = (routing.indices == e).nonzero(as_tuple=True)
             expert = experts_from_view(one_expert(layer.experts, e)).double()
-            y.index_add_(0, tokens, expert(x[tokens], [len(tokens)], routing.weights[tokens, slots]))
+            y.index_add_(0, tokens, expert(z[tokens], [len(tokens)], routing.weights[tokens, slots]))
+        if latent is not None:
+            y = latent.up(y)
         if layer.shared is not None:
             y += shared_from_view(layer.shared).double()(x)
     return y
@@ -248,6 +258,14 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
         raise ValueError(
             f"layer {layer.index}: the edited view changes the shared experts; the writer copies shared "
             "experts unchanged, so keep the original `shared` in the view"
+        )
+    same_latent = (new.latent is None) == (layer.latent is None) and (
+        new.latent is None or all(torch.equal(getattr(new.latent, n), getattr(layer.latent, n)) for n in ("down", "up"))
+    )
+    if not same_latent:
+        raise ValueError(
+            f"layer {layer.index}: the edited view changes the latent projections; the writer copies them "
+            "unchanged, so keep the original `latent` in the view"
         )
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
-from moelab.hf.view import DenseLayerView, ExpertsView, LayerView, MoELayerView, RouterView, SharedView
+from moelab.hf.view import DenseLayerView, ExpertsView, LatentView, LayerView, MoELayerView, RouterView, SharedView
 
 Config = dict[str, Any]
 _REQUIRED = object()
@@ -412,13 +412,29 @@ class SharedFusedMLP:
 
 
 @dataclass(frozen=True)
+class LatentKeys:
+    """A latent MoE block's projections (`LatentView`): down [L, D], up [D, L]."""
+
+    down: str
+    up: str
+
+    def present(self, ckpt: Checkpoint, prefix: str) -> bool:
+        return prefix + self.down in ckpt
+
+    def read(self, ckpt: Checkpoint, prefix: str) -> dict[str, Tensor]:
+        return {"down": ckpt.get(prefix + self.down), "up": ckpt.get(prefix + self.up)}
+
+
+@dataclass(frozen=True)
 class Layout:
-    """One on-disk layout of a family's MoE block. The shared experts are read where the
-    checkpoint has them (a Granite-MoE-Shared config may set their width to 0)."""
+    """One on-disk layout of a family's MoE block. The shared experts and the latent projections
+    are read where the checkpoint has them (a Granite-MoE-Shared config may set the shared width to
+    0; a Nemotron-H one has latent projections where it sets moe_latent_size)."""
 
     router: RouterKeys
     experts: ExpertsLayout
     shared: SharedMLP | SharedFusedMLP | None = None
+    latent: LatentKeys | None = None
 
 
 @dataclass(frozen=True)
@@ -543,7 +559,10 @@ class Family:
         experts = ExpertsView(**routed, **self.expert_settings(config))
         if shared is not None:  # plain shared experts take the routed experts' activation
             shared = SharedView(**shared, activation="silu" if shared["gate"] is not None else experts.activation)
-        return MoELayerView(index, RouterView(**router, **self.router_settings(config)), experts, shared)
+        latent = None
+        if layout.latent is not None and layout.latent.present(ckpt, prefix):
+            latent = LatentView(**layout.latent.read(ckpt, prefix))
+        return MoELayerView(index, RouterView(**router, **self.router_settings(config)), experts, shared, latent)
 
     def read_experts(self, ckpt: Checkpoint, config: Config, index: int, experts: range) -> ExpertsView:
         """Routed experts `experts` (a step-1 range) of MoE layer `index`, read alone."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moelab.hf.view import ExpertsView, MoELayerView, RouterView, SharedView
+from moelab.hf.view import ExpertsView, LatentView, MoELayerView, RouterView, SharedView
 from moelab.nn.experts import Experts, MLPExperts, SharedExperts, SwiGLUExperts
 from moelab.nn.grouped import ClampedSwiGLU
+from moelab.nn.latent import LatentProjection
 from moelab.nn.moe import MoELayer
 from moelab.nn.routers import Router, TopKRouter
 from moelab.nn.sparsemixer import SparseMixerRouter
@@ -22,8 +23,29 @@ def moe_layer_from_view(layer: MoELayerView) -> MoELayer:
     """A moelab MoE layer that computes what the checkpoint's block computes at inference
     (router jitter and other training-only noise aside). forward(x [..., D]) -> (y, MoEResult)."""
     return MoELayer(
-        router_from_view(layer.router), experts_from_view(layer.experts), shared_from_view(layer.shared)
+        router_from_view(layer.router),
+        experts_from_view(layer.experts),
+        shared_from_view(layer.shared),
+        latent=latent_from_view(layer.latent),
     )
+
+
+def expert_input(layer: MoELayerView, x: Tensor) -> Tensor:
+    """x [N, D] -> what the layer's routed experts read: x, or down @ x in a latent block."""
+    return x if layer.latent is None else x @ layer.latent.down.to(x.dtype).T
+
+
+def routed_output(layer: MoELayerView, y: Tensor) -> Tensor:
+    """y [N, I or L], routed experts' outputs -> their part of the block's output [N, D]: y, or up @ y
+    in a latent block."""
+    return y if layer.latent is None else y @ layer.latent.up.to(y.dtype).T
+
+
+def latent_from_view(view: LatentView | None) -> LatentProjection | None:
+    if view is None:
+        return None
+    return _holding(lambda v: LatentProjection(v.down.shape[1], v.down.shape[0]), view,
+                    {"down_proj.weight": view.down, "up_proj.weight": view.up})  # fmt: skip
 
 
 def router_from_view(view: RouterView) -> Router:

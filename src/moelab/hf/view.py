@@ -180,20 +180,44 @@ class SharedView:
 
 
 @dataclass(frozen=True, eq=False)
+class LatentView:
+    """The projections around a latent MoE block (Nemotron-H's moe_latent_size; moelab's
+    `LatentProjection`): the router reads x, the routed experts run on down @ x, their weighted sum
+    y is projected back as up @ y; the shared experts read x.
+
+    down: [L, D]; up: [D, L].
+    """
+
+    down: Tensor
+    up: Tensor
+
+    def __post_init__(self):
+        _check_shape("latent down", self.down, (None, None))
+        L, D = self.down.shape
+        _check_shape("latent up", self.up, (D, L))
+
+
+@dataclass(frozen=True, eq=False)
 class MoELayerView:
-    """Decoder layer `index` has a sparse MoE feed-forward block."""
+    """Decoder layer `index` has a sparse MoE feed-forward block; `latent`: its routed experts work
+    in a projected latent space (`LatentView`)."""
 
     index: int
     router: RouterView
     experts: ExpertsView
     shared: SharedView | None = None
+    latent: LatentView | None = None
 
     def __post_init__(self):
         E, D = self.router.weight.shape
-        if (self.experts.num_experts, self.experts.dim) != (E, D):
+        if self.latent is not None and self.latent.down.shape[1] != D:
+            raise ValueError(f"latent down {list(self.latent.down.shape)} does not match the model dim {D}")
+        expert_dim = D if self.latent is None else self.latent.down.shape[0]
+        if (self.experts.num_experts, self.experts.dim) != (E, expert_dim):
+            where = "the model dim" if self.latent is None else "the latent dim"
             raise ValueError(
-                f"router weight {list(self.router.weight.shape)} ([experts, dim]) does not match experts "
-                f"up {list(self.experts.up.shape)} ([experts, hidden, dim])"
+                f"router weight {list(self.router.weight.shape)} ([experts, dim]) and {where} {expert_dim} do not "
+                f"match experts up {list(self.experts.up.shape)} ([experts, hidden, dim])"
             )
         if self.shared is not None and self.shared.up.shape[1] != D:
             raise ValueError(f"shared up {list(self.shared.up.shape)} does not match the model dim {D}")

@@ -348,7 +348,7 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
     edit = plan.edits[index]
     x = torch.randn(
         CHECK_TOKENS,
-        original.experts.dim,
+        original.router.weight.shape[1],  # the model dim (a latent block's experts read another)
         generator=torch.Generator().manual_seed(index),
         dtype=torch.float64,
     )

@@ -36,7 +36,7 @@ from moelab.hf.conversion import CONVERTIBLE_FAMILIES, conversion_problems, moel
 from moelab.hf.layerwise import MoEBlock, load_tensors, native_skeleton, set_tensor, skeleton, tied_names
 from moelab.hf.layouts import config_entry
 from moelab.hf.modules import decoder_layers, find_moe_modules
-from moelab.hf.native import router_from_view, shared_from_view
+from moelab.hf.native import latent_from_view, router_from_view, shared_from_view
 from moelab.hf.view import MoELayerView
 from moelab.models.transformer import (
     MoETransformer,
@@ -492,7 +492,10 @@ def load_offloaded(
             moes[index].experts = experts
         else:
             shared = views[index].shared if found[index].shared_in_block else None
-            moes[index] = MoELayer(router_from_view(views[index].router), experts, shared_from_view(shared)).to(dtype)
+            moes[index] = MoELayer(
+                router_from_view(views[index].router), experts, shared_from_view(shared),
+                latent=latent_from_view(views[index].latent),
+            ).to(dtype)  # fmt: skip
             parent_name, _, name = found[index].block.rpartition(".")
             parent = layers[index].get_submodule(parent_name) if parent_name else layers[index]
             setattr(parent, name, MoEBlock(moes[index], MoELayer.infer, store.family.block_returns))
@@ -587,8 +590,10 @@ def _read_ahead(experts: OffloadedExperts, norm: nn.Module | None, layer: nn.Mod
 
 
 def _view_bytes(layer: MoELayerView, dtype: torch.dtype, shared: bool) -> int:
-    """Bytes of a layer view's router (and shared experts) in `dtype`."""
+    """Bytes of a layer view's router, latent projections (and shared experts) in `dtype`."""
     tensors = [layer.router.weight, layer.router.bias, layer.router.selection_bias]
+    if layer.latent is not None:
+        tensors += [layer.latent.down, layer.latent.up]
     if shared and layer.shared is not None:
         tensors += [layer.shared.gate, layer.shared.up, layer.shared.down, layer.shared.sigmoid_gate]
     size = torch.empty((), dtype=dtype).element_size()

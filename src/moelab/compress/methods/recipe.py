@@ -56,7 +56,7 @@ from moelab.compress.methods.soft_count import SoftCount
 from moelab.compress.router_fit import RouterFit, refit_router
 from moelab.compress.stats import LayerStats
 from moelab.hf.edit import LayerEdit, apply_edit, moe_output, one_expert
-from moelab.hf.native import experts_from_view, router_from_view
+from moelab.hf.native import expert_input, experts_from_view, router_from_view
 from moelab.hf.view import MoELayerView
 
 CANDIDATES = (REAP, EAN, SoftCount, Frequency, EasyEP, RouterWeight)
@@ -68,7 +68,8 @@ def compensated(layer: MoELayerView, narrowed: MoELayerView, x: Tensor, ridge: f
     for the pruned ones: per expert e, over the sampled tokens routed to e (weights g, its combine
     weights), W' = argmin sum_t g_t^2 ||f_e(x_t) - b_e - W h_t||^2 + lam ||W - W_0||^2, h the
     narrowed expert's hidden activations, W_0 its down projection, lam = ridge x the mean diagonal
-    of sum_t g_t^2 h_t h_t^T (float64, closed form)."""
+    of sum_t g_t^2 h_t h_t^T (float64, closed form). In a latent block the experts read down @ x
+    and the fit is in the latent space, before the up projection."""
     with torch.no_grad():
         return _compensated(layer, narrowed, x, ridge)
 
@@ -82,7 +83,7 @@ def _compensated(layer: MoELayerView, narrowed: MoELayerView, x: Tensor, ridge: 
         if len(rows) == 0:
             downs.append(W0)
             continue
-        xs, g = x[rows], routing.weights[rows, slots].double()[:, None]
+        xs, g = expert_input(layer, x[rows]), routing.weights[rows, slots].double()[:, None]
         full = experts_from_view(one_expert(layer.experts, e)).double()
         narrow = experts_from_view(one_expert(narrowed.experts, e)).double()
         bias = 0 if narrowed.experts.down_bias is None else narrowed.experts.down_bias[e].double()
