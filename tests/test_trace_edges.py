@@ -301,6 +301,13 @@ def test_an_empty_batch_adds_no_sequence_and_no_shard(tmp_path):
     assert [s.tokens for s in trace.info.shards] == [4] and trace.info.num_sequences == 1
 
 
+def test_an_empty_batch_with_routed_tokens_is_refused(tmp_path):
+    """Routing of 2 tokens for a batch of none is the caller's mistake, empty batch or not."""
+    with TraceWriter(tmp_path / "t", _info()) as writer:
+        with pytest.raises(ValueError, match="layer 1 routed 2 tokens, the batch has 0"):
+            writer.add(torch.zeros(0, 4, dtype=torch.long), 0, _routing(torch.zeros(2, 2, dtype=torch.long)))
+
+
 def test_closing_an_empty_trace_leaves_nothing_behind(tmp_path):
     writer = TraceWriter(tmp_path / "t", _info())
     with pytest.raises(ValueError, match="no tokens were traced"):

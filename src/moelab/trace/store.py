@@ -166,6 +166,9 @@ class TraceWriter:
         if sorted(routing) != self.info.layers:
             raise ValueError(f"routing covers layers {sorted(routing)}, the trace expects {self.info.layers}")
         B, S = token_ids.shape
+        for layer, r in routing.items():
+            if r.indices.shape[0] != B * S:
+                raise ValueError(f"layer {layer} routed {r.indices.shape[0]} tokens, the batch has {B * S}")
         if B * S == 0:  # nothing to record (a shard of 0 tokens would follow)
             return
         first = self.info.num_sequences
@@ -176,8 +179,6 @@ class TraceWriter:
             "domain": torch.full((B * S,), domain, dtype=torch.int16),
         }
         for layer, r in routing.items():
-            if r.indices.shape[0] != B * S:
-                raise ValueError(f"layer {layer} routed {r.indices.shape[0]} tokens, the batch has {B * S}")
             tensors[f"layer{layer}.indices"] = r.indices.to(self._index_dtype)
             tensors[f"layer{layer}.weights"] = r.weights.float()
             tensors[f"layer{layer}.entropy"] = r.entropy.half()
