@@ -809,6 +809,22 @@ def test_every_method_on_every_transformers_family(tmp_path, family):
         )
 
 
+@pytest.mark.parametrize("activation,bias", [("gelu", True), ("relu2", False)])
+def test_every_method_on_a_moelab_model_with_plain_mlp_experts(tmp_path, activation, bias):
+    """moelab's MLPExperts (up and down, no gate; with biases or not) through every method; each
+    output passes the writer's checks (reloaded by moelab, each edited layer compared)."""
+    source = moelab_model(tmp_path / "src", activation=activation, expert_mlp_bias=bias)
+    stats = calibrate(source, tmp_path / "stats", options=EVERY, quiet=True).directory
+    for method in sorted(METHODS):
+        domains = ["code"] if method == "premoe" else None
+        report = compress(source, tmp_path / method, method=method, ratio=0.5, stats=stats, domains=domains, quiet=True)
+        experts = load_pretrained(tmp_path / method).layers[1].ffn.experts
+        assert report["complete"] and experts.activation == activation and (experts.up_bias is not None) == bias
+        assert experts.num_experts * experts.hidden_dim == 8 * 32 // 2 or report["layers"]["1"]["notes"].get(
+            "compact_parameters"
+        ), method  # half the experts, half their width, or zeroed neurons (padded)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_router_fit_on_every_transformers_family(tmp_path, family):

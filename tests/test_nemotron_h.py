@@ -106,7 +106,7 @@ def test_nvidias_config_keys_open_too(saved, tmp_path):
     "change,message",
     [
         ({"mlp_bias": True}, "sets mlp_bias: its shared experts and latent projections have biases"),
-        ({"mlp_hidden_act": "gelu"}, "experts activation must be one of"),
+        ({"mlp_hidden_act": "gelu_pytorch_tanh"}, "experts activation must be one of"),
     ],
 )
 def test_what_the_view_does_not_read_is_refused(saved, tmp_path, change, message):

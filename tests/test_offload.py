@@ -34,11 +34,12 @@ from moelab.offload.predict import _Counter, lookahead_scores
 from moelab.trace import TraceOptions, trace_model
 
 
-def _native(tmp_path, *, shared: int = 0, bias_free: bool = True):
-    """A 3-layer moelab model, every layer MoE (4 experts, top-2), saved to tmp_path / "m"."""
+def _native(tmp_path, *, shared: int = 0, bias_free: bool = True, **moe):
+    """A 3-layer moelab model, every layer MoE (4 experts, top-2; `moe`: other MoEConfig fields),
+    saved to tmp_path / "m"."""
     torch.manual_seed(0)
     cfg = dataclasses.replace(
-        tiny(), n_layers=3, first_k_dense=0, moe=dataclasses.replace(tiny().moe, num_shared=shared)
+        tiny(), n_layers=3, first_k_dense=0, moe=dataclasses.replace(tiny().moe, num_shared=shared, **moe)
     )
     model = MoETransformer(cfg).eval()
     save_pretrained(model, tmp_path / "m")
@@ -1297,18 +1298,31 @@ def test_offloaded_experts_refuse_training(tmp_path):
     ("moe", "named"),
     [
         (dict(chain_iterations=2), "chain_iterations=2"),
-        (dict(activation="gelu"), "activation='gelu'"),
         (dict(reuse_layers=3), "reuse_layers=3"),
         (dict(router="topp", top_p=0.5), "router='topp'"),
     ],
 )
 def test_architectures_the_view_does_not_cover_are_named(tmp_path, moe, named):
-    """Chain-of-Experts and GELU experts were refused as "no layers with routed experts", ReXMoE
-    as a wrong expert count in config.json; each is named, with what to do."""
+    """Chain-of-Experts was refused as "no layers with routed experts", ReXMoE as a wrong expert
+    count in config.json; each is named, with what to do."""
     cfg = dataclasses.replace(tiny(), n_layers=3, first_k_dense=0, moe=dataclasses.replace(tiny().moe, **moe))
     path = save_pretrained(MoETransformer(cfg), tmp_path / "m")
     with pytest.raises(CheckpointError, match=f"{named}.* covers plain top-k MoE layers .* run this model in"):
         load_offloaded(path, resident=0.5, predictor=None)
+
+
+@pytest.mark.parametrize("activation,bias", [("gelu", True), ("relu2", False)])
+def test_plain_mlp_experts_decode_offloaded_as_in_memory(tmp_path, activation, bias, one_thread):
+    """moelab's MLPExperts (no gate projection): read straight into the pool's up/down slots, or,
+    with biases, through the view."""
+    model, path = _native(tmp_path, shared=1, activation=activation, expert_mlp_bias=bias)
+    offloaded = load_offloaded(path, resident=0.5, predictor="lookahead")
+    try:
+        ids = torch.randint(0, model.config.vocab_size, (1, 5))
+        assert torch.equal(offloaded.generate(ids, 8), generate_ids(model, ids, 8))
+        assert (offloaded.cache.store._reads(0, 1, offloaded.cache.pool) is None) == bias
+    finally:
+        offloaded.close()
 
 
 def test_a_checkpoint_with_a_layer_past_its_configs_count_is_refused(tmp_path):

@@ -220,13 +220,12 @@ def _native(config: Config) -> dict:
     """moelab's own TopKRouter (softmax or sigmoid, groups, aux-loss-free bias as correction bias)."""
     moe = _native_config(config).moe
     plain = moe.chain_iterations == 1 and moe.latent_dim is None and moe.reuse_layers == 1
-    if moe.router != "topk" or moe.activation != "swiglu" or not plain:
+    if moe.router != "topk" or not plain:
         raise CheckpointError(
-            f"this moelab checkpoint has router={moe.router!r}, activation={moe.activation!r}, "
-            f"chain_iterations={moe.chain_iterations}, latent_dim={moe.latent_dim}, reuse_layers="
-            f"{moe.reuse_layers}; the checkpoint view (which offloading, compression and the writer read) "
-            "covers plain top-k MoE layers (router='topk', activation='swiglu', no chain, latent or reuse) "
-            "only: run this model in memory"
+            f"this moelab checkpoint has router={moe.router!r}, chain_iterations={moe.chain_iterations}, "
+            f"latent_dim={moe.latent_dim}, reuse_layers={moe.reuse_layers}; the checkpoint view (which "
+            "offloading, compression and the writer read) covers plain top-k MoE layers (router='topk', no "
+            "chain, latent or reuse) only: run this model in memory"
         )
     return {
         "score_func": moe.score_func,
@@ -276,6 +275,12 @@ def _nemotron_h_experts(config: Config) -> dict:
             "moelab's views do not read"
         )
     return {"activation": config_value(config, "mlp_hidden_act", default="relu2")}
+
+
+def _native_experts(config: Config) -> dict:
+    """moelab's SwiGLU experts, or its plain MLP ones (`MLPExperts`: gelu, relu, silu, relu2)."""
+    activation = _native_config(config).moe.activation
+    return {"activation": "silu" if activation == "swiglu" else activation}
 
 
 def _dbrx_experts(config: Config) -> dict:
@@ -530,20 +535,28 @@ _QWEN2_SHARED = _shared("mlp.shared_expert", sigmoid_gate="mlp.shared_expert_gat
 _DEEPSEEK_BIAS = "mlp.gate.e_score_correction_bias"
 
 _NATIVE_FFN = "ffn."
+_NATIVE_ROUTER = RouterKeys(_NATIVE_FFN + "router.weight", bias=_NATIVE_FFN + "router.bias",
+                            selection_bias=_NATIVE_FFN + "router.selection_bias", optional=True)  # fmt: skip
+_NATIVE_SHARED = SharedMLP(*(f"{_NATIVE_FFN}shared.{p}_proj.weight" for p in ("gate", "up", "down")),
+                           sigmoid_gate=_NATIVE_FFN + "shared.gate.weight", optional_gate=True)  # fmt: skip
 NATIVE = Family(
     "moelab",
     layouts=(
         Layout(
-            RouterKeys(_NATIVE_FFN + "router.weight", bias=_NATIVE_FFN + "router.bias",
-                       selection_bias=_NATIVE_FFN + "router.selection_bias", optional=True),
+            _NATIVE_ROUTER,
             FusedGateUp(*(f"{_NATIVE_FFN}experts.{name}" for name in
                           ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias"))),
-            SharedMLP(*(f"{_NATIVE_FFN}shared.{p}_proj.weight" for p in ("gate", "up", "down")),
-                      sigmoid_gate=_NATIVE_FFN + "shared.gate.weight", optional_gate=True),
+            _NATIVE_SHARED,
+        ),
+        Layout(
+            _NATIVE_ROUTER,
+            StackedUpDown(*(f"{_NATIVE_FFN}experts.{name}" for name in ("up_proj", "down_proj", "up_bias", "down_bias"))),
+            _NATIVE_SHARED,
         ),
     ),
     num_experts=("moe.num_experts",),
     router_settings=_native,
+    expert_settings=_native_experts,
     is_moe_layer=_native_sparse_layer,
     layer_prefix="layers.{n}.",
     num_layers=("n_layers",),

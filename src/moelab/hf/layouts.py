@@ -234,28 +234,44 @@ class FusedGateUp:
 
 @dataclass(frozen=True)
 class StackedUpDown:
-    """Plain experts in transformers' in-memory layout (Nemotron-H, `save_original_format=False`):
-    up: [E, I, D]; down: [E, D, I]."""
+    """Plain experts stacked (Nemotron-H's in-memory layout, `save_original_format=False`; moelab's
+    `MLPExperts`): up: [E, I, D]; down: [E, D, I]; optional up_bias [E, I] and down_bias [E, D],
+    where present on disk."""
 
     up: str
     down: str
+    up_bias: str | None = None
+    down_bias: str | None = None
+
+    def _biases(self, ckpt: Checkpoint, prefix: str) -> dict[str, str]:
+        names = {"up_bias": self.up_bias, "down_bias": self.down_bias}
+        return {name: key for name, key in names.items() if key is not None and prefix + key in ckpt}
 
     def present(self, ckpt: Checkpoint, prefix: str) -> bool:
         return prefix + self.up in ckpt
 
     def read(self, ckpt: Checkpoint, prefix: str, config: Config, experts: range | None = None) -> dict[str, Tensor]:
-        return {"gate": None, "up": ckpt.get(prefix + self.up, experts), "down": ckpt.get(prefix + self.down, experts)}
+        out = {"gate": None, "up": ckpt.get(prefix + self.up, experts), "down": ckpt.get(prefix + self.down, experts)}
+        return out | {name: ckpt.get(prefix + key, experts) for name, key in self._biases(ckpt, prefix).items()}
 
-    def parts(self, ckpt: Checkpoint, prefix: str, expert: int) -> list[ExpertPart]:
+    def parts(self, ckpt: Checkpoint, prefix: str, expert: int) -> list[ExpertPart] | None:
+        """Where expert `expert`'s weights lie (`ExpertPart`); None where biases are stored too."""
+        if self._biases(ckpt, prefix):
+            return None
         return [ExpertPart(prefix + self.up, expert, "up"), ExpertPart(prefix + self.down, expert, "down")]
 
     def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
-        return [prefix + self.up, prefix + self.down]
+        return [prefix + self.up, prefix + self.down] + [prefix + key for key in self._biases(ckpt, prefix).values()]
 
     def encode(self, experts: ExpertsView, prefix: str) -> dict[str, Tensor]:
-        _no_biases(experts, "stacked")
         _same_gating(experts, gated=False)
-        return {prefix + self.up: experts.up.contiguous(), prefix + self.down: experts.down.contiguous()}
+        out = {prefix + self.up: experts.up.contiguous(), prefix + self.down: experts.down.contiguous()}
+        if _has_bias(experts):
+            if self.up_bias is None or self.down_bias is None:
+                _no_biases(experts, "stacked")
+            _, up_bias, down_bias = _biases(experts)
+            out |= {prefix + self.up_bias: up_bias, prefix + self.down_bias: down_bias}
+        return out
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from moelab.nn.routers import check_groups, check_top_k
 from moelab.validation import is_int
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sparsemixer")
-GATED_ACTIVATIONS = ("silu", "clamped_swiglu")
-PLAIN_ACTIVATIONS = ("relu2",)  # experts with no gate: Nemotron-H
-ACTIVATIONS = GATED_ACTIVATIONS + PLAIN_ACTIVATIONS
+GATED_ACTIVATIONS = ("silu", "clamped_swiglu")  # act(gate, up)
+PLAIN_ACTIVATIONS = ("relu2", "gelu", "relu", "silu")  # act(up), experts with no gate: Nemotron-H, moelab's
+ACTIVATIONS = ("silu", "clamped_swiglu", "relu2", "gelu", "relu")
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,9 +79,10 @@ class ExpertsView:
     """E MLPs. Gated (gate set): y_e(x) = down_e @ act(gate_e @ x + gate_bias_e, up_e @ x + up_bias_e)
     + down_bias_e; plain (gate None): y_e(x) = down_e @ act(up_e @ x + up_bias_e) + down_bias_e.
 
-    activation "silu": act(g, u) = silu(g) * u (SwiGLU). "clamped_swiglu" (GPT-OSS):
+    Gated activations: "silu": act(g, u) = silu(g) * u (SwiGLU). "clamped_swiglu" (GPT-OSS):
     g' = min(g, swiglu_limit), u' = clamp(u, -swiglu_limit, swiglu_limit),
-    act = g' * sigmoid(swiglu_alpha * g') * (u' + 1). "relu2" (plain, Nemotron-H): act(u) = relu(u)².
+    act = g' * sigmoid(swiglu_alpha * g') * (u' + 1). Plain ones: "relu2" (Nemotron-H): act(u) =
+    relu(u)²; "gelu" (exact, erf), "relu", "silu" (moelab's `MLPExperts`).
     scale_input: the routing weight w scales the expert's input, y = y_e(w * x) (Llama 4),
     instead of its output, y = w * y_e(x) (everyone else).
 
@@ -111,11 +112,11 @@ class ExpertsView:
             raise ValueError(
                 "swiglu_alpha and swiglu_limit are set exactly when activation is 'clamped_swiglu'"
             )
-        if (self.gate is None) != (self.activation in PLAIN_ACTIVATIONS):
-            problem = "need a gate projection, got none" if self.gate is None else "have no gate projection, got one"
+        kind, allowed = ("gated", GATED_ACTIVATIONS) if self.gated else ("plain", PLAIN_ACTIVATIONS)
+        if self.activation not in allowed:
             raise ValueError(
-                f"experts with activation {self.activation!r} {problem}; gated activations: {GATED_ACTIVATIONS}, "
-                f"plain ones: {PLAIN_ACTIVATIONS}"
+                f"{kind} experts ({'with' if self.gated else 'no'} gate projection) take one of {allowed}, got "
+                f"activation {self.activation!r}; other activations are not supported yet"
             )
         _check_shape("experts up", self.up, (None, None, None))
         E, I, D = self.up.shape
@@ -166,7 +167,7 @@ class SharedView:
     activation: str = "silu"
 
     def __post_init__(self):
-        if (self.gate is None) != (self.activation in PLAIN_ACTIVATIONS) or self.activation == "clamped_swiglu":
+        if self.activation not in (PLAIN_ACTIVATIONS if self.gate is None else ("silu",)):
             raise ValueError(
                 f"shared experts: a gate projection with activation 'silu', or none with one of "
                 f"{PLAIN_ACTIVATIONS}; got activation {self.activation!r} and "
