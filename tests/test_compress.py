@@ -809,17 +809,20 @@ def test_every_method_on_every_transformers_family(tmp_path, family):
         )
 
 
-@pytest.mark.parametrize("activation,bias", [("gelu", True), ("relu2", False)])
-def test_every_method_on_a_moelab_model_with_plain_mlp_experts(tmp_path, activation, bias):
-    """moelab's MLPExperts (up and down, no gate; with biases or not) through every method; each
-    output passes the writer's checks (reloaded by moelab, each edited layer compared)."""
-    source = moelab_model(tmp_path / "src", activation=activation, expert_mlp_bias=bias)
+@pytest.mark.parametrize("activation,bias,latent", [("gelu", True, None), ("relu2", False, None), ("swiglu", False, 16)])
+def test_every_method_on_moelab_models_with_plain_or_latent_experts(tmp_path, activation, bias, latent):
+    """moelab's MLPExperts (up and down, no gate; with biases or not) and latent experts (MoLAE:
+    experts in a shared latent space) through every method; each output passes the writer's checks
+    (reloaded by moelab, each edited layer compared)."""
+    source = moelab_model(tmp_path / "src", activation=activation, expert_mlp_bias=bias, latent_dim=latent)
     stats = calibrate(source, tmp_path / "stats", options=EVERY, quiet=True).directory
     for method in sorted(METHODS):
         domains = ["code"] if method == "premoe" else None
         report = compress(source, tmp_path / method, method=method, ratio=0.5, stats=stats, domains=domains, quiet=True)
-        experts = load_pretrained(tmp_path / method).layers[1].ffn.experts
-        assert report["complete"] and experts.activation == activation and (experts.up_bias is not None) == bias
+        ffn = load_pretrained(tmp_path / method).layers[1].ffn
+        experts = ffn.experts
+        assert report["complete"] and getattr(experts, "activation", "swiglu") == activation
+        assert (getattr(experts, "up_bias", None) is not None) == bias and (ffn.latent is not None) == bool(latent)
         assert experts.num_experts * experts.hidden_dim == 8 * 32 // 2 or report["layers"]["1"]["notes"].get(
             "compact_parameters"
         ), method  # half the experts, half their width, or zeroed neurons (padded)

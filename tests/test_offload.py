@@ -1307,15 +1307,15 @@ def test_architectures_the_view_does_not_cover_are_named(tmp_path, moe, named):
     count in config.json; each is named, with what to do."""
     cfg = dataclasses.replace(tiny(), n_layers=3, first_k_dense=0, moe=dataclasses.replace(tiny().moe, **moe))
     path = save_pretrained(MoETransformer(cfg), tmp_path / "m")
-    with pytest.raises(CheckpointError, match=f"{named}.* covers plain top-k MoE layers .* run this model in"):
+    with pytest.raises(CheckpointError, match=f"{named}.* covers top-k MoE layers .* run this model in"):
         load_offloaded(path, resident=0.5, predictor=None)
 
 
-@pytest.mark.parametrize("activation,bias", [("gelu", True), ("relu2", False)])
-def test_plain_mlp_experts_decode_offloaded_as_in_memory(tmp_path, activation, bias, one_thread):
+@pytest.mark.parametrize("activation,bias,latent", [("gelu", True, None), ("relu2", False, None), ("swiglu", False, 8)])
+def test_plain_and_latent_experts_decode_offloaded_as_in_memory(tmp_path, activation, bias, latent, one_thread):
     """moelab's MLPExperts (no gate projection): read straight into the pool's up/down slots, or,
-    with biases, through the view."""
-    model, path = _native(tmp_path, shared=1, activation=activation, expert_mlp_bias=bias)
+    with biases, through the view; latent experts (MoLAE) behind their shared projections."""
+    model, path = _native(tmp_path, shared=1, activation=activation, expert_mlp_bias=bias, latent_dim=latent)
     offloaded = load_offloaded(path, resident=0.5, predictor="lookahead")
     try:
         ids = torch.randint(0, model.config.vocab_size, (1, 5))

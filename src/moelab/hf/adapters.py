@@ -219,13 +219,11 @@ def _dbrx(config: Config) -> dict:
 def _native(config: Config) -> dict:
     """moelab's own TopKRouter (softmax or sigmoid, groups, aux-loss-free bias as correction bias)."""
     moe = _native_config(config).moe
-    plain = moe.chain_iterations == 1 and moe.latent_dim is None and moe.reuse_layers == 1
-    if moe.router != "topk" or not plain:
+    if moe.router != "topk" or moe.chain_iterations != 1 or moe.reuse_layers != 1:
         raise CheckpointError(
             f"this moelab checkpoint has router={moe.router!r}, chain_iterations={moe.chain_iterations}, "
-            f"latent_dim={moe.latent_dim}, reuse_layers={moe.reuse_layers}; the checkpoint view (which "
-            "offloading, compression and the writer read) covers plain top-k MoE layers (router='topk', no "
-            "chain, latent or reuse) only: run this model in memory"
+            f"reuse_layers={moe.reuse_layers}; the checkpoint view (which offloading, compression and the "
+            "writer read) covers top-k MoE layers (router='topk', no chain or reuse) only: run this model in memory"
         )
     return {
         "score_func": moe.score_func,
@@ -539,6 +537,7 @@ _NATIVE_ROUTER = RouterKeys(_NATIVE_FFN + "router.weight", bias=_NATIVE_FFN + "r
                             selection_bias=_NATIVE_FFN + "router.selection_bias", optional=True)  # fmt: skip
 _NATIVE_SHARED = SharedMLP(*(f"{_NATIVE_FFN}shared.{p}_proj.weight" for p in ("gate", "up", "down")),
                            sigmoid_gate=_NATIVE_FFN + "shared.gate.weight", optional_gate=True)  # fmt: skip
+_NATIVE_LATENT = LatentKeys(_NATIVE_FFN + "latent.down_proj.weight", _NATIVE_FFN + "latent.up_proj.weight")
 NATIVE = Family(
     "moelab",
     layouts=(
@@ -547,11 +546,13 @@ NATIVE = Family(
             FusedGateUp(*(f"{_NATIVE_FFN}experts.{name}" for name in
                           ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias"))),
             _NATIVE_SHARED,
+            _NATIVE_LATENT,
         ),
         Layout(
             _NATIVE_ROUTER,
             StackedUpDown(*(f"{_NATIVE_FFN}experts.{name}" for name in ("up_proj", "down_proj", "up_bias", "down_bias"))),
             _NATIVE_SHARED,
+            _NATIVE_LATENT,
         ),
     ),
     num_experts=("moe.num_experts",),
