@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 from moelab.compress import METHODS, CalibrationOptions, calibrate, compress
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import open_checkpoint
+from moelab.hf.adapters import FAMILIES
 from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.edit import LayerEdit
 from moelab.hf.native import moe_layer_from_view
@@ -118,16 +119,30 @@ def test_what_the_view_does_not_read_is_refused(saved, tmp_path, change, message
         open_checkpoint(tmp_path / "m").layer(1)
 
 
-def test_plain_experts_are_refused_by_a_gated_layout_and_gated_ones_by_a_plain_layout(saved, tmp_path):
+@pytest.mark.parametrize("layout", ["original", "fused"])
+def test_plain_experts_are_refused_by_a_gated_layout_and_gated_ones_by_a_plain_layout(saved, tmp_path, layout):
+    """An edit of the right shape whose experts are of the other kind is refused by name before
+    anything is written, in both directions; and each on-disk layout refuses to encode the other
+    kind (the plain layouts have no gate to write, the gated ones need one)."""
     _, paths = saved
+    nemotron = open_checkpoint(paths[layout]).layer(1)
+    gated = dataclasses.replace(nemotron.experts, gate=nemotron.experts.up.flip(1), activation="silu")
     mixtral = open_checkpoint(_mixtral(tmp_path)).layer(0)
-    nemotron = open_checkpoint(paths["original"]).layer(1)
-    for source, foreign, out in ((paths["original"], mixtral, "a"), (_mixtral(tmp_path), nemotron, "b")):
-        layer = 1 if source == paths["original"] else 0
-        E = foreign.router.num_experts
-        with pytest.raises((CheckpointError, ValueError)):
-            write_checkpoint(source, tmp_path / out, {layer: LayerEdit(tuple((e,) for e in range(E)), view=foreign)}, quiet=True)
-        assert not (tmp_path / out).exists()
+    plain = dataclasses.replace(mixtral.experts, gate=None, activation="relu2")
+    cases = (
+        (paths[layout], 1, dataclasses.replace(nemotron, experts=gated), "activation='silu' but the checkpoint's is 'relu2'"),
+        (_mixtral(tmp_path), 0, dataclasses.replace(mixtral, experts=plain), "activation='relu2' but the checkpoint's is 'silu'"),
+    )  # fmt: skip
+    for i, (source, index, foreign, message) in enumerate(cases):
+        edit = LayerEdit(tuple((e,) for e in range(foreign.router.num_experts)), view=foreign)
+        with pytest.raises(ValueError, match=f"the edited experts has {message}"):
+            write_checkpoint(source, tmp_path / str(i), {index: edit}, quiet=True)
+        assert not (tmp_path / str(i)).exists()
+    for family, experts, message in (("nemotron_h", gated, "gated .* holds plain"), ("mixtral", plain, "plain .* holds gated"),
+                                     ("gpt_oss", plain, "plain .* holds gated")):  # fmt: skip
+        for on_disk in FAMILIES[family].layouts:
+            with pytest.raises(CheckpointError, match=f"the edited experts are {message}"):
+                on_disk.experts.encode(experts, "model.layers.0.")
 
 
 def _mixtral(tmp_path):
