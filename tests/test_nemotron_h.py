@@ -28,6 +28,7 @@ from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import MoELayerView
 from moelab.hf.writer import drop_experts, write_checkpoint
 from moelab.offload import load_offloaded
+from moelab.offload.store import ExpertStore
 from moelab.offload.model import generate_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,3 +204,25 @@ def test_multi_token_prediction_layers_with_experts_are_left_out(saved, tmp_path
     assert not [k for k in written if k.startswith("mtp.layers.1.")]
     assert torch.equal(written["mtp.layers.0.eh_proj.weight"], mtp["mtp.layers.0.eh_proj.weight"])
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+
+
+@pytest.mark.parametrize("layout", ["original", "fused"])
+def test_the_store_reads_an_expert_straight_into_its_slot_and_converts_to_bf16(saved, monkeypatch, layout):
+    """Both layouts hold each expert as the plain pool lays it out (up [I, D], down [D, I]): a
+    float32 store reads it straight into the slot, without a view; a bf16 one converts it. Either
+    way the slot holds the expert the view reads."""
+    _, paths = saved
+    views = []
+    read = ExpertStore.read
+    monkeypatch.setattr(ExpertStore, "read", lambda self, *key: views.append(key) or read(self, *key))
+    for dtype in (torch.float32, torch.bfloat16):
+        store = ExpertStore(paths[layout], dtype=dtype)
+        try:
+            pool = store.empty(2)
+            views.clear()
+            store.load(4, 5, pool, 1)
+            assert (not views) == (dtype == torch.float32), dtype
+            want = read(store, 4, 5)
+            assert torch.equal(pool.up_proj[1], want.up[0].to(dtype)) and torch.equal(pool.down_proj[1], want.down[0].to(dtype))
+        finally:
+            store.close()
