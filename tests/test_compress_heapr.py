@@ -11,7 +11,7 @@ import pytest
 import torch
 from hf_tiny import build
 from layer_views import make_view, stats_with
-from reference import F64, silu
+from reference import ACT, F64, silu
 from test_compress import SMALL, hf_model, moelab_model
 
 from moelab.compress import calibrate, compress
@@ -23,7 +23,7 @@ from moelab.compress.stats import LayerStats
 from moelab.hf.layerwise import LayerwiseModel
 from moelab.hf.loading import load_causal_lm
 from moelab.models import load_pretrained
-from moelab.nn import SwiGLUExperts
+from moelab.nn import MLPExperts, SwiGLUExperts
 from moelab.nn.grouped import ClampedSwiGLU
 from moelab.nn.moe import MoEResult
 
@@ -74,6 +74,25 @@ def test_hidden_then_project_is_the_experts_forward(kind):
         else:
             act = silu(gate) * up
         torch.testing.assert_close(experts.hidden(xs, counts, weights)[row], act, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["relu2", "gelu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_plain_experts_hidden_then_project_is_their_forward(activation, bias):
+    """Plain experts (Nemotron-H's relu², no gate): hidden is act(up x + b) row by row, and
+    projecting it is the forward."""
+    torch.manual_seed(0)
+    experts = MLPExperts(4, 6, 5, activation=activation, bias=bias).double()
+    if bias:
+        torch.nn.init.normal_(experts.up_bias)
+        torch.nn.init.normal_(experts.down_bias)
+    counts = [3, 0, 4, 2]
+    xs = torch.randn(9, 6, dtype=F64)
+    hidden = experts.hidden(xs, counts)
+    torch.testing.assert_close(experts.project(hidden, counts), experts(xs, counts), rtol=1e-12, atol=1e-12)
+    for row, e in enumerate([0, 0, 0, 2, 2, 2, 2, 3, 3]):
+        z = experts.up_proj[e] @ xs[row] + (experts.up_bias[e] if bias else 0)
+        torch.testing.assert_close(hidden[row], ACT[activation](z), rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- the backward sweep
