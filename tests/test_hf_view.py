@@ -819,8 +819,10 @@ NEW_FAMILIES = ["exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe
 
 @pytest.mark.parametrize(
     "family,overrides",
-    [(family, {}) for family in NEW_FAMILIES] + [("exaone_moe", dict(n_group=1, topk_group=1))],
-    ids=NEW_FAMILIES + ["exaone_moe-no-groups"],
+    [(family, {}) for family in NEW_FAMILIES]
+    + [("exaone_moe", dict(n_group=1, topk_group=1))]
+    + [("nemotron_h", dict(n_routed_experts=4)), ("nemotron_h", dict(n_routed_experts=4, n_group=1, topk_group=1, routed_scaling_factor=1.0))],
+    ids=NEW_FAMILIES + ["exaone_moe-no-groups", "nemotron_h", "nemotron_h-no-groups-no-scale"],
 )
 def test_a_config_that_leaves_out_its_defaults_reads_as_transformers_does(tmp_path, family, overrides):
     """config.json with only the entries that differ from the config class's defaults (as a
