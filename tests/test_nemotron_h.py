@@ -28,8 +28,8 @@ from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import MoELayerView
 from moelab.hf.writer import drop_experts, write_checkpoint
 from moelab.offload import load_offloaded
-from moelab.offload.store import ExpertStore
 from moelab.offload.model import generate_ids
+from moelab.offload.store import ExpertStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -226,3 +226,25 @@ def test_the_store_reads_an_expert_straight_into_its_slot_and_converts_to_bf16(s
             assert torch.equal(pool.up_proj[1], want.up[0].to(dtype)) and torch.equal(pool.down_proj[1], want.down[0].to(dtype))
         finally:
             store.close()
+
+
+def test_a_bf16_checkpoint_keeps_what_transformers_keeps_in_float32(saved, tmp_path):
+    """transformers loads Nemotron-H's router weight and correction bias in float32 whatever the
+    dtype (`_keep_in_fp32_modules_strict`) and saves them so: offloaded decoding and bf16
+    calibration route with the file's float32 values, not bf16 roundings of them."""
+    _, paths = saved
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(paths["original"], dtype=torch.bfloat16).save_pretrained(src)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(src)
+    stored = load_file(src / "model.safetensors")
+    assert stored["backbone.layers.1.mixer.gate.weight"].dtype == torch.float32
+    offloaded = load_offloaded(src, resident=0.5, dtype=torch.bfloat16)
+    try:
+        router = offloaded.model.model.layers[1].mixer.moe.router
+        assert torch.equal(router.weight, stored["backbone.layers.1.mixer.gate.weight"])
+        assert torch.equal(router.selection_bias, stored["backbone.layers.1.mixer.gate.e_score_correction_bias"])
+        assert offloaded.generate(torch.randint(0, 8192, (1, 4)), 4).shape == (1, 8)
+    finally:
+        offloaded.close()
+    options = dataclasses.replace(EVERY, dtype="bfloat16")
+    assert calibrate(src, tmp_path / "stats", options=options, quiet=True).info["complete"]

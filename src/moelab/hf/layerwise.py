@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class LayerwiseModel:
         self.num_layers = self.family.layer_count(config)
         self.view = ModelView(self._ckpt, config, self.family, self.num_layers)
         self.model = skeleton(self.path, config, self.family)
+        self._float32 = float32_names(self.model, dtype)
         self._layers_name, self._layers = decoder_layers(self.model, self.num_layers)
         self._stored_as = tied_names(self.model, self._ckpt)
         expected = self.family.layer_prefix.format(n=0)
@@ -207,12 +209,13 @@ class LayerwiseModel:
             raise CheckpointError(
                 f"{self.path}: NaN or Inf in layer {index}'s MoE block ({', '.join(bad)}): the weights are corrupt"
             )
-        if cast_experts:
-            moe.to(self.dtype)
-        else:  # the experts stay as stored, cast one expert at a time as they compute
-            for part in (moe.router, moe.shared):
-                if part is not None:
-                    part.to(self.dtype)
+        # without cast_experts the experts stay as stored, cast one expert at a time as they compute; the
+        # router computes in float32 anyway: its weight and biases keep what the file stores, never a
+        # bf16 rounding of it (DeepSeek-V3's are float32 in a bf16 checkpoint, kept so by transformers)
+        for part in (moe.shared, moe.latent, moe.experts if cast_experts else None):
+            if part is not None:
+                part.to(self.dtype)
+        moe.router.float()
         parent_name, _, name = found.block.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         original = getattr(parent, name)
@@ -223,7 +226,10 @@ class LayerwiseModel:
         """Read `module`'s parameters and persistent buffers from disk (those under `skip`, the
         swapped-in MoE block, already hold the view's tensors)."""
         skipped = () if skip is None else (skip,)
-        load_tensors(module, self._ckpt, self.dtype, prefix=prefix, skip=skipped, renames=self.family.stored_renames)
+        load_tensors(
+            module, self._ckpt, self.dtype, prefix=prefix, skip=skipped, renames=self.family.stored_renames,
+            keep_float32=self._float32,
+        )  # fmt: skip
 
     @contextlib.contextmanager
     def _outside_layers(self, *, head: bool = False):
@@ -242,7 +248,8 @@ class LayerwiseModel:
             if key not in self._ckpt:
                 raise CheckpointError(f"{self.path}: {name} is not in the checkpoint")
             if key not in tensors:
-                tensors[key] = self._ckpt.get(key).to(self.dtype)
+                kept = self._float32 is not None and self._float32.search(name)
+                tensors[key] = self._ckpt.get(key).to(torch.float32 if kept else self.dtype)
             set_tensor(self.model, name, tensors[key])  # tied names get the same tensor again
             loaded.append(name)
         try:
@@ -353,13 +360,15 @@ def load_tensors(
     skip: Sequence[str] = (),
     stored_as: dict[str, str] | None = None,
     renames: tuple[tuple[str, str], ...] = (),
+    keep_float32: re.Pattern | None = None,
 ) -> None:
     """Give `module`'s parameters and persistent buffers the checkpoint's tensors `prefix + name`,
-    cast to `dtype`; names under a module in `skip` are left alone; stored_as: {name: the name
-    its tensor is stored under} for tied parameters (`tied_names`), read once and shared; renames:
-    (in memory, on disk) parts of names the family stores otherwise (`Family.stored_renames`). A tensor
-    missing from the checkpoint or shaped otherwise than `module` (built from config.json) expects
-    is a CheckpointError."""
+    cast to `dtype` (to float32 where `keep_float32` matches prefix + name: `float32_names`); names
+    under a module in `skip` are left alone; stored_as: {name: the name its tensor is stored under}
+    for tied parameters (`tied_names`), read once and shared; renames: (in memory, on disk) parts of
+    names the family stores otherwise (`Family.stored_renames`). A tensor missing from the
+    checkpoint or shaped otherwise than `module` (built from config.json) expects is a
+    CheckpointError."""
     persistent = {
         f"{name}.{b}" if name else b
         for name, m in module.named_modules()
@@ -383,10 +392,21 @@ def load_tensors(
                 f"{list(wanted)}; config.json does not describe these weights"
             )
         if key not in tensors:
-            tensors[key] = checkpoint.get(key).to(dtype)
+            kept = keep_float32 is not None and keep_float32.search(prefix + name)
+            tensors[key] = checkpoint.get(key).to(torch.float32 if kept else dtype)
             if non_finite_names([(key, tensors[key])]):
                 raise CheckpointError(f"{checkpoint.directory}: NaN or Inf in {key}: the weights are corrupt")
         set_tensor(module, name, tensors[key])
+
+
+def float32_names(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
+    """The names of the tensors transformers keeps in float32 when it loads `model` in `dtype`
+    (its class's `_keep_in_fp32_modules_strict` in bf16 and fp16, `_keep_in_fp32_modules` in fp16:
+    DeepSeek-V3's router weights and correction biases, AFMoE's norms ...), matched as transformers
+    matches them (each entry a pattern searched in the name, "*" any run); None where none are."""
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    patterns = [name.replace("*", ".*") for name, kept in plan.items() if kept == torch.float32]
+    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
 
 
 def stored_key(checkpoint: Checkpoint, key: str, renames: tuple[tuple[str, str], ...]) -> str:

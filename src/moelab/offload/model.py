@@ -33,7 +33,15 @@ from tqdm.auto import tqdm
 from moelab.hf.adapters import NATIVE
 from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.conversion import CONVERTIBLE_FAMILIES, conversion_problems, moelab_config, moelab_tensors
-from moelab.hf.layerwise import MoEBlock, load_tensors, native_skeleton, set_tensor, skeleton, tied_names
+from moelab.hf.layerwise import (
+    MoEBlock,
+    float32_names,
+    load_tensors,
+    native_skeleton,
+    set_tensor,
+    skeleton,
+    tied_names,
+)
 from moelab.hf.layouts import config_entry
 from moelab.hf.modules import decoder_layers, find_moe_modules
 from moelab.hf.native import latent_from_view, router_from_view, shared_from_view
@@ -468,7 +476,10 @@ def load_offloaded(
         _load_converted(model, store, dtype, skip)
     else:
         stored_as, renames = tied_names(model, store.checkpoint), store.family.stored_renames
-        load_tensors(model, store.checkpoint, dtype, skip=skip, stored_as=stored_as, renames=renames)
+        load_tensors(
+            model, store.checkpoint, dtype, skip=skip, stored_as=stored_as, renames=renames,
+            keep_float32=float32_names(model, dtype),
+        )  # fmt: skip
     _zero_load_counters(model)
     _tie_output_head(model)
     held = {t.data_ptr(): t.nbytes for t in model.state_dict().values() if not t.is_meta}  # a tied head once
@@ -493,9 +504,11 @@ def load_offloaded(
         else:
             shared = views[index].shared if found[index].shared_in_block else None
             moes[index] = MoELayer(
-                router_from_view(views[index].router), experts, shared_from_view(shared),
-                latent=latent_from_view(views[index].latent),
-            ).to(dtype)  # fmt: skip
+                router_from_view(views[index].router).float(),  # the file's values, as the layer-by-layer runner
+                experts,
+                None if shared is None else shared_from_view(shared).to(dtype),
+                latent=None if views[index].latent is None else latent_from_view(views[index].latent).to(dtype),
+            )
             parent_name, _, name = found[index].block.rpartition(".")
             parent = layers[index].get_submodule(parent_name) if parent_name else layers[index]
             setattr(parent, name, MoEBlock(moes[index], MoELayer.infer, store.family.block_returns))
