@@ -22,6 +22,7 @@ from hf_tiny import TINY, build
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_model import Recorder
+from transformers import AutoModelForCausalLM
 
 from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.native import copy_expert, empty_experts
@@ -1678,3 +1679,20 @@ def test_a_prior_from_a_trace_directory_is_the_prior_measured_on_its_tokens(tmp_
             torch.testing.assert_close(prior.frequency[i], measured.frequency[i], atol=0, rtol=0)
         for i in measured.affinity:  # every MoE layer but the last
             torch.testing.assert_close(prior.affinity[i], measured.affinity[i], atol=0, rtol=0)
+
+
+def test_an_offloaded_model_keeps_in_float32_what_transformers_keeps(tmp_path, one_thread):
+    """GPT-OSS's norms stay float32 in a float16 model (`_keep_in_fp32_modules`), as transformers'
+    from_pretrained keeps them; the other weights take the dtype asked for."""
+    build("gpt_oss").save_pretrained(tmp_path)
+    offloaded = load_offloaded(tmp_path, resident=0.5, dtype=torch.float16)
+    try:
+        dtypes = {name: p.dtype for name, p in offloaded.model.named_parameters()}
+        want = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float16)
+        assert dtypes["model.norm.weight"] == dtypes["model.layers.0.input_layernorm.weight"] == torch.float32
+        assert dtypes["model.layers.0.self_attn.q_proj.weight"] == torch.float16
+        assert {n: d for n, d in dtypes.items() if "mlp" not in n} == {
+            n: p.dtype for n, p in want.named_parameters() if "mlp" not in n
+        }
+    finally:
+        offloaded.close()
