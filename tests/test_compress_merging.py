@@ -29,6 +29,7 @@ from moelab.compress.methods.hcsmoe import clusters_by_usage, hierarchical_label
 from moelab.compress.methods.lowrank import low_rank_sparse
 from moelab.compress.methods.submoe import kmeans_labels, subspace_merge
 from moelab.hf.edit import LayerEdit, moe_output, one_expert
+from moelab.hf.view import ExpertsView
 
 # tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,6 +100,24 @@ def test_alignment_recovers_a_permutation_and_keeps_the_function():
     back = _permuted(shuffled, alignment(view.experts, shuffled))
     for name in ("gate", "up", "down"):
         assert torch.equal(getattr(back, name), getattr(view.experts, name)), name
+
+
+@pytest.mark.parametrize("informative", ["up", "down"])
+def test_alignment_of_plain_experts_reads_their_up_rows_and_down_columns(informative):
+    """Experts with no gate (Nemotron-H): the up rows and the down columns both identify a neuron;
+    with the other one uninformative (every neuron alike), either alone recovers the permutation."""
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(1, 6, 4, generator=g, dtype=F64), torch.randn(1, 4, 6, generator=g, dtype=F64)
+    if informative == "up":
+        down = torch.ones_like(down)
+    else:
+        up = torch.ones_like(up)
+    experts = ExpertsView(None, up, down, activation="relu2")
+    perm = torch.randperm(6, generator=g)
+    shuffled = _permuted(experts, perm)
+    back = _permuted(shuffled, alignment(experts, shuffled))
+    assert torch.equal(back.up, experts.up) and torch.equal(back.down, experts.down) and back.gate is None
+    assert not torch.equal(shuffled.up if informative == "up" else shuffled.down, up if informative == "up" else down)
 
 
 @PROPERTY

@@ -27,7 +27,7 @@ from moelab.hf.edit import LayerEdit
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import MoELayerView
 from moelab.hf.writer import drop_experts, write_checkpoint
-from moelab.offload import load_offloaded
+from moelab.offload import OffloadedExperts, load_offloaded
 from moelab.offload.model import generate_ids
 from moelab.offload.store import ExpertStore
 
@@ -248,3 +248,47 @@ def test_a_bf16_checkpoint_keeps_what_transformers_keeps_in_float32(saved, tmp_p
         offloaded.close()
     options = dataclasses.replace(EVERY, dtype="bfloat16")
     assert calibrate(src, tmp_path / "stats", options=options, quiet=True).info["complete"]
+
+
+def test_compact_sizes_count_the_two_matrices_of_a_plain_expert(saved, tmp_path):
+    """HEAPr's padded layout and Sub-MoE's factored form report what their compact form would
+    store: for experts without a gate, the up rows and down columns only."""
+    model, paths = saved
+    I, dim = HYBRID["moe_intermediate_size"], model.config.moe_latent_size or HYBRID["hidden_size"]
+    stats = calibrate(paths["original"], tmp_path / "stats", options=EVERY, quiet=True).directory
+    padded = compress(paths["original"], tmp_path / "heapr", method="heapr", ratio=0.5, stats=stats,
+                      method_options={"layout": "padded"}, quiet=True)  # fmt: skip
+    for entry in padded["layers"].values():
+        assert entry["notes"]["compact_parameters"] == sum(entry["notes"]["kept_neurons"]) * 2 * dim
+    factored = compress(paths["original"], tmp_path / "submoe", method="sub_moe", ratio=0.5, stats=stats,
+                        method_options={"rank": 2}, quiet=True)  # fmt: skip
+    for entry in factored["layers"].values():  # per group, rank 2: up (2 (I + dim)) and down (2 (dim + I))
+        groups = len(entry["kept"]) + len(entry["merge_groups"])
+        assert entry["notes"]["compact_parameters"] == groups * 4 * (I + dim)
+
+
+def test_read_ahead_sees_the_moe_layers_input_through_its_norm(saved, monkeypatch):
+    """A Nemotron-H block has one norm, before its mixer: the read-ahead predicts from what the
+    router will see."""
+    _, paths = saved
+    offloaded = load_offloaded(paths["original"], resident=0.5, predictor="lookahead")
+    seen, inputs = [], []
+    read_ahead = OffloadedExperts.read_ahead
+
+    def spy(self, hidden):
+        seen.append((self.layer, hidden.clone()))
+        read_ahead(self, hidden)
+
+    monkeypatch.setattr(OffloadedExperts, "read_ahead", spy)
+    try:
+        for i in MOE_LAYERS:
+            offloaded.model.model.layers[i].register_forward_pre_hook(
+                lambda m, args, kwargs: inputs.append(m.norm(args[0] if args else kwargs["hidden_states"])),
+                with_kwargs=True,
+            )  # fmt: skip
+        offloaded.generate(torch.randint(0, 8192, (1, 4)), 3)
+        assert [layer for layer, _ in seen] == MOE_LAYERS * 3
+        for (_, hidden), expected in zip(seen, inputs, strict=True):
+            torch.testing.assert_close(hidden, expected)
+    finally:
+        offloaded.close()
