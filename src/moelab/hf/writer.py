@@ -236,18 +236,24 @@ def _widths(
 
 
 def _unbuilt_layers(config: Config, ckpt: Checkpoint, family: Family) -> dict[str, list[str]]:
-    """{prefix: its keys} of the stored layers that transformers does not build and that hold routed
-    experts: multi-token prediction modules past the model's layer count (DeepSeek-V3's
-    `model.layers.61.`) or under the family's `mtp_prefix` (Nemotron-H's `mtp.layers.N.`)."""
-    places = [(family.layer_prefix, family.layer_count(config))]
+    """{prefix: its keys} of the stored layers that transformers does not build, where they hold
+    routed experts: multi-token prediction layers past the model's layer count (DeepSeek-V3's
+    `model.layers.61.`, each a whole module), or every layer under the family's `mtp_prefix` where
+    one of them does (Nemotron-H's module spans `mtp.layers.0.` and `mtp.layers.1.`)."""
+
+    def has_experts(prefix: str) -> bool:
+        return any(layout.experts.present(ckpt, prefix) for layout in family.layouts)
+
+    count, layer = family.layer_count(config), family.layer_prefix.format
+    found = {
+        layer(n=i): keys
+        for i, keys in stored_layers(ckpt, family.layer_prefix).items()
+        if i >= count and has_experts(layer(n=i))
+    }
     if family.mtp_prefix is not None:
-        places.append((family.mtp_prefix, 0))
-    found = {}
-    for pattern, first in places:
-        for index, keys in stored_layers(ckpt, pattern).items():
-            prefix = pattern.format(n=index)
-            if index >= first and any(layout.experts.present(ckpt, prefix) for layout in family.layouts):
-                found[prefix] = keys
+        mtp = {family.mtp_prefix.format(n=i): keys for i, keys in stored_layers(ckpt, family.mtp_prefix).items()}
+        if any(has_experts(prefix) for prefix in mtp):
+            found |= mtp
     return found
 
 
