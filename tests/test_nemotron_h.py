@@ -153,7 +153,8 @@ def _mixtral(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("layout", ["original", "fused"])
+# the fused layout's reading and writing are checked above and by test_hf_write; its whole run is slow
+@pytest.mark.parametrize("layout", ["original", pytest.param("fused", marks=pytest.mark.slow)])
 def test_every_method_compresses_the_hybrid_stack_and_transformers_reloads_it(saved, tmp_path, layout):
     """Calibration runs the Mamba, attention and dense layers layer by layer, forward and backward
     (`stored_renames`: the files say backbone., the modules model.); every method's output passes the writer's checks,
