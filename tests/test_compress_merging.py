@@ -29,7 +29,7 @@ from moelab.compress.methods.hcsmoe import clusters_by_usage, hierarchical_label
 from moelab.compress.methods.lowrank import low_rank_sparse
 from moelab.compress.methods.submoe import kmeans_labels, subspace_merge
 from moelab.hf.edit import LayerEdit, moe_output, one_expert
-from moelab.hf.view import ExpertsView
+from moelab.hf.view import ExpertsView, LatentView, MoELayerView
 
 # tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -299,6 +299,20 @@ def test_expert_features_are_mean_outputs_of_every_expert_on_every_token():
         expected = sum(ffn(view, e, x[t]) for t in range(12)) / 12
         torch.testing.assert_close(got[e].double(), expected, rtol=1e-5, atol=1e-6)
 
+
+def test_expert_features_of_a_latent_block_are_projected_up_as_the_block_adds_them():
+    """Nemotron 3 Super's latent MoE: each expert reads down @ x and adds up @ f_e to the output;
+    its characteristic activation is the mean of the latter, in the model's space [D]."""
+    inner, outer = make_view(E=4, D=3, seed=10), make_view(E=4, D=8, seed=11)
+    g = torch.Generator().manual_seed(5)
+    latent = LatentView(torch.randn(3, 8, generator=g, dtype=F64), torch.randn(8, 3, generator=g, dtype=F64))
+    view = MoELayerView(0, outer.router, inner.experts, None, latent)
+    x = torch.randn(12, 8, generator=g, dtype=F64)
+    got = expert_features(view, x)
+    assert got.shape == (4, 8)
+    for e in range(4):
+        expected = sum(latent.up @ ffn(inner, e, latent.down @ x[t]) for t in range(12)) / 12
+        torch.testing.assert_close(got[e].double(), expected, rtol=1e-5, atol=1e-6)
 
 def naive_agglomerative(points: np.ndarray, k: int, method: str) -> set[frozenset[int]]:
     """Merge the two closest clusters until k remain; cluster distance by linkage: average
