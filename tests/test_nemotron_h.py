@@ -24,6 +24,7 @@ from moelab.hf import open_checkpoint
 from moelab.hf.adapters import FAMILIES
 from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.edit import LayerEdit
+from moelab.hf.layerwise import LayerwiseModel
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import MoELayerView
 from moelab.hf.writer import drop_experts, write_checkpoint
@@ -246,6 +247,13 @@ def test_a_bf16_checkpoint_keeps_what_transformers_keeps_in_float32(saved, tmp_p
         assert offloaded.generate(torch.randint(0, 8192, (1, 4)), 4).shape == (1, 8)
     finally:
         offloaded.close()
+    seen = []
+    with LayerwiseModel(src, dtype=torch.bfloat16) as runner:  # what calibration's layer-by-layer runner routes with
+        states = runner.embed([torch.randint(0, 8192, (1, 4))])
+        with runner.layer(1, run_moe=lambda moe, x: seen.append(moe.router.state_dict()) or moe(x)[0]) as run:
+            assert run(0, states[0]).dtype == torch.bfloat16
+    assert torch.equal(seen[0]["weight"], stored["backbone.layers.1.mixer.gate.weight"])
+    assert torch.equal(seen[0]["selection_bias"], stored["backbone.layers.1.mixer.gate.e_score_correction_bias"])
     options = dataclasses.replace(EVERY, dtype="bfloat16")
     assert calibrate(src, tmp_path / "stats", options=options, quiet=True).info["complete"]
 
