@@ -883,3 +883,39 @@ def test_config_expert_width_differs_from_disk(tmp_path):
         message = r"config says the experts are 8 wide \(intermediate_size\).* 16"
         with pytest.raises(CheckpointError, match=message):
             view.layer(0)
+
+
+@pytest.mark.parametrize("activation,latent", [("gelu", None), ("relu2", 8)])
+def test_native_plain_experts_with_biases_read_and_encode_as_stored(tmp_path, activation, latent):
+    """moelab's MLPExperts with (nonzero) biases, in the model's space or a latent one: the view's
+    layer computes the model's block (its activation and biases, projected through the latent
+    projections), and the layout writes back the tensors it read."""
+    from moelab.hf.adapters import NATIVE
+    from moelab.hf.native import moe_layer_from_view
+    from moelab.models import ModelConfig, MoETransformer, save_pretrained
+    from moelab.nn import MoEConfig
+
+    torch.manual_seed(0)
+    moe = MoEConfig(dim=16, num_experts=4, hidden_dim=8, top_k=2, activation=activation, expert_mlp_bias=True,
+                    latent_dim=latent)  # fmt: skip
+    cfg = ModelConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, max_seq_len=16, moe=moe)
+    model = MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_bias"):
+                p.normal_()
+    path = save_pretrained(model, tmp_path / "m")
+    stored = load_file(path / "model.safetensors")
+    view = open_checkpoint(path)
+    x = torch.randn(5, 16)
+    for i in range(2):
+        if not isinstance(layer := view.layer(i), MoELayerView):
+            continue
+        assert layer.experts.activation == activation and (layer.latent is None) == (latent is None)
+        with torch.no_grad():
+            torch.testing.assert_close(moe_layer_from_view(layer)(x)[0], model.layers[i].ffn(x)[0])
+        prefix = f"layers.{i}."
+        written = NATIVE.layouts[1].experts.encode(layer.experts, prefix)
+        assert written.keys() == {k for k in stored if k.startswith(prefix + "ffn.experts.")}
+        for key, t in written.items():
+            assert torch.equal(t, stored[key]), key
