@@ -17,7 +17,7 @@ from test_compress import SMALL, hf_model, moelab_model
 from moelab.compress import calibrate, compress
 from moelab.compress.calibration import calibration_mixture
 from moelab.compress.methods import Target, get_method
-from moelab.compress.methods.heapr import narrowed, neuron_scores, zeroed
+from moelab.compress.methods.heapr import narrowed, neuron_scores, uniform_width, zeroed
 from moelab.compress.observers import DEFAULT_OBSERVERS
 from moelab.compress.stats import LayerStats
 from moelab.hf.layerwise import LayerwiseModel
@@ -284,6 +284,14 @@ def test_uniform_width_rounds_to_the_nearest_neuron():
     with pytest.raises(ValueError, match="keeps none; lower the ratio"):  # the writer said "hidden_dim must be >= 1"
         get_method("heapr", layout="uniform").decide(make_view(E=5, I=2, top_k=1), hand_stats(
             [[1, 1]] * 5, [[1, 1]] * 5, [1, 2, 3, 4, 5]), Target(1))
+
+
+def test_uniform_width_of_real_sized_experts_is_a_multiple_of_8():
+    """A width transformers' grouped GEMMs take in bf16 (16-byte rows): 256 x 2.4 / 8 = 76.8
+    neurons -> 80, never all or none of them; narrow experts (below 64) keep the nearest count."""
+    assert uniform_width(256, 8, 2.4) == 80 and uniform_width(256, 8, 6.0) == 192  # already a multiple
+    assert uniform_width(64, 8, 0.1) == 8 and uniform_width(64, 8, 7.9) == 56
+    assert uniform_width(60, 8, 2.4) == 18 and uniform_width(48, 8, 2.4) == 14  # not a multiple of 8 / narrow
 
 
 def test_padded_layout_ranks_neurons_of_all_layers_together():

@@ -120,10 +120,19 @@ class HEAPr(Method):
         return LayerDecision(edit, list(range(E)), None, notes)
 
 
+WIDTH_ALIGN = 8  # torch._grouped_mm, transformers' default experts kernel, needs rows of 16 bytes: 8 bf16 numbers
+
+
 def uniform_width(hidden_dim: int, num_experts: int, keep: float, where: str = "") -> int:
     """The neurons each expert keeps in the uniform layout, round(I keep / E), refused where it
-    keeps none or all of them."""
-    width, share = round(hidden_dim * keep / num_experts), keep / num_experts
+    keeps none or all of them. Experts of at least 8 x WIDTH_ALIGN neurons, a multiple of it (every
+    real checkpoint's), keep the nearest multiple of WIDTH_ALIGN, so that the narrowed checkpoint
+    still runs on grouped GEMMs in bf16 (an odd width fails there: "strides should be multiple of
+    16 bytes")."""
+    exact, share = hidden_dim * keep / num_experts, keep / num_experts
+    width = round(exact)
+    if hidden_dim % WIDTH_ALIGN == 0 and hidden_dim >= 8 * WIDTH_ALIGN:
+        width = min(max(WIDTH_ALIGN * round(exact / WIDTH_ALIGN), WIDTH_ALIGN), hidden_dim - WIDTH_ALIGN)
     if width < 1:
         raise ValueError(f"{where}keeping {share:.1%} of each expert's {hidden_dim} neurons keeps none; lower the ratio")
     if width >= hidden_dim:
