@@ -919,3 +919,5 @@ def test_native_plain_experts_with_biases_read_and_encode_as_stored(tmp_path, ac
         assert written.keys() == {k for k in stored if k.startswith(prefix + "ffn.experts.")}
         for key, t in written.items():
             assert torch.equal(t, stored[key]), key
+        # biases on disk: no straight read of an expert into a pool slot, which holds weights only
+        assert NATIVE.layouts[1].experts.parts(Checkpoint(path), prefix, 0) is None

@@ -597,6 +597,31 @@ def test_an_edit_with_other_expert_dim_or_shared_experts_is_refused():
             check_same_settings(original, edited)
 
 
+def test_an_edit_that_changes_a_latent_blocks_projections_is_refused():
+    """The writer copies a latent block's projections (Nemotron-H's fc1/fc2_latent_proj) as they
+    are: an edit that changes, adds or drops them is refused; the same ones in another dtype pass."""
+    from moelab.hf.edit import check_same_settings
+    from moelab.hf.view import ExpertsView, LatentView, RouterView
+
+    E, I, L = 4, 3, 8
+    g = torch.Generator().manual_seed(0)
+    latent = LatentView(torch.randn(L, D, generator=g), torch.randn(D, L, generator=g))
+    experts = ExpertsView(None, torch.randn(E, I, L, generator=g), torch.randn(E, L, I, generator=g), activation="relu2")
+    original = MoELayerView(0, RouterView(torch.randn(E, D, generator=g), "sigmoid", 2, True), experts, latent=latent)
+    check_same_settings(original, dataclasses.replace(original, latent=LatentView(latent.down.double(), latent.up.double())))
+    changed = latent.up.clone()
+    changed[0, 0] += 1
+    with pytest.raises(ValueError, match="the edited view changes the latent projections"):
+        check_same_settings(original, dataclasses.replace(original, latent=LatentView(latent.down, changed)))
+    square = LatentView(torch.randn(D, D, generator=g), torch.randn(D, D, generator=g))  # L = D: dropping it keeps the dims
+    experts = ExpertsView(None, torch.randn(E, I, D, generator=g), torch.randn(E, D, I, generator=g), activation="relu2")
+    original = MoELayerView(0, original.router, experts, latent=square)
+    with pytest.raises(ValueError, match="the edited view changes the latent projections"):
+        check_same_settings(original, dataclasses.replace(original, latent=None))
+    with pytest.raises(ValueError, match="the edited view changes the latent projections"):
+        check_same_settings(dataclasses.replace(original, latent=None), original)
+
+
 def test_a_multi_token_prediction_layer_is_left_out_not_left_unedited(tmp_path):
     """DeepSeek-V3 stores its multi-token prediction module as `model.layers.<num_hidden_layers>.*`,
     a layer with routed experts that transformers does not build. The edit does not reach it, so it

@@ -143,3 +143,20 @@ def test_a_layer_tensor_config_json_does_not_describe_or_corrupt_is_refused(tmp_
     with pytest.raises(CheckpointError, match=message):
         with runner.layer(1):
             pass
+
+
+def test_float16_runs_keep_in_float32_what_transformers_keeps(tmp_path):
+    """GPT-OSS in float16: the norms transformers keeps in float32 (`_keep_in_fp32_modules`) load so
+    in the layers and outside them (the final norm the output head's gradient goes through)."""
+    build("gpt_oss").save_pretrained(tmp_path)
+    want = {n: p.dtype for n, p in load(tmp_path, dtype=torch.float16).named_parameters()}
+    with LayerwiseModel(tmp_path, dtype=torch.float16) as runner:
+        runner.embed([torch.randint(0, 64, (1, 6))])
+        with runner._outside_layers(head=True):
+            assert {n: p.dtype for n, p in runner.model.named_parameters() if ".layers." not in n} == {
+                n: d for n, d in want.items() if ".layers." not in n
+            }
+        with runner.layer(0):
+            layer = runner.model.model.layers[0]
+            assert layer.input_layernorm.weight.dtype == torch.float32 == want["model.layers.0.input_layernorm.weight"]
+            assert layer.self_attn.q_proj.weight.dtype == torch.float16

@@ -244,29 +244,23 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
             f"layer {layer.index}: the edited experts have dim {new.experts.dim}, "
             f"expected {layer.experts.dim}"
         )
-    same_shared = (new.shared is None) == (layer.shared is None) and (
-        new.shared is None
-        or all(
-            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b.to(a.dtype)))
-            for a, b in (
-                (getattr(layer.shared, n), getattr(new.shared, n))
-                for n in ("gate", "up", "down", "sigmoid_gate")
+    for part, names, what in (
+        ("shared", ("gate", "up", "down", "sigmoid_gate"), "shared experts"),
+        ("latent", ("down", "up"), "latent projections"),
+    ):
+        if not _same_tensors(getattr(layer, part), getattr(new, part), names):
+            raise ValueError(
+                f"layer {layer.index}: the edited view changes the {what}; the writer copies the {what} "
+                f"unchanged, so keep the original `{part}` in the view"
             )
-        )
-    )
-    if not same_shared:
-        raise ValueError(
-            f"layer {layer.index}: the edited view changes the shared experts; the writer copies shared "
-            "experts unchanged, so keep the original `shared` in the view"
-        )
-    same_latent = (new.latent is None) == (layer.latent is None) and (
-        new.latent is None or all(torch.equal(getattr(new.latent, n), getattr(layer.latent, n)) for n in ("down", "up"))
-    )
-    if not same_latent:
-        raise ValueError(
-            f"layer {layer.index}: the edited view changes the latent projections; the writer copies them "
-            "unchanged, so keep the original `latent` in the view"
-        )
+
+
+def _same_tensors(old, new, names: tuple[str, ...]) -> bool:
+    """Both None, or the same tensors `names` (None where the other is None; any dtype)."""
+    if (old is None) != (new is None):
+        return False
+    pairs = [] if old is None else [(getattr(old, n), getattr(new, n)) for n in names]
+    return all((a is None) == (b is None) and (a is None or torch.equal(a, b.to(a.dtype))) for a, b in pairs)
 
 
 def _cast(new: Tensor | None, old: Tensor | None, like: Tensor) -> Tensor | None:

@@ -603,14 +603,14 @@ def _read_ahead(experts: OffloadedExperts, norm: nn.Module | None, layer: nn.Mod
 
 
 def _view_bytes(layer: MoELayerView, dtype: torch.dtype, shared: bool) -> int:
-    """Bytes of a layer view's router, latent projections (and shared experts) in `dtype`."""
-    tensors = [layer.router.weight, layer.router.bias, layer.router.selection_bias]
-    if layer.latent is not None:
-        tensors += [layer.latent.down, layer.latent.up]
+    """Bytes of a layer view's router (held in float32) and its latent projections (and shared
+    experts) in `dtype`."""
+    router = [layer.router.weight, layer.router.bias, layer.router.selection_bias]
+    tensors = [] if layer.latent is None else [layer.latent.down, layer.latent.up]
     if shared and layer.shared is not None:
         tensors += [layer.shared.gate, layer.shared.up, layer.shared.down, layer.shared.sigmoid_gate]
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(t.numel() * size for t in tensors if t is not None)
+    return sum(t.numel() * size for t in tensors if t is not None) + sum(t.numel() * 4 for t in router if t is not None)
 
 
 def warm_start(store: ExpertStore, prior: RoutingPrior | None, slots: int) -> list[tuple[int, int]]:
