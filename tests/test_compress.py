@@ -809,7 +809,9 @@ def test_every_method_on_every_transformers_family(tmp_path, family):
         )
 
 
-@pytest.mark.parametrize("activation,bias,latent", [("gelu", True, None), ("relu2", False, None), ("swiglu", False, 16)])
+@pytest.mark.parametrize(
+    "activation,bias,latent", [("gelu", True, None), ("relu2", False, None), ("swiglu", False, 16)]
+)
 def test_every_method_on_moelab_models_with_plain_or_latent_experts(tmp_path, activation, bias, latent):
     """moelab's MLPExperts (up and down, no gate; with biases or not) and latent experts (MoLAE:
     experts in a shared latent space) through every method; each output passes the writer's checks

@@ -34,8 +34,9 @@ class MoECall:
 
     x: [T, D] its input; routing: the router's output; outputs: [T, K, D] each slot's expert
     output f_e(x) (f_e(w x) for experts that take the weight on their input, Llama 4; in a latent
-    block, up @ f_e(down @ x), the expert's share of the output), zeros in empty slots; shared: [T, D] the shared experts' output (None without), shared_down: [T, D]
-    their down projection before any gate; scale_input: the experts took the weight on their input.
+    block, up @ f_e(down @ x), the expert's share of the output), zeros in empty slots; shared:
+    [T, D] the shared experts' output (None without), shared_down: [T, D] their down projection
+    before any gate; scale_input: the experts took the weight on their input.
     In the backward sweep (`eager_moe(..., keep_hidden=True)`) also hidden: [T, K, I] each slot's
     hidden activation (what its down projection sees) and grad_hidden: [T, K, I] the loss's
     gradient with respect to it, filled in when the backward pass reaches it; zeros in empty slots.

@@ -550,7 +550,8 @@ NATIVE = Family(
         ),
         Layout(
             _NATIVE_ROUTER,
-            StackedUpDown(*(f"{_NATIVE_FFN}experts.{name}" for name in ("up_proj", "down_proj", "up_bias", "down_bias"))),
+            StackedUpDown(*(f"{_NATIVE_FFN}experts.{name}" for name in
+                            ("up_proj", "down_proj", "up_bias", "down_bias"))),
             _NATIVE_SHARED,
             _NATIVE_LATENT,
         ),

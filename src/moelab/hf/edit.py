@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 
 from moelab.hf.native import (
+    expert_input,
     experts_from_view,
-    latent_from_view,
     moe_layer_from_view,
+    routed_output,
     router_from_view,
     shared_from_view,
 )
@@ -143,10 +144,9 @@ def moe_output(layer: MoELayerView, x: Tensor, keep: Sequence[int] | None = None
     router = router_from_view(layer.router).double()
     if keep is not None:
         _mask_router(router, layer.router.num_experts, keep)
-    latent = latent_from_view(layer.latent)
     with torch.no_grad():
         routing = router(x)
-        z = x if latent is None else latent.double().down(x)  # what the experts read
+        z = expert_input(layer, x)
         y = torch.zeros_like(z)
         for e in routing.indices.unique().tolist():
             if e < 0:
@@ -154,8 +154,7 @@ def moe_output(layer: MoELayerView, x: Tensor, keep: Sequence[int] | None = None
             tokens, slots = (routing.indices == e).nonzero(as_tuple=True)
             expert = experts_from_view(one_expert(layer.experts, e)).double()
             y.index_add_(0, tokens, expert(z[tokens], [len(tokens)], routing.weights[tokens, slots]))
-        if latent is not None:
-            y = latent.up(y)
+        y = routed_output(layer, y)
         if layer.shared is not None:
             y += shared_from_view(layer.shared).double()(x)
     return y

@@ -160,8 +160,10 @@ class PerExpert:
                     "(renumber the experts and slice the router rows to match)"
                 )
             experts = range(len(found))
-        out = {name: _stack(ckpt, [prefix + pattern.format(e=e) for e in experts]) for name, pattern in self._patterns()}
-        return {"gate": None, **out}
+        stacked = {
+            name: _stack(ckpt, [prefix + pattern.format(e=e) for e in experts]) for name, pattern in self._patterns()
+        }
+        return {"gate": None, **stacked}
 
     def parts(self, ckpt: Checkpoint, prefix: str, expert: int) -> list[ExpertPart]:
         """Where expert `expert`'s weights lie, as the stacked experts lay them out (`ExpertPart`)."""

@@ -8,9 +8,10 @@
 Any checkpoint the view opens (moelab's own, every transformers family) is read through the
 view's one layout (`ModelView.experts`), so a read fetches one expert's bytes from its
 safetensors shard and nothing else. Where the files hold an expert as the pool lays it out (the
-same dtype, gate/up/down, gate_up/down or (plain experts) up/down matrices in the same orientation,
-no biases: moelab's own checkpoints, Mixtral, Qwen-MoE, OLMoE, DeepSeek, Nemotron-H), `load` reads it straight into the slot's
-memory, one positioned read per matrix; otherwise it reads the view and copies (converting).
+same dtype, gate/up/down, gate_up/down or (plain experts) up/down matrices in the same
+orientation, no biases: moelab's own checkpoints, Mixtral, Qwen-MoE, OLMoE, DeepSeek, Nemotron-H),
+`load` reads it straight into the slot's memory, one positioned read per matrix; otherwise it reads
+the view and copies (converting).
 Reads are serialised by a lock (a background prefetch and a synchronous miss share one file
 reader); a shard that changes on disk while in use is refused.
 """
