@@ -631,6 +631,7 @@ def test_trace_and_analyze_pass_every_option_on(monkeypatch, tmp_path):
     """Each flag of trace / analyze reaches trace_from_files / analyze, unswapped; no flag: the defaults."""
     from types import SimpleNamespace
 
+    import moelab.analyze  # noqa: F401  (before the stand-ins: its module binds trace_from_files when imported)
     from moelab.trace import TraceOptions
 
     info = SimpleNamespace(num_tokens=5, layers=[1], settings={"tokens_per_second": 2.0})
