@@ -681,10 +681,15 @@ def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
     if config.get("quantization_config") is not None:
         quantization = config["quantization_config"]
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
+        how = (
+            f"`moelab dequantize {path} --out DIR` writes it in bf16, one tensor at a time"
+            if method == "fp8"
+            else "e.g. load it with transformers (dequantize=True where the method supports it) and save_pretrained "
+            "the dense model"
+        )
         raise CheckpointError(
             f"{config_path} describes a quantized checkpoint (quant_method {method!r}); views need dense "
-            "weights. Dequantize first, e.g. load it with transformers (dequantize=True where the method "
-            "supports it) and save_pretrained the dense model"
+            f"weights. Dequantize first: {how}"
         )
     model_type = config.get("model_type")
     if model_type is not None and not isinstance(model_type, str):

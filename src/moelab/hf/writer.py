@@ -108,7 +108,7 @@ def write_edited(
     try:
         plan = _Plan.make(config, ckpt, family, edits)
         checks = _write(plan, directory, name or directory.name, quiet)
-        _copy_side_files(source, directory)
+        copy_side_files(source, directory)
         atomic_write_text(directory / "config.json", json.dumps(plan.new_config, indent=2) + "\n")
         atomic_write_text(directory / EXPERT_MAP_NAME, json.dumps(plan.expert_map(source), indent=2) + "\n")
         check_written(directory, checks)
@@ -298,8 +298,8 @@ def _write(plan: _Plan, staging: Path, name: str, quiet: bool) -> dict[int, Laye
     for index, shard in plan.home.items():
         layers_of.setdefault(shard, []).append(index)
     shards = [s for s in ckpt.shards() if by_shard.get(s) or layers_of.get(s)]
-    index_name = _index_name(ckpt.directory, plan.config)
-    has_index = index_name is not None
+    index_file = index_name(ckpt.directory, plan.config)
+    has_index = index_file is not None
     names = _shard_names(ckpt.shards(), shards, has_index)
     weight_map, total, checks = {}, 0, {}
     for shard in tqdm(
@@ -326,11 +326,11 @@ def _write(plan: _Plan, staging: Path, name: str, quiet: bool) -> dict[int, Laye
         release_freed_memory()
     if has_index:
         index_doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        atomic_write_text(staging / index_name, json.dumps(index_doc, indent=2) + "\n")
+        atomic_write_text(staging / index_file, json.dumps(index_doc, indent=2) + "\n")
     return checks
 
 
-def _index_name(source: Path, config: Config) -> str | None:
+def index_name(source: Path, config: Config) -> str | None:
     """The source's index, rewritten under its own name: the one config.json's `transformers_weights`
     names (the output's config.json names it too), else model.safetensors.index.json where it is."""
     named = config.get("transformers_weights")
@@ -370,7 +370,7 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
     return tensors, LayerCheck(x, expected)
 
 
-def _copy_side_files(source: Path, staging: Path) -> None:
+def copy_side_files(source: Path, staging: Path) -> None:
     """Tokenizer, generation config, README, ...: everything but weights, config and moelab's
     own files about the source (its expert map, compression report and statistics, remade for the
     output). Weights in any other format or folder (pickles, `original/*.pth`, ONNX, GGUF, ...)

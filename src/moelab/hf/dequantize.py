@@ -1,0 +1,109 @@
+"""`moelab dequantize`: a block-wise FP8 checkpoint rewritten with plain weights, one shard at a time.
+
+DeepSeek-V3/R1, Qwen3's FP8 releases, MiniMax-M2 and Kimi-K2 ship their linear weights as
+float8 (`quant_method: "fp8"` in config.json's `quantization_config`) with one float32 scale per
+block of `weight_block_size` = [bo, bi] entries: `W[i, j] = q[i, j] * s[i // bo, j // bi]`, the
+scales stored as `<name>_scale_inv`. The views, compression and offloading need plain weights, and
+transformers dequantizes such checkpoints only by loading the whole model (with accelerate). This
+reads one tensor at a time: float8 weights are dequantized (in float32, then cast to `dtype`),
+their scales dropped, every other tensor copied byte for byte; config.json loses its
+`quantization_config`. Output as every moelab checkpoint: staged, published whole, replaced only
+with `overwrite`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from moelab.files import read_json_object
+from moelab.hf.checkpoint import DTYPES, Checkpoint, CheckpointError
+from moelab.hf.writer import copy_side_files, index_name
+from moelab.io import RawTensor, StagedOutput, atomic_write_text, save_safetensors_stream
+from moelab.memory import release_freed_memory
+from moelab.models.pretrained import CHECKPOINT_KIND
+
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALE_SUFFIX = "_scale_inv"
+OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dequantize_checkpoint(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> Path:
+    """Write the block-wise FP8 checkpoint `source` into the new directory `out` with its float8
+    weights dequantized to `dtype` (see the module docstring). Returns `out`."""
+    source = Path(source).resolve()
+    config = read_json_object(source / "config.json", "a model config", error=CheckpointError)
+    block = fp8_block_size(config, source)
+    with StagedOutput(out, CHECKPOINT_KIND, inputs=[source], overwrite=overwrite) as staging, Checkpoint(source) as ckpt:
+        weight_map, total = {}, 0
+        for shard in tqdm(ckpt.shards(), desc="dequantize", unit="shard", disable=quiet, leave=False):
+            tensors = {key: _plain(ckpt, key, block, dtype) for key in ckpt.keys()
+                       if ckpt.shard(key) == shard and not _is_scale(ckpt, key)}  # fmt: skip
+            save_safetensors_stream(tensors, staging / shard, metadata=ckpt.metadata(shard) or {"format": "pt"})
+            weight_map |= dict.fromkeys(tensors, shard)
+            total += sum(t.nbytes if isinstance(t, RawTensor) else t.numel() * t.element_size() for t in tensors.values())
+            del tensors
+            release_freed_memory()
+        if (index := index_name(source, config)) is not None:
+            doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            atomic_write_text(staging / index, json.dumps(doc, indent=2) + "\n")
+        copy_side_files(source, staging)
+        plain = {k: v for k, v in config.items() if k != "quantization_config"}
+        plain |= {key: str(dtype).removeprefix("torch.") for key in ("torch_dtype", "dtype") if key in config}
+        atomic_write_text(staging / "config.json", json.dumps(plain, indent=2) + "\n")
+    return Path(out)
+
+
+def fp8_block_size(config: dict, source: Path) -> tuple[int, int]:
+    """The [bo, bi] block of a block-wise FP8 config.json; a clear error for anything else."""
+    quantization = config.get("quantization_config")
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
+    if method != "fp8" or not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CheckpointError(
+            f"{source / 'config.json'}: moelab dequantizes block-wise FP8 checkpoints (quantization_config with "
+            f"quant_method 'fp8' and weight_block_size [rows, columns], as DeepSeek-V3 and Qwen3-FP8 ship); this one "
+            f"has {quantization!r}"
+        )
+    return block[0], block[1]
+
+
+def dequantized(q: Tensor, scales: Tensor, block: tuple[int, int]) -> Tensor:
+    """q: [..., O, I] float8, scales: [..., ceil(O / bo), ceil(I / bi)] -> [..., O, I] float32:
+    every entry times its block's scale."""
+    O, I = q.shape[-2:]
+    bo, bi = block
+    want = (*q.shape[:-2], -(-O // bo), -(-I // bi))
+    if tuple(scales.shape) != want:
+        raise CheckpointError(
+            f"scales of shape {list(scales.shape)} do not tile a weight of shape {list(q.shape)} in blocks of "
+            f"{bo} x {bi} (expected {list(want)}); the checkpoint does not match its weight_block_size"
+        )
+    expanded = scales.float().repeat_interleave(bo, dim=-2)[..., :O, :].repeat_interleave(bi, dim=-1)[..., :I]
+    return q.float() * expanded
+
+
+def _is_scale(ckpt: Checkpoint, key: str) -> bool:
+    return key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) in ckpt
+
+
+def _plain(ckpt: Checkpoint, key: str, block: tuple[int, int], dtype: torch.dtype) -> Tensor | RawTensor:
+    """Tensor `key` as the output holds it: dequantized if float8, else the stored bytes."""
+    raw = ckpt.raw(key)
+    if DTYPES.get(raw.dtype) not in FLOAT8:
+        return raw
+    if key + SCALE_SUFFIX not in ckpt:
+        raise CheckpointError(f"{ckpt.directory}: {key} is float8 but has no {key}{SCALE_SUFFIX}; it cannot be dequantized")
+    return dequantized(ckpt.get(key), ckpt.get(key + SCALE_SUFFIX), block).to(dtype)

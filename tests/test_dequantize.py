@@ -1,0 +1,167 @@
+"""`moelab dequantize`: block-wise FP8 checkpoints (DeepSeek-V3, Qwen3-FP8: float8 weights and one
+float32 scale per block, `<name>_scale_inv`) rewritten with plain weights, against a per-block
+loop, end to end on a sharded tiny Qwen3-MoE, and its refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_tiny import build
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from moelab.hf import CheckpointError, drop_experts, open_checkpoint
+from moelab.hf.dequantize import dequantize_checkpoint, dequantized
+from moelab.io import OutputError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BLOCK = (16, 8)
+
+
+def per_block(q: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The reference: every block of q [O, I], one at a time, times its scale (float32)."""
+    bo, bi = block
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            rows, cols = slice(i * bo, (i + 1) * bo), slice(j * bi, (j + 1) * bi)
+            out[rows, cols] = q[rows, cols].float() * scales[i, j]
+    return out
+
+
+def quantized(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [O, I] as float8 e4m3 with per-block scales (amax / 448), the way FP8 releases store it."""
+    (O, I), (bo, bi) = w.shape, block
+    scales = torch.empty(-(-O // bo), -(-I // bi))
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            scales[i, j] = w[i * bo : (i + 1) * bo, j * bi : (j + 1) * bi].abs().max().clamp(min=1e-12) / 448
+    expanded = scales.repeat_interleave(bo, 0)[:O].repeat_interleave(bi, 1)[:, :I]
+    return (w / expanded).to(torch.float8_e4m3fn), scales
+
+
+@settings(max_examples=25, deadline=None)
+@given(O=st.integers(1, 40), I=st.integers(1, 40), bo=st.integers(1, 16), bi=st.integers(1, 16), seed=st.integers(0, 99))
+def test_dequantized_equals_the_per_block_product(O, I, bo, bi, seed):
+    """Blocks that do not divide the weight (the last row and column of blocks cut short) included."""
+    g = torch.Generator().manual_seed(seed)
+    q, scales = quantized(torch.randn(O, I, generator=g), (bo, bi))
+    assert torch.equal(dequantized(q, scales, (bo, bi)), per_block(q, scales, (bo, bi)))
+
+
+def test_stacked_weights_dequantize_matrix_by_matrix():
+    g = torch.Generator().manual_seed(0)
+    parts = [quantized(torch.randn(20, 12, generator=g), BLOCK) for _ in range(3)]
+    q, scales = torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    got = dequantized(q, scales, BLOCK)
+    for e, (qe, se) in enumerate(parts):
+        assert torch.equal(got[e], per_block(qe, se, BLOCK))
+
+
+@pytest.fixture
+def fp8(tmp_path):
+    """A tiny Qwen3-MoE in two shards with an index, its 2-D projection weights in FP8 (the
+    embedding, norms, router and head stay float32, as the releases keep them in bf16)."""
+    model = build("qwen3_moe")
+    model.save_pretrained(tmp_path / "f32")
+    tensors = load_file(tmp_path / "f32" / "model.safetensors")
+    stored = {}
+    for key, w in tensors.items():
+        if key.endswith("proj.weight"):
+            stored[key], stored[key + "_scale_inv"] = quantized(w, BLOCK)
+        else:
+            stored[key] = w
+    src = tmp_path / "fp8"
+    src.mkdir()
+    keys = sorted(stored)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    for name, names in shards.items():
+        save_file({k: stored[k] for k in names}, src / name, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((tmp_path / "f32" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(BLOCK)}
+    (src / "config.json").write_text(json.dumps(config))
+    return src, stored
+
+
+def test_a_sharded_fp8_checkpoint_dequantizes_tensor_by_tensor(fp8, tmp_path):
+    src, stored = fp8
+    with pytest.raises(CheckpointError, match=r"quant_method 'fp8'.*moelab dequantize .* --out DIR"):
+        open_checkpoint(src)
+    out = dequantize_checkpoint(src, tmp_path / "bf16", quiet=True)
+    written = {}
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        with safe_open(out / shard, "pt") as f:
+            written |= {k: f.get_tensor(k) for k in f.keys()}
+    assert written.keys() == {k for k in stored if not k.endswith("_scale_inv")}
+    for key, t in written.items():
+        if key + "_scale_inv" in stored:
+            assert t.dtype == torch.bfloat16
+            assert torch.equal(t, per_block(stored[key], stored[key + "_scale_inv"], BLOCK).to(torch.bfloat16)), key
+        else:
+            assert torch.equal(t, stored[key]), key  # copied as stored
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"].keys() == written.keys()
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    view = open_checkpoint(out)  # what the views, compression and offloading read now
+    assert view.layer(1).experts.up.dtype == torch.bfloat16
+    drop_experts(out, tmp_path / "pruned", [0, 1], quiet=True)  # written and reloaded by transformers
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"quant_method": "awq"}, "dequantizes block-wise FP8 checkpoints"),
+        ({"weight_block_size": None}, "dequantizes block-wise FP8 checkpoints"),
+        ({"weight_block_size": [128]}, "dequantizes block-wise FP8 checkpoints"),
+    ],
+)
+def test_other_quantizations_are_refused_by_name(fp8, tmp_path, change, message):
+    src, _ = fp8
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] |= change
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        dequantize_checkpoint(src, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_scales_that_do_not_tile_their_weight_are_refused(fp8, tmp_path):
+    src, stored = fp8
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [32, 8]  # the scales were made for 16 x 8
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="do not tile a weight of shape .* in blocks of 32 x 8"):
+        dequantize_checkpoint(src, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_output_is_kept_without_overwrite(fp8, tmp_path):
+    src, _ = fp8
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError):
+        dequantize_checkpoint(src, tmp_path / "out", quiet=True)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    dequantize_checkpoint(src, tmp_path / "new", quiet=True)
+    dequantize_checkpoint(src, tmp_path / "new", quiet=True, overwrite=True)  # its own output: replaced
+
+
+def test_the_command_line(fp8, tmp_path):
+    from typer.testing import CliRunner
+
+    from moelab.cli import app
+
+    src, _ = fp8
+    result = CliRunner().invoke(app, ["dequantize", str(src), "--out", str(tmp_path / "out"), "--dtype", "fp32", "--quiet"])
+    assert result.exit_code == 0 and "wrote" in result.output, result.output
+    with safe_open(tmp_path / "out" / "model-00001-of-00002.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    bad = CliRunner().invoke(app, ["dequantize", str(src), "--out", str(tmp_path / "x"), "--dtype", "int8"])
+    assert bad.exit_code != 0 and "--dtype must be one of" in (bad.output + str(bad.exception))
