@@ -165,3 +165,28 @@ def test_the_command_line(fp8, tmp_path):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
     bad = CliRunner().invoke(app, ["dequantize", str(src), "--out", str(tmp_path / "x"), "--dtype", "int8"])
     assert bad.exit_code != 0 and "--dtype must be one of" in (bad.output + str(bad.exception))
+
+
+def test_computed_tensors_are_made_and_written_one_at_a_time(tmp_path):
+    """`LazyTensor`s: each made only when written, the one before already released (a shard of
+    dequantized experts never sits in memory whole)."""
+    import weakref
+
+    from moelab.io import LazyTensor, save_safetensors_stream
+
+    alive: list = []
+
+    def make(i):
+        def made():
+            assert all(ref() is None for ref in alive), "a tensor made before is still held"
+            t = torch.full((4, 4), float(i))
+            alive.append(weakref.ref(t))
+            return t
+
+        return made
+
+    save_safetensors_stream({f"t{i}": LazyTensor(torch.float32, (4, 4), make(i)) for i in range(3)}, tmp_path / "x.safetensors")
+    assert [load_file(tmp_path / "x.safetensors")[f"t{i}"][0, 0].item() for i in range(3)] == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match=r"promised torch.float32 \[4, 4\], made torch.float32 \[2, 2\]"):
+        save_safetensors_stream({"t": LazyTensor(torch.float32, (4, 4), lambda: torch.zeros(2, 2))}, tmp_path / "y.safetensors")
+    assert not (tmp_path / "y.safetensors").exists()

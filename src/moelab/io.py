@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -108,16 +109,33 @@ SAFETENSORS_DTYPES = {
 _COPY_CHUNK = 1 << 24
 
 
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor `save_safetensors_stream` computes only when it writes it (`make()`, which must
+    give this dtype and shape), so that a file of computed tensors holds one in memory at a time."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
 def save_safetensors_stream(
     tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write a safetensors file (atomically, as `save_safetensors`) from in-memory tensors and
-    `RawTensor`s, which are copied from their files in chunks: writing a shard that is mostly
-    unchanged holds only the changed tensors in memory."""
+    """Write a safetensors file (atomically, as `save_safetensors`) from in-memory tensors,
+    `RawTensor`s, which are copied from their files in chunks, and `LazyTensor`s, computed as they
+    are written: writing a shard that is mostly unchanged, or computed, holds only the changed
+    tensors, or one at a time, in memory."""
     entries, header, offset = [], {}, 0
     for name, value in tensors.items():
         if isinstance(value, RawTensor):
             dtype, shape, nbytes = value.dtype, list(value.shape), value.nbytes
+        elif isinstance(value, LazyTensor):
+            dtype, shape, nbytes = SAFETENSORS_DTYPES[str(value.dtype).removeprefix("torch.")], list(value.shape), value.nbytes
         else:
             value = value.detach().contiguous().cpu()
             dtype, shape = SAFETENSORS_DTYPES[str(value.dtype).removeprefix("torch.")], list(value.shape)
@@ -143,6 +161,13 @@ def save_safetensors_stream(
                             raise OSError(f"{value.path} ended before its tensor did; it is truncated")
                         out.write(chunk)
                         left -= len(chunk)
+            elif isinstance(value, LazyTensor):
+                made = value.make().detach().contiguous().cpu()
+                if made.dtype != value.dtype or tuple(made.shape) != tuple(value.shape):
+                    raise ValueError(f"a lazy tensor promised {value.dtype} {list(value.shape)}, made {made.dtype} {list(made.shape)}")
+                if made.numel():
+                    out.write(memoryview(made.view(-1).view(torch.uint8).numpy()))
+                del made
             elif value.numel():
                 out.write(memoryview(value.view(-1).view(torch.uint8).numpy()))
 

@@ -5,7 +5,7 @@ float8 (`quant_method: "fp8"` in config.json's `quantization_config`) with one f
 block of `weight_block_size` = [bo, bi] entries: `W[i, j] = q[i, j] * s[i // bo, j // bi]`, the
 scales stored as `<name>_scale_inv`. The views, compression and offloading need plain weights, and
 transformers dequantizes such checkpoints only by loading the whole model (with accelerate). This
-reads one tensor at a time: float8 weights are dequantized (in float32, then cast to `dtype`),
+reads and writes one tensor at a time: float8 weights are dequantized (in float32, then cast to `dtype`),
 their scales dropped, every other tensor copied byte for byte; config.json loses its
 `quantization_config`. Output as every moelab checkpoint: staged, published whole, replaced only
 with `overwrite`.
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from moelab.files import read_json_object
 from moelab.hf.checkpoint import DTYPES, Checkpoint, CheckpointError
 from moelab.hf.writer import copy_side_files, index_name
-from moelab.io import RawTensor, StagedOutput, atomic_write_text, save_safetensors_stream
+from moelab.io import LazyTensor, RawTensor, StagedOutput, atomic_write_text, save_safetensors_stream
 from moelab.memory import release_freed_memory
 from moelab.models.pretrained import CHECKPOINT_KIND
 
@@ -53,7 +53,7 @@ def dequantize_checkpoint(
                        if ckpt.shard(key) == shard and not _is_scale(ckpt, key)}  # fmt: skip
             save_safetensors_stream(tensors, staging / shard, metadata=ckpt.metadata(shard) or {"format": "pt"})
             weight_map |= dict.fromkeys(tensors, shard)
-            total += sum(t.nbytes if isinstance(t, RawTensor) else t.numel() * t.element_size() for t in tensors.values())
+            total += sum(t.nbytes for t in tensors.values())
             del tensors
             release_freed_memory()
         if (index := index_name(source, config)) is not None:
@@ -99,11 +99,14 @@ def _is_scale(ckpt: Checkpoint, key: str) -> bool:
     return key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) in ckpt
 
 
-def _plain(ckpt: Checkpoint, key: str, block: tuple[int, int], dtype: torch.dtype) -> Tensor | RawTensor:
-    """Tensor `key` as the output holds it: dequantized if float8, else the stored bytes."""
+def _plain(ckpt: Checkpoint, key: str, block: tuple[int, int], dtype: torch.dtype) -> LazyTensor | RawTensor:
+    """Tensor `key` as the output holds it: dequantized when it is written if float8, else the
+    stored bytes."""
     raw = ckpt.raw(key)
     if DTYPES.get(raw.dtype) not in FLOAT8:
         return raw
     if key + SCALE_SUFFIX not in ckpt:
         raise CheckpointError(f"{ckpt.directory}: {key} is float8 but has no {key}{SCALE_SUFFIX}; it cannot be dequantized")
-    return dequantized(ckpt.get(key), ckpt.get(key + SCALE_SUFFIX), block).to(dtype)
+    return LazyTensor(
+        dtype, tuple(raw.shape), lambda: dequantized(ckpt.get(key), ckpt.get(key + SCALE_SUFFIX), block).to(dtype)
+    )
