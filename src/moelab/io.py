@@ -162,14 +162,17 @@ def save_safetensors_stream(
                         out.write(chunk)
                         left -= len(chunk)
             elif isinstance(value, LazyTensor):
-                made = value.make().detach().contiguous().cpu()
-                if made.dtype != value.dtype or tuple(made.shape) != tuple(value.shape):
-                    raise ValueError(f"a lazy tensor promised {value.dtype} {list(value.shape)}, made {made.dtype} {list(made.shape)}")
-                if made.numel():
-                    out.write(memoryview(made.view(-1).view(torch.uint8).numpy()))
-                del made
+                _write_made(out, value)  # made, written and released before the next one is made
             elif value.numel():
                 out.write(memoryview(value.view(-1).view(torch.uint8).numpy()))
+
+
+def _write_made(out, lazy: LazyTensor) -> None:
+    made = lazy.make().detach().contiguous().cpu()
+    if made.dtype != lazy.dtype or tuple(made.shape) != tuple(lazy.shape):
+        raise ValueError(f"a lazy tensor promised {lazy.dtype} {list(lazy.shape)}, made {made.dtype} {list(made.shape)}")
+    if made.numel():
+        out.write(memoryview(made.view(-1).view(torch.uint8).numpy()))
 
 
 @contextmanager
