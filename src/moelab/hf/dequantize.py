@@ -80,9 +80,10 @@ def fp8_block_size(config: dict, source: Path) -> tuple[int, int]:
     return block[0], block[1]
 
 
-def dequantized(q: Tensor, scales: Tensor, block: tuple[int, int]) -> Tensor:
-    """q: [..., O, I] float8, scales: [..., ceil(O / bo), ceil(I / bi)] -> [..., O, I] float32:
-    every entry times its block's scale."""
+def dequantized(q: Tensor, scales: Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float32) -> Tensor:
+    """q: [..., O, I] float8, scales: [..., ceil(O / bo), ceil(I / bi)] -> [..., O, I] in `dtype`:
+    every entry times its block's scale, computed in float32 one row of blocks at a time (beside
+    the output, memory for bo rows of float32 only)."""
     O, I = q.shape[-2:]
     bo, bi = block
     want = (*q.shape[:-2], -(-O // bo), -(-I // bi))
@@ -91,8 +92,14 @@ def dequantized(q: Tensor, scales: Tensor, block: tuple[int, int]) -> Tensor:
             f"scales of shape {list(scales.shape)} do not tile a weight of shape {list(q.shape)} in blocks of "
             f"{bo} x {bi} (expected {list(want)}); the checkpoint does not match its weight_block_size"
         )
-    expanded = scales.float().repeat_interleave(bo, dim=-2)[..., :O, :].repeat_interleave(bi, dim=-1)[..., :I]
-    return q.float() * expanded
+    out = torch.empty(q.shape, dtype=dtype)
+    matrices, row_scales, outs = q.reshape(-1, O, I), scales.reshape(-1, *want[-2:]), out.view(-1, O, I)
+    for m in range(matrices.shape[0]):
+        for r in range(want[-2]):
+            rows = slice(r * bo, (r + 1) * bo)
+            per_column = row_scales[m, r].float().repeat_interleave(bi)[:I]
+            outs[m, rows] = (matrices[m, rows].float() * per_column).to(dtype)
+    return out
 
 
 def _is_scale(ckpt: Checkpoint, key: str) -> bool:
@@ -107,6 +114,4 @@ def _plain(ckpt: Checkpoint, key: str, block: tuple[int, int], dtype: torch.dtyp
         return raw
     if key + SCALE_SUFFIX not in ckpt:
         raise CheckpointError(f"{ckpt.directory}: {key} is float8 but has no {key}{SCALE_SUFFIX}; it cannot be dequantized")
-    return LazyTensor(
-        dtype, tuple(raw.shape), lambda: dequantized(ckpt.get(key), ckpt.get(key + SCALE_SUFFIX), block).to(dtype)
-    )
+    return LazyTensor(dtype, tuple(raw.shape), lambda: dequantized(ckpt.get(key), ckpt.get(key + SCALE_SUFFIX), block, dtype))
