@@ -189,3 +189,20 @@ def test_computed_tensors_are_made_as_they_are_written(tmp_path):
     with pytest.raises(ValueError, match=r"promised torch.float32 \[4, 4\], made torch.float32 \[2, 2\]"):
         save_safetensors_stream({"t": LazyTensor(torch.float32, (4, 4), lambda: torch.zeros(2, 2))}, tmp_path / "y.safetensors")
     assert not (tmp_path / "y.safetensors").exists()
+
+
+def _write_fp8(directory, tensors, **config):
+    """A one-file FP8 checkpoint of these tensors (blocks of BLOCK) with a config.json."""
+    directory.mkdir()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt", "note": "kept"})
+    quantization = {"quant_method": "fp8", "weight_block_size": list(BLOCK)}
+    (directory / "config.json").write_text(json.dumps({"quantization_config": quantization, **config}))
+    return directory
+
+
+def test_e5m2_weights_are_dequantized_too(tmp_path):
+    q = torch.randn(20, 12, generator=torch.Generator().manual_seed(1)).to(torch.float8_e5m2)
+    scales = torch.rand(2, 2) + 0.5
+    src = _write_fp8(tmp_path / "src", {"w.weight": q, "w.weight_scale_inv": scales})
+    out = dequantize_checkpoint(src, tmp_path / "out", quiet=True)
+    assert torch.equal(load_file(out / "model.safetensors")["w.weight"], per_block(q, scales, BLOCK).bfloat16())
