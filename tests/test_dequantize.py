@@ -206,3 +206,16 @@ def test_e5m2_weights_are_dequantized_too(tmp_path):
     src = _write_fp8(tmp_path / "src", {"w.weight": q, "w.weight_scale_inv": scales})
     out = dequantize_checkpoint(src, tmp_path / "out", quiet=True)
     assert torch.equal(load_file(out / "model.safetensors")["w.weight"], per_block(q, scales, BLOCK).bfloat16())
+
+
+def test_a_torch_dtype_config_and_the_side_files(tmp_path):
+    """DeepSeek-V3's config.json names `torch_dtype` (not `dtype`): it takes the output's dtype; the
+    tokenizer and generation config come along."""
+    q, scales = quantized(torch.randn(20, 12, generator=torch.Generator().manual_seed(2)), BLOCK)
+    src = _write_fp8(tmp_path / "src", {"w.weight": q, "w.weight_scale_inv": scales}, torch_dtype="bfloat16")
+    (src / "tokenizer.json").write_text("{}")
+    (src / "generation_config.json").write_text('{"do_sample": true}')
+    out = dequantize_checkpoint(src, tmp_path / "out", dtype=torch.float16, quiet=True)
+    assert json.loads((out / "config.json").read_text()) == {"torch_dtype": "float16"}
+    assert (out / "tokenizer.json").read_text() == "{}"
+    assert (out / "generation_config.json").read_text() == '{"do_sample": true}'
