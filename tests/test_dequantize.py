@@ -219,3 +219,16 @@ def test_a_torch_dtype_config_and_the_side_files(tmp_path):
     assert json.loads((out / "config.json").read_text()) == {"torch_dtype": "float16"}
     assert (out / "tokenizer.json").read_text() == "{}"
     assert (out / "generation_config.json").read_text() == '{"do_sample": true}'
+
+
+def test_the_index_total_size_and_the_shard_metadata(fp8, tmp_path):
+    src, _ = fp8
+    save_file(load_file(src / "model-00001-of-00002.safetensors"), src / "model-00001-of-00002.safetensors", metadata={"format": "pt", "note": "kept"})
+    out = dequantize_checkpoint(src, tmp_path / "out", quiet=True)
+    size = 0
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        with safe_open(out / shard, "pt") as f:
+            size += sum(f.get_tensor(k).nbytes for k in f.keys())
+            if shard.startswith("model-00001"):
+                assert f.metadata() == {"format": "pt", "note": "kept"}
+    assert json.loads((out / "model.safetensors.index.json").read_text())["metadata"] == {"total_size": size}
