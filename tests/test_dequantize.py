@@ -232,3 +232,29 @@ def test_the_index_total_size_and_the_shard_metadata(fp8, tmp_path):
             if shard.startswith("model-00001"):
                 assert f.metadata() == {"format": "pt", "note": "kept"}
     assert json.loads((out / "model.safetensors.index.json").read_text())["metadata"] == {"total_size": size}
+
+
+def test_float8_weights_reach_the_writer_unmade(fp8, tmp_path, monkeypatch):
+    """No shard's dequantized weights sit in memory whole: the writer gets stored bytes and
+    LazyTensors only."""
+    import moelab.hf.dequantize as module
+    from moelab.io import LazyTensor, RawTensor
+
+    src, _ = fp8
+    write, kinds = module.save_safetensors_stream, set()
+
+    def checked(tensors, *args, **kwargs):
+        kinds.update(type(t) for t in tensors.values())
+        return write(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(module, "save_safetensors_stream", checked)
+    dequantize_checkpoint(src, tmp_path / "out", quiet=True)
+    assert kinds == {LazyTensor, RawTensor}
+
+
+def test_a_float8_weight_without_its_scale_is_refused_by_name(tmp_path):
+    q, _ = quantized(torch.randn(20, 12), BLOCK)
+    src = _write_fp8(tmp_path / "src", {"w.weight": q})
+    with pytest.raises(CheckpointError, match=r"w.weight is float8 but has no w.weight_scale_inv"):
+        dequantize_checkpoint(src, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
