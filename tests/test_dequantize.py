@@ -258,3 +258,15 @@ def test_a_float8_weight_without_its_scale_is_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match=r"w.weight is float8 but has no w.weight_scale_inv"):
         dequantize_checkpoint(src, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_ue8m0_byte_scales_are_powers_of_two_and_packed_weights_are_refused(tmp_path):
+    """MXFP8 scales stored as uint8 exponents mean 2 ** (byte - 127) (transformers' Fp8Dequantize),
+    not the byte's value; an int8 weight with a scale (packed FP4) is not copied without it."""
+    q, _ = quantized(torch.randn(20, 12, generator=torch.Generator().manual_seed(3)), BLOCK)
+    exponents = torch.tensor([[126, 127], [128, 130]], dtype=torch.uint8)
+    assert torch.equal(dequantized(q, exponents, BLOCK), per_block(q, torch.tensor([[0.5, 1.0], [2.0, 8.0]]), BLOCK))
+    src = _write_fp8(tmp_path / "src", {"w.weight": torch.zeros(20, 6, dtype=torch.int8), "w.weight_scale_inv": exponents})
+    with pytest.raises(CheckpointError, match=r"w.weight is stored as torch.int8 with a w.weight_scale_inv"):
+        dequantize_checkpoint(src, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()

@@ -86,6 +86,10 @@ def dequantized(q: Tensor, scales: Tensor, block: tuple[int, int], dtype: torch.
     the output, memory for bo rows of float32 only)."""
     O, I = q.shape[-2:]
     bo, bi = block
+    if scales.dtype == torch.uint8:  # ue8m0 exponents stored as bytes (MXFP8): 2 ** (byte - 127), as transformers reads them
+        scales = (scales.float() - 127).exp2()
+    elif not scales.dtype.is_floating_point:
+        raise CheckpointError(f"scales of dtype {scales.dtype} for a weight of shape {list(q.shape)}: moelab reads float scales and ue8m0 bytes only")
     want = (*q.shape[:-2], -(-O // bo), -(-I // bi))
     if tuple(scales.shape) != want:
         raise CheckpointError(
@@ -110,6 +114,11 @@ def _plain(ckpt: Checkpoint, key: str, block: tuple[int, int], dtype: torch.dtyp
     """Tensor `key` as the output holds it: dequantized when it is written if float8, else the
     stored bytes."""
     raw = ckpt.raw(key)
+    if DTYPES.get(raw.dtype) in (torch.int8, torch.uint8) and key + SCALE_SUFFIX in ckpt:
+        raise CheckpointError(
+            f"{ckpt.directory}: {key} is stored as {DTYPES[raw.dtype]} with a {key}{SCALE_SUFFIX} (packed FP4 or another "
+            "format than block-wise FP8); moelab dequantizes float8 weights only, and would drop its scale"
+        )
     if DTYPES.get(raw.dtype) not in FLOAT8:
         return raw
     if key + SCALE_SUFFIX not in ckpt:
