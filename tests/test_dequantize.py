@@ -270,3 +270,24 @@ def test_ue8m0_byte_scales_are_powers_of_two_and_packed_weights_are_refused(tmp_
     with pytest.raises(CheckpointError, match=r"w.weight is stored as torch.int8 with a w.weight_scale_inv"):
         dequantize_checkpoint(src, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_stray_and_activation_scales_are_dropped_with_the_shards_they_empty(tmp_path):
+    """As DeepSeek-V3's fp8_cast_bf16 (every `*_scale_inv`) and transformers (activation scales):
+    no scale outlives the dequantization, and a shard that held only scales is not written."""
+    q, scales = quantized(torch.randn(20, 12, generator=torch.Generator().manual_seed(4)), BLOCK)
+    src = tmp_path / "src"
+    src.mkdir()
+    shards = {
+        "model-00001-of-00002.safetensors": {"w.weight": q, "w.activation_scale": torch.tensor(2.0), "n.input_scale": torch.tensor(3.0)},
+        "model-00002-of-00002.safetensors": {"w.weight_scale_inv": scales, "gone.weight_scale_inv": torch.ones(1, 1)},
+    }
+    for name, tensors in shards.items():
+        save_file(tensors, src / name, metadata={"format": "pt"})
+    weight_map = {k: name for name, tensors in shards.items() for k in tensors}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (src / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": list(BLOCK)}}))
+    out = dequantize_checkpoint(src, tmp_path / "out", quiet=True)
+    assert load_file(out / "model-00001-of-00002.safetensors").keys() == {"w.weight", "n.input_scale"}  # n has no float8 weight
+    assert not (out / "model-00002-of-00002.safetensors").exists()
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].keys() == {"w.weight", "n.input_scale"}

@@ -30,6 +30,7 @@ from moelab.models.pretrained import CHECKPOINT_KIND
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALE_SUFFIX = "_scale_inv"
+ACTIVATION_SCALES = ("activation_scale", "input_scale")
 OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -51,6 +52,8 @@ def dequantize_checkpoint(
         for shard in tqdm(ckpt.shards(), desc="dequantize", unit="shard", disable=quiet, leave=False):
             tensors = {key: _plain(ckpt, key, block, dtype) for key in ckpt.keys()
                        if ckpt.shard(key) == shard and not _is_scale(ckpt, key)}  # fmt: skip
+            if not tensors:  # a shard of scales only: no file for it
+                continue
             save_safetensors_stream(tensors, staging / shard, metadata=ckpt.metadata(shard) or {"format": "pt"})
             weight_map |= dict.fromkeys(tensors, shard)
             total += sum(t.nbytes for t in tensors.values())
@@ -107,7 +110,14 @@ def dequantized(q: Tensor, scales: Tensor, block: tuple[int, int], dtype: torch.
 
 
 def _is_scale(ckpt: Checkpoint, key: str) -> bool:
-    return key.endswith(SCALE_SUFFIX) and key.removesuffix(SCALE_SUFFIX) in ckpt
+    """A scale the plain weights no longer use: every `*_scale_inv` (DeepSeek-V3's fp8_cast_bf16
+    drops them all, a weight's or not), and a float8 weight's activation scale (static activation
+    schemes: `activation_scale`, `input_scale`), which transformers drops when it dequantizes."""
+    if key.endswith(SCALE_SUFFIX):
+        return True
+    module, _, name = key.rpartition(".")
+    weight = f"{module}.weight"
+    return name in ACTIVATION_SCALES and weight in ckpt and DTYPES.get(ckpt.raw(weight).dtype) in FLOAT8
 
 
 def _plain(ckpt: Checkpoint, key: str, block: tuple[int, int], dtype: torch.dtype) -> LazyTensor | RawTensor:
