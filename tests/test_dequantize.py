@@ -45,7 +45,13 @@ def quantized(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, to
 
 
 @settings(max_examples=25, deadline=None)
-@given(O=st.integers(1, 40), I=st.integers(1, 40), bo=st.integers(1, 16), bi=st.integers(1, 16), seed=st.integers(0, 99))
+@given(
+    O=st.integers(1, 40),
+    I=st.integers(1, 40),
+    bo=st.integers(1, 16),
+    bi=st.integers(1, 16),
+    seed=st.integers(0, 99),
+)
 def test_dequantized_equals_the_per_block_product(O, I, bo, bi, seed):
     """Blocks that do not divide the weight (the last row and column of blocks cut short) included."""
     g = torch.Generator().manual_seed(seed)
@@ -78,7 +84,10 @@ def fp8(tmp_path):
     src = tmp_path / "fp8"
     src.mkdir()
     keys = sorted(stored)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for name, names in shards.items():
         save_file({k: stored[k] for k in names}, src / name, metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}
@@ -102,7 +111,9 @@ def test_a_sharded_fp8_checkpoint_dequantizes_tensor_by_tensor(fp8, tmp_path):
     for key, t in written.items():
         if key + "_scale_inv" in stored:
             assert t.dtype == torch.bfloat16
-            assert torch.equal(t, per_block(stored[key], stored[key + "_scale_inv"], BLOCK).to(torch.bfloat16)), key
+            assert torch.equal(
+                t, per_block(stored[key], stored[key + "_scale_inv"], BLOCK).to(torch.bfloat16)
+            ), key
         else:
             assert torch.equal(t, stored[key]), key  # copied as stored
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -159,7 +170,9 @@ def test_the_command_line(fp8, tmp_path):
     from moelab.cli import app
 
     src, _ = fp8
-    result = CliRunner().invoke(app, ["dequantize", str(src), "--out", str(tmp_path / "out"), "--dtype", "fp32", "--quiet"])
+    result = CliRunner().invoke(
+        app, ["dequantize", str(src), "--out", str(tmp_path / "out"), "--dtype", "fp32", "--quiet"]
+    )
     assert result.exit_code == 0 and "wrote" in result.output, result.output
     with safe_open(tmp_path / "out" / "model-00001-of-00002.safetensors", "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
@@ -187,7 +200,9 @@ def test_computed_tensors_are_made_as_they_are_written(tmp_path):
     assert made == [0, 1, 2]
     assert [load_file(tmp_path / "x.safetensors")[f"t{i}"][0, 0].item() for i in range(3)] == [0.0, 1.0, 2.0]
     with pytest.raises(ValueError, match=r"promised torch.float32 \[4, 4\], made torch.float32 \[2, 2\]"):
-        save_safetensors_stream({"t": LazyTensor(torch.float32, (4, 4), lambda: torch.zeros(2, 2))}, tmp_path / "y.safetensors")
+        save_safetensors_stream(
+            {"t": LazyTensor(torch.float32, (4, 4), lambda: torch.zeros(2, 2))}, tmp_path / "y.safetensors"
+        )
     assert not (tmp_path / "y.safetensors").exists()
 
 
@@ -205,7 +220,9 @@ def test_e5m2_weights_are_dequantized_too(tmp_path):
     scales = torch.rand(2, 2) + 0.5
     src = _write_fp8(tmp_path / "src", {"w.weight": q, "w.weight_scale_inv": scales})
     out = dequantize_checkpoint(src, tmp_path / "out", quiet=True)
-    assert torch.equal(load_file(out / "model.safetensors")["w.weight"], per_block(q, scales, BLOCK).bfloat16())
+    assert torch.equal(
+        load_file(out / "model.safetensors")["w.weight"], per_block(q, scales, BLOCK).bfloat16()
+    )
 
 
 def test_a_torch_dtype_config_and_the_side_files(tmp_path):
@@ -223,7 +240,11 @@ def test_a_torch_dtype_config_and_the_side_files(tmp_path):
 
 def test_the_index_total_size_and_the_shard_metadata(fp8, tmp_path):
     src, _ = fp8
-    save_file(load_file(src / "model-00001-of-00002.safetensors"), src / "model-00001-of-00002.safetensors", metadata={"format": "pt", "note": "kept"})
+    save_file(
+        load_file(src / "model-00001-of-00002.safetensors"),
+        src / "model-00001-of-00002.safetensors",
+        metadata={"format": "pt", "note": "kept"},
+    )
     out = dequantize_checkpoint(src, tmp_path / "out", quiet=True)
     size = 0
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
@@ -265,8 +286,12 @@ def test_ue8m0_byte_scales_are_powers_of_two_and_packed_weights_are_refused(tmp_
     not the byte's value; an int8 weight with a scale (packed FP4) is not copied without it."""
     q, _ = quantized(torch.randn(20, 12, generator=torch.Generator().manual_seed(3)), BLOCK)
     exponents = torch.tensor([[126, 127], [128, 130]], dtype=torch.uint8)
-    assert torch.equal(dequantized(q, exponents, BLOCK), per_block(q, torch.tensor([[0.5, 1.0], [2.0, 8.0]]), BLOCK))
-    src = _write_fp8(tmp_path / "src", {"w.weight": torch.zeros(20, 6, dtype=torch.int8), "w.weight_scale_inv": exponents})
+    assert torch.equal(
+        dequantized(q, exponents, BLOCK), per_block(q, torch.tensor([[0.5, 1.0], [2.0, 8.0]]), BLOCK)
+    )
+    src = _write_fp8(
+        tmp_path / "src", {"w.weight": torch.zeros(20, 6, dtype=torch.int8), "w.weight_scale_inv": exponents}
+    )
     with pytest.raises(CheckpointError, match=r"w.weight is stored as torch.int8 with a w.weight_scale_inv"):
         dequantize_checkpoint(src, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
@@ -279,15 +304,30 @@ def test_stray_and_activation_scales_are_dropped_with_the_shards_they_empty(tmp_
     src = tmp_path / "src"
     src.mkdir()
     shards = {
-        "model-00001-of-00002.safetensors": {"w.weight": q, "w.activation_scale": torch.tensor(2.0), "n.input_scale": torch.tensor(3.0)},
-        "model-00002-of-00002.safetensors": {"w.weight_scale_inv": scales, "gone.weight_scale_inv": torch.ones(1, 1)},
+        "model-00001-of-00002.safetensors": {
+            "w.weight": q,
+            "w.activation_scale": torch.tensor(2.0),
+            "n.input_scale": torch.tensor(3.0),
+        },
+        "model-00002-of-00002.safetensors": {
+            "w.weight_scale_inv": scales,
+            "gone.weight_scale_inv": torch.ones(1, 1),
+        },
     }
     for name, tensors in shards.items():
         save_file(tensors, src / name, metadata={"format": "pt"})
     weight_map = {k: name for name, tensors in shards.items() for k in tensors}
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (src / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": list(BLOCK)}}))
+    (src / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": list(BLOCK)}})
+    )
     out = dequantize_checkpoint(src, tmp_path / "out", quiet=True)
-    assert load_file(out / "model-00001-of-00002.safetensors").keys() == {"w.weight", "n.input_scale"}  # n has no float8 weight
+    assert load_file(out / "model-00001-of-00002.safetensors").keys() == {
+        "w.weight",
+        "n.input_scale",
+    }  # n has no float8 weight
     assert not (out / "model-00002-of-00002.safetensors").exists()
-    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].keys() == {"w.weight", "n.input_scale"}
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].keys() == {
+        "w.weight",
+        "n.input_scale",
+    }

@@ -35,7 +35,9 @@ from moelab.offload.store import ExpertStore
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Mamba-2, MoE, attention, dense MLP, MoE: every kind of Nemotron-H layer
-HYBRID = dict(TINY["nemotron_h"].config, layers_block_type=["linear_attention", "moe", "full_attention", "mlp", "moe"])
+HYBRID = dict(
+    TINY["nemotron_h"].config, layers_block_type=["linear_attention", "moe", "full_attention", "mlp", "moe"]
+)
 MOE_LAYERS = [1, 4]
 _SMALL = CalibrationOptions(tokens=256, seq_len=32, batch_size=4, sample_tokens=64)
 EVERY = dataclasses.replace(_SMALL, observers=_SMALL.observers + ("neurons",))  # with the backward sweep
@@ -83,9 +85,17 @@ def test_the_view_reads_both_layouts_as_transformers_computes_them(saved, layout
     for i in MOE_LAYERS:
         layer = layers[i]
         assert not layer.experts.gated and layer.experts.activation == "relu2" and layer.shared.gate is None
-        assert layer.router.score_func == "sigmoid" and layer.router.n_group == 2 and layer.router.route_scale == 2.5
+        assert (
+            layer.router.score_func == "sigmoid"
+            and layer.router.n_group == 2
+            and layer.router.route_scale == 2.5
+        )
         latent = model.config.moe_latent_size
-        assert (layer.latent is None) if latent is None else layer.experts.dim == latent == layer.latent.down.shape[0]
+        assert (
+            (layer.latent is None)
+            if latent is None
+            else layer.experts.dim == latent == layer.latent.down.shape[0]
+        )
         want = block_output("nemotron_h", model, i, x)
         got = moe_layer_from_view(layer)(x.reshape(-1, x.shape[-1]))[0].reshape(x.shape)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -122,7 +132,9 @@ def test_what_the_view_does_not_read_is_refused(saved, tmp_path, change, message
 
 
 @pytest.mark.parametrize("layout", ["original", "fused"])
-def test_plain_experts_are_refused_by_a_gated_layout_and_gated_ones_by_a_plain_layout(saved, tmp_path, layout):
+def test_plain_experts_are_refused_by_a_gated_layout_and_gated_ones_by_a_plain_layout(
+    saved, tmp_path, layout
+):
     """An edit of the right shape whose experts are of the other kind is refused by name before
     anything is written, in both directions; and each on-disk layout refuses to encode the other
     kind (the plain layouts have no gate to write, the gated ones need one)."""
@@ -164,9 +176,19 @@ def test_every_method_compresses_the_hybrid_stack_and_transformers_reloads_it(sa
     stats = calibrate(paths[layout], tmp_path / "stats", options=EVERY, quiet=True).directory
     for method in sorted(METHODS):
         domains = ["code"] if method == "premoe" else None
-        report = compress(paths[layout], tmp_path / method, method=method, ratio=0.5, stats=stats, domains=domains, quiet=True)
+        report = compress(
+            paths[layout],
+            tmp_path / method,
+            method=method,
+            ratio=0.5,
+            stats=stats,
+            domains=domains,
+            quiet=True,
+        )
         assert report["complete"] and sorted(report["layers"]) == [str(i) for i in MOE_LAYERS], method
-        narrows = METHODS[method].narrows or any(e["notes"].get("strategy") == "neurons" for e in report["layers"].values())
+        narrows = METHODS[method].narrows or any(
+            e["notes"].get("strategy") == "neurons" for e in report["layers"].values()
+        )
         for entry in report["layers"].values():  # half the experts, or every expert at half its width
             assert len(entry["kept"]) + len(entry["merge_groups"]) == (8 if narrows else 4), method
         experts = load(tmp_path / method).model.layers[4].mixer.experts
@@ -195,15 +217,23 @@ def test_multi_token_prediction_layers_with_experts_are_left_out(saved, tmp_path
     src = tmp_path / "src"
     shutil.copytree(paths["original"], src)
     tensors = load_file(src / "model.safetensors")
-    mtp = {k.replace("backbone.layers.1.", "mtp.layers.1."): v.clone() for k, v in tensors.items() if k.startswith("backbone.layers.1.")}
+    mtp = {
+        k.replace("backbone.layers.1.", "mtp.layers.1."): v.clone()
+        for k, v in tensors.items()
+        if k.startswith("backbone.layers.1.")
+    }
     mtp["mtp.layers.0.eh_proj.weight"] = torch.randn(HYBRID["hidden_size"], 2 * HYBRID["hidden_size"])
     save_file(tensors | mtp, src / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
-    with pytest.warns(UserWarning, match=r"stored layers mtp.layers.0., mtp.layers.1. \(.*Nemotron-H's mtp.* left out"):
+    with pytest.warns(
+        UserWarning, match=r"stored layers mtp.layers.0., mtp.layers.1. \(.*Nemotron-H's mtp.* left out"
+    ):
         drop_experts(src, tmp_path / "out", [0, 5], quiet=True)  # one of each router group of 4
     written = load_file(tmp_path / "out" / "model.safetensors")
-    assert not [k for k in written if k.startswith("mtp.")] and "backbone.layers.1.mixer.gate.weight" in written
+    assert (
+        not [k for k in written if k.startswith("mtp.")] and "backbone.layers.1.mixer.gate.weight" in written
+    )
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
 
 
@@ -224,7 +254,9 @@ def test_the_store_reads_an_expert_straight_into_its_slot_and_converts_to_bf16(s
             store.load(4, 5, pool, 1)
             assert (not views) == (dtype == torch.float32), dtype
             want = read(store, 4, 5)
-            assert torch.equal(pool.up_proj[1], want.up[0].to(dtype)) and torch.equal(pool.down_proj[1], want.down[0].to(dtype))
+            assert torch.equal(pool.up_proj[1], want.up[0].to(dtype)) and torch.equal(
+                pool.down_proj[1], want.down[0].to(dtype)
+            )
         finally:
             store.close()
 
@@ -243,17 +275,23 @@ def test_a_bf16_checkpoint_keeps_what_transformers_keeps_in_float32(saved, tmp_p
     try:
         router = offloaded.model.model.layers[1].mixer.moe.router
         assert torch.equal(router.weight, stored["backbone.layers.1.mixer.gate.weight"])
-        assert torch.equal(router.selection_bias, stored["backbone.layers.1.mixer.gate.e_score_correction_bias"])
+        assert torch.equal(
+            router.selection_bias, stored["backbone.layers.1.mixer.gate.e_score_correction_bias"]
+        )
         assert offloaded.generate(torch.randint(0, 8192, (1, 4)), 4).shape == (1, 8)
     finally:
         offloaded.close()
     seen = []
-    with LayerwiseModel(src, dtype=torch.bfloat16) as runner:  # what calibration's layer-by-layer runner routes with
+    with LayerwiseModel(
+        src, dtype=torch.bfloat16
+    ) as runner:  # what calibration's layer-by-layer runner routes with
         states = runner.embed([torch.randint(0, 8192, (1, 4))])
         with runner.layer(1, run_moe=lambda moe, x: seen.append(moe.router.state_dict()) or moe(x)[0]) as run:
             assert run(0, states[0]).dtype == torch.bfloat16
     assert torch.equal(seen[0]["weight"], stored["backbone.layers.1.mixer.gate.weight"])
-    assert torch.equal(seen[0]["selection_bias"], stored["backbone.layers.1.mixer.gate.e_score_correction_bias"])
+    assert torch.equal(
+        seen[0]["selection_bias"], stored["backbone.layers.1.mixer.gate.e_score_correction_bias"]
+    )
     options = dataclasses.replace(EVERY, dtype="bfloat16")
     assert calibrate(src, tmp_path / "stats", options=options, quiet=True).info["complete"]
 

@@ -16,7 +16,15 @@ from moelab.hf.edit import LayerEdit, apply_edit, masked_moe_layer
 from moelab.hf.export import EXPORT_FAMILIES, export_checkpoint
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.postconditions import WriteCheckError
-from moelab.hf.view import DenseLayerView, ExpertsView, LatentView, ModelView, MoELayerView, RouterView, SharedView
+from moelab.hf.view import (
+    DenseLayerView,
+    ExpertsView,
+    LatentView,
+    ModelView,
+    MoELayerView,
+    RouterView,
+    SharedView,
+)
 from moelab.hf.writer import drop_experts, write_checkpoint
 
 __all__ = [

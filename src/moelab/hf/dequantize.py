@@ -47,14 +47,19 @@ def dequantize_checkpoint(
     source = Path(source).resolve()
     config = read_json_object(source / "config.json", "a model config", error=CheckpointError)
     block = fp8_block_size(config, source)
-    with StagedOutput(out, CHECKPOINT_KIND, inputs=[source], overwrite=overwrite) as staging, Checkpoint(source) as ckpt:
+    with (
+        StagedOutput(out, CHECKPOINT_KIND, inputs=[source], overwrite=overwrite) as staging,
+        Checkpoint(source) as ckpt,
+    ):
         weight_map, total = {}, 0
         for shard in tqdm(ckpt.shards(), desc="dequantize", unit="shard", disable=quiet, leave=False):
             tensors = {key: _plain(ckpt, key, block, dtype) for key in ckpt.keys()
                        if ckpt.shard(key) == shard and not _is_scale(ckpt, key)}  # fmt: skip
             if not tensors:  # a shard of scales only: no file for it
                 continue
-            save_safetensors_stream(tensors, staging / shard, metadata=ckpt.metadata(shard) or {"format": "pt"})
+            save_safetensors_stream(
+                tensors, staging / shard, metadata=ckpt.metadata(shard) or {"format": "pt"}
+            )
             weight_map |= dict.fromkeys(tensors, shard)
             total += sum(t.nbytes for t in tensors.values())
             del tensors
@@ -74,7 +79,9 @@ def fp8_block_size(config: dict, source: Path) -> tuple[int, int]:
     quantization = config.get("quantization_config")
     method = quantization.get("quant_method") if isinstance(quantization, dict) else None
     block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
-    if method != "fp8" or not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+    if method != "fp8" or not (
+        isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
+    ):
         raise CheckpointError(
             f"{source / 'config.json'}: moelab dequantizes block-wise FP8 checkpoints (quantization_config with "
             f"quant_method 'fp8' and weight_block_size [rows, columns], as DeepSeek-V3 and Qwen3-FP8 ship); this one "
@@ -83,16 +90,23 @@ def fp8_block_size(config: dict, source: Path) -> tuple[int, int]:
     return block[0], block[1]
 
 
-def dequantized(q: Tensor, scales: Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float32) -> Tensor:
+def dequantized(
+    q: Tensor, scales: Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float32
+) -> Tensor:
     """q: [..., O, I] float8, scales: [..., ceil(O / bo), ceil(I / bi)] -> [..., O, I] in `dtype`:
     every entry times its block's scale, computed in float32 one row of blocks at a time (beside
     the output, memory for bo rows of float32 only)."""
     O, I = q.shape[-2:]
     bo, bi = block
-    if scales.dtype == torch.uint8:  # ue8m0 exponents stored as bytes (MXFP8): 2 ** (byte - 127), as transformers reads them
+    if (
+        scales.dtype == torch.uint8
+    ):  # ue8m0 exponents as bytes (MXFP8): 2 ** (byte - 127), as transformers reads them
         scales = (scales.float() - 127).exp2()
     elif not scales.dtype.is_floating_point:
-        raise CheckpointError(f"scales of dtype {scales.dtype} for a weight of shape {list(q.shape)}: moelab reads float scales and ue8m0 bytes only")
+        raise CheckpointError(
+            f"scales of dtype {scales.dtype} for a weight of shape {list(q.shape)}: moelab reads float scales and "
+            "ue8m0 bytes only"
+        )
     want = (*q.shape[:-2], -(-O // bo), -(-I // bi))
     if tuple(scales.shape) != want:
         raise CheckpointError(
@@ -132,5 +146,11 @@ def _plain(ckpt: Checkpoint, key: str, block: tuple[int, int], dtype: torch.dtyp
     if DTYPES.get(raw.dtype) not in FLOAT8:
         return raw
     if key + SCALE_SUFFIX not in ckpt:
-        raise CheckpointError(f"{ckpt.directory}: {key} is float8 but has no {key}{SCALE_SUFFIX}; it cannot be dequantized")
-    return LazyTensor(dtype, tuple(raw.shape), lambda: dequantized(ckpt.get(key), ckpt.get(key + SCALE_SUFFIX), block, dtype))
+        raise CheckpointError(
+            f"{ckpt.directory}: {key} is float8 but has no {key}{SCALE_SUFFIX}; it cannot be dequantized"
+        )
+    return LazyTensor(
+        dtype,
+        tuple(raw.shape),
+        lambda: dequantized(ckpt.get(key), ckpt.get(key + SCALE_SUFFIX), block, dtype),
+    )

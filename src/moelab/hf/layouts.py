@@ -21,7 +21,15 @@ import torch
 from torch import Tensor
 
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
-from moelab.hf.view import DenseLayerView, ExpertsView, LatentView, LayerView, MoELayerView, RouterView, SharedView
+from moelab.hf.view import (
+    DenseLayerView,
+    ExpertsView,
+    LatentView,
+    LayerView,
+    MoELayerView,
+    RouterView,
+    SharedView,
+)
 
 Config = dict[str, Any]
 _REQUIRED = object()
