@@ -286,9 +286,12 @@ def test_ue8m0_byte_scales_are_powers_of_two_and_packed_weights_are_refused(tmp_
     not the byte's value; an int8 weight with a scale (packed FP4) is not copied without it."""
     q, _ = quantized(torch.randn(20, 12, generator=torch.Generator().manual_seed(3)), BLOCK)
     exponents = torch.tensor([[126, 127], [128, 130]], dtype=torch.uint8)
-    assert torch.equal(
-        dequantized(q, exponents, BLOCK), per_block(q, torch.tensor([[0.5, 1.0], [2.0, 8.0]]), BLOCK)
-    )
+    powers = torch.tensor([[0.5, 1.0], [2.0, 8.0]])
+    assert torch.equal(dequantized(q, exponents, BLOCK), per_block(q, powers, BLOCK))
+    # the same scales as safetensors' F8_E8M0 (torch.float8_e8m0fnu), read from a file
+    e8m0 = _write_fp8(tmp_path / "e8m0", {"w.weight": q, "w.weight_scale_inv": powers.to(torch.float8_e8m0fnu)})
+    out = dequantize_checkpoint(e8m0, tmp_path / "e8m0_out", dtype=torch.float32, quiet=True)
+    assert torch.equal(load_file(out / "model.safetensors")["w.weight"], per_block(q, powers, BLOCK))
     src = _write_fp8(
         tmp_path / "src", {"w.weight": torch.zeros(20, 6, dtype=torch.int8), "w.weight_scale_inv": exponents}
     )
