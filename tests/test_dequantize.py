@@ -131,6 +131,7 @@ def test_a_sharded_fp8_checkpoint_dequantizes_tensor_by_tensor(fp8, tmp_path):
         ({"quant_method": "awq"}, "dequantizes block-wise FP8 checkpoints"),
         ({"weight_block_size": None}, "dequantizes block-wise FP8 checkpoints"),
         ({"weight_block_size": [128]}, "dequantizes block-wise FP8 checkpoints"),
+        ({"weight_block_size": [True, True]}, "dequantizes block-wise FP8 checkpoints"),
     ],
 )
 def test_other_quantizations_are_refused_by_name(fp8, tmp_path, change, message):

@@ -80,7 +80,9 @@ def fp8_block_size(config: dict, source: Path) -> tuple[int, int]:
     method = quantization.get("quant_method") if isinstance(quantization, dict) else None
     block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
     if method != "fp8" or not (
-        isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
+        isinstance(block, list)
+        and len(block) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
     ):
         raise CheckpointError(
             f"{source / 'config.json'}: moelab dequantizes block-wise FP8 checkpoints (quantization_config with "
