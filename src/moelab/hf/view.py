@@ -23,7 +23,7 @@ from moelab.validation import is_int
 SCORE_FUNCS = ("softmax", "sigmoid", "sparsemixer")
 GATED_ACTIVATIONS = ("silu", "clamped_swiglu")  # act(gate, up)
 PLAIN_ACTIVATIONS = ("relu2", "gelu", "relu", "silu")  # act(up), experts with no gate: Nemotron-H, moelab's
-ACTIVATIONS = ("silu", "clamped_swiglu", "relu2", "gelu", "relu")
+ACTIVATIONS = tuple(dict.fromkeys(GATED_ACTIVATIONS + PLAIN_ACTIVATIONS))
 
 
 @dataclass(frozen=True, eq=False)
