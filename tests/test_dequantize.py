@@ -290,7 +290,9 @@ def test_ue8m0_byte_scales_are_powers_of_two_and_packed_weights_are_refused(tmp_
     powers = torch.tensor([[0.5, 1.0], [2.0, 8.0]])
     assert torch.equal(dequantized(q, exponents, BLOCK), per_block(q, powers, BLOCK))
     # the same scales as safetensors' F8_E8M0 (torch.float8_e8m0fnu), read from a file
-    e8m0 = _write_fp8(tmp_path / "e8m0", {"w.weight": q, "w.weight_scale_inv": powers.to(torch.float8_e8m0fnu)})
+    e8m0 = _write_fp8(
+        tmp_path / "e8m0", {"w.weight": q, "w.weight_scale_inv": powers.to(torch.float8_e8m0fnu)}
+    )
     out = dequantize_checkpoint(e8m0, tmp_path / "e8m0_out", dtype=torch.float32, quiet=True)
     assert torch.equal(load_file(out / "model.safetensors")["w.weight"], per_block(q, powers, BLOCK))
     src = _write_fp8(
@@ -335,3 +337,58 @@ def test_stray_and_activation_scales_are_dropped_with_the_shards_they_empty(tmp_
         "w.weight",
         "n.input_scale",
     }
+
+
+def _compressed_tensors(directory, tensors, weights: dict, fmt="float-quantized"):
+    """A one-file llm-compressor checkpoint: these tensors, one config group of these weights."""
+    group = {"format": fmt, "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", **weights}}
+    quantization = {"quant_method": "compressed-tensors", "format": fmt, "config_groups": {"group_0": group}}
+    directory.mkdir()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps({"quantization_config": quantization}))
+    return directory
+
+
+@pytest.mark.parametrize(
+    "weights,block,scale_shape",
+    [
+        ({"strategy": "tensor"}, (20, 12), (1,)),
+        ({"strategy": "channel"}, (1, 12), (20, 1)),
+        ({"strategy": "group", "group_size": 4}, (1, 4), (20, 3)),
+        ({"strategy": "block", "block_structure": [16, 8]}, (16, 8), (2, 2)),
+    ],
+)
+def test_compressed_tensors_float8_weights_dequantize_by_their_strategy(
+    tmp_path, weights, block, scale_shape
+):
+    """llm-compressor's FP8 (`weight_scale` beside each float8 weight): one scale per tensor, per
+    output channel, per group of input columns or per block; the scales and input scales dropped."""
+    g = torch.Generator().manual_seed(5)
+    q, scales = quantized(torch.randn(20, 12, generator=g), block)
+    tensors = {"w.weight": q, "w.weight_scale": scales.reshape(scale_shape), "w.input_scale": torch.tensor([2.0]),
+               "norm.weight": torch.ones(12)}  # fmt: skip
+    src = _compressed_tensors(tmp_path / "src", tensors, weights)
+    out = load_file(
+        dequantize_checkpoint(src, tmp_path / "out", dtype=torch.float32, quiet=True) / "model.safetensors"
+    )
+    assert out.keys() == {"w.weight", "norm.weight"}
+    assert torch.equal(out["w.weight"], per_block(q, scales, block)) and torch.equal(
+        out["norm.weight"], torch.ones(12)
+    )
+
+
+@pytest.mark.parametrize(
+    "weights,fmt,message",
+    [
+        ({"strategy": "channel"}, "pack-quantized", "whose weights are all float-quantized 8-bit floats"),
+        ({"strategy": "channel", "num_bits": 4}, "float-quantized", "4 bits"),
+        ({"strategy": "tensor_group", "group_size": 16}, "float-quantized", "strategy 'tensor_group'"),
+        ({"strategy": "group"}, "float-quantized", "the group strategy's size is None"),
+    ],
+)
+def test_other_compressed_tensors_schemes_are_refused_by_name(tmp_path, weights, fmt, message):
+    q, scales = quantized(torch.randn(20, 12, generator=torch.Generator().manual_seed(6)), (1, 12))
+    src = _compressed_tensors(tmp_path / "src", {"w.weight": q, "w.weight_scale": scales}, weights, fmt)
+    with pytest.raises(CheckpointError, match=message):
+        dequantize_checkpoint(src, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()

@@ -683,7 +683,7 @@ def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
         how = (
             f"`moelab dequantize {path} --out DIR` writes it in bf16, one tensor at a time"
-            if method == "fp8"
+            if method in ("fp8", "compressed-tensors")
             else "e.g. load it with transformers (dequantize=True where the method supports it) and save_pretrained "
             "the dense model"
         )

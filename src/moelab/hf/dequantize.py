@@ -1,20 +1,25 @@
-"""`moelab dequantize`: a block-wise FP8 checkpoint rewritten with plain weights, one shard at a time.
+"""`moelab dequantize`: a checkpoint of float8 weights rewritten with plain weights, one tensor at a time.
 
-DeepSeek-V3/R1, Qwen3's FP8 releases, MiniMax-M2 and Kimi-K2 ship their linear weights as
-float8 (`quant_method: "fp8"` in config.json's `quantization_config`) with one float32 scale per
-block of `weight_block_size` = [bo, bi] entries: `W[i, j] = q[i, j] * s[i // bo, j // bi]`, the
-scales stored as `<name>_scale_inv`. The views, compression and offloading need plain weights, and
-transformers dequantizes such checkpoints only by loading the whole model (with accelerate). This
-reads and writes one tensor at a time: float8 weights are dequantized (in float32, then cast to `dtype`),
-their scales dropped, every other tensor copied byte for byte; config.json loses its
-`quantization_config`. Output as every moelab checkpoint: staged, published whole, replaced only
-with `overwrite`.
+Two formats, both a float32 scale per block of a weight, `W[i, j] = q[i, j] * s[i // bo, j // bi]`:
+- block-wise FP8 (`quant_method: "fp8"`, `weight_block_size` = [bo, bi], the scales stored as
+  `<name>_scale_inv`): DeepSeek-V3/R1, Qwen3's FP8 releases, MiniMax-M2, Kimi-K2;
+- llm-compressor's float-quantized FP8 (`quant_method: "compressed-tensors"`, weights' `strategy`
+  tensor, channel, group or block, the scales stored as `<module>.weight_scale`): the "FP8" and
+  "FP8-dynamic" releases made with llm-compressor.
+The views, compression and offloading need plain weights, and transformers dequantizes such
+checkpoints only by loading the whole model (with accelerate). This reads and writes one tensor
+at a time: float8 weights are dequantized (in float32, a few hundred rows at a time, then cast to
+`dtype`), their scales and activation scales dropped, every other tensor copied byte for byte;
+config.json loses its `quantization_config`. Output as every moelab checkpoint: staged, published
+whole, replaced only with `overwrite`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,19 +47,19 @@ def dequantize_checkpoint(
     overwrite: bool = False,
     quiet: bool = False,
 ) -> Path:
-    """Write the block-wise FP8 checkpoint `source` into the new directory `out` with its float8
+    """Write the float8 checkpoint `source` into the new directory `out` with its float8
     weights dequantized to `dtype` (see the module docstring). Returns `out`."""
     source = Path(source).resolve()
     config = read_json_object(source / "config.json", "a model config", error=CheckpointError)
-    block = fp8_block_size(config, source)
+    scheme = float8_scheme(config, source)
     with (
         StagedOutput(out, CHECKPOINT_KIND, inputs=[source], overwrite=overwrite) as staging,
         Checkpoint(source) as ckpt,
     ):
         weight_map, total = {}, 0
         for shard in tqdm(ckpt.shards(), desc="dequantize", unit="shard", disable=quiet, leave=False):
-            tensors = {key: _plain(ckpt, key, block, dtype) for key in ckpt.keys()
-                       if ckpt.shard(key) == shard and not _is_scale(ckpt, key)}  # fmt: skip
+            tensors = {key: _plain(ckpt, key, scheme, dtype) for key in ckpt.keys()
+                       if ckpt.shard(key) == shard and not _is_scale(ckpt, key, scheme)}  # fmt: skip
             if not tensors:  # a shard of scales only: no file for it
                 continue
             save_safetensors_stream(
@@ -74,30 +79,96 @@ def dequantize_checkpoint(
     return Path(out)
 
 
+@dataclass(frozen=True)
+class Float8Scheme:
+    """How a checkpoint's float8 weights are scaled: the scale beside weight `name` is
+    `name + scale_suffix`, and `block(shape)` gives the [bo, bi] block one scale covers in a
+    weight [..., O, I]."""
+
+    scale_suffix: str
+    block: Callable[[tuple[int, ...]], tuple[int, int]]
+
+
+def float8_scheme(config: dict, source: Path) -> Float8Scheme:
+    """The scheme of a block-wise FP8 or compressed-tensors float-quantized config.json; a clear
+    error for anything else."""
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors":
+        return _compressed_tensors_scheme(quantization, source)
+    bo, bi = fp8_block_size(config, source)
+    return Float8Scheme(SCALE_SUFFIX, lambda shape: (bo, bi))
+
+
+def _compressed_tensors_scheme(quantization: dict, source: Path) -> Float8Scheme:
+    """llm-compressor's float-quantized weights: one 8-bit float strategy for every group."""
+    groups = quantization.get("config_groups")
+    weights = [g.get("weights") for g in groups.values()] if isinstance(groups, dict) else []
+    formats = {g.get("format", quantization.get("format")) for g in groups.values()} if weights else set()
+    kinds = {(w.get("type"), w.get("num_bits"), w.get("strategy")) for w in weights if isinstance(w, dict)}
+    if (
+        formats != {"float-quantized"}
+        or len(kinds) != 1
+        or not weights
+        or not all(isinstance(w, dict) for w in weights)
+    ):
+        raise CheckpointError(
+            f"{source / 'config.json'}: moelab dequantizes compressed-tensors checkpoints whose weights are all "
+            f"float-quantized 8-bit floats with one strategy; this one has formats {sorted(map(str, formats))} and "
+            f"weights {sorted(map(str, kinds))}"
+        )
+    (kind, bits, strategy), weight = kinds.pop(), weights[0]
+    if (kind, bits) != ("float", 8) or strategy not in ("tensor", "channel", "group", "block"):
+        raise CheckpointError(
+            f"{source / 'config.json'}: compressed-tensors weights of type {kind!r}, {bits} bits, strategy {strategy!r}; "
+            "moelab dequantizes 8-bit floats with the tensor, channel, group or block strategy"
+        )
+    size, structure = weight.get("group_size"), weight.get("block_structure")
+    blocks = {
+        "tensor": lambda shape: (shape[-2], shape[-1]),
+        "channel": lambda shape: (1, shape[-1]),
+        "group": lambda shape: (1, size),
+        "block": lambda shape: tuple(structure),
+    }
+    if (strategy == "group" and not _positive_ints([size])) or (
+        strategy == "block" and not _positive_ints(structure, 2)
+    ):
+        raise CheckpointError(
+            f"{source / 'config.json'}: the {strategy} strategy's size is {size or structure!r}"
+        )
+    return Float8Scheme("_scale", blocks[strategy])
+
+
+def _positive_ints(values, count: int | None = None) -> bool:
+    return (
+        isinstance(values, list)
+        and (count is None or len(values) == count)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    )
+
+
 def fp8_block_size(config: dict, source: Path) -> tuple[int, int]:
     """The [bo, bi] block of a block-wise FP8 config.json; a clear error for anything else."""
     quantization = config.get("quantization_config")
     method = quantization.get("quant_method") if isinstance(quantization, dict) else None
     block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
-    if method != "fp8" or not (
-        isinstance(block, list)
-        and len(block) == 2
-        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
-    ):
+    if method != "fp8" or not _positive_ints(block, 2):
         raise CheckpointError(
             f"{source / 'config.json'}: moelab dequantizes block-wise FP8 checkpoints (quantization_config with "
-            f"quant_method 'fp8' and weight_block_size [rows, columns], as DeepSeek-V3 and Qwen3-FP8 ship); this one "
-            f"has {quantization!r}"
+            f"quant_method 'fp8' and weight_block_size [rows, columns], as DeepSeek-V3 and Qwen3-FP8 ship) and "
+            f"compressed-tensors float-quantized ones; this one has {quantization!r}"
         )
     return block[0], block[1]
+
+
+ROWS_PER_STEP = 128  # rows dequantized together: a few MB of float32 beside the output
 
 
 def dequantized(
     q: Tensor, scales: Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """q: [..., O, I] float8, scales: [..., ceil(O / bo), ceil(I / bi)] -> [..., O, I] in `dtype`:
-    every entry times its block's scale, computed in float32 one row of blocks at a time (beside
-    the output, memory for bo rows of float32 only)."""
+    """q: [..., O, I] float8, scales: [..., ceil(O / bo), ceil(I / bi)] (one scale for a whole
+    weight may be stored as [1] or []) -> [..., O, I] in `dtype`: every entry times its block's
+    scale, computed in float32 ROWS_PER_STEP rows at a time."""
     O, I = q.shape[-2:]
     bo, bi = block
     if (
@@ -110,49 +181,58 @@ def dequantized(
             "ue8m0 bytes only"
         )
     want = (*q.shape[:-2], -(-O // bo), -(-I // bi))
+    if scales.numel() == 1 and want[-2:] == (1, 1) and q.dim() == 2:
+        scales = scales.reshape(1, 1)
     if tuple(scales.shape) != want:
         raise CheckpointError(
             f"scales of shape {list(scales.shape)} do not tile a weight of shape {list(q.shape)} in blocks of "
-            f"{bo} x {bi} (expected {list(want)}); the checkpoint does not match its weight_block_size"
+            f"{bo} x {bi} (expected {list(want)}); the checkpoint does not match its quantization_config"
         )
     out = torch.empty(q.shape, dtype=dtype)
     matrices, row_scales, outs = q.reshape(-1, O, I), scales.reshape(-1, *want[-2:]), out.view(-1, O, I)
     for m in range(matrices.shape[0]):
-        for r in range(want[-2]):
-            rows = slice(r * bo, (r + 1) * bo)
-            per_column = row_scales[m, r].float().repeat_interleave(bi)[:I]
-            outs[m, rows] = (matrices[m, rows].float() * per_column).to(dtype)
+        for start in range(0, O, ROWS_PER_STEP):
+            stop = min(start + ROWS_PER_STEP, O)
+            per_entry = (
+                row_scales[m, torch.arange(start, stop) // bo].float().repeat_interleave(bi, dim=1)[:, :I]
+            )
+            outs[m, start:stop] = (matrices[m, start:stop].float() * per_entry).to(dtype)
     return out
 
 
-def _is_scale(ckpt: Checkpoint, key: str) -> bool:
-    """A scale the plain weights no longer use: every `*_scale_inv` (DeepSeek-V3's fp8_cast_bf16
-    drops them all, a weight's or not), and a float8 weight's activation scale (static activation
-    schemes: `activation_scale`, `input_scale`), which transformers drops when it dequantizes."""
+def _is_scale(ckpt: Checkpoint, key: str, scheme: Float8Scheme) -> bool:
+    """A scale the plain weights no longer use: a float8 weight's scale, every `*_scale_inv`
+    (DeepSeek-V3's fp8_cast_bf16 drops them all, a weight's or not), and a float8 weight's activation
+    scale (static activation schemes: `activation_scale`, `input_scale`), which transformers drops
+    when it dequantizes."""
     if key.endswith(SCALE_SUFFIX):
         return True
+    if key.endswith(scheme.scale_suffix) and _is_float8(ckpt, key.removesuffix(scheme.scale_suffix)):
+        return True
     module, _, name = key.rpartition(".")
-    weight = f"{module}.weight"
-    return name in ACTIVATION_SCALES and weight in ckpt and DTYPES.get(ckpt.raw(weight).dtype) in FLOAT8
+    return name in ACTIVATION_SCALES and _is_float8(ckpt, f"{module}.weight")
 
 
-def _plain(ckpt: Checkpoint, key: str, block: tuple[int, int], dtype: torch.dtype) -> LazyTensor | RawTensor:
+def _is_float8(ckpt: Checkpoint, key: str) -> bool:
+    return key in ckpt and DTYPES.get(ckpt.raw(key).dtype) in FLOAT8
+
+
+def _plain(ckpt: Checkpoint, key: str, scheme: Float8Scheme, dtype: torch.dtype) -> LazyTensor | RawTensor:
     """Tensor `key` as the output holds it: dequantized when it is written if float8, else the
     stored bytes."""
-    raw = ckpt.raw(key)
-    if DTYPES.get(raw.dtype) in (torch.int8, torch.uint8) and key + SCALE_SUFFIX in ckpt:
+    raw, scale = ckpt.raw(key), key + scheme.scale_suffix
+    if DTYPES.get(raw.dtype) in (torch.int8, torch.uint8) and scale in ckpt:
         raise CheckpointError(
-            f"{ckpt.directory}: {key} is stored as {DTYPES[raw.dtype]} with a {key}{SCALE_SUFFIX} (packed FP4 or another "
-            "format than block-wise FP8); moelab dequantizes float8 weights only, and would drop its scale"
+            f"{ckpt.directory}: {key} is stored as {DTYPES[raw.dtype]} with a {scale} (packed FP4 or another "
+            "format than float8 weights); moelab dequantizes float8 weights only, and would drop its scale"
         )
     if DTYPES.get(raw.dtype) not in FLOAT8:
         return raw
-    if key + SCALE_SUFFIX not in ckpt:
+    if scale not in ckpt:
         raise CheckpointError(
-            f"{ckpt.directory}: {key} is float8 but has no {key}{SCALE_SUFFIX}; it cannot be dequantized"
+            f"{ckpt.directory}: {key} is float8 but has no {scale}; it cannot be dequantized"
         )
+    block = scheme.block(tuple(raw.shape))
     return LazyTensor(
-        dtype,
-        tuple(raw.shape),
-        lambda: dequantized(ckpt.get(key), ckpt.get(key + SCALE_SUFFIX), block, dtype),
+        dtype, tuple(raw.shape), lambda: dequantized(ckpt.get(key), ckpt.get(scale), block, dtype)
     )
