@@ -392,3 +392,49 @@ def test_other_compressed_tensors_schemes_are_refused_by_name(tmp_path, weights,
     with pytest.raises(CheckpointError, match=message):
         dequantize_checkpoint(src, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_compressed_tensors_groups_of_other_sizes_padding_g_idx_and_leftovers(tmp_path):
+    """Review of 1e4006b: groups differing only in block size are refused (they were read with the
+    first group's); activation-ordered groups (weight_g_idx) are refused (they were dequantized by
+    runs of columns); a block weight stored padded is cut to weight_shape_original; zero points,
+    output scales and the kv cache's scales are not left in the plain checkpoint; a group's null
+    format is the top-level one."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(20, 12, generator=g)
+    qa, sa = quantized(w, (16, 12))
+    src = _compressed_tensors(tmp_path / "two", {"a.weight": qa, "a.weight_scale": sa}, {"strategy": "block", "block_structure": [16, 12]})
+    config = json.loads((src / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"]
+    groups["group_1"] = json.loads(json.dumps(groups["group_0"]))
+    groups["group_1"]["weights"]["block_structure"] = [11, 12]  # the same [2, 1] grid of scales on 20 rows
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="block structures"):
+        dequantize_checkpoint(src, tmp_path / "two_out", quiet=True)
+    q, s = quantized(w, (1, 4))
+    g_idx = (torch.arange(12) // 4)[torch.randperm(12, generator=g)].int()
+    src = _compressed_tensors(tmp_path / "act", {"a.weight": q, "a.weight_scale": s, "a.weight_g_idx": g_idx}, {"strategy": "group", "group_size": 4, "actorder": "group"})
+    with pytest.raises(CheckpointError, match="weight_g_idx"):
+        dequantize_checkpoint(src, tmp_path / "act_out", quiet=True)
+    qp, sp = quantized(torch.randn(32, 16, generator=g), (16, 8))
+    q, s = quantized(w, (1, 12))
+    tensors = {"p.weight": qp, "p.weight_scale": sp, "p.weight_shape_original": torch.tensor([20, 12]),
+               "a.weight": q, "a.weight_scale": s, "a.weight_zero_point": torch.zeros(20, 1), "a.input_zero_point": torch.zeros(1),
+               "a.output_scale": torch.ones(1), "attn.k_scale": torch.tensor(1.0), "attn.v_scale": torch.tensor(1.0)}  # fmt: skip
+    src = _compressed_tensors(tmp_path / "pad", tensors, {"strategy": "channel"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["format"] = None
+    config["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor"}
+    (src / "config.json").write_text(json.dumps(config))
+    # the padded weight's own scheme is block [16, 8]: check the cut against a one-weight checkpoint
+    pad = _compressed_tensors(tmp_path / "pad1", {k: v for k, v in tensors.items() if k.startswith("p.")}, {"strategy": "block", "block_structure": [16, 8]})
+    out = load_file(dequantize_checkpoint(pad, tmp_path / "pad1_out", dtype=torch.float32, quiet=True) / "model.safetensors")
+    assert out.keys() == {"p.weight"} and torch.equal(out["p.weight"], per_block(qp, sp, (16, 8))[:20, :12])
+    del tensors["p.weight"], tensors["p.weight_scale"], tensors["p.weight_shape_original"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = load_file(dequantize_checkpoint(src, tmp_path / "pad_out", dtype=torch.float32, quiet=True) / "model.safetensors")
+    assert out.keys() == {"a.weight"} and torch.equal(out["a.weight"], per_block(q, s, (1, 12)))
+    tensors["a.weight_zero_point"] = torch.ones(20, 1)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="nonzero"):
+        dequantize_checkpoint(src, tmp_path / "zp_out", quiet=True)

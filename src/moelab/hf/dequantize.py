@@ -36,6 +36,11 @@ from moelab.models.pretrained import CHECKPOINT_KIND
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALE_SUFFIX = "_scale_inv"
 ACTIVATION_SCALES = ("activation_scale", "input_scale")
+# compressed-tensors' other parameters of a quantized module (zero points, which symmetric float8 has as
+# zeros or not at all, output scales), dropped with its weight's scale: not parameters of a plain model
+QUANTIZATION_PARAMETERS = ("input_zero_point", "output_scale", "output_zero_point", "weight_zero_point")
+PADDING = ("weight_shape_original",)  # compressed-tensors' block weights stored padded to whole blocks
+KV_CACHE_SCALES = ("k_scale", "v_scale", "q_scale")  # kv_cache_scheme's scales, on the attention modules
 OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -87,6 +92,7 @@ class Float8Scheme:
 
     scale_suffix: str
     block: Callable[[tuple[int, ...]], tuple[int, int]]
+    kv_scales: tuple[str, ...] = ()  # attention's scales of a quantized kv cache, dropped wherever they are
 
 
 def float8_scheme(config: dict, source: Path) -> Float8Scheme:
@@ -103,18 +109,20 @@ def _compressed_tensors_scheme(quantization: dict, source: Path) -> Float8Scheme
     """llm-compressor's float-quantized weights: one 8-bit float strategy for every group."""
     groups = quantization.get("config_groups")
     weights = [g.get("weights") for g in groups.values()] if isinstance(groups, dict) else []
-    formats = {g.get("format", quantization.get("format")) for g in groups.values()} if weights else set()
+    formats = {g.get("format") or quantization.get("format") for g in groups.values()} if weights else set()
     kinds = {(w.get("type"), w.get("num_bits"), w.get("strategy")) for w in weights if isinstance(w, dict)}
+    sizes = {json.dumps([w.get("group_size"), w.get("block_structure")]) for w in weights if isinstance(w, dict)}
     if (
         formats != {"float-quantized"}
         or len(kinds) != 1
+        or len(sizes) != 1
         or not weights
         or not all(isinstance(w, dict) for w in weights)
     ):
         raise CheckpointError(
             f"{source / 'config.json'}: moelab dequantizes compressed-tensors checkpoints whose weights are all "
             f"float-quantized 8-bit floats with one strategy; this one has formats {sorted(map(str, formats))} and "
-            f"weights {sorted(map(str, kinds))}"
+            f"weights {sorted(map(str, kinds))} (group sizes / block structures {sorted(sizes)})"
         )
     (kind, bits, strategy), weight = kinds.pop(), weights[0]
     if (kind, bits) != ("float", 8) or strategy not in ("tensor", "channel", "group", "block"):
@@ -135,7 +143,8 @@ def _compressed_tensors_scheme(quantization: dict, source: Path) -> Float8Scheme
         raise CheckpointError(
             f"{source / 'config.json'}: the {strategy} strategy's size is {size or structure!r}"
         )
-    return Float8Scheme("_scale", blocks[strategy])
+    kv_scales = KV_CACHE_SCALES if quantization.get("kv_cache_scheme") else ()
+    return Float8Scheme("_scale", blocks[strategy], kv_scales)
 
 
 def _positive_ints(values, count: int | None = None) -> bool:
@@ -210,7 +219,9 @@ def _is_scale(ckpt: Checkpoint, key: str, scheme: Float8Scheme) -> bool:
     if key.endswith(scheme.scale_suffix) and _is_float8(ckpt, key.removesuffix(scheme.scale_suffix)):
         return True
     module, _, name = key.rpartition(".")
-    return name in ACTIVATION_SCALES and _is_float8(ckpt, f"{module}.weight")
+    if name in scheme.kv_scales:
+        return True
+    return name in (*ACTIVATION_SCALES, *QUANTIZATION_PARAMETERS, *PADDING) and _is_float8(ckpt, f"{module}.weight")
 
 
 def _is_float8(ckpt: Checkpoint, key: str) -> bool:
@@ -232,7 +243,24 @@ def _plain(ckpt: Checkpoint, key: str, scheme: Float8Scheme, dtype: torch.dtype)
         raise CheckpointError(
             f"{ckpt.directory}: {key} is float8 but has no {scale}; it cannot be dequantized"
         )
-    block = scheme.block(tuple(raw.shape))
-    return LazyTensor(
-        dtype, tuple(raw.shape), lambda: dequantized(ckpt.get(key), ckpt.get(scale), block, dtype)
-    )
+    module = key.removesuffix("weight")
+    if module + "weight_g_idx" in ckpt:
+        raise CheckpointError(
+            f"{ckpt.directory}: {key} has a {module}weight_g_idx (activation-ordered groups); moelab dequantizes "
+            "float8 weights whose groups are runs of columns only"
+        )
+    if module + "weight_zero_point" in ckpt and ckpt.get(module + "weight_zero_point").float().count_nonzero():
+        raise CheckpointError(
+            f"{ckpt.directory}: {key} has nonzero {module}weight_zero_point; moelab dequantizes symmetric float8 only"
+        )
+    block, shape = scheme.block(tuple(raw.shape)), tuple(raw.shape)
+    if (original := module + PADDING[0]) in ckpt:  # stored padded to whole blocks: cut back to this shape
+        shape = (*shape[:-2], *(int(n) for n in ckpt.get(original).tolist()[-2:]))
+        if not all(0 < n <= m for n, m in zip(shape[-2:], raw.shape[-2:])):
+            raise CheckpointError(f"{ckpt.directory}: {original} {list(shape)} does not fit {key} {list(raw.shape)}")
+
+    def value() -> Tensor:
+        out = dequantized(ckpt.get(key), ckpt.get(scale), block, dtype)
+        return out if shape == out.shape else out[..., : shape[-2], : shape[-1]].contiguous()
+
+    return LazyTensor(dtype, shape, value)
