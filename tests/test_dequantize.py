@@ -403,7 +403,11 @@ def test_compressed_tensors_groups_of_other_sizes_padding_g_idx_and_leftovers(tm
     g = torch.Generator().manual_seed(7)
     w = torch.randn(20, 12, generator=g)
     qa, sa = quantized(w, (16, 12))
-    src = _compressed_tensors(tmp_path / "two", {"a.weight": qa, "a.weight_scale": sa}, {"strategy": "block", "block_structure": [16, 12]})
+    src = _compressed_tensors(
+        tmp_path / "two",
+        {"a.weight": qa, "a.weight_scale": sa},
+        {"strategy": "block", "block_structure": [16, 12]},
+    )
     config = json.loads((src / "config.json").read_text())
     groups = config["quantization_config"]["config_groups"]
     groups["group_1"] = json.loads(json.dumps(groups["group_0"]))
@@ -413,7 +417,11 @@ def test_compressed_tensors_groups_of_other_sizes_padding_g_idx_and_leftovers(tm
         dequantize_checkpoint(src, tmp_path / "two_out", quiet=True)
     q, s = quantized(w, (1, 4))
     g_idx = (torch.arange(12) // 4)[torch.randperm(12, generator=g)].int()
-    src = _compressed_tensors(tmp_path / "act", {"a.weight": q, "a.weight_scale": s, "a.weight_g_idx": g_idx}, {"strategy": "group", "group_size": 4, "actorder": "group"})
+    src = _compressed_tensors(
+        tmp_path / "act",
+        {"a.weight": q, "a.weight_scale": s, "a.weight_g_idx": g_idx},
+        {"strategy": "group", "group_size": 4, "actorder": "group"},
+    )
     with pytest.raises(CheckpointError, match="weight_g_idx"):
         dequantize_checkpoint(src, tmp_path / "act_out", quiet=True)
     qp, sp = quantized(torch.randn(32, 16, generator=g), (16, 8))
@@ -427,12 +435,22 @@ def test_compressed_tensors_groups_of_other_sizes_padding_g_idx_and_leftovers(tm
     config["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor"}
     (src / "config.json").write_text(json.dumps(config))
     # the padded weight's own scheme is block [16, 8]: check the cut against a one-weight checkpoint
-    pad = _compressed_tensors(tmp_path / "pad1", {k: v for k, v in tensors.items() if k.startswith("p.")}, {"strategy": "block", "block_structure": [16, 8]})
-    out = load_file(dequantize_checkpoint(pad, tmp_path / "pad1_out", dtype=torch.float32, quiet=True) / "model.safetensors")
+    pad = _compressed_tensors(
+        tmp_path / "pad1",
+        {k: v for k, v in tensors.items() if k.startswith("p.")},
+        {"strategy": "block", "block_structure": [16, 8]},
+    )
+    out = load_file(
+        dequantize_checkpoint(pad, tmp_path / "pad1_out", dtype=torch.float32, quiet=True)
+        / "model.safetensors"
+    )
     assert out.keys() == {"p.weight"} and torch.equal(out["p.weight"], per_block(qp, sp, (16, 8))[:20, :12])
     del tensors["p.weight"], tensors["p.weight_scale"], tensors["p.weight_shape_original"]
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    out = load_file(dequantize_checkpoint(src, tmp_path / "pad_out", dtype=torch.float32, quiet=True) / "model.safetensors")
+    out = load_file(
+        dequantize_checkpoint(src, tmp_path / "pad_out", dtype=torch.float32, quiet=True)
+        / "model.safetensors"
+    )
     assert out.keys() == {"a.weight"} and torch.equal(out["a.weight"], per_block(q, s, (1, 12)))
     tensors["a.weight_zero_point"] = torch.ones(20, 1)
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})

@@ -111,7 +111,9 @@ def _compressed_tensors_scheme(quantization: dict, source: Path) -> Float8Scheme
     weights = [g.get("weights") for g in groups.values()] if isinstance(groups, dict) else []
     formats = {g.get("format") or quantization.get("format") for g in groups.values()} if weights else set()
     kinds = {(w.get("type"), w.get("num_bits"), w.get("strategy")) for w in weights if isinstance(w, dict)}
-    sizes = {json.dumps([w.get("group_size"), w.get("block_structure")]) for w in weights if isinstance(w, dict)}
+    sizes = {
+        json.dumps([w.get("group_size"), w.get("block_structure")]) for w in weights if isinstance(w, dict)
+    }
     if (
         formats != {"float-quantized"}
         or len(kinds) != 1
@@ -221,7 +223,9 @@ def _is_scale(ckpt: Checkpoint, key: str, scheme: Float8Scheme) -> bool:
     module, _, name = key.rpartition(".")
     if name in scheme.kv_scales:
         return True
-    return name in (*ACTIVATION_SCALES, *QUANTIZATION_PARAMETERS, *PADDING) and _is_float8(ckpt, f"{module}.weight")
+    return name in (*ACTIVATION_SCALES, *QUANTIZATION_PARAMETERS, *PADDING) and _is_float8(
+        ckpt, f"{module}.weight"
+    )
 
 
 def _is_float8(ckpt: Checkpoint, key: str) -> bool:
@@ -249,7 +253,10 @@ def _plain(ckpt: Checkpoint, key: str, scheme: Float8Scheme, dtype: torch.dtype)
             f"{ckpt.directory}: {key} has a {module}weight_g_idx (activation-ordered groups); moelab dequantizes "
             "float8 weights whose groups are runs of columns only"
         )
-    if module + "weight_zero_point" in ckpt and ckpt.get(module + "weight_zero_point").float().count_nonzero():
+    if (
+        module + "weight_zero_point" in ckpt
+        and ckpt.get(module + "weight_zero_point").float().count_nonzero()
+    ):
         raise CheckpointError(
             f"{ckpt.directory}: {key} has nonzero {module}weight_zero_point; moelab dequantizes symmetric float8 only"
         )
@@ -257,7 +264,9 @@ def _plain(ckpt: Checkpoint, key: str, scheme: Float8Scheme, dtype: torch.dtype)
     if (original := module + PADDING[0]) in ckpt:  # stored padded to whole blocks: cut back to this shape
         shape = (*shape[:-2], *(int(n) for n in ckpt.get(original).tolist()[-2:]))
         if not all(0 < n <= m for n, m in zip(shape[-2:], raw.shape[-2:])):
-            raise CheckpointError(f"{ckpt.directory}: {original} {list(shape)} does not fit {key} {list(raw.shape)}")
+            raise CheckpointError(
+                f"{ckpt.directory}: {original} {list(shape)} does not fit {key} {list(raw.shape)}"
+            )
 
     def value() -> Tensor:
         out = dequantized(ckpt.get(key), ckpt.get(scale), block, dtype)
