@@ -349,6 +349,7 @@ def _compressed_tensors(directory, tensors, weights: dict, fmt="float-quantized"
     return directory
 
 
+@pytest.mark.parametrize("fmt", ["float-quantized", "naive-quantized"])  # the older name of the same tensors
 @pytest.mark.parametrize(
     "weights,block,scale_shape",
     [
@@ -359,7 +360,7 @@ def _compressed_tensors(directory, tensors, weights: dict, fmt="float-quantized"
     ],
 )
 def test_compressed_tensors_float8_weights_dequantize_by_their_strategy(
-    tmp_path, weights, block, scale_shape
+    tmp_path, weights, block, scale_shape, fmt
 ):
     """llm-compressor's FP8 (`weight_scale` beside each float8 weight): one scale per tensor, per
     output channel, per group of input columns or per block; the scales and input scales dropped."""
@@ -367,7 +368,7 @@ def test_compressed_tensors_float8_weights_dequantize_by_their_strategy(
     q, scales = quantized(torch.randn(20, 12, generator=g), block)
     tensors = {"w.weight": q, "w.weight_scale": scales.reshape(scale_shape), "w.input_scale": torch.tensor([2.0]),
                "norm.weight": torch.ones(12)}  # fmt: skip
-    src = _compressed_tensors(tmp_path / "src", tensors, weights)
+    src = _compressed_tensors(tmp_path / "src", tensors, weights, fmt)
     out = load_file(
         dequantize_checkpoint(src, tmp_path / "out", dtype=torch.float32, quiet=True) / "model.safetensors"
     )

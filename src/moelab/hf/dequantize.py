@@ -115,7 +115,8 @@ def _compressed_tensors_scheme(quantization: dict, source: Path) -> Float8Scheme
         json.dumps([w.get("group_size"), w.get("block_structure")]) for w in weights if isinstance(w, dict)
     }
     if (
-        formats != {"float-quantized"}
+        not formats
+        or not formats <= {"float-quantized", "naive-quantized"}  # naive: the older name, same tensors
         or len(kinds) != 1
         or len(sizes) != 1
         or not weights
