@@ -540,21 +540,12 @@ _NATIVE_SHARED = SharedMLP(*(f"{_NATIVE_FFN}shared.{p}_proj.weight" for p in ("g
 _NATIVE_LATENT = LatentKeys(_NATIVE_FFN + "latent.down_proj.weight", _NATIVE_FFN + "latent.up_proj.weight")
 NATIVE = Family(
     "moelab",
-    layouts=(
-        Layout(
-            _NATIVE_ROUTER,
-            FusedGateUp(*(f"{_NATIVE_FFN}experts.{name}" for name in
-                          ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias"))),
-            _NATIVE_SHARED,
-            _NATIVE_LATENT,
-        ),
-        Layout(
-            _NATIVE_ROUTER,
-            StackedUpDown(*(f"{_NATIVE_FFN}experts.{name}" for name in
-                            ("up_proj", "down_proj", "up_bias", "down_bias"))),
-            _NATIVE_SHARED,
-            _NATIVE_LATENT,
-        ),
+    layouts=tuple(
+        Layout(_NATIVE_ROUTER, experts(*(f"{_NATIVE_FFN}experts.{name}" for name in names)), _NATIVE_SHARED, _NATIVE_LATENT)
+        for experts, names in (
+            (FusedGateUp, ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias")),  # SwiGLUExperts
+            (StackedUpDown, ("up_proj", "down_proj", "up_bias", "down_bias")),  # MLPExperts
+        )
     ),
     num_experts=("moe.num_experts",),
     router_settings=_native,

@@ -61,10 +61,12 @@ def dequantize_checkpoint(
         StagedOutput(out, CHECKPOINT_KIND, inputs=[source], overwrite=overwrite) as staging,
         Checkpoint(source) as ckpt,
     ):
-        weight_map, total = {}, 0
+        weight_map, total, by_shard = {}, 0, {}
+        for key in ckpt.keys():
+            if not _is_scale(ckpt, key, scheme):
+                by_shard.setdefault(ckpt.shard(key), []).append(key)
         for shard in tqdm(ckpt.shards(), desc="dequantize", unit="shard", disable=quiet, leave=False):
-            tensors = {key: _plain(ckpt, key, scheme, dtype) for key in ckpt.keys()
-                       if ckpt.shard(key) == shard and not _is_scale(ckpt, key, scheme)}  # fmt: skip
+            tensors = {key: _plain(ckpt, key, scheme, dtype) for key in by_shard.get(shard, [])}
             if not tensors:  # a shard of scales only: no file for it
                 continue
             save_safetensors_stream(
