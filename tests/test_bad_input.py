@@ -855,8 +855,8 @@ def compress_without_tokenizer(tmp, src):
 
 @case
 def compress_quantized_source(tmp, src):
-    ckpt = hf(src, tmp, quantization_config={"quant_method": "fp8"})
-    return ["compress", ckpt, "--out", tmp / "out", "--quiet"], [ckpt], ["quantized checkpoint (quant_method 'fp8')"]
+    ckpt = hf(src, tmp, quantization_config={"quant_method": "fp8"})  # read as float8 weights, but of what blocks?
+    return ["compress", ckpt, "--out", tmp / "out", "--quiet"], [ckpt], ["reads block-wise FP8", "weight_block_size"]
 
 
 @case

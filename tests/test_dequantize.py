@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from float8_tiny import BLOCK, fp8_release, per_block, quantized
 from hf_tiny import build
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,33 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moelab.hf import CheckpointError, drop_experts, open_checkpoint
-from moelab.hf.dequantize import dequantize_checkpoint, dequantized
+from moelab.hf.dequantize import dequantize_checkpoint
+from moelab.hf.float8 import dequantized
 from moelab.io import OutputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-BLOCK = (16, 8)
-
-
-def per_block(q: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """The reference: every block of q [O, I], one at a time, times its scale (float32)."""
-    bo, bi = block
-    out = torch.empty(q.shape, dtype=torch.float32)
-    for i in range(scales.shape[0]):
-        for j in range(scales.shape[1]):
-            rows, cols = slice(i * bo, (i + 1) * bo), slice(j * bi, (j + 1) * bi)
-            out[rows, cols] = q[rows, cols].float() * scales[i, j]
-    return out
-
-
-def quantized(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [O, I] as float8 e4m3 with per-block scales (amax / 448), the way FP8 releases store it."""
-    (O, I), (bo, bi) = w.shape, block
-    scales = torch.empty(-(-O // bo), -(-I // bi))
-    for i in range(scales.shape[0]):
-        for j in range(scales.shape[1]):
-            scales[i, j] = w[i * bo : (i + 1) * bo, j * bi : (j + 1) * bi].abs().max().clamp(min=1e-12) / 448
-    expanded = scales.repeat_interleave(bo, 0)[:O].repeat_interleave(bi, 1)[:, :I]
-    return (w / expanded).to(torch.float8_e4m3fn), scales
 
 
 @settings(max_examples=25, deadline=None)
@@ -72,36 +51,12 @@ def test_stacked_weights_dequantize_matrix_by_matrix():
 def fp8(tmp_path):
     """A tiny Qwen3-MoE in two shards with an index, its 2-D projection weights in FP8 (the
     embedding, norms, router and head stay float32, as the releases keep them in bf16)."""
-    model = build("qwen3_moe")
-    model.save_pretrained(tmp_path / "f32")
-    tensors = load_file(tmp_path / "f32" / "model.safetensors")
-    stored = {}
-    for key, w in tensors.items():
-        if key.endswith("proj.weight"):
-            stored[key], stored[key + "_scale_inv"] = quantized(w, BLOCK)
-        else:
-            stored[key] = w
-    src = tmp_path / "fp8"
-    src.mkdir()
-    keys = sorted(stored)
-    shards = {
-        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
-    }
-    for name, names in shards.items():
-        save_file({k: stored[k] for k in names}, src / name, metadata={"format": "pt"})
-    index = {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}
-    (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    config = json.loads((tmp_path / "f32" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(BLOCK)}
-    (src / "config.json").write_text(json.dumps(config))
-    return src, stored
+    build("qwen3_moe").save_pretrained(tmp_path / "f32")
+    return tmp_path / "fp8", fp8_release(tmp_path / "f32", tmp_path / "fp8")
 
 
 def test_a_sharded_fp8_checkpoint_dequantizes_tensor_by_tensor(fp8, tmp_path):
     src, stored = fp8
-    with pytest.raises(CheckpointError, match=r"quant_method 'fp8'.*moelab dequantize .* --out DIR"):
-        open_checkpoint(src)
     out = dequantize_checkpoint(src, tmp_path / "bf16", quiet=True)
     written = {}
     for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
@@ -128,10 +83,10 @@ def test_a_sharded_fp8_checkpoint_dequantizes_tensor_by_tensor(fp8, tmp_path):
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"quant_method": "awq"}, "dequantizes block-wise FP8 checkpoints"),
-        ({"weight_block_size": None}, "dequantizes block-wise FP8 checkpoints"),
-        ({"weight_block_size": [128]}, "dequantizes block-wise FP8 checkpoints"),
-        ({"weight_block_size": [True, True]}, "dequantizes block-wise FP8 checkpoints"),
+        ({"quant_method": "awq"}, "reads block-wise FP8 checkpoints"),
+        ({"weight_block_size": None}, "reads block-wise FP8 checkpoints"),
+        ({"weight_block_size": [128]}, "reads block-wise FP8 checkpoints"),
+        ({"weight_block_size": [True, True]}, "reads block-wise FP8 checkpoints"),
     ],
 )
 def test_other_quantizations_are_refused_by_name(fp8, tmp_path, change, message):

@@ -479,7 +479,7 @@ def test_quantized_checkpoint_is_refused(tmp_path):
     config["quantization_config"] = {"quant_method": "mxfp4"}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(
-        CheckpointError, match=r"quantized checkpoint \(quant_method 'mxfp4'\).*Dequantize first"
+        CheckpointError, match=r"quantized checkpoint \(quant_method 'mxfp4'\).*Dequantize it first"
     ):
         open_checkpoint(tmp_path)
 

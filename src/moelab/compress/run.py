@@ -35,7 +35,6 @@ from moelab.compress.router_fit import HOLDOUT_EVERY, RouterFit, refit_router
 from moelab.compress.stats import Calibration, LayerStats, fingerprint
 from moelab.eval.evaluate import parameter_counts
 from moelab.hf.adapters import resolve
-from moelab.hf.checkpoint import Checkpoint
 from moelab.hf.edit import LayerEdit
 from moelab.hf.view import ModelView, MoELayerView
 from moelab.hf.writer import write_edited
@@ -429,7 +428,7 @@ def _view(model: Path, *, shapes_only: bool) -> ModelView:
     config, checkpoint, family = resolve(model)
     if shapes_only:
         checkpoint.close()
-        checkpoint = Checkpoint(model, shapes_only=True)
+        checkpoint = checkpoint.with_shapes_only()
     return ModelView(checkpoint, config, family, family.layer_count(config))
 
 

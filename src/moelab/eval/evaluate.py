@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 
 from moelab.data import IGNORE_INDEX, eval_batches
 from moelab.hf.adapters import NATIVE, resolve
-from moelab.hf.checkpoint import Checkpoint
 from moelab.hf.view import ModelView, MoELayerView
 from moelab.trace.data import load_streams
 from moelab.trace.model import checkpoint_encoder, hf_max_len
@@ -320,7 +319,7 @@ def parameter_counts(path: str | os.PathLike) -> dict[str, int]:
     shard headers."""
     config, checkpoint, family = resolve(path)
     checkpoint.close()
-    shapes = Checkpoint(path, shapes_only=True)
+    shapes = checkpoint.with_shapes_only()
     with ModelView(shapes, config, family, family.layer_count(config)) as view:
         total = sum(math.prod(shapes.shape(k)) for k in shapes.keys())
         routed = active_routed = 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from moelab.files import read_json_object
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.hf.fallback import structural_family
+from moelab.hf.float8 import FLOAT8_METHODS, open_float8
 from moelab.hf.layouts import (
     Config,
     Family,
@@ -652,7 +653,8 @@ def open_checkpoint(path: str | os.PathLike) -> ModelView:
     and shape) where the checkpoint allows one, refused where its reading may be wrong (see
     `moelab.hf.fallback`: checked against transformers' own MoE block where transformers knows the
     model_type).
-    Quantized checkpoints (a `quantization_config`) are refused: their experts are not plain weights.
+    Float8 checkpoints (block-wise FP8, compressed-tensors FP8) read as their dequantized weights
+    (`moelab.hf.float8`); other quantized checkpoints are refused: their experts are not plain weights.
     Tensors are read later, one layer at a time.
     """
     config, checkpoint, family = resolve(path)
@@ -669,23 +671,18 @@ def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
             f"{what} ({path}); pass a checkpoint directory (moelab's or a transformers family's)"
         )
     config = read_json_object(config_path, "a model config", error=CheckpointError)
-    if config.get("quantization_config") is not None:
-        quantization = config["quantization_config"]
-        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
-        how = (
-            f"`moelab dequantize {path} --out DIR` writes it in bf16, one tensor at a time"
-            if method in ("fp8", "compressed-tensors")
-            else "e.g. load it with transformers (dequantize=True where the method supports it) and save_pretrained "
-            "the dense model"
-        )
+    quantization = config.get("quantization_config")
+    method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
+    if quantization is not None and (not isinstance(quantization, dict) or method not in FLOAT8_METHODS):
         raise CheckpointError(
-            f"{config_path} describes a quantized checkpoint (quant_method {method!r}); views need dense "
-            f"weights. Dequantize first: {how}"
+            f"{config_path} describes a quantized checkpoint (quant_method {method!r}); moelab reads plain weights "
+            "and float8 ones (quant_method 'fp8' or compressed-tensors FP8). Dequantize it first, e.g. load it "
+            "with transformers (dequantize=True where the method supports it) and save_pretrained the dense model"
         )
     model_type = config.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
         raise CheckpointError(f"{config_path}: model_type must be a string such as 'mixtral', got {model_type!r}")
-    checkpoint = Checkpoint(path)
+    checkpoint = Checkpoint(path) if quantization is None else open_float8(path, config)
     try:
         family = family_of(config, checkpoint)
     except BaseException:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from moelab.files import file_inside, open_safetensors, read_json_object
-from moelab.io import RawTensor
+from moelab.io import LazyTensor, RawTensor
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -180,6 +180,15 @@ class Checkpoint:
         start, entries = self._headers[shard]
         dtype, shape, begin, end = entries[name]
         return RawTensor(self.directory / shard, start + begin, end - begin, dtype, tuple(shape))
+
+    def stored(self, name: str) -> RawTensor | LazyTensor:
+        """Tensor `name` as a copy of this checkpoint holds it, for `save_safetensors_stream`: where
+        its bytes lie (copied, never loaded)."""
+        return self.raw(name)
+
+    def with_shapes_only(self) -> Checkpoint:
+        """This checkpoint read with shapes and dtypes only (see `shapes_only`), opened anew."""
+        return Checkpoint(self.directory, shapes_only=True)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape of tensor `name`, read from its shard's header."""

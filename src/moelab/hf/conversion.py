@@ -228,7 +228,7 @@ def moelab_tensors(
     model reads them one at a time)."""
     native = NATIVE.layouts[0]
     tensors, read = {}, set()
-    meta = None if routed else Checkpoint(ckpt.directory, shapes_only=True)
+    meta = None if routed else ckpt.with_shapes_only()
     try:
         for index in range(n_layers):
             layer = family.read_layer(ckpt, config, index, meta)

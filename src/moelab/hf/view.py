@@ -275,7 +275,7 @@ class ModelView:
         read), the router and shared experts read (e.g. to keep the experts elsewhere)."""
         if routed:
             return self._read(index, self._adapter.read_layer)
-        meta = Checkpoint(self.path, shapes_only=True)
+        meta = self._checkpoint.with_shapes_only()
         try:
             return self._read(index, lambda ckpt, config, i: self._adapter.read_layer(ckpt, config, i, meta))
         finally:
@@ -309,7 +309,7 @@ class ModelView:
         checkpoint whose tensors do not match its config.json fails here with a CheckpointError
         naming the layer, before anything loads the weights."""
         with ModelView(
-            Checkpoint(self.path, shapes_only=True), self.config, self._adapter, self.num_layers
+            self._checkpoint.with_shapes_only(), self.config, self._adapter, self.num_layers
         ) as meta:
             for _ in meta.layers():
                 pass

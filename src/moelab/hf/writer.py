@@ -41,10 +41,18 @@ from moelab.hf.checkpoint import INDEX_NAME, WEIGHT_FILE, Checkpoint, Checkpoint
 from moelab.hf.edit import LayerEdit, apply_edit, check_edit, moe_output
 from moelab.hf.expert_map import FORMAT as EXPERT_MAP_FORMAT
 from moelab.hf.expert_map import read_expert_map
+from moelab.hf.float8 import Float8Checkpoint, plain_config
 from moelab.hf.layouts import Config, Family, config_entry
 from moelab.hf.postconditions import LayerCheck, check_reload, check_written
 from moelab.hf.view import ModelView, MoELayerView, stored_layers
-from moelab.io import RawTensor, StagedOutput, atomic_write_text, copy_side_file, save_safetensors_stream
+from moelab.io import (
+    LazyTensor,
+    RawTensor,
+    StagedOutput,
+    atomic_write_text,
+    copy_side_file,
+    save_safetensors_stream,
+)
 from moelab.memory import release_freed_memory
 from moelab.models.pretrained import CHECKPOINT_KIND
 
@@ -150,7 +158,7 @@ class _Plan:
         _check_expert_map(ckpt.directory, E)
         counts = {i: len(edits[i].sources) if i in edits else E for i in moe_layers}
         widths = _widths(config, family, edits, moe_layers)
-        new_config = copy.deepcopy(config)
+        new_config = plain_config(config, ckpt.dtype) if isinstance(ckpt, Float8Checkpoint) else copy.deepcopy(config)
         if len(set(counts.values())) > 1 or len(set(widths.values())) > 1:
             per_layer = ", ".join(f"layer {i}: {counts[i]} x {widths[i]}" for i in moe_layers)
             raise ValueError(
@@ -309,19 +317,17 @@ def _write(plan: _Plan, staging: Path, name: str, quiet: bool) -> dict[int, Laye
         disable=quiet,
         leave=False,
     ):
-        tensors: dict[str, Tensor | RawTensor] = {}
+        tensors: dict[str, Tensor | RawTensor | LazyTensor] = {}
         for index in sorted(layers_of.get(shard, [])):
             new_tensors, checks[index] = _edited_layer(plan, view, index)
             tensors.update(new_tensors)
         for key in by_shard.get(shard, []):
-            tensors[key] = ckpt.raw(key)  # copied byte for byte, never loaded
+            tensors[key] = ckpt.stored(key)  # copied byte for byte (float8 ones dequantized), never loaded
         save_safetensors_stream(
             tensors, staging / names[shard], metadata=ckpt.metadata(shard) or {"format": "pt"}
         )
         weight_map.update(dict.fromkeys(tensors, names[shard]))
-        total += sum(
-            t.nbytes if isinstance(t, RawTensor) else t.numel() * t.element_size() for t in tensors.values()
-        )
+        total += sum(t.numel() * t.element_size() if isinstance(t, Tensor) else t.nbytes for t in tensors.values())
         del tensors
         release_freed_memory()
     if has_index:

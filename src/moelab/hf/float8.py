@@ -1,0 +1,313 @@
+"""Float8 checkpoints read as plain ones: `Float8Checkpoint` gives every float8 weight times its
+scales, so that views, calibration, compression and offloading read an FP8 release directly, with
+no dequantized copy on disk (`moelab dequantize` writes one, for other tools).
+
+Two formats, both a float32 scale per block of a weight, `W[i, j] = q[i, j] * s[i // bo, j // bi]`:
+- block-wise FP8 (`quant_method: "fp8"`, `weight_block_size` = [bo, bi], the scales stored as
+  `<name>_scale_inv`): DeepSeek-V3/R1, Qwen3's FP8 releases, MiniMax-M2, Kimi-K2;
+- llm-compressor's float-quantized FP8 (`quant_method: "compressed-tensors"`, weights' `strategy`
+  tensor, channel, group or block, the scales stored as `<module>.weight_scale`): the "FP8" and
+  "FP8-dynamic" releases made with llm-compressor.
+The plain checkpoint holds every float8 weight dequantized (in float32, a few hundred rows at a
+time, then cast to the checkpoint's dtype), no scales or activation scales, every other tensor as
+stored, and a config.json without `quantization_config` (`plain_config`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moelab.hf.checkpoint import DTYPES, Checkpoint, CheckpointError, _rows
+from moelab.io import LazyTensor, RawTensor
+
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+FLOAT8_METHODS = ("fp8", "compressed-tensors")  # quant_method values whose float8 weights moelab reads
+SCALE_SUFFIX = "_scale_inv"
+ACTIVATION_SCALES = ("activation_scale", "input_scale")
+# compressed-tensors' other parameters of a quantized module (zero points, which symmetric float8 has as
+# zeros or not at all, output scales), dropped with its weight's scale: not parameters of a plain model
+QUANTIZATION_PARAMETERS = ("input_zero_point", "output_scale", "output_zero_point", "weight_zero_point")
+PADDING = ("weight_shape_original",)  # compressed-tensors' block weights stored padded to whole blocks
+KV_CACHE_SCALES = ("k_scale", "v_scale", "q_scale")  # kv_cache_scheme's scales, on the attention modules
+PLAIN_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Float8Scheme:
+    """How a checkpoint's float8 weights are scaled: the scale beside weight `name` is
+    `name + scale_suffix`, and `block(shape)` gives the [bo, bi] block one scale covers in a
+    weight [..., O, I]."""
+
+    scale_suffix: str
+    block: Callable[[tuple[int, ...]], tuple[int, int]]
+    kv_scales: tuple[str, ...] = ()  # attention's scales of a quantized kv cache, dropped wherever they are
+
+
+def float8_scheme(config: dict, source: Path) -> Float8Scheme:
+    """The scheme of a block-wise FP8 or compressed-tensors float-quantized config.json; a clear
+    error for anything else."""
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors":
+        return _compressed_tensors_scheme(quantization, source)
+    bo, bi = fp8_block_size(config, source)
+    return Float8Scheme(SCALE_SUFFIX, lambda shape: (bo, bi))
+
+
+def _compressed_tensors_scheme(quantization: dict, source: Path) -> Float8Scheme:
+    """llm-compressor's float-quantized weights: one 8-bit float strategy for every group."""
+    groups = quantization.get("config_groups")
+    weights = [g.get("weights") for g in groups.values()] if isinstance(groups, dict) else []
+    formats = {g.get("format") or quantization.get("format") for g in groups.values()} if weights else set()
+    kinds = {(w.get("type"), w.get("num_bits"), w.get("strategy")) for w in weights if isinstance(w, dict)}
+    sizes = {
+        json.dumps([w.get("group_size"), w.get("block_structure")]) for w in weights if isinstance(w, dict)
+    }
+    if (
+        not formats
+        or not formats <= {"float-quantized", "naive-quantized"}  # naive: the older name, same tensors
+        or len(kinds) != 1
+        or len(sizes) != 1
+        or not weights
+        or not all(isinstance(w, dict) for w in weights)
+    ):
+        raise CheckpointError(
+            f"{source / 'config.json'}: moelab reads compressed-tensors checkpoints whose weights are all "
+            f"float-quantized 8-bit floats with one strategy; this one has formats {sorted(map(str, formats))} and "
+            f"weights {sorted(map(str, kinds))} (group sizes / block structures {sorted(sizes)})"
+        )
+    (kind, bits, strategy), weight = kinds.pop(), weights[0]
+    if (kind, bits) != ("float", 8) or strategy not in ("tensor", "channel", "group", "block"):
+        raise CheckpointError(
+            f"{source / 'config.json'}: compressed-tensors weights of type {kind!r}, {bits} bits, strategy {strategy!r}; "
+            "moelab reads 8-bit floats with the tensor, channel, group or block strategy"
+        )
+    size, structure = weight.get("group_size"), weight.get("block_structure")
+    blocks = {
+        "tensor": lambda shape: (shape[-2], shape[-1]),
+        "channel": lambda shape: (1, shape[-1]),
+        "group": lambda shape: (1, size),
+        "block": lambda shape: tuple(structure),
+    }
+    if (strategy == "group" and not _positive_ints([size])) or (
+        strategy == "block" and not _positive_ints(structure, 2)
+    ):
+        raise CheckpointError(
+            f"{source / 'config.json'}: the {strategy} strategy's size is {size or structure!r}"
+        )
+    kv_scales = KV_CACHE_SCALES if quantization.get("kv_cache_scheme") else ()
+    return Float8Scheme("_scale", blocks[strategy], kv_scales)
+
+
+def _positive_ints(values, count: int | None = None) -> bool:
+    return (
+        isinstance(values, list)
+        and (count is None or len(values) == count)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    )
+
+
+def fp8_block_size(config: dict, source: Path) -> tuple[int, int]:
+    """The [bo, bi] block of a block-wise FP8 config.json; a clear error for anything else."""
+    quantization = config.get("quantization_config")
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
+    if method != "fp8" or not _positive_ints(block, 2):
+        raise CheckpointError(
+            f"{source / 'config.json'}: moelab reads block-wise FP8 checkpoints (quantization_config with "
+            f"quant_method 'fp8' and weight_block_size [rows, columns], as DeepSeek-V3 and Qwen3-FP8 ship) and "
+            f"compressed-tensors float-quantized ones; this one has {quantization!r}"
+        )
+    return block[0], block[1]
+
+
+ROWS_PER_STEP = 128  # rows dequantized together: a few MB of float32 beside the output
+
+
+def dequantized(
+    q: Tensor, scales: Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """q: [..., O, I] float8, scales: [..., ceil(O / bo), ceil(I / bi)] (one scale for a whole
+    weight may be stored as [1] or []) -> [..., O, I] in `dtype`: every entry times its block's
+    scale, computed in float32 ROWS_PER_STEP rows at a time."""
+    O, I = q.shape[-2:]
+    bo, bi = block
+    if (
+        scales.dtype == torch.uint8
+    ):  # ue8m0 exponents as bytes (MXFP8): 2 ** (byte - 127), as transformers reads them
+        scales = (scales.float() - 127).exp2()
+    elif not scales.dtype.is_floating_point:
+        raise CheckpointError(
+            f"scales of dtype {scales.dtype} for a weight of shape {list(q.shape)}: moelab reads float scales and "
+            "ue8m0 bytes only"
+        )
+    want = (*q.shape[:-2], -(-O // bo), -(-I // bi))
+    if scales.numel() == 1 and want[-2:] == (1, 1) and q.dim() == 2:
+        scales = scales.reshape(1, 1)
+    if tuple(scales.shape) != want:
+        raise CheckpointError(
+            f"scales of shape {list(scales.shape)} do not tile a weight of shape {list(q.shape)} in blocks of "
+            f"{bo} x {bi} (expected {list(want)}); the checkpoint does not match its quantization_config"
+        )
+    out = torch.empty(q.shape, dtype=dtype)
+    matrices, row_scales, outs = q.reshape(-1, O, I), scales.reshape(-1, *want[-2:]), out.view(-1, O, I)
+    for m in range(matrices.shape[0]):
+        for start in range(0, O, ROWS_PER_STEP):
+            stop = min(start + ROWS_PER_STEP, O)
+            per_entry = (
+                row_scales[m, torch.arange(start, stop) // bo].float().repeat_interleave(bi, dim=1)[:, :I]
+            )
+            outs[m, start:stop] = (matrices[m, start:stop].float() * per_entry).to(dtype)
+    return out
+
+
+class Float8Checkpoint(Checkpoint):
+    """A checkpoint of float8 weights read as the plain checkpoint `moelab dequantize` writes (see
+    the module docstring): `keys()` without the scales, `get(name)` a float8 weight times its scales
+    in `dtype`, `shape(name)` its plain shape, `stored(name)` what the plain checkpoint holds. Every
+    float8 weight is checked when the checkpoint opens (its scale present, symmetric, groups of
+    columns), so that a format moelab would misread is refused before anything runs."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        scheme: Float8Scheme,
+        dtype: torch.dtype = torch.bfloat16,
+        *,
+        shapes_only: bool = False,
+    ):
+        super().__init__(directory, shapes_only=shapes_only)
+        self.scheme, self.dtype = scheme, dtype
+        self._float8: dict[
+            str, tuple[tuple[int, int], tuple[int, ...]]
+        ] = {}  # weight -> (block, plain shape)
+        self._plain: list[str] = []
+        for key in super().keys():
+            if not self._is_scale(key):
+                self._plain.append(key)
+                self._check(key)
+        self._plain_set = set(self._plain)
+
+    def keys(self) -> list[str]:
+        return list(self._plain)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._plain_set
+
+    def get(self, name: str, rows: range | None = None) -> Tensor:
+        if name not in self._float8:
+            if name not in self:
+                raise CheckpointError(f"tensor {name!r} is not in the checkpoint {self.directory}")
+            return super().get(name, rows)
+        block, shape = self._float8[name]
+        if rows is not None:
+            rows = _rows(name, rows, shape)
+        if self.shapes_only:
+            return torch.empty(
+                shape if rows is None else (len(rows), *shape[1:]), dtype=self.dtype, device="meta"
+            )
+        if rows is not None and len(shape) < 3:  # rows of one matrix: dequantized whole (blocks span rows)
+            return self.get(name)[rows.start : rows.stop].clone()
+        scale = super().get(name + self.scheme.scale_suffix)
+        if rows is not None and scale.dim() == len(shape):  # stacked experts, each with its own scales
+            scale = scale[rows.start : rows.stop]
+        out = dequantized(super().get(name, rows), scale, block, self.dtype)
+        return out if out.shape[-2:] == shape[-2:] else out[..., : shape[-2], : shape[-1]].contiguous()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._float8[name][1] if name in self._float8 else super().shape(name)
+
+    def stored(self, name: str) -> RawTensor | LazyTensor:
+        if name not in self._float8:
+            return super().stored(name)
+        return LazyTensor(self.dtype, self._float8[name][1], lambda: self.get(name))
+
+    def with_shapes_only(self) -> Float8Checkpoint:
+        return Float8Checkpoint(self.directory, self.scheme, self.dtype, shapes_only=True)
+
+    def _value(self, key: str) -> Tensor:
+        """A small stored tensor's values (a shapes-only checkpoint reads them too)."""
+        raw = self.raw(key)
+        data = bytearray(raw.nbytes)
+        self.read_bytes(raw.path, raw.offset, memoryview(data), key)
+        return torch.frombuffer(data, dtype=DTYPES[raw.dtype]).reshape(raw.shape) if data else torch.empty(0)
+
+    def _stores(self, key: str) -> bool:
+        return Checkpoint.__contains__(self, key)
+
+    def _is_float8(self, key: str) -> bool:
+        return self._stores(key) and DTYPES.get(self.raw(key).dtype) in FLOAT8
+
+    def _is_scale(self, key: str) -> bool:
+        """A scale the plain weights no longer use: a float8 weight's scale, every `*_scale_inv`
+        (DeepSeek-V3's fp8_cast_bf16 drops them all, a weight's or not), and a float8 weight's
+        activation scale (static activation schemes: `activation_scale`, `input_scale`), which
+        transformers drops when it dequantizes."""
+        suffix = self.scheme.scale_suffix
+        if key.endswith(SCALE_SUFFIX) or (key.endswith(suffix) and self._is_float8(key.removesuffix(suffix))):
+            return True
+        module, _, name = key.rpartition(".")
+        if name in self.scheme.kv_scales:
+            return True
+        return name in (*ACTIVATION_SCALES, *QUANTIZATION_PARAMETERS, *PADDING) and self._is_float8(
+            f"{module}.weight"
+        )
+
+    def _check(self, key: str) -> None:
+        """Record float8 weight `key`'s block and plain shape; refuse what would be misread."""
+        raw, scale = self.raw(key), key + self.scheme.scale_suffix
+        if DTYPES.get(raw.dtype) in (torch.int8, torch.uint8) and self._stores(scale):
+            raise CheckpointError(
+                f"{self.directory}: {key} is stored as {DTYPES[raw.dtype]} with a {scale} (packed FP4 or another "
+                "format than float8 weights); moelab reads float8 weights only, and would drop its scale"
+            )
+        if DTYPES.get(raw.dtype) not in FLOAT8:
+            return
+        if not self._stores(scale):
+            raise CheckpointError(
+                f"{self.directory}: {key} is float8 but has no {scale}; it cannot be dequantized"
+            )
+        module = key.removesuffix("weight")
+        if self._stores(module + "weight_g_idx"):
+            raise CheckpointError(
+                f"{self.directory}: {key} has a {module}weight_g_idx (activation-ordered groups); moelab reads "
+                "float8 weights whose groups are runs of columns only"
+            )
+        zero_point = module + "weight_zero_point"
+        if self._stores(zero_point) and self._value(zero_point).float().count_nonzero():
+            raise CheckpointError(
+                f"{self.directory}: {key} has nonzero {zero_point}; moelab reads symmetric float8 only"
+            )
+        shape = tuple(raw.shape)
+        if self._stores(original := module + PADDING[0]):  # stored padded to whole blocks: cut back
+            shape = (*shape[:-2], *(int(n) for n in self._value(original).tolist()[-2:]))
+            if not all(0 < n <= m for n, m in zip(shape[-2:], raw.shape[-2:])):
+                raise CheckpointError(
+                    f"{self.directory}: {original} {list(shape)} does not fit {key} {list(raw.shape)}"
+                )
+        self._float8[key] = (self.scheme.block(tuple(raw.shape)), shape)
+
+
+def open_float8(directory: str | os.PathLike, config: dict, *, shapes_only: bool = False) -> Float8Checkpoint:
+    """The float8 checkpoint at `directory` (config.json `config`) read as plain weights in the dtype
+    its config.json states (bf16 where it states none, or a float8 one); a clear error for a
+    quantization moelab does not read."""
+    path = Path(directory)
+    scheme = float8_scheme(config, path)
+    stated = config.get("dtype") or config.get("torch_dtype")
+    return Float8Checkpoint(path, scheme, PLAIN_DTYPES.get(stated, torch.bfloat16), shapes_only=shapes_only)
+
+
+def plain_config(config: dict, dtype: torch.dtype) -> dict:
+    """config.json of the plain checkpoint: no `quantization_config`, its dtype `dtype`."""
+    plain = {k: copy.deepcopy(v) for k, v in config.items() if k != "quantization_config"}
+    return plain | {
+        key: str(dtype).removeprefix("torch.") for key in ("torch_dtype", "dtype") if key in config
+    }

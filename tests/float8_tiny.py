@@ -1,0 +1,65 @@
+"""Tiny float8 checkpoints for the tests: block-wise FP8 as DeepSeek-V3 and Qwen3-FP8 ship it
+(float8 e4m3 weights, one float32 scale per block, `<name>_scale_inv`, quant_method "fp8"), made
+from a saved plain checkpoint, and the per-block loop that is the reference for reading them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+BLOCK = (16, 8)
+
+
+def per_block(q: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The reference: every block of q [O, I], one at a time, times its scale (float32)."""
+    bo, bi = block
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            rows, cols = slice(i * bo, (i + 1) * bo), slice(j * bi, (j + 1) * bi)
+            out[rows, cols] = q[rows, cols].float() * scales[i, j]
+    return out
+
+
+def quantized(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [O, I] as float8 e4m3 with per-block scales (amax / 448), the way FP8 releases store it."""
+    (O, I), (bo, bi) = w.shape, block
+    scales = torch.empty(-(-O // bo), -(-I // bi))
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            scales[i, j] = w[i * bo : (i + 1) * bo, j * bi : (j + 1) * bi].abs().max().clamp(min=1e-12) / 448
+    expanded = scales.repeat_interleave(bo, 0)[:O].repeat_interleave(bi, 1)[:, :I]
+    return (w / expanded).to(torch.float8_e4m3fn), scales
+
+
+def fp8_release(plain: Path, out: Path, **config) -> dict[str, torch.Tensor]:
+    """Write the one-file checkpoint `plain` (config.json and model.safetensors) into `out` as a
+    block-wise FP8 release in two shards with an index: its 2-D projection weights float8 with
+    scales (embedding, norms, routers and head as stored, as the releases keep them in bf16), the
+    other files copied, `config` entries set. Returns the stored tensors."""
+    stored = {}
+    for key, w in load_file(plain / "model.safetensors").items():
+        if key.endswith("proj.weight") and w.dim() == 2:
+            stored[key], stored[key + "_scale_inv"] = quantized(w.float(), BLOCK)
+        else:
+            stored[key] = w
+    out.mkdir()
+    keys = sorted(stored)
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
+    for name, names in shards.items():
+        save_file({k: stored[k] for k in names}, out / name, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    for path in plain.iterdir():
+        if path.name not in ("model.safetensors", "config.json"):
+            (out / path.name).write_bytes(path.read_bytes())
+    settings = json.loads((plain / "config.json").read_text())
+    quantization = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(BLOCK)}
+    (out / "config.json").write_text(json.dumps(settings | {"quantization_config": quantization} | config))
+    return stored
