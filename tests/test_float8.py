@@ -11,6 +11,8 @@ import pytest
 import torch
 from float8_tiny import BLOCK, fp8_release, per_block, quantized
 from hf_tiny import build
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
@@ -19,7 +21,7 @@ from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.eval.evaluate import parameter_counts
 from moelab.hf import CheckpointError, MoELayerView, drop_experts, open_checkpoint
 from moelab.hf.dequantize import dequantize_checkpoint
-from moelab.hf.float8 import Float8Checkpoint, float8_scheme
+from moelab.hf.float8 import Float8Checkpoint, dequantized, float8_scheme, quantize
 from moelab.hf.loading import load_causal_lm
 from moelab.offload import load_offloaded
 
@@ -36,7 +38,10 @@ def releases(tmp_path_factory):
     `moelab dequantize`)}, with the shipped tokenizer."""
     root, out = tmp_path_factory.mktemp("float8"), {}
     for family in FAMILIES:
-        build(family, vocab_size=8192).save_pretrained(root / family)
+        wider = (
+            {"moe_intermediate_size": 32} if family == "qwen3_moe" else {}
+        )  # narrowed to whole blocks below
+        build(family, vocab_size=8192, **wider).save_pretrained(root / family)
         PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(root / family)
         fp8_release(root / family, root / f"{family}_fp8", dtype="bfloat16")
         plain = dequantize_checkpoint(root / f"{family}_fp8", root / f"{family}_plain", quiet=True)
@@ -240,3 +245,186 @@ def test_what_would_be_misread_is_refused_when_the_checkpoint_opens(tmp_path):
             CheckpointError, match="describes a quantized checkpoint .*moelab reads plain weights and float8"
         ):
             open_checkpoint(tmp_path / "plain")
+
+
+# ----------------------------------------------------------------------------- writing float8 (keep_float8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(O=st.integers(1, 40), I=st.integers(1, 40), bo=st.integers(1, 16), bi=st.integers(1, 16), seed=st.integers(0, 99),
+       zero=st.booleans())  # fmt: skip
+def test_quantize_equals_the_per_block_loop(O, I, bo, bi, seed, zero):
+    """amax / 448 per block, as the releases' quantizers (the loop in float8_tiny); an all-zero block
+    gets scale 1, and dequantizing gives w back to float8's precision."""
+    w = torch.randn(O, I, generator=torch.Generator().manual_seed(seed))
+    if zero:
+        w[:bo, :bi] = 0
+    q, scales = quantize(w, (bo, bi))
+    want_q, want_scales = quantized(w, (bo, bi))
+    if zero:
+        assert scales[0, 0] == 1 and not q[:bo, :bi].float().any()
+        want_scales[0, 0] = 1
+    assert torch.equal(scales, want_scales) and torch.equal(q.float(), want_q.float())
+    back = dequantized(q, scales, (bo, bi))
+    assert ((back - w).abs() <= w.abs() * 2**-4 + 1e-6).all()  # e4m3: 3 mantissa bits
+
+
+def _stored(directory):
+    """{name: (safetensors dtype, its bytes)}: what the files hold."""
+    from moelab.hf.checkpoint import Checkpoint
+
+    with Checkpoint(directory) as ckpt:
+        return {k: (ckpt.raw(k).dtype, ckpt.get(k).reshape(-1).view(torch.uint8)) for k in ckpt.keys()}
+
+
+def test_pruning_with_keep_float8_copies_the_kept_experts_bytes_and_scales(releases, tmp_path):
+    """Dropped experts go with their scales; each kept expert's float8 weights and scales are the
+    source's bytes under its new number; every other tensor (scales included) is copied; config.json
+    keeps its quantization_config; and the output reads as the plain output does."""
+    fp8, _ = releases["qwen3_moe"]
+    kept = drop_experts(fp8, tmp_path / "kept", {1: [0, 2]}, keep_float8=True, quiet=True)
+    plain = drop_experts(fp8, tmp_path / "plain", {1: [0, 2]}, quiet=True)
+    source, written = _stored(fp8), _stored(kept)
+    renumber = {"experts.0.": "experts.1.", "experts.1.": "experts.3."}  # new -> original, in layer 1
+    for key, (dtype, data) in written.items():
+        original = key
+        if key.startswith("model.layers.1.mlp.experts."):
+            original = next(key.replace(new, old) for new, old in renumber.items() if new in key)
+        if key != "model.layers.1.mlp.gate.weight":
+            assert source[original][0] == dtype and torch.equal(source[original][1], data), key
+    experts = [k for k in written if k.startswith("model.layers.1.mlp.experts.")]
+    assert len(experts) == 2 * 3 * 2 and sum(k.endswith("_scale_inv") for k in experts) == 2 * 3
+    assert json.loads((kept / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    a, b = open_checkpoint(kept), open_checkpoint(plain)
+    try:
+        for part in ("gate", "up", "down"):
+            assert torch.equal(getattr(a.layer(1).experts, part), getattr(b.layer(1).experts, part))
+    finally:
+        a.close(), b.close()
+
+
+def test_merging_and_narrowing_with_keep_float8_quantize_the_new_experts(releases, tmp_path):
+    """HC-SMoE's merged experts and HEAPr's narrowed ones are quantized in the source's 16 x 8 blocks:
+    what the output reads is the plain output's weights to float8's precision, each layer passed
+    the writer's check against the quantized weights and transformers reloaded the float8 files; a
+    width that is not whole blocks is refused before anything is written."""
+    import dataclasses
+
+    fp8, _ = releases["qwen3_moe"]
+    options = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",))
+    stats = calibrate(fp8, tmp_path / "stats", options=options, quiet=True).directory
+    for method, ratio in (("hc_smoe", 0.5), ("heapr", 0.5)):
+        kept = tmp_path / f"{method}_kept"
+        compress(fp8, kept, method=method, ratio=ratio, stats=stats, keep_float8=True, quiet=True)
+        compress(fp8, tmp_path / method, method=method, ratio=ratio, stats=stats, quiet=True)
+        files = _tensors(kept)
+        experts = [k for k in files if ".mlp.experts." in k and k.endswith("proj.weight")]
+        assert experts and all(
+            files[k].dtype == torch.float8_e4m3fn and k + "_scale_inv" in files for k in experts
+        )
+        a, b = open_checkpoint(kept), open_checkpoint(tmp_path / method)
+        try:
+            for part in ("gate", "up", "down"):
+                got, want = (
+                    getattr(a.layer(1).experts, part).float(),
+                    getattr(b.layer(1).experts, part).float(),
+                )
+                assert got.shape == want.shape and not torch.equal(got, want), (method, part)
+                assert ((got - want).abs() <= want.abs() * 2**-3 + 1e-3 * want.abs().max()).all(), (
+                    method,
+                    part,
+                )
+        finally:
+            a.close(), b.close()
+    with pytest.raises(ValueError, match=r"not whole 16 x 8 blocks"):
+        compress(fp8, tmp_path / "odd", method="heapr", ratio=0.25, stats=stats, keep_float8=True, quiet=True)
+    assert not (tmp_path / "odd").exists()
+
+
+def test_keep_float8_refusals(releases, tmp_path):
+    """A plain source; experts stacked in one tensor (read, but written as plain weights only); new
+    experts from power-of-two scales."""
+    fp8, plain = releases["qwen3_moe"]
+    with pytest.raises(ValueError, match="has plain weights"):
+        drop_experts(plain, tmp_path / "a", [0], keep_float8=True, quiet=True)
+    stacked = tmp_path / "stacked"
+    model = build("qwen3_moe", vocab_size=8192)
+    model.save_pretrained(tmp_path / "fused", save_original_format=False)
+    tensors = {}
+    for key, w in load_file(tmp_path / "fused" / "model.safetensors").items():
+        if key.endswith(("gate_up_proj", "down_proj")) and w.dim() == 3:
+            parts = [quantized(m, BLOCK) for m in w]
+            tensors[key], tensors[key + "_scale_inv"] = (
+                torch.stack([p[0] for p in parts]),
+                torch.stack([p[1] for p in parts]),
+            )
+        else:
+            tensors[key] = w
+    stacked.mkdir()
+    save_file(tensors, stacked / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "fused" / "config.json").read_text())
+    (stacked / "config.json").write_text(json.dumps(config | {"quantization_config": FP8}))
+    with pytest.raises(ValueError, match="stores its experts stacked"):
+        drop_experts(stacked, tmp_path / "b", [0], keep_float8=True, quiet=True)
+    out = drop_experts(
+        stacked, tmp_path / "c", [0], quiet=True
+    )  # read per expert from the stacked float8 tensor
+    view = open_checkpoint(out)
+    want = dequantized(
+        tensors["model.layers.1.mlp.experts.down_proj"][1:],
+        tensors["model.layers.1.mlp.experts.down_proj_scale_inv"][1:],
+        BLOCK,
+    )
+    assert torch.equal(view.layer(1).experts.down, want)
+    view.close()
+
+
+def _variant(release, out, change):
+    """A copy of `release` with `change(tensors)` applied to its stored tensors (one file)."""
+    from moelab.hf.checkpoint import Checkpoint
+
+    with Checkpoint(release) as ckpt:
+        tensors = {k: ckpt.get(k).clone() for k in ckpt.keys()}
+    out.mkdir()
+    save_file(change(tensors), out / "model.safetensors", metadata={"format": "pt"})
+    for path in release.iterdir():
+        if path.suffix != ".safetensors" and not path.name.endswith(".index.json"):
+            (out / path.name).write_bytes(path.read_bytes())
+    return out
+
+
+def test_merged_experts_take_the_largest_activation_scale_and_need_float_scales(releases, tmp_path):
+    """Static activation scales (`activation_scale` beside each float8 weight): a merged expert sees all
+    its sources' tokens, so it gets the largest of theirs. Power-of-two scales (F8_E8M0) are copied
+    for kept experts, but new experts are refused."""
+    fp8, _ = releases["qwen3_moe"]
+
+    def with_input_scales(tensors):
+        weights = [k for k in tensors if k.endswith("_scale_inv")]
+        for i, key in enumerate(weights):
+            tensors[key.removesuffix("weight_scale_inv") + "activation_scale"] = torch.tensor([0.5 + i])
+        return tensors
+
+    static = _variant(fp8, tmp_path / "static", with_input_scales)
+    config = json.loads((static / "config.json").read_text())
+    config["quantization_config"]["activation_scheme"] = "static"
+    (static / "config.json").write_text(json.dumps(config))
+    stats = calibrate(static, tmp_path / "stats", options=SMALL, quiet=True).directory
+    out = tmp_path / "merged"
+    compress(static, out, method="hc_smoe", ratio=0.5, stats=stats, keep_float8=True, quiet=True)
+    groups = json.loads((out / "moelab_expert_map.json").read_text())["layers"]["1"]["sources"]
+    source, written = load_file(static / "model.safetensors"), _tensors(out)
+    assert any(len(g) > 1 for g in groups)
+    for j, group in enumerate(groups):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            scales = [source[f"model.layers.1.mlp.experts.{e}.{proj}.activation_scale"] for e in group]
+            assert torch.equal(written[f"model.layers.1.mlp.experts.{j}.{proj}.activation_scale"], max(scales)), (j, proj)
+
+    def power_of_two_scales(tensors):
+        return {k: v.to(torch.float8_e8m0fnu) if k.endswith("_scale_inv") else v for k, v in tensors.items()}
+
+    e8m0 = _variant(fp8, tmp_path / "e8m0", power_of_two_scales)
+    drop_experts(e8m0, tmp_path / "pruned", [0], keep_float8=True, quiet=True)
+    stats = calibrate(e8m0, tmp_path / "stats_e8m0", options=SMALL, quiet=True).directory
+    with pytest.raises(ValueError, match=r"scales are F8_E8M0 \(powers of two\)"):
+        compress(e8m0, tmp_path / "m", method="hc_smoe", ratio=0.5, stats=stats, keep_float8=True, quiet=True)

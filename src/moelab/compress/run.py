@@ -61,6 +61,7 @@ def compress(
     budget: str = "layer",
     method_options: dict[str, Any] | None = None,
     router_fit: RouterFit | None = None,
+    keep_float8: bool = False,
     overwrite: bool = False,
     reload: bool = True,
     quiet: bool = False,
@@ -74,7 +75,9 @@ def compress(
     scores on these calibration sources only (PreMoe, EASY-EP: domain-specific pruning);
     budget: "layer" (the same ratio in every layer) or "global" (scores ranked across layers:
     refused when it gives layers different expert counts, which no target format stores);
-    router_fit: re-calibrate every edited layer's router afterwards (`moelab.compress.router_fit`).
+    router_fit: re-calibrate every edited layer's router afterwards (`moelab.compress.router_fit`);
+    keep_float8: write a float8 source (FP8 releases) in its own format, kept experts byte for byte and
+    merged or narrowed ones quantized in its blocks, instead of plain weights in the dtype it states.
     Returns the report (also in out/moelab_compression.json)."""
     started = time.perf_counter()
     model = Path(model)
@@ -119,7 +122,8 @@ def compress(
         begin = time.perf_counter()
         edits = {i: d.edit for i, d in decisions.items()}
         clear_staging(staging, [p.name for p in staging.iterdir() if p.name not in (STATS_DIR, REPORT_NAME)])
-        write_edited(model, staging, edits, reload=reload, quiet=quiet, name=Path(out).name)
+        report["keep_float8"] = keep_float8
+        write_edited(model, staging, edits, reload=reload, keep_float8=keep_float8, quiet=quiet, name=Path(out).name)
         timings["write_s"] = round(time.perf_counter() - begin, 3)
         report["parameters"] = {"before": parameter_counts(model), "after": _after(staging, report)}
         report["timings"] = timings | {"total_s": round(time.perf_counter() - started, 3)}

@@ -168,6 +168,24 @@ def dequantized(
     return out
 
 
+def quantize(
+    w: Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[Tensor, Tensor]:
+    """w [O, I] -> (q [O, I] in float8 `dtype`, scales [ceil(O / bo), ceil(I / bi)] float32) with
+    `dequantized(q, scales, block)` close to w: each block divided by its largest |entry| over the
+    format's largest finite value (an all-zero block by 1), as DeepSeek-V3's and llm-compressor's
+    quantizers make FP8 weights."""
+    (O, I), (bo, bi) = w.shape, block
+    rows, cols, top = -(-O // bo), -(-I // bi), torch.finfo(dtype).max
+    padded = torch.zeros(rows * bo, cols * bi)
+    padded[:O, :I] = w.float()
+    blocks = padded.reshape(rows, bo, cols, bi)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scales = torch.where(amax > 0, amax / top, torch.ones(()))
+    q = (blocks / scales[:, None, :, None]).clamp(-top, top).reshape(rows * bo, cols * bi)[:O, :I]
+    return q.to(dtype), scales
+
+
 class Float8Checkpoint(Checkpoint):
     """A checkpoint of float8 weights read as the plain checkpoint `moelab dequantize` writes (see
     the module docstring): `keys()` without the scales, `get(name)` a float8 weight times its scales
@@ -232,8 +250,23 @@ class Float8Checkpoint(Checkpoint):
     def with_shapes_only(self) -> Float8Checkpoint:
         return Float8Checkpoint(self.directory, self.scheme, self.dtype, shapes_only=True)
 
-    def _value(self, key: str) -> Tensor:
-        """A small stored tensor's values (a shapes-only checkpoint reads them too)."""
+    def stored_keys(self) -> list[str]:
+        """Every tensor name in the files, scales included (what a float8 copy holds)."""
+        return super().keys()
+
+    def companions(self, key: str) -> dict[str, str]:
+        """{stored name: its name relative to the module} of float8 weight `key` and the tensors
+        that go with it: its scale, activation scales and other quantization parameters, and the
+        padded shape. Renaming the module renames them all."""
+        module = key.removesuffix("weight")
+        names = ["weight", "weight" + self.scheme.scale_suffix]
+        names += [
+            n for n in (*ACTIVATION_SCALES, *QUANTIZATION_PARAMETERS, *PADDING) if self._stores(module + n)
+        ]
+        return {module + n: n for n in names}
+
+    def stored_value(self, key: str) -> Tensor:
+        """A stored tensor's values as stored, scales included (a shapes-only checkpoint reads them too)."""
         raw = self.raw(key)
         data = bytearray(raw.nbytes)
         self.read_bytes(raw.path, raw.offset, memoryview(data), key)
@@ -242,7 +275,8 @@ class Float8Checkpoint(Checkpoint):
     def _stores(self, key: str) -> bool:
         return Checkpoint.__contains__(self, key)
 
-    def _is_float8(self, key: str) -> bool:
+    def is_float8(self, key: str) -> bool:
+        """Whether the files store tensor `key` as a float8 weight (with scales)."""
         return self._stores(key) and DTYPES.get(self.raw(key).dtype) in FLOAT8
 
     def _is_scale(self, key: str) -> bool:
@@ -251,12 +285,12 @@ class Float8Checkpoint(Checkpoint):
         activation scale (static activation schemes: `activation_scale`, `input_scale`), which
         transformers drops when it dequantizes."""
         suffix = self.scheme.scale_suffix
-        if key.endswith(SCALE_SUFFIX) or (key.endswith(suffix) and self._is_float8(key.removesuffix(suffix))):
+        if key.endswith(SCALE_SUFFIX) or (key.endswith(suffix) and self.is_float8(key.removesuffix(suffix))):
             return True
         module, _, name = key.rpartition(".")
         if name in self.scheme.kv_scales:
             return True
-        return name in (*ACTIVATION_SCALES, *QUANTIZATION_PARAMETERS, *PADDING) and self._is_float8(
+        return name in (*ACTIVATION_SCALES, *QUANTIZATION_PARAMETERS, *PADDING) and self.is_float8(
             f"{module}.weight"
         )
 
@@ -281,13 +315,13 @@ class Float8Checkpoint(Checkpoint):
                 "float8 weights whose groups are runs of columns only"
             )
         zero_point = module + "weight_zero_point"
-        if self._stores(zero_point) and self._value(zero_point).float().count_nonzero():
+        if self._stores(zero_point) and self.stored_value(zero_point).float().count_nonzero():
             raise CheckpointError(
                 f"{self.directory}: {key} has nonzero {zero_point}; moelab reads symmetric float8 only"
             )
         shape = tuple(raw.shape)
         if self._stores(original := module + PADDING[0]):  # stored padded to whole blocks: cut back
-            shape = (*shape[:-2], *(int(n) for n in self._value(original).tolist()[-2:]))
+            shape = (*shape[:-2], *(int(n) for n in self.stored_value(original).tolist()[-2:]))
             if not all(0 < n <= m for n, m in zip(shape[-2:], raw.shape[-2:])):
                 raise CheckpointError(
                     f"{self.directory}: {original} {list(shape)} does not fit {key} {list(raw.shape)}"

@@ -24,6 +24,7 @@ Everything is written into a staging directory beside `out` and renamed into pla
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import warnings
@@ -37,12 +38,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from moelab.hf.adapters import NATIVE, resolve
-from moelab.hf.checkpoint import INDEX_NAME, WEIGHT_FILE, Checkpoint, CheckpointError
+from moelab.hf.checkpoint import DTYPES, INDEX_NAME, WEIGHT_FILE, Checkpoint, CheckpointError
 from moelab.hf.edit import LayerEdit, apply_edit, check_edit, moe_output
 from moelab.hf.expert_map import FORMAT as EXPERT_MAP_FORMAT
 from moelab.hf.expert_map import read_expert_map
-from moelab.hf.float8 import Float8Checkpoint, plain_config
-from moelab.hf.layouts import Config, Family, config_entry
+from moelab.hf.float8 import ACTIVATION_SCALES, Float8Checkpoint, dequantized, plain_config, quantize
+from moelab.hf.layouts import Config, Family, PerExpert, config_entry
 from moelab.hf.postconditions import LayerCheck, check_reload, check_written
 from moelab.hf.view import ModelView, MoELayerView, stored_layers
 from moelab.io import (
@@ -86,16 +87,20 @@ def write_checkpoint(
     edits: Mapping[int, LayerEdit],
     *,
     reload: bool = True,
+    keep_float8: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
 ) -> Path:
     """Write `source` with `edits` ({MoE layer index: LayerEdit}) applied into the new directory
     `out` (see the module docstring). reload: also load the result with transformers (or moelab)
     as a postcondition; that loads the whole model into memory, so turn it off only for models
-    larger than RAM. overwrite: replace the checkpoint moelab wrote to `out` before. Returns `out`."""
+    larger than RAM. keep_float8: write a float8 source in its own format (`_float8_experts`), not
+    as plain weights. overwrite: replace the checkpoint moelab wrote to `out` before. Returns `out`."""
     source = Path(source).resolve()
     with StagedOutput(out, CHECKPOINT_KIND, inputs=[source], overwrite=overwrite) as staging:
-        write_edited(source, staging, edits, reload=reload, quiet=quiet, name=Path(out).name)
+        write_edited(
+            source, staging, edits, reload=reload, keep_float8=keep_float8, quiet=quiet, name=Path(out).name
+        )
     return Path(out)
 
 
@@ -105,6 +110,7 @@ def write_edited(
     edits: Mapping[int, LayerEdit],
     *,
     reload: bool = True,
+    keep_float8: bool = False,
     quiet: bool = False,
     name: str | None = None,
 ) -> None:
@@ -114,7 +120,7 @@ def write_edited(
     source = Path(source).resolve()
     config, ckpt, family = resolve(source)
     try:
-        plan = _Plan.make(config, ckpt, family, edits)
+        plan = _Plan.make(config, ckpt, family, edits, keep_float8)
         checks = _write(plan, directory, name or directory.name, quiet)
         copy_side_files(source, directory)
         atomic_write_text(directory / "config.json", json.dumps(plan.new_config, indent=2) + "\n")
@@ -142,9 +148,17 @@ class _Plan:
     removed: set[str]
     home: dict[int, str]  # edited layer -> the shard its new tensors go to
     new_config: Config
+    keep_float8: bool  # float8 weights written as stored (`_float8_experts`)
 
     @classmethod
-    def make(cls, config: Config, ckpt: Checkpoint, family: Family, edits: Mapping[int, LayerEdit]) -> _Plan:
+    def make(
+        cls,
+        config: Config,
+        ckpt: Checkpoint,
+        family: Family,
+        edits: Mapping[int, LayerEdit],
+        keep_float8: bool,
+    ) -> _Plan:
         edits = dict(edits)
         if not edits:
             raise ValueError("no edits: pass {layer index: LayerEdit} for at least one MoE layer")
@@ -158,7 +172,10 @@ class _Plan:
         _check_expert_map(ckpt.directory, E)
         counts = {i: len(edits[i].sources) if i in edits else E for i in moe_layers}
         widths = _widths(config, family, edits, moe_layers)
-        new_config = plain_config(config, ckpt.dtype) if isinstance(ckpt, Float8Checkpoint) else copy.deepcopy(config)
+        float8 = isinstance(ckpt, Float8Checkpoint)
+        if keep_float8:
+            _check_float8_output(ckpt, family, edits)
+        new_config = plain_config(config, ckpt.dtype) if float8 and not keep_float8 else copy.deepcopy(config)
         if len(set(counts.values())) > 1 or len(set(widths.values())) > 1:
             per_layer = ", ".join(f"layer {i}: {counts[i]} x {widths[i]}" for i in moe_layers)
             raise ValueError(
@@ -207,7 +224,11 @@ class _Plan:
             layout = family.layout_of(ckpt, index)
             removed.update(layout.router.keys(ckpt, prefix) + layout.experts.keys(ckpt, prefix))
             home[index] = ckpt.shard(prefix + layout.router.weight)
-        return cls(config, ckpt, family, edits, E, removed, home, new_config)
+        if keep_float8:  # the scales go with their weights
+            removed.update(
+                name for key in list(removed) if ckpt.is_float8(key) for name in ckpt.companions(key)
+            )
+        return cls(config, ckpt, family, edits, E, removed, home, new_config, keep_float8)
 
     def expert_map(self, source: Path) -> dict[str, Any]:
         """layer -> sources, kept and merged original ids, composed with the source's own map."""
@@ -259,7 +280,9 @@ def _unbuilt_layers(config: Config, ckpt: Checkpoint, family: Family) -> dict[st
         if i >= count and has_experts(layer(n=i))
     }
     if family.mtp_prefix is not None:
-        mtp = {family.mtp_prefix.format(n=i): keys for i, keys in stored_layers(ckpt, family.mtp_prefix).items()}
+        mtp = {
+            family.mtp_prefix.format(n=i): keys for i, keys in stored_layers(ckpt, family.mtp_prefix).items()
+        }
         if any(has_experts(prefix) for prefix in mtp):
             found |= mtp
     return found
@@ -299,7 +322,7 @@ def _write(plan: _Plan, staging: Path, name: str, quiet: bool) -> dict[int, Laye
     ckpt, family = plan.ckpt, plan.family
     view = ModelView(ckpt, plan.config, family, family.layer_count(plan.config))
     by_shard: dict[str, list[str]] = {}
-    for key in ckpt.keys():
+    for key in ckpt.stored_keys() if plan.keep_float8 else ckpt.keys():
         if key not in plan.removed:
             by_shard.setdefault(ckpt.shard(key), []).append(key)
     layers_of: dict[str, list[int]] = {}
@@ -321,13 +344,15 @@ def _write(plan: _Plan, staging: Path, name: str, quiet: bool) -> dict[int, Laye
         for index in sorted(layers_of.get(shard, [])):
             new_tensors, checks[index] = _edited_layer(plan, view, index)
             tensors.update(new_tensors)
-        for key in by_shard.get(shard, []):
-            tensors[key] = ckpt.stored(key)  # copied byte for byte (float8 ones dequantized), never loaded
+        for key in by_shard.get(shard, []):  # copied byte for byte (float8 ones dequantized unless kept)
+            tensors[key] = ckpt.raw(key) if plan.keep_float8 else ckpt.stored(key)
         save_safetensors_stream(
             tensors, staging / names[shard], metadata=ckpt.metadata(shard) or {"format": "pt"}
         )
         weight_map.update(dict.fromkeys(tensors, names[shard]))
-        total += sum(t.numel() * t.element_size() if isinstance(t, Tensor) else t.nbytes for t in tensors.values())
+        total += sum(
+            t.numel() * t.element_size() if isinstance(t, Tensor) else t.nbytes for t in tensors.values()
+        )
         del tensors
         release_freed_memory()
     if has_index:
@@ -365,15 +390,110 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
         dtype=torch.float64,
     )
     edited = apply_edit(original, edit)
-    expected = moe_output(original, x, keep=edit.selection) if edit.view is None else moe_output(edited, x)
-    del original  # one layer of source tensors at a time: only the edited ones are kept
     prefix = plan.family.layer_prefix.format(n=index)
     layout = plan.family.layout_of(plan.ckpt, index)
+    float8 = {}
+    if plan.keep_float8:
+        edited, float8 = _float8_experts(plan.ckpt, layout.experts, prefix, edited, edit)
+    expected = moe_output(original, x, keep=edit.selection) if edit.view is None else moe_output(edited, x)
+    del original  # one layer of source tensors at a time: only the edited ones are kept
     tensors = layout.router.encode(edited.router, prefix) | layout.experts.encode(edited.experts, prefix)
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"layer {index}: the edited tensor {key} has NaN or Inf; fix the edit")
-    return tensors, LayerCheck(x, expected)
+    return tensors | float8, LayerCheck(x, expected)
+
+
+def _check_float8_output(ckpt: Checkpoint, family: Family, edits: Mapping[int, LayerEdit]) -> None:
+    """keep_float8 needs a float8 source whose edited layers store each expert as modules of their
+    own (as FP8 releases do) and a router that is not float8."""
+    if not isinstance(ckpt, Float8Checkpoint):
+        raise ValueError(
+            f"keep_float8 writes a float8 checkpoint in its own format, but {ckpt.directory} has plain weights "
+            "(no float8 quantization_config); write it without keep_float8"
+        )
+    for index in edits:
+        layout, prefix = family.layout_of(ckpt, index), family.layer_prefix.format(n=index)
+        if not isinstance(layout.experts, PerExpert):
+            raise ValueError(
+                f"keep_float8: layer {index} of {ckpt.directory} stores its experts stacked "
+                f"({type(layout.experts).__name__}); moelab writes float8 experts stored one module each (as the "
+                "FP8 releases store them). Write plain weights (without keep_float8)"
+            )
+        if ckpt.is_float8(prefix + layout.router.weight):
+            raise ValueError(
+                f"keep_float8: layer {index}'s router weight is float8; moelab edits plain routers only"
+            )
+
+
+def _float8_experts(
+    ckpt: Float8Checkpoint, layout: PerExpert, prefix: str, edited: MoELayerView, edit: LayerEdit
+) -> tuple[MoELayerView, dict[str, Tensor | RawTensor]]:
+    """The edited layer's experts as the float8 source stores them, and the layer a reader of them
+    gets. A kept expert (one source, tensors unchanged) is the source's bytes, scales and
+    activation scales under its new name; any other weight (merged, narrowed) is quantized in the
+    source's blocks (`_requantized`), and the layer gets its dequantized values."""
+    values = {name: getattr(edited.experts, name).clone() for name in ("gate", "up", "down")
+              if getattr(edited.experts, name) is not None}  # fmt: skip
+    stored: dict[str, Tensor | RawTensor] = {}
+    for j, group in enumerate(edit.sources):
+        members = [layout.parts(ckpt, prefix, e) for e in group]  # each source expert's parts
+        for i, part in enumerate(layout.parts(ckpt, prefix, j)):
+            source, value = members[0][i].name, values[part.part][j]
+            if not ckpt.is_float8(source):
+                continue  # a plain weight: written as encoded
+            if len(group) == 1 and (
+                edit.view is None
+                or (value.shape == ckpt.shape(source) and torch.equal(value, ckpt.get(source)))
+            ):
+                module = part.name.removesuffix("weight")
+                stored |= {
+                    module + relative: ckpt.raw(name) for name, relative in ckpt.companions(source).items()
+                }
+                continue
+            new, scale = _requantized(ckpt, part.name, value, [m[i].name for m in members])
+            stored |= new
+            block = ckpt.scheme.block(tuple(value.shape))
+            values[part.part][j] = dequantized(new[part.name], new[scale], block, ckpt.dtype)
+    experts = dataclasses.replace(edited.experts, **values)
+    return dataclasses.replace(edited, experts=experts), stored
+
+
+def _requantized(
+    ckpt: Float8Checkpoint, name: str, value: Tensor, sources: list[str]
+) -> tuple[dict[str, Tensor], str]:
+    """New float8 weight `name` holding `value` (made from the weights `sources`), in the float8
+    type, blocks and scale layout of the first source, with each activation scale the largest of
+    the sources' (the merged expert sees all their tokens); and the name of its scale."""
+    suffix, module = ckpt.scheme.scale_suffix, name.removesuffix("weight")
+    first, block = ckpt.raw(sources[0]), ckpt.scheme.block(tuple(value.shape))
+    first_scale = ckpt.raw(sources[0] + suffix)
+    if DTYPES.get(first_scale.dtype) not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"keep_float8: {name} is a new expert weight, but the source's scales are {first_scale.dtype} (powers of "
+            "two); moelab quantizes new float8 weights with float scales only. Write plain weights"
+        )
+    companions = ckpt.companions(sources[0])
+    if other := [
+        n for n, rel in companions.items() if rel not in ("weight", "weight" + suffix, *ACTIVATION_SCALES)
+    ]:
+        raise ValueError(
+            f"keep_float8: {name} is a new expert weight, and moelab does not make its {other[0]}"
+        )
+    if any(n % b == 0 and m % b != 0 for n, m, b in zip(first.shape[-2:], value.shape, block)):
+        raise ValueError(
+            f"keep_float8: {name} is {list(value.shape)}, not whole {block[0]} x {block[1]} blocks as the source's "
+            "weights are (float8 kernels need whole blocks); narrow to a multiple of the block, or write plain weights"
+        )
+    q, scales = quantize(value, block, DTYPES[first.dtype])
+    if len(first_scale.shape) != 2:  # one scale for the whole weight, stored as [1] or []
+        scales = scales.reshape(first_scale.shape)
+    out = {name: q, name + suffix: scales.to(DTYPES[first_scale.dtype])}
+    for relative in set(companions.values()) & set(ACTIVATION_SCALES):
+        out[module + relative] = torch.stack(
+            [ckpt.stored_value(s.removesuffix("weight") + relative) for s in sources]
+        ).amax(dim=0)
+    return out, name + suffix
 
 
 def copy_side_files(source: Path, staging: Path) -> None:
