@@ -153,6 +153,20 @@ def test_offloaded_decoding_of_a_release(releases, family):
     assert torch.equal(*tokens)
 
 
+def test_importing_an_fp8_mixtral(tmp_path):
+    """`moelab import` of a Mixtral FP8 release: the moelab checkpoint holds the bf16 weights the
+    dequantized copy holds, and its check against transformers' reading of the release passes."""
+    from moelab.hf.conversion import import_checkpoint
+
+    build("mixtral", intermediate_size=32).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    fp8_release(tmp_path / "plain", tmp_path / "fp8", dtype="bfloat16")
+    dequantize_checkpoint(tmp_path / "fp8", tmp_path / "dequantized", quiet=True)
+    import_checkpoint(tmp_path / "fp8", tmp_path / "a", quiet=True)
+    import_checkpoint(tmp_path / "dequantized", tmp_path / "b", quiet=True)
+    _same_files(tmp_path / "a", tmp_path / "b")
+    assert {t.dtype for t in _tensors(tmp_path / "a").values()} == {torch.bfloat16}
+
+
 # ----------------------------------------------------------------------------- the reader on hand-made files
 
 

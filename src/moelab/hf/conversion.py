@@ -270,9 +270,15 @@ def _check_logits(path: Path, model: MoETransformer, quiet: bool) -> None:
     from moelab.hf.postconditions import postcondition_error
 
     layers = _checked_layers(model.config)
+    # a float8 source: transformers dequantizes in the dtype it loads, moelab in the model's (bf16)
+    quantized = read_json_object(path / "config.json", "a model config").get("quantization_config")
     reference = load_causal_lm(
-        path, quiet=quiet, dtype=torch.float32, num_hidden_layers=layers, allow_unexpected=True
-    )
+        path,
+        quiet=quiet,
+        dtype=torch.float32 if quantized is None else next(model.parameters()).dtype,
+        num_hidden_layers=layers,
+        allow_unexpected=True,
+    ).float()
     kinds = model.config.layer_types
     cfg = dataclasses.replace(model.config, n_layers=layers, layer_types=None if kinds is None else kinds[:layers])
     kept = {n: t.float() for n, t in model.state_dict().items() if _layer_index(n) < layers}
