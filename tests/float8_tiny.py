@@ -63,3 +63,39 @@ def fp8_release(plain: Path, out: Path, **config) -> dict[str, torch.Tensor]:
     quantization = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(BLOCK)}
     (out / "config.json").write_text(json.dumps(settings | {"quantization_config": quantization} | config))
     return stored
+
+
+def compressed_tensors_release(plain: Path, out: Path, strategy: str, *, kv_cache: bool = False) -> Path:
+    """Write the one-file checkpoint `plain` into `out` as llm-compressor's float-quantized FP8 with
+    the "tensor" (one scale stored as [1]), "channel" or "block" (BLOCK) strategy: its 2-D projection
+    weights float8 with `<module>.weight_scale`; kv_cache: static kv cache scales on every attention
+    module (`kv_cache_scheme`)."""
+    stored = {}
+    for key, w in load_file(plain / "model.safetensors").items():
+        if key.endswith("proj.weight") and w.dim() == 2:
+            block = {"tensor": tuple(w.shape), "channel": (1, w.shape[1]), "block": BLOCK}[strategy]
+            q, s = quantized(w.float(), block)
+            stored[key], stored[key + "_scale"] = q, s.reshape(1) if strategy == "tensor" else s
+        else:
+            stored[key] = w
+        if kv_cache and key.endswith("self_attn.o_proj.weight"):
+            for name in ("k_scale", "v_scale"):
+                stored[key.removesuffix("o_proj.weight") + name] = torch.tensor(1.5)
+    out.mkdir()
+    save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
+    for path in plain.iterdir():
+        if path.name not in ("model.safetensors", "config.json"):
+            (out / path.name).write_bytes(path.read_bytes())
+    weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True}
+    weights |= {"block_structure": list(BLOCK)} if strategy == "block" else {}
+    quantization = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        "ignore": ["lm_head"],
+    }
+    if kv_cache:
+        quantization["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor"}
+    settings = json.loads((plain / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(settings | {"quantization_config": quantization}))
+    return out

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from float8_tiny import BLOCK, fp8_release, per_block, quantized
+from float8_tiny import BLOCK, compressed_tensors_release, fp8_release, per_block, quantized
 from hf_tiny import build
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -442,3 +442,25 @@ def test_merged_experts_take_the_largest_activation_scale_and_need_float_scales(
     stats = calibrate(e8m0, tmp_path / "stats_e8m0", options=SMALL, quiet=True).directory
     with pytest.raises(ValueError, match=r"scales are F8_E8M0 \(powers of two\)"):
         compress(e8m0, tmp_path / "m", method="hc_smoe", ratio=0.5, stats=stats, keep_float8=True, quiet=True)
+
+
+def test_keep_float8_leaves_out_a_multi_token_prediction_layer_whole(tmp_path):
+    """A stored layer past the layer count (DeepSeek-V3's MTP module) is left out with all its
+    tensors: weights, their scales, and the kv cache scales on its attention (which the reader
+    hides, as no weight's companions); the built layers keep theirs."""
+    build("deepseek_v3").to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    ct = compressed_tensors_release(tmp_path / "plain", tmp_path / "ct", "channel", kv_cache=True)
+
+    def with_mtp(tensors):
+        layer = {k: v for k, v in tensors.items() if k.startswith("model.layers.1.")}
+        return tensors | {k.replace("model.layers.1.", "model.layers.2."): v.clone() for k, v in layer.items()}
+
+    source = _variant(ct, tmp_path / "mtp", with_mtp)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
+    with pytest.warns(UserWarning, match="stored layers model.layers.2. "):
+        out = drop_experts(source, tmp_path / "out", [0, 4], keep_float8=True, reload=False, quiet=True)
+    written = _tensors(out)
+    assert not [k for k in written if k.startswith("model.layers.2.")]
+    kept = {f"model.layers.{i}.self_attn.{n}" for i in (0, 1) for n in ("k_scale", "v_scale")}
+    assert kept <= written.keys()

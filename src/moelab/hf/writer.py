@@ -224,10 +224,11 @@ class _Plan:
             layout = family.layout_of(ckpt, index)
             removed.update(layout.router.keys(ckpt, prefix) + layout.experts.keys(ckpt, prefix))
             home[index] = ckpt.shard(prefix + layout.router.weight)
-        if keep_float8:  # the scales go with their weights
+        if keep_float8:  # scales go with their weights; a layer left out goes whole (kv cache scales too)
             removed.update(
                 name for key in list(removed) if ckpt.is_float8(key) for name in ckpt.companions(key)
             )
+            removed.update(key for key in ckpt.stored_keys() if key.startswith(tuple(extra)))
         return cls(config, ckpt, family, edits, E, removed, home, new_config, keep_float8)
 
     def expert_map(self, source: Path) -> dict[str, Any]:
