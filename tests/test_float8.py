@@ -355,9 +355,9 @@ def test_merging_and_narrowing_with_keep_float8_quantize_the_new_experts(release
     assert not (tmp_path / "odd").exists()
 
 
-def test_keep_float8_refusals(releases, tmp_path):
+def test_keep_float8_refusals(releases, tmp_path, monkeypatch):
     """A plain source; experts stacked in one tensor (read, but written as plain weights only); new
-    experts from power-of-two scales."""
+    experts from power-of-two scales. compress refuses them before it calibrates."""
     fp8, plain = releases["qwen3_moe"]
     with pytest.raises(ValueError, match="has plain weights"):
         drop_experts(plain, tmp_path / "a", [0], keep_float8=True, quiet=True)
@@ -380,6 +380,16 @@ def test_keep_float8_refusals(releases, tmp_path):
     (stacked / "config.json").write_text(json.dumps(config | {"quantization_config": FP8}))
     with pytest.raises(ValueError, match="stores its experts stacked"):
         drop_experts(stacked, tmp_path / "b", [0], keep_float8=True, quiet=True)
+    import moelab.compress.run
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated before refusing keep_float8")
+
+    monkeypatch.setattr(moelab.compress.run, "_statistics", no_calibration)
+    for source, message in ((plain, "has plain weights"), (stacked, "stores its experts stacked")):
+        with pytest.raises(ValueError, match=message):  # before calibrating, which may take hours
+            compress(source, tmp_path / "d", method="reap", ratio=0.5, keep_float8=True, quiet=True)
+        assert not list(tmp_path.glob("*d.moelab-staging*")) and not (tmp_path / "d").exists()
     out = drop_experts(
         stacked, tmp_path / "c", [0], quiet=True
     )  # read per expert from the stacked float8 tensor

@@ -37,7 +37,7 @@ from moelab.eval.evaluate import parameter_counts
 from moelab.hf.adapters import resolve
 from moelab.hf.edit import LayerEdit
 from moelab.hf.view import ModelView, MoELayerView
-from moelab.hf.writer import write_edited
+from moelab.hf.writer import check_keep_float8, write_edited
 from moelab.io import StagedOutput, atomic_write_text, clear_staging
 from moelab.models.pretrained import CHECKPOINT_KIND
 
@@ -87,6 +87,8 @@ def compress(
     if budget == "global" and not isinstance(chosen, ScoringMethod):
         raise ValueError(f"a global budget ranks scores across layers; {method!r} does not score experts")
     keep = _planned(model, chosen, ratio)  # checks before any calibration: shapes only, no weights read
+    if keep_float8:
+        check_keep_float8(model, keep)
     if protect_super_experts:
         chosen.check_protection()
     fit = router_fit or RouterFit()

@@ -405,9 +405,19 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
     return tensors | float8, LayerCheck(x, expected)
 
 
-def _check_float8_output(ckpt: Checkpoint, family: Family, edits: Mapping[int, LayerEdit]) -> None:
-    """keep_float8 needs a float8 source whose edited layers store each expert as modules of their
-    own (as FP8 releases do) and a router that is not float8."""
+def check_keep_float8(source: str | os.PathLike, layers: Iterable[int]) -> None:
+    """keep_float8's refusals (`_check_float8_output`) for editing MoE layers `layers` of `source`,
+    from its headers: for callers that check before they calibrate."""
+    _, ckpt, family = resolve(source)
+    try:
+        _check_float8_output(ckpt, family, layers)
+    finally:
+        ckpt.close()
+
+
+def _check_float8_output(ckpt: Checkpoint, family: Family, edits: Iterable[int]) -> None:
+    """keep_float8 needs a float8 source whose edited layers (`edits`: their indices) store each
+    expert as modules of their own (as FP8 releases do) and a router that is not float8."""
     if not isinstance(ckpt, Float8Checkpoint):
         raise ValueError(
             f"keep_float8 writes a float8 checkpoint in its own format, but {ckpt.directory} has plain weights "
