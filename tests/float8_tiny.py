@@ -65,16 +65,23 @@ def fp8_release(plain: Path, out: Path, **config) -> dict[str, torch.Tensor]:
     return stored
 
 
-def compressed_tensors_release(plain: Path, out: Path, strategy: str, *, kv_cache: bool = False) -> Path:
+def compressed_tensors_release(
+    plain: Path, out: Path, strategy: str, *, block: tuple[int, int] = BLOCK, kv_cache: bool = False
+) -> Path:
     """Write the one-file checkpoint `plain` into `out` as llm-compressor's float-quantized FP8 with
-    the "tensor" (one scale stored as [1]), "channel" or "block" (BLOCK) strategy: its 2-D projection
-    weights float8 with `<module>.weight_scale`; kv_cache: static kv cache scales on every attention
+    the "tensor" (one scale stored as [1]), "channel" or "block" (`block`) strategy: its 2-D projection
+    weights float8 with `<module>.weight_scale` (block weights padded to whole blocks, with
+    `weight_shape_original`, where they are not); kv_cache: static kv cache scales on every attention
     module (`kv_cache_scheme`)."""
     stored = {}
     for key, w in load_file(plain / "model.safetensors").items():
         if key.endswith("proj.weight") and w.dim() == 2:
-            block = {"tensor": tuple(w.shape), "channel": (1, w.shape[1]), "block": BLOCK}[strategy]
-            q, s = quantized(w.float(), block)
+            tiles = {"tensor": tuple(w.shape), "channel": (1, w.shape[1]), "block": block}[strategy]
+            (O, I), (bo, bi) = w.shape, tiles
+            if O % bo or I % bi:
+                stored[key.removesuffix("weight") + "weight_shape_original"] = torch.tensor([O, I])
+                w = torch.nn.functional.pad(w, (0, -I % bi, 0, -O % bo))
+            q, s = quantized(w.float(), tiles)
             stored[key], stored[key + "_scale"] = q, s.reshape(1) if strategy == "tensor" else s
         else:
             stored[key] = w
@@ -87,7 +94,7 @@ def compressed_tensors_release(plain: Path, out: Path, strategy: str, *, kv_cach
         if path.name not in ("model.safetensors", "config.json"):
             (out / path.name).write_bytes(path.read_bytes())
     weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True}
-    weights |= {"block_structure": list(BLOCK)} if strategy == "block" else {}
+    weights |= {"block_structure": list(block)} if strategy == "block" else {}
     quantization = {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",

@@ -19,8 +19,16 @@ from transformers import PreTrainedTokenizerFast
 from moelab.compress import CalibrationOptions, calibrate, compress
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.eval.evaluate import parameter_counts
-from moelab.hf import CheckpointError, MoELayerView, drop_experts, open_checkpoint
+from moelab.hf import (
+    CheckpointError,
+    LayerEdit,
+    MoELayerView,
+    drop_experts,
+    open_checkpoint,
+    write_checkpoint,
+)
 from moelab.hf.dequantize import dequantize_checkpoint
+from moelab.hf.edit import apply_edit
 from moelab.hf.float8 import Float8Checkpoint, dequantized, float8_scheme, quantize
 from moelab.hf.loading import load_causal_lm
 from moelab.offload import load_offloaded
@@ -474,3 +482,19 @@ def test_keep_float8_leaves_out_a_multi_token_prediction_layer_whole(tmp_path):
     assert not [k for k in written if k.startswith("model.layers.2.")]
     kept = {f"model.layers.{i}.self_attn.{n}" for i in (0, 1) for n in ("k_scale", "v_scale")}
     assert kept <= written.keys()
+
+
+def test_keep_float8_refuses_new_experts_of_padded_weights_naming_the_way_out(tmp_path):
+    """llm-compressor's block weights padded to whole blocks (`weight_shape_original`): kept experts
+    are copied with it, a merged expert is refused with what to do instead."""
+    build("qwen3_moe", moe_intermediate_size=24).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
+    source = compressed_tensors_release(tmp_path / "plain", tmp_path / "ct", "block", block=(16, 16))
+    out = drop_experts(source, tmp_path / "kept", {1: [0, 2]}, keep_float8=True, reload=False, quiet=True)
+    assert torch.equal(
+        _tensors(out)["model.layers.1.mlp.experts.0.down_proj.weight_shape_original"], torch.tensor([32, 24])
+    )
+    with open_checkpoint(source) as view:
+        layer = view.layer(1)
+    edit = LayerEdit(((0, 1), (2,), (3,)), view=apply_edit(layer, LayerEdit.keep([0, 2, 3])))
+    with pytest.raises(ValueError, match=r"weight_shape_original.*write plain weights \(without keep_float8\)"):
+        write_checkpoint(source, tmp_path / "merged", {1: edit}, keep_float8=True, reload=False, quiet=True)

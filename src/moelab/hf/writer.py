@@ -489,7 +489,8 @@ def _requantized(
         n for n, rel in companions.items() if rel not in ("weight", "weight" + suffix, *ACTIVATION_SCALES)
     ]:
         raise ValueError(
-            f"keep_float8: {name} is a new expert weight, and moelab does not make its {other[0]}"
+            f"keep_float8: {name} is a new expert weight, and moelab does not make its {other[0]}; write plain "
+            "weights (without keep_float8)"
         )
     if any(n % b == 0 and m % b != 0 for n, m, b in zip(first.shape[-2:], value.shape, block)):
         raise ValueError(
