@@ -83,7 +83,7 @@ def test_a_sharded_fp8_checkpoint_dequantizes_tensor_by_tensor(fp8, tmp_path):
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"quant_method": "awq"}, "reads block-wise FP8 checkpoints"),
+        ({"quant_method": "awq"}, "quant_method 'awq'.*moelab reads plain weights, float8 ones"),
         ({"weight_block_size": None}, "reads block-wise FP8 checkpoints"),
         ({"weight_block_size": [128]}, "reads block-wise FP8 checkpoints"),
         ({"weight_block_size": [True, True]}, "reads block-wise FP8 checkpoints"),

@@ -472,15 +472,22 @@ def test_bf16_checkpoint_keeps_its_dtype(tmp_path):
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
 
 
-def test_quantized_checkpoint_is_refused(tmp_path):
-    """e.g. GPT-OSS MXFP4 or DeepSeek-V3 FP8: reading their raw expert blocks would be silently wrong."""
+@pytest.mark.parametrize(
+    "quantization,message",
+    [
+        ({"quant_method": "awq"}, r"quantized checkpoint \(quant_method 'awq'\).*Dequantize it first"),
+        ({"quant_method": "mxfp4"}, r"describes MXFP4 weights, but no <name>_blocks tensors are stored"),
+        ({"quant_method": "fp8", "weight_block_size": [8, 8]}, r"describes float8 weights, but no tensor is stored"),
+    ],
+)
+def test_quantized_checkpoint_is_refused(tmp_path, quantization, message):
+    """A quantization moelab does not read (reading its raw blocks would be silently wrong), and a
+    config.json whose quantization the stored weights do not have."""
     _save("gpt_oss", tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4"}
+    config["quantization_config"] = quantization
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(
-        CheckpointError, match=r"quantized checkpoint \(quant_method 'mxfp4'\).*Dequantize it first"
-    ):
+    with pytest.raises(CheckpointError, match=message):
         open_checkpoint(tmp_path)
 
 

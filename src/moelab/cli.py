@@ -541,20 +541,20 @@ def import_cmd(
 
 @app.command()
 def dequantize(
-    model_dir: Annotated[Path, typer.Argument(help="A block-wise FP8 checkpoint (quant_method fp8 with weight_block_size: DeepSeek-V3, Qwen3-FP8, MiniMax-M2, Kimi-K2).")],
+    model_dir: Annotated[Path, typer.Argument(help="A quantized checkpoint moelab reads: block-wise FP8 (DeepSeek-V3, Qwen3-FP8, MiniMax-M2, Kimi-K2), compressed-tensors FP8, or GPT-OSS's MXFP4.")],
     out: Annotated[Path, typer.Option("--out", help="New directory for the dequantized checkpoint.")],
     dtype: Annotated[str, typer.Option("--dtype", help="The weights' dtype: bf16, fp16 or fp32.")] = "bf16",
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Write an FP8 checkpoint with plain weights, one tensor at a time (memory: one shard's
-    dequantized tensors), so that moelab's views, compression and offloading can read it."""
+    """Write a quantized checkpoint with plain weights, one tensor at a time (memory: one dequantized
+    tensor), for tools that read plain weights only (moelab's own commands read it as it is)."""
     from moelab.hf.dequantize import OUT_DTYPES, dequantize_checkpoint
 
     if dtype not in OUT_DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(OUT_DTYPES)}, got {dtype!r}")
     path = dequantize_checkpoint(model_dir, out, dtype=OUT_DTYPES[dtype], overwrite=overwrite, quiet=quiet)
-    console.print(f"wrote {path} ({dtype}; moelab calibrate / compress / trace / generate read it)")
+    console.print(f"wrote {path} ({dtype} weights)")
 
 
 CalibOpt = Annotated[list[str] | None, typer.Option("--calib", help="Calibration data: corpus, corpus:code,german, corpus:code=3,german=1, a .txt/.jsonl file or directory (repeatable; default corpus).")]

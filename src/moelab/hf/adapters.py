@@ -13,10 +13,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from moelab.files import read_json_object
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.hf.fallback import structural_family
-from moelab.hf.float8 import FLOAT8_METHODS, open_float8
+from moelab.hf.float8 import FLOAT8_METHODS, Float8Checkpoint, float8_scheme
 from moelab.hf.layouts import (
     Config,
     Family,
@@ -34,6 +36,8 @@ from moelab.hf.layouts import (
     config_value,
     swiglu,
 )
+from moelab.hf.mxfp4 import Mxfp4Checkpoint
+from moelab.hf.quantized import stated_dtype
 from moelab.hf.view import ModelView
 
 # ----------------------------------------------------------------------------- router settings
@@ -653,12 +657,33 @@ def open_checkpoint(path: str | os.PathLike) -> ModelView:
     and shape) where the checkpoint allows one, refused where its reading may be wrong (see
     `moelab.hf.fallback`: checked against transformers' own MoE block where transformers knows the
     model_type).
-    Float8 checkpoints (block-wise FP8, compressed-tensors FP8) read as their dequantized weights
-    (`moelab.hf.float8`); other quantized checkpoints are refused: their experts are not plain weights.
+    Quantized checkpoints read as their dequantized weights (`open_weights`): block-wise FP8,
+    compressed-tensors FP8 and GPT-OSS's MXFP4; others are refused: their experts are not plain weights.
     Tensors are read later, one layer at a time.
     """
     config, checkpoint, family = resolve(path)
     return ModelView(checkpoint, config, family, family.layer_count(config))
+
+
+def open_weights(path: Path, config: Config, dtype: torch.dtype | None = None) -> Checkpoint:
+    """The weights of checkpoint `path` (config.json `config`): plain ones as stored, quantized ones
+    read as plain (`moelab.hf.quantized`) in `dtype` (default: the one config.json states); a
+    quantization moelab does not read is refused with what to do."""
+    quantization = config.get("quantization_config")
+    if quantization is None:
+        return Checkpoint(path)
+    method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
+    dtype = dtype or stated_dtype(config)
+    if isinstance(quantization, dict) and method in FLOAT8_METHODS:
+        return Float8Checkpoint(path, float8_scheme(config, path), dtype)
+    if isinstance(quantization, dict) and method == "mxfp4":
+        return Mxfp4Checkpoint(path, dtype)
+    raise CheckpointError(
+        f"{path / 'config.json'} describes a quantized checkpoint (quant_method {method!r}); moelab reads plain "
+        "weights, float8 ones (quant_method 'fp8' or compressed-tensors FP8) and GPT-OSS's mxfp4. Dequantize it "
+        "first, e.g. load it with transformers (dequantize=True where the method supports it) and save_pretrained "
+        "the dense model"
+    )
 
 
 def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
@@ -671,18 +696,10 @@ def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
             f"{what} ({path}); pass a checkpoint directory (moelab's or a transformers family's)"
         )
     config = read_json_object(config_path, "a model config", error=CheckpointError)
-    quantization = config.get("quantization_config")
-    method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
-    if quantization is not None and (not isinstance(quantization, dict) or method not in FLOAT8_METHODS):
-        raise CheckpointError(
-            f"{config_path} describes a quantized checkpoint (quant_method {method!r}); moelab reads plain weights "
-            "and float8 ones (quant_method 'fp8' or compressed-tensors FP8). Dequantize it first, e.g. load it "
-            "with transformers (dequantize=True where the method supports it) and save_pretrained the dense model"
-        )
     model_type = config.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
         raise CheckpointError(f"{config_path}: model_type must be a string such as 'mixtral', got {model_type!r}")
-    checkpoint = Checkpoint(path) if quantization is None else open_float8(path, config)
+    checkpoint = open_weights(path, config)
     try:
         family = family_of(config, checkpoint)
     except BaseException:

@@ -13,6 +13,7 @@ directory.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -174,12 +175,31 @@ class Checkpoint:
         """Where tensor `name` lies in its shard (for copying it without loading it)."""
         self._handle(name)  # checks the shard (readable, the name in it)
         shard = self._shard_of[name]
+        start, entries = self._header(shard)
+        dtype, shape, begin, end = entries[name]
+        return RawTensor(self.directory / shard, start + begin, end - begin, dtype, tuple(shape))
+
+    def entry(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype, shape) of stored tensor `name`, from its shard's header alone (read
+        once per shard; no shard is opened for it, so scanning every name of a checkpoint of many
+        shards stays cheap)."""
+        if name not in self._shard_of:
+            raise CheckpointError(f"tensor {name!r} is not in the checkpoint {self.directory}")
+        shard = self._shard_of[name]
+        entries = self._header(shard)[1]
+        if name not in entries:
+            raise CheckpointError(
+                f"{INDEX_NAME} in {self.directory} maps {name!r} to {shard}, but that shard has no such "
+                "tensor; the index does not match its shards (re-create the index or re-download the shards)"
+            )
+        dtype, shape, _, _ = entries[name]
+        return dtype, tuple(shape)
+
+    def _header(self, shard: str) -> tuple[int, dict]:
         if shard not in self._headers:
             self._stats[self.directory / shard] = _identity(os.stat(self.directory / shard))
             self._headers[shard] = _read_header(self.directory / shard)
-        start, entries = self._headers[shard]
-        dtype, shape, begin, end = entries[name]
-        return RawTensor(self.directory / shard, start + begin, end - begin, dtype, tuple(shape))
+        return self._headers[shard]
 
     def stored(self, name: str) -> RawTensor | LazyTensor:
         """Tensor `name` as a copy of this checkpoint holds it, for `save_safetensors_stream`: where
@@ -189,6 +209,10 @@ class Checkpoint:
     def with_shapes_only(self) -> Checkpoint:
         """This checkpoint read with shapes and dtypes only (see `shapes_only`), opened anew."""
         return Checkpoint(self.directory, shapes_only=True)
+
+    def written_config(self, config: dict) -> dict:
+        """config.json of a copy of this checkpoint made of `stored` tensors (a copy of `config`)."""
+        return copy.deepcopy(config)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape of tensor `name`, read from its shard's header."""

@@ -1,10 +1,10 @@
-"""`moelab dequantize`: a checkpoint of float8 weights rewritten with plain weights, one tensor at a time.
+"""`moelab dequantize`: a quantized checkpoint rewritten with plain weights, one tensor at a time.
 
-moelab's own commands read block-wise FP8 and llm-compressor's FP8 releases directly
-(`moelab.hf.float8`); this writes the plain checkpoint they read, for tools that cannot: float8
-weights dequantized as they are written (one in memory at a time), their scales and activation
-scales dropped, every other tensor copied byte for byte, shard names and the index kept, and
-config.json without its `quantization_config`. Output as every moelab checkpoint: staged,
+moelab's own commands read block-wise FP8, llm-compressor's FP8 and GPT-OSS's MXFP4 releases
+directly (`moelab.hf.quantized`); this writes the plain checkpoint they read, for tools that
+cannot: quantized weights dequantized as they are written (one in memory at a time), their scales
+and activation scales dropped, every other tensor copied byte for byte, shard names and the index
+kept, and config.json without its `quantization_config`. Output as every moelab checkpoint: staged,
 published whole, replaced only with `overwrite`.
 """
 
@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from moelab.files import read_json_object
+from moelab.hf.adapters import open_weights
 from moelab.hf.checkpoint import CheckpointError
-from moelab.hf.float8 import Float8Checkpoint, float8_scheme, plain_config
 from moelab.hf.writer import copy_side_files, index_name
 from moelab.io import StagedOutput, atomic_write_text, save_safetensors_stream
 from moelab.memory import release_freed_memory
@@ -36,14 +36,15 @@ def dequantize_checkpoint(
     overwrite: bool = False,
     quiet: bool = False,
 ) -> Path:
-    """Write the float8 checkpoint `source` into the new directory `out` with its float8
+    """Write the quantized checkpoint `source` into the new directory `out` with its quantized
     weights dequantized to `dtype` (see the module docstring). Returns `out`."""
     source = Path(source).resolve()
     config = read_json_object(source / "config.json", "a model config", error=CheckpointError)
-    scheme = float8_scheme(config, source)
+    if config.get("quantization_config") is None:
+        raise CheckpointError(f"{source / 'config.json'} has no quantization_config: its weights are plain already")
     with (
         StagedOutput(out, CHECKPOINT_KIND, inputs=[source], overwrite=overwrite) as staging,
-        Float8Checkpoint(source, scheme, dtype) as ckpt,
+        open_weights(source, config, dtype) as ckpt,
     ):
         weight_map, total, by_shard = {}, 0, {}
         for key in ckpt.keys():
@@ -63,5 +64,5 @@ def dequantize_checkpoint(
             doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             atomic_write_text(staging / index, json.dumps(doc, indent=2) + "\n")
         copy_side_files(source, staging)
-        atomic_write_text(staging / "config.json", json.dumps(plain_config(config, dtype), indent=2) + "\n")
+        atomic_write_text(staging / "config.json", json.dumps(ckpt.written_config(config), indent=2) + "\n")
     return Path(out)

@@ -15,7 +15,6 @@ stored, and a config.json without `quantization_config` (`plain_config`).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from collections.abc import Callable
@@ -25,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moelab.hf.checkpoint import DTYPES, Checkpoint, CheckpointError, _rows
-from moelab.io import LazyTensor, RawTensor
+from moelab.hf.checkpoint import DTYPES, Checkpoint, CheckpointError
+from moelab.hf.quantized import DequantizedCheckpoint
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 FLOAT8_METHODS = ("fp8", "compressed-tensors")  # quant_method values whose float8 weights moelab reads
@@ -37,7 +36,6 @@ ACTIVATION_SCALES = ("activation_scale", "input_scale")
 QUANTIZATION_PARAMETERS = ("input_zero_point", "output_scale", "output_zero_point", "weight_zero_point")
 PADDING = ("weight_shape_original",)  # compressed-tensors' block weights stored padded to whole blocks
 KV_CACHE_SCALES = ("k_scale", "v_scale", "q_scale")  # kv_cache_scheme's scales, on the attention modules
-PLAIN_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -186,12 +184,12 @@ def quantize(
     return q.to(dtype), scales
 
 
-class Float8Checkpoint(Checkpoint):
-    """A checkpoint of float8 weights read as the plain checkpoint `moelab dequantize` writes (see
-    the module docstring): `keys()` without the scales, `get(name)` a float8 weight times its scales
-    in `dtype`, `shape(name)` its plain shape, `stored(name)` what the plain checkpoint holds. Every
-    float8 weight is checked when the checkpoint opens (its scale present, symmetric, groups of
-    columns), so that a format moelab would misread is refused before anything runs."""
+class Float8Checkpoint(DequantizedCheckpoint):
+    """A checkpoint of float8 weights read as the plain checkpoint `moelab dequantize` writes
+    (`DequantizedCheckpoint`; see the module docstring): every float8 weight times its scales, the
+    scales hidden. Every float8 weight is checked when the checkpoint opens (its scale present,
+    symmetric, groups of columns), so that a format moelab would misread is refused before anything
+    runs."""
 
     def __init__(
         self,
@@ -201,58 +199,30 @@ class Float8Checkpoint(Checkpoint):
         *,
         shapes_only: bool = False,
     ):
-        super().__init__(directory, shapes_only=shapes_only)
-        self.scheme, self.dtype = scheme, dtype
-        self._float8: dict[
-            str, tuple[tuple[int, int], tuple[int, ...]]
-        ] = {}  # weight -> (block, plain shape)
-        self._plain: list[str] = []
-        for key in super().keys():
+        super().__init__(directory, dtype, shapes_only=shapes_only)
+        self.scheme = scheme
+        self._blocks: dict[str, tuple[int, int]] = {}  # float8 weight -> the block one scale covers
+        for key in self.stored_keys():
             if not self._is_scale(key):
-                self._plain.append(key)
                 self._check(key)
-        self._plain_set = set(self._plain)
-
-    def keys(self) -> list[str]:
-        return list(self._plain)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._plain_set
-
-    def get(self, name: str, rows: range | None = None) -> Tensor:
-        if name not in self._float8:
-            if name not in self:
-                raise CheckpointError(f"tensor {name!r} is not in the checkpoint {self.directory}")
-            return super().get(name, rows)
-        block, shape = self._float8[name]
-        if rows is not None:
-            rows = _rows(name, rows, shape)
-        if self.shapes_only:
-            return torch.empty(
-                shape if rows is None else (len(rows), *shape[1:]), dtype=self.dtype, device="meta"
+        if not self._shapes:
+            raise CheckpointError(
+                f"{self.directory / 'config.json'} describes float8 weights, but no tensor is stored as float8: the "
+                "checkpoint does not match its quantization_config (remove it if the weights are plain)"
             )
+
+    def _decode(self, name: str, rows: range | None) -> Tensor:
+        shape = self._shapes[name]
         if rows is not None and len(shape) < 3:  # rows of one matrix: dequantized whole (blocks span rows)
-            return self.get(name)[rows.start : rows.stop].clone()
-        scale = super().get(name + self.scheme.scale_suffix)
+            return self._decode(name, None)[rows.start : rows.stop].clone()
+        scale = Checkpoint.get(self, name + self.scheme.scale_suffix)
         if rows is not None and scale.dim() == len(shape):  # stacked experts, each with its own scales
             scale = scale[rows.start : rows.stop]
-        out = dequantized(super().get(name, rows), scale, block, self.dtype)
+        out = dequantized(Checkpoint.get(self, name, rows), scale, self._blocks[name], self.dtype)
         return out if out.shape[-2:] == shape[-2:] else out[..., : shape[-2], : shape[-1]].contiguous()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._float8[name][1] if name in self._float8 else super().shape(name)
-
-    def stored(self, name: str) -> RawTensor | LazyTensor:
-        if name not in self._float8:
-            return super().stored(name)
-        return LazyTensor(self.dtype, self._float8[name][1], lambda: self.get(name))
 
     def with_shapes_only(self) -> Float8Checkpoint:
         return Float8Checkpoint(self.directory, self.scheme, self.dtype, shapes_only=True)
-
-    def stored_keys(self) -> list[str]:
-        """Every tensor name in the files, scales included (what a float8 copy holds)."""
-        return super().keys()
 
     def companions(self, key: str) -> dict[str, str]:
         """{stored name: its name relative to the module} of float8 weight `key` and the tensors
@@ -265,19 +235,9 @@ class Float8Checkpoint(Checkpoint):
         ]
         return {module + n: n for n in names}
 
-    def stored_value(self, key: str) -> Tensor:
-        """A stored tensor's values as stored, scales included (a shapes-only checkpoint reads them too)."""
-        raw = self.raw(key)
-        data = bytearray(raw.nbytes)
-        self.read_bytes(raw.path, raw.offset, memoryview(data), key)
-        return torch.frombuffer(data, dtype=DTYPES[raw.dtype]).reshape(raw.shape) if data else torch.empty(0)
-
-    def _stores(self, key: str) -> bool:
-        return Checkpoint.__contains__(self, key)
-
     def is_float8(self, key: str) -> bool:
         """Whether the files store tensor `key` as a float8 weight (with scales)."""
-        return self._stores(key) and DTYPES.get(self.raw(key).dtype) in FLOAT8
+        return self._stores(key) and DTYPES.get(self.entry(key)[0]) in FLOAT8
 
     def _is_scale(self, key: str) -> bool:
         """A scale the plain weights no longer use: a float8 weight's scale, every `*_scale_inv`
@@ -295,14 +255,16 @@ class Float8Checkpoint(Checkpoint):
         )
 
     def _check(self, key: str) -> None:
-        """Record float8 weight `key`'s block and plain shape; refuse what would be misread."""
-        raw, scale = self.raw(key), key + self.scheme.scale_suffix
-        if DTYPES.get(raw.dtype) in (torch.int8, torch.uint8) and self._stores(scale):
+        """List stored tensor `key`, a float8 weight with its block and plain shape; refuse what
+        would be misread."""
+        (dtype, stored), scale = self.entry(key), key + self.scheme.scale_suffix
+        if DTYPES.get(dtype) in (torch.int8, torch.uint8) and self._stores(scale):
             raise CheckpointError(
-                f"{self.directory}: {key} is stored as {DTYPES[raw.dtype]} with a {scale} (packed FP4 or another "
+                f"{self.directory}: {key} is stored as {DTYPES[dtype]} with a {scale} (packed FP4 or another "
                 "format than float8 weights); moelab reads float8 weights only, and would drop its scale"
             )
-        if DTYPES.get(raw.dtype) not in FLOAT8:
+        if DTYPES.get(dtype) not in FLOAT8:
+            self._lists(key)
             return
         if not self._stores(scale):
             raise CheckpointError(
@@ -319,29 +281,12 @@ class Float8Checkpoint(Checkpoint):
             raise CheckpointError(
                 f"{self.directory}: {key} has nonzero {zero_point}; moelab reads symmetric float8 only"
             )
-        shape = tuple(raw.shape)
+        shape = stored
         if self._stores(original := module + PADDING[0]):  # stored padded to whole blocks: cut back
             shape = (*shape[:-2], *(int(n) for n in self.stored_value(original).tolist()[-2:]))
-            if not all(0 < n <= m for n, m in zip(shape[-2:], raw.shape[-2:])):
+            if not all(0 < n <= m for n, m in zip(shape[-2:], stored[-2:])):
                 raise CheckpointError(
-                    f"{self.directory}: {original} {list(shape)} does not fit {key} {list(raw.shape)}"
+                    f"{self.directory}: {original} {list(shape)} does not fit {key} {list(stored)}"
                 )
-        self._float8[key] = (self.scheme.block(tuple(raw.shape)), shape)
-
-
-def open_float8(directory: str | os.PathLike, config: dict, *, shapes_only: bool = False) -> Float8Checkpoint:
-    """The float8 checkpoint at `directory` (config.json `config`) read as plain weights in the dtype
-    its config.json states (bf16 where it states none, or a float8 one); a clear error for a
-    quantization moelab does not read."""
-    path = Path(directory)
-    scheme = float8_scheme(config, path)
-    stated = config.get("dtype") or config.get("torch_dtype")
-    return Float8Checkpoint(path, scheme, PLAIN_DTYPES.get(stated, torch.bfloat16), shapes_only=shapes_only)
-
-
-def plain_config(config: dict, dtype: torch.dtype) -> dict:
-    """config.json of the plain checkpoint: no `quantization_config`, its dtype `dtype`."""
-    plain = {k: copy.deepcopy(v) for k, v in config.items() if k != "quantization_config"}
-    return plain | {
-        key: str(dtype).removeprefix("torch.") for key in ("torch_dtype", "dtype") if key in config
-    }
+        self._blocks[key] = self.scheme.block(stored)
+        self._decodes(key, shape, key)

@@ -104,6 +104,11 @@ def reload_problem(path: Path, family: Family, quiet: bool) -> str | None:
             model = load_causal_lm(path, quiet=quiet)
             vocab = model.config.get_text_config().vocab_size
     except ValueError as err:  # CheckpointError included: load_causal_lm says what transformers refused
+        if isinstance(err.__cause__, ImportError):  # this environment lacks a package, not a fault of the files
+            raise CheckpointError(
+                f"the reload check cannot run here: {err}. Install what it names, or write with reload=False "
+                "(every edited layer is still checked through moelab's reader)"
+            ) from err
         return f"moelab.models.load_pretrained refuses it: {err}" if family is NATIVE else str(err)
     with torch.no_grad():
         logits = model.eval()(torch.arange(8)[None] % vocab).logits

@@ -42,7 +42,7 @@ from moelab.hf.checkpoint import DTYPES, INDEX_NAME, WEIGHT_FILE, Checkpoint, Ch
 from moelab.hf.edit import LayerEdit, apply_edit, check_edit, moe_output
 from moelab.hf.expert_map import FORMAT as EXPERT_MAP_FORMAT
 from moelab.hf.expert_map import read_expert_map
-from moelab.hf.float8 import ACTIVATION_SCALES, Float8Checkpoint, dequantized, plain_config, quantize
+from moelab.hf.float8 import ACTIVATION_SCALES, Float8Checkpoint, dequantized, quantize
 from moelab.hf.layouts import Config, Family, PerExpert, config_entry
 from moelab.hf.postconditions import LayerCheck, check_reload, check_written
 from moelab.hf.view import ModelView, MoELayerView, stored_layers
@@ -172,10 +172,9 @@ class _Plan:
         _check_expert_map(ckpt.directory, E)
         counts = {i: len(edits[i].sources) if i in edits else E for i in moe_layers}
         widths = _widths(config, family, edits, moe_layers)
-        float8 = isinstance(ckpt, Float8Checkpoint)
         if keep_float8:
             _check_float8_output(ckpt, family, edits)
-        new_config = plain_config(config, ckpt.dtype) if float8 and not keep_float8 else copy.deepcopy(config)
+        new_config = copy.deepcopy(config) if keep_float8 else ckpt.written_config(config)
         if len(set(counts.values())) > 1 or len(set(widths.values())) > 1:
             per_layer = ", ".join(f"layer {i}: {counts[i]} x {widths[i]}" for i in moe_layers)
             raise ValueError(
@@ -420,8 +419,8 @@ def _check_float8_output(ckpt: Checkpoint, family: Family, edits: Iterable[int])
     expert as modules of their own (as FP8 releases do) and a router that is not float8."""
     if not isinstance(ckpt, Float8Checkpoint):
         raise ValueError(
-            f"keep_float8 writes a float8 checkpoint in its own format, but {ckpt.directory} has plain weights "
-            "(no float8 quantization_config); write it without keep_float8"
+            f"keep_float8 writes a float8 checkpoint in its own format, but {ckpt.directory} is not one (its "
+            "weights are plain, or quantized otherwise); write it without keep_float8"
         )
     for index in edits:
         layout, prefix = family.layout_of(ckpt, index), family.layer_prefix.format(n=index)

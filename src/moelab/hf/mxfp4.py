@@ -1,0 +1,98 @@
+"""GPT-OSS's MXFP4 experts (`quant_method: "mxfp4"`, as openai/gpt-oss-20b and -120b ship) read as
+plain weights.
+
+Each expert weight `<name>` is stored as `<name>_blocks` [..., O, G, 16] (two FP4 e2m1 values a
+byte, the low nibble first: 32 values per group) and `<name>_scales` [..., O, G] (one power of two
+per group, 2 ** (byte - 127)); the plain weight is [..., G * 32, O], transposed as GPT-OSS's experts
+hold it (gate_up [E, D, 2I], down [E, I, D]), the same values transformers' dequantization gives.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from moelab.hf.checkpoint import Checkpoint, CheckpointError
+from moelab.hf.quantized import DequantizedCheckpoint
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+BLOCKS, SCALES = "_blocks", "_scales"
+GROUP_BYTES = 16  # 32 FP4 values
+
+
+def dequantized_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """blocks [..., O, G, 16] uint8, scales [..., O, G] uint8 -> the weight [..., G * 32, O] in `dtype`
+    (see the module docstring), one matrix at a time."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != GROUP_BYTES or blocks.dim() < 3:
+        raise CheckpointError(
+            f"MXFP4 blocks {list(blocks.shape)} and scales {list(scales.shape)} do not fit: expected blocks "
+            f"[..., rows, groups, {GROUP_BYTES}] and scales [..., rows, groups]"
+        )
+    *lead, O, G, _ = blocks.shape
+    lut = torch.tensor(FP4_VALUES)
+    out = torch.empty(*lead, G * 2 * GROUP_BYTES, O, dtype=dtype)
+    matrices, groups, outs = (
+        blocks.reshape(-1, O, G, GROUP_BYTES),
+        scales.reshape(-1, O, G),
+        out.view(-1, G * 32, O),
+    )
+    for m in range(matrices.shape[0]):
+        packed = matrices[m].long()
+        values = torch.stack((lut[packed & 0x0F], lut[packed >> 4]), dim=-1).reshape(O, G, 32)
+        values = torch.ldexp(values, groups[m].int()[..., None] - 127)
+        outs[m] = values.reshape(O, G * 32).T.to(dtype)
+    return out
+
+
+class Mxfp4Checkpoint(DequantizedCheckpoint):
+    """A GPT-OSS MXFP4 checkpoint read as plain weights (`DequantizedCheckpoint`): `<name>` for each
+    `<name>_blocks` and `<name>_scales` pair, every other tensor as stored."""
+
+    def __init__(
+        self, directory: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, *, shapes_only: bool = False
+    ):
+        super().__init__(directory, dtype, shapes_only=shapes_only)
+        for key in self.stored_keys():
+            name = key.removesuffix(SCALES)
+            if key.endswith(SCALES) and self._stores(name + BLOCKS):
+                continue
+            if not key.endswith(BLOCKS):
+                self._lists(key)
+                continue
+            name = key.removesuffix(BLOCKS)
+            if not self._stores(name + SCALES):
+                raise CheckpointError(
+                    f"{self.directory}: {key} has no {name + SCALES}; it cannot be dequantized"
+                )
+            blocks, scales = self.raw(key), self.raw(name + SCALES)
+            if (
+                (blocks.dtype, scales.dtype) != ("U8", "U8")
+                or len(blocks.shape) < 3
+                or blocks.shape[:-1] != scales.shape
+                or blocks.shape[-1] != GROUP_BYTES
+            ):
+                raise CheckpointError(
+                    f"{self.directory}: {key} ({blocks.dtype} {list(blocks.shape)}) and {name + SCALES} ({scales.dtype} "
+                    f"{list(scales.shape)}) are not MXFP4 blocks and scales (uint8 [..., rows, groups, 16] and [..., rows, "
+                    "groups]); the checkpoint does not match its quantization_config"
+                )
+            *lead, rows, groups, _ = blocks.shape
+            self._decodes(name, (*lead, groups * 2 * GROUP_BYTES, rows), key)
+        if not self._shapes:
+            raise CheckpointError(
+                f"{self.directory / 'config.json'} describes MXFP4 weights, but no <name>{BLOCKS} tensors are stored: "
+                "the checkpoint does not match its quantization_config (remove it if the weights are plain)"
+            )
+
+    def _decode(self, name: str, rows: range | None) -> Tensor:
+        stacked = len(self._shapes[name]) > 2  # rows are experts, in blocks and scales alike
+        part = rows if stacked else None
+        out = dequantized_mxfp4(
+            Checkpoint.get(self, name + BLOCKS, part), Checkpoint.get(self, name + SCALES, part), self.dtype
+        )
+        return out if stacked or rows is None else out[rows.start : rows.stop].clone()
+
+    def with_shapes_only(self) -> Mxfp4Checkpoint:
+        return Mxfp4Checkpoint(self.directory, self.dtype, shapes_only=True)

@@ -1,0 +1,168 @@
+"""GPT-OSS's MXFP4 experts read directly (`moelab.hf.mxfp4`): the values transformers' own
+dequantization gives, and a release calibrates, compresses, offloads and dequantizes as its plain
+copy does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_tiny import build
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerFast
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+from moelab.compress import CalibrationOptions, calibrate, compress
+from moelab.data.tokenizer import TOKENIZER_DIR
+from moelab.hf import CheckpointError, drop_experts, open_checkpoint
+from moelab.hf.dequantize import dequantize_checkpoint
+from moelab.hf.loading import load_causal_lm
+from moelab.hf.mxfp4 import Mxfp4Checkpoint, dequantized_mxfp4
+from moelab.offload import load_offloaded
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+QUANTIZATION = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                "model.embed_tokens", "lm_head"]}  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 3), max_size=1),
+    rows=st.integers(1, 12),
+    groups=st.integers(1, 3),
+    low=st.integers(100, 140),
+    dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    seed=st.integers(0, 99),
+)
+def test_the_values_are_transformers_dequantization(lead, rows, groups, low, dtype, seed):
+    """Every nibble of the e2m1 table, low nibble first, times 2 ** (scale - 127), transposed."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (*lead, rows, groups, 16), dtype=torch.uint8, generator=g)
+    scales = torch.randint(low, low + 8, (*lead, rows, groups), dtype=torch.uint8, generator=g)
+    ours = dequantized_mxfp4(blocks, scales, dtype)
+    if lead:
+        assert torch.equal(ours, convert_moe_packed_tensors(blocks.clone(), scales.clone(), dtype=dtype))
+    one = torch.tensor([[[0x21] + [0] * 15]], dtype=torch.uint8)  # 0.5 then 1.0, scale 2 ** 1
+    assert dequantized_mxfp4(one, torch.tensor([[128]], dtype=torch.uint8), torch.float32)[
+        :2, 0
+    ].tolist() == [1.0, 2.0]
+
+
+def _mxfp4(plain, out):
+    """`plain` (a saved GPT-OSS) with its experts' weights replaced by random MXFP4 blocks and scales."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for key, w in load_file(plain / "model.safetensors").items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            E, I, O = w.shape  # [E, in, out], as GPT-OSS holds them
+            tensors[key + "_blocks"] = torch.randint(
+                0, 256, (E, O, I // 32, 16), dtype=torch.uint8, generator=g
+            )
+            tensors[key + "_scales"] = torch.randint(
+                120, 128, (E, O, I // 32), dtype=torch.uint8, generator=g
+            )
+        else:
+            tensors[key] = w
+    out.mkdir()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    for path in plain.iterdir():
+        if path.name not in ("model.safetensors", "config.json"):
+            (out / path.name).write_bytes(path.read_bytes())
+    config = json.loads((plain / "config.json").read_text())
+    (out / "config.json").write_text(
+        json.dumps(config | {"quantization_config": QUANTIZATION, "dtype": "bfloat16"})
+    )
+    return out, tensors
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """A tiny GPT-OSS MXFP4 release (experts 32 wide: whole groups of 32), and its dequantized copy."""
+    root = tmp_path_factory.mktemp("mxfp4")
+    build("gpt_oss", vocab_size=8192, intermediate_size=32).save_pretrained(root / "f32")
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(root / "f32")
+    src, tensors = _mxfp4(root / "f32", root / "mxfp4")
+    return src, dequantize_checkpoint(src, root / "plain", quiet=True), tensors
+
+
+def test_a_release_reads_as_transformers_loads_it(release):
+    """transformers (accelerate, on a CPU) dequantizes the experts on loading: every weight of its
+    model equals moelab's reading of the files, which lists no blocks or scales."""
+    src, _, _ = release
+    theirs = load_causal_lm(src, quiet=True, dtype=torch.bfloat16).state_dict()
+    with Mxfp4Checkpoint(src) as ours:
+        assert set(ours.keys()) == set(theirs)
+        for key in ours.keys():
+            assert torch.equal(ours.get(key).to(torch.bfloat16), theirs[key]), key
+        name = "model.layers.1.mlp.experts.gate_up_proj"
+        assert torch.equal(ours.get(name, range(1, 3)), ours.get(name)[1:3])
+        assert ours.shape(name) == (4, 32, 64) and ours.with_shapes_only().get(name, range(2, 4)).shape == (
+            2,
+            32,
+            64,
+        )
+        assert ours.shard(name) == "model.safetensors"
+
+
+SMALL = CalibrationOptions(tokens=256, seq_len=32, batch_size=4, sample_tokens=64)
+
+
+def test_compressing_a_release_writes_what_its_plain_copy_gives(release, tmp_path):
+    """REAP and HC-SMoE on the MXFP4 files give the plain copy's checkpoints tensor for tensor (no
+    quantization_config), each checked by the writer and reloaded by transformers."""
+    outputs = {}
+    for name, source in (("mxfp4", release[0]), ("plain", release[1])):
+        stats = calibrate(source, tmp_path / f"stats_{name}", options=SMALL, quiet=True).directory
+        for method in ("reap", "hc_smoe"):
+            compress(source, tmp_path / f"{method}_{name}", method=method, ratio=0.5, stats=stats, quiet=True)
+            outputs[method, name] = tmp_path / f"{method}_{name}"
+    for method in ("reap", "hc_smoe"):
+        a, b = (
+            load_file(outputs[method, "mxfp4"] / "model.safetensors"),
+            load_file(outputs[method, "plain"] / "model.safetensors"),
+        )
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), method
+        config = json.loads((outputs[method, "mxfp4"] / "config.json").read_text())
+        assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+        assert config == json.loads((outputs[method, "plain"] / "config.json").read_text())
+
+
+def test_offloaded_decoding_of_a_release(release):
+    ids = torch.randint(0, 8192, (2, 5), generator=torch.Generator().manual_seed(0))
+    tokens = []
+    for source in release[:2]:
+        model = load_offloaded(source, resident=0.5, dtype=torch.bfloat16)
+        try:
+            tokens.append(model.generate(ids, 6))
+        finally:
+            model.close()
+    assert torch.equal(*tokens)
+
+
+def test_blocks_without_scales_or_of_other_shapes_are_refused(release, tmp_path):
+    """Also keep_float8, which writes float8 sources only (MXFP4 outputs are written as plain weights)."""
+    src, _, tensors = release
+    with pytest.raises(ValueError, match="is not one .its weights are plain, or quantized otherwise"):
+        drop_experts(src, tmp_path / "kept", [0], keep_float8=True, quiet=True)
+    name = "model.layers.1.mlp.experts.down_proj"
+    cases = [
+        ({k: v for k, v in tensors.items() if k != name + "_scales"}, f"{name}_blocks has no {name}_scales"),
+        (
+            tensors | {name + "_scales": tensors[name + "_scales"][:, :, :0]},
+            "are not MXFP4 blocks and scales",
+        ),
+        (
+            tensors | {name + "_blocks": tensors[name + "_blocks"].view(torch.int8)},
+            "are not MXFP4 blocks and scales",
+        ),
+    ]
+    for i, (stored, message) in enumerate(cases):
+        bad = tmp_path / str(i)
+        bad.mkdir()
+        save_file(stored, bad / "model.safetensors")
+        (bad / "config.json").write_text((src / "config.json").read_text())
+        with pytest.raises(CheckpointError, match=message):
+            open_checkpoint(bad)
