@@ -528,3 +528,26 @@ def test_opening_reads_each_shard_header_once_however_the_index_interleaves_them
     monkeypatch.setattr(module, "_safe_open", lambda path: opened.append(path) or safe_open(path))
     ckpt = _open(src)
     assert len(ckpt.keys()) == 40 and len(opened) <= len(shards)
+
+
+def test_the_benchmark_generates_an_fp8_release_of_the_same_model(tmp_path, monkeypatch):
+    """`moelab bench compress --fp8`: the same random model as the bf16 checkpoint, its projections
+    float8 with 128 x 128 block scales (here on a small shape), read back within float8's precision."""
+    from moelab.bench import compress as bench
+
+    small = dict(bench.SHAPES["qwen3_moe"], hidden_size=256, moe_intermediate_size=64, num_experts=4,
+                 num_experts_per_tok=2, intermediate_size=128, num_attention_heads=4, head_dim=64)  # fmt: skip
+    monkeypatch.setitem(bench.SHAPES, "qwen3_moe", small)
+    plain = bench.make_checkpoint(tmp_path / "bf16", "qwen3_moe", 0.01)
+    fp8 = bench.make_checkpoint(tmp_path / "fp8", "qwen3_moe", 0.01, fp8=True)
+    assert fp8["layers"] == plain["layers"] and fp8["bytes"] < plain["bytes"]
+    a, b = open_checkpoint(tmp_path / "fp8"), open_checkpoint(tmp_path / "bf16")
+    try:
+        assert isinstance(a._checkpoint, Float8Checkpoint)  # experts one module each, as the releases store them
+        stored = _tensors(tmp_path / "fp8")
+        assert stored["model.layers.0.mlp.experts.0.up_proj.weight"].dtype == torch.float8_e4m3fn
+        assert stored["model.layers.0.mlp.experts.0.up_proj.weight_scale_inv"].shape == (1, 2)  # [64, 256] in 128 x 128
+        got, want = a.layer(0).experts.up.float(), b.layer(0).experts.up.float()
+        assert ((got - want).abs() <= want.abs() * 2**-3 + 2**-9 * want.abs().max()).all()
+    finally:
+        a.close(), b.close()

@@ -239,6 +239,7 @@ def bench_compress(
     size_gb: Annotated[float, typer.Option("--size-gb", help="Size of the generated checkpoint (bf16).")] = 4.0,
     tokens: Annotated[int, typer.Option(min=1, help="Calibration tokens.")] = 2048,
     baseline: Annotated[bool, typer.Option(help="Also measure transformers loading the same checkpoint.")] = True,
+    fp8: Annotated[bool, typer.Option("--fp8", help="Generate the model as a block-wise FP8 release (float8 projections, 128 x 128 block scales), as DeepSeek-V3 ships.")] = False,
     keep: Annotated[bool, typer.Option("--keep", help="Keep the generated checkpoints in --work.")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
@@ -254,7 +255,7 @@ def bench_compress(
             "write the JSON elsewhere"
         )
     _claim_json(json_path, bench.JSON_FORMAT, overwrite, (work,))  # before --work is claimed: a refusal touches nothing
-    options = bench.BenchOptions(family=family, size_gb=size_gb, tokens=tokens, baseline=baseline)
+    options = bench.BenchOptions(family=family, size_gb=size_gb, tokens=tokens, baseline=baseline, fp8=fp8)
     with output_dir(work, "benchmark scratch", entries=["source", "pruned"], overwrite=overwrite) as claimed:
         try:
             doc = bench.run(options, claimed.path, progress=console)

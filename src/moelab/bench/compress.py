@@ -3,7 +3,9 @@ memory it is allowed, and measure peak memory, time and calibration speed.
 
 The checkpoint is generated: random bf16 weights of a Qwen3-MoE- or Mixtral-shaped model (the
 family's own transformers class decides every tensor's name and shape), written shard by shard
-(one tensor in memory at a time) with moelab's tokenizer, `--size-gb` in total. Each measured
+(one tensor in memory at a time) with moelab's tokenizer, `--size-gb` in total; with `fp8`, the
+same model as a block-wise FP8 release (its projection weights float8 e4m3 with a float32 scale per
+128 x 128 block, as DeepSeek-V3 and Qwen3-FP8 ship them), about half the bytes. Each measured
 job runs in a fresh process that reports its peak resident memory (VmHWM): `moelab compress`
 (calibration layer by layer + REAP + the checked writer, without the whole-model transformers
 reload postcondition, which would load the model), and, as the baseline measured in the same
@@ -23,6 +25,7 @@ import torch
 from rich.table import Table
 
 from moelab.compress.bench import run_job
+from moelab.hf.float8 import quantize
 from moelab.io import atomic_write_text, save_safetensors
 
 SHAPES = {
@@ -39,13 +42,14 @@ SHAPES = {
     ),
 }  # fmt: skip
 JSON_FORMAT = "moelab-bench-compress/1"
+FP8_BLOCK = (128, 128)
 
 
 @dataclass(kw_only=True)
 class BenchOptions:
-    """family: qwen3_moe or mixtral; size_gb: the checkpoint's size; tokens, seq_len: the
+    """family: qwen3_moe or mixtral; size_gb: the checkpoint's size (in bf16); tokens, seq_len: the
     calibration; ratio: experts removed; shard_mb: shard size; baseline: also measure
-    transformers' from_pretrained; keep: leave the generated files in `work`."""
+    transformers' from_pretrained; fp8: generate a block-wise FP8 release of the same model."""
 
     family: str = "qwen3_moe"
     size_gb: float = 4.0
@@ -54,18 +58,24 @@ class BenchOptions:
     ratio: float = 0.25
     shard_mb: int = 256
     baseline: bool = True
+    fp8: bool = False
 
     def __post_init__(self):
         if self.family not in SHAPES:
             raise ValueError(f"unknown family {self.family!r}; choose one of {list(SHAPES)}")
         if not self.size_gb > 0 or self.tokens < 1 or self.seq_len < 1 or self.shard_mb < 1:
             raise ValueError("size_gb, tokens, seq_len and shard_mb must be positive")
+        if self.fp8 and self.family != "qwen3_moe":
+            raise ValueError("--fp8 generates Qwen3-MoE-shaped releases (as Qwen3-FP8 ships); use --family qwen3_moe")
         if self.tokens < self.seq_len:
             raise ValueError(f"tokens ({self.tokens}) must be at least one window of seq_len ({self.seq_len})")
 
 
-def make_checkpoint(directory: Path, family: str, size_gb: float, shard_mb: int = 256, seed: int = 0) -> dict:
-    """Write a random bf16 `family` checkpoint of about `size_gb` GB into the new `directory`."""
+def make_checkpoint(
+    directory: Path, family: str, size_gb: float, shard_mb: int = 256, seed: int = 0, fp8: bool = False
+) -> dict:
+    """Write a random bf16 `family` checkpoint of about `size_gb` GB into the new `directory`; fp8:
+    its projection weights as block-wise FP8 (`FP8_BLOCK`), with their scales."""
     from transformers import AutoConfig, PreTrainedTokenizerFast
 
     from moelab.data.tokenizer import TOKENIZER_DIR
@@ -77,6 +87,9 @@ def make_checkpoint(directory: Path, family: str, size_gb: float, shard_mb: int 
     )
     layers = max(1, math.ceil(size_gb * 1e9 / per_layer))
     config = AutoConfig.for_model(family, num_hidden_layers=layers, dtype="bfloat16", **SHAPES[family])
+    if fp8:
+        config.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": list(FP8_BLOCK)}  # fmt: skip
     directory.mkdir(parents=True)
     config.save_pretrained(directory)
     PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(directory)
@@ -101,8 +114,12 @@ def make_checkpoint(directory: Path, family: str, size_gb: float, shard_mb: int 
             tensor = (torch.randn(param.shape, generator=generator) * param.shape[-1] ** -0.5).to(
                 torch.bfloat16
             )
-        shard[key] = tensor
-        total += tensor.numel() * tensor.element_size()
+        for name, part in _as_released(key, tensor) if fp8 else [(key, tensor)]:
+            if fp8 and name.endswith("proj.weight"):
+                part, shard[name + "_scale_inv"] = quantize(part, FP8_BLOCK)
+                total += shard[name + "_scale_inv"].nbytes
+            shard[name] = part
+            total += part.numel() * part.element_size()
         if sum(t.numel() * t.element_size() for t in shard.values()) >= shard_mb * 2**20:
             flush()
     if shard:
@@ -110,6 +127,19 @@ def make_checkpoint(directory: Path, family: str, size_gb: float, shard_mb: int 
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_text(directory / "model.safetensors.index.json", json.dumps(index, indent=1))
     return {"layers": layers, "bytes": total, "shards": len(names)}
+
+
+def _as_released(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Qwen3-MoE's stacked experts (transformers' in-memory layout: gate_up [E, 2I, D], gate rows
+    first; down [E, D, I]) as its FP8 releases store them: one gate, up and down weight per expert."""
+    prefix, _, name = key.rpartition("experts.")
+    if name == "gate_up_proj":
+        gate, up = tensor.chunk(2, dim=1)
+        return [(f"{prefix}experts.{e}.{proj}.weight", w[e].clone()) for e in range(len(tensor))
+                for proj, w in (("gate_proj", gate), ("up_proj", up))]  # fmt: skip
+    if name == "down_proj":
+        return [(f"{prefix}experts.{e}.down_proj.weight", tensor[e].clone()) for e in range(len(tensor))]
+    return [(key, tensor)]
 
 
 _COMPRESS_JOB = """
@@ -145,7 +175,7 @@ def run(options: BenchOptions, work: Path, *, progress=None) -> dict:
     say = progress.print if progress is not None else (lambda *a: None)
     say(f"generating a {options.size_gb:g} GB {options.family} checkpoint in {work / 'source'}")
     began = time.perf_counter()
-    made = make_checkpoint(work / "source", options.family, options.size_gb, options.shard_mb)
+    made = make_checkpoint(work / "source", options.family, options.size_gb, options.shard_mb, fp8=options.fp8)
     doc = {
         "format": JSON_FORMAT,
         "options": asdict(options),
@@ -176,7 +206,8 @@ def run(options: BenchOptions, work: Path, *, progress=None) -> dict:
 
 def render(doc: dict) -> Table:
     made, comp = doc["checkpoint"], doc["compress"]
-    table = Table(title=f"moelab compress on a {made['bytes'] / 1e9:.2f} GB {doc['options']['family']} checkpoint "
+    fp8 = " block-wise FP8" if doc["options"].get("fp8") else ""
+    table = Table(title=f"moelab compress on a {made['bytes'] / 1e9:.2f} GB{fp8} {doc['options']['family']} checkpoint "
                   f"({made['layers']} layers, {made['shards']} shards)")  # fmt: skip
     table.add_column("job")
     for column in ("peak RSS (MB)", "RSS / checkpoint", "time (s)", "calibration tokens/s"):
