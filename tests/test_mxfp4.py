@@ -166,3 +166,27 @@ def test_blocks_without_scales_or_of_other_shapes_are_refused(release, tmp_path)
         (bad / "config.json").write_text((src / "config.json").read_text())
         with pytest.raises(CheckpointError, match=message):
             open_checkpoint(bad)
+
+
+def test_opening_reads_each_shard_header_once_however_the_index_interleaves_them(tmp_path, monkeypatch):
+    """gpt-oss-120b's index lists names alphabetically, not by shard: finding the blocks and scales
+    reads the shard headers, never a shard per name (nor again for the shapes-only twin's headers)."""
+    import moelab.hf.checkpoint as module
+
+    shards = [f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
+    weight_map = {}
+    for i, shard in enumerate(shards):  # weight e's blocks in shard e % 4, its scales in the next one
+        tensors = {f"e.{e}.w_blocks": torch.zeros(2, 4, 1, 16, dtype=torch.uint8) for e in range(i, 40, 4)}
+        tensors |= {
+            f"e.{e}.w_scales": torch.zeros(2, 4, 1, dtype=torch.uint8) for e in range((i - 1) % 4, 40, 4)
+        }
+        save_file(tensors, tmp_path / shard)
+        weight_map |= dict.fromkeys(tensors, shard)
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": dict(sorted(weight_map.items()))})
+    )
+    opened = []
+    safe_open = module._safe_open
+    monkeypatch.setattr(module, "_safe_open", lambda path: opened.append(path) or safe_open(path))
+    ckpt = Mxfp4Checkpoint(tmp_path)
+    assert len(ckpt.keys()) == 40 and len(opened) <= len(shards)

@@ -66,19 +66,19 @@ class Mxfp4Checkpoint(DequantizedCheckpoint):
                 raise CheckpointError(
                     f"{self.directory}: {key} has no {name + SCALES}; it cannot be dequantized"
                 )
-            blocks, scales = self.raw(key), self.raw(name + SCALES)
+            (blocks_dtype, blocks), (scales_dtype, scales) = self.entry(key), self.entry(name + SCALES)
             if (
-                (blocks.dtype, scales.dtype) != ("U8", "U8")
-                or len(blocks.shape) < 3
-                or blocks.shape[:-1] != scales.shape
-                or blocks.shape[-1] != GROUP_BYTES
+                (blocks_dtype, scales_dtype) != ("U8", "U8")
+                or len(blocks) < 3
+                or blocks[:-1] != scales
+                or blocks[-1] != GROUP_BYTES
             ):
                 raise CheckpointError(
-                    f"{self.directory}: {key} ({blocks.dtype} {list(blocks.shape)}) and {name + SCALES} ({scales.dtype} "
-                    f"{list(scales.shape)}) are not MXFP4 blocks and scales (uint8 [..., rows, groups, 16] and [..., rows, "
+                    f"{self.directory}: {key} ({blocks_dtype} {list(blocks)}) and {name + SCALES} ({scales_dtype} "
+                    f"{list(scales)}) are not MXFP4 blocks and scales (uint8 [..., rows, groups, 16] and [..., rows, "
                     "groups]); the checkpoint does not match its quantization_config"
                 )
-            *lead, rows, groups, _ = blocks.shape
+            *lead, rows, groups, _ = blocks
             self._decodes(name, (*lead, groups * 2 * GROUP_BYTES, rows), key)
         if not self._shapes:
             raise CheckpointError(
