@@ -143,7 +143,9 @@ def test_offloaded_decoding_of_a_release(release):
 
 
 def test_blocks_without_scales_or_of_other_shapes_are_refused(release, tmp_path):
-    """Also keep_float8, which writes float8 sources only (MXFP4 outputs are written as plain weights)."""
+    """Scales without blocks too (listed as a plain tensor, `moelab dequantize` would write a uint8 one
+    transformers cannot load). Also keep_float8, which writes float8 sources only (MXFP4 outputs are
+    written as plain weights)."""
     src, _, tensors = release
     with pytest.raises(ValueError, match="is not one .its weights are plain, or quantized otherwise"):
         drop_experts(src, tmp_path / "kept", [0], keep_float8=True, quiet=True)
@@ -158,6 +160,7 @@ def test_blocks_without_scales_or_of_other_shapes_are_refused(release, tmp_path)
             tensors | {name + "_blocks": tensors[name + "_blocks"].view(torch.int8)},
             "are not MXFP4 blocks and scales",
         ),
+        ({k: v for k, v in tensors.items() if k != name + "_blocks"}, f"{name}_scales has no {name}_blocks"),
     ]
     for i, (stored, message) in enumerate(cases):
         bad = tmp_path / str(i)

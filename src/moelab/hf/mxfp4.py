@@ -57,7 +57,12 @@ class Mxfp4Checkpoint(DequantizedCheckpoint):
         for key in self.stored_keys():
             name = key.removesuffix(SCALES)
             if key.endswith(SCALES) and self._stores(name + BLOCKS):
-                continue
+                continue  # read with its blocks
+            if key.endswith(SCALES) and self.entry(key)[0] == "U8":
+                raise CheckpointError(
+                    f"{self.directory}: {key} has no {name + BLOCKS}; the MXFP4 weight is incomplete "
+                    "(re-download the checkpoint)"
+                )
             if not key.endswith(BLOCKS):
                 self._lists(key)
                 continue
