@@ -171,6 +171,26 @@ def test_blocks_without_scales_or_of_other_shapes_are_refused(release, tmp_path)
             open_checkpoint(bad)
 
 
+def test_plain_tensors_named_like_blocks_or_scales_read_as_stored(tmp_path):
+    """Only uint8 `_blocks` and `_scales` are MXFP4 parts (transformers dequantizes GPT-OSS's experts
+    only): a float tensor that ends so, with no partner, is a plain tensor."""
+    blocks = torch.randint(
+        0, 256, (2, 4, 1, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    stored = {
+        "w_blocks": blocks,
+        "w_scales": torch.full((2, 4, 1), 127, dtype=torch.uint8),
+        "norm_blocks": torch.ones(3, dtype=torch.bfloat16),
+        "layer_scales": torch.ones(3, dtype=torch.bfloat16),
+    }
+    save_file(stored, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": QUANTIZATION}))
+    with Mxfp4Checkpoint(tmp_path) as ckpt:
+        assert sorted(ckpt.keys()) == ["layer_scales", "norm_blocks", "w"]
+        assert torch.equal(ckpt.get("norm_blocks"), stored["norm_blocks"])
+        assert torch.equal(ckpt.get("w"), dequantized_mxfp4(blocks, stored["w_scales"]))
+
+
 def test_opening_reads_each_shard_header_once_however_the_index_interleaves_them(tmp_path, monkeypatch):
     """gpt-oss-120b's index lists names alphabetically, not by shard: finding the blocks and scales
     reads the shard headers, never a shard per name (nor again for the shapes-only twin's headers)."""

@@ -48,7 +48,8 @@ def dequantized_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch
 
 class Mxfp4Checkpoint(DequantizedCheckpoint):
     """A GPT-OSS MXFP4 checkpoint read as plain weights (`DequantizedCheckpoint`): `<name>` for each
-    `<name>_blocks` and `<name>_scales` pair, every other tensor as stored."""
+    `<name>_blocks` and `<name>_scales` pair, every other tensor as stored (a float one whose name
+    ends so, without a partner, too: uint8 blocks or scales without theirs are refused)."""
 
     def __init__(
         self, directory: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, *, shapes_only: bool = False
@@ -63,10 +64,10 @@ class Mxfp4Checkpoint(DequantizedCheckpoint):
                     f"{self.directory}: {key} has no {name + BLOCKS}; the MXFP4 weight is incomplete "
                     "(re-download the checkpoint)"
                 )
-            if not key.endswith(BLOCKS):
-                self._lists(key)
-                continue
             name = key.removesuffix(BLOCKS)
+            if not key.endswith(BLOCKS) or not (self._stores(name + SCALES) or self.entry(key)[0] == "U8"):
+                self._lists(key)  # a plain tensor (a float one named <name>_blocks or _scales too)
+                continue
             if not self._stores(name + SCALES):
                 raise CheckpointError(
                     f"{self.directory}: {key} has no {name + SCALES}; it cannot be dequantized"
