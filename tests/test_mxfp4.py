@@ -193,7 +193,7 @@ def test_plain_tensors_named_like_blocks_or_scales_read_as_stored(tmp_path):
 
 def test_opening_reads_each_shard_header_once_however_the_index_interleaves_them(tmp_path, monkeypatch):
     """gpt-oss-120b's index lists names alphabetically, not by shard: finding the blocks and scales
-    reads the shard headers, never a shard per name (nor again for the shapes-only twin's headers)."""
+    reads the shard headers, never a shard per name."""
     import moelab.hf.checkpoint as module
 
     shards = [f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]

@@ -70,7 +70,8 @@ class Mxfp4Checkpoint(DequantizedCheckpoint):
                 continue
             if not self._stores(name + SCALES):
                 raise CheckpointError(
-                    f"{self.directory}: {key} has no {name + SCALES}; it cannot be dequantized"
+                    f"{self.directory}: {key} has no {name + SCALES}; the MXFP4 weight is incomplete "
+                    "(re-download the checkpoint)"
                 )
             (blocks_dtype, blocks), (scales_dtype, scales) = self.entry(key), self.entry(name + SCALES)
             if (
