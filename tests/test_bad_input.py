@@ -285,7 +285,7 @@ def trace_quantization_config_is_a_string(tmp, src):
     return (
         ["trace", ckpt, "--quiet"],
         [ckpt],
-        [str(ckpt / "config.json"), "quantized checkpoint (quant_method 'fp8')"],
+        [str(ckpt / "config.json"), "quantization_config is 'fp8'; transformers and moelab read an object with a quant_method"],
     )
 
 
@@ -1041,7 +1041,7 @@ def test_cli_keeps_tracebacks_for_bugs(monkeypatch):
 @pytest.mark.parametrize(
     "make,message",
     [
-        (lambda s, t: hf(s, t, quantization_config="int4"), r"config.json describes a quantized checkpoint"),
+        (lambda s, t: hf(s, t, quantization_config="int4"), r"config.json: quantization_config is .int4.; transformers and moelab read an object"),
         (lambda s, t: hf(s, t, model_type=["mixtral"]), r"config.json: model_type must be a string"),
         (
             lambda s, t: sharded(s, t, lambda c: "sub/../../x.safetensors"),

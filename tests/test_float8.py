@@ -259,13 +259,14 @@ def test_what_would_be_misread_is_refused_when_the_checkpoint_opens(tmp_path):
         _open(zero, shapes_only=True)
     build("qwen3_moe").save_pretrained(tmp_path / "plain")
     config = json.loads((tmp_path / "plain" / "config.json").read_text())
-    for quantization in ({"quant_method": "gptq", "bits": 4}, "fp8"):
+    for quantization, message in (
+        ({"quant_method": "gptq", "bits": 4}, "describes a quantized checkpoint .*moelab reads plain weights, float8 ones"),
+        ("fp8", "quantization_config is 'fp8'; transformers and moelab read an object with a quant_method"),
+    ):
         (tmp_path / "plain" / "config.json").write_text(
             json.dumps(config | {"quantization_config": quantization})
         )
-        with pytest.raises(
-            CheckpointError, match="describes a quantized checkpoint .*moelab reads plain weights, float8 ones"
-        ):
+        with pytest.raises(CheckpointError, match=message):
             open_checkpoint(tmp_path / "plain")
 
 
@@ -528,6 +529,15 @@ def test_opening_reads_each_shard_header_once_however_the_index_interleaves_them
     monkeypatch.setattr(module, "_safe_open", lambda path: opened.append(path) or safe_open(path))
     ckpt = _open(src)
     assert len(ckpt.keys()) == 40 and len(opened) <= len(shards)
+    # a shapes-only twin (the offloaded model makes one per layer) reads no shard or header again
+    headers = []
+    read_header = module._read_header
+    monkeypatch.setattr(module, "_read_header", lambda path: headers.append(path) or read_header(path))
+    ckpt.get("e.3.weight")
+    twin, opened[:] = ckpt.with_shapes_only(), []
+    assert [twin.get(k).shape for k in twin.keys()] == [(16, 8)] * 40 and opened == headers == []
+    twin.close()
+    assert torch.equal(ckpt.get("e.3.weight"), per_block(q, s, BLOCK))
 
 
 def test_the_benchmark_generates_an_fp8_release_of_the_same_model(tmp_path, monkeypatch):

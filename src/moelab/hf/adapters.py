@@ -672,11 +672,16 @@ def open_weights(path: Path, config: Config, dtype: torch.dtype | None = None) -
     quantization = config.get("quantization_config")
     if quantization is None:
         return Checkpoint(path)
-    method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
+    if not isinstance(quantization, dict):
+        raise CheckpointError(
+            f"{path / 'config.json'}: quantization_config is {quantization!r}; transformers and moelab read an object "
+            "with a quant_method (remove it if the weights are plain)"
+        )
+    method = quantization.get("quant_method", "unknown")
     dtype = dtype or stated_dtype(config)
-    if isinstance(quantization, dict) and method in FLOAT8_METHODS:
+    if method in FLOAT8_METHODS:
         return Float8Checkpoint(path, float8_scheme(config, path), dtype)
-    if isinstance(quantization, dict) and method == "mxfp4":
+    if method == "mxfp4":
         return Mxfp4Checkpoint(path, dtype)
     raise CheckpointError(
         f"{path / 'config.json'} describes a quantized checkpoint (quant_method {method!r}); moelab reads plain "

@@ -207,8 +207,13 @@ class Checkpoint:
         return self.raw(name)
 
     def with_shapes_only(self) -> Checkpoint:
-        """This checkpoint read with shapes and dtypes only (see `shapes_only`), opened anew."""
-        return Checkpoint(self.directory, shapes_only=True)
+        """This checkpoint read with shapes and dtypes only (see `shapes_only`): what it has read
+        of the files (index, shard headers, a quantized format's tables) shared, not read again;
+        its open files its own."""
+        twin = copy.copy(self)
+        twin.shapes_only, twin._open, twin._files = True, None, {}
+        weakref.finalize(twin, _close_files, twin._files)
+        return twin
 
     def written_config(self, config: dict) -> dict:
         """config.json of a copy of this checkpoint made of `stored` tensors (a copy of `config`)."""

@@ -221,9 +221,6 @@ class Float8Checkpoint(DequantizedCheckpoint):
         out = dequantized(Checkpoint.get(self, name, rows), scale, self._blocks[name], self.dtype)
         return out if out.shape[-2:] == shape[-2:] else out[..., : shape[-2], : shape[-1]].contiguous()
 
-    def with_shapes_only(self) -> Float8Checkpoint:
-        return Float8Checkpoint(self.directory, self.scheme, self.dtype, shapes_only=True)
-
     def companions(self, key: str) -> dict[str, str]:
         """{stored name: its name relative to the module} of float8 weight `key` and the tensors
         that go with it: its scale, activation scales and other quantization parameters, and the

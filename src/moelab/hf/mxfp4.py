@@ -100,6 +100,3 @@ class Mxfp4Checkpoint(DequantizedCheckpoint):
             Checkpoint.get(self, name + BLOCKS, part), Checkpoint.get(self, name + SCALES, part), self.dtype
         )
         return out if stacked or rows is None else out[rows.start : rows.stop].clone()
-
-    def with_shapes_only(self) -> Mxfp4Checkpoint:
-        return Mxfp4Checkpoint(self.directory, self.dtype, shapes_only=True)
