@@ -270,7 +270,7 @@ def test_what_would_be_misread_is_refused_when_the_checkpoint_opens(tmp_path):
             open_checkpoint(tmp_path / "plain")
 
 
-# ----------------------------------------------------------------------------- writing float8 (keep_float8)
+# ----------------------------------------------------------------------------- writing float8 (keep_quantized)
 
 
 @settings(max_examples=25, deadline=None)
@@ -301,12 +301,12 @@ def _stored(directory):
         return {k: (ckpt.raw(k).dtype, ckpt.get(k).reshape(-1).view(torch.uint8)) for k in ckpt.keys()}
 
 
-def test_pruning_with_keep_float8_copies_the_kept_experts_bytes_and_scales(releases, tmp_path):
+def test_pruning_with_keep_quantized_copies_the_kept_experts_bytes_and_scales(releases, tmp_path):
     """Dropped experts go with their scales; each kept expert's float8 weights and scales are the
     source's bytes under its new number; every other tensor (scales included) is copied; config.json
     keeps its quantization_config; and the output reads as the plain output does."""
     fp8, _ = releases["qwen3_moe"]
-    kept = drop_experts(fp8, tmp_path / "kept", {1: [0, 2]}, keep_float8=True, quiet=True)
+    kept = drop_experts(fp8, tmp_path / "kept", {1: [0, 2]}, keep_quantized=True, quiet=True)
     plain = drop_experts(fp8, tmp_path / "plain", {1: [0, 2]}, quiet=True)
     source, written = _stored(fp8), _stored(kept)
     renumber = {"experts.0.": "experts.1.", "experts.1.": "experts.3."}  # new -> original, in layer 1
@@ -327,7 +327,7 @@ def test_pruning_with_keep_float8_copies_the_kept_experts_bytes_and_scales(relea
         a.close(), b.close()
 
 
-def test_merging_and_narrowing_with_keep_float8_quantize_the_new_experts(releases, tmp_path):
+def test_merging_and_narrowing_with_keep_quantized_quantize_the_new_experts(releases, tmp_path):
     """HC-SMoE's merged experts and HEAPr's narrowed ones are quantized in the source's 16 x 8 blocks:
     what the output reads is the plain output's weights to float8's precision, each layer passed
     the writer's check against the quantized weights and transformers reloaded the float8 files; a
@@ -339,7 +339,7 @@ def test_merging_and_narrowing_with_keep_float8_quantize_the_new_experts(release
     stats = calibrate(fp8, tmp_path / "stats", options=options, quiet=True).directory
     for method, ratio in (("hc_smoe", 0.5), ("heapr", 0.5)):
         kept = tmp_path / f"{method}_kept"
-        compress(fp8, kept, method=method, ratio=ratio, stats=stats, keep_float8=True, quiet=True)
+        compress(fp8, kept, method=method, ratio=ratio, stats=stats, keep_quantized=True, quiet=True)
         compress(fp8, tmp_path / method, method=method, ratio=ratio, stats=stats, quiet=True)
         files = _tensors(kept)
         experts = [k for k in files if ".mlp.experts." in k and k.endswith("proj.weight")]
@@ -361,16 +361,16 @@ def test_merging_and_narrowing_with_keep_float8_quantize_the_new_experts(release
         finally:
             a.close(), b.close()
     with pytest.raises(ValueError, match=r"not whole 16 x 8 blocks"):
-        compress(fp8, tmp_path / "odd", method="heapr", ratio=0.25, stats=stats, keep_float8=True, quiet=True)
+        compress(fp8, tmp_path / "odd", method="heapr", ratio=0.25, stats=stats, keep_quantized=True, quiet=True)
     assert not (tmp_path / "odd").exists()
 
 
-def test_keep_float8_refusals(releases, tmp_path, monkeypatch):
+def test_keep_quantized_refusals(releases, tmp_path, monkeypatch):
     """A plain source; experts stacked in one tensor (read, but written as plain weights only); new
     experts from power-of-two scales. compress refuses them before it calibrates."""
     fp8, plain = releases["qwen3_moe"]
     with pytest.raises(ValueError, match="is not one .its weights are plain, or quantized otherwise"):
-        drop_experts(plain, tmp_path / "a", [0], keep_float8=True, quiet=True)
+        drop_experts(plain, tmp_path / "a", [0], keep_quantized=True, quiet=True)
     stacked = tmp_path / "stacked"
     model = build("qwen3_moe", vocab_size=8192)
     model.save_pretrained(tmp_path / "fused", save_original_format=False)
@@ -389,16 +389,16 @@ def test_keep_float8_refusals(releases, tmp_path, monkeypatch):
     config = json.loads((tmp_path / "fused" / "config.json").read_text())
     (stacked / "config.json").write_text(json.dumps(config | {"quantization_config": FP8}))
     with pytest.raises(ValueError, match="stores its experts stacked"):
-        drop_experts(stacked, tmp_path / "b", [0], keep_float8=True, quiet=True)
+        drop_experts(stacked, tmp_path / "b", [0], keep_quantized=True, quiet=True)
     import moelab.compress.run
 
     def no_calibration(*args, **kwargs):
-        raise AssertionError("calibrated before refusing keep_float8")
+        raise AssertionError("calibrated before refusing keep_quantized")
 
     monkeypatch.setattr(moelab.compress.run, "_statistics", no_calibration)
     for source, message in ((plain, "is not one .its weights are plain"), (stacked, "stores its experts stacked")):
         with pytest.raises(ValueError, match=message):  # before calibrating, which may take hours
-            compress(source, tmp_path / "d", method="reap", ratio=0.5, keep_float8=True, quiet=True)
+            compress(source, tmp_path / "d", method="reap", ratio=0.5, keep_quantized=True, quiet=True)
         assert not list(tmp_path.glob("*d.moelab-staging*")) and not (tmp_path / "d").exists()
     out = drop_experts(
         stacked, tmp_path / "c", [0], quiet=True
@@ -445,7 +445,7 @@ def test_merged_experts_take_the_largest_activation_scale_and_need_float_scales(
     (static / "config.json").write_text(json.dumps(config))
     stats = calibrate(static, tmp_path / "stats", options=SMALL, quiet=True).directory
     out = tmp_path / "merged"
-    compress(static, out, method="hc_smoe", ratio=0.5, stats=stats, keep_float8=True, quiet=True)
+    compress(static, out, method="hc_smoe", ratio=0.5, stats=stats, keep_quantized=True, quiet=True)
     groups = json.loads((out / "moelab_expert_map.json").read_text())["layers"]["1"]["sources"]
     source, written = load_file(static / "model.safetensors"), _tensors(out)
     assert any(len(g) > 1 for g in groups)
@@ -458,13 +458,13 @@ def test_merged_experts_take_the_largest_activation_scale_and_need_float_scales(
         return {k: v.to(torch.float8_e8m0fnu) if k.endswith("_scale_inv") else v for k, v in tensors.items()}
 
     e8m0 = _variant(fp8, tmp_path / "e8m0", power_of_two_scales)
-    drop_experts(e8m0, tmp_path / "pruned", [0], keep_float8=True, quiet=True)
+    drop_experts(e8m0, tmp_path / "pruned", [0], keep_quantized=True, quiet=True)
     stats = calibrate(e8m0, tmp_path / "stats_e8m0", options=SMALL, quiet=True).directory
     with pytest.raises(ValueError, match=r"scales are F8_E8M0 \(powers of two\)"):
-        compress(e8m0, tmp_path / "m", method="hc_smoe", ratio=0.5, stats=stats, keep_float8=True, quiet=True)
+        compress(e8m0, tmp_path / "m", method="hc_smoe", ratio=0.5, stats=stats, keep_quantized=True, quiet=True)
 
 
-def test_keep_float8_leaves_out_a_multi_token_prediction_layer_whole(tmp_path):
+def test_keep_quantized_leaves_out_a_multi_token_prediction_layer_whole(tmp_path):
     """A stored layer past the layer count (DeepSeek-V3's MTP module) is left out with all its
     tensors: weights, their scales, and the kv cache scales on its attention (which the reader
     hides, as no weight's companions); the built layers keep theirs."""
@@ -479,32 +479,32 @@ def test_keep_float8_leaves_out_a_multi_token_prediction_layer_whole(tmp_path):
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
     with pytest.warns(UserWarning, match="stored layers model.layers.2. "):
-        out = drop_experts(source, tmp_path / "out", [0, 4], keep_float8=True, reload=False, quiet=True)
+        out = drop_experts(source, tmp_path / "out", [0, 4], keep_quantized=True, reload=False, quiet=True)
     written = _tensors(out)
     assert not [k for k in written if k.startswith("model.layers.2.")]
     kept = {f"model.layers.{i}.self_attn.{n}" for i in (0, 1) for n in ("k_scale", "v_scale")}
     assert kept <= written.keys()
 
 
-def test_keep_float8_refuses_new_experts_of_padded_weights_naming_the_way_out(tmp_path):
+def test_keep_quantized_refuses_new_experts_of_padded_weights_naming_the_way_out(tmp_path):
     """llm-compressor's block weights padded to whole blocks (`weight_shape_original`): kept experts
     are copied with it, a merged expert is refused with what to do instead."""
     build("qwen3_moe", moe_intermediate_size=24).to(torch.bfloat16).save_pretrained(tmp_path / "plain")
     source = compressed_tensors_release(tmp_path / "plain", tmp_path / "ct", "block", block=(16, 16))
-    out = drop_experts(source, tmp_path / "kept", {1: [0, 2]}, keep_float8=True, reload=False, quiet=True)
+    out = drop_experts(source, tmp_path / "kept", {1: [0, 2]}, keep_quantized=True, reload=False, quiet=True)
     assert torch.equal(
         _tensors(out)["model.layers.1.mlp.experts.0.down_proj.weight_shape_original"], torch.tensor([32, 24])
     )
     # transformers loads compressed-tensors only with that package, which this environment lacks: the
     # reload check says so, rather than blaming the source
     with pytest.raises(CheckpointError, match=r"reload check cannot run here: .*ImportError.*reload=False"):
-        drop_experts(source, tmp_path / "checked", [0], keep_float8=True, quiet=True)
+        drop_experts(source, tmp_path / "checked", [0], keep_quantized=True, quiet=True)
     assert not (tmp_path / "checked").exists()
     with open_checkpoint(source) as view:
         layer = view.layer(1)
     edit = LayerEdit(((0, 1), (2,), (3,)), view=apply_edit(layer, LayerEdit.keep([0, 2, 3])))
-    with pytest.raises(ValueError, match=r"weight_shape_original.*write plain weights \(without keep_float8\)"):
-        write_checkpoint(source, tmp_path / "merged", {1: edit}, keep_float8=True, reload=False, quiet=True)
+    with pytest.raises(ValueError, match=r"weight_shape_original.*write plain weights \(without keep_quantized\)"):
+        write_checkpoint(source, tmp_path / "merged", {1: edit}, keep_quantized=True, reload=False, quiet=True)
 
 
 def test_opening_reads_each_shard_header_once_however_the_index_interleaves_them(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ copy does."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -20,7 +21,7 @@ from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import CheckpointError, drop_experts, open_checkpoint
 from moelab.hf.dequantize import dequantize_checkpoint
 from moelab.hf.loading import load_causal_lm
-from moelab.hf.mxfp4 import Mxfp4Checkpoint, dequantized_mxfp4
+from moelab.hf.mxfp4 import FP4_VALUES, Mxfp4Checkpoint, dequantized_mxfp4, quantized_mxfp4
 from moelab.offload import load_offloaded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,11 +145,8 @@ def test_offloaded_decoding_of_a_release(release):
 
 def test_blocks_without_scales_or_of_other_shapes_are_refused(release, tmp_path):
     """Scales without blocks too (listed as a plain tensor, `moelab dequantize` would write a uint8 one
-    transformers cannot load). Also keep_float8, which writes float8 sources only (MXFP4 outputs are
-    written as plain weights)."""
+    transformers cannot load)."""
     src, _, tensors = release
-    with pytest.raises(ValueError, match="is not one .its weights are plain, or quantized otherwise"):
-        drop_experts(src, tmp_path / "kept", [0], keep_float8=True, quiet=True)
     name = "model.layers.1.mlp.experts.down_proj"
     cases = [
         ({k: v for k, v in tensors.items() if k != name + "_scales"}, f"{name}_blocks has no {name}_scales"),
@@ -213,3 +211,74 @@ def test_opening_reads_each_shard_header_once_however_the_index_interleaves_them
     monkeypatch.setattr(module, "_safe_open", lambda path: opened.append(path) or safe_open(path))
     ckpt = Mxfp4Checkpoint(tmp_path)
     assert len(ckpt.keys()) == 40 and len(opened) <= len(shards)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lead=st.integers(1, 3),
+    groups=st.integers(1, 3),
+    rows=st.integers(1, 6),
+    scale=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 99),
+)
+def test_quantizing_picks_each_groups_smallest_power_of_two_and_the_nearest_values(
+    lead, groups, rows, scale, seed
+):
+    """The inverse of the reading, against a search over all 16 values at the chosen power of two:
+    every group's largest |entry| within 6 x its scale (and above 3 x: no smaller power fits), every
+    entry the nearest value; quantizing what was read back gives the same values; zeros stay zeros."""
+    w = torch.randn(lead, groups * 32, rows, generator=torch.Generator().manual_seed(seed)) * scale
+    w[0, :32, 0] = 0  # an all-zero group
+    blocks, scales = quantized_mxfp4(w)
+    back = dequantized_mxfp4(blocks, scales, torch.float32)
+    lut = torch.tensor(FP4_VALUES)
+    power = torch.exp2(scales.float() - 127).repeat_interleave(32, dim=-1).transpose(1, 2)  # [lead, I, O]
+    nearest = (w[..., None] - lut * power[..., None]).abs().amin(-1)
+    assert torch.equal((back - w).abs(), nearest)
+    amax = w.abs().reshape(lead, groups, 32, rows).amax(2)  # [lead, G, O]
+    group_power = torch.exp2(scales.float() - 127).transpose(1, 2)
+    assert (amax <= 6 * group_power).all() and ((amax > 3 * group_power) | (amax == 0)).all()
+    assert torch.equal(dequantized_mxfp4(*quantized_mxfp4(back), torch.float32), back)
+    assert not back[0, :32, 0].any()
+
+
+def test_keep_quantized_writes_gpt_oss_in_mxfp4(release, tmp_path):
+    """Pruning copies the kept experts' blocks and scales byte for byte; merging quantizes the merged
+    experts (each layer checked against those values, transformers reloading the MXFP4 files); a
+    width that is not whole groups of 32 is refused before anything is written."""
+    src, _, tensors = release
+    pruned = drop_experts(src, tmp_path / "pruned", [0, 2], keep_quantized=True, quiet=True)
+    written = load_file(pruned / "model.safetensors")
+    for name in [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")]:
+        for part in ("_blocks", "_scales"):
+            assert torch.equal(written[name + part], tensors[name + part][[1, 3]]), name + part
+    assert json.loads((pruned / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    assert not [k for k in written if k.endswith("gate_up_proj") or k.endswith("down_proj")]
+    backward = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",))  # HEAPr's too
+    stats = calibrate(src, tmp_path / "stats", options=backward, quiet=True).directory
+    merged = tmp_path / "merged"
+    compress(src, merged, method="hc_smoe", ratio=0.5, stats=stats, keep_quantized=True, quiet=True)
+    compress(src, tmp_path / "plain", method="hc_smoe", ratio=0.5, stats=stats, quiet=True)
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    with Mxfp4Checkpoint(merged) as ckpt:
+        for i in (0, 1):
+            groups = json.loads((merged / "moelab_expert_map.json").read_text())["layers"][str(i)]["sources"]
+            for name in (
+                f"model.layers.{i}.mlp.experts.gate_up_proj",
+                f"model.layers.{i}.mlp.experts.down_proj",
+            ):
+                got, want = ckpt.get(name), plain[name]
+                for j, group in enumerate(
+                    groups
+                ):  # a merged expert: the MXFP4 quantization of the plain merge
+                    expected = (
+                        want[j]
+                        if len(group) == 1
+                        else dequantized_mxfp4(*quantized_mxfp4(want[j]), want.dtype)
+                    )
+                    assert torch.equal(got[j], expected), (name, j)
+    with pytest.raises(ValueError, match="not whole MXFP4 groups of 32"):
+        compress(
+            src, tmp_path / "narrow", method="heapr", ratio=0.5, stats=stats, keep_quantized=True, quiet=True
+        )
+    assert not (tmp_path / "narrow").exists()

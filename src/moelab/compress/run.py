@@ -37,7 +37,7 @@ from moelab.eval.evaluate import parameter_counts
 from moelab.hf.adapters import resolve
 from moelab.hf.edit import LayerEdit
 from moelab.hf.view import ModelView, MoELayerView
-from moelab.hf.writer import check_keep_float8, write_edited
+from moelab.hf.writer import check_keep_quantized, write_edited
 from moelab.io import StagedOutput, atomic_write_text, clear_staging
 from moelab.models.pretrained import CHECKPOINT_KIND
 
@@ -61,7 +61,7 @@ def compress(
     budget: str = "layer",
     method_options: dict[str, Any] | None = None,
     router_fit: RouterFit | None = None,
-    keep_float8: bool = False,
+    keep_quantized: bool = False,
     overwrite: bool = False,
     reload: bool = True,
     quiet: bool = False,
@@ -76,8 +76,8 @@ def compress(
     budget: "layer" (the same ratio in every layer) or "global" (scores ranked across layers:
     refused when it gives layers different expert counts, which no target format stores);
     router_fit: re-calibrate every edited layer's router afterwards (`moelab.compress.router_fit`);
-    keep_float8: write a float8 source (FP8 releases) in its own format, kept experts byte for byte and
-    merged or narrowed ones quantized in its blocks, instead of plain weights in the dtype it states.
+    keep_quantized: write a quantized source (FP8, MXFP4) in its own format, kept experts byte for byte
+    and merged or narrowed ones quantized as it quantizes, instead of plain weights in the dtype it states.
     Returns the report (also in out/moelab_compression.json)."""
     started = time.perf_counter()
     model = Path(model)
@@ -87,8 +87,8 @@ def compress(
     if budget == "global" and not isinstance(chosen, ScoringMethod):
         raise ValueError(f"a global budget ranks scores across layers; {method!r} does not score experts")
     keep = _planned(model, chosen, ratio)  # checks before any calibration: shapes only, no weights read
-    if keep_float8:
-        check_keep_float8(model, keep)
+    if keep_quantized:
+        check_keep_quantized(model, keep)
     if protect_super_experts:
         chosen.check_protection()
     fit = router_fit or RouterFit()
@@ -124,8 +124,8 @@ def compress(
         begin = time.perf_counter()
         edits = {i: d.edit for i, d in decisions.items()}
         clear_staging(staging, [p.name for p in staging.iterdir() if p.name not in (STATS_DIR, REPORT_NAME)])
-        report["keep_float8"] = keep_float8
-        write_edited(model, staging, edits, reload=reload, keep_float8=keep_float8, quiet=quiet, name=Path(out).name)
+        report["keep_quantized"] = keep_quantized
+        write_edited(model, staging, edits, reload=reload, keep_quantized=keep_quantized, quiet=quiet, name=Path(out).name)
         timings["write_s"] = round(time.perf_counter() - begin, 3)
         report["parameters"] = {"before": parameter_counts(model), "after": _after(staging, report)}
         report["timings"] = timings | {"total_s": round(time.perf_counter() - started, 3)}

@@ -232,6 +232,9 @@ class Float8Checkpoint(DequantizedCheckpoint):
         ]
         return {module + n: n for n in names}
 
+    def stored_parts(self, name: str) -> list[str]:
+        return list(self.companions(name)) if self.is_float8(name) else super().stored_parts(name)
+
     def is_float8(self, key: str) -> bool:
         """Whether the files store tensor `key` as a float8 weight (with scales)."""
         return self._stores(key) and DTYPES.get(self.entry(key)[0]) in FLOAT8

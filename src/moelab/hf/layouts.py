@@ -223,6 +223,11 @@ class FusedGateUp:
             return None
         return [ExpertPart(prefix + self.gate_up, expert, "gate_up"), ExpertPart(prefix + self.down, expert, "down")]
 
+    def decode(self, gate_up: Tensor, down: Tensor) -> dict[str, Tensor]:
+        """gate_up [E, D, 2I] and down [E, I, D] as stored -> the view's gate, up [E, I, D] and down [E, D, I]."""
+        gate, up = _halves(gate_up, dim=2, interleaved=self.interleaved)
+        return {"gate": gate.transpose(1, 2), "up": up.transpose(1, 2), "down": down.transpose(1, 2)}
+
     def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
         names = (self.gate_up, self.down, self.gate_up_bias, self.down_bias)
         return [prefix + name for name in names if name is not None and prefix + name in ckpt]
@@ -300,12 +305,7 @@ class TransposedGateUp:
         return prefix + self.gate_up in ckpt
 
     def read(self, ckpt: Checkpoint, prefix: str, config: Config, experts: range | None = None) -> dict[str, Tensor]:
-        gate, up = _halves(ckpt.get(prefix + self.gate_up, experts), dim=2, interleaved=self.interleaved)
-        out = {
-            "gate": gate.transpose(1, 2),
-            "up": up.transpose(1, 2),
-            "down": ckpt.get(prefix + self.down, experts).transpose(1, 2),
-        }
+        out = self.decode(ckpt.get(prefix + self.gate_up, experts), ckpt.get(prefix + self.down, experts))
         if self.gate_up_bias is not None:
             out["gate_bias"], out["up_bias"] = _halves(
                 ckpt.get(prefix + self.gate_up_bias, experts), dim=1, interleaved=self.interleaved
@@ -313,6 +313,11 @@ class TransposedGateUp:
         if self.down_bias is not None:
             out["down_bias"] = ckpt.get(prefix + self.down_bias, experts)
         return out
+
+    def decode(self, gate_up: Tensor, down: Tensor) -> dict[str, Tensor]:
+        """gate_up [E, D, 2I] and down [E, I, D] as stored -> the view's gate, up [E, I, D] and down [E, D, I]."""
+        gate, up = _halves(gate_up, dim=2, interleaved=self.interleaved)
+        return {"gate": gate.transpose(1, 2), "up": up.transpose(1, 2), "down": down.transpose(1, 2)}
 
     def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
         names = (self.gate_up, self.down, self.gate_up_bias, self.down_bias)

@@ -46,6 +46,31 @@ def dequantized_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch
     return out
 
 
+MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # between FP4_VALUES' magnitudes
+
+
+def quantized_mxfp4(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [..., I, O] (a weight as GPT-OSS's experts hold it, I a multiple of 32) -> (blocks
+    [..., O, I / 32, 16], scales [..., O, I / 32]), the inverse of `dequantized_mxfp4`: each group of
+    32 scaled by the smallest power of two that brings its largest |entry| within 6, every entry then
+    the nearest e2m1 value (ties to the smaller magnitude), one matrix at a time."""
+    *lead, I, O = w.shape
+    if I % (2 * GROUP_BYTES):
+        raise ValueError(f"an MXFP4 weight's input dim is whole groups of 32; got {list(w.shape)}")
+    blocks = torch.empty(*lead, O, I // 32, GROUP_BYTES, dtype=torch.uint8)
+    scales = torch.empty(*lead, O, I // 32, dtype=torch.uint8)
+    for m, matrix in enumerate(w.reshape(-1, I, O)):
+        groups = matrix.T.float().contiguous().reshape(O, I // 32, 32)
+        amax = groups.abs().amax(-1)
+        exponent = torch.ceil(torch.log2(amax / 6)).nan_to_num(-127, -127, -127).clamp(-127, 127)
+        exponent += (amax > 6 * torch.exp2(exponent)).float()  # log2's rounding, where it fell short
+        x = groups / torch.exp2(exponent)[..., None]
+        nibbles = torch.bucketize(x.abs(), MIDPOINTS) | torch.where(x < 0, 8, 0)
+        blocks.view(-1, O, I // 32, GROUP_BYTES)[m] = (nibbles[..., 0::2] | nibbles[..., 1::2] << 4).to(torch.uint8)
+        scales.view(-1, O, I // 32)[m] = (exponent + 127).to(torch.uint8)
+    return blocks, scales
+
+
 class Mxfp4Checkpoint(DequantizedCheckpoint):
     """A GPT-OSS MXFP4 checkpoint read as plain weights (`DequantizedCheckpoint`): `<name>` for each
     `<name>_blocks` and `<name>_scales` pair, every other tensor as stored (a float one whose name
@@ -92,6 +117,9 @@ class Mxfp4Checkpoint(DequantizedCheckpoint):
                 f"{self.directory / 'config.json'} describes MXFP4 weights, but no <name>{BLOCKS} tensors are stored: "
                 "the checkpoint does not match its quantization_config (remove it if the weights are plain)"
             )
+
+    def stored_parts(self, name: str) -> list[str]:
+        return [name + BLOCKS, name + SCALES] if name in self._shapes else super().stored_parts(name)
 
     def _decode(self, name: str, rows: range | None) -> Tensor:
         stacked = len(self._shapes[name]) > 2  # rows are experts, in blocks and scales alike

@@ -43,7 +43,8 @@ from moelab.hf.edit import LayerEdit, apply_edit, check_edit, moe_output
 from moelab.hf.expert_map import FORMAT as EXPERT_MAP_FORMAT
 from moelab.hf.expert_map import read_expert_map
 from moelab.hf.float8 import ACTIVATION_SCALES, Float8Checkpoint, dequantized, quantize
-from moelab.hf.layouts import Config, Family, PerExpert, config_entry
+from moelab.hf.layouts import Config, Family, PerExpert, TransposedGateUp, config_entry
+from moelab.hf.mxfp4 import BLOCKS, SCALES, Mxfp4Checkpoint, dequantized_mxfp4, quantized_mxfp4
 from moelab.hf.postconditions import LayerCheck, check_reload, check_written
 from moelab.hf.view import ModelView, MoELayerView, stored_layers
 from moelab.io import (
@@ -87,19 +88,19 @@ def write_checkpoint(
     edits: Mapping[int, LayerEdit],
     *,
     reload: bool = True,
-    keep_float8: bool = False,
+    keep_quantized: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
 ) -> Path:
     """Write `source` with `edits` ({MoE layer index: LayerEdit}) applied into the new directory
     `out` (see the module docstring). reload: also load the result with transformers (or moelab)
     as a postcondition; that loads the whole model into memory, so turn it off only for models
-    larger than RAM. keep_float8: write a float8 source in its own format (`_float8_experts`), not
-    as plain weights. overwrite: replace the checkpoint moelab wrote to `out` before. Returns `out`."""
+    larger than RAM. keep_quantized: write a quantized source (FP8, MXFP4) in its own format
+    (`_quantized_experts`), not as plain weights. overwrite: replace the checkpoint moelab wrote to `out` before. Returns `out`."""
     source = Path(source).resolve()
     with StagedOutput(out, CHECKPOINT_KIND, inputs=[source], overwrite=overwrite) as staging:
         write_edited(
-            source, staging, edits, reload=reload, keep_float8=keep_float8, quiet=quiet, name=Path(out).name
+            source, staging, edits, reload=reload, keep_quantized=keep_quantized, quiet=quiet, name=Path(out).name
         )
     return Path(out)
 
@@ -110,7 +111,7 @@ def write_edited(
     edits: Mapping[int, LayerEdit],
     *,
     reload: bool = True,
-    keep_float8: bool = False,
+    keep_quantized: bool = False,
     quiet: bool = False,
     name: str | None = None,
 ) -> None:
@@ -120,7 +121,7 @@ def write_edited(
     source = Path(source).resolve()
     config, ckpt, family = resolve(source)
     try:
-        plan = _Plan.make(config, ckpt, family, edits, keep_float8)
+        plan = _Plan.make(config, ckpt, family, edits, keep_quantized)
         checks = _write(plan, directory, name or directory.name, quiet)
         copy_side_files(source, directory)
         atomic_write_text(directory / "config.json", json.dumps(plan.new_config, indent=2) + "\n")
@@ -148,7 +149,7 @@ class _Plan:
     removed: set[str]
     home: dict[int, str]  # edited layer -> the shard its new tensors go to
     new_config: Config
-    keep_float8: bool  # float8 weights written as stored (`_float8_experts`)
+    keep_quantized: bool  # quantized weights written in the source's format (`_quantized_experts`)
 
     @classmethod
     def make(
@@ -157,7 +158,7 @@ class _Plan:
         ckpt: Checkpoint,
         family: Family,
         edits: Mapping[int, LayerEdit],
-        keep_float8: bool,
+        keep_quantized: bool,
     ) -> _Plan:
         edits = dict(edits)
         if not edits:
@@ -172,9 +173,9 @@ class _Plan:
         _check_expert_map(ckpt.directory, E)
         counts = {i: len(edits[i].sources) if i in edits else E for i in moe_layers}
         widths = _widths(config, family, edits, moe_layers)
-        if keep_float8:
-            _check_float8_output(ckpt, family, edits)
-        new_config = copy.deepcopy(config) if keep_float8 else ckpt.written_config(config)
+        if keep_quantized:
+            _check_quantized_output(ckpt, family, edits)
+        new_config = copy.deepcopy(config) if keep_quantized else ckpt.written_config(config)
         if len(set(counts.values())) > 1 or len(set(widths.values())) > 1:
             per_layer = ", ".join(f"layer {i}: {counts[i]} x {widths[i]}" for i in moe_layers)
             raise ValueError(
@@ -223,12 +224,10 @@ class _Plan:
             layout = family.layout_of(ckpt, index)
             removed.update(layout.router.keys(ckpt, prefix) + layout.experts.keys(ckpt, prefix))
             home[index] = ckpt.shard(prefix + layout.router.weight)
-        if keep_float8:  # scales go with their weights; a layer left out goes whole (kv cache scales too)
-            removed.update(
-                name for key in list(removed) if ckpt.is_float8(key) for name in ckpt.companions(key)
-            )
+        if keep_quantized:  # scales go with their weights; a layer left out goes whole (kv cache scales too)
+            removed.update(part for key in list(removed) for part in ckpt.stored_parts(key))
             removed.update(key for key in ckpt.stored_keys() if key.startswith(tuple(extra)))
-        return cls(config, ckpt, family, edits, E, removed, home, new_config, keep_float8)
+        return cls(config, ckpt, family, edits, E, removed, home, new_config, keep_quantized)
 
     def expert_map(self, source: Path) -> dict[str, Any]:
         """layer -> sources, kept and merged original ids, composed with the source's own map."""
@@ -322,7 +321,7 @@ def _write(plan: _Plan, staging: Path, name: str, quiet: bool) -> dict[int, Laye
     ckpt, family = plan.ckpt, plan.family
     view = ModelView(ckpt, plan.config, family, family.layer_count(plan.config))
     by_shard: dict[str, list[str]] = {}
-    for key in ckpt.stored_keys() if plan.keep_float8 else ckpt.keys():
+    for key in ckpt.stored_keys() if plan.keep_quantized else ckpt.keys():
         if key not in plan.removed:
             by_shard.setdefault(ckpt.shard(key), []).append(key)
     layers_of: dict[str, list[int]] = {}
@@ -345,7 +344,7 @@ def _write(plan: _Plan, staging: Path, name: str, quiet: bool) -> dict[int, Laye
             new_tensors, checks[index] = _edited_layer(plan, view, index)
             tensors.update(new_tensors)
         for key in by_shard.get(shard, []):  # copied byte for byte (float8 ones dequantized unless kept)
-            tensors[key] = ckpt.raw(key) if plan.keep_float8 else ckpt.stored(key)
+            tensors[key] = ckpt.raw(key) if plan.keep_quantized else ckpt.stored(key)
         save_safetensors_stream(
             tensors, staging / names[shard], metadata=ckpt.metadata(shard) or {"format": "pt"}
         )
@@ -392,48 +391,108 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
     edited = apply_edit(original, edit)
     prefix = plan.family.layer_prefix.format(n=index)
     layout = plan.family.layout_of(plan.ckpt, index)
-    float8 = {}
-    if plan.keep_float8:
-        edited, float8 = _float8_experts(plan.ckpt, layout.experts, prefix, edited, edit)
+    quantized = {}
+    if plan.keep_quantized:
+        edited, quantized = _quantized_experts(plan.ckpt, layout.experts, prefix, edited, edit)
     expected = moe_output(original, x, keep=edit.selection) if edit.view is None else moe_output(edited, x)
     del original  # one layer of source tensors at a time: only the edited ones are kept
     tensors = layout.router.encode(edited.router, prefix) | layout.experts.encode(edited.experts, prefix)
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"layer {index}: the edited tensor {key} has NaN or Inf; fix the edit")
-    return tensors | float8, LayerCheck(x, expected)
+    for key in quantized:  # plain tensors the quantized ones replace (MXFP4's stored under other names)
+        tensors.pop(key.removesuffix(BLOCKS), None)
+    return tensors | quantized, LayerCheck(x, expected)
 
 
-def check_keep_float8(source: str | os.PathLike, layers: Iterable[int]) -> None:
-    """keep_float8's refusals (`_check_float8_output`) for editing MoE layers `layers` of `source`,
+def check_keep_quantized(source: str | os.PathLike, layers: Iterable[int]) -> None:
+    """keep_quantized's refusals (`_check_quantized_output`) for editing MoE layers `layers` of `source`,
     from its headers: for callers that check before they calibrate."""
     _, ckpt, family = resolve(source)
     try:
-        _check_float8_output(ckpt, family, layers)
+        _check_quantized_output(ckpt, family, layers)
     finally:
         ckpt.close()
 
 
-def _check_float8_output(ckpt: Checkpoint, family: Family, edits: Iterable[int]) -> None:
-    """keep_float8 needs a float8 source whose edited layers (`edits`: their indices) store each
-    expert as modules of their own (as FP8 releases do) and a router that is not float8."""
-    if not isinstance(ckpt, Float8Checkpoint):
+def _check_quantized_output(ckpt: Checkpoint, family: Family, edits: Iterable[int]) -> None:
+    """keep_quantized needs a quantized source whose edited layers (`edits`: their indices) store
+    their experts as its releases do: float8 ones as modules of their own, with a router that is not
+    float8; MXFP4 ones (GPT-OSS) stacked and transposed, both projections MXFP4."""
+    if not isinstance(ckpt, Float8Checkpoint | Mxfp4Checkpoint):
         raise ValueError(
-            f"keep_float8 writes a float8 checkpoint in its own format, but {ckpt.directory} is not one (its "
-            "weights are plain, or quantized otherwise); write it without keep_float8"
+            f"keep_quantized writes a quantized checkpoint (FP8, MXFP4) in its own format, but {ckpt.directory} is not "
+            "one (its weights are plain, or quantized otherwise); write it without keep_quantized"
         )
     for index in edits:
         layout, prefix = family.layout_of(ckpt, index), family.layer_prefix.format(n=index)
+        if isinstance(ckpt, Mxfp4Checkpoint):
+            experts = layout.experts
+            if not isinstance(experts, TransposedGateUp) or not all(
+                ckpt.decodes(prefix + name) for name in (experts.gate_up, experts.down)
+            ):
+                raise ValueError(
+                    f"keep_quantized: layer {index} of {ckpt.directory} does not store its experts as GPT-OSS's MXFP4 "
+                    "(gate_up_proj and down_proj blocks and scales); write plain weights (without keep_quantized)"
+                )
+            continue
         if not isinstance(layout.experts, PerExpert):
             raise ValueError(
-                f"keep_float8: layer {index} of {ckpt.directory} stores its experts stacked "
+                f"keep_quantized: layer {index} of {ckpt.directory} stores its experts stacked "
                 f"({type(layout.experts).__name__}); moelab writes float8 experts stored one module each (as the "
-                "FP8 releases store them). Write plain weights (without keep_float8)"
+                "FP8 releases store them). Write plain weights (without keep_quantized)"
             )
         if ckpt.is_float8(prefix + layout.router.weight):
             raise ValueError(
-                f"keep_float8: layer {index}'s router weight is float8; moelab edits plain routers only"
+                f"keep_quantized: layer {index}'s router weight is float8; moelab edits plain routers only"
             )
+
+
+def _quantized_experts(
+    ckpt: Float8Checkpoint | Mxfp4Checkpoint, layout, prefix: str, edited: MoELayerView, edit: LayerEdit
+) -> tuple[MoELayerView, dict[str, Tensor | RawTensor]]:
+    """The edited layer's experts in the source's format, and the layer a reader of them gets
+    (`_float8_experts`, `_mxfp4_experts`)."""
+    if isinstance(ckpt, Mxfp4Checkpoint):
+        return _mxfp4_experts(ckpt, layout, prefix, edited, edit)
+    return _float8_experts(ckpt, layout, prefix, edited, edit)
+
+
+def _mxfp4_experts(
+    ckpt: Mxfp4Checkpoint, layout: TransposedGateUp, prefix: str, edited: MoELayerView, edit: LayerEdit
+) -> tuple[MoELayerView, dict[str, Tensor]]:
+    """GPT-OSS's MXFP4 experts after the edit: a kept expert (one source, tensors unchanged) is the
+    source's blocks and scales; any other (merged, narrowed) is quantized (`quantized_mxfp4`), and
+    the layer gets its dequantized values."""
+    plain = layout.encode(edited.experts, prefix)
+    stored, changed = {}, False
+    for name in (prefix + layout.gate_up, prefix + layout.down):
+        value, source_blocks, source_scales = plain[name], None, None
+        blocks, scales = [], []
+        for j, group in enumerate(edit.sources):
+            if len(group) == 1 and (edit.view is None or (
+                value.shape[1:] == ckpt.shape(name)[1:] and torch.equal(value[j], ckpt.get(name, range(group[0], group[0] + 1))[0])
+            )):  # fmt: skip
+                if source_blocks is None:
+                    source_blocks, source_scales = ckpt.stored_value(name + BLOCKS), ckpt.stored_value(name + SCALES)
+                blocks.append(source_blocks[group[0]])
+                scales.append(source_scales[group[0]])
+                continue
+            if value.shape[1] % 32:
+                raise ValueError(
+                    f"keep_quantized: {name} is {list(value.shape[1:])} per expert, its input dim not whole MXFP4 groups "
+                    "of 32; narrow to a multiple of 32, or write plain weights (without keep_quantized)"
+                )
+            new_blocks, new_scales = quantized_mxfp4(value[j])
+            blocks.append(new_blocks)
+            scales.append(new_scales)
+            value[j] = dequantized_mxfp4(new_blocks, new_scales, value.dtype)
+            changed = True
+        stored |= {name + BLOCKS: torch.stack(blocks), name + SCALES: torch.stack(scales)}
+    if changed:
+        parts = layout.decode(plain[prefix + layout.gate_up], plain[prefix + layout.down])
+        edited = dataclasses.replace(edited, experts=dataclasses.replace(edited.experts, **parts))
+    return edited, stored
 
 
 def _float8_experts(
@@ -480,7 +539,7 @@ def _requantized(
     first_scale = ckpt.raw(sources[0] + suffix)
     if DTYPES.get(first_scale.dtype) not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(
-            f"keep_float8: {name} is a new expert weight, but the source's scales are {first_scale.dtype} (powers of "
+            f"keep_quantized: {name} is a new expert weight, but the source's scales are {first_scale.dtype} (powers of "
             "two); moelab quantizes new float8 weights with float scales only. Write plain weights"
         )
     companions = ckpt.companions(sources[0])
@@ -488,12 +547,12 @@ def _requantized(
         n for n, rel in companions.items() if rel not in ("weight", "weight" + suffix, *ACTIVATION_SCALES)
     ]:
         raise ValueError(
-            f"keep_float8: {name} is a new expert weight, and moelab does not make its {other[0]}; write plain "
-            "weights (without keep_float8)"
+            f"keep_quantized: {name} is a new expert weight, and moelab does not make its {other[0]}; write plain "
+            "weights (without keep_quantized)"
         )
     if any(n % b == 0 and m % b != 0 for n, m, b in zip(first.shape[-2:], value.shape, block)):
         raise ValueError(
-            f"keep_float8: {name} is {list(value.shape)}, not whole {block[0]} x {block[1]} blocks as the source's "
+            f"keep_quantized: {name} is {list(value.shape)}, not whole {block[0]} x {block[1]} blocks as the source's "
             "weights are (float8 kernels need whole blocks); narrow to a multiple of the block, or write plain weights"
         )
     q, scales = quantize(value, block, DTYPES[first.dtype])
