@@ -282,3 +282,23 @@ def test_keep_quantized_writes_gpt_oss_in_mxfp4(release, tmp_path):
             src, tmp_path / "narrow", method="heapr", ratio=0.5, stats=stats, keep_quantized=True, quiet=True
         )
     assert not (tmp_path / "narrow").exists()
+
+
+def test_values_beyond_the_dtype_are_refused_by_name(release, tmp_path):
+    """Large MXFP4 scales overflow float16 (transformers' dequantization gives Inf there too): the
+    read, and `moelab dequantize --dtype fp16`, refuse it naming the weight; bf16 reads it."""
+    src, _, tensors = release
+    name = "model.layers.1.mlp.experts.down_proj"
+    big = tmp_path / "big"
+    big.mkdir()
+    save_file(
+        tensors | {name + "_scales": torch.full_like(tensors[name + "_scales"], 127 + 16)},
+        big / "model.safetensors",
+    )
+    (big / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(
+        CheckpointError, match=f"{name} holds NaN or Inf once dequantized to float16: read it in a wider"
+    ):
+        dequantize_checkpoint(big, tmp_path / "fp16", dtype=torch.float16, quiet=True)
+    assert not (tmp_path / "fp16").exists()
+    assert torch.isfinite(Mxfp4Checkpoint(big).get(name)).all()

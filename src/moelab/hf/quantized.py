@@ -79,7 +79,13 @@ class DequantizedCheckpoint(Checkpoint):
             return torch.empty(
                 shape if rows is None else (len(rows), *shape[1:]), dtype=self.dtype, device="meta"
             )
-        return self._decode(name, rows)
+        out = self._decode(name, rows)
+        if not torch.isfinite(out).all():  # NaN codes in the files, or values beyond the dtype (fp16's 65504)
+            raise CheckpointError(
+                f"{self.directory}: {name} holds NaN or Inf once dequantized to {str(self.dtype).removeprefix('torch.')}: "
+                "read it in a wider dtype (bf16, fp32) if it overflowed, else the weights are corrupt"
+            )
+        return out
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name] if name in self._shapes else super().shape(name)
