@@ -106,3 +106,19 @@ def compressed_tensors_release(
     settings = json.loads((plain / "config.json").read_text())
     (out / "config.json").write_text(json.dumps(settings | {"quantization_config": quantization}))
     return out
+
+
+def offloaded_tokens(sources: list[Path], new_tokens: int = 6) -> list[torch.Tensor]:
+    """Greedy continuations of two fixed prompts by each checkpoint, offloaded with half its routed
+    experts resident, in bf16."""
+    from moelab.offload import load_offloaded
+
+    ids = torch.randint(0, 8192, (2, 5), generator=torch.Generator().manual_seed(0))
+    tokens = []
+    for source in sources:
+        model = load_offloaded(source, resident=0.5, dtype=torch.bfloat16)
+        try:
+            tokens.append(model.generate(ids, new_tokens))
+        finally:
+            model.close()
+    return tokens
