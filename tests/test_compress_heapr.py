@@ -294,6 +294,17 @@ def test_uniform_width_of_real_sized_experts_is_a_multiple_of_8():
     assert uniform_width(60, 8, 2.4) == 18 and uniform_width(48, 8, 2.4) == 14  # not a multiple of 8 / narrow
 
 
+def test_uniform_width_in_a_quantized_formats_blocks():
+    """align (keep_quantized: whole float8 blocks, MXFP4 groups): the nearest multiple of it that
+    keeps some but not all neurons, whatever the experts' size; refused where none does."""
+    assert uniform_width(2048, 8, 2.4, align=128) == 640  # 614.4 -> 5 blocks
+    assert uniform_width(2048, 8, 7.9, align=128) == 1920 and uniform_width(2048, 8, 0.1, align=128) == 128
+    assert uniform_width(32, 4, 3.0, align=16) == 16  # 24 is no multiple: 32 keeps all, so 16
+    for hidden_dim in (32, 200):  # one block only; not whole blocks
+        with pytest.raises(ValueError, match=f"{hidden_dim} neurons cannot be narrowed in whole blocks of 32"):
+            uniform_width(hidden_dim, 8, 4.0, align=32)
+
+
 def test_padded_layout_ranks_neurons_of_all_layers_together():
     """Two layers, 2 experts x 2 neurons each, keep half: the 4 best of 8 scores overall."""
     method = get_method("heapr", layout="padded")

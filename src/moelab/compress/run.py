@@ -86,9 +86,8 @@ def compress(
         raise ValueError(f"budget must be one of {list(BUDGETS)}, got {budget!r}")
     if budget == "global" and not isinstance(chosen, ScoringMethod):
         raise ValueError(f"a global budget ranks scores across layers; {method!r} does not score experts")
-    keep = _planned(model, chosen, ratio)  # checks before any calibration: shapes only, no weights read
-    if keep_quantized:
-        check_keep_quantized(model, keep)
+    align = check_keep_quantized(model) if keep_quantized else 1  # refused before calibrating
+    keep = _planned(model, chosen, ratio, align)  # checks before any calibration: shapes only, no weights read
     if protect_super_experts:
         chosen.check_protection()
     fit = router_fit or RouterFit()
@@ -153,11 +152,12 @@ def check_compression(model: str | os.PathLike, method: str, ratio: float, **met
     _planned(Path(model), get_method(method, **method_options), ratio)
 
 
-def _planned(model: Path, method: Method, ratio: float) -> dict[int, tuple[Any, int | float]]:
+def _planned(model: Path, method: Method, ratio: float, align: int = 1) -> dict[int, tuple[Any, int | float]]:
     """{MoE layer: (its RouterView, the experts it keeps)}; for a method that narrows experts
-    instead, how many experts' worth of parameters it keeps."""
+    instead, how many experts' worth of parameters it keeps (in widths that are multiples of
+    `align`: a quantized output's blocks)."""
     planned = {}
-    for i, layer in _layer_views(model, method).items():
+    for i, layer in _layer_views(model, method, align).items():
         router, where = layer.router, f"layer {i}: "
         keep = share_kept(router.num_experts, ratio) if method.narrows else plan_target(router, ratio, where)
         method.check_width(layer.experts.hidden_dim, router.num_experts, keep, where)
@@ -165,7 +165,7 @@ def _planned(model: Path, method: Method, ratio: float) -> dict[int, tuple[Any, 
     return planned
 
 
-def _layer_views(model: Path, method: Method) -> dict[int, MoELayerView]:
+def _layer_views(model: Path, method: Method, align: int = 1) -> dict[int, MoELayerView]:
     """{MoE layer: its MoELayerView}, read from shard headers only (shapes, no weights); settles
     the method's automatic options for the checkpoint and refuses one that narrows experts on a
     family whose shared experts' (or dense layers') width follows theirs."""
@@ -180,7 +180,7 @@ def _layer_views(model: Path, method: Method) -> dict[int, MoELayerView]:
         else "dense layers' MLPs" if family.dense_width_follows and dense
         else None
     )  # fmt: skip
-    method.settle(width_fixed=follows is not None)
+    method.settle(width_fixed=follows is not None, align=align)
     if method.changes_width and follows is not None:
         raise ValueError(
             f"{method.name} with these options makes the routed experts narrower, but {family.name}'s {follows} "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -44,7 +45,7 @@ from moelab.hf.expert_map import FORMAT as EXPERT_MAP_FORMAT
 from moelab.hf.expert_map import read_expert_map
 from moelab.hf.float8 import ACTIVATION_SCALES, Float8Checkpoint, dequantized, quantize
 from moelab.hf.layouts import Config, Family, PerExpert, TransposedGateUp, config_entry
-from moelab.hf.mxfp4 import BLOCKS, SCALES, Mxfp4Checkpoint, dequantized_mxfp4, quantized_mxfp4
+from moelab.hf.mxfp4 import BLOCKS, GROUP_BYTES, SCALES, Mxfp4Checkpoint, dequantized_mxfp4, quantized_mxfp4
 from moelab.hf.postconditions import LayerCheck, check_reload, check_written
 from moelab.hf.view import ModelView, MoELayerView, stored_layers
 from moelab.io import (
@@ -405,14 +406,40 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
     return tensors | quantized, LayerCheck(x, expected)
 
 
-def check_keep_quantized(source: str | os.PathLike, layers: Iterable[int]) -> None:
-    """keep_quantized's refusals (`_check_quantized_output`) for editing MoE layers `layers` of `source`,
-    from its headers: for callers that check before they calibrate."""
-    _, ckpt, family = resolve(source)
+def check_keep_quantized(source: str | os.PathLike, layers: Iterable[int] | None = None) -> int:
+    """keep_quantized's refusals (`_check_quantized_output`) for editing MoE layers `layers` of
+    `source` (default: all), from its headers: for callers that check before they calibrate.
+    Returns the granularity a narrowed width needs (`_width_align`)."""
+    config, ckpt, family = resolve(source)
     try:
+        layers = family.moe_layers(ckpt, config) if layers is None else list(layers)
         _check_quantized_output(ckpt, family, layers)
+        return _width_align(ckpt, family, layers)
     finally:
         ckpt.close()
+
+
+def _width_align(ckpt: Float8Checkpoint | Mxfp4Checkpoint, family: Family, layers: list[int]) -> int:
+    """The multiple a narrowed expert width must be for the quantized output to store it as the
+    source does: an MXFP4 group (32: down_proj's input dim), or the float8 blocks along the width
+    (gate and up rows, down columns) where the source's experts are whole blocks of a fixed size
+    (1 where a block follows the weight's shape: per-tensor and per-channel scales)."""
+    if not layers:
+        return 1
+    if isinstance(ckpt, Mxfp4Checkpoint):
+        return 2 * GROUP_BYTES
+    align, prefix = 1, family.layer_prefix.format(n=layers[0])
+    for part in family.layout_of(ckpt, layers[0]).experts.parts(ckpt, prefix, 0):
+        if not ckpt.is_float8(part.name):
+            continue
+        dim = -1 if part.part == "down" else -2  # where the expert's width lies in this weight
+        shape = ckpt.entry(part.name)[1]
+        probe = list(shape)
+        probe[dim] += 1
+        size = ckpt.scheme.block(shape)[dim]
+        if ckpt.scheme.block(tuple(probe))[dim] == size and shape[dim] % size == 0:
+            align = math.lcm(align, size)
+    return align
 
 
 def _check_quantized_output(ckpt: Checkpoint, family: Family, edits: Iterable[int]) -> None:

@@ -95,9 +95,10 @@ class Method:
         """Refuse, before any calibration, to protect (super) experts where its edits cannot keep
         them whole."""
 
-    def settle(self, width_fixed: bool) -> None:
+    def settle(self, width_fixed: bool, align: int = 1) -> None:
         """Resolve automatic options for the checkpoint: width_fixed, its routed experts' width
-        cannot change (the family's shared experts follow it)."""
+        cannot change (the family's shared experts follow it); align, a narrowed width must be a
+        multiple of it (the blocks of a quantized output)."""
 
     @property
     def rewrites(self) -> bool:

@@ -47,6 +47,7 @@ class HEAPr(Method):
             raise ValueError(f"heapr layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
         self.threshold: tuple[float, int] | None = None
+        self.align = 1  # a width granularity the output needs (`settle`)
 
     def options(self):
         return {"layout": self.layout}
@@ -55,13 +56,14 @@ class HEAPr(Method):
     def changes_width(self) -> bool:
         return self.layout == "uniform"
 
-    def settle(self, width_fixed: bool) -> None:
+    def settle(self, width_fixed: bool, align: int = 1) -> None:
         if self.layout == "auto":
             self.layout = "padded" if width_fixed else "uniform"
+        self.align = align
 
     def check_width(self, hidden_dim: int, num_experts: int, keep: float, where: str = "") -> None:
         if self.layout == "uniform":
-            uniform_width(hidden_dim, num_experts, keep, where)
+            uniform_width(hidden_dim, num_experts, keep, where, self.align)
 
     def check_protection(self, where: str = "") -> None:
         if self.layout == "uniform":
@@ -93,7 +95,7 @@ class HEAPr(Method):
         if self.layout == "uniform":
             if target.protect:
                 self.check_protection(f"layer {layer.index}: ")
-            width = uniform_width(I, E, target.keep, f"layer {layer.index}: ")
+            width = uniform_width(I, E, target.keep, f"layer {layer.index}: ", self.align)
             keep = [sorted(_ranked(row)[:width]) for row in scores]
             experts = narrowed(layer.experts, keep)
             view = dataclasses.replace(layer, experts=experts)
@@ -123,15 +125,24 @@ class HEAPr(Method):
 WIDTH_ALIGN = 8  # torch._grouped_mm, transformers' default experts kernel, needs rows of 16 bytes: 8 bf16 numbers
 
 
-def uniform_width(hidden_dim: int, num_experts: int, keep: float, where: str = "") -> int:
+def uniform_width(hidden_dim: int, num_experts: int, keep: float, where: str = "", align: int = 1) -> int:
     """The neurons each expert keeps in the uniform layout, round(I keep / E), refused where it
     keeps none or all of them. Experts of at least 8 x WIDTH_ALIGN neurons, a multiple of it (every
     real checkpoint's), keep the nearest multiple of WIDTH_ALIGN, so that the narrowed checkpoint
     still runs on grouped GEMMs in bf16 (an odd width fails there: "strides should be multiple of
-    16 bytes")."""
+    16 bytes"). align: a granularity the output's format needs (a quantized source written in its
+    own format: whole float8 blocks, MXFP4 groups): the nearest multiple of it that keeps some but
+    not all neurons."""
     exact, share = hidden_dim * keep / num_experts, keep / num_experts
     width = round(exact)
-    if hidden_dim % WIDTH_ALIGN == 0 and hidden_dim >= 8 * WIDTH_ALIGN:
+    if align > 1:
+        if hidden_dim % align or hidden_dim < 2 * align:
+            raise ValueError(
+                f"{where}the experts' {hidden_dim} neurons cannot be narrowed in whole blocks of {align}, as the "
+                "quantized output stores them; write plain weights (without keep_quantized)"
+            )
+        width = min(max(align * round(exact / align), align), hidden_dim - align)
+    elif hidden_dim % WIDTH_ALIGN == 0 and hidden_dim >= 8 * WIDTH_ALIGN:
         width = min(max(WIDTH_ALIGN * round(exact / WIDTH_ALIGN), WIDTH_ALIGN), hidden_dim - WIDTH_ALIGN)
     if width < 1:
         raise ValueError(f"{where}keeping {share:.1%} of each expert's {hidden_dim} neurons keeps none; lower the ratio")

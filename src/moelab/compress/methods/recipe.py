@@ -185,11 +185,12 @@ class MoelabRecipe(Method):
                 "the protection"
             )
 
-    def settle(self, width_fixed: bool) -> None:
+    def settle(self, width_fixed: bool, align: int = 1) -> None:
         """Narrower experts need their own width in the config; where shared experts share it,
-        "auto" removes experts."""
+        "auto" removes experts. align: the neuron path's widths are multiples of it."""
         if width_fixed and self.strategy == "auto":
             self.strategy = "experts"
+        self.heapr.settle(width_fixed=False, align=align)
 
     def prepare(self, view, stats: dict[int, LayerStats], targets: dict[int, Target]) -> None:
         """Super experts; with "auto", both strategies on every layer (the expert path before its
@@ -221,8 +222,7 @@ class MoelabRecipe(Method):
         if self.strategy == "experts":
             self._kept, self._narrowed = scored, {}
 
-    @staticmethod
-    def _narrowable(view, targets: dict[int, Target]) -> bool:
+    def _narrowable(self, view, targets: dict[int, Target]) -> bool:
         """Whether the neuron path applies to every layer: no protected experts (it narrows every
         expert alike) and a uniform width that keeps some but not all neurons (read from the
         experts' shapes: their weights are not read)."""
@@ -231,7 +231,7 @@ class MoelabRecipe(Method):
         for index, target in targets.items():
             experts = view.layer(index, routed=False).experts
             try:
-                uniform_width(experts.hidden_dim, experts.num_experts, target.keep)
+                uniform_width(experts.hidden_dim, experts.num_experts, target.keep, align=self.heapr.align)
             except ValueError:
                 return False
         return True
