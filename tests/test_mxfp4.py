@@ -19,7 +19,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from moelab.compress import CalibrationOptions, calibrate, compress
 from moelab.data.tokenizer import TOKENIZER_DIR
-from moelab.hf import CheckpointError, drop_experts, open_checkpoint
+from moelab.hf import CheckpointError, LayerEdit, drop_experts, open_checkpoint, write_checkpoint
 from moelab.hf.dequantize import dequantize_checkpoint
 from moelab.hf.loading import load_causal_lm
 from moelab.hf.mxfp4 import FP4_VALUES, Mxfp4Checkpoint, dequantized_mxfp4, quantized_mxfp4
@@ -297,3 +297,21 @@ def test_values_beyond_the_dtype_are_refused_by_name(release, tmp_path):
         dequantize_checkpoint(big, tmp_path / "fp16", dtype=torch.float16, quiet=True)
     assert not (tmp_path / "fp16").exists()
     assert torch.isfinite(Mxfp4Checkpoint(big).get(name)).all()
+
+
+def test_keep_quantized_blames_an_edit_whose_new_experts_hold_nan(release, tmp_path):
+    """MXFP4 has no NaN or Inf: an edit's non-finite expert is refused as the edit's fault, as the plain
+    writing refuses it, not quantized into finite values that pass the writer's checks."""
+    src, _, _ = release
+    with open_checkpoint(src) as view:
+        layer = view.layer(0)
+    for bad_value in (float("nan"), float("inf")):
+        down = layer.experts.down.clone()
+        down[1, 0, 0] = bad_value
+        bad = dataclasses.replace(layer, experts=dataclasses.replace(layer.experts, down=down))
+        edits = {0: LayerEdit(((0,), (1,), (2,), (3,)), view=bad)}
+        with pytest.raises(CheckpointError, match=r"layer 0: the edited tensor .*down_proj has NaN or Inf; fix the edit"):
+            write_checkpoint(src, tmp_path / "out", edits, keep_quantized=True, quiet=True, reload=False)
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantized_mxfp4(torch.full((32, 1), float("nan")))

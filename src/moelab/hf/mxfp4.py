@@ -57,6 +57,8 @@ def quantized_mxfp4(w: Tensor) -> tuple[Tensor, Tensor]:
     *lead, I, O = w.shape
     if I % (2 * GROUP_BYTES):
         raise ValueError(f"an MXFP4 weight's input dim is whole groups of 32; got {list(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("the weight to quantize has NaN or Inf, which MXFP4 cannot store; fix the weight")
     blocks = torch.empty(*lead, O, I // 32, GROUP_BYTES, dtype=torch.uint8)
     scales = torch.empty(*lead, O, I // 32, dtype=torch.uint8)
     for m, matrix in enumerate(w.reshape(-1, I, O)):

@@ -392,15 +392,15 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
     edited = apply_edit(original, edit)
     prefix = plan.family.layer_prefix.format(n=index)
     layout = plan.family.layout_of(plan.ckpt, index)
+    tensors = layout.router.encode(edited.router, prefix) | layout.experts.encode(edited.experts, prefix)
+    for key, t in tensors.items():  # before quantizing: MXFP4 has no NaN or Inf to carry them
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"layer {index}: the edited tensor {key} has NaN or Inf; fix the edit")
     quantized = {}
     if plan.keep_quantized:
         edited, quantized = _quantized_experts(plan.ckpt, layout.experts, prefix, edited, edit)
     expected = moe_output(original, x, keep=edit.selection) if edit.view is None else moe_output(edited, x)
     del original  # one layer of source tensors at a time: only the edited ones are kept
-    tensors = layout.router.encode(edited.router, prefix) | layout.experts.encode(edited.experts, prefix)
-    for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"layer {index}: the edited tensor {key} has NaN or Inf; fix the edit")
     for key in quantized:  # plain tensors the quantized ones replace (MXFP4's stored under other names)
         tensors.pop(key.removesuffix(BLOCKS), None)
     return tensors | quantized, LayerCheck(x, expected)
