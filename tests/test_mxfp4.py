@@ -315,3 +315,9 @@ def test_keep_quantized_blames_an_edit_whose_new_experts_hold_nan(release, tmp_p
         assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="NaN or Inf"):
         quantized_mxfp4(torch.full((32, 1), float("nan")))
+    w = torch.zeros(32, 1)
+    w[0] = 3.5 * 2.0**126  # the largest that stays finite: 3 x the scale 2 ** 126 (ties to the smaller)
+    assert torch.isfinite(dequantized_mxfp4(*quantized_mxfp4(w), torch.float32)).all()
+    w[0] = 3.2e38
+    with pytest.raises(ValueError, match="MXFP4 rounds to Inf"):
+        quantized_mxfp4(w)

@@ -59,6 +59,10 @@ def quantized_mxfp4(w: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"an MXFP4 weight's input dim is whole groups of 32; got {list(w.shape)}")
     if not torch.isfinite(w).all():
         raise ValueError("the weight to quantize has NaN or Inf, which MXFP4 cannot store; fix the weight")
+    if w.numel() and w.abs().max() > 3.5 * 2.0**126:  # the nearest value at the largest scale is 2 ** 128: Inf
+        raise ValueError(
+            "the weight to quantize has entries beyond 3.5 * 2 ** 126, which MXFP4 rounds to Inf; fix the weight"
+        )
     blocks = torch.empty(*lead, O, I // 32, GROUP_BYTES, dtype=torch.uint8)
     scales = torch.empty(*lead, O, I // 32, dtype=torch.uint8)
     for m, matrix in enumerate(w.reshape(-1, I, O)):
