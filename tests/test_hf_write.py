@@ -1089,3 +1089,29 @@ def test_an_edit_that_would_make_jamba_s_moe_layers_dense_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
     drop_experts(src, tmp_path / "out", [2, 3], quiet=True)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts"] == 2
+
+
+def test_the_reload_check_runs_where_the_model_fits_and_is_skipped_with_a_warning_elsewhere(
+    mixtral, tmp_path, monkeypatch
+):
+    """reload=None (the default): transformers' whole-model reload runs where the output's weights
+    (x RELOAD_MARGIN) fit in what the kernel reports available, else it is skipped with a warning
+    that says so (the per-layer checks ran); True runs it regardless, False never."""
+    from safetensors.torch import load_file
+
+    import moelab.hf.writer as writer
+
+    loaded = []
+    monkeypatch.setattr(writer, "check_reload", lambda path, *args, **kwargs: loaded.append(path.name))
+    size = sum(t.nbytes for t in load_file(mixtral / "model.safetensors").values())
+    for available, reload, runs in [(None, None, True), (10 * size, None, True), (size, None, False),
+                                    (size, True, True), (10 * size, False, False)]:  # fmt: skip
+        monkeypatch.setattr(writer, "available_memory", lambda: available)
+        loaded.clear()
+        out = tmp_path / f"out-{available}-{reload}"
+        if runs or reload is False:
+            drop_experts(mixtral, out, [0], reload=reload, quiet=True)
+        else:
+            with pytest.warns(UserWarning, match=r"reload check was skipped: loading .* takes about .* GiB and"):
+                drop_experts(mixtral, out, [0], reload=reload, quiet=True)
+        assert bool(loaded) == runs and (out / "config.json").is_file(), (available, reload)

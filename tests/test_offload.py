@@ -1591,7 +1591,9 @@ def test_host_memory_is_refused_on_a_cpu_and_where_it_does_not_fit(tmp_path, mon
         load_offloaded(path, resident=0.5, host_memory=True)
     with pytest.raises(ValueError, match="a CPU's cache is in host memory already"):
         ExpertCache(ExpertStore(path), 3, host_memory=True)
-    monkeypatch.setattr(offload_model.Path, "read_text", lambda self: "MemTotal: 100 kB\nMemAvailable: 1 kB\n")
+    import moelab.memory
+
+    monkeypatch.setattr(moelab.memory.Path, "read_text", lambda self: "MemTotal: 100 kB\nMemAvailable: 1 kB\n")
     with pytest.raises(ValueError, match=r"needs 0\.0 GiB of pinned host memory .* only 0\.0 GiB is available"):
         offload_model.check_host_memory(2**20)
 

@@ -632,6 +632,7 @@ def compress(
     budget: Annotated[str, typer.Option("--budget", help="layer: the same ratio in every layer; global: rank scores across layers (refused when layers would differ).")] = "layer",
     recalibrate_router: Annotated[int, typer.Option("--recalibrate-router", min=0, help="Afterwards, fit each edited layer's router for this many Adam steps to reproduce the original layer's output (0: off).")] = 0,
     router_lr: Annotated[float, typer.Option("--router-lr", help="Learning rate of the router re-calibration.")] = 1e-3,
+    reload: Annotated[bool | None, typer.Option("--reload/--no-reload", help="Load the written checkpoint whole with transformers as a last check (default: where it fits in memory; every edited layer is checked either way).", show_default=False)] = None,
     keep_quantized: Annotated[bool, typer.Option("--keep-quantized", help="A quantized source (FP8, GPT-OSS's MXFP4) is written in its own format (kept experts byte for byte, merged or narrowed ones quantized as it quantizes), not as plain weights in the dtype its config.json states.")] = False,
     tokens: CalibTokensOpt = 16384,
     seq_len: SeqLenOpt = 256,
@@ -652,7 +653,7 @@ def compress(
                           stats=stats, calib_options=options, protect_super_experts=protect_super_experts,
                           domains=domains, budget=budget, method_options=_method_options(option),
                           router_fit=RouterFit(recalibrate_router, router_lr), keep_quantized=keep_quantized,
-                          overwrite=overwrite, quiet=quiet)
+                          reload=reload, overwrite=overwrite, quiet=quiet)
     before, after = report["parameters"]["before"], report["parameters"]["after"]
     routed = f"{before['routed_experts']:,} -> {after['routed_experts']:,}"
     removed = 1 - after["routed_experts"] / before["routed_experts"]

@@ -1,9 +1,11 @@
-"""Giving freed memory back to the operating system between the layers of a long job.
+"""Giving freed memory back to the operating system between the layers of a long job, and
+asking how much it has.
 
 glibc keeps freed blocks below its (growing) mmap threshold in the process's heap, so a job that
 reads one layer after another (calibration, the checkpoint writer) would see its resident memory
 creep up by the fragments of every layer; `release_freed_memory` returns them
 (`malloc_trim`). Elsewhere (other C libraries, other systems) it does nothing.
+`available_memory` is what the kernel says a new allocation can take (Linux's MemAvailable).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import ctypes
 import ctypes.util
 import gc
 from functools import cache
+from pathlib import Path
 
 
 @cache
@@ -32,3 +35,13 @@ def release_freed_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel reports available for new allocations without swapping (Linux's
+    MemAvailable); None where it does not say."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)

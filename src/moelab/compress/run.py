@@ -63,7 +63,7 @@ def compress(
     router_fit: RouterFit | None = None,
     keep_quantized: bool = False,
     overwrite: bool = False,
-    reload: bool = True,
+    reload: bool | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Remove `ratio` of the routed experts of every MoE layer of the checkpoint `model` with
@@ -77,7 +77,9 @@ def compress(
     refused when it gives layers different expert counts, which no target format stores);
     router_fit: re-calibrate every edited layer's router afterwards (`moelab.compress.router_fit`);
     keep_quantized: write a quantized source (FP8, MXFP4) in its own format, kept experts byte for byte
-    and merged or narrowed ones quantized as it quantizes, instead of plain weights in the dtype it states.
+    and merged or narrowed ones quantized as it quantizes, instead of plain weights in the dtype it states;
+    reload: the writer's whole-model reload with transformers (`write_checkpoint`; None: where it fits
+    in memory).
     Returns the report (also in out/moelab_compression.json)."""
     started = time.perf_counter()
     model = Path(model)

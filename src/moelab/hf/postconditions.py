@@ -107,7 +107,7 @@ def reload_problem(path: Path, family: Family, quiet: bool) -> str | None:
         if isinstance(err.__cause__, ImportError):  # this environment lacks a package, not a fault of the files
             raise CheckpointError(
                 f"the reload check cannot run here: {err}. Install what it names, or write with reload=False "
-                "(every edited layer is still checked through moelab's reader)"
+                "(--no-reload; every edited layer is still checked through moelab's reader)"
             ) from err
         return f"moelab.models.load_pretrained refuses it: {err}" if family is NATIVE else str(err)
     with torch.no_grad():

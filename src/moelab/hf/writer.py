@@ -56,7 +56,7 @@ from moelab.io import (
     copy_side_file,
     save_safetensors_stream,
 )
-from moelab.memory import release_freed_memory
+from moelab.memory import available_memory, release_freed_memory
 from moelab.models.pretrained import CHECKPOINT_KIND
 
 EXPERT_MAP_NAME = "moelab_expert_map.json"
@@ -88,15 +88,15 @@ def write_checkpoint(
     out: str | os.PathLike,
     edits: Mapping[int, LayerEdit],
     *,
-    reload: bool = True,
+    reload: bool | None = None,
     keep_quantized: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
 ) -> Path:
     """Write `source` with `edits` ({MoE layer index: LayerEdit}) applied into the new directory
     `out` (see the module docstring). reload: also load the result with transformers (or moelab)
-    as a postcondition; that loads the whole model into memory, so turn it off only for models
-    larger than RAM. keep_quantized: write a quantized source (FP8, MXFP4) in its own format
+    as a postcondition; that loads the whole model into memory: None (default) runs it where it
+    fits (`reload_fits`), True always, False never. keep_quantized: write a quantized source (FP8, MXFP4) in its own format
     (`_quantized_experts`), not as plain weights. overwrite: replace the checkpoint moelab wrote to `out` before. Returns `out`."""
     source = Path(source).resolve()
     with StagedOutput(out, CHECKPOINT_KIND, inputs=[source], overwrite=overwrite) as staging:
@@ -111,7 +111,7 @@ def write_edited(
     directory: Path,
     edits: Mapping[int, LayerEdit],
     *,
-    reload: bool = True,
+    reload: bool | None = None,
     keep_quantized: bool = False,
     quiet: bool = False,
     name: str | None = None,
@@ -128,10 +128,35 @@ def write_edited(
         atomic_write_text(directory / "config.json", json.dumps(plan.new_config, indent=2) + "\n")
         atomic_write_text(directory / EXPERT_MAP_NAME, json.dumps(plan.expert_map(source), indent=2) + "\n")
         check_written(directory, checks)
-        if reload:
+        if reload or (reload is None and reload_fits(directory)):
             check_reload(directory, family, quiet, source=source)
     finally:
         ckpt.close()
+
+
+RELOAD_MARGIN = 2.0  # transformers' peak over the weights it loads: 1.3x for bf16 files, 1.8x dequantizing FP8
+
+
+def reload_fits(directory: Path) -> bool:
+    """Whether transformers' whole-model reload of the checkpoint at `directory` fits in memory:
+    its weights as loaded (quantized ones dequantized) times RELOAD_MARGIN within what the kernel
+    reports available. Where it does not, a warning says the check was skipped."""
+    available = available_memory()
+    _, ckpt, _ = resolve(directory)
+    try:
+        shapes = ckpt.with_shapes_only()
+        needed = sum(shapes.get(key).nbytes for key in shapes.keys()) * RELOAD_MARGIN
+    finally:
+        ckpt.close()
+    if available is None or needed <= available:
+        return True
+    warnings.warn(
+        f"the whole-model reload check was skipped: loading {directory.name} takes about {needed / 2**30:.1f} GiB "
+        f"and {available / 2**30:.1f} GiB is available (every edited layer was checked through moelab's reader); "
+        "pass reload=True (--reload) to run it anyway",
+        stacklevel=3,
+    )
+    return False
 
 
 # ----------------------------------------------------------------------------- planning

@@ -24,7 +24,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +45,7 @@ from moelab.hf.layouts import config_entry
 from moelab.hf.modules import decoder_layers, find_moe_modules
 from moelab.hf.native import latent_from_view, router_from_view, shared_from_view
 from moelab.hf.view import MoELayerView
+from moelab.memory import available_memory
 from moelab.models.transformer import (
     MoETransformer,
     Sampling,
@@ -583,11 +583,7 @@ def _zero_load_counters(model: nn.Module) -> None:
 def check_host_memory(nbytes: int) -> None:
     """Refuse to pin `nbytes` of host memory where the kernel reports less available (Linux's
     MemAvailable; elsewhere not checked)."""
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return
-    available = next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
+    available = available_memory()
     if available is not None and nbytes > available:
         raise ValueError(
             f"host_memory needs {nbytes / 2**30:.1f} GiB of pinned host memory for every routed expert, but "
