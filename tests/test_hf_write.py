@@ -1115,3 +1115,21 @@ def test_the_reload_check_runs_where_the_model_fits_and_is_skipped_with_a_warnin
             with pytest.warns(UserWarning, match=r"reload check was skipped: loading .* takes about .* GiB and"):
                 drop_experts(mixtral, out, [0], reload=reload, quiet=True)
         assert bool(loaded) == runs and (out / "config.json").is_file(), (available, reload)
+
+
+def test_the_reload_estimate_of_a_moelab_checkpoint_counts_the_float32_model_it_builds(tmp_path, monkeypatch):
+    """moelab.models.load_pretrained builds the model in float32 and copies the file's tensors in:
+    a bf16 checkpoint loads as twice its bytes, so it needs what its float32 twin does (before:
+    half that, and the reload ran where it would not fit)."""
+    from safetensors.torch import load_file
+
+    import moelab.hf.writer as writer
+
+    save_pretrained(_native(tmp_path).to(torch.bfloat16), tmp_path / "bf16")
+    loaded = sum(t.numel() * 4 for t in load_file(tmp_path / "src" / "model.safetensors").values())  # float32
+    for directory in ("src", "bf16"):
+        monkeypatch.setattr(writer, "available_memory", lambda: int(loaded * writer.RELOAD_MARGIN))
+        assert writer.reload_fits(tmp_path / directory), directory
+        monkeypatch.setattr(writer, "available_memory", lambda: int(loaded * writer.RELOAD_MARGIN) - 1)
+        with pytest.warns(UserWarning, match="reload check was skipped"):
+            assert not writer.reload_fits(tmp_path / directory), directory

@@ -134,18 +134,22 @@ def write_edited(
         ckpt.close()
 
 
-RELOAD_MARGIN = 2.0  # transformers' peak over the weights it loads: 1.3x for bf16 files, 1.8x dequantizing FP8
+RELOAD_MARGIN = 2.0  # peak over the weights loaded: transformers 1.3x (bf16 files), 1.8x (dequantizing FP8); moelab 1.3x (float32)
 
 
 def reload_fits(directory: Path) -> bool:
     """Whether transformers' whole-model reload of the checkpoint at `directory` fits in memory:
     its weights as loaded (quantized ones dequantized) times RELOAD_MARGIN within what the kernel
-    reports available. Where it does not, a warning says the check was skipped."""
+    reports available (a moelab checkpoint's in float32: `load_pretrained` builds the model in it).
+    Where it does not, a warning says the check was skipped."""
     available = available_memory()
-    _, ckpt, _ = resolve(directory)
+    _, ckpt, family = resolve(directory)
     try:
         shapes = ckpt.with_shapes_only()
-        needed = sum(shapes.get(key).nbytes for key in shapes.keys()) * RELOAD_MARGIN
+        tensors = [shapes.get(key) for key in shapes.keys()]
+        needed = RELOAD_MARGIN * sum(
+            t.numel() * 4 if family is NATIVE and t.is_floating_point() else t.nbytes for t in tensors
+        )
     finally:
         ckpt.close()
     if available is None or needed <= available:
