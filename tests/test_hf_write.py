@@ -1133,3 +1133,11 @@ def test_the_reload_estimate_of_a_moelab_checkpoint_counts_the_float32_model_it_
         monkeypatch.setattr(writer, "available_memory", lambda: int(loaded * writer.RELOAD_MARGIN) - 1)
         with pytest.warns(UserWarning, match="reload check was skipped"):
             assert not writer.reload_fits(tmp_path / directory), directory
+
+
+def test_the_skipped_reload_s_warning_names_the_output_not_its_staging_directory(mixtral, tmp_path, monkeypatch):
+    import moelab.hf.writer as writer
+
+    monkeypatch.setattr(writer, "available_memory", lambda: 1)
+    with pytest.warns(UserWarning, match=r"reload check was skipped: loading pruned takes about"):
+        drop_experts(mixtral, tmp_path / "pruned", [0], quiet=True)

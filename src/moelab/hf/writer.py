@@ -118,17 +118,18 @@ def write_edited(
 ) -> None:
     """The body of `write_checkpoint`: write `source` with `edits` into the new, empty `directory`
     and check it (no output-directory checks: for callers that stage a larger output around it,
-    like `moelab compress`). name: shown on the progress bar."""
+    like `moelab compress`). name: the output's, shown on the progress bar and in warnings."""
     source = Path(source).resolve()
     config, ckpt, family = resolve(source)
     try:
         plan = _Plan.make(config, ckpt, family, edits, keep_quantized)
-        checks = _write(plan, directory, name or directory.name, quiet)
+        name = name or directory.name
+        checks = _write(plan, directory, name, quiet)
         copy_side_files(source, directory)
         atomic_write_text(directory / "config.json", json.dumps(plan.new_config, indent=2) + "\n")
         atomic_write_text(directory / EXPERT_MAP_NAME, json.dumps(plan.expert_map(source), indent=2) + "\n")
         check_written(directory, checks)
-        if reload or (reload is None and reload_fits(directory)):
+        if reload or (reload is None and reload_fits(directory, name)):
             check_reload(directory, family, quiet, source=source)
     finally:
         ckpt.close()
@@ -137,11 +138,12 @@ def write_edited(
 RELOAD_MARGIN = 2.0  # peak over the weights loaded: transformers 1.3x (bf16 files), 1.8x (dequantizing FP8); moelab 1.3x (float32)
 
 
-def reload_fits(directory: Path) -> bool:
+def reload_fits(directory: Path, name: str | None = None) -> bool:
     """Whether transformers' whole-model reload of the checkpoint at `directory` fits in memory:
     its weights as loaded (quantized ones dequantized) times RELOAD_MARGIN within what the kernel
     reports available (a moelab checkpoint's in float32: `load_pretrained` builds the model in it).
-    Where it does not, a warning says the check was skipped."""
+    Where it does not, a warning says the check was skipped (name: the output's, where `directory`
+    stages it)."""
     available = available_memory()
     _, ckpt, family = resolve(directory)
     try:
@@ -155,7 +157,7 @@ def reload_fits(directory: Path) -> bool:
     if available is None or needed <= available:
         return True
     warnings.warn(
-        f"the whole-model reload check was skipped: loading {directory.name} takes about {needed / 2**30:.1f} GiB "
+        f"the whole-model reload check was skipped: loading {name or directory.name} takes about {needed / 2**30:.1f} GiB "
         f"and {available / 2**30:.1f} GiB is available (every edited layer was checked through moelab's reader); "
         "pass reload=True (--reload) to run it anyway",
         stacklevel=3,
