@@ -593,3 +593,27 @@ def test_the_float8_table_converts_every_code_as_torch_does(dtype):
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~want.isnan()], want[~want.isnan()])
     grid = codes.reshape(16, 16).T  # not contiguous
     assert torch.equal(as_float32(grid).nan_to_num(0.0), grid.float().nan_to_num(0.0))
+
+
+def test_the_width_keep_quantized_narrows_in_is_every_edited_layer_s_block(tmp_path):
+    """The narrowed width must be whole blocks in every MoE layer whose experts are float8, not
+    only in the first one (before: a release whose first MoE layer kept its experts in bf16, as an
+    llm-compressor ignore list does, got no alignment, and the writer refused the width after
+    calibrating)."""
+    from moelab.hf.writer import check_keep_quantized
+
+    build("qwen3_moe", num_hidden_layers=3, moe_intermediate_size=32).save_pretrained(tmp_path / "plain")
+    stored = fp8_release(tmp_path / "plain", tmp_path / "fp8")
+    assert check_keep_quantized(tmp_path / "fp8") == 16  # gate and up rows: blocks of 16; down columns: 8
+
+    def first_layer_plain(tensors):
+        experts = "model.layers.1.mlp.experts."
+        out = {k: v for k, v in tensors.items() if not (k.startswith(experts) and k.endswith("_scale_inv"))}
+        for key in out:
+            if key.startswith(experts):
+                out[key] = per_block(stored[key], stored[key + "_scale_inv"], BLOCK).to(torch.bfloat16)
+        return out
+
+    mixed = _variant(tmp_path / "fp8", tmp_path / "mixed", first_layer_plain)
+    assert check_keep_quantized(mixed) == 16
+    assert check_keep_quantized(mixed, [1]) == 1  # the bf16 layer alone: any width

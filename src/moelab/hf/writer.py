@@ -454,22 +454,25 @@ def _width_align(ckpt: Float8Checkpoint | Mxfp4Checkpoint, family: Family, layer
     """The multiple a narrowed expert width must be for the quantized output to store it as the
     source does: an MXFP4 group (32: down_proj's input dim), or the float8 blocks along the width
     (gate and up rows, down columns) where the source's experts are whole blocks of a fixed size
-    (1 where a block follows the weight's shape: per-tensor and per-channel scales)."""
+    (1 where a block follows the weight's shape: per-tensor and per-channel scales), in every layer
+    of `layers` (one width for all)."""
     if not layers:
         return 1
     if isinstance(ckpt, Mxfp4Checkpoint):
         return 2 * GROUP_BYTES
-    align, prefix = 1, family.layer_prefix.format(n=layers[0])
-    for part in family.layout_of(ckpt, layers[0]).experts.parts(ckpt, prefix, 0):
-        if not ckpt.is_float8(part.name):
-            continue
-        dim = -1 if part.part == "down" else -2  # where the expert's width lies in this weight
-        shape = ckpt.entry(part.name)[1]
-        probe = list(shape)
-        probe[dim] += 1
-        size = ckpt.scheme.block(shape)[dim]
-        if ckpt.scheme.block(tuple(probe))[dim] == size and shape[dim] % size == 0:
-            align = math.lcm(align, size)
+    align = 1
+    for index in layers:
+        prefix = family.layer_prefix.format(n=index)
+        for part in family.layout_of(ckpt, index).experts.parts(ckpt, prefix, 0):
+            if not ckpt.is_float8(part.name):
+                continue
+            dim = -1 if part.part == "down" else -2  # where the expert's width lies in this weight
+            shape = ckpt.entry(part.name)[1]
+            probe = list(shape)
+            probe[dim] += 1
+            size = ckpt.scheme.block(shape)[dim]
+            if ckpt.scheme.block(tuple(probe))[dim] == size and shape[dim] % size == 0:
+                align = math.lcm(align, size)
     return align
 
 
