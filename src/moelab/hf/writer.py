@@ -14,7 +14,8 @@ success (`moelab.hf.postconditions`):
   original layer with the dropped experts' router logits (and selection scores) set to -inf
   before top-k (`masked_moe_layer`); for replaced tensors, the edited view; no NaN/Inf;
 - transformers (or moelab, for its own checkpoints) loads it strictly, with no missing,
-  unexpected or mismatched keys, and its forward pass is finite.
+  unexpected or mismatched keys, and its forward pass is finite (where it fits in memory,
+  `reload_fits`; else skipped with a warning).
 
 Everything is written into a staging directory beside `out` and renamed into place at the end
 (`moelab.io.StagedOutput`: `out` must be new, or moelab's checkpoint to replace with
