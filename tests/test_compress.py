@@ -367,6 +367,7 @@ def test_compress_takes_over_a_killed_run(tmp_path, model_dir, monkeypatch):
     report = compress(model_dir, tmp_path / "out", method="naee", calib_options=SMALL, quiet=True)
     assert calls == ["calibrated"]  # the call resumes (finds everything done); no layer is decided again
     assert report["complete"] and load_pretrained(tmp_path / "out").config.moe.num_experts == 6
+    assert report["reload_checked"]  # a tiny model: the whole-model reload ran
 
 
 def test_a_killed_run_of_a_method_that_rewrites_experts_resumes_to_the_same_model(
@@ -379,7 +380,7 @@ def test_a_killed_run_of_a_method_that_rewrites_experts_resumes_to_the_same_mode
 
     real = run_module.write_edited
     kwargs = dict(method="heapr", ratio=0.2, stats=stats_dir, reload=False, quiet=True)
-    compress(model_dir, tmp_path / "whole", **kwargs)
+    assert compress(model_dir, tmp_path / "whole", **kwargs)["reload_checked"] is False
     with monkeypatch.context() as m:
         m.setattr(run_module, "write_edited", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
         with pytest.raises(KeyboardInterrupt):

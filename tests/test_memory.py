@@ -1,5 +1,7 @@
 """moelab.memory: garbage is collected and glibc's malloc_trim(0) is called when there is one;
-no C library (or one without malloc_trim) leaves the call a no-op."""
+no C library (or one without malloc_trim) leaves the call a no-op; `available_memory` is the
+kernel's MemAvailable, or a cgroup's (container, batch job) room where that is less, read from
+stand-in /proc and /sys trees."""
 
 from __future__ import annotations
 
@@ -82,3 +84,28 @@ def test_libc_without_malloc_trim_or_unloadable_is_none(monkeypatch, fresh_libc)
     memory._libc.cache_clear()
     monkeypatch.setattr(ctypes, "CDLL", unloadable)
     assert memory._libc() is None
+
+
+GIB = 2**30
+
+
+def _tree(root, files: dict[str, str]):
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_memavailable_alone_or_a_cgroups_room_where_it_is_smaller(tmp_path):
+    meminfo = {"proc/meminfo": f"MemTotal: {64 * GIB // 1024} kB\nMemAvailable: {48 * GIB // 1024} kB\n"}
+    assert memory.available_memory(_tree(tmp_path / "host", meminfo)) == 48 * GIB
+    v2 = {"sys/fs/cgroup/memory.max": f"{8 * GIB}\n", "sys/fs/cgroup/memory.current": f"{3 * GIB}\n",
+          "sys/fs/cgroup/memory.stat": f"anon {2 * GIB}\ninactive_file {1 * GIB}\n"}  # fmt: skip
+    assert memory.available_memory(_tree(tmp_path / "v2", meminfo | v2)) == 6 * GIB  # 8 - (3 - 1): file pages reclaim
+    unlimited = v2 | {"sys/fs/cgroup/memory.max": "max\n"}
+    assert memory.available_memory(_tree(tmp_path / "max", meminfo | unlimited)) == 48 * GIB
+    v1 = {"sys/fs/cgroup/memory/memory.limit_in_bytes": f"{4 * GIB}\n",
+          "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{5 * GIB}\n",
+          "sys/fs/cgroup/memory/memory.stat": "total_inactive_file 0\n"}  # fmt: skip
+    assert memory.available_memory(_tree(tmp_path / "v1", meminfo | v1)) == 0  # over its limit already
+    assert memory.available_memory(_tree(tmp_path / "only", v2)) == 6 * GIB and memory.available_memory(tmp_path / "none") is None

@@ -37,11 +37,35 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def available_memory() -> int | None:
-    """Bytes the kernel reports available for new allocations without swapping (Linux's
-    MemAvailable); None where it does not say."""
+def available_memory(root: Path = Path("/")) -> int | None:
+    """Bytes a new allocation can take without swapping: Linux's MemAvailable, or less where the
+    process's cgroup (a container's or a batch job's memory limit, v2 or v1) leaves less, its limit
+    minus what it uses beyond reclaimable file pages; None where neither is known. root: where
+    /proc and /sys are (tests)."""
+    found = []
+    meminfo = _read(root / "proc/meminfo")
+    if meminfo is not None:
+        found += [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    for group, limit, usage, inactive in CGROUP_FILES:
+        text = _read(root / group / limit)
+        if text is None or not text.strip().isdigit():  # absent, or "max": no limit here
+            continue
+        stat = dict(line.split()[:2] for line in (_read(root / group / "memory.stat") or "").splitlines() if line.strip())
+        used = int(_read(root / group / usage) or 0) - int(stat.get(inactive, 0))
+        found.append(max(int(text) - max(used, 0), 0))
+        break
+    return min(found) if found else None
+
+
+# (the cgroup's directory, its limit, its usage, its reclaimable file pages in memory.stat): v2, then v1
+CGROUP_FILES = (
+    ("sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+    ("sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+)
+
+
+def _read(path: Path) -> str | None:
     try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
+        return path.read_text()
     except OSError:
         return None
-    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)

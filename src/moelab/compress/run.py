@@ -126,7 +126,9 @@ def compress(
         edits = {i: d.edit for i, d in decisions.items()}
         clear_staging(staging, [p.name for p in staging.iterdir() if p.name not in (STATS_DIR, REPORT_NAME)])
         report["keep_quantized"] = keep_quantized
-        write_edited(model, staging, edits, reload=reload, keep_quantized=keep_quantized, quiet=quiet, name=Path(out).name)
+        report["reload_checked"] = write_edited(
+            model, staging, edits, reload=reload, keep_quantized=keep_quantized, quiet=quiet, name=Path(out).name
+        )
         timings["write_s"] = round(time.perf_counter() - begin, 3)
         report["parameters"] = {"before": parameter_counts(model), "after": _after(staging, report)}
         report["timings"] = timings | {"total_s": round(time.perf_counter() - started, 3)}

@@ -116,10 +116,11 @@ def write_edited(
     keep_quantized: bool = False,
     quiet: bool = False,
     name: str | None = None,
-) -> None:
+) -> bool:
     """The body of `write_checkpoint`: write `source` with `edits` into the new, empty `directory`
     and check it (no output-directory checks: for callers that stage a larger output around it,
-    like `moelab compress`). name: the output's, shown on the progress bar and in warnings."""
+    like `moelab compress`). name: the output's, shown on the progress bar and in warnings.
+    Returns whether transformers' whole-model reload check ran."""
     source = Path(source).resolve()
     config, ckpt, family = resolve(source)
     try:
@@ -130,8 +131,10 @@ def write_edited(
         atomic_write_text(directory / "config.json", json.dumps(plan.new_config, indent=2) + "\n")
         atomic_write_text(directory / EXPERT_MAP_NAME, json.dumps(plan.expert_map(source), indent=2) + "\n")
         check_written(directory, checks)
-        if reload or (reload is None and reload_fits(directory, name)):
+        reloaded = bool(reload or (reload is None and reload_fits(directory, name)))
+        if reloaded:
             check_reload(directory, family, quiet, source=source)
+        return reloaded
     finally:
         ckpt.close()
 
