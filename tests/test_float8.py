@@ -29,7 +29,7 @@ from moelab.hf import (
 )
 from moelab.hf.dequantize import dequantize_checkpoint
 from moelab.hf.edit import apply_edit
-from moelab.hf.float8 import Float8Checkpoint, as_float32, dequantized, float8_scheme, quantize
+from moelab.hf.float8 import Float8Checkpoint, dequantized, float8_scheme, quantize
 from moelab.hf.loading import load_causal_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -582,17 +582,6 @@ def test_the_benchmark_generates_an_fp8_release_of_the_same_model(tmp_path, monk
         assert ((got - want).abs() <= want.abs() * 2**-3 + 2**-9 * want.abs().max()).all()
     finally:
         a.close(), b.close()
-
-
-@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
-def test_the_float8_table_converts_every_code_as_torch_does(dtype):
-    """`as_float32` (numpy indexing a table of the 256 codes, the dequantization's fast path) gives
-    torch's own conversion for every code, NaN and infinities included, and for strided input."""
-    codes = torch.arange(256, dtype=torch.uint8).view(dtype)
-    got, want = as_float32(codes), codes.float()
-    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~want.isnan()], want[~want.isnan()])
-    grid = codes.reshape(16, 16).T  # not contiguous
-    assert torch.equal(as_float32(grid).nan_to_num(0.0), grid.float().nan_to_num(0.0))
 
 
 def test_the_width_keep_quantized_narrows_in_is_every_edited_layer_s_block(tmp_path):
