@@ -223,11 +223,6 @@ class FusedGateUp:
             return None
         return [ExpertPart(prefix + self.gate_up, expert, "gate_up"), ExpertPart(prefix + self.down, expert, "down")]
 
-    def decode(self, gate_up: Tensor, down: Tensor) -> dict[str, Tensor]:
-        """gate_up [E, D, 2I] and down [E, I, D] as stored -> the view's gate, up [E, I, D] and down [E, D, I]."""
-        gate, up = _halves(gate_up, dim=2, interleaved=self.interleaved)
-        return {"gate": gate.transpose(1, 2), "up": up.transpose(1, 2), "down": down.transpose(1, 2)}
-
     def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
         names = (self.gate_up, self.down, self.gate_up_bias, self.down_bias)
         return [prefix + name for name in names if name is not None and prefix + name in ckpt]
