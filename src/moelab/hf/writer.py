@@ -97,8 +97,9 @@ def write_checkpoint(
     """Write `source` with `edits` ({MoE layer index: LayerEdit}) applied into the new directory
     `out` (see the module docstring). reload: also load the result with transformers (or moelab)
     as a postcondition; that loads the whole model into memory: None (default) runs it where it
-    fits (`reload_fits`), True always, False never. keep_quantized: write a quantized source (FP8, MXFP4) in its own format
-    (`_quantized_experts`), not as plain weights. overwrite: replace the checkpoint moelab wrote to `out` before. Returns `out`."""
+    fits (`reload_fits`), True always, False never. keep_quantized: write a quantized source (FP8,
+    MXFP4) in its own format (`_quantized_experts`), not as plain weights. overwrite: replace the
+    checkpoint moelab wrote to `out` before. Returns `out`."""
     source = Path(source).resolve()
     with StagedOutput(out, CHECKPOINT_KIND, inputs=[source], overwrite=overwrite) as staging:
         write_edited(
