@@ -606,3 +606,20 @@ def test_the_width_keep_quantized_narrows_in_is_every_edited_layer_s_block(tmp_p
     mixed = _variant(tmp_path / "fp8", tmp_path / "mixed", first_layer_plain)
     assert check_keep_quantized(mixed) == 16
     assert check_keep_quantized(mixed, [1]) == 1  # the bf16 layer alone: any width
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe"])
+def test_keep_quantized_checks_no_expert_was_left_plain(releases, tmp_path, monkeypatch, family):
+    """The postcondition against a quantizer that silently skips experts: were the edited layer's
+    experts written plain (here, the quantizing step stood in for by one that does nothing), the
+    write fails naming them, and nothing is published."""
+    import moelab.hf.writer as writer
+
+    monkeypatch.setattr(writer, "_quantized_experts", lambda ckpt, layout, prefix, edited, edit: (edited, {}))
+    with pytest.raises(
+        CheckpointError, match=r"layer 1's expert weights .*experts.0.gate_proj.weight.* are stored plain"
+    ):
+        drop_experts(
+            releases[family][0], tmp_path / "out", [0], keep_quantized=True, reload=False, quiet=True
+        )
+    assert not (tmp_path / "out").exists()

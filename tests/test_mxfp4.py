@@ -310,7 +310,9 @@ def test_keep_quantized_blames_an_edit_whose_new_experts_hold_nan(release, tmp_p
         down[1, 0, 0] = bad_value
         bad = dataclasses.replace(layer, experts=dataclasses.replace(layer.experts, down=down))
         edits = {0: LayerEdit(((0,), (1,), (2,), (3,)), view=bad)}
-        with pytest.raises(CheckpointError, match=r"layer 0: the edited tensor .*down_proj has NaN or Inf; fix the edit"):
+        with pytest.raises(
+            CheckpointError, match=r"layer 0: the edited tensor .*down_proj has NaN or Inf; fix the edit"
+        ):
             write_checkpoint(src, tmp_path / "out", edits, keep_quantized=True, quiet=True, reload=False)
         assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -321,3 +323,22 @@ def test_keep_quantized_blames_an_edit_whose_new_experts_hold_nan(release, tmp_p
     w[0] = 3.2e38
     with pytest.raises(ValueError, match="MXFP4 rounds to Inf"):
         quantized_mxfp4(w)
+
+
+def test_keep_quantized_checks_no_expert_was_left_plain(release, tmp_path, monkeypatch):
+    """As for float8: experts written plain where MXFP4 was asked for fail the write, naming them
+    (layer 0 rewritten with its experts as they are, layer 1 untouched and still MXFP4); where no
+    layer is left MXFP4 the reader refuses the output first."""
+    import moelab.hf.writer as writer
+
+    monkeypatch.setattr(writer, "_quantized_experts", lambda ckpt, layout, prefix, edited, edit: (edited, {}))
+    same = {0: LayerEdit.keep([0, 1, 2, 3])}
+    with pytest.raises(
+        CheckpointError, match=r"layer 0's expert weights .*experts.gate_up_proj are stored plain"
+    ):
+        write_checkpoint(release[0], tmp_path / "out", same, keep_quantized=True, reload=False, quiet=True)
+    with pytest.raises(
+        CheckpointError, match=r"describes MXFP4 weights, but no <name>_blocks tensors are stored"
+    ):
+        drop_experts(release[0], tmp_path / "out", [0], keep_quantized=True, reload=False, quiet=True)
+    assert not (tmp_path / "out").exists()

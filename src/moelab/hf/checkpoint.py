@@ -206,6 +206,11 @@ class Checkpoint:
         its bytes lie (copied, never loaded)."""
         return self.raw(name)
 
+    def stored_parts(self, name: str) -> list[str]:
+        """The stored tensors that tensor `name` is made of, and those that go with it: itself here; a
+        quantized format's reader (`moelab.hf.quantized`) adds its scales and activation scales."""
+        return [name] if name in self else []
+
     def with_shapes_only(self) -> Checkpoint:
         """This checkpoint read with shapes and dtypes only (see `shapes_only`): what it has read
         of the files (index, shard headers, a quantized format's tables) shared, not read again;

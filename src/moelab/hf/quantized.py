@@ -62,11 +62,6 @@ class DequantizedCheckpoint(Checkpoint):
         """Whether plain tensor `name` is decoded from quantized parts (not stored as it is)."""
         return name in self._shapes
 
-    def stored_parts(self, name: str) -> list[str]:
-        """The stored tensors that plain tensor `name` is made of, and those that go with it (a
-        format's scales and activation scales): what a copy in the format holds for it."""
-        return [name] if self._stores(name) else []
-
     def get(self, name: str, rows: range | None = None) -> Tensor:
         if name not in self._shapes:
             if name not in self:

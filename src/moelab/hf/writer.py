@@ -47,7 +47,7 @@ from moelab.hf.expert_map import read_expert_map
 from moelab.hf.float8 import ACTIVATION_SCALES, Float8Checkpoint, dequantized, quantize
 from moelab.hf.layouts import Config, Family, PerExpert, TransposedGateUp, config_entry
 from moelab.hf.mxfp4 import BLOCKS, GROUP_BYTES, SCALES, Mxfp4Checkpoint, dequantized_mxfp4, quantized_mxfp4
-from moelab.hf.postconditions import LayerCheck, check_reload, check_written
+from moelab.hf.postconditions import LayerCheck, check_reload, check_written, postcondition_error
 from moelab.hf.view import ModelView, MoELayerView, stored_layers
 from moelab.io import (
     LazyTensor,
@@ -132,6 +132,8 @@ def write_edited(
         atomic_write_text(directory / "config.json", json.dumps(plan.new_config, indent=2) + "\n")
         atomic_write_text(directory / EXPERT_MAP_NAME, json.dumps(plan.expert_map(source), indent=2) + "\n")
         check_written(directory, checks)
+        if keep_quantized:
+            _check_still_quantized(plan, directory)
         reloaded = bool(reload or (reload is None and reload_fits(directory, name)))
         if reloaded:
             check_reload(directory, family, quiet, source=source)
@@ -512,6 +514,33 @@ def _check_quantized_output(ckpt: Checkpoint, family: Family, edits: Iterable[in
             raise ValueError(
                 f"keep_quantized: layer {index}'s router weight is float8; moelab edits plain routers only"
             )
+
+
+def _check_still_quantized(plan: _Plan, directory: Path) -> None:
+    """keep_quantized's postcondition: every expert weight of the edited layers that the source
+    stores quantized (float8, MXFP4) is stored so in the output too, part by part (a quantizer that
+    silently skips experts is a failure users report of llm-compressor and ModelOpt)."""
+    _, written, family = resolve(directory)
+
+    def quantized(ckpt: Checkpoint, name: str) -> bool:
+        return ckpt.stored_parts(name) != [name]
+
+    try:
+        for index, edit in plan.edits.items():
+            prefix, experts = family.layer_prefix.format(n=index), family.layout_of(plan.ckpt, index).experts
+            if isinstance(experts, TransposedGateUp):  # MXFP4: the stacked projections
+                pairs = [(prefix + n, [prefix + n]) for n in (experts.gate_up, experts.down)]
+            else:  # float8: each part of expert 0 in the source, that part of every expert written
+                parts = [experts.parts(written, prefix, e) for e in range(len(edit.sources))]
+                pairs = [(p.name, [each[i].name for each in parts]) for i, p in enumerate(experts.parts(plan.ckpt, prefix, 0))]
+            for source, outputs in pairs:
+                if quantized(plan.ckpt, source) and (plain := [n for n in outputs if not quantized(written, n)]):
+                    raise postcondition_error(
+                        f"layer {index}'s expert weights {', '.join(plain[:3])} are stored plain, but the source stores "
+                        "them quantized and keep_quantized was asked for"
+                    )
+    finally:
+        written.close()
 
 
 def _quantized_experts(
