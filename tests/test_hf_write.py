@@ -1141,3 +1141,21 @@ def test_the_skipped_reload_s_warning_names_the_output_not_its_staging_directory
     monkeypatch.setattr(writer, "available_memory", lambda: 1)
     with pytest.warns(UserWarning, match=r"reload check was skipped: loading pruned takes about"):
         drop_experts(mixtral, tmp_path / "pruned", [0], quiet=True)
+
+
+def test_the_source_is_loaded_to_blame_only_where_it_fits(mixtral, tmp_path, monkeypatch):
+    """Where the output fails its reload, the writer loads the source the same way to tell a broken
+    source from a moelab bug: only where the source fits in memory too (else the output's failure
+    is reported as it is)."""
+    from safetensors.torch import load_file
+
+    import moelab.hf.writer as writer
+
+    sources = []
+    monkeypatch.setattr(writer, "check_reload", lambda path, *args, source=None, **kwargs: sources.append(source))
+    needed = writer.RELOAD_MARGIN * sum(t.nbytes for t in load_file(mixtral / "model.safetensors").values())
+    for available, blamed in [(int(needed), True), (int(needed) - 1, False)]:
+        monkeypatch.setattr(writer, "available_memory", lambda: available)
+        sources.clear()
+        drop_experts(mixtral, tmp_path / f"out{available}", [0], reload=True, quiet=True)
+        assert sources == [mixtral.resolve() if blamed else None], available

@@ -135,8 +135,8 @@ def write_edited(
         if keep_quantized:
             _check_still_quantized(plan, directory)
         reloaded = bool(reload or (reload is None and reload_fits(directory, name)))
-        if reloaded:
-            check_reload(directory, family, quiet, source=source)
+        if reloaded:  # where the output fails, the source is loaded to see whose fault it is: if it fits
+            check_reload(directory, family, quiet, source=source if reload_fits(source, warn=False) else None)
         return reloaded
     finally:
         ckpt.close()
@@ -145,12 +145,12 @@ def write_edited(
 RELOAD_MARGIN = 2.0  # peak over the weights loaded: transformers 1.3x (bf16 files), 1.8x (dequantizing FP8); moelab 1.3x (float32)
 
 
-def reload_fits(directory: Path, name: str | None = None) -> bool:
+def reload_fits(directory: Path, name: str | None = None, *, warn: bool = True) -> bool:
     """Whether transformers' whole-model reload of the checkpoint at `directory` fits in memory:
     its weights as loaded (quantized ones dequantized) times RELOAD_MARGIN within what the kernel
     reports available (a moelab checkpoint's in float32: `load_pretrained` builds the model in it).
-    Where it does not, a warning says the check was skipped (name: the output's, where `directory`
-    stages it)."""
+    Where it does not and `warn`, a warning says the check was skipped (name: the output's, where
+    `directory` stages it)."""
     available = available_memory()
     _, ckpt, family = resolve(directory)
     try:
@@ -163,12 +163,13 @@ def reload_fits(directory: Path, name: str | None = None) -> bool:
         ckpt.close()
     if available is None or needed <= available:
         return True
-    warnings.warn(
-        f"the whole-model reload check was skipped: loading {name or directory.name} takes about {needed / 2**30:.1f} GiB "
-        f"and {available / 2**30:.1f} GiB is available (every edited layer was checked through moelab's reader); "
-        "pass reload=True (--reload) to run it anyway",
-        stacklevel=3,
-    )
+    if warn:
+        warnings.warn(
+            f"the whole-model reload check was skipped: loading {name or directory.name} takes about "
+            f"{needed / 2**30:.1f} GiB and {available / 2**30:.1f} GiB is available (every edited layer was checked "
+            "through moelab's reader); pass reload=True (--reload) to run it anyway",
+            stacklevel=3,
+        )
     return False
 
 
