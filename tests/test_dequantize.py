@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-from float8_tiny import BLOCK, fp8_release, per_block, quantized
 from hf_tiny import build
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from quantized_tiny import BLOCK, fp8_release, per_block, quantized
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 

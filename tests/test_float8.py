@@ -9,10 +9,17 @@ import json
 
 import pytest
 import torch
-from float8_tiny import BLOCK, compressed_tensors_release, fp8_release, offloaded_tokens, per_block, quantized
 from hf_tiny import build
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from quantized_tiny import (
+    BLOCK,
+    compressed_tensors_release,
+    fp8_release,
+    offloaded_tokens,
+    per_block,
+    quantized,
+)
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
@@ -271,7 +278,7 @@ def test_what_would_be_misread_is_refused_when_the_checkpoint_opens(tmp_path):
 @given(O=st.integers(1, 40), I=st.integers(1, 40), bo=st.integers(1, 16), bi=st.integers(1, 16), seed=st.integers(0, 99),
        zero=st.booleans())  # fmt: skip
 def test_quantize_equals_the_per_block_loop(O, I, bo, bi, seed, zero):
-    """amax / 448 per block, as the releases' quantizers (the loop in float8_tiny); an all-zero block
+    """amax / 448 per block, as the releases' quantizers (the loop in quantized_tiny); an all-zero block
     gets scale 1, and dequantizing gives w back to float8's precision."""
     w = torch.randn(O, I, generator=torch.Generator().manual_seed(seed))
     if zero:

@@ -9,10 +9,10 @@ import json
 
 import pytest
 import torch
-from float8_tiny import offloaded_tokens
 from hf_tiny import build
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from quantized_tiny import offloaded_tokens
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors

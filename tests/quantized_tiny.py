@@ -1,6 +1,7 @@
-"""Tiny float8 checkpoints for the tests: block-wise FP8 as DeepSeek-V3 and Qwen3-FP8 ship it
-(float8 e4m3 weights, one float32 scale per block, `<name>_scale_inv`, quant_method "fp8"), made
-from a saved plain checkpoint, and the per-block loop that is the reference for reading them."""
+"""Tiny quantized checkpoints for the tests: block-wise FP8 as DeepSeek-V3 and Qwen3-FP8 ship it
+(float8 e4m3 weights, one float32 scale per block, `<name>_scale_inv`, quant_method "fp8") and
+llm-compressor's FP8, made from a saved plain checkpoint; the per-block loop that is the
+reference for reading them; and offloaded decoding of any quantized release."""
 
 from __future__ import annotations
 
