@@ -596,7 +596,7 @@ def test_the_width_keep_quantized_narrows_in_is_every_edited_layer_s_block(tmp_p
     only in the first one (before: a release whose first MoE layer kept its experts in bf16, as an
     llm-compressor ignore list does, got no alignment, and the writer refused the width after
     calibrating)."""
-    from moelab.hf.writer import check_keep_quantized
+    from moelab.hf.requantize import check_keep_quantized
 
     build("qwen3_moe", num_hidden_layers=3, moe_intermediate_size=32).save_pretrained(tmp_path / "plain")
     stored = fp8_release(tmp_path / "plain", tmp_path / "fp8")
@@ -622,7 +622,7 @@ def test_keep_quantized_checks_no_expert_was_left_plain(releases, tmp_path, monk
     write fails naming them, and nothing is published."""
     import moelab.hf.writer as writer
 
-    monkeypatch.setattr(writer, "_quantized_experts", lambda ckpt, layout, prefix, edited, edit: (edited, {}))
+    monkeypatch.setattr(writer, "quantized_experts", lambda ckpt, layout, prefix, edited, edit: (edited, {}))
     with pytest.raises(
         CheckpointError, match=r"layer 1's expert weights .*experts.0.gate_proj.weight.* are stored plain"
     ):

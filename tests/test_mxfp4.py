@@ -331,7 +331,7 @@ def test_keep_quantized_checks_no_expert_was_left_plain(release, tmp_path, monke
     layer is left MXFP4 the reader refuses the output first."""
     import moelab.hf.writer as writer
 
-    monkeypatch.setattr(writer, "_quantized_experts", lambda ckpt, layout, prefix, edited, edit: (edited, {}))
+    monkeypatch.setattr(writer, "quantized_experts", lambda ckpt, layout, prefix, edited, edit: (edited, {}))
     same = {0: LayerEdit.keep([0, 1, 2, 3])}
     with pytest.raises(
         CheckpointError, match=r"layer 0's expert weights .*experts.gate_up_proj are stored plain"

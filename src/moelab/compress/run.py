@@ -36,8 +36,9 @@ from moelab.compress.stats import Calibration, LayerStats, fingerprint
 from moelab.eval.evaluate import parameter_counts
 from moelab.hf.adapters import resolve
 from moelab.hf.edit import LayerEdit
+from moelab.hf.requantize import check_keep_quantized
 from moelab.hf.view import ModelView, MoELayerView
-from moelab.hf.writer import check_keep_quantized, write_edited
+from moelab.hf.writer import write_edited
 from moelab.io import StagedOutput, atomic_write_text, clear_staging
 from moelab.models.pretrained import CHECKPOINT_KIND
 

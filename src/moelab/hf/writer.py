@@ -17,6 +17,9 @@ success (`moelab.hf.postconditions`):
   unexpected or mismatched keys, and its forward pass is finite (where it fits in memory,
   `reload_fits`; else skipped with a warning).
 
+A quantized source (FP8, MXFP4: `moelab.hf.quantized`) is written as plain weights in the dtype its
+config.json states, or with `keep_quantized` in its own format (`moelab.hf.requantize`).
+
 Everything is written into a staging directory beside `out` and renamed into place at the end
 (`moelab.io.StagedOutput`: `out` must be new, or moelab's checkpoint to replace with
 `overwrite`, and never the source, inside it or above it).
@@ -25,9 +28,7 @@ Everything is written into a staging directory beside `out` and renamed into pla
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -40,14 +41,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from moelab.hf.adapters import NATIVE, resolve
-from moelab.hf.checkpoint import DTYPES, INDEX_NAME, WEIGHT_FILE, Checkpoint, CheckpointError
+from moelab.hf.checkpoint import INDEX_NAME, WEIGHT_FILE, Checkpoint, CheckpointError
 from moelab.hf.edit import LayerEdit, apply_edit, check_edit, moe_output
 from moelab.hf.expert_map import FORMAT as EXPERT_MAP_FORMAT
 from moelab.hf.expert_map import read_expert_map
-from moelab.hf.float8 import ACTIVATION_SCALES, Float8Checkpoint, dequantized, quantize
-from moelab.hf.layouts import Config, Family, PerExpert, TransposedGateUp, config_entry
-from moelab.hf.mxfp4 import BLOCKS, GROUP_BYTES, SCALES, Mxfp4Checkpoint, dequantized_mxfp4, quantized_mxfp4
-from moelab.hf.postconditions import LayerCheck, check_reload, check_written, postcondition_error
+from moelab.hf.layouts import Config, Family, config_entry
+from moelab.hf.mxfp4 import BLOCKS
+from moelab.hf.postconditions import LayerCheck, check_reload, check_written
+from moelab.hf.requantize import check_quantized_output, check_still_quantized, quantized_experts
 from moelab.hf.view import ModelView, MoELayerView, stored_layers
 from moelab.io import (
     LazyTensor,
@@ -98,7 +99,7 @@ def write_checkpoint(
     `out` (see the module docstring). reload: also load the result with transformers (or moelab)
     as a postcondition; that loads the whole model into memory: None (default) runs it where it
     fits (`reload_fits`), True always, False never. keep_quantized: write a quantized source (FP8,
-    MXFP4) in its own format (`_quantized_experts`), not as plain weights. overwrite: replace the
+    MXFP4) in its own format (`moelab.hf.requantize`), not as plain weights. overwrite: replace the
     checkpoint moelab wrote to `out` before. Returns `out`."""
     source = Path(source).resolve()
     with StagedOutput(out, CHECKPOINT_KIND, inputs=[source], overwrite=overwrite) as staging:
@@ -133,7 +134,7 @@ def write_edited(
         atomic_write_text(directory / EXPERT_MAP_NAME, json.dumps(plan.expert_map(source), indent=2) + "\n")
         check_written(directory, checks)
         if keep_quantized:
-            _check_still_quantized(plan, directory)
+            check_still_quantized(ckpt, family, plan.edits, directory)
         reloaded = bool(reload or (reload is None and reload_fits(directory, name)))
         if reloaded:  # where the output fails, the source is loaded to see whose fault it is: if it fits
             check_reload(directory, family, quiet, source=source if reload_fits(source, warn=False) else None)
@@ -189,7 +190,7 @@ class _Plan:
     removed: set[str]
     home: dict[int, str]  # edited layer -> the shard its new tensors go to
     new_config: Config
-    keep_quantized: bool  # quantized weights written in the source's format (`_quantized_experts`)
+    keep_quantized: bool  # quantized weights written in the source's format (`moelab.hf.requantize`)
 
     @classmethod
     def make(
@@ -214,7 +215,7 @@ class _Plan:
         counts = {i: len(edits[i].sources) if i in edits else E for i in moe_layers}
         widths = _widths(config, family, edits, moe_layers)
         if keep_quantized:
-            _check_quantized_output(ckpt, family, edits)
+            check_quantized_output(ckpt, family, edits)
         new_config = copy.deepcopy(config) if keep_quantized else ckpt.written_config(config)
         if len(set(counts.values())) > 1 or len(set(widths.values())) > 1:
             per_layer = ", ".join(f"layer {i}: {counts[i]} x {widths[i]}" for i in moe_layers)
@@ -437,229 +438,12 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
             raise CheckpointError(f"layer {index}: the edited tensor {key} has NaN or Inf; fix the edit")
     quantized = {}
     if plan.keep_quantized:
-        edited, quantized = _quantized_experts(plan.ckpt, layout.experts, prefix, edited, edit)
+        edited, quantized = quantized_experts(plan.ckpt, layout.experts, prefix, edited, edit)
     expected = moe_output(original, x, keep=edit.selection) if edit.view is None else moe_output(edited, x)
     del original  # one layer of source tensors at a time: only the edited ones are kept
     for key in quantized:  # plain tensors the quantized ones replace (MXFP4's stored under other names)
         tensors.pop(key.removesuffix(BLOCKS), None)
     return tensors | quantized, LayerCheck(x, expected)
-
-
-def check_keep_quantized(source: str | os.PathLike, layers: Iterable[int] | None = None) -> int:
-    """keep_quantized's refusals (`_check_quantized_output`) for editing MoE layers `layers` of
-    `source` (default: all), from its headers: for callers that check before they calibrate.
-    Returns the granularity a narrowed width needs (`_width_align`)."""
-    config, ckpt, family = resolve(source)
-    try:
-        layers = family.moe_layers(ckpt, config) if layers is None else list(layers)
-        _check_quantized_output(ckpt, family, layers)
-        return _width_align(ckpt, family, layers)
-    finally:
-        ckpt.close()
-
-
-def _width_align(ckpt: Float8Checkpoint | Mxfp4Checkpoint, family: Family, layers: list[int]) -> int:
-    """The multiple a narrowed expert width must be for the quantized output to store it as the
-    source does: an MXFP4 group (32: down_proj's input dim), or the float8 blocks along the width
-    (gate and up rows, down columns) where the source's experts are whole blocks of a fixed size
-    (1 where a block follows the weight's shape: per-tensor and per-channel scales), in every layer
-    of `layers` (one width for all)."""
-    if not layers:
-        return 1
-    if isinstance(ckpt, Mxfp4Checkpoint):
-        return 2 * GROUP_BYTES
-    align = 1
-    for index in layers:
-        prefix = family.layer_prefix.format(n=index)
-        for part in family.layout_of(ckpt, index).experts.parts(ckpt, prefix, 0):
-            if not ckpt.is_float8(part.name):
-                continue
-            dim = -1 if part.part == "down" else -2  # where the expert's width lies in this weight
-            shape = ckpt.entry(part.name)[1]
-            probe = list(shape)
-            probe[dim] += 1
-            size = ckpt.scheme.block(shape)[dim]
-            if ckpt.scheme.block(tuple(probe))[dim] == size and shape[dim] % size == 0:
-                align = math.lcm(align, size)
-    return align
-
-
-def _check_quantized_output(ckpt: Checkpoint, family: Family, edits: Iterable[int]) -> None:
-    """keep_quantized needs a quantized source whose edited layers (`edits`: their indices) store
-    their experts as its releases do: float8 ones as modules of their own, with a router that is not
-    float8; MXFP4 ones (GPT-OSS) stacked and transposed, both projections MXFP4."""
-    if not isinstance(ckpt, Float8Checkpoint | Mxfp4Checkpoint):
-        raise ValueError(
-            f"keep_quantized writes a quantized checkpoint (FP8, MXFP4) in its own format, but {ckpt.directory} is not "
-            "one (its weights are plain, or quantized otherwise); write it without keep_quantized"
-        )
-    for index in edits:
-        layout, prefix = family.layout_of(ckpt, index), family.layer_prefix.format(n=index)
-        if isinstance(ckpt, Mxfp4Checkpoint):
-            experts = layout.experts
-            if not isinstance(experts, TransposedGateUp) or not all(
-                ckpt.decodes(prefix + name) for name in (experts.gate_up, experts.down)
-            ):
-                raise ValueError(
-                    f"keep_quantized: layer {index} of {ckpt.directory} does not store its experts as GPT-OSS's MXFP4 "
-                    "(gate_up_proj and down_proj blocks and scales); write plain weights (without keep_quantized)"
-                )
-            continue
-        if not isinstance(layout.experts, PerExpert):
-            raise ValueError(
-                f"keep_quantized: layer {index} of {ckpt.directory} stores its experts stacked "
-                f"({type(layout.experts).__name__}); moelab writes float8 experts stored one module each (as the "
-                "FP8 releases store them). Write plain weights (without keep_quantized)"
-            )
-        if ckpt.is_float8(prefix + layout.router.weight):
-            raise ValueError(
-                f"keep_quantized: layer {index}'s router weight is float8; moelab edits plain routers only"
-            )
-
-
-def _check_still_quantized(plan: _Plan, directory: Path) -> None:
-    """keep_quantized's postcondition: every expert weight of the edited layers that the source
-    stores quantized (float8, MXFP4) is stored so in the output too, part by part (a quantizer that
-    silently skips experts is a failure users report of llm-compressor and ModelOpt)."""
-    _, written, family = resolve(directory)
-
-    def quantized(ckpt: Checkpoint, name: str) -> bool:
-        return ckpt.stored_parts(name) != [name]
-
-    try:
-        for index, edit in plan.edits.items():
-            prefix, experts = family.layer_prefix.format(n=index), family.layout_of(plan.ckpt, index).experts
-            if isinstance(experts, TransposedGateUp):  # MXFP4: the stacked projections
-                pairs = [(prefix + n, [prefix + n]) for n in (experts.gate_up, experts.down)]
-            else:  # float8: each part of expert 0 in the source, that part of every expert written
-                parts = [experts.parts(written, prefix, e) for e in range(len(edit.sources))]
-                pairs = [(p.name, [each[i].name for each in parts]) for i, p in enumerate(experts.parts(plan.ckpt, prefix, 0))]
-            for source, outputs in pairs:
-                if quantized(plan.ckpt, source) and (plain := [n for n in outputs if not quantized(written, n)]):
-                    raise postcondition_error(
-                        f"layer {index}'s expert weights {', '.join(plain[:3])} are stored plain, but the source stores "
-                        "them quantized and keep_quantized was asked for"
-                    )
-    finally:
-        written.close()
-
-
-def _quantized_experts(
-    ckpt: Float8Checkpoint | Mxfp4Checkpoint, layout, prefix: str, edited: MoELayerView, edit: LayerEdit
-) -> tuple[MoELayerView, dict[str, Tensor | RawTensor]]:
-    """The edited layer's experts in the source's format, and the layer a reader of them gets
-    (`_float8_experts`, `_mxfp4_experts`)."""
-    if isinstance(ckpt, Mxfp4Checkpoint):
-        return _mxfp4_experts(ckpt, layout, prefix, edited, edit)
-    return _float8_experts(ckpt, layout, prefix, edited, edit)
-
-
-def _mxfp4_experts(
-    ckpt: Mxfp4Checkpoint, layout: TransposedGateUp, prefix: str, edited: MoELayerView, edit: LayerEdit
-) -> tuple[MoELayerView, dict[str, Tensor]]:
-    """GPT-OSS's MXFP4 experts after the edit: a kept expert (one source, tensors unchanged) is the
-    source's blocks and scales; any other (merged, narrowed) is quantized (`quantized_mxfp4`), and
-    the layer gets its dequantized values."""
-    plain = layout.encode(edited.experts, prefix)
-    stored, changed = {}, False
-    for name in (prefix + layout.gate_up, prefix + layout.down):
-        value, source_blocks, source_scales = plain[name], None, None
-        blocks, scales = [], []
-        for j, group in enumerate(edit.sources):
-            if len(group) == 1 and (edit.view is None or (
-                value.shape[1:] == ckpt.shape(name)[1:] and torch.equal(value[j], ckpt.get(name, range(group[0], group[0] + 1))[0])
-            )):  # fmt: skip
-                if source_blocks is None:
-                    source_blocks, source_scales = ckpt.stored_value(name + BLOCKS), ckpt.stored_value(name + SCALES)
-                blocks.append(source_blocks[group[0]])
-                scales.append(source_scales[group[0]])
-                continue
-            if value.shape[1] % 32:
-                raise ValueError(
-                    f"keep_quantized: {name} is {list(value.shape[1:])} per expert, its input dim not whole MXFP4 groups "
-                    "of 32; narrow to a multiple of 32, or write plain weights (without keep_quantized)"
-                )
-            new_blocks, new_scales = quantized_mxfp4(value[j])
-            blocks.append(new_blocks)
-            scales.append(new_scales)
-            value[j] = dequantized_mxfp4(new_blocks, new_scales, value.dtype)
-            changed = True
-        stored |= {name + BLOCKS: torch.stack(blocks), name + SCALES: torch.stack(scales)}
-    if changed:
-        parts = layout.decode(plain[prefix + layout.gate_up], plain[prefix + layout.down])
-        edited = dataclasses.replace(edited, experts=dataclasses.replace(edited.experts, **parts))
-    return edited, stored
-
-
-def _float8_experts(
-    ckpt: Float8Checkpoint, layout: PerExpert, prefix: str, edited: MoELayerView, edit: LayerEdit
-) -> tuple[MoELayerView, dict[str, Tensor | RawTensor]]:
-    """The edited layer's experts as the float8 source stores them, and the layer a reader of them
-    gets. A kept expert (one source, tensors unchanged) is the source's bytes, scales and
-    activation scales under its new name; any other weight (merged, narrowed) is quantized in the
-    source's blocks (`_requantized`), and the layer gets its dequantized values."""
-    values = {name: getattr(edited.experts, name).clone() for name in ("gate", "up", "down")
-              if getattr(edited.experts, name) is not None}  # fmt: skip
-    stored: dict[str, Tensor | RawTensor] = {}
-    for j, group in enumerate(edit.sources):
-        members = [layout.parts(ckpt, prefix, e) for e in group]  # each source expert's parts
-        for i, part in enumerate(layout.parts(ckpt, prefix, j)):
-            source, value = members[0][i].name, values[part.part][j]
-            if not ckpt.is_float8(source):
-                continue  # a plain weight: written as encoded
-            if len(group) == 1 and (
-                edit.view is None
-                or (value.shape == ckpt.shape(source) and torch.equal(value, ckpt.get(source)))
-            ):
-                module = part.name.removesuffix("weight")
-                stored |= {
-                    module + relative: ckpt.raw(name) for name, relative in ckpt.companions(source).items()
-                }
-                continue
-            new, scale = _requantized(ckpt, part.name, value, [m[i].name for m in members])
-            stored |= new
-            block = ckpt.scheme.block(tuple(value.shape))
-            values[part.part][j] = dequantized(new[part.name], new[scale], block, ckpt.dtype)
-    experts = dataclasses.replace(edited.experts, **values)
-    return dataclasses.replace(edited, experts=experts), stored
-
-
-def _requantized(
-    ckpt: Float8Checkpoint, name: str, value: Tensor, sources: list[str]
-) -> tuple[dict[str, Tensor], str]:
-    """New float8 weight `name` holding `value` (made from the weights `sources`), in the float8
-    type, blocks and scale layout of the first source, with each activation scale the largest of
-    the sources' (the merged expert sees all their tokens); and the name of its scale."""
-    suffix, module = ckpt.scheme.scale_suffix, name.removesuffix("weight")
-    first, block = ckpt.raw(sources[0]), ckpt.scheme.block(tuple(value.shape))
-    first_scale = ckpt.raw(sources[0] + suffix)
-    if DTYPES.get(first_scale.dtype) not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(
-            f"keep_quantized: {name} is a new expert weight, but the source's scales are {first_scale.dtype} (powers of "
-            "two); moelab quantizes new float8 weights with float scales only. Write plain weights"
-        )
-    companions = ckpt.companions(sources[0])
-    if other := [
-        n for n, rel in companions.items() if rel not in ("weight", "weight" + suffix, *ACTIVATION_SCALES)
-    ]:
-        raise ValueError(
-            f"keep_quantized: {name} is a new expert weight, and moelab does not make its {other[0]}; write plain "
-            "weights (without keep_quantized)"
-        )
-    if any(n % b == 0 and m % b != 0 for n, m, b in zip(first.shape[-2:], value.shape, block)):
-        raise ValueError(
-            f"keep_quantized: {name} is {list(value.shape)}, not whole {block[0]} x {block[1]} blocks as the source's "
-            "weights are (float8 kernels need whole blocks); narrow to a multiple of the block, or write plain weights"
-        )
-    q, scales = quantize(value, block, DTYPES[first.dtype])
-    if len(first_scale.shape) != 2:  # one scale for the whole weight, stored as [1] or []
-        scales = scales.reshape(first_scale.shape)
-    out = {name: q, name + suffix: scales.to(DTYPES[first_scale.dtype])}
-    for relative in set(companions.values()) & set(ACTIVATION_SCALES):
-        out[module + relative] = torch.stack(
-            [ckpt.stored_value(s.removesuffix("weight") + relative) for s in sources]
-        ).amax(dim=0)
-    return out, name + suffix
 
 
 def copy_side_files(source: Path, staging: Path) -> None:
