@@ -46,7 +46,6 @@ from moelab.hf.edit import LayerEdit, apply_edit, check_edit, moe_output
 from moelab.hf.expert_map import FORMAT as EXPERT_MAP_FORMAT
 from moelab.hf.expert_map import read_expert_map
 from moelab.hf.layouts import Config, Family, config_entry
-from moelab.hf.mxfp4 import BLOCKS
 from moelab.hf.postconditions import LayerCheck, check_reload, check_written
 from moelab.hf.requantize import check_quantized_output, check_still_quantized, quantized_experts
 from moelab.hf.view import ModelView, MoELayerView, stored_layers
@@ -441,9 +440,8 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
         edited, quantized = quantized_experts(plan.ckpt, layout.experts, prefix, edited, edit)
     expected = moe_output(original, x, keep=edit.selection) if edit.view is None else moe_output(edited, x)
     del original  # one layer of source tensors at a time: only the edited ones are kept
-    for key in quantized:  # plain tensors the quantized ones replace (MXFP4's stored under other names)
-        tensors.pop(key.removesuffix(BLOCKS), None)
-    return tensors | quantized, LayerCheck(x, expected)
+    plain = {k: t for k, t in tensors.items() if not any(p in quantized for p in plan.ckpt.stored_parts(k))}
+    return plain | quantized, LayerCheck(x, expected)  # the quantized parts in place of the plain tensors
 
 
 def copy_side_files(source: Path, staging: Path) -> None:
