@@ -313,11 +313,11 @@ COMPRESS_SLOW = frozenset(
 
 def build(family: str, seed: int = 0, **overrides):
     """A random fp32 model of `family` with unit-scale weights (see the module docstring);
-    `overrides` change config entries (e.g. vocab_size)."""
+    `overrides` change config entries (e.g. vocab_size). A family outside TINY (one the view
+    reads structurally) takes its whole config from `overrides`."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(
-        AutoConfig.for_model(family, **{**TINY[family].config, **overrides}), dtype=torch.float32
-    )
+    base = TINY[family].config if family in TINY else {}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **{**base, **overrides}), dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
@@ -337,3 +337,41 @@ def block_output(family: str, model, index: int, x: torch.Tensor) -> torch.Tenso
     with torch.no_grad():
         out = TINY[family].block(model, index)(x)
     return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
+
+
+def add_mtp_layer(path, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Give the tiny DeepSeek-style checkpoint saved at `path` a multi-token prediction layer, as
+    DeepSeek-V3 and GLM-4.5 store it: decoder layer `num_hidden_layers` (the last layer's tensor
+    names, new unit-scale values) beside its enorm, hnorm, eh_proj, shared_head.norm,
+    shared_head.head and its copy of the embedding; num_nextn_predict_layers 1. Returns the
+    layer's tensors."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    n, V = config["num_hidden_layers"], config["vocab_size"]
+    tensors = load_file(path / "model.safetensors")
+    last, prefix = f"model.layers.{n - 1}.", f"model.layers.{n}."
+    generator = torch.Generator().manual_seed(seed)
+
+    def drawn(like: torch.Tensor) -> torch.Tensor:
+        scale = like.shape[-1] ** -0.5 if like.dim() > 1 else 0.3
+        return torch.randn(like.shape, generator=generator) * scale
+
+    mtp = {prefix + k[len(last) :]: drawn(v) for k, v in tensors.items() if k.startswith(last)}
+    mtp |= {
+        prefix + "enorm.weight": 1 + drawn(torch.empty(D)),
+        prefix + "hnorm.weight": 1 + drawn(torch.empty(D)),
+        prefix + "eh_proj.weight": drawn(torch.empty(D, 2 * D)),
+        prefix + "shared_head.norm.weight": 1 + drawn(torch.empty(D)),
+        prefix + "shared_head.head.weight": drawn(torch.empty(V, D)),
+        prefix + "embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+    }
+    for name in [k for k in mtp if k.endswith("e_score_correction_bias")]:
+        mtp[name] = torch.rand(mtp[name].shape, generator=generator) * 0.1
+    save_file(tensors | mtp, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}, indent=2))
+    return mtp

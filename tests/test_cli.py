@@ -671,7 +671,7 @@ def test_calibrate_and_compress_pass_every_option_on(monkeypatch, tmp_path):
     _ok(["compress", "ref-8e-top2", "--method", "frequency", "--ratio", 0.5, "--option", "a=1", "--option", "b=x",
          "--out", tmp_path / "o", "--calib", "c.txt", "--stats", tmp_path / "s", "--domain", "code",
          "--protect-super-experts", "--budget", "global", "--recalibrate-router", 5, "--router-lr", 0.01, *window,
-         "--keep-quantized", "--no-reload", "--overwrite", "--quiet"])  # fmt: skip
+         "--keep-quantized", "--mtp", "drop", "--no-reload", "--overwrite", "--quiet"])  # fmt: skip
     _ok(["compress"])
     model, options = reference_model_dir(), CalibrationOptions(tokens=21, seq_len=22, batch_size=23, sample_tokens=24)
     backward = dataclasses.replace(options, observers=DEFAULT_OBSERVERS + ("neurons",))
@@ -683,11 +683,11 @@ def test_calibrate_and_compress_pass_every_option_on(monkeypatch, tmp_path):
         ((model, tmp_path / "o"), dict(
             method="frequency", ratio=0.5, calib=["c.txt"], stats=tmp_path / "s", calib_options=options,
             protect_super_experts=True, domains=["code"], budget="global", method_options={"a": 1, "b": "x"},
-            router_fit=RouterFit(5, 0.01), keep_quantized=True, reload=False, overwrite=True, quiet=True)),
+            router_fit=RouterFit(5, 0.01), keep_quantized=True, mtp="drop", reload=False, overwrite=True, quiet=True)),
         ((model, Path("compressed")), dict(
             method="reap", ratio=0.25, calib=None, stats=None, calib_options=CalibrationOptions(),
             protect_super_experts=False, domains=None, budget="layer", method_options={}, router_fit=RouterFit(),
-            keep_quantized=False, reload=None, overwrite=False, quiet=False)),
+            keep_quantized=False, mtp="prune", reload=None, overwrite=False, quiet=False)),
     ]  # fmt: skip
 
 

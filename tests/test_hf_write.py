@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from hf_tiny import TINY, D, block_output, build, load
+from hf_tiny import TINY, D, add_mtp_layer, block_output, build, load
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -622,22 +622,31 @@ def test_an_edit_that_changes_a_latent_blocks_projections_is_refused():
         check_same_settings(dataclasses.replace(original, latent=None), original)
 
 
-def test_a_multi_token_prediction_layer_is_left_out_not_left_unedited(tmp_path):
+def test_a_multi_token_prediction_layer_is_edited_with_the_others_or_left_out_whole(tmp_path):
     """DeepSeek-V3 stores its multi-token prediction module as `model.layers.<num_hidden_layers>.*`,
-    a layer with routed experts that transformers does not build. The edit does not reach it, so it
-    is left out (num_nextn_predict_layers 0) rather than written with the old expert count."""
-    from safetensors.torch import load_file, save_file
+    a layer with routed experts that transformers does not build. Dropping experts "in every MoE
+    layer" drops them there too (its tensors outside the experts copied, num_nextn_predict_layers
+    kept, transformers' reload tolerating the layer it does not build); an edit that does not reach
+    it leaves it out whole (num_nextn_predict_layers 0) rather than written with the old expert count."""
+    from safetensors.torch import load_file
 
     src = tmp_path / "src"
     build("deepseek_v3", num_hidden_layers=2, first_k_dense_replace=1).save_pretrained(src)
-    tensors = load_file(src / "model.safetensors")
-    mtp = {k.replace("model.layers.1.", "model.layers.2."): v.clone() for k, v in tensors.items() if k.startswith("model.layers.1.")}
-    mtp["model.layers.2.eh_proj.weight"] = torch.randn(D, 2 * D)
-    save_file(tensors | mtp, src / "model.safetensors", metadata={"format": "pt"})
+    mtp = add_mtp_layer(src)
     config = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
+    drop_experts(src, tmp_path / "both", [1, 5], quiet=True)  # one of each group of 4
+    written = load_file(tmp_path / "both" / "model.safetensors")
+    assert json.loads((tmp_path / "both" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    kept = [0, 2, 3, 4, 6, 7]
+    assert torch.equal(written["model.layers.2.mlp.gate.weight"], mtp["model.layers.2.mlp.gate.weight"][kept])
+    for new, old in enumerate(kept):
+        name = "model.layers.2.mlp.experts.{}.down_proj.weight"
+        assert torch.equal(written[name.format(new)], mtp[name.format(old)])
+    assert torch.equal(written["model.layers.2.eh_proj.weight"], mtp["model.layers.2.eh_proj.weight"])
+    assert json.loads((tmp_path / "both" / EXPERT_MAP_NAME).read_text())["layers"]["2"]["kept"] == kept
+
     with pytest.warns(UserWarning, match=r"stored layers model.layers.2. \(.* past num_hidden_layers .* left out of the output"):
-        drop_experts(src, tmp_path / "out", [1, 5], quiet=True)  # one of each group of 4
+        drop_experts(src, tmp_path / "out", {1: [1, 5]}, quiet=True)
     assert not [key for key in _tensors(tmp_path / "out") if key.startswith("model.layers.2.")]
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["num_nextn_predict_layers"] == 0 and written["n_routed_experts"] == config["n_routed_experts"] - 2

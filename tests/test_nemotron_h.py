@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from moelab.compress import METHODS, CalibrationOptions, calibrate, compress
+from moelab.compress.run import check_compression
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import open_checkpoint
 from moelab.hf.adapters import FAMILIES
@@ -226,6 +227,9 @@ def test_multi_token_prediction_layers_with_experts_are_left_out(saved, tmp_path
     save_file(tensors | mtp, src / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
+    # moelab runs only DeepSeek-V3-style MTP layers: compress asks for the explicit choice to drop it
+    with pytest.raises(ValueError, match=r"mtp.layers.0., mtp.layers.1.\) that moelab cannot calibrate.*--mtp drop"):
+        check_compression(src, "reap", 0.5)
     with pytest.warns(
         UserWarning, match=r"stored layers mtp.layers.0., mtp.layers.1. \(.*Nemotron-H's mtp.* left out"
     ):

@@ -613,7 +613,8 @@ def calibrate(
                           overwrite=overwrite, quiet=quiet)
     info = stats.info
     thin = sum(info.get("coverage", {}).values())
-    console.print(f"calibrated {info['mixture']['tokens']:,} tokens through {len(info['moe_layers'])} MoE layers "
+    mtp = f" and the multi-token prediction layer {info['mtp_layers'][0]}" if info.get("mtp_layers") else ""
+    console.print(f"calibrated {info['mixture']['tokens']:,} tokens through {len(info['moe_layers'])} MoE layers{mtp} "
                   f"({info['tokens_per_second']:,.0f} tokens/s) into {out}; experts routed fewer than 8 tokens: {thin}")
 
 
@@ -634,6 +635,7 @@ def compress(
     router_lr: Annotated[float, typer.Option("--router-lr", help="Learning rate of the router re-calibration.")] = 1e-3,
     reload: Annotated[bool | None, typer.Option("--reload/--no-reload", help="Load the written checkpoint whole with transformers as a last check (default: where it fits in memory; every edited layer is checked either way).", show_default=False)] = None,
     keep_quantized: Annotated[bool, typer.Option("--keep-quantized", help="A quantized source (FP8, GPT-OSS's MXFP4) is written in its own format (kept experts byte for byte, merged or narrowed ones quantized as it quantizes), not as plain weights in the dtype its config.json states.")] = False,
+    mtp: Annotated[str, typer.Option("--mtp", help="A multi-token prediction layer with routed experts (DeepSeek-V3's, GLM-4.5's): prune (decide its experts like the others', on its own statistics) or drop (leave it out: no MTP speculative decoding).")] = "prune",
     tokens: CalibTokensOpt = 16384,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
@@ -653,7 +655,7 @@ def compress(
                           stats=stats, calib_options=options, protect_super_experts=protect_super_experts,
                           domains=domains, budget=budget, method_options=_method_options(option),
                           router_fit=RouterFit(recalibrate_router, router_lr), keep_quantized=keep_quantized,
-                          reload=reload, overwrite=overwrite, quiet=quiet)
+                          mtp=mtp, reload=reload, overwrite=overwrite, quiet=quiet)
     before, after = report["parameters"]["before"], report["parameters"]["after"]
     routed = f"{before['routed_experts']:,} -> {after['routed_experts']:,}"
     removed = 1 - after["routed_experts"] / before["routed_experts"]

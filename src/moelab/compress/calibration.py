@@ -23,13 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from moelab.compress.distributed import agreed, join_torchrun, reduce_statistics
-from moelab.compress.gradients import backward_sweep, save_tape
+from moelab.compress.gradients import backward_layer, backward_sweep, save_tape
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture, build_mixture
 from moelab.compress.observers import DEFAULT_OBSERVERS, OBSERVERS, MoECall, Tokens, eager_moe
 from moelab.compress.stats import (
     KIND,
     RESUME_NAME,
     Calibration,
+    LayerStats,
     fingerprint,
     layer_stats,
     read_info,
@@ -166,6 +167,7 @@ def run_calibration(
             "mixture": mixture.describe(),
             "settings": options.settings() | {"seq_len": mixture.seq_len},
             "moe_layers": runner.moe_layers,
+            "mtp_layers": runner.mtp_layers,
         }
         previous = read_info(directory)
         same_job = previous is not None and all(previous.get(k) == v for k, v in info.items())
@@ -194,14 +196,21 @@ def run_calibration(
         forward_done = same_job and previous["done"] == runner.num_layers - 1  # killed in the backward sweep
         start = previous["done"] + 1 if same_job and (resume_file.is_file() or forward_done) else 0
         start = agreed(start, world, "min")
-        if 0 < start < runner.num_layers:
+        mtp_pending = bool(runner.mtp_layers) and not (same_job and previous.get("mtp_done"))
+        if 0 < start < runner.num_layers or (start == runner.num_layers and mtp_pending):
             saved = load_safetensors(resume_file)
             states = [saved[f"batch{b}"].to(dtype) for b in range(len(states))]
         elif start == 0 and rank == 0:
             clear_staging(directory)
         seconds = previous.get("seconds", 0.0) if start > 0 else 0.0
         coverage = dict(previous.get("coverage", {})) if start > 0 else {}
-        info |= {"done": start - 1, "complete": False, "seconds": seconds, "coverage": coverage}
+        info |= {
+            "done": start - 1,
+            "mtp_done": not mtp_pending,
+            "complete": False,
+            "seconds": seconds,
+            "coverage": coverage,
+        }
         if start == runner.num_layers and "backward_next" in previous:  # killed in the backward sweep
             info["backward_next"] = previous["backward_next"]
         if rank == 0:
@@ -220,20 +229,29 @@ def run_calibration(
             last = index == runner.num_layers - 1
             info |= {"seconds": round(now - began, 3), "coverage": coverage}
             if last or agreed(now - snapped >= options.snapshot_seconds, world, "max"):
-                if not last:
+                if not last or mtp_pending:  # the MTP layer starts from the last layer's output
                     save_safetensors({f"batch{b}": s.contiguous() for b, s in enumerate(states)}, resume_file)
-                elif backward:
+                if last and backward:
                     save_tape(directory, rank, world, index + 1, states)
                 info["done"] = index
                 if rank == 0:
                     write_info(directory, info)
                 snapped = now
+        ids = [torch.stack([w.ids for w in batch]) for batch in windows]
+        if mtp_pending:
+            index = runner.mtp_layers[0]
+            stats = _calibrate_mtp(runner, ids, states, windows, mixture, options, backward, world)
+            coverage[str(index)] = int((stats.counts.sum((0, 1)) < COVERAGE_MIN_TOKENS).sum())
+            info |= {"mtp_done": True, "coverage": coverage}
+            if rank == 0:
+                write_layer(directory, stats)
+                write_info(directory, info)
         if backward:
             del states
             backward_sweep(
                 runner,
                 directory,
-                [torch.stack([w.ids for w in batch]) for batch in windows],
+                ids,
                 tokens,
                 names=backward,
                 num_sources=len(mixture.sources),
@@ -259,11 +277,59 @@ def run_calibration(
     return info
 
 
+def _calibrate_mtp(
+    runner: LayerwiseModel,
+    ids: list[torch.Tensor],
+    states: list[torch.Tensor],
+    windows: list,
+    mixture: Mixture,
+    options: CalibrationOptions,
+    backward: list[str],
+    world: int,
+) -> LayerStats:
+    """The statistics of the multi-token prediction layer's block, which reads the last decoder
+    layer's outputs `states` and the next tokens (`LayerwiseModel.mtp_states`), on this
+    process's batches of windows of 2 tokens or more (position i of a window: its tokens i and
+    i + 1); with the backward observers `backward`, also theirs, from the gradient of the layer's
+    own loss (its drafts of token i + 2, `LayerwiseModel.mtp_head_gradients`)."""
+    index = runner.mtp_layers[0]
+    starts, total = {}, 0  # each window's first MTP position in the whole mixture
+    for window in mixture.windows:
+        starts[window.start] = total
+        total += window.ids.numel() - 1
+    if total == 0:
+        raise ValueError(
+            f"the multi-token prediction layer {index} reads each token with the next one, and every calibration "
+            "window is one token long; give longer windows (--seq-len), or leave the layer out (--mtp drop)"
+        )
+    kept = [b for b, batch in enumerate(ids) if batch.shape[1] >= 2]
+    ids = [ids[b] for b in kept]
+    inputs = runner.mtp_states(ids, [states[b] for b in kept])
+    tokens = [_tokens(windows[b], starts) for b in kept]
+    outputs = list(inputs)
+    stats = _calibrate_layer(runner, index, outputs, tokens, mixture, options, world, total_tokens=total)
+    if backward:
+        predicted = sum(max(w.ids.numel() - 2, 0) for w in mixture.windows)
+        if predicted == 0:
+            raise ValueError(
+                f"the backward sweep of the multi-token prediction layer {index} follows the loss of its drafts of the "
+                "token after next, and every calibration window is shorter than 3 tokens; give longer windows "
+                "(--seq-len), or leave the layer out (--mtp drop)"
+            )
+        grads = runner.mtp_head_gradients(ids, outputs, 1.0 / predicted)
+        results = backward_layer(runner, index, inputs, grads, tokens, backward, len(mixture.sources))
+        reduce_statistics(results, world)
+        for name, value in results.items():
+            setattr(stats, name, value)
+    return stats
+
+
 def _calibrate_layer(
-    runner, index, states, tokens, mixture: Mixture, options: CalibrationOptions, world: int
+    runner, index, states, tokens, mixture: Mixture, options: CalibrationOptions, world: int, total_tokens=None
 ):
     """Run decoder layer `index` over every batch of hidden states (replaced by its outputs);
-    for an MoE layer, the statistics of its block (summed over the process group)."""
+    for an MoE layer, the statistics of its block (summed over the process group). total_tokens:
+    the tokens the layer sees over the whole mixture (default: all of them)."""
     view = runner.moe_view(index)
     calls: list[MoECall] = []
 
@@ -275,7 +341,8 @@ def _calibrate_layer(
     observers = []
     if view is not None:
         E, D = view.router.weight.shape
-        extra = {"total_tokens": mixture.num_tokens, "sample_tokens": options.sample_tokens}
+        total = mixture.num_tokens if total_tokens is None else total_tokens
+        extra = {"total_tokens": total, "sample_tokens": options.sample_tokens}
         names = [
             n
             for n in options.observers
@@ -296,12 +363,15 @@ def _calibrate_layer(
     return layer_stats(index, tuple(mixture.source_names), results)
 
 
-def _tokens(batch) -> Tokens:
-    """Where each token of a batch of windows comes from, flattened row-major."""
-    S = batch[0].ids.numel()
+def _tokens(batch, mtp_starts: dict[int, int] | None = None) -> Tokens:
+    """Where each token of a batch of windows comes from, flattened row-major; with `mtp_starts`
+    ({window start: its first position among the MTP layer's}), where each of the multi-token
+    prediction layer's positions does (all of a window's tokens but the last)."""
+    S = batch[0].ids.numel() - (mtp_starts is not None)
     source = torch.tensor([w.source for w in batch]).repeat_interleave(S)
     half = torch.tensor([w.half for w in batch]).repeat_interleave(S)
-    position = torch.cat([w.start + torch.arange(S) for w in batch])
+    starts = [w.start if mtp_starts is None else mtp_starts[w.start] for w in batch]
+    position = torch.cat([start + torch.arange(S) for start in starts])
     return Tokens(source, half, position)
 
 

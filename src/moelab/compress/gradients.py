@@ -81,28 +81,9 @@ def backward_sweep(
     snapped = time.perf_counter()
     for index in tqdm(range(start, -1, -1), desc="backward sweep", unit="layer", disable=quiet):
         states = _load_batches(tape_file(directory, rank, world, index), "batch", len(ids), dtype)
-        view = runner.moe_view(index)
-        calls: list[MoECall] = []
-
-        def run_moe(moe, x):
-            call = eager_moe(moe, x, keep_hidden=True)
-            calls.append(call)
-            return call.output.view_as(x)
-
-        observers = []
-        if view is not None:
-            E, D = view.router.weight.shape
-            options = {"hidden_dim": view.experts.hidden_dim}
-            observers = [OBSERVERS[name](E, num_sources, D, options) for name in names]
-        with runner.layer_backward(index, run_moe=run_moe if view is not None else None) as vjp:
-            for b, hidden in enumerate(states):
-                grads[b] = vjp(b, hidden, grads[b])
-                if view is not None:
-                    call = calls.pop()
-                    for observer in observers:
-                        observer.update(call, tokens[b], hidden)
-        if view is not None:
-            _add_to_layer(directory, index, observers, world, rank)
+        results = backward_layer(runner, index, states, grads, tokens, names, num_sources)
+        if results is not None:
+            _add_to_layer(directory, index, results, world, rank)
         now = time.perf_counter()
         if index > 0 and agreed(now - snapped >= snapshot_seconds, world, "max"):
             save_safetensors({f"grad{b}": g.contiguous() for b, g in enumerate(grads)}, resume_file)
@@ -113,9 +94,45 @@ def backward_sweep(
     clear_staging(directory, [tape_file(directory, rank, world, i).name for i in range(top + 2)])
 
 
-def _add_to_layer(directory: Path, index: int, observers, world: int, rank: int) -> None:
-    """Sum the observers' results over the process group and write them into the layer's file."""
-    results = {k: v for observer in observers for k, v in observer.result().items()}
+def backward_layer(
+    runner: LayerwiseModel,
+    index: int,
+    states: list[Tensor],
+    grads: list[Tensor],
+    tokens: list[Tokens],
+    names: list[str],
+    num_sources: int,
+) -> dict[str, Tensor] | None:
+    """Carry the gradients `grads` with respect to layer `index`'s output (one per batch of its
+    input `states`) to its input, in place; returns the statistics of the observers `names` of
+    its MoE block on this process's batches (None for a dense layer)."""
+    view = runner.moe_view(index)
+    calls: list[MoECall] = []
+
+    def run_moe(moe, x):
+        call = eager_moe(moe, x, keep_hidden=True)
+        calls.append(call)
+        return call.output.view_as(x)
+
+    observers = []
+    if view is not None:
+        E, D = view.router.weight.shape
+        options = {"hidden_dim": view.experts.hidden_dim}
+        observers = [OBSERVERS[name](E, num_sources, D, options) for name in names]
+    with runner.layer_backward(index, run_moe=run_moe if view is not None else None) as vjp:
+        for b, hidden in enumerate(states):
+            grads[b] = vjp(b, hidden, grads[b])
+            if view is not None:
+                call = calls.pop()
+                for observer in observers:
+                    observer.update(call, tokens[b], hidden)
+    if view is None:
+        return None
+    return {k: v for observer in observers for k, v in observer.result().items()}
+
+
+def _add_to_layer(directory: Path, index: int, results: dict[str, Tensor], world: int, rank: int) -> None:
+    """Sum the statistics over the process group and write them into the layer's file."""
     reduce_statistics(results, world)
     if rank == 0:
         stats = read_layer(directory, index, ())

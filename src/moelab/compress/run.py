@@ -38,14 +38,16 @@ from moelab.hf.adapters import resolve
 from moelab.hf.edit import LayerEdit
 from moelab.hf.requantize import check_keep_quantized
 from moelab.hf.view import ModelView, MoELayerView
-from moelab.hf.writer import write_edited
+from moelab.hf.writer import unbuilt_layers, write_edited
 from moelab.io import StagedOutput, atomic_write_text, clear_staging
 from moelab.models.pretrained import CHECKPOINT_KIND
+from moelab.validation import check_choice
 
 REPORT_NAME = "moelab_compression.json"
 STATS_DIR = "moelab_calibration"
 REPORT_FORMAT = "moelab-compression/1"
 BUDGETS = ("layer", "global")
+MTP_POLICIES = ("prune", "drop")
 
 
 def compress(
@@ -63,6 +65,7 @@ def compress(
     method_options: dict[str, Any] | None = None,
     router_fit: RouterFit | None = None,
     keep_quantized: bool = False,
+    mtp: str = "prune",
     overwrite: bool = False,
     reload: bool | None = None,
     quiet: bool = False,
@@ -79,6 +82,10 @@ def compress(
     router_fit: re-calibrate every edited layer's router afterwards (`moelab.compress.router_fit`);
     keep_quantized: write a quantized source (FP8, MXFP4) in its own format, kept experts byte for byte
     and merged or narrowed ones quantized as it quantizes, instead of plain weights in the dtype it states;
+    mtp: what becomes of a multi-token prediction layer with routed experts (DeepSeek-V3's, GLM-4.5's,
+    which vLLM and SGLang draft tokens with): "prune" decides its experts with the same method and
+    ratio on its own statistics (calibrated on what its drafter sees), "drop" leaves it out of the
+    output (num_nextn_predict_layers 0: no MTP speculative decoding);
     reload: the writer's whole-model reload with transformers (`write_checkpoint`; None: where it fits
     in memory).
     Returns the report (also in out/moelab_compression.json)."""
@@ -89,8 +96,9 @@ def compress(
         raise ValueError(f"budget must be one of {list(BUDGETS)}, got {budget!r}")
     if budget == "global" and not isinstance(chosen, ScoringMethod):
         raise ValueError(f"a global budget ranks scores across layers; {method!r} does not score experts")
+    check_choice("mtp policy", mtp, MTP_POLICIES)
     align = check_keep_quantized(model) if keep_quantized else 1  # refused before calibrating
-    keep = _planned(model, chosen, ratio, align)  # checks before any calibration: shapes only, no weights read
+    keep = _planned(model, chosen, ratio, align, mtp)  # checks before any calibration: shapes only, no weights read
     if protect_super_experts:
         chosen.check_protection()
     fit = router_fit or RouterFit()
@@ -106,6 +114,7 @@ def compress(
         begin = time.perf_counter()
         calibration = _statistics(model, staging, calib, stats, options, domains, quiet)
         _check_needs(chosen.name, needs, calibration)
+        _check_mtp_statistics(keep, calibration)
         _check_sample_size(chosen, fit, calibration.info["settings"].get("sample_tokens", 0))
         timings["calibration_s"] = round(time.perf_counter() - begin, 3)
         protect = _protected(calibration) if protect_super_experts else {}
@@ -117,6 +126,7 @@ def compress(
         report = _report(
             model, out, chosen, ratio, calibration, stats, protect_super_experts, protect, sources, budget, fit
         )
+        report["mtp"] = {"policy": mtp, "layers": _mtp_layers(model, mtp)}
         decisions = _decide(model, staging, chosen, calibration, sources, targets, budget, report, quiet)
         timings["decisions_s"] = round(time.perf_counter() - begin, 3)
         if fit.steps:
@@ -157,12 +167,14 @@ def check_compression(model: str | os.PathLike, method: str, ratio: float, **met
     _planned(Path(model), get_method(method, **method_options), ratio)
 
 
-def _planned(model: Path, method: Method, ratio: float, align: int = 1) -> dict[int, tuple[Any, int | float]]:
-    """{MoE layer: (its RouterView, the experts it keeps)}; for a method that narrows experts
-    instead, how many experts' worth of parameters it keeps (in widths that are multiples of
-    `align`: a quantized output's blocks)."""
+def _planned(
+    model: Path, method: Method, ratio: float, align: int = 1, mtp: str = "prune"
+) -> dict[int, tuple[Any, int | float]]:
+    """{MoE layer (the multi-token prediction layer's too, unless mtp is "drop"): (its RouterView,
+    the experts it keeps)}; for a method that narrows experts instead, how many experts' worth of
+    parameters it keeps (in widths that are multiples of `align`: a quantized output's blocks)."""
     planned = {}
-    for i, layer in _layer_views(model, method, align).items():
+    for i, layer in _layer_views(model, method, align, _mtp_layers(model, mtp)).items():
         router, where = layer.router, f"layer {i}: "
         keep = share_kept(router.num_experts, ratio) if method.narrows else plan_target(router, ratio, where)
         method.check_width(layer.experts.hidden_dim, router.num_experts, keep, where)
@@ -170,14 +182,35 @@ def _planned(model: Path, method: Method, ratio: float, align: int = 1) -> dict[
     return planned
 
 
-def _layer_views(model: Path, method: Method, align: int = 1) -> dict[int, MoELayerView]:
-    """{MoE layer: its MoELayerView}, read from shard headers only (shapes, no weights); settles
-    the method's automatic options for the checkpoint and refuses one that narrows experts on a
-    family whose shared experts' (or dense layers') width follows theirs."""
+def _mtp_layers(model: Path, mtp: str) -> list[int]:
+    """The multi-token prediction layer `compress` edits with the rest: none where `mtp` is
+    "drop". Refuses "prune" where the checkpoint stores such layers with routed experts that
+    moelab cannot run (Nemotron-H's mtp.*, chains of several)."""
+    config, checkpoint, family = resolve(model)
+    checkpoint.close()
+    if mtp == "drop":
+        return []
+    layers = family.mtp_layers(checkpoint, config)
+    ours = {family.layer_prefix.format(n=i) for i in layers}
+    if (others := sorted(set(unbuilt_layers(config, checkpoint, family)) - ours)) or len(layers) > 1:
+        which = ", ".join(others or sorted(ours))
+        raise ValueError(
+            f"{model} stores multi-token prediction layers with routed experts ({which}) that moelab cannot "
+            "calibrate (it runs one DeepSeek-V3-style layer: eh_proj, enorm and hnorm beside a decoder layer); "
+            "leave them out of the output with --mtp drop (mtp='drop'; no MTP speculative decoding then)"
+        )
+    return layers
+
+
+def _layer_views(model: Path, method: Method, align: int = 1, mtp_layers: Sequence[int] = ()) -> dict[int, MoELayerView]:
+    """{MoE layer: its MoELayerView} (and the multi-token prediction layers `mtp_layers`), read
+    from shard headers only (shapes, no weights); settles the method's automatic options for the
+    checkpoint and refuses one that narrows experts on a family whose shared experts' (or dense
+    layers') width follows theirs."""
     config, checkpoint, family = resolve(model)
     checkpoint.close()
     with _view(model, shapes_only=True) as view:
-        layers = {i: view.layer(i) for i in range(view.num_layers)}
+        layers = {i: view.layer(i) for i in [*range(view.num_layers), *mtp_layers]}
     shared = any(isinstance(layer, MoELayerView) and layer.shared is not None for layer in layers.values())
     dense = any(not isinstance(layer, MoELayerView) for layer in layers.values())
     follows = (
@@ -252,6 +285,16 @@ def _check_sample_size(method: Method, fit: RouterFit, sample_tokens: int) -> No
         )
 
 
+def _check_mtp_statistics(keep: dict[int, Any], calibration: Calibration) -> None:
+    """Refuse statistics without the multi-token prediction layer the job edits (made before
+    moelab ran it)."""
+    if missing := [i for i in keep if i not in calibration.layers + calibration.mtp_layers]:
+        raise ValueError(
+            f"the statistics in {calibration.directory} have none for the multi-token prediction layer {missing} "
+            "(made before moelab calibrated such layers); calibrate again, or leave the layer out with --mtp drop"
+        )
+
+
 def _check_needs(method: str, needs: tuple[str, ...], calibration: Calibration) -> None:
     have = calibration.info["settings"]["observers"]
     if calibration.info["settings"].get("sample_tokens", 0) == 0:
@@ -267,7 +310,7 @@ def _check_needs(method: str, needs: tuple[str, ...], calibration: Calibration) 
 
 def _protected(calibration: Calibration) -> dict[int, list[int]]:
     """{layer: experts} the Super Experts rule flags (shared experts are never dropped anyway)."""
-    return super_expert_ids({i: calibration.layer(i) for i in calibration.layers})
+    return super_expert_ids({i: calibration.layer(i) for i in calibration.layers + calibration.mtp_layers})
 
 
 def _decide(
@@ -339,6 +382,7 @@ def _layer_stats(calibration: Calibration, index: int, sources: tuple[str, ...] 
 
 _JOB_KEYS = (
     "source_fingerprint",
+    "mtp",
     "method",
     "options",
     "ratio",

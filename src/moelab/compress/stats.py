@@ -155,12 +155,19 @@ class Calibration:
         return list(self.info["moe_layers"])
 
     @property
+    def mtp_layers(self) -> list[int]:
+        """The multi-token prediction layer with statistics, if the model has one (calibrations
+        made before moelab ran it have none)."""
+        return list(self.info.get("mtp_layers", []))
+
+    @property
     def sources(self) -> list[str]:
         return [s["domain"] for s in self.info["mixture"]["sources"]]
 
     def layer(self, index: int) -> LayerStats:
-        if index not in self.layers:
-            raise ValueError(f"{self.directory} has no statistics for layer {index}; it has {self.layers}")
+        if index not in self.layers + self.mtp_layers:
+            have = self.layers + self.mtp_layers
+            raise ValueError(f"{self.directory} has no statistics for layer {index}; it has {have}")
         return read_layer(self.directory, index, tuple(self.sources))
 
     def check_model(self, fingerprint: str, model: str | os.PathLike) -> None:
@@ -223,8 +230,10 @@ def _check_info(info: dict[str, Any], path: Path, fields: tuple = INFO_FIELDS) -
         return
     if not all(isinstance(s, dict) and isinstance(s.get("domain"), str) for s in info["mixture"]["sources"]):
         raise ValueError(f"{path}: mixture.sources must be records with a 'domain' name; calibrate again")
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in info["moe_layers"]):
-        raise ValueError(f"{path}: moe_layers must be layer numbers, got {info['moe_layers']!r}; calibrate again")
+    for key in ("moe_layers", "mtp_layers"):  # mtp_layers: absent from calibrations made before it
+        layers = info.get(key, [])
+        if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ValueError(f"{path}: {key} must be layer numbers, got {layers!r}; calibrate again")
 
 
 def layer_file(directory: Path, index: int) -> Path:

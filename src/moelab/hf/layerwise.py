@@ -8,6 +8,13 @@ Shape legend: B sequences, S tokens each, D model dim.
         with runner.layer(i) as run:                  # layer i's weights, read from disk
             states = [run(b, h) for b, h in enumerate(states)]
 
+A checkpoint with a multi-token prediction layer (DeepSeek-V3, GLM-4.5: `runner.mtp_layers`)
+runs it after the decoder layers, on what its drafter sees (`mtp_states`):
+
+    states = runner.mtp_states(batches, states)       # [B, S - 1, D]: final states and next tokens
+    with runner.layer(runner.mtp_layers[0]) as run:
+        states = [run(b, h) for b, h in enumerate(states)]
+
 The skeleton is the model's own class (transformers' for its checkpoints, moelab's for its own)
 built on the meta device; only the tensors it computes itself (rotary tables) are real. The
 embedding is read for `embed` and dropped again; `layer(i)` reads decoder layer i's tensors by
@@ -50,7 +57,9 @@ class LayerwiseModel:
     """A checkpoint directory run layer by layer (see the module docstring).
 
     view: its checkpoint view; num_layers: decoder layers; moe_layers: the indices of those with
-    routed experts. dtype: the dtype layers compute in (tensors are cast as they are read).
+    routed experts; mtp_layers: the multi-token prediction layer's index past them, if the
+    checkpoint stores one with routed experts (`Family.mtp_layers`). dtype: the dtype layers compute
+    in (tensors are cast as they are read).
     """
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype = torch.float32):
@@ -70,9 +79,17 @@ class LayerwiseModel:
                 f"{expected.replace('0', 'N')} on disk; this family cannot be run layer by layer"
             )
         self.moe_layers = self.family.moe_layers(self._ckpt, config)
+        self.mtp_layers = [] if self.family is NATIVE else self.view.mtp_layers
+        if len(self.mtp_layers) > 1:
+            raise CheckpointError(
+                f"{self.path}: {len(self.mtp_layers)} multi-token prediction layers ({self.mtp_layers}); moelab runs "
+                "one (DeepSeek-V3's, GLM-4.5's), not a chain of them"
+            )
+        self._mtp_modules = {index: self._mtp_module(index) for index in self.mtp_layers}
         self._calls: list[
             list[tuple[tuple, dict]]
         ] = []  # per batch, per layer: the inputs besides the hidden states
+        self._mtp_calls: list[tuple[tuple, dict]] = []  # per batch: the MTP layer's (`mtp_states`)
 
     def embed(self, batches: Sequence[Tensor]) -> list[Tensor]:
         """The hidden states entering layer 0, one [B, S, D] per batch of ids [B, S]; also
@@ -102,7 +119,7 @@ class LayerwiseModel:
         with self._loaded(index, run_moe, cast_experts=run_moe is None) as module:
 
             def run(batch: int, hidden: Tensor) -> Tensor:
-                args, kwargs = self._calls[batch][index]
+                args, kwargs = self._inputs(batch, index)
                 with torch.no_grad():
                     out = module(hidden, *args, **kwargs)
                 return out[0] if isinstance(out, tuple) else out
@@ -120,7 +137,7 @@ class LayerwiseModel:
         with self._loaded(index, run_moe, cast_experts=True) as module:
 
             def vjp(batch: int, hidden: Tensor, grad_out: Tensor) -> Tensor:
-                args, kwargs = self._calls[batch][index]
+                args, kwargs = self._inputs(batch, index)
                 with torch.enable_grad():
                     x = hidden.detach().requires_grad_(True)
                     out = module(x, *args, **kwargs)
@@ -135,28 +152,97 @@ class LayerwiseModel:
         """The gradient of `scale` x the summed next-token cross-entropy of each batch of ids
         [B, S] with respect to the last decoder layer's output states [B, S, D], computed by the
         model's own final norm and output head (one sequence at a time)."""
-        grads = []
         feed: list[Tensor] = []
+
+        def logits(ids: Tensor, h: Tensor) -> Tensor:
+            feed[:] = [h]
+            out = self.model(ids) if self.family is NATIVE else self.model(input_ids=ids, use_cache=False)
+            return out.logits[0, :-1]
+
         with self._outside_layers(head=True), self._stand_ins([], feed=feed):
+            return _loss_gradients(batches, states, logits, scale, shift=1)
+
+    def mtp_states(self, batches: Sequence[Tensor], states: Sequence[Tensor]) -> list[Tensor]:
+        """The states entering the multi-token prediction layer, one [B, S - 1, D] per batch of
+        ids [B, S] and of the last decoder layer's outputs [B, S, D]: at position i,
+        eh_proj([enorm(embed(ids[i + 1])); hnorm(h_i)]), h the final norm of the model's states
+        (what vLLM's and SGLang's drafters are handed), the embedding zeroed at position 0 (vLLM's
+        masking); also records the layer's other inputs (rotary tables, masks) at length S - 1."""
+        (index,) = self.mtp_layers
+        read = self._mtp_tensors(index, ("enorm.weight", "hnorm.weight", "eh_proj.weight"))
+        enorm, hnorm, eh_proj = (read(name) for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight"))
+        eps = self.model.config.get_text_config().rms_norm_eps
+        recorded: list = []
+        feed: list[Tensor] = []
+        self._mtp_calls = []
+        out = []
+        with self._outside_layers(), self._stand_ins(recorded, feed=feed), torch.no_grad():
+            embedding = self.model.get_input_embeddings().weight
+            if self._stored(f"{index}.embed_tokens.weight") in self._ckpt:  # DeepSeek-V3 stores its own copy
+                embedding = read("embed_tokens.weight")
             for ids, final in zip(batches, states):
-                grad = torch.empty_like(final)
-                for row in range(ids.shape[0]):
-                    with torch.enable_grad():
-                        h = final[row : row + 1].detach().requires_grad_(True)
-                        feed[:] = [h]
-                        out = (
-                            self.model(ids[row : row + 1])
-                            if self.family is NATIVE
-                            else self.model(input_ids=ids[row : row + 1], use_cache=False)
-                        )
-                        logits = out.logits[0, :-1]
-                        logits = logits.float() if logits.element_size() < 4 else logits  # bf16: in fp32
-                        loss = (
-                            torch.nn.functional.cross_entropy(logits, ids[row, 1:], reduction="sum") * scale
-                        )
-                        (grad[row : row + 1],) = torch.autograd.grad(loss, h)
-                grads.append(grad)
-        return grads
+                feed[:] = [final[:, :-1]]
+                h = self.model.base_model(input_ids=ids[:, :-1], use_cache=False).last_hidden_state
+                self._mtp_calls.append(recorded[-1][1][-1])  # the last decoder layer's inputs at length S - 1
+                embeds = torch.nn.functional.embedding(ids[:, 1:], embedding)
+                embeds[:, 0] = 0
+                both = torch.cat([rms_norm(embeds, enorm, eps), rms_norm(h, hnorm, eps)], dim=-1)
+                out.append(torch.nn.functional.linear(both, eh_proj))
+        return out
+
+    def mtp_head_gradients(
+        self, batches: Sequence[Tensor], states: Sequence[Tensor], scale: float
+    ) -> list[Tensor]:
+        """The gradient of `scale` x the summed cross-entropy of the multi-token prediction
+        layer's drafts with respect to its output states [B, S - 1, D] (`mtp_states` for ids
+        [B, S]): position i predicts ids[i + 2] through the layer's shared_head (its norm, and
+        its head or the model's output head where it stores none)."""
+        (index,) = self.mtp_layers
+        read = self._mtp_tensors(index, ("shared_head.norm.weight",))
+        norm = read("shared_head.norm.weight")
+        eps = self.model.config.get_text_config().rms_norm_eps
+        if self._stored(f"{index}.shared_head.head.weight") in self._ckpt:
+            head = read("shared_head.head.weight")
+        else:
+            head = self._ckpt.get(self._head_key()).to(self.dtype)
+
+        def logits(ids: Tensor, h: Tensor) -> Tensor:
+            return torch.nn.functional.linear(rms_norm(h, norm, eps), head)[0, :-1]
+
+        return _loss_gradients(batches, states, logits, scale, shift=2)
+
+    def _inputs(self, batch: int, index: int) -> tuple[tuple, dict]:
+        """Layer `index`'s inputs besides the hidden states for batch `batch`."""
+        if index in self._mtp_modules:
+            if not self._mtp_calls:
+                raise RuntimeError("call mtp_states() first: the MTP layer's inputs are recorded there")
+            return self._mtp_calls[batch]
+        return self._calls[batch][index]
+
+    def _mtp_module(self, index: int) -> nn.Module:
+        """The multi-token prediction layer's decoder layer: the family's own class, numbered
+        `index`, on the meta device (its MoE block as the config makes layer `index`'s)."""
+        with torch.device("meta"):
+            return type(self._layers[-1])(self.model.config.get_text_config(), index).eval()
+
+    def _stored(self, name: str) -> str:
+        """The stored key of `<decoder layers>.name`."""
+        return stored_key(self._ckpt, f"{self._layers_name}.{name}", self.family.stored_renames)
+
+    def _mtp_tensors(self, index: int, names: Sequence[str]) -> Callable[[str], Tensor]:
+        """read(name) -> the multi-token prediction layer's tensor `name`, in `dtype`; the names
+        listed must be stored."""
+        if missing := [name for name in names if self._stored(f"{index}.{name}") not in self._ckpt]:
+            raise CheckpointError(
+                f"{self.path}: the multi-token prediction layer {index} has no {', '.join(missing)}; it cannot be run"
+            )
+        return lambda name: self._ckpt.get(self._stored(f"{index}.{name}")).to(self.dtype)
+
+    def _head_key(self) -> str:
+        """The stored key of the output head's weight (the embedding's where tied)."""
+        head = self.model.get_output_embeddings()
+        name = next(n for n, p in self.model.named_parameters(remove_duplicate=False) if p is head.weight)
+        return stored_key(self._ckpt, self._stored_as.get(name, name), self.family.stored_renames)
 
     @contextlib.contextmanager
     def _loaded(self, index: int, run_moe: RunMoE | None, *, cast_experts: bool) -> Iterator[nn.Module]:
@@ -164,7 +250,7 @@ class LayerwiseModel:
         moelab's; freed again at the end."""
         if not self._calls:
             raise RuntimeError("call embed() first: the layers' inputs are recorded there")
-        module = self._layers[index]
+        module = self._mtp_modules[index] if index in self._mtp_modules else self._layers[index]
         prefix = f"{self._layers_name}.{index}."
         restore = self._swap_moe_block(index, module, run_moe, cast_experts)
         try:
@@ -265,7 +351,7 @@ class LayerwiseModel:
         """Replace every decoder layer's forward by one that records its inputs and passes the
         hidden states through; the last one stops the forward pass. With `feed`, layer 0 passes
         on feed[0] instead of its input and the last one lets the pass go on to the output head
-        (the head sees feed[0] as the last layer's output)."""
+        (the head sees feed[0] as the last layer's output); every pass records its layers' inputs."""
         calls: list[tuple[tuple, dict]] = []
         first: list[Tensor] = []
         returns_tuple = self.family.layer_returns_tuple
@@ -277,9 +363,10 @@ class LayerwiseModel:
                     first[:] = [hidden_states]
                     hidden_states = hidden_states if feed is None else feed[0]
                 calls.append((args, kwargs))
-                if index == self.num_layers - 1 and feed is None:
+                if index == self.num_layers - 1:
                     recorded.append((first[0], list(calls)))
-                    raise _Stop
+                    if feed is None:
+                        raise _Stop
                 return (hidden_states, None, None) if returns_tuple else hidden_states
 
             return forward
@@ -310,6 +397,36 @@ class MoEBlock(nn.Module):
         if self.returns == "moelab":
             return y, MoEResult()
         return y
+
+
+def _loss_gradients(
+    batches: Sequence[Tensor],
+    states: Sequence[Tensor],
+    logits: Callable[[Tensor, Tensor], Tensor],
+    scale: float,
+    shift: int,
+) -> list[Tensor]:
+    """Per batch of ids [B, S] and states [B, L, D], the gradient of `scale` x the summed
+    cross-entropy of logits(ids [1, S], states [1, L, D] requiring grad) -> [S - shift, V] against
+    ids[shift:], one sequence at a time."""
+    grads = []
+    for ids, final in zip(batches, states):
+        grad = torch.empty_like(final)
+        for row in range(ids.shape[0]):
+            with torch.enable_grad():
+                h = final[row : row + 1].detach().requires_grad_(True)
+                predicted = logits(ids[row : row + 1], h)
+                predicted = predicted.float() if predicted.element_size() < 4 else predicted  # bf16: in fp32
+                loss = torch.nn.functional.cross_entropy(predicted, ids[row, shift:], reduction="sum") * scale
+                (grad[row : row + 1],) = torch.autograd.grad(loss, h)
+        grads.append(grad)
+    return grads
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """transformers' RMSNorm (Llama's, DeepSeek's): normalised in float32, cast back, then scaled."""
+    normed = x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
 
 
 def skeleton(path: Path, config: dict, family) -> nn.Module:

@@ -537,6 +537,20 @@ class Family:
         """The indices of the layers with routed experts on disk."""
         return [i for i in range(self.layer_count(config)) if self.layout_of(ckpt, i) is not None]
 
+    def mtp_layers(self, ckpt: Checkpoint, config: Config) -> list[int]:
+        """The indices of the multi-token prediction layers stored as decoder layers past the
+        model's (DeepSeek-V3's and GLM-4.5's `model.layers.<num_hidden_layers + k>.`, k <
+        num_nextn_predict_layers: eh_proj, enorm and hnorm beside a decoder layer) whose block has
+        routed experts. transformers does not build them; vLLM and SGLang draft tokens with them."""
+        count, nextn = self.layer_count(config), config.get("num_nextn_predict_layers")
+        if not isinstance(nextn, int) or isinstance(nextn, bool) or nextn < 1:
+            return []
+        return [
+            i
+            for i in range(count, count + nextn)
+            if self.layer_prefix.format(n=i) + "eh_proj.weight" in ckpt and self.layout_of(ckpt, i) is not None
+        ]
+
     def layout_of(self, ckpt: Checkpoint, index: int) -> Layout | None:
         """The layout layer `index`'s experts are stored in, None if it has no experts."""
         prefix = self.layer_prefix.format(n=index)

@@ -10,7 +10,7 @@ transformers raises while loading becomes a CheckpointError too.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,17 @@ from moelab.validation import non_finite_names
 
 
 def load_causal_lm(
-    path: str | os.PathLike, *, quiet: bool = False, allow_unexpected: bool = False, **kwargs: Any
+    path: str | os.PathLike,
+    *,
+    quiet: bool = False,
+    allow_unexpected: bool = False,
+    unused_prefixes: Sequence[str] = (),
+    **kwargs: Any,
 ):
     """The model of the local checkpoint `path` (see the module docstring); kwargs go to
     `from_pretrained` (dtype, ...). allow_unexpected: tolerate checkpoint tensors the model does
-    not use (a real checkpoint's multi-token-prediction layers, say)."""
+    not use (a real checkpoint's multi-token-prediction layers, say); unused_prefixes: tolerate
+    those whose names start so."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -44,7 +50,7 @@ def load_causal_lm(
     ]
     faults = [("missing", list(info["missing_keys"])), ("wrong shape", mismatched)]
     if not allow_unexpected:
-        faults.append(("unused", list(info["unexpected_keys"])))
+        faults.append(("unused", [k for k in info["unexpected_keys"] if not k.startswith(tuple(unused_prefixes))]))
     problems = [
         f"{label}: {', '.join(sorted(keys)[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
         for label, keys in faults

@@ -48,7 +48,7 @@ def check_written(staging: Path, checks: dict[int, LayerCheck]) -> None:
     try:
         view = ModelView(ckpt, config, family, family.layer_count(config))
         E = config_entry(config, family.num_experts)[1]
-        for index in family.moe_layers(ckpt, config):
+        for index in family.moe_layers(ckpt, config) + family.mtp_layers(ckpt, config):
             rows = ckpt.shape(
                 family.layer_prefix.format(n=index) + family.layout_of(ckpt, index).router.weight
             )[0]
@@ -91,6 +91,13 @@ def check_reload(staging: Path, family: Family, quiet: bool, source: Path | None
     raise postcondition_error(problem)
 
 
+def mtp_prefixes(path: Path) -> list[str]:
+    """The key prefixes of the checkpoint's multi-token prediction layers (`Family.mtp_layers`)."""
+    config, ckpt, family = resolve(path)
+    ckpt.close()
+    return [family.layer_prefix.format(n=i) for i in family.mtp_layers(ckpt, config)]
+
+
 def reload_problem(path: Path, family: Family, quiet: bool) -> str | None:
     """Why the checkpoint at `path` does not load strictly, or gives non-finite logits; None if it
     loads and runs."""
@@ -100,8 +107,8 @@ def reload_problem(path: Path, family: Family, quiet: bool) -> str | None:
 
             model = load_pretrained(path)
             vocab = model.config.vocab_size
-        else:
-            model = load_causal_lm(path, quiet=quiet)
+        else:  # transformers does not build the multi-token prediction layers moelab writes
+            model = load_causal_lm(path, quiet=quiet, unused_prefixes=mtp_prefixes(path))
             vocab = model.config.get_text_config().vocab_size
     except ValueError as err:  # CheckpointError included: load_causal_lm says what transformers refused
         if isinstance(err.__cause__, ImportError):  # this environment lacks a package, not a fault of the files

@@ -253,7 +253,9 @@ class ModelView:
     tensors only, `layers()` yields them one at a time. Use `moelab.hf.open_checkpoint` to make one.
 
     config: the parsed config.json; family: the adapter's name (a model_type, or
-    "<model_type> (structural)" for the fallback).
+    "<model_type> (structural)" for the fallback); mtp_layers: the indices past `num_layers` of
+    the multi-token prediction layers with routed experts (`Family.mtp_layers`), which `layer`
+    reads too.
     """
 
     def __init__(self, checkpoint: Checkpoint, config: dict[str, Any], adapter: LayerReader, num_layers: int):
@@ -267,6 +269,8 @@ class ModelView:
         self.config = config
         self.family = adapter.name
         self.num_layers = num_layers
+        mtp_layers = getattr(adapter, "mtp_layers", None)
+        self.mtp_layers: list[int] = [] if mtp_layers is None else mtp_layers(checkpoint, config)
         self._adapter = adapter
         self._checkpoint = checkpoint
 
@@ -287,8 +291,9 @@ class ModelView:
         return self._read(index, lambda ckpt, config, i: self._adapter.read_experts(ckpt, config, i, experts))
 
     def _read(self, index: int, read):
-        if not 0 <= index < self.num_layers:
-            raise IndexError(f"layer index {index} out of range: the model has {self.num_layers} layers")
+        if not 0 <= index < self.num_layers and index not in self.mtp_layers:
+            mtp = f" and the multi-token prediction layers {self.mtp_layers}" if self.mtp_layers else ""
+            raise IndexError(f"layer index {index} out of range: the model has {self.num_layers} layers{mtp}")
         try:
             return read(self._checkpoint, self.config, index)
         except CheckpointError:
@@ -313,6 +318,8 @@ class ModelView:
         ) as meta:
             for _ in meta.layers():
                 pass
+            for index in meta.mtp_layers:
+                meta.layer(index)
 
     def close(self) -> None:
         self._checkpoint.close()

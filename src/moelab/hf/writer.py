@@ -70,14 +70,14 @@ def drop_experts(
     drop: Mapping[int, Iterable[int]] | Iterable[int],
     **kwargs: Any,
 ) -> Path:
-    """Write `source` without the experts `drop`: a list of ids (dropped in every MoE layer) or
-    {layer index: ids}. Keyword arguments go to `write_checkpoint`. Returns `out`."""
+    """Write `source` without the experts `drop`: a list of ids (dropped in every MoE layer, a
+    multi-token prediction layer's included) or {layer index: ids}. Keyword arguments go to `write_checkpoint`. Returns `out`."""
     config, ckpt, family = resolve(source)
     ckpt.close()
     E = config_entry(config, family.num_experts)[1]
     if not isinstance(drop, Mapping):
         ids = list(drop)
-        drop = {i: ids for i in family.moe_layers(ckpt, config)}
+        drop = {i: ids for i in family.moe_layers(ckpt, config) + family.mtp_layers(ckpt, config)}
     drop = {i: list(ids) for i, ids in drop.items()}
     if not any(drop.values()):
         raise ValueError("drop names no experts; nothing would change (pass the expert ids to drop)")
@@ -203,21 +203,23 @@ class _Plan:
         edits = dict(edits)
         if not edits:
             raise ValueError("no edits: pass {layer index: LayerEdit} for at least one MoE layer")
-        moe_layers = family.moe_layers(ckpt, config)
-        if bad := sorted(set(edits) - set(moe_layers)):
-            raise ValueError(f"layers {bad} are not MoE layers of {ckpt.directory}; MoE layers: {moe_layers}")
+        moe_layers, mtp_layers = family.moe_layers(ckpt, config), family.mtp_layers(ckpt, config)
+        if bad := sorted(set(edits) - set(moe_layers + mtp_layers)):
+            mtp = f" and multi-token prediction layers {mtp_layers}" if mtp_layers else ""
+            raise ValueError(f"layers {bad} are not MoE layers of {ckpt.directory}; MoE layers: {moe_layers}{mtp}")
+        edited = moe_layers + [i for i in mtp_layers if i in edits]  # an MTP layer not edited is left out
         key, E = config_entry(config, family.num_experts)
         settings = family.router_settings(config)
         for index, edit in edits.items():
             check_edit(index, edit, E, settings)
         _check_expert_map(ckpt.directory, E)
-        counts = {i: len(edits[i].sources) if i in edits else E for i in moe_layers}
-        widths = _widths(config, family, edits, moe_layers)
+        counts = {i: len(edits[i].sources) if i in edits else E for i in edited}
+        widths = _widths(config, family, edits, edited)
         if keep_quantized:
             check_quantized_output(ckpt, family, edits)
         new_config = copy.deepcopy(config) if keep_quantized else ckpt.written_config(config)
         if len(set(counts.values())) > 1 or len(set(widths.values())) > 1:
-            per_layer = ", ".join(f"layer {i}: {counts[i]} x {widths[i]}" for i in moe_layers)
+            per_layer = ", ".join(f"layer {i}: {counts[i]} x {widths[i]}" for i in edited)
             raise ValueError(
                 f"the edit leaves MoE layers with different expert counts or widths ({per_layer}; experts x "
                 f"width), but config.json holds one {key}"
@@ -228,7 +230,7 @@ class _Plan:
         for name in family.num_experts:
             _set_present(new_config, name, counts[moe_layers[0]])
         sparse = family.is_moe_layer
-        if sparse is not None and (made_dense := [i for i in moe_layers if not sparse(new_config, i)]):
+        if sparse is not None and (made_dense := [i for i in edited if not sparse(new_config, i)]):
             raise ValueError(
                 f"with {counts[moe_layers[0]]} expert(s) per layer, {family.name}'s config.json would make MoE layers "
                 f"{made_dense} dense (transformers builds a plain MLP there, which the experts' tensors cannot fill); "
@@ -249,7 +251,7 @@ class _Plan:
             if moe and moe.get("num_shared") and moe.get("shared_hidden_dim") is None:
                 moe["shared_hidden_dim"] = moe["num_shared"] * before  # it followed the experts' width
         removed, home = set(), {}
-        if extra := _unbuilt_layers(config, ckpt, family):
+        if extra := unbuilt_layers(config, ckpt, family, edited=edits):
             removed.update(key for keys in extra.values() for key in keys)
             _set_present(new_config, "num_nextn_predict_layers", 0)
             warnings.warn(
@@ -303,20 +305,24 @@ def _widths(
     return {i: views[i].experts.hidden_dim if i in views else before for i in moe_layers}
 
 
-def _unbuilt_layers(config: Config, ckpt: Checkpoint, family: Family) -> dict[str, list[str]]:
+def unbuilt_layers(
+    config: Config, ckpt: Checkpoint, family: Family, edited: Iterable[int] = ()
+) -> dict[str, list[str]]:
     """{prefix: its keys} of the stored layers that transformers does not build, where they hold
-    routed experts: multi-token prediction layers past the model's layer count (DeepSeek-V3's
-    `model.layers.61.`, each a whole module), or every layer under the family's `mtp_prefix` where
-    one of them does (Nemotron-H's module spans `mtp.layers.0.` and `mtp.layers.1.`)."""
+    routed experts and are not among the `edited` layers: multi-token prediction layers past the
+    model's layer count (DeepSeek-V3's `model.layers.61.`, each a whole module), or every layer
+    under the family's `mtp_prefix` where one of them does (Nemotron-H's module spans
+    `mtp.layers.0.` and `mtp.layers.1.`)."""
 
     def has_experts(prefix: str) -> bool:
         return any(layout.experts.present(ckpt, prefix) for layout in family.layouts)
 
+    edited = set(edited)
     count, layer = family.layer_count(config), family.layer_prefix.format
     found = {
         layer(n=i): keys
         for i, keys in stored_layers(ckpt, family.layer_prefix).items()
-        if i >= count and has_experts(layer(n=i))
+        if i >= count and i not in edited and has_experts(layer(n=i))
     }
     if family.mtp_prefix is not None:
         mtp = {

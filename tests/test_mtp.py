@@ -1,0 +1,273 @@
+"""Multi-token prediction layers (DeepSeek-V3's and GLM-4.5's draft module, stored as decoder layer
+`num_hidden_layers`): calibrated on what a drafter hands them, checked against the layer computed
+with transformers' own modules; compressed with the other layers and written back, or left out
+with mtp="drop"."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hf_tiny import DEEPSEEK, add_mtp_layer, build, load
+from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerFast
+
+from moelab.compress import METHODS, Calibration, CalibrationOptions, calibrate, compress
+from moelab.compress.calibration import calibration_mixture
+from moelab.data.tokenizer import TOKENIZER_DIR
+from moelab.hf import open_checkpoint
+from moelab.hf.layerwise import LayerwiseModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = CalibrationOptions(tokens=384, seq_len=32, batch_size=4, sample_tokens=48)
+GLM = dict(
+    {k: v for k, v in DEEPSEEK.items() if not k.startswith(("kv_", "qk_", "v_head"))},
+    head_dim=8, num_key_value_heads=2, use_qk_norm=True, routed_scaling_factor=1.5,
+)  # fmt: skip
+CONFIGS = {"deepseek_v3": {}, "glm4_moe": GLM}  # glm4_moe: read structurally
+MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.", "embed_tokens.")
+
+
+def mtp_model(path: Path, family: str) -> Path:
+    """A tiny checkpoint of `family` with a multi-token prediction layer (layer 2), reading the
+    shipped corpus."""
+    build(family, **{**CONFIGS[family], "vocab_size": 8192}).save_pretrained(path)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    add_mtp_layer(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def source(request, tmp_path_factory) -> Path:
+    return mtp_model(tmp_path_factory.mktemp(request.param) / "src", request.param)
+
+
+def rms_norm(x, weight, eps):
+    return weight * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+def reference_mtp(source: Path, ids: torch.Tensor):
+    """transformers' own modules on one window ids [S]: the MTP layer's input [S - 1, D] (the
+    final-normed states and the next tokens' embeddings, zero at position 0, through enorm, hnorm
+    and eh_proj), its MoE block's input and its routed experts [S - 1, K] (transformers' router),
+    and its output [S - 1, D]."""
+    model = load(source)
+    tensors = load_file(source / "model.safetensors")
+    prefix, eps = "model.layers.2.", model.config.rms_norm_eps
+    layer = type(model.model.layers[-1])(model.config, 2).eval()
+    own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    weights = {k: v for k, v in own.items() if not k.startswith(MTP_OWN + ("mlp.experts.",))}
+    expert = "mlp.experts.{}.{}_proj.weight".format
+    E = model.config.n_routed_experts
+    weights["mlp.experts.gate_up_proj"] = torch.stack(
+        [torch.cat([own[expert(e, "gate")], own[expert(e, "up")]]) for e in range(E)]
+    )  # transformers' fused layout in memory
+    weights["mlp.experts.down_proj"] = torch.stack([own[expert(e, "down")] for e in range(E)])
+    layer.load_state_dict(weights, strict=True)
+    captured = {}
+    layer.mlp.register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
+    layer.mlp.gate.register_forward_hook(lambda m, args, out: captured.update(indices=out[-1]))
+    with torch.no_grad():
+        h = model.model(input_ids=ids[None]).last_hidden_state[0, :-1]
+        e = F.embedding(ids[1:], own["embed_tokens.weight"])
+        e[0] = 0
+        x = torch.cat([rms_norm(e, own["enorm.weight"], eps), rms_norm(h, own["hnorm.weight"], eps)], -1)
+        x = (x @ own["eh_proj.weight"].T)[None]
+        positions = torch.arange(x.shape[1])[None]
+        mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1)[None, None]
+        out = layer(
+            x, attention_mask=mask, position_ids=positions,
+            position_embeddings=model.model.rotary_emb(x, positions),
+        )  # fmt: skip
+    out = out[0] if isinstance(out, tuple) else out
+    return x[0], captured["x"].reshape(x.shape[1], -1), captured["indices"].reshape(x.shape[1], -1), out[0]
+
+
+def test_the_mtp_layer_is_found_and_run_on_what_its_drafter_sees(source, tmp_path):
+    """The runner's MTP input and output against transformers' modules computing the layer by
+    hand, window by window."""
+    mixture = calibration_mixture(source, "corpus", SMALL)
+    windows = [w for w in mixture.windows if w.ids.numel() == SMALL.seq_len][:3]
+    with LayerwiseModel(source) as runner:
+        assert runner.moe_layers == [1] and runner.mtp_layers == [2]
+        ids = [torch.stack([w.ids for w in windows])]
+        states = runner.embed(ids)
+        for index in range(runner.num_layers):
+            with runner.layer(index) as run:
+                states = [run(0, states[0])]
+        inputs = runner.mtp_states(ids, states)
+        with runner.layer(2) as run:
+            outputs = [run(0, inputs[0])]
+    for row, window in enumerate(windows):
+        x, _, _, out = reference_mtp(source, window.ids)
+        torch.testing.assert_close(inputs[0][row], x, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outputs[0][row], out, atol=1e-5, rtol=1e-5)
+
+
+def test_the_mtp_layer_s_statistics_are_its_block_s_on_the_drafter_s_inputs(source, tmp_path):
+    """Calibration records the MTP layer's expert counts (transformers' router on transformers'
+    layer input) and samples its block's inputs, over every window but each one's last token."""
+    stats = calibrate(source, tmp_path / "stats", options=SMALL, quiet=True)
+    assert stats.layers == [1] and stats.mtp_layers == [2]
+    mixture = calibration_mixture(source, "corpus", SMALL)
+    counts = torch.zeros(8, dtype=torch.int64)
+    block_inputs = []
+    for window in mixture.windows:
+        _, x, indices, _ = reference_mtp(source, window.ids)
+        counts += torch.bincount(indices.flatten(), minlength=8)
+        block_inputs.append(x)
+    layer = stats.layer(2)
+    assert torch.equal(layer.counts.sum((0, 1)).long(), counts)
+    total = sum(w.ids.numel() - 1 for w in mixture.windows)
+    assert int(counts.sum()) == 2 * total
+    every = torch.cat(block_inputs)
+    N = layer.inputs.shape[0]
+    expected = every[[i * total // N for i in range(N)]]
+    torch.testing.assert_close(layer.inputs, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_its_draft_loss_gradient_is_the_one_autograd_gives(source):
+    """mtp_head_gradients: the gradient of the drafts' summed cross-entropy (position i against
+    token i + 2, through shared_head's norm and head), scaled, against autograd on the formula."""
+    ids = torch.randint(0, 8192, (2, 12))
+    states = [torch.randn(2, 11, 32)]
+    tensors = load_file(source / "model.safetensors")
+    norm, head = (
+        tensors["model.layers.2.shared_head.norm.weight"],
+        tensors["model.layers.2.shared_head.head.weight"],
+    )
+    with LayerwiseModel(source) as runner:
+        (grad,) = runner.mtp_head_gradients([ids], states, 0.25)
+        eps = runner.model.config.rms_norm_eps
+    h = states[0].clone().requires_grad_(True)
+    logits = rms_norm(h, norm, eps) @ head.T
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, 8192), ids[:, 2:].reshape(-1), reduction="sum") * 0.25
+    (expected,) = torch.autograd.grad(loss, h)
+    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_compresses_the_mtp_layer_with_the_others(tmp_path, method):
+    """The MTP layer gets the method's decision on its own statistics (HEAPr's from its own
+    draft loss): the output keeps it with the new expert count (or width), num_nextn_predict_layers
+    1, and passes the writer's checks (each edited layer against the edit applied to the
+    original; transformers' strict reload, which does not build the layer)."""
+    source = mtp_model(tmp_path / "src", "deepseek_v3")
+    report = compress(source, tmp_path / "out", method=method, ratio=0.5, calib_options=SMALL, quiet=True)
+    assert report["mtp"] == {"policy": "prune", "layers": [2]} and set(report["layers"]) == {"1", "2"}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    with open_checkpoint(tmp_path / "out") as view:
+        main, mtp = view.layer(1), view.layer(2)
+    assert (mtp.router.num_experts, mtp.experts.hidden_dim) == (
+        main.router.num_experts,
+        main.experts.hidden_dim,
+    )
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    original = load_file(source / "model.safetensors")
+    for name in ("eh_proj.weight", "enorm.weight", "shared_head.head.weight"):
+        assert torch.equal(written[f"model.layers.2.{name}"], original[f"model.layers.2.{name}"])
+
+
+def test_drop_leaves_the_mtp_layer_out(source, tmp_path):
+    with pytest.warns(UserWarning, match=r"layers model.layers.2. .* left out of the output"):
+        report = compress(
+            source,
+            tmp_path / "out",
+            method="frequency",
+            ratio=0.5,
+            calib_options=SMALL,
+            mtp="drop",
+            quiet=True,
+        )
+    assert report["mtp"] == {"policy": "drop", "layers": []} and set(report["layers"]) == {"1"}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    assert not [
+        k for k in load_file(tmp_path / "out" / "model.safetensors") if k.startswith("model.layers.2.")
+    ]
+    with pytest.raises(ValueError, match="mtp policy"):
+        compress(source, tmp_path / "bad", method="frequency", ratio=0.5, mtp="keep", quiet=True)
+
+
+def test_statistics_without_the_mtp_layer_are_refused_unless_it_is_dropped(source, tmp_path):
+    """Statistics calibrated before moelab ran MTP layers have none for it: prune asks for a new
+    calibration or the explicit drop."""
+    stats = calibrate(source, tmp_path / "stats", options=SMALL, quiet=True).directory
+    info = json.loads((stats / "calibration.json").read_text())
+    del info["mtp_layers"]
+    (stats / "calibration.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"none for the multi-token prediction layer \[2\].*--mtp drop"):
+        compress(source, tmp_path / "out", method="reap", ratio=0.5, stats=stats, quiet=True)
+    with pytest.warns(UserWarning, match=r"layers model.layers.2. .* left out of the output"):
+        compress(source, tmp_path / "out", method="reap", ratio=0.5, stats=stats, mtp="drop", quiet=True)
+
+
+def test_windows_of_one_token_give_the_mtp_layer_nothing_to_read(source, tmp_path):
+    with pytest.raises(
+        ValueError, match=r"every calibration window is one token long.*--seq-len.*--mtp drop"
+    ):
+        calibrate(
+            source, tmp_path / "stats", options=dataclasses.replace(SMALL, seq_len=1, tokens=64), quiet=True
+        )
+
+
+def test_a_calibration_killed_in_the_mtp_layer_resumes_to_the_same_files(source, tmp_path, monkeypatch):
+    """Killed after the last decoder layer, in the MTP layer: the rerun starts from the saved
+    output of the last layer and gives the uninterrupted run's statistics."""
+    import moelab.compress.calibration as calibrate_module
+
+    options = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",))
+    whole = calibrate(source, tmp_path / "whole", options=options, quiet=True).directory
+    real = LayerwiseModel.mtp_states
+    runs = []
+
+    def killed(self, *args):
+        runs.append(1)
+        if len(runs) == 1:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(LayerwiseModel, "mtp_states", killed)
+    directory = tmp_path / "partial"
+    directory.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_module.run_calibration(source, directory, "corpus", options, quiet=True)
+    info = json.loads((directory / "calibration.json").read_text())
+    assert info["done"] == 1 and not info["mtp_done"] and (directory / "resume.safetensors").is_file()
+    calibrate_module.run_calibration(source, directory, "corpus", options, quiet=True)
+    assert len(runs) == 2
+    for index in (1, 2):
+        a, b = Calibration(directory).layer(index).tensors(), Calibration(whole).layer(index).tensors()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), index
+
+
+def test_an_fp8_release_keeps_its_mtp_layer_quantized(tmp_path):
+    """A block-wise FP8 release (DeepSeek-V3's format) with its MTP layer: calibrated through the
+    dequantizing reader, and with keep_quantized the MTP layer's merged experts are written in
+    float8 with their scales, like the other layers'."""
+    from quantized_tiny import fp8_release
+
+    plain = mtp_model(tmp_path / "plain", "deepseek_v3")
+    fp8 = tmp_path / "fp8"
+    fp8_release(plain, fp8)
+    compress(
+        fp8,
+        tmp_path / "out",
+        method="hc_smoe",
+        ratio=0.5,
+        calib_options=SMALL,
+        keep_quantized=True,
+        quiet=True,
+    )
+    written = {k: v for path in (tmp_path / "out").glob("*.safetensors") for k, v in load_file(path).items()}
+    experts = [
+        k for k in written if k.startswith("model.layers.2.mlp.experts.") and k.endswith("proj.weight")
+    ]
+    assert len(experts) == 4 * 3 and all(
+        written[k].dtype == torch.float8_e4m3fn and k + "_scale_inv" in written for k in experts
+    )
+    assert written["model.layers.2.eh_proj.weight"].dtype == torch.float8_e4m3fn
