@@ -340,11 +340,17 @@ def block_output(family: str, model, index: int, x: torch.Tensor) -> torch.Tenso
 
 
 def add_mtp_layer(path, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Give the tiny DeepSeek-style checkpoint saved at `path` a multi-token prediction layer, as
-    DeepSeek-V3 and GLM-4.5 store it: decoder layer `num_hidden_layers` (the last layer's tensor
-    names, new unit-scale values) beside its enorm, hnorm, eh_proj, shared_head.norm,
-    shared_head.head and its copy of the embedding; num_nextn_predict_layers 1. Returns the
-    layer's tensors."""
+    """Give the tiny checkpoint saved at `path` a multi-token prediction layer, stored as its
+    family's releases store it, and return the layer's tensors:
+
+    - DeepSeek-V3 / GLM-4.5: decoder layer `num_hidden_layers` (the last layer's tensor names)
+      beside its enorm, hnorm, eh_proj, shared_head.norm, shared_head.head and a copy of the
+      embedding; num_nextn_predict_layers 1;
+    - Qwen3-Next / Qwen3.5 (config with layer_types): `mtp.layers.0.` (the last full-attention
+      layer's names) beside mtp.pre_fc_norm_embedding, mtp.pre_fc_norm_hidden, mtp.fc and mtp.norm
+      (norms zero-centred: they scale by 1 + weight).
+
+    New values at unit scale, norms near their identity."""
     import json
     from pathlib import Path
 
@@ -354,24 +360,32 @@ def add_mtp_layer(path, seed: int = 1) -> dict[str, torch.Tensor]:
     config = json.loads((path / "config.json").read_text())
     n, V = config["num_hidden_layers"], config["vocab_size"]
     tensors = load_file(path / "model.safetensors")
-    last, prefix = f"model.layers.{n - 1}.", f"model.layers.{n}."
     generator = torch.Generator().manual_seed(seed)
 
-    def drawn(like: torch.Tensor) -> torch.Tensor:
-        scale = like.shape[-1] ** -0.5 if like.dim() > 1 else 0.3
-        return torch.randn(like.shape, generator=generator) * scale
+    def drawn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * (shape[-1] ** -0.5 if len(shape) > 1 else 0.3)
 
-    mtp = {prefix + k[len(last) :]: drawn(v) for k, v in tensors.items() if k.startswith(last)}
-    mtp |= {
-        prefix + "enorm.weight": 1 + drawn(torch.empty(D)),
-        prefix + "hnorm.weight": 1 + drawn(torch.empty(D)),
-        prefix + "eh_proj.weight": drawn(torch.empty(D, 2 * D)),
-        prefix + "shared_head.norm.weight": 1 + drawn(torch.empty(D)),
-        prefix + "shared_head.head.weight": drawn(torch.empty(V, D)),
-        prefix + "embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
-    }
-    for name in [k for k in mtp if k.endswith("e_score_correction_bias")]:
-        mtp[name] = torch.rand(mtp[name].shape, generator=generator) * 0.1
+    def layer_copy(source: str, prefix: str) -> dict[str, torch.Tensor]:
+        copied = {prefix + k[len(source) :]: drawn(*v.shape) for k, v in tensors.items() if k.startswith(source)}
+        for name in [k for k in copied if k.endswith("e_score_correction_bias")]:
+            copied[name] = torch.rand(copied[name].shape, generator=generator) * 0.1
+        return copied
+
+    if "layer_types" in config:  # Qwen3-Next's way
+        last = max(i for i, kind in enumerate(config["layer_types"]) if kind == "full_attention")
+        mtp = layer_copy(f"model.layers.{last}.", "mtp.layers.0.")
+        mtp |= {f"mtp.{name}.weight": drawn(D) for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}
+        mtp["mtp.fc.weight"] = drawn(D, 2 * D)
+    else:  # DeepSeek-V3's
+        prefix = f"model.layers.{n}."
+        mtp = layer_copy(f"model.layers.{n - 1}.", prefix)
+        mtp |= {prefix + f"{name}.weight": 1 + drawn(D) for name in ("enorm", "hnorm", "shared_head.norm")}
+        mtp |= {
+            prefix + "eh_proj.weight": drawn(D, 2 * D),
+            prefix + "shared_head.head.weight": drawn(V, D),
+            prefix + "embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+        }
+        config["num_nextn_predict_layers"] = 1
     save_file(tensors | mtp, path / "model.safetensors", metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}, indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     return mtp

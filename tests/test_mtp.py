@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_tiny import DEEPSEEK, add_mtp_layer, build, load
+from hf_tiny import COMMON, DEEPSEEK, add_mtp_layer, build, load
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerFast
 
@@ -21,6 +21,7 @@ from moelab.compress.calibration import calibration_mixture
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import open_checkpoint
 from moelab.hf.layerwise import LayerwiseModel
+from moelab.hf.writer import drop_experts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,8 +30,40 @@ GLM = dict(
     {k: v for k, v in DEEPSEEK.items() if not k.startswith(("kv_", "qk_", "v_head"))},
     head_dim=8, num_key_value_heads=2, use_qk_norm=True, routed_scaling_factor=1.5,
 )  # fmt: skip
-CONFIGS = {"deepseek_v3": {}, "glm4_moe": GLM}  # glm4_moe: read structurally
-MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.", "embed_tokens.")
+QWEN = dict(
+    COMMON, num_hidden_layers=4, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+    shared_expert_intermediate_size=16, num_experts=8, num_experts_per_tok=2, linear_num_value_heads=4,
+    linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+)  # fmt: skip
+CONFIGS = {"deepseek_v3": {}, "glm4_moe": GLM, "qwen3_next": QWEN}  # glm4_moe, qwen3_next: read structurally
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """Where the tiny models' MTP layer keeps its tensors (tests/hf_tiny.py's add_mtp_layer), and
+    the decoder layer of the same kind transformers builds for it."""
+
+    block: str
+    embed_norm: str
+    hidden_norm: str
+    proj: str
+    final_norm: str
+    head: str
+    embedding: str
+    zero_first: bool
+    like_layer: int
+
+
+DEEPSEEK_STYLE = Stored(
+    "model.layers.2.", "model.layers.2.enorm.weight", "model.layers.2.hnorm.weight", "model.layers.2.eh_proj.weight",
+    "model.layers.2.shared_head.norm.weight", "model.layers.2.shared_head.head.weight",
+    "model.layers.2.embed_tokens.weight", zero_first=True, like_layer=2,
+)  # fmt: skip
+QWEN_STYLE = Stored(
+    "mtp.layers.0.", "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.fc.weight",
+    "mtp.norm.weight", "lm_head.weight", "model.embed_tokens.weight", zero_first=False, like_layer=3,
+)  # fmt: skip
+STYLES = {"deepseek_v3": DEEPSEEK_STYLE, "glm4_moe": DEEPSEEK_STYLE, "qwen3_next": QWEN_STYLE}
 
 
 def mtp_model(path: Path, family: str) -> Path:
@@ -47,23 +80,36 @@ def source(request, tmp_path_factory) -> Path:
     return mtp_model(tmp_path_factory.mktemp(request.param) / "src", request.param)
 
 
-def rms_norm(x, weight, eps):
-    return weight * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+def family_of(source: Path) -> str:
+    return json.loads((source / "config.json").read_text())["model_type"]
+
+
+def norm_with(model, weight):
+    """transformers' own RMSNorm of the family (Qwen3-Next's scales by 1 + weight) with `weight`."""
+    norm = type(model.model.norm)(weight.shape[0], eps=model.config.rms_norm_eps)
+    norm.weight.data.copy_(weight)
+    return norm
 
 
 def reference_mtp(source: Path, ids: torch.Tensor):
     """transformers' own modules on one window ids [S]: the MTP layer's input [S - 1, D] (the
-    final-normed states and the next tokens' embeddings, zero at position 0, through enorm, hnorm
-    and eh_proj), its MoE block's input and its routed experts [S - 1, K] (transformers' router),
-    and its output [S - 1, D]."""
-    model = load(source)
+    final-normed states and the next tokens' embeddings, zero at position 0 for DeepSeek's, through
+    the two norms and the projection), its MoE block's input and its routed experts [S - 1, K]
+    (transformers' router), and its output [S - 1, D]."""
+    model, keys = load(source), STYLES[family_of(source)]
     tensors = load_file(source / "model.safetensors")
-    prefix, eps = "model.layers.2.", model.config.rms_norm_eps
-    layer = type(model.model.layers[-1])(model.config, 2).eval()
-    own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    weights = {k: v for k, v in own.items() if not k.startswith(MTP_OWN + ("mlp.experts.",))}
+    layer = type(model.model.layers[-1])(model.config, keys.like_layer).eval()  # a full-attention MoE layer
+    own = {k[len(keys.block) :]: v for k, v in tensors.items() if k.startswith(keys.block)}
+    drafter = (
+        "enorm.",
+        "hnorm.",
+        "eh_proj.",
+        "shared_head.",
+        "embed_tokens.",
+    )  # DeepSeek's, beside its layer
+    weights = {k: v for k, v in own.items() if not k.startswith(("mlp.experts.", *drafter))}
     expert = "mlp.experts.{}.{}_proj.weight".format
-    E = model.config.n_routed_experts
+    E = model.config.num_experts if hasattr(model.config, "num_experts") else model.config.n_routed_experts
     weights["mlp.experts.gate_up_proj"] = torch.stack(
         [torch.cat([own[expert(e, "gate")], own[expert(e, "up")]]) for e in range(E)]
     )  # transformers' fused layout in memory
@@ -74,10 +120,14 @@ def reference_mtp(source: Path, ids: torch.Tensor):
     layer.mlp.gate.register_forward_hook(lambda m, args, out: captured.update(indices=out[-1]))
     with torch.no_grad():
         h = model.model(input_ids=ids[None]).last_hidden_state[0, :-1]
-        e = F.embedding(ids[1:], own["embed_tokens.weight"])
-        e[0] = 0
-        x = torch.cat([rms_norm(e, own["enorm.weight"], eps), rms_norm(h, own["hnorm.weight"], eps)], -1)
-        x = (x @ own["eh_proj.weight"].T)[None]
+        e = F.embedding(ids[1:], tensors[keys.embedding])
+        if keys.zero_first:
+            e[0] = 0
+        x = torch.cat(
+            [norm_with(model, tensors[keys.embed_norm])(e), norm_with(model, tensors[keys.hidden_norm])(h)],
+            -1,
+        )
+        x = (x @ tensors[keys.proj].T)[None]
         positions = torch.arange(x.shape[1])[None]
         mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1)[None, None]
         out = layer(
@@ -88,32 +138,40 @@ def reference_mtp(source: Path, ids: torch.Tensor):
     return x[0], captured["x"].reshape(x.shape[1], -1), captured["indices"].reshape(x.shape[1], -1), out[0]
 
 
+def moe_and_mtp_layers(source: Path) -> tuple[list[int], int]:
+    """The tiny model's MoE layers and its MTP layer's number (its layer count)."""
+    config = json.loads((source / "config.json").read_text())
+    return ([1] if family_of(source) != "qwen3_next" else [0, 1, 2, 3]), config["num_hidden_layers"]
+
+
 def test_the_mtp_layer_is_found_and_run_on_what_its_drafter_sees(source, tmp_path):
     """The runner's MTP input and output against transformers' modules computing the layer by
     hand, window by window."""
     mixture = calibration_mixture(source, "corpus", SMALL)
     windows = [w for w in mixture.windows if w.ids.numel() == SMALL.seq_len][:3]
+    moe, mtp = moe_and_mtp_layers(source)
     with LayerwiseModel(source) as runner:
-        assert runner.moe_layers == [1] and runner.mtp_layers == [2]
+        assert runner.moe_layers == moe and runner.mtp_layers == [mtp]
         ids = [torch.stack([w.ids for w in windows])]
         states = runner.embed(ids)
         for index in range(runner.num_layers):
             with runner.layer(index) as run:
                 states = [run(0, states[0])]
         inputs = runner.mtp_states(ids, states)
-        with runner.layer(2) as run:
+        with runner.layer(mtp) as run:
             outputs = [run(0, inputs[0])]
     for row, window in enumerate(windows):
         x, _, _, out = reference_mtp(source, window.ids)
         torch.testing.assert_close(inputs[0][row], x, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(outputs[0][row], out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outputs[0][row], out, atol=5e-5, rtol=1e-5)  # batched against one window
 
 
 def test_the_mtp_layer_s_statistics_are_its_block_s_on_the_drafter_s_inputs(source, tmp_path):
     """Calibration records the MTP layer's expert counts (transformers' router on transformers'
     layer input) and samples its block's inputs, over every window but each one's last token."""
     stats = calibrate(source, tmp_path / "stats", options=SMALL, quiet=True)
-    assert stats.layers == [1] and stats.mtp_layers == [2]
+    moe, mtp = moe_and_mtp_layers(source)
+    assert stats.layers == moe and stats.mtp_layers == [mtp]
     mixture = calibration_mixture(source, "corpus", SMALL)
     counts = torch.zeros(8, dtype=torch.int64)
     block_inputs = []
@@ -121,7 +179,7 @@ def test_the_mtp_layer_s_statistics_are_its_block_s_on_the_drafter_s_inputs(sour
         _, x, indices, _ = reference_mtp(source, window.ids)
         counts += torch.bincount(indices.flatten(), minlength=8)
         block_inputs.append(x)
-    layer = stats.layer(2)
+    layer = stats.layer(mtp)
     assert torch.equal(layer.counts.sum((0, 1)).long(), counts)
     total = sum(w.ids.numel() - 1 for w in mixture.windows)
     assert int(counts.sum()) == 2 * total
@@ -133,19 +191,15 @@ def test_the_mtp_layer_s_statistics_are_its_block_s_on_the_drafter_s_inputs(sour
 
 def test_its_draft_loss_gradient_is_the_one_autograd_gives(source):
     """mtp_head_gradients: the gradient of the drafts' summed cross-entropy (position i against
-    token i + 2, through shared_head's norm and head), scaled, against autograd on the formula."""
+    token i + 2, through the module's final norm and head), scaled, against autograd on the
+    formula with transformers' norm."""
     ids = torch.randint(0, 8192, (2, 12))
     states = [torch.randn(2, 11, 32)]
-    tensors = load_file(source / "model.safetensors")
-    norm, head = (
-        tensors["model.layers.2.shared_head.norm.weight"],
-        tensors["model.layers.2.shared_head.head.weight"],
-    )
+    tensors, keys = load_file(source / "model.safetensors"), STYLES[family_of(source)]
     with LayerwiseModel(source) as runner:
         (grad,) = runner.mtp_head_gradients([ids], states, 0.25)
-        eps = runner.model.config.rms_norm_eps
     h = states[0].clone().requires_grad_(True)
-    logits = rms_norm(h, norm, eps) @ head.T
+    logits = norm_with(load(source), tensors[keys.final_norm])(h) @ tensors[keys.head].T
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, 8192), ids[:, 2:].reshape(-1), reduction="sum") * 0.25
     (expected,) = torch.autograd.grad(loss, h)
     torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
@@ -174,7 +228,9 @@ def test_every_method_compresses_the_mtp_layer_with_the_others(tmp_path, method)
 
 
 def test_drop_leaves_the_mtp_layer_out(source, tmp_path):
-    with pytest.warns(UserWarning, match=r"layers model.layers.2. .* left out of the output"):
+    """The whole module goes (Qwen3-Next's mtp.fc and norms too, not only its layer)."""
+    root = {"qwen3_next": "mtp."}.get(family_of(source), "model.layers.2.")
+    with pytest.warns(UserWarning, match=r"left out of the output"):
         report = compress(
             source,
             tmp_path / "out",
@@ -184,11 +240,10 @@ def test_drop_leaves_the_mtp_layer_out(source, tmp_path):
             mtp="drop",
             quiet=True,
         )
-    assert report["mtp"] == {"policy": "drop", "layers": []} and set(report["layers"]) == {"1"}
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
-    assert not [
-        k for k in load_file(tmp_path / "out" / "model.safetensors") if k.startswith("model.layers.2.")
-    ]
+    assert report["mtp"] == {"policy": "drop", "layers": []}
+    assert set(report["layers"]) == {str(i) for i in moe_and_mtp_layers(source)[0]}
+    assert json.loads((tmp_path / "out" / "config.json").read_text()).get("num_nextn_predict_layers", 0) == 0
+    assert not [k for k in load_file(tmp_path / "out" / "model.safetensors") if k.startswith(root)]
     with pytest.raises(ValueError, match="mtp policy"):
         compress(source, tmp_path / "bad", method="frequency", ratio=0.5, mtp="keep", quiet=True)
 
@@ -200,9 +255,12 @@ def test_statistics_without_the_mtp_layer_are_refused_unless_it_is_dropped(sourc
     info = json.loads((stats / "calibration.json").read_text())
     del info["mtp_layers"]
     (stats / "calibration.json").write_text(json.dumps(info))
-    with pytest.raises(ValueError, match=r"none for the multi-token prediction layer \[2\].*--mtp drop"):
+    with pytest.raises(
+        ValueError,
+        match=rf"none for the multi-token prediction layer \[{moe_and_mtp_layers(source)[1]}\].*--mtp drop",
+    ):
         compress(source, tmp_path / "out", method="reap", ratio=0.5, stats=stats, quiet=True)
-    with pytest.warns(UserWarning, match=r"layers model.layers.2. .* left out of the output"):
+    with pytest.warns(UserWarning, match=r"left out of the output"):
         compress(source, tmp_path / "out", method="reap", ratio=0.5, stats=stats, mtp="drop", quiet=True)
 
 
@@ -237,10 +295,11 @@ def test_a_calibration_killed_in_the_mtp_layer_resumes_to_the_same_files(source,
     with pytest.raises(KeyboardInterrupt):
         calibrate_module.run_calibration(source, directory, "corpus", options, quiet=True)
     info = json.loads((directory / "calibration.json").read_text())
-    assert info["done"] == 1 and not info["mtp_done"] and (directory / "resume.safetensors").is_file()
+    moe, mtp = moe_and_mtp_layers(source)
+    assert info["done"] == mtp - 1 and not info["mtp_done"] and (directory / "resume.safetensors").is_file()
     calibrate_module.run_calibration(source, directory, "corpus", options, quiet=True)
     assert len(runs) == 2
-    for index in (1, 2):
+    for index in (*moe, mtp):
         a, b = Calibration(directory).layer(index).tensors(), Calibration(whole).layer(index).tensors()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), index
 
@@ -271,3 +330,28 @@ def test_an_fp8_release_keeps_its_mtp_layer_quantized(tmp_path):
         written[k].dtype == torch.float8_e4m3fn and k + "_scale_inv" in written for k in experts
     )
     assert written["model.layers.2.eh_proj.weight"].dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("method", ["reap", "heapr"])
+def test_qwen3_next_s_mtp_module_is_compressed_in_place(tmp_path, method):
+    """Qwen3-Next keeps its MTP layer under mtp.layers.0. and its drafter's tensors under mtp.:
+    the layer is edited there (filed as layer 4), the rest of the module copied; dropping
+    experts "in every MoE layer" reaches it too."""
+    source = mtp_model(tmp_path / "src", "qwen3_next")
+    report = compress(source, tmp_path / "out", method=method, ratio=0.5, calib_options=SMALL, quiet=True)
+    assert report["mtp"] == {"policy": "prune", "layers": [4]} and "4" in report["layers"]
+    written, original = (
+        load_file(tmp_path / "out" / "model.safetensors"),
+        load_file(source / "model.safetensors"),
+    )
+    with open_checkpoint(tmp_path / "out") as view:
+        main, mtp = view.layer(3), view.layer(4)
+    assert (mtp.router.num_experts, mtp.experts.hidden_dim) == (
+        main.router.num_experts,
+        main.experts.hidden_dim,
+    )
+    assert torch.equal(mtp.router.weight, written["mtp.layers.0.mlp.gate.weight"])
+    for name in ("mtp.fc.weight", "mtp.norm.weight", "mtp.layers.0.self_attn.q_proj.weight"):
+        assert torch.equal(written[name], original[name])
+    drop_experts(source, tmp_path / "dropped", [0, 1], quiet=True)
+    assert load_file(tmp_path / "dropped" / "model.safetensors")["mtp.layers.0.mlp.gate.weight"].shape[0] == 6

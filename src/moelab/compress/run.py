@@ -190,13 +190,13 @@ def _mtp_layers(model: Path, mtp: str) -> list[int]:
     checkpoint.close()
     if mtp == "drop":
         return []
-    layers = family.mtp_layers(checkpoint, config)
-    ours = {family.layer_prefix.format(n=i) for i in layers}
+    layers = family.mtp_layers
+    ours = {module.root for module in family.mtp}
     if (others := sorted(set(unbuilt_layers(config, checkpoint, family)) - ours)) or len(layers) > 1:
         which = ", ".join(others or sorted(ours))
         raise ValueError(
             f"{model} stores multi-token prediction layers with routed experts ({which}) that moelab cannot "
-            "calibrate (it runs one DeepSeek-V3-style layer: eh_proj, enorm and hnorm beside a decoder layer); "
+            "calibrate (it runs one layer stored as DeepSeek-V3's or Qwen3-Next's: `moelab.hf.mtp`); "
             "leave them out of the output with --mtp drop (mtp='drop'; no MTP speculative decoding then)"
         )
     return layers

@@ -613,7 +613,7 @@ _FAMILIES = (
     Family("nemotron_h", layouts=_nemotron_h_layouts(), num_experts=("n_routed_experts", "num_local_experts"),
            router_settings=_nemotron_h, is_moe_layer=_nemotron_h_sparse_layer, expert_settings=_nemotron_h_experts,
            num_layers=("layers_block_type", "hybrid_override_pattern", "num_hidden_layers"),
-           expert_width=_MOE_WIDTH, mtp_prefix="mtp.layers.{n}.", original_prefix="backbone."),
+           expert_width=_MOE_WIDTH, original_prefix="backbone."),
     Family("gpt_oss",
            layouts=(Layout(RouterKeys("mlp.router.weight", bias="mlp.router.bias"), _GPT_OSS_EXPERTS),),
            num_experts=("num_local_experts", "num_experts"),
@@ -646,7 +646,8 @@ def family_of(config: Config, checkpoint: Checkpoint) -> Family | None:
     if "model_type" not in config and isinstance(config.get("moe"), dict):
         return NATIVE
     family = FAMILIES.get(config.get("model_type"))
-    return family.stored_as(checkpoint) if family else structural_family(config, checkpoint)
+    family = family.stored_as(checkpoint) if family else structural_family(config, checkpoint)
+    return None if family is None else family.with_mtp(checkpoint, config)
 
 
 def open_checkpoint(path: str | os.PathLike) -> ModelView:

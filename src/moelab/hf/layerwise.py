@@ -8,8 +8,8 @@ Shape legend: B sequences, S tokens each, D model dim.
         with runner.layer(i) as run:                  # layer i's weights, read from disk
             states = [run(b, h) for b, h in enumerate(states)]
 
-A checkpoint with a multi-token prediction layer (DeepSeek-V3, GLM-4.5: `runner.mtp_layers`)
-runs it after the decoder layers, on what its drafter sees (`mtp_states`):
+A checkpoint with a multi-token prediction layer (DeepSeek-V3, GLM-4.5, Qwen3-Next: `moelab.hf.mtp`,
+`runner.mtp_layers`) runs it after the decoder layers, on what its drafter sees (`mtp_states`):
 
     states = runner.mtp_states(batches, states)       # [B, S - 1, D]: final states and next tokens
     with runner.layer(runner.mtp_layers[0]) as run:
@@ -29,6 +29,7 @@ plus the hidden states.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.hf.modules import decoder_layers, find_moe_modules
+from moelab.hf.mtp import MTPModule
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import ModelView, MoELayerView
 from moelab.memory import release_freed_memory
@@ -83,7 +85,7 @@ class LayerwiseModel:
         if len(self.mtp_layers) > 1:
             raise CheckpointError(
                 f"{self.path}: {len(self.mtp_layers)} multi-token prediction layers ({self.mtp_layers}); moelab runs "
-                "one (DeepSeek-V3's, GLM-4.5's), not a chain of them"
+                "one, not a chain of them; compress with --mtp drop to leave them out"
             )
         self._mtp_modules = {index: self._mtp_module(index) for index in self.mtp_layers}
         self._calls: list[
@@ -165,29 +167,31 @@ class LayerwiseModel:
     def mtp_states(self, batches: Sequence[Tensor], states: Sequence[Tensor]) -> list[Tensor]:
         """The states entering the multi-token prediction layer, one [B, S - 1, D] per batch of
         ids [B, S] and of the last decoder layer's outputs [B, S, D]: at position i,
-        eh_proj([enorm(embed(ids[i + 1])); hnorm(h_i)]), h the final norm of the model's states
-        (what vLLM's and SGLang's drafters are handed), the embedding zeroed at position 0 (vLLM's
-        masking); also records the layer's other inputs (rotary tables, masks) at length S - 1."""
-        (index,) = self.mtp_layers
-        read = self._mtp_tensors(index, ("enorm.weight", "hnorm.weight", "eh_proj.weight"))
-        enorm, hnorm, eh_proj = (read(name) for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight"))
-        eps = self.model.config.get_text_config().rms_norm_eps
+        proj([embed_norm(embed(ids[i + 1])); hidden_norm(h_i)]) (`moelab.hf.mtp`), h the final
+        norm of the model's states (what vLLM's and SGLang's drafters are handed), the embedding
+        zeroed at position 0 where vLLM's drafter zeroes it; the norms are the family's own
+        (Qwen3-Next's scale by 1 + weight). Also records the layer's other inputs (rotary tables,
+        masks) at length S - 1."""
+        module = self._mtp_module_keys()
+        embed_norm, hidden_norm, proj = (self._mtp_tensor(n) for n in (module.embed_norm, module.hidden_norm, module.proj))
         recorded: list = []
         feed: list[Tensor] = []
         self._mtp_calls = []
         out = []
         with self._outside_layers(), self._stand_ins(recorded, feed=feed), torch.no_grad():
+            norm = self._final_norm()
             embedding = self.model.get_input_embeddings().weight
-            if self._stored(f"{index}.embed_tokens.weight") in self._ckpt:  # DeepSeek-V3 stores its own copy
-                embedding = read("embed_tokens.weight")
+            if module.embedding is not None:  # DeepSeek-V3 stores a copy of its own
+                embedding = self._mtp_tensor(module.embedding)
             for ids, final in zip(batches, states):
                 feed[:] = [final[:, :-1]]
                 h = self.model.base_model(input_ids=ids[:, :-1], use_cache=False).last_hidden_state
-                self._mtp_calls.append(recorded[-1][1][-1])  # the last decoder layer's inputs at length S - 1
+                self._mtp_calls.append(recorded[-1][1][self._mtp_inputs_from])  # at length S - 1
                 embeds = torch.nn.functional.embedding(ids[:, 1:], embedding)
-                embeds[:, 0] = 0
-                both = torch.cat([rms_norm(embeds, enorm, eps), rms_norm(h, hnorm, eps)], dim=-1)
-                out.append(torch.nn.functional.linear(both, eh_proj))
+                if module.zero_first:
+                    embeds[:, 0] = 0
+                both = torch.cat([_normed(norm, embeds, embed_norm), _normed(norm, h, hidden_norm)], dim=-1)
+                out.append(torch.nn.functional.linear(both, proj))
         return out
 
     def mtp_head_gradients(
@@ -195,19 +199,15 @@ class LayerwiseModel:
     ) -> list[Tensor]:
         """The gradient of `scale` x the summed cross-entropy of the multi-token prediction
         layer's drafts with respect to its output states [B, S - 1, D] (`mtp_states` for ids
-        [B, S]): position i predicts ids[i + 2] through the layer's shared_head (its norm, and
-        its head or the model's output head where it stores none)."""
-        (index,) = self.mtp_layers
-        read = self._mtp_tensors(index, ("shared_head.norm.weight",))
-        norm = read("shared_head.norm.weight")
-        eps = self.model.config.get_text_config().rms_norm_eps
-        if self._stored(f"{index}.shared_head.head.weight") in self._ckpt:
-            head = read("shared_head.head.weight")
-        else:
-            head = self._ckpt.get(self._head_key()).to(self.dtype)
+        [B, S]): position i predicts ids[i + 2] through the module's final norm and its output
+        head (the model's where it stores none)."""
+        module = self._mtp_module_keys()
+        weight = self._mtp_tensor(module.final_norm)
+        head = self._mtp_tensor(module.head or self._head_key())
+        norm = self._final_norm()
 
         def logits(ids: Tensor, h: Tensor) -> Tensor:
-            return torch.nn.functional.linear(rms_norm(h, norm, eps), head)[0, :-1]
+            return torch.nn.functional.linear(_normed(norm, h, weight), head)[0, :-1]
 
         return _loss_gradients(batches, states, logits, scale, shift=2)
 
@@ -219,24 +219,45 @@ class LayerwiseModel:
             return self._mtp_calls[batch]
         return self._calls[batch][index]
 
+    def _mtp_module_keys(self) -> MTPModule:
+        (module,) = self.family.mtp
+        if missing := [name for name in module.names if name not in self._ckpt]:
+            raise CheckpointError(
+                f"{self.path}: the multi-token prediction layer {module.index} has no {', '.join(missing)}; "
+                "it cannot be run (compress with --mtp drop to leave it out)"
+            )
+        return module
+
     def _mtp_module(self, index: int) -> nn.Module:
         """The multi-token prediction layer's decoder layer: the family's own class, numbered
-        `index`, on the meta device (its MoE block as the config makes layer `index`'s)."""
+        `index` (a full-attention layer where the config lists layer types), on the meta device."""
+        config = copy.deepcopy(self.model.config.get_text_config())
+        types = getattr(config, "layer_types", None)
+        if isinstance(types, list) and len(types) <= index:
+            config.layer_types = types + ["full_attention"] * (index + 1 - len(types))
         with torch.device("meta"):
-            return type(self._layers[-1])(self.model.config.get_text_config(), index).eval()
+            return type(self._layers[-1])(config, index).eval()
 
-    def _stored(self, name: str) -> str:
-        """The stored key of `<decoder layers>.name`."""
-        return stored_key(self._ckpt, f"{self._layers_name}.{name}", self.family.stored_renames)
+    @property
+    def _mtp_inputs_from(self) -> int:
+        """The decoder layer whose other inputs (mask, rotary tables) the MTP layer takes: the last
+        one, or the last full-attention one where the config lists layer types."""
+        types = getattr(self.model.config.get_text_config(), "layer_types", None)
+        if isinstance(types, list) and "full_attention" in types[: self.num_layers]:
+            return max(i for i, kind in enumerate(types[: self.num_layers]) if kind == "full_attention")
+        return self.num_layers - 1
 
-    def _mtp_tensors(self, index: int, names: Sequence[str]) -> Callable[[str], Tensor]:
-        """read(name) -> the multi-token prediction layer's tensor `name`, in `dtype`; the names
-        listed must be stored."""
-        if missing := [name for name in names if self._stored(f"{index}.{name}") not in self._ckpt]:
+    def _final_norm(self) -> nn.Module:
+        norm = getattr(self.model.base_model, "norm", None)
+        if not isinstance(norm, nn.Module):
             raise CheckpointError(
-                f"{self.path}: the multi-token prediction layer {index} has no {', '.join(missing)}; it cannot be run"
+                f"{self.path}: moelab finds no final norm (`norm`) in {type(self.model.base_model).__name__}, whose "
+                "kind the multi-token prediction layer's norms share; compress with --mtp drop to leave the layer out"
             )
-        return lambda name: self._ckpt.get(self._stored(f"{index}.{name}")).to(self.dtype)
+        return norm
+
+    def _mtp_tensor(self, key: str) -> Tensor:
+        return self._ckpt.get(key).to(self.dtype)
 
     def _head_key(self) -> str:
         """The stored key of the output head's weight (the embedding's where tied)."""
@@ -251,7 +272,7 @@ class LayerwiseModel:
         if not self._calls:
             raise RuntimeError("call embed() first: the layers' inputs are recorded there")
         module = self._mtp_modules[index] if index in self._mtp_modules else self._layers[index]
-        prefix = f"{self._layers_name}.{index}."
+        prefix = self.family.prefix(index) if index in self._mtp_modules else f"{self._layers_name}.{index}."
         restore = self._swap_moe_block(index, module, run_moe, cast_experts)
         try:
             self._load(module, prefix, skip=restore[1] if restore else None)
@@ -423,10 +444,9 @@ def _loss_gradients(
     return grads
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """transformers' RMSNorm (Llama's, DeepSeek's): normalised in float32, cast back, then scaled."""
-    normed = x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+def _normed(norm: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """The norm module `norm` (the family's RMSNorm) applied to x with `weight` as its weight."""
+    return torch.func.functional_call(norm, {"weight": weight}, (x,))
 
 
 def skeleton(path: Path, config: dict, family) -> nn.Module:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
+from moelab.hf.mtp import MTPModule, find_mtp_modules
 from moelab.hf.view import (
     DenseLayerView,
     ExpertsView,
@@ -486,8 +487,10 @@ class Family:
     stored_renames: (in memory, on disk) parts of the names of tensors outside the MoE blocks
         that transformers renames when it loads the family (its conversion mapping), for the
         runs that load them by name (layer by layer, offloaded).
-    mtp_prefix: where the family stores multi-token prediction layers that transformers does not
-        build (Nemotron-H: "mtp.layers.{n}."); the writer leaves out those with routed experts.
+    mtp_prefix: where multi-token prediction layers may be stored that transformers does not build
+        and moelab does not run (Nemotron-H's); the writer leaves out those with routed experts.
+    mtp: the multi-token prediction layers with routed experts a checkpoint stores in a way moelab
+        runs (`moelab.hf.mtp`; set per checkpoint by `with_mtp`), edited with the other layers.
     original_prefix: what default `save_pretrained` writes in place of the model's "model."
         (Nemotron-H: "backbone."); a checkpoint stored so gets it in layer_prefix and
         stored_renames (`stored_as`), one saved with `save_original_format=False` keeps "model.".
@@ -511,7 +514,8 @@ class Family:
     dense_width_follows: bool = False
     selection_bias_flag: str | None = None
     stored_renames: tuple[tuple[str, str], ...] = ()
-    mtp_prefix: str | None = None
+    mtp_prefix: str | None = "mtp.layers.{n}."
+    mtp: tuple[MTPModule, ...] = ()
     original_prefix: str | None = None
     block_returns: str = "tensor"
     layer_returns_tuple: bool = False
@@ -537,23 +541,26 @@ class Family:
         """The indices of the layers with routed experts on disk."""
         return [i for i in range(self.layer_count(config)) if self.layout_of(ckpt, i) is not None]
 
-    def mtp_layers(self, ckpt: Checkpoint, config: Config) -> list[int]:
-        """The indices of the multi-token prediction layers stored as decoder layers past the
-        model's (DeepSeek-V3's and GLM-4.5's `model.layers.<num_hidden_layers + k>.`, k <
-        num_nextn_predict_layers: eh_proj, enorm and hnorm beside a decoder layer) whose block has
-        routed experts. transformers does not build them; vLLM and SGLang draft tokens with them."""
-        count, nextn = self.layer_count(config), config.get("num_nextn_predict_layers")
-        if not isinstance(nextn, int) or isinstance(nextn, bool) or nextn < 1:
-            return []
-        return [
-            i
-            for i in range(count, count + nextn)
-            if self.layer_prefix.format(n=i) + "eh_proj.weight" in ckpt and self.layout_of(ckpt, i) is not None
-        ]
+    def with_mtp(self, ckpt: Checkpoint, config: Config) -> Family:
+        """This family with `ckpt`'s multi-token prediction layers that have routed experts (`mtp`)."""
+        found = find_mtp_modules(ckpt, self.layer_prefix, self.layer_count(config), config.get("num_nextn_predict_layers"))
+        with_experts = tuple(m for m in found if self._layout_at(ckpt, m.block) is not None)
+        return dataclasses.replace(self, mtp=with_experts) if with_experts else self
+
+    @property
+    def mtp_layers(self) -> list[int]:
+        """The layer numbers of the multi-token prediction layers (`mtp`)."""
+        return [module.index for module in self.mtp]
+
+    def prefix(self, index: int) -> str:
+        """The prefix of layer `index`'s tensors (a multi-token prediction layer's block)."""
+        return next((m.block for m in self.mtp if m.index == index), None) or self.layer_prefix.format(n=index)
 
     def layout_of(self, ckpt: Checkpoint, index: int) -> Layout | None:
         """The layout layer `index`'s experts are stored in, None if it has no experts."""
-        prefix = self.layer_prefix.format(n=index)
+        return self._layout_at(ckpt, self.prefix(index))
+
+    def _layout_at(self, ckpt: Checkpoint, prefix: str) -> Layout | None:
         return next((lay for lay in self.layouts if lay.experts.present(ckpt, prefix)), None)
 
     def read_layer(
@@ -561,7 +568,7 @@ class Family:
     ) -> LayerView:
         """Layer `index`'s view; experts_from: read the routed experts from this checkpoint instead
         (a shapes-only one: meta tensors, nothing read)."""
-        prefix = self.layer_prefix.format(n=index)
+        prefix = self.prefix(index)
         layout = self.layout_of(ckpt, index)
         routers = [prefix + lay.router.weight for lay in self.layouts]
         sparse_on_disk = layout is not None or any(key in ckpt for key in routers)
@@ -615,7 +622,7 @@ class Family:
                 f"cannot read experts {experts} of layer {index}: config says {E} experts ({key}); pass a "
                 f"step-1 range inside range(0, {E})"
             )
-        prefix = self.layer_prefix.format(n=index)
+        prefix = self.prefix(index)
         return ExpertsView(**layout.experts.read(ckpt, prefix, config, experts), **self.expert_settings(config))
 
     def _check_counts(self, ckpt, config, index, router, experts) -> None:

@@ -48,9 +48,9 @@ def check_written(staging: Path, checks: dict[int, LayerCheck]) -> None:
     try:
         view = ModelView(ckpt, config, family, family.layer_count(config))
         E = config_entry(config, family.num_experts)[1]
-        for index in family.moe_layers(ckpt, config) + family.mtp_layers(ckpt, config):
+        for index in family.moe_layers(ckpt, config) + family.mtp_layers:
             rows = ckpt.shape(
-                family.layer_prefix.format(n=index) + family.layout_of(ckpt, index).router.weight
+                family.prefix(index) + family.layout_of(ckpt, index).router.weight
             )[0]
             if rows != E:
                 raise postcondition_error(f"layer {index} has {rows} router rows but config.json says {E} experts")
@@ -92,10 +92,10 @@ def check_reload(staging: Path, family: Family, quiet: bool, source: Path | None
 
 
 def mtp_prefixes(path: Path) -> list[str]:
-    """The key prefixes of the checkpoint's multi-token prediction layers (`Family.mtp_layers`)."""
-    config, ckpt, family = resolve(path)
+    """The key prefixes of the checkpoint's multi-token prediction modules (`Family.mtp`)."""
+    _, ckpt, family = resolve(path)
     ckpt.close()
-    return [family.layer_prefix.format(n=i) for i in family.mtp_layers(ckpt, config)]
+    return [module.root for module in family.mtp]
 
 
 def reload_problem(path: Path, family: Family, quiet: bool) -> str | None:

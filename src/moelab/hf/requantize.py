@@ -56,7 +56,7 @@ def _width_align(ckpt: Float8Checkpoint | Mxfp4Checkpoint, family: Family, layer
         return 2 * GROUP_BYTES
     align = 1
     for index in layers:
-        prefix = family.layer_prefix.format(n=index)
+        prefix = family.prefix(index)
         for part in family.layout_of(ckpt, index).experts.parts(ckpt, prefix, 0):
             if not ckpt.is_float8(part.name):
                 continue
@@ -80,7 +80,7 @@ def check_quantized_output(ckpt: Checkpoint, family: Family, edits: Iterable[int
             "one (its weights are plain, or quantized otherwise); write it without keep_quantized"
         )
     for index in edits:
-        layout, prefix = family.layout_of(ckpt, index), family.layer_prefix.format(n=index)
+        layout, prefix = family.layout_of(ckpt, index), family.prefix(index)
         if isinstance(ckpt, Mxfp4Checkpoint):
             experts = layout.experts
             if not isinstance(experts, TransposedGateUp) or not all(
@@ -116,7 +116,7 @@ def check_still_quantized(
 
     try:
         for index, edit in edits.items():
-            prefix, experts = family.layer_prefix.format(n=index), family.layout_of(ckpt, index).experts
+            prefix, experts = family.prefix(index), family.layout_of(ckpt, index).experts
             if isinstance(experts, TransposedGateUp):  # MXFP4: the stacked projections
                 pairs = [(prefix + n, [prefix + n]) for n in (experts.gate_up, experts.down)]
             else:  # float8: each part of expert 0 in the source, that part of every expert written

@@ -269,8 +269,7 @@ class ModelView:
         self.config = config
         self.family = adapter.name
         self.num_layers = num_layers
-        mtp_layers = getattr(adapter, "mtp_layers", None)
-        self.mtp_layers: list[int] = [] if mtp_layers is None else mtp_layers(checkpoint, config)
+        self.mtp_layers: list[int] = list(getattr(adapter, "mtp_layers", []))
         self._adapter = adapter
         self._checkpoint = checkpoint
 

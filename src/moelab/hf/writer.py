@@ -77,7 +77,7 @@ def drop_experts(
     E = config_entry(config, family.num_experts)[1]
     if not isinstance(drop, Mapping):
         ids = list(drop)
-        drop = {i: ids for i in family.moe_layers(ckpt, config) + family.mtp_layers(ckpt, config)}
+        drop = {i: ids for i in family.moe_layers(ckpt, config) + family.mtp_layers}
     drop = {i: list(ids) for i, ids in drop.items()}
     if not any(drop.values()):
         raise ValueError("drop names no experts; nothing would change (pass the expert ids to drop)")
@@ -203,7 +203,7 @@ class _Plan:
         edits = dict(edits)
         if not edits:
             raise ValueError("no edits: pass {layer index: LayerEdit} for at least one MoE layer")
-        moe_layers, mtp_layers = family.moe_layers(ckpt, config), family.mtp_layers(ckpt, config)
+        moe_layers, mtp_layers = family.moe_layers(ckpt, config), family.mtp_layers
         if bad := sorted(set(edits) - set(moe_layers + mtp_layers)):
             mtp = f" and multi-token prediction layers {mtp_layers}" if mtp_layers else ""
             raise ValueError(f"layers {bad} are not MoE layers of {ckpt.directory}; MoE layers: {moe_layers}{mtp}")
@@ -253,16 +253,17 @@ class _Plan:
         removed, home = set(), {}
         if extra := unbuilt_layers(config, ckpt, family, edited=edits):
             removed.update(key for keys in extra.values() for key in keys)
-            _set_present(new_config, "num_nextn_predict_layers", 0)
+            for key in ("num_nextn_predict_layers", "mtp_num_hidden_layers"):
+                _set_present(new_config, key, 0)
             warnings.warn(
                 f"the stored layers {', '.join(sorted(extra))} (multi-token prediction modules, such as DeepSeek-V3's "
-                f"past {family.num_layers[0]} or Nemotron-H's mtp.*; transformers does not build them) hold routed "
-                "experts this edit does not reach: they are left out of the output (num_nextn_predict_layers set "
-                "to 0), which would otherwise disagree with its expert count",
+                f"past {family.num_layers[0]} or Qwen3-Next's and Nemotron-H's mtp.*; transformers does not build "
+                "them) hold routed experts this edit does not reach: they are left out of the output "
+                "(num_nextn_predict_layers set to 0), which would otherwise disagree with its expert count",
                 stacklevel=4,
             )
         for index in edits:
-            prefix = family.layer_prefix.format(n=index)
+            prefix = family.prefix(index)
             layout = family.layout_of(ckpt, index)
             removed.update(layout.router.keys(ckpt, prefix) + layout.experts.keys(ckpt, prefix))
             home[index] = ckpt.shard(prefix + layout.router.weight)
@@ -308,28 +309,33 @@ def _widths(
 def unbuilt_layers(
     config: Config, ckpt: Checkpoint, family: Family, edited: Iterable[int] = ()
 ) -> dict[str, list[str]]:
-    """{prefix: its keys} of the stored layers that transformers does not build, where they hold
-    routed experts and are not among the `edited` layers: multi-token prediction layers past the
-    model's layer count (DeepSeek-V3's `model.layers.61.`, each a whole module), or every layer
-    under the family's `mtp_prefix` where one of them does (Nemotron-H's module spans
-    `mtp.layers.0.` and `mtp.layers.1.`)."""
+    """{prefix: its keys} of the multi-token prediction modules (which transformers does not
+    build) that hold routed experts the edit does not reach, so that the output leaves them out:
+    the family's `mtp` layers not among the `edited` ones (each module whole, under its root:
+    `model.layers.61.` for DeepSeek-V3, `mtp.` for Qwen3-Next), other stored layers past the
+    model's layer count, and every layer under the family's `mtp_prefix` where one of them has
+    routed experts (Nemotron-H's module spans `mtp.layers.0.` and `mtp.layers.1.`)."""
 
     def has_experts(prefix: str) -> bool:
         return any(layout.experts.present(ckpt, prefix) for layout in family.layouts)
 
-    edited = set(edited)
+    def under(root: str) -> list[str]:
+        return [key for key in ckpt.keys() if key.startswith(root)]
+
+    edited, known = set(edited), {module.block for module in family.mtp}
+    found = {module.root: under(module.root) for module in family.mtp if module.index not in edited}
     count, layer = family.layer_count(config), family.layer_prefix.format
-    found = {
+    found |= {
         layer(n=i): keys
         for i, keys in stored_layers(ckpt, family.layer_prefix).items()
-        if i >= count and i not in edited and has_experts(layer(n=i))
+        if i >= count and layer(n=i) not in known and has_experts(layer(n=i))
     }
     if family.mtp_prefix is not None:
         mtp = {
             family.mtp_prefix.format(n=i): keys for i, keys in stored_layers(ckpt, family.mtp_prefix).items()
         }
-        if any(has_experts(prefix) for prefix in mtp):
-            found |= mtp
+        if any(has_experts(prefix) for prefix in mtp if prefix not in known):
+            found |= {prefix: keys for prefix, keys in mtp.items() if prefix not in known}
     return found
 
 
@@ -435,7 +441,7 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
         dtype=torch.float64,
     )
     edited = apply_edit(original, edit)
-    prefix = plan.family.layer_prefix.format(n=index)
+    prefix = plan.family.prefix(index)
     layout = plan.family.layout_of(plan.ckpt, index)
     tensors = layout.router.encode(edited.router, prefix) | layout.experts.encode(edited.experts, prefix)
     for key, t in tensors.items():  # before quantizing: MXFP4 has no NaN or Inf to carry them

@@ -132,7 +132,7 @@ class ExpertStore:
         direct = pool.down_bias is None and pool.dtype == self.dtype and pool.down_proj.device.type == "cpu"
         if not hasattr(layout, "parts") or not direct:
             return None
-        parts = layout.parts(self.checkpoint, self.family.layer_prefix.format(n=layer), expert)
+        parts = layout.parts(self.checkpoint, self.family.prefix(layer), expert)
         if parts is None:
             return None
         I, D = pool.hidden_dim, pool.dim
