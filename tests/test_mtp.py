@@ -355,3 +355,20 @@ def test_qwen3_next_s_mtp_module_is_compressed_in_place(tmp_path, method):
         assert torch.equal(written[name], original[name])
     drop_experts(source, tmp_path / "dropped", [0, 1], quiet=True)
     assert load_file(tmp_path / "dropped" / "model.safetensors")["mtp.layers.0.mlp.gate.weight"].shape[0] == 6
+
+
+def test_super_experts_of_the_main_layers_do_not_depend_on_the_mtp_layer(tmp_path):
+    """The Super Experts rule ranks the main model's layers (a quantile over their experts, the
+    first 3/4 of them searched): the MTP layer's statistics, on other inputs, must not move what
+    it flags there (with --mtp drop the layer is not even edited)."""
+    from moelab.compress.methods.base import super_expert_ids
+    from moelab.compress.run import _protected
+    from moelab.compress.stats import write_layer
+
+    source = mtp_model(tmp_path / "src", "deepseek_v3")
+    stats = calibrate(source, tmp_path / "stats", options=SMALL, quiet=True)
+    alone = super_expert_ids({1: stats.layer(1)})
+    assert alone.get(1)
+    mtp = stats.layer(2)
+    write_layer(stats.directory, dataclasses.replace(mtp, max_output=mtp.max_output * 1000))
+    assert _protected(Calibration(stats.directory)).get(1) == alone[1]

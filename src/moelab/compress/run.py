@@ -309,8 +309,11 @@ def _check_needs(method: str, needs: tuple[str, ...], calibration: Calibration) 
 
 
 def _protected(calibration: Calibration) -> dict[int, list[int]]:
-    """{layer: experts} the Super Experts rule flags (shared experts are never dropped anyway)."""
-    return super_expert_ids({i: calibration.layer(i) for i in calibration.layers + calibration.mtp_layers})
+    """{layer: experts} the Super Experts rule flags (shared experts are never dropped anyway), in
+    the main model's layers: the rule ranks them together (a quantile over their experts, the first
+    3/4 of them searched), so a multi-token prediction layer, which comes after them and reads other
+    inputs, is left out of it and does not move what it flags there."""
+    return super_expert_ids({i: calibration.layer(i) for i in calibration.layers})
 
 
 def _decide(
