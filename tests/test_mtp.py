@@ -372,3 +372,33 @@ def test_super_experts_of_the_main_layers_do_not_depend_on_the_mtp_layer(tmp_pat
     mtp = stats.layer(2)
     write_layer(stats.directory, dataclasses.replace(mtp, max_output=mtp.max_output * 1000))
     assert _protected(Calibration(stats.directory)).get(1) == alone[1]
+
+
+def test_drop_needs_no_mtp_calibration(source, tmp_path):
+    """With --mtp drop the MTP layer is not calibrated: windows too short for it (one token; two
+    with the draft loss's backward sweep) are no reason to refuse."""
+    for seq_len, observers in ((1, ()), (2, ("neurons",))):
+        options = dataclasses.replace(
+            SMALL, seq_len=seq_len, tokens=96, observers=SMALL.observers + observers
+        )
+        with pytest.warns(UserWarning, match=r"left out of the output"):
+            report = compress(
+                source, tmp_path / f"out{seq_len}", method="frequency", ratio=0.5, calib_options=options,
+                mtp="drop", quiet=True,
+            )  # fmt: skip
+        assert set(report["layers"]) == {str(i) for i in moe_and_mtp_layers(source)[0]}
+        assert Calibration(tmp_path / f"out{seq_len}" / "moelab_calibration").mtp_layers == []
+
+
+def test_windows_too_short_for_the_mtp_layer_are_refused_before_any_layer_runs(source, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the layers ran")
+
+    monkeypatch.setattr(LayerwiseModel, "layer", never)
+    options = dataclasses.replace(SMALL, seq_len=2, tokens=96, observers=SMALL.observers + ("neurons",))
+    with pytest.raises(ValueError, match=r"shorter than 3 tokens.*--mtp drop"):
+        calibrate(source, tmp_path / "stats", options=options, quiet=True)
+    with pytest.raises(ValueError, match=r"one token long.*--mtp drop"):
+        calibrate(
+            source, tmp_path / "stats1", options=dataclasses.replace(SMALL, seq_len=1, tokens=64), quiet=True
+        )

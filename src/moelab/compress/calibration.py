@@ -89,16 +89,18 @@ def calibrate(
     options: CalibrationOptions | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    mtp: bool = True,
 ) -> Calibration:
     """Record the calibration statistics of the checkpoint `model` on `calib` (see
     `moelab.compress.mixture`) into the new directory `out` (resuming a killed run into the same
     `out`). Under torchrun, every process takes its share of the batches and the statistics are
-    summed over them (rank 0 writes). Returns the opened statistics."""
+    summed over them (rank 0 writes). mtp: also calibrate the checkpoint's multi-token prediction
+    layer (`run_calibration`). Returns the opened statistics."""
     options = options or CalibrationOptions()
     rank, world = join_torchrun()
     if world == 1:
         with StagedOutput(out, KIND, inputs=[model], overwrite=overwrite, resume=True) as staging:
-            run_calibration(model, staging, calib, options, quiet=quiet)
+            run_calibration(model, staging, calib, options, quiet=quiet, mtp=mtp)
         return Calibration(out)
     import torch.distributed as dist
 
@@ -113,7 +115,7 @@ def calibrate(
     if isinstance(shared[0], ValueError):
         raise shared[0]
     try:
-        run_calibration(model, Path(shared[0]), calib, options, quiet=quiet or rank > 0)
+        run_calibration(model, Path(shared[0]), calib, options, quiet=quiet or rank > 0, mtp=mtp)
         dist.barrier()
     except BaseException:
         if staged is not None:
@@ -148,11 +150,14 @@ def run_calibration(
     options: CalibrationOptions,
     *,
     quiet: bool = False,
+    mtp: bool = True,
 ) -> dict:
     """Calibrate `model` into the directory `directory` (moelab's own, e.g. a staging
     directory), continuing what it holds if it was made for the same model, data and settings.
     In a torch.distributed group, this process takes every world-th batch and the statistics
-    are summed over the group; rank 0 writes them. Returns calibration.json's content."""
+    are summed over the group; rank 0 writes them. mtp: also calibrate the checkpoint's
+    multi-token prediction layer, if it has one (False: its statistics are left out, as
+    `compress(mtp="drop")` needs none). Returns calibration.json's content."""
     model = Path(model)
     rank, world = join_torchrun()
     mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, options, quiet)
@@ -167,7 +172,7 @@ def run_calibration(
             "mixture": mixture.describe(),
             "settings": options.settings() | {"seq_len": mixture.seq_len},
             "moe_layers": runner.moe_layers,
-            "mtp_layers": runner.mtp_layers,
+            "mtp_layers": runner.mtp_layers if mtp else [],
         }
         previous = read_info(directory)
         same_job = previous is not None and all(previous.get(k) == v for k, v in info.items())
@@ -182,6 +187,8 @@ def run_calibration(
                 "predicting each next token, and these calibration windows are one token long; give more tokens "
                 "(--calib-tokens) or longer windows (--seq-len)"
             )
+        if info["mtp_layers"]:
+            _check_mtp_windows(info["mtp_layers"][0], mixture, backward)
         batches = mixture.batches(options.batch_size)
         if len(batches) < world:  # a process without a batch has nothing to run the layers on
             raise ValueError(
@@ -196,7 +203,7 @@ def run_calibration(
         forward_done = same_job and previous["done"] == runner.num_layers - 1  # killed in the backward sweep
         start = previous["done"] + 1 if same_job and (resume_file.is_file() or forward_done) else 0
         start = agreed(start, world, "min")
-        mtp_pending = bool(runner.mtp_layers) and not (same_job and previous.get("mtp_done"))
+        mtp_pending = bool(info["mtp_layers"]) and not (same_job and previous.get("mtp_done"))
         if 0 < start < runner.num_layers or (start == runner.num_layers and mtp_pending):
             saved = load_safetensors(resume_file)
             states = [saved[f"batch{b}"].to(dtype) for b in range(len(states))]
@@ -297,11 +304,6 @@ def _calibrate_mtp(
     for window in mixture.windows:
         starts[window.start] = total
         total += window.ids.numel() - 1
-    if total == 0:
-        raise ValueError(
-            f"the multi-token prediction layer {index} reads each token with the next one, and every calibration "
-            "window is one token long; give longer windows (--seq-len), or leave the layer out (--mtp drop)"
-        )
     kept = [b for b, batch in enumerate(ids) if batch.shape[1] >= 2]
     ids = [ids[b] for b in kept]
     inputs = runner.mtp_states(ids, [states[b] for b in kept])
@@ -310,18 +312,29 @@ def _calibrate_mtp(
     stats = _calibrate_layer(runner, index, outputs, tokens, mixture, options, world, total_tokens=total)
     if backward:
         predicted = sum(max(w.ids.numel() - 2, 0) for w in mixture.windows)
-        if predicted == 0:
-            raise ValueError(
-                f"the backward sweep of the multi-token prediction layer {index} follows the loss of its drafts of the "
-                "token after next, and every calibration window is shorter than 3 tokens; give longer windows "
-                "(--seq-len), or leave the layer out (--mtp drop)"
-            )
         grads = runner.mtp_head_gradients(ids, outputs, 1.0 / predicted)
         results = backward_layer(runner, index, inputs, grads, tokens, backward, len(mixture.sources))
         reduce_statistics(results, world)
         for name, value in results.items():
             setattr(stats, name, value)
     return stats
+
+
+def _check_mtp_windows(index: int, mixture: Mixture, backward: list[str]) -> None:
+    """Refuse, before any layer runs, windows that give the multi-token prediction layer `index`
+    nothing to read (one token each), or with the backward observers `backward`, nothing for its
+    drafts of the token after next to predict (fewer than 3 tokens each)."""
+    if all(w.ids.numel() < 2 for w in mixture.windows):
+        raise ValueError(
+            f"the multi-token prediction layer {index} reads each token with the next one, and every calibration "
+            "window is one token long; give longer windows (--seq-len), or leave the layer out (--mtp drop)"
+        )
+    if backward and all(w.ids.numel() < 3 for w in mixture.windows):
+        raise ValueError(
+            f"the backward sweep of the multi-token prediction layer {index} follows the loss of its drafts of the "
+            "token after next, and every calibration window is shorter than 3 tokens; give longer windows "
+            "(--seq-len), or leave the layer out (--mtp drop)"
+        )
 
 
 def _calibrate_layer(
