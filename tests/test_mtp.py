@@ -402,3 +402,36 @@ def test_windows_too_short_for_the_mtp_layer_are_refused_before_any_layer_runs(s
         calibrate(
             source, tmp_path / "stats1", options=dataclasses.replace(SMALL, seq_len=1, tokens=64), quiet=True
         )
+
+
+def test_a_chain_of_mtp_layers_is_refused_for_prune_and_left_out_with_drop(tmp_path):
+    """Two MTP layers (num_nextn_predict_layers 2): moelab runs one, so prune is refused before
+    calibrating, and drop calibrates the main layers and leaves both out, as the refusal advises."""
+    from safetensors.torch import save_file
+
+    source = mtp_model(tmp_path / "src", "deepseek_v3")
+    tensors = load_file(source / "model.safetensors")
+    second = {
+        k.replace("model.layers.2.", "model.layers.3."): v.clone()
+        for k, v in tensors.items()
+        if k.startswith("model.layers.2.")
+    }
+    save_file(tensors | second, source / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 2}))
+    refused = r"model.layers.2., model.layers.3.\) that moelab cannot calibrate.*--mtp drop"
+    with pytest.raises(ValueError, match=refused):
+        compress(source, tmp_path / "bad", method="frequency", ratio=0.5, calib_options=SMALL, quiet=True)
+    with pytest.warns(
+        UserWarning, match=r"layers model.layers.2., model.layers.3. .* left out of the output"
+    ):
+        report = compress(
+            source,
+            tmp_path / "out",
+            method="frequency",
+            ratio=0.5,
+            calib_options=SMALL,
+            mtp="drop",
+            quiet=True,
+        )
+    assert set(report["layers"]) == {"1"}

@@ -60,7 +60,8 @@ class LayerwiseModel:
 
     view: its checkpoint view; num_layers: decoder layers; moe_layers: the indices of those with
     routed experts; mtp_layers: the multi-token prediction layer's index past them, if the
-    checkpoint stores one with routed experts (`Family.mtp_layers`). dtype: the dtype layers compute
+    checkpoint stores one with routed experts (`Family.mtp_layers`; none for a chain of several).
+    dtype: the dtype layers compute
     in (tensors are cast as they are read).
     """
 
@@ -81,12 +82,10 @@ class LayerwiseModel:
                 f"{expected.replace('0', 'N')} on disk; this family cannot be run layer by layer"
             )
         self.moe_layers = self.family.moe_layers(self._ckpt, config)
-        self.mtp_layers = [] if self.family is NATIVE else self.view.mtp_layers
-        if len(self.mtp_layers) > 1:
-            raise CheckpointError(
-                f"{self.path}: {len(self.mtp_layers)} multi-token prediction layers ({self.mtp_layers}); moelab runs "
-                "one, not a chain of them; compress with --mtp drop to leave them out"
-            )
+        # moelab runs one MTP layer, not a chain of them: a checkpoint storing
+        # several runs its decoder layers alone (compress refuses to prune such layers, and drops them)
+        stored = [] if self.family is NATIVE else self.view.mtp_layers
+        self.mtp_layers = stored if len(stored) == 1 else []
         self._mtp_modules = {index: self._mtp_module(index) for index in self.mtp_layers}
         self._calls: list[
             list[tuple[tuple, dict]]
