@@ -1168,3 +1168,15 @@ def test_the_source_is_loaded_to_blame_only_where_it_fits(mixtral, tmp_path, mon
         sources.clear()
         drop_experts(mixtral, tmp_path / f"out{available}", [0], reload=True, quiet=True)
         assert sources == [mixtral.resolve() if blamed else None], available
+
+
+def test_an_mtp_layer_edited_to_another_expert_count_or_a_dense_layer_edited_is_refused(tmp_path):
+    """config.json holds one expert count, which the MTP layer reads too: an edit leaving it with
+    another count than the other MoE layers is refused, and so is one naming a dense layer."""
+    src = tmp_path / "src"
+    build("deepseek_v3", num_hidden_layers=2, first_k_dense_replace=1).save_pretrained(src)
+    add_mtp_layer(src)
+    with pytest.raises(ValueError, match=r"different expert counts.*layer 1: 6 x .*layer 2: 4 x"):
+        drop_experts(src, tmp_path / "counts", {1: [1, 5], 2: [1, 2, 5, 6]}, quiet=True)
+    with pytest.raises(ValueError, match=r"layers \[0\] are not MoE layers.*multi-token prediction layers \[2\]"):
+        drop_experts(src, tmp_path / "dense", {0: [1, 5], 1: [1, 5], 2: [1, 5]}, quiet=True)
