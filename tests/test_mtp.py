@@ -435,3 +435,22 @@ def test_a_chain_of_mtp_layers_is_refused_for_prune_and_left_out_with_drop(tmp_p
             quiet=True,
         )
     assert set(report["layers"]) == {"1"}
+
+
+def test_a_calibration_made_before_mtp_layers_ran_is_still_the_same_job_without_one(tmp_path, monkeypatch):
+    """A model without an MTP layer: calibration.json written before moelab recorded mtp_layers
+    (and mtp_done) is the same job as now, so it is kept (or resumed), not recomputed."""
+    import moelab.compress.calibration as calibrate_module
+
+    source = tmp_path / "src"
+    build("deepseek_v3", vocab_size=8192).save_pretrained(source)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(source)
+    directory = tmp_path / "stats"
+    directory.mkdir()
+    calibrate_module.run_calibration(source, directory, "corpus", SMALL, quiet=True)
+    info = json.loads((directory / "calibration.json").read_text())
+    assert info["mtp_layers"] == []
+    old = {k: v for k, v in info.items() if k not in ("mtp_layers", "mtp_done")}
+    (directory / "calibration.json").write_text(json.dumps(old))
+    monkeypatch.setattr(LayerwiseModel, "layer", lambda *a, **k: pytest.fail("recomputed"))
+    assert calibrate_module.run_calibration(source, directory, "corpus", SMALL, quiet=True) == old

@@ -175,7 +175,10 @@ def run_calibration(
             "mtp_layers": runner.mtp_layers if mtp else [],
         }
         previous = read_info(directory)
-        same_job = previous is not None and all(previous.get(k) == v for k, v in info.items())
+        # mtp_layers: absent from calibrations made before moelab ran MTP layers (none then)
+        same_job = previous is not None and all(
+            previous.get(k, [] if k == "mtp_layers" else None) == v for k, v in info.items()
+        )
         if same_job and previous.get("complete"):
             return previous
         _check_vocab(mixture, runner)
