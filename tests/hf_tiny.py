@@ -318,6 +318,22 @@ def build(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     base = TINY[family].config if family in TINY else {}
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **{**base, **overrides}), dtype=torch.float32)
+    return _unit_scale(model)
+
+
+def build_multimodal(family: str, text: dict, vision: dict, seed: int = 0):
+    """A random fp32 vision-language model of `family` (Qwen3.5-MoE, Llama 4, ...) whose language
+    model is `text` (config entries) and vision tower `vision`, unit-scale weights; saved, it is
+    stored as the releases are (the language model under model.language_model. or
+    language_model.model.)."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, text_config=text, vision_config=vision)
+    return _unit_scale(AutoModelForImageTextToText.from_config(config, dtype=torch.float32))
+
+
+def _unit_scale(model):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
@@ -356,9 +372,11 @@ def add_mtp_layer(path, seed: int = 1) -> dict[str, torch.Tensor]:
 
     from safetensors.torch import load_file, save_file
 
+    from moelab.hf.multimodal import language_config
+
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
-    n, V = config["num_hidden_layers"], config["vocab_size"]
+    n, V = language_config(config)["num_hidden_layers"], language_config(config)["vocab_size"]
     tensors = load_file(path / "model.safetensors")
     generator = torch.Generator().manual_seed(seed)
 
@@ -371,9 +389,11 @@ def add_mtp_layer(path, seed: int = 1) -> dict[str, torch.Tensor]:
             copied[name] = torch.rand(copied[name].shape, generator=generator) * 0.1
         return copied
 
-    if "layer_types" in config:  # Qwen3-Next's way
-        last = max(i for i, kind in enumerate(config["layer_types"]) if kind == "full_attention")
-        mtp = layer_copy(f"model.layers.{last}.", "mtp.layers.0.")
+    if "layer_types" in language_config(config):  # Qwen3-Next's way
+        types = language_config(config)["layer_types"]
+        last = max(i for i, kind in enumerate(types) if kind == "full_attention")
+        stem = "model.language_model.layers." if "text_config" in config else "model.layers."
+        mtp = layer_copy(f"{stem}{last}.", "mtp.layers.0.")
         mtp |= {f"mtp.{name}.weight": drawn(D) for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}
         mtp["mtp.fc.weight"] = drawn(D, 2 * D)
     else:  # DeepSeek-V3's

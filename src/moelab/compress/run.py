@@ -37,7 +37,7 @@ from moelab.eval.evaluate import parameter_counts
 from moelab.hf.adapters import resolve
 from moelab.hf.edit import LayerEdit
 from moelab.hf.requantize import check_keep_quantized
-from moelab.hf.view import ModelView, MoELayerView
+from moelab.hf.view import ModelView, MoELayerView, check_no_layers_beyond
 from moelab.hf.writer import unbuilt_layers, write_edited
 from moelab.io import StagedOutput, atomic_write_text, clear_staging
 from moelab.models.pretrained import CHECKPOINT_KIND
@@ -188,6 +188,7 @@ def _mtp_layers(model: Path, mtp: str) -> list[int]:
     moelab cannot run (Nemotron-H's mtp.*, chains of several)."""
     config, checkpoint, family = resolve(model)
     checkpoint.close()
+    check_no_layers_beyond(checkpoint, config, family, family.layer_count(config))  # not MTP layers: a bad config
     if mtp == "drop":
         return []
     layers = family.mtp_layers

@@ -36,6 +36,7 @@ from moelab.hf.layouts import (
     config_value,
     swiglu,
 )
+from moelab.hf.multimodal import language_config
 from moelab.hf.mxfp4 import Mxfp4Checkpoint
 from moelab.hf.quantized import stated_dtype
 from moelab.hf.view import ModelView
@@ -701,7 +702,7 @@ def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
         raise CheckpointError(
             f"{what} ({path}); pass a checkpoint directory (moelab's or a transformers family's)"
         )
-    config = read_json_object(config_path, "a model config", error=CheckpointError)
+    config = language_config(read_json_object(config_path, "a model config", error=CheckpointError))
     model_type = config.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
         raise CheckpointError(f"{config_path}: model_type must be a string such as 'mixtral', got {model_type!r}")

@@ -34,6 +34,7 @@ from moelab.hf.layouts import (
     config_flag,
     config_value,
 )
+from moelab.hf.multimodal import language_renames
 from moelab.memory import release_freed_memory
 
 _LAYER = re.compile(r"(?P<stem>(?:.+\.)?(?:layers|blocks|h)\.)(?P<n>\d+)\.(?P<rest>.+)")
@@ -83,6 +84,7 @@ def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
             router_settings=_routing(sigmoid_default=router.selection_bias is not None),
             is_moe_layer=None,
             layer_prefix=stem + "{n}.",
+            stored_renames=language_renames(stem),
             num_layers=_NUM_LAYERS,
             hidden_size=_HIDDEN,
             expert_width=("moe_intermediate_size",),

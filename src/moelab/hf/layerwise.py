@@ -466,6 +466,8 @@ def transformers_skeleton(config) -> nn.Module:
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise CheckpointError(f"transformers has no causal LM for model_type {config.model_type!r}")
     cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if not isinstance(config, cls.config_class):  # a multimodal config mapped to its language model (Qwen3.5)
+        config = config.get_text_config()
     with contextlib.ExitStack() as stack:
         for context in cls.get_init_context(torch.float32, False, False, None):
             stack.enter_context(context)

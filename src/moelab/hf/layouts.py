@@ -22,6 +22,7 @@ from torch import Tensor
 
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.hf.mtp import MTPModule, find_mtp_modules
+from moelab.hf.multimodal import language_renames, language_stem
 from moelab.hf.view import (
     DenseLayerView,
     ExpertsView,
@@ -527,14 +528,21 @@ class Family:
         return len(count) if isinstance(count, (list, str)) else count
 
     def stored_as(self, ckpt: Checkpoint) -> Family:
-        """This family with the names `ckpt` stores its tensors under (see `original_prefix`)."""
+        """This family with the names `ckpt` stores its tensors under (see `original_prefix`; a
+        multimodal checkpoint's language model: `moelab.hf.multimodal.language_stem`)."""
         prefix = self.original_prefix
-        if prefix is None or not any(key.startswith(prefix) for key in ckpt.keys()):
+        if prefix is not None and any(key.startswith(prefix) for key in ckpt.keys()):
+            return dataclasses.replace(
+                self,
+                layer_prefix=self.layer_prefix.replace("model.", prefix, 1),
+                stored_renames=(("model.", prefix), *self.stored_renames),
+            )
+        stem, n, rest = self.layer_prefix.partition("{n}")
+        stored = language_stem(ckpt.keys(), stem)
+        if stored == stem:
             return self
         return dataclasses.replace(
-            self,
-            layer_prefix=self.layer_prefix.replace("model.", prefix, 1),
-            stored_renames=(("model.", prefix), *self.stored_renames),
+            self, layer_prefix=stored + n + rest, stored_renames=(*language_renames(stored), *self.stored_renames)
         )
 
     def moe_layers(self, ckpt: Checkpoint, config: Config) -> list[int]:

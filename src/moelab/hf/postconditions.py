@@ -18,6 +18,7 @@ from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.edit import moe_output
 from moelab.hf.layouts import Family, config_entry
 from moelab.hf.loading import load_causal_lm
+from moelab.hf.multimodal import language_renames
 from moelab.hf.view import ModelView
 from moelab.memory import release_freed_memory
 
@@ -91,11 +92,17 @@ def check_reload(staging: Path, family: Family, quiet: bool, source: Path | None
     raise postcondition_error(problem)
 
 
-def mtp_prefixes(path: Path) -> list[str]:
-    """The key prefixes of the checkpoint's multi-token prediction modules (`Family.mtp`)."""
+def unbuilt_by_transformers(path: Path) -> list[str]:
+    """Prefixes of the checkpoint's tensors that transformers' text causal LM does not build: its
+    multi-token prediction modules (`Family.mtp`) and, in a multimodal checkpoint, every tensor
+    outside the language model (vision tower, projector)."""
     _, ckpt, family = resolve(path)
     ckpt.close()
-    return [module.root for module in family.mtp]
+    unbuilt = [module.root for module in family.mtp]
+    if renames := language_renames(family.layer_prefix.partition("{n}")[0]):
+        language = (*(disk for _, disk in renames), "lm_head.", *unbuilt)
+        unbuilt += [key for key in ckpt.keys() if not key.startswith(language)]
+    return unbuilt
 
 
 def reload_problem(path: Path, family: Family, quiet: bool) -> str | None:
@@ -107,8 +114,8 @@ def reload_problem(path: Path, family: Family, quiet: bool) -> str | None:
 
             model = load_pretrained(path)
             vocab = model.config.vocab_size
-        else:  # transformers does not build the multi-token prediction layers moelab writes
-            model = load_causal_lm(path, quiet=quiet, unused_prefixes=mtp_prefixes(path))
+        else:
+            model = load_causal_lm(path, quiet=quiet, unused_prefixes=unbuilt_by_transformers(path))
             vocab = model.config.get_text_config().vocab_size
     except ValueError as err:  # CheckpointError included: load_causal_lm says what transformers refused
         if isinstance(err.__cause__, ImportError):  # this environment lacks a package, not a fault of the files

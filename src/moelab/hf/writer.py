@@ -40,12 +40,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from moelab.files import read_json_object
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import INDEX_NAME, WEIGHT_FILE, Checkpoint, CheckpointError
 from moelab.hf.edit import LayerEdit, apply_edit, check_edit, moe_output
 from moelab.hf.expert_map import FORMAT as EXPERT_MAP_FORMAT
 from moelab.hf.expert_map import read_expert_map
 from moelab.hf.layouts import Config, Family, config_entry
+from moelab.hf.multimodal import nested_config
 from moelab.hf.postconditions import LayerCheck, check_reload, check_written
 from moelab.hf.requantize import check_quantized_output, check_still_quantized, quantized_experts
 from moelab.hf.view import ModelView, MoELayerView, stored_layers
@@ -129,7 +131,8 @@ def write_edited(
         name = name or directory.name
         checks = _write(plan, directory, name, quiet)
         copy_side_files(source, directory)
-        atomic_write_text(directory / "config.json", json.dumps(plan.new_config, indent=2) + "\n")
+        written = nested_config(plan.new_config, read_json_object(source / "config.json", "a model config"))
+        atomic_write_text(directory / "config.json", json.dumps(written, indent=2) + "\n")
         atomic_write_text(directory / EXPERT_MAP_NAME, json.dumps(plan.expert_map(source), indent=2) + "\n")
         check_written(directory, checks)
         if keep_quantized:

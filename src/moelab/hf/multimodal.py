@@ -1,0 +1,67 @@
+"""Multimodal checkpoints (Qwen3.5, Qwen3-VL-MoE, GLM-4.5V, Kimi-K2.5, ...): config.json keeps the
+language model's settings in `text_config`, beside the vision tower's.
+
+moelab reads such a config through `language_config`: text_config's keys over the others (its
+model_type the text model's, so the families of text models read it), and writes an edited one
+back through `nested_config`, each key where the file had it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+Config = dict[str, Any]
+TEXT = "text_config"
+
+
+def language_config(config: Config) -> Config:
+    """The settings of the language model: a multimodal config's text_config over its own keys
+    (text_config itself left out); a text model's config as it is."""
+    text = config.get(TEXT)
+    if not isinstance(text, dict):
+        return config
+    return {**{k: v for k, v in config.items() if k != TEXT}, **copy.deepcopy(text)}
+
+
+def nested_config(edited: Config, original: Config) -> Config:
+    """`edited` (a changed `language_config(original)`) in `original`'s shape: its text keys back in
+    text_config, the others at the top (a key in both: changed in both where the edit changed it);
+    keys it dropped (a quantization_config) dropped there too."""
+    text = original.get(TEXT)
+    if not isinstance(text, dict):
+        return edited
+    nested = {}
+    for key, value in original.items():
+        if key == TEXT:
+            nested[TEXT] = {k: edited[k] for k in text if k in edited}
+        elif key in edited:  # a key in both places: the top one as it was, unless the edit changed it
+            nested[key] = value if key in text and edited[key] == text[key] else edited[key]
+    return nested
+
+
+# where multimodal checkpoints keep the language model's `model.` (and its output head)
+LANGUAGE_ROOTS = {
+    "model.language_model.": (("model.", "model.language_model."),),  # Qwen3.5, Qwen3-VL, GLM-4.5V
+    "language_model.model.": (
+        ("model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+    ),  # Llama 4
+}
+
+
+def language_renames(stem: str) -> tuple[tuple[str, str], ...]:
+    """(in memory, on disk) renames of a text causal LM's tensors for a checkpoint whose decoder
+    layers are stored under `stem` ("model.language_model.layers."): none for "model.layers."."""
+    return next((renames for root, renames in LANGUAGE_ROOTS.items() if stem == root + "layers."), ())
+
+
+def language_stem(keys: Iterable[str], stem: str) -> str:
+    """The stem the decoder layers a text model holds under `stem` ("model.layers.") are stored
+    under among `keys`: `stem` itself, or its place inside a multimodal checkpoint."""
+    keys = list(keys)
+    if not stem.startswith("model.") or any(key.startswith(stem) for key in keys):
+        return stem
+    inside = (root + stem.removeprefix("model.") for root in LANGUAGE_ROOTS)
+    return next((s for s in inside if any(key.startswith(s) for key in keys)), stem)

@@ -1,0 +1,144 @@
+"""Multimodal MoE checkpoints (Qwen3.5-MoE, Llama 4): the language model is read from config.json's
+text_config and from the tensors under model.language_model. (Qwen3.5) or language_model.model.
+(Llama 4), checked against transformers' blocks, compressed with its config.json written back in
+its own shape and the vision tower copied untouched, and decoded offloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hf_tiny import add_mtp_layer, build_multimodal
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from moelab.compress import CalibrationOptions, compress
+from moelab.data.tokenizer import TOKENIZER_DIR
+from moelab.hf import open_checkpoint
+from moelab.hf.edit import moe_output
+from moelab.hf.multimodal import language_config, nested_config
+from moelab.hf.view import MoELayerView
+from moelab.offload import load_offloaded
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = CalibrationOptions(tokens=256, seq_len=32, batch_size=4, sample_tokens=32)
+COMMON = dict(vocab_size=8192, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+MODELS = {
+    "qwen3_5_moe": (
+        dict(
+            COMMON, num_hidden_layers=4, intermediate_size=48, moe_intermediate_size=16,
+            shared_expert_intermediate_size=16, num_experts=8, num_experts_per_tok=2, linear_num_value_heads=4,
+            linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+        ),
+        dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=32),
+        "model.language_model.layers.", "num_experts", "mlp",
+    ),
+    "llama4": (
+        dict(
+            COMMON, num_hidden_layers=2, intermediate_size=16, intermediate_size_mlp=48, num_local_experts=4,
+            num_experts_per_tok=1, interleave_moe_layer_step=1,
+        ),
+        dict(
+            num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=32,
+            projector_output_dim=32, vision_output_dim=32, image_size=28, patch_size=14,
+        ),
+        "language_model.model.layers.", "num_local_experts", "feed_forward",
+    ),
+}  # fmt: skip
+
+
+def multimodal_model(path: Path, family: str) -> Path:
+    text, vision, *_ = MODELS[family]
+    build_multimodal(family, text, vision).save_pretrained(path)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def source(request, tmp_path_factory) -> Path:
+    return multimodal_model(tmp_path_factory.mktemp(request.param) / "src", request.param)
+
+
+def family_of(source: Path) -> str:
+    return json.loads((source / "config.json").read_text())["model_type"]
+
+
+def test_the_language_model_is_read_where_the_release_stores_it(source):
+    """Every MoE layer read through the view computes transformers' own block (the text causal LM
+    transformers loads from the same files) on random hidden states."""
+    _, _, stem, _, block = MODELS[family_of(source)]
+    assert any(k.startswith(stem) for k in load_file(source / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    x = torch.randn(6, 32)
+    with open_checkpoint(source) as view:
+        layers = [view.layer(i) for i in range(view.num_layers)]
+    assert all(isinstance(layer, MoELayerView) for layer in layers)
+    for index, layer in enumerate(layers):
+        with torch.no_grad():
+            want = getattr(model.model.layers[index], block)(x[None])
+        want = (want[0] if isinstance(want, tuple) else want).reshape(6, 32)
+        torch.testing.assert_close(moe_output(layer, x.double()).float(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_compress_writes_config_json_in_its_shape_and_copies_the_vision_tower(source, tmp_path):
+    _, _, stem, key, _ = MODELS[family_of(source)]
+    report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
+    assert report["reload_checked"]  # transformers loaded the output strictly
+    before, after = (json.loads((p / "config.json").read_text()) for p in (source, tmp_path / "out"))
+    assert after["text_config"][key] == before["text_config"][key] // 2 and key not in after
+    assert after == nested_config(language_config(after), before) and after.keys() == before.keys()
+    written, original = (
+        load_file(tmp_path / "out" / "model.safetensors"),
+        load_file(source / "model.safetensors"),
+    )
+    tower = [
+        k for k in original if not k.startswith((stem.removesuffix("layers."), "lm_head", "language_model."))
+    ]
+    assert tower and all(torch.equal(written[k], original[k]) for k in tower)
+    with open_checkpoint(tmp_path / "out") as view:
+        assert view.layer(0).router.num_experts == before["text_config"][key] // 2
+
+
+def test_offloaded_decoding_gives_transformers_tokens(source):
+    ids = torch.tensor([[1, 5, 9, 33, 2]])
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    want = model.generate(ids, max_new_tokens=6, do_sample=False)
+    offloaded = load_offloaded(source, resident=0.5)
+    try:
+        assert torch.equal(offloaded.generate(ids, 6), want)
+    finally:
+        offloaded.close()
+
+
+def test_qwen3_5_s_mtp_module_is_compressed_with_the_language_model(tmp_path):
+    source = multimodal_model(tmp_path / "src", "qwen3_5_moe")
+    add_mtp_layer(source)
+    report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
+    assert report["mtp"] == {"policy": "prune", "layers": [4]}
+    assert load_file(tmp_path / "out" / "model.safetensors")["mtp.layers.0.mlp.gate.weight"].shape[0] == 4
+
+
+def test_nested_config_puts_each_key_back_where_the_file_had_it():
+    original = {
+        "model_type": "vlm", "tie_word_embeddings": False, "quantization_config": {"quant_method": "fp8"},
+        "text_config": {"model_type": "vlm_text", "num_experts": 8, "tie_word_embeddings": True, "dtype": "bfloat16"},
+        "dtype": "bfloat16",
+    }  # fmt: skip
+    merged = language_config(original)
+    assert merged["model_type"] == "vlm_text" and merged["num_experts"] == 8 and "text_config" not in merged
+    edited = {k: v for k, v in merged.items() if k != "quantization_config"} | {
+        "num_experts": 4,
+        "dtype": "float16",
+    }
+    assert nested_config(edited, original) == {
+        "model_type": "vlm", "tie_word_embeddings": False, "dtype": "float16",
+        "text_config": {"model_type": "vlm_text", "num_experts": 4, "tie_word_embeddings": True, "dtype": "float16"},
+    }  # fmt: skip
+    text = {"model_type": "mixtral", "num_local_experts": 8}
+    assert (
+        language_config(text) is text
+        and nested_config(text | {"num_local_experts": 4}, text)["num_local_experts"] == 4
+    )
