@@ -362,7 +362,7 @@ def add_mtp_layer(path, seed: int = 1) -> dict[str, torch.Tensor]:
     - DeepSeek-V3 / GLM-4.5: decoder layer `num_hidden_layers` (the last layer's tensor names)
       beside its enorm, hnorm, eh_proj, shared_head.norm, shared_head.head and a copy of the
       embedding; num_nextn_predict_layers 1;
-    - Qwen3-Next / Qwen3.5 (config with layer_types): `mtp.layers.0.` (the last full-attention
+    - Qwen3-Next / Qwen3.5: `mtp.layers.0.` (the last full-attention
       layer's names) beside mtp.pre_fc_norm_embedding, mtp.pre_fc_norm_hidden, mtp.fc and mtp.norm
       (norms zero-centred: they scale by 1 + weight).
 
@@ -389,7 +389,7 @@ def add_mtp_layer(path, seed: int = 1) -> dict[str, torch.Tensor]:
             copied[name] = torch.rand(copied[name].shape, generator=generator) * 0.1
         return copied
 
-    if "layer_types" in language_config(config):  # Qwen3-Next's way
+    if language_config(config)["model_type"].startswith("qwen3"):  # Qwen3-Next's way
         types = language_config(config)["layer_types"]
         last = max(i for i, kind in enumerate(types) if kind == "full_attention")
         stem = "model.language_model.layers." if "text_config" in config else "model.layers."

@@ -454,3 +454,32 @@ def test_a_calibration_made_before_mtp_layers_ran_is_still_the_same_job_without_
     (directory / "calibration.json").write_text(json.dumps(old))
     monkeypatch.setattr(LayerwiseModel, "layer", lambda *a, **k: pytest.fail("recomputed"))
     assert calibrate_module.run_calibration(source, directory, "corpus", SMALL, quiet=True) == old
+
+
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm4_moe_lite"])
+def test_the_mtp_layer_of_a_config_with_per_layer_settings_is_built_like_the_last_layer(tmp_path, family):
+    """DeepSeek-V3.2 and GLM-4.7-Flash list each layer's MLP kind (mlp_layer_types, one entry per
+    decoder layer): the MTP layer, numbered past them, is built as the last layer is (sparse)."""
+    source = tmp_path / "src"
+    build(
+        family, **{**DEEPSEEK, "vocab_size": 8192, "q_lora_rank": 16, "index_n_heads": 2, "index_head_dim": 8}
+    ).save_pretrained(source)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(source)
+    add_mtp_layer(source)
+    report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
+    assert report["mtp"] == {"policy": "prune", "layers": [2]} and set(report["layers"]) == {"1", "2"}
+
+
+def test_glm_5_s_index_sharing_is_refused_by_name(tmp_path):
+    """GLM-5 (glm_moe_dsa) hands top-k indices from layer to layer, which the layer-by-layer run
+    does not carry: calibrating says so instead of failing inside transformers."""
+    from moelab.hf.checkpoint import CheckpointError
+
+    source = tmp_path / "src"
+    build(
+        "glm_moe_dsa",
+        **{**DEEPSEEK, "vocab_size": 8192, "q_lora_rank": 16, "index_n_heads": 2, "index_head_dim": 8},
+    ).save_pretrained(source)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(source)
+    with pytest.raises(CheckpointError, match="DSA index sharing.*cannot be calibrated"):
+        calibrate(source, tmp_path / "stats", options=SMALL, quiet=True)

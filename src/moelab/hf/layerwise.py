@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -80,6 +81,12 @@ class LayerwiseModel:
             raise CheckpointError(
                 f"{self.path}: the model's decoder layers are named {self._layers_name}.N in memory but "
                 f"{expected.replace('0', 'N')} on disk; this family cannot be run layer by layer"
+            )
+        if "prev_topk_indices" in inspect.signature(type(self._layers[0]).forward).parameters:
+            raise CheckpointError(
+                f"{self.path}: its decoder layers hand their attention's top-k indices on to the next layer "
+                "(GLM-5's DSA index sharing), which moelab's layer-by-layer run does not carry; it cannot be "
+                "calibrated or compressed (opening, tracing and offloaded decoding work)"
             )
         self.moe_layers = self.family.moe_layers(self._ckpt, config)
         # moelab runs one MTP layer, not a chain of them: a checkpoint storing
@@ -229,11 +236,14 @@ class LayerwiseModel:
 
     def _mtp_module(self, index: int) -> nn.Module:
         """The multi-token prediction layer's decoder layer: the family's own class, numbered
-        `index` (a full-attention layer where the config lists layer types), on the meta device."""
+        `index`, on the meta device; where the config lists a setting per layer (layer_types,
+        mlp_layer_types, ...), layer `index` gets that of the layer whose inputs it takes (the last
+        full-attention one)."""
         config = copy.deepcopy(self.model.config.get_text_config())
-        types = getattr(config, "layer_types", None)
-        if isinstance(types, list) and len(types) <= index:
-            config.layer_types = types + ["full_attention"] * (index + 1 - len(types))
+        like = self._mtp_inputs_from
+        for name, value in list(vars(config).items()):
+            if isinstance(value, list) and len(value) == self.num_layers:
+                setattr(config, name, value + [value[like]] * (index + 1 - len(value)))
         with torch.device("meta"):
             return type(self._layers[-1])(config, index).eval()
 
