@@ -666,7 +666,7 @@ def test_calibrate_and_compress_pass_every_option_on(monkeypatch, tmp_path):
     compressed = _record(monkeypatch, "moelab.compress.compress", {"parameters": sizes, "stability_jaccard": None})
     window = ["--calib-tokens", 21, "--seq-len", 22, "--batch-size", 23, "--sample-tokens", 24]
     _ok(["calibrate", "ref-8e-top2", "--out", tmp_path / "c", "--calib", "corpus:code", "--calib", "x.txt", *window,
-         "--backward", "--overwrite", "--quiet"])  # fmt: skip
+         "--backward", "--no-mtp", "--overwrite", "--quiet"])  # fmt: skip
     _ok(["calibrate"])
     _ok(["compress", "ref-8e-top2", "--method", "frequency", "--ratio", 0.5, "--option", "a=1", "--option", "b=x",
          "--out", tmp_path / "o", "--calib", "c.txt", "--stats", tmp_path / "s", "--domain", "code",
@@ -676,8 +676,10 @@ def test_calibrate_and_compress_pass_every_option_on(monkeypatch, tmp_path):
     model, options = reference_model_dir(), CalibrationOptions(tokens=21, seq_len=22, batch_size=23, sample_tokens=24)
     backward = dataclasses.replace(options, observers=DEFAULT_OBSERVERS + ("neurons",))
     assert calibrated == [
-        ((model, tmp_path / "c"), dict(calib=["corpus:code", "x.txt"], options=backward, overwrite=True, quiet=True)),
-        ((model, Path("calibration")), dict(calib="corpus", options=CalibrationOptions(), overwrite=False, quiet=False)),
+        ((model, tmp_path / "c"), dict(calib=["corpus:code", "x.txt"], options=backward, mtp=False, overwrite=True,
+                                       quiet=True)),
+        ((model, Path("calibration")), dict(calib="corpus", options=CalibrationOptions(), mtp=True, overwrite=False,
+                                            quiet=False)),
     ]
     assert compressed == [
         ((model, tmp_path / "o"), dict(

@@ -600,6 +600,7 @@ def calibrate(
     batch_size: BatchOpt = 8,
     sample_tokens: SampleTokensOpt = 1024,
     backward: Annotated[bool, typer.Option("--backward", help="Also run the backward sweep: the per-neuron gradient statistics HEAPr needs (a loss gradient carried down layer by layer; about three times the time).")] = False,
+    mtp: Annotated[bool, typer.Option("--mtp/--no-mtp", help="Also calibrate a multi-token prediction layer with routed experts (DeepSeek-V3's, Qwen3-Next's: what compress --mtp prune needs).")] = True,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     threads: ThreadsOpt = "auto",
@@ -609,7 +610,7 @@ def calibrate(
     from moelab.compress import calibrate as run_calibrate
 
     options = _calibration_options(tokens, seq_len, batch_size, sample_tokens, backward)
-    stats = run_calibrate(_model_dir(model), out, calib=calib or "corpus", options=options,
+    stats = run_calibrate(_model_dir(model), out, calib=calib or "corpus", options=options, mtp=mtp,
                           overwrite=overwrite, quiet=quiet)
     info = stats.info
     thin = sum(info.get("coverage", {}).values())

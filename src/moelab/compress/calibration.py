@@ -330,13 +330,13 @@ def _check_mtp_windows(index: int, mixture: Mixture, backward: list[str]) -> Non
     if all(w.ids.numel() < 2 for w in mixture.windows):
         raise ValueError(
             f"the multi-token prediction layer {index} reads each token with the next one, and every calibration "
-            "window is one token long; give longer windows (--seq-len), or leave the layer out (--mtp drop)"
+            "window is one token long; give longer windows (--seq-len), or leave the layer out (compress --mtp drop, calibrate --no-mtp)"
         )
     if backward and all(w.ids.numel() < 3 for w in mixture.windows):
         raise ValueError(
             f"the backward sweep of the multi-token prediction layer {index} follows the loss of its drafts of the "
             "token after next, and every calibration window is shorter than 3 tokens; give longer windows "
-            "(--seq-len), or leave the layer out (--mtp drop)"
+            "(--seq-len), or leave the layer out (compress --mtp drop, calibrate --no-mtp)"
         )
 
 
