@@ -468,18 +468,3 @@ def test_the_mtp_layer_of_a_config_with_per_layer_settings_is_built_like_the_las
     add_mtp_layer(source)
     report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
     assert report["mtp"] == {"policy": "prune", "layers": [2]} and set(report["layers"]) == {"1", "2"}
-
-
-def test_glm_5_s_index_sharing_is_refused_by_name(tmp_path):
-    """GLM-5 (glm_moe_dsa) hands top-k indices from layer to layer, which the layer-by-layer run
-    does not carry: calibrating says so instead of failing inside transformers."""
-    from moelab.hf.checkpoint import CheckpointError
-
-    source = tmp_path / "src"
-    build(
-        "glm_moe_dsa",
-        **{**DEEPSEEK, "vocab_size": 8192, "q_lora_rank": 16, "index_n_heads": 2, "index_head_dim": 8},
-    ).save_pretrained(source)
-    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(source)
-    with pytest.raises(CheckpointError, match="DSA index sharing.*cannot be calibrated"):
-        calibrate(source, tmp_path / "stats", options=SMALL, quiet=True)

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moelab.compress.distributed import agreed, join_torchrun, reduce_statistics
-from moelab.compress.gradients import backward_layer, backward_sweep, save_tape
+from moelab.compress.gradients import backward_layer, backward_sweep, load_carry, save_tape, with_carry
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture, build_mixture
 from moelab.compress.observers import DEFAULT_OBSERVERS, OBSERVERS, MoECall, Tokens, eager_moe
 from moelab.compress.stats import (
@@ -210,6 +210,7 @@ def run_calibration(
         if 0 < start < runner.num_layers or (start == runner.num_layers and mtp_pending):
             saved = load_safetensors(resume_file)
             states = [saved[f"batch{b}"].to(dtype) for b in range(len(states))]
+            runner.carry = load_carry(saved, len(states))
         elif start == 0 and rank == 0:
             clear_staging(directory)
         seconds = previous.get("seconds", 0.0) if start > 0 else 0.0
@@ -229,7 +230,7 @@ def run_calibration(
         layers = range(start, runner.num_layers)
         for index in tqdm(layers, desc=f"calibrate {model.name}", unit="layer", disable=quiet):
             if backward:
-                save_tape(directory, rank, world, index, states)
+                save_tape(directory, rank, world, index, states, runner.carry)
             stats = _calibrate_layer(runner, index, states, tokens, mixture, options, world)
             if stats is not None:
                 coverage[str(index)] = int((stats.counts.sum((0, 1)) < COVERAGE_MIN_TOKENS).sum())
@@ -240,7 +241,7 @@ def run_calibration(
             info |= {"seconds": round(now - began, 3), "coverage": coverage}
             if last or agreed(now - snapped >= options.snapshot_seconds, world, "max"):
                 if not last or mtp_pending:  # the MTP layer starts from the last layer's output
-                    save_safetensors({f"batch{b}": s.contiguous() for b, s in enumerate(states)}, resume_file)
+                    save_safetensors(with_carry(states, runner.carry), resume_file)
                 if last and backward:
                     save_tape(directory, rank, world, index + 1, states)
                 info["done"] = index

@@ -37,10 +37,22 @@ def tape_file(directory: Path, rank: int, world: int, index: int) -> Path:
     return directory / f"tape-{rank}-of-{world}-{index:05d}.safetensors"
 
 
-def save_tape(directory: Path, rank: int, world: int, index: int, states: list[Tensor]) -> None:
-    save_safetensors(
-        {f"batch{b}": s.contiguous() for b, s in enumerate(states)}, tape_file(directory, rank, world, index)
-    )
+def save_tape(
+    directory: Path, rank: int, world: int, index: int, states: list[Tensor], carry: list[Tensor | None] = ()
+) -> None:
+    """Save the states entering layer `index` (and what the layer before handed it: `carry`)."""
+    save_safetensors(with_carry(states, carry), tape_file(directory, rank, world, index))
+
+
+def with_carry(states: list[Tensor], carry: list[Tensor | None]) -> dict[str, Tensor]:
+    """{batch<b>: states[b], carry<b>: carry[b] where it is not None}: a snapshot of the layer-by-layer run."""
+    saved = {f"batch{b}": s.contiguous() for b, s in enumerate(states)}
+    return saved | {f"carry{b}": c.contiguous() for b, c in enumerate(carry) if c is not None}
+
+
+def load_carry(saved: dict[str, Tensor], count: int) -> list[Tensor | None]:
+    """The carried values of a snapshot (`with_carry`) of `count` batches."""
+    return [saved.get(f"carry{b}") for b in range(count)]
 
 
 def _load_batches(path: Path, prefix: str, count: int, dtype: torch.dtype) -> list[Tensor]:
@@ -80,7 +92,9 @@ def backward_sweep(
         start = top
     snapped = time.perf_counter()
     for index in tqdm(range(start, -1, -1), desc="backward sweep", unit="layer", disable=quiet):
-        states = _load_batches(tape_file(directory, rank, world, index), "batch", len(ids), dtype)
+        saved = load_safetensors(tape_file(directory, rank, world, index))
+        states = [saved[f"batch{b}"].to(dtype) for b in range(len(ids))]
+        runner.carry = load_carry(saved, len(ids))  # what the layer before handed this one in the forward sweep
         results = backward_layer(runner, index, states, grads, tokens, names, num_sources)
         if results is not None:
             _add_to_layer(directory, index, results, world, rank)

@@ -88,6 +88,9 @@ def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
             num_layers=_NUM_LAYERS,
             hidden_size=_HIDDEN,
             expert_width=("moe_intermediate_size",),
+            # DeepSeek's convention (GLM-4.5, GLM-5, DeepSeek-V3.2): n_shared_experts x the routed width
+            shared_width_follows=shared is not None and "n_shared_experts" in config
+            and "shared_expert_intermediate_size" not in config,
         )
         same_stem = {f"{stem}{k}.": keys for (s, k), keys in sorted(layers.items()) if s == stem}
         _check_claimed(ckpt, config, family.layouts[0], block, same_stem)

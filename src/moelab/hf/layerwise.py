@@ -52,6 +52,9 @@ from moelab.validation import non_finite_names
 RunMoE = Callable[[MoELayer, Tensor], Tensor]
 
 
+CARRIED = "prev_topk_indices"  # GLM-5's DSA: a "shared" layer reuses the top-k of the full layer before it
+
+
 class _Stop(Exception):
     """Raised by the last decoder layer's stand-in: everything after the layers is not needed."""
 
@@ -82,12 +85,10 @@ class LayerwiseModel:
                 f"{self.path}: the model's decoder layers are named {self._layers_name}.N in memory but "
                 f"{expected.replace('0', 'N')} on disk; this family cannot be run layer by layer"
             )
-        if "prev_topk_indices" in inspect.signature(type(self._layers[0]).forward).parameters:
-            raise CheckpointError(
-                f"{self.path}: its decoder layers hand their attention's top-k indices on to the next layer "
-                "(GLM-5's DSA index sharing), which moelab's layer-by-layer run does not carry; it cannot be "
-                "calibrated or compressed (opening, tracing and offloaded decoding work)"
-            )
+        # what a decoder layer hands the next one besides the hidden states (GLM-5's DSA top-k indices)
+        carried = inspect.signature(type(self._layers[0]).forward).parameters
+        self.carried: str | None = CARRIED if CARRIED in carried else None
+        self.carry: list[Tensor | None] = []  # per batch: the carried value the next layer run reads
         self.moe_layers = self.family.moe_layers(self._ckpt, config)
         # moelab runs one MTP layer, not a chain of them: a checkpoint storing
         # several runs its decoder layers alone (compress refuses to prune such layers, and drops them)
@@ -114,6 +115,7 @@ class LayerwiseModel:
                 except _Stop:
                     pass
         self._calls = [calls for _, calls in recorded]
+        self.carry = [None] * len(recorded)
         return [hidden for hidden, _ in recorded]
 
     @contextlib.contextmanager
@@ -123,13 +125,16 @@ class LayerwiseModel:
         """Decoder layer `index` with its weights: yields run(batch number, hidden [B, S, D]) ->
         the layer's output [B, S, D]. run_moe(moe, x [..., D]) -> y computes its MoE block
         (default: the MoELayer itself); it gets the routed experts in their stored dtype (the
-        grouped kernels cast one expert at a time), so a layer never holds a second copy."""
+        grouped kernels cast one expert at a time), so a layer never holds a second copy. Where
+        layers hand a value on (`carried`), run reads carry[batch] and leaves the layer's there:
+        run the layers in order."""
         with self._loaded(index, run_moe, cast_experts=run_moe is None) as module:
 
             def run(batch: int, hidden: Tensor) -> Tensor:
-                args, kwargs = self._inputs(batch, index)
                 with torch.no_grad():
-                    out = module(hidden, *args, **kwargs)
+                    out = module(hidden, *self._inputs(batch, index)[0], **self._kwargs(batch, index))
+                if self.carried is not None and index not in self._mtp_modules:
+                    self.carry[batch] = out[1]
                 return out[0] if isinstance(out, tuple) else out
 
             yield run
@@ -141,14 +146,14 @@ class LayerwiseModel:
         """Decoder layer `index` for the backward sweep: yields vjp(batch number, hidden [B, S, D],
         grad_out [B, S, D]) -> grad_in [B, S, D], the gradient with respect to the layer's input
         given the one with respect to its output (the layer is recomputed under autograd; its
-        weights, the experts cast to `dtype`, need no gradient)."""
+        weights, the experts cast to `dtype`, need no gradient; it reads carry[batch] as the value
+        the layer before handed it)."""
         with self._loaded(index, run_moe, cast_experts=True) as module:
 
             def vjp(batch: int, hidden: Tensor, grad_out: Tensor) -> Tensor:
-                args, kwargs = self._inputs(batch, index)
                 with torch.enable_grad():
                     x = hidden.detach().requires_grad_(True)
-                    out = module(x, *args, **kwargs)
+                    out = module(x, *self._inputs(batch, index)[0], **self._kwargs(batch, index))
                     (grad,) = torch.autograd.grad(out[0] if isinstance(out, tuple) else out, x, grad_out)
                 return grad
 
@@ -217,6 +222,13 @@ class LayerwiseModel:
 
         return _loss_gradients(batches, states, logits, scale, shift=2)
 
+    def _kwargs(self, batch: int, index: int) -> dict:
+        """Layer `index`'s keyword inputs for batch `batch`, the carried value included."""
+        kwargs = self._inputs(batch, index)[1]
+        if self.carried is None:
+            return kwargs
+        return {**kwargs, self.carried: None if index in self._mtp_modules else self.carry[batch]}
+
     def _inputs(self, batch: int, index: int) -> tuple[tuple, dict]:
         """Layer `index`'s inputs besides the hidden states for batch `batch`."""
         if index in self._mtp_modules:
@@ -244,6 +256,13 @@ class LayerwiseModel:
         for name, value in list(vars(config).items()):
             if isinstance(value, list) and len(value) == self.num_layers:
                 setattr(config, name, value + [value[like]] * (index + 1 - len(value)))
+        if self.carried is not None:  # GLM-5: the MTP layer runs its own DSA indexer (no earlier layer at its length)
+            if not any(key.startswith(self.family.prefix(index) + "self_attn.indexer.") for key in self._ckpt.keys()):
+                raise CheckpointError(
+                    f"{self.path}: the multi-token prediction layer {index} stores no DSA indexer of its own, and "
+                    "moelab does not hand it another layer's top-k; compress with --mtp drop to leave it out"
+                )
+            config.indexer_types[index] = "full"
         with torch.device("meta"):
             return type(self._layers[-1])(config, index).eval()
 
@@ -397,6 +416,8 @@ class LayerwiseModel:
                     recorded.append((first[0], list(calls)))
                     if feed is None:
                         raise _Stop
+                if self.carried is not None:
+                    return hidden_states, kwargs.get(self.carried)
                 return (hidden_states, None, None) if returns_tuple else hidden_states
 
             return forward

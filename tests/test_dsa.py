@@ -1,0 +1,180 @@
+"""GLM-5's sparse attention (glm_moe_dsa): a "shared" layer reuses the top-k tokens the full layer
+before it chose, which the model hands from layer to layer. The layer-by-layer run carries it
+(`LayerwiseModel.carry`), forward and backward, and calibration snapshots and tapes it, so that an
+interrupted run resumes to the same statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hf_tiny import DEEPSEEK, build, load
+from test_layerwise import layer_outputs, run_layerwise
+from transformers import PreTrainedTokenizerFast
+
+from moelab.compress import Calibration, CalibrationOptions, calibrate, compress
+from moelab.compress.calibration import run_calibration
+from moelab.data.tokenizer import TOKENIZER_DIR
+from moelab.hf.layerwise import LayerwiseModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = CalibrationOptions(tokens=256, seq_len=32, batch_size=4, sample_tokens=32)
+GLM5 = {
+    **DEEPSEEK, "vocab_size": 8192, "q_lora_rank": 16, "index_n_heads": 2, "index_head_dim": 8, "index_topk": 8,
+    "num_hidden_layers": 4, "index_topk_pattern": "FSFS",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("glm5") / "src"
+    build("glm_moe_dsa", **GLM5).save_pretrained(path)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    assert json.loads((path / "config.json").read_text())["indexer_types"] == [
+        "full",
+        "shared",
+        "full",
+        "shared",
+    ]
+    return path
+
+
+def test_every_layer_s_output_is_transformers_with_the_top_k_carried(source):
+    """Short windows (8 tokens) keep the top-k (8) from covering every token, so a shared layer
+    given no or other indices would compute something else."""
+    model = load(source)
+    batches = [torch.randint(0, 8192, (2, 8)), torch.randint(0, 8192, (1, 12))]
+    got = run_layerwise(source, batches)
+    for b, ids in enumerate(batches):
+        expected = layer_outputs(model, ids, 4, lambda x: model(input_ids=x))
+        for i, out in enumerate(expected):
+            torch.testing.assert_close(got[i][b], out, atol=1e-5, rtol=1e-5, msg=f"layer {i}, batch {b}")
+
+
+def test_the_backward_run_is_autograd_through_the_whole_model(source):
+    """The layers' vector-Jacobian products from the head down, each reading the top-k the layer
+    before handed it in the forward run, against autograd through transformers' model."""
+    ids = torch.randint(0, 8192, (1, 12))
+    runner = LayerwiseModel(source)
+    states = runner.embed([ids])
+    inputs, carried = [], []
+    for index in range(4):
+        inputs.append(states[0])
+        carried.append(runner.carry[0])
+        with runner.layer(index) as run:
+            states = [run(0, states[0])]
+    grads = runner.head_gradients([ids], states, 1.0)
+    for index in reversed(range(4)):
+        runner.carry = [carried[index]]
+        with runner.layer_backward(index) as vjp:
+            grads = [vjp(0, inputs[index], grads[0])]
+    model = load(source)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds).logits[0, :-1]
+    (expected,) = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"), embeds
+    )
+    torch.testing.assert_close(grads[0], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_calibration_interrupted_after_a_full_layer_resumes_to_the_same_statistics(
+    source, tmp_path, monkeypatch
+):
+    """Killed after layer 2 (a full layer, whose top-k layer 3 reuses), forward and backward
+    sweeps: the rerun reads the carried top-k from the snapshot and gives the uninterrupted run's
+    statistics."""
+    import moelab.compress.calibration as calibrate_module
+
+    options = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",), snapshot_seconds=0.0)
+    whole = calibrate(source, tmp_path / "whole", options=options, quiet=True).directory
+    real, written = calibrate_module.write_layer, []
+
+    def dies_after_layer_2(directory, stats):
+        real(directory, stats)
+        written.append(stats.layer)
+        if written == [1, 2]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate_module, "write_layer", dies_after_layer_2)
+    directory = tmp_path / "partial"
+    directory.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run_calibration(source, directory, "corpus", options, quiet=True)
+    monkeypatch.setattr(calibrate_module, "write_layer", real)
+    run_calibration(source, directory, "corpus", options, quiet=True)
+    for index in (1, 2, 3):
+        a, b = Calibration(directory).layer(index).tensors(), Calibration(whole).layer(index).tensors()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), index
+
+
+@pytest.mark.parametrize("method", ["reap", "heapr"])
+def test_glm_5_compresses(source, tmp_path, method):
+    """REAP, and HEAPr with its backward sweep (at full width: GLM-5's shared experts take their
+    width from the routed experts' key); the writer's checks reload the output in transformers."""
+    report = compress(source, tmp_path / "out", method=method, ratio=0.5, calib_options=SMALL, quiet=True)
+    assert set(report["layers"]) == {"1", "2", "3"} and report["reload_checked"]
+
+
+def test_the_backward_sweep_hands_each_layer_the_top_k_of_its_forward_run(source, tmp_path, monkeypatch):
+    """The calibration's backward sweep reads each layer's carried top-k from its tape: the
+    gradient it carries down to the embeddings is autograd's through transformers' model, per batch
+    (a shared layer recomputed with another layer's top-k would change it)."""
+    import moelab.compress.gradients as gradients_module
+    from moelab.compress.calibration import calibration_mixture
+
+    options = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",))
+    real, captured = gradients_module.backward_layer, {}
+
+    def spy(runner, index, states, grads, *args):
+        result = real(runner, index, states, grads, *args)
+        if index == 0:
+            captured["grads"] = [g.clone() for g in grads]
+        return result
+
+    monkeypatch.setattr(gradients_module, "backward_layer", spy)
+    calibrate(source, tmp_path / "stats", options=options, quiet=True)
+    mixture = calibration_mixture(source, "corpus", options)
+    predicted = sum(w.ids.numel() - 1 for w in mixture.windows)
+    model = load(source)
+    for b, batch in enumerate(mixture.batches(options.batch_size)):
+        ids = torch.stack([w.ids for w in batch])
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, 8192), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        (expected,) = torch.autograd.grad(loss / predicted, embeds)
+        torch.testing.assert_close(captured["grads"][b], expected, atol=1e-7, rtol=1e-4, msg=f"batch {b}")
+
+
+def test_glm_5_s_mtp_layer_runs_its_own_indexer_or_is_refused(tmp_path):
+    """The MTP layer reads windows one token shorter than any layer before it, so it cannot reuse
+    their top-k: one that stores its own indexer runs it; one that does not is refused by name."""
+    from hf_tiny import add_mtp_layer
+
+    from moelab.hf.checkpoint import CheckpointError
+
+    for pattern, indexed in (("FSSF", True), ("FSFS", False)):
+        source = tmp_path / pattern / "src"
+        build("glm_moe_dsa", **{**GLM5, "index_topk_pattern": pattern}).save_pretrained(source)
+        PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(source)
+        add_mtp_layer(source)  # a copy of the last layer's tensor names: with an indexer where it is full
+        if indexed:
+            report = compress(
+                source, tmp_path / pattern / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True
+            )
+            assert report["mtp"] == {"policy": "prune", "layers": [4]}
+        else:
+            with pytest.raises(CheckpointError, match="layer 4 stores no DSA indexer.*--mtp drop"):
+                compress(
+                    source,
+                    tmp_path / pattern / "out",
+                    method="reap",
+                    ratio=0.5,
+                    calib_options=SMALL,
+                    quiet=True,
+                )
