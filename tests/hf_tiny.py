@@ -321,7 +321,7 @@ def build(family: str, seed: int = 0, **overrides):
     return _unit_scale(model)
 
 
-def build_multimodal(family: str, text: dict, vision: dict, seed: int = 0):
+def build_multimodal(family: str, text: dict, vision: dict, seed: int = 0, **overrides):
     """A random fp32 vision-language model of `family` (Qwen3.5-MoE, Llama 4, ...) whose language
     model is `text` (config entries) and vision tower `vision`, unit-scale weights; saved, it is
     stored as the releases are (the language model under model.language_model. or
@@ -329,7 +329,7 @@ def build_multimodal(family: str, text: dict, vision: dict, seed: int = 0):
     from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, text_config=text, vision_config=vision)
+    config = AutoConfig.for_model(family, text_config=text, vision_config=vision, **overrides)
     return _unit_scale(AutoModelForImageTextToText.from_config(config, dtype=torch.float32))
 
 

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import add_mtp_layer, build_multimodal
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from hf_tiny import DEEPSEEK, add_mtp_layer, build_multimodal
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerFast
 
 from moelab.compress import CalibrationOptions, compress
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import open_checkpoint
 from moelab.hf.edit import moe_output
+from moelab.hf.loading import load_causal_lm
 from moelab.hf.multimodal import language_config, nested_config
 from moelab.hf.view import MoELayerView
 from moelab.offload import load_offloaded
@@ -47,13 +48,33 @@ MODELS = {
         ),
         "language_model.model.layers.", "num_local_experts", "feed_forward",
     ),
+    "kimi_k25": (
+        dict(DEEPSEEK, vocab_size=8192, q_lora_rank=16, model_type="deepseek_v3"),
+        dict(num_attention_heads=2, num_hidden_layers=1, hidden_size=32, intermediate_size=32, pos_emb_height=4,
+             pos_emb_width=4),
+        "language_model.model.layers.", "n_routed_experts", "mlp",
+    ),
 }  # fmt: skip
 
 
 def multimodal_model(path: Path, family: str) -> Path:
+    """A tiny vision-language model of `family`, stored as its releases are. Kimi-K2.5 (which
+    transformers loads only as a vision-language model): language_model.model.layers.N and an
+    untied language_model.lm_head, as moonshotai/Kimi-K2.5 stores them (transformers 5.24 saves the
+    tiny model's layers as `blocks` and ties its head)."""
     text, vision, *_ = MODELS[family]
-    build_multimodal(family, text, vision).save_pretrained(path)
+    build_multimodal(
+        family, text, vision, **({"mm_hidden_size": 32} if family == "kimi_k25" else {})
+    ).save_pretrained(path)
     PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    if family == "kimi_k25":
+        tensors = load_file(path / "model.safetensors")
+        tensors = {
+            k.replace("language_model.model.blocks.", "language_model.model.layers."): v
+            for k, v in tensors.items()
+        }
+        tensors["language_model.lm_head.weight"] = torch.randn(8192, 32) * 32**-0.5
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     return path
 
 
@@ -71,12 +92,13 @@ def test_the_language_model_is_read_where_the_release_stores_it(source):
     transformers loads from the same files) on random hidden states."""
     _, _, stem, _, block = MODELS[family_of(source)]
     assert any(k.startswith(stem) for k in load_file(source / "model.safetensors"))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    model = load_causal_lm(source, allow_unexpected=True)  # Kimi-K2.5: its DeepSeek-V3 text model
     x = torch.randn(6, 32)
     with open_checkpoint(source) as view:
         layers = [view.layer(i) for i in range(view.num_layers)]
-    assert all(isinstance(layer, MoELayerView) for layer in layers)
-    for index, layer in enumerate(layers):
+    moe = [(index, layer) for index, layer in enumerate(layers) if isinstance(layer, MoELayerView)]
+    assert moe and moe[-1][0] == len(layers) - 1  # Kimi-K2.5's first layer is dense
+    for index, layer in moe:
         with torch.no_grad():
             want = getattr(model.model.layers[index], block)(x[None])
         want = (want[0] if isinstance(want, tuple) else want).reshape(6, 32)
@@ -99,12 +121,12 @@ def test_compress_writes_config_json_in_its_shape_and_copies_the_vision_tower(so
     ]
     assert tower and all(torch.equal(written[k], original[k]) for k in tower)
     with open_checkpoint(tmp_path / "out") as view:
-        assert view.layer(0).router.num_experts == before["text_config"][key] // 2
+        assert view.layer(view.num_layers - 1).router.num_experts == before["text_config"][key] // 2
 
 
 def test_offloaded_decoding_gives_transformers_tokens(source):
     ids = torch.tensor([[1, 5, 9, 33, 2]])
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    model = load_causal_lm(source, allow_unexpected=True)
     want = model.generate(ids, max_new_tokens=6, do_sample=False)
     offloaded = load_offloaded(source, resident=0.5)
     try:

@@ -494,8 +494,7 @@ def transformers_skeleton(config) -> nn.Module:
     buffers it computes itself (rotary tables) are made as `from_pretrained` makes them."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise CheckpointError(f"transformers has no causal LM for model_type {config.model_type!r}")
+    config = causal_lm_config(config)
     cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     if not isinstance(config, cls.config_class):  # a multimodal config mapped to its language model (Qwen3.5)
         config = config.get_text_config()
@@ -507,6 +506,19 @@ def transformers_skeleton(config) -> nn.Module:
     model._move_missing_keys_from_meta_to_device(set(), None, None, None)
     model._initialize_missing_keys(False)
     return model.eval()
+
+
+def causal_lm_config(config):
+    """The transformers config to build `config`'s causal LM from: itself where transformers maps
+    it to one, else its text config where that has one (Kimi-K2.5's DeepSeek-V3); a
+    CheckpointError where neither does."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return config
+    if type(text := config.get_text_config()) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return text
+    raise CheckpointError(f"transformers has no causal LM for model_type {config.model_type!r}")
 
 
 def native_skeleton(config: dict) -> nn.Module:

@@ -10,6 +10,7 @@ transformers raises while loading becomes a CheckpointError too.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    kwargs = _language_model_of_multimodal(path) | kwargs
     with _transformers_loading(path, quiet):
         model, info = AutoModelForCausalLM.from_pretrained(
             path,
@@ -65,6 +67,27 @@ def load_causal_lm(
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise CheckpointError(f"{path}: NaN or Inf in {', '.join(bad[:3])}{more}: the weights are corrupt")
     return model.eval()
+
+
+def _language_model_of_multimodal(path: Path) -> dict[str, Any]:
+    """from_pretrained's arguments for a multimodal checkpoint whose own type transformers does not
+    load as a causal LM (Kimi-K2.5): the language model's config, and its stored names mapped to the
+    causal LM's (`Family.stored_renames`); none for any other checkpoint."""
+    from transformers import AutoConfig
+
+    from moelab.hf.adapters import resolve
+    from moelab.hf.layerwise import causal_lm_config
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        text = causal_lm_config(config)
+    except (CheckpointError, ValueError, OSError):  # transformers' own loading says what is wrong
+        return {}
+    if text is config:
+        return {}
+    _, ckpt, family = resolve(path)
+    ckpt.close()
+    return {"config": text, "key_mapping": {"^" + re.escape(disk): memory for memory, disk in family.stored_renames}}
 
 
 @contextmanager
