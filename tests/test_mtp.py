@@ -144,6 +144,14 @@ def moe_and_mtp_layers(source: Path) -> tuple[list[int], int]:
     return ([1] if family_of(source) != "qwen3_next" else [0, 1, 2, 3]), config["num_hidden_layers"]
 
 
+def compress_dropping_mtp(source: Path, out: Path, match: str = "left out of the output", **options):
+    """compress(mtp="drop") with frequency at 0.5 (`options` override): the writer's warning that
+    the module is left out (matching `match`), and the report."""
+    options = {"method": "frequency", "ratio": 0.5, "calib_options": SMALL} | options
+    with pytest.warns(UserWarning, match=match):
+        return compress(source, out, mtp="drop", quiet=True, **options)
+
+
 def test_the_mtp_layer_is_found_and_run_on_what_its_drafter_sees(source, tmp_path):
     """The runner's MTP input and output against transformers' modules computing the layer by
     hand, window by window."""
@@ -230,16 +238,7 @@ def test_every_method_compresses_the_mtp_layer_with_the_others(tmp_path, method)
 def test_drop_leaves_the_mtp_layer_out(source, tmp_path):
     """The whole module goes (Qwen3-Next's mtp.fc and norms too, not only its layer)."""
     root = {"qwen3_next": "mtp."}.get(family_of(source), "model.layers.2.")
-    with pytest.warns(UserWarning, match=r"left out of the output"):
-        report = compress(
-            source,
-            tmp_path / "out",
-            method="frequency",
-            ratio=0.5,
-            calib_options=SMALL,
-            mtp="drop",
-            quiet=True,
-        )
+    report = compress_dropping_mtp(source, tmp_path / "out")
     assert report["mtp"] == {"policy": "drop", "layers": []}
     assert set(report["layers"]) == {str(i) for i in moe_and_mtp_layers(source)[0]}
     assert json.loads((tmp_path / "out" / "config.json").read_text()).get("num_nextn_predict_layers", 0) == 0
@@ -260,8 +259,7 @@ def test_statistics_without_the_mtp_layer_are_refused_unless_it_is_dropped(sourc
         match=rf"none for the multi-token prediction layer \[{moe_and_mtp_layers(source)[1]}\].*--mtp drop",
     ):
         compress(source, tmp_path / "out", method="reap", ratio=0.5, stats=stats, quiet=True)
-    with pytest.warns(UserWarning, match=r"left out of the output"):
-        compress(source, tmp_path / "out", method="reap", ratio=0.5, stats=stats, mtp="drop", quiet=True)
+    compress_dropping_mtp(source, tmp_path / "out", method="reap", stats=stats, calib_options=None)
 
 
 def test_windows_of_one_token_give_the_mtp_layer_nothing_to_read(source, tmp_path):
@@ -381,11 +379,7 @@ def test_drop_needs_no_mtp_calibration(source, tmp_path):
         options = dataclasses.replace(
             SMALL, seq_len=seq_len, tokens=96, observers=SMALL.observers + observers
         )
-        with pytest.warns(UserWarning, match=r"left out of the output"):
-            report = compress(
-                source, tmp_path / f"out{seq_len}", method="frequency", ratio=0.5, calib_options=options,
-                mtp="drop", quiet=True,
-            )  # fmt: skip
+        report = compress_dropping_mtp(source, tmp_path / f"out{seq_len}", calib_options=options)
         assert set(report["layers"]) == {str(i) for i in moe_and_mtp_layers(source)[0]}
         assert Calibration(tmp_path / f"out{seq_len}" / "moelab_calibration").mtp_layers == []
 
@@ -422,18 +416,9 @@ def test_a_chain_of_mtp_layers_is_refused_for_prune_and_left_out_with_drop(tmp_p
     refused = r"model.layers.2., model.layers.3.\) that moelab cannot calibrate.*--mtp drop"
     with pytest.raises(ValueError, match=refused):
         compress(source, tmp_path / "bad", method="frequency", ratio=0.5, calib_options=SMALL, quiet=True)
-    with pytest.warns(
-        UserWarning, match=r"layers model.layers.2., model.layers.3. .* left out of the output"
-    ):
-        report = compress(
-            source,
-            tmp_path / "out",
-            method="frequency",
-            ratio=0.5,
-            calib_options=SMALL,
-            mtp="drop",
-            quiet=True,
-        )
+    report = compress_dropping_mtp(
+        source, tmp_path / "out", match=r"layers model.layers.2., model.layers.3. .* left out of the output"
+    )
     assert set(report["layers"]) == {"1"}
 
 
