@@ -164,3 +164,31 @@ def test_nested_config_puts_each_key_back_where_the_file_had_it():
         language_config(text) is text
         and nested_config(text | {"num_local_experts": 4}, text)["num_local_experts"] == 4
     )
+
+
+def test_dequantize_writes_the_dtype_where_the_language_model_reads_it(tmp_path):
+    """A multimodal FP8 release dequantized to fp16 states fp16 in text_config too (transformers'
+    text model and moelab read it there), whether its quantization_config sits at the top or in
+    text_config (where moelab reads it as quantized too)."""
+    from quantized_tiny import fp8_release
+
+    from moelab.hf.adapters import resolve
+    from moelab.hf.dequantize import dequantize_checkpoint
+
+    fp8_release(multimodal_model(tmp_path / "plain", "qwen3_5_moe"), tmp_path / "top")
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    for path in (tmp_path / "top").iterdir():
+        (nested / path.name).write_bytes(path.read_bytes())
+    config = json.loads((nested / "config.json").read_text())
+    config["text_config"]["quantization_config"] = config.pop("quantization_config")
+    (nested / "config.json").write_text(json.dumps(config))
+    for source in (tmp_path / "top", nested):
+        out = dequantize_checkpoint(source, tmp_path / f"out_{source.name}", dtype=torch.float16, quiet=True)
+        written = json.loads((out / "config.json").read_text())
+        assert written["dtype"] == written["text_config"]["dtype"] == "float16"
+        assert "quantization_config" not in written and "quantization_config" not in written["text_config"]
+        assert written["vision_config"] == config["vision_config"]
+        assert resolve(out)[0]["dtype"] == "float16"
+        model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+        assert next(model.parameters()).dtype == torch.float16

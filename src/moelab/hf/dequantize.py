@@ -4,7 +4,8 @@ moelab's own commands read block-wise FP8, llm-compressor's FP8 and GPT-OSS's MX
 directly (`moelab.hf.quantized`); this writes the plain checkpoint they read, for tools that
 cannot: quantized weights dequantized as they are written (one in memory at a time), their scales
 and activation scales dropped, every other tensor copied byte for byte, shard names and the index
-kept, and config.json without its `quantization_config`. Output as every moelab checkpoint: staged,
+kept, and config.json without its `quantization_config` (a multimodal release's: its dtype set in
+text_config too, `moelab.hf.multimodal`). Output as every moelab checkpoint: staged,
 published whole, replaced only with `overwrite`.
 """
 
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from moelab.files import read_json_object
 from moelab.hf.adapters import open_weights
 from moelab.hf.checkpoint import CheckpointError
+from moelab.hf.multimodal import language_config, nested_config
 from moelab.hf.writer import copy_side_files, index_name
 from moelab.io import StagedOutput, atomic_write_text, save_safetensors_stream
 from moelab.memory import release_freed_memory
@@ -39,7 +41,8 @@ def dequantize_checkpoint(
     """Write the quantized checkpoint `source` into the new directory `out` with its quantized
     weights dequantized to `dtype` (see the module docstring). Returns `out`."""
     source = Path(source).resolve()
-    config = read_json_object(source / "config.json", "a model config", error=CheckpointError)
+    stored = read_json_object(source / "config.json", "a model config", error=CheckpointError)
+    config = language_config(stored)  # a multimodal release's language model (its dtype and quantization)
     if config.get("quantization_config") is None:
         raise CheckpointError(f"{source / 'config.json'} has no quantization_config: its weights are plain already")
     with (
@@ -64,5 +67,6 @@ def dequantize_checkpoint(
             doc = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             atomic_write_text(staging / index, json.dumps(doc, indent=2) + "\n")
         copy_side_files(source, staging)
-        atomic_write_text(staging / "config.json", json.dumps(ckpt.written_config(config), indent=2) + "\n")
+        written = nested_config(ckpt.written_config(config), stored)  # each key where the source has it
+        atomic_write_text(staging / "config.json", json.dumps(written, indent=2) + "\n")
     return Path(out)
