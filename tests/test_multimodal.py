@@ -192,3 +192,18 @@ def test_dequantize_writes_the_dtype_where_the_language_model_reads_it(tmp_path)
         assert resolve(out)[0]["dtype"] == "float16"
         model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
         assert next(model.parameters()).dtype == torch.float16
+
+
+def test_generate_checks_prompts_against_the_language_model_s_vocabulary(source, tmp_path):
+    """The vocabulary (and context) generate checks prompts against is text_config's."""
+    from moelab.generate import generate_text
+
+    small = tmp_path / "small"
+    small.mkdir()
+    for path in source.iterdir():
+        (small / path.name).write_bytes(path.read_bytes())
+    config = json.loads((small / "config.json").read_text())
+    (config["text_config"] if "text_config" in config else config)["vocab_size"] = 100
+    (small / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="vocabulary of 100 tokens"):
+        generate_text(small, "some words that encode to ids past a hundred", max_new_tokens=2)

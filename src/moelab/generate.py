@@ -29,6 +29,7 @@ import torch
 from moelab.data import TOKENIZER_DIR
 from moelab.files import read_json_object
 from moelab.hf.conversion import CONVERTIBLE_FAMILIES, conversion_problems, moelab_model
+from moelab.hf.multimodal import language_config
 from moelab.models.transformer import MoETransformer, Sampling, TokenStreamer, decode_cache_length
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import generate_ids
@@ -143,7 +144,8 @@ def generate_texts(
     eos = None if ignore_eos else tokenizer.eos_token_id
     encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
     config_path = Path(path) / "config.json"
-    config = read_json_object(config_path, "a model config") if config_path.is_file() else {}
+    # a multimodal release's vocabulary and context are its language model's (text_config)
+    config = language_config(read_json_object(config_path, "a model config")) if config_path.is_file() else {}
     _check_vocabulary(path, config, encoded)
     ids, mask = _left_padded(encoded, prompts, device)
     # the clock needs each step's tokens on the host: on a GPU only where a streamer takes them anyway
