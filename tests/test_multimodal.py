@@ -207,3 +207,20 @@ def test_generate_checks_prompts_against_the_language_model_s_vocabulary(source,
     (small / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="vocabulary of 100 tokens"):
         generate_text(small, "some words that encode to ids past a hundred", max_new_tokens=2)
+
+
+def test_nested_config_keeps_a_key_the_edit_adds_in_text_config():
+    """A setting the edit adds to the language model's goes into text_config, not nowhere; nested
+    dicts (rope scaling) come back whole, and the top level's keys stay the top level's."""
+    original = {
+        "model_type": "vlm", "vision_config": {"depth": 1},
+        "text_config": {"num_experts": 8, "rope_scaling": {"type": "yarn", "factor": 4.0}},
+    }  # fmt: skip
+    edited = language_config(original) | {"num_experts": 4, "num_nextn_predict_layers": 0}
+    assert nested_config(edited, original) == {
+        "model_type": "vlm", "vision_config": {"depth": 1},
+        "text_config": {
+            "num_experts": 4, "rope_scaling": {"type": "yarn", "factor": 4.0}, "num_nextn_predict_layers": 0,
+        },
+    }  # fmt: skip
+    assert nested_config(language_config(original), original) == original

@@ -28,14 +28,16 @@ def language_config(config: Config) -> Config:
 def nested_config(edited: Config, original: Config) -> Config:
     """`edited` (a changed `language_config(original)`) in `original`'s shape: its text keys back in
     text_config, the others at the top (a key in both: changed in both where the edit changed it);
-    keys it dropped (a quantization_config) dropped there too."""
+    keys it dropped (a quantization_config) dropped there too, keys it added put in text_config
+    (settings of the language model)."""
     text = original.get(TEXT)
     if not isinstance(text, dict):
         return edited
+    added = {k: v for k, v in edited.items() if k not in text and k not in original}
     nested = {}
     for key, value in original.items():
         if key == TEXT:
-            nested[TEXT] = {k: edited[k] for k in text if k in edited}
+            nested[TEXT] = {k: edited[k] for k in text if k in edited} | added
         elif key in edited:  # a key in both places: the top one as it was, unless the edit changed it
             nested[key] = value if key in text and edited[key] == text[key] else edited[key]
     return nested
