@@ -364,7 +364,7 @@ def add_mtp_layer(path, seed: int = 1) -> dict[str, torch.Tensor]:
       embedding; num_nextn_predict_layers 1;
     - Qwen3-Next / Qwen3.5: `mtp.layers.0.` (the last full-attention
       layer's names) beside mtp.pre_fc_norm_embedding, mtp.pre_fc_norm_hidden, mtp.fc and mtp.norm
-      (norms zero-centred: they scale by 1 + weight).
+      (norms zero-centred: they scale by 1 + weight); mtp_num_hidden_layers 1.
 
     New values at unit scale, norms near their identity."""
     import json
@@ -396,6 +396,7 @@ def add_mtp_layer(path, seed: int = 1) -> dict[str, torch.Tensor]:
         mtp = layer_copy(f"{stem}{last}.", "mtp.layers.0.")
         mtp |= {f"mtp.{name}.weight": drawn(D) for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}
         mtp["mtp.fc.weight"] = drawn(D, 2 * D)
+        (config["text_config"] if "text_config" in config else config)["mtp_num_hidden_layers"] = 1
     else:  # DeepSeek-V3's
         prefix = f"model.layers.{n}."
         mtp = layer_copy(f"model.layers.{n - 1}.", prefix)

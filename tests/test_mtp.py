@@ -241,7 +241,8 @@ def test_drop_leaves_the_mtp_layer_out(source, tmp_path):
     report = compress_dropping_mtp(source, tmp_path / "out")
     assert report["mtp"] == {"policy": "drop", "layers": []}
     assert set(report["layers"]) == {str(i) for i in moe_and_mtp_layers(source)[0]}
-    assert json.loads((tmp_path / "out" / "config.json").read_text()).get("num_nextn_predict_layers", 0) == 0
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written.get("num_nextn_predict_layers", 0) == written.get("mtp_num_hidden_layers", 0) == 0
     assert not [k for k in load_file(tmp_path / "out" / "model.safetensors") if k.startswith(root)]
     with pytest.raises(ValueError, match="mtp policy"):
         compress(source, tmp_path / "bad", method="frequency", ratio=0.5, mtp="keep", quiet=True)
@@ -338,6 +339,7 @@ def test_qwen3_next_s_mtp_module_is_compressed_in_place(tmp_path, method):
     source = mtp_model(tmp_path / "src", "qwen3_next")
     report = compress(source, tmp_path / "out", method=method, ratio=0.5, calib_options=SMALL, quiet=True)
     assert report["mtp"] == {"policy": "prune", "layers": [4]} and "4" in report["layers"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["mtp_num_hidden_layers"] == 1
     written, original = (
         load_file(tmp_path / "out" / "model.safetensors"),
         load_file(source / "model.safetensors"),

@@ -141,6 +141,12 @@ def test_qwen3_5_s_mtp_module_is_compressed_with_the_language_model(tmp_path):
     report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
     assert report["mtp"] == {"policy": "prune", "layers": [4]}
     assert load_file(tmp_path / "out" / "model.safetensors")["mtp.layers.0.mlp.gate.weight"].shape[0] == 4
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]["mtp_num_hidden_layers"] == 1
+    with pytest.warns(UserWarning, match="left out of the output"):
+        compress(source, tmp_path / "drop", method="reap", ratio=0.5, calib_options=SMALL, mtp="drop", quiet=True)
+    written = json.loads((tmp_path / "drop" / "config.json").read_text())
+    assert written["text_config"]["mtp_num_hidden_layers"] == 0 and "mtp_num_hidden_layers" not in written
+    assert not [k for k in load_file(tmp_path / "drop" / "model.safetensors") if k.startswith("mtp.")]
 
 
 def test_nested_config_puts_each_key_back_where_the_file_had_it():
