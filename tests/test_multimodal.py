@@ -12,7 +12,7 @@ import pytest
 import torch
 from hf_tiny import DEEPSEEK, add_mtp_layer, build_multimodal
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from moelab.compress import CalibrationOptions, compress
 from moelab.data.tokenizer import TOKENIZER_DIR
