@@ -224,14 +224,15 @@ def test_multi_token_prediction_layers_with_experts_are_left_out(saved, tmp_path
         if k.startswith("backbone.layers.1.")
     }
     mtp["mtp.layers.0.eh_proj.weight"] = torch.randn(HYBRID["hidden_size"], 2 * HYBRID["hidden_size"])
+    mtp["mtp.norm.weight"] = torch.ones(HYBRID["hidden_size"])  # outside the layers: left out with them
     save_file(tensors | mtp, src / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
-    # moelab runs only DeepSeek-V3-style MTP layers: compress asks for the explicit choice to drop it
-    with pytest.raises(ValueError, match=r"mtp.layers.0., mtp.layers.1.\) that moelab cannot calibrate.*--mtp drop"):
+    # moelab does not run Nemotron-H's MTP module: compress asks for the explicit choice to drop it
+    with pytest.raises(ValueError, match=r"\(mtp.\) that moelab cannot calibrate.*--mtp drop"):
         check_compression(src, "reap", 0.5)
     with pytest.warns(
-        UserWarning, match=r"stored layers mtp.layers.0., mtp.layers.1. \(.*Nemotron-H's mtp.* left out"
+        UserWarning, match=r"stored layers mtp. \(.*Nemotron-H's mtp.* left out"
     ):
         drop_experts(src, tmp_path / "out", [0, 5], quiet=True)  # one of each router group of 4
     written = load_file(tmp_path / "out" / "model.safetensors")

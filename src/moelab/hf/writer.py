@@ -316,8 +316,8 @@ def unbuilt_layers(
     build) that hold routed experts the edit does not reach, so that the output leaves them out:
     the family's `mtp` layers not among the `edited` ones (each module whole, under its root:
     `model.layers.61.` for DeepSeek-V3, `mtp.` for Qwen3-Next), other stored layers past the
-    model's layer count, and every layer under the family's `mtp_prefix` where one of them has
-    routed experts (Nemotron-H's module spans `mtp.layers.0.` and `mtp.layers.1.`)."""
+    model's layer count, and, where a layer under the family's `mtp_prefix` has routed experts, the
+    module under its root (Nemotron-H's spans `mtp.layers.0.` and `mtp.layers.1.`: all of `mtp.`)."""
 
     def has_experts(prefix: str) -> bool:
         return any(layout.experts.present(ckpt, prefix) for layout in family.layouts)
@@ -337,8 +337,9 @@ def unbuilt_layers(
         mtp = {
             family.mtp_prefix.format(n=i): keys for i, keys in stored_layers(ckpt, family.mtp_prefix).items()
         }
-        if any(has_experts(prefix) for prefix in mtp if prefix not in known):
-            found |= {prefix: keys for prefix, keys in mtp.items() if prefix not in known}
+        if any(has_experts(prefix) for prefix in mtp if prefix not in known):  # the module whole, under its root
+            root = family.mtp_prefix.partition("layers.")[0]
+            found[root] = [key for key in under(root) if not key.startswith(tuple(known))]
     return found
 
 
