@@ -228,3 +228,33 @@ def test_norm_topk_prob_missing_from_config_json_is_renormalised(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with open_checkpoint(tmp_path) as view:
         assert view.layer(0).router.renormalize
+
+
+
+@pytest.mark.parametrize(
+    "model_type, config, follows",
+    [
+        ("glm4_moe", None, True),  # shared experts: n_shared_experts x moe_intermediate_size
+        ("dots1", None, True),
+        # dots3_note's: n_shared_experts x shared_experts_intermediate_size, a width key of their own
+        ("dots3_note_text", dict(
+            DEEPSEEK_LIKE, n_routed_experts=8, n_shared_experts=1, shared_experts_intermediate_size=24,
+            num_key_value_heads=4, pad_token_id=0,
+        ), False),
+    ],
+)  # fmt: skip
+def test_shared_experts_follow_the_routed_width_only_without_a_width_of_their_own(
+    tmp_path, monkeypatch, model_type, config, follows
+):
+    """A structural family's shared experts follow moe_intermediate_size (routed experts cannot
+    get narrower alone) where transformers computes their width from it, not where the config
+    gives them a width key of their own (which narrowing leaves alone)."""
+    from moelab.hf.adapters import resolve
+
+    if config is not None:
+        monkeypatch.setitem(CONFIGS, model_type, config)
+    _save(tmp_path, model_type)
+    _, checkpoint, family = resolve(tmp_path)
+    checkpoint.close()
+    assert family.name == f"{model_type} (structural)" and family.layouts[0].shared is not None
+    assert family.shared_width_follows is follows

@@ -45,6 +45,7 @@ _NUM_EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num
 _NUM_LAYERS = ("num_hidden_layers", "n_layers", "num_layers")
 _HIDDEN = ("hidden_size", "d_model")
 _CHECK_TOKENS = 8
+_SHARED_WIDTH = re.compile(r"shared.*(intermediate|ffn|hidden)_(size|dim)")  # a width key of their own
 _CHECK_RTOL = 1e-4
 
 
@@ -88,9 +89,11 @@ def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
             num_layers=_NUM_LAYERS,
             hidden_size=_HIDDEN,
             expert_width=("moe_intermediate_size",),
-            # DeepSeek's convention (GLM-4.5, GLM-5, DeepSeek-V3.2): n_shared_experts x the routed width
+            # DeepSeek's convention (GLM-4.5, GLM-5, DeepSeek-V3.2): n_shared_experts x the routed width,
+            # unless the config gives the shared experts a width of their own (Qwen's
+            # shared_expert_intermediate_size, dots3_note's shared_experts_intermediate_size)
             shared_width_follows=shared is not None and "n_shared_experts" in config
-            and "shared_expert_intermediate_size" not in config,
+            and not any(_SHARED_WIDTH.search(key) for key in config),
         )
         same_stem = {f"{stem}{k}.": keys for (s, k), keys in sorted(layers.items()) if s == stem}
         _check_claimed(ckpt, config, family.layouts[0], block, same_stem)
