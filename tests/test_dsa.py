@@ -81,30 +81,34 @@ def test_the_backward_run_is_autograd_through_the_whole_model(source):
     torch.testing.assert_close(grads[0], expected, atol=1e-5, rtol=1e-4)
 
 
-def test_a_calibration_interrupted_after_a_full_layer_resumes_to_the_same_statistics(
-    source, tmp_path, monkeypatch
-):
-    """Killed after layer 2 (a full layer, whose top-k layer 3 reuses), forward and backward
-    sweeps: the rerun reads the carried top-k from the snapshot and gives the uninterrupted run's
-    statistics."""
+@pytest.mark.parametrize("killed_at", [[1, 2], [1, 2, 3], [1, 2, 3, 3, 2]])
+def test_an_interrupted_calibration_resumes_to_the_same_statistics(source, tmp_path, monkeypatch, killed_at):
+    """Killed while writing a layer's statistics (the layers written so far: `killed_at`), before
+    its snapshot: in the forward sweep at layer 2 (a full layer) or 3 (a shared one, which reads
+    the top-k layer 2 handed on from the snapshot taken after layer 2), or in the backward sweep
+    at layer 2 (layer 1, a shared one, then reads layer 0's top-k from its tape). The rerun gives
+    the uninterrupted run's statistics."""
     import moelab.compress.calibration as calibrate_module
+    import moelab.compress.gradients as gradients_module
 
     options = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",), snapshot_seconds=0.0)
     whole = calibrate(source, tmp_path / "whole", options=options, quiet=True).directory
     real, written = calibrate_module.write_layer, []
 
-    def dies_after_layer_2(directory, stats):
+    def dies_in_layer(directory, stats):
         real(directory, stats)
         written.append(stats.layer)
-        if written == [1, 2]:
+        if written == killed_at:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(calibrate_module, "write_layer", dies_after_layer_2)
+    monkeypatch.setattr(calibrate_module, "write_layer", dies_in_layer)
+    monkeypatch.setattr(gradients_module, "write_layer", dies_in_layer)  # the backward sweep's
     directory = tmp_path / "partial"
     directory.mkdir()
     with pytest.raises(KeyboardInterrupt):
         run_calibration(source, directory, "corpus", options, quiet=True)
     monkeypatch.setattr(calibrate_module, "write_layer", real)
+    monkeypatch.setattr(gradients_module, "write_layer", real)
     run_calibration(source, directory, "corpus", options, quiet=True)
     for index in (1, 2, 3):
         a, b = Calibration(directory).layer(index).tensors(), Calibration(whole).layer(index).tensors()
