@@ -182,3 +182,26 @@ def test_glm_5_s_mtp_layer_runs_its_own_indexer_or_is_refused(tmp_path):
                     calib_options=SMALL,
                     quiet=True,
                 )
+
+
+def test_an_mtp_layer_after_a_shared_layer_runs_the_indexer_it_stores(tmp_path):
+    """The last layer shares the top-k of the one before it, but the MTP layer stores an indexer
+    of its own: it is built as a full layer (not as the shared one whose settings it takes) and
+    runs it."""
+    from hf_tiny import add_mtp_layer
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "src"
+    build("glm_moe_dsa", **GLM5).save_pretrained(source)  # FSFS: layer 3 is shared
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(source)
+    add_mtp_layer(source)
+    tensors = load_file(source / "model.safetensors")
+    indexer = "self_attn.indexer."
+    tensors |= {
+        k.replace("layers.2.", "layers.4."): torch.randn_like(v) * v.shape[-1] ** -0.5
+        for k, v in tensors.items()
+        if k.startswith("model.layers.2." + indexer)
+    }
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
+    assert report["mtp"] == {"policy": "prune", "layers": [4]}
