@@ -182,6 +182,15 @@ def test_glm_5_s_mtp_layer_runs_its_own_indexer_or_is_refused(tmp_path):
                     calib_options=SMALL,
                     quiet=True,
                 )
+            # what the refusal offers works: the layer left out of the calibration and the output
+            stats = calibrate(source, tmp_path / pattern / "stats", options=SMALL, quiet=True, mtp=False)
+            assert stats.mtp_layers == [] and stats.layers == [1, 2, 3]
+            with pytest.warns(UserWarning, match="left out of the output"):
+                report = compress(
+                    source, tmp_path / pattern / "dropped", method="reap", ratio=0.5, calib_options=SMALL, quiet=True,
+                    mtp="drop",
+                )  # fmt: skip
+            assert report["mtp"] == {"policy": "drop", "layers": []}
 
 
 def test_an_mtp_layer_after_a_shared_layer_runs_the_indexer_it_stores(tmp_path):

@@ -191,6 +191,7 @@ def run_calibration(
                 "(--calib-tokens) or longer windows (--seq-len)"
             )
         if info["mtp_layers"]:
+            runner.check_mtp()
             _check_mtp_windows(info["mtp_layers"][0], mixture, backward)
         batches = mixture.batches(options.batch_size)
         if len(batches) < world:  # a process without a batch has nothing to run the layers on

@@ -94,6 +94,7 @@ class LayerwiseModel:
         # several runs its decoder layers alone (compress refuses to prune such layers, and drops them)
         stored = [] if self.family is NATIVE else self.view.mtp_layers
         self.mtp_layers = stored if len(stored) == 1 else []
+        self._mtp_refused: str | None = None  # why the MTP layer cannot be run (`check_mtp`), if it cannot
         self._mtp_modules = {index: self._mtp_module(index) for index in self.mtp_layers}
         self._calls: list[
             list[tuple[tuple, dict]]
@@ -183,6 +184,7 @@ class LayerwiseModel:
         zeroed at position 0 where vLLM's drafter zeroes it; the norms are the family's own
         (Qwen3-Next's scale by 1 + weight). Also records the layer's other inputs (rotary tables,
         masks) at length S - 1."""
+        self.check_mtp()
         module = self._mtp_module_keys()
         embed_norm, hidden_norm, proj = (self._mtp_tensor(n) for n in (module.embed_norm, module.hidden_norm, module.proj))
         recorded: list = []
@@ -222,6 +224,11 @@ class LayerwiseModel:
 
         return _loss_gradients(batches, states, logits, scale, shift=2)
 
+    def check_mtp(self) -> None:
+        """Refuse (CheckpointError) a multi-token prediction layer moelab cannot run, before it runs."""
+        if self._mtp_refused is not None:
+            raise CheckpointError(self._mtp_refused)
+
     def _kwargs(self, batch: int, index: int) -> dict:
         """Layer `index`'s keyword inputs for batch `batch`, the carried value included."""
         kwargs = self._inputs(batch, index)[1]
@@ -258,9 +265,11 @@ class LayerwiseModel:
                 setattr(config, name, value + [value[like]] * (index + 1 - len(value)))
         if self.carried is not None:  # GLM-5: the MTP layer runs its own DSA indexer (no earlier layer at its length)
             if not any(key.startswith(self.family.prefix(index) + "self_attn.indexer.") for key in self._ckpt.keys()):
-                raise CheckpointError(
+                # refused when the layer is run, not here: a run that leaves it out (--mtp drop, --no-mtp) works
+                self._mtp_refused = (
                     f"{self.path}: the multi-token prediction layer {index} stores no DSA indexer of its own, and "
-                    "moelab does not hand it another layer's top-k; compress with --mtp drop to leave it out"
+                    "moelab does not hand it another layer's top-k; compress with --mtp drop (calibrate --no-mtp) "
+                    "to leave it out"
                 )
             config.indexer_types[index] = "full"
         with torch.device("meta"):
@@ -299,6 +308,8 @@ class LayerwiseModel:
         moelab's; freed again at the end."""
         if not self._calls:
             raise RuntimeError("call embed() first: the layers' inputs are recorded there")
+        if index in self._mtp_modules:
+            self.check_mtp()
         module = self._mtp_modules[index] if index in self._mtp_modules else self._layers[index]
         prefix = self.family.prefix(index) if index in self._mtp_modules else f"{self._layers_name}.{index}."
         restore = self._swap_moe_block(index, module, run_moe, cast_experts)
