@@ -19,6 +19,7 @@ from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import open_checkpoint
 from moelab.hf.edit import moe_output
 from moelab.hf.loading import load_causal_lm
+from moelab.hf.modules import decoder_layers
 from moelab.hf.multimodal import language_config, nested_config
 from moelab.hf.view import MoELayerView
 from moelab.offload import load_offloaded
@@ -47,6 +48,20 @@ MODELS = {
             projector_output_dim=32, vision_output_dim=32, image_size=28, patch_size=14,
         ),
         "language_model.model.layers.", "num_local_experts", "feed_forward",
+    ),
+    "qwen3_vl_moe": (
+        dict(COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+             num_experts_per_tok=2, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1]}),
+        dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=32),
+        "model.language_model.layers.", "num_local_experts", "mlp",
+    ),
+    "glm4v_moe": (
+        dict(COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+             n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1,
+             rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 0], "partial_rotary_factor": 0.5,
+                              "rope_theta": 10000.0}),
+        dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=32),
+        "model.language_model.layers.", "n_routed_experts", "mlp",
     ),
     "kimi_k25": (
         dict(DEEPSEEK, vocab_size=8192, q_lora_rank=16, model_type="deepseek_v3"),
@@ -97,10 +112,11 @@ def test_the_language_model_is_read_where_the_release_stores_it(source):
     with open_checkpoint(source) as view:
         layers = [view.layer(i) for i in range(view.num_layers)]
     moe = [(index, layer) for index, layer in enumerate(layers) if isinstance(layer, MoELayerView)]
-    assert moe and moe[-1][0] == len(layers) - 1  # Kimi-K2.5's first layer is dense
+    assert moe and moe[-1][0] == len(layers) - 1  # Kimi-K2.5's and GLM-4.5V's first layer is dense
+    _, decoder = decoder_layers(model, len(layers))  # Qwen3-VL-MoE: the vision-language model's own
     for index, layer in moe:
         with torch.no_grad():
-            want = getattr(model.model.layers[index], block)(x[None])
+            want = getattr(decoder[index], block)(x[None])
         want = (want[0] if isinstance(want, tuple) else want).reshape(6, 32)
         torch.testing.assert_close(moe_output(layer, x.double()).float(), want, atol=1e-5, rtol=1e-5)
 
@@ -141,9 +157,14 @@ def test_qwen3_5_s_mtp_module_is_compressed_with_the_language_model(tmp_path):
     report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
     assert report["mtp"] == {"policy": "prune", "layers": [4]}
     assert load_file(tmp_path / "out" / "model.safetensors")["mtp.layers.0.mlp.gate.weight"].shape[0] == 4
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]["mtp_num_hidden_layers"] == 1
+    assert (
+        json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]["mtp_num_hidden_layers"]
+        == 1
+    )
     with pytest.warns(UserWarning, match="left out of the output"):
-        compress(source, tmp_path / "drop", method="reap", ratio=0.5, calib_options=SMALL, mtp="drop", quiet=True)
+        compress(
+            source, tmp_path / "drop", method="reap", ratio=0.5, calib_options=SMALL, mtp="drop", quiet=True
+        )
     written = json.loads((tmp_path / "drop" / "config.json").read_text())
     assert written["text_config"]["mtp_num_hidden_layers"] == 0 and "mtp_num_hidden_layers" not in written
     assert not [k for k in load_file(tmp_path / "drop" / "model.safetensors") if k.startswith("mtp.")]

@@ -35,6 +35,7 @@ import inspect
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -79,8 +80,8 @@ class LayerwiseModel:
         self._float32 = float32_names(self.model, dtype)
         self._layers_name, self._layers = decoder_layers(self.model, self.num_layers)
         self._stored_as = tied_names(self.model, self._ckpt)
-        expected = self.family.layer_prefix.format(n=0)
-        if _as_stored(f"{self._layers_name}.0.", self.family.stored_renames) != expected:
+        expected = self.family.layer_prefix.format(n=0)  # a vision-language skeleton holds it as stored
+        if expected not in (f"{self._layers_name}.0.", _as_stored(f"{self._layers_name}.0.", self.family.stored_renames)):
             raise CheckpointError(
                 f"{self.path}: the model's decoder layers are named {self._layers_name}.N in memory but "
                 f"{expected.replace('0', 'N')} on disk; this family cannot be run layer by layer"
@@ -501,14 +502,10 @@ def skeleton(path: Path, config: dict, family) -> nn.Module:
 
 
 def transformers_skeleton(config) -> nn.Module:
-    """The transformers causal LM of `config` with its parameters on the meta device; the
-    buffers it computes itself (rotary tables) are made as `from_pretrained` makes them."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    config = causal_lm_config(config)
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    if not isinstance(config, cls.config_class):  # a multimodal config mapped to its language model (Qwen3.5)
-        config = config.get_text_config()
+    """The transformers language model of `config` (`language_model_class`) with its parameters on
+    the meta device; the buffers it computes itself (rotary tables) are made as `from_pretrained`
+    makes them."""
+    cls, config = language_model_class(config)
     with contextlib.ExitStack() as stack:
         for context in cls.get_init_context(torch.float32, False, False, None):
             stack.enter_context(context)
@@ -519,16 +516,21 @@ def transformers_skeleton(config) -> nn.Module:
     return model.eval()
 
 
-def causal_lm_config(config):
-    """The transformers config to build `config`'s causal LM from: itself where transformers maps
-    it to one, else its text config where that has one (Kimi-K2.5's DeepSeek-V3); a
-    CheckpointError where neither does."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+def language_model_class(config) -> tuple[type, Any]:
+    """(the transformers class, its config) that runs `config`'s language model on token ids: its
+    causal LM; for a multimodal config, the causal LM transformers maps it to (Qwen3.5) or the one
+    of its text config (Kimi-K2.5's DeepSeek-V3), else the vision-language model itself, which runs
+    text alone (Qwen3-VL-MoE, GLM-4.5V); a CheckpointError where transformers has none."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        return config
-    if type(text := config.get_text_config()) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        return text
+    text = config.get_text_config()
+    for cls, settings in (
+        (MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None), config),
+        (MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text), None), text),
+        (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING.get(type(config), None), config),
+    ):
+        if cls is not None:
+            return cls, settings if isinstance(settings, cls.config_class) else text
     raise CheckpointError(f"transformers has no causal LM for model_type {config.model_type!r}")
 
 

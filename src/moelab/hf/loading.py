@@ -32,19 +32,17 @@ def load_causal_lm(
     `from_pretrained` (dtype, ...). allow_unexpected: tolerate checkpoint tensors the model does
     not use (a real checkpoint's multi-token-prediction layers, say); unused_prefixes: tolerate
     those whose names start so."""
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
-    kwargs = _language_model_of_multimodal(path) | kwargs
+    cls, extra = _language_model(path)
     with _transformers_loading(path, quiet):
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = cls.from_pretrained(
             path,
             output_loading_info=True,
             ignore_mismatched_sizes=True,
             use_safetensors=True,
             local_files_only=True,
             trust_remote_code=False,
-            **kwargs,
+            **(extra | kwargs),
         )
     mismatched = [
         f"{key} (checkpoint {list(found)}, model {list(wanted)})"
@@ -69,25 +67,29 @@ def load_causal_lm(
     return model.eval()
 
 
-def _language_model_of_multimodal(path: Path) -> dict[str, Any]:
-    """from_pretrained's arguments for a multimodal checkpoint whose own type transformers does not
-    load as a causal LM (Kimi-K2.5): the language model's config, and its stored names mapped to the
-    causal LM's (`Family.stored_renames`); none for any other checkpoint."""
-    from transformers import AutoConfig
+def _language_model(path: Path) -> tuple[Any, dict[str, Any]]:
+    """(the class, from_pretrained's extra arguments) that load checkpoint `path`'s language model
+    (`moelab.hf.layerwise.language_model_class`): AutoModelForCausalLM where transformers maps the
+    checkpoint to a causal LM; for a multimodal release it maps to none, the text model's causal LM
+    with its config and the stored names mapped to its own (Kimi-K2.5), or the vision-language model
+    (Qwen3-VL-MoE)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
 
     from moelab.hf.adapters import resolve
-    from moelab.hf.layerwise import causal_lm_config
+    from moelab.hf.layerwise import language_model_class
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        text = causal_lm_config(config)
+        cls, settings = language_model_class(config)
     except (CheckpointError, ValueError, OSError):  # transformers' own loading says what is wrong
-        return {}
-    if text is config:
-        return {}
+        return AutoModelForCausalLM, {}
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM, {}
+    if settings is config:
+        return cls, {}
     _, ckpt, family = resolve(path)
     ckpt.close()
-    return {"config": text, "key_mapping": {"^" + re.escape(disk): memory for memory, disk in family.stored_renames}}
+    return cls, {"config": settings, "key_mapping": {"^" + re.escape(disk): mem for mem, disk in family.stored_renames}}
 
 
 @contextmanager

@@ -539,6 +539,7 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     size, config = torch.empty((), dtype=dtype).element_size(), model.config
     if isinstance(model, MoETransformer):
         return 2 * config.n_layers * config.n_kv_heads * config.head_dim * size
+    config = config.get_text_config()  # a vision-language model's: its language model's
     if getattr(config, "kv_lora_rank", None):
         per_layer = config.kv_lora_rank + config.qk_rope_head_dim
     else:
