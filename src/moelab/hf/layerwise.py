@@ -66,8 +66,10 @@ class LayerwiseModel:
     view: its checkpoint view; num_layers: decoder layers; moe_layers: the indices of those with
     routed experts; mtp_layers: the multi-token prediction layer's index past them, if the
     checkpoint stores one with routed experts (`Family.mtp_layers`; none for a chain of several).
-    dtype: the dtype layers compute
-    in (tensors are cast as they are read).
+    dtype: the dtype layers compute in (tensors are cast as they are read). carried: the name of
+    what a decoder layer hands the next one besides the hidden states (GLM-5's DSA top-k), None for
+    most families; carry: per batch, the value of it the next layer run reads (calibration saves it
+    with the hidden states).
     """
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype = torch.float32):
@@ -187,7 +189,7 @@ class LayerwiseModel:
         masks) at length S - 1."""
         self.check_mtp()
         module = self._mtp_module_keys()
-        embed_norm, hidden_norm, proj = (self._mtp_tensor(n) for n in (module.embed_norm, module.hidden_norm, module.proj))
+        embed_norm, hidden_norm, proj = map(self._mtp_tensor, (module.embed_norm, module.hidden_norm, module.proj))
         recorded: list = []
         feed: list[Tensor] = []
         self._mtp_calls = []
