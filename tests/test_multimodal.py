@@ -251,3 +251,18 @@ def test_nested_config_keeps_a_key_the_edit_adds_in_text_config():
         },
     }  # fmt: skip
     assert nested_config(language_config(original), original) == original
+
+
+def test_a_config_transformers_refuses_is_a_checkpoint_error(tmp_path):
+    """load_causal_lm reads the config before it picks the class to load: a config transformers'
+    validation refuses is a CheckpointError naming the checkpoint, as it was from from_pretrained."""
+    from moelab.hf.checkpoint import CheckpointError
+
+    for name, config in {
+        "rope": {"model_type": "qwen3_moe", "rope_scaling": 5},
+        "layers": {"model_type": "qwen3_vl_moe", "text_config": {"num_hidden_layers": "two"}},
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=f"transformers cannot load {tmp_path / name}"):
+            load_causal_lm(tmp_path / name, quiet=True)

@@ -33,8 +33,8 @@ def load_causal_lm(
     not use (a real checkpoint's multi-token-prediction layers, say); unused_prefixes: tolerate
     those whose names start so."""
     path = Path(path)
-    cls, extra = _language_model(path)
-    with _transformers_loading(path, quiet):
+    with _transformers_loading(path, quiet):  # a config transformers refuses too: a CheckpointError
+        cls, extra = _language_model(path)
         model, info = cls.from_pretrained(
             path,
             output_loading_info=True,
