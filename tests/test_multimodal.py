@@ -253,6 +253,30 @@ def test_nested_config_keeps_a_key_the_edit_adds_in_text_config():
     assert nested_config(language_config(original), original) == original
 
 
+def test_trace_and_eval_read_the_language_model_s_vocabulary_and_context(source):
+    """A release run as its vision-language model (Qwen3-VL-MoE, GLM-4.5V) keeps vocab_size and
+    max_position_embeddings in its text config only: trace and eval read them there, not a
+    missing top-level entry (an AttributeError) nor a 2,048-token default."""
+    from moelab.eval.evaluate import LoadedLM
+    from moelab.trace.model import load_model, wrap_model
+
+    text = json.loads((source / "config.json").read_text())["text_config"]
+    loaded = load_model(source, quiet=True)
+    assert (loaded.vocab_size, loaded.max_seq_len) == (text["vocab_size"], text["max_position_embeddings"])
+    wrapped = wrap_model(loaded.model, loaded.view)
+    assert (wrapped.vocab_size, wrapped.max_seq_len) == (text["vocab_size"], text["max_position_embeddings"])
+    assert LoadedLM(source).max_len == text["max_position_embeddings"]
+
+
+def test_generation_past_the_language_model_s_context_is_refused(source):
+    from moelab.offload.model import generate_ids
+
+    model = load_causal_lm(source, allow_unexpected=True)
+    model.config.get_text_config().max_position_embeddings = 8  # the language model's context
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate_ids(model, torch.tensor([[1, 5, 9]]), 6)
+
+
 def test_a_config_transformers_refuses_is_a_checkpoint_error(tmp_path):
     """load_causal_lm reads the config before it picks the class to load: a config transformers'
     validation refuses is a CheckpointError naming the checkpoint, as it was from from_pretrained."""

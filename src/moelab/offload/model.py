@@ -289,7 +289,7 @@ def generate_ids(
             f"compile=True needs a moelab model; this is transformers' {type(model).__name__}, which decodes "
             "eagerly (drop compile)"
         )
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)  # a VLM's: its text model's
     if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(
             f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceed the model's "

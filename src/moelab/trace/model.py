@@ -74,7 +74,7 @@ def wrap_model(model: nn.Module, view: ModelView | None = None, name: str | None
             )
         return LoadedModel(model, name or type(model).__name__, None, None, config.vocab_size, config.max_seq_len)
     view = view or open_checkpoint(model.name_or_path)
-    vocab, max_len = model.config.vocab_size, hf_max_len(model.config)
+    vocab, max_len = model.config.get_text_config().vocab_size, hf_max_len(model.config)
     return LoadedModel(model, name or str(view.path), view, None, vocab, max_len)
 
 
@@ -83,7 +83,8 @@ def _load_transformers(path: Path, dtype: torch.dtype, quiet: bool) -> LoadedMod
     view.check()  # every MoE layer's tensors against config.json, from the shard headers
     model = load_causal_lm(path, dtype=dtype, quiet=quiet, allow_unexpected=True)
     encoder = checkpoint_encoder(path)
-    return LoadedModel(model, str(path), view, encoder, model.config.vocab_size, hf_max_len(model.config))
+    vocab = model.config.get_text_config().vocab_size  # a vision-language model's: its language model's
+    return LoadedModel(model, str(path), view, encoder, vocab, hf_max_len(model.config))
 
 
 def checkpoint_encoder(path: str | os.PathLike, *, native: bool = False) -> Encoder | None:
@@ -135,7 +136,9 @@ def _hf_encoder(tokenizer) -> Encoder:
 
 
 def hf_max_len(config) -> int:
-    """The longest sequence a transformers config allows (2,048 where it names none)."""
+    """The longest sequence a transformers config allows (2,048 where it names none); a
+    vision-language model's config: its language model's."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in ("max_position_embeddings", "max_seq_len", "n_positions"):
         if getattr(config, key, None):
             return int(getattr(config, key))
