@@ -359,7 +359,7 @@ def add_mtp_layer(path, seed: int = 1) -> dict[str, torch.Tensor]:
     """Give the tiny checkpoint saved at `path` a multi-token prediction layer, stored as its
     family's releases store it, and return the layer's tensors:
 
-    - DeepSeek-V3 / GLM-4.5: decoder layer `num_hidden_layers` (the last layer's tensor names)
+    - DeepSeek-V3 / GLM-4.5 (GLM-4.5V: under model.language_model.): decoder layer `num_hidden_layers` (the last layer's tensor names)
       beside its enorm, hnorm, eh_proj, shared_head.norm, shared_head.head and a copy of the
       embedding; num_nextn_predict_layers 1;
     - Qwen3-Next / Qwen3.5: `mtp.layers.0.` (the last full-attention
@@ -397,16 +397,17 @@ def add_mtp_layer(path, seed: int = 1) -> dict[str, torch.Tensor]:
         mtp |= {f"mtp.{name}.weight": drawn(D) for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")}
         mtp["mtp.fc.weight"] = drawn(D, 2 * D)
         (config["text_config"] if "text_config" in config else config)["mtp_num_hidden_layers"] = 1
-    else:  # DeepSeek-V3's
-        prefix = f"model.layers.{n}."
-        mtp = layer_copy(f"model.layers.{n - 1}.", prefix)
+    else:  # DeepSeek-V3's (GLM-4.5V: under model.language_model.)
+        root = "model.language_model." if "text_config" in config else "model."
+        prefix = f"{root}layers.{n}."
+        mtp = layer_copy(f"{root}layers.{n - 1}.", prefix)
         mtp |= {prefix + f"{name}.weight": 1 + drawn(D) for name in ("enorm", "hnorm", "shared_head.norm")}
         mtp |= {
             prefix + "eh_proj.weight": drawn(D, 2 * D),
             prefix + "shared_head.head.weight": drawn(V, D),
-            prefix + "embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+            prefix + "embed_tokens.weight": tensors[f"{root}embed_tokens.weight"].clone(),
         }
-        config["num_nextn_predict_layers"] = 1
+        (config["text_config"] if "text_config" in config else config)["num_nextn_predict_layers"] = 1
     save_file(tensors | mtp, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return mtp

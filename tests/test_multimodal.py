@@ -170,6 +170,18 @@ def test_qwen3_5_s_mtp_module_is_compressed_with_the_language_model(tmp_path):
     assert not [k for k in load_file(tmp_path / "drop" / "model.safetensors") if k.startswith("mtp.")]
 
 
+@pytest.mark.parametrize("method", ["reap", "heapr"])
+def test_glm_4_5v_s_mtp_layer_is_calibrated_through_the_vision_language_model(tmp_path, method):
+    """GLM-4.5V runs as its vision-language model, whose base model holds the language model (and
+    its final norm, which the MTP layer's inputs and drafts go through) one level down."""
+    source = multimodal_model(tmp_path / "src", "glm4v_moe")
+    add_mtp_layer(source)
+    report = compress(source, tmp_path / "out", method=method, ratio=0.5, calib_options=SMALL, quiet=True)
+    assert report["mtp"] == {"policy": "prune", "layers": [2]} and report["reload_checked"]
+    if method == "reap":  # HEAPr narrows experts instead
+        assert load_file(tmp_path / "out" / "model.safetensors")["model.language_model.layers.2.mlp.gate.weight"].shape[0] == 4
+
+
 def test_nested_config_puts_each_key_back_where_the_file_had_it():
     original = {
         "model_type": "vlm", "tie_word_embeddings": False, "quantization_config": {"quant_method": "fp8"},

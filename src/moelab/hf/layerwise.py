@@ -288,10 +288,13 @@ class LayerwiseModel:
         return self.num_layers - 1
 
     def _final_norm(self) -> nn.Module:
-        norm = getattr(self.model.base_model, "norm", None)
+        # a vision-language skeleton's base model holds its language model (`get_decoder`), which holds the norm
+        base = self.model.base_model
+        base = base if hasattr(base, "norm") or not hasattr(base, "get_decoder") else base.get_decoder()
+        norm = getattr(base, "norm", None)
         if not isinstance(norm, nn.Module):
             raise CheckpointError(
-                f"{self.path}: moelab finds no final norm (`norm`) in {type(self.model.base_model).__name__}, whose "
+                f"{self.path}: moelab finds no final norm (`norm`) in {type(base).__name__}, whose "
                 "kind the multi-token prediction layer's norms share; compress with --mtp drop to leave the layer out"
             )
         return norm
