@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from moelab.compress import CalibrationOptions, compress
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import open_checkpoint
+from moelab.hf.adapters import resolve
 from moelab.hf.edit import moe_output
 from moelab.hf.loading import load_causal_lm
 from moelab.hf.modules import decoder_layers
@@ -141,14 +142,28 @@ def test_compress_writes_config_json_in_its_shape_and_copies_the_vision_tower(so
 
 
 def test_offloaded_decoding_gives_transformers_tokens(source):
+    """...holding none of the vision tower's tensors (Qwen3-VL-MoE and GLM-4.5V decode as their
+    vision-language model, whose tower text never reaches)."""
     ids = torch.tensor([[1, 5, 9, 33, 2]])
     model = load_causal_lm(source, allow_unexpected=True)
     want = model.generate(ids, max_new_tokens=6, do_sample=False)
     offloaded = load_offloaded(source, resident=0.5)
     try:
         assert torch.equal(offloaded.generate(ids, 6), want)
+        held = [name for name, _ in offloaded.model.named_parameters()]
+        assert held and not [name for name in held if "visual" in name or "vision" in name]
     finally:
         offloaded.close()
+
+
+def test_only_a_vision_language_skeleton_has_modules_text_never_reaches(source):
+    from moelab.hf.layerwise import skeleton
+    from moelab.hf.modules import beside_language_model
+
+    config, ckpt, family = resolve(source)
+    ckpt.close()
+    outside = beside_language_model(skeleton(source, config, family))
+    assert outside == (["model.visual"] if family_of(source) in ("qwen3_vl_moe", "glm4v_moe") else [])
 
 
 def test_qwen3_5_s_mtp_module_is_compressed_with_the_language_model(tmp_path):
@@ -211,7 +226,6 @@ def test_dequantize_writes_the_dtype_where_the_language_model_reads_it(tmp_path)
     text_config (where moelab reads it as quantized too)."""
     from quantized_tiny import fp8_release
 
-    from moelab.hf.adapters import resolve
     from moelab.hf.dequantize import dequantize_checkpoint
 
     fp8_release(multimodal_model(tmp_path / "plain", "qwen3_5_moe"), tmp_path / "top")

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
-from moelab.hf.modules import decoder_layers, find_moe_modules
+from moelab.hf.modules import beside_language_model, decoder_layers, find_moe_modules
 from moelab.hf.mtp import MTPModule
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import ModelView, MoELayerView
@@ -393,8 +393,9 @@ class LayerwiseModel:
             None if head else next((name for name, m in self.model.named_modules() if m is module), None)
         )
         loaded, tensors = [], {}
+        skipped = tuple(f"{name}." for name in (self._layers_name, head_name, *beside_language_model(self.model)) if name)
         for name, p in self.model.named_parameters():  # a tied head's weight is listed under the embedding
-            if name.startswith(self._layers_name + ".") or (head_name and name.startswith(head_name + ".")):
+            if name.startswith(skipped):  # the vision tower of a vision-language skeleton: text never reaches it
                 continue
             key = stored_key(self._ckpt, self._stored_as.get(name, name), self.family.stored_renames)
             if key not in self._ckpt:

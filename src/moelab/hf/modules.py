@@ -41,6 +41,23 @@ def decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleLis
     return lists[0]
 
 
+def beside_language_model(model: nn.Module) -> list[str]:
+    """The modules of a vision-language `model` (a skeleton run on text alone: Qwen3-VL-MoE) that
+    text never reaches: those holding parameters outside its language model (`get_decoder()`) and
+    output head, the vision tower and its projector; none for a causal LM."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if decoder is None or decoder is model:
+        return []
+    text = {id(p) for part in (decoder, head) if part is not None for p in part.parameters()}
+    outside = [
+        name
+        for name, module in model.named_modules()
+        if name and any(True for _ in module.parameters()) and all(id(p) not in text for p in module.parameters())
+    ]
+    return [name for name in outside if not any(name.startswith(other + ".") for other in outside)]
+
+
 @dataclass(frozen=True)
 class MoEModules:
     """The MoE modules of one decoder layer, by their names inside it. block: the smallest module

@@ -42,7 +42,7 @@ from moelab.hf.layerwise import (
     tied_names,
 )
 from moelab.hf.layouts import config_entry
-from moelab.hf.modules import decoder_layers, find_moe_modules
+from moelab.hf.modules import beside_language_model, decoder_layers, find_moe_modules
 from moelab.hf.native import latent_from_view, router_from_view, shared_from_view
 from moelab.hf.view import MoELayerView
 from moelab.memory import available_memory
@@ -472,6 +472,9 @@ def load_offloaded(
         found[index] = find_moe_modules(layers[index], index, store.num_experts, views[index].router.weight.shape[1])
     moved = {i: found[i].experts if own else found[i].block for i in store.moe_layers}
     skip = [f"{layers_name}.{i}.{name}" for i, name in moved.items()]
+    for name in beside_language_model(model):  # a vision-language model decodes text without its vision tower
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
     if converted:
         _load_converted(model, store, dtype, skip)
     else:
