@@ -98,7 +98,8 @@ def compress(
         raise ValueError(f"a global budget ranks scores across layers; {method!r} does not score experts")
     check_choice("mtp policy", mtp, MTP_POLICIES)
     align = check_keep_quantized(model) if keep_quantized else 1  # refused before calibrating
-    keep = _planned(model, chosen, ratio, align, mtp)  # checks before any calibration: shapes only, no weights read
+    mtp_layers = _mtp_layers(model, mtp)
+    keep = _planned(model, chosen, ratio, align, mtp_layers)  # checks before any calibration: shapes only, no weights read
     if protect_super_experts:
         chosen.check_protection()
     fit = router_fit or RouterFit()
@@ -126,7 +127,7 @@ def compress(
         report = _report(
             model, out, chosen, ratio, calibration, stats, protect_super_experts, protect, sources, budget, fit
         )
-        report["mtp"] = {"policy": mtp, "layers": _mtp_layers(model, mtp)}
+        report["mtp"] = {"policy": mtp, "layers": mtp_layers}
         decisions = _decide(model, staging, chosen, calibration, sources, targets, budget, report, quiet)
         timings["decisions_s"] = round(time.perf_counter() - begin, 3)
         if fit.steps:
@@ -164,17 +165,17 @@ def _after(staging: Path, report: dict[str, Any]) -> dict[str, int]:
 def check_compression(model: str | os.PathLike, method: str, ratio: float, **method_options: Any) -> None:
     """Raise the error `compress` would give for this method and ratio on `model` before
     calibrating (reads the shard headers only); for jobs that run many compressions later."""
-    _planned(Path(model), get_method(method, **method_options), ratio)
+    _planned(Path(model), get_method(method, **method_options), ratio, mtp_layers=_mtp_layers(Path(model), "prune"))
 
 
 def _planned(
-    model: Path, method: Method, ratio: float, align: int = 1, mtp: str = "prune"
+    model: Path, method: Method, ratio: float, align: int = 1, mtp_layers: Sequence[int] = ()
 ) -> dict[int, tuple[Any, int | float]]:
-    """{MoE layer (the multi-token prediction layer's too, unless mtp is "drop"): (its RouterView,
-    the experts it keeps)}; for a method that narrows experts instead, how many experts' worth of
-    parameters it keeps (in widths that are multiples of `align`: a quantized output's blocks)."""
+    """{MoE layer (and multi-token prediction layer `mtp_layers`): (its RouterView, the experts it
+    keeps)}; for a method that narrows experts instead, how many experts' worth of parameters it
+    keeps (in widths that are multiples of `align`: a quantized output's blocks)."""
     planned = {}
-    for i, layer in _layer_views(model, method, align, _mtp_layers(model, mtp)).items():
+    for i, layer in _layer_views(model, method, align, mtp_layers).items():
         router, where = layer.router, f"layer {i}: "
         keep = share_kept(router.num_experts, ratio) if method.narrows else plan_target(router, ratio, where)
         method.check_width(layer.experts.hidden_dim, router.num_experts, keep, where)
