@@ -73,7 +73,8 @@ def drop_experts(
     **kwargs: Any,
 ) -> Path:
     """Write `source` without the experts `drop`: a list of ids (dropped in every MoE layer, a
-    multi-token prediction layer's included) or {layer index: ids}. Keyword arguments go to `write_checkpoint`. Returns `out`."""
+    multi-token prediction layer's included) or {layer index: ids}. Keyword arguments go to
+    `write_checkpoint`. Returns `out`."""
     config, ckpt, family = resolve(source)
     ckpt.close()
     E = config_entry(config, family.num_experts)[1]
