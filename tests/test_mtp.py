@@ -213,7 +213,13 @@ def test_its_draft_loss_gradient_is_the_one_autograd_gives(source):
     torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# one of each kind in the default suite (scores, merging, narrowing, re-running layers); the rest slow
+DEFAULT_METHODS = {"reap", "hc_smoe", "heapr", "naee"}
+
+
+@pytest.mark.parametrize(
+    "method", [m if m in DEFAULT_METHODS else pytest.param(m, marks=pytest.mark.slow) for m in sorted(METHODS)]
+)
 def test_every_method_compresses_the_mtp_layer_with_the_others(tmp_path, method):
     """The MTP layer gets the method's decision on its own statistics (HEAPr's from its own
     draft loss): the output keeps it with the new expert count (or width), num_nextn_predict_layers
