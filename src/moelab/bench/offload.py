@@ -54,6 +54,7 @@ from moelab.bench.skipping import test_batches
 from moelab.data.tokenizer import load_tokenizer
 from moelab.files import read_json_object
 from moelab.generate import model_in_memory
+from moelab.hf.multimodal import language_config
 from moelab.models import MoETransformer
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import generate_ids, warm_start
@@ -220,8 +221,7 @@ def run(models: dict[str, Path], options: OffloadOptions, progress=None) -> dict
 
 def _check_vocabulary(path: Path) -> None:
     """The bench decodes moelab's corpus in moelab's tokenizer's ids: the model must embed them all."""
-    config = read_json_object(path / "config.json", "a model config")
-    vocab = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+    vocab = language_config(read_json_object(path / "config.json", "a model config")).get("vocab_size")
     needed = load_tokenizer().get_vocab_size()
     if isinstance(vocab, int) and vocab < needed:
         raise ValueError(
