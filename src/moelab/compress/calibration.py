@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moelab.compress.distributed import agreed, join_torchrun, reduce_statistics
-from moelab.compress.gradients import backward_layer, backward_sweep, load_carry, save_tape, with_carry
+from moelab.compress.gradients import backward_layer, backward_sweep, load_snapshot, save_tape, with_carry
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture, build_mixture
 from moelab.compress.observers import DEFAULT_OBSERVERS, OBSERVERS, MoECall, Tokens, eager_moe
 from moelab.compress.stats import (
@@ -37,7 +37,6 @@ from moelab.compress.stats import (
     write_info,
     write_layer,
 )
-from moelab.files import load_safetensors
 from moelab.hf.adapters import NATIVE
 from moelab.hf.layerwise import LayerwiseModel
 from moelab.io import StagedOutput, clear_staging, save_safetensors
@@ -209,9 +208,7 @@ def run_calibration(
         start = agreed(start, world, "min")
         mtp_pending = bool(info["mtp_layers"]) and not (same_job and previous.get("mtp_done"))
         if 0 < start < runner.num_layers or (start == runner.num_layers and mtp_pending):
-            saved = load_safetensors(resume_file)
-            states = [saved[f"batch{b}"].to(dtype) for b in range(len(states))]
-            runner.carry = load_carry(saved, len(states))
+            states, runner.carry = load_snapshot(resume_file, len(states), dtype)
         elif start == 0 and rank == 0:
             clear_staging(directory)
         seconds = previous.get("seconds", 0.0) if start > 0 else 0.0

@@ -50,9 +50,10 @@ def with_carry(states: list[Tensor], carry: list[Tensor | None]) -> dict[str, Te
     return saved | {f"carry{b}": c.contiguous() for b, c in enumerate(carry) if c is not None}
 
 
-def load_carry(saved: dict[str, Tensor], count: int) -> list[Tensor | None]:
-    """The carried values of a snapshot (`with_carry`) of `count` batches."""
-    return [saved.get(f"carry{b}") for b in range(count)]
+def load_snapshot(path: Path, count: int, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor | None]]:
+    """(states in `dtype`, carried values) of a snapshot (`with_carry`) of `count` batches."""
+    saved = load_safetensors(path)
+    return [saved[f"batch{b}"].to(dtype) for b in range(count)], [saved.get(f"carry{b}") for b in range(count)]
 
 
 def _load_batches(path: Path, prefix: str, count: int, dtype: torch.dtype) -> list[Tensor]:
@@ -92,9 +93,8 @@ def backward_sweep(
         start = top
     snapped = time.perf_counter()
     for index in tqdm(range(start, -1, -1), desc="backward sweep", unit="layer", disable=quiet):
-        saved = load_safetensors(tape_file(directory, rank, world, index))
-        states = [saved[f"batch{b}"].to(dtype) for b in range(len(ids))]
-        runner.carry = load_carry(saved, len(ids))  # what the layer before handed this one in the forward sweep
+        # the carry: what the layer before handed this one in the forward sweep
+        states, runner.carry = load_snapshot(tape_file(directory, rank, world, index), len(ids), dtype)
         results = backward_layer(runner, index, states, grads, tokens, names, num_sources)
         if results is not None:
             _add_to_layer(directory, index, results, world, rank)

@@ -165,8 +165,7 @@ class Calibration:
         return [s["domain"] for s in self.info["mixture"]["sources"]]
 
     def layer(self, index: int) -> LayerStats:
-        if index not in self.layers + self.mtp_layers:
-            have = self.layers + self.mtp_layers
+        if index not in (have := self.layers + self.mtp_layers):
             raise ValueError(f"{self.directory} has no statistics for layer {index}; it has {have}")
         return read_layer(self.directory, index, tuple(self.sources))
 
