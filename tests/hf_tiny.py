@@ -230,6 +230,29 @@ TINY = {
         block=lambda model, i: model.model.layers[i].feed_forward,
         path="model.layers.{i}.feed_forward",
     ),
+    "hy_v3": Tiny(
+        dict(
+            WIDTHS,
+            head_dim=8,
+            num_experts=4,
+            num_shared_experts=1,
+            router_scaling_factor=1.5,
+            mlp_layer_types=["dense", "sparse"],
+        ),
+        dense=(0,),
+    ),
+    "laguna": Tiny(
+        dict(
+            WIDTHS,
+            head_dim=8,
+            num_experts=4,
+            shared_expert_intermediate_size=24,
+            moe_routed_scaling_factor=1.5,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=16,
+        ),
+        dense=(0,),
+    ),
     "minimax_m2": Tiny(
         dict(COMMON, head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
     ),
@@ -306,7 +329,7 @@ TINY = {
 COMPRESS_SLOW = frozenset(
     {
         "exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid",
-        "kimi_linear", "nemotron_h",
+        "kimi_linear", "nemotron_h", "hy_v3", "laguna",
     }
 )
 

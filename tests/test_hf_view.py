@@ -322,6 +322,8 @@ def test_dense_model_with_unknown_type_lists_supported_families(tmp_path):
         "jamba",
         "ernie4_5_moe",
         "granitemoehybrid",
+        "hy_v3",
+        "laguna",
     } <= FAMILIES.keys()
 
 
@@ -795,6 +797,24 @@ def test_ernie_with_a_floor_under_its_weight_sum_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(moe_router_logit_softcapping=30.0), r"sets moe_router_logit_softcapping 30\.0: its router caps"),
+        (dict(moe_apply_router_weight_on_input=True), r"sets moe_apply_router_weight_on_input: the router weights"),
+    ],
+    ids=["softcapping", "weight-on-input"],
+)
+def test_lagunas_routing_options_moelab_does_not_compute_are_refused(tmp_path, overrides, message):
+    """Laguna's tanh-capped router logits, and router weights on the experts' input (which
+    transformers refuses to build), are refused by name rather than read as plain sigmoid routing."""
+    build("laguna").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | overrides))
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(tmp_path).layer(1)
+
+
+@pytest.mark.parametrize(
     "family,overrides",
     [
         ("jamba", dict(expert_layer_period=3, expert_layer_offset=2)),
@@ -803,9 +823,12 @@ def test_ernie_with_a_floor_under_its_weight_sum_is_refused(tmp_path):
         ("ernie4_5_moe", dict(moe_layer_start_index=1, moe_layer_end_index=2)),
         ("exaone_moe", dict(mlp_layer_types=["sparse", "dense", "sparse", "dense"], n_group=1)),
         ("afmoe", dict(num_dense_layers=2)),
+        ("hy_v3", dict(mlp_layer_types=["sparse", "dense", "dense", "sparse"])),
+        ("laguna", dict(mlp_layer_types=["dense", "sparse", "dense", "sparse"], layer_types=["full_attention"] * 4)),
         ("lfm2_moe", dict(num_dense_layers=3, layer_types=["conv", "full_attention"] * 2)),
     ],
-    ids=["jamba-period3", "jamba-offset0", "ernie-interval2", "ernie-end2", "exaone-types", "afmoe", "lfm2"],
+    ids=["jamba-period3", "jamba-offset0", "ernie-interval2", "ernie-end2", "exaone-types", "afmoe", "hy_v3",
+         "laguna", "lfm2"],
 )
 def test_the_moe_layers_are_transformers(tmp_path, family, overrides):
     """Over 4 layers, the layers a config makes sparse are those transformers builds an MoE block in
@@ -821,7 +844,7 @@ def test_the_moe_layers_are_transformers(tmp_path, family, overrides):
 
 
 NEW_FAMILIES = ["exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe",
-                "granitemoehybrid"]  # fmt: skip
+                "granitemoehybrid", "hy_v3", "laguna"]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -142,6 +142,41 @@ def _lfm2_moe(config: Config) -> dict:
     }
 
 
+def _hy_v3(config: Config) -> dict:
+    """Hunyuan 3 (HY-V3): sigmoid, the block's correction bias steers selection only, always
+    renormalised, x router_scaling_factor (HYV3Config's default 2.826); no groups."""
+    return {
+        "score_func": "sigmoid",
+        "top_k": _top_k(config),
+        "renormalize": True,
+        "route_scale": float(config_value(config, "router_scaling_factor", default=2.826)),
+    }
+
+
+def _laguna(config: Config) -> dict:
+    """Laguna: sigmoid, the correction bias steers selection only, always renormalised, the routed
+    output x moe_routed_scaling_factor; no groups. Its two options that change the routing otherwise
+    (tanh soft-capped router logits, router weights applied to the experts' input) are refused."""
+    softcap = config_value(config, "moe_router_logit_softcapping", default=0.0)
+    if softcap:
+        raise CheckpointError(
+            f"this Laguna config sets moe_router_logit_softcapping {softcap!r}: its router caps the logits with "
+            "tanh, which moelab's routers do not; only 0 (no capping) is read"
+        )
+    if config_flag(config, "moe_apply_router_weight_on_input", default=False):
+        raise CheckpointError(
+            "this Laguna config sets moe_apply_router_weight_on_input: the router weights scale the experts' "
+            "input, where moelab's routers weight their output (transformers does not run it either)"
+        )
+    return {
+        "score_func": "sigmoid",
+        "top_k": _top_k(config),
+        "renormalize": True,
+        "route_scale": float(config_value(config, "moe_routed_scaling_factor", default=1.0)),
+        "scaled_after_experts": True,
+    }
+
+
 def _softmax_top_k(config: Config) -> dict:
     """Jamba: top-k of the softmax over all experts, never renormalised."""
     return {"score_func": "softmax", "top_k": _top_k(config), "renormalize": False}
@@ -310,9 +345,10 @@ def _first_dense_layers(key: str, default: int) -> Callable[[Config, int], bool]
     return lambda config, i: i >= config_value(config, key, default=default)
 
 
-def _exaone_sparse_layer(config: Config, i: int) -> bool:
-    """mlp_layer_types ("dense" / "sparse" per layer, what EXAONE-MoE's config writes), else
-    the first `first_k_dense_replace` layers are dense."""
+def _mlp_layer_types(config: Config, i: int) -> bool:
+    """mlp_layer_types ("dense" / "sparse" per layer, what the configs of EXAONE-MoE, Kimi-Linear,
+    HY-V3 and Laguna write), else the first `first_k_dense_replace` layers are dense (the first
+    one where the key is absent too, as the config classes fill it in)."""
     kinds = config.get("mlp_layer_types")
     if kinds is None:
         return i >= config_value(config, "first_k_dense_replace", default=1)
@@ -494,6 +530,32 @@ def _ernie4_5_moe_layouts() -> tuple[Layout, ...]:
     )  # fmt: skip
 
 
+def _hy_v3_layouts() -> tuple[Layout, ...]:
+    """The qwen2_moe experts. On disk: router mlp.router.gate, its correction bias the block's
+    mlp.expert_bias, shared experts mlp.shared_mlp; fused, transformers' names: mlp.gate,
+    mlp.e_score_correction_bias, mlp.shared_experts."""
+    per_expert, fused = _qwen2_moe_layouts()
+    return (
+        Layout(RouterKeys("mlp.router.gate.weight", selection_bias="mlp.expert_bias"), per_expert.experts,
+               _shared("mlp.shared_mlp")),
+        Layout(RouterKeys("mlp.gate.weight", selection_bias="mlp.e_score_correction_bias"), fused.experts,
+               _shared("mlp.shared_experts")),
+    )  # fmt: skip
+
+
+def _laguna_layouts() -> tuple[Layout, ...]:
+    """The qwen2_moe experts. On disk: the correction bias is mlp.experts.e_score_correction_bias,
+    the shared expert mlp.shared_expert; fused, transformers' names: mlp.gate.e_score_correction_bias,
+    mlp.shared_experts."""
+    per_expert, fused = _qwen2_moe_layouts()
+    return (
+        Layout(RouterKeys("mlp.gate.weight", selection_bias="mlp.experts.e_score_correction_bias"),
+               per_expert.experts, _shared("mlp.shared_expert")),
+        Layout(RouterKeys("mlp.gate.weight", selection_bias=_DEEPSEEK_BIAS), fused.experts,
+               _shared("mlp.shared_experts")),
+    )  # fmt: skip
+
+
 def _jamba_layouts() -> tuple[Layout, ...]:
     """The qwen2_moe pattern under feed_forward, router feed_forward.router."""
     router = RouterKeys("feed_forward.router.weight")
@@ -591,10 +653,10 @@ _FAMILIES = (
            router_settings=_deepseek_v3, is_moe_layer=_deepseek_sparse_layer(default_first_dense=3),
            expert_width=_MOE_WIDTH, shared_width_follows=True),
     Family("exaone_moe", layouts=_exaone_moe_layouts(), num_experts=("num_experts",),
-           router_settings=_exaone_moe, is_moe_layer=_exaone_sparse_layer, expert_width=_MOE_WIDTH,
+           router_settings=_exaone_moe, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
            shared_width_follows=True),
     Family("kimi_linear", layouts=_kimi_linear_layouts(), num_experts=("num_experts", "num_local_experts"),
-           router_settings=_kimi_linear, is_moe_layer=_exaone_sparse_layer, expert_width=_MOE_WIDTH,
+           router_settings=_kimi_linear, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
            shared_width_follows=True, stored_renames=_KIMI_RENAMES),
     Family("afmoe", layouts=_afmoe_layouts(), num_experts=("num_experts",), router_settings=_afmoe,
            is_moe_layer=_first_dense_layers("num_dense_layers", default=1), expert_width=_MOE_WIDTH,
@@ -609,6 +671,11 @@ _FAMILIES = (
     Family("ernie4_5_moe", layouts=_ernie4_5_moe_layouts(), num_experts=("moe_num_experts", "num_experts"),
            router_settings=_ernie4_5_moe, is_moe_layer=_ernie_sparse_layer, expert_width=_MOE_WIDTH,
            shared_width_follows=True),
+    Family("hy_v3", layouts=_hy_v3_layouts(), num_experts=("num_experts", "num_local_experts"),
+           router_settings=_hy_v3, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
+           shared_width_follows=True),
+    Family("laguna", layouts=_laguna_layouts(), num_experts=("num_experts",), router_settings=_laguna,
+           is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH),
     Family("jamba", layouts=_jamba_layouts(), num_experts=("num_experts",), router_settings=_softmax_top_k,
            is_moe_layer=_jamba_sparse_layer, dense_width_follows=True),
     Family("nemotron_h", layouts=_nemotron_h_layouts(), num_experts=("n_routed_experts", "num_local_experts"),

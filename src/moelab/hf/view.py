@@ -40,6 +40,9 @@ class RouterView:
       weights it by a softmax over the logits l with (m - l) / max(|l|, m) <= 2 * jitter_eps.
 
     weight: [E, D]; bias: [E] | None (added to the logits); selection_bias: [E] | None.
+    scaled_after_experts: transformers' block multiplies the experts' summed output by
+    `route_scale` instead of their weights (Laguna): the same output, but the weights its experts
+    module is handed leave the scale out.
     """
 
     weight: Tensor
@@ -52,6 +55,7 @@ class RouterView:
     bias: Tensor | None = None
     selection_bias: Tensor | None = None
     jitter_eps: float = 0.0
+    scaled_after_experts: bool = False
 
     def __post_init__(self):
         if self.score_func not in SCORE_FUNCS:

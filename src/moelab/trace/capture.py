@@ -246,9 +246,10 @@ class RoutingCapture:
             self._handles.append(
                 router_module.register_forward_hook(_on_hf_router(tap, router), with_kwargs=True)
             )
+            scale = router.route_scale if layer_view.router.scaled_after_experts else 1.0
             self._handles.append(
                 experts_module.register_forward_hook(
-                    _on_hf_experts(tap, experts_module, self.expert_stats), with_kwargs=True
+                    _on_hf_experts(tap, experts_module, self.expert_stats, scale), with_kwargs=True
                 )
             )
             if self.expert_stats and shared_down is not None:
@@ -311,9 +312,10 @@ def _on_hf_router(tap: _LayerTap, router: Router):
     return hook
 
 
-def _on_hf_experts(tap: _LayerTap, experts: nn.Module, expert_stats: bool):
-    """Read what the block used: `experts(hidden [T, D], top_k_index [T, K], top_k_weights [T, K])`,
-    or the router's dense scores when the experts get pre-scaled rows (Llama 4)."""
+def _on_hf_experts(tap: _LayerTap, experts: nn.Module, expert_stats: bool, scale: float = 1.0):
+    """Read what the block used: `experts(hidden [T, D], top_k_index [T, K], top_k_weights [T, K])`
+    (times `scale` where the block scales the experts' sum afterwards), or the router's dense scores
+    when the experts get pre-scaled rows (Llama 4)."""
 
     def hook(module: nn.Module, args, kwargs, output: Tensor) -> None:
         recomputed, tap.pending = tap.pending, None
@@ -325,7 +327,7 @@ def _on_hf_experts(tap: _LayerTap, experts: nn.Module, expert_stats: bool):
             index = index.reshape(-1, index.shape[-1]).long()
             index = index.masked_fill((index < 0) | (index >= tap.num_experts), -1)
             used = LayerRouting(
-                index, weights.reshape(index.shape).float(), recomputed.entropy, recomputed.logits
+                index, weights.reshape(index.shape).float() * scale, recomputed.entropy, recomputed.logits
             )
             if expert_stats:
                 _slotwise_expert_max(tap, experts, hidden.reshape(-1, hidden.shape[-1]), index)
