@@ -253,6 +253,17 @@ TINY = {
         ),
         dense=(0,),
     ),
+    "kolibri1": Tiny(
+        dict(
+            WIDTHS,
+            head_dim=8,
+            num_local_experts=4,
+            shared_expert_intermediate_size=24,
+            norm_topk_prob=True,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=16,
+        ),
+    ),
     "minimax_m2": Tiny(
         dict(COMMON, head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
     ),
@@ -329,7 +340,7 @@ TINY = {
 COMPRESS_SLOW = frozenset(
     {
         "exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid",
-        "kimi_linear", "nemotron_h", "hy_v3", "laguna",
+        "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1",
     }
 )
 

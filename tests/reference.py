@@ -121,9 +121,10 @@ def route_topk(
     n_group: int = 1,
     topk_group: int = 1,
     selection_bias: Tensor | None = None,
+    select_on_logits: bool = False,
 ) -> RefRouting:
     """Token-choice top-k. Scores = softmax or sigmoid of the logits. Selection ranks
-    score + selection_bias; with n_group > 1 only the experts of the topk_group best groups (of
+    score + selection_bias (select_on_logits: logit + selection_bias); with n_group > 1 only the experts of the topk_group best groups (of
     E/n_group consecutive experts; group score = sum of the group's two best selection values for
     sigmoid, its best for softmax) compete. Weights: the un-biased scores of the chosen experts,
     divided by their sum if renormalize, times route_scale. Slot j = the j-th best chosen expert."""
@@ -133,8 +134,8 @@ def route_topk(
     for t in range(T):
         logits = _token_logits(x[t], W, b)
         scores = softmax(logits) if score_func == "softmax" else sigmoid(logits)
-        score_values = scores.detach().tolist()
-        select = [score_values[e] + bias[e] for e in range(E)]
+        ranked_values = (logits if select_on_logits else scores).detach().tolist()
+        select = [ranked_values[e] + bias[e] for e in range(E)]
         candidates = list(range(E))
         if n_group > 1:
             size = E // n_group

@@ -324,6 +324,7 @@ def test_dense_model_with_unknown_type_lists_supported_families(tmp_path):
         "granitemoehybrid",
         "hy_v3",
         "laguna",
+        "kolibri1",
     } <= FAMILIES.keys()
 
 
@@ -844,7 +845,7 @@ def test_the_moe_layers_are_transformers(tmp_path, family, overrides):
 
 
 NEW_FAMILIES = ["exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe",
-                "granitemoehybrid", "hy_v3", "laguna"]  # fmt: skip
+                "granitemoehybrid", "hy_v3", "laguna", "kolibri1"]  # fmt: skip
 
 
 @pytest.mark.parametrize(

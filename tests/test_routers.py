@@ -42,6 +42,7 @@ TOPK_SETTINGS = {
     "router-bias": dict(top_k=2, bias=True),
     "expert-bias": dict(top_k=2, selection_bias=True),
     "expert-bias-sigmoid-groups": dict(top_k=3, score_func="sigmoid", n_group=4, topk_group=2, selection_bias=True),
+    "expert-bias-on-logits": dict(top_k=3, score_func="sigmoid", selection_bias=True, select_on_logits=True),
 }
 TOPP_SETTINGS = {
     "p0.1": dict(top_p=0.1),
@@ -80,6 +81,7 @@ def _ref(router, x, w, b, g):
         return route_topk(
             x, w, b, top_k=router.top_k, score_func=router.score_func, renormalize=router.renormalize,
             route_scale=router.route_scale, n_group=router.n_group, topk_group=router.topk_group, selection_bias=eb,
+            select_on_logits=router.select_on_logits,
         )
     if isinstance(router, TopPRouter):
         return route_topp(x, w, b, top_p=router.top_p, max_k=router.top_k, renormalize=router.renormalize)
@@ -304,6 +306,32 @@ def test_expert_bias_changes_selection_not_weights():
     chosen = scores.gather(1, biased.indices)
     torch.testing.assert_close(biased.weights, chosen / chosen.sum(-1, keepdim=True))
     torch.testing.assert_close(biased.probs, plain.probs)  # losses see the un-biased distribution
+
+
+def test_a_bias_on_the_logits_chooses_otherwise_than_on_the_scores():
+    """Kolibri1's rule (top-k of logits + bias) against DeepSeek-V3's (scores + bias): the same bias
+    picks other experts (sigmoid flattens large logits, so a bias moves a strong expert's score less
+    than its logit), and the weights stay the chosen experts' sigmoid scores either way."""
+    torch.manual_seed(0)
+    on_scores = TopKRouter(D, E, 2, score_func="sigmoid", selection_bias=True)
+    on_logits = TopKRouter(D, E, 2, score_func="sigmoid", selection_bias=True, select_on_logits=True)
+    on_logits.load_state_dict(on_scores.state_dict())
+    with torch.no_grad():
+        for router in (on_scores, on_logits):
+            router.weight.mul_(8)
+            router.selection_bias.copy_(torch.linspace(0, 0.7, E))
+    x = _x()
+    a, b = on_scores(x), on_logits(x)
+    assert not torch.equal(a.indices, b.indices)
+    expected = torch.topk(b.logits + on_logits.selection_bias, 2).indices
+    assert torch.equal(b.indices, expected)
+    chosen = b.logits.sigmoid().gather(1, b.indices)
+    torch.testing.assert_close(b.weights, chosen / chosen.sum(-1, keepdim=True))
+
+
+def test_a_bias_on_the_logits_is_refused_with_expert_groups():
+    with pytest.raises(ValueError, match="select_on_logits with expert groups is not defined"):
+        TopKRouter(D, E, 2, score_func="sigmoid", n_group=2, topk_group=1, select_on_logits=True)
 
 
 def test_expert_bias_is_a_buffer_without_gradient():

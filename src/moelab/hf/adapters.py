@@ -177,6 +177,18 @@ def _laguna(config: Config) -> dict:
     }
 
 
+def _kolibri1(config: Config) -> dict:
+    """Kolibri1: the top-k of the logits plus the correction bias (before the sigmoid), weights the
+    sigmoid of the chosen logits, renormalised if norm_topk_prob (class default False); no scaling
+    or groups."""
+    return {
+        "score_func": "sigmoid",
+        "top_k": _top_k(config),
+        "renormalize": config_flag(config, "norm_topk_prob", default=False),
+        "select_on_logits": True,
+    }
+
+
 def _softmax_top_k(config: Config) -> dict:
     """Jamba: top-k of the softmax over all experts, never renormalised."""
     return {"score_func": "softmax", "top_k": _top_k(config), "renormalize": False}
@@ -556,6 +568,18 @@ def _laguna_layouts() -> tuple[Layout, ...]:
     )  # fmt: skip
 
 
+def _kolibri1_layouts() -> tuple[Layout, ...]:
+    """The qwen2_moe pattern with shared experts; the correction bias is stored beside the block,
+    as moe.router.expert_bias (mlp.gate.e_score_correction_bias fused, transformers' name)."""
+    per_expert, fused = _qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS)
+    router = RouterKeys("mlp.gate.weight", selection_bias="moe.router.expert_bias")
+    return dataclasses.replace(per_expert, router=router), fused
+
+
+# transformers' renames of Kolibri1's sandwich norms (in memory, on disk)
+_KOLIBRI1_RENAMES = (("post_self_attn_layernorm", "post_attn_norm"), ("post_mlp_layernorm", "post_ffn_norm"))
+
+
 def _jamba_layouts() -> tuple[Layout, ...]:
     """The qwen2_moe pattern under feed_forward, router feed_forward.router."""
     router = RouterKeys("feed_forward.router.weight")
@@ -676,6 +700,8 @@ _FAMILIES = (
            shared_width_follows=True),
     Family("laguna", layouts=_laguna_layouts(), num_experts=("num_experts",), router_settings=_laguna,
            is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH),
+    Family("kolibri1", layouts=_kolibri1_layouts(), num_experts=("num_local_experts", "num_experts"),
+           router_settings=_kolibri1, expert_width=_MOE_WIDTH, stored_renames=_KOLIBRI1_RENAMES),
     Family("jamba", layouts=_jamba_layouts(), num_experts=("num_experts",), router_settings=_softmax_top_k,
            is_moe_layer=_jamba_sparse_layer, dense_width_follows=True),
     Family("nemotron_h", layouts=_nemotron_h_layouts(), num_experts=("n_routed_experts", "num_local_experts"),

@@ -222,7 +222,8 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
         "router": (
             layer.router,
             new.router,
-            ("score_func", "top_k", "renormalize", "route_scale", "n_group", "topk_group", "jitter_eps"),
+            ("score_func", "top_k", "renormalize", "route_scale", "n_group", "topk_group", "jitter_eps",
+             "select_on_logits"),
         ),
         "experts": (
             layer.experts,

@@ -164,6 +164,7 @@ def _router(view: RouterView) -> Router:
         n_group=view.n_group,
         topk_group=view.topk_group,
         selection_bias=view.selection_bias is not None,
+        select_on_logits=view.select_on_logits,
         bias=view.bias is not None,
     )
 

@@ -33,7 +33,8 @@ class RouterView:
     - "softmax" / "sigmoid": scores = f(logits); the top_k experts by `scores + selection_bias`
       (the correction bias steers selection only), optionally limited to the best `topk_group`
       of `n_group` expert groups; weights = the chosen scores, divided by their sum if
-      `renormalize`, times `route_scale`. Families that take the top-k of the logits and then
+      `renormalize`, times `route_scale`; with `select_on_logits` the top_k by `logits +
+      selection_bias` instead (Kolibri1). Families that take the top-k of the logits and then
       a softmax over the k (GPT-OSS, Granite, DBRX with L1 norm) are "softmax" with
       `renormalize=True`: the two are equal.
     - "sparsemixer" (PhiMoE, inference): two rounds; each picks the best remaining logit m and
@@ -55,6 +56,7 @@ class RouterView:
     bias: Tensor | None = None
     selection_bias: Tensor | None = None
     jitter_eps: float = 0.0
+    select_on_logits: bool = False
     scaled_after_experts: bool = False
 
     def __post_init__(self):

@@ -143,6 +143,7 @@ class TopKRouter(Router):
 
     scores = softmax(logits) or sigmoid(logits). Selection uses `scores + selection_bias` (the
     aux-loss-free balancing bias, a buffer moved by `update_selection_bias`, never by gradients),
+    or with `select_on_logits` `logits + selection_bias` (Kolibri1 biases the logits it picks from),
     optionally limited to the best `topk_group` of `n_group` expert groups. The combine
     weights are the un-biased scores of the chosen experts, renormalised to sum to one if
     `renormalize`, times `route_scale`.
@@ -160,6 +161,7 @@ class TopKRouter(Router):
         n_group: int = 1,
         topk_group: int = 1,
         selection_bias: bool = False,
+        select_on_logits: bool = False,
         bias: bool = False,
     ):
         super().__init__(dim, num_experts, bias=bias)
@@ -167,12 +169,18 @@ class TopKRouter(Router):
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
         check_groups(num_experts, top_k, n_group, topk_group)
+        if select_on_logits and n_group > 1:
+            raise ValueError(
+                "select_on_logits with expert groups is not defined (groups are scored on the scores); "
+                "use n_group=1 or select on the scores"
+            )
         self.top_k = top_k
         self.score_func = score_func
         self.renormalize = renormalize
         self.route_scale = route_scale
         self.n_group = n_group
         self.topk_group = topk_group
+        self.select_on_logits = select_on_logits
         # Aux-loss-free balancing (DeepSeek-V3): the bias changes which experts are chosen, not
         # the combine weights. tokens_per_expert counts load in training forwards (training mode, with
         # gradients) for the update.
@@ -193,7 +201,8 @@ class TopKRouter(Router):
         if masked is not None:  # ReXMoE's progressive scaling: masked experts score 0
             logits = logits.masked_fill(~masked, float("-inf"))
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
-        choice = scores if self.selection_bias is None else scores + self.selection_bias
+        choice = logits if self.select_on_logits else scores
+        choice = choice if self.selection_bias is None else choice + self.selection_bias
         if masked is not None:
             choice = choice.masked_fill(~masked, float("-inf"))
         if self.n_group > 1:
