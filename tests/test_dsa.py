@@ -155,6 +155,39 @@ def test_the_backward_sweep_hands_each_layer_the_top_k_of_its_forward_run(source
         torch.testing.assert_close(captured["grads"][b], expected, atol=1e-7, rtol=1e-4, msg=f"batch {b}")
 
 
+def test_the_tapes_keep_the_top_k_only_for_the_layers_that_read_it(source, tmp_path, monkeypatch):
+    """A full DSA layer computes its own top-k: the tape of the states entering it, and the resume
+    snapshot before it, hold no carried indices (at real lengths they weigh as much as the states);
+    a shared layer's hold the top-k of the full layer before it."""
+    from safetensors import safe_open
+
+    import moelab.compress.calibration as calibrate_module
+    from moelab.compress.gradients import tape_file
+
+    def carried(keys) -> int:
+        return sum(k.startswith("carry") for k in keys)
+
+    snapshots, tapes = [], {}
+    real_save, real_tape = calibrate_module.save_safetensors, calibrate_module.save_tape
+
+    def save(tensors, path, *args, **kwargs):
+        snapshots.append(carried(tensors))
+        return real_save(tensors, path, *args, **kwargs)
+
+    def tape(directory, rank, world, index, states, carry=()):
+        real_tape(directory, rank, world, index, states, carry)
+        with safe_open(tape_file(directory, rank, world, index), "pt") as f:
+            tapes[index] = carried(f.keys())
+
+    monkeypatch.setattr(calibrate_module, "save_safetensors", save)
+    monkeypatch.setattr(calibrate_module, "save_tape", tape)
+    options = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",), snapshot_seconds=0.0)
+    calibrate(source, tmp_path / "stats", options=options, quiet=True)
+    batches = tapes[1]
+    assert batches > 0 and tapes == {0: 0, 1: batches, 2: 0, 3: batches, 4: 0}
+    assert snapshots == [batches, 0, batches]  # after layers 0, 1 and 2: entering 1 (shared), 2 (full), 3
+
+
 def test_glm_5_s_mtp_layer_runs_its_own_indexer_or_is_refused(tmp_path):
     """The MTP layer reads windows one token shorter than any layer before it, so it cannot reuse
     their top-k: one that stores its own indexer runs it; one that does not is refused by name."""

@@ -228,7 +228,7 @@ def run_calibration(
         layers = range(start, runner.num_layers)
         for index in tqdm(layers, desc=f"calibrate {model.name}", unit="layer", disable=quiet):
             if backward:
-                save_tape(directory, rank, world, index, states, runner.carry)
+                save_tape(directory, rank, world, index, states, runner.carry_read_by(index))
             stats = _calibrate_layer(runner, index, states, tokens, mixture, options, world)
             if stats is not None:
                 coverage[str(index)] = int((stats.counts.sum((0, 1)) < COVERAGE_MIN_TOKENS).sum())
@@ -239,7 +239,7 @@ def run_calibration(
             info |= {"seconds": round(now - began, 3), "coverage": coverage}
             if last or agreed(now - snapped >= options.snapshot_seconds, world, "max"):
                 if not last or mtp_pending:  # the MTP layer starts from the last layer's output
-                    save_safetensors(with_carry(states, runner.carry), resume_file)
+                    save_safetensors(with_carry(states, runner.carry_read_by(index + 1)), resume_file)
                 if last and backward:
                     save_tape(directory, rank, world, index + 1, states)
                 info["done"] = index

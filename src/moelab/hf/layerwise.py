@@ -329,6 +329,16 @@ class LayerwiseModel:
                 setattr(parent, name, original)
             release_freed_memory()
 
+    def carry_read_by(self, index: int) -> list[Tensor | None]:
+        """`carry` where layer `index` reads it, else nothing: what a snapshot of the states entering
+        layer `index` must keep. GLM-5's "full" DSA layers compute their own top-k (their attention has
+        an indexer) and ignore the one handed to them; its "shared" layers and a layer of unknown kind
+        read it."""
+        if self.carried is None or index >= self.num_layers:
+            return []
+        attention = getattr(self._layers[index], "self_attn", None)
+        return [] if getattr(attention, "indexer", None) is not None else self.carry
+
     def moe_view(self, index: int) -> MoELayerView | None:
         layer = self.view.layer(index)
         return layer if isinstance(layer, MoELayerView) else None
