@@ -35,6 +35,11 @@ CONFIGS = {
     ),
     "dots1": dict(DEEPSEEK_LIKE, n_routed_experts=8, n_shared_experts=1),
     "cohere2_moe": dict(SMALL, intermediate_size=16, num_experts=4),
+    # their experts are intermediate_size wide, and their configs have no moe_intermediate_size
+    "minimax": dict(COMMON, head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+                    layer_types=["full_attention"] * 2),
+    "flex_olmo": dict(COMMON, intermediate_size=16, num_experts=4, num_experts_per_tok=2, pad_token_id=0,
+                      eos_token_id=1),
     "flint": dict(SMALL, num_experts=4, shared_expert_intermediate_size=16, mlp_only_layers=[]),
     "kimi_linear": dict(
         DEEPSEEK_LIKE, num_experts=8, num_expert_group=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
@@ -236,6 +241,10 @@ def test_norm_topk_prob_missing_from_config_json_is_renormalised(tmp_path):
     [
         ("glm4_moe", None, True),  # shared experts: n_shared_experts x moe_intermediate_size
         ("dots1", None, True),
+        # Cohere2-MoE's summed shared experts: num_shared_experts x intermediate_size, its routed width
+        ("cohere2_moe", dict(
+            CONFIGS["cohere2_moe"], num_shared_experts=1, shared_expert_combination_strategy="sum"
+        ), True),
         # dots3_note's: n_shared_experts x shared_experts_intermediate_size, a width key of their own
         ("dots3_note_text", dict(
             DEEPSEEK_LIKE, n_routed_experts=8, n_shared_experts=1, shared_experts_intermediate_size=24,
@@ -246,9 +255,9 @@ def test_norm_topk_prob_missing_from_config_json_is_renormalised(tmp_path):
 def test_shared_experts_follow_the_routed_width_only_without_a_width_of_their_own(
     tmp_path, monkeypatch, model_type, config, follows
 ):
-    """A structural family's shared experts follow moe_intermediate_size (routed experts cannot
-    get narrower alone) where transformers computes their width from it, not where the config
-    gives them a width key of their own (which narrowing leaves alone)."""
+    """A structural family's shared experts follow the routed experts' width key (routed experts
+    cannot get narrower alone) where transformers computes their width from it, not where the
+    config gives them a width key of their own (which narrowing leaves alone)."""
     from moelab.hf.adapters import resolve
 
     if config is not None:
@@ -258,3 +267,24 @@ def test_shared_experts_follow_the_routed_width_only_without_a_width_of_their_ow
     checkpoint.close()
     assert family.name == f"{model_type} (structural)" and family.layouts[0].shared is not None
     assert family.shared_width_follows is follows
+
+
+@pytest.mark.parametrize("model_type", ["cohere2_moe", "minimax", "flex_olmo"])
+def test_narrowed_experts_are_written_to_the_width_key_transformers_reads(tmp_path, model_type):
+    """These families' experts are intermediate_size wide (their transformers configs have no
+    moe_intermediate_size, which Cohere2-MoE's config.json here carries all the same): HEAPr's
+    narrower experts are written there, and the output reloads."""
+    from test_compress import TOKENIZER_DIR
+    from test_compress_heapr import BACKWARD
+    from transformers import PreTrainedTokenizerFast
+
+    from moelab.compress import calibrate, compress
+
+    _save(tmp_path / "m", model_type, vocab_size=8192)  # the shipped corpus' tokenizer
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp_path / "m")
+    stats = calibrate(tmp_path / "m", tmp_path / "s", options=BACKWARD, quiet=True).directory
+    report = compress(tmp_path / "m", tmp_path / "out", method="heapr", ratio=0.25, stats=stats, quiet=True)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert report["options"] == {"layout": "uniform"} and report["reload_checked"]
+    assert config["intermediate_size"] == 12
+    assert config.get("moe_intermediate_size") == CONFIGS[model_type].get("moe_intermediate_size")

@@ -45,6 +45,7 @@ _NUM_EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num
 _NUM_LAYERS = ("num_hidden_layers", "n_layers", "num_layers")
 _HIDDEN = ("hidden_size", "d_model")
 _CHECK_TOKENS = 8
+_EXPERT_WIDTH = ("moe_intermediate_size", "intermediate_size")
 _SHARED_WIDTH = re.compile(r"shared.*(intermediate|ffn|hidden)_(size|dim)")  # a width key of their own
 _CHECK_RTOL = 1e-4
 
@@ -88,18 +89,30 @@ def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
             stored_renames=language_renames(stem),
             num_layers=_NUM_LAYERS,
             hidden_size=_HIDDEN,
-            expert_width=("moe_intermediate_size",),
-            # DeepSeek's convention (GLM-4.5, GLM-5, DeepSeek-V3.2): n_shared_experts x the routed width,
-            # unless the config gives the shared experts a width of their own (Qwen's
-            # shared_expert_intermediate_size, dots3_note's shared_experts_intermediate_size)
-            shared_width_follows=shared is not None and "n_shared_experts" in config
-            and not any(_SHARED_WIDTH.search(key) for key in config),
+            expert_width=_expert_width(config),
+            # a multiple of the routed width (DeepSeek's n_shared_experts x moe_intermediate_size: GLM-4.5,
+            # GLM-5, DeepSeek-V3.2; Cohere2-MoE's num_shared_experts x intermediate_size), unless the config
+            # gives the shared experts a width of their own (Qwen's shared_expert_intermediate_size,
+            # dots3_note's shared_experts_intermediate_size)
+            shared_width_follows=shared is not None and not any(_SHARED_WIDTH.search(key) for key in config),
         )
         same_stem = {f"{stem}{k}.": keys for (s, k), keys in sorted(layers.items()) if s == stem}
         _check_claimed(ckpt, config, family.layouts[0], block, same_stem)
         _checked_once(ckpt, config, family, n, f"{prefix}{block}")
         return family
     return None
+
+
+def _expert_width(config: Config) -> tuple[str, ...]:
+    """The config key of the routed experts' width: the first of _EXPERT_WIDTH that transformers' config
+    class for the model_type declares (Cohere2-MoE's, FlexOlmo's and MiniMax's experts are
+    intermediate_size wide: they have no moe_intermediate_size), the first where it declares none
+    or transformers does not know the model_type."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    declared = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else object
+    return ([key for key in _EXPERT_WIDTH if hasattr(declared, key)] or _EXPERT_WIDTH)[:1]
 
 
 def _experts(rests: set[str]) -> tuple[str, PerExpert | FusedGateUp] | None:
