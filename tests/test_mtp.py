@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hf_tiny import COMMON, DEEPSEEK, add_mtp_layer, build, load
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
 from moelab.compress import METHODS, Calibration, CalibrationOptions, calibrate, compress
@@ -335,6 +335,36 @@ def test_an_fp8_release_keeps_its_mtp_layer_quantized(tmp_path):
         written[k].dtype == torch.float8_e4m3fn and k + "_scale_inv" in written for k in experts
     )
     assert written["model.layers.2.eh_proj.weight"].dtype == torch.float8_e4m3fn
+
+
+def test_keep_quantized_refuses_an_mtp_layer_it_cannot_write_before_calibrating(tmp_path, monkeypatch):
+    """An FP8 release whose MTP layer's router is float8 (moelab edits plain routers only): compress
+    with keep_quantized refuses it before calibrating, which may take hours, unless the MTP layer is
+    dropped (left out whole, not edited)."""
+    from quantized_tiny import BLOCK, fp8_release, quantized
+
+    import moelab.compress.run
+
+    fp8 = tmp_path / "fp8"
+    fp8_release(mtp_model(tmp_path / "plain", "deepseek_v3"), fp8)
+    router = "model.layers.2.mlp.gate.weight"
+    shard = fp8 / json.loads((fp8 / "model.safetensors.index.json").read_text())["weight_map"][router]
+    tensors = load_file(shard)
+    tensors[router], scale = quantized(tensors[router].float(), BLOCK)
+    save_file(tensors | {router + "_scale_inv": scale}, shard, metadata={"format": "pt"})
+    index = json.loads((fp8 / "model.safetensors.index.json").read_text())
+    index["weight_map"][router + "_scale_inv"] = shard.name
+    (fp8 / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated before refusing keep_quantized")
+
+    monkeypatch.setattr(moelab.compress.run, "_statistics", no_calibration)
+    with pytest.raises(ValueError, match=r"layer 2's router weight is float8"):
+        compress(fp8, tmp_path / "out", method="reap", ratio=0.5, keep_quantized=True, quiet=True)
+    assert not list(tmp_path.glob("*out.moelab-staging*")) and not (tmp_path / "out").exists()
+    with pytest.raises(AssertionError, match="calibrated before"):  # dropped: nothing to refuse
+        compress(fp8, tmp_path / "out", method="reap", ratio=0.5, keep_quantized=True, mtp="drop", quiet=True)
 
 
 @pytest.mark.parametrize("method", ["reap", "heapr"])

@@ -97,8 +97,9 @@ def compress(
     if budget == "global" and not isinstance(chosen, ScoringMethod):
         raise ValueError(f"a global budget ranks scores across layers; {method!r} does not score experts")
     check_choice("mtp policy", mtp, MTP_POLICIES)
-    align = check_keep_quantized(model) if keep_quantized else 1  # refused before calibrating
     mtp_layers = _mtp_layers(model, mtp)
+    # refused before calibrating, the multi-token prediction layer compress edits too
+    align = check_keep_quantized(model, mtp_layers=mtp_layers) if keep_quantized else 1
     keep = _planned(model, chosen, ratio, align, mtp_layers)  # checks before any calibration: shapes only, no weights read
     if protect_super_experts:
         chosen.check_protection()

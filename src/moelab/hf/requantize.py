@@ -31,13 +31,16 @@ from moelab.hf.view import MoELayerView
 from moelab.io import RawTensor
 
 
-def check_keep_quantized(source: str | os.PathLike, layers: Iterable[int] | None = None) -> int:
+def check_keep_quantized(
+    source: str | os.PathLike, layers: Iterable[int] | None = None, mtp_layers: Iterable[int] = ()
+) -> int:
     """keep_quantized's refusals (`check_quantized_output`) for editing MoE layers `layers` of
-    `source` (default: all), from its headers: for callers that check before they calibrate.
-    Returns the granularity a narrowed width needs (`_width_align`)."""
+    `source` (default: all) and its multi-token prediction layers `mtp_layers`, from its headers:
+    for callers that check before they calibrate. Returns the granularity a narrowed width needs
+    (`_width_align`)."""
     config, ckpt, family = resolve(source)
     try:
-        layers = family.moe_layers(ckpt, config) if layers is None else list(layers)
+        layers = [*(family.moe_layers(ckpt, config) if layers is None else layers), *mtp_layers]
         check_quantized_output(ckpt, family, layers)
         return _width_align(ckpt, family, layers)
     finally:
