@@ -207,6 +207,42 @@ TINY = {
         ),
         dense=(0,),
     ),
+    "dots3_note_text": Tiny(
+        dict(
+            WIDTHS,
+            num_attention_heads=4,
+            num_key_value_heads=4,  # its multi-head latent attention gives every head its keys
+            head_dim=16,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            index_head_dim=8,
+            index_n_heads=2,
+            index_topk=4,
+            n_routed_experts=8,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            shared_experts_intermediate_size=24,
+            mlp_layer_types=["dense", "sparse"],
+            layer_types=["sliding_attention", "indexed_attention"],
+            sliding_window=16,
+            # its sliding layers' own attention settings (per_layer_config)
+            swa_num_attention_heads=2,
+            swa_num_key_value_heads=2,
+            swa_q_lora_rank=8,
+            swa_kv_lora_rank=8,
+            swa_head_dim=16,
+            swa_qk_nope_head_dim=8,
+            swa_v_head_dim=8,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        dense=(0,),
+    ),
     "afmoe": Tiny(
         dict(
             WIDTHS,
@@ -340,7 +376,7 @@ TINY = {
 COMPRESS_SLOW = frozenset(
     {
         "exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid",
-        "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1",
+        "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text",
     }
 )
 

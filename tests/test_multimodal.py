@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import DEEPSEEK, add_mtp_layer, build_multimodal
+from hf_tiny import DEEPSEEK, TINY, add_mtp_layer, build_multimodal
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -70,6 +70,18 @@ MODELS = {
              pos_emb_width=4),
         "language_model.model.layers.", "n_routed_experts", "mlp",
     ),
+    "dots3_note": (
+        dict(TINY["dots3_note_text"].config, vocab_size=8192),
+        dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, mlp_layer_types=["dense"],
+             adapter_in_dim=32, adapter_out_dim=32),
+        "model.layers.", "n_routed_experts", "mlp",
+    ),
+}  # fmt: skip
+# the config entries of the towers and projectors besides the vision tower
+OTHER_TOWERS = {
+    "kimi_k25": dict(mm_hidden_size=32),
+    "dots3_note": dict(audio_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         downsample_hidden_size=16, adapter_input_size=32, adapter_out_dim=32)),
 }  # fmt: skip
 
 
@@ -79,9 +91,7 @@ def multimodal_model(path: Path, family: str) -> Path:
     untied language_model.lm_head, as moonshotai/Kimi-K2.5 stores them (transformers 5.24 saves the
     tiny model's layers as `blocks` and ties its head)."""
     text, vision, *_ = MODELS[family]
-    build_multimodal(
-        family, text, vision, **({"mm_hidden_size": 32} if family == "kimi_k25" else {})
-    ).save_pretrained(path)
+    build_multimodal(family, text, vision, **OTHER_TOWERS.get(family, {})).save_pretrained(path)
     PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
     if family == "kimi_k25":
         tensors = load_file(path / "model.safetensors")

@@ -104,6 +104,7 @@ def _deepseek_v3_router(
 _deepseek_v3 = _deepseek_v3_router()
 _exaone_moe = _deepseek_v3_router(n_group=1, topk_group=1)  # EXAONE-MoE: groups off unless set
 _nemotron_h = _deepseek_v3_router(n_group=1, topk_group=1, route_scale=1.0)  # NemotronHConfig's defaults
+_dots3_note = _deepseek_v3_router(n_group=1, topk_group=1, route_scale=1.0)  # Dots3NoteTextConfig's defaults
 _KIMI_KEYS = {
     "num_experts_per_token": "num_experts_per_tok", "moe_renormalize": "norm_topk_prob", "num_expert_group": "n_group"
 }
@@ -359,7 +360,7 @@ def _first_dense_layers(key: str, default: int) -> Callable[[Config, int], bool]
 
 def _mlp_layer_types(config: Config, i: int) -> bool:
     """mlp_layer_types ("dense" / "sparse" per layer, what the configs of EXAONE-MoE, Kimi-Linear,
-    HY-V3 and Laguna write), else the first `first_k_dense_replace` layers are dense (the first
+    HY-V3, Laguna and dots3 write), else the first `first_k_dense_replace` layers are dense (the first
     one where the key is absent too, as the config classes fill it in)."""
     kinds = config.get("mlp_layer_types")
     if kinds is None:
@@ -682,6 +683,10 @@ _FAMILIES = (
     Family("kimi_linear", layouts=_kimi_linear_layouts(), num_experts=("num_experts", "num_local_experts"),
            router_settings=_kimi_linear, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
            shared_width_follows=True, stored_renames=_KIMI_RENAMES),
+    Family("dots3_note_text",
+           layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS),
+           num_experts=("n_routed_experts", "num_local_experts"), router_settings=_dots3_note,
+           is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH),
     Family("afmoe", layouts=_afmoe_layouts(), num_experts=("num_experts",), router_settings=_afmoe,
            is_moe_layer=_first_dense_layers("num_dense_layers", default=1), expert_width=_MOE_WIDTH,
            shared_width_follows=True),

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moelab.files import read_json_object
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.edit import moe_output
 from moelab.hf.layouts import Family, config_entry
 from moelab.hf.loading import load_causal_lm
-from moelab.hf.multimodal import language_renames
+from moelab.hf.multimodal import TEXT, language_renames
 from moelab.hf.view import ModelView
 from moelab.memory import release_freed_memory
 
@@ -95,12 +96,15 @@ def check_reload(staging: Path, family: Family, quiet: bool, source: Path | None
 def unbuilt_by_transformers(path: Path) -> list[str]:
     """Prefixes of the checkpoint's tensors that transformers' text causal LM does not build: its
     multi-token prediction modules (`Family.mtp`) and, in a multimodal checkpoint, every tensor
-    outside the language model (vision tower, projector)."""
+    outside the language model (vision tower, projector; dots3's beside a language model stored as a
+    text model's)."""
     _, ckpt, family = resolve(path)
     ckpt.close()
     unbuilt = [module.root for module in family.mtp]
-    if renames := language_renames(family.layer_prefix.partition("{n}")[0]):
-        language = (*(disk for _, disk in renames), "lm_head.", *unbuilt)
+    stem = family.layer_prefix.partition("{n}")[0]
+    renames = language_renames(stem)
+    if renames or TEXT in read_json_object(path / "config.json", "a model config", error=CheckpointError):
+        language = (*(disk for _, disk in renames), stem.removesuffix("layers."), "lm_head.", *unbuilt)
         unbuilt += [key for key in ckpt.keys() if not key.startswith(language)]
     return unbuilt
 

@@ -538,27 +538,31 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     """Bytes of keys and values that decoding caches per token (one position of one sequence),
     over every layer: moelab's KV cache, or transformers' (where DeepSeek's multi-head latent
     attention caches the compressed latent and the shared rotary key, not per-head keys and values,
-    and a hybrid model's convolution layers cache none)."""
+    a hybrid model's convolution layers cache none, and a layer's own settings (per_layer_config:
+    dots3's sliding layers) give its sizes)."""
     size, config = torch.empty((), dtype=dtype).element_size(), model.config
     if isinstance(model, MoETransformer):
         return 2 * config.n_layers * config.n_kv_heads * config.head_dim * size
     config = config.get_text_config()  # a vision-language model's: its language model's
+    return sum(_kv_entries(config.per_layer_config[i]) for i in _attention_layers(config)) * size
+
+
+def _kv_entries(config) -> int:
+    """Entries one layer of `config` caches per token."""
     if getattr(config, "kv_lora_rank", None):
-        per_layer = config.kv_lora_rank + config.qk_rope_head_dim
-    else:
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        per_layer = 2 * heads * head_dim
-    return _attention_layers(config) * per_layer * size
+        return config.kv_lora_rank + config.qk_rope_head_dim
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * heads * head_dim
 
 
-def _attention_layers(config) -> int:
+def _attention_layers(config) -> list[int]:
     """The layers that cache keys and values per token: all of them, unless config.layer_types
     names others (LFM2's short convolutions, linear attention: a fixed-size state per sequence)."""
     types = getattr(config, "layer_types", None)
     if not isinstance(types, (list, tuple)) or len(types) != config.num_hidden_layers:
-        return config.num_hidden_layers
-    return sum(1 for t in types if str(t).endswith("attention") and t != "linear_attention")
+        return list(range(config.num_hidden_layers))
+    return [i for i, t in enumerate(types) if str(t).endswith("attention") and t != "linear_attention"]
 
 
 def _tie_output_head(model: nn.Module) -> None:
