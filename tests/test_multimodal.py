@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from moelab.compress import CalibrationOptions, compress
 from moelab.data.tokenizer import TOKENIZER_DIR
-from moelab.hf import open_checkpoint
+from moelab.hf import CheckpointError, open_checkpoint
 from moelab.hf.adapters import resolve
 from moelab.hf.edit import moe_output
 from moelab.hf.loading import load_causal_lm
@@ -74,6 +74,14 @@ MODELS = {
         dict(TINY["dots3_note_text"].config, vocab_size=8192),
         dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, mlp_layer_types=["dense"],
              adapter_in_dim=32, adapter_out_dim=32),
+        "model.layers.", "n_routed_experts", "mlp",
+    ),
+    "step3p7": (
+        dict(COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
+             num_experts_per_tok=2, share_expert_dim=24, moe_router_scaling_factor=1.5,
+             mlp_layer_types=["dense", "sparse"], layer_types=["sliding_attention", "full_attention"],
+             sliding_window=16, num_sliding_attention_heads=2),
+        dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=56, patch_size=14, mlp_ratio=1.0),
         "model.layers.", "n_routed_experts", "mlp",
     ),
 }  # fmt: skip
@@ -156,7 +164,9 @@ def test_offloaded_decoding_gives_transformers_tokens(source):
     vision-language model, whose tower text never reaches)."""
     ids = torch.tensor([[1, 5, 9, 33, 2]])
     model = load_causal_lm(source, allow_unexpected=True)
-    want = model.generate(ids, max_new_tokens=6, do_sample=False)
+    # with the mask moelab passes: transformers' Step 3.7 decodes a prompt without one wrongly from its
+    # second token on (its cached steps disagree with a full forward pass)
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
     offloaded = load_offloaded(source, resident=0.5)
     try:
         assert torch.equal(offloaded.generate(ids, 6), want)
@@ -173,7 +183,9 @@ def test_only_a_vision_language_skeleton_has_modules_text_never_reaches(source):
     config, ckpt, family = resolve(source)
     ckpt.close()
     outside = beside_language_model(skeleton(source, config, family))
-    assert outside == (["model.visual"] if family_of(source) in ("qwen3_vl_moe", "glm4v_moe") else [])
+    towers = {"qwen3_vl_moe": ["model.visual"], "glm4v_moe": ["model.visual"],
+              "step3p7": ["model.vision_model", "model.multi_modal_projector"]}  # fmt: skip
+    assert outside == towers.get(family_of(source), [])
 
 
 def test_qwen3_5_s_mtp_module_is_compressed_with_the_language_model(tmp_path):
@@ -336,3 +348,23 @@ def test_bench_offload_checks_the_language_model_s_vocabulary(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 9000, "text_config": {"vocab_size": 64}}))
     with pytest.raises(ValueError, match="vocabulary of 64 tokens"):
         _check_vocabulary(tmp_path)
+
+
+def test_step_3_7_reads_its_fused_layout_and_refuses_clamped_experts(tmp_path):
+    """Saved with save_original_format=False (transformers' names, under model.language_model.), its
+    MoE layer computes transformers' block; a layer that clamps its experts is refused by name."""
+    text, vision, *_ = MODELS["step3p7"]
+    model = build_multimodal("step3p7", text, vision)
+    model.save_pretrained(tmp_path / "fused", save_original_format=False)
+    x = torch.randn(6, 32)
+    with open_checkpoint(tmp_path / "fused") as view:
+        got = moe_output(view.layer(1), x.double()).float()
+    with torch.no_grad():
+        want = model.model.language_model.layers[1].mlp(x[None])[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    config = json.loads((tmp_path / "fused" / "config.json").read_text())
+    for key in ("swiglu_limits", "swiglu_limits_shared"):
+        clamped = {**config, "text_config": {**config["text_config"], key: [0.0, 7.0]}}
+        (tmp_path / "fused" / "config.json").write_text(json.dumps(clamped))
+        with pytest.raises(CheckpointError, match=rf"{key} \[\(1, 7.0\)\]"):
+            open_checkpoint(tmp_path / "fused").layer(1)

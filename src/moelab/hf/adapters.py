@@ -190,6 +190,17 @@ def _kolibri1(config: Config) -> dict:
     }
 
 
+def _step3p5(config: Config) -> dict:
+    """Step 3.7's language model (step3p5): sigmoid, the correction bias steers selection only,
+    always renormalised, x moe_router_scaling_factor; no groups."""
+    return {
+        "score_func": "sigmoid",
+        "top_k": _top_k(config),
+        "renormalize": True,
+        "route_scale": float(config_value(config, "moe_router_scaling_factor", default=1.0)),
+    }
+
+
 def _softmax_top_k(config: Config) -> dict:
     """Jamba: top-k of the softmax over all experts, never renormalised."""
     return {"score_func": "softmax", "top_k": _top_k(config), "renormalize": False}
@@ -318,6 +329,19 @@ def _silu_experts(config: Config) -> dict:
     return {"activation": "silu"}
 
 
+def _step3p5_experts(config: Config) -> dict:
+    """SwiGLU whatever hidden_act says (the release's "swigluoai"; transformers reads silu). A layer
+    whose swiglu_limits / swiglu_limits_shared entry is set clamps silu(gate) and up, which moelab's
+    experts do not compute: refused."""
+    for key in ("swiglu_limits", "swiglu_limits_shared"):
+        if limits := [(i, limit) for i, limit in enumerate(config.get(key) or []) if limit]:
+            raise CheckpointError(
+                f"this Step 3.7 config sets {key} {limits} (layer, bound): those layers clamp silu(gate) and up, "
+                "which moelab's experts do not; only unset or 0 (no clamping) is read"
+            )
+    return {"activation": "silu"}
+
+
 def _nemotron_h_experts(config: Config) -> dict:
     """Plain experts, act(up x) with mlp_hidden_act (relu2: relu(x)²); no biases (mlp_bias gives the
     shared experts and the latent projections some)."""
@@ -371,6 +395,17 @@ def _mlp_layer_types(config: Config, i: int) -> bool:
             f"{config_value(config, 'num_hidden_layers')} layers, got {kinds!r}"
         )
     return kinds[i] == "sparse"
+
+
+def _step3p5_sparse_layer(config: Config, i: int) -> bool:
+    """mlp_layer_types (`_mlp_layer_types`), else the release's moe_layers_enum ("3,4,...": the
+    sparse layers), else layers 3 on, as Step3p7TextConfig fills them in."""
+    if "mlp_layer_types" in config:
+        return _mlp_layer_types(config, i)
+    enum = config.get("moe_layers_enum")
+    if enum is None:
+        return i >= 3
+    return i in {int(n) for n in (enum.split(",") if isinstance(enum, str) else enum) if str(n).strip()}
 
 
 def _ernie_sparse_layer(config: Config, i: int) -> bool:
@@ -581,6 +616,15 @@ def _kolibri1_layouts() -> tuple[Layout, ...]:
 _KOLIBRI1_RENAMES = (("post_self_attn_layernorm", "post_attn_norm"), ("post_mlp_layernorm", "post_ffn_norm"))
 
 
+def _step3p5_layouts() -> tuple[Layout, ...]:
+    """On disk: moe.gate with its correction bias moe.router_bias, experts stacked one tensor per
+    projection (moe.gate_proj / up_proj / down_proj), shared expert share_expert; fused,
+    transformers' names (DeepSeek-V3's)."""
+    _, fused = _qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS)
+    stacked = StackedUpDown("moe.up_proj.weight", "moe.down_proj.weight", gate="moe.gate_proj.weight")
+    return Layout(RouterKeys("moe.gate.weight", selection_bias="moe.router_bias"), stacked, _shared("share_expert")), fused
+
+
 def _jamba_layouts() -> tuple[Layout, ...]:
     """The qwen2_moe pattern under feed_forward, router feed_forward.router."""
     router = RouterKeys("feed_forward.router.weight")
@@ -687,6 +731,9 @@ _FAMILIES = (
            layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS),
            num_experts=("n_routed_experts", "num_local_experts"), router_settings=_dots3_note,
            is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH),
+    Family("step3p5", layouts=_step3p5_layouts(), num_experts=("n_routed_experts", "moe_num_experts"),
+           router_settings=_step3p5, is_moe_layer=_step3p5_sparse_layer, expert_settings=_step3p5_experts,
+           expert_width=_MOE_WIDTH, stored_renames=(("model.language_model.", "model."),)),
     Family("afmoe", layouts=_afmoe_layouts(), num_experts=("num_experts",), router_settings=_afmoe,
            is_moe_layer=_first_dense_layers("num_dense_layers", default=1), expert_width=_MOE_WIDTH,
            shared_width_follows=True),

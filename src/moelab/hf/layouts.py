@@ -246,38 +246,44 @@ class FusedGateUp:
 
 @dataclass(frozen=True)
 class StackedUpDown:
-    """Plain experts stacked (Nemotron-H's in-memory layout, `save_original_format=False`; moelab's
-    `MLPExperts`): up: [E, I, D]; down: [E, D, I]; optional up_bias [E, I] and down_bias [E, D],
-    where present on disk."""
+    """Experts stacked one tensor per projection: plain ones (Nemotron-H's in-memory layout,
+    `save_original_format=False`; moelab's `MLPExperts`): up: [E, I, D]; down: [E, D, I]; optional
+    up_bias [E, I] and down_bias [E, D], where present on disk. With `gate` [E, I, D]: gated experts
+    (Step 3.7 on disk)."""
 
     up: str
     down: str
     up_bias: str | None = None
     down_bias: str | None = None
+    gate: str | None = None
 
     def _biases(self, ckpt: Checkpoint, prefix: str) -> dict[str, str]:
         names = {"up_bias": self.up_bias, "down_bias": self.down_bias}
         return {name: key for name, key in names.items() if key is not None and prefix + key in ckpt}
 
+    def _projections(self) -> dict[str, str]:
+        return {name: key for name, key in (("gate", self.gate), ("up", self.up), ("down", self.down)) if key}
+
     def present(self, ckpt: Checkpoint, prefix: str) -> bool:
         return prefix + self.up in ckpt
 
     def read(self, ckpt: Checkpoint, prefix: str, config: Config, experts: range | None = None) -> dict[str, Tensor]:
-        out = {"gate": None, "up": ckpt.get(prefix + self.up, experts), "down": ckpt.get(prefix + self.down, experts)}
-        return out | {name: ckpt.get(prefix + key, experts) for name, key in self._biases(ckpt, prefix).items()}
+        names = self._projections() | self._biases(ckpt, prefix)
+        return {"gate": None} | {name: ckpt.get(prefix + key, experts) for name, key in names.items()}
 
     def parts(self, ckpt: Checkpoint, prefix: str, expert: int) -> list[ExpertPart] | None:
         """Where expert `expert`'s weights lie (`ExpertPart`); None where biases are stored too."""
         if self._biases(ckpt, prefix):
             return None
-        return [ExpertPart(prefix + self.up, expert, "up"), ExpertPart(prefix + self.down, expert, "down")]
+        return [ExpertPart(prefix + key, expert, name) for name, key in self._projections().items()]
 
     def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
-        return [prefix + self.up, prefix + self.down] + [prefix + key for key in self._biases(ckpt, prefix).values()]
+        names = (*self._projections().values(), *self._biases(ckpt, prefix).values())
+        return [prefix + key for key in names]
 
     def encode(self, experts: ExpertsView, prefix: str) -> dict[str, Tensor]:
-        _same_gating(experts, gated=False)
-        out = {prefix + self.up: experts.up.contiguous(), prefix + self.down: experts.down.contiguous()}
+        _same_gating(experts, gated=self.gate is not None)
+        out = {prefix + key: getattr(experts, name).contiguous() for name, key in self._projections().items()}
         if _has_bias(experts):
             if self.up_bias is None or self.down_bias is None:
                 _no_biases(experts, "stacked")
