@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
+
+from moelab.hf.layerwise import language_model_class
 
 D = 32
 COMMON = dict(vocab_size=64, hidden_size=D, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -192,6 +194,11 @@ TINY = {
             pad_token_id=0,
         ),
         dense=(0,),
+    ),
+    "mistral4": Tiny(
+        dict(DEEPSEEK, q_lora_rank=16, n_group=1, topk_group=1, routed_scaling_factor=1.5, pad_token_id=0),
+        dense=(0,),
+        fused=False,
     ),
     "exaone_moe": Tiny(
         dict(
@@ -376,7 +383,7 @@ TINY = {
 COMPRESS_SLOW = frozenset(
     {
         "exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid",
-        "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text",
+        "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text", "mistral4",
     }
 )
 
@@ -387,8 +394,8 @@ def build(family: str, seed: int = 0, **overrides):
     reads structurally) takes its whole config from `overrides`."""
     torch.manual_seed(seed)
     base = TINY[family].config if family in TINY else {}
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **{**base, **overrides}), dtype=torch.float32)
-    return _unit_scale(model)
+    cls, config = language_model_class(AutoConfig.for_model(family, **{**base, **overrides}))
+    return _unit_scale(cls._from_config(config, dtype=torch.float32))
 
 
 def build_multimodal(family: str, text: dict, vision: dict, seed: int = 0, **overrides):
@@ -415,7 +422,8 @@ def _unit_scale(model):
 
 def load(path, dtype=torch.float32):
     """The saved model, reloaded by transformers with its readable (eager) experts."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager").eval()
+    cls, _ = language_model_class(AutoConfig.from_pretrained(path))
+    return cls.from_pretrained(path, dtype=dtype, experts_implementation="eager").eval()
 
 
 def block_output(family: str, model, index: int, x: torch.Tensor) -> torch.Tensor:

@@ -325,6 +325,7 @@ def test_dense_model_with_unknown_type_lists_supported_families(tmp_path):
         "hy_v3",
         "laguna",
         "kolibri1",
+        "mistral4",
     } <= FAMILIES.keys()
 
 
@@ -694,11 +695,13 @@ def test_a_setting_missing_from_config_is_transformers_default(tmp_path, family,
     "family,overrides",
     [
         ("deepseek_v3", {"routed_scaling_factor": 1.5}),
+        ("mistral4", {"norm_topk_prob": False}),
         ("dbrx", {"ffn_config": {"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 3}}),
     ],
 )
 def test_a_setting_other_than_the_tiny_models_is_read_from_config(tmp_path, family, overrides):
-    """The tiny configs use 2.5 (DeepSeek-V3's default) and top-2: another value must reach the view."""
+    """The tiny configs use 2.5 (DeepSeek-V3's default), top-2 and renormalisation (Mistral 4's default):
+    another value must reach the view."""
     model = build(family, **overrides)
     model.save_pretrained(tmp_path)
     with open_checkpoint(tmp_path) as view:
@@ -815,6 +818,14 @@ def test_lagunas_routing_options_moelab_does_not_compute_are_refused(tmp_path, o
         open_checkpoint(tmp_path).layer(1)
 
 
+def test_mistral4_with_expert_groups_is_refused(tmp_path):
+    """Mistral 4 scores its expert groups by their two best softmax scores, which moelab's softmax
+    routers do not (they take the best): n_group > 1 is refused by name, not read as groups by the max."""
+    build("mistral4", n_group=2, topk_group=1).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"Mistral 4 config sets n_group 2: its router scores expert groups"):
+        open_checkpoint(tmp_path).layer(1)
+
+
 @pytest.mark.parametrize(
     "family,overrides",
     [
@@ -845,7 +856,7 @@ def test_the_moe_layers_are_transformers(tmp_path, family, overrides):
 
 
 NEW_FAMILIES = ["exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe",
-                "granitemoehybrid", "hy_v3", "laguna", "kolibri1"]  # fmt: skip
+                "granitemoehybrid", "hy_v3", "laguna", "kolibri1", "mistral4"]  # fmt: skip
 
 
 @pytest.mark.parametrize(

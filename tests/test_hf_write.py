@@ -16,7 +16,7 @@ import pytest
 import torch
 from hf_tiny import TINY, D, add_mtp_layer, block_output, build, load
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from moelab.hf import (
     CheckpointError,
@@ -31,6 +31,7 @@ from moelab.hf import (
 )
 from moelab.hf import layouts as layouts_module
 from moelab.hf.edit import moe_output
+from moelab.hf.layerwise import language_model_class
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.writer import EXPERT_MAP_NAME
 from moelab.models import MoETransformer, load_pretrained, save_pretrained, tiny
@@ -102,7 +103,8 @@ def test_drop_half_the_experts(tmp_path, family, original):
     drop = {i: _drop(family, i) for i in moe_layers}
     drop_experts(src, out, drop, quiet=True)
 
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    cls, config = language_model_class(AutoConfig.from_pretrained(out))  # Mistral 4: not an AutoModelForCausalLM
+    model, info = cls.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
 
     # config.json: only the expert count changed, at JSON level
@@ -115,7 +117,7 @@ def test_drop_half_the_experts(tmp_path, family, original):
     assert (after[key]["moe_num_experts"] if key == "ffn_config" else after[key]) == new_E
 
     # the layout transformers itself writes for the smaller model, key for key and shape for shape
-    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
+    fresh = cls._from_config(config)
     fresh.save_pretrained(tmp_path / "fresh", save_original_format=original)
     assert _tensors(out) == _tensors(tmp_path / "fresh")
 

@@ -201,6 +201,28 @@ def _step3p5(config: Config) -> dict:
     }
 
 
+def _mistral4(config: Config) -> dict:
+    """Mistral 4: softmax, renormalised if norm_topk_prob (class default True), x
+    routed_scaling_factor. Its groups are scored by their top-2 softmax scores, where moelab's
+    softmax routers take the best one: only n_group 1 (the released configs', the class default) is read."""
+    return _mistral_softmax(config, "Mistral 4", renormalize=config_flag(config, "norm_topk_prob", default=True))
+
+
+def _mistral_softmax(config: Config, name: str, renormalize: bool) -> dict:
+    n_group = config_value(config, "n_group", default=1)
+    if n_group != 1:
+        raise CheckpointError(
+            f"this {name} config sets n_group {n_group!r}: its router scores expert groups by their two best softmax "
+            "scores, where moelab's softmax routers take the best one; only n_group 1 is read"
+        )
+    return {
+        "score_func": "softmax",
+        "top_k": _top_k(config),
+        "renormalize": renormalize,
+        "route_scale": float(config_value(config, "routed_scaling_factor", default=1.0)),
+    }
+
+
 def _softmax_top_k(config: Config) -> dict:
     """Jamba: top-k of the softmax over all experts, never renormalised."""
     return {"score_func": "softmax", "top_k": _top_k(config), "renormalize": False}
@@ -720,6 +742,10 @@ _FAMILIES = (
            layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS),
            num_experts=("n_routed_experts", "num_local_experts"),
            router_settings=_deepseek_v3, is_moe_layer=_deepseek_sparse_layer(default_first_dense=3),
+           expert_width=_MOE_WIDTH, shared_width_follows=True),
+    # Mistral 4: DeepSeek-V3's fused layout, the only one (transformers has no conversion mapping for it)
+    Family("mistral4", layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"))[1:], num_experts=("n_routed_experts",),
+           router_settings=_mistral4, is_moe_layer=_deepseek_sparse_layer(default_first_dense=0),
            expert_width=_MOE_WIDTH, shared_width_follows=True),
     Family("exaone_moe", layouts=_exaone_moe_layouts(), num_experts=("num_experts",),
            router_settings=_exaone_moe, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
