@@ -1,6 +1,6 @@
-"""Multimodal MoE checkpoints (Qwen3.5-MoE, Llama 4): the language model is read from config.json's
-text_config and from the tensors under model.language_model. (Qwen3.5) or language_model.model.
-(Llama 4), checked against transformers' blocks, compressed with its config.json written back in
+"""Multimodal MoE checkpoints (Qwen3.5-MoE, Llama 4, Mistral Large 4): the language model is read from
+config.json's text_config and from the tensors under model.language_model. (Qwen3.5), language_model.model.
+(Llama 4) or the root (Mistral Large 4, under Mistral's own names), checked against transformers' blocks, compressed with its config.json written back in
 its own shape and the vision tower copied untouched, and decoded offloaded."""
 
 from __future__ import annotations
@@ -84,6 +84,15 @@ MODELS = {
         dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=56, patch_size=14, mlp_ratio=1.0),
         "model.layers.", "n_routed_experts", "mlp",
     ),
+    "mistral_large4": (
+        dict(COMMON, num_hidden_layers=4, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16,
+             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, routed_scaling_factor=1.5, kv_lora_rank=16,
+             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, index_topk=4, index_head_dim=16, index_n_heads=2,
+             indexer_types=["full", "shared", "full", "shared"], kv_source_layers=[0, 0, 2, 3]),
+        dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=16,
+             patch_size=14, image_size=28),
+        "layers.", "n_routed_experts", "mlp",
+    ),
 }  # fmt: skip
 # the config entries of the towers and projectors besides the vision tower
 OTHER_TOWERS = {
@@ -151,9 +160,10 @@ def test_compress_writes_config_json_in_its_shape_and_copies_the_vision_tower(so
         load_file(tmp_path / "out" / "model.safetensors"),
         load_file(source / "model.safetensors"),
     )
-    tower = [
-        k for k in original if not k.startswith((stem.removesuffix("layers."), "lm_head", "language_model."))
-    ]
+    language = (stem.removesuffix("layers."), "lm_head", "language_model.")
+    if stem == "layers.":  # Mistral Large 4: the language model at the root, under Mistral's names
+        language = ("layers.", "tok_embeddings.", "norm.", "output.", "lerope.")
+    tower = [k for k in original if not k.startswith(language)]
     assert tower and all(torch.equal(written[k], original[k]) for k in tower)
     with open_checkpoint(tmp_path / "out") as view:
         assert view.layer(view.num_layers - 1).router.num_experts == before["text_config"][key] // 2
@@ -184,7 +194,8 @@ def test_only_a_vision_language_skeleton_has_modules_text_never_reaches(source):
     ckpt.close()
     outside = beside_language_model(skeleton(source, config, family))
     towers = {"qwen3_vl_moe": ["model.visual"], "glm4v_moe": ["model.visual"],
-              "step3p7": ["model.vision_model", "model.multi_modal_projector"]}  # fmt: skip
+              "step3p7": ["model.vision_model", "model.multi_modal_projector"],
+              "mistral_large4": ["model.vision_tower", "model.multi_modal_projector"]}  # fmt: skip
     assert outside == towers.get(family_of(source), [])
 
 
@@ -368,3 +379,19 @@ def test_step_3_7_reads_its_fused_layout_and_refuses_clamped_experts(tmp_path):
         (tmp_path / "fused" / "config.json").write_text(json.dumps(clamped))
         with pytest.raises(CheckpointError, match=rf"{key} \[\(1, 7.0\)\]"):
             open_checkpoint(tmp_path / "fused").layer(1)
+
+
+@pytest.mark.parametrize("original", [True, False], ids=["mistral-names", "transformers-names"])
+def test_mistral_large_4_runs_layer_by_layer_as_transformers(tmp_path, original, one_thread):
+    """Mistral Large 4 layer by layer: its DSA layers hand their top-k tokens on, a layer reuses an
+    earlier one's latent KV, and its tensors are stored under Mistral's names (default save_pretrained)
+    or transformers' own: every layer's output is the vision-language model's on text."""
+    from test_layerwise import layer_outputs, run_layerwise
+
+    text, vision, *_ = MODELS["mistral_large4"]
+    model = build_multimodal("mistral_large4", text, vision)
+    model.save_pretrained(tmp_path, save_original_format=original)
+    ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
+    got = run_layerwise(tmp_path, [ids])
+    for i, out in enumerate(layer_outputs(model, ids, len(got), lambda x: model(input_ids=x))):
+        torch.testing.assert_close(got[i][0], out, atol=1e-5, rtol=1e-5, msg=f"layer {i}")

@@ -208,6 +208,11 @@ def _mistral4(config: Config) -> dict:
     return _mistral_softmax(config, "Mistral 4", renormalize=config_flag(config, "norm_topk_prob", default=True))
 
 
+def _mistral_large4(config: Config) -> dict:
+    """Mistral Large 4: Mistral 4's router, always renormalised."""
+    return _mistral_softmax(config, "Mistral Large 4", renormalize=True)
+
+
 def _mistral_softmax(config: Config, name: str, renormalize: bool) -> dict:
     n_group = config_value(config, "n_group", default=1)
     if n_group != 1:
@@ -647,6 +652,30 @@ def _step3p5_layouts() -> tuple[Layout, ...]:
     return Layout(RouterKeys("moe.gate.weight", selection_bias="moe.router_bias"), stacked, _shared("share_expert")), fused
 
 
+def _mistral_large4_layouts() -> tuple[Layout, ...]:
+    """Mistral's own names on disk (what default `save_pretrained` writes, the language model at the
+    root): gate, experts.{e}.w1 (gate) / w3 (up) / w2 (down), shared_experts.w1 / w3 / w2; fused,
+    DeepSeek-V3's layout without a correction bias."""
+    per_expert = PerExpert(*(f"experts.{{e}}.{w}.weight" for w in ("w1", "w3", "w2")))
+    shared = SharedMLP(*(f"shared_experts.{w}.weight" for w in ("w1", "w3", "w2")))
+    return (Layout(RouterKeys("gate.weight"), per_expert, shared),
+            *_qwen2_moe_layouts(_shared("mlp.shared_experts"))[1:])  # fmt: skip
+
+
+# transformers' renames of Mistral Large 4's other tensors (in memory, on disk), applied in turn to
+# the vision-language model's names: the language model's root, then its modules
+_MISTRAL_LARGE4_RENAMES = (
+    ("model.language_model.embed_tokens.", "tok_embeddings."), ("model.language_model.rotary_emb.", "lerope."),
+    ("model.language_model.", ""), ("lm_head.", "output."),
+    ("self_attn.q_proj.", "attention.wq."), ("self_attn.kv_a_proj_with_mqa.", "attention.wkv_a_with_mqa."),
+    ("self_attn.kv_b_proj.", "attention.wkv_b."), ("self_attn.o_proj.", "attention.wo."),
+    ("self_attn.kv_a_layernorm.", "attention.kv_a_norm."), ("softmax_scaling.scale", "ssmax_scaling.s"),
+    ("softmax_scaling.bias", "ssmax_scaling.b"), ("self_attn.", "attention."),
+    ("input_layernorm.", "attention_norm."), ("post_attention_layernorm.", "ffn_norm."),
+    ("mlp.gate_proj.", "feed_forward.w1."), ("mlp.up_proj.", "feed_forward.w3."), ("mlp.down_proj.", "feed_forward.w2."),
+)  # fmt: skip
+
+
 def _jamba_layouts() -> tuple[Layout, ...]:
     """The qwen2_moe pattern under feed_forward, router feed_forward.router."""
     router = RouterKeys("feed_forward.router.weight")
@@ -747,6 +776,9 @@ _FAMILIES = (
     Family("mistral4", layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"))[1:], num_experts=("n_routed_experts",),
            router_settings=_mistral4, is_moe_layer=_deepseek_sparse_layer(default_first_dense=0),
            expert_width=_MOE_WIDTH, shared_width_follows=True),
+    Family("mistral_large4_text", layouts=_mistral_large4_layouts(), num_experts=("n_routed_experts",),
+           router_settings=_mistral_large4, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
+           shared_width_follows=True, stored_renames=_MISTRAL_LARGE4_RENAMES, original_prefix=""),
     Family("exaone_moe", layouts=_exaone_moe_layouts(), num_experts=("num_experts",),
            router_settings=_exaone_moe, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
            shared_width_follows=True),

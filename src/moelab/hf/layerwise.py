@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -621,10 +622,16 @@ def float32_names(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:
 
 def stored_key(checkpoint: Checkpoint, key: str, renames: tuple[tuple[str, str], ...]) -> str:
     """The name tensor `key` (its name in memory) is stored under: itself, else the first of its
-    renamed forms (`Family.stored_renames`) the checkpoint holds, else itself (missing)."""
+    renamed forms (`Family.stored_renames`) the checkpoint holds, else the form every rename gives
+    in turn where the checkpoint holds that (Mistral Large 4's original names: its root and its
+    modules renamed), else itself (missing)."""
     if key in checkpoint:
         return key
-    return next((k for memory, disk in renames if memory in key and (k := key.replace(memory, disk)) in checkpoint), key)
+    renamed = next((k for memory, disk in renames if memory in key and (k := key.replace(memory, disk)) in checkpoint), None)
+    if renamed is not None:
+        return renamed
+    chained = functools.reduce(lambda name, rename: name.replace(*rename), renames, key)
+    return chained if chained in checkpoint else key
 
 
 def _as_stored(name: str, renames: tuple[tuple[str, str], ...]) -> str:

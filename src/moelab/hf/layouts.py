@@ -499,8 +499,9 @@ class Family:
     mtp: the multi-token prediction layers with routed experts a checkpoint stores in a way moelab
         runs (`moelab.hf.mtp`; set per checkpoint by `with_mtp`), edited with the other layers.
     original_prefix: what default `save_pretrained` writes in place of the model's "model."
-        (Nemotron-H: "backbone."); a checkpoint stored so gets it in layer_prefix and
-        stored_renames (`stored_as`), one saved with `save_original_format=False` keeps "model.".
+        (Nemotron-H: "backbone."; Mistral Large 4: "", its language model at the root); a
+        checkpoint whose decoder layers are stored so gets it in layer_prefix and stored_renames
+        (`stored_as`, after the family's own), one saved with `save_original_format=False` keeps "model.".
     block_returns: what the family's MoE block module returns in memory: "tensor" (y), "tuple"
         (y, router output: GPT-OSS, Llama 4) or "moelab" (y, MoEResult).
     layer_returns_tuple: its decoder layers return a tuple whose first item is the hidden states
@@ -536,14 +537,14 @@ class Family:
     def stored_as(self, ckpt: Checkpoint) -> Family:
         """This family with the names `ckpt` stores its tensors under (see `original_prefix`; a
         multimodal checkpoint's language model: `moelab.hf.multimodal.language_stem`)."""
+        stem, n, rest = self.layer_prefix.partition("{n}")
         prefix = self.original_prefix
-        if prefix is not None and any(key.startswith(prefix) for key in ckpt.keys()):
+        if prefix is not None and any(key.startswith(stem.replace("model.", prefix, 1)) for key in ckpt.keys()):
             return dataclasses.replace(
                 self,
                 layer_prefix=self.layer_prefix.replace("model.", prefix, 1),
-                stored_renames=(("model.", prefix), *self.stored_renames),
+                stored_renames=(*self.stored_renames, ("model.", prefix)),
             )
-        stem, n, rest = self.layer_prefix.partition("{n}")
         stored = language_stem(ckpt.keys(), stem)
         if stored == stem:
             return self
