@@ -395,3 +395,18 @@ def test_mistral_large_4_runs_layer_by_layer_as_transformers(tmp_path, original,
     got = run_layerwise(tmp_path, [ids])
     for i, out in enumerate(layer_outputs(model, ids, len(got), lambda x: model(input_ids=x))):
         torch.testing.assert_close(got[i][0], out, atol=1e-5, rtol=1e-5, msg=f"layer {i}")
+
+
+def test_muse_spark_is_refused_naming_what_moelab_cannot_read(tmp_path):
+    """Muse Spark's experts normalise their input and each one's output (a learnt RMSNorm before the
+    routing weight): refused by name, with why, rather than by the structural fallback's list of tensors."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    text = dict(COMMON, vocab_size=64, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16,
+                moe_hidden_size=16, num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    audio = dict(hidden_sizes=[8, 8, 8, 32], out_hidden_size=32)
+    config = AutoConfig.for_model("muse_spark", text_config=text, vision_config=vision, audio_config=audio)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"'muse_spark_text' is not supported: .*post_expert_norm"):
+        open_checkpoint(tmp_path)

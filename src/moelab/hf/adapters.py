@@ -845,10 +845,22 @@ _FAMILIES = (
 FAMILIES: dict[str, Family] = {family.name: family for family in _FAMILIES}
 
 
+# model_types whose MoE blocks compute what moelab's views cannot express: refused by name, with why
+_REFUSED = {
+    "muse_spark_text": (
+        "Muse Spark's MoE block RMS-normalises the experts' input after projecting it to moe_hidden_size "
+        "(pre_expert_norm) and each expert's output before weighting it (experts.post_expert_norm), and its router "
+        "scales the logits by output_multiplier; moelab's views read experts whose output scales with their weight"
+    ),
+}
+
+
 def family_of(config: Config, checkpoint: Checkpoint) -> Family | None:
     """The adapter for this config.json, None if neither a table nor the fallback fits."""
     if "model_type" not in config and isinstance(config.get("moe"), dict):
         return NATIVE
+    if (why := _REFUSED.get(config.get("model_type"))) is not None:
+        raise CheckpointError(f"model_type {config['model_type']!r} is not supported: {why}")
     family = FAMILIES.get(config.get("model_type"))
     family = family.stored_as(checkpoint) if family else structural_family(config, checkpoint)
     return None if family is None else family.with_mtp(checkpoint, config)
