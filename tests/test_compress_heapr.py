@@ -24,7 +24,7 @@ from moelab.hf.layerwise import LayerwiseModel
 from moelab.hf.loading import load_causal_lm
 from moelab.models import load_pretrained
 from moelab.nn import MLPExperts, SwiGLUExperts
-from moelab.nn.grouped import ClampedSwiGLU
+from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU
 from moelab.nn.moe import MoEResult
 
 BACKWARD = dataclasses.replace(SMALL, observers=DEFAULT_OBSERVERS + ("neurons",), dtype="float64")
@@ -39,8 +39,8 @@ def _one_thread(one_thread):
 
 
 @pytest.mark.parametrize(
-    "kind", ["plain", "bias", "clamped", "scale_input"]
-)  # the four ways a checkpoint's experts compute
+    "kind", ["plain", "bias", "clamped", "capped", "scale_input"]
+)  # the five ways a checkpoint's experts compute
 def test_hidden_then_project_is_the_experts_forward(kind):
     torch.manual_seed(0)
     experts = SwiGLUExperts(
@@ -48,7 +48,7 @@ def test_hidden_then_project_is_the_experts_forward(kind):
         6,
         5,
         bias=kind == "bias",
-        clamped=ClampedSwiGLU() if kind == "clamped" else None,
+        clamped={"clamped": ClampedSwiGLU(), "capped": CappedSwiGLU(0.5)}.get(kind),
         scale_input=kind == "scale_input",
     ).double()
     if kind == "bias":
@@ -71,6 +71,8 @@ def test_hidden_then_project_is_the_experts_forward(kind):
         if kind == "clamped":
             gate, up = gate.clamp(max=7.0), up.clamp(-7.0, 7.0)
             act = gate * torch.sigmoid(1.702 * gate) * (up + 1)
+        elif kind == "capped":
+            act = silu(gate).clamp(max=0.5) * up.clamp(-0.5, 0.5)
         else:
             act = silu(gate) * up
         torch.testing.assert_close(experts.hidden(xs, counts, weights)[row], act, rtol=1e-12, atol=1e-12)

@@ -219,9 +219,20 @@ def test_grouped_mlp_functional_matches_module():
     torch.testing.assert_close(out, m(xs, list(COUNTS)))
 
 
-def _clamped_reference(xs, counts, row_weights, p, alpha, limit, scale_input=False):
-    """GPT-OSS's expert per row, written from its definition in float64: [g, u] = W_in x + b_in,
-    g = min(g, limit), u = clamp(u, -limit, limit), y = W_out (g sigmoid(alpha g) (u + 1)) + b_out;
+def _gpt_oss_act(gate, up, limit, alpha=1.702):
+    """GPT-OSS: g = min(g, limit), u = clamp(u, -limit, limit), act = g sigmoid(alpha g) (u + 1)."""
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def _step_act(gate, up, limit):
+    """Step 3.7's bounded layers: act = min(silu(g), limit) clamp(u, -limit, limit)."""
+    return torch.minimum(gate * torch.sigmoid(gate), torch.tensor(limit, dtype=gate.dtype)) * up.clamp(-limit, limit)
+
+
+def _clamped_reference(xs, counts, row_weights, p, act, limit, scale_input=False):
+    """A clamped expert per row, written from its definition in float64: [g, u] = W_in x + b_in,
+    y = W_out act(g, u) + b_out;
     the routing weight scales y (or x, with scale_input)."""
     out, r = [], 0
     for e, n in enumerate(counts):
@@ -229,21 +240,23 @@ def _clamped_reference(xs, counts, row_weights, p, alpha, limit, scale_input=Fal
             w = row_weights[r]
             x = xs[r] * w if scale_input else xs[r]
             h = p["gate_up_proj"][e] @ x + p["gate_up_bias"][e]
-            gate, up = h[:I].clamp(max=limit), h[I:].clamp(-limit, limit)
-            y = p["down_proj"][e] @ (gate * torch.sigmoid(alpha * gate) * (up + 1)) + p["down_bias"][e]
+            y = p["down_proj"][e] @ act(h[:I], h[I:], limit) + p["down_bias"][e]
             out.append(y if scale_input else w * y)
             r += 1
     return torch.stack(out)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("scale_input", [False, True])
-def test_clamped_swiglu_experts_match_reference(backend, scale_input):
-    """Forward and backward (inputs, routing weights, every parameter) with both clamps active."""
-    from moelab.nn import ClampedSwiGLU
+@pytest.mark.parametrize("scale_input,kind", [(False, "gpt-oss"), (True, "gpt-oss"), (False, "step")])
+def test_clamped_swiglu_experts_match_reference(backend, scale_input, kind):
+    """Forward and backward (inputs, routing weights, every parameter) with both clamps active:
+    GPT-OSS's `ClampedSwiGLU` and Step 3.7's `CappedSwiGLU`."""
+    from moelab.nn import CappedSwiGLU, ClampedSwiGLU
 
     m = _experts("swiglu", True, backend)
-    m.clamped, m.scale_input = ClampedSwiGLU(alpha=1.702, limit=0.5), scale_input
+    act = _gpt_oss_act if kind == "gpt-oss" else _step_act
+    m.clamped = ClampedSwiGLU(alpha=1.702, limit=0.5) if kind == "gpt-oss" else CappedSwiGLU(0.5)
+    m.scale_input = scale_input
     g = torch.Generator().manual_seed(1)
     N = sum(COUNTS)
     xs = (2 * torch.randn(N, D, generator=g)).requires_grad_(True)
@@ -251,13 +264,14 @@ def test_clamped_swiglu_experts_match_reference(backend, scale_input):
     leaves = {n: t.detach().double().requires_grad_(True) for n, t in m.named_parameters()}
     xr, rwr = f64_leaf(xs), f64_leaf(rw)
     ys = m(xs, list(COUNTS), rw)
-    ref = _clamped_reference(xr, COUNTS, rwr, leaves, 1.702, 0.5, scale_input)
+    ref = _clamped_reference(xr, COUNTS, rwr, leaves, act, 0.5, scale_input)
     assert_close(ys, ref, what="ys")
     with torch.no_grad():
         row_expert = torch.repeat_interleave(torch.arange(E), torch.tensor(COUNTS))
         x_in = xs * rw[:, None] if scale_input else xs
         h = torch.einsum("nhd,nd->nh", m.gate_up_proj[row_expert], x_in) + m.gate_up_bias[row_expert]
-    assert (h[:, :I] > 0.5).any() and (h[:, :I] < 0.5).any(), "the gate clamp must matter"
+    gate = h[:, :I] if kind == "gpt-oss" else torch.nn.functional.silu(h[:, :I])
+    assert (gate > 0.5).any() and (gate < 0.5).any(), "the gate clamp must matter"
     assert (h[:, I:].abs() > 0.5).any() and (h[:, I:].abs() < 0.5).any(), "the up clamp too"
     G = torch.randn(N, D, generator=g, dtype=F64)
     (ys.double() * G).sum().backward()
@@ -278,14 +292,18 @@ def test_clamped_swiglu_needs_gated():
         ClampedSwiGLU(limit=0)
 
 
-def test_clamped_swiglu_backward_passes_gradient_at_the_clamp_bounds():
+@pytest.mark.parametrize("kind", ["gpt-oss", "step"])
+def test_clamped_swiglu_backward_passes_gradient_at_the_clamp_bounds(kind):
     """The hand-written backward against autograd through torch.clamp, with gate and up exactly at
-    the limits (torch.clamp passes the gradient at its bounds, included) and on either side."""
-    from moelab.nn import ClampedSwiGLU
+    the limits (torch.clamp passes the gradient at its bounds, included) and on either side (Step
+    3.7's caps silu(gate): its limit is silu of the first gate)."""
+    from moelab.nn import CappedSwiGLU, ClampedSwiGLU
 
-    act = ClampedSwiGLU(alpha=1.702, limit=0.5)
-    gate = torch.tensor([[0.5, 0.25, 0.75, -0.5, 0.5]], dtype=F64, requires_grad=True)
-    up = torch.tensor([[0.5, -0.5, 0.25, 0.75, -0.75]], dtype=F64, requires_grad=True)
+    first = 0.5 if kind == "gpt-oss" else 0.75
+    limit = 0.5 if kind == "gpt-oss" else torch.nn.functional.silu(torch.tensor(first, dtype=F64)).item()
+    act = ClampedSwiGLU(alpha=1.702, limit=limit) if kind == "gpt-oss" else CappedSwiGLU(limit)
+    gate = torch.tensor([[first, 0.25, 1.5, -0.5, first]], dtype=F64, requires_grad=True)
+    up = torch.tensor([[limit, -limit, 0.25, 0.75, -0.75]], dtype=F64, requires_grad=True)
     grad = torch.tensor([[1.0, -2.0, 0.5, 1.5, 3.0]], dtype=F64)
     want = torch.autograd.grad(act(gate, up), (gate, up), grad)
     got = act.backward(grad, gate.detach(), up.detach())

@@ -235,7 +235,6 @@ def test_norm_topk_prob_missing_from_config_json_is_renormalised(tmp_path):
         assert view.layer(0).router.renormalize
 
 
-
 @pytest.mark.parametrize(
     "model_type, config, follows",
     [
@@ -245,7 +244,8 @@ def test_norm_topk_prob_missing_from_config_json_is_renormalised(tmp_path):
         ("cohere2_moe", dict(
             CONFIGS["cohere2_moe"], num_shared_experts=1, shared_expert_combination_strategy="sum"
         ), True),
-        # dots3_note's: n_shared_experts x shared_experts_intermediate_size, a width key of their own
+        # dots3_note's (its adapter taken away): n_shared_experts x shared_experts_intermediate_size, a
+        # width key of their own
         ("dots3_note_text", dict(
             DEEPSEEK_LIKE, n_routed_experts=8, n_shared_experts=1, shared_experts_intermediate_size=24,
             num_key_value_heads=4, pad_token_id=0,
@@ -262,6 +262,8 @@ def test_shared_experts_follow_the_routed_width_only_without_a_width_of_their_ow
 
     if config is not None:
         monkeypatch.setitem(CONFIGS, model_type, config)
+    if model_type in FAMILIES:
+        monkeypatch.delitem(FAMILIES, model_type)
     _save(tmp_path, model_type)
     _, checkpoint, family = resolve(tmp_path)
     checkpoint.close()

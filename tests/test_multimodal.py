@@ -80,7 +80,8 @@ MODELS = {
         dict(COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
              num_experts_per_tok=2, share_expert_dim=24, moe_router_scaling_factor=1.5,
              mlp_layer_types=["dense", "sparse"], layer_types=["sliding_attention", "full_attention"],
-             sliding_window=16, num_sliding_attention_heads=2),
+             sliding_window=16, num_sliding_attention_heads=2, swiglu_limits=[0.0, 0.5],
+             swiglu_limits_shared=[0.0, 0.7]),
         dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=56, patch_size=14, mlp_ratio=1.0),
         "model.layers.", "n_routed_experts", "mlp",
     ),
@@ -361,24 +362,27 @@ def test_bench_offload_checks_the_language_model_s_vocabulary(tmp_path):
         _check_vocabulary(tmp_path)
 
 
-def test_step_3_7_reads_its_fused_layout_and_refuses_clamped_experts(tmp_path):
-    """Saved with save_original_format=False (transformers' names, under model.language_model.), its
-    MoE layer computes transformers' block; a layer that clamps its experts is refused by name."""
+@pytest.mark.parametrize("original", [True, False], ids=["stacked", "fused"])
+def test_step_3_7_s_bounded_layers_compute_transformers_block(tmp_path, original):
+    """Step 3.7's layer 1 caps silu(gate) and clamps up (routed experts at 0.5, the shared expert at
+    0.7, as the release does at 7 and 16 on its last layers): saved either way, the view's layer
+    computes transformers' block, which the caps change (plain SwiGLU would not)."""
     text, vision, *_ = MODELS["step3p7"]
     model = build_multimodal("step3p7", text, vision)
-    model.save_pretrained(tmp_path / "fused", save_original_format=False)
-    x = torch.randn(6, 32)
-    with open_checkpoint(tmp_path / "fused") as view:
-        got = moe_output(view.layer(1), x.double()).float()
+    model.save_pretrained(tmp_path, save_original_format=original)
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    with open_checkpoint(tmp_path) as view:
+        layer = view.layer(1)
+        assert (layer.experts.activation, layer.experts.swiglu_limit) == ("capped_swiglu", 0.5)
+        assert (layer.shared.activation, layer.shared.swiglu_limit) == ("capped_swiglu", 0.7)
+        got = moe_output(layer, x.double()).float()
+    block = model.model.language_model.layers[1].mlp
     with torch.no_grad():
-        want = model.model.language_model.layers[1].mlp(x[None])[0]
+        want = block(x[None])[0]
+        block.experts.limit, block.shared_experts.limit = float("inf"), float("inf")
+        plain = block(x[None])[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    config = json.loads((tmp_path / "fused" / "config.json").read_text())
-    for key in ("swiglu_limits", "swiglu_limits_shared"):
-        clamped = {**config, "text_config": {**config["text_config"], key: [0.0, 7.0]}}
-        (tmp_path / "fused" / "config.json").write_text(json.dumps(clamped))
-        with pytest.raises(CheckpointError, match=rf"{key} \[\(1, 7.0\)\]"):
-            open_checkpoint(tmp_path / "fused").layer(1)
+    assert (want - plain).abs().max() > 0.05
 
 
 @pytest.mark.parametrize("original", [True, False], ids=["mistral-names", "transformers-names"])

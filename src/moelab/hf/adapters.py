@@ -198,6 +198,7 @@ def _step3p5(config: Config) -> dict:
         "top_k": _top_k(config),
         "renormalize": True,
         "route_scale": float(config_value(config, "moe_router_scaling_factor", default=1.0)),
+        "scaled_after_experts": True,
     }
 
 
@@ -352,21 +353,29 @@ def _llama4_experts(config: Config) -> dict:
 
 
 def _silu_experts(config: Config) -> dict:
-    """Experts whose activation is SiLU whatever hidden_act says (LFM2-MoE)."""
+    """Experts whose activation is SiLU whatever hidden_act says (LFM2-MoE; Step 3.7, whose "swigluoai"
+    transformers reads as SiLU)."""
     return {"activation": "silu"}
 
 
-def _step3p5_experts(config: Config) -> dict:
-    """SwiGLU whatever hidden_act says (the release's "swigluoai"; transformers reads silu). A layer
-    whose swiglu_limits / swiglu_limits_shared entry is set clamps silu(gate) and up, which moelab's
-    experts do not compute: refused."""
-    for key in ("swiglu_limits", "swiglu_limits_shared"):
-        if limits := [(i, limit) for i, limit in enumerate(config.get(key) or []) if limit]:
-            raise CheckpointError(
-                f"this Step 3.7 config sets {key} {limits} (layer, bound): those layers clamp silu(gate) and up, "
-                "which moelab's experts do not; only unset or 0 (no clamping) is read"
-            )
-    return {"activation": "silu"}
+def _step3p5_activations(config: Config, i: int) -> tuple[dict, dict] | None:
+    """Step 3.7's layers whose swiglu_limits (routed experts) or swiglu_limits_shared entry is set
+    (the release's 43 and 44) cap silu(gate) and clamp up to that bound ("capped_swiglu"); a 0 or
+    missing entry: plain SwiGLU. (Its hidden_act, the release's "swigluoai", is read as SiLU, as
+    transformers does.)"""
+    routed, shared = (_layer_entry(config, key, i) for key in ("swiglu_limits", "swiglu_limits_shared"))
+    if not routed and not shared:
+        return None
+    return _capped(routed), _capped(shared)
+
+
+def _layer_entry(config: Config, key: str, i: int) -> float:
+    values = config.get(key) or []
+    return float(values[i] or 0) if i < len(values) else 0.0
+
+
+def _capped(limit: float) -> dict:
+    return {"activation": "capped_swiglu", "swiglu_limit": limit} if limit else {"activation": "silu"}
 
 
 def _nemotron_h_experts(config: Config) -> dict:
@@ -790,7 +799,8 @@ _FAMILIES = (
            num_experts=("n_routed_experts", "num_local_experts"), router_settings=_dots3_note,
            is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH),
     Family("step3p5", layouts=_step3p5_layouts(), num_experts=("n_routed_experts", "moe_num_experts"),
-           router_settings=_step3p5, is_moe_layer=_step3p5_sparse_layer, expert_settings=_step3p5_experts,
+           router_settings=_step3p5, is_moe_layer=_step3p5_sparse_layer, expert_settings=_silu_experts,
+           layer_activations=_step3p5_activations,
            expert_width=_MOE_WIDTH, stored_renames=(("model.language_model.", "model."),)),
     Family("afmoe", layouts=_afmoe_layouts(), num_experts=("num_experts",), router_settings=_afmoe,
            is_moe_layer=_first_dense_layers("num_dense_layers", default=1), expert_width=_MOE_WIDTH,

@@ -481,6 +481,8 @@ class Family:
     is_moe_layer(config, i): whether the config makes layer i sparse (checked against the
         checkpoint); None: layers with a router on disk are sparse (the structural fallback).
     expert_settings(config): the ExpertsView fields besides tensors (activation, ...).
+    layer_activations(config, i): where a layer's experts compute otherwise than the model's, the
+        ExpertsView and SharedView settings of layer i (Step 3.7's bounded layers), else None.
     expert_width: config keys for the routed experts' hidden width I (what the writer edits
         when experts get narrower).
     shared_width_follows: the shared experts' width is computed from the same key (DeepSeek:
@@ -514,6 +516,7 @@ class Family:
     router_settings: Callable[[Config], dict[str, Any]]
     is_moe_layer: Callable[[Config, int], bool] | None = every_layer
     expert_settings: Callable[[Config], dict[str, Any]] = swiglu
+    layer_activations: Callable[[Config, int], tuple[dict[str, Any], dict[str, Any]] | None] | None = None
     layer_prefix: str = "model.layers.{n}."
     num_layers: tuple[str, ...] = ("num_hidden_layers",)
     hidden_size: tuple[str, ...] = ("hidden_size",)
@@ -618,9 +621,11 @@ class Family:
             if layout.shared and layout.shared.present(ckpt, prefix)
             else None
         )
-        experts = ExpertsView(**routed, **self.expert_settings(config))
+        routed_settings, shared_settings = self._activations(config, index)
+        experts = ExpertsView(**routed, **routed_settings)
         if shared is not None:  # plain shared experts take the routed experts' activation
-            shared = SharedView(**shared, activation="silu" if shared["gate"] is not None else experts.activation)
+            plain = {"activation": "silu" if shared["gate"] is not None else experts.activation}
+            shared = SharedView(**shared, **(shared_settings or plain))
         latent = None
         if layout.latent is not None and layout.latent.present(ckpt, prefix):
             latent = LatentView(**layout.latent.read(ckpt, prefix))
@@ -638,7 +643,12 @@ class Family:
                 f"step-1 range inside range(0, {E})"
             )
         prefix = self.prefix(index)
-        return ExpertsView(**layout.experts.read(ckpt, prefix, config, experts), **self.expert_settings(config))
+        return ExpertsView(**layout.experts.read(ckpt, prefix, config, experts), **self._activations(config, index)[0])
+
+    def _activations(self, config: Config, index: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(ExpertsView settings, SharedView settings or None for the default) of layer `index`."""
+        layer = self.layer_activations(config, index) if self.layer_activations else None
+        return layer if layer is not None else (self.expert_settings(config), None)
 
     def _check_counts(self, ckpt, config, index, router, experts) -> None:
         key, E = config_entry(config, self.num_experts)

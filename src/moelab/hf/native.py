@@ -12,7 +12,7 @@ from torch import Tensor
 
 from moelab.hf.view import ExpertsView, LatentView, MoELayerView, RouterView, SharedView
 from moelab.nn.experts import Experts, MLPExperts, SharedExperts, SwiGLUExperts
-from moelab.nn.grouped import ClampedSwiGLU
+from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU
 from moelab.nn.latent import LatentProjection
 from moelab.nn.moe import MoELayer
 from moelab.nn.routers import Router, TopKRouter
@@ -179,12 +179,14 @@ def _experts(view: ExpertsView, num_experts: int | None = None) -> Experts:
     bias = _has_bias(view)
     if not view.gated:
         return MLPExperts(E, D, I, activation=view.activation, bias=bias)
-    clamped = (
-        ClampedSwiGLU(alpha=view.swiglu_alpha, limit=view.swiglu_limit)
-        if view.activation == "clamped_swiglu"
-        else None
-    )
-    return SwiGLUExperts(E, D, I, bias=bias, clamped=clamped, scale_input=view.scale_input)
+    return SwiGLUExperts(E, D, I, bias=bias, clamped=_gated_activation(view), scale_input=view.scale_input)
+
+
+def _gated_activation(view: ExpertsView | SharedView) -> ClampedSwiGLU | CappedSwiGLU | None:
+    """The two-input activation a view's "clamped_swiglu" or "capped_swiglu" names; None for SwiGLU."""
+    if view.activation == "clamped_swiglu":
+        return ClampedSwiGLU(alpha=view.swiglu_alpha, limit=view.swiglu_limit)
+    return CappedSwiGLU(view.swiglu_limit) if view.activation == "capped_swiglu" else None
 
 
 def _shared(view: SharedView | None) -> SharedExperts | None:
@@ -192,4 +194,6 @@ def _shared(view: SharedView | None) -> SharedExperts | None:
         return None
     Is, D = view.up.shape
     activation = "swiglu" if view.gate is not None else view.activation
-    return SharedExperts(D, Is, gated=view.sigmoid_gate is not None, activation=activation)
+    return SharedExperts(
+        D, Is, gated=view.sigmoid_gate is not None, activation=activation, clamped=_gated_activation(view)
+    )

@@ -21,7 +21,7 @@ from moelab.nn.routers import check_groups, check_top_k
 from moelab.validation import is_int
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sparsemixer")
-GATED_ACTIVATIONS = ("silu", "clamped_swiglu")  # act(gate, up)
+GATED_ACTIVATIONS = ("silu", "clamped_swiglu", "capped_swiglu")  # act(gate, up)
 PLAIN_ACTIVATIONS = ("relu2", "gelu", "relu", "silu")  # act(up), experts with no gate: Nemotron-H, moelab's
 ACTIVATIONS = tuple(dict.fromkeys(GATED_ACTIVATIONS + PLAIN_ACTIVATIONS))
 
@@ -87,7 +87,8 @@ class ExpertsView:
 
     Gated activations: "silu": act(g, u) = silu(g) * u (SwiGLU). "clamped_swiglu" (GPT-OSS):
     g' = min(g, swiglu_limit), u' = clamp(u, -swiglu_limit, swiglu_limit),
-    act = g' * sigmoid(swiglu_alpha * g') * (u' + 1). Plain ones: "relu2" (Nemotron-H): act(u) =
+    act = g' * sigmoid(swiglu_alpha * g') * (u' + 1). "capped_swiglu" (Step 3.7's bounded layers):
+    act = min(silu(g), swiglu_limit) * clamp(u, -swiglu_limit, swiglu_limit). Plain ones: "relu2" (Nemotron-H): act(u) =
     relu(u)²; "gelu" (exact, erf), "relu", "silu" (moelab's `MLPExperts`).
     scale_input: the routing weight w scales the expert's input, y = y_e(w * x) (Llama 4),
     instead of its output, y = w * y_e(x) (everyone else).
@@ -113,10 +114,12 @@ class ExpertsView:
                 f"experts activation must be one of {ACTIVATIONS}, got {self.activation!r} (config.json's "
                 "hidden_act); other activations are not supported yet"
             )
-        clamped = self.activation == "clamped_swiglu"
-        if any((value is not None) != clamped for value in (self.swiglu_alpha, self.swiglu_limit)):
+        if (self.swiglu_alpha is not None) != (self.activation == "clamped_swiglu") or (
+            self.swiglu_limit is not None
+        ) != (self.activation in ("clamped_swiglu", "capped_swiglu")):
             raise ValueError(
-                "swiglu_alpha and swiglu_limit are set exactly when activation is 'clamped_swiglu'"
+                "swiglu_alpha is set exactly when activation is 'clamped_swiglu', swiglu_limit exactly when it is "
+                "'clamped_swiglu' or 'capped_swiglu'"
             )
         kind, allowed = ("gated", GATED_ACTIVATIONS) if self.gated else ("plain", PLAIN_ACTIVATIONS)
         if self.activation not in allowed:
@@ -159,9 +162,9 @@ class ExpertsView:
 @dataclass(frozen=True, eq=False)
 class SharedView:
     """Always-on expert(s), fused into one MLP of width Is, added to the routed output:
-    y = down @ (silu(gate @ x) * (up @ x)) (SwiGLU), or down @ act(up @ x) where gate is None and
-    `activation` names a plain one (Nemotron-H: relu2); times sigmoid(sigmoid_gate @ x) if that is
-    set (Qwen2-MoE).
+    y = down @ (silu(gate @ x) * (up @ x)) (SwiGLU; "capped_swiglu": Step 3.7's bounded form, see
+    `ExpertsView`), or down @ act(up @ x) where gate is None and `activation` names a plain one
+    (Nemotron-H: relu2); times sigmoid(sigmoid_gate @ x) if that is set (Qwen2-MoE).
 
     gate (or None), up: [Is, D]; down: [D, Is]; sigmoid_gate: [1, D] | None.
     """
@@ -171,14 +174,17 @@ class SharedView:
     down: Tensor
     sigmoid_gate: Tensor | None = None
     activation: str = "silu"
+    swiglu_limit: float | None = None
 
     def __post_init__(self):
-        if self.activation not in (PLAIN_ACTIVATIONS if self.gate is None else ("silu",)):
+        if self.activation not in (PLAIN_ACTIVATIONS if self.gate is None else ("silu", "capped_swiglu")):
             raise ValueError(
-                f"shared experts: a gate projection with activation 'silu', or none with one of "
+                f"shared experts: a gate projection with activation 'silu' or 'capped_swiglu', or none with one of "
                 f"{PLAIN_ACTIVATIONS}; got activation {self.activation!r} and "
                 f"{'no gate' if self.gate is None else 'a gate'}"
             )
+        if (self.swiglu_limit is not None) != (self.activation == "capped_swiglu"):
+            raise ValueError("shared experts: swiglu_limit is set exactly when activation is 'capped_swiglu'")
         _check_shape("shared up", self.up, (None, None))
         Is, D = self.up.shape
         _check_shape("shared gate", self.gate, (Is, D))

@@ -19,7 +19,7 @@ from moelab.nn.grouped import (
     ACTIVATIONS,
     BACKENDS,
     Activation,
-    ClampedSwiGLU,
+    GatedActivation,
     accumulated_mlp,
     every_expert_mlp,
     gathered_mlp,
@@ -95,8 +95,8 @@ def _init_stacked(*weights: Tensor, fan_in: int) -> None:
 
 
 class SwiGLUExperts(Experts):
-    """E SwiGLU MLPs: y = down(silu(gate(x)) * up(x)), or with `clamped`, GPT-OSS's
-    down(clamped(gate(x), up(x))).
+    """E SwiGLU MLPs: y = down(silu(gate(x)) * up(x)), or with `clamped` (GPT-OSS's `ClampedSwiGLU`,
+    Step 3.7's `CappedSwiGLU`) down(clamped(gate(x), up(x))).
 
     gate_up_proj: [E, 2I, D], gate rows first then up rows; down_proj: [E, D, I];
     optional gate_up_bias: [E, 2I] and down_bias: [E, D].
@@ -112,7 +112,7 @@ class SwiGLUExperts(Experts):
         *,
         bias: bool = False,
         backend: str = "auto",
-        clamped: ClampedSwiGLU | None = None,
+        clamped: GatedActivation | None = None,
         scale_input: bool = False,
     ):
         super().__init__(num_experts, dim, hidden_dim, backend)
@@ -330,18 +330,30 @@ class SharedExperts(nn.Module):
     """Always-on experts (DeepSeekMoE: n_shared experts fused into one MLP of width n_shared * I),
     optionally scaled by a per-token sigmoid gate (Qwen2-MoE `shared_expert_gate`).
 
-    activation "swiglu": down(silu(gate_proj(x)) * up_proj(x)); a name in ACTIVATIONS (Nemotron-H:
+    activation "swiglu": down(silu(gate_proj(x)) * up_proj(x)), or with `clamped` (Step 3.7's
+    `CappedSwiGLU`) down(clamped(gate_proj(x), up_proj(x))); a name in ACTIVATIONS (Nemotron-H:
     relu2): the plain MLP down(act(up_proj(x))), no gate_proj.
     gate_proj (SwiGLU only), up_proj: Linear(D, H); down_proj: Linear(H, D); gate: Linear(D, 1) or None.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, *, gated: bool = False, activation: str = "swiglu"):
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        gated: bool = False,
+        activation: str = "swiglu",
+        clamped: GatedActivation | None = None,
+    ):
         super().__init__()
         if activation != "swiglu" and activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown shared-expert activation {activation!r}; choose swiglu or one of {sorted(ACTIVATIONS)}"
             )
+        if clamped is not None and activation != "swiglu":
+            raise ValueError(f"a clamped gated activation needs activation 'swiglu', got {activation!r}")
         self.activation = activation
+        self.clamped = clamped
         self.gate_proj = Linear(dim, hidden_dim, bias=False) if activation == "swiglu" else None
         self.up_proj = Linear(dim, hidden_dim, bias=False)
         self.down_proj = Linear(hidden_dim, dim, bias=False)
@@ -351,6 +363,8 @@ class SharedExperts(nn.Module):
         """x: [T, D] -> [T, D], the MLP before the sigmoid gate."""
         if self.gate_proj is None:
             return self.down_proj(ACTIVATIONS[self.activation][0](self.up_proj(x)))
+        if self.clamped is not None:
+            return self.down_proj(self.clamped(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -7,8 +7,8 @@ H = 2I for gated (SwiGLU) experts, else I.
 w_out [E, D, I], b_out [E, D] | None, activation, gated, backend) -> [N, D]` runs rows
 `counts[0]` of xs through expert 0, the next `counts[1]` rows through expert 1, and so on, and
 scales each output row by its routing weight. A gated MLP splits the first projection into gate
-rows then up rows: act(gate) * up, or a two-input gated activation such as GPT-OSS's
-`ClampedSwiGLU`(gate, up). Applying the routing weight here, on cache-sized slices, is cheaper
+rows then up rows: act(gate) * up, or a two-input gated activation (`GatedActivation`: GPT-OSS's
+`ClampedSwiGLU`(gate, up), Step 3.7's `CappedSwiGLU`). Applying the routing weight here, on cache-sized slices, is cheaper
 than in the [N, D] combine.
 
 Backends, chosen by name ("auto", the default, picks "grouped" on CPU and "grouped_mm" for
@@ -84,18 +84,47 @@ class ClampedSwiGLU:
         return grad_gate, grad_up
 
 
+@dataclass(frozen=True)
+class CappedSwiGLU:
+    """Step 3.7's gated activation of (gate, up), both [n, I], on the layers its config bounds:
+    act = min(silu(gate), limit) * clamp(up, -limit, limit) (capped after the SiLU, where
+    `ClampedSwiGLU` clamps before its own)."""
+
+    limit: float
+
+    def __post_init__(self):
+        if not self.limit > 0:
+            raise ValueError(f"CappedSwiGLU.limit must be > 0, got {self.limit}")
+
+    def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
+        return F.silu(gate).clamp(max=self.limit) * up.clamp(-self.limit, self.limit)
+
+    def backward(self, grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+        """(d/d gate, d/d up) of `grad`-weighted act; the caps pass gradient inside their range
+        (bounds included), as torch.clamp does."""
+        s = torch.sigmoid(gate)
+        silu = gate * s
+        u = up.clamp(-self.limit, self.limit)
+        grad_gate = grad * u * (s + silu * (1 - s)) * (silu <= self.limit)
+        grad_up = grad * silu.clamp(max=self.limit) * ((up >= -self.limit) & (up <= self.limit))
+        return grad_gate, grad_up
+
+
+GatedActivation = ClampedSwiGLU | CappedSwiGLU  # two-input activations of (gate, up)
+
+
 class Activation:
     """The hidden activation as (forward(h), backward(grad_hidden, h) -> grad_h) of the first
     projection's output h: [n, H]. Gated: h = [gate | up]."""
 
-    def __init__(self, activation: str | ClampedSwiGLU, gated: bool):
+    def __init__(self, activation: str | GatedActivation, gated: bool):
         self.activation, self.gated = activation, gated
 
     def forward(self, h: Tensor) -> Tensor:
         if not self.gated:
             return ACTIVATIONS[self.activation][0](h)
         gate, up = h.chunk(2, dim=-1)
-        if isinstance(self.activation, ClampedSwiGLU):
+        if not isinstance(self.activation, str):
             return self.activation(gate, up)
         return ACTIVATIONS[self.activation][0](gate) * up
 
@@ -103,7 +132,7 @@ class Activation:
         if not self.gated:
             return ACTIVATIONS[self.activation][1](grad, h)
         gate, up = h.chunk(2, dim=-1)
-        if isinstance(self.activation, ClampedSwiGLU):
+        if not isinstance(self.activation, str):
             return torch.cat(self.activation.backward(grad, gate, up), dim=-1)
         act, act_backward = ACTIVATIONS[self.activation]
         return torch.cat([act_backward(grad * up, gate), grad * act(gate)], dim=-1)
@@ -367,7 +396,7 @@ def gathered_mlp(
     w_out: Tensor,
     b_out: Tensor | None,
     *,
-    activation: str | ClampedSwiGLU = "silu",
+    activation: str | GatedActivation = "silu",
     gated: bool = True,
 ) -> Tensor:
     """The decode path: x: [T, D]; indices, weights: [T, K] (index -1: an empty slot, its weight ignored)
@@ -407,7 +436,7 @@ def every_expert_mlp(
     w_out: Tensor,
     b_out: Tensor | None,
     *,
-    activation: str | ClampedSwiGLU = "silu",
+    activation: str | GatedActivation = "silu",
     gated: bool = True,
 ) -> Tensor:
     """x: [T, D]; indices, weights: [T, K] (index -1: an empty slot) -> [T, D], as `gathered_mlp`:
@@ -478,7 +507,7 @@ def accumulated_mlp(
     w_out: Tensor,
     b_out: Tensor | None,
     *,
-    activation: str | ClampedSwiGLU = "silu",
+    activation: str | GatedActivation = "silu",
     gated: bool = True,
     weight_rows: Sequence[int] | None = None,
 ) -> Tensor:
@@ -529,7 +558,7 @@ def grouped_mlp(
     w_out: Tensor,
     b_out: Tensor | None,
     *,
-    activation: str | ClampedSwiGLU = "silu",
+    activation: str | GatedActivation = "silu",
     gated: bool = True,
     backend: str = "auto",
     rows_past_counts: bool = True,
@@ -540,13 +569,13 @@ def grouped_mlp(
     that the tensor sums to N, and nothing is masked); row_weights: [N]
     routing weight that scales each row's output, or None; w_in: [E, H, D]; b_in: [E, H];
     w_out: [E, D, I]; b_out: [E, D]; activation: a name in ACTIVATIONS, or (gated only) a
-    two-input `ClampedSwiGLU`. Weights in another floating dtype than xs (inference only) are
+    two-input `GatedActivation`. Weights in another floating dtype than xs (inference only) are
     cast one expert at a time. Returns [N, D] in xs's dtype."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown experts backend {backend!r}; choose one of {sorted(BACKENDS)}")
-    if isinstance(activation, ClampedSwiGLU):
+    if not isinstance(activation, str):
         if not gated:
-            raise ValueError("ClampedSwiGLU is a gated activation of (gate, up); pass gated=True")
+            raise ValueError(f"{type(activation).__name__} is a gated activation of (gate, up); pass gated=True")
     elif activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
     if isinstance(counts, Tensor):
