@@ -1238,6 +1238,14 @@ def test_non_finite_names_finds_inf_as_well_as_nan():
     assert non_finite_names(named) == ["nan", "inf"]
 
 
+def test_finite_values_whose_sum_overflows_are_finite():
+    """The check sums first (finite only if every element is); an overflowing sum is checked element
+    by element."""
+    huge = torch.full((4,), 3e38)
+    assert not torch.isfinite(huge.sum()) and non_finite_names([("huge", huge), ("half", huge.bfloat16())]) == []
+    assert non_finite_names([("inf", torch.tensor([3e38, -float("inf"), float("inf")]))]) == ["inf"]
+
+
 def test_non_finite_names_checks_a_large_tensor_a_slice_at_a_time(monkeypatch):
     """A layer's stacked experts are checked in slices along their first dimensions, so the
     boolean mask stays small (it was as large as the tensor: a gigabyte per billion elements);
