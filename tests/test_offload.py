@@ -21,7 +21,10 @@ import torch
 from hf_tiny import TINY, build
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from quantized_tiny import fp8_release
+from safetensors.torch import load_file, save_file
 from test_model import Recorder
+from test_mxfp4 import _mxfp4
 from transformers import AutoModelForCausalLM
 
 from moelab.hf.checkpoint import CheckpointError
@@ -1344,6 +1347,90 @@ def test_a_checkpoint_rewritten_under_the_cache_is_refused(tmp_path):
             offloaded.generate(torch.randint(0, 128, (1, 4)), 4)
     finally:
         offloaded.close()
+
+
+def _rewrite(directory, change) -> None:
+    """Rewrite every tensor of the checkpoint's shards as change(name, tensor) gives it."""
+    for shard in directory.glob("*.safetensors"):
+        tensors = {name: change(name, tensor) for name, tensor in load_file(shard).items()}
+        save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def _spoil(spoilt: dict[str, tuple[int, float]]):
+    """A `_rewrite` change: {tensor name: (an entry of its first dim, the value its first element gets)}."""
+    def change(name, tensor):
+        if name in spoilt:
+            row, value = spoilt[name]
+            tensor[row].view(-1)[0] = value
+        return tensor
+    return change
+
+
+@pytest.mark.parametrize(  # read straight into the slot, read and converted, bf16 straight
+    "stored,dtype",
+    [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
+)
+def test_an_expert_holding_inf_or_nan_is_refused_by_name_when_it_loads(tmp_path, stored, dtype, one_thread):
+    """A corrupt expert is refused naming its tensor at its first load from the files: in the warm
+    start for one decoding never chooses (before: no error), on demand for one it chooses (before:
+    the router's NaN message). One never loaded is never read, so it cannot reach the tokens."""
+    model, path = _native(tmp_path)
+    _rewrite(path, lambda name, tensor: tensor.to(stored))
+    ids = torch.randint(0, model.config.vocab_size, (1, 1))
+    clean = load_offloaded(path, resident=1.0, warm=False, dtype=dtype)
+    try:
+        want = clean.generate(ids, 1)
+        chosen = clean.cache.resident()
+    finally:
+        clean.close()
+    everyone = {(i, e) for i in range(3) for e in range(4)} - {(0, 0)}  # (0, 0): read when the store opens
+    (layer, unchosen), (layer_b, picked) = min(everyone - chosen), max(chosen)
+    name, name_b = f"layers.{layer}.ffn.experts.down_proj", f"layers.{layer_b}.ffn.experts.gate_up_proj"
+    _rewrite(path, _spoil({name: (unchosen, float("inf"))}))
+    never_read = load_offloaded(path, resident=1.0, warm=False, dtype=dtype)
+    try:
+        assert torch.equal(never_read.generate(ids, 1), want)
+    finally:
+        never_read.close()
+    refused = f"{name}[{unchosen}:{unchosen + 1}] holds Inf/NaN: the checkpoint is corrupt"
+    with pytest.raises(CheckpointError, match=re.escape(refused)):
+        load_offloaded(path, resident=1.0, dtype=dtype)
+    _rewrite(path, _spoil({name_b: (picked, float("nan"))}))
+    offloaded = load_offloaded(path, resident=1.0, warm=False, dtype=dtype)
+    refused = f"{name_b}[{picked}:{picked + 1}] holds Inf/NaN: the checkpoint is corrupt"
+    try:
+        with pytest.raises(CheckpointError, match=re.escape(refused)):
+            offloaded.generate(ids, 1)
+    finally:
+        offloaded.close()
+
+
+@pytest.mark.parametrize(
+    "source,spoilt",
+    [
+        ("gpt_oss", "model.layers.1.mlp.experts.gate_up_proj"),  # read through the view (transposed, biases)
+        ("gpt_oss", "model.layers.1.mlp.router.weight"),  # held in memory, read through the view
+        ("fp8", "model.layers.1.mlp.experts.2.up_proj.weight_scale_inv"),  # dequantized on read
+        ("mxfp4", "model.layers.1.mlp.experts.down_proj_scales"),
+    ],
+)
+def test_transformers_and_quantized_checkpoints_holding_inf_or_nan_are_refused(tmp_path, source, spoilt):
+    """The warm start loads every expert here; the routers a transformers family's MoE blocks hold
+    are checked as they load, as its other dense weights are. Quantized weights are checked once
+    dequantized (an E8M0 scale of 255 is NaN), their float scales as read."""
+    torch.manual_seed(0)
+    plain = tmp_path / "plain"
+    if source == "fp8":  # whole blocks of 16 x 8
+        build("qwen3_moe", moe_intermediate_size=32).save_pretrained(plain)
+        fp8_release(plain, path := tmp_path / "fp8")
+    else:  # MXFP4: whole groups of 32
+        build("gpt_oss", intermediate_size=32).save_pretrained(plain)
+        path = _mxfp4(plain, tmp_path / "mxfp4")[0] if source == "mxfp4" else plain
+    value = 255 if source == "mxfp4" else float("inf")
+    _rewrite(path, _spoil({spoilt: (1, value)}))
+    named = re.escape(spoilt.removesuffix("_scales")) + r".* holds (Inf/NaN|NaN or Inf)"  # MXFP4: dequantized
+    with pytest.raises(CheckpointError, match=named):
+        load_offloaded(path, resident=1.0, dtype=torch.bfloat16).close()
 
 
 def test_every_tiny_family_is_covered():

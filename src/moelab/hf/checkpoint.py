@@ -26,6 +26,7 @@ from torch import Tensor
 
 from moelab.files import file_inside, open_safetensors, read_json_object
 from moelab.io import LazyTensor, RawTensor
+from moelab.validation import non_finite_names
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -55,7 +56,11 @@ class Checkpoint:
     reads one straight into a tensor, keeping the shards it reads open; `close()` closes them all.
     shapes_only: get(name) returns a tensor on the meta device with the stored shape and dtype,
     read from the shard header (no weights are read): enough to check a model's layout.
+    finite_only: get(name) refuses a floating-point tensor holding Inf or NaN (`check_finite`),
+    for a reader that checks nothing after it (offloading's expert loads).
     """
+
+    finite_only = False
 
     def __init__(self, directory: str | os.PathLike, *, shapes_only: bool = False):
         self.directory = Path(directory)
@@ -104,6 +109,8 @@ class Checkpoint:
             if f.readinto(data) != nbytes:
                 raise CheckpointError(f"{raw.path} ends inside tensor {name!r}; it is truncated, re-download it")
         tensor = torch.frombuffer(data, dtype=DTYPES[raw.dtype]) if nbytes else torch.empty(0, dtype=DTYPES[raw.dtype])
+        if self.finite_only:
+            check_finite(self.directory, name, tensor, rows)
         return tensor.reshape(shape)
 
     def read_into(self, name: str, out: Tensor, row: int | None = None) -> None:
@@ -383,6 +390,18 @@ def _close_files(files: dict[Path, int]) -> None:
     for fd in files.values():
         os.close(fd)
     files.clear()
+
+
+def check_finite(directory: Path, name: str, tensor: Tensor, rows: range | None = None) -> None:
+    """Refuse tensor `name` of the checkpoint in `directory` (or these entries of its first dim)
+    where it holds Inf or NaN: a corrupt checkpoint, which would decode to garbage, not an error.
+    Float8 codes are left to their dequantized values (`DequantizedCheckpoint.get` checks those)."""
+    if tensor.element_size() > 1 and non_finite_names([(name, tensor)]):
+        where = name if rows is None else f"{name}[{rows.start}:{rows.stop}]"
+        raise CheckpointError(
+            f"{directory}: {where} holds Inf/NaN: the checkpoint is corrupt; re-download it or write it again "
+            "from a sound copy"
+        )
 
 
 def byte_view(tensor: Tensor) -> memoryview:

@@ -430,6 +430,12 @@ def load_offloaded(
     `moelab.offload.copier`); host_memory: on a GPU, keep every routed expert in pinned host memory
     as well (read once, with a progress bar; refused where it does not fit) and copy from there,
     with no file read per miss (Mixtral-offloading's layout).
+
+    Weights holding Inf or NaN (a corrupt checkpoint) are a `CheckpointError` naming the tensor:
+    the dense parts as they load, a routed expert at each load from the files into the cache (the
+    warm start's here, so with resident=1.0 every expert), never per use of a resident one. An
+    expert that is never loaded, or only read ahead and not chosen, is never computed with and
+    cannot change the tokens; finding it would mean reading every expert, which offloading avoids.
     """
     check_device(torch.device(device).type)
     if kv_cache_tokens is not None and kv_cache_tokens < 0:

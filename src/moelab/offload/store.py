@@ -7,11 +7,13 @@
 
 Any checkpoint the view opens (moelab's own, every transformers family) is read through the
 view's one layout (`ModelView.experts`), so a read fetches one expert's bytes from its
-safetensors shard and nothing else. Where the files hold an expert as the pool lays it out (the
-same dtype, gate/up/down, gate_up/down or (plain experts) up/down matrices in the same
-orientation, no biases: moelab's own checkpoints, Mixtral, Qwen-MoE, OLMoE, DeepSeek, Nemotron-H),
-`load` reads it straight into the slot's memory, one positioned read per matrix; otherwise it reads
-the view and copies (converting).
+safetensors shard and nothing else. Every tensor read is checked finite as it arrives (an expert
+once per load into a slot, never per use of a resident one): a corrupt checkpoint's Inf or NaN is
+a `CheckpointError` naming its tensor, not garbage tokens. Where the files hold an expert as the
+pool lays it out (the same dtype, gate/up/down, gate_up/down or (plain experts) up/down matrices
+in the same orientation, no biases: moelab's own checkpoints, Mixtral, Qwen-MoE, OLMoE, DeepSeek,
+Nemotron-H), `load` reads it straight into the slot's memory, one positioned read per matrix;
+otherwise it reads the view and copies (converting).
 Reads are serialised by a lock (a background prefetch and a synchronous miss share one file
 reader); a shard that changes on disk while in use is refused.
 """
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from moelab.hf.adapters import resolve
-from moelab.hf.checkpoint import DTYPES, CheckpointError, byte_view
+from moelab.hf.checkpoint import DTYPES, CheckpointError, byte_view, check_finite
 from moelab.hf.layouts import config_value
 from moelab.hf.native import copy_expert, empty_experts, experts_from_view
 from moelab.hf.view import ExpertsView, ModelView
@@ -69,6 +71,7 @@ class ExpertStore:
         self.dtype = dtype
         self.family = family
         self.checkpoint = ckpt
+        ckpt.finite_only = True  # what the view reads (converted experts, the dense parts) is checked as read
         if not page_cache:
             ckpt.drop_cached()  # the first reads too
         self.view = ModelView(ckpt, config, family, family.layer_count(config))
@@ -104,7 +107,8 @@ class ExpertStore:
 
     def load(self, layer: int, expert: int, pool: Experts, slot: int) -> None:
         """Put expert `expert` of MoE layer `layer` into entry `slot` of `pool` (from `empty`): read
-        straight into it where the files allow (see the module docstring), else read and copy."""
+        straight into it where the files allow (see the module docstring), else read and copy.
+        Weights holding Inf or NaN are refused (`check_finite`), the slot left holding them."""
         reads = self._reads(layer, expert, pool)
         if reads is None:
             copy_expert(self.read(layer, expert), pool, slot)
@@ -115,6 +119,9 @@ class ExpertStore:
                 target = byte_view(_slot_part(pool, slot, read.part)) if targets is None else targets[slot][read.part]
                 uncached = not self.page_cache
                 self.checkpoint.read_bytes(read.path, read.offset, target, read.name, uncached=uncached)
+        for read in reads:  # after the reads: another thread's read need not wait for this check
+            rows = None if read.row is None else range(read.row, read.row + 1)
+            check_finite(self.path, read.name, _slot_part(pool, slot, read.part), rows)
 
     def _reads(self, layer: int, expert: int, pool: Experts) -> list[_Read] | None:
         """Where the expert lies, if it can be read straight into `pool` (else None); worked out
@@ -149,7 +156,7 @@ class ExpertStore:
                     f"for (the config says {self.num_experts}); the checkpoint does not match its config"
                 )
             where = self.checkpoint.locate(part.name, None if part.row is None else range(part.row, part.row + 1))
-            reads.append(_Read(part.name, where.path, where.offset, part.part))
+            reads.append(_Read(part.name, part.row, where.path, where.offset, part.part))
         return reads
 
     def empty(self, slots: int, device: torch.device | str = "cpu", *, pin_memory: bool = False) -> Experts:
@@ -196,10 +203,12 @@ class ExpertStore:
 
 @dataclass(frozen=True)
 class _Read:
-    """One positioned read of an expert's matrix: tensor `name`'s bytes for it at `offset` of shard
-    `path`, into `part` ("gate", "up", "gate_up", "down") of a pool slot."""
+    """One positioned read of an expert's matrix: tensor `name`'s bytes for it (entry `row` of its
+    first dim, None: all of it) at `offset` of shard `path`, into `part` ("gate", "up", "gate_up",
+    "down") of a pool slot."""
 
     name: str
+    row: int | None
     path: Path
     offset: int
     part: str
