@@ -307,6 +307,18 @@ TINY = {
             sliding_window=16,
         ),
     ),
+    "flint": Tiny(
+        dict(
+            WIDTHS,
+            head_dim=8,
+            num_experts=4,
+            shared_expert_intermediate_size=24,
+            mlp_only_layers=[0],
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=16,
+        ),
+        dense=(0,),
+    ),
     "minimax_m2": Tiny(
         dict(COMMON, head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
     ),
@@ -383,7 +395,7 @@ TINY = {
 COMPRESS_SLOW = frozenset(
     {
         "exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid",
-        "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text", "mistral4",
+        "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text", "mistral4", "flint",
     }
 )
 

@@ -6,7 +6,8 @@ on the block itself, as exaone_moe, afmoe and lfm2_moe do: they have adapters no
 checkpoints are renamed to an unknown model_type, or their adapter is taken away) are refused
 by name; those whose tensors it
 reads but whose routing it would get wrong (flint's sigmoid without a bias, cohere2_moe's
-averaged shared expert or sigmoid option) are refused by running transformers' own block; those
+averaged shared expert or sigmoid option: their adapters taken away) are refused by running
+transformers' own block; those
 it reads right (glm4_moe, dots1, cohere2_moe's default) open and match transformers' block.
 """
 
@@ -113,9 +114,10 @@ def test_running_transformers_block_refuses_them_too(tmp_path, monkeypatch, mode
     ],
     ids=["flint-sigmoid", "cohere2_moe-sigmoid", "cohere2_moe-averaged-shared"],
 )
-def test_a_reading_that_differs_from_transformers_block_is_refused(tmp_path, model_type, overrides):
+def test_a_reading_that_differs_from_transformers_block_is_refused(tmp_path, monkeypatch, model_type, overrides):
     """Every tensor of these blocks is one the layout reads; only running transformers' block
-    shows that moelab would compute something else."""
+    shows that moelab would compute something else (their adapters, which read them, taken away)."""
+    monkeypatch.delitem(FAMILIES, model_type, raising=False)
     _save(tmp_path, model_type, **overrides)
     with pytest.raises(
         CheckpointError,
@@ -217,8 +219,9 @@ def test_an_unread_block_tensor_transformers_check_does_not_see_is_refused(tmp_p
         open_checkpoint(tmp_path)
 
 
-def test_a_refused_checkpoint_is_refused_again_when_reopened(tmp_path):
+def test_a_refused_checkpoint_is_refused_again_when_reopened(tmp_path, monkeypatch):
     """The check runs once per checkpoint files; its refusal stands for every later open."""
+    monkeypatch.delitem(FAMILIES, "flint")
     _save(tmp_path, "flint")
     for _ in range(2):
         with pytest.raises(CheckpointError, match="differs from transformers'"):

@@ -229,6 +229,12 @@ def _mistral_softmax(config: Config, name: str, renormalize: bool) -> dict:
     }
 
 
+def _sigmoid_norm_topk_prob(config: Config) -> dict:
+    """Flint: top-k of the sigmoid scores (no correction bias), renormalised if norm_topk_prob
+    (class default True); no scaling or groups."""
+    return {"score_func": "sigmoid", "top_k": _top_k(config), "renormalize": config_flag(config, "norm_topk_prob", True)}
+
+
 def _softmax_top_k(config: Config) -> dict:
     """Jamba: top-k of the softmax over all experts, never renormalised."""
     return {"score_func": "softmax", "top_k": _top_k(config), "renormalize": False}
@@ -407,6 +413,12 @@ def _qwen_sparse_layer(config: Config, i: int) -> bool:
         i not in (config.get("mlp_only_layers") or [])
         and (i + 1) % config_value(config, "decoder_sparse_step", default=1) == 0
     )
+
+
+def _flint_sparse_layer(config: Config, i: int) -> bool:
+    """Qwen's rule, where an absent mlp_only_layers makes the first two layers dense (FlintConfig's default)."""
+    mlp_only = config.get("mlp_only_layers")
+    return _qwen_sparse_layer({**config, "mlp_only_layers": [0, 1] if mlp_only is None else mlp_only}, i)
 
 
 def _deepseek_sparse_layer(default_first_dense: int) -> Callable[[Config, int], bool]:
@@ -822,6 +834,9 @@ _FAMILIES = (
            is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH),
     Family("kolibri1", layouts=_kolibri1_layouts(), num_experts=("num_local_experts", "num_experts"),
            router_settings=_kolibri1, expert_width=_MOE_WIDTH, stored_renames=_KOLIBRI1_RENAMES),
+    Family("flint", layouts=_qwen2_moe_layouts(_shared("mlp.shared_expert")), num_experts=("num_experts",),
+           router_settings=_sigmoid_norm_topk_prob, is_moe_layer=_flint_sparse_layer, expert_width=_MOE_WIDTH,
+           stored_renames=(("self_attn.sinks", "self_attn.softmax_offset"),)),
     Family("jamba", layouts=_jamba_layouts(), num_experts=("num_experts",), router_settings=_softmax_top_k,
            is_moe_layer=_jamba_sparse_layer, dense_width_follows=True),
     Family("nemotron_h", layouts=_nemotron_h_layouts(), num_experts=("n_routed_experts", "num_local_experts"),
