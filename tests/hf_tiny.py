@@ -46,6 +46,22 @@ def _mlp(model, i):
     return model.model.layers[i].mlp
 
 
+def _before_output_norm(model, i):
+    """A.X K1's MoE block up to its post_mlp_layernorm (what the view reads: `Family.block_output_norm`)."""
+    block = model.model.layers[i].mlp
+
+    def run(x):
+        seen = []
+        hook = block.post_mlp_layernorm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        try:
+            block(x)
+        finally:
+            hook.remove()
+        return seen[0]
+
+    return run
+
+
 def _granite_shared(model, i):
     layer = model.model.layers[i]
     return lambda x: layer.block_sparse_moe(x) + layer.shared_mlp(x)
@@ -56,15 +72,13 @@ class Tiny:
     """config kwargs for AutoConfig.for_model; block(model, i) -> the layer-i MoE block as a
     callable on [B, S, D]; dense: the layers the config makes dense; fused: whether
     save_original_format=False writes a different layout. path: the module holding layer i's
-    routed experts (and, unless shared_outside, its shared experts); returns_tuple: it returns
-    (y, router output)."""
+    routed experts (and, unless shared_outside, its shared experts)."""
 
     config: dict
     block: Callable = _mlp
     dense: tuple[int, ...] = ()
     fused: bool = True
     path: str = "model.layers.{i}.mlp"
-    returns_tuple: bool = False
     shared_outside: bool = False
 
 
@@ -122,7 +136,6 @@ TINY = {
             swiglu_limit=0.5,
         ),
         fused=False,
-        returns_tuple=True,
     ),
     "granitemoe": Tiny(
         dict(COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
@@ -173,7 +186,6 @@ TINY = {
         dense=(0,),
         fused=False,
         path="model.layers.{i}.feed_forward",
-        returns_tuple=True,
     ),
     "kimi_linear": Tiny(
         dict(
@@ -200,6 +212,7 @@ TINY = {
         dense=(0,),
         fused=False,
     ),
+    "axk1": Tiny(dict(DEEPSEEK, q_lora_rank=16, routed_scaling_factor=1.5), block=_before_output_norm, dense=(0,)),
     "exaone_moe": Tiny(
         dict(
             WIDTHS,
@@ -395,7 +408,7 @@ TINY = {
 COMPRESS_SLOW = frozenset(
     {
         "exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid",
-        "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text", "mistral4", "flint",
+        "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text", "mistral4", "flint", "axk1",
     }
 )
 

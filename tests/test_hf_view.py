@@ -298,7 +298,7 @@ def test_dense_model_with_unknown_type_lists_supported_families(tmp_path):
     )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     with pytest.raises(
-        CheckpointError, match=r"'llama' .* not a supported MoE family.*Supported families: afmoe, dbrx, deepseek_v2"
+        CheckpointError, match=r"'llama' .* not a supported MoE family.*Supported families: afmoe, axk1, "
     ):
         open_checkpoint(tmp_path)
     assert {
@@ -963,3 +963,21 @@ def test_native_plain_experts_with_biases_read_and_encode_as_stored(tmp_path, ac
             assert torch.equal(t, stored[key]), key
         # biases on disk: no straight read of an expert into a pool slot, which holds weights only
         assert NATIVE.layouts[1].experts.parts(Checkpoint(path), prefix, 0) is None
+
+
+def test_axk1_as_released_routes_without_a_correction_bias(tmp_path):
+    """A.X K1's releases store no mlp.gate.e_score_correction_bias (transformers routes with zeros)
+    and a post_mlp_layernorm beside each dense MLP too (which transformers ignores): both read as
+    transformers reads them."""
+    model = build("axk1")
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.zero_()
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.gate.e_score_correction_bias"]
+    tensors["model.layers.0.post_mlp_layernorm.weight"] = torch.ones(D)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with open_checkpoint(tmp_path) as view:
+        assert view.layer(1).router.selection_bias is None
+        _assert_matches_transformers(view, "axk1", load(tmp_path), dense=(0,))

@@ -30,8 +30,9 @@ from moelab.hf import (
     write_checkpoint,
 )
 from moelab.hf import layouts as layouts_module
+from moelab.hf.adapters import FAMILIES
 from moelab.hf.edit import moe_output
-from moelab.hf.layerwise import language_model_class
+from moelab.hf.layerwise import MoEBlock, language_model_class
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.writer import EXPERT_MAP_NAME
 from moelab.models import MoETransformer, load_pretrained, save_pretrained, tiny
@@ -53,28 +54,18 @@ def _drop(family: str, index: int) -> list[int]:
     return [0, 2] if index % 2 else [1, 2]
 
 
-class _Block(torch.nn.Module):
-    """A moelab layer in place of a transformers MoE block: [B, S, D] -> [B, S, D] (or (y, None))."""
-
-    def __init__(self, layer, returns_tuple: bool):
-        super().__init__()
-        self.layer, self.returns_tuple = layer, returns_tuple
-
-    def forward(self, x, *args, **kwargs):
-        y, _ = self.layer(x)
-        return (y, None) if self.returns_tuple else y
-
-
 def _masked_model(family: str, path, drop: dict[int, list[int]]):
-    """The original transformers model whose MoE blocks route with the `drop` experts masked."""
+    """The original transformers model whose MoE blocks route with the `drop` experts masked (moelab's
+    stand-in for a block, which keeps the family's output norm)."""
     model, tiny_ = load(path), TINY[family]
     with open_checkpoint(path) as view:
         for layer in view.layers():
             if isinstance(layer, MoELayerView):
                 keep = [e for e in range(layer.router.num_experts) if e not in drop[layer.index]]
                 layer = dataclasses.replace(layer, shared=None) if tiny_.shared_outside else layer
-                block = _Block(masked_moe_layer(layer, keep), tiny_.returns_tuple)
-                model.set_submodule(tiny_.path.format(i=layer.index), block)
+                name = tiny_.path.format(i=layer.index)
+                block = MoEBlock.replacing(model.get_submodule(name), masked_moe_layer(layer, keep), None, FAMILIES[family])
+                model.set_submodule(name, block)
     return model
 
 

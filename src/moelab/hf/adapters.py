@@ -432,7 +432,7 @@ def _first_dense_layers(key: str, default: int) -> Callable[[Config, int], bool]
 
 def _mlp_layer_types(config: Config, i: int) -> bool:
     """mlp_layer_types ("dense" / "sparse" per layer, what the configs of EXAONE-MoE, Kimi-Linear,
-    HY-V3, Laguna and dots3 write), else the first `first_k_dense_replace` layers are dense (the first
+    HY-V3, Laguna, dots3 and A.X K1 write), else the first `first_k_dense_replace` layers are dense (the first
     one where the key is absent too, as the config classes fill it in)."""
     kinds = config.get("mlp_layer_types")
     if kinds is None:
@@ -652,6 +652,13 @@ def _laguna_layouts() -> tuple[Layout, ...]:
     )  # fmt: skip
 
 
+def _axk1_layouts() -> tuple[Layout, ...]:
+    """DeepSeek-V3's, the correction bias optional (A.X K1's releases route without one, which
+    transformers reads as zeros)."""
+    router = RouterKeys("mlp.gate.weight", selection_bias=_DEEPSEEK_BIAS, optional=True)
+    return tuple(dataclasses.replace(lay, router=router) for lay in _qwen2_moe_layouts(_shared("mlp.shared_experts")))
+
+
 def _kolibri1_layouts() -> tuple[Layout, ...]:
     """The qwen2_moe pattern with shared experts; the correction bias is stored beside the block,
     as moe.router.expert_bias (mlp.gate.e_score_correction_bias fused, transformers' name)."""
@@ -800,6 +807,10 @@ _FAMILIES = (
     Family("mistral_large4_text", layouts=_mistral_large4_layouts(), num_experts=("n_routed_experts",),
            router_settings=_mistral_large4, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
            shared_width_follows=True, stored_renames=_MISTRAL_LARGE4_RENAMES, original_prefix=""),
+    Family("axk1", layouts=_axk1_layouts(), num_experts=("n_routed_experts", "num_local_experts"),
+           router_settings=_deepseek_v3, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
+           shared_width_follows=True, block_output_norm="post_mlp_layernorm",
+           stored_renames=(("mlp.post_mlp_layernorm", "post_mlp_layernorm"),)),  # stored beside the block
     Family("exaone_moe", layouts=_exaone_moe_layouts(), num_experts=("num_experts",),
            router_settings=_exaone_moe, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
            shared_width_follows=True),

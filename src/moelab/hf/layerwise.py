@@ -321,7 +321,7 @@ class LayerwiseModel:
         prefix = self.family.prefix(index) if index in self._mtp_modules else f"{self._layers_name}.{index}."
         restore = self._swap_moe_block(index, module, run_moe, cast_experts)
         try:
-            self._load(module, prefix, skip=restore[1] if restore else None)
+            self._load(module, prefix, skip=f"{restore[1]}.moe" if restore else None)
             yield module
         finally:
             _to_meta(module)
@@ -382,12 +382,12 @@ class LayerwiseModel:
         parent_name, _, name = found.block.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         original = getattr(parent, name)
-        setattr(parent, name, MoEBlock(moe, run_moe, self.family.block_returns))
+        setattr(parent, name, MoEBlock.replacing(original, moe, run_moe, self.family))
         return parent, found.block, original
 
     def _load(self, module: nn.Module, prefix: str, skip: str | None) -> None:
         """Read `module`'s parameters and persistent buffers from disk (those under `skip`, the
-        swapped-in MoE block, already hold the view's tensors)."""
+        swapped-in MoE layer, already hold the view's tensors)."""
         skipped = () if skip is None else (skip,)
         load_tensors(
             module, self._ckpt, self.dtype, prefix=prefix, skip=skipped, renames=self.family.stored_renames,
@@ -461,17 +461,32 @@ class LayerwiseModel:
 
 
 class MoEBlock(nn.Module):
-    """Stands in for a family's MoE block: computes it with moelab's MoELayer (or `run_moe`)
-    and returns what the family's block returns."""
+    """Stands in for a family's MoE block: computes it with moelab's MoELayer (or `run_moe`), then
+    the family's output norm (`Family.block_output_norm`: transformers' module, held under its
+    name in the block, so that its tensors load as the block's), and returns what the family's
+    block returns."""
 
-    def __init__(self, moe: MoELayer, run_moe: RunMoE | None, returns: str):
+    def __init__(
+        self, moe: MoELayer, run_moe: RunMoE | None, returns: str, output_norm: tuple[str, nn.Module] | None = None
+    ):
         super().__init__()
         self.moe = moe
         self.run_moe = run_moe
         self.returns = returns
+        self.output_norm = None if output_norm is None else output_norm[0]
+        if output_norm is not None:
+            self.add_module(*output_norm)
+
+    @classmethod
+    def replacing(cls, block: nn.Module, moe: MoELayer, run_moe: RunMoE | None, family) -> MoEBlock:
+        """The stand-in for transformers' MoE block `block` of `family`."""
+        norm = family.block_output_norm
+        return cls(moe, run_moe, family.block_returns, None if norm is None else (norm, getattr(block, norm)))
 
     def forward(self, hidden: Tensor, *args, **kwargs):
         y = self.moe(hidden)[0] if self.run_moe is None else self.run_moe(self.moe, hidden)
+        if self.output_norm is not None:
+            y = getattr(self, self.output_norm)(y)
         if self.returns == "tuple":
             return y, None
         if self.returns == "moelab":

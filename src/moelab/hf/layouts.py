@@ -506,6 +506,10 @@ class Family:
         (`stored_as`, after the family's own), one saved with `save_original_format=False` keeps "model.".
     block_returns: what the family's MoE block module returns in memory: "tensor" (y), "tuple"
         (y, router output: GPT-OSS, Llama 4) or "moelab" (y, MoEResult).
+    block_output_norm: the module of transformers' MoE block that normalises the block's output
+        (routed plus shared experts) before it returns it (A.X K1: post_mlp_layernorm). The view
+        reads the block up to it (what compression scores); the runs that swap transformers'
+        block for moelab's keep it (`moelab.hf.layerwise.MoEBlock`).
     layer_returns_tuple: its decoder layers return a tuple whose first item is the hidden states
         (moelab) rather than the hidden states alone (transformers 5).
     """
@@ -529,6 +533,7 @@ class Family:
     mtp: tuple[MTPModule, ...] = ()
     original_prefix: str | None = None
     block_returns: str = "tensor"
+    block_output_norm: str | None = None
     layer_returns_tuple: bool = False
 
     def layer_count(self, config: Config) -> int:

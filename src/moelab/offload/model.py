@@ -520,7 +520,12 @@ def load_offloaded(
             )
             parent_name, _, name = found[index].block.rpartition(".")
             parent = layers[index].get_submodule(parent_name) if parent_name else layers[index]
-            setattr(parent, name, MoEBlock(moes[index], MoELayer.infer, store.family.block_returns))
+            block = MoEBlock.replacing(getattr(parent, name), moes[index], MoELayer.infer, store.family)
+            setattr(parent, name, block)
+            load_tensors(  # its output norm, if the family's block has one (skipped with the block above)
+                block, store.checkpoint, dtype, prefix=f"{layers_name}.{index}.{found[index].block}.", skip=("moe",),
+                renames=store.family.stored_renames,
+            )
     previous = None
     for index in store.moe_layers:
         experts = moes[index].experts
