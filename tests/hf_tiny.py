@@ -213,6 +213,10 @@ TINY = {
         fused=False,
     ),
     "axk1": Tiny(dict(DEEPSEEK, q_lora_rank=16, routed_scaling_factor=1.5), block=_before_output_norm, dense=(0,)),
+    "sarvam_moe": Tiny(  # GLM-4.5's model; on disk, its attention's q, k and v are one fused tensor
+        dict(WIDTHS, head_dim=8, n_routed_experts=4, attention_bias=True, routed_scaling_factor=1.5, pad_token_id=0),
+        dense=(0,),
+    ),
     "exaone_moe": Tiny(
         dict(
             WIDTHS,
@@ -408,7 +412,7 @@ TINY = {
 COMPRESS_SLOW = frozenset(
     {
         "exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid",
-        "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text", "mistral4", "flint", "axk1",
+        "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text", "mistral4", "flint", "axk1", "sarvam_moe",
     }
 )
 

@@ -704,6 +704,20 @@ _MISTRAL_LARGE4_RENAMES = (
 )  # fmt: skip
 
 
+def _sarvam_moe_layouts() -> tuple[Layout, ...]:
+    """DeepSeek-V3's (GLM-4.5's), the correction bias stored as mlp.gate.expert_bias."""
+    per_expert, fused = _qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS)
+    return dataclasses.replace(per_expert, router=RouterKeys("mlp.gate.weight", selection_bias="mlp.gate.expert_bias")), fused
+
+
+# transformers' renames and split of Sarvam-MoE's other tensors (in memory, on disk)
+_SARVAM_RENAMES = (
+    ("model.embed_tokens.", "model.word_embeddings."), ("self_attn.o_proj.", "attention.dense."),
+    ("self_attn.q_norm.", "attention.query_layernorm."), ("self_attn.k_norm.", "attention.key_layernorm."),
+)
+_SARVAM_SPLITS = ((("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj."), "attention.query_key_value."),)
+
+
 def _jamba_layouts() -> tuple[Layout, ...]:
     """The qwen2_moe pattern under feed_forward, router feed_forward.router."""
     router = RouterKeys("feed_forward.router.weight")
@@ -811,6 +825,10 @@ _FAMILIES = (
            router_settings=_deepseek_v3, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
            shared_width_follows=True, block_output_norm="post_mlp_layernorm",
            stored_renames=(("mlp.post_mlp_layernorm", "post_mlp_layernorm"),)),  # stored beside the block
+    Family("sarvam_moe", layouts=_sarvam_moe_layouts(), num_experts=("n_routed_experts", "num_experts"),
+           router_settings=_deepseek_v3_router(n_group=1, topk_group=1),
+           is_moe_layer=_deepseek_sparse_layer(default_first_dense=1), expert_width=_MOE_WIDTH,
+           shared_width_follows=True, stored_renames=_SARVAM_RENAMES, stored_splits=_SARVAM_SPLITS),
     Family("exaone_moe", layouts=_exaone_moe_layouts(), num_experts=("num_experts",),
            router_settings=_exaone_moe, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
            shared_width_follows=True),

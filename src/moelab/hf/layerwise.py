@@ -391,7 +391,7 @@ class LayerwiseModel:
         skipped = () if skip is None else (skip,)
         load_tensors(
             module, self._ckpt, self.dtype, prefix=prefix, skip=skipped, renames=self.family.stored_renames,
-            keep_float32=self._float32,
+            splits=self.family.stored_splits, keep_float32=self._float32,
         )  # fmt: skip
 
     @contextlib.contextmanager
@@ -586,13 +586,15 @@ def load_tensors(
     skip: Sequence[str] = (),
     stored_as: dict[str, str] | None = None,
     renames: tuple[tuple[str, str], ...] = (),
+    splits: tuple[tuple[tuple[str, ...], str], ...] = (),
     keep_float32: re.Pattern | None = None,
 ) -> None:
     """Give `module`'s parameters and persistent buffers the checkpoint's tensors `prefix + name`,
     cast to `dtype` (to float32 where `keep_float32` matches prefix + name: `float32_names`); names
     under a module in `skip` are left alone; stored_as: {name: the name its tensor is stored under}
     for tied parameters (`tied_names`), read once and shared; renames: (in memory, on disk) parts of
-    names the family stores otherwise (`Family.stored_renames`). A tensor missing from the
+    names the family stores otherwise (`Family.stored_renames`); splits: tensors it stores fused
+    (`Family.stored_splits`), each part read as its rows of the fused one. A tensor missing from the
     checkpoint or shaped otherwise than `module` (built from config.json) expects is a
     CheckpointError."""
     persistent = {
@@ -604,25 +606,55 @@ def load_tensors(
     names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
     params = set(names)
     names += [n for n, _ in module.named_buffers() if n in persistent]
-    tensors: dict[str, Tensor] = {}
+    tensors: dict[tuple[str, range | None], Tensor] = {}
     for name in names:
         if any(name.startswith(s + ".") for s in skip):
             continue
-        key = stored_key(checkpoint, prefix + (stored_as or {}).get(name, name), renames)
+        key, rows = stored_key(checkpoint, prefix + (stored_as or {}).get(name, name), renames), None
+        if key not in checkpoint:
+            key, rows = _fused_rows(module, name, checkpoint, prefix, splits, renames) or (key, None)
         if key not in checkpoint:
             raise CheckpointError(f"{checkpoint.directory}: {key} is not in the checkpoint; the model cannot be run")
         wanted = tuple(module.get_parameter(name).shape if name in params else module.get_buffer(name).shape)
-        if checkpoint.shape(key) != wanted:
+        stored = checkpoint.shape(key)
+        if (stored if rows is None else (len(rows), *stored[1:])) != wanted:
             raise CheckpointError(
-                f"{checkpoint.directory}: {key} is {list(checkpoint.shape(key))} but config.json makes it "
-                f"{list(wanted)}; config.json does not describe these weights"
+                f"{checkpoint.directory}: {key} is {list(stored)} but config.json makes it "
+                f"{list(wanted) if rows is None else f'{list(wanted)} in rows {rows.start}..{rows.stop}'}; "
+                "config.json does not describe these weights"
             )
-        if key not in tensors:
+        if (key, rows) not in tensors:
             kept = keep_float32 is not None and keep_float32.search(prefix + name)
-            tensors[key] = checkpoint.get(key).to(torch.float32 if kept else dtype)
-            if non_finite_names([(key, tensors[key])]):
+            tensors[key, rows] = checkpoint.get(key, rows).to(torch.float32 if kept else dtype)
+            if non_finite_names([(key, tensors[key, rows])]):
                 raise CheckpointError(f"{checkpoint.directory}: NaN or Inf in {key}: the weights are corrupt")
-        set_tensor(module, name, tensors[key])
+        set_tensor(module, name, tensors[key, rows])
+
+
+def _fused_rows(
+    module: nn.Module,
+    name: str,
+    checkpoint: Checkpoint,
+    prefix: str,
+    splits: tuple[tuple[tuple[str, ...], str], ...],
+    renames: tuple[tuple[str, str], ...],
+) -> tuple[str, range] | None:
+    """(the stored key, the rows) of the fused tensor that holds parameter `name` (`Family.stored_splits`:
+    the parts lie one after the other, each as many rows as `module`'s parameter has), None if none does."""
+    for parts, fused in splits:
+        part = next((p for p in parts if p in name), None)
+        if part is None:
+            continue
+        sizes = [module.get_parameter(name.replace(part, p)).shape[0] for p in parts]
+        key = stored_key(checkpoint, prefix + name.replace(part, fused), renames)
+        if key in checkpoint and checkpoint.shape(key)[0] != sum(sizes):
+            raise CheckpointError(
+                f"{checkpoint.directory}: {key} has {checkpoint.shape(key)[0]} rows but config.json makes its parts "
+                f"{', '.join(parts)} {sum(sizes)}; config.json does not describe these weights"
+            )
+        start = sum(sizes[: parts.index(part)])
+        return key, range(start, start + sizes[parts.index(part)])
+    return None
 
 
 def float32_names(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:

@@ -496,6 +496,9 @@ class Family:
     stored_renames: (in memory, on disk) parts of the names of tensors outside the MoE blocks
         that transformers renames when it loads the family (its conversion mapping), for the
         runs that load them by name (layer by layer, offloaded).
+    stored_splits: (in-memory name parts, the on-disk part) of tensors stored fused that
+        transformers splits along their first dim on loading (Sarvam-MoE: attention.query_key_value
+        into self_attn.q_proj, k_proj and v_proj), for the same runs: each part is read as its rows.
     mtp_prefix: where multi-token prediction layers may be stored that transformers does not build
         and moelab does not run (Nemotron-H's); the writer leaves out those with routed experts.
     mtp: the multi-token prediction layers with routed experts a checkpoint stores in a way moelab
@@ -529,6 +532,7 @@ class Family:
     dense_width_follows: bool = False
     selection_bias_flag: str | None = None
     stored_renames: tuple[tuple[str, str], ...] = ()
+    stored_splits: tuple[tuple[tuple[str, ...], str], ...] = ()
     mtp_prefix: str | None = "mtp.layers.{n}."
     mtp: tuple[MTPModule, ...] = ()
     original_prefix: str | None = None
