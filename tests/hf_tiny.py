@@ -336,6 +336,21 @@ TINY = {
         ),
         dense=(0,),
     ),
+    "cohere2_moe": Tiny(
+        dict(
+            COMMON,
+            head_dim=8,
+            intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            expert_selection_fn="sigmoid",
+            num_shared_experts=1,
+            shared_expert_combination_strategy="sum",
+            first_k_dense_replace=1,
+            prefix_dense_intermediate_size=48,
+        ),
+        dense=(0,),
+    ),
     "minimax_m2": Tiny(
         dict(COMMON, head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
     ),
@@ -412,7 +427,7 @@ TINY = {
 COMPRESS_SLOW = frozenset(
     {
         "exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid",
-        "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text", "mistral4", "flint", "axk1", "sarvam_moe",
+        "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text", "mistral4", "flint", "axk1", "sarvam_moe", "cohere2_moe",
     }
 )
 

@@ -827,6 +827,28 @@ def test_mistral4_with_expert_groups_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(expert_selection_fn="softmax", num_shared_experts=0),  # the class defaults
+        dict(norm_topk_prob=False),
+    ],
+    ids=["softmax-no-shared", "sigmoid-not-renormalised"],
+)
+def test_cohere2_moes_routing_options_match_transformers(tmp_path, overrides):
+    build("cohere2_moe", **overrides).save_pretrained(tmp_path)
+    with open_checkpoint(tmp_path) as view:
+        _assert_matches_transformers(view, "cohere2_moe", load(tmp_path), dense=(0,))
+
+
+def test_cohere2_moes_averaged_shared_experts_are_refused(tmp_path):
+    """shared_expert_combination_strategy "average" (the class default) halves routed plus shared
+    output; moelab's shared experts are added in full, so it is refused by name."""
+    build("cohere2_moe", shared_expert_combination_strategy="average").save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"shared experts combined by 'average' \(shared_expert_combination"):
+        open_checkpoint(tmp_path).layer(1)
+
+
+@pytest.mark.parametrize(
     "family,overrides",
     [
         ("jamba", dict(expert_layer_period=3, expert_layer_offset=2)),

@@ -235,6 +235,26 @@ def _sigmoid_norm_topk_prob(config: Config) -> dict:
     return {"score_func": "sigmoid", "top_k": _top_k(config), "renormalize": config_flag(config, "norm_topk_prob", True)}
 
 
+def _cohere2_moe(config: Config) -> dict:
+    """Cohere2-MoE: the top-k of the logits, then a softmax over the k (expert_selection_fn "softmax",
+    the default: renormalised softmax) or their sigmoid, renormalised if norm_topk_prob ("sigmoid");
+    no scaling or groups. Shared experts averaged with the routed ones (num_shared_experts with
+    shared_expert_combination_strategy "average", the default) are refused."""
+    selection = config_value(config, "expert_selection_fn", default="softmax")
+    if selection not in ("softmax", "sigmoid"):
+        raise CheckpointError(f"this Cohere2-MoE config sets expert_selection_fn {selection!r}; transformers and "
+                              "moelab read 'softmax' or 'sigmoid'")  # fmt: skip
+    strategy = config_value(config, "shared_expert_combination_strategy", default="average")
+    if config_value(config, "num_shared_experts", default=0) > 0 and strategy != "sum":
+        raise CheckpointError(
+            f"this Cohere2-MoE config has shared experts combined by {strategy!r} (shared_expert_combination_strategy): "
+            "transformers halves the routed plus shared output, where moelab's shared experts are added in full; "
+            "only 'sum' is read"
+        )
+    renormalize = selection == "softmax" or config_flag(config, "norm_topk_prob", default=True)
+    return {"score_func": selection, "top_k": _top_k(config), "renormalize": renormalize}
+
+
 def _softmax_top_k(config: Config) -> dict:
     """Jamba: top-k of the softmax over all experts, never renormalised."""
     return {"score_func": "softmax", "top_k": _top_k(config), "renormalize": False}
@@ -430,13 +450,13 @@ def _first_dense_layers(key: str, default: int) -> Callable[[Config, int], bool]
     return lambda config, i: i >= config_value(config, key, default=default)
 
 
-def _mlp_layer_types(config: Config, i: int) -> bool:
+def _mlp_layer_types(config: Config, i: int, first_dense: int = 1) -> bool:
     """mlp_layer_types ("dense" / "sparse" per layer, what the configs of EXAONE-MoE, Kimi-Linear,
-    HY-V3, Laguna, dots3 and A.X K1 write), else the first `first_k_dense_replace` layers are dense (the first
-    one where the key is absent too, as the config classes fill it in)."""
+    HY-V3, Laguna, dots3, A.X K1 and Cohere2-MoE write), else the first `first_k_dense_replace`
+    layers are dense (`first_dense` where the key is absent too, as the config classes fill it in)."""
     kinds = config.get("mlp_layer_types")
     if kinds is None:
-        return i >= config_value(config, "first_k_dense_replace", default=1)
+        return i >= config_value(config, "first_k_dense_replace", default=first_dense)
     if not isinstance(kinds, list) or i >= len(kinds) or kinds[i] not in ("dense", "sparse"):
         raise CheckpointError(
             f"config.json's mlp_layer_types must list 'dense' or 'sparse' for each of the "
@@ -866,6 +886,9 @@ _FAMILIES = (
     Family("flint", layouts=_qwen2_moe_layouts(_shared("mlp.shared_expert")), num_experts=("num_experts",),
            router_settings=_sigmoid_norm_topk_prob, is_moe_layer=_flint_sparse_layer, expert_width=_MOE_WIDTH,
            stored_renames=(("self_attn.sinks", "self_attn.softmax_offset"),)),
+    Family("cohere2_moe", layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts")), num_experts=("num_experts",),
+           router_settings=_cohere2_moe, is_moe_layer=lambda config, i: _mlp_layer_types(config, i, first_dense=0),
+           shared_width_follows=True, dense_width_follows=True),  # dense layers: prefix_dense_intermediate_size or it
     Family("jamba", layouts=_jamba_layouts(), num_experts=("num_experts",), router_settings=_softmax_top_k,
            is_moe_layer=_jamba_sparse_layer, dense_width_follows=True),
     Family("nemotron_h", layouts=_nemotron_h_layouts(), num_experts=("n_routed_experts", "num_local_experts"),
