@@ -276,10 +276,12 @@ def test_shared_experts_follow_the_routed_width_only_without_a_width_of_their_ow
 
 
 @pytest.mark.parametrize("model_type", ["cohere2_moe", "minimax", "flex_olmo"])
-def test_narrowed_experts_are_written_to_the_width_key_transformers_reads(tmp_path, model_type):
+def test_narrowed_experts_are_written_to_the_width_key_transformers_reads(tmp_path, monkeypatch, model_type):
     """These families' experts are intermediate_size wide (their transformers configs have no
     moe_intermediate_size, which Cohere2-MoE's config.json here carries all the same): HEAPr's
-    narrower experts are written there, and the output reloads."""
+    narrower experts are written there by the structural reading (Cohere2-MoE's adapter taken away),
+    and the output reloads."""
+    monkeypatch.delitem(FAMILIES, model_type, raising=False)
     from test_compress import TOKENIZER_DIR
     from test_compress_heapr import BACKWARD
     from transformers import PreTrainedTokenizerFast
