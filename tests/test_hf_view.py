@@ -1003,3 +1003,23 @@ def test_axk1_as_released_routes_without_a_correction_bias(tmp_path):
     with open_checkpoint(tmp_path) as view:
         assert view.layer(1).router.selection_bias is None
         _assert_matches_transformers(view, "axk1", load(tmp_path), dense=(0,))
+
+
+@pytest.mark.parametrize(
+    "family,freq,dense,overrides",
+    [("axk1", 2, (0, 1, 3), {}),
+     ("dots3_note_text", [1, 1, 0, 1], (0, 2), dict(layer_types=["sliding_attention", "indexed_attention"] * 2))],
+    ids=["axk1", "dots3"],
+)  # fmt: skip
+def test_a_legacy_moe_layer_freq_makes_the_layers_transformers_does(tmp_path, family, freq, dense, overrides):
+    """A.X K1's and dots3's config classes derive mlp_layer_types from first_k_dense_replace and
+    moe_layer_freq (every freq-th layer, or dots3's list of flags) where config.json has none."""
+    model = build(family, num_hidden_layers=4, first_k_dense_replace=1, moe_layer_freq=freq, mlp_layer_types=None,
+                  **overrides)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert [i for i, kind in enumerate(config.pop("mlp_layer_types")) if kind == "dense"] == list(dense)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "first_k_dense_replace": 1, "moe_layer_freq": freq}))
+    with open_checkpoint(tmp_path) as view:
+        assert [layer.index for layer in view.layers() if not isinstance(layer, MoELayerView)] == list(dense)
+        _assert_matches_transformers(view, family, model, dense)

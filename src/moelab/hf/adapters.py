@@ -450,19 +450,27 @@ def _first_dense_layers(key: str, default: int) -> Callable[[Config, int], bool]
     return lambda config, i: i >= config_value(config, key, default=default)
 
 
-def _mlp_layer_types(config: Config, i: int, first_dense: int = 1) -> bool:
+def _mlp_layer_types(config: Config, i: int, first_dense: int = 1, layer_freq: bool = False) -> bool:
     """mlp_layer_types ("dense" / "sparse" per layer, what the configs of EXAONE-MoE, Kimi-Linear,
     HY-V3, Laguna, dots3, A.X K1 and Cohere2-MoE write), else the first `first_k_dense_replace`
-    layers are dense (`first_dense` where the key is absent too, as the config classes fill it in)."""
+    layers are dense (`first_dense` where the key is absent too, as the config classes fill it in);
+    with `layer_freq` (A.X K1, dots3), of the others only every moe_layer_freq-th (or those dots3's
+    list of flags marks) is sparse."""
     kinds = config.get("mlp_layer_types")
     if kinds is None:
-        return i >= config_value(config, "first_k_dense_replace", default=first_dense)
+        freq = config_value(config, "moe_layer_freq", default=1) if layer_freq else 1
+        every = bool(freq[i]) if isinstance(freq, list) else i % freq == 0
+        return every and i >= config_value(config, "first_k_dense_replace", default=first_dense)
     if not isinstance(kinds, list) or i >= len(kinds) or kinds[i] not in ("dense", "sparse"):
         raise CheckpointError(
             f"config.json's mlp_layer_types must list 'dense' or 'sparse' for each of the "
             f"{config_value(config, 'num_hidden_layers')} layers, got {kinds!r}"
         )
     return kinds[i] == "sparse"
+
+
+def _legacy_mlp_layer_types(config: Config, i: int) -> bool:
+    return _mlp_layer_types(config, i, layer_freq=True)
 
 
 def _step3p5_sparse_layer(config: Config, i: int) -> bool:
@@ -842,7 +850,7 @@ _FAMILIES = (
            router_settings=_mistral_large4, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
            shared_width_follows=True, stored_renames=_MISTRAL_LARGE4_RENAMES, original_prefix=""),
     Family("axk1", layouts=_axk1_layouts(), num_experts=("n_routed_experts", "num_local_experts"),
-           router_settings=_deepseek_v3, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
+           router_settings=_deepseek_v3, is_moe_layer=_legacy_mlp_layer_types, expert_width=_MOE_WIDTH,
            shared_width_follows=True, block_output_norm="post_mlp_layernorm",
            stored_renames=(("mlp.post_mlp_layernorm", "post_mlp_layernorm"),)),  # stored beside the block
     Family("sarvam_moe", layouts=_sarvam_moe_layouts(), num_experts=("n_routed_experts", "num_experts"),
@@ -858,7 +866,7 @@ _FAMILIES = (
     Family("dots3_note_text",
            layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS),
            num_experts=("n_routed_experts", "num_local_experts"), router_settings=_dots3_note,
-           is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH),
+           is_moe_layer=_legacy_mlp_layer_types, expert_width=_MOE_WIDTH),
     Family("step3p5", layouts=_step3p5_layouts(), num_experts=("n_routed_experts", "moe_num_experts"),
            router_settings=_step3p5, is_moe_layer=_step3p5_sparse_layer, expert_settings=_silu_experts,
            layer_activations=_step3p5_activations,
