@@ -414,3 +414,16 @@ def test_muse_spark_is_refused_naming_what_moelab_cannot_read(tmp_path):
     AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match=r"'muse_spark_text' is not supported: .*post_expert_norm"):
         open_checkpoint(tmp_path)
+
+
+def test_step_3_7_s_top_k_reads_under_its_release_name(tmp_path):
+    """Step 3.7's release names its top-k moe_top_k (Step3p7TextConfig's alias of num_experts_per_tok):
+    the view reads it, as transformers does."""
+    text, vision, *_ = MODELS["step3p7"]
+    model = build_multimodal("step3p7", text, vision)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["text_config"]["moe_top_k"] = config["text_config"].pop("num_experts_per_tok")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with open_checkpoint(tmp_path) as view:
+        assert view.layer(1).router.top_k == model.config.text_config.num_experts_per_tok

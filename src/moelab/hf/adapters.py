@@ -192,10 +192,11 @@ def _kolibri1(config: Config) -> dict:
 
 def _step3p5(config: Config) -> dict:
     """Step 3.7's language model (step3p5): sigmoid, the correction bias steers selection only,
-    always renormalised, x moe_router_scaling_factor; no groups."""
+    always renormalised, x moe_router_scaling_factor; no groups. The release names its top-k
+    moe_top_k (an alias transformers maps onto num_experts_per_tok)."""
     return {
         "score_func": "sigmoid",
-        "top_k": _top_k(config),
+        "top_k": config_value(config, "num_experts_per_tok", "moe_top_k"),
         "renormalize": True,
         "route_scale": float(config_value(config, "moe_router_scaling_factor", default=1.0)),
         "scaled_after_experts": True,
