@@ -45,7 +45,7 @@ def _all_finite(t, chunk: int = FINITE_CHUNK) -> bool:
     boolean mask as large."""
     import torch
 
-    if math.isfinite(t.sum()):
+    if math.isfinite(t.detach().sum()):
         return True
     if t.dim() == 0 or t.numel() <= chunk:
         return bool(torch.isfinite(t).all())
