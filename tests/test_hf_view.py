@@ -801,21 +801,38 @@ def test_ernie_with_a_floor_under_its_weight_sum_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides,message",
+    "family,overrides,message",
     [
-        (dict(moe_router_logit_softcapping=30.0), r"sets moe_router_logit_softcapping 30\.0: its router caps"),
-        (dict(moe_apply_router_weight_on_input=True), r"sets moe_apply_router_weight_on_input: the router weights"),
+        ("laguna", dict(moe_router_logit_softcapping=30.0), r"sets moe_router_logit_softcapping 30\.0: its router caps"),
+        ("laguna", dict(moe_apply_router_weight_on_input=True), r"sets moe_apply_router_weight_on_input: the router"),
+        ("hy_v3", dict(mlp_bias=True), r"Hunyuan 3 config sets mlp_bias: its shared experts have biases"),
     ],
-    ids=["softcapping", "weight-on-input"],
+    ids=["laguna-softcapping", "laguna-weight-on-input", "hy_v3-mlp-bias"],
 )
-def test_lagunas_routing_options_moelab_does_not_compute_are_refused(tmp_path, overrides, message):
-    """Laguna's tanh-capped router logits, and router weights on the experts' input (which
-    transformers refuses to build), are refused by name rather than read as plain sigmoid routing."""
-    build("laguna").save_pretrained(tmp_path)
+def test_routing_options_moelab_does_not_compute_are_refused(tmp_path, family, overrides, message):
+    """Laguna's tanh-capped router logits and router weights on the experts' input (which
+    transformers refuses to build) and Hunyuan 3's MLP biases are refused by name rather than read as
+    what moelab computes."""
+    build(family).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config | overrides))
     with pytest.raises(CheckpointError, match=message):
         open_checkpoint(tmp_path).layer(1)
+
+
+@pytest.mark.parametrize("family", ["hy_v3", "laguna"])
+def test_without_mlp_layer_types_only_layer_0_is_dense_whatever_first_k_dense_replace_says(tmp_path, family):
+    """HY-V3's and Laguna's config classes make layer 0 alone dense where config.json lists no
+    mlp_layer_types; a first_k_dense_replace beside it (which they never read) changes nothing."""
+    layer_types = {"layer_types": ["full_attention"] * 4} if family == "laguna" else {}
+    model = build(family, num_hidden_layers=4, mlp_layer_types=None, **layer_types)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("mlp_layer_types")
+    (tmp_path / "config.json").write_text(json.dumps(config | {"first_k_dense_replace": 3}))
+    with open_checkpoint(tmp_path) as view:
+        assert [layer.index for layer in view.layers() if isinstance(layer, MoELayerView)] == [1, 2, 3]
+        _assert_matches_transformers(view, family, load(tmp_path), (0,))
 
 
 def test_mistral4_with_expert_groups_is_refused(tmp_path):
@@ -824,6 +841,9 @@ def test_mistral4_with_expert_groups_is_refused(tmp_path):
     build("mistral4", n_group=2, topk_group=1).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match=r"Mistral 4 config sets n_group 2: its router scores expert groups"):
         open_checkpoint(tmp_path).layer(1)
+    build("mistral4", n_group=2, topk_group=2).save_pretrained(tmp_path / "all")  # every group kept: no limit
+    with open_checkpoint(tmp_path / "all") as view:
+        _assert_matches_transformers(view, "mistral4", load(tmp_path / "all"), (0,))
 
 
 @pytest.mark.parametrize(

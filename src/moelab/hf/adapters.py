@@ -145,7 +145,12 @@ def _lfm2_moe(config: Config) -> dict:
 
 def _hy_v3(config: Config) -> dict:
     """Hunyuan 3 (HY-V3): sigmoid, the block's correction bias steers selection only, always
-    renormalised, x router_scaling_factor (HYV3Config's default 2.826); no groups."""
+    renormalised, x router_scaling_factor (HYV3Config's default 2.826); no groups. mlp_bias
+    (biases on the shared and dense MLPs, which moelab's views do not read) is refused."""
+    if config_flag(config, "mlp_bias", default=False):
+        raise CheckpointError(
+            "this Hunyuan 3 config sets mlp_bias: its shared experts have biases, which moelab's views do not read"
+        )
     return {
         "score_func": "sigmoid",
         "top_k": _top_k(config),
@@ -217,10 +222,10 @@ def _mistral_large4(config: Config) -> dict:
 
 def _mistral_softmax(config: Config, name: str, renormalize: bool) -> dict:
     n_group = config_value(config, "n_group", default=1)
-    if n_group != 1:
+    if n_group != 1 and config_value(config, "topk_group", default=1) < n_group:  # else no group is left out
         raise CheckpointError(
             f"this {name} config sets n_group {n_group!r}: its router scores expert groups by their two best softmax "
-            "scores, where moelab's softmax routers take the best one; only n_group 1 is read"
+            "scores, where moelab's softmax routers take the best one; only n_group 1 (or topk_group = n_group) is read"
         )
     return {
         "score_func": "softmax",
@@ -468,6 +473,12 @@ def _mlp_layer_types(config: Config, i: int, first_dense: int = 1, layer_freq: b
             f"{config_value(config, 'num_hidden_layers')} layers, got {kinds!r}"
         )
     return kinds[i] == "sparse"
+
+
+def _first_layer_dense(config: Config, i: int) -> bool:
+    """mlp_layer_types, else layer 0 dense and the others sparse: HY-V3's and Laguna's config classes
+    fill it in so, whatever first_k_dense_replace says."""
+    return _mlp_layer_types({**config, "first_k_dense_replace": 1}, i)
 
 
 def _legacy_mlp_layer_types(config: Config, i: int) -> bool:
@@ -886,10 +897,10 @@ _FAMILIES = (
            router_settings=_ernie4_5_moe, is_moe_layer=_ernie_sparse_layer, expert_width=_MOE_WIDTH,
            shared_width_follows=True),
     Family("hy_v3", layouts=_hy_v3_layouts(), num_experts=("num_experts", "num_local_experts"),
-           router_settings=_hy_v3, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
+           router_settings=_hy_v3, is_moe_layer=_first_layer_dense, expert_width=_MOE_WIDTH,
            shared_width_follows=True),
     Family("laguna", layouts=_laguna_layouts(), num_experts=("num_experts",), router_settings=_laguna,
-           is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH),
+           is_moe_layer=_first_layer_dense, expert_width=_MOE_WIDTH),
     Family("kolibri1", layouts=_kolibri1_layouts(), num_experts=("num_local_experts", "num_experts"),
            router_settings=_kolibri1, expert_width=_MOE_WIDTH, stored_renames=_KOLIBRI1_RENAMES),
     Family("flint", layouts=_qwen2_moe_layouts(_shared("mlp.shared_expert")), num_experts=("num_experts",),
