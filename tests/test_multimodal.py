@@ -385,6 +385,29 @@ def test_step_3_7_s_bounded_layers_compute_transformers_block(tmp_path, original
     assert (want - plain).abs().max() > 0.05
 
 
+def test_offloaded_step_3_7_caps_only_its_bounded_layers(tmp_path):
+    """The offloaded pool is built like the first MoE layer's experts (plain SwiGLU here); layer 2 caps
+    its experts (as the release's last layers do): decoded offloaded, each layer computes its own."""
+    text, vision, *_ = MODELS["step3p7"]
+    text = dict(text, num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"],
+                layer_types=["sliding_attention", "full_attention", "full_attention"],
+                swiglu_limits=[0.0, 0.0, 0.5], swiglu_limits_shared=[0.0, 0.0, 0.7])  # fmt: skip
+    torch.manual_seed(0)
+    model = build_multimodal("step3p7", text, vision)
+    model.save_pretrained(tmp_path)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp_path)
+    ids = torch.tensor([[1, 5, 9, 33, 2]])
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    offloaded = load_offloaded(tmp_path, resident=0.5)
+    try:
+        with torch.no_grad():
+            got = offloaded.model(ids)
+        torch.testing.assert_close(getattr(got, "logits", got).float(), want, atol=1e-4, rtol=1e-4)
+    finally:
+        offloaded.close()
+
+
 @pytest.mark.parametrize("original", [True, False], ids=["mistral-names", "transformers-names"])
 def test_mistral_large_4_runs_layer_by_layer_as_transformers(tmp_path, original, one_thread):
     """Mistral Large 4 layer by layer: its DSA layers hand their top-k tokens on, a layer reuses an

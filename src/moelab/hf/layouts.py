@@ -630,7 +630,7 @@ class Family:
             if layout.shared and layout.shared.present(ckpt, prefix)
             else None
         )
-        routed_settings, shared_settings = self._activations(config, index)
+        routed_settings, shared_settings = self.activations(config, index)
         experts = ExpertsView(**routed, **routed_settings)
         if shared is not None:  # plain shared experts take the routed experts' activation
             plain = {"activation": "silu" if shared["gate"] is not None else experts.activation}
@@ -652,10 +652,11 @@ class Family:
                 f"step-1 range inside range(0, {E})"
             )
         prefix = self.prefix(index)
-        return ExpertsView(**layout.experts.read(ckpt, prefix, config, experts), **self._activations(config, index)[0])
+        return ExpertsView(**layout.experts.read(ckpt, prefix, config, experts), **self.activations(config, index)[0])
 
-    def _activations(self, config: Config, index: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """(ExpertsView settings, SharedView settings or None for the default) of layer `index`."""
+    def activations(self, config: Config, index: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(ExpertsView settings, SharedView settings or None for the default) of layer `index`
+        (what its views compute; offloading's pool, built like the first MoE layer's, reads it too)."""
         layer = self.layer_activations(config, index) if self.layer_activations else None
         return layer if layer is not None else (self.expert_settings(config), None)
 

@@ -184,9 +184,17 @@ def _experts(view: ExpertsView, num_experts: int | None = None) -> Experts:
 
 def _gated_activation(view: ExpertsView | SharedView) -> ClampedSwiGLU | CappedSwiGLU | None:
     """The two-input activation a view's "clamped_swiglu" or "capped_swiglu" names; None for SwiGLU."""
-    if view.activation == "clamped_swiglu":
-        return ClampedSwiGLU(alpha=view.swiglu_alpha, limit=view.swiglu_limit)
-    return CappedSwiGLU(view.swiglu_limit) if view.activation == "capped_swiglu" else None
+    return gated_activation(view.activation, getattr(view, "swiglu_alpha", None), view.swiglu_limit)
+
+
+def gated_activation(
+    activation: str, swiglu_alpha: float | None = None, swiglu_limit: float | None = None
+) -> ClampedSwiGLU | CappedSwiGLU | None:
+    """The two-input activation that ExpertsView settings name (`SwiGLUExperts.clamped`): "clamped_swiglu"
+    or "capped_swiglu"; None for SwiGLU (and plain activations)."""
+    if activation == "clamped_swiglu":
+        return ClampedSwiGLU(alpha=swiglu_alpha, limit=swiglu_limit)
+    return CappedSwiGLU(swiglu_limit) if activation == "capped_swiglu" else None
 
 
 def _shared(view: SharedView | None) -> SharedExperts | None:

@@ -100,6 +100,8 @@ class OffloadedExperts(Experts):
             raise ValueError(f"the {predictor!r} predictor needs a RoutingPrior (calibration statistics)")
         self.cache = cache
         self.layer = layer
+        # (the cache's pool computing with this layer's gated activation,); not a submodule
+        self._pool: tuple[Experts] = (cache.store.computing(pool, layer),)
         self.predictor = predictor
         self.top_k = top_k
         self.prefetch_factor = prefetch_factor
@@ -143,7 +145,7 @@ class OffloadedExperts(Experts):
             slots = self.cache.fetch(self.layer, needed, tokens=x.shape[0])
             slot_of = dict(zip(needed, slots))
             in_slots = torch.tensor([[slot_of.get(e, -1) for e in row] for row in chosen], device=x.device)
-            return self.cache.pool.gathered(x, in_slots.view(indices.shape), weights)
+            return self._pool[0].gathered(x, in_slots.view(indices.shape), weights)
         finally:
             self.cache.release()
 
@@ -166,7 +168,7 @@ class OffloadedExperts(Experts):
                 slots = self.cache.fetch(self.layer, chunk, tokens=x.shape[0])
                 rows = slice(starts[chunk[0]], starts[chunk[-1] + 1])
                 part_counts = [counts[e] for e in chunk]
-                y += self.cache.pool.accumulated(x, token_ids[rows], part_counts, row_weights[rows], slots)
+                y += self._pool[0].accumulated(x, token_ids[rows], part_counts, row_weights[rows], slots)
             finally:
                 self.cache.release()
         return y

@@ -20,6 +20,7 @@ reader); a shard that changes on disk while in use is refused.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -34,9 +35,9 @@ from torch import nn
 from moelab.hf.adapters import resolve
 from moelab.hf.checkpoint import DTYPES, CheckpointError, byte_view, check_finite
 from moelab.hf.layouts import config_value
-from moelab.hf.native import copy_expert, empty_experts, experts_from_view
+from moelab.hf.native import copy_expert, empty_experts, experts_from_view, gated_activation
 from moelab.hf.view import ExpertsView, ModelView
-from moelab.nn.experts import Experts, MLPExperts
+from moelab.nn.experts import Experts, MLPExperts, SwiGLUExperts
 
 
 class ExpertStore:
@@ -175,6 +176,21 @@ class ExpertStore:
                 {part: byte_view(_slot_part(pool, slot, part)) for part in parts} for slot in range(slots)
             ]
         return pool
+
+    def computing(self, pool: Experts, layer: int) -> Experts:
+        """`pool` (from `empty`, built like the first MoE layer's experts) computing as layer `layer`'s
+        experts do: the pool itself, or where that layer's gated activation differs (Step 3.7's bounded
+        layers cap theirs, the others do not) a shallow copy holding the same weights with its own."""
+        if self.family.layer_activations is None or not isinstance(pool, SwiGLUExperts):
+            return pool
+        self._check_index(layer, 0)
+        settings = self.family.activations(self.view.config, layer)[0]
+        clamped = gated_activation(settings["activation"], settings.get("swiglu_alpha"), settings.get("swiglu_limit"))
+        if clamped == pool.clamped:
+            return pool
+        own = copy.copy(pool)  # its parameters are the pool's (one shared dict), so the slots' loads reach it
+        own.clamped = clamped
+        return own
 
     def _view_of(self, layer: int, expert: int) -> ExpertsView:
         self._check_index(layer, expert)
