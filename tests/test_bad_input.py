@@ -1544,3 +1544,18 @@ def generate_infinite_temperature(tmp, src):
 def info_checkpoint_directory(tmp, src):
     model = copy(src, "moelab", tmp)
     return ["info", model], [model], [f"{model} is a directory", f"its config.json: {model / 'config.json'}"]
+
+
+def test_non_finite_names_reads_parameters_and_float8_without_complaint():
+    """A parameter that needs a gradient is summed with no autograd graph (nor torch's warning about
+    reading a scalar off one), and float8 tensors, which torch sums (and for e4m3fn checks) on no CPU,
+    are checked too."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert non_finite_names([("weight", torch.nn.Parameter(torch.ones(3)))]) == []
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        clean = torch.tensor([448.0, -2.0, 0.0]).to(dtype)
+        bad = torch.tensor([1.0, float("nan")]).to(dtype)
+        assert non_finite_names([("clean", clean), ("bad", bad), ("cols", clean.expand(2, 3).t())]) == ["bad"], dtype

@@ -42,10 +42,14 @@ def _all_finite(t, chunk: int = FINITE_CHUNK) -> bool:
     the sum one; a pass with no mask, 50-90x faster than `isfinite` on a CPU), else, the sum
     perhaps overflowed, `torch.isfinite(t).all()` a slice along the first dimension at a time: a
     layer's stacked experts (billions of elements in a large model) would otherwise need a
-    boolean mask as large."""
+    boolean mask as large. Read detached (a parameter's sum builds no graph); float8, which torch
+    neither sums nor (e4m3fn) checks on a CPU, a chunk at a time as float16, which holds its values."""
     import torch
 
-    if math.isfinite(t.detach().sum()):
+    t = t.detach()
+    if t.element_size() == 1:
+        return all(_all_finite(part.to(torch.float16), chunk) for part in t.reshape(-1).split(chunk))
+    if math.isfinite(t.sum()):
         return True
     if t.dim() == 0 or t.numel() <= chunk:
         return bool(torch.isfinite(t).all())
