@@ -273,6 +273,7 @@ def test_shared_experts_follow_the_routed_width_only_without_a_width_of_their_ow
     checkpoint.close()
     assert family.name == f"{model_type} (structural)" and family.layouts[0].shared is not None
     assert family.shared_width_follows is follows
+    assert isinstance(family.expert_width, tuple) and hash(family)  # a Family's fields are tuples: it hashes
 
 
 @pytest.mark.parametrize("model_type", ["cohere2_moe", "minimax", "flex_olmo"])

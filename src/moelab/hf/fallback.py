@@ -112,7 +112,7 @@ def _expert_width(config: Config) -> tuple[str, ...]:
 
     model_type = config.get("model_type")
     declared = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else object
-    return ([key for key in _EXPERT_WIDTH if hasattr(declared, key)] or _EXPERT_WIDTH)[:1]
+    return (tuple(key for key in _EXPERT_WIDTH if hasattr(declared, key)) or _EXPERT_WIDTH)[:1]
 
 
 def _experts(rests: set[str]) -> tuple[str, PerExpert | FusedGateUp] | None:
