@@ -87,6 +87,7 @@ def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
             is_moe_layer=None,
             layer_prefix=stem + "{n}.",
             stored_renames=language_renames(stem),
+            stored_shards=_concatenated_shards(config.get("model_type")),
             num_layers=_NUM_LAYERS,
             hidden_size=_HIDDEN,
             expert_width=_expert_width(config),
@@ -101,6 +102,23 @@ def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
         _checked_once(ckpt, config, family, n, f"{prefix}{block}")
         return family
     return None
+
+
+def _concatenated_shards(model_type: str | None) -> tuple[tuple[str, str], ...]:
+    """`Family.stored_shards` as transformers' conversion mapping for the model_type declares them: its
+    converters that concatenate one pattern's shards along dim 0 (Qwen4-Exp's n-gram embedding)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import Concatenate, WeightConverter
+
+    return tuple(
+        (c.target_patterns[0], c.source_patterns[0])
+        for c in get_checkpoint_conversion_mapping(model_type) or ()
+        if isinstance(c, WeightConverter)
+        and len(c.source_patterns) == len(c.target_patterns) == len(c.operations) == 1
+        and isinstance(c.operations[0], Concatenate)
+        and c.operations[0].dim == 0
+        and "*" in c.source_patterns[0]
+    )
 
 
 def _expert_width(config: Config) -> tuple[str, ...]:

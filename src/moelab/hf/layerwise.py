@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import functools
 import inspect
+import itertools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -391,7 +392,7 @@ class LayerwiseModel:
         skipped = () if skip is None else (skip,)
         load_tensors(
             module, self._ckpt, self.dtype, prefix=prefix, skip=skipped, renames=self.family.stored_renames,
-            splits=self.family.stored_splits, keep_float32=self._float32,
+            splits=self.family.stored_splits, shards=self.family.stored_shards, keep_float32=self._float32,
         )  # fmt: skip
 
     @contextlib.contextmanager
@@ -587,6 +588,7 @@ def load_tensors(
     stored_as: dict[str, str] | None = None,
     renames: tuple[tuple[str, str], ...] = (),
     splits: tuple[tuple[tuple[str, ...], str], ...] = (),
+    shards: tuple[tuple[str, str], ...] = (),
     keep_float32: re.Pattern | None = None,
 ) -> None:
     """Give `module`'s parameters and persistent buffers the checkpoint's tensors `prefix + name`,
@@ -594,7 +596,8 @@ def load_tensors(
     under a module in `skip` are left alone; stored_as: {name: the name its tensor is stored under}
     for tied parameters (`tied_names`), read once and shared; renames: (in memory, on disk) parts of
     names the family stores otherwise (`Family.stored_renames`); splits: tensors it stores fused
-    (`Family.stored_splits`), each part read as its rows of the fused one. A tensor missing from the
+    (`Family.stored_splits`), each part read as its rows of the fused one; shards: tensors it stores
+    as shards (`Family.stored_shards`), read whole (`read_shards`). A tensor missing from the
     checkpoint or shaped otherwise than `module` (built from config.json) expects is a
     CheckpointError."""
     persistent = {
@@ -613,10 +616,12 @@ def load_tensors(
         key, rows = stored_key(checkpoint, prefix + (stored_as or {}).get(name, name), renames), None
         if key not in checkpoint:
             key, rows = _fused_rows(module, name, checkpoint, prefix, splits, renames) or (key, None)
-        if key not in checkpoint:
+        parts = [key] if key in checkpoint else shard_keys(checkpoint, prefix + name, shards, renames)
+        if not parts:
             raise CheckpointError(f"{checkpoint.directory}: {key} is not in the checkpoint; the model cannot be run")
+        key = parts[0] if len(parts) == 1 else f"{parts[0]}..{parts[-1]}"
         wanted = tuple(module.get_parameter(name).shape if name in params else module.get_buffer(name).shape)
-        stored = checkpoint.shape(key)
+        stored = _stacked_shape(checkpoint, parts)
         if (stored if rows is None else (len(rows), *stored[1:])) != wanted:
             raise CheckpointError(
                 f"{checkpoint.directory}: {key} is {list(stored)} but config.json makes it "
@@ -625,7 +630,10 @@ def load_tensors(
             )
         if (key, rows) not in tensors:
             kept = keep_float32 is not None and keep_float32.search(prefix + name)
-            tensors[key, rows] = checkpoint.get(key, rows).to(torch.float32 if kept else dtype)
+            cast = torch.float32 if kept else dtype
+            tensor = checkpoint.get(key, rows) if len(parts) == 1 else read_shards(checkpoint, parts)
+            # integer buffers as stored (Qwen4-Exp's n-gram vocabulary sizes and offsets)
+            tensors[key, rows] = tensor.to(cast) if tensor.is_floating_point() else tensor
             if non_finite_names([(key, tensors[key, rows])]):
                 raise CheckpointError(f"{checkpoint.directory}: NaN or Inf in {key}: the weights are corrupt")
         set_tensor(module, name, tensors[key, rows])
@@ -655,6 +663,55 @@ def _fused_rows(
         start = sum(sizes[: parts.index(part)])
         return key, range(start, start + sizes[parts.index(part)])
     return None
+
+
+def shard_keys(
+    checkpoint: Checkpoint, key: str, shards: tuple[tuple[str, str], ...], renames: tuple[tuple[str, str], ...]
+) -> list[str]:
+    """The stored keys of the shards tensor `key` (its name in memory) is stored as (`Family.stored_shards`),
+    shard 0, 1, ... while the checkpoint holds them; [] if it holds none."""
+    for memory, disk in shards:
+        if memory in key:
+            names = (key.replace(memory, disk.replace("*", str(i))) for i in itertools.count())
+            stored = (stored_key(checkpoint, name, renames) for name in names)
+            return list(itertools.takewhile(checkpoint.__contains__, stored))
+    return []
+
+
+def _stacked_shape(checkpoint: Checkpoint, keys: list[str]) -> tuple[int, ...]:
+    """The shape of `keys`' tensors concatenated along their first dim: [sum of rows, *the rest they share]."""
+    shapes = [tuple(checkpoint.shape(key)) for key in keys]
+    if len({shape[1:] for shape in shapes}) > 1:
+        raise CheckpointError(
+            f"{checkpoint.directory}: the shards {keys[0]}..{keys[-1]} differ past their first dim "
+            f"({sorted({s[1:] for s in shapes})}); they do not make one tensor"
+        )
+    return (sum(shape[0] for shape in shapes), *shapes[0][1:])
+
+
+def read_shards(checkpoint: Checkpoint, keys: list[str]) -> Tensor:
+    """The tensors `keys` [R_i, ...] concatenated along their first dim [sum R_i, ...], as transformers'
+    Concatenate(dim=0) makes them on loading: each shard read and copied into its rows in turn, so at
+    most one shard is held besides the whole.
+
+    Memory: Qwen4-Exp's n-gram table lives in its PLE decoder layers (model.layers.{i}.ple.ple_embedding,
+    not among `_outside_layers`' tensors), so the layer-by-layer run holds a PLE layer's whole table in
+    host memory while that layer runs over every batch, freed with the layer (the released table is
+    ~95 GiB in bf16; twice that for a moment where the run's dtype differs from the stored one, which
+    `load_tensors` casts), and offloaded decoding holds every PLE layer's table with the dense weights.
+    Reading only the rows a batch uses would take the batch's n-gram ids first (transformers computes
+    them in Qwen4ExpTextNGramEmbedding.forward from the token history: hashed n-grams modulo each
+    head's prime, plus its offset; at most tokens x ngram heads distinct rows), then those rows of the
+    shards (`Checkpoint.get(key, rows)` per run of rows), and an embedding module that looks the ids up
+    in them; none is built."""
+    whole, start = None, 0
+    for key in keys:
+        shard = checkpoint.get(key)
+        if whole is None:
+            whole = torch.empty(_stacked_shape(checkpoint, keys), dtype=shard.dtype, device=shard.device)
+        whole[start : start + shard.shape[0]] = shard
+        start += shard.shape[0]
+    return whole
 
 
 def float32_names(model: nn.Module, dtype: torch.dtype) -> re.Pattern | None:

@@ -489,7 +489,8 @@ def load_offloaded(
         stored_as, renames = tied_names(model, store.checkpoint), store.family.stored_renames
         load_tensors(
             model, store.checkpoint, dtype, skip=skip, stored_as=stored_as, renames=renames,
-            splits=store.family.stored_splits, keep_float32=float32_names(model, dtype),
+            splits=store.family.stored_splits, shards=store.family.stored_shards,
+            keep_float32=float32_names(model, dtype),
         )  # fmt: skip
     _zero_load_counters(model)
     _tie_output_head(model)
