@@ -15,12 +15,14 @@ from safetensors import safe_open
 from test_layerwise import layer_outputs, run_layerwise
 from transformers import PreTrainedTokenizerFast
 
+from moelab.compress import CalibrationOptions, compress
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import open_checkpoint
 from moelab.offload import load_offloaded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+SMALL = CalibrationOptions(tokens=256, seq_len=32, batch_size=4, sample_tokens=32)
 SHARDS = 12  # more than 10: shard_10 comes after shard_9, not after shard_1
 QWEN4_EXP = dict(
     WIDTHS, vocab_size=8192, head_dim=8, num_experts=4, shared_expert_intermediate_size=24,
@@ -58,6 +60,13 @@ def test_every_layer_s_output_is_transformers(source):
             torch.testing.assert_close(got[i][b], out, atol=1e-5, rtol=1e-5, msg=f"layer {i}, batch {b}")
 
 
+def test_reap_compresses_and_transformers_reloads_the_output(source, tmp_path):
+    report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
+    assert set(report["layers"]) == {"0", "1"} and report["reload_checked"]
+    with open_checkpoint(tmp_path / "out") as view:
+        assert view.layer(1).router.num_experts == 2
+
+
 def test_offloaded_decoding_gives_transformers_tokens(source):
     ids = torch.tensor([[1, 5, 9, 33, 7]])
     want = load(source).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
@@ -66,6 +75,13 @@ def test_offloaded_decoding_gives_transformers_tokens(source):
         assert torch.equal(offloaded.generate(ids, 6), want)
     finally:
         offloaded.close()
+
+
+def test_easy_ep_is_refused_naming_the_hyper_connections(source, tmp_path):
+    """EASY-EP's residual is the layer's output minus the block's: Qwen4-Exp's layers output hc_count
+    streams, so calibration keeps no easyep_sums and EASY-EP says why."""
+    with pytest.raises(ValueError, match="hyper-connections"):
+        compress(source, tmp_path / "out", method="easy_ep", ratio=0.5, calib_options=SMALL, quiet=True)
 
 
 def test_shards_that_differ_past_their_first_dim_are_refused(tmp_path):

@@ -235,16 +235,21 @@ class ContributionObserver(Observer):
     """easyep_sums [H, S, E]: EASY-EP's importance, the chosen experts' contribution norms
     weighted by how much the routed output turns the token's residual stream,
     max(0, 1 - cos(h, h + y_routed)). h, the residual before the block, is taken as the decoder
-    layer's output minus the block's output (exact for the usual pre-norm residual layer)."""
+    layer's output minus the block's output (exact for the usual pre-norm residual layer). A layer
+    whose output is wider than D (Qwen4-Exp's hyper-connections: hc_count residual streams [B, S,
+    hc_count * D], each mixed with the block's output by its own weight) has no such h: none is kept."""
 
     name = "contribution"
     fields = ("easyep_sums",)
 
     def __init__(self, num_experts: int, num_sources: int, dim: int, options: dict):
         super().__init__(num_experts, num_sources, dim, options)
-        self.sums = torch.zeros(HALVES, self.S, self.E, dtype=torch.float64)
+        self.sums: Tensor | None = torch.zeros(HALVES, self.S, self.E, dtype=torch.float64)
 
     def update(self, call: MoECall, tokens: Tokens, layer_output: Tensor) -> None:
+        if self.sums is None or layer_output.shape[-1] != self.D:
+            self.sums = None
+            return
         out = layer_output.reshape(-1, self.D).float()
         residual = out - call.output.float()
         turn = 1 - torch.nn.functional.cosine_similarity(residual, residual + call.routed.float(), dim=-1)
@@ -252,7 +257,7 @@ class ContributionObserver(Observer):
         self.sums += self._per_group(per_expert(call.routing, weight, self.E), tokens)
 
     def result(self) -> dict[str, Tensor]:
-        return {"easyep_sums": self.sums}
+        return {} if self.sums is None else {"easyep_sums": self.sums}
 
 
 class InputSample(Observer):

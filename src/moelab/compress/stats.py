@@ -80,8 +80,9 @@ class LayerStats:
         value = getattr(self, name)
         if value is None:
             raise ValueError(
-                f"the calibration statistics have no {name!r} (its observer did not run); calibrate again "
-                "with the default observers"
+                f"the calibration statistics have no {name!r}: its observer did not run (calibrate again with "
+                "the default observers) or cannot read this layer (easyep_sums: a residual stream wider than "
+                "hidden_size, Qwen4-Exp's hyper-connections)"
             )
         return value[list(halves)][:, self._source_index(sources)].sum((0, 1))
 
