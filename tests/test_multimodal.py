@@ -12,6 +12,7 @@ import pytest
 import torch
 from hf_tiny import DEEPSEEK, TINY, add_mtp_layer, build_multimodal
 from safetensors.torch import load_file, save_file
+from test_qwen4_exp import QWEN4_EXP
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from moelab.compress import CalibrationOptions, compress
@@ -93,6 +94,11 @@ MODELS = {
         dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=16,
              patch_size=14, image_size=28),
         "layers.", "n_routed_experts", "mlp",
+    ),
+    "qwen4_exp": (  # its n-gram table stored as shards (see test_qwen4_exp)
+        dict(QWEN4_EXP, split_ngram_parts=3),
+        dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=32),
+        "model.language_model.layers.", "num_experts", "mlp",
     ),
 }  # fmt: skip
 # the config entries of the towers and projectors besides the vision tower
