@@ -201,7 +201,8 @@ TINY = {
             qk_nope_head_dim=8,
             v_head_dim=8,
             mlp_layer_types=["dense", "sparse"],
-            layer_types=["full_attention", "full_attention"],  # its linear attention needs fla's kernels
+            layer_types=["full_attention", "linear_attention"],  # the MoE layer's attention: Kimi Delta Attention
+            linear_attn_config={"head_dim": 8, "num_heads": 4, "short_conv_kernel_size": 4},
             num_key_value_heads=4,  # its multi-head latent attention gives every head its keys
             pad_token_id=0,
         ),

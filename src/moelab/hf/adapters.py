@@ -609,10 +609,10 @@ def _kimi_linear_layouts() -> tuple[Layout, ...]:
 
 
 # transformers' renames of Kimi-Linear's other tensors: the dense layers' MLPs are stored under
-# block_sparse_moe too, the linear attention's forget gate directly under self_attn (its q/k/v
-# convolutions, which transformers concatenates on loading, are not read by name: such layers
-# cannot be run layer by layer)
+# block_sparse_moe too, the linear attention's forget gate directly under self_attn; its q, k and v
+# convolutions, which transformers concatenates on loading, are read so
 _KIMI_RENAMES = ((".mlp.", ".block_sparse_moe."), ("self_attn.forget_gate.", "self_attn."))
+_KIMI_CONVOLUTIONS = (("self_attn.conv1d.", tuple(f"self_attn.{p}_conv1d." for p in "qkv")),)
 
 
 def _afmoe_layouts() -> tuple[Layout, ...]:
@@ -874,7 +874,7 @@ _FAMILIES = (
            shared_width_follows=True),
     Family("kimi_linear", layouts=_kimi_linear_layouts(), num_experts=("num_experts", "num_local_experts"),
            router_settings=_kimi_linear, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
-           shared_width_follows=True, stored_renames=_KIMI_RENAMES),
+           shared_width_follows=True, stored_renames=_KIMI_RENAMES, stored_shards=_KIMI_CONVOLUTIONS),
     Family("dots3_note_text",
            layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS),
            num_experts=("n_routed_experts", "num_local_experts"), router_settings=_dots3_note,

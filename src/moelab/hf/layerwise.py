@@ -666,12 +666,19 @@ def _fused_rows(
 
 
 def shard_keys(
-    checkpoint: Checkpoint, key: str, shards: tuple[tuple[str, str], ...], renames: tuple[tuple[str, str], ...]
+    checkpoint: Checkpoint,
+    key: str,
+    shards: tuple[tuple[str, str | tuple[str, ...]], ...],
+    renames: tuple[tuple[str, str], ...],
 ) -> list[str]:
-    """The stored keys of the shards tensor `key` (its name in memory) is stored as (`Family.stored_shards`),
-    shard 0, 1, ... while the checkpoint holds them; [] if it holds none."""
+    """The stored keys of the shards tensor `key` (its name in memory) is stored as (`Family.stored_shards`):
+    numbered shards 0, 1, ... while the checkpoint holds them, or named parts where it holds them all;
+    [] if it holds none."""
     for memory, disk in shards:
         if memory in key:
+            if isinstance(disk, tuple):
+                stored = [stored_key(checkpoint, key.replace(memory, part), renames) for part in disk]
+                return stored if all(name in checkpoint for name in stored) else []
             names = (key.replace(memory, disk.replace("*", str(i))) for i in itertools.count())
             stored = (stored_key(checkpoint, name, renames) for name in names)
             return list(itertools.takewhile(checkpoint.__contains__, stored))

@@ -499,10 +499,12 @@ class Family:
     stored_splits: (in-memory name parts, the on-disk part) of tensors stored fused that
         transformers splits along their first dim on loading (Sarvam-MoE: attention.query_key_value
         into self_attn.q_proj, k_proj and v_proj), for the same runs: each part is read as its rows.
-    stored_shards: (in-memory name part, the on-disk part with "*" for the shard number 0, 1, ...)
-        of tensors stored as shards that transformers concatenates along their first dim on loading
-        (Qwen4-Exp: ple_embedding.ngram_embedding.weight [V, d] from ngram_embedding.shard_{i}.weight
-        [V / split_ngram_parts, d]), for the same runs: read as the shards one after the other.
+    stored_shards: (in-memory name part, the on-disk part with "*" for the shard number 0, 1, ..., or
+        a tuple of the on-disk parts) of tensors stored as shards that transformers concatenates along
+        their first dim on loading (Qwen4-Exp: ple_embedding.ngram_embedding.weight [V, d] from
+        ngram_embedding.shard_{i}.weight [V / split_ngram_parts, d]; Kimi-Linear: self_attn.conv1d
+        from self_attn.q_conv1d, k_conv1d and v_conv1d), for the same runs: read as the shards one
+        after the other.
     mtp_prefix: where multi-token prediction layers may be stored that transformers does not build
         and moelab does not run (Nemotron-H's); the writer leaves out those with routed experts.
     mtp: the multi-token prediction layers with routed experts a checkpoint stores in a way moelab
@@ -537,7 +539,7 @@ class Family:
     selection_bias_flag: str | None = None
     stored_renames: tuple[tuple[str, str], ...] = ()
     stored_splits: tuple[tuple[tuple[str, ...], str], ...] = ()
-    stored_shards: tuple[tuple[str, str], ...] = ()
+    stored_shards: tuple[tuple[str, str | tuple[str, ...]], ...] = ()
     mtp_prefix: str | None = "mtp.layers.{n}."
     mtp: tuple[MTPModule, ...] = ()
     original_prefix: str | None = None
