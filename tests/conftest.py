@@ -35,6 +35,27 @@ def pytest_configure(config):
         config.add_cleanup(lambda: os.environ.pop("OMP_NUM_THREADS", None))
 
 
+# Cases of fixture-parametrised tests that run with the slow tests only (`make test-slow`): each a
+# further family or variant of a case the default suite keeps, moved to keep that suite under 10 minutes
+SLOW_CASES = frozenset(
+    {
+        "tests/test_mtp.py::test_a_calibration_killed_in_the_mtp_layer_resumes_to_the_same_files[glm4_moe]",
+        "tests/test_mtp.py::test_a_calibration_killed_in_the_mtp_layer_resumes_to_the_same_files[qwen3_next]",
+        "tests/test_mtp.py::test_drop_needs_no_mtp_calibration[qwen3_next]",
+        "tests/test_nemotron_h.py::test_every_method_compresses_the_hybrid_stack_and_transformers_reloads_it"
+        "[plain-original]",
+    }
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Mark `SLOW_CASES` slow before `-m "not slow"` deselects by mark."""
+    for item in items:
+        if item.nodeid in SLOW_CASES:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_collection_finish(session):
     """What collection imported (torch, transformers, the test modules: several hundred thousand
     objects) lives until the end: gc.freeze() keeps the cycle collector from walking it again on

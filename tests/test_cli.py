@@ -489,6 +489,7 @@ def test_bench_distributed_refuses_a_model_the_parallel_path_cannot_run_before_a
     assert "ReXMoE's shared expert pools" in str(result.exception) + result.output
 
 
+@pytest.mark.slow
 def test_bench_distributed_json_contract(tmp_path):
     """1 and 2 gloo processes: EP bytes measured equal the uniform-routing count within the
     routing's imbalance; no exchange without EP."""

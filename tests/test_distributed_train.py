@@ -570,6 +570,7 @@ def test_every_group_waits_timeout_s():
         assert out[rank]["config"] == (2, e, 2, 7.0), rank  # EP degree and rank, data degree, timeout
 
 
+@pytest.mark.slow  # the default suite resumes distributed runs in test_runs_resume_under_other_degrees
 def test_resume_after_kill_9_of_one_rank(tmp_path):
     """torchrun, 2 ranks: SIGKILL one rank after the first checkpoint; --resume finishes the run
     with the weights of an uninterrupted one."""

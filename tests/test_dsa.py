@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_tiny import DEEPSEEK, build, load
-from test_layerwise import layer_outputs, run_layerwise
+from test_layerwise import assert_layers_are_transformers
 from transformers import PreTrainedTokenizerFast
 
 from moelab.compress import Calibration, CalibrationOptions, calibrate, compress
@@ -46,13 +46,8 @@ def source(tmp_path_factory) -> Path:
 def test_every_layer_s_output_is_transformers_with_the_top_k_carried(source):
     """Short windows (8 tokens) keep the top-k (8) from covering every token, so a shared layer
     given no or other indices would compute something else."""
-    model = load(source)
     batches = [torch.randint(0, 8192, (2, 8)), torch.randint(0, 8192, (1, 12))]
-    got = run_layerwise(source, batches)
-    for b, ids in enumerate(batches):
-        expected = layer_outputs(model, ids, 4, lambda x: model(input_ids=x))
-        for i, out in enumerate(expected):
-            torch.testing.assert_close(got[i][b], out, atol=1e-5, rtol=1e-5, msg=f"layer {i}, batch {b}")
+    assert_layers_are_transformers(source, load(source), batches)
 
 
 def test_the_backward_run_is_autograd_through_the_whole_model(source):
@@ -81,7 +76,10 @@ def test_the_backward_run_is_autograd_through_the_whole_model(source):
     torch.testing.assert_close(grads[0], expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("killed_at", [[1, 2], [1, 2, 3], [1, 2, 3, 3, 2]])
+@pytest.mark.parametrize(
+    "killed_at",
+    [pytest.param(at, marks=pytest.mark.slow) for at in ([1, 2], [1, 2, 3])] + [[1, 2, 3, 3, 2]],
+)  # the default suite keeps the kill in the backward sweep, after the forward sweep's snapshots
 def test_an_interrupted_calibration_resumes_to_the_same_statistics(source, tmp_path, monkeypatch, killed_at):
     """Killed while writing a layer's statistics (the layers written so far: `killed_at`), before
     its snapshot: in the forward sweep at layer 2 (a full layer) or 3 (a shared one, which reads

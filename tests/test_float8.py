@@ -121,7 +121,9 @@ def test_transformers_dequantizes_the_release_to_the_same_weights(releases, fami
 SMALL = CalibrationOptions(tokens=256, seq_len=32, batch_size=4, sample_tokens=64)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "family", [f if f == "deepseek_v3" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+)  # the other releases' layouts: with the slow tests
 def test_compressing_a_release_writes_what_its_dequantized_copy_gives(releases, tmp_path, family):
     """Calibration, pruning (REAP), merging (HC-SMoE) and narrowing (HEAPr, with the backward sweep)
     on the float8 files give the plain copy's bf16 checkpoints tensor for tensor, config.json (no

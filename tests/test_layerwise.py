@@ -47,17 +47,22 @@ def run_layerwise(path, batches, run_moe=None) -> list[list[torch.Tensor]]:
     return per_layer
 
 
+def assert_layers_are_transformers(path, model, batches: list[torch.Tensor]) -> None:
+    """Every decoder layer run layer by layer from checkpoint `path` outputs, on every batch of ids,
+    what it outputs in transformers' full forward of `model` (atol, rtol 1e-5)."""
+    got = run_layerwise(path, batches)
+    for b, ids in enumerate(batches):
+        expected = layer_outputs(model, ids, len(got), lambda x: model(input_ids=x))
+        for i, out in enumerate(expected):
+            torch.testing.assert_close(got[i][b], out, atol=1e-5, rtol=1e-5, msg=f"layer {i}, batch {b}")
+
+
 @pytest.mark.parametrize("family", list(TINY))
 def test_every_family_layer_by_layer(tmp_path, family, one_thread):
     torch.manual_seed(0)
     model = build(family).eval()
     model.save_pretrained(tmp_path)
-    batches = [torch.randint(0, 64, (2, 7)), torch.randint(0, 64, (1, 5))]
-    got = run_layerwise(tmp_path, batches)
-    for b, ids in enumerate(batches):
-        expected = layer_outputs(model, ids, len(got), lambda x: model(input_ids=x))
-        for i, out in enumerate(expected):
-            torch.testing.assert_close(got[i][b], out, atol=1e-5, rtol=1e-5, msg=f"layer {i}, batch {b}")
+    assert_layers_are_transformers(tmp_path, model, [torch.randint(0, 64, (2, 7)), torch.randint(0, 64, (1, 5))])
 
 
 @pytest.mark.parametrize("shared", [0, 1])

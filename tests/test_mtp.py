@@ -367,7 +367,7 @@ def test_keep_quantized_refuses_an_mtp_layer_it_cannot_write_before_calibrating(
         compress(fp8, tmp_path / "out", method="reap", ratio=0.5, keep_quantized=True, mtp="drop", quiet=True)
 
 
-@pytest.mark.parametrize("method", ["reap", "heapr"])
+@pytest.mark.parametrize("method", ["reap", pytest.param("heapr", marks=pytest.mark.slow)])
 def test_qwen3_next_s_mtp_module_is_compressed_in_place(tmp_path, method):
     """Qwen3-Next keeps its MTP layer under mtp.layers.0. and its drafter's tensors under mtp.:
     the layer is edited there (filed as layer 4), the rest of the module copied; dropping

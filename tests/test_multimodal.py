@@ -419,15 +419,13 @@ def test_mistral_large_4_runs_layer_by_layer_as_transformers(tmp_path, original,
     """Mistral Large 4 layer by layer: its DSA layers hand their top-k tokens on, a layer reuses an
     earlier one's latent KV, and its tensors are stored under Mistral's names (default save_pretrained)
     or transformers' own: every layer's output is the vision-language model's on text."""
-    from test_layerwise import layer_outputs, run_layerwise
+    from test_layerwise import assert_layers_are_transformers
 
     text, vision, *_ = MODELS["mistral_large4"]
     model = build_multimodal("mistral_large4", text, vision)
     model.save_pretrained(tmp_path, save_original_format=original)
     ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
-    got = run_layerwise(tmp_path, [ids])
-    for i, out in enumerate(layer_outputs(model, ids, len(got), lambda x: model(input_ids=x))):
-        torch.testing.assert_close(got[i][0], out, atol=1e-5, rtol=1e-5, msg=f"layer {i}")
+    assert_layers_are_transformers(tmp_path, model, [ids])
 
 
 def test_muse_spark_is_refused_naming_what_moelab_cannot_read(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hf_tiny import WIDTHS, build, load
 from safetensors import safe_open
-from test_layerwise import layer_outputs, run_layerwise
+from test_layerwise import assert_layers_are_transformers
 from transformers import PreTrainedTokenizerFast
 
 from moelab.compress import CalibrationOptions, compress
@@ -51,13 +51,8 @@ def test_every_layer_s_output_is_transformers(source):
     heads' vocabulary sizes and offsets) as stored."""
     with open_checkpoint(source) as view:
         assert view.family == "qwen4_exp_text (structural)"
-    model = load(source)
     batches = [torch.randint(0, 8192, (2, 7)), torch.randint(0, 8192, (1, 5))]
-    got = run_layerwise(source, batches)
-    for b, ids in enumerate(batches):
-        expected = layer_outputs(model, ids, 2, lambda x: model(input_ids=x))
-        for i, out in enumerate(expected):
-            torch.testing.assert_close(got[i][b], out, atol=1e-5, rtol=1e-5, msg=f"layer {i}, batch {b}")
+    assert_layers_are_transformers(source, load(source), batches)
 
 
 def test_reap_compresses_and_transformers_reloads_the_output(source, tmp_path):
