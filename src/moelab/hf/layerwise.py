@@ -588,7 +588,7 @@ def load_tensors(
     stored_as: dict[str, str] | None = None,
     renames: tuple[tuple[str, str], ...] = (),
     splits: tuple[tuple[tuple[str, ...], str], ...] = (),
-    shards: tuple[tuple[str, str], ...] = (),
+    shards: tuple[tuple[str, str | tuple[str, ...]], ...] = (),
     keep_float32: re.Pattern | None = None,
 ) -> None:
     """Give `module`'s parameters and persistent buffers the checkpoint's tensors `prefix + name`,
