@@ -1268,9 +1268,17 @@ def test_a_store_past_the_page_cache_reads_every_expert_from_the_device(tmp_path
             device_reads.append(not _cached(shard, offset, sum(len(b) for b in buffers), real))
             return real(fd, buffers, offset, *flags)
 
-        monkeypatch.setattr(os, "preadv", preadv)
-        uncached.load(layer, expert, got, 0)
-        monkeypatch.undo()
+        # the kernel's read-ahead from the cached load may still be filling pages when the store drops
+        # them (seen once in a full run): each try caches the expert again first, so a store that did not
+        # drop before reading would fail every try
+        for _ in range(3):
+            cached.load(layer, expert, want, 0)
+            device_reads.clear()
+            monkeypatch.setattr(os, "preadv", preadv)
+            uncached.load(layer, expert, got, 0)
+            monkeypatch.undo()
+            if all(device_reads):
+                break
         assert device_reads == [True] * len(reads), "every byte read from the device, none from the cache"
         assert not any(_cached(shard, r.offset, sizes[r.part]) for r in reads), "and left out of the cache"
         for a, b in zip(got.parameters(), want.parameters(), strict=True):
