@@ -181,3 +181,26 @@ def test_float16_runs_keep_in_float32_what_transformers_keeps(tmp_path):
             layer = runner.model.model.layers[0]
             assert layer.input_layernorm.weight.dtype == torch.float32 == want["model.layers.0.input_layernorm.weight"]
             assert layer.self_attn.q_proj.weight.dtype == torch.float16
+
+
+def test_buffers_take_the_dtype_transformers_gives_them(tmp_path):
+    """transformers casts each stored tensor to the dtype of the tensor it fills (the run's dtype for
+    floating ones, their own for integer and bool buffers: Qwen4-Exp's n-gram sizes), whatever the
+    checkpoint stores it as: a float buffer stored as integers runs as floats, an int64 buffer stored
+    as int32 stays int64, a bool mask stored as uint8 stays bool."""
+    from moelab.hf.checkpoint import Checkpoint
+    from moelab.hf.layerwise import load_tensors
+
+    module = torch.nn.Module()
+    module.register_buffer("scale", torch.zeros(3))
+    module.register_buffer("sizes", torch.zeros(3, dtype=torch.int64))
+    module.register_buffer("mask", torch.zeros(3, dtype=torch.bool))
+    save_file(
+        {"scale": torch.tensor([1, 2, 3], dtype=torch.int32), "sizes": torch.tensor([5, 7, 11], dtype=torch.int32),
+         "mask": torch.tensor([1, 0, 1], dtype=torch.uint8)}, tmp_path / "model.safetensors",
+    )  # fmt: skip
+    with Checkpoint(tmp_path) as ckpt:
+        load_tensors(module, ckpt, torch.bfloat16)
+    assert module.scale.dtype == torch.bfloat16 and module.scale.tolist() == [1, 2, 3]
+    assert module.sizes.dtype == torch.int64 and module.sizes.tolist() == [5, 7, 11]
+    assert module.mask.dtype == torch.bool and module.mask.tolist() == [True, False, True]

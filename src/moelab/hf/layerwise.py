@@ -620,7 +620,8 @@ def load_tensors(
         if not parts:
             raise CheckpointError(f"{checkpoint.directory}: {key} is not in the checkpoint; the model cannot be run")
         key = parts[0] if len(parts) == 1 else f"{parts[0]}..{parts[-1]}"
-        wanted = tuple(module.get_parameter(name).shape if name in params else module.get_buffer(name).shape)
+        current = module.get_parameter(name) if name in params else module.get_buffer(name)
+        wanted = tuple(current.shape)
         stored = _stacked_shape(checkpoint, parts)
         if (stored if rows is None else (len(rows), *stored[1:])) != wanted:
             raise CheckpointError(
@@ -630,10 +631,11 @@ def load_tensors(
             )
         if (key, rows) not in tensors:
             kept = keep_float32 is not None and keep_float32.search(prefix + name)
-            cast = torch.float32 if kept else dtype
+            # as transformers casts on loading: to the run's dtype where the module's tensor is floating,
+            # else to its own (integer and bool buffers: Qwen4-Exp's n-gram vocabulary sizes and offsets)
+            cast = (torch.float32 if kept else dtype) if current.is_floating_point() else current.dtype
             tensor = checkpoint.get(key, rows) if len(parts) == 1 else read_shards(checkpoint, parts)
-            # integer buffers as stored (Qwen4-Exp's n-gram vocabulary sizes and offsets)
-            tensors[key, rows] = tensor.to(cast) if tensor.is_floating_point() else tensor
+            tensors[key, rows] = tensor.to(cast)
             if non_finite_names([(key, tensors[key, rows])]):
                 raise CheckpointError(f"{checkpoint.directory}: NaN or Inf in {key}: the weights are corrupt")
         set_tensor(module, name, tensors[key, rows])
