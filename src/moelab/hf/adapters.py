@@ -118,15 +118,22 @@ def _kimi_linear(config: Config) -> dict:
     return _deepseek_v3_router(n_group=1, topk_group=1, route_scale=2.446)({"num_experts_per_tok": 8, **canonical})
 
 
+def _sigmoid_renormalized(
+    config: Config, scale: str | None = None, default: float = 1.0, *, after_experts: bool = False,
+    top_k: tuple[str, ...] = ("num_experts_per_tok",),
+) -> dict:  # fmt: skip
+    """Sigmoid scores, a correction bias (where the family has one) steering selection only, always
+    renormalised, x config[scale] (its class `default` where absent; after the experts' sum where
+    `after_experts`); no groups. top_k: the config keys of k, first present wins."""
+    settings = {"score_func": "sigmoid", "top_k": config_value(config, *top_k), "renormalize": True}
+    if scale is not None:
+        settings["route_scale"] = float(config_value(config, scale, default=default))
+    return settings | ({"scaled_after_experts": True} if after_experts else {})
+
+
 def _afmoe(config: Config) -> dict:
-    """AFMoE: sigmoid, the block's expert_bias steers selection only, always renormalised,
-    x route_scale; no groups."""
-    return {
-        "score_func": "sigmoid",
-        "top_k": _top_k(config),
-        "renormalize": True,
-        "route_scale": float(config_value(config, "route_scale", default=1.0)),
-    }
+    """AFMoE: the block's expert_bias steers selection only, x route_scale."""
+    return _sigmoid_renormalized(config, "route_scale")
 
 
 def _lfm2_moe(config: Config) -> dict:
@@ -151,12 +158,7 @@ def _hy_v3(config: Config) -> dict:
         raise CheckpointError(
             "this Hunyuan 3 config sets mlp_bias: its shared experts have biases, which moelab's views do not read"
         )
-    return {
-        "score_func": "sigmoid",
-        "top_k": _top_k(config),
-        "renormalize": True,
-        "route_scale": float(config_value(config, "router_scaling_factor", default=2.826)),
-    }
+    return _sigmoid_renormalized(config, "router_scaling_factor", 2.826)
 
 
 def _laguna(config: Config) -> dict:
@@ -174,13 +176,7 @@ def _laguna(config: Config) -> dict:
             "this Laguna config sets moe_apply_router_weight_on_input: the router weights scale the experts' "
             "input, where moelab's routers weight their output (transformers does not run it either)"
         )
-    return {
-        "score_func": "sigmoid",
-        "top_k": _top_k(config),
-        "renormalize": True,
-        "route_scale": float(config_value(config, "moe_routed_scaling_factor", default=1.0)),
-        "scaled_after_experts": True,
-    }
+    return _sigmoid_renormalized(config, "moe_routed_scaling_factor", after_experts=True)
 
 
 def _kolibri1(config: Config) -> dict:
@@ -199,13 +195,9 @@ def _step3p5(config: Config) -> dict:
     """Step 3.7's language model (step3p5): sigmoid, the correction bias steers selection only,
     always renormalised, x moe_router_scaling_factor; no groups. The release names its top-k
     moe_top_k (an alias transformers maps onto num_experts_per_tok)."""
-    return {
-        "score_func": "sigmoid",
-        "top_k": config_value(config, "num_experts_per_tok", "moe_top_k"),
-        "renormalize": True,
-        "route_scale": float(config_value(config, "moe_router_scaling_factor", default=1.0)),
-        "scaled_after_experts": True,
-    }
+    return _sigmoid_renormalized(
+        config, "moe_router_scaling_factor", after_experts=True, top_k=("num_experts_per_tok", "moe_top_k")
+    )
 
 
 def _mistral4(config: Config) -> dict:
@@ -292,7 +284,7 @@ def _ernie4_5_moe(config: Config) -> dict:
 def _minimax_m2(config: Config) -> dict:
     """MiniMax-M2: sigmoid, the block's e_score_correction_bias steers selection only, always
     renormalised, no scaling (transformers reads no scoring_func / use_routing_bias key)."""
-    return {"score_func": "sigmoid", "top_k": _top_k(config), "renormalize": True}
+    return _sigmoid_renormalized(config)
 
 
 def _hunyuan_v1_moe(config: Config) -> dict:

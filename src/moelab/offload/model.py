@@ -525,10 +525,11 @@ def load_offloaded(
             parent = layers[index].get_submodule(parent_name) if parent_name else layers[index]
             block = MoEBlock.replacing(getattr(parent, name), moes[index], MoELayer.infer, store.family)
             setattr(parent, name, block)
-            load_tensors(  # its output norm, if the family's block has one (skipped with the block above)
-                block, store.checkpoint, dtype, prefix=f"{layers_name}.{index}.{found[index].block}.", skip=("moe",),
-                renames=store.family.stored_renames,
-            )
+            if block.output_norm is not None:  # the family's norm after its block (skipped with the block above)
+                load_tensors(
+                    block, store.checkpoint, dtype, prefix=f"{layers_name}.{index}.{found[index].block}.",
+                    skip=("moe",), renames=store.family.stored_renames,
+                )  # fmt: skip
     previous = None
     for index in store.moe_layers:
         experts = moes[index].experts
