@@ -122,17 +122,25 @@ def route_topk(
     topk_group: int = 1,
     selection_bias: Tensor | None = None,
     select_on_logits: bool = False,
+    expert_scale: Tensor | None = None,
+    input_norm: tuple[Tensor, float, float] | None = None,
 ) -> RefRouting:
-    """Token-choice top-k. Scores = softmax or sigmoid of the logits. Selection ranks
+    """Token-choice top-k. With input_norm (g, eps, m) the logits read x_t / sqrt(mean(x_t^2) + eps)
+    * g * m (Gemma 4). Scores = softmax or sigmoid of the logits. Selection ranks
     score + selection_bias (select_on_logits: logit + selection_bias); with n_group > 1 only the experts of the topk_group best groups (of
     E/n_group consecutive experts; group score = sum of the group's two best selection values for
     sigmoid, its best for softmax) compete. Weights: the un-biased scores of the chosen experts,
-    divided by their sum if renormalize, times route_scale. Slot j = the j-th best chosen expert."""
+    divided by their sum if renormalize, times route_scale, times expert_scale[e] where given. Slot j =
+    the j-th best chosen expert."""
     T, E = x.shape[0], W.shape[0]
     bias = [0.0] * E if selection_bias is None else [float(v) for v in selection_bias]
     choices, logit_rows, prob_rows, margins, order_margins = [], [], [], [], []
     for t in range(T):
-        logits = _token_logits(x[t], W, b)
+        x_t = x[t]
+        if input_norm is not None:
+            g, eps, m = input_norm
+            x_t = x_t / torch.sqrt((x_t * x_t).sum() / x_t.shape[0] + eps) * g * m
+        logits = _token_logits(x_t, W, b)
         scores = softmax(logits) if score_func == "softmax" else sigmoid(logits)
         ranked_values = (logits if select_on_logits else scores).detach().tolist()
         select = [ranked_values[e] + bias[e] for e in range(E)]
@@ -156,6 +164,8 @@ def route_topk(
             total = sum(w)
             w = [wi / total for wi in w]
         w = [wi * route_scale for wi in w]
+        if expert_scale is not None:
+            w = [wi * expert_scale[e] for wi, e in zip(w, chosen)]
         choices.append([(j, e, w[j]) for j, e in enumerate(chosen)])
         logit_rows.append(logits)
         prob_rows.append(scores if score_func == "softmax" else scores / scores.sum())

@@ -18,6 +18,7 @@ from moelab.nn import (
     ExpertChoiceRouter,
     MoEConfig,
     ReLURouter,
+    ScaledRMSNorm,
     TopKRouter,
     TopPRouter,
     attach_selection_bias_update,
@@ -43,7 +44,18 @@ TOPK_SETTINGS = {
     "expert-bias": dict(top_k=2, selection_bias=True),
     "expert-bias-sigmoid-groups": dict(top_k=3, score_func="sigmoid", n_group=4, topk_group=2, selection_bias=True),
     "expert-bias-on-logits": dict(top_k=3, score_func="sigmoid", selection_bias=True, select_on_logits=True),
+    "gemma4-normed-input-expert-scale": dict(top_k=2, expert_scale=True, input_norm=True),
+    "expert-scale-sigmoid-groups": dict(top_k=3, score_func="sigmoid", n_group=4, topk_group=2, expert_scale=True),
 }
+
+
+def _topk_router(name: str) -> TopKRouter:
+    """TopKRouter with TOPK_SETTINGS[name]; input_norm=True: Gemma 4's form (times D^-0.5), its eps 0.5
+    so that the epsilon's place shows at unit-scale inputs."""
+    settings = dict(TOPK_SETTINGS[name])
+    if settings.pop("input_norm", False):
+        settings["input_norm"] = ScaledRMSNorm(D, 0.5, multiplier=D**-0.5)
+    return TopKRouter(D, E, **settings)
 TOPP_SETTINGS = {
     "p0.1": dict(top_p=0.1),
     "p0.4": dict(top_p=0.4),
@@ -73,15 +85,21 @@ def _randomise(router: torch.nn.Module, seed: int) -> None:
             router.selection_bias.copy_(torch.randn(E, generator=g) * 0.1)
         if hasattr(router, "norm_weight"):
             router.norm_weight.copy_(1 + 0.5 * torch.randn(E, generator=g))
+        if getattr(router, "expert_scale", None) is not None:
+            router.expert_scale.copy_(1 + 0.5 * torch.randn(E, generator=g))
+        if router.input_norm is not None:
+            router.input_norm.weight.copy_(1 + 0.5 * torch.randn(D, generator=g))
 
 
-def _ref(router, x, w, b, g):
+def _ref(router, x, w, b, g, extra):
     if isinstance(router, TopKRouter):
         eb = None if router.selection_bias is None else router.selection_bias.to(F64)
+        norm = router.input_norm
         return route_topk(
             x, w, b, top_k=router.top_k, score_func=router.score_func, renormalize=router.renormalize,
             route_scale=router.route_scale, n_group=router.n_group, topk_group=router.topk_group, selection_bias=eb,
-            select_on_logits=router.select_on_logits,
+            select_on_logits=router.select_on_logits, expert_scale=extra.get("expert_scale"),
+            input_norm=None if norm is None else (extra["input_norm.weight"], norm.eps, norm.multiplier),
         )
     if isinstance(router, TopPRouter):
         return route_topp(x, w, b, top_p=router.top_p, max_k=router.top_k, renormalize=router.renormalize)
@@ -97,7 +115,12 @@ def check_router(router, x, *, seed=0):
     w = f64_leaf(router.weight)
     b = None if router.bias is None else f64_leaf(router.bias)
     norm_leaf = f64_leaf(router.norm_weight) if isinstance(router, ReLURouter) else None
-    ref = _ref(router, xr, w, b, norm_leaf)
+    extra = {
+        name: f64_leaf(router.get_parameter(name))
+        for name in ("expert_scale", "input_norm.weight")
+        if name in dict(router.named_parameters())
+    }  # TopKRouter's per-expert scale and input norm (Gemma 4)
+    ref = _ref(router, xr, w, b, norm_leaf, extra)
     assert_no_near_tie(ref, ordered=True)  # exact slots are compared below
 
     xl = x.clone().requires_grad_(True)
@@ -134,6 +157,8 @@ def check_router(router, x, *, seed=0):
         assert_close(router.bias.grad.double(), b.grad)
     if norm_leaf is not None:
         assert_close(router.norm_weight.grad.double(), norm_leaf.grad)
+    for name, leaf in extra.items():
+        assert_close(router.get_parameter(name).grad.double(), leaf.grad, what=name)
     return routing, ref
 
 
@@ -144,7 +169,7 @@ def _x(seed=1, n=T):
 @pytest.mark.parametrize("name", list(TOPK_SETTINGS))
 def test_topk_router_matches_reference(name):
     torch.manual_seed(0)
-    router = TopKRouter(D, E, **TOPK_SETTINGS[name])
+    router = _topk_router(name)
     _randomise(router, seed=3)
     check_router(router, _x())
 
@@ -154,7 +179,7 @@ def test_topk_router_choice_for_inference_matches_the_reference(name):
     """`choose` (the inference path; softmax renormalised over the top k: a softmax over the top k
     logits) gives the reference's indices and weights, and their gradients."""
     torch.manual_seed(0)
-    router = TopKRouter(D, E, **TOPK_SETTINGS[name])
+    router = _topk_router(name)
     _randomise(router, seed=3)
     x = _x()
     check_router(router, x)  # forward against the reference

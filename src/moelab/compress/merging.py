@@ -96,7 +96,10 @@ def merged_layer(
     groups whose weights are all 0 average evenly), after aligning every member to the dominant
     one if `align`; router row by `router_rule`: "fit" (softmax routers) regresses, on the
     sampled block inputs `inputs` [N, D], a row whose logit follows the group's log-sum-exp of its
-    members' logits, so the merged expert keeps the probability its members had together.
+    members' logits, so the merged expert keeps the probability its members had together. Where
+    the router scales each expert's weight (Gemma 4's `expert_scale`), the members' scales are
+    folded into their down projections before averaging (the scale multiplies the expert's output,
+    linear in down) and the merged expert's scale is 1.
     Returns the LayerEdit (sources = the groups)."""
     if router_rule not in ROUTER_RULES:
         raise ValueError(f"router rule must be one of {ROUTER_RULES}, got {router_rule!r}")
@@ -115,6 +118,9 @@ def merged_layer(
             members = [members[0]] + [_permuted(m, alignment(members[0], m)) for m in members[1:]]
         for name in merged:
             stacked = torch.stack([getattr(m, name)[0].double() for m in members])
+            if router.expert_scale is not None and name in ("down", "down_bias"):
+                scale = router.expert_scale[list(group)].double()
+                stacked = stacked * scale.view(-1, *[1] * (stacked.dim() - 1))
             merged[name].append(torch.einsum("m,m...->...", w, stacked))
         for name in rows:
             values = getattr(router, name)[list(group)].double()
@@ -131,6 +137,8 @@ def merged_layer(
     new_router = dataclasses.replace(
         router, **{n: torch.stack(v).to(getattr(router, n).dtype) for n, v in rows.items()}
     )
+    if router.expert_scale is not None:
+        new_router = dataclasses.replace(new_router, expert_scale=router.expert_scale.new_ones(len(groups)))
     view = dataclasses.replace(layer, router=new_router, experts=new_experts)
     return LayerEdit(tuple(tuple(g) for g in groups), view=view)
 

@@ -15,6 +15,7 @@ method names the observers it needs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,8 @@ class MoECall:
     output f_e(x) (f_e(w x) for experts that take the weight on their input, Llama 4; in a latent
     block, up @ f_e(down @ x), the expert's share of the output), zeros in empty slots; shared:
     [T, D] the shared experts' output (None without), shared_down: [T, D] their down projection
-    before any gate; scale_input: the experts took the weight on their input.
+    before any gate; scale_input: the experts took the weight on their input; routed_norm: the
+    norm of the routed experts' weighted sum (Gemma 4: `MoELayer.routed_norm`), None without.
     In the backward sweep (`eager_moe(..., keep_hidden=True)`) also hidden: [T, K, I] each slot's
     hidden activation (what its down projection sees) and grad_hidden: [T, K, I] the loss's
     gradient with respect to it, filled in when the backward pass reaches it; zeros in empty slots.
@@ -50,6 +52,7 @@ class MoECall:
     scale_input: bool = False
     hidden: Tensor | None = None
     grad_hidden: Tensor | None = None
+    routed_norm: Callable[[Tensor], Tensor] | None = None
 
     @property
     def contributions(self) -> Tensor:
@@ -62,13 +65,14 @@ class MoECall:
 
     @property
     def routed(self) -> Tensor:
-        """[T, D] the routed experts' part of the output."""
+        """[T, D] the routed experts' weighted sum (before the routed norm, where the block has one)."""
         return self.contributions.sum(1)
 
     @property
     def output(self) -> Tensor:
         """[T, D] the block's output."""
-        return self.routed if self.shared is None else self.routed + self.shared
+        routed = self.routed if self.routed_norm is None else self.routed_norm(self.routed)
+        return routed if self.shared is None else routed + self.shared
 
 
 @dataclass
@@ -89,7 +93,7 @@ def eager_moe(moe: MoELayer, x: Tensor, *, keep_hidden: bool = False) -> MoECall
     routing = moe.router(x)
     T, K = routing.indices.shape
     plan = plan_dispatch(routing.indices, moe.num_experts)
-    z = x if moe.latent is None else moe.latent.down(x)  # what the experts read
+    z = moe.expert_rows(x)  # what the experts read
     batch = LocalDispatcher().dispatch(z, routing.weights, plan)
     experts = moe.experts
     scale_input = getattr(experts, "scale_input", False)  # f(w x): the weight is the input's
@@ -110,7 +114,7 @@ def eager_moe(moe: MoELayer, x: Tensor, *, keep_hidden: bool = False) -> MoECall
         hidden, grad_hidden = hidden.view(T, K, -1), slot_grads.view(T, K, -1)
     else:
         rows = experts(batch.rows, batch.counts, row_weights)
-    if moe.latent is not None:
+    if moe.latent is not None:  # not a routed norm: that one is not linear, so it is applied to the sum (`output`)
         rows = moe.latent.up(rows)  # linear: the block's up @ (sum of w f_e) is the sum of these, weighted
     outputs = x.new_zeros(T * K, x.shape[-1])
     outputs[plan.slots] = rows
@@ -119,7 +123,9 @@ def eager_moe(moe: MoELayer, x: Tensor, *, keep_hidden: bool = False) -> MoECall
     if moe.shared is not None:
         shared_down = moe.shared.mlp(x)
         shared = shared_down if moe.shared.gate is None else torch.sigmoid(moe.shared.gate(x)) * shared_down
-    return MoECall(x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input, hidden, grad_hidden)
+    return MoECall(
+        x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input, hidden, grad_hidden, moe.routed_norm
+    )
 
 
 class Observer:
@@ -237,7 +243,9 @@ class ContributionObserver(Observer):
     max(0, 1 - cos(h, h + y_routed)). h, the residual before the block, is taken as the decoder
     layer's output minus the block's output (exact for the usual pre-norm residual layer). A layer
     whose output is wider than D (Qwen4-Exp's hyper-connections: hc_count residual streams [B, S,
-    hc_count * D], each mixed with the block's output by its own weight) has no such h: none is kept."""
+    hc_count * D], each mixed with the block's output by its own weight) has no such h, nor has a
+    layer that norms the routed experts' sum (Gemma 4, whose decoder layer norms the block's output
+    again before adding it): none is kept."""
 
     name = "contribution"
     fields = ("easyep_sums",)
@@ -247,7 +255,7 @@ class ContributionObserver(Observer):
         self.sums: Tensor | None = torch.zeros(HALVES, self.S, self.E, dtype=torch.float64)
 
     def update(self, call: MoECall, tokens: Tokens, layer_output: Tensor) -> None:
-        if self.sums is None or layer_output.shape[-1] != self.D:
+        if self.sums is None or layer_output.shape[-1] != self.D or call.routed_norm is not None:
             self.sums = None
             return
         out = layer_output.reshape(-1, self.D).float()

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from moelab.hf.edit import LayerEdit, apply_edit, moe_output
-from moelab.hf.native import experts_from_view, latent_from_view, router_from_view, shared_from_view
+from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import MoELayerView
 from moelab.nn.moe import MoELayer
 
@@ -106,15 +106,10 @@ def _value(loss: Tensor) -> float:
 def _student(edited: MoELayerView) -> MoELayer:
     """The edited layer in float32 on copies of its tensors; only the router's weight and bias
     train."""
-    router = router_from_view(edited.router).float()
-    router.weight = torch.nn.Parameter(edited.router.weight.detach().float().clone())
+    layer = moe_layer_from_view(edited).float()
+    layer.router.weight = torch.nn.Parameter(edited.router.weight.detach().float().clone())
     if edited.router.bias is not None:
-        router.bias = torch.nn.Parameter(edited.router.bias.detach().float().clone())
-    experts = experts_from_view(edited.experts).float()
-    shared, latent = shared_from_view(edited.shared), latent_from_view(edited.latent)
-    layer = MoELayer(
-        router, experts, None if shared is None else shared.float(), latent=None if latent is None else latent.float()
-    )
+        layer.router.bias = torch.nn.Parameter(edited.router.bias.detach().float().clone())
     for name, p in layer.named_parameters():
         p.requires_grad_(name in ("router.weight", "router.bias"))
     return layer.eval()  # inference routing: no jitter, no load counters

@@ -82,7 +82,7 @@ class LayerStats:
             raise ValueError(
                 f"the calibration statistics have no {name!r}: its observer did not run (calibrate again with "
                 "the default observers) or cannot read this layer (easyep_sums: a residual stream wider than "
-                "hidden_size, Qwen4-Exp's hyper-connections)"
+                "hidden_size, Qwen4-Exp's hyper-connections, or a norm of the routed sum, Gemma 4's)"
             )
         return value[list(halves)][:, self._source_index(sources)].sum((0, 1))
 

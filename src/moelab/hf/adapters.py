@@ -26,6 +26,7 @@ from moelab.hf.layouts import (
     FusedGateUp,
     LatentKeys,
     Layout,
+    NormKeys,
     PerExpert,
     RouterKeys,
     SharedFusedMLP,
@@ -539,6 +540,40 @@ def _llama4_sparse_layer(config: Config, i: int) -> bool:
 # ----------------------------------------------------------------------------- key tables
 
 
+_GEMMA4_LAYOUT = Layout(
+    RouterKeys("router.proj.weight", expert_scale="router.per_expert_scale"),
+    FusedGateUp("experts.gate_up_proj", "experts.down_proj"),
+    norms=NormKeys("router.scale", "pre_feedforward_layernorm_2.weight", "post_feedforward_layernorm_2.weight"),
+)
+"""Gemma 4's MoE (enable_moe_block): the router and experts are modules of the decoder layer itself,
+beside its dense MLP (which moelab leaves to the layer, as it leaves any dense part): router(x) on the
+residual x after attention, RMS-normed with no weight, times router.scale and hidden_size^-0.5; the
+experts read pre_feedforward_layernorm_2(x) and their weighted sum is post_feedforward_layernorm_2'd
+before the layer adds the dense MLP's output."""
+
+
+def _gemma4(config: Config) -> dict:
+    """Gemma 4: softmax over all experts, top top_k_experts renormalised, then x the chosen expert's
+    per_expert_scale (`RouterView.expert_scale`)."""
+    return {"score_func": "softmax", "top_k": config_value(config, "top_k_experts"), "renormalize": True}
+
+
+def _gemma4_experts(config: Config) -> dict:
+    """Gated GELU with tanh approximation (hidden_activation gelu_pytorch_tanh, Gemma's default)."""
+    activation = config_value(config, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
+    if activation != "gelu_pytorch_tanh":
+        raise CheckpointError(
+            f"this Gemma 4 config sets hidden_activation {activation!r}; moelab's experts read Gemma's gated "
+            "gelu_pytorch_tanh only"
+        )
+    return {"activation": "gelu_tanh_glu"}
+
+
+def _gemma4_sparse_layer(config: Config, i: int) -> bool:
+    """Every layer of a config with enable_moe_block, none otherwise (a dense Gemma 4)."""
+    return config_flag(config, "enable_moe_block", default=False)
+
+
 def _qwen2_moe_layouts(
     shared: SharedMLP | None = None, selection_bias: str | None = None
 ) -> tuple[Layout, ...]:
@@ -827,6 +862,9 @@ _MOE_WIDTH = ("moe_intermediate_size",)
 
 # fmt: off
 _FAMILIES = (
+    Family("gemma4_text", layouts=(_GEMMA4_LAYOUT,), num_experts=("num_experts",), router_settings=_gemma4,
+           expert_settings=_gemma4_experts, is_moe_layer=_gemma4_sparse_layer, expert_width=_MOE_WIDTH,
+           inline_routed_norm="post_feedforward_layernorm_2"),
     Family("mixtral", layouts=_w1w3w2_layouts("mlp.gate.weight"),
            num_experts=("num_local_experts", "num_experts"), router_settings=_softmax_renormalized),
     Family("phimoe", layouts=_w1w3w2_layouts("mlp.router.weight"), num_experts=("num_local_experts",),

@@ -12,6 +12,7 @@ selected, the new router and expert tensors (an edited `MoELayerView`). The writ
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +24,9 @@ from moelab.hf.native import (
     expert_input,
     experts_from_view,
     moe_layer_from_view,
-    routed_output,
     router_from_view,
     shared_from_view,
+    summed_routed_output,
 )
 from moelab.hf.view import ExpertsView, MoELayerView
 from moelab.nn.moe import MoELayer
@@ -154,7 +155,7 @@ def moe_output(layer: MoELayerView, x: Tensor, keep: Sequence[int] | None = None
             tokens, slots = (routing.indices == e).nonzero(as_tuple=True)
             expert = experts_from_view(one_expert(layer.experts, e)).double()
             y.index_add_(0, tokens, expert(z[tokens], [len(tokens)], routing.weights[tokens, slots]))
-        y = routed_output(layer, y)
+        y = summed_routed_output(layer, y)
         if layer.shared is not None:
             y += shared_from_view(layer.shared).double()(x)
     return y
@@ -174,7 +175,7 @@ def one_expert(experts: ExpertsView, e: int) -> ExpertsView:
     return dataclasses.replace(experts, **{name: pick(getattr(experts, name)) for name in EXPERT_TENSORS})
 
 
-_ROUTER_TENSORS = ("weight", "bias", "selection_bias")
+_ROUTER_TENSORS = ("weight", "bias", "selection_bias", "expert_scale")
 EXPERT_TENSORS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
 
@@ -247,8 +248,12 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
     for part, names, what in (
         ("shared", ("gate", "up", "down", "sigmoid_gate"), "shared experts"),
         ("latent", ("down", "up"), "latent projections"),
+        ("expert_norm", ("weight", "eps", "multiplier"), "experts' input norm"),
+        ("routed_norm", ("weight", "eps", "multiplier"), "routed output norm"),
+        ("router.input_norm", ("weight", "eps", "multiplier"), "router's input norm"),
     ):
-        if not _same_tensors(getattr(layer, part), getattr(new, part), names):
+        old, edited = (functools.reduce(getattr, part.split("."), view) for view in (layer, new))
+        if not _same_tensors(old, edited, names):
             raise ValueError(
                 f"layer {layer.index}: the edited view changes the {what}; the writer copies the {what} "
                 f"unchanged, so keep the original `{part}` in the view"
@@ -260,7 +265,14 @@ def _same_tensors(old, new, names: tuple[str, ...]) -> bool:
     if (old is None) != (new is None):
         return False
     pairs = [] if old is None else [(getattr(old, n), getattr(new, n)) for n in names]
-    return all((a is None) == (b is None) and (a is None or torch.equal(a, b.to(a.dtype))) for a, b in pairs)
+    return all(_same(a, b) for a, b in pairs)
+
+
+def _same(a, b) -> bool:
+    """Equal tensors (any dtype), or equal settings."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return torch.equal(a, b.to(a.dtype))
+    return (a is None) == (b is None) and (a is None or a == b)
 
 
 def _cast(new: Tensor | None, old: Tensor | None, like: Tensor) -> Tensor | None:

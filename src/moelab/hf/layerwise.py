@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
-from moelab.hf.modules import beside_language_model, decoder_layers, find_moe_modules
+from moelab.hf.modules import MoEModules, beside_language_model, decoder_layers, find_moe_modules
 from moelab.hf.mtp import MTPModule
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import ModelView, MoELayerView
@@ -320,15 +320,14 @@ class LayerwiseModel:
             self.check_mtp()
         module = self._mtp_modules[index] if index in self._mtp_modules else self._layers[index]
         prefix = self.family.prefix(index) if index in self._mtp_modules else f"{self._layers_name}.{index}."
-        restore = self._swap_moe_block(index, module, run_moe, cast_experts)
+        installed = self._swap_moe_block(index, module, run_moe, cast_experts)
         try:
-            self._load(module, prefix, skip=f"{restore[1]}.moe" if restore else None)
+            self._load(module, prefix, skip=installed[0] if installed else None)
             yield module
         finally:
             _to_meta(module)
-            if restore is not None:
-                parent, name, original = restore[0], restore[1].rsplit(".", 1)[-1], restore[2]
-                setattr(parent, name, original)
+            if installed is not None:
+                installed[1]()
             release_freed_memory()
 
     def carry_read_by(self, index: int) -> list[Tensor | None]:
@@ -358,8 +357,8 @@ class LayerwiseModel:
 
     def _swap_moe_block(self, index: int, module: nn.Module, run_moe: RunMoE | None, cast_experts: bool):
         """Put a moelab MoELayer (from the view) in place of layer `index`'s MoE block, its
-        routed experts in `dtype` or (not cast_experts) as stored; returns (parent, block name,
-        original block) to put back, or None for a dense layer."""
+        routed experts in `dtype` or (not cast_experts) as stored; returns `install_moe`'s (name of
+        the moelab layer, function putting transformers' modules back), or None for a dense layer."""
         view = self.moe_view(index)
         if view is None:
             return None
@@ -380,11 +379,7 @@ class LayerwiseModel:
             if part is not None:
                 part.to(self.dtype)
         moe.router.float()
-        parent_name, _, name = found.block.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        original = getattr(parent, name)
-        setattr(parent, name, MoEBlock.replacing(original, moe, run_moe, self.family))
-        return parent, found.block, original
+        return install_moe(module, index, found, moe, run_moe, self.family)
 
     def _load(self, module: nn.Module, prefix: str, skip: str | None) -> None:
         """Read `module`'s parameters and persistent buffers from disk (those under `skip`, the
@@ -459,6 +454,80 @@ class LayerwiseModel:
         finally:
             for layer in self._layers:
                 del layer.forward
+
+
+def install_moe(
+    layer: nn.Module, index: int, found: MoEModules, moe: MoELayer, run_moe: RunMoE | None, family
+) -> tuple[str, Callable[[], None]]:
+    """Put moelab's `moe` into decoder layer `index` (`layer`, whose MoE modules are `found`) in place
+    of the family's MoE block (`MoEBlock`), or, where the layer holds its router and experts itself
+    (`Family.inline_routed_norm`, Gemma 4), of its router, its experts and the norm of their sum
+    (`InlineMoE`). Returns (the name of `moe` inside `layer`, a function that puts the family's
+    modules back)."""
+    names = replaced_modules(index, found, family)
+    if found.block:
+        stand_ins = [MoEBlock.replacing(layer.get_submodule(found.block), moe, run_moe, family)]
+    else:
+        stand_ins = InlineMoE.parts(moe, run_moe)
+    originals = {name: layer.get_submodule(name) for name in names}
+    for name, stand_in in zip(names, stand_ins, strict=True):
+        layer.set_submodule(name, stand_in)
+    moe_name = f"{found.block or found.experts}.moe"
+
+    def restore() -> None:
+        for name, original in originals.items():
+            layer.set_submodule(name, original)
+
+    return moe_name, restore
+
+
+def replaced_modules(index: int, found: MoEModules, family) -> list[str]:
+    """The modules of decoder layer `index` that `install_moe` replaces: its MoE block, or a layer's
+    router, experts and routed norm where it holds them itself (`Family.inline_routed_norm`)."""
+    if found.block:
+        return [found.block]
+    if family.inline_routed_norm is None:
+        raise CheckpointError(
+            f"layer {index}: the router {found.router} and experts {found.experts} share no MoE block module; "
+            f"moelab cannot run {family.name}'s decoder layers with its own MoE layer"
+        )
+    return [found.router, found.experts, family.inline_routed_norm]
+
+
+class InlineMoE(nn.Module):
+    """Stands in for the experts of a decoder layer that holds its router and experts itself (Gemma 4,
+    whose layer calls `router(x)`, then `experts(norm(x), indices, weights)`, then its norm of their
+    sum): computes moelab's MoELayer (or `run_moe`) on the x the router's stand-in (`parts`) kept,
+    which norms the experts' input and their sum itself, and returns its output."""
+
+    def __init__(self, moe: MoELayer, run_moe: RunMoE | None, pending: list[Tensor]):
+        super().__init__()
+        self.moe, self.run_moe, self._pending = moe, run_moe, pending
+
+    @classmethod
+    def parts(cls, moe: MoELayer, run_moe: RunMoE | None) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """(the router's stand-in, the experts', the routed norm's: an identity)."""
+        pending: list[Tensor] = []
+        return _KeepInput(pending), cls(moe, run_moe, pending), nn.Identity()
+
+    def forward(self, hidden: Tensor, *args, **kwargs) -> Tensor:
+        if not self._pending:
+            raise RuntimeError("the decoder layer called its experts before its router; moelab cannot run it")
+        x = self._pending.pop()
+        return self.moe(x)[0] if self.run_moe is None else self.run_moe(self.moe, x)
+
+
+class _KeepInput(nn.Module):
+    """Stands in for an inline router (`InlineMoE`): keeps its input for the experts' stand-in and
+    returns (None, None, None) in place of transformers' (probabilities, weights, indices)."""
+
+    def __init__(self, pending: list[Tensor]):
+        super().__init__()
+        self._pending = pending
+
+    def forward(self, x: Tensor) -> tuple[None, None, None]:
+        self._pending[:] = [x]
+        return None, None, None
 
 
 class MoEBlock(nn.Module):

@@ -29,6 +29,7 @@ from moelab.hf.view import (
     LatentView,
     LayerView,
     MoELayerView,
+    NormView,
     RouterView,
     SharedView,
 )
@@ -76,19 +77,26 @@ def swiglu(config: Config) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RouterKeys:
-    """The router's weight [E, D], and its logit bias [E] / selection-only correction bias [E]
-    where the family has one. `optional`: the biases are on disk only where a model has them
-    (moelab's own checkpoints); otherwise every named key must be there. `selection_bias_row`:
-    the selection bias is stored as one row [1, E] (ERNIE 4.5)."""
+    """The router's weight [E, D], and its logit bias [E] / selection-only correction bias [E] /
+    per-expert weight scale [E] (Gemma 4) where the family has one. `optional`: the biases are on
+    disk only where a model has them (moelab's own checkpoints); otherwise every named key must be
+    there. `selection_bias_row`: the selection bias is stored as one row [1, E] (ERNIE 4.5)."""
 
     weight: str
     bias: str | None = None
     selection_bias: str | None = None
     optional: bool = False
     selection_bias_row: bool = False
+    expert_scale: str | None = None
+
+    def _named(self) -> dict[str, str | None]:
+        return {
+            "weight": self.weight, "bias": self.bias, "selection_bias": self.selection_bias,
+            "expert_scale": self.expert_scale,
+        }  # fmt: skip
 
     def _keys(self, ckpt: Checkpoint, prefix: str) -> dict[str, str]:
-        keys = {"weight": self.weight, "bias": self.bias, "selection_bias": self.selection_bias}
+        keys = self._named()
         return {
             name: key
             for name, key in keys.items()
@@ -111,17 +119,21 @@ class RouterKeys:
         return [prefix + key for key in self._keys(ckpt, prefix).values()]
 
     def encode(self, router: RouterView, prefix: str) -> dict[str, Tensor]:
-        """router -> on-disk tensors; a bias key the view has no tensor for gets zeros."""
-        for name in ("bias", "selection_bias"):
+        """router -> on-disk tensors; a bias key the view has no tensor for gets zeros, an
+        expert-scale key ones."""
+        for name in ("bias", "selection_bias", "expert_scale"):
             if getattr(router, name) is not None and getattr(self, name) is None:
                 raise CheckpointError(
                     f"the edited router has a {name}, but this family's router has none on disk; "
                     f"set the view's {name} to None (or fold it away) before writing"
                 )
-        keys = {"weight": self.weight, "bias": self.bias, "selection_bias": self.selection_bias}
+        ones = router.weight.new_ones(router.num_experts)
         out = {
-            prefix + key: _or_zeros(getattr(router, name), router.weight, router.num_experts)
-            for name, key in keys.items()
+            prefix + key: (
+                ones if name == "expert_scale" and router.expert_scale is None
+                else _or_zeros(getattr(router, name), router.weight, router.num_experts)
+            )
+            for name, key in self._named().items()
             if key is not None and (not self.optional or getattr(router, name) is not None)
         }
         if self.selection_bias_row and prefix + self.selection_bias in out:
@@ -460,15 +472,40 @@ class LatentKeys:
 
 
 @dataclass(frozen=True)
+class NormKeys:
+    """The RMS norms around an MoE block's router and experts (Gemma 4's, `NormView`): the weights
+    [D] of the router's input norm (times D^-0.5 where `router_root_scaled`: Gemma 4's
+    router.scale), of the experts' input norm and of their summed output's; eps: the config keys of
+    their epsilon. Written unchanged (not per expert)."""
+
+    router: str
+    experts: str
+    routed: str
+    eps: tuple[str, ...] = ("rms_norm_eps",)
+    router_root_scaled: bool = True
+
+    def read(self, ckpt: Checkpoint, prefix: str, config: Config) -> dict[str, NormView]:
+        """{"router": its input norm, "experts": their input norm, "routed": the sum's norm}."""
+        eps = float(config_value(config, *self.eps, default=1e-6))
+        views = {name: NormView(ckpt.get(prefix + getattr(self, name)), eps) for name in ("router", "experts", "routed")}
+        if self.router_root_scaled:
+            weight = views["router"].weight
+            views["router"] = NormView(weight, eps, multiplier=weight.shape[0] ** -0.5)
+        return views
+
+
+@dataclass(frozen=True)
 class Layout:
     """One on-disk layout of a family's MoE block. The shared experts and the latent projections
     are read where the checkpoint has them (a Granite-MoE-Shared config may set the shared width to
-    0; a Nemotron-H one has latent projections where it sets moe_latent_size)."""
+    0; a Nemotron-H one has latent projections where it sets moe_latent_size); norms: the norms
+    around the router and experts, where the family has them (Gemma 4)."""
 
     router: RouterKeys
     experts: ExpertsLayout
     shared: SharedMLP | SharedFusedMLP | None = None
     latent: LatentKeys | None = None
+    norms: NormKeys | None = None
 
 
 @dataclass(frozen=True)
@@ -521,6 +558,10 @@ class Family:
         block for moelab's keep it (`moelab.hf.layerwise.MoEBlock`).
     layer_returns_tuple: its decoder layers return a tuple whose first item is the hidden states
         (moelab) rather than the hidden states alone (transformers 5).
+    inline_routed_norm: the family's decoder layer holds its router and experts itself, with no MoE
+        block module around them, and norms the experts' sum with this module of its own (Gemma 4:
+        post_feedforward_layernorm_2); the runs that put moelab's layer in its place swap the
+        router, the experts and that norm (`moelab.hf.layerwise.install_moe`).
     """
 
     name: str
@@ -546,6 +587,7 @@ class Family:
     block_returns: str = "tensor"
     block_output_norm: str | None = None
     layer_returns_tuple: bool = False
+    inline_routed_norm: str | None = None
 
     def layer_count(self, config: Config) -> int:
         """The number of decoder layers: the first of `num_layers` set, or the length of a
@@ -645,7 +687,11 @@ class Family:
         latent = None
         if layout.latent is not None and layout.latent.present(ckpt, prefix):
             latent = LatentView(**layout.latent.read(ckpt, prefix))
-        return MoELayerView(index, RouterView(**router, **self.router_settings(config)), experts, shared, latent)
+        norms = {} if layout.norms is None else layout.norms.read(ckpt, prefix, config)
+        router = RouterView(**router, **self.router_settings(config), input_norm=norms.get("router"))
+        return MoELayerView(
+            index, router, experts, shared, latent, expert_norm=norms.get("experts"), routed_norm=norms.get("routed")
+        )
 
     def read_experts(self, ckpt: Checkpoint, config: Config, index: int, experts: range) -> ExpertsView:
         """Routed experts `experts` (a step-1 range) of MoE layer `index`, read alone."""

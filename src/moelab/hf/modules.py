@@ -61,7 +61,7 @@ def beside_language_model(model: nn.Module) -> list[str]:
 @dataclass(frozen=True)
 class MoEModules:
     """The MoE modules of one decoder layer, by their names inside it. block: the smallest module
-    holding the router and the routed experts; shared_down: the shared experts' down projection
+    holding the router and the routed experts ("": the decoder layer itself, Gemma 4); shared_down: the shared experts' down projection
     (None if the layer has none); shared_in_block: whether the block computes the shared experts
     (else the decoder layer adds them itself, as Granite-MoE-Shared does)."""
 
@@ -96,12 +96,7 @@ def find_moe_modules(layer: nn.Module, index: int, num_experts: int, dim: int) -
             "projections); this model's block layout is not supported"
         )
     router, experts_name = routers[0], experts[0]
-    block = _common_parent(router, experts_name)
-    if not block:
-        raise ValueError(
-            f"layer {index}: the router {router} and experts {experts_name} share no MoE block module"
-        )
-    return MoEModules(router, experts_name, block, shared[0] if shared else None)
+    return MoEModules(router, experts_name, _common_parent(router, experts_name), shared[0] if shared else None)
 
 
 def _common_parent(a: str, b: str) -> str:

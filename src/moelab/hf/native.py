@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moelab.hf.view import ExpertsView, LatentView, MoELayerView, RouterView, SharedView
+from moelab.hf.view import ExpertsView, LatentView, MoELayerView, NormView, RouterView, SharedView
 from moelab.nn.experts import Experts, MLPExperts, SharedExperts, SwiGLUExperts
 from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU
 from moelab.nn.latent import LatentProjection
 from moelab.nn.moe import MoELayer
+from moelab.nn.norms import ScaledRMSNorm
 from moelab.nn.routers import Router, TopKRouter
 from moelab.nn.sparsemixer import SparseMixerRouter
 
@@ -27,18 +28,40 @@ def moe_layer_from_view(layer: MoELayerView) -> MoELayer:
         experts_from_view(layer.experts),
         shared_from_view(layer.shared),
         latent=latent_from_view(layer.latent),
+        expert_norm=norm_from_view(layer.expert_norm),
+        routed_norm=norm_from_view(layer.routed_norm),
     )
 
 
 def expert_input(layer: MoELayerView, x: Tensor) -> Tensor:
-    """x [N, D] -> what the layer's routed experts read: x, or down @ x in a latent block."""
-    return x if layer.latent is None else x @ layer.latent.down.to(x.dtype).T
+    """x [N, D] -> what the layer's routed experts read: x, down @ x in a latent block, or the
+    expert norm of x (Gemma 4)."""
+    if layer.latent is not None:
+        return x @ layer.latent.down.to(x.dtype).T
+    return x if layer.expert_norm is None else norm_from_view(layer.expert_norm)(x)
 
 
 def routed_output(layer: MoELayerView, y: Tensor) -> Tensor:
     """y [N, I or L], routed experts' outputs -> their part of the block's output [N, D]: y, or up @ y
-    in a latent block."""
+    in a latent block (linear: per expert or summed alike). A routed norm (Gemma 4) is not applied:
+    it acts on the sum alone (`summed_routed_output`)."""
     return y if layer.latent is None else y @ layer.latent.up.to(y.dtype).T
+
+
+def summed_routed_output(layer: MoELayerView, y: Tensor) -> Tensor:
+    """y [N, I or L], the routed experts' weighted sum -> their part of the block's output [N, D]:
+    `routed_output`, then the routed norm where the block has one (Gemma 4)."""
+    y = routed_output(layer, y)
+    return y if layer.routed_norm is None else norm_from_view(layer.routed_norm)(y)
+
+
+def norm_from_view(view: NormView | None) -> ScaledRMSNorm | None:
+    """The view's norm as a module holding its weight (computing in float32 whatever the weight's dtype)."""
+    return None if view is None else _holding(_norm, view, {"weight": view.weight})
+
+
+def _norm(view: NormView) -> ScaledRMSNorm:
+    return ScaledRMSNorm(view.weight.shape[0], view.eps, multiplier=view.multiplier)
 
 
 def latent_from_view(view: LatentView | None) -> LatentProjection | None:
@@ -51,10 +74,11 @@ def latent_from_view(view: LatentView | None) -> LatentProjection | None:
 def router_from_view(view: RouterView) -> Router:
     """The view's router as a moelab router holding its tensors."""
     state = {"weight": view.weight}
-    if view.bias is not None:
-        state["bias"] = view.bias
-    if view.selection_bias is not None:
-        state["selection_bias"] = view.selection_bias
+    for name in ("bias", "selection_bias", "expert_scale"):
+        if getattr(view, name) is not None:
+            state[name] = getattr(view, name)
+    if view.input_norm is not None:
+        state["input_norm.weight"] = view.input_norm.weight
     return _holding(_router, view, state)
 
 
@@ -166,6 +190,8 @@ def _router(view: RouterView) -> Router:
         selection_bias=view.selection_bias is not None,
         select_on_logits=view.select_on_logits,
         bias=view.bias is not None,
+        expert_scale=view.expert_scale is not None,
+        input_norm=None if view.input_norm is None else _norm(view.input_norm),
     )
 
 

@@ -27,6 +27,19 @@ ACTIVATIONS = tuple(dict.fromkeys(GATED_ACTIVATIONS + PLAIN_ACTIVATIONS))
 
 
 @dataclass(frozen=True, eq=False)
+class NormView:
+    """An RMS norm around a layer's router or experts (Gemma 4's; `moelab.nn.norms.ScaledRMSNorm`):
+    x / sqrt(mean(x^2) + eps) * weight * multiplier, computed in float32. weight: [D]."""
+
+    weight: Tensor
+    eps: float
+    multiplier: float = 1.0
+
+    def __post_init__(self):
+        _check_shape("norm weight", self.weight, (None,))
+
+
+@dataclass(frozen=True, eq=False)
 class RouterView:
     """How a layer picks experts: logits = x @ weight.T (+ bias), then
 
@@ -44,6 +57,8 @@ class RouterView:
     scaled_after_experts: transformers' block multiplies the experts' summed output by
     `route_scale` instead of their weights (Laguna): the same output, but the weights its experts
     module is handed leave the scale out.
+    expert_scale: [E] | None, each chosen expert's weight is multiplied by its entry last (Gemma 4's
+    per_expert_scale). input_norm: the router reads x through this norm (Gemma 4's).
     """
 
     weight: Tensor
@@ -58,14 +73,20 @@ class RouterView:
     jitter_eps: float = 0.0
     select_on_logits: bool = False
     scaled_after_experts: bool = False
+    expert_scale: Tensor | None = None
+    input_norm: NormView | None = None
 
     def __post_init__(self):
         if self.score_func not in SCORE_FUNCS:
             raise ValueError(f"router score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}")
         _check_shape("router weight", self.weight, (None, None))
-        E = self.weight.shape[0]
-        for name in ("bias", "selection_bias"):
+        E, D = self.weight.shape
+        for name in ("bias", "selection_bias", "expert_scale"):
             _check_shape(f"router {name}", getattr(self, name), (E,))
+        if self.input_norm is not None:
+            _check_shape("router input norm weight", self.input_norm.weight, (D,))
+        if self.score_func == "sparsemixer" and (self.expert_scale is not None or self.input_norm is not None):
+            raise ValueError("a sparsemixer router takes no expert_scale or input_norm")
         check_top_k(self.top_k, E)
         check_groups(E, self.top_k, self.n_group, self.topk_group, self.min_group_size)
 
@@ -213,16 +234,25 @@ class LatentView:
 @dataclass(frozen=True, eq=False)
 class MoELayerView:
     """Decoder layer `index` has a sparse MoE feed-forward block; `latent`: its routed experts work
-    in a projected latent space (`LatentView`)."""
+    in a projected latent space (`LatentView`); expert_norm, routed_norm: its routed experts read
+    expert_norm(x) and their weighted sum is routed_norm(y) before the shared experts' output is
+    added (Gemma 4)."""
 
     index: int
     router: RouterView
     experts: ExpertsView
     shared: SharedView | None = None
     latent: LatentView | None = None
+    expert_norm: NormView | None = None
+    routed_norm: NormView | None = None
 
     def __post_init__(self):
         E, D = self.router.weight.shape
+        for name in ("expert_norm", "routed_norm"):
+            if (norm := getattr(self, name)) is not None:
+                _check_shape(f"{name} weight", norm.weight, (D,))
+        if self.latent is not None and (self.expert_norm is not None or self.routed_norm is not None):
+            raise ValueError("a latent block with norms around its experts is not supported")
         if self.latent is not None and self.latent.down.shape[1] != D:
             raise ValueError(f"latent down {list(self.latent.down.shape)} does not match the model dim {D}")
         expert_dim = D if self.latent is None else self.latent.down.shape[0]

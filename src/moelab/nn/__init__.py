@@ -9,6 +9,7 @@ from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU, grouped_mlp
 from moelab.nn.latent import LatentProjection
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
 from moelab.nn.moe import MoELayer, MoEResult
+from moelab.nn.norms import ScaledRMSNorm
 from moelab.nn.rexmoe import ReuseRouter, attach_progressive_scaling, set_reuse_progress
 from moelab.nn.routers import (
     ExpertChoiceRouter,
@@ -30,6 +31,7 @@ __all__ = [
     "SparseMixerRouter",
     "LatentProjection",
     "ReuseRouter",
+    "ScaledRMSNorm",
     "SelectiveAttention",
     "SimilarityRouter",
     "UoEConfig",

@@ -115,6 +115,9 @@ class MoELayer(nn.Module):
     latent: Mixture of Latent Experts (`moelab.nn.latent`): the router sees x, the experts work
         in the shared latent space (their dim is the latent rank) and the combined output is
         projected back to D.
+    expert_norm, routed_norm: norms around the routed experts (Gemma 4's, `ScaledRMSNorm`): the
+        experts read expert_norm(x) while the router reads x (through its own `input_norm`), and
+        their combined output is routed_norm(y) before the shared experts' output is added.
     sparsity_window: chunk length L of the "cls" metric of variable-k routers (BlockFFN: 8).
     dispatcher: how rows reach the experts; `LocalDispatcher` (default) or an expert-parallel
         one (`moelab.distributed`), in which case `experts` holds this rank's experts only.
@@ -164,6 +167,8 @@ class MoELayer(nn.Module):
         latent: LatentProjection | None = None,
         sparsity_window: int = 8,
         dispatcher: LocalDispatcher | None = None,
+        expert_norm: nn.Module | None = None,
+        routed_norm: nn.Module | None = None,
     ):
         super().__init__()
         dispatcher = dispatcher or LocalDispatcher()
@@ -177,6 +182,8 @@ class MoELayer(nn.Module):
                 f"{'' if latent is None else f', latent rank {latent.rank}'}) does not match "
                 f"experts ({experts.num_experts} experts, dim {experts.dim})"
             )
+        if latent is not None and (expert_norm is not None or routed_norm is not None):
+            raise ValueError("a latent layer with norms around its experts is not supported; give one or the other")
         if sparsity_window < 1:
             raise ValueError(f"sparsity_window must be >= 1, got {sparsity_window}")
         if capacity_factor is not None and capacity_factor <= 0:
@@ -195,6 +202,8 @@ class MoELayer(nn.Module):
         self.chunk_len = chunk_len
         self.trace = trace
         self.latent = latent
+        self.expert_norm = expert_norm
+        self.routed_norm = routed_norm
         self.sparsity_window = sparsity_window
         self.dispatcher = dispatcher
         self.skip_ratio: float | None = None  # NAEE dynamic skipping, an inference-time option (`dynamic_skip`)
@@ -245,7 +254,7 @@ class MoELayer(nn.Module):
         with deferred_logit_check() if sync_free else contextlib.nullcontext() as finite:
             routing, x = self._route(router, x, context)
         plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor, host_counts=not sync_free)
-        rows = x if self.latent is None else self.latent.down(x)
+        rows = self.expert_rows(x)
         # Only dynamic skipping empties slots of a fixed-k router: without it the device counts
         # cover every row, and the experts mask nothing.
         options = {"rows_past_counts": False} if sync_free and self.skip_ratio is None else {}
@@ -277,7 +286,7 @@ class MoELayer(nn.Module):
             return self(x, router, context=context)[0]  # who is dropped, or where rows go, depends on the batch
         shape = x.shape
         indices, weights, x = self._choose(router, x, context)
-        rows = x if self.latent is None else self.latent.down(x)
+        rows = self.expert_rows(x)
         if torch.compiler.is_compiling() and (
             self.experts.reads_routing_on_host or not self._gathers_rows(indices.numel(), x.device)
         ):
@@ -451,11 +460,23 @@ class MoELayer(nn.Module):
         batch = self.dispatcher.dispatch(rows, weights, plan)
         return self.dispatcher.combine(self.experts(batch.rows, batch.counts, batch.row_weights, **options), plan, batch)
 
-    def _finish(self, x: Tensor, y: Tensor) -> Tensor:
-        """The routed experts' combined output y: [T, D or latent rank] -> [T, D]: projected up
-        from the latent space, plus the shared experts' output on x: [T, D]."""
+    def expert_rows(self, x: Tensor) -> Tensor:
+        """x: [T, D] -> what the routed experts read: x, down(x) in a latent layer, or expert_norm(x)."""
         if self.latent is not None:
-            y = self.latent.up(y)
+            return self.latent.down(x)
+        return x if self.expert_norm is None else self.expert_norm(x)
+
+    def routed_output(self, y: Tensor) -> Tensor:
+        """The routed experts' combined output y: [T, D or latent rank] -> their part of the layer's
+        output [T, D]: projected up from the latent space, or routed_norm(y)."""
+        if self.latent is not None:
+            return self.latent.up(y)
+        return y if self.routed_norm is None else self.routed_norm(y)
+
+    def _finish(self, x: Tensor, y: Tensor) -> Tensor:
+        """The routed experts' combined output y: [T, D or latent rank] -> [T, D]: `routed_output`,
+        plus the shared experts' output on x: [T, D]."""
+        y = self.routed_output(y)
         return y if self.shared is None else y + self.shared(x)
 
     def _metrics(self, router: Router, routing: Routing, token_shape: torch.Size) -> dict[str, Tensor]:

@@ -81,7 +81,8 @@ def _all_finite(logits: Tensor) -> bool:
 
 
 class Router(nn.Module):
-    """Base class: a linear gate `weight: [E, D]` (optional bias) evaluated in float32.
+    """Base class: a linear gate `weight: [E, D]` (optional bias) evaluated in float32, on the
+    input as given or, where the router has an `input_norm` (Gemma 4's: `ScaledRMSNorm`), normed.
 
     Subclasses set `top_k` (slots per token), `variable_k` (slots may be empty), `causal`
     (the routing of token t depends on tokens <= t only, so it is safe in a causal language
@@ -100,6 +101,7 @@ class Router(nn.Module):
         self.num_experts = num_experts
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
+        self.input_norm: nn.Module | None = None
         nn.init.normal_(self.weight, std=dim**-0.5)
 
     def router_logits(self, x: Tensor, *, check: bool = True) -> Tensor:
@@ -112,6 +114,8 @@ class Router(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"router expects a floating-point input, got {x.dtype}")
+        if self.input_norm is not None:
+            x = self.input_norm(x)
         bias = None if self.bias is None else _float(self.bias)
         logits = F.linear(_float(x), _float(self.weight), bias)
         if check:
@@ -146,7 +150,9 @@ class TopKRouter(Router):
     or with `select_on_logits` `logits + selection_bias` (Kolibri1 biases the logits it picks from),
     optionally limited to the best `topk_group` of `n_group` expert groups. The combine
     weights are the un-biased scores of the chosen experts, renormalised to sum to one if
-    `renormalize`, times `route_scale`.
+    `renormalize`, times `route_scale`, and, with `expert_scale`, times the chosen expert's own
+    scale (a parameter [E], Gemma 4's per_expert_scale). input_norm: a module the router reads its
+    input through (`Router`).
     """
 
     def __init__(
@@ -163,6 +169,8 @@ class TopKRouter(Router):
         selection_bias: bool = False,
         select_on_logits: bool = False,
         bias: bool = False,
+        expert_scale: bool = False,
+        input_norm: nn.Module | None = None,
     ):
         super().__init__(dim, num_experts, bias=bias)
         check_top_k(top_k, num_experts)
@@ -181,6 +189,8 @@ class TopKRouter(Router):
         self.n_group = n_group
         self.topk_group = topk_group
         self.select_on_logits = select_on_logits
+        self.expert_scale = nn.Parameter(torch.ones(num_experts)) if expert_scale else None
+        self.input_norm = input_norm
         # Aux-loss-free balancing (DeepSeek-V3): the bias changes which experts are chosen, not
         # the combine weights. tokens_per_expert counts load in training forwards (training mode, with
         # gradients) for the update.
@@ -216,6 +226,8 @@ class TopKRouter(Router):
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         if self.route_scale != 1.0:
             weights = weights * self.route_scale
+        if self.expert_scale is not None:
+            weights = weights * _float(self.expert_scale)[indices]
         if self.selection_bias is not None and self.training and torch.is_grad_enabled():
             with torch.no_grad():  # a scatter-add, not bincount: no read back to the host
                 flat = indices.flatten()
@@ -233,7 +245,8 @@ class TopKRouter(Router):
         the shipped models ran 1.04-1.07x faster (docs/benchmarks.md)."""
         plain = self.score_func == "softmax" and self.renormalize and self.n_group == 1
         replaced = "router_logits" in vars(self)  # an instance's own logits (`moelab.hf.edit`'s masks)
-        others = replaced or self.selection_bias is not None or self.masked is not None
+        extras = (self.selection_bias, self.masked, self.expert_scale)
+        others = replaced or any(t is not None for t in extras)
         if not plain or others or forward_hooked([self]):
             return super().choose(x)
         values, indices = self.router_logits(x, check=False).topk(self.top_k, dim=-1)

@@ -33,17 +33,18 @@ from moelab.hf.adapters import NATIVE
 from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.conversion import CONVERTIBLE_FAMILIES, conversion_problems, moelab_config, moelab_tensors
 from moelab.hf.layerwise import (
-    MoEBlock,
     float32_names,
+    install_moe,
     load_tensors,
     native_skeleton,
+    replaced_modules,
     set_tensor,
     skeleton,
     tied_names,
 )
 from moelab.hf.layouts import config_entry
 from moelab.hf.modules import beside_language_model, decoder_layers, find_moe_modules
-from moelab.hf.native import latent_from_view, router_from_view, shared_from_view
+from moelab.hf.native import latent_from_view, norm_from_view, router_from_view, shared_from_view
 from moelab.hf.view import MoELayerView
 from moelab.memory import available_memory
 from moelab.models.transformer import (
@@ -478,8 +479,8 @@ def load_offloaded(
         views[index] = view.layer(index, routed=False)
         assert isinstance(views[index], MoELayerView)
         found[index] = find_moe_modules(layers[index], index, store.num_experts, views[index].router.weight.shape[1])
-    moved = {i: found[i].experts if own else found[i].block for i in store.moe_layers}
-    skip = [f"{layers_name}.{i}.{name}" for i, name in moved.items()]
+    moved = {i: [found[i].experts] if own else replaced_modules(i, found[i], store.family) for i in store.moe_layers}
+    skip = [f"{layers_name}.{i}.{name}" for i, names in moved.items() for name in names]
     for name in beside_language_model(model):  # a vision-language model decodes text without its vision tower
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
@@ -515,17 +516,17 @@ def load_offloaded(
             moes[index].experts = experts
         else:
             shared = views[index].shared if found[index].shared_in_block else None
+            norms = {name: norm_from_view(getattr(views[index], name)) for name in ("expert_norm", "routed_norm")}
             moes[index] = MoELayer(
                 router_from_view(views[index].router).float(),  # the file's values, as the layer-by-layer runner
                 experts,
                 None if shared is None else shared_from_view(shared).to(dtype),
                 latent=None if views[index].latent is None else latent_from_view(views[index].latent).to(dtype),
+                **{name: None if norm is None else norm.to(dtype) for name, norm in norms.items()},
             )
-            parent_name, _, name = found[index].block.rpartition(".")
-            parent = layers[index].get_submodule(parent_name) if parent_name else layers[index]
-            block = MoEBlock.replacing(getattr(parent, name), moes[index], MoELayer.infer, store.family)
-            setattr(parent, name, block)
-            if block.output_norm is not None:  # the family's norm after its block (skipped with the block above)
+            install_moe(layers[index], index, found[index], moes[index], MoELayer.infer, store.family)
+            block = layers[index].get_submodule(found[index].block or found[index].experts)
+            if getattr(block, "output_norm", None) is not None:  # the family's norm after its block (skipped above)
                 load_tensors(
                     block, store.checkpoint, dtype, prefix=f"{layers_name}.{index}.{found[index].block}.",
                     skip=("moe",), renames=store.family.stored_renames,
@@ -537,6 +538,7 @@ def load_offloaded(
         previous = experts
         if predictor is not None:
             norm = next((getattr(layers[index], n) for n in ROUTER_INPUT_NORMS if hasattr(layers[index], n)), None)
+            norm = None if moes[index].router.input_norm is not None else norm  # a router that norms its own input
             layers[index].register_forward_pre_hook(partial(_read_ahead, experts, norm), with_kwargs=True)
     # moelab's model computes in `dtype` throughout (its rotary tables too, as `load_pretrained(...).to(dtype)`);
     # a transformers skeleton keeps the buffers `from_pretrained` keeps. The offloaded experts hold no tensors.
@@ -624,8 +626,10 @@ def _read_ahead(experts: OffloadedExperts, norm: nn.Module | None, layer: nn.Mod
 def _view_bytes(layer: MoELayerView, dtype: torch.dtype, shared: bool) -> int:
     """Bytes of a layer view's router (held in float32) and its latent projections (and shared
     experts) in `dtype`."""
-    router = [layer.router.weight, layer.router.bias, layer.router.selection_bias]
+    router = [layer.router.weight, layer.router.bias, layer.router.selection_bias, layer.router.expert_scale]
+    router += [] if layer.router.input_norm is None else [layer.router.input_norm.weight]
     tensors = [] if layer.latent is None else [layer.latent.down, layer.latent.up]
+    tensors += [norm.weight for norm in (layer.expert_norm, layer.routed_norm) if norm is not None]
     if shared and layer.shared is not None:
         tensors += [layer.shared.gate, layer.shared.up, layer.shared.down, layer.shared.sigmoid_gate]
     size = torch.empty((), dtype=dtype).element_size()
