@@ -47,6 +47,10 @@ def gelu(z: Tensor) -> Tensor:  # the exact (erf) GELU
     return 0.5 * z * (1.0 + torch.erf(z / math.sqrt(2.0)))
 
 
+def gelu_tanh(z: Tensor) -> Tensor:  # GELU's tanh approximation (Gemma's "gelu_pytorch_tanh")
+    return 0.5 * z * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
+
+
 def relu(z: Tensor) -> Tensor:
     return torch.where(z > 0, z, torch.zeros_like(z))
 
@@ -312,9 +316,10 @@ def expert_ffn(x_t: Tensor, e: int, p: dict[str, Tensor], activation: str = "swi
     return y if b_out is None else y + b_out[e]
 
 
-def shared_ffn(x_t: Tensor, p: dict[str, Tensor]) -> Tensor:
-    """SwiGLU from nn.Linear weights ([out, in]); times sigmoid(gate . x) if gated."""
-    hidden = silu(p["shared.gate_proj.weight"] @ x_t) * (p["shared.up_proj.weight"] @ x_t)
+def shared_ffn(x_t: Tensor, p: dict[str, Tensor], gate_act=silu) -> Tensor:
+    """A gated MLP from nn.Linear weights ([out, in]), gate_act(gate) * up (SwiGLU by default);
+    times sigmoid(gate . x) if gated."""
+    hidden = gate_act(p["shared.gate_proj.weight"] @ x_t) * (p["shared.up_proj.weight"] @ x_t)
     y = p["shared.down_proj.weight"] @ hidden
     if "shared.gate.weight" in p:
         y = y * sigmoid(p["shared.gate.weight"][0] @ x_t)

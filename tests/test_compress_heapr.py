@@ -11,7 +11,7 @@ import pytest
 import torch
 from hf_tiny import build
 from layer_views import make_view, stats_with
-from reference import ACT, F64, silu
+from reference import ACT, F64, gelu_tanh, silu
 from test_compress import SMALL, hf_model, moelab_model
 
 from moelab.compress import calibrate, compress
@@ -24,7 +24,7 @@ from moelab.hf.layerwise import LayerwiseModel
 from moelab.hf.loading import load_causal_lm
 from moelab.models import load_pretrained
 from moelab.nn import MLPExperts, SwiGLUExperts
-from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU
+from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU, GeluTanhGLU
 from moelab.nn.moe import MoEResult
 
 BACKWARD = dataclasses.replace(SMALL, observers=DEFAULT_OBSERVERS + ("neurons",), dtype="float64")
@@ -39,16 +39,17 @@ def _one_thread(one_thread):
 
 
 @pytest.mark.parametrize(
-    "kind", ["plain", "bias", "clamped", "capped", "scale_input"]
-)  # the five ways a checkpoint's experts compute
+    "kind", ["plain", "bias", "clamped", "capped", "gelu_tanh_glu", "scale_input"]
+)  # the six ways a checkpoint's experts compute
 def test_hidden_then_project_is_the_experts_forward(kind):
     torch.manual_seed(0)
+    two_input = {"clamped": ClampedSwiGLU(), "capped": CappedSwiGLU(0.5), "gelu_tanh_glu": GeluTanhGLU()}
     experts = SwiGLUExperts(
         4,
         6,
         5,
         bias=kind == "bias",
-        clamped={"clamped": ClampedSwiGLU(), "capped": CappedSwiGLU(0.5)}.get(kind),
+        clamped=two_input.get(kind),
         scale_input=kind == "scale_input",
     ).double()
     if kind == "bias":
@@ -73,6 +74,8 @@ def test_hidden_then_project_is_the_experts_forward(kind):
             act = gate * torch.sigmoid(1.702 * gate) * (up + 1)
         elif kind == "capped":
             act = silu(gate).clamp(max=0.5) * up.clamp(-0.5, 0.5)
+        elif kind == "gelu_tanh_glu":
+            act = gelu_tanh(gate) * up
         else:
             act = silu(gate) * up
         torch.testing.assert_close(experts.hidden(xs, counts, weights)[row], act, rtol=1e-12, atol=1e-12)

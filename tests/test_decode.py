@@ -16,7 +16,7 @@ from test_moe_layer import CONFIGS, D, E, I, make_layer, tokens
 from moelab.models import KVCache
 from moelab.models.config import UoEConfig
 from moelab.nn import MLPExperts, MoEConfig, SwiGLUExperts, build_moe
-from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU, gathered_mlp
+from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU, GeluTanhGLU, gathered_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -295,18 +295,23 @@ def test_all_tokens_to_one_expert_and_tokens_with_no_expert():
         assert_close(one, got[t : t + 1], what=f"token {t} alone")
 
 
-@pytest.mark.parametrize("kind", ["swiglu-bias", "clamped", "capped", "scale_input", "gelu-bias", "relu", "relu2"])
+@pytest.mark.parametrize(
+    "kind", ["swiglu-bias", "clamped", "capped", "gelu_tanh_glu", "scale_input", "gelu-bias", "relu", "relu2"]
+)
 def test_gathered_experts_match_per_token_loops(kind):
     torch.manual_seed(0)
     if kind in ("gelu-bias", "relu", "relu2"):
         experts = MLPExperts(E, D, 8, activation=kind.split("-")[0], bias=kind.endswith("bias"))
     else:
+        two_input = {
+            "clamped": ClampedSwiGLU(limit=0.5), "capped": CappedSwiGLU(0.5), "gelu_tanh_glu": GeluTanhGLU()
+        }
         experts = SwiGLUExperts(
             E,
             D,
             8,
             bias=kind != "scale_input",
-            clamped={"clamped": ClampedSwiGLU(limit=0.5), "capped": CappedSwiGLU(0.5)}.get(kind),
+            clamped=two_input.get(kind),
             scale_input=kind == "scale_input",
         )
     with torch.no_grad():

@@ -1,11 +1,13 @@
 """Stacked experts and every grouped-matmul backend against per-row expert MLPs computed from the
 stacked weights (tests/reference.py), forward and backward."""
 
+import functools
+
 import pytest
 import torch
-from reference import F64, assert_close, expert_ffn, f64_leaf, f64_leaves, shared_ffn
+from reference import F64, assert_close, expert_ffn, f64_leaf, f64_leaves, gelu_tanh, shared_ffn, silu
 
-from moelab.nn import MLPExperts, SharedExperts, SwiGLUExperts, grouped_mlp
+from moelab.nn import GeluTanhGLU, MLPExperts, SharedExperts, SwiGLUExperts, grouped_mlp
 
 BACKENDS = ["auto", "grouped", "loop", "grouped_mm", "triton"]
 # D, I multiples of 4: fp32 rows are 16-byte aligned, so "grouped_mm" really runs torch._grouped_mm
@@ -192,15 +194,18 @@ def test_gate_rows_come_first():
     assert not torch.allclose(m(xs, [4]).detach(), 2 * base, atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["swiglu", "gelu_tanh_glu"])
 @pytest.mark.parametrize("gated", [False, True])
-def test_shared_experts_match_reference(gated):
+def test_shared_experts_match_reference(gated, kind):
+    """SwiGLU, or Gemma 4's `GeluTanhGLU` (gelu_tanh(gate) * up), against the float64 formula."""
     torch.manual_seed(0)
-    m = SharedExperts(D, 12, gated=gated)
-    x = torch.randn(9, D, requires_grad=True)
+    m = SharedExperts(D, 12, gated=gated, clamped=GeluTanhGLU() if kind == "gelu_tanh_glu" else None)
+    x = (2 * torch.randn(9, D)).requires_grad_(True)
     leaves = {f"shared.{n}": t for n, t in f64_leaves(m).items()}
     xr = f64_leaf(x)
     y = m(x)
-    ref = torch.stack([shared_ffn(xr[t], leaves) for t in range(9)])
+    gate_act = gelu_tanh if kind == "gelu_tanh_glu" else silu
+    ref = torch.stack([shared_ffn(xr[t], leaves, gate_act) for t in range(9)])
     assert_close(y, ref, what="shared y")
     G = torch.randn(9, D, dtype=F64)
     (y.double() * G).sum().backward()
@@ -230,8 +235,8 @@ def _step_act(gate, up, limit):
     return torch.minimum(gate * torch.sigmoid(gate), torch.tensor(limit, dtype=gate.dtype)) * up.clamp(-limit, limit)
 
 
-def _clamped_reference(xs, counts, row_weights, p, act, limit, scale_input=False):
-    """A clamped expert per row, written from its definition in float64: [g, u] = W_in x + b_in,
+def _gated_reference(xs, counts, row_weights, p, act, scale_input=False):
+    """A two-input gated expert per row, written from its definition in float64: [g, u] = W_in x + b_in,
     y = W_out act(g, u) + b_out;
     the routing weight scales y (or x, with scale_input)."""
     out, r = [], 0
@@ -240,10 +245,35 @@ def _clamped_reference(xs, counts, row_weights, p, act, limit, scale_input=False
             w = row_weights[r]
             x = xs[r] * w if scale_input else xs[r]
             h = p["gate_up_proj"][e] @ x + p["gate_up_bias"][e]
-            y = p["down_proj"][e] @ act(h[:I], h[I:], limit) + p["down_bias"][e]
+            y = p["down_proj"][e] @ act(h[:I], h[I:]) + p["down_bias"][e]
             out.append(y if scale_input else w * y)
             r += 1
     return torch.stack(out)
+
+
+def _check_gated(m, act, scale_input):
+    """Experts m (with biases, m.clamped set) against `_gated_reference` with act(g, u), forward and
+    backward (inputs, routing weights, every parameter). Returns the rows' pre-activations h [N, 2I]."""
+    g = torch.Generator().manual_seed(1)
+    N = sum(COUNTS)
+    xs = (2 * torch.randn(N, D, generator=g)).requires_grad_(True)
+    rw = (torch.rand(N, generator=g) + 0.5).requires_grad_(True)
+    leaves = {n: t.detach().double().requires_grad_(True) for n, t in m.named_parameters()}
+    xr, rwr = f64_leaf(xs), f64_leaf(rw)
+    ys = m(xs, list(COUNTS), rw)
+    ref = _gated_reference(xr, COUNTS, rwr, leaves, act, scale_input)
+    assert_close(ys, ref, what="ys")
+    G = torch.randn(N, D, generator=g, dtype=F64)
+    (ys.double() * G).sum().backward()
+    (ref * G).sum().backward()
+    assert_close(xs.grad, xr.grad, what="grad xs")
+    assert_close(rw.grad, rwr.grad, what="grad row_weights")
+    for name, p in m.named_parameters():
+        assert_close(p.grad, leaves[name].grad, what=f"grad {name}")
+    with torch.no_grad():
+        row_expert = torch.repeat_interleave(torch.arange(E), torch.tensor(COUNTS))
+        x_in = xs * rw[:, None] if scale_input else xs
+        return torch.einsum("nhd,nd->nh", m.gate_up_proj[row_expert], x_in) + m.gate_up_bias[row_expert]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -254,32 +284,26 @@ def test_clamped_swiglu_experts_match_reference(backend, scale_input, kind):
     from moelab.nn import CappedSwiGLU, ClampedSwiGLU
 
     m = _experts("swiglu", True, backend)
-    act = _gpt_oss_act if kind == "gpt-oss" else _step_act
+    act = functools.partial(_gpt_oss_act if kind == "gpt-oss" else _step_act, limit=0.5)
     m.clamped = ClampedSwiGLU(alpha=1.702, limit=0.5) if kind == "gpt-oss" else CappedSwiGLU(0.5)
     m.scale_input = scale_input
-    g = torch.Generator().manual_seed(1)
-    N = sum(COUNTS)
-    xs = (2 * torch.randn(N, D, generator=g)).requires_grad_(True)
-    rw = (torch.rand(N, generator=g) + 0.5).requires_grad_(True)
-    leaves = {n: t.detach().double().requires_grad_(True) for n, t in m.named_parameters()}
-    xr, rwr = f64_leaf(xs), f64_leaf(rw)
-    ys = m(xs, list(COUNTS), rw)
-    ref = _clamped_reference(xr, COUNTS, rwr, leaves, act, 0.5, scale_input)
-    assert_close(ys, ref, what="ys")
-    with torch.no_grad():
-        row_expert = torch.repeat_interleave(torch.arange(E), torch.tensor(COUNTS))
-        x_in = xs * rw[:, None] if scale_input else xs
-        h = torch.einsum("nhd,nd->nh", m.gate_up_proj[row_expert], x_in) + m.gate_up_bias[row_expert]
+    h = _check_gated(m, act, scale_input)
     gate = h[:, :I] if kind == "gpt-oss" else torch.nn.functional.silu(h[:, :I])
     assert (gate > 0.5).any() and (gate < 0.5).any(), "the gate clamp must matter"
     assert (h[:, I:].abs() > 0.5).any() and (h[:, I:].abs() < 0.5).any(), "the up clamp too"
-    G = torch.randn(N, D, generator=g, dtype=F64)
-    (ys.double() * G).sum().backward()
-    (ref * G).sum().backward()
-    assert_close(xs.grad, xr.grad, what="grad xs")
-    assert_close(rw.grad, rwr.grad, what="grad row_weights")
-    for name, p in m.named_parameters():
-        assert_close(p.grad, leaves[name].grad, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale_input", [False, True])
+def test_gelu_tanh_glu_experts_match_reference(backend, scale_input):
+    """Gemma 4's `GeluTanhGLU`, forward and backward, against gelu_tanh(g) * u from its formula, on
+    gates where the tanh approximation and the exact GELU differ beyond the tolerance."""
+    m = _experts("swiglu", True, backend)
+    m.clamped, m.scale_input = GeluTanhGLU(), scale_input
+    h = _check_gated(m, lambda gate, up: gelu_tanh(gate) * up, scale_input)
+    gate = h[:, :I].double()
+    approximation = (torch.nn.functional.gelu(gate) - gelu_tanh(gate)).abs().max()
+    assert approximation > 1e-4, "the data must tell the tanh approximation from the exact GELU"
 
 
 def test_clamped_swiglu_needs_gated():
@@ -310,6 +334,19 @@ def test_clamped_swiglu_backward_passes_gradient_at_the_clamp_bounds(kind):
     assert_close(got[0], want[0], what="grad gate")
     assert_close(got[1], want[1], what="grad up")
     assert got[0][0, 0] != 0 and got[1][0, 0] != 0 and got[1][0, 1] != 0  # the bounds pass gradient
+
+
+def test_gelu_tanh_glu_backward_is_autograd_of_its_formula():
+    """GeluTanhGLU's forward and hand-written backward against gelu_tanh(gate) * up from its formula
+    and autograd through it, at gates across GELU's range: 0, both tails, the curved middle."""
+    gate = torch.tensor([[0.0, -6.0, -1.5, -0.5, 0.3, 1.0, 2.5, 6.0]], dtype=F64, requires_grad=True)
+    up = torch.tensor([[1.0, -2.0, 0.5, 1.5, 3.0, -0.75, 0.25, 2.0]], dtype=F64, requires_grad=True)
+    grad = torch.tensor([[1.0, -2.0, 0.5, 1.5, 3.0, 0.25, -1.0, 0.75]], dtype=F64)
+    act, expected = GeluTanhGLU(), gelu_tanh(gate) * up
+    torch.testing.assert_close(act(gate, up), expected)  # float64 throughout: to its precision
+    want = torch.autograd.grad(expected, (gate, up), grad)
+    got = act.backward(grad, gate.detach(), up.detach())
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("kind", ["swiglu", "gelu"])

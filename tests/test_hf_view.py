@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 from hf_tiny import TINY, D, block_output, build, load
+from reference import gelu_tanh
 from safetensors.torch import load_file, save_file
 
 from moelab import files as files_module
@@ -30,6 +31,7 @@ from moelab.hf import (
 )
 from moelab.hf.checkpoint import Checkpoint, side_files
 from moelab.hf.native import empty_experts, experts_from_view, router_from_view
+from moelab.nn import GeluTanhGLU
 
 # tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -529,6 +531,28 @@ def test_native_experts_with_only_some_biases_keep_them():
     assert experts.gate_up_bias.shape == (E, 2 * I) and not experts.gate_up_bias.any()
 
 
+def test_gelu_tanh_glu_views_build_gemma4s_gated_experts():
+    """"gelu_tanh_glu" (Gemma 4) names a gated activation of routed and gated shared experts, with no
+    swiglu_alpha or swiglu_limit: the native layer computes down @ (gelu_tanh(gate @ x) * (up @ x)),
+    `GeluTanhGLU`, in both."""
+    torch.manual_seed(0)
+    routed = {"gate": torch.randn(4, 8, D), "up": torch.randn(4, 8, D), "down": torch.randn(4, D, 8)}
+    shared = {"gate": torch.randn(6, D), "up": torch.randn(6, D), "down": torch.randn(D, 6)}
+    routed, shared = ({n: 0.2 * t for n, t in part.items()} for part in (routed, shared))
+    glu_tanh = {"activation": "gelu_tanh_glu"}
+    layer = moe_layer_from_view(_views(experts=routed | glu_tanh, shared=shared | glu_tanh))
+    assert layer.experts.clamped == GeluTanhGLU() and layer.shared.clamped == GeluTanhGLU()
+    x = torch.randn(3, D, dtype=torch.float64)
+
+    def glu(w):  # w: gate, up [H, D] and down [D, H]
+        return (gelu_tanh(x @ w["gate"].double().T) * (x @ w["up"].double().T)) @ w["down"].double().T
+
+    with torch.no_grad():
+        expert_1 = {n: t[1] for n, t in routed.items()}
+        torch.testing.assert_close(layer.experts.double()(x, [0, 3, 0, 0]), glu(expert_1))
+        torch.testing.assert_close(layer.shared.double().mlp(x), glu(shared))
+
+
 def test_native_experts_take_a_fused_gate_up_as_it_is():
     """gate and up that are the two halves of one [E, 2I, D] tensor become the experts' gate_up_proj
     itself (no copy); halves of a tensor of more experts than the view's are copied."""
@@ -590,6 +614,9 @@ def _views(**change):
         ({"experts": {"activation": "clamped_swiglu", "swiglu_alpha": 1.7}}, r"set exactly when activation is"),
         ({"experts": {"swiglu_alpha": 1.7, "swiglu_limit": 7.0}}, r"set exactly when activation is"),
         ({"experts": {"swiglu_alpha": 1.7}}, r"set exactly when activation is"),  # half the pair, on silu
+        ({"experts": {"activation": "gelu_tanh_glu", "swiglu_limit": 7.0}}, r"set exactly when activation is"),
+        ({"experts": {"gate": None, "activation": "gelu_tanh_glu"}},
+         r"plain experts \(no gate projection\) take one of .*got activation 'gelu_tanh_glu'"),
         ({"experts": {"gate": torch.zeros(4, 8, 31)}}, r"experts gate has shape \[4, 8, 31\], expected \[4, 8, 32\]"),
         ({"experts": {"down": torch.zeros(4, D, 7)}}, r"experts down has shape \[4, 32, 7\], expected \[4, 32, 8\]"),
         ({"experts": {"gate": None, "activation": "clamped_swiglu", "swiglu_alpha": 1.7, "swiglu_limit": 7.0}},
@@ -604,6 +631,8 @@ def _views(**change):
         ({"shared": {"gate": None, "activation": "clamped_swiglu"}}, r"got activation 'clamped_swiglu' and no gate"),
         ({"shared": {"activation": "relu2"}}, r"got activation 'relu2' and a gate"),
         ({"shared": {"activation": "clamped_swiglu"}}, r"got activation 'clamped_swiglu'"),
+        ({"shared": {"activation": "gelu_tanh_glu", "swiglu_limit": 7.0}}, r"swiglu_limit is set exactly when"),
+        ({"shared": {"gate": None, "activation": "gelu_tanh_glu"}}, r"got activation 'gelu_tanh_glu' and no gate"),
         ({"shared": {"down": torch.zeros(D, 5)}}, r"shared down has shape \[32, 5\], expected \[32, 6\]"),
         ({"shared": {"sigmoid_gate": torch.zeros(2, D)}}, r"shared sigmoid_gate has shape \[2, 32\], expected \[1, 32\]"),
         ({"experts": {n: torch.zeros(3, *s) for n, s in (("gate", (8, D)), ("up", (8, D)), ("down", (D, 8)))}},

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from moelab.hf.view import ExpertsView, LatentView, MoELayerView, NormView, RouterView, SharedView
 from moelab.nn.experts import Experts, MLPExperts, SharedExperts, SwiGLUExperts
-from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU
+from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU, GatedActivation, GeluTanhGLU
 from moelab.nn.latent import LatentProjection
 from moelab.nn.moe import MoELayer
 from moelab.nn.norms import ScaledRMSNorm
@@ -208,19 +208,22 @@ def _experts(view: ExpertsView, num_experts: int | None = None) -> Experts:
     return SwiGLUExperts(E, D, I, bias=bias, clamped=_gated_activation(view), scale_input=view.scale_input)
 
 
-def _gated_activation(view: ExpertsView | SharedView) -> ClampedSwiGLU | CappedSwiGLU | None:
-    """The two-input activation a view's "clamped_swiglu" or "capped_swiglu" names; None for SwiGLU."""
+def _gated_activation(view: ExpertsView | SharedView) -> GatedActivation | None:
+    """The two-input activation a view's "clamped_swiglu", "capped_swiglu" or "gelu_tanh_glu" names; None
+    for SwiGLU."""
     return gated_activation(view.activation, getattr(view, "swiglu_alpha", None), view.swiglu_limit)
 
 
 def gated_activation(
     activation: str, swiglu_alpha: float | None = None, swiglu_limit: float | None = None
-) -> ClampedSwiGLU | CappedSwiGLU | None:
-    """The two-input activation that ExpertsView settings name (`SwiGLUExperts.clamped`): "clamped_swiglu"
-    or "capped_swiglu"; None for SwiGLU (and plain activations)."""
+) -> GatedActivation | None:
+    """The two-input activation that ExpertsView settings name (`SwiGLUExperts.clamped`): "clamped_swiglu",
+    "capped_swiglu" or "gelu_tanh_glu"; None for SwiGLU (and plain activations)."""
     if activation == "clamped_swiglu":
         return ClampedSwiGLU(alpha=swiglu_alpha, limit=swiglu_limit)
-    return CappedSwiGLU(swiglu_limit) if activation == "capped_swiglu" else None
+    if activation == "capped_swiglu":
+        return CappedSwiGLU(swiglu_limit)
+    return GeluTanhGLU() if activation == "gelu_tanh_glu" else None
 
 
 def _shared(view: SharedView | None) -> SharedExperts | None:

@@ -21,7 +21,8 @@ from moelab.nn.routers import check_groups, check_top_k
 from moelab.validation import is_int
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sparsemixer")
-GATED_ACTIVATIONS = ("silu", "clamped_swiglu", "capped_swiglu")  # act(gate, up)
+GATED_ACTIVATIONS = ("silu", "clamped_swiglu", "capped_swiglu", "gelu_tanh_glu")  # act(gate, up)
+SHARED_GATED_ACTIVATIONS = ("silu", "capped_swiglu", "gelu_tanh_glu")  # shared experts with a gate
 PLAIN_ACTIVATIONS = ("relu2", "gelu", "relu", "silu")  # act(up), experts with no gate: Nemotron-H, moelab's
 ACTIVATIONS = tuple(dict.fromkeys(GATED_ACTIVATIONS + PLAIN_ACTIVATIONS))
 
@@ -109,8 +110,9 @@ class ExpertsView:
     Gated activations: "silu": act(g, u) = silu(g) * u (SwiGLU). "clamped_swiglu" (GPT-OSS):
     g' = min(g, swiglu_limit), u' = clamp(u, -swiglu_limit, swiglu_limit),
     act = g' * sigmoid(swiglu_alpha * g') * (u' + 1). "capped_swiglu" (Step 3.7's bounded layers):
-    act = min(silu(g), swiglu_limit) * clamp(u, -swiglu_limit, swiglu_limit). Plain ones: "relu2" (Nemotron-H): act(u) =
-    relu(u)²; "gelu" (exact, erf), "relu", "silu" (moelab's `MLPExperts`).
+    act = min(silu(g), swiglu_limit) * clamp(u, -swiglu_limit, swiglu_limit). "gelu_tanh_glu" (Gemma 4):
+    act = gelu_tanh(g) * u, GELU's tanh approximation (transformers' "gelu_pytorch_tanh"). Plain ones:
+    "relu2" (Nemotron-H): act(u) = relu(u)²; "gelu" (exact, erf), "relu", "silu" (moelab's `MLPExperts`).
     scale_input: the routing weight w scales the expert's input, y = y_e(w * x) (Llama 4),
     instead of its output, y = w * y_e(x) (everyone else).
 
@@ -183,9 +185,10 @@ class ExpertsView:
 @dataclass(frozen=True, eq=False)
 class SharedView:
     """Always-on expert(s), fused into one MLP of width Is, added to the routed output:
-    y = down @ (silu(gate @ x) * (up @ x)) (SwiGLU; "capped_swiglu": Step 3.7's bounded form, see
-    `ExpertsView`), or down @ act(up @ x) where gate is None and `activation` names a plain one
-    (Nemotron-H: relu2); times sigmoid(sigmoid_gate @ x) if that is set (Qwen2-MoE).
+    y = down @ (silu(gate @ x) * (up @ x)) (SwiGLU; "capped_swiglu": Step 3.7's bounded form,
+    "gelu_tanh_glu": Gemma 4's GELU-gated form, see `ExpertsView`), or down @ act(up @ x) where gate
+    is None and `activation` names a plain one (Nemotron-H: relu2); times sigmoid(sigmoid_gate @ x)
+    if that is set (Qwen2-MoE).
 
     gate (or None), up: [Is, D]; down: [D, Is]; sigmoid_gate: [1, D] | None.
     """
@@ -198,10 +201,10 @@ class SharedView:
     swiglu_limit: float | None = None
 
     def __post_init__(self):
-        if self.activation not in (PLAIN_ACTIVATIONS if self.gate is None else ("silu", "capped_swiglu")):
+        if self.activation not in (PLAIN_ACTIVATIONS if self.gate is None else SHARED_GATED_ACTIVATIONS):
             raise ValueError(
-                f"shared experts: a gate projection with activation 'silu' or 'capped_swiglu', or none with one of "
-                f"{PLAIN_ACTIVATIONS}; got activation {self.activation!r} and "
+                f"shared experts: a gate projection with one of {SHARED_GATED_ACTIVATIONS}, or none with one "
+                f"of {PLAIN_ACTIVATIONS}; got activation {self.activation!r} and "
                 f"{'no gate' if self.gate is None else 'a gate'}"
             )
         if (self.swiglu_limit is not None) != (self.activation == "capped_swiglu"):

@@ -8,8 +8,8 @@ w_out [E, D, I], b_out [E, D] | None, activation, gated, backend) -> [N, D]` run
 `counts[0]` of xs through expert 0, the next `counts[1]` rows through expert 1, and so on, and
 scales each output row by its routing weight. A gated MLP splits the first projection into gate
 rows then up rows: act(gate) * up, or a two-input gated activation (`GatedActivation`: GPT-OSS's
-`ClampedSwiGLU`(gate, up), Step 3.7's `CappedSwiGLU`). Applying the routing weight here, on cache-sized slices, is cheaper
-than in the [N, D] combine.
+`ClampedSwiGLU`(gate, up), Step 3.7's `CappedSwiGLU`, Gemma 4's `GeluTanhGLU`). Applying the routing
+weight here, on cache-sized slices, is cheaper than in the [N, D] combine.
 
 Backends, chosen by name ("auto", the default, picks "grouped" on CPU and "grouped_mm" for
 bf16 on CUDA):
@@ -110,7 +110,21 @@ class CappedSwiGLU:
         return grad_gate, grad_up
 
 
-GatedActivation = ClampedSwiGLU | CappedSwiGLU  # two-input activations of (gate, up)
+@dataclass(frozen=True)
+class GeluTanhGLU:
+    """Gemma 4's gated activation of (gate, up), both [n, I]: act = gelu_tanh(gate) * up, gelu_tanh
+    being GELU's tanh approximation (`F.gelu(approximate="tanh")`, transformers' "gelu_pytorch_tanh")."""
+
+    def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
+        return F.gelu(gate, approximate="tanh") * up
+
+    def backward(self, grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+        """(d/d gate, d/d up) of `grad`-weighted act."""
+        grad_gate = torch.ops.aten.gelu_backward(grad * up, gate, approximate="tanh")
+        return grad_gate, grad * F.gelu(gate, approximate="tanh")
+
+
+GatedActivation = ClampedSwiGLU | CappedSwiGLU | GeluTanhGLU  # two-input activations of (gate, up)
 
 
 class Activation:
