@@ -62,6 +62,20 @@ def _before_output_norm(model, i):
     return run
 
 
+def gemma4_moe(layer):
+    """Gemma 4's MoE part of a decoder layer on the residual x [B, S, D] after attention (no block
+    module holds it): the experts on pre_feedforward_layernorm_2(x), routed by the router on x, their
+    sum post_feedforward_layernorm_2'd (what the view reads; the layer adds its dense MLP beside it)."""
+
+    def run(x):
+        flat = x.reshape(-1, x.shape[-1])
+        _, weights, indices = layer.router(flat)
+        routed = layer.experts(layer.pre_feedforward_layernorm_2(flat), indices, weights)
+        return layer.post_feedforward_layernorm_2(routed.reshape(x.shape))
+
+    return run
+
+
 def _granite_shared(model, i):
     layer = model.model.layers[i]
     return lambda x: layer.block_sparse_moe(x) + layer.shared_mlp(x)
@@ -72,14 +86,13 @@ class Tiny:
     """config kwargs for AutoConfig.for_model; block(model, i) -> the layer-i MoE block as a
     callable on [B, S, D]; dense: the layers the config makes dense; fused: whether
     save_original_format=False writes a different layout. path: the module holding layer i's
-    routed experts (and, unless shared_outside, its shared experts)."""
+    routed experts."""
 
     config: dict
     block: Callable = _mlp
     dense: tuple[int, ...] = ()
     fused: bool = True
     path: str = "model.layers.{i}.mlp"
-    shared_outside: bool = False
 
 
 TINY = {
@@ -152,7 +165,6 @@ TINY = {
         ),
         block=_granite_shared,
         path="model.layers.{i}.block_sparse_moe",
-        shared_outside=True,
     ),
     "granitemoehybrid": Tiny(
         dict(
@@ -167,7 +179,6 @@ TINY = {
         ),
         block=_granite_shared,
         path="model.layers.{i}.block_sparse_moe",
-        shared_outside=True,
     ),
     "llama4_text": Tiny(
         dict(
@@ -405,6 +416,25 @@ TINY = {
         dense=(0,),
         path="model.layers.{i}.mixer",
     ),
+    "gemma4_text": Tiny(
+        dict(
+            COMMON,
+            head_dim=8,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=4,
+            top_k_experts=2,
+            enable_moe_block=True,
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=64,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=16,
+            per_layer_config={"01": {"head_dim": 16}},
+        ),
+        block=lambda model, i: gemma4_moe(model.model.layers[i]),
+        fused=False,
+        path="model.layers.{i}",
+    ),
     "dbrx": Tiny(
         dict(
             vocab_size=64,
@@ -436,9 +466,12 @@ COMPRESS_SLOW = frozenset(
 def build(family: str, seed: int = 0, **overrides):
     """A random fp32 model of `family` with unit-scale weights (see the module docstring);
     `overrides` change config entries (e.g. vocab_size). A family outside TINY (one the view
-    reads structurally) takes its whole config from `overrides`."""
+    reads structurally) takes its whole config from `overrides`. A vocab_size override applies to
+    Gemma 4's per-layer input embedding too."""
     torch.manual_seed(seed)
     base = TINY[family].config if family in TINY else {}
+    if "vocab_size" in overrides and "vocab_size_per_layer_input" in base:
+        overrides.setdefault("vocab_size_per_layer_input", overrides["vocab_size"])
     cls, config = language_model_class(AutoConfig.for_model(family, **{**base, **overrides}))
     return _unit_scale(cls._from_config(config, dtype=torch.float32))
 

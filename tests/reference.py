@@ -382,11 +382,13 @@ class Spec:
     activation: str = "swiglu"
     capacity_factor: float | None = None
     coefs: dict[str, float] = field(default_factory=dict)
+    norm_eps: float = 1e-6  # the norms around the router and experts, where p holds them (Gemma 4)
+    router_norm_multiplier: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: Any) -> Spec:
         """Read the plain settings off a MoEConfig-like object (a dataclass of numbers/strings)."""
-        names = [f for f in cls.__dataclass_fields__ if f not in ("coefs", "relu_eps")]
+        names = [f for f in cls.__dataclass_fields__ if f not in ("coefs", "relu_eps", "norm_eps", "router_norm_multiplier")]
         spec = cls(**{n: getattr(cfg, n) for n in names})
         if spec.renormalize is None:  # MoEConfig's documented default: renormalise top-k, not top-p
             spec.renormalize = spec.router == "topk"
@@ -397,10 +399,12 @@ class Spec:
 def route(x: Tensor, p: dict[str, Tensor], spec: Spec) -> RefRouting:
     W, b = p["router.weight"], p.get("router.bias")
     if spec.router == "topk":
+        norm = p.get("router.input_norm.weight")
         return route_topk(
             x, W, b, top_k=spec.top_k, score_func=spec.score_func, renormalize=spec.renormalize,
             route_scale=spec.route_scale, n_group=spec.n_group, topk_group=spec.topk_group,
-            selection_bias=p.get("router.selection_bias"),
+            selection_bias=p.get("router.selection_bias"), expert_scale=p.get("router.expert_scale"),
+            input_norm=None if norm is None else (norm, spec.norm_eps, spec.router_norm_multiplier),
         )
     if spec.router == "topp":
         return route_topp(x, W, b, top_p=spec.top_p, max_k=spec.max_k, renormalize=spec.renormalize)
@@ -424,8 +428,15 @@ class RefResult:
         return sum(self.losses.values(), self.y.new_zeros(()))
 
 
+def rms_normed(v: Tensor, g: Tensor, eps: float) -> Tensor:
+    """v / sqrt(mean(v^2) + eps) * g, for one token v: [D]."""
+    return v / torch.sqrt((v * v).sum() / v.shape[0] + eps) * g
+
+
 def moe_forward(x: Tensor, p: dict[str, Tensor], spec: Spec) -> RefResult:
-    """y_t = sum over kept (expert e, weight w) of w * FFN_e(x_t), plus the shared expert."""
+    """y_t = sum over kept (expert e, weight w) of w * FFN_e(x_t), plus the shared expert. Where p
+    holds the norms around the experts (Gemma 4): FFN_e reads rms_normed(x_t, expert_norm) and the
+    sum is rms_normed(., routed_norm) before the shared expert is added."""
     shape = x.shape
     D = shape[-1]
     xt = x.reshape(-1, D)
@@ -436,9 +447,12 @@ def moe_forward(x: Tensor, p: dict[str, Tensor], spec: Spec) -> RefResult:
     rows = []
     for t in range(T):
         y_t = xt.new_zeros(D)
+        x_e = xt[t] if "expert_norm.weight" not in p else rms_normed(xt[t], p["expert_norm.weight"], spec.norm_eps)
         for slot, e, w in routing.choices[t]:
             if (t, slot) in cap.kept:
-                y_t = y_t + w * expert_ffn(xt[t], e, p, spec.activation)
+                y_t = y_t + w * expert_ffn(x_e, e, p, spec.activation)
+        if "routed_norm.weight" in p:
+            y_t = rms_normed(y_t, p["routed_norm.weight"], spec.norm_eps)
         if "shared.gate_proj.weight" in p:
             y_t = y_t + shared_ffn(xt[t], p)
         rows.append(y_t)

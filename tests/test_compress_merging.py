@@ -83,6 +83,23 @@ def test_merge_is_the_frequency_weighted_average(rule):
     assert edit.view.experts.gate.dtype == view.experts.gate.dtype
 
 
+def test_merging_folds_per_expert_scales_into_the_down_projections():
+    """Gemma 4's per-expert scale multiplies each expert's output: a merge folds it into the members'
+    down projections before averaging and gives the merged expert scale 1, so singleton groups compute
+    the original layer and a pair is the weighted average of s_e down_e."""
+    view = make_view(E=4)
+    scale = torch.tensor([0.5, 2.0, -1.0, 1.5], dtype=F64)
+    view = dataclasses.replace(view, router=dataclasses.replace(view.router, expert_scale=scale))
+    same = merged_layer(view, [[0], [1], [2], [3]], torch.ones(4, dtype=F64))
+    assert torch.equal(same.view.router.expert_scale, torch.ones(4, dtype=F64))
+    x = torch.randn(16, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(moe_output(same.view, x), moe_output(view, x), rtol=1e-6, atol=1e-9)  # float32 routing
+    pair = merged_layer(view, [[1, 0], [2], [3]], torch.tensor([1.0, 3.0, 1.0, 1.0], dtype=F64))
+    expected = 0.75 * 2.0 * view.experts.down[1] + 0.25 * 0.5 * view.experts.down[0]
+    torch.testing.assert_close(pair.view.experts.down[0], expected, rtol=0, atol=1e-15)
+    assert torch.equal(pair.view.experts.down[1], -view.experts.down[2])
+
+
 def test_merge_keeps_the_stored_dtype():
     view = make_view(E=4, dtype=torch.bfloat16)
     edit = merged_layer(view, [[0, 1], [2, 3]], torch.ones(4))

@@ -22,6 +22,7 @@ from reference import (
     assert_no_near_tie,
     expert_ffn,
     f64_leaves,
+    rms_normed,
     route,
     sigmoid,
     silu,
@@ -42,7 +43,7 @@ from moelab.compress.stats import PER_SOURCE, LayerStats, layer_stats
 from moelab.hf.edit import masked_moe_layer
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import MoELayerView, RouterView
-from moelab.nn import MoEConfig, MoELayer, SwiGLUExperts, TopKRouter, build_moe
+from moelab.nn import MoEConfig, MoELayer, ScaledRMSNorm, SwiGLUExperts, TopKRouter, build_moe
 from moelab.nn.routers import Routing
 
 SUMS = ("counts", "soft_counts", "gate_sums", "premoe_sums", "ean_sums", "reap_sums", "easyep_sums")
@@ -328,6 +329,38 @@ def test_eager_moe_equals_layer_and_naive_slots(name):
         assert ("gated" in name) == (not torch.allclose(call.shared, call.shared_down))
     else:
         assert call.shared is None and call.shared_down is None
+
+
+def test_eager_moe_of_a_block_with_norms_around_its_experts():
+    """Gemma 4's form: each slot's output is its expert on the experts' norm of x, the block's output
+    the routed norm of the weighted sum (what the layer computes), and the EASY-EP observer, which
+    cannot tell the residual apart in such a layer, keeps nothing."""
+    torch.manual_seed(3)
+    layer = MoELayer(
+        TopKRouter(8, 8, 2, expert_scale=True, input_norm=ScaledRMSNorm(8, 0.5, multiplier=8**-0.5)),
+        SwiGLUExperts(8, 8, 6),
+        expert_norm=ScaledRMSNorm(8, 0.5),
+        routed_norm=ScaledRMSNorm(8, 0.5),
+    ).double().eval()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith(("scale", "norm.weight")):
+                p.normal_(1, 0.5)
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
+    with torch.no_grad():
+        call = eager_moe(layer, x)
+        torch.testing.assert_close(call.output, layer(x)[0], atol=1e-12, rtol=1e-12)
+    p = params(layer)
+    for t in range(12):
+        normed = rms_normed(x[t], p["expert_norm.weight"], 0.5)
+        for k in range(2):
+            e = int(call.routing.indices[t, k])
+            assert_close(call.outputs[t, k], expert_ffn(normed, e, p), atol=1e-12, rtol=1e-12, what=f"t={t} k={k}")
+        assert_close(call.output[t], rms_normed(call.routed[t], p["routed_norm.weight"], 0.5), 1e-12, 1e-12)
+    observer = OBSERVERS["contribution"](8, 1, 8, {})
+    tokens = Tokens(torch.zeros(12, dtype=torch.long), torch.zeros(12, dtype=torch.long), torch.arange(12))
+    observer.update(call, tokens, x + call.output)
+    assert observer.result() == {}
 
 
 def test_eager_moe_scale_input_is_not_output_scaling():

@@ -32,7 +32,8 @@ from moelab.hf import (
 from moelab.hf import layouts as layouts_module
 from moelab.hf.adapters import FAMILIES
 from moelab.hf.edit import moe_output
-from moelab.hf.layerwise import MoEBlock, language_model_class
+from moelab.hf.layerwise import install_moe, language_model_class
+from moelab.hf.modules import decoder_layers, find_moe_modules
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.writer import EXPERT_MAP_NAME
 from moelab.models import MoETransformer, load_pretrained, save_pretrained, tiny
@@ -56,16 +57,17 @@ def _drop(family: str, index: int) -> list[int]:
 
 def _masked_model(family: str, path, drop: dict[int, list[int]]):
     """The original transformers model whose MoE blocks route with the `drop` experts masked (moelab's
-    stand-in for a block, which keeps the family's output norm)."""
-    model, tiny_ = load(path), TINY[family]
+    stand-in for a block, which keeps the family's output norm; Gemma 4's for its inline router and
+    experts)."""
+    model = load(path)
     with open_checkpoint(path) as view:
+        _, layers = decoder_layers(model, view.num_layers)
         for layer in view.layers():
             if isinstance(layer, MoELayerView):
                 keep = [e for e in range(layer.router.num_experts) if e not in drop[layer.index]]
-                layer = dataclasses.replace(layer, shared=None) if tiny_.shared_outside else layer
-                name = tiny_.path.format(i=layer.index)
-                block = MoEBlock.replacing(model.get_submodule(name), masked_moe_layer(layer, keep), None, FAMILIES[family])
-                model.set_submodule(name, block)
+                found = find_moe_modules(layers[layer.index], layer.index, *layer.router.weight.shape)
+                layer = layer if found.shared_in_block else dataclasses.replace(layer, shared=None)
+                install_moe(layers[layer.index], layer.index, found, masked_moe_layer(layer, keep), None, FAMILIES[family])
     return model
 
 

@@ -18,7 +18,16 @@ from reference import (
     run_both,
 )
 
-from moelab.nn import MoEConfig, MoELayer, MoEResult, SwiGLUExperts, TopKRouter, build_moe
+from moelab.nn import (
+    MoEConfig,
+    MoELayer,
+    MoEResult,
+    ScaledRMSNorm,
+    SharedExperts,
+    SwiGLUExperts,
+    TopKRouter,
+    build_moe,
+)
 
 D, E, I = 16, 8, 8
 BACKENDS = ["grouped", "loop", "grouped_mm", "triton"]
@@ -89,6 +98,36 @@ def test_layer_matches_reference(name, backend):
         assert 0 < both.ref.capacity.dropped_fraction < 1, "the capacity test should drop something"
     n = both.ref.routing.num_assignments() / 24
     assert float(both.result.experts_per_token) == pytest.approx(n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [False, True])
+def test_layer_with_norms_around_its_router_and_experts_matches_reference(backend, shared):
+    """Gemma 4's form: the router reads its own RMS norm of x (times D^-0.5) and scales each chosen
+    weight by its expert's scale; the experts read another norm of x and their sum is normed again,
+    before any shared experts are added. Forward and backward, and `infer` (the inference path)."""
+    eps = 0.5  # large enough that a misplaced epsilon shows at unit-scale inputs
+    torch.manual_seed(0)
+    router = TopKRouter(D, E, 2, expert_scale=True, input_norm=ScaledRMSNorm(D, eps, multiplier=D**-0.5))
+    layer = MoELayer(
+        router,
+        SwiGLUExperts(E, D, I, backend=backend),
+        SharedExperts(D, 12) if shared else None,
+        expert_norm=ScaledRMSNorm(D, eps),
+        routed_norm=ScaledRMSNorm(D, eps),
+    )
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        router.weight.mul_(8.0)  # the normed input is ~D^-0.5 per entry: logits O(1)
+        for name, p in layer.named_parameters():
+            if name.endswith(("scale", "norm.weight")):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+    spec = Spec(norm_eps=eps, router_norm_multiplier=D**-0.5)
+    both = run_both(layer, spec, tokens(2, 12))
+    assert_no_near_tie(both.ref.routing, ordered=False)
+    assert_matches(both, layer)
+    with torch.no_grad():
+        assert_close(layer.eval().infer(tokens(2, 12)), both.ref.y)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import DEEPSEEK, TINY, add_mtp_layer, build_multimodal
+from hf_tiny import DEEPSEEK, TINY, add_mtp_layer, build_multimodal, gemma4_moe
 from safetensors.torch import load_file, save_file
 from test_qwen4_exp import QWEN4_EXP
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -95,6 +95,12 @@ MODELS = {
              patch_size=14, image_size=28),
         "layers.", "n_routed_experts", "mlp",
     ),
+    "gemma4": (  # its router and experts inline in the decoder layer (see hf_tiny's gemma4_text)
+        dict(TINY["gemma4_text"].config, vocab_size=8192, vocab_size_per_layer_input=8192),
+        dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+             head_dim=16, patch_size=4, position_embedding_size=64),
+        "model.language_model.layers.", "num_experts", gemma4_moe,
+    ),
     "qwen4_exp": (  # its n-gram table stored as shards (see test_qwen4_exp)
         dict(QWEN4_EXP, split_ngram_parts=3),
         dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=32),
@@ -150,8 +156,8 @@ def test_the_language_model_is_read_where_the_release_stores_it(source):
     assert moe and moe[-1][0] == len(layers) - 1  # Kimi-K2.5's and GLM-4.5V's first layer is dense
     _, decoder = decoder_layers(model, len(layers))  # Qwen3-VL-MoE: the vision-language model's own
     for index, layer in moe:
-        with torch.no_grad():
-            want = getattr(decoder[index], block)(x[None])
+        with torch.no_grad():  # block: the MoE block's name in the decoder layer, or what computes it (Gemma 4)
+            want = (getattr(decoder[index], block) if isinstance(block, str) else block(decoder[index]))(x[None])
         want = (want[0] if isinstance(want, tuple) else want).reshape(6, 32)
         torch.testing.assert_close(moe_output(layer, x.double()).float(), want, atol=1e-5, rtol=1e-5)
 
@@ -202,7 +208,8 @@ def test_only_a_vision_language_skeleton_has_modules_text_never_reaches(source):
     outside = beside_language_model(skeleton(source, config, family))
     towers = {"qwen3_vl_moe": ["model.visual"], "glm4v_moe": ["model.visual"],
               "step3p7": ["model.vision_model", "model.multi_modal_projector"],
-              "mistral_large4": ["model.vision_tower", "model.multi_modal_projector"]}  # fmt: skip
+              "mistral_large4": ["model.vision_tower", "model.multi_modal_projector"],
+              "gemma4": ["model.vision_tower", "model.embed_vision"]}  # fmt: skip
     assert outside == towers.get(family_of(source), [])
 
 

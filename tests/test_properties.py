@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from reference import RefRouting, Spec, apply_capacity, assert_matches, run_both
 
-from moelab.nn import MoEConfig, build_moe, plan_dispatch
+from moelab.nn import MoEConfig, ScaledRMSNorm, build_moe, plan_dispatch
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 
@@ -58,13 +58,29 @@ def configs(draw):
     return MoEConfig(**kw)
 
 
+def _with_norms(layer, dim: int, eps: float, g: torch.Generator) -> None:
+    """Gemma 4's norms around a top-k layer's router and experts, and its per-expert weight scale."""
+    router = layer.router
+    router.input_norm = ScaledRMSNorm(dim, eps, multiplier=dim**-0.5)
+    router.expert_scale = torch.nn.Parameter(1 + 0.5 * torch.randn(router.num_experts, generator=g))
+    layer.expert_norm, layer.routed_norm = ScaledRMSNorm(dim, eps), ScaledRMSNorm(dim, eps)
+    with torch.no_grad():
+        router.weight.mul_(dim**0.5)  # the normed input is ~dim^-0.5 per entry
+        for norm in (router.input_norm, layer.expert_norm, layer.routed_norm):
+            norm.weight.copy_(1 + 0.5 * torch.randn(dim, generator=g))
+
+
 @settings(max_examples=40, **SETTINGS)
-@given(cfg=configs(), T=st.integers(1, 40), seed=st.integers(0, 2**16))
-def test_layer_equals_reference(cfg, T, seed):
+@given(cfg=configs(), T=st.integers(1, 40), seed=st.integers(0, 2**16), normed=st.booleans())
+def test_layer_equals_reference(cfg, T, seed, normed):
+    """normed: a top-k layer with Gemma 4's norms around its router and experts."""
     torch.manual_seed(seed)
     layer = build_moe(cfg)
     layer.trace = True
     g = torch.Generator().manual_seed(seed)
+    normed = normed and cfg.router == "topk"
+    if normed:
+        _with_norms(layer, cfg.dim, 0.5, g)
     with torch.no_grad():
         layer.router.weight.mul_(2.0)
         for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
@@ -72,6 +88,8 @@ def test_layer_equals_reference(cfg, T, seed):
                 t.add_(torch.randn(t.shape, generator=g) * 0.1)
     x = torch.randn(T, cfg.dim, generator=g)
     spec = Spec.from_config(cfg)
+    if normed:
+        spec.norm_eps, spec.router_norm_multiplier = 0.5, cfg.dim**-0.5
     both = run_both(layer, spec, x)
     # float32 vs float64 may break a near-tie differently; such examples prove nothing
     assume(both.ref.routing.safe_margin(ordered=cfg.capacity_factor is not None) > 1e-6)

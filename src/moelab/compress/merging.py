@@ -134,11 +134,10 @@ def merged_layer(
     new_experts = dataclasses.replace(
         experts, **{n: torch.stack(v).to(getattr(experts, n).dtype) for n, v in merged.items()}
     )
+    scale = None if router.expert_scale is None else router.expert_scale.new_ones(len(groups))  # folded into down
     new_router = dataclasses.replace(
-        router, **{n: torch.stack(v).to(getattr(router, n).dtype) for n, v in rows.items()}
+        router, expert_scale=scale, **{n: torch.stack(v).to(getattr(router, n).dtype) for n, v in rows.items()}
     )
-    if router.expert_scale is not None:
-        new_router = dataclasses.replace(new_router, expert_scale=router.expert_scale.new_ones(len(groups)))
     view = dataclasses.replace(layer, router=new_router, experts=new_experts)
     return LayerEdit(tuple(tuple(g) for g in groups), view=view)
 

@@ -29,6 +29,7 @@ import moelab
 from moelab.compress.calibration import CalibrationOptions, calibration_mixture, run_calibration
 from moelab.compress.methods import LayerDecision, Method, ScoringMethod, Target, get_method, plan_target
 from moelab.compress.methods.base import check_protected, share_kept, super_expert_ids
+from moelab.compress.methods.easy_ep import EasyEP
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture
 from moelab.compress.observers import OBSERVERS
 from moelab.compress.router_fit import HOLDOUT_EVERY, RouterFit, refit_router
@@ -178,6 +179,12 @@ def _planned(
     planned = {}
     for i, layer in _layer_views(model, method, align, mtp_layers).items():
         router, where = layer.router, f"layer {i}: "
+        if method.name == EasyEP.name and layer.routed_norm is not None:
+            raise ValueError(
+                f"{where}EASY-EP weighs each expert by how far the routed output turns the residual stream, which "
+                "this model's decoder layer norms again after its MoE (Gemma 4): moelab cannot read that turn; "
+                "choose another method (reap, frequency, moelab, ...)"
+            )
         keep = share_kept(router.num_experts, ratio) if method.narrows else plan_target(router, ratio, where)
         method.check_width(layer.experts.hidden_dim, router.num_experts, keep, where)
         planned[i] = (router, keep)

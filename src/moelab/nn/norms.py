@@ -29,7 +29,7 @@ class ScaledRMSNorm(nn.Module):
         h = x if x.element_size() >= 4 else x.float()
         h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         if self.weight is not None:
-            h = h * self.weight.float()
+            h = h * self.weight.to(h.dtype)
         if self.multiplier != 1.0:
             h = h * self.multiplier
         return h.to(x.dtype)
