@@ -366,6 +366,27 @@ TINY = {
     "minimax_m2": Tiny(
         dict(COMMON, head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
     ),
+    "minimax_m3_vl_text": Tiny(
+        dict(
+            COMMON,
+            head_dim=8,
+            rotary_dim=4,
+            intermediate_size=16,
+            dense_intermediate_size=48,
+            shared_intermediate_size=24,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            routed_scaling_factor=1.5,
+            swiglu_limit=0.5,
+            mlp_layer_types=["dense", "sparse"],
+            layer_types=["full_attention", "minimax_m3_sparse"],
+            index_n_heads=2,
+            index_head_dim=8,
+            index_block_size=4,
+            index_topk_blocks=2,
+        ),
+        dense=(0,),
+    ),
     "hunyuan_v1_moe": Tiny(
         dict(COMMON, head_dim=8, intermediate_size=16, num_experts=4, moe_topk=2),
     ),
@@ -459,6 +480,7 @@ COMPRESS_SLOW = frozenset(
     {
         "exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid",
         "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text", "mistral4", "flint", "axk1", "sarvam_moe", "cohere2_moe",
+        "minimax_m3_vl_text",
     }
 )
 

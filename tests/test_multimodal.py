@@ -101,6 +101,11 @@ MODELS = {
              head_dim=16, patch_size=4, position_embedding_size=64),
         "model.language_model.layers.", "num_experts", gemma4_moe,
     ),
+    "minimax_m3_vl": (  # stored under the release's names: block_sparse_moe, per-expert w1/w3/w2, index_*_proj
+        dict(TINY["minimax_m3_vl_text"].config, vocab_size=8192),
+        dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=56, patch_size=14),
+        "language_model.model.layers.", "num_local_experts", "mlp",
+    ),
     "qwen4_exp": (  # its n-gram table stored as shards (see test_qwen4_exp)
         dict(QWEN4_EXP, split_ngram_parts=3),
         dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=32),
@@ -109,6 +114,7 @@ MODELS = {
 }  # fmt: skip
 # the config entries of the towers and projectors besides the vision tower
 OTHER_TOWERS = {
+    "minimax_m3_vl": dict(projector_hidden_size=32, merged_hidden_size=64),
     "kimi_k25": dict(mm_hidden_size=32),
     "dots3_note": dict(audio_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                          downsample_hidden_size=16, adapter_input_size=32, adapter_out_dim=32)),

@@ -258,7 +258,7 @@ def test_a_transformers_model_pads_a_sequence_that_ended_with_the_eos_token():
     assert torch.equal(generate_ids(hf, ids, 8, eos_token_id=eos), want)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3", "axk1", "gemma4_text"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3", "axk1", "gemma4_text", "minimax_m3_vl_text"])
 def test_offloaded_transformers_checkpoint_decodes_like_transformers(tmp_path, family, one_thread):
     """Mixtral runs offloaded as a moelab model (`moelab.hf.conversion`), the others on transformers'
     modules with moelab's MoE blocks; the EOS token neither stops nor is forbidden on either side."""
@@ -970,14 +970,14 @@ def test_decode_cache_length_is_the_prompts_and_new_tokens_compiled_rounded_up_t
 def test_kv_bytes_per_token_are_what_transformers_caches(family):
     """Against the keys and values transformers' own cache holds after 2 sequences of 5 tokens
     (DeepSeek's latent attention caches a compressed latent, not per-head keys and values; LFM2-MoE's
-    convolution layers cache none)."""
+    convolution layers cache none; MiniMax-M3's sparse layers cache their indexer's key beside)."""
     model = build(family).eval()
     with torch.no_grad():
         cache = model(torch.randint(0, 32, (2, 5)), use_cache=True).past_key_values
     # LFM2-MoE's convolution layers hold a fixed-size state, no keys or values; Nemotron-H's MoE layers none
     held = sum(
         layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if getattr(layer, "keys", None) is not None
-    )
+    ) + sum(layer.idx_keys.nbytes for layer in cache.layers if getattr(layer, "idx_keys", None) is not None)
     assert kv_bytes_per_token(model, torch.float32) * 2 * 5 == held
     assert kv_bytes_per_token(model, torch.bfloat16) * 2 * 5 == held // 2
 

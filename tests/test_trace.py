@@ -180,9 +180,10 @@ def test_transformers_trace_records_what_the_block_chose(tmp_path, family):
     for h in handles:
         h.remove()
     assert sorted(recorded) == sorted(seen) and recorded, "every MoE layer, no dense layer"
-    scale = loaded.model.config.moe_routed_scaling_factor if family == "laguna" else 1  # applied after its experts
     for i, r in recorded.items():
         (index, weights), = seen[i]
+        router = loaded.view.layer(i).router  # Laguna's, MiniMax-M3's scale: applied after their experts
+        scale = router.route_scale if router.scaled_after_experts else 1
         assert torch.equal(r.indices, index.long())
         torch.testing.assert_close(r.weights, weights.float() * scale, atol=0, rtol=0)
         check = capture.checks[i]

@@ -288,6 +288,24 @@ def _minimax_m2(config: Config) -> dict:
     return _sigmoid_renormalized(config)
 
 
+def _minimax_m3(config: Config) -> dict:
+    """MiniMax-M3: sigmoid, the correction bias steers selection only, always renormalised, the routed
+    sum x routed_scaling_factor (MiniMaxM3VLTextConfig's default 2.0) before the shared experts' output
+    is added."""
+    return _sigmoid_renormalized(config, "routed_scaling_factor", 2.0, after_experts=True)
+
+
+def _minimax_m3_activations(config: Config, index: int) -> tuple[dict, dict]:
+    """MiniMax-M3's routed and shared experts: GPT-OSS's clamped SwiGLU (gate and up not interleaved),
+    with swiglu_alpha and swiglu_limit (class defaults 1.702 and 7.0)."""
+    clamped = {
+        "activation": "clamped_swiglu",
+        "swiglu_alpha": float(config_value(config, "swiglu_alpha", default=1.702)),
+        "swiglu_limit": float(config_value(config, "swiglu_limit", default=7.0)),
+    }
+    return clamped, clamped
+
+
 def _hunyuan_v1_moe(config: Config) -> dict:
     """Hunyuan-MoE V1: softmax, top moe_topk, renormalised. moe_topk may list one k per layer;
     only a list of one k is read (the settings are the model's, not a layer's)."""
@@ -673,6 +691,19 @@ def _minimax_m2_layouts() -> tuple[Layout, ...]:
     )  # fmt: skip
 
 
+def _minimax_m3_layouts() -> tuple[Layout, ...]:
+    """MiniMax-M3 as released: Mixtral's block_sparse_moe (experts.{e}.w1/w3/w2, gate, the block's
+    e_score_correction_bias) with shared_experts.gate_proj/up_proj/down_proj; fused in memory: mlp.*
+    with the correction bias under the gate and the shared experts' gate and up in one gate_up_proj."""
+    per_expert, fused = _w1w3w2_layouts("mlp.gate.weight")
+    return (
+        Layout(dataclasses.replace(per_expert.router, selection_bias="block_sparse_moe.e_score_correction_bias"),
+               per_expert.experts, _shared("block_sparse_moe.shared_experts")),
+        Layout(dataclasses.replace(fused.router, selection_bias="mlp.gate.e_score_correction_bias"), fused.experts,
+               SharedFusedMLP("mlp.shared_experts.gate_up_proj.weight", "mlp.shared_experts.down_proj.weight")),
+    )  # fmt: skip
+
+
 def _hunyuan_v1_moe_layouts() -> tuple[Layout, ...]:
     """The qwen2_moe experts; router mlp.gate.wg; shared expert mlp.shared_mlp."""
     router, shared = RouterKeys("mlp.gate.wg.weight"), _shared("mlp.shared_mlp")
@@ -921,6 +952,11 @@ _FAMILIES = (
            expert_width=_MOE_WIDTH, selection_bias_flag="use_expert_bias"),
     Family("minimax_m2", layouts=_minimax_m2_layouts(), num_experts=("num_local_experts",),
            router_settings=_minimax_m2),
+    Family("minimax_m3_vl_text", layouts=_minimax_m3_layouts(), num_experts=("num_local_experts",),
+           router_settings=_minimax_m3, layer_activations=_minimax_m3_activations,
+           is_moe_layer=lambda config, i: _mlp_layer_types(config, i, first_dense=0, layer_freq=True),
+           stored_renames=tuple((f"self_attn.indexer.{p}.", f"self_attn.index_{p}.") for p in ("q_proj", "k_proj", "q_norm", "k_norm")),
+           stored_shards=(("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),), loads_multimodal=True),
     Family("hunyuan_v1_moe", layouts=_hunyuan_v1_moe_layouts(), num_experts=("num_experts", "num_local_experts"),
            router_settings=_hunyuan_v1_moe, shared_width_follows=True),
     Family("ernie4_5_moe", layouts=_ernie4_5_moe_layouts(), num_experts=("moe_num_experts", "num_experts"),

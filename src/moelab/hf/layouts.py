@@ -562,6 +562,10 @@ class Family:
         block module around them, and norms the experts' sum with this module of its own (Gemma 4:
         post_feedforward_layernorm_2); the runs that put moelab's layer in its place swap the
         router, the experts and that norm (`moelab.hf.layerwise.install_moe`).
+    loads_multimodal: transformers maps the names a multimodal release stores (MiniMax-M3-VL's
+        block_sparse_moe, per-expert w1/w3/w2) only through the vision-language model's conversion
+        mapping, so such a checkpoint loads as that model (`moelab.hf.loading`), not as its language
+        model's causal LM (the layer-by-layer and offloaded runs read the names themselves).
     """
 
     name: str
@@ -588,6 +592,7 @@ class Family:
     block_output_norm: str | None = None
     layer_returns_tuple: bool = False
     inline_routed_norm: str | None = None
+    loads_multimodal: bool = False
 
     def layer_count(self, config: Config) -> int:
         """The number of decoder layers: the first of `num_layers` set, or the length of a

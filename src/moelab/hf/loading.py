@@ -72,8 +72,9 @@ def _language_model(path: Path) -> tuple[Any, dict[str, Any]]:
     (`moelab.hf.layerwise.language_model_class`): AutoModelForCausalLM where transformers maps the
     checkpoint to a causal LM; for a multimodal release it maps to none, the text model's causal LM
     with its config and the stored names mapped to its own (Kimi-K2.5), or the vision-language model
-    (Qwen3-VL-MoE)."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
+    (Qwen3-VL-MoE; MiniMax-M3-VL, whose stored names only its conversion mapping reads:
+    `Family.loads_multimodal`)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoConfig, AutoModelForCausalLM
 
     from moelab.hf.adapters import resolve
     from moelab.hf.layerwise import language_model_class
@@ -89,6 +90,8 @@ def _language_model(path: Path) -> tuple[Any, dict[str, Any]]:
         return cls, {}
     _, ckpt, family = resolve(path)
     ckpt.close()
+    if family.loads_multimodal and type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)], {}
     return cls, {"config": settings, "key_mapping": {"^" + re.escape(disk): mem for mem, disk in family.stored_renames}}
 
 

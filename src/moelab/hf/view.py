@@ -22,7 +22,7 @@ from moelab.validation import is_int
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sparsemixer")
 GATED_ACTIVATIONS = ("silu", "clamped_swiglu", "capped_swiglu", "gelu_tanh_glu")  # act(gate, up)
-SHARED_GATED_ACTIVATIONS = ("silu", "capped_swiglu", "gelu_tanh_glu")  # shared experts with a gate
+SHARED_GATED_ACTIVATIONS = ("silu", "clamped_swiglu", "capped_swiglu", "gelu_tanh_glu")  # shared experts with a gate
 PLAIN_ACTIVATIONS = ("relu2", "gelu", "relu", "silu")  # act(up), experts with no gate: Nemotron-H, moelab's
 ACTIVATIONS = tuple(dict.fromkeys(GATED_ACTIVATIONS + PLAIN_ACTIVATIONS))
 
@@ -137,13 +137,7 @@ class ExpertsView:
                 f"experts activation must be one of {ACTIVATIONS}, got {self.activation!r} (config.json's "
                 "hidden_act); other activations are not supported yet"
             )
-        if (self.swiglu_alpha is not None) != (self.activation == "clamped_swiglu") or (
-            self.swiglu_limit is not None
-        ) != (self.activation in ("clamped_swiglu", "capped_swiglu")):
-            raise ValueError(
-                "swiglu_alpha is set exactly when activation is 'clamped_swiglu', swiglu_limit exactly when it is "
-                "'clamped_swiglu' or 'capped_swiglu'"
-            )
+        _check_swiglu_settings("", self.activation, self.swiglu_alpha, self.swiglu_limit)
         kind, allowed = ("gated", GATED_ACTIVATIONS) if self.gated else ("plain", PLAIN_ACTIVATIONS)
         if self.activation not in allowed:
             raise ValueError(
@@ -185,8 +179,9 @@ class ExpertsView:
 @dataclass(frozen=True, eq=False)
 class SharedView:
     """Always-on expert(s), fused into one MLP of width Is, added to the routed output:
-    y = down @ (silu(gate @ x) * (up @ x)) (SwiGLU; "capped_swiglu": Step 3.7's bounded form,
-    "gelu_tanh_glu": Gemma 4's GELU-gated form, see `ExpertsView`), or down @ act(up @ x) where gate
+    y = down @ (silu(gate @ x) * (up @ x)) (SwiGLU; "clamped_swiglu": MiniMax-M3's, GPT-OSS's form,
+    "capped_swiglu": Step 3.7's bounded form, "gelu_tanh_glu": Gemma 4's GELU-gated form, see
+    `ExpertsView`), or down @ act(up @ x) where gate
     is None and `activation` names a plain one (Nemotron-H: relu2); times sigmoid(sigmoid_gate @ x)
     if that is set (Qwen2-MoE).
 
@@ -199,6 +194,7 @@ class SharedView:
     sigmoid_gate: Tensor | None = None
     activation: str = "silu"
     swiglu_limit: float | None = None
+    swiglu_alpha: float | None = None
 
     def __post_init__(self):
         if self.activation not in (PLAIN_ACTIVATIONS if self.gate is None else SHARED_GATED_ACTIVATIONS):
@@ -207,8 +203,7 @@ class SharedView:
                 f"of {PLAIN_ACTIVATIONS}; got activation {self.activation!r} and "
                 f"{'no gate' if self.gate is None else 'a gate'}"
             )
-        if (self.swiglu_limit is not None) != (self.activation == "capped_swiglu"):
-            raise ValueError("shared experts: swiglu_limit is set exactly when activation is 'capped_swiglu'")
+        _check_swiglu_settings("shared experts: ", self.activation, self.swiglu_alpha, self.swiglu_limit)
         _check_shape("shared up", self.up, (None, None))
         Is, D = self.up.shape
         _check_shape("shared gate", self.gate, (Is, D))
@@ -404,6 +399,17 @@ def check_no_layers_beyond(checkpoint: Checkpoint, config: dict[str, Any], adapt
         raise CheckpointError(
             f"{checkpoint.directory}: the checkpoint holds layers {extra[:3]}{' ...' if len(extra) > 3 else ''} but "
             f"config.json has {num_layers}; config.json does not describe these weights (fix its layer count)"
+        )
+
+
+def _check_swiglu_settings(where: str, activation: str, alpha: float | None, limit: float | None) -> None:
+    """swiglu_alpha is set exactly for "clamped_swiglu", swiglu_limit for it and "capped_swiglu"."""
+    if (alpha is not None) != (activation == "clamped_swiglu") or (limit is not None) != (
+        activation in ("clamped_swiglu", "capped_swiglu")
+    ):
+        raise ValueError(
+            f"{where}swiglu_alpha is set exactly when activation is 'clamped_swiglu', swiglu_limit exactly when it "
+            "is 'clamped_swiglu' or 'capped_swiglu'"
         )
 
 

@@ -556,30 +556,40 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     over every layer: moelab's KV cache, or transformers' (where DeepSeek's multi-head latent
     attention caches the compressed latent and the shared rotary key, not per-head keys and values,
     a hybrid model's convolution layers cache none, and a layer's own settings (per_layer_config:
-    dots3's sliding layers) give its sizes)."""
+    dots3's sliding layers) give its sizes; MiniMax-M3's sparse layers cache their indexer's key too)."""
     size, config = torch.empty((), dtype=dtype).element_size(), model.config
     if isinstance(model, MoETransformer):
         return 2 * config.n_layers * config.n_kv_heads * config.head_dim * size
     config = config.get_text_config()  # a vision-language model's: its language model's
-    return sum(_kv_entries(config.per_layer_config[i]) for i in _attention_layers(config)) * size
+    types = _layer_types(config)
+    return sum(_kv_entries(config.per_layer_config[i], types[i]) for i in _attention_layers(types)) * size
 
 
-def _kv_entries(config) -> int:
-    """Entries one layer of `config` caches per token."""
+def _kv_entries(config, layer_type: str) -> int:
+    """Entries one layer of `config`, of kind `layer_type`, caches per token."""
     if getattr(config, "kv_lora_rank", None):
         return config.kv_lora_rank + config.qk_rope_head_dim
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * heads * head_dim
+    indexer = config.index_head_dim if layer_type == MINIMAX_M3_SPARSE else 0  # one key per token
+    return 2 * heads * head_dim + indexer
 
 
-def _attention_layers(config) -> list[int]:
-    """The layers that cache keys and values per token: all of them, unless config.layer_types
-    names others (LFM2's short convolutions, linear attention: a fixed-size state per sequence)."""
+MINIMAX_M3_SPARSE = "minimax_m3_sparse"  # MiniMax-M3's block-sparse attention layers (an indexer beside)
+
+
+def _layer_types(config) -> list[str]:
+    """Each layer's kind as config.layer_types names it ("attention" for all where it names none)."""
     types = getattr(config, "layer_types", None)
     if not isinstance(types, (list, tuple)) or len(types) != config.num_hidden_layers:
-        return list(range(config.num_hidden_layers))
-    return [i for i, t in enumerate(types) if str(t).endswith("attention") and t != "linear_attention"]
+        return ["attention"] * config.num_hidden_layers
+    return [str(t) for t in types]
+
+
+def _attention_layers(types: list[str]) -> list[int]:
+    """The layers that cache keys and values per token: attention layers, not LFM2's short convolutions
+    or linear attention (a fixed-size state per sequence)."""
+    return [i for i, t in enumerate(types) if (t.endswith("attention") and t != "linear_attention") or t == MINIMAX_M3_SPARSE]
 
 
 def _tie_output_head(model: nn.Module) -> None:
