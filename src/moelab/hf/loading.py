@@ -74,7 +74,12 @@ def _language_model(path: Path) -> tuple[Any, dict[str, Any]]:
     with its config and the stored names mapped to its own (Kimi-K2.5), or the vision-language model
     (Qwen3-VL-MoE; MiniMax-M3-VL, whose stored names only its conversion mapping reads:
     `Family.loads_multimodal`)."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoConfig, AutoModelForCausalLM
+    from transformers import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+        AutoConfig,
+        AutoModelForCausalLM,
+    )
 
     from moelab.hf.adapters import resolve
     from moelab.hf.layerwise import language_model_class
