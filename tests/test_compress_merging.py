@@ -453,6 +453,22 @@ def test_sub_moe_merge_follows_the_column_block_split():
     assert (buggy - average).norm() > 0.1 * average.norm()
 
 
+def test_sub_moe_folds_per_expert_scales_into_the_down_projections():
+    """Gemma 4's per-expert scale multiplies each expert's output; the merged experts get scale 1, so
+    Sub-MoE's subspace merge (untruncated: the usage-weighted average) is of the members' s_e down_e."""
+    view = _layer_of_families([[0, 3], [1, 4, 5], [2]], seed=11)
+    scale = torch.tensor([0.5, 2.0, -1.0, 1.5, 3.0, 0.25], dtype=F64)
+    view = dataclasses.replace(view, router=dataclasses.replace(view.router, expert_scale=scale))
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5), dtype=F64).float()
+    counts = torch.tensor([1, 9, 5, 4, 2, 3], dtype=F64)
+    decision = get_method("sub_moe").decide(view, stats_with(counts.tolist(), inputs=x), Target(3))
+    assert torch.equal(decision.edit.view.router.expert_scale, torch.ones(3, dtype=F64))
+    for g, group in enumerate(decision.edit.sources):
+        w = counts[list(group)] / counts[list(group)].sum()
+        expected = sum(wi * scale[e] * view.experts.down[e] for wi, e in zip(w, group))
+        torch.testing.assert_close(decision.edit.view.experts.down[g], expected, rtol=1e-12, atol=1e-12)
+
+
 def test_sub_moe_reports_the_factored_size():
     view = _layer_of_families([[0, 3], [1, 4, 5], [2]], seed=11)
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5), dtype=F64).float()
