@@ -46,6 +46,18 @@ def expert_features(layer: MoELayerView, x: Tensor) -> Tensor:
     return routed_output(layer, torch.stack(features))
 
 
+def scale_folded(layer: MoELayerView) -> ExpertsView:
+    """The layer's experts with the router's per-expert scales (Gemma 4's `expert_scale`, which
+    multiply each expert's output) folded into their down projections and biases [E, D, I], [E, D],
+    in float64; the experts as they are without."""
+    experts, scale = layer.experts, layer.router.expert_scale
+    if scale is None:
+        return experts
+    s = scale.double()
+    down_bias = None if experts.down_bias is None else experts.down_bias.double() * s[:, None]
+    return dataclasses.replace(experts, down=experts.down.double() * s[:, None, None], down_bias=down_bias)
+
+
 def logit_similarity(gram: Tensor) -> Tensor:
     """[E, E] M-SMoE's router-logit similarity, (cos + 1) / 2 of two experts' logit columns over
     the calibration tokens, from their Gram matrix sum_t z_t z_t^T [E, E]."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy.cluster.vq import kmeans2
 
-from moelab.compress.merging import expert_features, merged_layer, router_groups
+from moelab.compress.merging import expert_features, merged_layer, router_groups, scale_folded
 from moelab.compress.methods.base import LayerDecision, Method, Target
 from moelab.compress.methods.hcsmoe import _inputs, clusters_by_usage
 from moelab.compress.methods.lowrank import compact_notes
@@ -60,12 +60,14 @@ class SubMoE(Method):
             groups += clusters_by_usage(members, labels, counts, target.protect)
         weights = counts.double()
         edit = merged_layer(layer, groups, weights, router_rule="weighted")  # router rows, and the average
+        folded = scale_folded(layer)  # the merged experts' scale is 1 (`merged_layer`)
+        merged = {
+            name: subspace_merge(getattr(folded, name), groups, weights, self.rank)
+            for name in folded.matrices
+        }
         experts = dataclasses.replace(
             edit.view.experts,
-            **{
-                name: subspace_merge(getattr(layer.experts, name), groups, weights, self.rank)
-                for name in layer.experts.matrices
-            },
+            **{name: t.to(getattr(layer.experts, name).dtype) for name, t in merged.items()},
         )
         view = dataclasses.replace(edit.view, experts=experts)
         edit = LayerEdit(edit.sources, view=view)
