@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from layer_views import make_view, stats_with
-from reference import F64, logsumexp, silu
+from reference import F64, logsumexp, rms_normed, silu
 
 from moelab.compress.merging import (
     _permuted,
@@ -29,7 +29,7 @@ from moelab.compress.methods.hcsmoe import clusters_by_usage, hierarchical_label
 from moelab.compress.methods.lowrank import low_rank_sparse
 from moelab.compress.methods.submoe import kmeans_labels, subspace_merge
 from moelab.hf.edit import LayerEdit, moe_output, one_expert
-from moelab.hf.view import ExpertsView, LatentView, MoELayerView
+from moelab.hf.view import ExpertsView, LatentView, MoELayerView, NormView
 
 # tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -204,6 +204,23 @@ def test_fitted_router_row_is_exact_for_one_expert_and_least_squares_for_groups(
         merged_layer(
             make_view(E=4, score_func="sigmoid"), [[0, 1], [2, 3]], torch.ones(4), router_rule="fit", inputs=x
         )
+
+
+def test_fitted_router_row_reads_the_inputs_through_the_routers_norm():
+    """Gemma 4's router reads n(x) = x / sqrt(mean(x^2) + eps) * g * m: the merged row is the least-squares
+    fit, on n(x), of the group's log-sum-exp of its members' logits on n(x)."""
+    view = make_view(E=4, seed=5)
+    g = torch.linspace(0.5, 2.0, 8, dtype=F64)
+    norm = NormView(g, eps=1e-6, multiplier=8**-0.5)
+    view = dataclasses.replace(view, router=dataclasses.replace(view.router, input_norm=norm))
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(3), dtype=F64) * torch.rand(64, 1, dtype=F64) * 4
+    fitted = merged_layer(view, [[0], [1, 2, 3]], torch.ones(4), router_rule="fit", inputs=x).view.router
+    normed = torch.stack([rms_normed(x[t], g, 1e-6) * 8**-0.5 for t in range(64)])
+    z = normed @ view.router.weight.T
+    target = torch.stack([logsumexp(z[t, 1:]) for t in range(64)])
+    solution = np.linalg.lstsq(normed.numpy(), target.numpy(), rcond=None)[0]
+    torch.testing.assert_close(fitted.weight[0], view.router.weight[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(fitted.weight[1], torch.from_numpy(solution), rtol=0, atol=1e-10)
 
 
 def test_router_groups_split_experts_like_the_router():
