@@ -21,7 +21,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from moelab.hf.edit import EXPERT_TENSORS, LayerEdit, one_expert
-from moelab.hf.native import expert_input, experts_from_view, routed_output
+from moelab.hf.native import expert_input, experts_from_view, norm_from_view, routed_output
 from moelab.hf.view import ExpertsView, MoELayerView, RouterView
 
 ROUTER_RULES = ("dominant", "weighted", "fit")
@@ -156,10 +156,13 @@ def merged_layer(
 
 def _fitted_row(router: RouterView, group: Sequence[int], x: Tensor | None) -> tuple[Tensor, Tensor]:
     """(row [D], bias []) whose logit best matches, in least squares over x [N, D], the
-    log-sum-exp of the group members' logits (their joint softmax mass, up to the normaliser)."""
+    log-sum-exp of the group members' logits (their joint softmax mass, up to the normaliser); a
+    router with an input norm (Gemma 4's) reads, and the fit is on, the normed x."""
     if x is None or router.score_func != "softmax":
         raise ValueError("the 'fit' router rule needs a softmax router and the sampled block inputs")
     x = x.double()
+    if router.input_norm is not None:
+        x = norm_from_view(router.input_norm).double()(x)
     W = router.weight[list(group)].double()
     z = x @ W.T + (0 if router.bias is None else router.bias[list(group)].double())
     target = torch.logsumexp(z, dim=1)
