@@ -553,6 +553,24 @@ def test_gelu_tanh_glu_views_build_gemma4s_gated_experts():
         torch.testing.assert_close(layer.shared.double().mlp(x), glu(shared))
 
 
+def test_gemma4_router_reads_its_input_rounded_as_transformers_rounds_it(tmp_path):
+    """Gemma 4's router norms x in float32, casts back to x's dtype, then multiplies by its scale and
+    hidden_size^-0.5 in that dtype (`Gemma4TextRouter`): moelab's router (float32, as the layer-by-layer
+    and offloaded runs hold it) projects the same bf16 values."""
+    torch.manual_seed(0)
+    model = build("gemma4_text").to(torch.bfloat16)
+    router = model.model.layers[0].router
+    with torch.no_grad():
+        router.scale.copy_(torch.rand(D) * 2)
+    model.save_pretrained(tmp_path)
+    with open_checkpoint(tmp_path) as view:
+        ours = router_from_view(view.layer(0).router).float()
+    x = torch.randn(256, D, dtype=torch.bfloat16) * 3
+    with torch.no_grad():
+        expected = router.norm(x) * router.scale * router.scalar_root_size
+        assert torch.equal(ours.input_norm(x), expected)
+
+
 def test_native_experts_take_a_fused_gate_up_as_it_is():
     """gate and up that are the two halves of one [E, 2I, D] tensor become the experts' gate_up_proj
     itself (no copy); halves of a tensor of more experts than the view's are copied."""
