@@ -60,8 +60,8 @@ def norm_from_view(view: NormView | None) -> ScaledRMSNorm | None:
     return None if view is None else _holding(_norm, view, {"weight": view.weight})
 
 
-def _norm(view: NormView) -> ScaledRMSNorm:
-    return ScaledRMSNorm(view.weight.shape[0], view.eps, multiplier=view.multiplier)
+def _norm(view: NormView, cast_first: bool = False) -> ScaledRMSNorm:
+    return ScaledRMSNorm(view.weight.shape[0], view.eps, multiplier=view.multiplier, cast_first=cast_first)
 
 
 def latent_from_view(view: LatentView | None) -> LatentProjection | None:
@@ -191,7 +191,7 @@ def _router(view: RouterView) -> Router:
         select_on_logits=view.select_on_logits,
         bias=view.bias is not None,
         expert_scale=view.expert_scale is not None,
-        input_norm=None if view.input_norm is None else _norm(view.input_norm),
+        input_norm=None if view.input_norm is None else _norm(view.input_norm, cast_first=True),
     )
 
 

@@ -59,7 +59,8 @@ class RouterView:
     `route_scale` instead of their weights (Laguna): the same output, but the weights its experts
     module is handed leave the scale out.
     expert_scale: [E] | None, each chosen expert's weight is multiplied by its entry last (Gemma 4's
-    per_expert_scale). input_norm: the router reads x through this norm (Gemma 4's).
+    per_expert_scale). input_norm: the router reads x through this norm (Gemma 4's), its weight
+    and multiplier applied after the cast back to x's dtype, as Gemma 4's router applies its scale.
     """
 
     weight: Tensor

@@ -14,13 +14,17 @@ class ScaledRMSNorm(nn.Module):
     for float64 x) and cast back to x's dtype (as Gemma's norms compute it: `torch.pow(mean + eps, -0.5)`); `weight` [D] a
     parameter where `affine`, else left out. Gemma 4's router reads its input so, with
     multiplier D^-0.5 (`Gemma4TextRouter`); its experts' input and their summed output with
-    multiplier 1 (`pre_feedforward_layernorm_2`, `post_feedforward_layernorm_2`)."""
+    multiplier 1 (`pre_feedforward_layernorm_2`, `post_feedforward_layernorm_2`). cast_first: cast
+    back before the weight and multiplier, which then apply in x's dtype (Gemma 4's router, whose
+    norm has no weight of its own and is followed by `* scale * hidden_size**-0.5`)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, *, multiplier: float = 1.0, affine: bool = True):
+    def __init__(
+        self, dim: int, eps: float = 1e-6, *, multiplier: float = 1.0, affine: bool = True, cast_first: bool = False
+    ):
         super().__init__()
         if not eps >= 0:
             raise ValueError(f"ScaledRMSNorm.eps must be >= 0, got {eps}")
-        self.dim, self.eps, self.multiplier = dim, eps, multiplier
+        self.dim, self.eps, self.multiplier, self.cast_first = dim, eps, multiplier, cast_first
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -28,6 +32,8 @@ class ScaledRMSNorm(nn.Module):
             raise ValueError(f"ScaledRMSNorm expects input [..., {self.dim}], got {list(x.shape)}")
         h = x if x.element_size() >= 4 else x.float()
         h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.cast_first:
+            h = h.to(x.dtype)
         if self.weight is not None:
             h = h * self.weight.to(h.dtype)
         if self.multiplier != 1.0:
@@ -35,4 +41,5 @@ class ScaledRMSNorm(nn.Module):
         return h.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, eps={self.eps}, multiplier={self.multiplier}, affine={self.weight is not None}"
+        affine, cast_first = self.weight is not None, self.cast_first
+        return f"{self.dim}, eps={self.eps}, multiplier={self.multiplier}, affine={affine}, cast_first={cast_first}"
