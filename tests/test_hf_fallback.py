@@ -19,6 +19,7 @@ import re
 import pytest
 import torch
 from hf_tiny import COMMON, D
+from test_layerwise import assert_layers_are_transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -46,6 +47,17 @@ CONFIGS = {
         DEEPSEEK_LIKE, num_experts=8, num_expert_group=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
         qk_nope_head_dim=8, v_head_dim=8, mlp_layer_types=["dense", "sparse"], layer_types=["full_attention"] * 2,
         pad_token_id=0,
+    ),
+    # tensors transformers renames or splits on loading (its conversion mapping)
+    "mimo_v2_flash": dict(SMALL, n_routed_experts=4, v_head_dim=8, sliding_window=16),
+    "axk2": dict(
+        DEEPSEEK_LIKE, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4, n_group=2, routed_scaling_factor=1.5,
+        index_topk=4, index_head_dim=8, index_n_heads=2, gated_norm_rank=4,
+    ),
+    "lara_mini": dict(
+        SMALL, shared_expert_intermediate_size=24, num_experts=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4, sliding_window=16,
     ),
 }
 # the tensor each refused family keeps on its block, besides router, experts and shared experts
@@ -185,6 +197,19 @@ def test_families_read_right_open_and_match_transformers(tmp_path, monkeypatch, 
                 got, _ = moe_layer_from_view(layer)(x)
             assert expected.abs().max() > 0.1
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["mimo_v2_flash", "axk2", "lara_mini"])
+def test_tensors_transformers_renames_or_splits_on_loading_run_layer_by_layer(tmp_path, model_type, one_thread):
+    """The fallback reads the plain renames and splits of transformers' conversion mapping (MiMo-V2-Flash's
+    attention sinks stored as attention_sink_bias, A.X K2's q_gate_proj as q_b_proj, Lara-Mini's
+    linear_attn.norm as out_norm and its in_proj_qkv, _z, _b and _a as one in_proj), so their decoder
+    layers run layer by layer as transformers runs them."""
+    model = _save(tmp_path, model_type)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert not any(("sinks" in k or "q_gate_proj" in k or "in_proj_qkv" in k) for k in stored)
+    torch.manual_seed(1)
+    assert_layers_are_transformers(tmp_path, model, [torch.randint(0, 64, (2, 7)), torch.randint(0, 64, (1, 5))])
 
 
 def test_the_check_runs_once_per_checkpoint_files(tmp_path, monkeypatch):
