@@ -19,8 +19,8 @@ import re
 import pytest
 import torch
 from hf_tiny import COMMON, D
-from test_layerwise import assert_layers_are_transformers
 from safetensors.torch import load_file, save_file
+from test_layerwise import assert_layers_are_transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moelab.hf import FAMILIES, CheckpointError, MoELayerView, fallback, moe_layer_from_view, open_checkpoint
