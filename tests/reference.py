@@ -316,10 +316,11 @@ def expert_ffn(x_t: Tensor, e: int, p: dict[str, Tensor], activation: str = "swi
     return y if b_out is None else y + b_out[e]
 
 
-def shared_ffn(x_t: Tensor, p: dict[str, Tensor], gate_act=silu) -> Tensor:
-    """A gated MLP from nn.Linear weights ([out, in]), gate_act(gate) * up (SwiGLU by default);
-    times sigmoid(gate . x) if gated."""
-    hidden = gate_act(p["shared.gate_proj.weight"] @ x_t) * (p["shared.up_proj.weight"] @ x_t)
+def shared_ffn(x_t: Tensor, p: dict[str, Tensor], gate_act=silu, up_act=None) -> Tensor:
+    """A gated MLP from nn.Linear weights ([out, in]), gate_act(gate) * up_act(up) (SwiGLU by default;
+    up_act None: up as it is); times sigmoid(gate . x) if gated."""
+    up = p["shared.up_proj.weight"] @ x_t
+    hidden = gate_act(p["shared.gate_proj.weight"] @ x_t) * (up if up_act is None else up_act(up))
     y = p["shared.down_proj.weight"] @ hidden
     if "shared.gate.weight" in p:
         y = y * sigmoid(p["shared.gate.weight"][0] @ x_t)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from reference import F64, assert_close, expert_ffn, f64_leaf, f64_leaves, gelu_tanh, shared_ffn, silu
 
-from moelab.nn import GeluTanhGLU, MLPExperts, SharedExperts, SwiGLUExperts, grouped_mlp
+from moelab.nn import GateClampedSwiGLU, GeluTanhGLU, MLPExperts, SharedExperts, SwiGLUExperts, grouped_mlp
 
 BACKENDS = ["auto", "grouped", "loop", "grouped_mm", "triton"]
 # D, I multiples of 4: fp32 rows are 16-byte aligned, so "grouped_mm" really runs torch._grouped_mm
@@ -194,19 +194,34 @@ def test_gate_rows_come_first():
     assert not torch.allclose(m(xs, [4]).detach(), 2 * base, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["swiglu", "gelu_tanh_glu"])
+@pytest.mark.parametrize("kind", ["swiglu", "gelu_tanh_glu", "gate_clamped_swiglu"])
 @pytest.mark.parametrize("gated", [False, True])
 def test_shared_experts_match_reference(gated, kind):
-    """SwiGLU, or Gemma 4's `GeluTanhGLU` (gelu_tanh(gate) * up), against the float64 formula."""
+    """SwiGLU, Gemma 4's `GeluTanhGLU` (gelu_tanh(gate) * up) or Hunyuan 4's / DeepSeek-V4's
+    `GateClampedSwiGLU` (silu(min(gate, L)) * clamp(up, -L, L), both clamps acting) against the
+    float64 formula."""
     torch.manual_seed(0)
-    m = SharedExperts(D, 12, gated=gated, clamped=GeluTanhGLU() if kind == "gelu_tanh_glu" else None)
+    L = 0.5
+    clamped = {"gelu_tanh_glu": GeluTanhGLU(), "gate_clamped_swiglu": GateClampedSwiGLU(L)}.get(kind)
+    m = SharedExperts(D, 12, gated=gated, clamped=clamped)
     x = (2 * torch.randn(9, D)).requires_grad_(True)
     leaves = {f"shared.{n}": t for n, t in f64_leaves(m).items()}
     xr = f64_leaf(x)
     y = m(x)
-    gate_act = gelu_tanh if kind == "gelu_tanh_glu" else silu
-    ref = torch.stack([shared_ffn(xr[t], leaves, gate_act) for t in range(9)])
+    gate_act, up_act = {
+        "gelu_tanh_glu": (gelu_tanh, None),
+        "gate_clamped_swiglu": (
+            lambda g: silu(torch.where(g > L, L, g)),  # silu(min(g, L))
+            lambda u: torch.where(u.abs() > L, L * u.sign(), u),  # clamp(u, -L, L)
+        ),
+    }.get(kind, (silu, None))
+    ref = torch.stack([shared_ffn(xr[t], leaves, gate_act, up_act) for t in range(9)])
     assert_close(y, ref, what="shared y")
+    if kind == "gate_clamped_swiglu":
+        with torch.no_grad():
+            gate, up = m.gate_proj(x), m.up_proj(x)
+        assert (gate > L).any() and (gate < L).any(), "the gate clamp must matter"
+        assert (up.abs() > L).any() and (up.abs() < L).any(), "the up clamp too"
     G = torch.randn(9, D, dtype=F64)
     (y.double() * G).sum().backward()
     (ref * G).sum().backward()
@@ -233,6 +248,12 @@ def _gpt_oss_act(gate, up, limit, alpha=1.702):
 def _step_act(gate, up, limit):
     """Step 3.7's bounded layers: act = min(silu(g), limit) clamp(u, -limit, limit)."""
     return torch.minimum(gate * torch.sigmoid(gate), torch.tensor(limit, dtype=gate.dtype)) * up.clamp(-limit, limit)
+
+
+def _gate_clamped_act(gate, up, limit):
+    """Hunyuan 4, DeepSeek-V4: g = min(g, limit), act = silu(g) clamp(u, -limit, limit) (no alpha, no +1)."""
+    gate = torch.minimum(gate, torch.tensor(limit, dtype=gate.dtype))
+    return gate * torch.sigmoid(gate) * up.clamp(-limit, limit)
 
 
 def _gated_reference(xs, counts, row_weights, p, act, scale_input=False):
@@ -277,18 +298,25 @@ def _check_gated(m, act, scale_input):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("scale_input,kind", [(False, "gpt-oss"), (True, "gpt-oss"), (False, "step")])
+@pytest.mark.parametrize(
+    "scale_input,kind",
+    [(False, "gpt-oss"), (True, "gpt-oss"), (False, "step"), (False, "gate-clamped"), (True, "gate-clamped")],
+)
 def test_clamped_swiglu_experts_match_reference(backend, scale_input, kind):
     """Forward and backward (inputs, routing weights, every parameter) with both clamps active:
-    GPT-OSS's `ClampedSwiGLU` and Step 3.7's `CappedSwiGLU`."""
+    GPT-OSS's `ClampedSwiGLU`, Step 3.7's `CappedSwiGLU`, Hunyuan 4's / DeepSeek-V4's `GateClampedSwiGLU`."""
     from moelab.nn import CappedSwiGLU, ClampedSwiGLU
 
     m = _experts("swiglu", True, backend)
-    act = functools.partial(_gpt_oss_act if kind == "gpt-oss" else _step_act, limit=0.5)
-    m.clamped = ClampedSwiGLU(alpha=1.702, limit=0.5) if kind == "gpt-oss" else CappedSwiGLU(0.5)
+    act, m.clamped = {
+        "gpt-oss": (_gpt_oss_act, ClampedSwiGLU(alpha=1.702, limit=0.5)),
+        "step": (_step_act, CappedSwiGLU(0.5)),
+        "gate-clamped": (_gate_clamped_act, GateClampedSwiGLU(0.5)),
+    }[kind]
+    act = functools.partial(act, limit=0.5)
     m.scale_input = scale_input
     h = _check_gated(m, act, scale_input)
-    gate = h[:, :I] if kind == "gpt-oss" else torch.nn.functional.silu(h[:, :I])
+    gate = torch.nn.functional.silu(h[:, :I]) if kind == "step" else h[:, :I]  # what each clamps
     assert (gate > 0.5).any() and (gate < 0.5).any(), "the gate clamp must matter"
     assert (h[:, I:].abs() > 0.5).any() and (h[:, I:].abs() < 0.5).any(), "the up clamp too"
 
@@ -314,18 +342,22 @@ def test_clamped_swiglu_needs_gated():
                     activation=ClampedSwiGLU(), gated=False)
     with pytest.raises(ValueError, match="limit must be > 0"):
         ClampedSwiGLU(limit=0)
+    for limit in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="GateClampedSwiGLU.limit must be > 0"):
+            GateClampedSwiGLU(limit)
 
 
-@pytest.mark.parametrize("kind", ["gpt-oss", "step"])
+@pytest.mark.parametrize("kind", ["gpt-oss", "step", "gate-clamped"])
 def test_clamped_swiglu_backward_passes_gradient_at_the_clamp_bounds(kind):
     """The hand-written backward against autograd through torch.clamp, with gate and up exactly at
     the limits (torch.clamp passes the gradient at its bounds, included) and on either side (Step
     3.7's caps silu(gate): its limit is silu of the first gate)."""
     from moelab.nn import CappedSwiGLU, ClampedSwiGLU
 
-    first = 0.5 if kind == "gpt-oss" else 0.75
-    limit = 0.5 if kind == "gpt-oss" else torch.nn.functional.silu(torch.tensor(first, dtype=F64)).item()
-    act = ClampedSwiGLU(alpha=1.702, limit=limit) if kind == "gpt-oss" else CappedSwiGLU(limit)
+    first = 0.75 if kind == "step" else 0.5
+    limit = torch.nn.functional.silu(torch.tensor(first, dtype=F64)).item() if kind == "step" else 0.5
+    act = {"gpt-oss": ClampedSwiGLU(alpha=1.702, limit=limit), "step": CappedSwiGLU(limit)}.get(kind)
+    act = act or GateClampedSwiGLU(limit)
     gate = torch.tensor([[first, 0.25, 1.5, -0.5, first]], dtype=F64, requires_grad=True)
     up = torch.tensor([[limit, -limit, 0.25, 0.75, -0.75]], dtype=F64, requires_grad=True)
     grad = torch.tensor([[1.0, -2.0, 0.5, 1.5, 3.0]], dtype=F64)
@@ -347,6 +379,27 @@ def test_gelu_tanh_glu_backward_is_autograd_of_its_formula():
     want = torch.autograd.grad(expected, (gate, up), grad)
     got = act.backward(grad, gate.detach(), up.detach())
     torch.testing.assert_close(got, want)
+
+
+def test_gate_clamped_swiglu_backward_is_autograd_of_its_formula():
+    """GateClampedSwiGLU's forward against silu(min(gate, L)) * clamp(up, -L, L) written out, and its
+    hand-written backward against autograd through torch.clamp: gate and up exactly at L and -L (the
+    bounds pass gradient, as torch.clamp's do), beyond them (none), and inside."""
+    L = 0.5
+    gate = torch.tensor([[L, 1.5, 0.25, -0.5, -4.0, L, 0.0, 3.0, L - 1e-3]], dtype=F64, requires_grad=True)
+    up = torch.tensor([[L, -L, 0.75, -0.75, 0.25, -2.0, 1.0, 0.1, L + 1e-3]], dtype=F64, requires_grad=True)
+    grad = torch.tensor([[1.0, -2.0, 0.5, 1.5, 3.0, 0.25, -1.0, 0.75, 2.0]], dtype=F64)
+    g = torch.where(gate > L, L, gate)
+    written = g / (1 + torch.exp(-g)) * torch.where(up.abs() > L, L * up.sign(), up)
+    act = GateClampedSwiGLU(L)
+    torch.testing.assert_close(act(gate, up), written)  # float64 throughout: to its precision
+    g = gate.clamp(max=L)
+    want = torch.autograd.grad(g * torch.sigmoid(g) * up.clamp(-L, L), (gate, up), grad)
+    got = act.backward(grad, gate.detach(), up.detach())
+    torch.testing.assert_close(got, want)
+    gate_passes, up_passes = (got[0] != 0)[0].tolist(), (got[1] != 0)[0].tolist()
+    assert gate_passes == [True, False, True, True, True, True, True, False, True]  # 0 only above L
+    assert up_passes == [True, True, False, False, True, False, False, True, False]  # 0 beyond ±L, or silu = 0
 
 
 @pytest.mark.parametrize("kind", ["swiglu", "gelu"])

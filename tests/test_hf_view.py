@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 from hf_tiny import TINY, D, block_output, build, load
-from reference import gelu_tanh
+from reference import gelu_tanh, silu
 from safetensors.torch import load_file, save_file
 
 from moelab import files as files_module
@@ -31,7 +31,7 @@ from moelab.hf import (
 )
 from moelab.hf.checkpoint import Checkpoint, side_files
 from moelab.hf.native import empty_experts, experts_from_view, router_from_view
-from moelab.nn import GeluTanhGLU
+from moelab.nn import GateClampedSwiGLU, GeluTanhGLU
 
 # tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -553,6 +553,33 @@ def test_gelu_tanh_glu_views_build_gemma4s_gated_experts():
         torch.testing.assert_close(layer.shared.double().mlp(x), glu(shared))
 
 
+def test_gate_clamped_swiglu_views_build_hunyuan4s_and_deepseek_v4s_gated_experts():
+    """"gate_clamped_swiglu" (Hunyuan 4, DeepSeek-V4) names a gated activation of routed and gated
+    shared experts, with swiglu_limit L and no swiglu_alpha: the native layer computes
+    down @ (silu(min(gate @ x, L)) * clamp(up @ x, -L, L)), `GateClampedSwiGLU(L)`, in both, on data
+    where both clamps act."""
+    torch.manual_seed(0)
+    L = 0.5
+    routed = {"gate": torch.randn(4, 8, D), "up": torch.randn(4, 8, D), "down": torch.randn(4, D, 8)}
+    shared = {"gate": torch.randn(6, D), "up": torch.randn(6, D), "down": torch.randn(D, 6)}
+    routed, shared = ({n: 0.2 * t for n, t in part.items()} for part in (routed, shared))
+    gate_clamped = {"activation": "gate_clamped_swiglu", "swiglu_limit": L}
+    layer = moe_layer_from_view(_views(experts=routed | gate_clamped, shared=shared | gate_clamped))
+    assert layer.experts.clamped == GateClampedSwiGLU(L) and layer.shared.clamped == GateClampedSwiGLU(L)
+    x = torch.randn(3, D, dtype=torch.float64)
+
+    def glu(w):  # w: gate, up [H, D] and down [D, H]
+        gate, up = x @ w["gate"].double().T, x @ w["up"].double().T
+        assert (gate > L).any() and (gate < L).any() and (up.abs() > L).any() and (up.abs() < L).any()
+        hidden = silu(torch.where(gate > L, L, gate)) * torch.where(up.abs() > L, L * up.sign(), up)
+        return hidden @ w["down"].double().T
+
+    with torch.no_grad():
+        expert_1 = {n: t[1] for n, t in routed.items()}
+        torch.testing.assert_close(layer.experts.double()(x, [0, 3, 0, 0]), glu(expert_1))
+        torch.testing.assert_close(layer.shared.double().mlp(x), glu(shared))
+
+
 def test_gemma4_router_reads_its_input_rounded_as_transformers_rounds_it(tmp_path):
     """Gemma 4's router norms x in float32, casts back to x's dtype, then multiplies by its scale and
     hidden_size^-0.5 in that dtype (`Gemma4TextRouter`): moelab's router (float32, as the layer-by-layer
@@ -635,6 +662,12 @@ def _views(**change):
         ({"experts": {"activation": "gelu_tanh_glu", "swiglu_limit": 7.0}}, r"set exactly when activation is"),
         ({"experts": {"gate": None, "activation": "gelu_tanh_glu"}},
          r"plain experts \(no gate projection\) take one of .*got activation 'gelu_tanh_glu'"),
+        ({"experts": {"activation": "gate_clamped_swiglu"}},
+         r"swiglu_limit exactly when it is 'clamped_swiglu', 'capped_swiglu' or 'gate_clamped_swiglu'"),
+        ({"experts": {"activation": "gate_clamped_swiglu", "swiglu_limit": 7.0, "swiglu_alpha": 1.7}},
+         r"swiglu_alpha is set exactly when activation is 'clamped_swiglu'"),
+        ({"experts": {"gate": None, "activation": "gate_clamped_swiglu", "swiglu_limit": 7.0}},
+         r"plain experts \(no gate projection\) take one of .*got activation 'gate_clamped_swiglu'"),
         ({"experts": {"gate": torch.zeros(4, 8, 31)}}, r"experts gate has shape \[4, 8, 31\], expected \[4, 8, 32\]"),
         ({"experts": {"down": torch.zeros(4, D, 7)}}, r"experts down has shape \[4, 32, 7\], expected \[4, 32, 8\]"),
         ({"experts": {"gate": None, "activation": "clamped_swiglu", "swiglu_alpha": 1.7, "swiglu_limit": 7.0}},
@@ -652,6 +685,11 @@ def _views(**change):
         ({"shared": {"activation": "clamped_swiglu", "swiglu_alpha": 1.7}}, r"shared experts: swiglu_alpha is set exactly"),
         ({"shared": {"activation": "gelu_tanh_glu", "swiglu_limit": 7.0}}, r"shared experts: swiglu_alpha is set exactly"),
         ({"shared": {"gate": None, "activation": "gelu_tanh_glu"}}, r"got activation 'gelu_tanh_glu' and no gate"),
+        ({"shared": {"activation": "gate_clamped_swiglu"}}, r"shared experts: swiglu_alpha is set exactly when"),
+        ({"shared": {"activation": "gate_clamped_swiglu", "swiglu_limit": 7.0, "swiglu_alpha": 1.7}},
+         r"shared experts: swiglu_alpha is set exactly when"),
+        ({"shared": {"gate": None, "activation": "gate_clamped_swiglu", "swiglu_limit": 7.0}},
+         r"got activation 'gate_clamped_swiglu' and no gate"),
         ({"shared": {"down": torch.zeros(D, 5)}}, r"shared down has shape \[32, 5\], expected \[32, 6\]"),
         ({"shared": {"sigmoid_gate": torch.zeros(2, D)}}, r"shared sigmoid_gate has shape \[2, 32\], expected \[1, 32\]"),
         ({"experts": {n: torch.zeros(3, *s) for n, s in (("gate", (8, D)), ("up", (8, D)), ("down", (D, 8)))}},

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from moelab.hf.view import ExpertsView, LatentView, MoELayerView, NormView, RouterView, SharedView
 from moelab.nn.experts import Experts, MLPExperts, SharedExperts, SwiGLUExperts
-from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU, GatedActivation, GeluTanhGLU
+from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU, GateClampedSwiGLU, GatedActivation, GeluTanhGLU
 from moelab.nn.latent import LatentProjection
 from moelab.nn.moe import MoELayer
 from moelab.nn.norms import ScaledRMSNorm
@@ -209,8 +209,8 @@ def _experts(view: ExpertsView, num_experts: int | None = None) -> Experts:
 
 
 def _gated_activation(view: ExpertsView | SharedView) -> GatedActivation | None:
-    """The two-input activation a view's "clamped_swiglu", "capped_swiglu" or "gelu_tanh_glu" names; None
-    for SwiGLU."""
+    """The two-input activation a view's "clamped_swiglu", "capped_swiglu", "gelu_tanh_glu" or
+    "gate_clamped_swiglu" names; None for SwiGLU."""
     return gated_activation(view.activation, getattr(view, "swiglu_alpha", None), view.swiglu_limit)
 
 
@@ -218,11 +218,13 @@ def gated_activation(
     activation: str, swiglu_alpha: float | None = None, swiglu_limit: float | None = None
 ) -> GatedActivation | None:
     """The two-input activation that ExpertsView settings name (`SwiGLUExperts.clamped`): "clamped_swiglu",
-    "capped_swiglu" or "gelu_tanh_glu"; None for SwiGLU (and plain activations)."""
+    "capped_swiglu", "gelu_tanh_glu" or "gate_clamped_swiglu"; None for SwiGLU (and plain activations)."""
     if activation == "clamped_swiglu":
         return ClampedSwiGLU(alpha=swiglu_alpha, limit=swiglu_limit)
     if activation == "capped_swiglu":
         return CappedSwiGLU(swiglu_limit)
+    if activation == "gate_clamped_swiglu":
+        return GateClampedSwiGLU(swiglu_limit)
     return GeluTanhGLU() if activation == "gelu_tanh_glu" else None
 
 

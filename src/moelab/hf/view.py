@@ -21,8 +21,10 @@ from moelab.nn.routers import check_groups, check_top_k
 from moelab.validation import is_int
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sparsemixer")
-GATED_ACTIVATIONS = ("silu", "clamped_swiglu", "capped_swiglu", "gelu_tanh_glu")  # act(gate, up)
-SHARED_GATED_ACTIVATIONS = ("silu", "clamped_swiglu", "capped_swiglu", "gelu_tanh_glu")  # shared experts with a gate
+# act(gate, up); shared experts with a gate take the same
+GATED_ACTIVATIONS = ("silu", "clamped_swiglu", "capped_swiglu", "gelu_tanh_glu", "gate_clamped_swiglu")
+SHARED_GATED_ACTIVATIONS = GATED_ACTIVATIONS
+SWIGLU_LIMIT_ACTIVATIONS = ("clamped_swiglu", "capped_swiglu", "gate_clamped_swiglu")  # take swiglu_limit
 PLAIN_ACTIVATIONS = ("relu2", "gelu", "relu", "silu")  # act(up), experts with no gate: Nemotron-H, moelab's
 ACTIVATIONS = tuple(dict.fromkeys(GATED_ACTIVATIONS + PLAIN_ACTIVATIONS))
 
@@ -112,7 +114,9 @@ class ExpertsView:
     g' = min(g, swiglu_limit), u' = clamp(u, -swiglu_limit, swiglu_limit),
     act = g' * sigmoid(swiglu_alpha * g') * (u' + 1). "capped_swiglu" (Step 3.7's bounded layers):
     act = min(silu(g), swiglu_limit) * clamp(u, -swiglu_limit, swiglu_limit). "gelu_tanh_glu" (Gemma 4):
-    act = gelu_tanh(g) * u, GELU's tanh approximation (transformers' "gelu_pytorch_tanh"). Plain ones:
+    act = gelu_tanh(g) * u, GELU's tanh approximation (transformers' "gelu_pytorch_tanh").
+    "gate_clamped_swiglu" (Hunyuan 4, DeepSeek-V4): act = silu(min(g, swiglu_limit)) *
+    clamp(u, -swiglu_limit, swiglu_limit), the gate clamped before a plain SiLU. Plain ones:
     "relu2" (Nemotron-H): act(u) = relu(u)²; "gelu" (exact, erf), "relu", "silu" (moelab's `MLPExperts`).
     scale_input: the routing weight w scales the expert's input, y = y_e(w * x) (Llama 4),
     instead of its output, y = w * y_e(x) (everyone else).
@@ -181,8 +185,9 @@ class ExpertsView:
 class SharedView:
     """Always-on expert(s), fused into one MLP of width Is, added to the routed output:
     y = down @ (silu(gate @ x) * (up @ x)) (SwiGLU; "clamped_swiglu": MiniMax-M3's, GPT-OSS's form,
-    "capped_swiglu": Step 3.7's bounded form, "gelu_tanh_glu": Gemma 4's GELU-gated form, see
-    `ExpertsView`), or down @ act(up @ x) where gate
+    "capped_swiglu": Step 3.7's bounded form, "gelu_tanh_glu": Gemma 4's GELU-gated form,
+    "gate_clamped_swiglu": Hunyuan 4's / DeepSeek-V4's gate-clamped form, see `ExpertsView`),
+    or down @ act(up @ x) where gate
     is None and `activation` names a plain one (Nemotron-H: relu2); times sigmoid(sigmoid_gate @ x)
     if that is set (Qwen2-MoE).
 
@@ -404,13 +409,14 @@ def check_no_layers_beyond(checkpoint: Checkpoint, config: dict[str, Any], adapt
 
 
 def _check_swiglu_settings(where: str, activation: str, alpha: float | None, limit: float | None) -> None:
-    """swiglu_alpha is set exactly for "clamped_swiglu", swiglu_limit for it and "capped_swiglu"."""
+    """swiglu_alpha is set exactly for "clamped_swiglu", swiglu_limit for it, "capped_swiglu" and
+    "gate_clamped_swiglu" (SWIGLU_LIMIT_ACTIVATIONS)."""
     if (alpha is not None) != (activation == "clamped_swiglu") or (limit is not None) != (
-        activation in ("clamped_swiglu", "capped_swiglu")
+        activation in SWIGLU_LIMIT_ACTIVATIONS
     ):
         raise ValueError(
             f"{where}swiglu_alpha is set exactly when activation is 'clamped_swiglu', swiglu_limit exactly when it "
-            "is 'clamped_swiglu' or 'capped_swiglu'"
+            "is 'clamped_swiglu', 'capped_swiglu' or 'gate_clamped_swiglu'"
         )
 
 

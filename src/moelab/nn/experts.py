@@ -96,8 +96,8 @@ def _init_stacked(*weights: Tensor, fan_in: int) -> None:
 
 class SwiGLUExperts(Experts):
     """E SwiGLU MLPs: y = down(silu(gate(x)) * up(x)), or with `clamped`, a two-input `GatedActivation`
-    (GPT-OSS's `ClampedSwiGLU`, Step 3.7's `CappedSwiGLU`, Gemma 4's `GeluTanhGLU`),
-    down(clamped(gate(x), up(x))).
+    (GPT-OSS's `ClampedSwiGLU`, Step 3.7's `CappedSwiGLU`, Gemma 4's `GeluTanhGLU`, Hunyuan 4's and
+    DeepSeek-V4's `GateClampedSwiGLU`), down(clamped(gate(x), up(x))).
 
     gate_up_proj: [E, 2I, D], gate rows first then up rows; down_proj: [E, D, I];
     optional gate_up_bias: [E, 2I] and down_bias: [E, D].
@@ -332,7 +332,8 @@ class SharedExperts(nn.Module):
     optionally scaled by a per-token sigmoid gate (Qwen2-MoE `shared_expert_gate`).
 
     activation "swiglu": down(silu(gate_proj(x)) * up_proj(x)), or with `clamped` (Step 3.7's
-    `CappedSwiGLU`, Gemma 4's `GeluTanhGLU`) down(clamped(gate_proj(x), up_proj(x))); a name in
+    `CappedSwiGLU`, Gemma 4's `GeluTanhGLU`, Hunyuan 4's / DeepSeek-V4's `GateClampedSwiGLU`)
+    down(clamped(gate_proj(x), up_proj(x))); a name in
     ACTIVATIONS (Nemotron-H: relu2): the plain MLP down(act(up_proj(x))), no gate_proj.
     gate_proj (SwiGLU only), up_proj: Linear(D, H); down_proj: Linear(H, D); gate: Linear(D, 1) or None.
     """

@@ -8,8 +8,9 @@ w_out [E, D, I], b_out [E, D] | None, activation, gated, backend) -> [N, D]` run
 `counts[0]` of xs through expert 0, the next `counts[1]` rows through expert 1, and so on, and
 scales each output row by its routing weight. A gated MLP splits the first projection into gate
 rows then up rows: act(gate) * up, or a two-input gated activation (`GatedActivation`: GPT-OSS's
-`ClampedSwiGLU`(gate, up), Step 3.7's `CappedSwiGLU`, Gemma 4's `GeluTanhGLU`). Applying the routing
-weight here, on cache-sized slices, is cheaper than in the [N, D] combine.
+`ClampedSwiGLU`(gate, up), Step 3.7's `CappedSwiGLU`, Gemma 4's `GeluTanhGLU`, Hunyuan 4's and
+DeepSeek-V4's `GateClampedSwiGLU`). Applying the routing weight here, on cache-sized slices, is cheaper
+than in the [N, D] combine.
 
 Backends, chosen by name ("auto", the default, picks "grouped" on CPU and "grouped_mm" for
 bf16 on CUDA):
@@ -124,7 +125,34 @@ class GeluTanhGLU:
         return grad_gate, grad * F.gelu(gate, approximate="tanh")
 
 
-GatedActivation = ClampedSwiGLU | CappedSwiGLU | GeluTanhGLU  # two-input activations of (gate, up)
+@dataclass(frozen=True)
+class GateClampedSwiGLU:
+    """Hunyuan 4's and DeepSeek-V4's gated activation of (gate, up), both [n, I]:
+    act = silu(min(gate, limit)) * clamp(up, -limit, limit) (the gate clamped before the SiLU, as
+    `ClampedSwiGLU` does, but a plain SiLU and no +1 on up; `CappedSwiGLU` caps after the SiLU)."""
+
+    limit: float
+
+    def __post_init__(self):
+        if not self.limit > 0:
+            raise ValueError(f"GateClampedSwiGLU.limit must be > 0, got {self.limit}")
+
+    def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
+        return F.silu(gate.clamp(max=self.limit)) * up.clamp(-self.limit, self.limit)
+
+    def backward(self, grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+        """(d/d gate, d/d up) of `grad`-weighted act; the clamps pass gradient inside their range
+        (bounds included), as torch.clamp does."""
+        g = gate.clamp(max=self.limit)
+        s = torch.sigmoid(g)
+        u = up.clamp(-self.limit, self.limit)
+        grad_gate = grad * u * (s + g * s * (1 - s)) * (gate <= self.limit)
+        grad_up = grad * g * s * ((up >= -self.limit) & (up <= self.limit))
+        return grad_gate, grad_up
+
+
+# two-input activations of (gate, up)
+GatedActivation = ClampedSwiGLU | CappedSwiGLU | GeluTanhGLU | GateClampedSwiGLU
 
 
 class Activation:
