@@ -313,6 +313,35 @@ TINY = {
         ),
         dense=(0,),
     ),
+    "hy_v4": Tiny(  # hyper-connections (2 residual streams), DSA-style indexed attention
+        dict(
+            DEEPSEEK,
+            q_lora_rank=16,
+            routed_scaling_factor=1.5,
+            mlp_layer_types=["dense", "sparse"],
+            index_topk=4,
+            index_head_dim=8,
+            index_n_heads=2,
+            hc_mult=2,
+            swiglu_limit=0.5,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        dense=(0,),
+    ),
+    "bailing_hybrid": Tiny(  # layer 0 dense with linear attention (KDA), layer 1 MoE with full attention
+        dict(
+            DEEPSEEK,
+            num_local_experts=8,
+            layer_group_size=2,
+            head_dim=8,
+            routed_scaling_factor=1.5,
+            num_mtp_layers=0,
+            pad_token_id=0,
+        ),
+        dense=(0,),
+    ),
     "laguna": Tiny(
         dict(
             WIDTHS,
@@ -480,7 +509,7 @@ COMPRESS_SLOW = frozenset(
     {
         "exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid",
         "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text", "mistral4", "flint", "axk1", "sarvam_moe", "cohere2_moe",
-        "minimax_m3_vl_text",
+        "minimax_m3_vl_text", "bailing_hybrid", "hy_v4",
     }
 )
 

@@ -242,8 +242,8 @@ class ContributionObserver(Observer):
     weighted by how much the routed output turns the token's residual stream,
     max(0, 1 - cos(h, h + y_routed)). h, the residual before the block, is taken as the decoder
     layer's output minus the block's output (exact for the usual pre-norm residual layer). A layer
-    whose output is wider than D (Qwen4-Exp's hyper-connections: hc_count residual streams [B, S,
-    hc_count * D], each mixed with the block's output by its own weight) has no such h, nor has a
+    that carries several residual streams (hyper-connections: Qwen4-Exp's [B, S, hc_count * D],
+    Hunyuan 4's [B, S, hc_mult, D], each mixed with the block's output by its own weight) has no such h, nor has a
     layer that norms the routed experts' sum (Gemma 4, whose decoder layer norms the block's output
     again before adding it): none is kept."""
 
@@ -255,7 +255,8 @@ class ContributionObserver(Observer):
         self.sums: Tensor | None = torch.zeros(HALVES, self.S, self.E, dtype=torch.float64)
 
     def update(self, call: MoECall, tokens: Tokens, layer_output: Tensor) -> None:
-        if self.sums is None or layer_output.shape[-1] != self.D or call.routed_norm is not None:
+        streams = layer_output.numel() != call.output.numel()  # hyper-connections: several residual streams
+        if self.sums is None or streams or call.routed_norm is not None:
             self.sums = None
             return
         out = layer_output.reshape(-1, self.D).float()

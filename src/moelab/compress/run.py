@@ -37,6 +37,7 @@ from moelab.compress.stats import Calibration, LayerStats, fingerprint
 from moelab.eval.evaluate import parameter_counts
 from moelab.hf.adapters import resolve
 from moelab.hf.edit import LayerEdit
+from moelab.hf.layouts import config_value
 from moelab.hf.requantize import check_keep_quantized
 from moelab.hf.view import ModelView, MoELayerView, check_no_layers_beyond
 from moelab.hf.writer import unbuilt_layers, write_edited
@@ -177,18 +178,28 @@ def _planned(
     keeps)}; for a method that narrows experts instead, how many experts' worth of parameters it
     keeps (in widths that are multiples of `align`: a quantized output's blocks)."""
     planned = {}
+    streams = _residual_streams(model)
     for i, layer in _layer_views(model, method, align, mtp_layers).items():
         router, where = layer.router, f"layer {i}: "
-        if method.name == EasyEP.name and layer.routed_norm is not None:
+        if method.name == EasyEP.name and (layer.routed_norm is not None or streams > 1):
+            why = "norms again after its MoE (Gemma 4)" if streams == 1 else f"splits into {streams} streams (hyper-connections)"
             raise ValueError(
                 f"{where}EASY-EP weighs each expert by how far the routed output turns the residual stream, which "
-                "this model's decoder layer norms again after its MoE (Gemma 4): moelab cannot read that turn; "
-                "choose another method (reap, frequency, moelab, ...)"
+                f"this model's decoder layer {why}: moelab cannot read that turn; choose another method (reap, "
+                "frequency, moelab, ...)"
             )
         keep = share_kept(router.num_experts, ratio) if method.narrows else plan_target(router, ratio, where)
         method.check_width(layer.experts.hidden_dim, router.num_experts, keep, where)
         planned[i] = (router, keep)
     return planned
+
+
+def _residual_streams(model: Path) -> int:
+    """The residual streams config.json gives the model's hyper-connections (Hunyuan 4's and DeepSeek-V4's
+    hc_mult, Qwen4-Exp's hc_count); 1 without."""
+    config, checkpoint, _ = resolve(model)
+    checkpoint.close()
+    return int(config_value(config, "hc_mult", "hc_count", default=1))
 
 
 def _mtp_layers(model: Path, mtp: str) -> list[int]:

@@ -81,8 +81,8 @@ class LayerStats:
         if value is None:
             raise ValueError(
                 f"the calibration statistics have no {name!r}: its observer did not run (calibrate again with "
-                "the default observers) or cannot read this layer (easyep_sums: a residual stream wider than "
-                "hidden_size, Qwen4-Exp's hyper-connections, or a norm of the routed sum, Gemma 4's)"
+                "the default observers) or cannot read this layer (easyep_sums: several residual streams, the "
+                "hyper-connections of Qwen4-Exp or Hunyuan 4, or a norm of the routed sum, Gemma 4's)"
             )
         return value[list(halves)][:, self._source_index(sources)].sum((0, 1))
 

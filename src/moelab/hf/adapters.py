@@ -40,6 +40,7 @@ from moelab.hf.layouts import (
 from moelab.hf.multimodal import language_config
 from moelab.hf.mxfp4 import Mxfp4Checkpoint
 from moelab.hf.quantized import stated_dtype
+from moelab.hf.stored_names import renamed_on_loading
 from moelab.hf.view import ModelView
 
 # ----------------------------------------------------------------------------- router settings
@@ -130,6 +131,19 @@ def _sigmoid_renormalized(
     if scale is not None:
         settings["route_scale"] = float(config_value(config, scale, default=default))
     return settings | ({"scaled_after_experts": True} if after_experts else {})
+
+
+_BAILING_KEYS = {
+    "moe_renormalize": "norm_topk_prob", "num_expert_group": "n_group", "num_experts_per_token": "num_experts_per_tok"
+}
+
+
+def _bailing_hybrid(config: Config) -> dict:
+    """Ling's hybrid models (bailing_hybrid): DeepSeek-V3's router, its config keys under Ling's names
+    (transformers maps norm_topk_prob, n_group and num_experts_per_tok onto them), with
+    BailingHybridConfig's defaults (8 groups, 4 kept, routed_scaling_factor 2.5)."""
+    canonical = {_BAILING_KEYS.get(key, key): value for key, value in config.items()}
+    return _deepseek_v3_router(n_group=8, topk_group=4, route_scale=2.5)(canonical)
 
 
 def _afmoe(config: Config) -> dict:
@@ -653,6 +667,13 @@ def _kimi_linear_layouts() -> tuple[Layout, ...]:
     return Layout(router, per_expert, _shared(block + "shared_experts")), fused
 
 
+def _bailing_hybrid_layouts() -> tuple[Layout, ...]:
+    """Ling's layout on disk: per-expert gate/up/down_proj, the router's correction bias its
+    mlp.gate.expert_bias; transformers' fused experts and e_score_correction_bias in memory."""
+    per_expert, fused = _qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias="mlp.gate.expert_bias")
+    return per_expert, dataclasses.replace(fused, router=RouterKeys("mlp.gate.weight", selection_bias=_DEEPSEEK_BIAS))
+
+
 # transformers' renames of Kimi-Linear's other tensors: the dense layers' MLPs are stored under
 # block_sparse_moe too, the linear attention's forget gate directly under self_attn; its q, k and v
 # convolutions, which transformers concatenates on loading, are read so
@@ -722,6 +743,21 @@ def _ernie4_5_moe_layouts() -> tuple[Layout, ...]:
         Layout(RouterKeys("mlp.gate.weight", selection_bias=f"mlp.gate.{bias}", selection_bias_row=True),
                fused.experts, shared),
     )  # fmt: skip
+
+
+def _hy_v4_layouts() -> tuple[Layout, ...]:
+    """Hunyuan 4: DeepSeek-V3's router (mlp.gate, its e_score_correction_bias), transformers' fused
+    experts, shared experts whose gate projection is stored as linear_gate (gate_proj in memory)."""
+    router = RouterKeys("mlp.gate.weight", selection_bias="mlp.gate.e_score_correction_bias")
+    experts = FusedGateUp("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    stored = SharedMLP(*(f"mlp.shared_experts.{p}.weight" for p in ("linear_gate", "up_proj", "down_proj")))
+    return Layout(router, experts, stored), Layout(router, experts, _shared("mlp.shared_experts"))
+
+
+def _hy_v4_experts(config: Config) -> dict:
+    """Hunyuan 4's routed experts: silu(min(gate, L)) * clamp(up, -L, L), L = swiglu_limit (HYV4Config's
+    default 10); its shared experts plain SwiGLU."""
+    return {"activation": "gate_clamped_swiglu", "swiglu_limit": float(config_value(config, "swiglu_limit", default=10.0))}
 
 
 def _hy_v3_layouts() -> tuple[Layout, ...]:
@@ -936,6 +972,9 @@ _FAMILIES = (
     Family("kimi_linear", layouts=_kimi_linear_layouts(), num_experts=("num_experts", "num_local_experts"),
            router_settings=_kimi_linear, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
            shared_width_follows=True, stored_renames=_KIMI_RENAMES, stored_shards=_KIMI_CONVOLUTIONS),
+    Family("bailing_hybrid", layouts=_bailing_hybrid_layouts(), num_experts=("num_experts", "num_local_experts"),
+           router_settings=_bailing_hybrid, is_moe_layer=lambda config, i: _mlp_layer_types(config, i, first_dense=2),
+           expert_width=_MOE_WIDTH, shared_width_follows=True, stored_shards=_KIMI_CONVOLUTIONS),
     Family("dots3_note_text",
            layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS),
            num_experts=("n_routed_experts", "num_local_experts"), router_settings=_dots3_note,
@@ -964,6 +1003,10 @@ _FAMILIES = (
            shared_width_follows=True),
     Family("hy_v3", layouts=_hy_v3_layouts(), num_experts=("num_experts", "num_local_experts"),
            router_settings=_hy_v3, is_moe_layer=_first_layer_dense, expert_width=_MOE_WIDTH,
+           shared_width_follows=True),
+    Family("hy_v4", layouts=_hy_v4_layouts(), num_experts=("n_routed_experts", "num_local_experts"),
+           router_settings=_deepseek_v3_router(n_group=1, topk_group=1, route_scale=2.827),
+           expert_settings=_hy_v4_experts, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
            shared_width_follows=True),
     Family("laguna", layouts=_laguna_layouts(), num_experts=("num_experts",), router_settings=_laguna,
            is_moe_layer=_first_layer_dense, expert_width=_MOE_WIDTH),
@@ -1026,7 +1069,12 @@ def family_of(config: Config, checkpoint: Checkpoint) -> Family | None:
         raise CheckpointError(f"model_type {config['model_type']!r} is not supported: {why}")
     family = FAMILIES.get(config.get("model_type"))
     family = family.stored_as(checkpoint) if family else structural_family(config, checkpoint)
-    return None if family is None else family.with_mtp(checkpoint, config)
+    if family is None:
+        return None
+    # the names transformers' conversion mapping renames on loading, for the runs that read tensors by name
+    renamed = renamed_on_loading(config.get("model_type"), checkpoint.keys())
+    family = dataclasses.replace(family, stored_renames=(*family.stored_renames, *renamed)) if renamed else family
+    return family.with_mtp(checkpoint, config)
 
 
 def open_checkpoint(path: str | os.PathLike) -> ModelView:

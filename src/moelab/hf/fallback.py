@@ -35,6 +35,7 @@ from moelab.hf.layouts import (
     config_value,
 )
 from moelab.hf.multimodal import language_renames
+from moelab.hf.stored_names import conversion_shards, conversion_splits
 from moelab.memory import release_freed_memory
 
 _LAYER = re.compile(r"(?P<stem>(?:.+\.)?(?:layers|blocks|h)\.)(?P<n>\d+)\.(?P<rest>.+)")
@@ -86,9 +87,9 @@ def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
             router_settings=_routing(sigmoid_default=router.selection_bias is not None),
             is_moe_layer=None,
             layer_prefix=stem + "{n}.",
-            stored_renames=(*language_renames(stem), *_renamed(config.get("model_type"))),
-            stored_splits=_split_tensors(config.get("model_type")),
-            stored_shards=_concatenated_shards(config.get("model_type")),
+            stored_renames=language_renames(stem),
+            stored_splits=conversion_splits(config.get("model_type")),
+            stored_shards=conversion_shards(config.get("model_type")),
             num_layers=_NUM_LAYERS,
             hidden_size=_HIDDEN,
             expert_width=_expert_width(config),
@@ -103,69 +104,6 @@ def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
         _checked_once(ckpt, config, family, n, f"{prefix}{block}")
         return family
     return None
-
-
-def _conversions(model_type: str | None) -> list:
-    """transformers' conversion mapping for the model_type: how it renames, splits and concatenates
-    stored tensors on loading (what the layer-by-layer and offloaded runs must read likewise)."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-    return list(get_checkpoint_conversion_mapping(model_type) or ())
-
-
-def _plain(pattern: str) -> str | None:
-    """A conversion pattern as the plain name part it matches (escaped dots undone), None for a
-    regular expression that matches more than one name (anchors, groups, wildcards)."""
-    text = pattern.replace("\\.", ".")
-    return None if re.search(r"[\\^$*+?()\[\]{}|]", text) else text
-
-
-def _concatenated_shards(model_type: str | None) -> tuple[tuple[str, str], ...]:
-    """`Family.stored_shards` as transformers' conversion mapping for the model_type declares them: its
-    converters that concatenate one pattern's shards along dim 0 (Qwen4-Exp's n-gram embedding)."""
-    from transformers.core_model_loading import Concatenate, WeightConverter
-
-    return tuple(
-        (c.target_patterns[0], c.source_patterns[0])
-        for c in _conversions(model_type)
-        if isinstance(c, WeightConverter)
-        and len(c.source_patterns) == len(c.target_patterns) == len(c.operations) == 1
-        and isinstance(c.operations[0], Concatenate)
-        and c.operations[0].dim == 0
-        and "*" in c.source_patterns[0]
-    )
-
-
-def _renamed(model_type: str | None) -> tuple[tuple[str, str], ...]:
-    """`Family.stored_renames` (in memory, on disk) from the conversion mapping's plain renames
-    (MiMo-V2-Flash's self_attn.sinks stored as attention_sink_bias, A.X K2's q_gate_proj as q_b_proj);
-    renames by regular expression are left out (a tensor they name is then not found: refused)."""
-    from transformers.core_model_loading import WeightRenaming
-
-    pairs = (
-        (_plain(c.target_patterns[0]), _plain(c.source_patterns[0]))
-        for c in _conversions(model_type)
-        if isinstance(c, WeightRenaming) and len(c.source_patterns) == len(c.target_patterns) == 1
-    )
-    return tuple((memory, disk) for memory, disk in pairs if memory and disk)
-
-
-def _split_tensors(model_type: str | None) -> tuple[tuple[tuple[str, ...], str], ...]:
-    """`Family.stored_splits` from the conversion mapping's converters that split one stored tensor
-    along dim 0 into parts sized like their parameters (Lara-Mini's linear_attn.in_proj into in_proj_qkv,
-    _z, _b and _a), as moelab reads them."""
-    from transformers.core_model_loading import Split, WeightConverter
-
-    splits = []
-    for c in _conversions(model_type):
-        if not (isinstance(c, WeightConverter) and len(c.source_patterns) == 1 and len(c.target_patterns) > 1):
-            continue
-        if [type(op) for op in c.operations] != [Split] or c.operations[0].dim != 0:
-            continue
-        parts, fused = tuple(_plain(p) for p in c.target_patterns), _plain(c.source_patterns[0])
-        if fused and all(parts):
-            splits.append((parts, fused))
-    return tuple(splits)
 
 
 def _expert_width(config: Config) -> tuple[str, ...]:

@@ -414,6 +414,12 @@ class SharedMLP:
     def present(self, ckpt: Checkpoint, prefix: str) -> bool:
         return prefix + self.up in ckpt
 
+    def partly_present(self, ckpt: Checkpoint, prefix: str) -> bool:
+        """Whether some but not all of gate, up and down are stored under these names (a layout of the
+        same family that names them otherwise: Hunyuan 4's linear_gate on disk, gate_proj in memory)."""
+        found = [prefix + key in ckpt for key in (self.gate, self.up, self.down) if key is not None]
+        return any(found) and not all(found)
+
     def read(self, ckpt: Checkpoint, prefix: str) -> dict[str, Tensor]:
         keys = (("gate", self.gate), ("up", self.up), ("down", self.down))
         out = {name: None if key is None else ckpt.get(prefix + key) for name, key in keys}
@@ -642,7 +648,10 @@ class Family:
         return self._layout_at(ckpt, self.prefix(index))
 
     def _layout_at(self, ckpt: Checkpoint, prefix: str) -> Layout | None:
-        return next((lay for lay in self.layouts if lay.experts.present(ckpt, prefix)), None)
+        """The first layout whose experts are stored under `prefix` and whose shared experts' names, if
+        any of them is stored, all are."""
+        return next((lay for lay in self.layouts if lay.experts.present(ckpt, prefix) and not (
+            isinstance(lay.shared, SharedMLP) and lay.shared.partly_present(ckpt, prefix))), None)  # fmt: skip
 
     def read_layer(
         self, ckpt: Checkpoint, config: Config, index: int, experts_from: Checkpoint | None = None
