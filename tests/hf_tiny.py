@@ -342,6 +342,9 @@ TINY = {
         ),
         dense=(0,),
     ),
+    "aria_text": Tiny(
+        dict(COMMON, head_dim=8, intermediate_size=16, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=2),
+    ),
     "laguna": Tiny(
         dict(
             WIDTHS,
@@ -509,7 +512,7 @@ COMPRESS_SLOW = frozenset(
     {
         "exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid",
         "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text", "mistral4", "flint", "axk1", "sarvam_moe", "cohere2_moe",
-        "minimax_m3_vl_text", "bailing_hybrid", "hy_v4",
+        "minimax_m3_vl_text", "bailing_hybrid", "hy_v4", "aria_text",
     }
 )
 

@@ -106,6 +106,11 @@ MODELS = {
         dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=56, patch_size=14),
         "language_model.model.layers.", "num_local_experts", "mlp",
     ),
+    "aria": (  # its experts stored transposed, as fc1 / fc2
+        dict(TINY["aria_text"].config, vocab_size=8192, pad_token_id=0),
+        dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+        "language_model.model.layers.", "moe_num_experts", "mlp",
+    ),
     "qwen4_exp": (  # its n-gram table stored as shards (see test_qwen4_exp)
         dict(QWEN4_EXP, split_ngram_parts=3),
         dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=32),

@@ -146,6 +146,14 @@ def _bailing_hybrid(config: Config) -> dict:
     return _deepseek_v3_router(n_group=8, topk_group=4, route_scale=2.5)(canonical)
 
 
+def _aria(config: Config) -> dict:
+    """Aria: the top moe_topk logits, a softmax over them (softmax renormalised); mlp_bias (biases on
+    the shared experts, which moelab's views do not read) is refused."""
+    if config_flag(config, "mlp_bias", default=False):
+        raise CheckpointError("this Aria config sets mlp_bias: its shared experts have biases, which moelab's views do not read")
+    return {"score_func": "softmax", "top_k": config_value(config, "moe_topk"), "renormalize": True}
+
+
 def _afmoe(config: Config) -> dict:
     """AFMoE: the block's expert_bias steers selection only, x route_scale."""
     return _sigmoid_renormalized(config, "route_scale")
@@ -886,6 +894,13 @@ _GPT_OSS_EXPERTS = TransposedGateUp(
     gate_up_bias="mlp.experts.gate_up_proj_bias",
     down_bias="mlp.experts.down_proj_bias",
 )
+_ARIA_LAYOUTS = tuple(
+    Layout(RouterKeys("mlp.router.weight"), TransposedGateUp(f"mlp.experts.{up}", f"mlp.experts.{down}", interleaved=False),
+           _shared("mlp.shared_experts"))
+    for up, down in (("fc1.weight", "fc2.weight"), ("gate_up_proj", "down_proj"))
+)  # fmt: skip
+"""Aria's experts stored transposed, [E, D, 2I] and [E, I, D]: as fc1 / fc2 on disk, gate_up_proj /
+down_proj in memory."""
 _LLAMA4_EXPERTS = TransposedGateUp(
     "feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj", interleaved=False
 )
@@ -975,6 +990,8 @@ _FAMILIES = (
     Family("bailing_hybrid", layouts=_bailing_hybrid_layouts(), num_experts=("num_experts", "num_local_experts"),
            router_settings=_bailing_hybrid, is_moe_layer=lambda config, i: _mlp_layer_types(config, i, first_dense=2),
            expert_width=_MOE_WIDTH, shared_width_follows=True, stored_shards=_KIMI_CONVOLUTIONS),
+    Family("aria_text", layouts=_ARIA_LAYOUTS, num_experts=("moe_num_experts",), router_settings=_aria,
+           shared_width_follows=True),
     Family("dots3_note_text",
            layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS),
            num_experts=("n_routed_experts", "num_local_experts"), router_settings=_dots3_note,
