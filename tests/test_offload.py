@@ -970,16 +970,38 @@ def test_decode_cache_length_is_the_prompts_and_new_tokens_compiled_rounded_up_t
 def test_kv_bytes_per_token_are_what_transformers_caches(family):
     """Against the keys and values transformers' own cache holds after 2 sequences of 5 tokens
     (DeepSeek's latent attention caches a compressed latent, not per-head keys and values; LFM2-MoE's
-    convolution layers cache none; MiniMax-M3's sparse layers cache their indexer's key beside)."""
+    convolution layers cache none; MiniMax-M3's sparse layers cache their indexer's key beside, as do
+    the indexed attention layers of dots3 and Hunyuan 4 that run an indexer)."""
     model = build(family).eval()
     with torch.no_grad():
         cache = model(torch.randint(0, 32, (2, 5)), use_cache=True).past_key_values
     # LFM2-MoE's convolution layers hold a fixed-size state, no keys or values; Nemotron-H's MoE layers none
     held = sum(
         layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if getattr(layer, "keys", None) is not None
-    ) + sum(layer.idx_keys.nbytes for layer in cache.layers if getattr(layer, "idx_keys", None) is not None)
+    ) + sum(
+        getattr(layer, name).nbytes
+        for layer in cache.layers
+        for name in ("idx_keys", "indexer_keys")  # MiniMax-M3's sparse layers; DSA's DynamicIndexedLayer
+        if getattr(layer, name, None) is not None
+    )
     assert kv_bytes_per_token(model, torch.float32) * 2 * 5 == held
     assert kv_bytes_per_token(model, torch.bfloat16) * 2 * 5 == held // 2
+
+
+def test_kv_bytes_per_token_leave_out_the_indexer_key_of_layers_that_share_one():
+    """A Hunyuan 4 layer whose indexer_types entry is "shared" reuses the previous layer's selection and
+    caches no indexer key."""
+    model = build(
+        "hy_v4", num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"], indexer_types=["full", "shared", "full"]
+    ).eval()
+    with torch.no_grad():
+        cache = model(torch.randint(0, 32, (2, 5)), use_cache=True).past_key_values
+    assert [layer.indexer_keys is not None for layer in cache.layers] == [True, False, True]
+    held = sum(
+        layer.keys.nbytes + layer.values.nbytes + (0 if layer.indexer_keys is None else layer.indexer_keys.nbytes)
+        for layer in cache.layers
+    )
+    assert kv_bytes_per_token(model, torch.float32) * 2 * 5 == held
 
 
 def test_kv_bytes_per_token_are_what_moelabs_cache_holds():
