@@ -556,26 +556,30 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     over every layer: moelab's KV cache, or transformers' (where DeepSeek's multi-head latent
     attention caches the compressed latent and the shared rotary key, not per-head keys and values,
     a hybrid model's convolution layers cache none, and a layer's own settings (per_layer_config:
-    dots3's sliding layers) give its sizes; MiniMax-M3's sparse layers cache their indexer's key too)."""
+    dots3's sliding layers) give its sizes; MiniMax-M3's sparse layers and the indexed attention layers
+    that run their own indexer (dots3, Hunyuan 4) cache their indexer's key too)."""
     size, config = torch.empty((), dtype=dtype).element_size(), model.config
     if isinstance(model, MoETransformer):
         return 2 * config.n_layers * config.n_kv_heads * config.head_dim * size
     config = config.get_text_config()  # a vision-language model's: its language model's
     types = _layer_types(config)
-    return sum(_kv_entries(config.per_layer_config[i], types[i]) for i in _attention_layers(types)) * size
+    return sum(_kv_entries(config.per_layer_config[i], types[i], i) for i in _attention_layers(types)) * size
 
 
-def _kv_entries(config, layer_type: str) -> int:
-    """Entries one layer of `config`, of kind `layer_type`, caches per token."""
+def _kv_entries(config, layer_type: str, index: int) -> int:
+    """Entries layer `index` of `config`, of kind `layer_type`, caches per token."""
+    indexers = getattr(config, "indexer_types", None)  # "shared": the layer reuses the previous one's selection
+    indexed = layer_type == INDEXED and not (isinstance(indexers, list) and indexers[index] == "shared")
+    indexer = config.index_head_dim if layer_type == MINIMAX_M3_SPARSE or indexed else 0  # one key per token
     if getattr(config, "kv_lora_rank", None):
-        return config.kv_lora_rank + config.qk_rope_head_dim
+        return config.kv_lora_rank + config.qk_rope_head_dim + indexer
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    indexer = config.index_head_dim if layer_type == MINIMAX_M3_SPARSE else 0  # one key per token
     return 2 * heads * head_dim + indexer
 
 
 MINIMAX_M3_SPARSE = "minimax_m3_sparse"  # MiniMax-M3's block-sparse attention layers (an indexer beside)
+INDEXED = "indexed_attention"  # DeepSeek sparse attention's layers (dots3, Hunyuan 4): an indexer beside
 
 
 def _layer_types(config) -> list[str]:
