@@ -906,10 +906,10 @@ def test_routing_options_moelab_does_not_compute_are_refused(tmp_path, family, o
         open_checkpoint(tmp_path).layer(1)
 
 
-@pytest.mark.parametrize("family", ["hy_v3", "laguna"])
+@pytest.mark.parametrize("family", ["hy_v3", "laguna", "hy_v4"])
 def test_without_mlp_layer_types_only_layer_0_is_dense_whatever_first_k_dense_replace_says(tmp_path, family):
-    """HY-V3's and Laguna's config classes make layer 0 alone dense where config.json lists no
-    mlp_layer_types; a first_k_dense_replace beside it (which they never read) changes nothing."""
+    """HY-V3's, Laguna's and Hunyuan 4's config classes make layer 0 alone dense where config.json lists
+    no mlp_layer_types; a first_k_dense_replace beside it (which they never read) changes nothing."""
     layer_types = {"layer_types": ["full_attention"] * 4} if family == "laguna" else {}
     model = build(family, num_hidden_layers=4, mlp_layer_types=None, **layer_types)
     model.save_pretrained(tmp_path)
