@@ -509,8 +509,8 @@ def _mlp_layer_types(config: Config, i: int, first_dense: int = 1, layer_freq: b
 
 
 def _first_layer_dense(config: Config, i: int) -> bool:
-    """mlp_layer_types, else layer 0 dense and the others sparse: HY-V3's and Laguna's config classes
-    fill it in so, whatever first_k_dense_replace says."""
+    """mlp_layer_types, else layer 0 dense and the others sparse: HY-V3's, Hunyuan 4's and Laguna's config
+    classes fill it in so, whatever first_k_dense_replace says."""
     return _mlp_layer_types({**config, "first_k_dense_replace": 1}, i)
 
 
@@ -1023,7 +1023,7 @@ _FAMILIES = (
            shared_width_follows=True),
     Family("hy_v4", layouts=_hy_v4_layouts(), num_experts=("n_routed_experts", "num_local_experts"),
            router_settings=_deepseek_v3_router(n_group=1, topk_group=1, route_scale=2.827),
-           expert_settings=_hy_v4_experts, is_moe_layer=_mlp_layer_types, expert_width=_MOE_WIDTH,
+           expert_settings=_hy_v4_experts, is_moe_layer=_first_layer_dense, expert_width=_MOE_WIDTH,
            shared_width_follows=True),
     Family("laguna", layouts=_laguna_layouts(), num_experts=("num_experts",), router_settings=_laguna,
            is_moe_layer=_first_layer_dense, expert_width=_MOE_WIDTH),
