@@ -1114,12 +1114,14 @@ def test_axk1_as_released_routes_without_a_correction_bias(tmp_path):
 @pytest.mark.parametrize(
     "family,freq,dense,overrides",
     [("axk1", 2, (0, 1, 3), {}),
-     ("dots3_note_text", [1, 1, 0, 1], (0, 2), dict(layer_types=["sliding_attention", "indexed_attention"] * 2))],
-    ids=["axk1", "dots3"],
+     ("dots3_note_text", [1, 1, 0, 1], (0, 2), dict(layer_types=["sliding_attention", "indexed_attention"] * 2)),
+     ("minimax_m3_vl_text", [1, 1, 0, 1], (2,), dict(layer_types=["full_attention", "minimax_m3_sparse"] * 2))],
+    ids=["axk1", "dots3", "minimax_m3"],
 )  # fmt: skip
 def test_a_legacy_moe_layer_freq_makes_the_layers_transformers_does(tmp_path, family, freq, dense, overrides):
     """A.X K1's and dots3's config classes derive mlp_layer_types from first_k_dense_replace and
-    moe_layer_freq (every freq-th layer, or dots3's list of flags) where config.json has none."""
+    moe_layer_freq (every freq-th layer, or dots3's list of flags) where config.json has none;
+    MiniMax-M3's from moe_layer_freq's flags alone (it reads no first_k_dense_replace)."""
     model = build(family, num_hidden_layers=4, first_k_dense_replace=1, moe_layer_freq=freq, mlp_layer_types=None,
                   **overrides)
     model.save_pretrained(tmp_path)
