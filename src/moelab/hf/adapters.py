@@ -1010,7 +1010,7 @@ _FAMILIES = (
            router_settings=_minimax_m2),
     Family("minimax_m3_vl_text", layouts=_minimax_m3_layouts(), num_experts=("num_local_experts",),
            router_settings=_minimax_m3, layer_activations=_minimax_m3_activations,
-           is_moe_layer=lambda config, i: _mlp_layer_types(config, i, first_dense=0, layer_freq=True),
+           is_moe_layer=lambda config, i: _mlp_layer_types({**config, "first_k_dense_replace": 0}, i, layer_freq=True),
            stored_renames=tuple((f"self_attn.indexer.{p}.", f"self_attn.index_{p}.") for p in ("q_proj", "k_proj", "q_norm", "k_norm")),
            stored_shards=(("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),), loads_multimodal=True),
     Family("hunyuan_v1_moe", layouts=_hunyuan_v1_moe_layouts(), num_experts=("num_experts", "num_local_experts"),
