@@ -300,7 +300,7 @@ def test_dense_model_with_unknown_type_lists_supported_families(tmp_path):
     )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     with pytest.raises(
-        CheckpointError, match=r"'llama' .* not a supported MoE family.*Supported families: afmoe, axk1, "
+        CheckpointError, match=r"'llama' .* not a supported MoE family.*Supported families: afmoe, aria_text, axk1, "
     ):
         open_checkpoint(tmp_path)
     assert {

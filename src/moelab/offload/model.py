@@ -570,7 +570,9 @@ def _kv_entries(config, layer_type: str, index: int) -> int:
     """Entries layer `index` of `config`, of kind `layer_type`, caches per token."""
     indexers = getattr(config, "indexer_types", None)  # "shared": the layer reuses the previous one's selection
     indexed = layer_type == INDEXED and not (isinstance(indexers, list) and indexers[index] == "shared")
-    indexer = config.index_head_dim if layer_type == MINIMAX_M3_SPARSE or indexed else 0  # one key per token
+    # one key per token; a config without index_head_dim (Qwen4-Exp's indexed layers) caches none of this form
+    keyed = layer_type == MINIMAX_M3_SPARSE or indexed
+    indexer = getattr(config, "index_head_dim", 0) if keyed else 0
     if getattr(config, "kv_lora_rank", None):
         return config.kv_lora_rank + config.qk_rope_head_dim + indexer
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
