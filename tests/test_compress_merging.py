@@ -332,6 +332,10 @@ def test_expert_features_are_mean_outputs_of_every_expert_on_every_token():
     for e in range(4):
         expected = sum(ffn(view, e, x[t]) for t in range(12)) / 12
         torch.testing.assert_close(got[e].double(), expected, rtol=1e-5, atol=1e-6)
+    # Gemma 4's per-expert scales multiply each output, as a merge averages them (scale_folded)
+    scale = torch.tensor([0.5, 2.0, -1.0, 1.5], dtype=F64)
+    scaled = dataclasses.replace(view, router=dataclasses.replace(view.router, expert_scale=scale))
+    torch.testing.assert_close(expert_features(scaled, x), got * scale[:, None].float(), rtol=1e-6, atol=1e-7)
 
 
 def test_expert_features_of_a_latent_block_are_projected_up_as_the_block_adds_them():

@@ -36,13 +36,16 @@ def router_groups(router: RouterView) -> list[list[int]]:
 def expert_features(layer: MoELayerView, x: Tensor) -> Tensor:
     """[E, D] every expert's mean output over the tokens x [N, D] (HC-SMoE's characteristic
     activations: each expert run on every token, unweighted; in a latent block, projected up as the
-    block's output), one expert at a time in float32."""
+    block's output; times the expert's own scale where the router has one, Gemma 4's, as a merge
+    averages them: `scale_folded`), one expert at a time in float32."""
     z = expert_input(layer, x.float())
+    scale = layer.router.expert_scale
     features = []
     with torch.no_grad():
         for e in range(layer.router.num_experts):
             expert = experts_from_view(one_expert(layer.experts, e)).float()
-            features.append(expert(z, [z.shape[0]]).mean(0))
+            mean = expert(z, [z.shape[0]]).mean(0)
+            features.append(mean if scale is None else mean * scale[e].float())
     return routed_output(layer, torch.stack(features))
 
 
