@@ -111,6 +111,22 @@ MODELS = {
         dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
         "language_model.model.layers.", "moe_num_experts", "mlp",
     ),
+    "hy_v4_vl": (  # its language model stored under model. and held under model.language_model.
+        dict(TINY["hy_v4"].config, vocab_size=8192,
+             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
+        dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, out_hidden_size=32),
+        "model.layers.", "n_routed_experts", "mlp",
+    ),
+    "unlimited_ocr": (  # DeepSeek-V2's router; its language model stored under model., held under model.language_model.
+        dict(COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+             n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, topk_method="group_limited_greedy",
+             routed_scaling_factor=1.5, mlp_layer_types=["dense", "sparse"], pad_token_id=0),
+        dict(sam_config=dict(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+                             patch_size=16, window_size=2, global_attn_indexes=[0], mlp_dim=32, downsample_channels=[16, 32]),
+             encoder_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=28, patch_size=14)),
+        "model.layers.", "n_routed_experts", "mlp",
+    ),
     "qwen4_exp": (  # its n-gram table stored as shards (see test_qwen4_exp)
         dict(QWEN4_EXP, split_ngram_parts=3),
         dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=32),
@@ -185,6 +201,8 @@ def test_compress_writes_config_json_in_its_shape_and_copies_the_vision_tower(so
         load_file(source / "model.safetensors"),
     )
     language = (stem.removesuffix("layers."), "lm_head", "language_model.")
+    if stem == "model.layers.":  # the towers may be stored under model. too (Unlimited OCR's model.sam_model)
+        language = ("model.layers.", "model.embed_tokens.", "model.norm.", "lm_head.")
     if stem == "layers.":  # Mistral Large 4: the language model at the root, under Mistral's names
         language = ("layers.", "tok_embeddings.", "norm.", "output.", "lerope.")
     tower = [k for k in original if not k.startswith(language)]
@@ -220,7 +238,8 @@ def test_only_a_vision_language_skeleton_has_modules_text_never_reaches(source):
     towers = {"qwen3_vl_moe": ["model.visual"], "glm4v_moe": ["model.visual"],
               "step3p7": ["model.vision_model", "model.multi_modal_projector"],
               "mistral_large4": ["model.vision_tower", "model.multi_modal_projector"],
-              "gemma4": ["model.vision_tower", "model.embed_vision"]}  # fmt: skip
+              "gemma4": ["model.vision_tower", "model.embed_vision"], "hy_v4_vl": ["model.vision_tower"],
+              "unlimited_ocr": ["model.vision_tower", "model.multi_modal_projector"]}  # fmt: skip
     assert outside == towers.get(family_of(source), [])
 
 

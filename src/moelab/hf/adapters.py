@@ -37,7 +37,7 @@ from moelab.hf.layouts import (
     config_value,
     swiglu,
 )
-from moelab.hf.multimodal import language_config
+from moelab.hf.multimodal import language_config, runs_whole
 from moelab.hf.mxfp4 import Mxfp4Checkpoint
 from moelab.hf.quantized import stated_dtype
 from moelab.hf.stored_names import renamed_on_loading
@@ -961,6 +961,9 @@ _FAMILIES = (
            num_experts=("n_routed_experts", "num_experts"),
            router_settings=_deepseek_v2, is_moe_layer=_deepseek_sparse_layer(default_first_dense=0),
            expert_width=_MOE_WIDTH, shared_width_follows=True),
+    Family("unlimited_ocr_text", layouts=_qwen2_moe_layouts(shared=_shared("mlp.shared_experts")),
+           num_experts=("n_routed_experts", "num_experts"), router_settings=_deepseek_v2, is_moe_layer=_mlp_layer_types,
+           expert_width=_MOE_WIDTH, shared_width_follows=True),
     Family("deepseek_v3",
            layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS),
            num_experts=("n_routed_experts", "num_local_experts"),
@@ -1066,6 +1069,8 @@ _FAMILIES = (
 )
 # fmt: on
 FAMILIES: dict[str, Family] = {family.name: family for family in _FAMILIES}
+# Hunyuan 4 VL's language model: Hunyuan 4's modules under another model_type
+FAMILIES["hy_v4_vl_text"] = dataclasses.replace(FAMILIES["hy_v4"], name="hy_v4_vl_text")
 
 
 # model_types whose MoE blocks compute what moelab's views cannot express: refused by name, with why
@@ -1078,8 +1083,11 @@ _REFUSED = {
 }
 
 
-def family_of(config: Config, checkpoint: Checkpoint) -> Family | None:
-    """The adapter for this config.json, None if neither a table nor the fallback fits."""
+def family_of(config: Config, checkpoint: Checkpoint, wrapper: str | None = None) -> Family | None:
+    """The adapter for this config.json (its language model's settings: `language_config`), None if
+    neither a table nor the fallback fits; wrapper: the model_type of the multimodal model around the
+    language model, whose renames transformers applies first (Hunyuan 4 VL's text stored under
+    `model.`, held under `model.language_model.`)."""
     if "model_type" not in config and isinstance(config.get("moe"), dict):
         return NATIVE
     if (why := _REFUSED.get(config.get("model_type"))) is not None:
@@ -1089,7 +1097,7 @@ def family_of(config: Config, checkpoint: Checkpoint) -> Family | None:
     if family is None:
         return None
     # the names transformers' conversion mapping renames on loading, for the runs that read tensors by name
-    renamed = renamed_on_loading(config.get("model_type"), checkpoint.keys())
+    renamed = renamed_on_loading((wrapper, config.get("model_type")), checkpoint.keys())
     family = dataclasses.replace(family, stored_renames=(*family.stored_renames, *renamed)) if renamed else family
     return family.with_mtp(checkpoint, config)
 
@@ -1145,13 +1153,16 @@ def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
         raise CheckpointError(
             f"{what} ({path}); pass a checkpoint directory (moelab's or a transformers family's)"
         )
-    config = language_config(read_json_object(config_path, "a model config", error=CheckpointError))
+    stored = read_json_object(config_path, "a model config", error=CheckpointError)
+    config = language_config(stored)
     model_type = config.get("model_type")
     if model_type is not None and not isinstance(model_type, str):
         raise CheckpointError(f"{config_path}: model_type must be a string such as 'mixtral', got {model_type!r}")
     checkpoint = open_weights(path, config)
     try:
-        family = family_of(config, checkpoint)
+        wrapper = stored.get("model_type") if stored is not config else None
+        whole = isinstance(wrapper, str) and isinstance(model_type, str) and runs_whole(wrapper, model_type)
+        family = family_of(config, checkpoint, wrapper if whole else None)
     except BaseException:
         checkpoint.close()
         raise

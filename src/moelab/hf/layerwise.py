@@ -85,7 +85,9 @@ class LayerwiseModel:
         self._layers_name, self._layers = decoder_layers(self.model, self.num_layers)
         self._stored_as = tied_names(self.model, self._ckpt)
         expected = self.family.layer_prefix.format(n=0)  # a vision-language skeleton holds it as stored
-        if expected not in (f"{self._layers_name}.0.", _as_stored(f"{self._layers_name}.0.", self.family.stored_renames)):
+        first = f"{self._layers_name}.0."
+        renamed = any(m.startswith(first) and d.startswith(expected) for m, d in self.family.stored_renames)
+        if expected not in (first, _as_stored(first, self.family.stored_renames)) and not renamed:
             raise CheckpointError(
                 f"{self.path}: the model's decoder layers are named {self._layers_name}.N in memory but "
                 f"{expected.replace('0', 'N')} on disk; this family cannot be run layer by layer"

@@ -53,6 +53,17 @@ LANGUAGE_ROOTS = {
 }
 
 
+def runs_whole(wrapper: str, text: str) -> bool:
+    """Whether transformers runs the language model of a multimodal model_type `wrapper` (language
+    model_type `text`) only inside the multimodal model (Hunyuan 4 VL, Qwen3-VL-MoE: no causal LM of
+    the language model's own; Gemma 4: the multimodal model is the causal LM), as moelab's
+    skeletons do (`moelab.hf.layerwise.language_model_class`), rather than as a causal LM of its own
+    (Kimi-K2.5's DeepSeek-V3)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+
+    return wrapper in causal or text not in causal
+
+
 def language_renames(stem: str) -> tuple[tuple[str, str], ...]:
     """(in memory, on disk) renames of a text causal LM's tensors for a checkpoint whose decoder
     layers are stored under `stem` ("model.language_model.layers."): none for "model.layers."."""

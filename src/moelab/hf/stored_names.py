@@ -44,15 +44,15 @@ def conversion_shards(model_type: str | None) -> tuple[tuple[str, str], ...]:
     )
 
 
-def renamed_on_loading(model_type: str | None, keys: Iterable[str]) -> tuple[tuple[str, str], ...]:
+def renamed_on_loading(model_types: Iterable[str | None], keys: Iterable[str]) -> tuple[tuple[str, str], ...]:
     """`Family.stored_renames` (in memory, on disk), one pair per stored name in `keys` that the
-    model_type's conversion mapping renames: its renames applied in turn, as transformers applies
-    them when it loads (regular expressions, chains: Hunyuan 4's hc_pre.hc_attn_layer.hc_fn is
-    attn_hc.fn in memory; MiMo-V2-Flash's attention_sink_bias is sinks). Routed experts' per-expert
-    tensors are left out (the layouts read them)."""
+    conversion mappings of `model_types` rename: their renames applied in turn, as transformers
+    applies them when it loads (regular expressions, chains: Hunyuan 4's hc_pre.hc_attn_layer.hc_fn is
+    attn_hc.fn in memory; MiMo-V2-Flash's attention_sink_bias is sinks; a multimodal model's first,
+    then its language model's). Routed experts' per-expert tensors are left out (the layouts read them)."""
     from transformers.core_model_loading import WeightRenaming, apply_renamings
 
-    renamings = [c for c in _conversions(model_type) if isinstance(c, WeightRenaming)]
+    renamings = [c for t in model_types if t for c in _conversions(t) if isinstance(c, WeightRenaming)]
     if not renamings:
         return ()
     pairs = ((apply_renamings(key, renamings), key) for key in keys if not _PER_EXPERT.search(key))
