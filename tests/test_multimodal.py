@@ -189,6 +189,15 @@ def test_the_language_model_is_read_where_the_release_stores_it(source):
         torch.testing.assert_close(moe_output(layer, x.double()).float(), want, atol=1e-5, rtol=1e-5)
 
 
+def test_unlimited_ocr_with_biased_shared_experts_is_refused(tmp_path):
+    """Unlimited OCR's mlp_bias gives its shared experts biases (DeepSeek-V2's MLP), which views do not
+    read: refused rather than computed without them."""
+    text, vision, *_ = MODELS["unlimited_ocr"]
+    build_multimodal("unlimited_ocr", dict(text, mlp_bias=True), vision).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="sets mlp_bias: its shared experts have biases"):
+        open_checkpoint(tmp_path).layer(1)
+
+
 def test_compress_writes_config_json_in_its_shape_and_copies_the_vision_tower(source, tmp_path):
     _, _, stem, key, _ = MODELS[family_of(source)]
     report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
