@@ -66,7 +66,12 @@ def _softmax_norm_topk_prob(config: Config) -> dict:
 
 def _deepseek_v2(config: Config) -> dict:
     """softmax; greedy or group-limited (group score: its max); × routed_scaling_factor; never
-    renormalised (transformers ignores norm_topk_prob for V2)."""
+    renormalised (transformers ignores norm_topk_prob for V2). mlp_bias (biases on the shared
+    experts, DeepSeek-V2's and Unlimited OCR's, which moelab's views do not read) is refused."""
+    if config_flag(config, "mlp_bias", default=False):
+        raise CheckpointError(
+            "this DeepSeek-V2 config sets mlp_bias: its shared experts have biases, which moelab's views do not read"
+        )
     method = config_value(config, "topk_method", default="greedy")
     if method not in ("greedy", "group_limited_greedy"):
         raise CheckpointError(
