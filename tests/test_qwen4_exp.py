@@ -19,6 +19,7 @@ from moelab.compress import CalibrationOptions, compress
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import open_checkpoint
 from moelab.offload import load_offloaded
+from moelab.offload.model import kv_bytes_per_token
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,6 +71,20 @@ def test_offloaded_decoding_gives_transformers_tokens(source):
         assert torch.equal(offloaded.generate(ids, 6), want)
     finally:
         offloaded.close()
+
+
+def test_kv_bytes_per_token_count_the_indexer_key_its_indexed_layers_cache():
+    """Qwen4-Exp's indexed attention layers cache their QSA indexer's key (indexer_head_dim wide, one
+    per token: DynamicIndexedLayer.indexer_keys) beside their keys and values."""
+    model = build("qwen4_exp_text", **QWEN4_EXP).eval()
+    with torch.no_grad():
+        cache = model(torch.randint(0, 32, (2, 5)), use_cache=True).past_key_values
+    held = sum(
+        sum(getattr(layer, name).nbytes for name in ("keys", "values", "indexer_keys"))
+        for layer in cache.layers
+        if getattr(layer, "keys", None) is not None
+    )
+    assert held and kv_bytes_per_token(model, torch.float32) * 2 * 5 == held
 
 
 def test_easy_ep_is_refused_naming_the_hyper_connections(source, tmp_path):
