@@ -557,7 +557,7 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     attention caches the compressed latent and the shared rotary key, not per-head keys and values,
     a hybrid model's convolution layers cache none, and a layer's own settings (per_layer_config:
     dots3's sliding layers) give its sizes; MiniMax-M3's sparse layers and the indexed attention layers
-    that run their own indexer (dots3, Hunyuan 4) cache their indexer's key too)."""
+    that run their own indexer (dots3, Hunyuan 4, Qwen4-Exp) cache their indexer's key too)."""
     size, config = torch.empty((), dtype=dtype).element_size(), model.config
     if isinstance(model, MoETransformer):
         return 2 * config.n_layers * config.n_kv_heads * config.head_dim * size
@@ -570,9 +570,10 @@ def _kv_entries(config, layer_type: str, index: int) -> int:
     """Entries layer `index` of `config`, of kind `layer_type`, caches per token."""
     indexers = getattr(config, "indexer_types", None)  # "shared": the layer reuses the previous one's selection
     indexed = layer_type == INDEXED and not (isinstance(indexers, list) and indexers[index] == "shared")
-    # one key per token; a config without index_head_dim (Qwen4-Exp's indexed layers) caches none of this form
+    # one key per token: index_head_dim wide (DSA's), indexer_head_dim (Qwen4-Exp's QSA, one key head)
     keyed = layer_type == MINIMAX_M3_SPARSE or indexed
-    indexer = getattr(config, "index_head_dim", 0) if keyed else 0
+    width = getattr(config, "index_head_dim", None) or getattr(config, "indexer_head_dim", None) or 0
+    indexer = width if keyed else 0
     if getattr(config, "kv_lora_rank", None):
         return config.kv_lora_rank + config.qk_rope_head_dim + indexer
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
