@@ -1132,3 +1132,15 @@ def test_a_legacy_moe_layer_freq_makes_the_layers_transformers_does(tmp_path, fa
     with open_checkpoint(tmp_path) as view:
         assert [layer.index for layer in view.layers() if not isinstance(layer, MoELayerView)] == list(dense)
         _assert_matches_transformers(view, family, model, dense)
+
+
+def test_aria_s_routed_experts_are_swiglu_whatever_hidden_act_gates_its_shared_experts(tmp_path):
+    """AriaExperts always gate with SiLU; hidden_act is the shared experts' (GELU's tanh form here)."""
+    model = build("aria_text", hidden_act="gelu_pytorch_tanh")
+    model.save_pretrained(tmp_path)
+    with open_checkpoint(tmp_path) as view:
+        assert (view.layer(0).experts.activation, view.layer(0).shared.activation) == ("silu", "gelu_tanh_glu")
+        _assert_matches_transformers(view, "aria_text", model, ())
+    build("aria_text", hidden_act="relu").save_pretrained(tmp_path / "relu")
+    with pytest.raises(CheckpointError, match=r"Aria config sets hidden_act 'relu' for its shared experts"):
+        open_checkpoint(tmp_path / "relu").layer(0)

@@ -159,6 +159,18 @@ def _aria(config: Config) -> dict:
     return {"score_func": "softmax", "top_k": config_value(config, "moe_topk"), "renormalize": True}
 
 
+def _aria_activations(config: Config, index: int) -> tuple[dict, dict]:
+    """Aria's routed experts are SwiGLU whatever the config says (AriaExperts' SiLU); its shared experts
+    gate with hidden_act: SiLU, or GELU's tanh approximation."""
+    act = config_value(config, "hidden_act", default="silu")
+    shared = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh_glu"}.get(act)
+    if shared is None:
+        raise CheckpointError(
+            f"this Aria config sets hidden_act {act!r} for its shared experts; moelab reads silu and gelu_pytorch_tanh"
+        )
+    return {"activation": "silu"}, {"activation": shared}
+
+
 def _afmoe(config: Config) -> dict:
     """AFMoE: the block's expert_bias steers selection only, x route_scale."""
     return _sigmoid_renormalized(config, "route_scale")
@@ -999,7 +1011,7 @@ _FAMILIES = (
            router_settings=_bailing_hybrid, is_moe_layer=lambda config, i: _mlp_layer_types(config, i, first_dense=2),
            expert_width=_MOE_WIDTH, shared_width_follows=True, stored_shards=_KIMI_CONVOLUTIONS),
     Family("aria_text", layouts=_ARIA_LAYOUTS, num_experts=("moe_num_experts",), router_settings=_aria,
-           shared_width_follows=True),
+           layer_activations=_aria_activations, shared_width_follows=True),
     Family("dots3_note_text",
            layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS),
            num_experts=("n_routed_experts", "num_local_experts"), router_settings=_dots3_note,
