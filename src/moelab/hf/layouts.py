@@ -480,24 +480,24 @@ class LatentKeys:
 @dataclass(frozen=True)
 class NormKeys:
     """The RMS norms around an MoE block's router and experts (Gemma 4's, `NormView`): the weights
-    [D] of the router's input norm (times D^-0.5 where `router_root_scaled`: Gemma 4's
-    router.scale), of the experts' input norm and of their summed output's; eps: the config keys of
-    their epsilon. Written unchanged (not per expert)."""
+    [D] of the router's input norm (times D^-0.5: Gemma 4's router.scale), of the experts' input
+    norm and of their summed output's; eps: the config keys of their epsilon. Written unchanged
+    (not per expert)."""
 
     router: str
     experts: str
     routed: str
     eps: tuple[str, ...] = ("rms_norm_eps",)
-    router_root_scaled: bool = True
 
     def read(self, ckpt: Checkpoint, prefix: str, config: Config) -> dict[str, NormView]:
         """{"router": its input norm, "experts": their input norm, "routed": the sum's norm}."""
         eps = float(config_value(config, *self.eps, default=1e-6))
-        views = {name: NormView(ckpt.get(prefix + getattr(self, name)), eps) for name in ("router", "experts", "routed")}
-        if self.router_root_scaled:
-            weight = views["router"].weight
-            views["router"] = NormView(weight, eps, multiplier=weight.shape[0] ** -0.5)
-        return views
+        router = ckpt.get(prefix + self.router)
+        return {
+            "router": NormView(router, eps, multiplier=router.shape[0] ** -0.5),
+            "experts": NormView(ckpt.get(prefix + self.experts), eps),
+            "routed": NormView(ckpt.get(prefix + self.routed), eps),
+        }
 
 
 @dataclass(frozen=True)
