@@ -243,9 +243,9 @@ class ContributionObserver(Observer):
     max(0, 1 - cos(h, h + y_routed)). h, the residual before the block, is taken as the decoder
     layer's output minus the block's output (exact for the usual pre-norm residual layer). A layer
     that carries several residual streams (hyper-connections: Qwen4-Exp's [B, S, hc_count * D],
-    Hunyuan 4's [B, S, hc_mult, D], each mixed with the block's output by its own weight) has no such h, nor has a
-    layer that norms the routed experts' sum (Gemma 4, whose decoder layer norms the block's output
-    again before adding it): none is kept."""
+    Hunyuan 4's [B, S, hc_mult, D], each mixed with the block's output by its own weight) has no
+    such h, nor has a layer that norms the routed experts' sum (Gemma 4, whose decoder layer norms
+    the block's output again before adding it): none is kept."""
 
     name = "contribution"
     fields = ("easyep_sums",)

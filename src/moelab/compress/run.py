@@ -178,28 +178,12 @@ def _planned(
     keeps)}; for a method that narrows experts instead, how many experts' worth of parameters it
     keeps (in widths that are multiples of `align`: a quantized output's blocks)."""
     planned = {}
-    streams = _residual_streams(model)
     for i, layer in _layer_views(model, method, align, mtp_layers).items():
         router, where = layer.router, f"layer {i}: "
-        if method.name == EasyEP.name and (layer.routed_norm is not None or streams > 1):
-            why = "norms again after its MoE (Gemma 4)" if streams == 1 else f"splits into {streams} streams (hyper-connections)"
-            raise ValueError(
-                f"{where}EASY-EP weighs each expert by how far the routed output turns the residual stream, which "
-                f"this model's decoder layer {why}: moelab cannot read that turn; choose another method (reap, "
-                "frequency, moelab, ...)"
-            )
         keep = share_kept(router.num_experts, ratio) if method.narrows else plan_target(router, ratio, where)
         method.check_width(layer.experts.hidden_dim, router.num_experts, keep, where)
         planned[i] = (router, keep)
     return planned
-
-
-def _residual_streams(model: Path) -> int:
-    """The residual streams config.json gives the model's hyper-connections (Hunyuan 4's and DeepSeek-V4's
-    hc_mult, Qwen4-Exp's hc_count); 1 without."""
-    config, checkpoint, _ = resolve(model)
-    checkpoint.close()
-    return int(config_value(config, "hc_mult", "hc_count", default=1))
 
 
 def _mtp_layers(model: Path, mtp: str) -> list[int]:
@@ -248,8 +232,17 @@ def _layer_views(model: Path, method: Method, align: int = 1, mtp_layers: Sequen
     moe_layers = {i: layer for i, layer in layers.items() if isinstance(layer, MoELayerView)}
     if not moe_layers:
         raise ValueError(f"{model} has no MoE layers; there are no experts to remove")
+    # the residual streams of the model's hyper-connections (Hunyuan 4's hc_mult, Qwen4-Exp's hc_count)
+    streams = int(config_value(config, "hc_mult", "hc_count", default=1))
     for i, layer in moe_layers.items():
         method.check_router(layer.router, f"layer {i}: ")
+        if method.name == EasyEP.name and (layer.routed_norm is not None or streams > 1):
+            why = "norms again after its MoE (Gemma 4)" if streams == 1 else f"splits into {streams} streams (hyper-connections)"
+            raise ValueError(
+                f"layer {i}: EASY-EP weighs each expert by how far the routed output turns the residual stream, "
+                f"which this model's decoder layer {why}: moelab cannot read that turn; choose another method "
+                "(reap, frequency, moelab, ...)"
+            )
     return moe_layers
 
 

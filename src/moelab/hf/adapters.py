@@ -64,14 +64,19 @@ def _softmax_norm_topk_prob(config: Config) -> dict:
     }
 
 
+def _refuse_mlp_bias(config: Config, family: str) -> None:
+    """Refuse a config whose mlp_bias gives the shared experts biases, which moelab's views do not read."""
+    if config_flag(config, "mlp_bias", default=False):
+        raise CheckpointError(
+            f"this {family} config sets mlp_bias: its shared experts have biases, which moelab's views do not read"
+        )
+
+
 def _deepseek_v2(config: Config) -> dict:
     """softmax; greedy or group-limited (group score: its max); × routed_scaling_factor; never
     renormalised (transformers ignores norm_topk_prob for V2). mlp_bias (biases on the shared
     experts, DeepSeek-V2's and Unlimited OCR's, which moelab's views do not read) is refused."""
-    if config_flag(config, "mlp_bias", default=False):
-        raise CheckpointError(
-            "this DeepSeek-V2 config sets mlp_bias: its shared experts have biases, which moelab's views do not read"
-        )
+    _refuse_mlp_bias(config, "DeepSeek-V2")
     method = config_value(config, "topk_method", default="greedy")
     if method not in ("greedy", "group_limited_greedy"):
         raise CheckpointError(
@@ -154,8 +159,7 @@ def _bailing_hybrid(config: Config) -> dict:
 def _aria(config: Config) -> dict:
     """Aria: the top moe_topk logits, a softmax over them (softmax renormalised); mlp_bias (biases on
     the shared experts, which moelab's views do not read) is refused."""
-    if config_flag(config, "mlp_bias", default=False):
-        raise CheckpointError("this Aria config sets mlp_bias: its shared experts have biases, which moelab's views do not read")
+    _refuse_mlp_bias(config, "Aria")
     return {"score_func": "softmax", "top_k": config_value(config, "moe_topk"), "renormalize": True}
 
 
@@ -194,10 +198,7 @@ def _hy_v3(config: Config) -> dict:
     """Hunyuan 3 (HY-V3): sigmoid, the block's correction bias steers selection only, always
     renormalised, x router_scaling_factor (HYV3Config's default 2.826); no groups. mlp_bias
     (biases on the shared and dense MLPs, which moelab's views do not read) is refused."""
-    if config_flag(config, "mlp_bias", default=False):
-        raise CheckpointError(
-            "this Hunyuan 3 config sets mlp_bias: its shared experts have biases, which moelab's views do not read"
-        )
+    _refuse_mlp_bias(config, "Hunyuan 3")
     return _sigmoid_renormalized(config, "router_scaling_factor", 2.826)
 
 

@@ -96,10 +96,9 @@ class RouterKeys:
         }  # fmt: skip
 
     def _keys(self, ckpt: Checkpoint, prefix: str) -> dict[str, str]:
-        keys = self._named()
         return {
             name: key
-            for name, key in keys.items()
+            for name, key in self._named().items()
             if key is not None and (name == "weight" or not self.optional or prefix + key in ckpt)
         }
 

@@ -211,7 +211,7 @@ def _experts(view: ExpertsView, num_experts: int | None = None) -> Experts:
 def _gated_activation(view: ExpertsView | SharedView) -> GatedActivation | None:
     """The two-input activation a view's "clamped_swiglu", "capped_swiglu", "gelu_tanh_glu" or
     "gate_clamped_swiglu" names; None for SwiGLU."""
-    return gated_activation(view.activation, getattr(view, "swiglu_alpha", None), view.swiglu_limit)
+    return gated_activation(view.activation, view.swiglu_alpha, view.swiglu_limit)
 
 
 def gated_activation(

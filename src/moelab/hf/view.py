@@ -21,9 +21,8 @@ from moelab.nn.routers import check_groups, check_top_k
 from moelab.validation import is_int
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sparsemixer")
-# act(gate, up); shared experts with a gate take the same
+# act(gate, up), of routed experts and of shared experts with a gate
 GATED_ACTIVATIONS = ("silu", "clamped_swiglu", "capped_swiglu", "gelu_tanh_glu", "gate_clamped_swiglu")
-SHARED_GATED_ACTIVATIONS = GATED_ACTIVATIONS
 SWIGLU_LIMIT_ACTIVATIONS = ("clamped_swiglu", "capped_swiglu", "gate_clamped_swiglu")  # take swiglu_limit
 PLAIN_ACTIVATIONS = ("relu2", "gelu", "relu", "silu")  # act(up), experts with no gate: Nemotron-H, moelab's
 ACTIVATIONS = tuple(dict.fromkeys(GATED_ACTIVATIONS + PLAIN_ACTIVATIONS))
@@ -203,9 +202,9 @@ class SharedView:
     swiglu_alpha: float | None = None
 
     def __post_init__(self):
-        if self.activation not in (PLAIN_ACTIVATIONS if self.gate is None else SHARED_GATED_ACTIVATIONS):
+        if self.activation not in (PLAIN_ACTIVATIONS if self.gate is None else GATED_ACTIVATIONS):
             raise ValueError(
-                f"shared experts: a gate projection with one of {SHARED_GATED_ACTIVATIONS}, or none with one "
+                f"shared experts: a gate projection with one of {GATED_ACTIVATIONS}, or none with one "
                 f"of {PLAIN_ACTIVATIONS}; got activation {self.activation!r} and "
                 f"{'no gate' if self.gate is None else 'a gate'}"
             )

@@ -245,8 +245,9 @@ class TopKRouter(Router):
         the shipped models ran 1.04-1.07x faster (docs/benchmarks.md)."""
         plain = self.score_func == "softmax" and self.renormalize and self.n_group == 1
         replaced = "router_logits" in vars(self)  # an instance's own logits (`moelab.hf.edit`'s masks)
-        extras = (self.selection_bias, self.masked, self.expert_scale)
-        others = replaced or any(t is not None for t in extras)
+        others = (  # an or-chain, no tuple or generator: a decode step asks at every layer
+            replaced or self.selection_bias is not None or self.masked is not None or self.expert_scale is not None
+        )
         if not plain or others or forward_hooked([self]):
             return super().choose(x)
         values, indices = self.router_logits(x, check=False).topk(self.top_k, dim=-1)

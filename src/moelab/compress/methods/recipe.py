@@ -279,8 +279,8 @@ class MoelabRecipe(Method):
         """The expert path's kept set: the candidate with the lowest error (kept ids, notes);
         search: NAEE's search among the candidates."""
         target = self._with_super_experts(layer, target)
-        # EASY-EP's statistic is missing where its observer cannot read the layer (a residual stream wider
-        # than the model dim, Qwen4-Exp; a routed sum normed again, Gemma 4): the other candidates remain
+        # EASY-EP's statistic is missing where its observer cannot read the layer (several residual streams,
+        # Qwen4-Exp's and Hunyuan 4's; a routed sum normed again, Gemma 4's): the other candidates remain
         usable = [cls for cls in CANDIDATES if cls is not EasyEP or stats.easyep_sums is not None]
         candidates = {cls.name: cls().decide(layer, stats, target).kept for cls in usable}
         if search:
