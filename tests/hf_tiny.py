@@ -330,6 +330,33 @@ TINY = {
         ),
         dense=(0,),
     ),
+    "deepseek_v4": Tiny(  # hyper-connections (2 residual streams), compressed attention; hash routing: DEEPSEEK_V4_HASH
+        dict(
+            COMMON,
+            num_key_value_heads=1,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            head_dim=16,
+            q_lora_rank=16,
+            partial_rotary_factor=0.5,
+            mlp_layer_types=["moe", "moe"],
+            layer_types=["heavily_compressed_attention", "compressed_sparse_attention"],
+            compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+            hc_mult=2,
+            swiglu_limit=0.5,
+            sliding_window=8,
+            o_groups=2,
+            o_lora_rank=8,
+            index_n_heads=2,
+            index_head_dim=8,
+            index_topk=4,
+            num_nextn_predict_layers=0,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
     "bailing_hybrid": Tiny(  # layer 0 dense with linear attention (KDA), layer 1 MoE with full attention
         dict(
             DEEPSEEK,
@@ -512,7 +539,7 @@ COMPRESS_SLOW = frozenset(
     {
         "exaone_moe", "afmoe", "lfm2_moe", "minimax_m2", "hunyuan_v1_moe", "jamba", "ernie4_5_moe", "granitemoehybrid",
         "kimi_linear", "nemotron_h", "hy_v3", "laguna", "kolibri1", "dots3_note_text", "mistral4", "flint", "axk1", "sarvam_moe", "cohere2_moe",
-        "minimax_m3_vl_text", "bailing_hybrid", "hy_v4", "aria_text",
+        "minimax_m3_vl_text", "bailing_hybrid", "hy_v4", "aria_text", "deepseek_v4",
     }
 )
 
@@ -549,6 +576,9 @@ def _unit_scale(model):
         for name, b in model.named_buffers():
             if name.endswith(("e_score_correction_bias", "expert_bias")):
                 b.uniform_(0, 0.1)
+            if name.endswith("tid2eid"):  # DeepSeek-V4's hash table: distinct experts per token id
+                E = model.config.get_text_config().n_routed_experts
+                b.copy_(torch.rand(b.shape[0], E).argsort(-1)[:, : b.shape[1]])
     return model.eval()
 
 

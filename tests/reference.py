@@ -34,6 +34,10 @@ def sigmoid(z: Tensor) -> Tensor:
     return 1.0 / (1.0 + torch.exp(-z))
 
 
+def sqrt_softplus(z: Tensor) -> Tensor:  # DeepSeek-V4's router scores
+    return torch.sqrt(torch.log(1.0 + torch.exp(z)))
+
+
 def softmax(z: Tensor) -> Tensor:
     ex = torch.exp(z - float(z.detach().max()))
     return ex / ex.sum()
@@ -130,10 +134,10 @@ def route_topk(
     input_norm: tuple[Tensor, float, float] | None = None,
 ) -> RefRouting:
     """Token-choice top-k. With input_norm (g, eps, m) the logits read x_t / sqrt(mean(x_t^2) + eps)
-    * g * m (Gemma 4). Scores = softmax or sigmoid of the logits. Selection ranks
+    * g * m (Gemma 4). Scores = softmax, sigmoid or sqrt(softplus) of the logits. Selection ranks
     score + selection_bias (select_on_logits: logit + selection_bias); with n_group > 1 only the experts of the topk_group best groups (of
     E/n_group consecutive experts; group score = sum of the group's two best selection values for
-    sigmoid, its best for softmax) compete. Weights: the un-biased scores of the chosen experts,
+    sigmoid or sqrt(softplus), its best for softmax) compete. Weights: the un-biased scores of the chosen experts,
     divided by their sum if renormalize, times route_scale, times expert_scale[e] where given. Slot j =
     the j-th best chosen expert."""
     T, E = x.shape[0], W.shape[0]
@@ -145,7 +149,7 @@ def route_topk(
             g, eps, m = input_norm
             x_t = x_t / torch.sqrt((x_t * x_t).sum() / x_t.shape[0] + eps) * g * m
         logits = _token_logits(x_t, W, b)
-        scores = softmax(logits) if score_func == "softmax" else sigmoid(logits)
+        scores = {"softmax": softmax, "sigmoid": sigmoid, "sqrtsoftplus": sqrt_softplus}[score_func](logits)
         ranked_values = (logits if select_on_logits else scores).detach().tolist()
         select = [ranked_values[e] + bias[e] for e in range(E)]
         candidates = list(range(E))
@@ -154,7 +158,7 @@ def route_topk(
             group_score = []
             for g in range(n_group):
                 members = sorted((select[e] for e in range(g * size, (g + 1) * size)), reverse=True)
-                group_score.append(sum(members[:2]) if score_func == "sigmoid" else members[0])
+                group_score.append(members[0] if score_func == "softmax" else sum(members[:2]))
             ranked_groups = sorted(range(n_group), key=lambda g: -group_score[g])
             kept_groups = set(ranked_groups[:topk_group])
             margins += _gaps(sorted(group_score, reverse=True)[topk_group - 1 : topk_group + 1])
@@ -177,6 +181,28 @@ def route_topk(
         choices, _stack_rows(logit_rows, E, W), _stack_rows(prob_rows, E, W), top_k,
         min(margins, default=math.inf), min(order_margins, default=math.inf),
     )
+
+
+def route_hash(
+    x: Tensor, W: Tensor, ids: list[int], table: list[list[int]], *, score_func: str, renormalize: bool,
+    route_scale: float,
+) -> RefRouting:
+    """Hash routing: token t visits the experts table[ids[t]] (in that slot order, repeats allowed),
+    weighted by their scores (softmax, sigmoid or sqrt(softplus) of W x_t), divided by their sum if
+    renormalize, times route_scale."""
+    T, E = x.shape[0], W.shape[0]
+    act = {"softmax": softmax, "sigmoid": sigmoid, "sqrtsoftplus": sqrt_softplus}[score_func]
+    choices, logit_rows, prob_rows = [], [], []
+    for t in range(T):
+        logits = _token_logits(x[t], W, None)
+        scores = act(logits)
+        chosen = table[ids[t]]
+        w = [scores[e] for e in chosen]
+        total = sum(w) if renormalize else 1.0
+        choices.append([(j, e, w[j] / total * route_scale) for j, e in enumerate(chosen)])
+        logit_rows.append(logits)
+        prob_rows.append(scores if score_func == "softmax" else scores / scores.sum())
+    return RefRouting(choices, _stack_rows(logit_rows, E, W), _stack_rows(prob_rows, E, W), len(table[0]))
 
 
 def route_topp(

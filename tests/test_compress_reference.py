@@ -43,7 +43,7 @@ from moelab.compress.stats import PER_SOURCE, LayerStats, layer_stats
 from moelab.hf.edit import masked_moe_layer
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import MoELayerView, RouterView
-from moelab.nn import MoEConfig, MoELayer, ScaledRMSNorm, SwiGLUExperts, TopKRouter, build_moe
+from moelab.nn import HashRouter, MoEConfig, MoELayer, ScaledRMSNorm, SwiGLUExperts, TopKRouter, build_moe
 from moelab.nn.routers import Routing
 
 SUMS = ("counts", "soft_counts", "gate_sums", "premoe_sums", "ean_sums", "reap_sums", "easyep_sums")
@@ -534,6 +534,31 @@ def test_input_sample_positions():
         torch.testing.assert_close(got["inputs"], everything[positions].float(), rtol=0, atol=0)
     got = observe(layer, batches, 1, {"total_tokens": 32, "sample_tokens": 20}, names=("inputs",))
     assert (got["inputs"][-1] == everything[30].float()).all(), "the sample reaches the end of the data"
+
+
+def test_input_sample_keeps_the_token_ids_a_hash_router_reads():
+    """A hash-routed layer (DeepSeek-V4's) is re-run on its sampled inputs with their token ids, so
+    the sample records them beside the inputs (the routing of those tokens follows from them); a
+    layer routed by its gate records none."""
+    view = make_view(seed=2)
+    layer = moe_layer_from_view(view)
+    E, D = layer.router.weight.shape
+    batches = make_batches(D, [13, 10, 9], 1, F64, seed=4)
+    ids = [torch.randint(0, 50, (b.x.shape[0],), generator=torch.Generator().manual_seed(i)) for i, b in enumerate(batches)]
+    order = torch.argsort(torch.cat([b.tokens.position for b in batches]))
+    positions = [0, 4, 9, 13, 18, 22, 27]
+    options = {"total_tokens": 32, "sample_tokens": 7}
+    assert "input_ids" not in observe(layer, batches, 1, options, names=("inputs",))
+    layer.router = HashRouter(D, E, 50, view.router.top_k)
+    sample = OBSERVERS["inputs"](E, 1, D, options)
+    with torch.no_grad():
+        for b, token_ids in zip(batches, ids):
+            call = eager_moe(layer, b.x[None], context={"input_ids": token_ids[None]})
+            assert torch.equal(call.routing.indices, layer.router.token_experts[token_ids])
+            sample.update(call, b.tokens, b.h + call.output)
+    got = sample.result()
+    assert torch.equal(got["input_ids"], torch.cat(ids)[order][positions])
+    torch.testing.assert_close(got["inputs"], torch.cat([b.x for b in batches])[order][positions].float(), rtol=0, atol=0)
 
 
 def test_per_expert_skips_empty_slots():

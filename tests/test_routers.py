@@ -9,6 +9,7 @@ from reference import (
     assert_no_near_tie,
     f64_leaf,
     route_expert_choice,
+    route_hash,
     route_relu,
     route_topk,
     route_topp,
@@ -16,6 +17,7 @@ from reference import (
 
 from moelab.nn import (
     ExpertChoiceRouter,
+    HashRouter,
     MoEConfig,
     ReLURouter,
     ScaledRMSNorm,
@@ -46,6 +48,8 @@ TOPK_SETTINGS = {
     "expert-bias-on-logits": dict(top_k=3, score_func="sigmoid", selection_bias=True, select_on_logits=True),
     "gemma4-normed-input-expert-scale": dict(top_k=2, expert_scale=True, input_norm=True),
     "expert-scale-sigmoid-groups": dict(top_k=3, score_func="sigmoid", n_group=4, topk_group=2, expert_scale=True),
+    "sqrtsoftplus-k2-scale": dict(top_k=2, score_func="sqrtsoftplus", route_scale=1.5),
+    "sqrtsoftplus-bias-groups": dict(top_k=3, score_func="sqrtsoftplus", n_group=4, topk_group=2, selection_bias=True),
 }
 
 
@@ -285,6 +289,77 @@ def test_relu_router_matches_reference(name):
     routing, _ = check_router(router, _x())
     counts = (routing.indices >= 0).sum(-1)
     assert counts.min() < counts.max()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(), dict(score_func="sigmoid", route_scale=2.5), dict(score_func="softmax", renormalize=False)],
+    ids=["sqrtsoftplus", "sigmoid-scaled", "softmax-raw"],
+)
+def test_hash_router_matches_reference(settings):
+    """DeepSeek-V4's hash routing: each token's experts come from its id's row of the table (a row
+    naming an expert twice included), weighted by the learned gate's scores, forward and backward."""
+    torch.manual_seed(0)
+    V, K = 10, 3
+    router = HashRouter(D, E, V, K, **settings)
+    _randomise(router, seed=8)
+    table = torch.stack([torch.randperm(E)[:K] for _ in range(V)])
+    table[4] = torch.tensor([2, 5, 2])  # after a merge: expert 2 twice
+    router.token_experts.copy_(table)
+    ids = torch.randint(0, V, (2, T // 2))
+    ids[0, 0] = 4
+    x = _x().view(2, T // 2, D)
+    xr, w = f64_leaf(x.reshape(T, D)), f64_leaf(router.weight)
+    ref = route_hash(xr, w, ids.flatten().tolist(), table.tolist(), score_func=router.score_func,
+                     renormalize=router.renormalize, route_scale=router.route_scale)  # fmt: skip
+    xl = x.clone().requires_grad_(True)
+    routing = router(xl, context={"input_ids": ids})
+    assert torch.equal(routing.indices, table[ids.flatten()])
+    expected = torch.stack([torch.stack([wt for _, _, wt in choice]) for choice in ref.choices])
+    assert_close(routing.weights.double(), expected.detach())
+    assert_close(routing.logits.double(), ref.logits.detach())
+    assert_close(routing.probs.double(), ref.probs.detach())
+    g = torch.randn(expected.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    (routing.weights.double() * g).sum().backward()
+    (expected * g).sum().backward()
+    assert_close(xl.grad.double().reshape(T, D), xr.grad)
+    assert_close(router.weight.grad.double(), w.grad)
+
+
+def test_hash_router_needs_the_token_ids():
+    router = HashRouter(D, E, 10, 2)
+    x = _x().view(2, T // 2, D)
+    for context, match in (({}, "pass context"), ({"input_ids": torch.zeros(2, 3, dtype=torch.long)}, r"shape \[2, 12\]"),
+                           ({"input_ids": torch.zeros(2, T // 2)}, "integer token ids")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            router(x, context=context)
+
+
+def test_hash_routed_layer_runs_the_tables_experts():
+    """An MoE layer with a hash router computes, on its training and inference paths, the naive sum
+    over each token's table row of weight x expert output, and refuses input without token ids."""
+    torch.manual_seed(0)
+    V, K = 10, 2
+    layer = build_moe(MoEConfig(dim=D, num_experts=E, top_k=K, hidden_dim=16))
+    router = HashRouter(D, E, V, K)
+    _randomise(router, seed=9)
+    router.token_experts.copy_(torch.stack([torch.randperm(E)[:K] for _ in range(V)]))
+    layer.router = router
+    ids = torch.randint(0, V, (3, 5))
+    x = torch.randn(3, 5, D)
+    routing = router(x, context={"input_ids": ids})
+    flat = x.reshape(-1, D)
+    expected = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for k in range(K):
+            e = int(routing.indices[t, k])
+            expected[t] += routing.weights[t, k] * layer.experts(flat[t : t + 1], [0] * e + [1] + [0] * (E - e - 1))[0]
+    y, _ = layer(x, context={"input_ids": ids})
+    assert_close(y.reshape(-1, D).double(), expected.double().detach())
+    with torch.no_grad():
+        assert_close(layer.infer(x, context={"input_ids": ids}).reshape(-1, D).double(), expected.double())
+    with pytest.raises(ValueError, match="pass context"):
+        layer(x)
 
 
 def test_expert_choice_capacity_rule():

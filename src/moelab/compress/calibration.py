@@ -348,8 +348,8 @@ def _calibrate_layer(
     view = runner.moe_view(index)
     calls: list[MoECall] = []
 
-    def run_moe(moe, x):
-        call = eager_moe(moe, x)
+    def run_moe(moe, x, context=None):
+        call = eager_moe(moe, x, context=context)
         calls.append(call)
         return call.output.view_as(x)
 

@@ -123,8 +123,8 @@ def backward_layer(
     view = runner.moe_view(index)
     calls: list[MoECall] = []
 
-    def run_moe(moe, x):
-        call = eager_moe(moe, x, keep_hidden=True)
+    def run_moe(moe, x, context=None):
+        call = eager_moe(moe, x, context=context, keep_hidden=True)
         calls.append(call)
         return call.output.view_as(x)
 

@@ -20,7 +20,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from moelab.hf.edit import EXPERT_TENSORS, LayerEdit, one_expert
+from moelab.hf.edit import EXPERT_TENSORS, LayerEdit, one_expert, remapped_token_experts
 from moelab.hf.native import expert_input, experts_from_view, norm_from_view, routed_output
 from moelab.hf.view import ExpertsView, MoELayerView, RouterView
 
@@ -150,9 +150,9 @@ def merged_layer(
         experts, **{n: torch.stack(v).to(getattr(experts, n).dtype) for n, v in merged.items()}
     )
     scale = None if router.expert_scale is None else router.expert_scale.new_ones(len(groups))  # folded into down
-    new_router = dataclasses.replace(
-        router, expert_scale=scale, **{n: torch.stack(v).to(getattr(router, n).dtype) for n, v in rows.items()}
-    )
+    rows = {n: torch.stack(v).to(getattr(router, n).dtype) for n, v in rows.items()}
+    table = None if router.token_experts is None else remapped_token_experts(router, groups, rows["weight"])
+    new_router = dataclasses.replace(router, expert_scale=scale, token_experts=table, **rows)
     view = dataclasses.replace(layer, router=new_router, experts=new_experts)
     return LayerEdit(tuple(tuple(g) for g in groups), view=view)
 

@@ -38,7 +38,8 @@ class MoECall:
     block, up @ f_e(down @ x), the expert's share of the output), zeros in empty slots; shared:
     [T, D] the shared experts' output (None without), shared_down: [T, D] their down projection
     before any gate; scale_input: the experts took the weight on their input; routed_norm: the
-    norm of the routed experts' weighted sum (Gemma 4: `MoELayer.routed_norm`), None without.
+    norm of the routed experts' weighted sum (Gemma 4: `MoELayer.routed_norm`), None without;
+    token_ids: [T] int64 the tokens' ids where the router read them (a hash router), else None.
     In the backward sweep (`eager_moe(..., keep_hidden=True)`) also hidden: [T, K, I] each slot's
     hidden activation (what its down projection sees) and grad_hidden: [T, K, I] the loss's
     gradient with respect to it, filled in when the backward pass reaches it; zeros in empty slots.
@@ -53,6 +54,7 @@ class MoECall:
     hidden: Tensor | None = None
     grad_hidden: Tensor | None = None
     routed_norm: Callable[[Tensor], Tensor] | None = None
+    token_ids: Tensor | None = None
 
     @property
     def contributions(self) -> Tensor:
@@ -85,12 +87,16 @@ class Tokens:
     position: Tensor
 
 
-def eager_moe(moe: MoELayer, x: Tensor, *, keep_hidden: bool = False) -> MoECall:
+def eager_moe(
+    moe: MoELayer, x: Tensor, *, context: dict[str, Tensor] | None = None, keep_hidden: bool = False
+) -> MoECall:
     """Compute `moe` on x [..., D] expert by expert (dropless), keeping each slot's output; with
     keep_hidden (under autograd, for the backward sweep) also each slot's hidden activation, and
-    its gradient once the backward pass has run."""
+    its gradient once the backward pass has run. context: what a router that routes whole
+    sequences (x [B, S, D]) reads besides x (a hash router: the token ids)."""
+    routing = moe.router(x, context=context or {}) if moe.router.needs_sequences else None
     x = x.reshape(-1, x.shape[-1])
-    routing = moe.router(x)
+    routing = moe.router(x) if routing is None else routing
     T, K = routing.indices.shape
     plan = plan_dispatch(routing.indices, moe.num_experts)
     z = moe.expert_rows(x)  # what the experts read
@@ -123,8 +129,9 @@ def eager_moe(moe: MoELayer, x: Tensor, *, keep_hidden: bool = False) -> MoECall
     if moe.shared is not None:
         shared_down = moe.shared.mlp(x)
         shared = shared_down if moe.shared.gate is None else torch.sigmoid(moe.shared.gate(x)) * shared_down
+    ids = None if context is None or context.get("input_ids") is None else context["input_ids"].reshape(-1)
     return MoECall(
-        x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input, hidden, grad_hidden, moe.routed_norm
+        x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input, hidden, grad_hidden, moe.routed_norm, ids
     )
 
 
@@ -272,11 +279,11 @@ class ContributionObserver(Observer):
 class InputSample(Observer):
     """inputs [N, D]: the block's inputs at N global token positions spread evenly over the
     calibration data (position floor(i * total / N) for i < N), for methods that re-run a layer
-    (NAEE), and input_sources [N] their sources. options: sample_tokens (N), total_tokens (of the
-    mixture)."""
+    (NAEE), input_sources [N] their sources and, where the router reads the token ids (a hash
+    router), input_ids [N] theirs. options: sample_tokens (N), total_tokens (of the mixture)."""
 
     name = "inputs"
-    fields = ("inputs", "input_sources")
+    fields = ("inputs", "input_sources", "input_ids")
 
     def __init__(self, num_experts: int, num_sources: int, dim: int, options: dict):
         super().__init__(num_experts, num_sources, dim, options)
@@ -284,6 +291,7 @@ class InputSample(Observer):
         self.size = min(options["sample_tokens"], self.total)
         self.inputs = torch.zeros(self.size, dim, dtype=torch.float32)
         self.sources = torch.zeros(self.size, dtype=torch.int64)  # summed over processes: 0 where not sampled
+        self.ids: Tensor | None = None
 
     def update(self, call: MoECall, tokens: Tokens, layer_output: Tensor) -> None:
         slot = (
@@ -292,9 +300,13 @@ class InputSample(Observer):
         pick = (slot < self.size) & (slot * self.total // self.size == tokens.position)
         self.inputs[slot[pick]] = call.x[pick.to(call.x.device)].float().cpu()
         self.sources[slot[pick]] = tokens.source[pick].cpu()
+        if call.token_ids is not None:
+            self.ids = torch.zeros_like(self.sources) if self.ids is None else self.ids
+            self.ids[slot[pick]] = call.token_ids[pick.to(call.token_ids.device)].cpu()
 
     def result(self) -> dict[str, Tensor]:
-        return {"inputs": self.inputs, "input_sources": self.sources}
+        ids = {} if self.ids is None else {"input_ids": self.ids}
+        return {"inputs": self.inputs, "input_sources": self.sources, **ids}
 
 
 class NeuronObserver(Observer):

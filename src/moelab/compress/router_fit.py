@@ -22,7 +22,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from moelab.hf.edit import LayerEdit, apply_edit, moe_output
+from moelab.hf.edit import LayerEdit, apply_edit, layer_output, moe_output
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import MoELayerView
 from moelab.nn.moe import MoELayer
@@ -45,10 +45,11 @@ class RouterFit:
 
 
 def refit_router(
-    layer: MoELayerView, edit: LayerEdit, inputs: Tensor | None, fit: RouterFit
+    layer: MoELayerView, edit: LayerEdit, inputs: Tensor | None, fit: RouterFit, ids: Tensor | None = None
 ) -> tuple[LayerEdit, dict[str, float]]:
     """(the edit with the fitted router, notes: train and held-out loss before and after, and the
-    step kept). `layer`: the original layer; `inputs`: [N, D] its sampled inputs."""
+    step kept). `layer`: the original layer; `inputs`: [N, D] its sampled inputs, `ids` [N] their
+    token ids (`LayerStats.input_ids`: a hash router reads them)."""
     if inputs is None or inputs.shape[0] < HOLDOUT_EVERY or not (inputs != 0).any():
         raise ValueError(
             f"router re-calibration needs sampled layer inputs; layer {layer.index}'s statistics have fewer than "
@@ -56,7 +57,7 @@ def refit_router(
         )
     edited = apply_edit(layer, edit)
     x = inputs.float()
-    target = moe_output(layer, x).float()
+    target = moe_output(layer, x, ids=ids).float()
     held = torch.zeros(x.shape[0], dtype=torch.bool)
     held[HOLDOUT_EVERY - 1 :: HOLDOUT_EVERY] = True
     student = _student(edited)
@@ -64,7 +65,7 @@ def refit_router(
     optimizer = torch.optim.Adam(params, lr=fit.lr)
 
     def losses() -> tuple[Tensor, Tensor]:
-        error = (student(x)[0] - target).pow(2).sum(-1)
+        error = (layer_output(student, x, ids) - target).pow(2).sum(-1)
         scale = target.pow(2).sum(-1)
         return error[~held].sum() / scale[~held].sum(), error[held].sum() / scale[held].sum()
 

@@ -388,8 +388,8 @@ def _refit_routers(
     with _view(model, shapes_only=False) as view:
         for index in tqdm(sorted(decisions), desc="router fit", unit="layer", disable=quiet):
             decision = decisions[index]
-            inputs = _layer_stats(calibration, index, sources).inputs
-            decision.edit, notes = refit_router(view.layer(index), decision.edit, inputs, fit)
+            stats = _layer_stats(calibration, index, sources)
+            decision.edit, notes = refit_router(view.layer(index), decision.edit, stats.inputs, fit, stats.input_ids)
             report["layers"][str(index)]["notes"]["router_fit"] = notes
 
 

@@ -48,8 +48,9 @@ class LayerStats:
     tokens [H, S]; counts, soft_counts, gate_sums, premoe_sums, ean_sums, reap_sums,
     easyep_sums [H, S, E] (see `moelab.compress.observers` for what each sums); max_output [E];
     shared_max [1]; skip_ratios [B]; logit_gram [E, E]; neuron_act_sums, neuron_grad_sums
-    [H, S, E, I] (HEAPr's terms, from the backward sweep); inputs [N, D] (empty when not sampled)
-    and input_sources [N] the source of each. Fields of observers that did not run are None.
+    [H, S, E, I] (HEAPr's terms, from the backward sweep); inputs [N, D] (empty when not sampled),
+    input_sources [N] the source of each and, in a hash-routed layer, input_ids [N] their token ids
+    (else None). Fields of observers that did not run are None.
     """
 
     layer: int
@@ -70,6 +71,7 @@ class LayerStats:
     easyep_sums: Tensor | None = None
     inputs: Tensor | None = None
     input_sources: Tensor | None = None
+    input_ids: Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -104,7 +106,7 @@ class LayerStats:
         sampled inputs); the maxima, skip ratios and logit Gram matrix stay the whole data's."""
         index = self._source_index(list(sources))
         per_source = {n: getattr(self, n)[:, index] for n in PER_SOURCE if getattr(self, n) is not None}
-        inputs, input_sources = self.inputs, self.input_sources
+        inputs, input_sources, input_ids = self.inputs, self.input_sources, self.input_ids
         if self.inputs is not None and self.inputs.numel():
             if self.input_sources is None:
                 raise ValueError(
@@ -115,9 +117,11 @@ class LayerStats:
             renumber = torch.full((len(self.sources),), -1, dtype=torch.int64)
             renumber[index] = torch.arange(len(index))
             inputs, input_sources = self.inputs[rows], renumber[self.input_sources[rows]]
+            input_ids = None if input_ids is None else input_ids[rows]
         return dataclasses.replace(
-            self, sources=tuple(sources), inputs=inputs, input_sources=input_sources, **per_source
-        )
+            self, sources=tuple(sources), inputs=inputs, input_sources=input_sources, input_ids=input_ids,
+            **per_source,
+        )  # fmt: skip
 
     def tensors(self) -> dict[str, Tensor]:
         names = [f.name for f in fields(self) if f.name not in ("layer", "sources")]

@@ -72,6 +72,41 @@ def _refuse_mlp_bias(config: Config, family: str) -> None:
         )
 
 
+def _deepseek_v4(config: Config) -> dict:
+    """DeepSeek-V4: sqrt(softplus) scores (scoring_func), the correction bias for selection in its
+    learned layers, a token table in its hash layers; always renormalised (transformers ignores
+    norm_topk_prob), × routed_scaling_factor."""
+    _refuse_mlp_bias(config, "DeepSeek-V4")
+    return {
+        "score_func": config_value(config, "scoring_func", default="sqrtsoftplus"),
+        "top_k": _top_k(config),
+        "renormalize": True,
+        "route_scale": float(config_value(config, "routed_scaling_factor", default=1.5)),
+    }
+
+
+def _deepseek_v4_activations(config: Config, index: int) -> tuple[dict, dict]:
+    """Routed and shared experts alike: silu(min(gate, L)) * clamp(up, -L, L), L = swiglu_limit."""
+    act = config_value(config, "hidden_act", default="silu")
+    if act != "silu":
+        raise CheckpointError(f"this DeepSeek-V4 config sets hidden_act={act!r}; moelab reads its clamped experts with silu only")
+    settings = {"activation": "gate_clamped_swiglu", "swiglu_limit": float(config_value(config, "swiglu_limit", default=10.0))}
+    return settings, settings
+
+
+def _deepseek_v4_hash_layer(config: Config, index: int) -> bool:
+    """mlp_layer_types ("hash_moe" / "moe"), else the first num_hash_layers (default 3) layers, as
+    DeepseekV4Config fills it in."""
+    kinds = config.get("mlp_layer_types")
+    if kinds is None:
+        return index < config_value(config, "num_hash_layers", default=3)
+    if not isinstance(kinds, list) or index >= len(kinds) or kinds[index] not in ("hash_moe", "moe"):
+        raise CheckpointError(
+            f"config.json's mlp_layer_types must list 'hash_moe' or 'moe' for every layer; got {kinds!r}"
+        )
+    return kinds[index] == "hash_moe"
+
+
 def _deepseek_v2(config: Config) -> dict:
     """softmax; greedy or group-limited (group score: its max); × routed_scaling_factor; never
     renormalised (transformers ignores norm_topk_prob for V2). mlp_bias (biases on the shared
@@ -786,6 +821,21 @@ def _hy_v4_experts(config: Config) -> dict:
     return {"activation": "gate_clamped_swiglu", "swiglu_limit": float(config_value(config, "swiglu_limit", default=10.0))}
 
 
+def _deepseek_v4_layouts() -> tuple[Layout, ...]:
+    """As save_pretrained and the release store it (under layers.N. in the release): ffn.gate
+    (its correction bias ffn.gate.bias, its hash table ffn.gate.tid2eid), per-expert w1 / w3 / w2, shared
+    experts w1 / w3 / w2; in transformers' names: mlp.gate (e_score_correction_bias, tid2eid), fused
+    experts, shared gate_proj / up_proj / down_proj."""
+    return (
+        Layout(RouterKeys("ffn.gate.weight", selection_bias="ffn.gate.bias", token_experts="ffn.gate.tid2eid", optional=True),
+               PerExpert(*(f"ffn.experts.{{e}}.{w}.weight" for w in ("w1", "w3", "w2"))),
+               SharedMLP(*(f"ffn.shared_experts.{w}.weight" for w in ("w1", "w3", "w2")))),
+        Layout(RouterKeys("mlp.gate.weight", selection_bias="mlp.gate.e_score_correction_bias",
+                          token_experts="mlp.gate.tid2eid", optional=True),
+               FusedGateUp("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), _shared("mlp.shared_experts")),
+    )  # fmt: skip
+
+
 def _hy_v3_layouts() -> tuple[Layout, ...]:
     """The qwen2_moe experts. On disk: router mlp.router.gate, its correction bias the block's
     mlp.expert_bias, shared experts mlp.shared_mlp; fused, transformers' names: mlp.gate,
@@ -1046,6 +1096,9 @@ _FAMILIES = (
            router_settings=_deepseek_v3_router(n_group=1, topk_group=1, route_scale=2.827),
            expert_settings=_hy_v4_experts, is_moe_layer=_first_layer_dense, expert_width=_MOE_WIDTH,
            shared_width_follows=True),
+    Family("deepseek_v4", layouts=_deepseek_v4_layouts(), num_experts=("n_routed_experts", "num_local_experts"),
+           router_settings=_deepseek_v4, layer_activations=_deepseek_v4_activations, hash_routed=_deepseek_v4_hash_layer,
+           expert_width=_MOE_WIDTH, shared_width_follows=True, original_prefix=""),
     Family("laguna", layouts=_laguna_layouts(), num_experts=("num_experts",), router_settings=_laguna,
            is_moe_layer=_first_layer_dense, expert_width=_MOE_WIDTH),
     Family("kolibri1", layouts=_kolibri1_layouts(), num_experts=("num_local_experts", "num_experts"),

@@ -28,9 +28,9 @@ from moelab.hf.native import (
     shared_from_view,
     summed_routed_output,
 )
-from moelab.hf.view import ExpertsView, MoELayerView
+from moelab.hf.view import ExpertsView, MoELayerView, RouterView
 from moelab.nn.moe import MoELayer
-from moelab.nn.routers import check_groups
+from moelab.nn.routers import Router, Routing, check_groups
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,8 +101,10 @@ def apply_edit(layer: MoELayerView, edit: LayerEdit) -> MoELayerView:
     if edit.view is None:
         idx = torch.tensor(edit.selection)
         pick = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+        router = layer.router
+        table = None if router.token_experts is None else remapped_token_experts(router, edit.sources, pick(router.weight))
         router = dataclasses.replace(
-            layer.router, **{name: pick(getattr(layer.router, name)) for name in _ROUTER_TENSORS}
+            router, token_experts=table, **{name: pick(getattr(router, name)) for name in _ROUTER_TENSORS}
         )
         experts = dataclasses.replace(
             layer.experts, **{name: pick(getattr(layer.experts, name)) for name in EXPERT_TENSORS}
@@ -130,23 +132,27 @@ def apply_edit(layer: MoELayerView, edit: LayerEdit) -> MoELayerView:
 def masked_moe_layer(layer: MoELayerView, keep: Sequence[int]) -> MoELayer:
     """The original layer, with every expert outside `keep` masked out of routing: its router
     logit is -inf before scoring (so softmax renormalises over the kept experts) and its
-    selection score is -inf (so a correction bias cannot pick it). What dropping those experts
-    should compute. forward(x [..., D]) -> (y, MoEResult)."""
+    selection score is -inf (so a correction bias cannot pick it); a hash router's table names
+    the kept experts that stand in for the dropped ones (`remapped_token_experts`). What dropping
+    those experts should compute. forward(x [..., D]) -> (y, MoEResult)."""
     moe = moe_layer_from_view(layer)
-    _mask_router(moe.router, layer.router.num_experts, keep)
+    _mask_router(moe.router, layer.router, keep)
     return moe
 
 
-def moe_output(layer: MoELayerView, x: Tensor, keep: Sequence[int] | None = None) -> Tensor:
+def moe_output(
+    layer: MoELayerView, x: Tensor, keep: Sequence[int] | None = None, ids: Tensor | None = None
+) -> Tensor:
     """x [T, D] -> [T, D]: what `layer` computes (with the experts outside `keep` masked out of
     routing, as `masked_moe_layer`), in float64, holding one expert's weights in float64 at a
-    time, so that layers of any size can be checked exactly."""
+    time, so that layers of any size can be checked exactly. ids [T]: the tokens' ids, which a
+    hash-routed layer (`RouterView.token_experts`) routes by."""
     x = x.double()
     router = router_from_view(layer.router).double()
     if keep is not None:
-        _mask_router(router, layer.router.num_experts, keep)
+        _mask_router(router, layer.router, keep)
     with torch.no_grad():
-        routing = router(x)
+        routing = route_tokens(router, x, ids)
         z = expert_input(layer, x)
         y = torch.zeros_like(z)
         for e in routing.indices.unique().tolist():
@@ -161,12 +167,60 @@ def moe_output(layer: MoELayerView, x: Tensor, keep: Sequence[int] | None = None
     return y
 
 
-def _mask_router(router, num_experts: int, keep: Sequence[int]) -> None:
-    dropped = torch.tensor(sorted(set(range(num_experts)) - set(keep)), dtype=torch.long)
+def route_tokens(router: Router, x: Tensor, ids: Tensor | None = None) -> Routing:
+    """The router on x [N, D] -> its Routing of the N tokens; ids [N]: their token ids, which a hash
+    router reads (a router that routes whole sequences sees them as one)."""
+    if router.needs_sequences:
+        return router(x[None], context={"input_ids": None if ids is None else ids[None]})
+    return router(x)
+
+
+def layer_output(moe: MoELayer, x: Tensor, ids: Tensor | None = None) -> Tensor:
+    """The layer's output on x [N, D] -> [N, D]; ids [N]: the tokens' ids (`route_tokens`)."""
+    if moe.router.needs_sequences:
+        return moe(x[None], context={"input_ids": None if ids is None else ids[None]})[0][0]
+    return moe(x)[0]
+
+
+def _mask_router(router, view: RouterView, keep: Sequence[int]) -> None:
+    kept = torch.tensor(sorted(set(keep)), dtype=torch.long)
+    if view.token_experts is not None:  # the kept experts that stand in for the dropped ones, original ids
+        sources = tuple((e,) for e in kept.tolist())
+        router.token_experts = kept[remapped_token_experts(view, sources, view.weight[kept]).long()]
+    dropped = torch.tensor(sorted(set(range(view.num_experts)) - set(keep)), dtype=torch.long)
     logits = router.router_logits
     router.router_logits = lambda x: logits(x).index_fill(-1, dropped, float("-inf"))  # this instance only
     if getattr(router, "selection_bias", None) is not None:  # a copy: the router holds the view's own tensor
         router.selection_bias = router.selection_bias.index_fill(0, dropped, float("-inf"))
+
+
+def remapped_token_experts(router: RouterView, sources: Sequence[Sequence[int]], new_weight: Tensor) -> Tensor:
+    """A hash router's table (`RouterView.token_experts` [V, K]) after an edit whose new expert j
+    comes from the original ids `sources[j]` and has router row new_weight[j] ([E', D]): a slot naming
+    one of j's sources names j; one naming a dropped expert names the new expert whose router row
+    is nearest to the dropped one's (cosine), among those not already in that token's row. A
+    token so keeps K distinct experts (K <= E'), and where a merge joined two of its experts, the
+    merged one twice (each slot with its own weight, as the token's two experts had)."""
+    table, E = router.token_experts, router.num_experts
+    target = torch.full((E,), -1, dtype=torch.long)
+    for j, group in enumerate(sources):
+        target[list(group)] = j
+    new = target[table.long()]
+    dropped = (target < 0).nonzero()[:, 0]
+    if not dropped.numel():
+        return new.to(table.dtype)
+    unit = lambda w: torch.nn.functional.normalize(w.double(), dim=-1)  # noqa: E731
+    nearest = (unit(router.weight[dropped]) @ unit(new_weight).T).argsort(dim=-1, descending=True, stable=True)
+    rank = torch.full((E,), -1, dtype=torch.long)
+    rank[dropped] = torch.arange(len(dropped))
+    for slot in range(table.shape[1]):
+        holes = (new[:, slot] < 0).nonzero()[:, 0]
+        if not holes.numel():
+            continue
+        candidates = nearest[rank[table[holes, slot].long()]]  # [n, E'] best first
+        taken = (new[holes, :, None] == candidates[:, None, :]).any(1)  # already in the token's row
+        new[holes, slot] = candidates.gather(1, (~taken).long().argmax(-1, keepdim=True))[:, 0]
+    return new.to(table.dtype)
 
 
 def one_expert(experts: ExpertsView, e: int) -> ExpertsView:
@@ -212,7 +266,7 @@ def check_edit(index: int, edit: LayerEdit, E: int, settings: dict[str, Any]) ->
             "config.json first (that changes the routing)"
         )
     try:
-        check_groups(new_E, top_k, n_group, topk_group, 2 if settings["score_func"] == "sigmoid" else 1)
+        check_groups(new_E, top_k, n_group, topk_group, 1 if settings["score_func"] == "softmax" else 2)
     except ValueError as err:
         raise ValueError(f"{where}: after the edit, {err}; keep more experts per group") from None
 
@@ -224,7 +278,7 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
             layer.router,
             new.router,
             ("score_func", "top_k", "renormalize", "route_scale", "n_group", "topk_group", "jitter_eps",
-             "select_on_logits"),
+             "select_on_logits", "hash_routed"),
         ),
         "experts": (
             layer.experts,

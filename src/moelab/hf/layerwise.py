@@ -52,7 +52,15 @@ from moelab.memory import release_freed_memory
 from moelab.nn.moe import MoELayer, MoEResult
 from moelab.validation import non_finite_names
 
-RunMoE = Callable[[MoELayer, Tensor], Tensor]
+RunMoE = Callable[..., Tensor]
+"""run_moe(moe, x [..., D], context=...) -> y: how a run computes an MoE block; context: what a
+router that routes whole sequences reads besides x (`token_context`)."""
+
+
+def token_context(moe: MoELayer, kwargs: dict) -> dict[str, Tensor] | None:
+    """What moelab's layer `moe` needs from the keyword arguments transformers' decoder layer hands
+    its MoE block: the token ids, for a hash router (DeepSeek-V4's `input_ids`); else None."""
+    return {"input_ids": kwargs.get("input_ids")} if moe.router.needs_sequences else None
 
 
 CARRIED = "prev_topk_indices"  # GLM-5's DSA: a "shared" layer reuses the top-k of the full layer before it
@@ -131,7 +139,7 @@ class LayerwiseModel:
         self, index: int, *, run_moe: RunMoE | None = None
     ) -> Iterator[Callable[[int, Tensor], Tensor]]:
         """Decoder layer `index` with its weights: yields run(batch number, hidden [B, S, D]) ->
-        the layer's output [B, S, D]. run_moe(moe, x [..., D]) -> y computes its MoE block
+        the layer's output [B, S, D]. run_moe(moe, x [..., D], context=...) -> y computes its MoE block
         (default: the MoELayer itself); it gets the routed experts in their stored dtype (the
         grouped kernels cast one expert at a time), so a layer never holds a second copy. Where
         layers hand a value on (`carried`), run reads carry[batch] and leaves the layer's there:
@@ -556,7 +564,8 @@ class MoEBlock(nn.Module):
         return cls(moe, run_moe, family.block_returns, None if norm is None else (norm, getattr(block, norm)))
 
     def forward(self, hidden: Tensor, *args, **kwargs):
-        y = self.moe(hidden)[0] if self.run_moe is None else self.run_moe(self.moe, hidden)
+        context = token_context(self.moe, kwargs)
+        y = self.moe(hidden, context=context)[0] if self.run_moe is None else self.run_moe(self.moe, hidden, context=context)
         if self.output_norm is not None:
             y = getattr(self, self.output_norm)(y)
         if self.returns == "tuple":

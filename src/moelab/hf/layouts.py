@@ -78,9 +78,11 @@ def swiglu(config: Config) -> dict[str, Any]:
 @dataclass(frozen=True)
 class RouterKeys:
     """The router's weight [E, D], and its logit bias [E] / selection-only correction bias [E] /
-    per-expert weight scale [E] (Gemma 4) where the family has one. `optional`: the biases are on
-    disk only where a model has them (moelab's own checkpoints); otherwise every named key must be
-    there. `selection_bias_row`: the selection bias is stored as one row [1, E] (ERNIE 4.5)."""
+    per-expert weight scale [E] (Gemma 4) / hash-routing table [V, K] (DeepSeek-V4's tid2eid, integers)
+    where the family has one. `optional`: these are on disk only where a model or layer has them
+    (moelab's own checkpoints; DeepSeek-V4's correction bias in its learned layers, its table in its
+    hash layers); otherwise every named key must be there. `selection_bias_row`: the selection bias
+    is stored as one row [1, E] (ERNIE 4.5)."""
 
     weight: str
     bias: str | None = None
@@ -88,11 +90,12 @@ class RouterKeys:
     optional: bool = False
     selection_bias_row: bool = False
     expert_scale: str | None = None
+    token_experts: str | None = None
 
     def _named(self) -> dict[str, str | None]:
         return {
             "weight": self.weight, "bias": self.bias, "selection_bias": self.selection_bias,
-            "expert_scale": self.expert_scale,
+            "expert_scale": self.expert_scale, "token_experts": self.token_experts,
         }  # fmt: skip
 
     def _keys(self, ckpt: Checkpoint, prefix: str) -> dict[str, str]:
@@ -120,7 +123,7 @@ class RouterKeys:
     def encode(self, router: RouterView, prefix: str) -> dict[str, Tensor]:
         """router -> on-disk tensors; a bias key the view has no tensor for gets zeros, an
         expert-scale key ones."""
-        for name in ("bias", "selection_bias", "expert_scale"):
+        for name in ("bias", "selection_bias", "expert_scale", "token_experts"):
             if getattr(router, name) is not None and getattr(self, name) is None:
                 raise CheckpointError(
                     f"the edited router has a {name}, but this family's router has none on disk; "
@@ -567,6 +570,9 @@ class Family:
         block module around them, and norms the experts' sum with this module of its own (Gemma 4:
         post_feedforward_layernorm_2); the runs that put moelab's layer in its place swap the
         router, the experts and that norm (`moelab.hf.layerwise.install_moe`).
+    hash_routed(config, i): whether the config makes layer i hash-routed (DeepSeek-V4's "hash_moe"
+        layers, whose router stores the table `RouterKeys.token_experts`); checked against the
+        checkpoint. None: no layer is.
     loads_multimodal: transformers maps the names a multimodal release stores (MiniMax-M3-VL's
         block_sparse_moe, per-expert w1/w3/w2) only through the vision-language model's conversion
         mapping, so such a checkpoint loads as that model (`moelab.hf.loading`), not as its language
@@ -597,6 +603,7 @@ class Family:
     block_output_norm: str | None = None
     layer_returns_tuple: bool = False
     inline_routed_norm: str | None = None
+    hash_routed: Callable[[Config, int], bool] | None = None
     loads_multimodal: bool = False
 
     def layer_count(self, config: Config) -> int:
@@ -679,6 +686,12 @@ class Family:
                 f"{ckpt.directory}: layer {index} has a router but no expert tensors under {prefix}"
             )
         router = layout.router.read(ckpt, prefix)
+        if self.hash_routed is not None and ("token_experts" in router) != self.hash_routed(config, index):
+            says, stored = ("hash-routed", "no") if self.hash_routed(config, index) else ("routed by its gate", "a")
+            raise CheckpointError(
+                f"{ckpt.directory}: config.json makes layer {index} {says}, but the checkpoint has {stored} token "
+                f"table {prefix}{layout.router.token_experts}; check mlp_layer_types (or num_hash_layers)"
+            )
         flag = self.selection_bias_flag
         if flag is not None and router.get("selection_bias") is not None and not config_flag(config, flag, True):
             raise CheckpointError(

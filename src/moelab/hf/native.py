@@ -16,7 +16,7 @@ from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU, GateClampedSwiGLU, Ga
 from moelab.nn.latent import LatentProjection
 from moelab.nn.moe import MoELayer
 from moelab.nn.norms import ScaledRMSNorm
-from moelab.nn.routers import Router, TopKRouter
+from moelab.nn.routers import HashRouter, Router, TopKRouter
 from moelab.nn.sparsemixer import SparseMixerRouter
 
 
@@ -74,7 +74,7 @@ def latent_from_view(view: LatentView | None) -> LatentProjection | None:
 def router_from_view(view: RouterView) -> Router:
     """The view's router as a moelab router holding its tensors."""
     state = {"weight": view.weight}
-    for name in ("bias", "selection_bias", "expert_scale"):
+    for name in ("bias", "selection_bias", "expert_scale", "token_experts"):
         if getattr(view, name) is not None:
             state[name] = getattr(view, name)
     if view.input_norm is not None:
@@ -178,6 +178,11 @@ def _router(view: RouterView) -> Router:
     E, D = view.weight.shape
     if view.score_func == "sparsemixer":
         return SparseMixerRouter(D, E, jitter_eps=view.jitter_eps, top_k=view.top_k)
+    if view.token_experts is not None:
+        return HashRouter(
+            D, E, view.token_experts.shape[0], view.top_k, score_func=view.score_func,
+            renormalize=view.renormalize, route_scale=view.route_scale, bias=view.bias is not None,
+        )  # fmt: skip
     return TopKRouter(
         D,
         E,

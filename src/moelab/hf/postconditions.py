@@ -26,10 +26,12 @@ from moelab.memory import release_freed_memory
 
 @dataclass
 class LayerCheck:
-    """x [T, D] (float64) and what the edited layer must output on it."""
+    """x [T, D] (float64) and what the edited layer must output on it; ids [T]: token ids, where a
+    hash router reads them."""
 
     x: Tensor
     expected: Tensor
+    ids: Tensor | None = None
 
 
 class WriteCheckError(CheckpointError):
@@ -58,7 +60,7 @@ def check_written(staging: Path, checks: dict[int, LayerCheck]) -> None:
                 raise postcondition_error(f"layer {index} has {rows} router rows but config.json says {E} experts")
         for index, check in checks.items():
             layer = view.layer(index)  # also checks the experts on disk against config.json
-            got = moe_output(layer, check.x)
+            got = moe_output(layer, check.x, ids=check.ids)
             del layer
             release_freed_memory()
             scale = max(1.0, check.expected.abs().max().item())

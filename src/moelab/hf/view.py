@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.nn.routers import check_groups, check_top_k
 from moelab.validation import is_int
 
-SCORE_FUNCS = ("softmax", "sigmoid", "sparsemixer")
+SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus", "sparsemixer")
 # act(gate, up), of routed experts and of shared experts with a gate
 GATED_ACTIVATIONS = ("silu", "clamped_swiglu", "capped_swiglu", "gelu_tanh_glu", "gate_clamped_swiglu")
 SWIGLU_LIMIT_ACTIVATIONS = ("clamped_swiglu", "capped_swiglu", "gate_clamped_swiglu")  # take swiglu_limit
@@ -45,7 +46,7 @@ class NormView:
 class RouterView:
     """How a layer picks experts: logits = x @ weight.T (+ bias), then
 
-    - "softmax" / "sigmoid": scores = f(logits); the top_k experts by `scores + selection_bias`
+    - "softmax" / "sigmoid" / "sqrtsoftplus" (DeepSeek-V4: sqrt(softplus)): scores = f(logits); the top_k experts by `scores + selection_bias`
       (the correction bias steers selection only), optionally limited to the best `topk_group`
       of `n_group` expert groups; weights = the chosen scores, divided by their sum if
       `renormalize`, times `route_scale`; with `select_on_logits` the top_k by `logits +
@@ -62,6 +63,9 @@ class RouterView:
     expert_scale: [E] | None, each chosen expert's weight is multiplied by its entry last (Gemma 4's
     per_expert_scale). input_norm: the router reads x through this norm (Gemma 4's), its weight
     and multiplier applied after the cast back to x's dtype, as Gemma 4's router applies its scale.
+    token_experts: [V, top_k] int64 or int32 (as stored) | None, hash routing (DeepSeek-V4's "hash_moe" layers): token id
+    v visits the experts token_experts[v], whatever the logits, which only weigh them (the scores,
+    renormalised, times route_scale); no selection bias, groups or expert scale then.
     """
 
     weight: Tensor
@@ -78,6 +82,7 @@ class RouterView:
     scaled_after_experts: bool = False
     expert_scale: Tensor | None = None
     input_norm: NormView | None = None
+    token_experts: Tensor | None = None
 
     def __post_init__(self):
         if self.score_func not in SCORE_FUNCS:
@@ -92,16 +97,40 @@ class RouterView:
             raise ValueError("a sparsemixer router takes no expert_scale or input_norm")
         check_top_k(self.top_k, E)
         check_groups(E, self.top_k, self.n_group, self.topk_group, self.min_group_size)
+        if self.token_experts is not None:
+            self._check_token_experts()
+
+    def _check_token_experts(self) -> None:
+        table, E = self.token_experts, self.num_experts
+        if table.dtype not in (torch.int64, torch.int32) or table.dim() != 2 or table.shape[1] != self.top_k:
+            raise ValueError(
+                f"router token_experts (hash routing) must be an int64 or int32 table [vocab, top_k={self.top_k}], got "
+                f"{table.dtype} {list(table.shape)}"
+            )
+        if table.device.type != "meta" and table.numel() and not 0 <= int(table.min()) <= int(table.max()) < E:
+            raise ValueError(f"router token_experts names experts outside 0..{E - 1}")
+        others = [name for name, on in (
+            ("selection_bias", self.selection_bias is not None), ("expert_scale", self.expert_scale is not None),
+            ("n_group", self.n_group > 1), ("select_on_logits", self.select_on_logits),
+            ("sparsemixer", self.score_func == "sparsemixer"), ("input_norm", self.input_norm is not None),
+        ) if on]  # fmt: skip
+        if others:
+            raise ValueError(f"a hash-routed router (token_experts) takes no {', '.join(others)}")
 
     @property
     def num_experts(self) -> int:
         return self.weight.shape[0]
 
     @property
+    def hash_routed(self) -> bool:
+        """Whether the experts come from the token ids (`token_experts`), not from the logits."""
+        return self.token_experts is not None
+
+    @property
     def min_group_size(self) -> int:
         """Experts every group must hold: DeepSeek-V3-style sigmoid routers score a group by its
         two best experts (transformers' rule)."""
-        return 2 if self.score_func == "sigmoid" and self.n_group > 1 else 1
+        return 2 if self.score_func in ("sigmoid", "sqrtsoftplus") and self.n_group > 1 else 1
 
 
 @dataclass(frozen=True, eq=False)

@@ -445,6 +445,8 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
         generator=torch.Generator().manual_seed(index),
         dtype=torch.float64,
     )
+    table = original.router.token_experts  # a hash router: random token ids too
+    ids = None if table is None else torch.randint(0, table.shape[0], (CHECK_TOKENS,), generator=torch.Generator().manual_seed(index))
     edited = apply_edit(original, edit)
     prefix = plan.family.prefix(index)
     layout = plan.family.layout_of(plan.ckpt, index)
@@ -455,10 +457,10 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
     quantized = {}
     if plan.keep_quantized:
         edited, quantized = quantized_experts(plan.ckpt, layout.experts, prefix, edited, edit)
-    expected = moe_output(original, x, keep=edit.selection) if edit.view is None else moe_output(edited, x)
+    expected = moe_output(original, x, edit.selection, ids) if edit.view is None else moe_output(edited, x, ids=ids)
     del original  # one layer of source tensors at a time: only the edited ones are kept
     plain = {k: t for k, t in tensors.items() if not any(p in quantized for p in plan.ckpt.stored_parts(k))}
-    return plain | quantized, LayerCheck(x, expected)  # the quantized parts in place of the plain tensors
+    return plain | quantized, LayerCheck(x, expected, ids)  # the quantized parts in place of the plain tensors
 
 
 def copy_side_files(source: Path, staging: Path) -> None:

@@ -13,6 +13,7 @@ from moelab.nn.norms import ScaledRMSNorm
 from moelab.nn.rexmoe import ReuseRouter, attach_progressive_scaling, set_reuse_progress
 from moelab.nn.routers import (
     ExpertChoiceRouter,
+    HashRouter,
     ReLURouter,
     Router,
     Routing,
@@ -44,6 +45,7 @@ __all__ = [
     "DispatchPlan",
     "ExpertBatch",
     "ExpertChoiceRouter",
+    "HashRouter",
     "LocalDispatcher",
     "MLPExperts",
     "MoEConfig",

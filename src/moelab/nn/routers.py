@@ -25,7 +25,7 @@ from torch.distributed import ProcessGroup
 from moelab.nn.hooks import forward_hooked
 from moelab.validation import is_int
 
-SCORE_FUNCS = ("softmax", "sigmoid")
+SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 
 
 class Routing(NamedTuple):
@@ -69,6 +69,16 @@ def _float(t: Tensor) -> Tensor:
     """t in float32 (`t.float()`, whose call costs ~1 us of a decode step's router even where t
     already is float32, so it is skipped there)."""
     return t if t.dtype == torch.float32 else t.float()
+
+
+def expert_scores(logits: Tensor, score_func: str) -> Tensor:
+    """logits [T, E] -> scores [T, E]: softmax over the experts, or per expert sigmoid or
+    sqrt(softplus) (DeepSeek-V4's "sqrtsoftplus")."""
+    if score_func == "softmax":
+        return logits.softmax(-1)
+    if score_func == "sigmoid":
+        return logits.sigmoid()
+    return F.softplus(logits).sqrt()
 
 
 def _all_finite(logits: Tensor) -> bool:
@@ -143,9 +153,9 @@ BALANCING_BUFFERS = ("selection_bias", "tokens_per_expert")  # float32 whatever 
 
 
 class TopKRouter(Router):
-    """Token-choice top-k (Switch, GShard, Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2/V3).
+    """Token-choice top-k (Switch, GShard, Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2/V3/V4).
 
-    scores = softmax(logits) or sigmoid(logits). Selection uses `scores + selection_bias` (the
+    scores = softmax(logits), sigmoid(logits) or sqrt(softplus(logits)) (`expert_scores`). Selection uses `scores + selection_bias` (the
     aux-loss-free balancing bias, a buffer moved by `update_selection_bias`, never by gradients),
     or with `select_on_logits` `logits + selection_bias` (Kolibri1 biases the logits it picks from),
     optionally limited to the best `topk_group` of `n_group` expert groups. The combine
@@ -210,7 +220,7 @@ class TopKRouter(Router):
         masked = self.masked
         if masked is not None:  # ReXMoE's progressive scaling: masked experts score 0
             logits = logits.masked_fill(~masked, float("-inf"))
-        scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
+        scores = expert_scores(logits, self.score_func)
         choice = logits if self.select_on_logits else scores
         choice = choice if self.selection_bias is None else choice + self.selection_bias
         if masked is not None:
@@ -256,11 +266,11 @@ class TopKRouter(Router):
         return indices, weights if self.route_scale == 1.0 else weights * self.route_scale
 
     def _limit_to_groups(self, choice: Tensor) -> Tensor:
-        """Keep the `topk_group` best groups (group score: sum of its top-2 for sigmoid, max for
-        softmax, as DeepSeek-V3 / V2 do) and mask the other groups' experts to -inf."""
+        """Keep the `topk_group` best groups (group score: sum of its top-2 for sigmoid or
+        sqrtsoftplus scores, max for softmax, as DeepSeek-V3 / V2 do) and mask the other groups' experts to -inf."""
         T = choice.shape[0]
         grouped = choice.view(T, self.n_group, -1)
-        if self.score_func == "sigmoid":
+        if self.score_func != "softmax":
             group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
         else:
             group_scores = grouped.amax(-1)
@@ -297,6 +307,64 @@ class TopKRouter(Router):
             if after.is_floating_point() and after.element_size() < 4:  # cast to bf16 or fp16
                 self._buffers[name] = (before if before.element_size() >= 4 else before.float()).to(after.device)
         return self
+
+
+class HashRouter(Router):
+    """Hash routing (DeepSeek-V4's first layers, "hash_moe"): a fixed table `token_experts` [V, K]
+    (int64 or int32, a buffer) names the K experts of each token id; the learned gate only weighs them:
+    weights = the chosen experts' `expert_scores` of the logits, divided by their sum if
+    `renormalize`, times `route_scale`. The table may name an expert twice in a row (after a
+    merge); such an expert then runs twice, each time with its own slot's weight.
+
+    Routes whole sequences (`needs_sequences`): forward(x [B, S, D], context) reads the token ids
+    `context["input_ids"]` [B, S] and returns a `Routing` over the B*S tokens.
+    """
+
+    needs_sequences = True
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        vocab_size: int,
+        top_k: int,
+        *,
+        score_func: str = "sqrtsoftplus",
+        renormalize: bool = True,
+        route_scale: float = 1.0,
+        bias: bool = False,
+    ):
+        super().__init__(dim, num_experts, bias=bias)
+        check_top_k(top_k, num_experts)
+        _check_positive(vocab_size=vocab_size)
+        if score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
+        self.top_k = top_k
+        self.score_func = score_func
+        self.renormalize = renormalize
+        self.route_scale = route_scale
+        self.register_buffer("token_experts", torch.arange(vocab_size * top_k).view(vocab_size, top_k) % num_experts)
+
+    def forward(self, x: Tensor, context: dict[str, Tensor]) -> Routing:
+        ids = context.get("input_ids")
+        if ids is None or ids.shape != x.shape[:-1]:
+            got = "none" if ids is None else list(ids.shape)
+            raise ValueError(
+                f"hash routing picks experts by token id: pass context={{'input_ids': ids}} with ids of shape "
+                f"{list(x.shape[:-1])} (the input's [batch, seq]), got {got}"
+            )
+        if ids.is_floating_point():
+            raise ValueError(f"hash routing needs integer token ids, got {ids.dtype}")
+        logits = self.router_logits(x.reshape(-1, self.dim))
+        scores = expert_scores(logits, self.score_func)
+        indices = self.token_experts[ids.reshape(-1)].long()
+        weights = scores.gather(-1, indices)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if self.route_scale != 1.0:
+            weights = weights * self.route_scale
+        probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
+        return Routing(indices, weights, logits, probs)
 
 
 class TopPRouter(Router):

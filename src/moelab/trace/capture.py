@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.hf import ModelView, MoELayerView, moe_layer_from_view, open_checkpoint
+from moelab.hf.edit import route_tokens
 from moelab.hf.modules import decoder_layers, find_moe_modules, is_transformers_model
 from moelab.nn import MoELayer
 from moelab.nn.routers import Router, Routing
@@ -298,13 +299,15 @@ def _on_shared(tap: _LayerTap):
 
 
 def _on_hf_router(tap: _LayerTap, router: Router):
-    """Recompute the routing from the router's input with the view's rule; keep dense scores
-    `[T, E]` when the router returns them (Llama 4: `(scores, logits)`)."""
+    """Recompute the routing from the router's input with the view's rule (a hash router's from its
+    second input, the token ids: DeepSeek-V4's); keep dense scores `[T, E]` when the router returns
+    them (Llama 4: `(scores, logits)`)."""
 
     def hook(module: nn.Module, args, kwargs, output) -> None:
-        x = args[0] if args else next(iter(kwargs.values()))
+        inputs = [*args, *kwargs.values()]
+        ids = inputs[1].reshape(-1) if router.needs_sequences else None
         with torch.no_grad():
-            tap.pending = LayerRouting.from_routing(router(x.detach().reshape(-1, router.dim)))
+            tap.pending = LayerRouting.from_routing(route_tokens(router, inputs[0].detach().reshape(-1, router.dim), ids))
         tap.dense_scores = None
         if isinstance(output, tuple) and len(output) == 2 and output[0].shape == output[1].shape:
             tap.dense_scores = output[0].detach().reshape(-1, tap.num_experts).float()

@@ -25,7 +25,7 @@ import torch
 
 from moelab.compress.methods.base import LayerDecision, Method, Target
 from moelab.compress.stats import LayerStats
-from moelab.hf.edit import LayerEdit, masked_moe_layer
+from moelab.hf.edit import LayerEdit, layer_output, masked_moe_layer
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import MoELayerView
 
@@ -56,14 +56,14 @@ class NAEE(Method):
             )
         x = x.double()
         with torch.no_grad():
-            reference = moe_layer_from_view(layer).double()(x)[0]
+            reference = layer_output(moe_layer_from_view(layer).double(), x, stats.input_ids)
         E, n_group = layer.router.num_experts, layer.router.n_group
         losses: dict[tuple[int, ...], float] = {}
 
         def loss(kept: tuple[int, ...]) -> float:
             if kept not in losses:
                 with torch.no_grad():
-                    out = masked_moe_layer(layer, kept).double()(x)[0]
+                    out = layer_output(masked_moe_layer(layer, kept).double(), x, stats.input_ids)
                 losses[kept] = float(sum(d.norm() for d in (reference - out).split(self.chunk)))
             return losses[kept]
 

@@ -55,7 +55,7 @@ from moelab.compress.methods.router_weight import RouterWeight
 from moelab.compress.methods.soft_count import SoftCount
 from moelab.compress.router_fit import RouterFit, refit_router
 from moelab.compress.stats import LayerStats
-from moelab.hf.edit import LayerEdit, apply_edit, moe_output, one_expert
+from moelab.hf.edit import LayerEdit, apply_edit, moe_output, one_expert, route_tokens
 from moelab.hf.native import expert_input, experts_from_view, router_from_view
 from moelab.hf.view import MoELayerView
 
@@ -63,19 +63,24 @@ CANDIDATES = (REAP, EAN, SoftCount, Frequency, EasyEP, RouterWeight)
 NAEE_SKIP = 4.0
 
 
-def compensated(layer: MoELayerView, narrowed: MoELayerView, x: Tensor, ridge: float = 1e-2) -> MoELayerView:
+def compensated(
+    layer: MoELayerView, narrowed: MoELayerView, x: Tensor, ids: Tensor | None = None, ridge: float = 1e-2
+) -> MoELayerView:
     """`narrowed` with every expert's down projection refitted so that its kept neurons make up
     for the pruned ones: per expert e, over the sampled tokens routed to e (weights g, its combine
     weights), W' = argmin sum_t g_t^2 ||f_e(x_t) - b_e - W h_t||^2 + lam ||W - W_0||^2, h the
     narrowed expert's hidden activations, W_0 its down projection, lam = ridge x the mean diagonal
     of sum_t g_t^2 h_t h_t^T (float64, closed form). In a latent block the experts read down @ x
-    and the fit is in the latent space, before the up projection."""
+    and the fit is in the latent space, before the up projection. ids [N]: the sampled tokens' ids
+    (`LayerStats.input_ids`), which a hash router reads."""
     with torch.no_grad():
-        return _compensated(layer, narrowed, x, ridge)
+        return _compensated(layer, narrowed, x, ids, ridge)
 
 
-def _compensated(layer: MoELayerView, narrowed: MoELayerView, x: Tensor, ridge: float) -> MoELayerView:
-    routing = router_from_view(layer.router).double()(x)
+def _compensated(
+    layer: MoELayerView, narrowed: MoELayerView, x: Tensor, ids: Tensor | None, ridge: float
+) -> MoELayerView:
+    routing = route_tokens(router_from_view(layer.router).double(), x, ids)
     downs = []
     for e in range(layer.router.num_experts):
         rows, slots = (routing.indices == e).nonzero(as_tuple=True)
@@ -103,16 +108,16 @@ def _layer_error(layer: MoELayerView, stats: LayerStats):
     x = stats.inputs
     if x is None or x.numel() == 0 or not (x != 0).any():
         raise ValueError("moelab's recipe needs sampled layer inputs; calibrate with sample_tokens > 0")
-    x = x.double()
+    x, ids = x.double(), stats.input_ids
     reference: list[Tensor] = []
 
     def error(edit: LayerEdit) -> float:
         if not reference:
-            reference.append(moe_output(layer, x))
+            reference.append(moe_output(layer, x, ids=ids))
         edited = (
-            moe_output(layer, x, keep=edit.selection)
+            moe_output(layer, x, keep=edit.selection, ids=ids)
             if edit.view is None
-            else moe_output(apply_edit(layer, edit), x)
+            else moe_output(apply_edit(layer, edit), x, ids=ids)
         )
         return float((reference[0] - edited).pow(2).sum() / reference[0].pow(2).sum())
 
@@ -251,7 +256,7 @@ class MoelabRecipe(Method):
             decision = LayerDecision.merged(edit, notes)
             if self.fit.steps:
                 decision.edit, notes["router_fit"] = refit_router(
-                    layer, decision.edit, stats.inputs, self.fit
+                    layer, decision.edit, stats.inputs, self.fit, stats.input_ids
                 )
         decision.notes["strategy"] = self.strategy
         if self.errors:
@@ -265,7 +270,7 @@ class MoelabRecipe(Method):
             self.check_protection(f"layer {layer.index}: ")
         decision = self.heapr.decide(layer, stats, target)
         refit = LayerEdit(
-            decision.edit.sources, compensated(layer, decision.edit.view, stats.inputs.double())
+            decision.edit.sources, compensated(layer, decision.edit.view, stats.inputs.double(), stats.input_ids)
         )
         errors = {"heapr": error(decision.edit), "compensated": error(refit)}
         if errors["compensated"] < errors["heapr"]:

@@ -1,0 +1,201 @@
+"""DeepSeek-V4's hash-routed layers ("hash_moe": experts fixed per token id by the table tid2eid,
+weighted by the learned gate's sqrt(softplus) scores), end to end against transformers: the view,
+what pruning and merging do to the table (`remapped_token_experts`), the written checkpoint,
+layer-by-layer and offloaded runs, tracing and every compression method. The learned layers go
+through every family-wide test (tests/hf_tiny.py's TINY["deepseek_v4"])."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_tiny import D, build, load
+from safetensors.torch import load_file, save_file
+from test_compress import EVERY, SMALL, hf_model
+from test_layerwise import assert_layers_are_transformers
+
+from moelab.compress import METHODS, calibrate, compress
+from moelab.hf import CheckpointError, LayerEdit, open_checkpoint, write_checkpoint
+from moelab.hf.edit import apply_edit, moe_output, remapped_token_experts
+from moelab.hf.native import moe_layer_from_view
+from moelab.hf.view import RouterView
+from moelab.offload import load_offloaded
+from moelab.trace import RoutingCapture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+HASH = {"mlp_layer_types": ["hash_moe", "moe"]}  # layer 0 hash-routed, layer 1 routed by its gate
+
+
+def _hash_model(path, **overrides):
+    model = build("deepseek_v4", **HASH, **overrides)
+    model.save_pretrained(path)
+    return model
+
+
+def _as_released(path) -> None:
+    """Store the checkpoint at `path` as DeepSeek's release does: no "model." prefix, the embedding,
+    final norm and head's hyper-connection under their release names, the table in int32."""
+    tensors = load_file(path / "model.safetensors")
+    renamed = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
+    renamed |= {f"model.hc_head.hc_{p}": f"hc_head_{p}" for p in ("base", "fn", "scale")}
+    out = {}
+    for key, t in tensors.items():
+        out[renamed.get(key, key.removeprefix("model."))] = t.int() if key.endswith("tid2eid") else t
+    save_file(out, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def _block(model, index, x, ids):
+    with torch.no_grad():
+        return model.model.layers[index].mlp(x, input_ids=ids)
+
+
+@pytest.mark.parametrize("stored", ["original", "fused", "release"])
+def test_hash_and_learned_layers_match_transformers(tmp_path, stored):
+    """Each layer's view computes transformers' block on the same tokens, at unit scale and where
+    the clamps bite (x20), whichever way the checkpoint is stored."""
+    model = build("deepseek_v4", **HASH)
+    model.save_pretrained(tmp_path, save_original_format=stored != "fused")
+    if stored == "release":
+        _as_released(tmp_path)
+        with torch.no_grad():  # transformers reads the release's names
+            torch.testing.assert_close(load(tmp_path)(torch.arange(9)[None]).logits, model(torch.arange(9)[None]).logits)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 64, (2, 7))
+    with open_checkpoint(tmp_path) as view:
+        assert view.family == "deepseek_v4"
+        hash_layer, learned = view.layer(0), view.layer(1)
+        assert hash_layer.router.hash_routed and not learned.router.hash_routed
+        assert hash_layer.router.score_func == "sqrtsoftplus" and learned.router.selection_bias is not None
+        assert hash_layer.router.token_experts.dtype == (torch.int32 if stored == "release" else torch.int64)
+        for layer in (hash_layer, learned):
+            for scale in (1.0, 20.0):
+                x = torch.randn(2, 7, D) * scale
+                expected = _block(model, layer.index, x, ids)
+                got = moe_output(layer, x.reshape(-1, D), ids=ids.reshape(-1)).float().view_as(x)
+                torch.testing.assert_close(got, expected, atol=1e-5 * scale, rtol=1e-5)
+                with torch.no_grad():
+                    native, _ = moe_layer_from_view(layer)(x, context={"input_ids": ids})
+                torch.testing.assert_close(native, expected, atol=1e-5 * scale, rtol=1e-5)
+
+
+def _router(table, weight) -> RouterView:
+    return RouterView(weight=weight, score_func="sqrtsoftplus", top_k=2, renormalize=True,
+                      token_experts=torch.tensor(table))  # fmt: skip
+
+
+def test_a_dropped_experts_slots_go_to_the_nearest_kept_expert_not_already_in_the_row():
+    """Worked example: router rows of experts 0-3 point along e0, e0 + 0.1 e1, e1, -e0. Dropping
+    expert 1 sends its slots to expert 0 (nearest), or where the token already has 0, to expert 2;
+    dropping 3 sends its slot to 2 (cosine 0 beats -1 for 0)."""
+    weight = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    router = _router([[1, 2], [0, 1], [3, 1], [2, 3]], weight)
+    keep = (0, 2)
+    table = remapped_token_experts(router, tuple((e,) for e in keep), weight[list(keep)])
+    assert table.tolist() == [[0, 1], [0, 1], [1, 0], [1, 0]]  # new ids: 0 is expert 0, 1 is expert 2
+    edited = apply_edit(dataclasses_view(router), LayerEdit.keep(keep))
+    assert edited.router.token_experts.tolist() == table.tolist()
+
+
+def test_a_merge_sends_its_members_slots_to_the_merged_expert():
+    """Experts 0 and 1 merged into new expert 0, 2 kept as new 1, 3 dropped: a token that had 0 and 1
+    visits the merged expert twice (each slot with its own weight); 3's slot goes to the nearest new
+    row not in the token's row."""
+    weight = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    router = _router([[0, 1], [3, 2], [1, 3]], weight)
+    new_weight = torch.tensor([[1.0, 0.05], [0.0, 1.0]])
+    table = remapped_token_experts(router, ((0, 1), (2,)), new_weight)
+    assert table.tolist() == [[0, 0], [0, 1], [0, 1]]
+
+
+def dataclasses_view(router: RouterView):
+    """A one-layer view around `router`: experts of width 1 over the router's dim."""
+    from moelab.hf.view import ExpertsView, MoELayerView
+
+    E, dim = router.weight.shape
+    experts = ExpertsView(gate=torch.ones(E, 1, dim), up=torch.ones(E, 1, dim), down=torch.ones(E, dim, 1))
+    return MoELayerView(0, router, experts)
+
+
+def test_a_pruned_hash_layer_is_what_transformers_computes_from_the_written_table(tmp_path):
+    """Half the experts of both layers dropped: transformers' blocks of the written checkpoint (loaded
+    strictly) compute the masked original, whose hash table names the kept experts standing in for
+    the dropped ones; every row keeps two distinct experts."""
+    model = _hash_model(tmp_path / "src")
+    keep = {0: [1, 2, 5, 6], 1: [0, 3, 4, 7]}
+    write_checkpoint(tmp_path / "src", tmp_path / "out", {i: LayerEdit.keep(k) for i, k in keep.items()}, quiet=True)
+    written = load(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["n_routed_experts"] == 4
+    table = written.model.layers[0].mlp.gate.tid2eid
+    assert table.max() < 4 and (table[:, 0] != table[:, 1]).all()
+    ids = torch.randint(0, 64, (2, 9))
+    x = torch.randn(2, 9, D)
+    with open_checkpoint(tmp_path / "src") as view:
+        for index, kept in keep.items():
+            expected = moe_output(view.layer(index), x.reshape(-1, D), keep=kept, ids=ids.reshape(-1))
+            got = _block(written, index, x, ids).reshape(-1, D)
+            torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    del model
+
+
+def test_config_and_checkpoint_must_agree_on_the_hash_layers(tmp_path):
+    _hash_model(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for kinds, match in ((["moe", "moe"], "makes layer 0 routed by its gate, but the checkpoint has a token table"),
+                         (["hash_moe", "hash_moe"], "makes layer 1 hash-routed, but the checkpoint has no token table")):  # fmt: skip
+        (tmp_path / "config.json").write_text(json.dumps(config | {"mlp_layer_types": kinds}))
+        with open_checkpoint(tmp_path) as view, pytest.raises(CheckpointError, match=match):
+            view.check()
+
+
+def test_hash_layers_run_layer_by_layer_offloaded_and_traced(tmp_path):
+    """The layer-by-layer runner hands each hash layer its token ids (transformers' decoder layer's
+    input_ids); offloaded decoding gives transformers' greedy tokens; a trace records the table's
+    experts for each token, and recomputes them (with their weights) from the router's inputs."""
+    model = _hash_model(tmp_path)
+    batches = [torch.randint(0, 64, (2, 7)), torch.randint(0, 64, (1, 5))]
+    assert_layers_are_transformers(tmp_path, model, batches)
+    prompt = torch.randint(3, 64, (1, 6))
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    offloaded = load_offloaded(tmp_path, resident=0.5)
+    try:
+        assert torch.equal(offloaded.generate(prompt, 6), expected)
+    finally:
+        offloaded.close()
+    loaded = load(tmp_path)
+    ids = torch.randint(0, 64, (2, 8))
+    with RoutingCapture(loaded) as capture, torch.no_grad():
+        loaded(input_ids=ids, use_cache=False)
+        recorded = capture.pop()
+    assert torch.equal(recorded[0].indices, loaded.model.layers[0].mlp.gate.tid2eid[ids.reshape(-1)])
+    check = capture.checks[0]  # the view's routing, recomputed from the block's input and ids, is what it used
+    assert check.tokens == 16 and check.mismatched == 0 and check.max_weight_error < 1e-6
+
+
+def test_reap_compresses_hash_and_learned_layers(tmp_path):
+    """REAP through `compress` (calibration records each hash layer's token ids with its sampled
+    inputs); the writer's checks pass (each layer against the masked original, strict reload)."""
+    source = hf_model(tmp_path / "src", "deepseek_v4")
+    config = json.loads((source / "config.json").read_text())
+    _hash_model(source, vocab_size=8192)
+    assert json.loads((source / "config.json").read_text())["mlp_layer_types"] != config["mlp_layer_types"]
+    report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
+    assert report["complete"] and sorted(report["layers"]) == ["0", "1"]
+    with open_checkpoint(tmp_path / "out") as view:
+        assert view.layer(0).router.token_experts.max() < 4
+
+
+@pytest.mark.slow
+def test_every_method_on_hash_layers(tmp_path):
+    """Each method on a checkpoint whose layer 0 is hash-routed; the methods that re-run the layer
+    on its sampled inputs (NAEE, moelab's recipe, router re-calibration) route them by their ids."""
+    source = hf_model(tmp_path / "src", "deepseek_v4")
+    _hash_model(source, vocab_size=8192)
+    stats = calibrate(source, tmp_path / "stats", options=EVERY, quiet=True)
+    assert stats.layer(0).input_ids is not None and stats.layer(1).input_ids is None
+    for method in sorted(METHODS):
+        if method == "easy_ep":  # two residual streams (hyper-connections)
+            continue
+        domains = ["code"] if method == "premoe" else None
+        report = compress(source, tmp_path / method, method=method, ratio=0.5, stats=stats.directory, domains=domains, quiet=True)
+        assert report["complete"], method
