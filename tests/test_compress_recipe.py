@@ -151,8 +151,8 @@ def test_the_neuron_path_keeps_the_refit_only_where_it_lowers_the_error(calibrat
 
     model, stats = calibrated
 
-    def refit(layer, narrowed, x, ridge=1e-2):
-        view = compensated(layer, narrowed, x, ridge=ridge)
+    def refit(layer, narrowed, x, ids=None, ridge=1e-2):
+        view = compensated(layer, narrowed, x, ids, ridge=ridge)
         return dataclasses.replace(view, experts=dataclasses.replace(view.experts, down=view.experts.down * scale))
 
     monkeypatch.setattr(recipe_module, "compensated", refit)

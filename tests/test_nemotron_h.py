@@ -291,7 +291,7 @@ def test_a_bf16_checkpoint_keeps_what_transformers_keeps_in_float32(saved, tmp_p
         src, dtype=torch.bfloat16
     ) as runner:  # what calibration's layer-by-layer runner routes with
         states = runner.embed([torch.randint(0, 8192, (1, 4))])
-        with runner.layer(1, run_moe=lambda moe, x: seen.append(moe.router.state_dict()) or moe(x)[0]) as run:
+        with runner.layer(1, run_moe=lambda moe, x, context=None: seen.append(moe.router.state_dict()) or moe(x)[0]) as run:
             assert run(0, states[0]).dtype == torch.bfloat16
     assert torch.equal(seen[0]["weight"], stored["backbone.layers.1.mixer.gate.weight"])
     assert torch.equal(
