@@ -16,6 +16,7 @@ from test_compress import EVERY, SMALL, hf_model
 from test_layerwise import assert_layers_are_transformers
 
 from moelab.compress import METHODS, calibrate, compress
+from moelab.compress.run import check_compression
 from moelab.hf import CheckpointError, LayerEdit, open_checkpoint, write_checkpoint
 from moelab.hf.edit import apply_edit, moe_output, remapped_token_experts
 from moelab.hf.native import moe_layer_from_view
@@ -136,6 +137,26 @@ def test_a_pruned_hash_layer_is_what_transformers_computes_from_the_written_tabl
             got = _block(written, index, x, ids).reshape(-1, D)
             torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
     del model
+
+
+def test_the_releases_multi_token_prediction_module_is_left_out_of_a_pruned_checkpoint(tmp_path):
+    """DeepSeek's release stores its MTP module as mtp.0.* (transformers skips it): its routed experts
+    would keep the old count, so compress asks for --mtp drop and the writer leaves all of mtp. out."""
+    _hash_model(tmp_path / "src")
+    _as_released(tmp_path / "src")
+    tensors = load_file(tmp_path / "src" / "model.safetensors")
+    mtp = {k.replace("layers.1.", "mtp.0.", 1): v.clone() for k, v in tensors.items() if k.startswith("layers.1.")}
+    mtp["mtp.0.e_proj.weight"] = torch.randn(D, D)
+    save_file(tensors | mtp, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
+    with pytest.raises(ValueError, match=r"\(mtp.\) that moelab cannot calibrate.*--mtp drop"):
+        check_compression(tmp_path / "src", "reap", 0.5)
+    with pytest.warns(UserWarning, match=r"stored layers mtp. .* left out"):
+        write_checkpoint(tmp_path / "src", tmp_path / "out", {i: LayerEdit.keep(range(4)) for i in (0, 1)}, quiet=True)
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert not [k for k in written if k.startswith("mtp.")] and "layers.1.ffn.gate.weight" in written
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
 
 
 def test_config_and_checkpoint_must_agree_on_the_hash_layers(tmp_path):

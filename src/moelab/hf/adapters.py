@@ -1098,7 +1098,7 @@ _FAMILIES = (
            shared_width_follows=True),
     Family("deepseek_v4", layouts=_deepseek_v4_layouts(), num_experts=("n_routed_experts", "num_local_experts"),
            router_settings=_deepseek_v4, layer_activations=_deepseek_v4_activations, hash_routed=_deepseek_v4_hash_layer,
-           expert_width=_MOE_WIDTH, shared_width_follows=True, original_prefix=""),
+           expert_width=_MOE_WIDTH, shared_width_follows=True, original_prefix="", mtp_prefix="mtp.{n}."),
     Family("laguna", layouts=_laguna_layouts(), num_experts=("num_experts",), router_settings=_laguna,
            is_moe_layer=_first_layer_dense, expert_width=_MOE_WIDTH),
     Family("kolibri1", layouts=_kolibri1_layouts(), num_experts=("num_local_experts", "num_experts"),

@@ -318,7 +318,8 @@ def unbuilt_layers(
     the family's `mtp` layers not among the `edited` ones (each module whole, under its root:
     `model.layers.61.` for DeepSeek-V3, `mtp.` for Qwen3-Next), other stored layers past the
     model's layer count, and, where a layer under the family's `mtp_prefix` has routed experts, the
-    module under its root (Nemotron-H's spans `mtp.layers.0.` and `mtp.layers.1.`: all of `mtp.`)."""
+    module under its root (Nemotron-H's spans `mtp.layers.0.` and `mtp.layers.1.`, DeepSeek-V4's
+    `mtp.0.`: all of `mtp.`)."""
 
     def has_experts(prefix: str) -> bool:
         return any(layout.experts.present(ckpt, prefix) for layout in family.layouts)
@@ -339,7 +340,7 @@ def unbuilt_layers(
             family.mtp_prefix.format(n=i): keys for i, keys in stored_layers(ckpt, family.mtp_prefix).items()
         }
         if any(has_experts(prefix) for prefix in mtp if prefix not in known):  # the module whole, under its root
-            root = family.mtp_prefix.partition("layers.")[0]
+            root = family.mtp_prefix.partition("{n}")[0].removesuffix("layers.")  # mtp.layers.{n}., mtp.{n}.: mtp.
             found[root] = [key for key in under(root) if not key.startswith(tuple(known))]
     return found
 
