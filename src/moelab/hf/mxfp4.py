@@ -22,6 +22,14 @@ BLOCKS, SCALES = "_blocks", "_scales"
 GROUP_BYTES = 16  # 32 FP4 values
 
 
+def e2m1_values(packed: Tensor) -> Tensor:
+    """Bytes [..., n] (uint8 or int8), two FP4 e2m1 codes each, the low nibble first -> their values
+    [..., 2n] in float32: GPT-OSS's blocks and DeepSeek-V4's FP4 experts (`moelab.hf.float8`) alike."""
+    codes = packed.view(torch.uint8).long()
+    lut = torch.tensor(FP4_VALUES)
+    return torch.stack((lut[codes & 0x0F], lut[codes >> 4]), dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
 def dequantized_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """blocks [..., O, G, 16] uint8, scales [..., O, G] uint8 -> the weight [..., G * 32, O] in `dtype`
     (see the module docstring), one matrix at a time."""
@@ -31,7 +39,6 @@ def dequantized_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch
             f"[..., rows, groups, {GROUP_BYTES}] and scales [..., rows, groups]"
         )
     *lead, O, G, _ = blocks.shape
-    lut = torch.tensor(FP4_VALUES)
     out = torch.empty(*lead, G * 2 * GROUP_BYTES, O, dtype=dtype)
     matrices, groups, outs = (
         blocks.reshape(-1, O, G, GROUP_BYTES),
@@ -39,8 +46,7 @@ def dequantized_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch
         out.view(-1, G * 32, O),
     )
     for m in range(matrices.shape[0]):
-        packed = matrices[m].long()
-        values = torch.stack((lut[packed & 0x0F], lut[packed >> 4]), dim=-1).reshape(O, G, 32)
+        values = e2m1_values(matrices[m]).reshape(O, G, 32)
         values = torch.ldexp(values, groups[m].int()[..., None] - 127)
         outs[m] = values.reshape(O, G * 32).T.to(dtype)
     return out
