@@ -2,9 +2,15 @@
 scales, so that views, calibration, compression and offloading read an FP8 release directly, with
 no dequantized copy on disk (`moelab dequantize` writes one, for other tools).
 
-Two formats, both a float32 scale per block of a weight, `W[i, j] = q[i, j] * s[i // bo, j // bi]`:
+Two formats, both a scale per block of a weight, `W[i, j] = q[i, j] * s[i // bo, j // bi]`:
 - block-wise FP8 (`quant_method: "fp8"`, `weight_block_size` = [bo, bi], the scales stored as
-  `<name>_scale_inv`): DeepSeek-V3/R1, Qwen3's FP8 releases, MiniMax-M2, Kimi-K2;
+  `<name>_scale_inv`): DeepSeek-V3/R1, Qwen3's FP8 releases, MiniMax-M2, Kimi-K2. DeepSeek-V4's
+  releases store them as `<module>.scale` (which transformers renames to `<module>.weight_scale_inv`),
+  in float32 or ue8m0 (`scale_fmt: "ue8m0"`: float8_e8m0fnu, or bytes b meaning 2 ** (b - 127)),
+  and where `expert_dtype` is "fp4" (in quantization_config, or beside it in config.json) their
+  routed experts are FP4: int8 [O, I / 2], two e2m1 values a byte, the low nibble first
+  (`moelab.hf.mxfp4.e2m1_values`), one scale per row per 32 columns (the block read off the
+  scales' shape, as transformers' `Fp8Dequantize` reads it);
 - llm-compressor's float-quantized FP8 (`quant_method: "compressed-tensors"`, weights' `strategy`
   tensor, channel, group or block, the scales stored as `<module>.weight_scale`): the "FP8" and
   "FP8-dynamic" releases made with llm-compressor.
@@ -25,6 +31,7 @@ import torch
 from torch import Tensor
 
 from moelab.hf.checkpoint import DTYPES, Checkpoint, CheckpointError
+from moelab.hf.mxfp4 import e2m1_values
 from moelab.hf.quantized import DequantizedCheckpoint
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -47,6 +54,14 @@ class Float8Scheme:
     scale_suffix: str
     block: Callable[[tuple[int, ...]], tuple[int, int]]
     kv_scales: tuple[str, ...] = ()  # attention's scales of a quantized kv cache, dropped wherever they are
+    module_scale: bool = False  # a weight `<module>.weight`'s scale may be `<module>.scale` (DeepSeek-V4)
+    fp4: bool = False  # int8 weights with scales are packed FP4 (expert_dtype "fp4": DeepSeek-V4's experts)
+
+    def scale_names(self, name: str) -> tuple[str, ...]:
+        """The names weight `name`'s scale may be stored under, the first stored one its scale."""
+        if self.module_scale and name.endswith(".weight"):
+            return name + self.scale_suffix, name.removesuffix("weight") + "scale"
+        return (name + self.scale_suffix,)
 
 
 def float8_scheme(config: dict, source: Path) -> Float8Scheme:
@@ -56,7 +71,15 @@ def float8_scheme(config: dict, source: Path) -> Float8Scheme:
     if isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors":
         return _compressed_tensors_scheme(quantization, source)
     bo, bi = fp8_block_size(config, source)
-    return Float8Scheme(SCALE_SUFFIX, lambda shape: (bo, bi))
+    expert_dtype = quantization.get("expert_dtype", config.get("expert_dtype"))  # V4 keeps it beside, V4.1 in it
+    scale_fmt = quantization.get("scale_fmt")
+    if expert_dtype not in (None, "fp8", "fp4") or scale_fmt not in (None, "float", "ue8m0"):
+        raise CheckpointError(
+            f"{source / 'config.json'}: block-wise FP8 with expert_dtype {expert_dtype!r} and scale_fmt {scale_fmt!r}; "
+            "moelab (as transformers) reads expert_dtype 'fp8' or 'fp4' and scale_fmt 'float' or 'ue8m0'"
+        )
+    # transformers renames every `<module>.scale` of an FP8 checkpoint to `<module>.weight_scale_inv`
+    return Float8Scheme(SCALE_SUFFIX, lambda shape: (bo, bi), module_scale=True, fp4=expert_dtype == "fp4")
 
 
 def _compressed_tensors_scheme(quantization: dict, source: Path) -> Float8Scheme:
@@ -132,10 +155,12 @@ ROWS_PER_STEP = 128  # rows dequantized together: a few MB of float32 beside the
 def dequantized(
     q: Tensor, scales: Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """q: [..., O, I] float8, scales: [..., ceil(O / bo), ceil(I / bi)] (one scale for a whole
-    weight may be stored as [1] or []) -> [..., O, I] in `dtype`: every entry times its block's
-    scale, computed in float32 ROWS_PER_STEP rows at a time."""
-    O, I = q.shape[-2:]
+    """q: [..., O, I] float8 (or int8 [..., O, I / 2]: packed FP4, two e2m1 values a byte, the low
+    nibble first), scales: [..., ceil(O / bo), ceil(I / bi)] (one scale for a whole weight may be
+    stored as [1] or []) -> [..., O, I] in `dtype`: every entry times its block's scale, computed in
+    float32 ROWS_PER_STEP rows at a time."""
+    packed = q.dtype == torch.int8
+    O, I = q.shape[-2], q.shape[-1] * (2 if packed else 1)
     bo, bi = block
     if (
         scales.dtype == torch.uint8
@@ -154,15 +179,17 @@ def dequantized(
             f"scales of shape {list(scales.shape)} do not tile a weight of shape {list(q.shape)} in blocks of "
             f"{bo} x {bi} (expected {list(want)}); the checkpoint does not match its quantization_config"
         )
-    out = torch.empty(q.shape, dtype=dtype)
-    matrices, row_scales, outs = q.reshape(-1, O, I), scales.reshape(-1, *want[-2:]), out.view(-1, O, I)
+    out = torch.empty((*q.shape[:-1], I), dtype=dtype)
+    matrices, row_scales, outs = q.reshape(-1, O, q.shape[-1]), scales.reshape(-1, *want[-2:]), out.view(-1, O, I)
     for m in range(matrices.shape[0]):
         for start in range(0, O, ROWS_PER_STEP):
             stop = min(start + ROWS_PER_STEP, O)
             per_entry = (
                 row_scales[m, torch.arange(start, stop) // bo].float().repeat_interleave(bi, dim=1)[:, :I]
             )
-            outs[m, start:stop] = (matrices[m, start:stop].float() * per_entry).to(dtype)
+            codes = matrices[m, start:stop]
+            values = e2m1_values(codes) if packed else codes.float()
+            outs[m, start:stop] = (values * per_entry).to(dtype)
     return out
 
 
@@ -201,7 +228,8 @@ class Float8Checkpoint(DequantizedCheckpoint):
     ):
         super().__init__(directory, dtype, shapes_only=shapes_only)
         self.scheme = scheme
-        self._blocks: dict[str, tuple[int, int]] = {}  # float8 weight -> the block one scale covers
+        self._blocks: dict[str, tuple[int, int]] = {}  # quantized weight -> the block one scale covers
+        self._scales: dict[str, str] = {}  # quantized weight -> its scale
         for key in self.stored_keys():
             if not self._is_scale(key):
                 self._check(key)
@@ -215,29 +243,51 @@ class Float8Checkpoint(DequantizedCheckpoint):
         shape = self._shapes[name]
         if rows is not None and len(shape) < 3:  # rows of one matrix: dequantized whole (blocks span rows)
             return self._decode(name, None)[rows.start : rows.stop].clone()
-        scale = Checkpoint.get(self, name + self.scheme.scale_suffix)
+        scale = Checkpoint.get(self, self._scales[name])
         if rows is not None and scale.dim() == len(shape):  # stacked experts, each with its own scales
             scale = scale[rows.start : rows.stop]
         out = dequantized(Checkpoint.get(self, name, rows), scale, self._blocks[name], self.dtype)
         return out if out.shape[-2:] == shape[-2:] else out[..., : shape[-2], : shape[-1]].contiguous()
 
     def companions(self, key: str) -> dict[str, str]:
-        """{stored name: its name relative to the module} of float8 weight `key` and the tensors
+        """{stored name: its name relative to the module} of quantized weight `key` and the tensors
         that go with it: its scale, activation scales and other quantization parameters, and the
         padded shape. Renaming the module renames them all."""
         module = key.removesuffix("weight")
-        names = ["weight", "weight" + self.scheme.scale_suffix]
+        names = ["weight", self.scale_of(key).removeprefix(module)]
         names += [
             n for n in (*ACTIVATION_SCALES, *QUANTIZATION_PARAMETERS, *PADDING) if self._stores(module + n)
         ]
         return {module + n: n for n in names}
 
     def stored_parts(self, name: str) -> list[str]:
-        return list(self.companions(name)) if self.is_float8(name) else super().stored_parts(name)
+        return list(self.companions(name)) if self.is_quantized(name) else super().stored_parts(name)
 
     def is_float8(self, key: str) -> bool:
         """Whether the files store tensor `key` as a float8 weight (with scales)."""
         return self._stores(key) and DTYPES.get(self.entry(key)[0]) in FLOAT8
+
+    def is_fp4(self, key: str) -> bool:
+        """Whether the files store tensor `key` as a packed FP4 weight with its scale (int8 where
+        expert_dtype is "fp4": DeepSeek-V4's experts)."""
+        return (
+            self.scheme.fp4
+            and self._stores(key)
+            and self.entry(key)[0] == "I8"
+            and self.scale_of(key) is not None
+        )
+
+    def is_quantized(self, key: str) -> bool:
+        """Whether the files store tensor `key` as a quantized weight (float8 or FP4) with a scale."""
+        return self.is_float8(key) or self.is_fp4(key)
+
+    def scale_of(self, key: str) -> str | None:
+        """The stored scale of weight `key` (`Float8Scheme.scale_names`), or None."""
+        return next((n for n in self.scheme.scale_names(key) if self._stores(n)), None)
+
+    def block(self, key: str) -> tuple[int, int]:
+        """The [bo, bi] block one scale of quantized weight `key` covers."""
+        return self._blocks[key]
 
     def _is_scale(self, key: str) -> bool:
         """A scale the plain weights no longer use: a float8 weight's scale, every `*_scale_inv`
@@ -245,8 +295,12 @@ class Float8Checkpoint(DequantizedCheckpoint):
         activation scale (static activation schemes: `activation_scale`, `input_scale`), which
         transformers drops when it dequantizes."""
         suffix = self.scheme.scale_suffix
-        if key.endswith(SCALE_SUFFIX) or (key.endswith(suffix) and self.is_float8(key.removesuffix(suffix))):
+        if key.endswith(SCALE_SUFFIX) or (key.endswith(suffix) and self.is_quantized(key.removesuffix(suffix))):
             return True
+        if self.scheme.module_scale and key.endswith(".scale"):  # DeepSeek-V4's `<module>.scale`
+            weight = key.removesuffix("scale") + "weight"
+            if self.is_quantized(weight) and self.scale_of(weight) == key:
+                return True
         module, _, name = key.rpartition(".")
         if name in self.scheme.kv_scales:
             return True
@@ -257,19 +311,34 @@ class Float8Checkpoint(DequantizedCheckpoint):
     def _check(self, key: str) -> None:
         """List stored tensor `key`, a float8 weight with its block and plain shape; refuse what
         would be misread."""
-        (dtype, stored), scale = self.entry(key), key + self.scheme.scale_suffix
-        if DTYPES.get(dtype) in (torch.int8, torch.uint8) and self._stores(scale):
+        (dtype, stored), scale = self.entry(key), self.scale_of(key)
+        if self.is_fp4(key):
+            self._check_fp4(key, stored, scale)
+            return
+        if DTYPES.get(dtype) in (torch.int8, torch.uint8) and scale is not None:
             raise CheckpointError(
-                f"{self.directory}: {key} is stored as {DTYPES[dtype]} with a {scale} (packed FP4 or another "
-                "format than float8 weights); moelab reads float8 weights only, and would drop its scale"
+                f"{self.directory}: {key} is stored as {DTYPES[dtype]} with a {scale} (packed FP4 or another format "
+                "than float8 weights), but quantization_config's expert_dtype is not 'fp4'; moelab reads float8 "
+                "weights, and int8 ones as packed FP4 (two e2m1 values a byte, as DeepSeek-V4 ships its experts) "
+                "where expert_dtype is 'fp4': set it so if that is this format, else dequantize the checkpoint "
+                "with the tool that made it"
             )
         if DTYPES.get(dtype) not in FLOAT8:
+            if scale is not None and scale == key.removesuffix("weight") + "scale":  # transformers multiplies it in
+                raise CheckpointError(
+                    f"{self.directory}: {key} is stored as {DTYPES.get(dtype, dtype)}, not float8, but has a scale "
+                    f"{scale}, which transformers renames to its weight_scale_inv and multiplies in; moelab reads "
+                    "scales of float8 and FP4 weights only. Fold the scale into the weight (or drop it if the weight "
+                    "is already plain)"
+                )
             self._lists(key)
             return
-        if not self._stores(scale):
+        if scale is None:
             raise CheckpointError(
-                f"{self.directory}: {key} is float8 but has no {scale}; it cannot be dequantized"
+                f"{self.directory}: {key} is float8 but has no {' or '.join(self.scheme.scale_names(key))}; it cannot "
+                "be dequantized"
             )
+        self._scales[key] = scale
         module = key.removesuffix("weight")
         if self._stores(module + "weight_g_idx"):
             raise CheckpointError(
@@ -289,4 +358,23 @@ class Float8Checkpoint(DequantizedCheckpoint):
                     f"{self.directory}: {original} {list(shape)} does not fit {key} {list(stored)}"
                 )
         self._blocks[key] = self.scheme.block(stored)
+        self._decodes(key, shape, key)
+
+    def _check_fp4(self, key: str, stored: tuple[int, ...], scale: str) -> None:
+        """List packed FP4 weight `key` (int8 [..., O, I / 2]) with its scale [..., O / bo, I / bi]:
+        the block read off the scales' shape, whole blocks only (as transformers requires)."""
+        (scale_dtype, grid), shape = self.entry(scale), (*stored[:-1], 2 * stored[-1])
+        if (
+            len(shape) < 2
+            or len(grid) != len(shape)
+            or tuple(grid[:-2]) != tuple(shape[:-2])
+            or not all(g > 0 and n % g == 0 for n, g in zip(shape[-2:], grid[-2:]))
+            or not (DTYPES.get(scale_dtype, torch.int8).is_floating_point or scale_dtype == "U8")
+        ):
+            raise CheckpointError(
+                f"{self.directory}: {key} (packed FP4, {list(shape)} once unpacked) and its scale {scale} "
+                f"({scale_dtype} {list(grid)}) do not fit: expected float or ue8m0 scales [..., rows / bo, columns / bi] "
+                "in whole blocks; the checkpoint does not match its quantization_config"
+            )
+        self._scales[key], self._blocks[key] = scale, (shape[-2] // grid[-2], shape[-1] // grid[-1])
         self._decodes(key, shape, key)
