@@ -100,7 +100,12 @@ def check_quantized_output(ckpt: Checkpoint, family: Family, edits: Iterable[int
                 f"({type(layout.experts).__name__}); moelab writes float8 experts stored one module each (as the "
                 "FP8 releases store them). Write plain weights (without keep_quantized)"
             )
-        if ckpt.is_float8(prefix + layout.router.weight):
+        if fp4 := [p.name for p in layout.experts.parts(ckpt, prefix, 0) if ckpt.is_fp4(p.name)]:
+            raise ValueError(
+                f"keep_quantized: layer {index}'s experts are packed FP4 ({fp4[0]}: DeepSeek-V4's expert_dtype 'fp4'); "
+                "moelab writes float8 experts back, not FP4 ones. Write plain weights (without keep_quantized)"
+            )
+        if ckpt.is_quantized(prefix + layout.router.weight):
             raise ValueError(
                 f"keep_quantized: layer {index}'s router weight is float8; moelab edits plain routers only"
             )
