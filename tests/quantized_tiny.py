@@ -1,6 +1,7 @@
 """Tiny quantized checkpoints for the tests: block-wise FP8 as DeepSeek-V3 and Qwen3-FP8 ship it
 (float8 e4m3 weights, one float32 scale per block, `<name>_scale_inv`, quant_method "fp8") and
-llm-compressor's FP8, made from a saved plain checkpoint; the per-block loop that is the
+llm-compressor's FP8 and DeepSeek-V4's release (FP8 weights with `<module>.scale`, FP4 experts),
+made from a saved plain checkpoint; the per-block loop that is the
 reference for reading them; and offloaded decoding of any quantized release."""
 
 from __future__ import annotations
@@ -107,6 +108,85 @@ def compressed_tensors_release(
     settings = json.loads((plain / "config.json").read_text())
     (out / "config.json").write_text(json.dumps(settings | {"quantization_config": quantization}))
     return out
+
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+V4_BF16 = ("compressor.wkv.weight", "compressor.wgate.weight", "indexer.weights_proj.weight")  # shipped unscaled
+
+
+def _power_of_two(x: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= x (x > 0): a ue8m0 scale."""
+    return torch.exp2(torch.ceil(torch.log2(x)))
+
+
+def _ue8m0(scales: torch.Tensor, stored: str) -> torch.Tensor:
+    """Power-of-two scales as float8_e8m0fnu ("e8m0"), bytes b = log2 + 127 ("bytes") or float32."""
+    if stored == "e8m0":
+        return scales.to(torch.float8_e8m0fnu)
+    return (torch.log2(scales) + 127).round().to(torch.uint8) if stored == "bytes" else scales
+
+
+def fp4_quantized(w: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [O, I] (I a multiple of 32) as DeepSeek-V4's FP4 experts: int8 [O, I / 2], two e2m1 codes a
+    byte (the low nibble first), each the nearest e2m1 value of w over its scale, one scale per row
+    per 32 columns (float32 [O, I / 32]: a power of two if ue8m0, else amax / 6)."""
+    O, I = w.shape
+    groups = w.float().reshape(O, I // 32, 32)
+    amax = groups.abs().amax(-1).clamp(min=1e-12)
+    scales = _power_of_two(amax / 6) if ue8m0 else amax / 6
+    x = groups / scales[..., None]
+    codes = (x.reshape(O, I, 1) - E2M1).abs().argmin(-1).to(torch.uint8)  # 0 and -0 tie: code 0
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return packed.view(torch.int8), scales
+
+
+def deepseek_v4_fp4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The reference for reading `fp4_quantized`'s output: every value, one at a time, in float32."""
+    O, half = packed.shape
+    out = torch.empty(O, 2 * half)
+    codes = packed.view(torch.uint8)
+    for i in range(O):
+        for j in range(2 * half):
+            code = (int(codes[i, j // 2]) >> (4 * (j % 2))) & 0xF
+            out[i, j] = E2M1[code] * scales[i, j // 32].float()
+    return out
+
+
+def deepseek_v4_release(plain: Path, out: Path, scales: str = "e8m0", fp8_scales: str | None = None) -> dict:
+    """Write the one-file checkpoint `plain` (stored with DeepSeek-V4's release names) into `out` as
+    DeepSeek-V4-Flash ships: its 2-D projection weights float8 e4m3 in blocks of BLOCK with the
+    scale under `<module>.scale` (the compressor's and indexer's V4_BF16 ones as stored, no scale),
+    its routed experts (`ffn.experts.E.w1/w2/w3`) FP4 (`fp4_quantized`) with `<module>.scale`; the
+    routers, norms, embedding, head, tid2eid and hyper-connection tensors as stored. scales: "e8m0"
+    (scale_fmt "ue8m0", float8_e8m0fnu), "bytes" (ue8m0 as uint8) or "float" (float32 amax / max);
+    fp8_scales: the FP8 weights' when other. expert_dtype "fp4" is set beside quantization_config,
+    as V4's config.json has it. Returns the stored tensors."""
+    ue8m0, fp8_stored = scales != "float", fp8_scales or scales
+    stored = {}
+    for key, w in load_file(plain / "model.safetensors").items():
+        module = key.removesuffix("weight")
+        if ".ffn.experts." in key and key.endswith(".weight"):
+            stored[key], s = fp4_quantized(w, ue8m0)
+            stored[module + "scale"] = _ue8m0(s, scales)
+        elif key.startswith("layers.") and key.endswith(".weight") and w.dim() == 2 and not key.endswith((".gate.weight", *V4_BF16)):
+            (O, I), (bo, bi) = w.shape, BLOCK
+            blocks = w.float().reshape(O // bo, bo, I // bi, bi)
+            amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+            s = _power_of_two(amax / 448) if fp8_stored != "float" else amax / 448
+            stored[key] = (blocks / s[:, None, :, None]).reshape(O, I).to(torch.float8_e4m3fn)
+            stored[module + "scale"] = _ue8m0(s, fp8_stored)
+        else:
+            stored[key] = w
+    out.mkdir()
+    save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
+    for path in plain.iterdir():
+        if path.name not in ("model.safetensors", "config.json"):
+            (out / path.name).write_bytes(path.read_bytes())
+    settings = json.loads((plain / "config.json").read_text())
+    quantization = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                    "weight_block_size": list(BLOCK)} | ({"scale_fmt": "ue8m0"} if ue8m0 else {})  # fmt: skip
+    (out / "config.json").write_text(json.dumps(settings | {"quantization_config": quantization, "expert_dtype": "fp4"}))
+    return stored
 
 
 def offloaded_tokens(sources: list[Path], new_tokens: int = 6) -> list[torch.Tensor]:
