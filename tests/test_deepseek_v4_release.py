@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerFast
 from moelab.compress import compress
 from moelab.hf import CheckpointError, LayerEdit, open_checkpoint, write_checkpoint
 from moelab.hf.adapters import resolve
+from moelab.hf.dequantize import dequantize_checkpoint
 from moelab.hf.edit import moe_output
 from moelab.hf.float8 import Float8Checkpoint, dequantized
 from moelab.offload import load_offloaded
@@ -126,9 +127,20 @@ def test_reap_writes_the_release_plain(releases, tmp_path):
     report = compress(path, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
     assert report["complete"] and sorted(report["layers"]) == ["0", "1"]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert "quantization_config" not in config
+    assert "quantization_config" not in config and "expert_dtype" not in config
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     assert not [k for k in tensors if k.endswith(".scale")] and tensors[EXPERT].dtype == torch.float32
+
+
+def test_dequantize_writes_what_transformers_dequantizes(releases, tmp_path):
+    """`moelab dequantize`'s plain copy is what transformers loads from the release (its logits)."""
+    path, _, model = releases("float")
+    dequantize_checkpoint(path, tmp_path / "plain", dtype=torch.float32, quiet=True)
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert "quantization_config" not in config and "expert_dtype" not in config
+    ids = torch.randint(0, 8192, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "plain")(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_keep_quantized_refuses_fp4_experts_before_any_work(releases, tmp_path):

@@ -260,6 +260,11 @@ class Float8Checkpoint(DequantizedCheckpoint):
         ]
         return {module + n: n for n in names}
 
+    def written_config(self, config: dict) -> dict:
+        """The plain checkpoint's config.json: without DeepSeek-V4's `expert_dtype` beside
+        `quantization_config` either (no expert is FP4 there)."""
+        return {k: v for k, v in super().written_config(config).items() if k != "expert_dtype"}
+
     def stored_parts(self, name: str) -> list[str]:
         return list(self.companions(name)) if self.is_quantized(name) else super().stored_parts(name)
 
