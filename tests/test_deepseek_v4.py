@@ -220,3 +220,17 @@ def test_every_method_on_hash_layers(tmp_path):
         domains = ["code"] if method == "premoe" else None
         report = compress(source, tmp_path / method, method=method, ratio=0.5, stats=stats.directory, domains=domains, quiet=True)
         assert report["complete"], method
+
+
+def test_a_scoring_func_transformers_does_not_score_with_is_refused(tmp_path):
+    """transformers scores DeepSeek-V4's routers with ACT2FN[scoring_func], which has no "softmax":
+    such a config builds no model there, so moelab must not read it as a softmax router."""
+    _hash_model(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"scoring_func": "sigmoid"}))
+    with open_checkpoint(tmp_path) as view:
+        assert view.layer(0).router.score_func == view.layer(1).router.score_func == "sigmoid"
+    (tmp_path / "config.json").write_text(json.dumps(config | {"scoring_func": "softmax"}))
+    with open_checkpoint(tmp_path) as view, pytest.raises(CheckpointError, match="scoring_func='softmax'"):
+        view.layer(1)
+

@@ -75,10 +75,17 @@ def _refuse_mlp_bias(config: Config, family: str) -> None:
 def _deepseek_v4(config: Config) -> dict:
     """DeepSeek-V4: sqrt(softplus) scores (scoring_func), the correction bias for selection in its
     learned layers, a token table in its hash layers; always renormalised (transformers ignores
-    norm_topk_prob), × routed_scaling_factor."""
+    norm_topk_prob), × routed_scaling_factor. transformers scores with ACT2FN[scoring_func], which
+    has no "softmax": only the scores both compute ("sqrtsoftplus", "sigmoid") are read."""
     _refuse_mlp_bias(config, "DeepSeek-V4")
+    score_func = config_value(config, "scoring_func", default="sqrtsoftplus")
+    if score_func not in ("sqrtsoftplus", "sigmoid"):
+        raise CheckpointError(
+            f"this DeepSeek-V4 config sets scoring_func={score_func!r}; transformers scores its routers with "
+            "ACT2FN[scoring_func] (which has no 'softmax'), and moelab reads 'sqrtsoftplus' or 'sigmoid' only"
+        )
     return {
-        "score_func": config_value(config, "scoring_func", default="sqrtsoftplus"),
+        "score_func": score_func,
         "top_k": _top_k(config),
         "renormalize": True,
         "route_scale": float(config_value(config, "routed_scaling_factor", default=1.5)),
