@@ -234,3 +234,12 @@ def test_a_scoring_func_transformers_does_not_score_with_is_refused(tmp_path):
     with open_checkpoint(tmp_path) as view, pytest.raises(CheckpointError, match="scoring_func='softmax'"):
         view.layer(1)
 
+
+def test_a_token_table_must_cover_the_vocabulary(tmp_path):
+    """transformers' tid2eid holds one row per token id (vocab_size rows): a table of another length
+    does not load there, and token ids past its end have no experts."""
+    _hash_model(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"vocab_size": 128}))
+    with open_checkpoint(tmp_path) as view, pytest.raises(CheckpointError, match="64 rows.*vocab_size 128"):
+        view.layer(0)

@@ -692,6 +692,12 @@ class Family:
                 f"{ckpt.directory}: config.json makes layer {index} {says}, but the checkpoint has {stored} token "
                 f"table {prefix}{layout.router.token_experts}; check mlp_layer_types (or num_hash_layers)"
             )
+        vocab = config_value(config, "vocab_size", default=None)
+        if "token_experts" in router and vocab is not None and router["token_experts"].shape[0] != vocab:
+            raise CheckpointError(  # transformers' table holds one row per token id
+                f"{ckpt.directory}: layer {index}'s token table {prefix}{layout.router.token_experts} has "
+                f"{router['token_experts'].shape[0]} rows, but config.json says vocab_size {vocab} (one row per token id)"
+            )
         flag = self.selection_bias_flag
         if flag is not None and router.get("selection_bias") is not None and not config_flag(config, flag, True):
             raise CheckpointError(
