@@ -37,6 +37,20 @@ def quantized(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, to
     return (w / expanded).to(torch.float8_e4m3fn), scales
 
 
+def released(plain: Path, out: Path, tensors: dict[str, torch.Tensor] | None, config: dict) -> None:
+    """`out`, a new directory: `tensors` as its model.safetensors (None: the caller writes its
+    weights), the other files of the saved checkpoint `plain` copied, and plain's config.json with
+    the entries `config` set."""
+    out.mkdir()
+    if tensors is not None:
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    for path in plain.iterdir():
+        if path.name not in ("model.safetensors", "config.json"):
+            (out / path.name).write_bytes(path.read_bytes())
+    settings = json.loads((plain / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(settings | config))
+
+
 def fp8_release(plain: Path, out: Path, **config) -> dict[str, torch.Tensor]:
     """Write the one-file checkpoint `plain` (config.json and model.safetensors) into `out` as a
     block-wise FP8 release in two shards with an index: its 2-D projection weights float8 with
@@ -48,7 +62,8 @@ def fp8_release(plain: Path, out: Path, **config) -> dict[str, torch.Tensor]:
             stored[key], stored[key + "_scale_inv"] = quantized(w.float(), BLOCK)
         else:
             stored[key] = w
-    out.mkdir()
+    quantization = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(BLOCK)}
+    released(plain, out, None, {"quantization_config": quantization} | config)
     keys = sorted(stored)
     shards = {
         "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
@@ -58,12 +73,6 @@ def fp8_release(plain: Path, out: Path, **config) -> dict[str, torch.Tensor]:
         save_file({k: stored[k] for k in names}, out / name, metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: name for name, names in shards.items() for k in names}}
     (out / "model.safetensors.index.json").write_text(json.dumps(index))
-    for path in plain.iterdir():
-        if path.name not in ("model.safetensors", "config.json"):
-            (out / path.name).write_bytes(path.read_bytes())
-    settings = json.loads((plain / "config.json").read_text())
-    quantization = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(BLOCK)}
-    (out / "config.json").write_text(json.dumps(settings | {"quantization_config": quantization} | config))
     return stored
 
 
@@ -90,11 +99,6 @@ def compressed_tensors_release(
         if kv_cache and key.endswith("self_attn.o_proj.weight"):
             for name in ("k_scale", "v_scale"):
                 stored[key.removesuffix("o_proj.weight") + name] = torch.tensor(1.5)
-    out.mkdir()
-    save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
-    for path in plain.iterdir():
-        if path.name not in ("model.safetensors", "config.json"):
-            (out / path.name).write_bytes(path.read_bytes())
     weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True}
     weights |= {"block_structure": list(block)} if strategy == "block" else {}
     quantization = {
@@ -105,8 +109,7 @@ def compressed_tensors_release(
     }
     if kv_cache:
         quantization["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor"}
-    settings = json.loads((plain / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(settings | {"quantization_config": quantization}))
+    released(plain, out, stored, {"quantization_config": quantization})
     return out
 
 
@@ -177,15 +180,9 @@ def deepseek_v4_release(plain: Path, out: Path, scales: str = "e8m0", fp8_scales
             stored[module + "scale"] = _ue8m0(s, fp8_stored)
         else:
             stored[key] = w
-    out.mkdir()
-    save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
-    for path in plain.iterdir():
-        if path.name not in ("model.safetensors", "config.json"):
-            (out / path.name).write_bytes(path.read_bytes())
-    settings = json.loads((plain / "config.json").read_text())
     quantization = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                     "weight_block_size": list(BLOCK)} | ({"scale_fmt": "ue8m0"} if ue8m0 else {})  # fmt: skip
-    (out / "config.json").write_text(json.dumps(settings | {"quantization_config": quantization, "expert_dtype": "fp4"}))
+    released(plain, out, stored, {"quantization_config": quantization, "expert_dtype": "fp4"})
     return stored
 
 

@@ -12,7 +12,7 @@ import torch
 from hf_tiny import build
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from quantized_tiny import offloaded_tokens
+from quantized_tiny import offloaded_tokens, released
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
@@ -67,15 +67,7 @@ def _mxfp4(plain, out):
             )
         else:
             tensors[key] = w
-    out.mkdir()
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    for path in plain.iterdir():
-        if path.name not in ("model.safetensors", "config.json"):
-            (out / path.name).write_bytes(path.read_bytes())
-    config = json.loads((plain / "config.json").read_text())
-    (out / "config.json").write_text(
-        json.dumps(config | {"quantization_config": QUANTIZATION, "dtype": "bfloat16"})
-    )
+    released(plain, out, tensors, {"quantization_config": QUANTIZATION, "dtype": "bfloat16"})
     return out, tensors
 
 
