@@ -17,12 +17,12 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from moelab.compress import CalibrationOptions, compress
 from moelab.data.tokenizer import TOKENIZER_DIR
-from moelab.hf import CheckpointError, open_checkpoint
+from moelab.hf import CheckpointError, drop_experts, open_checkpoint
 from moelab.hf.adapters import resolve
 from moelab.hf.edit import moe_output
 from moelab.hf.loading import load_causal_lm
 from moelab.hf.modules import decoder_layers
-from moelab.hf.multimodal import language_config, nested_config
+from moelab.hf.multimodal import language_config, nested_config, text_model_type
 from moelab.hf.view import MoELayerView
 from moelab.offload import load_offloaded
 
@@ -304,6 +304,23 @@ def test_nested_config_puts_each_key_back_where_the_file_had_it():
         language_config(text) is text
         and nested_config(text | {"num_local_experts": 4}, text)["num_local_experts"] == 4
     )
+
+
+def test_a_text_config_without_a_model_type_is_the_one_transformers_builds(tmp_path):
+    """config.json's text_config may leave its model_type out (transformers' config class gives the
+    text config its own): moelab reads the language model's family, and a pruned checkpoint keeps
+    the file's shape (no model_type added to text_config, the multimodal one at the top)."""
+    path = multimodal_model(tmp_path / "src", "qwen3_vl_moe")
+    config = json.loads((path / "config.json").read_text())
+    assert config["text_config"].pop("model_type") == text_model_type("qwen3_vl_moe") == "qwen3_vl_moe_text"
+    (path / "config.json").write_text(json.dumps(config))
+    with open_checkpoint(path) as view:
+        assert view.family == "qwen3_vl_moe_text (structural)"  # as with its model_type given
+    drop_experts(path, tmp_path / "out", [0, 5], quiet=True)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == "qwen3_vl_moe" and "model_type" not in written["text_config"]
+    assert written["text_config"]["num_local_experts"] == 6
+    assert text_model_type("kimi_k25") is None and text_model_type("no_such_model") is None
 
 
 def test_dequantize_writes_the_dtype_where_the_language_model_reads_it(tmp_path):

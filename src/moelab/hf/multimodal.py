@@ -18,11 +18,25 @@ TEXT = "text_config"
 
 def language_config(config: Config) -> Config:
     """The settings of the language model: a multimodal config's text_config over its own keys
-    (text_config itself left out); a text model's config as it is."""
+    (text_config itself left out), its model_type the one transformers gives the text_config where
+    config.json leaves it out (`text_model_type`); a text model's config as it is."""
     text = config.get(TEXT)
     if not isinstance(text, dict):
         return config
-    return {**{k: v for k, v in config.items() if k != TEXT}, **copy.deepcopy(text)}
+    implied = {} if "model_type" in text else {"model_type": text_model_type(config.get("model_type"))}
+    return {**{k: v for k, v in config.items() if k != TEXT}, **{k: v for k, v in implied.items() if v}, **copy.deepcopy(text)}
+
+
+def text_model_type(model_type: Any) -> str | None:
+    """The model_type of the text_config transformers builds for a multimodal `model_type` whose
+    config.json gives none ("qwen3_vl_moe" -> "qwen3_vl_moe_text"); None where its config class
+    takes any text config (Kimi-K2.5's, Mistral 3's) or transformers does not know the type."""
+    from transformers import CONFIG_MAPPING
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return None
+    text = getattr(CONFIG_MAPPING[model_type], "sub_configs", {}).get(TEXT)
+    return getattr(text, "model_type", None) or None
 
 
 def nested_config(edited: Config, original: Config) -> Config:
@@ -33,13 +47,14 @@ def nested_config(edited: Config, original: Config) -> Config:
     text = original.get(TEXT)
     if not isinstance(text, dict):
         return edited
+    read = language_config(original)
     added = {k: v for k, v in edited.items() if k not in text and k not in original}
     nested = {}
     for key, value in original.items():
         if key == TEXT:
             nested[TEXT] = {k: edited[k] for k in text if k in edited} | added
-        elif key in edited:  # a key in both places: the top one as it was, unless the edit changed it
-            nested[key] = value if key in text and edited[key] == text[key] else edited[key]
+        elif key in edited:  # as it was, unless the edit changed it (a key in both places: the text one)
+            nested[key] = value if edited[key] == read.get(key) else edited[key]
     return nested
 
 
