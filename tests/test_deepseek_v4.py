@@ -29,7 +29,7 @@ HASH = {"mlp_layer_types": ["hash_moe", "moe"]}  # layer 0 hash-routed, layer 1 
 
 
 def _hash_model(path, **overrides):
-    model = build("deepseek_v4", **HASH, **overrides)
+    model = build("deepseek_v4", **(HASH | overrides))
     model.save_pretrained(path)
     return model
 
@@ -191,6 +191,23 @@ def test_hash_layers_run_layer_by_layer_offloaded_and_traced(tmp_path):
     assert torch.equal(recorded[0].indices, loaded.model.layers[0].mlp.gate.tid2eid[ids.reshape(-1)])
     check = capture.checks[0]  # the view's routing, recomputed from the block's input and ids, is what it used
     assert check.tokens == 16 and check.mismatched == 0 and check.max_weight_error < 1e-6
+
+
+def test_offloading_reads_a_hash_layers_experts_ahead_from_the_token_ids(tmp_path):
+    """A hash layer's experts follow from the token ids alone: read ahead at the decoder layer's entry,
+    every one read is used and a decode step finds them all resident (a quarter of the experts kept,
+    both layers hash-routed); the tokens are transformers'."""
+    _hash_model(tmp_path, mlp_layer_types=["hash_moe", "hash_moe"], n_routed_experts=16)
+    prompt = torch.randint(3, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    expected = load(tmp_path).generate(prompt, max_new_tokens=12, do_sample=False)
+    offloaded = load_offloaded(tmp_path, resident=0.25, predictor="lookahead", warm=False)
+    try:
+        assert torch.equal(offloaded.generate(prompt, 12), expected)
+        prefetched, decode = offloaded.cache.prefetch_stats, offloaded.cache.stats[1]
+    finally:
+        offloaded.close()
+    assert prefetched.issued > 0 and prefetched.used == prefetched.issued
+    assert decode.requests == 11 * 2 * 2 and decode.hit_rate == 1.0
 
 
 def test_reap_compresses_hash_and_learned_layers(tmp_path):

@@ -301,9 +301,9 @@ def test_each_layer_reads_ahead_from_its_input_through_its_norm(tmp_path, monkey
     seen, inputs = [], []
     read_ahead = OffloadedExperts.read_ahead
 
-    def spy(self, hidden):
+    def spy(self, hidden, ids=None):
         seen.append((self.layer, hidden.clone()))
-        read_ahead(self, hidden)
+        read_ahead(self, hidden, ids)
         rows = hidden.reshape(-1, hidden.shape[-1])
         if rows.shape[0] == 1:  # a decode step: its router's choices are read ahead (or already there)
             chosen = self._links[0].forward(rows).indices.flatten().tolist()

@@ -57,7 +57,7 @@ from moelab.models.transformer import (
 from moelab.nn.dispatch import plan_dispatch
 from moelab.nn.experts import Experts
 from moelab.nn.moe import MoELayer
-from moelab.nn.routers import Router
+from moelab.nn.routers import HashRouter, Router
 from moelab.offload.cache import ExpertCache
 from moelab.offload.predict import PREDICTORS, RoutingPrior, lookahead_scores
 from moelab.offload.store import ExpertStore
@@ -114,8 +114,9 @@ class OffloadedExperts(Experts):
 
     def link(self, router: Router | None, previous: OffloadedExperts | None) -> None:
         """Name this layer's router (None: predict by habit alone, as for a router that needs whole
-        sequences) and the MoE layer that runs before it within a token's pass (None for the first),
-        whose choices the affinity predictor reads."""
+        sequences; a hash router's experts follow from the token ids alone) and the MoE layer that
+        runs before it within a token's pass (None for the first), whose choices the affinity
+        predictor reads."""
         self._links = (router, previous)
 
     @property
@@ -174,13 +175,21 @@ class OffloadedExperts(Experts):
                 self.cache.release()
         return y
 
-    def read_ahead(self, hidden: Tensor) -> None:
+    def read_ahead(self, hidden: Tensor, ids: Tensor | None = None) -> None:
         """Start reading this layer's likely experts on the background thread, scored from its decoder
         layer's input hidden: [..., D] (normalised as the MoE input is), before the layer's attention
-        runs, and from the previous MoE layer's choices (see `moelab.offload.predict`)."""
+        runs, and from the previous MoE layer's choices (see `moelab.offload.predict`); a hash
+        router's (DeepSeek-V4's first layers) are read from the tokens' ids [...] alone: exactly the
+        experts the layer will ask for."""
         if self.predictor is None or self.cache.holds_all(self.layer):
             return
         router, previous = self._links
+        if isinstance(router, HashRouter):
+            if ids is not None:
+                chosen = router.token_experts[ids.reshape(-1)].long().flatten().cpu()
+                wanted = torch.bincount(chosen, minlength=self.num_experts).float()
+                self.cache.prefetch(self.layer, wanted, (wanted > 0).float(), int((wanted > 0).sum()))
+            return
         x = hidden.reshape(-1, hidden.shape[-1])
         E, T = self.num_experts, x.shape[0]
         limit = min(E, round(self.prefetch_factor * T * self.top_k))
@@ -534,7 +543,8 @@ def load_offloaded(
     previous = None
     for index in store.moe_layers:
         experts = moes[index].experts
-        experts.link(None if moes[index].router.needs_sequences else moes[index].router, previous)
+        router = moes[index].router
+        experts.link(None if router.needs_sequences and not isinstance(router, HashRouter) else router, previous)
         previous = experts
         if predictor is not None:
             norm = next((getattr(layers[index], n) for n in ROUTER_INPUT_NORMS if hasattr(layers[index], n)), None)
@@ -635,22 +645,25 @@ def check_host_memory(nbytes: int) -> None:
 
 
 def _read_ahead(experts: OffloadedExperts, norm: nn.Module | None, layer: nn.Module, args: tuple, kwargs: dict) -> None:
-    """A decoder layer's forward pre-hook: its MoE layer reads ahead from the layer's input."""
+    """A decoder layer's forward pre-hook: its MoE layer reads ahead from the layer's input (and the
+    token ids the layer is handed, which a hash router reads)."""
     hidden = args[0] if args else kwargs["hidden_states"]
-    experts.read_ahead(hidden if norm is None else norm(hidden))
+    experts.read_ahead(hidden if norm is None else norm(hidden), kwargs.get("input_ids"))
 
 
 def _view_bytes(layer: MoELayerView, dtype: torch.dtype, shared: bool) -> int:
     """Bytes of a layer view's router (held in float32) and its latent projections (and shared
     experts) in `dtype`."""
     router = [layer.router.weight, layer.router.bias, layer.router.selection_bias, layer.router.expert_scale]
+    table = layer.router.token_experts  # a hash router's, kept as stored (integers)
     router += [] if layer.router.input_norm is None else [layer.router.input_norm.weight]
     tensors = [] if layer.latent is None else [layer.latent.down, layer.latent.up]
     tensors += [norm.weight for norm in (layer.expert_norm, layer.routed_norm) if norm is not None]
     if shared and layer.shared is not None:
         tensors += [layer.shared.gate, layer.shared.up, layer.shared.down, layer.shared.sigmoid_gate]
     size = torch.empty((), dtype=dtype).element_size()
-    return sum(t.numel() * size for t in tensors if t is not None) + sum(t.numel() * 4 for t in router if t is not None)
+    table_bytes = 0 if table is None else table.numel() * table.element_size()
+    return sum(t.numel() * size for t in tensors if t is not None) + sum(t.numel() * 4 for t in router if t is not None) + table_bytes
 
 
 def warm_start(store: ExpertStore, prior: RoutingPrior | None, slots: int) -> list[tuple[int, int]]:
