@@ -553,7 +553,7 @@ def test_input_sample_keeps_the_token_ids_a_hash_router_reads():
     sample = OBSERVERS["inputs"](E, 1, D, options)
     with torch.no_grad():
         for b, token_ids in zip(batches, ids):
-            call = eager_moe(layer, b.x[None], context={"input_ids": token_ids[None]})
+            call = eager_moe(layer, b.x, context={"input_ids": token_ids})
             assert torch.equal(call.routing.indices, layer.router.token_experts[token_ids])
             sample.update(call, b.tokens, b.h + call.output)
     got = sample.result()

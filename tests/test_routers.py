@@ -306,15 +306,15 @@ def test_hash_router_matches_reference(settings):
     table = torch.stack([torch.randperm(E)[:K] for _ in range(V)])
     table[4] = torch.tensor([2, 5, 2])  # after a merge: expert 2 twice
     router.token_experts.copy_(table)
-    ids = torch.randint(0, V, (2, T // 2))
-    ids[0, 0] = 4
-    x = _x().view(2, T // 2, D)
-    xr, w = f64_leaf(x.reshape(T, D)), f64_leaf(router.weight)
-    ref = route_hash(xr, w, ids.flatten().tolist(), table.tolist(), score_func=router.score_func,
+    ids = torch.randint(0, V, (T,))
+    ids[0] = 4
+    x = _x()
+    xr, w = f64_leaf(x), f64_leaf(router.weight)
+    ref = route_hash(xr, w, ids.tolist(), table.tolist(), score_func=router.score_func,
                      renormalize=router.renormalize, route_scale=router.route_scale)  # fmt: skip
     xl = x.clone().requires_grad_(True)
-    routing = router(xl, context={"input_ids": ids})
-    assert torch.equal(routing.indices, table[ids.flatten()])
+    routing = router(xl, ids)
+    assert torch.equal(routing.indices, table[ids])
     expected = torch.stack([torch.stack([wt for _, _, wt in choice]) for choice in ref.choices])
     assert_close(routing.weights.double(), expected.detach())
     assert_close(routing.logits.double(), ref.logits.detach())
@@ -322,17 +322,16 @@ def test_hash_router_matches_reference(settings):
     g = torch.randn(expected.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
     (routing.weights.double() * g).sum().backward()
     (expected * g).sum().backward()
-    assert_close(xl.grad.double().reshape(T, D), xr.grad)
+    assert_close(xl.grad.double(), xr.grad)
     assert_close(router.weight.grad.double(), w.grad)
 
 
 def test_hash_router_needs_the_token_ids():
     router = HashRouter(D, E, 10, 2)
-    x = _x().view(2, T // 2, D)
-    for context, match in (({}, "pass context"), ({"input_ids": torch.zeros(2, 3, dtype=torch.long)}, r"shape \[2, 12\]"),
-                           ({"input_ids": torch.zeros(2, T // 2)}, "integer token ids")):  # fmt: skip
+    for ids, match in ((None, "pass the 24 tokens' ids"), (torch.zeros(3, dtype=torch.long), "got \\[3\\]"),
+                       (torch.zeros(T), "integer token ids")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
-            router(x, context=context)
+            router(_x(), ids)
 
 
 def test_hash_routed_layer_runs_the_tables_experts():
@@ -347,7 +346,7 @@ def test_hash_routed_layer_runs_the_tables_experts():
     layer.router = router
     ids = torch.randint(0, V, (3, 5))
     x = torch.randn(3, 5, D)
-    routing = router(x, context={"input_ids": ids})
+    routing = router(x.reshape(-1, D), ids.reshape(-1))
     flat = x.reshape(-1, D)
     expected = torch.zeros_like(flat)
     for t in range(flat.shape[0]):
@@ -358,8 +357,10 @@ def test_hash_routed_layer_runs_the_tables_experts():
     assert_close(y.reshape(-1, D).double(), expected.double().detach())
     with torch.no_grad():
         assert_close(layer.infer(x, context={"input_ids": ids}).reshape(-1, D).double(), expected.double())
-    with pytest.raises(ValueError, match="pass context"):
+    with pytest.raises(ValueError, match="pass the 15 tokens' ids"):
         layer(x)
+    with pytest.raises(ValueError, match=r"give ids of shape \[3, 5\]"):
+        layer(x, context={"input_ids": ids[:, :4]})
 
 
 def test_expert_choice_capacity_rule():

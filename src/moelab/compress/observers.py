@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moelab.hf.edit import route_tokens
 from moelab.nn.dispatch import LocalDispatcher, plan_dispatch
 from moelab.nn.moe import MoELayer
 from moelab.nn.routers import Routing
@@ -92,11 +93,11 @@ def eager_moe(
 ) -> MoECall:
     """Compute `moe` on x [..., D] expert by expert (dropless), keeping each slot's output; with
     keep_hidden (under autograd, for the backward sweep) also each slot's hidden activation, and
-    its gradient once the backward pass has run. context: what a router that routes whole
-    sequences (x [B, S, D]) reads besides x (a hash router: the token ids)."""
-    routing = moe.router(x, context=context or {}) if moe.router.needs_sequences else None
+    its gradient once the backward pass has run. context: what the router reads besides x (a hash
+    router: the token ids, `context["input_ids"]`)."""
+    ids = None if context is None else context.get("input_ids")
     x = x.reshape(-1, x.shape[-1])
-    routing = moe.router(x) if routing is None else routing
+    routing = route_tokens(moe.router, x, None if ids is None else ids.reshape(-1))
     T, K = routing.indices.shape
     plan = plan_dispatch(routing.indices, moe.num_experts)
     z = moe.expert_rows(x)  # what the experts read

@@ -169,17 +169,13 @@ def moe_output(
 
 def route_tokens(router: Router, x: Tensor, ids: Tensor | None = None) -> Routing:
     """The router on x [N, D] -> its Routing of the N tokens; ids [N]: their token ids, which a hash
-    router reads (a router that routes whole sequences sees them as one)."""
-    if router.needs_sequences:
-        return router(x[None], context={"input_ids": None if ids is None else ids[None]})
-    return router(x)
+    router reads (`Router.reads_token_ids`)."""
+    return router(x, ids) if router.reads_token_ids else router(x)
 
 
 def layer_output(moe: MoELayer, x: Tensor, ids: Tensor | None = None) -> Tensor:
     """The layer's output on x [N, D] -> [N, D]; ids [N]: the tokens' ids (`route_tokens`)."""
-    if moe.router.needs_sequences:
-        return moe(x[None], context={"input_ids": None if ids is None else ids[None]})[0][0]
-    return moe(x)[0]
+    return moe(x, context=None if ids is None else {"input_ids": ids})[0]
 
 
 def _mask_router(router, view: RouterView, keep: Sequence[int]) -> None:

@@ -53,14 +53,14 @@ from moelab.nn.moe import MoELayer, MoEResult
 from moelab.validation import non_finite_names
 
 RunMoE = Callable[..., Tensor]
-"""run_moe(moe, x [..., D], context=...) -> y: how a run computes an MoE block; context: what a
-router that routes whole sequences reads besides x (`token_context`)."""
+"""run_moe(moe, x [..., D], context=...) -> y: how a run computes an MoE block; context: what its
+router reads besides x (`token_context`)."""
 
 
 def token_context(moe: MoELayer, kwargs: dict) -> dict[str, Tensor] | None:
     """What moelab's layer `moe` needs from the keyword arguments transformers' decoder layer hands
     its MoE block: the token ids, for a hash router (DeepSeek-V4's `input_ids`); else None."""
-    return {"input_ids": kwargs.get("input_ids")} if moe.router.needs_sequences else None
+    return {"input_ids": kwargs.get("input_ids")} if moe.router.reads_token_ids else None
 
 
 CARRIED = "prev_topk_indices"  # GLM-5's DSA: a "shared" layer reuses the top-k of the full layer before it

@@ -411,13 +411,21 @@ class MoELayer(nn.Module):
     def _route(self, router: Router, x: Tensor, context: dict[str, Tensor] | None) -> tuple[Routing, Tensor]:
         """Check x: [..., D] and route it (with dynamic skipping if set) -> (Routing over [T] tokens,
         x as [T, D]). Routers that need whole sequences (`router.needs_sequences`) get x as [B, S, D]
-        and the block's `context` (e.g. the attention's queries and keys for attention-aware routing)."""
+        and the block's `context` (e.g. the attention's queries and keys for attention-aware routing);
+        routers that read the token ids (`router.reads_token_ids`) get `context["input_ids"]` ([...],
+        x's shape without its last dim) flattened beside x."""
         self._check_input(router, x)
         if router.needs_sequences:
             routing, x = router(x, context=context or {}), x.reshape(-1, router.dim)
         else:
+            ids = (context or {}).get("input_ids") if router.reads_token_ids else None
+            if ids is not None and ids.shape != x.shape[:-1]:
+                raise ValueError(
+                    f"context['input_ids'] has shape {list(ids.shape)}; the router reads one id per token of the "
+                    f"input {list(x.shape)}: give ids of shape {list(x.shape[:-1])}"
+                )
             x = x.reshape(-1, router.dim)
-            routing = router(x)
+            routing = router(x) if not router.reads_token_ids else router(x, None if ids is None else ids.reshape(-1))
         return (routing if self.skip_ratio is None else dynamic_skip(routing, self.skip_ratio)), x
 
     def _choose(
@@ -425,7 +433,7 @@ class MoELayer(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """`_route` for the inference path: (indices, weights [T, K], x as [T, D]), by the router's
         `choose` where it routes one token at a time."""
-        if router.needs_sequences:
+        if router.needs_sequences or router.reads_token_ids:
             routing, x = self._route(router, x, context)
             return routing.indices, routing.weights, x
         self._check_input(router, x)

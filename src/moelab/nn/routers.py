@@ -96,13 +96,15 @@ class Router(nn.Module):
 
     Subclasses set `top_k` (slots per token), `variable_k` (slots may be empty), `causal`
     (the routing of token t depends on tokens <= t only, so it is safe in a causal language
-    model) and `needs_sequences` (forward takes `x: [B, S, D]` and a `context` dict instead of
-    `x: [T, D]`, for routers that look at other tokens of the sequence).
+    model), `needs_sequences` (forward takes `x: [B, S, D]` and a `context` dict instead of
+    `x: [T, D]`, for routers that look at other tokens of the sequence) and `reads_token_ids`
+    (forward takes the tokens' ids beside x: `forward(x [T, D], token_ids [T])`, hash routing).
     """
 
     variable_k: bool = False
     causal: bool = True
     needs_sequences: bool = False
+    reads_token_ids: bool = False
 
     def __init__(self, dim: int, num_experts: int, *, bias: bool = False):
         super().__init__()
@@ -316,11 +318,11 @@ class HashRouter(Router):
     `renormalize`, times `route_scale`. The table may name an expert twice in a row (after a
     merge); such an expert then runs twice, each time with its own slot's weight.
 
-    Routes whole sequences (`needs_sequences`): forward(x [B, S, D], context) reads the token ids
-    `context["input_ids"]` [B, S] and returns a `Routing` over the B*S tokens.
+    Reads the token ids (`reads_token_ids`): forward(x [T, D], token_ids [T]) -> a `Routing` of the T
+    tokens (an `MoELayer` hands them on from its `context["input_ids"]`).
     """
 
-    needs_sequences = True
+    reads_token_ids = True
 
     def __init__(
         self,
@@ -345,19 +347,18 @@ class HashRouter(Router):
         self.route_scale = route_scale
         self.register_buffer("token_experts", torch.arange(vocab_size * top_k).view(vocab_size, top_k) % num_experts)
 
-    def forward(self, x: Tensor, context: dict[str, Tensor]) -> Routing:
-        ids = context.get("input_ids")
-        if ids is None or ids.shape != x.shape[:-1]:
-            got = "none" if ids is None else list(ids.shape)
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        if token_ids is None or token_ids.shape != x.shape[:1]:
+            got = "none" if token_ids is None else list(token_ids.shape)
             raise ValueError(
-                f"hash routing picks experts by token id: pass context={{'input_ids': ids}} with ids of shape "
-                f"{list(x.shape[:-1])} (the input's [batch, seq]), got {got}"
+                f"hash routing picks experts by token id: pass the {x.shape[0]} tokens' ids (token_ids [tokens]; "
+                f"to an MoE layer, context={{'input_ids': ids}} shaped as its input without the last dim), got {got}"
             )
-        if ids.is_floating_point():
-            raise ValueError(f"hash routing needs integer token ids, got {ids.dtype}")
-        logits = self.router_logits(x.reshape(-1, self.dim))
+        if token_ids.is_floating_point():
+            raise ValueError(f"hash routing needs integer token ids, got {token_ids.dtype}")
+        logits = self.router_logits(x)
         scores = expert_scores(logits, self.score_func)
-        indices = self.token_experts[ids.reshape(-1)].long()
+        indices = self.token_experts[token_ids].long()
         weights = scores.gather(-1, indices)
         if self.renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

@@ -543,8 +543,7 @@ def load_offloaded(
     previous = None
     for index in store.moe_layers:
         experts = moes[index].experts
-        router = moes[index].router
-        experts.link(None if router.needs_sequences and not isinstance(router, HashRouter) else router, previous)
+        experts.link(None if moes[index].router.needs_sequences else moes[index].router, previous)
         previous = experts
         if predictor is not None:
             norm = next((getattr(layers[index], n) for n in ROUTER_INPUT_NORMS if hasattr(layers[index], n)), None)

@@ -305,7 +305,7 @@ def _on_hf_router(tap: _LayerTap, router: Router):
 
     def hook(module: nn.Module, args, kwargs, output) -> None:
         inputs = [*args, *kwargs.values()]
-        ids = inputs[1].reshape(-1) if router.needs_sequences else None
+        ids = inputs[1].reshape(-1) if router.reads_token_ids else None
         with torch.no_grad():
             tap.pending = LayerRouting.from_routing(route_tokens(router, inputs[0].detach().reshape(-1, router.dim), ids))
         tap.dense_scores = None
