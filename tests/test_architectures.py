@@ -50,6 +50,7 @@ UOE = dict(moe=None, uoe=UoEConfig(attn_top_k=2, mlp_experts=4, mlp_top_k=2), n_
 ARCHS = {
     "dense": variant(moe=None, first_k_dense=0),
     "topk": variant(first_k_dense=0),
+    "hash": variant(dict(router="hash", score_func="sqrtsoftplus", route_scale=1.5), first_k_dense=0),
     "topp": variant(dict(router="topp", top_p=0.5, entropy_coef=1e-2), first_k_dense=0),
     "coe": variant(dict(chain_iterations=2, top_k=1, renormalize=False, num_shared=1), first_k_dense=0),
     "coe-reference-residual": variant(dict(chain_iterations=2, residual_from_norm=True), first_k_dense=0),
@@ -213,6 +214,9 @@ def test_overfits_a_tiny_batch_slow(name):
         (dict(moe=dict(num_experts=4, hidden_dim=8, reuse_layers=2, router="topp")), "reuse_layers > 1 .* needs router='topk'"),
         (dict(moe=dict(num_experts=4, hidden_dim=8, chain_iterations=0)), "chain_iterations must be >= 1"),
         (dict(moe=dict(num_experts=4, hidden_dim=8, latent_dim=64)), r"latent_dim must lie in \[1, dim=32\]"),
+        (dict(moe=dict(num_experts=4, hidden_dim=8, router="hash", chain_iterations=2)), "router='hash' fixes each token's experts"),
+        (dict(moe=dict(num_experts=4, hidden_dim=8, router="hash", n_group=2)), r"n_group=2 has no effect without router='topk'"),
+        (dict(moe=dict(num_experts=4, hidden_dim=8, router="hash", top_k=5)), r"top_k must lie in \[1, num_experts=4\]"),
     ],
 )
 def test_bad_configs_fail_at_config_time(change, message):
@@ -222,11 +226,22 @@ def test_bad_configs_fail_at_config_time(change, message):
         ModelConfig.from_dict(data)
 
 
+def test_a_hash_layer_needs_the_vocabulary_and_draws_distinct_experts_per_token():
+    """Outside a model the layer has no vocabulary to cover; a model's table gives each of its token
+    ids top_k distinct experts, drawn from torch's generator (the same seed, the same table)."""
+    moe = MoEConfig(dim=32, num_experts=8, hidden_dim=8, router="hash", top_k=3)
+    with pytest.raises(ValueError, match="router='hash' fixes the experts of every token id: build the layer with"):
+        build_moe(moe)
+    tables = [build("hash", seed=3).layers[0].ffn.router.token_experts for _ in range(2)]
+    assert torch.equal(*tables) and tables[0].shape == (128, 2)
+    assert (tables[0][:, 0] != tables[0][:, 1]).all() and len(tables[0].unique()) == 4
+
+
 # ----------------------------------------------------------------------------- example configs
 
 
 EXAMPLES = sorted(CONFIGS_DIR.glob("*.yaml"))
-EQUAL_COMPUTE = ["dense", "moe_top2", "coe2", "uoe", "expert_choice", "deepseek", "aux_free", "rexmoe", "mole"]
+EQUAL_COMPUTE = ["dense", "moe_top2", "coe2", "uoe", "expert_choice", "deepseek", "aux_free", "rexmoe", "mole", "hash"]
 
 
 def test_every_architecture_has_an_example_config():

@@ -814,6 +814,17 @@ def test_every_method_on_every_transformers_family(tmp_path, family):
         )
 
 
+def test_a_hash_routed_moelab_model_compresses_and_reloads(tmp_path):
+    """moelab's own hash layers (router='hash'), read through the view with their token table: REAP
+    and a merge through `compress` pass the writer's checks (each layer against the masked
+    original, the output reloaded by moelab), the written table naming the new experts."""
+    source = moelab_model(tmp_path / "src", router="hash", score_func="sqrtsoftplus")
+    for method in ("reap", "m_smoe"):
+        report = compress(source, tmp_path / method, method=method, ratio=0.5, calib_options=SMALL, quiet=True)
+        router = load_pretrained(tmp_path / method).layers[1].ffn.router
+        assert report["complete"] and router.num_experts == 4 and router.token_experts.max() == 3
+
+
 @pytest.mark.parametrize(
     "activation,bias,latent", [("gelu", True, None), ("relu2", False, None), ("swiglu", False, 16)]
 )

@@ -435,13 +435,15 @@ def _dbrx(config: Config) -> dict:
 
 
 def _native(config: Config) -> dict:
-    """moelab's own TopKRouter (softmax or sigmoid, groups, aux-loss-free bias as correction bias)."""
+    """moelab's own TopKRouter (softmax, sigmoid or sqrt-softplus, groups, aux-loss-free bias as
+    correction bias) or HashRouter (its table `token_experts`)."""
     moe = _native_config(config).moe
-    if moe.router != "topk" or moe.chain_iterations != 1 or moe.reuse_layers != 1:
+    if moe.router not in ("topk", "hash") or moe.chain_iterations != 1 or moe.reuse_layers != 1:
         raise CheckpointError(
             f"this moelab checkpoint has router={moe.router!r}, chain_iterations={moe.chain_iterations}, "
             f"reuse_layers={moe.reuse_layers}; the checkpoint view (which offloading, compression and the "
-            "writer read) covers top-k MoE layers (router='topk', no chain or reuse) only: run this model in memory"
+            "writer read) covers top-k and hash-routed MoE layers (router 'topk' or 'hash', no chain or reuse) "
+            "only: run this model in memory"
         )
     return {
         "score_func": moe.score_func,
@@ -988,7 +990,8 @@ _DEEPSEEK_BIAS = "mlp.gate.e_score_correction_bias"
 
 _NATIVE_FFN = "ffn."
 _NATIVE_ROUTER = RouterKeys(_NATIVE_FFN + "router.weight", bias=_NATIVE_FFN + "router.bias",
-                            selection_bias=_NATIVE_FFN + "router.selection_bias", optional=True)  # fmt: skip
+                            selection_bias=_NATIVE_FFN + "router.selection_bias",
+                            token_experts=_NATIVE_FFN + "router.token_experts", optional=True)  # fmt: skip
 _NATIVE_SHARED = SharedMLP(*(f"{_NATIVE_FFN}shared.{p}_proj.weight" for p in ("gate", "up", "down")),
                            sigmoid_gate=_NATIVE_FFN + "shared.gate.weight", optional_gate=True)  # fmt: skip
 _NATIVE_LATENT = LatentKeys(_NATIVE_FFN + "latent.down_proj.weight", _NATIVE_FFN + "latent.up_proj.weight")
@@ -1005,6 +1008,7 @@ NATIVE = Family(
     router_settings=_native,
     expert_settings=_native_experts,
     is_moe_layer=_native_sparse_layer,
+    hash_routed=lambda config, i: _native_config(config).moe.router == "hash",
     layer_prefix="layers.{n}.",
     num_layers=("n_layers",),
     hidden_size=("dim",),

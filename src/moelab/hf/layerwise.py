@@ -59,8 +59,11 @@ router reads besides x (`token_context`)."""
 
 def token_context(moe: MoELayer, kwargs: dict) -> dict[str, Tensor] | None:
     """What moelab's layer `moe` needs from the keyword arguments transformers' decoder layer hands
-    its MoE block: the token ids, for a hash router (DeepSeek-V4's `input_ids`); else None."""
-    return {"input_ids": kwargs.get("input_ids")} if moe.router.reads_token_ids else None
+    its MoE block: the token ids, for a hash router (transformers' DeepSeek-V4 hands them as `input_ids`,
+    moelab's own blocks in their `context`); else None."""
+    if not moe.router.reads_token_ids:
+        return None
+    return {"input_ids": kwargs.get("input_ids", (kwargs.get("context") or {}).get("input_ids"))}
 
 
 CARRIED = "prev_topk_indices"  # GLM-5's DSA: a "shared" layer reuses the top-k of the full layer before it

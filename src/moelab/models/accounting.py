@@ -14,7 +14,7 @@ Conventions:
 - non-embedding: without the vocabulary tables (token embedding and LM head, one table if tied),
   so tied and untied models report the same non-embedding counts.
 - k per MoE layer: the measured mean experts per token when given (`MoEResult.experts_per_token`),
-  else the nominal value: top_k for "topk" and the graph routers, ec_capacity_factor for
+  else the nominal value: top_k for "topk", "hash" and the graph routers, ec_capacity_factor for
   "expert_choice" (its average), and the upper bound (max_k, or E) for "topp" and "relu", whose
   k depends on the data - pass measured values for those. Capacity dropping is ignored (counts
   are before dropping).
@@ -41,6 +41,7 @@ from typing import Any
 
 from moelab.models.config import ModelConfig
 from moelab.nn import MoEConfig
+from moelab.nn.config import TOP_K_ROUTERS
 
 COMPONENTS = (
     "embedding", "lm_head", "attention", "norms", "dense_ffn", "router", "routed_experts", "shared_experts", "latent",
@@ -151,7 +152,7 @@ def param_counts(config: ModelConfig) -> dict[str, int]:
 def nominal_experts_per_token(moe: MoEConfig) -> float:
     """k a config implies (all Chain-of-Experts iterations together): top_k,
     ec_capacity_factor, or the cap of a data-dependent router."""
-    if moe.router in ("topk", "graph_sim", "graph_attn"):
+    if moe.router in TOP_K_ROUTERS:
         k = moe.top_k
     elif moe.router == "expert_choice":
         k = moe.ec_capacity_factor

@@ -47,6 +47,7 @@ class ModelConfig:
         plain top-k, DeepSeekMoE (many narrow experts + num_shared), aux-loss-free balancing
         (selection_bias, sigmoid scores, groups): router="topk" and its fields;
         dynamic top-p with its entropy loss: router="topp", entropy_coef;
+        hash layers (each token id's experts fixed by a table, DeepSeek-V4's first layers): router="hash";
         expert choice: router="expert_choice" (non-causal: needs allow_noncausal_routing);
         BlockFFN: router="relu", activation="silu", locality_coef, chunk_sparsity_coef (TLS and
             CLS come back in ModelOutput.metrics);

@@ -275,11 +275,12 @@ class Block(nn.Module):
         else:
             self.attn = Attention(config, layer_id)
             self.ffn = (
-                build_moe(config.moe, experts=experts, reuse_position=reuse_position)
+                build_moe(config.moe, experts=experts, reuse_position=reuse_position, vocab_size=config.vocab_size)
                 if kind == "moe"
                 else SwiGLU(config.dim, config.dense_hidden_dim)
             )
         self.residual_from_norm = kind == "moe" and config.moe.residual_from_norm
+        self.reads_token_ids = self.moe is not None and self.moe.router.reads_token_ids  # a hash router
 
     @property
     def moe(self) -> MoELayer | None:
@@ -309,15 +310,19 @@ class Block(nn.Module):
         mask: Tensor | None,
         *,
         infer: bool = False,
+        input_ids: Tensor | None = None,
     ) -> tuple[Tensor, MoEResult | None, MoEResult | None]:
         """x: [B, S, D] -> ([B, S, D], the FFN's MoEResult or None, the attention's or None).
-        infer: the decode path, the routed FFN through `infer` and no MoEResults."""
+        infer: the decode path, the routed FFN through `infer` and no MoEResults; input_ids: [B, S]
+        the tokens' ids, which a hash router reads."""
         attn_result = None
         if self.kind == "uoe":
             a, attn_result = self.attn(self.attn_norm(x), cos, sin)
             context = {}
         else:
             a, context = self.attn(self.attn_norm(x), cos, sin, kv_cache, start_pos, mask)
+        if self.reads_token_ids:
+            context = {**context, "input_ids": input_ids}
         x = x + a
         h = self.ffn_norm(x)
         if isinstance(self.ffn, SwiGLU):
@@ -429,7 +434,7 @@ class MoETransformer(nn.Module):
         x = self.embed(input_ids)
         moe_results, attn_results = {}, {}
         for i, layer in enumerate(self.layers):
-            x, result, attn_result = layer(x, *positions)
+            x, result, attn_result = layer(x, *positions, input_ids=input_ids)
             if result is not None:
                 moe_results[i] = result
             if attn_result is not None:
@@ -464,7 +469,7 @@ class MoETransformer(nn.Module):
         positions = self._rope_and_mask(input_ids.shape[1], kv_cache, start_pos, pads)
         x = self.embed(input_ids)
         for layer in self.layers:
-            x = layer(x, *positions, infer=True)[0]
+            x = layer(x, *positions, infer=True, input_ids=input_ids)[0]
         return self.lm_head(self.norm(x[:, -1]))
 
     def _compiled_step(self) -> _CompiledStep:

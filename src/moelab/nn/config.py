@@ -16,6 +16,7 @@ from moelab.nn.rexmoe import ReuseRouter
 from moelab.nn.routers import (
     SCORE_FUNCS,
     ExpertChoiceRouter,
+    HashRouter,
     ReLURouter,
     TopKRouter,
     TopPRouter,
@@ -24,8 +25,8 @@ from moelab.nn.routers import (
 )
 from moelab.validation import check_choice, check_field_types, check_known_fields
 
-ROUTERS = ("topk", "topp", "expert_choice", "relu", "graph_sim", "graph_attn")
-TOP_K_ROUTERS = ("topk", "graph_sim", "graph_attn")
+ROUTERS = ("topk", "topp", "expert_choice", "relu", "graph_sim", "graph_attn", "hash")
+TOP_K_ROUTERS = ("topk", "graph_sim", "graph_attn", "hash")
 EXPERT_ACTIVATIONS = ("swiglu", *ACTIVATIONS)
 
 
@@ -36,9 +37,13 @@ class MoEConfig:
     dim: model width D. num_experts: routed experts E. hidden_dim: each expert's width I.
     router: "topk" (token choice), "topp" (dynamic top-p), "expert_choice", "relu" (BlockFFN),
         "graph_sim" / "graph_attn" (similarity- / attention-aware graph-of-tokens routing,
-        `moelab.nn.graph_routing`; they see the sequence, so they need input [B, S, D]).
-    top_k: experts per token for "topk" and the graph routers.
-    score_func, renormalize, route_scale, n_group, topk_group: top-k scoring (see TopKRouter).
+        `moelab.nn.graph_routing`; they see the sequence, so they need input [B, S, D]), "hash"
+        (Roller et al.'s hash layers, DeepSeek-V4's first layers: each token id's experts fixed by a
+        random table, the gate only weighing them, `HashRouter`; the layer needs the token ids in
+        its context, and the table the model's vocabulary: built by `moelab.models`).
+    top_k: experts per token for "topk", "hash" and the graph routers.
+    score_func, renormalize, route_scale: top-k scoring ("topk", "hash"); n_group, topk_group:
+        "topk"'s expert groups (see TopKRouter).
         renormalize defaults to True for "topk" (Mixtral, Qwen3) and False for "topp" (the
         paper's raw probabilities). With top_k=1 it makes every weight 1, so the router learns from
         the auxiliary losses alone; Switch-style top-1 layers set renormalize=False.
@@ -159,6 +164,11 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.latent_dim must lie in [1, dim={self.dim}] or be None, got {self.latent_dim}")
         if self.reuse_layers > 1 and (self.router != "topk" or self.n_group > 1):
             raise ValueError("MoEConfig.reuse_layers > 1 (ReXMoE) needs router='topk' without expert groups (n_group=1)")
+        if self.router == "hash" and self.chain_iterations > 1:
+            raise ValueError(
+                "MoEConfig.router='hash' fixes each token's experts, so Chain-of-Experts' iterations (chain_iterations > 1) "
+                "would route each token to the same experts again; use router='topk' for a chain"
+            )
         self._check_read_fields()
 
     def _check_read_fields(self) -> None:
@@ -169,10 +179,11 @@ class MoEConfig:
         read_where = {
             "top_k": ("router 'topk' or a graph router: top-p, ReLU and expert choice set their own k",
                       self.router in TOP_K_ROUTERS),
-            **dict.fromkeys(("score_func", "route_scale", "n_group"), ("router='topk'", topk)),
+            **dict.fromkeys(("score_func", "route_scale"), ("router 'topk' or 'hash'", topk or self.router == "hash")),
+            "n_group": ("router='topk'", topk),
             "topk_group": ("router='topk' with expert groups, n_group > 1", topk and self.n_group > 1),
             "sparsity_window": ("a router of variable k: 'topp', 'relu' or 'expert_choice'", variable_k),
-            "renormalize": ("router 'topk', 'topp' or a graph router", topk or graph or self.router == "topp"),
+            "renormalize": ("router 'topk', 'topp', 'hash' or a graph router", topk or graph or self.router in ("topp", "hash")),
             "top_p": ("router='topp'", self.router == "topp"),
             "max_k": ("router='topp'", self.router == "topp"),
             "ec_capacity_factor": ("router='expert_choice'", self.router == "expert_choice"),
@@ -216,9 +227,21 @@ class MoEConfig:
 RENAMED_FIELDS = {"aux_free_bias": "selection_bias", "expert_bias": "expert_mlp_bias"}
 
 
-def build_router(cfg: MoEConfig, reuse_position: int = 0):
-    """The router of a config; reuse_position: a ReXMoE layer's place in its group."""
+def build_router(cfg: MoEConfig, reuse_position: int = 0, vocab_size: int | None = None):
+    """The router of a config; reuse_position: a ReXMoE layer's place in its group; vocab_size: the
+    model's vocabulary, which a hash router's table covers."""
     common = {"bias": cfg.router_bias}
+    if cfg.router == "hash":
+        if vocab_size is None:
+            raise ValueError(
+                "router='hash' fixes the experts of every token id: build the layer with the model's vocab_size "
+                "(build_moe(cfg, vocab_size=...); a ModelConfig passes its own)"
+            )
+        renormalize = True if cfg.renormalize is None else cfg.renormalize
+        return HashRouter(
+            cfg.dim, cfg.num_experts, vocab_size, cfg.top_k, score_func=cfg.score_func, renormalize=renormalize,
+            route_scale=cfg.route_scale, **common,
+        )  # fmt: skip
     if cfg.router == "topk":
         topk = dict(
             score_func=cfg.score_func,
@@ -260,10 +283,13 @@ def build_experts(cfg: MoEConfig, num_experts: int | None = None) -> Experts:
     )
 
 
-def build_moe(cfg: MoEConfig, *, experts: Experts | None = None, reuse_position: int = 0) -> MoELayer | ChainOfExperts:
+def build_moe(
+    cfg: MoEConfig, *, experts: Experts | None = None, reuse_position: int = 0, vocab_size: int | None = None
+) -> MoELayer | ChainOfExperts:
     """Build the layer a config describes: an `MoELayer`, or a `ChainOfExperts` around one when
     chain_iterations > 1. experts: a pool shared with other layers (ReXMoE, see `moelab.models`),
-    of which this layer sits at `reuse_position` of its group."""
+    of which this layer sits at `reuse_position` of its group; vocab_size: the model's vocabulary
+    (router="hash")."""
     if experts is None:
         experts = build_experts(cfg, cfg.num_router_experts)
     shared = None
@@ -271,7 +297,7 @@ def build_moe(cfg: MoEConfig, *, experts: Experts | None = None, reuse_position:
         width = cfg.shared_hidden_dim or cfg.num_shared * cfg.hidden_dim
         shared = SharedExperts(cfg.dim, width, gated=cfg.shared_gate)
     layer = MoELayer(
-        build_router(cfg, reuse_position),
+        build_router(cfg, reuse_position, vocab_size),
         experts,
         shared,
         capacity_factor=cfg.capacity_factor,

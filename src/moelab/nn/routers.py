@@ -345,7 +345,9 @@ class HashRouter(Router):
         self.score_func = score_func
         self.renormalize = renormalize
         self.route_scale = route_scale
-        self.register_buffer("token_experts", torch.arange(vocab_size * top_k).view(vocab_size, top_k) % num_experts)
+        # a random table of K distinct experts per token id (Roller et al.'s random hash), drawn from torch's
+        # generator as the weights are; a checkpoint's table replaces it
+        self.register_buffer("token_experts", torch.rand(vocab_size, num_experts).argsort(-1)[:, :top_k].contiguous())
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
         if token_ids is None or token_ids.shape != x.shape[:1]:
