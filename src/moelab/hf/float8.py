@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from moelab.hf.checkpoint import DTYPES, Checkpoint, CheckpointError
-from moelab.hf.mxfp4 import e2m1_values
+from moelab.hf.mxfp4 import e2m1_values, quantized_mxfp4
 from moelab.hf.quantized import DequantizedCheckpoint
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -209,6 +209,42 @@ def quantize(
     scales = torch.where(amax > 0, amax / top, torch.ones(()))
     q = (blocks / scales[:, None, :, None]).clamp(-top, top).reshape(rows * bo, cols * bi)[:O, :I]
     return q.to(dtype), scales
+
+
+FP4_GROUP = 32  # DeepSeek-V4's FP4 experts: one scale per row per 32 columns
+
+
+def quantize_fp4(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [O, I] (I a multiple of FP4_GROUP) -> (packed int8 [O, I / 2], ue8m0 exponents uint8
+    [O, I / 32]) as DeepSeek-V4 stores its FP4 experts (`dequantized` reads them back with block
+    (1, 32)): each row's groups of 32 columns scaled by the smallest power of two 2 ** (b - 127)
+    that brings the group's largest |entry| within 6 (e2m1's largest; an all-zero group: 2 ** -127),
+    every entry then the nearest e2m1 value, a tie to the smaller magnitude (0.25 -> 0, 0.75 -> 0.5,
+    5 -> 4, ...), the sign bit set on every negative entry (one that rounds to zero is -0), two codes
+    a byte, the low nibble first. These are GPT-OSS's MXFP4 groups of the transposed weight:
+    `quantized_mxfp4(w.T)`, its [O, I / 32, 16] bytes read as rows of I / 2."""
+    O, I = w.shape
+    if I % FP4_GROUP:
+        raise ValueError(f"an FP4 weight's input dim is whole groups of {FP4_GROUP}; got {list(w.shape)}")
+    blocks, exponents = quantized_mxfp4(w.T)
+    return blocks.reshape(O, I // 2).view(torch.int8), exponents
+
+
+def fp4_scales(exponents: Tensor, dtype: torch.dtype) -> Tensor:
+    """ue8m0 exponents (uint8 b: 2 ** (b - 127)) stored as `dtype`: uint8 as they are,
+    float8_e8m0fnu (the same bytes), or a float dtype's 2 ** (b - 127); a ValueError where the float
+    dtype does not hold every such power of two exactly (float16's range)."""
+    if dtype == torch.uint8:
+        return exponents
+    if dtype == torch.float8_e8m0fnu:
+        return exponents.view(torch.float8_e8m0fnu)
+    if not dtype.is_floating_point or dtype in FLOAT8:
+        raise ValueError(f"FP4 scales are stored as uint8, float8_e8m0fnu or a float dtype, not {dtype}")
+    powers = torch.exp2(exponents.float() - 127)
+    scales = powers.to(dtype)
+    if not torch.equal(scales.float(), powers):
+        raise ValueError(f"{dtype} cannot hold every FP4 scale exactly (powers of two, 2 ** -127 to 2 ** 127)")
+    return scales
 
 
 class Float8Checkpoint(DequantizedCheckpoint):

@@ -1,8 +1,8 @@
 """Writing an edited layer's experts in a quantized source's own format (`keep_quantized` of
 `moelab.hf.writer`; `moelab compress --keep-quantized`).
 
-Float8 sources (`moelab.hf.float8`) whose experts are modules of their own, and GPT-OSS's MXFP4
-(`moelab.hf.mxfp4`): a kept expert is the source's stored bytes (weights, scales, activation
+Float8 sources (`moelab.hf.float8`) whose experts are modules of their own (DeepSeek-V4's FP4
+experts among them), and GPT-OSS's MXFP4 (`moelab.hf.mxfp4`): a kept expert is the source's stored bytes (weights, scales, activation
 scales) under its new number; a merged or narrowed one is quantized as the source quantizes, and
 the layer the writer checks gets the dequantized values of what is written. `check_keep_quantized`
 refuses what cannot be written so before anything is calibrated and gives the width granularity
@@ -23,7 +23,15 @@ from torch import Tensor
 from moelab.hf.adapters import resolve
 from moelab.hf.checkpoint import DTYPES, Checkpoint
 from moelab.hf.edit import LayerEdit
-from moelab.hf.float8 import ACTIVATION_SCALES, Float8Checkpoint, dequantized, quantize
+from moelab.hf.float8 import (
+    ACTIVATION_SCALES,
+    FP4_GROUP,
+    Float8Checkpoint,
+    dequantized,
+    fp4_scales,
+    quantize,
+    quantize_fp4,
+)
 from moelab.hf.layouts import Family, PerExpert, TransposedGateUp
 from moelab.hf.mxfp4 import BLOCKS, GROUP_BYTES, SCALES, Mxfp4Checkpoint, dequantized_mxfp4, quantized_mxfp4
 from moelab.hf.postconditions import postcondition_error
@@ -51,7 +59,8 @@ def _width_align(ckpt: Float8Checkpoint | Mxfp4Checkpoint, family: Family, layer
     """The multiple a narrowed expert width must be for the quantized output to store it as the
     source does: an MXFP4 group (32: down_proj's input dim), or the float8 blocks along the width
     (gate and up rows, down columns) where the source's experts are whole blocks of a fixed size
-    (1 where a block follows the weight's shape: per-tensor and per-channel scales), in every layer
+    (1 where a block follows the weight's shape: per-tensor and per-channel scales), or FP4's block
+    read off its scales (DeepSeek-V4's: 32 down columns), in every layer
     of `layers` (one width for all)."""
     if not layers:
         return 1
@@ -61,9 +70,12 @@ def _width_align(ckpt: Float8Checkpoint | Mxfp4Checkpoint, family: Family, layer
     for index in layers:
         prefix = family.prefix(index)
         for part in family.layout_of(ckpt, index).experts.parts(ckpt, prefix, 0):
+            dim = -1 if part.part == "down" else -2  # where the expert's width lies in this weight
+            if ckpt.is_fp4(part.name):  # DeepSeek-V4's FP4: the block read off its scales (down: 32 columns)
+                align = math.lcm(align, ckpt.block(part.name)[dim])
+                continue
             if not ckpt.is_float8(part.name):
                 continue
-            dim = -1 if part.part == "down" else -2  # where the expert's width lies in this weight
             shape = ckpt.entry(part.name)[1]
             probe = list(shape)
             probe[dim] += 1
@@ -75,8 +87,8 @@ def _width_align(ckpt: Float8Checkpoint | Mxfp4Checkpoint, family: Family, layer
 
 def check_quantized_output(ckpt: Checkpoint, family: Family, edits: Iterable[int]) -> None:
     """keep_quantized needs a quantized source whose edited layers (`edits`: their indices) store
-    their experts as its releases do: float8 ones as modules of their own, with a router that is not
-    float8; MXFP4 ones (GPT-OSS) stacked and transposed, both projections MXFP4."""
+    their experts as its releases do: float8 (or DeepSeek-V4's FP4) ones as modules of their own,
+    with a router that is not quantized; MXFP4 ones (GPT-OSS) stacked and transposed, both projections MXFP4."""
     if not isinstance(ckpt, Float8Checkpoint | Mxfp4Checkpoint):
         raise ValueError(
             f"keep_quantized writes a quantized checkpoint (FP8, MXFP4) in its own format, but {ckpt.directory} is not "
@@ -99,11 +111,6 @@ def check_quantized_output(ckpt: Checkpoint, family: Family, edits: Iterable[int
                 f"keep_quantized: layer {index} of {ckpt.directory} stores its experts stacked "
                 f"({type(layout.experts).__name__}); moelab writes float8 experts stored one module each (as the "
                 "FP8 releases store them). Write plain weights (without keep_quantized)"
-            )
-        if fp4 := [p.name for p in layout.experts.parts(ckpt, prefix, 0) if ckpt.is_fp4(p.name)]:
-            raise ValueError(
-                f"keep_quantized: layer {index}'s experts are packed FP4 ({fp4[0]}: DeepSeek-V4's expert_dtype 'fp4'); "
-                "moelab writes float8 experts back, not FP4 ones. Write plain weights (without keep_quantized)"
             )
         if ckpt.is_quantized(prefix + layout.router.weight):
             raise ValueError(
@@ -199,7 +206,8 @@ def _float8_experts(
     """The edited layer's experts as the float8 source stores them, and the layer a reader of them
     gets. A kept expert (one source, tensors unchanged) is the source's bytes, scales and
     activation scales under its new name; any other weight (merged, narrowed) is quantized in the
-    source's blocks (`_requantized`), and the layer gets its dequantized values."""
+    source's blocks (`_requantized`; FP4 ones as DeepSeek-V4's, `_requantized_fp4`), and the layer
+    gets its dequantized values."""
     values = {name: getattr(edited.experts, name).clone() for name in ("gate", "up", "down")
               if getattr(edited.experts, name) is not None}  # fmt: skip
     stored: dict[str, Tensor | RawTensor] = {}
@@ -207,7 +215,7 @@ def _float8_experts(
         members = [layout.parts(ckpt, prefix, e) for e in group]  # each source expert's parts
         for i, part in enumerate(layout.parts(ckpt, prefix, j)):
             source, value = members[0][i].name, values[part.part][j]
-            if not ckpt.is_float8(source):
+            if not ckpt.is_quantized(source):
                 continue  # a plain weight: written as encoded
             if len(group) == 1 and (
                 edit.view is None
@@ -218,9 +226,13 @@ def _float8_experts(
                     module + relative: ckpt.raw(name) for name, relative in ckpt.companions(source).items()
                 }
                 continue
-            new, scale = _requantized(ckpt, part.name, value, [m[i].name for m in members])
+            if ckpt.is_fp4(source):
+                new, scale = _requantized_fp4(ckpt, part.name, value, source)
+                block = ckpt.block(source)
+            else:
+                new, scale = _requantized(ckpt, part.name, value, [m[i].name for m in members])
+                block = ckpt.scheme.block(tuple(value.shape))
             stored |= new
-            block = ckpt.scheme.block(tuple(value.shape))
             values[part.part][j] = dequantized(new[part.name], new[scale], block, ckpt.dtype)
     experts = dataclasses.replace(edited.experts, **values)
     return dataclasses.replace(edited, experts=experts), stored
@@ -262,3 +274,35 @@ def _requantized(
             [ckpt.stored_value(s.removesuffix("weight") + relative) for s in sources]
         ).amax(dim=0)
     return out, name + suffix
+
+
+def _requantized_fp4(ckpt: Float8Checkpoint, name: str, value: Tensor, source: str) -> tuple[dict[str, Tensor], str]:
+    """New FP4 weight `name` holding `value`, packed as DeepSeek-V4's experts (`quantize_fp4`: one
+    power-of-two scale per row per 32 columns) with its scale under the name and in the dtype of
+    source weight `source`'s (`<module>.scale`: float8_e8m0fnu, ue8m0 bytes or float); and the
+    name of its scale."""
+    scale, block, module = ckpt.scale_of(source), ckpt.block(source), name.removesuffix("weight")
+    if other := [n for n, rel in ckpt.companions(source).items() if n not in (source, scale)]:
+        raise ValueError(
+            f"keep_quantized: {name} is a new expert weight, and moelab does not make its {other[0]}; write plain "
+            "weights (without keep_quantized)"
+        )
+    if block != (1, FP4_GROUP):
+        raise ValueError(
+            f"keep_quantized: {name} is a new expert weight, but the source's FP4 scales each cover {block[0]} x "
+            f"{block[1]}; moelab quantizes new FP4 weights with one scale per row per {FP4_GROUP} columns "
+            "(DeepSeek-V4's). Write plain weights (without keep_quantized)"
+        )
+    if value.shape[-1] % FP4_GROUP:
+        raise ValueError(
+            f"keep_quantized: {name} is {list(value.shape)}, its input dim not whole FP4 groups of {FP4_GROUP} (one "
+            f"scale per row per {FP4_GROUP} columns); narrow to a multiple of {FP4_GROUP}, or write plain weights "
+            "(without keep_quantized)"
+        )
+    packed, exponents = quantize_fp4(value)
+    relative = scale.removeprefix(source.removesuffix("weight"))
+    try:
+        scales = fp4_scales(exponents, DTYPES[ckpt.raw(scale).dtype])
+    except ValueError as err:
+        raise ValueError(f"keep_quantized: {name}'s new scales: {err}; write plain weights") from err
+    return {name: packed, module + relative: scales}, module + relative
