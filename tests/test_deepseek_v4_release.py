@@ -6,7 +6,9 @@ layer's view, the layer-by-layer run, REAP through `compress` and offloaded deco
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -19,12 +21,13 @@ from test_deepseek_v4 import _as_released
 from test_layerwise import assert_layers_are_transformers
 from transformers import PreTrainedTokenizerFast
 
-from moelab.compress import compress
+from moelab.compress import calibrate, compress
 from moelab.hf import CheckpointError, LayerEdit, open_checkpoint, write_checkpoint
 from moelab.hf.adapters import resolve
 from moelab.hf.dequantize import dequantize_checkpoint
 from moelab.hf.edit import moe_output
-from moelab.hf.float8 import Float8Checkpoint, dequantized
+from moelab.hf.float8 import Float8Checkpoint, dequantized, fp4_scales, quantize_fp4
+from moelab.hf.requantize import check_keep_quantized, quantized_experts
 from moelab.offload import load_offloaded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -143,16 +146,213 @@ def test_dequantize_writes_what_transformers_dequantizes(releases, tmp_path):
         torch.testing.assert_close(load(tmp_path / "plain")(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_keep_quantized_refuses_fp4_experts_before_any_work(releases, tmp_path):
-    """keep_quantized cannot write FP4 experts back: refused, by the writer and by `compress` before
-    it calibrates, naming the fix."""
-    path, _, _ = releases("e8m0")
-    with pytest.raises(ValueError, match="FP4"):
-        write_checkpoint(path, tmp_path / "out", {i: LayerEdit.keep([0, 1, 2, 3]) for i in (0, 1)}, keep_quantized=True, quiet=True)
+MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # e2m1's, codes 0-7; the sign is bit 3
+
+
+def naive_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference for `quantize_fp4`, one value at a time in Python floats: per row per 32 columns
+    the exponent e of the smallest power of two with amax / 2 ** e <= 6 (from 2 ** -127 up), each
+    value the nearest e2m1 magnitude of |w| / 2 ** e, a tie to the smaller one, the sign bit set
+    where w < 0 (so a small negative value is -0, code 8); codes packed two a byte, low nibble first.
+    Returns (packed uint8 [O, I / 2], exponents + 127 uint8 [O, I / 32])."""
+    O, I = w.shape
+    codes, exponents = [[0] * I for _ in range(O)], [[0] * (I // 32) for _ in range(O)]
+    for i in range(O):
+        for g in range(I // 32):
+            group = [float(v) for v in w[i, 32 * g : 32 * (g + 1)]]
+            e = -127
+            while max(abs(v) for v in group) > 6 * 2.0**e:
+                e += 1
+            exponents[i][g] = e + 127
+            for k, v in enumerate(group):
+                x = abs(v) / 2.0**e
+                code = min(range(8), key=lambda c: (abs(x - MAGNITUDES[c]), c))
+                codes[i][32 * g + k] = code | (8 if v < 0 else 0)
+    packed = [[codes[i][2 * b] | codes[i][2 * b + 1] << 4 for b in range(I // 2)] for i in range(O)]
+    return torch.tensor(packed, dtype=torch.uint8), torch.tensor(exponents, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_quantize_fp4_is_the_per_value_reference(seed):
+    """`quantize_fp4` (GPT-OSS's MXFP4 quantizer on the transposed weight) gives `naive_fp4`'s bytes
+    and exponents: random rows over a wide range of magnitudes; a row of exact ties (0.25, 0.75, ...,
+    5 times the scale, both signs), one whose amax is exactly 6 times a power of two and one just
+    above it, an all-zero group, and tiny negative values (-0); and each scale dtype a release stores
+    holds 2 ** (b - 127) exactly (float16 refused)."""
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 64, generator=generator) * torch.exp2(torch.randint(-30, 30, (8, 1), generator=generator).float())
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])
+    w[0] = torch.cat([ties, -ties, ties / 2, -ties / 4] * 2) * 2.0 ** (seed - 3)
+    w[1, :32] = torch.linspace(-6, 6, 32) * 2.0**-5  # amax exactly 6 * 2 ** -5: the scale 2 ** -5
+    w[1, 32:] = torch.linspace(-1, 1, 32) * torch.nextafter(torch.tensor(6.0), torch.tensor(7.0))
+    w[2, :32] = 0
+    w[2, 32:] = torch.randn(32, generator=generator).abs() * -1e-3
+    w[2, 32] = 5.0
+    packed, exponents = quantize_fp4(w)
+    want_packed, want_exponents = naive_fp4(w)
+    assert packed.dtype == torch.int8 and packed.shape == (8, 32) and exponents.shape == (8, 2)
+    assert torch.equal(exponents, want_exponents)
+    assert torch.equal(packed.view(torch.uint8), want_packed)
+    assert exponents[1].tolist() == [127 - 5, 127 + 1] and exponents[2, 0] == 0  # 6 * 2 ** -5; just above 6; zeros
+    back = dequantized(packed, exponents, (1, 32))
+    assert ((back - w).abs() <= torch.exp2(exponents.float() - 127).repeat_interleave(32, 1)).all()  # half of e2m1's widest step, 4 to 6
+    for dtype in (torch.uint8, torch.float8_e8m0fnu, torch.float32, torch.bfloat16):
+        scales = fp4_scales(exponents, dtype)
+        assert scales.dtype == dtype and torch.equal(dequantized(packed, scales, (1, 32)), back), dtype
+    with pytest.raises(ValueError, match="cannot hold every FP4 scale"):
+        fp4_scales(torch.tensor([[0, 127]], dtype=torch.uint8), torch.float16)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _expert_map(out) -> dict[int, list[list[int]]]:
+    layers = json.loads((out / "moelab_expert_map.json").read_text())["layers"]
+    return {int(i): layer["sources"] for i, layer in layers.items()}
+
+
+def _source_name(key: str, sources: dict[int, list[list[int]]]) -> tuple[str, list[int]]:
+    """A written tensor's name in the source: an expert's (`layers.N.ffn.experts.J.*`) is named
+    after its new expert's first source; with the new expert's sources ([] for other tensors)."""
+    if match := re.fullmatch(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(.+)", key):
+        layer, j, rest = int(match[1]), int(match[2]), match[3]
+        group = sources[layer][j]
+        return f"layers.{layer}.ffn.experts.{group[0]}.{rest}", group
+    return key, []
+
+
+def _transformers_blocks_are(model, expected, seed: int = 4) -> None:
+    """transformers' MoE block of each layer of `model` computes, on random tokens, what
+    expected(index, x [T, D], ids [T]) gives (float64)."""
+    generator = torch.Generator().manual_seed(seed)
+    for index in (0, 1):
+        x, ids = torch.randn(2, 7, D, generator=generator), torch.randint(0, 8192, (2, 7), generator=generator)
+        want = expected(index, x.reshape(-1, D), ids.reshape(-1)).float().view_as(x)
+        torch.testing.assert_close(_block(model, index, x, ids), want, atol=1e-5, rtol=1e-5, msg=f"layer {index}")
+
+
+ROUTERS = {f"layers.{i}.ffn.gate.{name}" for i in (0, 1) for name in ("weight", "bias", "tid2eid")}
+
+
+@pytest.mark.parametrize("scales", ["e8m0", "bytes", "float"])
+def test_reap_with_keep_quantized_copies_the_kept_fp4_experts(releases, scales, tmp_path):
+    """REAP through `compress` with keep_quantized: each kept expert's FP4 weights and scales are the
+    source's bytes (its scale dtype: float8_e8m0fnu, ue8m0 bytes or float32) under its new number,
+    every other tensor but the routers' (FP8 weights and their scales, shared experts, norms) is
+    copied byte for byte; config.json keeps quantization_config and expert_dtype; the writer's
+    checks and transformers' strict reload ran, and transformers' MoE blocks of the output are the
+    source's with the dropped experts masked out of routing."""
+    path, stored, _ = releases(scales)
+    out = tmp_path / "out"
+    report = compress(path, out, method="reap", ratio=0.5, calib_options=SMALL, keep_quantized=True, quiet=True)
+    assert report["complete"] and report["keep_quantized"] and report["reload_checked"]
+    config, source_config = (json.loads((p / "config.json").read_text()) for p in (out, path))
+    assert config["quantization_config"] == source_config["quantization_config"] and config["expert_dtype"] == "fp4"
+    sources = _expert_map(out)
+    assert all(len(group) == 1 for groups in sources.values() for group in groups)
+    written = load_file(out / "model.safetensors")
+    experts = [k for k in written if ".ffn.experts." in k]
+    assert len(experts) == 2 * 4 * 3 * 2  # layers, experts kept, w1/w2/w3, weight and scale
+    assert {written[k].dtype for k in experts if k.endswith(".weight")} == {torch.int8}
+    assert {written[k].dtype for k in experts if k.endswith(".scale")} == {stored[EXPERT.removesuffix("weight") + "scale"].dtype}
+    for key, value in written.items():
+        if key not in ROUTERS:
+            original, _ = _source_name(key, sources)
+            assert value.dtype == stored[original].dtype and torch.equal(_bytes(value), _bytes(stored[original])), key
+    with open_checkpoint(path) as view:
+        layers = [view.layer(i) for i in (0, 1)]
+    kept = {i: [group[0] for group in sources[i]] for i in (0, 1)}
+    _transformers_blocks_are(load(out), lambda i, x, ids: moe_output(layers[i], x, kept[i], ids))
+
+
+@pytest.mark.parametrize("scales", ["e8m0", "bytes", "float"])
+def test_merging_with_keep_quantized_quantizes_the_new_fp4_experts(releases, scales, tmp_path):
+    """HC-SMoE with keep_quantized and without, from the same statistics: a merged expert's FP4
+    weight reads as DeepSeek's FP4 of the plain output's (quantized_tiny's `fp4_quantized` with
+    power-of-two scales, a quantizer of its own), its scales those powers of two in the source's
+    scale dtype; an expert kept alone is the source's bytes; the FP8 weights are the source's.
+    transformers reloads the output (strictly, in the writer) and its MoE blocks compute what
+    moelab reads of it, its logits those of moelab's dequantized copy."""
+    path, stored, _ = releases(scales)
+    stats = calibrate(path, tmp_path / "stats", options=SMALL, quiet=True).directory
+    out, plain = tmp_path / "kept", tmp_path / "plain"
+    compress(path, out, method="hc_smoe", ratio=0.5, stats=stats, keep_quantized=True, quiet=True)
+    compress(path, plain, method="hc_smoe", ratio=0.5, stats=stats, quiet=True)
+    sources = _expert_map(out)
+    assert sources == _expert_map(plain) and any(len(g) > 1 for groups in sources.values() for g in groups)
+    written, plain_tensors = load_file(out / "model.safetensors"), load_file(plain / "model.safetensors")
+    scale_dtype = stored[EXPERT.removesuffix("weight") + "scale"].dtype
+    merged = 0
+    for key, value in written.items():
+        original, group = _source_name(key, sources)
+        if len(group) < 2:
+            if key not in ROUTERS:  # kept experts, their scales and every other tensor: the source's bytes
+                assert value.dtype == stored[original].dtype and torch.equal(_bytes(value), _bytes(stored[original])), key
+            continue
+        if key.endswith(".scale"):
+            continue  # with its weight
+        scale = written[key.removesuffix("weight") + "scale"]
+        want, want_scales = fp4_quantized(plain_tensors[key], ue8m0=True)
+        assert value.dtype == torch.int8 and scale.dtype == scale_dtype, key
+        assert torch.equal(dequantized(value, scale, (1, 32)), deepseek_v4_fp4(want, want_scales)), key
+        assert torch.equal(scale.float() if scale_dtype != torch.uint8 else (scale.float() - 127).exp2(), want_scales), key
+        merged += 1
+    assert merged and merged % 3 == 0
+    model = load(out)
+    with open_checkpoint(out) as view:
+        layers = [view.layer(i) for i in (0, 1)]
+    _transformers_blocks_are(model, lambda i, x, ids: moe_output(layers[i], x, ids=ids))
+    dequantize_checkpoint(out, tmp_path / "dequantized", dtype=torch.float32, quiet=True)
+    ids = torch.randint(0, 8192, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, load(tmp_path / "dequantized")(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_heapr_with_keep_quantized_zeroes_fp4_neurons_and_a_narrower_width_is_refused(releases, tmp_path):
+    """DeepSeek-V4's shared experts take their width from the routed ones', so HEAPr zeroes neurons
+    at full width (layout 'padded'): with keep_quantized the requantized experts hold exact FP4 zeros
+    there and the writer's checks pass. A width that is not whole FP4 groups of 32 (w2's columns
+    share a scale per 32) is one keep_quantized narrows to (check_keep_quantized: 32), and an edit
+    narrowing the experts to 16 is refused (by the writer, as DeepSeek-V4's shared experts cannot
+    follow; by the FP4 writing itself, naming the way out); nothing is written."""
+    path, stored, _ = releases("e8m0")
+    assert check_keep_quantized(path) == 32
+    options = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",))
+    report = compress(path, tmp_path / "heapr", method="heapr", ratio=0.5, calib_options=options, keep_quantized=True, quiet=True)
+    written = load_file(tmp_path / "heapr" / "model.safetensors")
+    assert report["complete"] and written[EXPERT].dtype == torch.int8 and written[EXPERT].shape == stored[EXPERT].shape
+    with open_checkpoint(tmp_path / "heapr") as view:
+        down = view.layer(1).experts.down  # [E, D, I]
+    zeroed = (down == 0).all(dim=1)
+    assert zeroed.any() and not zeroed.all()
+    narrow = lambda t, dim: t.narrow(dim, 0, 16)  # noqa: E731
+    edits = {}
+    with open_checkpoint(path) as view:
+        for index in (0, 1):
+            layer = view.layer(index)
+            experts = dataclasses.replace(layer.experts, gate=narrow(layer.experts.gate, 1), up=narrow(layer.experts.up, 1),
+                                          down=narrow(layer.experts.down, 2))  # fmt: skip
+            all_experts = tuple((e,) for e in range(layer.router.num_experts))
+            edits[index] = LayerEdit(all_experts, view=dataclasses.replace(layer, experts=experts))
+    with pytest.raises(ValueError, match=r"shared experts take their width .* cannot get narrower \(32 -> 16\)"):
+        write_checkpoint(path, tmp_path / "narrow", edits, keep_quantized=True, quiet=True)
+    assert not (tmp_path / "narrow").exists()
+    _, ckpt, family = resolve(path)  # the FP4 writing itself, were a family's width its routed experts' own
+    with ckpt, pytest.raises(ValueError, match=r"w2.weight is \[\d+, 16\], its input dim not whole FP4 groups of 32.*multiple of 32"):
+        quantized_experts(ckpt, family.layout_of(ckpt, 1).experts, family.prefix(1), edits[1].view, edits[1])
+
+
+def test_keep_quantized_checks_no_fp4_expert_was_left_plain(releases, tmp_path, monkeypatch):
+    """The postcondition against a quantizer that silently skips experts holds for FP4 experts:
+    written plain, the write fails naming them."""
+    import moelab.hf.writer as writer
+
+    monkeypatch.setattr(writer, "quantized_experts", lambda ckpt, layout, prefix, edited, edit: (edited, {}))
+    with pytest.raises(CheckpointError, match=r"layer 0's expert weights layers.0.ffn.experts.0.w1.weight.* are stored plain"):
+        write_checkpoint(releases("e8m0")[0], tmp_path / "out", {i: LayerEdit.keep([1, 2, 4, 6]) for i in (0, 1)},
+                         keep_quantized=True, quiet=True)  # fmt: skip
     assert not (tmp_path / "out").exists()
-    with pytest.raises(ValueError, match="FP4"):  # compress refuses before it calibrates
-        compress(path, tmp_path / "c", method="reap", ratio=0.5, calib_options=SMALL, keep_quantized=True, quiet=True)
-    assert not (tmp_path / "c").exists()
 
 
 def _edited(path, tmp_path, edit) -> None:
