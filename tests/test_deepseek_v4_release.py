@@ -2,7 +2,8 @@
 `<module>.scale` (ue8m0 or float32), FP4-packed routed experts (`expert_dtype: "fp4"`), the
 compressor's and indexer's unscaled projections; read as plain weights (`Float8Checkpoint`) and
 checked against what transformers computes after its own dequantization on the CPU: each MoE
-layer's view, the layer-by-layer run, REAP through `compress` and offloaded decoding."""
+layer's view, the layer-by-layer run, REAP through `compress` and offloaded decoding; and written
+back with keep_quantized (FP4 experts kept as FP4, new ones quantized by `quantize_fp4`)."""
 
 from __future__ import annotations
 

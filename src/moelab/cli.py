@@ -635,7 +635,7 @@ def compress(
     recalibrate_router: Annotated[int, typer.Option("--recalibrate-router", min=0, help="Afterwards, fit each edited layer's router for this many Adam steps to reproduce the original layer's output (0: off).")] = 0,
     router_lr: Annotated[float, typer.Option("--router-lr", help="Learning rate of the router re-calibration.")] = 1e-3,
     reload: Annotated[bool | None, typer.Option("--reload/--no-reload", help="Load the written checkpoint whole with transformers as a last check (default: where it fits in memory; every edited layer is checked either way).", show_default=False)] = None,
-    keep_quantized: Annotated[bool, typer.Option("--keep-quantized", help="A quantized source (FP8, GPT-OSS's MXFP4) is written in its own format (kept experts byte for byte, merged or narrowed ones quantized as it quantizes), not as plain weights in the dtype its config.json states.")] = False,
+    keep_quantized: Annotated[bool, typer.Option("--keep-quantized", help="A quantized source (FP8, DeepSeek-V4's FP4 experts, GPT-OSS's MXFP4) is written in its own format (kept experts byte for byte, merged or narrowed ones quantized as it quantizes), not as plain weights in the dtype its config.json states.")] = False,
     mtp: Annotated[str, typer.Option("--mtp", help="A multi-token prediction layer with routed experts (DeepSeek-V3's, GLM-4.5's): prune (decide its experts like the others', on its own statistics) or drop (leave it out: no MTP speculative decoding).")] = "prune",
     tokens: CalibTokensOpt = 16384,
     seq_len: SeqLenOpt = 256,
