@@ -278,7 +278,8 @@ def test_merging_with_keep_quantized_quantizes_the_new_fp4_experts(releases, sca
     path, stored, _ = releases(scales)
     stats = calibrate(path, tmp_path / "stats", options=SMALL, quiet=True).directory
     out, plain = tmp_path / "kept", tmp_path / "plain"
-    compress(path, out, method="hc_smoe", ratio=0.5, stats=stats, keep_quantized=True, quiet=True)
+    report = compress(path, out, method="hc_smoe", ratio=0.5, stats=stats, keep_quantized=True, quiet=True)
+    assert report["complete"] and report["keep_quantized"] and report["reload_checked"]
     compress(path, plain, method="hc_smoe", ratio=0.5, stats=stats, quiet=True)
     sources = _expert_map(out)
     assert sources == _expert_map(plain) and any(len(g) > 1 for groups in sources.values() for g in groups)
