@@ -167,8 +167,8 @@ def test_config_validates_expert_choice_capacity_factor(c):
 @pytest.mark.parametrize(
     ("options", "named"),
     [
-        (dict(router="graph_sim", route_scale=2.0), "route_scale=2.0 has no effect without router='topk'"),
-        (dict(router="topp", score_func="sigmoid"), "score_func='sigmoid' has no effect without router='topk'"),
+        (dict(router="graph_sim", route_scale=2.0), "route_scale=2.0 has no effect without router 'topk' or 'hash'"),
+        (dict(router="topp", score_func="sigmoid"), "score_func='sigmoid' has no effect without router 'topk' or 'hash'"),
         (dict(router="graph_attn", n_group=2, topk_group=1), "n_group=2 has no effect"),
         (dict(router="expert_choice", renormalize=True), "renormalize=True has no effect without router 'topk'"),
         (dict(router="topk", top_p=0.9), "top_p=0.9 has no effect without router='topp'"),

@@ -326,9 +326,9 @@ def test_read_ahead_sees_the_moe_layers_input_through_its_norm(saved, monkeypatc
     seen, inputs = [], []
     read_ahead = OffloadedExperts.read_ahead
 
-    def spy(self, hidden):
+    def spy(self, hidden, ids=None):
         seen.append((self.layer, hidden.clone()))
-        read_ahead(self, hidden)
+        read_ahead(self, hidden, ids)
 
     monkeypatch.setattr(OffloadedExperts, "read_ahead", spy)
     try:

@@ -1341,7 +1341,7 @@ def test_architectures_the_view_does_not_cover_are_named(tmp_path, moe, named):
     count in config.json; each is named, with what to do."""
     cfg = dataclasses.replace(tiny(), n_layers=3, first_k_dense=0, moe=dataclasses.replace(tiny().moe, **moe))
     path = save_pretrained(MoETransformer(cfg), tmp_path / "m")
-    with pytest.raises(CheckpointError, match=f"{named}.* covers top-k MoE layers .* run this model in"):
+    with pytest.raises(CheckpointError, match=f"{named}.* covers top-k and hash-routed MoE layers .* run this model in"):
         load_offloaded(path, resident=0.5, predictor=None)
 
 
