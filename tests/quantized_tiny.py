@@ -155,20 +155,23 @@ def deepseek_v4_fp4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def deepseek_v4_release(plain: Path, out: Path, scales: str = "e8m0", fp8_scales: str | None = None) -> dict:
+def deepseek_v4_release(
+    plain: Path, out: Path, scales: str = "e8m0", fp8_scales: str | None = None, experts: str = "fp4"
+) -> dict:
     """Write the one-file checkpoint `plain` (stored with DeepSeek-V4's release names) into `out` as
     DeepSeek-V4-Flash ships: its 2-D projection weights float8 e4m3 in blocks of BLOCK with the
     scale under `<module>.scale` (the compressor's and indexer's V4_BF16 ones as stored, no scale),
     its routed experts (`ffn.experts.E.w1/w2/w3`) FP4 (`fp4_quantized`) with `<module>.scale`; the
     routers, norms, embedding, head, tid2eid and hyper-connection tensors as stored. scales: "e8m0"
     (scale_fmt "ue8m0", float8_e8m0fnu), "bytes" (ue8m0 as uint8) or "float" (float32 amax / max);
-    fp8_scales: the FP8 weights' when other. expert_dtype "fp4" is set beside quantization_config,
-    as V4's config.json has it. Returns the stored tensors."""
+    fp8_scales: the FP8 weights' when other. experts: "fp8" stores the routed experts as the other
+    projections are (expert_dtype "fp8"). expert_dtype is set beside quantization_config, as V4's
+    config.json has it. Returns the stored tensors."""
     ue8m0, fp8_stored = scales != "float", fp8_scales or scales
     stored = {}
     for key, w in load_file(plain / "model.safetensors").items():
         module = key.removesuffix("weight")
-        if ".ffn.experts." in key and key.endswith(".weight"):
+        if ".ffn.experts." in key and key.endswith(".weight") and experts == "fp4":
             stored[key], s = fp4_quantized(w, ue8m0)
             stored[module + "scale"] = _ue8m0(s, scales)
         elif key.startswith("layers.") and key.endswith(".weight") and w.dim() == 2 and not key.endswith((".gate.weight", *V4_BF16)):
@@ -182,7 +185,7 @@ def deepseek_v4_release(plain: Path, out: Path, scales: str = "e8m0", fp8_scales
             stored[key] = w
     quantization = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                     "weight_block_size": list(BLOCK)} | ({"scale_fmt": "ue8m0"} if ue8m0 else {})  # fmt: skip
-    released(plain, out, stored, {"quantization_config": quantization, "expert_dtype": "fp4"})
+    released(plain, out, stored, {"quantization_config": quantization, "expert_dtype": experts})
     return stored
 
 

@@ -311,6 +311,26 @@ def test_merging_with_keep_quantized_quantizes_the_new_fp4_experts(releases, sca
         torch.testing.assert_close(model(ids).logits, load(tmp_path / "dequantized")(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_merging_fp8_experts_with_keep_quantized_keeps_their_scale_names(plain, tmp_path):
+    """A DeepSeek-V4 release whose routed experts are FP8 (expert_dtype "fp8", float scales under
+    `<module>.scale`): HC-SMoE with keep_quantized quantizes each merged expert as float8 with its
+    scale under the source's name (`.scale`, no `weight_scale_inv`); transformers reloads the output
+    (strictly, in the writer) and its blocks compute what moelab reads of it."""
+    path = tmp_path / "release"
+    deepseek_v4_release(plain, path, "float", experts="fp8")
+    stats = calibrate(path, tmp_path / "stats", options=SMALL, quiet=True).directory
+    report = compress(path, tmp_path / "out", method="hc_smoe", ratio=0.5, stats=stats, keep_quantized=True, quiet=True)
+    assert report["complete"] and report["keep_quantized"] and report["reload_checked"]
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert not [k for k in written if k.endswith("_scale_inv")]
+    experts = [k for k in written if ".ffn.experts." in k and k.endswith(".weight")]
+    assert experts and all(written[k].dtype == torch.float8_e4m3fn and k.removesuffix("weight") + "scale" in written for k in experts)
+    model = load(tmp_path / "out")
+    with open_checkpoint(tmp_path / "out") as view:
+        layers = [view.layer(i) for i in (0, 1)]
+    _transformers_blocks_are(model, lambda i, x, ids: moe_output(layers[i], x, ids=ids))
+
+
 def test_heapr_with_keep_quantized_zeroes_fp4_neurons_and_a_narrower_width_is_refused(releases, tmp_path):
     """DeepSeek-V4's shared experts take their width from the routed ones', so HEAPr zeroes neurons
     at full width (layout 'padded'): with keep_quantized the requantized experts hold exact FP4 zeros

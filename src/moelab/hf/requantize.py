@@ -242,11 +242,13 @@ def _requantized(
     ckpt: Float8Checkpoint, name: str, value: Tensor, sources: list[str]
 ) -> tuple[dict[str, Tensor], str]:
     """New float8 weight `name` holding `value` (made from the weights `sources`), in the float8
-    type, blocks and scale layout of the first source, with each activation scale the largest of
+    type, blocks and scale layout of the first source, its scale named as the source's
+    (`<name>_scale_inv`, DeepSeek-V4's `<module>.scale`), with each activation scale the largest of
     the sources' (the merged expert sees all their tokens); and the name of its scale."""
-    suffix, module = ckpt.scheme.scale_suffix, name.removesuffix("weight")
+    module, source_scale = name.removesuffix("weight"), ckpt.scale_of(sources[0])
+    scale_name = module + source_scale.removeprefix(sources[0].removesuffix("weight"))
     first, block = ckpt.raw(sources[0]), ckpt.scheme.block(tuple(value.shape))
-    first_scale = ckpt.raw(sources[0] + suffix)
+    first_scale = ckpt.raw(source_scale)
     if DTYPES.get(first_scale.dtype) not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(
             f"keep_quantized: {name} is a new expert weight, but the source's scales are {first_scale.dtype} (powers of "
@@ -254,7 +256,7 @@ def _requantized(
         )
     companions = ckpt.companions(sources[0])
     if other := [
-        n for n, rel in companions.items() if rel not in ("weight", "weight" + suffix, *ACTIVATION_SCALES)
+        n for n, rel in companions.items() if n != source_scale and rel not in ("weight", *ACTIVATION_SCALES)
     ]:
         raise ValueError(
             f"keep_quantized: {name} is a new expert weight, and moelab does not make its {other[0]}; write plain "
@@ -268,12 +270,12 @@ def _requantized(
     q, scales = quantize(value, block, DTYPES[first.dtype])
     if len(first_scale.shape) != 2:  # one scale for the whole weight, stored as [1] or []
         scales = scales.reshape(first_scale.shape)
-    out = {name: q, name + suffix: scales.to(DTYPES[first_scale.dtype])}
+    out = {name: q, scale_name: scales.to(DTYPES[first_scale.dtype])}
     for relative in set(companions.values()) & set(ACTIVATION_SCALES):
         out[module + relative] = torch.stack(
             [ckpt.stored_value(s.removesuffix("weight") + relative) for s in sources]
         ).amax(dim=0)
-    return out, name + suffix
+    return out, scale_name
 
 
 def _requantized_fp4(ckpt: Float8Checkpoint, name: str, value: Tensor, source: str) -> tuple[dict[str, Tensor], str]:
