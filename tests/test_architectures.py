@@ -267,6 +267,17 @@ def test_example_configs_have_roughly_equal_active_compute():
         assert 0.85 * dense <= value <= 1.1 * dense, (name, value, dense)
 
 
+def test_the_hash_example_trains_without_a_balance_loss():
+    """hash.yaml's layers take no balance loss (as its comment says): the table fixes the load, and a
+    balance loss would only push the gate's weights of each token's fixed experts around."""
+    cfg = ModelConfig.load(CONFIGS_DIR / "hash.yaml")
+    assert cfg.moe.router == "hash" and cfg.moe.balance_coef == 0.0
+    torch.manual_seed(0)
+    model = MoETransformer(dataclasses.replace(cfg, n_layers=1, vocab_size=128, max_seq_len=16))
+    out = model(random_ids(), random_ids(seed=2))
+    assert out.aux_losses == {} and out.aux_loss.item() == 0.0
+
+
 # ----------------------------------------------------------------------------- accounting
 
 
