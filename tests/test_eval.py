@@ -74,6 +74,19 @@ def test_parameter_counts(model_dir):
                     moe=MoEConfig(dim=32, num_experts=4, hidden_dim=32, top_k=2))).state_dict().values())  # fmt: skip
 
 
+def test_parameter_counts_leave_out_a_hash_routers_token_table(tmp_path):
+    """A hash layer's table of token ids is no weight: the counts are the model's parameters (what
+    `moelab info` counts), its 2 x [V, top_k] integers apart."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=8192, dim=32, n_layers=2, n_heads=4, max_seq_len=64,
+                      moe=MoEConfig(dim=32, num_experts=4, hidden_dim=32, top_k=2, router="hash"))  # fmt: skip
+    model = MoETransformer(cfg)
+    counts = parameter_counts(save_pretrained(model, tmp_path / "m"))
+    routed = 2 * 4 * 3 * 32 * 32
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["routed_experts"] == routed and counts["active"] == counts["total"] - routed // 2
+
+
 def test_the_cli_writes_a_table_and_json(model_dir, tmp_path, monkeypatch, capsys):
     path = tmp_path / "eval.json"
     args = ["moelab", "eval", str(model_dir), "--base", str(model_dir), "--domain", "code", "--max-tokens", "64",

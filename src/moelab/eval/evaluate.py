@@ -314,9 +314,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def parameter_counts(path: str | os.PathLike) -> dict[str, int]:
-    """{"total": every weight, "routed_experts": the routed experts', "active": what one token
-    uses (everything but the routed experts, plus top_k / E of each MoE layer's)}, from the
-    shard headers."""
+    """{"total": every weight (a hash router's table of token ids, no weight, left out),
+    "routed_experts": the routed experts', "active": what one token uses (everything but the routed
+    experts, plus top_k / E of each MoE layer's)}, from the shard headers."""
     config, checkpoint, family = resolve(path)
     checkpoint.close()
     shapes = checkpoint.with_shapes_only()
@@ -325,6 +325,8 @@ def parameter_counts(path: str | os.PathLike) -> dict[str, int]:
         routed = active_routed = 0
         for layer in view.layers():
             if isinstance(layer, MoELayerView):
+                if layer.router.token_experts is not None:
+                    total -= layer.router.token_experts.numel()
                 e = layer.experts
                 n = sum(
                     t.numel()
