@@ -178,7 +178,7 @@ def test_config_validates_expert_choice_capacity_factor(c):
         (dict(bias_update_rate=0.1), "bias_update_rate=0.1 has no effect without selection_bias=True"),
         (dict(shared_gate=True), "shared_gate=True has no effect without num_shared >= 1"),
         (dict(shared_hidden_dim=16), "shared_hidden_dim=16 has no effect without num_shared >= 1"),
-        (dict(router="topp", top_k=1), "top_k=1 has no effect without router 'topk' or a graph router: top-p"),
+        (dict(router="topp", top_k=1), "top_k=1 has no effect without router 'topk', 'hash' or a graph router: top-p"),
         (dict(router="expert_choice", top_k=3), "top_k=3 has no effect"),
         (dict(topk_group=2), "topk_group=2 has no effect without router='topk' with expert groups, n_group > 1"),
         (dict(sparsity_window=4), "sparsity_window=4 has no effect without a router of variable k"),

@@ -177,7 +177,7 @@ class MoEConfig:
         topk, graph = self.router == "topk", self.router in ("graph_sim", "graph_attn")
         variable_k = self.router in ("topp", "relu", "expert_choice")
         read_where = {
-            "top_k": ("router 'topk' or a graph router: top-p, ReLU and expert choice set their own k",
+            "top_k": ("router 'topk', 'hash' or a graph router: top-p, ReLU and expert choice set their own k",
                       self.router in TOP_K_ROUTERS),
             **dict.fromkeys(("score_func", "route_scale"), ("router 'topk' or 'hash'", topk or self.router == "hash")),
             "n_group": ("router='topk'", topk),
