@@ -46,8 +46,8 @@ class NormView:
 class RouterView:
     """How a layer picks experts: logits = x @ weight.T (+ bias), then
 
-    - "softmax" / "sigmoid" / "sqrtsoftplus" (DeepSeek-V4: sqrt(softplus)): scores = f(logits); the top_k experts by `scores + selection_bias`
-      (the correction bias steers selection only), optionally limited to the best `topk_group`
+    - "softmax" / "sigmoid" / "sqrtsoftplus" (DeepSeek-V4: sqrt(softplus)): scores = f(logits);
+      the top_k experts by `scores + selection_bias` (the correction bias steers selection only), optionally limited to the best `topk_group`
       of `n_group` expert groups; weights = the chosen scores, divided by their sum if
       `renormalize`, times `route_scale`; with `select_on_logits` the top_k by `logits +
       selection_bias` instead (Kolibri1). Families that take the top-k of the logits and then
@@ -63,9 +63,10 @@ class RouterView:
     expert_scale: [E] | None, each chosen expert's weight is multiplied by its entry last (Gemma 4's
     per_expert_scale). input_norm: the router reads x through this norm (Gemma 4's), its weight
     and multiplier applied after the cast back to x's dtype, as Gemma 4's router applies its scale.
-    token_experts: [V, top_k] int64 or int32 (as stored) | None, hash routing (DeepSeek-V4's "hash_moe" layers): token id
-    v visits the experts token_experts[v], whatever the logits, which only weigh them (the scores,
-    renormalised, times route_scale); no selection bias, groups or expert scale then.
+    token_experts: [V, top_k] int64 or int32 (as stored) | None, hash routing (DeepSeek-V4's
+    "hash_moe" layers, moelab's router="hash"): token id v visits the experts token_experts[v],
+    whatever the logits, which only weigh them (the scores, renormalised, times route_scale); no
+    selection bias, groups or expert scale then.
     """
 
     weight: Tensor
@@ -128,8 +129,8 @@ class RouterView:
 
     @property
     def min_group_size(self) -> int:
-        """Experts every group must hold: DeepSeek-V3-style sigmoid routers score a group by its
-        two best experts (transformers' rule)."""
+        """Experts every group must hold: DeepSeek-V3-style sigmoid (or sqrt-softplus) routers score
+        a group by its two best experts (transformers' rule)."""
         return 2 if self.score_func in ("sigmoid", "sqrtsoftplus") and self.n_group > 1 else 1
 
 
