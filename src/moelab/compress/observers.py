@@ -95,9 +95,9 @@ def eager_moe(
     keep_hidden (under autograd, for the backward sweep) also each slot's hidden activation, and
     its gradient once the backward pass has run. context: what the router reads besides x (a hash
     router: the token ids, `context["input_ids"]`)."""
-    ids = None if context is None else context.get("input_ids")
+    ids = None if context is None or context.get("input_ids") is None else context["input_ids"].reshape(-1)
     x = x.reshape(-1, x.shape[-1])
-    routing = route_tokens(moe.router, x, None if ids is None else ids.reshape(-1))
+    routing = route_tokens(moe.router, x, ids)
     T, K = routing.indices.shape
     plan = plan_dispatch(routing.indices, moe.num_experts)
     z = moe.expert_rows(x)  # what the experts read
@@ -130,7 +130,6 @@ def eager_moe(
     if moe.shared is not None:
         shared_down = moe.shared.mlp(x)
         shared = shared_down if moe.shared.gate is None else torch.sigmoid(moe.shared.gate(x)) * shared_down
-    ids = None if context is None or context.get("input_ids") is None else context["input_ids"].reshape(-1)
     return MoECall(
         x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input, hidden, grad_hidden, moe.routed_norm, ids
     )
