@@ -52,6 +52,9 @@ VARIANTS = {
         True,  # normalises over the batch, so per rank; gate="none": the routers get no gradient
     ),  # fmt: skip
     "graph router + expert biases": (dict(moe=dict(MOE, router="graph_sim", expert_mlp_bias=True)), False),
+    "hash layers (token ids through expert parallelism)": (
+        dict(moe=dict(MOE, router="hash", score_func="sqrtsoftplus", route_scale=1.5, balance_coef=0.0)), False
+    ),
     "all tokens to experts 0 and 1 (EP rank 1 gets no rows) + expert biases": (
         dict(moe=dict(MOE, score_func="sigmoid", selection_bias=True, expert_mlp_bias=True)),
         False,
