@@ -127,6 +127,18 @@ MODELS = {
                                  image_size=28, patch_size=14)),
         "model.layers.", "n_routed_experts", "mlp",
     ),
+    "glm5_next": (  # clamped experts, hyper-connections, KDA and indexed attention (a "shared" indexer layer)
+        dict(COMMON, vocab_size=8192, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
+             num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, kv_lora_rank=16,
+             q_lora_rank=16, qk_rope_head_dim=0, v_head_dim=8, qk_nope_head_dim=8,
+             mlp_layer_types=["dense", "sparse", "sparse"],
+             layer_types=["linear_attention", "indexed_attention", "indexed_attention"],
+             indexer_types=["full", "full", "shared"], index_topk=4, index_head_dim=8, index_n_heads=2, index_kpool=2,
+             linear_head_dim=8, linear_num_heads=4, hc_mult=2, swiglu_limit=0.5, n_group=2, topk_group=1,
+             pad_token_id=0),
+        dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=32),
+        "model.language_model.layers.", "n_routed_experts", "mlp",
+    ),
     "qwen4_exp": (  # its n-gram table stored as shards (see test_qwen4_exp)
         dict(QWEN4_EXP, split_ngram_parts=3),
         dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=32),
@@ -198,6 +210,26 @@ def test_unlimited_ocr_with_biased_shared_experts_is_refused(tmp_path):
         open_checkpoint(tmp_path).layer(1)
 
 
+@pytest.mark.slow
+def test_every_method_on_glm_5_next(tmp_path):
+    """GLM-5-Next's clamped experts behind hyper-connections, KDA and indexed attention: every method
+    from one calibration passes the writer's checks (strict reload included); EASY-EP is refused by
+    name (several residual streams)."""
+    from moelab.compress import METHODS, calibrate
+
+    source = multimodal_model(tmp_path / "src", "glm5_next")
+    options = CalibrationOptions(tokens=512, seq_len=32, batch_size=4, sample_tokens=64, observers=CalibrationOptions().observers + ("neurons",))
+    stats = calibrate(source, tmp_path / "stats", options=options, quiet=True).directory
+    for method in sorted(METHODS):
+        domains = ["code"] if method == "premoe" else None
+        if method == "easy_ep":
+            with pytest.raises(ValueError, match="layer 1: EASY-EP weighs each expert by how far"):
+                compress(source, tmp_path / method, method=method, stats=stats, quiet=True)
+            continue
+        report = compress(source, tmp_path / method, method=method, ratio=0.5, stats=stats, domains=domains, quiet=True)
+        assert report["complete"], method
+
+
 def test_compress_writes_config_json_in_its_shape_and_copies_the_vision_tower(source, tmp_path):
     _, _, stem, key, _ = MODELS[family_of(source)]
     report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
@@ -248,7 +280,7 @@ def test_only_a_vision_language_skeleton_has_modules_text_never_reaches(source):
               "step3p7": ["model.vision_model", "model.multi_modal_projector"],
               "mistral_large4": ["model.vision_tower", "model.multi_modal_projector"],
               "gemma4": ["model.vision_tower", "model.embed_vision"], "hy_v4_vl": ["model.vision_tower"],
-              "unlimited_ocr": ["model.vision_tower", "model.multi_modal_projector"]}  # fmt: skip
+              "unlimited_ocr": ["model.vision_tower", "model.multi_modal_projector"], "glm5_next": ["model.visual"]}  # fmt: skip
     assert outside == towers.get(family_of(source), [])
 
 

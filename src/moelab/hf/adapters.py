@@ -92,11 +92,13 @@ def _deepseek_v4(config: Config) -> dict:
     }
 
 
-def _deepseek_v4_activations(config: Config, index: int) -> tuple[dict, dict]:
-    """Routed and shared experts alike: silu(min(gate, L)) * clamp(up, -L, L), L = swiglu_limit."""
+def _gate_clamped_experts(config: Config, index: int) -> tuple[dict, dict]:
+    """DeepSeek-V4's and GLM-5-Next's routed and shared experts alike: silu(min(gate, L)) *
+    clamp(up, -L, L), L = swiglu_limit (their config classes' default 10); a hidden_act other than
+    silu (which their shared experts would apply) is refused."""
     act = config_value(config, "hidden_act", default="silu")
     if act != "silu":
-        raise CheckpointError(f"this DeepSeek-V4 config sets hidden_act={act!r}; moelab reads its clamped experts with silu only")
+        raise CheckpointError(f"this config sets hidden_act={act!r}; moelab reads its clamped experts with silu only")
     settings = {"activation": "gate_clamped_swiglu", "swiglu_limit": float(config_value(config, "swiglu_limit", default=10.0))}
     return settings, settings
 
@@ -1108,8 +1110,16 @@ _FAMILIES = (
            expert_settings=_hy_v4_experts, is_moe_layer=_first_layer_dense, expert_width=_MOE_WIDTH,
            shared_width_follows=True),
     Family("deepseek_v4", layouts=_deepseek_v4_layouts(), num_experts=("n_routed_experts", "num_local_experts"),
-           router_settings=_deepseek_v4, layer_activations=_deepseek_v4_activations, hash_routed=_deepseek_v4_hash_layer,
+           router_settings=_deepseek_v4, layer_activations=_gate_clamped_experts, hash_routed=_deepseek_v4_hash_layer,
            expert_width=_MOE_WIDTH, shared_width_follows=True, original_prefix="", mtp_prefix="mtp.{n}."),
+    # GLM-5-Next (GLM-5.3-Flash, through its glm5_next_text language model): DeepSeek-V3's router and
+    # layout, clamped experts, hyper-connections, KDA linear-attention and indexed-attention layers
+    Family("glm5_next_text",
+           layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS),
+           num_experts=("n_routed_experts", "num_local_experts"),
+           router_settings=_deepseek_v3_router(n_group=1, topk_group=1), layer_activations=_gate_clamped_experts,
+           is_moe_layer=lambda config, i: _mlp_layer_types(config, i, first_dense=3),
+           expert_width=_MOE_WIDTH, shared_width_follows=True, stored_shards=_KIMI_CONVOLUTIONS),
     Family("laguna", layouts=_laguna_layouts(), num_experts=("num_experts",), router_settings=_laguna,
            is_moe_layer=_first_layer_dense, expert_width=_MOE_WIDTH),
     Family("kolibri1", layouts=_kolibri1_layouts(), num_experts=("num_local_experts", "num_experts"),
