@@ -230,6 +230,24 @@ def test_every_method_on_glm_5_next(tmp_path):
         assert report["complete"], method
 
 
+def test_kv_bytes_per_token_are_what_glm_5_next_caches(tmp_path):
+    """GLM-5-Next's indexed layers cache the compressed latent and, where they run their own pooled
+    indexer, its key beside the pool's gate score and a valid flag (2 x index_head_dim + 1); its KDA
+    layers and a layer sharing the previous selection cache no indexer key."""
+    from moelab.offload.model import kv_bytes_per_token
+
+    model = load_causal_lm(multimodal_model(tmp_path / "src", "glm5_next"))
+    with torch.no_grad():
+        cache = model(torch.randint(0, 64, (2, 5)), use_cache=True).past_key_values
+    held = sum(
+        getattr(layer, name).nbytes
+        for layer in cache.layers
+        for name in ("keys", "values", "indexer_keys")
+        if getattr(layer, name, None) is not None
+    )
+    assert kv_bytes_per_token(model, torch.float32) * 2 * 5 == held == 2 * 5 * 4 * (16 + (16 + 17))
+
+
 def test_compress_writes_config_json_in_its_shape_and_copies_the_vision_tower(source, tmp_path):
     _, _, stem, key, _ = MODELS[family_of(source)]
     report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)

@@ -566,7 +566,8 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     attention caches the compressed latent and the shared rotary key, not per-head keys and values,
     a hybrid model's convolution layers cache none, and a layer's own settings (per_layer_config:
     dots3's sliding layers) give its sizes; MiniMax-M3's sparse layers and the indexed attention layers
-    that run their own indexer (dots3, Hunyuan 4, Qwen4-Exp) cache their indexer's key too)."""
+    that run their own indexer (dots3, Hunyuan 4, Qwen4-Exp, GLM-5-Next: its key beside a pool gate
+    score and a flag) cache their indexer's key too)."""
     size, config = torch.empty((), dtype=dtype).element_size(), model.config
     if isinstance(model, MoETransformer):
         return 2 * config.n_layers * config.n_kv_heads * config.head_dim * size
@@ -582,6 +583,8 @@ def _kv_entries(config, layer_type: str, index: int) -> int:
     # one key per token: index_head_dim wide (DSA's), indexer_head_dim (Qwen4-Exp's QSA, one key head)
     keyed = layer_type == MINIMAX_M3_SPARSE or indexed
     width = getattr(config, "index_head_dim", None) or getattr(config, "indexer_head_dim", None) or 0
+    if getattr(config, "index_kpool", None):  # GLM-5-Next's pooled indexer: key, pool gate score and a valid flag
+        width = 2 * width + 1
     indexer = width if keyed else 0
     if getattr(config, "kv_lora_rank", None):
         return config.kv_lora_rank + config.qk_rope_head_dim + indexer
