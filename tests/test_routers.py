@@ -329,7 +329,8 @@ def test_hash_router_matches_reference(settings):
 def test_hash_router_needs_the_token_ids():
     router = HashRouter(D, E, 10, 2)
     for ids, match in ((None, "pass the 24 tokens' ids"), (torch.zeros(3, dtype=torch.long), "got \\[3\\]"),
-                       (torch.zeros(T), "integer token ids")):  # fmt: skip
+                       (torch.zeros(T), "integer token ids"), (torch.full((T,), 10), "token id 10 is outside the hash table's vocabulary 0..9"),
+                       (torch.full((T,), -1), "token id -1 is outside")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             router(_x(), ids)
 

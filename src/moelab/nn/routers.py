@@ -358,6 +358,11 @@ class HashRouter(Router):
             )
         if token_ids.is_floating_point():
             raise ValueError(f"hash routing needs integer token ids, got {token_ids.dtype}")
+        vocab = self.token_experts.shape[0]
+        if token_ids.device.type == "cpu" and not torch.compiler.is_compiling() and token_ids.numel():
+            low, high = token_ids.aminmax()  # read back on a CPU only: a GPU's index check asserts instead
+            if low < 0 or high >= vocab:
+                raise ValueError(f"token id {int(high if high >= vocab else low)} is outside the hash table's vocabulary 0..{vocab - 1}")
         logits = self.router_logits(x)
         scores = expert_scores(logits, self.score_func)
         indices = self.token_experts[token_ids].long()
