@@ -324,6 +324,9 @@ def test_hash_router_matches_reference(settings):
     (expected * g).sum().backward()
     assert_close(xl.grad.double(), xr.grad)
     assert_close(router.weight.grad.double(), w.grad)
+    indices, weights = router.choose(x, ids)  # the inference path's: the chosen experts' scores alone
+    assert torch.equal(indices, routing.indices)
+    assert_close(weights.double(), expected.detach())
 
 
 def test_hash_router_needs_the_token_ids():

@@ -101,6 +101,21 @@ def mean_by_name(dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {name: value / counts[name] for name, value in sum_by_name(dicts).items()}
 
 
+def _token_ids(router: Router, x: Tensor, context: dict[str, Tensor] | None) -> tuple[Tensor | None, ...]:
+    """What a router that reads the token ids (`Router.reads_token_ids`) takes beside x [..., D]:
+    (context["input_ids"] flattened to [T],), or (None,) where the context has none (the router then
+    names what is missing); () for other routers."""
+    if not router.reads_token_ids:
+        return ()
+    ids = (context or {}).get("input_ids")
+    if ids is not None and ids.shape != x.shape[:-1]:
+        raise ValueError(
+            f"context['input_ids'] has shape {list(ids.shape)}; the router reads one id per token of the "
+            f"input {list(x.shape)}: give ids of shape {list(x.shape[:-1])}"
+        )
+    return (None if ids is None else ids.reshape(-1),)
+
+
 class MoELayer(nn.Module):
     """A sparse FFN: `forward(x [..., D]) -> (y [..., D], MoEResult)`.
 
@@ -418,14 +433,9 @@ class MoELayer(nn.Module):
         if router.needs_sequences:
             routing, x = router(x, context=context or {}), x.reshape(-1, router.dim)
         else:
-            ids = (context or {}).get("input_ids") if router.reads_token_ids else None
-            if ids is not None and ids.shape != x.shape[:-1]:
-                raise ValueError(
-                    f"context['input_ids'] has shape {list(ids.shape)}; the router reads one id per token of the "
-                    f"input {list(x.shape)}: give ids of shape {list(x.shape[:-1])}"
-                )
+            ids = _token_ids(router, x, context)
             x = x.reshape(-1, router.dim)
-            routing = router(x) if not router.reads_token_ids else router(x, None if ids is None else ids.reshape(-1))
+            routing = router(x, *ids)
         return (routing if self.skip_ratio is None else dynamic_skip(routing, self.skip_ratio)), x
 
     def _choose(
@@ -433,12 +443,13 @@ class MoELayer(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """`_route` for the inference path: (indices, weights [T, K], x as [T, D]), by the router's
         `choose` where it routes one token at a time."""
-        if router.needs_sequences or router.reads_token_ids:
+        if router.needs_sequences:
             routing, x = self._route(router, x, context)
             return routing.indices, routing.weights, x
         self._check_input(router, x)
+        ids = _token_ids(router, x, context)
         x = x.reshape(-1, router.dim)
-        indices, weights = router.choose(x)
+        indices, weights = router.choose(x, *ids)
         if self.skip_ratio is not None:
             indices, weights = skip_weak_experts(indices, weights, self.skip_ratio)
         return indices, weights, x

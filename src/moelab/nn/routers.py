@@ -134,10 +134,11 @@ class Router(nn.Module):
             check_finite_logits(logits)
         return logits
 
-    def choose(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The inference path's routing: x: [T, D] -> (indices, weights) [T, K] of `forward(x)`,
-        where a router may skip what only training and traces use (the logits' other uses)."""
-        routing = self(x)
+    def choose(self, x: Tensor, *args) -> tuple[Tensor, Tensor]:
+        """The inference path's routing: x: [T, D] (and what `forward` takes besides: a hash
+        router's token ids) -> (indices, weights) [T, K] of `forward(x, ...)`, where a router may
+        skip what only training and traces use (the logits' other uses)."""
+        routing = self(x, *args)
         return routing.indices, routing.weights
 
 
@@ -350,6 +351,38 @@ class HashRouter(Router):
         self.register_buffer("token_experts", torch.rand(vocab_size, num_experts).argsort(-1)[:, :top_k].contiguous())
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        indices = self._chosen(x, token_ids, check_range=True)
+        logits = self.router_logits(x)
+        scores = expert_scores(logits, self.score_func)
+        weights = scores.gather(-1, indices)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        if self.route_scale != 1.0:
+            weights = weights * self.route_scale
+        probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
+        return Routing(indices, weights, logits, probs)
+
+    def choose(self, x: Tensor, token_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """`Router.choose`: the chosen experts' scores alone, from their logits (sqrt-softplus and
+        sigmoid score each logit alone; a softmax renormalised over the chosen experts is a softmax
+        over their logits), only they checked, and the ids' range left to the model (its embedding, or
+        moelab's own prompt check: a read back per layer costs a decode step). Through `forward` where
+        the router is hooked (traces) or its softmax is not renormalised."""
+        if forward_hooked([self]) or "router_logits" in vars(self) or (self.score_func == "softmax" and not self.renormalize):
+            return super().choose(x, token_ids)
+        indices = self._chosen(x, token_ids, check_range=False)
+        chosen = self.router_logits(x, check=False).gather(-1, indices)
+        check_finite_logits(chosen)
+        if self.score_func == "softmax":
+            weights = chosen.softmax(-1)
+        else:
+            weights = expert_scores(chosen, self.score_func)
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) if self.renormalize else weights
+        return indices, weights if self.route_scale == 1.0 else weights * self.route_scale
+
+    def _chosen(self, x: Tensor, token_ids: Tensor | None, check_range: bool) -> Tensor:
+        """The table's experts [T, K] (int64) of the T tokens of x [T, D] with ids token_ids [T]; the
+        ids checked (their range too, on a CPU, with check_range)."""
         if token_ids is None or token_ids.shape != x.shape[:1]:
             got = "none" if token_ids is None else list(token_ids.shape)
             raise ValueError(
@@ -359,20 +392,11 @@ class HashRouter(Router):
         if token_ids.is_floating_point():
             raise ValueError(f"hash routing needs integer token ids, got {token_ids.dtype}")
         vocab = self.token_experts.shape[0]
-        if token_ids.device.type == "cpu" and not torch.compiler.is_compiling() and token_ids.numel():
+        if check_range and token_ids.device.type == "cpu" and not torch.compiler.is_compiling() and token_ids.numel():
             low, high = token_ids.aminmax()  # read back on a CPU only: a GPU's index check asserts instead
             if low < 0 or high >= vocab:
                 raise ValueError(f"token id {int(high if high >= vocab else low)} is outside the hash table's vocabulary 0..{vocab - 1}")
-        logits = self.router_logits(x)
-        scores = expert_scores(logits, self.score_func)
-        indices = self.token_experts[token_ids].long()
-        weights = scores.gather(-1, indices)
-        if self.renormalize:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        if self.route_scale != 1.0:
-            weights = weights * self.route_scale
-        probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
-        return Routing(indices, weights, logits, probs)
+        return self.token_experts[token_ids].long()
 
 
 class TopPRouter(Router):
