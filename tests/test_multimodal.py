@@ -230,6 +230,25 @@ def test_every_method_on_glm_5_next(tmp_path):
         assert report["complete"], method
 
 
+def test_glm_5_next_s_sparse_layers_are_transformers_whatever_first_k_dense_replace_says(tmp_path):
+    """Glm5NextTextConfig fills in an absent mlp_layer_types as three dense layers, then sparse ones, and
+    has no first_k_dense_replace: a config.json that sets it (as GLM releases do) changes nothing."""
+    text, vision, *_ = MODELS["glm5_next"]
+    text = {k: v for k, v in text.items() if k != "mlp_layer_types"} | dict(
+        num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["indexed_attention"], indexer_types=["full"] * 4
+    )
+    build_multimodal("glm5_next", text, vision).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["text_config"]["mlp_layer_types"]
+    config["text_config"]["first_k_dense_replace"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = load_causal_lm(tmp_path)
+    _, decoder = decoder_layers(model, 4)
+    with open_checkpoint(tmp_path) as view:
+        sparse = [isinstance(view.layer(i), MoELayerView) for i in range(4)]
+    assert sparse == [hasattr(layer.mlp, "experts") for layer in decoder] == [False, False, False, True]
+
+
 def test_kv_bytes_per_token_are_what_glm_5_next_caches(tmp_path):
     """GLM-5-Next's indexed layers cache the compressed latent and, where they run their own pooled
     indexer, its key beside the pool's gate score and a valid flag (2 x index_head_dim + 1); its KDA

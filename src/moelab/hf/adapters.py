@@ -578,6 +578,12 @@ def _first_layer_dense(config: Config, i: int) -> bool:
     return _mlp_layer_types({**config, "first_k_dense_replace": 1}, i)
 
 
+def _glm5_next_sparse_layer(config: Config, i: int) -> bool:
+    """mlp_layer_types, else the first three layers dense, as Glm5NextTextConfig fills it in: it has no
+    first_k_dense_replace (a config.json that sets it, as GLM releases do, sets it for nothing)."""
+    return _mlp_layer_types({**config, "first_k_dense_replace": 3}, i)
+
+
 def _legacy_mlp_layer_types(config: Config, i: int) -> bool:
     return _mlp_layer_types(config, i, layer_freq=True)
 
@@ -1118,7 +1124,7 @@ _FAMILIES = (
            layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts"), selection_bias=_DEEPSEEK_BIAS),
            num_experts=("n_routed_experts", "num_local_experts"),
            router_settings=_deepseek_v3_router(n_group=1, topk_group=1), layer_activations=_gate_clamped_experts,
-           is_moe_layer=lambda config, i: _mlp_layer_types(config, i, first_dense=3),
+           is_moe_layer=_glm5_next_sparse_layer,
            expert_width=_MOE_WIDTH, shared_width_follows=True, stored_shards=_KIMI_CONVOLUTIONS),
     Family("laguna", layouts=_laguna_layouts(), num_experts=("num_experts",), router_settings=_laguna,
            is_moe_layer=_first_layer_dense, expert_width=_MOE_WIDTH),
