@@ -249,6 +249,21 @@ def test_glm_5_next_s_sparse_layers_are_transformers_whatever_first_k_dense_repl
     assert sparse == [hasattr(layer.mlp, "experts") for layer in decoder] == [False, False, False, True]
 
 
+def test_glm_5_next_s_mtp_layer_is_refused_by_name_or_dropped(tmp_path):
+    """GLM-5-Next's multi-token prediction layer (decoder layer num_hidden_layers, DeepSeek-V3's way) is
+    read as a layer of the last one's kind, past mlp_layer_types; moelab's drafter cannot feed its
+    hyper-connections, so the default run refuses it by name and --mtp drop leaves it out."""
+    source = multimodal_model(tmp_path / "src", "glm5_next")
+    add_mtp_layer(source)
+    with open_checkpoint(source) as view:
+        assert view.mtp_layers == [3] and isinstance(view.layer(3), MoELayerView)
+    with pytest.raises(CheckpointError, match="hyper-connections .* compress with --mtp drop"):
+        compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
+    with pytest.warns(UserWarning, match="left out of the output"):
+        report = compress(source, tmp_path / "drop", method="reap", ratio=0.5, calib_options=SMALL, mtp="drop", quiet=True)
+    assert report["mtp"]["policy"] == "drop" and report["reload_checked"]
+
+
 def test_kv_bytes_per_token_are_what_glm_5_next_caches(tmp_path):
     """GLM-5-Next's indexed layers cache the compressed latent and, where they run their own pooled
     indexer, its key beside the pool's gate score and a valid flag (2 x index_head_dim + 1); its KDA

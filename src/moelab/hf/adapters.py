@@ -580,7 +580,10 @@ def _first_layer_dense(config: Config, i: int) -> bool:
 
 def _glm5_next_sparse_layer(config: Config, i: int) -> bool:
     """mlp_layer_types, else the first three layers dense, as Glm5NextTextConfig fills it in: it has no
-    first_k_dense_replace (a config.json that sets it, as GLM releases do, sets it for nothing)."""
+    first_k_dense_replace (a config.json that sets it, as GLM releases do, sets it for nothing). A
+    multi-token prediction layer (num_hidden_layers on) is read as the last decoder layer's kind, as
+    the layer-by-layer runs build it."""
+    i = min(i, config_value(config, "num_hidden_layers") - 1)
     return _mlp_layer_types({**config, "first_k_dense_replace": 3}, i)
 
 

@@ -290,6 +290,12 @@ class LayerwiseModel:
                     "to leave it out"
                 )
             config.indexer_types[index] = "full"
+        if (getattr(config, "hc_mult", None) or 1) > 1:  # GLM-5-Next: hyper-connections
+            self._mtp_refused = (
+                f"{self.path}: the multi-token prediction layer {index} is a decoder layer with hyper-connections "
+                f"(hc_mult {config.hc_mult} residual streams), and moelab's drafter feeds it one stream; compress "
+                "with --mtp drop (calibrate --no-mtp) to leave it out"
+            )
         with torch.device("meta"):
             return type(self._layers[-1])(config, index).eval()
 
