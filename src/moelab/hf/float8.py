@@ -350,8 +350,8 @@ class Float8Checkpoint(DequantizedCheckpoint):
         )
 
     def _check(self, key: str) -> None:
-        """List stored tensor `key`, a float8 weight with its block and plain shape; refuse what
-        would be misread."""
+        """List stored tensor `key`, a float8 (or packed FP4, `_check_fp4`) weight with its scale,
+        block and plain shape; refuse what would be misread."""
         (dtype, stored), scale = self.entry(key), self.scale_of(key)
         if self.is_fp4(key):
             self._check_fp4(key, stored, scale)

@@ -252,7 +252,8 @@ class MoELayer(nn.Module):
     ) -> tuple[Tensor, MoEResult]:
         """x: [..., D] -> (y [..., D], MoEResult). `router` replaces the layer's own for this call
         (Chain-of-Experts routes each iteration with its own router over the same experts);
-        `context` goes to routers that need whole sequences (see `_route`)."""
+        `context` goes to routers that need whole sequences, and its "input_ids" to routers that
+        read the token ids (see `_route`)."""
         router = self.router if router is None else router
         shape = x.shape
         # A training step on experts on torch._grouped_mm: the counts stay on the device and the

@@ -367,7 +367,8 @@ class HashRouter(Router):
         sigmoid score each logit alone; a softmax renormalised over the chosen experts is a softmax
         over their logits), only they checked, and the ids' range left to the model (its embedding, or
         moelab's own prompt check: a read back per layer costs a decode step). Through `forward` where
-        the router is hooked (traces) or its softmax is not renormalised."""
+        the router is hooked (traces), has its own `router_logits` (`moelab.hf.edit`'s masks) or its
+        softmax is not renormalised."""
         if forward_hooked([self]) or "router_logits" in vars(self) or (self.score_func == "softmax" and not self.renormalize):
             return super().choose(x, token_ids)
         indices = self._chosen(x, token_ids, check_range=False)
