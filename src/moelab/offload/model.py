@@ -567,7 +567,9 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     a hybrid model's convolution layers cache none, and a layer's own settings (per_layer_config:
     dots3's sliding layers) give its sizes; MiniMax-M3's sparse layers and the indexed attention layers
     that run their own indexer (dots3, Hunyuan 4, Qwen4-Exp, GLM-5-Next: its key beside a pool gate
-    score and a flag) cache their indexer's key too)."""
+    score and a flag) cache their indexer's key too). DeepSeek-V4's layers are counted with a key and
+    a value per token, where they keep one tensor for both, a sliding window of them and compressed
+    entries beyond it: a safe overestimate, 2x at short contexts, more at long ones."""
     size, config = torch.empty((), dtype=dtype).element_size(), model.config
     if isinstance(model, MoETransformer):
         return 2 * config.n_layers * config.n_kv_heads * config.head_dim * size
