@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moelab.hf.edit import route_tokens
 from moelab.nn.dispatch import LocalDispatcher, plan_dispatch
-from moelab.nn.moe import MoELayer
+from moelab.nn.moe import MoELayer, token_ids_of
 from moelab.nn.routers import Routing
 
 HALVES = 2
@@ -95,9 +94,9 @@ def eager_moe(
     keep_hidden (under autograd, for the backward sweep) also each slot's hidden activation, and
     its gradient once the backward pass has run. context: what the router reads besides x (a hash
     router: the token ids, `context["input_ids"]`)."""
-    ids = None if context is None or context.get("input_ids") is None else context["input_ids"].reshape(-1)
+    ids = token_ids_of(moe.router, x, context)
     x = x.reshape(-1, x.shape[-1])
-    routing = route_tokens(moe.router, x, ids)
+    routing = moe.router(x, *ids)
     T, K = routing.indices.shape
     plan = plan_dispatch(routing.indices, moe.num_experts)
     z = moe.expert_rows(x)  # what the experts read
@@ -131,7 +130,8 @@ def eager_moe(
         shared_down = moe.shared.mlp(x)
         shared = shared_down if moe.shared.gate is None else torch.sigmoid(moe.shared.gate(x)) * shared_down
     return MoECall(
-        x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input, hidden, grad_hidden, moe.routed_norm, ids
+        x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input, hidden, grad_hidden, moe.routed_norm,
+        ids[0] if ids else None,
     )
 
 

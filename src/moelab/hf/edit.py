@@ -30,7 +30,7 @@ from moelab.hf.native import (
 )
 from moelab.hf.view import ExpertsView, MoELayerView, RouterView
 from moelab.nn.moe import MoELayer
-from moelab.nn.routers import Router, Routing, check_groups
+from moelab.nn.routers import Router, Routing, check_groups, min_group_size
 
 
 @dataclass(frozen=True, eq=False)
@@ -262,7 +262,7 @@ def check_edit(index: int, edit: LayerEdit, E: int, settings: dict[str, Any]) ->
             "config.json first (that changes the routing)"
         )
     try:
-        check_groups(new_E, top_k, n_group, topk_group, 1 if settings["score_func"] == "softmax" else 2)
+        check_groups(new_E, top_k, n_group, topk_group, min_group_size(settings["score_func"], n_group))
     except ValueError as err:
         raise ValueError(f"{where}: after the edit, {err}; keep more experts per group") from None
 

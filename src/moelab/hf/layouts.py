@@ -686,8 +686,9 @@ class Family:
                 f"{ckpt.directory}: layer {index} has a router but no expert tensors under {prefix}"
             )
         router = layout.router.read(ckpt, prefix)
-        if self.hash_routed is not None and ("token_experts" in router) != self.hash_routed(config, index):
-            says, stored = ("hash-routed", "no") if self.hash_routed(config, index) else ("routed by its gate", "a")
+        hashed = None if self.hash_routed is None else self.hash_routed(config, index)
+        if hashed is not None and ("token_experts" in router) != hashed:
+            says, stored = ("hash-routed", "no") if hashed else ("routed by its gate", "a")
             raise CheckpointError(
                 f"{ckpt.directory}: config.json makes layer {index} {says}, but the checkpoint has {stored} token "
                 f"table {prefix}{layout.router.token_experts}; check mlp_layer_types (or num_hash_layers)"

@@ -245,8 +245,8 @@ def _requantized(
     type, blocks and scale layout of the first source, its scale named as the source's
     (`<name>_scale_inv`, DeepSeek-V4's `<module>.scale`), with each activation scale the largest of
     the sources' (the merged expert sees all their tokens); and the name of its scale."""
-    module, source_scale = name.removesuffix("weight"), ckpt.scale_of(sources[0])
-    scale_name = module + source_scale.removeprefix(sources[0].removesuffix("weight"))
+    module = name.removesuffix("weight")
+    source_scale, scale_name = _scale_beside(ckpt, sources[0], name)
     first, block = ckpt.raw(sources[0]), ckpt.scheme.block(tuple(value.shape))
     first_scale = ckpt.raw(source_scale)
     if DTYPES.get(first_scale.dtype) not in (torch.float32, torch.bfloat16, torch.float16):
@@ -283,8 +283,8 @@ def _requantized_fp4(ckpt: Float8Checkpoint, name: str, value: Tensor, source: s
     power-of-two scale per row per 32 columns) with its scale under the name and in the dtype of
     source weight `source`'s (`<module>.scale`: float8_e8m0fnu, ue8m0 bytes or float); and the
     name of its scale."""
-    scale, block, module = ckpt.scale_of(source), ckpt.block(source), name.removesuffix("weight")
-    if other := [n for n, rel in ckpt.companions(source).items() if n not in (source, scale)]:
+    (scale, scale_name), block = _scale_beside(ckpt, source, name), ckpt.block(source)
+    if other := [n for n in ckpt.companions(source) if n not in (source, scale)]:
         raise ValueError(
             f"keep_quantized: {name} is a new expert weight, and moelab does not make its {other[0]}; write plain "
             "weights (without keep_quantized)"
@@ -302,9 +302,15 @@ def _requantized_fp4(ckpt: Float8Checkpoint, name: str, value: Tensor, source: s
             "(without keep_quantized)"
         )
     packed, exponents = quantize_fp4(value)
-    relative = scale.removeprefix(source.removesuffix("weight"))
     try:
         scales = fp4_scales(exponents, DTYPES[ckpt.raw(scale).dtype])
     except ValueError as err:
         raise ValueError(f"keep_quantized: {name}'s new scales: {err}; write plain weights") from err
-    return {name: packed, module + relative: scales}, module + relative
+    return {name: packed, scale_name: scales}, scale_name
+
+
+def _scale_beside(ckpt: Float8Checkpoint, source: str, name: str) -> tuple[str, str]:
+    """(the stored scale of source weight `source`, the name the scale of new weight `name` takes:
+    the same relative to its module, `<name>_scale_inv` or DeepSeek-V4's `<module>.scale`)."""
+    scale = ckpt.scale_of(source)
+    return scale, name.removesuffix("weight") + scale.removeprefix(source.removesuffix("weight"))

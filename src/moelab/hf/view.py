@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
-from moelab.nn.routers import check_groups, check_top_k
+from moelab.nn.routers import check_groups, check_top_k, min_group_size
 from moelab.validation import is_int
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus", "sparsemixer")
@@ -129,9 +129,8 @@ class RouterView:
 
     @property
     def min_group_size(self) -> int:
-        """Experts every group must hold: DeepSeek-V3-style sigmoid (or sqrt-softplus) routers score
-        a group by its two best experts (transformers' rule)."""
-        return 2 if self.score_func in ("sigmoid", "sqrtsoftplus") and self.n_group > 1 else 1
+        """Experts every group must hold (`moelab.nn.routers.min_group_size`)."""
+        return min_group_size(self.score_func, self.n_group)
 
 
 @dataclass(frozen=True, eq=False)

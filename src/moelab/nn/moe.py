@@ -101,7 +101,7 @@ def mean_by_name(dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {name: value / counts[name] for name, value in sum_by_name(dicts).items()}
 
 
-def _token_ids(router: Router, x: Tensor, context: dict[str, Tensor] | None) -> tuple[Tensor | None, ...]:
+def token_ids_of(router: Router, x: Tensor, context: dict[str, Tensor] | None) -> tuple[Tensor | None, ...]:
     """What a router that reads the token ids (`Router.reads_token_ids`) takes beside x [..., D]:
     (context["input_ids"] flattened to [T],), or (None,) where the context has none (the router then
     names what is missing); () for other routers."""
@@ -434,7 +434,7 @@ class MoELayer(nn.Module):
         if router.needs_sequences:
             routing, x = router(x, context=context or {}), x.reshape(-1, router.dim)
         else:
-            ids = _token_ids(router, x, context)
+            ids = token_ids_of(router, x, context)
             x = x.reshape(-1, router.dim)
             routing = router(x, *ids)
         return (routing if self.skip_ratio is None else dynamic_skip(routing, self.skip_ratio)), x
@@ -448,7 +448,7 @@ class MoELayer(nn.Module):
             routing, x = self._route(router, x, context)
             return routing.indices, routing.weights, x
         self._check_input(router, x)
-        ids = _token_ids(router, x, context)
+        ids = token_ids_of(router, x, context)
         x = x.reshape(-1, router.dim)
         indices, weights = router.choose(x, *ids)
         if self.skip_ratio is not None:

@@ -549,6 +549,13 @@ def check_top_k(k: int, num_experts: int, name: str = "top_k") -> None:
         raise ValueError(f"{name} must lie in [1, num_experts={num_experts}], got {k}")
 
 
+def min_group_size(score_func: str, n_group: int) -> int:
+    """Experts every group of a group-limited router must hold: transformers' DeepSeek-V3-style
+    routers score a group by the sum of its two best experts, where the scores are not a softmax's
+    (sigmoid, sqrt-softplus); a softmax router by its best one."""
+    return 2 if score_func != "softmax" and n_group > 1 else 1
+
+
 def check_groups(
     num_experts: int, top_k: int, n_group: int, topk_group: int, min_group_size: int = 1
 ) -> None:
