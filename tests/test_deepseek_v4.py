@@ -22,6 +22,7 @@ from moelab.hf.edit import apply_edit, moe_output, remapped_token_experts
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import RouterView
 from moelab.offload import load_offloaded
+from moelab.offload.model import kv_bytes_per_token
 from moelab.trace import RoutingCapture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -260,3 +261,36 @@ def test_a_token_table_must_cover_the_vocabulary(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config | {"vocab_size": 128}))
     with open_checkpoint(tmp_path) as view, pytest.raises(CheckpointError, match="64 rows.*vocab_size 128"):
         view.layer(0)
+
+
+def _cache_bytes(cache) -> int:
+    """Bytes of memory a DeepSeek-V4 cache keeps alive: the storage under each tensor it holds (a
+    sliding window or a buffer kept as a view of a prompt-wide tensor keeps all of it), each once."""
+    storages = {}
+    for layer in cache.layers:
+        states = [layer.keys, layer.values]
+        for name in ("buffer_kv", "buffer_gate", "compressed_kv", "overlap_kv", "overlap_gate"):
+            states += list(getattr(layer, name, {}).values())
+        for t in states:
+            if t is not None:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_the_kv_estimate_holds_what_the_cache_keeps_at_every_step():
+    """Per token, at most what transformers' cache keeps alive after any prompt and decoding step:
+    right after the prompt its keys and compressor projections (views of prompt-wide tensors), later
+    a window, buffers, the overlap state and the compressed entries. The bound is the most per token
+    at any length, reached within 2 % here (a doubled count would fail)."""
+    model = build("deepseek_v4").eval()
+    per_token = kv_bytes_per_token(model, torch.float32)
+    fractions = []
+    with torch.no_grad():
+        for prompt in (1, 2, 3, 5, 8, 9, 16):
+            cache = model(torch.randint(3, 64, (1, prompt)), use_cache=True).past_key_values
+            fractions.append(_cache_bytes(cache) / (per_token * prompt))
+            for step in range(1, 10):
+                model(torch.randint(3, 64, (1, 1)), use_cache=True, past_key_values=cache)
+                fractions.append(_cache_bytes(cache) / (per_token * (prompt + step)))
+    assert 0.98 < max(fractions) <= 1.0
+    assert kv_bytes_per_token(model, torch.bfloat16) * 2 == per_token

@@ -567,9 +567,9 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     a hybrid model's convolution layers cache none, and a layer's own settings (per_layer_config:
     dots3's sliding layers) give its sizes; MiniMax-M3's sparse layers and the indexed attention layers
     that run their own indexer (dots3, Hunyuan 4, Qwen4-Exp, GLM-5-Next: its key beside a pool gate
-    score and a flag) cache their indexer's key too). DeepSeek-V4's layers are counted with a key and
-    a value per token, where they keep one tensor for both, a sliding window of them and compressed
-    entries beyond it: a safe overestimate, 2x at short contexts, more at long ones."""
+    score and a flag) cache their indexer's key too; DeepSeek-V4's layers: `_deepseek_v4_entries`).
+    A sliding-window layer is counted at every position: transformers' cache holds a prompt's keys
+    whole until the first decoding step."""
     size, config = torch.empty((), dtype=dtype).element_size(), model.config
     if isinstance(model, MoETransformer):
         return 2 * config.n_layers * config.n_kv_heads * config.head_dim * size
@@ -588,11 +588,34 @@ def _kv_entries(config, layer_type: str, index: int) -> int:
     if getattr(config, "index_kpool", None):  # GLM-5-Next's pooled indexer: key, pool gate score and a valid flag
         width = 2 * width + 1
     indexer = width if keyed else 0
+    if layer_type in (getattr(config, "compress_rates", None) or {}):
+        return _deepseek_v4_entries(config, layer_type)
     if getattr(config, "kv_lora_rank", None):
         return config.kv_lora_rank + config.qk_rope_head_dim + indexer
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * heads * head_dim + indexer
+
+
+def _deepseek_v4_entries(config, layer_type: str) -> int:
+    """Entries per token a DeepSeek-V4 compressed-attention layer holds at most, at any point of a
+    decoding (its cache, `DeepseekV4HCACache` / `DeepseekV4CSACache`, holds one tensor for its keys
+    and values). The most is right after the prompt: transformers keeps the prompt's keys and
+    its compressors' projections (a key and a gate per token, 2 x head_dim wide each for CSA's
+    overlapping windows, beside the indexer's at 2 x index_head_dim) as views of the prompt-wide
+    tensors until the first decoding step; CSA's overlap state adds a window of key and gate halves
+    (2 x (head_dim + index_head_dim) per token once a window is full); each window of compress_rate
+    tokens one compressed entry. A per-token count safe at every length is the most per token at
+    any length (a CSA layer's, at one full window). Decoding long past a short prompt holds far
+    less (a sliding window, the unfinished window, the overlap and the compressed entries): per
+    token at long lengths, V4-Flash's sizes give 160 entries where this counts 4,512 (CSA) and 4
+    where it counts 1,540 (HCA)."""
+    rate, head_dim = config.compress_rates[layer_type], config.head_dim
+    if layer_type == "compressed_sparse_attention":
+        index_dim = config.index_head_dim
+        per_window = head_dim + index_dim  # the compressed entries, the indexer's beside
+        return head_dim + 4 * head_dim + 4 * index_dim + 2 * per_window + -(-per_window // rate)
+    return head_dim + 2 * head_dim + -(-head_dim // rate)
 
 
 MINIMAX_M3_SPARSE = "minimax_m3_sparse"  # MiniMax-M3's block-sparse attention layers (an indexer beside)
