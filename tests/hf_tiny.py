@@ -415,8 +415,7 @@ TINY = {
             num_experts=4,
             num_experts_per_tok=2,
             expert_selection_fn="sigmoid",
-            num_shared_experts=1,
-            shared_expert_combination_strategy="sum",
+            num_shared_experts=1,  # averaged with the routed experts (shared_expert_combination_strategy's default)
             first_k_dense_replace=1,
             prefix_dense_intermediate_size=48,
         ),

@@ -194,16 +194,17 @@ def test_gate_rows_come_first():
     assert not torch.allclose(m(xs, [4]).detach(), 2 * base, atol=1e-3)
 
 
+@pytest.mark.parametrize("output_scale", [1.0, 0.5])
 @pytest.mark.parametrize("kind", ["swiglu", "gelu_tanh_glu", "gate_clamped_swiglu"])
 @pytest.mark.parametrize("gated", [False, True])
-def test_shared_experts_match_reference(gated, kind):
+def test_shared_experts_match_reference(gated, kind, output_scale):
     """SwiGLU, Gemma 4's `GeluTanhGLU` (gelu_tanh(gate) * up) or Hunyuan 4's / DeepSeek-V4's
     `GateClampedSwiGLU` (silu(min(gate, L)) * clamp(up, -L, L), both clamps acting) against the
-    float64 formula."""
+    float64 formula, times an output scale (Cohere2-MoE's averaged shared experts: 0.5)."""
     torch.manual_seed(0)
     L = 0.5
     clamped = {"gelu_tanh_glu": GeluTanhGLU(), "gate_clamped_swiglu": GateClampedSwiGLU(L)}.get(kind)
-    m = SharedExperts(D, 12, gated=gated, clamped=clamped)
+    m = SharedExperts(D, 12, gated=gated, clamped=clamped, output_scale=output_scale)
     x = (2 * torch.randn(9, D)).requires_grad_(True)
     leaves = {f"shared.{n}": t for n, t in f64_leaves(m).items()}
     xr = f64_leaf(x)
@@ -215,7 +216,7 @@ def test_shared_experts_match_reference(gated, kind):
             lambda u: torch.where(u.abs() > L, L * u.sign(), u),  # clamp(u, -L, L)
         ),
     }.get(kind, (silu, None))
-    ref = torch.stack([shared_ffn(xr[t], leaves, gate_act, up_act) for t in range(9)])
+    ref = output_scale * torch.stack([shared_ffn(xr[t], leaves, gate_act, up_act) for t in range(9)])
     assert_close(y, ref, what="shared y")
     if kind == "gate_clamped_swiglu":
         with torch.no_grad():
@@ -228,6 +229,12 @@ def test_shared_experts_match_reference(gated, kind):
     assert_close(x.grad, xr.grad, what="grad x")
     for name, p in m.named_parameters():
         assert_close(p.grad, leaves[f"shared.{name}"].grad, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_shared_experts_refuse_an_output_scale_that_is_not_positive_and_finite(scale):
+    with pytest.raises(ValueError, match="output_scale must be a positive finite number"):
+        SharedExperts(D, 12, output_scale=scale)
 
 
 def test_grouped_mlp_functional_matches_module():

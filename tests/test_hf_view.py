@@ -947,11 +947,22 @@ def test_cohere2_moes_routing_options_match_transformers(tmp_path, overrides):
         _assert_matches_transformers(view, "cohere2_moe", load(tmp_path), dense=(0,))
 
 
-def test_cohere2_moes_averaged_shared_experts_are_refused(tmp_path):
+@pytest.mark.parametrize("strategy", ["average", "sum"])
+def test_cohere2_moes_shared_experts_averaged_or_summed_match_transformers(tmp_path, strategy):
     """shared_expert_combination_strategy "average" (the class default) halves routed plus shared
-    output; moelab's shared experts are added in full, so it is refused by name."""
-    build("cohere2_moe", shared_expert_combination_strategy="average").save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"shared experts combined by 'average' \(shared_expert_combination"):
+    output (the router's route_scale and the shared experts' output_scale 0.5), "sum" adds them."""
+    build("cohere2_moe", shared_expert_combination_strategy=strategy).save_pretrained(tmp_path)
+    with open_checkpoint(tmp_path) as view:
+        layer = view.layer(1)
+        assert (layer.router.route_scale, layer.shared.output_scale) == ((0.5, 0.5) if strategy == "average" else (1.0, 1.0))
+        _assert_matches_transformers(view, "cohere2_moe", load(tmp_path), dense=(0,))
+
+
+def test_cohere2_moes_unknown_shared_expert_combination_is_refused(tmp_path):
+    config = build("cohere2_moe").config.to_dict() | {"shared_expert_combination_strategy": "max"}
+    build("cohere2_moe").save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"shared_expert_combination_strategy 'max'; transformers and moelab read"):
         open_checkpoint(tmp_path).layer(1)
 
 

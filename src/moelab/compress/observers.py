@@ -128,7 +128,7 @@ def eager_moe(
     shared = shared_down = None
     if moe.shared is not None:
         shared_down = moe.shared.mlp(x)
-        shared = shared_down if moe.shared.gate is None else torch.sigmoid(moe.shared.gate(x)) * shared_down
+        shared = moe.shared.weigh(x, shared_down)
     return MoECall(
         x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input, hidden, grad_hidden, moe.routed_norm,
         ids[0] if ids else None,

@@ -321,21 +321,34 @@ def _sigmoid_norm_topk_prob(config: Config) -> dict:
 def _cohere2_moe(config: Config) -> dict:
     """Cohere2-MoE: the top-k of the logits, then a softmax over the k (expert_selection_fn "softmax",
     the default: renormalised softmax) or their sigmoid, renormalised if norm_topk_prob ("sigmoid");
-    no scaling or groups. Shared experts averaged with the routed ones (num_shared_experts with
-    shared_expert_combination_strategy "average", the default) are refused."""
+    no groups. With shared experts averaged with the routed ones (`_cohere2_moe_averaged`) the
+    routed half is the router's route_scale 0.5, which transformers applies after the experts."""
     selection = config_value(config, "expert_selection_fn", default="softmax")
     if selection not in ("softmax", "sigmoid"):
         raise CheckpointError(f"this Cohere2-MoE config sets expert_selection_fn {selection!r}; transformers and "
                               "moelab read 'softmax' or 'sigmoid'")  # fmt: skip
-    strategy = config_value(config, "shared_expert_combination_strategy", default="average")
-    if config_value(config, "num_shared_experts", default=0) > 0 and strategy != "sum":
-        raise CheckpointError(
-            f"this Cohere2-MoE config has shared experts combined by {strategy!r} (shared_expert_combination_strategy): "
-            "transformers halves the routed plus shared output, where moelab's shared experts are added in full; "
-            "only 'sum' is read"
-        )
     renormalize = selection == "softmax" or config_flag(config, "norm_topk_prob", default=True)
-    return {"score_func": selection, "top_k": _top_k(config), "renormalize": renormalize}
+    settings = {"score_func": selection, "top_k": _top_k(config), "renormalize": renormalize}
+    return settings | ({"route_scale": 0.5, "scaled_after_experts": True} if _cohere2_moe_averaged(config) else {})
+
+
+def _cohere2_moe_averaged(config: Config) -> bool:
+    """Cohere2-MoE's block output is (routed + shared) / 2 where it has shared experts and
+    shared_expert_combination_strategy is "average" (its class default), routed + shared with "sum"."""
+    strategy = config_value(config, "shared_expert_combination_strategy", default="average")
+    if strategy not in ("average", "sum"):
+        raise CheckpointError(
+            f"this Cohere2-MoE config sets shared_expert_combination_strategy {strategy!r}; transformers and moelab "
+            "read 'average' or 'sum'"
+        )
+    return config_value(config, "num_shared_experts", default=0) > 0 and strategy == "average"
+
+
+def _cohere2_moe_activations(config: Config, index: int) -> tuple[dict, dict] | None:
+    """Averaged shared experts (`_cohere2_moe_averaged`): their SwiGLU's output halved."""
+    if not _cohere2_moe_averaged(config):
+        return None
+    return swiglu(config), {"activation": "silu", "output_scale": 0.5}
 
 
 def _softmax_top_k(config: Config) -> dict:
@@ -1138,7 +1151,7 @@ _FAMILIES = (
            stored_renames=(("self_attn.sinks", "self_attn.softmax_offset"),)),
     Family("cohere2_moe", layouts=_qwen2_moe_layouts(_shared("mlp.shared_experts")), num_experts=("num_experts",),
            router_settings=_cohere2_moe, is_moe_layer=lambda config, i: _mlp_layer_types(config, i, first_dense=0),
-           shared_width_follows=True, dense_width_follows=True),  # dense layers: prefix_dense_intermediate_size or it
+           layer_activations=_cohere2_moe_activations, shared_width_follows=True, dense_width_follows=True),  # dense layers: prefix_dense_intermediate_size or it
     Family("jamba", layouts=_jamba_layouts(), num_experts=("num_experts",), router_settings=_softmax_top_k,
            is_moe_layer=_jamba_sparse_layer, dense_width_follows=True),
     Family("nemotron_h", layouts=_nemotron_h_layouts(), num_experts=("n_routed_experts", "num_local_experts"),

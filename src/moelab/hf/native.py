@@ -239,5 +239,6 @@ def _shared(view: SharedView | None) -> SharedExperts | None:
     Is, D = view.up.shape
     activation = "swiglu" if view.gate is not None else view.activation
     return SharedExperts(
-        D, Is, gated=view.sigmoid_gate is not None, activation=activation, clamped=_gated_activation(view)
-    )
+        D, Is, gated=view.sigmoid_gate is not None, activation=activation, clamped=_gated_activation(view),
+        output_scale=view.output_scale,
+    )  # fmt: skip

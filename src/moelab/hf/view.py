@@ -9,6 +9,7 @@ compression read views. A `ModelView` reads one layer's tensors when asked for t
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -217,7 +218,7 @@ class SharedView:
     "gate_clamped_swiglu": Hunyuan 4's / DeepSeek-V4's gate-clamped form, see `ExpertsView`),
     or down @ act(up @ x) where gate
     is None and `activation` names a plain one (Nemotron-H: relu2); times sigmoid(sigmoid_gate @ x)
-    if that is set (Qwen2-MoE).
+    if that is set (Qwen2-MoE); times output_scale (Cohere2-MoE's "average" strategy: 0.5).
 
     gate (or None), up: [Is, D]; down: [D, Is]; sigmoid_gate: [1, D] | None.
     """
@@ -229,8 +230,11 @@ class SharedView:
     activation: str = "silu"
     swiglu_limit: float | None = None
     swiglu_alpha: float | None = None
+    output_scale: float = 1.0
 
     def __post_init__(self):
+        if not (math.isfinite(self.output_scale) and self.output_scale > 0):
+            raise ValueError(f"shared experts: output_scale must be a positive finite number, got {self.output_scale!r}")
         if self.activation not in (PLAIN_ACTIVATIONS if self.gate is None else GATED_ACTIVATIONS):
             raise ValueError(
                 f"shared experts: a gate projection with one of {GATED_ACTIVATIONS}, or none with one "

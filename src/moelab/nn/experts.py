@@ -9,6 +9,7 @@ row's routing weight, which scales its output), and return `[N, D]` in the same 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -329,7 +330,9 @@ class SwiGLU(nn.Module):
 
 class SharedExperts(nn.Module):
     """Always-on experts (DeepSeekMoE: n_shared experts fused into one MLP of width n_shared * I),
-    optionally scaled by a per-token sigmoid gate (Qwen2-MoE `shared_expert_gate`).
+    optionally scaled by a per-token sigmoid gate (Qwen2-MoE `shared_expert_gate`) and by a fixed
+    output_scale (Cohere2-MoE's "average" of the routed and shared outputs: 0.5, its routed half in the
+    router's route_scale).
 
     activation "swiglu": down(silu(gate_proj(x)) * up_proj(x)), or with `clamped` (Step 3.7's
     `CappedSwiGLU`, Gemma 4's `GeluTanhGLU`, Hunyuan 4's / DeepSeek-V4's `GateClampedSwiGLU`)
@@ -346,8 +349,11 @@ class SharedExperts(nn.Module):
         gated: bool = False,
         activation: str = "swiglu",
         clamped: GatedActivation | None = None,
+        output_scale: float = 1.0,
     ):
         super().__init__()
+        if not (math.isfinite(output_scale) and output_scale > 0):
+            raise ValueError(f"shared experts: output_scale must be a positive finite number, got {output_scale!r}")
         if activation != "swiglu" and activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown shared-expert activation {activation!r}; choose swiglu or one of {sorted(ACTIVATIONS)}"
@@ -356,6 +362,7 @@ class SharedExperts(nn.Module):
             raise ValueError(f"a clamped gated activation needs activation 'swiglu', got {activation!r}")
         self.activation = activation
         self.clamped = clamped
+        self.output_scale = output_scale
         self.gate_proj = Linear(dim, hidden_dim, bias=False) if activation == "swiglu" else None
         self.up_proj = Linear(dim, hidden_dim, bias=False)
         self.down_proj = Linear(hidden_dim, dim, bias=False)
@@ -371,5 +378,11 @@ class SharedExperts(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [T, D] -> [T, D]"""
-        y = self.mlp(x)
-        return y if self.gate is None else torch.sigmoid(self.gate(x)) * y
+        return self.weigh(x, self.mlp(x))
+
+    def weigh(self, x: Tensor, y: Tensor) -> Tensor:
+        """The MLP's output y [T, D] on x [T, D] -> the experts' output: times the sigmoid gate on x
+        and the output scale, where set."""
+        if self.gate is not None:
+            y = torch.sigmoid(self.gate(x)) * y
+        return y if self.output_scale == 1.0 else y * self.output_scale
