@@ -257,7 +257,7 @@ def test_generate_in_memory_and_offloaded_give_the_same_text():
     assert offloaded.exit_code == 0, offloaded.output
     text, speed = plain.output.rstrip("\n").rsplit("\n", 1)
     assert text.startswith("The king said") and len(text) > len("The king said")
-    assert re.fullmatch(r"12 tokens in .* tokens/s after the first two, \d+ threads?", speed)
+    assert re.fullmatch(r"12 tokens in .* tokens/s after the first two, \d+ threads?, float32", speed)
     assert offloaded.output.startswith(text + "\n12 tokens in ")
     assert "expert cache: 12 slots, decode hit rate" in offloaded.output
     prefetching = runner.invoke(app, [*args, "--resident", "0.25", "--policy", "lookahead"])
@@ -409,6 +409,34 @@ def test_generate_texts_refuses_zero_new_tokens():
 
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         generate_texts(reference_model_dir(), ["The king said"], max_new_tokens=0)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_generate_computes_in_the_checkpoints_dtype_where_the_cpu_multiplies_in_it(tmp_path, monkeypatch, native):
+    """dtype "auto" (the default): a bf16 checkpoint decodes in bf16 on a CPU with a native bf16
+    matmul, in memory and offloaded (the text of dtype=torch.bfloat16), else in float32; the
+    shipped float32 model (moelab's: no dtype in config.json, its tensors' dtype) in float32."""
+    from hf_tiny import build
+
+    import moelab.generate as generating
+
+    monkeypatch.setattr(generating, "cpu_multiplies_bf16", lambda: native)
+    build("olmoe", vocab_size=8192).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    want = torch.bfloat16 if native else torch.float32
+    text, stats = generating.generate_text(tmp_path / "bf16", "The king said", max_new_tokens=4)
+    assert stats["dtype"] == want and text == generating.generate_text(tmp_path / "bf16", "The king said", max_new_tokens=4, dtype=want)[0]
+    offloaded = generating.generate_text(tmp_path / "bf16", "The king said", max_new_tokens=4, resident=0.5)
+    assert offloaded[1]["dtype"] == want and offloaded[0] == text
+    assert generating.generate_text(reference_model_dir(), "The king said", max_new_tokens=1)[1]["dtype"] == torch.float32
+    from moelab.models import MoETransformer, save_pretrained, tiny
+
+    save_pretrained(MoETransformer(tiny()).to(torch.bfloat16), tmp_path / "moelab-bf16")
+    assert generating.decode_dtype(tmp_path / "moelab-bf16", {}, "cpu") == want  # its tensors' dtype
+    config = {"dtype": "bfloat16"}
+    assert generating.decode_dtype(tmp_path / "bf16", config, "cuda") == torch.bfloat16  # a GPU: as stored
+    assert generating.decode_dtype(tmp_path / "bf16", {"torch_dtype": "float16"}, "cpu") == torch.float32
+    with pytest.raises(ValueError, match="dtype is 'auto' or a torch.dtype"):
+        generating.generate_text(tmp_path / "bf16", "The king said", dtype="bf16")
 
 
 def test_a_tokenizer_config_alone_is_the_checkpoints_own_tokenizer(tmp_path):

@@ -706,7 +706,7 @@ def generate_cmd(
     prior: Annotated[Path | None, typer.Option("--prior", help="A routing trace (moelab trace) whose statistics guide the expert cache.")] = None,
     policy: Annotated[str, typer.Option("--policy", help="With --resident / --memory-budget, the expert cache's eviction and read-ahead: lru, reuse, affinity, lookahead-x1, lookahead or both (affinity and both need --prior; docs/benchmarks.md).")] = "reuse",
     compile_step: Annotated[bool, typer.Option("--compile", help="Decode with a compiled static step (moelab checkpoints, in memory or offloaded without read-ahead; compiling takes seconds, paid once).")] = False,
-    dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "fp32",
+    dtype: Annotated[str, typer.Option(help="auto, fp32 or bf16; auto: the checkpoint's own dtype where the device multiplies in it natively (a GPU; a CPU with AVX512-BF16 or AMX for bf16), else fp32.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu or cuda (offloaded: the expert cache in GPU memory).")] = "cpu",
     host_memory: Annotated[bool, typer.Option("--host-memory", help="Offloaded on cuda: keep every routed expert in pinned host memory and copy to the GPU from there (no file reads).")] = False,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Sample each token from softmax(logits / temperature) instead of taking the most likely one.")] = None,
@@ -728,7 +728,7 @@ def generate_cmd(
     from moelab.offload import RoutingPrior
     from moelab.validation import check_choice
 
-    check_choice("dtype", dtype, DTYPES)
+    check_choice("dtype", dtype, ["auto", *DTYPES])
     sampling = None
     if (temperature, top_p, top_k) != (None, None, None):
         temperature = 1.0 if temperature is None else temperature
@@ -748,8 +748,8 @@ def generate_cmd(
         path, prompts, max_new_tokens=max_new_tokens, resident=resident,
         memory_budget=None if memory_budget is None else parse_size(memory_budget),
         prior=None if prior is None else RoutingPrior.from_trace(prior), policy=policy, compile=compile_step,
-        dtype=DTYPES[dtype], device=device, host_memory=host_memory, streamer=streamer, sampling=sampling,
-        ignore_eos=ignore_eos,
+        dtype=DTYPES.get(dtype, dtype), device=device, host_memory=host_memory, streamer=streamer,
+        sampling=sampling, ignore_eos=ignore_eos,
     )  # fmt: skip
     if streamer is None:
         for prompt, text in zip(prompts, texts, strict=True):
@@ -759,7 +759,7 @@ def generate_cmd(
     later = stats["later_tokens_per_s"]
     later = "" if later is None else f"; {later:.1f} tokens/s after the first two"
     speed = f"{stats['tokens_per_s']:.1f} tokens/s{compiling}{later}"
-    on = f"{stats['threads']} thread{'s' * (stats['threads'] > 1)}"
+    on = f"{stats['threads']} thread{'s' * (stats['threads'] > 1)}, {str(stats['dtype']).removeprefix('torch.')}"
     console.print(f"[dim]{tokens} tokens in {stats['seconds']:.2f} s, {speed}, {on}[/dim]")
     if "slots" in stats:
         hit = "-" if stats["decode_hit_rate"] is None else f"{stats['decode_hit_rate']:.1%}"

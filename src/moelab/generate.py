@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,8 +29,10 @@ import torch
 
 from moelab.data import TOKENIZER_DIR
 from moelab.files import read_json_object
+from moelab.hf.checkpoint import Checkpoint
 from moelab.hf.conversion import CONVERTIBLE_FAMILIES, conversion_problems, moelab_model
 from moelab.hf.multimodal import language_config
+from moelab.hf.quantized import PLAIN_DTYPES
 from moelab.models.transformer import MoETransformer, Sampling, TokenStreamer, decode_cache_length
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import generate_ids
@@ -87,7 +90,7 @@ def generate_texts(
     prior: RoutingPrior | None = None,
     policy: str = "reuse",
     compile: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = "auto",
     device: str = "cpu",
     host_memory: bool = False,
     streamer: TokenStreamer | None = None,
@@ -100,15 +103,17 @@ def generate_texts(
     tokens of every prompt), "threads" (torch's intra-op threads), "later_tokens_per_s": the rate of the
     steps after the first two (without the prompts' pass and the first one-token step, where a
     compiled step is traced; None for fewer than 3 tokens, and on a GPU without a streamer, which
-    would wait for every step), and with offloading the expert cache's). The prompts decode as one
+    would wait for every step), "dtype" it computed in, and with offloading the expert cache's).
+    The prompts decode as one
     batch, each left-padded to the longest (`attention_mask` of `MoETransformer.generate`), as each
     would alone. resident or memory_budget (bytes):
     offload the routed experts (`load_offloaded`), with `prior` (routing statistics, e.g.
     `RoutingPrior.from_trace`) for the eviction policy if given, and `policy` (a name of
     `moelab.offload.POLICIES`: eviction and read-ahead). compile: decode with a compiled
     static step (`MoETransformer.generate(compile=True)`; moelab checkpoints, in memory or
-    offloaded without read-ahead; the one-time compilation, seconds, is part of the time). dtype,
-    device: what the model computes in and where ("cuda": an offloaded model's cache in GPU memory;
+    offloaded without read-ahead; the one-time compilation, seconds, is part of the time). dtype
+    ("auto": `decode_dtype`), device: what the model computes in and where ("cuda": an offloaded
+    model's cache in GPU memory;
     host_memory: every expert also kept in pinned host memory, `load_offloaded`). streamer: told
     each step's tokens (`MoETransformer.generate`; e.g. transformers' `TextStreamer(tokenizer,
     skip_prompt=True)`, which prints one prompt's continuation as it decodes). sampling: draw each
@@ -131,6 +136,8 @@ def generate_texts(
             ) from None
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(dtype, str) and dtype != "auto":
+        raise ValueError(f"dtype is 'auto' or a torch.dtype (torch.bfloat16, torch.float32), got {dtype!r}")
     check_device(device)
     offloaded = resident is not None or memory_budget is not None
     check_choice("offload policy", policy, POLICIES)
@@ -148,6 +155,7 @@ def generate_texts(
     config = language_config(read_json_object(config_path, "a model config")) if config_path.is_file() else {}
     _check_vocabulary(path, config, encoded)
     ids, mask = _left_padded(encoded, prompts, device)
+    dtype = decode_dtype(path, config, device) if dtype == "auto" else dtype
     # the clock needs each step's tokens on the host: on a GPU only where a streamer takes them anyway
     clock = _StepClock(streamer) if streamer is not None or device == "cpu" else None
     if not offloaded:
@@ -159,7 +167,7 @@ def generate_texts(
         )  # fmt: skip
         stats = _speed(start, out, out.shape[1] - ids.shape[1]) | _later_rate(clock)
         stats["engine"] = "moelab" if isinstance(model, MoETransformer) else "transformers"
-        return _continuations(tokenizer, out, ids.shape[1], eos), stats
+        return _continuations(tokenizer, out, ids.shape[1], eos), stats | {"dtype": dtype}
     kv_cache_tokens = None if memory_budget is None else _kv_cache_tokens(config, ids, max_new_tokens, compile)
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, kv_cache_tokens=kv_cache_tokens, prior=prior,
@@ -179,10 +187,36 @@ def generate_texts(
             "decode_hit_rate": None if decode is None else decode.hit_rate,
             "experts_read": model.cache.total().misses + model.cache.prefetch_stats.issued,
             "prefetch_accuracy": model.cache.prefetch_stats.accuracy,
+            "dtype": dtype,
         }
     finally:
         model.close()
     return _continuations(tokenizer, out, ids.shape[1], eos), stats
+
+
+def decode_dtype(path: str | os.PathLike, config: dict, device: str) -> torch.dtype:
+    """What `generate` computes in by default ("auto"): the dtype the checkpoint holds its weights in
+    (config.json's `dtype` or `torch_dtype`, else the most common of its stored floating-point
+    tensors': moelab's checkpoints), where the device multiplies in it natively: bf16 or fp16 on a
+    GPU, bf16 on a CPU with a native bf16 matmul (oneDNN: AVX512-BF16 or AMX); float32 otherwise
+    (without one, bf16 runs tens of times slower than float32; quantized weights are read in the
+    dtype config.json states)."""
+    stored = PLAIN_DTYPES.get(config.get("dtype") or config.get("torch_dtype"))
+    if stored is None:
+        with Checkpoint(path) as checkpoint:
+            names = Counter(checkpoint.entry(key)[0] for key in checkpoint.keys())
+        stored = next((STORED[name] for name, _ in names.most_common() if name in STORED), torch.float32)
+    if device != "cpu":
+        return stored
+    return stored if stored == torch.bfloat16 and cpu_multiplies_bf16() else torch.float32
+
+
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has a native bf16 matmul (oneDNN's check: AVX512-BF16 or AMX)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+STORED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' dtype names
 
 
 def _kv_cache_tokens(config: dict, ids: torch.Tensor, max_new_tokens: int, compile: bool) -> int:
