@@ -74,6 +74,26 @@ def test_compiled_layer_matches_eager(name):
         assert float(res_c.dropped_fraction) == pytest.approx(float(res_e.dropped_fraction))
 
 
+@pytest.mark.parametrize("compiled_gather_bytes", [2**23, 0], ids=["gathered", "opaque op"])
+def test_compiled_infer_and_forward_add_the_output_bias_once(compiled_gather_bytes):
+    """A layer with an output bias (JetMoE's), compiled: `infer` on the gathered path and through
+    the opaque op, and `forward`, give the eager plain layer's output plus the bias."""
+    from moelab.nn import MoELayer
+
+    torch._dynamo.reset()
+    plain = build_moe(MoEConfig(dim=16, num_experts=4, hidden_dim=8, top_k=2, num_shared=1))
+    bias = torch.randn(16, generator=torch.Generator().manual_seed(3))
+    layer = MoELayer(plain.router, plain.experts, plain.shared, output_bias=bias).eval()
+    layer.compiled_gather_bytes = compiled_gather_bytes
+    infer, forward = torch.compile(layer.infer), torch.compile(layer)
+    with torch.no_grad():
+        for T in (1, 3):
+            x = torch.randn(T, 16, generator=torch.Generator().manual_seed(T))
+            expected = plain(x)[0] + bias
+            assert_close(infer(x), expected, what=f"compiled infer, {T} tokens")
+            assert_close(forward(x)[0], expected, what=f"compiled forward, {T} tokens")
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_graph_breaks_are_recorded(name):
     torch._dynamo.reset()

@@ -98,6 +98,61 @@ def test_infer_matches_reference_forward_and_backward(name, path, shape):
         assert_close(actual, expected, what=f"grad {n}")
 
 
+def with_output_bias(layer, seed=11):
+    """`layer`'s modules (shared, not copied) in a layer with an output bias [D] at unit scale
+    (JetMoE's block bias), and the bias."""
+    from moelab.nn import MoELayer
+
+    bias = torch.randn(D, generator=torch.Generator().manual_seed(seed))
+    biased = MoELayer(
+        layer.router, layer.experts, layer.shared, capacity_factor=layer.capacity_factor, latent=layer.latent,
+        expert_norm=layer.expert_norm, routed_norm=layer.routed_norm, output_bias=bias,
+    )  # fmt: skip
+    for name in ("gather_rows", "gather_bytes", "small_expert_work", "small_expert_count", "every_expert_work",
+                 "every_expert_share"):  # fmt: skip
+        setattr(biased, name, getattr(layer, name))
+    return biased, biased.output_bias
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (1, 1)], ids=["6 tokens", "1 token"])
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("name", ["topk", "topk-k1", "topk-shared-gated", "topk-mlp-gelu", "topp", "cap-topk"])
+def test_output_bias_is_added_once_on_every_path_forward_and_backward(name, path, shape):
+    """A layer with an output bias gives the plain layer's output plus the bias, through `forward`
+    and through `infer` on each of its paths (gathered, expert by expert, one grouped_mm call, every
+    expert; one token; capacity dropping falls back to forward); the gradients of x and of every
+    other parameter are the plain layer's, the bias's the sum of the output's gradient over tokens."""
+    plain, _ = make_layer(**CONFIGS[name])
+    PATHS[path](plain)
+    layer, bias = with_output_bias(plain)
+    x = tokens(*shape)
+    G = torch.randn(*shape, D, generator=torch.Generator().manual_seed(5))
+    for run in ("forward", "infer"):
+        outputs = {}
+        for which in (plain, layer):
+            which.zero_grad(set_to_none=True)
+            x_l = x.clone().requires_grad_(True)
+            y = which(x_l)[0] if run == "forward" else which.infer(x_l)
+            (y * G).sum().backward()
+            grads = {n: p.grad.clone() for n, p in which.named_parameters() if p.grad is not None}
+            outputs[which is layer] = y.detach(), x_l.grad, grads
+        (y_plain, gx_plain, g_plain), (y_bias, gx_bias, g_bias) = outputs[False], outputs[True]
+        assert_close(y_bias, y_plain + bias.detach(), what=f"{run} output")
+        assert_close(gx_bias, gx_plain, what=f"{run} grad x")
+        assert_close(g_bias.pop("output_bias"), G.reshape(-1, D).sum(0), what=f"{run} grad output_bias")
+        assert g_bias.keys() == g_plain.keys()
+        for n in g_plain:
+            assert_close(g_bias[n], g_plain[n], what=f"{run} grad {n}")
+
+
+def test_output_bias_must_be_as_wide_as_the_layer():
+    layer, _ = make_layer(**CONFIGS["topk"])
+    with pytest.raises(ValueError, match=rf"output_bias has shape \[{D + 1}\].*give \[{D}\]"):
+        from moelab.nn import MoELayer
+
+        MoELayer(layer.router, layer.experts, output_bias=torch.zeros(D + 1))
+
+
 @pytest.mark.parametrize("name", ["topk", "topk-k=E", "topp", "relu", "topk-shared-gated", "topk-mlp-gelu"])
 @pytest.mark.parametrize("T", [1, 3, 40])
 def test_infer_equals_forward_on_both_sides_of_the_threshold(name, T):

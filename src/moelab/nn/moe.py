@@ -133,6 +133,8 @@ class MoELayer(nn.Module):
     expert_norm, routed_norm: norms around the routed experts (Gemma 4's, `ScaledRMSNorm`): the
         experts read expert_norm(x) while the router reads x (through its own `input_norm`), and
         their combined output is routed_norm(y) before the shared experts' output is added.
+    output_bias: optional [D] added to every token's output last, whatever the routing (JetMoE's
+        block bias); a parameter of the layer, added once on every path (`_finish`).
     sparsity_window: chunk length L of the "cls" metric of variable-k routers (BlockFFN: 8).
     dispatcher: how rows reach the experts; `LocalDispatcher` (default) or an expert-parallel
         one (`moelab.distributed`), in which case `experts` holds this rank's experts only.
@@ -184,6 +186,7 @@ class MoELayer(nn.Module):
         dispatcher: LocalDispatcher | None = None,
         expert_norm: nn.Module | None = None,
         routed_norm: nn.Module | None = None,
+        output_bias: Tensor | None = None,
     ):
         super().__init__()
         dispatcher = dispatcher or LocalDispatcher()
@@ -199,6 +202,11 @@ class MoELayer(nn.Module):
             )
         if latent is not None and (expert_norm is not None or routed_norm is not None):
             raise ValueError("a latent layer with norms around its experts is not supported; give one or the other")
+        if output_bias is not None and tuple(output_bias.shape) != (router.dim,):
+            raise ValueError(
+                f"output_bias has shape {list(output_bias.shape)}; the layer's output is {router.dim} wide: "
+                f"give [{router.dim}]"
+            )
         if sparsity_window < 1:
             raise ValueError(f"sparsity_window must be >= 1, got {sparsity_window}")
         if capacity_factor is not None and capacity_factor <= 0:
@@ -219,6 +227,10 @@ class MoELayer(nn.Module):
         self.latent = latent
         self.expert_norm = expert_norm
         self.routed_norm = routed_norm
+        if output_bias is None:
+            self.register_parameter("output_bias", None)
+        else:
+            self.output_bias = output_bias if isinstance(output_bias, nn.Parameter) else nn.Parameter(output_bias)
         self.sparsity_window = sparsity_window
         self.dispatcher = dispatcher
         self.skip_ratio: float | None = None  # NAEE dynamic skipping, an inference-time option (`dynamic_skip`)
@@ -495,9 +507,12 @@ class MoELayer(nn.Module):
 
     def _finish(self, x: Tensor, y: Tensor) -> Tensor:
         """The routed experts' combined output y: [T, D or latent rank] -> [T, D]: `routed_output`,
-        plus the shared experts' output on x: [T, D]."""
+        plus the shared experts' output on x: [T, D], plus `output_bias`. Every path (`forward`,
+        `infer`, compiled or not) ends here, so the bias is added once."""
         y = self.routed_output(y)
-        return y if self.shared is None else y + self.shared(x)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y if self.output_bias is None else y + self.output_bias
 
     def _metrics(self, router: Router, routing: Routing, token_shape: torch.Size) -> dict[str, Tensor]:
         """BlockFFN's TLS and CLS for routers with a variable number of experts per token."""
