@@ -39,7 +39,9 @@ class MoECall:
     [T, D] the shared experts' output (None without), shared_down: [T, D] their down projection
     before any gate; scale_input: the experts took the weight on their input; routed_norm: the
     norm of the routed experts' weighted sum (Gemma 4: `MoELayer.routed_norm`), None without;
-    token_ids: [T] int64 the tokens' ids where the router read them (a hash router), else None.
+    token_ids: [T] int64 the tokens' ids where the router read them (a hash router), else None;
+    output_bias: [D] the block's output bias (JetMoE's `MoELayer.output_bias`), None without: part of
+    `output`, not of any expert's contribution.
     In the backward sweep (`eager_moe(..., keep_hidden=True)`) also hidden: [T, K, I] each slot's
     hidden activation (what its down projection sees) and grad_hidden: [T, K, I] the loss's
     gradient with respect to it, filled in when the backward pass reaches it; zeros in empty slots.
@@ -55,6 +57,7 @@ class MoECall:
     grad_hidden: Tensor | None = None
     routed_norm: Callable[[Tensor], Tensor] | None = None
     token_ids: Tensor | None = None
+    output_bias: Tensor | None = None
 
     @property
     def contributions(self) -> Tensor:
@@ -73,8 +76,9 @@ class MoECall:
     @property
     def output(self) -> Tensor:
         """[T, D] the block's output."""
-        routed = self.routed if self.routed_norm is None else self.routed_norm(self.routed)
-        return routed if self.shared is None else routed + self.shared
+        out = self.routed if self.routed_norm is None else self.routed_norm(self.routed)
+        out = out if self.shared is None else out + self.shared
+        return out if self.output_bias is None else out + self.output_bias.to(out.dtype)
 
 
 @dataclass
@@ -131,7 +135,7 @@ def eager_moe(
         shared = moe.shared.weigh(x, shared_down)
     return MoECall(
         x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input, hidden, grad_hidden, moe.routed_norm,
-        ids[0] if ids else None,
+        ids[0] if ids else None, moe.output_bias,
     )
 
 

@@ -164,6 +164,8 @@ def moe_output(
         y = summed_routed_output(layer, y)
         if layer.shared is not None:
             y += shared_from_view(layer.shared).double()(x)
+        if layer.output_bias is not None:
+            y += layer.output_bias.double()
     return y
 
 
@@ -308,6 +310,11 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
                 f"layer {layer.index}: the edited view changes the {what}; the writer copies the {what} "
                 f"unchanged, so keep the original `{part}` in the view"
             )
+    if not _same(layer.output_bias, new.output_bias):
+        raise ValueError(
+            f"layer {layer.index}: the edited view changes the block's output bias; the writer copies it "
+            "unchanged (it does not depend on the routing), so keep the original `output_bias` in the view"
+        )
 
 
 def _same_tensors(old, new, names: tuple[str, ...]) -> bool:

@@ -30,6 +30,7 @@ def moe_layer_from_view(layer: MoELayerView) -> MoELayer:
         latent=latent_from_view(layer.latent),
         expert_norm=norm_from_view(layer.expert_norm),
         routed_norm=norm_from_view(layer.routed_norm),
+        output_bias=layer.output_bias,
     )
 
 

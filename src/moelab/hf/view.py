@@ -272,7 +272,8 @@ class MoELayerView:
     """Decoder layer `index` has a sparse MoE feed-forward block; `latent`: its routed experts work
     in a projected latent space (`LatentView`); expert_norm, routed_norm: its routed experts read
     expert_norm(x) and their weighted sum is routed_norm(y) before the shared experts' output is
-    added (Gemma 4)."""
+    added (Gemma 4); output_bias: [D] | None, added to every token's block output last, whatever the
+    routing (JetMoE's block bias: not per expert, so pruning and merging keep it as it is)."""
 
     index: int
     router: RouterView
@@ -281,9 +282,15 @@ class MoELayerView:
     latent: LatentView | None = None
     expert_norm: NormView | None = None
     routed_norm: NormView | None = None
+    output_bias: Tensor | None = None
 
     def __post_init__(self):
         E, D = self.router.weight.shape
+        if self.output_bias is not None:
+            try:
+                _check_shape("block output bias", self.output_bias, (D,))
+            except ValueError as err:
+                raise ValueError(f"{err}: one entry per model dim, as the router's weight [{E}, {D}] reads") from None
         for name in ("expert_norm", "routed_norm"):
             if (norm := getattr(self, name)) is not None:
                 _check_shape(f"{name} weight", norm.weight, (D,))
@@ -348,6 +355,7 @@ class ModelView:
         self.family = adapter.name
         self.num_layers = num_layers
         self.mtp_layers: list[int] = list(getattr(adapter, "mtp_layers", []))
+        self.moe_block: str | None = getattr(adapter, "moe_block", None)  # `Family.moe_block`
         self._adapter = adapter
         self._checkpoint = checkpoint
 

@@ -487,7 +487,9 @@ def load_offloaded(
     for index in store.moe_layers:
         views[index] = view.layer(index, routed=False)
         assert isinstance(views[index], MoELayerView)
-        found[index] = find_moe_modules(layers[index], index, store.num_experts, views[index].router.weight.shape[1])
+        found[index] = find_moe_modules(
+            layers[index], index, store.num_experts, views[index].router.weight.shape[1], store.family.moe_block
+        )
     moved = {i: [found[i].experts] if own else replaced_modules(i, found[i], store.family) for i in store.moe_layers}
     skip = [f"{layers_name}.{i}.{name}" for i, names in moved.items() for name in names]
     for name in beside_language_model(model):  # a vision-language model decodes text without its vision tower
@@ -532,6 +534,7 @@ def load_offloaded(
                 None if shared is None else shared_from_view(shared).to(dtype),
                 latent=None if views[index].latent is None else latent_from_view(views[index].latent).to(dtype),
                 **{name: None if norm is None else norm.to(dtype) for name, norm in norms.items()},
+                output_bias=None if views[index].output_bias is None else views[index].output_bias.to(dtype),
             )
             install_moe(layers[index], index, found[index], moes[index], MoELayer.infer, store.family)
             block = layers[index].get_submodule(found[index].block or found[index].experts)
@@ -679,13 +682,14 @@ def _read_ahead(experts: OffloadedExperts, norm: nn.Module | None, layer: nn.Mod
 
 
 def _view_bytes(layer: MoELayerView, dtype: torch.dtype, shared: bool) -> int:
-    """Bytes of a layer view's router (held in float32) and its latent projections (and shared
-    experts) in `dtype`."""
+    """Bytes of a layer view's router (held in float32) and its latent projections, norms, output
+    bias (and shared experts) in `dtype`."""
     router = [layer.router.weight, layer.router.bias, layer.router.selection_bias, layer.router.expert_scale]
     table = layer.router.token_experts  # a hash router's, kept as stored (integers)
     router += [] if layer.router.input_norm is None else [layer.router.input_norm.weight]
     tensors = [] if layer.latent is None else [layer.latent.down, layer.latent.up]
     tensors += [norm.weight for norm in (layer.expert_norm, layer.routed_norm) if norm is not None]
+    tensors += [layer.output_bias]
     if shared and layer.shared is not None:
         tensors += [layer.shared.gate, layer.shared.up, layer.shared.down, layer.shared.sigmoid_gate]
     size = torch.empty((), dtype=dtype).element_size()
