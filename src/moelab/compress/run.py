@@ -37,7 +37,7 @@ from moelab.compress.stats import Calibration, LayerStats, fingerprint
 from moelab.eval.evaluate import parameter_counts
 from moelab.hf.adapters import resolve
 from moelab.hf.edit import LayerEdit
-from moelab.hf.layouts import config_value
+from moelab.hf.layouts import config_entry, config_value
 from moelab.hf.requantize import check_keep_quantized
 from moelab.hf.view import ModelView, MoELayerView, check_no_layers_beyond
 from moelab.hf.writer import unbuilt_layers, write_edited
@@ -228,6 +228,13 @@ def _layer_views(model: Path, method: Method, align: int = 1, mtp_layers: Sequen
         raise ValueError(
             f"{method.name} with these options makes the routed experts narrower, but {family.name}'s {follows} "
             f"take their width from the same config key; use an option that keeps the width (heapr: layout='padded')"
+        )
+    if family.expert_count_shared_with is not None and not method.keeps_count:
+        key = config_entry(config, family.num_experts)[0]
+        raise ValueError(
+            f"{method.name} removes or merges experts, but {family.name}'s {key} also sizes "
+            f"{family.expert_count_shared_with}, which compression leaves as it is: transformers could not load the "
+            "output. Use a method that keeps every expert and narrows them (heapr, or moelab with strategy='neurons')"
         )
     moe_layers = {i: layer for i, layer in layers.items() if isinstance(layer, MoELayerView)}
     if not moe_layers:

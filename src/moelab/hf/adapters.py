@@ -432,6 +432,21 @@ def _llama4(config: Config) -> dict:
     return {"score_func": "sigmoid", "top_k": _top_k(config), "renormalize": False}
 
 
+_JETMOE_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh_glu"}
+
+
+def _jetmoe_experts(config: Config) -> dict:
+    """JetMoE's experts: activation_function(x W[:I]^T) * (x W[I:]^T) on input_linear's rows; silu
+    (SwiGLU, its class default) and gelu_pytorch_tanh are read, any other activation refused."""
+    act = config_value(config, "activation_function", default="silu")
+    if act not in _JETMOE_ACTIVATIONS:
+        raise CheckpointError(
+            f"this JetMoE config sets activation_function={act!r}; moelab reads its experts with "
+            f"{' or '.join(map(repr, _JETMOE_ACTIVATIONS))} only"
+        )
+    return {"activation": _JETMOE_ACTIVATIONS[act]}
+
+
 def _dbrx(config: Config) -> dict:
     """softmax, top-k, then divided by the p-norm of the k weights (p = moe_normalize_expert_weights:
     transformers' default 1.0 where absent; an explicit null: not normalised)."""
@@ -1008,6 +1023,14 @@ _LLAMA4_EXPERTS = TransposedGateUp(
 _DBRX_EXPERTS = FlatExperts(
     "ffn.experts.mlp.w1", "ffn.experts.mlp.v1", "ffn.experts.mlp.w2", "ffn_config.ffn_hidden_size"
 )
+_JETMOE_LAYOUT = Layout(
+    RouterKeys("mlp.router.layer.weight"), FusedGateUp("mlp.input_linear.weight", "mlp.output_linear.weight"),
+    output_bias="mlp.bias",
+)
+"""JetMoE's MoE block (mlp): the router's top-k logits softmaxed, experts fused as Granite's
+(input_linear [E, 2I, D], activated rows first; output_linear [E, D, I]), plus mlp.bias [D] on the
+block's output. Its attention (self_attention.experts: a mixture of attention heads with a router
+of its own) is no part of it, and is left as it is."""
 _GRANITE_SHARED = SharedFusedMLP("shared_mlp.input_linear.weight", "shared_mlp.output_linear.weight")
 _QWEN2_SHARED = _shared("mlp.shared_expert", sigmoid_gate="mlp.shared_expert_gate.weight")
 _DEEPSEEK_BIAS = "mlp.gate.e_score_correction_bias"
@@ -1169,6 +1192,9 @@ _FAMILIES = (
     Family("granitemoehybrid", layouts=_granite_layouts(_GRANITE_SHARED), num_experts=("num_local_experts",),
            router_settings=_softmax_renormalized,
            is_moe_layer=lambda config, i: config_value(config, "num_local_experts", default=0) > 0),
+    Family("jetmoe", layouts=(_JETMOE_LAYOUT,), num_experts=("num_local_experts",),
+           router_settings=_softmax_renormalized, expert_settings=_jetmoe_experts, moe_block="mlp",
+           expert_count_shared_with="the attention's experts (self_attention.experts)"),
     Family("llama4_text",
            layouts=(Layout(RouterKeys("feed_forward.router.weight"), _LLAMA4_EXPERTS,
                            _shared("feed_forward.shared_expert")),),

@@ -382,7 +382,7 @@ class LayerwiseModel:
         if view is None:
             return None
         E, D = view.router.weight.shape
-        found = find_moe_modules(module, index, E, D)
+        found = find_moe_modules(module, index, E, D, self.family.moe_block)
         if view.shared is not None and not found.shared_in_block:
             view = dataclasses.replace(view, shared=None)  # the decoder layer adds its shared experts itself
         moe = moe_layer_from_view(view).eval()
@@ -397,6 +397,8 @@ class LayerwiseModel:
         for part in (moe.shared, moe.latent, moe.experts if cast_experts else None):
             if part is not None:
                 part.to(self.dtype)
+        if moe.output_bias is not None:  # computed with the block's output, in its dtype
+            moe.output_bias = nn.Parameter(moe.output_bias.detach().to(self.dtype), moe.output_bias.requires_grad)
         moe.router.float()
         return install_moe(module, index, found, moe, run_moe, self.family)
 

@@ -507,13 +507,16 @@ class Layout:
     """One on-disk layout of a family's MoE block. The shared experts and the latent projections
     are read where the checkpoint has them (a Granite-MoE-Shared config may set the shared width to
     0; a Nemotron-H one has latent projections where it sets moe_latent_size); norms: the norms
-    around the router and experts, where the family has them (Gemma 4)."""
+    around the router and experts, where the family has them (Gemma 4); output_bias: the block's
+    bias [D] added to its output whatever the routing (JetMoE's mlp.bias), read as
+    `MoELayerView.output_bias` and copied unchanged by the writer (it is not per expert)."""
 
     router: RouterKeys
     experts: ExpertsLayout
     shared: SharedMLP | SharedFusedMLP | None = None
     latent: LatentKeys | None = None
     norms: NormKeys | None = None
+    output_bias: str | None = None
 
 
 @dataclass(frozen=True)
@@ -577,6 +580,12 @@ class Family:
         block_sparse_moe, per-expert w1/w3/w2) only through the vision-language model's conversion
         mapping, so such a checkpoint loads as that model (`moelab.hf.loading`), not as its language
         model's causal LM (the layer-by-layer and offloaded runs read the names themselves).
+    moe_block: the decoder layer's module that is its MoE block, where a search by name and shape
+        (`moelab.hf.modules.find_moe_modules`) would also find another (JetMoE: mlp, beside its
+        mixture of attention heads, self_attention.experts, with a router of its own).
+    expert_count_shared_with: what else the config's expert count (`num_experts`) sizes, where
+        something outside the MoE block reads it too (JetMoE's attention experts): the writer then
+        refuses edits that change the count (pruning, merging) and writes those that keep it.
     """
 
     name: str
@@ -605,6 +614,8 @@ class Family:
     inline_routed_norm: str | None = None
     hash_routed: Callable[[Config, int], bool] | None = None
     loads_multimodal: bool = False
+    moe_block: str | None = None
+    expert_count_shared_with: str | None = None
 
     def layer_count(self, config: Config) -> int:
         """The number of decoder layers: the first of `num_layers` set, or the length of a
@@ -722,8 +733,10 @@ class Family:
             latent = LatentView(**layout.latent.read(ckpt, prefix))
         norms = {} if layout.norms is None else layout.norms.read(ckpt, prefix, config)
         router = RouterView(**router, **self.router_settings(config), input_norm=norms.get("router"))
+        output_bias = None if layout.output_bias is None else ckpt.get(prefix + layout.output_bias)
         return MoELayerView(
-            index, router, experts, shared, latent, expert_norm=norms.get("experts"), routed_norm=norms.get("routed")
+            index, router, experts, shared, latent, expert_norm=norms.get("experts"), routed_norm=norms.get("routed"),
+            output_bias=output_bias,
         )
 
     def read_experts(self, ckpt: Checkpoint, config: Config, index: int, experts: range) -> ExpertsView:

@@ -340,7 +340,8 @@ class ModelView:
     config: the parsed config.json; family: the adapter's name (a model_type, or
     "<model_type> (structural)" for the fallback); mtp_layers: the indices past `num_layers` of
     the multi-token prediction layers with routed experts (`Family.mtp_layers`), which `layer`
-    reads too.
+    reads too; moe_block: the decoder layer's module that is its MoE block, where the family names
+    one (`Family.moe_block`: JetMoE's mlp).
     """
 
     def __init__(self, checkpoint: Checkpoint, config: dict[str, Any], adapter: LayerReader, num_layers: int):

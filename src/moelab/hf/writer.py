@@ -231,6 +231,12 @@ class _Plan:
                 + " and moelab's ModelConfig also has a single MoEConfig. Edit every MoE layer to the same "
                 "count and width"
             )
+        if family.expert_count_shared_with is not None and counts[moe_layers[0]] != E:
+            raise ValueError(
+                f"{family.name}'s {key} also sizes {family.expert_count_shared_with}, which this edit leaves as it "
+                f"is: transformers could not load {counts[moe_layers[0]]} MoE experts beside {E} of those. Only edits "
+                "that keep the expert count can be written (e.g. heapr, which narrows the experts)"
+            )
         for name in family.num_experts:
             _set_present(new_config, name, counts[moe_layers[0]])
         sparse = family.is_moe_layer

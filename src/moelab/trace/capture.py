@@ -237,7 +237,7 @@ class RoutingCapture:
                 continue
             router = moe_layer_from_view(layer_view).router  # the family's rule, with the view's weights
             E, D = layer_view.router.weight.shape
-            found = find_moe_modules(blocks[i], i, E, D)
+            found = find_moe_modules(blocks[i], i, E, D, view.moe_block)
             router_module, experts_module = (
                 blocks[i].get_submodule(found.router),
                 blocks[i].get_submodule(found.experts),

@@ -79,6 +79,11 @@ class Method:
         return False
 
     @property
+    def keeps_count(self) -> bool:
+        """Its edits keep every expert (they narrow them): the expert count stays."""
+        return self.narrows
+
+    @property
     def fits_routers(self) -> bool:
         """Its decisions re-calibrate routers on the sampled MoE inputs (`moelab.compress.router_fit`)."""
         return False

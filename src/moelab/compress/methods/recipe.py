@@ -175,6 +175,10 @@ class MoelabRecipe(Method):
         return self.strategy == "neurons"
 
     @property
+    def keeps_count(self) -> bool:
+        return self.strategy == "neurons"
+
+    @property
     def fits_routers(self) -> bool:
         return self.fit.steps > 0 and self.strategy != "neurons"
 
