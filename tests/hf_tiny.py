@@ -514,6 +514,13 @@ TINY = {
         fused=False,
         path="model.layers.{i}",
     ),
+    "jetmoe": Tiny(  # GELU-gated experts (silu is the class default: test_hf_view), mlp.bias on the block's output
+        dict(
+            COMMON, kv_channels=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+            activation_function="gelu_pytorch_tanh",
+        ),  # fmt: skip
+        fused=False,  # no conversion mapping: saved fused or not, the same names
+    ),
     "dbrx": Tiny(
         dict(
             vocab_size=64,

@@ -1155,3 +1155,35 @@ def test_aria_s_routed_experts_are_swiglu_whatever_hidden_act_gates_its_shared_e
     build("aria_text", hidden_act="relu").save_pretrained(tmp_path / "relu")
     with pytest.raises(CheckpointError, match=r"Aria config sets hidden_act 'relu' for its shared experts"):
         open_checkpoint(tmp_path / "relu").layer(0)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh"])
+def test_jetmoe_reads_its_mlp_with_the_bias_on_its_output_not_its_attention_experts(tmp_path, activation):
+    """JetMoE's MoE block is mlp: the router's top-k logits softmaxed, input_linear's first rows
+    activated (silu, its class default, or gelu_pytorch_tanh) times the next, output_linear, and
+    mlp.bias [D] added to every token's output; the view against transformers' block. Its attention
+    (self_attention.experts, with a router and experts of its own) is not read."""
+    build("jetmoe", activation_function=activation).save_pretrained(tmp_path)
+    model = load(tmp_path)
+    with open_checkpoint(tmp_path) as view:
+        _assert_matches_transformers(view, "jetmoe", model, ())
+        layer = view.layer(1)
+        torch.testing.assert_close(layer.output_bias, model.model.layers[1].mlp.bias.detach(), atol=0, rtol=0)
+        assert layer.output_bias.abs().max() > 0.1
+        torch.testing.assert_close(layer.router.weight, model.model.layers[1].mlp.router.layer.weight.detach())
+        assert layer.experts.activation == {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh_glu"}[activation]
+
+
+def test_jetmoe_refuses_an_activation_it_cannot_read(tmp_path):
+    build("jetmoe", activation_function="relu").save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="activation_function='relu'; moelab reads its experts with 'silu' or"):
+        open_checkpoint(tmp_path).layer(0)
+
+
+def test_a_block_output_bias_must_be_as_wide_as_the_model():
+    torch.manual_seed(0)
+    E, I = 4, 8
+    router = RouterView(torch.randn(E, D), "softmax", 2, True)
+    experts = ExpertsView(torch.randn(E, I, D), torch.randn(E, I, D), torch.randn(E, D, I))
+    with pytest.raises(ValueError, match=rf"block output bias has shape \[{D + 1}\], expected \[{D}\]: one entry"):
+        MoELayerView(0, router, experts, output_bias=torch.zeros(D + 1))

@@ -94,6 +94,11 @@ def test_drop_half_the_experts(tmp_path, family, original):
     build(family).save_pretrained(src, save_original_format=original)
     moe_layers = [i for i in range(2) if i not in TINY[family].dense]
     drop = {i: _drop(family, i) for i in moe_layers}
+    if family == "jetmoe":  # num_local_experts sizes its attention's experts too: test_jetmoe_keeps_its_expert_count
+        with pytest.raises(ValueError, match="jetmoe's num_local_experts also sizes the attention's experts"):
+            drop_experts(src, out, drop, quiet=True)
+        assert not out.exists()
+        return
     drop_experts(src, out, drop, quiet=True)
 
     cls, config = language_model_class(AutoConfig.from_pretrained(out))  # Mistral 4: not an AutoModelForCausalLM
@@ -1175,3 +1180,33 @@ def test_an_mtp_layer_edited_to_another_expert_count_or_a_dense_layer_edited_is_
         drop_experts(src, tmp_path / "counts", {1: [1, 5], 2: [1, 2, 5, 6]}, quiet=True)
     with pytest.raises(ValueError, match=r"layers \[0\] are not MoE layers.*multi-token prediction layers \[2\]"):
         drop_experts(src, tmp_path / "dense", {0: [1, 5], 1: [1, 5], 2: [1, 5]}, quiet=True)
+
+
+def test_jetmoe_keeps_its_expert_count_narrows_its_experts_and_copies_its_block_bias(tmp_path):
+    """JetMoE's num_local_experts also sizes its attention's experts (self_attention.experts), so
+    the writer refuses to change the count (test_drop_half_the_experts) but writes narrower experts:
+    transformers reloads the output strictly, its mlp computes the narrowed view (the bias
+    included), and mlp.bias and the attention's tensors are the source's, byte for byte."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    build("jetmoe").save_pretrained(src)
+    with open_checkpoint(src) as view:
+        layers = {i: view.layer(i) for i in range(2)}
+    edits = {}
+    for i, layer in layers.items():
+        e = layer.experts
+        narrow = dataclasses.replace(e, gate=e.gate[:, :8].clone(), up=e.up[:, :8].clone(), down=e.down[:, :, :8].clone())
+        edits[i] = LayerEdit(tuple((j,) for j in range(4)), dataclasses.replace(layer, experts=narrow))
+    write_checkpoint(src, out, edits, reload=True, quiet=True)
+    cls, _ = language_model_class(AutoConfig.from_pretrained(out))
+    model, info = cls.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 8
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(0))
+    for i, edit in edits.items():
+        expected = moe_output(edit.view, x.reshape(-1, D)).float().view_as(x)
+        torch.testing.assert_close(block_output("jetmoe", model.eval(), i, x), expected, atol=1e-5, rtol=0)
+    with safe_open(src / "model.safetensors", "pt") as before, safe_open(out / "model.safetensors", "pt") as after:
+        kept = [k for k in before.keys() if k.endswith("mlp.bias") or ".self_attention." in k]
+        assert any(k.endswith("mlp.bias") for k in kept) and any("self_attention.experts.router" in k for k in kept)
+        for key in kept:
+            assert torch.equal(before.get_tensor(key), after.get_tensor(key)), key
