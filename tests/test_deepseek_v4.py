@@ -277,20 +277,27 @@ def _cache_bytes(cache) -> int:
     return sum(storages.values())
 
 
-def test_the_kv_estimate_holds_what_the_cache_keeps_at_every_step():
-    """Per token, at most what transformers' cache keeps alive after any prompt and decoding step:
-    right after the prompt its keys and compressor projections (views of prompt-wide tensors), later
-    a window, buffers, the overlap state and the compressed entries. The bound is the most per token
-    at any length, reached within 2 % here (a doubled count would fail)."""
-    model = build("deepseek_v4").eval()
-    per_token = kv_bytes_per_token(model, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("types", [None, ["sliding_attention", "compressed_sparse_attention"]])
+def test_the_kv_estimate_holds_what_the_cache_keeps_at_every_step(tmp_path, dtype, types):
+    """Per token, at most what transformers' cache keeps alive after any prompt (whole or in
+    chunks, 2 sequences) and decoding step: right after the prompt its keys and compressor
+    projections (views of prompt-wide tensors), later a window, buffers, the overlap state and the
+    compressed entries. The bound is the most per token at any length, reached within 2 % here (a
+    doubled count would fail). In bf16, as transformers loads it: the overlap's gate half is float32
+    (the projection plus the float32 position_bias); a sliding layer caches a key and a value."""
+    build("deepseek_v4", **({"layer_types": types} if types else {})).save_pretrained(tmp_path)
+    model = load(tmp_path, dtype)
+    per_token = kv_bytes_per_token(model, dtype)
     fractions = []
     with torch.no_grad():
-        for prompt in (1, 2, 3, 5, 8, 9, 16):
-            cache = model(torch.randint(3, 64, (1, prompt)), use_cache=True).past_key_values
-            fractions.append(_cache_bytes(cache) / (per_token * prompt))
+        for chunks in ((1,), (2,), (3,), (4,), (5,), (8,), (9,), (16,), (3, 3), (2, 2, 1), (5, 3, 1)):
+            cache, length = None, 0
+            for chunk in chunks:
+                cache = model(torch.randint(3, 64, (2, chunk)), use_cache=True, past_key_values=cache).past_key_values
+                length += chunk
+                fractions.append(_cache_bytes(cache) / (per_token * 2 * length))
             for step in range(1, 10):
-                model(torch.randint(3, 64, (1, 1)), use_cache=True, past_key_values=cache)
-                fractions.append(_cache_bytes(cache) / (per_token * (prompt + step)))
+                model(torch.randint(3, 64, (2, 1)), use_cache=True, past_key_values=cache)
+                fractions.append(_cache_bytes(cache) / (per_token * 2 * (length + step)))
     assert 0.98 < max(fractions) <= 1.0
-    assert kv_bytes_per_token(model, torch.bfloat16) * 2 == per_token

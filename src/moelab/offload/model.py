@@ -570,15 +570,22 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     a hybrid model's convolution layers cache none, and a layer's own settings (per_layer_config:
     dots3's sliding layers) give its sizes; MiniMax-M3's sparse layers and the indexed attention layers
     that run their own indexer (dots3, Hunyuan 4, Qwen4-Exp, GLM-5-Next: its key beside a pool gate
-    score and a flag) cache their indexer's key too; DeepSeek-V4's layers: `_deepseek_v4_entries`).
+    score and a flag) cache their indexer's key too; DeepSeek-V4's layers: `_deepseek_v4_bytes`).
     A sliding-window layer is counted at every position: transformers' cache holds a prompt's keys
     whole until the first decoding step."""
     size, config = torch.empty((), dtype=dtype).element_size(), model.config
     if isinstance(model, MoETransformer):
         return 2 * config.n_layers * config.n_kv_heads * config.head_dim * size
     config = config.get_text_config()  # a vision-language model's: its language model's
-    types = _layer_types(config)
-    return sum(_kv_entries(config.per_layer_config[i], types[i], i) for i in _attention_layers(types)) * size
+    types, wide = _layer_types(config), float32_names(model, dtype)
+    total = 0
+    for i in _attention_layers(types):
+        layer_config = config.per_layer_config[i]
+        if types[i] in (getattr(layer_config, "compress_rates", None) or {}):
+            total += _deepseek_v4_bytes(layer_config, types[i], size, wide)
+        else:
+            total += _kv_entries(layer_config, types[i], i) * size
+    return total
 
 
 def _kv_entries(config, layer_type: str, index: int) -> int:
@@ -591,8 +598,6 @@ def _kv_entries(config, layer_type: str, index: int) -> int:
     if getattr(config, "index_kpool", None):  # GLM-5-Next's pooled indexer: key, pool gate score and a valid flag
         width = 2 * width + 1
     indexer = width if keyed else 0
-    if layer_type in (getattr(config, "compress_rates", None) or {}):
-        return _deepseek_v4_entries(config, layer_type)
     if getattr(config, "kv_lora_rank", None):
         return config.kv_lora_rank + config.qk_rope_head_dim + indexer
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -600,25 +605,36 @@ def _kv_entries(config, layer_type: str, index: int) -> int:
     return 2 * heads * head_dim + indexer
 
 
-def _deepseek_v4_entries(config, layer_type: str) -> int:
-    """Entries per token a DeepSeek-V4 compressed-attention layer holds at most, at any point of a
+def _deepseek_v4_bytes(config, layer_type: str, size: int, wide) -> int:
+    """Bytes per token a DeepSeek-V4 compressed-attention layer holds at most, at any point of a
     decoding (its cache, `DeepseekV4HCACache` / `DeepseekV4CSACache`, holds one tensor for its keys
-    and values). The most is right after the prompt: transformers keeps the prompt's keys and
-    its compressors' projections (a key and a gate per token, 2 x head_dim wide each for CSA's
-    overlapping windows, beside the indexer's at 2 x index_head_dim) as views of the prompt-wide
-    tensors until the first decoding step; CSA's overlap state adds a window of key and gate halves
-    (2 x (head_dim + index_head_dim) per token once a window is full); each window of compress_rate
-    tokens one compressed entry. A per-token count safe at every length is the most per token at
-    any length (a CSA layer's, at one full window). Decoding long past a short prompt holds far
-    less (a sliding window, the unfinished window, the overlap and the compressed entries): per
-    token at long lengths, V4-Flash's sizes give 160 entries where this counts 4,512 (CSA) and 4
-    where it counts 1,540 (HCA)."""
-    rate, head_dim = config.compress_rates[layer_type], config.head_dim
+    and values), its keys `size` bytes an entry. The most is right after the prompt: transformers
+    keeps the prompt's keys and its compressors' projections (a key and a gate per token, 2 x
+    head_dim wide each for CSA's overlapping windows, beside the indexer's at 2 x index_head_dim)
+    as views of the prompt-wide tensors until the first decoding step; CSA's overlap state adds a
+    window of key and gate halves (2 x (head_dim + index_head_dim) per token once a window is
+    full); each window of compress_rate tokens one compressed entry. A per-token count safe at
+    every length is the most per token at any length (a CSA layer's, at one full window). Decoding
+    long past a short prompt holds far less (a sliding window, the unfinished window, the overlap
+    and the compressed entries): per token at long lengths, V4-Flash's sizes give 160 entries where
+    this counts 4,512 (CSA) and 4 where it counts 1,540 (HCA).
+
+    The compressor's states are held in the dtype transformers keeps its tensors in (`wide`, the
+    names kept in float32: `float32_names`): its projections' (float32 in fp16, their
+    `_keep_in_fp32_modules`), the overlap's gate half that of the projection plus the float32
+    position_bias (float32 in bf16 too)."""
+    def width(name: str) -> int:  # bytes an entry of the tensors `name` computes
+        return 4 if wide is not None and wide.search(name) else size
+
+    rate, head_dim, bias = config.compress_rates[layer_type], config.head_dim, width("compressor.position_bias")
+    proj = width("self_attn.compressor.kv_proj.weight")
     if layer_type == "compressed_sparse_attention":
-        index_dim = config.index_head_dim
-        per_window = head_dim + index_dim  # the compressed entries, the indexer's beside
-        return head_dim + 4 * head_dim + 4 * index_dim + 2 * per_window + -(-per_window // rate)
-    return head_dim + 2 * head_dim + -(-head_dim // rate)
+        index_dim, index_proj = config.index_head_dim, width("self_attn.compressor.indexer.kv_proj.weight")
+        projections = 4 * head_dim * proj + 4 * index_dim * index_proj  # a key and a gate, 2 x wide
+        overlap = head_dim * (proj + max(proj, bias)) + index_dim * (index_proj + max(index_proj, bias))
+        compressed = head_dim * proj + index_dim * index_proj  # per window, the indexer's beside
+        return head_dim * size + projections + overlap + -(-compressed // rate)
+    return head_dim * size + 2 * head_dim * proj + -(-head_dim * proj // rate)
 
 
 MINIMAX_M3_SPARSE = "minimax_m3_sparse"  # MiniMax-M3's block-sparse attention layers (an indexer beside)
