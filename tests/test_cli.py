@@ -432,9 +432,11 @@ def test_generate_computes_in_the_checkpoints_dtype_where_the_cpu_multiplies_in_
 
     save_pretrained(MoETransformer(tiny()).to(torch.bfloat16), tmp_path / "moelab-bf16")
     assert generating.decode_dtype(tmp_path / "moelab-bf16", {}, "cpu") == want  # its tensors' dtype
-    config = {"dtype": "bfloat16"}
-    assert generating.decode_dtype(tmp_path / "bf16", config, "cuda") == torch.bfloat16  # a GPU: as stored
-    assert generating.decode_dtype(tmp_path / "bf16", {"torch_dtype": "float16"}, "cpu") == torch.float32
+    assert generating.decode_dtype(tmp_path / "bf16", {"dtype": "bfloat16"}, "cuda") == torch.bfloat16  # a GPU
+    assert generating.decode_dtype(tmp_path / "bf16", {"torch_dtype": "float16"}, "cuda") == torch.float32  # fp16: fp32
+    fp8 = {"quantization_config": {"quant_method": "fp8"}}  # dequantized as bf16 where the config states no dtype
+    assert generating.decode_dtype(tmp_path / "bf16", fp8, "cpu") == want
+    assert generating.decode_dtype(tmp_path / "no-weights", {}, "cpu") == torch.float32  # loading says why
     with pytest.raises(ValueError, match="dtype is 'auto' or a torch.dtype"):
         generating.generate_text(tmp_path / "bf16", "The king said", dtype="bf16")
 

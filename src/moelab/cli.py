@@ -706,7 +706,7 @@ def generate_cmd(
     prior: Annotated[Path | None, typer.Option("--prior", help="A routing trace (moelab trace) whose statistics guide the expert cache.")] = None,
     policy: Annotated[str, typer.Option("--policy", help="With --resident / --memory-budget, the expert cache's eviction and read-ahead: lru, reuse, affinity, lookahead-x1, lookahead or both (affinity and both need --prior; docs/benchmarks.md).")] = "reuse",
     compile_step: Annotated[bool, typer.Option("--compile", help="Decode with a compiled static step (moelab checkpoints, in memory or offloaded without read-ahead; compiling takes seconds, paid once).")] = False,
-    dtype: Annotated[str, typer.Option(help="auto, fp32 or bf16; auto: the checkpoint's own dtype where the device multiplies in it natively (a GPU; a CPU with AVX512-BF16 or AMX for bf16), else fp32.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, fp32 or bf16; auto: bf16 for a bf16 checkpoint where the device multiplies in it natively (a GPU; a CPU with AVX512-BF16 or AMX), else fp32.")] = "auto",
     device: Annotated[str, typer.Option(help="cpu or cuda (offloaded: the expert cache in GPU memory).")] = "cpu",
     host_memory: Annotated[bool, typer.Option("--host-memory", help="Offloaded on cuda: keep every routed expert in pinned host memory and copy to the GPU from there (no file reads).")] = False,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Sample each token from softmax(logits / temperature) instead of taking the most likely one.")] = None,

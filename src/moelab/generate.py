@@ -29,10 +29,10 @@ import torch
 
 from moelab.data import TOKENIZER_DIR
 from moelab.files import read_json_object
-from moelab.hf.checkpoint import Checkpoint
+from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.hf.conversion import CONVERTIBLE_FAMILIES, conversion_problems, moelab_model
 from moelab.hf.multimodal import language_config
-from moelab.hf.quantized import PLAIN_DTYPES
+from moelab.hf.quantized import PLAIN_DTYPES, stated_dtype
 from moelab.models.transformer import MoETransformer, Sampling, TokenStreamer, decode_cache_length
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import generate_ids
@@ -195,20 +195,33 @@ def generate_texts(
 
 
 def decode_dtype(path: str | os.PathLike, config: dict, device: str) -> torch.dtype:
-    """What `generate` computes in by default ("auto"): the dtype the checkpoint holds its weights in
-    (config.json's `dtype` or `torch_dtype`, else the most common of its stored floating-point
-    tensors': moelab's checkpoints), where the device multiplies in it natively: bf16 or fp16 on a
-    GPU, bf16 on a CPU with a native bf16 matmul (oneDNN: AVX512-BF16 or AMX); float32 otherwise
-    (without one, bf16 runs tens of times slower than float32; quantized weights are read in the
-    dtype config.json states)."""
-    stored = PLAIN_DTYPES.get(config.get("dtype") or config.get("torch_dtype"))
-    if stored is None:
+    """What `generate` computes in by default ("auto"): bf16 where the checkpoint holds its weights
+    in bf16 (config.json's `dtype` or `torch_dtype`; a quantized one's dequantized dtype,
+    `stated_dtype`; else the most common of its stored floating-point tensors': moelab's
+    checkpoints) and the device multiplies in it natively (a GPU; a CPU with a native bf16 matmul,
+    oneDNN's AVX512-BF16 or AMX); float32 otherwise: fp16 weights too (not every family runs in
+    fp16), and on a CPU without one (bf16 runs tens of times slower than float32 there)."""
+    stated = config.get("dtype") or config.get("torch_dtype")
+    if "quantization_config" in config:
+        stored = stated_dtype(config)
+    elif stated is not None:
+        stored = PLAIN_DTYPES.get(stated, torch.float32)
+    else:
+        stored = _stored_dtype(path)
+    if stored != torch.bfloat16:
+        return torch.float32
+    return stored if device != "cpu" or cpu_multiplies_bf16() else torch.float32
+
+
+def _stored_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The most common dtype of the checkpoint's floating-point tensors (float32 where it has none
+    moelab reads, or no safetensors files)."""
+    try:
         with Checkpoint(path) as checkpoint:
             names = Counter(checkpoint.entry(key)[0] for key in checkpoint.keys())
-        stored = next((STORED[name] for name, _ in names.most_common() if name in STORED), torch.float32)
-    if device != "cpu":
-        return stored
-    return stored if stored == torch.bfloat16 and cpu_multiplies_bf16() else torch.float32
+    except CheckpointError:  # no *.safetensors: what loads it says why
+        return torch.float32
+    return next((STORED[name] for name, _ in names.most_common() if name in STORED), torch.float32)
 
 
 def cpu_multiplies_bf16() -> bool:
