@@ -379,6 +379,7 @@ TINY = {
             num_experts=4,
             shared_expert_intermediate_size=24,
             moe_routed_scaling_factor=1.5,
+            moe_router_logit_softcapping=1.0,  # the logits are O(1): the tanh cap bites
             layer_types=["sliding_attention", "full_attention"],
             sliding_window=16,
         ),

@@ -132,12 +132,14 @@ def route_topk(
     select_on_logits: bool = False,
     expert_scale: Tensor | None = None,
     input_norm: tuple[Tensor, float, float] | None = None,
+    logit_softcap: float | None = None,
 ) -> RefRouting:
     """Token-choice top-k. With input_norm (g, eps, m) the logits read x_t / sqrt(mean(x_t^2) + eps)
     * g * m (Gemma 4). Scores = softmax, sigmoid or sqrt(softplus) of the logits. Selection ranks
     score + selection_bias (select_on_logits: logit + selection_bias); with n_group > 1 only the experts of the topk_group best groups (of
     E/n_group consecutive experts; group score = sum of the group's two best selection values for
-    sigmoid or sqrt(softplus), its best for softmax) compete. Weights: the un-biased scores of the chosen experts,
+    sigmoid or sqrt(softplus), its best for softmax) compete; with logit_softcap c every logit is
+    first c * tanh(logit / c) (Laguna). Weights: the un-biased scores of the chosen experts,
     divided by their sum if renormalize, times route_scale, times expert_scale[e] where given. Slot j =
     the j-th best chosen expert."""
     T, E = x.shape[0], W.shape[0]
@@ -149,6 +151,8 @@ def route_topk(
             g, eps, m = input_norm
             x_t = x_t / torch.sqrt((x_t * x_t).sum() / x_t.shape[0] + eps) * g * m
         logits = _token_logits(x_t, W, b)
+        if logit_softcap is not None:
+            logits = torch.tanh(logits / logit_softcap) * logit_softcap
         scores = {"softmax": softmax, "sigmoid": sigmoid, "sqrtsoftplus": sqrt_softplus}[score_func](logits)
         ranked_values = (logits if select_on_logits else scores).detach().tolist()
         select = [ranked_values[e] + bias[e] for e in range(E)]

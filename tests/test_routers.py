@@ -50,6 +50,8 @@ TOPK_SETTINGS = {
     "expert-scale-sigmoid-groups": dict(top_k=3, score_func="sigmoid", n_group=4, topk_group=2, expert_scale=True),
     "sqrtsoftplus-k2-scale": dict(top_k=2, score_func="sqrtsoftplus", route_scale=1.5),
     "sqrtsoftplus-bias-groups": dict(top_k=3, score_func="sqrtsoftplus", n_group=4, topk_group=2, selection_bias=True),
+    "softcap-sigmoid-bias": dict(top_k=2, score_func="sigmoid", selection_bias=True, logit_softcap=1.5),  # Laguna
+    "softcap-softmax": dict(top_k=2, logit_softcap=0.8),
 }
 
 
@@ -104,6 +106,7 @@ def _ref(router, x, w, b, g, extra):
             route_scale=router.route_scale, n_group=router.n_group, topk_group=router.topk_group, selection_bias=eb,
             select_on_logits=router.select_on_logits, expert_scale=extra.get("expert_scale"),
             input_norm=None if norm is None else (extra["input_norm.weight"], norm.eps, norm.multiplier),
+            logit_softcap=router.logit_softcap,
         )
     if isinstance(router, TopPRouter):
         return route_topp(x, w, b, top_p=router.top_p, max_k=router.top_k, renormalize=router.renormalize)
@@ -202,12 +205,14 @@ def test_topk_router_choice_for_inference_matches_the_reference(name):
 def test_the_choice_for_inference_checks_its_logits_and_keeps_hooks():
     """A NaN or +inf logit is refused as by `forward`; with a forward hook on the router, or logits
     of the instance's own, `choose` calls `forward` (a trace's tap sees the routing)."""
+    for router in (TopKRouter(D, E, top_k=2), TopKRouter(D, E, top_k=2, logit_softcap=1.0)):
+        for bad in (float("nan"), float("inf")):  # a cap would turn an inf logit into the cap: checked before it
+            x = _x()
+            x[3, 0] = bad
+            for route in (router.choose, router):
+                with pytest.raises(ValueError, match="router logits contain NaN or Inf"):
+                    route(x)
     router = TopKRouter(D, E, top_k=2)
-    for bad in (float("nan"), float("inf")):
-        x = _x()
-        x[3, 0] = bad
-        with pytest.raises(ValueError, match="router logits contain NaN or Inf"):
-            router.choose(x)
     seen = []
     router.register_forward_hook(lambda module, args, out: seen.append(out))
     indices, _ = router.choose(_x())
@@ -217,6 +222,12 @@ def test_the_choice_for_inference_checks_its_logits_and_keeps_hooks():
     masked.router_logits = lambda x: logits(x).index_fill(-1, torch.tensor([0, 1, 2]), float("-inf"))
     indices, weights = masked.choose(_x())
     assert indices.min() >= 3 and torch.equal(weights, masked(_x()).weights)
+
+
+@pytest.mark.parametrize("cap", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_logit_softcap_must_be_positive_and_finite(cap):
+    with pytest.raises(ValueError, match="logit_softcap must be a positive finite number"):
+        TopKRouter(D, E, top_k=2, logit_softcap=cap)
 
 
 def test_the_choice_for_inference_keeps_rexmoe_masks():

@@ -9,6 +9,7 @@ Written against, and tested on, transformers 5.24.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -248,20 +249,21 @@ def _hy_v3(config: Config) -> dict:
 
 def _laguna(config: Config) -> dict:
     """Laguna: sigmoid, the correction bias steers selection only, always renormalised, the routed
-    output x moe_routed_scaling_factor; no groups. Its two options that change the routing otherwise
-    (tanh soft-capped router logits, router weights applied to the experts' input) are refused."""
-    softcap = config_value(config, "moe_router_logit_softcapping", default=0.0)
-    if softcap:
+    output x moe_routed_scaling_factor; no groups; moe_router_logit_softcapping c > 0: the logits are
+    c * tanh(logits / c) first. Router weights applied to the experts' input are refused."""
+    softcap = config_value(config, "moe_router_logit_softcapping", default=0.0) or 0.0
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
         raise CheckpointError(
-            f"this Laguna config sets moe_router_logit_softcapping {softcap!r}: its router caps the logits with "
-            "tanh, which moelab's routers do not; only 0 (no capping) is read"
+            f"this Laguna config sets moe_router_logit_softcapping {softcap!r}; transformers reads a number >= 0 "
+            "(0: no capping)"
         )
     if config_flag(config, "moe_apply_router_weight_on_input", default=False):
         raise CheckpointError(
             "this Laguna config sets moe_apply_router_weight_on_input: the router weights scale the experts' "
             "input, where moelab's routers weight their output (transformers does not run it either)"
         )
-    return _sigmoid_renormalized(config, "moe_routed_scaling_factor", after_experts=True)
+    settings = _sigmoid_renormalized(config, "moe_routed_scaling_factor", after_experts=True)
+    return settings | ({"logit_softcap": float(softcap)} if softcap > 0 else {})
 
 
 def _kolibri1(config: Config) -> dict:

@@ -276,7 +276,7 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
             layer.router,
             new.router,
             ("score_func", "top_k", "renormalize", "route_scale", "n_group", "topk_group", "jitter_eps",
-             "select_on_logits", "hash_routed"),
+             "select_on_logits", "hash_routed", "logit_softcap"),
         ),
         "experts": (
             layer.experts,

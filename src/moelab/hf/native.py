@@ -198,6 +198,7 @@ def _router(view: RouterView) -> Router:
         bias=view.bias is not None,
         expert_scale=view.expert_scale is not None,
         input_norm=None if view.input_norm is None else _norm(view.input_norm, cast_first=True),
+        logit_softcap=view.logit_softcap,
     )
 
 

@@ -67,7 +67,8 @@ class RouterView:
     token_experts: [V, top_k] int64 or int32 (as stored) | None, hash routing (DeepSeek-V4's
     "hash_moe" layers, moelab's router="hash"): token id v visits the experts token_experts[v],
     whatever the logits, which only weigh them (the scores, renormalised, times route_scale); no
-    selection bias, groups or expert scale then.
+    selection bias, groups or expert scale then. logit_softcap: the logits are first
+    logit_softcap * tanh(logits / logit_softcap) (Laguna's moe_router_logit_softcapping).
     """
 
     weight: Tensor
@@ -85,6 +86,7 @@ class RouterView:
     expert_scale: Tensor | None = None
     input_norm: NormView | None = None
     token_experts: Tensor | None = None
+    logit_softcap: float | None = None
 
     def __post_init__(self):
         if self.score_func not in SCORE_FUNCS:

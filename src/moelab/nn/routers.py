@@ -114,10 +114,12 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
         self.input_norm: nn.Module | None = None
+        self.logit_softcap: float | None = None
         nn.init.normal_(self.weight, std=dim**-0.5)
 
     def router_logits(self, x: Tensor, *, check: bool = True) -> Tensor:
-        """x: [T, D] -> logits [T, E] in float32; rejects bad shapes and (check) non-finite logits
+        """x: [T, D] -> logits [T, E] in float32, soft-capped to cap * tanh(logits / cap) where the
+        router has a `logit_softcap` (Laguna's); rejects bad shapes and (check) non-finite logits
         (`check_finite_logits`)."""
         if x.dim() != 2 or x.shape[-1] != self.dim:
             raise ValueError(
@@ -131,7 +133,9 @@ class Router(nn.Module):
         bias = None if self.bias is None else _float(self.bias)
         logits = F.linear(_float(x), _float(self.weight), bias)
         if check:
-            check_finite_logits(logits)
+            check_finite_logits(logits)  # before capping: tanh would turn an inf logit into the cap
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
 
     def choose(self, x: Tensor, *args) -> tuple[Tensor, Tensor]:
@@ -165,7 +169,8 @@ class TopKRouter(Router):
     weights are the un-biased scores of the chosen experts, renormalised to sum to one if
     `renormalize`, times `route_scale`, and, with `expert_scale`, times the chosen expert's own
     scale (a parameter [E], Gemma 4's per_expert_scale). input_norm: a module the router reads its
-    input through (`Router`).
+    input through (`Router`). logit_softcap: the logits are cap * tanh(logits / cap) before all of
+    this (Laguna's moe_router_logit_softcapping).
     """
 
     def __init__(
@@ -184,9 +189,12 @@ class TopKRouter(Router):
         bias: bool = False,
         expert_scale: bool = False,
         input_norm: nn.Module | None = None,
+        logit_softcap: float | None = None,
     ):
         super().__init__(dim, num_experts, bias=bias)
         check_top_k(top_k, num_experts)
+        if logit_softcap is not None and not (math.isfinite(logit_softcap) and logit_softcap > 0):
+            raise ValueError(f"logit_softcap must be a positive finite number (or None), got {logit_softcap!r}")
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
         check_groups(num_experts, top_k, n_group, topk_group)
@@ -204,6 +212,7 @@ class TopKRouter(Router):
         self.select_on_logits = select_on_logits
         self.expert_scale = nn.Parameter(torch.ones(num_experts)) if expert_scale else None
         self.input_norm = input_norm
+        self.logit_softcap = logit_softcap
         # Aux-loss-free balancing (DeepSeek-V3): the bias changes which experts are chosen, not
         # the combine weights. tokens_per_expert counts load in training forwards (training mode, with
         # gradients) for the update.
@@ -260,6 +269,7 @@ class TopKRouter(Router):
         replaced = "router_logits" in vars(self)  # an instance's own logits (`moelab.hf.edit`'s masks)
         others = (  # an or-chain, no tuple or generator: a decode step asks at every layer
             replaced or self.selection_bias is not None or self.masked is not None or self.expert_scale is not None
+            or self.logit_softcap is not None  # its cap would hide an inf logit from the check of the top k
         )
         if not plain or others or forward_hooked([self]):
             return super().choose(x)
