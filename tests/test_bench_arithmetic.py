@@ -310,3 +310,13 @@ def test_bench_offload_rows_from_scripted_seconds_and_the_cache_s_own_counts(tmp
     lookahead = result["rows"][2]
     assert models[8].cache.prefetch_stats.issued > 0 and lookahead["reads_per_token"] > 0
     assert some_prompt_misses, "the prompt pass must read experts, or decode and total stats would agree"
+
+
+def test_bench_test_batches_refuse_more_tokens_than_every_domain_holds_a_share_of():
+    """`moelab bench skip --tokens` past what the test split's smallest domain can give an equal
+    share of was cut short without a word (a different, unequal sample than asked for)."""
+    domains = ("code", "bible", "english", "german", "spanish", "italian", "polish", "russian")
+    most = len(domains) * (min(len(skipping.tokenize_split(d, "test")) for d in domains) - 1)
+    assert sum(int(x.numel()) for x, _ in skipping.test_batches(most, 256, 8)) >= most - 256 * 8
+    with pytest.raises(ValueError, match=rf"at most {most:,} tokens come in equal shares .* not {most + 8:,}; ask for fewer"):
+        skipping.test_batches(most + 8, 256, 8)

@@ -130,9 +130,13 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
     calibration = [x for x, _ in test_batches(options.calibration_tokens, seq_len, 8, split="train")]
     prior = RoutingPrior.measure(loaded.model, calibration, loaded.view)
     del loaded  # the model in memory is loaded below as generate runs it
-    windows = test_batches(options.prompts * seq_len, seq_len, options.prompts)[0][0]
+    too_few = f"the test split has too few tokens for {options.prompts} prompts of {options.prompt_tokens}; ask for fewer prompts"
+    try:
+        windows = test_batches(options.prompts * seq_len, seq_len, options.prompts)[0][0]
+    except ValueError:  # more than the smallest domain's share
+        raise ValueError(too_few) from None
     if windows.shape[0] < options.prompts or options.prompt_tokens > windows.shape[1]:
-        raise ValueError(f"the test split has too few tokens for {options.prompts} prompts of {options.prompt_tokens}")
+        raise ValueError(too_few)
     prompts = [windows[i : i + 1, : options.prompt_tokens].to(options.device) for i in range(options.prompts)]
     dtype = DTYPES[options.dtype]
     # the model in memory as `moelab generate` runs it (a convertible transformers checkpoint converted,

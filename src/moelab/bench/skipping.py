@@ -33,12 +33,24 @@ class SkipOptions:
     split: str = "test"
 
 
+DOMAINS = ("code", "bible", "english", "german", "spanish", "italian", "polish", "russian")
+
+
 def test_batches(
     tokens: int, seq_len: int, batch_size: int, split: str = "test"
 ) -> list[tuple[Tensor, Tensor]]:
-    """(inputs, targets) batches of about `tokens` tokens, an equal share from every corpus domain."""
-    stream = torch.cat([torch.from_numpy(tokenize_split(d, split)[: tokens // 8 + 1].astype("int64"))
-                        for d in ("code", "bible", "english", "german", "spanish", "italian", "polish", "russian")])  # fmt: skip
+    """(inputs, targets) batches of about `tokens` tokens, an equal share from every corpus domain;
+    more than the split's smallest domain can give its share of is refused (not cut short)."""
+    streams = {d: tokenize_split(d, split) for d in DOMAINS}
+    share = tokens // len(DOMAINS) + 1  # inputs and the targets one token on
+    smallest = min(DOMAINS, key=lambda d: len(streams[d]))
+    if len(streams[smallest]) < share:
+        most = len(DOMAINS) * (len(streams[smallest]) - 1)
+        raise ValueError(
+            f"the corpus's {split} split holds {len(streams[smallest]):,} tokens of {smallest}: at most {most:,} "
+            f"tokens come in equal shares from its {len(DOMAINS)} domains, not {tokens:,}; ask for fewer"
+        )
+    stream = torch.cat([torch.from_numpy(streams[d][:share].astype("int64")) for d in DOMAINS])
     return list(eval_batches(stream.numpy(), seq_len, batch_size))
 
 
