@@ -401,6 +401,9 @@ def test_no_new_tokens_returns_the_prompts():
     for seq in (1, 3):
         ids = random_ids(batch=2, seq=seq)
         assert torch.equal(model.generate(ids, 0, greedy=True), ids)
+    for bad in (-1, 2.5):  # -1 was refused as a prompt too long for the context, 2.5 deep in torch
+        with pytest.raises(ValueError, match=rf"max_new_tokens must be an integer >= 0 .*, got {bad}$"):
+            model.generate(ids, bad, greedy=True)
 
 
 def left_padded(prompts: list[torch.Tensor], pad_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,6 +52,7 @@ from moelab.nn.hooks import forward_hooked
 from moelab.nn.linear import Linear, one_row_linear
 from moelab.nn.moe import mean_by_name, sum_by_name
 from moelab.nn.rope import apply_rope, rope_tables
+from moelab.validation import is_int
 
 
 @dataclass
@@ -678,7 +679,9 @@ class MoETransformer(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {list(input_ids.shape)}")
         B, S = input_ids.shape
-        if max_new_tokens < 0 or S + max_new_tokens > self.config.max_seq_len:
+        if not is_int(max_new_tokens) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0 (0: the prompts back), got {max_new_tokens!r}")
+        if S + max_new_tokens > self.config.max_seq_len:
             raise ValueError(
                 f"prompt ({S}) + max_new_tokens ({max_new_tokens}) must fit ModelConfig.max_seq_len "
                 f"({self.config.max_seq_len}); shorten one of them"
