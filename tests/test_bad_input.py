@@ -1559,3 +1559,16 @@ def test_non_finite_names_reads_parameters_and_float8_without_complaint():
         clean = torch.tensor([448.0, -2.0, 0.0]).to(dtype)
         bad = torch.tensor([1.0, float("nan")]).to(dtype)
         assert non_finite_names([("clean", clean), ("bad", bad), ("cols", clean.expand(2, 3).t())]) == ["bad"], dtype
+
+
+def test_generate_ends_the_streamed_line_before_an_error_mid_decoding(tmp_path, monkeypatch, capsys, one_thread):
+    """An offloaded expert found corrupt once the prompt is printed: the error comes on a line of
+    its own (it was appended to the prompt, "The king saiderror: ...")."""
+    ckpt = Path(shutil.copytree(reference_model_dir(), tmp_path / "ref"))
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["layers.5.ffn.experts.gate_up_proj"][2:] = float("inf")  # the warm start holds experts 0 and 1
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    args = ["generate", "The king said", "--model", ckpt, "--resident", "0.25", "--max-new-tokens", "2"]
+    code, out, err = run_cli(monkeypatch, capsys, args)
+    assert code == 2 and err.startswith("error: ") and "holds Inf/NaN" in err, (out, err)
+    assert out == "The king said\n"

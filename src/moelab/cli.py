@@ -744,13 +744,18 @@ def generate_cmd(
     if len(prompts) == 1:  # printed as it comes (transformers' streamer takes a batch of one)
         tokenizer = load_tokenizer_of(path)  # the end-of-text token ends the text, unprinted
         streamer = _PromptFirst(TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=not ignore_eos), prompts[0])
-    texts, stats = generate_texts(
-        path, prompts, max_new_tokens=max_new_tokens, resident=resident,
-        memory_budget=None if memory_budget is None else parse_size(memory_budget),
-        prior=None if prior is None else RoutingPrior.from_trace(prior), policy=policy, compile=compile_step,
-        dtype=DTYPES.get(dtype, dtype), device=device, host_memory=host_memory, streamer=streamer,
-        sampling=sampling, ignore_eos=ignore_eos,
-    )  # fmt: skip
+    try:
+        texts, stats = generate_texts(
+            path, prompts, max_new_tokens=max_new_tokens, resident=resident,
+            memory_budget=None if memory_budget is None else parse_size(memory_budget),
+            prior=None if prior is None else RoutingPrior.from_trace(prior), policy=policy, compile=compile_step,
+            dtype=DTYPES.get(dtype, dtype), device=device, host_memory=host_memory, streamer=streamer,
+            sampling=sampling, ignore_eos=ignore_eos,
+        )  # fmt: skip
+    except BaseException:  # an error (a corrupt expert read mid-way) or Ctrl-C: end the text printed so far
+        if streamer is not None and streamer.started:
+            console.print()
+        raise
     if streamer is None:
         for prompt, text in zip(prompts, texts, strict=True):
             console.print(prompt + text, markup=False, highlight=False, soft_wrap=True)
