@@ -671,6 +671,13 @@ def bench_generate_batch_zero(tmp, src):
 
 
 @case
+def bench_offload_directory_without_config(tmp, src):
+    (tmp / "empty").mkdir()
+    args = ["bench", "offload", tmp / "empty", "--resident", "0.5", "--prompts", "1", "--new-tokens", "2"]
+    return args, [], ["is not a checkpoint (no config.json)", "moelab's or a transformers family's"]
+
+
+@case
 def bench_generate_skip_zero(tmp, src):
     return ["bench", "generate", "--skip", "0"], [], ["dynamic-skipping ratios must lie in (0, 1]"]
 

@@ -126,15 +126,16 @@ def bench_offload(
     """Offloaded decoding: expert-cache hit rate, prefetch accuracy and tokens/s against an LRU cache and the model in memory."""
     from moelab.bench import offload as bench
 
-    _claim_json(json_path, bench.JSON_FORMAT, overwrite, tuple(_model_dirs(models).values()))
-    _claim_plot(plot, overwrite, json_path, tuple(_model_dirs(models).values()))
+    models_at = _model_dirs(models, "a checkpoint directory, moelab's or a transformers family's")
+    _claim_json(json_path, bench.JSON_FORMAT, overwrite, tuple(models_at.values()))
+    _claim_plot(plot, overwrite, json_path, tuple(models_at.values()))
     options = bench.OffloadOptions(
         resident=tuple(resident or (0.05, 0.25, 0.5, 1.0)), prompts=prompts, new_tokens=new_tokens, threads=threads,
         rounds=rounds, read_gbps=read_gbps, page_cache=page_cache, compile=compile_step, dtype=dtype,
         device=device, host_memory=host_memory,
     )
     with console.status("bench offload") as status:
-        doc = bench.run(_model_dirs(models), options, progress=lambda what: status.update(f"bench offload: {what}"))
+        doc = bench.run(models_at, options, progress=lambda what: status.update(f"bench offload: {what}"))
     console.print(bench.render(doc))
     _write_json(json_path, doc)
     _write_plot(plot, doc)
@@ -205,15 +206,15 @@ def _write_json(path: Path | None, doc: dict) -> None:
         console.print(f"wrote {path}")
 
 
-def _model_dirs(models: list[str] | None) -> dict[str, Path]:
+def _model_dirs(models: list[str] | None, kind: str = "a moelab checkpoint directory") -> dict[str, Path]:
     """{name: checkpoint directory} for shipped reference model names or paths (default: every
-    reference model)."""
+    reference model); `kind`: what the command takes, for the error."""
     from moelab.models.reference import REFERENCE_MODELS
 
     dirs = {m: _model_dir(m) for m in models or REFERENCE_MODELS}
     for path in dirs.values():  # every one before the first is timed
         if not (path / "config.json").is_file():
-            raise ValueError(f"{path} is not a checkpoint (no config.json); give a moelab checkpoint directory")
+            raise ValueError(f"{path} is not a checkpoint (no config.json); give {kind}")
     return dirs
 
 
