@@ -285,6 +285,9 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
     assert torch.equal(sample(3, top_k=1, temperature=2.0), model.generate(prompt, 8, greedy=True))
     with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
         model.generate(prompt, 2, top_k=0)
+    for ignored in (dict(temperature=0.5), dict(top_p=0.9), dict(top_k=3), dict(generator=torch.Generator())):
+        with pytest.raises(ValueError, match=f"greedy=True takes the argmax, so {next(iter(ignored))} would be ignored"):
+            model.generate(prompt, 2, greedy=True, **ignored)
     for bad in (2.5, True):
         with pytest.raises(ValueError, match="top_k must be an integer"):
             Sampling(top_k=bad)

@@ -690,6 +690,10 @@ class MoETransformer(nn.Module):
             raise ValueError(
                 f"temperature must be > 0 and finite when sampling, got {temperature}; use greedy=True for argmax"
             )
+        ignored = [name for name, given in (("temperature", temperature != 1.0), ("top_p", top_p is not None),
+                                            ("top_k", top_k is not None), ("generator", generator is not None)) if given]  # fmt: skip
+        if greedy and ignored:
+            raise ValueError(f"greedy=True takes the argmax, so {', '.join(ignored)} would be ignored; drop them or greedy")
         check_sampling(top_p=top_p, top_k=top_k)
         self._check_inputs(input_ids, None, None, 0)
         self._check_prompt(input_ids)
