@@ -836,8 +836,13 @@ def test_the_warm_start_takes_each_layers_most_frequent_experts_first(tmp_path):
 
 def test_memory_budget_too_small_names_the_minimum(tmp_path):
     _, path = _native(tmp_path)
-    with pytest.raises(ValueError, match=r"memory budget .* too small: the dense parts take .* the minimum is"):
+    with pytest.raises(ValueError, match=r"memory budget 0\.0 MiB \(10000 bytes\) is too small: the dense parts take .* the minimum is"):
         load_offloaded(path, memory_budget=10_000)
+    for bad, message in ((dict(prefetch_factor=-1), "prefetch_factor must be a positive finite number"),
+                         (dict(dtype=torch.int32), "dtype must be a floating-point torch.dtype"),
+                         (dict(device="foo"), "unknown device 'foo'; choose 'cpu' or 'cuda'")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            load_offloaded(path, resident=0.5, **bad)
     roomy = load_offloaded(path, memory_budget=10**9, predictor=None, kv_cache_tokens=0)
     dense, expert = sum(t.nbytes for t in roomy.model.state_dict().values()), roomy.cache.store.expert_bytes
     roomy.close()

@@ -396,7 +396,7 @@ def resident_slots(
         minimum = dense_bytes + kv_cache_bytes + top_k * store.expert_bytes
         shown = math.ceil(minimum / 2**20 * 10) / 10  # rounded up: a budget of the MiB shown works
         raise ValueError(
-            f"memory budget {memory_budget / 2**20:.1f} MiB is too small: the dense parts take "
+            f"memory budget {memory_budget / 2**20:.1f} MiB ({memory_budget} bytes) is too small: the dense parts take "
             f"{dense_bytes / 2**20:.1f} MiB, the KV cache {kv_cache_bytes / 2**20:.1f} MiB and one layer's "
             f"routed experts ({top_k} per token) {top_k * store.expert_bytes / 2**20:.1f} MiB; the minimum is "
             f"{shown:.1f} MiB ({minimum} bytes)"
@@ -449,7 +449,14 @@ def load_offloaded(
     expert that is never loaded, or only read ahead and not chosen, is never computed with and
     cannot change the tokens; finding it would mean reading every expert, which offloading avoids.
     """
-    check_device(torch.device(device).type)
+    try:
+        check_device(torch.device(device).type)
+    except RuntimeError:  # not a device torch knows
+        raise ValueError(f"unknown device {device!r}; choose 'cpu' or 'cuda'") from None
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16), got {dtype!r}")
+    if not (isinstance(prefetch_factor, (int, float)) and math.isfinite(prefetch_factor) and prefetch_factor > 0):
+        raise ValueError(f"prefetch_factor must be a positive finite number of times the experts used, got {prefetch_factor!r}")
     if kv_cache_tokens is not None and kv_cache_tokens < 0:
         raise ValueError(f"kv_cache_tokens counts the tokens the KV cache will hold: >= 0, got {kv_cache_tokens}")
     if kv_cache_tokens is not None and memory_budget is None:
