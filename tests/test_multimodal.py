@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import DEEPSEEK, TINY, add_mtp_layer, build_multimodal, gemma4_moe
+from hf_tiny import DEEPSEEK, TINY, _unit_scale, add_mtp_layer, build_multimodal, gemma4_moe
 from safetensors.torch import load_file, save_file
 from test_qwen4_exp import QWEN4_EXP
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -139,6 +139,12 @@ MODELS = {
         dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=32),
         "model.language_model.layers.", "n_routed_experts", "mlp",
     ),
+    "qwen3_omni_moe": (  # the thinker's language model, under thinker.model. (see qwen3_omni_moe)
+        dict(COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+             num_experts_per_tok=2),
+        dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32),
+        "thinker.model.layers.", "num_experts", "mlp",
+    ),
     "qwen4_exp": (  # its n-gram table stored as shards (see test_qwen4_exp)
         dict(QWEN4_EXP, split_ngram_parts=3),
         dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=32),
@@ -154,13 +160,50 @@ OTHER_TOWERS = {
 }  # fmt: skip
 
 
+def qwen3_omni_moe(text: dict, vision: dict, seed: int = 0, audio_output: bool = True):
+    """A random fp32 Qwen3-Omni-MoE: a thinker (`text` its language model's config entries, `vision` its
+    vision encoder's, a tiny audio encoder), a talker (another MoE, with a shared expert) and code2wav,
+    unit-scale weights, stored as the releases are (thinker.model.layers.N, thinker.lm_head, thinker.visual,
+    thinker.audio_tower, talker., code2wav.). The thinker states vision_start_token_id, as the releases do
+    (transformers' text generation reads it; its config class has no default)."""
+    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
+
+    talker = dict(text, vocab_size=64, num_experts=4, shared_expert_intermediate_size=16)
+    config = Qwen3OmniMoeConfig(
+        thinker_config=dict(
+            text_config=text, vision_config=vision, vision_start_token_id=8100,
+            audio_config=dict(encoder_layers=1, d_model=16, encoder_attention_heads=2, encoder_ffn_dim=32,
+                              output_dim=32, downsample_hidden_size=8, num_mel_bins=16),
+        ),
+        talker_config=dict(
+            text_config=talker, thinker_hidden_size=text["hidden_size"], num_code_groups=4, spatial_merge_size=2,
+            code_predictor_config=dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8, intermediate_size=48, num_code_groups=4),
+        ),
+        code2wav_config=dict(codebook_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=2, intermediate_size=32, num_quantizers=4, decoder_dim=16,
+                             upsample_rates=[2, 2], upsampling_ratios=[2]),
+        enable_audio_output=audio_output,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return _unit_scale(Qwen3OmniMoeForConditionalGeneration(config).float())
+
+
+def text_settings(config: dict) -> dict:
+    """Where config.json keeps the language model's settings: text_config, or the thinker's (Qwen3-Omni-MoE)."""
+    return config["thinker_config"]["text_config"] if "thinker_config" in config else config["text_config"]
+
+
 def multimodal_model(path: Path, family: str) -> Path:
     """A tiny vision-language model of `family`, stored as its releases are. Kimi-K2.5 (which
     transformers loads only as a vision-language model): language_model.model.layers.N and an
     untied language_model.lm_head, as moonshotai/Kimi-K2.5 stores them (transformers 5.24 saves the
     tiny model's layers as `blocks` and ties its head)."""
     text, vision, *_ = MODELS[family]
-    build_multimodal(family, text, vision, **OTHER_TOWERS.get(family, {})).save_pretrained(path)
+    if family == "qwen3_omni_moe":
+        qwen3_omni_moe(text, vision).save_pretrained(path)
+    else:
+        build_multimodal(family, text, vision, **OTHER_TOWERS.get(family, {})).save_pretrained(path)
     PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
     if family == "kimi_k25":
         tensors = load_file(path / "model.safetensors")
@@ -287,7 +330,7 @@ def test_compress_writes_config_json_in_its_shape_and_copies_the_vision_tower(so
     report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
     assert report["reload_checked"]  # transformers loaded the output strictly
     before, after = (json.loads((p / "config.json").read_text()) for p in (source, tmp_path / "out"))
-    assert after["text_config"][key] == before["text_config"][key] // 2 and key not in after
+    assert text_settings(after)[key] == text_settings(before)[key] // 2 and key not in after
     assert after == nested_config(language_config(after), before) and after.keys() == before.keys()
     written, original = (
         load_file(tmp_path / "out" / "model.safetensors"),
@@ -301,7 +344,7 @@ def test_compress_writes_config_json_in_its_shape_and_copies_the_vision_tower(so
     tower = [k for k in original if not k.startswith(language)]
     assert tower and all(torch.equal(written[k], original[k]) for k in tower)
     with open_checkpoint(tmp_path / "out") as view:
-        assert view.layer(view.num_layers - 1).router.num_experts == before["text_config"][key] // 2
+        assert view.layer(view.num_layers - 1).router.num_experts == text_settings(before)[key] // 2
 
 
 def test_offloaded_decoding_gives_transformers_tokens(source):
@@ -316,7 +359,7 @@ def test_offloaded_decoding_gives_transformers_tokens(source):
     try:
         assert torch.equal(offloaded.generate(ids, 6), want)
         held = [name for name, _ in offloaded.model.named_parameters()]
-        assert held and not [name for name in held if "visual" in name or "vision" in name]
+        assert held and not [name for name in held if "visual" in name or "vision" in name or "audio" in name]
     finally:
         offloaded.close()
 
@@ -332,7 +375,8 @@ def test_only_a_vision_language_skeleton_has_modules_text_never_reaches(source):
               "step3p7": ["model.vision_model", "model.multi_modal_projector"],
               "mistral_large4": ["model.vision_tower", "model.multi_modal_projector"],
               "gemma4": ["model.vision_tower", "model.embed_vision"], "hy_v4_vl": ["model.vision_tower"],
-              "unlimited_ocr": ["model.vision_tower", "model.multi_modal_projector"], "glm5_next": ["model.visual"]}  # fmt: skip
+              "unlimited_ocr": ["model.vision_tower", "model.multi_modal_projector"], "glm5_next": ["model.visual"],
+              "qwen3_omni_moe": ["model.audio_tower", "model.visual"]}  # fmt: skip
     assert outside == towers.get(family_of(source), [])
 
 
@@ -443,7 +487,7 @@ def test_generate_checks_prompts_against_the_language_model_s_vocabulary(source,
     for path in source.iterdir():
         (small / path.name).write_bytes(path.read_bytes())
     config = json.loads((small / "config.json").read_text())
-    (config["text_config"] if "text_config" in config else config)["vocab_size"] = 100
+    (text_settings(config) if "text_config" in config or "thinker_config" in config else config)["vocab_size"] = 100
     (small / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="vocabulary of 100 tokens"):
         generate_text(small, "some words that encode to ids past a hundred", max_new_tokens=2)
@@ -473,7 +517,7 @@ def test_trace_and_eval_read_the_language_model_s_vocabulary_and_context(source)
     from moelab.eval.evaluate import LoadedLM
     from moelab.trace.model import load_model, wrap_model
 
-    text = json.loads((source / "config.json").read_text())["text_config"]
+    text = text_settings(json.loads((source / "config.json").read_text()))
     loaded = load_model(source, quiet=True)
     assert (loaded.vocab_size, loaded.max_seq_len) == (text["vocab_size"], text["max_position_embeddings"])
     wrapped = wrap_model(loaded.model, loaded.view)
@@ -601,3 +645,152 @@ def test_step_3_7_s_top_k_reads_under_its_release_name(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with open_checkpoint(tmp_path) as view:
         assert view.layer(1).router.top_k == model.config.text_config.num_experts_per_tok
+
+
+def test_qwen3_omni_moe_writes_its_thinker_and_copies_the_talker_and_encoders(tmp_path):
+    """Qwen3-Omni-MoE pruned: only thinker_config.text_config's num_experts changes in config.json (the
+    talker's MoE, its own num_experts included, is left as it is); every tensor outside the thinker's MoE
+    blocks (talker., code2wav., the thinker's encoders, attention, embeddings) is copied byte for byte;
+    transformers loads the whole model strictly, and its thinker's logits are the masked original's."""
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    from moelab.hf import masked_moe_layer
+    from moelab.hf.adapters import FAMILIES
+    from moelab.hf.layerwise import install_moe
+    from moelab.hf.modules import find_moe_modules
+
+    source, out = multimodal_model(tmp_path / "src", "qwen3_omni_moe"), tmp_path / "out"
+    drop = {0: [1, 2, 5, 6], 1: [0, 3, 4, 7]}
+    drop_experts(source, out, drop, quiet=True)
+    before, after = (json.loads((p / "config.json").read_text()) for p in (source, out))
+    assert text_settings(after)["num_experts"] == 4 and after["talker_config"]["text_config"]["num_local_experts"] == 4
+    text_settings(after)["num_experts"] = 8
+    assert after == before
+    original, written = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
+    moe = tuple(f"thinker.model.layers.{i}.mlp." for i in drop)
+    assert {k for k in original if not k.startswith(moe)} == {k for k in written if not k.startswith(moe)}
+    assert all(torch.equal(written[k], v) for k, v in original.items() if not k.startswith(moe))
+    assert any(k.startswith("talker.model.layers.0.mlp.experts.") for k in written) and any(
+        k.startswith("code2wav.") for k in written
+    )
+    model, info = Qwen3OmniMoeForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+    masked = load_causal_lm(source)  # the thinker, its MoE blocks routing around the dropped experts
+    _, layers = decoder_layers(masked, 2)
+    with open_checkpoint(source) as view:
+        for layer in view.layers():
+            keep = [e for e in range(8) if e not in drop[layer.index]]
+            found = find_moe_modules(layers[layer.index], layer.index, *layer.router.weight.shape)
+            install_moe(layers[layer.index], layer.index, found, masked_moe_layer(layer, keep), None,
+                        FAMILIES["qwen3_omni_moe_text"])  # fmt: skip
+    ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = masked(input_ids=ids).logits, model.eval().thinker(input_ids=ids).logits
+        unmasked = load_causal_lm(source)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert (want - unmasked).abs().max() > 1e-3, "dropping experts changed nothing"
+
+
+def test_qwen3_omni_moe_s_thinker_runs_layer_by_layer_and_decodes_offloaded_as_transformers(tmp_path, one_thread):
+    """The thinker's decoder layers run layer by layer give what they give in the whole model's forward
+    pass; decoded offloaded, the thinker's greedy tokens are those of transformers' text generation (the
+    whole model's generate without audio, and the thinker's own)."""
+    from test_layerwise import assert_layers_are_transformers
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    source = multimodal_model(tmp_path / "src", "qwen3_omni_moe")
+    model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(source).eval()
+    ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert_layers_are_transformers(source, model.thinker, [ids, ids[:1, :5]])
+    prompt = torch.tensor([[1, 5, 9, 33, 2]])
+    mask = torch.ones_like(prompt)
+    whole = model.generate(prompt, attention_mask=mask, return_audio=False, thinker_max_new_tokens=6,
+                           thinker_do_sample=False)  # fmt: skip
+    thinker = model.thinker.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(whole, thinker)
+    offloaded = load_offloaded(source, resident=0.5)
+    try:
+        assert torch.equal(offloaded.generate(prompt, 6), whole)
+    finally:
+        offloaded.close()
+
+
+def test_qwen3_omni_moe_s_thinker_router_reads_its_own_defaults_and_dense_layers(tmp_path):
+    """The thinker's router is Qwen3-MoE's (softmax, top-k) but its config class renormalises by default
+    (norm_topk_prob true where config.json leaves it out); decoder_sparse_step and mlp_only_layers make
+    layers dense as transformers builds them. Each MoE layer computes transformers' block."""
+    from transformers import AutoConfig
+
+    text, vision, *_ = MODELS["qwen3_omni_moe"]
+    for settings, sparse in (({}, [True, True, True]), ({"norm_topk_prob": False, "decoder_sparse_step": 2}, [False, True, False]),
+                             ({"mlp_only_layers": [1]}, [True, False, True])):  # fmt: skip
+        path = tmp_path / str(len(list(tmp_path.iterdir())))
+        qwen3_omni_moe(dict(text, num_hidden_layers=3, **settings), vision, audio_output=False).save_pretrained(path)
+        config = json.loads((path / "config.json").read_text())
+        if not settings:
+            del text_settings(config)["norm_topk_prob"]
+            (path / "config.json").write_text(json.dumps(config))
+        model = load_causal_lm(path)
+        assert model.config.text_config.norm_topk_prob == AutoConfig.from_pretrained(path).thinker_config.text_config.norm_topk_prob
+        _, decoder = decoder_layers(model, 3)
+        x = torch.randn(6, 32)
+        with open_checkpoint(path) as view:
+            assert view.family == "qwen3_omni_moe_text"
+            assert [isinstance(view.layer(i), MoELayerView) for i in range(3)] == sparse
+            assert [hasattr(layer.mlp, "experts") for layer in decoder] == sparse
+            for i in (i for i in range(3) if sparse[i]):
+                layer = view.layer(i)
+                assert layer.router.renormalize == settings.get("norm_topk_prob", True)
+                with torch.no_grad():
+                    want = decoder[i].mlp(x[None])[0]
+                torch.testing.assert_close(moe_output(layer, x.double()).float(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_every_method_and_router_fit_on_qwen3_omni_moe(tmp_path):
+    """Every method on the thinker from one calibration, and router re-calibration after pruning: each
+    output passes the writer's checks (the thinker reloaded strictly by transformers, every edited layer
+    compared with the masked original); the talker's experts are left as they are."""
+    from moelab.compress import METHODS, calibrate
+    from moelab.compress.router_fit import RouterFit
+
+    source = multimodal_model(tmp_path / "src", "qwen3_omni_moe")
+    options = CalibrationOptions(tokens=512, seq_len=32, batch_size=4, sample_tokens=64,
+                                 observers=CalibrationOptions().observers + ("neurons",))  # fmt: skip
+    stats = calibrate(source, tmp_path / "stats", options=options, quiet=True).directory
+    talker = {k: v for k, v in load_file(source / "model.safetensors").items() if k.startswith("talker.")}
+    for method in sorted(METHODS):
+        domains = ["code"] if method == "premoe" else None
+        report = compress(source, tmp_path / method, method=method, ratio=0.5, stats=stats, domains=domains, quiet=True)
+        assert report["complete"] and report["reload_checked"], method
+    written = load_file(tmp_path / "reap" / "model.safetensors")
+    assert all(torch.equal(written[k], v) for k, v in talker.items())
+    report = compress(source, tmp_path / "fit", method="reap", ratio=0.5, calib_options=SMALL,
+                      router_fit=RouterFit(5, 1e-2), quiet=True)  # fmt: skip
+    assert report["complete"] and all("router_fit" in e["notes"] for e in report["layers"].values())
+
+
+@pytest.mark.parametrize("typed", [True, False], ids=["model-types", "implied"])
+def test_qwen3_omni_moe_s_language_config_is_its_thinker_s_text_config(typed):
+    """Qwen3-Omni-MoE keeps its language model's settings two levels down (thinker_config.text_config,
+    beside talker_config's own text_config): read over the thinker's keys and the release's, and written
+    back where the file had each one (the talker's untouched; model_types transformers implies stay out)."""
+    thinker = {"model_type": "qwen3_omni_moe_thinker", "dtype": "bfloat16", "vision_config": {"depth": 1},
+               "text_config": {"model_type": "qwen3_omni_moe_text", "num_experts": 128, "dtype": "bfloat16"}}
+    original = {"model_type": "qwen3_omni_moe", "dtype": "bfloat16", "thinker_config": thinker,
+                "talker_config": {"text_config": {"num_experts": 128, "model_type": "qwen3_omni_moe_talker_text"}}}  # fmt: skip
+    if not typed:
+        del thinker["model_type"], thinker["text_config"]["model_type"]
+    merged = language_config(original)
+    assert merged["model_type"] == "qwen3_omni_moe_text" and merged["num_experts"] == 128
+    assert "thinker_config" not in merged and merged["vision_config"] == {"depth": 1}
+    assert nested_config(merged, original) == original
+    edited = merged | {"num_experts": 64, "dtype": "float16", "num_nextn_predict_layers": 0}
+    written = nested_config(edited, original)
+    assert written["dtype"] == written["thinker_config"]["dtype"] == "float16"
+    assert written["thinker_config"]["text_config"] == {
+        **thinker["text_config"], "num_experts": 64, "dtype": "float16", "num_nextn_predict_layers": 0
+    }
+    assert written["talker_config"] == original["talker_config"] and written.keys() == original.keys()
+    assert ("model_type" in written["thinker_config"]) == typed

@@ -38,7 +38,7 @@ from moelab.hf.layouts import (
     config_value,
     swiglu,
 )
-from moelab.hf.multimodal import language_config, runs_whole
+from moelab.hf.multimodal import language_config, loaded_as, runs_whole
 from moelab.hf.mxfp4 import Mxfp4Checkpoint
 from moelab.hf.quantized import stated_dtype
 from moelab.hf.stored_names import renamed_on_loading
@@ -1213,6 +1213,11 @@ _FAMILIES = (
 FAMILIES: dict[str, Family] = {family.name: family for family in _FAMILIES}
 # Hunyuan 4 VL's language model: Hunyuan 4's modules under another model_type
 FAMILIES["hy_v4_vl_text"] = dataclasses.replace(FAMILIES["hy_v4"], name="hy_v4_vl_text")
+# Qwen3-Omni-MoE's thinker's language model: Qwen3-MoE's modules, norm_topk_prob true unless config.json says not
+FAMILIES["qwen3_omni_moe_text"] = dataclasses.replace(
+    FAMILIES["qwen3_moe"], name="qwen3_omni_moe_text",
+    router_settings=lambda config: _softmax_norm_topk_prob({"norm_topk_prob": True, **config}),
+)  # fmt: skip
 
 
 # model_types whose MoE blocks compute what moelab's views cannot express: refused by name, with why
@@ -1304,7 +1309,7 @@ def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
     try:
         wrapper = stored.get("model_type") if stored is not config else None
         whole = isinstance(wrapper, str) and isinstance(model_type, str) and runs_whole(wrapper, model_type)
-        family = family_of(config, checkpoint, wrapper if whole else None)
+        family = family_of(config, checkpoint, loaded_as(stored) if whole else None)
     except BaseException:
         checkpoint.close()
         raise

@@ -644,18 +644,31 @@ def language_model_class(config) -> tuple[type, Any]:
     """(the transformers class, its config) that runs `config`'s language model on token ids: its
     causal LM; for a multimodal config, the causal LM transformers maps it to (Qwen3.5) or the one
     of its text config (Kimi-K2.5's DeepSeek-V3), else the vision-language model itself, which runs
-    text alone (Qwen3-VL-MoE, GLM-4.5V); a CheckpointError where transformers has none."""
+    text alone (Qwen3-VL-MoE, GLM-4.5V), or the sub-model that holds it, with its own config
+    (Qwen3-Omni-MoE's thinker: `moelab.hf.multimodal.SUBMODELS`); a CheckpointError where
+    transformers has none."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
     text = config.get_text_config()
+    sub = submodel_config(config)
     for cls, settings in (
         (MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None), config),
         (MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text), None), text),
         (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING.get(type(config), None), config),
+        (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING.get(type(sub), None), sub),
     ):
         if cls is not None:
             return cls, settings if isinstance(settings, cls.config_class) else text
     raise CheckpointError(f"transformers has no causal LM for model_type {config.model_type!r}")
+
+
+def submodel_config(config) -> Any:
+    """The config of the sub-model that holds a release's language model (`moelab.hf.multimodal.SUBMODELS`:
+    Qwen3-Omni-MoE's thinker_config), None for others."""
+    from moelab.hf.multimodal import SUBMODELS
+
+    key, _ = SUBMODELS.get(getattr(config, "model_type", None), (None, None))
+    return getattr(config, key, None) if key else None
 
 
 def native_skeleton(config: dict) -> nn.Module:

@@ -82,7 +82,7 @@ def _language_model(path: Path) -> tuple[Any, dict[str, Any]]:
     )
 
     from moelab.hf.adapters import resolve
-    from moelab.hf.layerwise import language_model_class
+    from moelab.hf.layerwise import language_model_class, submodel_config
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
@@ -93,6 +93,8 @@ def _language_model(path: Path) -> tuple[Any, dict[str, Any]]:
         return AutoModelForCausalLM, {}
     if settings is config:
         return cls, {}
+    if settings is submodel_config(config):  # Qwen3-Omni-MoE's thinker: its conversion mapping reads the names
+        return cls, {"config": settings}
     _, ckpt, family = resolve(path)
     ckpt.close()
     if family.loads_multimodal and type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
