@@ -794,3 +794,5 @@ def test_qwen3_omni_moe_s_language_config_is_its_thinker_s_text_config(typed):
     }
     assert written["talker_config"] == original["talker_config"] and written.keys() == original.keys()
     assert ("model_type" in written["thinker_config"]) == typed
+    odd = {"model_type": ["qwen3_omni_moe"], "thinker_config": thinker}  # refused later, by resolve, by name
+    assert language_config(odd) is odd

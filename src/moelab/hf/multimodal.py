@@ -28,7 +28,8 @@ SUBMODELS = {"qwen3_omni_moe": ("thinker_config", "Qwen3OmniMoeThinkerForConditi
 def submodel(config: Config) -> tuple[str, Config] | None:
     """(the key, the config) of the sub-model whose language model a release of `SUBMODELS` runs (its
     model_type the one transformers gives it where config.json leaves it out); None for others."""
-    key, _ = SUBMODELS.get(config.get("model_type"), (None, None))
+    model_type = config.get("model_type")
+    key, _ = SUBMODELS.get(model_type, (None, None)) if isinstance(model_type, str) else (None, None)
     inner = config.get(key) if key else None
     if not isinstance(inner, dict):
         return None
