@@ -1,7 +1,8 @@
 """Multimodal MoE checkpoints (Qwen3.5-MoE, Llama 4, Mistral Large 4): the language model is read from
 config.json's text_config and from the tensors under model.language_model. (Qwen3.5), language_model.model.
 (Llama 4) or the root (Mistral Large 4, under Mistral's own names), checked against transformers' blocks, compressed with its config.json written back in
-its own shape and the vision tower copied untouched, and decoded offloaded."""
+its own shape and the vision tower copied untouched, and decoded offloaded. Qwen3-Omni-MoE: its thinker's language
+model (thinker_config.text_config, thinker.model.), the talker and code2wav copied untouched."""
 
 from __future__ import annotations
 
