@@ -648,7 +648,19 @@ def test_step_3_7_s_top_k_reads_under_its_release_name(tmp_path):
         assert view.layer(1).router.top_k == model.config.text_config.num_experts_per_tok
 
 
-def test_qwen3_omni_moe_writes_its_thinker_and_copies_the_talker_and_encoders(tmp_path):
+def omni_source(path: Path, original: bool) -> Path:
+    """The tiny Qwen3-Omni-MoE as released (thinker.model.layers.N, per-expert tensors) or as transformers
+    saves it with save_original_format=False (thinker.model.language_model.layers.N, fused experts)."""
+    if original:
+        return multimodal_model(path, "qwen3_omni_moe")
+    text, vision, *_ = MODELS["qwen3_omni_moe"]
+    qwen3_omni_moe(text, vision).save_pretrained(path, save_original_format=False)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("original", [True, False], ids=["released", "transformers-names"])
+def test_qwen3_omni_moe_writes_its_thinker_and_copies_the_talker_and_encoders(tmp_path, original):
     """Qwen3-Omni-MoE pruned: only thinker_config.text_config's num_experts changes in config.json (the
     talker's MoE, its own num_experts included, is left as it is); every tensor outside the thinker's MoE
     blocks (talker., code2wav., the thinker's encoders, attention, embeddings) is copied byte for byte;
@@ -660,17 +672,17 @@ def test_qwen3_omni_moe_writes_its_thinker_and_copies_the_talker_and_encoders(tm
     from moelab.hf.layerwise import install_moe
     from moelab.hf.modules import find_moe_modules
 
-    source, out = multimodal_model(tmp_path / "src", "qwen3_omni_moe"), tmp_path / "out"
+    source, out = omni_source(tmp_path / "src", original), tmp_path / "out"
     drop = {0: [1, 2, 5, 6], 1: [0, 3, 4, 7]}
     drop_experts(source, out, drop, quiet=True)
     before, after = (json.loads((p / "config.json").read_text()) for p in (source, out))
     assert text_settings(after)["num_experts"] == 4 and after["talker_config"]["text_config"]["num_local_experts"] == 4
     text_settings(after)["num_experts"] = 8
     assert after == before
-    original, written = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
-    moe = tuple(f"thinker.model.layers.{i}.mlp." for i in drop)
-    assert {k for k in original if not k.startswith(moe)} == {k for k in written if not k.startswith(moe)}
-    assert all(torch.equal(written[k], v) for k, v in original.items() if not k.startswith(moe))
+    moe = tuple(f"thinker.model.{'' if original else 'language_model.'}layers.{i}.mlp." for i in drop)
+    stored, written = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
+    assert {k for k in stored if not k.startswith(moe)} == {k for k in written if not k.startswith(moe)}
+    assert all(torch.equal(written[k], v) for k, v in stored.items() if not k.startswith(moe))
     assert any(k.startswith("talker.model.layers.0.mlp.experts.") for k in written) and any(
         k.startswith("code2wav.") for k in written
     )
@@ -693,14 +705,15 @@ def test_qwen3_omni_moe_writes_its_thinker_and_copies_the_talker_and_encoders(tm
     assert (want - unmasked).abs().max() > 1e-3, "dropping experts changed nothing"
 
 
-def test_qwen3_omni_moe_s_thinker_runs_layer_by_layer_and_decodes_offloaded_as_transformers(tmp_path, one_thread):
+@pytest.mark.parametrize("original", [True, False], ids=["released", "transformers-names"])
+def test_qwen3_omni_moe_s_thinker_runs_layer_by_layer_and_decodes_offloaded_as_transformers(tmp_path, original, one_thread):
     """The thinker's decoder layers run layer by layer give what they give in the whole model's forward
     pass; decoded offloaded, the thinker's greedy tokens are those of transformers' text generation (the
     whole model's generate without audio, and the thinker's own)."""
     from test_layerwise import assert_layers_are_transformers
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
-    source = multimodal_model(tmp_path / "src", "qwen3_omni_moe")
+    source = omni_source(tmp_path / "src", original)
     model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(source).eval()
     ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
     assert_layers_are_transformers(source, model.thinker, [ids, ids[:1, :5]])

@@ -119,6 +119,8 @@ LANGUAGE_ROOTS = {
         ("lm_head.", "language_model.lm_head."),
     ),  # Llama 4
     "thinker.model.": (("model.", "thinker.model."), ("lm_head.", "thinker.lm_head.")),  # Qwen3-Omni-MoE
+    # Qwen3-Omni-MoE saved by transformers with save_original_format=False: the thinker's own names
+    "thinker.model.language_model.": (("model.", "thinker.model.language_model."), ("lm_head.", "thinker.lm_head.")),
 }
 
 
