@@ -869,7 +869,7 @@ def test_compute_commands_run_on_their_threads_and_put_torch_s_back(monkeypatch,
     stand_in("moelab.train.train", SimpleNamespace(steps=1, tokens=2, tokens_per_second=3.0, eval_loss={"all": 1.0}))
     monkeypatch.setattr("moelab.train.compare.load_recipe", lambda path: "recipe")
     stand_in("moelab.train.compare.compare", tmp_path / "report.md")
-    decoded = {"steps": 1, "seconds": 1.0, "tokens_per_s": 1.0, "later_tokens_per_s": None, "threads": 1}
+    decoded = {"steps": 1, "seconds": 1.0, "tokens_per_s": 1.0, "later_tokens_per_s": None, "threads": 1, "dtype": torch.float32}
     stand_in("moelab.generate.generate_texts", (["a", "b"], decoded))
     commands = [["trace"], ["analyze"], ["calibrate"], ["compress"], ["compress-bench"], ["demo"], ["eval"],
                 ["train", tmp_path / "run.yaml"], ["compare", "a.yaml", "--train", "t.yaml", "--out", tmp_path / "c"],
@@ -960,20 +960,20 @@ def test_generate_passes_every_option_on(monkeypatch, tmp_path):
     from moelab.models.transformer import Sampling
 
     calls = []
-    stats = {"steps": 2, "seconds": 1.0, "tokens_per_s": 2.0, "later_tokens_per_s": None, "threads": 2}
+    stats = {"steps": 2, "seconds": 1.0, "tokens_per_s": 2.0, "later_tokens_per_s": None, "threads": 2, "dtype": torch.bfloat16}
     monkeypatch.setattr("moelab.generate.generate_texts", lambda *a, **k: calls.append((a, k)) or (["!", "?"], stats))
     monkeypatch.setattr("moelab.offload.RoutingPrior.from_trace", lambda path: ("prior", path))
     out = _ok(["generate", "one", "two", "--model", "ref-32e-top4-shared", "--max-new-tokens", 5, "--memory-budget",
                "1KiB", "--prior", tmp_path / "t", "--policy", "lru", "--compile", "--dtype", "bf16", "--device", "cuda",
                "--host-memory", "--temperature", 0.5, "--top-p", 0.9, "--top-k", 3, "--seed", 4, "--ignore-eos"])
-    assert "one!" in out and "two?" in out and "2 x 2 tokens" in out and out.rstrip().endswith(", 2 threads")
+    assert "one!" in out and "two?" in out and "2 x 2 tokens" in out and out.rstrip().endswith(", 2 threads, bfloat16")
     _ok(["generate", "one", "two", "--top-k", 2])
     _ok(["generate", "one", "two", "--resident", 0.5])
     given = dict(max_new_tokens=5, resident=None, memory_budget=1024, prior=("prior", tmp_path / "t"), policy="lru",
                  compile=True, dtype=torch.bfloat16, device="cuda", host_memory=True, streamer=None,
                  sampling=Sampling(temperature=0.5, top_p=0.9, top_k=3, seed=4), ignore_eos=True)  # fmt: skip
     default = dict(max_new_tokens=64, resident=None, memory_budget=None, prior=None, policy="reuse", compile=False,
-                   dtype=torch.float32, device="cpu", host_memory=False, streamer=None, sampling=None, ignore_eos=False)
+                   dtype="auto", device="cpu", host_memory=False, streamer=None, sampling=None, ignore_eos=False)
     prompts = ["one", "two"]
     assert calls == [((reference_model_dir("ref-32e-top4-shared"), prompts), given),
                      ((reference_model_dir(), prompts), dict(default, sampling=Sampling(temperature=1.0, top_k=2))),

@@ -455,8 +455,12 @@ def load_offloaded(
         raise ValueError(f"unknown device {device!r}; choose 'cpu' or 'cuda'") from None
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16), got {dtype!r}")
-    if not (isinstance(prefetch_factor, (int, float)) and math.isfinite(prefetch_factor) and prefetch_factor > 0):
-        raise ValueError(f"prefetch_factor must be a positive finite number of times the experts used, got {prefetch_factor!r}")
+    factor_ok = isinstance(prefetch_factor, (int, float)) and math.isfinite(prefetch_factor) and prefetch_factor >= 0
+    if not factor_ok or (predictor is not None and prefetch_factor == 0):  # without a predictor: unused (POLICIES' 0)
+        raise ValueError(
+            f"prefetch_factor must be a finite number >= 0 of times the experts used (> 0 with a predictor), got "
+            f"{prefetch_factor!r}"
+        )
     if kv_cache_tokens is not None and kv_cache_tokens < 0:
         raise ValueError(f"kv_cache_tokens counts the tokens the KV cache will hold: >= 0, got {kv_cache_tokens}")
     if kv_cache_tokens is not None and memory_budget is None:
