@@ -128,6 +128,16 @@ MODELS = {
                                  image_size=28, patch_size=14)),
         "model.layers.", "n_routed_experts", "mlp",
     ),
+    "deepseek_ocr2": (  # Unlimited OCR's language model (DeepSeek-V2's router), its dense layers named by mlp_layer_types
+        dict(COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+             n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, topk_method="group_limited_greedy",
+             routed_scaling_factor=1.5, mlp_layer_types=["dense", "sparse"], pad_token_id=0),
+        dict(sam_config=dict(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+                             patch_size=16, window_size=2, global_attn_indexes=[0], mlp_dim=32, downsample_channels=[16, 32]),
+             encoder_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2)),
+        "model.layers.", "n_routed_experts", "mlp",
+    ),
     "glm5_next": (  # clamped experts, hyper-connections, KDA and indexed attention (a "shared" indexer layer)
         dict(COMMON, vocab_size=8192, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
              num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, kv_lora_rank=16,
@@ -376,7 +386,8 @@ def test_only_a_vision_language_skeleton_has_modules_text_never_reaches(source):
               "step3p7": ["model.vision_model", "model.multi_modal_projector"],
               "mistral_large4": ["model.vision_tower", "model.multi_modal_projector"],
               "gemma4": ["model.vision_tower", "model.embed_vision"], "hy_v4_vl": ["model.vision_tower"],
-              "unlimited_ocr": ["model.vision_tower", "model.multi_modal_projector"], "glm5_next": ["model.visual"],
+              "unlimited_ocr": ["model.vision_tower", "model.multi_modal_projector"],
+              "deepseek_ocr2": ["model.vision_tower", "model.multi_modal_projector"], "glm5_next": ["model.visual"],
               "qwen3_omni_moe": ["model.audio_tower", "model.visual"]}  # fmt: skip
     assert outside == towers.get(family_of(source), [])
 

@@ -608,6 +608,18 @@ def _first_layer_dense(config: Config, i: int) -> bool:
     return _mlp_layer_types({**config, "first_k_dense_replace": 1}, i)
 
 
+def _deepseek_ocr2_sparse_layer(config: Config, i: int) -> bool:
+    """mlp_layer_types, which DeepseekOcr2TextConfig has no default for (its decoder layers index it:
+    transformers builds no model from a config without it, nor reads first_k_dense_replace)."""
+    if config.get("mlp_layer_types") is None:
+        raise CheckpointError(
+            "this DeepSeek-OCR 2 config sets no mlp_layer_types, which transformers' DeepseekOcr2TextConfig does "
+            "not fill in (nor read first_k_dense_replace for): add text_config.mlp_layer_types, 'dense' or "
+            "'sparse' for each layer (the first first_k_dense_replace layers dense)"
+        )
+    return _mlp_layer_types(config, i)
+
+
 def _glm5_next_sparse_layer(config: Config, i: int) -> bool:
     """mlp_layer_types, else the first three layers dense, as Glm5NextTextConfig fills it in: it has no
     first_k_dense_replace (a config.json that sets it, as GLM releases do, sets it for nothing). A
@@ -1213,6 +1225,11 @@ _FAMILIES = (
 FAMILIES: dict[str, Family] = {family.name: family for family in _FAMILIES}
 # Hunyuan 4 VL's language model: Hunyuan 4's modules under another model_type
 FAMILIES["hy_v4_vl_text"] = dataclasses.replace(FAMILIES["hy_v4"], name="hy_v4_vl_text")
+# DeepSeek-OCR 2's language model: Unlimited OCR's modules (DeepSeek-V2's router and MLPs, Llama's
+# attention), its MoE layers named by mlp_layer_types only
+FAMILIES["deepseek_ocr2_text"] = dataclasses.replace(
+    FAMILIES["unlimited_ocr_text"], name="deepseek_ocr2_text", is_moe_layer=_deepseek_ocr2_sparse_layer
+)
 # Qwen3-Omni-MoE's thinker's language model: Qwen3-MoE's modules, norm_topk_prob true unless config.json says not
 FAMILIES["qwen3_omni_moe_text"] = dataclasses.replace(
     FAMILIES["qwen3_moe"], name="qwen3_omni_moe_text",
