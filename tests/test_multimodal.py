@@ -821,3 +821,131 @@ def test_qwen3_omni_moe_s_language_config_is_its_thinker_s_text_config(typed):
     assert ("model_type" in written["thinker_config"]) == typed
     odd = {"model_type": ["qwen3_omni_moe"], "thinker_config": thinker}  # refused later, by resolve, by name
     assert language_config(odd) is odd
+
+
+def ocr2_source(path: Path, original: bool, **text) -> Path:
+    """The tiny DeepSeek-OCR 2 as transformers saves it by default (the release's names: model.layers.N,
+    per-expert tensors, model.sam_model, model.qwen2_model) or with save_original_format=False
+    (model.language_model.layers.N, fused experts, model.vision_tower); `text` over its text config."""
+    base, vision, *_ = MODELS["deepseek_ocr2"]
+    build_multimodal("deepseek_ocr2", dict(base, **text), vision).save_pretrained(path, save_original_format=original)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("original", [True, False], ids=["released", "transformers-names"])
+def test_deepseek_ocr2_writes_its_language_model_and_copies_the_towers(tmp_path, original):
+    """DeepSeek-OCR 2 pruned: only text_config's n_routed_experts changes in config.json; every tensor
+    outside the MoE blocks (SAM and the vision encoder, projector, view separator, attention, embeddings)
+    is copied byte for byte; transformers loads the whole model strictly, and its logits are the masked
+    original's."""
+    from transformers import DeepseekOcr2ForConditionalGeneration
+
+    from moelab.hf import masked_moe_layer
+    from moelab.hf.adapters import FAMILIES
+    from moelab.hf.layerwise import install_moe
+    from moelab.hf.modules import find_moe_modules
+
+    source, out = ocr2_source(tmp_path / "src", original), tmp_path / "out"
+    drop = {1: [1, 2, 5, 6]}
+    drop_experts(source, out, drop, quiet=True)
+    before, after = (json.loads((p / "config.json").read_text()) for p in (source, out))
+    assert after["text_config"]["n_routed_experts"] == 4
+    after["text_config"]["n_routed_experts"] = 8
+    assert after == before
+    moe = f"model.{'' if original else 'language_model.'}layers.1.mlp."
+    stored, written = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
+    assert {k for k in stored if not k.startswith(moe)} == {k for k in written if not k.startswith(moe)}
+    assert all(torch.equal(written[k], v) for k, v in stored.items() if not k.startswith(moe))
+    assert any("sam_" in k for k in written) and any("view_sep" in k for k in written)
+    model, info = DeepseekOcr2ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+
+    masked = load_causal_lm(source)  # the vision-language model, its MoE block routing around the dropped experts
+    _, layers = decoder_layers(masked, 2)
+    with open_checkpoint(source) as view:
+        layer = view.layer(1)  # layer 0 is dense
+        keep = [e for e in range(8) if e not in drop[1]]
+        found = find_moe_modules(layers[1], 1, *layer.router.weight.shape)
+        install_moe(layers[1], 1, found, masked_moe_layer(layer, keep), None, FAMILIES["deepseek_ocr2_text"])
+    ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = masked(input_ids=ids).logits, model.eval()(input_ids=ids).logits
+        unmasked = load_causal_lm(source)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert (want - unmasked).abs().max() > 1e-3, "dropping experts changed nothing"
+
+
+@pytest.mark.parametrize("original", [True, False], ids=["released", "transformers-names"])
+def test_deepseek_ocr2_runs_layer_by_layer_and_decodes_offloaded_as_transformers(tmp_path, original, one_thread):
+    """DeepSeek-OCR 2's decoder layers run layer by layer give what they give in transformers' forward
+    pass of the whole model on text; decoded offloaded, its greedy tokens are transformers' generate's."""
+    from test_layerwise import assert_layers_are_transformers
+    from transformers import DeepseekOcr2ForConditionalGeneration
+
+    source = ocr2_source(tmp_path / "src", original)
+    model = DeepseekOcr2ForConditionalGeneration.from_pretrained(source, experts_implementation="eager").eval()
+    ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert_layers_are_transformers(source, model, [ids, ids[:1, :5]])
+    prompt = torch.tensor([[1, 5, 9, 33, 2]])
+    want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    offloaded = load_offloaded(source, resident=0.5)
+    try:
+        assert torch.equal(offloaded.generate(prompt, 6), want)
+    finally:
+        offloaded.close()
+
+
+@pytest.mark.parametrize(
+    "settings", [dict(topk_method="greedy"), dict(topk_method="greedy", routed_scaling_factor=None, n_group=None),
+                 dict(mlp_layer_types=["sparse", "sparse", "dense"], num_hidden_layers=3)],
+    ids=["greedy", "greedy-defaults", "mlp-layer-types"],
+)  # fmt: skip
+def test_deepseek_ocr2_s_router_and_dense_layers_are_transformers(tmp_path, settings):
+    """Greedy or group-limited routing, routed_scaling_factor 1 where config.json leaves it out (its
+    config class's default), and the MoE layers mlp_layer_types names: each MoE layer computes
+    transformers' block, the dense ones are dense in both."""
+    source = ocr2_source(tmp_path / "src", True, **{k: v for k, v in settings.items() if v is not None})
+    config = json.loads((source / "config.json").read_text())
+    for key in (k for k, v in settings.items() if v is None):
+        del config["text_config"][key]
+    (source / "config.json").write_text(json.dumps(config))
+    model = load_causal_lm(source)
+    n = config["text_config"]["num_hidden_layers"]
+    _, decoder = decoder_layers(model, n)
+    x = torch.randn(6, 32)
+    with open_checkpoint(source) as view:
+        assert view.family == "deepseek_ocr2_text"
+        sparse = [isinstance(view.layer(i), MoELayerView) for i in range(n)]
+        assert sparse == [hasattr(layer.mlp, "experts") for layer in decoder] == [
+            t == "sparse" for t in config["text_config"]["mlp_layer_types"]
+        ]
+        for i in (i for i in range(n) if sparse[i]):
+            with torch.no_grad():
+                want = decoder[i].mlp(x[None])[0]
+            torch.testing.assert_close(moe_output(view.layer(i), x.double()).float(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [("mlp_layer_types", None, r"sets no mlp_layer_types.*add text_config\.mlp_layer_types"),
+     ("mlp_bias", True, r"sets mlp_bias: its shared experts have biases"),
+     ("num_experts_per_tok", None, r"sets none of num_experts_per_tok"),
+     ("n_group", None, r"sets none of n_group"),
+     ("topk_method", "noaux_tc", r"topk_method 'noaux_tc' is not supported")],
+    ids=["no-mlp-layer-types", "mlp-bias", "no-top-k", "no-n-group", "topk-method"],
+)  # fmt: skip
+def test_what_deepseek_ocr2_s_language_model_cannot_be_read_as_is_refused_by_name(tmp_path, key, value, message):
+    """A DeepSeek-OCR 2 config transformers builds no model from (no mlp_layer_types, which
+    DeepseekOcr2TextConfig leaves None; no num_experts_per_tok; group-limited routing without n_group),
+    biased shared experts (mlp_bias) and a topk_method transformers' router has no branch for: each refused
+    naming the key, rather than read as something else."""
+    source = ocr2_source(tmp_path / "src", True)
+    config = json.loads((source / "config.json").read_text())
+    config["text_config"].pop(key, None)
+    if value is not None:
+        config["text_config"][key] = value
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        with open_checkpoint(source) as view:
+            [view.layer(i) for i in range(view.num_layers)]
