@@ -2,7 +2,8 @@
 config.json's text_config and from the tensors under model.language_model. (Qwen3.5), language_model.model.
 (Llama 4) or the root (Mistral Large 4, under Mistral's own names), checked against transformers' blocks, compressed with its config.json written back in
 its own shape and the vision tower copied untouched, and decoded offloaded. Qwen3-Omni-MoE: its thinker's language
-model (thinker_config.text_config, thinker.model.), the talker and code2wav copied untouched."""
+model (thinker_config.text_config, thinker.model.), the talker and code2wav copied untouched. DeepSeek-OCR 2:
+its language model stored under model. beside its SAM and vision encoders (model.sam_model, model.qwen2_model)."""
 
 from __future__ import annotations
 
