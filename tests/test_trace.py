@@ -215,7 +215,7 @@ def test_transformers_trace_records_what_the_block_chose(tmp_path, family):
     assert all(c["mismatched"] == 0 for c in summary["checks"].values())
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe", "llama4_text", "dbrx", "granitemoeshared"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe", "llama4_text", "dbrx", "granitemoeshared", "jetmoe"])
 def test_transformers_expert_max_matches_the_view(tmp_path, family):
     """Max |down output| per expert (and of the shared experts) against the view's native layer
     run on the block's input for the recorded choices."""

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from moelab.hf import ModelView, MoELayerView, moe_layer_from_view, open_checkpoint
 from moelab.hf.edit import route_tokens
 from moelab.hf.modules import decoder_layers, find_moe_modules, is_transformers_model
+from moelab.hf.native import experts_from_view
+from moelab.hf.view import ExpertsView
 from moelab.nn import MoELayer
 from moelab.nn.routers import Router, Routing
 
@@ -248,9 +250,12 @@ class RoutingCapture:
                 router_module.register_forward_hook(_on_hf_router(tap, router), with_kwargs=True)
             )
             scale = router.route_scale if layer_view.router.scaled_after_experts else 1.0
+            # a block whose experts are no module of their own (JetMoE's mlp runs input_linear / output_linear
+            # itself): the view's experts give the statistic
+            viewed = layer_view.experts if found.experts == found.block else None
             self._handles.append(
                 experts_module.register_forward_hook(
-                    _on_hf_experts(tap, experts_module, self.expert_stats, scale), with_kwargs=True
+                    _on_hf_experts(tap, experts_module, self.expert_stats, scale, viewed), with_kwargs=True
                 )
             )
             if self.expert_stats and shared_down is not None:
@@ -315,10 +320,15 @@ def _on_hf_router(tap: _LayerTap, router: Router):
     return hook
 
 
-def _on_hf_experts(tap: _LayerTap, experts: nn.Module, expert_stats: bool, scale: float = 1.0):
+def _on_hf_experts(
+    tap: _LayerTap, experts: nn.Module, expert_stats: bool, scale: float = 1.0, viewed: ExpertsView | None = None
+):
     """Read what the block used: `experts(hidden [T, D], top_k_index [T, K], top_k_weights [T, K])`
     (times `scale` where the block scales the experts' sum afterwards), or the router's dense scores
-    when the experts get pre-scaled rows (Llama 4)."""
+    when the experts get pre-scaled rows (Llama 4); else (`experts` the whole block, its input the
+    block's) the recomputed routing, and with expert_stats the experts `viewed` (the layer's view's,
+    built as moelab's on first use) run on the block's input for it."""
+    native: list[nn.Module] = []
 
     def hook(module: nn.Module, args, kwargs, output: Tensor) -> None:
         recomputed, tap.pending = tap.pending, None
@@ -341,6 +351,10 @@ def _on_hf_experts(tap: _LayerTap, experts: nn.Module, expert_stats: bool, scale
                 per_expert = output.detach().reshape(tap.num_experts, -1).abs().amax(-1)
                 tap.record_expert_max(torch.arange(tap.num_experts), per_expert)
         else:
+            if expert_stats and viewed is not None:
+                if not native:
+                    native.append(experts_from_view(viewed).to(inputs[0].device))
+                _viewed_expert_max(tap, native[0], inputs[0].detach(), recomputed.indices)
             tap.parts.append(recomputed)
             return
         tap.check.update(recomputed, used)
@@ -350,6 +364,22 @@ def _on_hf_experts(tap: _LayerTap, experts: nn.Module, expert_stats: bool, scale
 
 
 @torch.no_grad()
+def _viewed_expert_max(tap: _LayerTap, experts: nn.Module, hidden: Tensor, index: Tensor) -> None:
+    """Run moelab's `experts` (a layer's view's) on the rows hidden [..., D] sends them (index [T, K],
+    -1: none), unweighted; keep the max |value| per expert."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat = index.reshape(-1)
+    tokens = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
+    chosen, tokens = flat[flat >= 0], tokens[flat >= 0]
+    order = chosen.argsort(stable=True)
+    chosen, tokens = chosen[order], tokens[order]
+    counts = torch.bincount(chosen, minlength=tap.num_experts).tolist()
+    dtype = next(experts.parameters()).dtype
+    with torch.no_grad():
+        ys = experts.forward(hidden[tokens].to(dtype), counts)  # .forward: no hooks
+    tap.record_expert_max(chosen, ys.float().abs().amax(-1))
+
+
 def _slotwise_expert_max(tap: _LayerTap, experts: nn.Module, hidden: Tensor, index: Tensor) -> None:
     """Run the experts once per slot with unit weights, so each token's output is exactly its
     slot expert's down projection; keep the max |value| per expert."""
