@@ -651,6 +651,11 @@ def _views(**change):
         ({"router": {"bias": torch.zeros(4, 1)}}, r"router bias has shape \[4, 1\], expected \[4\]"),
         ({"router": {"selection_bias": torch.zeros(3)}}, r"router selection_bias has shape \[3\], expected \[4\]"),
         ({"router": {"top_k": 5}}, r"top_k"),
+        # moelab's sparsemixer and hash routers take no cap: refused, not dropped
+        ({"router": {"score_func": "sparsemixer", "logit_softcap": 1.0}}, r"a sparsemixer router takes no logit_softcap"),
+        ({"router": {"token_experts": torch.zeros(8, 2, dtype=torch.long), "logit_softcap": 1.0}},
+         r"a hash-routed router \(token_experts\) takes no logit_softcap"),
+        ({"router": {"logit_softcap": 0.0}}, r"router logit_softcap must be a positive finite number \(or None\), got 0\.0"),
         ({"router": {"n_group": 3}}, r"n_group \(3\) must be >= 1 and divide num_experts \(4\)"),
         # groups of one expert: a sigmoid router scores a group by its two best (a softmax one is fine, below)
         ({"router": {"score_func": "sigmoid", "top_k": 1, "n_group": 4}}, r"every group needs at least 2 experts"),

@@ -99,6 +99,12 @@ class RouterView:
             _check_shape("router input norm weight", self.input_norm.weight, (D,))
         if self.score_func == "sparsemixer" and (self.expert_scale is not None or self.input_norm is not None):
             raise ValueError("a sparsemixer router takes no expert_scale or input_norm")
+        if self.logit_softcap is not None:  # moelab's sparsemixer and hash routers would drop it (`native._router`)
+            cap = self.logit_softcap
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not (math.isfinite(cap) and cap > 0):
+                raise ValueError(f"router logit_softcap must be a positive finite number (or None), got {cap!r}")
+            if self.score_func == "sparsemixer":
+                raise ValueError("a sparsemixer router takes no logit_softcap")
         check_top_k(self.top_k, E)
         check_groups(E, self.top_k, self.n_group, self.topk_group, self.min_group_size)
         if self.token_experts is not None:
@@ -117,6 +123,7 @@ class RouterView:
             ("selection_bias", self.selection_bias is not None), ("expert_scale", self.expert_scale is not None),
             ("n_group", self.n_group > 1), ("select_on_logits", self.select_on_logits),
             ("sparsemixer", self.score_func == "sparsemixer"), ("input_norm", self.input_norm is not None),
+            ("logit_softcap", self.logit_softcap is not None),
         ) if on]  # fmt: skip
         if others:
             raise ValueError(f"a hash-routed router (token_experts) takes no {', '.join(others)}")
