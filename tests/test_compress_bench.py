@@ -585,3 +585,22 @@ def test_the_report_gives_each_domains_own_change_the_base_sizes_and_skips_a_fai
         "| 50% | frequency | code | 13.0 (+30.0%) | 21.0 (+5.0%) |",
         "| 50% | frequency | task-agnostic | 11.0 (+10.0%) | 21.0 (+5.0%) |",
     ]
+
+
+def test_by_default_the_bench_runs_the_methods_the_model_takes_and_names_the_others(tmp_path, monkeypatch):
+    """JetMoE's expert count also sizes its attention experts: only HEAPr (which narrows every
+    expert) runs; each method left out is printed with the reason, and run_bench gets the rest."""
+    from hf_tiny import build
+    from typer.testing import CliRunner
+
+    from moelab.cli import app
+    from moelab.compress.bench import methods_for
+
+    build("jetmoe").save_pretrained(tmp_path / "jet")
+    kept, left_out = methods_for(tmp_path / "jet", (0.25, 0.5))
+    assert kept == ("heapr",) and "reap" in left_out and "removes or merges experts" in left_out["reap"]
+    seen = []
+    monkeypatch.setattr("moelab.compress.bench.run_bench", lambda model, out, options, **kw: seen.append(options))
+    result = CliRunner().invoke(app, ["compress-bench", str(tmp_path / "jet"), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert [o.methods for o in seen] == [("heapr",)] and "left out reap: reap removes or merges experts" in result.output

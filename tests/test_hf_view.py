@@ -895,11 +895,12 @@ def test_ernie_with_a_floor_under_its_weight_sum_is_refused(tmp_path):
     "family,overrides,message",
     [
         ("laguna", dict(moe_router_logit_softcapping=-1.0), r"sets moe_router_logit_softcapping -1\.0; transformers reads"),
+        ("laguna", dict(moe_router_logit_softcapping=True), r"sets moe_router_logit_softcapping True; transformers reads"),
         ("laguna", dict(moe_apply_router_weight_on_input=True), r"sets moe_apply_router_weight_on_input: the router"),
         ("hy_v3", dict(mlp_bias=True), r"Hunyuan 3 config sets mlp_bias: its shared experts have biases"),
         ("deepseek_v2", dict(mlp_bias=True), r"DeepSeek-V2 config sets mlp_bias: its shared experts have biases"),
     ],
-    ids=["laguna-negative-softcap", "laguna-weight-on-input", "hy_v3-mlp-bias", "deepseek_v2-mlp-bias"],
+    ids=["laguna-negative-softcap", "laguna-bool-softcap", "laguna-weight-on-input", "hy_v3-mlp-bias", "deepseek_v2-mlp-bias"],
 )
 def test_routing_options_moelab_does_not_compute_are_refused(tmp_path, family, overrides, message):
     """Laguna's negative logit cap and router weights on the experts' input (which

@@ -839,6 +839,7 @@ def test_memory_budget_too_small_names_the_minimum(tmp_path):
     with pytest.raises(ValueError, match=r"memory budget 0\.0 MiB \(10000 bytes\) is too small: the dense parts take .* the minimum is"):
         load_offloaded(path, memory_budget=10_000)
     for bad, message in ((dict(prefetch_factor=-1), "prefetch_factor must be a finite number >= 0"),
+                         (dict(prefetch_factor=True), "prefetch_factor must be a finite number >= 0"),
                          (dict(prefetch_factor=0, predictor="lookahead"), r"\(> 0 with a predictor\), got 0"),
                          (dict(dtype=torch.int32), "dtype must be a floating-point torch.dtype"),
                          (dict(device="foo"), "unknown device 'foo'; choose 'cpu' or 'cuda'")):  # fmt: skip

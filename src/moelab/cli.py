@@ -674,7 +674,7 @@ def compress_bench(
     ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(help="A checkpoint directory or a shipped reference model's name (default: the shipped reference model).", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", help="Directory for the bench (resumed when it holds one: finished cells are kept).")] = Path("compress-bench"),
-    methods: Annotated[list[str] | None, typer.Option("--method", help="Only these methods (repeatable; default: every general method).")] = None,
+    methods: Annotated[list[str] | None, typer.Option("--method", help="Only these methods (repeatable; default: every general method the model takes).")] = None,
     ratios: Annotated[list[float] | None, typer.Option("--ratio", help="Ratios to remove (repeatable; default 0.25 and 0.5).")] = None,
     router_fit: Annotated[int, typer.Option("--router-fit", min=0, help="Also run every cell with its router re-calibrated for this many steps (0: not).")] = 0,
     domain: Annotated[str | None, typer.Option("--domain", help="Also the domain cells: calibrate on this corpus domain alone, remove 50 % and 75 %.")] = None,
@@ -688,9 +688,16 @@ def compress_bench(
 ) -> None:
     """Every compression method on one calibration and one evaluation: report.md, summary.json and plots."""
     _use_threads(ctx, threads)
-    from moelab.compress.bench import GENERAL_METHODS, BenchOptions, run_bench
+    from moelab.compress.bench import BenchOptions, methods_for, run_bench
     model = _model_dir(model)
-    options = BenchOptions(methods=tuple(methods or GENERAL_METHODS), ratios=tuple(ratios or (0.25, 0.5)),
+    ratios = tuple(ratios or (0.25, 0.5))
+    if not methods:  # every general method the model takes; the others named with the reason
+        methods, left_out = methods_for(model, ratios)
+        if not methods:
+            raise ValueError(f"no compression method runs on {model}: {next(iter(left_out.values()))}")
+        for method, reason in left_out.items():
+            console.print(f"[yellow]left out {method}:[/yellow] {reason}", markup=True, highlight=False)
+    options = BenchOptions(methods=tuple(methods), ratios=ratios,
                            router_fit=router_fit, calib_tokens=calib_tokens, eval_tokens=eval_tokens, prompts=prompts,
                            domain=domain, llmcompressor_python=str(llmcompressor_python) if llmcompressor_python else None)
     run_bench(model, out, options, overwrite=overwrite, quiet=quiet)

@@ -204,6 +204,22 @@ def run_bench(
         return summary
 
 
+def methods_for(model: Path, ratios: Sequence[float], methods: Sequence[str] = GENERAL_METHODS) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The methods of `methods` the model takes at every ratio (what `run_bench` would otherwise
+    refuse before its first cell: EASY-EP on a model with several residual streams, expert removal
+    where the expert count also sizes another module, ...), and for each one left out, why."""
+    kept, left_out = [], {}
+    for method in methods:
+        try:
+            for ratio in ratios:
+                check_compression(model, method, ratio)
+        except ValueError as err:
+            left_out[method] = str(err)
+        else:
+            kept.append(method)
+    return tuple(kept), left_out
+
+
 def _check_cells(model: Path, options: BenchOptions) -> None:
     """The errors a cell or the domain calibration would raise hours into the bench, now: every
     method at every ratio it will run at (shard headers only), and the domain's text."""

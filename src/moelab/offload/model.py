@@ -455,7 +455,8 @@ def load_offloaded(
         raise ValueError(f"unknown device {device!r}; choose 'cpu' or 'cuda'") from None
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16), got {dtype!r}")
-    factor_ok = isinstance(prefetch_factor, (int, float)) and math.isfinite(prefetch_factor) and prefetch_factor >= 0
+    factor_ok = not isinstance(prefetch_factor, bool) and isinstance(prefetch_factor, (int, float))
+    factor_ok = factor_ok and math.isfinite(prefetch_factor) and prefetch_factor >= 0
     if not factor_ok or (predictor is not None and prefetch_factor == 0):  # without a predictor: unused (POLICIES' 0)
         raise ValueError(
             f"prefetch_factor must be a finite number >= 0 of times the experts used (> 0 with a predictor), got "
