@@ -32,6 +32,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = CalibrationOptions(tokens=256, seq_len=32, batch_size=4, sample_tokens=32)
 COMMON = dict(vocab_size=8192, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+# Unlimited OCR's and DeepSeek-OCR 2's language model (DeepSeek-V2's router, group-limited) and SAM tower
+OCR_TEXT = dict(COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, topk_method="group_limited_greedy",
+                routed_scaling_factor=1.5, mlp_layer_types=["dense", "sparse"], pad_token_id=0)  # fmt: skip
+OCR_SAM = dict(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+               patch_size=16, window_size=2, global_attn_indexes=[0], mlp_dim=32, downsample_channels=[16, 32])  # fmt: skip
 MODELS = {
     "qwen3_5_moe": (
         dict(
@@ -120,23 +126,15 @@ MODELS = {
         "model.layers.", "n_routed_experts", "mlp",
     ),
     "unlimited_ocr": (  # DeepSeek-V2's router; its language model stored under model., held under model.language_model.
-        dict(COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
-             n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, topk_method="group_limited_greedy",
-             routed_scaling_factor=1.5, mlp_layer_types=["dense", "sparse"], pad_token_id=0),
-        dict(sam_config=dict(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=64,
-                             patch_size=16, window_size=2, global_attn_indexes=[0], mlp_dim=32, downsample_channels=[16, 32]),
-             encoder_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 image_size=28, patch_size=14)),
+        dict(OCR_TEXT),
+        dict(sam_config=dict(OCR_SAM), encoder_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, image_size=28, patch_size=14)),
         "model.layers.", "n_routed_experts", "mlp",
     ),
     "deepseek_ocr2": (  # Unlimited OCR's language model (DeepSeek-V2's router), its dense layers named by mlp_layer_types
-        dict(COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
-             n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, topk_method="group_limited_greedy",
-             routed_scaling_factor=1.5, mlp_layer_types=["dense", "sparse"], pad_token_id=0),
-        dict(sam_config=dict(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=64,
-                             patch_size=16, window_size=2, global_attn_indexes=[0], mlp_dim=32, downsample_channels=[16, 32]),
-             encoder_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=2)),
+        dict(OCR_TEXT),
+        dict(sam_config=dict(OCR_SAM), encoder_config=dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, num_key_value_heads=2)),
         "model.layers.", "n_routed_experts", "mlp",
     ),
     "glm5_next": (  # clamped experts, hyper-connections, KDA and indexed attention (a "shared" indexer layer)
