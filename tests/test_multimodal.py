@@ -335,6 +335,18 @@ def test_kv_bytes_per_token_are_what_glm_5_next_caches(tmp_path):
     assert kv_bytes_per_token(model, torch.float32) * 2 * 5 == held == 2 * 5 * 4 * (16 + (16 + 17))
 
 
+@pytest.mark.parametrize("family", ["glm5_next", "qwen3_5_moe"])
+def test_state_bytes_per_sequence_are_what_the_language_model_caches(family, tmp_path):
+    """The language model of GLM-5-Next (a KDA layer) and Qwen3.5-MoE (3 Gated DeltaNet layers), as
+    offloading loads it: its cache's recurrent state per sequence is state_bytes_per_sequence."""
+    from test_offload import assert_state_is_what_transformers_holds
+
+    model = load_causal_lm(multimodal_model(tmp_path / "src", family))
+    state = assert_state_is_what_transformers_holds(model)
+    conv, heads = {"glm5_next": (96, 1), "qwen3_5_moe": (64, 3)}[family]  # channels, layers of 4 heads of 8 x 8
+    assert state == heads * (conv * 4 * 4 + 4 * 8 * 8 * 4)
+
+
 def test_compress_writes_config_json_in_its_shape_and_copies_the_vision_tower(source, tmp_path):
     _, _, stem, key, _ = MODELS[family_of(source)]
     report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)

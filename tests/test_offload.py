@@ -33,7 +33,7 @@ from moelab.models import MoETransformer, save_pretrained, tiny
 from moelab.models.transformer import KVCache, Sampling, decode_cache_length
 from moelab.offload import ExpertCache, ExpertStore, OffloadedExperts, RoutingPrior, load_offloaded
 from moelab.offload.cache import RECENCY_DECAY, CacheStats
-from moelab.offload.model import generate_ids, kv_bytes_per_token, warm_start
+from moelab.offload.model import generate_ids, kv_bytes_per_token, state_bytes_per_sequence, warm_start
 from moelab.offload.predict import _Counter, lookahead_scores
 from moelab.trace import TraceOptions, trace_model
 
@@ -1009,6 +1009,85 @@ def test_kv_bytes_per_token_leave_out_the_indexer_key_of_layers_that_share_one()
         for layer in cache.layers
     )
     assert kv_bytes_per_token(model, torch.float32) * 2 * 5 == held
+
+
+# the recurrent families: hf_tiny's hybrids, Nemotron-H with a Mamba-2 layer (test_nemotron_h's kinds), and the
+# structural ones (Qwen3-Next's Gated DeltaNet, test_mtp's config; MiniMax's lightning attention, Lara-Mini's
+# Gated DeltaNet, test_hf_fallback's; Qwen4-Exp's, with its dilated PLE convolution and n-gram history)
+QWEN3_NEXT = dict(
+    TINY["mixtral"].config, num_hidden_layers=4, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+    shared_expert_intermediate_size=16, num_experts=8, num_experts_per_tok=2, linear_num_value_heads=4,
+    linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+)  # fmt: skip
+RECURRENT = {
+    "jamba": {}, "granitemoehybrid": {}, "kimi_linear": {}, "bailing_hybrid": {}, "lfm2_moe": {},
+    "nemotron_h": dict(layers_block_type=["linear_attention", "moe", "full_attention", "mlp", "moe"]),
+    "qwen3_next": QWEN3_NEXT,
+    "minimax": dict(
+        TINY["mixtral"].config, head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["linear_attention", "full_attention"],
+    ),
+    "lara_mini": dict(
+        QWEN3_NEXT, num_hidden_layers=2, num_experts=4, shared_expert_intermediate_size=24, sliding_window=16,
+        layer_types=["linear_attention", "sliding_attention"],
+    ),
+}  # fmt: skip
+
+
+def held_state(cache) -> int:
+    """Bytes of the fixed-size state transformers' cache holds: its LinearAttentionLayers' convolution
+    and recurrent states, MiniMax's linear_cache."""
+    states = [getattr(layer, name, None) or {} for layer in cache.layers for name in ("conv_states", "recurrent_states")]
+    tensors = [t for state in states for t in state.values()]
+    tensors += list(getattr(cache, "linear_cache", []))
+    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
+
+
+def assert_state_is_what_transformers_holds(model) -> int:
+    """state_bytes_per_sequence(model, dtype) x sequences is what the cache holds after a prompt of 5
+    and after 2 decoding steps, for 1 and 2 sequences, in fp32 and bf16 (recurrent states stay float32
+    in bf16, convolution windows do not); the fp32 count."""
+    counts = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = model.to(dtype)
+        counts[dtype] = state_bytes_per_sequence(model, dtype)
+        for B in (1, 2):
+            with torch.no_grad():
+                cache = model(torch.randint(3, 32, (B, 5)), use_cache=True).past_key_values
+                held = [held_state(cache)]
+                for _ in range(2):
+                    model(torch.randint(3, 32, (B, 1)), cache=cache, use_cache=True)
+                    held.append(held_state(cache))
+            assert held == [B * counts[dtype]] * 3, (dtype, B)
+    assert 0 < counts[torch.bfloat16] < counts[torch.float32]
+    return counts[torch.float32]
+
+
+@pytest.mark.parametrize("family", sorted(RECURRENT))
+def test_state_bytes_per_sequence_are_what_transformers_caches(family):
+    assert_state_is_what_transformers_holds(build(family, **RECURRENT[family]))
+
+
+def test_state_bytes_per_sequence_count_qwen4_exps_convolutions_and_ngram_history():
+    from test_qwen4_exp import QWEN4_EXP
+
+    state = assert_state_is_what_transformers_holds(build("qwen4_exp_text", **QWEN4_EXP))
+    # its Gated DeltaNet: a window of 4 over q, k, v (64 channels) and 4 heads' 8 x 8 float32 state;
+    # its PLE: a dilated window of (4 - 1) x 3 over 2 streams x 32 channels; 2 previous token ids
+    assert state == 64 * 4 * 4 + 4 * 8 * 8 * 4 + 64 * 9 * 4 + 2 * 8
+
+
+def test_models_without_recurrent_layers_keep_no_state():
+    assert state_bytes_per_sequence(MoETransformer(tiny()), torch.float32) == 0
+    for family in ("mixtral", "deepseek_v3", "gpt_oss"):
+        assert state_bytes_per_sequence(build(family), torch.float32) == 0
+
+
+def test_a_recurrent_mixer_it_cannot_size_is_an_error():
+    model = build("jamba")
+    del model.model.layers[1].mamba.ssm_state_size  # a Mamba it does not recognise: a convolution and what else?
+    with pytest.raises(ValueError, match="cannot size the state that layer 1's JambaMambaMixer keeps"):
+        state_bytes_per_sequence(model, torch.float32)
 
 
 def test_kv_bytes_per_token_are_what_moelabs_cache_holds():

@@ -106,9 +106,10 @@ def generate_texts(
     would wait for every step), "dtype" it computed in, and with offloading the expert cache's).
     The prompts decode as one
     batch, each left-padded to the longest (`attention_mask` of `MoETransformer.generate`), as each
-    would alone. resident or memory_budget (bytes):
-    offload the routed experts (`load_offloaded`), with `prior` (routing statistics, e.g.
-    `RoutingPrior.from_trace`) for the eviction policy if given, and `policy` (a name of
+    would alone. resident or memory_budget (bytes; it keeps room for the KV cache of every prompt's
+    positions and, in a model with recurrent layers, each prompt's state: `_kv_cache_tokens`,
+    kv_cache_sequences of `load_offloaded`): offload the routed experts (`load_offloaded`), with
+    `prior` (routing statistics, e.g. `RoutingPrior.from_trace`) for the eviction policy if given, and `policy` (a name of
     `moelab.offload.POLICIES`: eviction and read-ahead). compile: decode with a compiled
     static step (`MoETransformer.generate(compile=True)`; moelab checkpoints, in memory or
     offloaded without read-ahead; the one-time compilation, seconds, is part of the time). dtype
@@ -170,9 +171,9 @@ def generate_texts(
         return _continuations(tokenizer, out, ids.shape[1], eos), stats | {"dtype": dtype}
     kv_cache_tokens = None if memory_budget is None else _kv_cache_tokens(config, ids, max_new_tokens, compile)
     model = load_offloaded(
-        path, resident=resident, memory_budget=memory_budget, kv_cache_tokens=kv_cache_tokens, prior=prior,
-        eviction=eviction, predictor=predictor, prefetch_factor=prefetch_factor, dtype=dtype, device=device,
-        host_memory=host_memory,
+        path, resident=resident, memory_budget=memory_budget, kv_cache_tokens=kv_cache_tokens,
+        kv_cache_sequences=ids.shape[0], prior=prior, eviction=eviction, predictor=predictor,
+        prefetch_factor=prefetch_factor, dtype=dtype, device=device, host_memory=host_memory,
     )  # fmt: skip
     try:
         start = time.perf_counter()

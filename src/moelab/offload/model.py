@@ -213,12 +213,16 @@ class OffloadedModel:
     """model: the causal LM (moelab's `MoETransformer` or a transformers model) whose routed experts
     live in `cache`; predictor: how they are read ahead (`load_offloaded`), None for not;
     kv_cache_tokens: the KV cache's tokens (sequences × positions) its memory budget keeps room
-    for, None where the budget does not count the KV cache or there is no budget."""
+    for, None where the budget does not count the KV cache or there is no budget;
+    kv_cache_sequences: the sequences whose recurrent state (`state_bytes_per_sequence`, `state_bytes`
+    each) the budget keeps room for beside (counted only where state_bytes > 0)."""
 
     model: nn.Module
     cache: ExpertCache
     predictor: str | None = None
     kv_cache_tokens: int | None = None
+    kv_cache_sequences: int = 1
+    state_bytes: int = 0
 
     def generate(
         self,
@@ -250,11 +254,17 @@ class OffloadedModel:
         )  # fmt: skip
 
     def _check_kv_cache(self, input_ids: Tensor, max_new_tokens: int, compile: bool) -> None:
-        """Refuse a call whose KV cache would not fit in the room the memory budget kept for it."""
+        """Refuse a call whose KV cache, or its sequences' recurrent state, would not fit in the room
+        the memory budget kept for it."""
         if self.kv_cache_tokens is None:
             return
         ours = isinstance(self.model, MoETransformer)
         B, S = input_ids.shape
+        if self.state_bytes and B > self.kv_cache_sequences:
+            raise ValueError(
+                f"this call decodes {B} sequences, each keeping {self.state_bytes} bytes of recurrent state, but the "
+                f"memory budget kept room for {self.kv_cache_sequences}: load with kv_cache_sequences >= {B}"
+            )
         max_len = self.model.config.max_seq_len if ours else None
         length = decode_cache_length(S, max_new_tokens, compile and ours, max_len)
         if B * length > self.kv_cache_tokens:
@@ -370,11 +380,11 @@ def _check_config_fits(store: ExpertStore) -> None:
 
 def resident_slots(
     store: ExpertStore, resident: float | None, memory_budget: int | None, dense_bytes: int, top_k: int,
-    kv_cache_bytes: int = 0,
+    kv_cache_bytes: int = 0, state_bytes: int = 0,
 ) -> int:
     """Pool slots for a fraction of the routed experts (`resident`) or a total memory budget in
-    bytes (the dense parts and the KV cache included). At least `top_k` (one token's experts at
-    one layer)."""
+    bytes (the dense parts, the KV cache and the recurrent layers' state of every sequence,
+    `state_bytes`, included). At least `top_k` (one token's experts at one layer)."""
     if (resident is None) == (memory_budget is None):
         raise ValueError(
             "give exactly one of resident (--resident: the fraction of the routed experts kept in memory) and "
@@ -391,13 +401,14 @@ def resident_slots(
                 f"needs at one layer; the minimum is {top_k / total:.4f}"
             )
         return slots
-    slots = min((memory_budget - dense_bytes - kv_cache_bytes) // store.expert_bytes, total)
+    slots = min((memory_budget - dense_bytes - kv_cache_bytes - state_bytes) // store.expert_bytes, total)
     if slots < top_k:
-        minimum = dense_bytes + kv_cache_bytes + top_k * store.expert_bytes
+        minimum = dense_bytes + kv_cache_bytes + state_bytes + top_k * store.expert_bytes
+        state = f", the recurrent state {state_bytes / 2**20:.1f} MiB" if state_bytes else ""
         shown = math.ceil(minimum / 2**20 * 10) / 10  # rounded up: a budget of the MiB shown works
         raise ValueError(
             f"memory budget {memory_budget / 2**20:.1f} MiB ({memory_budget} bytes) is too small: the dense parts take "
-            f"{dense_bytes / 2**20:.1f} MiB, the KV cache {kv_cache_bytes / 2**20:.1f} MiB and one layer's "
+            f"{dense_bytes / 2**20:.1f} MiB, the KV cache {kv_cache_bytes / 2**20:.1f} MiB{state} and one layer's "
             f"routed experts ({top_k} per token) {top_k * store.expert_bytes / 2**20:.1f} MiB; the minimum is "
             f"{shown:.1f} MiB ({minimum} bytes)"
         )
@@ -410,6 +421,7 @@ def load_offloaded(
     resident: float | None = None,
     memory_budget: int | None = None,
     kv_cache_tokens: int | None = None,
+    kv_cache_sequences: int = 1,
     eviction: str = "reuse",
     predictor: str | None = None,
     prior: RoutingPrior | None = None,
@@ -426,7 +438,10 @@ def load_offloaded(
     resident: the fraction of all routed experts the cache holds, or memory_budget: bytes for the
     whole model: dense parts + the KV cache of kv_cache_tokens tokens (sequences × positions; a
     `generate` call whose cache holds more is refused; `decode_cache_length` gives a call's
-    positions; None: the budget does not count the KV cache) + cache; eviction: "reuse" or "lru"
+    positions; None: the budget does not count the KV cache) and, where the model has recurrent
+    layers (Mamba, Gated DeltaNet, KDA, LFM2's convolutions, MiniMax's lightning attention), the
+    fixed-size state of kv_cache_sequences sequences (`state_bytes_per_sequence`; a call with more
+    sequences is refused) + cache; eviction: "reuse" or "lru"
     (`ExpertCache`); predictor: reading ahead ("affinity", "lookahead", "both"; None, the default:
     experts are read when the routing asks for them) and prefetch_factor (read ahead up to this many times the experts the
     next layer's tokens use). `POLICIES` names the combinations `moelab bench offload` compares:
@@ -464,6 +479,11 @@ def load_offloaded(
         )
     if kv_cache_tokens is not None and kv_cache_tokens < 0:
         raise ValueError(f"kv_cache_tokens counts the tokens the KV cache will hold: >= 0, got {kv_cache_tokens}")
+    if isinstance(kv_cache_sequences, bool) or not isinstance(kv_cache_sequences, int) or kv_cache_sequences < 1:
+        raise ValueError(
+            f"kv_cache_sequences counts the sequences decoded at once (a batch's prompts): an integer >= 1, got "
+            f"{kv_cache_sequences!r}"
+        )
     if kv_cache_tokens is not None and memory_budget is None:
         raise ValueError(
             "kv_cache_tokens keeps room for the KV cache in a memory_budget; give one, or drop kv_cache_tokens"
@@ -526,7 +546,10 @@ def load_offloaded(
     if host_memory:
         check_host_memory(len(store.moe_layers) * store.num_experts * store.expert_bytes)
     kv_cache_bytes = (kv_cache_tokens or 0) * kv_bytes_per_token(model, dtype)
-    slots = resident_slots(store, resident, memory_budget, dense_bytes, top_k, kv_cache_bytes)
+    state_bytes = 0 if kv_cache_tokens is None else state_bytes_per_sequence(model, dtype)
+    slots = resident_slots(
+        store, resident, memory_budget, dense_bytes, top_k, kv_cache_bytes, kv_cache_sequences * state_bytes
+    )
     cache = ExpertCache(
         store, slots, eviction=eviction, prior=prior, device=device, host_memory=host_memory,
         progress=partial(tqdm, desc="experts to host memory", leave=False),
@@ -572,7 +595,7 @@ def load_offloaded(
         model.to(device)
     if warm:
         cache.fill(warm_start(store, prior, cache.slots))
-    return OffloadedModel(model.eval(), cache, predictor, kv_cache_tokens)
+    return OffloadedModel(model.eval(), cache, predictor, kv_cache_tokens, kv_cache_sequences, state_bytes)
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
@@ -598,6 +621,55 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
         else:
             total += _kv_entries(layer_config, types[i], i) * size
     return total
+
+
+def state_bytes_per_sequence(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of the fixed-size state that decoding keeps per sequence (whatever its length) over
+    every recurrent layer of transformers' model computing in `dtype` (its cache's
+    `LinearAttentionLayer`s, MiniMax's `linear_cache`), read from the layers' own modules: a
+    causal convolution's window, channels x its kernel (Mamba's, Gated DeltaNet's, KDA's, LFM2's
+    short convolutions; Qwen4-Exp's dilated one, (kernel - 1) x dilation), in `dtype`; Mamba-1's
+    state (its A_log, channels x state size), Mamba-2's (heads x head_dim x state size), Gated
+    DeltaNet's (value heads x key x value head_dim) and KDA's (heads x head_dim²), in float32
+    (their PyTorch paths and kernels keep it so in bf16 too); MiniMax's lightning attention's
+    (heads x head_dim², in `dtype`); Qwen4-Exp's n-gram context (its previous token ids, int64).
+    0 for moelab's models and those without recurrent layers. A recurrent mixer it cannot size is
+    an error, not a count that leaves it out."""
+    if isinstance(model, MoETransformer):
+        return 0
+    size = torch.empty((), dtype=dtype).element_size()
+    _, layers = decoder_layers(model, model.config.get_text_config().num_hidden_layers)
+    return sum(_state_bytes(module, size, index) for index, layer in enumerate(layers) for module in layer.modules())
+
+
+def _state_bytes(module: nn.Module, size: int, index: int) -> int:
+    """Bytes per sequence `module` (of decoder layer `index`) keeps itself (see
+    `state_bytes_per_sequence`), its entries `size` bytes in the compute dtype."""
+    if isinstance(getattr(module, "slope_rate", None), Tensor):  # MiniMax's lightning attention: K^T V per head
+        return module.num_attention_heads * module.head_dim**2 * size
+    if hasattr(module, "context_len") and hasattr(module, "ngram_size"):  # Qwen4-Exp's n-gram token history
+        return module.context_len * torch.empty((), dtype=torch.long).element_size()
+    convs = [c for c in module.children() if isinstance(c, nn.Conv1d)]
+    if not convs:
+        return 0
+    window = getattr(module, "short_conv_state_len", None)  # Qwen4-Exp's dilated convolution
+    conv = sum(c.in_channels * (window or c.kernel_size[0]) for c in convs) * size
+    if hasattr(module, "ssm_state_size"):  # Mamba
+        A_log = module.A_log
+        entries = A_log.numel() if A_log.dim() == 2 else module.num_heads * module.head_dim * module.ssm_state_size
+    elif all(hasattr(module, n) for n in ("num_v_heads", "head_k_dim", "head_v_dim")):  # Gated DeltaNet
+        entries = module.num_v_heads * module.head_k_dim * module.head_v_dim
+    elif all(hasattr(module, n) for n in ("num_heads", "head_dim", "qkv_dim")):  # KDA: a key x value state per head
+        entries = module.num_heads * module.head_dim**2
+    elif window is not None or type(module).__name__.endswith("ShortConv"):  # a convolution alone (LFM2's)
+        entries = 0
+    else:
+        raise ValueError(
+            f"cannot size the state that layer {index}'s {type(module).__name__} keeps per sequence (a convolution "
+            "beside a recurrent state moelab does not know); load without kv_cache_tokens (the budget then counts "
+            "no cache)"
+        )
+    return conv + entries * 4
 
 
 def _kv_entries(config, layer_type: str, index: int) -> int:
