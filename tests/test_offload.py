@@ -944,6 +944,53 @@ def test_a_call_whose_kv_cache_outgrows_the_budgets_room_is_refused(tmp_path):
         offloaded.close()
 
 
+def test_a_budget_keeps_room_for_each_sequences_recurrent_state(tmp_path):
+    """Jamba (a Mamba layer): kv_cache_sequences sequences' state comes out of the budget beside the
+    KV cache (one expert's worth of it costs a slot), the refusal names it, and a call with more
+    sequences than the room kept is refused; a model without recurrent state is not."""
+    reference = build("jamba")
+    reference.save_pretrained(tmp_path / "hf")
+    roomy = load_offloaded(tmp_path / "hf", resident=1.0)
+    dense = sum({t.data_ptr(): t.nbytes for t in roomy.model.state_dict().values()}.values())
+    expert, model = roomy.cache.store.expert_bytes, roomy.model
+    roomy.close()
+    state, per_token = state_bytes_per_sequence(model, torch.float32), kv_bytes_per_token(model, torch.float32)
+    assert state == 64 * 4 * 4 + 64 * 16 * 4  # a window of 4 over 64 channels, 64 x 16 float32 state
+    budget = dense + 20 * per_token + 4 * expert + expert // 2
+
+    def slots(sequences: int) -> int:
+        offloaded = load_offloaded(tmp_path / "hf", memory_budget=budget, kv_cache_tokens=20, kv_cache_sequences=sequences)
+        offloaded.close()
+        return offloaded.cache.slots
+
+    one = (4 * expert + expert // 2 - state) // expert  # 3 here
+    assert slots(1) == one and slots(1 + -(-expert // state)) == one - 1
+    with pytest.raises(ValueError, match=r"the KV cache 0\.\d MiB, the recurrent state 0\.\d MiB and .* the minimum is"):
+        load_offloaded(tmp_path / "hf", memory_budget=budget, kv_cache_tokens=20, kv_cache_sequences=10)
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match=r"kv_cache_sequences counts the sequences .* >= 1, got"):
+            load_offloaded(tmp_path / "hf", memory_budget=budget, kv_cache_tokens=20, kv_cache_sequences=bad)
+    ids = torch.randint(3, 32, (2, 5))
+    offloaded = load_offloaded(tmp_path / "hf", memory_budget=10**9, kv_cache_tokens=20)
+    try:
+        assert offloaded.state_bytes == state and offloaded.generate(ids[:1], 3).shape == (1, 8)
+        with pytest.raises(ValueError, match=r"decodes 2 sequences, each keeping 5120 bytes .* room for 1: load with kv_cache_sequences >= 2"):
+            offloaded.generate(ids, 3)
+    finally:
+        offloaded.close()
+    offloaded = load_offloaded(tmp_path / "hf", memory_budget=10**9, kv_cache_tokens=20, kv_cache_sequences=2)
+    try:
+        assert torch.equal(offloaded.generate(ids, 3), generate_ids(reference, ids, 3))
+    finally:
+        offloaded.close()
+    _, path = _native(tmp_path)  # no recurrent state: sequences are not counted
+    offloaded = load_offloaded(path, memory_budget=10**9, kv_cache_tokens=20)
+    try:
+        assert offloaded.state_bytes == 0 and offloaded.generate(ids, 3).shape == (2, 8)
+    finally:
+        offloaded.close()
+
+
 def test_a_compiled_calls_kv_cache_is_counted_as_moelab_compiles_it(tmp_path):
     """A moelab model's compiled call holds its positions rounded up to 64 but not past the
     context (1 x (5 + 90) -> min(128, max_seq_len 100)); a transformers model's, never compiled
