@@ -602,7 +602,8 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     """Bytes of keys and values that decoding caches per token (one position of one sequence),
     over every layer: moelab's KV cache, or transformers' (where DeepSeek's multi-head latent
     attention caches the compressed latent and the shared rotary key, not per-head keys and values,
-    a hybrid model's convolution layers cache none, and a layer's own settings (per_layer_config:
+    a hybrid model's recurrent layers cache none (their fixed-size state per sequence:
+    `state_bytes_per_sequence`), and a layer's own settings (per_layer_config:
     dots3's sliding layers) give its sizes; MiniMax-M3's sparse layers and the indexed attention layers
     that run their own indexer (dots3, Hunyuan 4, Qwen4-Exp, GLM-5-Next: its key beside a pool gate
     score and a flag) cache their indexer's key too; DeepSeek-V4's layers: `_deepseek_v4_bytes`).
