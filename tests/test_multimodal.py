@@ -337,14 +337,18 @@ def test_kv_bytes_per_token_are_what_glm_5_next_caches(tmp_path):
 
 @pytest.mark.parametrize("family", ["glm5_next", "qwen3_5_moe"])
 def test_state_bytes_per_sequence_are_what_the_language_model_caches(family, tmp_path):
-    """The language model of GLM-5-Next (a KDA layer) and Qwen3.5-MoE (3 Gated DeltaNet layers), as
-    offloading loads it: its cache's recurrent state per sequence is state_bytes_per_sequence."""
+    """The language model of GLM-5-Next (a KDA layer) and Qwen3.5-MoE (3 Gated DeltaNet layers): its
+    cache's recurrent state per sequence is state_bytes_per_sequence, which load_offloaded counts on
+    the whole model's skeleton."""
     from test_offload import assert_state_is_what_transformers_holds
 
-    model = load_causal_lm(multimodal_model(tmp_path / "src", family))
-    state = assert_state_is_what_transformers_holds(model)
+    source = multimodal_model(tmp_path / "src", family)
+    state = assert_state_is_what_transformers_holds(load_causal_lm(source))
     conv, heads = {"glm5_next": (96, 1), "qwen3_5_moe": (64, 3)}[family]  # channels, layers of 4 heads of 8 x 8
     assert state == heads * (conv * 4 * 4 + 4 * 8 * 8 * 4)
+    offloaded = load_offloaded(source, memory_budget=10**9, kv_cache_tokens=20, kv_cache_sequences=2)
+    offloaded.close()
+    assert offloaded.state_bytes == state  # the whole model's skeleton, its vision tower set aside
 
 
 def test_compress_writes_config_json_in_its_shape_and_copies_the_vision_tower(source, tmp_path):
