@@ -678,6 +678,18 @@ def bench_offload_directory_without_config(tmp, src):
 
 
 @case
+def bench_generate_past_the_context(tmp, src):
+    args = ["bench", "generate", "--batch", "1", "--rounds", "1", "--new-tokens", "600"]
+    return args, [], ["--prompt-tokens 16 + --new-tokens 600 pass ref-8e-top2's context of 512 tokens"]
+
+
+@case
+def bench_offload_past_the_context(tmp, src):
+    args = ["bench", "offload", "--resident", "0.5", "--rounds", "1", "--new-tokens", "600"]
+    return args, [], ["--prompt-tokens 16 + --new-tokens 600 pass ref-8e-top2's context of 512 tokens"]
+
+
+@case
 def bench_generate_skip_zero(tmp, src):
     return ["bench", "generate", "--skip", "0"], [], ["dynamic-skipping ratios must lie in (0, 1]"]
 

@@ -324,6 +324,11 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
         rows, quality = [], {}
         for name, path in models.items():
             model = load_pretrained(path).eval().to(options.device, DTYPES[options.dtype])
+            if options.prompt_tokens + options.new_tokens > model.config.max_seq_len:
+                raise ValueError(
+                    f"--prompt-tokens {options.prompt_tokens} + --new-tokens {options.new_tokens} pass {name}'s context of "
+                    f"{model.config.max_seq_len} tokens; ask for fewer"
+                )
             rows += measure_model(name, path, model, options, progress)
             if routing_variants(options):
                 quality[name] = routing_quality(model, options)

@@ -126,6 +126,11 @@ def _decode(
 def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
     """Every cell of the module docstring for the checkpoint at `path`."""
     loaded = load_model(path, quiet=True)
+    if options.prompt_tokens + options.new_tokens > loaded.max_seq_len:
+        raise ValueError(
+            f"--prompt-tokens {options.prompt_tokens} + --new-tokens {options.new_tokens} pass {path.name}'s context of "
+            f"{loaded.max_seq_len} tokens; ask for fewer"
+        )
     seq_len = min(256, loaded.max_seq_len)
     calibration = [x for x, _ in test_batches(options.calibration_tokens, seq_len, 8, split="train")]
     prior = RoutingPrior.measure(loaded.model, calibration, loaded.view)
