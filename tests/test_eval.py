@@ -87,6 +87,23 @@ def test_parameter_counts_leave_out_a_hash_routers_token_table(tmp_path):
     assert counts["routed_experts"] == routed and counts["active"] == counts["total"] - routed // 2
 
 
+def test_parameter_counts_take_jetmoe_s_attention_experts_as_routed(tmp_path):
+    """JetMoE's attention is a mixture of experts too (self_attention.experts, top_k of
+    num_local_experts per token): a token runs 2 of its 4 attention experts as it runs 2 of its 4
+    MoE experts, so half of both are inactive (the attention's were all counted active)."""
+    from hf_tiny import build
+
+    model = build("jetmoe")
+    model.save_pretrained(tmp_path / "m")
+    counts = parameter_counts(tmp_path / "m")
+    mlp = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n and "_linear" in n)
+    attention = sum(p.numel() for n, p in model.named_parameters() if "self_attention.experts." in n and "_linear" in n)
+    assert mlp and attention
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["routed_experts"] == mlp
+    assert counts["active"] == counts["total"] - mlp // 2 - attention // 2
+
+
 def test_the_cli_writes_a_table_and_json(model_dir, tmp_path, monkeypatch, capsys):
     path = tmp_path / "eval.json"
     args = ["moelab", "eval", str(model_dir), "--base", str(model_dir), "--domain", "code", "--max-tokens", "64",

@@ -316,13 +316,16 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 def parameter_counts(path: str | os.PathLike) -> dict[str, int]:
     """{"total": every weight (a hash router's table of token ids, no weight, left out),
     "routed_experts": the routed experts', "active": what one token uses (everything but the routed
-    experts, plus top_k / E of each MoE layer's)}, from the shard headers."""
+    experts, plus top_k / E of each MoE layer's, and of another module's routed experts in that
+    layer: JetMoE's attention experts, `Family.routed_elsewhere`)}, from the shard headers."""
     config, checkpoint, family = resolve(path)
     checkpoint.close()
     shapes = checkpoint.with_shapes_only()
+    elsewhere = getattr(family, "routed_elsewhere", ())
+    names = set(shapes.keys()) if elsewhere else set()
     with ModelView(shapes, config, family, family.layer_count(config)) as view:
         total = sum(math.prod(shapes.shape(k)) for k in shapes.keys())
-        routed = active_routed = 0
+        routed = active_routed = inactive_elsewhere = 0
         for layer in view.layers():
             if isinstance(layer, MoELayerView):
                 if layer.router.token_experts is not None:
@@ -335,7 +338,14 @@ def parameter_counts(path: str | os.PathLike) -> dict[str, int]:
                 )
                 routed += n
                 active_routed += n * layer.router.top_k // layer.router.num_experts
-    return {"total": total, "routed_experts": routed, "active": total - routed + active_routed}
+                for name in elsewhere:
+                    key = family.layer_prefix.format(n=layer.index) + name
+                    if key in names:
+                        shape = shapes.shape(key)
+                        n = math.prod(shape)
+                        inactive_elsewhere += n - n * layer.router.top_k // shape[0]
+    return {"total": total, "routed_experts": routed,
+            "active": total - routed + active_routed - inactive_elsewhere}  # fmt: skip
 
 
 def _describe(options: EvalOptions) -> dict:

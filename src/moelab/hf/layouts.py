@@ -586,6 +586,9 @@ class Family:
     expert_count_shared_with: what else the config's expert count (`num_experts`) sizes, where
         something outside the MoE block reads it too (JetMoE's attention experts): the writer then
         refuses edits that change the count (pruning, merging) and writes those that keep it.
+    routed_elsewhere: tensors of a decoder layer (names under its prefix) that are another module's
+        routed experts, [E, ...] of which each token runs the MoE block's top_k (JetMoE's attention
+        experts): a parameter count takes top_k / E of them as active, as it takes the MoE block's.
     """
 
     name: str
@@ -616,6 +619,7 @@ class Family:
     loads_multimodal: bool = False
     moe_block: str | None = None
     expert_count_shared_with: str | None = None
+    routed_elsewhere: tuple[str, ...] = ()
 
     def layer_count(self, config: Config) -> int:
         """The number of decoder layers: the first of `num_layers` set, or the length of a
