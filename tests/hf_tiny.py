@@ -580,7 +580,9 @@ def _unit_scale(model):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
-        for name, b in model.named_buffers():
+        # a selection bias, buffer or parameter (Laguna's, AFMoE's, ERNIE 4.5's), small beside the scores:
+        # drawn N(0, 0.3) it outweighs them and every token chooses the same experts
+        for name, b in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith(("e_score_correction_bias", "expert_bias")):
                 b.uniform_(0, 0.1)
             if name.endswith("tid2eid"):  # DeepSeek-V4's hash table: distinct experts per token id

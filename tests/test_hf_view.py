@@ -1193,3 +1193,19 @@ def test_a_block_output_bias_must_be_as_wide_as_the_model():
     experts = ExpertsView(torch.randn(E, I, D), torch.randn(E, I, D), torch.randn(E, D, I))
     with pytest.raises(ValueError, match=rf"block output bias has shape \[{D + 1}\], expected \[{D}\]: one entry"):
         MoELayerView(0, router, experts, output_bias=torch.zeros(D + 1))
+
+
+@pytest.mark.parametrize("family", ["laguna", "afmoe", "ernie4_5_moe"])
+def test_the_tiny_selection_biases_held_as_parameters_leave_every_expert_chosen(family):
+    """transformers holds these families' selection bias as a parameter, not a buffer: hf_tiny draws it
+    in [0, 0.1) as it draws the buffers, not N(0, 0.3) as the other 1-D parameters, which outweighed the
+    scores (Laguna's capped sigmoids span under 0.5): every token chose the same experts, and the
+    family tests dropped experts no token ever chose."""
+    model = build(family)
+    biases = [p for n, p in model.named_parameters() if n.endswith(("e_score_correction_bias", "expert_bias"))]
+    assert biases and all(0 <= b.min() and b.max() < 0.1 for b in biases)
+    if family == "laguna":
+        x = torch.randn(256, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            _, _, chosen = model.model.layers[1].mlp.gate(x)
+        assert chosen.unique().numel() == model.config.num_experts
