@@ -695,8 +695,11 @@ def compress_bench(
         methods, left_out = methods_for(model, ratios)
         if not methods:
             raise ValueError(f"no compression method runs on {model}: {next(iter(left_out.values()))}")
+        reasons: dict[str, list[str]] = {}  # one line per reason: the methods it names stated once
         for method, reason in left_out.items():
-            console.print(f"[yellow]left out {method}:[/yellow] {reason}", markup=True, highlight=False)
+            reasons.setdefault(reason.removeprefix(f"{method} "), []).append(method)
+        for reason, names in reasons.items():
+            console.print(f"[yellow]left out {', '.join(names)}:[/yellow] {reason}", markup=True, highlight=False)
     options = BenchOptions(methods=tuple(methods), ratios=ratios,
                            router_fit=router_fit, calib_tokens=calib_tokens, eval_tokens=eval_tokens, prompts=prompts,
                            domain=domain, llmcompressor_python=str(llmcompressor_python) if llmcompressor_python else None)
