@@ -198,14 +198,9 @@ def test_transformers_trace_records_what_the_block_chose(tmp_path, family):
         router = loaded.view.layer(i).router  # Laguna's, MiniMax-M3's scale: applied after their experts
         scale = router.route_scale if router.scaled_after_experts else 1
         assert torch.equal(r.indices, index.long())
-        # JetMoE's recorded weights are moelab's recomputed ones (softmax renormalised, not over the k): rounding apart
-        tol = 1e-6 if family == "jetmoe" else 0
-        torch.testing.assert_close(r.weights, weights.float() * scale, atol=tol, rtol=0)
-        check = capture.checks[i]
-        # JetMoE's experts are no module of their own (mlp runs input_linear / output_linear on the router's
-        # sorted slots): the capture records the routing recomputed from the router's input, checked here only
-        checked = 0 if family == "jetmoe" else 24
-        assert (check.tokens, check.mismatched) == (checked, 0) and check.max_weight_error < 1e-5
+        torch.testing.assert_close(r.weights, weights.float() * scale, atol=0, rtol=0)
+        check = capture.checks[i]  # JetMoE's: against the choices its gating handed on, sorted by expert
+        assert (check.tokens, check.mismatched) == (24, 0) and check.max_weight_error < 1e-5
         assert (r.entropy > 0).all() and r.logits.shape == (24, capture.num_experts[i])
     # The whole path: a trace on disk, then its statistics.
     options = TraceOptions(max_tokens=64, seq_len=16)

@@ -108,6 +108,7 @@ class _LayerTap:
     parts: list[LayerRouting] = field(default_factory=list)
     pending: LayerRouting | None = None  # recomputed by the router hook, waiting for the experts hook
     dense_scores: Tensor | None = None  # [T, E] from a router that returns dense scores
+    sorted_choice: tuple[Tensor, Tensor] | None = None  # (indices, weights) [T, K] a sorting router handed on
     check: RoutingCheck = field(default_factory=RoutingCheck)
     expert_max: Tensor | None = None
     shared_max: Tensor | None = None
@@ -316,8 +317,22 @@ def _on_hf_router(tap: _LayerTap, router: Router):
         tap.dense_scores = None
         if isinstance(output, tuple) and len(output) == 2 and output[0].shape == output[1].shape:
             tap.dense_scores = output[0].detach().reshape(-1, tap.num_experts).float()
+        tap.sorted_choice = _sorted_choice(output, tap.top_k)
 
     return hook
+
+
+def _sorted_choice(output, top_k: int) -> tuple[Tensor, Tensor] | None:
+    """JetMoE's gating output (each slot's place in expert order, its token, its gate, the slots
+    per expert as a list, the logits) -> the chosen (indices, weights) [T, K] in slot order; None for
+    other routers' outputs."""
+    if not (isinstance(output, tuple) and len(output) == 5 and isinstance(output[3], list)):
+        return None
+    order, _, gates, counts, _ = output
+    experts = torch.repeat_interleave(torch.arange(len(counts), device=order.device), torch.tensor(counts, device=order.device))
+    index = torch.empty_like(order).index_put_((order,), experts)
+    weights = torch.empty(order.shape, dtype=torch.float32, device=order.device).index_put_((order,), gates.detach().float())
+    return index.view(-1, top_k), weights.view(-1, top_k)
 
 
 def _on_hf_experts(
@@ -355,8 +370,11 @@ def _on_hf_experts(
                 if not native:
                     native.append(experts_from_view(viewed).to(inputs[0].device))
                 _viewed_expert_max(tap, native[0], inputs[0].detach(), recomputed.indices)
-            tap.parts.append(recomputed)
-            return
+            if tap.sorted_choice is None:  # nothing says what the block chose: the recomputed routing
+                tap.parts.append(recomputed)
+                return
+            index, weights = tap.sorted_choice
+            used = LayerRouting(index, weights * scale, recomputed.entropy, recomputed.logits)
         tap.check.update(recomputed, used)
         tap.parts.append(used)
 
