@@ -944,6 +944,21 @@ def test_a_call_whose_kv_cache_outgrows_the_budgets_room_is_refused(tmp_path):
         offloaded.close()
 
 
+def test_a_call_past_the_context_is_refused_naming_the_context_not_the_budget(tmp_path):
+    """generate's budget keeps room for at most the context's positions (`_kv_cache_tokens`): a
+    transformers model's call past its max_position_embeddings is refused as such, not as a KV
+    cache that outgrew the room (kv_cache_tokens, which `moelab generate` does not take)."""
+    build("olmoe", max_position_embeddings=16).save_pretrained(tmp_path / "hf")
+    offloaded = load_offloaded(tmp_path / "hf", memory_budget=10**9, kv_cache_tokens=2 * 16)
+    try:
+        ids = torch.randint(3, 32, (2, 5))
+        assert offloaded.generate(ids, 11).shape == (2, 16)
+        with pytest.raises(ValueError, match=r"prompt \(5\) \+ max_new_tokens \(12\) exceed the model's max_position_embeddings"):
+            offloaded.generate(ids, 12)
+    finally:
+        offloaded.close()
+
+
 def test_a_budget_keeps_room_for_each_sequences_recurrent_state(tmp_path):
     """Jamba (a Mamba layer): kv_cache_sequences sequences' state comes out of the budget beside the
     KV cache (one expert's worth of it costs a slot), the refusal names it, and a call with more

@@ -265,7 +265,10 @@ class OffloadedModel:
                 f"this call decodes {B} sequences, each keeping {self.state_bytes} bytes of recurrent state, but the "
                 f"memory budget kept room for {self.kv_cache_sequences}: load with kv_cache_sequences >= {B}"
             )
-        max_len = self.model.config.max_seq_len if ours else None
+        # at most the context (as `generate`'s budget counts it): a longer call is refused by the context check
+        # that decoding makes (`generate_ids`, `MoETransformer.generate`), naming the context
+        config = self.model.config if ours else self.model.config.get_text_config()
+        max_len = getattr(config, "max_seq_len" if ours else "max_position_embeddings", None)
         length = decode_cache_length(S, max_new_tokens, compile and ours, max_len)
         if B * length > self.kv_cache_tokens:
             raise ValueError(
