@@ -916,8 +916,14 @@ def test_a_budget_keeps_room_for_the_kv_cache(tmp_path):
     assert slots(tokens) == 2
     with pytest.raises(ValueError, match=r"the KV cache 0\.\d MiB .* the minimum is"):
         load_offloaded(path, memory_budget=budget, kv_cache_tokens=tokens + 2 * -(-expert // per_token))
-    with pytest.raises(ValueError, match="kv_cache_tokens .* >= 0"):
-        load_offloaded(path, memory_budget=budget, kv_cache_tokens=-1)
+    for bad in (-1, True, 2.5):
+        with pytest.raises(ValueError, match="kv_cache_tokens .* an integer >= 0"):
+            load_offloaded(path, memory_budget=budget, kv_cache_tokens=bad)
+    for bad in (True, float("nan"), float("inf"), "1GiB"):  # True was a budget of 1 byte, NaN failed inside int()
+        with pytest.raises(ValueError, match="memory_budget counts bytes: a finite number"):
+            load_offloaded(path, memory_budget=bad)
+    with pytest.raises(ValueError, match=r"resident must be a fraction in \(0, 1\] .* got True"):  # was every expert
+        load_offloaded(path, resident=True)
     with pytest.raises(ValueError, match="kv_cache_tokens keeps room .* in a memory_budget"):
         load_offloaded(path, resident=0.5, kv_cache_tokens=0)
 

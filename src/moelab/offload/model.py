@@ -20,6 +20,7 @@ model held in memory.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -480,8 +481,19 @@ def load_offloaded(
             f"prefetch_factor must be a finite number >= 0 of times the experts used (> 0 with a predictor), got "
             f"{prefetch_factor!r}"
         )
-    if kv_cache_tokens is not None and kv_cache_tokens < 0:
-        raise ValueError(f"kv_cache_tokens counts the tokens the KV cache will hold: >= 0, got {kv_cache_tokens}")
+    if kv_cache_tokens is not None and (
+        isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, numbers.Integral) or kv_cache_tokens < 0
+    ):
+        raise ValueError(
+            f"kv_cache_tokens counts the tokens the KV cache will hold: an integer >= 0, got {kv_cache_tokens!r}"
+        )
+    number = numbers.Real  # a bool is no fraction or byte count
+    if resident is not None and (isinstance(resident, bool) or not isinstance(resident, number)):
+        raise ValueError(f"resident must be a fraction in (0, 1] of the routed experts, got {resident!r}")
+    if memory_budget is not None and (
+        isinstance(memory_budget, bool) or not isinstance(memory_budget, number) or not math.isfinite(memory_budget)
+    ):
+        raise ValueError(f"memory_budget counts bytes: a finite number, got {memory_budget!r}")
     if isinstance(kv_cache_sequences, bool) or not isinstance(kv_cache_sequences, int) or kv_cache_sequences < 1:
         raise ValueError(
             f"kv_cache_sequences counts the sequences decoded at once (a batch's prompts): an integer >= 1, got "
