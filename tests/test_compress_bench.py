@@ -607,3 +607,34 @@ def test_by_default_the_bench_runs_the_methods_the_model_takes_and_names_the_oth
     line = next(line for line in result.output.splitlines() if line.startswith("left out "))
     assert "reap" in line and line.count("removes or merges experts") == 1, "one line, the reason once"
     assert sum(line.startswith("left out ") for line in result.output.splitlines()) == 1
+
+
+def test_the_domain_cells_run_the_domain_methods_the_model_takes(tmp_path, monkeypatch):
+    """Gemma 4 takes no EASY-EP: with --domain (and with or without --method) its domain cells run
+    PreMoe and NAEE, EASY-EP named as left out, and run_bench's checks pass (they refused the whole
+    bench on EASY-EP, a method no option can leave out); a model no domain method runs on is refused
+    naming why."""
+    from hf_tiny import build
+    from transformers import PreTrainedTokenizerFast
+    from typer.testing import CliRunner
+
+    from moelab.cli import app
+    from moelab.compress.bench import _check_cells
+    from moelab.data.tokenizer import TOKENIZER_DIR
+
+    for name, family, experts in (("gemma", "gemma4_text", dict(num_experts=8)), ("jet", "jetmoe", {})):
+        build(family, **experts).save_pretrained(tmp_path / name)
+        PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp_path / name)
+    seen = []
+    monkeypatch.setattr("moelab.compress.bench.run_bench", lambda model, out, options, **kw: seen.append(options))
+    for extra in ([], ["--method", "reap"]):
+        args = ["compress-bench", str(tmp_path / "gemma"), "--out", str(tmp_path / "b"), "--domain", "code", *extra]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert seen[-1].domain_methods == ("premoe", "naee") and "easy_ep" not in seen[-1].methods
+        assert any(line.startswith("left out easy_ep:") for line in result.output.splitlines()), result.output
+        _check_cells(tmp_path / "gemma", seen[-1])
+    assert seen[0].methods[0] == "frequency" and seen[1].methods == ("reap",)
+    result = CliRunner().invoke(app, ["compress-bench", str(tmp_path / "jet"), "--out", str(tmp_path / "c"), "--domain", "code"])
+    assert result.exit_code != 0 and len(seen) == 2
+    assert "no domain method (--domain) runs on" in str(result.exception)

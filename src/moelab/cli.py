@@ -688,19 +688,27 @@ def compress_bench(
 ) -> None:
     """Every compression method on one calibration and one evaluation: report.md, summary.json and plots."""
     _use_threads(ctx, threads)
-    from moelab.compress.bench import BenchOptions, methods_for, run_bench
+    from moelab.compress.bench import DOMAIN_METHODS, BenchOptions, methods_for, run_bench
     model = _model_dir(model)
     ratios = tuple(ratios or (0.25, 0.5))
-    if not methods:  # every general method the model takes; the others named with the reason
-        methods, left_out = methods_for(model, ratios)
-        if not methods:
-            raise ValueError(f"no compression method runs on {model}: {next(iter(left_out.values()))}")
+    # the general methods run at the domain ratios too where there are domain cells (the best one does)
+    checked = tuple(dict.fromkeys((*ratios, *BenchOptions.domain_ratios))) if domain else ratios
+
+    def taken(candidates, what: str) -> tuple[str, ...]:  # those the model takes; the others named with the reason
+        kept, left_out = methods_for(model, checked, candidates)
+        if not kept:
+            raise ValueError(f"no {what} runs on {model}: {next(iter(left_out.values()))}")
         reasons: dict[str, list[str]] = {}  # one line per reason: the methods it names stated once
         for method, reason in left_out.items():
             reasons.setdefault(reason.removeprefix(f"{method} "), []).append(method)
         for reason, names in reasons.items():
             console.print(f"[yellow]left out {', '.join(names)}:[/yellow] {reason}", markup=True, highlight=False)
-    options = BenchOptions(methods=tuple(methods), ratios=ratios,
+        return kept
+
+    methods = tuple(methods) if methods else taken(BenchOptions.methods, "compression method")
+    # the domain cells' methods (no option names them): those the model takes (Gemma 4 takes no EASY-EP)
+    domain_methods = taken(DOMAIN_METHODS, "domain method (--domain)") if domain else DOMAIN_METHODS
+    options = BenchOptions(methods=methods, ratios=ratios, domain_methods=domain_methods,
                            router_fit=router_fit, calib_tokens=calib_tokens, eval_tokens=eval_tokens, prompts=prompts,
                            domain=domain, llmcompressor_python=str(llmcompressor_python) if llmcompressor_python else None)
     run_bench(model, out, options, overwrite=overwrite, quiet=quiet)

@@ -59,8 +59,9 @@ GENERAL = "all"  # the calibration of every domain
 class BenchOptions:
     """methods, ratios: the cells; router_fit: Adam steps of the `+fit` variants (0: none);
     calib_tokens, seq_len, sample_tokens: the calibration; eval_tokens, prompts: the evaluation
-    (per domain), gen_tokens: each prompt's greedy continuation; domain, domain_ratios: the domain cells; llmcompressor_python: the interpreter
-    that runs llm-compressor's REAP."""
+    (per domain), gen_tokens: each prompt's greedy continuation; domain, domain_ratios: the domain cells,
+    domain_methods: the domain-specific methods among them (`DOMAIN_METHODS`, or those of them the model
+    takes: `methods_for`); llmcompressor_python: the interpreter that runs llm-compressor's REAP."""
 
     methods: Sequence[str] = GENERAL_METHODS
     ratios: Sequence[float] = (0.25, 0.5)
@@ -74,13 +75,15 @@ class BenchOptions:
     gen_tokens: int = 48
     domain: str | None = None
     domain_ratios: Sequence[float] = (0.5, 0.75)
+    domain_methods: Sequence[str] = DOMAIN_METHODS
     llmcompressor_python: str | None = None
 
     def __post_init__(self):
-        for name in self.methods:
+        for name in (*self.methods, *self.domain_methods):
             if name not in METHODS:
                 raise ValueError(f"unknown compression method {name!r}; choose from {list(METHODS)}")
-        for label, values in (("method", self.methods), ("ratio", self.ratios), ("domain ratio", self.domain_ratios)):
+        for label, values in (("method", self.methods), ("domain method", self.domain_methods), ("ratio", self.ratios),
+                              ("domain ratio", self.domain_ratios)):  # fmt: skip
             if twice := sorted({v for v in values if list(values).count(v) > 1}):
                 raise ValueError(f"{label} {', '.join(map(str, twice))} given twice; give each once")
         ratios = sorted({*self.ratios, *self.domain_ratios})  # the task-agnostic cells run at both
@@ -185,7 +188,7 @@ def run_bench(
             )
             best = _best_general(results, options.ratios)
             domain_cells = [
-                Cell(m, r, calib=domain) for r in options.domain_ratios for m in (*DOMAIN_METHODS, best)
+                Cell(m, r, calib=domain) for r in options.domain_ratios for m in (*options.domain_methods, best)
             ]
             domain_cells += [Cell(best, r) for r in options.domain_ratios if r not in options.ratios]
             cells += dict.fromkeys(domain_cells)
@@ -230,7 +233,7 @@ def _check_cells(model: Path, options: BenchOptions) -> None:
             f"{list(options.methods)} holds none; add one (e.g. --method reap)"
         )
     if options.domain:
-        runs |= {(m, r) for m in (*DOMAIN_METHODS, *options.methods) for r in options.domain_ratios}
+        runs |= {(m, r) for m in (*options.domain_methods, *options.methods) for r in options.domain_ratios}
         calibration_mixture(model, f"corpus:{options.domain}", options.calibration(), quiet=True)
     for method, ratio in sorted(runs):
         try:
