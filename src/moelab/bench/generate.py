@@ -45,6 +45,7 @@ from moelab.bench.machine import device_name, source_commit
 from moelab.bench.rounds import bound_tokens_per_s, fraction_of_bound, speedup
 from moelab.bench.skipping import loss_and_experts, test_batches
 from moelab.compress.skipping import apply_dynamic_skipping
+from moelab.files import read_json_object
 from moelab.hf.export import export_problems, exported_model
 from moelab.models import MoETransformer, load_pretrained
 from moelab.nn.routers import TopPRouter
@@ -318,17 +319,27 @@ def routing_quality(model: MoETransformer, options: GenerateOptions) -> dict[str
     return quality
 
 
+def check_context(name: str, config: dict, prompt_tokens: int, new_tokens: int) -> None:
+    """Refuse a benchmark whose prompts and new tokens pass the context of the model `name` (its
+    config.json `config`: moelab's max_seq_len, a transformers language model's
+    max_position_embeddings; not checked where it states neither)."""
+    context = config.get("max_seq_len") or config.get("max_position_embeddings")
+    if isinstance(context, int) and prompt_tokens + new_tokens > context:
+        raise ValueError(
+            f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} pass {name}'s context of {context} tokens; "
+            "ask for fewer"
+        )
+
+
 def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dict:
     """The whole benchmark over `models` ({name: moelab checkpoint directory}); the JSON document."""
+    for name, path in models.items():  # every one before the first is measured
+        config = read_json_object(Path(path) / "config.json", "a model config")
+        check_context(name, config, options.prompt_tokens, options.new_tokens)
     with intra_op_threads(options.threads), busy_processes(options.load):
         rows, quality = [], {}
         for name, path in models.items():
             model = load_pretrained(path).eval().to(options.device, DTYPES[options.dtype])
-            if options.prompt_tokens + options.new_tokens > model.config.max_seq_len:
-                raise ValueError(
-                    f"--prompt-tokens {options.prompt_tokens} + --new-tokens {options.new_tokens} pass {name}'s context of "
-                    f"{model.config.max_seq_len} tokens; ask for fewer"
-                )
             rows += measure_model(name, path, model, options, progress)
             if routing_variants(options):
                 quality[name] = routing_quality(model, options)

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from moelab.bench.generate import check_context
 from moelab.bench.layer import DTYPES, synchronize
 from moelab.bench.machine import device_name, source_commit
 from moelab.bench.skipping import test_batches
@@ -126,11 +127,6 @@ def _decode(
 def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
     """Every cell of the module docstring for the checkpoint at `path`."""
     loaded = load_model(path, quiet=True)
-    if options.prompt_tokens + options.new_tokens > loaded.max_seq_len:
-        raise ValueError(
-            f"--prompt-tokens {options.prompt_tokens} + --new-tokens {options.new_tokens} pass {path.name}'s context of "
-            f"{loaded.max_seq_len} tokens; ask for fewer"
-        )
     seq_len = min(256, loaded.max_seq_len)
     calibration = [x for x, _ in test_batches(options.calibration_tokens, seq_len, 8, split="train")]
     prior = RoutingPrior.measure(loaded.model, calibration, loaded.view)
@@ -219,7 +215,7 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
 
 def run(models: dict[str, Path], options: OffloadOptions, progress=None) -> dict:
     for path in models.values():  # every one before the first is measured
-        _check_vocabulary(path)
+        _check_model(path, options)
     with intra_op_threads(options.threads):
         results = [measure_model(path, options, progress) for path in models.values()]
     return {
@@ -228,9 +224,12 @@ def run(models: dict[str, Path], options: OffloadOptions, progress=None) -> dict
     }  # fmt: skip
 
 
-def _check_vocabulary(path: Path) -> None:
-    """The bench decodes moelab's corpus in moelab's tokenizer's ids: the model must embed them all."""
-    vocab = language_config(read_json_object(path / "config.json", "a model config")).get("vocab_size")
+def _check_model(path: Path, options: OffloadOptions) -> None:
+    """The bench decodes moelab's corpus in moelab's tokenizer's ids: the model must embed them all,
+    and hold a prompt and its new tokens in its context."""
+    config = language_config(read_json_object(path / "config.json", "a model config"))
+    check_context(path.name, config, options.prompt_tokens, options.new_tokens)
+    vocab = config.get("vocab_size")
     needed = load_tokenizer().get_vocab_size()
     if isinstance(vocab, int) and vocab < needed:
         raise ValueError(
