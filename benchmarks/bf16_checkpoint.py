@@ -23,9 +23,10 @@ from safetensors.torch import load_file, save_file
 
 from moelab.bench.load import busy_processes
 from moelab.bench.machine import device_name, source_commit
+from moelab.bench.script import parse_script_arguments
 from moelab.generate import cpu_multiplies_bf16, generate_text
 from moelab.hf.export import export_checkpoint
-from moelab.io import atomic_write_text, check_output_file, has_json_format
+from moelab.io import atomic_write_text
 from moelab.models.reference import reference_model_dir
 
 JSON_FORMAT = "moelab-bench-bf16-checkpoint/1"
@@ -66,15 +67,7 @@ def measure(path: Path, resident: float | None, new_tokens: int, rounds: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--load", type=int, default=0, help="busy processes beside the benchmark")
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--overwrite", action="store_true", help="replace moelab's earlier results file")
-    args = parser.parse_args()
-    if args.json:
-        check_output_file(args.json, overwrite=args.overwrite, is_own=lambda p: has_json_format(p, JSON_FORMAT))
-    torch.set_num_threads(args.threads)
+    args = parse_script_arguments(parser, JSON_FORMAT)
     results = []
     with tempfile.TemporaryDirectory() as tmp, busy_processes(args.load):
         path = bf16_checkpoint(Path(tmp) / "ref-8e-top2-bf16")

@@ -20,7 +20,8 @@ import torch
 from moelab.bench.layer import DTYPES
 from moelab.bench.load import busy_processes
 from moelab.bench.machine import device_name, source_commit
-from moelab.io import atomic_write_text, check_output_file, has_json_format
+from moelab.bench.script import parse_script_arguments
+from moelab.io import atomic_write_text
 from moelab.models import load_pretrained
 from moelab.models.reference import reference_model_dir
 
@@ -56,16 +57,8 @@ def main() -> None:
     parser.add_argument("--model", action="append", choices=MODELS, help="default: both shipped models")
     parser.add_argument("--batch", action="append", type=int, help="default: 1, 8 and 32")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--load", type=int, default=0, help="busy processes beside the benchmark")
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--overwrite", action="store_true", help="replace moelab's earlier results file")
-    args = parser.parse_args()
-    if args.json:
-        check_output_file(args.json, overwrite=args.overwrite, is_own=lambda p: has_json_format(p, JSON_FORMAT))
-    torch.set_num_threads(args.threads)
+    args = parse_script_arguments(parser, JSON_FORMAT)
     results = []
     with busy_processes(args.load):
         for name in args.model or MODELS:
