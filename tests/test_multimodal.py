@@ -579,11 +579,11 @@ def test_a_config_transformers_refuses_is_a_checkpoint_error(tmp_path):
 def test_bench_offload_checks_the_language_model_s_vocabulary(tmp_path):
     """A config.json stating a vocabulary at the top and another in text_config: the language model's
     (the one the embedding has) decides whether moelab's tokenizer's ids fit."""
-    from moelab.bench.offload import _check_vocabulary
+    from moelab.bench.offload import OffloadOptions, _check_model
 
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 9000, "text_config": {"vocab_size": 64}}))
     with pytest.raises(ValueError, match="vocabulary of 64 tokens"):
-        _check_vocabulary(tmp_path)
+        _check_model(tmp_path, OffloadOptions())
 
 
 @pytest.mark.parametrize("original", [True, False], ids=["stacked", "fused"])
