@@ -602,6 +602,7 @@ def test_generate_keeps_room_for_its_kv_cache_in_a_memory_budget(monkeypatch):
         generate.generate_texts(reference_model_dir(), prompts, max_new_tokens=10, memory_budget=2**30)
     assert asked["memory_budget"] == 2**30 and asked["kv_cache_tokens"] == 2 * (longest + 10)
     assert asked["kv_cache_sequences"] == 2  # room for each prompt's recurrent state (where the model keeps one)
+    assert asked["kv_cache_prompt_tokens"] == longest  # the padded prompt (DeepSeek-V4's room depends on it)
     with pytest.raises(RuntimeError, match="stop here"):  # a compiled step's cache: 64 positions
         generate.generate_texts(reference_model_dir(), prompts, max_new_tokens=10, memory_budget=2**30, compile=True)
     assert asked["kv_cache_tokens"] == 2 * 64

@@ -7,6 +7,8 @@ through every family-wide test (tests/hf_tiny.py's TINY["deepseek_v4"])."""
 from __future__ import annotations
 
 import json
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +24,12 @@ from moelab.hf.edit import apply_edit, moe_output, remapped_token_experts
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import RouterView
 from moelab.offload import load_offloaded
-from moelab.offload.model import kv_bytes_per_token
+from moelab.offload.model import (
+    _deepseek_v4_bytes,
+    _deepseek_v4_sequence_bytes,
+    kv_bytes_per_token,
+    kv_cache_room,
+)
 from moelab.trace import RoutingCapture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -301,3 +308,89 @@ def test_the_kv_estimate_holds_what_the_cache_keeps_at_every_step(tmp_path, dtyp
                 model(torch.randint(3, 64, (2, 1)), use_cache=True, past_key_values=cache)
                 fractions.append(_cache_bytes(cache) / (per_token * 2 * (length + step)))
     assert 0.98 < max(fractions) <= 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("types", [None, ["sliding_attention", "compressed_sparse_attention"]])
+def test_the_prompt_aware_kv_room_holds_what_the_cache_keeps_at_every_step(tmp_path, dtype, types):
+    """Given the prompt's length (kv_cache_prompt_tokens), the room for P prompt positions then
+    decoding to T (1 and 2 sequences, 64 steps: past 8 sliding windows of 8 and 16 / 8 compressor
+    windows of 4 / 8) is at least what transformers' cache keeps alive after the prompt and every
+    step (`kv_cache_room`, step=False: between steps), within 6 % of the most it keeps over a long
+    decode (exact for most prompts), and with one step's new window, buffers, overlap and entry
+    beside, over 4 times smaller than the per-token peak for every token after a short prompt."""
+    build("deepseek_v4", **({"layer_types": types} if types else {})).save_pretrained(tmp_path)
+    model = load(tmp_path, dtype)
+    with torch.no_grad():
+        for B in (1, 2):
+            for P in (1, 3, 4, 9, 16):
+                cache = model(torch.randint(3, 64, (B, P)), use_cache=True).past_key_values
+                kept = [_cache_bytes(cache)]
+                assert kept[0] <= kv_cache_room(model, dtype, B * P, B, P, step=False)
+                for L in range(P + 1, P + 65):
+                    model(torch.randint(3, 64, (B, 1)), use_cache=True, past_key_values=cache)
+                    kept.append(_cache_bytes(cache))
+                    assert kept[-1] <= kv_cache_room(model, dtype, B * L, B, P, step=False), (B, P, L)
+                held = kv_cache_room(model, dtype, B * L, B, P, step=False)
+                room, today = kv_cache_room(model, dtype, B * L, B, P), kv_cache_room(model, dtype, B * L, B)
+                assert held <= 1.06 * max(kept) and held < room < 2 * held
+                assert today == B * L * kv_bytes_per_token(model, dtype)  # without a prompt: the per-token peak
+                if P <= 4:
+                    assert today > 4 * room
+
+
+def test_the_prompt_aware_room_at_v4_flash_sizes():
+    """V4-Flash's sizes (head_dim 512, index_head_dim 128, sliding_window 128, rates 4 / 128), bf16
+    (position_bias float32), a prompt of 100 then 32,768 positions: per sequence and layer, the
+    per-token peak for every token is 64 MiB (sliding), 322 MiB (CSA) and 96.25 MiB (HCA); the room
+    after the prompt 0.5, 10.3 and 1.0 MiB (128, 31 and 96 times less)."""
+    config = SimpleNamespace(
+        head_dim=512, index_head_dim=128, sliding_window=128,
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+    )  # fmt: skip
+    wide = re.compile("position_bias")
+    kinds = ("sliding_attention", *config.compress_rates)
+    room = {t: _deepseek_v4_sequence_bytes(config, t, 2, wide, 100, 32768, 2 * 512) for t in kinds}
+    today = {t: 32768 * _deepseek_v4_bytes(config, t, 2, wide) for t in config.compress_rates}
+    today["sliding_attention"] = 32768 * 2 * 512 * 2
+    assert {t: today[t] / 2**20 for t in today} == {
+        "sliding_attention": 64, "compressed_sparse_attention": 322, "heavily_compressed_attention": 96.25
+    }  # fmt: skip
+    assert {t: round(today[t] / room[t]) for t in room} == {
+        "sliding_attention": 128, "compressed_sparse_attention": 31, "heavily_compressed_attention": 96
+    }  # fmt: skip
+
+
+def test_an_offloaded_v4_keeps_room_for_its_prompt_and_refuses_calls_past_it(tmp_path):
+    """load_offloaded(kv_cache_prompt_tokens=P): the budget keeps the prompt-aware room (more experts
+    fit than with the per-token peak), decoding fits, and a call with a longer prompt, more sequences
+    or more positions per sequence is refused naming the option; P is checked as it loads."""
+    build("deepseek_v4").save_pretrained(tmp_path)
+    budget = 10**9
+    plain = load_offloaded(tmp_path, memory_budget=budget, kv_cache_tokens=2 * 40, kv_cache_sequences=2)
+    aware = load_offloaded(
+        tmp_path, memory_budget=budget, kv_cache_tokens=2 * 40, kv_cache_sequences=2, kv_cache_prompt_tokens=4
+    )  # fmt: skip
+    try:
+        assert aware.kv_cache_prompt_tokens == 4 and plain.kv_cache_prompt_tokens is None
+        room = kv_cache_room(aware.model, torch.float32, 80, 2, 4)
+        assert room < kv_cache_room(aware.model, torch.float32, 80, 2) // 2
+        ids = torch.randint(3, 64, (2, 4))
+        assert aware.generate(ids, 36).shape == (2, 40)
+        with pytest.raises(ValueError, match=r"prompt has 5 positions .* load with kv_cache_prompt_tokens >= 5"):
+            aware.generate(torch.randint(3, 64, (2, 5)), 10)
+        with pytest.raises(ValueError, match=r"decodes 3 sequences but .* load with kv_cache_sequences >= 3"):
+            aware.generate(torch.randint(3, 64, (3, 4)), 10)
+        with pytest.raises(ValueError, match=r"holds 41 positions per sequence .* 40: load with kv_cache_tokens >= 82"):
+            aware.generate(torch.randint(3, 64, (1, 4)), 37)  # one sequence: within 80 tokens, past 40 positions
+        assert plain.generate(torch.randint(3, 64, (1, 4)), 37).shape == (1, 41)  # without P: tokens only
+    finally:
+        aware.close()
+        plain.close()
+    for bad in (0, 41, 2.0, True):
+        with pytest.raises(ValueError, match=r"kv_cache_prompt_tokens counts a prompt's positions: .* = 40\), got"):
+            load_offloaded(
+                tmp_path, memory_budget=budget, kv_cache_tokens=80, kv_cache_sequences=2, kv_cache_prompt_tokens=bad
+            )  # fmt: skip
+    with pytest.raises(ValueError, match="kv_cache_prompt_tokens sizes the room kv_cache_tokens keeps"):
+        load_offloaded(tmp_path, memory_budget=budget, kv_cache_prompt_tokens=4)

@@ -108,7 +108,8 @@ def generate_texts(
     batch, each left-padded to the longest (`attention_mask` of `MoETransformer.generate`), as each
     would alone. resident or memory_budget (bytes; it keeps room for the KV cache of every prompt's
     positions and, in a model with recurrent layers, each prompt's state: `_kv_cache_tokens`,
-    kv_cache_sequences of `load_offloaded`): offload the routed experts (`load_offloaded`), with
+    kv_cache_sequences and the padded prompt's kv_cache_prompt_tokens of `load_offloaded`):
+    offload the routed experts (`load_offloaded`), with
     `prior` (routing statistics, e.g. `RoutingPrior.from_trace`) for the eviction policy if given, and `policy` (a name of
     `moelab.offload.POLICIES`: eviction and read-ahead). compile: decode with a compiled
     static step (`MoETransformer.generate(compile=True)`; moelab checkpoints, in memory or
@@ -170,9 +171,12 @@ def generate_texts(
         stats["engine"] = "moelab" if isinstance(model, MoETransformer) else "transformers"
         return _continuations(tokenizer, out, ids.shape[1], eos), stats | {"dtype": dtype}
     kv_cache_tokens = None if memory_budget is None else _kv_cache_tokens(config, ids, max_new_tokens, compile)
+    # the padded prompt's positions (at most those the room counts: a prompt past the context is refused naming it)
+    prompt_tokens = None if kv_cache_tokens is None else min(ids.shape[1], kv_cache_tokens // ids.shape[0])
     model = load_offloaded(
         path, resident=resident, memory_budget=memory_budget, kv_cache_tokens=kv_cache_tokens,
-        kv_cache_sequences=ids.shape[0], prior=prior, eviction=eviction, predictor=predictor,
+        kv_cache_sequences=ids.shape[0], kv_cache_prompt_tokens=prompt_tokens,
+        prior=prior, eviction=eviction, predictor=predictor,
         prefetch_factor=prefetch_factor, dtype=dtype, device=device, host_memory=host_memory,
     )  # fmt: skip
     try:

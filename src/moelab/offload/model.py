@@ -216,7 +216,10 @@ class OffloadedModel:
     kv_cache_tokens: the KV cache's tokens (sequences × positions) its memory budget keeps room
     for, None where the budget does not count the KV cache or there is no budget;
     kv_cache_sequences: the sequences whose recurrent state (`state_bytes_per_sequence`, `state_bytes`
-    each) the budget keeps room for beside (counted only where state_bytes > 0)."""
+    each) the budget keeps room for beside (counted only where state_bytes > 0, or where
+    kv_cache_prompt_tokens is given); kv_cache_prompt_tokens: the longest prompt the budget kept
+    room for (`kv_cache_bytes`: then kv_cache_sequences sequences of kv_cache_tokens //
+    kv_cache_sequences positions each), None for any."""
 
     model: nn.Module
     cache: ExpertCache
@@ -224,6 +227,7 @@ class OffloadedModel:
     kv_cache_tokens: int | None = None
     kv_cache_sequences: int = 1
     state_bytes: int = 0
+    kv_cache_prompt_tokens: int | None = None
 
     def generate(
         self,
@@ -261,9 +265,11 @@ class OffloadedModel:
             return
         ours = isinstance(self.model, MoETransformer)
         B, S = input_ids.shape
-        if self.state_bytes and B > self.kv_cache_sequences:
+        prompt = self.kv_cache_prompt_tokens
+        if (self.state_bytes or prompt is not None) and B > self.kv_cache_sequences:
+            each = f", each keeping {self.state_bytes} bytes of recurrent state," if self.state_bytes else ""
             raise ValueError(
-                f"this call decodes {B} sequences, each keeping {self.state_bytes} bytes of recurrent state, but the "
+                f"this call decodes {B} sequences{each} but the "
                 f"memory budget kept room for {self.kv_cache_sequences}: load with kv_cache_sequences >= {B}"
             )
         # at most the context (as `generate`'s budget counts it): a longer call is refused by the context check
@@ -271,6 +277,18 @@ class OffloadedModel:
         config = self.model.config if ours else self.model.config.get_text_config()
         max_len = getattr(config, "max_seq_len" if ours else "max_position_embeddings", None)
         length = decode_cache_length(S, max_new_tokens, compile and ours, max_len)
+        positions = self.kv_cache_tokens // self.kv_cache_sequences
+        if prompt is not None and prompt < S <= length:  # a prompt past the context: refused naming the context
+            raise ValueError(
+                f"this call's prompt has {S} positions but the memory budget kept room for a prompt of {prompt}: "
+                f"load with kv_cache_prompt_tokens >= {S}"
+            )
+        if prompt is not None and length > positions:
+            raise ValueError(
+                f"this call's KV cache holds {length} positions per sequence but the memory budget kept room for "
+                f"{self.kv_cache_sequences} sequence(s) of {positions}: load with kv_cache_tokens >= "
+                f"{self.kv_cache_sequences * length}"
+            )
         if B * length > self.kv_cache_tokens:
             raise ValueError(
                 f"this call's KV cache holds {B * length} tokens ({B} sequence(s) x {length} positions) but the "
@@ -426,6 +444,7 @@ def load_offloaded(
     memory_budget: int | None = None,
     kv_cache_tokens: int | None = None,
     kv_cache_sequences: int = 1,
+    kv_cache_prompt_tokens: int | None = None,
     eviction: str = "reuse",
     predictor: str | None = None,
     prior: RoutingPrior | None = None,
@@ -445,7 +464,13 @@ def load_offloaded(
     positions; None: the budget does not count the KV cache) and, where the model has recurrent
     layers (Mamba, Gated DeltaNet, KDA, LFM2's convolutions, MiniMax's lightning attention), the
     fixed-size state of kv_cache_sequences sequences (`state_bytes_per_sequence`; a call with more
-    sequences is refused) + cache; eviction: "reuse" or "lru"
+    sequences is refused) + cache; kv_cache_prompt_tokens: the longest prompt (positions, a batch's
+    padded length) of the calls to come, where the caller knows it: DeepSeek-V4's layers then keep
+    room for what kv_cache_sequences sequences of kv_cache_tokens // kv_cache_sequences positions
+    hold at most after such a prompt (`kv_cache_bytes`; far less than its per-token peak for every
+    token when decoding long past a short prompt), and a call with a longer prompt, more sequences
+    or more positions per sequence is refused; other models' counts are the same (None, the default:
+    the per-token peak for every token, any prompt) + cache; eviction: "reuse" or "lru"
     (`ExpertCache`); predictor: reading ahead ("affinity", "lookahead", "both"; None, the default:
     experts are read when the routing asks for them) and prefetch_factor (read ahead up to this many times the experts the
     next layer's tokens use). `POLICIES` names the combinations `moelab bench offload` compares:
@@ -499,6 +524,21 @@ def load_offloaded(
             f"kv_cache_sequences counts the sequences decoded at once (a batch's prompts): an integer >= 1, got "
             f"{kv_cache_sequences!r}"
         )
+    if kv_cache_prompt_tokens is not None:
+        if kv_cache_tokens is None:
+            raise ValueError(
+                "kv_cache_prompt_tokens sizes the room kv_cache_tokens keeps for the KV cache; give kv_cache_tokens, "
+                "or drop kv_cache_prompt_tokens"
+            )
+        positions = kv_cache_tokens // kv_cache_sequences
+        if (
+            isinstance(kv_cache_prompt_tokens, bool) or not isinstance(kv_cache_prompt_tokens, numbers.Integral)
+            or not 1 <= kv_cache_prompt_tokens <= positions
+        ):  # fmt: skip
+            raise ValueError(
+                f"kv_cache_prompt_tokens counts a prompt's positions: an integer from 1 to the positions per sequence "
+                f"(kv_cache_tokens // kv_cache_sequences = {positions}), got {kv_cache_prompt_tokens!r}"
+            )
     if kv_cache_tokens is not None and memory_budget is None:
         raise ValueError(
             "kv_cache_tokens keeps room for the KV cache in a memory_budget; give one, or drop kv_cache_tokens"
@@ -560,7 +600,7 @@ def load_offloaded(
     top_k = max(v.router.top_k for v in views.values())
     if host_memory:
         check_host_memory(len(store.moe_layers) * store.num_experts * store.expert_bytes)
-    kv_cache_bytes = (kv_cache_tokens or 0) * kv_bytes_per_token(model, dtype)
+    kv_cache_bytes = kv_cache_room(model, dtype, kv_cache_tokens or 0, kv_cache_sequences, kv_cache_prompt_tokens)
     state_bytes = 0 if kv_cache_tokens is None else state_bytes_per_sequence(model, dtype)
     slots = resident_slots(
         store, resident, memory_budget, dense_bytes, top_k, kv_cache_bytes, kv_cache_sequences * state_bytes
@@ -610,7 +650,35 @@ def load_offloaded(
         model.to(device)
     if warm:
         cache.fill(warm_start(store, prior, cache.slots))
-    return OffloadedModel(model.eval(), cache, predictor, kv_cache_tokens, kv_cache_sequences, state_bytes)
+    return OffloadedModel(
+        model.eval(), cache, predictor, kv_cache_tokens, kv_cache_sequences, state_bytes, kv_cache_prompt_tokens
+    )
+
+
+def kv_cache_room(
+    model: nn.Module, dtype: torch.dtype, tokens: int, sequences: int = 1, prompt_tokens: int | None = None,
+    step: bool = True,
+) -> int:
+    """Bytes of keys and values `load_offloaded` keeps room for: `tokens` (sequences × positions) x
+    `kv_bytes_per_token`, or, given the longest prompt (`prompt_tokens`, P) of a DeepSeek-V4 model,
+    its layers' (`_deepseek_v4_sequence_bytes`) for `sequences` sequences of T = tokens // sequences
+    positions each: the most one holds over a decoding of P prompt positions then T - P new tokens,
+    beside the other layers' `tokens` x their bytes per token (as without prompt_tokens). step=False
+    (a test's): without what a decoding step makes while holding the previous."""
+    if prompt_tokens is None or isinstance(model, MoETransformer):
+        return tokens * kv_bytes_per_token(model, dtype)
+    config = model.config.get_text_config()
+    if not getattr(config, "compress_rates", None):  # other families' caches grow linearly: today's count
+        return tokens * kv_bytes_per_token(model, dtype)
+    size, types, wide = torch.empty((), dtype=dtype).element_size(), _layer_types(config), float32_names(model, dtype)
+    positions = tokens // sequences
+    total = 0
+    for i in _attention_layers(types):
+        layer_config = config.per_layer_config[i]
+        total += sequences * _deepseek_v4_sequence_bytes(
+            layer_config, types[i], size, wide, prompt_tokens, positions, _kv_entries(layer_config, types[i], i), step
+        )
+    return total
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
@@ -717,7 +785,8 @@ def _deepseek_v4_bytes(config, layer_type: str, size: int, wide) -> int:
     every length is the most per token at any length (a CSA layer's, at one full window). Decoding
     long past a short prompt holds far less (a sliding window, the unfinished window, the overlap
     and the compressed entries): per token at long lengths, V4-Flash's sizes give 160 entries where
-    this counts 4,512 (CSA) and 4 where it counts 1,540 (HCA).
+    this counts 4,512 (CSA) and 4 where it counts 1,540 (HCA): given the prompt's length,
+    `_deepseek_v4_sequence_bytes` counts that.
 
     The compressor's states are held in the dtype transformers keeps its tensors in (`wide`, the
     names kept in float32: `float32_names`): its projections' (float32 in fp16, their
@@ -735,6 +804,54 @@ def _deepseek_v4_bytes(config, layer_type: str, size: int, wide) -> int:
         compressed = head_dim * proj + index_dim * index_proj  # per window, the indexer's beside
         return head_dim * size + projections + overlap + -(-compressed // rate)
     return head_dim * size + 2 * head_dim * proj + -(-head_dim * proj // rate)
+
+
+def _deepseek_v4_sequence_bytes(
+    config, layer_type: str, size: int, wide, prompt: int, positions: int, sliding_entries: int, step: bool = True
+) -> int:
+    """Bytes one sequence's DeepSeek-V4 layer (of kind `layer_type`) holds at most over a decoding
+    of `prompt` positions (P) then new tokens up to `positions` (T), an upper bound at every step:
+    the most of what it holds right after the prompt (the prompt's keys and its compressors'
+    projections, views of prompt-wide tensors, beside the overlap state and floor(P / compress_rate)
+    compressed entries) and while decoding (never more than T x its most per token,
+    `_deepseek_v4_bytes`, which holds at every length), plus what one decoding step allocates
+    before it lets the previous go. Decoding, transformers' cache (`DeepseekV4HCACache`,
+    `DeepseekV4CSACache`) holds the sliding window (min(T, sliding_window) keys: the storage of the
+    step's concatenation, of which the window is a view), each compressor's buffer of unfinished-window projections (at most compress_rate tokens,
+    a key and a gate: head_dim wide each for HCA, 2 x head_dim for CSA and 2 x index_head_dim for its
+    indexer; an emptied buffer is a view that keeps the last window's storage), CSA's overlap state
+    (a window of key and gate halves, the gate's in float32: the projection plus the float32
+    position_bias) and floor(T / compress_rate) compressed entries (the indexer's beside). A step
+    makes a new window, buffer, overlap state, compressed entry and the token's projections while the
+    previous are held: one more of each. Not counted, as for every family's growing cache
+    (`kv_bytes_per_token`): the step that closes a window concatenates the compressed entries into a
+    new tensor, briefly holding them twice (one layer at a time). A sliding layer
+    (`sliding_entries` a token: a key and a value) holds the prompt, then a window, plus the next
+    window a step makes. Each in the dtype transformers keeps it in (`_deepseek_v4_bytes`).
+    step=False: without the step's, what the cache keeps between steps."""
+    window = min(positions, config.sliding_window)
+    if layer_type not in (getattr(config, "compress_rates", None) or {}):  # a sliding layer: two tensors
+        return (max(prompt, window) + step * window) * sliding_entries * size
+    per_token = _deepseek_v4_bytes(config, layer_type, size, wide)
+
+    def width(name: str) -> int:  # bytes an entry of the tensors `name` computes
+        return 4 if wide is not None and wide.search(name) else size
+
+    rate, head_dim, bias = config.compress_rates[layer_type], config.head_dim, width("compressor.position_bias")
+    proj = width("self_attn.compressor.kv_proj.weight")
+    if layer_type == "compressed_sparse_attention":
+        index_dim, index_proj = config.index_head_dim, width("self_attn.compressor.indexer.kv_proj.weight")
+        projection = 4 * head_dim * proj + 4 * index_dim * index_proj  # one token's key and gate, 2 x wide
+        overlap = rate * (head_dim * (proj + max(proj, bias)) + index_dim * (index_proj + max(index_proj, bias)))
+        entry = head_dim * proj + index_dim * index_proj
+    else:
+        projection, overlap, entry = 2 * head_dim * proj, 0, head_dim * proj
+    overlap = overlap if positions >= rate else 0  # once a window is full
+    keys, buffers = window * head_dim * size, min(rate, positions) * projection
+    prompted = prompt * (head_dim * size + projection) + (overlap if prompt >= rate else 0) + prompt // rate * entry
+    decoding = keys + buffers + overlap + positions // rate * entry
+    made = keys + buffers + overlap + entry + projection  # by a step, while the previous are held
+    return min(max(prompted, decoding), positions * per_token) + step * made
 
 
 MINIMAX_M3_SPARSE = "minimax_m3_sparse"  # MiniMax-M3's block-sparse attention layers (an indexer beside)
