@@ -792,18 +792,28 @@ def _deepseek_v4_bytes(config, layer_type: str, size: int, wide) -> int:
     names kept in float32: `float32_names`): its projections' (float32 in fp16, their
     `_keep_in_fp32_modules`), the overlap's gate half that of the projection plus the float32
     position_bias (float32 in bf16 too)."""
+    rate, projection, overlap, entry = _compressor_bytes(config, layer_type, size, wide)
+    return config.head_dim * size + projection + overlap + -(-entry // rate)
+
+
+def _compressor_bytes(config, layer_type: str, size: int, wide) -> tuple[int, int, int, int]:
+    """A DeepSeek-V4 compressed-attention layer's (compress_rate, bytes of one token's compressor
+    projections (a key and a gate: head_dim wide each for HCA, 2 x head_dim for CSA, beside its
+    indexer's at 2 x index_head_dim), bytes of CSA's overlap state per window position (a key and a
+    gate half; 0 for HCA), bytes of one compressed entry (the indexer's beside)), each tensor in the
+    dtype transformers keeps it in (`_deepseek_v4_bytes`)."""
+
     def width(name: str) -> int:  # bytes an entry of the tensors `name` computes
         return 4 if wide is not None and wide.search(name) else size
 
     rate, head_dim, bias = config.compress_rates[layer_type], config.head_dim, width("compressor.position_bias")
     proj = width("self_attn.compressor.kv_proj.weight")
-    if layer_type == "compressed_sparse_attention":
-        index_dim, index_proj = config.index_head_dim, width("self_attn.compressor.indexer.kv_proj.weight")
-        projections = 4 * head_dim * proj + 4 * index_dim * index_proj  # a key and a gate, 2 x wide
-        overlap = head_dim * (proj + max(proj, bias)) + index_dim * (index_proj + max(index_proj, bias))
-        compressed = head_dim * proj + index_dim * index_proj  # per window, the indexer's beside
-        return head_dim * size + projections + overlap + -(-compressed // rate)
-    return head_dim * size + 2 * head_dim * proj + -(-head_dim * proj // rate)
+    if layer_type != "compressed_sparse_attention":
+        return rate, 2 * head_dim * proj, 0, head_dim * proj
+    index_dim, index_proj = config.index_head_dim, width("self_attn.compressor.indexer.kv_proj.weight")
+    projection = 4 * head_dim * proj + 4 * index_dim * index_proj
+    overlap = head_dim * (proj + max(proj, bias)) + index_dim * (index_proj + max(index_proj, bias))
+    return rate, projection, overlap, head_dim * proj + index_dim * index_proj
 
 
 def _deepseek_v4_sequence_bytes(
@@ -833,20 +843,9 @@ def _deepseek_v4_sequence_bytes(
     if layer_type not in (getattr(config, "compress_rates", None) or {}):  # a sliding layer: two tensors
         return (max(prompt, window) + step * window) * sliding_entries * size
     per_token = _deepseek_v4_bytes(config, layer_type, size, wide)
-
-    def width(name: str) -> int:  # bytes an entry of the tensors `name` computes
-        return 4 if wide is not None and wide.search(name) else size
-
-    rate, head_dim, bias = config.compress_rates[layer_type], config.head_dim, width("compressor.position_bias")
-    proj = width("self_attn.compressor.kv_proj.weight")
-    if layer_type == "compressed_sparse_attention":
-        index_dim, index_proj = config.index_head_dim, width("self_attn.compressor.indexer.kv_proj.weight")
-        projection = 4 * head_dim * proj + 4 * index_dim * index_proj  # one token's key and gate, 2 x wide
-        overlap = rate * (head_dim * (proj + max(proj, bias)) + index_dim * (index_proj + max(index_proj, bias)))
-        entry = head_dim * proj + index_dim * index_proj
-    else:
-        projection, overlap, entry = 2 * head_dim * proj, 0, head_dim * proj
-    overlap = overlap if positions >= rate else 0  # once a window is full
+    rate, projection, overlap, entry = _compressor_bytes(config, layer_type, size, wide)
+    head_dim = config.head_dim
+    overlap = rate * overlap if positions >= rate else 0  # a window of it, once a window is full
     keys, buffers = window * head_dim * size, min(rate, positions) * projection
     prompted = prompt * (head_dim * size + projection) + (overlap if prompt >= rate else 0) + prompt // rate * entry
     decoding = keys + buffers + overlap + positions // rate * entry
