@@ -447,6 +447,15 @@ def test_the_main_table_shows_kl_top1_and_a_zero_stability():
     assert rows["| reap"].endswith("| 0.010 | 90.0% | 25% | 900 | 900 | 500 | 2.0 | 300 |  |")
 
 
+def test_the_report_names_the_methods_left_out_once_per_reason():
+    from moelab.compress.bench_report import markdown
+
+    summary = _summary([])
+    summary["options"]["left_out"] = {"reap": "reap removes experts", "ean": "ean removes experts", "easy_ep": "no"}
+    lines = markdown(summary).splitlines()
+    assert "Left out `reap`, `ean`: removes experts" in lines and "Left out `easy_ep`: no" in lines
+
+
 def test_the_super_experts_table_gives_the_worst_domains_own_change():
     """The ablation row's worst domain carries that domain's increase, not the overall one."""
     from moelab.compress.bench_report import markdown
@@ -603,7 +612,7 @@ def test_by_default_the_bench_runs_the_methods_the_model_takes_and_names_the_oth
     monkeypatch.setattr("moelab.compress.bench.run_bench", lambda model, out, options, **kw: seen.append(options))
     result = CliRunner().invoke(app, ["compress-bench", str(tmp_path / "jet"), "--out", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
-    assert [o.methods for o in seen] == [("heapr",)]
+    assert [o.methods for o in seen] == [("heapr",)] and set(seen[0].left_out) == set(left_out)
     line = next(line for line in result.output.splitlines() if line.startswith("left out "))
     assert "reap" in line and line.count("removes or merges experts") == 1, "one line, the reason once"
     assert sum(line.startswith("left out ") for line in result.output.splitlines()) == 1

@@ -688,21 +688,21 @@ def compress_bench(
 ) -> None:
     """Every compression method on one calibration and one evaluation: report.md, summary.json and plots."""
     _use_threads(ctx, threads)
-    from moelab.compress.bench import DOMAIN_METHODS, BenchOptions, methods_for, run_bench
+    from moelab.compress.bench import DOMAIN_METHODS, BenchOptions, by_reason, methods_for, run_bench
     model = _model_dir(model)
     ratios = tuple(ratios or (0.25, 0.5))
     # the general methods run at the domain ratios too where there are domain cells (the best one does)
     checked = tuple(dict.fromkeys((*ratios, *BenchOptions.domain_ratios))) if domain else ratios
 
+    left_out: dict[str, str] = {}
+
     def taken(candidates, what: str) -> tuple[str, ...]:  # those the model takes; the others named with the reason
-        kept, left_out = methods_for(model, checked, candidates)
+        kept, refused = methods_for(model, checked, candidates)
         if not kept:
-            raise ValueError(f"no {what} runs on {model}: {next(iter(left_out.values()))}")
-        reasons: dict[str, list[str]] = {}  # one line per reason: the methods it names stated once
-        for method, reason in left_out.items():
-            reasons.setdefault(reason.removeprefix(f"{method} "), []).append(method)
-        for reason, names in reasons.items():
+            raise ValueError(f"no {what} runs on {model}: {next(iter(refused.values()))}")
+        for reason, names in by_reason(refused).items():  # one line per reason
             console.print(f"[yellow]left out {', '.join(names)}:[/yellow] {reason}", markup=True, highlight=False)
+        left_out.update(refused)
         return kept
 
     methods = tuple(methods) if methods else taken(BenchOptions.methods, "compression method")
@@ -710,7 +710,8 @@ def compress_bench(
     domain_methods = taken(DOMAIN_METHODS, "domain method (--domain)") if domain else DOMAIN_METHODS
     options = BenchOptions(methods=methods, ratios=ratios, domain_methods=domain_methods,
                            router_fit=router_fit, calib_tokens=calib_tokens, eval_tokens=eval_tokens, prompts=prompts,
-                           domain=domain, llmcompressor_python=str(llmcompressor_python) if llmcompressor_python else None)
+                           domain=domain, llmcompressor_python=str(llmcompressor_python) if llmcompressor_python else None,
+                           left_out=left_out)
     run_bench(model, out, options, overwrite=overwrite, quiet=quiet)
 
 

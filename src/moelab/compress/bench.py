@@ -29,7 +29,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,8 @@ class BenchOptions:
     calib_tokens, seq_len, sample_tokens: the calibration; eval_tokens, prompts: the evaluation
     (per domain), gen_tokens: each prompt's greedy continuation; domain, domain_ratios: the domain cells,
     domain_methods: the domain-specific methods among them (`DOMAIN_METHODS`, or those of them the model
-    takes: `methods_for`); llmcompressor_python: the interpreter that runs llm-compressor's REAP."""
+    takes: `methods_for`); llmcompressor_python: the interpreter that runs llm-compressor's REAP;
+    left_out: methods the model does not take, each with why (`methods_for`), for the report."""
 
     methods: Sequence[str] = GENERAL_METHODS
     ratios: Sequence[float] = (0.25, 0.5)
@@ -77,6 +78,7 @@ class BenchOptions:
     domain_ratios: Sequence[float] = (0.5, 0.75)
     domain_methods: Sequence[str] = DOMAIN_METHODS
     llmcompressor_python: str | None = None
+    left_out: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for name in (*self.methods, *self.domain_methods):
@@ -221,6 +223,15 @@ def methods_for(model: Path, ratios: Sequence[float], methods: Sequence[str] = G
         else:
             kept.append(method)
     return tuple(kept), left_out
+
+
+def by_reason(left_out: Mapping[str, str]) -> dict[str, list[str]]:
+    """{method: why it was left out} -> {why: the methods}, each reason once (a reason that opens
+    with its method's name stated without it)."""
+    reasons: dict[str, list[str]] = {}
+    for method, reason in left_out.items():
+        reasons.setdefault(reason.removeprefix(f"{method} "), []).append(method)
+    return reasons
 
 
 def _check_cells(model: Path, options: BenchOptions) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from moelab.compress.bench import percent
+from moelab.compress.bench import by_reason, percent
 from moelab.compress.methods import METHODS
 from moelab.eval.evaluate import ALL
 from moelab.io import atomic_write_bytes, atomic_write_text
@@ -90,6 +90,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"({base['parameters']['active']:,} active per token), degenerate rate {_rate(base['degenerate_rate'])}.",
         "",
     ]
+    for reason, names in by_reason(options.get("left_out") or {}).items():
+        lines += [f"Left out {', '.join(f'`{n}`' for n in names)}: {reason}", ""]
     general = _general(summary["cells"])
     for ratio in sorted({r["cell"]["ratio"] for r in general}):
         rows = sorted(
