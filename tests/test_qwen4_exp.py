@@ -75,7 +75,8 @@ def test_offloaded_decoding_gives_transformers_tokens(source):
 
 def test_kv_bytes_per_token_count_the_indexer_key_its_indexed_layers_cache():
     """Qwen4-Exp's indexed attention layers cache their QSA indexer's key (indexer_head_dim wide, one
-    per token: DynamicIndexedLayer.indexer_keys) beside their keys and values."""
+    per token: DynamicIndexedLayer.indexer_keys) beside their keys and values, and its first indexed
+    layer the indexers' 3-D positions (indexer_position_ids: 3 int64 a token)."""
     model = build("qwen4_exp_text", **QWEN4_EXP).eval()
     with torch.no_grad():
         cache = model(torch.randint(0, 32, (2, 5)), use_cache=True).past_key_values
@@ -84,7 +85,9 @@ def test_kv_bytes_per_token_count_the_indexer_key_its_indexed_layers_cache():
         for layer in cache.layers
         if getattr(layer, "keys", None) is not None
     )
-    assert held and kv_bytes_per_token(model, torch.float32) * 2 * 5 == held
+    positions = [layer.indexer_position_ids for layer in cache.layers if getattr(layer, "indexer_position_ids", None) is not None]
+    assert len(positions) == 1 and positions[0].shape == (3, 2, 5) and positions[0].dtype == torch.long
+    assert held and kv_bytes_per_token(model, torch.float32) * 2 * 5 == held + positions[0].nbytes
 
 
 def test_easy_ep_is_refused_naming_the_hyper_connections(source, tmp_path):

@@ -689,7 +689,8 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     `state_bytes_per_sequence`), and a layer's own settings (per_layer_config:
     dots3's sliding layers) give its sizes; MiniMax-M3's sparse layers and the indexed attention layers
     that run their own indexer (dots3, Hunyuan 4, Qwen4-Exp, GLM-5-Next: its key beside a pool gate
-    score and a flag) cache their indexer's key too; DeepSeek-V4's layers: `_deepseek_v4_bytes`).
+    score and a flag) cache their indexer's key too; DeepSeek-V4's layers: `_deepseek_v4_bytes`;
+    Qwen4-Exp's cache keeps its indexers' 3-D positions beside, once: 3 int64 a token).
     A sliding-window layer is counted at every position: transformers' cache holds a prompt's keys
     whole until the first decoding step."""
     size, config = torch.empty((), dtype=dtype).element_size(), model.config
@@ -704,6 +705,8 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
             total += _deepseek_v4_bytes(layer_config, types[i], size, wide)
         else:
             total += _kv_entries(layer_config, types[i], i) * size
+    if str(config.model_type).startswith("qwen4_exp") and INDEXED in types:  # its first indexed layer's
+        total += 3 * torch.empty((), dtype=torch.long).element_size()  # indexer_position_ids [3, B, S]
     return total
 
 
