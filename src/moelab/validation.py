@@ -72,6 +72,16 @@ def is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_number(value: object) -> bool:
+    """A real number (an int, a float, numpy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_positive_finite(value: object) -> bool:
+    """A real number > 0 and finite (a scale, a cap), not a bool."""
+    return is_number(value) and math.isfinite(value) and value > 0
+
+
 def check_field_types(cfg: object) -> None:
     """Reject dataclass field values of the wrong type, naming the field (a hand-written YAML `1e-5`
     is a string, not a float; `true` is not an int; `2.0` is not an int). Floats accept ints and

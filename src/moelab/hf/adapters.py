@@ -43,6 +43,7 @@ from moelab.hf.mxfp4 import Mxfp4Checkpoint
 from moelab.hf.quantized import stated_dtype
 from moelab.hf.stored_names import renamed_on_loading
 from moelab.hf.view import ModelView
+from moelab.validation import is_number
 
 # ----------------------------------------------------------------------------- router settings
 
@@ -252,7 +253,7 @@ def _laguna(config: Config) -> dict:
     output x moe_routed_scaling_factor; no groups; moe_router_logit_softcapping c > 0: the logits are
     c * tanh(logits / c) first. Router weights applied to the experts' input are refused."""
     softcap = config_value(config, "moe_router_logit_softcapping", default=0.0) or 0.0
-    if isinstance(softcap, bool) or not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+    if not (is_number(softcap) and math.isfinite(softcap) and softcap >= 0):
         raise CheckpointError(
             f"this Laguna config sets moe_router_logit_softcapping {softcap!r}; transformers reads a number >= 0 "
             "(0: no capping)"

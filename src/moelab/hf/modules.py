@@ -83,13 +83,9 @@ def find_moe_modules(
     family's MoE block (`Family.moe_block`), where the layer holds another module with a router
     (JetMoE's attention experts): the search stays inside it, and a block whose experts are no module
     of their own (JetMoE's input_linear / output_linear) is its own experts module."""
-    if block is not None:
-        inside = find_moe_modules_in(layer.get_submodule(block), index, num_experts, dim)
-        return MoEModules(
-            f"{block}.{inside.router}", f"{block}.{inside.experts}" if inside.experts else block, block,
-            None if inside.shared_down is None else f"{block}.{inside.shared_down}",
-        )  # fmt: skip
-    modules = dict(layer.named_modules())
+    root = layer if block is None else layer.get_submodule(block)
+    within = "" if block is None else block + "."
+    modules = dict(root.named_modules())
     routers = [
         name
         for name, m in modules.items()
@@ -100,34 +96,16 @@ def find_moe_modules(
     routers = [name for name in routers if not any(other.startswith(name + ".") for other in routers)]
     experts = [name for name in modules if name.rsplit(".", 1)[-1] == "experts"]
     shared = [name for name in modules if SHARED_DOWN.search(name)]
-    if len(routers) != 1 or len(experts) != 1 or len(shared) > 1:
+    bare = block is not None and not experts  # the block runs its experts itself
+    if len(routers) != 1 or len(experts) != (0 if bare else 1) or len(shared) > 1:
         raise ValueError(
             f"layer {index}: expected one router module (named gate/router, weight [{num_experts}, {dim}]) and "
-            f"one experts module, found {len(routers)} and {len(experts)} (and {len(shared)} shared down "
-            "projections); this model's block layout is not supported"
+            f"one experts module{f' in {block}' if block else ''}, found {len(routers)} and {len(experts)} (and "
+            f"{len(shared)} shared down projections); this model's block layout is not supported"
         )
-    router, experts_name = routers[0], experts[0]
-    return MoEModules(router, experts_name, _common_parent(router, experts_name), shared[0] if shared else None)
-
-
-def find_moe_modules_in(block: nn.Module, index: int, num_experts: int, dim: int) -> MoEModules:
-    """`find_moe_modules` inside an MoE block module: its router, its experts module ("" where it has
-    none) and its shared experts' down projection; block "" (the module itself)."""
-    modules = dict(block.named_modules())
-    routers = [
-        name for name, m in modules.items()
-        if name.rsplit(".", 1)[-1] in ("gate", "router") and any(p.shape == (num_experts, dim) for p in m.parameters())
-    ]  # fmt: skip
-    routers = [name for name in routers if not any(other.startswith(name + ".") for other in routers)]
-    experts = [name for name in modules if name.rsplit(".", 1)[-1] == "experts"]
-    shared = [name for name in modules if SHARED_DOWN.search(name)]
-    if len(routers) != 1 or len(experts) > 1 or len(shared) > 1:
-        raise ValueError(
-            f"layer {index}: expected one router module (named gate/router, weight [{num_experts}, {dim}]) in the "
-            f"MoE block, found {len(routers)} (and {len(experts)} experts modules, {len(shared)} shared down "
-            "projections); this model's block layout is not supported"
-        )
-    return MoEModules(routers[0], experts[0] if experts else "", "", shared[0] if shared else None)
+    router, experts_name = within + routers[0], block if bare else within + experts[0]
+    parent = block if block is not None else _common_parent(router, experts_name)
+    return MoEModules(router, experts_name, parent, within + shared[0] if shared else None)
 
 
 def _common_parent(a: str, b: str) -> str:

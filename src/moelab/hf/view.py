@@ -9,7 +9,6 @@ compression read views. A `ModelView` reads one layer's tensors when asked for t
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.nn.routers import check_groups, check_top_k, min_group_size
-from moelab.validation import is_int
+from moelab.validation import is_int, is_positive_finite
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus", "sparsemixer")
 # act(gate, up), of routed experts and of shared experts with a gate
@@ -100,9 +99,8 @@ class RouterView:
         if self.score_func == "sparsemixer" and (self.expert_scale is not None or self.input_norm is not None):
             raise ValueError("a sparsemixer router takes no expert_scale or input_norm")
         if self.logit_softcap is not None:  # moelab's sparsemixer and hash routers would drop it (`native._router`)
-            cap = self.logit_softcap
-            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not (math.isfinite(cap) and cap > 0):
-                raise ValueError(f"router logit_softcap must be a positive finite number (or None), got {cap!r}")
+            if not is_positive_finite(self.logit_softcap):
+                raise ValueError(f"router logit_softcap must be a positive finite number (or None), got {self.logit_softcap!r}")
             if self.score_func == "sparsemixer":
                 raise ValueError("a sparsemixer router takes no logit_softcap")
         check_top_k(self.top_k, E)
@@ -242,7 +240,7 @@ class SharedView:
     output_scale: float = 1.0
 
     def __post_init__(self):
-        if not (math.isfinite(self.output_scale) and self.output_scale > 0):
+        if not is_positive_finite(self.output_scale):
             raise ValueError(f"shared experts: output_scale must be a positive finite number, got {self.output_scale!r}")
         if self.activation not in (PLAIN_ACTIVATIONS if self.gate is None else GATED_ACTIVATIONS):
             raise ValueError(

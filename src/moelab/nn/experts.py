@@ -9,7 +9,6 @@ row's routing weight, which scales its output), and return `[N, D]` in the same 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +27,7 @@ from moelab.nn.grouped import (
     grouped_mlp,
 )
 from moelab.nn.linear import Linear
+from moelab.validation import is_positive_finite
 
 
 class Experts(nn.Module):
@@ -352,7 +352,7 @@ class SharedExperts(nn.Module):
         output_scale: float = 1.0,
     ):
         super().__init__()
-        if not (math.isfinite(output_scale) and output_scale > 0):
+        if not is_positive_finite(output_scale):
             raise ValueError(f"shared experts: output_scale must be a positive finite number, got {output_scale!r}")
         if activation != "swiglu" and activation not in ACTIVATIONS:
             raise ValueError(

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from moelab.nn.hooks import forward_hooked
-from moelab.validation import is_int
+from moelab.validation import is_int, is_positive_finite
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 
@@ -193,7 +193,7 @@ class TopKRouter(Router):
     ):
         super().__init__(dim, num_experts, bias=bias)
         check_top_k(top_k, num_experts)
-        if logit_softcap is not None and not (math.isfinite(logit_softcap) and logit_softcap > 0):
+        if logit_softcap is not None and not is_positive_finite(logit_softcap):
             raise ValueError(f"logit_softcap must be a positive finite number (or None), got {logit_softcap!r}")
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")

@@ -20,7 +20,6 @@ model held in memory.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,7 +61,7 @@ from moelab.nn.routers import HashRouter, Router
 from moelab.offload.cache import ExpertCache
 from moelab.offload.predict import PREDICTORS, RoutingPrior, lookahead_scores
 from moelab.offload.store import ExpertStore
-from moelab.validation import check_device, non_finite_names
+from moelab.validation import check_device, is_int, is_number, non_finite_names
 
 POLICIES = {  # name: load_offloaded's (eviction, predictor, prefetch_factor)
     "lru": ("lru", None, 0.0),  # the Mixtral-offloading cache without its speculative loading
@@ -499,27 +498,21 @@ def load_offloaded(
         raise ValueError(f"unknown device {device!r}; choose 'cpu' or 'cuda'") from None
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16), got {dtype!r}")
-    factor_ok = not isinstance(prefetch_factor, bool) and isinstance(prefetch_factor, (int, float))
-    factor_ok = factor_ok and math.isfinite(prefetch_factor) and prefetch_factor >= 0
+    factor_ok = is_number(prefetch_factor) and math.isfinite(prefetch_factor) and prefetch_factor >= 0
     if not factor_ok or (predictor is not None and prefetch_factor == 0):  # without a predictor: unused (POLICIES' 0)
         raise ValueError(
             f"prefetch_factor must be a finite number >= 0 of times the experts used (> 0 with a predictor), got "
             f"{prefetch_factor!r}"
         )
-    if kv_cache_tokens is not None and (
-        isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, numbers.Integral) or kv_cache_tokens < 0
-    ):
+    if kv_cache_tokens is not None and not (is_int(kv_cache_tokens) and kv_cache_tokens >= 0):
         raise ValueError(
             f"kv_cache_tokens counts the tokens the KV cache will hold: an integer >= 0, got {kv_cache_tokens!r}"
         )
-    number = numbers.Real  # a bool is no fraction or byte count
-    if resident is not None and (isinstance(resident, bool) or not isinstance(resident, number)):
+    if resident is not None and not is_number(resident):  # a bool is no fraction or byte count
         raise ValueError(f"resident must be a fraction in (0, 1] of the routed experts, got {resident!r}")
-    if memory_budget is not None and (
-        isinstance(memory_budget, bool) or not isinstance(memory_budget, number) or not math.isfinite(memory_budget)
-    ):
+    if memory_budget is not None and not (is_number(memory_budget) and math.isfinite(memory_budget)):
         raise ValueError(f"memory_budget counts bytes: a finite number, got {memory_budget!r}")
-    if isinstance(kv_cache_sequences, bool) or not isinstance(kv_cache_sequences, int) or kv_cache_sequences < 1:
+    if not (is_int(kv_cache_sequences) and kv_cache_sequences >= 1):
         raise ValueError(
             f"kv_cache_sequences counts the sequences decoded at once (a batch's prompts): an integer >= 1, got "
             f"{kv_cache_sequences!r}"
@@ -531,10 +524,7 @@ def load_offloaded(
                 "or drop kv_cache_prompt_tokens"
             )
         positions = kv_cache_tokens // kv_cache_sequences
-        if (
-            isinstance(kv_cache_prompt_tokens, bool) or not isinstance(kv_cache_prompt_tokens, numbers.Integral)
-            or not 1 <= kv_cache_prompt_tokens <= positions
-        ):  # fmt: skip
+        if not (is_int(kv_cache_prompt_tokens) and 1 <= kv_cache_prompt_tokens <= positions):
             raise ValueError(
                 f"kv_cache_prompt_tokens counts a prompt's positions: an integer from 1 to the positions per sequence "
                 f"(kv_cache_tokens // kv_cache_sequences = {positions}), got {kv_cache_prompt_tokens!r}"
