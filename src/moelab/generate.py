@@ -29,7 +29,7 @@ import torch
 
 from moelab.data import TOKENIZER_DIR
 from moelab.files import read_json_object
-from moelab.hf.checkpoint import Checkpoint, CheckpointError
+from moelab.hf.checkpoint import DTYPES, Checkpoint, CheckpointError
 from moelab.hf.conversion import CONVERTIBLE_FAMILIES, conversion_problems, moelab_model
 from moelab.hf.multimodal import language_config
 from moelab.hf.quantized import PLAIN_DTYPES, stated_dtype
@@ -226,15 +226,14 @@ def _stored_dtype(path: str | os.PathLike) -> torch.dtype:
             names = Counter(checkpoint.entry(key)[0] for key in checkpoint.keys())
     except CheckpointError:  # no *.safetensors: what loads it says why
         return torch.float32
-    return next((STORED[name] for name, _ in names.most_common() if name in STORED), torch.float32)
+    plain = set(PLAIN_DTYPES.values())
+    return next((DTYPES[name] for name, _ in names.most_common() if DTYPES.get(name) in plain), torch.float32)
 
 
 def cpu_multiplies_bf16() -> bool:
     """Whether this CPU has a native bf16 matmul (oneDNN's check: AVX512-BF16 or AMX)."""
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
-
-STORED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' dtype names
 
 
 def _kv_cache_tokens(config: dict, ids: torch.Tensor, max_new_tokens: int, compile: bool) -> int:
