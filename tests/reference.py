@@ -307,8 +307,9 @@ class Capacity:
 def apply_capacity(routing: RefRouting, num_experts: int, capacity_factor: float | None) -> Capacity:
     """GShard priority: C = ceil(cf * (number of valid assignments) / E). Each expert accepts its
     assignments in the order (slot j, token t): every first choice before any second choice,
-    earlier tokens first; the ones ranked >= C are dropped."""
-    assignments = [(slot, t, e) for t, ch in enumerate(routing.choices) for slot, e, _ in ch]
+    earlier tokens first; the ones ranked >= C are dropped. Choices past the experts (identity
+    experts) are no assignments."""
+    assignments = [(slot, t, e) for t, ch in enumerate(routing.choices) for slot, e, _ in ch if e < num_experts]
     if capacity_factor is None:
         return Capacity(None, {(t, slot) for slot, t, _ in assignments}, 0.0)
     capacity = math.ceil(capacity_factor * len(assignments) / num_experts)
@@ -415,6 +416,7 @@ class Spec:
     coefs: dict[str, float] = field(default_factory=dict)
     norm_eps: float = 1e-6  # the norms around the router and experts, where p holds them (Gemma 4)
     router_norm_multiplier: float = 1.0
+    identity_experts: int = 0  # the router's last Z choices return the expert input (LongCat-Flash)
 
     @classmethod
     def from_config(cls, cfg: Any) -> Spec:
@@ -467,12 +469,13 @@ def rms_normed(v: Tensor, g: Tensor, eps: float) -> Tensor:
 def moe_forward(x: Tensor, p: dict[str, Tensor], spec: Spec) -> RefResult:
     """y_t = sum over kept (expert e, weight w) of w * FFN_e(x_t), plus the shared expert. Where p
     holds the norms around the experts (Gemma 4): FFN_e reads rms_normed(x_t, expert_norm) and the
-    sum is rms_normed(., routed_norm) before the shared expert is added."""
+    sum is rms_normed(., routed_norm) before the shared expert is added. The router's last
+    `spec.identity_experts` choices are identity experts: FFN_e(x_t) = x_t, and no load."""
     shape = x.shape
     D = shape[-1]
     xt = x.reshape(-1, D)
     T = xt.shape[0]
-    E = p["router.weight"].shape[0]
+    E = p["router.weight"].shape[0] - spec.identity_experts  # the experts with weights
     routing = route(xt, p, spec)
     cap = apply_capacity(routing, E, spec.capacity_factor)
     rows = []
@@ -480,7 +483,9 @@ def moe_forward(x: Tensor, p: dict[str, Tensor], spec: Spec) -> RefResult:
         y_t = xt.new_zeros(D)
         x_e = xt[t] if "expert_norm.weight" not in p else rms_normed(xt[t], p["expert_norm.weight"], spec.norm_eps)
         for slot, e, w in routing.choices[t]:
-            if (t, slot) in cap.kept:
+            if e >= E:
+                y_t = y_t + w * x_e
+            elif (t, slot) in cap.kept:
                 y_t = y_t + w * expert_ffn(x_e, e, p, spec.activation)
         if "routed_norm.weight" in p:
             y_t = rms_normed(y_t, p["routed_norm.weight"], spec.norm_eps)
@@ -491,9 +496,10 @@ def moe_forward(x: Tensor, p: dict[str, Tensor], spec: Spec) -> RefResult:
     load = [0] * E
     for t in range(T):
         for e in routing.experts(t):
-            load[e] += 1
+            if e < E:
+                load[e] += 1
     compute = {
-        "balance": lambda: balance_loss(routing, E),
+        "balance": lambda: balance_loss(routing, E + spec.identity_experts),  # over every choice
         "z": lambda: z_loss(routing),
         "entropy": lambda: entropy_loss(routing),
     }

@@ -444,3 +444,83 @@ def test_config_renormalize_default_follows_the_router_kind():
     assert build_moe(MoEConfig(dim=8, num_experts=4, hidden_dim=4)).router.renormalize is True
     assert build_moe(MoEConfig(dim=8, num_experts=4, hidden_dim=4, router="topp")).router.renormalize is False
     assert build_moe(MoEConfig(dim=8, num_experts=4, hidden_dim=4, router="topp", renormalize=True)).router.renormalize
+
+
+IDENTITY_CONFIGS = {
+    "identity": dict(identity_experts=3),
+    "identity-k1": dict(identity_experts=2, top_k=1),
+    "identity-no-renorm-shared": dict(identity_experts=2, top_k=3, renormalize=False, route_scale=6.0, num_shared=1),
+    "identity-aux-free-bias": dict(identity_experts=4, selection_bias=True),
+    "identity-groups": dict(identity_experts=4, top_k=2, n_group=4, topk_group=2, score_func="sigmoid"),
+    "identity-k=E+Z": dict(identity_experts=2, top_k=E + 2),
+    "identity-capacity": dict(identity_experts=3, capacity_factor=0.75),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(IDENTITY_CONFIGS))
+def test_identity_experts_match_reference(name, backend):
+    """Zero-computation experts (LongCat-Flash): a slot on one of the router's last Z choices adds
+    its weight times the token's input; forward and backward against the per-token reference; the
+    load, experts_per_token and capacity count the experts with weights only."""
+    layer, spec = make_layer(**IDENTITY_CONFIGS[name], backend=backend)
+    assert layer.num_experts == E and layer.router.num_experts == E + spec.identity_experts
+    both = run_both(layer, spec, tokens(2, 12))
+    assert_no_near_tie(both.ref.routing, ordered=spec.capacity_factor is not None)
+    assert_matches(both, layer)
+    slots = [e for t in range(24) for e in both.ref.routing.experts(t)]
+    assert any(e >= E for e in slots) and any(e < E for e in slots), "the test should use both kinds"
+    assert float(both.result.experts_per_token) == pytest.approx(sum(e < E for e in slots) / 24)
+    if spec.capacity_factor is not None:
+        assert 0 < both.ref.capacity.dropped_fraction < 1, "the capacity test should drop something"
+    with torch.no_grad():
+        assert_close(layer.eval().infer(tokens(2, 12)), both.ref.y, what="infer")
+
+
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_identity_experts_infer_equals_forward_on_every_path(T):
+    """`infer`'s paths (gathered, expert by expert, one grouped_mm call, every expert) take the
+    identity experts' slots as empty ones and add their share once, as `forward` does."""
+    from test_decode import PATHS
+
+    layer, _ = make_layer(identity_experts=3, top_k=3)
+    x = tokens(T)
+    with torch.no_grad():
+        expected = layer(x)[0]
+        for path, choose in PATHS.items():
+            assert_close(choose(layer).infer(x), expected, what=f"always {path}")
+
+
+def test_a_token_routed_to_identity_experts_alone_returns_its_weighted_input():
+    """All of a token's slots on identity experts: its output is the sum of their weights times x,
+    no expert runs, and its gradient reaches the router's identity rows."""
+    layer, spec = make_layer(identity_experts=2, top_k=2, renormalize=False)
+    with torch.no_grad():
+        layer.router.weight[E:] = 0.0
+        layer.router.weight[:E] = -layer.router.weight[:E].abs()
+    x = torch.ones(1, D)  # the experts' logits < 0, the identity experts' 0: both chosen
+    y, result = layer(x)
+    probs = torch.softmax(layer.router.weight.detach() @ x[0], -1)
+    assert_close(y, probs[E:].sum() * x)
+    assert result.tokens_per_expert.sum() == 0 and float(result.experts_per_token) == 0
+    y.sum().backward()
+    assert layer.router.weight.grad[E:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(identity_experts=-1), "identity_experts must be >= 0"),
+    (dict(identity_experts=2, latent_dim=8), "no latent_dim"),
+    (dict(identity_experts=2, router="topp"), "identity_experts=2 has no effect without router='topk'"),
+    (dict(identity_experts=2, top_k=E + 3), "top_k"),
+])  # fmt: skip
+def test_identity_experts_bad_config(bad, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(dim=D, num_experts=E, hidden_dim=I, **bad)
+
+
+def test_identity_experts_must_leave_an_expert_with_weights():
+    router = TopKRouter(D, 4, 2)
+    with pytest.raises(ValueError, match=r"identity_experts must be an int in \[0, 4\)"):
+        MoELayer(router, SwiGLUExperts(1, D, I), identity_experts=4)
+    with pytest.raises(ValueError, match=r"router \(2 experts and 2 identity experts.*does not match experts \(4 experts"):
+        MoELayer(router, SwiGLUExperts(4, D, I), identity_experts=2)

@@ -34,18 +34,21 @@ def configs(draw):
     if draw(st.booleans()):
         kw.update(num_shared=1, shared_gate=draw(st.booleans()))
     if router == "topk":
-        k = draw(st.integers(1, E))
+        Z = draw(st.sampled_from([0, 0, 1, 3]))  # identity experts (LongCat-Flash)
+        E_choices = E + Z
+        k = draw(st.integers(1, E_choices))
         kw.update(
+            identity_experts=Z,
             top_k=k,
             score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
             renormalize=draw(st.booleans()),
             route_scale=draw(st.sampled_from([1.0, 2.5])),
             selection_bias=draw(st.booleans()),
         )
-        groups = [g for g in range(2, E + 1) if E % g == 0]
+        groups = [g for g in range(2, E_choices + 1) if E_choices % g == 0]
         if groups and draw(st.booleans()):
             n_group = draw(st.sampled_from(groups))
-            min_groups = math.ceil(k / (E // n_group))
+            min_groups = math.ceil(k / (E_choices // n_group))
             kw.update(n_group=n_group, topk_group=draw(st.integers(min_groups, n_group)))
     elif router == "topp":
         kw.update(
@@ -98,8 +101,10 @@ def test_layer_equals_reference(cfg, T, seed, normed):
     y, result = both.y, both.result
     assert y.shape == x.shape and torch.isfinite(y).all()
     assert all(torch.isfinite(v) for v in result.losses.values())
-    valid = int((result.routing.indices >= 0).sum())
-    assert int(result.tokens_per_expert.sum()) == valid == both.ref.routing.num_assignments()
+    E = layer.num_experts  # identity experts' slots are no assignments
+    valid = int(((result.routing.indices >= 0) & (result.routing.indices < E)).sum())
+    expected = sum(e < E for t in range(T) for e in both.ref.routing.experts(t))
+    assert int(result.tokens_per_expert.sum()) == valid == expected
     assert 0.0 <= float(result.dropped_fraction) <= 1.0
     # The ReLU router's RMS norm saturates (a_hat ~ sqrt(E) for a token with one active
     # expert): its true gradient is ~0, computed as a difference of O(1/a) terms, so float32

@@ -91,7 +91,7 @@ def _attention(config: ModelConfig, cost: _Cost) -> None:
 def _moe(config: ModelConfig, k: float, cost: _Cost) -> None:
     moe = config.moe
     D, C, R = config.dim, moe.chain_iterations, moe.num_router_experts
-    router = R * (D + moe.router_bias + (moe.router == "relu"))
+    router = (R + moe.identity_experts) * (D + moe.router_bias + (moe.router == "relu"))
     if moe.router == "graph_sim":
         router += D * D * moe.graph_learned
         cost.seq_macs += C * (D + R)

@@ -73,6 +73,9 @@ class MoEConfig:
         a pool of reuse_layers * num_experts experts, each layer routing over the whole pool
         ("topk" only); 1 = off. Built by `moelab.models`.
     sparsity_window: chunk length L of the CLS metric reported for variable-k routers (paper: 8).
+    identity_experts: Z zero-computation experts ("topk"; LongCat-Flash's, MoE++'s copy experts):
+        the router chooses among num_experts + Z, and a slot on one of the Z returns the token's
+        input times its weight, so a token may run fewer than top_k experts (`MoELayer`).
     """
 
     dim: int
@@ -111,6 +114,7 @@ class MoEConfig:
     latent_dim: int | None = None
     reuse_layers: int = 1
     sparsity_window: int = 8
+    identity_experts: int = 0
 
     def __post_init__(self):
         check_field_types(self)
@@ -121,10 +125,17 @@ class MoEConfig:
         check_choice("score_func", self.score_func, SCORE_FUNCS)
         check_choice("activation", self.activation, EXPERT_ACTIVATIONS)
         check_choice("backend", self.backend, tuple(BACKENDS))
+        if self.identity_experts < 0:
+            raise ValueError(f"MoEConfig.identity_experts must be >= 0 (0 turns them off), got {self.identity_experts}")
         if self.router in TOP_K_ROUTERS:
-            check_top_k(self.top_k, self.num_experts)
+            check_top_k(self.top_k, self.num_choices)
         if self.router == "topk":
-            check_groups(self.num_experts, self.top_k, self.n_group, self.topk_group)
+            check_groups(self.num_choices, self.top_k, self.n_group, self.topk_group)
+        if self.identity_experts and (self.latent_dim is not None or self.reuse_layers > 1):
+            raise ValueError(
+                "MoEConfig.identity_experts return the layer's input: they take no latent_dim (latent experts) "
+                "and no reuse_layers > 1 (ReXMoE's shared pool)"
+            )
         if self.router == "topp":
             if not 0.0 < self.top_p <= 1.0:
                 raise ValueError(f"MoEConfig.top_p must lie in (0, 1], got {self.top_p}")
@@ -192,6 +203,7 @@ class MoEConfig:
             "bias_update_rate": ("selection_bias=True", self.selection_bias),
             "shared_hidden_dim": ("num_shared >= 1", self.num_shared > 0),
             "shared_gate": ("num_shared >= 1", self.num_shared > 0),
+            "identity_experts": ("router='topk'", topk),
         }
         for field in dataclasses.fields(self):
             where, read = read_where.get(field.name, ("", True))
@@ -206,6 +218,11 @@ class MoEConfig:
     def num_router_experts(self) -> int:
         """Experts one router chooses among: num_experts, or the ReXMoE pool reuse_layers * num_experts."""
         return self.num_experts * self.reuse_layers
+
+    @property
+    def num_choices(self) -> int:
+        """What one token's router chooses among: the routed experts and the identity experts."""
+        return self.num_experts + self.identity_experts
 
     @property
     def expert_dim(self) -> int:
@@ -254,7 +271,7 @@ def build_router(cfg: MoEConfig, reuse_position: int = 0, vocab_size: int | None
         )
         if cfg.reuse_layers > 1:
             return ReuseRouter(cfg.dim, cfg.num_experts, cfg.reuse_layers, reuse_position, cfg.top_k, **topk)
-        return TopKRouter(cfg.dim, cfg.num_experts, cfg.top_k, **topk)
+        return TopKRouter(cfg.dim, cfg.num_choices, cfg.top_k, **topk)
     if cfg.router in ("graph_sim", "graph_attn"):
         renormalize = True if cfg.renormalize is None else cfg.renormalize
         if cfg.router == "graph_attn":
@@ -309,5 +326,6 @@ def build_moe(
         chunk_len=cfg.chunk_len,
         latent=None if cfg.latent_dim is None else LatentProjection(cfg.dim, cfg.latent_dim),
         sparsity_window=cfg.sparsity_window,
+        identity_experts=cfg.identity_experts,
     )
     return layer if cfg.chain_iterations == 1 else ChainOfExperts(layer, cfg.chain_iterations)

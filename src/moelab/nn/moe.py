@@ -24,6 +24,7 @@ from moelab.nn.latent import LatentProjection
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
 from moelab.nn.opaque import register, routed_experts
 from moelab.nn.routers import Router, Routing, deferred_logit_check, dynamic_skip, skip_weak_experts
+from moelab.validation import is_int
 
 
 @dataclass
@@ -135,6 +136,10 @@ class MoELayer(nn.Module):
         their combined output is routed_norm(y) before the shared experts' output is added.
     output_bias: optional [D] added to every token's output last, whatever the routing (JetMoE's
         block bias); a parameter of the layer, added once on every path (`_finish`).
+    identity_experts: Z zero-computation experts (LongCat-Flash's; MoE++'s copy experts): the
+        router chooses among E + Z, and a slot given to one of the last Z returns its input
+        (what the routed experts read) times its weight, with no weights of its own. `num_experts`
+        counts the E experts with weights; the dispatch, loads and `experts_per_token` see those.
     sparsity_window: chunk length L of the "cls" metric of variable-k routers (BlockFFN: 8).
     dispatcher: how rows reach the experts; `LocalDispatcher` (default) or an expert-parallel
         one (`moelab.distributed`), in which case `experts` holds this rank's experts only.
@@ -187,16 +192,25 @@ class MoELayer(nn.Module):
         expert_norm: nn.Module | None = None,
         routed_norm: nn.Module | None = None,
         output_bias: Tensor | None = None,
+        identity_experts: int = 0,
     ):
         super().__init__()
         dispatcher = dispatcher or LocalDispatcher()
-        local = dispatcher.num_local_experts(router.num_experts)
+        if not is_int(identity_experts) or not 0 <= identity_experts < router.num_experts:
+            raise ValueError(
+                f"identity_experts must be an int in [0, {router.num_experts}) (the router's {router.num_experts} "
+                f"choices hold them and at least one expert with weights), got {identity_experts!r}"
+            )
+        if identity_experts and latent is not None:
+            raise ValueError("identity experts in a latent layer would return the latent rows; give one or the other")
+        local = dispatcher.num_local_experts(router.num_experts - identity_experts)
         expert_dim = router.dim if latent is None else latent.rank
         if latent is not None and latent.dim != router.dim:
             raise ValueError(f"latent projection dim {latent.dim} does not match the router's dim {router.dim}")
         if local != experts.num_experts or expert_dim != experts.dim:
             raise ValueError(
-                f"router ({router.num_experts} experts, {local} on this rank, dim {router.dim}"
+                f"router ({router.num_experts - identity_experts} experts"
+                f"{f' and {identity_experts} identity experts' if identity_experts else ''}, {local} on this rank, dim {router.dim}"
                 f"{'' if latent is None else f', latent rank {latent.rank}'}) does not match "
                 f"experts ({experts.num_experts} experts, dim {experts.dim})"
             )
@@ -233,8 +247,9 @@ class MoELayer(nn.Module):
             self.output_bias = output_bias if isinstance(output_bias, nn.Parameter) else nn.Parameter(output_bias)
         self.sparsity_window = sparsity_window
         self.dispatcher = dispatcher
+        self.identity_experts = identity_experts
         self.skip_ratio: float | None = None  # NAEE dynamic skipping, an inference-time option (`dynamic_skip`)
-        self.gather_rows = router.num_experts  # `infer` gathers expert weights up to this many T*K rows
+        self.gather_rows = self.num_experts  # `infer` gathers expert weights up to this many T*K rows
         self.gather_bytes = 2**18  # ... and, eagerly on a CPU, experts of up to this many bytes
         self.compiled_gather_bytes = 2**23  # ... and, compiled on a CPU, of up to this many
         self.gpu_gather_bytes = 2**26  # on a GPU: T*K experts' copies of up to this many bytes
@@ -251,7 +266,8 @@ class MoELayer(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.router.num_experts
+        """E, the experts with weights (the router chooses among E + `identity_experts`)."""
+        return self.router.num_experts - self.identity_experts
 
     @property
     def causal(self) -> bool:
@@ -281,17 +297,19 @@ class MoELayer(nn.Module):
         )
         with deferred_logit_check() if sync_free else contextlib.nullcontext() as finite:
             routing, x = self._route(router, x, context)
-        plan = plan_dispatch(routing.indices, self.num_experts, self.capacity_factor, host_counts=not sync_free)
+        indices, weights, identity = self._split_identity(routing.indices, routing.weights)
+        plan = plan_dispatch(indices, self.num_experts, self.capacity_factor, host_counts=not sync_free)
         rows = self.expert_rows(x)
-        # Only dynamic skipping empties slots of a fixed-k router: without it the device counts
-        # cover every row, and the experts mask nothing.
-        options = {"rows_past_counts": False} if sync_free and self.skip_ratio is None else {}
-        y = self._finish(x, self._dispatched(rows, routing.weights, plan, **options))
+        # Only dynamic skipping and identity experts empty slots of a fixed-k router: without them
+        # the device counts cover every row, and the experts mask nothing.
+        fixed = self.skip_ratio is None and not self.identity_experts
+        options = {"rows_past_counts": False} if sync_free and fixed else {}
+        y = self._finish(x, self._dispatched(rows, weights, plan, **options), rows, identity)
         result = MoEResult(
             losses=self._losses(routing, shape[:-1]),
             tokens_per_expert=plan.tokens_per_expert,
             dropped_fraction=plan.dropped_fraction,
-            experts_per_token=(routing.indices >= 0).sum() / max(x.shape[0], 1),
+            experts_per_token=(indices >= 0).sum() / max(x.shape[0], 1),
             routing=routing if self.trace else None,
             metrics=self._metrics(router, routing, shape[:-1]),
             logits_finite=all_finite(finite or []),
@@ -314,6 +332,7 @@ class MoELayer(nn.Module):
             return self(x, router, context=context)[0]  # who is dropped, or where rows go, depends on the batch
         shape = x.shape
         indices, weights, x = self._choose(router, x, context)
+        indices, weights, identity = self._split_identity(indices, weights)
         rows = self.expert_rows(x)
         if torch.compiler.is_compiling() and (
             self.experts.reads_routing_on_host or not self._gathers_rows(indices.numel(), x.device)
@@ -321,7 +340,17 @@ class MoELayer(nn.Module):
             y = routed_experts(rows, indices, weights, id(self))
         else:
             y = self.run_experts(rows, indices, weights)
-        return self._finish(x, y).view(shape)
+        return self._finish(x, y, rows, identity).view(shape)
+
+    def _split_identity(self, indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """indices, weights: [T, K] over E + Z choices -> (indices with the identity experts' slots
+        emptied (-1), weights with theirs 0, the identity experts' summed weight [T, 1] in the
+        weights' dtype), or (indices, weights, None) in a layer without identity experts."""
+        if not self.identity_experts:
+            return indices, weights, None
+        identity = indices >= self.num_experts
+        identity_weight = weights.masked_fill(~identity, 0.0).sum(-1, keepdim=True)
+        return indices.masked_fill(identity, -1), weights.masked_fill(identity, 0.0), identity_weight
 
     def run_experts(self, rows: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """`infer`'s routed experts: rows [T, D or latent rank] with their routing (indices,
@@ -505,10 +534,13 @@ class MoELayer(nn.Module):
             return self.latent.up(y)
         return y if self.routed_norm is None else self.routed_norm(y)
 
-    def _finish(self, x: Tensor, y: Tensor) -> Tensor:
-        """The routed experts' combined output y: [T, D or latent rank] -> [T, D]: `routed_output`,
-        plus the shared experts' output on x: [T, D], plus `output_bias`. Every path (`forward`,
-        `infer`, compiled or not) ends here, so the bias is added once."""
+    def _finish(self, x: Tensor, y: Tensor, rows: Tensor, identity: Tensor | None) -> Tensor:
+        """The routed experts' combined output y: [T, D or latent rank] -> [T, D]: plus the identity
+        experts' (their summed weight `identity` [T, 1] times the rows the experts read), then
+        `routed_output`, plus the shared experts' output on x: [T, D], plus `output_bias`. Every
+        path (`forward`, `infer`, compiled or not) ends here, so each is added once."""
+        if identity is not None:
+            y = y + (identity * rows).to(y.dtype)
         y = self.routed_output(y)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -519,8 +551,8 @@ class MoELayer(nn.Module):
         if not router.variable_k:
             return {}
         with torch.no_grad():
-            active = active_experts(routing.indices, self.num_experts)  # [T, E]
-            seqs = active.view(*token_shape, self.num_experts) if len(token_shape) == 2 else None
+            active = active_experts(routing.indices, router.num_experts)  # [T, E (+ identity experts)]
+            seqs = active.view(*token_shape, router.num_experts) if len(token_shape) == 2 else None
             return sparsity_metrics(active, seqs, self.sparsity_window)
 
     def _losses(self, routing: Routing, token_shape: torch.Size) -> dict[str, Tensor]:

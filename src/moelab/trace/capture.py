@@ -221,8 +221,8 @@ class RoutingCapture:
             layer = next((m for m in block.modules() if isinstance(m, MoELayer)), None)
             if layer is None:
                 continue
-            tap = self._taps[i] = _LayerTap(
-                i, layer.num_experts, layer.router.top_k, layer.shared is not None
+            tap = self._taps[i] = _LayerTap(  # the router's choices: identity experts recorded as experts past E
+                i, layer.router.num_experts, layer.router.top_k, layer.shared is not None
             )
             self._handles.append(layer.router.register_forward_hook(_on_moelab_routing(tap)))
             if self.expert_stats:
