@@ -60,6 +60,7 @@ ARCHS = {
     ),
     "expert-choice": variant(dict(router="expert_choice"), first_k_dense=0),
     "aux-free": variant(dict(selection_bias=True, score_func="sigmoid", balance_coef=0.0), first_k_dense=0),
+    "zero-computation": variant(dict(identity_experts=2, renormalize=False, selection_bias=True), first_k_dense=0),
     "deepseek": variant(dict(num_experts=8, hidden_dim=16, top_k=3, num_shared=1, renormalize=False)),
     "graph-sim": variant(dict(router="graph_sim"), first_k_dense=0),
     "graph-attn": variant(dict(router="graph_attn"), first_k_dense=0),

@@ -251,6 +251,7 @@ def test_generate_command_with_compile_gives_the_eager_text(offload):
 
 ARCHITECTURES = [
     "moe_top2", "dense", "aux_free", "blockffn", "coe2", "coe_3x_experts", "deepseek", "mole", "rexmoe", "topp",
+    "zero_computation",
 ]
 
 
