@@ -128,6 +128,7 @@ def route_topk(
     route_scale: float = 1.0,
     n_group: int = 1,
     topk_group: int = 1,
+    group_score: str | None = None,
     selection_bias: Tensor | None = None,
     select_on_logits: bool = False,
     expert_scale: Tensor | None = None,
@@ -137,8 +138,8 @@ def route_topk(
     """Token-choice top-k. With input_norm (g, eps, m) the logits read x_t / sqrt(mean(x_t^2) + eps)
     * g * m (Gemma 4). Scores = softmax, sigmoid or sqrt(softplus) of the logits. Selection ranks
     score + selection_bias (select_on_logits: logit + selection_bias); with n_group > 1 only the experts of the topk_group best groups (of
-    E/n_group consecutive experts; group score = sum of the group's two best selection values for
-    sigmoid or sqrt(softplus), its best for softmax) compete; with logit_softcap c every logit is
+    E/n_group consecutive experts; group score = sum of the group's two best selection values with
+    group_score "top2", its best with "max"; None: "max" for softmax, "top2" otherwise) compete; with logit_softcap c every logit is
     first c * tanh(logit / c) (Laguna). Weights: the un-biased scores of the chosen experts,
     divided by their sum if renormalize, times route_scale, times expert_scale[e] where given. Slot j =
     the j-th best chosen expert."""
@@ -159,13 +160,14 @@ def route_topk(
         candidates = list(range(E))
         if n_group > 1:
             size = E // n_group
-            group_score = []
+            rule = group_score or ("max" if score_func == "softmax" else "top2")
+            group_scores = []
             for g in range(n_group):
                 members = sorted((select[e] for e in range(g * size, (g + 1) * size)), reverse=True)
-                group_score.append(members[0] if score_func == "softmax" else sum(members[:2]))
-            ranked_groups = sorted(range(n_group), key=lambda g: -group_score[g])
+                group_scores.append(sum(members[:2]) if rule == "top2" else members[0])
+            ranked_groups = sorted(range(n_group), key=lambda g: -group_scores[g])
             kept_groups = set(ranked_groups[:topk_group])
-            margins += _gaps(sorted(group_score, reverse=True)[topk_group - 1 : topk_group + 1])
+            margins += _gaps(sorted(group_scores, reverse=True)[topk_group - 1 : topk_group + 1])
             candidates = [e for e in range(E) if e // size in kept_groups]
         ranked = sorted(candidates, key=lambda e: -select[e])
         chosen = ranked[:top_k]
@@ -407,6 +409,7 @@ class Spec:
     route_scale: float = 1.0
     n_group: int = 1
     topk_group: int = 1
+    group_score: str | None = None
     top_p: float = 0.4
     max_k: int | None = None
     ec_capacity_factor: float = 2.0
@@ -435,7 +438,7 @@ def route(x: Tensor, p: dict[str, Tensor], spec: Spec) -> RefRouting:
         norm = p.get("router.input_norm.weight")
         return route_topk(
             x, W, b, top_k=spec.top_k, score_func=spec.score_func, renormalize=spec.renormalize,
-            route_scale=spec.route_scale, n_group=spec.n_group, topk_group=spec.topk_group,
+            route_scale=spec.route_scale, n_group=spec.n_group, topk_group=spec.topk_group, group_score=spec.group_score,
             selection_bias=p.get("router.selection_bias"), expert_scale=p.get("router.expert_scale"),
             input_norm=None if norm is None else (norm, spec.norm_eps, spec.router_norm_multiplier),
         )

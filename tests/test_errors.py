@@ -143,6 +143,13 @@ def test_topk_group_too_small_for_k():
         TopKRouter(D, 8, 2, n_group=4, topk_group=5)
 
 
+def test_unknown_group_score():
+    with pytest.raises(ValueError, match=r"group_score must be one of \('max', 'top2'\) \(or None: by score_func\), got 'sum'"):
+        TopKRouter(D, 8, 2, n_group=4, topk_group=2, group_score="sum")
+    with pytest.raises(ValueError, match=r"group_score must be one of"):
+        MoEConfig(dim=D, num_experts=8, hidden_dim=I, n_group=4, topk_group=2, group_score="sum")
+
+
 def test_unknown_score_func():
     with pytest.raises(ValueError, match=r"score_func must be one of"):
         TopKRouter(D, E, 2, score_func="softplus")
@@ -181,6 +188,7 @@ def test_config_validates_expert_choice_capacity_factor(c):
         (dict(router="topp", top_k=1), "top_k=1 has no effect without router 'topk', 'hash' or a graph router: top-p"),
         (dict(router="expert_choice", top_k=3), "top_k=3 has no effect"),
         (dict(topk_group=2), "topk_group=2 has no effect without router='topk' with expert groups, n_group > 1"),
+        (dict(group_score="top2"), "group_score='top2' has no effect without router='topk' with expert groups"),
         (dict(sparsity_window=4), "sparsity_window=4 has no effect without a router of variable k"),
     ],
 )

@@ -50,6 +50,7 @@ def configs(draw):
             n_group = draw(st.sampled_from(groups))
             min_groups = math.ceil(k / (E_choices // n_group))
             kw.update(n_group=n_group, topk_group=draw(st.integers(min_groups, n_group)))
+            kw.update(group_score=draw(st.sampled_from([None, "max", "top2"])))
     elif router == "topp":
         kw.update(
             top_p=draw(st.floats(0.05, 1.0)),

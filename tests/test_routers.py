@@ -42,6 +42,12 @@ TOPK_SETTINGS = {
     "groups-sigmoid": dict(top_k=4, score_func="sigmoid", n_group=4, topk_group=2, route_scale=2.5),
     "groups-sigmoid-1-of-2": dict(top_k=2, score_func="sigmoid", n_group=2, topk_group=1),
     "groups-of-one": dict(top_k=2, score_func="sigmoid", n_group=8, topk_group=3),
+    "groups-softmax-top2": dict(top_k=3, n_group=4, topk_group=2, group_score="top2"),  # Mistral 4
+    "groups-softmax-top2-1-of-2": dict(top_k=2, n_group=2, topk_group=1, group_score="top2", renormalize=False),
+    "groups-softmax-top2-all-kept": dict(top_k=3, n_group=4, topk_group=4, group_score="top2"),
+    "groups-softmax-top2-of-one": dict(top_k=2, n_group=8, topk_group=3, group_score="top2"),  # its best alone
+    "one-group-softmax-top2": dict(top_k=2, group_score="top2"),
+    "groups-sigmoid-max": dict(top_k=3, score_func="sigmoid", n_group=4, topk_group=2, group_score="max"),
     "router-bias": dict(top_k=2, bias=True),
     "expert-bias": dict(top_k=2, selection_bias=True),
     "expert-bias-sigmoid-groups": dict(top_k=3, score_func="sigmoid", n_group=4, topk_group=2, selection_bias=True),
@@ -103,7 +109,8 @@ def _ref(router, x, w, b, g, extra):
         norm = router.input_norm
         return route_topk(
             x, w, b, top_k=router.top_k, score_func=router.score_func, renormalize=router.renormalize,
-            route_scale=router.route_scale, n_group=router.n_group, topk_group=router.topk_group, selection_bias=eb,
+            route_scale=router.route_scale, n_group=router.n_group, topk_group=router.topk_group,
+            group_score=router.group_score, selection_bias=eb,
             select_on_logits=router.select_on_logits, expert_scale=extra.get("expert_scale"),
             input_norm=None if norm is None else (extra["input_norm.weight"], norm.eps, norm.multiplier),
             logit_softcap=router.logit_softcap,

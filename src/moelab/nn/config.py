@@ -22,6 +22,7 @@ from moelab.nn.routers import (
     TopPRouter,
     check_groups,
     check_top_k,
+    group_scoring,
 )
 from moelab.validation import check_choice, check_field_types, check_known_fields
 
@@ -42,8 +43,8 @@ class MoEConfig:
         random table, the gate only weighing them, `HashRouter`; the layer needs the token ids in
         its context, and the table the model's vocabulary: built by `moelab.models`).
     top_k: experts per token for "topk", "hash" and the graph routers.
-    score_func, renormalize, route_scale: top-k scoring ("topk", "hash"); n_group, topk_group:
-        "topk"'s expert groups (see TopKRouter).
+    score_func, renormalize, route_scale: top-k scoring ("topk", "hash"); n_group, topk_group,
+        group_score: "topk"'s expert groups (see TopKRouter; group_score None: by score_func).
         renormalize defaults to True for "topk" (Mixtral, Qwen3) and False for "topp" (the
         paper's raw probabilities). With top_k=1 it makes every weight 1, so the router learns from
         the auxiliary losses alone; Switch-style top-1 layers set renormalize=False.
@@ -88,6 +89,7 @@ class MoEConfig:
     route_scale: float = 1.0
     n_group: int = 1
     topk_group: int = 1
+    group_score: str | None = None
     selection_bias: bool = False
     bias_update_rate: float = 1e-3
     router_bias: bool = False
@@ -131,6 +133,7 @@ class MoEConfig:
             check_top_k(self.top_k, self.num_choices)
         if self.router == "topk":
             check_groups(self.num_choices, self.top_k, self.n_group, self.topk_group)
+            group_scoring(self.score_func, self.group_score)
         if self.identity_experts and (self.latent_dim is not None or self.reuse_layers > 1):
             raise ValueError(
                 "MoEConfig.identity_experts return the layer's input: they take no latent_dim (latent experts) "
@@ -192,7 +195,8 @@ class MoEConfig:
                       self.router in TOP_K_ROUTERS),
             **dict.fromkeys(("score_func", "route_scale"), ("router 'topk' or 'hash'", topk or self.router == "hash")),
             "n_group": ("router='topk'", topk),
-            "topk_group": ("router='topk' with expert groups, n_group > 1", topk and self.n_group > 1),
+            **dict.fromkeys(("topk_group", "group_score"), ("router='topk' with expert groups, n_group > 1",
+                                                            topk and self.n_group > 1)),
             "sparsity_window": ("a router of variable k: 'topp', 'relu' or 'expert_choice'", variable_k),
             "renormalize": ("router 'topk', 'topp', 'hash' or a graph router", topk or graph or self.router in ("topp", "hash")),
             "top_p": ("router='topp'", self.router == "topp"),
@@ -266,6 +270,7 @@ def build_router(cfg: MoEConfig, reuse_position: int = 0, vocab_size: int | None
             route_scale=cfg.route_scale,
             n_group=cfg.n_group,
             topk_group=cfg.topk_group,
+            group_score=cfg.group_score,
             selection_bias=cfg.selection_bias,
             **common,
         )

@@ -26,6 +26,7 @@ from moelab.nn.hooks import forward_hooked
 from moelab.validation import is_int, is_positive_finite
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
+GROUP_SCORES = ("max", "top2")  # how a group-limited router scores a group (`group_scoring`)
 
 
 class Routing(NamedTuple):
@@ -165,7 +166,8 @@ class TopKRouter(Router):
     scores = softmax(logits), sigmoid(logits) or sqrt(softplus(logits)) (`expert_scores`). Selection uses `scores + selection_bias` (the
     aux-loss-free balancing bias, a buffer moved by `update_selection_bias`, never by gradients),
     or with `select_on_logits` `logits + selection_bias` (Kolibri1 biases the logits it picks from),
-    optionally limited to the best `topk_group` of `n_group` expert groups. The combine
+    optionally limited to the best `topk_group` of `n_group` expert groups, each scored by
+    `group_score` (`group_scoring`: its best expert, or the sum of its two best). The combine
     weights are the un-biased scores of the chosen experts, renormalised to sum to one if
     `renormalize`, times `route_scale`, and, with `expert_scale`, times the chosen expert's own
     scale (a parameter [E], Gemma 4's per_expert_scale). input_norm: a module the router reads its
@@ -184,6 +186,7 @@ class TopKRouter(Router):
         route_scale: float = 1.0,
         n_group: int = 1,
         topk_group: int = 1,
+        group_score: str | None = None,
         selection_bias: bool = False,
         select_on_logits: bool = False,
         bias: bool = False,
@@ -209,6 +212,7 @@ class TopKRouter(Router):
         self.route_scale = route_scale
         self.n_group = n_group
         self.topk_group = topk_group
+        self.group_score = group_scoring(score_func, group_score)
         self.select_on_logits = select_on_logits
         self.expert_scale = nn.Parameter(torch.ones(num_experts)) if expert_scale else None
         self.input_norm = input_norm
@@ -279,11 +283,13 @@ class TopKRouter(Router):
         return indices, weights if self.route_scale == 1.0 else weights * self.route_scale
 
     def _limit_to_groups(self, choice: Tensor) -> Tensor:
-        """Keep the `topk_group` best groups (group score: sum of its top-2 for sigmoid or
-        sqrtsoftplus scores, max for softmax, as DeepSeek-V3 / V2 do) and mask the other groups' experts to -inf."""
+        """Keep the `topk_group` best groups (group score: the sum of its best min(2, size) for
+        "top2", its best for "max") and mask the other groups' experts to -inf. transformers' Mistral 4
+        router masks them to 0.0: the same choice, as a softmax's scores are > 0 and `check_groups`
+        keeps top_k <= the kept groups' experts."""
         T = choice.shape[0]
         grouped = choice.view(T, self.n_group, -1)
-        if self.score_func != "softmax":
+        if self.group_score == "top2":
             group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
         else:
             group_scores = grouped.amax(-1)
@@ -559,20 +565,30 @@ def check_top_k(k: int, num_experts: int, name: str = "top_k") -> None:
         raise ValueError(f"{name} must lie in [1, num_experts={num_experts}], got {k}")
 
 
-def min_group_size(score_func: str, n_group: int) -> int:
-    """Experts every group of a group-limited router must hold: transformers' DeepSeek-V3-style
-    routers score a group by the sum of its two best experts, where the scores are not a softmax's
-    (sigmoid, sqrt-softplus); a softmax router by its best one."""
-    return 2 if score_func != "softmax" and n_group > 1 else 1
+def group_scoring(score_func: str, group_score: str | None = None) -> str:
+    """How a group-limited router scores a group: `group_score` where given, "max" (its best
+    expert's score, DeepSeek-V2) or "top2" (the sum of its two best, DeepSeek-V3, Mistral 4); None:
+    the rule of `score_func`'s families, "max" for softmax, "top2" for sigmoid and sqrt-softplus."""
+    if group_score is None:
+        return "max" if score_func == "softmax" else "top2"
+    if group_score not in GROUP_SCORES:
+        raise ValueError(f"group_score must be one of {GROUP_SCORES} (or None: by score_func), got {group_score!r}")
+    return group_score
+
+
+def min_group_size(score_func: str, n_group: int, group_score: str | None = None) -> int:
+    """Experts every group of a group-limited router must hold: transformers' routers that score a
+    group by the sum of its two best experts ("top2", `group_scoring`) need two; "max" one."""
+    return 2 if group_scoring(score_func, group_score) == "top2" and n_group > 1 else 1
 
 
 def check_groups(
     num_experts: int, top_k: int, n_group: int, topk_group: int, min_group_size: int = 1
 ) -> None:
     """Group-limited routing (DeepSeek `n_group`) must split the experts evenly and keep enough of
-    them for top-k; `min_group_size`: what a group must hold at least (2 for transformers'
-    DeepSeek-V3 router, which scores a group by its two best experts; moelab's router takes the
-    best min(2, size)). The one statement of these rules: routers, configs, views, the checkpoint
+    them for top-k; `min_group_size`: what a group must hold at least (2 for transformers' routers
+    that score a group by its two best experts, DeepSeek-V3's, Mistral 4's; moelab's router takes
+    the best min(2, size)). The one statement of these rules: routers, configs, views, the checkpoint
     writer and the compression planner all ask it."""
     for name, value in (("n_group", n_group), ("topk_group", topk_group)):
         if not is_int(value):
