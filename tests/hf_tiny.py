@@ -220,7 +220,7 @@ TINY = {
         dense=(0,),
     ),
     "mistral4": Tiny(
-        dict(DEEPSEEK, q_lora_rank=16, n_group=1, topk_group=1, routed_scaling_factor=1.5, pad_token_id=0),
+        dict(DEEPSEEK, q_lora_rank=16, routed_scaling_factor=1.5, pad_token_id=0),  # groups scored by their top 2
         dense=(0,),
         fused=False,
     ),

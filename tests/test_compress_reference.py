@@ -843,8 +843,8 @@ def test_select_top():
     assert select_top(scores, 4, n_group=4) == [1, 3, 5, 7]
 
 
-def _router(E, k, n_group=1, topk_group=1, score_func="softmax") -> RouterView:
-    return RouterView(torch.zeros(E, 4), score_func, k, True, n_group=n_group, topk_group=topk_group)
+def _router(E, k, n_group=1, topk_group=1, score_func="softmax", group_score=None) -> RouterView:
+    return RouterView(torch.zeros(E, 4), score_func, k, True, n_group=n_group, topk_group=topk_group, group_score=group_score)
 
 
 def _removed_by(router: RouterView, ratio: float) -> int:
@@ -926,8 +926,10 @@ def test_plan_target_groups_with_no_valid_ratio():
         plan_target(router, 0.5)
 
 
-def test_plan_target_sigmoid_groups_need_two_per_group():
-    router = _router(16, 2, n_group=4, topk_group=2, score_func="sigmoid")
+@pytest.mark.parametrize("rule", [dict(score_func="sigmoid"), dict(group_score="top2")], ids=["sigmoid", "mistral4"])
+def test_plan_target_groups_scored_by_their_two_best_need_two_per_group(rule):
+    """Sigmoid groups, or softmax ones scored by their two best scores (Mistral 4's), keep two experts each."""
+    router = _router(16, 2, n_group=4, topk_group=2, **rule)
     with pytest.raises(
         ValueError, match="scores each group by its 2 best experts, so every group needs at least 2"
     ):

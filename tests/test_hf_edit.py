@@ -79,15 +79,16 @@ def test_a_shared_expert_changed_by_one_ulp_is_refused(tmp_path):
             check_same_settings(layer, edited)
 
 
-def test_group_limited_sigmoid_routing_needs_two_experts_per_group_before_writing():
+def test_groups_scored_by_their_two_best_need_two_experts_per_group_before_writing():
     """check_edit refuses, naming the layer, an edit that leaves one expert per routing group
-    when the router scores groups by their two best sigmoid scores (transformers' DeepSeek-V3);
-    a softmax router with the same groups takes one per group."""
+    when the router scores groups by their two best scores (sigmoid ones: transformers' DeepSeek-V3;
+    softmax ones with group_score "top2": Mistral 4); a softmax router by the best takes one per group."""
     settings = {"top_k": 2, "n_group": 2, "topk_group": 2}
     edit = LayerEdit.keep([0, 4])  # one expert from each group of 4
     check_edit(3, edit, 8, settings | {"score_func": "softmax"})
-    with pytest.raises(ValueError, match=r"layer 3: after the edit, .*scores each group by its 2 best experts"):
-        check_edit(3, edit, 8, settings | {"score_func": "sigmoid"})
+    for rule in ({"score_func": "sigmoid"}, {"score_func": "softmax", "group_score": "top2"}):
+        with pytest.raises(ValueError, match=r"layer 3: after the edit, .*scores each group by its 2 best experts"):
+            check_edit(3, edit, 8, settings | rule)
     check_edit(3, LayerEdit.keep([0, 1, 4, 5]), 8, settings | {"score_func": "sigmoid"})
 
 
@@ -111,3 +112,15 @@ def test_moe_output_computes_in_float64_whatever_the_input_dtype(tmp_path):
     x = torch.randn(8, layer.experts.dim, generator=torch.Generator().manual_seed(0))
     y = moe_output(layer, x, keep=[0, 2, 3])
     assert y.dtype == torch.float64 and torch.equal(y, moe_output(layer, x.double(), keep=[0, 2, 3]))
+
+
+def test_an_edit_that_changes_how_groups_are_scored_is_refused(tmp_path):
+    """group_score lives in config.json (Mistral 4's family rule) like n_group: an edited view that
+    scores the groups otherwise is refused by name, as the writer would not write it."""
+    build("mistral4").save_pretrained(tmp_path)
+    with open_checkpoint(tmp_path) as view:
+        layer = view.layer(1)
+    check_same_settings(layer, layer)
+    by_best = dataclasses.replace(layer, router=dataclasses.replace(layer.router, group_score="max"))
+    with pytest.raises(ValueError, match=r"layer 1: the edited router has group_score='max' but the checkpoint's is 'top2'"):
+        check_same_settings(layer, by_best)

@@ -7,6 +7,7 @@ by `moe_layer_from_view` must match transformers' own MoE block on random hidden
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -610,13 +611,13 @@ def test_native_experts_take_a_fused_gate_up_as_it_is():
 
 
 def test_native_router_buffers_start_at_zero_and_groups_are_kept():
-    """A buffer the view does not give (the aux-free load counts) starts at 0; n_group and
-    topk_group reach the router."""
-    view = _views(router={"selection_bias": torch.ones(4), "n_group": 2, "topk_group": 2})
+    """A buffer the view does not give (the aux-free load counts) starts at 0; n_group, topk_group
+    and group_score reach the router."""
+    view = _views(router={"selection_bias": torch.ones(4), "n_group": 2, "topk_group": 2, "group_score": "top2"})
     router = router_from_view(view.router)
     assert torch.equal(router.selection_bias, torch.ones(4))
     assert not router.tokens_per_expert.is_meta and not router.tokens_per_expert.any()
-    assert (router.n_group, router.topk_group) == (2, 2)
+    assert (router.n_group, router.topk_group, router.group_score) == (2, 2, "top2")
 
 
 def test_empty_experts_are_slots_on_the_device_and_dtype_asked_for():
@@ -717,13 +718,17 @@ def test_layer_views_refuse_inconsistent_fields(change, message):
         _views(**change)
 
 
-def test_group_size_rule_is_the_sigmoid_router_s():
-    """Groups of one expert: refused for a sigmoid router (transformers scores a group by its two
-    best experts), fine for a softmax one."""
+def test_group_size_rule_is_the_group_score_s():
+    """Groups of one expert: refused for a sigmoid router or group_score "top2" (transformers scores a
+    group by its two best experts), fine for a softmax one by its best."""
     softmax = _views(router={"top_k": 1, "n_group": 4}).router
     assert (softmax.min_group_size, softmax.n_group) == (1, 4)
     assert _views(router={"score_func": "sigmoid", "n_group": 2, "topk_group": 1}).router.min_group_size == 2
     assert _views(router={"score_func": "sigmoid"}).router.min_group_size == 1
+    top2 = {"n_group": 2, "topk_group": 1, "group_score": "top2"}  # a softmax router's groups scored as Mistral 4's
+    assert _views(router={"top_k": 1, **top2}).router.min_group_size == 2
+    with pytest.raises(ValueError, match=r"every group needs at least 2 experts; 4 experts in 4 groups leave 1"):
+        _views(router={"top_k": 1, **top2, "n_group": 4})
 
 
 def test_a_negative_layer_index_is_out_of_range(tmp_path):
@@ -800,18 +805,22 @@ def test_a_setting_other_than_the_tiny_models_is_read_from_config(tmp_path, fami
 
 
 def test_a_moelab_checkpoint_s_router_settings_reach_the_view(tmp_path):
-    """renormalize=False, sigmoid scores, groups and a route scale, as the moelab config says."""
+    """renormalize=False, sigmoid scores, groups scored by their best and a route scale, as the moelab
+    config says."""
     import dataclasses
 
     from moelab.models import MoETransformer, save_pretrained, tiny
 
     base = tiny()
-    moe = dataclasses.replace(base.moe, score_func="sigmoid", renormalize=False, route_scale=1.5, n_group=2, topk_group=1)
+    moe = dataclasses.replace(
+        base.moe, score_func="sigmoid", renormalize=False, route_scale=1.5, n_group=2, topk_group=1, group_score="max"
+    )
     save_pretrained(MoETransformer(dataclasses.replace(base, moe=moe)), tmp_path)
     with open_checkpoint(tmp_path) as view:
         router = view.layer(1).router
-    got = (router.score_func, router.top_k, router.renormalize, router.route_scale, router.n_group, router.topk_group)
-    assert got == ("sigmoid", 2, False, 1.5, 2, 1)
+    got = (router.score_func, router.top_k, router.renormalize, router.route_scale, router.n_group, router.topk_group,
+           router.group_score)  # fmt: skip
+    assert got == ("sigmoid", 2, False, 1.5, 2, 1, "max")
 
 
 @pytest.mark.parametrize("top_k", [1, 3])
@@ -928,15 +937,24 @@ def test_without_mlp_layer_types_only_layer_0_is_dense_whatever_first_k_dense_re
         _assert_matches_transformers(view, family, load(tmp_path), (0,))
 
 
-def test_mistral4_with_expert_groups_is_refused(tmp_path):
-    """Mistral 4 scores its expert groups by their two best softmax scores, which moelab's softmax
-    routers do not (they take the best): n_group > 1 is refused by name, not read as groups by the max."""
-    build("mistral4", n_group=2, topk_group=1).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"Mistral 4 config sets n_group 2: its router scores expert groups"):
-        open_checkpoint(tmp_path).layer(1)
-    build("mistral4", n_group=2, topk_group=2).save_pretrained(tmp_path / "all")  # every group kept: no limit
-    with open_checkpoint(tmp_path / "all") as view:
-        _assert_matches_transformers(view, "mistral4", load(tmp_path / "all"), (0,))
+def test_mistral4_scores_its_expert_groups_by_their_two_best_softmax_scores(tmp_path):
+    """Mistral 4 keeps the topk_group best of n_group expert groups, each scored by the sum of its two
+    best softmax scores (where moelab's softmax routers take the best one by default): the view says so,
+    and scored by the best one its layer would not be transformers' block. Groups of one expert, which
+    transformers' router cannot score, are refused."""
+    model = build("mistral4")
+    model.save_pretrained(tmp_path)
+    with open_checkpoint(tmp_path) as view:
+        router = view.layer(1).router
+        assert (router.n_group, router.topk_group, router.group_score, router.min_group_size) == (2, 1, "top2", 2)
+        _assert_matches_transformers(view, "mistral4", model, (0,))
+        by_best = dataclasses.replace(view.layer(1), router=dataclasses.replace(router, group_score="max"))
+    x = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert not torch.allclose(moe_layer_from_view(by_best)(x)[0], block_output("mistral4", model, 1, x), atol=1e-3)
+    build("mistral4", n_group=8, topk_group=2).save_pretrained(tmp_path / "of_one")
+    with pytest.raises(ValueError, match=r"scores each group by its 2 best experts, so every group needs at least 2"):
+        open_checkpoint(tmp_path / "of_one").layer(1)
 
 
 @pytest.mark.parametrize(

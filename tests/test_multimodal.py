@@ -96,8 +96,9 @@ MODELS = {
     ),
     "mistral_large4": (
         dict(COMMON, num_hidden_layers=4, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16,
-             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, routed_scaling_factor=1.5, kv_lora_rank=16,
-             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, index_topk=4, index_head_dim=16, index_n_heads=2,
+             n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, routed_scaling_factor=1.5, n_group=2,
+             topk_group=1, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, index_topk=4,
+             index_head_dim=16, index_n_heads=2,
              indexer_types=["full", "shared", "full", "shared"], kv_source_layers=[0, 0, 2, 3]),
         dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=16,
              patch_size=14, image_size=28),

@@ -290,28 +290,25 @@ def _step3p5(config: Config) -> dict:
 
 def _mistral4(config: Config) -> dict:
     """Mistral 4: softmax, renormalised if norm_topk_prob (class default True), x
-    routed_scaling_factor. Its groups are scored by their top-2 softmax scores, where moelab's
-    softmax routers take the best one: only n_group 1 (the released configs', the class default) is read."""
-    return _mistral_softmax(config, "Mistral 4", renormalize=config_flag(config, "norm_topk_prob", default=True))
+    routed_scaling_factor; limited to the topk_group best of n_group expert groups (class
+    defaults 1 and 1: no limit), each scored by the sum of its two best softmax scores."""
+    return _mistral_softmax(config, renormalize=config_flag(config, "norm_topk_prob", default=True))
 
 
 def _mistral_large4(config: Config) -> dict:
     """Mistral Large 4: Mistral 4's router, always renormalised."""
-    return _mistral_softmax(config, "Mistral Large 4", renormalize=True)
+    return _mistral_softmax(config, renormalize=True)
 
 
-def _mistral_softmax(config: Config, name: str, renormalize: bool) -> dict:
-    n_group = config_value(config, "n_group", default=1)
-    if n_group != 1 and config_value(config, "topk_group", default=1) < n_group:  # else no group is left out
-        raise CheckpointError(
-            f"this {name} config sets n_group {n_group!r}: its router scores expert groups by their two best softmax "
-            "scores, where moelab's softmax routers take the best one; only n_group 1 (or topk_group = n_group) is read"
-        )
+def _mistral_softmax(config: Config, renormalize: bool) -> dict:
     return {
         "score_func": "softmax",
         "top_k": _top_k(config),
         "renormalize": renormalize,
         "route_scale": float(config_value(config, "routed_scaling_factor", default=1.0)),
+        "n_group": config_value(config, "n_group", default=1),
+        "topk_group": config_value(config, "topk_group", default=1),
+        "group_score": "top2",
     }
 
 
@@ -485,6 +482,7 @@ def _native(config: Config) -> dict:
         "route_scale": moe.route_scale,
         "n_group": moe.n_group,
         "topk_group": moe.topk_group,
+        "group_score": moe.group_score,
     }
 
 

@@ -264,7 +264,8 @@ def check_edit(index: int, edit: LayerEdit, E: int, settings: dict[str, Any]) ->
             "config.json first (that changes the routing)"
         )
     try:
-        check_groups(new_E, top_k, n_group, topk_group, min_group_size(settings["score_func"], n_group))
+        min_size = min_group_size(settings["score_func"], n_group, settings.get("group_score"))
+        check_groups(new_E, top_k, n_group, topk_group, min_size)
     except ValueError as err:
         raise ValueError(f"{where}: after the edit, {err}; keep more experts per group") from None
 
@@ -275,8 +276,8 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
         "router": (
             layer.router,
             new.router,
-            ("score_func", "top_k", "renormalize", "route_scale", "n_group", "topk_group", "jitter_eps",
-             "select_on_logits", "hash_routed", "logit_softcap"),
+            ("score_func", "top_k", "renormalize", "route_scale", "n_group", "topk_group", "group_score",
+             "jitter_eps", "select_on_logits", "hash_routed", "logit_softcap"),
         ),
         "experts": (
             layer.experts,

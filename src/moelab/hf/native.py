@@ -193,6 +193,7 @@ def _router(view: RouterView) -> Router:
         route_scale=view.route_scale,
         n_group=view.n_group,
         topk_group=view.topk_group,
+        group_score=view.group_score,
         selection_bias=view.selection_bias is not None,
         select_on_logits=view.select_on_logits,
         bias=view.bias is not None,

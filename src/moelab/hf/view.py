@@ -48,11 +48,12 @@ class RouterView:
 
     - "softmax" / "sigmoid" / "sqrtsoftplus" (DeepSeek-V4: sqrt(softplus)): scores = f(logits);
       the top_k experts by `scores + selection_bias` (the correction bias steers selection only), optionally limited to the best `topk_group`
-      of `n_group` expert groups; weights = the chosen scores, divided by their sum if
-      `renormalize`, times `route_scale`; with `select_on_logits` the top_k by `logits +
-      selection_bias` instead (Kolibri1). Families that take the top-k of the logits and then
-      a softmax over the k (GPT-OSS, Granite, DBRX with L1 norm) are "softmax" with
-      `renormalize=True`: the two are equal.
+      of `n_group` expert groups, each scored by `group_score` ("max": its best expert, "top2": the
+      sum of its two best; None: by score_func, `moelab.nn.routers.group_scoring`); weights = the
+      chosen scores, divided by their sum if `renormalize`, times `route_scale`; with
+      `select_on_logits` the top_k by `logits + selection_bias` instead (Kolibri1). Families that
+      take the top-k of the logits and then a softmax over the k (GPT-OSS, Granite, DBRX with L1
+      norm) are "softmax" with `renormalize=True`: the two are equal.
     - "sparsemixer" (PhiMoE, inference): two rounds; each picks the best remaining logit m and
       weights it by a softmax over the logits l with (m - l) / max(|l|, m) <= 2 * jitter_eps.
 
@@ -77,6 +78,7 @@ class RouterView:
     route_scale: float = 1.0
     n_group: int = 1
     topk_group: int = 1
+    group_score: str | None = None
     bias: Tensor | None = None
     selection_bias: Tensor | None = None
     jitter_eps: float = 0.0
@@ -138,7 +140,7 @@ class RouterView:
     @property
     def min_group_size(self) -> int:
         """Experts every group must hold (`moelab.nn.routers.min_group_size`)."""
-        return min_group_size(self.score_func, self.n_group)
+        return min_group_size(self.score_func, self.n_group, self.group_score)
 
 
 @dataclass(frozen=True, eq=False)
