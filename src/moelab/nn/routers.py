@@ -285,8 +285,9 @@ class TopKRouter(Router):
     def _limit_to_groups(self, choice: Tensor) -> Tensor:
         """Keep the `topk_group` best groups (group score: the sum of its best min(2, size) for
         "top2", its best for "max") and mask the other groups' experts to -inf. transformers' Mistral 4
-        router masks them to 0.0: the same choice, as a softmax's scores are > 0 and `check_groups`
-        keeps top_k <= the kept groups' experts."""
+        router masks them to 0.0: the same choice, as `check_groups` keeps top_k <= the kept groups'
+        experts and a softmax's scores are > 0 (one that underflows to 0 may tie with a masked
+        expert there, chosen with weight 0 either way)."""
         T = choice.shape[0]
         grouped = choice.view(T, self.n_group, -1)
         if self.group_score == "top2":
