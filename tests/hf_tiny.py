@@ -515,6 +515,14 @@ TINY = {
         fused=False,
         path="model.layers.{i}",
     ),
+    "longcat_flash": Tiny(  # 4 experts and 2 identity experts, top-2 of the 6; two attention sublayers a layer
+        dict(
+            vocab_size=64, hidden_size=D, num_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            n_routed_experts=4, zero_expert_num=2, moe_topk=2, expert_ffn_hidden_size=16, ffn_hidden_size=48,
+            q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=8, v_head_dim=8,
+            routed_scaling_factor=2.5,
+        ),  # fmt: skip
+    ),
     "jetmoe": Tiny(  # GELU-gated experts (silu is the class default: test_hf_view), mlp.bias on the block's output
         dict(
             COMMON, kv_channels=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,

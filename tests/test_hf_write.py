@@ -65,7 +65,7 @@ def _masked_model(family: str, path, drop: dict[int, list[int]]):
         for layer in view.layers():
             if isinstance(layer, MoELayerView):
                 keep = [e for e in range(layer.router.num_experts) if e not in drop[layer.index]]
-                found = find_moe_modules(layers[layer.index], layer.index, *layer.router.weight.shape)
+                found = find_moe_modules(layers[layer.index], layer.index, layer.router.num_choices, layer.router.weight.shape[1])
                 layer = layer if found.shared_in_block else dataclasses.replace(layer, shared=None)
                 install_moe(layers[layer.index], layer.index, found, masked_moe_layer(layer, keep), None, FAMILIES[family])
     return model
@@ -298,8 +298,9 @@ def _native(tmp_path, **moe):
         {},
         {"num_shared": 1, "shared_gate": True},
         {"score_func": "sigmoid", "selection_bias": True, "router_bias": True},
+        {"identity_experts": 2, "renormalize": False, "selection_bias": True, "router_bias": True},
     ],
-    ids=["plain", "shared", "sigmoid_bias"],
+    ids=["plain", "shared", "sigmoid_bias", "identity_experts"],
 )
 def test_native_checkpoint(tmp_path, moe):
     model = _native(tmp_path, **moe)

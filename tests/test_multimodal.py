@@ -721,7 +721,7 @@ def test_qwen3_omni_moe_writes_its_thinker_and_copies_the_talker_and_encoders(tm
     with open_checkpoint(source) as view:
         for layer in view.layers():
             keep = [e for e in range(8) if e not in drop[layer.index]]
-            found = find_moe_modules(layers[layer.index], layer.index, *layer.router.weight.shape)
+            found = find_moe_modules(layers[layer.index], layer.index, layer.router.num_choices, layer.router.weight.shape[1])
             install_moe(layers[layer.index], layer.index, found, masked_moe_layer(layer, keep), None,
                         FAMILIES["qwen3_omni_moe_text"])  # fmt: skip
     ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -882,7 +882,7 @@ def test_deepseek_ocr2_writes_its_language_model_and_copies_the_towers(tmp_path,
     with open_checkpoint(source) as view:
         layer = view.layer(1)  # layer 0 is dense
         keep = [e for e in range(8) if e not in drop[1]]
-        found = find_moe_modules(layers[1], 1, *layer.router.weight.shape)
+        found = find_moe_modules(layers[1], 1, layer.router.num_choices, layer.router.weight.shape[1])
         install_moe(layers[1], 1, found, masked_moe_layer(layer, keep), None, FAMILIES["deepseek_ocr2_text"])
     ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

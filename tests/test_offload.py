@@ -258,7 +258,7 @@ def test_a_transformers_model_pads_a_sequence_that_ended_with_the_eos_token():
     assert torch.equal(generate_ids(hf, ids, 8, eos_token_id=eos), want)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3", "axk1", "gemma4_text", "minimax_m3_vl_text", "bailing_hybrid", "hy_v4", "cohere2_moe", "jetmoe", "mistral4"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3", "axk1", "gemma4_text", "minimax_m3_vl_text", "bailing_hybrid", "hy_v4", "cohere2_moe", "jetmoe", "mistral4", "longcat_flash"])
 def test_offloaded_transformers_checkpoint_decodes_like_transformers(tmp_path, family, one_thread):
     """Mixtral runs offloaded as a moelab model (`moelab.hf.conversion`), the others on transformers'
     modules with moelab's MoE blocks; the EOS token neither stops nor is forbidden on either side."""

@@ -210,10 +210,13 @@ def test_transformers_trace_records_what_the_block_chose(tmp_path, family):
     assert all(c["mismatched"] == 0 for c in summary["checks"].values())
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen2_moe", "llama4_text", "dbrx", "granitemoeshared", "jetmoe"])
+@pytest.mark.parametrize(
+    "family", ["mixtral", "gpt_oss", "qwen2_moe", "llama4_text", "dbrx", "granitemoeshared", "jetmoe", "longcat_flash"]
+)
 def test_transformers_expert_max_matches_the_view(tmp_path, family):
     """Max |down output| per expert (and of the shared experts) against the view's native layer
-    run on the block's input for the recorded choices."""
+    run on the block's input for the recorded choices; identity experts (LongCat-Flash's, recorded
+    as choices past the experts) have none."""
     from moelab.hf import moe_layer_from_view
     from moelab.nn.experts import SwiGLU
 
@@ -232,10 +235,12 @@ def test_transformers_expert_max_matches_the_view(tmp_path, family):
             view_layer = loaded.view.layer(i)
             native = moe_layer_from_view(view_layer)
             expected = torch.zeros(capture.num_experts[i])
-            for e in range(len(expected)):
+            E = view_layer.experts.num_experts
+            assert len(expected) == E + view_layer.router.identity_experts
+            for e in range(E):
                 token, slot = (r.indices == e).nonzero(as_tuple=True)
                 if token.numel():
-                    counts = [token.numel() if j == e else 0 for j in range(len(expected))]
+                    counts = [token.numel() if j == e else 0 for j in range(E)]
                     w = r.weights[token, slot] if view_layer.experts.scale_input else None
                     expected[e] = native.experts(inputs[i][token], counts, w).abs().max()
             torch.testing.assert_close(capture.expert_max[i], expected, rtol=1e-4, atol=1e-6)

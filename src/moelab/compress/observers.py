@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from moelab.nn.dispatch import LocalDispatcher, plan_dispatch
-from moelab.nn.moe import MoELayer, token_ids_of
+from moelab.nn.moe import MoELayer, identity_output, token_ids_of
 from moelab.nn.routers import Routing
 
 HALVES = 2
@@ -41,7 +41,9 @@ class MoECall:
     norm of the routed experts' weighted sum (Gemma 4: `MoELayer.routed_norm`), None without;
     token_ids: [T] int64 the tokens' ids where the router read them (a hash router), else None;
     output_bias: [D] the block's output bias (JetMoE's `MoELayer.output_bias`), None without: part of
-    `output`, not of any expert's contribution.
+    `output`, not of any expert's contribution; identity: [T, D] what the block's identity experts
+    added (LongCat-Flash's: their weights times the input), None without: part of `routed`, not of
+    any expert's contribution (their slots are empty in `routing`, whose logits and probs cover the E experts).
     In the backward sweep (`eager_moe(..., keep_hidden=True)`) also hidden: [T, K, I] each slot's
     hidden activation (what its down projection sees) and grad_hidden: [T, K, I] the loss's
     gradient with respect to it, filled in when the backward pass reaches it; zeros in empty slots.
@@ -58,6 +60,7 @@ class MoECall:
     routed_norm: Callable[[Tensor], Tensor] | None = None
     token_ids: Tensor | None = None
     output_bias: Tensor | None = None
+    identity: Tensor | None = None
 
     @property
     def contributions(self) -> Tensor:
@@ -70,8 +73,10 @@ class MoECall:
 
     @property
     def routed(self) -> Tensor:
-        """[T, D] the routed experts' weighted sum (before the routed norm, where the block has one)."""
-        return self.contributions.sum(1)
+        """[T, D] the routed experts' weighted sum, identity experts' included (before the routed norm,
+        where the block has one)."""
+        routed = self.contributions.sum(1)
+        return routed if self.identity is None else routed + self.identity.to(routed.dtype)
 
     @property
     def output(self) -> Tensor:
@@ -101,6 +106,10 @@ def eager_moe(
     ids = token_ids_of(moe.router, x, context)
     x = x.reshape(-1, x.shape[-1])
     routing = moe.router(x, *ids)
+    indices, weights, identity = moe.split_identity(routing.indices, routing.weights)
+    if identity is not None:  # the statistics see the E experts with weights
+        E = moe.num_experts
+        routing = Routing(indices, weights, routing.logits[:, :E], routing.probs[:, :E])
     T, K = routing.indices.shape
     plan = plan_dispatch(routing.indices, moe.num_experts)
     z = moe.expert_rows(x)  # what the experts read
@@ -135,7 +144,7 @@ def eager_moe(
         shared = moe.shared.weigh(x, shared_down)
     return MoECall(
         x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input, hidden, grad_hidden, moe.routed_norm,
-        ids[0] if ids else None, moe.output_bias,
+        ids[0] if ids else None, moe.output_bias, None if identity is None else identity_output(identity, z),
     )
 
 

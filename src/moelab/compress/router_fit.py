@@ -8,7 +8,7 @@ Shape legend: N sampled tokens, D model dim, E' experts after the edit.
 
 x: the calibration's sampled MoE inputs (`inputs` statistic, [N, D]); y_base: the original layer
 in float64 (`moe_output`); y_edited: the edited layer in float32 with trainable router weight
-[E', D] (and bias). Every fourth sampled token is held out; full-batch Adam runs `steps` steps and
+[E', D] (and bias; over the identity experts' too where the router has them, LongCat-Flash's). Every fourth sampled token is held out; full-batch Adam runs `steps` steps and
 the router with the lowest held-out loss is kept (the edit's own router included), so the fit
 never makes the held-out loss worse. The top-k choice is not differentiable; the gradient flows
 through the combine weights, which is also what restores them for softmax routers without top-k
@@ -92,10 +92,9 @@ def refit_router(
     if best_step == 0:  # nothing better than the edit's own router
         return LayerEdit(edit.sources, edited), notes
     dtype = edited.router.weight.dtype
-    router = dataclasses.replace(
-        edited.router,
-        weight=student.router.weight.detach().to(dtype),
-        bias=None if edited.router.bias is None else student.router.bias.detach().to(dtype),
+    router = edited.router.with_rows(
+        student.router.weight.detach().to(dtype),
+        None if edited.router.bias is None else student.router.bias.detach().to(dtype),
     )
     return LayerEdit(edit.sources, dataclasses.replace(edited, router=router)), notes
 
@@ -106,11 +105,11 @@ def _value(loss: Tensor) -> float:
 
 def _student(edited: MoELayerView) -> MoELayer:
     """The edited layer in float32 on copies of its tensors; only the router's weight and bias
-    train."""
+    train (identity experts' rows included)."""
     layer = moe_layer_from_view(edited).float()
-    layer.router.weight = torch.nn.Parameter(edited.router.weight.detach().float().clone())
+    layer.router.weight = torch.nn.Parameter(edited.router.with_identity_rows("weight").detach().float().clone())
     if edited.router.bias is not None:
-        layer.router.bias = torch.nn.Parameter(edited.router.bias.detach().float().clone())
+        layer.router.bias = torch.nn.Parameter(edited.router.with_identity_rows("bias").detach().float().clone())
     for name, p in layer.named_parameters():
         p.requires_grad_(name in ("router.weight", "router.bias"))
     return layer.eval()  # inference routing: no jitter, no load counters

@@ -435,6 +435,29 @@ def _llama4(config: Config) -> dict:
 _JETMOE_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh_glu"}
 
 
+def _longcat_flash(config: Config) -> dict:
+    """LongCat-Flash: softmax in float32 over the E experts and the Z identity experts together,
+    the top moe_topk of the scores plus the correction bias (selection only), never renormalised,
+    x routed_scaling_factor. Only identity zero-computation experts (zero_expert_type) are read, and
+    norm_topk_prob, which transformers ignores and the release's own code reads, must be false."""
+    kind = config_value(config, "zero_expert_type", default="identity")
+    if kind not in ("identity", None):
+        raise CheckpointError(
+            f"this LongCat-Flash config sets zero_expert_type {kind!r}; moelab reads identity zero-computation experts only"
+        )
+    if config_flag(config, "norm_topk_prob", default=False):
+        raise CheckpointError(
+            "this LongCat-Flash config sets norm_topk_prob: the release's own code renormalises the chosen weights, "
+            "transformers does not; moelab reads it as transformers does, so set it false or leave it out"
+        )
+    return {
+        "score_func": "softmax",
+        "top_k": config_value(config, "moe_topk", "num_experts_per_tok", default=12),
+        "renormalize": False,
+        "route_scale": config_value(config, "routed_scaling_factor", default=6.0),
+    }
+
+
 def _jetmoe_experts(config: Config) -> dict:
     """JetMoE's experts: activation_function(x W[:I]^T) * (x W[I:]^T) on input_linear's rows; silu
     (SwiGLU, its class default) and gelu_pytorch_tanh are read, any other activation refused."""
@@ -1036,6 +1059,16 @@ _LLAMA4_EXPERTS = TransposedGateUp(
 _DBRX_EXPERTS = FlatExperts(
     "ffn.experts.mlp.w1", "ffn.experts.mlp.v1", "ffn.experts.mlp.w2", "ffn_config.ffn_hidden_size"
 )
+_LONGCAT_ROUTER = RouterKeys(
+    "mlp.router.classifier.weight", bias="mlp.router.classifier.bias",
+    selection_bias="mlp.router.e_score_correction_bias", optional=True,
+)  # fmt: skip
+# gate and up stored for the E experts and, as transformers saves them, for the Z identity ones too
+_LONGCAT_LAYOUTS = (
+    Layout(_LONGCAT_ROUTER, PerExpert(*(f"mlp.experts.{{e}}.{p}_proj.weight" for p in ("gate", "up", "down")), padded=True)),
+    Layout(_LONGCAT_ROUTER, FusedGateUp("mlp.experts.gate_up_proj", "mlp.experts.down_proj", padded=True)),
+)
+
 _JETMOE_LAYOUT = Layout(
     RouterKeys("mlp.router.layer.weight"), FusedGateUp("mlp.input_linear.weight", "mlp.output_linear.weight"),
     output_bias="mlp.bias",
@@ -1065,6 +1098,7 @@ NATIVE = Family(
         )
     ),
     num_experts=("moe.num_experts",),
+    identity_experts=lambda config: config_value(config, "moe.identity_experts", default=0),
     router_settings=_native,
     expert_settings=_native_experts,
     is_moe_layer=_native_sparse_layer,
@@ -1205,6 +1239,11 @@ _FAMILIES = (
     Family("granitemoehybrid", layouts=_granite_layouts(_GRANITE_SHARED), num_experts=("num_local_experts",),
            router_settings=_softmax_renormalized,
            is_moe_layer=lambda config, i: config_value(config, "num_local_experts", default=0) > 0),
+    # LongCat-Flash: each decoder layer's MoE block (mlp, beside its two dense mlps) also chooses
+    # among zero_expert_num identity experts (class default 256)
+    Family("longcat_flash", layouts=_LONGCAT_LAYOUTS, num_experts=("n_routed_experts",), router_settings=_longcat_flash,
+           identity_experts=lambda config: config_value(config, "zero_expert_num", default=256) or 0,
+           num_layers=("num_layers",), expert_width=("expert_ffn_hidden_size",), moe_block="mlp"),
     Family("jetmoe", layouts=(_JETMOE_LAYOUT,), num_experts=("num_local_experts",),
            router_settings=_softmax_renormalized, expert_settings=_jetmoe_experts, moe_block="mlp",
            expert_count_shared_with="the attention's experts (self_attention.experts)",

@@ -159,8 +159,12 @@ def moe_output(
             if e < 0:
                 continue
             tokens, slots = (routing.indices == e).nonzero(as_tuple=True)
+            weights = routing.weights[tokens, slots]
+            if e >= layer.experts.num_experts:  # an identity expert returns what the experts read
+                y.index_add_(0, tokens, z[tokens] * weights[:, None])
+                continue
             expert = experts_from_view(one_expert(layer.experts, e)).double()
-            y.index_add_(0, tokens, expert(z[tokens], [len(tokens)], routing.weights[tokens, slots]))
+            y.index_add_(0, tokens, expert(z[tokens], [len(tokens)], weights))
         y = summed_routed_output(layer, y)
         if layer.shared is not None:
             y += shared_from_view(layer.shared).double()(x)

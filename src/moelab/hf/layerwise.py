@@ -381,8 +381,7 @@ class LayerwiseModel:
         view = self.moe_view(index)
         if view is None:
             return None
-        E, D = view.router.weight.shape
-        found = find_moe_modules(module, index, E, D, self.family.moe_block)
+        found = find_moe_modules(module, index, view.router.num_choices, view.router.weight.shape[1], self.family.moe_block)
         if view.shared is not None and not found.shared_in_block:
             view = dataclasses.replace(view, shared=None)  # the decoder layer adds its shared experts itself
         moe = moe_layer_from_view(view).eval()

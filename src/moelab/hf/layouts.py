@@ -26,6 +26,7 @@ from moelab.hf.multimodal import language_renames, language_stem
 from moelab.hf.view import (
     DenseLayerView,
     ExpertsView,
+    IdentityRows,
     LatentView,
     LayerView,
     MoELayerView,
@@ -33,6 +34,7 @@ from moelab.hf.view import (
     RouterView,
     SharedView,
 )
+from moelab.validation import is_int
 
 Config = dict[str, Any]
 _REQUIRED = object()
@@ -133,7 +135,7 @@ class RouterKeys:
         out = {
             prefix + key: (
                 ones if name == "expert_scale" and router.expert_scale is None
-                else _or_zeros(getattr(router, name), router.weight, router.num_experts)
+                else _or_zeros(router.with_identity_rows(name), router.weight, router.num_choices)
             )
             for name, key in self._named().items()
             if key is not None and (not self.optional or getattr(router, name) is not None)
@@ -162,11 +164,14 @@ class ExpertPart:
 @dataclass(frozen=True)
 class PerExpert:
     """One matrix per expert and projection, as default `save_pretrained` writes them:
-    gate, up: [I, D] each; down: [D, I]. gate None: plain experts (Nemotron-H: up and down only)."""
+    gate, up: [I, D] each; down: [D, I]. gate None: plain experts (Nemotron-H: up and down only).
+    padded: gate and up may also be stored for the router's identity experts, past the E experts
+    (`stored_padding`; transformers' LongCat-Flash sizes its gate_up for E + Z and never reads those)."""
 
     gate: str | None
     up: str
     down: str
+    padded: bool = False
 
     def _patterns(self) -> tuple[tuple[str, str], ...]:
         named = (("gate", self.gate), ("up", self.up), ("down", self.down))
@@ -177,10 +182,11 @@ class PerExpert:
 
     def read(self, ckpt: Checkpoint, prefix: str, config: Config, experts: range | None = None) -> dict[str, Tensor]:
         if experts is None:
-            found = expert_indices(ckpt, prefix + self.up)
+            counted = self.down if self.padded else self.up  # padded: gate and up go on past the experts
+            found = expert_indices(ckpt, prefix + counted)
             if found != list(range(len(found))):
                 raise CheckpointError(
-                    f"{ckpt.directory}: experts under {prefix}{self.up} are numbered {found}; expected 0..E-1 "
+                    f"{ckpt.directory}: experts under {prefix}{counted} are numbered {found}; expected 0..E-1 "
                     "(renumber the experts and slice the router rows to match)"
                 )
             experts = range(len(found))
@@ -200,33 +206,51 @@ class PerExpert:
             for e in expert_indices(ckpt, prefix + pattern)
         ]
 
-    def encode(self, experts: ExpertsView, prefix: str) -> dict[str, Tensor]:
+    def stored_padding(self, ckpt: Checkpoint, prefix: str) -> int:
+        """How many gate and up entries are stored past the experts' (0 unless `padded`)."""
+        if not self.padded:
+            return 0
+        return len(expert_indices(ckpt, prefix + self.up)) - len(expert_indices(ckpt, prefix + self.down))
+
+    def encode(self, experts: ExpertsView, prefix: str, padding: int = 0) -> dict[str, Tensor]:
+        """experts -> on-disk tensors; padding: gate and up entries of zeros past them (`padded`)."""
         _no_biases(experts, "per-expert")
         _same_gating(experts, self.gate is not None)
+        E = experts.num_experts
+        pad = experts.up.new_zeros(experts.up.shape[1:]) if padding else None  # gate and up alike: [I, D]
         return {
             prefix + pattern.format(e=e): t.clone()  # clone: safetensors refuses views of one storage
             for name, pattern in self._patterns()
             for e, t in enumerate(getattr(experts, name))
-        }
+        } | {
+            prefix + pattern.format(e=E + j): pad
+            for name, pattern in self._patterns() if name != "down"
+            for j in range(padding)
+        }  # fmt: skip
 
 
 @dataclass(frozen=True)
 class FusedGateUp:
     """transformers' in-memory layout (`save_original_format=False`; Granite on disk; moelab's
     own): gate_up: [E, 2I, D], gate rows first; down: [E, D, I]; optional gate_up_bias [E, 2I]
-    (split the same way) and down_bias [E, D], where present on disk."""
+    (split the same way) and down_bias [E, D], where present on disk. padded: gate_up may hold
+    entries past the E experts (see `PerExpert`), none read."""
 
     gate_up: str
     down: str
     gate_up_bias: str | None = None
     down_bias: str | None = None
+    padded: bool = False
 
     def present(self, ckpt: Checkpoint, prefix: str) -> bool:
         return prefix + self.gate_up in ckpt
 
     def read(self, ckpt: Checkpoint, prefix: str, config: Config, experts: range | None = None) -> dict[str, Tensor]:
+        down = ckpt.get(prefix + self.down, experts)
+        if self.padded and experts is None:
+            experts = range(down.shape[0])
         gate, up = _halves(ckpt.get(prefix + self.gate_up, experts), dim=1, interleaved=False)
-        out = {"gate": gate, "up": up, "down": ckpt.get(prefix + self.down, experts)}
+        out = {"gate": gate, "up": up, "down": down}
         if self.gate_up_bias is not None and prefix + self.gate_up_bias in ckpt:
             out["gate_bias"], out["up_bias"] = _halves(ckpt.get(prefix + self.gate_up_bias, experts), 1, False)
         if self.down_bias is not None and prefix + self.down_bias in ckpt:
@@ -243,10 +267,18 @@ class FusedGateUp:
         names = (self.gate_up, self.down, self.gate_up_bias, self.down_bias)
         return [prefix + name for name in names if name is not None and prefix + name in ckpt]
 
-    def encode(self, experts: ExpertsView, prefix: str) -> dict[str, Tensor]:
+    def stored_padding(self, ckpt: Checkpoint, prefix: str) -> int:
+        """How many gate_up entries are stored past the experts' (0 unless `padded`)."""
+        if not self.padded:
+            return 0
+        return ckpt.shape(prefix + self.gate_up)[0] - ckpt.shape(prefix + self.down)[0]
+
+    def encode(self, experts: ExpertsView, prefix: str, padding: int = 0) -> dict[str, Tensor]:
+        """experts -> on-disk tensors; padding: gate_up entries of zeros past them (`padded`)."""
         _same_gating(experts, gated=True)
+        gate_up = torch.cat([experts.gate, experts.up], dim=1)
         out = {
-            prefix + self.gate_up: torch.cat([experts.gate, experts.up], dim=1),
+            prefix + self.gate_up: torch.cat([gate_up, gate_up.new_zeros(padding, *gate_up.shape[1:])]),
             prefix + self.down: experts.down.contiguous(),
         }
         if _has_bias(experts):
@@ -518,6 +550,15 @@ class Layout:
     norms: NormKeys | None = None
     output_bias: str | None = None
 
+    def stored_padding(self, ckpt: Checkpoint, prefix: str) -> int:
+        """Gate and up entries stored past the experts' for the router's identity experts (`PerExpert.padded`)."""
+        return self.experts.stored_padding(ckpt, prefix) if isinstance(self.experts, (PerExpert, FusedGateUp)) else 0
+
+    def encode(self, layer: MoELayerView, prefix: str, padding: int = 0) -> dict[str, Tensor]:
+        """The block's router and routed experts -> on-disk tensors (`padding`: see `stored_padding`)."""
+        experts = self.experts.encode(layer.experts, prefix, padding) if padding else self.experts.encode(layer.experts, prefix)
+        return self.router.encode(layer.router, prefix) | experts
+
 
 @dataclass(frozen=True)
 class Family:
@@ -589,6 +630,8 @@ class Family:
     routed_elsewhere: tensors of a decoder layer (names under its prefix) that are another module's
         routed experts, [E, ...] of which each token runs the MoE block's top_k (JetMoE's attention
         experts): a parameter count takes top_k / E of them as active, as it takes the MoE block's.
+    identity_experts(config): Z, the zero-computation experts the router also chooses among
+        (LongCat-Flash's zero_expert_num): its last Z rows, read as `RouterView.identity`. None: none.
     """
 
     name: str
@@ -620,6 +663,7 @@ class Family:
     moe_block: str | None = None
     expert_count_shared_with: str | None = None
     routed_elsewhere: tuple[str, ...] = ()
+    identity_experts: Callable[[Config], int] | None = None
 
     def layer_count(self, config: Config) -> int:
         """The number of decoder layers: the first of `num_layers` set, or the length of a
@@ -722,6 +766,7 @@ class Family:
             )
         routed = layout.experts.read(experts_from or ckpt, prefix, config)
         self._check_counts(ckpt, config, index, router, routed)
+        identity = self._identity_rows(ckpt, config, index, router, layout)
         shared = (
             layout.shared.read(ckpt, prefix)
             if layout.shared and layout.shared.present(ckpt, prefix)
@@ -736,7 +781,7 @@ class Family:
         if layout.latent is not None and layout.latent.present(ckpt, prefix):
             latent = LatentView(**layout.latent.read(ckpt, prefix))
         norms = {} if layout.norms is None else layout.norms.read(ckpt, prefix, config)
-        router = RouterView(**router, **self.router_settings(config), input_norm=norms.get("router"))
+        router = RouterView(**router, **self.router_settings(config), input_norm=norms.get("router"), identity=identity)
         output_bias = None if layout.output_bias is None else ckpt.get(prefix + layout.output_bias)
         return MoELayerView(
             index, router, experts, shared, latent, expert_norm=norms.get("experts"), routed_norm=norms.get("routed"),
@@ -763,15 +808,43 @@ class Family:
         layer = self.layer_activations(config, index) if self.layer_activations else None
         return layer if layer is not None else (self.expert_settings(config), None)
 
+    def identity_count(self, config: Config) -> int:
+        """Z, the zero-computation experts the config gives each router (0 where the family has none)."""
+        Z = 0 if self.identity_experts is None else self.identity_experts(config)
+        if not is_int(Z) or Z < 0:
+            raise CheckpointError(f"config.json gives {Z!r} zero-computation (identity) experts; expected an integer >= 0")
+        return Z
+
+    def _identity_rows(self, ckpt, config, index, router: dict[str, Tensor], layout: Layout) -> IdentityRows | None:
+        """Split the router's last Z rows (weight, bias, selection bias) off `router` as the identity
+        experts' (`RouterView.identity`); None where the config gives none. A layout storing gate and
+        up entries past the experts (`PerExpert.padded`) must store Z of them."""
+        Z = self.identity_count(config)
+        padding = layout.stored_padding(ckpt, self.prefix(index))
+        if padding not in (0, Z):
+            raise CheckpointError(
+                f"{ckpt.directory}: layer {index} stores gate and up projections for {padding} choices past its experts, "
+                f"but config.json gives {Z} identity experts; fix the config or the checkpoint"
+            )
+        if not Z:
+            return None
+        E = router["weight"].shape[0] - Z
+        rows = {name: router[name][E:] for name in ("weight", "bias", "selection_bias") if name in router}
+        for name in rows:
+            router[name] = router[name][:E]
+        return IdentityRows(**rows)
+
     def _check_counts(self, ckpt, config, index, router, experts) -> None:
         key, E = config_entry(config, self.num_experts)
-        for what, found in (
-            ("router rows", router["weight"].shape[0]),
-            ("experts", experts["up"].shape[0]),
+        Z = self.identity_count(config)
+        for what, found, expected in (
+            ("router rows", router["weight"].shape[0], E + Z),
+            ("experts", experts["up"].shape[0], E),
         ):
-            if found != E:
+            if found != expected:
+                identity = f" and {Z} identity experts" if Z else ""
                 raise CheckpointError(
-                    f"config says {E!r} experts ({key}), checkpoint layer {index} has {found} ({what}) in "
+                    f"config says {E!r} experts ({key}){identity}, checkpoint layer {index} has {found} ({what}) in "
                     f"{ckpt.directory}; fix {key} in config.json or the checkpoint"
                 )
         key, D = config_entry(config, self.hidden_size)

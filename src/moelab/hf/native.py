@@ -31,6 +31,7 @@ def moe_layer_from_view(layer: MoELayerView) -> MoELayer:
         expert_norm=norm_from_view(layer.expert_norm),
         routed_norm=norm_from_view(layer.routed_norm),
         output_bias=layer.output_bias,
+        identity_experts=layer.router.identity_experts,
     )
 
 
@@ -74,10 +75,10 @@ def latent_from_view(view: LatentView | None) -> LatentProjection | None:
 
 def router_from_view(view: RouterView) -> Router:
     """The view's router as a moelab router holding its tensors."""
-    state = {"weight": view.weight}
+    state = {"weight": view.with_identity_rows("weight")}
     for name in ("bias", "selection_bias", "expert_scale", "token_experts"):
         if getattr(view, name) is not None:
-            state[name] = getattr(view, name)
+            state[name] = view.with_identity_rows(name)
     if view.input_norm is not None:
         state["input_norm.weight"] = view.input_norm.weight
     return _holding(_router, view, state)
@@ -176,7 +177,7 @@ def _gate_up(view: ExpertsView) -> Tensor:
 
 
 def _router(view: RouterView) -> Router:
-    E, D = view.weight.shape
+    E, D = view.num_choices, view.weight.shape[1]
     if view.score_func == "sparsemixer":
         return SparseMixerRouter(D, E, jitter_eps=view.jitter_eps, top_k=view.top_k)
     if view.token_experts is not None:

@@ -51,13 +51,14 @@ def check_written(staging: Path, checks: dict[int, LayerCheck]) -> None:
     config, ckpt, family = resolve(staging)
     try:
         view = ModelView(ckpt, config, family, family.layer_count(config))
-        E = config_entry(config, family.num_experts)[1]
+        E, Z = config_entry(config, family.num_experts)[1], family.identity_count(config)
         for index in family.moe_layers(ckpt, config) + family.mtp_layers:
             rows = ckpt.shape(
                 family.prefix(index) + family.layout_of(ckpt, index).router.weight
             )[0]
-            if rows != E:
-                raise postcondition_error(f"layer {index} has {rows} router rows but config.json says {E} experts")
+            if rows != E + Z:
+                identity = f" and {Z} identity experts" if Z else ""
+                raise postcondition_error(f"layer {index} has {rows} router rows but config.json says {E} experts{identity}")
         for index, check in checks.items():
             layer = view.layer(index)  # also checks the experts on disk against config.json
             got = moe_output(layer, check.x, ids=check.ids)

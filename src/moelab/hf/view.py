@@ -9,6 +9,7 @@ compression read views. A `ModelView` reads one layer's tensors when asked for t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +44,24 @@ class NormView:
 
 
 @dataclass(frozen=True, eq=False)
+class IdentityRows:
+    """The router's rows for its Z zero-computation experts (LongCat-Flash's identity experts, the
+    choices after the E experts: a slot on one returns the block's input times its weight), kept
+    apart from the experts' rows so that pruning and merging edit those alone.
+
+    weight: [Z, D]; bias, selection_bias: [Z] | None, where the router has them for its experts.
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    selection_bias: Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return self.weight.shape[0]
+
+
+@dataclass(frozen=True, eq=False)
 class RouterView:
     """How a layer picks experts: logits = x @ weight.T (+ bias), then
 
@@ -69,6 +88,8 @@ class RouterView:
     whatever the logits, which only weigh them (the scores, renormalised, times route_scale); no
     selection bias, groups or expert scale then. logit_softcap: the logits are first
     logit_softcap * tanh(logits / logit_softcap) (Laguna's moe_router_logit_softcapping).
+    identity: the rows of Z zero-computation experts the router also chooses among (`IdentityRows`;
+    LongCat-Flash), None without: top_k, the softmax and the groups then span all E + Z choices.
     """
 
     weight: Tensor
@@ -88,6 +109,7 @@ class RouterView:
     input_norm: NormView | None = None
     token_experts: Tensor | None = None
     logit_softcap: float | None = None
+    identity: IdentityRows | None = None
 
     def __post_init__(self):
         if self.score_func not in SCORE_FUNCS:
@@ -105,10 +127,26 @@ class RouterView:
                 raise ValueError(f"router logit_softcap must be a positive finite number (or None), got {self.logit_softcap!r}")
             if self.score_func == "sparsemixer":
                 raise ValueError("a sparsemixer router takes no logit_softcap")
-        check_top_k(self.top_k, E)
-        check_groups(E, self.top_k, self.n_group, self.topk_group, self.min_group_size)
+        if self.identity is not None:
+            self._check_identity()
+        check_top_k(self.top_k, self.num_choices)
+        check_groups(self.num_choices, self.top_k, self.n_group, self.topk_group, self.min_group_size)
         if self.token_experts is not None:
             self._check_token_experts()
+
+    def _check_identity(self) -> None:
+        D, rows = self.weight.shape[1], self.identity
+        _check_shape("router identity rows", rows.weight, (None, D))
+        for name in ("bias", "selection_bias"):
+            if (getattr(rows, name) is None) != (getattr(self, name) is None):
+                raise ValueError(f"the router's identity rows must have a {name} where its experts' rows have one, and only there")
+            _check_shape(f"router identity {name}", getattr(rows, name), (rows.count,))
+        others = [name for name, on in (
+            ("expert_scale", self.expert_scale is not None), ("token_experts", self.token_experts is not None),
+            ("sparsemixer", self.score_func == "sparsemixer"),
+        ) if on]  # fmt: skip
+        if others:
+            raise ValueError(f"a router with identity experts takes no {', '.join(others)}")
 
     def _check_token_experts(self) -> None:
         table, E = self.token_experts, self.num_experts
@@ -130,7 +168,34 @@ class RouterView:
 
     @property
     def num_experts(self) -> int:
+        """E, the experts with weights (the rows of `weight`)."""
         return self.weight.shape[0]
+
+    @property
+    def identity_experts(self) -> int:
+        """Z, the zero-computation experts it also chooses among (0 without)."""
+        return 0 if self.identity is None else self.identity.count
+
+    @property
+    def num_choices(self) -> int:
+        """E + Z, what top_k is taken among."""
+        return self.num_experts + self.identity_experts
+
+    def with_identity_rows(self, name: str) -> Tensor | None:
+        """The router's tensor `name` over every choice: for "weight", "bias" and "selection_bias" the
+        experts' rows, then the identity experts' ([E + Z, ...]); the tensor itself for the others
+        (which a router with identity experts does not have); None where it has none."""
+        rows, extra = getattr(self, name), getattr(self.identity, name, None)
+        return rows if rows is None or extra is None else torch.cat([rows, extra.to(rows.dtype)])
+
+    def with_rows(self, weight: Tensor, bias: Tensor | None) -> RouterView:
+        """This router with new rows over every choice (`with_identity_rows`'s layout): weight
+        [E + Z, D], bias [E + Z] or None, the last Z the identity experts'."""
+        E = self.num_experts
+        identity = self.identity
+        if identity is not None:
+            identity = dataclasses.replace(identity, weight=weight[E:], bias=None if bias is None else bias[E:])
+        return dataclasses.replace(self, weight=weight[:E], bias=None if bias is None else bias[:E], identity=identity)
 
     @property
     def hash_routed(self) -> bool:

@@ -117,6 +117,12 @@ def token_ids_of(router: Router, x: Tensor, context: dict[str, Tensor] | None) -
     return (None if ids is None else ids.reshape(-1),)
 
 
+def identity_output(identity: Tensor, rows: Tensor) -> Tensor:
+    """What identity experts add: their weights identity [T, K] (0 in the other slots), summed in
+    float32 or finer, times the rows the experts read [T, D] -> [T, D]."""
+    return identity.to(torch.promote_types(identity.dtype, rows.dtype)).sum(-1, keepdim=True) * rows
+
+
 class MoELayer(nn.Module):
     """A sparse FFN: `forward(x [..., D]) -> (y [..., D], MoEResult)`.
 
@@ -297,7 +303,7 @@ class MoELayer(nn.Module):
         )
         with deferred_logit_check() if sync_free else contextlib.nullcontext() as finite:
             routing, x = self._route(router, x, context)
-        indices, weights, identity = self._split_identity(routing.indices, routing.weights)
+        indices, weights, identity = self.split_identity(routing.indices, routing.weights)
         plan = plan_dispatch(indices, self.num_experts, self.capacity_factor, host_counts=not sync_free)
         rows = self.expert_rows(x)
         # Only dynamic skipping and identity experts empty slots of a fixed-k router: without them
@@ -332,7 +338,7 @@ class MoELayer(nn.Module):
             return self(x, router, context=context)[0]  # who is dropped, or where rows go, depends on the batch
         shape = x.shape
         indices, weights, x = self._choose(router, x, context)
-        indices, weights, identity = self._split_identity(indices, weights)
+        indices, weights, identity = self.split_identity(indices, weights)
         rows = self.expert_rows(x)
         if torch.compiler.is_compiling() and (
             self.experts.reads_routing_on_host or not self._gathers_rows(indices.numel(), x.device)
@@ -342,15 +348,14 @@ class MoELayer(nn.Module):
             y = self.run_experts(rows, indices, weights)
         return self._finish(x, y, rows, identity).view(shape)
 
-    def _split_identity(self, indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def split_identity(self, indices: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """indices, weights: [T, K] over E + Z choices -> (indices with the identity experts' slots
-        emptied (-1), weights with theirs 0, the identity experts' summed weight [T, 1] in the
-        weights' dtype), or (indices, weights, None) in a layer without identity experts."""
+        emptied (-1), weights with theirs 0, the identity experts' weights [T, K] (0 in the other
+        slots)), or (indices, weights, None) in a layer without identity experts."""
         if not self.identity_experts:
             return indices, weights, None
         identity = indices >= self.num_experts
-        identity_weight = weights.masked_fill(~identity, 0.0).sum(-1, keepdim=True)
-        return indices.masked_fill(identity, -1), weights.masked_fill(identity, 0.0), identity_weight
+        return indices.masked_fill(identity, -1), weights.masked_fill(identity, 0.0), weights.masked_fill(~identity, 0.0)
 
     def run_experts(self, rows: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """`infer`'s routed experts: rows [T, D or latent rank] with their routing (indices,
@@ -536,11 +541,11 @@ class MoELayer(nn.Module):
 
     def _finish(self, x: Tensor, y: Tensor, rows: Tensor, identity: Tensor | None) -> Tensor:
         """The routed experts' combined output y: [T, D or latent rank] -> [T, D]: plus the identity
-        experts' (their summed weight `identity` [T, 1] times the rows the experts read), then
-        `routed_output`, plus the shared experts' output on x: [T, D], plus `output_bias`. Every
-        path (`forward`, `infer`, compiled or not) ends here, so each is added once."""
+        experts' (their weights `identity` [T, K], summed in float32 or finer, times the rows the
+        experts read), then `routed_output`, plus the shared experts' output on x: [T, D], plus
+        `output_bias`. Every path (`forward`, `infer`, compiled or not) ends here, so each is added once."""
         if identity is not None:
-            y = y + (identity * rows).to(y.dtype)
+            y = y + identity_output(identity, rows).to(y.dtype)
         y = self.routed_output(y)
         if self.shared is not None:
             y = y + self.shared(x)

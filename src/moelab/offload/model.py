@@ -195,11 +195,11 @@ class OffloadedExperts(Experts):
         limit = min(E, round(self.prefetch_factor * T * self.top_k))
         scores, most = torch.zeros(E), 0.0  # most: the largest score a token can give an expert
         if self.predictor in ("affinity", "both") and previous is not None and previous.chosen.numel():
-            scores += self.cache.prior.affinity_scores(previous.layer, previous.chosen) / self.top_k
+            scores += self.cache.prior.affinity_scores(previous.layer, previous.chosen)[:E] / self.top_k
             most += 1.0
         if self.predictor in ("lookahead", "both") and router is not None and router.dim == x.shape[1]:
             routing = router.forward(x)  # .forward: no routing hooks fire
-            scores += lookahead_scores(routing.indices.cpu(), routing.probs.cpu())
+            scores += lookahead_scores(routing.indices.cpu(), routing.probs.cpu())[:E]  # not its identity experts
             most += 2.0
         if most == 0:  # nothing to go on but habit
             habit = self.cache.habit(self.layer)
@@ -543,7 +543,10 @@ def load_offloaded(
         raise ValueError(f"the {predictor!r} predictor needs a RoutingPrior (routing statistics): give a prior (prior=, --prior TRACE)")
     store = ExpertStore(path, dtype=dtype, read_bandwidth=read_bandwidth, page_cache=page_cache)
     view, native = store.view, store.family is NATIVE
+    identity = store.family.identity_count(view.config)  # recorded as choices past the experts, never fetched
     prior_experts = {len(f) for f in prior.frequency.values()} if prior is not None else {store.num_experts}
+    if prior is not None and identity and prior_experts == {store.num_experts + identity}:
+        prior, prior_experts = prior.for_experts(store.num_experts), {store.num_experts}
     if prior is not None and (list(prior.layers) != store.moe_layers or prior_experts != {store.num_experts}):
         raise ValueError(
             f"the routing prior covers MoE layers {list(prior.layers)} of {sorted(prior_experts)} experts but "
@@ -564,9 +567,8 @@ def load_offloaded(
     for index in store.moe_layers:
         views[index] = view.layer(index, routed=False)
         assert isinstance(views[index], MoELayerView)
-        found[index] = find_moe_modules(
-            layers[index], index, store.num_experts, views[index].router.weight.shape[1], store.family.moe_block
-        )
+        router = views[index].router
+        found[index] = find_moe_modules(layers[index], index, router.num_choices, router.weight.shape[1], store.family.moe_block)
     moved = {i: [found[i].experts] if own else replaced_modules(i, found[i], store.family) for i in store.moe_layers}
     skip = [f"{layers_name}.{i}.{name}" for i, names in moved.items() for name in names]
     for name in beside_language_model(model):  # a vision-language model decodes text without its vision tower
@@ -591,7 +593,7 @@ def load_offloaded(
     if host_memory:
         check_host_memory(len(store.moe_layers) * store.num_experts * store.expert_bytes)
     kv_cache_bytes = kv_cache_room(model, dtype, kv_cache_tokens or 0, kv_cache_sequences, kv_cache_prompt_tokens)
-    state_bytes = 0 if kv_cache_tokens is None else state_bytes_per_sequence(model, dtype)
+    state_bytes = 0 if kv_cache_tokens is None else state_bytes_per_sequence(model, dtype, view.num_layers)
     slots = resident_slots(
         store, resident, memory_budget, dense_bytes, top_k, kv_cache_bytes, kv_cache_sequences * state_bytes
     )
@@ -615,6 +617,7 @@ def load_offloaded(
                 latent=None if views[index].latent is None else latent_from_view(views[index].latent).to(dtype),
                 **{name: None if norm is None else norm.to(dtype) for name, norm in norms.items()},
                 output_bias=None if views[index].output_bias is None else views[index].output_bias.to(dtype),
+                identity_experts=views[index].router.identity_experts,
             )
             install_moe(layers[index], index, found[index], moes[index], MoELayer.infer, store.family)
             block = layers[index].get_submodule(found[index].block or found[index].experts)
@@ -630,6 +633,8 @@ def load_offloaded(
         previous = experts
         if predictor is not None:
             norm = next((getattr(layers[index], n) for n in ROUTER_INPUT_NORMS if hasattr(layers[index], n)), None)
+            if isinstance(norm, nn.ModuleList):  # LongCat-Flash: one a sublayer, the first one's output feeds the MoE block
+                norm = norm[0]
             norm = None if moes[index].router.input_norm is not None else norm  # a router that norms its own input
             layers[index].register_forward_pre_hook(partial(_read_ahead, experts, norm), with_kwargs=True)
     # moelab's model computes in `dtype` throughout (its rotary tables too, as `load_pretrained(...).to(dtype)`);
@@ -700,7 +705,7 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     return total
 
 
-def state_bytes_per_sequence(model: nn.Module, dtype: torch.dtype) -> int:
+def state_bytes_per_sequence(model: nn.Module, dtype: torch.dtype, num_layers: int | None = None) -> int:
     """Bytes of the fixed-size state that decoding keeps per sequence (whatever its length) over
     every recurrent layer of transformers' model computing in `dtype` (its cache's
     `LinearAttentionLayer`s, MiniMax's `linear_cache`), read from the layers' own modules: a
@@ -711,11 +716,12 @@ def state_bytes_per_sequence(model: nn.Module, dtype: torch.dtype) -> int:
     (their PyTorch paths and kernels keep it so in bf16 too); MiniMax's lightning attention's
     (heads x head_dim², in `dtype`); Qwen4-Exp's n-gram context (its previous token ids, int64).
     0 for moelab's models and those without recurrent layers. A recurrent mixer it cannot size is
-    an error, not a count that leaves it out."""
+    an error, not a count that leaves it out. num_layers: the decoder layers, where the config's
+    num_hidden_layers counts otherwise (LongCat-Flash's: its attention sublayers, two a layer)."""
     if isinstance(model, MoETransformer):
         return 0
     size = torch.empty((), dtype=dtype).element_size()
-    _, layers = decoder_layers(model, model.config.get_text_config().num_hidden_layers)
+    _, layers = decoder_layers(model, num_layers or model.config.get_text_config().num_hidden_layers)
     return sum(_state_bytes(module, size, index) for index, layer in enumerate(layers) for module in layer.modules())
 
 
@@ -909,7 +915,7 @@ def _read_ahead(experts: OffloadedExperts, norm: nn.Module | None, layer: nn.Mod
 def _view_bytes(layer: MoELayerView, dtype: torch.dtype, shared: bool) -> int:
     """Bytes of a layer view's router (held in float32) and its latent projections, norms, output
     bias (and shared experts) in `dtype`."""
-    router = [layer.router.weight, layer.router.bias, layer.router.selection_bias, layer.router.expert_scale]
+    router = [layer.router.with_identity_rows(name) for name in ("weight", "bias", "selection_bias", "expert_scale")]
     table = layer.router.token_experts  # a hash router's, kept as stored (integers)
     router += [] if layer.router.input_norm is None else [layer.router.input_norm.weight]
     tensors = [] if layer.latent is None else [layer.latent.down, layer.latent.up]

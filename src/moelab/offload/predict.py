@@ -49,6 +49,15 @@ class RoutingPrior:
     frequency: dict[int, Tensor]
     affinity: dict[int, Tensor]
 
+    def for_experts(self, num_experts: int) -> RoutingPrior:
+        """This prior over the first `num_experts` choices of every layer: the experts with weights
+        where traces also record a router's identity experts past them (LongCat-Flash's), which
+        nothing fetches."""
+        E = num_experts
+        return RoutingPrior(
+            self.layers, {i: f[:E] for i, f in self.frequency.items()}, {i: a[:E, :E] for i, a in self.affinity.items()}
+        )
+
     @classmethod
     def from_trace(cls, trace: Trace | str | os.PathLike) -> RoutingPrior:
         """Count choices and consecutive-layer co-choices over every token of a routing trace (or

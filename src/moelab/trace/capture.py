@@ -105,6 +105,7 @@ class _LayerTap:
     num_experts: int
     top_k: int
     has_shared: bool = False
+    identity: int = 0  # the last `identity` of the num_experts choices are identity experts (no weights, no statistic)
     parts: list[LayerRouting] = field(default_factory=list)
     pending: LayerRouting | None = None  # recomputed by the router hook, waiting for the experts hook
     dense_scores: Tensor | None = None  # [T, E] from a router that returns dense scores
@@ -222,7 +223,7 @@ class RoutingCapture:
             if layer is None:
                 continue
             tap = self._taps[i] = _LayerTap(  # the router's choices: identity experts recorded as experts past E
-                i, layer.router.num_experts, layer.router.top_k, layer.shared is not None
+                i, layer.router.num_experts, layer.router.top_k, layer.shared is not None, layer.identity_experts
             )
             self._handles.append(layer.router.register_forward_hook(_on_moelab_routing(tap)))
             if self.expert_stats:
@@ -239,21 +240,23 @@ class RoutingCapture:
             if not isinstance(layer_view, MoELayerView):
                 continue
             router = moe_layer_from_view(layer_view).router  # the family's rule, with the view's weights
-            E, D = layer_view.router.weight.shape
+            E, D = layer_view.router.num_choices, layer_view.router.weight.shape[1]  # identity experts: choices past the experts
             found = find_moe_modules(blocks[i], i, E, D, view.moe_block)
             router_module, experts_module = (
                 blocks[i].get_submodule(found.router),
                 blocks[i].get_submodule(found.experts),
             )
             shared_down = None if found.shared_down is None else blocks[i].get_submodule(found.shared_down)
-            tap = self._taps[i] = _LayerTap(i, E, router.top_k, shared_down is not None)
+            tap = self._taps[i] = _LayerTap(i, E, router.top_k, shared_down is not None, layer_view.router.identity_experts)
             self._handles.append(
                 router_module.register_forward_hook(_on_hf_router(tap, router), with_kwargs=True)
             )
             scale = router.route_scale if layer_view.router.scaled_after_experts else 1.0
             # a block whose experts are no module of their own (JetMoE's mlp runs input_linear / output_linear
-            # itself): the view's experts give the statistic
-            viewed = layer_view.experts if found.experts == found.block else None
+            # itself), or whose experts module cannot run one slot a token (LongCat-Flash's squeezes a
+            # single slot away): the view's experts give the statistic
+            own = found.experts == found.block or layer_view.router.identity is not None
+            viewed = layer_view.experts if own else None
             self._handles.append(
                 experts_module.register_forward_hook(
                     _on_hf_experts(tap, experts_module, self.expert_stats, scale, viewed), with_kwargs=True
@@ -345,6 +348,11 @@ def _on_hf_experts(
     built as moelab's on first use) run on the block's input for it."""
     native: list[nn.Module] = []
 
+    def viewed_experts(device: torch.device) -> nn.Module:
+        if not native:
+            native.append(experts_from_view(viewed).to(device))
+        return native[0]
+
     def hook(module: nn.Module, args, kwargs, output: Tensor) -> None:
         recomputed, tap.pending = tap.pending, None
         if recomputed is None:
@@ -358,7 +366,11 @@ def _on_hf_experts(
                 index, weights.reshape(index.shape).float() * scale, recomputed.entropy, recomputed.logits
             )
             if expert_stats:
-                _slotwise_expert_max(tap, experts, hidden.reshape(-1, hidden.shape[-1]), index)
+                computed = index.masked_fill(index >= tap.num_experts - tap.identity, -1)
+                if viewed is None:
+                    _slotwise_expert_max(tap, experts, hidden.reshape(-1, hidden.shape[-1]), computed)
+                else:
+                    _viewed_expert_max(tap, viewed_experts(hidden.device), hidden, computed)
         elif tap.dense_scores is not None:
             weights, index = tap.dense_scores.topk(tap.top_k, dim=-1)
             used = LayerRouting(index, weights, recomputed.entropy, recomputed.logits)
@@ -367,9 +379,7 @@ def _on_hf_experts(
                 tap.record_expert_max(torch.arange(tap.num_experts), per_expert)
         else:
             if expert_stats and viewed is not None:
-                if not native:
-                    native.append(experts_from_view(viewed).to(inputs[0].device))
-                _viewed_expert_max(tap, native[0], inputs[0].detach(), recomputed.indices)
+                _viewed_expert_max(tap, viewed_experts(inputs[0].device), inputs[0].detach(), recomputed.indices)
             if tap.sorted_choice is None:  # nothing says what the block chose: the recomputed routing
                 tap.parts.append(recomputed)
                 return
@@ -384,14 +394,15 @@ def _on_hf_experts(
 @torch.no_grad()
 def _viewed_expert_max(tap: _LayerTap, experts: nn.Module, hidden: Tensor, index: Tensor) -> None:
     """Run moelab's `experts` (a layer's view's) on the rows hidden [..., D] sends them (index [T, K],
-    -1: none), unweighted; keep the max |value| per expert."""
+    -1 or an identity expert: none), unweighted; keep the max |value| per expert."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     flat = index.reshape(-1)
     tokens = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
-    chosen, tokens = flat[flat >= 0], tokens[flat >= 0]
+    computed = (flat >= 0) & (flat < experts.num_experts)
+    chosen, tokens = flat[computed], tokens[computed]
     order = chosen.argsort(stable=True)
     chosen, tokens = chosen[order], tokens[order]
-    counts = torch.bincount(chosen, minlength=tap.num_experts).tolist()
+    counts = torch.bincount(chosen, minlength=experts.num_experts).tolist()
     dtype = next(experts.parameters()).dtype
     with torch.no_grad():
         ys = experts.forward(hidden[tokens].to(dtype), counts)  # .forward: no hooks
