@@ -41,17 +41,25 @@ _REQUIRED = object()
 
 
 def config_entry(config: Config, keys: tuple[str, ...], default: Any = _REQUIRED) -> tuple[str, Any]:
-    """(key, value) for the first of `keys` in config.json ("a.b" reads a nested dict); the
-    default (key "default") if none is set; a CheckpointError if none is set and there is no default."""
+    """(key, value) for the first of `keys` in config.json ("a.b" reads a nested dict, "a.0" a list's
+    first entry); the default (key "default") if none is set; a CheckpointError if none is set and there
+    is no default."""
     for key in keys:
         value = config
         for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
+            value = _entry(value, part)
         if value is not None:
             return key, value
     if default is _REQUIRED:
         raise CheckpointError(f"config.json sets none of {', '.join(keys)}; add the right one for this model")
     return "default", default
+
+
+def _entry(value: Any, part: str) -> Any:
+    """value[part] of a dict, value[int(part)] of a list, None where there is none."""
+    if isinstance(value, list) and part.isdigit():
+        return value[int(part)] if int(part) < len(value) else None
+    return value.get(part) if isinstance(value, dict) else None
 
 
 def config_value(config: Config, *keys: str, default: Any = _REQUIRED) -> Any:
@@ -84,7 +92,9 @@ class RouterKeys:
     where the family has one. `optional`: these are on disk only where a model or layer has them
     (moelab's own checkpoints; DeepSeek-V4's correction bias in its learned layers, its table in its
     hash layers); otherwise every named key must be there. `selection_bias_row`: the selection bias
-    is stored as one row [1, E] (ERNIE 4.5)."""
+    is stored as one row [1, E] (ERNIE 4.5); `selection_bias_rows`: as the first of that many rows
+    [R, E], the others other routers' (ERNIE-4.5-VL's: its text router's, then its vision router's),
+    written back as stored. `transposed`: the weight is stored as [D, E] (ERNIE-4.5-VL's releases)."""
 
     weight: str
     bias: str | None = None
@@ -93,6 +103,8 @@ class RouterKeys:
     selection_bias_row: bool = False
     expert_scale: str | None = None
     token_experts: str | None = None
+    selection_bias_rows: int = 1
+    transposed: bool = False
 
     def _named(self) -> dict[str, str | None]:
         return {
@@ -109,22 +121,25 @@ class RouterKeys:
 
     def read(self, ckpt: Checkpoint, prefix: str) -> dict[str, Tensor]:
         out = {name: ckpt.get(prefix + key) for name, key in self._keys(ckpt, prefix).items()}
+        if self.transposed:
+            out["weight"] = out["weight"].T
         if self.selection_bias_row and "selection_bias" in out:
-            row = out["selection_bias"]
-            if row.dim() != 2 or row.shape[0] != 1:
+            rows = out["selection_bias"]
+            if rows.dim() != 2 or rows.shape[0] != self.selection_bias_rows:
                 raise CheckpointError(
-                    f"{ckpt.directory}: {prefix}{self.selection_bias} has shape {list(row.shape)}, expected one "
-                    "row [1, experts]"
+                    f"{ckpt.directory}: {prefix}{self.selection_bias} has shape {list(rows.shape)}, expected "
+                    f"{self.selection_bias_rows} row(s) [{self.selection_bias_rows}, experts]"
                 )
-            out["selection_bias"] = row[0]
+            out["selection_bias"] = rows[0]
         return out
 
     def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
         return [prefix + key for key in self._keys(ckpt, prefix).values()]
 
-    def encode(self, router: RouterView, prefix: str) -> dict[str, Tensor]:
+    def encode(self, router: RouterView, prefix: str, stored: Checkpoint | None = None) -> dict[str, Tensor]:
         """router -> on-disk tensors; a bias key the view has no tensor for gets zeros, an
-        expert-scale key ones."""
+        expert-scale key ones. stored: the source checkpoint, whose other routers' selection-bias rows
+        are written back beside the router's (`selection_bias_rows`)."""
         for name in ("bias", "selection_bias", "expert_scale", "token_experts"):
             if getattr(router, name) is not None and getattr(self, name) is None:
                 raise CheckpointError(
@@ -140,8 +155,18 @@ class RouterKeys:
             for name, key in self._named().items()
             if key is not None and (not self.optional or getattr(router, name) is not None)
         }
+        if self.transposed:
+            out[prefix + self.weight] = out[prefix + self.weight].T.contiguous()
         if self.selection_bias_row and prefix + self.selection_bias in out:
-            out[prefix + self.selection_bias] = out[prefix + self.selection_bias][None]
+            row = out[prefix + self.selection_bias][None]
+            if self.selection_bias_rows > 1:
+                if stored is None:
+                    raise CheckpointError(
+                        f"{prefix}{self.selection_bias} holds other routers' rows too; pass the source checkpoint"
+                    )
+                others = stored.get(prefix + self.selection_bias)[1:]
+                row = torch.cat([row.to(others.dtype), others])
+            out[prefix + self.selection_bias] = row
         return out
 
 
@@ -166,12 +191,16 @@ class PerExpert:
     """One matrix per expert and projection, as default `save_pretrained` writes them:
     gate, up: [I, D] each; down: [D, I]. gate None: plain experts (Nemotron-H: up and down only).
     padded: gate and up may also be stored for the router's identity experts, past the E experts
-    (`stored_padding`; transformers' LongCat-Flash sizes its gate_up for E + Z and never reads those)."""
+    (`stored_padding`; transformers' LongCat-Flash sizes its gate_up for E + Z and never reads those).
+    blocks: how many MoE blocks' experts the stored list holds, in equal numbers one block after the
+    other, this block's first (ERNIE-4.5-VL: its text experts 0..E-1, then its vision experts E..2E-1,
+    as transformers splits them); the others are neither read nor written."""
 
     gate: str | None
     up: str
     down: str
     padded: bool = False
+    blocks: int = 1
 
     def _patterns(self) -> tuple[tuple[str, str], ...]:
         named = (("gate", self.gate), ("up", self.up), ("down", self.down))
@@ -182,14 +211,7 @@ class PerExpert:
 
     def read(self, ckpt: Checkpoint, prefix: str, config: Config, experts: range | None = None) -> dict[str, Tensor]:
         if experts is None:
-            counted = self.down if self.padded else self.up  # padded: gate and up go on past the experts
-            found = expert_indices(ckpt, prefix + counted)
-            if found != list(range(len(found))):
-                raise CheckpointError(
-                    f"{ckpt.directory}: experts under {prefix}{counted} are numbered {found}; expected 0..E-1 "
-                    "(renumber the experts and slice the router rows to match)"
-                )
-            experts = range(len(found))
+            experts = self._own(ckpt, prefix)
         stacked = {
             name: _stack(ckpt, [prefix + pattern.format(e=e) for e in experts]) for name, pattern in self._patterns()
         }
@@ -199,11 +221,26 @@ class PerExpert:
         """Where expert `expert`'s weights lie, as the stacked experts lay them out (`ExpertPart`)."""
         return [ExpertPart(prefix + pattern.format(e=expert), None, part) for part, pattern in self._patterns()]
 
+    def _own(self, ckpt: Checkpoint, prefix: str) -> range:
+        """This block's experts among those stored (see `blocks`; `padded`: counted by their down
+        projections, gate and up going on past them)."""
+        counted = self.down if self.padded else self.up
+        found = expert_indices(ckpt, prefix + counted)
+        if found != list(range(len(found))) or len(found) % self.blocks:
+            whose = "" if self.blocks == 1 else f" of {self.blocks} blocks, in equal numbers"
+            raise CheckpointError(
+                f"{ckpt.directory}: experts under {prefix}{counted} are numbered {found}; expected 0..E-1{whose} "
+                "(renumber the experts and slice the router rows to match)"
+            )
+        return range(len(found) // self.blocks)
+
     def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
+        own = self._own(ckpt, prefix)
+        padding = range(len(own), len(own) + self.stored_padding(ckpt, prefix))  # the identity experts' gate and up
         return [
             prefix + pattern.format(e=e)
-            for _, pattern in self._patterns()
-            for e in expert_indices(ckpt, prefix + pattern)
+            for name, pattern in self._patterns()
+            for e in (own if name == "down" else [*own, *padding])
         ]
 
     def stored_padding(self, ckpt: Checkpoint, prefix: str) -> int:
@@ -554,10 +591,11 @@ class Layout:
         """Gate and up entries stored past the experts' for the router's identity experts (`PerExpert.padded`)."""
         return self.experts.stored_padding(ckpt, prefix) if isinstance(self.experts, (PerExpert, FusedGateUp)) else 0
 
-    def encode(self, layer: MoELayerView, prefix: str, padding: int = 0) -> dict[str, Tensor]:
-        """The block's router and routed experts -> on-disk tensors (`padding`: see `stored_padding`)."""
+    def encode(self, layer: MoELayerView, prefix: str, stored: Checkpoint, padding: int = 0) -> dict[str, Tensor]:
+        """The block's router and routed experts -> on-disk tensors (stored: the source checkpoint,
+        see `RouterKeys.encode`; padding: see `stored_padding`)."""
         experts = self.experts.encode(layer.experts, prefix, padding) if padding else self.experts.encode(layer.experts, prefix)
-        return self.router.encode(layer.router, prefix) | experts
+        return self.router.encode(layer.router, prefix, stored) | experts
 
 
 @dataclass(frozen=True)
@@ -603,7 +641,8 @@ class Family:
         checkpoint whose decoder layers are stored so gets it in layer_prefix and stored_renames
         (`stored_as`, after the family's own), one saved with `save_original_format=False` keeps "model.".
     block_returns: what the family's MoE block module returns in memory: "tensor" (y), "tuple"
-        (y, router output: GPT-OSS, Llama 4) or "moelab" (y, MoEResult).
+        (y, router output: GPT-OSS, Llama 4), "moelab" (y, MoEResult) or "flat" (y [T * D], router
+        logits [T * E], both flattened, of x [..., D]: ERNIE-4.5-VL's text_moe).
     block_output_norm: the module of transformers' MoE block that normalises the block's output
         (routed plus shared experts) before it returns it (A.X K1: post_mlp_layernorm). The view
         reads the block up to it (what compression scores); the runs that swap transformers'
@@ -627,6 +666,9 @@ class Family:
     expert_count_shared_with: what else the config's expert count (`num_experts`) sizes, where
         something outside the MoE block reads it too (JetMoE's attention experts): the writer then
         refuses edits that change the count (pruning, merging) and writes those that keep it.
+    vision_block: the decoder layer's module that runs its image and video tokens alone, beside the MoE
+        block (ERNIE-4.5-VL's vision experts and router, mlp.vision_moe): the runs on text leave its
+        tensors unread and put a stand-in that refuses to run in its place; the writer copies them.
     routed_elsewhere: tensors of a decoder layer (names under its prefix) that are another module's
         routed experts, [E, ...] of which each token runs the MoE block's top_k (JetMoE's attention
         experts): a parameter count takes top_k / E of them as active, as it takes the MoE block's.
@@ -662,6 +704,7 @@ class Family:
     loads_multimodal: bool = False
     moe_block: str | None = None
     expert_count_shared_with: str | None = None
+    vision_block: str | None = None
     routed_elsewhere: tuple[str, ...] = ()
     identity_experts: Callable[[Config], int] | None = None
 

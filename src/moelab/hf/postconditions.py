@@ -53,9 +53,8 @@ def check_written(staging: Path, checks: dict[int, LayerCheck]) -> None:
         view = ModelView(ckpt, config, family, family.layer_count(config))
         E, Z = config_entry(config, family.num_experts)[1], family.identity_count(config)
         for index in family.moe_layers(ckpt, config) + family.mtp_layers:
-            rows = ckpt.shape(
-                family.prefix(index) + family.layout_of(ckpt, index).router.weight
-            )[0]
+            router = family.layout_of(ckpt, index).router
+            rows = ckpt.shape(family.prefix(index) + router.weight)[1 if router.transposed else 0]
             if rows != E + Z:
                 identity = f" and {Z} identity experts" if Z else ""
                 raise postcondition_error(f"layer {index} has {rows} router rows but config.json says {E} experts{identity}")

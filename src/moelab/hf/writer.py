@@ -476,7 +476,7 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
     prefix = plan.family.prefix(index)
     layout = plan.family.layout_of(plan.ckpt, index)
     padding = edited.router.identity_experts if layout.stored_padding(plan.ckpt, prefix) else 0
-    tensors = layout.encode(edited, prefix, padding)
+    tensors = layout.encode(edited, prefix, plan.ckpt, padding)
     for key, t in tensors.items():  # before quantizing: MXFP4 has no NaN or Inf to carry them
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"layer {index}: the edited tensor {key} has NaN or Inf; fix the edit")
