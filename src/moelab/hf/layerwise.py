@@ -94,7 +94,7 @@ class LayerwiseModel:
         self.model = skeleton(self.path, config, self.family)
         self._float32 = float32_names(self.model, dtype)
         self._layers_name, self._layers = decoder_layers(self.model, self.num_layers)
-        self._stored_as = tied_names(self.model, self._ckpt)
+        self._stored_as = tied_names(self.model, self._ckpt, self.family.stored_renames)
         expected = self.family.layer_prefix.format(n=0)  # a vision-language skeleton holds it as stored
         first = f"{self._layers_name}.0."
         renamed = any(m.startswith(first) and d.startswith(expected) for m, d in self.family.stored_renames)
@@ -488,7 +488,9 @@ def install_moe(
     if found.block:
         stand_ins = [MoEBlock.replacing(layer.get_submodule(found.block), moe, run_moe, family)]
     else:
-        stand_ins = InlineMoE.parts(moe, run_moe)
+        stand_ins = list(InlineMoE.parts(moe, run_moe))
+    if family.vision_block is not None:
+        stand_ins.append(_TextOnly(family.vision_block))
     originals = {name: layer.get_submodule(name) for name in names}
     for name, stand_in in zip(names, stand_ins, strict=True):
         layer.set_submodule(name, stand_in)
@@ -503,15 +505,32 @@ def install_moe(
 
 def replaced_modules(index: int, found: MoEModules, family) -> list[str]:
     """The modules of decoder layer `index` that `install_moe` replaces: its MoE block, or a layer's
-    router, experts and routed norm where it holds them itself (`Family.inline_routed_norm`)."""
+    router, experts and routed norm where it holds them itself (`Family.inline_routed_norm`); then the
+    family's vision block (`Family.vision_block`), if it has one."""
+    vision = [] if family.vision_block is None else [family.vision_block]
     if found.block:
-        return [found.block]
+        return [found.block, *vision]
     if family.inline_routed_norm is None:
         raise CheckpointError(
             f"layer {index}: the router {found.router} and experts {found.experts} share no MoE block module; "
             f"moelab cannot run {family.name}'s decoder layers with its own MoE layer"
         )
-    return [found.router, found.experts, family.inline_routed_norm]
+    return [found.router, found.experts, family.inline_routed_norm, *vision]
+
+
+class _TextOnly(nn.Module):
+    """Stands in for a decoder layer's vision block (`Family.vision_block`) in a run on text, which
+    leaves its tensors unread: refuses to run."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args, **kwargs):
+        raise CheckpointError(
+            f"moelab runs this model on text alone: its {self.name} (image and video tokens) is not loaded; "
+            "run image or video inputs with transformers"
+        )
 
 
 class InlineMoE(nn.Module):
@@ -574,6 +593,8 @@ class MoEBlock(nn.Module):
         return cls(moe, run_moe, family.block_returns, None if norm is None else (norm, getattr(block, norm)))
 
     def forward(self, hidden: Tensor, *args, **kwargs):
+        if self.returns == "flat":  # ERNIE-4.5-VL's text tokens may come gathered into one flat tensor
+            hidden = hidden.reshape(-1, self.moe.router.dim)
         context = token_context(self.moe, kwargs)
         y = self.moe(hidden, context=context)[0] if self.run_moe is None else self.run_moe(self.moe, hidden, context=context)
         if self.output_norm is not None:
@@ -582,6 +603,8 @@ class MoEBlock(nn.Module):
             return y, None
         if self.returns == "moelab":
             return y, MoEResult()
+        if self.returns == "flat":  # router logits are not computed: NaN, so that any use of them shows
+            return y.flatten(), y.new_full((y.numel() // y.shape[-1] * self.moe.router.num_experts,), float("nan"))
         return y
 
 
@@ -878,13 +901,14 @@ def _to_meta(module: nn.Module) -> None:
                 m._buffers[attr] = torch.empty(b.shape, dtype=b.dtype, device="meta")
 
 
-def tied_names(model: nn.Module, checkpoint) -> dict[str, str]:
+def tied_names(model: nn.Module, checkpoint, renames: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
     """{parameter name: the name its tensor is stored under} for parameters tied to another (an
     output head sharing the embedding's weight: tied in the skeleton, or by the config's
     tie_word_embeddings) where only some of them are stored. Where every name of a tie is stored,
     each is read as stored: transformers' `from_pretrained` keeps a stored head that differs from
     the embedding despite the config (and ties equal ones, which reads the same). Ties are read
-    once, from the fresh skeleton: loading tensors one name at a time later unties them in memory."""
+    once, from the fresh skeleton: loading tensors one name at a time later unties them in memory.
+    renames: `Family.stored_renames`, under which a name may be stored (ERNIE-4.5-VL's embedding)."""
     groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
@@ -897,7 +921,7 @@ def tied_names(model: nn.Module, checkpoint) -> dict[str, str]:
             groups.pop(id(head.weight), None)
     stored = {}
     for names in groups.values():
-        present = [n for n in names if n in checkpoint]
+        present = [n for n in names if stored_key(checkpoint, n, renames) in checkpoint]
         if 0 < len(present) < len(names):
             stored |= {n: present[0] for n in names}
     return stored

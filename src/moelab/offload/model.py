@@ -577,7 +577,8 @@ def load_offloaded(
     if converted:
         _load_converted(model, store, dtype, skip)
     else:
-        stored_as, renames = tied_names(model, store.checkpoint), store.family.stored_renames
+        renames = store.family.stored_renames
+        stored_as = tied_names(model, store.checkpoint, renames)
         load_tensors(
             model, store.checkpoint, dtype, skip=skip, stored_as=stored_as, renames=renames,
             splits=store.family.stored_splits, shards=store.family.stored_shards,
