@@ -156,12 +156,21 @@ MODELS = {
         dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32),
         "thinker.model.layers.", "num_experts", "mlp",
     ),
+    "ernie4_5_vl_moe": (  # text and vision experts (16 and 8 wide) in one list of 2E on disk, sharing moe_num_experts
+        dict(COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=[16, 8], moe_num_experts=4,
+             moe_k=2, moe_num_shared_experts=1,
+             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}),
+        dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32),
+        "model.layers.", "moe_num_experts", "mlp",
+    ),
     "qwen4_exp": (  # its n-gram table stored as shards (see test_qwen4_exp)
         dict(QWEN4_EXP, split_ngram_parts=3),
         dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=32, out_hidden_size=32),
         "model.language_model.layers.", "num_experts", "mlp",
     ),
 }  # fmt: skip
+# whose expert count sizes other experts too (ERNIE-4.5-VL's vision experts): only narrowed, never pruned
+COUNT_SHARED = {"ernie4_5_vl_moe"}
 # the config entries of the towers and projectors besides the vision tower
 OTHER_TOWERS = {
     "minimax_m3_vl": dict(projector_hidden_size=32, merged_hidden_size=64),
@@ -353,11 +362,16 @@ def test_state_bytes_per_sequence_are_what_the_language_model_caches(family, tmp
 
 
 def test_compress_writes_config_json_in_its_shape_and_copies_the_vision_tower(source, tmp_path):
+    """Half the experts pruned (ERNIE-4.5-VL, whose vision experts share the count: every expert narrowed
+    instead, the count kept)."""
     _, _, stem, key, _ = MODELS[family_of(source)]
-    report = compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
+    kept = family_of(source) in COUNT_SHARED
+    method = "heapr" if kept else "reap"
+    report = compress(source, tmp_path / "out", method=method, ratio=0.5, calib_options=SMALL, quiet=True)
     assert report["reload_checked"]  # transformers loaded the output strictly
     before, after = (json.loads((p / "config.json").read_text()) for p in (source, tmp_path / "out"))
-    assert text_settings(after)[key] == text_settings(before)[key] // 2 and key not in after
+    count = text_settings(before)[key] // (1 if kept else 2)
+    assert text_settings(after)[key] == count and key not in after
     assert after == nested_config(language_config(after), before) and after.keys() == before.keys()
     written, original = (
         load_file(tmp_path / "out" / "model.safetensors"),
@@ -371,7 +385,7 @@ def test_compress_writes_config_json_in_its_shape_and_copies_the_vision_tower(so
     tower = [k for k in original if not k.startswith(language)]
     assert tower and all(torch.equal(written[k], original[k]) for k in tower)
     with open_checkpoint(tmp_path / "out") as view:
-        assert view.layer(view.num_layers - 1).router.num_experts == text_settings(before)[key] // 2
+        assert view.layer(view.num_layers - 1).router.num_experts == count
 
 
 def test_offloaded_decoding_gives_transformers_tokens(source):
@@ -404,7 +418,8 @@ def test_only_a_vision_language_skeleton_has_modules_text_never_reaches(source):
               "gemma4": ["model.vision_tower", "model.embed_vision"], "hy_v4_vl": ["model.vision_tower"],
               "unlimited_ocr": ["model.vision_tower", "model.multi_modal_projector"],
               "deepseek_ocr2": ["model.vision_tower", "model.multi_modal_projector"], "glm5_next": ["model.visual"],
-              "qwen3_omni_moe": ["model.audio_tower", "model.visual"]}  # fmt: skip
+              "qwen3_omni_moe": ["model.audio_tower", "model.visual"],
+              "ernie4_5_vl_moe": ["model.vision_tower", "model.resampler_model"]}  # fmt: skip
     assert outside == towers.get(family_of(source), [])
 
 
@@ -965,3 +980,67 @@ def test_what_deepseek_ocr2_s_language_model_cannot_be_read_as_is_refused_by_nam
     with pytest.raises(CheckpointError, match=message):
         with open_checkpoint(source) as view:
             [view.layer(i) for i in range(view.num_layers)]
+
+
+def ernie_vl_source(path: Path, original: bool) -> Path:
+    """The tiny ERNIE-4.5-VL as the releases store it (original: model.layers.N, the text and vision
+    experts in one list mlp.experts.{0..2E-1}, the routers transposed, the correction biases as rows [2, E])
+    or as transformers saves it with save_original_format=False (mlp.text_moe / mlp.vision_moe, fused)."""
+    if original:
+        return multimodal_model(path, "ernie4_5_vl_moe")
+    text, vision, *_ = MODELS["ernie4_5_vl_moe"]
+    build_multimodal("ernie4_5_vl_moe", text, vision).save_pretrained(path, save_original_format=False)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("original", [True, False], ids=["released", "transformers-names"])
+def test_ernie_4_5_vl_narrows_its_text_experts_and_copies_its_vision_experts(tmp_path, original):
+    """ERNIE-4.5-VL's text experts narrowed (HEAPr): config.json unchanged, every tensor but the text
+    experts (the vision experts, the vision router, its correction-bias row, the text router and shared
+    experts) copied byte for byte; transformers loads the whole model strictly and computes the vision
+    block as before. Pruning is refused by name: moe_num_experts sizes the vision experts too."""
+    from transformers import Ernie4_5_VLMoeForConditionalGeneration
+
+    source, out = ernie_vl_source(tmp_path / "src", original), tmp_path / "out"
+    with pytest.raises(ValueError, match="reap removes or merges experts, but ernie4_5_vl_moe_text's moe_num_experts"):
+        compress(source, tmp_path / "reap", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
+    report = compress(source, out, method="heapr", ratio=0.5, calib_options=SMALL, quiet=True)
+    assert report["reload_checked"]
+    assert json.loads((out / "config.json").read_text()) == json.loads((source / "config.json").read_text())
+    stored, written = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
+    text = ("model.layers.1.mlp.experts.0.", "model.layers.1.mlp.experts.1.", "model.layers.1.mlp.experts.2.",
+            "model.layers.1.mlp.experts.3.") if original else ("model.language_model.layers.1.mlp.text_moe.experts.",)  # fmt: skip
+    assert written.keys() == stored.keys()
+    changed = sorted(k for k in stored if not torch.equal(written[k], stored[k]))
+    assert changed and all(k.startswith(text) for k in changed)
+    model, info = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    before = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(source)
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        vision = [m.model.language_model.layers[1].mlp.vision_moe(x)[0] for m in (before, model)]
+    torch.testing.assert_close(vision[1], vision[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("original", [True, False], ids=["released", "transformers-names"])
+def test_ernie_4_5_vl_runs_layer_by_layer_and_decodes_offloaded_on_text(tmp_path, original, one_thread):
+    """ERNIE-4.5-VL's decoder layers run layer by layer as in transformers' forward pass on text, and
+    decoded offloaded its greedy tokens are transformers'; the vision experts are neither read nor run:
+    a stand-in holds their place, refusing image and video tokens."""
+    from test_layerwise import assert_layers_are_transformers
+
+    source = ernie_vl_source(tmp_path / "src", original)
+    model = load_causal_lm(source)
+    ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert_layers_are_transformers(source, model, [ids, ids[:1, :5]])
+    prompt = torch.tensor([[1, 5, 9, 33, 2]])
+    want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    offloaded = load_offloaded(source, resident=0.5)
+    try:
+        assert torch.equal(offloaded.generate(prompt, 6), want)
+        assert not [name for name, _ in offloaded.model.named_parameters() if "vision" in name]
+        with pytest.raises(CheckpointError, match="its mlp.vision_moe .* is not loaded"):
+            offloaded.model(prompt, moe_mm_token_type_ids=torch.tensor([[0, 0, 1, 1, 0]]))
+    finally:
+        offloaded.close()

@@ -625,8 +625,9 @@ def _mlp_layer_types(config: Config, i: int, first_dense: int = 1, layer_freq: b
 
 
 def _first_layer_dense(config: Config, i: int) -> bool:
-    """mlp_layer_types, else layer 0 dense and the others sparse: HY-V3's, Hunyuan 4's and Laguna's config
-    classes fill it in so, whatever first_k_dense_replace says."""
+    """mlp_layer_types, else layer 0 dense and the others sparse: HY-V3's, Hunyuan 4's, Laguna's and
+    ERNIE-4.5-VL's config classes fill it in so, whatever first_k_dense_replace (ERNIE-4.5-VL's releases:
+    moe_layer_start_index, which transformers 5.24 no longer reads) says."""
     return _mlp_layer_types({**config, "first_k_dense_replace": 1}, i)
 
 
@@ -887,6 +888,22 @@ def _ernie4_5_moe_layouts() -> tuple[Layout, ...]:
                per_expert.experts, shared),
         Layout(RouterKeys("mlp.gate.weight", selection_bias=f"mlp.gate.{bias}", selection_bias_row=True),
                fused.experts, shared),
+    )  # fmt: skip
+
+
+def _ernie4_5_vl_moe_layouts() -> tuple[Layout, ...]:
+    """ERNIE-4.5-VL's text experts (mlp.text_moe in memory) and shared experts. On disk: the text router
+    mlp.gate.weight [D, E] (the vision router's is weight_1), the correction biases as rows [2, E] (text,
+    vision), the experts mlp.experts.{e} of both blocks in one list of 2E (text 0..E-1, then vision);
+    fused: ERNIE 4.5's under mlp.text_moe."""
+    shared, bias = _shared("mlp.shared_experts"), "moe_statics.e_score_correction_bias"
+    router = RouterKeys("mlp.gate.weight", selection_bias=f"mlp.{bias}", selection_bias_row=True,
+                        selection_bias_rows=2, transposed=True)
+    experts = PerExpert(*(f"mlp.experts.{{e}}.{p}_proj.weight" for p in ("gate", "up", "down")), blocks=2)
+    fused = RouterKeys("mlp.text_moe.gate.weight", selection_bias=f"mlp.text_moe.gate.{bias}", selection_bias_row=True)
+    return (
+        Layout(router, experts, shared),
+        Layout(fused, FusedGateUp("mlp.text_moe.experts.gate_up_proj", "mlp.text_moe.experts.down_proj"), shared),
     )  # fmt: skip
 
 
@@ -1194,6 +1211,12 @@ _FAMILIES = (
     Family("ernie4_5_moe", layouts=_ernie4_5_moe_layouts(), num_experts=("moe_num_experts", "num_experts"),
            router_settings=_ernie4_5_moe, is_moe_layer=_ernie_sparse_layer, expert_width=_MOE_WIDTH,
            shared_width_follows=True),
+    # ERNIE-4.5-VL's language model: its text experts and router (ERNIE 4.5's) as the MoE block; its
+    # vision experts and router, which moe_num_experts sizes too, copied as they are
+    Family("ernie4_5_vl_moe_text", layouts=_ernie4_5_vl_moe_layouts(), num_experts=("moe_num_experts", "num_experts"),
+           router_settings=_ernie4_5_moe, is_moe_layer=_first_layer_dense, expert_width=("moe_intermediate_size.0",),
+           shared_width_follows=True, moe_block="mlp.text_moe", vision_block="mlp.vision_moe", block_returns="flat",
+           expert_count_shared_with="the vision experts (mlp.vision_moe)"),
     Family("hy_v3", layouts=_hy_v3_layouts(), num_experts=("num_experts", "num_local_experts"),
            router_settings=_hy_v3, is_moe_layer=_first_layer_dense, expert_width=_MOE_WIDTH,
            shared_width_follows=True),
