@@ -153,6 +153,20 @@ def test_output_bias_must_be_as_wide_as_the_layer():
         MoELayer(layer.router, layer.experts, output_bias=torch.zeros(D + 1))
 
 
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("name", ["topk", "topk-softmax-groups", "topp", "relu", "topk-shared-gated", "topk-mlp-gelu"])
+def test_no_tokens_give_no_rows_on_every_path(name, path):
+    """An empty batch ([0, D], [2, 0, D]) gives an empty output of its shape, through `forward` and
+    through `infer` on each of its paths (the gathered path's view of 0 rows was ambiguous, as was
+    the group-limited router's)."""
+    layer, _ = make_layer(**CONFIGS[name])
+    PATHS[path](layer)
+    for shape in [(0,), (2, 0)]:
+        x = tokens(*shape)
+        with torch.no_grad():
+            assert layer(x)[0].shape == x.shape and layer.infer(x).shape == x.shape
+
+
 @pytest.mark.parametrize("name", ["topk", "topk-k=E", "topp", "relu", "topk-shared-gated", "topk-mlp-gelu"])
 @pytest.mark.parametrize("T", [1, 3, 40])
 def test_infer_equals_forward_on_both_sides_of_the_threshold(name, T):

@@ -157,7 +157,7 @@ class SwiGLUExperts(Experts):
                 rows, indices.reshape(-1, 1), ones, self.gate_up_proj, self.gate_up_bias, self.down_proj,
                 self.down_bias, activation=self.clamped or "silu", gated=True,
             )
-            return ys.view(T, K, -1).sum(1)
+            return ys.view(T, K, ys.shape[-1]).sum(1)
         return gathered_mlp(
             x, indices, weights, self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias,
             activation=self.clamped or "silu", gated=True,

@@ -466,7 +466,7 @@ def gathered_mlp(
     ys = torch.bmm(hidden[:, None, :], _transposed_matrices(w_out, experts).to(x.dtype))[:, 0]  # [T*K, D]
     if b_out is not None:
         ys = ys + slot_weights * b_out.index_select(0, experts).to(x.dtype)
-    return ys.view(T, K, -1).sum(1)
+    return ys.view(T, K, ys.shape[-1]).sum(1)
 
 
 def every_expert_mlp(

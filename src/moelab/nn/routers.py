@@ -288,15 +288,15 @@ class TopKRouter(Router):
         router masks them to 0.0: the same choice, as `check_groups` keeps top_k <= the kept groups'
         experts and a softmax's scores are > 0 (one that underflows to 0 may tie with a masked
         expert there, chosen with weight 0 either way)."""
-        T = choice.shape[0]
-        grouped = choice.view(T, self.n_group, -1)
+        T, E = choice.shape
+        grouped = choice.view(T, self.n_group, E // self.n_group)
         if self.group_score == "top2":
             group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
         else:
             group_scores = grouped.amax(-1)
         keep = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-        return grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(T, -1)
+        return grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(choice.shape)
 
     @torch.no_grad()
     def update_selection_bias(self, rate: float, group: ProcessGroup | None = None) -> None:
