@@ -1243,6 +1243,49 @@ def test_a_layer_with_skipping_equals_the_layer_on_the_kept_slots():
     assert 1 <= float(result.experts_per_token) < 2
 
 
+def test_dynamic_skip_leaves_identity_experts_slots_alone():
+    """Slots past num_experts (identity experts, LongCat-Flash's) cost nothing to run: they are
+    never skipped, and neither set the token's largest weight nor take a skipped expert's weight,
+    as the calibration's ratio (second to first weight of the experts with weights) counts them."""
+    from moelab.nn.routers import Routing, dynamic_skip
+
+    indices = torch.tensor([[4, 0, 1], [2, 5, 3]])  # E = 4: choices 4 and 5 are identity experts
+    weights = torch.tensor([[0.9, 0.4, 0.3], [0.6, 0.05, 0.1]])
+    routing = Routing(indices, weights, torch.zeros(2, 6), torch.zeros(2, 6))
+    skipped = dynamic_skip(routing, 0.5, num_experts=4)  # 0.3 >= 0.5 * 0.4 stays; 0.1 < 0.5 * 0.6 goes
+    assert skipped.indices.tolist() == [[4, 0, 1], [2, 5, -1]]
+    torch.testing.assert_close(skipped.weights, torch.tensor([[0.9, 0.4, 0.3], [0.7, 0.05, 0.0]]))
+
+
+def test_a_layer_with_identity_experts_skips_its_experts_alone():
+    """NAEE skipping in a layer with identity experts, forward and infer: the experts' slots
+    weighed against the token's largest expert weight, the identity experts' shares unchanged."""
+    from moelab.nn import MoEConfig, build_moe
+    from moelab.nn.routers import skip_weak_experts
+
+    torch.manual_seed(4)
+    E = 4
+    layer = build_moe(MoEConfig(dim=8, num_experts=E, hidden_dim=4, identity_experts=2, top_k=3, renormalize=False))
+    layer = layer.double().eval()
+    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(5), dtype=F64)
+    routing = layer.router(x)
+    experts = routing.indices < E
+    indices, weights = skip_weak_experts(
+        routing.indices.where(experts, -1), routing.weights.where(experts, 0.0), 0.6
+    )  # the experts' slots alone
+    state = {k: v.double() for k, v in layer.state_dict().items()}
+    expected = (routing.weights.double() * ~experts).sum(-1, keepdim=True) * x
+    for t in range(x.shape[0]):
+        for e, w in zip(indices[t].tolist(), weights[t].tolist()):
+            if e >= 0:
+                expected[t] += w * expert_ffn(x[t], e, state)
+    assert (~experts).any(-1).logical_and(experts.sum(-1) >= 2).any(), "the test should skip beside identity slots"
+    layer.skip_ratio = 0.6
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x)[0], expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(layer.infer(x), expected, rtol=1e-10, atol=1e-10)
+
+
 def test_skip_ratio_is_the_histogram_median():
     from moelab.compress.skipping import median_skip_ratio
 

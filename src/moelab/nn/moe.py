@@ -483,7 +483,7 @@ class MoELayer(nn.Module):
             ids = token_ids_of(router, x, context)
             x = x.reshape(-1, router.dim)
             routing = router(x, *ids)
-        return (routing if self.skip_ratio is None else dynamic_skip(routing, self.skip_ratio)), x
+        return (routing if self.skip_ratio is None else dynamic_skip(routing, self.skip_ratio, self.num_experts)), x
 
     def _choose(
         self, router: Router, x: Tensor, context: dict[str, Tensor] | None
@@ -498,7 +498,7 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, router.dim)
         indices, weights = router.choose(x, *ids)
         if self.skip_ratio is not None:
-            indices, weights = skip_weak_experts(indices, weights, self.skip_ratio)
+            indices, weights = skip_weak_experts(indices, weights, self.skip_ratio, self.num_experts)
         return indices, weights, x
 
     def _check_input(self, router: Router, x: Tensor) -> None:

@@ -520,26 +520,32 @@ class ReLURouter(Router):
         return Routing(experts.masked_fill(active <= 0, -1), weights, logits, probs)
 
 
-def dynamic_skip(routing: Routing, ratio: float) -> Routing:
+def dynamic_skip(routing: Routing, ratio: float, num_experts: int | None = None) -> Routing:
     """NAEE's dynamic skipping (Lu et al., 2024): drop every chosen expert whose combine weight is
     below `ratio` times the token's largest, then rescale the kept weights to the same total, so
-    a token whose second expert is weak uses its first alone. indices of dropped slots become -1."""
-    indices, weights = skip_weak_experts(routing.indices, routing.weights, ratio)
+    a token whose second expert is weak uses its first alone. indices of dropped slots become -1.
+    num_experts: E where the choices past it are identity experts (`MoELayer.identity_experts`):
+    their slots are neither skipped nor weighed (the ratio and the total are the experts')."""
+    indices, weights = skip_weak_experts(routing.indices, routing.weights, ratio, num_experts)
     return Routing(indices, weights, routing.logits, routing.probs)
 
 
-def skip_weak_experts(indices: Tensor, weights: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
+def skip_weak_experts(
+    indices: Tensor, weights: Tensor, ratio: float, num_experts: int | None = None
+) -> tuple[Tensor, Tensor]:
     """`dynamic_skip` on indices, weights: [T, K] alone."""
     if not 0 <= ratio <= 1:
         raise ValueError(f"the dynamic-skipping ratio must lie in [0, 1], got {ratio}")
-    top = weights.abs().amax(-1, keepdim=True)
-    skip = (weights.abs() < ratio * top) & (indices >= 0)
-    kept_weights = weights.masked_fill(skip, 0.0)
-    total, kept = weights.sum(-1, keepdim=True), kept_weights.sum(-1, keepdim=True)
+    experts = indices >= 0 if num_experts is None else (indices >= 0) & (indices < num_experts)
+    expert_weights = weights.masked_fill(~experts, 0.0)
+    top = expert_weights.abs().amax(-1, keepdim=True)
+    skip = (expert_weights.abs() < ratio * top) & experts
+    kept_weights = expert_weights.masked_fill(skip, 0.0)
+    total, kept = expert_weights.sum(-1, keepdim=True), kept_weights.sum(-1, keepdim=True)
     kept_weights = torch.where(
         kept != 0, kept_weights * (total / kept.where(kept != 0, torch.ones_like(kept))), kept_weights
     )
-    return indices.masked_fill(skip, -1), kept_weights
+    return indices.masked_fill(skip, -1), kept_weights.where(experts, weights)
 
 
 def attach_selection_bias_update(
