@@ -250,6 +250,21 @@ def test_transformers_expert_max_matches_the_view(tmp_path, family):
     assert any((t > 0).any() for t in capture.expert_max.values())
 
 
+def test_a_trace_marks_identity_experts_and_the_report_ranks_experts_with_weights_alone(tmp_path):
+    """LongCat-Flash's identity experts are recorded as choices past the experts, and the manifest
+    says how many: the Super Experts statistic ranks the experts with weights (an identity expert's
+    max |output| of 0 would lower the median and the threshold)."""
+    build("longcat_flash").save_pretrained(tmp_path / "model")
+    loaded = load_model(tmp_path / "model")
+    trace = trace_model(loaded, _streams(64), tmp_path / "trace", TraceOptions(max_tokens=64, seq_len=16), quiet=True)
+    assert trace.info.identity_experts == [2, 2] and trace.info.num_experts == [6, 6]
+    summary = analyze_trace(trace, chunk_lens=(1, 8))
+    assert all(s["identity_experts"] == 2 and s["num_experts"] == 6 for s in summary["layers"].values())
+    assert all(len(v) == 4 for v in summary["expert_max_output"].values())
+    with pytest.raises(ValueError, match=r"identity_experts \[3\] must hold one count in \[0, num_experts\)"):
+        _info(identity_experts=[3])
+
+
 def test_transformers_capture_during_generate(tmp_path):
     build("qwen3_moe").save_pretrained(tmp_path)
     loaded = load_model(tmp_path)

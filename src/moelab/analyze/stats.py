@@ -200,13 +200,15 @@ def analyze_trace(trace: Trace, *, chunk_lens: Sequence[int] = (1, 8, 64)) -> di
     if not any(a.tokens for a in acc.values()):
         raise ValueError(f"the trace in {trace.directory} holds no tokens; trace some data first")
     expert_max, shared_max = trace.expert_stats()
+    # identity experts (choices past a layer's experts with weights) have no output of their own to rank
+    expert_max = {i: t[: info.experts_of(i) - info.identity_of(i)] for i, t in expert_max.items()}
     recorded = info.settings.get("expert_stats", True)
     return {
         "model": info.model,
         "family": info.family,
         "tokens": info.num_tokens,
         "domains": dict(zip(info.domains, domain_tokens.tolist())),
-        "layers": {str(i): acc[i].summary(info.domains) for i in layers},
+        "layers": {str(i): {**acc[i].summary(info.domains), "identity_experts": info.identity_of(i)} for i in layers},
         "affinity": [
             {
                 "from": a,

@@ -171,6 +171,11 @@ class RoutingCapture:
         return {i: tap.num_experts for i, tap in sorted(self._taps.items())}
 
     @property
+    def identity_experts(self) -> dict[int, int]:
+        """{layer: the identity experts among its num_experts choices, the last ones}."""
+        return {i: tap.identity for i, tap in sorted(self._taps.items())}
+
+    @property
     def top_k(self) -> dict[int, int]:
         return {i: tap.top_k for i, tap in sorted(self._taps.items())}
 

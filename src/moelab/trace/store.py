@@ -57,7 +57,10 @@ class ShardInfo:
 class TraceInfo:
     """The manifest. layers: MoE layer indices (decoder layer numbers); num_experts, top_k: one
     per MoE layer, aligned with `layers`; domains: the names behind a token's domain id;
-    checks: {layer: RoutingCheck fields} for transformers models; settings: how it was made."""
+    checks: {layer: RoutingCheck fields} for transformers models; settings: how it was made.
+    identity_experts: one per MoE layer (or empty: none), how many of its num_experts choices, the
+    last ones, are identity experts (LongCat-Flash's zero-computation experts: no weights, no
+    max statistic)."""
 
     model: str
     family: str
@@ -72,6 +75,7 @@ class TraceInfo:
     num_sequences: int = 0
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    identity_experts: list[int] = field(default_factory=list)
     format: str = FORMAT
     version: int = VERSION
 
@@ -87,9 +91,20 @@ class TraceInfo:
             )
         if not all(1 <= k <= e for k, e in zip(self.top_k, self.num_experts)):
             raise ValueError(f"TraceInfo.top_k {self.top_k} must lie in [1, num_experts {self.num_experts}]")
+        if self.identity_experts and (
+            len(self.identity_experts) != n or not all(0 <= z < e for z, e in zip(self.identity_experts, self.num_experts))
+        ):
+            raise ValueError(
+                f"TraceInfo.identity_experts {self.identity_experts} must hold one count in [0, num_experts) per layer "
+                f"(num_experts {self.num_experts}), or none"
+            )
 
     def experts_of(self, layer: int) -> int:
         return self.num_experts[self.layers.index(layer)]
+
+    def identity_of(self, layer: int) -> int:
+        """The identity experts among the layer's `experts_of` choices (the last ones)."""
+        return self.identity_experts[self.layers.index(layer)] if self.identity_experts else 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -67,6 +67,7 @@ def trace_model(
             layers=capture.layers,
             num_experts=list(capture.num_experts.values()),
             top_k=list(capture.top_k.values()),
+            identity_experts=list(capture.identity_experts.values()),
             domains=list(streams),
             logits=options.logits,
             settings={
