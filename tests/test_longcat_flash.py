@@ -106,6 +106,23 @@ def test_the_released_layout_reads_as_the_saved_one(tmp_path):
             torch.testing.assert_close(moe_output(a.layer(index), x), moe_output(b.layer(index), x), rtol=0, atol=0)
 
 
+def test_parameter_counts_leave_out_the_identity_experts_unused_gate_and_up(tmp_path):
+    """transformers' save stores gate and up for the identity experts, which nothing reads: the
+    counts are the release layout's, and a token's active routed experts are at most top_k of them."""
+    from moelab.eval.evaluate import parameter_counts
+
+    saved, released = _saved(tmp_path), tmp_path / "released"
+    build("longcat_flash").save_pretrained(released)
+    _as_released(released)
+    counts = parameter_counts(saved)
+    assert counts == parameter_counts(released)
+    stored = load_file(saved / "model.safetensors")
+    unused = sum(t.numel() for k, t in stored.items() if any(f"experts.{e}." in k for e in range(E, E + Z)))
+    assert unused == 2 * Z * 2 * 16 * D and counts["total"] == sum(t.numel() for t in stored.values()) - unused
+    assert counts["routed_experts"] == 2 * E * 3 * 16 * D
+    assert counts["active"] == counts["total"] - counts["routed_experts"] // 2  # top-2 of the 4
+
+
 def test_offloaded_decoding_in_a_memory_budget_with_its_two_attention_caches(tmp_path):
     """Decoding offloaded within a budget that keeps room for the KV cache of both attention
     sublayers of every layer gives transformers' greedy tokens."""

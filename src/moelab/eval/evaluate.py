@@ -314,10 +314,12 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def parameter_counts(path: str | os.PathLike) -> dict[str, int]:
-    """{"total": every weight (a hash router's table of token ids, no weight, left out),
+    """{"total": every weight (a hash router's table of token ids, no weight, left out, and the gate
+    and up stored for identity experts, which nothing reads: `Layout.stored_padding`),
     "routed_experts": the routed experts', "active": what one token uses (everything but the routed
-    experts, plus top_k / E of each MoE layer's, and of another module's routed experts in that
-    layer: JetMoE's attention experts, `Family.routed_elsewhere`)}, from the shard headers."""
+    experts, plus top_k / E of each MoE layer's, at most all of them where the router also chooses
+    identity experts, and of another module's routed experts in that layer: JetMoE's attention
+    experts, `Family.routed_elsewhere`)}, from the shard headers."""
     config, checkpoint, family = resolve(path)
     checkpoint.close()
     shapes = checkpoint.with_shapes_only()
@@ -337,7 +339,10 @@ def parameter_counts(path: str | os.PathLike) -> dict[str, int]:
                     if t is not None
                 )
                 routed += n
-                active_routed += n * layer.router.top_k // layer.router.num_experts
+                active_routed += n * min(layer.router.top_k, layer.router.num_experts) // layer.router.num_experts
+                if layer.router.identity is not None:  # LongCat-Flash as transformers saves it
+                    padding = family.layout_of(shapes, layer.index).stored_padding(shapes, family.prefix(layer.index))
+                    total -= padding * sum(t[0].numel() for t in (e.gate, e.up) if t is not None)
                 for name in elsewhere:
                     key = family.layer_prefix.format(n=layer.index) + name
                     if key in names:
