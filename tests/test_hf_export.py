@@ -99,6 +99,7 @@ def test_export_with_the_shipped_tokenizer(tmp_path):
         ("qwen2_moe", {"router": "topp"}, {}, r"router='topp'"),
         ("qwen2_moe", {"capacity_factor": 1.0}, {}, "capacity dropping"),
         ("qwen2_moe", {"latent_dim": 16}, {}, r"latent experts \(latent_dim=16\)"),
+        ("qwen2_moe", {"identity_experts": 2}, {}, r"identity \(zero-computation\) experts \(identity_experts=2\)"),
     ],
 )
 def test_models_that_do_not_map_are_refused(tmp_path, family, moe, fields, message):

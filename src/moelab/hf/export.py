@@ -93,6 +93,7 @@ def export_problems(config: ModelConfig, family: str) -> list[str]:
         (moe.chain_iterations != 1, f"Chain-of-Experts iterations ({moe.chain_iterations})"),
         (moe.residual_from_norm, "residual_from_norm"),
         (moe.latent_dim is not None, f"latent experts (latent_dim={moe.latent_dim})"),
+        (moe.identity_experts > 0, f"identity (zero-computation) experts (identity_experts={moe.identity_experts})"),
         (moe.reuse_layers != 1, f"experts shared across layers (reuse_layers={moe.reuse_layers})"),
         ("uoe" in config.layer_kinds, "Union-of-Experts layers"),
     ]
