@@ -64,9 +64,9 @@ def _mi_by_definition(joint: list[list[float]]) -> float:
     )
 
 
-def _fake_trace(path):
+def _fake_trace(path, identity_experts=()):
     info = TraceInfo(model="fake", family="moelab", num_layers=3, layers=[0, 2], num_experts=[3, 2], top_k=[2, 1],
-                     domains=["a", "b"], settings={"expert_stats": True})
+                     domains=["a", "b"], settings={"expert_stats": True}, identity_experts=list(identity_experts))
     with TraceWriter(path, info, shard_tokens=4) as writer:
         for seq, domain in ((slice(0, 4), 1), (slice(4, 8), 0)):
             routing = {
@@ -112,6 +112,23 @@ def test_statistics_of_the_worked_example(tmp_path):
     assert summary["super_experts"]["super_experts"] == [
         {"layer": 0, "expert": 2, "max_output": 40.0, "over_median": 40 / 2.5}
     ]
+
+
+def test_identity_experts_of_the_worked_example(tmp_path):
+    """Layer 0's expert 2 an identity expert (LongCat-Flash's): still counted in the load, but the
+    imbalance (load [4, 5]: CV 1/9, max/mean 10/9) and the CLS (over 2 experts: CLS_1 1 - 9/16,
+    CLS_2 chunks {0,1} {0} {1} {1}: 1 - 5/8) are over the experts with weights, 9 of whose
+    assignments make 9/8 a token, and the identity expert takes 5 of the 14."""
+    summary = analyze_trace(_fake_trace(tmp_path / "trace", identity_experts=[1, 0]), chunk_lens=(1, 2))
+    l0, l2 = summary["layers"]["0"], summary["layers"]["2"]
+    assert l0["load"] == [4, 5, 5] and l0["identity_experts"] == 1 and l2["identity_experts"] == 0
+    assert l0["cv"] == pytest.approx(1 / 9) and l0["max_over_mean"] == pytest.approx(10 / 9)
+    assert l0["experts_per_token"] == pytest.approx(14 / 8) and l0["computed_experts_per_token"] == pytest.approx(9 / 8)
+    assert l0["identity_share"] == pytest.approx(5 / 14) and l2["identity_share"] == 0.0
+    assert l0["cls"] == pytest.approx({"1": 1 - 9 / 16, "2": 1 - 5 / 8})
+    assert l2["cv"] == pytest.approx(0.25)  # layer 2 as before
+    assert summary["expert_max_output"]["0"] == [1.0, 2.0]  # the identity expert ranks no output
+    assert [s["expert"] for s in summary["super_experts"]["super_experts"]] == [-1]  # 40 was the identity expert's
 
 
 def test_small_statistics():

@@ -524,3 +524,20 @@ def test_identity_experts_must_leave_an_expert_with_weights():
         MoELayer(router, SwiGLUExperts(1, D, I), identity_experts=4)
     with pytest.raises(ValueError, match=r"router \(2 experts and 2 identity experts.*does not match experts \(4 experts"):
         MoELayer(router, SwiGLUExperts(4, D, I), identity_experts=2)
+
+
+def test_sparsity_metrics_of_a_variable_k_layer_count_the_experts_with_weights():
+    """A top-p router over 8 experts and 4 identity experts (built by hand: MoEConfig takes identity
+    experts with top-k only): TLS is the share of the 8 experts a token leaves idle, an identity
+    expert's slot idling nothing."""
+    from moelab.nn import TopPRouter
+
+    torch.manual_seed(0)
+    layer = MoELayer(TopPRouter(D, E + 4, 0.9), SwiGLUExperts(E, D, I), identity_experts=4, trace=True)
+    with torch.no_grad():
+        layer.router.weight.mul_(4.0)
+        result = layer(tokens(2, 12))[1]
+    chosen = result.routing.indices
+    computed = ((chosen >= 0) & (chosen < E)).sum(-1).float()
+    assert (chosen >= E).any(), "the test should route to identity experts"
+    assert result.metrics["tls"].item() == pytest.approx(1 - (computed / E).mean().item())

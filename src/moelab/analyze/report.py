@@ -253,11 +253,20 @@ def _layer_table(summary: dict[str, Any]) -> str:
     header = ["layer", "experts", "CV", "max/mean", "entropy (bits)", "I(expert;domain) (bits)"]
     header += [f"CLS_{L}" for L in chunk_lens]
     rows = [
-        [i, s["num_experts"], s["cv"], s["max_over_mean"], s["routing_entropy_bits"], s["domain_mi_bits"]]
+        [i, _experts_cell(s), s["cv"], s["max_over_mean"], s["routing_entropy_bits"], s["domain_mi_bits"]]
         + [s["cls"][L] if s["cls"][L] is not None else "-" for L in chunk_lens]
         for i, s in summary["layers"].items()
     ]
     return _table(header, rows)
+
+
+def _experts_cell(layer: dict[str, Any]) -> str:
+    """A layer's experts: "E", or "E + Z identity (share of the assignments)" (LongCat-Flash)."""
+    Z = layer.get("identity_experts", 0)
+    if not Z:
+        return str(layer["num_experts"])
+    share = "" if layer["identity_share"] is None else f" ({layer['identity_share']:.0%} of the assignments)"
+    return f"{layer['num_experts'] - Z} + {Z} identity{share}"
 
 
 def _super_table(summary: dict[str, Any]) -> str:

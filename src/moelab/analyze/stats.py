@@ -15,6 +15,10 @@ Definitions (all counts are over (token, chosen expert) assignments unless said 
   P(j at the next layer | i) = A[i, j] / sum_j A[i, j] (rows sum to 1).
 - chunk-level sparsity CLS_L (BlockFFN): 1 - (active (chunk, expert) pairs) / (chunks * E) over
   chunks of L consecutive tokens of a sequence; partial chunks are skipped. CLS_1 = TLS.
+- identity experts (LongCat-Flash's zero-computation ones, a trace's choices past a layer's E
+  experts with weights): counted as experts in the load, co-activation and affinity; the imbalance
+  and the CLS are over the E experts; identity_share is their share of the assignments and
+  computed_experts_per_token the experts with weights a token runs.
 - super experts (Su et al. 2025): candidates are every routed expert's max |down output| and
   each layer's shared experts (expert -1); threshold = max(99.5th percentile of all
   candidates, max / 10); super experts are the candidates above it in the first 75% of the
@@ -112,6 +116,7 @@ class LayerAccumulator:
     num_experts: int
     num_domains: int
     chunk_lens: Sequence[int]
+    identity: int = 0  # the last `identity` of the num_experts choices are identity experts
     tokens: int = 0
     entropy_sum: float = 0.0
     load: Tensor = field(init=False)
@@ -141,25 +146,29 @@ class LayerAccumulator:
         self.weight_sum.index_add_(0, routing.indices[valid], routing.weights[valid].double())
         self.domain_load.index_add_(0, shard.domain, a)
         self.coactivation += a.T @ a
+        computed = active[:, : self.num_experts - self.identity]
         for L in self.chunk_lens:
-            pairs, chunks = chunk_activity(active, shard.sequence, shard.positions, L)
+            pairs, chunks = chunk_activity(computed, shard.sequence, shard.positions, L)
             self.chunk_pairs[L] += pairs
             self.chunks[L] += chunks
 
     def summary(self, domains: list[str]) -> dict[str, Any]:
         """The layer's statistics; the load's imbalance and entropies are None where no token chose
         any expert here (a ReLU router may choose none)."""
-        E = self.num_experts
-        total = float(self.load.sum())
+        E, computed = self.num_experts, self.num_experts - self.identity
+        total, computed_total = float(self.load.sum()), float(self.load[:computed].sum())
         assigned = total > 0
         return {
             "num_experts": E,
+            "identity_experts": self.identity,
             "tokens": self.tokens,
             "load": self.load.tolist(),
             "load_fraction": (self.load / max(total, 1.0)).tolist(),
             "weight_sum": self.weight_sum.tolist(),
-            **(imbalance(self.load) if assigned else {"cv": None, "max_over_mean": None}),
+            **(imbalance(self.load[:computed]) if computed_total > 0 else {"cv": None, "max_over_mean": None}),
             "experts_per_token": total / max(self.tokens, 1),
+            "computed_experts_per_token": computed_total / max(self.tokens, 1),
+            "identity_share": (total - computed_total) / total if assigned else None,
             "routing_entropy_bits": self.entropy_sum / max(self.tokens, 1),
             "max_entropy_bits": math.log2(E),
             "load_entropy_bits": entropy_of(self.load) if assigned else None,
@@ -169,7 +178,7 @@ class LayerAccumulator:
             "coactivation": self.coactivation.tolist(),
             "coactivation_conditional": _conditional(self.coactivation).tolist(),
             "cls": {
-                str(L): 1.0 - self.chunk_pairs[L] / (self.chunks[L] * E) if self.chunks[L] else None
+                str(L): 1.0 - self.chunk_pairs[L] / (self.chunks[L] * computed) if self.chunks[L] else None
                 for L in self.chunk_lens
             },
         }
@@ -186,7 +195,7 @@ def analyze_trace(trace: Trace, *, chunk_lens: Sequence[int] = (1, 8, 64)) -> di
     "super_experts": {...}, "checks", "trace_settings"}."""
     info = trace.info
     layers = info.layers
-    acc = {i: LayerAccumulator(info.experts_of(i), len(info.domains), chunk_lens) for i in layers}
+    acc = {i: LayerAccumulator(info.experts_of(i), len(info.domains), chunk_lens, info.identity_of(i)) for i in layers}
     pairs = list(zip(layers[:-1], layers[1:]))
     affinity = {(a, b): torch.zeros(info.experts_of(a), info.experts_of(b), dtype=torch.float64) for a, b in pairs}
     domain_tokens = torch.zeros(len(info.domains), dtype=torch.long)
@@ -208,7 +217,7 @@ def analyze_trace(trace: Trace, *, chunk_lens: Sequence[int] = (1, 8, 64)) -> di
         "family": info.family,
         "tokens": info.num_tokens,
         "domains": dict(zip(info.domains, domain_tokens.tolist())),
-        "layers": {str(i): {**acc[i].summary(info.domains), "identity_experts": info.identity_of(i)} for i in layers},
+        "layers": {str(i): acc[i].summary(info.domains) for i in layers},
         "affinity": [
             {
                 "from": a,

@@ -552,12 +552,14 @@ class MoELayer(nn.Module):
         return y if self.output_bias is None else y + self.output_bias
 
     def _metrics(self, router: Router, routing: Routing, token_shape: torch.Size) -> dict[str, Tensor]:
-        """BlockFFN's TLS and CLS for routers with a variable number of experts per token."""
+        """BlockFFN's TLS and CLS for routers with a variable number of experts per token, over the
+        experts with weights (an identity expert computes nothing)."""
         if not router.variable_k:
             return {}
         with torch.no_grad():
-            active = active_experts(routing.indices, router.num_experts)  # [T, E (+ identity experts)]
-            seqs = active.view(*token_shape, router.num_experts) if len(token_shape) == 2 else None
+            computed = self.split_identity(routing.indices, routing.weights)[0]
+            active = active_experts(computed, self.num_experts)  # [T, E]
+            seqs = active.view(*token_shape, self.num_experts) if len(token_shape) == 2 else None
             return sparsity_metrics(active, seqs, self.sparsity_window)
 
     def _losses(self, routing: Routing, token_shape: torch.Size) -> dict[str, Tensor]:
