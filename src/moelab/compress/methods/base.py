@@ -184,7 +184,7 @@ def share_kept(E: int, ratio: float) -> float:
 def plan_target(router: RouterView, ratio: float, where: str = "") -> int:
     """E' for removing `ratio` of a layer's experts (int(E * ratio) of them, at least one), checked
     against the router: E' >= top_k, E' a multiple of n_group (every group keeping the same
-    number), and for sigmoid group routing at least 2 per group."""
+    number), and at least 2 per group where a group is scored by its two best (`RouterView.min_group_size`)."""
     E, k, n_group = router.num_experts, router.top_k, router.n_group
     keep = experts_worth_kept(E, ratio, where)
     removed = E - keep
