@@ -30,6 +30,7 @@ from moelab.compress.run import REPORT_NAME, STATS_DIR, check_compression
 from moelab.compress.stats import fingerprint
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import open_checkpoint
+from moelab.hf.adapters import FAMILIES
 from moelab.models import ModelConfig, MoETransformer, load_pretrained, save_pretrained
 from moelab.nn import MoEConfig
 from moelab.threads import intra_op_threads
@@ -300,8 +301,8 @@ def test_every_transformers_family_compresses_and_loads(tmp_path, family):
     """REAP on a tiny checkpoint of each family; the writer's postconditions load it strictly in
     transformers and compare every edited layer with the masked original."""
     source = hf_model(tmp_path / "src", family)
-    if family == "jetmoe":  # num_local_experts sizes its attention's experts too: no expert count can change
-        with pytest.raises(ValueError, match="reap removes or merges experts, but jetmoe's num_local_experts also"):
+    if FAMILIES[family].expert_count_shared_with is not None:  # the count sizes other experts too (JetMoE's)
+        with pytest.raises(ValueError, match=f"reap removes or merges experts, but {family}'s .* also sizes"):
             compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
         report = compress(source, tmp_path / "out", method="heapr", ratio=0.5, calib_options=SMALL, quiet=True)
         after = open_checkpoint(tmp_path / "out").layer(1).experts.hidden_dim
@@ -805,8 +806,8 @@ def test_every_method_on_every_transformers_family(tmp_path, family):
                 compress(source, tmp_path / method, method=method, stats=stats, domains=domains, quiet=True)
             continue
         options = None
-        if family == "jetmoe" and not METHODS[method].narrows:  # its attention's experts share num_local_experts
-            with pytest.raises(ValueError, match=f"{method} removes or merges experts, but jetmoe's num_local_experts"):
+        if FAMILIES[family].expert_count_shared_with is not None and not METHODS[method].narrows:  # JetMoE's
+            with pytest.raises(ValueError, match=f"{method} removes or merges experts, but {family}'s .* also sizes"):
                 compress(source, tmp_path / method, method=method, stats=stats, domains=domains, quiet=True)
             if method != "moelab":
                 continue
