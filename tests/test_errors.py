@@ -150,6 +150,15 @@ def test_unknown_group_score():
         MoEConfig(dim=D, num_experts=8, hidden_dim=I, n_group=4, topk_group=2, group_score="sum")
 
 
+def test_a_config_with_groups_of_one_scored_by_their_two_best_is_refused():
+    """moelab's router would train it (the best min(2, size) of a group), but no checkpoint view
+    reads it back (transformers' top-2 group routers need two experts a group): refused up front."""
+    for settings in (dict(score_func="sigmoid"), dict(group_score="top2")):
+        with pytest.raises(ValueError, match=r"every group needs at least 2"):
+            MoEConfig(dim=D, num_experts=4, hidden_dim=I, n_group=4, topk_group=2, **settings)
+    MoEConfig(dim=D, num_experts=4, hidden_dim=I, n_group=4, topk_group=2)  # softmax groups scored by their best
+
+
 def test_unknown_score_func():
     with pytest.raises(ValueError, match=r"score_func must be one of"):
         TopKRouter(D, E, 2, score_func="softplus")

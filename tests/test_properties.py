@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from reference import RefRouting, Spec, apply_capacity, assert_matches, run_both
 
 from moelab.nn import MoEConfig, ScaledRMSNorm, build_moe, plan_dispatch
+from moelab.nn.routers import min_group_size
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 
@@ -45,12 +46,13 @@ def configs(draw):
             route_scale=draw(st.sampled_from([1.0, 2.5])),
             selection_bias=draw(st.booleans()),
         )
-        groups = [g for g in range(2, E_choices + 1) if E_choices % g == 0]
+        group_score = draw(st.sampled_from([None, "max", "top2"]))
+        least = min_group_size(kw["score_func"], 2, group_score)  # "top2" groups hold two experts at least
+        groups = [g for g in range(2, E_choices + 1) if E_choices % g == 0 and E_choices // g >= least]
         if groups and draw(st.booleans()):
             n_group = draw(st.sampled_from(groups))
             min_groups = math.ceil(k / (E_choices // n_group))
-            kw.update(n_group=n_group, topk_group=draw(st.integers(min_groups, n_group)))
-            kw.update(group_score=draw(st.sampled_from([None, "max", "top2"])))
+            kw.update(n_group=n_group, topk_group=draw(st.integers(min_groups, n_group)), group_score=group_score)
     elif router == "topp":
         kw.update(
             top_p=draw(st.floats(0.05, 1.0)),

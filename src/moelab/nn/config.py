@@ -23,6 +23,7 @@ from moelab.nn.routers import (
     check_groups,
     check_top_k,
     group_scoring,
+    min_group_size,
 )
 from moelab.validation import check_choice, check_field_types, check_known_fields
 
@@ -132,8 +133,13 @@ class MoEConfig:
         if self.router in TOP_K_ROUTERS:
             check_top_k(self.top_k, self.num_choices)
         if self.router == "topk":
-            check_groups(self.num_choices, self.top_k, self.n_group, self.topk_group)
             group_scoring(self.score_func, self.group_score)
+            # groups of one under "top2" train (the router takes the best min(2, size)), but no checkpoint
+            # view reads them (transformers' routers need two): refused here, before anything is trained
+            check_groups(
+                self.num_choices, self.top_k, self.n_group, self.topk_group,
+                min_group_size(self.score_func, self.n_group, self.group_score),
+            )  # fmt: skip
         if self.identity_experts and (self.latent_dim is not None or self.reuse_layers > 1):
             raise ValueError(
                 "MoEConfig.identity_experts return the layer's input: they take no latent_dim (latent experts) "
