@@ -8,11 +8,14 @@ its language model stored under model. beside its SAM and vision encoders (model
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from hf_tiny import DEEPSEEK, TINY, _unit_scale, add_mtp_layer, build_multimodal, gemma4_moe
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_qwen4_exp import QWEN4_EXP
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -1044,3 +1047,27 @@ def test_ernie_4_5_vl_runs_layer_by_layer_and_decodes_offloaded_on_text(tmp_path
             offloaded.model(prompt, moe_mm_token_type_ids=torch.tensor([[0, 0, 1, 1, 0]]))
     finally:
         offloaded.close()
+
+
+@pytest.mark.parametrize("original", [True, False], ids=["released", "transformers-names"])
+def test_ernie_4_5_vl_counts_its_vision_experts_as_routed(tmp_path, original):
+    """A token runs top_k of a block's experts: ERNIE-4.5-VL's vision experts, stored beside the text
+    ones (mlp.experts.{E..2E-1}) or under mlp.vision_moe, are active at top_k / E as the text experts
+    are (they were counted wholly active)."""
+    from moelab.eval.evaluate import parameter_counts
+
+    source = ernie_vl_source(tmp_path / "src", original)
+    with safe_open(source / "model.safetensors", "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    text_config = json.loads((source / "config.json").read_text())["text_config"]
+    E, k = text_config["moe_num_experts"], text_config["moe_k"]
+    expert = re.compile(r".*\.mlp\.(experts\.\d+\.|(text|vision)_moe\.experts\.)")
+    vision = re.compile(r".*\.mlp\.(experts\.(\d+)\.|vision_moe\.experts\.)")
+    routed = {key: math.prod(shape) for key, shape in shapes.items() if expert.match(key)}
+    vision_n = sum(
+        n for key, n in routed.items() if (m := vision.match(key)) and (m[2] is None or int(m[2]) >= E)
+    )
+    counts = parameter_counts(source)
+    text_n = counts["routed_experts"]
+    assert vision_n and text_n + vision_n == sum(routed.values())
+    assert counts["active"] == counts["total"] - (text_n - text_n * k // E) - (vision_n - vision_n * k // E)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from moelab.data import IGNORE_INDEX, eval_batches
 from moelab.hf.adapters import NATIVE, resolve
+from moelab.hf.layouts import PerExpert
 from moelab.hf.view import ModelView, MoELayerView
 from moelab.trace.data import load_streams
 from moelab.trace.model import checkpoint_encoder, hf_max_len
@@ -319,7 +320,8 @@ def parameter_counts(path: str | os.PathLike) -> dict[str, int]:
     "routed_experts": the routed experts', "active": what one token uses (everything but the routed
     experts, plus top_k / E of each MoE layer's, at most all of them where the router also chooses
     identity experts, and of another module's routed experts in that layer: JetMoE's attention
-    experts, `Family.routed_elsewhere`)}, from the shard headers."""
+    experts, `Family.routed_elsewhere`; ERNIE-4.5-VL's vision experts, as transformers names them or
+    stored beside the text experts, `PerExpert.other_block_keys`)}, from the shard headers."""
     config, checkpoint, family = resolve(path)
     checkpoint.close()
     shapes = checkpoint.with_shapes_only()
@@ -340,9 +342,12 @@ def parameter_counts(path: str | os.PathLike) -> dict[str, int]:
                 )
                 routed += n
                 active_routed += n * min(layer.router.top_k, layer.router.num_experts) // layer.router.num_experts
+                layout, prefix = family.layout_of(shapes, layer.index), family.prefix(layer.index)
                 if layer.router.identity is not None:  # LongCat-Flash as transformers saves it
-                    padding = family.layout_of(shapes, layer.index).stored_padding(shapes, family.prefix(layer.index))
-                    total -= padding * sum(t[0].numel() for t in (e.gate, e.up) if t is not None)
+                    total -= layout.stored_padding(shapes, prefix) * sum(t[0].numel() for t in (e.gate, e.up) if t is not None)
+                if isinstance(layout.experts, PerExpert):  # another block's experts, as many (ERNIE-4.5-VL's vision ones)
+                    n = sum(math.prod(shapes.shape(key)) for key in layout.experts.other_block_keys(shapes, prefix))
+                    inactive_elsewhere += n - n * layer.router.top_k // layer.router.num_experts
                 for name in elsewhere:
                     key = family.layer_prefix.format(n=layer.index) + name
                     if key in names:

@@ -234,6 +234,12 @@ class PerExpert:
             )
         return range(len(found) // self.blocks)
 
+    def other_block_keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
+        """The stored tensors of the other blocks' experts (`blocks`: ERNIE-4.5-VL's vision experts),
+        which this layout neither reads nor writes."""
+        own = self._own(ckpt, prefix)
+        return [prefix + pattern.format(e=e) for _, pattern in self._patterns() for e in range(len(own), self.blocks * len(own))]
+
     def keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
         own = self._own(ckpt, prefix)
         padding = range(len(own), len(own) + self.stored_padding(ckpt, prefix))  # the identity experts' gate and up
