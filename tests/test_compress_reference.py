@@ -42,7 +42,7 @@ from moelab.compress.observers import (
 from moelab.compress.stats import PER_SOURCE, LayerStats, layer_stats
 from moelab.hf.edit import masked_moe_layer
 from moelab.hf.native import moe_layer_from_view
-from moelab.hf.view import MoELayerView, RouterView
+from moelab.hf.view import IdentityRows, MoELayerView, RouterView
 from moelab.nn import HashRouter, MoEConfig, MoELayer, ScaledRMSNorm, SwiGLUExperts, TopKRouter, build_moe
 from moelab.nn.routers import Routing
 
@@ -934,9 +934,24 @@ def test_plan_target_groups_scored_by_their_two_best_need_two_per_group(rule):
         ValueError, match="scores each group by its 2 best experts, so every group needs at least 2"
     ):
         plan_target(router, 0.75)  # keeps 4: one per group
+    with pytest.raises(ValueError, match=r"keeping 4 of 16 experts: .*; remove 4 or 8 experts \(ratio 0.25 or 0.5\)"):
+        plan_target(router, 0.75)  # the nearest numbers that work
     assert plan_target(_router(16, 2, n_group=4, topk_group=2), 0.75) == 4  # softmax groups may
     with pytest.raises(ValueError, match=r"top_k \(4\) exceeds"):
         plan_target(_router(16, 4, n_group=4, topk_group=2), 0.75)
+
+
+def test_plan_target_counts_the_identity_experts_among_what_top_k_takes():
+    """LongCat-Flash's router takes top_k of its experts and identity experts together: 4 experts and
+    2 identity experts top-4 may keep 2 experts, not 1; groups spanning identity experts lose none."""
+    identity = IdentityRows(torch.zeros(2, 4))
+    router = RouterView(torch.zeros(4, 4), "softmax", 4, False, identity=identity)
+    assert plan_target(router, 0.5) == 2
+    with pytest.raises(ValueError, match=r"leaves 1 \(beside its 2 identity experts\), fewer than the 4 .* remove at most 2"):
+        plan_target(router, 0.75)
+    grouped = RouterView(torch.zeros(6, 4), "softmax", 2, False, n_group=2, topk_group=1, identity=identity)
+    with pytest.raises(ValueError, match="groups span the 2 identity experts, which cannot lose any"):
+        plan_target(grouped, 0.5)
 
 
 # ----------------------------------------------------------------------------- 5. NAEE

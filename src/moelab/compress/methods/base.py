@@ -183,40 +183,42 @@ def share_kept(E: int, ratio: float) -> float:
 
 def plan_target(router: RouterView, ratio: float, where: str = "") -> int:
     """E' for removing `ratio` of a layer's experts (int(E * ratio) of them, at least one), checked
-    against the router: E' >= top_k, E' a multiple of n_group (every group keeping the same
-    number), and at least 2 per group where a group is scored by its two best (`RouterView.min_group_size`)."""
-    E, k, n_group = router.num_experts, router.top_k, router.n_group
+    against the router: E' plus its identity experts >= top_k, E' a multiple of n_group (every group
+    keeping the same number), and at least 2 per group where a group is scored by its two best
+    (`RouterView.min_group_size`); where not, the error names the nearest numbers that work."""
+    E, k, n_group, Z = router.num_experts, router.top_k, router.n_group, router.identity_experts
     keep = experts_worth_kept(E, ratio, where)
     removed = E - keep
-    if keep < k:
+    if keep + Z < k:
         advice = (
-            f"remove at most {E - k} (ratio <= {(E - k) / E:.4g})"
-            if k < E
+            f"remove at most {E + Z - k} (ratio <= {(E + Z - k) / E:.4g})"
+            if k < E + Z
             else "its router picks every expert (top_k = E), so no expert can go: narrow them instead (method heapr)"
         )
+        identity = f" (beside its {Z} identity experts)" if Z else ""
         raise ValueError(
-            f"{where}removing {removed} of {E} experts leaves {keep}, fewer than the {k} the router picks per token; "
-            + advice
+            f"{where}removing {removed} of {E} experts leaves {keep}{identity}, fewer than the {k} the router picks "
+            "per token; " + advice
         )
-    if n_group > 1:
-        feasible = [r for r in range(1, E) if _groups_work(router, E - r)]
+    if n_group > 1 and Z:
+        raise ValueError(
+            f"{where}its expert groups span the {Z} identity experts, which cannot lose any: no expert can go; "
+            "narrow them instead (method heapr)"
+        )
+    problem = _groups_problem(router, keep) if n_group > 1 else None
+    if problem is not None:
+        closest = sorted(sorted((r for r in range(1, E) if _groups_problem(router, E - r) is None), key=lambda r: abs(r - removed))[:2])
+        advice = (
+            f"remove {' or '.join(str(r) for r in closest)} experts (ratio {' or '.join(_ratio(r, E) for r in closest)})"
+            if closest
+            else f"no number of removed experts leaves every group enough for the routing (top_k={k}, "
+            f"topk_group={router.topk_group}); this layer cannot lose experts"
+        )
         if keep % n_group:
-            closest = sorted(sorted(feasible, key=lambda r: abs(r - removed))[:2])
-            advice = (
-                f"remove {' or '.join(str(r) for r in closest)} experts "
-                f"(ratio {' or '.join(_ratio(r, E) for r in closest)})"
-                if closest
-                else "no number of removed experts leaves every group enough for the routing (top_k="
-                f"{k}, topk_group={router.topk_group}); this layer cannot lose experts"
-            )
-            raise ValueError(
-                f"{where}group-limited routing splits the {E} experts into n_group={n_group} groups, so the {keep} kept "
-                f"must be a multiple of {n_group}; {advice}"
-            )
-        try:
-            check_groups(keep, k, n_group, router.topk_group, router.min_group_size)
-        except ValueError as err:
-            raise ValueError(f"{where}keeping {keep} of {E} experts: {err}; remove fewer") from None
+            problem = f"group-limited routing splits the {E} experts into n_group={n_group} groups, so the {keep} kept must be a multiple of {n_group}"
+        else:
+            problem = f"keeping {keep} of {E} experts: {problem}"
+        raise ValueError(f"{where}{problem}; {advice}")
     return keep
 
 
@@ -230,12 +232,13 @@ def _ratio(removed: int, E: int) -> str:
     return text
 
 
-def _groups_work(router: RouterView, keep: int) -> bool:
+def _groups_problem(router: RouterView, keep: int) -> str | None:
+    """Why `keep` experts cannot be split into the router's groups (`check_groups`), None if they can."""
     try:
         check_groups(keep, router.top_k, router.n_group, router.topk_group, router.min_group_size)
-    except ValueError:
-        return False
-    return True
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def super_expert_ids(layers: dict[int, LayerStats]) -> dict[int, list[int]]:
