@@ -1213,3 +1213,12 @@ def test_jetmoe_keeps_its_expert_count_narrows_its_experts_and_copies_its_block_
         assert any(k.endswith("mlp.bias") for k in kept) and any("self_attention.experts.router" in k for k in kept)
         for key in kept:
             assert torch.equal(before.get_tensor(key), after.get_tensor(key)), key
+
+
+def test_native_groups_spanning_identity_experts_keep_every_expert(tmp_path):
+    """6 choices (4 experts, 2 identity experts) in 2 groups of 3: an edit changing the experts' count
+    would move the identity experts into other groups; refused by name."""
+    _native(tmp_path, identity_experts=2, n_group=2, topk_group=1)
+    with pytest.raises(ValueError, match="groups span its 2 identity experts"):
+        drop_experts(tmp_path / "src", tmp_path / "out", [1], quiet=True)
+    assert not (tmp_path / "out").exists()

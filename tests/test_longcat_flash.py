@@ -165,3 +165,13 @@ def test_a_count_of_identity_experts_the_checkpoint_does_not_store_is_refused(tm
     with pytest.raises(CheckpointError, match="gate and up projections for 1 choices past its experts, but config.json gives 2"):
         with open_checkpoint(path) as view:
             view.layer(0)
+
+
+def test_the_writer_takes_top_k_among_the_experts_and_the_identity_experts(tmp_path):
+    """top_k = 4 of 4 experts and 2 identity experts: keeping 2 experts still leaves 4 choices; 1 does not."""
+    src = _saved(tmp_path, moe_topk=4)
+    drop_experts(src, tmp_path / "two", {0: [1, 2], 1: [1, 2]}, quiet=True)
+    with open_checkpoint(tmp_path / "two") as view:
+        assert view.layer(0).router.num_choices == 4
+    with pytest.raises(ValueError, match=r"leaves 1 experts beside its 2 identity experts .* keep at least 2 experts"):
+        drop_experts(src, tmp_path / "one", {0: [1, 2, 3], 1: [1, 2, 3]}, quiet=True)

@@ -235,21 +235,26 @@ _ROUTER_TENSORS = ("weight", "bias", "selection_bias", "expert_scale")
 EXPERT_TENSORS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
 
-def check_edit(index: int, edit: LayerEdit, E: int, settings: dict[str, Any]) -> None:
-    """Ids in range, enough experts for top-k, group-limited routing kept valid."""
+def check_edit(index: int, edit: LayerEdit, E: int, settings: dict[str, Any], identity: int = 0) -> None:
+    """Ids in range, enough experts for top-k (taken among them and the `identity` experts),
+    group-limited routing kept valid (groups spanning identity experts keep every expert)."""
     where = f"layer {index}"
     ids = [e for group in edit.sources for e in group]
     if bad := sorted(e for e in ids if e >= E):
         raise ValueError(f"{where}: expert ids {bad} out of range; the layer has experts 0..{E - 1}")
     new_E, top_k = len(edit.sources), settings["top_k"]
-    if new_E < top_k:
+    if new_E + identity < top_k:
+        beside = f" beside its {identity} identity experts" if identity else ""
         raise ValueError(
-            f"{where}: the edit leaves {new_E} experts but the router picks top_k={top_k} per token; keep at "
-            f"least {top_k} experts (or lower num_experts_per_tok first)"
+            f"{where}: the edit leaves {new_E} experts{beside} but the router picks top_k={top_k} per token; keep at "
+            f"least {top_k - identity} experts (or lower num_experts_per_tok first)"
         )
     n_group, topk_group = settings.get("n_group", 1), settings.get("topk_group", 1)
     if n_group == 1:
         return
+    if identity and new_E != E:
+        raise ValueError(f"{where}: the router's groups span its {identity} identity experts, which no edit can keep "
+                         "in place while the experts' count changes; keep every expert (narrow them)")
     if new_E % n_group:
         raise ValueError(
             f"{where}: group-limited routing splits experts into n_group={n_group} groups, so the new count "

@@ -233,7 +233,7 @@ class _Plan:
         key, E = config_entry(config, family.num_experts)
         settings = family.router_settings(config)
         for index, edit in edits.items():
-            check_edit(index, edit, E, settings)
+            check_edit(index, edit, E, settings, family.identity_count(config))
         _check_expert_map(ckpt.directory, E)
         counts = {i: len(edits[i].sources) if i in edits else E for i in edited}
         widths = _widths(config, family, edits, edited)
