@@ -24,7 +24,7 @@ from moelab.hf.layerwise import LayerwiseModel
 from moelab.hf.loading import load_causal_lm
 from moelab.models import load_pretrained
 from moelab.nn import MLPExperts, SwiGLUExperts
-from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU, GateClampedSwiGLU, GeluTanhGLU
+from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU, GateClampedSwiGLU, GeluTanhGLU, SoftcappedSwiGLU
 from moelab.nn.moe import MoEResult
 
 BACKWARD = dataclasses.replace(SMALL, observers=DEFAULT_OBSERVERS + ("neurons",), dtype="float64")
@@ -39,8 +39,8 @@ def _one_thread(one_thread):
 
 
 @pytest.mark.parametrize(
-    "kind", ["plain", "bias", "clamped", "capped", "gelu_tanh_glu", "gate_clamped", "scale_input"]
-)  # the seven ways a checkpoint's experts compute
+    "kind", ["plain", "bias", "clamped", "capped", "gelu_tanh_glu", "gate_clamped", "softcapped", "scale_input"]
+)  # the eight ways a checkpoint's experts compute
 def test_hidden_then_project_is_the_experts_forward(kind):
     torch.manual_seed(0)
     two_input = {
@@ -48,6 +48,7 @@ def test_hidden_then_project_is_the_experts_forward(kind):
         "capped": CappedSwiGLU(0.5),
         "gelu_tanh_glu": GeluTanhGLU(),
         "gate_clamped": GateClampedSwiGLU(0.5),
+        "softcapped": SoftcappedSwiGLU(0.5, 0.75),
     }
     experts = SwiGLUExperts(
         4,
@@ -83,6 +84,8 @@ def test_hidden_then_project_is_the_experts_forward(kind):
             act = gelu_tanh(gate) * up
         elif kind == "gate_clamped":
             act = silu(gate.clamp(max=0.5)) * up.clamp(-0.5, 0.5)
+        elif kind == "softcapped":
+            act = 0.5 * torch.tanh(gate / 0.5) * torch.sigmoid(gate) * 0.75 * torch.tanh(up / 0.75)
         else:
             act = silu(gate) * up
         torch.testing.assert_close(experts.hidden(xs, counts, weights)[row], act, rtol=1e-12, atol=1e-12)

@@ -16,7 +16,14 @@ from test_moe_layer import CONFIGS, D, E, I, make_layer, tokens
 from moelab.models import KVCache
 from moelab.models.config import UoEConfig
 from moelab.nn import MLPExperts, MoEConfig, SwiGLUExperts, build_moe
-from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU, GateClampedSwiGLU, GeluTanhGLU, gathered_mlp
+from moelab.nn.grouped import (
+    CappedSwiGLU,
+    ClampedSwiGLU,
+    GateClampedSwiGLU,
+    GeluTanhGLU,
+    SoftcappedSwiGLU,
+    gathered_mlp,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -366,7 +373,8 @@ def test_all_tokens_to_one_expert_and_tokens_with_no_expert():
 
 @pytest.mark.parametrize(
     "kind",
-    ["swiglu-bias", "clamped", "capped", "gelu_tanh_glu", "gate_clamped", "scale_input", "gelu-bias", "relu", "relu2"],
+    ["swiglu-bias", "clamped", "capped", "gelu_tanh_glu", "gate_clamped", "softcapped", "scale_input", "gelu-bias",
+     "relu", "relu2"],
 )
 def test_gathered_experts_match_per_token_loops(kind):
     torch.manual_seed(0)
@@ -378,6 +386,7 @@ def test_gathered_experts_match_per_token_loops(kind):
             "capped": CappedSwiGLU(0.5),
             "gelu_tanh_glu": GeluTanhGLU(),
             "gate_clamped": GateClampedSwiGLU(0.5),
+            "softcapped": SoftcappedSwiGLU(0.5, 0.75),
         }
         experts = SwiGLUExperts(
             E,

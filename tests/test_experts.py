@@ -7,7 +7,15 @@ import pytest
 import torch
 from reference import F64, assert_close, expert_ffn, f64_leaf, f64_leaves, gelu_tanh, shared_ffn, silu
 
-from moelab.nn import GateClampedSwiGLU, GeluTanhGLU, MLPExperts, SharedExperts, SwiGLUExperts, grouped_mlp
+from moelab.nn import (
+    GateClampedSwiGLU,
+    GeluTanhGLU,
+    MLPExperts,
+    SharedExperts,
+    SoftcappedSwiGLU,
+    SwiGLUExperts,
+    grouped_mlp,
+)
 
 BACKENDS = ["auto", "grouped", "loop", "grouped_mm", "triton"]
 # D, I multiples of 4: fp32 rows are 16-byte aligned, so "grouped_mm" really runs torch._grouped_mm
@@ -263,6 +271,11 @@ def _gate_clamped_act(gate, up, limit):
     return gate * torch.sigmoid(gate) * up.clamp(-limit, limit)
 
 
+def _softcapped_act(gate, up, gate_cap, up_cap):
+    """Inkling 2: act = softcap(g, gate_cap) sigmoid(g) softcap(u, up_cap), softcap(x, c) = c tanh(x / c)."""
+    return gate_cap * torch.tanh(gate / gate_cap) * torch.sigmoid(gate) * up_cap * torch.tanh(up / up_cap)
+
+
 def _gated_reference(xs, counts, row_weights, p, act, scale_input=False):
     """A two-input gated expert per row, written from its definition in float64: [g, u] = W_in x + b_in,
     y = W_out act(g, u) + b_out;
@@ -307,20 +320,22 @@ def _check_gated(m, act, scale_input):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "scale_input,kind",
-    [(False, "gpt-oss"), (True, "gpt-oss"), (False, "step"), (False, "gate-clamped"), (True, "gate-clamped")],
-)
+    [(False, "gpt-oss"), (True, "gpt-oss"), (False, "step"), (False, "gate-clamped"), (True, "gate-clamped"),
+     (False, "softcapped"), (True, "softcapped")],
+)  # fmt: skip
 def test_clamped_swiglu_experts_match_reference(backend, scale_input, kind):
     """Forward and backward (inputs, routing weights, every parameter) with both clamps active:
-    GPT-OSS's `ClampedSwiGLU`, Step 3.7's `CappedSwiGLU`, Hunyuan 4's / DeepSeek-V4's `GateClampedSwiGLU`."""
+    GPT-OSS's `ClampedSwiGLU`, Step 3.7's `CappedSwiGLU`, Hunyuan 4's / DeepSeek-V4's `GateClampedSwiGLU`,
+    Inkling 2's `SoftcappedSwiGLU` (caps 0.5: the tanh far from linear past them)."""
     from moelab.nn import CappedSwiGLU, ClampedSwiGLU
 
     m = _experts("swiglu", True, backend)
     act, m.clamped = {
-        "gpt-oss": (_gpt_oss_act, ClampedSwiGLU(alpha=1.702, limit=0.5)),
-        "step": (_step_act, CappedSwiGLU(0.5)),
-        "gate-clamped": (_gate_clamped_act, GateClampedSwiGLU(0.5)),
+        "gpt-oss": (functools.partial(_gpt_oss_act, limit=0.5), ClampedSwiGLU(alpha=1.702, limit=0.5)),
+        "step": (functools.partial(_step_act, limit=0.5), CappedSwiGLU(0.5)),
+        "gate-clamped": (functools.partial(_gate_clamped_act, limit=0.5), GateClampedSwiGLU(0.5)),
+        "softcapped": (functools.partial(_softcapped_act, gate_cap=0.5, up_cap=0.5), SoftcappedSwiGLU(0.5, 0.5)),
     }[kind]
-    act = functools.partial(act, limit=0.5)
     m.scale_input = scale_input
     h = _check_gated(m, act, scale_input)
     gate = torch.nn.functional.silu(h[:, :I]) if kind == "step" else h[:, :I]  # what each clamps
@@ -373,6 +388,43 @@ def test_clamped_swiglu_backward_passes_gradient_at_the_clamp_bounds(kind):
     assert_close(got[0], want[0], what="grad gate")
     assert_close(got[1], want[1], what="grad up")
     assert got[0][0, 0] != 0 and got[1][0, 0] != 0 and got[1][0, 1] != 0  # the bounds pass gradient
+
+
+def test_softcapped_swiglu_backward_is_autograd_of_its_formula():
+    """SoftcappedSwiGLU's forward against softcap(gate, Cg) sigmoid(gate) softcap(up, Cu) written out
+    (float64 stays float64), and its hand-written backward against autograd through it: gates and ups
+    around 0, inside and well past each cap (the sigmoid sees the raw gate)."""
+    gate_cap, up_cap = 0.5, 2.0
+    gate = torch.tensor([[0.0, -6.0, -0.4, 0.3, 0.5, 1.5, 6.0]], dtype=F64, requires_grad=True)
+    up = torch.tensor([[1.0, -2.0, 0.5, 9.0, -0.1, 2.0, -30.0]], dtype=F64, requires_grad=True)
+    grad = torch.tensor([[1.0, -2.0, 0.5, 1.5, 3.0, 0.25, -1.0]], dtype=F64)
+    act, expected = SoftcappedSwiGLU(gate_cap, up_cap), _softcapped_act(gate, up, gate_cap, up_cap)
+    torch.testing.assert_close(act(gate, up), expected)
+    want = torch.autograd.grad(expected, (gate, up), grad)
+    torch.testing.assert_close(act.backward(grad, gate.detach(), up.detach()), want)
+
+
+def test_softcapped_swiglu_computes_in_float32_on_bf16():
+    """On bf16 (gate, up) the activation is computed in float32 and rounded once, bit for bit as
+    transformers' `Inkling2SoftcappedSwiGLU` computes it (bf16 products throughout round differently);
+    its backward too."""
+    from transformers.models.inkling2.configuration_inkling2 import Inkling2TextConfig
+    from transformers.models.inkling2.modeling_inkling2 import Inkling2SoftcappedSwiGLU
+
+    torch.manual_seed(0)
+    act = SoftcappedSwiGLU(4.0, 25.0)
+    theirs = Inkling2SoftcappedSwiGLU(Inkling2TextConfig(mlp_gate_softcap=4.0, mlp_up_softcap=25.0))
+    gate, up, grad = (4 * torch.randn(4096, dtype=torch.bfloat16) for _ in range(3))
+    assert act(gate, up).dtype == torch.bfloat16 and torch.equal(act(gate, up), theirs(gate, up))
+    want = act.backward(grad.float(), gate.float(), up.float())
+    got = act.backward(grad, gate, up)
+    assert all(g.dtype == torch.bfloat16 and torch.equal(g, w.to(torch.bfloat16)) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("caps", [(0.0, 1.0), (1.0, -1.0), (float("nan"), 1.0), (1.0, float("inf")), (None, 1.0)])
+def test_softcapped_swiglu_refuses_caps_that_are_not_positive_and_finite(caps):
+    with pytest.raises(ValueError, match="SoftcappedSwiGLU caps must be positive finite numbers"):
+        SoftcappedSwiGLU(*caps)
 
 
 def test_gelu_tanh_glu_backward_is_autograd_of_its_formula():

@@ -32,7 +32,7 @@ from moelab.hf import (
 )
 from moelab.hf.checkpoint import Checkpoint, side_files
 from moelab.hf.native import empty_experts, experts_from_view, router_from_view
-from moelab.nn import GateClampedSwiGLU, GeluTanhGLU
+from moelab.nn import GateClampedSwiGLU, GeluTanhGLU, SoftcappedSwiGLU
 
 # tiny models: a second intra-op thread only adds synchronisation (conftest's one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -581,6 +581,33 @@ def test_gate_clamped_swiglu_views_build_hunyuan4s_and_deepseek_v4s_gated_expert
         torch.testing.assert_close(layer.shared.double().mlp(x), glu(shared))
 
 
+def test_softcapped_swiglu_views_build_inkling2s_gated_experts():
+    """"softcapped_swiglu" (Inkling 2) names a gated activation of routed and gated shared experts, with
+    gate_softcap Cg and up_softcap Cu: the native layer computes
+    down @ (softcap(gate @ x, Cg) * sigmoid(gate @ x) * softcap(up @ x, Cu)), `SoftcappedSwiGLU(Cg, Cu)`,
+    in both, on data where both caps act."""
+    torch.manual_seed(0)
+    Cg, Cu = 0.5, 0.75
+    routed = {"gate": torch.randn(4, 8, D), "up": torch.randn(4, 8, D), "down": torch.randn(4, D, 8)}
+    shared = {"gate": torch.randn(6, D), "up": torch.randn(6, D), "down": torch.randn(D, 6)}
+    routed, shared = ({n: 0.2 * t for n, t in part.items()} for part in (routed, shared))
+    softcapped = {"activation": "softcapped_swiglu", "gate_softcap": Cg, "up_softcap": Cu}
+    layer = moe_layer_from_view(_views(experts=routed | softcapped, shared=shared | softcapped))
+    assert layer.experts.clamped == SoftcappedSwiGLU(Cg, Cu) and layer.shared.clamped == SoftcappedSwiGLU(Cg, Cu)
+    x = torch.randn(3, D, dtype=torch.float64)
+
+    def glu(w):  # w: gate, up [H, D] and down [D, H]
+        gate, up = x @ w["gate"].double().T, x @ w["up"].double().T
+        assert (gate.abs() > Cg).any() and (up.abs() > Cu).any()
+        hidden = Cg * torch.tanh(gate / Cg) * torch.sigmoid(gate) * Cu * torch.tanh(up / Cu)
+        return hidden @ w["down"].double().T
+
+    with torch.no_grad():
+        expert_1 = {n: t[1] for n, t in routed.items()}
+        torch.testing.assert_close(layer.experts.double()(x, [0, 3, 0, 0]), glu(expert_1))
+        torch.testing.assert_close(layer.shared.double().mlp(x), glu(shared))
+
+
 def test_gemma4_router_reads_its_input_rounded_as_transformers_rounds_it(tmp_path):
     """Gemma 4's router norms x in float32, casts back to x's dtype, then multiplies by its scale and
     hidden_size^-0.5 in that dtype (`Gemma4TextRouter`): moelab's router (float32, as the layer-by-layer
@@ -674,6 +701,17 @@ def _views(**change):
          r"swiglu_alpha is set exactly when activation is 'clamped_swiglu'"),
         ({"experts": {"gate": None, "activation": "gate_clamped_swiglu", "swiglu_limit": 7.0}},
          r"plain experts \(no gate projection\) take one of .*got activation 'gate_clamped_swiglu'"),
+        ({"experts": {"activation": "softcapped_swiglu", "gate_softcap": 4.0}},
+         r"gate_softcap and up_softcap are positive finite numbers exactly when activation is 'softcapped_swiglu', "
+         r"got activation 'softcapped_swiglu' with gate_softcap=4.0, up_softcap=None"),
+        ({"experts": {"activation": "softcapped_swiglu", "gate_softcap": 4.0, "up_softcap": 0.0}},
+         r"positive finite numbers exactly when activation is 'softcapped_swiglu'"),
+        ({"experts": {"gate_softcap": 4.0, "up_softcap": 25.0}},
+         r"exactly when activation is 'softcapped_swiglu', got activation 'silu'"),
+        ({"experts": {"activation": "softcapped_swiglu", "gate_softcap": 4.0, "up_softcap": 25.0, "swiglu_limit": 7.0}},
+         r"swiglu_limit exactly when it is"),
+        ({"shared": {"activation": "softcapped_swiglu", "up_softcap": 25.0}},
+         r"shared experts: gate_softcap and up_softcap are positive finite numbers exactly when"),
         ({"experts": {"gate": torch.zeros(4, 8, 31)}}, r"experts gate has shape \[4, 8, 31\], expected \[4, 8, 32\]"),
         ({"experts": {"down": torch.zeros(4, D, 7)}}, r"experts down has shape \[4, 32, 7\], expected \[4, 32, 8\]"),
         ({"experts": {"gate": None, "activation": "clamped_swiglu", "swiglu_alpha": 1.7, "swiglu_limit": 7.0}},

@@ -291,7 +291,7 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
         "experts": (
             layer.experts,
             new.experts,
-            ("activation", "swiglu_alpha", "swiglu_limit", "scale_input"),
+            ("activation", "swiglu_alpha", "swiglu_limit", "gate_softcap", "up_softcap", "scale_input"),
         ),
     }
     for part, (old, edited, names) in fields.items():

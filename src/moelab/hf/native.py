@@ -12,7 +12,14 @@ from torch import Tensor
 
 from moelab.hf.view import ExpertsView, LatentView, MoELayerView, NormView, RouterView, SharedView
 from moelab.nn.experts import Experts, MLPExperts, SharedExperts, SwiGLUExperts
-from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU, GateClampedSwiGLU, GatedActivation, GeluTanhGLU
+from moelab.nn.grouped import (
+    CappedSwiGLU,
+    ClampedSwiGLU,
+    GateClampedSwiGLU,
+    GatedActivation,
+    GeluTanhGLU,
+    SoftcappedSwiGLU,
+)
 from moelab.nn.latent import LatentProjection
 from moelab.nn.moe import MoELayer
 from moelab.nn.norms import ScaledRMSNorm
@@ -218,16 +225,27 @@ def _experts(view: ExpertsView, num_experts: int | None = None) -> Experts:
 
 
 def _gated_activation(view: ExpertsView | SharedView) -> GatedActivation | None:
-    """The two-input activation a view's "clamped_swiglu", "capped_swiglu", "gelu_tanh_glu" or
-    "gate_clamped_swiglu" names; None for SwiGLU."""
-    return gated_activation(view.activation, view.swiglu_alpha, view.swiglu_limit)
+    """The two-input activation a view's "clamped_swiglu", "capped_swiglu", "gelu_tanh_glu",
+    "gate_clamped_swiglu" or "softcapped_swiglu" names; None for SwiGLU."""
+    return gated_activation(
+        view.activation, view.swiglu_alpha, view.swiglu_limit, gate_softcap=view.gate_softcap,
+        up_softcap=view.up_softcap,
+    )  # fmt: skip
 
 
 def gated_activation(
-    activation: str, swiglu_alpha: float | None = None, swiglu_limit: float | None = None
+    activation: str,
+    swiglu_alpha: float | None = None,
+    swiglu_limit: float | None = None,
+    *,
+    gate_softcap: float | None = None,
+    up_softcap: float | None = None,
 ) -> GatedActivation | None:
     """The two-input activation that ExpertsView settings name (`SwiGLUExperts.clamped`): "clamped_swiglu",
-    "capped_swiglu", "gelu_tanh_glu" or "gate_clamped_swiglu"; None for SwiGLU (and plain activations)."""
+    "capped_swiglu", "gelu_tanh_glu", "gate_clamped_swiglu" or "softcapped_swiglu"; None for SwiGLU (and
+    plain activations)."""
+    if activation == "softcapped_swiglu":
+        return SoftcappedSwiGLU(gate_softcap, up_softcap)
     if activation == "clamped_swiglu":
         return ClampedSwiGLU(alpha=swiglu_alpha, limit=swiglu_limit)
     if activation == "capped_swiglu":

@@ -24,7 +24,9 @@ from moelab.validation import is_int, is_positive_finite
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus", "sparsemixer")
 # act(gate, up), of routed experts and of shared experts with a gate
-GATED_ACTIVATIONS = ("silu", "clamped_swiglu", "capped_swiglu", "gelu_tanh_glu", "gate_clamped_swiglu")
+GATED_ACTIVATIONS = (
+    "silu", "clamped_swiglu", "capped_swiglu", "gelu_tanh_glu", "gate_clamped_swiglu", "softcapped_swiglu",
+)
 SWIGLU_LIMIT_ACTIVATIONS = ("clamped_swiglu", "capped_swiglu", "gate_clamped_swiglu")  # take swiglu_limit
 PLAIN_ACTIVATIONS = ("relu2", "gelu", "relu", "silu")  # act(up), experts with no gate: Nemotron-H, moelab's
 ACTIVATIONS = tuple(dict.fromkeys(GATED_ACTIVATIONS + PLAIN_ACTIVATIONS))
@@ -219,7 +221,9 @@ class ExpertsView:
     act = min(silu(g), swiglu_limit) * clamp(u, -swiglu_limit, swiglu_limit). "gelu_tanh_glu" (Gemma 4):
     act = gelu_tanh(g) * u, GELU's tanh approximation (transformers' "gelu_pytorch_tanh").
     "gate_clamped_swiglu" (Hunyuan 4, DeepSeek-V4): act = silu(min(g, swiglu_limit)) *
-    clamp(u, -swiglu_limit, swiglu_limit), the gate clamped before a plain SiLU. Plain ones:
+    clamp(u, -swiglu_limit, swiglu_limit), the gate clamped before a plain SiLU. "softcapped_swiglu"
+    (Inkling 2): act = softcap(g, gate_softcap) * sigmoid(g) * softcap(u, up_softcap),
+    softcap(x, c) = c * tanh(x / c), in at least float32. Plain ones:
     "relu2" (Nemotron-H): act(u) = relu(u)²; "gelu" (exact, erf), "relu", "silu" (moelab's `MLPExperts`).
     scale_input: the routing weight w scales the expert's input, y = y_e(w * x) (Llama 4),
     instead of its output, y = w * y_e(x) (everyone else).
@@ -237,6 +241,8 @@ class ExpertsView:
     activation: str = "silu"
     swiglu_alpha: float | None = None
     swiglu_limit: float | None = None
+    gate_softcap: float | None = None
+    up_softcap: float | None = None
     scale_input: bool = False
 
     def __post_init__(self):
@@ -245,7 +251,7 @@ class ExpertsView:
                 f"experts activation must be one of {ACTIVATIONS}, got {self.activation!r} (config.json's "
                 "hidden_act); other activations are not supported yet"
             )
-        _check_swiglu_settings("", self.activation, self.swiglu_alpha, self.swiglu_limit)
+        _check_swiglu_settings("", self)
         kind, allowed = ("gated", GATED_ACTIVATIONS) if self.gated else ("plain", PLAIN_ACTIVATIONS)
         if self.activation not in allowed:
             raise ValueError(
@@ -289,7 +295,8 @@ class SharedView:
     """Always-on expert(s), fused into one MLP of width Is, added to the routed output:
     y = down @ (silu(gate @ x) * (up @ x)) (SwiGLU; "clamped_swiglu": MiniMax-M3's, GPT-OSS's form,
     "capped_swiglu": Step 3.7's bounded form, "gelu_tanh_glu": Gemma 4's GELU-gated form,
-    "gate_clamped_swiglu": Hunyuan 4's / DeepSeek-V4's gate-clamped form, see `ExpertsView`),
+    "gate_clamped_swiglu": Hunyuan 4's / DeepSeek-V4's gate-clamped form, "softcapped_swiglu": Inkling 2's
+    softcapped form, see `ExpertsView`),
     or down @ act(up @ x) where gate
     is None and `activation` names a plain one (Nemotron-H: relu2); times sigmoid(sigmoid_gate @ x)
     if that is set (Qwen2-MoE); times output_scale (Cohere2-MoE's "average" strategy: 0.5).
@@ -304,6 +311,8 @@ class SharedView:
     activation: str = "silu"
     swiglu_limit: float | None = None
     swiglu_alpha: float | None = None
+    gate_softcap: float | None = None
+    up_softcap: float | None = None
     output_scale: float = 1.0
 
     def __post_init__(self):
@@ -315,7 +324,7 @@ class SharedView:
                 f"of {PLAIN_ACTIVATIONS}; got activation {self.activation!r} and "
                 f"{'no gate' if self.gate is None else 'a gate'}"
             )
-        _check_swiglu_settings("shared experts: ", self.activation, self.swiglu_alpha, self.swiglu_limit)
+        _check_swiglu_settings("shared experts: ", self)
         _check_shape("shared up", self.up, (None, None))
         Is, D = self.up.shape
         _check_shape("shared gate", self.gate, (Is, D))
@@ -523,15 +532,23 @@ def check_no_layers_beyond(checkpoint: Checkpoint, config: dict[str, Any], adapt
         )
 
 
-def _check_swiglu_settings(where: str, activation: str, alpha: float | None, limit: float | None) -> None:
+def _check_swiglu_settings(where: str, view: ExpertsView | SharedView) -> None:
     """swiglu_alpha is set exactly for "clamped_swiglu", swiglu_limit for it, "capped_swiglu" and
-    "gate_clamped_swiglu" (SWIGLU_LIMIT_ACTIVATIONS)."""
-    if (alpha is not None) != (activation == "clamped_swiglu") or (limit is not None) != (
+    "gate_clamped_swiglu" (SWIGLU_LIMIT_ACTIVATIONS), gate_softcap and up_softcap for "softcapped_swiglu"."""
+    activation, softcapped = view.activation, view.activation == "softcapped_swiglu"
+    if (view.swiglu_alpha is not None) != (activation == "clamped_swiglu") or (view.swiglu_limit is not None) != (
         activation in SWIGLU_LIMIT_ACTIVATIONS
     ):
         raise ValueError(
             f"{where}swiglu_alpha is set exactly when activation is 'clamped_swiglu', swiglu_limit exactly when it "
             "is 'clamped_swiglu', 'capped_swiglu' or 'gate_clamped_swiglu'"
+        )
+    caps = (view.gate_softcap, view.up_softcap)
+    if any((cap is not None) != softcapped for cap in caps) or softcapped and not all(map(is_positive_finite, caps)):
+        raise ValueError(
+            f"{where}gate_softcap and up_softcap are positive finite numbers exactly when activation is "
+            f"'softcapped_swiglu', got activation {activation!r} with gate_softcap={view.gate_softcap!r}, "
+            f"up_softcap={view.up_softcap!r}"
         )
 
 

@@ -5,7 +5,14 @@ from moelab.nn.config import MoEConfig, build_moe
 from moelab.nn.dispatch import DispatchPlan, ExpertBatch, LocalDispatcher, plan_dispatch
 from moelab.nn.experts import MLPExperts, SharedExperts, SwiGLU, SwiGLUExperts
 from moelab.nn.graph_routing import AttentionRouter, SimilarityRouter
-from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU, GateClampedSwiGLU, GeluTanhGLU, grouped_mlp
+from moelab.nn.grouped import (
+    CappedSwiGLU,
+    ClampedSwiGLU,
+    GateClampedSwiGLU,
+    GeluTanhGLU,
+    SoftcappedSwiGLU,
+    grouped_mlp,
+)
 from moelab.nn.latent import LatentProjection
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
 from moelab.nn.moe import MoELayer, MoEResult
@@ -31,6 +38,7 @@ __all__ = [
     "ClampedSwiGLU",
     "GateClampedSwiGLU",
     "GeluTanhGLU",
+    "SoftcappedSwiGLU",
     "SparseMixerRouter",
     "LatentProjection",
     "ReuseRouter",

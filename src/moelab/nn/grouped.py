@@ -9,8 +9,8 @@ w_out [E, D, I], b_out [E, D] | None, activation, gated, backend) -> [N, D]` run
 scales each output row by its routing weight. A gated MLP splits the first projection into gate
 rows then up rows: act(gate) * up, or a two-input gated activation (`GatedActivation`: GPT-OSS's
 `ClampedSwiGLU`(gate, up), Step 3.7's `CappedSwiGLU`, Gemma 4's `GeluTanhGLU`, Hunyuan 4's and
-DeepSeek-V4's `GateClampedSwiGLU`). Applying the routing weight here, on cache-sized slices, is cheaper
-than in the [N, D] combine.
+DeepSeek-V4's `GateClampedSwiGLU`, Inkling 2's `SoftcappedSwiGLU`). Applying the routing weight here,
+on cache-sized slices, is cheaper than in the [N, D] combine.
 
 Backends, chosen by name ("auto", the default, picks "grouped" on CPU and "grouped_mm" for
 bf16 on CUDA):
@@ -48,6 +48,7 @@ from torch import Tensor
 from moelab.nn import triton_grouped, triton_swiglu
 from moelab.nn.expert_threads import expert_workers, for_each_expert
 from moelab.nn.linear import one_row_linear
+from moelab.validation import is_positive_finite
 
 # activation name -> (forward, backward(grad_out, pre_activation) -> grad_pre_activation)
 ACTIVATIONS = {
@@ -151,8 +152,45 @@ class GateClampedSwiGLU:
         return grad_gate, grad_up
 
 
+@dataclass(frozen=True)
+class SoftcappedSwiGLU:
+    """Inkling 2's gated activation of (gate, up), both [n, I]: act = softcap(gate, gate_cap) *
+    sigmoid(gate) * softcap(up, up_cap), softcap(x, c) = c * tanh(x / c) (the sigmoid sees the raw
+    gate); computed in at least float32, as transformers' `Inkling2SoftcappedSwiGLU` is, and
+    returned in the inputs' dtype."""
+
+    gate_cap: float
+    up_cap: float
+
+    def __post_init__(self):
+        if not (is_positive_finite(self.gate_cap) and is_positive_finite(self.up_cap)):
+            raise ValueError(
+                f"SoftcappedSwiGLU caps must be positive finite numbers, got gate_cap={self.gate_cap!r}, "
+                f"up_cap={self.up_cap!r}"
+            )
+
+    def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
+        g, u = _at_least_float32(gate, up)
+        capped_g, capped_u = self.gate_cap * torch.tanh(g / self.gate_cap), self.up_cap * torch.tanh(u / self.up_cap)
+        return (capped_g * torch.sigmoid(g) * capped_u).to(gate.dtype)
+
+    def backward(self, grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+        """(d/d gate, d/d up) of `grad`-weighted act, in the inputs' dtype."""
+        g, u, grad_act = _at_least_float32(gate, up, grad)
+        tanh_g, tanh_u, s = torch.tanh(g / self.gate_cap), torch.tanh(u / self.up_cap), torch.sigmoid(g)
+        capped_g, capped_u = self.gate_cap * tanh_g, self.up_cap * tanh_u
+        grad_gate = grad_act * capped_u * s * ((1 - tanh_g.square()) + capped_g * (1 - s))
+        grad_up = grad_act * capped_g * s * (1 - tanh_u.square())
+        return grad_gate.to(gate.dtype), grad_up.to(up.dtype)
+
+
+def _at_least_float32(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in float32, or in their own dtype where it is wider (float64)."""
+    return tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors)
+
+
 # two-input activations of (gate, up)
-GatedActivation = ClampedSwiGLU | CappedSwiGLU | GeluTanhGLU | GateClampedSwiGLU
+GatedActivation = ClampedSwiGLU | CappedSwiGLU | GeluTanhGLU | GateClampedSwiGLU | SoftcappedSwiGLU
 
 
 class Activation:

@@ -185,7 +185,10 @@ class ExpertStore:
             return pool
         self._check_index(layer, 0)
         settings = self.family.activations(self.view.config, layer)[0]
-        clamped = gated_activation(settings["activation"], settings.get("swiglu_alpha"), settings.get("swiglu_limit"))
+        clamped = gated_activation(
+            settings["activation"], settings.get("swiglu_alpha"), settings.get("swiglu_limit"),
+            gate_softcap=settings.get("gate_softcap"), up_softcap=settings.get("up_softcap"),
+        )  # fmt: skip
         if clamped == pool.clamped:
             return pool
         own = copy.copy(pool)  # its parameters are the pool's (one shared dict), so the slots' loads reach it
