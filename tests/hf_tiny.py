@@ -530,6 +530,15 @@ TINY = {
         ),  # fmt: skip
         fused=False,  # no conversion mapping: saved fused or not, the same names
     ),
+    "inkling2_text": Tiny(  # softcapped experts (caps that act on unit-scale weights); a block boundary every layer
+        dict(
+            COMMON, unpadded_vocab_size=64, eos_token_id=1, head_dim=8, swa_num_attention_heads=4,  # sliding: 1 KV head
+            swa_num_key_value_heads=1, swa_head_dim=8, sliding_window_size=16, d_rel=4, rel_extent=16,
+            moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, route_scale=2.5,
+            n_layers_per_attn_res_block=1, layer_types=["hybrid_sliding", "hybrid"], mlp_gate_softcap=0.5,
+            mlp_up_softcap=0.75,
+        ),  # fmt: skip
+    ),
     "dbrx": Tiny(
         dict(
             vocab_size=64,
@@ -546,6 +555,9 @@ TINY = {
     ),
 }
 
+
+# Families moelab's layer-by-layer runs (calibration) refuse: Inkling 2's layers read block_states
+LAYERS_NOT_RUN = frozenset({"inkling2_text"})
 
 # Families whose on-disk layout is one of the patterns above under other names: the view and write
 # tests check their reading and writing; test_compress's whole REAP run (calibration, scoring, writing)

@@ -458,6 +458,26 @@ def _longcat_flash(config: Config) -> dict:
     }
 
 
+def _inkling2(config: Config) -> dict:
+    """Inkling 2: sigmoid scores (scoring_func, the only one moelab reads for it), a correction bias
+    steering selection only, renormalised, x route_scale (Inkling2TextConfig's default 8)."""
+    if (scoring := config_value(config, "scoring_func", default="sigmoid")) != "sigmoid":
+        raise CheckpointError(
+            f"this config sets scoring_func={scoring!r}; moelab reads Inkling 2's router with 'sigmoid' only"
+        )
+    return _sigmoid_renormalized(config, "route_scale", default=8.0)
+
+
+def _inkling2_experts(config: Config) -> dict:
+    """Inkling 2's experts: softcap(g, mlp_gate_softcap) * sigmoid(g) * softcap(u, mlp_up_softcap)
+    (Inkling2TextConfig's defaults 4 and 25); hidden_act is not read (the sigmoid is fixed)."""
+    return {
+        "activation": "softcapped_swiglu",
+        "gate_softcap": float(config_value(config, "mlp_gate_softcap", default=4.0)),
+        "up_softcap": float(config_value(config, "mlp_up_softcap", default=25.0)),
+    }
+
+
 def _jetmoe_experts(config: Config) -> dict:
     """JetMoE's experts: activation_function(x W[:I]^T) * (x W[I:]^T) on input_linear's rows; silu
     (SwiGLU, its class default) and gelu_pytorch_tanh are read, any other activation refused."""
@@ -1094,6 +1114,15 @@ _JETMOE_LAYOUT = Layout(
 (input_linear [E, 2I, D], activated rows first; output_linear [E, D, I]), plus mlp.bias [D] on the
 block's output. Its attention (self_attention.experts: a mixture of attention heads with a router
 of its own) is no part of it, and is left as it is."""
+_INKLING2_LAYOUTS = (
+    Layout(RouterKeys("mlp.gate.weight", selection_bias="mlp.gate.bias"),
+           FusedGateUp("mlp.experts.w13_weight", "mlp.experts.w2_weight", interleaved=True)),
+    Layout(RouterKeys("mlp.gate.weight", selection_bias="mlp.gate.e_score_correction_bias"),
+           FusedGateUp("mlp.experts.gate_up_proj", "mlp.experts.down_proj")),
+)  # fmt: skip
+"""Inkling 2's MoE block (mlp): as released and saved by default, under model.llm., the correction bias
+stored as mlp.gate.bias and gate_up as w13_weight [E, 2I, D] with gate and up rows alternating, down as
+w2_weight; in transformers' names with save_original_format=False."""
 _GRANITE_SHARED = SharedFusedMLP("shared_mlp.input_linear.weight", "shared_mlp.output_linear.weight")
 _QWEN2_SHARED = _shared("mlp.shared_expert", sigmoid_gate="mlp.shared_expert_gate.weight")
 _DEEPSEEK_BIAS = "mlp.gate.e_score_correction_bias"
@@ -1272,6 +1301,11 @@ _FAMILIES = (
            router_settings=_softmax_renormalized, expert_settings=_jetmoe_experts, moe_block="mlp",
            expert_count_shared_with="the attention's experts (self_attention.experts)",
            routed_elsewhere=("self_attention.experts.input_linear.weight", "self_attention.experts.output_linear.weight")),
+    # Inkling 2 (through its inkling2_text language model): every layer's mlp; attention residuals over
+    # blocks of layers (block_states) that the layer-by-layer and offloaded runs do not carry
+    Family("inkling2_text", layouts=_INKLING2_LAYOUTS, num_experts=("n_routed_experts", "num_local_experts"),
+           router_settings=_inkling2, expert_settings=_inkling2_experts, expert_width=_MOE_WIDTH,
+           original_prefix="model.llm."),
     Family("llama4_text",
            layouts=(Layout(RouterKeys("feed_forward.router.weight"), _LLAMA4_EXPERTS,
                            _shared("feed_forward.shared_expert")),),
@@ -1288,6 +1322,8 @@ _FAMILIES = (
 FAMILIES: dict[str, Family] = {family.name: family for family in _FAMILIES}
 # Hunyuan 4 VL's language model: Hunyuan 4's modules under another model_type
 FAMILIES["hy_v4_vl_text"] = dataclasses.replace(FAMILIES["hy_v4"], name="hy_v4_vl_text")
+# Inkling 2 Loop's language model: Inkling 2's decoder layers, some of them run several times a forward
+FAMILIES["inkling2_loop_text"] = dataclasses.replace(FAMILIES["inkling2_text"], name="inkling2_loop_text")
 # DeepSeek-OCR 2's language model: Unlimited OCR's modules (DeepSeek-V2's router and MLPs, Llama's
 # attention), its MoE layers named by mlp_layer_types only
 FAMILIES["deepseek_ocr2_text"] = dataclasses.replace(

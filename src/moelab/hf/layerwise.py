@@ -67,6 +67,7 @@ def token_context(moe: MoELayer, kwargs: dict) -> dict[str, Tensor] | None:
 
 
 CARRIED = "prev_topk_indices"  # GLM-5's DSA: a "shared" layer reuses the top-k of the full layer before it
+BLOCK_STATES = "block_states"  # Inkling 2: each layer attends over the inputs of earlier blocks of layers
 
 
 class _Stop(Exception):
@@ -105,6 +106,13 @@ class LayerwiseModel:
             )
         # what a decoder layer hands the next one besides the hidden states (GLM-5's DSA top-k indices)
         carried = inspect.signature(type(self._layers[0]).forward).parameters
+        if BLOCK_STATES in carried:
+            raise CheckpointError(
+                f"{self.path}: its decoder layers read block_states (Inkling 2's attention residuals over the inputs "
+                "of earlier blocks of layers), which moelab's layer-by-layer runs do not hand from layer to layer; "
+                "calibration, and so compress, cannot run on it (the checkpoint view, the writer and offloaded "
+                "decoding can)"
+            )
         self.carried: str | None = CARRIED if CARRIED in carried else None
         self.carry: list[Tensor | None] = []  # per batch: the carried value the next layer run reads
         self.moe_layers = self.family.moe_layers(self._ckpt, config)

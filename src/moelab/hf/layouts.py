@@ -277,13 +277,15 @@ class FusedGateUp:
     """transformers' in-memory layout (`save_original_format=False`; Granite on disk; moelab's
     own): gate_up: [E, 2I, D], gate rows first; down: [E, D, I]; optional gate_up_bias [E, 2I]
     (split the same way) and down_bias [E, D], where present on disk. padded: gate_up may hold
-    entries past the E experts (see `PerExpert`), none read."""
+    entries past the E experts (see `PerExpert`), none read. interleaved: gate_up's rows alternate
+    gate, up (Inkling 2's w13_weight as released)."""
 
     gate_up: str
     down: str
     gate_up_bias: str | None = None
     down_bias: str | None = None
     padded: bool = False
+    interleaved: bool = False
 
     def present(self, ckpt: Checkpoint, prefix: str) -> bool:
         return prefix + self.gate_up in ckpt
@@ -292,17 +294,18 @@ class FusedGateUp:
         down = ckpt.get(prefix + self.down, experts)
         if self.padded and experts is None:
             experts = range(down.shape[0])
-        gate, up = _halves(ckpt.get(prefix + self.gate_up, experts), dim=1, interleaved=False)
+        gate, up = _halves(ckpt.get(prefix + self.gate_up, experts), dim=1, interleaved=self.interleaved)
         out = {"gate": gate, "up": up, "down": down}
         if self.gate_up_bias is not None and prefix + self.gate_up_bias in ckpt:
-            out["gate_bias"], out["up_bias"] = _halves(ckpt.get(prefix + self.gate_up_bias, experts), 1, False)
+            out["gate_bias"], out["up_bias"] = _halves(ckpt.get(prefix + self.gate_up_bias, experts), 1, self.interleaved)
         if self.down_bias is not None and prefix + self.down_bias in ckpt:
             out["down_bias"] = ckpt.get(prefix + self.down_bias, experts)
         return out
 
     def parts(self, ckpt: Checkpoint, prefix: str, expert: int) -> list[ExpertPart] | None:
-        """Where expert `expert`'s weights lie (`ExpertPart`); None where biases are stored too."""
-        if any(name is not None and prefix + name in ckpt for name in (self.gate_up_bias, self.down_bias)):
+        """Where expert `expert`'s weights lie (`ExpertPart`); None where biases are stored too or gate_up
+        is interleaved."""
+        if self.interleaved or any(name is not None and prefix + name in ckpt for name in (self.gate_up_bias, self.down_bias)):
             return None
         return [ExpertPart(prefix + self.gate_up, expert, "gate_up"), ExpertPart(prefix + self.down, expert, "down")]
 
@@ -319,7 +322,7 @@ class FusedGateUp:
     def encode(self, experts: ExpertsView, prefix: str, padding: int = 0) -> dict[str, Tensor]:
         """experts -> on-disk tensors; padding: gate_up entries of zeros past them (`padded`)."""
         _same_gating(experts, gated=True)
-        gate_up = torch.cat([experts.gate, experts.up], dim=1)
+        gate_up = _join(experts.gate, experts.up, self.interleaved, dim=1)
         out = {
             prefix + self.gate_up: torch.cat([gate_up, gate_up.new_zeros(padding, *gate_up.shape[1:])]),
             prefix + self.down: experts.down.contiguous(),
@@ -328,7 +331,7 @@ class FusedGateUp:
             if self.gate_up_bias is None:
                 _no_biases(experts, "fused")
             gate_bias, up_bias, down_bias = _biases(experts)
-            out[prefix + self.gate_up_bias] = torch.cat([gate_bias, up_bias], dim=1)
+            out[prefix + self.gate_up_bias] = _join(gate_bias, up_bias, self.interleaved, dim=1)
             out[prefix + self.down_bias] = down_bias
         return out
 
@@ -937,11 +940,12 @@ def _stack(ckpt: Checkpoint, keys: list[str]) -> Tensor:
     return torch.stack(tensors)
 
 
-def _join(gate: Tensor, up: Tensor, interleaved: bool) -> Tensor:
-    """The inverse of `_halves` along the last dim: alternate gate/up entries, or gate then up."""
+def _join(gate: Tensor, up: Tensor, interleaved: bool, dim: int = -1) -> Tensor:
+    """The inverse of `_halves` along `dim`: alternate gate/up entries, or gate then up."""
     if interleaved:
-        return torch.stack([gate, up], dim=-1).flatten(-2)
-    return torch.cat([gate, up], dim=-1)
+        dim %= gate.dim()
+        return torch.stack([gate, up], dim=dim + 1).flatten(dim, dim + 1)
+    return torch.cat([gate, up], dim=dim)
 
 
 def _has_bias(experts: ExpertsView) -> bool:
