@@ -258,7 +258,7 @@ def test_a_transformers_model_pads_a_sequence_that_ended_with_the_eos_token():
     assert torch.equal(generate_ids(hf, ids, 8, eos_token_id=eos), want)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3", "axk1", "gemma4_text", "minimax_m3_vl_text", "bailing_hybrid", "hy_v4", "cohere2_moe", "jetmoe", "mistral4", "longcat_flash"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3", "axk1", "gemma4_text", "minimax_m3_vl_text", "bailing_hybrid", "hy_v4", "cohere2_moe", "jetmoe", "mistral4", "longcat_flash", "inkling2_text"])
 def test_offloaded_transformers_checkpoint_decodes_like_transformers(tmp_path, family, one_thread):
     """Mixtral runs offloaded as a moelab model (`moelab.hf.conversion`), the others on transformers'
     modules with moelab's MoE blocks; the EOS token neither stops nor is forbidden on either side."""
@@ -1048,6 +1048,13 @@ def test_kv_bytes_per_token_are_what_transformers_caches(family):
     convolution layers cache none; MiniMax-M3's sparse layers cache their indexer's key beside, as do
     the indexed attention layers of dots3 and Hunyuan 4 that run an indexer)."""
     model = build(family).eval()
+    held = _cached_kv_bytes(model)
+    assert kv_bytes_per_token(model, torch.float32) * 2 * 5 == held
+    assert kv_bytes_per_token(model, torch.bfloat16) * 2 * 5 == held // 2
+
+
+def _cached_kv_bytes(model) -> int:
+    """Bytes of keys and values (and indexer keys) transformers' cache holds after 2 sequences of 5 tokens."""
     with torch.no_grad():
         cache = model(torch.randint(0, 32, (2, 5)), use_cache=True).past_key_values
     # LFM2-MoE's convolution layers hold a fixed-size state, no keys or values; Nemotron-H's MoE layers none;
@@ -1058,9 +1065,17 @@ def test_kv_bytes_per_token_are_what_transformers_caches(family):
         for name in ("keys", "values", "idx_keys", "indexer_keys")
         if (t := getattr(layer, name, None)) is not None and t.numel()
     }
-    held = sum(t.nbytes for t in tensors.values())
+    return sum(t.nbytes for t in tensors.values())
+
+
+def test_kv_bytes_per_token_count_each_pass_of_inkling2_loops_looped_layers():
+    """Inkling 2 Loop keeps a cache of its own for each pass through its looped layers (here layer 1 of
+    3, 3 passes: 5 layer caches), its sliding layers with their own sizes (1 KV head, the full layer 2)."""
+    config = dict(TINY["inkling2_text"].config, num_hidden_layers=3, layer_types=["hybrid_sliding"] * 2 + ["hybrid"])
+    model = build("inkling2_loop_text", **config, loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=3)
+    held = _cached_kv_bytes(model.eval())
+    assert held == (4 * 2 * 1 * 8 + 2 * 2 * 8) * 4 * 2 * 5  # 4 sliding layer caches, 1 full one, fp32
     assert kv_bytes_per_token(model, torch.float32) * 2 * 5 == held
-    assert kv_bytes_per_token(model, torch.bfloat16) * 2 * 5 == held // 2
 
 
 def test_kv_bytes_per_token_leave_out_the_indexer_key_of_layers_that_share_one():

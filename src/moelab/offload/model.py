@@ -686,7 +686,9 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     dots3's sliding layers) give its sizes; MiniMax-M3's sparse layers and the indexed attention layers
     that run their own indexer (dots3, Hunyuan 4, Qwen4-Exp, GLM-5-Next: its key beside a pool gate
     score and a flag) cache their indexer's key too; DeepSeek-V4's layers: `_deepseek_v4_bytes`;
-    Qwen4-Exp's cache keeps its indexers' 3-D positions beside, once: 3 int64 a token).
+    Qwen4-Exp's cache keeps its indexers' 3-D positions beside, once: 3 int64 a token; Inkling 2's
+    "hybrid" and "hybrid_sliding" layers, the latter with its swa_ sizes, Inkling 2 Loop's looped
+    layers once a pass).
     A sliding-window layer is counted at every position: transformers' cache holds a prompt's keys
     whole until the first decoding step."""
     size, config = torch.empty((), dtype=dtype).element_size(), model.config
@@ -700,7 +702,7 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
         if types[i] in (getattr(layer_config, "compress_rates", None) or {}):
             total += _deepseek_v4_bytes(layer_config, types[i], size, wide)
         else:
-            total += _kv_entries(layer_config, types[i], i) * size
+            total += _kv_entries(layer_config, types[i], i) * size * _cached_passes(config, i)
     if str(config.model_type).startswith("qwen4_exp") and INDEXED in types:  # its first indexed layer's
         total += 3 * torch.empty((), dtype=torch.long).element_size()  # indexer_position_ids [3, B, S]
     return total
@@ -768,6 +770,8 @@ def _kv_entries(config, layer_type: str, index: int) -> int:
     indexer = width if keyed else 0
     if getattr(config, "kv_lora_rank", None):
         return config.kv_lora_rank + config.qk_rope_head_dim + indexer
+    if layer_type == INKLING2_ATTENTION[1]:  # Inkling 2's sliding layers: sizes of their own
+        return 2 * config.swa_num_key_value_heads * config.swa_head_dim
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * heads * head_dim + indexer
@@ -855,6 +859,7 @@ def _deepseek_v4_sequence_bytes(
 
 MINIMAX_M3_SPARSE = "minimax_m3_sparse"  # MiniMax-M3's block-sparse attention layers (an indexer beside)
 INDEXED = "indexed_attention"  # DeepSeek sparse attention's layers (dots3, Hunyuan 4): an indexer beside
+INKLING2_ATTENTION = ("hybrid", "hybrid_sliding")  # Inkling 2's full and sliding-window attention layers
 
 
 def _layer_types(config) -> list[str]:
@@ -868,7 +873,17 @@ def _layer_types(config) -> list[str]:
 def _attention_layers(types: list[str]) -> list[int]:
     """The layers that cache keys and values per token: attention layers, not LFM2's short convolutions
     or linear attention (a fixed-size state per sequence)."""
-    return [i for i, t in enumerate(types) if (t.endswith("attention") and t != "linear_attention") or t == MINIMAX_M3_SPARSE]
+    return [
+        i for i, t in enumerate(types)
+        if (t.endswith("attention") and t != "linear_attention") or t in (MINIMAX_M3_SPARSE, *INKLING2_ATTENTION)
+    ]  # fmt: skip
+
+
+def _cached_passes(config, index: int) -> int:
+    """How many caches of its own layer `index` keeps: loop_num_passes for Inkling 2 Loop's looped
+    layers (loop_layer_index_start to loop_layer_index_end - 1: each pass its own), else 1."""
+    start, end = getattr(config, "loop_layer_index_start", None), getattr(config, "loop_layer_index_end", None)
+    return config.loop_num_passes if start is not None and start <= index < end else 1
 
 
 def _tie_output_head(model: nn.Module) -> None:
