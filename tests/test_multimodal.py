@@ -7,6 +7,7 @@ its language model stored under model. beside its SAM and vision encoders (model
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -914,18 +915,31 @@ def test_deepseek_ocr2_writes_its_language_model_and_copies_the_towers(tmp_path,
 def test_deepseek_ocr2_runs_layer_by_layer_and_decodes_offloaded_as_transformers(tmp_path, original, one_thread):
     """DeepSeek-OCR 2's decoder layers run layer by layer give what they give in transformers' forward
     pass of the whole model on text; decoded offloaded, its greedy tokens are transformers' generate's."""
-    from test_layerwise import assert_layers_are_transformers
     from transformers import DeepseekOcr2ForConditionalGeneration
 
     source = ocr2_source(tmp_path / "src", original)
     model = DeepseekOcr2ForConditionalGeneration.from_pretrained(source, experts_implementation="eager").eval()
+    with layerwise_and_offloaded_as(model, source):
+        pass
+
+
+PROMPT = torch.tensor([[1, 5, 9, 33, 2]])
+
+
+@contextlib.contextmanager
+def layerwise_and_offloaded_as(model, source: Path):
+    """Checks that `source`'s decoder layers run layer by layer as in transformers' `model`, and that
+    offloaded (half the experts resident) it decodes `model`'s greedy tokens of PROMPT; yields the
+    offloaded model for more checks (closed after)."""
+    from test_layerwise import assert_layers_are_transformers
+
     ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
     assert_layers_are_transformers(source, model, [ids, ids[:1, :5]])
-    prompt = torch.tensor([[1, 5, 9, 33, 2]])
-    want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    want = model.generate(PROMPT, attention_mask=torch.ones_like(PROMPT), max_new_tokens=6, do_sample=False)
     offloaded = load_offloaded(source, resident=0.5)
     try:
-        assert torch.equal(offloaded.generate(prompt, 6), want)
+        assert torch.equal(offloaded.generate(PROMPT, 6), want)
+        yield offloaded
     finally:
         offloaded.close()
 
@@ -1031,22 +1045,11 @@ def test_ernie_4_5_vl_runs_layer_by_layer_and_decodes_offloaded_on_text(tmp_path
     """ERNIE-4.5-VL's decoder layers run layer by layer as in transformers' forward pass on text, and
     decoded offloaded its greedy tokens are transformers'; the vision experts are neither read nor run:
     a stand-in holds their place, refusing image and video tokens."""
-    from test_layerwise import assert_layers_are_transformers
-
     source = ernie_vl_source(tmp_path / "src", original)
-    model = load_causal_lm(source)
-    ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
-    assert_layers_are_transformers(source, model, [ids, ids[:1, :5]])
-    prompt = torch.tensor([[1, 5, 9, 33, 2]])
-    want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
-    offloaded = load_offloaded(source, resident=0.5)
-    try:
-        assert torch.equal(offloaded.generate(prompt, 6), want)
+    with layerwise_and_offloaded_as(load_causal_lm(source), source) as offloaded:
         assert not [name for name, _ in offloaded.model.named_parameters() if "vision" in name]
         with pytest.raises(CheckpointError, match="its mlp.vision_moe .* is not loaded"):
-            offloaded.model(prompt, moe_mm_token_type_ids=torch.tensor([[0, 0, 1, 1, 0]]))
-    finally:
-        offloaded.close()
+            offloaded.model(PROMPT, moe_mm_token_type_ids=torch.tensor([[0, 0, 1, 1, 0]]))
 
 
 @pytest.mark.parametrize("original", [True, False], ids=["released", "transformers-names"])
