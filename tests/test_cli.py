@@ -269,6 +269,15 @@ def test_generate_in_memory_and_offloaded_give_the_same_text():
     assert refused.exit_code != 0 and "cannot read ahead (policy 'lookahead')" in str(refused.exception) + refused.output
 
 
+def test_generate_refuses_a_checkpoint_directory_given_as_the_first_prompt():
+    """`moelab generate DIR "text"` decoded both as prompts of the default model; the directory is
+    named as what it is, with the option that takes it."""
+    model = str(reference_model_dir("ref-8e-top2"))
+    result = runner.invoke(app, ["generate", model, "The king said", "--max-new-tokens", "2"])
+    assert result.exit_code != 0
+    assert f"the first prompt {model!r} is a checkpoint directory, not text: give the model as --model" in str(result.exception) + result.output
+
+
 def test_generate_prints_a_batch_verbatim_and_its_decode_hit_rate():
     """Several prompts: each text as decoded (no wrapping at the console's width), and the expert
     cache's hit rate over the decode steps (a step of B prompts reads B tokens' experts)."""

@@ -755,6 +755,10 @@ def generate_cmd(
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed or 0)
     elif seed is not None:
         raise ValueError("--seed seeds sampling: add --temperature, --top-p or --top-k (else it is greedy)")
+    if model is None and (Path(prompts[0]) / "config.json").is_file():  # `moelab generate DIR "text"`
+        raise ValueError(
+            f"the first prompt {prompts[0]!r} is a checkpoint directory, not text: give the model as --model {prompts[0]}"
+        )
     path = _model_dir(model)
     offloaded = resident is not None or memory_budget is not None
     offload_only = {"--prior": prior is not None, "--policy": policy != "reuse", "--host-memory": host_memory}
