@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from hf_tiny import TINY, build
+from hf_tiny import TINY, build, load
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from quantized_tiny import fp8_release
@@ -1068,11 +1068,17 @@ def _cached_kv_bytes(model) -> int:
     return sum(t.nbytes for t in tensors.values())
 
 
+INKLING2_LOOP_LAYERS = dict(
+    TINY["inkling2_text"].config, num_hidden_layers=3, layer_types=["hybrid_sliding"] * 2 + ["hybrid"]
+)
+# Inkling 2 Loop: 3 passes through layer 1 of 3
+INKLING2_LOOP = dict(INKLING2_LOOP_LAYERS, loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=3)
+
+
 def test_kv_bytes_per_token_count_each_pass_of_inkling2_loops_looped_layers():
     """Inkling 2 Loop keeps a cache of its own for each pass through its looped layers (here layer 1 of
     3, 3 passes: 5 layer caches), its sliding layers with their own sizes (1 KV head, the full layer 2)."""
-    config = dict(TINY["inkling2_text"].config, num_hidden_layers=3, layer_types=["hybrid_sliding"] * 2 + ["hybrid"])
-    model = build("inkling2_loop_text", **config, loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=3)
+    model = build("inkling2_loop_text", **INKLING2_LOOP)
     held = _cached_kv_bytes(model.eval())
     assert held == (4 * 2 * 1 * 8 + 2 * 2 * 8) * 4 * 2 * 5  # 4 sliding layer caches, 1 full one, fp32
     assert kv_bytes_per_token(model, torch.float32) * 2 * 5 == held
@@ -1158,6 +1164,26 @@ def test_state_bytes_per_sequence_count_qwen4_exps_convolutions_and_ngram_histor
     # its Gated DeltaNet: a window of 4 over q, k, v (64 channels) and 4 heads' 8 x 8 float32 state;
     # its PLE: a dilated window of (4 - 1) x 3 over 2 streams x 32 channels; 2 previous token ids
     assert state == 64 * 4 * 4 + 4 * 8 * 8 * 4 + 64 * 9 * 4 + 2 * 8
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_state_bytes_per_sequence_count_inkling2s_short_convolutions(tmp_path, loop):
+    """Inkling 2's four short convolutions a layer (key and value: static in sliding layers, dynamic in
+    full ones; after attention; after the MLP) keep a float32 window of 4 per channel, in bf16 too, and
+    Inkling 2 Loop's looped layers one a pass (layer 1 of 3, 3 passes); a memory budget counts them."""
+    model = build("inkling2_loop_text", **INKLING2_LOOP) if loop else build("inkling2_text", **INKLING2_LOOP_LAYERS)
+    model.save_pretrained(tmp_path, save_original_format=not loop)  # see the next test
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load(tmp_path, dtype)
+        with torch.no_grad():
+            cache = model(torch.randint(3, 32, (2, 5)), use_cache=True).past_key_values
+        # channels: a sliding layer's key and value 1 x 8 each, the full one's 2 x 8; after attention and MLP 32
+        sliding, full = 2 * 8 + 2 * 32, 2 * 16 + 2 * 32
+        assert state_bytes_per_sequence(model, dtype) == (sliding * (4 if loop else 2) + full) * 4 * 4
+        assert held_state(cache) == 2 * state_bytes_per_sequence(model, dtype)
+    offloaded = load_offloaded(tmp_path, memory_budget=2**26, kv_cache_tokens=16, kv_cache_sequences=2)
+    assert offloaded.state_bytes == state_bytes_per_sequence(model, torch.float32)
+    offloaded.close()
 
 
 def test_models_without_recurrent_layers_keep_no_state():

@@ -717,15 +717,21 @@ def state_bytes_per_sequence(model: nn.Module, dtype: torch.dtype, num_layers: i
     state (its A_log, channels x state size), Mamba-2's (heads x head_dim x state size), Gated
     DeltaNet's (value heads x key x value head_dim) and KDA's (heads x head_dim²), in float32
     (their PyTorch paths and kernels keep it so in bf16 too); MiniMax's lightning attention's
-    (heads x head_dim², in `dtype`); Qwen4-Exp's n-gram context (its previous token ids, int64).
+    (heads x head_dim², in `dtype`); Qwen4-Exp's n-gram context (its previous token ids, int64);
+    Inkling 2's short convolutions (four a layer, static or dynamic: channels x kernel, in float32 whatever
+    `dtype`; Inkling 2 Loop's looped layers once a pass).
     0 for moelab's models and those without recurrent layers. A recurrent mixer it cannot size is
     an error, not a count that leaves it out. num_layers: the decoder layers, where the config's
     num_hidden_layers counts otherwise (LongCat-Flash's: its attention sublayers, two a layer)."""
     if isinstance(model, MoETransformer):
         return 0
     size = torch.empty((), dtype=dtype).element_size()
-    _, layers = decoder_layers(model, num_layers or model.config.get_text_config().num_hidden_layers)
-    return sum(_state_bytes(module, size, index) for index, layer in enumerate(layers) for module in layer.modules())
+    config = model.config.get_text_config()
+    _, layers = decoder_layers(model, num_layers or config.num_hidden_layers)
+    return sum(
+        _state_bytes(module, size, index) * _cached_passes(config, index)
+        for index, layer in enumerate(layers) for module in layer.modules()
+    )  # fmt: skip
 
 
 def _state_bytes(module: nn.Module, size: int, index: int) -> int:
@@ -735,6 +741,9 @@ def _state_bytes(module: nn.Module, size: int, index: int) -> int:
         return module.num_attention_heads * module.head_dim**2 * size
     if hasattr(module, "context_len") and hasattr(module, "ngram_size"):  # Qwen4-Exp's n-gram token history
         return module.context_len * torch.empty((), dtype=torch.long).element_size()
+    if type(module).__name__.endswith("ShortConvolution"):  # Inkling 2's, static or dynamic: a float32 window
+        channels = module.conv1d.in_channels if hasattr(module, "conv1d") else module.static_weight.shape[1]
+        return channels * module.conv_kernel_size * 4
     convs = [c for c in module.children() if isinstance(c, nn.Conv1d)]
     if not convs:
         return 0
