@@ -1166,6 +1166,24 @@ def test_state_bytes_per_sequence_count_qwen4_exps_convolutions_and_ngram_histor
     assert state == 64 * 4 * 4 + 4 * 8 * 8 * 4 + 64 * 9 * 4 + 2 * 8
 
 
+def test_inkling2_loop_decodes_offloaded_under_transformers_names_its_release_refused(tmp_path, one_thread):
+    """Inkling 2 Loop under transformers' names decodes offloaded as transformers does; as released (and saved
+    by default) its message queries are two tensors transformers merges on loading: refused by name."""
+    torch.manual_seed(0)
+    model = build("inkling2_loop_text", **INKLING2_LOOP).eval()
+    model.save_pretrained(tmp_path / "released")
+    stored = "middle_cycle_cross_pass_queries and middle_cycle_cross_pass_kv_queries"
+    with pytest.raises(CheckpointError, match=rf"message_input.query is stored as {stored}, which transformers merges"):
+        load_offloaded(tmp_path / "released", resident=0.5)
+    model.save_pretrained(tmp_path / "names", save_original_format=False)
+    ids = torch.randint(0, 64, (1, 6))
+    offloaded = load_offloaded(tmp_path / "names", resident=0.5)
+    try:
+        assert torch.equal(offloaded.generate(ids, 8), generate_ids(model, ids, 8))
+    finally:
+        offloaded.close()
+
+
 @pytest.mark.parametrize("loop", [False, True])
 def test_state_bytes_per_sequence_count_inkling2s_short_convolutions(tmp_path, loop):
     """Inkling 2's four short convolutions a layer (key and value: static in sliding layers, dynamic in

@@ -47,6 +47,7 @@ from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.hf.modules import MoEModules, beside_language_model, decoder_layers, find_moe_modules
 from moelab.hf.mtp import MTPModule
 from moelab.hf.native import moe_layer_from_view
+from moelab.hf.stored_names import conversion_merges
 from moelab.hf.view import ModelView, MoELayerView
 from moelab.memory import release_freed_memory
 from moelab.nn.moe import MoELayer, MoEResult
@@ -752,7 +753,7 @@ def load_tensors(
             key, rows = _fused_rows(module, name, checkpoint, prefix, splits, renames) or (key, None)
         parts = [key] if key in checkpoint else shard_keys(checkpoint, prefix + name, shards, renames)
         if not parts:
-            raise CheckpointError(f"{checkpoint.directory}: {key} is not in the checkpoint; the model cannot be run")
+            raise CheckpointError(_missing(checkpoint, key, module))
         key = parts[0] if len(parts) == 1 else f"{parts[0]}..{parts[-1]}"
         current = module.get_parameter(name) if name in params else module.get_buffer(name)
         wanted = tuple(current.shape)
@@ -773,6 +774,21 @@ def load_tensors(
             if non_finite_names([(key, tensors[key, rows])]):
                 raise CheckpointError(f"{checkpoint.directory}: NaN or Inf in {key}: the weights are corrupt")
         set_tensor(module, name, tensors[key, rows])
+
+
+def _missing(checkpoint: Checkpoint, key: str, module: nn.Module) -> str:
+    """Why tensor `key` of `module` (a transformers model) cannot be read: stored as several tensors that
+    transformers merges on loading (`conversion_merges`), or not stored."""
+    config = getattr(module, "config", None)
+    model_types = () if config is None else {config.model_type, config.get_text_config().model_type}
+    for target, sources in conversion_merges(model_types):
+        if target in key:
+            return (
+                f"{checkpoint.directory}: {key} is stored as {' and '.join(sources)}, which transformers merges on "
+                "loading and moelab does not; save the model under transformers' names "
+                "(save_pretrained(..., save_original_format=False)) to run it"
+            )
+    return f"{checkpoint.directory}: {key} is not in the checkpoint; the model cannot be run"
 
 
 def _fused_rows(

@@ -75,3 +75,20 @@ def conversion_splits(model_type: str | None) -> tuple[tuple[tuple[str, ...], st
         if fused and all(parts):
             splits.append((parts, fused))
     return tuple(splits)
+
+
+def conversion_merges(model_types: Iterable[str | None]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(the in-memory name part, the stored name parts) of the tensors that transformers' conversion
+    mappings for `model_types` build from several stored ones (Inkling 2 Loop's message_input.query
+    from its two middle_cycle_cross_pass query tensors), which moelab's runs do not read; routed
+    experts' tensors (the layouts read them) left out."""
+    from transformers.core_model_loading import WeightConverter
+
+    merges = []
+    for c in (c for t in model_types if t for c in _conversions(t)):
+        if not (isinstance(c, WeightConverter) and len(c.source_patterns) > 1 and len(c.target_patterns) == 1):
+            continue
+        target, sources = _plain(c.target_patterns[0]), tuple(_plain(p) for p in c.source_patterns)
+        if target and all(sources) and ".experts." not in f".{target}":
+            merges.append((target, sources))
+    return tuple(merges)
