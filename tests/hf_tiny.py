@@ -556,9 +556,6 @@ TINY = {
 }
 
 
-# Families moelab's layer-by-layer runs (calibration) refuse: Inkling 2's layers read block_states
-LAYERS_NOT_RUN = frozenset({"inkling2_text"})
-
 # Families whose on-disk layout is one of the patterns above under other names: the view and write
 # tests check their reading and writing; test_compress's whole REAP run (calibration, scoring, writing)
 # on each of them adds about 3 s and nothing family-specific, so it runs with the slow tests.

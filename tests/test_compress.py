@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import COMPRESS_SLOW, LAYERS_NOT_RUN, TINY, build
+from hf_tiny import COMPRESS_SLOW, TINY, build
 from layer_views import make_view
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -29,7 +29,7 @@ from moelab.compress.router_fit import RouterFit
 from moelab.compress.run import REPORT_NAME, STATS_DIR, check_compression
 from moelab.compress.stats import fingerprint
 from moelab.data.tokenizer import TOKENIZER_DIR
-from moelab.hf import CheckpointError, open_checkpoint
+from moelab.hf import open_checkpoint
 from moelab.hf.adapters import FAMILIES
 from moelab.models import ModelConfig, MoETransformer, load_pretrained, save_pretrained
 from moelab.nn import MoEConfig
@@ -301,10 +301,6 @@ def test_every_transformers_family_compresses_and_loads(tmp_path, family):
     """REAP on a tiny checkpoint of each family; the writer's postconditions load it strictly in
     transformers and compare every edited layer with the masked original."""
     source = hf_model(tmp_path / "src", family)
-    if family in LAYERS_NOT_RUN:  # calibration runs layer by layer
-        with pytest.raises(CheckpointError, match="decoder layers read block_states"):
-            compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
-        return
     if FAMILIES[family].expert_count_shared_with is not None:  # the count sizes other experts too (JetMoE's)
         with pytest.raises(ValueError, match=f"reap removes or merges experts, but {family}'s .* also sizes"):
             compress(source, tmp_path / "out", method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
@@ -797,7 +793,7 @@ def test_coverage_counts_the_experts_routed_fewer_than_8_tokens(tmp_path, model_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(set(TINY) - LAYERS_NOT_RUN))
+@pytest.mark.parametrize("family", sorted(TINY))
 def test_every_method_on_every_transformers_family(tmp_path, family):
     """Each method through `compress` on a tiny checkpoint of each family, from one calibration;
     every output passes the writer's checks (strict transformers reload included)."""
@@ -867,7 +863,7 @@ def test_every_method_on_moelab_models_with_plain_or_latent_experts(tmp_path, ac
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(set(TINY) - {"jetmoe"} - LAYERS_NOT_RUN))  # JetMoE's expert count cannot change
+@pytest.mark.parametrize("family", sorted(set(TINY) - {"jetmoe"}))  # JetMoE's expert count cannot change: no pruning
 def test_router_fit_on_every_transformers_family(tmp_path, family):
     """Router re-calibration after pruning, on every family: the fitted routers pass the
     writer's checks (the edited layer reproduced, strict transformers reload)."""

@@ -241,7 +241,7 @@ def run_calibration(
                 if not last or mtp_pending:  # the MTP layer starts from the last layer's output
                     save_safetensors(with_carry(states, runner.carry_read_by(index + 1)), resume_file)
                 if last and backward:
-                    save_tape(directory, rank, world, index + 1, states)
+                    save_tape(directory, rank, world, index + 1, states, runner.carry_read_by(index + 1))
                 info["done"] = index
                 if rank == 0:
                     write_info(directory, info)

@@ -44,21 +44,26 @@ def save_tape(
     save_safetensors(with_carry(states, carry), tape_file(directory, rank, world, index))
 
 
-def with_carry(states: list[Tensor], carry: list[Tensor | None]) -> dict[str, Tensor]:
-    """{batch<b>: states[b], carry<b>: carry[b] where it is not None}: a snapshot of the layer-by-layer run."""
-    saved = {f"batch{b}": s.contiguous() for b, s in enumerate(states)}
-    return saved | {f"carry{b}": c.contiguous() for b, c in enumerate(carry) if c is not None}
+def with_carry(states: list[Tensor], carry: list[Tensor | None], prefix: str = "batch") -> dict[str, Tensor]:
+    """{<prefix><b>: states[b], <prefix>carry<b>: carry[b] where it is not None}: a snapshot of the
+    layer-by-layer run (prefix "batch": its states and `carry`; "grad": the backward sweep's gradients and
+    `carry_grad`). The forward's carried values are saved as carry<b>."""
+    saved = {f"{prefix}{b}": s.contiguous() for b, s in enumerate(states)}
+    return saved | {f"{_carry_prefix(prefix)}{b}": c.contiguous() for b, c in enumerate(carry) if c is not None}
 
 
-def load_snapshot(path: Path, count: int, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor | None]]:
-    """(states in `dtype`, carried values) of a snapshot (`with_carry`) of `count` batches."""
+def load_snapshot(
+    path: Path, count: int, dtype: torch.dtype, prefix: str = "batch"
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    """(states or gradients in `dtype`, carried values or their gradients) of a snapshot (`with_carry`)
+    of `count` batches."""
     saved = load_safetensors(path)
-    return [saved[f"batch{b}"].to(dtype) for b in range(count)], [saved.get(f"carry{b}") for b in range(count)]
+    carried = _carry_prefix(prefix)
+    return [saved[f"{prefix}{b}"].to(dtype) for b in range(count)], [saved.get(f"{carried}{b}") for b in range(count)]
 
 
-def _load_batches(path: Path, prefix: str, count: int, dtype: torch.dtype) -> list[Tensor]:
-    saved = load_safetensors(path)
-    return [saved[f"{prefix}{b}"].to(dtype) for b in range(count)]
+def _carry_prefix(prefix: str) -> str:
+    return "carry" if prefix == "batch" else f"{prefix}carry"
 
 
 def backward_sweep(
@@ -79,15 +84,17 @@ def backward_sweep(
 ) -> None:
     """Run the backward sweep over this process's batches (`ids` [B, S] each, with their
     `tokens`) and add the statistics of the observers `names` to every MoE layer's file in
-    `directory`. info["backward_next"] is the next layer to process (saved with the gradients
-    in `resume_file`); a sweep that finds both continues from there."""
+    `directory`. info["backward_next"] is the next layer to process (saved with the gradients,
+    and those of block_states gathered so far: `LayerwiseModel.carry_grad`, in `resume_file`);
+    a sweep that finds both continues from there."""
     dtype = runner.dtype
     top = runner.num_layers - 1
     start = info.get("backward_next")
     if start is not None and resume_file.is_file():
-        grads = _load_batches(resume_file, "grad", len(ids), dtype)
+        grads, runner.carry_grad = load_snapshot(resume_file, len(ids), dtype, prefix="grad")
     else:
-        final = _load_batches(tape_file(directory, rank, world, top + 1), "batch", len(ids), dtype)
+        # the carry: block_states, which the final input reads
+        final, runner.carry = load_snapshot(tape_file(directory, rank, world, top + 1), len(ids), dtype)
         grads = runner.head_gradients(ids, final, 1.0 / predicted_tokens)
         del final
         start = top
@@ -100,7 +107,7 @@ def backward_sweep(
             _add_to_layer(directory, index, results, world, rank)
         now = time.perf_counter()
         if index > 0 and agreed(now - snapped >= snapshot_seconds, world, "max"):
-            save_safetensors({f"grad{b}": g.contiguous() for b, g in enumerate(grads)}, resume_file)
+            save_safetensors(with_carry(grads, runner.carry_grad, prefix="grad"), resume_file)
             info["backward_next"] = index - 1
             if rank == 0:
                 write_info(directory, info)

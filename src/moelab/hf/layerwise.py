@@ -69,6 +69,7 @@ def token_context(moe: MoELayer, kwargs: dict) -> dict[str, Tensor] | None:
 
 CARRIED = "prev_topk_indices"  # GLM-5's DSA: a "shared" layer reuses the top-k of the full layer before it
 BLOCK_STATES = "block_states"  # Inkling 2: each layer attends over the inputs of earlier blocks of layers
+LOOP_MESSAGES = "messages"  # Inkling 2 Loop: a looped layer's later passes read the pass before's
 
 
 class _Stop(Exception):
@@ -82,9 +83,13 @@ class LayerwiseModel:
     routed experts; mtp_layers: the multi-token prediction layer's index past them, if the
     checkpoint stores one with routed experts (`Family.mtp_layers`; none for a chain of several).
     dtype: the dtype layers compute in (tensors are cast as they are read). carried: the name of
-    what a decoder layer hands the next one besides the hidden states (GLM-5's DSA top-k), None for
-    most families; carry: per batch, the value of it the next layer run reads (calibration saves it
-    with the hidden states).
+    what a decoder layer reads besides the hidden states and the recorded inputs, None for most
+    families: GLM-5's DSA top-k (CARRIED), which a layer hands the next one, or Inkling 2's
+    block_states [B, S, K, D] (BLOCK_STATES), the inputs of the K block-boundary layers run so far,
+    which the run appends to (transformers' model loop does) and the final norm reads through the
+    model's final_input; carry: per batch, the value of it the next layer run reads (calibration
+    saves it with the hidden states); carry_grad: per batch, for block_states, the gradient of the
+    loss with respect to them gathered so far by the backward run (`head_gradients`, `layer_backward`).
     """
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype = torch.float32):
@@ -105,17 +110,19 @@ class LayerwiseModel:
                 f"{self.path}: the model's decoder layers are named {self._layers_name}.N in memory but "
                 f"{expected.replace('0', 'N')} on disk; this family cannot be run layer by layer"
             )
-        # what a decoder layer hands the next one besides the hidden states (GLM-5's DSA top-k indices)
-        carried = inspect.signature(type(self._layers[0]).forward).parameters
-        if BLOCK_STATES in carried:
-            raise CheckpointError(
-                f"{self.path}: its decoder layers read block_states (Inkling 2's attention residuals over the inputs "
-                "of earlier blocks of layers), which moelab's layer-by-layer runs do not hand from layer to layer; "
-                "calibration, and so compress, cannot run on it (the checkpoint view, the writer and offloaded "
-                "decoding can)"
-            )
-        self.carried: str | None = CARRIED if CARRIED in carried else None
+        # what a decoder layer reads that an earlier layer makes besides the hidden states (GLM-5's DSA
+        # top-k, Inkling 2's block_states)
+        parameters = _parameters(self._layers[0])
+        self.carried: str | None = next((name for name in (CARRIED, BLOCK_STATES) if name in parameters), None)
         self.carry: list[Tensor | None] = []  # per batch: the carried value the next layer run reads
+        self.carry_grad: list[Tensor | None] = []  # per batch: d loss / d block_states [B, S, K, D]
+        if looped := [i for i, layer in enumerate(self._layers) if LOOP_MESSAGES in _parameters(layer)]:
+            raise CheckpointError(
+                f"{self.path}: Inkling 2 Loop runs its looped decoder layers ({looped[0]}..{looped[-1]}) several "
+                "times a forward pass, each pass after the first reading messages from the one before, and moelab's "
+                "layer-by-layer runs run each layer once; calibration, and so compress, cannot run on it (the "
+                "checkpoint view, the writer and offloaded decoding can)"
+            )
         self.moe_layers = self.family.moe_layers(self._ckpt, config)
         # moelab runs one MTP layer, not a chain of them: a checkpoint storing
         # several runs its decoder layers alone (compress refuses to prune such layers, and drops them)
@@ -143,8 +150,13 @@ class LayerwiseModel:
                 except _Stop:
                     pass
         self._calls = [calls for _, calls in recorded]
-        self.carry = [None] * len(recorded)
+        self.carry = [self._no_blocks(hidden) for hidden, _ in recorded]
+        self.carry_grad = [None] * len(recorded)
         return [hidden for hidden, _ in recorded]
+
+    def _no_blocks(self, hidden: Tensor) -> Tensor | None:
+        """What layer 0 is handed: for block_states, none yet [B, S, 0, D]; else nothing."""
+        return hidden.new_zeros(*hidden.shape[:-1], 0, hidden.shape[-1]) if self.carried == BLOCK_STATES else None
 
     @contextlib.contextmanager
     def layer(
@@ -154,15 +166,18 @@ class LayerwiseModel:
         the layer's output [B, S, D]. run_moe(moe, x [..., D], context=...) -> y computes its MoE block
         (default: the MoELayer itself); it gets the routed experts in their stored dtype (the
         grouped kernels cast one expert at a time), so a layer never holds a second copy. Where
-        layers hand a value on (`carried`), run reads carry[batch] and leaves the layer's there:
-        run the layers in order."""
+        layers hand a value on (`carried`), run reads carry[batch] and leaves the next layer's there
+        (the layer's own, or block_states with a block-boundary layer's input appended): run the
+        layers in order."""
         with self._loaded(index, run_moe, cast_experts=run_moe is None) as module:
 
             def run(batch: int, hidden: Tensor) -> Tensor:
                 with torch.no_grad():
                     out = module(hidden, *self._inputs(batch, index)[0], **self._kwargs(batch, index))
-                if self.carried is not None and index not in self._mtp_modules:
+                if self.carried == CARRIED and index not in self._mtp_modules:
                     self.carry[batch] = out[1]
+                if self.carried == BLOCK_STATES and module.is_block_boundary:
+                    self.carry[batch] = torch.cat([self.carry[batch], hidden.unsqueeze(-2)], dim=-2)
                 return out[0] if isinstance(out, tuple) else out
 
             yield run
@@ -175,33 +190,83 @@ class LayerwiseModel:
         grad_out [B, S, D]) -> grad_in [B, S, D], the gradient with respect to the layer's input
         given the one with respect to its output (the layer is recomputed under autograd; its
         weights, the experts cast to `dtype`, need no gradient; it reads carry[batch] as the value
-        the layer before handed it)."""
+        the layer before handed it). For block_states, grad_out is the gradient through the layers
+        above alone: the layer's gradient with respect to its block_states is added to
+        carry_grad[batch], and a block-boundary layer's input also gets what carry_grad holds for
+        its slot (what the layers above and the final input read of it): run the layers from the
+        top down, after `head_gradients`."""
         with self._loaded(index, run_moe, cast_experts=True) as module:
 
             def vjp(batch: int, hidden: Tensor, grad_out: Tensor) -> Tensor:
+                kwargs = self._kwargs(batch, index)
                 with torch.enable_grad():
-                    x = hidden.detach().requires_grad_(True)
-                    out = module(x, *self._inputs(batch, index)[0], **self._kwargs(batch, index))
-                    (grad,) = torch.autograd.grad(out[0] if isinstance(out, tuple) else out, x, grad_out)
-                return grad
+                    inputs = [hidden.detach().requires_grad_(True)]
+                    if self.carried == BLOCK_STATES:
+                        inputs.append(kwargs[BLOCK_STATES].detach().requires_grad_(True))
+                        kwargs[BLOCK_STATES] = inputs[1]
+                    out = module(inputs[0], *self._inputs(batch, index)[0], **kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True, materialize_grads=True)
+                if self.carried != BLOCK_STATES:
+                    return grads[0]
+                return self._through_block_states(batch, index, module.is_block_boundary, *grads)
 
             yield vjp
+
+    def _through_block_states(
+        self, batch: int, index: int, boundary: bool, grad: Tensor, grad_blocks: Tensor
+    ) -> Tensor:
+        """Layer `index`'s input gradient grad [B, S, D] plus, at a block boundary, what carry_grad[batch]
+        holds for the slot of its input; grad_blocks [B, S, K, D], its gradient with respect to the
+        block_states it read, added to carry_grad[batch], whose slots past K are then done."""
+        gathered, slots = self.carry_grad[batch], grad_blocks.shape[-2]
+        if gathered is None or gathered.shape[-2] != slots + boundary:
+            raise RuntimeError(
+                f"layer {index} reads {slots} block states, but the backward run holds the gradients of "
+                f"{None if gathered is None else gathered.shape[-2]}: call head_gradients() first and run the "
+                "layers from the top down"
+            )
+        gathered = gathered[..., :slots, :] + grad_blocks
+        if boundary:
+            grad = grad + self.carry_grad[batch][..., slots, :]
+        self.carry_grad[batch] = gathered
+        return grad
 
     def head_gradients(
         self, batches: Sequence[Tensor], states: Sequence[Tensor], scale: float
     ) -> list[Tensor]:
         """The gradient of `scale` x the summed next-token cross-entropy of each batch of ids
         [B, S] with respect to the last decoder layer's output states [B, S, D], computed by the
-        model's own final norm and output head (one sequence at a time)."""
+        model's own final norm and output head (one sequence at a time). For block_states, the
+        head reads carry[batch] through the model's final_input, and carry_grad[batch] is set to
+        the loss's gradient with respect to them."""
         feed: list[Tensor] = []
 
-        def logits(ids: Tensor, h: Tensor) -> Tensor:
-            feed[:] = [h]
+        def logits(ids: Tensor, *inputs: Tensor) -> Tensor:
+            feed[:] = inputs
             out = self.model(ids) if self.family is NATIVE else self.model(input_ids=ids, use_cache=False)
             return out.logits[0, :-1]
 
-        with self._outside_layers(head=True), self._stand_ins([], feed=feed):
-            return _loss_gradients(batches, states, logits, scale, shift=1)
+        blocks = self.carried == BLOCK_STATES
+        inputs = [(h, self.carry[b]) if blocks else (h,) for b, h in enumerate(states)]
+        with self._outside_layers(head=True), self._stand_ins([], feed=feed), self._final_input_reads(feed):
+            grads = _loss_gradients(batches, inputs, logits, scale, shift=1)
+        if blocks:
+            self.carry_grad = [grad[1] for grad in grads]
+        return [grad[0] for grad in grads]
+
+    @contextlib.contextmanager
+    def _final_input_reads(self, feed: list[Tensor]):
+        """For block_states, the model's final_input reads feed[1] as them (the model loop's own are
+        built from the stand-ins' pass-through states); else nothing."""
+        if self.carried != BLOCK_STATES:
+            yield
+            return
+        hook = self._base_model().final_input.register_forward_pre_hook(lambda module, args: (feed[1], *args[1:]))
+        try:
+            yield
+        finally:
+            hook.remove()
 
     def mtp_states(self, batches: Sequence[Tensor], states: Sequence[Tensor]) -> list[Tensor]:
         """The states entering the multi-token prediction layer, one [B, S - 1, D] per batch of
@@ -249,7 +314,7 @@ class LayerwiseModel:
         def logits(ids: Tensor, h: Tensor) -> Tensor:
             return torch.nn.functional.linear(_normed(norm, h, weight), head)[0, :-1]
 
-        return _loss_gradients(batches, states, logits, scale, shift=2)
+        return [grad for (grad,) in _loss_gradients(batches, [(h,) for h in states], logits, scale, shift=2)]
 
     def check_mtp(self) -> None:
         """Refuse (CheckpointError) a multi-token prediction layer moelab cannot run, before it runs."""
@@ -290,7 +355,7 @@ class LayerwiseModel:
         for name, value in list(vars(config).items()):
             if isinstance(value, list) and len(value) == self.num_layers:
                 setattr(config, name, value + [value[like]] * (index + 1 - len(value)))
-        if self.carried is not None:  # GLM-5: the MTP layer runs its own DSA indexer (no earlier layer at its length)
+        if self.carried == CARRIED:  # GLM-5: the MTP layer runs its own DSA indexer (no earlier layer at its length)
             if not any(key.startswith(self.family.prefix(index) + "self_attn.indexer.") for key in self._ckpt.keys()):
                 # refused when the layer is run, not here: a run that leaves it out (--mtp drop, --no-mtp) works
                 self._mtp_refused = (
@@ -317,10 +382,14 @@ class LayerwiseModel:
             return max(i for i, kind in enumerate(types[: self.num_layers]) if kind == "full_attention")
         return self.num_layers - 1
 
-    def _final_norm(self) -> nn.Module:
-        # a vision-language skeleton's base model holds its language model (`get_decoder`), which holds the norm
+    def _base_model(self) -> nn.Module:
+        """The module that holds the decoder layers and the final norm: a vision-language skeleton's base
+        model holds its language model (`get_decoder`), which holds them."""
         base = self.model.base_model
-        base = base if hasattr(base, "norm") or not hasattr(base, "get_decoder") else base.get_decoder()
+        return base if hasattr(base, "norm") or not hasattr(base, "get_decoder") else base.get_decoder()
+
+    def _final_norm(self) -> nn.Module:
+        base = self._base_model()
         norm = getattr(base, "norm", None)
         if not isinstance(norm, nn.Module):
             raise CheckpointError(
@@ -362,7 +431,9 @@ class LayerwiseModel:
         """`carry` where layer `index` reads it, else nothing: what a snapshot of the states entering
         layer `index` must keep. GLM-5's "full" DSA layers compute their own top-k (their attention has
         an indexer) and ignore the one handed to them; its "shared" layers and a layer of unknown kind
-        read it."""
+        read it. Every layer reads block_states, and so does the final input after the last layer."""
+        if self.carried == BLOCK_STATES and index <= self.num_layers:
+            return self.carry
         if self.carried is None or index >= self.num_layers:
             return []
         attention = getattr(self._layers[index], "self_attn", None)
@@ -460,7 +531,12 @@ class LayerwiseModel:
         returns_tuple = self.family.layer_returns_tuple
 
         def stand_in(index: int):
+            # the layer's inputs after (self, hidden_states), in order
+            positional = _parameters(self._layers[index])[2:]
+
             def forward(hidden_states, *args, **kwargs):
+                if self.carried is not None:  # by name: the run hands the carried value itself (`_kwargs`)
+                    args, kwargs = (), {**dict(zip(positional, args)), **kwargs}
                 if index == 0:
                     calls.clear()
                     first[:] = [hidden_states]
@@ -470,7 +546,7 @@ class LayerwiseModel:
                     recorded.append((first[0], list(calls)))
                     if feed is None:
                         raise _Stop
-                if self.carried is not None:
+                if self.carried == CARRIED:
                     return hidden_states, kwargs.get(self.carried)
                 return (hidden_states, None, None) if returns_tuple else hidden_states
 
@@ -617,26 +693,33 @@ class MoEBlock(nn.Module):
         return y
 
 
+def _parameters(layer: nn.Module) -> list[str]:
+    """The names of a decoder layer's forward inputs, (self, hidden_states, ...) in order."""
+    return list(inspect.signature(type(layer).forward).parameters)
+
+
 def _loss_gradients(
     batches: Sequence[Tensor],
-    states: Sequence[Tensor],
-    logits: Callable[[Tensor, Tensor], Tensor],
+    inputs: Sequence[tuple[Tensor, ...]],
+    logits: Callable[..., Tensor],
     scale: float,
     shift: int,
-) -> list[Tensor]:
-    """Per batch of ids [B, S] and states [B, L, D], the gradient of `scale` x the summed
-    cross-entropy of logits(ids [1, S], states [1, L, D] requiring grad) -> [S - shift, V] against
-    ids[shift:], one sequence at a time."""
+) -> list[tuple[Tensor, ...]]:
+    """Per batch of ids [B, S] and of inputs (states [B, L, D], block_states [B, L, K, D], ...), the
+    gradients with respect to each input of `scale` x the summed cross-entropy of logits(ids [1, S],
+    *the inputs' rows [1, ...] requiring grad) -> [S - shift, V] against ids[shift:], one sequence
+    at a time."""
     grads = []
-    for ids, final in zip(batches, states):
-        grad = torch.empty_like(final)
+    for ids, tensors in zip(batches, inputs):
+        grad = tuple(torch.empty_like(t) for t in tensors)
         for row in range(ids.shape[0]):
             with torch.enable_grad():
-                h = final[row : row + 1].detach().requires_grad_(True)
-                predicted = logits(ids[row : row + 1], h)
+                rows = [t[row : row + 1].detach().requires_grad_(True) for t in tensors]
+                predicted = logits(ids[row : row + 1], *rows)
                 predicted = predicted.float() if predicted.element_size() < 4 else predicted  # bf16: in fp32
                 loss = torch.nn.functional.cross_entropy(predicted, ids[row, shift:], reduction="sum") * scale
-                (grad[row : row + 1],) = torch.autograd.grad(loss, h)
+                for g, got in zip(grad, torch.autograd.grad(loss, rows, allow_unused=True, materialize_grads=True)):
+                    g[row : row + 1] = got
         grads.append(grad)
     return grads
 

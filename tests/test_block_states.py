@@ -1,0 +1,176 @@
+"""Inkling 2's attention residuals: each decoder layer reads block_states [B, S, K, D], the inputs of
+the K block-boundary layers before it, and the final norm reads them through the model's final_input.
+The layer-by-layer run carries them (`LayerwiseModel.carry`), forward and backward (the gradient of a
+boundary layer's input gathers what every later layer and the final input read of it:
+`LayerwiseModel.carry_grad`), and calibration snapshots and tapes them, so that an interrupted run
+resumes to the same statistics. Inkling 2 Loop's looped layers, run several times a pass, are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from hf_tiny import TINY, build, load
+from test_layerwise import assert_layers_are_transformers
+from transformers import PreTrainedTokenizerFast
+
+from moelab.compress import Calibration, CalibrationOptions, calibrate, compress
+from moelab.compress.calibration import calibration_mixture, run_calibration
+from moelab.data.tokenizer import TOKENIZER_DIR
+from moelab.hf import CheckpointError
+from moelab.hf.layerwise import LayerwiseModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = CalibrationOptions(tokens=256, seq_len=32, batch_size=4, sample_tokens=32)
+BACKWARD = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",), snapshot_seconds=0.0)
+# 4 layers, blocks of 2: layers 0 and 2 are block boundaries; layer 3 reads 2 block states
+INKLING2 = dict(
+    TINY["inkling2_text"].config, vocab_size=8192, unpadded_vocab_size=8192, num_hidden_layers=4,
+    n_layers_per_attn_res_block=2, layer_types=["hybrid_sliding", "hybrid"] * 2,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("inkling2") / "src"
+    build("inkling2_text", **INKLING2).save_pretrained(path)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    return path
+
+
+def test_every_layer_s_output_is_transformers_with_block_states_carried(source):
+    batches = [torch.randint(0, 8192, (2, 9)), torch.randint(0, 8192, (1, 12))]
+    assert_layers_are_transformers(source, load(source), batches)
+
+
+def test_the_backward_run_is_autograd_through_the_whole_model(source):
+    """The head's gradients (the final input reading the carried block_states) and the layers'
+    vector-Jacobian products from the top down, each reading the block_states of its forward run,
+    against autograd through transformers' model: the gradient with respect to every layer's input and
+    the last layer's output."""
+    ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
+    runner = LayerwiseModel(source)
+    states = runner.embed([ids])
+    inputs, carried = [], []
+    for index in range(4):
+        inputs.append(states[0])
+        carried.append(runner.carry[0])
+        with runner.layer(index) as run:
+            states = [run(0, states[0])]
+    assert [c.shape[-2] for c in carried + runner.carry] == [0, 1, 1, 2, 2]
+    grads = {4: runner.head_gradients([ids], states, 1.0)[0]}
+    for index in reversed(range(4)):
+        runner.carry = [carried[index]]
+        with runner.layer_backward(index) as vjp:
+            grads[index] = vjp(0, inputs[index], grads[index + 1])
+    model = load(source)
+    seen = {}
+    modules = [*model.model.layers, model.model.final_input]
+    hooks = [
+        module.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0 if i < 4 else 1]))
+        for i, module in enumerate(modules)
+    ]
+    logits = model(input_ids=ids).logits[:, :-1]
+    for hook in hooks:
+        hook.remove()
+    for t in seen.values():
+        t.retain_grad()
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+    for index in range(5):
+        torch.testing.assert_close(grads[index], seen[index].grad, atol=1e-6, rtol=1e-4, msg=f"layer {index}")
+
+
+def test_the_backward_sweep_hands_each_layer_the_block_states_of_its_forward_run(source, tmp_path, monkeypatch):
+    """The calibration's backward sweep reads each layer's block_states from its tape and the final
+    input's from the last one: the gradient it carries down to the embeddings is autograd's through
+    transformers' model, per batch."""
+    import moelab.compress.gradients as gradients_module
+
+    real, captured = gradients_module.backward_layer, {}
+
+    def spy(runner, index, states, grads, *args):
+        result = real(runner, index, states, grads, *args)
+        if index == 0:
+            captured["grads"] = [g.clone() for g in grads]
+        return result
+
+    monkeypatch.setattr(gradients_module, "backward_layer", spy)
+    calibrate(source, tmp_path / "stats", options=BACKWARD, quiet=True)
+    mixture = calibration_mixture(source, "corpus", BACKWARD)
+    predicted = sum(w.ids.numel() - 1 for w in mixture.windows)
+    model = load(source)
+    for b, batch in enumerate(mixture.batches(BACKWARD.batch_size)):
+        ids = torch.stack([w.ids for w in batch])
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 8192), ids[:, 1:].reshape(-1), reduction="sum")
+        (expected,) = torch.autograd.grad(loss / predicted, embeds)
+        torch.testing.assert_close(captured["grads"][b], expected, atol=1e-7, rtol=1e-4, msg=f"batch {b}")
+
+
+@pytest.mark.parametrize(
+    "killed_at", [pytest.param([0, 1, 2], marks=pytest.mark.slow), [0, 1, 2, 3, 3, 2]]
+)  # the default suite keeps the kill in the backward sweep, after the forward sweep's snapshots
+def test_an_interrupted_calibration_resumes_to_the_same_statistics(source, tmp_path, monkeypatch, killed_at):
+    """Killed while writing a layer's statistics (the layers written so far: `killed_at`), before its
+    snapshot: in the forward sweep at layer 2 (layer 2, a boundary, reads the block_states of the snapshot
+    taken after layer 1), or in the backward sweep at layer 2 (resumed from the snapshot after layer 3: its
+    gradients and those of the block_states, two slots, that layer 2's input gets one of)."""
+    import moelab.compress.calibration as calibrate_module
+    import moelab.compress.gradients as gradients_module
+
+    whole = calibrate(source, tmp_path / "whole", options=BACKWARD, quiet=True).directory
+    real, written = calibrate_module.write_layer, []
+
+    def dies_in_layer(directory, stats):
+        real(directory, stats)
+        written.append(stats.layer)
+        if written == killed_at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate_module, "write_layer", dies_in_layer)
+    monkeypatch.setattr(gradients_module, "write_layer", dies_in_layer)  # the backward sweep's
+    directory = tmp_path / "partial"
+    directory.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run_calibration(source, directory, "corpus", BACKWARD, quiet=True)
+    monkeypatch.setattr(calibrate_module, "write_layer", real)
+    monkeypatch.setattr(gradients_module, "write_layer", real)
+    run_calibration(source, directory, "corpus", BACKWARD, quiet=True)
+    for index in range(4):
+        a, b = Calibration(directory).layer(index).tensors(), Calibration(whole).layer(index).tensors()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), index
+
+
+@pytest.mark.parametrize("method", ["reap", "heapr"])
+def test_inkling2_compresses(source, tmp_path, method):
+    """REAP, and HEAPr with its backward sweep; the writer's checks reload the output in transformers."""
+    report = compress(source, tmp_path / "out", method=method, ratio=0.5, calib_options=SMALL, quiet=True)
+    assert set(report["layers"]) == {"0", "1", "2", "3"} and report["reload_checked"]
+
+
+def test_a_backward_run_out_of_order_is_refused(source):
+    """A layer's vjp needs the block_states' gradients of the layers above: without head_gradients it is
+    refused, not computed without them."""
+    ids = torch.randint(0, 8192, (1, 6))
+    runner = LayerwiseModel(source)
+    states = runner.embed([ids])
+    with runner.layer(0) as run:
+        states = [run(0, states[0])]
+    runner.carry = [runner.carry[0][..., :0, :]]
+    with pytest.raises(RuntimeError, match="call head_gradients"), runner.layer_backward(0) as vjp:
+        vjp(0, states[0], torch.ones_like(states[0]))
+
+
+def test_inkling2_loop_is_refused(tmp_path):
+    """Inkling 2 Loop runs its looped layers (here layer 1 of 3) loop_num_passes times a forward pass, each
+    pass after the first reading messages from the one before: the layer-by-layer runs run each layer once."""
+    config = dict(TINY["inkling2_text"].config, num_hidden_layers=3, layer_types=["hybrid_sliding"] * 2 + ["hybrid"])
+    model = build("inkling2_loop_text", **config, loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=3)
+    model.save_pretrained(tmp_path)
+    refused = r"Inkling 2 Loop runs its looped decoder layers \(1..1\) several times .*cannot run on it"
+    with pytest.raises(CheckpointError, match=refused):
+        LayerwiseModel(tmp_path)
