@@ -1302,7 +1302,7 @@ _FAMILIES = (
            expert_count_shared_with="the attention's experts (self_attention.experts)",
            routed_elsewhere=("self_attention.experts.input_linear.weight", "self_attention.experts.output_linear.weight")),
     # Inkling 2 (through its inkling2_text language model): every layer's mlp; attention residuals over
-    # blocks of layers (block_states) that the layer-by-layer and offloaded runs do not carry
+    # blocks of layers (block_states), carried by the layer-by-layer runs (`LayerwiseModel.carry`)
     Family("inkling2_text", layouts=_INKLING2_LAYOUTS, num_experts=("n_routed_experts", "num_local_experts"),
            router_settings=_inkling2, expert_settings=_inkling2_experts, expert_width=_MOE_WIDTH,
            original_prefix="model.llm."),
