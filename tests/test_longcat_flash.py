@@ -142,6 +142,8 @@ def test_offloaded_decoding_in_a_memory_budget_with_its_two_attention_caches(tmp
     [
         (dict(zero_expert_type="zero"), "zero_expert_type 'zero'; moelab reads identity"),
         (dict(norm_topk_prob=True), "sets norm_topk_prob: the release's own code renormalises"),
+        # transformers' router computes x @ classifier.weight alone, whatever router_bias says
+        (dict(router_bias=True), "sets router_bias: the release's own code adds the classifier's bias"),
     ],
 )
 def test_configs_moelab_cannot_read_are_refused(tmp_path, change, message):
@@ -175,3 +177,4 @@ def test_the_writer_takes_top_k_among_the_experts_and_the_identity_experts(tmp_p
         assert view.layer(0).router.num_choices == 4
     with pytest.raises(ValueError, match=r"leaves 1 experts beside its 2 identity experts .* keep at least 2 experts"):
         drop_experts(src, tmp_path / "one", {0: [1, 2, 3], 1: [1, 2, 3]}, quiet=True)
+

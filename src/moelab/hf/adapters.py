@@ -439,17 +439,19 @@ def _longcat_flash(config: Config) -> dict:
     """LongCat-Flash: softmax in float32 over the E experts and the Z identity experts together,
     the top moe_topk of the scores plus the correction bias (selection only), never renormalised,
     x routed_scaling_factor. Only identity zero-computation experts (zero_expert_type) are read, and
-    norm_topk_prob, which transformers ignores and the release's own code reads, must be false."""
+    norm_topk_prob and router_bias, which transformers ignores and the release's own code reads, must
+    be false."""
     kind = config_value(config, "zero_expert_type", default="identity")
     if kind not in ("identity", None):
         raise CheckpointError(
             f"this LongCat-Flash config sets zero_expert_type {kind!r}; moelab reads identity zero-computation experts only"
         )
-    if config_flag(config, "norm_topk_prob", default=False):
-        raise CheckpointError(
-            "this LongCat-Flash config sets norm_topk_prob: the release's own code renormalises the chosen weights, "
-            "transformers does not; moelab reads it as transformers does, so set it false or leave it out"
-        )
+    for flag, what in (("norm_topk_prob", "renormalises the chosen weights"), ("router_bias", "adds the classifier's bias")):
+        if config_flag(config, flag, default=False):
+            raise CheckpointError(
+                f"this LongCat-Flash config sets {flag}: the release's own code {what}, transformers does not, so the "
+                "two compute different routings and moelab will not pick one (where the model was trained without it, set it false)"
+            )
     return {
         "score_func": "softmax",
         "top_k": config_value(config, "moe_topk", "num_experts_per_tok", default=12),
