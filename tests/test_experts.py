@@ -470,3 +470,93 @@ def test_stacked_weights_start_at_fan_in_scale(kind):
     w_in = m.gate_up_proj if kind == "swiglu" else m.up_proj
     assert abs(w_in.std().item() - 64**-0.5) < 0.01
     assert abs(m.down_proj.std().item() - 4**-0.5) < 0.03
+
+
+def _output_normed(m) -> None:
+    """Give experts m an output norm scaling first (Muse Spark's post_expert_norm), its weight drawn away from 1."""
+    from moelab.nn.norms import ScaledRMSNorm
+
+    m.output_norm = ScaledRMSNorm(D, 1e-6, scale_first=True)
+    with torch.no_grad():
+        m.output_norm.weight.copy_(1 + 0.5 * torch.randn(D, generator=torch.Generator().manual_seed(3)))
+
+
+def _norm64(weight):
+    """The output norm's formula in float64: y [D] -> (y * weight) / sqrt(mean((y * weight)^2) + 1e-6)."""
+    return lambda y: (y * weight) / ((y * weight).pow(2).mean() + 1e-6).sqrt()
+
+
+def _normed_reference(x, indices, weights, p, norm):
+    """[T, D] sum over a token's slots of w * norm(expert(x)), in float64 from the definition (-1: empty)."""
+    rows = []
+    for t in range(x.shape[0]):
+        y = x.new_zeros(D)
+        for e, w in zip(indices[t].tolist(), weights[t]):
+            if e >= 0:
+                h = p["gate_up_proj"][e] @ x[t] + p["gate_up_bias"][e]
+                y = y + w * norm(p["down_proj"][e] @ (silu(h[:I]) * h[I:]) + p["down_bias"][e])
+        rows.append(y)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_output_norm_comes_before_the_routing_weight_on_every_backend(backend):
+    """Each expert's output normed, then weighted (the backends that scale the hidden rows by the weight
+    leave it to after the norm): forward and backward against the float64 formula, and the
+    hidden-then-project split (HEAPr's) is the forward unweighted."""
+    m = _experts("swiglu", True, backend)
+    _output_normed(m)
+    g = torch.Generator().manual_seed(1)
+    N = sum(COUNTS)
+    xs = (2 * torch.randn(N, D, generator=g)).requires_grad_(True)
+    rw = (torch.rand(N, generator=g) + 0.5).requires_grad_(True)
+    leaves = {n: t.detach().double().requires_grad_(True) for n, t in m.named_parameters()}
+    norm = _norm64(leaves["output_norm.weight"])
+    xr, rwr = f64_leaf(xs), f64_leaf(rw)
+    row_expert = torch.repeat_interleave(torch.arange(E), torch.tensor(COUNTS))
+    ref = _normed_reference(xr, row_expert[:, None], rwr[:, None], leaves, norm)
+    ys = m(xs, list(COUNTS), rw)
+    assert_close(ys, ref, what="ys")
+    G = torch.randn(N, D, generator=g, dtype=F64)
+    (ys.double() * G).sum().backward()
+    (ref * G).sum().backward()
+    assert_close(xs.grad, xr.grad, what="grad xs")
+    assert_close(rw.grad, rwr.grad, what="grad row_weights")
+    for name, param in m.named_parameters():
+        assert_close(param.grad, leaves[name].grad, what=f"grad {name}")
+    with torch.no_grad():
+        split = m.project(m.hidden(xs, list(COUNTS)), list(COUNTS))
+        assert_close(split * rw[:, None], ref, what="project(hidden)")
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_an_output_norm_comes_before_the_routing_weight_on_the_inference_paths(tokens):
+    """gathered (one token: in place), accumulated and every_expert with an output norm against the
+    float64 formula, an empty slot included."""
+    from moelab.nn.dispatch import plan_dispatch
+
+    m = _experts("swiglu", True, "auto")
+    _output_normed(m)
+    p = {n: t.detach().double() for n, t in m.named_parameters()}
+    norm = _norm64(p["output_norm.weight"])
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(tokens, D, generator=g)
+    indices = torch.stack([torch.randperm(E, generator=g)[:3] for _ in range(tokens)])
+    indices[0, 2] = -1
+    weights = torch.rand(tokens, 3, generator=g) + 0.5
+    ref = _normed_reference(x.double(), indices, weights.double(), p, norm)
+    plan = plan_dispatch(indices, E)
+    with torch.no_grad():
+        assert_close(m.gathered(x, indices, weights), ref, what="gathered")
+        assert_close(m.every_expert(x, indices, weights), ref, what="every_expert")
+        row_weights = weights.reshape(-1).index_select(0, plan.slots)
+        assert_close(m.accumulated(x, plan.token_ids, plan.counts, row_weights), ref, what="accumulated")
+
+
+def test_an_output_norm_is_not_taken_with_scale_input():
+    from moelab.nn.norms import ScaledRMSNorm
+
+    with pytest.raises(ValueError, match="take no output_norm"):
+        SwiGLUExperts(E, D, I, scale_input=True, output_norm=ScaledRMSNorm(D, scale_first=True))
+    with pytest.raises(ValueError, match="eps must be > 0 with scale_first"):
+        ScaledRMSNorm(D, 0.0, scale_first=True)

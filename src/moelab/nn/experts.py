@@ -104,6 +104,9 @@ class SwiGLUExperts(Experts):
     optional gate_up_bias: [E, 2I] and down_bias: [E, D].
     scale_input: the routing weight w scales the expert's input, y = expert(w * x) (Llama 4),
     instead of its output, y = w * expert(x).
+    output_norm: a module every expert's output passes through before its weight scales it,
+    y = w * output_norm(expert(x)), one for all experts (Muse Spark's post_expert_norm, a
+    `ScaledRMSNorm` with scale_first); not with scale_input.
     """
 
     def __init__(
@@ -116,10 +119,14 @@ class SwiGLUExperts(Experts):
         backend: str = "auto",
         clamped: GatedActivation | None = None,
         scale_input: bool = False,
+        output_norm: nn.Module | None = None,
     ):
         super().__init__(num_experts, dim, hidden_dim, backend)
+        if scale_input and output_norm is not None:
+            raise ValueError("experts whose weight scales their input take no output_norm; give one or the other")
         self.clamped = clamped
         self.scale_input = scale_input
+        self.output_norm = output_norm
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.gate_up_bias = nn.Parameter(torch.zeros(num_experts, 2 * hidden_dim)) if bias else None
@@ -142,7 +149,7 @@ class SwiGLUExperts(Experts):
         return grouped_mlp(
             xs, counts, row_weights, self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias,
             activation=self.clamped or "silu", gated=True, backend=backend or self.backend,
-            rows_past_counts=rows_past_counts,
+            rows_past_counts=rows_past_counts, output_norm=self.output_norm,
         )
 
     def gathered(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
@@ -160,7 +167,7 @@ class SwiGLUExperts(Experts):
             return ys.view(T, K, ys.shape[-1]).sum(1)
         return gathered_mlp(
             x, indices, weights, self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias,
-            activation=self.clamped or "silu", gated=True,
+            activation=self.clamped or "silu", gated=True, output_norm=self.output_norm,
         )
 
     @property
@@ -173,7 +180,7 @@ class SwiGLUExperts(Experts):
         self._check(x)
         return every_expert_mlp(
             x, indices, weights, self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias,
-            activation=self.clamped or "silu", gated=True,
+            activation=self.clamped or "silu", gated=True, output_norm=self.output_norm,
         )
 
     def accumulated(
@@ -185,7 +192,9 @@ class SwiGLUExperts(Experts):
         runs on expert weight_rows[g], default g)."""
         self._check(x)
         weights = (self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias)
-        options = {"activation": self.clamped or "silu", "gated": True, "weight_rows": weight_rows}
+        options = {
+            "activation": self.clamped or "silu", "gated": True, "weight_rows": weight_rows, "output_norm": self.output_norm,
+        }  # fmt: skip
         if self.scale_input:  # y = expert(w * x): each row scaled before the MLP, outputs summed as they are
             rows = x.index_select(0, token_ids) * row_weights[:, None].to(x.dtype)
             ones = torch.ones_like(row_weights)
@@ -204,8 +213,10 @@ class SwiGLUExperts(Experts):
         return _hidden_rows(xs, counts, self.gate_up_proj, self.gate_up_bias, act)
 
     def project(self, hidden: Tensor, counts: Sequence[int]) -> Tensor:
-        """[N, D] the down projection of hidden [N, I] (rows grouped by expert), expert by expert."""
-        return _project_rows(hidden, counts, self.down_proj, self.down_bias)
+        """[N, D] the down projection of hidden [N, I] (rows grouped by expert), expert by expert,
+        through the output norm where the experts have one."""
+        ys = _project_rows(hidden, counts, self.down_proj, self.down_bias)
+        return ys if self.output_norm is None else self.output_norm(ys)
 
 
 class MLPExperts(Experts):

@@ -478,9 +478,11 @@ def gathered_mlp(
     *,
     activation: str | GatedActivation = "silu",
     gated: bool = True,
+    output_norm: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The decode path: x: [T, D]; indices, weights: [T, K] (index -1: an empty slot, its weight ignored)
-    -> [T, D] = sum over k of weights[t, k] * expert_{indices[t, k]}(x[t]).
+    -> [T, D] = sum over k of weights[t, k] * expert_{indices[t, k]}(x[t]); output_norm: each
+    expert's output is normed before its weight scales it (Muse Spark's post_expert_norm).
 
     Each slot's expert weights are gathered ([T*K, H, D] and [T*K, D, I]) and applied as two
     batched matmuls: a fixed number of operations whatever the routing, no host synchronisation
@@ -490,7 +492,8 @@ def gathered_mlp(
     eagerly on a CPU skips the copies (`_one_token_mlp`)."""
     T, K = indices.shape
     if T == 1 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-        return _one_token_mlp(x, indices, weights, w_in, b_in, w_out, b_out, Activation(activation, gated))
+        act = Activation(activation, gated)
+        return _one_token_mlp(x, indices, weights, w_in, b_in, w_out, b_out, act, output_norm)
     slots = indices.reshape(-1)
     experts = slots.clamp(min=0)
     slot_weights = weights.reshape(-1).to(x.dtype).masked_fill(slots < 0, 0.0)[:, None]  # [T*K, 1]
@@ -500,9 +503,13 @@ def gathered_mlp(
     h = torch.bmm(rows, _transposed_matrices(w_in, experts).to(x.dtype))[:, 0]  # [T*K, H]
     if b_in is not None:
         h = h + b_in.index_select(0, experts).to(x.dtype)
-    hidden = Activation(activation, gated).forward(h) * slot_weights  # [T*K, I]
+    hidden = Activation(activation, gated).forward(h)  # [T*K, I]
+    if output_norm is None:  # the weight scales the (smaller) hidden rows; the output bias apart
+        hidden = hidden * slot_weights
     ys = torch.bmm(hidden[:, None, :], _transposed_matrices(w_out, experts).to(x.dtype))[:, 0]  # [T*K, D]
-    if b_out is not None:
+    if output_norm is not None:
+        ys = output_norm(ys if b_out is None else ys + b_out.index_select(0, experts).to(x.dtype)) * slot_weights
+    elif b_out is not None:
         ys = ys + slot_weights * b_out.index_select(0, experts).to(x.dtype)
     return ys.view(T, K, ys.shape[-1]).sum(1)
 
@@ -518,8 +525,10 @@ def every_expert_mlp(
     *,
     activation: str | GatedActivation = "silu",
     gated: bool = True,
+    output_norm: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """x: [T, D]; indices, weights: [T, K] (index -1: an empty slot) -> [T, D], as `gathered_mlp`:
+    """x: [T, D]; indices, weights: [T, K] (index -1: an empty slot) -> [T, D], as `gathered_mlp`
+    (output_norm too):
     every one of the E experts run on every token as two batched products over [E, T, ...], each
     output weighted by the token's routing weight for it (0 where it did not choose it) and the
     E summed. E/K times the products a token needs, but no loop over experts and no copies: for a
@@ -533,7 +542,11 @@ def every_expert_mlp(
     h = torch.matmul(x, w_in.mT.to(x.dtype))  # [E, T, H]
     if b_in is not None:
         h = h + b_in[:, None].to(x.dtype)
-    y = torch.matmul(Activation(activation, gated).forward(h) * dense, w_out.mT.to(x.dtype))  # [E, T, D]
+    hidden = Activation(activation, gated).forward(h)
+    if output_norm is not None:
+        y = torch.matmul(hidden, w_out.mT.to(x.dtype))  # [E, T, D]
+        return (output_norm(y if b_out is None else y + b_out[:, None].to(x.dtype)) * dense).sum(0)
+    y = torch.matmul(hidden * dense, w_out.mT.to(x.dtype))  # [E, T, D]
     if b_out is not None:
         y = y + dense * b_out[:, None].to(x.dtype)
     return y.sum(0)
@@ -551,7 +564,7 @@ def _transposed_matrices(w: Tensor, experts: Tensor) -> Tensor:
 
 def _one_token_mlp(
     x: Tensor, indices: Tensor, weights: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor,
-    b_out: Tensor | None, act: Activation,
+    b_out: Tensor | None, act: Activation, output_norm: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:  # fmt: skip
     """`gathered_mlp` for one token (x: [1, D]; indices, weights: [1, K]), eagerly on a CPU: each
     of its K experts applied where its weights lie (2-D products: a 1-D one took 10.7 against 8.8
@@ -565,8 +578,12 @@ def _one_token_mlp(
         if e < 0:
             continue
         h = one_row_linear(x, _as(w_in[e], cast), None if b_in is None else _as(b_in[e], cast))
-        bias = None if b_out is None else w * _as(b_out[e], cast)
-        out = one_row_linear(act.forward(h) * w, _as(w_out[e], cast), bias)
+        if output_norm is not None:
+            bias = None if b_out is None else _as(b_out[e], cast)
+            out = output_norm(one_row_linear(act.forward(h), _as(w_out[e], cast), bias)) * w
+        else:
+            bias = None if b_out is None else w * _as(b_out[e], cast)
+            out = one_row_linear(act.forward(h) * w, _as(w_out[e], cast), bias)
         y = out if y is None else y.add_(out)
     return torch.zeros_like(x) if y is None else y
 
@@ -590,10 +607,11 @@ def accumulated_mlp(
     activation: str | GatedActivation = "silu",
     gated: bool = True,
     weight_rows: Sequence[int] | None = None,
+    output_norm: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The inference path for many tokens: x: [T, D]; token_ids: [N] the token of each routed
     row, grouped by expert (counts: one python int per group); row_weights: [N] -> [T, D], each
-    token's weighted expert outputs summed. Group g runs on the stacked weights' entry
+    token's weighted expert outputs summed (each normed by output_norm before its weight, where given). Group g runs on the stacked weights' entry
     weight_rows[g] (default g: groups are the experts; offloaded experts name cache slots).
 
     Expert by expert, its rows are gathered from x, run through its MLP and added into the output
@@ -618,9 +636,12 @@ def accumulated_mlp(
         tokens = token_ids[start:end]
         h = F.linear(x.index_select(0, tokens), w_in[e].to(cast), None if b_in is None else b_in[e].to(cast))
         w = row_weights[start:end, None]
-        out = F.linear(act.forward(h) * w, w_out[e].to(cast))
-        if b_out is not None:
-            out.add_(w * b_out[e].to(cast))
+        if output_norm is not None:
+            out = output_norm(F.linear(act.forward(h), w_out[e].to(cast), None if b_out is None else b_out[e].to(cast))) * w
+        else:
+            out = F.linear(act.forward(h) * w, w_out[e].to(cast))
+            if b_out is not None:
+                out.add_(w * b_out[e].to(cast))
         ys[worker].index_add_(0, tokens, out)
 
     for_each_expert(expert, counts, workers)
@@ -642,6 +663,7 @@ def grouped_mlp(
     gated: bool = True,
     backend: str = "auto",
     rows_past_counts: bool = True,
+    output_norm: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """xs: [N, D] rows grouped by expert; counts: E python ints summing to N, or (the grouped_mm
     paths only, `grouped_gemm`) an [E] tensor summing to at most N, rows past its sum giving
@@ -650,7 +672,16 @@ def grouped_mlp(
     routing weight that scales each row's output, or None; w_in: [E, H, D]; b_in: [E, H];
     w_out: [E, D, I]; b_out: [E, D]; activation: a name in ACTIVATIONS, or (gated only) a
     two-input `GatedActivation`. Weights in another floating dtype than xs (inference only) are
-    cast one expert at a time. Returns [N, D] in xs's dtype."""
+    cast one expert at a time; output_norm: each row's output is normed before its routing weight
+    scales it (Muse Spark's post_expert_norm; the backends that fold the weight into the hidden rows
+    run without it, and it is applied after the norm). Returns [N, D] in xs's dtype."""
+    if output_norm is not None:
+        ys = grouped_mlp(
+            xs, counts, None, w_in, b_in, w_out, b_out, activation=activation, gated=gated, backend=backend,
+            rows_past_counts=rows_past_counts,
+        )  # fmt: skip
+        ys = output_norm(ys)  # rows past a tensor's counts are zeros, and stay so (the norm's eps > 0)
+        return ys if row_weights is None else ys * row_weights[:, None].to(ys.dtype)
     if backend not in BACKENDS:
         raise ValueError(f"unknown experts backend {backend!r}; choose one of {sorted(BACKENDS)}")
     if not isinstance(activation, str):

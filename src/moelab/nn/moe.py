@@ -139,7 +139,9 @@ class MoELayer(nn.Module):
         projected back to D.
     expert_norm, routed_norm: norms around the routed experts (Gemma 4's, `ScaledRMSNorm`): the
         experts read expert_norm(x) while the router reads x (through its own `input_norm`), and
-        their combined output is routed_norm(y) before the shared experts' output is added.
+        their combined output is routed_norm(y) before the shared experts' output is added. In a
+        latent layer the experts read expert_norm(down(x)) (Muse Spark's pre_expert_norm); no
+        routed_norm there.
     output_bias: optional [D] added to every token's output last, whatever the routing (JetMoE's
         block bias); a parameter of the layer, added once on every path (`_finish`).
     identity_experts: Z zero-computation experts (LongCat-Flash's; MoE++'s copy experts): the
@@ -220,8 +222,8 @@ class MoELayer(nn.Module):
                 f"{'' if latent is None else f', latent rank {latent.rank}'}) does not match "
                 f"experts ({experts.num_experts} experts, dim {experts.dim})"
             )
-        if latent is not None and (expert_norm is not None or routed_norm is not None):
-            raise ValueError("a latent layer with norms around its experts is not supported; give one or the other")
+        if latent is not None and routed_norm is not None:
+            raise ValueError("a latent layer with a norm of its experts' sum is not supported; give one or the other")
         if output_bias is not None and tuple(output_bias.shape) != (router.dim,):
             raise ValueError(
                 f"output_bias has shape {list(output_bias.shape)}; the layer's output is {router.dim} wide: "
@@ -527,9 +529,10 @@ class MoELayer(nn.Module):
         return self.dispatcher.combine(self.experts(batch.rows, batch.counts, batch.row_weights, **options), plan, batch)
 
     def expert_rows(self, x: Tensor) -> Tensor:
-        """x: [T, D] -> what the routed experts read: x, down(x) in a latent layer, or expert_norm(x)."""
+        """x: [T, D] -> what the routed experts read: x, or down(x) in a latent layer, through
+        expert_norm where the layer has one."""
         if self.latent is not None:
-            return self.latent.down(x)
+            x = self.latent.down(x)
         return x if self.expert_norm is None else self.expert_norm(x)
 
     def routed_output(self, y: Tensor) -> Tensor:

@@ -116,11 +116,12 @@ class Router(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
         self.input_norm: nn.Module | None = None
         self.logit_softcap: float | None = None
+        self.logit_scale = 1.0
         nn.init.normal_(self.weight, std=dim**-0.5)
 
     def router_logits(self, x: Tensor, *, check: bool = True) -> Tensor:
-        """x: [T, D] -> logits [T, E] in float32, soft-capped to cap * tanh(logits / cap) where the
-        router has a `logit_softcap` (Laguna's); rejects bad shapes and (check) non-finite logits
+        """x: [T, D] -> logits [T, E] in float32, times `logit_scale` (Muse Spark's output_multiplier),
+        soft-capped to cap * tanh(logits / cap) where the router has a `logit_softcap` (Laguna's); rejects bad shapes and (check) non-finite logits
         (`check_finite_logits`)."""
         if x.dim() != 2 or x.shape[-1] != self.dim:
             raise ValueError(
@@ -133,6 +134,8 @@ class Router(nn.Module):
             x = self.input_norm(x)
         bias = None if self.bias is None else _float(self.bias)
         logits = F.linear(_float(x), _float(self.weight), bias)
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
         if check:
             check_finite_logits(logits)  # before capping: tanh would turn an inf logit into the cap
         if self.logit_softcap is not None:
@@ -171,8 +174,9 @@ class TopKRouter(Router):
     weights are the un-biased scores of the chosen experts, renormalised to sum to one if
     `renormalize`, times `route_scale`, and, with `expert_scale`, times the chosen expert's own
     scale (a parameter [E], Gemma 4's per_expert_scale). input_norm: a module the router reads its
-    input through (`Router`). logit_softcap: the logits are cap * tanh(logits / cap) before all of
-    this (Laguna's moe_router_logit_softcapping).
+    input through (`Router`). logit_scale: the logits are first multiplied by it (Muse Spark's
+    output_multiplier); logit_softcap: then cap * tanh(logits / cap), before all of this (Laguna's
+    moe_router_logit_softcapping).
     """
 
     def __init__(
@@ -193,11 +197,14 @@ class TopKRouter(Router):
         expert_scale: bool = False,
         input_norm: nn.Module | None = None,
         logit_softcap: float | None = None,
+        logit_scale: float = 1.0,
     ):
         super().__init__(dim, num_experts, bias=bias)
         check_top_k(top_k, num_experts)
         if logit_softcap is not None and not is_positive_finite(logit_softcap):
             raise ValueError(f"logit_softcap must be a positive finite number (or None), got {logit_softcap!r}")
+        if not is_positive_finite(logit_scale):
+            raise ValueError(f"logit_scale must be a positive finite number, got {logit_scale!r}")
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
         check_groups(num_experts, top_k, n_group, topk_group)
@@ -217,6 +224,7 @@ class TopKRouter(Router):
         self.expert_scale = nn.Parameter(torch.ones(num_experts)) if expert_scale else None
         self.input_norm = input_norm
         self.logit_softcap = logit_softcap
+        self.logit_scale = logit_scale
         # Aux-loss-free balancing (DeepSeek-V3): the bias changes which experts are chosen, not
         # the combine weights. tokens_per_expert counts load in training forwards (training mode, with
         # gradients) for the update.
