@@ -221,6 +221,14 @@ def _aria_activations(config: Config, index: int) -> tuple[dict, dict]:
     return {"activation": "silu"}, {"activation": shared}
 
 
+def _muse_spark(config: Config) -> dict:
+    """Muse Spark: sigmoid of the logits times output_multiplier (MuseSparkTextConfig's default
+    1/sqrt(32)), the correction bias steering selection only, always renormalised, x
+    routed_scaling_factor."""
+    settings = _sigmoid_renormalized(config, "routed_scaling_factor")
+    return settings | {"logit_scale": float(config_value(config, "output_multiplier", default=0.1767766952966369))}
+
+
 def _afmoe(config: Config) -> dict:
     """AFMoE: the block's expert_bias steers selection only, x route_scale."""
     return _sigmoid_renormalized(config, "route_scale")
@@ -739,6 +747,18 @@ def _llama4_sparse_layer(config: Config, i: int) -> bool:
 
 # ----------------------------------------------------------------------------- key tables
 
+
+_MUSE_SPARK_LAYOUT = Layout(
+    RouterKeys("mlp.gate.weight", selection_bias="mlp.gate.e_score_correction_bias"),
+    FusedGateUp("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    latent=LatentKeys("mlp.pre_expert_proj.weight", "mlp.post_expert_proj.weight"),
+    norms=NormKeys(experts="mlp.pre_expert_norm.weight", expert_output="mlp.experts.post_expert_norm.weight",
+                   unit_offset=True),
+)
+"""Muse Spark's MoE block (no conversion mapping: saved under these names either way): the router reads
+x, the experts a latent of moe_hidden_size, pre_expert_norm(pre_expert_proj @ x), each expert's output
+normed (post_expert_norm) before its weight, their sum projected back (post_expert_proj); its norms
+scale by 1 + their weight."""
 
 _GEMMA4_LAYOUT = Layout(
     RouterKeys("router.proj.weight", expert_scale="router.per_expert_scale"),
@@ -1308,6 +1328,10 @@ _FAMILIES = (
     Family("inkling2_text", layouts=_INKLING2_LAYOUTS, num_experts=("n_routed_experts", "num_local_experts"),
            router_settings=_inkling2, expert_settings=_inkling2_experts, expert_width=_MOE_WIDTH,
            original_prefix="model.llm."),
+    # Muse Spark (through its muse_spark_text language model): the mlp of the layers mlp_layer_types makes "sparse"
+    Family("muse_spark_text", layouts=(_MUSE_SPARK_LAYOUT,), num_experts=("num_local_experts",),
+           router_settings=_muse_spark, is_moe_layer=lambda config, i: _mlp_layer_types(config, i, first_dense=0),
+           expert_width=_MOE_WIDTH),
     Family("llama4_text",
            layouts=(Layout(RouterKeys("feed_forward.router.weight"), _LLAMA4_EXPERTS,
                            _shared("feed_forward.shared_expert")),),
@@ -1339,13 +1363,7 @@ FAMILIES["qwen3_omni_moe_text"] = dataclasses.replace(
 
 
 # model_types whose MoE blocks compute what moelab's views cannot express: refused by name, with why
-_REFUSED = {
-    "muse_spark_text": (
-        "Muse Spark's MoE block RMS-normalises the experts' input after projecting it to moe_hidden_size "
-        "(pre_expert_norm) and each expert's output before weighting it (experts.post_expert_norm), and its router "
-        "scales the logits by output_multiplier; moelab's views read experts whose output scales with their weight"
-    ),
-}
+_REFUSED: dict[str, str] = {}
 
 
 def family_of(config: Config, checkpoint: Checkpoint, wrapper: str | None = None) -> Family | None:

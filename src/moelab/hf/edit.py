@@ -286,7 +286,7 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
             layer.router,
             new.router,
             ("score_func", "top_k", "renormalize", "route_scale", "n_group", "topk_group", "group_score",
-             "jitter_eps", "select_on_logits", "hash_routed", "logit_softcap"),
+             "jitter_eps", "select_on_logits", "hash_routed", "logit_softcap", "logit_scale"),
         ),
         "experts": (
             layer.experts,
@@ -310,9 +310,10 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
     for part, names, what in (
         ("shared", ("gate", "up", "down", "sigmoid_gate"), "shared experts"),
         ("latent", ("down", "up"), "latent projections"),
-        ("expert_norm", ("weight", "eps", "multiplier"), "experts' input norm"),
-        ("routed_norm", ("weight", "eps", "multiplier"), "routed output norm"),
-        ("router.input_norm", ("weight", "eps", "multiplier"), "router's input norm"),
+        ("expert_norm", _NORM_FIELDS, "experts' input norm"),
+        ("routed_norm", _NORM_FIELDS, "routed output norm"),
+        ("router.input_norm", _NORM_FIELDS, "router's input norm"),
+        ("experts.output_norm", _NORM_FIELDS, "experts' output norm"),
     ):
         old, edited = (functools.reduce(getattr, part.split("."), view) for view in (layer, new))
         if not _same_tensors(old, edited, names):
@@ -325,6 +326,9 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
             f"layer {layer.index}: the edited view changes the block's output bias; the writer copies it "
             "unchanged (it does not depend on the routing), so keep the original `output_bias` in the view"
         )
+
+
+_NORM_FIELDS = ("weight", "eps", "multiplier", "scale_first")
 
 
 def _same_tensors(old, new, names: tuple[str, ...]) -> bool:

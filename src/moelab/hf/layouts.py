@@ -559,25 +559,46 @@ class LatentKeys:
 
 @dataclass(frozen=True)
 class NormKeys:
-    """The RMS norms around an MoE block's router and experts (Gemma 4's, `NormView`): the weights
-    [D] of the router's input norm (times D^-0.5: Gemma 4's router.scale), of the experts' input
-    norm and of their summed output's; eps: the config keys of their epsilon. Written unchanged
-    (not per expert)."""
+    """The RMS norms around an MoE block's router and experts (`NormView`), those the family has:
+    the weights of the router's input norm [D] (times D^-0.5: Gemma 4's router.scale), of the
+    experts' input norm ([D], or [L] in a latent block: Muse Spark's pre_expert_norm), of their
+    summed output's [D] (Gemma 4) and of each expert's output, before its weight ([D or L], scaled
+    first: Muse Spark's post_expert_norm, `ExpertsView.output_norm`); eps, output_eps: the config
+    keys of their epsilon (output_eps: the experts' output norm's). unit_offset: the norms scale by
+    1 + the stored weight (Muse Spark's; computed in the stored dtype, as transformers does). Written
+    unchanged (not per expert)."""
 
-    router: str
-    experts: str
-    routed: str
+    router: str | None = None
+    experts: str | None = None
+    routed: str | None = None
+    expert_output: str | None = None
     eps: tuple[str, ...] = ("rms_norm_eps",)
+    output_eps: tuple[str, ...] = ("post_norm_eps",)
+    unit_offset: bool = False
 
     def read(self, ckpt: Checkpoint, prefix: str, config: Config) -> dict[str, NormView]:
-        """{"router": its input norm, "experts": their input norm, "routed": the sum's norm}."""
+        """{"router": its input norm, "experts": their input norm, "routed": the sum's norm,
+        "expert_output": each expert's output norm}, those the family has."""
         eps = float(config_value(config, *self.eps, default=1e-6))
-        router = ckpt.get(prefix + self.router)
-        return {
-            "router": NormView(router, eps, multiplier=router.shape[0] ** -0.5),
-            "experts": NormView(ckpt.get(prefix + self.experts), eps),
-            "routed": NormView(ckpt.get(prefix + self.routed), eps),
-        }
+        out = {name: NormView(self._weight(ckpt, prefix + key), eps) for name, key in (
+            ("experts", self.experts), ("routed", self.routed)) if key is not None}  # fmt: skip
+        if self.router is not None:
+            router = self._weight(ckpt, prefix + self.router)
+            out["router"] = NormView(router, eps, multiplier=router.shape[0] ** -0.5)
+        if self.expert_output is not None:
+            out["expert_output"] = self.read_expert_output(ckpt, prefix, config)
+        return out
+
+    def read_expert_output(self, ckpt: Checkpoint, prefix: str, config: Config) -> NormView | None:
+        """The experts' output norm (`ExpertsView.output_norm`), None where the family has none."""
+        if self.expert_output is None:
+            return None
+        eps = float(config_value(config, *self.output_eps, default=1e-6))
+        return NormView(self._weight(ckpt, prefix + self.expert_output), eps, scale_first=True)
+
+    def _weight(self, ckpt: Checkpoint, key: str) -> Tensor:
+        weight = ckpt.get(key)
+        return weight + 1 if self.unit_offset else weight
 
 
 @dataclass(frozen=True)
@@ -825,14 +846,14 @@ class Family:
             else None
         )
         routed_settings, shared_settings = self.activations(config, index)
-        experts = ExpertsView(**routed, **routed_settings)
+        norms = {} if layout.norms is None else layout.norms.read(ckpt, prefix, config)
+        experts = ExpertsView(**routed, **routed_settings, output_norm=norms.get("expert_output"))
         if shared is not None:  # plain shared experts take the routed experts' activation
             plain = {"activation": "silu" if shared["gate"] is not None else experts.activation}
             shared = SharedView(**shared, **(shared_settings or plain))
         latent = None
         if layout.latent is not None and layout.latent.present(ckpt, prefix):
             latent = LatentView(**layout.latent.read(ckpt, prefix))
-        norms = {} if layout.norms is None else layout.norms.read(ckpt, prefix, config)
         router = RouterView(**router, **self.router_settings(config), input_norm=norms.get("router"), identity=identity)
         output_bias = None if layout.output_bias is None else ckpt.get(prefix + layout.output_bias)
         return MoELayerView(
@@ -852,7 +873,11 @@ class Family:
                 f"step-1 range inside range(0, {E})"
             )
         prefix = self.prefix(index)
-        return ExpertsView(**layout.experts.read(ckpt, prefix, config, experts), **self.activations(config, index)[0])
+        output_norm = None if layout.norms is None else layout.norms.read_expert_output(ckpt, prefix, config)
+        return ExpertsView(
+            **layout.experts.read(ckpt, prefix, config, experts), **self.activations(config, index)[0],
+            output_norm=output_norm,
+        )
 
     def activations(self, config: Config, index: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """(ExpertsView settings, SharedView settings or None for the default) of layer `index`

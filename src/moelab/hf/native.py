@@ -7,6 +7,8 @@ compression can run one layer of a model larger than RAM.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -43,10 +45,10 @@ def moe_layer_from_view(layer: MoELayerView) -> MoELayer:
 
 
 def expert_input(layer: MoELayerView, x: Tensor) -> Tensor:
-    """x [N, D] -> what the layer's routed experts read: x, down @ x in a latent block, or the
-    expert norm of x (Gemma 4)."""
+    """x [N, D] -> what the layer's routed experts read: x, or down @ x in a latent block, through
+    the expert norm where the block has one (Gemma 4, Muse Spark)."""
     if layer.latent is not None:
-        return x @ layer.latent.down.to(x.dtype).T
+        x = x @ layer.latent.down.to(x.dtype).T
     return x if layer.expert_norm is None else norm_from_view(layer.expert_norm)(x)
 
 
@@ -70,7 +72,9 @@ def norm_from_view(view: NormView | None) -> ScaledRMSNorm | None:
 
 
 def _norm(view: NormView, cast_first: bool = False) -> ScaledRMSNorm:
-    return ScaledRMSNorm(view.weight.shape[0], view.eps, multiplier=view.multiplier, cast_first=cast_first)
+    return ScaledRMSNorm(
+        view.weight.shape[0], view.eps, multiplier=view.multiplier, cast_first=cast_first, scale_first=view.scale_first
+    )
 
 
 def latent_from_view(view: LatentView | None) -> LatentProjection | None:
@@ -93,7 +97,7 @@ def router_from_view(view: RouterView) -> Router:
 
 def experts_from_view(view: ExpertsView) -> Experts:
     """The view's routed experts as stacked moelab experts holding its tensors: `SwiGLUExperts`
-    (gate and up fused) or, for plain experts, `MLPExperts`."""
+    (gate and up fused, with the view's output norm) or, for plain experts, `MLPExperts`."""
     if not view.gated:
         state = {"up_proj": view.up, "down_proj": view.down}
         if _has_bias(view):
@@ -110,16 +114,31 @@ def experts_from_view(view: ExpertsView) -> Experts:
         up_bias = zeros(E, I) if view.up_bias is None else view.up_bias
         state["gate_up_bias"] = torch.cat([gate_bias, up_bias], dim=1)
         state["down_bias"] = zeros(E, D) if view.down_bias is None else view.down_bias
-    return _holding(_experts, view, state)
+    experts = _holding(_experts, view, state)
+    experts.output_norm = norm_from_view(view.output_norm)
+    return experts
 
 
 def empty_experts(view: ExpertsView, num_experts: int, *, dtype: torch.dtype, device: torch.device | str = "cpu") -> Experts:
     """Stacked experts like the view's (shapes, biases, activation) but `num_experts` of them, with
-    uninitialised weights in `dtype` that need no gradient: slots to copy experts into."""
+    uninitialised weights in `dtype` that need no gradient: slots to copy experts into (with no
+    output norm: a layer's own, `with_output_norm`)."""
     with torch.device("meta"):
         module = _experts(view, num_experts)
     # cast on the meta device first: memory for the slots in `dtype` only, never a float32 copy beside them
     return module.to(dtype).to_empty(device=device).requires_grad_(False)
+
+
+def with_output_norm(experts: Experts, norm: NormView | None) -> Experts:
+    """Stacked experts (a pool of slots, `empty_experts`) computing with a layer's output norm
+    (`ExpertsView.output_norm`): themselves where it is None, else a shallow copy holding the same
+    weights, with the norm in their dtype and on their device."""
+    if norm is None:
+        return experts
+    own = copy.copy(experts)  # its parameters are the pool's (one shared dict), so the slots' loads reach it
+    own._modules = dict(experts._modules)  # a norm of its own, not the pool's
+    own.output_norm = norm_from_view(norm).to(experts.down_proj.device, experts.dtype)
+    return own
 
 
 def copy_expert(view: ExpertsView, experts: SwiGLUExperts | MLPExperts, slot: int) -> None:
@@ -208,6 +227,7 @@ def _router(view: RouterView) -> Router:
         expert_scale=view.expert_scale is not None,
         input_norm=None if view.input_norm is None else _norm(view.input_norm, cast_first=True),
         logit_softcap=view.logit_softcap,
+        logit_scale=view.logit_scale,
     )
 
 

@@ -35,14 +35,19 @@ ACTIVATIONS = tuple(dict.fromkeys(GATED_ACTIVATIONS + PLAIN_ACTIVATIONS))
 @dataclass(frozen=True, eq=False)
 class NormView:
     """An RMS norm around a layer's router or experts (Gemma 4's; `moelab.nn.norms.ScaledRMSNorm`):
-    x / sqrt(mean(x^2) + eps) * weight * multiplier, computed in float32. weight: [D]."""
+    x / sqrt(mean(x^2) + eps) * weight * multiplier, computed in float32; scale_first: x * weight *
+    multiplier (cast back to x's dtype) RMS-normalised, nothing after (Muse Spark's post_expert_norm;
+    eps > 0). weight: [D]."""
 
     weight: Tensor
     eps: float
     multiplier: float = 1.0
+    scale_first: bool = False
 
     def __post_init__(self):
         _check_shape("norm weight", self.weight, (None,))
+        if self.scale_first and not self.eps > 0:
+            raise ValueError(f"a norm that scales first needs eps > 0 (a zero row must stay zero), got {self.eps!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,8 +93,9 @@ class RouterView:
     token_experts: [V, top_k] int64 or int32 (as stored) | None, hash routing (DeepSeek-V4's
     "hash_moe" layers, moelab's router="hash"): token id v visits the experts token_experts[v],
     whatever the logits, which only weigh them (the scores, renormalised, times route_scale); no
-    selection bias, groups or expert scale then. logit_softcap: the logits are first
-    logit_softcap * tanh(logits / logit_softcap) (Laguna's moe_router_logit_softcapping).
+    selection bias, groups or expert scale then. logit_scale: the logits are first multiplied by it
+    (Muse Spark's output_multiplier); logit_softcap: then logit_softcap * tanh(logits / logit_softcap)
+    (Laguna's moe_router_logit_softcapping).
     identity: the rows of Z zero-computation experts the router also chooses among (`IdentityRows`;
     LongCat-Flash), None without: top_k, the softmax and the groups then span all E + Z choices.
     """
@@ -112,6 +118,7 @@ class RouterView:
     token_experts: Tensor | None = None
     logit_softcap: float | None = None
     identity: IdentityRows | None = None
+    logit_scale: float = 1.0
 
     def __post_init__(self):
         if self.score_func not in SCORE_FUNCS:
@@ -129,6 +136,10 @@ class RouterView:
                 raise ValueError(f"router logit_softcap must be a positive finite number (or None), got {self.logit_softcap!r}")
             if self.score_func == "sparsemixer":
                 raise ValueError("a sparsemixer router takes no logit_softcap")
+        if not is_positive_finite(self.logit_scale):
+            raise ValueError(f"router logit_scale must be a positive finite number, got {self.logit_scale!r}")
+        if self.logit_scale != 1.0 and self.score_func == "sparsemixer":
+            raise ValueError("a sparsemixer router takes no logit_scale")
         if self.identity is not None:
             self._check_identity()
         check_top_k(self.top_k, self.num_choices)
@@ -163,7 +174,7 @@ class RouterView:
             ("selection_bias", self.selection_bias is not None), ("expert_scale", self.expert_scale is not None),
             ("n_group", self.n_group > 1), ("select_on_logits", self.select_on_logits),
             ("sparsemixer", self.score_func == "sparsemixer"), ("input_norm", self.input_norm is not None),
-            ("logit_softcap", self.logit_softcap is not None),
+            ("logit_softcap", self.logit_softcap is not None), ("logit_scale", self.logit_scale != 1.0),
         ) if on]  # fmt: skip
         if others:
             raise ValueError(f"a hash-routed router (token_experts) takes no {', '.join(others)}")
@@ -226,10 +237,13 @@ class ExpertsView:
     softcap(x, c) = c * tanh(x / c), in at least float32. Plain ones:
     "relu2" (Nemotron-H): act(u) = relu(u)²; "gelu" (exact, erf), "relu", "silu" (moelab's `MLPExperts`).
     scale_input: the routing weight w scales the expert's input, y = y_e(w * x) (Llama 4),
-    instead of its output, y = w * y_e(x) (everyone else).
+    instead of its output, y = w * y_e(x) (everyone else). output_norm: every expert's output is
+    normed before its weight scales it, y = w * output_norm(y_e(x)) (Muse Spark's post_expert_norm,
+    one norm for all experts: pruning and merging keep it as it is); gated experts only, not with
+    scale_input.
 
     gate (None for a plain activation), up: [E, I, D]; down: [E, D, I]; gate_bias, up_bias: [E, I] |
-    None; down_bias: [E, D] | None.
+    None; down_bias: [E, D] | None; output_norm weight: [D].
     """
 
     gate: Tensor | None
@@ -244,6 +258,7 @@ class ExpertsView:
     gate_softcap: float | None = None
     up_softcap: float | None = None
     scale_input: bool = False
+    output_norm: NormView | None = None
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -267,6 +282,10 @@ class ExpertsView:
         _check_shape("experts gate_bias", self.gate_bias, (E, I))
         _check_shape("experts up_bias", self.up_bias, (E, I))
         _check_shape("experts down_bias", self.down_bias, (E, D))
+        if self.output_norm is not None:
+            _check_shape("experts output norm weight", self.output_norm.weight, (D,))
+            if not self.gated or self.scale_input:
+                raise ValueError("an output norm is read for gated experts whose weight scales their output only")
 
     @property
     def gated(self) -> bool:
@@ -355,7 +374,8 @@ class MoELayerView:
     """Decoder layer `index` has a sparse MoE feed-forward block; `latent`: its routed experts work
     in a projected latent space (`LatentView`); expert_norm, routed_norm: its routed experts read
     expert_norm(x) and their weighted sum is routed_norm(y) before the shared experts' output is
-    added (Gemma 4); output_bias: [D] | None, added to every token's block output last, whatever the
+    added (Gemma 4); in a latent block they read expert_norm(down @ x) (Muse Spark's
+    pre_expert_norm, [L]), and no routed_norm; output_bias: [D] | None, added to every token's block output last, whatever the
     routing (JetMoE's block bias: not per expert, so pruning and merging keep it as it is)."""
 
     index: int
@@ -374,14 +394,14 @@ class MoELayerView:
                 _check_shape("block output bias", self.output_bias, (D,))
             except ValueError as err:
                 raise ValueError(f"{err}: one entry per model dim, as the router's weight [{E}, {D}] reads") from None
-        for name in ("expert_norm", "routed_norm"):
-            if (norm := getattr(self, name)) is not None:
-                _check_shape(f"{name} weight", norm.weight, (D,))
-        if self.latent is not None and (self.expert_norm is not None or self.routed_norm is not None):
-            raise ValueError("a latent block with norms around its experts is not supported")
+        if self.latent is not None and self.routed_norm is not None:
+            raise ValueError("a latent block with a norm of its experts' sum is not supported")
         if self.latent is not None and self.latent.down.shape[1] != D:
             raise ValueError(f"latent down {list(self.latent.down.shape)} does not match the model dim {D}")
         expert_dim = D if self.latent is None else self.latent.down.shape[0]
+        for name, width in (("expert_norm", expert_dim), ("routed_norm", D)):
+            if (norm := getattr(self, name)) is not None:
+                _check_shape(f"{name} weight", norm.weight, (width,))
         if (self.experts.num_experts, self.experts.dim) != (E, expert_dim):
             where = "the model dim" if self.latent is None else "the latent dim"
             raise ValueError(

@@ -44,8 +44,14 @@ from moelab.hf.layerwise import (
 )
 from moelab.hf.layouts import config_entry
 from moelab.hf.modules import beside_language_model, decoder_layers, find_moe_modules
-from moelab.hf.native import latent_from_view, norm_from_view, router_from_view, shared_from_view
-from moelab.hf.view import MoELayerView
+from moelab.hf.native import (
+    latent_from_view,
+    norm_from_view,
+    router_from_view,
+    shared_from_view,
+    with_output_norm,
+)
+from moelab.hf.view import MoELayerView, NormView
 from moelab.memory import available_memory
 from moelab.models.transformer import (
     MoETransformer,
@@ -91,7 +97,8 @@ class OffloadedExperts(Experts):
     reads_routing_on_host = True  # fetches the chosen experts: a compiled step calls it through an opaque op
 
     def __init__(
-        self, cache: ExpertCache, layer: int, predictor: str | None, top_k: int, prefetch_factor: float = 1.5
+        self, cache: ExpertCache, layer: int, predictor: str | None, top_k: int, prefetch_factor: float = 1.5,
+        output_norm: NormView | None = None,
     ):
         pool = cache.pool
         super().__init__(cache.store.num_experts, pool.dim, pool.hidden_dim, "auto")
@@ -101,8 +108,8 @@ class OffloadedExperts(Experts):
             raise ValueError(f"the {predictor!r} predictor needs a RoutingPrior (calibration statistics)")
         self.cache = cache
         self.layer = layer
-        # (the cache's pool computing with this layer's gated activation,); not a submodule
-        self._pool: tuple[Experts] = (cache.store.computing(pool, layer),)
+        # (the cache's pool computing with this layer's gated activation and output norm,); not a submodule
+        self._pool: tuple[Experts] = (with_output_norm(cache.store.computing(pool, layer), output_norm),)
         self.predictor = predictor
         self.top_k = top_k
         self.prefetch_factor = prefetch_factor
@@ -604,7 +611,9 @@ def load_offloaded(
     )  # fmt: skip
     moes: dict[int, MoELayer] = {}
     for index in store.moe_layers:
-        experts = OffloadedExperts(cache, index, predictor, views[index].router.top_k, prefetch_factor)
+        experts = OffloadedExperts(
+            cache, index, predictor, views[index].router.top_k, prefetch_factor, views[index].experts.output_norm
+        )
         if own:  # moelab's own MoE layer stays; only its experts move out
             moes[index] = layers[index].get_submodule(found[index].block)
             moes[index].experts = experts
@@ -944,7 +953,8 @@ def _view_bytes(layer: MoELayerView, dtype: torch.dtype, shared: bool) -> int:
     table = layer.router.token_experts  # a hash router's, kept as stored (integers)
     router += [] if layer.router.input_norm is None else [layer.router.input_norm.weight]
     tensors = [] if layer.latent is None else [layer.latent.down, layer.latent.up]
-    tensors += [norm.weight for norm in (layer.expert_norm, layer.routed_norm) if norm is not None]
+    norms = (layer.expert_norm, layer.routed_norm, layer.experts.output_norm)
+    tensors += [norm.weight for norm in norms if norm is not None]
     tensors += [layer.output_bias]
     if shared and layer.shared is not None:
         tensors += [layer.shared.gate, layer.shared.up, layer.shared.down, layer.shared.sigmoid_gate]
