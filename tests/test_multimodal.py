@@ -1068,3 +1068,16 @@ def test_ernie_4_5_vl_counts_its_vision_experts_as_routed(tmp_path, original):
     text_n = counts["routed_experts"]
     assert vision_n and text_n + vision_n == sum(routed.values())
     assert counts["active"] == counts["total"] - (text_n - text_n * k // E) - (vision_n - vision_n * k // E)
+
+
+def test_muse_spark_norms_take_the_class_defaults_where_the_config_leaves_their_eps_out(tmp_path):
+    """MuseSparkTextConfig's rms_norm_eps 1e-5 (the experts' input norm) and post_norm_eps 1e-8 (each
+    expert's output norm), as transformers builds the model from such a config (the default was 1e-6)."""
+    source = multimodal_model(tmp_path / "src", "muse_spark")
+    config = json.loads((source / "config.json").read_text())
+    for key in ("rms_norm_eps", "post_norm_eps"):
+        config["text_config"].pop(key, None)
+    (source / "config.json").write_text(json.dumps(config))
+    with open_checkpoint(source) as view:
+        layer = view.layer(1)
+    assert layer.expert_norm.eps == 1e-5 and layer.experts.output_norm.eps == 1e-8

@@ -753,7 +753,7 @@ _MUSE_SPARK_LAYOUT = Layout(
     FusedGateUp("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
     latent=LatentKeys("mlp.pre_expert_proj.weight", "mlp.post_expert_proj.weight"),
     norms=NormKeys(experts="mlp.pre_expert_norm.weight", expert_output="mlp.experts.post_expert_norm.weight",
-                   unit_offset=True),
+                   eps_default=1e-5, unit_offset=True),  # MuseSparkTextConfig's rms_norm_eps, post_norm_eps 1e-8
 )
 """Muse Spark's MoE block (no conversion mapping: saved under these names either way): the router reads
 x, the experts a latent of moe_hidden_size, pre_expert_norm(pre_expert_proj @ x), each expert's output

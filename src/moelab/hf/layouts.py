@@ -564,7 +564,8 @@ class NormKeys:
     experts' input norm ([D], or [L] in a latent block: Muse Spark's pre_expert_norm), of their
     summed output's [D] (Gemma 4) and of each expert's output, before its weight ([D or L], scaled
     first: Muse Spark's post_expert_norm, `ExpertsView.output_norm`); eps, output_eps: the config
-    keys of their epsilon (output_eps: the experts' output norm's). unit_offset: the norms scale by
+    keys of their epsilon (output_eps: the experts' output norm's), eps_default, output_eps_default:
+    the family's class defaults where config.json leaves them out. unit_offset: the norms scale by
     1 + the stored weight (Muse Spark's; computed in the stored dtype, as transformers does). Written
     unchanged (not per expert)."""
 
@@ -574,12 +575,14 @@ class NormKeys:
     expert_output: str | None = None
     eps: tuple[str, ...] = ("rms_norm_eps",)
     output_eps: tuple[str, ...] = ("post_norm_eps",)
+    eps_default: float = 1e-6
+    output_eps_default: float = 1e-8
     unit_offset: bool = False
 
     def read(self, ckpt: Checkpoint, prefix: str, config: Config) -> dict[str, NormView]:
         """{"router": its input norm, "experts": their input norm, "routed": the sum's norm,
         "expert_output": each expert's output norm}, those the family has."""
-        eps = float(config_value(config, *self.eps, default=1e-6))
+        eps = float(config_value(config, *self.eps, default=self.eps_default))
         out = {name: NormView(self._weight(ckpt, prefix + key), eps) for name, key in (
             ("experts", self.experts), ("routed", self.routed)) if key is not None}  # fmt: skip
         if self.router is not None:
@@ -593,7 +596,7 @@ class NormKeys:
         """The experts' output norm (`ExpertsView.output_norm`), None where the family has none."""
         if self.expert_output is None:
             return None
-        eps = float(config_value(config, *self.output_eps, default=1e-6))
+        eps = float(config_value(config, *self.output_eps, default=self.output_eps_default))
         return NormView(self._weight(ckpt, prefix + self.expert_output), eps, scale_first=True)
 
     def _weight(self, ckpt: Checkpoint, key: str) -> Tensor:
