@@ -46,6 +46,16 @@ def test_every_layer_s_output_is_transformers_with_block_states_carried(source):
     assert_layers_are_transformers(source, load(source), batches)
 
 
+def test_the_recorded_inputs_hold_no_block_states(source):
+    """The block_states the model loop hands the stand-ins are built from their pass-through states
+    (wrong) and, one tensor per block, would hold 0 + 1 + ... + K copies of the states beside the carried
+    ones: the layers' recorded inputs keep none (the run hands the carried value)."""
+    runner = LayerwiseModel(source)
+    runner.embed([torch.randint(0, 8192, (2, 9)), torch.randint(0, 8192, (1, 12))])
+    recorded = [kwargs for calls in runner._calls for _, kwargs in calls]
+    assert len(recorded) == 8 and not [kwargs["block_states"].shape for kwargs in recorded if "block_states" in kwargs]
+
+
 def test_the_backward_run_is_autograd_through_the_whole_model(source):
     """The head's gradients (the final input reading the carried block_states) and the layers'
     vector-Jacobian products from the top down, each reading the block_states of its forward run,

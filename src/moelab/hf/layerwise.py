@@ -537,11 +537,14 @@ class LayerwiseModel:
             def forward(hidden_states, *args, **kwargs):
                 if self.carried is not None:  # by name: the run hands the carried value itself (`_kwargs`)
                     args, kwargs = (), {**dict(zip(positional, args)), **kwargs}
+                # the carried value is not recorded: the model loop builds Inkling 2's block_states from the
+                # pass-through states (wrong), one tensor a block (0 + 1 + ... + K copies of the states)
+                recorded_kwargs = {name: value for name, value in kwargs.items() if name != self.carried}
                 if index == 0:
                     calls.clear()
                     first[:] = [hidden_states]
                     hidden_states = hidden_states if feed is None else feed[0]
-                calls.append((args, kwargs))
+                calls.append((args, recorded_kwargs))
                 if index == self.num_layers - 1:
                     recorded.append((first[0], list(calls)))
                     if feed is None:
