@@ -175,6 +175,20 @@ def test_a_backward_run_out_of_order_is_refused(source):
         vjp(0, states[0], torch.ones_like(states[0]))
 
 
+def test_a_layer_run_twice_or_out_of_order_is_refused(source):
+    """Each layer reads as many block states as block-boundary layers run below it: a boundary layer run
+    twice on a batch appends its input twice, and a layer run before those below it would read too few;
+    either is refused, not run on the wrong block_states."""
+    runner = LayerwiseModel(source)
+    states = runner.embed([torch.randint(0, 8192, (1, 6))])
+    with runner.layer(0) as run:
+        run(0, states[0])
+        with pytest.raises(RuntimeError, match=r"layer 0 reads the inputs of the 0 block-boundary .* holds 1: run"):
+            run(0, states[0])
+    with runner.layer(3) as run, pytest.raises(RuntimeError, match=r"layer 3 reads .* 2 block-boundary .* holds 1"):
+        run(0, states[0])
+
+
 def test_inkling2_loop_is_refused(tmp_path):
     """Inkling 2 Loop runs its looped layers (here layer 1 of 3) loop_num_passes times a forward pass, each
     pass after the first reading messages from the one before: the layer-by-layer runs run each layer once."""

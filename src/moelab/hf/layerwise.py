@@ -326,7 +326,16 @@ class LayerwiseModel:
         kwargs = self._inputs(batch, index)[1]
         if self.carried is None:
             return kwargs
+        if self.carried == BLOCK_STATES and (held := self.carry[batch].shape[-2]) != (reads := self._blocks_below(index)):
+            raise RuntimeError(
+                f"layer {index} reads the inputs of the {reads} block-boundary layers below it, but the run holds "
+                f"{held}: run the layers in order, each once a batch"
+            )
         return {**kwargs, self.carried: None if index in self._mtp_modules else self.carry[batch]}
+
+    def _blocks_below(self, index: int) -> int:
+        """How many block-boundary layers run before layer `index`: the block states it reads (Inkling 2)."""
+        return sum(layer.is_block_boundary for layer in self._layers[:index])
 
     def _inputs(self, batch: int, index: int) -> tuple[tuple, dict]:
         """Layer `index`'s inputs besides the hidden states for batch `batch`."""
