@@ -16,8 +16,8 @@ from hf_tiny import TINY, build, load
 from test_layerwise import assert_layers_are_transformers
 from transformers import PreTrainedTokenizerFast
 
-from moelab.compress import Calibration, CalibrationOptions, calibrate, compress
-from moelab.compress.calibration import calibration_mixture, run_calibration
+from moelab.compress import CalibrationOptions, calibrate, compress
+from moelab.compress.calibration import calibration_mixture
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import CheckpointError
 from moelab.hf.layerwise import LayerwiseModel
@@ -129,30 +129,9 @@ def test_an_interrupted_calibration_resumes_to_the_same_statistics(source, tmp_p
     snapshot: in the forward sweep at layer 2 (layer 2, a boundary, reads the block_states of the snapshot
     taken after layer 1), or in the backward sweep at layer 2 (resumed from the snapshot after layer 3: its
     gradients and those of the block_states, two slots, that layer 2's input gets one of)."""
-    import moelab.compress.calibration as calibrate_module
-    import moelab.compress.gradients as gradients_module
+    from test_dsa import assert_resumes_to_the_same_statistics
 
-    whole = calibrate(source, tmp_path / "whole", options=BACKWARD, quiet=True).directory
-    real, written = calibrate_module.write_layer, []
-
-    def dies_in_layer(directory, stats):
-        real(directory, stats)
-        written.append(stats.layer)
-        if written == killed_at:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(calibrate_module, "write_layer", dies_in_layer)
-    monkeypatch.setattr(gradients_module, "write_layer", dies_in_layer)  # the backward sweep's
-    directory = tmp_path / "partial"
-    directory.mkdir()
-    with pytest.raises(KeyboardInterrupt):
-        run_calibration(source, directory, "corpus", BACKWARD, quiet=True)
-    monkeypatch.setattr(calibrate_module, "write_layer", real)
-    monkeypatch.setattr(gradients_module, "write_layer", real)
-    run_calibration(source, directory, "corpus", BACKWARD, quiet=True)
-    for index in range(4):
-        a, b = Calibration(directory).layer(index).tensors(), Calibration(whole).layer(index).tensors()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), index
+    assert_resumes_to_the_same_statistics(source, tmp_path, monkeypatch, BACKWARD, killed_at, range(4))
 
 
 @pytest.mark.parametrize("method", ["reap", "heapr"])

@@ -86,10 +86,17 @@ def test_an_interrupted_calibration_resumes_to_the_same_statistics(source, tmp_p
     the top-k layer 2 handed on from the snapshot taken after layer 2), or in the backward sweep
     at layer 2 (layer 1, a shared one, then reads layer 0's top-k from its tape). The rerun gives
     the uninterrupted run's statistics."""
+    options = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",), snapshot_seconds=0.0)
+    assert_resumes_to_the_same_statistics(source, tmp_path, monkeypatch, options, killed_at, (1, 2, 3))
+
+
+def assert_resumes_to_the_same_statistics(source, tmp_path, monkeypatch, options, killed_at, layers) -> None:
+    """A calibration of `source` killed once it has written the statistics of `killed_at` (layer
+    indices in order, the backward sweep's after the forward's), then run again, gives every layer
+    of `layers` the statistics of an uninterrupted run."""
     import moelab.compress.calibration as calibrate_module
     import moelab.compress.gradients as gradients_module
 
-    options = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",), snapshot_seconds=0.0)
     whole = calibrate(source, tmp_path / "whole", options=options, quiet=True).directory
     real, written = calibrate_module.write_layer, []
 
@@ -108,7 +115,7 @@ def test_an_interrupted_calibration_resumes_to_the_same_statistics(source, tmp_p
     monkeypatch.setattr(calibrate_module, "write_layer", real)
     monkeypatch.setattr(gradients_module, "write_layer", real)
     run_calibration(source, directory, "corpus", options, quiet=True)
-    for index in (1, 2, 3):
+    for index in layers:
         a, b = Calibration(directory).layer(index).tensors(), Calibration(whole).layer(index).tensors()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), index
 
