@@ -134,13 +134,14 @@ def route_topk(
     expert_scale: Tensor | None = None,
     input_norm: tuple[Tensor, float, float] | None = None,
     logit_softcap: float | None = None,
+    logit_scale: float = 1.0,
 ) -> RefRouting:
     """Token-choice top-k. With input_norm (g, eps, m) the logits read x_t / sqrt(mean(x_t^2) + eps)
     * g * m (Gemma 4). Scores = softmax, sigmoid or sqrt(softplus) of the logits. Selection ranks
     score + selection_bias (select_on_logits: logit + selection_bias); with n_group > 1 only the experts of the topk_group best groups (of
     E/n_group consecutive experts; group score = sum of the group's two best selection values with
-    group_score "top2", its best with "max"; None: "max" for softmax, "top2" otherwise) compete; with logit_softcap c every logit is
-    first c * tanh(logit / c) (Laguna). Weights: the un-biased scores of the chosen experts,
+    group_score "top2", its best with "max"; None: "max" for softmax, "top2" otherwise) compete; every logit is first times
+    logit_scale (Muse Spark), then, with logit_softcap c, c * tanh(logit / c) (Laguna). Weights: the un-biased scores of the chosen experts,
     divided by their sum if renormalize, times route_scale, times expert_scale[e] where given. Slot j =
     the j-th best chosen expert."""
     T, E = x.shape[0], W.shape[0]
@@ -151,7 +152,7 @@ def route_topk(
         if input_norm is not None:
             g, eps, m = input_norm
             x_t = x_t / torch.sqrt((x_t * x_t).sum() / x_t.shape[0] + eps) * g * m
-        logits = _token_logits(x_t, W, b)
+        logits = _token_logits(x_t, W, b) * logit_scale
         if logit_softcap is not None:
             logits = torch.tanh(logits / logit_softcap) * logit_softcap
         scores = {"softmax": softmax, "sigmoid": sigmoid, "sqrtsoftplus": sqrt_softplus}[score_func](logits)

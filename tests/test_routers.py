@@ -58,6 +58,10 @@ TOPK_SETTINGS = {
     "sqrtsoftplus-bias-groups": dict(top_k=3, score_func="sqrtsoftplus", n_group=4, topk_group=2, selection_bias=True),
     "softcap-sigmoid-bias": dict(top_k=2, score_func="sigmoid", selection_bias=True, logit_softcap=1.5),  # Laguna
     "softcap-softmax": dict(top_k=2, logit_softcap=0.8),
+    # Muse Spark: sigmoid(logits x output_multiplier), the correction bias steering selection, renormalised, x 2.5
+    "logit-scale-sigmoid-bias": dict(top_k=2, score_func="sigmoid", selection_bias=True, logit_scale=0.4, route_scale=2.5),
+    "logit-scale-softmax": dict(top_k=2, logit_scale=0.5),  # `choose`'s top-k-logits path
+    "logit-scale-softcap-softmax": dict(top_k=2, logit_scale=2.0, logit_softcap=1.5),  # scaled, then capped
 }
 
 
@@ -113,7 +117,7 @@ def _ref(router, x, w, b, g, extra):
             group_score=router.group_score, selection_bias=eb,
             select_on_logits=router.select_on_logits, expert_scale=extra.get("expert_scale"),
             input_norm=None if norm is None else (extra["input_norm.weight"], norm.eps, norm.multiplier),
-            logit_softcap=router.logit_softcap,
+            logit_softcap=router.logit_softcap, logit_scale=router.logit_scale,
         )
     if isinstance(router, TopPRouter):
         return route_topp(x, w, b, top_p=router.top_p, max_k=router.top_k, renormalize=router.renormalize)
@@ -231,10 +235,11 @@ def test_the_choice_for_inference_checks_its_logits_and_keeps_hooks():
     assert indices.min() >= 3 and torch.equal(weights, masked(_x()).weights)
 
 
-@pytest.mark.parametrize("cap", [0.0, -1.0, float("inf"), float("nan")])
-def test_a_logit_softcap_must_be_positive_and_finite(cap):
-    with pytest.raises(ValueError, match="logit_softcap must be a positive finite number"):
-        TopKRouter(D, E, top_k=2, logit_softcap=cap)
+@pytest.mark.parametrize("setting", ["logit_softcap", "logit_scale"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_logit_softcap_or_scale_must_be_positive_and_finite(setting, value):
+    with pytest.raises(ValueError, match=f"{setting} must be a positive finite number"):
+        TopKRouter(D, E, top_k=2, **{setting: value})
 
 
 def test_the_choice_for_inference_keeps_rexmoe_masks():
