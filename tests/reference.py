@@ -420,12 +420,13 @@ class Spec:
     coefs: dict[str, float] = field(default_factory=dict)
     norm_eps: float = 1e-6  # the norms around the router and experts, where p holds them (Gemma 4)
     router_norm_multiplier: float = 1.0
+    logit_scale: float = 1.0  # the router's logits times it (Muse Spark's output_multiplier)
     identity_experts: int = 0  # the router's last Z choices return the expert input (LongCat-Flash)
 
     @classmethod
     def from_config(cls, cfg: Any) -> Spec:
         """Read the plain settings off a MoEConfig-like object (a dataclass of numbers/strings)."""
-        names = [f for f in cls.__dataclass_fields__ if f not in ("coefs", "relu_eps", "norm_eps", "router_norm_multiplier")]
+        names = [f for f in cls.__dataclass_fields__ if f not in ("coefs", "relu_eps", "norm_eps", "router_norm_multiplier", "logit_scale")]
         spec = cls(**{n: getattr(cfg, n) for n in names})
         if spec.renormalize is None:  # MoEConfig's documented default: renormalise top-k, not top-p
             spec.renormalize = spec.router == "topk"
@@ -442,6 +443,7 @@ def route(x: Tensor, p: dict[str, Tensor], spec: Spec) -> RefRouting:
             route_scale=spec.route_scale, n_group=spec.n_group, topk_group=spec.topk_group, group_score=spec.group_score,
             selection_bias=p.get("router.selection_bias"), expert_scale=p.get("router.expert_scale"),
             input_norm=None if norm is None else (norm, spec.norm_eps, spec.router_norm_multiplier),
+            logit_scale=spec.logit_scale,
         )
     if spec.router == "topp":
         return route_topp(x, W, b, top_p=spec.top_p, max_k=spec.max_k, renormalize=spec.renormalize)
@@ -470,11 +472,19 @@ def rms_normed(v: Tensor, g: Tensor, eps: float) -> Tensor:
     return v / torch.sqrt((v * v).sum() / v.shape[0] + eps) * g
 
 
+def scaled_then_normed(v: Tensor, g: Tensor, eps: float) -> Tensor:
+    """u / sqrt(mean(u^2) + eps) with u = v * g, for one token v: [D] (Muse Spark's post_expert_norm)."""
+    return rms_normed(v * g, torch.ones_like(g), eps)
+
+
 def moe_forward(x: Tensor, p: dict[str, Tensor], spec: Spec) -> RefResult:
     """y_t = sum over kept (expert e, weight w) of w * FFN_e(x_t), plus the shared expert. Where p
     holds the norms around the experts (Gemma 4): FFN_e reads rms_normed(x_t, expert_norm) and the
-    sum is rms_normed(., routed_norm) before the shared expert is added. The router's last
-    `spec.identity_experts` choices are identity experts: FFN_e(x_t) = x_t, and no load."""
+    sum is rms_normed(., routed_norm) before the shared expert is added. Where p holds a latent
+    projection, the experts read (through expert_norm, if any) down @ x_t and the sum is up @ (.);
+    where it holds an experts' output norm (Muse Spark), each FFN_e's output is
+    scaled_then_normed before w weighs it. The router's last `spec.identity_experts` choices are
+    identity experts: FFN_e(x_t) = x_t, and no load."""
     shape = x.shape
     D = shape[-1]
     xt = x.reshape(-1, D)
@@ -484,13 +494,20 @@ def moe_forward(x: Tensor, p: dict[str, Tensor], spec: Spec) -> RefResult:
     cap = apply_capacity(routing, E, spec.capacity_factor)
     rows = []
     for t in range(T):
-        y_t = xt.new_zeros(D)
-        x_e = xt[t] if "expert_norm.weight" not in p else rms_normed(xt[t], p["expert_norm.weight"], spec.norm_eps)
+        x_e = xt[t] if "latent.down_proj.weight" not in p else p["latent.down_proj.weight"] @ xt[t]
+        if "expert_norm.weight" in p:
+            x_e = rms_normed(x_e, p["expert_norm.weight"], spec.norm_eps)
+        y_t = x_e.new_zeros(x_e.shape)
         for slot, e, w in routing.choices[t]:
             if e >= E:
                 y_t = y_t + w * x_e
             elif (t, slot) in cap.kept:
-                y_t = y_t + w * expert_ffn(x_e, e, p, spec.activation)
+                out = expert_ffn(x_e, e, p, spec.activation)
+                if "experts.output_norm.weight" in p:
+                    out = scaled_then_normed(out, p["experts.output_norm.weight"], spec.norm_eps)
+                y_t = y_t + w * out
+        if "latent.up_proj.weight" in p:
+            y_t = p["latent.up_proj.weight"] @ y_t
         if "routed_norm.weight" in p:
             y_t = rms_normed(y_t, p["routed_norm.weight"], spec.norm_eps)
         if "shared.gate_proj.weight" in p:

@@ -131,6 +131,40 @@ def test_layer_with_norms_around_its_router_and_experts_matches_reference(backen
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [False, True])
+def test_latent_layer_with_normed_latent_and_output_normed_experts_matches_reference(backend, shared):
+    """Muse Spark's form: a sigmoid router with a correction bias reads x and scales its logits; the
+    experts read expert_norm(down @ x), each one's output is scaled then normed (post_expert_norm)
+    before its weight, and the sum is projected back up. Forward and backward on every backend, and
+    `infer` on many tokens and on one (the gathered decode path)."""
+    from moelab.nn.latent import LatentProjection
+
+    eps, R = 0.5, 12  # eps large enough that a misplaced epsilon shows at unit-scale inputs
+    torch.manual_seed(0)
+    router = TopKRouter(D, E, 2, score_func="sigmoid", selection_bias=True, route_scale=2.5, logit_scale=0.4)
+    experts = SwiGLUExperts(E, R, I, backend=backend, output_norm=ScaledRMSNorm(R, eps, scale_first=True))
+    layer = MoELayer(
+        router, experts, SharedExperts(D, 12) if shared else None,
+        latent=LatentProjection(D, R), expert_norm=ScaledRMSNorm(R, eps),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        router.selection_bias.copy_(0.1 * torch.randn(E, generator=g))
+        for name, p in layer.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+    spec = Spec(score_func="sigmoid", route_scale=2.5, norm_eps=eps, logit_scale=0.4)
+    both = run_both(layer, spec, tokens(2, 12))
+    assert_no_near_tie(both.ref.routing, ordered=False)
+    assert_matches(both, layer)
+    x = tokens(2, 12).view(-1, D)
+    with torch.no_grad():
+        layer.eval()
+        assert_close(layer.infer(x), both.ref.y.view(-1, D), what="infer")
+        assert_close(torch.cat([layer.infer(x[t : t + 1]) for t in range(24)]), both.ref.y.view(-1, D), what="infer, one token")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_expert_with_no_tokens_gets_exactly_zero_gradient(backend):
     layer, spec = make_layer(top_k=2, selection_bias=True, backend=backend)
     with torch.no_grad():
