@@ -24,6 +24,7 @@ from moelab.compress.stats import Calibration
 from moelab.hf import open_checkpoint
 from moelab.hf.edit import LayerEdit, moe_output
 from moelab.hf.native import router_from_view
+from moelab.hf.view import NormView
 
 
 @pytest.fixture(autouse=True)
@@ -240,6 +241,19 @@ def test_compensation_subtracts_the_down_bias():
     layer = make_view(E=4, I=6, top_k=2, seed=5)
     bias = torch.randn(4, 8, generator=torch.Generator().manual_seed(4), dtype=F64)
     layer = dataclasses.replace(layer, experts=dataclasses.replace(layer.experts, down_bias=bias))
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
+    same = compensated(layer, layer, x, ridge=1e-9)
+    torch.testing.assert_close(same.experts.down, layer.experts.down, rtol=1e-6, atol=1e-8)
+
+
+def test_compensation_fits_what_the_experts_output_norm_reads():
+    """With an output norm on every expert (Muse Spark's post_expert_norm, which the refit leaves as
+    it is) and nothing pruned, the refit reproduces the down projection: W h has to make the
+    expert's output before the norm (it was fitted to the normed output, a norm applied twice)."""
+    layer = make_view(E=4, I=6, top_k=2, seed=5)
+    weight = 1 + 0.5 * torch.randn(8, generator=torch.Generator().manual_seed(4), dtype=F64)
+    norm = NormView(weight, 1e-6, scale_first=True)
+    layer = dataclasses.replace(layer, experts=dataclasses.replace(layer.experts, output_norm=norm))
     x = torch.randn(200, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
     same = compensated(layer, layer, x, ridge=1e-9)
     torch.testing.assert_close(same.experts.down, layer.experts.down, rtol=1e-6, atol=1e-8)

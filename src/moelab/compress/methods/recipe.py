@@ -89,7 +89,7 @@ def _compensated(
             downs.append(W0)
             continue
         xs, g = expert_input(layer, x[rows]), routing.weights[rows, slots].double()[:, None]
-        full = experts_from_view(one_expert(layer.experts, e)).double()
+        full = experts_from_view(dataclasses.replace(one_expert(layer.experts, e), output_norm=None)).double()
         narrow = experts_from_view(one_expert(narrowed.experts, e)).double()
         bias = 0 if narrowed.experts.down_bias is None else narrowed.experts.down_bias[e].double()
         h, y = narrow.hidden(xs, [len(rows)]) * g, (full(xs, [len(rows)]) - bias) * g
