@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -221,6 +222,28 @@ def test_fitted_router_row_reads_the_inputs_through_the_routers_norm():
     solution = np.linalg.lstsq(normed.numpy(), target.numpy(), rcond=None)[0]
     torch.testing.assert_close(fitted.weight[0], view.router.weight[0], rtol=0, atol=1e-10)
     torch.testing.assert_close(fitted.weight[1], torch.from_numpy(solution), rtol=0, atol=1e-10)
+
+
+def test_fitted_router_row_keeps_the_joint_probability_under_a_logit_scale():
+    """Logits s (W x + b) (logit_scale s): the merged row's scaled logit follows the log-sum-exp of its
+    members' scaled logits, so two members with one row merge into that row with bias b + log(2) / s
+    (their joint probability, twice one's); a softcap's tanh has no such row: refused, as HC-SMoE's
+    router_rule='fit' is before calibrating."""
+    from moelab.compress.methods.hcsmoe import HCSMoE
+
+    view = make_view(E=4, router_bias={0: 0.3, 1: -0.2, 2: 0.1, 3: 0.0}, seed=5)
+    weight, bias = view.router.weight.clone(), view.router.bias.clone()
+    weight[2], bias[2] = weight[1], bias[1]
+    router = dataclasses.replace(view.router, weight=weight, bias=bias, logit_scale=0.5)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
+    edit = merged_layer(dataclasses.replace(view, router=router), [[0], [1, 2], [3]], torch.ones(4), router_rule="fit", inputs=x)
+    torch.testing.assert_close(edit.view.router.weight[1], weight[1], rtol=0, atol=1e-10)
+    torch.testing.assert_close(edit.view.router.bias[1], bias[1] + math.log(2) / 0.5, rtol=0, atol=1e-10)
+    capped = dataclasses.replace(view, router=dataclasses.replace(router, logit_softcap=2.0))
+    with pytest.raises(ValueError, match="without a logit softcap"):
+        merged_layer(capped, [[0], [1, 2], [3]], torch.ones(4), router_rule="fit", inputs=x)
+    with pytest.raises(ValueError, match="but this router caps its logits; use router_rule=weighted"):
+        HCSMoE(router_rule="fit").check_router(capped.router)
 
 
 def test_router_groups_split_experts_like_the_router():

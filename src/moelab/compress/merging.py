@@ -157,18 +157,25 @@ def merged_layer(
     return LayerEdit(tuple(tuple(g) for g in groups), view=view)
 
 
+def fits_router_rows(router: RouterView) -> bool:
+    """Whether the 'fit' router rule applies: softmax scores of logits linear in the row (a
+    logit_scale s multiplies them; a softcap's tanh has no row for a group's joint mass)."""
+    return router.score_func == "softmax" and router.logit_softcap is None
+
+
 def _fitted_row(router: RouterView, group: Sequence[int], x: Tensor | None) -> tuple[Tensor, Tensor]:
     """(row [D], bias []) whose logit best matches, in least squares over x [N, D], the
-    log-sum-exp of the group members' logits (their joint softmax mass, up to the normaliser); a
-    router with an input norm (Gemma 4's) reads, and the fit is on, the normed x."""
-    if x is None or router.score_func != "softmax":
-        raise ValueError("the 'fit' router rule needs a softmax router and the sampled block inputs")
+    log-sum-exp of the group members' logits (their joint softmax mass, up to the normaliser);
+    with a logit_scale s, the row's scaled logit the members' scaled ones (the target is
+    logsumexp(s z) / s); a router with an input norm (Gemma 4's) reads, and the fit is on, the normed x."""
+    if x is None or not fits_router_rows(router):
+        raise ValueError("the 'fit' router rule needs a softmax router without a logit softcap and the sampled block inputs")
     x = x.double()
     if router.input_norm is not None:
         x = norm_from_view(router.input_norm).double()(x)
     W = router.weight[list(group)].double()
     z = x @ W.T + (0 if router.bias is None else router.bias[list(group)].double())
-    target = torch.logsumexp(z, dim=1)
+    target = torch.logsumexp(z * router.logit_scale, dim=1) / router.logit_scale
     design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
     if router.bias is None:
         design = x

@@ -15,7 +15,13 @@ from __future__ import annotations
 import numpy as np
 from scipy.cluster.hierarchy import cut_tree, linkage
 
-from moelab.compress.merging import ROUTER_RULES, expert_features, merged_layer, router_groups
+from moelab.compress.merging import (
+    ROUTER_RULES,
+    expert_features,
+    fits_router_rows,
+    merged_layer,
+    router_groups,
+)
 from moelab.compress.methods.base import LayerDecision, Method, Target
 from moelab.compress.stats import LayerStats
 from moelab.hf.view import MoELayerView, RouterView
@@ -41,11 +47,11 @@ class HCSMoE(Method):
         return {"linkage": self.linkage, "router_rule": self.router_rule}
 
     def check_router(self, router: RouterView, where: str = "") -> None:
-        if self.router_rule == "fit" and router.score_func != "softmax":
+        if self.router_rule == "fit" and not fits_router_rows(router):
+            scores = "caps its logits" if router.score_func == "softmax" else f"scores with {router.score_func}"
             raise ValueError(
                 f"{where}hc_smoe's router_rule='fit' fits each merged expert a row whose softmax probability is its "
-                f"members' joint one, but this router scores with {router.score_func}; use router_rule=weighted or "
-                "dominant"
+                f"members' joint one, but this router {scores}; use router_rule=weighted or dominant"
             )
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:

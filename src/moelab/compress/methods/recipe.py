@@ -43,7 +43,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from moelab.compress.merging import aligned_to, expert_features, merged_layer, router_groups
+from moelab.compress.merging import aligned_to, expert_features, fits_router_rows, merged_layer, router_groups
 from moelab.compress.methods.base import LayerDecision, Method, Target, check_protected, super_expert_ids
 from moelab.compress.methods.ean import EAN
 from moelab.compress.methods.easy_ep import EasyEP
@@ -71,8 +71,9 @@ def compensated(
     weights), W' = argmin sum_t g_t^2 ||f_e(x_t) - b_e - W h_t||^2 + lam ||W - W_0||^2, h the
     narrowed expert's hidden activations, W_0 its down projection, lam = ridge x the mean diagonal
     of sum_t g_t^2 h_t h_t^T (float64, closed form). In a latent block the experts read down @ x
-    and the fit is in the latent space, before the up projection. ids [N]: the sampled tokens' ids
-    (`LayerStats.input_ids`), which a hash router reads."""
+    and the fit is in the latent space, before the up projection; f_e is the expert's output before
+    its output norm where it has one (Muse Spark's post_expert_norm, kept as it is). ids [N]: the
+    sampled tokens' ids (`LayerStats.input_ids`), which a hash router reads."""
     with torch.no_grad():
         return _compensated(layer, narrowed, x, ids, ridge)
 
@@ -317,7 +318,7 @@ class MoelabRecipe(Method):
         counts = stats.total("counts").double().clamp(min=1e-9)
         features = expert_features(layer, x)
         group_of = {e: g for g, members in enumerate(router_groups(layer.router)) for e in members}
-        rules = ("dominant", "fit") if layer.router.score_func == "softmax" else ("dominant",)
+        rules = ("dominant", "fit") if fits_router_rows(layer.router) else ("dominant",)
         groups, weights = {e: [e] for e in kept}, counts.clone()
         edit, folded = LayerEdit.keep(kept), []
         dropped = [e for e in range(layer.router.num_experts) if e not in groups]
