@@ -173,9 +173,10 @@ MODELS = {
         "model.language_model.layers.", "num_experts", "mlp",
     ),
     "muse_spark": (  # a latent block: experts on a normed 24-wide latent, each one's output normed; layer 0 dense
-        dict(COMMON, num_hidden_layers=2, intermediate_size=48, moe_intermediate_size=16, moe_hidden_size=24,
+        # (two sparse layers: offloaded pools compute with each one's own output norm)
+        dict(COMMON, num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16, moe_hidden_size=24,
              num_local_experts=4, num_experts_per_tok=2, routed_scaling_factor=2.5, output_multiplier=0.5,
-             mlp_layer_types=["dense", "sparse"], eos_token_id=1, bos_token_id=2),
+             mlp_layer_types=["dense", "sparse", "sparse"], eos_token_id=1, bos_token_id=2),
         dict(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
         "model.language_model.layers.", "num_local_experts", "mlp",
     ),
