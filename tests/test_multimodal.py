@@ -1071,6 +1071,23 @@ def test_ernie_4_5_vl_counts_its_vision_experts_as_routed(tmp_path, original):
     assert counts["active"] == counts["total"] - (text_n - text_n * k // E) - (vision_n - vision_n * k // E)
 
 
+@pytest.mark.slow
+def test_every_method_on_muse_spark(tmp_path):
+    """Muse Spark's latent blocks (a normed latent input, each expert's output normed before its weight,
+    scaled router logits): every method from one calibration passes the writer's checks, the language
+    model reloaded strictly by transformers."""
+    from moelab.compress import METHODS, calibrate
+
+    source = multimodal_model(tmp_path / "src", "muse_spark")
+    options = CalibrationOptions(tokens=512, seq_len=32, batch_size=4, sample_tokens=64,
+                                 observers=CalibrationOptions().observers + ("neurons",))  # fmt: skip
+    stats = calibrate(source, tmp_path / "stats", options=options, quiet=True).directory
+    for method in sorted(METHODS):
+        domains = ["code"] if method == "premoe" else None
+        report = compress(source, tmp_path / method, method=method, ratio=0.5, stats=stats, domains=domains, quiet=True)
+        assert report["complete"] and report["reload_checked"], method
+
+
 def test_muse_spark_norms_take_the_class_defaults_where_the_config_leaves_their_eps_out(tmp_path):
     """MuseSparkTextConfig's rms_norm_eps 1e-5 (the experts' input norm) and post_norm_eps 1e-8 (each
     expert's output norm), as transformers builds the model from such a config (the default was 1e-6)."""
