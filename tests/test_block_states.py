@@ -13,11 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from hf_tiny import TINY, build, load
+from test_dsa import (
+    assert_backward_sweep_is_autograd,
+    assert_resumes_to_the_same_statistics,
+    run_layers_in_order,
+)
 from test_layerwise import assert_layers_are_transformers
 from transformers import PreTrainedTokenizerFast
 
-from moelab.compress import CalibrationOptions, calibrate, compress
-from moelab.compress.calibration import calibration_mixture
+from moelab.compress import CalibrationOptions, compress
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import CheckpointError
 from moelab.hf.layerwise import LayerwiseModel
@@ -63,13 +67,7 @@ def test_the_backward_run_is_autograd_through_the_whole_model(source):
     the last layer's output."""
     ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
     runner = LayerwiseModel(source)
-    states = runner.embed([ids])
-    inputs, carried = [], []
-    for index in range(4):
-        inputs.append(states[0])
-        carried.append(runner.carry[0])
-        with runner.layer(index) as run:
-            states = [run(0, states[0])]
+    states, inputs, carried = run_layers_in_order(runner, ids, 4)
     assert [c.shape[-2] for c in carried + runner.carry] == [0, 1, 1, 2, 2]
     grads = {4: runner.head_gradients([ids], states, 1.0)[0]}
     for index in reversed(range(4)):
@@ -97,28 +95,7 @@ def test_the_backward_sweep_hands_each_layer_the_block_states_of_its_forward_run
     """The calibration's backward sweep reads each layer's block_states from its tape and the final
     input's from the last one: the gradient it carries down to the embeddings is autograd's through
     transformers' model, per batch."""
-    import moelab.compress.gradients as gradients_module
-
-    real, captured = gradients_module.backward_layer, {}
-
-    def spy(runner, index, states, grads, *args):
-        result = real(runner, index, states, grads, *args)
-        if index == 0:
-            captured["grads"] = [g.clone() for g in grads]
-        return result
-
-    monkeypatch.setattr(gradients_module, "backward_layer", spy)
-    calibrate(source, tmp_path / "stats", options=BACKWARD, quiet=True)
-    mixture = calibration_mixture(source, "corpus", BACKWARD)
-    predicted = sum(w.ids.numel() - 1 for w in mixture.windows)
-    model = load(source)
-    for b, batch in enumerate(mixture.batches(BACKWARD.batch_size)):
-        ids = torch.stack([w.ids for w in batch])
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        logits = model(inputs_embeds=embeds).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 8192), ids[:, 1:].reshape(-1), reduction="sum")
-        (expected,) = torch.autograd.grad(loss / predicted, embeds)
-        torch.testing.assert_close(captured["grads"][b], expected, atol=1e-7, rtol=1e-4, msg=f"batch {b}")
+    assert_backward_sweep_is_autograd(source, tmp_path, monkeypatch, BACKWARD)
 
 
 @pytest.mark.parametrize(
@@ -129,8 +106,6 @@ def test_an_interrupted_calibration_resumes_to_the_same_statistics(source, tmp_p
     snapshot: in the forward sweep at layer 2 (layer 2, a boundary, reads the block_states of the snapshot
     taken after layer 1), or in the backward sweep at layer 2 (resumed from the snapshot after layer 3: its
     gradients and those of the block_states, two slots, that layer 2's input gets one of)."""
-    from test_dsa import assert_resumes_to_the_same_statistics
-
     assert_resumes_to_the_same_statistics(source, tmp_path, monkeypatch, BACKWARD, killed_at, range(4))
 
 

@@ -50,18 +50,25 @@ def test_every_layer_s_output_is_transformers_with_the_top_k_carried(source):
     assert_layers_are_transformers(source, load(source), batches)
 
 
+def run_layers_in_order(runner, ids, num_layers: int):
+    """`runner`'s (a LayerwiseModel's) first `num_layers` layers run in order on the one batch `ids`:
+    (the last layer's output states, each layer's input, the carried value each layer read)."""
+    states = runner.embed([ids])
+    inputs, carried = [], []
+    for index in range(num_layers):
+        inputs.append(states[0])
+        carried.append(runner.carry[0])
+        with runner.layer(index) as run:
+            states = [run(0, states[0])]
+    return states, inputs, carried
+
+
 def test_the_backward_run_is_autograd_through_the_whole_model(source):
     """The layers' vector-Jacobian products from the head down, each reading the top-k the layer
     before handed it in the forward run, against autograd through transformers' model."""
     ids = torch.randint(0, 8192, (1, 12))
     runner = LayerwiseModel(source)
-    states = runner.embed([ids])
-    inputs, carried = [], []
-    for index in range(4):
-        inputs.append(states[0])
-        carried.append(runner.carry[0])
-        with runner.layer(index) as run:
-            states = [run(0, states[0])]
+    states, inputs, carried = run_layers_in_order(runner, ids, 4)
     grads = runner.head_gradients([ids], states, 1.0)
     for index in reversed(range(4)):
         runner.carry = [carried[index]]
@@ -132,10 +139,16 @@ def test_the_backward_sweep_hands_each_layer_the_top_k_of_its_forward_run(source
     """The calibration's backward sweep reads each layer's carried top-k from its tape: the
     gradient it carries down to the embeddings is autograd's through transformers' model, per batch
     (a shared layer recomputed with another layer's top-k would change it)."""
+    options = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",))
+    assert_backward_sweep_is_autograd(source, tmp_path, monkeypatch, options)
+
+
+def assert_backward_sweep_is_autograd(source, tmp_path, monkeypatch, options) -> None:
+    """The gradient the calibration's backward sweep carries down to the embeddings is autograd's
+    through transformers' whole model, per batch."""
     import moelab.compress.gradients as gradients_module
     from moelab.compress.calibration import calibration_mixture
 
-    options = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",))
     real, captured = gradients_module.backward_layer, {}
 
     def spy(runner, index, states, grads, *args):

@@ -292,6 +292,20 @@ def _gated_reference(xs, counts, row_weights, p, act, scale_input=False):
     return torch.stack(out)
 
 
+def _assert_same_forward_and_backward(m, ys, ref, xs_pair, rw_pair, leaves, g) -> None:
+    """The experts' output ys equals the float64 reference ref, and so do the gradients of a random
+    projection of it: the inputs', the routing weights' (each pair: (m's, the reference's)) and every
+    parameter of m's (the reference's `leaves`)."""
+    assert_close(ys, ref, what="ys")
+    G = torch.randn(ys.shape, generator=g, dtype=F64)
+    (ys.double() * G).sum().backward()
+    (ref * G).sum().backward()
+    for what, (got, want) in (("xs", xs_pair), ("row_weights", rw_pair)):
+        assert_close(got.grad, want.grad, what=f"grad {what}")
+    for name, param in m.named_parameters():
+        assert_close(param.grad, leaves[name].grad, what=f"grad {name}")
+
+
 def _check_gated(m, act, scale_input):
     """Experts m (with biases, m.clamped set) against `_gated_reference` with act(g, u), forward and
     backward (inputs, routing weights, every parameter). Returns the rows' pre-activations h [N, 2I]."""
@@ -303,14 +317,7 @@ def _check_gated(m, act, scale_input):
     xr, rwr = f64_leaf(xs), f64_leaf(rw)
     ys = m(xs, list(COUNTS), rw)
     ref = _gated_reference(xr, COUNTS, rwr, leaves, act, scale_input)
-    assert_close(ys, ref, what="ys")
-    G = torch.randn(N, D, generator=g, dtype=F64)
-    (ys.double() * G).sum().backward()
-    (ref * G).sum().backward()
-    assert_close(xs.grad, xr.grad, what="grad xs")
-    assert_close(rw.grad, rwr.grad, what="grad row_weights")
-    for name, p in m.named_parameters():
-        assert_close(p.grad, leaves[name].grad, what=f"grad {name}")
+    _assert_same_forward_and_backward(m, ys, ref, (xs, xr), (rw, rwr), leaves, g)
     with torch.no_grad():
         row_expert = torch.repeat_interleave(torch.arange(E), torch.tensor(COUNTS))
         x_in = xs * rw[:, None] if scale_input else xs
@@ -516,14 +523,7 @@ def test_an_output_norm_comes_before_the_routing_weight_on_every_backend(backend
     row_expert = torch.repeat_interleave(torch.arange(E), torch.tensor(COUNTS))
     ref = _normed_reference(xr, row_expert[:, None], rwr[:, None], leaves, norm)
     ys = m(xs, list(COUNTS), rw)
-    assert_close(ys, ref, what="ys")
-    G = torch.randn(N, D, generator=g, dtype=F64)
-    (ys.double() * G).sum().backward()
-    (ref * G).sum().backward()
-    assert_close(xs.grad, xr.grad, what="grad xs")
-    assert_close(rw.grad, rwr.grad, what="grad row_weights")
-    for name, param in m.named_parameters():
-        assert_close(param.grad, leaves[name].grad, what=f"grad {name}")
+    _assert_same_forward_and_backward(m, ys, ref, (xs, xr), (rw, rwr), leaves, g)
     with torch.no_grad():
         split = m.project(m.hidden(xs, list(COUNTS)), list(COUNTS))
         assert_close(split * rw[:, None], ref, what="project(hidden)")
