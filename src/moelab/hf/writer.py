@@ -150,10 +150,10 @@ def transformers_reads(plan: _Plan, name: str) -> bool:
     """Whether transformers can load the layout the output keeps; where it cannot, a warning says
     the reload check was skipped (LongCat-Flash as released stores gate and up for its E experts
     alone, where transformers sizes them for the E + Z identity experts too, `PerExpert.padded`)."""
-    Z = plan.family.identity_count(plan.config)
-    index = next(iter(plan.edits), None)
-    layout = None if index is None else plan.family.layout_of(plan.ckpt, index)
-    if not Z or layout is None or not getattr(layout.experts, "padded", False) or layout.stored_padding(plan.ckpt, plan.family.prefix(index)):
+    Z, index = plan.family.identity_count(plan.config), next(iter(plan.edits))  # edits: never empty
+    layout = plan.family.layout_of(plan.ckpt, index)
+    padded = getattr(layout.experts, "padded", False)  # a layout that may store the identity experts' gate and up
+    if not (Z and padded) or layout.stored_padding(plan.ckpt, plan.family.prefix(index)):
         return True
     warnings.warn(
         f"the whole-model reload check was skipped: {name} keeps the source's layout, gate and up stored for the "
