@@ -21,7 +21,7 @@ from test_dsa import (
 from test_layerwise import assert_layers_are_transformers
 from transformers import PreTrainedTokenizerFast
 
-from moelab.compress import CalibrationOptions, compress
+from moelab.compress import CalibrationOptions, calibrate, compress
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import CheckpointError
 from moelab.hf.layerwise import LayerwiseModel
@@ -96,6 +96,26 @@ def test_the_backward_sweep_hands_each_layer_the_block_states_of_its_forward_run
     input's from the last one: the gradient it carries down to the embeddings is autograd's through
     transformers' model, per batch."""
     assert_backward_sweep_is_autograd(source, tmp_path, monkeypatch, BACKWARD)
+
+
+def test_the_tapes_keep_the_block_states_once(source, tmp_path, monkeypatch):
+    """Each layer's block_states are the first K slots of the final input's: only the last tape keeps
+    them, so the tapes weigh the states once a layer plus the final block_states (here 4 + (1 + 2) times
+    the states, not 1 + 2 + 2 + 3 + 3: each tape 1 + K)."""
+    import moelab.compress.calibration as calibrate_module
+    from moelab.compress.gradients import tape_file
+    from moelab.files import load_safetensors
+
+    real, weighs = calibrate_module.save_tape, {}
+
+    def tape(directory, rank, world, index, states, carry=()):
+        real(directory, rank, world, index, states, carry)
+        saved = load_safetensors(tape_file(directory, rank, world, index))
+        weighs[index] = sum(t.nbytes for t in saved.values()) / sum(s.nbytes for s in states)
+
+    monkeypatch.setattr(calibrate_module, "save_tape", tape)
+    calibrate(source, tmp_path / "stats", options=BACKWARD, quiet=True)
+    assert weighs == {0: 1, 1: 1, 2: 1, 3: 1, 4: 3}
 
 
 @pytest.mark.parametrize(

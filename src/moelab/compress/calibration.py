@@ -228,7 +228,7 @@ def run_calibration(
         layers = range(start, runner.num_layers)
         for index in tqdm(layers, desc=f"calibrate {model.name}", unit="layer", disable=quiet):
             if backward:
-                save_tape(directory, rank, world, index, states, runner.carry_read_by(index))
+                save_tape(directory, rank, world, index, states, runner.carry_taped_by(index))
             stats = _calibrate_layer(runner, index, states, tokens, mixture, options, world)
             if stats is not None:
                 coverage[str(index)] = int((stats.counts.sum((0, 1)) < COVERAGE_MIN_TOKENS).sum())
@@ -241,7 +241,7 @@ def run_calibration(
                 if not last or mtp_pending:  # the MTP layer starts from the last layer's output
                     save_safetensors(with_carry(states, runner.carry_read_by(index + 1)), resume_file)
                 if last and backward:
-                    save_tape(directory, rank, world, index + 1, states, runner.carry_read_by(index + 1))
+                    save_tape(directory, rank, world, index + 1, states, runner.carry_taped_by(index + 1))
                 info["done"] = index
                 if rank == 0:
                     write_info(directory, info)

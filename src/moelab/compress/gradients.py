@@ -7,7 +7,9 @@ Shape legend: B sequences, S tokens each, D model dim.
 The loss is the mean next-token cross-entropy over every calibration token (the windows' first
 tokens predict nothing), so the gradients do not depend on how the windows are batched or split
 over processes. The forward sweep saves each layer's input states to a tape file in the
-statistics directory; the backward sweep reads them from the last layer to the first, recomputes
+statistics directory (with the carried value the layer reads, `LayerwiseModel.carry_taped_by`;
+Inkling 2's block_states, of which each layer reads a prefix, once, with the last layer's output);
+the backward sweep reads them from the last layer to the first, recomputes
 each layer under autograd (its weights need no gradient) and hands the gradient with respect to
 its input to the layer below. Peak memory stays one decoder layer plus its activations. The
 gradients are saved every `snapshot_seconds` like the hidden states of the forward sweep, so a
@@ -90,18 +92,20 @@ def backward_sweep(
     dtype = runner.dtype
     top = runner.num_layers - 1
     start = info.get("backward_next")
+    # the final input's carry: block_states, which it reads and every layer reads a prefix of
+    final, final_carry = load_snapshot(tape_file(directory, rank, world, top + 1), len(ids), dtype)
     if start is not None and resume_file.is_file():
         grads, runner.carry_grad = load_snapshot(resume_file, len(ids), dtype, prefix="grad")
     else:
-        # the carry: block_states, which the final input reads
-        final, runner.carry = load_snapshot(tape_file(directory, rank, world, top + 1), len(ids), dtype)
+        runner.carry = final_carry
         grads = runner.head_gradients(ids, final, 1.0 / predicted_tokens)
-        del final
         start = top
+    del final
     snapped = time.perf_counter()
     for index in tqdm(range(start, -1, -1), desc="backward sweep", unit="layer", disable=quiet):
         # the carry: what the layer before handed this one in the forward sweep
-        states, runner.carry = load_snapshot(tape_file(directory, rank, world, index), len(ids), dtype)
+        states, taped = load_snapshot(tape_file(directory, rank, world, index), len(ids), dtype)
+        runner.carry = runner.carry_from_tapes(index, taped, final_carry)
         results = backward_layer(runner, index, states, grads, tokens, names, num_sources)
         if results is not None:
             _add_to_layer(directory, index, results, world, rank)

@@ -88,8 +88,9 @@ class LayerwiseModel:
     block_states [B, S, K, D] (BLOCK_STATES), the inputs of the K block-boundary layers run so far,
     which the run appends to (transformers' model loop does) and the final norm reads through the
     model's final_input; carry: per batch, the value of it the next layer run reads (calibration
-    saves it with the hidden states); carry_grad: per batch, for block_states, the gradient of the
-    loss with respect to them gathered so far by the backward run (`head_gradients`, `layer_backward`).
+    saves it with the hidden states: `carry_read_by`, `carry_taped_by`); carry_grad: per batch, for
+    block_states, the gradient of the loss with respect to them gathered so far by the backward run
+    (`head_gradients`, `layer_backward`).
     """
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype = torch.float32):
@@ -447,6 +448,25 @@ class LayerwiseModel:
             return []
         attention = getattr(self._layers[index], "self_attn", None)
         return [] if getattr(attention, "indexer", None) is not None else self.carry
+
+    def carry_taped_by(self, index: int) -> list[Tensor | None]:
+        """What the backward sweep's tape of the states entering layer `index` keeps of `carry`: what the
+        layer reads (`carry_read_by`), but block_states only with the final input's (index = num_layers):
+        every layer's are a prefix of those (`carry_from_tapes`), so the tapes hold them once."""
+        if self.carried == BLOCK_STATES and index < self.num_layers:
+            return []
+        return self.carry_read_by(index)
+
+    def carry_from_tapes(
+        self, index: int, taped: list[Tensor | None], final: list[Tensor | None]
+    ) -> list[Tensor | None]:
+        """The carried value layer `index` read in the forward sweep, from what the tapes keep
+        (`carry_taped_by`): its own tape's `taped`, or for block_states the first K slots of the final
+        input's `final` [B, S, K_final, D] per batch, K the block-boundary layers below layer `index`."""
+        if self.carried != BLOCK_STATES:
+            return taped
+        slots = self._blocks_below(index)
+        return [blocks[..., :slots, :] for blocks in final]
 
     def moe_view(self, index: int) -> MoELayerView | None:
         layer = self.view.layer(index)
