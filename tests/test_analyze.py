@@ -439,7 +439,12 @@ def test_report_tables_page_notes_follow_the_model_and_the_trace():
     assert "scaled inputs" not in page and "Needs at least two" not in page and 'src="data:image/png;base64,AAAA"' in page
     summary.update(trace_settings={"dtype": "float32"}, checks={})
     page = _html(summary, {})
-    assert "The model ran in" not in page and "Routing check" not in page
+    assert "The model ran in" not in page and "Routing check" not in page and "Identity experts" not in page
+    identity = dict(stats, num_experts=6, identity_experts=2, identity_share=0.25)  # LongCat-Flash's
+    summary["layers"] = {"0": identity, "1": identity, "3": dict(identity, num_experts=10)}
+    page = _html(summary, {})
+    assert "Identity experts, which compute nothing (past the dashed line): layers 0, 1: experts 4-5; layer 3: experts 8-9." in page
+    assert _cells(page.split("<table>")[1])[7] == "4 + 2 identity (25% of the assignments)"
 
 
 def test_report_tables_helpers_for_json_and_plots():

@@ -102,6 +102,11 @@ def _load_figure(summary: dict[str, Any]):
         grid[r, : stats["num_experts"]] = np.array(stats["load_fraction"]) * stats["num_experts"]
     fig, ax = plt.subplots(figsize=(min(2 + 0.35 * E, 16), 1 + 0.35 * len(layers)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    for r, i in enumerate(layers):  # a dashed line before a layer's identity experts (LongCat-Flash's)
+        stats = summary["layers"][i]
+        if stats.get("identity_experts"):
+            edge = stats["num_experts"] - stats["identity_experts"] - 0.5
+            ax.plot([edge, edge], [r - 0.5, r + 0.5], color="white", linestyle="--", linewidth=1.5)
     ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
     ax.set_xlabel("expert")
     ax.set_title("expert load relative to uniform (1 = balanced)")
@@ -260,6 +265,17 @@ def _layer_table(summary: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def _identity_note(summary: dict[str, Any]) -> str:
+    """Which experts of the plots are identity experts (LongCat-Flash's zero-computation ones: past a
+    dashed line in the load plot), "" where none is."""
+    ranges = {}
+    for i, layer in summary["layers"].items():
+        if Z := layer.get("identity_experts", 0):
+            ranges.setdefault((layer["num_experts"] - Z, layer["num_experts"] - 1), []).append(i)
+    notes = [f"layer{'s' * (len(ls) > 1)} {', '.join(ls)}: experts {a}-{b}" for (a, b), ls in ranges.items()]
+    return f"Identity experts, which compute nothing (past the dashed line): {'; '.join(notes)}." if notes else ""
+
+
 def _experts_cell(layer: dict[str, Any]) -> str:
     """A layer's experts: "E", or "E + Z identity (share of the assignments)" (LongCat-Flash)."""
     Z = layer.get("identity_experts", 0)
@@ -315,6 +331,8 @@ def _html(summary: dict[str, Any], images: dict[str, str]) -> str:
     for name, heading, text in SECTIONS:
         if name == "super_experts" and summary["family"] == "llama4_text":
             text += " Llama 4 scales an expert's input by its routing weight, so these outputs are of scaled inputs."
+        if name == "load" and (identity := _identity_note(summary)):
+            text += f" {identity}"
         parts.append(f"<h2>{heading}</h2><p>{text}</p>")
         if name in images:
             parts.append(f'<img alt="{name}" src="data:image/png;base64,{images[name]}">')
