@@ -620,9 +620,15 @@ class Layout:
     norms: NormKeys | None = None
     output_bias: str | None = None
 
+    @property
+    def padded(self) -> bool:
+        """Whether the experts may be stored with gate and up past them for the router's identity
+        experts (`PerExpert.padded`, `FusedGateUp.padded`)."""
+        return isinstance(self.experts, (PerExpert, FusedGateUp)) and self.experts.padded
+
     def stored_padding(self, ckpt: Checkpoint, prefix: str) -> int:
-        """Gate and up entries stored past the experts' for the router's identity experts (`PerExpert.padded`)."""
-        return self.experts.stored_padding(ckpt, prefix) if isinstance(self.experts, (PerExpert, FusedGateUp)) else 0
+        """Gate and up entries stored past the experts' for the router's identity experts (`padded`)."""
+        return self.experts.stored_padding(ckpt, prefix) if self.padded else 0
 
     def encode(self, layer: MoELayerView, prefix: str, stored: Checkpoint, padding: int = 0) -> dict[str, Tensor]:
         """The block's router and routed experts -> on-disk tensors (stored: the source checkpoint,

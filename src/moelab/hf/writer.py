@@ -152,8 +152,7 @@ def transformers_reads(plan: _Plan, name: str) -> bool:
     alone, where transformers sizes them for the E + Z identity experts too, `PerExpert.padded`)."""
     Z, index = plan.family.identity_count(plan.config), next(iter(plan.edits))  # edits: never empty
     layout = plan.family.layout_of(plan.ckpt, index)
-    padded = getattr(layout.experts, "padded", False)  # a layout that may store the identity experts' gate and up
-    if not (Z and padded) or layout.stored_padding(plan.ckpt, plan.family.prefix(index)):
+    if not (Z and layout.padded) or layout.stored_padding(plan.ckpt, plan.family.prefix(index)):
         return True
     warnings.warn(
         f"the whole-model reload check was skipped: {name} keeps the source's layout, gate and up stored for the "
