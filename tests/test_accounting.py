@@ -111,6 +111,9 @@ def test_nominal_experts_per_token():
     assert nominal("expert-choice") == {1: 2.0}  # ec_capacity_factor
     ec = variant(moe_fields=dict(router="expert_choice", ec_capacity_factor=1.5), allow_noncausal_routing=True)
     assert experts_per_token_by_layer(ec) == {1: 1.5}  # not top_k, which keeps its default 2
+    budget = variant(moe_fields=dict(identity_experts=2, selection_bias=True, computed_experts_target=1.25))
+    assert experts_per_token_by_layer(budget) == {1: 1.25}  # LongCat's K_e: the average its bias steers to
+    assert experts_per_token_by_layer(variant(moe_fields=dict(identity_experts=2))) == {1: 2.0}  # at most top_k
     assert nominal("mqa-interleaved") == {0: 2.0, 2: 2.0}
     assert nominal("dense") == {}
 

@@ -16,6 +16,7 @@ from reference import (
 )
 
 from moelab.nn import (
+    ComputeBudget,
     ExpertChoiceRouter,
     HashRouter,
     MoEConfig,
@@ -561,6 +562,63 @@ def test_selection_bias_update_leaves_rexmoe_masked_experts_alone():
     expected = torch.where(candidates, 0.25 * torch.sign(mean - load), torch.zeros(8))
     assert torch.equal(router.selection_bias, expected)
     assert (router.selection_bias[~candidates] == 0).all() and router.selection_bias[candidates].abs().sum() > 0
+
+
+def test_compute_budget_moves_each_experts_bias_by_its_share_gap_and_holds_the_identity_experts():
+    """LongCat-Flash's rule on a worked example: 2 experts and 2 identity experts, top-2, K_e = 1,
+    loads [3, 1, 0, 4] over 4 tokens: each expert's bias moves by rate * (K_e / (K N) - T_i / (K T)),
+    = 0.5 * (1/4 - 3/8) and 0.5 * (1/4 - 1/8); the identity experts' stay."""
+    router = TopKRouter(D, 4, 2, renormalize=False, selection_bias=True, budget=ComputeBudget(2, 1.0))
+    with torch.no_grad():
+        router.selection_bias.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+        router.tokens_per_expert.copy_(torch.tensor([3.0, 1.0, 0.0, 4.0]))
+    router.update_selection_bias(0.5)
+    expected = torch.tensor([0.1 - 0.0625, 0.2 + 0.0625, 0.3, 0.4])
+    assert torch.allclose(router.selection_bias, expected, atol=1e-7, rtol=0)
+    assert not router.tokens_per_expert.any()
+
+
+@pytest.mark.parametrize("target", [0.5, 1.8])
+def test_compute_budget_steers_the_experts_computed_per_token_to_its_target(target):
+    """From a start far from the target (about 1.3 of top-2 among 8 experts and 4 identity experts),
+    the updates bring the experts computed per token to K_e and even out the experts' loads; the
+    plain update (no budget) balances all 12 choices and stays near 2 * 8 / 12."""
+    torch.manual_seed(0)
+    x = torch.randn(2048, D)
+
+    def computed_after_updates(target):
+        cfg = MoEConfig(
+            dim=D, num_experts=8, identity_experts=4, hidden_dim=8, top_k=2, renormalize=False,
+            selection_bias=True, computed_experts_target=target, bias_update_rate=0.5 if target else 1e-2,
+        )  # fmt: skip
+        layer = build_moe(cfg)
+        for _ in range(60):
+            layer(x)[0].sum().backward()
+            load = layer.router.tokens_per_expert.clone()
+            layer.router.update_selection_bias(cfg.bias_update_rate)
+        return load[:8].sum().item() / len(x), load[:8]
+
+    start, _ = computed_after_updates(None)
+    assert abs(start - 2 * 8 / 12) < 0.1 and abs(start - target) > 0.4
+    computed, expert_loads = computed_after_updates(target)
+    assert abs(computed - target) < 0.02, computed
+    assert expert_loads.max() < 1.2 * expert_loads.mean(), expert_loads
+
+
+def test_compute_budget_needs_identity_experts_a_selection_bias_and_a_target_within_top_k():
+    with pytest.raises(ValueError, match="set identity_experts >= 1 and selection_bias=True"):
+        MoEConfig(dim=D, num_experts=E, hidden_dim=8, selection_bias=True, computed_experts_target=1.0)
+    with pytest.raises(ValueError, match="set identity_experts >= 1 and selection_bias=True"):
+        MoEConfig(dim=D, num_experts=E, hidden_dim=8, identity_experts=2, computed_experts_target=1.0)
+    for bad in (0.0, 2.5, -1.0):
+        with pytest.raises(ValueError, match=r"computed_experts_target .* must lie in \(0, min\(top_k, num_experts\) = 2\]"):
+            MoEConfig(dim=D, num_experts=E, hidden_dim=8, identity_experts=2, selection_bias=True, computed_experts_target=bad)
+    with pytest.raises(ValueError, match="build the router with selection_bias=True"):
+        TopKRouter(D, 6, 2, budget=ComputeBudget(4, 1.0))
+    with pytest.raises(ValueError, match=r"num_experts must be an int in \[1, 6\)"):
+        TopKRouter(D, 6, 2, selection_bias=True, budget=ComputeBudget(6, 1.0))
+    with pytest.raises(ValueError, match=r"target .* must lie in \(0, min\(top_k, num_experts\) = 1\]"):
+        TopKRouter(D, 6, 2, selection_bias=True, budget=ComputeBudget(1, 1.5))
 
 
 def test_rexmoe_masked_experts_are_not_chosen_whatever_their_selection_bias():

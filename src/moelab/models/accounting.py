@@ -14,7 +14,8 @@ Conventions:
 - non-embedding: without the vocabulary tables (token embedding and LM head, one table if tied),
   so tied and untied models report the same non-embedding counts.
 - k per MoE layer: the measured mean experts per token when given (`MoEResult.experts_per_token`),
-  else the nominal value: top_k for "topk", "hash" and the graph routers, ec_capacity_factor for
+  else the nominal value: top_k for "topk" (`computed_experts_target` where a computation budget
+  sets it), "hash" and the graph routers, ec_capacity_factor for
   "expert_choice" (its average), and the upper bound (max_k, or E) for "topp" and "relu", whose
   k depends on the data - pass measured values for those. Capacity dropping is ignored (counts
   are before dropping).
@@ -150,10 +151,11 @@ def param_counts(config: ModelConfig) -> dict[str, int]:
 
 
 def nominal_experts_per_token(moe: MoEConfig) -> float:
-    """k a config implies (all Chain-of-Experts iterations together): top_k,
-    ec_capacity_factor, or the cap of a data-dependent router."""
+    """k a config implies (all Chain-of-Experts iterations together): top_k (the computation
+    budget's target where set: the average its bias steers to), ec_capacity_factor, or the cap of a
+    data-dependent router."""
     if moe.router in TOP_K_ROUTERS:
-        k = moe.top_k
+        k = moe.top_k if moe.computed_experts_target is None else moe.computed_experts_target
     elif moe.router == "expert_choice":
         k = moe.ec_capacity_factor
     elif moe.router == "topp" and moe.max_k is not None:

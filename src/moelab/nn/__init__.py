@@ -19,6 +19,7 @@ from moelab.nn.moe import MoELayer, MoEResult
 from moelab.nn.norms import ScaledRMSNorm
 from moelab.nn.rexmoe import ReuseRouter, attach_progressive_scaling, set_reuse_progress
 from moelab.nn.routers import (
+    ComputeBudget,
     ExpertChoiceRouter,
     HashRouter,
     ReLURouter,
@@ -34,6 +35,7 @@ from moelab.nn.uoe import SelectiveAttention, UoEConfig, UoERouter, split_dense_
 __all__ = [
     "AttentionRouter",
     "ChainOfExperts",
+    "ComputeBudget",
     "CappedSwiGLU",
     "ClampedSwiGLU",
     "GateClampedSwiGLU",

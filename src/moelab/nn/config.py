@@ -15,6 +15,7 @@ from moelab.nn.moe import MoELayer
 from moelab.nn.rexmoe import ReuseRouter
 from moelab.nn.routers import (
     SCORE_FUNCS,
+    ComputeBudget,
     ExpertChoiceRouter,
     HashRouter,
     ReLURouter,
@@ -25,7 +26,7 @@ from moelab.nn.routers import (
     group_scoring,
     min_group_size,
 )
-from moelab.validation import check_choice, check_field_types, check_known_fields
+from moelab.validation import check_choice, check_field_types, check_known_fields, is_positive_finite
 
 ROUTERS = ("topk", "topp", "expert_choice", "relu", "graph_sim", "graph_attn", "hash")
 TOP_K_ROUTERS = ("topk", "graph_sim", "graph_attn", "hash")
@@ -78,6 +79,12 @@ class MoEConfig:
     identity_experts: Z zero-computation experts ("topk"; LongCat-Flash's, MoE++'s copy experts):
         the router chooses among num_experts + Z, and a slot on one of the Z returns the token's
         input times its weight, so a token may run fewer than top_k experts (`MoELayer`).
+    computed_experts_target: LongCat-Flash's computation budget K_e (with identity_experts and
+        selection_bias): the bias update steers the experts' average count per token to it, each
+        expert's bias moved by bias_update_rate times the gap between its share of the slots and
+        K_e / (top_k * num_experts), the identity experts' held (`moelab.nn.ComputeBudget`); the
+        steps are shares (at most 1), not DeepSeek's signs: a rate of 0.1-1 moves as fast as 1e-3
+        there. None: the bias balances every choice.
     """
 
     dim: int
@@ -118,6 +125,7 @@ class MoEConfig:
     reuse_layers: int = 1
     sparsity_window: int = 8
     identity_experts: int = 0
+    computed_experts_target: float | None = None
 
     def __post_init__(self):
         check_field_types(self)
@@ -145,6 +153,8 @@ class MoEConfig:
                 "MoEConfig.identity_experts return the layer's input: they take no latent_dim (latent experts) "
                 "and no reuse_layers > 1 (ReXMoE's shared pool)"
             )
+        if self.computed_experts_target is not None:
+            self._check_budget()
         if self.router == "topp":
             if not 0.0 < self.top_p <= 1.0:
                 raise ValueError(f"MoEConfig.top_p must lie in (0, 1], got {self.top_p}")
@@ -190,6 +200,19 @@ class MoEConfig:
                 "would route each token to the same experts again; use router='topk' for a chain"
             )
         self._check_read_fields()
+
+    def _check_budget(self) -> None:
+        if not (self.identity_experts and self.selection_bias):
+            raise ValueError(
+                "MoEConfig.computed_experts_target steers the selection bias of a router with identity experts: "
+                "set identity_experts >= 1 and selection_bias=True, or leave it None"
+            )
+        target, most = self.computed_experts_target, min(self.top_k, self.num_experts)
+        if not (is_positive_finite(target) and target <= most):
+            raise ValueError(
+                f"MoEConfig.computed_experts_target (experts computed per token) must lie in (0, min(top_k, "
+                f"num_experts) = {most}], got {target!r}"
+            )
 
     def _check_read_fields(self) -> None:
         """Refuse a setting the layer would not read (route_scale=2 with router='graph_sim' used to
@@ -282,7 +305,9 @@ def build_router(cfg: MoEConfig, reuse_position: int = 0, vocab_size: int | None
         )
         if cfg.reuse_layers > 1:
             return ReuseRouter(cfg.dim, cfg.num_experts, cfg.reuse_layers, reuse_position, cfg.top_k, **topk)
-        return TopKRouter(cfg.dim, cfg.num_choices, cfg.top_k, **topk)
+        target = cfg.computed_experts_target
+        budget = None if target is None else ComputeBudget(cfg.num_experts, target)
+        return TopKRouter(cfg.dim, cfg.num_choices, cfg.top_k, budget=budget, **topk)
     if cfg.router in ("graph_sim", "graph_attn"):
         renormalize = True if cfg.renormalize is None else cfg.renormalize
         if cfg.router == "graph_attn":

@@ -14,6 +14,7 @@ import contextlib
 import math
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -163,6 +164,16 @@ def check_finite_logits(logits: Tensor) -> None:
 BALANCING_BUFFERS = ("selection_bias", "tokens_per_expert")  # float32 whatever the router's dtype
 
 
+@dataclass(frozen=True)
+class ComputeBudget:
+    """LongCat-Flash's computation budget for a router whose choices past its first `num_experts`
+    are zero-computation experts: the selection bias steers the experts' average count per token
+    to `target` (the paper's K_e) instead of balancing every choice (`TopKRouter.update_selection_bias`)."""
+
+    num_experts: int
+    target: float
+
+
 class TopKRouter(Router):
     """Token-choice top-k (Switch, GShard, Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2/V3/V4).
 
@@ -176,7 +187,8 @@ class TopKRouter(Router):
     scale (a parameter [E], Gemma 4's per_expert_scale). input_norm: a module the router reads its
     input through (`Router`). logit_scale: the logits are first multiplied by it (Muse Spark's
     output_multiplier); logit_softcap: then cap * tanh(logits / cap), before all of this (Laguna's
-    moe_router_logit_softcapping).
+    moe_router_logit_softcapping). budget: how `update_selection_bias` moves the bias where some
+    choices are zero-computation experts (`ComputeBudget`), None: toward equal loads.
     """
 
     def __init__(
@@ -198,9 +210,12 @@ class TopKRouter(Router):
         input_norm: nn.Module | None = None,
         logit_softcap: float | None = None,
         logit_scale: float = 1.0,
+        budget: ComputeBudget | None = None,
     ):
         super().__init__(dim, num_experts, bias=bias)
         check_top_k(top_k, num_experts)
+        if budget is not None:
+            _check_budget(budget, num_experts, top_k, selection_bias)
         if logit_softcap is not None and not is_positive_finite(logit_softcap):
             raise ValueError(f"logit_softcap must be a positive finite number (or None), got {logit_softcap!r}")
         if not is_positive_finite(logit_scale):
@@ -225,6 +240,7 @@ class TopKRouter(Router):
         self.input_norm = input_norm
         self.logit_softcap = logit_softcap
         self.logit_scale = logit_scale
+        self.budget = budget
         # Aux-loss-free balancing (DeepSeek-V3): the bias changes which experts are chosen, not
         # the combine weights. tokens_per_expert counts load in training forwards (training mode, with
         # gradients) for the update.
@@ -308,7 +324,10 @@ class TopKRouter(Router):
 
     @torch.no_grad()
     def update_selection_bias(self, rate: float, group: ProcessGroup | None = None) -> None:
-        """b_e += rate * sign(mean load - load_e), then reset the load counter (DeepSeek-V3).
+        """b_e += rate * sign(mean load - load_e), then reset the load counter (DeepSeek-V3). With a
+        `budget` (LongCat-Flash), b_i += rate * (K_e / (K N) - load_i / (K T)) for the N experts, the
+        zero-computation experts' bias held, so that the N experts take K_e of a token's K slots on
+        average, evenly (T: the tokens counted; the step is the gap in shares, not its sign).
         group: data-parallel ranks whose summed load decides (every rank then moves alike)."""
         if self.selection_bias is None:
             raise ValueError("update_selection_bias needs a router built with selection_bias=True")
@@ -317,7 +336,10 @@ class TopKRouter(Router):
             dist.all_reduce(load, group=group)
         if load.sum() > 0:
             mask = self.masked
-            if mask is None:
+            if self.budget is not None:
+                N, share = self.budget.num_experts, load[: self.budget.num_experts] / load.sum()
+                self.selection_bias[:N] += rate * (self.budget.target / (self.top_k * N) - share)
+            elif mask is None:
                 self.selection_bias += rate * torch.sign(load.mean() - load)
             else:  # ReXMoE's masked experts take no load and keep their bias: the mean is the candidates'
                 mean = load.sum() / mask.sum()
@@ -571,6 +593,22 @@ def attach_selection_bias_update(
             router.update_selection_bias(rate, group)
 
     return optimizer.register_step_post_hook(hook)
+
+
+def _check_budget(budget: ComputeBudget, num_choices: int, top_k: int, selection_bias: bool) -> None:
+    N, target = budget.num_experts, budget.target
+    if not selection_bias:
+        raise ValueError("a computation budget steers the selection bias: build the router with selection_bias=True")
+    if not is_int(N) or not 1 <= N < num_choices:
+        raise ValueError(
+            f"a computation budget's num_experts must be an int in [1, {num_choices}) (the router's choices past "
+            f"it are its zero-computation experts), got {N!r}"
+        )
+    if not (is_positive_finite(target) and target <= min(top_k, N)):
+        raise ValueError(
+            f"a computation budget's target (experts computed per token) must lie in (0, min(top_k, num_experts)"
+            f" = {min(top_k, N)}], got {target!r}"
+        )
 
 
 def check_top_k(k: int, num_experts: int, name: str = "top_k") -> None:
