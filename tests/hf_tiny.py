@@ -523,6 +523,12 @@ TINY = {
             routed_scaling_factor=2.5,
         ),  # fmt: skip
     ),
+    "zaya": Tiny(  # an MLP router (12 wide) over 4 experts and the skip expert, top-1; CCA attention
+        dict(
+            COMMON, eos_token_id=1, head_dim=8, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=1,
+            router_hidden_size=12,
+        ),  # fmt: skip
+    ),
     "jetmoe": Tiny(  # GELU-gated experts (silu is the class default: test_hf_view), mlp.bias on the block's output
         dict(
             COMMON, kv_channels=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
@@ -602,6 +608,8 @@ def _unit_scale(model):
         for name, b in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith(("e_score_correction_bias", "expert_bias")):
                 b.uniform_(0, 0.1)
+            if name.endswith("balancing_biases"):  # ZAYA's: the skip expert's is -1 (transformers sets it so
+                b.uniform_(-1.02, -0.98)[-1] = -1.0  # on loading), the experts' about as low, so tokens skip too
             if name.endswith("tid2eid"):  # DeepSeek-V4's hash table: distinct experts per token id
                 E = model.config.get_text_config().n_routed_experts
                 b.copy_(torch.rand(b.shape[0], E).argsort(-1)[:, : b.shape[1]])

@@ -144,8 +144,9 @@ def test_the_backward_sweep_hands_each_layer_the_top_k_of_its_forward_run(source
 
 
 def assert_backward_sweep_is_autograd(source, tmp_path, monkeypatch, options) -> None:
-    """The gradient the calibration's backward sweep carries down to the embeddings is autograd's
-    through transformers' whole model, per batch."""
+    """The gradient the calibration's backward sweep carries down to the first layer's input (the
+    embeddings, or what the model makes of them: ZAYA scales them) is autograd's through transformers'
+    whole model, per batch."""
     import moelab.compress.gradients as gradients_module
     from moelab.compress.calibration import calibration_mixture
 
@@ -164,12 +165,14 @@ def assert_backward_sweep_is_autograd(source, tmp_path, monkeypatch, options) ->
     model = load(source)
     for b, batch in enumerate(mixture.batches(options.batch_size)):
         ids = torch.stack([w.ids for w in batch])
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        logits = model(inputs_embeds=embeds).logits[:, :-1]
+        seen = []
+        hook = model.model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        logits = model(input_ids=ids).logits[:, :-1]
+        hook.remove()
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, 8192), ids[:, 1:].reshape(-1), reduction="sum"
         )
-        (expected,) = torch.autograd.grad(loss / predicted, embeds)
+        (expected,) = torch.autograd.grad(loss / predicted, seen)
         torch.testing.assert_close(captured["grads"][b], expected, atol=1e-7, rtol=1e-4, msg=f"batch {b}")
 
 

@@ -355,7 +355,7 @@ def _calibrate_layer(
 
     observers = []
     if view is not None:
-        E, D = view.router.weight.shape
+        E, D = view.router.num_experts, view.router.dim
         total = mixture.num_tokens if total_tokens is None else total_tokens
         extra = {"total_tokens": total, "sample_tokens": options.sample_tokens}
         names = [

@@ -141,7 +141,7 @@ def backward_layer(
 
     observers = []
     if view is not None:
-        E, D = view.router.weight.shape
+        E, D = view.router.num_experts, view.router.dim
         options = {"hidden_dim": view.experts.hidden_dim}
         observers = [OBSERVERS[name](E, num_sources, D, options) for name in names]
     with runner.layer_backward(index, run_moe=run_moe if view is not None else None) as vjp:

@@ -21,7 +21,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from moelab.hf.edit import EXPERT_TENSORS, LayerEdit, one_expert, remapped_token_experts
-from moelab.hf.native import expert_input, experts_from_view, norm_from_view, routed_output
+from moelab.hf.native import expert_input, experts_from_view, routed_output, router_features
 from moelab.hf.view import ExpertsView, MoELayerView, RouterView
 
 ROUTER_RULES = ("dominant", "weighted", "fit")
@@ -105,13 +105,16 @@ def merged_layer(
     router_rule: str = "weighted",
     align: bool = False,
     inputs: Tensor | None = None,
+    router_inputs: Tensor | None = None,
 ) -> LayerEdit:
     """The edit that merges each of `groups` (lists of original ids, the first one the group's
     dominant member) into one expert: tensors averaged with `weights` [E] (usage frequencies;
     groups whose weights are all 0 average evenly), after aligning every member to the dominant
     one if `align`; router row by `router_rule`: "fit" (softmax routers) regresses, on the
     sampled block inputs `inputs` [N, D], a row whose logit follows the group's log-sum-exp of its
-    members' logits, so the merged expert keeps the probability its members had together. Where
+    members' logits, so the merged expert keeps the probability its members had together (on what
+    the rows read: an MLP router's features of the inputs and of the router states handed to them,
+    `router_inputs` [N, R], `LayerStats.input_ids`). Where
     the router scales each expert's weight (Gemma 4's `expert_scale`), the members' scales are
     folded into their down projections before averaging (the scale multiplies the expert's output,
     linear in down) and the merged expert's scale is 1.
@@ -143,7 +146,7 @@ def merged_layer(
                 values[0] if router_rule == "dominant" else torch.einsum("m,m...->...", w, values)
             )
         if router_rule == "fit":
-            rows["weight"][-1], fitted_bias = _fitted_row(router, group, inputs)
+            rows["weight"][-1], fitted_bias = _fitted_row(router, group, inputs, router_inputs)
             if "bias" in rows:
                 rows["bias"][-1] = fitted_bias
     new_experts = dataclasses.replace(
@@ -163,16 +166,18 @@ def fits_router_rows(router: RouterView) -> bool:
     return router.score_func == "softmax" and router.logit_softcap is None
 
 
-def _fitted_row(router: RouterView, group: Sequence[int], x: Tensor | None) -> tuple[Tensor, Tensor]:
+def _fitted_row(
+    router: RouterView, group: Sequence[int], x: Tensor | None, states: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(row [D], bias []) whose logit best matches, in least squares over x [N, D], the
     log-sum-exp of the group members' logits (their joint softmax mass, up to the normaliser);
     with a logit_scale s, the row's scaled logit the members' scaled ones (the target is
-    logsumexp(s z) / s); a router with an input norm (Gemma 4's) reads, and the fit is on, the normed x."""
+    logsumexp(s z) / s); the fit is on what the rows read (`router_features`): the normed x of a router
+    with an input norm (Gemma 4's), the MLP's features [N, R] of x and the router states `states` of an
+    MLP router (ZAYA's: the row is out_proj's)."""
     if x is None or not fits_router_rows(router):
         raise ValueError("the 'fit' router rule needs a softmax router without a logit softcap and the sampled block inputs")
-    x = x.double()
-    if router.input_norm is not None:
-        x = norm_from_view(router.input_norm).double()(x)
+    x = router_features(router, x.double(), states)
     W = router.weight[list(group)].double()
     z = x @ W.T + (0 if router.bias is None else router.bias[list(group)].double())
     target = torch.logsumexp(z * router.logit_scale, dim=1) / router.logit_scale

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from moelab.nn.dispatch import LocalDispatcher, plan_dispatch
-from moelab.nn.moe import MoELayer, identity_output, token_ids_of
+from moelab.nn.moe import MoELayer, identity_output, router_inputs
 from moelab.nn.routers import Routing
 
 HALVES = 2
@@ -39,10 +39,11 @@ class MoECall:
     [T, D] the shared experts' output (None without), shared_down: [T, D] their down projection
     before any gate; scale_input: the experts took the weight on their input; routed_norm: the
     norm of the routed experts' weighted sum (Gemma 4: `MoELayer.routed_norm`), None without;
-    token_ids: [T] int64 the tokens' ids where the router read them (a hash router), else None;
+    token_ids: the router's per-token input where it reads one (`Router.context_input`): the tokens'
+    ids [T] int64 (a hash router) or the router states handed in [T, R] (an MLP router, ZAYA's), else None;
     output_bias: [D] the block's output bias (JetMoE's `MoELayer.output_bias`), None without: part of
     `output`, not of any expert's contribution; identity: [T, D] what the block's identity experts
-    added (LongCat-Flash's: their weights times the input), None without: part of `routed`, not of
+    added (LongCat-Flash's: their weights times the input; ZAYA's skip expert adds zeros), None without: part of `routed`, not of
     any expert's contribution (their slots are empty in `routing`, whose logits and probs cover the E experts).
     In the backward sweep (`eager_moe(..., keep_hidden=True)`) also hidden: [T, K, I] each slot's
     hidden activation (what its down projection sees) and grad_hidden: [T, K, I] the loss's
@@ -102,8 +103,8 @@ def eager_moe(
     """Compute `moe` on x [..., D] expert by expert (dropless), keeping each slot's output; with
     keep_hidden (under autograd, for the backward sweep) also each slot's hidden activation, and
     its gradient once the backward pass has run. context: what the router reads besides x (a hash
-    router: the token ids, `context["input_ids"]`)."""
-    ids = token_ids_of(moe.router, x, context)
+    router: the token ids, `context["input_ids"]`; an MLP router: the state, `context["router_states"]`)."""
+    ids = router_inputs(moe.router, x, context)
     x = x.reshape(-1, x.shape[-1])
     routing = moe.router(x, *ids)
     indices, weights, identity = moe.split_identity(routing.indices, routing.weights)
@@ -144,8 +145,16 @@ def eager_moe(
         shared = moe.shared.weigh(x, shared_down)
     return MoECall(
         x, routing, outputs.view(T, K, -1), shared, shared_down, scale_input, hidden, grad_hidden, moe.routed_norm,
-        ids[0] if ids else None, moe.output_bias, None if identity is None else identity_output(identity, z),
+        ids[0] if ids else None, moe.output_bias, _identity_added(moe, identity, z),
     )
+
+
+def _identity_added(moe: MoELayer, identity: Tensor | None, z: Tensor) -> Tensor | None:
+    """[T, D] what the identity experts add (their weights `identity` [T, K] times the rows z [T, D] the
+    experts read; zeros where they return nothing, `MoELayer.identity_returns`), None without them."""
+    if identity is None:
+        return None
+    return identity_output(identity, z) if moe.identity_returns == "input" else torch.zeros_like(z)
 
 
 class Observer:
@@ -292,8 +301,8 @@ class ContributionObserver(Observer):
 class InputSample(Observer):
     """inputs [N, D]: the block's inputs at N global token positions spread evenly over the
     calibration data (position floor(i * total / N) for i < N), for methods that re-run a layer
-    (NAEE), input_sources [N] their sources and, where the router reads the token ids (a hash
-    router), input_ids [N] theirs. options: sample_tokens (N), total_tokens (of the mixture)."""
+    (NAEE), input_sources [N] their sources and, where the router reads a per-token input
+    (`MoECall.token_ids`: a hash router's token ids, an MLP router's states), input_ids [N, ...] theirs. options: sample_tokens (N), total_tokens (of the mixture)."""
 
     name = "inputs"
     fields = ("inputs", "input_sources", "input_ids")
@@ -313,9 +322,11 @@ class InputSample(Observer):
         pick = (slot < self.size) & (slot * self.total // self.size == tokens.position)
         self.inputs[slot[pick]] = call.x[pick.to(call.x.device)].float().cpu()
         self.sources[slot[pick]] = tokens.source[pick].cpu()
-        if call.token_ids is not None:
-            self.ids = torch.zeros_like(self.sources) if self.ids is None else self.ids
-            self.ids[slot[pick]] = call.token_ids[pick.to(call.token_ids.device)].cpu()
+        if (read := call.token_ids) is not None:
+            if self.ids is None:  # ids as they are, states in float32 as the inputs
+                dtype = torch.float32 if read.is_floating_point() else read.dtype
+                self.ids = torch.zeros(self.size, *read.shape[1:], dtype=dtype)
+            self.ids[slot[pick]] = read[pick.to(read.device)].to(self.ids.dtype).cpu()
 
     def result(self) -> dict[str, Tensor]:
         ids = {} if self.ids is None else {"input_ids": self.ids}

@@ -8,7 +8,9 @@ Shape legend: N sampled tokens, D model dim, E' experts after the edit.
 
 x: the calibration's sampled MoE inputs (`inputs` statistic, [N, D]); y_base: the original layer
 in float64 (`moe_output`); y_edited: the edited layer in float32 with trainable router weight
-[E', D] (and bias; over the identity experts' too where the router has them, LongCat-Flash's). Every fourth sampled token is held out; full-batch Adam runs `steps` steps and
+[E', D] (an MLP router's, ZAYA's, [E', R] on its features; and bias; over the identity experts' too where the
+router has them, LongCat-Flash's, ZAYA's). A layer that outputs zero on every sampled token of either part
+(ZAYA's skip expert chosen by all) has nothing to fit and keeps the edit's router. Every fourth sampled token is held out; full-batch Adam runs `steps` steps and
 the router with the lowest held-out loss is kept (the edit's own router included), so the fit
 never makes the held-out loss worse. The top-k choice is not differentiable; the gradient flows
 through the combine weights, which is also what restores them for softmax routers without top-k
@@ -48,8 +50,8 @@ def refit_router(
     layer: MoELayerView, edit: LayerEdit, inputs: Tensor | None, fit: RouterFit, ids: Tensor | None = None
 ) -> tuple[LayerEdit, dict[str, float]]:
     """(the edit with the fitted router, notes: train and held-out loss before and after, and the
-    step kept). `layer`: the original layer; `inputs`: [N, D] its sampled inputs, `ids` [N] their
-    token ids (`LayerStats.input_ids`: a hash router reads them)."""
+    step kept). `layer`: the original layer; `inputs`: [N, D] its sampled inputs, `ids` the router's
+    per-token input (`LayerStats.input_ids`: a hash router's token ids [N], an MLP router's states [N, R])."""
     if inputs is None or inputs.shape[0] < HOLDOUT_EVERY or not (inputs != 0).any():
         raise ValueError(
             f"router re-calibration needs sampled layer inputs; layer {layer.index}'s statistics have fewer than "
@@ -60,6 +62,8 @@ def refit_router(
     target = moe_output(layer, x, ids=ids).float()
     held = torch.zeros(x.shape[0], dtype=torch.bool)
     held[HOLDOUT_EVERY - 1 :: HOLDOUT_EVERY] = True
+    if not all((target[part] != 0).any() for part in (held, ~held)):  # every token's slots add nothing (ZAYA's skip)
+        return LayerEdit(edit.sources, edited), {"steps": fit.steps, "lr": fit.lr, "skipped": "the layer outputs zero"}
     student = _student(edited)
     params = [p for p in student.router.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=fit.lr)

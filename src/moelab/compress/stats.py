@@ -49,8 +49,9 @@ class LayerStats:
     easyep_sums [H, S, E] (see `moelab.compress.observers` for what each sums); max_output [E];
     shared_max [1]; skip_ratios [B]; logit_gram [E, E]; neuron_act_sums, neuron_grad_sums
     [H, S, E, I] (HEAPr's terms, from the backward sweep); inputs [N, D] (empty when not sampled),
-    input_sources [N] the source of each and, in a hash-routed layer, input_ids [N] their token ids
-    (else None). Fields of observers that did not run are None.
+    input_sources [N] the source of each and, where the router reads a per-token input, input_ids
+    theirs: the token ids [N] in a hash-routed layer, the router states handed in [N, R] in an MLP
+    router's (ZAYA's, but its first layer, which reads none) (else None). Fields of observers that did not run are None.
     """
 
     layer: int

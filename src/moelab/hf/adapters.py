@@ -30,6 +30,7 @@ from moelab.hf.layouts import (
     NormKeys,
     PerExpert,
     RouterKeys,
+    RouterMLPKeys,
     SharedFusedMLP,
     SharedMLP,
     StackedUpDown,
@@ -466,6 +467,12 @@ def _longcat_flash(config: Config) -> dict:
         "renormalize": False,
         "route_scale": config_value(config, "routed_scaling_factor", default=6.0),
     }
+
+
+def _zaya(config: Config) -> dict:
+    """ZAYA: softmax over the E experts and the skip expert together, the top num_experts_per_tok
+    of the probabilities plus the balancing biases (selection only), never renormalised."""
+    return {"score_func": "softmax", "top_k": _top_k(config), "renormalize": False}
 
 
 def _inkling2(config: Config) -> dict:
@@ -1128,6 +1135,15 @@ _LONGCAT_LAYOUTS = (
     Layout(_LONGCAT_ROUTER, FusedGateUp("mlp.experts.gate_up_proj", "mlp.experts.down_proj", padded=True)),
 )
 
+_ZAYA_LAYOUT = Layout(
+    RouterKeys("mlp.gate.router_mlp.out_proj.weight", selection_bias="mlp.gate.balancing_biases"),
+    FusedGateUp("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    router_mlp=RouterMLPKeys("mlp.gate.", "router_states_scale", "router_mlp.norm", "router_mlp.fc1", "router_mlp.fc2"),
+)
+"""ZAYA's MoE block (mlp): the router's MLP (down_proj H -> R, the carried state's scale, norm, fc1, fc2)
+then out_proj [E + 1, R], whose last row is the skip expert's, as are the last balancing bias and
+probability."""
+
 _JETMOE_LAYOUT = Layout(
     RouterKeys("mlp.router.layer.weight"), FusedGateUp("mlp.input_linear.weight", "mlp.output_linear.weight"),
     output_bias="mlp.bias",
@@ -1323,6 +1339,12 @@ _FAMILIES = (
            router_settings=_softmax_renormalized, expert_settings=_jetmoe_experts, moe_block="mlp",
            expert_count_shared_with="the attention's experts (self_attention.experts)",
            routed_elsewhere=("self_attention.experts.input_linear.weight", "self_attention.experts.output_linear.weight")),
+    # ZAYA: an MLP router carrying its state from layer to layer (the block reads the previous layer's
+    # router state and hands its own on) over E experts and one skip expert, which adds nothing
+    Family("zaya", layouts=(_ZAYA_LAYOUT,), num_experts=("num_experts",), router_settings=_zaya,
+           identity_experts=lambda config: 1, identity_returns="zero", identity_selection_bias=-1.0,
+           expert_width=_MOE_WIDTH,
+           block_returns="router_states"),
     # Inkling 2 (through its inkling2_text language model): every layer's mlp; attention residuals over
     # blocks of layers (block_states), carried by the layer-by-layer runs (`LayerwiseModel.carry`)
     Family("inkling2_text", layouts=_INKLING2_LAYOUTS, num_experts=("n_routed_experts", "num_local_experts"),

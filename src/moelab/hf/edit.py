@@ -145,8 +145,9 @@ def moe_output(
 ) -> Tensor:
     """x [T, D] -> [T, D]: what `layer` computes (with the experts outside `keep` masked out of
     routing, as `masked_moe_layer`), in float64, holding one expert's weights in float64 at a
-    time, so that layers of any size can be checked exactly. ids [T]: the tokens' ids, which a
-    hash-routed layer (`RouterView.token_experts`) routes by."""
+    time, so that layers of any size can be checked exactly. ids: the router's per-token input
+    (`route_tokens`): the tokens' ids [T], which a hash-routed layer (`RouterView.token_experts`)
+    routes by, or the router states [T, R] an MLP router reads (`RouterView.mlp`)."""
     x = x.double()
     router = router_from_view(layer.router).double()
     if keep is not None:
@@ -160,8 +161,9 @@ def moe_output(
                 continue
             tokens, slots = (routing.indices == e).nonzero(as_tuple=True)
             weights = routing.weights[tokens, slots]
-            if e >= layer.experts.num_experts:  # an identity expert returns what the experts read
-                y.index_add_(0, tokens, z[tokens] * weights[:, None])
+            if e >= layer.experts.num_experts:  # an identity expert returns what the experts read, or nothing
+                if layer.router.identity.returns == "input":
+                    y.index_add_(0, tokens, z[tokens] * weights[:, None])
                 continue
             expert = experts_from_view(one_expert(layer.experts, e)).double()
             y.index_add_(0, tokens, expert(z[tokens], [len(tokens)], weights))
@@ -174,14 +176,15 @@ def moe_output(
 
 
 def route_tokens(router: Router, x: Tensor, ids: Tensor | None = None) -> Routing:
-    """The router on x [N, D] -> its Routing of the N tokens; ids [N]: their token ids, which a hash
-    router reads (`Router.reads_token_ids`)."""
-    return router(x, ids) if router.reads_token_ids else router(x)
+    """The router on x [N, D] -> its Routing of the N tokens; ids: the per-token input the router
+    reads (`Router.context_input`): a hash router's token ids [N], an MLP router's states [N, R]
+    (None: none, the first layer's)."""
+    return router(x, ids) if router.context_input else router(x)
 
 
 def layer_output(moe: MoELayer, x: Tensor, ids: Tensor | None = None) -> Tensor:
-    """The layer's output on x [N, D] -> [N, D]; ids [N]: the tokens' ids (`route_tokens`)."""
-    return moe(x, context=None if ids is None else {"input_ids": ids})[0]
+    """The layer's output on x [N, D] -> [N, D]; ids: the router's per-token input (`route_tokens`)."""
+    return moe(x, context=None if ids is None else {moe.router.context_input: ids})[0]
 
 
 def _mask_router(router, view: RouterView, keep: Sequence[int]) -> None:
@@ -191,7 +194,9 @@ def _mask_router(router, view: RouterView, keep: Sequence[int]) -> None:
         router.token_experts = kept[remapped_token_experts(view, sources, view.weight[kept]).long()]
     dropped = torch.tensor(sorted(set(range(view.num_experts)) - set(keep)), dtype=torch.long)
     logits = router.router_logits
-    router.router_logits = lambda x: logits(x).index_fill(-1, dropped, float("-inf"))  # this instance only
+    router.router_logits = lambda x, *inputs, **options: logits(x, *inputs, **options).index_fill(
+        -1, dropped, float("-inf")
+    )  # this instance only
     if getattr(router, "selection_bias", None) is not None:  # a copy: the router holds the view's own tensor
         router.selection_bias = router.selection_bias.index_fill(0, dropped, float("-inf"))
 

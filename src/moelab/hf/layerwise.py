@@ -50,7 +50,7 @@ from moelab.hf.native import moe_layer_from_view
 from moelab.hf.stored_names import conversion_merges
 from moelab.hf.view import ModelView, MoELayerView
 from moelab.memory import release_freed_memory
-from moelab.nn.moe import MoELayer, MoEResult
+from moelab.nn.moe import MoELayer, MoEResult, router_inputs
 from moelab.validation import non_finite_names
 
 RunMoE = Callable[..., Tensor]
@@ -68,8 +68,12 @@ def token_context(moe: MoELayer, kwargs: dict) -> dict[str, Tensor] | None:
 
 
 CARRIED = "prev_topk_indices"  # GLM-5's DSA: a "shared" layer reuses the top-k of the full layer before it
+ROUTER_STATES = "prev_router_hidden_states"  # ZAYA: each layer's router reads the state of the one before
+ROUTER_STATES_INPUT = "router_states"  # ... which moelab's MLPRouter reads from its layer's context
 BLOCK_STATES = "block_states"  # Inkling 2: each layer attends over the inputs of earlier blocks of layers
 LOOP_MESSAGES = "messages"  # Inkling 2 Loop: a looped layer's later passes read the pass before's
+HANDED_ON = (CARRIED, ROUTER_STATES)  # a layer returns (hidden, the value the next layer reads)
+DIFFERENTIABLE = (BLOCK_STATES, ROUTER_STATES)  # carried values the backward run carries gradients through
 
 
 class _Stop(Exception):
@@ -84,12 +88,14 @@ class LayerwiseModel:
     checkpoint stores one with routed experts (`Family.mtp_layers`; none for a chain of several).
     dtype: the dtype layers compute in (tensors are cast as they are read). carried: the name of
     what a decoder layer reads besides the hidden states and the recorded inputs, None for most
-    families: GLM-5's DSA top-k (CARRIED), which a layer hands the next one, or Inkling 2's
+    families: GLM-5's DSA top-k (CARRIED) or ZAYA's router states [B, S, R] (ROUTER_STATES), which
+    a layer hands the next one, or Inkling 2's
     block_states [B, S, K, D] (BLOCK_STATES), the inputs of the K block-boundary layers run so far,
     which the run appends to (transformers' model loop does) and the final norm reads through the
     model's final_input; carry: per batch, the value of it the next layer run reads (calibration
     saves it with the hidden states: `carry_read_by`, `carry_taped_by`); carry_grad: per batch, for
-    block_states, the gradient of the loss with respect to them gathered so far by the backward run
+    block_states, the gradient of the loss with respect to them gathered so far by the backward run,
+    for router states with respect to those the next layer to run backward hands on
     (`head_gradients`, `layer_backward`).
     """
 
@@ -112,11 +118,13 @@ class LayerwiseModel:
                 f"{expected.replace('0', 'N')} on disk; this family cannot be run layer by layer"
             )
         # what a decoder layer reads that an earlier layer makes besides the hidden states (GLM-5's DSA
-        # top-k, Inkling 2's block_states)
+        # top-k, Inkling 2's block_states, ZAYA's router states)
         parameters = _parameters(self._layers[0])
-        self.carried: str | None = next((name for name in (CARRIED, BLOCK_STATES) if name in parameters), None)
+        self.carried: str | None = next(
+            (name for name in (CARRIED, BLOCK_STATES, ROUTER_STATES) if name in parameters), None
+        )
         self.carry: list[Tensor | None] = []  # per batch: the carried value the next layer run reads
-        self.carry_grad: list[Tensor | None] = []  # per batch: d loss / d block_states [B, S, K, D]
+        self.carry_grad: list[Tensor | None] = []  # per batch: d loss / d block_states or router states
         if looped := [i for i, layer in enumerate(self._layers) if LOOP_MESSAGES in _parameters(layer)]:
             raise CheckpointError(
                 f"{self.path}: Inkling 2 Loop runs its looped decoder layers ({looped[0]}..{looped[-1]}) several "
@@ -175,7 +183,7 @@ class LayerwiseModel:
             def run(batch: int, hidden: Tensor) -> Tensor:
                 with torch.no_grad():
                     out = module(hidden, *self._inputs(batch, index)[0], **self._kwargs(batch, index))
-                if self.carried == CARRIED and index not in self._mtp_modules:
+                if self.carried in HANDED_ON and index not in self._mtp_modules:
                     self.carry[batch] = out[1]
                 if self.carried == BLOCK_STATES and module.is_block_boundary:
                     self.carry[batch] = torch.cat([self.carry[batch], hidden.unsqueeze(-2)], dim=-2)
@@ -194,23 +202,30 @@ class LayerwiseModel:
         the layer before handed it). For block_states, grad_out is the gradient through the layers
         above alone: the layer's gradient with respect to its block_states is added to
         carry_grad[batch], and a block-boundary layer's input also gets what carry_grad holds for
-        its slot (what the layers above and the final input read of it): run the layers from the
-        top down, after `head_gradients`."""
+        its slot (what the layers above and the final input read of it). For ZAYA's router states,
+        carry_grad[batch] holds the gradient with respect to the state the layer hands on (None:
+        nothing above reads it) and is replaced by that with respect to the state it read (None for
+        the first layer, which reads none). Run the layers from the top down, after `head_gradients`."""
         with self._loaded(index, run_moe, cast_experts=True) as module:
 
             def vjp(batch: int, hidden: Tensor, grad_out: Tensor) -> Tensor:
                 kwargs = self._kwargs(batch, index)
                 with torch.enable_grad():
                     inputs = [hidden.detach().requires_grad_(True)]
-                    if self.carried == BLOCK_STATES:
-                        inputs.append(kwargs[BLOCK_STATES].detach().requires_grad_(True))
-                        kwargs[BLOCK_STATES] = inputs[1]
+                    if self.carried in DIFFERENTIABLE and kwargs[self.carried] is not None:
+                        inputs.append(kwargs[self.carried].detach().requires_grad_(True))
+                        kwargs[self.carried] = inputs[1]
                     out = module(inputs[0], *self._inputs(batch, index)[0], **kwargs)
-                    out = out[0] if isinstance(out, tuple) else out
-                    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True, materialize_grads=True)
-                if self.carried != BLOCK_STATES:
-                    return grads[0]
-                return self._through_block_states(batch, index, module.is_block_boundary, *grads)
+                    outs, grads_out = [out[0] if isinstance(out, tuple) else out], [grad_out]
+                    if self.carried == ROUTER_STATES and self.carry_grad[batch] is not None:
+                        outs.append(out[1])  # what the layers above read of the state it hands on
+                        grads_out.append(self.carry_grad[batch])
+                    grads = torch.autograd.grad(outs, inputs, grads_out, allow_unused=True, materialize_grads=True)
+                if self.carried == BLOCK_STATES:
+                    return self._through_block_states(batch, index, module.is_block_boundary, *grads)
+                if self.carried == ROUTER_STATES:  # the first layer reads none
+                    self.carry_grad[batch] = grads[1] if len(grads) > 1 else None
+                return grads[0]
 
             yield vjp
 
@@ -254,6 +269,8 @@ class LayerwiseModel:
             grads = _loss_gradients(batches, inputs, logits, scale, shift=1)
         if blocks:
             self.carry_grad = [grad[1] for grad in grads]
+        elif self.carried == ROUTER_STATES:  # nothing reads the last layer's router states
+            self.carry_grad = [None] * len(grads)
         return [grad[0] for grad in grads]
 
     @contextlib.contextmanager
@@ -441,7 +458,8 @@ class LayerwiseModel:
         """`carry` where layer `index` reads it, else nothing: what a snapshot of the states entering
         layer `index` must keep. GLM-5's "full" DSA layers compute their own top-k (their attention has
         an indexer) and ignore the one handed to them; its "shared" layers and a layer of unknown kind
-        read it. Every layer reads block_states, and so does the final input after the last layer."""
+        read it. Every layer reads block_states, and so does the final input after the last layer;
+        every layer reads ZAYA's router states (the first one none)."""
         if self.carried == BLOCK_STATES and index <= self.num_layers:
             return self.carry
         if self.carried is None or index >= self.num_layers:
@@ -578,7 +596,7 @@ class LayerwiseModel:
                     recorded.append((first[0], list(calls)))
                     if feed is None:
                         raise _Stop
-                if self.carried == CARRIED:
+                if self.carried in HANDED_ON:
                     return hidden_states, kwargs.get(self.carried)
                 return (hidden_states, None, None) if returns_tuple else hidden_states
 
@@ -712,10 +730,15 @@ class MoEBlock(nn.Module):
     def forward(self, hidden: Tensor, *args, **kwargs):
         if self.returns == "flat":  # ERNIE-4.5-VL's text tokens may come gathered into one flat tensor
             hidden = hidden.reshape(-1, self.moe.router.dim)
-        context = token_context(self.moe, kwargs)
+        if self.returns == "router_states":  # ZAYA's block(x, prev_router_hidden_states) -> (y, its own)
+            context = {ROUTER_STATES_INPUT: args[0] if args else kwargs.get(ROUTER_STATES)}
+        else:
+            context = token_context(self.moe, kwargs)
         y = self.moe(hidden, context=context)[0] if self.run_moe is None else self.run_moe(self.moe, hidden, context=context)
         if self.output_norm is not None:
             y = getattr(self, self.output_norm)(y)
+        if self.returns == "router_states":
+            return y, self.next_router_states(hidden, context[ROUTER_STATES_INPUT])
         if self.returns == "tuple":
             return y, None
         if self.returns == "moelab":
@@ -723,6 +746,13 @@ class MoEBlock(nn.Module):
         if self.returns == "flat":  # router logits are not computed: NaN, so that any use of them shows
             return y.flatten(), y.new_full((y.numel() // y.shape[-1] * self.moe.router.num_experts,), float("nan"))
         return y
+
+
+    def next_router_states(self, hidden: Tensor, states: Tensor | None) -> Tensor:
+        """hidden [B, S, D], the router states handed in [B, S, R] | None -> the states the block hands
+        the next layer [B, S, R] in hidden's dtype (`MLPRouter.next_state`)."""
+        flat = router_inputs(self.moe.router, hidden, {ROUTER_STATES_INPUT: states})
+        return self.moe.router.next_state(hidden.reshape(-1, hidden.shape[-1]), *flat).view(*hidden.shape[:-1], -1).to(hidden.dtype)
 
 
 def _parameters(layer: nn.Module) -> list[str]:

@@ -31,6 +31,7 @@ from moelab.hf.view import (
     LayerView,
     MoELayerView,
     NormView,
+    RouterMLP,
     RouterView,
     SharedView,
 )
@@ -168,6 +169,33 @@ class RouterKeys:
                 row = torch.cat([row.to(others.dtype), others])
             out[prefix + self.selection_bias] = row
         return out
+
+
+@dataclass(frozen=True)
+class RouterMLPKeys:
+    """The MLP a router reads x through (ZAYA's, `RouterMLP`), under `stem`: down_proj.weight [R, D]
+    and .bias, the state scale (`state_scale`, [R]; stored in the layers that read the state, every
+    ZAYA layer but the first), the norm's weight [R], fc1 and fc2 weights [R, R] and biases; the
+    norm's eps from config.json (`eps`, `config_value` keys). The writer copies them unchanged."""
+
+    stem: str
+    state_scale: str
+    norm: str
+    fc1: str
+    fc2: str
+    eps: tuple[str, ...] = ("rms_norm_eps",)
+
+    def read(self, ckpt: Checkpoint, prefix: str, config: Config) -> RouterMLP:
+        root = prefix + self.stem
+        get = lambda key: ckpt.get(root + key)  # noqa: E731
+        scale = root + self.state_scale
+        return RouterMLP(
+            down=get("down_proj.weight"), down_bias=get("down_proj.bias"),
+            norm=NormView(get(self.norm + ".weight"), config_value(config, *self.eps, default=1e-5)),
+            fc1=get(self.fc1 + ".weight"), fc1_bias=get(self.fc1 + ".bias"),
+            fc2=get(self.fc2 + ".weight"), fc2_bias=get(self.fc2 + ".bias"),
+            state_scale=ckpt.get(scale) if scale in ckpt else None,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- routed experts
@@ -611,7 +639,8 @@ class Layout:
     0; a Nemotron-H one has latent projections where it sets moe_latent_size); norms: the norms
     around the router and experts, where the family has them (Gemma 4); output_bias: the block's
     bias [D] added to its output whatever the routing (JetMoE's mlp.bias), read as
-    `MoELayerView.output_bias` and copied unchanged by the writer (it is not per expert)."""
+    `MoELayerView.output_bias` and copied unchanged by the writer (it is not per expert);
+    router_mlp: the MLP the router reads x through (ZAYA's, `RouterMLPKeys`), where it has one."""
 
     router: RouterKeys
     experts: ExpertsLayout
@@ -619,6 +648,7 @@ class Layout:
     latent: LatentKeys | None = None
     norms: NormKeys | None = None
     output_bias: str | None = None
+    router_mlp: RouterMLPKeys | None = None
 
     @property
     def padded(self) -> bool:
@@ -680,8 +710,9 @@ class Family:
         checkpoint whose decoder layers are stored so gets it in layer_prefix and stored_renames
         (`stored_as`, after the family's own), one saved with `save_original_format=False` keeps "model.".
     block_returns: what the family's MoE block module returns in memory: "tensor" (y), "tuple"
-        (y, router output: GPT-OSS, Llama 4), "moelab" (y, MoEResult) or "flat" (y [T * D], router
-        logits [T * E], both flattened, of x [..., D]: ERNIE-4.5-VL's text_moe).
+        (y, router output: GPT-OSS, Llama 4), "moelab" (y, MoEResult), "flat" (y [T * D], router
+        logits [T * E], both flattened, of x [..., D]: ERNIE-4.5-VL's text_moe) or "router_states"
+        (y, the router state it hands the next layer: ZAYA's block(x, the previous layer's state)).
     block_output_norm: the module of transformers' MoE block that normalises the block's output
         (routed plus shared experts) before it returns it (A.X K1: post_mlp_layernorm). The view
         reads the block up to it (what compression scores); the runs that swap transformers'
@@ -713,6 +744,11 @@ class Family:
         experts): a parameter count takes top_k / E of them as active, as it takes the MoE block's.
     identity_experts(config): Z, the zero-computation experts the router also chooses among
         (LongCat-Flash's zero_expert_num): its last Z rows, read as `RouterView.identity`. None: none.
+    identity_returns: what a slot on one of them adds (`IdentityRows.returns`): "input" (LongCat-Flash's
+        identity experts), "zero" (ZAYA's skip expert).
+    identity_selection_bias: the value transformers gives the identity experts' selection bias when
+        it loads the family, whatever the checkpoint stores (ZAYA's skip expert: -1, set again by
+        `ZayaPreTrainedModel._init_weights`); a checkpoint storing another is refused. None: as stored.
     """
 
     name: str
@@ -746,6 +782,8 @@ class Family:
     vision_block: str | None = None
     routed_elsewhere: tuple[str, ...] = ()
     identity_experts: Callable[[Config], int] | None = None
+    identity_returns: str = "input"
+    identity_selection_bias: float | None = None
 
     def layer_count(self, config: Config) -> int:
         """The number of decoder layers: the first of `num_layers` set, or the length of a
@@ -847,7 +885,8 @@ class Family:
                 f"{flag} false, so transformers would ignore it; set {flag} true to route with it, or drop the tensor"
             )
         routed = layout.experts.read(experts_from or ckpt, prefix, config)
-        self._check_counts(ckpt, config, index, router, routed)
+        mlp = None if layout.router_mlp is None else layout.router_mlp.read(ckpt, prefix, config)
+        self._check_counts(ckpt, config, index, router, routed, mlp)
         identity = self._identity_rows(ckpt, config, index, router, layout)
         shared = (
             layout.shared.read(ckpt, prefix)
@@ -863,7 +902,9 @@ class Family:
         latent = None
         if layout.latent is not None and layout.latent.present(ckpt, prefix):
             latent = LatentView(**layout.latent.read(ckpt, prefix))
-        router = RouterView(**router, **self.router_settings(config), input_norm=norms.get("router"), identity=identity)
+        router = RouterView(
+            **router, **self.router_settings(config), input_norm=norms.get("router"), identity=identity, mlp=mlp
+        )
         output_bias = None if layout.output_bias is None else ckpt.get(prefix + layout.output_bias)
         return MoELayerView(
             index, router, experts, shared, latent, expert_norm=norms.get("experts"), routed_norm=norms.get("routed"),
@@ -918,9 +959,17 @@ class Family:
         rows = {name: router[name][E:] for name in ("weight", "bias", "selection_bias") if name in router}
         for name in rows:
             router[name] = router[name][:E]
-        return IdentityRows(**rows)
+        forced, stored = self.identity_selection_bias, rows.get("selection_bias")
+        if forced is not None and stored is not None and not stored.is_meta and (stored != forced).any():
+            raise CheckpointError(
+                f"{ckpt.directory}: layer {index} stores {stored.tolist()} as its zero-computation experts' selection "
+                f"bias, but transformers sets it to {forced} when it loads {self.name} whatever is stored, so the two "
+                f"compute different routings and moelab will not pick one (where the model was trained with {forced}, "
+                "store that)"
+            )
+        return IdentityRows(**rows, returns=self.identity_returns)
 
-    def _check_counts(self, ckpt, config, index, router, experts) -> None:
+    def _check_counts(self, ckpt, config, index, router, experts, mlp: RouterMLP | None = None) -> None:
         key, E = config_entry(config, self.num_experts)
         Z = self.identity_count(config)
         for what, found, expected in (
@@ -934,10 +983,11 @@ class Family:
                     f"{ckpt.directory}; fix {key} in config.json or the checkpoint"
                 )
         key, D = config_entry(config, self.hidden_size)
-        if router["weight"].shape[1] != D:
+        what, shape = ("router weight", router["weight"].shape) if mlp is None else ("router MLP's down", mlp.down.shape)
+        if shape[-1] != D:
             raise CheckpointError(
-                f"config says hidden size {D!r} ({key}), but layer {index}'s router weight has shape "
-                f"{list(router['weight'].shape)} in {ckpt.directory}"
+                f"config says hidden size {D!r} ({key}), but layer {index}'s {what} has shape {list(shape)} in "
+                f"{ckpt.directory}"
             )
         try:
             key, width = config_entry(config, self.expert_width)

@@ -23,6 +23,7 @@ from moelab.nn.grouped import (
     SoftcappedSwiGLU,
 )
 from moelab.nn.latent import LatentProjection
+from moelab.nn.mlp_router import MLPRouter
 from moelab.nn.moe import MoELayer
 from moelab.nn.norms import ScaledRMSNorm
 from moelab.nn.routers import HashRouter, Router, TopKRouter
@@ -41,7 +42,13 @@ def moe_layer_from_view(layer: MoELayerView) -> MoELayer:
         routed_norm=norm_from_view(layer.routed_norm),
         output_bias=layer.output_bias,
         identity_experts=layer.router.identity_experts,
+        identity_returns=identity_returns(layer.router),
     )
+
+
+def identity_returns(router: RouterView) -> str:
+    """What a slot on one of the router's zero-computation experts adds (`MoELayer(identity_returns=)`)."""
+    return "input" if router.identity is None else router.identity.returns
 
 
 def expert_input(layer: MoELayerView, x: Tensor) -> Tensor:
@@ -92,7 +99,18 @@ def router_from_view(view: RouterView) -> Router:
             state[name] = view.with_identity_rows(name)
     if view.input_norm is not None:
         state["input_norm.weight"] = view.input_norm.weight
+    if view.mlp is not None:
+        state |= view.mlp.tensors()
     return _holding(_router, view, state)
+
+
+def router_features(view: RouterView, x: Tensor, states: Tensor | None = None) -> Tensor:
+    """x [N, D] -> what the router's rows read [N, D or R] in x's dtype: x, through its input norm
+    (Gemma 4's) or its MLP (ZAYA's, which also reads `states` [N, R], the router states handed in;
+    None: none, the first layer's)."""
+    if view.mlp is not None:
+        return router_from_view(view).features(x, states).to(x.dtype)
+    return x if view.input_norm is None else norm_from_view(view.input_norm).to(x.dtype)(x)
 
 
 def experts_from_view(view: ExpertsView) -> Experts:
@@ -211,10 +229,23 @@ def _router(view: RouterView) -> Router:
             D, E, view.token_experts.shape[0], view.top_k, score_func=view.score_func,
             renormalize=view.renormalize, route_scale=view.route_scale, bias=view.bias is not None,
         )  # fmt: skip
+    if view.mlp is not None:
+        return MLPRouter(
+            view.mlp.dim, D, E, view.top_k, eps=view.mlp.norm.eps, reads_state=view.mlp.state_scale is not None,
+            **_top_k_settings(view),
+        )  # fmt: skip
     return TopKRouter(
         D,
         E,
         view.top_k,
+        input_norm=None if view.input_norm is None else _norm(view.input_norm, cast_first=True),
+        **_top_k_settings(view),
+    )
+
+
+def _top_k_settings(view: RouterView) -> dict:
+    """The `TopKRouter` settings of the view's router besides its sizes and input norm."""
+    return dict(
         score_func=view.score_func,
         renormalize=view.renormalize,
         route_scale=view.route_scale,
@@ -225,7 +256,6 @@ def _router(view: RouterView) -> Router:
         select_on_logits=view.select_on_logits,
         bias=view.bias is not None,
         expert_scale=view.expert_scale is not None,
-        input_norm=None if view.input_norm is None else _norm(view.input_norm, cast_first=True),
         logit_softcap=view.logit_softcap,
         logit_scale=view.logit_scale,
     )

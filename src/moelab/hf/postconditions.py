@@ -26,8 +26,8 @@ from moelab.memory import release_freed_memory
 
 @dataclass
 class LayerCheck:
-    """x [T, D] (float64) and what the edited layer must output on it; ids [T]: token ids, where a
-    hash router reads them."""
+    """x [T, D] (float64) and what the edited layer must output on it; ids: the router's per-token
+    input where it reads one (token ids [T] for a hash router, router states [T, R] for ZAYA's)."""
 
     x: Tensor
     expected: Tensor

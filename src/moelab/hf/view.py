@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
+from moelab.nn.moe import IDENTITY_RETURNS
 from moelab.nn.routers import check_groups, check_top_k, min_group_size
 from moelab.validation import is_int, is_positive_finite
 
@@ -52,20 +53,76 @@ class NormView:
 
 @dataclass(frozen=True, eq=False)
 class IdentityRows:
-    """The router's rows for its Z zero-computation experts (LongCat-Flash's identity experts, the
-    choices after the E experts: a slot on one returns the block's input times its weight), kept
-    apart from the experts' rows so that pruning and merging edit those alone.
+    """The router's rows for its Z zero-computation experts (the choices after the E experts), kept
+    apart from the experts' rows so that pruning and merging edit those alone. returns: what a slot
+    on one adds, "input": the block's input times its weight (LongCat-Flash's identity experts),
+    "zero": nothing (ZAYA's skip expert).
 
-    weight: [Z, D]; bias, selection_bias: [Z] | None, where the router has them for its experts.
+    weight: [Z, D] ([Z, R] for an MLP router); bias, selection_bias: [Z] | None, where the router
+    has them for its experts.
     """
 
     weight: Tensor
     bias: Tensor | None = None
     selection_bias: Tensor | None = None
+    returns: str = "input"
+
+    def __post_init__(self):
+        if self.returns not in IDENTITY_RETURNS:
+            raise ValueError(f"identity rows return one of {IDENTITY_RETURNS}, got {self.returns!r}")
 
     @property
     def count(self) -> int:
         return self.weight.shape[0]
+
+
+@dataclass(frozen=True, eq=False)
+class RouterMLP:
+    """The MLP a router reads x [D] through (ZAYA's router, `moelab.nn.mlp_router.MLPRouter`):
+    r = down @ x + down_bias, plus state * state_scale where the layer reads the r of the layer
+    before (`state`, ZAYA's EDA: every layer but the first), features = gelu(fc2 @ gelu(fc1 @ norm(r)
+    + fc1_bias) + fc2_bias) (exact gelu), the router's logits features @ weight.T ([E, R] rows,
+    which pruning and merging edit); the block hands r on to the next layer's router.
+
+    down: [R, D]; down_bias: [R]; state_scale: [R] | None (None: the layer reads no state); norm:
+    RMS norm over R; fc1, fc2: [R, R]; fc1_bias, fc2_bias: [R].
+    """
+
+    down: Tensor
+    down_bias: Tensor
+    norm: NormView
+    fc1: Tensor
+    fc1_bias: Tensor
+    fc2: Tensor
+    fc2_bias: Tensor
+    state_scale: Tensor | None = None
+
+    def __post_init__(self):
+        _check_shape("router MLP down", self.down, (None, None))
+        R = self.width
+        for name in ("down_bias", "fc1_bias", "fc2_bias", "state_scale"):
+            _check_shape(f"router MLP {name}", getattr(self, name), (R,))
+        _check_shape("router MLP fc1", self.fc1, (R, R))
+        _check_shape("router MLP fc2", self.fc2, (R, R))
+        _check_shape("router MLP norm weight", self.norm.weight, (R,))
+
+    @property
+    def width(self) -> int:
+        """R, what the router's rows read."""
+        return self.down.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """D, the block's input width."""
+        return self.down.shape[1]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """{name: tensor} as `MLPRouter` holds them."""
+        state = {
+            "down_proj.weight": self.down, "down_proj.bias": self.down_bias, "norm.weight": self.norm.weight,
+            "fc1.weight": self.fc1, "fc1.bias": self.fc1_bias, "fc2.weight": self.fc2, "fc2.bias": self.fc2_bias,
+        }  # fmt: skip
+        return state if self.state_scale is None else {**state, "state_scale": self.state_scale}
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,7 +154,9 @@ class RouterView:
     (Muse Spark's output_multiplier); logit_softcap: then logit_softcap * tanh(logits / logit_softcap)
     (Laguna's moe_router_logit_softcapping).
     identity: the rows of Z zero-computation experts the router also chooses among (`IdentityRows`;
-    LongCat-Flash), None without: top_k, the softmax and the groups then span all E + Z choices.
+    LongCat-Flash, ZAYA), None without: top_k, the softmax and the groups then span all E + Z choices.
+    mlp: the MLP the router reads x through (`RouterMLP`, ZAYA's), None for a linear router: weight
+    [E, R] then reads its features, and the router reads the state the layer before hands on.
     """
 
     weight: Tensor
@@ -119,6 +178,7 @@ class RouterView:
     logit_softcap: float | None = None
     identity: IdentityRows | None = None
     logit_scale: float = 1.0
+    mlp: RouterMLP | None = None
 
     def __post_init__(self):
         if self.score_func not in SCORE_FUNCS:
@@ -129,6 +189,8 @@ class RouterView:
             _check_shape(f"router {name}", getattr(self, name), (E,))
         if self.input_norm is not None:
             _check_shape("router input norm weight", self.input_norm.weight, (D,))
+        if self.mlp is not None:
+            self._check_mlp()
         if self.score_func == "sparsemixer" and (self.expert_scale is not None or self.input_norm is not None):
             raise ValueError("a sparsemixer router takes no expert_scale or input_norm")
         if self.logit_softcap is not None:  # moelab's sparsemixer and hash routers would drop it (`native._router`)
@@ -161,6 +223,19 @@ class RouterView:
         if others:
             raise ValueError(f"a router with identity experts takes no {', '.join(others)}")
 
+    def _check_mlp(self) -> None:
+        if self.mlp.width != self.weight.shape[1]:
+            raise ValueError(
+                f"router weight {list(self.weight.shape)} reads its MLP's features, {self.mlp.width} wide (down "
+                f"{list(self.mlp.down.shape)})"
+            )
+        others = [name for name, on in (
+            ("input_norm", self.input_norm is not None), ("token_experts", self.token_experts is not None),
+            ("sparsemixer", self.score_func == "sparsemixer"),
+        ) if on]  # fmt: skip
+        if others:
+            raise ValueError(f"a router that reads x through an MLP takes no {', '.join(others)}")
+
     def _check_token_experts(self) -> None:
         table, E = self.token_experts, self.num_experts
         if table.dtype not in (torch.int64, torch.int32) or table.dim() != 2 or table.shape[1] != self.top_k:
@@ -183,6 +258,11 @@ class RouterView:
     def num_experts(self) -> int:
         """E, the experts with weights (the rows of `weight`)."""
         return self.weight.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """D, the width of the block's input the router reads (through its MLP where it has one)."""
+        return self.weight.shape[1] if self.mlp is None else self.mlp.dim
 
     @property
     def identity_experts(self) -> int:
@@ -388,7 +468,7 @@ class MoELayerView:
     output_bias: Tensor | None = None
 
     def __post_init__(self):
-        E, D = self.router.weight.shape
+        E, D = self.router.num_experts, self.router.dim
         if self.output_bias is not None:
             try:
                 _check_shape("block output bias", self.output_bias, (D,))

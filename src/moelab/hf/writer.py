@@ -50,7 +50,7 @@ from moelab.hf.layouts import Config, Family, config_entry
 from moelab.hf.multimodal import nested_config
 from moelab.hf.postconditions import LayerCheck, check_reload, check_written
 from moelab.hf.requantize import check_quantized_output, check_still_quantized, quantized_experts
-from moelab.hf.view import ModelView, MoELayerView, stored_layers
+from moelab.hf.view import ModelView, MoELayerView, RouterView, stored_layers
 from moelab.io import (
     LazyTensor,
     RawTensor,
@@ -465,12 +465,11 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
     edit = plan.edits[index]
     x = torch.randn(
         CHECK_TOKENS,
-        original.router.weight.shape[1],  # the model dim (a latent block's experts read another)
+        original.router.dim,  # the model dim (a latent block's experts read another)
         generator=torch.Generator().manual_seed(index),
         dtype=torch.float64,
     )
-    table = original.router.token_experts  # a hash router: random token ids too
-    ids = None if table is None else torch.randint(0, table.shape[0], (CHECK_TOKENS,), generator=torch.Generator().manual_seed(index))
+    ids = _check_router_input(original.router, index)
     edited = apply_edit(original, edit)
     prefix = plan.family.prefix(index)
     layout = plan.family.layout_of(plan.ckpt, index)
@@ -486,6 +485,18 @@ def _edited_layer(plan: _Plan, view: ModelView, index: int) -> tuple[dict[str, T
     del original  # one layer of source tensors at a time: only the edited ones are kept
     plain = {k: t for k, t in tensors.items() if not any(p in quantized for p in plan.ckpt.stored_parts(k))}
     return plain | quantized, LayerCheck(x, expected, ids)  # the quantized parts in place of the plain tensors
+
+
+def _check_router_input(router: RouterView, index: int) -> Tensor | None:
+    """The per-token input the router of layer `index` reads beside x on the write check's tokens
+    (`Router.context_input`): random token ids [T] for a hash router, random router states [T, R]
+    (float64) for an MLP router that reads them (ZAYA's); None for others."""
+    generator = torch.Generator().manual_seed(index)
+    if router.token_experts is not None:
+        return torch.randint(0, router.token_experts.shape[0], (CHECK_TOKENS,), generator=generator)
+    if router.mlp is not None and router.mlp.state_scale is not None:
+        return torch.randn(CHECK_TOKENS, router.mlp.width, generator=generator, dtype=torch.float64)
+    return None
 
 
 def copy_side_files(source: Path, staging: Path) -> None:

@@ -102,19 +102,25 @@ def mean_by_name(dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {name: value / counts[name] for name, value in sum_by_name(dicts).items()}
 
 
-def token_ids_of(router: Router, x: Tensor, context: dict[str, Tensor] | None) -> tuple[Tensor | None, ...]:
-    """What a router that reads the token ids (`Router.reads_token_ids`) takes beside x [..., D]:
-    (context["input_ids"] flattened to [T],), or (None,) where the context has none (the router then
-    names what is missing); () for other routers."""
-    if not router.reads_token_ids:
+def router_inputs(router: Router, x: Tensor, context: dict[str, Tensor] | None) -> tuple[Tensor | None, ...]:
+    """What a router that reads a per-token input from the block's context (`Router.context_input`:
+    a hash router's token ids, an `MLPRouter`'s state) takes beside x [..., D]: (context[name] with
+    x's leading dims flattened: ids [T], states [T, R],), or (None,) where the context has none (a
+    hash router then names what is missing, an MLP router reads no state); () for other routers."""
+    name = router.context_input
+    if name is None:
         return ()
-    ids = (context or {}).get("input_ids")
-    if ids is not None and ids.shape != x.shape[:-1]:
+    value, ids = (context or {}).get(name), router.reads_token_ids
+    if value is not None and (value.shape != x.shape[:-1] if ids else value.shape[: x.dim() - 1] != x.shape[:-1]):
+        want = "ids of shape " + str(list(x.shape[:-1])) if ids else f"the leading shape {list(x.shape[:-1])}"
         raise ValueError(
-            f"context['input_ids'] has shape {list(ids.shape)}; the router reads one id per token of the "
-            f"input {list(x.shape)}: give ids of shape {list(x.shape[:-1])}"
+            f"context[{name!r}] has shape {list(value.shape)}; the router reads one entry per token of the "
+            f"input {list(x.shape)}: give {want}"
         )
-    return (None if ids is None else ids.reshape(-1),)
+    return (None if value is None else value.reshape(-1, *value.shape[x.dim() - 1 :]),)
+
+
+IDENTITY_RETURNS = ("input", "zero")  # what a slot on a zero-computation expert returns (`MoELayer`)
 
 
 def identity_output(identity: Tensor, rows: Tensor) -> Tensor:
@@ -146,8 +152,9 @@ class MoELayer(nn.Module):
         block bias); a parameter of the layer, added once on every path (`_finish`).
     identity_experts: Z zero-computation experts (LongCat-Flash's; MoE++'s copy experts): the
         router chooses among E + Z, and a slot given to one of the last Z returns its input
-        (what the routed experts read) times its weight, with no weights of its own. `num_experts`
-        counts the E experts with weights; the dispatch, loads and `experts_per_token` see those.
+        (what the routed experts read) times its weight, with no weights of its own; with
+        identity_returns="zero" it returns nothing (ZAYA's skip expert). `num_experts` counts the
+        E experts with weights; the dispatch, loads and `experts_per_token` see those.
     sparsity_window: chunk length L of the "cls" metric of variable-k routers (BlockFFN: 8).
     dispatcher: how rows reach the experts; `LocalDispatcher` (default) or an expert-parallel
         one (`moelab.distributed`), in which case `experts` holds this rank's experts only.
@@ -201,8 +208,11 @@ class MoELayer(nn.Module):
         routed_norm: nn.Module | None = None,
         output_bias: Tensor | None = None,
         identity_experts: int = 0,
+        identity_returns: str = "input",
     ):
         super().__init__()
+        if identity_returns not in IDENTITY_RETURNS:
+            raise ValueError(f"identity_returns must be one of {IDENTITY_RETURNS}, got {identity_returns!r}")
         dispatcher = dispatcher or LocalDispatcher()
         if not is_int(identity_experts) or not 0 <= identity_experts < router.num_experts:
             raise ValueError(
@@ -256,6 +266,7 @@ class MoELayer(nn.Module):
         self.sparsity_window = sparsity_window
         self.dispatcher = dispatcher
         self.identity_experts = identity_experts
+        self.identity_returns = identity_returns
         self.skip_ratio: float | None = None  # NAEE dynamic skipping, an inference-time option (`dynamic_skip`)
         self.gather_rows = self.num_experts  # `infer` gathers expert weights up to this many T*K rows
         self.gather_bytes = 2**18  # ... and, eagerly on a CPU, experts of up to this many bytes
@@ -288,8 +299,8 @@ class MoELayer(nn.Module):
     ) -> tuple[Tensor, MoEResult]:
         """x: [..., D] -> (y [..., D], MoEResult). `router` replaces the layer's own for this call
         (Chain-of-Experts routes each iteration with its own router over the same experts);
-        `context` goes to routers that need whole sequences, and its "input_ids" to routers that
-        read the token ids (see `_route`)."""
+        `context` goes to routers that need whole sequences, and its entry `router.context_input`
+        to routers that read one (the token ids, an MLP router's state: see `_route`)."""
         router = self.router if router is None else router
         shape = x.shape
         # A training step on experts on torch._grouped_mm: the counts stay on the device and the
@@ -476,13 +487,14 @@ class MoELayer(nn.Module):
         """Check x: [..., D] and route it (with dynamic skipping if set) -> (Routing over [T] tokens,
         x as [T, D]). Routers that need whole sequences (`router.needs_sequences`) get x as [B, S, D]
         and the block's `context` (e.g. the attention's queries and keys for attention-aware routing);
-        routers that read the token ids (`router.reads_token_ids`) get `context["input_ids"]` ([...],
-        x's shape without its last dim) flattened beside x."""
+        routers that read a per-token input (`router.context_input`: the token ids, an MLP router's
+        state) get that entry of the context ([..., ...], x's leading dims) flattened beside x
+        (`router_inputs`)."""
         self._check_input(router, x)
         if router.needs_sequences:
             routing, x = router(x, context=context or {}), x.reshape(-1, router.dim)
         else:
-            ids = token_ids_of(router, x, context)
+            ids = router_inputs(router, x, context)
             x = x.reshape(-1, router.dim)
             routing = router(x, *ids)
         return (routing if self.skip_ratio is None else dynamic_skip(routing, self.skip_ratio, self.num_experts)), x
@@ -496,7 +508,7 @@ class MoELayer(nn.Module):
             routing, x = self._route(router, x, context)
             return routing.indices, routing.weights, x
         self._check_input(router, x)
-        ids = token_ids_of(router, x, context)
+        ids = router_inputs(router, x, context)
         x = x.reshape(-1, router.dim)
         indices, weights = router.choose(x, *ids)
         if self.skip_ratio is not None:
@@ -545,9 +557,9 @@ class MoELayer(nn.Module):
     def _finish(self, x: Tensor, y: Tensor, rows: Tensor, identity: Tensor | None) -> Tensor:
         """The routed experts' combined output y: [T, D or latent rank] -> [T, D]: plus the identity
         experts' (their weights `identity` [T, K], summed in float32 or finer, times the rows the
-        experts read), then `routed_output`, plus the shared experts' output on x: [T, D], plus
+        experts read; nothing where they return zero, `identity_returns`), then `routed_output`, plus the shared experts' output on x: [T, D], plus
         `output_bias`. Every path (`forward`, `infer`, compiled or not) ends here, so each is added once."""
-        if identity is not None:
+        if identity is not None and self.identity_returns == "input":
             y = y + identity_output(identity, rows).to(y.dtype)
         y = self.routed_output(y)
         if self.shared is not None:

@@ -99,14 +99,21 @@ class Router(nn.Module):
     Subclasses set `top_k` (slots per token), `variable_k` (slots may be empty), `causal`
     (the routing of token t depends on tokens <= t only, so it is safe in a causal language
     model), `needs_sequences` (forward takes `x: [B, S, D]` and a `context` dict instead of
-    `x: [T, D]`, for routers that look at other tokens of the sequence) and `reads_token_ids`
-    (forward takes the tokens' ids beside x: `forward(x [T, D], token_ids [T])`, hash routing).
+    `x: [T, D]`, for routers that look at other tokens of the sequence) and `context_input`
+    (the name of a per-token input forward takes beside x, from an MoE layer's `context`:
+    "input_ids", `forward(x [T, D], token_ids [T])`, hash routing; "router_states",
+    `forward(x [T, D], states [T, R] | None)`, a router MLP's carried state, `MLPRouter`).
     """
 
     variable_k: bool = False
     causal: bool = True
     needs_sequences: bool = False
-    reads_token_ids: bool = False
+    context_input: str | None = None
+
+    @property
+    def reads_token_ids(self) -> bool:
+        """Whether forward takes the tokens' ids beside x (hash routing)."""
+        return self.context_input == "input_ids"
 
     def __init__(self, dim: int, num_experts: int, *, bias: bool = False):
         super().__init__()
@@ -120,10 +127,15 @@ class Router(nn.Module):
         self.logit_scale = 1.0
         nn.init.normal_(self.weight, std=dim**-0.5)
 
-    def router_logits(self, x: Tensor, *, check: bool = True) -> Tensor:
-        """x: [T, D] -> logits [T, E] in float32, times `logit_scale` (Muse Spark's output_multiplier),
-        soft-capped to cap * tanh(logits / cap) where the router has a `logit_softcap` (Laguna's); rejects bad shapes and (check) non-finite logits
-        (`check_finite_logits`)."""
+    def features(self, x: Tensor) -> Tensor:
+        """x: [T, D] -> what the weight's rows read, in float32: x, through `input_norm` where set."""
+        return _float(x if self.input_norm is None else self.input_norm(x))
+
+    def router_logits(self, x: Tensor, *inputs: Tensor | None, check: bool = True) -> Tensor:
+        """x: [T, D] (and the `context_input` where the router reads one) -> logits [T, E] in float32,
+        times `logit_scale` (Muse Spark's output_multiplier), soft-capped to cap * tanh(logits / cap)
+        where the router has a `logit_softcap` (Laguna's); rejects bad shapes and (check) non-finite
+        logits (`check_finite_logits`)."""
         if x.dim() != 2 or x.shape[-1] != self.dim:
             raise ValueError(
                 f"router expects x of shape [tokens, {self.dim}], got {list(x.shape)}; "
@@ -131,10 +143,8 @@ class Router(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"router expects a floating-point input, got {x.dtype}")
-        if self.input_norm is not None:
-            x = self.input_norm(x)
         bias = None if self.bias is None else _float(self.bias)
-        logits = F.linear(_float(x), _float(self.weight), bias)
+        logits = F.linear(self.features(x, *inputs), _float(self.weight), bias)
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
         if check:
@@ -255,8 +265,8 @@ class TopKRouter(Router):
         scaling, `moelab.nn.rexmoe`), else None."""
         return None
 
-    def forward(self, x: Tensor) -> Routing:
-        logits = self.router_logits(x)
+    def forward(self, x: Tensor, *inputs: Tensor | None) -> Routing:
+        logits = self.router_logits(x, *inputs)
         masked = self.masked
         if masked is not None:  # ReXMoE's progressive scaling: masked experts score 0
             logits = logits.masked_fill(~masked, float("-inf"))
@@ -285,7 +295,7 @@ class TopKRouter(Router):
         probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
         return Routing(indices, weights, logits, probs)
 
-    def choose(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def choose(self, x: Tensor, *inputs: Tensor | None) -> tuple[Tensor, Tensor]:
         """`Router.choose`. Softmax scores renormalised over the top k (Mixtral, Qwen-MoE, OLMoE),
         without a selection bias, groups or hooks: the top k of the logits and a softmax over just
         those (p_i / sum of the chosen p_j = exp(l_i) / sum of the chosen exp(l_j)), 2 operations
@@ -299,8 +309,8 @@ class TopKRouter(Router):
             replaced or self.selection_bias is not None or self.masked is not None or self.expert_scale is not None
             or self.logit_softcap is not None  # its cap would hide an inf logit from the check of the top k
         )
-        if not plain or others or forward_hooked([self]):
-            return super().choose(x)
+        if not plain or others or inputs or forward_hooked([self]):
+            return super().choose(x, *inputs)
         values, indices = self.router_logits(x, check=False).topk(self.top_k, dim=-1)
         check_finite_logits(values)
         weights = values.softmax(-1)
@@ -370,7 +380,7 @@ class HashRouter(Router):
     tokens (an `MoELayer` hands them on from its `context["input_ids"]`).
     """
 
-    reads_token_ids = True
+    context_input = "input_ids"
 
     def __init__(
         self,

@@ -45,6 +45,7 @@ from moelab.hf.layerwise import (
 from moelab.hf.layouts import config_entry
 from moelab.hf.modules import beside_language_model, decoder_layers, find_moe_modules
 from moelab.hf.native import (
+    identity_returns,
     latent_from_view,
     norm_from_view,
     router_from_view,
@@ -628,6 +629,7 @@ def load_offloaded(
                 **{name: None if norm is None else norm.to(dtype) for name, norm in norms.items()},
                 output_bias=None if views[index].output_bias is None else views[index].output_bias.to(dtype),
                 identity_experts=views[index].router.identity_experts,
+                identity_returns=identity_returns(views[index].router),
             )
             install_moe(layers[index], index, found[index], moes[index], MoELayer.infer, store.family)
             block = layers[index].get_submodule(found[index].block or found[index].experts)
@@ -728,7 +730,8 @@ def state_bytes_per_sequence(model: nn.Module, dtype: torch.dtype, num_layers: i
     (their PyTorch paths and kernels keep it so in bf16 too); MiniMax's lightning attention's
     (heads x head_dim², in `dtype`); Qwen4-Exp's n-gram context (its previous token ids, int64);
     Inkling 2's short convolutions (four a layer, static or dynamic: channels x kernel, in float32 whatever
-    `dtype`; Inkling 2 Loop's looped layers once a pass).
+    `dtype`; Inkling 2 Loop's looped layers once a pass); ZAYA's CCA (its q/k convolutions' window,
+    channels x (kernel - 1 of each), and the last token's delayed value projection, in `dtype`).
     0 for moelab's models and those without recurrent layers. A recurrent mixer it cannot size is
     an error, not a count that leaves it out. num_layers: the decoder layers, where the config's
     num_hidden_layers counts otherwise (LongCat-Flash's: its attention sublayers, two a layer)."""
@@ -750,6 +753,8 @@ def _state_bytes(module: nn.Module, size: int, index: int) -> int:
         return module.num_attention_heads * module.head_dim**2 * size
     if hasattr(module, "context_len") and hasattr(module, "ngram_size"):  # Qwen4-Exp's n-gram token history
         return module.context_len * torch.empty((), dtype=torch.long).element_size()
+    if hasattr(module, "v_proj_delayed"):  # ZAYA's CCA: the q/k convolutions' window, the last token's delayed v
+        return (module.conv_qk_depthwise.in_channels * module.conv_kernel_size + module.v_proj_delayed.out_features) * size
     if type(module).__name__.endswith("ShortConvolution"):  # Inkling 2's, static or dynamic: a float32 window
         channels = module.conv1d.in_channels if hasattr(module, "conv1d") else module.static_weight.shape[1]
         return channels * module.conv_kernel_size * 4
@@ -952,6 +957,7 @@ def _view_bytes(layer: MoELayerView, dtype: torch.dtype, shared: bool) -> int:
     router = [layer.router.with_identity_rows(name) for name in ("weight", "bias", "selection_bias", "expert_scale")]
     table = layer.router.token_experts  # a hash router's, kept as stored (integers)
     router += [] if layer.router.input_norm is None else [layer.router.input_norm.weight]
+    router += [] if layer.router.mlp is None else list(layer.router.mlp.tensors().values())  # ZAYA's, in float32 too
     tensors = [] if layer.latent is None else [layer.latent.down, layer.latent.up]
     norms = (layer.expert_norm, layer.routed_norm, layer.experts.output_norm)
     tensors += [norm.weight for norm in norms if norm is not None]

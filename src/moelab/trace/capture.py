@@ -106,6 +106,8 @@ class _LayerTap:
     top_k: int
     has_shared: bool = False
     identity: int = 0  # the last `identity` of the num_experts choices are identity experts (no weights, no statistic)
+    # whose slots the block hands its experts as expert 0 with weight 0 (ZAYA's skip expert, which adds nothing)
+    identity_masked: bool = False
     parts: list[LayerRouting] = field(default_factory=list)
     pending: LayerRouting | None = None  # recomputed by the router hook, waiting for the experts hook
     dense_scores: Tensor | None = None  # [T, E] from a router that returns dense scores
@@ -245,14 +247,19 @@ class RoutingCapture:
             if not isinstance(layer_view, MoELayerView):
                 continue
             router = moe_layer_from_view(layer_view).router  # the family's rule, with the view's weights
-            E, D = layer_view.router.num_choices, layer_view.router.weight.shape[1]  # identity experts: choices past the experts
+            # identity experts: choices past the experts; D: what the router's rows read (its MLP's width, ZAYA's)
+            E, D = layer_view.router.num_choices, layer_view.router.weight.shape[1]
             found = find_moe_modules(blocks[i], i, E, D, view.moe_block)
             router_module, experts_module = (
                 blocks[i].get_submodule(found.router),
                 blocks[i].get_submodule(found.experts),
             )
             shared_down = None if found.shared_down is None else blocks[i].get_submodule(found.shared_down)
-            tap = self._taps[i] = _LayerTap(i, E, router.top_k, shared_down is not None, layer_view.router.identity_experts)
+            identity = layer_view.router.identity
+            tap = self._taps[i] = _LayerTap(
+                i, E, router.top_k, shared_down is not None, layer_view.router.identity_experts,
+                identity_masked=identity is not None and identity.returns == "zero",
+            )  # fmt: skip
             self._handles.append(
                 router_module.register_forward_hook(_on_hf_router(tap, router), with_kwargs=True)
             )
@@ -313,15 +320,18 @@ def _on_shared(tap: _LayerTap):
 
 
 def _on_hf_router(tap: _LayerTap, router: Router):
-    """Recompute the routing from the router's input with the view's rule (a hash router's from its
-    second input, the token ids: DeepSeek-V4's); keep dense scores `[T, E]` when the router returns
-    them (Llama 4: `(scores, logits)`)."""
+    """Recompute the routing from the router's input with the view's rule (a router that reads a
+    per-token input, `Router.context_input`, from its second: a hash router's token ids, DeepSeek-V4's;
+    an MLP router's state handed in, ZAYA's, None in its first layer); keep dense scores `[T, E]` when
+    the router returns them (Llama 4: `(scores, logits)`)."""
 
     def hook(module: nn.Module, args, kwargs, output) -> None:
         inputs = [*args, *kwargs.values()]
-        ids = inputs[1].reshape(-1) if router.reads_token_ids else None
+        x = inputs[0].detach().reshape(-1, router.dim)
+        extra = inputs[1] if router.context_input and len(inputs) > 1 else None
+        ids = None if extra is None else extra.detach().reshape(len(x), *(() if router.reads_token_ids else (-1,)))
         with torch.no_grad():
-            tap.pending = LayerRouting.from_routing(route_tokens(router, inputs[0].detach().reshape(-1, router.dim), ids))
+            tap.pending = LayerRouting.from_routing(route_tokens(router, x, ids))
         tap.dense_scores = None
         if isinstance(output, tuple) and len(output) == 2 and output[0].shape == output[1].shape:
             tap.dense_scores = output[0].detach().reshape(-1, tap.num_experts).float()
@@ -367,9 +377,12 @@ def _on_hf_experts(
             hidden, index, weights = (t.detach() for t in inputs[:3])
             index = index.reshape(-1, index.shape[-1]).long()
             index = index.masked_fill((index < 0) | (index >= tap.num_experts), -1)
-            used = LayerRouting(
-                index, weights.reshape(index.shape).float() * scale, recomputed.entropy, recomputed.logits
-            )
+            weights = weights.reshape(index.shape).float() * scale
+            if tap.identity_masked:  # a slot the recomputed routing gives the skip expert: that, not expert 0
+                skipped = (recomputed.indices >= tap.num_experts - tap.identity) & (weights == 0)
+                index = torch.where(skipped, recomputed.indices, index)
+                weights = torch.where(skipped, recomputed.weights, weights)
+            used = LayerRouting(index, weights, recomputed.entropy, recomputed.logits)
             if expert_stats:
                 computed = index.masked_fill(index >= tap.num_experts - tap.identity, -1)
                 if viewed is None:

@@ -62,7 +62,9 @@ class HCSMoE(Method):
         for members in router_groups(layer.router):
             labels = hierarchical_labels(features[members].numpy(), per_group, self.linkage)
             groups += clusters_by_usage(members, labels, counts, target.protect)
-        edit = merged_layer(layer, groups, counts, router_rule=self.router_rule, inputs=stats.inputs)
+        edit = merged_layer(
+            layer, groups, counts, router_rule=self.router_rule, inputs=stats.inputs, router_inputs=stats.input_ids
+        )
         return LayerDecision.merged(edit)
 
 

@@ -340,7 +340,9 @@ class MoelabRecipe(Method):
                 w = weights.clone()
                 w[d] = counts[d] if share == "usage" else weights[j] * share / (1 - share)
                 for rule in rules:
-                    trial = merged_layer(aligned, list(trial_groups.values()), w, router_rule=rule, inputs=x)
+                    trial = merged_layer(
+                        aligned, list(trial_groups.values()), w, router_rule=rule, inputs=x, router_inputs=stats.input_ids
+                    )
                     trials.append((error(trial), f"{share}/{rule}", trial, w))
             trial_error, variant, trial, w = min(trials, key=lambda t: t[0])
             if trial_error < best:

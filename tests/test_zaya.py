@@ -1,0 +1,258 @@
+"""ZAYA (`zaya`): each MoE block's router reads x through an MLP, whose input r = down_proj(x) adds the
+previous layer's r times a scale (every layer but the first), and chooses among E experts and a skip
+expert, whose slot adds nothing. The block takes and returns that router state; the layer-by-layer run
+carries it (`LayerwiseModel.carry`), forward and backward (`LayerwiseModel.carry_grad`).
+
+The family-wide tests (tests/hf_tiny.py's TINY) check the view against transformers' block (with no
+state), the writer, compression, layer-by-layer and offloaded runs; here what is ZAYA's own: the block
+with the state handed in, both kinds of choice, the skip expert's row kept last through every edit,
+gradients through the carried state, and the skip expert's bias transformers resets on loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hf_tiny import TINY, D, build, load
+from safetensors.torch import load_file, save_file
+from test_dsa import (
+    assert_backward_sweep_is_autograd,
+    assert_resumes_to_the_same_statistics,
+    run_layers_in_order,
+)
+from test_layerwise import assert_layers_are_transformers
+from test_offload import assert_state_is_what_transformers_holds
+from transformers import PreTrainedTokenizerFast
+
+from moelab.analyze import analyze_trace
+from moelab.compress import METHODS, Calibration, CalibrationOptions, calibrate, compress
+from moelab.data.tokenizer import TOKENIZER_DIR
+from moelab.hf import CheckpointError, drop_experts, open_checkpoint
+from moelab.hf.layerwise import LayerwiseModel
+from moelab.hf.native import moe_layer_from_view
+from moelab.offload import load_offloaded
+from moelab.offload.model import generate_ids
+from moelab.threads import intra_op_threads
+from moelab.trace import RoutingCapture, TraceOptions, load_model, trace_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+E, R = 4, 12  # the tiny model's experts (and one skip expert) and its router MLP's width
+SMALL = CalibrationOptions(tokens=256, seq_len=32, batch_size=4, sample_tokens=32)
+BACKWARD = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",), snapshot_seconds=0.0)
+ZAYA = dict(TINY["zaya"].config, vocab_size=8192, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("zaya") / "src"
+    build("zaya", **ZAYA).save_pretrained(path)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    return path
+
+
+def test_the_block_is_transformers_with_the_router_state_handed_in_and_on(source):
+    """moelab's layer from the view, given the previous layer's router state, computes transformers'
+    block output, and its router the state the block hands on; tokens choose experts and the skip
+    expert (whose slot adds nothing); the first layer reads no state."""
+    model = load(source)
+    generator = torch.Generator().manual_seed(0)
+    x, state = torch.randn(2, 16, D, generator=generator), torch.randn(2, 16, R, generator=generator)
+    skips = 0
+    with open_checkpoint(source) as view:
+        for index in range(3):
+            layer = view.layer(index)
+            assert (layer.router.num_experts, layer.router.identity_experts, layer.router.identity.returns) == (E, 1, "zero")
+            assert (layer.router.mlp.state_scale is None) == (index == 0)
+            moe = moe_layer_from_view(layer)
+            with torch.no_grad():
+                expected, handed_on = model.model.layers[index].mlp(x, state)
+                got = moe(x, context={"router_states": state})[0]
+                chosen = moe.router(x.reshape(-1, D), state.reshape(-1, R)).indices
+                ours = moe.router.next_state(x.reshape(-1, D), state.reshape(-1, R)).view_as(handed_on)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+            torch.testing.assert_close(ours, handed_on, atol=1e-5, rtol=0)
+            skipped = (chosen == E).view(2, 16)
+            assert (got[skipped] == 0).all()  # the skip expert adds nothing, not its weight times x
+            skips += int(skipped.sum())
+            if index > 0:  # the state changes the routing
+                without = moe(x, context={"router_states": torch.zeros_like(state)})[0]
+                assert not torch.allclose(without, got, atol=1e-3)
+    assert 0 < skips < 3 * 32, "the tiny model should route to both kinds"
+
+
+def test_every_layer_s_output_is_transformers_with_the_router_state_carried(source):
+    batches = [torch.randint(0, 8192, (2, 9)), torch.randint(0, 8192, (1, 12))]
+    assert_layers_are_transformers(source, load(source), batches)
+
+
+def test_the_backward_run_is_autograd_through_the_whole_model(source):
+    """The layers' vector-Jacobian products from the head down, each reading the router state of its
+    forward run and handed the gradient of the state it passed on, against autograd through transformers'
+    model: the gradient with respect to every layer's input."""
+    ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
+    runner = LayerwiseModel(source)
+    states, inputs, carried = run_layers_in_order(runner, ids, 3)
+    assert carried[0] is None and all(c.shape == (2, 9, R) for c in carried[1:])
+    grads = {3: runner.head_gradients([ids], states, 1.0)[0]}
+    for index in reversed(range(3)):
+        runner.carry = [carried[index]]
+        with runner.layer_backward(index) as vjp:
+            grads[index] = vjp(0, inputs[index], grads[index + 1])
+    assert runner.carry_grad == [None]  # the first layer reads no state
+    model = load(source)
+    seen = {}
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0]))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    logits = model(input_ids=ids).logits[:, :-1]
+    for hook in hooks:
+        hook.remove()
+    for t in seen.values():
+        t.retain_grad()
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+    for index in range(3):
+        torch.testing.assert_close(grads[index], seen[index].grad, atol=1e-6, rtol=1e-4, msg=f"layer {index}")
+
+
+def test_the_backward_sweep_hands_each_layer_the_router_state_of_its_forward_run(source, tmp_path, monkeypatch):
+    """The calibration's backward sweep reads each layer's router state from its tape: the gradient it
+    carries down to the embeddings is autograd's through transformers' model, per batch."""
+    assert_backward_sweep_is_autograd(source, tmp_path, monkeypatch, BACKWARD)
+
+
+def test_an_interrupted_calibration_resumes_to_the_same_statistics(source, tmp_path, monkeypatch):
+    """Killed in the backward sweep at layer 1 (resumed from the snapshot after layer 2: its gradients
+    and those of the router state layer 1 handed on)."""
+    assert_resumes_to_the_same_statistics(source, tmp_path, monkeypatch, BACKWARD, [0, 1, 2, 2, 1], range(3))
+
+
+@pytest.fixture(scope="module")
+def stats(source, tmp_path_factory) -> Path:
+    with intra_op_threads(1):  # as the tests run (one_thread): MKL's sums depend on the thread count
+        return calibrate(source, tmp_path_factory.mktemp("stats") / "s", options=BACKWARD, quiet=True).directory
+
+
+def test_the_sampled_inputs_keep_the_router_states_handed_to_them(source, stats):
+    """The statistics' sampled layer inputs come with the router state each token's block read (the
+    first layer's: none), which NAEE, the recipe and router re-fitting hand the layer again: against a
+    layer-by-layer run over the calibration windows, position by position."""
+    from moelab.compress.calibration import calibration_mixture
+
+    mixture = calibration_mixture(source, "corpus", BACKWARD)
+    runner = LayerwiseModel(source)
+    windows = mixture.batches(BACKWARD.batch_size)
+    states = runner.embed([torch.stack([w.ids for w in batch]) for batch in windows])
+    sampled = Calibration(stats)
+    assert sampled.layer(0).input_ids is None
+    for index in range(3):
+        read = {}  # global position -> the router state layer `index` read there
+        for b, batch in enumerate(windows):
+            for row, window in enumerate(batch):
+                for t in range(window.ids.numel()):
+                    read[window.start + t] = None if runner.carry[b] is None else runner.carry[b][row, t]
+        with runner.layer(index) as run:
+            states = [run(b, h) for b, h in enumerate(states)]
+        if index:
+            ids, total = sampled.layer(index).input_ids, mixture.num_tokens
+            expected = torch.stack([read[i * total // len(ids)] for i in range(len(ids))])
+            assert ids.shape == (BACKWARD.sample_tokens, R)
+            torch.testing.assert_close(ids, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_compresses_zaya(source, stats, tmp_path, method):
+    """Every method: pruning, merging (its router rows out_proj's, fitted on the router MLP's features
+    where a method fits them), NAEE and the recipe re-running layers on sampled inputs and the router
+    states handed to them, HEAPr's neurons (backward sweep); the writer's checks reload the output in
+    transformers and compare every edited layer with what the edit should compute."""
+    domains = ["code"] if method == "premoe" else None
+    report = compress(source, tmp_path / "out", method=method, ratio=0.5, stats=stats, domains=domains, quiet=True)
+    assert set(report["layers"]) == {"0", "1", "2"} and report["reload_checked"]
+
+
+def test_pruning_keeps_the_skip_expert_s_row_and_bias_last(source, tmp_path):
+    """Dropping experts 1 and 2: out_proj keeps rows [0, 3] and then the skip expert's, the balancing
+    biases likewise, and the router MLP is copied unchanged."""
+    out = tmp_path / "out"
+    drop_experts(source, out, {i: [1, 2] for i in range(3)}, quiet=True)
+    before, after = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
+    gate = "model.layers.1.mlp.gate."
+    for name in ("router_mlp.out_proj.weight", "balancing_biases"):
+        torch.testing.assert_close(after[gate + name], before[gate + name][[0, 3, 4]], atol=0, rtol=0)
+    for name in ("down_proj.weight", "router_states_scale", "router_mlp.fc1.weight", "router_mlp.norm.weight"):
+        assert torch.equal(after[gate + name], before[gate + name])
+
+
+def test_a_skip_bias_transformers_would_reset_is_refused(source, tmp_path):
+    """transformers sets the skip expert's balancing bias to -1 on loading whatever is stored: a checkpoint
+    storing another would route otherwise in moelab than in transformers, and is refused by name."""
+    path = tmp_path / "src"
+    path.mkdir()
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.layers.1.mlp.gate.balancing_biases"][-1] = 0.5
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text((source / "config.json").read_text())
+    with open_checkpoint(path) as view, pytest.raises(CheckpointError, match=r"transformers sets it to -1.0 when it loads zaya"):
+        view.layer(1)
+
+
+def test_a_trace_records_the_skip_expert_as_the_choice_past_the_experts(source, tmp_path):
+    """transformers' block hands its experts a skipped slot as expert 0 with weight 0: the trace records
+    the skip expert (choice E) with its probability, as the router chose it (no mismatch in the check),
+    and the routing the block read with the state handed in, in every layer; `analyze` reads the trace."""
+    loaded = load_model(source)
+    ids = torch.randint(0, 8192, (2, 16), generator=torch.Generator().manual_seed(0))
+    states = {}
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda m, a, out, i=i: states.__setitem__(i, out))
+        for i, layer in enumerate(loaded.model.model.layers)
+    ]
+    with RoutingCapture(loaded.model, loaded.view) as capture, torch.no_grad():
+        loaded.model(input_ids=ids, use_cache=False)
+        recorded = capture.pop()
+    for hook in hooks:
+        hook.remove()
+    skips = 0
+    for i, r in recorded.items():
+        _, weights, indices, _ = states[i]  # transformers' router: the skip masked to expert 0, weight 0
+        skipped = r.indices == E
+        assert torch.equal(r.indices.masked_fill(skipped, 0), indices) and (weights[skipped] == 0).all()
+        torch.testing.assert_close(r.weights.masked_fill(skipped, 0), weights, atol=1e-6, rtol=0)
+        assert (r.weights[skipped] > 0).all() and capture.checks[i].mismatched == 0
+        skips += int(skipped.sum())
+    assert 0 < skips < 3 * 32 and capture.identity_experts == {0: 1, 1: 1, 2: 1}
+    trace = trace_model(loaded, {"d0": np.arange(64) * 97 % 8192}, tmp_path / "trace", TraceOptions(max_tokens=64, seq_len=16), quiet=True)
+    summary = analyze_trace(trace, chunk_lens=(1, 8))
+    assert sorted(map(int, summary["layers"])) == [0, 1, 2] and summary["tokens"] == 64
+
+
+def test_offloaded_decoding_is_transformers(source):
+    """Greedy tokens and logits offloaded (half the experts resident, with read-ahead; all of them) are
+    transformers': each block reads the router state handed in and hands its own on, and a skipped slot
+    adds nothing."""
+    model = load(source)
+    ids = torch.randint(0, 8192, (1, 6), generator=torch.Generator().manual_seed(2))
+    want = generate_ids(model, ids, 8)
+    for resident, predictor in ((0.5, "lookahead"), (1.0, None)):
+        offloaded = load_offloaded(source, resident=resident, predictor=predictor)
+        try:
+            assert torch.equal(offloaded.generate(ids, 8), want), resident
+            with torch.inference_mode():
+                torch.testing.assert_close(
+                    offloaded.model(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+                )
+        finally:
+            offloaded.close()
+
+
+def test_the_state_decoding_keeps_per_sequence_is_what_transformers_caches():
+    """ZAYA's CCA keeps, per sequence and layer, its q/k convolutions' window and the last token's delayed
+    value projection: counted for a memory budget's cache (`load_offloaded(kv_cache_tokens=...)`)."""
+    state = assert_state_is_what_transformers_holds(build("zaya"))
+    assert state == 2 * (48 * 2 + 8) * 4  # 2 layers: (4 + 2) heads x 8 channels, window (2 - 1) + (2 - 1); 2 x 8 / 2
