@@ -256,3 +256,25 @@ def test_the_state_decoding_keeps_per_sequence_is_what_transformers_caches():
     value projection: counted for a memory budget's cache (`load_offloaded(kv_cache_tokens=...)`)."""
     state = assert_state_is_what_transformers_holds(build("zaya"))
     assert state == 2 * (48 * 2 + 8) * 4  # 2 layers: (4 + 2) heads x 8 channels, window (2 - 1) + (2 - 1); 2 x 8 / 2
+
+
+def test_merging_s_fit_rule_fits_out_proj_rows_on_transformers_router_mlp_features(source):
+    """A merged expert's row (the 'fit' rule) is the least-squares row over the features transformers'
+    router MLP computes from the inputs and the router states handed in: their logit follows the
+    log-sum-exp of the members' logits."""
+    from moelab.compress.merging import merged_layer
+
+    generator = torch.Generator().manual_seed(0)
+    x, states = torch.randn(64, D, generator=generator), torch.randn(64, R, generator=generator)
+    with open_checkpoint(source) as view:
+        layer = view.layer(1)
+    edit = merged_layer(layer, [[0, 1], [2], [3]], torch.ones(E), router_rule="fit", inputs=x, router_inputs=states)
+    gate = load(source).model.layers[1].mlp.gate
+    with torch.no_grad():
+        mlp = gate.router_mlp
+        r = gate.down_proj(x) + states * gate.router_states_scale
+        features = mlp.act_fn(mlp.fc2(mlp.act_fn(mlp.fc1(mlp.norm(r))))).double()
+        target = torch.logsumexp(features @ mlp.out_proj.weight[:2].double().T, dim=1)
+    expected = torch.linalg.lstsq(features, target[:, None]).solution[:, 0]
+    torch.testing.assert_close(edit.view.router.weight[0].double(), expected, atol=1e-4, rtol=1e-4)
+    assert edit.view.router.identity.weight.equal(layer.router.identity.weight)  # the skip expert's row stays

@@ -206,7 +206,7 @@ class OffloadedExperts(Experts):
             scores += self.cache.prior.affinity_scores(previous.layer, previous.chosen)[:E] / self.top_k
             most += 1.0
         if self.predictor in ("lookahead", "both") and router is not None and router.dim == x.shape[1]:
-            routing = router.forward(x)  # .forward: no routing hooks fire
+            routing = router.forward(x)  # .forward: no routing hooks fire; an MLP router (ZAYA's) reads no state here
             scores += lookahead_scores(routing.indices.cpu(), routing.probs.cpu())[:E]  # not its identity experts
             most += 2.0
         if most == 0:  # nothing to go on but habit
