@@ -66,7 +66,8 @@ def test_the_block_is_transformers_with_the_router_state_handed_in_and_on(source
     with open_checkpoint(source) as view:
         for index in range(3):
             layer = view.layer(index)
-            assert (layer.router.num_experts, layer.router.identity_experts, layer.router.identity.returns) == (E, 1, "zero")
+            router = layer.router
+            assert (router.num_experts, router.identity_experts, router.identity.returns) == (E, 1, "zero")
             assert (layer.router.mlp.state_scale is None) == (index == 0)
             moe = moe_layer_from_view(layer)
             with torch.no_grad():
@@ -198,7 +199,8 @@ def test_a_skip_bias_transformers_would_reset_is_refused(source, tmp_path):
     tensors["model.layers.1.mlp.gate.balancing_biases"][-1] = 0.5
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text((source / "config.json").read_text())
-    with open_checkpoint(path) as view, pytest.raises(CheckpointError, match=r"transformers sets it to -1.0 when it loads zaya"):
+    refused = r"transformers sets it to -1.0 when it loads zaya"
+    with open_checkpoint(path) as view, pytest.raises(CheckpointError, match=refused):
         view.layer(1)
 
 
@@ -227,7 +229,8 @@ def test_a_trace_records_the_skip_expert_as_the_choice_past_the_experts(source, 
         assert (r.weights[skipped] > 0).all() and capture.checks[i].mismatched == 0
         skips += int(skipped.sum())
     assert 0 < skips < 3 * 32 and capture.identity_experts == {0: 1, 1: 1, 2: 1}
-    trace = trace_model(loaded, {"d0": np.arange(64) * 97 % 8192}, tmp_path / "trace", TraceOptions(max_tokens=64, seq_len=16), quiet=True)
+    streams = {"d0": np.arange(64) * 97 % 8192}
+    trace = trace_model(loaded, streams, tmp_path / "trace", TraceOptions(max_tokens=64, seq_len=16), quiet=True)
     summary = analyze_trace(trace, chunk_lens=(1, 8))
     assert sorted(map(int, summary["layers"])) == [0, 1, 2] and summary["tokens"] == 64
 
@@ -278,3 +281,22 @@ def test_merging_s_fit_rule_fits_out_proj_rows_on_transformers_router_mlp_featur
     expected = torch.linalg.lstsq(features, target[:, None]).solution[:, 0]
     torch.testing.assert_close(edit.view.router.weight[0].double(), expected, atol=1e-4, rtol=1e-4)
     assert edit.view.router.identity.weight.equal(layer.router.identity.weight)  # the skip expert's row stays
+
+
+def test_an_edit_that_changes_the_router_mlp_is_refused(source):
+    """The writer copies the router's MLP unchanged (only out_proj's rows follow the experts): an edited
+    view that changes it is refused by name, not written as if it had not."""
+    from moelab.hf.edit import check_same_settings
+
+    with open_checkpoint(source) as view:
+        layer = view.layer(1)
+    mlp = layer.router.mlp
+    for changed in (
+        dataclasses.replace(mlp, fc1=mlp.fc1 * 2),
+        dataclasses.replace(mlp, norm=dataclasses.replace(mlp.norm, weight=mlp.norm.weight + 1)),
+    ):
+        edited = dataclasses.replace(layer, router=dataclasses.replace(layer.router, mlp=changed))
+        with pytest.raises(ValueError, match="changes the router's MLP"):
+            check_same_settings(layer, edited)
+    same = dataclasses.replace(layer.router, mlp=dataclasses.replace(mlp))  # another view of the same tensors
+    check_same_settings(layer, dataclasses.replace(layer, router=same))

@@ -43,7 +43,7 @@ class MoECall:
     ids [T] int64 (a hash router) or the router states handed in [T, R] (an MLP router, ZAYA's), else None;
     output_bias: [D] the block's output bias (JetMoE's `MoELayer.output_bias`), None without: part of
     `output`, not of any expert's contribution; identity: [T, D] what the block's identity experts
-    added (LongCat-Flash's: their weights times the input; ZAYA's skip expert adds zeros), None without: part of `routed`, not of
+    added (LongCat-Flash's: their weights times the input; ZAYA's skip expert: zeros), None without: part of `routed`, not of
     any expert's contribution (their slots are empty in `routing`, whose logits and probs cover the E experts).
     In the backward sweep (`eager_moe(..., keep_hidden=True)`) also hidden: [T, K, I] each slot's
     hidden activation (what its down projection sees) and grad_hidden: [T, K, I] the loss's
@@ -302,7 +302,8 @@ class InputSample(Observer):
     """inputs [N, D]: the block's inputs at N global token positions spread evenly over the
     calibration data (position floor(i * total / N) for i < N), for methods that re-run a layer
     (NAEE), input_sources [N] their sources and, where the router reads a per-token input
-    (`MoECall.token_ids`: a hash router's token ids, an MLP router's states), input_ids [N, ...] theirs. options: sample_tokens (N), total_tokens (of the mixture)."""
+    (`MoECall.token_ids`: a hash router's token ids, an MLP router's states), input_ids [N, ...]
+    theirs. options: sample_tokens (N), total_tokens (of the mixture)."""
 
     name = "inputs"
     fields = ("inputs", "input_sources", "input_ids")

@@ -319,8 +319,13 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
         ("routed_norm", _NORM_FIELDS, "routed output norm"),
         ("router.input_norm", _NORM_FIELDS, "router's input norm"),
         ("experts.output_norm", _NORM_FIELDS, "experts' output norm"),
+        ("router.mlp", _ROUTER_MLP_FIELDS, "router's MLP"),
+        ("router.mlp.norm", _NORM_FIELDS, "router's MLP"),
     ):
-        old, edited = (functools.reduce(getattr, part.split("."), view) for view in (layer, new))
+        old, edited = (
+            functools.reduce(lambda owner, name: getattr(owner, name, None), part.split("."), view)
+            for view in (layer, new)
+        )
         if not _same_tensors(old, edited, names):
             raise ValueError(
                 f"layer {layer.index}: the edited view changes the {what}; the writer copies the {what} "
@@ -334,6 +339,7 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
 
 
 _NORM_FIELDS = ("weight", "eps", "multiplier", "scale_first")
+_ROUTER_MLP_FIELDS = ("down", "down_bias", "fc1", "fc1_bias", "fc2", "fc2_bias", "state_scale")  # and its norm
 
 
 def _same_tensors(old, new, names: tuple[str, ...]) -> bool:

@@ -752,7 +752,8 @@ class MoEBlock(nn.Module):
         """hidden [B, S, D], the router states handed in [B, S, R] | None -> the states the block hands
         the next layer [B, S, R] in hidden's dtype (`MLPRouter.next_state`)."""
         flat = router_inputs(self.moe.router, hidden, {ROUTER_STATES_INPUT: states})
-        return self.moe.router.next_state(hidden.reshape(-1, hidden.shape[-1]), *flat).view(*hidden.shape[:-1], -1).to(hidden.dtype)
+        states = self.moe.router.next_state(hidden.reshape(-1, hidden.shape[-1]), *flat)
+        return states.view(*hidden.shape[:-1], -1).to(hidden.dtype)
 
 
 def _parameters(layer: nn.Module) -> list[str]:
