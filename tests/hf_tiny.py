@@ -7,7 +7,9 @@ Weights are re-drawn at unit scale (std 1/sqrt(last dim)) so that block outputs 
 and an atol of 1e-5 means something; transformers' own init (std 0.02) gives outputs
 near 1e-4. Configs exercise each family's options: dense layers, renormalisation, groups,
 scaling, shared experts, GPT-OSS clamping, PhiMoE's jitter threshold, LFM2-MoE's conv layers;
-sigmoid routers' selection-only biases are drawn in [0, 0.1] (AFMoE's, a parameter: N(0, 0.3)).
+sigmoid routers' selection-only biases are drawn in [0, 0.1] (AFMoE's, a parameter: N(0, 0.3)); ZAYA
+(top-1, its only setting) gets its experts' balancing biases in [-1.02, -0.98] beside the skip expert's
+-1 (which transformers sets on loading), so that tokens choose both.
 """
 
 from __future__ import annotations
