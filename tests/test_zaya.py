@@ -177,6 +177,21 @@ def test_every_method_compresses_zaya(source, stats, tmp_path, method):
     assert set(report["layers"]) == {"0", "1", "2"} and report["reload_checked"]
 
 
+def test_router_re_fitting_trains_out_proj_s_rows_on_the_sampled_inputs_and_states(source, stats, tmp_path):
+    """After pruning, re-fitting trains the router's rows (out_proj's, the skip expert's too) on the sampled
+    inputs and the router states handed to them, the MLP frozen; a layer whose sampled tokens all skip
+    (output zero: nothing to fit) keeps the edit's rows. The writer's checks pass on the fitted routers."""
+    from moelab.compress.router_fit import RouterFit
+
+    fit = RouterFit(5, 1e-2)
+    report = compress(source, tmp_path / "out", method="reap", ratio=0.5, stats=stats, router_fit=fit, quiet=True)
+    fits = {index: entry["notes"]["router_fit"] for index, entry in report["layers"].items()}
+    assert report["reload_checked"] and fits.keys() == {"0", "1", "2"}
+    for fit in fits.values():
+        assert "skipped" in fit or fit["heldout_after"] <= fit["heldout_before"]
+    assert any("skipped" not in fit and fit["best_step"] > 0 for fit in fits.values())
+
+
 def test_pruning_keeps_the_skip_expert_s_row_and_bias_last(source, tmp_path):
     """Dropping experts 1 and 2: out_proj keeps rows [0, 3] and then the skip expert's, the balancing
     biases likewise, and the router MLP is copied unchanged."""
