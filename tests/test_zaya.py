@@ -4,9 +4,12 @@ expert, whose slot adds nothing. The block takes and returns that router state; 
 carries it (`LayerwiseModel.carry`), forward and backward (`LayerwiseModel.carry_grad`).
 
 The family-wide tests (tests/hf_tiny.py's TINY) check the view against transformers' block (with no
-state), the writer, compression, layer-by-layer and offloaded runs; here what is ZAYA's own: the block
-with the state handed in, both kinds of choice, the skip expert's row kept last through every edit,
-gradients through the carried state, and the skip expert's bias transformers resets on loading.
+state), the writer, compression, layer-by-layer and offloaded runs on a model whose tokens rarely skip;
+here, on three layers whose tokens do, what is ZAYA's own: the block with the state handed in, gradients
+through the carried state (layer by layer and in the calibration's backward sweep, resumed), the router
+states sampled with the layer inputs, every method (merging's 'fit' rule and router re-fitting on the MLP's
+features), the skip expert's row kept last, an edit of the MLP refused, traces of skipped slots, offloaded
+decoding and its per-sequence state, and the skip expert's bias transformers resets on loading.
 """
 
 from __future__ import annotations
