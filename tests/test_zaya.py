@@ -27,6 +27,7 @@ from test_dsa import (
     assert_resumes_to_the_same_statistics,
     run_layers_in_order,
 )
+from test_hf_write import _logits, _masked_model
 from test_layerwise import assert_layers_are_transformers
 from test_offload import assert_state_is_what_transformers_holds
 from transformers import PreTrainedTokenizerFast
@@ -197,9 +198,14 @@ def test_router_re_fitting_trains_out_proj_s_rows_on_the_sampled_inputs_and_stat
 
 def test_pruning_keeps_the_skip_expert_s_row_and_bias_last(source, tmp_path):
     """Dropping experts 1 and 2: out_proj keeps rows [0, 3] and then the skip expert's, the balancing
-    biases likewise, and the router MLP is copied unchanged."""
+    biases likewise, and the router MLP is copied unchanged; transformers' logits on the pruned model are
+    those of the original with experts 1 and 2 masked out of routing (tokens skipping in both)."""
     out = tmp_path / "out"
-    drop_experts(source, out, {i: [1, 2] for i in range(3)}, quiet=True)
+    drop = {i: [1, 2] for i in range(3)}
+    drop_experts(source, out, drop, quiet=True)
+    ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected = _logits(_masked_model("zaya", source, drop), ids)
+    torch.testing.assert_close(_logits(load(out), ids), expected, atol=1e-4, rtol=0)
     before, after = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
     gate = "model.layers.1.mlp.gate."
     for name in ("router_mlp.out_proj.weight", "balancing_biases"):
