@@ -26,6 +26,16 @@ def test_help_lists_verbs():
         assert verb in result.output
 
 
+def test_the_command_list_gives_each_summary_without_its_docstring_line_breaks():
+    """`moelab --help` kept the line breaks of each docstring's first paragraph in its command list:
+    "...per-domain perplexity, its" then "routing report" on the next line, at any terminal width."""
+    result = runner.invoke(app, ["--help"], terminal_width=400, env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    assert "its routing report, and its compression" in result.output
+    result = runner.invoke(app, ["bench", "--help"], terminal_width=400, env={"COLUMNS": "400"})
+    assert "the bytes they move against the count" in result.output
+
+
 def test_bench_layer_json_contract(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "layer", "--config", "e8k2", "--dtype", "fp32", "--mode", "fwd", "--mode", "fwdbwd",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -863,6 +864,19 @@ def version() -> None:
     except ImportError:
         table.add_row("transformers", "not installed")
     console.print(table)
+
+
+def _one_line_summaries(*groups: typer.Typer) -> None:
+    """Give each command the first paragraph of its docstring, on one line, as its short help: the
+    command list of `moelab --help` kept that paragraph's line breaks ("its\n routing report")."""
+    for group in groups:
+        for command in group.registered_commands:
+            if command.short_help is None and command.callback is not None and command.callback.__doc__:
+                first_paragraph = inspect.cleandoc(command.callback.__doc__).split("\n\n")[0]
+                command.short_help = " ".join(first_paragraph.split())
+
+
+_one_line_summaries(app, bench_app)
 
 
 def main() -> None:
