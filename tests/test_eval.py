@@ -135,6 +135,25 @@ def test_a_loop_check_that_checked_nothing_says_so(model_dir, tmp_path, capfd):
     assert "not checked: no domain has the 32 tokens" in table.caption
 
 
+def test_the_table_is_as_wide_as_its_title_and_caption():
+    """Without a base the table has two narrow columns, and rich broke the model's path in its title
+    mid-name ("/tmp/ha/src/moelab/asse" / "ts/models/ref-8e-top2") and the size line in two."""
+    import io
+
+    from rich.console import Console
+
+    from moelab.eval.evaluate import render_report
+
+    model = "/some/long/path/to/a/compressed/checkpoint/reap-6e"
+    report = {"model": model, "base": None, "options": {}, "domains": {"code": {"perplexity": 12.5}},
+              "parameters": {"total": 8_597_760, "active": 5_058_816}, "tokens_per_second": 5558.0}  # fmt: skip
+    console = Console(file=io.StringIO(), width=160)
+    console.print(render_report(report))
+    lines = [line.strip() for line in console.file.getvalue().splitlines()]
+    assert model in lines
+    assert "parameters 8,597,760 (active 5,058,816); 5,558 tokens/s" in lines
+
+
 def test_the_json_is_never_written_inside_the_model_or_through_a_link(model_dir, tmp_path, monkeypatch, capsys):
     """`--json MODEL/eval.json` used to write into the model directory (the shipped one too), where
     the file then blocked `compress --out MODEL --overwrite`; a link would have become a file."""

@@ -409,4 +409,5 @@ def render_report(report: dict[str, Any]) -> Table:
                     f"({g['rate']:.0%}, 95% CI {g['ci95'][0]:.0%}-{g['ci95'][1]:.0%})"
                 )
     table.caption = "\n".join(caption)
+    table.min_width = max(len(line) for line in [table.title, *caption])  # a model's path, unbroken
     return table
