@@ -508,8 +508,9 @@ def test_what_a_method_cannot_do_is_refused_before_calibrating(tmp_path, model_d
 
     monkeypatch.setattr(run_module, "run_calibration", lambda *a, **k: pytest.fail("calibrated"))
     protecting = {"protect_super_experts": True, "calib_options": SMALL, "quiet": True}
-    refused = [("heapr", {}, "layout='padded'"), ("heapr", {"layout": "uniform"}, "layout='padded'")]
-    refused += [("moelab", {"strategy": "neurons"}, "strategy 'experts'")]
+    padded = "layout='padded' \\(--option layout=padded\\)"  # the command's words too, not only Python's
+    refused = [("heapr", {}, padded), ("heapr", {"layout": "uniform"}, padded)]
+    refused += [("moelab", {"strategy": "neurons"}, "strategy 'experts' or 'auto' \\(--option strategy=auto")]
     for method, options, fix in refused:
         with pytest.raises(ValueError, match=f"cannot spare protected \\(super\\) experts; use {fix}"):
             compress(model_dir, tmp_path / "out", method=method, method_options=options, **protecting)

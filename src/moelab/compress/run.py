@@ -227,7 +227,7 @@ def _layer_views(model: Path, method: Method, align: int = 1, mtp_layers: Sequen
     if method.changes_width and follows is not None:
         raise ValueError(
             f"{method.name} with these options makes the routed experts narrower, but {family.name}'s {follows} "
-            f"take their width from the same config key; use an option that keeps the width (heapr: layout='padded')"
+            f"take their width from the same config key; use an option that keeps the width (heapr: layout='padded', --option layout=padded)"
         )
     if family.expert_count_shared_with is not None and not method.keeps_count:
         key = config_entry(config, family.num_experts)[0]

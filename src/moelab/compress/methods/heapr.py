@@ -69,7 +69,7 @@ class HEAPr(Method):
         if self.layout == "uniform":
             raise ValueError(
                 f"{where}heapr's uniform layout narrows every expert alike, so it cannot spare protected (super) "
-                "experts; use layout='padded' or drop the protection"
+                "experts; use layout='padded' (--option layout=padded) or drop the protection"
             )
 
     def prepare(self, view, stats: dict[int, LayerStats], targets: dict[int, Target]) -> None:

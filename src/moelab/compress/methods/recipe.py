@@ -191,8 +191,8 @@ class MoelabRecipe(Method):
         if self.strategy == "neurons":
             raise ValueError(
                 f"{where}moelab's neuron path (strategy 'neurons') narrows every expert alike, so it cannot spare "
-                "protected (super) experts; use strategy 'experts' or 'auto' (which then removes experts), or drop "
-                "the protection"
+                "protected (super) experts; use strategy 'experts' or 'auto' (--option strategy=auto: it then removes "
+                "experts), or drop the protection"
             )
 
     def settle(self, width_fixed: bool, align: int = 1) -> None:
