@@ -1006,6 +1006,28 @@ def test_generate_passes_every_option_on(monkeypatch, tmp_path):
     assert len(calls) == 3
 
 
+def test_ctrl_c_in_a_resumable_job_says_how_to_resume(monkeypatch, capsys, tmp_path):
+    """calibrate, compress and compress-bench keep what they did for the next run into --out; after
+    Ctrl-C they used to exit 130 without a word. Other commands say nothing more."""
+    from moelab import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("moelab.compress.calibrate", interrupted)
+    monkeypatch.setattr("moelab.compress.compress", interrupted)
+    monkeypatch.setattr("moelab.compress.bench.run_bench", interrupted)
+    monkeypatch.setattr("moelab.models.model_info", interrupted)
+    out = tmp_path / "out"
+    for args in (["calibrate"], ["compress"], ["compress-bench", "--method", "reap"], ["info", "tiny"]):
+        monkeypatch.setattr("sys.argv", ["moelab", *args, *(["--out", str(out)] if args[0] != "info" else [])])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        assert exit_info.value.code == 130
+        hint = f"interrupted: run the same command again to resume (what is done is kept for {out})"
+        assert (hint in capsys.readouterr().err) == (args[0] != "info"), args
+
+
 def test_main_exit_codes_and_one_line_errors(monkeypatch, capsys):
     """main(): a usage error and a user mistake exit 2 with one `error:` line (a usage error names
     the command's --help; an OSError its file and the system's reason); typer's own exit code (130

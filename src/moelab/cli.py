@@ -6,6 +6,8 @@ import inspect
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -574,6 +576,18 @@ def _calibration_options(tokens: int, seq_len: int, batch_size: int, sample_toke
                               observers=observers)
 
 
+@contextmanager
+def _resumable(out: Path) -> Iterator[None]:
+    """Ctrl-C in a resumable job (calibrate, compress, compress-bench) says how to go on: what it has
+    done stays for the next run into `out` (docs/outputs.md); it used to stop without a word. On a
+    line of its own: a progress bar may have left the cursor at the end of its line."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: run the same command again to resume (what is done is kept for {out})", file=sys.stderr)
+        raise
+
+
 def _method_options(pairs: list[str] | None) -> dict:
     """KEY=VALUE strings as method options; values are read as JSON where they parse (numbers,
     true/false/null), else kept as strings."""
@@ -612,8 +626,9 @@ def calibrate(
     from moelab.compress import calibrate as run_calibrate
 
     options = _calibration_options(tokens, seq_len, batch_size, sample_tokens, backward)
-    stats = run_calibrate(_model_dir(model), out, calib=calib or "corpus", options=options, mtp=mtp,
-                          overwrite=overwrite, quiet=quiet)
+    with _resumable(out):
+        stats = run_calibrate(_model_dir(model), out, calib=calib or "corpus", options=options, mtp=mtp,
+                              overwrite=overwrite, quiet=quiet)
     info = stats.info
     thin = sum(info.get("coverage", {}).values())
     mtp = f" and the multi-token prediction layer {info['mtp_layers'][0]}" if info.get("mtp_layers") else ""
@@ -654,11 +669,12 @@ def compress(
     from moelab.compress.router_fit import RouterFit
 
     options = _calibration_options(tokens, seq_len, batch_size, sample_tokens)
-    report = run_compress(_model_dir(model), out, method=method, ratio=ratio, calib=calib,
-                          stats=stats, calib_options=options, protect_super_experts=protect_super_experts,
-                          domains=domains, budget=budget, method_options=_method_options(option),
-                          router_fit=RouterFit(recalibrate_router, router_lr), keep_quantized=keep_quantized,
-                          mtp=mtp, reload=reload, overwrite=overwrite, quiet=quiet)
+    with _resumable(out):
+        report = run_compress(_model_dir(model), out, method=method, ratio=ratio, calib=calib,
+                              stats=stats, calib_options=options, protect_super_experts=protect_super_experts,
+                              domains=domains, budget=budget, method_options=_method_options(option),
+                              router_fit=RouterFit(recalibrate_router, router_lr), keep_quantized=keep_quantized,
+                              mtp=mtp, reload=reload, overwrite=overwrite, quiet=quiet)
     before, after = report["parameters"]["before"], report["parameters"]["after"]
     routed = f"{before['routed_experts']:,} -> {after['routed_experts']:,}"
     removed = 1 - after["routed_experts"] / before["routed_experts"]
@@ -713,7 +729,8 @@ def compress_bench(
                            router_fit=router_fit, calib_tokens=calib_tokens, eval_tokens=eval_tokens, prompts=prompts,
                            domain=domain, llmcompressor_python=str(llmcompressor_python) if llmcompressor_python else None,
                            left_out=left_out)
-    run_bench(model, out, options, overwrite=overwrite, quiet=quiet)
+    with _resumable(out):
+        run_bench(model, out, options, overwrite=overwrite, quiet=quiet)
 
 
 @app.command("generate")
