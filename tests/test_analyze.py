@@ -431,6 +431,8 @@ def test_report_tables_page_notes_follow_the_model_and_the_trace():
                "super_experts": None}  # fmt: skip
     page = _html(summary, {})
     assert "1,000 tokens of corpus, validation split in windows of at most 64; domains: code (600), german (400)" in page
+    for column in ("CV: the coefficient of variation", "max/mean: the busiest", "CLS_L: chunk-level sparsity"):
+        assert column in page  # the layer table's columns are explained under it
     assert "The model ran in bfloat16" in page and "scaled inputs" in page and "Needs at least two MoE layers" in page
     assert _cells(page.split("Routing check")[1]) == ["0", "9", "1", "0.5"]
     summary.update(family="mixtral", trace_settings={"dtype": "float16"})

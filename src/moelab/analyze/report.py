@@ -242,6 +242,15 @@ SECTIONS = (
 )
 
 
+LAYER_LEGEND = (
+    "CV: the coefficient of variation (std / mean) of the experts' load; max/mean: the busiest expert's load over "
+    "the mean (1 = balanced); entropy: the router distribution's entropy, averaged over tokens (log2 E bits = "
+    "uniform); I(expert;domain): how much the chosen expert tells of the text's domain; CLS_L: chunk-level "
+    "sparsity, the share of (chunk of L consecutive tokens, expert) pairs that no token of the chunk is routed to "
+    "(CLS_1: token-level, 1 - k/E for a fixed top-k)."
+)
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
         if v is None:
@@ -319,6 +328,7 @@ def _html(summary: dict[str, Any], images: dict[str, str]) -> str:
         f"<p>family {html.escape(summary['family'])}; {summary['tokens']:,} tokens of {html.escape(source)} "
         f"in windows of at most {settings.get('seq_len', '?')}; domains: {html.escape(domains)}</p>",
         _layer_table(summary),
+        f"<p>{html.escape(LAYER_LEGEND)}</p>",
     ]
     if summary["checks"]:
         rows = [[i, c["tokens"], c["mismatched"], c["max_weight_error"]] for i, c in summary["checks"].items()]
