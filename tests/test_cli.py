@@ -36,6 +36,13 @@ def test_the_command_list_gives_each_summary_without_its_docstring_line_breaks()
     assert "the bytes they move against the count" in result.output
 
 
+def test_every_model_argument_names_the_model_it_defaults_to():
+    """compress-bench's said "the shipped reference model", of which there are two."""
+    for verb in ("trace", "analyze", "calibrate", "compress", "compress-bench", "eval"):
+        result = runner.invoke(app, [verb, "--help"], terminal_width=400, env={"COLUMNS": "400"})
+        assert "ref-8e-top2 (the default)" in result.output, verb
+
+
 def test_bench_layer_json_contract(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "layer", "--config", "e8k2", "--dtype", "fp32", "--mode", "fwd", "--mode", "fwdbwd",

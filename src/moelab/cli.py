@@ -689,7 +689,7 @@ def compress(
 @app.command("compress-bench")
 def compress_bench(
     ctx: typer.Context,
-    model: Annotated[str | None, typer.Argument(help="A checkpoint directory or a shipped reference model's name (default: the shipped reference model).", show_default=False)] = None,
+    model: ModelArg = None,
     out: Annotated[Path, typer.Option("--out", help="Directory for the bench (resumed when it holds one: finished cells are kept).")] = Path("compress-bench"),
     methods: Annotated[list[str] | None, typer.Option("--method", help="Only these methods (repeatable; default: every general method the model takes).")] = None,
     ratios: Annotated[list[float] | None, typer.Option("--ratio", help="Ratios to remove (repeatable; default 0.25 and 0.5).")] = None,
