@@ -1035,6 +1035,18 @@ def test_ctrl_c_in_a_resumable_job_says_how_to_resume(monkeypatch, capsys, tmp_p
         assert (hint in capsys.readouterr().err) == (args[0] != "info"), args
 
 
+def test_bench_compress_names_the_token_count_it_needs(monkeypatch, capsys, tmp_path):
+    """It asked for "one window of seq_len (256)", an option the command does not have."""
+    from moelab import cli
+
+    monkeypatch.setattr("sys.argv", ["moelab", "bench", "compress", "--tokens", "64", "--work", str(tmp_path / "w")])
+    with pytest.raises(SystemExit):
+        cli.main()
+    err = capsys.readouterr().err
+    assert "less than one calibration window of 256 tokens; pass --tokens 256 or more" in err, err
+    assert not (tmp_path / "w").exists()
+
+
 def test_main_exit_codes_and_one_line_errors(monkeypatch, capsys):
     """main(): a usage error and a user mistake exit 2 with one `error:` line (a usage error names
     the command's --help; an OSError its file and the system's reason); typer's own exit code (130

@@ -68,7 +68,10 @@ class BenchOptions:
         if self.fp8 and self.family != "qwen3_moe":
             raise ValueError("--fp8 generates Qwen3-MoE-shaped releases (as Qwen3-FP8 ships); use --family qwen3_moe")
         if self.tokens < self.seq_len:
-            raise ValueError(f"tokens ({self.tokens}) must be at least one window of seq_len ({self.seq_len})")
+            raise ValueError(
+                f"--tokens {self.tokens} is less than one calibration window of {self.seq_len} tokens; "
+                f"pass --tokens {self.seq_len} or more"
+            )
 
 
 def make_checkpoint(
