@@ -724,6 +724,8 @@ def test_calibrate_and_compress_pass_every_option_on(monkeypatch, tmp_path):
     sizes = {"before": {"routed_experts": 8, "total": 10}, "after": {"routed_experts": 4, "total": 6}}
     compressed = _record(monkeypatch, "moelab.compress.compress", {"parameters": sizes, "stability_jaccard": None})
     window = ["--calib-tokens", 21, "--seq-len", 22, "--batch-size", 23, "--sample-tokens", 24]
+    # no statistics at --stats here; the check of the window against them has its own test
+    monkeypatch.setattr("moelab.cli._check_reused_settings", lambda ctx, stats: None)
     _ok(["calibrate", "ref-8e-top2", "--out", tmp_path / "c", "--calib", "corpus:code", "--calib", "x.txt", *window,
          "--backward", "--no-mtp", "--overwrite", "--quiet"])  # fmt: skip
     _ok(["calibrate"])
@@ -1033,6 +1035,37 @@ def test_ctrl_c_in_a_resumable_job_says_how_to_resume(monkeypatch, capsys, tmp_p
         assert exit_info.value.code == 130
         hint = f"interrupted: run the same command again to resume (what is done is kept for {out})"
         assert (hint in capsys.readouterr().err) == (args[0] != "info"), args
+
+
+def test_compress_refuses_calibration_settings_that_its_statistics_were_not_made_with(tmp_path, monkeypatch, capsys):
+    """`compress --stats S --calib-tokens N` reused S as it was and ignored N without a word; a
+    setting the statistics were made with, or none, goes through."""
+    from moelab import cli
+    from moelab.compress import CalibrationOptions, calibrate
+    from moelab.models import MoETransformer, save_pretrained, tiny
+
+    model = save_pretrained(MoETransformer(dataclasses.replace(tiny(), vocab_size=8192)), tmp_path / "m")
+    calibrate(model, tmp_path / "stats", options=CalibrationOptions(tokens=128, seq_len=32), quiet=True)
+    class Compressed(Exception):
+        pass
+
+    def compress(*args, **kwargs):
+        compressed.append(kwargs)
+        raise Compressed
+
+    compressed = []
+    monkeypatch.setattr("moelab.compress.compress", compress)
+    for flags, refused in ((["--calib-tokens", "64"], "--calib-tokens 64: the statistics in"),
+                           (["--seq-len", "16"], "--seq-len 16: the statistics in"),
+                           (["--calib-tokens", "128", "--seq-len", "32", "--batch-size", "2"], None)):  # fmt: skip
+        argv = ["moelab", "compress", str(model), "--stats", str(tmp_path / "stats"), "--out", str(tmp_path / "o")]
+        monkeypatch.setattr("sys.argv", argv + flags)
+        with pytest.raises((SystemExit, Compressed)):
+            cli.main()
+        err = capsys.readouterr().err
+        if refused:
+            assert refused in err and "drop " in err and not compressed, err
+    assert len(compressed) == 1
 
 
 def test_bench_compress_names_the_token_count_it_needs(monkeypatch, capsys, tmp_path):

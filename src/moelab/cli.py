@@ -576,6 +576,22 @@ def _calibration_options(tokens: int, seq_len: int, batch_size: int, sample_toke
                               observers=observers)
 
 
+def _check_reused_settings(ctx: typer.Context, stats: Path) -> None:
+    """Refuse a calibration setting given beside --stats that the statistics were not made with:
+    they are reused as they are, and the setting used to be ignored without a word."""
+    from moelab.compress.stats import Calibration
+
+    made_with = Calibration(stats).info["settings"]
+    for name, flag in (("tokens", "--calib-tokens"), ("seq_len", "--seq-len"), ("sample_tokens", "--sample-tokens")):
+        given = ctx.params[name]
+        typed = ctx.get_parameter_source(name).name == "COMMANDLINE"  # typer's own copy of click's enum
+        if typed and given != made_with[name]:
+            raise ValueError(
+                f"{flag} {given}: the statistics in {stats} were made with {made_with[name]} and --stats reuses "
+                f"them as they are; drop {flag}, or leave out --stats to calibrate again"
+            )
+
+
 @contextmanager
 def _resumable(out: Path) -> Iterator[None]:
     """Ctrl-C in a resumable job (calibrate, compress, compress-bench) says how to go on: what it has
@@ -668,6 +684,8 @@ def compress(
     from moelab.compress import compress as run_compress
     from moelab.compress.router_fit import RouterFit
 
+    if stats is not None:
+        _check_reused_settings(ctx, stats)
     options = _calibration_options(tokens, seq_len, batch_size, sample_tokens)
     with _resumable(out):
         report = run_compress(_model_dir(model), out, method=method, ratio=ratio, calib=calib,
