@@ -429,7 +429,7 @@ def test_a_finished_output_is_replaced_only_with_overwrite_and_never_inside_the_
     kwargs = dict(method="frequency", stats=stats_dir, reload=False, quiet=True)
     compress(model_dir, tmp_path / "out", ratio=0.25, **kwargs)
     written = (tmp_path / "out" / REPORT_NAME).read_text()
-    with pytest.raises(ValueError, match="already holds a moelab .*pass --overwrite"):
+    with pytest.raises(ValueError, match="already holds moelab's .*pass --overwrite"):
         compress(model_dir, tmp_path / "out", ratio=0.5, **kwargs)
     assert (tmp_path / "out" / REPORT_NAME).read_text() == written
     assert compress(model_dir, tmp_path / "out", ratio=0.5, overwrite=True, **kwargs)["ratio"] == 0.5

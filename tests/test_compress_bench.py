@@ -114,6 +114,7 @@ def test_bench_reports_every_cell_and_resumes(tiny, tmp_path, monkeypatch):
         "| hc_smoe+fit | merging |" in report
         and "| heapr | neurons |" in report
         and "## Super experts" in report
+        and "1 prompt per domain for" in report  # TINY's one prompt, not "1 prompts"
     )
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["cells"][0]["name"] == "hc_smoe-25"
 

@@ -288,7 +288,7 @@ def test_a_null_norm_topk_prob_is_false_as_in_transformers(tmp_path, family):
 # ----------------------------------------------------------------------------- errors
 
 
-def test_dense_model_with_unknown_type_lists_supported_families(tmp_path):
+def test_a_dense_model_is_refused_as_one_and_an_unknown_moe_type_lists_the_supported_families(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -300,6 +300,11 @@ def test_dense_model_with_unknown_type_lists_supported_families(tmp_path):
         num_key_value_heads=2,
     )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"\(model_type 'llama'\) describes a model without MoE layers: it names no "
+                       r"expert count \(num_local_experts, num_experts, n_routed_experts, moe_num_experts\)"):
+        open_checkpoint(tmp_path)
+    config_json = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config_json, "num_local_experts": 4}))  # but no experts stored
     with pytest.raises(
         CheckpointError, match=r"'llama' .* not a supported MoE family.*Supported families: afmoe, aria_text, axk1, "
     ):

@@ -430,7 +430,7 @@ def test_output_directory_is_checked(mixtral, tmp_path):
             drop_experts(mixtral, inside, [0], quiet=True)
     assert sorted(mixtral.rglob("*")) == before  # refused before the lock file or a parent was made
     drop_experts(mixtral, tmp_path / "pruned", [0], quiet=True)
-    with pytest.raises(ValueError, match="already holds a moelab checkpoint; pass --overwrite"):
+    with pytest.raises(ValueError, match="already holds moelab's checkpoint; pass --overwrite"):
         drop_experts(mixtral, tmp_path / "pruned", [1], quiet=True)
     drop_experts(mixtral, tmp_path / "pruned", [1], quiet=True, overwrite=True)
     assert json.loads((tmp_path / "pruned" / EXPERT_MAP_NAME).read_text())["layers"]["0"]["kept"] == [0, 2, 3]

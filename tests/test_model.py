@@ -600,7 +600,7 @@ def test_save_over_an_existing_checkpoint_needs_overwrite_and_leaves_no_temporar
     target = tmp_path / "ckpt"
     save_pretrained(make_model(seed=0), target)
     second = make_model(seed=1)
-    with pytest.raises(ValueError, match="already holds a moelab checkpoint; pass --overwrite"):
+    with pytest.raises(ValueError, match="already holds moelab's checkpoint; pass --overwrite"):
         save_pretrained(second, target)
     (target / "README.md").write_text("the user's")
     with pytest.raises(ValueError, match="README.md was not written by moelab"):

@@ -350,6 +350,8 @@ def test_generation_past_the_position_limit_is_refused(tmp_path):
         assert offloaded.generate(ids, 12).shape == (1, 16)  # up to the limit
         with pytest.raises(ValueError, match=r"\(4\) \+ max_new_tokens \(13\) exceed the model's max_position_embeddings"):
             offloaded.generate(ids, 13)
+        with pytest.raises(TypeError, match=r"takes the module an OffloadedModel runs; call its own generate"):
+            generate_ids(offloaded, ids, 1)  # it used to fail on the wrapper's missing .config
     finally:
         offloaded.close()
 

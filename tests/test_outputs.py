@@ -117,9 +117,9 @@ def test_a_directory_moelab_did_not_write_is_never_replaced(tmp_path, overwrite)
 
 def test_replacing_needs_overwrite_the_same_kind_and_no_foreign_files(tmp_path):
     out = publish(tmp_path / "out", files={"a.txt": "1"})
-    with pytest.raises(OutputError, match="already holds a moelab thing; pass --overwrite"):
+    with pytest.raises(OutputError, match="already holds moelab's thing; pass --overwrite"):
         publish(out, files={"a.txt": "2"})
-    with pytest.raises(OutputError, match="holds a moelab thing, not a trace"):
+    with pytest.raises(OutputError, match=r"holds another kind of moelab output \(thing, not trace\)"):
         publish(out, "trace", overwrite=True)
     (out / "README.md").write_text("the user's")
     with pytest.raises(OutputError, match=r"README.md was not written by moelab; move it out"):
@@ -195,7 +195,7 @@ def test_output_dir_resumes_or_refuses(tmp_path):
         assert not claimed.resumed
         (out / "log").write_text("1")
     with pytest.raises(
-        OutputError, match=r"already holds a moelab run; pass --overwrite .*replace it and go on"
+        OutputError, match=r"already holds moelab's run; pass --overwrite .*replace it and go on"
     ):
         with output_dir(out, "run", entries=["log"], resume_hint=" and go on"):
             pass
@@ -273,7 +273,7 @@ def test_check_output_dir_refuses_before_the_slow_work_and_claims_nothing(tmp_pa
     with pytest.raises(OutputError, match="lies inside the input"):
         check_output_dir(source / "out", "thing", inputs=[source])
     out = publish(tmp_path / "out")
-    with pytest.raises(OutputError, match=r"already holds a moelab thing; pass --overwrite .*replace it and go on"):
+    with pytest.raises(OutputError, match=r"already holds moelab's thing; pass --overwrite .*replace it and go on"):
         check_output_dir(out, "thing", hint=" and go on")
     check_output_dir(out, "thing", overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "out"] and os.listdir(source) == []
@@ -362,7 +362,7 @@ def test_a_failed_run_keeps_a_users_empty_directory_and_what_it_wrote(tmp_path):
 def test_staged_output_refuses_an_existing_output_when_it_opens(tmp_path):
     """Before the slow work, not only when publishing."""
     out = publish(tmp_path / "out")
-    with pytest.raises(OutputError, match="already holds a moelab thing"):
+    with pytest.raises(OutputError, match="already holds moelab's thing"):
         StagedOutput(out, "thing").open()
     assert hidden(tmp_path) == []
 
@@ -751,7 +751,7 @@ def test_case3_trace_never_replaces_a_users_directory_with_a_manifest(tmp_path, 
     assert code == 2 and "was not written by moelab" in output
     assert tree_digest(out) == before
     trace_from_files(moe_dir, tmp_path / "trace", options=options, quiet=True)
-    with pytest.raises(OutputError, match="already holds a moelab routing trace"):
+    with pytest.raises(OutputError, match="already holds moelab's routing trace"):
         trace_from_files(moe_dir, tmp_path / "trace", options=options, quiet=True)
     trace_from_files(moe_dir, tmp_path / "trace", options=options, overwrite=True, quiet=True)
 
@@ -822,7 +822,7 @@ def test_two_analyses_into_one_directory_never_mix(tmp_path, moe_dir):
         with pytest.raises(OutputInUseError, match="analysis is in use by another moelab process"):
             analyze(moe_dir, tmp_path / "analysis", options=options, quiet=True)
     analyze(moe_dir, tmp_path / "analysis", options=options, domains=["code"], overwrite=True, quiet=True)
-    with pytest.raises(OutputError, match="already holds a moelab routing analysis"):
+    with pytest.raises(OutputError, match="already holds moelab's routing analysis"):
         analyze(moe_dir, tmp_path / "analysis", options=options, quiet=True)
     analyze(moe_dir, tmp_path / "analysis", options=options, domains=["german"], overwrite=True, quiet=True)
     report = json.loads((tmp_path / "analysis" / "report.json").read_text())
@@ -908,7 +908,7 @@ def test_bench_compress_claims_its_work_directory_and_its_generated_checkpoints_
     bench_compress()
     assert os.listdir(work) == [MARKER] and hidden(tmp_path) == []
     code, output = run_cli(monkeypatch, capsys, "bench", "compress", "--work", str(work), "--keep")
-    assert code == 2 and "already holds a moelab benchmark scratch; pass --overwrite" in output
+    assert code == 2 and "already holds moelab's benchmark scratch; pass --overwrite" in output
     bench_compress("--keep", "--overwrite", "--json", str(path))
     assert (work / "source" / "w.bin").is_file() and json.loads(path.read_text())["format"] == bench.JSON_FORMAT
     (tmp_path / "notes.json").write_text("{}")  # a user's file: --json refuses it before --work is touched

@@ -434,7 +434,7 @@ def test_writer_streams_shards_and_replaces_atomically(tmp_path):
     assert trace.expert_stats()[0][1].tolist() == [1.0, 2.0, 3.0]
     # A second trace replaces the first (with overwrite); a failed one leaves it untouched and no
     # staging behind.
-    with pytest.raises(ValueError, match="already holds a moelab routing trace; pass --overwrite"):
+    with pytest.raises(ValueError, match="already holds moelab's routing trace; pass --overwrite"):
         TraceWriter(out, _info())
     with TraceWriter(out, _info(), overwrite=True) as writer:
         writer.add(*parts[0])

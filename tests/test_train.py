@@ -386,7 +386,7 @@ def test_run_outputs_and_logs(tmp_path):
     assert [r["step"] for r in evals] == [4] and set(evals[0]["loss"]) == {"code", "german", "all"}
     assert sum(evals[0]["load"]["1"]) == pytest.approx(1.0)
     assert result.eval_loss == evals[0]["loss"]
-    with pytest.raises(ValueError, match=r"already holds a moelab training run; pass --overwrite .* \(or --resume"):
+    with pytest.raises(ValueError, match=r"already holds moelab's training run; pass --overwrite .* \(or --resume"):
         train(run, out, quiet=True)
     with pytest.raises(ValueError, match="has finished; pass --overwrite to train it again"):
         train(run, out, resume=True, quiet=True)

@@ -579,7 +579,7 @@ def _inspect(out: Path, kind: str) -> dict | None:
         )
     if marker["kind"] != kind:
         raise OutputError(
-            f"{out} holds a moelab {marker['kind']}, not a {kind}; choose another output directory"
+            f"{out} holds another kind of moelab output ({marker['kind']}, not {kind}); choose another output directory"
         )
     return marker
 
@@ -649,7 +649,7 @@ def _check_replaceable(out: Path, kind: str, marker: dict | None, overwrite: boo
         raise OutputError(f"{out} changed while moelab wrote its replacement; nothing was replaced")
     if not overwrite:
         raise OutputError(
-            f"{out} already holds a moelab {kind}; pass --overwrite (overwrite=True) to replace it{hint}, or "
+            f"{out} already holds moelab's {kind}; pass --overwrite (overwrite=True) to replace it{hint}, or "
             "choose another output directory"
         )
     _check_no_foreign(out, marker)

@@ -82,8 +82,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"Calibration: {options['calib_tokens']:,} tokens of `{calib['mixture']}` (one pass with every "
         f"statistic and the backward sweep: {calib['seconds']:.0f} s), shared by every cell. Evaluation: "
-        f"{options['eval_tokens']:,} test tokens per domain ({len(domains)} domains), {options['prompts']} prompts "
-        "per domain for the degenerate-generation rate, against the uncompressed model. Time and peak memory: "
+        f"{options['eval_tokens']:,} test tokens per domain ({len(domains)} domains), {options['prompts']} "
+        f"prompt{'s' * (options['prompts'] != 1)} per domain for the degenerate-generation rate, against the uncompressed model. Time and peak memory: "
         "each compression in a fresh process (decisions, router fit, writing and checking the checkpoint).",
         "",
         f"Uncompressed: perplexity {base['perplexity'][ALL]:.1f}, {base['parameters']['total']:,} parameters "

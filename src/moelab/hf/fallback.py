@@ -42,7 +42,7 @@ _LAYER = re.compile(r"(?P<stem>(?:.+\.)?(?:layers|blocks|h)\.)(?P<n>\d+)\.(?P<re
 _PER_EXPERT = re.compile(r"(?P<block>.+)\.experts\.0\.(?P<proj>[^.]+)\.weight")
 _PROJ_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 _SHARED_NAMES = ("shared_expert", "shared_experts")
-_NUM_EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _NUM_LAYERS = ("num_hidden_layers", "n_layers", "num_layers")
 _HIDDEN = ("hidden_size", "d_model")
 _CHECK_TOKENS = 8
@@ -51,10 +51,20 @@ _SHARED_WIDTH = re.compile(r"shared.*(intermediate|ffn|hidden)_(size|dim)")  # a
 _CHECK_RTOL = 1e-4
 
 
+def names_expert_count(config: Config) -> bool:
+    """Whether config.json names an expert count (num_local_experts, num_experts, ...): a dense
+    model's names none."""
+    try:
+        config_entry(config, EXPERT_COUNT_KEYS)
+    except ValueError:
+        return False
+    return True
+
+
 def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
     """A Family for this checkpoint found by structure, or None if it shows no MoE layer."""
     try:
-        experts_key, E = config_entry(config, _NUM_EXPERTS)
+        experts_key, E = config_entry(config, EXPERT_COUNT_KEYS)
         D = config_value(config, *_HIDDEN)
         config_value(config, *_NUM_LAYERS)
     except ValueError:

@@ -326,6 +326,9 @@ def generate_ids(
     of prompts; streamer: told the prompts, each step's tokens and the end, by either. Greedy, or sampling's
     draws (transformers' draws come from torch's global generator, seeded inside and then put
     back as it was; transformers' default top-k of 50 is not applied)."""
+    if isinstance(model, OffloadedModel):
+        raise TypeError("generate_ids takes the module an OffloadedModel runs; call its own generate(...), which also "
+                        "checks the KV cache against its memory budget")
     if isinstance(model, MoETransformer):
         draws = {"greedy": True} if sampling is None else {
             "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
@@ -556,8 +559,9 @@ def load_offloaded(
     if prior is not None and identity and prior_experts == {store.num_experts + identity}:
         prior, prior_experts = prior.for_experts(store.num_experts), {store.num_experts}
     if prior is not None and (list(prior.layers) != store.moe_layers or prior_experts != {store.num_experts}):
+        counts = " or ".join(str(n) for n in sorted(prior_experts))
         raise ValueError(
-            f"the routing prior covers MoE layers {list(prior.layers)} of {sorted(prior_experts)} experts but "
+            f"the routing prior covers MoE layers {list(prior.layers)} of {counts} experts but "
             f"the checkpoint's are {store.moe_layers} of {store.num_experts}; measure the prior on this model"
         )
     _check_config_fits(store)
