@@ -14,6 +14,7 @@ decoding and its per-sequence state, and the skip expert's bias transformers res
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -88,6 +89,33 @@ def test_the_block_is_transformers_with_the_router_state_handed_in_and_on(source
                 without = moe(x, context={"router_states": torch.zeros_like(state)})[0]
                 assert not torch.allclose(without, got, atol=1e-3)
     assert 0 < skips < 3 * 32, "the tiny model should route to both kinds"
+
+
+def test_a_bf16_router_rounds_as_transformers_computes_in_bf16(tmp_path):
+    """transformers' ZayaRouter computes its MLP, logits and softmax in the model's dtype and selects on
+    the bf16 probabilities: on a bf16 model moelab's router (bf16, or float32 as the layer-by-layer and
+    offloaded runs hold it) chooses the same experts (float32 maths flipped ~1% of tokens), with the
+    same weights, and hands on the same state, bit for bit; the block's output to bf16's rounding."""
+    build("zaya", **ZAYA).to(torch.bfloat16).save_pretrained(tmp_path)
+    model = load(tmp_path, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4096, D, generator=generator).bfloat16()
+    state = torch.randn(1, 4096, R, generator=generator).bfloat16()
+    with open_checkpoint(tmp_path) as view:
+        for index in range(3):
+            moe = moe_layer_from_view(view.layer(index))
+            block = model.model.layers[index].mlp
+            with torch.no_grad():
+                _, weights, indices, handed_on = block.gate(x, router_states=state)
+                expected = block(x, state)[0]
+                got = moe(x, context={"router_states": state})[0]
+                for router in (moe.router, copy.deepcopy(moe.router).float()):
+                    routing = router(x[0], state[0])
+                    skipped = routing.indices == E
+                    assert torch.equal(routing.indices.masked_fill(skipped, 0), indices), index
+                    assert torch.equal(routing.weights.masked_fill(skipped, 0), weights.float()), index
+                    assert torch.equal(router.next_state(x[0], state[0]), handed_on[0]), index
+            torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
 
 
 def test_every_layer_s_output_is_transformers_with_the_router_state_carried(source):

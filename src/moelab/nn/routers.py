@@ -5,7 +5,7 @@ the cap for routers that pick a variable number of experts per token).
 
 Every router maps `x: [T, D]` to a `Routing` of plain tensors. Variable-k routers mark unused
 slots with expert index -1 and weight 0; dispatch skips them. Router maths runs in float32
-whatever the input dtype.
+whatever the input dtype (but `MLPRouter`'s, which rounds as transformers' ZAYA router does).
 """
 
 from __future__ import annotations
@@ -127,9 +127,13 @@ class Router(nn.Module):
         self.logit_scale = 1.0
         nn.init.normal_(self.weight, std=dim**-0.5)
 
-    def features(self, x: Tensor) -> Tensor:
-        """x: [T, D] -> what the weight's rows read, in float32: x, through `input_norm` where set."""
-        return _float(x if self.input_norm is None else self.input_norm(x))
+    def unscaled_logits(self, x: Tensor, *inputs: Tensor | None) -> Tensor:
+        """x: [T, D] (and the `context_input` where the router reads one) -> x @ weight.T + bias [T, E]
+        in float32, x through `input_norm` where set: the logits before `logit_scale` and the cap."""
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        bias = None if self.bias is None else _float(self.bias)
+        return F.linear(_float(x), _float(self.weight), bias)
 
     def router_logits(self, x: Tensor, *inputs: Tensor | None, check: bool = True) -> Tensor:
         """x: [T, D] (and the `context_input` where the router reads one) -> logits [T, E] in float32,
@@ -143,8 +147,7 @@ class Router(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"router expects a floating-point input, got {x.dtype}")
-        bias = None if self.bias is None else _float(self.bias)
-        logits = F.linear(self.features(x, *inputs), _float(self.weight), bias)
+        logits = self.unscaled_logits(x, *inputs)
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
         if check:
@@ -270,7 +273,7 @@ class TopKRouter(Router):
         masked = self.masked
         if masked is not None:  # ReXMoE's progressive scaling: masked experts score 0
             logits = logits.masked_fill(~masked, float("-inf"))
-        scores = expert_scores(logits, self.score_func)
+        scores = self.scores(logits, x)
         choice = logits if self.select_on_logits else scores
         choice = choice if self.selection_bias is None else choice + self.selection_bias
         if masked is not None:
@@ -294,6 +297,11 @@ class TopKRouter(Router):
                 self.tokens_per_expert.index_add_(0, flat, torch.ones_like(flat, dtype=self.tokens_per_expert.dtype))
         probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
         return Routing(indices, weights, logits, probs)
+
+    def scores(self, logits: Tensor, x: Tensor) -> Tensor:
+        """logits [T, E] of x [T, D] -> the scores [T, E] in float32 the router selects and weighs by
+        (`expert_scores`)."""
+        return expert_scores(logits, self.score_func)
 
     def choose(self, x: Tensor, *inputs: Tensor | None) -> tuple[Tensor, Tensor]:
         """`Router.choose`. Softmax scores renormalised over the top k (Mixtral, Qwen-MoE, OLMoE),
