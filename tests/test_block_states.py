@@ -75,10 +75,17 @@ def test_the_backward_run_is_autograd_through_the_whole_model(source):
         with runner.layer_backward(index) as vjp:
             grads[index] = vjp(0, inputs[index], grads[index + 1])
     model = load(source)
+    seen = autograd_input_gradients(model, ids, [*model.model.layers, model.model.final_input], lambda i: 0 if i < 4 else 1)
+    for index in range(5):
+        torch.testing.assert_close(grads[index], seen[index], atol=1e-6, rtol=1e-4, msg=f"layer {index}")
+
+
+def autograd_input_gradients(model, ids, modules, position=lambda index: 0) -> dict[int, torch.Tensor]:
+    """{i: the gradient of transformers' summed next-token cross-entropy of `model` on ids with respect to
+    the input of modules[i]}, by autograd through the whole model; position(i): which positional input."""
     seen = {}
-    modules = [*model.model.layers, model.model.final_input]
     hooks = [
-        module.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0 if i < 4 else 1]))
+        module.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[position(i)]))
         for i, module in enumerate(modules)
     ]
     logits = model(input_ids=ids).logits[:, :-1]
@@ -87,8 +94,7 @@ def test_the_backward_run_is_autograd_through_the_whole_model(source):
     for t in seen.values():
         t.retain_grad()
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
-    for index in range(5):
-        torch.testing.assert_close(grads[index], seen[index].grad, atol=1e-6, rtol=1e-4, msg=f"layer {index}")
+    return {i: t.grad for i, t in seen.items()}
 
 
 def test_the_backward_sweep_hands_each_layer_the_block_states_of_its_forward_run(source, tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ import pytest
 import torch
 from hf_tiny import TINY, D, build, load
 from safetensors.torch import load_file, save_file
+from test_block_states import autograd_input_gradients
 from test_dsa import (
     assert_backward_sweep_is_autograd,
     assert_resumes_to_the_same_statistics,
@@ -138,19 +139,9 @@ def test_the_backward_run_is_autograd_through_the_whole_model(source):
             grads[index] = vjp(0, inputs[index], grads[index + 1])
     assert runner.carry_grad == [None]  # the first layer reads no state
     model = load(source)
-    seen = {}
-    hooks = [
-        layer.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0]))
-        for i, layer in enumerate(model.model.layers)
-    ]
-    logits = model(input_ids=ids).logits[:, :-1]
-    for hook in hooks:
-        hook.remove()
-    for t in seen.values():
-        t.retain_grad()
-    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+    seen = autograd_input_gradients(model, ids, model.model.layers)
     for index in range(3):
-        torch.testing.assert_close(grads[index], seen[index].grad, atol=1e-6, rtol=1e-4, msg=f"layer {index}")
+        torch.testing.assert_close(grads[index], seen[index], atol=1e-6, rtol=1e-4, msg=f"layer {index}")
 
 
 def test_the_backward_sweep_hands_each_layer_the_router_state_of_its_forward_run(source, tmp_path, monkeypatch):
