@@ -9,7 +9,8 @@ near 1e-4. Configs exercise each family's options: dense layers, renormalisation
 scaling, shared experts, GPT-OSS clamping, PhiMoE's jitter threshold, LFM2-MoE's conv layers;
 sigmoid routers' selection-only biases are drawn in [0, 0.1] (AFMoE's, a parameter: N(0, 0.3)); ZAYA
 (top-1, its only setting) gets its experts' balancing biases in [-1.02, -0.98] beside the skip expert's
--1 (which transformers sets on loading), so that tokens choose both.
+-1 (which transformers sets on loading), so that tokens choose both, its residual scaling at transformers'
+init (scales 1, biases 0) and its router MLP's biases N(0, 0.03), so that a layer's tokens do not all route alike.
 """
 
 from __future__ import annotations
@@ -612,6 +613,12 @@ def _unit_scale(model):
                 b.uniform_(0, 0.1)
             if name.endswith("balancing_biases"):  # ZAYA's: the skip expert's is -1 (transformers sets it so
                 b.uniform_(-1.02, -0.98)[-1] = -1.0  # on loading), the experts' about as low, so tokens skip too
+            if name.endswith(("hidden_states_scale", "residual_scale")):  # ZAYA's residual scaling, as transformers
+                b.fill_(1.0)  # inits it: drawn N(0, 0.3) its biases outweigh the tokens' embeddings, and a layer's
+            if name.endswith(("hidden_states_bias", "residual_bias")):  # tokens all route alike (to one expert,
+                b.zero_()  # or all skip); so do the router MLP's biases at that scale
+            if name.endswith(("gate.down_proj.bias", "gate.router_mlp.fc1.bias", "gate.router_mlp.fc2.bias")):
+                b.normal_(0, 0.03)
             if name.endswith("tid2eid"):  # DeepSeek-V4's hash table: distinct experts per token id
                 E = model.config.get_text_config().n_routed_experts
                 b.copy_(torch.rand(b.shape[0], E).argsort(-1)[:, : b.shape[1]])

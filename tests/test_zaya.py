@@ -56,7 +56,7 @@ ZAYA = dict(TINY["zaya"].config, vocab_size=8192, num_hidden_layers=3)
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("zaya") / "src"
-    build("zaya", **ZAYA).save_pretrained(path)
+    build("zaya", seed=1, **ZAYA).save_pretrained(path)  # its tokens route to experts and skip in every layer
     PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
     return path
 
@@ -120,8 +120,21 @@ def test_a_bf16_router_rounds_as_transformers_computes_in_bf16(tmp_path):
 
 
 def test_every_layer_s_output_is_transformers_with_the_router_state_carried(source):
+    """Every layer's tokens route to experts and to the skip expert (a layer whose tokens all skip
+    outputs zero, whatever state it reads), so that each state handed on changes what is compared."""
     batches = [torch.randint(0, 8192, (2, 9)), torch.randint(0, 8192, (1, 12))]
-    assert_layers_are_transformers(source, load(source), batches)
+    model = load(source)
+    assert_layers_are_transformers(source, model, batches)
+    chosen = {}
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda m, args, out, i=i: chosen.__setitem__(i, out[0].argmax(-1)))
+        for i, layer in enumerate(model.model.layers)
+    ]  # the top-1 of the logits: the balancing biases are about equal
+    with torch.no_grad():
+        model(input_ids=torch.cat([b.flatten() for b in batches])[None])
+    for hook in hooks:
+        hook.remove()
+    assert all(0 < int((c == E).sum()) < c.numel() for c in chosen.values()), chosen
 
 
 def test_the_backward_run_is_autograd_through_the_whole_model(source):
@@ -202,8 +215,8 @@ def test_every_method_compresses_zaya(source, stats, tmp_path, method):
 
 def test_router_re_fitting_trains_out_proj_s_rows_on_the_sampled_inputs_and_states(source, stats, tmp_path):
     """After pruning, re-fitting trains the router's rows (out_proj's, the skip expert's too) on the sampled
-    inputs and the router states handed to them, the MLP frozen; a layer whose sampled tokens all skip
-    (output zero: nothing to fit) keeps the edit's rows. The writer's checks pass on the fitted routers."""
+    inputs and the router states handed to them, the MLP frozen. The writer's checks pass on the fitted
+    routers."""
     from moelab.compress.router_fit import RouterFit
 
     fit = RouterFit(5, 1e-2)
@@ -213,6 +226,24 @@ def test_router_re_fitting_trains_out_proj_s_rows_on_the_sampled_inputs_and_stat
     for fit in fits.values():
         assert "skipped" in fit or fit["heldout_after"] <= fit["heldout_before"]
     assert any("skipped" not in fit and fit["best_step"] > 0 for fit in fits.values())
+
+
+def test_router_re_fitting_keeps_the_edit_where_every_sampled_token_skips(source):
+    """A layer whose sampled tokens all choose the skip expert outputs zero on them: nothing to fit (the
+    loss would be 0/0), so re-fitting keeps the edit's router and says why."""
+    from moelab.compress.router_fit import RouterFit, refit_router
+    from moelab.hf.edit import LayerEdit, apply_edit
+
+    with open_checkpoint(source) as view:
+        layer = view.layer(1)
+    skip = dataclasses.replace(layer.router.identity, selection_bias=torch.tensor([10.0]))  # every token skips
+    layer = dataclasses.replace(layer, router=dataclasses.replace(layer.router, identity=skip))
+    generator = torch.Generator().manual_seed(0)
+    x, states = torch.randn(32, D, generator=generator), torch.randn(32, R, generator=generator)
+    edit = LayerEdit.keep([0, 1, 3])
+    fitted, notes = refit_router(layer, edit, x, RouterFit(5, 1e-2), states)
+    assert notes["skipped"] == "the layer outputs zero"
+    assert fitted.view.router.weight.equal(apply_edit(layer, edit).router.weight)
 
 
 def test_pruning_keeps_the_skip_expert_s_row_and_bias_last(source, tmp_path):
