@@ -174,6 +174,15 @@ def test_a_layer_file_with_statistics_of_a_later_moelab_still_reads(tmp_path):
     assert layer_stats(3, SOURCES, {**hand_stats().tensors(), "future_sums": torch.ones(1)}).layer == 3
 
 
+def test_a_hash_layer_s_token_ids_stored_as_input_ids_read_as_router_inputs(tmp_path):
+    """Statistics files of moelab before ZAYA store a hash-routed layer's sampled token ids as "input_ids":
+    read as router_inputs, the router's per-token input (now also ZAYA's router states, floats)."""
+    _calibration_dir(tmp_path)
+    file, ids = layer_file(tmp_path, 3), torch.arange(6)
+    save_file({**load_file(file), "input_ids": ids}, file)
+    assert torch.equal(Calibration(tmp_path).layer(3).router_inputs, ids)
+
+
 @pytest.mark.parametrize(
     "text,message,ours",
     [

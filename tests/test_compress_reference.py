@@ -548,7 +548,7 @@ def test_input_sample_keeps_the_token_ids_a_hash_router_reads():
     order = torch.argsort(torch.cat([b.tokens.position for b in batches]))
     positions = [0, 4, 9, 13, 18, 22, 27]
     options = {"total_tokens": 32, "sample_tokens": 7}
-    assert "input_ids" not in observe(layer, batches, 1, options, names=("inputs",))
+    assert "router_inputs" not in observe(layer, batches, 1, options, names=("inputs",))
     layer.router = HashRouter(D, E, 50, view.router.top_k)
     sample = OBSERVERS["inputs"](E, 1, D, options)
     with torch.no_grad():
@@ -557,7 +557,7 @@ def test_input_sample_keeps_the_token_ids_a_hash_router_reads():
             assert torch.equal(call.routing.indices, layer.router.token_experts[token_ids])
             sample.update(call, b.tokens, b.h + call.output)
     got = sample.result()
-    assert torch.equal(got["input_ids"], torch.cat(ids)[order][positions])
+    assert torch.equal(got["router_inputs"], torch.cat(ids)[order][positions])
     torch.testing.assert_close(got["inputs"], torch.cat([b.x for b in batches])[order][positions].float(), rtol=0, atol=0)
 
 

@@ -238,7 +238,7 @@ def test_every_method_on_hash_layers(tmp_path):
     source = hf_model(tmp_path / "src", "deepseek_v4")
     _hash_model(source, vocab_size=8192)
     stats = calibrate(source, tmp_path / "stats", options=EVERY, quiet=True)
-    assert stats.layer(0).input_ids is not None and stats.layer(1).input_ids is None
+    assert stats.layer(0).router_inputs is not None and stats.layer(1).router_inputs is None
     for method in sorted(METHODS):
         if method == "easy_ep":  # two residual streams (hyper-connections)
             continue

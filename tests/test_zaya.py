@@ -186,7 +186,7 @@ def test_the_sampled_inputs_keep_the_router_states_handed_to_them(source, stats)
     windows = mixture.batches(BACKWARD.batch_size)
     states = runner.embed([torch.stack([w.ids for w in batch]) for batch in windows])
     sampled = Calibration(stats)
-    assert sampled.layer(0).input_ids is None
+    assert sampled.layer(0).router_inputs is None
     for index in range(3):
         read = {}  # global position -> the router state layer `index` read there
         for b, batch in enumerate(windows):
@@ -196,7 +196,7 @@ def test_the_sampled_inputs_keep_the_router_states_handed_to_them(source, stats)
         with runner.layer(index) as run:
             states = [run(b, h) for b, h in enumerate(states)]
         if index:
-            ids, total = sampled.layer(index).input_ids, mixture.num_tokens
+            ids, total = sampled.layer(index).router_inputs, mixture.num_tokens
             expected = torch.stack([read[i * total // len(ids)] for i in range(len(ids))])
             assert ids.shape == (BACKWARD.sample_tokens, R)
             torch.testing.assert_close(ids, expected, atol=1e-6, rtol=0)

@@ -114,7 +114,7 @@ def merged_layer(
     sampled block inputs `inputs` [N, D], a row whose logit follows the group's log-sum-exp of its
     members' logits, so the merged expert keeps the probability its members had together (on what
     the rows read: an MLP router's features of the inputs and of the router states handed to them,
-    `router_inputs` [N, R], `LayerStats.input_ids`). Where
+    `router_inputs` [N, R], `LayerStats.router_inputs`). Where
     the router scales each expert's weight (Gemma 4's `expert_scale`), the members' scales are
     folded into their down projections before averaging (the scale multiplies the expert's output,
     linear in down) and the merged expert's scale is 1.

@@ -302,11 +302,11 @@ class InputSample(Observer):
     """inputs [N, D]: the block's inputs at N global token positions spread evenly over the
     calibration data (position floor(i * total / N) for i < N), for methods that re-run a layer
     (NAEE), input_sources [N] their sources and, where the router reads a per-token input
-    (`MoECall.token_ids`: a hash router's token ids, an MLP router's states), input_ids [N, ...]
+    (`MoECall.token_ids`: a hash router's token ids, an MLP router's states), router_inputs [N, ...]
     theirs. options: sample_tokens (N), total_tokens (of the mixture)."""
 
     name = "inputs"
-    fields = ("inputs", "input_sources", "input_ids")
+    fields = ("inputs", "input_sources", "router_inputs")
 
     def __init__(self, num_experts: int, num_sources: int, dim: int, options: dict):
         super().__init__(num_experts, num_sources, dim, options)
@@ -330,7 +330,7 @@ class InputSample(Observer):
             self.ids[slot[pick]] = read[pick.to(read.device)].to(self.ids.dtype).cpu()
 
     def result(self) -> dict[str, Tensor]:
-        ids = {} if self.ids is None else {"input_ids": self.ids}
+        ids = {} if self.ids is None else {"router_inputs": self.ids}
         return {"inputs": self.inputs, "input_sources": self.sources, **ids}
 
 

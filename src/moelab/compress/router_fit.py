@@ -51,7 +51,7 @@ def refit_router(
 ) -> tuple[LayerEdit, dict[str, float]]:
     """(the edit with the fitted router, notes: train and held-out loss before and after, and the
     step kept). `layer`: the original layer; `inputs`: [N, D] its sampled inputs, `ids` the router's
-    per-token input (`LayerStats.input_ids`: a hash router's token ids [N], an MLP router's states [N, R])."""
+    per-token input (`LayerStats.router_inputs`: a hash router's token ids [N], an MLP router's states [N, R])."""
     if inputs is None or inputs.shape[0] < HOLDOUT_EVERY or not (inputs != 0).any():
         raise ValueError(
             f"router re-calibration needs sampled layer inputs; layer {layer.index}'s statistics have fewer than "

@@ -396,7 +396,7 @@ def _refit_routers(
         for index in tqdm(sorted(decisions), desc="router fit", unit="layer", disable=quiet):
             decision = decisions[index]
             stats = _layer_stats(calibration, index, sources)
-            decision.edit, notes = refit_router(view.layer(index), decision.edit, stats.inputs, fit, stats.input_ids)
+            decision.edit, notes = refit_router(view.layer(index), decision.edit, stats.inputs, fit, stats.router_inputs)
             report["layers"][str(index)]["notes"]["router_fit"] = notes
 
 

@@ -49,9 +49,11 @@ class LayerStats:
     easyep_sums [H, S, E] (see `moelab.compress.observers` for what each sums); max_output [E];
     shared_max [1]; skip_ratios [B]; logit_gram [E, E]; neuron_act_sums, neuron_grad_sums
     [H, S, E, I] (HEAPr's terms, from the backward sweep); inputs [N, D] (empty when not sampled),
-    input_sources [N] the source of each and, where the router reads a per-token input, input_ids
-    theirs: the token ids [N] in a hash-routed layer, the router states handed in [N, R] in an MLP
-    router's (ZAYA's, but its first layer, which reads none) (else None). Fields of observers that did not run are None.
+    input_sources [N] the source of each and, where the router reads a per-token input
+    (`Router.context_input`), router_inputs theirs: the token ids [N] in a hash-routed layer, the
+    router states handed in [N, R] in an MLP router's (ZAYA's, but its first layer, which reads none)
+    (else None; files of moelab before ZAYA store the token ids as "input_ids", read as router_inputs).
+    Fields of observers that did not run are None.
     """
 
     layer: int
@@ -72,7 +74,7 @@ class LayerStats:
     easyep_sums: Tensor | None = None
     inputs: Tensor | None = None
     input_sources: Tensor | None = None
-    input_ids: Tensor | None = None
+    router_inputs: Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -107,7 +109,7 @@ class LayerStats:
         sampled inputs); the maxima, skip ratios and logit Gram matrix stay the whole data's."""
         index = self._source_index(list(sources))
         per_source = {n: getattr(self, n)[:, index] for n in PER_SOURCE if getattr(self, n) is not None}
-        inputs, input_sources, input_ids = self.inputs, self.input_sources, self.input_ids
+        inputs, input_sources, router_inputs = self.inputs, self.input_sources, self.router_inputs
         if self.inputs is not None and self.inputs.numel():
             if self.input_sources is None:
                 raise ValueError(
@@ -118,9 +120,9 @@ class LayerStats:
             renumber = torch.full((len(self.sources),), -1, dtype=torch.int64)
             renumber[index] = torch.arange(len(index))
             inputs, input_sources = self.inputs[rows], renumber[self.input_sources[rows]]
-            input_ids = None if input_ids is None else input_ids[rows]
+            router_inputs = None if router_inputs is None else router_inputs[rows]
         return dataclasses.replace(
-            self, sources=tuple(sources), inputs=inputs, input_sources=input_sources, input_ids=input_ids,
+            self, sources=tuple(sources), inputs=inputs, input_sources=input_sources, router_inputs=router_inputs,
             **per_source,
         )  # fmt: skip
 
@@ -249,6 +251,9 @@ def write_layer(directory: Path, stats: LayerStats) -> None:
     save_safetensors(stats.tensors(), layer_file(directory, stats.layer), metadata={"format": FORMAT})
 
 
+LEGACY_ROUTER_INPUTS = "input_ids"  # router_inputs' name in statistics files before ZAYA's router states
+
+
 def read_layer(directory: Path, index: int, sources: tuple[str, ...]) -> LayerStats:
     path = layer_file(directory, index)
     if not path.is_file():
@@ -258,6 +263,8 @@ def read_layer(directory: Path, index: int, sources: tuple[str, ...]) -> LayerSt
     except Exception as err:  # a truncated or foreign file
         raise ValueError(f"{path} is not a readable statistics file ({err}); calibrate again") from None
     known = {f.name for f in fields(LayerStats)}
+    if LEGACY_ROUTER_INPUTS in tensors:  # a hash-routed layer's token ids, as moelab stored them before ZAYA
+        tensors.setdefault("router_inputs", tensors.pop(LEGACY_ROUTER_INPUTS))
     try:
         return LayerStats(index, sources, **{k: v for k, v in tensors.items() if k in known})
     except TypeError as err:

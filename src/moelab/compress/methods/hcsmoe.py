@@ -63,7 +63,7 @@ class HCSMoE(Method):
             labels = hierarchical_labels(features[members].numpy(), per_group, self.linkage)
             groups += clusters_by_usage(members, labels, counts, target.protect)
         edit = merged_layer(
-            layer, groups, counts, router_rule=self.router_rule, inputs=stats.inputs, router_inputs=stats.input_ids
+            layer, groups, counts, router_rule=self.router_rule, inputs=stats.inputs, router_inputs=stats.router_inputs
         )
         return LayerDecision.merged(edit)
 

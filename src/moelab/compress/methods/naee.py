@@ -56,14 +56,14 @@ class NAEE(Method):
             )
         x = x.double()
         with torch.no_grad():
-            reference = layer_output(moe_layer_from_view(layer).double(), x, stats.input_ids)
+            reference = layer_output(moe_layer_from_view(layer).double(), x, stats.router_inputs)
         E, n_group = layer.router.num_experts, layer.router.n_group
         losses: dict[tuple[int, ...], float] = {}
 
         def loss(kept: tuple[int, ...]) -> float:
             if kept not in losses:
                 with torch.no_grad():
-                    out = layer_output(masked_moe_layer(layer, kept).double(), x, stats.input_ids)
+                    out = layer_output(masked_moe_layer(layer, kept).double(), x, stats.router_inputs)
                 losses[kept] = float(sum(d.norm() for d in (reference - out).split(self.chunk)))
             return losses[kept]
 

@@ -73,7 +73,7 @@ def compensated(
     of sum_t g_t^2 h_t h_t^T (float64, closed form). In a latent block the experts read down @ x
     and the fit is in the latent space, before the up projection; f_e is the expert's output before
     its output norm where it has one (Muse Spark's post_expert_norm, kept as it is). ids [N]: the
-    sampled tokens' ids (`LayerStats.input_ids`), which a hash router reads."""
+    sampled tokens' ids (`LayerStats.router_inputs`), which a hash router reads."""
     with torch.no_grad():
         return _compensated(layer, narrowed, x, ids, ridge)
 
@@ -109,7 +109,7 @@ def _layer_error(layer: MoELayerView, stats: LayerStats):
     x = stats.inputs
     if x is None or x.numel() == 0 or not (x != 0).any():
         raise ValueError("moelab's recipe needs sampled layer inputs; calibrate with sample_tokens > 0")
-    x, ids = x.double(), stats.input_ids
+    x, ids = x.double(), stats.router_inputs
     reference: list[Tensor] = []
 
     def error(edit: LayerEdit) -> float:
@@ -261,7 +261,7 @@ class MoelabRecipe(Method):
             decision = LayerDecision.merged(edit, notes)
             if self.fit.steps:
                 decision.edit, notes["router_fit"] = refit_router(
-                    layer, decision.edit, stats.inputs, self.fit, stats.input_ids
+                    layer, decision.edit, stats.inputs, self.fit, stats.router_inputs
                 )
         decision.notes["strategy"] = self.strategy
         if self.errors:
@@ -275,7 +275,7 @@ class MoelabRecipe(Method):
             self.check_protection(f"layer {layer.index}: ")
         decision = self.heapr.decide(layer, stats, target)
         refit = LayerEdit(
-            decision.edit.sources, compensated(layer, decision.edit.view, stats.inputs.double(), stats.input_ids)
+            decision.edit.sources, compensated(layer, decision.edit.view, stats.inputs.double(), stats.router_inputs)
         )
         errors = {"heapr": error(decision.edit), "compensated": error(refit)}
         if errors["compensated"] < errors["heapr"]:
@@ -341,7 +341,7 @@ class MoelabRecipe(Method):
                 w[d] = counts[d] if share == "usage" else weights[j] * share / (1 - share)
                 for rule in rules:
                     trial = merged_layer(
-                        aligned, list(trial_groups.values()), w, router_rule=rule, inputs=x, router_inputs=stats.input_ids
+                        aligned, list(trial_groups.values()), w, router_rule=rule, inputs=x, router_inputs=stats.router_inputs
                     )
                     trials.append((error(trial), f"{share}/{rule}", trial, w))
             trial_error, variant, trial, w = min(trials, key=lambda t: t[0])
