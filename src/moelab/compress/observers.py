@@ -43,8 +43,9 @@ class MoECall:
     ids [T] int64 (a hash router) or the router states handed in [T, R] (an MLP router, ZAYA's), else None;
     output_bias: [D] the block's output bias (JetMoE's `MoELayer.output_bias`), None without: part of
     `output`, not of any expert's contribution; identity: [T, D] what the block's identity experts
-    added (LongCat-Flash's: their weights times the input; ZAYA's skip expert: zeros), None without: part of `routed`, not of
-    any expert's contribution (their slots are empty in `routing`, whose logits and probs cover the E experts).
+    added (LongCat-Flash's: their weights times the input; ZAYA's skip expert: zeros), None without:
+    part of `routed`, not of any expert's contribution (their slots are empty in `routing`, whose
+    logits and probs cover the E experts).
     In the backward sweep (`eager_moe(..., keep_hidden=True)`) also hidden: [T, K, I] each slot's
     hidden activation (what its down projection sees) and grad_hidden: [T, K, I] the loss's
     gradient with respect to it, filled in when the backward pass reaches it; zeros in empty slots.

@@ -747,7 +747,6 @@ class MoEBlock(nn.Module):
             return y.flatten(), y.new_full((y.numel() // y.shape[-1] * self.moe.router.num_experts,), float("nan"))
         return y
 
-
     def next_router_states(self, hidden: Tensor, states: Tensor | None) -> Tensor:
         """hidden [B, S, D], the router states handed in [B, S, R] | None -> the states the block hands
         the next layer [B, S, R] in hidden's dtype (`MLPRouter.next_state`)."""

@@ -557,7 +557,8 @@ class MoELayer(nn.Module):
     def _finish(self, x: Tensor, y: Tensor, rows: Tensor, identity: Tensor | None) -> Tensor:
         """The routed experts' combined output y: [T, D or latent rank] -> [T, D]: plus the identity
         experts' (their weights `identity` [T, K], summed in float32 or finer, times the rows the
-        experts read; nothing where they return zero, `identity_returns`), then `routed_output`, plus the shared experts' output on x: [T, D], plus
+        experts read; nothing where they return zero, `identity_returns`), then `routed_output`, plus
+        the shared experts' output on x: [T, D], plus
         `output_bias`. Every path (`forward`, `infer`, compiled or not) ends here, so each is added once."""
         if identity is not None and self.identity_returns == "input":
             y = y + identity_output(identity, rows).to(y.dtype)

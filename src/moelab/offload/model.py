@@ -758,7 +758,8 @@ def _state_bytes(module: nn.Module, size: int, index: int) -> int:
     if hasattr(module, "context_len") and hasattr(module, "ngram_size"):  # Qwen4-Exp's n-gram token history
         return module.context_len * torch.empty((), dtype=torch.long).element_size()
     if hasattr(module, "v_proj_delayed"):  # ZAYA's CCA: the q/k convolutions' window, the last token's delayed v
-        return (module.conv_qk_depthwise.in_channels * module.conv_kernel_size + module.v_proj_delayed.out_features) * size
+        window = module.conv_qk_depthwise.in_channels * module.conv_kernel_size
+        return (window + module.v_proj_delayed.out_features) * size
     if type(module).__name__.endswith("ShortConvolution"):  # Inkling 2's, static or dynamic: a float32 window
         channels = module.conv1d.in_channels if hasattr(module, "conv1d") else module.static_weight.shape[1]
         return channels * module.conv_kernel_size * 4

@@ -341,8 +341,9 @@ class MoelabRecipe(Method):
                 w[d] = counts[d] if share == "usage" else weights[j] * share / (1 - share)
                 for rule in rules:
                     trial = merged_layer(
-                        aligned, list(trial_groups.values()), w, router_rule=rule, inputs=x, router_inputs=stats.router_inputs
-                    )
+                        aligned, list(trial_groups.values()), w, router_rule=rule, inputs=x,
+                        router_inputs=stats.router_inputs,
+                    )  # fmt: skip
                     trials.append((error(trial), f"{share}/{rule}", trial, w))
             trial_error, variant, trial, w = min(trials, key=lambda t: t[0])
             if trial_error < best:
