@@ -323,8 +323,8 @@ def check_same_settings(layer: MoELayerView, new: MoELayerView) -> None:
         ("router.mlp.norm", _NORM_FIELDS, "router's MLP"),
     ):
         old, edited = (
-            functools.reduce(lambda owner, name: getattr(owner, name, None), part.split("."), view)
-            for view in (layer, new)
+            functools.reduce(lambda owner, name: None if owner is None else getattr(owner, name), part.split("."), view)
+            for view in (layer, new)  # None past a part the view lacks (router.mlp.norm without an MLP router)
         )
         if not _same_tensors(old, edited, names):
             raise ValueError(
