@@ -445,8 +445,14 @@ def test_report_tables_page_notes_follow_the_model_and_the_trace():
     identity = dict(stats, num_experts=6, identity_experts=2, identity_share=0.25)  # LongCat-Flash's
     summary["layers"] = {"0": identity, "1": identity, "3": dict(identity, num_experts=10)}
     page = _html(summary, {})
-    assert "Identity experts, which compute nothing (past the dashed line): layers 0, 1: experts 4-5; layer 3: experts 8-9." in page
+    assert ("Identity experts, which return their input and compute nothing (past the dashed line): layers 0, 1: "
+            "experts 4-5; layer 3: experts 8-9.") in page
     assert _cells(page.split("<table>")[1])[7] == "4 + 2 identity (25% of the assignments)"
+    skip = dict(stats, num_experts=5, identity_experts=1, identity_share=0.5)  # ZAYA's skip expert
+    summary.update(layers={"0": skip}, identity_returns="zero")
+    page = _html(summary, {})
+    assert "Skip experts, which add nothing and compute nothing (past the dashed line): layer 0: expert 4." in page
+    assert _cells(page.split("<table>")[1])[1] == "4 + 1 skip (50% of the assignments)"
 
 
 def test_report_tables_helpers_for_json_and_plots():

@@ -262,11 +262,14 @@ def test_a_trace_marks_identity_experts_and_the_report_ranks_experts_with_weight
     loaded = load_model(tmp_path / "model")
     trace = trace_model(loaded, _streams(64), tmp_path / "trace", TraceOptions(max_tokens=64, seq_len=16), quiet=True)
     assert trace.info.identity_experts == [2, 2] and trace.info.num_experts == [6, 6]
+    assert trace.info.identity_returns == "input"  # LongCat-Flash's return their input
     summary = analyze_trace(trace, chunk_lens=(1, 8))
     assert all(s["identity_experts"] == 2 and s["num_experts"] == 6 for s in summary["layers"].values())
     assert all(len(v) == 4 for v in summary["expert_max_output"].values())
     with pytest.raises(ValueError, match=r"identity_experts \[3\] must hold one count in \[0, num_experts\)"):
         _info(identity_experts=[3])
+    with pytest.raises(ValueError, match=r"unknown TraceInfo.identity_returns 'nothing'"):
+        _info(identity_returns="nothing")
 
 
 def test_transformers_capture_during_generate(tmp_path):

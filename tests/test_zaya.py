@@ -303,10 +303,12 @@ def test_a_trace_records_the_skip_expert_as_the_choice_past_the_experts(source, 
         assert (r.weights[skipped] > 0).all() and capture.checks[i].mismatched == 0
         skips += int(skipped.sum())
     assert 0 < skips < 3 * 32 and capture.identity_experts == {0: 1, 1: 1, 2: 1}
+    assert capture.identity_returns == "zero"
     streams = {"d0": np.arange(64) * 97 % 8192}
     trace = trace_model(loaded, streams, tmp_path / "trace", TraceOptions(max_tokens=64, seq_len=16), quiet=True)
     summary = analyze_trace(trace, chunk_lens=(1, 8))
     assert sorted(map(int, summary["layers"])) == [0, 1, 2] and summary["tokens"] == 64
+    assert trace.info.identity_returns == summary["identity_returns"] == "zero"  # the report names them skip experts
 
 
 def test_offloaded_decoding_is_transformers(source):

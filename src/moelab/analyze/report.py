@@ -267,31 +267,44 @@ def _layer_table(summary: dict[str, Any]) -> str:
     header = ["layer", "experts", "CV", "max/mean", "entropy (bits)", "I(expert;domain) (bits)"]
     header += [f"CLS_{L}" for L in chunk_lens]
     rows = [
-        [i, _experts_cell(s), s["cv"], s["max_over_mean"], s["routing_entropy_bits"], s["domain_mi_bits"]]
+        [i, _experts_cell(s, _identity_name(summary)), s["cv"], s["max_over_mean"], s["routing_entropy_bits"], s["domain_mi_bits"]]
         + [s["cls"][L] if s["cls"][L] is not None else "-" for L in chunk_lens]
         for i, s in summary["layers"].items()
     ]
     return _table(header, rows)
 
 
+def _identity_name(summary: dict[str, Any]) -> str:
+    """What the report calls the choices past the experts: "skip" where a slot on one adds nothing
+    (ZAYA's), else "identity" (LongCat-Flash's return their input; traces before the distinction)."""
+    return "skip" if summary.get("identity_returns") == "zero" else "identity"
+
+
 def _identity_note(summary: dict[str, Any]) -> str:
-    """Which experts of the plots are identity experts (LongCat-Flash's zero-computation ones: past a
-    dashed line in the load plot), "" where none is."""
+    """Which experts of the plots are identity or skip experts (zero-computation ones: past a dashed
+    line in the load plot), "" where none is."""
     ranges = {}
     for i, layer in summary["layers"].items():
         if Z := layer.get("identity_experts", 0):
             ranges.setdefault((layer["num_experts"] - Z, layer["num_experts"] - 1), []).append(i)
-    notes = [f"layer{'s' * (len(ls) > 1)} {', '.join(ls)}: experts {a}-{b}" for (a, b), ls in ranges.items()]
-    return f"Identity experts, which compute nothing (past the dashed line): {'; '.join(notes)}." if notes else ""
+    notes = [
+        f"layer{'s' * (len(ls) > 1)} {', '.join(ls)}: " + (f"expert {a}" if a == b else f"experts {a}-{b}")
+        for (a, b), ls in ranges.items()
+    ]
+    if not notes:
+        return ""
+    what = {"skip": "Skip experts, which add nothing", "identity": "Identity experts, which return their input"}
+    return f"{what[_identity_name(summary)]} and compute nothing (past the dashed line): {'; '.join(notes)}."
 
 
-def _experts_cell(layer: dict[str, Any]) -> str:
-    """A layer's experts: "E", or "E + Z identity (share of the assignments)" (LongCat-Flash)."""
+def _experts_cell(layer: dict[str, Any], name: str) -> str:
+    """A layer's experts: "E", or "E + Z identity (share of the assignments)" (LongCat-Flash; name
+    "skip" for ZAYA's skip expert)."""
     Z = layer.get("identity_experts", 0)
     if not Z:
         return str(layer["num_experts"])
     share = "" if layer["identity_share"] is None else f" ({layer['identity_share']:.0%} of the assignments)"
-    return f"{layer['num_experts'] - Z} + {Z} identity{share}"
+    return f"{layer['num_experts'] - Z} + {Z} {name}{share}"
 
 
 def _super_table(summary: dict[str, Any]) -> str:

@@ -231,6 +231,7 @@ def analyze_trace(trace: Trace, *, chunk_lens: Sequence[int] = (1, 8, 64)) -> di
         "expert_max_output": {str(i): t.tolist() for i, t in expert_max.items()} if recorded else None,
         "shared_max_output": {str(i): float(t[0]) for i, t in shared_max.items()} if recorded else None,
         "super_experts": super_experts(expert_max, shared_max) if recorded else None,
+        "identity_returns": info.identity_returns,
         "checks": info.checks,
         "trace_settings": info.settings,
     }

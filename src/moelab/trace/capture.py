@@ -106,7 +106,8 @@ class _LayerTap:
     top_k: int
     has_shared: bool = False
     identity: int = 0  # the last `identity` of the num_experts choices are identity experts (no weights, no statistic)
-    # whose slots the block hands its experts as expert 0 with weight 0 (ZAYA's skip expert, which adds nothing)
+    identity_returns: str = "input"  # what a slot on one returns: its input, or nothing (ZAYA's skip expert)
+    # whose slots the block hands its experts as expert 0 with weight 0 (transformers' ZAYA)
     identity_masked: bool = False
     parts: list[LayerRouting] = field(default_factory=list)
     pending: LayerRouting | None = None  # recomputed by the router hook, waiting for the experts hook
@@ -178,6 +179,11 @@ class RoutingCapture:
         return {i: tap.identity for i, tap in sorted(self._taps.items())}
 
     @property
+    def identity_returns(self) -> str:
+        """What a slot on an identity expert returns in this model: "input", or "zero" (a skip expert)."""
+        return "zero" if any(tap.identity_returns == "zero" for tap in self._taps.values()) else "input"
+
+    @property
     def top_k(self) -> dict[int, int]:
         return {i: tap.top_k for i, tap in sorted(self._taps.items())}
 
@@ -230,7 +236,8 @@ class RoutingCapture:
             if layer is None:
                 continue
             tap = self._taps[i] = _LayerTap(  # the router's choices: identity experts recorded as experts past E
-                i, layer.router.num_experts, layer.router.top_k, layer.shared is not None, layer.identity_experts
+                i, layer.router.num_experts, layer.router.top_k, layer.shared is not None, layer.identity_experts,
+                identity_returns=layer.identity_returns,
             )
             self._handles.append(layer.router.register_forward_hook(_on_moelab_routing(tap)))
             if self.expert_stats:
@@ -255,10 +262,10 @@ class RoutingCapture:
                 blocks[i].get_submodule(found.experts),
             )
             shared_down = None if found.shared_down is None else blocks[i].get_submodule(found.shared_down)
-            identity = layer_view.router.identity
+            returns = "input" if layer_view.router.identity is None else layer_view.router.identity.returns
             tap = self._taps[i] = _LayerTap(
                 i, E, router.top_k, shared_down is not None, layer_view.router.identity_experts,
-                identity_masked=identity is not None and identity.returns == "zero",
+                identity_returns=returns, identity_masked=returns == "zero",
             )  # fmt: skip
             self._handles.append(
                 router_module.register_forward_hook(_on_hf_router(tap, router), with_kwargs=True)

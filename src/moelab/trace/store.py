@@ -30,8 +30,9 @@ from torch import Tensor
 
 from moelab.files import file_inside, load_safetensors, read_json_object
 from moelab.io import StagedOutput, atomic_write_text, save_safetensors
+from moelab.nn.moe import IDENTITY_RETURNS
 from moelab.trace.capture import LayerRouting, RoutingCheck
-from moelab.validation import check_field_types, check_known_fields
+from moelab.validation import check_choice, check_field_types, check_known_fields
 
 FORMAT = "moelab-trace"
 KIND = "routing trace"
@@ -60,7 +61,8 @@ class TraceInfo:
     checks: {layer: RoutingCheck fields} for transformers models; settings: how it was made.
     identity_experts: one per MoE layer (or empty: none), how many of its num_experts choices, the
     last ones, are identity experts (LongCat-Flash's zero-computation experts: no weights, no
-    max statistic)."""
+    max statistic); identity_returns: what a slot on one returns, "input" (LongCat-Flash's) or
+    "zero" (ZAYA's skip expert, `MoELayer.identity_returns`)."""
 
     model: str
     family: str
@@ -76,6 +78,7 @@ class TraceInfo:
     checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     identity_experts: list[int] = field(default_factory=list)
+    identity_returns: str = "input"
     format: str = FORMAT
     version: int = VERSION
 
@@ -98,6 +101,7 @@ class TraceInfo:
                 f"TraceInfo.identity_experts {self.identity_experts} must hold one count in [0, num_experts) per layer "
                 f"(num_experts {self.num_experts}), or none"
             )
+        check_choice("TraceInfo.identity_returns", self.identity_returns, IDENTITY_RETURNS)
 
     def experts_of(self, layer: int) -> int:
         return self.num_experts[self.layers.index(layer)]

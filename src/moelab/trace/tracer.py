@@ -68,6 +68,7 @@ def trace_model(
             num_experts=list(capture.num_experts.values()),
             top_k=list(capture.top_k.values()),
             identity_experts=list(capture.identity_experts.values()),
+            identity_returns=capture.identity_returns,
             domains=list(streams),
             logits=options.logits,
             settings={
