@@ -1028,13 +1028,18 @@ def test_ctrl_c_in_a_resumable_job_says_how_to_resume(monkeypatch, capsys, tmp_p
     monkeypatch.setattr("moelab.compress.bench.run_bench", interrupted)
     monkeypatch.setattr("moelab.models.model_info", interrupted)
     out = tmp_path / "out"
-    for args in (["calibrate"], ["compress"], ["compress-bench", "--method", "reap"], ["info", "tiny"]):
+    hint = f"interrupted: run the same command again to resume (what is done is kept for {out})"
+    # compress-bench --overwrite run again would clear its cells (calibrate's and compress's staging stays)
+    again = f"interrupted: run the same command again without --overwrite to resume (what is done is kept for {out})"
+    for args, said in ((["calibrate"], hint), (["compress"], hint), (["compress", "--overwrite"], hint),
+                       (["compress-bench", "--method", "reap"], hint), (["compress-bench", "--overwrite"], again),
+                       (["info", "tiny"], None)):  # fmt: skip
         monkeypatch.setattr("sys.argv", ["moelab", *args, *(["--out", str(out)] if args[0] != "info" else [])])
         with pytest.raises(SystemExit) as exit_info:
             cli.main()
         assert exit_info.value.code == 130
-        hint = f"interrupted: run the same command again to resume (what is done is kept for {out})"
-        assert (hint in capsys.readouterr().err) == (args[0] != "info"), args
+        err = capsys.readouterr().err
+        assert (said in err if said else "interrupted" not in err), (args, err)
 
 
 def test_compress_refuses_calibration_settings_that_its_statistics_were_not_made_with(tmp_path, monkeypatch, capsys):
@@ -1057,7 +1062,8 @@ def test_compress_refuses_calibration_settings_that_its_statistics_were_not_made
     monkeypatch.setattr("moelab.compress.compress", compress)
     for flags, refused in ((["--calib-tokens", "64"], "--calib-tokens 64: the statistics in"),
                            (["--seq-len", "16"], "--seq-len 16: the statistics in"),
-                           (["--calib-tokens", "128", "--seq-len", "32", "--batch-size", "2"], None)):  # fmt: skip
+                           (["--calib-tokens", "128", "--seq-len", "32", "--batch-size", "2"], None),
+                           ([], None)):  # fmt: skip  # the defaults (16384 tokens of 256) differ, but were not typed
         argv = ["moelab", "compress", str(model), "--stats", str(tmp_path / "stats"), "--out", str(tmp_path / "o")]
         monkeypatch.setattr("sys.argv", argv + flags)
         with pytest.raises((SystemExit, Compressed)):
@@ -1065,7 +1071,14 @@ def test_compress_refuses_calibration_settings_that_its_statistics_were_not_made
         err = capsys.readouterr().err
         if refused:
             assert refused in err and "drop " in err and not compressed, err
-    assert len(compressed) == 1
+    assert len(compressed) == 2
+    info = json.loads((tmp_path / "stats" / "calibration.json").read_text())
+    del info["settings"]["seq_len"]  # an edited file is named, not a KeyError
+    (tmp_path / "stats" / "calibration.json").write_text(json.dumps(info))
+    monkeypatch.setattr("sys.argv", argv + ["--seq-len", "16"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert "calibration.json: settings.seq_len must be int, got None" in capsys.readouterr().err
 
 
 def test_bench_compress_names_the_token_count_it_needs(monkeypatch, capsys, tmp_path):

@@ -581,7 +581,10 @@ def _check_reused_settings(ctx: typer.Context, stats: Path) -> None:
     they are reused as they are, and the setting used to be ignored without a word."""
     from moelab.compress.stats import Calibration
 
-    made_with = Calibration(stats).info["settings"]
+    calibration = Calibration(stats)
+    tokens, seq_len = calibration.windows()  # checked: an edited calibration.json is named, not a KeyError
+    sample_tokens = calibration.info["settings"].get("sample_tokens", 0)
+    made_with = {"tokens": tokens, "seq_len": seq_len, "sample_tokens": sample_tokens}
     for name, flag in (("tokens", "--calib-tokens"), ("seq_len", "--seq-len"), ("sample_tokens", "--sample-tokens")):
         given = ctx.params[name]
         typed = ctx.get_parameter_source(name).name == "COMMANDLINE"  # typer's own copy of click's enum
@@ -593,14 +596,17 @@ def _check_reused_settings(ctx: typer.Context, stats: Path) -> None:
 
 
 @contextmanager
-def _resumable(out: Path) -> Iterator[None]:
+def _resumable(out: Path, clears: bool = False) -> Iterator[None]:
     """Ctrl-C in a resumable job (calibrate, compress, compress-bench) says how to go on: what it has
     done stays for the next run into `out` (docs/outputs.md); it used to stop without a word. On a
-    line of its own: a progress bar may have left the cursor at the end of its line."""
+    line of its own: a progress bar may have left the cursor at the end of its line. clears: the
+    command run again would clear `out` (compress-bench's --overwrite: its cells are written in
+    place), so the hint leaves that flag out."""
     try:
         yield
     except KeyboardInterrupt:
-        print(f"\ninterrupted: run the same command again to resume (what is done is kept for {out})", file=sys.stderr)
+        again = "the same command again without --overwrite" if clears else "the same command again"
+        print(f"\ninterrupted: run {again} to resume (what is done is kept for {out})", file=sys.stderr)
         raise
 
 
@@ -747,7 +753,7 @@ def compress_bench(
                            router_fit=router_fit, calib_tokens=calib_tokens, eval_tokens=eval_tokens, prompts=prompts,
                            domain=domain, llmcompressor_python=str(llmcompressor_python) if llmcompressor_python else None,
                            left_out=left_out)
-    with _resumable(out):
+    with _resumable(out, clears=overwrite):
         run_bench(model, out, options, overwrite=overwrite, quiet=quiet)
 
 
