@@ -300,15 +300,19 @@ def test_a_dense_model_is_refused_as_one_and_an_unknown_moe_type_lists_the_suppo
         num_key_value_heads=2,
     )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"\(model_type 'llama'\) describes a model without MoE layers: it names no "
-                       r"expert count \(num_local_experts, num_experts, n_routed_experts, moe_num_experts\)"):
-        open_checkpoint(tmp_path)
     config_json = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config_json, "num_local_experts": 4}))  # but no experts stored
-    with pytest.raises(
-        CheckpointError, match=r"'llama' .* not a supported MoE family.*Supported families: afmoe, aria_text, axk1, "
-    ):
-        open_checkpoint(tmp_path)
+    for dense in ({}, {"num_experts": 0}):
+        (tmp_path / "config.json").write_text(json.dumps({**config_json, **dense}))
+        with pytest.raises(CheckpointError, match=r"\(model_type 'llama'\) describes a model without MoE layers: none of "
+                           r"its settings names experts \(num_experts, num_local_experts, \.\.\.\)"):
+            open_checkpoint(tmp_path)
+    # but no experts stored; an unknown family's count may be nested or named otherwise (DBRX's)
+    for named in ({"num_local_experts": 4}, {"ffn_config": {"moe_num_experts": 4}}, {"num_experts_per_tok": 2}):
+        (tmp_path / "config.json").write_text(json.dumps({**config_json, "num_experts": 0, **named}))
+        with pytest.raises(
+            CheckpointError, match=r"'llama' .* not a supported MoE family.*Supported families: afmoe, aria_text, axk1, "
+        ):
+            open_checkpoint(tmp_path)
     assert {
         "mixtral",
         "qwen2_moe",

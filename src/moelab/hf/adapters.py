@@ -18,7 +18,7 @@ import torch
 
 from moelab.files import read_json_object
 from moelab.hf.checkpoint import Checkpoint, CheckpointError
-from moelab.hf.fallback import EXPERT_COUNT_KEYS, names_expert_count, structural_family
+from moelab.hf.fallback import names_experts, structural_family
 from moelab.hf.float8 import FLOAT8_METHODS, Float8Checkpoint, float8_scheme
 from moelab.hf.layouts import (
     Config,
@@ -1473,10 +1473,10 @@ def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
         raise
     if family is None:
         checkpoint.close()
-        if not names_expert_count(config):
+        if not names_experts(config):
             raise CheckpointError(
-                f"{config_path} (model_type {model_type!r}) describes a model without MoE layers: it names no expert "
-                f"count ({', '.join(EXPERT_COUNT_KEYS)}); moelab opens Mixture-of-Experts checkpoints"
+                f"{config_path} (model_type {model_type!r}) describes a model without MoE layers: none of its settings "
+                "names experts (num_experts, num_local_experts, ...); moelab opens Mixture-of-Experts checkpoints"
             )
         raise CheckpointError(
             f"model_type {model_type!r} in {config_path} is not a supported MoE family and no router/experts "

@@ -51,14 +51,14 @@ _SHARED_WIDTH = re.compile(r"shared.*(intermediate|ffn|hidden)_(size|dim)")  # a
 _CHECK_RTOL = 1e-4
 
 
-def names_expert_count(config: Config) -> bool:
-    """Whether config.json names an expert count (num_local_experts, num_experts, ...): a dense
-    model's names none."""
-    try:
-        config_entry(config, EXPERT_COUNT_KEYS)
-    except ValueError:
-        return False
-    return True
+def names_experts(config: Config) -> bool:
+    """Whether config.json sets anything about experts: a key naming them, at any depth, with a value
+    (num_experts, n_routed_experts, num_experts_per_tok, DBRX's ffn_config.moe_num_experts, ...), as a
+    dense model's does not (a family's own count key may be one `EXPERT_COUNT_KEYS` lacks)."""
+    return any(
+        ("expert" in key.lower() and bool(value)) or (isinstance(value, dict) and names_experts(value))
+        for key, value in config.items()
+    )
 
 
 def structural_family(config: Config, ckpt: Checkpoint) -> Family | None:
