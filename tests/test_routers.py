@@ -606,10 +606,13 @@ def test_compute_budget_steers_the_experts_computed_per_token_to_its_target(targ
 
 
 def test_compute_budget_needs_identity_experts_a_selection_bias_and_a_target_within_top_k():
-    with pytest.raises(ValueError, match="set identity_experts >= 1 and selection_bias=True"):
+    needs = r"computed_experts_target=1.0 has no effect without identity_experts >= 1 and selection_bias=True"
+    with pytest.raises(ValueError, match=needs + r" \(router='topk'\)"):
         MoEConfig(dim=D, num_experts=E, hidden_dim=8, selection_bias=True, computed_experts_target=1.0)
-    with pytest.raises(ValueError, match="set identity_experts >= 1 and selection_bias=True"):
+    with pytest.raises(ValueError, match=needs):
         MoEConfig(dim=D, num_experts=E, hidden_dim=8, identity_experts=2, computed_experts_target=1.0)
+    with pytest.raises(ValueError, match=needs + r" \(router='topp'\)"):  # not "set selection_bias", which topp refuses
+        MoEConfig(dim=D, num_experts=E, hidden_dim=8, router="topp", computed_experts_target=1.0)
     for bad in (0.0, 2.5, -1.0):
         with pytest.raises(ValueError, match=r"computed_experts_target .* must lie in \(0, min\(top_k, num_experts\) = 2\]"):
             MoEConfig(dim=D, num_experts=E, hidden_dim=8, identity_experts=2, selection_bias=True, computed_experts_target=bad)

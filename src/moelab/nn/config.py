@@ -153,8 +153,6 @@ class MoEConfig:
                 "MoEConfig.identity_experts return the layer's input: they take no latent_dim (latent experts) "
                 "and no reuse_layers > 1 (ReXMoE's shared pool)"
             )
-        if self.computed_experts_target is not None:
-            self._check_budget()
         if self.router == "topp":
             if not 0.0 < self.top_p <= 1.0:
                 raise ValueError(f"MoEConfig.top_p must lie in (0, 1], got {self.top_p}")
@@ -200,13 +198,10 @@ class MoEConfig:
                 "would route each token to the same experts again; use router='topk' for a chain"
             )
         self._check_read_fields()
+        if self.computed_experts_target is not None:
+            self._check_budget()
 
     def _check_budget(self) -> None:
-        if not (self.identity_experts and self.selection_bias):
-            raise ValueError(
-                "MoEConfig.computed_experts_target steers the selection bias of a router with identity experts: "
-                "set identity_experts >= 1 and selection_bias=True, or leave it None"
-            )
         target, most = self.computed_experts_target, min(self.top_k, self.num_experts)
         if not (is_positive_finite(target) and target <= most):
             raise ValueError(
@@ -237,6 +232,9 @@ class MoEConfig:
             "shared_hidden_dim": ("num_shared >= 1", self.num_shared > 0),
             "shared_gate": ("num_shared >= 1", self.num_shared > 0),
             "identity_experts": ("router='topk'", topk),
+            # the budget steers the selection bias of a router with identity experts
+            "computed_experts_target": ("identity_experts >= 1 and selection_bias=True",
+                                        topk and self.identity_experts > 0 and self.selection_bias),
         }
         for field in dataclasses.fields(self):
             where, read = read_where.get(field.name, ("", True))
