@@ -266,6 +266,9 @@ def test_a_trace_marks_identity_experts_and_the_report_ranks_experts_with_weight
     summary = analyze_trace(trace, chunk_lens=(1, 8))
     assert all(s["identity_experts"] == 2 and s["num_experts"] == 6 for s in summary["layers"].values())
     assert all(len(v) == 4 for v in summary["expert_max_output"].values())
+    manifest = tmp_path / "trace" / "manifest.json"  # as a trace made before identity_returns: read as "input"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "identity_returns"}))
+    assert open_trace(tmp_path / "trace").info.identity_returns == "input"
     with pytest.raises(ValueError, match=r"identity_experts \[3\] must hold one count in \[0, num_experts\)"):
         _info(identity_experts=[3])
     with pytest.raises(ValueError, match=r"unknown TraceInfo.identity_returns 'nothing'"):
