@@ -316,6 +316,25 @@ def test_native_checkpoint(tmp_path, moe):
     torch.testing.assert_close(_logits(pruned, ids), _logits(model, ids), atol=1e-5, rtol=0)
 
 
+def test_a_native_computation_budget_above_the_experts_kept_is_capped_to_them(tmp_path):
+    """LongCat-Flash's K_e (moe.computed_experts_target) of 2 with 1 expert kept: written as 1 (the
+    config refused 2 on loading, so the write failed as 'config.json is not a valid moelab ModelConfig')."""
+    model = _native(tmp_path, identity_experts=2, renormalize=False, selection_bias=True, computed_experts_target=2.0)
+    with pytest.warns(UserWarning, match=r"computed_experts_target 2.0 .* more than the 1 experts .* written as 1.0"):
+        drop_experts(tmp_path / "src", tmp_path / "out", [1, 2, 3], quiet=True)
+    pruned = load_pretrained(tmp_path / "out").eval()
+    assert (pruned.config.moe.num_experts, pruned.config.moe.computed_experts_target) == (1, 1.0)
+    with open_checkpoint(tmp_path / "src") as view:
+        for i in model.moe_layers:
+            model.layers[i].ffn = masked_moe_layer(view.layer(i), [0])
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(pruned, ids), _logits(model, ids), atol=1e-5, rtol=0)
+    within = tmp_path / "within"
+    _native(within, identity_experts=2, renormalize=False, selection_bias=True, computed_experts_target=1.0)
+    drop_experts(within / "src", within / "out", [3], quiet=True)  # a budget within the experts kept stays
+    assert load_pretrained(within / "out").config.moe.computed_experts_target == 1.0
+
+
 def test_narrowing_native_experts_keeps_a_shared_expert_that_took_their_width(tmp_path):
     """shared_hidden_dim=None: the shared expert's width is num_shared * hidden_dim. Narrowing the
     routed experts writes that width out, so the shared expert keeps its own (before: the written

@@ -256,6 +256,8 @@ class _Plan:
             )
         for name in family.num_experts:
             _set_present(new_config, name, counts[moe_layers[0]])
+        if family is NATIVE:
+            _cap_compute_budget(new_config["moe"], counts[moe_layers[0]])
         sparse = family.is_moe_layer
         if sparse is not None and (made_dense := [i for i in edited if not sparse(new_config, i)]):
             raise ValueError(
@@ -376,6 +378,20 @@ def _set_present(config: Config, dotted: str, value: Any) -> None:
         node = node.get(part) if isinstance(node, dict) else None
     if isinstance(node, dict) and last in node:
         node[last] = value
+
+
+def _cap_compute_budget(moe: dict, kept: int) -> None:
+    """A moelab config's computation budget (moe.computed_experts_target, LongCat-Flash's K_e) above
+    the `kept` experts per layer is capped to them, with a warning: the most a token can compute
+    (the config would not load otherwise)."""
+    target = moe.get("computed_experts_target")
+    if target is not None and target > kept:
+        moe["computed_experts_target"] = float(kept)
+        warnings.warn(
+            f"moe.computed_experts_target {target} (experts computed per token) is more than the {kept} experts "
+            f"the edit keeps per layer: written as {float(kept)}",
+            stacklevel=4,
+        )
 
 
 def _check_expert_map(source: Path, num_experts: int) -> None:
