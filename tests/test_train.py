@@ -471,6 +471,9 @@ ARCHITECTURES = {
     "rexmoe_ramp": ({"reuse_layers": 2}, {"reuse_ramp_steps": 4}),
     "topp": ({"router": "topp", "top_p": 0.5, "entropy_coef": 1e-4}, {}),
     "coe": ({"chain_iterations": 2, "top_k": 1}, {}),
+    # LongCat-Flash's computation budget: the selection bias it moves is saved and moved once a step on resuming
+    "compute_budget": ({"identity_experts": 2, "renormalize": False, "selection_bias": True,
+                        "computed_experts_target": 1.5, "bias_update_rate": 0.1}, {}),
 }
 
 
@@ -551,6 +554,9 @@ def test_resume_is_bit_identical_for_stateful_architectures(tmp_path, name):
         assert len({r["chunk_sparsity_coef"] for r in records}) > 2  # the schedule moved it
     if name == "topp":
         assert 1.0 <= records[-1]["experts_per_token"] <= 4.0
+    if name == "compute_budget":
+        assert a["layers.1.ffn.router.selection_bias"][:4].abs().min() > 0  # the experts' biases moved
+        assert not a["layers.1.ffn.router.selection_bias"][4:].any()  # the identity experts' held
 
 
 @pytest.mark.parametrize("stopped_after", [4, 6])
