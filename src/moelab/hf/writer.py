@@ -390,7 +390,7 @@ def _cap_compute_budget(moe: dict, kept: int) -> None:
         warnings.warn(
             f"moe.computed_experts_target {target} (experts computed per token) is more than the {kept} experts "
             f"the edit keeps per layer: written as {float(kept)}",
-            stacklevel=4,
+            stacklevel=5,  # where _Plan.make's own warnings point
         )
 
 
