@@ -3,7 +3,8 @@ the K block-boundary layers before it, and the final norm reads them through the
 The layer-by-layer run carries them (`LayerwiseModel.carry`), forward and backward (the gradient of a
 boundary layer's input gathers what every later layer and the final input read of it:
 `LayerwiseModel.carry_grad`), and calibration snapshots and tapes them, so that an interrupted run
-resumes to the same statistics. Inkling 2 Loop's looped layers, run several times a pass, are refused."""
+resumes to the same statistics. Inkling 2 Loop runs its looped layers once a pass (`LayerwiseModel.schedule`),
+their statistics gathered over the passes; its backward sweep is refused."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from test_dsa import (
 from test_layerwise import assert_layers_are_transformers
 from transformers import PreTrainedTokenizerFast
 
-from moelab.compress import CalibrationOptions, calibrate, compress
+from moelab.compress import Calibration, CalibrationOptions, calibrate, compress
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import CheckpointError
 from moelab.hf.layerwise import LayerwiseModel
@@ -169,12 +170,96 @@ def test_a_layer_run_twice_or_out_of_order_is_refused(source):
         run(0, states[0])
 
 
-def test_inkling2_loop_is_refused(tmp_path):
-    """Inkling 2 Loop runs its looped layers (here layer 1 of 3) loop_num_passes times a forward pass, each
-    pass after the first reading messages from the one before: the layer-by-layer runs run each layer once."""
-    config = dict(TINY["inkling2_text"].config, num_hidden_layers=3, layer_types=["hybrid_sliding"] * 2 + ["hybrid"])
-    model = build("inkling2_loop_text", **config, loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=3)
-    model.save_pretrained(tmp_path)
-    refused = r"Inkling 2 Loop runs its looped decoder layers \(1..1\) several times .*cannot run on it"
-    with pytest.raises(CheckpointError, match=refused):
-        LayerwiseModel(tmp_path)
+# Inkling 2 Loop: 5 layers in blocks of 2, layers 2 and 3 looped 3 times a forward pass
+LOOP = dict(INKLING2, num_hidden_layers=5, layer_types=["hybrid_sliding", "hybrid"] * 2 + ["hybrid"],
+            loop_layer_index_start=2, loop_layer_index_end=4, loop_num_passes=3)  # fmt: skip
+LOOP_SCHEDULE = [0, 1, 2, 3, 2, 3, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def loop_source(tmp_path_factory) -> Path:
+    """Saved under transformers' names: as released, its message queries are two tensors transformers merges."""
+    path = tmp_path_factory.mktemp("inkling2_loop") / "src"
+    build("inkling2_loop_text", **LOOP).save_pretrained(path, save_original_format=False)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    return path
+
+
+def test_inkling2_loop_s_every_step_is_transformers(loop_source):
+    """The looped layers run once a pass, the later passes restarting from the states that entered the loop
+    and reading the messages of the pass before: each step's output is what the layer outputs in that call
+    of transformers' forward."""
+    assert LayerwiseModel(loop_source).schedule == LOOP_SCHEDULE
+    batches = [torch.randint(0, 8192, (2, 9)), torch.randint(0, 8192, (1, 12))]
+    assert_layers_are_transformers(loop_source, load(loop_source), batches)
+
+
+def test_inkling2_loop_s_looped_layers_gather_statistics_over_their_passes(loop_source, tmp_path):
+    """A looped layer's statistics sum those of each pass (its tokens counted once a pass): its routing
+    counts and combine weights are those of transformers' router, every call of it, over the calibration
+    windows; its sampled inputs come from all passes."""
+    from moelab.compress.calibration import calibration_mixture
+
+    mixture = calibration_mixture(loop_source, "corpus", SMALL, quiet=True)
+    stats = Calibration(calibrate(loop_source, tmp_path / "stats", calib="corpus", options=SMALL, quiet=True).directory)
+    model, seen, rows = load(loop_source), {i: [] for i in range(5)}, {i: {} for i in range(5)}
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.gate.register_forward_hook(lambda m, a, out, i=i: seen[i].append(out))
+    with torch.no_grad():
+        for batch in mixture.batches(SMALL.batch_size):
+            positions = torch.cat([w.start + torch.arange(w.ids.numel()) for w in batch])
+            for i, layer in enumerate(model.model.layers):  # the block's input, at pass p's positions
+                layer.mlp.register_forward_pre_hook(
+                    lambda m, a, i=i, calls=iter(range(3)): rows[i].update(
+                        zip((positions + next(calls) * mixture.num_tokens).tolist(), a[0].flatten(0, 1))
+                    )
+                )
+            model(input_ids=torch.stack([w.ids for w in batch]))
+            for layer in model.model.layers:
+                layer.mlp._forward_pre_hooks.clear()
+    for i in range(5):
+        got = stats.layer(i)
+        total = LOOP_SCHEDULE.count(i) * mixture.num_tokens
+        sampled = torch.stack([rows[i][j * total // SMALL.sample_tokens] for j in range(SMALL.sample_tokens)])
+        torch.testing.assert_close(got.inputs, sampled, rtol=1e-5, atol=1e-5)
+        indices = torch.cat([indices for _, _, indices in seen[i]])
+        weights = torch.cat([weights for _, weights, _ in seen[i]])
+        assert len(seen[i]) == LOOP_SCHEDULE.count(i) * len(mixture.batches(SMALL.batch_size))
+        assert got.tokens.sum() == LOOP_SCHEDULE.count(i) * mixture.num_tokens
+        def per_expert(values):
+            return torch.zeros(4, dtype=torch.float64).index_add_(0, indices.flatten(), values.flatten().double())
+
+        assert torch.equal(got.counts.sum((0, 1)), per_expert(torch.ones(indices.shape))), i
+        gates = per_expert(weights)
+        torch.testing.assert_close(got.gate_sums.sum((0, 1)), gates, rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupted_inkling2_loop_calibration_resumes_to_the_same_statistics(loop_source, tmp_path, monkeypatch):
+    """Killed inside the loop (layer 2's statistics written at its last pass, step 6: the run resumes from
+    the snapshot before the loop, after step 1, and runs all three passes again) and after it."""
+    options = dataclasses.replace(SMALL, snapshot_seconds=0.0)
+    assert_resumes_to_the_same_statistics(loop_source, tmp_path, monkeypatch, options, [0, 1, 2], range(5))
+
+
+@pytest.mark.parametrize("method", ["reap", "naee"])
+def test_inkling2_loop_compresses(loop_source, tmp_path, method):
+    """REAP, and NAEE (which re-runs each layer on its sampled inputs: a looped layer's, from its passes);
+    the writer's checks reload the output in transformers."""
+    report = compress(loop_source, tmp_path / "out", method=method, ratio=0.5, calib_options=SMALL, quiet=True)
+    assert set(report["layers"]) == {"0", "1", "2", "3", "4"} and report["reload_checked"]
+
+
+def test_inkling2_loop_s_backward_sweep_is_refused_by_name(loop_source, tmp_path):
+    """The backward sweep does not carry gradients through the loop's passes: HEAPr is refused, not computed
+    as if each layer ran once."""
+    with pytest.raises(CheckpointError, match=r"looped decoder layers \(2..3\) 3 times .*another method"):
+        compress(loop_source, tmp_path / "out", method="heapr", ratio=0.5, calib_options=SMALL, quiet=True)
+
+
+def test_inkling2_loop_as_released_is_refused_by_name(tmp_path):
+    """As released (and saved by default), its message queries are two tensors transformers merges on loading,
+    which moelab does not: refused by name, with the fix."""
+    build("inkling2_loop_text", **LOOP).save_pretrained(tmp_path)
+    stored = "middle_cycle_cross_pass_queries and middle_cycle_cross_pass_kv_queries"
+    with pytest.raises(CheckpointError, match=rf"message_input.query is stored as {stored}.*save_original_format"):
+        LayerwiseModel(tmp_path).embed([torch.randint(0, 8192, (1, 6))])

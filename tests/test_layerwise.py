@@ -18,14 +18,13 @@ from moelab.models import MoETransformer, save_pretrained, tiny
 
 
 def layer_outputs(model, ids: torch.Tensor, num_layers: int, call) -> list[torch.Tensor]:
-    """What each decoder layer of the in-memory `model` outputs on `ids`."""
+    """What the decoder layers of the in-memory `model` output on `ids`, in the order they run (each
+    layer once, but Inkling 2 Loop's looped layers once a pass)."""
     _, layers = decoder_layers(model, num_layers)
-    outputs: list[torch.Tensor] = [None] * num_layers
+    outputs: list[torch.Tensor] = []
     handles = [
-        layer.register_forward_hook(
-            lambda m, a, o, i=i: outputs.__setitem__(i, o[0] if isinstance(o, tuple) else o)
-        )
-        for i, layer in enumerate(layers)
+        layer.register_forward_hook(lambda m, a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+        for layer in layers
     ]
     with torch.no_grad():
         call(ids)
@@ -35,12 +34,12 @@ def layer_outputs(model, ids: torch.Tensor, num_layers: int, call) -> list[torch
 
 
 def run_layerwise(path, batches, run_moe=None) -> list[list[torch.Tensor]]:
-    """Per layer, the outputs of every batch."""
+    """Per step of `LayerwiseModel.schedule` (per layer, but for a loop's), the outputs of every batch."""
     runner = LayerwiseModel(path)
     states = runner.embed(batches)
     per_layer = []
-    for i in range(runner.num_layers):
-        with runner.layer(i, run_moe=run_moe) as run:
+    for step, i in enumerate(runner.schedule):
+        with runner.layer(i, run_moe=run_moe, step=step) as run:
             states = [run(b, h) for b, h in enumerate(states)]
         per_layer.append(states)
         assert all(p.is_meta for p in runner.model.parameters()), "a layer's weights stayed in memory"
@@ -52,9 +51,10 @@ def assert_layers_are_transformers(path, model, batches: list[torch.Tensor]) -> 
     what it outputs in transformers' full forward of `model` (atol, rtol 1e-5)."""
     got = run_layerwise(path, batches)
     for b, ids in enumerate(batches):
-        expected = layer_outputs(model, ids, len(got), lambda x: model(input_ids=x))
+        expected = layer_outputs(model, ids, LayerwiseModel(path).num_layers, lambda x: model(input_ids=x))
+        assert len(expected) == len(got)
         for i, out in enumerate(expected):
-            torch.testing.assert_close(got[i][b], out, atol=1e-5, rtol=1e-5, msg=f"layer {i}, batch {b}")
+            torch.testing.assert_close(got[i][b], out, atol=1e-5, rtol=1e-5, msg=f"step {i}, batch {b}")
 
 
 @pytest.mark.parametrize("family", list(TINY))

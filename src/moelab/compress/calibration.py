@@ -14,6 +14,7 @@ statistics are written as soon as it is done, and the hidden states are saved ev
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from moelab.compress.distributed import agreed, join_torchrun, reduce_statistics
 from moelab.compress.gradients import backward_layer, backward_sweep, load_snapshot, save_tape, with_carry
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture, build_mixture
-from moelab.compress.observers import DEFAULT_OBSERVERS, OBSERVERS, MoECall, Tokens, eager_moe
+from moelab.compress.observers import DEFAULT_OBSERVERS, OBSERVERS, MoECall, Observer, Tokens, eager_moe
 from moelab.compress.stats import (
     KIND,
     RESUME_NAME,
@@ -189,6 +190,8 @@ def run_calibration(
                 "predicting each next token, and these calibration windows are one token long; give more tokens "
                 "(--calib-tokens) or longer windows (--seq-len)"
             )
+        if backward:
+            runner.check_backward()
         if info["mtp_layers"]:
             runner.check_mtp()
             _check_mtp_windows(info["mtp_layers"][0], mixture, backward)
@@ -203,11 +206,14 @@ def run_calibration(
         states = runner.embed([torch.stack([w.ids for w in batch]) for batch in windows])
         tokens = [_tokens(batch) for batch in windows]
         resume_file = directory / (RESUME_NAME if world == 1 else f"resume-{rank}-of-{world}.safetensors")
-        forward_done = same_job and previous["done"] == runner.num_layers - 1  # killed in the backward sweep
+        # done: the last step of the forward pass done (`LayerwiseModel.schedule`: the layers in order, but a
+        # loop's once a pass)
+        steps = len(runner.schedule)
+        forward_done = same_job and previous["done"] == steps - 1  # killed in the backward sweep
         start = previous["done"] + 1 if same_job and (resume_file.is_file() or forward_done) else 0
         start = agreed(start, world, "min")
         mtp_pending = bool(info["mtp_layers"]) and not (same_job and previous.get("mtp_done"))
-        if 0 < start < runner.num_layers or (start == runner.num_layers and mtp_pending):
+        if 0 < start < steps or (start == steps and mtp_pending):
             states, runner.carry = load_snapshot(resume_file, len(states), dtype)
         elif start == 0 and rank == 0:
             clear_staging(directory)
@@ -220,29 +226,33 @@ def run_calibration(
             "seconds": seconds,
             "coverage": coverage,
         }
-        if start == runner.num_layers and "backward_next" in previous:  # killed in the backward sweep
+        if start == steps and "backward_next" in previous:  # killed in the backward sweep
             info["backward_next"] = previous["backward_next"]
         if rank == 0:
             write_info(directory, info)
         began, snapped = time.perf_counter() - seconds, time.perf_counter()
-        layers = range(start, runner.num_layers)
-        for index in tqdm(layers, desc=f"calibrate {model.name}", unit="layer", disable=quiet):
+        looping: dict[int, list[Observer]] = {}  # a looped layer's observers, until its last pass
+        for step in tqdm(range(start, steps), desc=f"calibrate {model.name}", unit="layer", disable=quiet):
+            index = runner.schedule[step]
             if backward:
                 save_tape(directory, rank, world, index, states, runner.carry_taped_by(index))
-            stats = _calibrate_layer(runner, index, states, tokens, mixture, options, world)
+            stats = _calibrate_layer(runner, index, states, tokens, mixture, options, world, step=step, looping=looping)
             if stats is not None:
                 coverage[str(index)] = int((stats.counts.sum((0, 1)) < COVERAGE_MIN_TOKENS).sum())
                 if rank == 0:
                     write_layer(directory, stats)
             now = time.perf_counter()
-            last = index == runner.num_layers - 1
+            last = step == steps - 1
+            after = runner.num_layers if last else runner.schedule[step + 1]  # the layer run next
             info |= {"seconds": round(now - began, 3), "coverage": coverage}
-            if last or agreed(now - snapped >= options.snapshot_seconds, world, "max"):
+            # inside a loop the run also holds what its passes read: a killed run resumes from before it
+            due = runner.resumable_after(step) and agreed(now - snapped >= options.snapshot_seconds, world, "max")
+            if last or due:
                 if not last or mtp_pending:  # the MTP layer starts from the last layer's output
-                    save_safetensors(with_carry(states, runner.carry_read_by(index + 1)), resume_file)
+                    save_safetensors(with_carry(states, runner.carry_read_by(after)), resume_file)
                 if last and backward:
-                    save_tape(directory, rank, world, index + 1, states, runner.carry_taped_by(index + 1))
-                info["done"] = index
+                    save_tape(directory, rank, world, after, states, runner.carry_taped_by(after))
+                info["done"] = step
                 if rank == 0:
                     write_info(directory, info)
                 snapped = now
@@ -274,7 +284,7 @@ def run_calibration(
             )
         elapsed = time.perf_counter() - began
         info |= {
-            "done": runner.num_layers - 1,
+            "done": steps - 1,
             "complete": True,
             "seconds": round(elapsed, 3),
             "tokens_per_second": round(mixture.num_tokens / max(elapsed, 1e-9), 1),
@@ -340,12 +350,18 @@ def _check_mtp_windows(index: int, mixture: Mixture, backward: list[str]) -> Non
 
 
 def _calibrate_layer(
-    runner, index, states, tokens, mixture: Mixture, options: CalibrationOptions, world: int, total_tokens=None
-):
+    runner, index, states, tokens, mixture: Mixture, options: CalibrationOptions, world: int, total_tokens=None,
+    *, step: int | None = None, looping: dict[int, list[Observer]] | None = None,
+):  # fmt: skip
     """Run decoder layer `index` over every batch of hidden states (replaced by its outputs);
     for an MoE layer, the statistics of its block (summed over the process group). total_tokens:
-    the tokens the layer sees over the whole mixture (default: all of them)."""
+    the tokens the layer sees over the whole mixture (default: all of them). step: where in the
+    runner's schedule it runs (default: `index`); a looped layer (Inkling 2 Loop's, run several
+    times a forward pass) keeps its observers in `looping` ({layer: observers}) from pass to pass
+    and gives the statistics of all of them after its last (None before): its block sees the
+    mixture's tokens once a pass, pass p's at positions p x total_tokens + their own."""
     view = runner.moe_view(index)
+    passes, number = runner.passes(index), 0 if step is None else runner.pass_number(step)
     calls: list[MoECall] = []
 
     def run_moe(moe, x, context=None):
@@ -354,24 +370,30 @@ def _calibrate_layer(
         return call.output.view_as(x)
 
     observers = []
-    if view is not None:
+    total = mixture.num_tokens if total_tokens is None else total_tokens
+    if view is not None and number > 0:
+        observers = looping.pop(index)
+    elif view is not None:
         E, D = view.router.num_experts, view.router.dim
-        total = mixture.num_tokens if total_tokens is None else total_tokens
-        extra = {"total_tokens": total, "sample_tokens": options.sample_tokens}
+        extra = {"total_tokens": total * passes, "sample_tokens": options.sample_tokens}
         names = [
             n
             for n in options.observers
             if not OBSERVERS[n].backward and (n != "inputs" or options.sample_tokens)
         ]
         observers = [OBSERVERS[name](E, len(mixture.sources), D, extra) for name in names]
-    with runner.layer(index, run_moe=run_moe if view is not None else None) as run:
+    with runner.layer(index, run_moe=run_moe if view is not None else None, step=step) as run:
         for b, hidden in enumerate(states):
             states[b] = run(b, hidden)
             if view is not None:
                 call = calls.pop()
+                seen = dataclasses.replace(tokens[b], position=tokens[b].position + number * total)
                 for observer in observers:
-                    observer.update(call, tokens[b], states[b])
+                    observer.update(call, seen, states[b])
     if view is None:
+        return None
+    if number < passes - 1:
+        looping[index] = observers
         return None
     results = {k: v for observer in observers for k, v in observer.result().items()}
     reduce_statistics(results, world)

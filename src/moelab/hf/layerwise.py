@@ -15,6 +15,13 @@ A checkpoint with a multi-token prediction layer (DeepSeek-V3, GLM-4.5, Qwen3-Ne
     with runner.layer(runner.mtp_layers[0]) as run:
         states = [run(b, h) for b, h in enumerate(states)]
 
+Inkling 2 Loop runs some of its layers several times a forward pass (`Loop`): `runner.schedule`
+lists the layer each step runs, in transformers' order, and each step is run with its number:
+
+    for step, i in enumerate(runner.schedule):       # range(num_layers) for every other model
+        with runner.layer(i, step=step) as run:
+            states = [run(b, h) for b, h in enumerate(states)]
+
 The skeleton is the model's own class (transformers' for its checkpoints, moelab's for its own)
 built on the meta device; only the tensors it computes itself (rotary tables) are real. The
 embedding is read for `embed` and dropped again; `layer(i)` reads decoder layer i's tensors by
@@ -76,6 +83,32 @@ HANDED_ON = (CARRIED, ROUTER_STATES)  # a layer returns (hidden, the value the n
 DIFFERENTIABLE = (BLOCK_STATES, ROUTER_STATES)  # carried values the backward run carries gradients through
 
 
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """Inkling 2 Loop's looped decoder layers [start, end), run `passes` times a forward pass: each pass
+    after the first restarts from the states (hidden and block_states) that entered the loop and reads
+    messages computed from the pass before's output and the block states it appended (the model's
+    message_input; transformers' Inkling2LoopTextModel.forward)."""
+
+    start: int
+    end: int
+    passes: int
+
+    def schedule(self, num_layers: int) -> list[int]:
+        """The layer each step of a forward pass runs: those before the loop, the loop's `passes` times,
+        those after it."""
+        looped = list(range(self.start, self.end))
+        return [*range(self.start), *looped * self.passes, *range(self.end, num_layers)]
+
+
+def looped_layers(layers: nn.ModuleList, config) -> Loop | None:
+    """The model's loop, where its decoder layers read messages (Inkling 2 Loop); else None."""
+    if not any(LOOP_MESSAGES in _parameters(layer) for layer in layers):
+        return None
+    text = config.get_text_config()
+    return Loop(text.loop_layer_index_start, text.loop_layer_index_end, text.loop_num_passes)
+
+
 class _Stop(Exception):
     """Raised by the last decoder layer's stand-in: everything after the layers is not needed."""
 
@@ -96,7 +129,8 @@ class LayerwiseModel:
     saves it with the hidden states: `carry_read_by`, `carry_taped_by`); carry_grad: per batch, for
     block_states, the gradient of the loss with respect to them gathered so far by the backward run,
     for router states with respect to those the next layer to run backward hands on
-    (`head_gradients`, `layer_backward`).
+    (`head_gradients`, `layer_backward`). loop: Inkling 2 Loop's looped layers (`Loop`), else None;
+    schedule: the layer each step of a forward pass runs (the layers in order, a loop's once a pass).
     """
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype = torch.float32):
@@ -125,13 +159,10 @@ class LayerwiseModel:
         )
         self.carry: list[Tensor | None] = []  # per batch: the carried value the next layer run reads
         self.carry_grad: list[Tensor | None] = []  # per batch: d loss / d block_states or router states
-        if looped := [i for i, layer in enumerate(self._layers) if LOOP_MESSAGES in _parameters(layer)]:
-            raise CheckpointError(
-                f"{self.path}: Inkling 2 Loop runs its looped decoder layers ({looped[0]}..{looped[-1]}) several "
-                "times a forward pass, each pass after the first reading messages from the one before, and moelab's "
-                "layer-by-layer runs run each layer once; calibration, and so compress, cannot run on it (the "
-                "checkpoint view, the writer and offloaded decoding can)"
-            )
+        self.loop = looped_layers(self._layers, self.model.config)
+        # the layer each step of a forward pass runs, in transformers' order: a looped layer once a pass
+        self.schedule = list(range(self.num_layers)) if self.loop is None else self.loop.schedule(self.num_layers)
+        self._passes: list[dict[str, tuple[Tensor, Tensor]]] = []  # per batch: the loop's states (`_enter_loop`)
         self.moe_layers = self.family.moe_layers(self._ckpt, config)
         # moelab runs one MTP layer, not a chain of them: a checkpoint storing
         # several runs its decoder layers alone (compress refuses to prune such layers, and drops them)
@@ -161,6 +192,7 @@ class LayerwiseModel:
         self._calls = [calls for _, calls in recorded]
         self.carry = [self._no_blocks(hidden) for hidden, _ in recorded]
         self.carry_grad = [None] * len(recorded)
+        self._passes = [{} for _ in recorded]
         return [hidden for hidden, _ in recorded]
 
     def _no_blocks(self, hidden: Tensor) -> Tensor | None:
@@ -169,7 +201,7 @@ class LayerwiseModel:
 
     @contextlib.contextmanager
     def layer(
-        self, index: int, *, run_moe: RunMoE | None = None
+        self, index: int, *, run_moe: RunMoE | None = None, step: int | None = None
     ) -> Iterator[Callable[[int, Tensor], Tensor]]:
         """Decoder layer `index` with its weights: yields run(batch number, hidden [B, S, D]) ->
         the layer's output [B, S, D]. run_moe(moe, x [..., D], context=...) -> y computes its MoE block
@@ -177,12 +209,19 @@ class LayerwiseModel:
         grouped kernels cast one expert at a time), so a layer never holds a second copy. Where
         layers hand a value on (`carried`), run reads carry[batch] and leaves the next layer's there
         (the layer's own, or block_states with a block-boundary layer's input appended): run the
-        layers in order."""
+        layers in order. step: where in `schedule` the layer runs (default: `index`, where each
+        layer runs once); hidden is the output of the step before, which a looped layer's later
+        passes read messages from (`Loop`): run the steps in order."""
+        step = self._step(index, step)
         with self._loaded(index, run_moe, cast_experts=run_moe is None) as module:
 
             def run(batch: int, hidden: Tensor) -> Tensor:
+                hidden, messages = self._enter_loop(batch, index, step, hidden)
                 with torch.no_grad():
-                    out = module(hidden, *self._inputs(batch, index)[0], **self._kwargs(batch, index))
+                    kwargs = self._kwargs(batch, index, step) | messages
+                    out = module(hidden, *self._inputs(batch, index, step)[0], **kwargs)
+                if step in self._loop_steps[-1:]:  # the loop is done: what it held is not read again
+                    self._passes[batch].clear()
                 if self.carried in HANDED_ON and index not in self._mtp_modules:
                     self.carry[batch] = out[1]
                 if self.carried == BLOCK_STATES and module.is_block_boundary:
@@ -206,6 +245,7 @@ class LayerwiseModel:
         carry_grad[batch] holds the gradient with respect to the state the layer hands on (None:
         nothing above reads it) and is replaced by that with respect to the state it read (None for
         the first layer, which reads none). Run the layers from the top down, after `head_gradients`."""
+        self.check_backward()
         with self._loaded(index, run_moe, cast_experts=True) as module:
 
             def vjp(batch: int, hidden: Tensor, grad_out: Tensor) -> Tensor:
@@ -256,6 +296,7 @@ class LayerwiseModel:
         model's own final norm and output head (one sequence at a time). For block_states, the
         head reads carry[batch] through the model's final_input, and carry_grad[batch] is set to
         the loss's gradient with respect to them."""
+        self.check_backward()
         feed: list[Tensor] = []
 
         def logits(ids: Tensor, *inputs: Tensor) -> Tensor:
@@ -334,14 +375,84 @@ class LayerwiseModel:
 
         return [grad for (grad,) in _loss_gradients(batches, [(h,) for h in states], logits, scale, shift=2)]
 
+    def check_backward(self) -> None:
+        """Refuse (CheckpointError) a backward run moelab cannot do, before it runs: through a loop, whose
+        later passes read the states that entered it and messages from the pass before, which the
+        backward run does not carry gradients through."""
+        if self.loop is not None:
+            raise CheckpointError(
+                f"{self.path}: Inkling 2 Loop runs its looped decoder layers ({self.loop.start}..{self.loop.end - 1}) "
+                f"{self.loop.passes} times a forward pass, and moelab's backward sweep does not carry gradients "
+                "through the passes: the statistics it gathers (neurons: HEAPr, moelab's recipe) are not computed "
+                "for it; compress with another method"
+            )
+
     def check_mtp(self) -> None:
         """Refuse (CheckpointError) a multi-token prediction layer moelab cannot run, before it runs."""
         if self._mtp_refused is not None:
             raise CheckpointError(self._mtp_refused)
 
-    def _kwargs(self, batch: int, index: int) -> dict:
-        """Layer `index`'s keyword inputs for batch `batch`, the carried value included."""
-        kwargs = self._inputs(batch, index)[1]
+    def _step(self, index: int, step: int | None) -> int:
+        """Where in `schedule` layer `index` runs: `step`, checked, or `index` where it runs once."""
+        if index in self._mtp_modules:
+            return index
+        if step is None and self.schedule.count(index) == 1:
+            return self.schedule.index(index)
+        if step is None or not 0 <= step < len(self.schedule) or self.schedule[step] != index:
+            runs = [s for s, i in enumerate(self.schedule) if i == index]
+            raise ValueError(f"layer {index} runs at steps {runs} of a forward pass, not at {step}: give one as step")
+        return step
+
+    def pass_number(self, step: int) -> int:
+        """Which pass of its layer step `step` runs (0 but for a looped layer's later passes)."""
+        return self.schedule[:step].count(self.schedule[step])
+
+    def passes(self, index: int) -> int:
+        """How many times a forward pass runs layer `index`."""
+        return self.schedule.count(index) if index < self.num_layers else 1
+
+    def resumable_after(self, step: int) -> bool:
+        """Whether the states after step `step` (the hidden states, `carry_read_by` the next layer) are
+        all the run after it needs: not between two steps of the loop (`Loop`), whose later passes also
+        read the states that entered it and what the pass before made."""
+        return step not in self._loop_steps[:-1]
+
+    @property
+    def _loop_steps(self) -> range:
+        """The steps of `schedule` that run the loop's layers (none without one)."""
+        if self.loop is None:
+            return range(0)
+        return range(self.loop.start, self.loop.start + (self.loop.end - self.loop.start) * self.loop.passes)
+
+    def _enter_loop(self, batch: int, index: int, step: int, hidden: Tensor) -> tuple[Tensor, dict]:
+        """(the hidden states layer `index` reads at step `step`, {messages: [B, S, 4, D]} for a looped
+        layer's later passes, else {}), given `hidden`, the output of the step before. A loop's first
+        layer keeps, on its first pass, the states entering the loop, and on the later ones restarts from
+        them (carry[batch] too), keeping the output of the pass before and the block states it appended
+        past its first one as what the messages are computed from (transformers' model loop)."""
+        if self.loop is None or not self.loop.start <= index < self.loop.end:
+            return hidden, {}
+        number, held = self.pass_number(step), self._passes[batch]
+        if index == self.loop.start and number == 0:
+            held.clear()
+            held["entering"] = (hidden, self.carry[batch])
+        elif index == self.loop.start:
+            entering, blocks = held["entering"]
+            held["before"] = (hidden, self.carry[batch][..., blocks.shape[-2] + 1 :, :])
+            hidden, self.carry[batch] = entering, blocks
+        if number == 0:
+            return hidden, {}
+        if "before" not in held:
+            raise RuntimeError(f"step {step} runs pass {number} of layer {index}: run the steps in order")
+        before, appended = held["before"]
+        with torch.no_grad():
+            messages = self._base_model().message_input(appended, before, index - self.loop.start)
+        return hidden, {LOOP_MESSAGES: messages}
+
+    def _kwargs(self, batch: int, index: int, step: int | None = None) -> dict:
+        """Layer `index`'s keyword inputs for batch `batch` at `step` (default: `index`), the carried
+        value included."""
+        kwargs = self._inputs(batch, index, step)[1]
         if self.carried is None:
             return kwargs
         if self.carried == BLOCK_STATES and (held := self.carry[batch].shape[-2]) != (reads := self._blocks_below(index)):
@@ -355,13 +466,14 @@ class LayerwiseModel:
         """How many block-boundary layers run before layer `index`: the block states it reads (Inkling 2)."""
         return sum(layer.is_block_boundary for layer in self._layers[:index])
 
-    def _inputs(self, batch: int, index: int) -> tuple[tuple, dict]:
-        """Layer `index`'s inputs besides the hidden states for batch `batch`."""
+    def _inputs(self, batch: int, index: int, step: int | None = None) -> tuple[tuple, dict]:
+        """Layer `index`'s inputs besides the hidden states for batch `batch`, where it runs at `step`
+        of `schedule` (default: `index`)."""
         if index in self._mtp_modules:
             if not self._mtp_calls:
                 raise RuntimeError("call mtp_states() first: the MTP layer's inputs are recorded there")
             return self._mtp_calls[batch]
-        return self._calls[batch][index]
+        return self._calls[batch][index if step is None else step]
 
     def _mtp_module_keys(self) -> MTPModule:
         (module,) = self.family.mtp
@@ -428,6 +540,9 @@ class LayerwiseModel:
     def _mtp_tensor(self, key: str) -> Tensor:
         return self._ckpt.get(key).to(self.dtype)
 
+    def _module_name(self, module: nn.Module) -> str:
+        return next(name for name, m in self.model.named_modules() if m is module)
+
     def _head_key(self) -> str:
         """The stored key of the output head's weight (the embedding's where tied)."""
         head = self.model.get_output_embeddings()
@@ -445,11 +560,17 @@ class LayerwiseModel:
         module = self._mtp_modules[index] if index in self._mtp_modules else self._layers[index]
         prefix = self.family.prefix(index) if index in self._mtp_modules else f"{self._layers_name}.{index}."
         installed = self._swap_moe_block(index, module, run_moe, cast_experts)
+        # a looped layer's later passes read messages through the model's message_input (`_enter_loop`)
+        messages = self._base_model().message_input if self.loop and self.loop.start <= index < self.loop.end else None
         try:
             self._load(module, prefix, skip=installed[0] if installed else None)
+            if messages is not None:
+                self._load(messages, f"{self._module_name(messages)}.", skip=None)
             yield module
         finally:
             _to_meta(module)
+            if messages is not None:
+                _to_meta(messages)
             if installed is not None:
                 installed[1]()
             release_freed_memory()
@@ -553,7 +674,7 @@ class LayerwiseModel:
                 continue
             key = stored_key(self._ckpt, self._stored_as.get(name, name), self.family.stored_renames)
             if key not in self._ckpt:
-                raise CheckpointError(f"{self.path}: {name} is not in the checkpoint")
+                raise CheckpointError(_missing(self._ckpt, key, self.model))
             if key not in tensors:
                 kept = self._float32 is not None and self._float32.search(name)
                 tensors[key] = self._ckpt.get(key).to(torch.float32 if kept else self.dtype)
@@ -585,14 +706,21 @@ class LayerwiseModel:
                 if self.carried is not None:  # by name: the run hands the carried value itself (`_kwargs`)
                     args, kwargs = (), {**dict(zip(positional, args)), **kwargs}
                 # the carried value is not recorded: the model loop builds Inkling 2's block_states from the
-                # pass-through states (wrong), one tensor a block (0 + 1 + ... + K copies of the states)
-                recorded_kwargs = {name: value for name, value in kwargs.items() if name != self.carried}
-                if index == 0:
+                # pass-through states (wrong), one tensor a block (0 + 1 + ... + K copies of the states);
+                # nor are Inkling 2 Loop's messages, made from them too (the run computes its own: `_enter_loop`)
+                recorded_kwargs = {n: v for n, v in kwargs.items() if n not in (self.carried, LOOP_MESSAGES)}
+                if len(calls) == len(self.schedule):  # the forward pass before is done
                     calls.clear()
+                if not calls:
                     first[:] = [hidden_states]
                     hidden_states = hidden_states if feed is None else feed[0]
+                if index != self.schedule[len(calls)]:
+                    raise CheckpointError(
+                        f"{self.path}: the model's forward pass runs layer {index} at step {len(calls)}, where moelab "
+                        f"runs layer {self.schedule[len(calls)]}; moelab cannot run it layer by layer"
+                    )
                 calls.append((args, recorded_kwargs))
-                if index == self.num_layers - 1:
+                if len(calls) == len(self.schedule):
                     recorded.append((first[0], list(calls)))
                     if feed is None:
                         raise _Stop
