@@ -188,8 +188,11 @@ def loop_source(tmp_path_factory) -> Path:
 def test_inkling2_loop_s_every_step_is_transformers(loop_source):
     """The looped layers run once a pass, the later passes restarting from the states that entered the loop
     and reading the messages of the pass before: each step's output is what the layer outputs in that call
-    of transformers' forward."""
-    assert LayerwiseModel(loop_source).schedule == LOOP_SCHEDULE
+    of transformers' forward. A looped layer run at another step than its own is refused."""
+    runner = LayerwiseModel(loop_source)
+    assert runner.schedule == LOOP_SCHEDULE
+    with pytest.raises(ValueError, match=r"layer 2 runs at steps \[2, 4, 6\] of a forward pass, not at 3: give one"):
+        runner.layer(2, step=3).__enter__()
     batches = [torch.randint(0, 8192, (2, 9)), torch.randint(0, 8192, (1, 12))]
     assert_layers_are_transformers(loop_source, load(loop_source), batches)
 
