@@ -197,6 +197,17 @@ def test_inkling2_loop_s_every_step_is_transformers(loop_source):
     assert_layers_are_transformers(loop_source, load(loop_source), batches)
 
 
+def test_a_loop_of_several_blocks_reads_messages_from_the_block_states_its_pass_appended(tmp_path):
+    """As released, the loop spans several blocks (12 layers in blocks of 6): a pass appends a block state
+    past the loop's first (its restart, skipped), which the next pass's messages read; with LOOP's loop of
+    one block they read none. Here layers 2..5 in blocks of 2, looped twice; layer 6 reads the last pass's."""
+    config = dict(LOOP, num_hidden_layers=7, layer_types=["hybrid_sliding", "hybrid"] * 3 + ["hybrid"],
+                  loop_layer_index_end=6, loop_num_passes=2)  # fmt: skip
+    build("inkling2_loop_text", **config).save_pretrained(tmp_path, save_original_format=False)
+    assert LayerwiseModel(tmp_path).schedule == [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6]
+    assert_layers_are_transformers(tmp_path, load(tmp_path), [torch.randint(0, 8192, (2, 9))])
+
+
 def test_inkling2_loop_s_looped_layers_gather_statistics_over_their_passes(loop_source, tmp_path):
     """A looped layer's statistics sum those of each pass (its tokens counted once a pass): its routing
     counts and combine weights are those of transformers' router, every call of it, over the calibration
