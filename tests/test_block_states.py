@@ -248,11 +248,15 @@ def test_inkling2_loop_s_looped_layers_gather_statistics_over_their_passes(loop_
         torch.testing.assert_close(got.gate_sums.sum((0, 1)), gates, rtol=1e-5, atol=1e-5)
 
 
-def test_an_interrupted_inkling2_loop_calibration_resumes_to_the_same_statistics(loop_source, tmp_path, monkeypatch):
+@pytest.mark.parametrize("killed_at", [[0, 1, 2], [0, 1, 2, 3, 4]], ids=["inside", "after"])
+def test_an_interrupted_inkling2_loop_calibration_resumes_to_the_same_statistics(
+    loop_source, tmp_path, monkeypatch, killed_at
+):
     """Killed inside the loop (layer 2's statistics written at its last pass, step 6: the run resumes from
-    the snapshot before the loop, after step 1, and runs all three passes again) and after it."""
+    the snapshot before the loop, after step 1, and runs all three passes again) and after it (in layer 4,
+    step 8: it resumes from the snapshot after the loop's last step)."""
     options = dataclasses.replace(SMALL, snapshot_seconds=0.0)
-    assert_resumes_to_the_same_statistics(loop_source, tmp_path, monkeypatch, options, [0, 1, 2], range(5))
+    assert_resumes_to_the_same_statistics(loop_source, tmp_path, monkeypatch, options, killed_at, range(5))
 
 
 @pytest.mark.parametrize("method", ["reap", "naee"])
