@@ -259,19 +259,24 @@ def test_an_interrupted_inkling2_loop_calibration_resumes_to_the_same_statistics
     assert_resumes_to_the_same_statistics(loop_source, tmp_path, monkeypatch, options, killed_at, range(5))
 
 
-@pytest.mark.parametrize("method", ["reap", "naee"])
-def test_inkling2_loop_compresses(loop_source, tmp_path, method):
-    """REAP, and NAEE (which re-runs each layer on its sampled inputs: a looped layer's, from its passes);
-    the writer's checks reload the output in transformers."""
-    report = compress(loop_source, tmp_path / "out", method=method, ratio=0.5, calib_options=SMALL, quiet=True)
+@pytest.mark.parametrize("method, options", [("reap", {}), ("naee", {}), ("moelab", {"strategy": "experts"})])
+def test_inkling2_loop_compresses(loop_source, tmp_path, method, options):
+    """REAP, NAEE (which re-runs each layer on its sampled inputs: a looped layer's, from its passes) and
+    moelab's recipe on its expert path; the writer's checks reload the output in transformers."""
+    report = compress(
+        loop_source, tmp_path / "out", method=method, method_options=options, ratio=0.5, calib_options=SMALL, quiet=True
+    )
     assert set(report["layers"]) == {"0", "1", "2", "3", "4"} and report["reload_checked"]
 
 
-def test_inkling2_loop_s_backward_sweep_is_refused_by_name(loop_source, tmp_path):
-    """The backward sweep does not carry gradients through the loop's passes: HEAPr is refused, not computed
-    as if each layer ran once."""
-    with pytest.raises(CheckpointError, match=r"looped decoder layers \(2..3\) 3 times .*another method"):
-        compress(loop_source, tmp_path / "out", method="heapr", ratio=0.5, calib_options=SMALL, quiet=True)
+@pytest.mark.parametrize("method", ["heapr", "moelab"])
+def test_inkling2_loop_s_backward_sweep_is_refused_by_name(loop_source, tmp_path, method):
+    """The backward sweep does not carry gradients through the loop's passes: HEAPr, and moelab's recipe
+    choosing its path (strategy auto, which weighs the neuron path), are refused, not computed as if each
+    layer ran once; the error names the recipe's expert path, which needs no backward sweep."""
+    refused = r"looped decoder layers \(2..3\) 3 times .*another method, or moelab's recipe .*strategy=experts"
+    with pytest.raises(CheckpointError, match=refused):
+        compress(loop_source, tmp_path / "out", method=method, ratio=0.5, calib_options=SMALL, quiet=True)
 
 
 def test_inkling2_loop_as_released_is_refused_by_name(tmp_path):

@@ -384,7 +384,7 @@ class LayerwiseModel:
                 f"{self.path}: Inkling 2 Loop runs its looped decoder layers ({self.loop.start}..{self.loop.end - 1}) "
                 f"{self.loop.passes} times a forward pass, and moelab's backward sweep does not carry gradients "
                 "through the passes: the statistics it gathers (neurons: HEAPr, moelab's recipe) are not computed "
-                "for it; compress with another method"
+                "for it; compress with another method, or moelab's recipe with its expert path (--option strategy=experts)"
             )
 
     def check_mtp(self) -> None:
