@@ -66,19 +66,28 @@ def test_the_backward_run_is_autograd_through_the_whole_model(source):
     vector-Jacobian products from the top down, each reading the block_states of its forward run,
     against autograd through transformers' model: the gradient with respect to every layer's input and
     the last layer's output."""
+    carried = assert_backward_is_autograd(source, 4)
+    assert [c.shape[-2] for c in carried] == [0, 1, 1, 2, 2]
+
+
+def assert_backward_is_autograd(source, num_layers: int) -> list[torch.Tensor]:
+    """The check of the test above on `source` (`num_layers` decoder layers); returns the block_states
+    each layer read and the final input's."""
     ids = torch.randint(0, 8192, (2, 9), generator=torch.Generator().manual_seed(0))
     runner = LayerwiseModel(source)
-    states, inputs, carried = run_layers_in_order(runner, ids, 4)
-    assert [c.shape[-2] for c in carried + runner.carry] == [0, 1, 1, 2, 2]
-    grads = {4: runner.head_gradients([ids], states, 1.0)[0]}
-    for index in reversed(range(4)):
+    states, inputs, carried = run_layers_in_order(runner, ids, num_layers)
+    final = runner.carry
+    grads = {num_layers: runner.head_gradients([ids], states, 1.0)[0]}
+    for index in reversed(range(num_layers)):
         runner.carry = [carried[index]]
         with runner.layer_backward(index) as vjp:
             grads[index] = vjp(0, inputs[index], grads[index + 1])
     model = load(source)
-    seen = autograd_input_gradients(model, ids, [*model.model.layers, model.model.final_input], lambda i: 0 if i < 4 else 1)
-    for index in range(5):
+    modules = [*model.model.layers, model.model.final_input]
+    seen = autograd_input_gradients(model, ids, modules, lambda i: 0 if i < num_layers else 1)
+    for index in range(num_layers + 1):
         torch.testing.assert_close(grads[index], seen[index], atol=1e-6, rtol=1e-4, msg=f"layer {index}")
+    return carried + final
 
 
 def autograd_input_gradients(model, ids, modules, position=lambda index: 0) -> dict[int, torch.Tensor]:
@@ -277,6 +286,14 @@ def test_inkling2_loop_s_backward_sweep_is_refused_by_name(loop_source, tmp_path
     refused = r"looped decoder layers \(2..3\) 3 times .*another method, or moelab's recipe .*strategy=experts"
     with pytest.raises(CheckpointError, match=refused):
         compress(loop_source, tmp_path / "out", method=method, ratio=0.5, calib_options=SMALL, quiet=True)
+
+
+def test_inkling2_loop_of_one_pass_runs_each_layer_once_forward_and_backward(tmp_path):
+    """loop_num_passes 1 reads no messages: the run is Inkling 2's, its backward sweep autograd's."""
+    build("inkling2_loop_text", **dict(LOOP, loop_num_passes=1)).save_pretrained(tmp_path, save_original_format=False)
+    assert LayerwiseModel(tmp_path).schedule == list(range(5))
+    assert_layers_are_transformers(tmp_path, load(tmp_path), [torch.randint(0, 8192, (2, 9))])
+    assert_backward_is_autograd(tmp_path, 5)
 
 
 def test_inkling2_loop_as_released_is_refused_by_name(tmp_path):

@@ -102,10 +102,13 @@ class Loop:
 
 
 def looped_layers(layers: nn.ModuleList, config) -> Loop | None:
-    """The model's loop, where its decoder layers read messages (Inkling 2 Loop); else None."""
+    """The model's loop, where its decoder layers read messages (Inkling 2 Loop) and run more than once
+    a forward pass; else None (a single pass reads no messages: each layer runs once)."""
     if not any(LOOP_MESSAGES in _parameters(layer) for layer in layers):
         return None
     text = config.get_text_config()
+    if text.loop_num_passes == 1:
+        return None
     return Loop(text.loop_layer_index_start, text.loop_layer_index_end, text.loop_num_passes)
 
 
@@ -129,8 +132,9 @@ class LayerwiseModel:
     saves it with the hidden states: `carry_read_by`, `carry_taped_by`); carry_grad: per batch, for
     block_states, the gradient of the loss with respect to them gathered so far by the backward run,
     for router states with respect to those the next layer to run backward hands on
-    (`head_gradients`, `layer_backward`). loop: Inkling 2 Loop's looped layers (`Loop`), else None;
-    schedule: the layer each step of a forward pass runs (the layers in order, a loop's once a pass).
+    (`head_gradients`, `layer_backward`). loop: Inkling 2 Loop's looped layers (`Loop`), else None
+    (also for a single pass); schedule: the layer each step of a forward pass runs (the layers in
+    order, a loop's once a pass).
     """
 
     def __init__(self, path: str | Path, *, dtype: torch.dtype = torch.float32):
