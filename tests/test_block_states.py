@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_tiny import TINY, build, load
+from safetensors.torch import load_file, save_file
 from test_dsa import (
     assert_backward_sweep_is_autograd,
     assert_resumes_to_the_same_statistics,
@@ -206,13 +207,15 @@ def test_inkling2_loop_s_every_step_is_transformers(loop_source):
     assert_layers_are_transformers(loop_source, load(loop_source), batches)
 
 
-def test_a_loop_of_several_blocks_reads_messages_from_the_block_states_its_pass_appended(tmp_path):
+@pytest.mark.parametrize("released", [False, True], ids=["transformers-names", "released"])
+def test_a_loop_of_several_blocks_reads_messages_from_the_block_states_its_pass_appended(tmp_path, released):
     """As released, the loop spans several blocks (12 layers in blocks of 6): a pass appends a block state
     past the loop's first (its restart, skipped), which the next pass's messages read; with LOOP's loop of
-    one block they read none. Here layers 2..5 in blocks of 2, looped twice; layer 6 reads the last pass's."""
+    one block they read none. Here layers 2..5 in blocks of 2, looped twice; layer 6 reads the last pass's.
+    As released, its message queries are read from the two tensors transformers merges them from."""
     config = dict(LOOP, num_hidden_layers=7, layer_types=["hybrid_sliding", "hybrid"] * 3 + ["hybrid"],
                   loop_layer_index_end=6, loop_num_passes=2)  # fmt: skip
-    build("inkling2_loop_text", **config).save_pretrained(tmp_path, save_original_format=False)
+    build("inkling2_loop_text", **config).save_pretrained(tmp_path, save_original_format=released)
     assert LayerwiseModel(tmp_path).schedule == [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6]
     assert_layers_are_transformers(tmp_path, load(tmp_path), [torch.randint(0, 8192, (2, 9))])
 
@@ -296,10 +299,16 @@ def test_inkling2_loop_of_one_pass_runs_each_layer_once_forward_and_backward(tmp
     assert_backward_is_autograd(tmp_path, 5)
 
 
-def test_inkling2_loop_as_released_is_refused_by_name(tmp_path):
-    """As released (and saved by default), its message queries are two tensors transformers merges on loading,
-    which moelab does not: refused by name, with the fix."""
+def test_inkling2_loop_s_released_queries_that_do_not_merge_into_config_json_s_are_refused(tmp_path):
+    """As released (and saved by default), its message queries are two tensors transformers merges on loading
+    (read so: the test above): parts that do not fit together, or merge into another shape than config.json's,
+    are refused by name."""
     build("inkling2_loop_text", **LOOP).save_pretrained(tmp_path)
-    stored = "middle_cycle_cross_pass_queries and middle_cycle_cross_pass_kv_queries"
-    with pytest.raises(CheckpointError, match=rf"message_input.query is stored as {stored}.*save_original_format"):
-        LayerwiseModel(tmp_path).embed([torch.randint(0, 8192, (1, 6))])
+    tensors = load_file(tmp_path / "model.safetensors")
+    kv, q = "model.llm.middle_cycle_cross_pass_kv_queries", "model.llm.middle_cycle_cross_pass_queries"
+    for shortened, refused in (({kv: tensors[kv][:2]}, "cannot be merged from the tensors it is stored as"),
+                               ({kv: tensors[kv][:2], q: tensors[q][:2]}, r"merged from the tensors it is stored as, is "
+                                                                          r"\[1, 4, 32\] .* config.json makes it a finite \[2, 4, 32\]")):
+        save_file({**tensors, **shortened}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=r"message_input.query.*" + refused):
+            LayerwiseModel(tmp_path).embed([torch.randint(0, 8192, (1, 6))])

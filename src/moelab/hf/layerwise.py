@@ -54,7 +54,7 @@ from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.hf.modules import MoEModules, beside_language_model, decoder_layers, find_moe_modules
 from moelab.hf.mtp import MTPModule
 from moelab.hf.native import moe_layer_from_view
-from moelab.hf.stored_names import conversion_merges
+from moelab.hf.stored_names import read_merged
 from moelab.hf.view import ModelView, MoELayerView
 from moelab.memory import release_freed_memory
 from moelab.nn.moe import MoELayer, MoEResult, router_inputs
@@ -677,11 +677,11 @@ class LayerwiseModel:
             if name.startswith(skipped):  # the vision tower of a vision-language skeleton: text never reaches it
                 continue
             key = stored_key(self._ckpt, self._stored_as.get(name, name), self.family.stored_renames)
-            if key not in self._ckpt:
-                raise CheckpointError(_missing(self._ckpt, key, self.model))
             if key not in tensors:
                 kept = self._float32 is not None and self._float32.search(name)
-                tensors[key] = self._ckpt.get(key).to(torch.float32 if kept else self.dtype)
+                renames = self.family.stored_renames
+                stored = self._ckpt.get(key) if key in self._ckpt else _merged(self._ckpt, key, self.model, p.shape, renames)
+                tensors[key] = stored.to(torch.float32 if kept else self.dtype)
             set_tensor(self.model, name, tensors[key])  # tied names get the same tensor again
             loaded.append(name)
         try:
@@ -1029,11 +1029,16 @@ def load_tensors(
         if key not in checkpoint:
             key, rows = _fused_rows(module, name, checkpoint, prefix, splits, renames) or (key, None)
         parts = [key] if key in checkpoint else shard_keys(checkpoint, prefix + name, shards, renames)
-        if not parts:
-            raise CheckpointError(_missing(checkpoint, key, module))
-        key = parts[0] if len(parts) == 1 else f"{parts[0]}..{parts[-1]}"
         current = module.get_parameter(name) if name in params else module.get_buffer(name)
         wanted = tuple(current.shape)
+        kept = keep_float32 is not None and keep_float32.search(prefix + name)
+        # as transformers casts on loading: to the run's dtype where the module's tensor is floating,
+        # else to its own (integer and bool buffers: Qwen4-Exp's n-gram vocabulary sizes and offsets)
+        cast = (torch.float32 if kept else dtype) if current.is_floating_point() else current.dtype
+        if not parts:  # stored as several tensors transformers merges on loading, or not at all
+            set_tensor(module, name, _merged(checkpoint, key, module, current.shape, renames).to(cast))
+            continue
+        key = parts[0] if len(parts) == 1 else f"{parts[0]}..{parts[-1]}"
         stored = _stacked_shape(checkpoint, parts)
         if (stored if rows is None else (len(rows), *stored[1:])) != wanted:
             raise CheckpointError(
@@ -1042,10 +1047,6 @@ def load_tensors(
                 "config.json does not describe these weights"
             )
         if (key, rows) not in tensors:
-            kept = keep_float32 is not None and keep_float32.search(prefix + name)
-            # as transformers casts on loading: to the run's dtype where the module's tensor is floating,
-            # else to its own (integer and bool buffers: Qwen4-Exp's n-gram vocabulary sizes and offsets)
-            cast = (torch.float32 if kept else dtype) if current.is_floating_point() else current.dtype
             tensor = checkpoint.get(key, rows) if len(parts) == 1 else read_shards(checkpoint, parts)
             tensors[key, rows] = tensor.to(cast)
             if non_finite_names([(key, tensors[key, rows])]):
@@ -1053,19 +1054,27 @@ def load_tensors(
         set_tensor(module, name, tensors[key, rows])
 
 
-def _missing(checkpoint: Checkpoint, key: str, module: nn.Module) -> str:
-    """Why tensor `key` of `module` (a transformers model) cannot be read: stored as several tensors that
-    transformers merges on loading (`conversion_merges`), or not stored."""
+def _merged(
+    checkpoint: Checkpoint, key: str, module: nn.Module, shape: torch.Size, renames: tuple[tuple[str, str], ...]
+) -> Tensor:
+    """Tensor `key` of `module` (a transformers model), absent from the checkpoint under that name: built
+    from the several tensors transformers merges it from on loading (`read_merged`: Inkling 2 Loop's
+    message queries as released; each stored under the family's `renames`), checked against the `shape`
+    config.json makes it; a CheckpointError where it is not stored either way."""
     config = getattr(module, "config", None)
     model_types = () if config is None else {config.model_type, config.get_text_config().model_type}
-    for target, sources in conversion_merges(model_types):
-        if target in key:
-            return (
-                f"{checkpoint.directory}: {key} is stored as {' and '.join(sources)}, which transformers merges on "
-                "loading and moelab does not; save the model under transformers' names "
-                "(save_pretrained(..., save_original_format=False)) to run it"
-            )
-    return f"{checkpoint.directory}: {key} is not in the checkpoint; the model cannot be run"
+    try:
+        merged = read_merged(checkpoint, key, model_types, lambda name: stored_key(checkpoint, name, renames))
+    except RuntimeError as error:  # transformers' operation on parts that do not fit together
+        raise CheckpointError(f"{checkpoint.directory}: {key} cannot be merged from the tensors it is stored as: {error}")
+    if merged is None:
+        raise CheckpointError(f"{checkpoint.directory}: {key} is not in the checkpoint; the model cannot be run")
+    if merged.shape != shape or non_finite_names([(key, merged)]):
+        raise CheckpointError(
+            f"{checkpoint.directory}: {key}, merged from the tensors it is stored as, is {list(merged.shape)} "
+            f"(finite: {not non_finite_names([(key, merged)])}) but config.json makes it a finite {list(shape)}"
+        )
+    return merged
 
 
 def _fused_rows(

@@ -8,7 +8,13 @@ splits and concatenations only in their plain forms (one name part, along dim 0)
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from moelab.hf.checkpoint import Checkpoint
 
 _PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
@@ -77,11 +83,11 @@ def conversion_splits(model_type: str | None) -> tuple[tuple[tuple[str, ...], st
     return tuple(splits)
 
 
-def conversion_merges(model_types: Iterable[str | None]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """(the in-memory name part, the stored name parts) of the tensors that transformers' conversion
-    mappings for `model_types` build from several stored ones (Inkling 2 Loop's message_input.query
-    from its two middle_cycle_cross_pass query tensors), which moelab's runs do not read; routed
-    experts' tensors (the layouts read them) left out."""
+def conversion_merges(model_types: Iterable[str | None]) -> tuple[tuple[str, tuple[str, ...], object], ...]:
+    """(the in-memory name part, the stored name parts, transformers' converter) of the tensors that
+    transformers' conversion mappings for `model_types` build from several stored ones (Inkling 2
+    Loop's message_input.query from its two middle_cycle_cross_pass query tensors); routed experts'
+    tensors (the layouts read them) left out."""
     from transformers.core_model_loading import WeightConverter
 
     merges = []
@@ -90,5 +96,22 @@ def conversion_merges(model_types: Iterable[str | None]) -> tuple[tuple[str, tup
             continue
         target, sources = _plain(c.target_patterns[0]), tuple(_plain(p) for p in c.source_patterns)
         if target and all(sources) and ".experts." not in f".{target}":
-            merges.append((target, sources))
+            merges.append((target, sources, c))
     return tuple(merges)
+
+
+def read_merged(
+    checkpoint: Checkpoint, name: str, model_types: Iterable[str | None], stored_as: Callable[[str], str]
+) -> Tensor | None:
+    """Tensor `name` (absent from the checkpoint) where the checkpoint stores it as the several
+    tensors transformers merges on loading by one operation of its conversion mapping
+    (`conversion_merges`), each under the name `stored_as` gives (the family's renames applied),
+    built by that operation as transformers builds it; None where it does not."""
+    for target, sources, converter in conversion_merges(model_types):
+        stored = [stored_as(name.replace(target, source)) for source in sources]
+        if target not in name or len(converter.operations) != 1 or not all(k in checkpoint for k in stored):
+            continue
+        parts = {pattern: checkpoint.get(k) for pattern, k in zip(converter.source_patterns, stored)}
+        merged = converter.operations[0].convert(parts, converter.source_patterns, converter.target_patterns)
+        return merged[converter.target_patterns[0]]
+    return None
