@@ -243,8 +243,9 @@ def test_bench_offload_rows_from_scripted_seconds_and_the_cache_s_own_counts(tmp
     cfg = dataclasses.replace(tiny(), n_layers=3, first_k_dense=0)
     save_pretrained(MoETransformer(cfg), tmp_path / "m")
     generator = torch.Generator().manual_seed(0)
+    tokenized = []  # quiet, as each test_batches call got it
     monkeypatch.setattr(
-        O, "test_batches", lambda tokens, seq_len, batch, split="test": [(torch.randint(0, 128, (batch, seq_len), generator=generator), None)]
+        O, "test_batches", lambda tokens, seq_len, batch, split="test", quiet=False: tokenized.append(quiet) or [(torch.randint(0, 128, (batch, seq_len), generator=generator), None)]
     )  # fmt: skip
     monkeypatch.setattr(O, "POLICIES", {p: POLICIES[p] for p in ("lru", "reuse", "lookahead")})
     memory, offloaded = (1.0, 10.0, 10.0), (0.5, 20.0, 4.0)
@@ -284,8 +285,9 @@ def test_bench_offload_rows_from_scripted_seconds_and_the_cache_s_own_counts(tmp
     monkeypatch.setattr(O, "_decode", scripted)
     options = O.OffloadOptions(resident=(0.5,), prompts=2, prompt_tokens=4, new_tokens=3, rounds=3,
                                calibration_tokens=256, compile=True)  # fmt: skip
-    result = O.measure_model(tmp_path / "m", options)
+    result = O.measure_model(tmp_path / "m", options, quiet=True)
     assert next(script, None) is None and len(models) == 5 * 3
+    assert tokenized == [True, True], "the calibration and the prompts tokenized without bars"
     # in memory: 6 tokens over the median of 1, 10, 10, 2, 20, 20, ... 5, 50, 50 = 20 (the mean is 21)
     assert result["in_memory_tokens_per_s"] == 6 / 20.0
     assert result["in_memory_compiled_tokens_per_s"] == 6 / 2.0  # median of 1, 2, 6

@@ -496,11 +496,12 @@ def test_parse_size():
         parse_size("2 parsecs")
 
 
-def test_bench_generate_top_p_thresholds_on_a_top_p_model(tmp_path):
+def test_bench_generate_top_p_thresholds_on_a_top_p_model(tmp_path, monkeypatch):
     import dataclasses
 
     import torch
 
+    from moelab.bench import skipping
     from moelab.models import MoETransformer, save_pretrained, tiny
 
     torch.manual_seed(0)
@@ -508,9 +509,12 @@ def test_bench_generate_top_p_thresholds_on_a_top_p_model(tmp_path):
     save_pretrained(MoETransformer(dataclasses.replace(tiny(), vocab_size=8192, init_std=0.2, moe=moe)), tmp_path / "m")
     out = tmp_path / "g.json"
     args = ["bench", "generate", str(tmp_path / "m"), "--batch", "1", "--new-tokens", "4", "--rounds", "1",
-            "--top-p", "0.2", "--top-p", "0.95", "--json", str(out)]  # fmt: skip
+            "--top-p", "0.2", "--top-p", "0.95", "--json", str(out), "--quiet"]  # fmt: skip
+    tokenized, tokenize_split = [], skipping.tokenize_split
+    monkeypatch.setattr(skipping, "tokenize_split", lambda *a, quiet: tokenized.append(quiet) or tokenize_split(*a))
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert tokenized and set(tokenized) == {True}, "--quiet: no tokenizing bars for the perplexity's test split"
     doc = json.loads(out.read_text())
     quality = doc["routing_quality"][str(tmp_path / "m")]
     assert list(quality) == ["none", "topp0.2", "topp0.95"]
@@ -946,11 +950,11 @@ def test_bench_commands_pass_every_option_on(monkeypatch, tmp_path):
              load=0, threads="auto", device="cpu"),
     ]  # fmt: skip
 
-    runs = []
+    runs, kwargs = [], []
     for module in (bench_generate, offload):
         monkeypatch.setattr(module, "check_device", lambda device: None)  # --device cuda on a CPU-only machine
     for module in (bench_generate, offload, distributed, skipping):
-        monkeypatch.setattr(module, "run", lambda *a, **k: runs.append(a) or {"routing_quality": []})
+        monkeypatch.setattr(module, "run", lambda *a, **k: runs.append(a) or kwargs.append(k) or {"routing_quality": []})
         monkeypatch.setattr(module, "render", lambda doc: "table")
     model = reference_model_dir("ref-32e-top4-shared")
     _ok(["bench", "generate", "ref-32e-top4-shared", "--batch", 2, "--batch", 4, "--new-tokens", 5, "--prompt-tokens",
@@ -970,6 +974,12 @@ def test_bench_commands_pass_every_option_on(monkeypatch, tmp_path):
         resident=(0.5,), prompts=2, new_tokens=3, threads=4, rounds=5, read_gbps=1.5, page_cache=False, compile=True,
         dtype="bf16", device="cuda", host_memory=True))  # fmt: skip
     assert runs.pop(0)[1] == offload.OffloadOptions()
+    assert [k["quiet"] for k in kwargs] == [False] * 4 and all(k["progress"] is not None for k in kwargs)
+    for verb in ("generate", "offload"):  # --quiet: no spinner, no tokenizing bars
+        _ok(["bench", verb, "--quiet"])
+        assert runs.pop(0)[1] == (bench_generate.GenerateOptions() if verb == "generate" else offload.OffloadOptions())
+    assert kwargs[4:] == [dict(progress=None, quiet=True)] * 2
+    kwargs.clear()
     monkeypatch.setattr("moelab.train.config.load_model_config", lambda model: ("config", model))
     _ok(["bench", "distributed", "tiny", "--procs", 2, "--batch-size", 6, "--seq-len", 4, "--steps", 5, "--rounds", 6,
          "--load", 7])  # fmt: skip

@@ -6,7 +6,7 @@ import inspect
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -27,6 +27,7 @@ app.add_typer(bench_app, name="bench")
 console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace moelab's earlier output there (never files moelab did not write).")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw the results as a PNG here (as `moelab bench plot` draws the --json file).")]
+BenchQuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress: the results' tables only.")]
 ThreadsOpt = Annotated[str, typer.Option("--threads", help="torch's intra-op threads: a count, or 'auto': the cores no other process is using when the command starts (OMP_NUM_THREADS instead, where it is set); on a busy core every split operation waits.")]
 
 
@@ -88,6 +89,7 @@ def bench_generate(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     plot: PlotOpt = None,
     overwrite: OverwriteOpt = False,
+    quiet: BenchQuietOpt = False,
 ) -> None:
     """Decode tokens/s: moelab's generate vs transformers' on the same weights, and vs the memory-bandwidth bound."""
     from moelab.bench import generate as bench
@@ -99,8 +101,8 @@ def bench_generate(
         threads=threads, load=load, skip=tuple(skip or ()), top_p=tuple(top_p or ()), compile=compile_step,
         dtype=dtype, device=device,
     )
-    with console.status("bench generate") as status:
-        doc = bench.run(_model_dirs(models), options, progress=lambda what: status.update(f"bench generate: {what}"))
+    with _progress("bench generate", quiet) as progress:
+        doc = bench.run(_model_dirs(models), options, progress=progress, quiet=quiet)
     console.print(bench.render(doc))
     if doc["routing_quality"]:
         console.print(bench.render_routing(doc))
@@ -125,6 +127,7 @@ def bench_offload(
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     plot: PlotOpt = None,
     overwrite: OverwriteOpt = False,
+    quiet: BenchQuietOpt = False,
 ) -> None:
     """Offloaded decoding: expert-cache hit rate, prefetch accuracy and tokens/s against an LRU cache and the model in memory."""
     from moelab.bench import offload as bench
@@ -137,8 +140,8 @@ def bench_offload(
         rounds=rounds, read_gbps=read_gbps, page_cache=page_cache, compile=compile_step, dtype=dtype,
         device=device, host_memory=host_memory,
     )
-    with console.status("bench offload") as status:
-        doc = bench.run(models_at, options, progress=lambda what: status.update(f"bench offload: {what}"))
+    with _progress("bench offload", quiet) as progress:
+        doc = bench.run(models_at, options, progress=progress, quiet=quiet)
     console.print(bench.render(doc))
     _write_json(json_path, doc)
     _write_plot(plot, doc)
@@ -169,10 +172,20 @@ def bench_distributed(
         if not Path(model).is_file():
             raise ValueError("give a model config file or preset: the default, configs/models/moe_top2.yaml, ships with moelab's repository, not with this install")
     config = load_model_config(model)
-    with console.status("bench distributed") as status:
-        doc = bench.run(config, options, progress=lambda what: status.update(f"bench distributed: {what}"))
+    with _progress("bench distributed") as progress:
+        doc = bench.run(config, options, progress=progress)
     console.print(bench.render(doc))
     _write_json(json_path, doc)
+
+
+@contextmanager
+def _progress(what: str, quiet: bool = False) -> Iterator[Callable[[str], None] | None]:
+    """A spinner naming `what`, and the callback that adds the step measured now; quiet: neither (None)."""
+    if quiet:
+        yield None
+        return
+    with console.status(what) as status:
+        yield lambda step: status.update(f"{what}: {step}")
 
 
 def _thread_setting(threads: str) -> int | str:

@@ -298,11 +298,12 @@ def _with_setting(model: MoETransformer, setting: str, value: float, new_tokens:
     return generate
 
 
-def routing_quality(model: MoETransformer, options: GenerateOptions) -> dict[str, dict[str, float]]:
-    """{"none" or a `routing_variants` name: test perplexity and experts per token}."""
+def routing_quality(model: MoETransformer, options: GenerateOptions, quiet: bool = False) -> dict[str, dict[str, float]]:
+    """{"none" or a `routing_variants` name: test perplexity and experts per token}; quiet: no
+    tokenizing bars."""
     batches = [
         (inputs.to(options.device), targets.to(options.device))
-        for inputs, targets in test_batches(options.eval_tokens, min(256, model.config.max_seq_len), 8)
+        for inputs, targets in test_batches(options.eval_tokens, min(256, model.config.max_seq_len), 8, quiet=quiet)
     ]
     top = max(int(inputs.max()) for inputs, _ in batches)
     if top >= model.config.vocab_size:
@@ -331,8 +332,9 @@ def check_context(name: str, config: dict, prompt_tokens: int, new_tokens: int) 
         )
 
 
-def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dict:
-    """The whole benchmark over `models` ({name: moelab checkpoint directory}); the JSON document."""
+def run(models: dict[str, Path], options: GenerateOptions, progress=None, quiet: bool = False) -> dict:
+    """The whole benchmark over `models` ({name: moelab checkpoint directory}); the JSON document.
+    progress: called with what is measured now; quiet: no tokenizing bars."""
     for name, path in models.items():  # every one before the first is measured
         config = read_json_object(Path(path) / "config.json", "a model config")
         check_context(name, config, options.prompt_tokens, options.new_tokens)
@@ -342,7 +344,7 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None) -> dic
             model = load_pretrained(path).eval().to(options.device, DTYPES[options.dtype])
             rows += measure_model(name, path, model, options, progress)
             if routing_variants(options):
-                quality[name] = routing_quality(model, options)
+                quality[name] = routing_quality(model, options, quiet)
     return {
         "format": JSON_FORMAT,
         "setup": {**asdict(options), "torch": torch.__version__, "transformers": _transformers_version(),

@@ -124,16 +124,16 @@ def _decode(
     return out, time.perf_counter() - start
 
 
-def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
-    """Every cell of the module docstring for the checkpoint at `path`."""
+def measure_model(path: Path, options: OffloadOptions, progress=None, quiet: bool = False) -> dict:
+    """Every cell of the module docstring for the checkpoint at `path`; quiet: no tokenizing bars."""
     loaded = load_model(path, quiet=True)
     seq_len = min(256, loaded.max_seq_len)
-    calibration = [x for x, _ in test_batches(options.calibration_tokens, seq_len, 8, split="train")]
+    calibration = [x for x, _ in test_batches(options.calibration_tokens, seq_len, 8, split="train", quiet=quiet)]
     prior = RoutingPrior.measure(loaded.model, calibration, loaded.view)
     del loaded  # the model in memory is loaded below as generate runs it
     too_few = f"the test split has too few tokens for {options.prompts} prompts of {options.prompt_tokens}; ask for fewer prompts"
     try:
-        windows = test_batches(options.prompts * seq_len, seq_len, options.prompts)[0][0]
+        windows = test_batches(options.prompts * seq_len, seq_len, options.prompts, quiet=quiet)[0][0]
     except ValueError:  # more than the smallest domain's share
         raise ValueError(too_few) from None
     if windows.shape[0] < options.prompts or options.prompt_tokens > windows.shape[1]:
@@ -213,11 +213,11 @@ def measure_model(path: Path, options: OffloadOptions, progress=None) -> dict:
     }
 
 
-def run(models: dict[str, Path], options: OffloadOptions, progress=None) -> dict:
+def run(models: dict[str, Path], options: OffloadOptions, progress=None, quiet: bool = False) -> dict:
     for path in models.values():  # every one before the first is measured
         _check_model(path, options)
     with intra_op_threads(options.threads):
-        results = [measure_model(path, options, progress) for path in models.values()]
+        results = [measure_model(path, options, progress, quiet) for path in models.values()]
     return {
         "format": JSON_FORMAT, "options": options.__dict__, "torch": torch.__version__,
         "device_name": device_name(options.device), "commit": source_commit(), "models": results,

@@ -37,11 +37,12 @@ DOMAINS = ("code", "bible", "english", "german", "spanish", "italian", "polish",
 
 
 def test_batches(
-    tokens: int, seq_len: int, batch_size: int, split: str = "test"
+    tokens: int, seq_len: int, batch_size: int, split: str = "test", quiet: bool = False
 ) -> list[tuple[Tensor, Tensor]]:
     """(inputs, targets) batches of about `tokens` tokens, an equal share from every corpus domain;
-    more than the split's smallest domain can give its share of is refused (not cut short)."""
-    streams = {d: tokenize_split(d, split) for d in DOMAINS}
+    more than the split's smallest domain can give its share of is refused (not cut short).
+    quiet: no tokenizing bars where a split is not cached yet."""
+    streams = {d: tokenize_split(d, split, quiet=quiet) for d in DOMAINS}
     share = tokens // len(DOMAINS) + 1  # inputs and the targets one token on
     smallest = min(DOMAINS, key=lambda d: len(streams[d]))
     if len(streams[smallest]) < share:
