@@ -62,14 +62,16 @@ def test_demo_measures_routes_compresses_and_compares(tmp_path, model_dir):
 
 
 def test_demo_without_pruning(tmp_path, model_dir, capsys):
-    """quiet: nothing printed, even with a console given (the CLI passes its own)."""
+    """quiet: only the final line naming the summary and the report, even with a console given (the CLI
+    passes its own)."""
     from rich.console import Console
 
     summary = run_demo(
         tmp_path / "out", model_dir=model_dir, prune=0, eval_tokens=32, trace_tokens=200, quiet=True,
-        console=Console(),
+        console=Console(width=400),  # the paths on one line
     )  # fmt: skip
-    assert capsys.readouterr().out == ""
+    out = tmp_path / "out"
+    assert capsys.readouterr().out == f"summary: {out / 'summary.json'}; routing report: {out / 'analysis' / 'report.html'}\n"
     assert summary["compressed"] == {} and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         ".moelab-output.json",
         "analysis",

@@ -349,7 +349,7 @@ def demo(
     prune: Annotated[int, typer.Option(min=0, help="Experts to drop per layer in the compression step (moelab's recipe removes as many experts' worth of parameters; 0 = skip).")] = 2,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer evaluation and routing tokens (about 40 s on 2 idle cores, against about a minute).")] = False,
     overwrite: OverwriteOpt = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or tables.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars or tables: only the final line, naming the summary and the report.")] = False,
     threads: ThreadsOpt = "auto",
 ) -> None:
     """The main job on built-in defaults: the shipped reference MoE's per-domain perplexity, its

@@ -50,8 +50,10 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the four steps on `model_dir` (default: the shipped ref-8e-top2) into `out`, removing
     `prune` experts per MoE layer. A previous demo in `out` is replaced only with `overwrite`.
-    Returns the summary (also in out/summary.json)."""
-    console = Console(quiet=True) if quiet else console or Console()
+    Returns the summary (also in out/summary.json). quiet: no progress bars or tables, only the
+    final line naming the summary and the report (as other commands keep their "wrote" line)."""
+    final = console or Console()
+    console = Console(quiet=True) if quiet else final
     model_dir = reference_model_dir() if model_dir is None else Path(model_dir)
     model = load_pretrained(model_dir).eval()
     cfg = model.config
@@ -148,7 +150,8 @@ def run_demo(
             "report": str(report),
         }
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        console.print(f"\nsummary: {out / 'summary.json'}; routing report: {report}")
+        console.print()
+        final.print(f"summary: {out / 'summary.json'}; routing report: {report}")
         return summary
 
 
