@@ -1103,6 +1103,22 @@ def test_bench_compress_names_the_token_count_it_needs(monkeypatch, capsys, tmp_
     assert not (tmp_path / "w").exists()
 
 
+def test_bench_compress_announces_the_size_it_generates(monkeypatch, tmp_path):
+    """Whole layers, at least one: --size-gb 0.01 announced a 0.01 GB checkpoint and wrote 0.24 GB."""
+    from moelab.bench import compress as bench
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stop before generating")
+
+    monkeypatch.setattr(bench, "make_checkpoint", stop)
+    for size_gb, said in (("0.01", "a 0.24 GB qwen3_moe checkpoint of 1 layer (the least there is: --size-gb 0.01 asks for less)"),
+                          ("0.3", "a 0.45 GB qwen3_moe checkpoint of 2 layers in")):  # fmt: skip
+        result = runner.invoke(app, ["bench", "compress", "--size-gb", size_gb, "--work", str(tmp_path / "w")])
+        assert isinstance(result.exception, RuntimeError) and f"generating {said}" in " ".join(result.output.split())
+    config, size = bench.checkpoint_plan("qwen3_moe", 0.3)
+    assert config.num_hidden_layers == 2 and round(size / 1e9, 2) == 0.45
+
+
 def test_main_exit_codes_and_one_line_errors(monkeypatch, capsys):
     """main(): a usage error and a user mistake exit 2 with one `error:` line (a usage error names
     the command's --help; an OSError its file and the system's reason); typer's own exit code (130

@@ -574,6 +574,7 @@ def test_the_benchmark_generates_an_fp8_release_of_the_same_model(tmp_path, monk
     plain = bench.make_checkpoint(tmp_path / "bf16", "qwen3_moe", 0.01)
     fp8 = bench.make_checkpoint(tmp_path / "fp8", "qwen3_moe", 0.01, fp8=True)
     assert fp8["layers"] == plain["layers"] and fp8["bytes"] < plain["bytes"]
+    assert plain["bytes"] == bench.checkpoint_plan("qwen3_moe", 0.01)[1], "the size announced is the size written"
     a, b = open_checkpoint(tmp_path / "fp8"), open_checkpoint(tmp_path / "bf16")
     try:
         assert isinstance(

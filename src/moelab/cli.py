@@ -253,7 +253,7 @@ def _model_dir(model: str | Path | None) -> Path:
 def bench_compress(
     work: Annotated[Path, typer.Option("--work", help="Directory for the generated checkpoint and its compressed copy.")] = Path("runs/bench-compress"),
     family: Annotated[str, typer.Option("--family", help="qwen3_moe or mixtral.")] = "qwen3_moe",
-    size_gb: Annotated[float, typer.Option("--size-gb", help="Size of the generated checkpoint (bf16).")] = 4.0,
+    size_gb: Annotated[float, typer.Option("--size-gb", help="Size of the generated checkpoint in bf16, in whole layers: one (about 0.24 GB) at the least.")] = 4.0,
     tokens: Annotated[int, typer.Option(min=1, help="Calibration tokens.")] = 2048,
     baseline: Annotated[bool, typer.Option(help="Also measure transformers loading the same checkpoint.")] = True,
     fp8: Annotated[bool, typer.Option("--fp8", help="Generate the model as a block-wise FP8 release (float8 projections, 128 x 128 block scales), as DeepSeek-V3 ships.")] = False,

@@ -74,14 +74,11 @@ class BenchOptions:
             )
 
 
-def make_checkpoint(
-    directory: Path, family: str, size_gb: float, shard_mb: int = 256, seed: int = 0, fp8: bool = False
-) -> dict:
-    """Write a random bf16 `family` checkpoint of about `size_gb` GB into the new `directory`; fp8:
-    its projection weights as block-wise FP8 (`FP8_BLOCK`), with their scales."""
-    from transformers import AutoConfig, PreTrainedTokenizerFast
+def checkpoint_plan(family: str, size_gb: float):
+    """The transformers config of the `family` checkpoint `make_checkpoint` generates for `size_gb`
+    (whole layers, at least one: a smaller size gets one) and the bytes it holds in bf16."""
+    from transformers import AutoConfig
 
-    from moelab.data.tokenizer import TOKENIZER_DIR
     from moelab.hf.layerwise import transformers_skeleton
 
     one = AutoConfig.for_model(family, num_hidden_layers=1, **SHAPES[family])
@@ -90,6 +87,21 @@ def make_checkpoint(
     )
     layers = max(1, math.ceil(size_gb * 1e9 / per_layer))
     config = AutoConfig.for_model(family, num_hidden_layers=layers, dtype="bfloat16", **SHAPES[family])
+    return config, 2 * sum(t.numel() for t in transformers_skeleton(config).state_dict().values())
+
+
+def make_checkpoint(
+    directory: Path, family: str, size_gb: float, shard_mb: int = 256, seed: int = 0, fp8: bool = False
+) -> dict:
+    """Write a random bf16 `family` checkpoint of about `size_gb` GB (`checkpoint_plan`) into the
+    new `directory`; fp8: its projection weights as block-wise FP8 (`FP8_BLOCK`), with their scales."""
+    from transformers import PreTrainedTokenizerFast
+
+    from moelab.data.tokenizer import TOKENIZER_DIR
+    from moelab.hf.layerwise import transformers_skeleton
+
+    config, _ = checkpoint_plan(family, size_gb)
+    layers = config.num_hidden_layers
     if fp8:
         config.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                       "weight_block_size": list(FP8_BLOCK)}  # fmt: skip
@@ -176,7 +188,12 @@ def run(options: BenchOptions, work: Path, *, progress=None) -> dict:
     """Generate the checkpoint in `work`/source, compress it into `work`/pruned in a child
     process (and load it with transformers in another), and return the measurements."""
     say = progress.print if progress is not None else (lambda *a: None)
-    say(f"generating a {options.size_gb:g} GB {options.family} checkpoint in {work / 'source'}")
+    config, size = checkpoint_plan(options.family, options.size_gb)
+    layers = config.num_hidden_layers
+    asked_less = layers == 1 and size > options.size_gb * 1e9
+    least = f" (the least there is: --size-gb {options.size_gb:g} asks for less)" if asked_less else ""
+    say(f"generating a {size / 1e9:.2f} GB{' (in bf16; written as FP8)' if options.fp8 else ''} {options.family} "
+        f"checkpoint of {layers} layer{'s' if layers > 1 else ''}{least} in {work / 'source'}")
     began = time.perf_counter()
     made = make_checkpoint(work / "source", options.family, options.size_gb, options.shard_mb, fp8=options.fp8)
     doc = {
