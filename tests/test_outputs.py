@@ -485,6 +485,58 @@ def test_a_second_run_into_the_same_output_fails_with_in_use(tmp_path):
     publish(out, overwrite=True)
 
 
+CLAIM = """
+import sys
+from moelab.io import output_dir
+with output_dir(sys.argv[1], "thing", entries=["inner"]):
+    print("ready", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_an_output_inside_another_moelab_output_is_refused_unless_that_one_is_being_written(tmp_path):
+    """An analysis's trace/ (or anything else) written again into the analysis at rest would leave
+    its report describing another trace: refused before anything is made, a stale lock file no
+    excuse. The nesting the commands make themselves, while they write the outer output (in this
+    process, or in a child as bench compress's), goes on."""
+    analysis = tmp_path / "analysis"
+    with output_dir(analysis, "routing analysis", entries=["trace", "report.json"]):
+        publish(analysis / "trace", "trace")
+    (tmp_path / ".analysis.moelab-lock").write_text("")  # what a killed run may leave
+    before = tree_digest(tmp_path)
+    inside = rf"lies inside {analysis}, moelab's routing analysis: writing there would change what that routing analysis holds; choose an output path outside it"  # fmt: skip
+    for claim in (
+        lambda: publish(analysis / "trace", "trace", overwrite=True),
+        lambda: check_output_dir(analysis / "trace", "trace", overwrite=True),
+        lambda: output_dir(analysis / "plots" / "mine", "thing", entries=[]).__enter__(),
+    ):
+        with pytest.raises(OutputError, match=inside):
+            claim()
+    with pytest.raises(OutputError, match=rf"lies inside {analysis / 'trace'}, moelab's trace"):  # the nearest
+        publish(analysis / "trace" / "deeper")
+    assert tree_digest(tmp_path) == before
+    outer = tmp_path / "scratch"
+    proc = subprocess.Popen([sys.executable, "-c", CLAIM, str(outer)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": SRC})  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        publish(outer / "inner")
+    finally:
+        proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0 and (outer / "inner" / "a.txt").is_file()
+    with pytest.raises(OutputError, match="lies inside"):
+        publish(outer / "inner", overwrite=True)
+
+
+def test_trace_refuses_to_replace_an_analysis_s_own_trace(tmp_path, monkeypatch, capsys):
+    analysis = tmp_path / "analysis"
+    with output_dir(analysis, "routing analysis", entries=["trace"]):
+        publish(analysis / "trace", "trace")
+    code, output = run_cli(monkeypatch, capsys, "trace", "--out", str(analysis / "trace"), "--overwrite")
+    assert code == 2 and f"lies inside {analysis}, moelab's routing analysis" in output
+    assert (analysis / "trace" / "a.txt").is_file()
+
+
 def test_the_same_process_cannot_claim_one_output_twice(tmp_path):
     with output_dir(tmp_path / "a", "analysis", entries=["report.json"]):
         with pytest.raises(OutputInUseError):

@@ -10,7 +10,8 @@ Directories: every command that writes a directory claims it through one contrac
   (`.moelab-output.json`) names the kind and the entries moelab wrote there.
 - An existing output is replaced only with `overwrite=True` (`--overwrite`), and only when every
   entry in it is moelab's; otherwise the foreign entries are named and nothing is touched.
-- It never is, contains or lies inside an input of the command.
+- It never is, contains or lies inside an input of the command, nor lies inside another
+  moelab output but while a command writes that one (the outputs it nests in its own).
 - One process at a time: a lock file beside it (`.NAME.moelab-lock`, an flock that dies with its
   process) makes a second run into the same output fail with "in use".
 - What a killed run left beside it (hidden staging and trash directories) is removed by the next
@@ -274,6 +275,7 @@ def output_dir(
     the names moelab writes in it}, so that `--overwrite` refuses a user's file added there."""
     out = _output_path(out)
     _check_inputs(out, inputs)
+    _check_enclosing(out)
     with _lock(out):
         created = not out.exists()
         marker = _inspect(out, kind)
@@ -336,6 +338,7 @@ class StagedOutput:
     def open(self) -> Path:
         """Take the lock, check `out`, clean what killed runs left; returns the staging directory."""
         _check_inputs(self.out, self.inputs)
+        _check_enclosing(self.out)
         lock = _lock(self.out)
         lock.__enter__()
         self._unlock = lambda: lock.__exit__(None, None, None)
@@ -424,6 +427,7 @@ def check_output_dir(
     resume_hint)."""
     out = _output_path(out)
     _check_inputs(out, inputs)
+    _check_enclosing(out)
     marker = _inspect(out, kind)
     if marker is not None:
         _check_replaceable(out, kind, marker, overwrite, hint)
@@ -559,6 +563,37 @@ def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None
             raise OutputError(
                 f"the output {out} lies inside the input {source}; choose an output path outside it"
             )
+
+
+def _check_enclosing(out: Path) -> None:
+    """`out` lies inside no other moelab output, unless a moelab process is writing that one now
+    (its lock is held: the outputs a command nests in its own, as a demo's analysis/ and an
+    analysis's trace/). Written into one at rest, it would change what that output holds (an
+    analysis's report would no longer describe its trace) and leave it one `--overwrite` refuses."""
+    for parent in out.parents:
+        marker = _read_marker(parent)
+        if marker is not None:
+            if not _is_locked(parent):
+                raise OutputError(
+                    f"the output {out} lies inside {parent}, moelab's {marker['kind']}: writing there would change "
+                    f"what that {marker['kind']} holds; choose an output path outside it"
+                )
+            return
+
+
+def _is_locked(out: Path) -> bool:
+    """Whether a process (this one included) holds `out`'s lock: a moelab job is writing it."""
+    try:
+        fd = os.open(_sibling(out, "lock"), os.O_RDONLY)
+    except OSError:  # no lock file: nobody writes it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the shared lock, if taken
+    return False
 
 
 def _inspect(out: Path, kind: str) -> dict | None:
