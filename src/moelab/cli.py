@@ -594,14 +594,18 @@ def _check_reused_settings(ctx: typer.Context, stats: Path) -> None:
     they are reused as they are, and the setting used to be ignored without a word."""
     from moelab.compress.stats import Calibration
 
+    flags = {"tokens": "--calib-tokens", "seq_len": "--seq-len", "sample_tokens": "--sample-tokens"}
+    # typer's own copy of click's enum: compared by name
+    typed = [name for name in flags if ctx.get_parameter_source(name).name == "COMMANDLINE"]
+    if not typed:  # nothing to compare: the statistics are checked against the model where compress reads them
+        return
     calibration = Calibration(stats)
     tokens, seq_len = calibration.windows()  # checked: an edited calibration.json is named, not a KeyError
     sample_tokens = calibration.info["settings"].get("sample_tokens", 0)
     made_with = {"tokens": tokens, "seq_len": seq_len, "sample_tokens": sample_tokens}
-    for name, flag in (("tokens", "--calib-tokens"), ("seq_len", "--seq-len"), ("sample_tokens", "--sample-tokens")):
-        given = ctx.params[name]
-        typed = ctx.get_parameter_source(name).name == "COMMANDLINE"  # typer's own copy of click's enum
-        if typed and given != made_with[name]:
+    for name in typed:
+        given, flag = ctx.params[name], flags[name]
+        if given != made_with[name]:
             raise ValueError(
                 f"{flag} {given}: the statistics in {stats} were made with {made_with[name]} and --stats reuses "
                 f"them as they are; drop {flag}, or leave out --stats to calibrate again"
