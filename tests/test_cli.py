@@ -218,6 +218,7 @@ def test_bench_generate_json_contract(tmp_path):
     assert one.exit_code != 0 and "greater than or equal to 2" in str(one.exception) + one.output
 
 
+@pytest.mark.slow  # moved out of the default run, which must stay under 10 minutes (`make test-slow` runs it)
 def test_bench_offload_json_contract(tmp_path):
     import dataclasses
 

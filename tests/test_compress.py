@@ -652,6 +652,7 @@ def _calibrate_as_rank(rank: int, port: int, model: str, out: str, options: Cali
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # moved out of the default run, which must stay under 10 minutes (`make test-slow` runs it)
 def test_data_parallel_calibration_equals_one_process(tmp_path, model_dir):
     """torchrun-style: 2 gloo processes split the batches and sum the statistics (the backward
     sweep's included)."""
@@ -843,7 +844,8 @@ def test_a_hash_routed_moelab_model_compresses_and_reloads(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "activation,bias,latent", [("gelu", True, None), ("relu2", False, None), ("swiglu", False, 16)]
+    "activation,bias,latent",
+    [("gelu", True, None), pytest.param("relu2", False, None, marks=pytest.mark.slow), ("swiglu", False, 16)],
 )
 def test_every_method_on_moelab_models_with_plain_or_latent_experts(tmp_path, activation, bias, latent):
     """moelab's MLPExperts (up and down, no gate; with biases or not) and latent experts (MoLAE:

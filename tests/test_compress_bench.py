@@ -128,6 +128,7 @@ def test_bench_reports_every_cell_and_resumes(tiny, tmp_path, monkeypatch):
     assert [c["name"] for c in summary["cells"]] == names
 
 
+@pytest.mark.slow  # moved out of the default run, which must stay under 10 minutes (`make test-slow` runs it)
 @pytest.mark.usefixtures("jobs_in_process")
 def test_domain_cells_and_protocol_check(tiny, tmp_path, capfd):
     options = BenchOptions(

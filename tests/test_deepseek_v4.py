@@ -310,8 +310,8 @@ def test_the_kv_estimate_holds_what_the_cache_keeps_at_every_step(tmp_path, dtyp
     assert 0.98 < max(fractions) <= 1.0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("types", [None, ["sliding_attention", "compressed_sparse_attention"]])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("types", [None, pytest.param(["sliding_attention", "compressed_sparse_attention"], marks=pytest.mark.slow)])
 def test_the_prompt_aware_kv_room_holds_what_the_cache_keeps_at_every_step(tmp_path, dtype, types):
     """Given the prompt's length (kv_cache_prompt_tokens), the room for P prompt positions then
     decoding to T (1 and 2 sequences, 64 steps: past 8 sliding windows of 8 and 16 / 8 compressor

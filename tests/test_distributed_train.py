@@ -327,6 +327,7 @@ def _assert_same_model(a, b, exact=False):
             torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.slow  # moved out of the default run, which must stay under 10 minutes (`make test-slow` runs it)
 def test_runs_resume_under_other_degrees(tmp_path):
     """2 ranks EP 2 vs one process, and resumed across: 2 -> 1, 1 -> 2, EP 2 -> EP 1 (DP 2)."""
     one, two = tmp_path / "one", tmp_path / "two"
@@ -531,6 +532,7 @@ def test_a_shard_that_cannot_be_written_is_one_error_on_every_rank(tmp_path):
     assert not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
+@pytest.mark.slow  # moved out of the default run, which must stay under 10 minutes (`make test-slow` runs it)
 def test_a_rank_that_never_starts_is_one_error(tmp_path):
     """Rank 0 of two, started alone, waits parallel.timeout_s for rank 1 to join, then says so in
     one line (it raised DistStoreError with a traceback)."""

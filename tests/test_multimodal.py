@@ -437,6 +437,7 @@ def test_only_a_vision_language_skeleton_has_modules_text_never_reaches(source):
     assert outside == towers.get(family_of(source), [])
 
 
+@pytest.mark.slow  # moved out of the default run, which must stay under 10 minutes (`make test-slow` runs it)
 def test_qwen3_5_s_mtp_module_is_compressed_with_the_language_model(tmp_path):
     source = multimodal_model(tmp_path / "src", "qwen3_5_moe")
     add_mtp_layer(source)
@@ -456,7 +457,7 @@ def test_qwen3_5_s_mtp_module_is_compressed_with_the_language_model(tmp_path):
     assert not [k for k in load_file(tmp_path / "drop" / "model.safetensors") if k.startswith("mtp.")]
 
 
-@pytest.mark.parametrize("method", ["reap", "heapr"])
+@pytest.mark.parametrize("method", ["reap", pytest.param("heapr", marks=pytest.mark.slow)])
 def test_glm_4_5v_s_mtp_layer_is_calibrated_through_the_vision_language_model(tmp_path, method):
     """GLM-4.5V runs as its vision-language model, whose base model holds the language model (and
     its final norm, which the MTP layer's inputs and drafts go through) one level down."""

@@ -54,6 +54,7 @@ def _run(counts, extra, K, M, dtype, transposed, seed):
     return (out[:n], a1.grad[:n], b1.grad), (ref, a2.grad[:n], b2.grad), n
 
 
+@pytest.mark.slow  # moved out of the default run, which must stay under 10 minutes (`make test-slow` runs it)
 @settings(max_examples=30, deadline=None)
 @given(
     counts=st.lists(st.integers(0, 40), min_size=1, max_size=5),
