@@ -1069,10 +1069,11 @@ def _merged(
         raise CheckpointError(f"{checkpoint.directory}: {key} cannot be merged from the tensors it is stored as: {error}")
     if merged is None:
         raise CheckpointError(f"{checkpoint.directory}: {key} is not in the checkpoint; the model cannot be run")
-    if merged.shape != shape or non_finite_names([(key, merged)]):
+    finite = not non_finite_names([(key, merged)])
+    if merged.shape != shape or not finite:
         raise CheckpointError(
             f"{checkpoint.directory}: {key}, merged from the tensors it is stored as, is {list(merged.shape)} "
-            f"(finite: {not non_finite_names([(key, merged)])}) but config.json makes it a finite {list(shape)}"
+            f"(finite: {finite}) but config.json makes it a finite {list(shape)}"
         )
     return merged
 
