@@ -20,9 +20,9 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/moelab demo --overwrite
 
-## The default test suite (slow tests excluded).
+## The default test suite (slow tests excluded), on up to 4 worker processes.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 ## Slow tests only (torch.compile, larger shapes).
 test-slow: $(STAMP)

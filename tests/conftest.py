@@ -26,7 +26,16 @@ def pytest_configure(config):
     (subprocesses inherit it) and removed again at its end. MOELAB_CACHE, where set, wins; without
     the cache plugin (-p no:cacheprovider) the default stays. OMP_NUM_THREADS is set to torch's
     count likewise, so that the commands' `--threads auto` (which reads the machine's load) computes
-    alike in every run of a test."""
+    alike in every run of a test.
+
+    Under pytest-xdist (`make test` runs `-n auto`), each worker takes its share of torch's threads,
+    so that the workers together use the cores once. COLUMNS is set to the width the CLI's console
+    takes without a terminal (160): xdist's workers, or a terminal, would set another, and the tests
+    of printed lines would wrap differently."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+    os.environ["COLUMNS"] = "160"
     if "MOELAB_CACHE" not in os.environ and getattr(config, "cache", None) is not None:
         os.environ["MOELAB_CACHE"] = str(config.cache.mkdir("moelab"))
         config.add_cleanup(lambda: os.environ.pop("MOELAB_CACHE", None))
