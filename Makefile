@@ -26,7 +26,7 @@ test: $(STAMP)
 
 ## Slow tests only (torch.compile, larger shapes).
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow -n auto --maxprocesses 4
 
 ## lm-evaluation-harness on a compressed checkpoint (installs the optional eval extra).
 test-eval: $(STAMP)

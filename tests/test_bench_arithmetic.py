@@ -150,9 +150,29 @@ def test_bench_layer_rows_from_injected_timings(monkeypatch):
     assert rows["serial"]["moelab_speedup"] == 1.5 and rows["moelab"]["moelab_speedup"] == 1.0
 
 
+def test_a_timed_training_step_starts_without_gradients():
+    """Every forward+backward step of `moelab bench layer` gives its implementation's parameters
+    that step's gradients alone, as a training step after zero_grad() does (not the sum over the
+    warm-up and earlier rounds), for every implementation."""
+    torch.manual_seed(0)
+    impls = L.build_impls(L.SHAPES["e8k2"], torch.float32)
+    x = torch.randn(16, 512)
+    grad = torch.randn_like(x)
+    for name, impl in impls.items():
+        for p in impl.parameters:  # several share the router and experts
+            p.grad = None
+        impl(x).backward(grad)
+        once = [p.grad.clone() for p in impl.parameters]
+        assert len(once) >= 2 and all(g.abs().sum() > 0 for g in once[1:]), name  # router + experts
+        for _ in range(2):
+            L.time_step(impl, x, grad, "fwdbwd")
+        for p, g in zip(impl.parameters, once):
+            torch.testing.assert_close(p.grad, g, msg=name)
+
+
 def test_bench_layer_dense_baseline_has_the_active_width_and_bf16_tokens_are_capped(monkeypatch):
     shape = L.SHAPES["e64k8"]
-    dense = L.build_impls(shape, torch.float32)["dense"]
+    dense = L.build_impls(shape, torch.float32)["dense"].fn
     assert dense.down.in_features == shape.top_k * shape.hidden_dim  # the same active FLOPs per token
     options = L.BenchOptions.create(tokens=4096)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)

@@ -30,8 +30,12 @@ def _libc():
 
 
 def release_freed_memory() -> None:
-    """Collect garbage and hand the heap's free pages back to the OS (glibc only)."""
+    """Collect garbage, drop the expert-gradient buffers kept for the next step and hand the heap's
+    free pages back to the OS (glibc only)."""
+    from moelab.nn import grad_buffers
+
     gc.collect()
+    grad_buffers.release()
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -123,10 +123,19 @@ def _router(shape: LayerShape, skew: float, device: str) -> TopKRouter:
     return router.to(device)
 
 
-def build_impls(
-    shape: LayerShape, dtype: torch.dtype, skew: float = 0.0, device: str = "cpu"
-) -> dict[str, Callable[[Tensor], Tensor]]:
-    """Each implementation as a callable x [T, D] -> [T, D]; all share router and expert weights."""
+@dataclass(frozen=True)
+class Impl:
+    """One implementation: `fn` x [T, D] -> [T, D], and the parameters its steps give gradients."""
+
+    fn: Callable[[Tensor], Tensor]
+    parameters: tuple[nn.Parameter, ...]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+
+def build_impls(shape: LayerShape, dtype: torch.dtype, skew: float = 0.0, device: str = "cpu") -> dict[str, Impl]:
+    """Every implementation; all share router and expert weights."""
     router = _router(shape, skew, device)
     experts = SwiGLUExperts(shape.num_experts, shape.dim, shape.hidden_dim)
     moe = MoELayer(router, experts).to(device=device, dtype=dtype)
@@ -146,10 +155,12 @@ def build_impls(
         finally:
             experts.backend = default
 
-    impls = {"moelab": run_moelab, "serial": run_serial}
+    moe_parameters = tuple(moe.parameters())
+    impls = {"moelab": Impl(run_moelab, moe_parameters), "serial": Impl(run_serial, moe_parameters)}
     if torch.device(device).type == "cuda" and triton_swiglu.runs_on(torch.device(device), dtype):
-        impls["triton"] = run_triton
-    impls |= {"dense": dense, "loop": lambda x: naive_loop(router, experts, x)}
+        impls["triton"] = Impl(run_triton, moe_parameters)
+    impls["dense"] = Impl(dense, tuple(dense.parameters()))
+    impls["loop"] = Impl(lambda x: naive_loop(router, experts, x), moe_parameters)
     hf = hf_experts(shape, experts)
     if hf is not None:
         hf = hf.to(device)
@@ -158,7 +169,7 @@ def build_impls(
             routing = router(x)
             return hf(x, routing.indices, routing.weights.to(x.dtype))
 
-        impls["hf"] = run_hf
+        impls["hf"] = Impl(run_hf, (*router.parameters(), *hf.parameters()))
     return impls
 
 
@@ -168,15 +179,19 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(fn: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor, mode: str) -> float:
-    """Seconds for one forward (inference mode) or forward+backward step."""
+def time_step(impl: Impl, x: Tensor, grad: Tensor, mode: str) -> float:
+    """Seconds for one forward (inference mode) or forward+backward step. A forward+backward step
+    starts without gradients, as a training step after `optimizer.zero_grad()` does (set_to_none,
+    PyTorch's default): its gradients are new tensors, not added to the last step's."""
+    for p in impl.parameters:
+        p.grad = None
     synchronize(x.device)
     start = time.perf_counter()
     if mode == "fwd":
         with torch.inference_mode():
-            fn(x)
+            impl(x)
     else:
-        fn(x.detach().requires_grad_(True)).backward(grad)
+        impl(x.detach().requires_grad_(True)).backward(grad)
     synchronize(x.device)
     return time.perf_counter() - start
 
@@ -301,16 +316,16 @@ def _peak_rss_kb() -> int:
 def _step_peak_mb(config: str, impl: str, tokens: int, device: str) -> float:
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    fn = build_impls(SHAPES[config], torch.float32, 0.0, device)[impl]
+    step = build_impls(SHAPES[config], torch.float32, 0.0, device)[impl]
     x = torch.randn(tokens, SHAPES[config].dim, device=device)
     grad = torch.randn_like(x)
     if device == "cpu":
         before = _peak_rss_kb()
-        time_step(fn, x, grad, "fwdbwd")
+        time_step(step, x, grad, "fwdbwd")
         return (_peak_rss_kb() - before) / 1024
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    time_step(fn, x, grad, "fwdbwd")
+    time_step(step, x, grad, "fwdbwd")
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 

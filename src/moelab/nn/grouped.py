@@ -47,6 +47,7 @@ from torch import Tensor
 
 from moelab.nn import triton_grouped, triton_swiglu
 from moelab.nn.expert_threads import expert_workers, for_each_expert
+from moelab.nn.grad_buffers import empty_gradient_like
 from moelab.nn.linear import one_row_linear
 from moelab.validation import is_positive_finite
 
@@ -279,9 +280,10 @@ class _GroupedMLP(torch.autograd.Function):
         need_x, need_rw, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:6]
         grad_xs = torch.empty_like(xs) if need_x else None
         grad_rw = torch.empty_like(row_weights) if need_rw else None
-        # empty, not zeros: every expert's slice is written below (zeroed if it had no rows).
-        grad_w_in = torch.empty_like(w_in) if need_w_in else None
-        grad_w_out = torch.empty_like(w_out) if need_w_out else None
+        # empty, not zeros: every expert's slice is written below (zeroed if it had no rows); on a
+        # CPU, large ones on memory kept from the last step (`moelab.nn.grad_buffers`)
+        grad_w_in = empty_gradient_like(w_in) if need_w_in else None
+        grad_w_out = empty_gradient_like(w_out) if need_w_out else None
         grad_b_in = torch.empty_like(b_in) if need_b_in else None
         grad_b_out = torch.empty_like(b_out) if need_b_out else None
         bounds = _offsets(ctx.counts)
