@@ -932,18 +932,23 @@ def test_compute_commands_run_on_their_threads_and_put_torch_s_back(monkeypatch,
         torch.set_num_threads(before)
 
 def test_bench_commands_pass_every_option_on(monkeypatch, tmp_path):
-    """Each flag of bench layer / generate / offload / distributed / skip reaches its options, unswapped;
-    --threads N is a number, auto stays a word."""
-    from moelab.bench import distributed, layer, offload, skipping
+    """Each flag of bench layer / generate / offload / distributed / skip / compress reaches its options,
+    unswapped; --threads N is a number, auto stays a word; --quiet leaves out every progress display."""
+    from moelab import cli
+    from moelab.bench import compress, distributed, layer, offload, skipping
     from moelab.bench import generate as bench_generate
 
-    created = []
+    created, progressed = [], []
     monkeypatch.setattr(layer.BenchOptions, "create", lambda **k: created.append(k))
-    monkeypatch.setattr(layer, "run", lambda options, progress: {"memory": []})
+    monkeypatch.setattr(layer, "run", lambda options, progress: progressed.append(progress) or {"memory": []})
     monkeypatch.setattr(layer, "render_table", lambda doc: "table")
     _ok(["bench", "layer", "--quick", "--config", "e8k2", "--dtype", "bf16", "--mode", "fwd", "--tokens", 7, "--rounds",
          3, "--skew", 0.5, "--no-memory", "--load", 2, "--threads", 3, "--device", "cuda"])  # fmt: skip
     _ok(["bench", "layer"])
+    _ok(["bench", "layer", "--quiet"])
+    assert progressed == [cli.console, cli.console, None]
+    assert created[2] == created[1]
+    del created[2]
     assert created == [
         dict(quick=True, configs=["e8k2"], dtypes=["bf16"], modes=["fwd"], tokens=7, rounds=3, skew=0.5, memory=False,
              load=2, threads=3, device="cuda"),
@@ -990,8 +995,20 @@ def test_bench_commands_pass_every_option_on(monkeypatch, tmp_path):
     assert runs.pop(0) == (("config", "tiny"), distributed.DistributedOptions())
     _ok(["bench", "skip", "ref-32e-top4-shared", "--stats", tmp_path / "s", "--tokens", 61, "--rounds", 62])
     _ok(["bench", "skip", "--stats", tmp_path / "s"])
+    _ok(["bench", "distributed", "tiny", "--quiet"])
+    _ok(["bench", "skip", "--stats", tmp_path / "s", "--quiet"])
     assert runs == [(model, tmp_path / "s", skipping.SkipOptions(tokens=61, rounds=62)),
+                    (reference_model_dir(), tmp_path / "s", skipping.SkipOptions()),
+                    (("config", "tiny"), distributed.DistributedOptions()),
                     (reference_model_dir(), tmp_path / "s", skipping.SkipOptions())]  # fmt: skip
+    assert [k["progress"] is None for k in kwargs[:2]] == [False, False] and kwargs[4]["progress"] is None
+    assert kwargs[2:4] == [dict(quiet=False)] * 2 and kwargs[5] == dict(quiet=True)
+    compressed = []
+    monkeypatch.setattr(compress, "run", lambda options, work, progress: compressed.append(progress) or {})
+    monkeypatch.setattr(compress, "render", lambda doc: "table")
+    for flags in ([], ["--quiet"]):
+        _ok(["bench", "compress", "--work", tmp_path / f"w{len(flags)}", *flags])
+    assert compressed == [cli.console, None]
 
 
 def test_generate_passes_every_option_on(monkeypatch, tmp_path):

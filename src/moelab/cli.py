@@ -47,6 +47,7 @@ def bench_layer(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     plot: PlotOpt = None,
     overwrite: OverwriteOpt = False,
+    quiet: BenchQuietOpt = False,
 ) -> None:
     """MoE layer tokens/s vs a dense FFN of equal active FLOPs, a naive loop and transformers.
 
@@ -62,7 +63,7 @@ def bench_layer(
         quick=quick, configs=configs, dtypes=dtypes, modes=modes, tokens=tokens, rounds=rounds, skew=skew, memory=memory,
         load=load, threads=_thread_setting(threads), device=device,
     )
-    doc = bench.run(options, progress=console)
+    doc = bench.run(options, progress=None if quiet else console)
     console.print(bench.render_table(doc))
     if doc["memory"]:
         console.print(bench.render_memory(doc))
@@ -158,6 +159,7 @@ def bench_distributed(
     load: Annotated[int, typer.Option("--load", min=0, help="Busy processes to run beside the benchmark.")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
+    quiet: BenchQuietOpt = False,
 ) -> None:
     """Training tokens/s over 1, 2, 4 processes, expert parallelism on and off, the share of step time in the exchanges and the bytes they move against the count for uniform routing."""
     from moelab.bench import distributed as bench
@@ -172,7 +174,7 @@ def bench_distributed(
         if not Path(model).is_file():
             raise ValueError("give a model config file or preset: the default, configs/models/moe_top2.yaml, ships with moelab's repository, not with this install")
     config = load_model_config(model)
-    with _progress("bench distributed") as progress:
+    with _progress("bench distributed", quiet) as progress:
         doc = bench.run(config, options, progress=progress)
     console.print(bench.render(doc))
     _write_json(json_path, doc)
@@ -260,6 +262,7 @@ def bench_compress(
     keep: Annotated[bool, typer.Option("--keep", help="Keep the generated checkpoints in --work.")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
+    quiet: BenchQuietOpt = False,
 ) -> None:
     """Calibrate and REAP-prune a generated checkpoint larger than memory: peak RSS, time, tokens/s."""
 
@@ -275,7 +278,7 @@ def bench_compress(
     options = bench.BenchOptions(family=family, size_gb=size_gb, tokens=tokens, baseline=baseline, fp8=fp8)
     with output_dir(work, "benchmark scratch", entries=["source", "pruned"], overwrite=overwrite) as claimed:
         try:
-            doc = bench.run(options, claimed.path, progress=console)
+            doc = bench.run(options, claimed.path, progress=None if quiet else console)
         finally:  # the generated checkpoints (gigabytes) go however the run ends
             if not keep:
                 claimed.clear()
@@ -291,12 +294,13 @@ def bench_skip(
     rounds: Annotated[int, typer.Option(min=1, help="Timed rounds per mode, interleaved.")] = 5,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
+    quiet: BenchQuietOpt = False,
 ) -> None:
     """NAEE dynamic skipping in moelab's runtime: tokens/s, experts per token and loss, with and without."""
     from moelab.bench import skipping as bench
 
     _claim_json(json_path, bench.JSON_FORMAT, overwrite, (_model_dir(model), stats))
-    doc = bench.run(_model_dir(model), stats, bench.SkipOptions(tokens=tokens, rounds=rounds))
+    doc = bench.run(_model_dir(model), stats, bench.SkipOptions(tokens=tokens, rounds=rounds), quiet=quiet)
     console.print(bench.render(doc))
     _write_json(json_path, doc)
 

@@ -73,12 +73,13 @@ def loss_and_experts(model, batches: list[tuple[Tensor, Tensor]]) -> dict[str, f
 
 
 @torch.no_grad()
-def run(model_dir: Path, stats_dir: Path, options: SkipOptions) -> dict:
+def run(model_dir: Path, stats_dir: Path, options: SkipOptions, quiet: bool = False) -> dict:
+    """Plain and skipping decoding of the test split, interleaved; quiet: no tokenizing bars."""
     calibration = Calibration(stats_dir)
     check_skip_statistics(calibration, model_dir)
     model = load_pretrained(model_dir).eval()
     ratios = skip_ratios(calibration)
-    batches = test_batches(options.tokens, options.seq_len, options.batch_size, options.split)
+    batches = test_batches(options.tokens, options.seq_len, options.batch_size, options.split, quiet=quiet)
     seconds = {"plain": [], "skipping": []}
     measured = {}
     for mode in seconds:  # warm-up, untimed
