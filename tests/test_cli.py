@@ -5,6 +5,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -612,6 +613,49 @@ def test_every_model_argument_takes_a_shipped_models_name():
         refused = runner.invoke(app, args)
         message = str(refused.exception) + refused.output
         assert refused.exit_code != 0 and "no model at ref-32x" in message and "ref-32e-top4-shared" in message, args
+
+
+def test_the_python_entry_points_take_a_shipped_models_name(monkeypatch, tmp_path):
+    """compress, calibrate, evaluate (model and base), load_offloaded, export_checkpoint,
+    open_checkpoint, the tracer's load_model and demo read a shipped model's name as its directory,
+    as the CLI and load_pretrained do."""
+    from importlib import import_module
+
+    from moelab.hf import open_checkpoint
+    from moelab.hf.export import export_checkpoint
+    from moelab.offload import load_offloaded
+    from moelab.trace import load_model
+
+    run, calibration, evaluate, demo = (import_module(f"moelab.{m}") for m in
+                                        ("compress.run", "compress.calibration", "eval.evaluate", "demo"))  # fmt: skip
+    name, directory = "ref-32e-top4-shared", reference_model_dir("ref-32e-top4-shared")
+    assert open_checkpoint(name).path == directory
+    assert load_model(name).model.config.moe.num_experts == 32
+    assert load_offloaded(name, resident=0.5).model.config.moe.num_experts == 32
+    export_checkpoint(name, tmp_path / "hf", "qwen2_moe", quiet=True)
+    assert (tmp_path / "hf" / "config.json").is_file()
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        seen.append(args[0])
+        raise Seen
+
+    for module, function in ((run, "_mtp_layers"), (calibration, "run_calibration"), (evaluate, "LoadedLM"),
+                             (demo, "load_pretrained")):  # fmt: skip
+        monkeypatch.setattr(module, function, record)
+    calls = (lambda: run.compress(name, tmp_path / "c"), lambda: calibration.calibrate(name, tmp_path / "s"),
+             lambda: evaluate.evaluate(name), lambda: demo.run_demo(tmp_path / "d", model_dir=name))  # fmt: skip
+    for call in calls:
+        with pytest.raises(Seen):
+            call()
+    assert seen == [directory] * 4
+    monkeypatch.setattr(evaluate, "LoadedLM", lambda path: seen.append(path) or SimpleNamespace(native=True, vocab_size=1))
+    with pytest.raises(Exception):
+        evaluate.evaluate(tmp_path, base=name)
+    assert seen[-2:] == [tmp_path, directory]
 
 
 def test_generate_keeps_room_for_its_kv_cache_in_a_memory_budget(monkeypatch):

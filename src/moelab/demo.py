@@ -28,7 +28,7 @@ from moelab.compress.observers import DEFAULT_OBSERVERS
 from moelab.eval import domain_losses
 from moelab.io import atomic_write_text, output_dir
 from moelab.models import load_pretrained, model_info
-from moelab.models.reference import reference_model_dir
+from moelab.models.reference import model_dir as checkpoint_dir
 from moelab.trace import TraceOptions
 
 KIND = "demo"
@@ -54,7 +54,7 @@ def run_demo(
     final line naming the summary and the report (as other commands keep their "wrote" line)."""
     final = console or Console()
     console = Console(quiet=True) if quiet else final
-    model_dir = reference_model_dir() if model_dir is None else Path(model_dir)
+    model_dir = checkpoint_dir(model_dir)  # None: the default shipped model; or a shipped model's name
     model = load_pretrained(model_dir).eval()
     cfg = model.config
     if cfg.moe is None:

@@ -41,6 +41,7 @@ from moelab.compress.stats import (
 from moelab.hf.adapters import NATIVE
 from moelab.hf.layerwise import LayerwiseModel
 from moelab.io import StagedOutput, clear_staging, save_safetensors
+from moelab.models.reference import model_dir
 from moelab.trace.model import checkpoint_encoder
 from moelab.validation import check_choice
 
@@ -95,7 +96,8 @@ def calibrate(
     `moelab.compress.mixture`) into the new directory `out` (resuming a killed run into the same
     `out`). Under torchrun, every process takes its share of the batches and the statistics are
     summed over them (rank 0 writes). mtp: also calibrate the checkpoint's multi-token prediction
-    layer (`run_calibration`). Returns the opened statistics."""
+    layer (`run_calibration`). Returns the opened statistics. `model` may be a shipped model's name."""
+    model = model_dir(model)
     options = options or CalibrationOptions()
     rank, world = join_torchrun()
     if world == 1:

@@ -43,6 +43,7 @@ from moelab.hf.view import ModelView, MoELayerView, check_no_layers_beyond
 from moelab.hf.writer import unbuilt_layers, write_edited
 from moelab.io import StagedOutput, atomic_write_text, clear_staging
 from moelab.models.pretrained import CHECKPOINT_KIND
+from moelab.models.reference import model_dir
 from moelab.validation import check_choice
 
 REPORT_NAME = "moelab_compression.json"
@@ -90,9 +91,9 @@ def compress(
     output (num_nextn_predict_layers 0: no MTP speculative decoding);
     reload: the writer's whole-model reload with transformers (`write_checkpoint`; None: where it fits
     in memory).
-    Returns the report (also in out/moelab_compression.json)."""
+    Returns the report (also in out/moelab_compression.json). `model` may be a shipped model's name."""
     started = time.perf_counter()
-    model = Path(model)
+    model = model_dir(model)
     chosen = get_method(method, **(method_options or {}))
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {list(BUDGETS)}, got {budget!r}")

@@ -35,6 +35,7 @@ from moelab.data import IGNORE_INDEX, eval_batches
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.hf.layouts import PerExpert
 from moelab.hf.view import ModelView, MoELayerView
+from moelab.models.reference import model_dir
 from moelab.trace.data import load_streams
 from moelab.trace.model import checkpoint_encoder, hf_max_len
 
@@ -128,7 +129,9 @@ def evaluate(
     options: EvalOptions | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """The evaluation report of `model` (and its distance from `base`); see the module docstring."""
+    """The evaluation report of `model` (and its distance from `base`); see the module docstring.
+    Either may be a shipped model's name."""
+    model, base = model_dir(model), None if base is None else model_dir(base)
     options = options or EvalOptions()
     lm = LoadedLM(model)
     if options.dynamic_skip is not None:

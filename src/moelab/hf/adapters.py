@@ -44,6 +44,7 @@ from moelab.hf.mxfp4 import Mxfp4Checkpoint
 from moelab.hf.quantized import stated_dtype
 from moelab.hf.stored_names import renamed_on_loading
 from moelab.hf.view import ModelView
+from moelab.models.reference import model_dir
 from moelab.validation import is_number
 
 # ----------------------------------------------------------------------------- router settings
@@ -1417,9 +1418,9 @@ def open_checkpoint(path: str | os.PathLike) -> ModelView:
     model_type).
     Quantized checkpoints read as their dequantized weights (`open_weights`): block-wise FP8,
     compressed-tensors FP8 and GPT-OSS's MXFP4; others are refused: their experts are not plain weights.
-    Tensors are read later, one layer at a time.
+    Tensors are read later, one layer at a time. `path` may be a shipped model's name.
     """
-    config, checkpoint, family = resolve(path)
+    config, checkpoint, family = resolve(model_dir(path))
     return ModelView(checkpoint, config, family, family.layer_count(config))
 
 

@@ -39,6 +39,7 @@ from moelab.hf.view import MoELayerView, SharedView, check_no_layers_beyond
 from moelab.io import StagedOutput, atomic_write_text, check_output_dir, copy_side_file, save_safetensors
 from moelab.models.config import ModelConfig
 from moelab.models.pretrained import CHECKPOINT_KIND
+from moelab.models.reference import model_dir as checkpoint_dir
 from moelab.validation import did_you_mean
 
 EXPORT_FAMILIES = ("qwen2_moe", "mixtral")
@@ -123,7 +124,7 @@ def export_checkpoint(
     its vocabulary that has none (another is refused); a directory of tokenizer.json and friends;
     None for weights only.
     Refuses models that do not map exactly; checks the result against moelab's logits."""
-    model_dir = Path(model_dir).resolve()
+    model_dir = checkpoint_dir(model_dir).resolve()  # a directory, or a shipped model's name
     check_output_dir(out, CHECKPOINT_KIND, inputs=[model_dir], overwrite=overwrite)
     tensors, hf_config = export_state(model_dir, family, tokenizer=tokenizer)  # the model's problems first
     tokenizer = export_tokenizer(model_dir, tokenizer)

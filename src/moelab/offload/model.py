@@ -54,6 +54,7 @@ from moelab.hf.native import (
 )
 from moelab.hf.view import MoELayerView, NormView
 from moelab.memory import available_memory
+from moelab.models.reference import model_dir
 from moelab.models.transformer import (
     MoETransformer,
     Sampling,
@@ -502,7 +503,9 @@ def load_offloaded(
     warm start's here, so with resident=1.0 every expert), never per use of a resident one. An
     expert that is never loaded, or only read ahead and not chosen, is never computed with and
     cannot change the tokens; finding it would mean reading every expert, which offloading avoids.
+    `path` may be a shipped model's name.
     """
+    path = model_dir(path)
     try:
         check_device(torch.device(device).type)
     except RuntimeError:  # not a device torch knows

@@ -22,7 +22,7 @@ from moelab.files import read_json_object
 from moelab.hf import ModelView, open_checkpoint
 from moelab.hf.loading import load_causal_lm
 from moelab.hf.modules import is_transformers_model
-from moelab.models.reference import reference_model_dir
+from moelab.models.reference import model_dir
 from moelab.trace.data import Encoder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -46,7 +46,7 @@ def load_model(
 ) -> LoadedModel:
     """Load `path` (default: the shipped reference model) for tracing, in eval mode (quiet: no
     transformers progress bar)."""
-    path = reference_model_dir() if path is None else Path(path)
+    path = model_dir(path)  # a directory, or a shipped model's name
     config_path = path / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(
