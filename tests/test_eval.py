@@ -212,7 +212,7 @@ def test_windows_longer_than_the_context_are_cut_to_it(model_dir, monkeypatch, c
     with pytest.raises(ValueError, match=r"prompt_tokens \+ gen_tokens \(32 \+ 48\) exceed the context of 64.*--prompts 0"):
         evaluate(model_dir, options=dataclasses.replace(SMALL, prompt_tokens=32, gen_tokens=48), quiet=True)
     args = ["moelab", "eval", str(model_dir), "--domain", "code", "--max-tokens", "64", "--seq-len", "32", "--prompts", "1",
-            "--prompt-tokens", "8", "--gen-tokens", "8", "--quiet"]  # fmt: skip
+            "--prompt-tokens", "8", "--new-tokens", "8", "--quiet"]  # fmt: skip
     monkeypatch.setattr("sys.argv", args)
     cli.main()  # the CLI takes the lengths that fit (it had no such options)
     assert "0/1 greedy" in capsys.readouterr().out

@@ -888,7 +888,7 @@ def eval_cmd(
     batch_size: BatchOpt = 8,
     prompts: Annotated[int, typer.Option(min=0, help="Prompts per domain for the degenerate-generation check (0: skip).")] = 4,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Each prompt's length in tokens.")] = 32,
-    gen_tokens: Annotated[int, typer.Option("--gen-tokens", min=1, help="Greedy tokens generated after each prompt.")] = 48,
+    gen_tokens: Annotated[int, typer.Option("--new-tokens", "--gen-tokens", min=1, help="Greedy tokens generated after each prompt (as bench generate's --new-tokens).")] = 48,
     dynamic_skip: Annotated[Path | None, typer.Option("--dynamic-skip", help="Run the model (a moelab one) with NAEE dynamic skipping, ratios from these calibration statistics.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON here.")] = None,
     overwrite: OverwriteOpt = False,
