@@ -5,6 +5,7 @@ the ones autograd gives without the pool (the "loop" backend's, which does not u
 import numpy as np
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from moelab.memory import release_freed_memory
 from moelab.nn import SwiGLUExperts, grad_buffers
@@ -117,8 +118,15 @@ def test_release_frees_what_no_tensor_uses(pool_everything):
 
 
 def test_what_is_pooled():
-    """Contiguous CPU tensors of at least MIN_BYTES; anything else is torch.empty_like's."""
+    """Contiguous plain CPU tensors of at least MIN_BYTES, outside torch.compile's tracing; anything
+    else is torch.empty_like's (a fake tensor has no storage to count references of)."""
     grad_buffers.release()
+    with FakeTensorMode():
+        fake = torch.empty(2, grad_buffers.MIN_BYTES // 8)
+        assert isinstance(grad_buffers.empty_gradient_like(fake), FakeTensor)
+    compiled = torch.compile(lambda w: grad_buffers.empty_gradient_like(w).fill_(1.0), backend="eager")
+    assert compiled(torch.empty(2, grad_buffers.MIN_BYTES // 8)).sum() == grad_buffers.MIN_BYTES // 4
+    assert grad_buffers.pooled_bytes() == 0
     small = torch.empty(4, 8)
     assert grad_buffers.empty_gradient_like(small).shape == (4, 8) and grad_buffers.pooled_bytes() == 0
     large = torch.empty(2, grad_buffers.MIN_BYTES // 8)  # exactly MIN_BYTES of float32
