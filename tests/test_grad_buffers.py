@@ -137,3 +137,18 @@ def test_what_is_pooled():
     assert buffer.shape == large.shape and buffer.dtype == large.dtype and buffer.is_contiguous()
     assert grad_buffers.pooled_bytes() == grad_buffers.MIN_BYTES
     grad_buffers.release()
+
+
+def test_a_compiled_step_captures_the_grouped_backward_whole(pool_everything):
+    """Traced by torch.compile, the backward takes plain `torch.empty_like` buffers: the
+    autograd.Function compiles as one graph (the pool's lock would break it), and the compiled
+    step's gradients are autograd's."""
+    torch._dynamo.reset()
+    experts = _experts("grouped")
+    step = torch._dynamo.explain(lambda xs, rw: experts(xs, COUNTS, rw))
+    explanation = step(torch.randn(sum(COUNTS), D), torch.rand(sum(COUNTS)))
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    _step(torch.compile(experts), 1)
+    _check(experts, [1])
+    assert grad_buffers.pooled_bytes() == 0

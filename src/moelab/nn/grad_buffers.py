@@ -63,7 +63,9 @@ _lock = threading.Lock()
 def empty_gradient_like(weight: Tensor) -> Tensor:
     """`torch.empty_like(weight)`, on a recycled storage where `weight` is a contiguous CPU tensor
     of at least `MIN_BYTES`, a plain tensor or Parameter (not a subclass such as DTensor or a fake
-    tensor) outside torch.compile's tracing (see the module's docstring)."""
+    tensor). Traced by torch.compile, a plain `torch.empty_like`: the pool's lock and reference
+    counts would break the graph, and the autograd.Function around the backward would no longer
+    compile whole."""
     pooled = type(weight) in (Tensor, torch.nn.Parameter) and weight.device.type == "cpu" and weight.is_contiguous()
     if not pooled or weight.nbytes < MIN_BYTES or torch.compiler.is_compiling():
         return torch.empty_like(weight)
