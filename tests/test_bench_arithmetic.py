@@ -150,18 +150,36 @@ def test_bench_layer_rows_from_injected_timings(monkeypatch):
     assert rows["serial"]["moelab_speedup"] == 1.5 and rows["moelab"]["moelab_speedup"] == 1.0
 
 
+def _leaves(y: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors autograd would accumulate gradients into from y's graph (its AccumulateGrad nodes)."""
+    leaves, seen, stack = [], set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
 def test_a_timed_training_step_starts_without_gradients():
     """Every forward+backward step of `moelab bench layer` gives its implementation's parameters
     that step's gradients alone, as a training step after zero_grad() does (not the sum over the
     warm-up and earlier rounds), for every implementation."""
     torch.manual_seed(0)
     impls = L.build_impls(L.SHAPES["e8k2"], torch.float32)
+    assert {"moelab", "serial", "dense", "loop", "hf"} <= set(impls)
     x = torch.randn(16, 512)
     grad = torch.randn_like(x)
     for name, impl in impls.items():
         for p in impl.parameters:  # several share the router and experts
             p.grad = None
-        impl(x).backward(grad)
+        y = impl(x)
+        # the parameters listed are every leaf the step's autograd graph reaches
+        assert {id(p) for p in impl.parameters} == {id(p) for p in _leaves(y)}, name
+        y.backward(grad)
         once = [p.grad.clone() for p in impl.parameters]
         assert len(once) >= 2 and all(g.abs().sum() > 0 for g in once[1:]), name  # router + experts
         for _ in range(2):
