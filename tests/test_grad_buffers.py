@@ -104,6 +104,23 @@ def test_a_gradient_someone_still_holds_keeps_its_values(pool_everything, hold):
     torch.testing.assert_close(read(kept, first.shape), first)
 
 
+def test_a_gradient_sent_to_another_process_keeps_its_values_there(pool_everything):
+    """torch.multiprocessing sends a CPU tensor by moving its storage to shared memory, which the
+    receiver maps: once the sender drops the gradient, its memory is not written again (it leaves
+    the pool, which does not grow)."""
+    experts = _experts("grouped")
+    _step(experts, 1)
+    first = experts.gate_up_proj.grad.clone()
+    fd, size = experts.gate_up_proj.grad.untyped_storage()._share_fd_cpu_()  # what a Queue.put does
+    mapped = torch.UntypedStorage._new_shared_fd_cpu(fd, size)  # what the receiving process maps
+    received = torch.empty(0).set_(mapped, 0, first.shape)
+    experts.zero_grad(set_to_none=True)
+    _step(experts, 2)
+    _check(experts, [2])
+    torch.testing.assert_close(received, first)
+    assert grad_buffers.pooled_bytes() == sum(p.nbytes for p in experts.parameters())
+
+
 def test_release_frees_what_no_tensor_uses(pool_everything):
     experts = _experts("grouped")
     _step(experts, 1)

@@ -14,8 +14,10 @@ pool's reference is its only one: no tensor is on its memory any more (the one h
 time, as `param.grad` or anywhere else, and every view or `detach()` of it has been dropped:
 `optimizer.zero_grad()` sets gradients to None by default), and no one else holds the storage
 object (`t.untyped_storage()`). A gradient a caller still holds (accumulation with
-`zero_grad(set_to_none=False)`, gradients kept for later) is not handed out again. autograd keeps
-the returned buffer as `param.grad` without copying it (it is the only tensor on it).
+`zero_grad(set_to_none=False)`, gradients kept for later) is not handed out again, nor is one
+in shared memory (torch.multiprocessing sends a CPU tensor that way: the receiving process maps
+the same memory, which no count here sees): it leaves the pool. autograd keeps the returned
+buffer as `param.grad` without copying it (it is the only tensor on it).
 
 The pool keeps what it holds until `release()` (which `moelab.memory.release_freed_memory` calls):
 as much memory as the most gradients of one shape alive at once, which a training step holds
@@ -72,9 +74,13 @@ def empty_gradient_like(weight: Tensor) -> Tensor:
     key = (tuple(weight.shape), weight.dtype)
     with _lock:
         pool = _pools.setdefault(key, [])
-        for slot in pool:
-            if slot.is_free():
-                return torch.empty(0, dtype=weight.dtype).set_(slot.storage, 0, weight.shape)
+        for slot in list(pool):
+            if not slot.is_free():
+                continue
+            if slot.storage.is_shared():  # moved to shared memory: another process may map it
+                pool.remove(slot)
+                continue
+            return torch.empty(0, dtype=weight.dtype).set_(slot.storage, 0, weight.shape)
         buffer = torch.empty(weight.shape, dtype=weight.dtype)
         pool.append(_Slot(buffer.untyped_storage()))
         return buffer
