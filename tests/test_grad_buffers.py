@@ -134,6 +134,28 @@ def test_release_frees_what_no_tensor_uses(pool_everything):
     assert grad_buffers.pooled_bytes() == 0
 
 
+def test_a_weight_s_pool_goes_with_the_weight_and_follows_its_size(pool_everything):
+    """The pool is the weight's (weakly keyed): deleting the model frees its gradient memory, and a
+    weight whose data was replaced by another size gets a buffer of that size."""
+    import gc
+
+    experts = _experts("grouped")
+    _step(experts, 1)
+    experts.zero_grad(set_to_none=True)
+    assert grad_buffers.pooled_bytes() == sum(p.nbytes for p in experts.parameters())
+    with torch.no_grad():  # 3 of the 4 experts, as pruning in place would leave them
+        experts.gate_up_proj.data = experts.gate_up_proj.data[:3].clone()
+        experts.down_proj.data = experts.down_proj.data[:3].clone()
+    experts.num_experts = 3
+    out = experts(torch.randn(9, D), [4, 0, 5], torch.rand(9))
+    out.sum().backward()
+    assert experts.gate_up_proj.grad.shape == (3, 2 * I, D) and experts.down_proj.grad.shape == (3, D, I)
+    assert grad_buffers.pooled_bytes() == sum(p.nbytes for p in experts.parameters())  # the old size left
+    del experts, out
+    gc.collect()
+    assert grad_buffers.pooled_bytes() == 0
+
+
 def test_what_is_pooled():
     """Contiguous plain CPU tensors of at least MIN_BYTES, outside torch.compile's tracing; anything
     else is torch.empty_like's (a fake tensor has no storage to count references of)."""

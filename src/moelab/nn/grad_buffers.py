@@ -8,8 +8,8 @@ an e64k8 layer of D = 512 (64 experts of width 352) writes 138 MB of expert grad
 about 20 ms of page faults in a 190 ms training step at 1,024 tokens on 2 cores, where the dense
 layer's 17 MB come from memory glibc keeps.
 
-`empty_gradient_like(weight)` hands out a buffer of the weight's shape from a pool of storages of
-that shape, where one is free, else a new one that joins the pool. A storage is free when the
+`empty_gradient_like(weight)` hands out a buffer of the weight's shape from the weight's own pool
+of storages, where one is free, else a new one that joins the pool. A storage is free when the
 pool's reference is its only one: no tensor is on its memory any more (the one handed out last
 time, as `param.grad` or anywhere else, and every view or `detach()` of it has been dropped:
 `optimizer.zero_grad()` sets gradients to None by default), and no one else holds the storage
@@ -19,9 +19,11 @@ in shared memory (torch.multiprocessing sends a CPU tensor that way: the receivi
 the same memory, which no count here sees): it leaves the pool. autograd keeps the returned
 buffer as `param.grad` without copying it (it is the only tensor on it).
 
-The pool keeps what it holds until `release()` (which `moelab.memory.release_freed_memory` calls):
-as much memory as the most gradients of one shape alive at once, which a training step holds
-anyway. Only contiguous CPU tensors of at least `MIN_BYTES` are pooled; other devices have allocators
+A weight's pool lives as long as the weight (it is keyed by the weight's identity, weakly): once
+the model is gone, so is its gradient memory. While it lives, its pool keeps as much memory as the
+most gradients of that weight alive at once (one, two when gradients accumulate), which a training
+step holds anyway, also between steps and after training; `release()` (which
+`moelab.memory.release_freed_memory` calls) empties every pool. Only contiguous CPU tensors of at least `MIN_BYTES` are pooled; other devices have allocators
 that keep freed memory (CUDA's caching allocator).
 """
 
@@ -32,6 +34,7 @@ import threading
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 MIN_BYTES = 8 * 2**20  # below, glibc's heap serves and keeps the block anyway
 
@@ -58,7 +61,7 @@ class _Slot:
 
 
 _UNSHARED = _Slot(object())  # the Python reference count of an object a slot alone holds
-_pools: dict[tuple[tuple[int, ...], torch.dtype], list[_Slot]] = {}
+_pools: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> its slots
 _lock = threading.Lock()
 
 
@@ -71,13 +74,13 @@ def empty_gradient_like(weight: Tensor) -> Tensor:
     pooled = type(weight) in (Tensor, torch.nn.Parameter) and weight.device.type == "cpu" and weight.is_contiguous()
     if not pooled or weight.nbytes < MIN_BYTES or torch.compiler.is_compiling():
         return torch.empty_like(weight)
-    key = (tuple(weight.shape), weight.dtype)
     with _lock:
-        pool = _pools.setdefault(key, [])
+        pool = _pools.setdefault(weight, [])
         for slot in list(pool):
             if not slot.is_free():
                 continue
-            if slot.storage.is_shared():  # moved to shared memory: another process may map it
+            # in shared memory another process may map it; another size: the weight's data was replaced
+            if slot.storage.is_shared() or slot.storage.nbytes() != weight.nbytes:
                 pool.remove(slot)
                 continue
             return torch.empty(0, dtype=weight.dtype).set_(slot.storage, 0, weight.shape)
