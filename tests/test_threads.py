@@ -1,5 +1,9 @@
 """Thread counts that match the free cores (`moelab.threads`) and the settings that use them."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -66,10 +70,27 @@ def test_train_config_takes_auto_and_refuses_zero():
         TrainConfig(steps=1, threads=0)
 
 
+@pytest.mark.parametrize(
+    "code, given, expected",
+    [
+        ("import moelab", None, "30000"),  # the `moelab` command and python -m moelab import moelab first
+        ("import moelab", "7", "7"),  # a value set is kept
+        ("import torch, moelab", None, None),  # libgomp has read its settings already: nothing to set
+    ],
+)
+def test_importing_moelab_before_torch_shortens_openmp_s_idle_spin(code, given, expected):
+    """GOMP_SPINCOUNT, which libgomp reads once as torch loads it: set where moelab comes first."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | ({"GOMP_SPINCOUNT": given} if given else {})
+    script = f"{code}; import os; print(os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)
+
+
 def test_bench_layer_reports_the_threads_and_allocator_settings_it_ran_on(monkeypatch):
     from moelab.bench.layer import BenchOptions, run
 
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1073741824")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "123")
     threads = torch.get_num_threads()
     options = BenchOptions.create(
         configs=["e8k2"], dtypes=["fp32"], modes=["fwd"], tokens=16, rounds=1, skew=0, memory=False, threads=1
@@ -77,6 +98,7 @@ def test_bench_layer_reports_the_threads_and_allocator_settings_it_ran_on(monkey
     try:
         setup = run(options)["setup"]
         assert setup["threads"] == 1 and setup["allocator_env"]["MALLOC_TRIM_THRESHOLD_"] == "1073741824"
+        assert setup["openmp_env"]["GOMP_SPINCOUNT"] == "123"
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="threads must be"):

@@ -373,6 +373,8 @@ def run(options: BenchOptions, progress: Console | None = None) -> dict:
         "load": options.load,
         # the C allocator's settings: with glibc's defaults every large fresh buffer is page-faulted in
         "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
+        # how long OpenMP's idle threads spin (the `moelab` command sets GOMP_SPINCOUNT: moelab/__init__.py)
+        "openmp_env": {k: v for k, v in os.environ.items() if k.startswith(("GOMP_", "OMP_", "KMP_"))},
         "torch": torch.__version__,
     }
     return doc
