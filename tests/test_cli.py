@@ -658,6 +658,41 @@ def test_the_python_entry_points_take_a_shipped_models_name(monkeypatch, tmp_pat
     assert seen[-2:] == [tmp_path, directory]
 
 
+def test_the_tracer_analyze_compress_bench_and_generate_take_a_shipped_models_name(monkeypatch, tmp_path):
+    """trace_from_files, analyze, run_bench and generate_texts read a shipped model's name as its
+    directory; the tracer and analyze keep their output out of it, named or the default (None)."""
+    from importlib import import_module
+
+    from moelab.io import OutputError
+
+    tracer, analysis, bench, generating = (import_module(f"moelab.{m}") for m in
+                                           ("trace.tracer", "analyze.run", "compress.bench", "generate"))  # fmt: skip
+    name, directory = "ref-32e-top4-shared", reference_model_dir("ref-32e-top4-shared")
+
+    class Seen(Exception):
+        pass
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(args[0])
+        raise Seen
+
+    for module, function in ((tracer, "load_model"), (analysis, "trace_from_files"), (bench, "_check_cells"),
+                             (generating, "_check_vocabulary")):  # fmt: skip
+        monkeypatch.setattr(module, function, record)
+    for call in (tracer.trace_from_files, analysis.analyze, bench.run_bench):
+        with pytest.raises(Seen):
+            call(name, tmp_path / call.__name__)
+    with pytest.raises(Seen):  # the checks that read the model's config.json see it (they saw none before)
+        generating.generate_texts(name, ["The king said"])
+    assert seen == [directory] * 4
+    for model, inside in ((name, directory), (None, reference_model_dir())):  # nothing is created there
+        for call in (tracer.trace_from_files, analysis.analyze):
+            with pytest.raises(OutputError, match="inside the input"):
+                call(model, inside / "out")
+
+
 def test_generate_keeps_room_for_its_kv_cache_in_a_memory_budget(monkeypatch):
     """The KV cache that decoding fills (every prompt's positions, the prompt's and the new
     tokens', compiled rounded up to 64) comes out of a memory budget: generate_texts tells

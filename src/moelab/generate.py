@@ -33,6 +33,7 @@ from moelab.hf.checkpoint import DTYPES, Checkpoint, CheckpointError
 from moelab.hf.conversion import CONVERTIBLE_FAMILIES, conversion_problems, moelab_model
 from moelab.hf.multimodal import language_config
 from moelab.hf.quantized import PLAIN_DTYPES, stated_dtype
+from moelab.models.reference import model_dir
 from moelab.models.transformer import MoETransformer, Sampling, TokenStreamer, decode_cache_length
 from moelab.offload import POLICIES, RoutingPrior, load_offloaded
 from moelab.offload.model import generate_ids
@@ -120,7 +121,9 @@ def generate_texts(
     each step's tokens (`MoETransformer.generate`; e.g. transformers' `TextStreamer(tokenizer,
     skip_prompt=True)`, which prints one prompt's continuation as it decodes). sampling: draw each
     token (`moelab.models.Sampling`; one seed and the same prompts give one text), else greedy.
-    ignore_eos: decode max_new_tokens whatever comes (as benchmarks do)."""
+    ignore_eos: decode max_new_tokens whatever comes (as benchmarks do). `path` may be a shipped
+    model's name."""
+    path = model_dir(path)
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings; for one prompt call generate_text")
     empty = [i for i, prompt in enumerate(prompts) if not prompt]

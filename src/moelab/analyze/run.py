@@ -9,6 +9,7 @@ from pathlib import Path
 from moelab.analyze.report import write_report
 from moelab.analyze.stats import analyze_trace
 from moelab.io import StagedOutput, is_output
+from moelab.models.reference import model_dir
 from moelab.trace import TraceOptions, is_trace, open_trace, trace_from_files
 
 DEFAULT_CHUNK_LENS = (1, 8, 64)
@@ -30,11 +31,12 @@ def analyze(
     """Trace `model` (default: the shipped reference model) on `data` into out/trace, or read
     `model` as an existing trace directory, then write out/report.html, out/report.json and
     out/plots/*.png. An existing analysis in `out` is replaced only with `overwrite`. Returns
-    the HTML path."""
+    the HTML path. `model` may be a shipped model's name."""
     if any(L < 1 for L in chunk_lens):
         raise ValueError(f"chunk lengths must be >= 1, got {list(chunk_lens)}")
-    from_trace = model is not None and is_trace(model)
-    if model is not None and not from_trace and is_output(model, KIND):
+    model = model_dir(model)  # the directory the output must stay out of, the default's too
+    from_trace = is_trace(model)
+    if not from_trace and is_output(model, KIND):
         trace = Path(model) / "trace"
         again = f"analyse its trace again with `{trace}`" if is_trace(trace) else "give the model or trace it was made from"
         raise ValueError(f"{model} is an analysis, not a model or a trace; {again}")

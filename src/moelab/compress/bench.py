@@ -45,6 +45,7 @@ from moelab.eval.evaluate import ALL, EvalOptions, evaluate
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.io import StagedOutput, atomic_write_text, output_dir
 from moelab.models.pretrained import CHECKPOINT_KIND
+from moelab.models.reference import model_dir
 
 KIND = "compression benchmark"
 FORMAT = "moelab-compress-bench/1"
@@ -152,11 +153,12 @@ def run_bench(
     overwrite: bool = False,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Run (or finish) the bench of `model` into `out` and write its report; returns the summary."""
+    """Run (or finish) the bench of `model` (a directory or a shipped model's name) into `out` and
+    write its report; returns the summary."""
     from moelab.compress.bench_report import REPORT_FILES, write_report
 
     options = options or BenchOptions()
-    model = Path(model)
+    model = model_dir(model)
     config, checkpoint, family = resolve(model)  # a clear error for what is not a checkpoint
     checkpoint.close()
     if options.llmcompressor_python and family is NATIVE:

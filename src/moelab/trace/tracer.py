@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moelab.io import check_output_dir
+from moelab.models.reference import model_dir
 from moelab.trace.capture import RoutingCapture
 from moelab.trace.data import batches, count_tokens, load_streams
 from moelab.trace.model import LoadedModel, load_model, wrap_model
@@ -116,7 +117,9 @@ def trace_from_files(
     quiet: bool = False,
 ) -> Trace:
     """Load `model` (default: the shipped reference model) and `data` (see
-    `moelab.trace.data.load_streams`) and trace it into `out`: what `moelab trace` runs."""
+    `moelab.trace.data.load_streams`) and trace it into `out`: what `moelab trace` runs. `model`
+    may be a shipped model's name."""
+    model = model_dir(model)  # the directory the output must stay out of, the default's too
     inputs = [model, data if data != "corpus" else None]
     check_output_dir(out, KIND, inputs=inputs, overwrite=overwrite)  # before the slow load
     loaded = load_model(model, quiet=quiet)
