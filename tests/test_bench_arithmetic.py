@@ -233,6 +233,21 @@ def test_bench_distributed_cells_are_medians_over_rounds_and_ratios_to_one_proce
     assert got == {(1, "one"): (200.0, 1.0), (2, "dp"): (300.0, 1.5), (2, "ep"): (150.0, 0.5)}
 
 
+
+def test_bench_distributed_names_each_cell_before_it_runs_or_nothing_when_quiet(monkeypatch):
+    """progress: told each round's cell as it starts; None (`moelab bench distributed --quiet`)
+    shows nothing and runs the same cells."""
+    ran = []
+    monkeypatch.setattr(D, "_cell", lambda model, options, n, layout: ran.append((n, layout)) or {"tokens_per_second": 1.0})
+    config = dataclasses.replace(tiny(), first_k_dense=0)
+    options = D.DistributedOptions(procs=(1, 2), batch_size=2, rounds=2)
+    told = []
+    D.run(config, options, progress=told.append)
+    cells = ((1, "one"), (2, "dp"), (2, "ep"))
+    assert told == [f"round {r}/2: {n} process(es), {layout}" for r in (1, 2) for n, layout in cells]
+    D.run(config, options, progress=None)
+    assert ran[6:] == ran[:6] == [(1, "one"), (2, "dp"), (2, "ep")] * 2
+
 def test_uniform_expert_exchange_bytes():
     """2 (backward) x 64 tokens x 1.5 rows x 3 MoE layers x 3/4 crossing x (2 x 32 + 1) x 4 bytes;
     dense layers exchange nothing, and one expert-parallel rank sends nothing."""

@@ -26,6 +26,7 @@ import contextlib
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -65,10 +66,10 @@ class DistributedOptions:
                 raise ValueError(f"--batch-size {self.batch_size} must be divisible by every process count, not by {n}")
 
 
-def run(model: ModelConfig, options: DistributedOptions, progress=lambda what: None) -> dict:
+def run(model: ModelConfig, options: DistributedOptions, progress: Callable[[str], None] | None = None) -> dict:
     """Every (process count, layout) cell; see the module docstring. A model the parallel path
     cannot run at all is refused before any cell; expert parallelism is timed at the process
-    counts that divide its experts."""
+    counts that divide its experts. progress: told which cell runs now (None: nothing shown)."""
     with torch.device("meta"):
         built = MoETransformer(model)
     check_parallel_model(built, 1)
@@ -82,7 +83,8 @@ def run(model: ModelConfig, options: DistributedOptions, progress=lambda what: N
     with busy_processes(options.load):
         for r in range(options.rounds):
             for n, layout in layouts:
-                progress(f"round {r + 1}/{options.rounds}: {n} process(es), {layout}")
+                if progress is not None:
+                    progress(f"round {r + 1}/{options.rounds}: {n} process(es), {layout}")
                 measured[(n, layout)].append(_cell(model, options, n, layout))
     base = next((runs for (n, _), runs in measured.items() if n == 1), None)
     cells = []
