@@ -209,7 +209,7 @@ def test_windows_longer_than_the_context_are_cut_to_it(model_dir, monkeypatch, c
         assert (long["domains"][name]["loss_sum"], long["domains"][name]["tokens"]) == (
             scored["loss_sum"], scored["tokens"]
         )
-    with pytest.raises(ValueError, match=r"prompt_tokens \+ gen_tokens \(32 \+ 48\) exceed the context of 64.*--prompts 0"):
+    with pytest.raises(ValueError, match=r"prompt_tokens \+ gen_tokens \(32 \+ 48\) exceed the context of 64.*--new-tokens.*--prompts 0"):
         evaluate(model_dir, options=dataclasses.replace(SMALL, prompt_tokens=32, gen_tokens=48), quiet=True)
     args = ["moelab", "eval", str(model_dir), "--domain", "code", "--max-tokens", "64", "--seq-len", "32", "--prompts", "1",
             "--prompt-tokens", "8", "--new-tokens", "8", "--quiet"]  # fmt: skip

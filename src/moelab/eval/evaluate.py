@@ -158,7 +158,7 @@ def evaluate(
     if options.prompts and options.prompt_tokens + options.gen_tokens > context:
         raise ValueError(
             f"prompt_tokens + gen_tokens ({options.prompt_tokens} + {options.gen_tokens}) exceed the context "
-            f"of {context} tokens; lower --prompt-tokens or --gen-tokens, or skip the check (--prompts 0)"
+            f"of {context} tokens; lower --prompt-tokens or --new-tokens, or skip the check (--prompts 0)"
         )
     streams = load_streams(
         options.data, split=options.split, domains=options.domains, encoder=lm.encoder, quiet=quiet
