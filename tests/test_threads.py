@@ -86,6 +86,20 @@ def test_importing_moelab_before_torch_shortens_openmp_s_idle_spin(code, given, 
     assert out.stdout.strip() == str(expected)
 
 
+
+def test_libgomp_reads_the_spin_count_moelab_sets_as_torch_loads():
+    """What OpenMP itself read, not just os.environ: libgomp prints its settings as it loads with
+    OMP_DISPLAY_ENV=verbose. 30000 where moelab came first; its own default where torch did."""
+    drop = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+    env = {k: v for k, v in os.environ.items() if k not in drop} | {"OMP_DISPLAY_ENV": "verbose"}
+    read = {}
+    for code in ("import moelab, torch", "import torch, moelab"):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        if "GOMP_SPINCOUNT = " not in out.stderr:
+            pytest.skip("torch's OpenMP runtime here is not libgomp")
+        read[code] = out.stderr.split("GOMP_SPINCOUNT = ")[1].split()[0]
+    assert read["import moelab, torch"] == "'30000'" and read["import torch, moelab"] != "'30000'"
+
 def test_bench_layer_reports_the_threads_and_allocator_settings_it_ran_on(monkeypatch):
     from moelab.bench.layer import BenchOptions, run
 
