@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from moelab.bench import machine
 from moelab.cli import app
 from moelab.models.reference import reference_model_dir
 
@@ -188,6 +189,7 @@ def test_bench_generate_json_contract(tmp_path):
     _assert_drawn(out, tmp_path / "g.png")
     doc = json.loads(out.read_text())
     assert doc["format"] == "moelab-bench-generate/1" and doc["setup"]["memory_bandwidth_gb_s"] > 0
+    assert doc["setup"]["openmp_env"] == machine.openmp_env()  # the spin of OpenMP's idle threads moves timings
     assert [r["batch"] for r in doc["results"]] == [1, 3]
     for row in doc["results"]:
         assert row["family"] == "qwen2_moe"  # tiny() has a dense first layer, which Mixtral cannot express
@@ -240,6 +242,7 @@ def test_bench_offload_json_contract(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["format"] == "moelab-bench-offload/1"
     assert doc["device_name"] and "commit" in doc  # what ran it: the machine, moelab's commit (None outside git)
+    assert doc["openmp_env"] == machine.openmp_env()
     [model] = doc["models"]
     assert model["experts"] == 12 and model["in_memory_tokens_per_s"] > 0
     policies = ["lru", "reuse", "affinity", "lookahead-x1", "lookahead", "both"]

@@ -41,7 +41,7 @@ from rich.table import Table
 
 from moelab.bench.layer import DTYPES, synchronize
 from moelab.bench.load import busy_processes
-from moelab.bench.machine import device_name, source_commit
+from moelab.bench.machine import device_name, openmp_env, source_commit
 from moelab.bench.rounds import bound_tokens_per_s, fraction_of_bound, speedup
 from moelab.bench.skipping import loss_and_experts, test_batches
 from moelab.compress.skipping import apply_dynamic_skipping
@@ -351,7 +351,7 @@ def run(models: dict[str, Path], options: GenerateOptions, progress=None, quiet:
                   # the fractions of the bound use each round's own measurement; this is the median of the cells'
                   "memory_bandwidth_gb_s": statistics.median(r["memory_bandwidth_gb_s"] for r in rows),
                   "bandwidth_measure": "read: fp32 matrix-vector product over 256 MB",
-                  "device_name": device_name(options.device), "commit": source_commit()},
+                  "device_name": device_name(options.device), "commit": source_commit(), "openmp_env": openmp_env()},
         "results": rows,
         "routing_quality": quality,
     }  # fmt: skip

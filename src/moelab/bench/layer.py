@@ -38,6 +38,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from moelab.bench.load import busy_processes
+from moelab.bench.machine import openmp_env
 from moelab.bench.rounds import speedup
 from moelab.io import atomic_write_text, check_output_file, has_json_format
 from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter, triton_swiglu
@@ -373,8 +374,7 @@ def run(options: BenchOptions, progress: Console | None = None) -> dict:
         "load": options.load,
         # the C allocator's settings: with glibc's defaults every large fresh buffer is page-faulted in
         "allocator_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
-        # how long OpenMP's idle threads spin (the `moelab` command sets GOMP_SPINCOUNT: moelab/__init__.py)
-        "openmp_env": {k: v for k, v in os.environ.items() if k.startswith(("GOMP_", "OMP_", "KMP_"))},
+        "openmp_env": openmp_env(),
         "torch": torch.__version__,
     }
     return doc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -25,6 +26,12 @@ def device_name(device: str) -> str:
     except OSError:
         pass
     return f"{name}, {available_cores()} cores"
+
+
+def openmp_env() -> dict[str, str]:
+    """The OpenMP settings in the environment (GOMP_*, OMP_*, KMP_*): how long idle threads spin,
+    which the `moelab` command sets (GOMP_SPINCOUNT, moelab/__init__.py), changes the timings."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("GOMP_", "OMP_", "KMP_"))}
 
 
 def source_commit() -> str | None:

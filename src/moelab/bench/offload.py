@@ -50,7 +50,7 @@ from rich.table import Table
 
 from moelab.bench.generate import check_context
 from moelab.bench.layer import DTYPES, synchronize
-from moelab.bench.machine import device_name, source_commit
+from moelab.bench.machine import device_name, openmp_env, source_commit
 from moelab.bench.skipping import test_batches
 from moelab.data.tokenizer import load_tokenizer
 from moelab.files import read_json_object
@@ -220,7 +220,8 @@ def run(models: dict[str, Path], options: OffloadOptions, progress=None, quiet: 
         results = [measure_model(path, options, progress, quiet) for path in models.values()]
     return {
         "format": JSON_FORMAT, "options": options.__dict__, "torch": torch.__version__,
-        "device_name": device_name(options.device), "commit": source_commit(), "models": results,
+        "device_name": device_name(options.device), "commit": source_commit(), "openmp_env": openmp_env(),
+        "models": results,
     }  # fmt: skip
 
 
