@@ -618,6 +618,24 @@ def test_every_model_argument_takes_a_shipped_models_name():
         assert refused.exit_code != 0 and "no model at ref-32x" in message and "ref-32e-top4-shared" in message, args
 
 
+class _Called(Exception):
+    """Raised by `_record_first_argument`'s stand-ins: the call got as far as them."""
+
+
+def _record_first_argument(monkeypatch, targets) -> list:
+    """Replace each (module, function name) of targets by a stand-in that records its first
+    argument in the returned list and raises _Called."""
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(args[0])
+        raise _Called
+
+    for module, function in targets:
+        monkeypatch.setattr(module, function, record)
+    return seen
+
+
 def test_the_python_entry_points_take_a_shipped_models_name(monkeypatch, tmp_path):
     """compress, calibrate, evaluate (model and base), load_offloaded, export_checkpoint,
     open_checkpoint, the tracer's load_model and demo read a shipped model's name as its directory,
@@ -637,22 +655,12 @@ def test_the_python_entry_points_take_a_shipped_models_name(monkeypatch, tmp_pat
     assert load_offloaded(name, resident=0.5).model.config.moe.num_experts == 32
     export_checkpoint(name, tmp_path / "hf", "qwen2_moe", quiet=True)
     assert (tmp_path / "hf" / "config.json").is_file()
-    seen = []
-
-    class Seen(Exception):
-        pass
-
-    def record(*args, **kwargs):
-        seen.append(args[0])
-        raise Seen
-
-    for module, function in ((run, "_mtp_layers"), (calibration, "run_calibration"), (evaluate, "LoadedLM"),
-                             (demo, "load_pretrained")):  # fmt: skip
-        monkeypatch.setattr(module, function, record)
+    seen = _record_first_argument(monkeypatch, ((run, "_mtp_layers"), (calibration, "run_calibration"),
+                                                (evaluate, "LoadedLM"), (demo, "load_pretrained")))  # fmt: skip
     calls = (lambda: run.compress(name, tmp_path / "c"), lambda: calibration.calibrate(name, tmp_path / "s"),
              lambda: evaluate.evaluate(name), lambda: demo.run_demo(tmp_path / "d", model_dir=name))  # fmt: skip
     for call in calls:
-        with pytest.raises(Seen):
+        with pytest.raises(_Called):
             call()
     assert seen == [directory] * 4
     monkeypatch.setattr(evaluate, "LoadedLM", lambda path: seen.append(path) or SimpleNamespace(native=True, vocab_size=1))
@@ -671,23 +679,12 @@ def test_the_tracer_analyze_compress_bench_and_generate_take_a_shipped_models_na
     tracer, analysis, bench, generating = (import_module(f"moelab.{m}") for m in
                                            ("trace.tracer", "analyze.run", "compress.bench", "generate"))  # fmt: skip
     name, directory = "ref-32e-top4-shared", reference_model_dir("ref-32e-top4-shared")
-
-    class Seen(Exception):
-        pass
-
-    seen = []
-
-    def record(*args, **kwargs):
-        seen.append(args[0])
-        raise Seen
-
-    for module, function in ((tracer, "load_model"), (analysis, "trace_from_files"), (bench, "_check_cells"),
-                             (generating, "_check_vocabulary")):  # fmt: skip
-        monkeypatch.setattr(module, function, record)
+    seen = _record_first_argument(monkeypatch, ((tracer, "load_model"), (analysis, "trace_from_files"),
+                                                (bench, "_check_cells"), (generating, "_check_vocabulary")))  # fmt: skip
     for call in (tracer.trace_from_files, analysis.analyze, bench.run_bench):
-        with pytest.raises(Seen):
+        with pytest.raises(_Called):
             call(name, tmp_path / call.__name__)
-    with pytest.raises(Seen):  # the checks that read the model's config.json see it (they saw none before)
+    with pytest.raises(_Called):  # the checks that read the model's config.json see it (they saw none before)
         generating.generate_texts(name, ["The king said"])
     assert seen == [directory] * 4
     for model, inside in ((name, directory), (None, reference_model_dir())):  # nothing is created there
