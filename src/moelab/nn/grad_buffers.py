@@ -23,8 +23,9 @@ A weight's pool lives as long as the weight (it is keyed by the weight's identit
 the model is gone, so is its gradient memory. While it lives, its pool keeps as much memory as the
 most gradients of that weight alive at once (one, two when gradients accumulate), which a training
 step holds anyway, also between steps and after training; `release()` (which
-`moelab.memory.release_freed_memory` calls) empties every pool. Only contiguous CPU tensors of at least `MIN_BYTES` are pooled; other devices have allocators
-that keep freed memory (CUDA's caching allocator).
+`moelab.memory.release_freed_memory` calls) empties every pool. Only contiguous CPU tensors of at
+least `MIN_BYTES` are pooled; other devices have allocators that keep freed memory (CUDA's caching
+allocator).
 """
 
 from __future__ import annotations
