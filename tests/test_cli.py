@@ -587,8 +587,6 @@ def test_benchmarks_record_the_machine_and_the_commit(monkeypatch):
     import re
     import subprocess
 
-    from moelab.bench import machine
-
     assert re.fullmatch(r".+, \d+ cores", machine.device_name("cpu"))
     commit = machine.source_commit()
     if commit is not None:  # run from moelab's checkout (CI's clean clone is one)

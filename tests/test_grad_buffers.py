@@ -46,8 +46,9 @@ def _expected(seeds: list[int]) -> dict[str, torch.Tensor]:
 
 
 def _check(experts: SwiGLUExperts, seeds: list[int]) -> None:
+    expected = _expected(seeds)
     for name, p in experts.named_parameters():
-        torch.testing.assert_close(p.grad, _expected(seeds)[name], msg=name)
+        torch.testing.assert_close(p.grad, expected[name], msg=name)
 
 
 def test_a_step_after_zero_grad_reuses_the_last_step_s_memory_with_its_own_values(pool_everything):
