@@ -82,6 +82,15 @@ settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+@pytest.fixture(autouse=True)
+def _freed_memory_released(monkeypatch):
+    """`moelab train` and `moelab compare`, run in a test's own process, leave glibc's memory
+    policy as it is: `moelab.memory.keep_freed_memory` is process-wide, and the tests after them
+    (the writer's resident-memory bounds among them) would run with freed memory kept.
+    tests/test_memory.py runs the real function in a process of its own."""
+    monkeypatch.setattr("moelab.memory.keep_freed_memory", lambda: False)
+
+
 @pytest.fixture
 def one_thread():
     """Run a test on one intra-op thread: for tiny models extra threads only add synchronisation

@@ -893,7 +893,8 @@ def test_eval_export_import_consolidate_pass_every_option_on(monkeypatch, tmp_pa
 
 def test_train_compare_demo_and_compress_bench_pass_every_option_on(monkeypatch, tmp_path):
     """Each flag of train / compare / demo / compress-bench reaches the library call; train refuses
-    --resume with --overwrite, and --expert-parallel replaces the run file's expert degree and its data degree."""
+    --resume with --overwrite, and --expert-parallel replaces the run file's expert degree and its data degree;
+    train and compare keep freed memory unless --no-keep-memory."""
     from types import SimpleNamespace
 
     from moelab.compress.bench import BenchOptions
@@ -904,9 +905,12 @@ def test_train_compare_demo_and_compress_bench_pass_every_option_on(monkeypatch,
     monkeypatch.setattr(RunConfig, "load", lambda path: runs.append(SimpleNamespace(parallel=parallel)) or runs[-1])
     result = SimpleNamespace(steps=1, tokens=2, tokens_per_second=3.0, eval_loss={"all": 1.0})
     trained = _record(monkeypatch, "moelab.train.train", result)
+    kept = _record(monkeypatch, "moelab.memory.keep_freed_memory", True)
     config = tmp_path / "run.yaml"
     _ok(["train", config, "--out", tmp_path / "r", "--resume", "--quiet", "--expert-parallel", 2])
-    _ok(["train", config, "--overwrite"])
+    assert len(kept) == 1
+    _ok(["train", config, "--overwrite", "--no-keep-memory"])
+    assert len(kept) == 1
     assert runs[0].parallel == ParallelConfig(expert=2, data=None, timeout_s=5.0) and runs[1].parallel == parallel
     assert trained == [((runs[0], tmp_path / "r"), dict(resume=True, overwrite=False, inputs=[config], quiet=True)),
                        ((runs[1], Path("runs/run")), dict(resume=False, overwrite=True, inputs=[config], quiet=False))]
@@ -917,7 +921,8 @@ def test_train_compare_demo_and_compress_bench_pass_every_option_on(monkeypatch,
     compared = _record(monkeypatch, "moelab.train.compare.compare", tmp_path / "report.md")
     _ok(["compare", "a.yaml", "tiny", "--train", tmp_path / "t.yaml", "--out", tmp_path / "c", "--seeds", 3,
          "--overwrite", "--quiet"])  # fmt: skip
-    _ok(["compare", "a.yaml", "--train", tmp_path / "t.yaml", "--out", tmp_path / "d"])
+    _ok(["compare", "a.yaml", "--train", tmp_path / "t.yaml", "--out", tmp_path / "d", "--no-keep-memory"])
+    assert len(kept) == 2
     recipe = ("recipe", tmp_path / "t.yaml")
     assert compared == [
         ((["a.yaml", "tiny"], recipe, tmp_path / "c"), dict(seeds=3, overwrite=True, inputs=[tmp_path / "t.yaml"], quiet=True)),

@@ -29,6 +29,7 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace moelab'
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw the results as a PNG here (as `moelab bench plot` draws the --json file).")]
 BenchQuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress: the results' tables only.")]
 ThreadsOpt = Annotated[str, typer.Option("--threads", help="torch's intra-op threads: a count, or 'auto': the cores no other process is using when the command starts (OMP_NUM_THREADS instead, where it is set); on a busy core every split operation waits.")]
+KeepMemoryOpt = Annotated[bool, typer.Option("--keep-memory/--no-keep-memory", help="Keep freed memory in the process for the next step (glibc): a step's large activations are not page-faulted in again every step, and resident memory stays near the peak (docs/training.md).")]
 
 
 @bench_app.command("layer")
@@ -206,6 +207,14 @@ def _use_threads(ctx: typer.Context, threads: str) -> None:
     ctx.with_resource(intra_op_threads(setting))
 
 
+def _keep_memory(keep: bool) -> None:
+    """`--keep-memory`: freed memory stays in this process (`moelab.memory.keep_freed_memory`)."""
+    if keep:
+        from moelab.memory import keep_freed_memory
+
+        keep_freed_memory()
+
+
 def _claim_json(path: Path | None, json_format: str, overwrite: bool, inputs: tuple[Path | str | None, ...] = ()) -> None:
     """Check, before any work, that `path` (if given) may be written: new, or moelab's own JSON of
     this format with --overwrite; never inside an input (a model directory, data, statistics)."""
@@ -375,6 +384,7 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     expert_parallel: Annotated[int | None, typer.Option("--expert-parallel", min=1, help="Under torchrun: split the experts over this many ranks (the run file's parallel.expert).")] = None,
     threads: ThreadsOpt = "auto",
+    keep_memory: KeepMemoryOpt = True,
 ) -> None:
     """Train a model: checkpoints, log.jsonl and TensorBoard logs, per-domain validation. Under
     torchrun (`torchrun --nproc-per-node N -m moelab train ...`) on N processes: docs/distributed.md."""
@@ -391,6 +401,7 @@ def train(
     out = out or Path("runs") / config.stem
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts it again; pass one of them")
+    _keep_memory(keep_memory)
     result = run_training(run, out, resume=resume, overwrite=overwrite, inputs=[config], quiet=quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, {result.tokens_per_second:,.0f} tokens/s, "
@@ -420,6 +431,7 @@ def compare(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Train every variant again instead of resuming the comparison in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
     threads: ThreadsOpt = "auto",
+    keep_memory: KeepMemoryOpt = True,
 ) -> None:
     """Train several variants on one recipe (equal tokens) and report loss, per-domain loss,
     params, FLOPs/token, speed and expert load. Re-running resumes and keeps finished variants."""
@@ -427,8 +439,10 @@ def compare(
     from moelab.train.compare import compare as run_compare
     from moelab.train.compare import load_recipe
 
+    recipe_config = load_recipe(recipe)
+    _keep_memory(keep_memory)
     report = run_compare(
-        configs, load_recipe(recipe), out, seeds=seeds, overwrite=overwrite, inputs=[recipe], quiet=quiet
+        configs, recipe_config, out, seeds=seeds, overwrite=overwrite, inputs=[recipe], quiet=quiet
     )
     console.print(f"report: {report}")
 
