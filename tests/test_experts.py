@@ -187,6 +187,25 @@ def test_stacked_layout():
     assert m.up_bias.shape == (E, I) and m.down_bias.shape == (E, D)
 
 
+@pytest.mark.parametrize("name", ["silu", "gelu", "relu", "relu2"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_recomputed_gate_activation_gives_the_same_bits_as_computing_it_again(name, gated):
+    """The grouped backward recomputes the hidden rows with `Activation.recompute` and hands its
+    act(gate) to `backward`: the same numbers, to the bit, as `forward` and a `backward` that
+    computes act(gate) itself; and those are autograd's of act(gate) * up (or act(h))."""
+    from moelab.nn.grouped import Activation
+
+    act = Activation(name, gated)
+    h = torch.randn(5, 2 * I if gated else I, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(5, I, dtype=torch.float64)
+    hidden, gate_act = act.recompute(h.detach())
+    assert (gate_act is not None) == gated
+    assert torch.equal(hidden, act.forward(h.detach()))
+    assert torch.equal(act.backward(grad, h.detach(), gate_act), act.backward(grad, h.detach()))
+    (expected,) = torch.autograd.grad(act.forward(h), h, grad)
+    assert_close(act.backward(grad, h.detach(), gate_act), expected)
+
+
 def test_gate_rows_come_first():
     """silu(gate) * up is linear in the up half (rows I..2I of gate_up_proj) and not in the gate
     half (rows 0..I): doubling the up rows doubles the output, doubling the gate rows does not."""
