@@ -355,6 +355,19 @@ def test_top_p_applies_to_the_renormalised_top_k():
     assert draws() == {0, 1}
 
 
+@pytest.mark.parametrize("u, expected", [(0.0, [2, 0]), (0.25, [2, 0]), (0.4, [2, 6]), (0.5, [4, 6]), (0.999, [4, 6]), (1.0, [4, 6])])
+def test_a_draw_takes_the_token_whose_interval_holds_it_and_never_one_of_probability_zero(monkeypatch, u, expected):
+    """The uniform draw u lands in the cumulative probabilities: row 0 [0, 0, .5, 0, .5, 0, 0] gives
+    token 2 below u = .5 and token 4 from it, never the empty ones around them, also at u = 0
+    and at u * sum rounded to the sum itself (u = 1); row 1 [.3, 0, 0, 0, 0, 0, .7] token 0 below .3,
+    then token 6."""
+    from moelab.models import transformer
+
+    probs = torch.tensor([[0, 0, 0.5, 0, 0.5, 0, 0], [0.3, 0, 0, 0, 0, 0, 0.7]])
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, u))
+    assert transformer._draw(probs, None).tolist() == expected
+
+
 @pytest.mark.parametrize(
     "top_k, top_p, support",
     [(None, None, [0, 1, 2, 3, 4, 5]), (3, None, [0, 1, 2]), (None, 0.7, [0, 1])],
