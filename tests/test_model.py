@@ -3,6 +3,7 @@ causality per router, gradients, KV-cache decoding, checkpoints, and a tiny over
 
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -366,6 +367,17 @@ def test_a_draw_takes_the_token_whose_interval_holds_it_and_never_one_of_probabi
     probs = torch.tensor([[0, 0, 0.5, 0, 0.5, 0, 0], [0.3, 0, 0, 0, 0, 0, 0.7]])
     monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, u))
     assert transformer._draw(probs, None).tolist() == expected
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_logits_that_are_no_distribution_are_refused_when_sampling(bad):
+    """A row of NaN logits, or one where every token is -inf (softmax gives NaN), has no token to draw:
+    an error, not a token; a row with some -inf tokens is fine, and never draws them."""
+    logits = torch.tensor([[0.0, 1.0, -math.inf], [bad] * 3])
+    with pytest.raises(ValueError, match="cannot sample: a row of logits has no finite maximum"):
+        sample_next_token(logits, generator=torch.Generator().manual_seed(0))
+    draws = sample_next_token(logits[:1].expand(200, -1), generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {0, 1}
 
 
 @pytest.mark.parametrize(
