@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -642,8 +643,14 @@ def test_group_limited_routing_keeps_every_group_equal(tmp_path):
 
 
 def _calibrate_as_rank(rank: int, port: int, model: str, out: str, options: CalibrationOptions) -> None:
+    """One process of a 2-process calibration; rank 0 clears the staging directory half a second
+    late, so that rank 1 would write into it first unless it waits for the clearing."""
+    import moelab.compress.calibration as calibration
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
+    clear = calibration.clear_staging
+    calibration.clear_staging = lambda directory, **only: time.sleep(0.5) or clear(directory, **only)
     try:
         calibrate(model, out, options=options, quiet=True)
     finally:
@@ -655,7 +662,8 @@ def _calibrate_as_rank(rank: int, port: int, model: str, out: str, options: Cali
 @pytest.mark.slow  # moved out of the default run, which must stay under 10 minutes (`make test-slow` runs it)
 def test_data_parallel_calibration_equals_one_process(tmp_path, model_dir):
     """torchrun-style: 2 gloo processes split the batches and sum the statistics (the backward
-    sweep's included)."""
+    sweep's included). Rank 1 writes nothing before rank 0 has cleared the directory (rank 1's
+    first tape was removed under it, a crash in one slow-suite run)."""
     import socket
 
     from processes import spawn

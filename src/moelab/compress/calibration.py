@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moelab.compress.distributed import agreed, join_torchrun, reduce_statistics
+from moelab.compress.distributed import agreed, barrier, join_torchrun, reduce_statistics
 from moelab.compress.gradients import backward_layer, backward_sweep, load_snapshot, save_tape, with_carry
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture, build_mixture
 from moelab.compress.observers import DEFAULT_OBSERVERS, OBSERVERS, MoECall, Observer, Tokens, eager_moe
@@ -219,6 +219,7 @@ def run_calibration(
             states, runner.carry = load_snapshot(resume_file, len(states), dtype)
         elif start == 0 and rank == 0:
             clear_staging(directory)
+        barrier(world)  # no process writes into the directory before rank 0 has cleared it
         seconds = previous.get("seconds", 0.0) if start > 0 else 0.0
         coverage = dict(previous.get("coverage", {})) if start > 0 else {}
         info |= {

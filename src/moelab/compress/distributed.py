@@ -36,6 +36,14 @@ def agreed(value, world: int, how: str):
     return type(value)(t.item())
 
 
+def barrier(world: int) -> None:
+    """Wait until every process of the group has come here (nothing to wait for where world == 1)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def reduce_statistics(results: dict[str, Tensor], world: int) -> None:
     """Sum (maxima: max) every statistic over the process group, in place."""
     if world == 1:
