@@ -369,6 +369,19 @@ def test_a_draw_takes_the_token_whose_interval_holds_it_and_never_one_of_probabi
     assert transformer._draw(probs, None).tolist() == expected
 
 
+def test_a_batch_hands_searchsorted_contiguous_values(monkeypatch):
+    """Each row's total, a column of the [B, V] cumulative sums, is searched for as a contiguous
+    [B, 1]: torch.searchsorted warns of non-contiguous values (once a process, as a UserWarning)."""
+    searchsorted = torch.searchsorted
+
+    def contiguous_values_only(cdf, values, **kw):
+        assert values.is_contiguous()
+        return searchsorted(cdf, values, **kw)
+
+    monkeypatch.setattr(torch, "searchsorted", contiguous_values_only)
+    assert sample_next_token(torch.randn(3, 10), generator=torch.Generator().manual_seed(0)).shape == (3,)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
 def test_logits_that_are_no_distribution_are_refused_when_sampling(bad):
     """A row of NaN logits, or one where every token is -inf (softmax gives NaN), has no token to draw:

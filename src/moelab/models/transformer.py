@@ -936,7 +936,7 @@ def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     sum is not a positive finite number (NaN logits, or every token's -inf) is refused, as
     `torch.multinomial` refused it."""
     cdf = probs.cumsum(-1)
-    total = cdf[:, -1:]
+    total = cdf[:, -1:].contiguous()  # searchsorted warns of (and copies) non-contiguous values
     drawable = (total.isfinite() & (total > 0)).all()
     if probs.device.type != "cpu":
         torch._assert_async(drawable, NOT_DRAWABLE)  # no wait for the device
