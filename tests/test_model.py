@@ -369,6 +369,22 @@ def test_a_draw_takes_the_token_whose_interval_holds_it_and_never_one_of_probabi
     assert transformer._draw(probs, None).tolist() == expected
 
 
+def test_a_token_far_below_float32s_resolution_near_1_keeps_its_own_interval(monkeypatch):
+    """A row of V = 2**16: one token of 1 - 6.5e-5, then 2**16 - 1 of 1e-9 each (float32's cumulative
+    sums near 1 move in steps of 6e-8). u in the middle of a small token's interval draws that
+    token (the first ones, then every 1,000th, the last ones), as it does the large one's."""
+    from moelab.models import transformer
+
+    V, small = 2**16, 1e-9
+    probs = torch.full((V,), small)
+    probs[0] = 1 - (V - 1) * small
+    tokens = torch.cat([torch.arange(4), torch.arange(1000, V, 1000), torch.arange(V - 3, V)])
+    bounds = probs.double().cumsum(0)
+    middles = (bounds[tokens] - probs[tokens].double() / 2) / bounds[-1]
+    monkeypatch.setattr(torch, "rand", lambda shape, dtype, **kw: middles[:, None].to(dtype))
+    assert torch.equal(transformer._draw(probs.expand(len(tokens), -1), None), tokens)
+
+
 def test_a_batch_hands_searchsorted_contiguous_values(monkeypatch):
     """Each row's total, a column of the [B, V] cumulative sums, is searched for as a contiguous
     [B, 1]: torch.searchsorted warns of non-contiguous values (once a process, as a UserWarning)."""
