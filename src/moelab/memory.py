@@ -55,10 +55,11 @@ TRIM_THRESHOLD = 2**31 - 1  # the largest an int takes: the heap's free top goes
 
 def keep_freed_memory() -> bool:
     """From now on, this process's freed memory stays in its heap for the next allocation (glibc
-    only; a process-wide setting): no block is mapped from the OS on its own (M_MMAP_MAX 0), and the
-    heap's free top goes back only beyond 2 GB (M_TRIM_THRESHOLD). Resident memory then stays near
-    the job's peak until `release_freed_memory` (malloc_trim) returns the free pages. Returns whether
-    it took effect."""
+    only; a process-wide setting): no block is mapped from the OS on its own (M_MMAP_MAX 0; in a
+    thread other than the main one, a block too large for its arena's 64 MB heaps still is, and is
+    unmapped when freed), and the heap's free top goes back only beyond 2 GB (M_TRIM_THRESHOLD).
+    Resident memory then stays near the job's peak until `release_freed_memory` (malloc_trim)
+    returns the free pages. Returns whether it took effect."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         return False
