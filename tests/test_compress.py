@@ -780,6 +780,7 @@ def test_as_many_processes_as_batches_calibrate(tmp_path, model_dir, monkeypatch
     monkeypatch.setattr(calibration, "join_torchrun", lambda: (0, 2))
     monkeypatch.setattr(calibration, "agreed", lambda value, world, how: value)
     monkeypatch.setattr(calibration, "reduce_statistics", lambda results, world: None)
+    monkeypatch.setattr(calibration, "barrier", lambda world: None)
     options = dataclasses.replace(SMALL, tokens=64, seq_len=16, batch_size=2)  # 4 windows: 2 batches
     info = calibration.run_calibration(model_dir, tmp_path, "corpus:code", options, quiet=True)
     assert info["complete"] and info["processes"] == 2
