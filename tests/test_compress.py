@@ -684,6 +684,85 @@ def test_data_parallel_calibration_equals_one_process(tmp_path, model_dir):
     assert not [p for p in (tmp_path / "dp").iterdir() if p.name.startswith(("resume", "tape"))]
 
 
+def _calibrate_until_rank0_dies(
+    rank: int, port: int, model: str, directory: str, options: CalibrationOptions, moment: str | None
+) -> None:
+    """One process of a 2-process `run_calibration` into `directory` that stops at `moment` as if
+    killed: rank 1 writes (or removes) its file of that moment half a second late, rank 0 dies
+    (exit 1) right after it records the moment in calibration.json. moment: "forward" (the
+    forward pass done: rank 1's tape of the last layer's output), "backward" (the backward sweep's
+    snapshot: rank 1's gradients), "complete" (rank 1's forward snapshot removed); None: no kill."""
+    import moelab.compress.calibration as calibration
+    import moelab.compress.gradients as gradients
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    recorded = {  # calibration.json's content at the moment (model_dir has 2 layers)
+        "forward": lambda info: info["done"] == 1 and "backward_next" not in info and not info["complete"],
+        "backward": lambda info: "backward_next" in info,
+        "complete": lambda info: info["complete"],
+    }
+    if moment is not None and rank == 0:
+        for module in (calibration, gradients):
+            write = module.write_info
+            module.write_info = lambda d, info, write=write: write(d, info) or (
+                recorded[moment](info) and os._exit(1)
+            )
+    elif moment == "complete":
+        clear = calibration.clear_staging
+        calibration.clear_staging = lambda directory, only=None: time.sleep(0.5) or clear(directory, only)
+    elif moment is not None:
+        late = "-00002.safetensors" if moment == "forward" else "resume-1-of-2.safetensors"
+        save = gradients.save_safetensors
+        gradients.save_safetensors = lambda tensors, path: (
+            Path(path).name.endswith(late) and time.sleep(0.5)
+        ) or save(tensors, path)
+    try:
+        run_calibration(model, Path(directory), "corpus", options, quiet=True)
+    finally:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # 2 x 2 processes
+@pytest.mark.parametrize("moment", ["forward", "backward", "complete"])
+def test_a_data_parallel_calibration_killed_as_rank_0_records_resumes_to_the_same_files(
+    tmp_path, model_dir, stats_dir, moment
+):
+    """Rank 0 records a step in calibration.json only once every process has written (or removed)
+    its files of that step: killed right after, the run resumes to the uninterrupted statistics and
+    leaves no snapshot or tape behind. Before, rank 0 recorded at once: the forward pass done
+    without rank 1's last tape (its resumed backward sweep could not read it), the backward
+    snapshot without rank 1's gradients (it read its forward snapshot as gradients), the run
+    complete with rank 1's forward snapshot still there (published with the statistics)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from processes import spawn
+
+    options = dataclasses.replace(EVERY, snapshot_seconds=0.0)
+    directory = tmp_path / "partial"
+    directory.mkdir()
+    for kill in (moment, None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = (port, str(model_dir), str(directory), options, kill)
+        if kill is None:
+            spawn(_calibrate_until_rank0_dies, args=args, nprocs=2)
+        else:
+            with pytest.raises(mp.ProcessExitedException, match="process 0 terminated with exit code 1"):
+                spawn(_calibrate_until_rank0_dies, args=args, nprocs=2)
+    assert json.loads((directory / "calibration.json").read_text())["complete"]
+    for name in ("layer-00000.safetensors", "layer-00001.safetensors"):
+        a, b = load_file(directory / name), load_file(stats_dir / name)
+        assert a.keys() == b.keys(), name
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-9, msg=f"{name}: {key}")
+    assert not [p.name for p in directory.iterdir() if p.name.startswith(("resume", "tape"))]
+
+
 def test_one_token_windows_are_refused_for_the_backward_sweep(tmp_path, model_dir):
     """No next token to predict: the backward sweep divided by zero predicted tokens (a traceback)."""
     options = dataclasses.replace(EVERY, tokens=8, seq_len=1)

@@ -256,6 +256,7 @@ def run_calibration(
                 if last and backward:
                     save_tape(directory, rank, world, after, states, runner.carry_taped_by(after))
                 info["done"] = step
+                barrier(world)  # calibration.json records the step once every process has saved its files
                 if rank == 0:
                     write_info(directory, info)
                 snapped = now
@@ -294,6 +295,7 @@ def run_calibration(
             "processes": world,
         }
         clear_staging(directory, only=[resume_file.name])
+        barrier(world)  # complete once every process has removed its snapshot (a complete run is not resumed)
         if rank == 0:
             write_info(directory, info)
     return info

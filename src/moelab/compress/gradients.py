@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from moelab.compress.distributed import agreed, reduce_statistics
+from moelab.compress.distributed import agreed, barrier, reduce_statistics
 from moelab.compress.observers import OBSERVERS, MoECall, Tokens, eager_moe
 from moelab.compress.stats import read_layer, write_info, write_layer
 from moelab.files import load_safetensors
@@ -113,6 +113,7 @@ def backward_sweep(
         if index > 0 and agreed(now - snapped >= snapshot_seconds, world, "max"):
             save_safetensors(with_carry(grads, runner.carry_grad, prefix="grad"), resume_file)
             info["backward_next"] = index - 1
+            barrier(world)  # calibration.json records the snapshot once every process has saved its gradients
             if rank == 0:
                 write_info(directory, info)
             snapped = now
