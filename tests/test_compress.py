@@ -51,11 +51,12 @@ def moelab_model(
     hidden_dim: int = 32,
     seed: int = 0,
     tie_embeddings: bool = False,
+    n_layers: int = 2,
     **moe,
 ) -> Path:
     torch.manual_seed(seed)
     cfg = ModelConfig(
-        vocab_size=8192, dim=32, n_layers=2, n_heads=4, max_seq_len=64, tie_embeddings=tie_embeddings,
+        vocab_size=8192, dim=32, n_layers=n_layers, n_heads=4, max_seq_len=64, tie_embeddings=tie_embeddings,
         moe=MoEConfig(dim=32, num_experts=num_experts, hidden_dim=hidden_dim, top_k=top_k, **moe),
     )  # fmt: skip
     return save_pretrained(MoETransformer(cfg), path)
@@ -176,6 +177,43 @@ def test_an_interrupted_calibration_resumes_to_the_same_files(tmp_path, model_di
     assert resumed["seconds"] > 1000, "the time spent before the interruption counts"
     assert info["coverage"].keys() == {"0"} and resumed["coverage"].keys() == {"0", "1"}
     assert not (directory / "resume.safetensors").exists()
+
+
+@pytest.mark.parametrize("sweep", ["forward", "backward"])
+def test_a_calibration_killed_between_its_snapshot_and_its_record_starts_that_pass_again(
+    tmp_path, monkeypatch, sweep
+):
+    """Killed after a snapshot was saved and before calibration.json recorded it (4 layers, a
+    snapshot after every layer): the snapshot holds a later step than the record names. Resumed,
+    the run starts that pass again (the forward pass from layer 0, the backward sweep from the top)
+    and every layer's statistics are the uninterrupted run's; resuming from the snapshot ran layers
+    again on states that had passed them (or the next layer on the wrong gradients)."""
+    import moelab.compress.calibration as calibrate_module
+    import moelab.compress.gradients as gradients_module
+
+    model = moelab_model(tmp_path / "m", n_layers=4)
+    options = dataclasses.replace(EVERY, snapshot_seconds=0.0)
+    expected = calibrate(model, tmp_path / "whole", options=options, quiet=True).directory
+    module, key = (calibrate_module, "done") if sweep == "forward" else (gradients_module, "backward_next")
+    real = module.write_info
+
+    def dies_before_recording_step_1(directory, info):
+        if info.get(key) == 1 and (sweep == "backward" or not info.get("backward_next")):
+            raise KeyboardInterrupt
+        real(directory, info)
+
+    monkeypatch.setattr(module, "write_info", dies_before_recording_step_1)
+    directory = calibrated_until_interrupted(tmp_path, model, options)
+    recorded = json.loads((directory / "calibration.json").read_text())
+    assert recorded.get(key) == 2 if sweep == "backward" else recorded["done"] == 0
+    assert gradients_module.snapshot_step(directory / "resume.safetensors", key) == 1  # ahead of the record
+    monkeypatch.setattr(module, "write_info", real)
+    run_calibration(model, directory, "corpus", options, quiet=True)
+    names = sorted(p.name for p in expected.glob("layer-*.safetensors"))
+    assert len(names) == 4 and names == sorted(p.name for p in directory.glob("layer-*.safetensors"))
+    for name in names:
+        a, b = load_file(directory / name), load_file(expected / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def calibrated_until_interrupted(tmp_path: Path, model_dir: Path, options: CalibrationOptions) -> Path:
@@ -714,9 +752,9 @@ def _calibrate_until_rank0_dies(
     elif moment is not None:
         late = "-00002.safetensors" if moment == "forward" else "resume-1-of-2.safetensors"
         save = gradients.save_safetensors
-        gradients.save_safetensors = lambda tensors, path: (
+        gradients.save_safetensors = lambda tensors, path, **metadata: (
             Path(path).name.endswith(late) and time.sleep(0.5)
-        ) or save(tensors, path)
+        ) or save(tensors, path, **metadata)
     try:
         run_calibration(model, Path(directory), "corpus", options, quiet=True)
     finally:

@@ -24,7 +24,15 @@ import torch
 from tqdm.auto import tqdm
 
 from moelab.compress.distributed import agreed, barrier, join_torchrun, reduce_statistics
-from moelab.compress.gradients import backward_layer, backward_sweep, load_snapshot, save_tape, with_carry
+from moelab.compress.gradients import (
+    backward_layer,
+    backward_sweep,
+    load_snapshot,
+    save_snapshot,
+    save_tape,
+    snapshot_step,
+    with_carry,
+)
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture, build_mixture
 from moelab.compress.observers import DEFAULT_OBSERVERS, OBSERVERS, MoECall, Observer, Tokens, eager_moe
 from moelab.compress.stats import (
@@ -40,7 +48,7 @@ from moelab.compress.stats import (
 )
 from moelab.hf.adapters import NATIVE
 from moelab.hf.layerwise import LayerwiseModel
-from moelab.io import StagedOutput, clear_staging, save_safetensors
+from moelab.io import StagedOutput, clear_staging
 from moelab.models.reference import model_dir
 from moelab.trace.model import checkpoint_encoder
 from moelab.validation import check_choice
@@ -212,7 +220,10 @@ def run_calibration(
         # loop's once a pass)
         steps = len(runner.schedule)
         forward_done = same_job and previous["done"] == steps - 1  # killed in the backward sweep
-        start = previous["done"] + 1 if same_job and (resume_file.is_file() or forward_done) else 0
+        # a snapshot resumes the run only with its record: one saved after the last calibration.json
+        # (killed between the two writes) holds the states of a later step
+        resumable = same_job and snapshot_step(resume_file, "done") == previous["done"]
+        start = previous["done"] + 1 if resumable or forward_done else 0
         start = agreed(start, world, "min")
         mtp_pending = bool(info["mtp_layers"]) and not (same_job and previous.get("mtp_done"))
         if 0 < start < steps or (start == steps and mtp_pending):
@@ -252,7 +263,7 @@ def run_calibration(
             due = runner.resumable_after(step) and agreed(now - snapped >= options.snapshot_seconds, world, "max")
             if last or due:
                 if not last or mtp_pending:  # the MTP layer starts from the last layer's output
-                    save_safetensors(with_carry(states, runner.carry_read_by(after)), resume_file)
+                    save_snapshot(with_carry(states, runner.carry_read_by(after)), resume_file, "done", step)
                 if last and backward:
                     save_tape(directory, rank, world, after, states, runner.carry_taped_by(after))
                 info["done"] = step

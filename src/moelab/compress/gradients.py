@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from moelab.compress.distributed import agreed, barrier, reduce_statistics
 from moelab.compress.observers import OBSERVERS, MoECall, Tokens, eager_moe
 from moelab.compress.stats import read_layer, write_info, write_layer
-from moelab.files import load_safetensors
+from moelab.files import load_safetensors, open_safetensors
 from moelab.hf.layerwise import LayerwiseModel
 from moelab.io import clear_staging, save_safetensors
 
@@ -52,6 +52,24 @@ def with_carry(states: list[Tensor], carry: list[Tensor | None], prefix: str = "
     `carry_grad`). The forward's carried values are saved as carry<b>."""
     saved = {f"{prefix}{b}": s.contiguous() for b, s in enumerate(states)}
     return saved | {f"{_carry_prefix(prefix)}{b}": c.contiguous() for b, c in enumerate(carry) if c is not None}
+
+
+def save_snapshot(tensors: dict[str, Tensor], path: Path, key: str, step: int) -> None:
+    """Save a resume snapshot (`with_carry`) tagged with the step that calibration.json records with
+    it under `key` ("done": the forward pass's last step, "backward_next": the backward sweep's next
+    layer). The record is written after the snapshot: a run killed between the two finds them
+    disagree (`snapshot_step`) and does not resume from the snapshot."""
+    save_safetensors(tensors, path, metadata={key: str(step)})
+
+
+def snapshot_step(path: Path, key: str) -> int | None:
+    """The step a snapshot was saved for under `key` (`save_snapshot`); None where there is no
+    snapshot or it has no such tag (saved by a moelab before the tags)."""
+    if not path.is_file():
+        return None
+    with open_safetensors(path) as f:
+        value = (f.metadata() or {}).get(key)
+    return int(value) if value is not None and value.lstrip("-").isdigit() else None
 
 
 def load_snapshot(
@@ -94,7 +112,8 @@ def backward_sweep(
     start = info.get("backward_next")
     # the final input's carry: block_states, which it reads and every layer reads a prefix of
     final, final_carry = load_snapshot(tape_file(directory, rank, world, top + 1), len(ids), dtype)
-    if start is not None and resume_file.is_file():
+    # every process resumes from its gradients, or none does (a snapshot whose record was not written)
+    if agreed(start is not None and snapshot_step(resume_file, "backward_next") == start, world, "min"):
         grads, runner.carry_grad = load_snapshot(resume_file, len(ids), dtype, prefix="grad")
     else:
         runner.carry = final_carry
@@ -111,7 +130,7 @@ def backward_sweep(
             _add_to_layer(directory, index, results, world, rank)
         now = time.perf_counter()
         if index > 0 and agreed(now - snapped >= snapshot_seconds, world, "max"):
-            save_safetensors(with_carry(grads, runner.carry_grad, prefix="grad"), resume_file)
+            save_snapshot(with_carry(grads, runner.carry_grad, prefix="grad"), resume_file, "backward_next", index - 1)
             info["backward_next"] = index - 1
             barrier(world)  # calibration.json records the snapshot once every process has saved its gradients
             if rank == 0:
