@@ -189,7 +189,7 @@ def test_the_tapes_keep_the_top_k_only_for_the_layers_that_read_it(source, tmp_p
         return sum(k.startswith("carry") for k in keys)
 
     snapshots, tapes = [], {}
-    real_save, real_tape = calibrate_module.save_safetensors, calibrate_module.save_tape
+    real_save, real_tape = calibrate_module.save_snapshot, calibrate_module.save_tape
 
     def save(tensors, path, *args, **kwargs):
         snapshots.append(carried(tensors))
@@ -200,7 +200,7 @@ def test_the_tapes_keep_the_top_k_only_for_the_layers_that_read_it(source, tmp_p
         with safe_open(tape_file(directory, rank, world, index), "pt") as f:
             tapes[index] = carried(f.keys())
 
-    monkeypatch.setattr(calibrate_module, "save_safetensors", save)
+    monkeypatch.setattr(calibrate_module, "save_snapshot", save)
     monkeypatch.setattr(calibrate_module, "save_tape", tape)
     options = dataclasses.replace(SMALL, observers=SMALL.observers + ("neurons",), snapshot_seconds=0.0)
     calibrate(source, tmp_path / "stats", options=options, quiet=True)
