@@ -213,7 +213,8 @@ class Activation:
     def recompute(self, h: Tensor) -> tuple[Tensor, Tensor | None]:
         """(forward(h), act(gate) [n, I] where the activation is a named gated one, else None): what
         a backward that recomputes the forward passes on to `backward`, which would compute act(gate)
-        again (bf16, 4,096 tokens at e64k8: a fifth of the element-wise work around the GEMMs)."""
+        again (about a fifth of the backward's element-wise work on an expert's rows: 505 against 395 us
+        for 512 rows of e64k8's width in bf16, one thread)."""
         if not self.gated or not isinstance(self.activation, str):
             return self.forward(h), None
         gate, up = h.chunk(2, dim=-1)
