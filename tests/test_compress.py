@@ -256,6 +256,28 @@ def test_a_calibration_interrupted_in_its_backward_sweep_resumes_there(
     assert_same_statistics(directory, stats_dir)
 
 
+def test_a_calibration_killed_after_removing_its_tapes_completes(tmp_path, model_dir, stats_dir, monkeypatch):
+    """Killed after the backward sweep removed its tapes and before calibration.json recorded the
+    run complete: resumed, it finishes with the uninterrupted statistics. Before, the record still
+    named the sweep unfinished and the resumed sweep failed on a tape it had removed."""
+    import moelab.compress.calibration as calibrate_module
+
+    real = calibrate_module.clear_staging
+
+    def dies_before_recording_complete(directory, only=None):
+        if only is not None and "resume.safetensors" in only:  # the tapes are gone by now
+            raise KeyboardInterrupt
+        real(directory, only)
+
+    monkeypatch.setattr(calibrate_module, "clear_staging", dies_before_recording_complete)
+    directory = calibrated_until_interrupted(tmp_path, model_dir, EVERY)
+    assert not list(directory.glob("tape-*")) and not json.loads((directory / "calibration.json").read_text())["complete"]
+    monkeypatch.setattr(calibrate_module, "clear_staging", real)
+    run_calibration(model_dir, directory, "corpus", EVERY, quiet=True)
+    assert json.loads((directory / "calibration.json").read_text())["complete"]
+    assert_same_statistics(directory, stats_dir)
+
+
 def test_a_killed_calibrate_command_is_taken_over(tmp_path, model_dir):
     """kill -9 in the middle of `calibrate`, run it again into the same --out: it finishes."""
     code = (

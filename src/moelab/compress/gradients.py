@@ -106,10 +106,15 @@ def backward_sweep(
     `tokens`) and add the statistics of the observers `names` to every MoE layer's file in
     `directory`. info["backward_next"] is the next layer to process (saved with the gradients,
     and those of block_states gathered so far: `LayerwiseModel.carry_grad`, in `resume_file`);
-    a sweep that finds both continues from there."""
+    a sweep that finds both continues from there; -1: the sweep is done (recorded before its tapes
+    are removed)."""
     dtype = runner.dtype
     top = runner.num_layers - 1
+    tapes = [tape_file(directory, rank, world, i).name for i in range(top + 2)]
     start = info.get("backward_next")
+    if start == -1:  # the sweep finished and was recorded: killed while its tapes were removed
+        clear_staging(directory, tapes)
+        return
     # the final input's carry: block_states, which it reads and every layer reads a prefix of
     final, final_carry = load_snapshot(tape_file(directory, rank, world, top + 1), len(ids), dtype)
     # every process resumes from its gradients, or none does (a snapshot whose record was not written)
@@ -136,7 +141,12 @@ def backward_sweep(
             if rank == 0:
                 write_info(directory, info)
             snapped = now
-    clear_staging(directory, [tape_file(directory, rank, world, i).name for i in range(top + 2)])
+    # recorded before the tapes go: a run killed while they go finds the sweep done, not tapes missing
+    info["backward_next"] = -1
+    barrier(world)
+    if rank == 0:
+        write_info(directory, info)
+    clear_staging(directory, tapes)
 
 
 def backward_layer(
