@@ -449,6 +449,45 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, how):
     assert _comparable(tmp_path / "stopped") == _comparable(tmp_path / "straight")
 
 
+def _tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} of the run's TensorBoard scalars, as TensorBoard reads them (records
+    a resumed run purged left out), without wall-clock speed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = [t for t in events.Tags()["scalars"] if "tokens_per_second" not in t]
+    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in tags}
+
+
+def test_a_run_killed_after_a_checkpoint_keeps_its_tensorboard_records(tmp_path):
+    """kill -9 right after the step-4 checkpoint of a run whose TensorBoard writer thread lags
+    (each event written 50 ms late), then resume: TensorBoard holds the straight run's scalars.
+    Before, the records of steps up to 4 still queued in the writer died with the process, and the
+    resumed run, which starts after step 4, never wrote them."""
+    config = write_run(tmp_path / "run.yaml", steps=8, log_every=1, eval_every=6, checkpoint_every=4)
+    run = RunConfig.load(config)
+    train(run, tmp_path / "straight", quiet=True)
+    lagging_writer = (
+        "import sys, time\n"
+        "from tensorboard.summary.writer import record_writer\n"
+        "write = record_writer.RecordWriter.write\n"
+        "record_writer.RecordWriter.write = lambda self, data: time.sleep(0.05) or write(self, data)\n"
+        "sys.argv = ['moelab', 'train', sys.argv[1], '--out', sys.argv[2], '--quiet']\n"
+        "from moelab.cli import main\n"
+        "main()\n"
+    )
+    cmd = [sys.executable, "-c", lagging_writer, str(config), str(tmp_path / "stopped")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for(tmp_path / "stopped" / "checkpoints" / "step-000004", process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=120)
+    assert not (tmp_path / "stopped" / "model").exists(), "the run finished before it was killed"
+    train(run, tmp_path / "stopped", resume=True, quiet=True)
+    assert _tensorboard_scalars(tmp_path / "stopped") == _tensorboard_scalars(tmp_path / "straight")
+
+
 def test_logged_learning_rate_follows_the_schedule(tmp_path):
     run = RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "steps": 6, "warmup_steps": 2, "lr": 1e-3}})
     train(run, tmp_path / "run", quiet=True)

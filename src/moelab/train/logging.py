@@ -36,6 +36,11 @@ class RunLog:
         for name, value in _scalars(record):
             self.writer.add_scalar(f"{kind}/{name}", value, step)
 
+    def flush(self) -> None:
+        """Write out what TensorBoard's background thread still holds (before a checkpoint: a run
+        killed after it resumes past these records and would not write them again)."""
+        self.writer.flush()
+
     def close(self) -> None:
         self.file.close()
         self.writer.close()

@@ -437,6 +437,8 @@ def _train(
                     eval_window = _Window()
                 stop = agreed_flag(interrupt.requested, parallel)  # every rank stops after the same step
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
+                    if log is not None:
+                        log.flush()  # every record up to the checkpoint's step is on disk before it
                     save(step)
                     saved_step = step
                 if stop:
