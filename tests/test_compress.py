@@ -820,6 +820,37 @@ def test_a_data_parallel_calibration_killed_as_rank_0_records_resumes_to_the_sam
         assert a.keys() == b.keys(), name
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-9, msg=f"{name}: {key}")
+
+
+@pytest.mark.slow  # 2 processes
+@pytest.mark.parametrize("moment", ["forward", "backward"])
+def test_a_data_parallel_calibration_resumed_by_one_process_starts_again(tmp_path, model_dir, stats_dir, moment):
+    """Killed with 2 processes after the forward pass or in the backward sweep, then resumed by one:
+    the files on disk are the 2 processes' (tape-r-of-2, resume-r-of-2), so the run starts again and
+    gives the uninterrupted statistics (before, the resumed sweep failed on tape-0-of-1)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from processes import spawn
+
+    options = dataclasses.replace(EVERY, snapshot_seconds=0.0)
+    directory = tmp_path / "partial"
+    directory.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(mp.ProcessExitedException, match="process 0 terminated with exit code 1"):
+        spawn(_calibrate_until_rank0_dies, args=(port, str(model_dir), str(directory), options, moment), nprocs=2)
+    assert json.loads((directory / "calibration.json").read_text())["processes"] == 2
+    run_calibration(model_dir, directory, "corpus", options, quiet=True)
+    info = json.loads((directory / "calibration.json").read_text())
+    assert info["complete"] and info["processes"] == 1
+    assert not [p for p in directory.iterdir() if p.name.startswith(("resume", "tape"))]
+    for name in ("layer-00000.safetensors", "layer-00001.safetensors"):
+        a, b = load_file(directory / name), load_file(stats_dir / name)
+        assert a.keys() == b.keys(), name
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-9, msg=f"{name}: {key}")
     assert not [p.name for p in directory.iterdir() if p.name.startswith(("resume", "tape"))]
 
 

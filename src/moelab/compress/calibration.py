@@ -219,13 +219,16 @@ def run_calibration(
         # done: the last step of the forward pass done (`LayerwiseModel.schedule`: the layers in order, but a
         # loop's once a pass)
         steps = len(runner.schedule)
-        forward_done = same_job and previous["done"] == steps - 1  # killed in the backward sweep
+        # a killed run resumes with as many processes as it ran on: its snapshots and tapes are theirs
+        # (recorded since calibrations of this moelab; an older record is taken as this many)
+        same_run = same_job and previous.get("processes", world) == world
+        forward_done = same_run and previous["done"] == steps - 1  # killed in the backward sweep
         # a snapshot resumes the run only with its record: one saved after the last calibration.json
         # (killed between the two writes) holds the states of a later step
-        resumable = same_job and snapshot_step(resume_file, "done") == previous["done"]
+        resumable = same_run and snapshot_step(resume_file, "done") == previous["done"]
         start = previous["done"] + 1 if resumable or forward_done else 0
         start = agreed(start, world, "min")
-        mtp_pending = bool(info["mtp_layers"]) and not (same_job and previous.get("mtp_done"))
+        mtp_pending = bool(info["mtp_layers"]) and not (same_run and previous.get("mtp_done"))
         if 0 < start < steps or (start == steps and mtp_pending):
             states, runner.carry = load_snapshot(resume_file, len(states), dtype)
         elif start == 0 and rank == 0:
@@ -239,6 +242,7 @@ def run_calibration(
             "complete": False,
             "seconds": seconds,
             "coverage": coverage,
+            "processes": world,
         }
         if start == steps and "backward_next" in previous:  # killed in the backward sweep
             info["backward_next"] = previous["backward_next"]
