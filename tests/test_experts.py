@@ -187,19 +187,23 @@ def test_stacked_layout():
     assert m.up_bias.shape == (E, I) and m.down_bias.shape == (E, D)
 
 
-@pytest.mark.parametrize("name", ["silu", "gelu", "relu", "relu2"])
-@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize(
+    "name, gated",
+    [(n, g) for n in ("silu", "gelu", "relu", "relu2") for g in (False, True)]
+    + [(GeluTanhGLU(), True), (GateClampedSwiGLU(limit=1.0), True), (SoftcappedSwiGLU(2.0, 3.0), True)],
+)
 def test_the_recomputed_gate_activation_gives_the_same_bits_as_computing_it_again(name, gated):
     """The grouped backward recomputes the hidden rows with `Activation.recompute` and hands its
     act(gate) to `backward`: the same numbers, to the bit, as `forward` and a `backward` that
-    computes act(gate) itself; and those are autograd's of act(gate) * up (or act(h))."""
+    computes act(gate) itself; and those are autograd's of act(gate) * up (or act(h)). A two-input
+    `GatedActivation` hands nothing on (its own backward recomputes what it needs)."""
     from moelab.nn.grouped import Activation
 
     act = Activation(name, gated)
     h = torch.randn(5, 2 * I if gated else I, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(5, I, dtype=torch.float64)
     hidden, gate_act = act.recompute(h.detach())
-    assert (gate_act is not None) == gated
+    assert (gate_act is not None) == (gated and isinstance(name, str))
     assert torch.equal(hidden, act.forward(h.detach()))
     assert torch.equal(act.backward(grad, h.detach(), gate_act), act.backward(grad, h.detach()))
     (expected,) = torch.autograd.grad(act.forward(h), h, grad)
