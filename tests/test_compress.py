@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -211,9 +212,7 @@ def test_a_calibration_killed_between_its_snapshot_and_its_record_starts_that_pa
     run_calibration(model, directory, "corpus", options, quiet=True)
     names = sorted(p.name for p in expected.glob("layer-*.safetensors"))
     assert len(names) == 4 and names == sorted(p.name for p in directory.glob("layer-*.safetensors"))
-    for name in names:
-        a, b = load_file(directory / name), load_file(expected / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert_same_statistics(directory, expected, tuple(names))
 
 
 def calibrated_until_interrupted(tmp_path: Path, model_dir: Path, options: CalibrationOptions) -> Path:
@@ -225,8 +224,10 @@ def calibrated_until_interrupted(tmp_path: Path, model_dir: Path, options: Calib
     return directory
 
 
-def assert_same_statistics(directory: Path, expected: Path) -> None:
-    for name in ("layer-00000.safetensors", "layer-00001.safetensors"):
+def assert_same_statistics(
+    directory: Path, expected: Path, names: tuple[str, ...] = ("layer-00000.safetensors", "layer-00001.safetensors")
+) -> None:
+    for name in names:
         a, b = load_file(directory / name), load_file(expected / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
@@ -702,6 +703,22 @@ def test_group_limited_routing_keeps_every_group_equal(tmp_path):
     assert sum(e < 4 for e in kept) == sum(e >= 4 for e in kept) == 2
 
 
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_close_statistics(directory: Path, expected: Path) -> None:
+    """The two calibrations' layer statistics agree up to the order of sums (several processes)."""
+    for name in ("layer-00000.safetensors", "layer-00001.safetensors"):
+        a, b = load_file(directory / name), load_file(expected / name)
+        assert a.keys() == b.keys(), name
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-9, msg=f"{name}: {key}")
+
+
 def _calibrate_as_rank(rank: int, port: int, model: str, out: str, options: CalibrationOptions) -> None:
     """One process of a 2-process calibration; rank 0 clears the staging directory half a second
     late, so that rank 1 would write into it first unless it waits for the clearing."""
@@ -724,14 +741,10 @@ def test_data_parallel_calibration_equals_one_process(tmp_path, model_dir):
     """torchrun-style: 2 gloo processes split the batches and sum the statistics (the backward
     sweep's included). Rank 1 writes nothing before rank 0 has cleared the directory (rank 1's
     first tape was removed under it, a crash in one slow-suite run)."""
-    import socket
-
     from processes import spawn
 
     options = EVERY
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     spawn(_calibrate_as_rank, args=(port, str(model_dir), str(tmp_path / "dp"), options), nprocs=2)
     two = Calibration(tmp_path / "dp")
     one = calibrate(model_dir, tmp_path / "one", options=options, quiet=True)
@@ -796,8 +809,6 @@ def test_a_data_parallel_calibration_killed_as_rank_0_records_resumes_to_the_sam
     without rank 1's last tape (its resumed backward sweep could not read it), the backward
     snapshot without rank 1's gradients (it read its forward snapshot as gradients), the run
     complete with rank 1's forward snapshot still there (published with the statistics)."""
-    import socket
-
     import torch.multiprocessing as mp
     from processes import spawn
 
@@ -805,9 +816,7 @@ def test_a_data_parallel_calibration_killed_as_rank_0_records_resumes_to_the_sam
     directory = tmp_path / "partial"
     directory.mkdir()
     for kill in (moment, None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = _free_port()
         args = (port, str(model_dir), str(directory), options, kill)
         if kill is None:
             spawn(_calibrate_until_rank0_dies, args=args, nprocs=2)
@@ -815,11 +824,8 @@ def test_a_data_parallel_calibration_killed_as_rank_0_records_resumes_to_the_sam
             with pytest.raises(mp.ProcessExitedException, match="process 0 terminated with exit code 1"):
                 spawn(_calibrate_until_rank0_dies, args=args, nprocs=2)
     assert json.loads((directory / "calibration.json").read_text())["complete"]
-    for name in ("layer-00000.safetensors", "layer-00001.safetensors"):
-        a, b = load_file(directory / name), load_file(stats_dir / name)
-        assert a.keys() == b.keys(), name
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-9, msg=f"{name}: {key}")
+    assert_close_statistics(directory, stats_dir)
+    assert not [p.name for p in directory.iterdir() if p.name.startswith(("resume", "tape"))]
 
 
 @pytest.mark.slow  # 2 processes
@@ -828,17 +834,13 @@ def test_a_data_parallel_calibration_resumed_by_one_process_starts_again(tmp_pat
     """Killed with 2 processes after the forward pass or in the backward sweep, then resumed by one:
     the files on disk are the 2 processes' (tape-r-of-2, resume-r-of-2), so the run starts again and
     gives the uninterrupted statistics (before, the resumed sweep failed on tape-0-of-1)."""
-    import socket
-
     import torch.multiprocessing as mp
     from processes import spawn
 
     options = dataclasses.replace(EVERY, snapshot_seconds=0.0)
     directory = tmp_path / "partial"
     directory.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     with pytest.raises(mp.ProcessExitedException, match="process 0 terminated with exit code 1"):
         spawn(_calibrate_until_rank0_dies, args=(port, str(model_dir), str(directory), options, moment), nprocs=2)
     assert json.loads((directory / "calibration.json").read_text())["processes"] == 2
@@ -846,12 +848,7 @@ def test_a_data_parallel_calibration_resumed_by_one_process_starts_again(tmp_pat
     info = json.loads((directory / "calibration.json").read_text())
     assert info["complete"] and info["processes"] == 1
     assert not [p for p in directory.iterdir() if p.name.startswith(("resume", "tape"))]
-    for name in ("layer-00000.safetensors", "layer-00001.safetensors"):
-        a, b = load_file(directory / name), load_file(stats_dir / name)
-        assert a.keys() == b.keys(), name
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-9, msg=f"{name}: {key}")
-    assert not [p.name for p in directory.iterdir() if p.name.startswith(("resume", "tape"))]
+    assert_close_statistics(directory, stats_dir)
 
 
 def test_one_token_windows_are_refused_for_the_backward_sweep(tmp_path, model_dir):
