@@ -27,7 +27,7 @@ for round in 1 2 3; do
   done
   for threads in 1 2 auto; do
     start=$(date +%s%N)
-    "$python" -m moelab eval ref-8e-top2 --max-tokens 8192 --domain code --domain german --prompts 0 --quiet \
+    "$python" -m moelab eval ref-8e-top2 --eval-tokens 8192 --domain code --domain german --prompts 0 --quiet \
       --threads "$threads" > /dev/null
     echo "$label eval threads=$threads round=$round :: $(( ($(date +%s%N) - start) / 1000000 )) ms"
   done

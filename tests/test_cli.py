@@ -788,9 +788,9 @@ def test_trace_and_analyze_pass_every_option_on(monkeypatch, tmp_path):
     default = dict(data="corpus", split="validation", domains=None, options=TraceOptions(), overwrite=False, quiet=False)
     model = reference_model_dir()
     assert traced == [((model, tmp_path / "t"), dict(given, options=TraceOptions(max_tokens=11, seq_len=12, batch_size=13, logits=True))),
-                      ((model, Path("trace")), default)]  # fmt: skip
+                      ((model, Path("runs/trace")), default)]  # fmt: skip
     assert analyzed == [((model, tmp_path / "a"), dict(given, options=TraceOptions(max_tokens=11, seq_len=12, batch_size=13))),
-                        ((model, Path("analysis")), default)]  # fmt: skip
+                        ((model, Path("runs/analysis")), default)]  # fmt: skip
 
 
 def test_calibrate_and_compress_pass_every_option_on(monkeypatch, tmp_path):
@@ -821,7 +821,7 @@ def test_calibrate_and_compress_pass_every_option_on(monkeypatch, tmp_path):
     assert calibrated == [
         ((model, tmp_path / "c"), dict(calib=["corpus:code", "x.txt"], options=backward, mtp=False, overwrite=True,
                                        quiet=True)),
-        ((model, Path("calibration")), dict(calib="corpus", options=CalibrationOptions(), mtp=True, overwrite=False,
+        ((model, Path("runs/calibration")), dict(calib="corpus", options=CalibrationOptions(), mtp=True, overwrite=False,
                                             quiet=False)),
     ]
     assert compressed == [
@@ -829,7 +829,7 @@ def test_calibrate_and_compress_pass_every_option_on(monkeypatch, tmp_path):
             method="frequency", ratio=0.5, calib=["c.txt"], stats=tmp_path / "s", calib_options=options,
             protect_super_experts=True, domains=["code"], budget="global", method_options={"a": 1, "b": "x"},
             router_fit=RouterFit(5, 0.01), keep_quantized=True, mtp="drop", reload=False, overwrite=True, quiet=True)),
-        ((model, Path("compressed")), dict(
+        ((model, Path("runs/compressed")), dict(
             method="reap", ratio=0.25, calib=None, stats=None, calib_options=CalibrationOptions(),
             protect_super_experts=False, domains=None, budget="layer", method_options={}, router_fit=RouterFit(),
             keep_quantized=False, mtp="prune", reload=None, overwrite=False, quiet=False)),
@@ -862,8 +862,8 @@ def test_eval_export_import_consolidate_pass_every_option_on(monkeypatch, tmp_pa
     imported = _record(monkeypatch, "moelab.hf.conversion.import_checkpoint", tmp_path / "i")
     consolidated = _record(monkeypatch, "moelab.train.checkpoint.consolidate_checkpoint", tmp_path / "m")
     _ok(["eval", "ref-8e-top2", "--base", "ref-32e-top4-shared", "--data", "d.txt", "--split", "validation",
-         "--domain", "code", "--max-tokens", 41, "--seq-len", 42, "--batch-size", 43, "--prompts", 5,
-         "--prompt-tokens", 6, "--gen-tokens", 7, "--dynamic-skip", tmp_path / "s", "--json", tmp_path / "r.json",
+         "--domain", "code", "--eval-tokens", 41, "--seq-len", 42, "--batch-size", 43, "--prompts", 5,
+         "--prompt-tokens", 6, "--new-tokens", 7, "--dynamic-skip", tmp_path / "s", "--json", tmp_path / "r.json",
          "--quiet"])  # fmt: skip
     _ok(["eval"])
     assert json.loads((tmp_path / "r.json").read_text()) == {"n": 1}
@@ -950,7 +950,7 @@ def test_train_compare_demo_and_compress_bench_pass_every_option_on(monkeypatch,
                            prompts=3, domain="code", llmcompressor_python=sys.executable)
     assert benched == [
         ((reference_model_dir("ref-32e-top4-shared"), tmp_path / "b", options), dict(overwrite=True, quiet=True)),
-        ((reference_model_dir(), Path("compress-bench"), BenchOptions()), dict(overwrite=False, quiet=False)),
+        ((reference_model_dir(), Path("runs/compress-bench"), BenchOptions()), dict(overwrite=False, quiet=False)),
     ]
 
 

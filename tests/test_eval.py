@@ -106,7 +106,7 @@ def test_parameter_counts_take_jetmoe_s_attention_experts_as_routed(tmp_path):
 
 def test_the_cli_writes_a_table_and_json(model_dir, tmp_path, monkeypatch, capsys):
     path = tmp_path / "eval.json"
-    args = ["moelab", "eval", str(model_dir), "--base", str(model_dir), "--domain", "code", "--max-tokens", "64",
+    args = ["moelab", "eval", str(model_dir), "--base", str(model_dir), "--domain", "code", "--eval-tokens", "64",
             "--seq-len", "32", "--prompts", "0", "--json", str(path), "--quiet"]  # fmt: skip
     monkeypatch.setattr("sys.argv", args)
     cli.main()
@@ -160,7 +160,7 @@ def test_the_json_is_never_written_inside_the_model_or_through_a_link(model_dir,
     (tmp_path / "results").mkdir()
     (tmp_path / "latest.json").symlink_to(tmp_path / "results" / "eval.json")
     for path, message in [(model_dir / "eval.json", "lies inside the input"), (tmp_path / "latest.json", "is a link")]:
-        args = ["moelab", "eval", str(model_dir), "--domain", "code", "--max-tokens", "64", "--prompts", "0", "--json",
+        args = ["moelab", "eval", str(model_dir), "--domain", "code", "--eval-tokens", "64", "--prompts", "0", "--json",
                 str(path), "--quiet", "--overwrite"]  # fmt: skip
         monkeypatch.setattr("sys.argv", args)
         with pytest.raises(SystemExit):
@@ -211,7 +211,7 @@ def test_windows_longer_than_the_context_are_cut_to_it(model_dir, monkeypatch, c
         )
     with pytest.raises(ValueError, match=r"prompt_tokens \+ gen_tokens \(32 \+ 48\) exceed the context of 64.*--new-tokens.*--prompts 0"):
         evaluate(model_dir, options=dataclasses.replace(SMALL, prompt_tokens=32, gen_tokens=48), quiet=True)
-    args = ["moelab", "eval", str(model_dir), "--domain", "code", "--max-tokens", "64", "--seq-len", "32", "--prompts", "1",
+    args = ["moelab", "eval", str(model_dir), "--domain", "code", "--eval-tokens", "64", "--seq-len", "32", "--prompts", "1",
             "--prompt-tokens", "8", "--new-tokens", "8", "--quiet"]  # fmt: skip
     monkeypatch.setattr("sys.argv", args)
     cli.main()  # the CLI takes the lengths that fit (it had no such options)
