@@ -50,6 +50,7 @@ from moelab.nn.config import build_experts
 from moelab.nn.experts import Experts
 from moelab.nn.hooks import forward_hooked
 from moelab.nn.linear import Linear, one_row_linear
+from moelab.nn.lm_loss import chunked_cross_entropy
 from moelab.nn.moe import mean_by_name, sum_by_name
 from moelab.nn.rope import apply_rope, rope_tables
 from moelab.validation import is_int
@@ -59,7 +60,7 @@ from moelab.validation import is_int
 class ModelOutput:
     """What `MoETransformer.forward` returns.
 
-    logits: [B, S, V].
+    logits: [B, S, V]; None where forward was called with return_logits=False.
     loss: [] mean cross-entropy over the targets that are not -100; None without targets.
     aux_loss: [] the MoE layers' weighted auxiliary losses, summed (0 for a dense model); train on
         loss + aux_loss.
@@ -71,7 +72,7 @@ class ModelOutput:
         FFNs), and BlockFFN's "tls" and "cls" for routers with a variable number of experts.
     """
 
-    logits: Tensor
+    logits: Tensor | None
     loss: Tensor | None
     aux_loss: Tensor
     aux_losses: dict[str, Tensor]
@@ -420,15 +421,20 @@ class MoETransformer(nn.Module):
         *,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        return_logits: bool = True,
     ) -> ModelOutput:
         """input_ids: [B, S] token ids at positions start_pos .. start_pos+S-1; targets: [B, S]
         next-token ids (-100 = ignore). With a `kv_cache`, attends to the cached positions too.
+        return_logits=False (with targets, as training calls it): the loss is computed a chunk of
+        rows at a time without the [B, S, V] logits (`moelab.nn.lm_loss`), and `logits` is None.
         Where a gradient flows, the weights go back to their row-major layout first if decoding
         moved them (`moelab.models.decode_layout`: an optimizer's state keeps the layout the weights
         had when it was made, and torch's fused optimizers step them as flat blocks)."""
         if self.decode_layout_in_use and torch.is_grad_enabled():
             self._store_row_major()
         self._check_call(input_ids, targets, kv_cache, start_pos)
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs targets: without them the logits are all forward returns")
         if input_ids.device.type == "cpu":
             self._check_prompt(input_ids)
         positions = self._rope_and_mask(input_ids.shape[1], kv_cache, start_pos)
@@ -440,13 +446,16 @@ class MoETransformer(nn.Module):
                 moe_results[i] = result
             if attn_result is not None:
                 attn_results[i] = attn_result
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
+        logits = self.lm_head(x) if return_logits else None
         loss = None
-        if targets is not None:
+        if logits is not None and targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        elif targets is not None:
+            loss = chunked_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
         results = [*moe_results.values(), *attn_results.values()]
         aux_losses = sum_by_name([r.losses for r in results])
-        aux_loss = torch.stack(list(aux_losses.values())).sum() if aux_losses else logits.new_zeros(())
+        aux_loss = torch.stack(list(aux_losses.values())).sum() if aux_losses else x.new_zeros(())
         metrics = mean_by_name(
             [{"experts_per_token": r.experts_per_token.detach(), **r.metrics} for r in moe_results.values()]
         )

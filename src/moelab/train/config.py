@@ -62,6 +62,10 @@ class TrainConfig:
         updated every chunk_sparsity_window steps; the paper uses 100).
     reuse_ramp_steps: ReXMoE's progressive scaling: the shared expert pool opens linearly over
         this many steps (0 = the whole pool from the start).
+    chunked_loss: compute the LM loss a chunk of rows at a time, never holding the [tokens, vocab]
+        logits (`moelab.nn.lm_loss`; the same loss up to float rounding); false: through the whole
+        logits, as the shipped reference models and the equal-compute comparison were trained
+        (their run files say so, which keeps their retraining byte for byte).
     threads: torch intra-op threads: a count, "auto" (the cores no other process is using when
         the run starts, `moelab.threads.free_cores`), or None (torch's default).
     device: "auto" (CUDA if available), "cpu" or "cuda".
@@ -91,6 +95,7 @@ class TrainConfig:
     adaptive_chunk_sparsity: bool = False
     chunk_sparsity_window: int = 100
     reuse_ramp_steps: int = 0
+    chunked_loss: bool = True
     threads: int | str | None = None
     device: str = "auto"
 

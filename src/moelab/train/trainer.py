@@ -495,7 +495,7 @@ def train_step(
             rows = slice(parallel.rank * len(inputs) // parallel.world, (parallel.rank + 1) * len(inputs) // parallel.world)
             inputs, targets = inputs[rows], targets[rows]
         with autocast:
-            out = model(inputs.to(device), targets=targets.to(device))
+            out = model(inputs.to(device), targets=targets.to(device), return_logits=not cfg.chunked_loss)
         ((out.loss + out.aux_loss) / cfg.grad_accum).backward()
         scalars["loss"] += out.loss.item() / cfg.grad_accum
         for name, value in out.aux_losses.items():
