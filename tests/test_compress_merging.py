@@ -207,6 +207,28 @@ def test_fitted_router_row_is_exact_for_one_expert_and_least_squares_for_groups(
         )
 
 
+def test_fitted_router_row_with_fewer_samples_than_dimensions_moves_only_within_their_span():
+    """Real models sample fewer tokens than the router reads dimensions (1,024 against D = 2,048 or
+    4,096), so the least-squares row is not unique: an expert merged with no other keeps its row (not
+    its projection on the samples' span), and a merged row is the usage-weighted average plus the
+    smallest correction that reaches the group's log-sum-exp on the samples (off their span, it is the
+    weighted average)."""
+    view = make_view(E=4, D=8, router_bias={0: 0.3, 1: -0.2, 2: 0.1, 3: 0.0}, seed=5)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3), dtype=F64)  # N = 5 < D + 1
+    counts = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=F64)
+    fitted = merged_layer(view, [[0], [1, 2, 3]], counts, router_rule="fit", inputs=x).view.router
+    torch.testing.assert_close(fitted.weight[0], view.router.weight[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(fitted.bias[0], view.router.bias[0], rtol=0, atol=1e-10)
+    z = x @ view.router.weight.T + view.router.bias
+    target = torch.stack([logsumexp(z[t, 1:]) for t in range(5)])
+    torch.testing.assert_close(x @ fitted.weight[1] + fitted.bias[1], target, rtol=0, atol=1e-10)  # interpolates
+    weighted = merged_layer(view, [[0], [1, 2, 3]], counts, router_rule="weighted").view.router
+    design = torch.cat([x, torch.ones(5, 1, dtype=F64)], dim=1)  # the correction lies in its row space
+    correction = torch.cat([fitted.weight[1] - weighted.weight[1], (fitted.bias[1] - weighted.bias[1])[None]])
+    off_span = correction - design.T @ torch.linalg.lstsq(design.T, correction[:, None]).solution[:, 0]
+    assert float(off_span.norm()) < 1e-10
+
+
 def test_fitted_router_row_reads_the_inputs_through_the_routers_norm():
     """Gemma 4's router reads n(x) = x / sqrt(mean(x^2) + eps) * g * m: the merged row is the least-squares
     fit, on n(x), of the group's log-sum-exp of its members' logits on n(x)."""

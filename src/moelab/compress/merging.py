@@ -114,7 +114,8 @@ def merged_layer(
     sampled block inputs `inputs` [N, D], a row whose logit follows the group's log-sum-exp of its
     members' logits, so the merged expert keeps the probability its members had together (on what
     the rows read: an MLP router's features of the inputs and of the router states handed to them,
-    `router_inputs` [N, R], `LayerStats.router_inputs`). Where
+    `router_inputs` [N, R], `LayerStats.router_inputs`), as the weighted average's row plus the
+    smallest correction (`_fitted_row`). Where
     the router scales each expert's weight (Gemma 4's `expert_scale`), the members' scales are
     folded into their down projections before averaging (the scale multiplies the expert's output,
     linear in down) and the merged expert's scale is 1.
@@ -146,7 +147,7 @@ def merged_layer(
                 values[0] if router_rule == "dominant" else torch.einsum("m,m...->...", w, values)
             )
         if router_rule == "fit":
-            rows["weight"][-1], fitted_bias = _fitted_row(router, group, inputs, router_inputs)
+            rows["weight"][-1], fitted_bias = _fitted_row(router, group, w, inputs, router_inputs)
             if "bias" in rows:
                 rows["bias"][-1] = fitted_bias
     new_experts = dataclasses.replace(
@@ -167,27 +168,29 @@ def fits_router_rows(router: RouterView) -> bool:
 
 
 def _fitted_row(
-    router: RouterView, group: Sequence[int], x: Tensor | None, states: Tensor | None = None
+    router: RouterView, group: Sequence[int], w: Tensor, x: Tensor | None, states: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """(row [D], bias []) whose logit best matches, in least squares over x [N, D], the
     log-sum-exp of the group members' logits (their joint softmax mass, up to the normaliser);
     with a logit_scale s, the row's scaled logit the members' scaled ones (the target is
     logsumexp(s z) / s); the fit is on what the rows read (`router_features`): the normed x of a router
     with an input norm (Gemma 4's), the MLP's features [N, R] of x and the router states `states` of an
-    MLP router (ZAYA's: the row is out_proj's)."""
+    MLP router (ZAYA's: the row is out_proj's). The fit is of the correction to the members'
+    `w`-weighted average row [m] (and bias), smallest where the samples leave it free (fewer samples
+    than the rows read, N < D + 1, as on real models): off the samples' span the row stays the
+    average, and a group of one keeps its row."""
     if x is None or not fits_router_rows(router):
         raise ValueError("the 'fit' router rule needs a softmax router without a logit softcap and the sampled block inputs")
     x = router_features(router, x.double(), states)
     W = router.weight[list(group)].double()
-    z = x @ W.T + (0 if router.bias is None else router.bias[list(group)].double())
+    b = None if router.bias is None else router.bias[list(group)].double()
+    z = x @ W.T + (0 if b is None else b)
     target = torch.logsumexp(z * router.logit_scale, dim=1) / router.logit_scale
-    design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-    if router.bias is None:
-        design = x
-    solution = torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
-    return solution[: x.shape[1]], solution[x.shape[1]] if router.bias is not None else torch.zeros(
-        (), dtype=x.dtype
-    )
+    row, bias = w @ W, (torch.zeros((), dtype=x.dtype) if b is None else w @ b)
+    design = x if b is None else torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    residual = target - (x @ row + bias)
+    correction = torch.linalg.lstsq(design, residual[:, None]).solution[:, 0]  # gelsy: the minimum-norm solution
+    return row + correction[: x.shape[1]], bias + correction[x.shape[1]] if b is not None else bias
 
 
 def _permuted(expert: ExpertsView, perm: Tensor) -> ExpertsView:
