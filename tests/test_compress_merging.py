@@ -101,6 +101,25 @@ def test_merging_folds_per_expert_scales_into_the_down_projections():
     assert torch.equal(pair.view.experts.down[1], -view.experts.down[2])
 
 
+def test_merging_folds_per_expert_scales_into_the_down_biases_too():
+    """The scale multiplies the whole expert output, down_e h + c_e: the merged bias is the weighted
+    average of s_e c_e, and singleton groups compute the original layer."""
+    view = make_view(E=4)
+    scale = torch.tensor([0.5, 2.0, -1.0, 1.5], dtype=F64)
+    down_bias = torch.randn(4, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
+    view = dataclasses.replace(
+        view,
+        router=dataclasses.replace(view.router, expert_scale=scale),
+        experts=dataclasses.replace(view.experts, down_bias=down_bias),
+    )
+    same = merged_layer(view, [[0], [1], [2], [3]], torch.ones(4, dtype=F64))
+    x = torch.randn(16, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(moe_output(same.view, x), moe_output(view, x), rtol=1e-5, atol=1e-7)  # float32 routing
+    pair = merged_layer(view, [[1, 0], [2], [3]], torch.tensor([1.0, 3.0, 1.0, 1.0], dtype=F64))
+    expected = 0.75 * 2.0 * down_bias[1] + 0.25 * 0.5 * down_bias[0]
+    torch.testing.assert_close(pair.view.experts.down_bias[0], expected, rtol=0, atol=1e-15)
+
+
 def test_merge_keeps_the_stored_dtype():
     view = make_view(E=4, dtype=torch.bfloat16)
     edit = merged_layer(view, [[0, 1], [2, 3]], torch.ones(4))
