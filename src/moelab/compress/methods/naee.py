@@ -6,7 +6,9 @@ others masked out of routing, best reproduces the original layer's output on cal
 Z: the original MoE block's output on the sampled block inputs X (the `inputs` statistic);
 Z_K: the block with every expert outside K given router logit -inf before top-k (what dropping
 them computes; `masked_moe_layer`), in float64. The Frobenius norm is not squared and is summed
-over chunks of `chunk` tokens, as in the reference code.
+over chunks of `chunk` tokens, as the reference code sums it over its batches. Those are larger:
+8 sequences of 2,048 tokens, 16 batches of its 262,144 calibration tokens; moelab's default of
+1,024 sampled tokens in chunks of 128 gives 8.
 
 Search: every kept set when there are at most `max_candidates` of them (C(8, 2) = 28 for
 Mixtral at 25 %), else greedy backward elimination (drop, one at a time, the expert whose
