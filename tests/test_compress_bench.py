@@ -550,6 +550,7 @@ def test_a_domain_ratio_that_is_also_a_general_ratio_runs_the_task_agnostic_cell
     monkeypatch.setattr(bench, "_check_cells", lambda model, options: None)
     monkeypatch.setattr(bench, "fingerprint", lambda model: "2:aaaa")
     monkeypatch.setattr(bench, "_calibrate", lambda *a: object())
+    monkeypatch.setattr(bench, "_without_missing_statistics", lambda options, stats: options)
     monkeypatch.setattr(bench, "_calibration_facts", lambda calibration: {})
     monkeypatch.setattr(bench, "_base", lambda *a: {})
     monkeypatch.setattr(bench, "_cell", cell)
@@ -649,3 +650,20 @@ def test_the_domain_cells_run_the_domain_methods_the_model_takes(tmp_path, monke
     result = CliRunner().invoke(app, ["compress-bench", str(tmp_path / "jet"), "--out", str(tmp_path / "c"), "--domain", "code"])
     assert result.exit_code != 0 and len(seen) == 2
     assert "no domain method (--domain) runs on" in str(result.exception)
+
+
+def test_a_domain_calibration_without_easy_ep_statistics_leaves_easy_ep_out_and_says_why():
+    """A layer where calibration could read no EASY-EP statistic (seen only once the layers ran)
+    drops EASY-EP's domain cells, named in left_out, instead of failing the bench in its cell."""
+    from types import SimpleNamespace
+
+    def calibration(missing: set[int]):
+        layers = {i: SimpleNamespace(easyep_sums=None if i in missing else torch.ones(2, 1, 4)) for i in (1, 3)}
+        return SimpleNamespace(info={"moe_layers": [1, 3]}, layer=layers.__getitem__)
+
+    options = BenchOptions(domain="code", domain_methods=("easy_ep", "premoe", "naee"), left_out={"ean": "no"})
+    assert bench._without_missing_statistics(options, calibration(set())) == options
+    dropped = bench._without_missing_statistics(options, calibration({3}))
+    assert dropped.domain_methods == ("premoe", "naee")
+    assert dropped.left_out["ean"] == "no" and "(MoE layers [3])" in dropped.left_out["easy_ep"]
+    assert "turns the residual stream" in dropped.left_out["easy_ep"]

@@ -38,7 +38,8 @@ import numpy as np
 
 from moelab.compress.calibration import CalibrationOptions, calibrate, calibration_mixture
 from moelab.compress.methods import METHODS
-from moelab.compress.observers import DEFAULT_OBSERVERS
+from moelab.compress.methods.easy_ep import EasyEP
+from moelab.compress.observers import DEFAULT_OBSERVERS, EASY_EP_UNREADABLE
 from moelab.compress.run import check_compression
 from moelab.compress.stats import Calibration, fingerprint
 from moelab.eval.evaluate import ALL, EvalOptions, evaluate
@@ -190,6 +191,7 @@ def run_bench(
             stats[domain] = _calibrate(
                 model, root / f"calibration-{domain}", f"corpus:{domain}", options, say, quiet
             )
+            options = _without_missing_statistics(options, stats[domain])
             best = _best_general(results, options.ratios)
             domain_cells = [
                 Cell(m, r, calib=domain) for r in options.domain_ratios for m in (*options.domain_methods, best)
@@ -209,6 +211,21 @@ def run_bench(
         write_report(root, summary)
         say(f"wrote {root / 'report.md'}")
         return summary
+
+
+def _without_missing_statistics(options: BenchOptions, stats: Calibration) -> BenchOptions:
+    """The options without the domain method whose statistic the calibration could not record in
+    some layer (EASY-EP's, where the decoder layer changes the MoE block's output before adding
+    it: seen only once the layers have run), named with why in `left_out`."""
+    layers = [i for i in stats.info["moe_layers"] if stats.layer(i).easyep_sums is None]
+    if EasyEP.name not in options.domain_methods or not layers:
+        return options
+    why = f"{EasyEP.name}: {EASY_EP_UNREADABLE} (MoE layers {layers})"
+    return dataclasses.replace(
+        options,
+        domain_methods=tuple(m for m in options.domain_methods if m != EasyEP.name),
+        left_out={**options.left_out, EasyEP.name: why},
+    )
 
 
 def methods_for(model: Path, ratios: Sequence[float], methods: Sequence[str] = GENERAL_METHODS) -> tuple[tuple[str, ...], dict[str, str]]:

@@ -14,6 +14,7 @@ statistics are written as soon as it is done, and the hidden states are saved ev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -34,7 +35,15 @@ from moelab.compress.gradients import (
     with_carry,
 )
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture, build_mixture
-from moelab.compress.observers import DEFAULT_OBSERVERS, OBSERVERS, MoECall, Observer, Tokens, eager_moe
+from moelab.compress.observers import (
+    DEFAULT_OBSERVERS,
+    OBSERVERS,
+    MoECall,
+    Observer,
+    Tokens,
+    block_residuals,
+    eager_moe,
+)
 from moelab.compress.stats import (
     KIND,
     RESUME_NAME,
@@ -386,6 +395,7 @@ def _calibrate_layer(
 
     def run_moe(moe, x, context=None):
         call = eager_moe(moe, x, context=context)
+        call.residual = residual(x)
         calls.append(call)
         return call.output.view_as(x)
 
@@ -402,7 +412,10 @@ def _calibrate_layer(
             if not OBSERVERS[n].backward and (n != "inputs" or options.sample_tokens)
         ]
         observers = [OBSERVERS[name](E, len(mixture.sources), D, extra) for name in names]
-    with runner.layer(index, run_moe=run_moe if view is not None else None, step=step) as run:
+    with (
+        runner.layer(index, run_moe=run_moe if view is not None else None, step=step) as run,
+        block_residuals(view.router.dim) if view is not None else contextlib.nullcontext() as residual,
+    ):
         for b, hidden in enumerate(states):
             states[b] = run(b, hidden)
             if view is not None:

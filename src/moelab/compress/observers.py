@@ -15,7 +15,8 @@ method names the observers it needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,8 @@ class MoECall:
     `output`, not of any expert's contribution; identity: [T, D] what the block's identity experts
     added (LongCat-Flash's: their weights times the input; ZAYA's skip expert: zeros), None without:
     part of `routed`, not of any expert's contribution (their slots are empty in `routing`, whose
-    logits and probs cover the E experts).
+    logits and probs cover the E experts); residual: [T, D] the residual stream the decoder layer
+    normed into x, where the calibration found it (`block_residuals`), else None.
     In the backward sweep (`eager_moe(..., keep_hidden=True)`) also hidden: [T, K, I] each slot's
     hidden activation (what its down projection sees) and grad_hidden: [T, K, I] the loss's
     gradient with respect to it, filled in when the backward pass reaches it; zeros in empty slots.
@@ -63,6 +65,7 @@ class MoECall:
     token_ids: Tensor | None = None
     output_bias: Tensor | None = None
     identity: Tensor | None = None
+    residual: Tensor | None = None
 
     @property
     def contributions(self) -> Tensor:
@@ -182,6 +185,46 @@ class Observer:
         return out.view(HALVES, self.S, -1)
 
 
+@contextlib.contextmanager
+def block_residuals(dim: int) -> Iterator[Callable[[Tensor], Tensor | None]]:
+    """While open, every module call that maps a [..., dim] input to an output of its shape (a
+    norm) is remembered by its output's memory; yields residual(x) -> the input of the call whose
+    output x is (x itself or a view of it: the MoE block's input, the norm's output), else None,
+    and forgets every call before it (one decoder layer's calls at a time). The outputs are held
+    until then, so their memory cannot be reused by a tensor no module made."""
+    made: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+
+    def remember(module, args, output) -> None:
+        if (
+            isinstance(output, Tensor) and args and isinstance(args[0], Tensor)
+            and output.shape[-1:] == (dim,) and args[0].shape == output.shape
+        ):  # fmt: skip
+            made[(output.data_ptr(), output.numel())] = (output, args[0])
+
+    def residual(x: Tensor) -> Tensor | None:
+        found = made.get((x.data_ptr(), x.numel()))
+        made.clear()
+        return None if found is None else found[1].detach()
+
+    handle = torch.nn.modules.module.register_module_forward_hook(remember)
+    try:
+        yield residual
+    finally:
+        handle.remove()
+        made.clear()
+
+
+def added_scale(added: Tensor, output: Tensor, total: Tensor) -> float | None:
+    """m where the decoder layer added m x the block's output to its residual stream: `added` [T, D]
+    (its output minus the residual) against `output` [T, D] (the block's), up to the rounding of
+    `total` [T, D] (the layer's output); None where no m does (a norm, gate or convolution of the
+    block's output first: AFMoE, Kolibri1, A.X K1)."""
+    added, output = added.detach().double(), output.detach().double()
+    m = float((added * output).sum() / (output * output).sum().clamp(min=1e-300))
+    rounding = 4 * torch.finfo(total.dtype).eps * float(total.double().norm())
+    return m if float((added - m * output).norm()) <= rounding else None
+
+
 def per_expert(routing: Routing, values: Tensor, num_experts: int) -> Tensor:
     """values [T, K] of each slot -> [T, E] on the slot's expert (empty slots add nothing)."""
     chosen = routing.indices >= 0
@@ -267,15 +310,30 @@ class OutputObserver(Observer):
         }
 
 
+# why a layer has no easyep_sums
+EASY_EP_UNREADABLE = (
+    "EASY-EP weighs each expert by how far the routed output turns the residual stream, which is read only "
+    "where the decoder layer adds the MoE block's output to one residual stream as it is or times a number; "
+    "this model's layer changes it first (a norm, gate or convolution after the block: AFMoE, Kolibri1, A.X K1, "
+    "Inkling 2), adds another module's output with it (GraniteMoeShared's shared MLP, Cohere2-MoE's parallel "
+    "attention, LongCat-Flash), carries several residual streams (Qwen4-Exp, Hunyuan 4) or norms the routed sum "
+    "(Gemma 4)"
+)
+
+
 class ContributionObserver(Observer):
     """easyep_sums [H, S, E]: EASY-EP's importance, the chosen experts' contribution norms
     weighted by how much the routed output turns the token's residual stream,
-    max(0, 1 - cos(h, h + y_routed)). h, the residual before the block, is taken as the decoder
-    layer's output minus the block's output (exact for the usual pre-norm residual layer). A layer
-    that carries several residual streams (hyper-connections: Qwen4-Exp's [B, S, hc_count * D],
-    Hunyuan 4's [B, S, hc_mult, D], each mixed with the block's output by its own weight) has no
-    such h, nor has a layer that norms the routed experts' sum (Gemma 4, whose decoder layer norms
-    the block's output again before adding it): none is kept."""
+    max(0, 1 - cos(h, h + m y_routed)): h the residual stream before the block (`MoECall.residual`,
+    the input of the norm that made the block's input; where the calibration did not find it, the
+    decoder layer's output minus the block's), m what the layer scales the block's output by before
+    adding it (1; Granite's residual_multiplier), read from h, the block's output and the layer's.
+    Where the layer's update is not m times the block's output (a norm, gate or convolution after
+    the block: AFMoE, Kolibri1, A.X K1, Inkling 2; another module's output added with it: a shared
+    MLP beside the block, GraniteMoeShared's, or attention in parallel, Cohere2-MoE's), m is not
+    read and none is kept (`EASY_EP_UNREADABLE`); nor where the layer carries several residual
+    streams (hyper-connections: Qwen4-Exp's [B, S, hc_count * D], Hunyuan 4's [B, S, hc_mult, D],
+    each mixed with the block's output by its own weight) or norms the routed experts' sum (Gemma 4)."""
 
     name = "contribution"
     fields = ("easyep_sums",)
@@ -289,10 +347,18 @@ class ContributionObserver(Observer):
         if self.sums is None or streams or call.routed_norm is not None:
             self.sums = None
             return
-        out = layer_output.reshape(-1, self.D).float()
-        residual = out - call.output.float()
-        turn = 1 - torch.nn.functional.cosine_similarity(residual, residual + call.routed.float(), dim=-1)
-        weight = call.contributions.float().norm(dim=-1) * turn.clamp(min=0)[:, None]
+        out = layer_output.reshape(-1, self.D)
+        dtype = torch.promote_types(out.dtype, torch.float32)  # float64 calibrations keep their digits
+        if call.residual is None:
+            residual, scale = out.to(dtype) - call.output.to(dtype), 1.0
+        else:
+            residual = call.residual.reshape(-1, self.D).to(dtype)
+            scale = added_scale(out.to(dtype) - residual, call.output.to(dtype), out)
+            if scale is None:
+                self.sums = None
+                return
+        turn = 1 - torch.nn.functional.cosine_similarity(residual, residual + scale * call.routed.to(dtype), dim=-1)
+        weight = call.contributions.to(dtype).norm(dim=-1) * turn.clamp(min=0)[:, None]
         self.sums += self._per_group(per_expert(call.routing, weight, self.E), tokens)
 
     def result(self) -> dict[str, Tensor]:

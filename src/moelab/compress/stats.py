@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from moelab.compress.observers import EASY_EP_UNREADABLE
 from moelab.io import atomic_write_text, save_safetensors
 
 FORMAT = "moelab-calibration/1"
@@ -84,10 +85,10 @@ class LayerStats:
         """[E] the statistic `name` summed over the given sources (default all) and halves."""
         value = getattr(self, name)
         if value is None:
+            why = f" ({EASY_EP_UNREADABLE}); choose another method (reap, frequency, moelab, ...)" if name == "easyep_sums" else ""
             raise ValueError(
                 f"the calibration statistics have no {name!r}: its observer did not run (calibrate again with "
-                "the default observers) or cannot read this layer (easyep_sums: several residual streams, the "
-                "hyper-connections of Qwen4-Exp or Hunyuan 4, or a norm of the routed sum, Gemma 4's)"
+                f"the default observers) or cannot read this layer{why}"
             )
         return value[list(halves)][:, self._source_index(sources)].sum((0, 1))
 
