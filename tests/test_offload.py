@@ -654,6 +654,24 @@ def test_a_read_on_demand_waits_for_a_running_read_ahead_into_its_slot(tmp_path,
         cache.close()
 
 
+def test_read_aheads_still_queued_at_close_are_dropped_and_not_counted_as_read_ahead(tmp_path, monkeypatch):
+    """close() drops the read-aheads not started, as a slot taken from one does: they read nothing,
+    so `prefetch_stats.issued` (the bench's accuracy and reads per token, read after close) leaves
+    them out (before: counted as read ahead, by how far the reader thread had got)."""
+    cache = _cache(tmp_path, 3, "reuse")
+    events, release = _gate_reads(monkeypatch)
+    try:
+        cache.prefetch(1, torch.tensor([0, 2.0, 1.0, 0]), torch.tensor([0, 0.9, 0.6, 0]), limit=2)
+        _wait_for(events, ("start", 1, 1))  # (1, 1) running, held at the gate; (1, 2) queued
+        assert cache.prefetch_stats.issued == 2
+        threading.Timer(0.2, release.set).start()
+    finally:
+        cache.close()  # waits for (1, 1); drops (1, 2)
+        release.set()
+    assert ("start", 1, 2) not in events and ("end", 1, 1) in events
+    assert cache.prefetch_stats.issued == 1 and cache.resident() == {(1, 1)}
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     calls=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 3), min_size=1, max_size=3)), min_size=1, max_size=12),

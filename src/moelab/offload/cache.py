@@ -329,8 +329,13 @@ class ExpertCache:
 
     def close(self) -> None:
         """Drop the read-aheads not started, wait for the running one (and, on an accelerator, the
-        copies) and stop the reader thread; the cache serves nothing afterwards."""
+        copies) and stop the reader thread; the cache serves nothing afterwards. A dropped read-ahead
+        read nothing: it leaves `prefetch_stats.issued` (as one dropped for its slot does)."""
         self.closed = True
+        for slot, read in list(self._loading.items()):
+            if self._dropped(slot, read):
+                del self._loading[slot]
+                self._unassign(slot)
         self._reader.shutdown(wait=True, cancel_futures=True)
         if self._copier is not None:
             self._copier.close()
@@ -408,16 +413,22 @@ class ExpertCache:
         # writes the slot; a read-ahead's own read queues behind it on the one reader thread.
         if victim in self._loading:
             read = self._loading.pop(victim)
-            if read.cancel():  # never read: not counted as read ahead
-                layer, expert = self._owner[victim]  # a slot with a read-ahead holds its expert
-                self._prefetched.get(layer, set()).discard(expert)
-                self.prefetch_stats.issued -= 1
-            else:
+            if not self._dropped(victim, read):
                 self._overtaken[victim] = [r for r in self._overtaken.get(victim, []) if not r.done()] + [read]
         if instead_of is None:
             for read in self._overtaken.pop(victim, []):
                 wait([read])  # its error, if any, is dropped with its expert
         return victim
+
+    def _dropped(self, slot: int, read: Future) -> bool:
+        """Cancel `read`, the read-ahead into `slot` of the expert it holds, if it has not started;
+        whether it was (then it read nothing and is not counted as read ahead)."""
+        if not read.cancel():
+            return False
+        layer, expert = self._owner[slot]
+        self._prefetched.get(layer, set()).discard(expert)
+        self.prefetch_stats.issued -= 1
+        return True
 
     def _policy_victim(self, instead_of: tuple[int, int] | None) -> int | None:
         """The eviction policy's choice among the unpinned slots, all of them loaded (see `_victim`)."""
