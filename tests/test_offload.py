@@ -654,6 +654,33 @@ def test_a_read_on_demand_waits_for_a_running_read_ahead_into_its_slot(tmp_path,
         cache.close()
 
 
+def test_a_read_ahead_that_fails_while_waited_for_is_a_miss_not_a_late_hit(tmp_path, monkeypatch):
+    """fetch waits for a running read-ahead that then fails: its expert is read on demand, one
+    miss, no late hit (before: counted late and a miss, so hits went to -1)."""
+    cache = _cache(tmp_path, 3, "reuse")
+    events, release = _gate_reads(monkeypatch)
+    load = ExpertStore.load  # the gated one
+
+    def failing_ahead(self, layer, expert, pool, slot):
+        load(self, layer, expert, pool, slot)
+        if threading.current_thread() is not threading.main_thread():
+            raise OSError("the read failed")
+
+    monkeypatch.setattr(ExpertStore, "load", failing_ahead)
+    try:
+        cache.prefetch(1, torch.tensor([0, 1.0, 0, 0]), torch.tensor([0, 0.9, 0, 0]), limit=1)
+        _wait_for(events, ("start", 1, 1))  # running, held at the gate
+        threading.Timer(0.2, release.set).start()
+        cache.fetch(1, [1], tokens=1)  # waits for it, then reads (1, 1) again on demand
+        cache.release()
+        stats = cache.stats[1]
+        assert (stats.requests, stats.hits, stats.late, stats.misses) == (1, 0, 0, 1)
+        assert events.count(("end", 1, 1)) == 2 and cache.resident() == {(1, 1)}
+    finally:
+        release.set()
+        cache.close()
+
+
 def test_read_aheads_still_queued_at_close_are_dropped_and_not_counted_as_read_ahead(tmp_path, monkeypatch):
     """close() drops the read-aheads not started, as a slot taken from one does: they read nothing,
     so `prefetch_stats.issued` (the bench's accuracy and reads per token, read after close) leaves

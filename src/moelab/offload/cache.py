@@ -247,16 +247,17 @@ class ExpertCache:
 
     def _finish_reads(self, found: dict[int, int]) -> int:
         """Wait for the read-aheads into the slots of `found` ({expert: slot}, pinned); return how
-        many were still running. An expert whose read-ahead failed leaves `found` and the pool (it is
-        then read on demand, where a lasting fault raises)."""
+        many were still running and then succeeded (late hits). An expert whose read-ahead failed
+        leaves `found` and the pool (it is then read on demand, a miss, where a lasting fault raises)."""
         late = 0
         for expert, slot in list(found.items()):
             read = self._loading.get(slot)
             if read is None:
                 continue
-            late += not read.done()
+            running = not read.done()
             try:
                 read.result()
+                late += running
             except BaseException:
                 if not read.done():  # the wait was interrupted: the read goes on, for the next fetch to wait for
                     raise
