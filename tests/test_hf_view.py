@@ -144,6 +144,58 @@ def test_a_shard_truncated_after_it_was_opened_is_refused(tmp_path, read):
     ckpt.close()
 
 
+@pytest.mark.parametrize("read", ["get", "read_into"])
+def test_a_shard_rewritten_while_a_tensor_is_read_is_refused(tmp_path, monkeypatch, read):
+    """A writer rewrites the shard in place (same size, finite numbers) after the read's check and
+    before its bytes arrive: refused (before: the new bytes came back as the tensor, a model mixing
+    two versions; offloading reads its experts so, long after the checkpoint was opened)."""
+    from moelab.hf import checkpoint as checkpoint_module
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(8, 8)}, path)
+    ckpt = Checkpoint(tmp_path)
+    ckpt.shape("w")  # the header read: the shard's identity recorded
+
+    def rewrite_first():
+        with open(path, "r+b") as f:
+            f.seek(path.stat().st_size - 4)
+            f.write(torch.tensor([1.0]).numpy().tobytes())  # the last number: 0 -> 1
+        written = path.stat()  # its time moved on, past the clock's granularity however fast this ran
+        os.utime(path, ns=(written.st_atime_ns, written.st_mtime_ns + 10**9))
+
+    preadv, file_open = os.preadv, open
+
+    def rewriting_preadv(fd, buffers, offset):
+        rewrite_first()
+        return preadv(fd, buffers, offset)
+
+    class RewritingFile:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def readinto(self, data):
+            rewrite_first()
+            return self.f.readinto(data)
+
+    monkeypatch.setattr(os, "preadv", rewriting_preadv)
+    monkeypatch.setattr(checkpoint_module, "open", lambda *a: RewritingFile(file_open(*a)), raising=False)
+    with pytest.raises(CheckpointError, match="changed on disk while moelab was reading it"):
+        if read == "get":
+            ckpt.get("w")
+        else:
+            ckpt.read_into("w", torch.empty(8, 8))
+    ckpt.close()
+
+
 @pytest.mark.parametrize("shapes_only", [False, True], ids=["tensors", "shapes_only"])
 def test_checkpoint_reads_rows_of_the_first_dim_only(tmp_path, shapes_only):
     """get(name, rows) is the step-1 range's entries of the first dim; a range with another step,

@@ -88,7 +88,7 @@ class Checkpoint:
         only these entries of its first dim (a step-1 range; e.g. some experts of a stacked
         tensor). Read with plain file reads, not through a memory map, so that the shard's pages do
         not stay in the process's memory; a shard that changed on disk since this checkpoint first
-        read it is refused."""
+        read it, or while this read ran, is refused."""
         if self.shapes_only:
             header = self._handle(name).get_slice(name)
             dtype = header.get_dtype()
@@ -108,6 +108,7 @@ class Checkpoint:
             f.seek(offset)
             if f.readinto(data) != nbytes:
                 raise CheckpointError(f"{raw.path} ends inside tensor {name!r}; it is truncated, re-download it")
+            self._check_unchanged(raw.path, os.fstat(f.fileno()))  # not rewritten while read: else mixed bytes
         tensor = torch.frombuffer(data, dtype=DTYPES[raw.dtype]) if nbytes else torch.empty(0, dtype=DTYPES[raw.dtype])
         if self.finite_only:
             check_finite(self.directory, name, tensor, rows)
@@ -135,8 +136,9 @@ class Checkpoint:
     ) -> None:
         """Fill `target` (a writable byte view) with the bytes of shard `path` from `offset` (the data of
         tensor `name`, located by `raw`): one positioned read, no buffer in between. The shard stays
-        open between calls (`close` closes it) and is checked unchanged at each: rewritten in place, it
-        is refused; replaced by a new file, the copy first opened keeps being read. uncached: read
+        open between calls (`close` closes it) and is checked unchanged before and after each read:
+        rewritten in place, even while being read, or replaced by another file (unlinking the open
+        one moves its change time), it is refused. uncached: read
         the bytes from the storage device, not the OS page cache (`posix_fadvise`, Linux): dropped
         from the cache before the read (other reads of the file, and the kernel's read-ahead past
         them, may have brought them in) and after it, and no read-ahead past them."""
@@ -157,6 +159,7 @@ class Checkpoint:
             done += got
         if uncached:
             os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        self._check_unchanged(path, os.fstat(fd))  # not rewritten while read: else mixed bytes
 
     def _check_unchanged(self, path: Path, stat: os.stat_result) -> None:
         if _identity(stat) != self._stats[path]:
