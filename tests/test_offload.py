@@ -369,6 +369,25 @@ def test_a_prefill_larger_than_the_cache_runs_in_chunks(tmp_path, one_thread):
         offloaded.close()
 
 
+def test_a_layer_call_fetched_in_chunks_is_one_visit_of_the_layer(tmp_path, one_thread):
+    """A call asking for more experts than the pool holds fetches them in chunks, but counts as one
+    visit: an expert read ahead and asked for in a later chunk counts as used, and each asked-for
+    expert's recent use rises once (before: only the first chunk's counted as used, and the habit
+    decayed once per chunk, the earlier chunks' experts weighing less)."""
+    _, path = _native(tmp_path)
+    offloaded = load_offloaded(path, resident=2 / 12, warm=False)
+    cache, experts = offloaded.cache, offloaded.model.layers[0].ffn.experts
+    try:
+        cache.prefetch(0, torch.tensor([0, 0, 0, 1.0]), torch.tensor([0, 0, 0, 0.9]), limit=1)
+        x = torch.randn(4, experts.dim)
+        with torch.inference_mode():  # chunks [0, 1] and [2, 3], one token each
+            experts.accumulated(x, torch.arange(4), [1, 1, 1, 1], torch.ones(4))
+        assert (cache.prefetch_stats.issued, cache.prefetch_stats.used) == (1, 1)
+        assert cache.habit(0).tolist() == pytest.approx([(1 - RECENCY_DECAY + 0.25) / 2] * 4)
+    finally:
+        offloaded.close()
+
+
 def test_one_tokens_logits_equal_the_model_in_memory_for_every_expert_it_chooses(tmp_path, one_thread):
     """Single tokens (the gathered decode path, on the pool's slots): the in-memory logits, expert
     0 included."""
@@ -1913,8 +1932,8 @@ def test_an_offloaded_model_on_an_accelerator_stand_in_decodes_as_in_memory(tmp_
     _checked_copier(monkeypatch, streams)
     init, fetch = ExpertCache.__init__, ExpertCache.fetch
 
-    def fetch_and_compute(self, layer, experts, tokens):
-        slots = fetch(self, layer, experts, tokens)
+    def fetch_and_compute(self, layer, experts, tokens, **visit):
+        slots = fetch(self, layer, experts, tokens, **visit)
         _compute_reads(streams, slots)  # what the layer's kernels then do
         return slots
 

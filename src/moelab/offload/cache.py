@@ -199,9 +199,12 @@ class ExpertCache:
         self._clear()
         self.fill(experts)
 
-    def fetch(self, layer: int, experts: list[int], tokens: int) -> list[int]:
+    def fetch(self, layer: int, experts: list[int], tokens: int, *, visit: list[int] | None = None) -> list[int]:
         """Make `experts` of `layer` resident and pin them until `release`; returns their slots.
-        At most `slots` experts at once. `tokens`: the layer call's token count (for `stats`)."""
+        At most `slots` experts at once. `tokens`: the layer call's token count (for `stats`).
+        visit: where `experts` is one chunk of a layer call that asks for more than the pool holds,
+        every expert the call asks for at its first chunk and [] at the later ones: the call counts
+        as one visit of the layer (habit, prefetch accuracy); default `experts`."""
         self._check_open()
         if len(experts) > self.slots - len(self._pinned):
             raise ValueError(
@@ -209,14 +212,8 @@ class ExpertCache:
                 f"{self.slots} slots are free; ask for fewer at a time"
             )
         self._current = layer
-        position = self._position[layer]
-        recency = self._recency[position]
-        recency *= RECENCY_DECAY
-        recency[experts] += 1 - RECENCY_DECAY
-        self._visited[position] = True
-        self._wait_known[position] = False  # habit until the next prediction, computed when asked
-        prefetched = self._prefetched.pop(layer, set())
-        self.prefetch_stats.used += len(prefetched.intersection(experts))
+        if visit is None or len(visit):
+            self._visit(layer, experts if visit is None else visit)
         stats = self.stats.setdefault(tokens, CacheStats())
         stats.requests += len(experts)
         start = time.perf_counter()
@@ -244,6 +241,18 @@ class ExpertCache:
             stats.late_copies += len(resident.intersection(self._copier.ready(found.values())))
         stats.wait_s += time.perf_counter() - start
         return [found[e] for e in experts]
+
+    def _visit(self, layer: int, experts: list[int]) -> None:
+        """Count a call of `layer` asking for `experts`: their recent use (habit) and the layer's
+        read-aheads they used."""
+        position = self._position[layer]
+        recency = self._recency[position]
+        recency *= RECENCY_DECAY
+        recency[experts] += 1 - RECENCY_DECAY
+        self._visited[position] = True
+        self._wait_known[position] = False  # habit until the next prediction, computed when asked
+        prefetched = self._prefetched.pop(layer, set())
+        self.prefetch_stats.used += len(prefetched.intersection(experts))
 
     def _finish_reads(self, found: dict[int, int]) -> int:
         """Wait for the read-aheads into the slots of `found` ({expert: slot}, pinned); return how

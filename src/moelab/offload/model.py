@@ -165,7 +165,7 @@ class OffloadedExperts(Experts):
         weight_rows: Sequence[int] | None = None,
     ) -> Tensor:  # fmt: skip
         """x: [T, D]; token_ids, row_weights: [N] rows grouped by expert -> [T, D], the experts
-        fetched as many at a time as the pool holds."""
+        fetched as many at a time as the pool holds (one visit of the layer: `ExpertCache.fetch`)."""
         self._check(x)
         if weight_rows is not None:
             raise ValueError("offloaded experts choose their own weight rows (cache slots)")
@@ -176,7 +176,7 @@ class OffloadedExperts(Experts):
         for first in range(0, len(active), self.cache.slots):
             chunk = active[first : first + self.cache.slots]
             try:
-                slots = self.cache.fetch(self.layer, chunk, tokens=x.shape[0])
+                slots = self.cache.fetch(self.layer, chunk, tokens=x.shape[0], visit=[] if first else active)
                 rows = slice(starts[chunk[0]], starts[chunk[-1] + 1])
                 part_counts = [counts[e] for e in chunk]
                 y += self._pool[0].accumulated(x, token_ids[rows], part_counts, row_weights[rows], slots)
