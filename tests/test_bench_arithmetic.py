@@ -367,6 +367,16 @@ def test_bench_offload_rows_from_scripted_seconds_and_the_cache_s_own_counts(tmp
     assert some_prompt_misses, "the prompt pass must read experts, or decode and total stats would agree"
 
 
+def test_bench_offload_refuses_one_token_prompts():
+    """The decode hit rate is the cache's count for one-token layer calls: a one-token prompt's
+    pass (its misses from a warm start) would be counted as a decode step."""
+    from moelab.bench.offload import OffloadOptions
+
+    with pytest.raises(ValueError, match="prompt_tokens must be >= 2"):
+        OffloadOptions(prompt_tokens=1)
+    assert OffloadOptions(prompt_tokens=2).prompt_tokens == 2
+
+
 def test_bench_test_batches_refuse_more_tokens_than_every_domain_holds_a_share_of():
     """`moelab bench skip --tokens` past what the test split's smallest domain can give an equal
     share of was cut short without a word (a different, unequal sample than asked for)."""

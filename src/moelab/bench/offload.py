@@ -107,6 +107,11 @@ class OffloadOptions:
                 f"new_tokens must be >= 2, got {self.new_tokens}: the first comes from the prompt's pass, and "
                 "the hit rates are over the one-token steps after it"
             )
+        if self.prompt_tokens < 2:
+            raise ValueError(
+                f"prompt_tokens must be >= 2, got {self.prompt_tokens}: the cache counts its hits per layer call's "
+                "token count, and a one-token prompt's pass would be counted among the one-token decode steps"
+            )
         if self.read_gbps is not None and not self.read_gbps > 0:
             raise ValueError(f"read_gbps must be > 0 (GB/s of emulated storage), got {self.read_gbps}")
         if not is_int(self.calibration_tokens) or self.calibration_tokens < 256:
