@@ -601,7 +601,13 @@ def load_offloaded(
         )  # fmt: skip
     _zero_load_counters(model)
     _tie_output_head(model)
-    held = {t.data_ptr(): t.nbytes for t in model.state_dict().values() if not t.is_meta}  # a tied head once
+    # a tied head once; the buffers no checkpoint holds too (moelab's rotary tables, context x head_dim),
+    # a moelab model's floating-point ones in `dtype`, as `model.to` below leaves them
+    size = torch.empty((), dtype=dtype).element_size()
+    held = {
+        t.data_ptr(): t.numel() * size if own and t.is_floating_point() else t.nbytes
+        for t in [*model.state_dict().values(), *model.buffers()] if not t.is_meta
+    }  # fmt: skip
     dense_bytes = sum(held.values())
     if not own:  # the routers and shared experts the MoE blocks will hold
         dense_bytes += sum(_view_bytes(views[i], dtype, found[i].shared_in_block) for i in store.moe_layers)
