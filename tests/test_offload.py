@@ -1453,6 +1453,22 @@ def test_a_store_names_one_experts_width_and_bytes_and_reads_that_one_expert(tmp
             store.close()
 
 
+def test_a_store_keeps_no_experts_weights_outside_the_pool(tmp_path):
+    """The first expert, read to learn the experts' shapes, is not kept: a memory budget counts the
+    pool's slots, and a store holding an expert beside them held one expert (in the files' dtype)
+    past it. Its shapes still build pools and check later layers' experts."""
+    _, path = _native(tmp_path)
+    store = ExpertStore(path)
+    try:
+        held = [t for t in vars(store._template).values() if isinstance(t, torch.Tensor)]  # noqa: SLF001
+        assert held and all(t.is_meta for t in held)
+        pool = store.empty(2)
+        store.load(1, 3, pool, 0)
+        assert torch.equal(pool.down_proj[0], store.read(1, 3).down[0])
+    finally:
+        store.close()
+
+
 def test_read_into_refuses_a_target_of_another_dtype_or_shape(tmp_path):
     store = ExpertStore(_native(tmp_path)[1])
     try:

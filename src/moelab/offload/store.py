@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -90,9 +90,14 @@ class ExpertStore:
         self._planned: dict[tuple, list[_Read] | None] = {}  # `_reads`, per expert and pool shape
         self._targets: weakref.WeakKeyDictionary[Experts, list[dict[str, memoryview]]] = weakref.WeakKeyDictionary()
         self.expert_bytes = 0  # set below, after reading the template unthrottled
-        self._template = self._view_of(self.moe_layers[0], 0)
-        one = experts_from_view(self._template)
+        first = self._view_of(self.moe_layers[0], 0)
+        one = experts_from_view(first)
         self.expert_bytes = sum(p.numel() for p in one.parameters()) * torch.empty((), dtype=dtype).element_size()
+        # the first expert's shapes and settings, its weights dropped (no expert held outside a memory budget's pool)
+        weights = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+        self._template = replace(
+            first, **{name: getattr(first, name).to("meta") for name in weights if getattr(first, name) is not None}
+        )
         self.expert_width = self._template.hidden_dim  # I, as the files hold it
 
     def read(self, layer: int, expert: int) -> ExpertsView:
