@@ -255,6 +255,52 @@ def profile_in_child(path: Path, timeout: float) -> str:
     return path.name
 
 
+def check_lm_loss(tokens: int = 4096, dim: int = 2048, vocab: int = 151_936) -> dict:
+    """`moelab.nn.lm_loss.chunked_cross_entropy` against `F.cross_entropy` over the whole logits on
+    CUDA, bf16 (Qwen's vocabulary): loss and gradients, peak memory and time of each."""
+    import torch.nn.functional as F
+
+    from moelab.nn.lm_loss import chunked_cross_entropy
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(tokens, dim, device="cuda", generator=g).bfloat16()
+    weight = (torch.randn(vocab, dim, device="cuda", generator=g) * dim**-0.5).bfloat16()
+    targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=g)
+    targets[::7] = -100
+    ways = {"whole": lambda h, w: F.cross_entropy(F.linear(h, w).float(), targets), "chunked": lambda h, w: chunked_cross_entropy(h, w, targets)}
+    result = {}
+    for name, loss_fn in ways.items():
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        loss = loss_fn(h, w)
+        loss.backward()
+        torch.cuda.synchronize()
+        result[name] = {"loss": float(loss), "seconds": time.perf_counter() - start,
+                        "peak_extra_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "grads": (h.grad, w.grad),
+        }  # fmt: skip
+    (gh, gw), (ch, cw) = result["whole"].pop("grads"), result["chunked"].pop("grads")
+    result["max_rel_diff"] = {"hidden": float((gh - ch).abs().max() / gh.abs().max()), "weight": float((gw - cw).abs().max() / gw.abs().max())}
+    return result
+
+
+def check_sampler_zero_width(vocab: int = 151_936, draws: int = 1 << 20) -> dict:
+    """The sampler's float64 cumulative sum on CUDA (a parallel scan) against zero-probability
+    tokens: intervals of width > 0 they got, and how many of `draws` draws picked one."""
+    from moelab.models.transformer import _draw
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    probs = torch.rand(1, vocab, device="cuda", generator=g)
+    probs[:, torch.randperm(vocab, device="cuda", generator=g)[: vocab // 2]] = 0
+    cdf = probs.double().cumsum(-1)
+    zero = probs[0] == 0
+    widened = int((zero[1:] & (cdf[0, 1:] != cdf[0, :-1])).sum()) + int(zero[0] and cdf[0, 0] != 0)
+    drawn = torch.cat([_draw(probs.expand(4096, -1), g) for _ in range(draws // 4096)])
+    return {"zero_probability_tokens": int(zero.sum()), "with_width": widened, "drawn_of_them": int(zero[drawn].sum())}
+
+
 def correctness() -> list[dict]:
     """`check_case` for every case, backend and dtype; a case that raises is reported as such."""
     checks = []
@@ -398,6 +444,8 @@ def main() -> None:
         # the sections never run on a GPU yet first
         "env": env_info,
         "triton": check_triton,
+        "lm_loss": check_lm_loss,
+        "sampler_zero_width": check_sampler_zero_width,
         "offload_bf16": lambda: bench_offload(min(max(left(), 1), 200)),
         "correctness": correctness,
         "no_host_sync": lambda: [check_no_host_sync(autocast=autocast) for autocast in (False, True)],

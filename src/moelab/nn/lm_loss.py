@@ -64,20 +64,27 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         summed = torch.promote_types(weight.dtype, torch.float32)
         grad_weight = torch.zeros(weight.shape, dtype=summed, device=weight.device) if need_weight else None
+        # the products' dtype: autocast's where it is on (`@` then casts), else the inputs'
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        in_place = not autocast and hidden.dtype == weight.dtype
         for start in range(0, hidden.shape[0], rows):
-            h, t, keep = hidden[start : start + rows], targets[start : start + rows], counted[start : start + rows]
-            logits = (h @ weight.t()).float()  # [n, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, t.clamp(min=0)[:, None])[:, 0]
-            total += ((lse - picked) * keep).sum()
-            if need_hidden or need_weight:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
-                grad.scatter_add_(1, t.clamp(min=0)[:, None], -keep[:, None].to(grad.dtype))
-                grad = grad.mul_(keep[:, None] * scale).to(h.dtype if h.dtype == weight.dtype else torch.float32)
-                if need_hidden:
-                    grad_hidden[start : start + rows] = grad @ weight
-                if need_weight:
-                    grad_weight += grad.t() @ h
+            end = start + rows
+            h, picked, keep = hidden[start:end], targets[start:end].clamp(min=0)[:, None], counted[start:end]
+            log_probs = torch.log_softmax((h @ weight.t()).float(), dim=-1)  # [n, V]
+            total -= (log_probs.gather(1, picked)[:, 0] * keep).sum()
+            if not (need_hidden or need_weight):
+                continue
+            grad = log_probs.exp_()  # the softmax, in place
+            grad.scatter_add_(1, picked, -keep[:, None].to(grad.dtype))
+            grad = grad.mul_((keep * scale)[:, None]).to(h.dtype if in_place else torch.float32)
+            if need_hidden and in_place:
+                torch.mm(grad, weight, out=grad_hidden[start:end])
+            elif need_hidden:
+                grad_hidden[start:end] = grad @ weight
+            if need_weight and in_place and grad_weight.dtype == h.dtype:
+                grad_weight.addmm_(grad.t(), h)
+            elif need_weight:
+                grad_weight += grad.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total / count
