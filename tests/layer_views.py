@@ -71,15 +71,18 @@ def make_view(
 
 def stats_with(counts, **fields) -> LayerStats:
     """Statistics of one source and one half holding the usage counts [E], plus any other
-    `LayerStats` fields given. The soft counts, gate and PreMoe sums are the counts in other
-    orders (reversed, rotated by one and by two), so that a method reading the wrong one of them
-    gets other numbers."""
+    `LayerStats` fields given (a logit_gram given [E, E] is that half's and source's). The soft
+    counts, gate and PreMoe sums are the counts in other orders (reversed, rotated by one and by
+    two), so that a method reading the wrong one of them gets other numbers."""
     counts = torch.tensor(counts, dtype=F64)
 
     def cells(values: torch.Tensor) -> torch.Tensor:
-        held = torch.zeros(2, 1, counts.numel(), dtype=F64)
+        held = torch.zeros(2, 1, *values.shape, dtype=F64)
         held[0, 0] = values
         return held
+
+    if fields.get("logit_gram") is not None and fields["logit_gram"].dim() == 2:
+        fields["logit_gram"] = cells(fields["logit_gram"])
 
     return LayerStats(
         0,

@@ -29,7 +29,7 @@ from moelab.compress.calibration import calibration_mixture, run_calibration
 from moelab.compress.mixture import parse_sources
 from moelab.compress.router_fit import RouterFit
 from moelab.compress.run import REPORT_NAME, STATS_DIR, check_compression
-from moelab.compress.stats import fingerprint
+from moelab.compress.stats import fingerprint, layer_file
 from moelab.data.tokenizer import TOKENIZER_DIR
 from moelab.hf import open_checkpoint
 from moelab.hf.adapters import FAMILIES
@@ -178,6 +178,48 @@ def test_an_interrupted_calibration_resumes_to_the_same_files(tmp_path, model_di
     assert resumed["seconds"] > 1000, "the time spent before the interruption counts"
     assert info["coverage"].keys() == {"0"} and resumed["coverage"].keys() == {"0", "1"}
     assert not (directory / "resume.safetensors").exists()
+
+
+def test_a_calibration_an_older_moelab_left_unfinished_starts_again(tmp_path, model_dir, stats_dir, monkeypatch):
+    """Killed after layer 0 under a moelab that kept the logit Gram of all the data ([E, E], no
+    stats_version in calibration.json): resumed, the run starts again, so no layer keeps the old
+    layout (which a restriction to some domains cannot use)."""
+    import moelab.compress.calibration as calibrate_module
+
+    options = dataclasses.replace(EVERY, snapshot_seconds=0.0)
+    real = calibrate_module.write_layer
+
+    def dies_in_layer_1(directory, stats):
+        if stats.layer == 1:
+            raise KeyboardInterrupt
+        real(directory, stats)
+
+    monkeypatch.setattr(calibrate_module, "write_layer", dies_in_layer_1)
+    directory = calibrated_until_interrupted(tmp_path, model_dir, options)
+    info = json.loads((directory / "calibration.json").read_text())
+    assert info.pop("stats_version") == 2 and info["done"] == 0
+    (directory / "calibration.json").write_text(json.dumps(info))
+    layer = load_file(layer_file(directory, 0))
+    save_file(layer | {"logit_gram": layer["logit_gram"].sum((0, 1))}, layer_file(directory, 0))
+    monkeypatch.setattr(calibrate_module, "write_layer", real)
+    run_calibration(model_dir, directory, "corpus", options, quiet=True)
+    assert_same_statistics(directory, stats_dir)
+
+
+def test_m_smoe_on_some_domains_refuses_statistics_with_the_whole_data_gram(tmp_path, model_dir, stats_dir):
+    """Statistics of an older moelab (the logit Gram of all the data, [E, E]) still compress whole
+    with M-SMoE; restricted to some domains they are refused, naming the fix."""
+    old = tmp_path / "old"
+    shutil.copytree(stats_dir, old)
+    for index in Calibration(old).layers:
+        layer = load_file(layer_file(old, index))
+        save_file(layer | {"logit_gram": layer["logit_gram"].sum((0, 1))}, layer_file(old, index))
+    domain = Calibration(old).sources[:1]
+    with pytest.raises(ValueError, match="all the calibration data only.*calibrate again"):
+        compress(model_dir, tmp_path / "part", method="m_smoe", stats=old, domains=domain, quiet=True)
+    whole = compress(model_dir, tmp_path / "whole", method="m_smoe", stats=old, quiet=True)
+    again = compress(model_dir, tmp_path / "again", method="m_smoe", stats=stats_dir, quiet=True)
+    assert whole["layers"] == again["layers"]
 
 
 @pytest.mark.parametrize("sweep", ["forward", "backward"])

@@ -29,6 +29,7 @@ from moelab.compress.methods import Target, get_method
 from moelab.compress.methods.hcsmoe import clusters_by_usage, hierarchical_labels
 from moelab.compress.methods.lowrank import low_rank_sparse
 from moelab.compress.methods.submoe import kmeans_labels, subspace_merge
+from moelab.compress.stats import LayerStats
 from moelab.hf.edit import LayerEdit, moe_output, one_expert
 from moelab.hf.view import ExpertsView, LatentView, MoELayerView, NormView
 
@@ -340,6 +341,45 @@ def test_m_smoe_merges_within_routing_groups():
 def test_m_smoe_without_statistics_is_refused():
     with pytest.raises(ValueError, match="logit Gram"):
         get_method("m_smoe").decide(make_view(E=4), stats_with([1, 1, 1, 1]), Target(2))
+
+
+def _two_domain_stats(code_gram, math_gram, counts) -> LayerStats:
+    """Statistics of sources code and math (each in half 0) with the same counts and their own Gram."""
+    one = stats_with(counts)
+    twice = {n: getattr(one, n).repeat(1, 2, 1) for n in ("tokens", "counts", "soft_counts", "gate_sums", "premoe_sums")}
+    gram = torch.zeros(2, 2, len(counts), len(counts), dtype=F64)
+    gram[0, 0], gram[0, 1] = code_gram, math_gram
+    return dataclasses.replace(one, sources=("code", "math"), logit_gram=gram, **twice)
+
+
+def test_m_smoe_on_some_domains_takes_their_similarity():
+    """Expert 3 resembles expert 0 on code and expert 2 on math: restricted to a domain, M-SMoE
+    joins it where that domain's router logits say (and on both, by the summed Gram)."""
+    code, math_ = _gram_with_twins({3: 0, 1: 2}, 4, seed=1), _gram_with_twins({3: 2, 1: 0}, 4, seed=2)
+    stats, target, view = _two_domain_stats(code, math_, [4, 1, 3, 1]), Target(2), make_view(E=4, seed=6)
+    m_smoe = get_method("m_smoe", align=False)
+    assert m_smoe.decide(view, stats.restricted(["code"]), target).edit.sources == ((0, 3), (2, 1))
+    assert m_smoe.decide(view, stats.restricted(["math"]), target).edit.sources == ((0, 1), (2, 3))
+    both = logit_similarity(code + math_)
+    expected = m_smoe.decide(view, stats_with([8, 2, 6, 2], logit_gram=code + math_), target)
+    assert m_smoe.decide(view, stats, target).edit.sources == expected.edit.sources
+    assert torch.equal(logit_similarity(stats.gram()), both)
+
+
+def test_m_smoe_on_some_domains_of_whole_data_gram_statistics_is_refused():
+    """Statistics of an older moelab hold the Gram of all the data (whole_logit_gram [E, E]): used
+    whole they still merge, restricted to some domains (or to a half) they are refused."""
+    code, math_ = _gram_with_twins({3: 0, 1: 2}, 4, seed=1), _gram_with_twins({3: 2, 1: 0}, 4, seed=2)
+    new = _two_domain_stats(code, math_, [4, 1, 3, 1])
+    old = dataclasses.replace(new, logit_gram=None, whole_logit_gram=code + math_)
+    view, m_smoe = make_view(E=4, seed=6), get_method("m_smoe", align=False)
+    assert m_smoe.decide(view, old, Target(2)).edit.sources == m_smoe.decide(view, new, Target(2)).edit.sources
+    assert m_smoe.decide(view, old.restricted(["math", "code"]), Target(2)).edit.sources == (
+        m_smoe.decide(view, new, Target(2)).edit.sources
+    )
+    for stats, target in ((old.restricted(["math"]), Target(2)), (old, Target(2, halves=(0,)))):
+        with pytest.raises(ValueError, match="all the calibration data only.*calibrate again"):
+            m_smoe.decide(view, stats, target)
 
 
 def test_mc_smoe_low_rank_stage():

@@ -143,7 +143,7 @@ def test_fingerprint_reads_the_samples_the_routers_and_the_small_tensors(tmp_pat
 def _calibration_dir(tmp_path, **info):
     """A finished statistics directory of layer 3 (the hand-made statistics, with a transposed,
     so non-contiguous, logit Gram matrix) and its info."""
-    stats = dataclasses.replace(hand_stats(), layer=3, logit_gram=torch.arange(16, dtype=F64).view(4, 4).T)
+    stats = dataclasses.replace(hand_stats(), layer=3, logit_gram=torch.arange(64, dtype=F64).view(2, 2, 4, 4).mT)
     assert not stats.logit_gram.is_contiguous()
     info = {
         "complete": True,
@@ -196,6 +196,20 @@ def test_a_hash_layer_s_token_ids_stored_as_input_ids_read_as_router_inputs(tmp_
     file, ids = layer_file(tmp_path, 3), torch.arange(6)
     save_file({**load_file(file), "input_ids": ids}, file)
     assert torch.equal(Calibration(tmp_path).layer(3).router_inputs, ids)
+
+
+def test_a_layer_file_with_the_whole_data_logit_gram_still_reads(tmp_path):
+    """Statistics files of moelab before stats_version 2 store the logit Gram of all the data [E, E]:
+    read as whole_logit_gram, M-SMoE's similarity on all the sources, refused restricted to some."""
+    written = _calibration_dir(tmp_path)
+    file, whole = layer_file(tmp_path, 3), written.logit_gram.sum((0, 1))
+    save_file({**load_file(file), "logit_gram": whole}, file)
+    layer = Calibration(tmp_path).layer(3)
+    assert layer.logit_gram is None and torch.equal(layer.gram(), whole)
+    assert torch.equal(layer.restricted(list(reversed(SOURCES))).gram(), whole)
+    with pytest.raises(ValueError, match="over all the calibration data only.*calibrate again"):
+        layer.restricted(SOURCES[:1]).gram()
+    assert torch.equal(written.restricted(SOURCES[1:]).gram((1,)), written.logit_gram[1, 1])
 
 
 @pytest.mark.parametrize(

@@ -162,7 +162,7 @@ def naive_stats(layer: MoELayer, spec: Spec, batches: list[Batch], S: int, optio
     sampled = {i * total // size: i for i in range(size)}  # position floor(i * total / N) -> row i
     inputs = torch.zeros(size, D, dtype=torch.float32)
     input_sources = torch.zeros(size, dtype=torch.int64)
-    logit_gram = [[0.0] * E for _ in range(E)]
+    logit_gram = torch.zeros(2, S, E, E, dtype=F64)
     for b in batches:
         x = b.x.to(F64)
         R = route(x, p, spec)
@@ -173,7 +173,7 @@ def naive_stats(layer: MoELayer, spec: Spec, batches: list[Batch], S: int, optio
             for e in range(E):
                 sums["soft_counts"][half, s, e] += float(R.probs[t, e])
                 for j in range(E):
-                    logit_gram[e][j] += float(R.logits[t, e]) * float(R.logits[t, j])
+                    logit_gram[half, s, e, j] += float(R.logits[t, e]) * float(R.logits[t, j])
             routed = torch.zeros(D, dtype=F64)
             norms = []
             for _, e, w in R.choices[t]:
@@ -210,7 +210,7 @@ def naive_stats(layer: MoELayer, spec: Spec, batches: list[Batch], S: int, optio
         "shared_max": torch.tensor([shared_max], dtype=F64),
         "inputs": inputs,
         "input_sources": input_sources,
-        "logit_gram": torch.tensor(logit_gram, dtype=F64),
+        "logit_gram": logit_gram,
     }
 
 
@@ -783,14 +783,16 @@ def test_scores_on_one_half_read_that_half_alone(method, half):
 
 
 def test_restricted_keeps_every_per_source_statistic_of_those_sources():
-    """Every [H, S, ...] statistic, HEAPr's neuron sums included, is cut to the chosen sources."""
+    """Every [H, S, ...] statistic, HEAPr's neuron sums and the logit Gram included, is cut to the
+    chosen sources."""
     g = torch.Generator().manual_seed(0)
     names = ("neuron_act_sums", "neuron_grad_sums")
-    stats = hand_stats(**{n: torch.rand(2, 2, 4, 3, generator=g, dtype=F64) for n in names})
+    gram = torch.rand(2, 2, 4, 4, generator=g, dtype=F64)
+    stats = hand_stats(**{n: torch.rand(2, 2, 4, 3, generator=g, dtype=F64) for n in names}, logit_gram=gram)
     math_only = stats.restricted(["math"])
     shapes = {f.name: getattr(getattr(stats, f.name), "shape", ()) for f in dataclasses.fields(stats)}
     per_source = [name for name, shape in shapes.items() if shape[:2] == (2, 2)]  # [H, S, ...]
-    assert {"tokens", "counts", "neuron_grad_sums"} <= set(per_source)
+    assert {"tokens", "counts", "neuron_grad_sums", "logit_gram"} <= set(per_source)
     for name in per_source:
         assert torch.equal(getattr(math_only, name), getattr(stats, name)[:, [1]]), name
     assert stats.token_total(["math"]) == 8 and stats.token_total(["math"], halves=(1,)) == 4

@@ -47,6 +47,7 @@ from moelab.compress.observers import (
 from moelab.compress.stats import (
     KIND,
     RESUME_NAME,
+    STATS_VERSION,
     Calibration,
     LayerStats,
     fingerprint,
@@ -192,6 +193,7 @@ def run_calibration(
             "settings": options.settings() | {"seq_len": mixture.seq_len},
             "moe_layers": runner.moe_layers,
             "mtp_layers": runner.mtp_layers if mtp else [],
+            "stats_version": STATS_VERSION,  # a killed run of an older layout starts again
         }
         previous = read_info(directory)
         # mtp_layers: absent from calibrations made before moelab ran MTP layers (none then)

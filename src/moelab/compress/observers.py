@@ -237,7 +237,7 @@ class RoutingObserver(Observer):
     gate_sums: combine weights of the chosen experts; premoe_sums: raw router logits of the
     chosen experts (PreMoe's task-conditioned score with k = the model's top-k), all [H, S, E];
     skip_ratios [B]: tokens by the ratio of their second to their first combine weight;
-    logit_gram [E, E]: sum over tokens of z z^T of the router logits (M-SMoE's similarity)."""
+    logit_gram [H, S, E, E]: sum over tokens of z z^T of the router logits (M-SMoE's similarity)."""
 
     name = "routing"
     fields = ("tokens", "counts", "soft_counts", "gate_sums", "premoe_sums", "skip_ratios", "logit_gram")
@@ -247,7 +247,7 @@ class RoutingObserver(Observer):
         self.sums = {f: torch.zeros(HALVES, self.S, self.E, dtype=torch.float64) for f in self.fields[1:5]}
         self.tokens = torch.zeros(HALVES, self.S, dtype=torch.float64)
         self.skip = torch.zeros(SKIP_BINS, dtype=torch.float64)
-        self.gram = torch.zeros(self.E, self.E, dtype=torch.float64)
+        self.gram = torch.zeros(HALVES * self.S, self.E, self.E, dtype=torch.float64)
 
     def update(self, call: MoECall, tokens: Tokens, layer_output: Tensor) -> None:
         r = call.routing
@@ -266,11 +266,13 @@ class RoutingObserver(Observer):
                 top[:, 0] > 0, top[:, 1] / top[:, 0].clamp(min=1e-30), torch.zeros_like(top[:, 0])
             )
             self.skip += torch.histc(ratio.double().cpu(), bins=SKIP_BINS, min=0.0, max=1.0)
-        z = r.logits.double().cpu()
-        self.gram += z.T @ z
+        z, group = r.logits.double().cpu(), (tokens.half * self.S + tokens.source).cpu()
+        for g in group.unique().tolist():
+            zg = z[group == g]
+            self.gram[g] += zg.T @ zg
 
     def result(self) -> dict[str, Tensor]:
-        return {"tokens": self.tokens, **self.sums, "skip_ratios": self.skip, "logit_gram": self.gram}
+        return {"tokens": self.tokens, **self.sums, "skip_ratios": self.skip, "logit_gram": self.gram.view(HALVES, self.S, self.E, self.E)}
 
 
 class OutputObserver(Observer):

@@ -7,7 +7,7 @@ A statistics directory (`moelab calibrate --out DIR`, or `moelab_calibration/` i
 compressed checkpoint):
 
     calibration.json          model (path, family, fingerprint), mixture (spec, sources, digest),
-                              observers, settings, finished layers, timings
+                              observers, settings, finished layers, timings, stats_version
     layer-00003.safetensors   one MoE layer's statistics (`LayerStats` fields)
     resume.safetensors        while running: the hidden states after the last finished layer
 
@@ -37,6 +37,7 @@ from moelab.compress.observers import EASY_EP_UNREADABLE
 from moelab.io import atomic_write_text, save_safetensors
 
 FORMAT = "moelab-calibration/1"
+STATS_VERSION = 2  # calibration.json's "stats_version"; 2: the logit Gram per half and source (before: all data's)
 INFO_NAME = "calibration.json"
 RESUME_NAME = "resume.safetensors"
 KIND = "calibration statistics"
@@ -48,12 +49,14 @@ class LayerStats:
 
     tokens [H, S]; counts, soft_counts, gate_sums, premoe_sums, ean_sums, reap_sums,
     easyep_sums [H, S, E] (see `moelab.compress.observers` for what each sums); max_output [E];
-    shared_max [1]; skip_ratios [B]; logit_gram [E, E]; neuron_act_sums, neuron_grad_sums
+    shared_max [1]; skip_ratios [B]; logit_gram [H, S, E, E]; neuron_act_sums, neuron_grad_sums
     [H, S, E, I] (HEAPr's terms, from the backward sweep); inputs [N, D] (empty when not sampled),
     input_sources [N] the source of each and, where the router reads a per-token input
     (`Router.context_input`), router_inputs theirs: the token ids [N] in a hash-routed layer, the
     router states handed in [N, R] in an MLP router's (ZAYA's, but its first layer, which reads none)
     (else None; files of moelab before ZAYA store the token ids as "input_ids", read as router_inputs).
+    whole_logit_gram [E, E]: the logit Gram of all the calibration data, as files of moelab before
+    `STATS_VERSION` 2 store it instead of logit_gram (`gram` refuses to restrict it).
     Fields of observers that did not run are None.
     """
 
@@ -76,6 +79,7 @@ class LayerStats:
     inputs: Tensor | None = None
     input_sources: Tensor | None = None
     router_inputs: Tensor | None = None
+    whole_logit_gram: Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -92,6 +96,18 @@ class LayerStats:
             )
         return value[list(halves)][:, self._source_index(sources)].sum((0, 1))
 
+    def gram(self, halves: tuple[int, ...] = (0, 1)) -> Tensor:
+        """[E, E] the router-logit Gram matrix summed over these statistics' sources and the given halves."""
+        if self.logit_gram is not None:
+            return self.total("logit_gram", halves=halves)
+        if self.whole_logit_gram is not None and sorted(halves) == [0, 1]:
+            return self.whole_logit_gram
+        raise ValueError(
+            "these calibration statistics have no router-logit Gram matrix per calibration source and half: an "
+            "older moelab recorded it over all the calibration data only, which cannot be restricted to some "
+            "domains (--domain) or to one half; calibrate again with this moelab"
+        )
+
     def token_total(self, sources: list[str] | None = None, halves: tuple[int, ...] = (0, 1)) -> float:
         return float(self.tokens[list(halves)][:, self._source_index(sources)].sum())
 
@@ -106,10 +122,13 @@ class LayerStats:
         return [self.sources.index(s) for s in sources]
 
     def restricted(self, sources: Sequence[str]) -> LayerStats:
-        """These statistics on the calibration sources `sources` alone (their tokens' sums and
-        sampled inputs); the maxima, skip ratios and logit Gram matrix stay the whole data's."""
+        """These statistics on the calibration sources `sources` alone (their tokens' sums, logit
+        Gram matrices and sampled inputs); the maxima and skip ratios stay the whole data's. An older
+        file's whole-data logit Gram (`whole_logit_gram`) is dropped unless `sources` are all of them."""
         index = self._source_index(list(sources))
-        per_source = {n: getattr(self, n)[:, index] for n in PER_SOURCE if getattr(self, n) is not None}
+        cut = {n: getattr(self, n)[:, index] for n in PER_SOURCE if getattr(self, n) is not None}
+        if set(sources) != set(self.sources):
+            cut["whole_logit_gram"] = None
         inputs, input_sources, router_inputs = self.inputs, self.input_sources, self.router_inputs
         if self.inputs is not None and self.inputs.numel():
             if self.input_sources is None:
@@ -124,7 +143,7 @@ class LayerStats:
             router_inputs = None if router_inputs is None else router_inputs[rows]
         return dataclasses.replace(
             self, sources=tuple(sources), inputs=inputs, input_sources=input_sources, router_inputs=router_inputs,
-            **per_source,
+            **cut,
         )  # fmt: skip
 
     def tensors(self) -> dict[str, Tensor]:
@@ -134,7 +153,7 @@ class LayerStats:
 
 PER_SOURCE = (  # the fields laid out [H, S, ...]
     "tokens", "counts", "soft_counts", "gate_sums", "premoe_sums", "ean_sums", "reap_sums", "easyep_sums",
-    "neuron_act_sums", "neuron_grad_sums",
+    "neuron_act_sums", "neuron_grad_sums", "logit_gram",
 )
 
 
@@ -266,6 +285,8 @@ def read_layer(directory: Path, index: int, sources: tuple[str, ...]) -> LayerSt
     known = {f.name for f in fields(LayerStats)}
     if LEGACY_ROUTER_INPUTS in tensors:  # a hash-routed layer's token ids, as moelab stored them before ZAYA
         tensors.setdefault("router_inputs", tensors.pop(LEGACY_ROUTER_INPUTS))
+    if "logit_gram" in tensors and tensors["logit_gram"].dim() == 2:  # all data's, before STATS_VERSION 2
+        tensors["whole_logit_gram"] = tensors.pop("logit_gram")
     try:
         return LayerStats(index, sources, **{k: v for k, v in tensors.items() if k in known})
     except TypeError as err:

@@ -40,9 +40,7 @@ class MSMoE(Method):
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
         counts = stats.total("counts", halves=target.halves)
-        if stats.logit_gram is None:
-            raise ValueError("m_smoe needs the router-logit Gram matrix; calibrate again with this moelab")
-        similarity = logit_similarity(stats.logit_gram)
+        similarity = logit_similarity(stats.gram(target.halves))
         per_group = target.keep // layer.router.n_group
         groups = []
         for members in router_groups(layer.router):
