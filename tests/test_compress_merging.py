@@ -26,7 +26,7 @@ from moelab.compress.merging import (
     router_groups,
 )
 from moelab.compress.methods import Target, get_method
-from moelab.compress.methods.hcsmoe import clusters_by_usage, hierarchical_labels
+from moelab.compress.methods.hcsmoe import clusters_by_usage, hierarchical_labels, sparing_labels
 from moelab.compress.methods.lowrank import low_rank_sparse
 from moelab.compress.methods.submoe import kmeans_labels, subspace_merge
 from moelab.compress.stats import LayerStats
@@ -542,6 +542,37 @@ def test_clusters_by_usage_refuses_two_protected_experts_in_one_cluster():
         clusters_by_usage([4, 5, 6], [0, 1, 0], torch.ones(7), frozenset({4, 6}))
 
 
+@pytest.mark.parametrize("method", ["hc_smoe", "sub_moe"])
+def test_protected_experts_of_one_family_stay_apart(method):
+    """Super experts 1 and 4 are near-copies, so clustering put them in one cluster (an error, after
+    the calibration): each now stays alone and the others are clustered into what is left; where
+    the protected experts fill the layer's count, every other expert joins the nearest of them."""
+    view = _layer_of_families([[0, 3], [1, 4, 5], [2]], seed=11)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5), dtype=F64).float()
+    stats, m = stats_with([1, 9, 5, 4, 2, 3], inputs=x), get_method(method)
+    apart = m.decide(view, stats, Target(4, protect=frozenset({1, 4})))
+    assert apart.edit.sources == ((1,), (2, 5), (3, 0), (4,)) and apart.kept == [1, 4]
+    assert m.decide(view, stats, Target(3, protect=frozenset({1, 4}))).edit.sources == ((1,), (2, 3, 5, 0), (4,))
+    filled = m.decide(view, stats, Target(2, protect=frozenset({0, 1})))
+    assert filled.edit.sources == ((0, 3), (1, 2, 5, 4))
+
+
+def test_sparing_labels_keeps_protected_points_alone():
+    """Points on a line, 0 and 1 protected: alone; the rest split by `cluster` into k - 2; with
+    k = 2, each joins the nearest protected point; with k >= n, everyone alone."""
+    points = np.array([[0.0], [10.0], [0.5], [9.0], [20.0], [21.0]])
+    protected = [True, True, False, False, False, False]
+
+    def halves(rest, k):  # a stand-in clustering: the first k - 1 alone, the rest together
+        return np.minimum(np.arange(len(rest)), k - 1)
+
+    assert sparing_labels(points, 3, protected, halves).tolist() == [0, 1, 2, 2, 2, 2]
+    assert sparing_labels(points, 4, protected, halves).tolist() == [0, 1, 2, 3, 3, 3]
+    assert sparing_labels(points, 2, protected, halves).tolist() == [0, 1, 0, 1, 1, 1]
+    assert sparing_labels(points, 6, protected, halves).tolist() == [0, 1, 2, 3, 4, 5]
+    assert sparing_labels(points, 2, [False] * 6, halves).tolist() == [0, 1, 1, 1, 1, 1]
+
+
 def test_merging_methods_refuse_missing_inputs():
     with pytest.raises(ValueError, match="sampled layer inputs"):
         get_method("hc_smoe").decide(make_view(E=4), stats_with([1, 1, 1, 1]), Target(2))
@@ -729,7 +760,8 @@ def test_hc_smoe_clusters_mean_outputs_with_the_chosen_linkage():
 
 def test_hc_smoe_router_rows_and_protected_leaders():
     """Default router row: the members' usage-weighted average; router_rule=dominant: the leader's.
-    A protected expert leads its cluster (and keeps its row) even when it is used less."""
+    A protected expert stays alone (its row and weights kept) even where its near-copy (3) would
+    join it."""
     view = _layer_of_families([[0, 3], [1, 4, 5], [2]], seed=11)
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5), dtype=F64).float()
     stats = stats_with([1, 9, 5, 4, 2, 3], inputs=x)
@@ -739,8 +771,8 @@ def test_hc_smoe_router_rows_and_protected_leaders():
     torch.testing.assert_close(weighted.view.router.weight[2], (4 * rows[3] + rows[0]) / 5)
     protect = Target(3, protect=frozenset({0}))
     dominant = get_method("hc_smoe", router_rule="dominant").decide(view, stats, protect)
-    assert dominant.edit.sources == ((0, 3), (1, 5, 4), (2,))
-    for g, lead in enumerate((0, 1, 2)):
+    assert dominant.edit.sources == ((0,), (1, 2, 5, 4), (3,))
+    for g, lead in enumerate((0, 1, 3)):
         assert torch.equal(dominant.edit.view.router.weight[g], rows[lead])
     assert clusters_by_usage([4, 5, 6], [0, 1, 0], torch.tensor([0, 0, 0, 0, 1.0, 2, 3]), frozenset({4})) == [
         [4, 6],

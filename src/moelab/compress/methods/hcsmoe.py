@@ -3,7 +3,8 @@ output of each expert over calibration tokens (every expert on every token: its 
 activation), with hierarchical agglomerative clustering (average linkage, Euclidean distance, as
 the paper's main setting; `linkage` chooses another) into E' clusters; merge each cluster by
 usage-frequency-weighted averaging. The merged expert's router row is the members'
-frequency-weighted average.
+frequency-weighted average. Protected (super) experts stay unmerged, each a cluster of its own, and
+the others are clustered into the remaining count (`sparing_labels`).
 
 The activations come from the calibration's sampled block inputs (`--sample-tokens`, 1,024 by
 default) rather than all calibration tokens, which keeps the dense pass bounded. With
@@ -11,6 +12,8 @@ group-limited routing each routing group is clustered on its own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from scipy.cluster.hierarchy import cut_tree, linkage
@@ -60,7 +63,10 @@ class HCSMoE(Method):
         per_group = target.keep // layer.router.n_group
         groups = []
         for members in router_groups(layer.router):
-            labels = hierarchical_labels(features[members].numpy(), per_group, self.linkage)
+            labels = sparing_labels(
+                features[members].numpy(), per_group, [e in target.protect for e in members],
+                lambda points, k: hierarchical_labels(points, k, self.linkage),
+            )  # fmt: skip
             groups += clusters_by_usage(members, labels, counts, target.protect)
         edit = merged_layer(
             layer, groups, counts, router_rule=self.router_rule, inputs=stats.inputs, router_inputs=stats.router_inputs
@@ -72,6 +78,26 @@ def hierarchical_labels(points: np.ndarray, k: int, method: str) -> np.ndarray:
     """[n] the cluster of each of points [n, d] when agglomerative clustering (Euclidean distance,
     `method` linkage) has merged them into k clusters."""
     return cut_tree(linkage(points, method=method), n_clusters=k)[:, 0]
+
+
+def sparing_labels(
+    points: np.ndarray, k: int, protected: list[bool], cluster: Callable[[np.ndarray, int], np.ndarray]
+) -> np.ndarray:
+    """[n] the cluster of each of points [n, d], k clusters in all: each protected point alone, the
+    others clustered by `cluster(points, k)` into the k - p left (p protected points; where p = k,
+    each joins the nearest protected point, Euclidean, the first of equals)."""
+    protected = np.asarray(protected, dtype=bool)
+    p, rest = int(protected.sum()), ~protected
+    labels = np.empty(len(points), dtype=np.int64)
+    labels[protected] = np.arange(p)
+    if k - p >= rest.sum():
+        labels[rest] = p + np.arange(rest.sum())
+    elif k > p:
+        labels[rest] = p + cluster(points[rest], k - p)
+    else:
+        distances = ((points[rest][:, None] - points[protected][None]) ** 2).sum(-1)
+        labels[rest] = distances.argmin(1)
+    return labels
 
 
 def clusters_by_usage(members, labels, counts, protect) -> list[list[int]]:

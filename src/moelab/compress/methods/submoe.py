@@ -12,7 +12,7 @@ merged matrix is that average projected on the top-r left singular subspace of t
 result is written at full width (transformers has no factored expert layout); the report gives
 the factored parameter count. Clusters come from the calibration's sampled block inputs;
 K-means is seeded (k-means++), and each routing group of group-limited routers is clustered on
-its own.
+its own. Protected (super) experts stay unmerged, as in HC-SMoE (`sparing_labels`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from scipy.cluster.vq import kmeans2
 
 from moelab.compress.merging import expert_features, merged_layer, router_groups, scale_folded
 from moelab.compress.methods.base import LayerDecision, Method, Target
-from moelab.compress.methods.hcsmoe import _inputs, clusters_by_usage
+from moelab.compress.methods.hcsmoe import _inputs, clusters_by_usage, sparing_labels
 from moelab.compress.methods.lowrank import compact_notes
 from moelab.compress.stats import LayerStats
 from moelab.hf.edit import LayerEdit
@@ -56,7 +56,11 @@ class SubMoE(Method):
         per_group = target.keep // layer.router.n_group
         groups = []
         for g, members in enumerate(router_groups(layer.router)):
-            labels = kmeans_labels(features[members].numpy(), per_group, self.seed + 1000 * layer.index + g)
+            seed = self.seed + 1000 * layer.index + g
+            labels = sparing_labels(
+                features[members].numpy(), per_group, [e in target.protect for e in members],
+                lambda points, k: kmeans_labels(points, k, seed),
+            )  # fmt: skip
             groups += clusters_by_usage(members, labels, counts, target.protect)
         weights = counts.double()
         edit = merged_layer(layer, groups, weights, router_rule="weighted")  # router rows, and the average
