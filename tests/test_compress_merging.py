@@ -394,6 +394,16 @@ def test_mc_smoe_low_rank_stage():
     notes = compressed.notes
     assert notes["compact_parameters"] == 2 * 3 * 2 * (5 + 8)  # 2 experts x 3 matrices x r (out + in)
     assert notes["stored_parameters"] == 2 * 3 * 5 * 8
+    # at r >= out in / (out + in) = 40 / 13, or with many sparse rows, a matrix counts as stored (40):
+    # gate and up are 5 x 8, down 8 x 5 (S keeps round(0.4 x 5) = 2 and round(0.4 x 8) = 3 rows)
+    for options, per_expert in (
+        ({"mc_rank": 3, "mc_sparse": 0.0}, 3 * 39),
+        ({"mc_rank": 4, "mc_sparse": 0.0}, 3 * 40),
+        ({"mc_rank": 1, "mc_sparse": 1.0}, 3 * 40),
+        ({"mc_rank": 1, "mc_sparse": 0.4}, 2 * (13 + 2 * 8) + 13 + 3 * 5),
+    ):
+        notes = get_method("m_smoe", **options).decide(view, stats, Target(2)).notes
+        assert notes == {"compact_parameters": 2 * per_expert, "stored_parameters": 2 * 3 * 40}, options
 
 
 # ----------------------------------------------------------------------------- low rank + sparse
@@ -419,7 +429,7 @@ def test_low_rank_sparse_is_the_truncated_svd_plus_the_largest_residual_rows():
             changed = sorted(i for i in range(rows) if (B[i] != A[i]).any())
             assert changed == largest, name
             torch.testing.assert_close(B[largest], W[largest], rtol=0, atol=1e-12)  # those rows exact
-    assert count == 2 * (2 * (2 * (6 + 9) + 3 * 9) + (2 * (9 + 6) + round(4.5) * 6))
+    assert count == 2 * (2 * min(2 * (6 + 9) + 3 * 9, 6 * 9) + (2 * (9 + 6) + round(4.5) * 6))  # 57 > 54 stored
     _, count = low_rank_sparse(edit, rank=2, sparse=0.3)  # S rows: round(1.8) = 2 of 6, round(2.7) = 3 of 9
     assert count == 2 * (2 * (2 * (6 + 9) + 2 * 9) + (2 * (9 + 6) + 3 * 6))
     with pytest.raises(ValueError, match="rank >= 1"):
@@ -802,9 +812,11 @@ def test_sub_moe_truncates_every_matrix_and_counts_the_factored_size():
             expected = _naive_subspace_merge(W, w, 2)
             got = getattr(decision.edit.view.experts, name)[g]
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    big = get_method("sub_moe", rank=100).decide(view, stats_with(counts, inputs=x), Target(3))
-    # gate/up 5 x 8: r = 5; down 8 x 5: r = min(8, m * 5): 8 for the pair and triple, 5 for the single
-    assert big.notes["compact_parameters"] == 3 * 2 * 5 * 13 + (8 + 5 + 8) * 13
+    # a matrix counts min(r, out, m * in) (out + in), or out x in = 40 where that is smaller (from r = 4:
+    # 4 x 13 > 40): never more than stored
+    for rank, compact in ((3, 3 * 3 * 3 * 13), (4, 3 * 3 * 40), (100, 3 * 3 * 40)):
+        notes = get_method("sub_moe", rank=rank).decide(view, stats_with(counts, inputs=x), Target(3)).notes
+        assert notes == {"compact_parameters": compact, "stored_parameters": 3 * 3 * 40}, rank
 
 
 def test_sub_moe_group_never_used_is_an_even_merge():
@@ -814,11 +826,12 @@ def test_sub_moe_group_never_used_is_an_even_merge():
     torch.testing.assert_close(got[1], W[2], rtol=0, atol=1e-12)
 
 
-def test_low_rank_sparse_rank_above_the_matrix_rank_counts_the_matrix_rank():
+def test_low_rank_sparse_rank_above_the_matrix_rank_counts_the_matrix():
+    """r = min(50, 6, 9) = 6 per matrix, whose factors (6 (6 + 9) = 90) are larger than the matrix (54)."""
     view = make_view(E=1, I=6, D=9, top_k=1, seed=9)
     edit = LayerEdit(((0,),), view=view)
-    same, count = low_rank_sparse(edit, rank=50, sparse=0.0)  # r = min(50, 6, 9) = 6 per matrix
-    assert count == 3 * 6 * (6 + 9)
+    same, count = low_rank_sparse(edit, rank=50, sparse=0.0)
+    assert count == 3 * 6 * 9
     torch.testing.assert_close(same.view.experts.gate, view.experts.gate, rtol=0, atol=1e-12)
     for sparse in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"sparse in \[0, 1\]"):

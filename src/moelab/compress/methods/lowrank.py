@@ -4,7 +4,7 @@ W (out x in) becomes L R + S, L R its best rank-r approximation (SVD) and S the 
 The paper ranks rows by their mean |theta * grad|; without gradients, moelab keeps the rows of
 largest residual norm, the choice that minimises ||W - L R - S||_F. Transformers' formats hold
 full matrices, so the result is written at full width; the factored size is what the method
-would store."""
+would store (a matrix whose factors would be larger counted whole)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def compact_notes(edit: LayerEdit, compact: int) -> dict[str, int]:
 
 def low_rank_sparse(edit: LayerEdit, rank: int, sparse: float) -> tuple[LayerEdit, int]:
     """The edit with its experts' gate (if gated), up and down replaced by rank-`rank` + sparse
-    approximations; and their parameter count in factored form (r (out + in) + S's kept rows x in
-    each)."""
+    approximations; and their parameter count in compact form (r (out + in) + S's kept rows x in
+    each, or out x in where that is smaller: the matrix stored as it is)."""
     if rank < 1 or not 0 <= sparse <= 1:
         raise ValueError(
             f"low-rank compression needs rank >= 1 and sparse in [0, 1], got {rank} and {sparse}"
@@ -54,4 +54,4 @@ def _approximate(W: Tensor, rank: int, sparse: float) -> tuple[Tensor, int]:
     rows = int(round(sparse * W.shape[0]))
     kept = residual.norm(dim=1).topk(rows).indices  # ties: torch's order
     low[kept] += residual[kept]
-    return low, r * (W.shape[0] + W.shape[1]) + rows * W.shape[1]
+    return low, min(r * (W.shape[0] + W.shape[1]) + rows * W.shape[1], W.numel())

@@ -10,7 +10,7 @@ instead, which interleaves rows and gives a different (wrong) matrix. Without tr
 (`rank=None`) the merge equals plain frequency-weighted averaging, exactly; with `rank` r the
 merged matrix is that average projected on the top-r left singular subspace of the group. The
 result is written at full width (transformers has no factored expert layout); the report gives
-the factored parameter count. Clusters come from the calibration's sampled block inputs;
+the factored parameter count (a matrix counted whole where its factors would be larger). Clusters come from the calibration's sampled block inputs;
 K-means is seeded (k-means++), and each routing group of group-limited routers is clustered on
 its own. Protected (super) experts stay unmerged, as in HC-SMoE (`sparing_labels`).
 """
@@ -111,8 +111,9 @@ def subspace_merge(
 
 
 def _factored(layer: MoELayerView, groups, rank: int) -> int:
-    """Parameters of the groups' factored form: per matrix, U_r S_r (out x r) + V_merged (r x in)."""
+    """Parameters of the groups' compact form: per matrix, U_r S_r (out x r) + V_merged (r x in),
+    or the matrix itself (out x in) where that is smaller (r >= out in / (out + in))."""
     E, I, D = layer.experts.up.shape
     shapes = {"gate": (I, D), "up": (I, D), "down": (D, I)}
     per_matrix = [shapes[name] for name in layer.experts.matrices]
-    return sum(min(rank, o, len(g) * i) * (o + i) for g in groups for o, i in per_matrix)
+    return sum(min(min(rank, o, len(g) * i) * (o + i), o * i) for g in groups for o, i in per_matrix)
