@@ -18,6 +18,7 @@ import torch
 from hf_tiny import D, build, load
 from safetensors.torch import load_file, save_file
 
+from moelab.compress.observers import RoutingObserver, Tokens, eager_moe
 from moelab.hf import CheckpointError, drop_experts, open_checkpoint
 from moelab.hf.edit import moe_output
 from moelab.hf.native import moe_layer_from_view
@@ -60,6 +61,25 @@ def test_the_router_spans_experts_and_identity_experts_and_tokens_choose_both(tm
     assert (chosen >= E).any() and (chosen < E).any(), "the tiny model should route to both kinds"
     # a token whose slots all went to identity experts runs no expert: the block adds w * x alone
     assert ((chosen >= E).all(-1) | (chosen < E).any(-1)).all()
+
+
+def test_soft_counts_leave_the_identity_experts_share_out(tmp_path):
+    """S-prune's soft counts sum each expert's probability as the router gives it over the E + Z
+    choices, not renormalised over the E experts: a token that sends mass to identity experts runs
+    fewer experts, and its smaller share is that usage (as the top-k counts, which leave out its
+    identity slots)."""
+    with open_checkpoint(_saved(tmp_path)) as view:
+        moe = moe_layer_from_view(view.layer(0))
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(0))
+    probs = moe.router(x).probs  # [T, E + Z]
+    torch.testing.assert_close(probs.sum(-1), torch.ones(64))
+    call = eager_moe(moe, x)
+    observer = RoutingObserver(E, 1, D, {})
+    first = torch.zeros(64, dtype=torch.int64)  # every token of source 0, half 0
+    observer.update(call, Tokens(first, first, torch.arange(64)), x)
+    soft = observer.result()["soft_counts"][0, 0]
+    torch.testing.assert_close(soft, probs[:, :E].double().sum(0))
+    assert float(soft.sum()) < 64 - 1  # the identity experts' share (a token's whole mass would be 1)
 
 
 @pytest.mark.parametrize("layout", ["saved", "released"])
