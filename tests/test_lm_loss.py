@@ -95,10 +95,29 @@ def test_under_bf16_autocast_as_the_whole_logits_are():
         torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2 * w.abs().max().item())
 
 
-def test_without_gradients_only_the_loss_is_computed():
+class _Products(TorchDispatchMode):
+    """Counts the matrix products operations make."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.matmul)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_without_gradients_only_the_loss_is_computed(grad_mode, requires_grad):
+    """One product a chunk, not three: under no_grad autograd still says inputs that require
+    gradients need them, and the gradients of hidden and weight were made and dropped (an eval
+    loss of a trainable model at three times the work, with an fp32 [V, D] held meanwhile)."""
     hidden, weight, targets = _case(20, 4, 9, torch.float64)
-    with torch.no_grad():
+    hidden.requires_grad_(requires_grad), weight.requires_grad_(requires_grad)
+    with grad_mode(), _Products() as products:
         got = chunked_cross_entropy(hidden, weight, targets, rows=6)
+    assert products.count == 4 and not got.requires_grad
     torch.testing.assert_close(got, _reference(hidden, weight, targets).detach(), rtol=1e-6, atol=0)
 
 
@@ -204,3 +223,4 @@ def test_train_step_takes_the_chunked_loss_unless_the_run_file_says_not(monkeypa
         assert len(calls) == 1  # made by the first step; the second (whole logits) adds none
     assert after[True][0] == pytest.approx(after[False][0], rel=1e-6)
     torch.testing.assert_close(after[True][1], after[False][1], rtol=1e-7, atol=1e-10)
+

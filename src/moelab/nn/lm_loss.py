@@ -50,13 +50,15 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, rows:
             raise ValueError(f"target {bad} is outside the vocabulary [0, {vocab}) and not -100 (ignored)")
     else:  # no host synchronisation: fails the next one
         torch._assert_async(in_range.all(), "a target is outside the vocabulary and not -100")
-    return _ChunkedCrossEntropy.apply(hidden, weight, targets, rows or chunk_rows(vocab))
+    # under no_grad or inference_mode autograd still says the inputs need gradients: none are made then
+    recorded = torch.is_grad_enabled()
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets, rows or chunk_rows(vocab), recorded)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, rows: int) -> Tensor:
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, rows: int, recorded: bool) -> Tensor:
+        need_hidden, need_weight = (recorded and needed for needed in ctx.needs_input_grad[:2])
         counted = targets != IGNORE_INDEX
         count = counted.sum().to(torch.float32)  # the loss is NaN with nothing counted, its gradient 0, as torch's
         scale = 1 / count.clamp(min=1)
@@ -96,4 +98,4 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
