@@ -224,3 +224,16 @@ def test_train_step_takes_the_chunked_loss_unless_the_run_file_says_not(monkeypa
     assert after[True][0] == pytest.approx(after[False][0], rel=1e-6)
     torch.testing.assert_close(after[True][1], after[False][1], rtol=1e-7, atol=1e-10)
 
+
+def test_a_second_derivative_is_refused():
+    """The backward scales gradients made in the forward, which no graph connects to hidden or
+    weight: differentiating it again gave a silently partial answer (a gradient penalty on a scaled
+    loss reached the scale, never hidden); it is refused, as torch refuses a once-differentiable
+    function."""
+    hidden, weight, targets = _case(12, 4, 9, torch.float64)
+    hidden.requires_grad_(), weight.requires_grad_()
+    scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    loss = chunked_cross_entropy(hidden, weight, targets, rows=5) * scale
+    (grad_hidden,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_hidden.square().sum().backward()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 # each chunk's float32 logits take about this many bytes (fewer rows for a larger vocabulary)
@@ -92,6 +93,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return total / count
 
     @staticmethod
+    @once_differentiable  # the gradients were made in the forward, outside any graph
     def backward(ctx, grad_loss: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
