@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
@@ -12,7 +13,7 @@ from hf_tiny import build, load
 from layer_views import make_view
 from reference import F64, silu
 from safetensors.torch import load_file, save_file
-from test_compress import SMALL
+from test_compress import SMALL, moelab_model
 from test_compress_reference import SOURCES, hand_stats, params
 from transformers import PreTrainedTokenizerFast
 
@@ -311,3 +312,26 @@ def test_added_scale_reads_m_up_to_rounding_and_refuses_a_normed_output(dtype):
         assert got == pytest.approx(m, rel=1e-2 if dtype == torch.bfloat16 else 1e-6)
     normed = h + torch.nn.functional.rms_norm(y, (16,))
     assert added_scale(normed.double() - h.double(), y.double(), normed) is None
+
+
+@pytest.mark.parametrize("residual_from_norm", [False, True])
+def test_easy_ep_of_a_moelab_checkpoint_reads_the_stream_its_block_adds_to(tmp_path, monkeypatch, residual_from_norm):
+    """moelab's block adds the MoE output to x (its norm's input) or, with residual_from_norm (the
+    Chain-of-Experts reference block), to norm(x), the block's input: both are a residual stream
+    plus the block's output, for which the layer's output minus the block's is exact. The statistic
+    read with the residual found by the calibration's hook equals that one; the norm's input taken
+    for h in a residual_from_norm layer fitted no m and the statistic was dropped."""
+    model = moelab_model(tmp_path / "m", residual_from_norm=residual_from_norm)
+    options = dataclasses.replace(SMALL, tokens=128, dtype="float64")
+    found = calibrate(model, tmp_path / "found", options=options, quiet=True)
+
+    @contextlib.contextmanager
+    def not_found(dim):
+        yield lambda x: None
+
+    monkeypatch.setattr("moelab.compress.calibration.block_residuals", not_found)
+    inferred = calibrate(model, tmp_path / "inferred", options=options, quiet=True)
+    for i in found.info["moe_layers"]:
+        got, expected = found.layer(i).easyep_sums, inferred.layer(i).easyep_sums
+        assert got is not None and float(expected.sum()) > 0
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
