@@ -661,9 +661,40 @@ def test_a_domain_calibration_without_easy_ep_statistics_leaves_easy_ep_out_and_
         layers = {i: SimpleNamespace(easyep_sums=None if i in missing else torch.ones(2, 1, 4)) for i in (1, 3)}
         return SimpleNamespace(info={"moe_layers": [1, 3]}, layer=layers.__getitem__)
 
-    options = BenchOptions(domain="code", domain_methods=("easy_ep", "premoe", "naee"), left_out={"ean": "no"})
+    options = BenchOptions(methods=("reap", "easy_ep"), domain="code", domain_methods=("easy_ep", "premoe", "naee"),
+                           left_out={"ean": "no"})  # fmt: skip
     assert bench._without_missing_statistics(options, calibration(set())) == options
     dropped = bench._without_missing_statistics(options, calibration({3}))
-    assert dropped.domain_methods == ("premoe", "naee")
+    assert dropped.methods == ("reap",) and dropped.domain_methods == ("premoe", "naee")
     assert dropped.left_out["ean"] == "no" and "(MoE layers [3])" in dropped.left_out["easy_ep"]
     assert "turns the residual stream" in dropped.left_out["easy_ep"]
+
+
+def test_a_general_calibration_without_easy_ep_statistics_runs_no_general_easy_ep_cell(tmp_path, monkeypatch):
+    """EASY-EP is a general method too (the default methods hold it where compress's static checks
+    pass); where the general calibration recorded no statistic its cells were run and failed the
+    bench (the job refuses easy_ep then): they are left out, saying why."""
+    from types import SimpleNamespace
+
+    def cell(model, root, c, stats, options, say):
+        if c.method == "easy_ep":
+            raise ValueError(f"cell {c.name}: the calibration statistics have no 'easyep_sums'")
+        return {"cell": dataclasses.asdict(c), "name": c.name, "evaluated": True, "perplexity": {"all": 10.0}}
+
+    class Checkpoint:
+        def close(self):
+            pass
+
+    unreadable = SimpleNamespace(info={"moe_layers": [1]}, layer=lambda i: SimpleNamespace(easyep_sums=None))
+    monkeypatch.setattr(bench, "resolve", lambda model: (None, Checkpoint(), None))
+    monkeypatch.setattr(bench, "_check_cells", lambda model, options: None)
+    monkeypatch.setattr(bench, "fingerprint", lambda model: "2:aaaa")
+    monkeypatch.setattr(bench, "_calibrate", lambda *a: unreadable)
+    monkeypatch.setattr(bench, "_calibration_facts", lambda calibration: {})
+    monkeypatch.setattr(bench, "_base", lambda *a: {})
+    monkeypatch.setattr(bench, "_cell", cell)
+    monkeypatch.setattr(bench_report, "write_report", lambda root, summary: None)
+    summary = run_bench(tmp_path / "m", tmp_path / "b", BenchOptions(methods=("reap", "easy_ep"), ratios=(0.5,)),
+                        quiet=True)  # fmt: skip
+    assert [c["cell"]["method"] for c in summary["cells"] if c["cell"]["tool"] == "moelab"] == ["reap"]
+    assert summary["options"]["methods"] == ["reap"] and "(MoE layers [1])" in summary["options"]["left_out"]["easy_ep"]

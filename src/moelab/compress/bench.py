@@ -178,6 +178,7 @@ def run_bench(
         root = claimed.path
         _check_same_bench(root, model, options)
         stats = {GENERAL: _calibrate(model, root / "calibration", "corpus", options, say, quiet)}
+        options = _without_missing_statistics(options, stats[GENERAL])
         base = _base(model, root / "base.json", options, say)
         cells = [Cell(m, r) for r in options.ratios for m in options.methods]
         fit = dict(router_fit=options.router_fit, router_lr=options.router_lr)
@@ -214,15 +215,17 @@ def run_bench(
 
 
 def _without_missing_statistics(options: BenchOptions, stats: Calibration) -> BenchOptions:
-    """The options without the domain method whose statistic the calibration could not record in
-    some layer (EASY-EP's, where the decoder layer changes the MoE block's output before adding
-    it: seen only once the layers have run), named with why in `left_out`."""
+    """The options without the method whose statistic the calibration could not record in some
+    layer (EASY-EP's, where the decoder layer changes the MoE block's output before adding it: seen
+    only once the layers have run), as a general and as a domain method, named with why in
+    `left_out`."""
     layers = [i for i in stats.info["moe_layers"] if stats.layer(i).easyep_sums is None]
-    if EasyEP.name not in options.domain_methods or not layers:
+    if EasyEP.name not in (*options.methods, *options.domain_methods) or not layers:
         return options
     why = f"{EasyEP.name}: {EASY_EP_UNREADABLE} (MoE layers {layers})"
     return dataclasses.replace(
         options,
+        methods=tuple(m for m in options.methods if m != EasyEP.name),
         domain_methods=tuple(m for m in options.domain_methods if m != EasyEP.name),
         left_out={**options.left_out, EasyEP.name: why},
     )
