@@ -31,6 +31,7 @@ from moelab.compress.observers import (
 from moelab.compress.stats import (
     FORMAT,
     INFO_NAME,
+    STATS_VERSION,
     Calibration,
     fingerprint,
     layer_file,
@@ -152,9 +153,10 @@ def _calibration_dir(tmp_path, **info):
         "model": {"path": str(tmp_path / "model"), "fingerprint": "2:abc"},
         "mixture": {"spec": "corpus:code,corpus:math", "digest": "d1", "sources": [{"domain": s} for s in SOURCES]},
         "settings": {"observers": ["routing"], "tokens": 64, "seq_len": 16},
+        "stats_version": STATS_VERSION,
         **info,
     }
-    write_info(tmp_path, info)
+    write_info(tmp_path, {k: v for k, v in info.items() if v is not None})
     write_layer(tmp_path, stats)
     return stats
 
@@ -197,6 +199,18 @@ def test_a_hash_layer_s_token_ids_stored_as_input_ids_read_as_router_inputs(tmp_
     file, ids = layer_file(tmp_path, 3), torch.arange(6)
     save_file({**load_file(file), "input_ids": ids}, file)
     assert torch.equal(Calibration(tmp_path).layer(3).router_inputs, ids)
+
+
+def test_easy_ep_sums_of_statistics_before_version_2_are_not_read(tmp_path):
+    """They took the residual stream as the layer's output minus the block's, wrong where a layer
+    scales or norms the block's output (nothing in the files says which layers): dropped, and
+    easy_ep's refusal says to calibrate again."""
+    written = _calibration_dir(tmp_path, stats_version=None)
+    assert written.easyep_sums is not None
+    layer = Calibration(tmp_path).layer(3)
+    assert layer.easyep_sums is None and torch.equal(layer.counts, written.counts)
+    with pytest.raises(ValueError, match="before statistics version 2.*calibrate again"):
+        layer.total("easyep_sums")
 
 
 def test_a_layer_file_with_the_whole_data_logit_gram_still_reads(tmp_path):
@@ -335,3 +349,20 @@ def test_easy_ep_of_a_moelab_checkpoint_reads_the_stream_its_block_adds_to(tmp_p
         got, expected = found.layer(i).easyep_sums, inferred.layer(i).easyep_sums
         assert got is not None and float(expected.sum()) > 0
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_a_statistic_one_process_could_not_record_is_dropped_by_every_process(monkeypatch):
+    """EASY-EP's sums depend on a process's data (`added_scale`): where one process kept none, the
+    others drop theirs before the sums, which would otherwise pair different statistics."""
+    import torch.distributed as dist
+
+    import moelab.compress.distributed as distributed
+
+    summed = []
+    monkeypatch.setattr(dist, "all_reduce", lambda value, op=None: summed.append(value))
+    for everywhere in (True, False):
+        summed.clear()
+        monkeypatch.setattr(distributed, "agreed", lambda value, world, how: value and everywhere)
+        results = {"counts": torch.ones(3), "easyep_sums": torch.ones(3)}
+        distributed.reduce_statistics(results, world=2)
+        assert ("easyep_sums" in results) is everywhere and len(summed) == len(results)

@@ -237,3 +237,12 @@ def test_a_second_derivative_is_refused():
     (grad_hidden,) = torch.autograd.grad(loss, hidden, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad_hidden.square().sum().backward()
+
+
+def test_an_ignored_row_with_an_infinite_logit_leaves_the_loss_finite_as_torchs():
+    hidden, weight, targets = _case(6, 4, 9, torch.float32)
+    hidden[2, 0], targets[2] = float("inf"), -100
+    want = _reference(hidden, weight, targets)
+    got = chunked_cross_entropy(hidden, weight, targets, rows=4)
+    assert want.isfinite() and got.isfinite()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)

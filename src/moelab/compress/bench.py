@@ -219,7 +219,8 @@ def _without_missing_statistics(options: BenchOptions, stats: Calibration) -> Be
     layer (EASY-EP's, where the decoder layer changes the MoE block's output before adding it: seen
     only once the layers have run), as a general and as a domain method, named with why in
     `left_out`."""
-    layers = [i for i in stats.info["moe_layers"] if stats.layer(i).easyep_sums is None]
+    every = [*stats.info["moe_layers"], *stats.info.get("mtp_layers", [])]
+    layers = [i for i in every if stats.layer(i).easyep_sums is None]
     if EasyEP.name not in (*options.methods, *options.domain_methods) or not layers:
         return options
     why = f"{EasyEP.name}: {EASY_EP_UNREADABLE} (MoE layers {layers})"

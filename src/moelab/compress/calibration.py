@@ -396,8 +396,9 @@ def _calibrate_layer(
     calls: list[MoECall] = []
 
     def run_moe(moe, x, context=None):
+        found = residual(x)  # before the block's own modules run
         call = eager_moe(moe, x, context=context)
-        call.residual = residual(x)
+        call.residual = found
         calls.append(call)
         return call.output.view_as(x)
 

@@ -8,7 +8,7 @@ import os
 import torch
 from torch import Tensor
 
-from moelab.compress.observers import MAXIMA
+from moelab.compress.observers import MAXIMA, PARTIAL
 
 
 def join_torchrun() -> tuple[int, int]:
@@ -45,10 +45,16 @@ def barrier(world: int) -> None:
 
 
 def reduce_statistics(results: dict[str, Tensor], world: int) -> None:
-    """Sum (maxima: max) every statistic over the process group, in place."""
+    """Sum (maxima: max) every statistic over the process group, in place; one that some process
+    could not record from its data (`PARTIAL`) is dropped by all (else the sums would pair
+    different statistics, or wait forever)."""
     if world == 1:
         return
     import torch.distributed as dist
+
+    for name in PARTIAL:
+        if not agreed(name in results, world, "min"):
+            results.pop(name, None)
 
     for name, value in results.items():
         dist.all_reduce(value, op=dist.ReduceOp.MAX if name in MAXIMA else dist.ReduceOp.SUM)

@@ -446,6 +446,7 @@ DEFAULT_OBSERVERS = tuple(name for name, cls in OBSERVERS.items() if not cls.bac
 
 
 MAXIMA = ("max_output", "shared_max")  # every other statistic is a sum (samples: zeros where not taken)
+PARTIAL = ("easyep_sums",)  # a process's data decides whether it is kept (`added_scale`)
 
 
 def combine(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -89,7 +89,11 @@ class LayerStats:
         """[E] the statistic `name` summed over the given sources (default all) and halves."""
         value = getattr(self, name)
         if value is None:
-            why = f" ({EASY_EP_UNREADABLE}); choose another method (reap, frequency, moelab, ...)" if name == "easyep_sums" else ""
+            why = (
+                f" ({EASY_EP_UNREADABLE}), or the statistics were made by a moelab before statistics version 2, "
+                "whose EASY-EP sums were wrong on such layers (calibrate again); else choose another method "
+                "(reap, frequency, moelab, ...)"
+            ) if name == "easyep_sums" else ""
             raise ValueError(
                 f"the calibration statistics have no {name!r}: its observer did not run (calibrate again with "
                 f"the default observers) or cannot read this layer{why}"
@@ -195,7 +199,10 @@ class Calibration:
     def layer(self, index: int) -> LayerStats:
         if index not in (have := self.layers + self.mtp_layers):
             raise ValueError(f"{self.directory} has no statistics for layer {index}; it has {have}")
-        return read_layer(self.directory, index, tuple(self.sources))
+        stats = read_layer(self.directory, index, tuple(self.sources))
+        if self.info.get("stats_version", 1) < 2:  # its EASY-EP sums took out - block output for h (`total`)
+            stats = dataclasses.replace(stats, easyep_sums=None)
+        return stats
 
     def check_model(self, fingerprint: str, model: str | os.PathLike) -> None:
         """Raise unless these statistics were made on the model with this fingerprint."""

@@ -74,12 +74,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             end = start + rows
             h, picked, keep = hidden[start:end], targets[start:end].clamp(min=0)[:, None], counted[start:end]
             log_probs = torch.log_softmax((h @ weight.t()).float(), dim=-1)  # [n, V]
-            total -= (log_probs.gather(1, picked)[:, 0] * keep).sum()
+            total -= torch.where(keep, log_probs.gather(1, picked)[:, 0], 0).sum()  # an ignored row's NaN too
             if not (need_hidden or need_weight):
                 continue
             grad = log_probs.exp_()  # the softmax, in place
             grad.scatter_add_(1, picked, -keep[:, None].to(grad.dtype))
-            grad = grad.mul_((keep * scale)[:, None]).to(h.dtype if in_place else torch.float32)
+            grad = grad.masked_fill_(~keep[:, None], 0).mul_(scale).to(h.dtype if in_place else torch.float32)
             if need_hidden and in_place:
                 torch.mm(grad, weight, out=grad_hidden[start:end])
             elif need_hidden:
