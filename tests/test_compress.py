@@ -1216,3 +1216,13 @@ def test_the_reports_stability_is_the_mean_over_layers(tmp_path, model_dir, stat
     report = compress(model_dir, tmp_path / "out", method="frequency", ratio=0.25, stats=stats_dir, quiet=True)
     assert [report["layers"][i]["stability_jaccard"] for i in ("0", "1")] == [0.5, 1.0]
     assert report["stability_jaccard"] == 0.75
+
+
+def test_a_moelab_checkpoint_calibrates_in_bfloat16(tmp_path):
+    """Its rotary tables, which no checkpoint holds, are made in the run's dtype: in float32 beside
+    bf16 weights they made float32 queries and keys against bf16 values, which attention refuses."""
+    model = moelab_model(tmp_path / "m")
+    stats = calibrate(model, tmp_path / "s", options=dataclasses.replace(SMALL, dtype="bfloat16"), quiet=True)
+    for index in stats.layers:
+        counts = stats.layer(index).counts
+        assert counts.sum() == 2 * stats.layer(index).tokens.sum()  # top-2 of every token

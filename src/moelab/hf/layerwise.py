@@ -143,7 +143,7 @@ class LayerwiseModel:
         self.dtype = dtype
         self.num_layers = self.family.layer_count(config)
         self.view = ModelView(self._ckpt, config, self.family, self.num_layers)
-        self.model = skeleton(self.path, config, self.family)
+        self.model = skeleton(self.path, config, self.family, dtype)
         self._float32 = float32_names(self.model, dtype)
         self._layers_name, self._layers = decoder_layers(self.model, self.num_layers)
         self._stored_as = tied_names(self.model, self._ckpt, self.family.stored_renames)
@@ -923,11 +923,12 @@ def _normed(norm: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     return torch.func.functional_call(norm, {"weight": weight}, (x,))
 
 
-def skeleton(path: Path, config: dict, family) -> nn.Module:
+def skeleton(path: Path, config: dict, family, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The causal LM of the checkpoint at `path` (config.json `config`, adapter `family`) with its
-    parameters on the meta device: moelab's own class for a moelab checkpoint, else transformers'."""
+    parameters on the meta device: moelab's own class for a moelab checkpoint (its rotary tables in
+    `dtype`), else transformers'."""
     if family is NATIVE:
-        return native_skeleton(config)
+        return native_skeleton(config, dtype)
     from transformers import AutoConfig
 
     return transformers_skeleton(AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False))
@@ -979,14 +980,17 @@ def submodel_config(config) -> Any:
     return getattr(config, key, None) if key else None
 
 
-def native_skeleton(config: dict) -> nn.Module:
+def native_skeleton(config: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A moelab model of `config` on the meta device but for its rotary tables (no checkpoint holds
+    them), made in `dtype` as `model.to(dtype)` leaves them (bf16 attention reads bf16 tables)."""
     from moelab.models.config import ModelConfig
     from moelab.models.transformer import MoETransformer, rope_tables
 
     cfg = ModelConfig.from_dict(config)
     with torch.device("meta"):
         model = MoETransformer(cfg)
-    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = cos.to(dtype), sin.to(dtype)
     return model.eval()
 
 
