@@ -1,6 +1,6 @@
 #!/bin/bash
 # The command line's --threads on an idle or busy machine: `moelab generate` (both shipped models,
-# 128 greedy tokens, batch 1) and `moelab eval` (ref-8e-top2, 8,192 tokens of two domains: its wall
+# 128 greedy tokens, batch 1) and `moelab eval` (ref-8e-top2, 8,192 tokens of each of two domains: its wall
 # time, start-up included) on 1 thread, 2 threads and 'auto' (the cores no other process is
 # using), 3 rounds in that order.
 #
