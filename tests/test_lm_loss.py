@@ -148,9 +148,9 @@ def test_no_operation_makes_more_than_one_chunk_of_logits():
 
 
 def test_chunk_rows_hold_the_byte_budget_with_a_floor():
-    assert chunk_rows(8192) == 512  # 16 MB of float32 logits
+    assert chunk_rows(8192) == 1024  # 32 MB of float32 logits
     assert chunk_rows(151_936) == 128  # the floor: fewer rows would slow the GEMM
-    assert chunk_rows(10) == 16 * 2**20 // 40
+    assert chunk_rows(10) == 32 * 2**20 // 40
 
 
 @pytest.mark.parametrize("targets, message", [

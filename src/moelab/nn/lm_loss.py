@@ -5,9 +5,12 @@ backward, two gradients of that size: at 4,096 tokens and a vocabulary of 8,192,
 of 134 MB, more than the rest of a small model's step holds. Here the rows go through the output
 head a chunk at a time, and each chunk's gradients with respect to the hidden states and the head's
 weight are computed at once, while its logits are at hand (the gradient of the mean cross-entropy
-with respect to the logits is (softmax - one-hot) / targets counted); the backward only scales
-them by the incoming gradient. Peak memory: one chunk's logits, a gradient of the hidden states
-[N, D] and a float32 one of the weight [V, D].
+with respect to the logits is (softmax - one-hot) / targets counted; the 1 / count, and the 0 of
+an ignored target, are taken on the [n, D] sides of the products); the backward only scales them by
+the incoming gradient. Peak memory: one chunk's logits (32 MB of float32: 1,024 rows at V = 8,192),
+a gradient of the hidden states [N, D] and a float32 one of the weight [V, D]. Time: a whole step of
+the loss (forward and backward, 4,096 tokens, D = 256, V = 8,192, fp32, 2 threads) took the same as
+the whole-logits loss (290 against 286-314 ms, interleaved); chunks of 512 rows took 4-7 % longer.
 
 Numerics: each chunk's logits are `h @ weight.T` in the inputs' dtype (under autocast, its dtype),
 taken to float32 for the softmax, as `F.cross_entropy(lm_head(h).float(), ...)` computes them; the
@@ -22,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 # each chunk's float32 logits take about this many bytes (fewer rows for a larger vocabulary)
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 32 * 2**20
 MIN_CHUNK_ROWS = 128
 
 
@@ -77,17 +80,23 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             total -= torch.where(keep, log_probs.gather(1, picked)[:, 0], 0).sum()  # an ignored row's NaN too
             if not (need_hidden or need_weight):
                 continue
-            grad = log_probs.exp_()  # the softmax, in place
+            grad = log_probs.exp_()  # the softmax, in place: (softmax - one-hot) row by row
             grad.scatter_add_(1, picked, -keep[:, None].to(grad.dtype))
-            grad = grad.masked_fill_(~keep[:, None], 0).mul_(scale).to(h.dtype if in_place else torch.float32)
+            grad = grad.to(h.dtype if in_place else torch.float32)
+            # each row's factor (0 where ignored, else 1 / count, float32) taken on the [n, D] sides of
+            # the products, not on the [n, V] gradient (one pass over it fewer)
+            factor = (keep * scale)[:, None]
             if need_hidden and in_place:
                 torch.mm(grad, weight, out=grad_hidden[start:end])
+                grad_hidden[start:end] *= factor
             elif need_hidden:
-                grad_hidden[start:end] = grad @ weight
-            if need_weight and in_place and grad_weight.dtype == h.dtype:
-                grad_weight.addmm_(grad.t(), h)
-            elif need_weight:
-                grad_weight += grad.t() @ h
+                grad_hidden[start:end] = (grad @ weight) * factor
+            if need_weight:
+                scaled = (h * factor).to(h.dtype)
+                if in_place and grad_weight.dtype == h.dtype:
+                    grad_weight.addmm_(grad.t(), scaled)
+                else:
+                    grad_weight += grad.t() @ scaled
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total / count
