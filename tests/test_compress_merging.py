@@ -836,3 +836,17 @@ def test_low_rank_sparse_rank_above_the_matrix_rank_counts_the_matrix():
     for sparse in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"sparse in \[0, 1\]"):
             low_rank_sparse(edit, rank=2, sparse=sparse)
+
+
+def test_sub_moe_keeps_a_protected_expert_whole_at_any_rank():
+    """A protected (super) expert stays alone, and with `rank` it is not truncated either: its
+    matrices as they are (rank 2 of these 5 x 8 matrices changed them), counted whole (40 each)."""
+    view = _layer_of_families([[0, 3], [1, 4, 5], [2]], seed=11)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(5), dtype=F64).float()
+    stats = stats_with([1, 9, 5, 4, 2, 3], inputs=x)
+    decision = get_method("sub_moe", rank=2).decide(view, stats, Target(3, protect=frozenset({2})))
+    alone = decision.edit.sources.index((2,))
+    for name in ("gate", "up", "down"):
+        assert torch.equal(getattr(decision.edit.view.experts, name)[alone], getattr(view.experts, name)[2]), name
+    # the other two groups: 2 (5 + 8) = 26 a matrix
+    assert decision.notes["compact_parameters"] == 3 * 40 + 2 * 3 * 26

@@ -12,7 +12,9 @@ merged matrix is that average projected on the top-r left singular subspace of t
 result is written at full width (transformers has no factored expert layout); the report gives
 the factored parameter count (a matrix counted whole where its factors would be larger). Clusters come from the calibration's sampled block inputs;
 K-means is seeded (k-means++), and each routing group of group-limited routers is clustered on
-its own. Protected (super) experts stay unmerged, as in HC-SMoE (`sparing_labels`).
+its own. Protected (super) experts stay unmerged, as in HC-SMoE (`sparing_labels`), and are not
+truncated either: a cluster led by one is merged at full rank (a protected expert alone: as it is),
+and counted whole.
 """
 
 from __future__ import annotations
@@ -65,17 +67,15 @@ class SubMoE(Method):
         weights = counts.double()
         edit = merged_layer(layer, groups, weights, router_rule="weighted")  # router rows, and the average
         folded = scale_folded(layer)  # the merged experts' scale is 1 (`merged_layer`)
-        merged = {
-            name: subspace_merge(getattr(folded, name), groups, weights, self.rank)
-            for name in folded.matrices
-        }
+        ranks = [None if group[0] in target.protect else self.rank for group in groups]  # leaders: protected first
+        merged = {name: subspace_merge(getattr(folded, name), groups, weights, ranks) for name in folded.matrices}
         experts = dataclasses.replace(
             edit.view.experts,
             **{name: t.to(getattr(layer.experts, name).dtype) for name, t in merged.items()},
         )
         view = dataclasses.replace(edit.view, experts=experts)
         edit = LayerEdit(edit.sources, view=view)
-        notes = {} if self.rank is None else compact_notes(edit, _factored(layer, groups, self.rank))
+        notes = {} if self.rank is None else compact_notes(edit, _factored(layer, groups, ranks))
         return LayerDecision.merged(edit, notes)
 
 
@@ -92,12 +92,17 @@ def kmeans_labels(points: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def subspace_merge(
-    weights_by_expert: torch.Tensor, groups, freq: torch.Tensor, rank: int | None
+    weights_by_expert: torch.Tensor, groups, freq: torch.Tensor, rank: int | None | list[int | None]
 ) -> torch.Tensor:
     """[E', out, in]: each group's matrices merged in their shared left subspace (see the module
-    docstring). weights_by_expert: [E, out, in]."""
+    docstring), truncated to `rank` (one for all groups, or one per group; None: not truncated, a
+    group of one then its matrix as it is). weights_by_expert: [E, out, in]."""
+    ranks = rank if isinstance(rank, list) else [rank] * len(groups)
     merged = []
-    for group in groups:
+    for group, rank in zip(groups, ranks, strict=True):
+        if len(group) == 1 and rank is None:
+            merged.append(weights_by_expert[group[0]])
+            continue
         W = weights_by_expert[list(group)].double()  # [m, out, in]
         w = freq[list(group)].double()
         w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(group))
@@ -106,14 +111,18 @@ def subspace_merge(
         blocks = Vh.reshape(-1, m, inp).permute(1, 0, 2)  # [m, r, in]: V_i^T = Vh[:, i*in:(i+1)*in]
         v = torch.einsum("m,mri->ri", w, blocks)
         r = S.numel() if rank is None else min(rank, S.numel())
-        merged.append((U[:, :r] * S[:r]) @ v[:r])
-    return torch.stack(merged).to(weights_by_expert.dtype)
+        merged.append(((U[:, :r] * S[:r]) @ v[:r]).to(weights_by_expert.dtype))
+    return torch.stack(merged)
 
 
-def _factored(layer: MoELayerView, groups, rank: int) -> int:
+def _factored(layer: MoELayerView, groups, ranks: list[int | None]) -> int:
     """Parameters of the groups' compact form: per matrix, U_r S_r (out x r) + V_merged (r x in),
-    or the matrix itself (out x in) where that is smaller (r >= out in / (out + in))."""
+    or the matrix itself (out x in) where that is smaller (r >= out in / (out + in)) or the group's
+    rank is None (not truncated)."""
     E, I, D = layer.experts.up.shape
     shapes = {"gate": (I, D), "up": (I, D), "down": (D, I)}
     per_matrix = [shapes[name] for name in layer.experts.matrices]
-    return sum(min(min(rank, o, len(g) * i) * (o + i), o * i) for g in groups for o, i in per_matrix)
+    return sum(
+        o * i if r is None else min(min(r, o, len(g) * i) * (o + i), o * i)
+        for g, r in zip(groups, ranks, strict=True) for o, i in per_matrix
+    )  # fmt: skip
