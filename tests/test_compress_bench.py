@@ -698,3 +698,25 @@ def test_a_general_calibration_without_easy_ep_statistics_runs_no_general_easy_e
                         quiet=True)  # fmt: skip
     assert [c["cell"]["method"] for c in summary["cells"] if c["cell"]["tool"] == "moelab"] == ["reap"]
     assert summary["options"]["methods"] == ["reap"] and "(MoE layers [1])" in summary["options"]["left_out"]["easy_ep"]
+
+
+@pytest.mark.parametrize("version", [None, 1, 2])
+def test_statistics_of_an_older_moelab_are_made_again(tmp_path, monkeypatch, version):
+    """A bench resumed after an upgrade kept its calibration whatever made it: statistics before
+    version 2 have no EASY-EP sums to read, so easy_ep was left out saying the model's layers cannot
+    be read. They are calibrated again, as statistics of another fingerprint version are."""
+    from moelab.compress.stats import write_info
+
+    directory = tmp_path / "calibration"
+    directory.mkdir()
+    info = {"model": {"path": str(tmp_path / "m"), "fingerprint": "2:abc"}, "moe_layers": [1], "complete": True,
+            "mixture": {"spec": "corpus", "sources": [{"domain": "code"}]}, "settings": {"observers": ["routing"]}}  # fmt: skip
+    write_info(directory, info if version is None else {**info, "stats_version": version})
+    made, said = [], []
+    monkeypatch.setattr(bench, "fingerprint", lambda model: "2:abc")
+    monkeypatch.setattr(bench, "calibrate", lambda model, out, **kwargs: made.append(kwargs["overwrite"]) or "made")
+    got = bench._calibrate(tmp_path / "m", directory, "corpus", BenchOptions(), said.append, quiet=True)
+    if version == 2:
+        assert got.directory == directory and made == [] and said == []
+    else:
+        assert got == "made" and made == [True] and "made by an older moelab" in said[0]

@@ -41,7 +41,7 @@ from moelab.compress.methods import METHODS
 from moelab.compress.methods.easy_ep import EasyEP
 from moelab.compress.observers import DEFAULT_OBSERVERS, EASY_EP_UNREADABLE
 from moelab.compress.run import check_compression
-from moelab.compress.stats import Calibration, fingerprint
+from moelab.compress.stats import STATS_VERSION, Calibration, fingerprint
 from moelab.eval.evaluate import ALL, EvalOptions, evaluate
 from moelab.hf.adapters import NATIVE, resolve
 from moelab.io import StagedOutput, atomic_write_text, output_dir
@@ -309,14 +309,18 @@ def _check_same_bench(root: Path, model: Path, options: BenchOptions) -> None:
 
 def _calibrate(model: Path, directory: Path, spec: str, options: BenchOptions, say, quiet: bool) -> Calibration:
     """The bench's statistics in `directory`: kept from an earlier run if they belong to `model`
-    (a calibration published whole; a killed one is resumed), else made (again)."""
+    and this moelab's statistics version (a calibration published whole; a killed one is resumed),
+    else made (again)."""
     again = False
     if (directory / "calibration.json").is_file():
         calibration = Calibration(directory)
         try:
             calibration.check_model(fingerprint(model), model)
+            if calibration.info.get("stats_version", 1) < STATS_VERSION:  # e.g. EASY-EP's sums not read
+                raise ValueError(f"the statistics in {directory} were made by an older moelab (statistics version "
+                                 f"{calibration.info.get('stats_version', 1)}, not {STATS_VERSION})")  # fmt: skip
             return calibration
-        except ValueError as err:  # another moelab version's fingerprint, or a changed model
+        except ValueError as err:  # another moelab version's fingerprint or statistics, or a changed model
             say(f"calibrating again: {err}")
             again = True
     say(f"calibrating on {spec} ({options.calib_tokens:,} tokens, backward sweep included)")
