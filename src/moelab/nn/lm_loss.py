@@ -84,7 +84,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             grad.scatter_add_(1, picked, -keep[:, None].to(grad.dtype))
             grad = grad.to(h.dtype if in_place else torch.float32)
             # each row's factor (0 where ignored, else 1 / count, float32) taken on the [n, D] sides of
-            # the products, not on the [n, V] gradient (one pass over it fewer)
+            # the products, not on the [n, V] gradient (two passes over it fewer)
             factor = (keep * scale)[:, None]
             if need_hidden and in_place:
                 torch.mm(grad, weight, out=grad_hidden[start:end])
