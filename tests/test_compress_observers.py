@@ -366,3 +366,21 @@ def test_a_statistic_one_process_could_not_record_is_dropped_by_every_process(mo
         results = {"counts": torch.ones(3), "easyep_sums": torch.ones(3)}
         distributed.reduce_statistics(results, world=2)
         assert ("easyep_sums" in results) is everywhere and len(summed) == len(results)
+
+
+@pytest.mark.parametrize("cuda, backend", [(False, "gloo"), (True, "cpu:gloo,cuda:nccl")])
+def test_a_torchrun_calibration_sums_its_statistics_over_gloo(monkeypatch, cuda, backend):
+    """The statistics are CPU tensors, which plain NCCL refuses: on CUDA the group joined has gloo
+    for them beside NCCL."""
+    import torch.distributed as dist
+
+    import moelab.compress.distributed as distributed
+
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert distributed.join_torchrun() == (1, 2) and joined == [backend]

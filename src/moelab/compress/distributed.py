@@ -12,14 +12,15 @@ from moelab.compress.observers import MAXIMA, PARTIAL
 
 
 def join_torchrun() -> tuple[int, int]:
-    """(rank, world size): of the process group torchrun set up (joined here if needed; gloo on
-    CPU, NCCL on CUDA), or (0, 1) outside torchrun."""
+    """(rank, world size): of the process group torchrun set up (joined here if needed: gloo, and
+    where CUDA is there NCCL for CUDA tensors beside it; the statistics, kept on the CPU, go over
+    gloo, which plain NCCL would refuse), or (0, 1) outside torchrun."""
     import torch.distributed as dist
 
     if not dist.is_available():
         return 0, 1
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if not dist.is_initialized():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
