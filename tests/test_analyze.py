@@ -472,3 +472,31 @@ def test_report_tables_helpers_for_json_and_plots():
         [0.75, 0.25], [0.0, 0.0], [0.2, 0.8]]  # fmt: skip
     shown = _without_diagonal([[1.0, 0.5], [0.25, 1.0]])
     assert shown[0, 1] == 0.5 and shown[1, 0] == 0.25 and math.isnan(shown[0, 0]) and math.isnan(shown[1, 1])
+
+
+def _hidden_points(fig) -> int:
+    """Data points (line vertices, scatter points) that lie under a legend of `fig`'s axes."""
+    fig.canvas.draw()
+    hidden = 0
+    for ax in fig.axes:
+        if (legend := ax.get_legend()) is None:
+            continue
+        box = legend.get_window_extent()
+        points = [line.get_xydata() for line in ax.get_lines()] + [c.get_offsets() for c in ax.collections]
+        hidden += sum(box.count_contains(ax.transData.transform(xy)) for xy in points if len(xy))
+    return hidden
+
+
+
+def test_report_per_layer_legends_sit_above_the_data():
+    """The per-layer panels' legends lie above their data however the values fill a panel (24
+    layers of random values: matplotlib's loc="best" put the CLS legend over some points)."""
+    from moelab.analyze.report import _metrics_figure, plt
+
+    g = torch.Generator().manual_seed(0)
+    rand = lambda: float(torch.rand((), generator=g))  # noqa: E731
+    layers = {str(i): dict(cv=rand(), max_over_mean=1 + rand(), routing_entropy_bits=2 + rand(), max_entropy_bits=3.0,
+                           domain_mi_bits=rand(), cls={"1": rand(), "8": rand(), "64": rand()}) for i in range(24)}  # fmt: skip
+    fig = _metrics_figure({"layers": layers})
+    assert _hidden_points(fig) == 0
+    plt.close(fig)

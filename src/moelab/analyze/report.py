@@ -152,9 +152,19 @@ def _metrics_figure(summary: dict[str, Any]):
     for ax in axes.flat:
         _layer_axis(ax, x)
         ax.margins(y=0.1)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", ncol=min(len(ax.get_legend_handles_labels()[1]), 4))
     fig.tight_layout()
+    for ax in axes.flat:
+        _room_for_legend(ax)
     return fig
+
+
+def _room_for_legend(ax) -> None:
+    """Raise the top of `ax`'s y range so that its legend (at the top) sits above every data point."""
+    renderer = ax.figure.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer).height / ax.get_window_extent(renderer).height
+    bottom, top = ax.get_ylim()
+    ax.set_ylim(bottom, top + (top - bottom) * (legend + 0.03) / (1 - legend - 0.03))
 
 
 def _heatmaps(
