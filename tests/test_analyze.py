@@ -500,3 +500,28 @@ def test_report_per_layer_legends_sit_above_the_data():
     fig = _metrics_figure({"layers": layers})
     assert _hidden_points(fig) == 0
     plt.close(fig)
+
+
+def test_report_super_experts_legend_and_names_beside_the_plot():
+    """The super-expert plot's legend and its list of the flagged experts, one line a layer, lie
+    beside the axes: the legend covered points, and labels at the points of two super experts of
+    one layer were drawn over each other."""
+    from moelab.analyze.report import _flagged_list, _super_figure, plt
+
+    assert _flagged_list({}) == "no super experts"
+    many = {i: [f"expert {e}" for e in range(6)] for i in range(12)}
+    assert _flagged_list(many).split("\n")[1:] == [
+        f"layer {i}: expert 0, expert 1, expert 2, expert 3 +2" for i in range(9)] + ["+3 more layers"]  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    expert_max = {str(i): (torch.rand(64, generator=g) * 5).tolist() for i in range(24)}
+    expert_max["2"][3], expert_max["2"][9], expert_max["3"][0] = 400.0, 380.0, 390.0
+    found = super_experts({int(i): torch.tensor(v) for i, v in expert_max.items()}, {2: torch.tensor([300.0])})
+    assert [(s["layer"], s["expert"]) for s in found["super_experts"]] == [(2, 3), (3, 0), (2, 9), (2, -1)]
+    fig = _super_figure({"super_experts": found, "expert_max_output": expert_max, "shared_max_output": {"2": 300.0}})
+    assert _hidden_points(fig) == 0
+    (ax,) = fig.axes
+    boxes = [ax.get_legend().get_window_extent(), *(text.get_window_extent() for text in ax.texts)]
+    assert not any(box.overlaps(ax.get_window_extent()) for box in boxes)
+    assert not any(a.overlaps(b) for n, a in enumerate(boxes) for b in boxes[n + 1 :])
+    assert [text.get_text() for text in ax.texts] == ["super experts\nlayer 2: expert 3, expert 9, shared\nlayer 3: expert 0"]
+    plt.close(fig)

@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
@@ -206,6 +207,19 @@ def _affinity_figure(summary: dict[str, Any]):
     return _heatmaps(panels, "inter-layer affinity P(expert j at next MoE layer | expert i)", labels=labels)
 
 
+def _flagged_list(flagged: dict[int, list[str]], max_lines: int = 10, per_line: int = 4) -> str:
+    """{layer: its super experts' names} -> "super experts" and one line per layer, at most
+    `max_lines` layers and `per_line` names a line (the rest counted; the table lists them all)."""
+    def line(layer: int, names: list[str]) -> str:
+        more = f" +{len(names) - per_line}" if len(names) > per_line else ""
+        return f"layer {layer}: {', '.join(names[:per_line])}{more}"
+
+    lines = [line(i, names) for i, names in sorted(flagged.items())]
+    if len(lines) > max_lines:
+        lines = lines[: max_lines - 1] + [f"+{len(lines) - max_lines + 1} more layers"]
+    return "\n".join(["super experts", *lines] if lines else ["no super experts"])
+
+
 def _super_figure(summary: dict[str, Any]):
     found = summary["super_experts"]
     if not found or found["threshold"] is None:
@@ -216,12 +230,12 @@ def _super_figure(summary: dict[str, Any]):
         ax.scatter(int(i) + spread[i], values, s=8, c="tab:blue")
     for i, value in summary["shared_max_output"].items():
         ax.scatter([int(i)], [value], marker="D", s=24, c="tab:green")
+    flagged = {}  # {layer: names of its super experts}, listed beside the plot: labels at the points overlap
     for s in found["super_experts"]:
         shared = s["expert"] == -1
         x = s["layer"] + (0.0 if shared else spread[str(s["layer"])][s["expert"]])
         ax.scatter([x], [s["max_output"]], s=80, facecolors="none", edgecolors="red")
-        label = "shared" if shared else f"expert {s['expert']}"
-        ax.annotate(label, (x, s["max_output"]), xytext=(6, 4), textcoords="offset points", fontsize=8, c="red")
+        flagged.setdefault(s["layer"], []).append("shared" if shared else f"expert {s['expert']}")
     ax.axhline(found["threshold"], color="red", ls="--", lw=1, label="threshold")
     unsearched = [int(i) for i in summary["expert_max_output"] if int(i) not in found["layers"]]
     for i in unsearched:
@@ -229,12 +243,18 @@ def _super_figure(summary: dict[str, Any]):
     ax.set_yscale("log")
     _layer_axis(ax, [int(i) for i in summary["expert_max_output"]])
     ax.set_ylabel("max |down-projection output|")
-    ax.set_title("super experts (red circles; in a layer, experts left to right by index; diamonds: shared)")
+    ax.set_title("max |down-projection output| per expert (in a layer, experts left to right by index)")
     handles, names = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], ls="", marker="o", ms=9, mfc="none", mec="red"))
+    names.append("super expert")
+    if summary["shared_max_output"]:
+        handles.append(Line2D([], [], ls="", marker="D", ms=5, c="tab:green"))
+        names.append("shared experts")
     if unsearched:
         handles.append(Patch(color="lightgrey", alpha=0.5))
-        names.append("not searched (after the first 75 % of MoE layers)")
-    ax.legend(handles, names)
+        names.append("not searched (after the\nfirst 75 % of MoE layers)")
+    ax.legend(handles, names, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    ax.text(1.01, 0, _flagged_list(flagged), transform=ax.transAxes, va="bottom", fontsize=8, color="red")
     return fig
 
 
