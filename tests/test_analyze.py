@@ -525,3 +525,63 @@ def test_report_super_experts_legend_and_names_beside_the_plot():
     assert not any(a.overlaps(b) for n, a in enumerate(boxes) for b in boxes[n + 1 :])
     assert [text.get_text() for text in ax.texts] == ["super experts\nlayer 2: expert 3, expert 9, shared\nlayer 3: expert 0"]
     plt.close(fig)
+
+
+def test_statistics_against_loops_over_random_traces(tmp_path):
+    """Random traces (1 to 6 experts, k up to E, empty slots, identity experts, sequences of 1 to 9
+    tokens over several shards, a domain with no tokens): each statistic as a loop over tokens."""
+    import random
+
+    def mi(joint):
+        total = sum(map(sum, joint))
+        return _mi_by_definition(joint) if total else None
+
+    for seed in range(12):
+        rnd = random.Random(seed)
+        layers = sorted(rnd.sample(range(5), rnd.randint(1, 3)))
+        E = [rnd.randint(1, 6) for _ in layers]
+        K = [rnd.randint(1, e) for e in E]
+        Z = [rnd.randint(0, e - 1) for e in E]
+        info = TraceInfo(model="m", family="moelab", num_layers=5, layers=layers, num_experts=E, top_k=K,
+                         domains=["a", "b", "unused"], identity_experts=Z)  # fmt: skip
+        seqs = []  # (domain, [{layer: chosen experts} per token])
+        with TraceWriter(tmp_path / str(seed), info, shard_tokens=rnd.randint(1, 12)) as writer:
+            for _ in range(rnd.randint(1, 5)):
+                B, S, domain = rnd.randint(1, 3), rnd.randint(1, 9), rnd.randrange(2)
+                chosen = {l: [[e if rnd.random() > 0.3 else -1 for e in rnd.sample(range(n), k)] for _ in range(B * S)]
+                          for l, n, k in zip(layers, E, K)}  # fmt: skip
+                writer.add(torch.zeros(B, S, dtype=torch.long), domain,
+                           {l: LayerRouting(torch.tensor(c), torch.ones(B * S, len(c[0])), torch.zeros(B * S))
+                            for l, c in chosen.items()})  # fmt: skip
+                seqs += [(domain, [{l: set(chosen[l][b * S + s]) - {-1} for l in layers} for s in range(S)])
+                         for b in range(B)]  # fmt: skip
+            trace = writer.close({l: torch.ones(n) for l, n in zip(layers, E)})
+        summary = analyze_trace(trace, chunk_lens=(1, 2, 3))
+        tokens = [(d, t) for d, ts in seqs for t in ts]
+        assert summary["domains"]["unused"] == 0 and summary["tokens"] == len(tokens)
+        for l, n, z in zip(layers, E, Z):
+            got = summary["layers"][str(l)]
+            load = [sum(e in t[l] for _, t in tokens) for e in range(n)]
+            computed = load[: n - z]
+            assert got["load"] == load
+            if sum(computed):
+                mean = sum(computed) / len(computed)
+                std = math.sqrt(sum((x - mean) ** 2 for x in computed) / len(computed))
+                assert got["cv"] == pytest.approx(std / mean, abs=1e-12)
+                assert got["max_over_mean"] == pytest.approx(max(computed) / mean)
+            assert got["identity_share"] == (pytest.approx(1 - sum(computed) / sum(load)) if sum(load) else None)
+            joint = [[sum(e in t[l] for d, t in tokens if d == m) for e in range(n)] for m in range(3)]
+            assert got["domain_mi_bits"] == (pytest.approx(mi(joint), abs=1e-12) if sum(load) else None)
+            assert got["coactivation"] == [[sum(i in t[l] and j in t[l] for _, t in tokens) for j in range(n)]
+                                           for i in range(n)]  # fmt: skip
+            for L in (1, 2, 3):
+                chunks = [set().union(*(t[l] for t in ts[c * L : (c + 1) * L])) for _, ts in seqs
+                          for c in range(len(ts) // L)]  # fmt: skip
+                pairs = sum(len(c & set(range(n - z))) for c in chunks)
+                assert got["cls"][str(L)] == (pytest.approx(1 - pairs / (len(chunks) * (n - z))) if chunks else None)
+        assert len(summary["affinity"]) == len(layers) - 1
+        for a, (i, j) in zip(summary["affinity"], zip(layers, layers[1:])):
+            counts = [[sum(x in t[i] and y in t[j] for _, t in tokens) for y in range(E[layers.index(j)])]
+                      for x in range(E[layers.index(i)])]  # fmt: skip
+            assert (a["from"], a["to"]) == (i, j) and a["counts"] == counts
+            assert a["mi_bits"] == pytest.approx(mi(counts) or 0.0, abs=1e-12)
