@@ -192,6 +192,13 @@ def test_super_expert_rule():
     assert found["threshold"] == pytest.approx(500.0) and found["super_experts"] == []
     nothing = {"threshold": None, "layers": [], "super_experts": []}
     assert super_experts({0: torch.zeros(4)}, {}) == nothing == super_experts({}, {})
+    # An overflowed output (a float16 model's inf or NaN) leaves the rule to the finite candidates: an
+    # inf is a super expert, a NaN is not, and the 100 is still found (the threshold was inf or NaN).
+    for overflow, flagged in ((math.inf, [301, 300]), (math.nan, [300])):
+        found = super_experts({0: torch.cat([flat, torch.tensor([100.0, overflow])])}, {})
+        assert found["threshold"] == pytest.approx(10.0) and [s["expert"] for s in found["super_experts"]] == flagged
+        assert found["super_experts"][-1]["over_median"] == 100.0
+    assert [s["expert"] for s in super_experts({0: torch.tensor([0.0, math.inf])}, {})["super_experts"]] == [1]
 
 
 # ---------------------------------------------------------------------- end to end

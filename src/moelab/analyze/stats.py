@@ -91,16 +91,20 @@ def super_experts(
     """expert_max: {layer: [E] max |down output|}; shared_max: {layer: [1]} -> {"threshold",
     "layers" (the MoE layers searched: the first max(1, int(fraction * n)) of them),
     "super_experts": [{"layer", "expert" (-1 = shared), "max_output", "over_median" (None where the
-    median candidate is 0: more than half the experts never ran)}]}."""
+    median candidate is 0: more than half the experts never ran)}]}. The threshold and the median are
+    over the finite candidates: an infinite one (an overflowed output) is above it, a NaN one never."""
     layers = sorted(expert_max)
     candidates = [(i, e, float(v)) for i in layers for e, v in enumerate(expert_max[i].tolist())]
     candidates += [(i, -1, float(v)) for i, v in sorted(shared_max.items())]
     values = torch.tensor([v for *_, v in candidates], dtype=torch.float64)
-    if values.numel() == 0 or values.max() <= 0:
+    if not (values > 0).any():
         return {"threshold": None, "layers": [], "super_experts": []}
-    threshold = max(float(torch.quantile(values, quantile)), float(values.max()) / ratio)
+    # An overflowed output (inf or NaN: a low-precision model) would make the threshold inf or NaN and
+    # hide every super expert: the threshold and the median are the finite candidates'; an inf is above.
+    finite = values[values.isfinite()] if values.isfinite().any() else values.new_zeros(1)
+    threshold = max(float(torch.quantile(finite, quantile)), float(finite.max()) / ratio)
     searched = layers[: max(1, int(len(layers) * layer_fraction))]
-    median = float(torch.quantile(values, 0.5))
+    median = float(torch.quantile(finite, 0.5))
     found = [
         {"layer": i, "expert": e, "max_output": v, "over_median": v / median if median > 0 else None}
         for i, e, v in candidates
