@@ -344,6 +344,47 @@ def test_top_k_then_top_p_keep_the_tokens_transformers_keeps(seed):
             assert torch.equal(drawn, allowed), (temperature, top_k, top_p)
 
 
+def sampled_probs(monkeypatch, logits: torch.Tensor, **options) -> torch.Tensor:
+    """The [B, V] probabilities `sample_next_token(logits, **options)` draws from (its `_draw`'s input,
+    normalised)."""
+    from moelab.models import transformer
+
+    seen = []
+    monkeypatch.setattr(transformer, "_draw", lambda probs, generator: seen.append(probs) or probs.argmax(-1))
+    sample_next_token(logits, **options)
+    return seen[0] / seen[0].sum(-1, keepdim=True)
+
+
+def transformers_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """softmax of the logits after transformers' warpers (temperature, top-k, top-p; top_p 1.0 none, as
+    its `generate` adds none)."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None and top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.softmax(-1)
+
+
+def test_top_k_keeps_the_k_largest_logits_where_tempered_probabilities_round_equal(monkeypatch):
+    """Logits 1e-6 apart at temperature 100 differ by 1e-8 when tempered, whose exp rounds to the same
+    float32: top-k on those probabilities kept all three as tied with the k-th; transformers' top-k,
+    on the tempered logits, keeps k (top_k 1 is greedy at any temperature)."""
+    logits = torch.tensor([[0.0, -1e-6, -2e-6, -5.0]])
+    for k in (1, 2):
+        probs = sampled_probs(monkeypatch, logits, temperature=100.0, top_k=k)
+        assert torch.equal(probs > 0, transformers_probs(logits, 100.0, k, None) > 0)
+        assert (probs > 0).sum() == k
+    draws = sample_next_token(logits.expand(200, -1), temperature=100.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert (draws == 0).all()
+
+
 def test_top_p_applies_to_the_renormalised_top_k():
     """probs 0.5, 0.3, 0.2: top-k 2 leaves 0.625 and 0.375, whose first alone reaches top-p 0.6;
     over the unrenormalised 0.5 the second would be kept too."""

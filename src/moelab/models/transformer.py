@@ -906,8 +906,8 @@ def sample_next_token(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """logits: [B, V] -> next token ids [B]: the argmax if greedy, else a sample from
-    softmax(logits / temperature), keeping only the top_k most likely tokens (and any tied with
-    the k-th) if top_k is given, then, renormalised, only the smallest set of most likely tokens
+    softmax(logits / temperature), keeping only the tokens of the top_k largest logits (and any
+    equal to the k-th) if top_k is given, then, renormalised, only the smallest set of most likely tokens
     whose mass reaches top_p (the token that crosses it included) if top_p is given: transformers'
     order (temperature, top-k, top-p).
 
@@ -915,12 +915,13 @@ def sample_next_token(
     if greedy:
         return logits.argmax(-1)
     logits = logits.float()
+    if top_k is not None and top_k < logits.shape[-1]:
+        # on the logits, ordered as the tempered ones: their probabilities may round equal (logits
+        # 1e-6 apart at temperature 100), which would keep more than k
+        kth = logits.topk(top_k, -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
     # shifted first, so that a tiny temperature tends to the argmax instead of inf / inf
     probs = ((logits - logits.amax(-1, keepdim=True)) / temperature).softmax(-1)
-    if top_k is not None and top_k < probs.shape[-1]:
-        kth = probs.topk(top_k, -1).values[..., -1:]
-        probs = probs.masked_fill(probs < kth, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
     if top_p is not None:
         sorted_probs, order = probs.sort(-1, descending=True)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
