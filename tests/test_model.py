@@ -372,6 +372,24 @@ def transformers_probs(logits: torch.Tensor, temperature: float, top_k: int | No
     return scores.softmax(-1)
 
 
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(1.0, None, 0.99), (1.0, None, 0.999), (0.7, 40, 0.9), (1.5, None, 0.5), (0.3, None, 1.0), (1.0, 8192, None)],
+)
+def test_the_filtered_distribution_is_transformers_at_a_large_vocabulary(monkeypatch, temperature, top_k, top_p):
+    """64 rows of V = 8,192 random logits: the tokens kept are exactly those transformers' warpers
+    keep, and their probabilities equal its own to float32's rounding. The nucleus's boundary
+    is found in float64 sums (float32's, summed from the largest down, kept a token too many or too
+    few in 5 of the 64 rows at top_p 0.999), and top_p 1.0 keeps every token (float32's sums reached 1
+    before the tail, which was then dropped: 85 % of the tokens, of probability up to 9e-9, at
+    temperature 0.3)."""
+    logits = torch.randn(64, 8192, generator=torch.Generator().manual_seed(0)) * 3
+    ours = sampled_probs(monkeypatch, logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    theirs = transformers_probs(logits, temperature, top_k, top_p)
+    assert torch.equal(ours > 0, theirs > 0)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-4)
+
+
 def test_top_k_keeps_the_k_largest_logits_where_tempered_probabilities_round_equal(monkeypatch):
     """Logits 1e-6 apart at temperature 100 differ by 1e-8 when tempered, whose exp rounds to the same
     float32: top-k on those probabilities kept all three as tied with the k-th; transformers' top-k,
