@@ -488,6 +488,32 @@ def test_sampling_frequencies_follow_the_tempered_softmax_over_the_support(top_k
     torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
 
 
+def test_each_row_of_a_batch_draws_its_own_distribution_by_chi_square():
+    """Three rows of V = 8 with their own logits (some -inf, some cut by top-k 6), each drawn 30k
+    times as rows of one batch from one seeded generator: each row's counts pass a chi-square
+    test against its own tempered, top-k softmax (p > 0.001), and its probability-0 tokens never come."""
+    from scipy.stats import chi2
+
+    inf = math.inf
+    logits = torch.tensor([
+        [2.0, 1.0, 0.5, -inf, 0.0, -1.0, -2.0, -3.0],
+        [-inf, -inf, 3.0, 3.0, 1.0, 0.0, -0.5, -inf],
+        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+    ])  # fmt: skip
+    n = 30_000
+    draws = sample_next_token(
+        logits.repeat(n, 1), temperature=1.3, top_k=6, generator=torch.Generator().manual_seed(0)
+    ).view(n, 3)
+    for row in range(3):
+        kept = logits[row] >= logits[row].topk(6).values[-1]
+        expected = torch.where(kept, logits[row] / 1.3, -inf).softmax(-1) * n
+        counts = torch.bincount(draws[:, row], minlength=8)
+        assert (counts[expected == 0] == 0).all(), row
+        seen = expected > 0
+        statistic = float(((counts[seen] - expected[seen]) ** 2 / expected[seen]).sum())
+        assert chi2.sf(statistic, int(seen.sum()) - 1) > 1e-3, (row, statistic)
+
+
 def test_generation_stops_at_eos_and_pads_with_it():
     model = make_model(init_std=0.2).eval()
     prompt = random_ids(seq=4)
