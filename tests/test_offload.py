@@ -245,6 +245,23 @@ def test_transformers_sampling_draws_with_the_temperature_alone_from_the_seed():
     assert torch.equal(generate_ids(hf, ids, 6, sampling=Sampling(temperature=3.0, seed=4)), want)
 
 
+def test_a_transformers_model_decodes_by_moelab_s_settings_alone_not_its_generation_config(one_thread):
+    """A checkpoint's generation_config.json (Qwen's carry repetition_penalty, do_sample, top_k...)
+    changes neither the greedy tokens nor the draws (those of top-k 1 here, the greedy ones), as it
+    changes nothing of a model that moelab runs itself; the model's generation_config is left as it was."""
+    from transformers import GenerationConfig
+
+    hf = build("mixtral")
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    greedy = generate_ids(hf, ids, 6)
+    stated = dict(repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=6, do_sample=True, top_k=3,
+                  temperature=0.2, num_beams=2, eos_token_id=int(greedy[0, 6]), bad_words_ids=[[int(greedy[1, 5])]])  # fmt: skip
+    hf.generation_config = GenerationConfig(**stated)
+    assert torch.equal(generate_ids(hf, ids, 6), greedy)
+    assert torch.equal(generate_ids(hf, ids, 6, sampling=Sampling(top_k=1, seed=1)), greedy)  # top-k 1: greedy
+    assert hf.generation_config.to_diff_dict() == GenerationConfig(**stated).to_diff_dict()
+
+
 def test_a_transformers_model_pads_a_sequence_that_ended_with_the_eos_token():
     """Greedy decoding of two prompts, the EOS token the second token of the first one's greedy
     continuation: that sequence is EOS from there on, the other one's tokens unchanged."""

@@ -326,7 +326,8 @@ def generate_ids(
     stops nor is forbidden, by either); attention_mask [B, S]: 0 for the left padding of a batch
     of prompts; streamer: told the prompts, each step's tokens and the end, by either. Greedy, or sampling's
     draws (transformers' draws come from torch's global generator, seeded inside and then put
-    back as it was; transformers' default top-k of 50 is not applied)."""
+    back as it was; transformers' default top-k of 50 is not applied, nor anything of the model's
+    generation_config: repetition_penalty, num_beams, its EOS...)."""
     if isinstance(model, OffloadedModel):
         raise TypeError("generate_ids takes the module an OffloadedModel runs; call its own generate(...), which also "
                         "checks the KV cache against its memory budget")
@@ -339,6 +340,8 @@ def generate_ids(
             input_ids, max_new_tokens, attention_mask=attention_mask, compile=compile, streamer=streamer,
             eos_token_id=eos_token_id, **draws,
         )  # fmt: skip
+    from transformers import GenerationConfig
+
     if compile:
         raise ValueError(
             f"compile=True needs a moelab model; this is transformers' {type(model).__name__}, which decodes "
@@ -361,16 +364,22 @@ def generate_ids(
     # GPU's (a model may span several), and put them all back afterwards
     sampling_on_gpus = sampling is not None and torch.cuda.is_available()
     gpus = list(range(torch.cuda.device_count())) if sampling_on_gpus else []
-    with torch.random.fork_rng(devices=gpus, enabled=sampling is not None):
-        if sampling is not None:
-            torch.random.default_generator.manual_seed(sampling.seed)
-            if gpus:
-                torch.cuda.manual_seed_all(sampling.seed)
-        return model.generate(
-            input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id, pad_token_id=0 if eos_token_id is None else eos_token_id,
-            streamer=streamer, **draws,
-        )  # fmt: skip
+    # the checkpoint's generation_config (repetition_penalty, num_beams, ...) would fill in what is
+    # not passed: decode by these settings alone, as a model moelab runs itself does
+    stated, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        with torch.random.fork_rng(devices=gpus, enabled=sampling is not None):
+            if sampling is not None:
+                torch.random.default_generator.manual_seed(sampling.seed)
+                if gpus:
+                    torch.cuda.manual_seed_all(sampling.seed)
+            return model.generate(
+                input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id, pad_token_id=0 if eos_token_id is None else eos_token_id,
+                streamer=streamer, **draws,
+            )  # fmt: skip
+    finally:
+        model.generation_config = stated
 
 
 def _load_converted(model: MoETransformer, store: ExpertStore, dtype: torch.dtype, skip: list[str]) -> None:
