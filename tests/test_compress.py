@@ -1012,6 +1012,12 @@ def test_coverage_counts_the_experts_routed_fewer_than_8_tokens(tmp_path, model_
     assert stats.info["coverage"]["0"] == 6 and stats.layer(0).inputs is None
 
 
+# families whose decoder layer adds to its residual stream something other than m x the MoE block's
+# output (a norm, gate or convolution after the block, another module's output with it)
+EASY_EP_UNREAD = ("afmoe", "axk1", "cohere2_moe", "granitemoehybrid", "granitemoeshared", "inkling2_text", "kolibri1",
+                  "longcat_flash")  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_every_method_on_every_transformers_family(tmp_path, family):
@@ -1023,6 +1029,10 @@ def test_every_method_on_every_transformers_family(tmp_path, family):
         domains = ["code"] if method == "premoe" else None
         if method == "easy_ep" and family in ("gemma4_text", "hy_v4", "deepseek_v4"):  # routed sum normed again; 2 streams
             with pytest.raises(ValueError, match="layer [01]: EASY-EP weighs each expert by how far"):
+                compress(source, tmp_path / method, method=method, stats=stats, domains=domains, quiet=True)
+            continue
+        if method == "easy_ep" and family in EASY_EP_UNREAD:  # seen by the calibration: no statistic
+            with pytest.raises(ValueError, match="no 'easyep_sums'.*EASY-EP weighs each expert by how far"):
                 compress(source, tmp_path / method, method=method, stats=stats, domains=domains, quiet=True)
             continue
         options = None

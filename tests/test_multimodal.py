@@ -1085,6 +1085,10 @@ def test_every_method_on_muse_spark(tmp_path):
     stats = calibrate(source, tmp_path / "stats", options=options, quiet=True).directory
     for method in sorted(METHODS):
         domains = ["code"] if method == "premoe" else None
+        if method == "easy_ep":  # its decoder layer norms and gates the block's output before adding it
+            with pytest.raises(ValueError, match="no 'easyep_sums'.*EASY-EP weighs each expert by how far"):
+                compress(source, tmp_path / method, method=method, stats=stats, quiet=True)
+            continue
         report = compress(source, tmp_path / method, method=method, ratio=0.5, stats=stats, domains=domains, quiet=True)
         assert report["complete"] and report["reload_checked"], method
 

@@ -316,7 +316,7 @@ class OutputObserver(Observer):
 EASY_EP_UNREADABLE = (
     "EASY-EP weighs each expert by how far the routed output turns the residual stream, which is read only "
     "where the decoder layer adds the MoE block's output to one residual stream as it is or times a number; "
-    "this model's layer changes it first (a norm, gate or convolution after the block: AFMoE, Kolibri1, A.X K1, "
+    "this model's layer changes it first (a norm, gate or convolution after the block: AFMoE, Kolibri1, A.X K1, Muse Spark, "
     "Inkling 2), adds another module's output with it (GraniteMoeShared's shared MLP, Cohere2-MoE's parallel "
     "attention, LongCat-Flash), carries several residual streams (Qwen4-Exp, Hunyuan 4) or norms the routed sum "
     "(Gemma 4)"
