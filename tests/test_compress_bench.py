@@ -658,8 +658,7 @@ def test_a_domain_calibration_without_easy_ep_statistics_leaves_easy_ep_out_and_
     from types import SimpleNamespace
 
     def calibration(missing: set[int]):
-        layers = {i: SimpleNamespace(easyep_sums=None if i in missing else torch.ones(2, 1, 4)) for i in (1, 3)}
-        return SimpleNamespace(info={"moe_layers": [1, 3]}, layer=layers.__getitem__)
+        return SimpleNamespace(layers_without=lambda name: sorted(missing) if name == "easyep_sums" else [])
 
     options = BenchOptions(methods=("reap", "easy_ep"), domain="code", domain_methods=("easy_ep", "premoe", "naee"),
                            left_out={"ean": "no"})  # fmt: skip
@@ -685,7 +684,7 @@ def test_a_general_calibration_without_easy_ep_statistics_runs_no_general_easy_e
         def close(self):
             pass
 
-    unreadable = SimpleNamespace(info={"moe_layers": [1]}, layer=lambda i: SimpleNamespace(easyep_sums=None))
+    unreadable = SimpleNamespace(layers_without=lambda name: [1])
     monkeypatch.setattr(bench, "resolve", lambda model: (None, Checkpoint(), None))
     monkeypatch.setattr(bench, "_check_cells", lambda model, options: None)
     monkeypatch.setattr(bench, "fingerprint", lambda model: "2:aaaa")

@@ -213,6 +213,19 @@ def test_easy_ep_sums_of_statistics_before_version_2_are_not_read(tmp_path):
         layer.total("easyep_sums")
 
 
+def test_layers_without_a_statistic_are_read_from_the_headers_as_layer_reads_them(tmp_path):
+    """Current statistics: the layers whose file lacks it; before version 2, every layer for
+    EASY-EP's sums (which `layer` drops), the files for the others."""
+    written = _calibration_dir(tmp_path)
+    assert Calibration(tmp_path).layers_without("easyep_sums") == []
+    write_layer(tmp_path, dataclasses.replace(written, easyep_sums=None))
+    assert Calibration(tmp_path).layers_without("easyep_sums") == [3]
+    _calibration_dir(tmp_path, stats_version=None)
+    old = Calibration(tmp_path)
+    assert old.layers_without("easyep_sums") == [3] and old.layer(3).easyep_sums is None
+    assert old.layers_without("counts") == []
+
+
 def test_a_layer_file_with_the_whole_data_logit_gram_still_reads(tmp_path):
     """Statistics files of moelab before stats_version 2 store the logit Gram of all the data [E, E]:
     read as whole_logit_gram, M-SMoE's similarity on all the sources, refused restricted to some."""

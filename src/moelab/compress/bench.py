@@ -219,9 +219,10 @@ def _without_missing_statistics(options: BenchOptions, stats: Calibration) -> Be
     layer (EASY-EP's, where the decoder layer changes the MoE block's output before adding it: seen
     only once the layers have run), as a general and as a domain method, named with why in
     `left_out`."""
-    every = [*stats.info["moe_layers"], *stats.info.get("mtp_layers", [])]
-    layers = [i for i in every if stats.layer(i).easyep_sums is None]
-    if EasyEP.name not in (*options.methods, *options.domain_methods) or not layers:
+    if EasyEP.name not in (*options.methods, *options.domain_methods):
+        return options
+    layers = stats.layers_without("easyep_sums")
+    if not layers:
         return options
     why = f"{EasyEP.name}: {EASY_EP_UNREADABLE} (MoE layers {layers})"
     return dataclasses.replace(
@@ -316,9 +317,9 @@ def _calibrate(model: Path, directory: Path, spec: str, options: BenchOptions, s
         calibration = Calibration(directory)
         try:
             calibration.check_model(fingerprint(model), model)
-            if calibration.info.get("stats_version", 1) < STATS_VERSION:  # e.g. EASY-EP's sums not read
+            if calibration.version < STATS_VERSION:  # e.g. EASY-EP's sums not read
                 raise ValueError(f"the statistics in {directory} were made by an older moelab (statistics version "
-                                 f"{calibration.info.get('stats_version', 1)}, not {STATS_VERSION})")  # fmt: skip
+                                 f"{calibration.version}, not {STATS_VERSION})")  # fmt: skip
             return calibration
         except ValueError as err:  # another moelab version's fingerprint or statistics, or a changed model
             say(f"calibrating again: {err}")

@@ -329,8 +329,9 @@ class ContributionObserver(Observer):
     max(0, 1 - cos(h, h + m y_routed)): h the residual stream before the block (`MoECall.residual`,
     the input of the norm that made the block's input, or that norm's output, the block's input, for
     a layer that adds the block's output to it: moelab's residual_from_norm; where the calibration
-    did not find it, the decoder layer's output minus the block's), m what the layer scales the block's output by before
-    adding it (1; Granite's residual_multiplier), read from h, the block's output and the layer's.
+    did not find it, the decoder layer's output minus the block's), m what the layer scales the
+    block's output by before adding it (1; Granite's residual_multiplier), read from h, the block's
+    output and the layer's.
     Where the layer's update is not m times the block's output (a norm, gate or convolution after
     the block: AFMoE, Kolibri1, A.X K1, Inkling 2; another module's output added with it: a shared
     MLP beside the block, GraniteMoeShared's, or attention in parallel, Cohere2-MoE's), m is not
@@ -352,12 +353,13 @@ class ContributionObserver(Observer):
             return
         out = layer_output.reshape(-1, self.D)
         dtype = torch.promote_types(out.dtype, torch.float32)  # float64 calibrations keep their digits
+        total, block = out.to(dtype), call.output.to(dtype)
         if call.residual is None:
-            residual, scale = out.to(dtype) - call.output.to(dtype), 1.0
+            residual, scale = total - block, 1.0
         else:  # the norm's input, or its output where the layer adds the block to that (residual_from_norm)
             for stream in (call.residual, call.x):
                 residual = stream.reshape(-1, self.D).to(dtype)
-                scale = added_scale(out.to(dtype) - residual, call.output.to(dtype), out)
+                scale = added_scale(total - residual, block, out)
                 if scale is not None:
                     break
             else:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -37,7 +38,10 @@ from moelab.compress.observers import EASY_EP_UNREADABLE
 from moelab.io import atomic_write_text, save_safetensors
 
 FORMAT = "moelab-calibration/1"
-STATS_VERSION = 2  # calibration.json's "stats_version"; 2: the logit Gram per half and source (before: all data's)
+# calibration.json's "stats_version" (absent: 1). 2: the logit Gram per half and source (before: all data's),
+# and EASY-EP's residual stream read where the layer computes it (before: its output minus the block's)
+STATS_VERSION = 2
+EASY_EP_SINCE = 2  # EASY-EP sums of statistics before this version are not read
 INFO_NAME = "calibration.json"
 RESUME_NAME = "resume.safetensors"
 KIND = "calibration statistics"
@@ -90,7 +94,7 @@ class LayerStats:
         value = getattr(self, name)
         if value is None:
             why = (
-                f" ({EASY_EP_UNREADABLE}), or the statistics were made by a moelab before statistics version 2, "
+                f" ({EASY_EP_UNREADABLE}), or the statistics were made by a moelab before statistics version {EASY_EP_SINCE}, "
                 "whose EASY-EP sums were wrong on such layers (calibrate again); else choose another method "
                 "(reap, frequency, moelab, ...)"
             ) if name == "easyep_sums" else ""
@@ -196,13 +200,25 @@ class Calibration:
     def sources(self) -> list[str]:
         return [s["domain"] for s in self.info["mixture"]["sources"]]
 
+    @property
+    def version(self) -> int:
+        """The statistics version (`STATS_VERSION`) they were made with."""
+        return self.info.get("stats_version", 1)
+
     def layer(self, index: int) -> LayerStats:
         if index not in (have := self.layers + self.mtp_layers):
             raise ValueError(f"{self.directory} has no statistics for layer {index}; it has {have}")
         stats = read_layer(self.directory, index, tuple(self.sources))
-        if self.info.get("stats_version", 1) < 2:  # its EASY-EP sums took out - block output for h (`total`)
+        if self.version < EASY_EP_SINCE:  # its EASY-EP sums took out - block output for h (`total`)
             stats = dataclasses.replace(stats, easyep_sums=None)
         return stats
+
+    def layers_without(self, name: str) -> list[int]:
+        """The layers (MTP's included) whose statistics have no `name`, as `layer` reads them, from
+        the files' headers alone."""
+        if name == "easyep_sums" and self.version < EASY_EP_SINCE:
+            return self.layers + self.mtp_layers
+        return [i for i in self.layers + self.mtp_layers if name not in layer_names(self.directory, i)]
 
     def check_model(self, fingerprint: str, model: str | os.PathLike) -> None:
         """Raise unless these statistics were made on the model with this fingerprint."""
@@ -272,6 +288,16 @@ def _check_info(info: dict[str, Any], path: Path, fields: tuple = INFO_FIELDS) -
 
 def layer_file(directory: Path, index: int) -> Path:
     return directory / f"layer-{index:05d}.safetensors"
+
+
+def layer_names(directory: Path, index: int) -> set[str]:
+    """The names of the tensors layer `index`'s statistics file holds (its header only)."""
+    path = layer_file(directory, index)
+    try:
+        with safe_open(path, "pt") as f:
+            return set(f.keys())
+    except Exception as err:  # a missing, truncated or foreign file
+        raise ValueError(f"{path} is not a readable statistics file ({err}); calibrate again") from None
 
 
 def write_layer(directory: Path, stats: LayerStats) -> None:
