@@ -127,6 +127,14 @@ def test_a_tensor_first_read_after_its_shard_was_rewritten_is_refused(tmp_path):
             ckpt.get("b")
 
 
+def _read_w(ckpt, read: str) -> None:
+    """Read tensor "w" [8, 8] the way `read` names: Checkpoint.get or read_into."""
+    if read == "get":
+        ckpt.get("w")
+    else:
+        ckpt.read_into("w", torch.empty(8, 8))
+
+
 @pytest.mark.parametrize("read", ["get", "read_into"])
 def test_a_shard_truncated_after_it_was_opened_is_refused(tmp_path, read):
     """The shard's header was read (and its handle opened) before the file lost its tail: reading
@@ -137,10 +145,7 @@ def test_a_shard_truncated_after_it_was_opened_is_refused(tmp_path, read):
     with open(tmp_path / "model.safetensors", "r+b") as f:
         f.truncate((tmp_path / "model.safetensors").stat().st_size - 16)
     with pytest.raises(CheckpointError, match="truncated"):
-        if read == "get":
-            ckpt.get("w")
-        else:
-            ckpt.read_into("w", torch.empty(8, 8))
+        _read_w(ckpt, read)
     ckpt.close()
 
 
@@ -189,10 +194,7 @@ def test_a_shard_rewritten_while_a_tensor_is_read_is_refused(tmp_path, monkeypat
     monkeypatch.setattr(os, "preadv", rewriting_preadv)
     monkeypatch.setattr(checkpoint_module, "open", lambda *a: RewritingFile(file_open(*a)), raising=False)
     with pytest.raises(CheckpointError, match="changed on disk while moelab was reading it"):
-        if read == "get":
-            ckpt.get("w")
-        else:
-            ckpt.read_into("w", torch.empty(8, 8))
+        _read_w(ckpt, read)
     ckpt.close()
 
 
