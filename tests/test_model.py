@@ -292,12 +292,17 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
     for bad in (2.5, True):
         with pytest.raises(ValueError, match="top_k must be an integer"):
             Sampling(top_k=bad)
+    for bad in (True, "0.9", 1.5, 0.0):  # True would pass as 1.0
+        with pytest.raises(ValueError, match="top_p must be a number in"):
+            Sampling(top_p=bad)
+        with pytest.raises(ValueError, match="top_p must be a number in"):
+            model.generate(prompt, 2, top_p=bad)
     logits = torch.randn(3, 50) * 4
     assert torch.equal(sample_next_token(logits, temperature=1e-45), logits.argmax(-1))  # not inf / inf
     assert model.generate(prompt, 60, greedy=True).shape[1] == model.config.max_seq_len == 64  # fills it
     with pytest.raises(ValueError, match="must fit ModelConfig.max_seq_len"):
         model.generate(prompt, 61)
-    for bad in (0, float("inf"), float("nan")):  # inf: logits / inf = 0, every token alike
+    for bad in (0, float("inf"), float("nan"), True, "2"):  # inf: logits / inf = 0, every token alike
         with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
             model.generate(prompt, 2, temperature=bad)
         with pytest.raises(ValueError, match="temperature must be > 0 and finite"):

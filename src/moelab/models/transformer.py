@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import types
 import warnings
 import weakref
@@ -695,15 +696,12 @@ class MoETransformer(nn.Module):
                 f"prompt ({S}) + max_new_tokens ({max_new_tokens}) must fit ModelConfig.max_seq_len "
                 f"({self.config.max_seq_len}); shorten one of them"
             )
-        if not greedy and not 0 < temperature < math.inf:
-            raise ValueError(
-                f"temperature must be > 0 and finite when sampling, got {temperature}; use greedy=True for argmax"
-            )
         ignored = [name for name, given in (("temperature", temperature != 1.0), ("top_p", top_p is not None),
                                             ("top_k", top_k is not None), ("generator", generator is not None)) if given]  # fmt: skip
         if greedy and ignored:
             raise ValueError(f"greedy=True takes the argmax, so {', '.join(ignored)} would be ignored; drop them or greedy")
-        check_sampling(top_p=top_p, top_k=top_k)
+        if not greedy:
+            check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, greedy_hint="use greedy=True for argmax")
         self._check_inputs(input_ids, None, None, 0)
         self._check_prompt(input_ids)
         pads = left_padding(attention_mask, input_ids)
@@ -875,12 +873,10 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        if not 0 < self.temperature < math.inf:
-            raise ValueError(
-                f"temperature must be > 0 and finite when sampling, got {self.temperature}; for the most likely "
-                "token at every step decode greedily (no temperature, top-p or top-k)"
-            )
-        check_sampling(top_p=self.top_p, top_k=self.top_k)
+        check_sampling(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            greedy_hint="for the most likely token at every step decode greedily (no temperature, top-p or top-k)",
+        )  # fmt: skip
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -888,12 +884,23 @@ class Sampling:
         return torch.Generator(device=device).manual_seed(self.seed)
 
 
-def check_sampling(*, top_p: float | None = None, top_k: int | None = None) -> None:
-    """Refuse a nucleus mass outside (0, 1] and a top_k below 1, with what to give instead."""
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+def check_sampling(
+    *, temperature: float = 1.0, top_p: float | None = None, top_k: int | None = None, greedy_hint: str = ""
+) -> None:
+    """Refuse a temperature that is not a finite number > 0 (`greedy_hint` says how to take the
+    argmax instead), a nucleus mass outside (0, 1] and a top_k below 1, with what to give instead;
+    True/False are refused where a number is meant (True would pass as 1.0)."""
+    if not _is_real(temperature) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be > 0 and finite when sampling, got {temperature!r}; {greedy_hint}")
+    if top_p is not None and (not _is_real(top_p) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 (1: greedy), got {top_k!r}")
+
+
+def _is_real(value) -> bool:
+    """A Python or NumPy real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def sample_next_token(
