@@ -867,7 +867,7 @@ def test_eval_export_import_consolidate_pass_every_option_on(monkeypatch, tmp_pa
          "--quiet"])  # fmt: skip
     _ok(["eval"])
     assert json.loads((tmp_path / "r.json").read_text()) == {"n": 1}
-    options = EvalOptions(data="d.txt", split="validation", domains=["code"], max_tokens=41, seq_len=42, batch_size=43,
+    options = EvalOptions(data="d.txt", split="validation", domains=["code"], eval_tokens=41, seq_len=42, batch_size=43,
                           prompts=5, prompt_tokens=6, gen_tokens=7, dynamic_skip=str(tmp_path / "s"))
     model = reference_model_dir()
     assert evaluated == [((model,), dict(base=reference_model_dir("ref-32e-top4-shared"), options=options, quiet=True)),

@@ -27,7 +27,7 @@ def model_dir(tmp_path_factory):
 
 
 SMALL = EvalOptions(
-    domains=["code", "german"], max_tokens=256, seq_len=32, prompts=1, prompt_tokens=8, gen_tokens=8
+    domains=["code", "german"], eval_tokens=256, seq_len=32, prompts=1, prompt_tokens=8, gen_tokens=8
 )
 
 
@@ -250,7 +250,7 @@ def test_kl_is_base_against_model_and_agreement_is_over_real_tokens(base_and_mod
     code = load_streams("corpus", split="test", domains=["code"], encoder=encoder, quiet=True)["code"]
     ids = torch.as_tensor(code[:65].astype("int64"))
     for max_tokens in (64, 40):
-        options = replace(SMALL, domains=["code"], max_tokens=max_tokens, prompts=0)
+        options = replace(SMALL, domains=["code"], eval_tokens=max_tokens, prompts=0)
         report = evaluate(model_dir, base=base_dir, options=options, quiet=True)
         windows = [ids[a : b + 1] for a, b in ((0, 32), (32, max_tokens))]  # each alone, real tokens only
         with torch.no_grad():
@@ -274,7 +274,7 @@ def test_agreement_with_itself_ignores_a_padded_last_window(model_dir):
     so a model against itself agrees on exactly 40 of 40 (not 64 of 40)."""
     from dataclasses import replace
 
-    report = evaluate(model_dir, base=model_dir, options=replace(SMALL, max_tokens=40, prompts=0), quiet=True)
+    report = evaluate(model_dir, base=model_dir, options=replace(SMALL, eval_tokens=40, prompts=0), quiet=True)
     for name in ("code", "german", "all"):
         agreement = report["agreement"][name]
         assert agreement["top1_agreement"] == 1.0 and agreement["agree"] == agreement["tokens"]
@@ -529,7 +529,7 @@ def test_a_prompt_and_continuation_that_fill_the_context_exactly_are_run(model_d
     """prompt_tokens + gen_tokens = the context (64) fits; one more is refused."""
     from dataclasses import replace
 
-    options = replace(SMALL, domains=["code"], max_tokens=32, prompt_tokens=32, gen_tokens=32)
+    options = replace(SMALL, domains=["code"], eval_tokens=32, prompt_tokens=32, gen_tokens=32)
     report = evaluate(model_dir, options=options, quiet=True)
     assert report["generation"]["prompts"] == 1
     with pytest.raises(ValueError, match="exceed the context of 64 tokens"):

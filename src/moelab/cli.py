@@ -897,7 +897,7 @@ def eval_cmd(
     data: DataOpt = "corpus",
     split: Annotated[str, typer.Option(help="Corpus split (test by default: calibration uses validation).")] = "test",
     domains: DomainOpt = None,
-    max_tokens: Annotated[int, typer.Option("--eval-tokens", min=1, help="Test tokens per domain (as compress-bench's; trace's --max-tokens is a total).")] = 8192,
+    eval_tokens: Annotated[int, typer.Option("--eval-tokens", min=1, help="Test tokens per domain (as compress-bench's; trace's --max-tokens is a total).")] = 8192,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchOpt = 8,
     prompts: Annotated[int, typer.Option(min=0, help="Prompts per domain for the degenerate-generation check (0: skip).")] = 4,
@@ -915,7 +915,7 @@ def eval_cmd(
 
     inputs = (_model_dir(model), base and _model_dir(base), None if data == "corpus" else data, dynamic_skip)
     _claim_json(json_path, EVAL_FORMAT, overwrite, inputs)
-    options = EvalOptions(data=data, split=split, domains=domains, max_tokens=max_tokens, seq_len=seq_len,
+    options = EvalOptions(data=data, split=split, domains=domains, eval_tokens=eval_tokens, seq_len=seq_len,
                           batch_size=batch_size, prompts=prompts, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
                           dynamic_skip=str(dynamic_skip) if dynamic_skip else None)
     report = evaluate(_model_dir(model), base=None if base is None else _model_dir(base), options=options, quiet=quiet)

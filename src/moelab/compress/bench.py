@@ -330,7 +330,7 @@ def _calibrate(model: Path, directory: Path, spec: str, options: BenchOptions, s
 
 def _eval_options(options: BenchOptions) -> EvalOptions:
     return EvalOptions(
-        max_tokens=options.eval_tokens,
+        eval_tokens=options.eval_tokens,
         seq_len=options.seq_len,
         prompts=options.prompts,
         gen_tokens=options.gen_tokens,

@@ -51,7 +51,7 @@ GENERATION_BATCH = 16
 
 @dataclass(kw_only=True)
 class EvalOptions:
-    """data: a data spec (`moelab.trace.data`); split: the corpus split; max_tokens: per domain;
+    """data: a data spec (`moelab.trace.data`); split: the corpus split; eval_tokens: test tokens per domain;
     seq_len, batch_size: the windows; prompts: per domain, for the generation check (0: skip);
     prompt_tokens, gen_tokens: their length and the greedy continuation's; dynamic_skip:
     calibration statistics whose NAEE skip ratios the model (a moelab one) runs with."""
@@ -59,7 +59,7 @@ class EvalOptions:
     data: str = "corpus"
     split: str = "test"
     domains: Sequence[str] | None = None
-    max_tokens: int = 8192
+    eval_tokens: int = 8192
     seq_len: int = 256
     batch_size: int = 8
     prompts: int = 4
@@ -68,7 +68,7 @@ class EvalOptions:
     dynamic_skip: str | None = None
 
     def __post_init__(self):
-        for name in ("max_tokens", "seq_len", "batch_size", "prompt_tokens", "gen_tokens"):
+        for name in ("eval_tokens", "seq_len", "batch_size", "prompt_tokens", "gen_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval {name} must be >= 1, got {getattr(self, name)}")
         if self.prompts < 0:
@@ -163,7 +163,7 @@ def evaluate(
     streams = load_streams(
         options.data, split=options.split, domains=options.domains, encoder=lm.encoder, quiet=quiet
     )
-    streams = {name: s[: options.max_tokens + 1] for name, s in streams.items() if len(s) >= 2}
+    streams = {name: s[: options.eval_tokens + 1] for name, s in streams.items() if len(s) >= 2}
     if not streams:
         raise ValueError(f"the evaluation data {options.data!r} has no domain with at least 2 tokens")
     top = max(int(s.max()) for s in streams.values())
