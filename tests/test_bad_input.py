@@ -1491,6 +1491,21 @@ def compress_m_smoe_mc_sparse_outside(tmp, src):
 
 
 @case
+def compress_m_smoe_mc_rank_that_saves_nothing(tmp, src):
+    return *_compress_with_options(tmp, src, "m_smoe", "mc_rank=100000"), ["layer 1: mc_rank=100000 saves nothing on experts of 32 x 32", "choose mc_rank <= 14"]
+
+
+@case
+def compress_m_smoe_mc_sparse_that_keeps_every_row(tmp, src):
+    return *_compress_with_options(tmp, src, "m_smoe", "mc_rank=1", "mc_sparse=1"), ["mc_rank=1 saves nothing", "lower mc_sparse"]
+
+
+@case
+def compress_sub_moe_rank_that_saves_nothing(tmp, src):
+    return *_compress_with_options(tmp, src, "sub_moe", "rank=100000"), ["rank=100000 saves nothing on experts of", "choose rank <= "]
+
+
+@case
 def compress_option_given_twice(tmp, src):
     return *_compress_with_options(tmp, src, "random", "seed=1", "seed=2"), ["--option seed is given twice", "give each option once"]
 

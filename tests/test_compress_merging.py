@@ -27,7 +27,7 @@ from moelab.compress.merging import (
 )
 from moelab.compress.methods import Target, get_method
 from moelab.compress.methods.hcsmoe import clusters_by_usage, hierarchical_labels, sparing_labels
-from moelab.compress.methods.lowrank import low_rank_sparse
+from moelab.compress.methods.lowrank import check_rank_saves, low_rank_sparse
 from moelab.compress.methods.submoe import kmeans_labels, subspace_merge
 from moelab.compress.stats import LayerStats
 from moelab.hf.edit import LayerEdit, moe_output, one_expert
@@ -434,6 +434,22 @@ def test_low_rank_sparse_is_the_truncated_svd_plus_the_largest_residual_rows():
     assert count == 2 * (2 * (2 * (6 + 9) + 2 * 9) + (2 * (9 + 6) + 3 * 6))
     with pytest.raises(ValueError, match="rank >= 1"):
         low_rank_sparse(edit, rank=0, sparse=0.1)
+
+
+@pytest.mark.parametrize("I, D", [(6, 9), (32, 32), (1, 5), (96, 64)])
+@pytest.mark.parametrize("sparse", [0.0, 0.3, 0.5, 0.9])
+def test_check_rank_saves_refuses_exactly_the_ranks_whose_factors_fill_a_matrix(I, D, sparse):
+    """The largest accepted rank, against a loop over ranks counting each matrix's factors and
+    sparse rows (gate and up I x D, down D x I) against its size."""
+    def saves(r):
+        return all(r * (o + i) + round(sparse * o) * i < o * i for o, i in ((I, D), (D, I)))
+
+    for r in range(1, I + D + 2):
+        if saves(r):
+            check_rank_saves("mc_rank", r, D, I, sparse)
+        else:
+            with pytest.raises(ValueError, match=f"mc_rank={r} saves nothing on experts of {I} x {D}"):
+                check_rank_saves("mc_rank", r, D, I, sparse)
 
 
 # ----------------------------------------------------------------------------- HC-SMoE

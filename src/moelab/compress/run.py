@@ -183,6 +183,7 @@ def _planned(
         router, where = layer.router, f"layer {i}: "
         keep = share_kept(router.num_experts, ratio) if method.narrows else plan_target(router, ratio, where)
         method.check_width(layer.experts.hidden_dim, router.num_experts, keep, where)
+        method.check_matrices(layer.experts.dim, layer.experts.hidden_dim, where)
         planned[i] = (router, keep)
     return planned
 

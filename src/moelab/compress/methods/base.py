@@ -96,6 +96,10 @@ class Method:
         to keep `keep` experts' worth of the E experts' `hidden_dim` neurons where its edits could
         not."""
 
+    def check_matrices(self, dim: int, hidden_dim: int, where: str = "") -> None:
+        """Refuse, before any calibration, expert matrices of hidden_dim x dim (gate, up) and
+        dim x hidden_dim (down) that these options could not make smaller."""
+
     def check_protection(self, where: str = "") -> None:
         """Refuse, before any calibration, to protect (super) experts where its edits cannot keep
         them whole."""

@@ -25,6 +25,23 @@ def compact_notes(edit: LayerEdit, compact: int) -> dict[str, int]:
     return {"compact_parameters": compact, "stored_parameters": stored}
 
 
+def check_rank_saves(option: str, rank: int, dim: int, hidden_dim: int, sparse: float = 0.0, where: str = "") -> None:
+    """Refuse a rank whose factors (r (out + in) per matrix, plus the `sparse` fraction of its rows)
+    would hold at least as many parameters as the hidden_dim x dim and dim x hidden_dim matrices
+    themselves: nothing saved, and a worse approximation than the matrix as it is."""
+    I, D = hidden_dim, dim
+    most = min((o * i - 1 - int(round(sparse * o)) * i) // (I + D) for o, i in ((I, D), (D, I)))
+    if rank > most:
+        if most >= 1:
+            fix = f"choose {option} <= {most}"
+        else:
+            fix = "lower mc_sparse (its rows alone fill the matrix)" if sparse else f"leave {option} unset"
+        raise ValueError(
+            f"{where}{option}={rank} saves nothing on experts of {I} x {D}: the factors r ({I} + {D})"
+            f"{f' and {sparse:g} of the rows' if sparse else ''} hold at least the matrix's {I * D} parameters; {fix}"
+        )
+
+
 def low_rank_sparse(edit: LayerEdit, rank: int, sparse: float) -> tuple[LayerEdit, int]:
     """The edit with its experts' gate (if gated), up and down replaced by rank-`rank` + sparse
     approximations; and their parameter count in compact form (r (out + in) + S's kept rows x in

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from moelab.compress.merging import logit_similarity, merged_layer, router_groups
 from moelab.compress.methods.base import LayerDecision, Method, Target
-from moelab.compress.methods.lowrank import compact_notes, low_rank_sparse
+from moelab.compress.methods.lowrank import check_rank_saves, compact_notes, low_rank_sparse
 from moelab.compress.stats import LayerStats
 from moelab.hf.view import MoELayerView
 
@@ -37,6 +37,10 @@ class MSMoE(Method):
 
     def options(self):
         return {"align": self.align, "mc_rank": self.mc_rank, "mc_sparse": self.mc_sparse}
+
+    def check_matrices(self, dim: int, hidden_dim: int, where: str = "") -> None:
+        if self.mc_rank is not None:
+            check_rank_saves("mc_rank", self.mc_rank, dim, hidden_dim, self.mc_sparse, where)
 
     def decide(self, layer: MoELayerView, stats: LayerStats, target: Target) -> LayerDecision:
         counts = stats.total("counts", halves=target.halves)

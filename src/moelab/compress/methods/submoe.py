@@ -28,7 +28,7 @@ from scipy.cluster.vq import kmeans2
 from moelab.compress.merging import expert_features, merged_layer, router_groups, scale_folded
 from moelab.compress.methods.base import LayerDecision, Method, Target
 from moelab.compress.methods.hcsmoe import _inputs, clusters_by_usage, sparing_labels
-from moelab.compress.methods.lowrank import compact_notes
+from moelab.compress.methods.lowrank import check_rank_saves, compact_notes
 from moelab.compress.stats import LayerStats
 from moelab.hf.edit import LayerEdit
 from moelab.hf.view import MoELayerView
@@ -47,6 +47,10 @@ class SubMoE(Method):
         if rank is not None and rank < 1:
             raise ValueError(f"sub_moe rank must be >= 1 (or None for no truncation), got {rank}")
         self.rank, self.seed = rank, seed
+
+    def check_matrices(self, dim: int, hidden_dim: int, where: str = "") -> None:
+        if self.rank is not None:
+            check_rank_saves("rank", self.rank, dim, hidden_dim, where=where)
 
     def options(self):
         return {"rank": self.rank, "seed": self.seed}
