@@ -149,6 +149,20 @@ def test_a_shard_truncated_after_it_was_opened_is_refused(tmp_path, read):
     ckpt.close()
 
 
+@pytest.mark.parametrize("read", ["get", "read_into", "header"])
+def test_a_shard_removed_after_the_checkpoint_was_opened_is_refused_clearly(tmp_path, read):
+    """The index was checked when the checkpoint opened; a shard deleted since is a CheckpointError
+    naming it and the fix, not FileNotFoundError (offloading reads experts long after opening)."""
+    save_file({"w": torch.zeros(8, 8)}, tmp_path / "model.safetensors")
+    ckpt = Checkpoint(tmp_path)
+    if read != "header":
+        ckpt.shape("w")  # the header read: the shard's identity recorded
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors was removed while moelab was using the checkpoint"):
+        _read_w(ckpt, "get" if read == "header" else read)
+    ckpt.close()
+
+
 @pytest.mark.parametrize("read", ["get", "read_into"])
 def test_a_shard_rewritten_while_a_tensor_is_read_is_refused(tmp_path, monkeypatch, read):
     """A writer rewrites the shard in place (same size, finite numbers) after the read's check and

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -103,7 +104,7 @@ class Checkpoint:
             raise CheckpointError(f"tensor {name!r} in {self.directory} has the unsupported dtype {raw.dtype}")
         offset, nbytes, shape = raw.offset, raw.nbytes, raw.shape
         data = bytearray(nbytes)
-        with open(raw.path, "rb") as f:
+        with _still_there(), open(raw.path, "rb") as f:
             self._check_unchanged(raw.path, os.fstat(f.fileno()))
             f.seek(offset)
             if f.readinto(data) != nbytes:
@@ -144,7 +145,8 @@ class Checkpoint:
         them, may have brought them in) and after it, and no read-ahead past them."""
         fd = self._files.get(path)
         if fd is None:
-            fd = self._files[path] = os.open(path, os.O_RDONLY)
+            with _still_there():
+                fd = self._files[path] = os.open(path, os.O_RDONLY)
         self._check_unchanged(path, os.fstat(fd))
         done, nbytes = 0, len(target)
         if uncached:  # whole pages: the kernel drops only those inside the range
@@ -207,8 +209,9 @@ class Checkpoint:
 
     def _header(self, shard: str) -> tuple[int, dict]:
         if shard not in self._headers:
-            self._stats[self.directory / shard] = _identity(os.stat(self.directory / shard))
-            self._headers[shard] = _read_header(self.directory / shard)
+            with _still_there():
+                self._stats[self.directory / shard] = _identity(os.stat(self.directory / shard))
+                self._headers[shard] = _read_header(self.directory / shard)
         return self._headers[shard]
 
     def stored(self, name: str) -> RawTensor | LazyTensor:
@@ -412,6 +415,23 @@ def byte_view(tensor: Tensor) -> memoryview:
     return memoryview(tensor.detach().view(torch.uint8).numpy()).cast("B")
 
 
+@contextmanager
+def _still_there():
+    """A shard that was there when the checkpoint was opened (its index checked) but is gone now:
+    a clear error instead of FileNotFoundError."""
+    try:
+        yield
+    except FileNotFoundError as err:
+        raise _removed(err.filename) from None
+
+
+def _removed(path) -> CheckpointError:
+    return CheckpointError(
+        f"{path} was removed while moelab was using the checkpoint (it was there when opened); do not "
+        "delete or move a checkpoint that is in use: restore the file, then reopen the checkpoint"
+    )
+
+
 def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
     """What changes when a file's content may have: its inode, size, modification time, and the
     inode's change time (a rewrite that sets the modification time back, as `rsync --inplace -t`
@@ -444,6 +464,9 @@ def _read_header(path: Path) -> tuple[int, dict]:
 
 
 def _safe_open(path: Path):
+    """A shard of an opened checkpoint (every shard was there when it opened)."""
+    if not path.exists():
+        raise _removed(path)
     return open_safetensors(path, error=CheckpointError)
 
 
