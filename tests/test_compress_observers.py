@@ -277,6 +277,25 @@ RESIDUAL_BEFORE_MOE = {
 }
 
 
+def test_compress_easy_ep_stops_calibrating_at_the_first_layer_it_cannot_read(tmp_path):
+    """AFMoE norms the block's output before adding it: compress with easy_ep stops its calibration
+    at the first MoE layer, saying why, instead of calibrating every layer and then refusing; the
+    layers done stay for a later run into the same output (another method) to resume."""
+    from moelab.compress import compress
+
+    path = tmp_path / "model"
+    build("afmoe", vocab_size=8192).save_pretrained(path)
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"layer 1: calibration stopped here, where it could not read 'easyep_sums'.*norm"):
+        compress(path, out, method="easy_ep", calib_options=SMALL, quiet=True)
+    [staging] = tmp_path.glob(".out.moelab-staging*")
+    info = json.loads((staging / "moelab_calibration" / "calibration.json").read_text())
+    assert info["moe_layers"][0] == 1 and not info["complete"] and info["done"] < len(info["moe_layers"])
+    report = compress(path, out, method="reap", ratio=0.5, calib_options=SMALL, quiet=True)
+    assert report["complete"]
+
+
 @pytest.mark.parametrize("family", list(RESIDUAL_BEFORE_MOE))
 def test_easy_ep_importance_of_a_calibration_uses_the_residual_entering_the_block(tmp_path, family):
     """End to end on a tiny transformers checkpoint: calibration's easyep_sums equal EASY-EP's

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +38,9 @@ from moelab.compress.gradients import (
 from moelab.compress.mixture import DEFAULT_SPEC, Mixture, build_mixture
 from moelab.compress.observers import (
     DEFAULT_OBSERVERS,
+    EASY_EP_UNREADABLE,
     OBSERVERS,
+    PARTIAL,
     MoECall,
     Observer,
     Tokens,
@@ -171,9 +174,13 @@ def run_calibration(
     *,
     quiet: bool = False,
     mtp: bool = True,
+    needed: Sequence[str] = (),
 ) -> dict:
     """Calibrate `model` into the directory `directory` (moelab's own, e.g. a staging
     directory), continuing what it holds if it was made for the same model, data and settings.
+    needed: the observers whose statistics the caller's method reads; a layer where one of them
+    could not be read (EASY-EP's, `PARTIAL`) stops the calibration there, with the reason, rather
+    than after the last layer.
     In a torch.distributed group, this process takes every world-th batch and the statistics
     are summed over the group; rank 0 writes them. mtp: also calibrate the checkpoint's
     multi-token prediction layer, if it has one (False: its statistics are left out, as
@@ -267,6 +274,7 @@ def run_calibration(
                 save_tape(directory, rank, world, index, states, runner.carry_taped_by(index))
             stats = _calibrate_layer(runner, index, states, tokens, mixture, options, world, step=step, looping=looping)
             if stats is not None:
+                _check_read(stats, needed)
                 coverage[str(index)] = int((stats.counts.sum((0, 1)) < COVERAGE_MIN_TOKENS).sum())
                 if rank == 0:
                     write_layer(directory, stats)
@@ -290,6 +298,7 @@ def run_calibration(
         if mtp_pending:
             index = runner.mtp_layers[0]
             stats = _calibrate_mtp(runner, ids, states, windows, mixture, options, backward, world)
+            _check_read(stats, needed)
             coverage[str(index)] = int((stats.counts.sum((0, 1)) < COVERAGE_MIN_TOKENS).sum())
             info |= {"mtp_done": True, "coverage": coverage}
             if rank == 0:
@@ -325,6 +334,16 @@ def run_calibration(
         if rank == 0:
             write_info(directory, info)
     return info
+
+
+def _check_read(stats: LayerStats, needed: Sequence[str]) -> None:
+    """Refuse a layer's statistics that lack one the observers `needed` could have left unread."""
+    for name in (field for observer in needed for field in OBSERVERS[observer].fields if field in PARTIAL):
+        if getattr(stats, name) is None:
+            raise ValueError(
+                f"layer {stats.layer}: calibration stopped here, where it could not read {name!r}, which the method "
+                f"needs: {EASY_EP_UNREADABLE}; choose another method (reap, frequency, moelab, ...)"
+            )
 
 
 def _calibrate_mtp(

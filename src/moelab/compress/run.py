@@ -117,7 +117,7 @@ def compress(
     timings: dict[str, float] = {}
     with StagedOutput(out, CHECKPOINT_KIND, inputs=inputs, overwrite=overwrite, resume=True) as staging:
         begin = time.perf_counter()
-        calibration = _statistics(model, staging, calib, stats, options, domains, quiet, mtp == "prune")
+        calibration = _statistics(model, staging, calib, stats, options, domains, quiet, mtp == "prune", needs)
         _check_needs(chosen.name, needs, calibration)
         _check_mtp_statistics(keep, calibration)
         _check_sample_size(chosen, fit, calibration.info["settings"].get("sample_tokens", 0))
@@ -256,12 +256,14 @@ def _layer_views(model: Path, method: Method, align: int = 1, mtp_layers: Sequen
 
 
 def _statistics(
-    model: Path, staging: Path, calib, stats, options: CalibrationOptions, domains, quiet: bool, mtp: bool = True
+    model: Path, staging: Path, calib, stats, options: CalibrationOptions, domains, quiet: bool, mtp: bool = True,
+    needs: Sequence[str] = (),
 ) -> Calibration:
     """The statistics to decide with: `stats` checked against the model, or a calibration of
     `model` on `calib` made (or resumed) inside the output. domains: checked to be among the
     calibration sources before any calibration; mtp: whether a calibration made here runs the
-    multi-token prediction layer (not where compress drops it)."""
+    multi-token prediction layer (not where compress drops it); needs: the observers the method
+    reads (a calibration made here stops at a layer where one could not be read)."""
     if stats is not None:
         calibration = Calibration(stats)
         calibration.check_model(fingerprint(model), model)
@@ -278,7 +280,7 @@ def _statistics(
     _check_domains(domains, mixture.source_names)
     directory = staging / STATS_DIR
     directory.mkdir(exist_ok=True)
-    run_calibration(model, directory, mixture, options, quiet=quiet, mtp=mtp)
+    run_calibration(model, directory, mixture, options, quiet=quiet, mtp=mtp, needed=needs)
     return Calibration(directory)
 
 
