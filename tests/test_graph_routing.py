@@ -117,3 +117,19 @@ def test_graph_routers_need_sequences_and_attention_context():
         layer(torch.randn(1, 5, 8))
     with pytest.raises(ValueError, match="tau must be > 0"):
         SimilarityRouter(8, 4, 2, tau=0.0)
+
+
+@pytest.mark.parametrize("router", ["graph_sim", "graph_attn"])
+@pytest.mark.parametrize("shape", [(2, 0), (0, 3)], ids=["no-positions", "no-sequences"])
+def test_graph_routed_layer_takes_an_empty_batch(router, shape):
+    """An empty input [B, 0, D] or [0, S, D] (an empty micro-batch) gives an empty output, finite
+    losses and a backward, as every token-wise router does (the router reshaped to [0, -1], which
+    torch cannot infer, and failed)."""
+    layer = build_moe(MoEConfig(dim=8, num_experts=4, hidden_dim=4, router=router, z_coef=1e-3, entropy_coef=1e-2))
+    x = torch.zeros(*shape, 8, requires_grad=True)
+    context = {"q": torch.zeros(*shape[:1], 2, *shape[1:], 4), "k": torch.zeros(*shape[:1], 1, *shape[1:], 4)}
+    y, result = layer(x, context=context if router == "graph_attn" else None)
+    assert y.shape == x.shape and result.tokens_per_expert.tolist() == [0] * 4
+    assert all(torch.isfinite(v) for v in result.losses.values())
+    (y.sum() + result.loss).backward()
+    assert x.grad.shape == x.shape

@@ -204,3 +204,26 @@ def test_router_refuses_bad_settings_itself(options, message):
     with pytest.raises(ValueError, match="token_fraction=0.25 has no effect with selection='causal'"):
         UoEConfig(token_fraction=0.25)
     UoEConfig(token_fraction=0.25, selection="reference")
+
+
+@pytest.mark.parametrize("selection", ["causal", "reference"])
+@pytest.mark.parametrize("shape", [(2, 0), (0, 3)], ids=["no-positions", "no-sequences"])
+def test_an_empty_batch_gives_an_empty_output(selection, shape):
+    """Selective attention and the UoE MLP layer take an empty input [B, 0, D] or [0, S, D] (an
+    empty micro-batch): an empty output, finite losses, and a backward (the router reshaped to
+    [.., -1], which torch cannot infer for no elements, and failed)."""
+    from moelab.nn import MoELayer, SwiGLUExperts
+
+    torch.manual_seed(0)
+    config = UoEConfig(attn_top_k=2, selection=selection, balance_coef=0.1)
+    attn = SelectiveAttention(16, 4, config)
+    mlp = MoELayer(config.router(16, 4, "mlp"), SwiGLUExperts(4, 16, 8), balance_coef=0.1)
+    cos, sin = rope_tables(4, 16, 10000.0)
+    x = torch.zeros(*shape, 16, requires_grad=True)
+    y, result = attn(x, cos[: shape[1]], sin[: shape[1]])
+    z, mlp_result = mlp(x)
+    for out, res in ((y, result), (z, mlp_result)):
+        assert out.shape == x.shape and res.tokens_per_expert.sum() == 0
+        assert torch.isfinite(res.loss)
+    (y.sum() + z.sum() + result.loss + mlp_result.loss).backward()
+    assert x.grad.shape == x.shape

@@ -51,9 +51,10 @@ class GraphRouter(Router):
     def forward(self, x: Tensor, context: dict[str, Tensor] | None = None) -> Routing:
         if x.dim() != 3:
             raise ValueError(f"{type(self).__name__} needs x of shape [batch, seq, {self.dim}], got {list(x.shape)}")
-        B, S, _ = x.shape
-        logits = self.router_logits(x.reshape(B * S, -1))
-        mixed = self.mix(x, logits.softmax(-1).view(B, S, -1), context or {}).reshape(B * S, -1)
+        B, S, D = x.shape
+        E = self.num_experts
+        logits = self.router_logits(x.reshape(B * S, D))
+        mixed = self.mix(x, logits.softmax(-1).view(B, S, E), context or {}).reshape(B * S, E)
         weights, indices = mixed.topk(self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

@@ -182,9 +182,10 @@ class UoERouter(Router):
 
     def forward(self, x: Tensor, context: dict[str, Tensor] | None = None) -> Routing:
         B, S, D = x.shape
+        E = self.num_experts
         logits = self.router_logits(x.reshape(B * S, D))
         probs = logits.softmax(-1)
-        scores = probs.view(B, S, -1)
+        scores = probs.view(B, S, E)
         allowed = None
         if self.expert_weight is not None:
             if self.causal:  # the mean of the prefix: tokens <= t
@@ -205,13 +206,15 @@ class UoERouter(Router):
             weights = kept * chosen.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp(min=1e-20)
         else:
             weights = chosen.float()
-        experts = torch.arange(self.num_experts, device=x.device).expand(B * S, -1)
-        indices = experts.masked_fill(~chosen.view(B * S, -1), -1)
-        return Routing(indices, weights.reshape(B * S, -1), logits, probs)
+        experts = torch.arange(E, device=x.device).expand(B * S, E)
+        indices = experts.masked_fill(~chosen.view(B * S, E), -1)
+        return Routing(indices, weights.reshape(B * S, E), logits, probs)
 
     def _reference_selection(self, scores: Tensor, chosen: Tensor) -> Tensor:
         """The reference's per-(sequence, expert) token pick: scores masked to the token choice,
         normalised across the batch, then the top L' tokens of each (sequence, expert)."""
+        if chosen.numel() == 0:  # no sequence or no position: nothing to pick
+            return chosen
         masked = scores * chosen
         normalised = masked / (masked.sum(0, keepdim=True) + 1e-8)
         S = scores.shape[1]
@@ -258,7 +261,8 @@ class SelectiveAttention(nn.Module):
         chosen = (routing.indices >= 0).view(B, S, H).transpose(1, 2)  # [B, H, S]
         gates = routing.weights.view(B, S, H).transpose(1, 2).to(x.dtype)
         counts = chosen.sum(-1)  # [B, H]
-        width = max(int(counts.max()), 1)  # L'
+        most = int(counts.max()) if counts.numel() else 0
+        width = min(max(most, 1), S)  # L' (heads that took no token keep one padded slot; none where S = 0)
         positions = torch.arange(S, device=x.device)
         # [B, H, L']: the chosen tokens first, in position order, then padding
         order = torch.where(chosen, positions, positions + S).argsort(-1)[..., :width]
