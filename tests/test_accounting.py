@@ -149,7 +149,7 @@ def test_chain_of_experts_with_more_expert_calls_than_experts():
 def test_uoe_active_params_take_the_share_of_heads_and_slices():
     """UoE with 2 of 4 heads and 1 of 2 MLP slices per token (H != E), routers with biases: the
     count matches the model, and a token uses half of the attention projections and of the slices."""
-    uoe = UoEConfig(attn_top_k=2, mlp_experts=2, mlp_top_k=1, router_bias=True)
+    uoe = UoEConfig(attn_top_k=2, mlp_experts=2, mlp_top_k=1, router_bias=True, balance_coef=0.01)
     cfg = variant(moe=None, uoe=uoe, n_kv_heads=None, first_k_dense=0)
     model = MoETransformer(cfg)
     total = sum(p.numel() for p in model.parameters())

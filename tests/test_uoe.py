@@ -80,7 +80,7 @@ def naive_selective_attention(attn: SelectiveAttention, x, chosen, gates, cos, s
 
 
 @pytest.mark.parametrize("compact", [False, True])
-@pytest.mark.parametrize("config", [UoEConfig(attn_top_k=2), UoEConfig(attn_top_k=1, attn_expert_top_k=3)], ids=["k2", "k1-es3"])
+@pytest.mark.parametrize("config", [UoEConfig(attn_top_k=2), UoEConfig(attn_top_k=1, attn_expert_top_k=3, balance_coef=0.01)], ids=["k2", "k1-es3"])
 def test_selective_attention_matches_a_naive_loop_forward_and_backward(config, compact):
     torch.manual_seed(0)
     attn = SelectiveAttention(32, 4, dataclasses.replace(config, positions="compact" if compact else "real")).double()
@@ -227,3 +227,22 @@ def test_an_empty_batch_gives_an_empty_output(selection, shape):
         assert torch.isfinite(res.loss)
     (y.sum() + z.sum() + result.loss + mlp_result.loss).backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("part", ["attn", "mlp"])
+def test_a_gated_top_1_router_without_a_balance_loss_is_refused(part):
+    """With one expert per token the causal gate n * s / sum s is exactly 1, so gate='router' would
+    leave the router (and the expert-selection gate) without any gradient, silently as gate='none'
+    (the LRA reference's 1 of 2 heads). Refused, naming the fixes; with a balance loss the router
+    learns from it and the setting is taken, as with the reference selection, whose gates vary."""
+    k = {f"{part}_top_k": 1}
+    with pytest.raises(ValueError, match=rf"UoEConfig.{part}_top_k=1 with gate='router'.*no gradient.*top_k >= 2"):
+        UoEConfig(**k)
+    UoEConfig(**k, balance_coef=0.01)
+    UoEConfig(**k, gate="none")
+    UoEConfig(**k, selection="reference")
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    for router in (UoERouter(8, 4, 1), UoERouter(8, 4, 1, expert_top_k=2)):  # every gate exactly 1
+        routing = router(x)
+        assert torch.equal(routing.weights, (routing.indices >= 0).float())

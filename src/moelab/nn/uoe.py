@@ -23,6 +23,7 @@ Two behaviours, chosen by `selection` and `gate`:
   expert outputs, gate_e = n * s_e / sum_chosen s (s = token probability times the sequence-level
   probability, n = experts chosen), so the router trains and the gates average 1 over a token's
   experts: with every expert chosen and a uniform router the block is exactly the dense block.
+  With one expert per token that gate is 1, so `UoEConfig` asks for a balance loss there.
 - reference code (`selection="reference"`, `gate="none"`): scores are normalised across the
   batch dimension after a top-k mask, each (sequence, expert) then takes its top L' tokens, L'
   the largest number of routed tokens of any (sequence, expert) (attention) or a fixed
@@ -99,6 +100,19 @@ class UoEConfig:
             raise ValueError(
                 f"UoEConfig.token_fraction={self.token_fraction} has no effect with selection={self.selection!r} "
                 "(only the reference selection reads it); set selection='reference' or leave it out"
+            )
+        for part in ("attn", "mlp"):
+            self._check_gate_trains(part)
+
+    def _check_gate_trains(self, part: str) -> None:
+        """A causal router choosing one expert per token gates it by n * s / sum s = 1 exactly, so
+        gate='router' alone would leave it without a gradient (as gate='none' does, silently)."""
+        top_k = getattr(self, f"{part}_top_k")
+        if top_k == 1 and self.gate == "router" and self.selection == "causal" and not self.balance_coef:
+            raise ValueError(
+                f"UoEConfig.{part}_top_k=1 with gate='router': a token's one gate is n * s / sum s = 1, so the "
+                f"router gets no gradient; use {part}_top_k >= 2, a balance_coef > 0 (the router then learns "
+                "from the balance loss), or gate='none' (the reference's untrained router)"
             )
 
     def check_heads(self, n_heads: int) -> None:
