@@ -113,9 +113,9 @@ def test_expert_choice_picks_tokens_per_expert_by_hand():
 
 def test_relu_router_rms_norm_by_hand():
     """BlockFFN: logits [2, -1, 0, 1] -> a = relu = [2, 0, 0, 1] (a logit of 0 is inactive), mean
-    a^2 = 5/4, a_hat = a / sqrt(5/4 + eps) = [4, 0, 0, 2] / sqrt(5); the gate is g * a_hat with
+    a^2 = 5/4, a_hat = a / sqrt(5/4 + eps) = [4, 0, 0, 2] / sqrt(5) (eps 1e-12); the gate is g * a_hat with
     g = [1, 1, 1, 0.5]; p = a_hat / (sum a_hat + 1e-5) ~ [2/3, 0, 0, 1/3]."""
-    router = ReLURouter(4, 4, eps=0.0)
+    router = ReLURouter(4, 4, eps=1e-12)
     with torch.no_grad():
         router.norm_weight.copy_(torch.tensor([1.0, 1.0, 1.0, 0.5]))
     routing = router(logit_router(router, [[2.0, -1.0, 0.0, 1.0]]))

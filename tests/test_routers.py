@@ -20,8 +20,12 @@ from moelab.nn import (
     ExpertChoiceRouter,
     HashRouter,
     MoEConfig,
+    MoELayer,
     ReLURouter,
     ScaledRMSNorm,
+    SimilarityRouter,
+    SparseMixerRouter,
+    SwiGLUExperts,
     TopKRouter,
     TopPRouter,
     attach_selection_bias_update,
@@ -759,3 +763,32 @@ def test_rexmoe_router_refuses_bad_settings(args, message):
     for fraction in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"PSR progress must lie in \[0, 1\]"):
             router.set_progress(fraction)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: TopKRouter(D, E, 2, route_scale=0.0), r"route_scale must be a positive finite number .*, got 0.0"),
+        (lambda: TopKRouter(D, E, 2, route_scale=float("nan")), "route_scale must be a positive finite number"),
+        (lambda: HashRouter(D, E, 10, 2, route_scale=-1.0), "route_scale must be a positive finite number"),
+        (lambda: ReLURouter(D, E, eps=0.0), r"eps must be a positive finite number .*, got 0.0"),
+        (lambda: ReLURouter(D, E, eps=float("nan")), "eps must be a positive finite number"),
+        (lambda: SparseMixerRouter(D, E, jitter_eps=0.1, top_k=1.5), "top_k must be an integer, got float 1.5"),
+        (lambda: SparseMixerRouter(D, E, jitter_eps=float("nan")), "jitter_eps must be >= 0 and finite, got nan"),
+        (lambda: SimilarityRouter(D, E, 2, tau=float("nan")), r"graph temperature tau must be > 0 and finite \(or None: sqrt\(dim\)\), got nan"),
+        (lambda: MoELayer(TopKRouter(D, E, 2), SwiGLUExperts(E, D, 4), capacity_factor=float("nan")),
+         r"capacity_factor must be > 0 \(or None for dropless\) and finite, got nan"),
+        (lambda: TopKRouter(D, E, 2, selection_bias=True).update_selection_bias(float("nan")),
+         "selection bias update rate must be a finite number >= 0"),
+        (lambda: attach_selection_bias_update(torch.optim.SGD([torch.zeros(1)], lr=0.1),
+                                              TopKRouter(D, E, 2, selection_bias=True), rate=-1e-3),
+         r"bias update rate must be a finite number >= 0 \(0 leaves the bias\), got -0.001"),
+    ],
+)  # fmt: skip
+def test_routers_built_directly_refuse_bad_numbers(build, message):
+    """What MoEConfig refuses, the routers (and the layer) refuse when built directly: a route scale
+    of 0, < 0 or NaN (zero, flipped or NaN outputs), a ReLU router's eps of 0 (NaN gates for a token
+    with no active expert: 0 * rsqrt(0)), a sparsemixer's fractional top_k or NaN jitter, a NaN graph
+    temperature or capacity factor, a NaN or negative bias step (it would move the bias the wrong way)."""
+    with pytest.raises(ValueError, match=message):
+        build()

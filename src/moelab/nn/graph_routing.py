@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.nn.routers import Router, Routing, check_top_k
+from moelab.validation import is_positive_finite
 
 
 class GraphRouter(Router):
@@ -69,8 +70,8 @@ class SimilarityRouter(GraphRouter):
         self, dim: int, num_experts: int, top_k: int, *, learned: bool = True, tau: float | None = None, **kwargs
     ):
         super().__init__(dim, num_experts, top_k, **kwargs)
-        if tau is not None and tau <= 0:
-            raise ValueError(f"graph temperature tau must be > 0, got {tau}")
+        if tau is not None and not is_positive_finite(tau):
+            raise ValueError(f"graph temperature tau must be > 0 and finite (or None: sqrt(dim)), got {tau}")
         self.tau = math.sqrt(dim) if tau is None else tau
         self.similarity = nn.Linear(dim, dim, bias=False) if learned else None
         if self.similarity is not None:

@@ -24,7 +24,7 @@ from moelab.nn.latent import LatentProjection
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
 from moelab.nn.opaque import register, routed_experts
 from moelab.nn.routers import Router, Routing, deferred_logit_check, dynamic_skip, skip_weak_experts
-from moelab.validation import is_int
+from moelab.validation import is_int, is_positive_finite
 
 
 @dataclass
@@ -241,8 +241,8 @@ class MoELayer(nn.Module):
             )
         if sparsity_window < 1:
             raise ValueError(f"sparsity_window must be >= 1, got {sparsity_window}")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {capacity_factor}")
+        if capacity_factor is not None and not is_positive_finite(capacity_factor):
+            raise ValueError(f"capacity_factor must be > 0 (or None for dropless) and finite, got {capacity_factor}")
         self.router = router
         self.experts = experts
         self.shared = shared

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from moelab.nn.hooks import forward_hooked
-from moelab.validation import is_int, is_positive_finite
+from moelab.validation import is_int, is_number, is_positive_finite
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 GROUP_SCORES = ("max", "top2")  # how a group-limited router scores a group (`group_scoring`)
@@ -233,6 +233,7 @@ class TopKRouter(Router):
             raise ValueError(f"logit_softcap must be a positive finite number (or None), got {logit_softcap!r}")
         if not is_positive_finite(logit_scale):
             raise ValueError(f"logit_scale must be a positive finite number, got {logit_scale!r}")
+        check_route_scale(route_scale)
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
         check_groups(num_experts, top_k, n_group, topk_group)
@@ -349,6 +350,7 @@ class TopKRouter(Router):
         group: data-parallel ranks whose summed load decides (every rank then moves alike)."""
         if self.selection_bias is None:
             raise ValueError("update_selection_bias needs a router built with selection_bias=True")
+        check_bias_rate(rate)
         load = self.tokens_per_expert
         if group is not None:
             dist.all_reduce(load, group=group)
@@ -405,6 +407,7 @@ class HashRouter(Router):
         super().__init__(dim, num_experts, bias=bias)
         check_top_k(top_k, num_experts)
         _check_positive(vocab_size=vocab_size)
+        check_route_scale(route_scale)
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
         self.top_k = top_k
@@ -554,6 +557,10 @@ class ReLURouter(Router):
 
     def __init__(self, dim: int, num_experts: int, *, eps: float = 1e-6, bias: bool = False):
         super().__init__(dim, num_experts, bias=bias)
+        if not is_positive_finite(eps):
+            raise ValueError(
+                f"eps must be a positive finite number (a token with no active expert is normed by 0 / sqrt(eps)), got {eps!r}"
+            )
         self.eps = eps
         self.norm_weight = nn.Parameter(torch.ones(num_experts))
         self.top_k = num_experts
@@ -605,6 +612,7 @@ def attach_selection_bias_update(
     routers = [m for m in model.modules() if isinstance(m, TopKRouter) and m.selection_bias is not None]
     if not routers:
         raise ValueError("model has no TopKRouter built with selection_bias=True; nothing to update")
+    check_bias_rate(rate)
 
     def hook(*_):
         for router in routers:
@@ -627,6 +635,18 @@ def _check_budget(budget: ComputeBudget, num_choices: int, top_k: int, selection
             f"a computation budget's target (experts computed per token) must lie in (0, min(top_k, num_experts)"
             f" = {min(top_k, N)}], got {target!r}"
         )
+
+
+def check_route_scale(route_scale: float) -> None:
+    if not is_positive_finite(route_scale):
+        raise ValueError(
+            f"route_scale must be a positive finite number (it multiplies the routed output), got {route_scale!r}"
+        )
+
+
+def check_bias_rate(rate: float) -> None:
+    if not (is_number(rate) and math.isfinite(rate) and rate >= 0):
+        raise ValueError(f"the selection bias update rate must be a finite number >= 0 (0 leaves the bias), got {rate!r}")
 
 
 def check_top_k(k: int, num_experts: int, name: str = "top_k") -> None:

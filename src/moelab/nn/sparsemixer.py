@@ -5,10 +5,13 @@ Shape legend: T tokens, D model dim, E experts, K slots per token.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from moelab.nn.routers import Router, Routing
+from moelab.nn.routers import Router, Routing, check_top_k
+from moelab.validation import is_number
 
 
 class SparseMixerRouter(Router):
@@ -24,10 +27,9 @@ class SparseMixerRouter(Router):
 
     def __init__(self, dim: int, num_experts: int, *, jitter_eps: float, top_k: int = 2, bias: bool = False):
         super().__init__(dim, num_experts, bias=bias)
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must lie in [1, num_experts={num_experts}], got {top_k}")
-        if jitter_eps < 0:
-            raise ValueError(f"jitter_eps must be >= 0, got {jitter_eps}")
+        check_top_k(top_k, num_experts)
+        if not (is_number(jitter_eps) and math.isfinite(jitter_eps) and jitter_eps >= 0):
+            raise ValueError(f"jitter_eps must be >= 0 and finite, got {jitter_eps}")
         self.jitter_eps = jitter_eps
         self.top_k = top_k
 
