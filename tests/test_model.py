@@ -699,6 +699,9 @@ def test_generate_refuses_empty_prompts_foreign_ids_and_compiling_past_hooks():
     model = make_model().eval()
     with pytest.raises(ValueError, match=r"hold no tokens \(\[batch, 0\]\)"):
         model.generate(torch.zeros(1, 0, dtype=torch.long), 2)
+    for run in (model, lambda ids: model.generate(ids, 2)):  # torch's reshape of 0 elements to [0, S, -1] failed
+        with pytest.raises(ValueError, match=r"hold no sequences \(\[0, seq\]\)"):
+            run(torch.zeros(0, 4, dtype=torch.long))
     for bad in (-1, model.config.vocab_size):
         ids = random_ids(batch=1, seq=4)
         ids[0, 2] = bad

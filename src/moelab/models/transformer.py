@@ -628,6 +628,8 @@ class MoETransformer(nn.Module):
         B, S = input_ids.shape
         if S == 0:
             raise ValueError("input_ids hold no tokens ([batch, 0]); give at least one token per sequence")
+        if B == 0:
+            raise ValueError("input_ids hold no sequences ([0, seq]); give at least one sequence")
         if targets is not None and targets.shape != input_ids.shape:
             raise ValueError(f"targets must have input_ids' shape {[B, S]}, got {list(targets.shape)}")
         limit = self.config.max_seq_len if kv_cache is None else kv_cache.max_len
