@@ -271,6 +271,33 @@ def test_what_would_be_misread_is_refused_when_the_checkpoint_opens(tmp_path):
             open_checkpoint(tmp_path / "plain")
 
 
+def test_a_scale_that_cannot_be_read_is_refused_by_name_when_the_checkpoint_opens(tmp_path):
+    """A scale of another shape than the weight's blocks, or of an integer dtype other than ue8m0
+    bytes, is refused from the headers (shapes_only too), naming the weight and its scale: not
+    when the weight is first decoded, hours into a calibration. One scale for a whole weight reads
+    as [1], [] or [1, 1]; stacked weights take one grid per matrix."""
+    q, s = quantized(torch.randn(20, 12), BLOCK)  # scales [2, 2]
+    cases = {
+        "rows": ({"w.weight": q, "w.weight_scale_inv": s[:1]}, r"\[1, 2\] do not tile w.weight \[20, 12\] .*expected \[2, 2\]"),
+        "columns": ({"w.weight": q, "w.weight_scale_inv": s[:, :1].contiguous()}, r"\[2, 1\] do not tile"),
+        "stacked": ({"w.weight": torch.stack([q, q]), "w.weight_scale_inv": s}, r"\[2, 2\] do not tile w.weight \[2, 20, 12\]"),
+        "int": ({"w.weight": q, "w.weight_scale_inv": s.to(torch.int32)}, "w.weight_scale_inv is torch.int32"),
+        "vector": ({"w.weight": q[0], "w.weight_scale_inv": s[0, :1]}, r"w.weight is a float8 tensor of shape \[12\]"),
+    }
+    for name, (tensors, message) in cases.items():
+        directory = _checkpoint(tmp_path / name, tensors, FP8)
+        for shapes_only in (True, False):
+            with pytest.raises(CheckpointError, match=message):
+                _open(directory, shapes_only=shapes_only)
+    one = quantized(torch.randn(12, 6), BLOCK)  # a single block
+    for i, stored in enumerate((one[1].reshape(1), one[1].reshape(()), one[1])):
+        with _open(_checkpoint(tmp_path / f"one{i}", {"w.weight": one[0], "w.weight_scale_inv": stored}, FP8)) as ckpt:
+            assert torch.equal(ckpt.get("w.weight"), per_block(*one, BLOCK))
+    stacked = {"w.weight": torch.stack([q, q]), "w.weight_scale_inv": torch.stack([s, 2 * s])}
+    with _open(_checkpoint(tmp_path / "stacked_ok", stacked, FP8)) as ckpt:
+        assert torch.equal(ckpt.get("w.weight", range(1, 2))[0], per_block(q, 2 * s, BLOCK))
+
+
 # ----------------------------------------------------------------------------- writing float8 (keep_quantized)
 
 

@@ -152,6 +152,17 @@ def fp8_block_size(config: dict, source: Path) -> tuple[int, int]:
 ROWS_PER_STEP = 128  # rows dequantized together: a few MB of float32 beside the output
 
 
+def scale_grid(
+    weight: tuple[int, ...], scales: tuple[int, ...], block: tuple[int, int]
+) -> tuple[int, ...] | None:
+    """The shape scales [..., ceil(O / bo), ceil(I / bi)] of a weight [..., O, I] in blocks `block`
+    take; None where `scales` is that grid, or one scale for a whole 2-D weight stored as [1] or []."""
+    (O, I), (bo, bi) = weight[-2:], block
+    want = (*weight[:-2], -(-O // bo), -(-I // bi))
+    one = len(weight) == 2 and want == (1, 1) and tuple(scales) in ((), (1,), (1, 1))
+    return None if one or tuple(scales) == want else want
+
+
 def dequantized(
     q: Tensor, scales: Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float32
 ) -> Tensor:
@@ -171,16 +182,14 @@ def dequantized(
             f"scales of dtype {scales.dtype} for a weight of shape {list(q.shape)}: moelab reads float scales and "
             "ue8m0 bytes only"
         )
-    want = (*q.shape[:-2], -(-O // bo), -(-I // bi))
-    if scales.numel() == 1 and want[-2:] == (1, 1) and q.dim() == 2:
-        scales = scales.reshape(1, 1)
-    if tuple(scales.shape) != want:
+    if (want := scale_grid((*q.shape[:-1], I), tuple(scales.shape), block)) is not None:
         raise CheckpointError(
             f"scales of shape {list(scales.shape)} do not tile a weight of shape {list(q.shape)} in blocks of "
             f"{bo} x {bi} (expected {list(want)}); the checkpoint does not match its quantization_config"
         )
     out = torch.empty((*q.shape[:-1], I), dtype=dtype)
-    matrices, row_scales, outs = q.reshape(-1, O, q.shape[-1]), scales.reshape(-1, *want[-2:]), out.view(-1, O, I)
+    matrices, outs = q.reshape(-1, O, q.shape[-1]), out.view(-1, O, I)
+    row_scales = scales.reshape(-1, -(-O // bo), -(-I // bi))
     for m in range(matrices.shape[0]):
         for start in range(0, O, ROWS_PER_STEP):
             stop = min(start + ROWS_PER_STEP, O)
@@ -380,6 +389,11 @@ class Float8Checkpoint(DequantizedCheckpoint):
                 "be dequantized"
             )
         self._scales[key] = scale
+        if len(stored) < 2:
+            raise CheckpointError(
+                f"{self.directory}: {key} is a float8 tensor of shape {list(stored)} with a scale {scale}; moelab reads "
+                "float8 weights [..., rows, columns] only"
+            )
         module = key.removesuffix("weight")
         if self._stores(module + "weight_g_idx"):
             raise CheckpointError(
@@ -398,7 +412,18 @@ class Float8Checkpoint(DequantizedCheckpoint):
                 raise CheckpointError(
                     f"{self.directory}: {original} {list(shape)} does not fit {key} {list(stored)}"
                 )
-        self._blocks[key] = self.scheme.block(stored)
+        self._blocks[key] = block = self.scheme.block(stored)
+        scale_dtype, grid = self.entry(scale)
+        if not (DTYPES.get(scale_dtype, torch.int8).is_floating_point or scale_dtype == "U8"):
+            raise CheckpointError(
+                f"{self.directory}: {scale} is {DTYPES.get(scale_dtype, scale_dtype)}; moelab reads float scales and "
+                f"ue8m0 bytes (uint8) only, so {key} cannot be dequantized"
+            )
+        if (want := scale_grid(stored, grid, block)) is not None:
+            raise CheckpointError(
+                f"{self.directory}: {scale} {list(grid)} do not tile {key} {list(stored)} in blocks of {block[0]} x "
+                f"{block[1]} (expected {list(want)}); the checkpoint does not match its quantization_config"
+            )
         self._decodes(key, shape, key)
 
     def _check_fp4(self, key: str, stored: tuple[int, ...], scale: str) -> None:
