@@ -658,3 +658,30 @@ def test_keep_quantized_checks_no_expert_was_left_plain(releases, tmp_path, monk
             releases[family][0], tmp_path / "out", [0], keep_quantized=True, reload=False, quiet=True
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_keep_quantized_refuses_a_layer_whose_experts_are_partly_plain(releases, tmp_path):
+    """A layer with some experts float8 and others plain (transformers loads neither that source nor
+    such an output: it stacks a layer's experts in one format): keep_quantized refuses it up front,
+    naming the layer and a weight of each kind, whether the plain expert is kept or dropped (not a
+    postcondition failure blamed on moelab after the work, nor a merged expert written plain because
+    its first source was); plain writing reads it as it is."""
+    fp8, _ = releases["qwen3_moe"]
+    with open_checkpoint(releases["qwen3_moe"][1]) as view:
+        plain_down = view.layer(1).experts.down[2].clone()
+
+    def expert_2_plain(tensors):
+        del tensors["model.layers.1.mlp.experts.2.down_proj.weight_scale_inv"]
+        return tensors | {"model.layers.1.mlp.experts.2.down_proj.weight": plain_down}
+
+    mixed = _variant(fp8, tmp_path / "mixed", expert_2_plain)
+    for dropped in ([0], [2]):
+        with pytest.raises(
+            ValueError,
+            match=r"layer 1 stores .*experts.0.down_proj.weight quantized but .*experts.2.down_proj.weight plain",
+        ):
+            drop_experts(mixed, tmp_path / "out", {1: dropped}, keep_quantized=True, reload=False, quiet=True)
+        assert not (tmp_path / "out").exists()
+    out = drop_experts(mixed, tmp_path / "plain", {1: [0, 3]}, reload=False, quiet=True)
+    with open_checkpoint(out) as view:
+        assert torch.equal(view.layer(1).experts.down[1], plain_down)

@@ -32,7 +32,7 @@ from moelab.hf.float8 import (
     quantize,
     quantize_fp4,
 )
-from moelab.hf.layouts import Family, PerExpert, TransposedGateUp
+from moelab.hf.layouts import Family, PerExpert, TransposedGateUp, expert_indices
 from moelab.hf.mxfp4 import BLOCKS, GROUP_BYTES, SCALES, Mxfp4Checkpoint, dequantized_mxfp4, quantized_mxfp4
 from moelab.hf.postconditions import postcondition_error
 from moelab.hf.view import MoELayerView
@@ -88,7 +88,8 @@ def _width_align(ckpt: Float8Checkpoint | Mxfp4Checkpoint, family: Family, layer
 def check_quantized_output(ckpt: Checkpoint, family: Family, edits: Iterable[int]) -> None:
     """keep_quantized needs a quantized source whose edited layers (`edits`: their indices) store
     their experts as its releases do: float8 (or DeepSeek-V4's FP4) ones as modules of their own,
-    with a router that is not quantized; MXFP4 ones (GPT-OSS) stacked and transposed, both projections MXFP4."""
+    each projection quantized in all of a layer's experts or in none, with a router that is not
+    quantized; MXFP4 ones (GPT-OSS) stacked and transposed, both projections MXFP4."""
     if not isinstance(ckpt, Float8Checkpoint | Mxfp4Checkpoint):
         raise ValueError(
             f"keep_quantized writes a quantized checkpoint (FP8, MXFP4) in its own format, but {ckpt.directory} is not "
@@ -116,6 +117,22 @@ def check_quantized_output(ckpt: Checkpoint, family: Family, edits: Iterable[int
             raise ValueError(
                 f"keep_quantized: layer {index}'s router weight is float8; moelab edits plain routers only"
             )
+        _check_one_format(ckpt, layout.experts, prefix, index)
+
+
+def _check_one_format(ckpt: Float8Checkpoint, experts: PerExpert, prefix: str, index: int) -> None:
+    """Every expert of layer `index` stores each projection as expert 0 does, quantized or plain:
+    transformers stacks a layer's experts in one format, and a merged expert has one."""
+    first = experts.parts(ckpt, prefix, 0)
+    for e in expert_indices(ckpt, prefix + experts.down):
+        for part, reference in zip(experts.parts(ckpt, prefix, e), first):
+            if ckpt.is_quantized(part.name) != ckpt.is_quantized(reference.name):
+                quantized, plain = (reference, part) if ckpt.is_quantized(reference.name) else (part, reference)
+                raise ValueError(
+                    f"keep_quantized: layer {index} stores {quantized.name} quantized but {plain.name} plain; "
+                    "transformers loads a layer's experts in one format, so the output could not be loaded either. "
+                    "Write plain weights (without keep_quantized)"
+                )
 
 
 def check_still_quantized(
