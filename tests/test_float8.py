@@ -660,12 +660,13 @@ def test_keep_quantized_checks_no_expert_was_left_plain(releases, tmp_path, monk
     assert not (tmp_path / "out").exists()
 
 
-def test_keep_quantized_refuses_a_layer_whose_experts_are_partly_plain(releases, tmp_path):
+def test_keep_quantized_refuses_a_layer_whose_experts_are_stored_in_two_formats(releases, tmp_path):
     """A layer with some experts float8 and others plain (transformers loads neither that source nor
-    such an output: it stacks a layer's experts in one format): keep_quantized refuses it up front,
-    naming the layer and a weight of each kind, whether the plain expert is kept or dropped (not a
-    postcondition failure blamed on moelab after the work, nor a merged expert written plain because
-    its first source was); plain writing reads it as it is."""
+    such an output: it stacks a layer's experts in one format), or one expert without the activation
+    scale the others have: keep_quantized refuses it up front, naming the weights, whether the odd
+    expert is kept or dropped (not a postcondition failure blamed on moelab after the work, a merged
+    expert written plain because its first source was, or one without an activation scale); plain
+    writing reads it as it is."""
     fp8, _ = releases["qwen3_moe"]
     with open_checkpoint(releases["qwen3_moe"][1]) as view:
         plain_down = view.layer(1).experts.down[2].clone()
@@ -685,3 +686,14 @@ def test_keep_quantized_refuses_a_layer_whose_experts_are_partly_plain(releases,
     out = drop_experts(mixed, tmp_path / "plain", {1: [0, 3]}, reload=False, quiet=True)
     with open_checkpoint(out) as view:
         assert torch.equal(view.layer(1).experts.down[1], plain_down)
+
+    def one_activation_scale_missing(tensors):
+        for key in [k for k in tensors if k.endswith("_scale_inv") and k != "model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"]:
+            tensors[key.removesuffix("weight_scale_inv") + "activation_scale"] = torch.tensor([0.5])
+        return tensors
+
+    static = _variant(fp8, tmp_path / "static", one_activation_scale_missing)
+    with pytest.raises(
+        ValueError, match=r"experts.3.up_proj.weight is stored with \['weight', 'weight_scale_inv'\], but .*experts.0"
+    ):
+        drop_experts(static, tmp_path / "out", {1: [0]}, keep_quantized=True, reload=False, quiet=True)

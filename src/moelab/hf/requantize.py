@@ -121,8 +121,9 @@ def check_quantized_output(ckpt: Checkpoint, family: Family, edits: Iterable[int
 
 
 def _check_one_format(ckpt: Float8Checkpoint, experts: PerExpert, prefix: str, index: int) -> None:
-    """Every expert of layer `index` stores each projection as expert 0 does, quantized or plain:
-    transformers stacks a layer's experts in one format, and a merged expert has one."""
+    """Every expert of layer `index` stores each projection as expert 0 does, quantized or plain,
+    with the same companions (scale, activation scales): transformers stacks a layer's experts in
+    one format, and a merged expert has one."""
     first = experts.parts(ckpt, prefix, 0)
     for e in expert_indices(ckpt, prefix + experts.down):
         for part, reference in zip(experts.parts(ckpt, prefix, e), first):
@@ -132,6 +133,15 @@ def _check_one_format(ckpt: Float8Checkpoint, experts: PerExpert, prefix: str, i
                     f"keep_quantized: layer {index} stores {quantized.name} quantized but {plain.name} plain; "
                     "transformers loads a layer's experts in one format, so the output could not be loaded either. "
                     "Write plain weights (without keep_quantized)"
+                )
+            if ckpt.is_quantized(part.name) and (
+                (has := set(ckpt.companions(part.name).values()))
+                != (want := set(ckpt.companions(reference.name).values()))
+            ):
+                raise ValueError(
+                    f"keep_quantized: layer {index}'s {part.name} is stored with {sorted(has)}, but "
+                    f"{reference.name} with {sorted(want)}: the checkpoint is incomplete (a missing scale or "
+                    "activation scale). Write plain weights (without keep_quantized)"
                 )
 
 
