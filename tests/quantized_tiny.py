@@ -131,14 +131,17 @@ def _ue8m0(scales: torch.Tensor, stored: str) -> torch.Tensor:
 
 def fp4_quantized(w: torch.Tensor, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """w [O, I] (I a multiple of 32) as DeepSeek-V4's FP4 experts: int8 [O, I / 2], two e2m1 codes a
-    byte (the low nibble first), each the nearest e2m1 value of w over its scale, one scale per row
-    per 32 columns (float32 [O, I / 32]: a power of two if ue8m0, else amax / 6)."""
+    byte (the low nibble first), each the nearest e2m1 value of w over its scale (a tie to the even
+    code), one scale per row per 32 columns (float32 [O, I / 32]: a power of two if ue8m0, else amax / 6)."""
     O, I = w.shape
     groups = w.float().reshape(O, I // 32, 32)
     amax = groups.abs().amax(-1).clamp(min=1e-12)
     scales = _power_of_two(amax / 6) if ue8m0 else amax / 6
     x = groups / scales[..., None]
-    codes = (x.reshape(O, I, 1) - E2M1).abs().argmin(-1).to(torch.uint8)  # 0 and -0 tie: code 0
+    distance = (x.reshape(O, I, 1) - E2M1).abs()
+    nearest = distance == distance.amin(-1, keepdim=True)
+    even = nearest & (torch.arange(len(E2M1)) % 2 == 0)  # of two nearest codes one is even; 0 and -0 tie: code 0
+    codes = torch.where(even.any(-1), even.int().argmax(-1), nearest.int().argmax(-1)).to(torch.uint8)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
     return packed.view(torch.int8), scales
 

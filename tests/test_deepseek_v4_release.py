@@ -153,7 +153,7 @@ MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # e2m1's, codes 0-7; the 
 def naive_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference for `quantize_fp4`, one value at a time in Python floats: per row per 32 columns
     the exponent e of the smallest power of two with amax / 2 ** e <= 6 (from 2 ** -127 up), each
-    value the nearest e2m1 magnitude of |w| / 2 ** e, a tie to the smaller one, the sign bit set
+    value the nearest e2m1 magnitude of |w| / 2 ** e, a tie to the even code, the sign bit set
     where w < 0 (so a small negative value is -0, code 8); codes packed two a byte, low nibble first.
     Returns (packed uint8 [O, I / 2], exponents + 127 uint8 [O, I / 32])."""
     O, I = w.shape
@@ -167,7 +167,7 @@ def naive_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             exponents[i][g] = e + 127
             for k, v in enumerate(group):
                 x = abs(v) / 2.0**e
-                code = min(range(8), key=lambda c: (abs(x - MAGNITUDES[c]), c))
+                code = min(range(8), key=lambda c: (abs(x - MAGNITUDES[c]), c % 2))
                 codes[i][32 * g + k] = code | (8 if v < 0 else 0)
     packed = [[codes[i][2 * b] | codes[i][2 * b + 1] << 4 for b in range(I // 2)] for i in range(O)]
     return torch.tensor(packed, dtype=torch.uint8), torch.tensor(exponents, dtype=torch.uint8)

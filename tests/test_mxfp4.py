@@ -310,11 +310,12 @@ def test_keep_quantized_blames_an_edit_whose_new_experts_hold_nan(release, tmp_p
     with pytest.raises(ValueError, match="NaN or Inf"):
         quantized_mxfp4(torch.full((32, 1), float("nan")))
     w = torch.zeros(32, 1)
-    w[0] = 3.5 * 2.0**126  # the largest that stays finite: 3 x the scale 2 ** 126 (ties to the smaller)
+    w[0] = torch.nextafter(torch.tensor(3.5 * 2.0**126), torch.tensor(0.0))  # the largest that stays finite: 3 x 2 ** 126
     assert torch.isfinite(dequantized_mxfp4(*quantized_mxfp4(w), torch.float32)).all()
-    w[0] = 3.2e38
-    with pytest.raises(ValueError, match="MXFP4 rounds to Inf"):
-        quantized_mxfp4(w)
+    for big in (3.5 * 2.0**126, 3.2e38):  # the tie goes to the even 4 x 2 ** 126 = 2 ** 128
+        w[0] = big
+        with pytest.raises(ValueError, match="MXFP4 rounds to Inf"):
+            quantized_mxfp4(w)
 
 
 def test_keep_quantized_checks_no_expert_was_left_plain(release, tmp_path, monkeypatch):

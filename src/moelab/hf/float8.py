@@ -228,8 +228,8 @@ def quantize_fp4(w: Tensor) -> tuple[Tensor, Tensor]:
     [O, I / 32]) as DeepSeek-V4 stores its FP4 experts (`dequantized` reads them back with block
     (1, 32)): each row's groups of 32 columns scaled by the smallest power of two 2 ** (b - 127)
     that brings the group's largest |entry| within 6 (e2m1's largest; an all-zero group: 2 ** -127),
-    every entry then the nearest e2m1 value, a tie to the smaller magnitude (0.25 -> 0, 0.75 -> 0.5,
-    5 -> 4, ...), the sign bit set on every negative entry (one that rounds to zero is -0), two codes
+    every entry then the nearest e2m1 value, a tie to the even code (0.25 -> 0, 0.75 -> 1, 5 -> 4,
+    ...: `quantized_mxfp4`), the sign bit set on every negative entry (one that rounds to zero is -0), two codes
     a byte, the low nibble first. These are GPT-OSS's MXFP4 groups of the transposed weight:
     `quantized_mxfp4(w.T)`, its [O, I / 32, 16] bytes read as rows of I / 2."""
     O, I = w.shape

@@ -53,21 +53,24 @@ def dequantized_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch
 
 
 MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # between FP4_VALUES' magnitudes
+TIES_UP = torch.tensor([0.75, 1.75, 3.5])  # the midpoints whose even neighbour (code) is the larger one
 
 
 def quantized_mxfp4(w: Tensor) -> tuple[Tensor, Tensor]:
     """w [..., I, O] (a weight as GPT-OSS's experts hold it, I a multiple of 32) -> (blocks
     [..., O, I / 32, 16], scales [..., O, I / 32]), the inverse of `dequantized_mxfp4`: each group of
     32 scaled by the smallest power of two that brings its largest |entry| within 6, every entry then
-    the nearest e2m1 value (ties to the smaller magnitude), one matrix at a time."""
+    the nearest e2m1 value, a tie to the even code (round half to even, IEEE's and the OCP MX spec's
+    rule: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4; ties toward zero
+    shrank an equal-weight average of two experts by 8 % of its mean magnitude), one matrix at a time."""
     *lead, I, O = w.shape
     if I % (2 * GROUP_BYTES):
         raise ValueError(f"an MXFP4 weight's input dim is whole groups of 32; got {list(w.shape)}")
     if not torch.isfinite(w).all():
         raise ValueError("the weight to quantize has NaN or Inf, which MXFP4 cannot store; fix the weight")
-    if w.numel() and w.abs().max() > 3.5 * 2.0**126:  # the nearest value at the largest scale is 2 ** 128: Inf
+    if w.numel() and w.abs().max() >= 3.5 * 2.0**126:  # 3.5 x 2 ** 126 rounds (to even) to 2 ** 128: Inf
         raise ValueError(
-            "the weight to quantize has entries beyond 3.5 * 2 ** 126, which MXFP4 rounds to Inf; fix the weight"
+            "the weight to quantize has entries of 3.5 * 2 ** 126 or more, which MXFP4 rounds to Inf; fix the weight"
         )
     blocks = torch.empty(*lead, O, I // 32, GROUP_BYTES, dtype=torch.uint8)
     scales = torch.empty(*lead, O, I // 32, dtype=torch.uint8)
@@ -77,7 +80,9 @@ def quantized_mxfp4(w: Tensor) -> tuple[Tensor, Tensor]:
         exponent = torch.ceil(torch.log2(amax / 6)).nan_to_num(-127, -127, -127).clamp(-127, 127)
         exponent += (amax > 6 * torch.exp2(exponent)).float()  # log2's rounding, where it fell short
         x = groups / torch.exp2(exponent)[..., None]
-        nibbles = torch.bucketize(x.abs(), MIDPOINTS) | torch.where(x < 0, 8, 0)
+        magnitude = x.abs()  # bucketize puts a midpoint in the lower bucket: the ties up move one code
+        codes = torch.bucketize(magnitude, MIDPOINTS) + torch.isin(magnitude, TIES_UP)
+        nibbles = codes | torch.where(x < 0, 8, 0)
         blocks.view(-1, O, I // 32, GROUP_BYTES)[m] = (nibbles[..., 0::2] | nibbles[..., 1::2] << 4).to(torch.uint8)
         scales.view(-1, O, I // 32)[m] = (exponent + 127).to(torch.uint8)
     return blocks, scales
