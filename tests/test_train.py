@@ -123,6 +123,21 @@ def test_weight_decay_skips_embeddings_norms_and_biases():
     assert any("gate_up_proj" in name for name in names) and any("router" in name for name in names)
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_weight_decay_skips_the_experts_stacked_biases(activation):
+    """expert_mlp_bias: each expert's biases are stored as one [E, n] tensor, 2-D like a matrix, but
+    biases all the same: no decay on them, the expert matrices still decayed."""
+    moe = {**MODEL["moe"], "expert_mlp_bias": True, "activation": activation}
+    model = MoETransformer(ModelConfig.from_dict({**MODEL, "moe": moe}))
+    optimizer = build_optimizer(model, TrainConfig(steps=1, weight_decay=0.1))
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in decayed}
+    biases = [name for name, _ in model.named_parameters() if "experts" in name and name.endswith("_bias")]
+    assert len(biases) == 2 * MODEL["n_layers"]  # gate_up (or up) and down, per layer
+    assert not names & set(biases)
+    assert any(name.endswith("experts.down_proj") for name in names)
+
+
 class FixedBatches:
     def __init__(self, batches):
         self.batches = iter(batches)

@@ -105,12 +105,14 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases or the token embedding)."""
+    """AdamW with weight decay on matrices only (not on norms, biases or the token embedding). The
+    experts' biases are [E, n] stacks, matrices by shape: a name ending in "bias" leaves them out."""
     embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 and id(p) not in embedding else no_decay).append(p)
+            matrix = p.ndim >= 2 and id(p) not in embedding and not name.endswith("bias")
+            (decay if matrix else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
