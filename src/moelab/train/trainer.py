@@ -527,6 +527,11 @@ def train_step(
             f"the training loss is {scalars['loss']}: the run diverged; lower train.lr, or clip gradients "
             "(train.grad_clip > 0)"
         )
+    if not math.isfinite(scalars["grad_norm"]):  # clipping would spread it to every weight and AdamW's moments
+        raise ValueError(
+            f"the gradient norm is {scalars['grad_norm']} at a finite loss ({scalars['loss']:.4g}): an overflow in "
+            "the backward pass; the step was not applied. Lower train.lr, or train in fp32 (train.dtype)"
+        )
     optimizer.step()
     if experts_per_token:
         scalars["experts_per_token"] = sum(experts_per_token.values()) / len(experts_per_token)
