@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -292,6 +293,9 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
     for bad in (2.5, True):
         with pytest.raises(ValueError, match="top_k must be an integer"):
             Sampling(top_k=bad)
+    numpy_numbers = Sampling(temperature=np.float32(0.5), top_p=np.float64(0.5), top_k=np.int64(3))
+    assert [type(v) for v in (numpy_numbers.temperature, numpy_numbers.top_p, numpy_numbers.top_k)] == [float, float, int]
+    assert torch.equal(sample(1, top_k=np.int64(3)), sample(1, top_k=3))
     for bad in (True, "0.9", 1.5, 0.0):  # True would pass as 1.0
         with pytest.raises(ValueError, match="top_p must be a number in"):
             Sampling(top_p=bad)

@@ -16,6 +16,7 @@ import re
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from hf_tiny import TINY, build, load
@@ -243,6 +244,9 @@ def test_transformers_sampling_draws_with_the_temperature_alone_from_the_seed():
             do_sample=True, temperature=3.0, top_k=0, top_p=1.0,
         )  # fmt: skip
     assert torch.equal(generate_ids(hf, ids, 6, sampling=Sampling(temperature=3.0, seed=4)), want)
+    # an int or numpy's float32, which transformers' sampler refuses, passed to it as a float
+    for three in (3, np.float32(3.0)):
+        assert torch.equal(generate_ids(hf, ids, 6, sampling=Sampling(temperature=three, seed=4)), want)
 
 
 def test_a_transformers_model_decodes_by_moelab_s_settings_alone_not_its_generation_config(one_thread):

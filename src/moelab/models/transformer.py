@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import types
 import warnings
 import weakref
@@ -54,7 +53,7 @@ from moelab.nn.linear import Linear, one_row_linear
 from moelab.nn.lm_loss import chunked_cross_entropy
 from moelab.nn.moe import mean_by_name, sum_by_name
 from moelab.nn.rope import apply_rope, rope_tables
-from moelab.validation import is_int
+from moelab.validation import is_int, is_number
 
 
 @dataclass
@@ -881,6 +880,12 @@ class Sampling:
         )  # fmt: skip
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        # Python's float and int: transformers' samplers refuse 2 or numpy's float32 as a temperature
+        object.__setattr__(self, "temperature", float(self.temperature))
+        if self.top_p is not None:
+            object.__setattr__(self, "top_p", float(self.top_p))
+        if self.top_k is not None:
+            object.__setattr__(self, "top_k", int(self.top_k))
 
     def generator(self, device: torch.device | str) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed)
@@ -892,17 +897,12 @@ def check_sampling(
     """Refuse a temperature that is not a finite number > 0 (`greedy_hint` says how to take the
     argmax instead), a nucleus mass outside (0, 1] and a top_k below 1, with what to give instead;
     True/False are refused where a number is meant (True would pass as 1.0)."""
-    if not _is_real(temperature) or not 0 < temperature < math.inf:
+    if not is_number(temperature) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be > 0 and finite when sampling, got {temperature!r}; {greedy_hint}")
-    if top_p is not None and (not _is_real(top_p) or not 0.0 < top_p <= 1.0):
+    if top_p is not None and (not is_number(top_p) or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 (1: greedy), got {top_k!r}")
-
-
-def _is_real(value) -> bool:
-    """A Python or NumPy real number, not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def sample_next_token(
