@@ -112,7 +112,7 @@ def _quality(out: Path, base: Path, kept: dict) -> dict:
     same = _experts_match(out, base, kept)
     if not same:
         return {"loads_exactly": False, "load_problem": "the kept experts' weights differ from the source's"}
-    report = evaluate(out, base=base, options=EvalOptions(max_tokens=4096, prompts=0), quiet=True)
+    report = evaluate(out, base=base, options=EvalOptions(eval_tokens=4096, prompts=0), quiet=True)
     return {
         "loads_exactly": True,
         "perplexity": report["domains"]["all"]["perplexity"],
