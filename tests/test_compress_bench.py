@@ -283,6 +283,11 @@ def test_a_changed_model_or_cell_is_refused_not_reported_with_old_numbers(tmp_pa
     monkeypatch.setattr(bench, "fingerprint", lambda model: "2:aaaa")
     bench._check_same_bench(tmp_path, tmp_path / "m", options)
     bench._check_same_bench(tmp_path, tmp_path / "m", options)  # unchanged: resumes
+    begun = json.loads((tmp_path / "bench.json").read_text())
+    begun["eval"]["max_tokens"] = begun["eval"].pop("eval_tokens")  # as written before the rename
+    (tmp_path / "bench.json").write_text(json.dumps(begun))
+    bench._check_same_bench(tmp_path, tmp_path / "m", options)  # the same protocol: resumes
+    assert "eval_tokens" in json.loads((tmp_path / "bench.json").read_text())["eval"]
     monkeypatch.setattr(bench, "fingerprint", lambda model: "3:bbbb")  # another moelab's: not comparable
     bench._check_same_bench(tmp_path, tmp_path / "m", options)
     monkeypatch.setattr(bench, "fingerprint", lambda model: "3:cccc")

@@ -291,6 +291,8 @@ def _check_same_bench(root: Path, model: Path, options: BenchOptions) -> None:
     if path.is_file():
         earlier = json.loads(path.read_text())
         earlier.setdefault("fingerprint", protocol["fingerprint"])  # a bench begun before it was recorded
+        if "max_tokens" in earlier["eval"]:  # a bench begun before EvalOptions.max_tokens was eval_tokens
+            earlier["eval"]["eval_tokens"] = earlier["eval"].pop("max_tokens")
         version, now = earlier["fingerprint"].partition(":")[0], protocol["fingerprint"].partition(":")[0]
         if version != now:  # another moelab's fingerprint (its statistics are made again): not comparable
             earlier["fingerprint"] = protocol["fingerprint"]
