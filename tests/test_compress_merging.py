@@ -448,8 +448,11 @@ def test_check_rank_saves_refuses_exactly_the_ranks_whose_factors_fill_a_matrix(
         if saves(r):
             check_rank_saves("mc_rank", r, D, I, sparse)
         else:
-            with pytest.raises(ValueError, match=f"mc_rank={r} saves nothing on experts of {I} x {D}"):
+            with pytest.raises(ValueError, match=f"mc_rank={r} saves nothing on experts of {I} x {D}") as refused:
                 check_rank_saves("mc_rank", r, D, I, sparse)
+            if not saves(1):  # the fix: a lower mc_sparse only where some rank saves without its rows
+                lower_sparse = sparse > 0 and 1 * (I + D) < I * D
+                assert ("lower mc_sparse" in str(refused.value)) == lower_sparse, str(refused.value)
 
 
 # ----------------------------------------------------------------------------- HC-SMoE

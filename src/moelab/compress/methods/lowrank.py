@@ -34,8 +34,10 @@ def check_rank_saves(option: str, rank: int, dim: int, hidden_dim: int, sparse: 
     if rank > most:
         if most >= 1:
             fix = f"choose {option} <= {most}"
+        elif (I * D - 1) // (I + D) >= 1:  # a rank saves without the rows
+            fix = "lower mc_sparse (its rows alone fill the matrix)"
         else:
-            fix = "lower mc_sparse (its rows alone fill the matrix)" if sparse else f"leave {option} unset"
+            fix = f"leave {option} unset (no rank saves on matrices this small)"
         raise ValueError(
             f"{where}{option}={rank} saves nothing on experts of {I} x {D}: the factors r ({I} + {D})"
             f"{f' and {sparse:g} of the rows' if sparse else ''} hold at least the matrix's {I * D} parameters; {fix}"
