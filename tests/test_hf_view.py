@@ -149,6 +149,16 @@ def test_a_shard_truncated_after_it_was_opened_is_refused(tmp_path, read):
     ckpt.close()
 
 
+def test_a_shard_that_links_to_nothing_is_refused_at_opening_as_such_not_as_removed(tmp_path):
+    """A dangling link among the shards (a Hub cache whose blob is gone) was never there: refused
+    when the checkpoint opens, naming the link, not as a shard removed while in use."""
+    save_file({"w": torch.zeros(8, 8)}, tmp_path / "a.safetensors")
+    (tmp_path / "b.safetensors").symlink_to(tmp_path / "blob-gone")
+    with pytest.raises(CheckpointError, match=r"b\.safetensors links to .*blob-gone, which does not exist") as refused:
+        Checkpoint(tmp_path)
+    assert "removed while" not in str(refused.value)
+
+
 @pytest.mark.parametrize("read", ["get", "read_into", "header"])
 def test_a_shard_removed_after_the_checkpoint_was_opened_is_refused_clearly(tmp_path, read):
     """The index was checked when the checkpoint opened; a shard deleted since is a CheckpointError

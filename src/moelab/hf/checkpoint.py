@@ -341,7 +341,13 @@ def _names_in(directory: Path, shards: list[str]) -> dict[str, str]:
     """tensor name -> shard file name, from the shards' headers; a name in two shards is refused."""
     shard_of: dict[str, str] = {}
     for shard in shards:
-        with _safe_open(directory / shard) as f:
+        path = directory / shard
+        if path.is_symlink() and not path.exists():  # found now, so not `_removed`: a link to nothing
+            raise CheckpointError(
+                f"{path} links to {os.readlink(path)}, which does not exist; re-download the checkpoint "
+                "(or remove the broken link)"
+            )
+        with open_safetensors(path, error=CheckpointError) as f:
             for name in f.keys():
                 if name in shard_of:
                     raise CheckpointError(
