@@ -178,9 +178,9 @@ def run_calibration(
 ) -> dict:
     """Calibrate `model` into the directory `directory` (moelab's own, e.g. a staging
     directory), continuing what it holds if it was made for the same model, data and settings.
-    needed: the observers whose statistics the caller's method reads; a layer where one of them
-    could not be read (EASY-EP's, `PARTIAL`) stops the calibration there, with the reason, rather
-    than after the last layer.
+    needed: the statistics the caller's method cannot do without (`Method.requires`); a layer where
+    one could not be read (EASY-EP's, `PARTIAL`) stops the calibration there, with the reason,
+    rather than after the last layer.
     In a torch.distributed group, this process takes every world-th batch and the statistics
     are summed over the group; rank 0 writes them. mtp: also calibrate the checkpoint's
     multi-token prediction layer, if it has one (False: its statistics are left out, as
@@ -337,8 +337,8 @@ def run_calibration(
 
 
 def _check_read(stats: LayerStats, needed: Sequence[str]) -> None:
-    """Refuse a layer's statistics that lack one the observers `needed` could have left unread."""
-    for name in (field for observer in needed for field in OBSERVERS[observer].fields if field in PARTIAL):
+    """Refuse a layer's statistics that lack one of those `needed` that an observer could have left unread."""
+    for name in (name for name in needed if name in PARTIAL):
         if getattr(stats, name) is None:
             raise ValueError(
                 f"layer {stats.layer}: calibration stopped here, where it could not read {name!r}, which the method "

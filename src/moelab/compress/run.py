@@ -117,7 +117,7 @@ def compress(
     timings: dict[str, float] = {}
     with StagedOutput(out, CHECKPOINT_KIND, inputs=inputs, overwrite=overwrite, resume=True) as staging:
         begin = time.perf_counter()
-        calibration = _statistics(model, staging, calib, stats, options, domains, quiet, mtp == "prune", needs)
+        calibration = _statistics(model, staging, calib, stats, options, domains, quiet, mtp == "prune", chosen.requires)
         _check_needs(chosen.name, needs, calibration)
         _check_mtp_statistics(keep, calibration)
         _check_sample_size(chosen, fit, calibration.info["settings"].get("sample_tokens", 0))
@@ -257,13 +257,13 @@ def _layer_views(model: Path, method: Method, align: int = 1, mtp_layers: Sequen
 
 def _statistics(
     model: Path, staging: Path, calib, stats, options: CalibrationOptions, domains, quiet: bool, mtp: bool = True,
-    needs: Sequence[str] = (),
+    required: Sequence[str] = (),
 ) -> Calibration:
     """The statistics to decide with: `stats` checked against the model, or a calibration of
     `model` on `calib` made (or resumed) inside the output. domains: checked to be among the
     calibration sources before any calibration; mtp: whether a calibration made here runs the
-    multi-token prediction layer (not where compress drops it); needs: the observers the method
-    reads (a calibration made here stops at a layer where one could not be read)."""
+    multi-token prediction layer (not where compress drops it); required: the statistics the method
+    cannot do without (`Method.requires`: a calibration made here stops at a layer that lacks one)."""
     if stats is not None:
         calibration = Calibration(stats)
         calibration.check_model(fingerprint(model), model)
@@ -280,7 +280,7 @@ def _statistics(
     _check_domains(domains, mixture.source_names)
     directory = staging / STATS_DIR
     directory.mkdir(exist_ok=True)
-    run_calibration(model, directory, mixture, options, quiet=quiet, mtp=mtp, needed=needs)
+    run_calibration(model, directory, mixture, options, quiet=quiet, mtp=mtp, needed=required)
     return Calibration(directory)
 
 

@@ -64,11 +64,14 @@ class LayerDecision:
 class Method:
     """A compression method. name: its registry name; needs: the observers
     (`moelab.compress.observers`) whose statistics it reads; needs_weights: whether it reads the
-    layer's tensors (the others get a view of the shapes only, read from the shard headers)."""
+    layer's tensors (the others get a view of the shapes only, read from the shard headers);
+    requires: the statistics it cannot decide a layer without among those an observer may leave
+    unread (`PARTIAL`): a calibration for it stops at the first layer that lacks one."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ("routing",)
+    requires: ClassVar[tuple[str, ...]] = ()
     needs_weights: ClassVar[bool] = False  # decide() reads the layer's tensors, not only its settings
     merges: ClassVar[bool] = False  # its edits merge groups of experts into one each
     narrows: ClassVar[bool] = False  # its edits keep every expert and remove neurons inside them

@@ -19,6 +19,7 @@ class EasyEP(ScoringMethod):
     name = "easy_ep"
     summary = "keep the experts with the largest output-aware, direction-change-weighted importance (per domain, mixed)"
     needs = ("routing", "outputs", "contribution")
+    requires = ("easyep_sums",)
 
     def score(self, layer: MoELayerView, stats: LayerStats, target: Target):
         total = torch.zeros(stats.num_experts, dtype=torch.float64)
