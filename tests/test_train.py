@@ -722,3 +722,50 @@ def test_union_of_experts_model_trains_and_reports(tmp_path):
     train(run, tmp_path / "run", quiet=True)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["model_info"]["active_params"] < results["model_info"]["total_params"]
+
+
+def _decaying_expert_biases(model, cfg):
+    """build_optimizer as it was before expert biases were left undecayed: every 2-D parameter
+    but the embedding decayed, the [E, n] expert biases included."""
+    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decayed = [p.ndim >= 2 and id(p) not in embedding for p in params]
+    groups = [
+        {"params": [p for p, d in zip(params, decayed) if d], "weight_decay": cfg.weight_decay},
+        {"params": [p for p, d in zip(params, decayed) if not d], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def test_a_run_checkpointed_when_expert_biases_were_decayed_resumes(tmp_path, monkeypatch):
+    """A run with expert_mlp_bias checkpointed by a moelab that decayed the experts' biases resumes
+    (AdamW refused the saved groups, of other sizes): each parameter gets its own moments back."""
+    import shutil
+
+    from moelab.train import trainer
+
+    model = {**MODEL, "moe": {**MODEL["moe"], "expert_mlp_bias": True}}
+    run = RunConfig.from_dict({"model": model, "train": {**TRAIN, "steps": 4, "checkpoint_every": 2}})
+    with monkeypatch.context() as old:
+        old.setattr(trainer, "build_optimizer", _decaying_expert_biases)
+        train(run, tmp_path / "run", quiet=True)
+    for later in ("checkpoints/step-000004", "model"):
+        shutil.rmtree(tmp_path / "run" / later)
+    (tmp_path / "run" / "results.json").unlink()
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step-000002" / "train_state.pt", weights_only=True)
+    fresh = MoETransformer(ModelConfig.from_dict(model))
+    names = {id(p): name for name, p in fresh.named_parameters()}
+    old_order = [names[id(p)] for g in _decaying_expert_biases(fresh, run.train).param_groups for p in g["params"]]
+    saved_ids = [i for g in saved["optimizer"]["param_groups"] for i in g["params"]]
+    want = {name: saved["optimizer"]["state"][i]["exp_avg"] for name, i in zip(old_order, saved_ids, strict=True)}
+    restored = {}
+    restore = trainer.restore_checkpoint
+
+    def recording(path, model, optimizer, *args):
+        out = restore(path, model, optimizer, *args)
+        restored.update({name: optimizer.state[p]["exp_avg"].clone() for name, p in model.named_parameters()})
+        return out
+
+    monkeypatch.setattr(trainer, "restore_checkpoint", recording)
+    train(run, tmp_path / "run", resume=True, quiet=True)
+    assert restored.keys() == want.keys() and all(torch.equal(restored[k], want[k]) for k in want)

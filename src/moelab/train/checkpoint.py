@@ -167,12 +167,33 @@ def restore_checkpoint(
     _check_keys(state, ("optimizer",), path / STATE_NAME)
     if parallel is None:
         model.load_state_dict(checkpoint.model.state_dict())
-        optimizer.load_state_dict(state.pop("optimizer"))
+        optimizer.load_state_dict(_regrouped(state.pop("optimizer"), model, optimizer))
     else:
         full_optimizer = build_optimizer(checkpoint.model)
-        full_optimizer.load_state_dict(state.pop("optimizer"))
+        full_optimizer.load_state_dict(_regrouped(state.pop("optimizer"), checkpoint.model, full_optimizer))
         load_full_state(model, optimizer, checkpoint.model, full_optimizer, parallel)
     return checkpoint.step, state
+
+
+def _regrouped(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state_dict `saved` by a moelab that decayed the experts' [E, n] biases (every
+    2-D parameter but the embedding in the first group), with its parameters regrouped as
+    `optimizer` groups them (`build_optimizer`), each keeping its own state; else `saved` itself."""
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes == [len(g["params"]) for g in optimizer.param_groups]:
+        return saved
+    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decayed = [p.ndim >= 2 and id(p) not in embedding for p in params]
+    old = [p for p, d in zip(params, decayed) if d] + [p for p, d in zip(params, decayed) if not d]
+    if sizes != [sum(decayed), len(params) - sum(decayed)] or len(optimizer.param_groups) != 2:
+        return saved  # not that grouping: AdamW's own error
+    index = {id(p): i for p, i in zip(old, (i for g in saved["param_groups"] for i in g["params"]))}
+    groups = [
+        {**settings, "params": [index[id(p)] for p in group["params"]]}
+        for settings, group in zip(saved["param_groups"], optimizer.param_groups)
+    ]
+    return {**saved, "param_groups": groups}
 
 
 def consolidate_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
