@@ -528,9 +528,10 @@ def train_step(
             "(train.grad_clip > 0)"
         )
     if not math.isfinite(scalars["grad_norm"]):  # clipping would spread it to every weight and AdamW's moments
+        fp32 = ", or train in fp32 (train.dtype: fp32)" if cfg.dtype != "fp32" else ""
         raise ValueError(
             f"the gradient norm is {scalars['grad_norm']} at a finite loss ({scalars['loss']:.4g}): an overflow in "
-            "the backward pass; the step was not applied. Lower train.lr, or train in fp32 (train.dtype)"
+            f"the backward pass; the step was not applied. Lower train.lr{fp32}"
         )
     optimizer.step()
     if experts_per_token:
