@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from moelab.models import ModelConfig, MoETransformer
 from moelab.nn import SelectiveAttention, UoEConfig, UoERouter, split_dense_mlp
 from moelab.nn.rope import rope_tables
+from moelab.train.config import RunConfig, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -233,14 +234,17 @@ def test_an_empty_batch_gives_an_empty_output(selection, shape):
 def test_a_gated_top_1_router_without_a_balance_loss_is_refused(part):
     """With one expert per token the causal gate n * s / sum s is exactly 1, so gate='router' would
     leave the router (and the expert-selection gate) without any gradient, silently as gate='none'
-    (the LRA reference's 1 of 2 heads). Refused, naming the fixes; with a balance loss the router
-    learns from it and the setting is taken, as with the reference selection, whose gates vary."""
+    (the LRA reference's 1 of 2 heads). Training it is refused, naming the fixes (the model still
+    runs); with a balance loss the router learns from it and the setting is taken, as with the
+    reference selection, whose gates vary."""
     k = {f"{part}_top_k": 1}
+    model = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, max_seq_len=16, dense_hidden_dim=64,
+                        first_k_dense=0, moe=None, uoe=UoEConfig(**k, balance_coef=0.0))  # fmt: skip
+    MoETransformer(model)  # runs
     with pytest.raises(ValueError, match=rf"UoEConfig.{part}_top_k=1 with gate='router'.*no gradient.*top_k >= 2"):
-        UoEConfig(**k)
-    UoEConfig(**k, balance_coef=0.01)
-    UoEConfig(**k, gate="none")
-    UoEConfig(**k, selection="reference")
+        RunConfig(model=model, train=TrainConfig(steps=1, seq_len=16))
+    for fine in (dict(balance_coef=0.01), dict(gate="none"), dict(selection="reference")):
+        UoEConfig(**k, **fine).check_trains()
     torch.manual_seed(0)
     x = torch.randn(2, 6, 8, requires_grad=True)
     for router in (UoERouter(8, 4, 1), UoERouter(8, 4, 1, expert_top_k=2)):  # every gate exactly 1

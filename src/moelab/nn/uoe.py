@@ -101,19 +101,19 @@ class UoEConfig:
                 f"UoEConfig.token_fraction={self.token_fraction} has no effect with selection={self.selection!r} "
                 "(only the reference selection reads it); set selection='reference' or leave it out"
             )
-        for part in ("attn", "mlp"):
-            self._check_gate_trains(part)
 
-    def _check_gate_trains(self, part: str) -> None:
-        """A causal router choosing one expert per token gates it by n * s / sum s = 1 exactly, so
-        gate='router' alone would leave it without a gradient (as gate='none' does, silently)."""
-        top_k = getattr(self, f"{part}_top_k")
-        if top_k == 1 and self.gate == "router" and self.selection == "causal" and not self.balance_coef:
-            raise ValueError(
-                f"UoEConfig.{part}_top_k=1 with gate='router': a token's one gate is n * s / sum s = 1, so the "
-                f"router gets no gradient; use {part}_top_k >= 2, a balance_coef > 0 (the router then learns "
-                "from the balance loss), or gate='none' (the reference's untrained router)"
-            )
+    def check_trains(self) -> None:
+        """Refuse to train routers that would get no gradient: a causal router choosing one expert
+        per token gates it by n * s / sum s = 1 exactly, so gate='router' alone leaves it untrained
+        (as gate='none' does, silently). Such a model still runs (`RunConfig` calls this)."""
+        for part in ("attn", "mlp"):
+            top_k = getattr(self, f"{part}_top_k")
+            if top_k == 1 and self.gate == "router" and self.selection == "causal" and not self.balance_coef:
+                raise ValueError(
+                    f"UoEConfig.{part}_top_k=1 with gate='router': a token's one gate is n * s / sum s = 1, so the "
+                    f"router gets no gradient in training; use {part}_top_k >= 2, a balance_coef > 0 (the router "
+                    "then learns from the balance loss), or gate='none' (the reference's untrained router)"
+                )
 
     def check_heads(self, n_heads: int) -> None:
         """Validate the attention settings against the model's H heads."""

@@ -173,6 +173,8 @@ class RunConfig:
                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}); "
                 "shorten seq_len or raise max_seq_len"
             )
+        if self.model.uoe is not None:
+            self.model.uoe.check_trains()
 
     def to_dict(self) -> dict[str, Any]:
         data = {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
