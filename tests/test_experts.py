@@ -552,6 +552,23 @@ def test_an_output_norm_comes_before_the_routing_weight_on_every_backend(backend
         assert_close(split * rw[:, None], ref, what="project(hidden)")
 
 
+@pytest.mark.parametrize("scale_input", [False, True])
+def test_hidden_then_project_takes_the_routing_weight_on_the_input_where_it_scales_it(scale_input):
+    """project(hidden(xs, counts, row_weights), counts) (the split the compression observers run)
+    against the float64 gated reference: with scale_input (Llama 4) each row's input is scaled by its
+    weight, y = expert(w x); without it the split is the expert unweighted (row_weights unused)."""
+    m = _experts("swiglu", True, "grouped")
+    m.scale_input = scale_input
+    g = torch.Generator().manual_seed(1)
+    N = sum(COUNTS)
+    xs, rw = 2 * torch.randn(N, D, generator=g), torch.rand(N, generator=g) + 0.5
+    leaves = {n: t.detach().double() for n, t in m.named_parameters()}
+    ref = _gated_reference(xs.double(), COUNTS, rw.double(), leaves, lambda gate, up: silu(gate) * up, scale_input)
+    with torch.no_grad():
+        split = m.project(m.hidden(xs, list(COUNTS), rw), list(COUNTS))
+    assert_close(split if scale_input else split * rw[:, None], ref, what="project(hidden)")
+
+
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_an_output_norm_comes_before_the_routing_weight_on_the_inference_paths(tokens):
     """gathered (one token: in place), accumulated and every_expert with an output norm against the
