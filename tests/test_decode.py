@@ -366,6 +366,7 @@ def test_all_tokens_to_one_expert_and_tokens_with_no_expert():
     got = experts.gathered(x, indices, weights)
     assert torch.all(got[0] == 0), "a token with no expert gets exactly zero"
     assert_close(got, per_token(experts, x, indices, weights))
+    assert_close(experts.every_expert(x, indices, weights), got, what="every expert")
     for t in range(3):  # one token at a time: the eager CPU path without gathered copies
         one = experts.gathered(x[t : t + 1], indices[t : t + 1], weights[t : t + 1])
         assert_close(one, got[t : t + 1], what=f"token {t} alone")
