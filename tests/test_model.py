@@ -610,6 +610,21 @@ def test_a_padded_batch_s_positions_and_mask_equal_a_loop_over_its_slots(static)
     assert masked_attention(torch.randn(2, H, S, Dh), k, v, mask).isfinite().all()
 
 
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_masked_attention_is_sdpa_with_grouped_keys(per_sequence):
+    """`masked_attention` (the static decode step's) equals torch's SDPA (enable_gqa) under the same
+    boolean mask: one [S, P] for the batch, or one per sequence [B, 1, S, P] (B = G here, so a mask
+    broadcast over the key groups instead of the sequences would not raise)."""
+    B, H, G, S, P, Dh = 2, 4, 2, 3, 6, 8
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, S, Dh, generator=g)
+    k, v = torch.randn(2, B, G, P, Dh, generator=g)
+    causal = torch.arange(P) <= torch.arange(P - S, P)[:, None]  # [S, P]: the last S positions
+    mask = torch.stack([causal, causal & (torch.arange(P) >= 3)])[:, None] if per_sequence else causal
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(masked_attention(q, k, v, mask), want, atol=1e-6, rtol=1e-5)
+
+
 def test_a_left_padded_batch_stops_at_eos_and_samples_reproducibly():
     model = make_model(init_std=0.2).to(torch.float64).eval()
     prompts = [random_ids(batch=1, seq=n, seed=n)[0] for n in (3, 6)]
