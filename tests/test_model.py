@@ -625,6 +625,24 @@ def test_masked_attention_is_sdpa_with_grouped_keys(per_sequence):
     torch.testing.assert_close(masked_attention(q, k, v, mask), want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("residual_from_norm", [False, True])
+def test_an_moe_block_adds_its_ffn_output_to_x_or_to_the_normed_x(residual_from_norm):
+    """A block computes x + attn(attn_norm(x)) = x', then x' + ffn(ffn_norm(x')), or with
+    residual_from_norm (Chain-of-Experts' reference block) ffn_norm(x') + ffn(ffn_norm(x')), on the
+    training path and the decode path alike."""
+    model = make_model(moe_fields=dict(residual_from_norm=residual_from_norm), first_k_dense=0, init_std=0.2)
+    block = model.eval().layers[0]
+    x = torch.randn(2, 5, model.config.dim, generator=torch.Generator().manual_seed(0))
+    cos, sin = model.rope_cos[:5], model.rope_sin[:5]
+    with torch.no_grad():
+        attended = x + block.attn(block.attn_norm(x), cos, sin, None, 0, None)[0]
+        normed = block.ffn_norm(attended)
+        want = (normed if residual_from_norm else attended) + block.ffn(normed)[0]
+        for infer in (False, True):
+            got = block(x, cos, sin, None, 0, None, infer=infer)[0]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"infer={infer}")
+
+
 def test_a_left_padded_batch_stops_at_eos_and_samples_reproducibly():
     model = make_model(init_std=0.2).to(torch.float64).eval()
     prompts = [random_ids(batch=1, seq=n, seed=n)[0] for n in (3, 6)]
