@@ -1606,3 +1606,54 @@ def test_generate_ends_the_streamed_line_before_an_error_mid_decoding(tmp_path, 
     code, out, err = run_cli(monkeypatch, capsys, args)
     assert code == 2 and err.startswith("error: ") and "holds Inf/NaN" in err, (out, err)
     assert out == "The king said\n"
+
+
+def _layer_stats_file(directory: Path) -> Path:
+    """A statistics file of layer 1 as calibrate writes it: 2 halves, 2 sources, 4 experts, 3 sampled inputs
+    of width 8, HEAPr's sums over 5 neurons."""
+    from moelab.compress.stats import LayerStats, layer_file, write_layer
+
+    def per_source():
+        return torch.rand(2, 2, 4, dtype=torch.float64)
+
+    stats = LayerStats(
+        1, ("a", "b"), tokens=torch.full((2, 2), 8.0, dtype=torch.float64), counts=per_source() * 8,
+        soft_counts=per_source(), gate_sums=per_source(), premoe_sums=per_source(), skip_ratios=torch.zeros(10),
+        logit_gram=torch.rand(2, 2, 4, 4, dtype=torch.float64), reap_sums=per_source(), max_output=torch.ones(4),
+        neuron_act_sums=torch.rand(2, 2, 4, 5), inputs=torch.randn(3, 8), input_sources=torch.tensor([0, 1, 1]),
+    )  # fmt: skip
+    directory.mkdir()
+    write_layer(directory, stats)
+    return layer_file(directory, 1)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.update(reap_sums=t["reap_sums"][:, :, :3].contiguous()), "reap_sums has shape [2, 2, 3], expected [2, 2, 4]"),
+        (lambda t: t.update(logit_gram=t["logit_gram"][..., :3].contiguous()), "logit_gram has shape [2, 2, 4, 3]"),
+        (lambda t: t.update(neuron_act_sums=t["neuron_act_sums"][0]), "neuron_act_sums has shape [2, 4, 5]"),
+        (lambda t: t.update(max_output=torch.ones(5)), "max_output has shape [5], expected [4]"),
+        (lambda t: t.update(tokens=torch.ones(2, 3, dtype=torch.float64)), "tokens has shape [2, 3], expected [halves, 2]"),
+        (lambda t: t.update(counts=t["counts"][0]), "counts has shape [2, 4]"),
+        (lambda t: t.update(inputs=t["inputs"][0]), "inputs has shape [8]"),
+        (lambda t: t.update(input_sources=torch.tensor([0, 1])), "input_sources has shape [2], expected [3, ...]"),
+        (lambda t: t["input_sources"].__setitem__(0, 2), "input_sources holds source numbers outside [0, 2)"),
+        (lambda t: t["counts"].view(-1).__setitem__(0, -1.0), "counts holds negative or non-finite values"),
+        (lambda t: t["tokens"].view(-1).__setitem__(0, float("nan")), "tokens holds negative or non-finite values"),
+    ],
+)
+def test_read_layer_refuses_statistics_of_the_wrong_layout(tmp_path, edit, message):
+    """An edited or foreign statistics file is refused naming the file and the tensor (a reap_sums one expert
+    short ended compress in a RuntimeError traceback; negative counts or out-of-range input sources were read
+    as they were)."""
+    from moelab.compress.stats import read_layer
+
+    path = _layer_stats_file(tmp_path / "stats")
+    assert read_layer(path.parent, 1, ("a", "b")).num_experts == 4
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match="calibrate again") as err:
+        read_layer(path.parent, 1, ("a", "b"))
+    assert str(path) in str(err.value) and message in str(err.value)

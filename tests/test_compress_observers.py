@@ -197,7 +197,8 @@ def test_a_hash_layer_s_token_ids_stored_as_input_ids_read_as_router_inputs(tmp_
     read as router_inputs, the router's per-token input (now also ZAYA's router states, floats)."""
     _calibration_dir(tmp_path)
     file, ids = layer_file(tmp_path, 3), torch.arange(6)
-    save_file({**load_file(file), "input_ids": ids}, file)
+    sampled = {"inputs": torch.zeros(6, 8), "input_sources": torch.zeros(6, dtype=torch.int64)}  # one id per input
+    save_file({**load_file(file), **sampled, "input_ids": ids}, file)
     assert torch.equal(Calibration(tmp_path).layer(3).router_inputs, ids)
 
 

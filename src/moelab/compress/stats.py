@@ -321,9 +321,52 @@ def read_layer(directory: Path, index: int, sources: tuple[str, ...]) -> LayerSt
     if "logit_gram" in tensors and tensors["logit_gram"].dim() == 2:  # all data's, before STATS_VERSION 2
         tensors["whole_logit_gram"] = tensors.pop("logit_gram")
     try:
-        return LayerStats(index, sources, **{k: v for k, v in tensors.items() if k in known})
+        stats = LayerStats(index, sources, **{k: v for k, v in tensors.items() if k in known})
     except TypeError as err:
         raise ValueError(f"{path} lacks statistics ({err}); calibrate again") from None
+    problem = _layout_problem(stats)
+    if problem:
+        raise ValueError(f"{path}: {problem}; the file was edited or is not moelab's: calibrate again")
+    return stats
+
+
+def _layout_problem(stats: LayerStats) -> str | None:
+    """What is wrong with the shapes of `stats` as read from a file (None: nothing): every [H, S, E, ...]
+    field against tokens [H, S] and counts' E, the sampled inputs [N, D] against their sources [N], and
+    the counts that cannot be negative or non-finite (tokens, counts, soft_counts)."""
+    if stats.tokens.dim() != 2 or (stats.sources and stats.tokens.shape[1] != len(stats.sources)):
+        return f"tokens has shape {list(stats.tokens.shape)}, expected [halves, {len(stats.sources) or 'sources'}]"
+    halves, sources = stats.tokens.shape
+    if stats.counts.dim() != 3:
+        return f"counts has shape {list(stats.counts.shape)}, expected [{halves}, {sources}, experts]"
+    experts = stats.num_experts
+    per_source = [halves, sources, experts]
+    expected = {name: per_source for name in PER_SOURCE if name != "tokens"}
+    expected.update(
+        logit_gram=[*per_source, experts], neuron_act_sums=[*per_source, "neurons"],
+        neuron_grad_sums=[*per_source, "neurons"], max_output=[experts], whole_logit_gram=[experts, experts],
+    )  # fmt: skip
+    for name, shape in expected.items():
+        value = getattr(stats, name)
+        if value is not None and (
+            value.dim() != len(shape) or any(want not in ("neurons", got) for want, got in zip(shape, value.shape))
+        ):
+            return f"{name} has shape {list(value.shape)}, expected {shape}"
+    if stats.inputs is not None and stats.inputs.dim() != 2:
+        return f"inputs has shape {list(stats.inputs.shape)}, expected [sampled tokens, model dim]"
+    rows = 0 if stats.inputs is None else stats.inputs.shape[0]
+    for name in ("input_sources", "router_inputs"):
+        value = getattr(stats, name)
+        if value is not None and (value.dim() == 0 or value.shape[0] != rows):
+            return f"{name} has shape {list(value.shape)}, expected [{rows}, ...] (one per sampled input)"
+    numbers = stats.input_sources
+    if numbers is not None and rows and not 0 <= numbers.min() <= numbers.max() < sources:
+        return f"input_sources holds source numbers outside [0, {sources})"
+    for name in ("tokens", "counts", "soft_counts"):
+        value = getattr(stats, name).double()
+        if not bool(torch.isfinite(value).all() and (value >= 0).all()):
+            return f"{name} holds negative or non-finite values (they count tokens)"
+    return None
 
 
 def write_info(directory: Path, info: dict[str, Any]) -> None:
