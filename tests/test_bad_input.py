@@ -1657,3 +1657,37 @@ def test_read_layer_refuses_statistics_of_the_wrong_layout(tmp_path, edit, messa
     with pytest.raises(ValueError, match="calibrate again") as err:
         read_layer(path.parent, 1, ("a", "b"))
     assert str(path) in str(err.value) and message in str(err.value)
+
+
+def _own_code_checkpoint(src: Path, tmp: Path, name: str = "mixtral") -> Path:
+    """A copy of a checkpoint whose model_type transformers lacks and whose auto_map names its own code,
+    code that would write ran.txt beside it (a new file there: the inputs' digest changes)."""
+    ckpt = copy(src, name, tmp)
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    edit_json(ckpt / "config.json", model_type="xmoe", auto_map=auto_map)
+    for module in ("configuration_x", "modeling_x"):
+        text(ckpt / f"{module}.py", "import pathlib\n(pathlib.Path(__file__).parent / 'ran.txt').write_text('ran')\n")
+    return ckpt
+
+
+OWN_CODE = ["model_type 'xmoe' is not a model transformers", "configuration_x.XConfig", "which moelab never runs"]
+
+
+@case
+def trace_model_type_transformers_lacks_with_its_own_code(tmp, src):
+    ckpt = _own_code_checkpoint(src, tmp)
+    return ["trace", ckpt, "--out", tmp / "out", "--quiet"], [ckpt], [str(ckpt / "config.json"), *OWN_CODE]
+
+
+@case
+def calibrate_model_type_transformers_lacks_with_its_own_code(tmp, src):
+    ckpt = _own_code_checkpoint(src, tmp, "mixtral8k")
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(ckpt)
+    return ["calibrate", ckpt, "--out", tmp / "out", "--quiet"], [ckpt], [str(ckpt / "config.json"), *OWN_CODE]
+
+
+@case
+def generate_model_type_transformers_lacks(tmp, src):
+    ckpt = hf(src, tmp, model_type="nosuchmoe")
+    args = ["generate", "The king said", "--model", ckpt, "--max-new-tokens", "2"]
+    return args, [ckpt], ["model_type 'nosuchmoe' is not a model transformers", "correct model_type if it is a typo"]

@@ -31,6 +31,7 @@ from moelab.data import TOKENIZER_DIR
 from moelab.files import read_json_object
 from moelab.hf.checkpoint import DTYPES, Checkpoint, CheckpointError
 from moelab.hf.conversion import CONVERTIBLE_FAMILIES, conversion_problems, moelab_model
+from moelab.hf.loading import check_transformers_knows
 from moelab.hf.multimodal import language_config
 from moelab.hf.quantized import PLAIN_DTYPES, stated_dtype
 from moelab.models.reference import model_dir
@@ -60,6 +61,7 @@ def load_tokenizer_of(path: str | os.PathLike):
     path = Path(path)
     if (path / "config.json").is_file():  # moelab's errors before transformers' (it reads it too)
         read_json_object(path / "config.json", "a model config")
+        check_transformers_knows(path)
     source = path if _has_tokenizer(path) else TOKENIZER_DIR
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)

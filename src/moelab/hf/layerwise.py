@@ -931,6 +931,9 @@ def skeleton(path: Path, config: dict, family, dtype: torch.dtype = torch.float3
         return native_skeleton(config, dtype)
     from transformers import AutoConfig
 
+    from moelab.hf.loading import check_transformers_knows
+
+    check_transformers_knows(path)
     return transformers_skeleton(AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False))
 
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from moelab.files import read_json_object
 from moelab.hf.checkpoint import CheckpointError
 from moelab.validation import non_finite_names
 
@@ -33,6 +34,7 @@ def load_causal_lm(
     not use (a real checkpoint's multi-token-prediction layers, say); unused_prefixes: tolerate
     those whose names start so."""
     path = Path(path)
+    check_transformers_knows(path)
     with _transformers_loading(path, quiet):  # a config transformers refuses too: a CheckpointError
         cls, extra = _language_model(path)
         model, info = cls.from_pretrained(
@@ -65,6 +67,32 @@ def load_causal_lm(
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise CheckpointError(f"{path}: NaN or Inf in {', '.join(bad[:3])}{more}: the weights are corrupt")
     return model.eval()
+
+
+def check_transformers_knows(path: Path) -> None:
+    """Raise a CheckpointError where config.json's model_type is one the installed transformers has no
+    class for, naming the checkpoint's own code (auto_map), which moelab never runs (transformers' own
+    error suggests upgrading only, and where it may ask whether to run that code, moelab never lets it)."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    config_path = path / "config.json"
+    if not config_path.is_file():  # transformers' loading says so
+        return
+    config = read_json_object(config_path, "a model config", error=CheckpointError)
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
+        return
+    auto_map = config.get("auto_map")
+    code = sorted({str(ref) for ref in auto_map.values()}) if isinstance(auto_map, dict) else []
+    own_code = (
+        f"; its auto_map names the checkpoint's own code ({', '.join(code)}), which moelab never runs "
+        "(no trust_remote_code)" if code else ""
+    )
+    raise CheckpointError(
+        f"{config_path}: model_type {model_type!r} is not a model transformers {transformers.__version__} knows"
+        f"{own_code}; install a transformers release that has {model_type!r}, or correct model_type if it is a typo"
+    )
 
 
 def _language_model(path: Path) -> tuple[Any, dict[str, Any]]:

@@ -20,7 +20,7 @@ from torch import nn
 from moelab.data.tokenizer import load_tokenizer
 from moelab.files import read_json_object
 from moelab.hf import ModelView, open_checkpoint
-from moelab.hf.loading import load_causal_lm
+from moelab.hf.loading import check_transformers_knows, load_causal_lm
 from moelab.hf.modules import is_transformers_model
 from moelab.models.reference import model_dir
 from moelab.trace.data import Encoder
@@ -99,6 +99,8 @@ def checkpoint_encoder(path: str | os.PathLike, *, native: bool = False) -> Enco
         return None
     if native and _is_shipped_tokenizer(path / "tokenizer.json"):
         return None
+    if not native:  # before transformers reads config.json for the tokenizer (and warns of an unknown model_type)
+        check_transformers_knows(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (ValueError, OSError) as err:  # a truncated tokenizer.json, a lone tokenizer_config.json, ...
