@@ -1691,3 +1691,10 @@ def generate_model_type_transformers_lacks(tmp, src):
     ckpt = hf(src, tmp, model_type="nosuchmoe")
     args = ["generate", "The king said", "--model", ckpt, "--max-new-tokens", "2"]
     return args, [ckpt], ["model_type 'nosuchmoe' is not a model transformers", "correct model_type if it is a typo"]
+
+
+@case
+def trace_transformers_checkpoint_without_model_type(tmp, src):
+    ckpt = hf(src, tmp, model_type=...)  # read as a moelab config, which it is not
+    args = ["trace", ckpt, "--out", tmp / "out", "--quiet"]
+    return args, [ckpt], [str(ckpt / "config.json"), "without its model_type", 'add "model_type": "mixtral"']

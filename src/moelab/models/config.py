@@ -249,12 +249,28 @@ class ModelConfig:
 def check_not_transformers(data: Any, path: str | Path) -> None:
     """Refuse a transformers config.json (it has a model_type or architectures) where a moelab
     config is expected, saying so (rather than 'unknown field')."""
-    if isinstance(data, dict) and ("model_type" in data or "architectures" in data):
+    if isinstance(data, dict) and "model_type" not in data and "architectures" in data:
+        raise ValueError(
+            f"{path} is a transformers model config without its model_type (architectures "
+            f"{data['architectures']!r}), which transformers and moelab read to tell what model it is: add "
+            f"{_model_type_of(data['architectures'])} to it (moelab takes a config.json without one for its own)"
+        )
+    if isinstance(data, dict) and "model_type" in data:
         raise ValueError(
             f"{path} is a transformers model config (model_type {data.get('model_type')!r}); expected a moelab "
             "config (a ModelConfig file, a run file, or the config.json of a moelab checkpoint written by "
             "save_pretrained or moelab train). transformers checkpoints work with moelab trace and analyze"
         )
+
+
+def _model_type_of(architectures: Any) -> str:
+    """'"model_type": "mixtral"' for architectures ["MixtralForCausalLM"] (transformers' causal LM
+    names), else a placeholder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = architectures if isinstance(architectures, list) else []
+    found = sorted(kind for kind, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if name in names)
+    return f'"model_type": "{found[0]}"' if found else "its family's model_type (e.g. \"model_type\": \"mixtral\")"
 
 
 def _format(path: Path) -> str:
