@@ -284,7 +284,8 @@ def test_agreement_with_itself_ignores_a_padded_last_window(model_dir):
 
 def test_prompts_start_at_evenly_spaced_offsets():
     """k of n prompts starts at span * k // n (span: the last possible start), from 0 on; a domain
-    shorter than a prompt gives none."""
+    shorter than a prompt gives none, one of fewer offsets than prompts each offset once (its one prompt
+    was counted twice in the loop rate and its interval)."""
     import numpy as np
 
     from moelab.eval.evaluate import _prompts
@@ -292,11 +293,13 @@ def test_prompts_start_at_evenly_spaced_offsets():
     streams = {"a": np.arange(100), "b": np.arange(1000, 1008), "c": np.arange(5)}
     got = _prompts(streams, EvalOptions(prompts=2, prompt_tokens=8))
     assert [(name, ids.shape, int(ids[0, 0])) for name, ids in got] == [
-        ("a", (1, 8), 0), ("a", (1, 8), 46), ("b", (1, 8), 1000), ("b", (1, 8), 1000)
+        ("a", (1, 8), 0), ("a", (1, 8), 46), ("b", (1, 8), 1000)
     ]  # fmt: skip
     assert torch.equal(got[1][1][0], torch.arange(46, 54))
     got = _prompts({"a": np.arange(100)}, EvalOptions(prompts=3, prompt_tokens=10))
     assert [int(ids[0, 0]) for _, ids in got] == [0, 30, 60]  # span 90
+    got = _prompts({"a": np.arange(11)}, EvalOptions(prompts=4, prompt_tokens=10))
+    assert [int(ids[0, 0]) for _, ids in got] == [0]  # span 1: every k // 4 is 0, one prompt, not four copies
 
 
 class _Bigram(torch.nn.Module):

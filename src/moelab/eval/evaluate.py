@@ -258,14 +258,14 @@ def _speed(scored: dict, who: str) -> float:
 
 
 def _prompts(streams: dict[str, np.ndarray], options: EvalOptions) -> list[tuple[str, torch.Tensor]]:
-    """`options.prompts` prompts per domain: `prompt_tokens` tokens at evenly spaced offsets."""
+    """`options.prompts` prompts per domain: `prompt_tokens` tokens at evenly spaced offsets, each offset
+    once (a domain of fewer offsets than prompts gives fewer: a prompt counted twice is no second sample)."""
     prompts = []
     for name, stream in streams.items():
         span = len(stream) - options.prompt_tokens
         if span < 0:
             continue
-        for k in range(options.prompts):
-            start = span * k // max(options.prompts, 1)
+        for start in sorted({span * k // max(options.prompts, 1) for k in range(options.prompts)}):
             ids = torch.as_tensor(np.asarray(stream[start : start + options.prompt_tokens], dtype=np.int64))
             prompts.append((name, ids[None]))
     return prompts
