@@ -1698,3 +1698,25 @@ def trace_transformers_checkpoint_without_model_type(tmp, src):
     ckpt = hf(src, tmp, model_type=...)  # read as a moelab config, which it is not
     args = ["trace", ckpt, "--out", tmp / "out", "--quiet"]
     return args, [ckpt], [str(ckpt / "config.json"), "without its model_type", 'add "model_type": "mixtral"']
+
+
+@pytest.mark.parametrize(
+    "architecture, model_type",
+    [
+        ("MixtralForCausalLM", "mixtral"),
+        ("Llama4ForCausalLM", "llama4_text"),  # not "llama4", the multimodal config that maps to it too
+        ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text"),
+        ("Qwen3_5MoeForConditionalGeneration", "qwen3_5_moe"),  # a multimodal release's
+    ],
+)
+def test_a_config_without_model_type_is_told_its_class_s_model_type(architecture, model_type):
+    """The model_type to add is the one of the architecture's own config class (the first causal LM
+    name in sorted order told Llama4ForCausalLM's text config to become "llama4", and named nothing for
+    a multimodal class)."""
+    from moelab.models.config import check_not_transformers
+
+    with pytest.raises(ValueError, match="without its model_type") as err:
+        check_not_transformers({"architectures": [architecture]}, "ckpt/config.json")
+    assert f'add "model_type": "{model_type}" to it' in str(err.value)
+    with pytest.raises(ValueError, match=r'add its family\'s model_type \(e.g. "model_type": "mixtral"\)'):
+        check_not_transformers({"architectures": ["NoSuchForCausalLM", 3]}, "ckpt/config.json")

@@ -264,13 +264,17 @@ def check_not_transformers(data: Any, path: str | Path) -> None:
 
 
 def _model_type_of(architectures: Any) -> str:
-    """'"model_type": "mixtral"' for architectures ["MixtralForCausalLM"] (transformers' causal LM
-    names), else a placeholder."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """'"model_type": "mixtral"' for architectures ["MixtralForCausalLM"]: the model_type of the
+    transformers class's own config ("llama4_text" for Llama4ForCausalLM, not the multimodal
+    "llama4" that maps to it too), else a placeholder."""
+    import transformers
 
-    names = architectures if isinstance(architectures, list) else []
-    found = sorted(kind for kind, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if name in names)
-    return f'"model_type": "{found[0]}"' if found else "its family's model_type (e.g. \"model_type\": \"mixtral\")"
+    for name in architectures if isinstance(architectures, list) else []:
+        cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+        model_type = getattr(getattr(cls, "config_class", None), "model_type", None)
+        if isinstance(model_type, str) and model_type:
+            return f'"model_type": "{model_type}"'
+    return "its family's model_type (e.g. \"model_type\": \"mixtral\")"
 
 
 def _format(path: Path) -> str:
