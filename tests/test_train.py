@@ -262,20 +262,21 @@ def test_accumulation_scales_the_aux_loss_like_the_lm_loss():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_a_non_finite_gradient_at_a_finite_loss_stops_before_the_update(bad):
+@pytest.mark.parametrize("bad, dtype", [(float("inf"), "fp32"), (float("nan"), "fp32"), (float("inf"), "bf16")])
+def test_a_non_finite_gradient_at_a_finite_loss_stops_before_the_update(bad, dtype):
     """One gradient overflows while the loss stays finite: the step raises before AdamW moves
     anything (clipping by a non-finite norm would have made every weight NaN, and a checkpoint of
-    that step would have kept them)."""
+    that step would have kept them). Training in fp32 is suggested to a bf16 run only."""
     torch.manual_seed(0)
     model = MoETransformer(ModelConfig.from_dict(MODEL))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     model.norm.weight.register_hook(lambda grad: torch.full_like(grad, bad))
     optimizer = build_optimizer(model, TrainConfig(steps=1))
     batch = (torch.randint(0, 8192, (2, 16)), torch.randint(0, 8192, (2, 16)))
-    with pytest.raises(ValueError, match=f"the gradient norm is {bad} at a finite loss"):
-        train_step(model, optimizer, FixedBatches([batch]), TrainConfig(steps=1), torch.device("cpu"),
+    with pytest.raises(ValueError, match=f"the gradient norm is {bad} at a finite loss") as err:
+        train_step(model, optimizer, FixedBatches([batch]), TrainConfig(steps=1, dtype=dtype), torch.device("cpu"),
                    torch.autocast("cpu", enabled=False))  # fmt: skip
+    assert ("train in fp32 (train.dtype: fp32)" in str(err.value)) == (dtype == "bf16"), str(err.value)
     assert not optimizer.state
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
