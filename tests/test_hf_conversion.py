@@ -61,21 +61,24 @@ def test_a_converted_checkpoint_computes_what_transformers_computes(tmp_path, fa
 
 def test_a_moelab_checkpoint_exported_and_imported_is_the_same_checkpoint(tmp_path):
     """moelab -> export (mixtral, qwen2_moe) -> import: every tensor bit for bit; the import writes
-    the checkpoint's dtype and refuses to replace a directory without overwrite."""
+    the checkpoint's dtype and refuses to replace a directory without overwrite. Qwen2-MoE always
+    has a sigmoid-gated shared expert: the zero one an export writes for a model without any, and
+    the zero gate (with a doubled down projection) for an ungated one, come back as what they were,
+    not as extra tensors (before, both came back gated)."""
     original = _model(tmp_path / "m", moe={"renormalize": True}, first_k_dense=0)
-    for family in ("mixtral", "qwen2_moe"):
-        export_checkpoint(tmp_path / "m", tmp_path / family, family, tokenizer=None, quiet=True)
-        out = import_checkpoint(tmp_path / family, tmp_path / f"back-{family}", quiet=True)
-        back = load_pretrained(out)
-        expected = original.state_dict()
-        got = back.state_dict()
-        if family == "qwen2_moe":  # Qwen2-MoE always has a gated shared expert: a zero one comes back
-            got = {k: t for k, t in got.items() if ".shared" not in k}
+    ungated = _model(tmp_path / "shared", moe={"num_shared": 1})
+    for source, model, family in (("m", original, "mixtral"), ("m", original, "qwen2_moe"), ("shared", ungated, "qwen2_moe")):
+        exported = tmp_path / f"{source}-{family}"
+        export_checkpoint(tmp_path / source, exported, family, tokenizer=None, quiet=True)
+        back = load_pretrained(import_checkpoint(exported, tmp_path / f"back-{source}-{family}", quiet=True))
+        assert back.config.layer_kinds == model.config.layer_kinds, family
+        assert (back.config.moe.num_shared, back.config.moe.shared_gate) == (model.config.moe.num_shared, False)
+        expected, got = model.state_dict(), back.state_dict()
         assert got.keys() == expected.keys(), family
         for name, t in expected.items():
             assert torch.equal(got[name], t), (family, name)
     with pytest.raises(ValueError, match="pass --overwrite"):
-        import_checkpoint(tmp_path / "mixtral", tmp_path / "back-mixtral", quiet=True)
+        import_checkpoint(tmp_path / "m-mixtral", tmp_path / "back-m-mixtral", quiet=True)
     _, path = _saved(tmp_path, "mixtral")
     half = moelab_model(path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())

@@ -12,7 +12,9 @@ transformers' own model of the same weights several times slower at batch 1.
 Anything else (another family, sliding-window attention, scaled RoPE, a head width other than
 D / H, nonzero attention biases, other activations or routers) is refused with the reasons
 (`conversion_problems`). As in transformers, an output head stored apart from the embedding stays
-apart even where config.json ties them. `import_checkpoint` checks what it wrote: moelab's logits
+apart even where config.json ties them. The zero shared expert, or zero shared-expert gate, that
+`moelab export` writes for a model without a (gated) one comes back as what it was (`_exported_shared`),
+so that a moelab checkpoint exported and imported again is the same checkpoint. `import_checkpoint` checks what it wrote: moelab's logits
 equal transformers' to 1e-4, on the layers up to the second MoE layer and the first of every other
 kind (every later layer's tensors convert by the same names as the first of its kind), so the
 check needs memory for those layers only.
@@ -29,11 +31,11 @@ import torch
 from torch import Tensor
 
 from moelab.files import read_json_object
-from moelab.hf.adapters import NATIVE, resolve
+from moelab.hf.adapters import FAMILIES, NATIVE, resolve
 from moelab.hf.checkpoint import Checkpoint, CheckpointError, side_files
 from moelab.hf.export import renamed
 from moelab.hf.layouts import Config
-from moelab.hf.view import MoELayerView
+from moelab.hf.view import MoELayerView, SharedView
 from moelab.io import StagedOutput, check_output_dir, copy_side_file
 from moelab.models.config import ModelConfig
 from moelab.models.pretrained import CHECKPOINT_KIND, load_state, write_model_files
@@ -159,10 +161,11 @@ def _problems(path: str | os.PathLike, ckpt: Checkpoint, family: str) -> list[st
     return problems
 
 
-def _model_config(config, family: str, ckpt: Checkpoint) -> ModelConfig:
+def _model_config(config, family: str, ckpt: Checkpoint, shared_form: str | None = None) -> ModelConfig:
     """moelab's config of the same decoder (see `moelab.hf.export._hf_config`, its inverse; the
     balance loss's coefficient is router_aux_loss_coef). The embedding ties to the output head
-    where config.json says so and the checkpoint stores no other head (transformers' rule)."""
+    where config.json says so and the checkpoint stores no other head (transformers' rule).
+    shared_form: `_exported_shared`'s reading of Qwen2-MoE's shared experts."""
     common = dict(
         vocab_size=config.vocab_size,
         dim=config.hidden_size,
@@ -180,14 +183,14 @@ def _model_config(config, family: str, ckpt: Checkpoint) -> ModelConfig:
         moe |= dict(num_experts=config.num_local_experts, hidden_dim=config.intermediate_size)
         moe |= dict(renormalize=True)
         return ModelConfig(**common, moe=MoEConfig(**moe))
-    shared = config.shared_expert_intermediate_size
+    shared = 0 if shared_form == "none" else config.shared_expert_intermediate_size
     moe |= dict(
         num_experts=config.num_experts,
         hidden_dim=config.moe_intermediate_size,
         renormalize=bool(config.norm_topk_prob),
         num_shared=1 if shared else 0,
         shared_hidden_dim=shared or None,
-        shared_gate=bool(shared),
+        shared_gate=bool(shared) and shared_form != "ungated",
     )
     dense, step = set(config.mlp_only_layers or []), config.decoder_sparse_step
     kinds = ["moe" if i not in dense and (i + 1) % step == 0 else "dense" for i in range(common["n_layers"])]
@@ -213,8 +216,13 @@ def moelab_config(path: str | os.PathLike, checkpoint: Checkpoint | None = None)
             checkpoint.close()
     if problems := conversion_problems(path, checkpoint):
         raise ValueError(f"{path} cannot run as a moelab model exactly: it has " + "; ".join(problems))
+    family, config = checkpoint_family(path), _transformers_config(path)
+    shared_form = None
+    if family == "qwen2_moe":
+        raw = read_json_object(Path(path) / "config.json", "a model config")
+        shared_form = _exported_shared(checkpoint, raw, config.num_hidden_layers)
     try:
-        return _model_config(_transformers_config(path), checkpoint_family(path), checkpoint)
+        return _model_config(config, family, checkpoint, shared_form)
     except ValueError as err:
         raise ValueError(f"{path}/config.json: {err}") from None
 
@@ -228,6 +236,7 @@ def moelab_tensors(
     model reads them one at a time)."""
     native = NATIVE.layouts[0]
     tensors, read = {}, set()
+    shared_form = _exported_shared(ckpt, config, n_layers) if family.name == "qwen2_moe" else None
     meta = None if routed else ckpt.with_shapes_only()
     try:
         for index in range(n_layers):
@@ -241,7 +250,8 @@ def moelab_tensors(
             layout = family.layout_of(ckpt, index)
             read |= set(layout.router.keys(ckpt, source) + layout.experts.keys(ckpt, source))
             if layer.shared is not None:
-                tensors |= native.shared.encode(layer.shared, prefix)
+                if shared_form != "none":
+                    tensors |= native.shared.encode(_as_moelab_shared(layer.shared, shared_form), prefix)
                 names = (layout.shared.gate, layout.shared.up, layout.shared.down, layout.shared.sigmoid_gate)
                 read |= {source + name for name in names if name is not None}
     finally:
@@ -261,6 +271,42 @@ def moelab_tensors(
             )
         tensors[name] = ckpt.get(key)
     return tensors
+
+
+def _exported_shared(ckpt: Checkpoint, config: Config, n_layers: int) -> str | None:
+    """How a Qwen2-MoE checkpoint's sigmoid-gated shared experts read in moelab, undoing what
+    `moelab export` writes for a model without a gated one (`moelab.hf.export._qwen2_shared`), so that
+    the round trip gives that model back bit for bit: "none" where every MoE layer's shared expert
+    is all zero and 1 wide (it adds 0), "ungated" where every layer's gate is zero and its down
+    projection halves exactly (sigmoid(0) = 1/2 times down is down / 2 without the gate), else None
+    (as stored). Reads the shared experts only while the layers seen so far allow one of the two."""
+    family = FAMILIES["qwen2_moe"]
+    forms = {"none", "ungated"}
+    meta = ckpt.with_shapes_only()
+    try:
+        for index in range(n_layers):
+            if not forms:
+                return None
+            layer = family.read_layer(ckpt, config, index, meta)
+            if not isinstance(layer, MoELayerView):
+                continue
+            shared = layer.shared
+            if shared is None or shared.sigmoid_gate is None or shared.sigmoid_gate.any():
+                return None
+            zero = shared.up.shape[0] == 1 and not any(t is not None and t.any() for t in (shared.gate, shared.up, shared.down))
+            forms -= set() if zero else {"none"}
+            forms -= set() if torch.equal(shared.down / 2 * 2, shared.down) else {"ungated"}
+    finally:
+        meta.close()
+    return "none" if "none" in forms else next(iter(forms), None)
+
+
+def _as_moelab_shared(shared: SharedView, form: str | None) -> SharedView:
+    """A Qwen2-MoE shared expert as moelab's: as stored, or ungated ("ungated": its zero gate's
+    sigmoid(0) = 1/2 moved into the down projection, see `_exported_shared`)."""
+    if form != "ungated":
+        return shared
+    return dataclasses.replace(shared, down=shared.down / 2, sigmoid_gate=None)
 
 
 def _check_logits(path: Path, model: MoETransformer, quiet: bool) -> None:
