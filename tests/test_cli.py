@@ -135,6 +135,30 @@ def test_busy_processes_run_during_the_block_and_end_with_it():
     assert procs[0].returncode is not None, "an interrupted benchmark leaves no busy process behind"
 
 
+def test_busy_processes_started_before_one_that_fails_to_start_are_ended(monkeypatch):
+    """The third Popen fails (or Ctrl-C arrives while it starts): the two started are terminated,
+    not left spinning beside a parent that lives on (a notebook, a script that catches the error)."""
+    import subprocess
+
+    import moelab.bench.load as load
+
+    started, popen = [], subprocess.Popen
+
+    def third_fails(*args, **kwargs):
+        if len(started) == 2:
+            raise OSError("fork failed")
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(load.subprocess, "Popen", third_fails)
+    try:
+        with load.busy_processes(3):
+            raise AssertionError("the block must not run")
+    except OSError:
+        pass
+    assert len(started) == 2 and all(p.returncode is not None for p in started), "a busy process left spinning"
+
+
 def test_a_busy_process_ends_when_the_benchmark_is_killed_outright():
     """SIGKILL skips the block's cleanup: the busy loop notices its parent is gone and ends."""
     import os

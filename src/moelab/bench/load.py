@@ -26,8 +26,10 @@ def busy_processes(n: int) -> Iterator[list[subprocess.Popen]]:
     themselves within a fraction of a second if the benchmark is killed outright."""
     if n < 0:
         raise ValueError(f"the number of busy processes must be >= 0, got {n}")
-    procs = [subprocess.Popen([sys.executable, "-c", _SPIN, str(os.getpid())]) for _ in range(n)]
+    procs: list[subprocess.Popen] = []
     try:
+        for _ in range(n):  # inside the try: one that fails to start (or Ctrl-C) ends those started before it
+            procs.append(subprocess.Popen([sys.executable, "-c", _SPIN, str(os.getpid())]))
         if procs:
             time.sleep(0.5)  # past the interpreters' start-up: spinning when the block begins
         yield procs
