@@ -99,6 +99,20 @@ def test_distinct_experts_counts_each_expert_once_per_decode_step():
     assert distinct_experts_per_step(model, prompts, 4) == {1: 2.0}
 
 
+def test_distinct_experts_leave_out_identity_experts():
+    """Zero-computation (identity) experts read no weights: a selection bias that puts two of them
+    in every token's top 2 leaves no routed expert to read (not 2 of the 4 experts' bytes)."""
+    torch.manual_seed(0)
+    config = tiny()
+    config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, identity_experts=4, selection_bias=True))
+    model = MoETransformer(config).eval()
+    layer = model.moe_layers[1]
+    with torch.no_grad():
+        layer.router.selection_bias[layer.num_experts : layer.num_experts + 2] = 1e3
+    prompts = torch.randint(0, config.vocab_size, (3, 4))
+    assert distinct_experts_per_step(model, prompts, 4) == {1: 0.0}
+
+
 def test_bench_generate_rows_from_injected_timings(tmp_path, monkeypatch):
     """measure_model's arithmetic on scripted timings (rounds in a fixed order: moelab,
     transformers, moelab at skip 0.5, then the bandwidth), batch 2 x 3 new tokens after 4 prompt

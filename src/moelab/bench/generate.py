@@ -158,13 +158,17 @@ def distinct_experts_per_step(
     model: MoETransformer, prompts: torch.Tensor, new_tokens: int
 ) -> dict[int, float]:
     """Mean number of distinct experts each MoE layer routes a decode step's tokens to (an
-    untimed `generate`; prefill calls excluded)."""
+    untimed `generate`; prefill calls excluded): the routed experts whose weights a step reads,
+    not zero-computation (identity) experts, which read none."""
     counts: dict[int, list[int]] = {i: [] for i in model.moe_layers}
 
     def hook(index):
+        num_experts = model.moe_layers[index].num_experts  # the router's choices past these are identity experts
+
         def record(module, args, routing):
             if args[0].shape[0] == prompts.shape[0]:  # one token per sequence: a decode step
-                counts[index].append(int(routing.indices[routing.indices >= 0].unique().numel()))
+                chosen = routing.indices[(routing.indices >= 0) & (routing.indices < num_experts)]
+                counts[index].append(int(chosen.unique().numel()))
 
         return record
 
