@@ -4,6 +4,7 @@ the bytes a decode step reads (a CLI run checks only that the numbers are there)
 from __future__ import annotations
 
 import dataclasses
+import time
 import types
 
 import pytest
@@ -116,33 +117,68 @@ def test_distinct_experts_leave_out_identity_experts():
 def test_bench_generate_rows_from_injected_timings(tmp_path, monkeypatch):
     """measure_model's arithmetic on scripted timings (rounds in a fixed order: moelab,
     transformers, moelab at skip 0.5, then the bandwidth), batch 2 x 3 new tokens after 4 prompt
-    tokens (a mean context of 4 + (3 - 1) / 2 = 5 positions), 2 distinct experts a step."""
+    tokens: 2 x 2 tokens from the timed decode steps (the first comes from the prompt pass), which
+    read a mean context of 4 + 3 / 2 = 5.5 positions; 2 distinct experts a step."""
     torch.manual_seed(0)
     save_pretrained(MoETransformer(tiny()), tmp_path / "m")
     model = G.load_pretrained(tmp_path / "m").eval()
     #          moelab transformers skip   GB/s
-    rounds = [(1.0, 2.0, 0.5, 10.0), (4.0, 4.0, 1.0, 40.0), (2.0, 6.0, 4.0, 20.0)]
+    rounds = [(1.0, 2.0, 0.5, 10.0), (4.0, 4.0, 1.0, 40.0), (2.0, 6.0, 4.0, 20.0)]  # the decode steps' seconds
     seconds = iter(t for r in rounds for t in r[:3])
+    prompt = iter([0.5, 1.5, 0.25, 3.0, 3.0, 0.5, 1.5, 0.5, 3.0])  # the prompt passes', in the same order
     bandwidths = iter(r[3] for r in rounds)
     monkeypatch.setattr(G.random, "shuffle", lambda order: None)
-    monkeypatch.setattr(G, "_timed", lambda fn, device="cpu": next(seconds))
+    monkeypatch.setattr(G, "_timed_decode", lambda generate, prompts, device="cpu": (next(prompt), next(seconds)))
     monkeypatch.setattr(G, "memory_bandwidth_gb_s", lambda **kwargs: next(bandwidths))
     monkeypatch.setattr(G, "distinct_experts_per_step", lambda model, prompts, new_tokens: {1: 2.0})
     options = G.GenerateOptions(batch_sizes=(2,), prompt_tokens=4, new_tokens=3, rounds=3, skip=(0.5,))
     (row,) = G.measure_model("m", tmp_path / "m", model, options)
     assert next(seconds, None) is None and next(bandwidths, None) is None, "3 rounds, no more"
-    per_token = bytes_per_step(model, {1: 2.0}, 2, 5.0) / 2
+    per_token = bytes_per_step(model, {1: 2.0}, 2, 5.5) / 2
     assert row["bytes_per_token"] == pytest.approx(per_token)
     assert row["memory_bandwidth_gb_s"] == 20.0  # median of 10, 40, 20
     assert row["bound_tokens_per_s"] == pytest.approx(20e9 / per_token)
-    assert row["tokens_per_s"] == {"moelab": 2 * 3 / 2.0, "transformers": 2 * 3 / 4.0, "moelab_skip0.5": 2 * 3 / 1.0}
+    assert row["tokens_per_s"] == {"moelab": 2 * 2 / 2.0, "transformers": 2 * 2 / 4.0, "moelab_skip0.5": 2 * 2 / 1.0}
+    assert row["prompt_s"] == {"moelab": 1.5, "transformers": 1.5, "moelab_skip0.5": 0.5}  # medians of the passes
     # transformers' time over moelab's per round: 2, 1, 3 -> 2; over skip's: 4, 4, 1.5 -> 4
     assert row["ratio_vs_transformers"] == {"moelab": 2.0, "transformers": 1.0, "moelab_skip0.5": 4.0}
     # moelab's over skip's: 2, 4, 0.5 -> 2
     assert row["speedup_vs_moelab"] == {"moelab": 1.0, "transformers": 0.5, "moelab_skip0.5": 2.0}
-    # moelab: 6 tokens / 1, 4, 2 s against bounds 10, 40, 20 GB/s over per_token bytes
-    fractions = [6 / t / (gb * 1e9 / per_token) for t, gb in [(1.0, 10.0), (4.0, 40.0), (2.0, 20.0)]]
+    # moelab: 4 tokens / 1, 4, 2 s against bounds 10, 40, 20 GB/s over per_token bytes
+    fractions = [4 / t / (gb * 1e9 / per_token) for t, gb in [(1.0, 10.0), (4.0, 40.0), (2.0, 20.0)]]
     assert row["fraction_of_bound"]["moelab"] == pytest.approx(sorted(fractions)[1])
+
+
+@pytest.mark.parametrize("engine", ["moelab", "transformers"])
+def test_bench_generate_times_from_the_first_new_token(tmp_path, engine):
+    """The decode steps are timed from the first new token (the prompt pass's) to the last: a
+    prompt pass made 0.2 s slower moves prompt_s by 0.2 s and leaves the decode time as it was
+    (before, tokens/s counted every new token over the whole call, prompt pass included)."""
+    torch.manual_seed(0)
+    save_pretrained(MoETransformer(tiny()), tmp_path / "m")
+    model = G.load_pretrained(tmp_path / "m").eval()
+    prompts = torch.randint(0, 64, (1, 4))
+    hf = G.exported_model(tmp_path / "m", G.family_for(model))
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
+    generate = {
+        "moelab": lambda ids, streamer=None: model.generate(ids, 8, greedy=True, streamer=streamer),
+        "transformers": lambda ids, streamer=None: hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, streamer=streamer
+        ),
+    }[engine]
+    layer = model.layers[0] if engine == "moelab" else hf.model.layers[0]
+
+    def slow_prompt_pass(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] > 1:  # the prompt's 4 positions, not a decode step's one
+            time.sleep(0.2)
+
+    with torch.no_grad():
+        prompt_s, decode_s = G._timed_decode(generate, prompts)
+        handle = layer.register_forward_pre_hook(slow_prompt_pass, with_kwargs=True)
+        slow_prompt_s, slow_decode_s = G._timed_decode(generate, prompts)
+        handle.remove()
+    assert slow_prompt_s - prompt_s > 0.19 and slow_decode_s < decode_s + 0.1
 
 
 def test_bench_layer_rows_from_injected_timings(monkeypatch):

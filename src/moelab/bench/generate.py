@@ -8,6 +8,9 @@ prompts of `prompt_tokens`, then `new_tokens` greedy tokens, in `dtype` (fp32 or
 (a CPU's `threads` intra-op threads, or a CUDA GPU). Every round runs both implementations once,
 in a shuffled order; tokens/s is the median over rounds and `ratio` the median of the per-round
 ratios (transformers' time / moelab's), so both sides of a ratio saw the same machine load. The greedy tokens are compared too.
+The time is the decode steps', from the first new token (which the prompt pass yields; each
+`generate` is given a streamer that notes when it arrives) to the last: new_tokens - 1 tokens a
+sequence. The prompt pass's median is reported apart (`prompt_s`).
 
 With `skip` ratios, moelab also decodes with NAEE's dynamic skipping at each ratio β (a chosen
 expert whose weight is below β times the token's largest is dropped), timed in the same rounds,
@@ -191,20 +194,24 @@ def measure_model(
     """One row per batch size: tokens/s of each implementation, its ratio to transformers, the
     bound and each implementation's fraction of it. `model` is `model_dir` loaded."""
     family = family_for(model)
-    run = {"moelab": lambda ids: model.generate(ids, options.new_tokens, greedy=True)}
+    n = options.new_tokens
+    run = {"moelab": lambda ids, streamer=None: model.generate(ids, n, greedy=True, streamer=streamer)}
     if family is not None:
         hf = exported_model(model_dir, family).to(options.device, DTYPES[options.dtype])
         hf.generation_config.eos_token_id = None  # decode exactly new_tokens, as moelab's generate does
         hf.generation_config.pad_token_id = 0
-        run["transformers"] = lambda ids: hf.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=options.new_tokens, do_sample=False
+        run["transformers"] = lambda ids, streamer=None: hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, streamer=streamer
         )
     base = "transformers" if family is not None else "moelab"  # what ratios and token checks refer to
     if options.compile:  # a copy of its own: its compiled step keeps the weights row-major (see generate)
         compiled = copy.deepcopy(model)
-        run["moelab_compiled"] = lambda ids: compiled.generate(ids, options.new_tokens, greedy=True, compile=True)
+        run["moelab_compiled"] = lambda ids, streamer=None: compiled.generate(
+            ids, n, greedy=True, compile=True, streamer=streamer
+        )
     for variant, (setting, value) in routing_variants(options).items():
-        run[f"moelab_{variant}"] = _with_setting(model, setting, value, options.new_tokens)
+        run[f"moelab_{variant}"] = _with_setting(model, setting, value, n)
+    steps = n - 1  # timed: the decode steps after the prompt pass
     rows = []
     for batch in options.batch_sizes:
         if progress is not None:
@@ -217,7 +224,8 @@ def measure_model(
         ).to(options.device)
         with torch.no_grad():
             outputs = {impl: go(prompts) for impl, go in run.items()}  # warm-up, and the tokens compared
-            times: dict[str, list[float]] = {impl: [] for impl in run}
+            times: dict[str, list[float]] = {impl: [] for impl in run}  # the decode steps' seconds
+            prompt_times: dict[str, list[float]] = {impl: [] for impl in run}
             bandwidths = []  # GB/s, one per round
             order = [*run, None]  # None: measure the read bandwidth
             for _ in range(options.rounds):
@@ -225,13 +233,15 @@ def measure_model(
                 for impl in order:
                     if impl is None:
                         bandwidths.append(memory_bandwidth_gb_s(repeats=3, device=options.device))
-                    else:
-                        times[impl].append(_timed(lambda: run[impl](prompts), options.device))
+                        continue
+                    prompt_s, decode_s = _timed_decode(run[impl], prompts, options.device)
+                    prompt_times[impl].append(prompt_s)
+                    times[impl].append(decode_s)
             distinct = distinct_experts_per_step(model, prompts, options.new_tokens)
-        context = options.prompt_tokens + (options.new_tokens - 1) / 2
+        context = options.prompt_tokens + options.new_tokens / 2  # the mean cache a decode step reads
         step_bytes = bytes_per_step(model, distinct, batch, context)
         bounds = [bound_tokens_per_s(gb_s, step_bytes / batch) for gb_s in bandwidths]  # one per round
-        speed = {impl: batch * options.new_tokens / statistics.median(t) for impl, t in times.items()}
+        speed = {impl: batch * steps / statistics.median(t) for impl, t in times.items()}
         new = slice(options.prompt_tokens, None)
         rows.append({
             "model": name,
@@ -245,8 +255,9 @@ def measure_model(
                 impl: speedup(times["moelab"], t) for impl, t in times.items()
             },
             "fraction_of_bound": {
-                impl: fraction_of_bound(batch * options.new_tokens, t, bounds) for impl, t in times.items()
+                impl: fraction_of_bound(batch * steps, t, bounds) for impl, t in times.items()
             },
+            "prompt_s": {impl: statistics.median(t) for impl, t in prompt_times.items()},
             "bytes_per_token": step_bytes / batch,
             "distinct_experts_per_layer": statistics.mean(distinct.values()) if distinct else 0.0,
             "memory_bandwidth_gb_s": statistics.median(bandwidths),
@@ -295,11 +306,39 @@ def routing_setting(model: MoETransformer, setting: str, value: float):
 def _with_setting(model: MoETransformer, setting: str, value: float, new_tokens: int):
     """generate under `routing_setting(model, setting, value)`."""
 
-    def generate(ids: torch.Tensor) -> torch.Tensor:
+    def generate(ids: torch.Tensor, streamer=None) -> torch.Tensor:
         with routing_setting(model, setting, value):
-            return model.generate(ids, new_tokens, greedy=True)
+            return model.generate(ids, new_tokens, greedy=True, streamer=streamer)
 
     return generate
+
+
+class _FirstTokenClock:
+    """A streamer (`generate`'s, transformers' too) that notes when the first new token arrives:
+    its second `put`, after the prompts'. The token comes to the host, so the prompt pass is done."""
+
+    def __init__(self):
+        self.puts, self.first = 0, None
+
+    def put(self, ids: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def _timed_decode(generate, prompts: torch.Tensor, device: str = "cpu") -> tuple[float, float]:
+    """(seconds to the first new token: the prompt pass, seconds from it to the last: the decode
+    steps) of `generate(prompts, streamer=...)`."""
+    clock = _FirstTokenClock()
+    synchronize(device)
+    start = time.perf_counter()
+    generate(prompts, streamer=clock)
+    synchronize(device)
+    end = time.perf_counter()
+    return clock.first - start, end - clock.first
 
 
 def routing_quality(model: MoETransformer, options: GenerateOptions, quiet: bool = False) -> dict[str, dict[str, float]]:
@@ -377,8 +416,8 @@ def render(doc: dict) -> Table:
     table = Table(
         title=f"Greedy decode, {setup.get('dtype', 'fp32')}, {_where(setup)}, {setup['new_tokens']} new tokens"
         + (f", {setup['load']} busy process(es) beside" if setup["load"] else ""),
-        caption=f"bound: read bandwidth (measured every round, median {setup['memory_bandwidth_gb_s']:.1f} GB/s) / "
-        "bytes a token must read; "
+        caption=f"tok/s: the decode steps' (the prompt pass left out); bound: read bandwidth (measured every "
+        f"round, median {setup['memory_bandwidth_gb_s']:.1f} GB/s) / bytes a token must read; "
         "x transformers: median of same-round ratios",
     )
     for column in ("model", "batch", "impl", "tok/s", "x transformers", "of bound", "same tokens"):
