@@ -201,3 +201,16 @@ def test_side_by_side_throughput_is_the_median_over_rounds(monkeypatch):
         "a": {"tokens_per_second": pytest.approx(2 * 16 / 1.0), "vs_first": pytest.approx(1.0)},
         "b": {"tokens_per_second": pytest.approx(2 * 16 * 2 / 3.0), "vs_first": pytest.approx((1 / 2 + 1 / 4) / 2)},
     }
+
+
+def test_expert_load_plot_scale_reaches_the_busiest_expert(monkeypatch):
+    """The load heat map's colour scale runs from 0 through 1 (uniform, the colour map's middle) to
+    the busiest expert: it ended at 2, and an expert at 3.2x its share looked like one at 2x."""
+    from moelab.train import report
+
+    monkeypatch.setattr(report, "png", lambda fig: fig)
+    load = {"0": [0.05, 0.15, 0.4, 0.4], "1": [0.8, 0.1, 0.05, 0.05]}  # layer 1, expert 0: 3.2x uniform
+    fig = report._plot_load({"moe": {"load": load}, "dense": {"load": {}}})
+    (image,) = fig.axes[0].get_images()
+    assert image.norm(0.0) == 0.0 and image.norm(1.0) == 0.5 and image.norm(3.2) == pytest.approx(1.0)
+    report.plt.close(fig)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.ticker import MaxNLocator
 
 from moelab.files import read_json_object
@@ -279,7 +280,9 @@ def _plot_load(runs: dict[str, dict]) -> bytes | None:
     for ax, (name, run) in zip(axes[:, 0], moe.items(), strict=True):
         layers = sorted(run["load"])
         grid = np.array([np.array(run["load"][l]) * len(run["load"][l]) for l in layers])
-        image = ax.imshow(grid, aspect="auto", cmap="coolwarm", vmin=0, vmax=2)
+        # white at 1 (uniform); the top of the scale is the busiest expert, not a clip at 2
+        norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(grid.max())))
+        image = ax.imshow(grid, aspect="auto", cmap="coolwarm", norm=norm)
         ax.set_yticks(range(len(layers)), [f"L{l}" for l in layers])
         ax.set_title(f"{name}: expert load / uniform share", fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
