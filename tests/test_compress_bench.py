@@ -276,6 +276,24 @@ def test_the_report_files_with_one_ratio_and_a_cell_not_evaluated(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+@pytest.mark.parametrize("ratios", [(0.25,), (0.25, 0.5)])
+def test_the_quality_plot_legend_lies_below_the_axis_labels(monkeypatch, ratios):
+    """quality.png: the legend of kinds, below the panels, covers neither the bars nor the x-axis
+    label (it was drawn over the label; one cell a ratio left the panel too short for both)."""
+    monkeypatch.setattr(bench_report, "png", lambda fig: fig)
+    summary = _summary([])
+    rows = [_result(f"{m}-{r}", m, r, (11.0, 21.0, 18.0)) for r in ratios for m in ("frequency", "reap")[: len(ratios)]]
+    for r in rows:
+        r["derived"] = bench_report.derived(r, summary["base"])
+    fig = bench_report._plot_quality(rows)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    assert len(fig.axes) == len(ratios) and all(ax.get_xlabel() for ax in fig.axes)
+    assert not any(legend.get_window_extent(renderer).overlaps(ax.get_tightbbox(renderer)) for ax in fig.axes)
+    bench_report.plt.close(fig)
+
+
 def test_a_changed_model_or_cell_is_refused_not_reported_with_old_numbers(tmp_path, monkeypatch):
     """The same path with other weights: its baseline and cells are the old model's (they used to
     be reported as the new one's). A cell.json of other router-fit settings is not replaced."""

@@ -236,7 +236,8 @@ def _evaluated(rows: list[dict]) -> list[dict]:
 def _plot_quality(rows: list[dict]) -> bytes:
     """Per ratio: each cell's overall perplexity increase (bar) and its worst domain's (dot)."""
     ratios = sorted({r["cell"]["ratio"] for r in rows})
-    fig, axes = plt.subplots(1, len(ratios), figsize=(6 * len(ratios), 0.5 + 0.32 * len(rows) / len(ratios)))
+    most = max(sum(r["cell"]["ratio"] == ratio for r in rows) for ratio in ratios)  # bars of the fullest panel
+    fig, axes = plt.subplots(1, len(ratios), figsize=(6 * len(ratios), 1.3 + 0.32 * most))
     for ax, ratio in zip(np.atleast_1d(axes), ratios):
         cells = sorted(
             _evaluated([r for r in rows if r["cell"]["ratio"] == ratio]),
@@ -253,6 +254,7 @@ def _plot_quality(rows: list[dict]) -> bytes:
         ax.grid(axis="x", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLORS.values()]
     handles.append(plt.Line2D([], [], color="k", marker="o", ls="", markersize=4))
+    fig.tight_layout()  # the axis labels inside the figure, the legend below them (it covered them)
     fig.legend(handles, [*KIND_COLORS, "worst domain"], loc="upper center", ncol=6, bbox_to_anchor=(0.5, 0))
     return png(fig)
 
