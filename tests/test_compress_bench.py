@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -470,6 +471,23 @@ def test_the_main_table_shows_kl_top1_and_a_zero_stability():
     rows = {row.split(" | ")[0]: row for row in markdown(summary).splitlines() if " | pruning | " in row}
     assert rows["| frequency"].endswith("| 0.012 | 87.5% | 25% | 900 | 900 | 500 | 2.0 | 300 | 0.00 |")
     assert rows["| reap"].endswith("| 0.010 | 90.0% | 25% | 900 | 900 | 500 | 2.0 | 300 |  |")
+
+
+def test_the_report_says_what_each_column_of_the_main_table_is():
+    """Under the intro, one line names every column of the main table past method, kind and ppl
+    (a blank stability and KL's unit were explained nowhere in report.md)."""
+    from moelab.compress.bench_report import markdown
+
+    cells = [_result("frequency-25", "frequency", 0.25, (11.0, 21.0, 18.0))]
+    summary = _summary(cells)
+    cells[0]["derived"] = bench_report.derived(cells[0], summary["base"])
+    lines = markdown(summary).splitlines()
+    (legend,) = [line for line in lines if line.startswith("Columns: ")]
+    header = next(line for line in lines if line.startswith("| method | kind |"))
+    columns = [c.strip() for c in header.strip("|").split("|")][3:]
+    assert columns[0] == "increase" and columns[-1] == "stability"
+    assert all(re.search(rf"(: |; |and ){re.escape(c.split(' (')[0])}[ ,]", legend) for c in columns), columns
+    assert "in nats per token" in legend and "blank for a method that scores no data" in legend
 
 
 def test_the_report_names_the_methods_left_out_once_per_reason():

@@ -89,6 +89,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"Uncompressed: perplexity {base['perplexity'][ALL]:.1f}, {base['parameters']['total']:,} parameters "
         f"({base['parameters']['active']:,} active per token), degenerate rate {_rate(base['degenerate_rate'])}.",
         "",
+        COLUMNS,
+        "",
     ]
     for reason, names in by_reason(options.get("left_out") or {}).items():
         lines += [f"Left out {', '.join(f'`{n}`' for n in names)}: {reason}", ""]
@@ -114,6 +116,18 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += [_ablation_table(ablations), ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOT_FILES]
     return "\n".join(lines) + "\n"
+
+
+COLUMNS = (
+    "Columns: increase, the perplexity over the uncompressed model's, minus 1; kept, the uncompressed "
+    "perplexity over this one; worst domain, the domain of largest increase; KL, KL(uncompressed || compressed) "
+    "in nats per token; top-1, the share of tokens whose most likely next token the two models agree on; "
+    "degenerate, the share of greedy continuations that loop; parameters, stored; compact, with low-rank "
+    "factors and zeroed neurons counted as removed; active, per token; time and peak RSS, of the compression "
+    "alone (the shared calibration not counted); stability, the Jaccard similarity of "
+    "the experts kept when deciding on each half of the calibration data (1: the halves agree; blank for a "
+    "method that scores no data, or where a half of the calibration data is empty)."
+)
 
 
 def _main_table(rows: list[dict]) -> str:
