@@ -111,7 +111,7 @@ def test_the_cli_writes_a_table_and_json(model_dir, tmp_path, monkeypatch, capsy
     monkeypatch.setattr("sys.argv", args)
     cli.main()
     out = capsys.readouterr().out
-    assert "KL(base||model)" in out and json.loads(path.read_text())["format"] == "moelab-eval/1"
+    assert "KL(base||model) (nats/token)" in out and json.loads(path.read_text())["format"] == "moelab-eval/1"
     monkeypatch.setattr("sys.argv", args)
     with pytest.raises(SystemExit):
         cli.main()  # the JSON exists: --overwrite is needed

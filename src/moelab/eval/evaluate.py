@@ -376,7 +376,7 @@ def render_report(report: dict[str, Any]) -> Table:
         + (f" vs base {report['base']}" if has_base else "")
     )
     columns = ["domain", "perplexity"] + (
-        ["base", "change", "KL(base||model)", "top-1 agree"] if has_base else []
+        ["base", "change", "KL(base||model) (nats/token)", "top-1 agree"] if has_base else []
     )
     for column in columns:
         table.add_column(column, justify="right" if column != "domain" else "left")
