@@ -462,6 +462,23 @@ def test_report_tables_page_notes_follow_the_model_and_the_trace():
     assert _cells(page.split("<table>")[1])[1] == "4 + 1 skip (50% of the assignments)"
 
 
+def test_report_says_mutual_information_of_one_domain_is_zero_by_definition():
+    """A trace of one domain (or of several, all but one without tokens): the page and the per-layer
+    plot say I(expert; domain) is 0 by definition; its flat line at 0 read as a finding."""
+    from moelab.analyze.report import _html, _metrics_figure, plt
+
+    stats = dict(num_experts=4, cv=0.5, max_over_mean=2.0, routing_entropy_bits=1.5, max_entropy_bits=2.0,
+                 domain_mi_bits=0.0, cls={"1": 0.5})  # fmt: skip
+    summary = {"model": "m", "family": "moelab", "tokens": 64, "domains": {"code": 64}, "trace_settings": {},
+               "layers": {"0": stats, "1": stats}, "checks": {}, "super_experts": None}  # fmt: skip
+    for domains, said in (({"code": 64}, True), ({"code": 64, "german": 0}, True), ({"code": 32, "german": 32}, False)):
+        summary["domains"] = domains
+        assert ("I(expert;domain) is 0 by definition" in _html(summary, {})) == said
+        fig = _metrics_figure(summary)
+        assert fig.axes[2].get_title().endswith("one domain: 0 by definition") == said
+        plt.close(fig)
+
+
 def test_report_tables_helpers_for_json_and_plots():
     """report.json has no NaN or infinity at any depth; grids show at most MAX_PANELS layers, evenly
     spaced with both ends; P(expert | domain) normalises each domain's row; co-activation greys its diagonal."""

@@ -144,7 +144,8 @@ def _metrics_figure(summary: dict[str, Any]):
     axes[0, 1].plot(x, uniform, "k--", marker="_", ms=16, label="log2 E (uniform)")
     axes[0, 1].set_title("routing entropy (bits)")
     axes[1, 0].plot(x, [s["domain_mi_bits"] for s in stats], "o-", label="I(expert; domain)")
-    axes[1, 0].set_title("expert-domain mutual information (bits)")
+    one_domain = "\none domain: 0 by definition" if _one_domain(summary) else ""
+    axes[1, 0].set_title("expert-domain mutual information (bits)" + one_domain)
     for L in stats[0]["cls"]:
         if all(s["cls"][L] is None for s in stats):  # no window held a whole chunk of L tokens
             continue
@@ -158,6 +159,11 @@ def _metrics_figure(summary: dict[str, Any]):
     for ax in axes.flat:
         _room_for_legend(ax)
     return fig
+
+
+def _one_domain(summary: dict[str, Any]) -> bool:
+    """Whether the trace's tokens come from one domain (where I(expert; domain) is 0 whatever the routing)."""
+    return sum(tokens > 0 for tokens in summary.get("domains", {}).values()) == 1
 
 
 def _room_for_legend(ax) -> None:
@@ -280,6 +286,8 @@ LAYER_LEGEND = (
     "(CLS_1: token-level, 1 - k/E for a fixed top-k)."
 )
 
+ONE_DOMAIN = " With one domain, as here, the expert tells nothing of it: I(expert;domain) is 0 by definition."
+
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
@@ -371,7 +379,7 @@ def _html(summary: dict[str, Any], images: dict[str, str]) -> str:
         f"<p>family {html.escape(summary['family'])}; {summary['tokens']:,} tokens of {html.escape(source)} "
         f"in windows of at most {settings.get('seq_len', '?')}; domains: {html.escape(domains)}</p>",
         _layer_table(summary),
-        f"<p>{html.escape(LAYER_LEGEND)}</p>",
+        f"<p>{html.escape(LAYER_LEGEND + ONE_DOMAIN * _one_domain(summary))}</p>",
     ]
     if summary["checks"]:
         rows = [[i, c["tokens"], c["mismatched"], c["max_weight_error"]] for i, c in summary["checks"].items()]
