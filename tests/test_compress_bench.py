@@ -680,12 +680,13 @@ def test_the_domain_cells_run_the_domain_methods_the_model_takes(tmp_path, monke
         PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp_path / name)
     seen = []
     monkeypatch.setattr("moelab.compress.bench.run_bench", lambda model, out, options, **kw: seen.append(options))
-    for extra in ([], ["--method", "reap"]):
+    for extra in ([], ["--method", "reap", "--quiet"]):
         args = ["compress-bench", str(tmp_path / "gemma"), "--out", str(tmp_path / "b"), "--domain", "code", *extra]
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         assert seen[-1].domain_methods == ("premoe", "naee") and "easy_ep" not in seen[-1].methods
         assert any(line.startswith("left out easy_ep:") for line in result.output.splitlines()), result.output
+        assert f"report: {tmp_path / 'b' / 'report.md'}" in result.output.replace("\n", ""), result.output  # --quiet too
         _check_cells(tmp_path / "gemma", seen[-1])
     assert seen[0].methods[0] == "frequency" and seen[1].methods == ("reap",)
     result = CliRunner().invoke(app, ["compress-bench", str(tmp_path / "jet"), "--out", str(tmp_path / "c"), "--domain", "code"])

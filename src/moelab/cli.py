@@ -790,6 +790,7 @@ def compress_bench(
                            left_out=left_out)
     with _resumable(out, clears=overwrite):
         run_bench(model, out, options, overwrite=overwrite, quiet=quiet)
+    console.print(f"report: {out / 'report.md'}")  # --quiet too (it silences progress, as compare's)
 
 
 @app.command("generate")

@@ -210,7 +210,6 @@ def run_bench(
             "cells": results,
         }
         write_report(root, summary)
-        say(f"wrote {root / 'report.md'}")
         return summary
 
 
