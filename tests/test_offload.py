@@ -539,6 +539,25 @@ def test_a_read_ahead_counts_as_used_once_however_often_its_layer_then_runs(tmp_
     cache.close()
 
 
+def test_prefetch_recall_counts_the_needed_experts_the_prediction_named_resident_or_not(tmp_path):
+    """Recall (Mixtral-offloading's speculative-loading figure): of the experts a layer asks for
+    after a prediction, the share it named, whether already resident (not read again) or read
+    ahead; a visit without a prediction counts nowhere. Accuracy stays a precision of the reads."""
+    cache = _cache(tmp_path, 6)
+    cache.fetch(1, [0], tokens=1)  # no prediction yet: not counted
+    cache.release()
+    cache.prefetch(1, torch.tensor([4.0, 3.0, 2.0, 0.0]), torch.tensor([0.9, 0.8, 0.6, 0.0]), limit=3)  # 0 resident
+    cache.fetch(1, [0, 1, 3], tokens=1)  # 0 (resident) and 1 (read ahead) named, 3 not
+    cache.release()
+    stats = cache.prefetch_stats
+    assert (stats.needed, stats.foreseen, stats.recall) == (3, 2, 2 / 3)
+    assert (stats.issued, stats.used, stats.accuracy) == (2, 1, 0.5)  # 1 and 2 read ahead, 1 used
+    cache.fetch(1, [2], tokens=1)  # no new prediction: nothing added
+    cache.release()
+    assert (stats.needed, stats.foreseen) == (3, 2)
+    cache.close()
+
+
 def test_fetching_more_experts_than_the_unpinned_slots_is_refused(tmp_path):
     """Slots pinned by a fetch not yet released are not free: asking for more than the rest is
     refused, naming how many are free, and leaves the pinned slots and counts as they were."""

@@ -27,7 +27,8 @@ paired with a run of the model in memory (alternating which goes first); tokens/
 over rounds and "vs memory" the median of the per-round ratios, so both sides of a ratio saw the
 same machine load. Reported per cell: the decode hit rate (experts found resident at their layer; "late" hits, still
 loading from a prefetch, included and also given apart; on a GPU also the hits whose copy into
-GPU memory was still running), prefetch accuracy, experts read from disk per token, tokens/s and
+GPU memory was still running), prefetch accuracy (read-aheads then used, a precision) and recall
+(experts needed that the prediction had named: Mixtral-offloading's figure), experts read from disk per token, tokens/s and
 its ratio to the model in memory, and whether the tokens equal the in-memory model's (they must
 on a CPU; on a GPU the prompt pass runs other kernels in memory, equal up to rounding). The experts are read from the checkpoint's files through the OS
 page cache: a small model's files stay cached, so tokens/s here prices the reading and copying,
@@ -191,6 +192,7 @@ def measure_model(path: Path, options: OffloadOptions, progress=None, quiet: boo
                 "hit_rate": decode.hit_rate, "late_rate": decode.late / decode.requests,
                 "late_copy_rate": decode.late_copies / decode.requests,
                 "prefetch_accuracy": cache.prefetch_stats.accuracy,
+                "prefetch_recall": cache.prefetch_stats.recall,
                 "reads_per_token": reads / tokens, "tokens_per_s": tokens / statistics.median(times),
                 "vs_memory": statistics.median(ratios),
                 "same_tokens": all(torch.equal(a, b) for a, b in zip(reference, got)),
@@ -246,19 +248,25 @@ def _check_model(path: Path, options: OffloadOptions) -> None:
 
 def render(doc: dict) -> Table:
     table = Table(title="offloaded decoding (batch 1): hit rate and speed against LRU and the model in memory")
-    for column in ("model", "resident", "policy", "hit rate", "late", "prefetch acc.", "reads/token", "tok/s", "vs memory", "same tokens"):
+    for column in ("model", "resident", "policy", "hit rate", "late", "prefetch acc.", "recall", "reads/token", "tok/s", "vs memory", "same tokens"):
         table.add_column(column, justify="left" if column in ("model", "policy") else "right")  # fmt: skip
     for m in doc["models"]:
-        table.add_row(m["model"], "in memory", "", "", "", "", "", f"{m['in_memory_tokens_per_s']:.0f}", "1.00", "")
+        table.add_row(m["model"], "in memory", "", "", "", "", "", "", f"{m['in_memory_tokens_per_s']:.0f}", "1.00", "")
         if m.get("in_memory_compiled_tokens_per_s"):
             compiled, ratio = m["in_memory_compiled_tokens_per_s"], m["in_memory_compiled_vs_memory"]
-            table.add_row("", "in memory", "compiled", "", "", "", "", f"{compiled:.0f}", f"{ratio:.2f}", "")
+            table.add_row("", "in memory", "compiled", "", "", "", "", "", f"{compiled:.0f}", f"{ratio:.2f}", "")
         for r in m["rows"]:
-            accuracy = "-" if r["prefetch_accuracy"] != r["prefetch_accuracy"] else f"{r['prefetch_accuracy']:.0%}"
+            accuracy, recall = (_share(r.get(name)) for name in ("prefetch_accuracy", "prefetch_recall"))
             table.add_row(
                 "", f"{r['resident']:.0%} ({r['slots']})", r["policy"] + (" compiled" if r.get("compiled") else ""),
                 f"{r['hit_rate']:.1%}", f"{r['late_rate']:.0%}",
-                accuracy, f"{r['reads_per_token']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['vs_memory']:.2f}",
+                accuracy, recall, f"{r['reads_per_token']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['vs_memory']:.2f}",
                 "yes" if r["same_tokens"] else "NO",
             )  # fmt: skip
     return table
+
+
+def _share(value: float | None) -> str:
+    """A fraction as a percentage; "-" where there is none (NaN: nothing read ahead; None: a
+    result file from before the figure)."""
+    return "-" if value is None or value != value else f"{value:.0%}"

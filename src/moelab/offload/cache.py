@@ -82,17 +82,26 @@ class CacheStats:
 
 @dataclass
 class PrefetchStats:
-    """issued: experts read ahead by `prefetch`; used: those the layer then asked for."""
+    """issued: experts read ahead by `prefetch`; used: those the layer then asked for (accuracy:
+    used / issued, a precision). needed: experts asked for at visits a prediction was made for;
+    foreseen: those of them the prediction named, resident or read ahead (recall: foreseen / needed,
+    Mixtral-offloading's "speculative loading recall")."""
 
     issued: int = 0
     used: int = 0
+    needed: int = 0
+    foreseen: int = 0
 
     @property
     def accuracy(self) -> float:
         return self.used / self.issued if self.issued else float("nan")
 
+    @property
+    def recall(self) -> float:
+        return self.foreseen / self.needed if self.needed else float("nan")
+
     def to_dict(self) -> dict[str, float]:
-        return asdict(self) | {"accuracy": self.accuracy}
+        return asdict(self) | {"accuracy": self.accuracy, "recall": self.recall}
 
 
 class ExpertCache:
@@ -171,6 +180,7 @@ class ExpertCache:
         self._wait = np.zeros((L, E))
         self._wait_known = [False] * L  # per layer position: the row holds the last prediction (or habit)
         self._prefetched: dict[int, set[int]] = {}
+        self._foreseen: dict[int, set[int]] = {}  # layer -> the experts its last prediction named
         self._recency = np.zeros((L, E))  # [L, E] moving average of "chosen at a visit" of each layer's experts
         self._visited = np.zeros(L, dtype=bool)  # per layer position: fetched at least once
         self._count: dict[int, int] = {}  # layer -> experts of it in the pool
@@ -253,6 +263,10 @@ class ExpertCache:
         self._wait_known[position] = False  # habit until the next prediction, computed when asked
         prefetched = self._prefetched.pop(layer, set())
         self.prefetch_stats.used += len(prefetched.intersection(experts))
+        foreseen = self._foreseen.pop(layer, None)
+        if foreseen is not None:
+            self.prefetch_stats.needed += len(set(experts))
+            self.prefetch_stats.foreseen += len(foreseen.intersection(experts))
 
     def _finish_reads(self, found: dict[int, int]) -> int:
         """Wait for the read-aheads into the slots of `found` ({expert: slot}, pinned); return how
@@ -284,7 +298,9 @@ class ExpertCache:
         self._set_wait(self._position[layer], probability.detach().float().cpu().numpy())
         values = scores.tolist()
         order = sorted(range(len(values)), key=values.__getitem__, reverse=True)  # stable: ties in expert order
-        wanted = [e for e in order[:limit] if values[e] > 0 and (layer, e) not in self._slot_of]
+        named = [e for e in order[:limit] if values[e] > 0]
+        self._foreseen[layer] = set(named)
+        wanted = [e for e in named if (layer, e) not in self._slot_of]
         issued = self._prefetched.setdefault(layer, set())
         for expert in wanted:
             slot = self._victim(instead_of=(layer, expert))
