@@ -605,7 +605,7 @@ def build_multimodal(family: str, text: dict, vision: dict, seed: int = 0, **ove
 def _unit_scale(model):
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
+            p.normal_(0, max(p.shape[-1], 1) ** -0.5 if p.dim() > 1 else 0.3)  # a zero-width one: empty
         # a selection bias, buffer or parameter (Laguna's, AFMoE's, ERNIE 4.5's), small beside the scores:
         # drawn N(0, 0.3) it outweighs them and every token chooses the same experts
         for name, b in [*model.named_parameters(), *model.named_buffers()]:

@@ -40,6 +40,7 @@ def _saved(tmp_path, family: str, **overrides):
         ("mixtral", {"tie_word_embeddings": True, "rope_theta": 321.0}),
         ("qwen2_moe", {}),  # layer 0 dense (decoder_sparse_step 2), a gated shared expert
         ("qwen2_moe", {"norm_topk_prob": True, "mlp_only_layers": [1], "decoder_sparse_step": 1}),
+        ("qwen2_moe", {"shared_expert_intermediate_size": 0}),  # a shared expert of no width: adds 0, its gate alone
     ],
 )
 def test_a_converted_checkpoint_computes_what_transformers_computes(tmp_path, family, overrides):

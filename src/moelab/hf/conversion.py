@@ -279,7 +279,8 @@ def _exported_shared(ckpt: Checkpoint, config: Config, n_layers: int) -> str | N
     the round trip gives that model back bit for bit: "none" where every MoE layer's shared expert
     is all zero and 1 wide (it adds 0), "ungated" where every layer's gate is zero and its down
     projection halves exactly (sigmoid(0) = 1/2 times down is down / 2 without the gate), else None
-    (as stored). Reads the shared experts only while the layers seen so far allow one of the two."""
+    (as stored). A shared expert of no width (shared_expert_intermediate_size 0) adds 0 whatever its
+    gate: "none" for it. Reads the shared experts only while the layers seen so far allow one of the two."""
     family = FAMILIES["qwen2_moe"]
     forms = {"none", "ungated"}
     meta = ckpt.with_shapes_only()
@@ -291,6 +292,9 @@ def _exported_shared(ckpt: Checkpoint, config: Config, n_layers: int) -> str | N
             if not isinstance(layer, MoELayerView):
                 continue
             shared = layer.shared
+            if shared is not None and shared.up.shape[0] == 0:
+                forms -= {"ungated"}
+                continue
             if shared is None or shared.sigmoid_gate is None or shared.sigmoid_gate.any():
                 return None
             zero = shared.up.shape[0] == 1 and not any(t is not None and t.any() for t in (shared.gate, shared.up, shared.down))
