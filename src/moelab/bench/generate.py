@@ -10,7 +10,8 @@ in a shuffled order; tokens/s is the median over rounds and `ratio` the median o
 ratios (transformers' time / moelab's), so both sides of a ratio saw the same machine load. The greedy tokens are compared too.
 The time is the decode steps', from the first new token (which the prompt pass yields; each
 `generate` is given a streamer that notes when it arrives) to the last: new_tokens - 1 tokens a
-sequence. The prompt pass's median is reported apart (`prompt_s`).
+sequence. The prompt pass's median is reported apart (`prompt_s`). (On a GPU the streamer's copies
+of each step's tokens to the host make moelab's steps wait for each other, as transformers' do anyway.)
 
 With `skip` ratios, moelab also decodes with NAEE's dynamic skipping at each ratio β (a chosen
 expert whose weight is below β times the token's largest is dropped), timed in the same rounds,

@@ -174,11 +174,11 @@ def run_calibration(
     *,
     quiet: bool = False,
     mtp: bool = True,
-    needed: Sequence[str] = (),
+    required: Sequence[str] = (),
 ) -> dict:
     """Calibrate `model` into the directory `directory` (moelab's own, e.g. a staging
     directory), continuing what it holds if it was made for the same model, data and settings.
-    needed: the statistics the caller's method cannot do without (`Method.requires`); a layer where
+    required: the statistics the caller's method cannot do without (`Method.requires`); a layer where
     one could not be read (EASY-EP's, `PARTIAL`) stops the calibration there, with the reason,
     rather than after the last layer.
     In a torch.distributed group, this process takes every world-th batch and the statistics
@@ -274,7 +274,7 @@ def run_calibration(
                 save_tape(directory, rank, world, index, states, runner.carry_taped_by(index))
             stats = _calibrate_layer(runner, index, states, tokens, mixture, options, world, step=step, looping=looping)
             if stats is not None:
-                _check_read(stats, needed)
+                _check_read(stats, required)
                 coverage[str(index)] = int((stats.counts.sum((0, 1)) < COVERAGE_MIN_TOKENS).sum())
                 if rank == 0:
                     write_layer(directory, stats)
@@ -298,7 +298,7 @@ def run_calibration(
         if mtp_pending:
             index = runner.mtp_layers[0]
             stats = _calibrate_mtp(runner, ids, states, windows, mixture, options, backward, world)
-            _check_read(stats, needed)
+            _check_read(stats, required)
             coverage[str(index)] = int((stats.counts.sum((0, 1)) < COVERAGE_MIN_TOKENS).sum())
             info |= {"mtp_done": True, "coverage": coverage}
             if rank == 0:
@@ -336,9 +336,9 @@ def run_calibration(
     return info
 
 
-def _check_read(stats: LayerStats, needed: Sequence[str]) -> None:
-    """Refuse a layer's statistics that lack one of those `needed` that an observer could have left unread."""
-    for name in (name for name in needed if name in PARTIAL):
+def _check_read(stats: LayerStats, required: Sequence[str]) -> None:
+    """Refuse a layer's statistics that lack one of those `required` that an observer could have left unread."""
+    for name in (name for name in required if name in PARTIAL):
         if getattr(stats, name) is None:
             raise ValueError(
                 f"layer {stats.layer}: calibration stopped here, where it could not read {name!r}, which the method "

@@ -280,7 +280,7 @@ def _statistics(
     _check_domains(domains, mixture.source_names)
     directory = staging / STATS_DIR
     directory.mkdir(exist_ok=True)
-    run_calibration(model, directory, mixture, options, quiet=quiet, mtp=mtp, needed=required)
+    run_calibration(model, directory, mixture, options, quiet=quiet, mtp=mtp, required=required)
     return Calibration(directory)
 
 
