@@ -85,6 +85,40 @@ def test_a_moelab_checkpoint_exported_and_imported_is_the_same_checkpoint(tmp_pa
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
 
 
+@pytest.mark.parametrize(
+    "family,overrides,tolerance",
+    [
+        ("mixtral", dict(num_hidden_layers=1, num_experts_per_tok=3), 1e-6),  # one layer: the same formula
+        ("mixtral", dict(num_hidden_layers=3, num_experts_per_tok=1), 0.1),
+        ("qwen2_moe", dict(num_hidden_layers=4, num_experts_per_tok=3), 0.1),  # 2 MoE layers of 4
+    ],
+)
+def test_an_imported_model_weighs_the_balance_loss_as_transformers_does(tmp_path, family, overrides, tolerance):
+    """transformers averages f_e and P_e over the MoE layers and counts f_e per token; moelab sums
+    the layers' losses with f_e a share of the assignments. The import converts the coefficient
+    (balance_coef = router_aux_loss_coef * K / L), so a fine-tuned import gets the balance
+    loss transformers would give it: equal for one layer, close where layers route alike (random
+    routers at init). Before, it was L / K times as heavy (16x for Mixtral-8x7B)."""
+    reference, path = _saved(tmp_path, family, router_aux_loss_coef=0.05, **overrides)
+    model = moelab_model(path).train()
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    expected = 0.05 * reference.train()(ids, output_router_logits=True).aux_loss
+    got = model(ids).aux_loss
+    assert abs(got.item() / expected.item() - 1) < tolerance
+
+
+def test_export_converts_the_balance_coefficient_and_import_gives_it_back(tmp_path):
+    """router_aux_loss_coef = balance_coef * MoE layers / top_k (top-2: 3 MoE layers for Mixtral,
+    1 of 2 for Qwen2-MoE), and back to the digit."""
+    _model(tmp_path / "m3", moe={"balance_coef": 0.003}, n_layers=3, first_k_dense=0)
+    _model(tmp_path / "m1", moe={"balance_coef": 0.003})
+    for source, family, exported, coef in (("m3", "mixtral", "x", 0.0045), ("m1", "qwen2_moe", "q", 0.0015)):
+        export_checkpoint(tmp_path / source, tmp_path / exported, family, tokenizer=None, quiet=True)
+        assert json.loads((tmp_path / exported / "config.json").read_text())["router_aux_loss_coef"] == coef
+    for exported in ("x", "q"):
+        assert moelab_model(tmp_path / exported).config.moe.balance_coef == 0.003
+
+
 def test_what_does_not_convert_exactly_is_refused_with_the_reasons(tmp_path):
     model = build("qwen2_moe")  # random attention biases
     model.save_pretrained(tmp_path / "biased")
@@ -180,7 +214,7 @@ def test_the_checkpoint_decides_the_head_the_dtype_and_the_files_that_come_along
     does the conversion. A bf16 checkpoint with float32 router weights converts to bf16 (the dtype of
     most of its weights, not the first tensor's); float32 weights under a config.json that says
     bfloat16 stay float32 (before, they were rounded and the import refused itself as a moelab bug). Stored RoPE frequencies are skipped. The import copies the chat template, generation config and
-    license with the tokenizer, never weights or code, and keeps the balance coefficient."""
+    license with the tokenizer, never weights or code, and converts the balance coefficient."""
     reference, path = _saved(tmp_path, "mixtral", router_aux_loss_coef=0.05)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))

@@ -198,14 +198,15 @@ def test_bf16_model_is_exported_in_bf16(tmp_path):
 
 def test_config_carries_the_settings_that_do_not_show_in_logits(tmp_path):
     """Context length and the balance-loss coefficient: read back by transformers from the
-    export, they are moelab's own (a wrong value would not change the logit check)."""
-    for family, fields in (("qwen2_moe", {}), ("mixtral", {"first_k_dense": 0})):
+    export, they are moelab's own (a wrong value would not change the logit check); the
+    coefficient converted to transformers' loss, × MoE layers / top_k (`hf_aux_loss_coef`)."""
+    for family, fields, coef in (("qwen2_moe", {}, 0.0185), ("mixtral", {"first_k_dense": 0}, 0.037)):
         src = tmp_path / f"src-{family}"
         model = _model(src, moe={"balance_coef": 0.037}, max_seq_len=96, **fields)
         export_checkpoint(src, tmp_path / family, family, tokenizer=None, quiet=True)
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / family).config
         assert hf.max_position_embeddings == model.config.max_seq_len == 96
-        assert hf.router_aux_loss_coef == model.config.moe.balance_coef == 0.037
+        assert model.config.moe.balance_coef == 0.037 and hf.router_aux_loss_coef == coef
         assert hf.num_experts_per_tok == model.config.moe.top_k == 2
 
 

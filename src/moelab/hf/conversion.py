@@ -33,7 +33,7 @@ from torch import Tensor
 from moelab.files import read_json_object
 from moelab.hf.adapters import FAMILIES, NATIVE, resolve
 from moelab.hf.checkpoint import Checkpoint, CheckpointError, side_files
-from moelab.hf.export import renamed
+from moelab.hf.export import hf_aux_loss_coef, renamed
 from moelab.hf.layouts import Config
 from moelab.hf.view import MoELayerView, SharedView
 from moelab.io import StagedOutput, check_output_dir, copy_side_file
@@ -163,8 +163,9 @@ def _problems(path: str | os.PathLike, ckpt: Checkpoint, family: str) -> list[st
 
 def _model_config(config, family: str, ckpt: Checkpoint, shared_form: str | None = None) -> ModelConfig:
     """moelab's config of the same decoder (see `moelab.hf.export._hf_config`, its inverse; the
-    balance loss's coefficient is router_aux_loss_coef). The embedding ties to the output head
-    where config.json says so and the checkpoint stores no other head (transformers' rule).
+    balance loss's coefficient is router_aux_loss_coef converted by `hf_aux_loss_coef`). The
+    embedding ties to the output head where config.json says so and the checkpoint stores no other
+    head (transformers' rule).
     shared_form: `_exported_shared`'s reading of Qwen2-MoE's shared experts."""
     common = dict(
         vocab_size=config.vocab_size,
@@ -178,10 +179,13 @@ def _model_config(config, family: str, ckpt: Checkpoint, shared_form: str | None
         tie_embeddings=bool(config.tie_word_embeddings) and not _stores_own_head(ckpt),
     )
     moe = dict(dim=config.hidden_size, router="topk", score_func="softmax", top_k=config.num_experts_per_tok)
-    moe |= dict(balance_coef=float(config.router_aux_loss_coef))
+
+    def balance_coef(moe_layers: int) -> float:
+        return hf_aux_loss_coef(float(config.router_aux_loss_coef), moe["top_k"], moe_layers, inverse=True)
+
     if family == "mixtral":
         moe |= dict(num_experts=config.num_local_experts, hidden_dim=config.intermediate_size)
-        moe |= dict(renormalize=True)
+        moe |= dict(renormalize=True, balance_coef=balance_coef(common["n_layers"]))
         return ModelConfig(**common, moe=MoEConfig(**moe))
     shared = 0 if shared_form == "none" else config.shared_expert_intermediate_size
     moe |= dict(
@@ -194,6 +198,7 @@ def _model_config(config, family: str, ckpt: Checkpoint, shared_form: str | None
     )
     dense, step = set(config.mlp_only_layers or []), config.decoder_sparse_step
     kinds = ["moe" if i not in dense and (i + 1) % step == 0 else "dense" for i in range(common["n_layers"])]
+    moe |= dict(balance_coef=balance_coef(kinds.count("moe")))
     return ModelConfig(
         **common, moe=MoEConfig(**moe), layer_types=kinds, dense_hidden_dim=config.intermediate_size
     )

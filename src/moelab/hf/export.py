@@ -257,6 +257,19 @@ def _qwen2_shared(layer: MoELayerView) -> SharedView:
     return shared
 
 
+def hf_aux_loss_coef(balance_coef: float, top_k: int, moe_layers: int, *, inverse: bool = False) -> float:
+    """transformers' router_aux_loss_coef that weighs the balance loss as moelab's `balance_coef`
+    does (inverse=True: the other way). moelab sums E * sum_e f_e P_e over its MoE layers, f_e
+    a share of the K * T assignments; transformers' Mixtral/Qwen2-MoE loss is E * sum_e f_e P_e
+    once, f_e and P_e averaged over the layers and f_e counted per token (K choices each). Where
+    the layers route alike, the losses agree for router_aux_loss_coef = balance_coef * L / K.
+    Rounded to 12 digits, so that export and import give back the coefficient written."""
+    if moe_layers == 0:
+        return balance_coef
+    scale = moe_layers / top_k
+    return float(f"{balance_coef / scale if inverse else balance_coef * scale:.12g}")
+
+
 def _hf_config(cfg: ModelConfig, family: str, shared_width: int, token_ids: dict[str, int], dtype: str) -> dict:
     """config.json for `family`, written as JSON (legacy `rope_theta` beside `rope_parameters`,
     for older readers); dtype: the weights' ("float32", "bfloat16", ...)."""
@@ -278,7 +291,7 @@ def _hf_config(cfg: ModelConfig, family: str, shared_width: int, token_ids: dict
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_dropout": 0.0,
         "num_experts_per_tok": moe.top_k,
-        "router_aux_loss_coef": moe.balance_coef,
+        "router_aux_loss_coef": hf_aux_loss_coef(moe.balance_coef, moe.top_k, cfg.layer_kinds.count("moe")),
         "dtype": dtype,
         **token_ids,
     }

@@ -16,8 +16,10 @@ def load_balancing_loss(probs: Tensor, indices: Tensor, group: ProcessGroup | No
 
     probs: [T, E] router distribution; indices: [T, K] chosen experts (-1 = empty slot).
     f_e is the fraction of the assignments that went to e (all K choices counted, as in
-    Mixtral/DeepSeek; for K = 1 this is Switch's loss) and P_e the mean probability of e.
-    Equals 1 under perfectly uniform routing. Gradient flows through P only.
+    DeepSeek; for K = 1 this is Switch's loss) and P_e the mean probability of e. Equals 1
+    under perfectly uniform routing, whatever K, and for a variable k (top-p, ReLU routers)
+    whatever the mean k; transformers' Mixtral loss counts f_e per token instead, K times this
+    (`moelab.hf.export.hf_aux_loss_coef` converts the coefficients). Gradient flows through P only.
     group: data-parallel ranks whose tokens form one batch (each with as many tokens): f_e is
     then the fraction over all of them, so the mean of the ranks' losses, and of their gradients,
     is the loss of the whole batch.
