@@ -490,7 +490,9 @@ def load_offloaded(
     hold at most after such a prompt (`kv_cache_bytes`; far less than its per-token peak for every
     token when decoding long past a short prompt), and a call with a longer prompt, more sequences
     or more positions per sequence is refused; other models' counts are the same (None, the default:
-    the per-token peak for every token, any prompt) + cache; eviction: "reuse" or "lru"
+    the per-token peak for every token, any prompt) + cache (working memory comes on top: the
+    activations, and where the files hold experts in another form than the pool's (another dtype,
+    quantized, biased) the one expert being read and converted); eviction: "reuse" or "lru"
     (`ExpertCache`); predictor: reading ahead ("affinity", "lookahead", "both"; None, the default:
     experts are read when the routing asks for them) and prefetch_factor (read ahead up to this many times the experts the
     next layer's tokens use). `POLICIES` names the combinations `moelab bench offload` compares:
