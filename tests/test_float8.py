@@ -323,6 +323,30 @@ def test_quantize_equals_the_per_block_loop(O, I, bo, bi, seed, zero):
     assert ((back - w).abs() <= w.abs() * 2**-4 + step).all()  # 3 mantissa bits, or a subnormal step
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+def test_quantize_divides_by_the_scale_it_stores_rounded_up(scale_dtype):
+    """A bf16/fp16 scale (as some releases store them) is amax / 448 rounded UP to that dtype, and
+    every entry is its float8 rounding of w / the stored scale (a per-entry loop): so dequantizing
+    the stored bytes gives w back to float8's precision, with no block biased by the scale's own
+    rounding (up to 2 ** -9 in bf16, before: the scale was rounded after quantizing), none past
+    448, and fp16 scales that do not underflow to 0 (a block of 1e-9s). Overflow is refused."""
+    w = torch.randn(6, 8, generator=torch.Generator().manual_seed(0)) * 3
+    w[4:, :4] = 1e-9
+    q, scales = quantize(w, (2, 4), scale_dtype=scale_dtype)
+    assert scales.dtype == scale_dtype and (scales > 0).all()
+    amax = w.abs().reshape(3, 2, 2, 4).amax(dim=(1, 3))
+    smaller = torch.nextafter(scales, scales.new_tensor(0.0)).float()
+    assert (scales.float() >= amax / 448).all() and (smaller < amax / 448).all()
+    for o in range(6):
+        for i in range(8):
+            want = (w[o, i] / scales[o // 2, i // 4].float()).to(torch.float8_e4m3fn)
+            assert q[o, i].float() == want.float(), (o, i)
+    back = dequantized(q, scales, (2, 4))
+    assert ((back - w).abs() <= w.abs() * 2**-4 + 1e-12).all()
+    with pytest.raises(ValueError, match="needs a scale beyond torch.float16's range"):
+        quantize(torch.full((2, 2), 1e9), (2, 2), scale_dtype=torch.float16)
+
+
 def _stored(directory):
     """{name: (safetensors dtype, its bytes)}: what the files hold."""
     from moelab.hf.checkpoint import Checkpoint

@@ -22,6 +22,7 @@ stored, and a config.json without `quantization_config` (`plain_config`).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,20 +204,31 @@ def dequantized(
 
 
 def quantize(
-    w: Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float8_e4m3fn
+    w: Tensor,
+    block: tuple[int, int],
+    dtype: torch.dtype = torch.float8_e4m3fn,
+    scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
-    """w [O, I] -> (q [O, I] in float8 `dtype`, scales [ceil(O / bo), ceil(I / bi)] float32) with
-    `dequantized(q, scales, block)` close to w: each block divided by its largest |entry| over the
-    format's largest finite value (an all-zero block by 1), as DeepSeek-V3's and llm-compressor's
-    quantizers make FP8 weights."""
+    """w [O, I] -> (q [O, I] in float8 `dtype`, scales [ceil(O / bo), ceil(I / bi)] in
+    `scale_dtype`) with `dequantized(q, scales, block)` close to w: each block divided by its
+    largest |entry| over the format's largest finite value (an all-zero block by 1), as
+    DeepSeek-V3's and llm-compressor's quantizers make FP8 weights. A scale_dtype narrower than
+    float32 holds the scale rounded up (so no entry passes the largest value, and none underflows
+    to 0), and the block is divided by the scale as stored. A ValueError where a scale overflows it."""
     (O, I), (bo, bi) = w.shape, block
     rows, cols, top = -(-O // bo), -(-I // bi), torch.finfo(dtype).max
     padded = torch.zeros(rows * bo, cols * bi)
     padded[:O, :I] = w.float()
     blocks = padded.reshape(rows, bo, cols, bi)
     amax = blocks.abs().amax(dim=(1, 3))
-    scales = torch.where(amax > 0, amax / top, torch.ones(()))
-    q = (blocks / scales[:, None, :, None]).clamp(-top, top).reshape(rows * bo, cols * bi)[:O, :I]
+    exact = torch.where(amax > 0, amax / top, torch.ones(()))
+    scales = exact.to(scale_dtype)
+    scales = torch.where(scales.float() < exact, torch.nextafter(scales, scales.new_tensor(math.inf)), scales)
+    if not torch.isfinite(scales).all():
+        raise ValueError(
+            f"a block's largest |entry| {amax.max().item():.4g} needs a scale beyond {scale_dtype}'s range"
+        )
+    q = (blocks / scales.float()[:, None, :, None]).clamp(-top, top).reshape(rows * bo, cols * bi)[:O, :I]
     return q.to(dtype), scales
 
 

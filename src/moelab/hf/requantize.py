@@ -294,10 +294,13 @@ def _requantized(
             f"keep_quantized: {name} is {list(value.shape)}, not whole {block[0]} x {block[1]} blocks as the source's "
             "weights are (float8 kernels need whole blocks); narrow to a multiple of the block, or write plain weights"
         )
-    q, scales = quantize(value, block, DTYPES[first.dtype])
+    try:
+        q, scales = quantize(value, block, DTYPES[first.dtype], DTYPES[first_scale.dtype])
+    except ValueError as err:
+        raise ValueError(f"keep_quantized: {name}: {err}; write plain weights") from None
     if len(first_scale.shape) != 2:  # one scale for the whole weight, stored as [1] or []
         scales = scales.reshape(first_scale.shape)
-    out = {name: q, scale_name: scales.to(DTYPES[first_scale.dtype])}
+    out = {name: q, scale_name: scales}
     for relative in set(companions.values()) & set(ACTIVATION_SCALES):
         out[module + relative] = torch.stack(
             [ckpt.stored_value(s.removesuffix("weight") + relative) for s in sources]
