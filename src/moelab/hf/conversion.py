@@ -200,8 +200,20 @@ def _model_config(config, family: str, ckpt: Checkpoint, shared_form: str | None
     kinds = ["moe" if i not in dense and (i + 1) % step == 0 else "dense" for i in range(common["n_layers"])]
     moe |= dict(balance_coef=balance_coef(kinds.count("moe")))
     return ModelConfig(
-        **common, moe=MoEConfig(**moe), layer_types=kinds, dense_hidden_dim=config.intermediate_size
+        **common, moe=MoEConfig(**moe), **_layer_pattern(kinds), dense_hidden_dim=config.intermediate_size
     )
+
+
+def _layer_pattern(kinds: list[str]) -> dict:
+    """ModelConfig's fields for the layer kinds ("dense"/"moe" per layer): first_k_dense and
+    moe_every where they place them (as a moelab config would say it), else layer_types."""
+    if "moe" in kinds:
+        first = kinds.index("moe")
+        step = next((i - first for i in range(first + 1, len(kinds)) if kinds[i] == "moe"), 1)
+        placed = ["moe" if i >= first and (i - first) % step == 0 else "dense" for i in range(len(kinds))]
+        if placed == kinds:
+            return dict(first_k_dense=first, moe_every=step)
+    return dict(layer_types=kinds)
 
 
 def _stores_own_head(ckpt: Checkpoint) -> bool:
