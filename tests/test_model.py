@@ -296,20 +296,23 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
     numpy_numbers = Sampling(temperature=np.float32(0.5), top_p=np.float64(0.5), top_k=np.int64(3))
     assert [type(v) for v in (numpy_numbers.temperature, numpy_numbers.top_p, numpy_numbers.top_k)] == [float, float, int]
     assert torch.equal(sample(1, top_k=np.int64(3)), sample(1, top_k=3))
-    for bad in (True, "0.9", 1.5, 0.0):  # True would pass as 1.0
-        with pytest.raises(ValueError, match="top_p must be a number in"):
+    for bad, message in ((True, "a Python number"), ("0.9", "a Python number"), (1.5, "a number in"), (0.0, "a number in")):
+        with pytest.raises(ValueError, match=f"top_p must be {message}"):  # True would pass as 1.0
             Sampling(top_p=bad)
-        with pytest.raises(ValueError, match="top_p must be a number in"):
+        with pytest.raises(ValueError, match=f"top_p must be {message}"):
             model.generate(prompt, 2, top_p=bad)
     logits = torch.randn(3, 50) * 4
     assert torch.equal(sample_next_token(logits, temperature=1e-45), logits.argmax(-1))  # not inf / inf
     assert model.generate(prompt, 60, greedy=True).shape[1] == model.config.max_seq_len == 64  # fills it
     with pytest.raises(ValueError, match="must fit ModelConfig.max_seq_len"):
         model.generate(prompt, 61)
-    for bad in (0, float("inf"), float("nan"), True, "2"):  # inf: logits / inf = 0, every token alike
+    for bad in (0, float("inf"), float("nan")):  # inf: logits / inf = 0, every token alike
         with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
             model.generate(prompt, 2, temperature=bad)
         with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
+            Sampling(temperature=bad)
+    for bad, shown in ((True, "bool True"), ("2", "str '2'"), (torch.tensor(0.7), r"Tensor tensor\(0.7000\)")):
+        with pytest.raises(ValueError, match=f"temperature must be a Python number \\(float\\), got {shown}"):
             Sampling(temperature=bad)
 
 

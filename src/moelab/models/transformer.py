@@ -897,9 +897,12 @@ def check_sampling(
     """Refuse a temperature that is not a finite number > 0 (`greedy_hint` says how to take the
     argmax instead), a nucleus mass outside (0, 1] and a top_k below 1, with what to give instead;
     True/False are refused where a number is meant (True would pass as 1.0)."""
-    if not is_number(temperature) or not 0 < temperature < math.inf:
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if value is not None and not is_number(value):  # a tensor, a string, a bool
+            raise ValueError(f"{name} must be a Python number (float), got {type(value).__name__} {value!r}")
+    if not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be > 0 and finite when sampling, got {temperature!r}; {greedy_hint}")
-    if top_p is not None and (not is_number(top_p) or not 0.0 < top_p <= 1.0):
+    if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be an integer >= 1 (1: greedy), got {top_k!r}")
