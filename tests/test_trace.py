@@ -98,6 +98,31 @@ def test_native_expert_max_is_the_unweighted_down_output():
     assert (expected > 0).all()
 
 
+def test_native_expert_max_of_layers_sharing_one_pool_is_each_layers_own():
+    """ReXMoE: MoE layers 1 and 2 route over one shared pool of experts; each layer's expert_max
+    is over the tokens it routed, not the maximum over both layers' calls."""
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = MoETransformer(dataclasses.replace(cfg, n_layers=3, moe=dataclasses.replace(cfg.moe, reuse_layers=2))).eval()
+    layers = model.moe_layers
+    assert layers[1].experts is layers[2].experts
+    inputs = {}
+    for i, layer in layers.items():
+        layer.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0].reshape(-1, args[0].shape[-1])))
+    with RoutingCapture(model) as capture, torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (2, 16)))
+        chosen = {i: r.indices for i, r in capture.pop().items()}
+    for i, layer in layers.items():
+        E = layer.router.num_experts  # the pool
+        expected = torch.zeros(E)
+        for e in range(E):
+            rows = inputs[i][(chosen[i] == e).any(-1)]
+            if rows.shape[0]:
+                expected[e] = layer.experts(rows, [rows.shape[0] if j == e else 0 for j in range(E)]).abs().max()
+        torch.testing.assert_close(capture.expert_max[i], expected, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(capture.expert_max[1], capture.expert_max[2])
+
+
 def test_native_capture_during_generate():
     model = _native()
     prompt = torch.randint(0, model.config.vocab_size, (1, 5))
@@ -405,7 +430,7 @@ def test_moelab_experts_hook_skips_zero_weight_rows_and_keeps_scaled_inputs_as_c
         experts, tap = SwiGLUExperts(2, 8, 16, scale_input=scale_input), _LayerTap(0, 2, 1)
         with torch.no_grad():
             ys, unweighted = experts(xs, counts, w), experts(xs, counts)
-            _on_moelab_experts(tap)(experts, (xs, counts, w), ys)
+            _on_moelab_experts([tap])(experts, (xs, counts, w), ys)
         rows = (ys if scale_input else unweighted).abs().amax(-1)
         assert unweighted[1].abs().max() > unweighted[0].abs().max()
         torch.testing.assert_close(tap.expert_max, torch.stack([rows[0], rows[2]]))

@@ -231,6 +231,9 @@ class RoutingCapture:
                 f"cannot trace {type(model).__name__}: expected a moelab MoETransformer (blocks in "
                 "`.layers`) or a transformers model"
             )
+        # {experts module: [the tap whose router ran last]}: ReXMoE's layers share one pool of experts,
+        # whose calls belong to the layer that routed them, not to every layer hooked on it
+        routed_last: dict[nn.Module, list[_LayerTap]] = {}
         for i, block in enumerate(blocks):
             layer = next((m for m in block.modules() if isinstance(m, MoELayer)), None)
             if layer is None:
@@ -239,11 +242,14 @@ class RoutingCapture:
                 i, layer.router.num_experts, layer.router.top_k, layer.shared is not None, layer.identity_experts,
                 identity_returns=layer.identity_returns,
             )
-            self._handles.append(layer.router.register_forward_hook(_on_moelab_routing(tap)))
-            if self.expert_stats:
-                self._handles.append(layer.experts.register_forward_hook(_on_moelab_experts(tap)))
-                if layer.shared is not None:
-                    self._handles.append(layer.shared.down_proj.register_forward_hook(_on_shared(tap)))
+            current = routed_last.get(layer.experts)
+            if current is None:
+                current = routed_last[layer.experts] = [tap]
+                if self.expert_stats:
+                    self._handles.append(layer.experts.register_forward_hook(_on_moelab_experts(current)))
+            self._handles.append(layer.router.register_forward_hook(_on_moelab_routing(tap, current)))
+            if self.expert_stats and layer.shared is not None:
+                self._handles.append(layer.shared.down_proj.register_forward_hook(_on_shared(tap)))
 
     # ------------------------------------------------------------------ transformers models
 
@@ -288,20 +294,25 @@ class RoutingCapture:
 # ---------------------------------------------------------------------- hook functions
 
 
-def _on_moelab_routing(tap: _LayerTap):
+def _on_moelab_routing(tap: _LayerTap, current: list[_LayerTap]):
+    """Record the routing, and make `tap` the one its experts' next call (`current[0]`) belongs to."""
+
     def hook(module: Router, args, routing: Routing) -> None:
         tap.parts.append(LayerRouting.from_routing(routing))
+        current[0] = tap
 
     return hook
 
 
-def _on_moelab_experts(tap: _LayerTap):
+def _on_moelab_experts(current: list[_LayerTap]):
     """Experts see rows grouped by expert, `(xs [N, D], counts, row_weights [N])`, and return
     each row's output times its routing weight; the statistic wants what each expert computed,
     so the rows are run again without the weights (never divided back out: a tiny weight would
-    blow the quotient up). Experts that take the weight on their input (Llama 4) keep it."""
+    blow the quotient up). Experts that take the weight on their input (Llama 4) keep it. The
+    maxima go to `current[0]`, the layer whose router ran last (layers may share the experts)."""
 
     def hook(module: nn.Module, args, ys: Tensor) -> None:
+        tap = current[0]
         xs, counts = args[0], args[1]
         row_weights = args[2] if len(args) > 2 else None
         if isinstance(counts, Tensor):  # a training step's plan kept on the device: rows past the sum are empty slots
