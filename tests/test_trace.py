@@ -496,6 +496,9 @@ def test_writer_and_reader_errors(tmp_path):
             writer.add(torch.zeros(4, dtype=torch.long), 0, _routing(4))
         with pytest.raises(ValueError, match="layer 1 routed 5 tokens, the batch has 4"):
             writer.add(torch.zeros(1, 4, dtype=torch.long), 0, _routing(5))
+        three_slots = {1: LayerRouting(torch.zeros(4, 3, dtype=torch.long), torch.ones(4, 3), torch.zeros(4))}
+        with pytest.raises(ValueError, match=r"layer 1 gave indices \[4, 3\] and weights \[4, 3\], the trace expects \[4, 2\]"):
+            writer.add(torch.zeros(1, 4, dtype=torch.long), 0, three_slots)
         with pytest.raises(ValueError, match="no tokens were traced"):
             writer.close()
     with pytest.raises(ValueError, match="is not a routing trace"):
@@ -518,8 +521,9 @@ def test_writer_and_reader_errors(tmp_path):
 
 def test_reader_refuses_a_shard_one_past_the_manifest(tmp_path):
     """A shard whose domain number equals the number of domains, whose expert index equals the
-    number of experts or lies below -1 (the empty slot), or whose tensor has one row too few,
-    does not match its manifest."""
+    number of experts or lies below -1 (the empty slot), whose tensor has one row too few, whose
+    indices or weights have a slot more or less than the layer's top_k, or whose indices are not
+    integers, does not match its manifest."""
     from safetensors.torch import load_file, save_file
 
     with TraceWriter(tmp_path / "t", _info()) as writer:
@@ -531,7 +535,12 @@ def test_reader_refuses_a_shard_one_past_the_manifest(tmp_path):
         ("domain numbers outside", lambda t: t["domain"].fill_(2)),
         (r"layer1.indices outside \[-1, 3\)", lambda t: t["layer1.indices"].fill_(3)),
         (r"layer1.indices outside \[-1, 3\)", lambda t: t["layer1.indices"].fill_(-2)),
-        ("positions has shape \\[3\\], expected 4 rows", lambda t: t.__setitem__("positions", t["positions"][:3])),
+        (r"positions has shape \[3\], expected \[4\]", lambda t: t.__setitem__("positions", t["positions"][:3])),
+        (r"layer1.indices has shape \[4, 3\], expected \[4, 2\]",  # one slot more than the layer's top_k
+         lambda t: t.__setitem__("layer1.indices", torch.cat([t["layer1.indices"], t["layer1.indices"][:, :1]], 1))),
+        (r"layer1.weights has shape \[4, 1\], expected \[4, 2\]",
+         lambda t: t.__setitem__("layer1.weights", t["layer1.weights"][:, :1].contiguous())),
+        ("layer1.indices holds torch.float32, not integers", lambda t: t.__setitem__("layer1.indices", t["layer1.indices"].float())),
     ]
     for message, edit in edits:
         tensors = {k: v.clone() for k, v in original.items()}

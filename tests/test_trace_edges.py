@@ -324,7 +324,7 @@ def test_reader_refuses_a_scalar_tensor_where_the_manifest_promises_rows(tmp_pat
         writer.close()
     shard = tmp_path / "t" / "shard-00000.safetensors"
     save_file(load_file(shard) | {"positions": torch.tensor(0, dtype=torch.int32)}, shard)
-    with pytest.raises(ValueError, match=r"positions has shape \[\], expected 4 rows"):
+    with pytest.raises(ValueError, match=r"positions has shape \[\], expected \[4\]"):
         list(open_trace(tmp_path / "t").shards())
 
 

@@ -185,9 +185,15 @@ class TraceWriter:
         if sorted(routing) != self.info.layers:
             raise ValueError(f"routing covers layers {sorted(routing)}, the trace expects {self.info.layers}")
         B, S = token_ids.shape
+        top_k = dict(zip(self.info.layers, self.info.top_k))
         for layer, r in routing.items():
             if r.indices.shape[0] != B * S:
                 raise ValueError(f"layer {layer} routed {r.indices.shape[0]} tokens, the batch has {B * S}")
+            if list(r.indices.shape) != [B * S, top_k[layer]] or r.weights.shape != r.indices.shape:
+                raise ValueError(
+                    f"layer {layer} gave indices {list(r.indices.shape)} and weights {list(r.weights.shape)}, the "
+                    f"trace expects [{B * S}, {top_k[layer]}] each (its top_k)"
+                )
         if B * S == 0:  # nothing to record (a shard of 0 tokens would follow)
             return
         first = self.info.num_sequences
@@ -295,17 +301,24 @@ class Trace:
             yield TraceShard(*(tensors[name].long() for name in TOKEN_FIELDS), layers)
 
     def _check_shard(self, path: Path, shard: ShardInfo, tensors: dict[str, Tensor]) -> None:
-        """Every tensor the manifest promises, [N] or [N, ...] with N = shard.tokens, with expert
-        indices and domain numbers in range."""
+        """Every tensor the manifest promises, of its shape (N = shard.tokens: token fields and
+        entropy [N], indices and weights [N, K] with K the layer's top_k, logits [N, E]), integer
+        ids, with expert indices and domain numbers in range."""
         info = self.info
-        kinds = ("indices", "weights", "entropy", "logits") if info.logits else ("indices", "weights", "entropy")
-        names = [*TOKEN_FIELDS, *(f"layer{i}.{kind}" for i in info.layers for kind in kinds)]
+        N = shard.tokens
+        shapes = {name: [N] for name in TOKEN_FIELDS}
+        for i, K, E in zip(info.layers, info.top_k, info.num_experts):
+            shapes |= {f"layer{i}.indices": [N, K], f"layer{i}.weights": [N, K], f"layer{i}.entropy": [N]}
+            if info.logits:
+                shapes[f"layer{i}.logits"] = [N, E]
         problems = []
-        for name in names:
+        for name, shape in shapes.items():
             if name not in tensors:
                 problems.append(f"no {name}")
-            elif tensors[name].dim() == 0 or tensors[name].shape[0] != shard.tokens:
-                problems.append(f"{name} has shape {list(tensors[name].shape)}, expected {shard.tokens} rows")
+            elif list(tensors[name].shape) != shape:
+                problems.append(f"{name} has shape {list(tensors[name].shape)}, expected {shape}")
+            elif (name in TOKEN_FIELDS or name.endswith(".indices")) and tensors[name].is_floating_point():
+                problems.append(f"{name} holds {tensors[name].dtype}, not integers")
         if not problems and shard.tokens:
             if not 0 <= int(tensors["domain"].min()) <= int(tensors["domain"].max()) < len(info.domains):
                 problems.append(f"domain numbers outside [0, {len(info.domains)})")
