@@ -87,10 +87,10 @@ class TraceInfo:
         n = len(self.layers)
         if not n or len(self.num_experts) != n or len(self.top_k) != n:
             raise ValueError("TraceInfo needs at least one MoE layer and one num_experts/top_k entry per layer")
-        if len(set(self.layers)) != n or not all(0 <= i < self.num_layers for i in self.layers):
-            raise ValueError(
-                f"TraceInfo.layers must be distinct layer numbers in [0, num_layers={self.num_layers}), "
-                f"got {self.layers}"
+        if self.layers != sorted(set(self.layers)) or not all(0 <= i < self.num_layers for i in self.layers):
+            raise ValueError(  # in order: the analysis pairs each MoE layer with the next in the list
+                f"TraceInfo.layers must be distinct layer numbers in increasing order in [0, num_layers="
+                f"{self.num_layers}), got {self.layers}"
             )
         if not all(1 <= k <= e for k, e in zip(self.top_k, self.num_experts)):
             raise ValueError(f"TraceInfo.top_k {self.top_k} must lie in [1, num_experts {self.num_experts}]")
@@ -268,7 +268,7 @@ class Trace:
         if not path.exists():
             raise ValueError(f"{self.directory} is not a routing trace (no {MANIFEST}); make one with `moelab trace`")
         data = read_json_object(path, "a trace manifest")
-        found = (data.get("format", FORMAT), data.get("version", VERSION))
+        found = (data.get("format"), data.get("version"))
         if found != (FORMAT, VERSION):
             raise ValueError(
                 f"{path}: format {found[0]!r} version {found[1]!r}, expected {FORMAT!r} version {VERSION}; "
@@ -280,6 +280,13 @@ class Trace:
             raise ValueError(f"{path}: {err}; re-create the trace with `moelab trace`") from None
         for shard in self.info.shards:
             file_inside(self.directory, shard.file, path)
+        info = self.info
+        tokens, sequences = sum(s.tokens for s in info.shards), sum(s.sequences for s in info.shards)
+        if (info.num_tokens, info.num_sequences) != (tokens, sequences):
+            raise ValueError(
+                f"{path}: num_tokens {info.num_tokens} and num_sequences {info.num_sequences}, but its shards hold "
+                f"{tokens} tokens in {sequences} sequences; re-create the trace with `moelab trace`"
+            )
 
     def shards(self) -> Iterator[TraceShard]:
         """Yield the shards in order, one in memory at a time."""
