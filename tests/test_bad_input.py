@@ -1228,7 +1228,7 @@ def test_run_config_load(tmp_path, content, message):
         ("balance_coef", float("nan"), r"MoEConfig.balance_coef must be a finite number, got nan"),
         ("route_scale", float("inf"), r"MoEConfig.route_scale must be a finite number, got inf"),
         ("capacity_factor", "1.25", r"MoEConfig.capacity_factor must be float or None, got str '1.25'"),
-        ("balance_coef", True, r"MoEConfig.balance_coef must be float, got bool True"),
+        ("balance_coef", True, r"MoEConfig.balance_coef must be float or None, got bool True"),
         ("renormalize", "yes", r"MoEConfig.renormalize must be bool or None"),
         ("shared_hidden_dim", 0, r"MoEConfig.shared_hidden_dim must be >= 1 or None"),
     ],

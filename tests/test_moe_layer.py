@@ -382,6 +382,22 @@ def test_balance_loss_is_one_when_uniform():
     assert result.losses["balance"].item() == pytest.approx(1.0)
 
 
+def test_expert_choice_balance_loss_is_constant_so_it_is_off_by_default():
+    """Under expert choice each expert takes C tokens: f_e = 1/E, so the loss E * sum_e f_e P_e
+    is sum_e P_e = 1 whatever the router's weights, with a zero gradient. MoEConfig's default
+    balance_coef is then 0 (0.01 for the routers it balances), and an explicit one is kept."""
+    torch.manual_seed(0)
+    layer = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=I, router="expert_choice", balance_coef=1.0))
+    _, result = layer(tokens(12))
+    assert result.losses["balance"].item() == pytest.approx(1.0)
+    result.losses["balance"].backward()
+    assert layer.router.weight.grad.abs().max() < 1e-6
+    assert MoEConfig(dim=D, num_experts=E, hidden_dim=I, router="expert_choice").balance_coef == 0.0
+    assert MoEConfig(dim=D, num_experts=E, hidden_dim=I).balance_coef == 0.01
+    _, result = build_moe(MoEConfig(dim=D, num_experts=E, hidden_dim=I, router="expert_choice"))(tokens(12))
+    assert "balance" not in result.losses
+
+
 def test_trace_returns_routing():
     layer, _ = make_layer()
     _, result = layer(tokens(5))

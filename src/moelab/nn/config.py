@@ -59,7 +59,9 @@ class MoEConfig:
     num_shared: always-on shared experts (fused to width num_shared * hidden_dim, or
         shared_hidden_dim if given); shared_gate: Qwen-style sigmoid gate on them.
     capacity_factor: None = dropless; else Switch/GShard token dropping.
-    balance_coef, z_coef, entropy_coef: auxiliary-loss coefficients.
+    balance_coef, z_coef, entropy_coef: auxiliary-loss coefficients (balance_coef None: 0.01, or 0
+        for expert choice, whose experts each take the same number of tokens: the loss is 1
+        whatever the router does, with no gradient).
     locality_coef, chunk_sparsity_coef, chunk_len: BlockFFN's objectives (paper: 2e-3, 5e-2
         adaptive, 64).
     backend: expert MLP backend ("auto", "grouped", "loop", "grouped_mm", "triton"; see moelab.nn.grouped).
@@ -110,7 +112,7 @@ class MoEConfig:
     shared_hidden_dim: int | None = None
     shared_gate: bool = False
     capacity_factor: float | None = None
-    balance_coef: float = 0.01
+    balance_coef: float | None = None
     z_coef: float = 0.0
     entropy_coef: float = 0.0
     locality_coef: float = 0.0
@@ -129,6 +131,8 @@ class MoEConfig:
 
     def __post_init__(self):
         check_field_types(self)
+        if self.balance_coef is None:
+            self.balance_coef = 0.0 if self.router == "expert_choice" else 0.01
         for name in ("dim", "num_experts", "hidden_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MoEConfig.{name} must be >= 1, got {getattr(self, name)}")
