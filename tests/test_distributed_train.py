@@ -675,3 +675,39 @@ def test_training_state_round_trips_in_one_process_without_state_for_unused_para
     for p, q in zip(model["used"].parameters(), fresh["used"].parameters()):
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(fresh_optimizer.state[q][key], optimizer.state[p][key]), key
+
+
+def test_a_checkpoint_that_decayed_the_expert_biases_resumes_with_its_groups_settings(tmp_path):
+    """A DCP checkpoint of a moelab that put the experts' [E, n] biases in the decayed group (before
+    they were left undecayed): each group of today's grouping keeps its saved settings and every
+    parameter its moments. torch gave the first group no settings at all (the step failed on 'betas')."""
+    import torch.distributed.checkpoint as dcp
+
+    from moelab.distributed.state import load_training_state, training_state
+
+    config = ModelConfig.from_dict(dict(BASE, moe=dict(MOE, expert_mlp_bias=True)))
+    torch.manual_seed(0)
+    model = MoETransformer(config)
+    embedding = {id(model.embed.weight)}
+    old = [p.ndim >= 2 and id(p) not in embedding for p in model.parameters()]  # the experts' biases decayed
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p, d in zip(params, old) if d], "weight_decay": 0.1, "lr": 0.25},
+         {"params": [p for p, d in zip(params, old) if not d], "weight_decay": 0.0, "lr": 0.5}],
+        betas=(0.8, 0.9),
+    )  # fmt: skip
+    inputs, targets = _batch()
+    model(inputs, targets=targets).loss.backward()
+    optimizer.step()
+    dcp.save(training_state(model, optimizer, None), checkpoint_id=str(tmp_path / "dcp"))
+
+    fresh = MoETransformer(config)
+    fresh_optimizer = build_optimizer(fresh, TrainConfig(steps=1))
+    load_training_state(fresh, fresh_optimizer, tmp_path / "dcp", None)
+    for group, saved in zip(fresh_optimizer.param_groups, optimizer.param_groups):
+        assert {k: v for k, v in group.items() if k != "params"} == {k: v for k, v in saved.items() if k != "params"}
+    before = dict(model.named_parameters())
+    for name, p in fresh.named_parameters():
+        assert torch.equal(fresh_optimizer.state[p]["exp_avg"], optimizer.state[before[name]]["exp_avg"]), name
+    fresh(inputs, targets=targets).loss.backward()
+    fresh_optimizer.step()

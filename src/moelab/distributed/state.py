@@ -67,7 +67,9 @@ def load_training_state(
     saved = _saved_optimizer_entries(path)
     # parameters that never had a gradient (e.g. routers of UoE's gate="none") have no saved state
     state["optim"]["state"] = {n: e for n, e in state["optim"]["state"].items() if n in saved}
+    groups = [list(group["params"]) for group in state["optim"]["param_groups"]]  # FQNs, as this moelab groups them
     read_checkpoint(state, path)
+    state["optim"]["param_groups"] = _regrouped(state["optim"]["param_groups"], groups)
     if parallel is not None:  # expert entries back to this rank's shard, laid out as FSDP holds it
         template_model, template_optim = get_state_dict(model, optimizer)
         for name in expert_parameter_names(model):
@@ -76,6 +78,17 @@ def load_training_state(
             for key in OPTIMIZER_TENSORS if entry is not None else ():
                 entry[key] = _like(entry[key].to_local(), template_optim["state"][name][key])
     _set_state(model, optimizer, state["model"], state["optim"])
+
+
+def _regrouped(saved: list[dict], groups: list[list[str]]) -> list[dict]:
+    """The saved AdamW groups (settings and parameter FQNs) with the parameters grouped as
+    `groups` (FQNs per group of `build_optimizer`), each group keeping its saved settings: a
+    checkpoint of a moelab that decayed the experts' [E, n] biases (in the first group) left the
+    first group without any settings (torch matches a saved group to the last group holding one
+    of its parameters), and the step failed on a missing key. Different group counts: `saved`."""
+    if len(saved) != len(groups):
+        return saved
+    return [{**settings, "params": names} for settings, names in zip(saved, groups)]
 
 
 def read_checkpoint(state: dict[str, Any], path: Path) -> None:
