@@ -638,6 +638,42 @@ def block_output(family: str, model, index: int, x: torch.Tensor) -> torch.Tenso
     return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
 
 
+def block_choices(model, family: str):
+    """Test-side hooks on each MoE block's experts (or, for Llama 4, its router) that record
+    the top-k indices and weights the block actually used, independent of RoutingCapture."""
+    seen: dict[int, list] = {}
+    handles = []
+    layers = model.transformer.blocks if family == "dbrx" else model.model.layers
+    for i, layer in enumerate(layers):
+        named = dict(layer.named_modules())
+        experts = next((m for n, m in named.items() if n.rsplit(".", 1)[-1] == "experts"), None)  # not shared_experts
+        if (experts is None and family != "jetmoe") or i in TINY[family].dense:
+            continue
+        seen[i] = []
+        if family == "jetmoe":  # experts are mlp's own input_linear/output_linear (self_attention.experts: its attention)
+            handles.append(layer.mlp.router.register_forward_hook(lambda m, a, out, i=i: seen[i].append(jetmoe_used(out))))
+        elif family == "llama4_text":
+            router = next(m for n, m in named.items() if n.endswith("router"))
+            k = model.config.num_experts_per_tok
+            handles.append(router.register_forward_hook(
+                lambda m, a, out, i=i: seen[i].append(tuple(reversed(out[0].topk(k, dim=-1))))))
+        else:
+            handles.append(experts.register_forward_pre_hook(
+                lambda m, a, i=i: seen[i].append((a[1].reshape(-1, a[1].shape[-1]), a[2].reshape(-1, a[2].shape[-1])))))
+    return seen, handles
+
+
+def jetmoe_used(out):
+    """JetMoE's gating output (slot order sorted by expert, batch index, gates in that order, expert
+    sizes, logits) -> the (indices, weights) [T, K] its block used."""
+    sorted_slots, batch_index, gates, sizes, logits = out
+    T = logits.shape[0]
+    experts = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    index, weights = torch.empty(T * (len(gates) // T), dtype=torch.long), torch.empty(len(gates))
+    index[sorted_slots], weights[sorted_slots] = experts, gates
+    return index.view(T, -1), weights.view(T, -1)
+
+
 def add_mtp_layer(path, seed: int = 1) -> dict[str, torch.Tensor]:
     """Give the tiny checkpoint saved at `path` a multi-token prediction layer, stored as its
     family's releases store it, and return the layer's tensors:

@@ -8,13 +8,14 @@ import json
 
 import pytest
 import torch
-from hf_tiny import TINY, build, load
+from hf_tiny import TINY, block_choices, build, load
 from safetensors.torch import load_file, save_file
 
 from moelab.hf import CheckpointError
 from moelab.hf.layerwise import LayerwiseModel
 from moelab.hf.modules import decoder_layers
 from moelab.models import MoETransformer, save_pretrained, tiny
+from moelab.nn.moe import MoELayer
 
 
 def layer_outputs(model, ids: torch.Tensor, num_layers: int, call) -> list[torch.Tensor]:
@@ -35,12 +36,21 @@ def layer_outputs(model, ids: torch.Tensor, num_layers: int, call) -> list[torch
 
 def run_layerwise(path, batches, run_moe=None) -> list[list[torch.Tensor]]:
     """Per step of `LayerwiseModel.schedule` (per layer, but for a loop's), the outputs of every batch."""
-    runner = LayerwiseModel(path)
+    return run_steps(LayerwiseModel(path), batches, run_moe)
+
+
+def run_steps(runner: LayerwiseModel, batches, run_moe=None, routing=None) -> list[list[torch.Tensor]]:
+    """`run_layerwise` with `runner`; routing: a dict given {MoE layer: per batch, the (indices [T, K],
+    weights [T, K]) its router computed}."""
     states = runner.embed(batches)
     per_layer = []
     for step, i in enumerate(runner.schedule):
         with runner.layer(i, run_moe=run_moe, step=step) as run:
+            routers = [m.router for m in runner.model.modules() if isinstance(m, MoELayer) and routing is not None]
+            hooks = [r.register_forward_hook(lambda m, a, out, i=i: routing.setdefault(i, []).append(out[:2])) for r in routers]
             states = [run(b, h) for b, h in enumerate(states)]
+            for hook in hooks:
+                hook.remove()
         per_layer.append(states)
         assert all(p.is_meta for p in runner.model.parameters()), "a layer's weights stayed in memory"
     return per_layer
@@ -59,10 +69,62 @@ def assert_layers_are_transformers(path, model, batches: list[torch.Tensor]) -> 
 
 @pytest.mark.parametrize("family", list(TINY))
 def test_every_family_layer_by_layer(tmp_path, family, one_thread):
+    """On a batch of 36 tokens (past every tiny model's sliding window and Llama 4's 32-token chunks) and
+    one of 5, every layer outputs what it outputs in transformers' forward, every MoE layer routes as
+    transformers' block does (`block_choices`) and the output head's gradients are transformers' autograd's."""
     torch.manual_seed(0)
     model = build(family).eval()
     model.save_pretrained(tmp_path)
-    assert_layers_are_transformers(tmp_path, model, [torch.randint(0, 64, (2, 7)), torch.randint(0, 64, (1, 5))])
+    batches = [torch.randint(0, 64, (2, 36)), torch.randint(0, 64, (1, 5))]
+    runner, routing = LayerwiseModel(tmp_path), {}
+    got = run_steps(runner, batches, routing=routing)
+    head = runner.head_gradients(batches, got[-1], 1.0)
+    for b, ids in enumerate(batches):
+        used, hooks = block_choices(model, family)
+        expected = layer_outputs(model, ids, runner.num_layers, lambda x: model(input_ids=x))
+        for hook in hooks:
+            hook.remove()
+        for i, out in enumerate(expected):
+            torch.testing.assert_close(got[i][b], out, atol=1e-5, rtol=1e-5, msg=f"layer {i}, batch {b}")
+        assert sorted(used) == sorted(routing) == runner.moe_layers
+        for i, ((index, weights),) in used.items():
+            assert_routes_as(runner.view.layer(i).router, routing[i][b], index, weights, f"layer {i}, batch {b}")
+        torch.testing.assert_close(head[b], head_gradients(model, ids, runner.num_layers), atol=1e-5, rtol=1e-5)
+
+
+def assert_routes_as(router, routing, index: torch.Tensor, weights: torch.Tensor, msg: str) -> None:
+    """moelab's routing (indices, weights [T, K]) chose, for each token, the experts transformers' block
+    handed its experts (index [T, K]) with their weights (times the scale a block applies after its
+    experts: `RouterView.scaled_after_experts`); a skipped slot (ZAYA's) is handed on as expert 0, weight 0."""
+    indices, got = routing
+    scale = router.route_scale if router.scaled_after_experts else 1
+    if router.identity is not None and router.identity.returns == "zero":
+        skipped = indices >= router.num_experts
+        indices, got = indices.masked_fill(skipped, 0), got.masked_fill(skipped, 0)
+    order, expected_order = indices.argsort(-1), index.long().argsort(-1)
+    assert torch.equal(indices.gather(-1, order), index.long().gather(-1, expected_order)), msg
+    expected = weights.float().gather(-1, expected_order) * scale
+    torch.testing.assert_close(got.gather(-1, order), expected, atol=1e-6, rtol=1e-5, msg=msg)
+
+
+def head_gradients(model, ids: torch.Tensor, num_layers: int) -> torch.Tensor:
+    """transformers' gradient of the summed next-token cross-entropy of each sequence of ids [B, S]
+    with respect to the last decoder layer's output [B, S, D] (`LayerwiseModel.head_gradients`)."""
+    _, layers = decoder_layers(model, num_layers)
+    grads = []
+    for row in ids:
+        held = []
+
+        def leaf(module, args, out):
+            held.append((out[0] if isinstance(out, tuple) else out).detach().requires_grad_(True))
+            return (held[0], *out[1:]) if isinstance(out, tuple) else held[0]
+
+        hook = layers[-1].register_forward_hook(leaf)
+        logits = model(input_ids=row[None]).logits[0, :-1]
+        hook.remove()
+        loss = torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum")
+        grads.append(torch.autograd.grad(loss, held)[0])
+    return torch.cat(grads)
 
 
 @pytest.mark.parametrize("shared", [0, 1])

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from hf_tiny import TINY, build
+from hf_tiny import TINY, block_choices, build
 
 from moelab.analyze import analyze_trace
 from moelab.hf import open_checkpoint
@@ -170,47 +170,11 @@ def test_trace_model_round_trip_across_shards(tmp_path):
 # ---------------------------------------------------------------------- transformers models
 
 
-def _block_choices(model, family: str):
-    """Test-side hooks on each MoE block's experts (or, for Llama 4, its router) that record
-    the top-k indices and weights the block actually used, independent of RoutingCapture."""
-    seen: dict[int, list] = {}
-    handles = []
-    layers = model.transformer.blocks if family == "dbrx" else model.model.layers
-    for i, layer in enumerate(layers):
-        named = dict(layer.named_modules())
-        experts = next((m for n, m in named.items() if n.rsplit(".", 1)[-1] == "experts"), None)  # not shared_experts
-        if (experts is None and family != "jetmoe") or i in TINY[family].dense:
-            continue
-        seen[i] = []
-        if family == "jetmoe":  # experts are mlp's own input_linear/output_linear (self_attention.experts: its attention)
-            handles.append(layer.mlp.router.register_forward_hook(lambda m, a, out, i=i: seen[i].append(_jetmoe_used(out))))
-        elif family == "llama4_text":
-            router = next(m for n, m in named.items() if n.endswith("router"))
-            k = model.config.num_experts_per_tok
-            handles.append(router.register_forward_hook(
-                lambda m, a, out, i=i: seen[i].append(tuple(reversed(out[0].topk(k, dim=-1))))))
-        else:
-            handles.append(experts.register_forward_pre_hook(
-                lambda m, a, i=i: seen[i].append((a[1].reshape(-1, a[1].shape[-1]), a[2].reshape(-1, a[2].shape[-1])))))
-    return seen, handles
-
-
-def _jetmoe_used(out):
-    """JetMoE's gating output (slot order sorted by expert, batch index, gates in that order, expert
-    sizes, logits) -> the (indices, weights) [T, K] its block used."""
-    sorted_slots, batch_index, gates, sizes, logits = out
-    T = logits.shape[0]
-    experts = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    index, weights = torch.empty(T * (len(gates) // T), dtype=torch.long), torch.empty(len(gates))
-    index[sorted_slots], weights[sorted_slots] = experts, gates
-    return index.view(T, -1), weights.view(T, -1)
-
-
 @pytest.mark.parametrize("family", list(TINY))
 def test_transformers_trace_records_what_the_block_chose(tmp_path, family):
     build(family).save_pretrained(tmp_path / "model")
     loaded = load_model(tmp_path / "model")
-    seen, handles = _block_choices(loaded.model, family)
+    seen, handles = block_choices(loaded.model, family)
     ids = torch.randint(0, 64, (2, 12))
     with RoutingCapture(loaded.model, loaded.view) as capture, torch.no_grad():
         loaded.model(input_ids=ids, use_cache=False)
