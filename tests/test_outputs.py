@@ -934,6 +934,27 @@ def test_bench_json_is_not_replaced_without_overwrite(tmp_path, monkeypatch, cap
 
 
 
+@pytest.mark.parametrize("flag, theirs", [("--json", "a user's"), ("--json", "another run's"), ("--plot", "a user's")])
+def test_a_result_file_that_appears_while_the_bench_runs_is_kept(tmp_path, monkeypatch, capsys, flag, theirs):
+    """--json and --plot are checked before the run and again when they are written: a file that
+    appeared there meanwhile (a user's, or a result of another run into the same path) stays."""
+    from moelab.bench import layer as bench
+
+    path = tmp_path / ("r.json" if flag == "--json" else "r.png")
+    text = '{"mine": true}' if theirs == "a user's" else json.dumps({"format": bench.JSON_FORMAT})
+
+    def fake_run(options, progress=None):
+        path.write_text(text)
+        return {"format": bench.JSON_FORMAT, "results": [], "skewed": [], "memory": []}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "render_table", lambda doc: "table")
+    monkeypatch.setattr("moelab.bench.figures.png_of", lambda doc: b"png")
+    code, output = run_cli(monkeypatch, capsys, "bench", "layer", flag, str(path), "--quick")
+    assert code == 2 and f"{path}" in output and "appeared while this command ran" in output
+    assert path.read_text() == text and hidden(tmp_path) == []
+
+
 def test_bench_compress_claims_its_work_directory_and_its_generated_checkpoints_go(tmp_path, monkeypatch, capsys):
     """`bench compress --work W` (gigabytes of generated checkpoints, measured here by a stand-in):
     W is claimed as moelab's scratch, its checkpoints go however the run ends unless --keep, and the

@@ -69,9 +69,9 @@ def bench_layer(
     if doc["memory"]:
         console.print(bench.render_memory(doc))
     if json_path is not None:
-        bench.write_json(doc, json_path)
+        bench.write_json(doc, json_path, overwrite)
         console.print(f"wrote {json_path}")
-    _write_plot(plot, doc)
+    _write_plot(plot, doc, overwrite)
 
 
 @bench_app.command("generate")
@@ -108,8 +108,8 @@ def bench_generate(
     console.print(bench.render(doc))
     if doc["routing_quality"]:
         console.print(bench.render_routing(doc))
-    _write_json(json_path, doc)
-    _write_plot(plot, doc)
+    _write_json(json_path, doc, overwrite)
+    _write_plot(plot, doc, overwrite)
 
 
 @bench_app.command("offload")
@@ -145,8 +145,8 @@ def bench_offload(
     with _progress("bench offload", quiet) as progress:
         doc = bench.run(models_at, options, progress=progress, quiet=quiet)
     console.print(bench.render(doc))
-    _write_json(json_path, doc)
-    _write_plot(plot, doc)
+    _write_json(json_path, doc, overwrite)
+    _write_plot(plot, doc, overwrite)
 
 
 @bench_app.command("distributed")
@@ -178,7 +178,7 @@ def bench_distributed(
     with _progress("bench distributed", quiet) as progress:
         doc = bench.run(config, options, progress=progress)
     console.print(bench.render(doc))
-    _write_json(json_path, doc)
+    _write_json(json_path, doc, overwrite)
 
 
 @contextmanager
@@ -224,12 +224,13 @@ def _claim_json(path: Path | None, json_format: str, overwrite: bool, inputs: tu
         check_output_file(path, overwrite=overwrite, is_own=lambda p: has_json_format(p, json_format), inputs=inputs)
 
 
-def _write_json(path: Path | None, doc: dict) -> None:
-    """Write `doc` to `path` (if given) atomically and say so."""
-    from moelab.io import atomic_write_text
+def _write_json(path: Path | None, doc: dict, overwrite: bool) -> None:
+    """Write `doc` to `path` (if given) atomically, checked again as `_claim_json` checked it, and say so."""
+    from moelab.io import has_json_format, write_output_file
 
     if path is not None:
-        atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+        data = (json.dumps(doc, indent=1) + "\n").encode()
+        write_output_file(path, data, overwrite=overwrite, is_own=lambda p: has_json_format(p, doc["format"]))
         console.print(f"wrote {path}")
 
 
@@ -292,7 +293,7 @@ def bench_compress(
             if not keep:
                 claimed.clear()
     console.print(bench.render(doc))
-    _write_json(json_path, doc)
+    _write_json(json_path, doc, overwrite)
 
 
 @bench_app.command("skip")
@@ -311,7 +312,7 @@ def bench_skip(
     _claim_json(json_path, bench.JSON_FORMAT, overwrite, (_model_dir(model), stats))
     doc = bench.run(_model_dir(model), stats, bench.SkipOptions(tokens=tokens, rounds=rounds), quiet=quiet)
     console.print(bench.render(doc))
-    _write_json(json_path, doc)
+    _write_json(json_path, doc, overwrite)
 
 
 @bench_app.command("plot")
@@ -326,7 +327,7 @@ def bench_plot(
     doc = read_result(result)
     out = result.with_suffix(".png") if out is None else out
     _claim_plot(out, overwrite, result)
-    _write_plot(out, doc)
+    _write_plot(out, doc, overwrite)
 
 
 def _claim_plot(
@@ -344,13 +345,13 @@ def _claim_plot(
     check_output_file(path, overwrite=overwrite, is_own=is_own_png, inputs=inputs)
 
 
-def _write_plot(path: Path | None, doc: dict) -> None:
-    """Draw `doc` to the PNG `path` (if given) atomically and say so."""
-    from moelab.bench.figures import png_of
-    from moelab.io import atomic_write_bytes
+def _write_plot(path: Path | None, doc: dict, overwrite: bool) -> None:
+    """Draw `doc` to the PNG `path` (if given) atomically, checked again as `_claim_plot` checked it, and say so."""
+    from moelab.bench.figures import is_own_png, png_of
+    from moelab.io import write_output_file
 
     if path is not None:
-        atomic_write_bytes(path, png_of(doc))
+        write_output_file(path, png_of(doc), overwrite=overwrite, is_own=is_own_png)
         console.print(f"wrote {path}")
 
 
@@ -921,7 +922,7 @@ def eval_cmd(
                           dynamic_skip=str(dynamic_skip) if dynamic_skip else None)
     report = evaluate(_model_dir(model), base=None if base is None else _model_dir(base), options=options, quiet=quiet)
     console.print(render_report(report))
-    _write_json(json_path, report)
+    _write_json(json_path, report, overwrite)
 
 
 @app.command()

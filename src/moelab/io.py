@@ -229,6 +229,19 @@ def check_output_file(
     return path
 
 
+def write_output_file(
+    path: str | os.PathLike, data: bytes, *, overwrite: bool, is_own: Callable[[Path], bool]
+) -> None:
+    """Write the single output file `path`, claimed with `check_output_file` before the work,
+    atomically; checked again first, since a file may have appeared there while the command ran
+    (a user's, or another run's result), and it is replaced only as the claim allows."""
+    try:
+        path = check_output_file(path, overwrite=overwrite, is_own=is_own)
+    except OutputError as err:
+        raise OutputError(f"{err} (it appeared while this command ran; the results were not written)") from None
+    atomic_write_bytes(path, data)
+
+
 def has_json_format(path: Path, fmt: str) -> bool:
     """Whether `path` holds a JSON object whose "format" is `fmt` (moelab's own result files)."""
     try:

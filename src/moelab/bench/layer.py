@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from moelab.bench.load import busy_processes
 from moelab.bench.machine import openmp_env
 from moelab.bench.rounds import speedup
-from moelab.io import atomic_write_text, check_output_file, has_json_format
+from moelab.io import check_output_file, has_json_format, write_output_file
 from moelab.nn import MoELayer, SwiGLUExperts, TopKRouter, triton_swiglu
 from moelab.nn.expert_threads import serial
 from moelab.threads import check_threads, resolve_threads
@@ -418,5 +418,7 @@ def check_json_path(path: str | Path, overwrite: bool) -> Path:
     return check_output_file(path, overwrite=overwrite, is_own=lambda p: has_json_format(p, JSON_FORMAT))
 
 
-def write_json(doc: dict, path: str | Path) -> None:
-    atomic_write_text(path, json.dumps(doc, indent=2))
+def write_json(doc: dict, path: str | Path, overwrite: bool) -> None:
+    """Write the results to `path`, checked again as `check_json_path` checked it before the run."""
+    data = json.dumps(doc, indent=2).encode()
+    write_output_file(path, data, overwrite=overwrite, is_own=lambda p: has_json_format(p, JSON_FORMAT))
