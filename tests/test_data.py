@@ -239,6 +239,15 @@ def test_tokenize_split_layout_and_cache(tmp_path, monkeypatch, tokenizer):
     np.testing.assert_array_equal(tokenize_split("spanish", "validation"), tokens)
 
 
+def test_a_token_cache_that_cannot_be_written_names_moelab_cache(tmp_path, monkeypatch):
+    """MOELAB_CACHE set to a file: one error naming the setting, and the file left as it was."""
+    (tmp_path / "notes").write_text("mine")
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "notes"))
+    with pytest.raises(ValueError, match=r"cannot write the token cache .*notes/tokens/.*; set MOELAB_CACHE"):
+        tokenize_split("spanish", "validation")
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 def test_quiet_tokenizing_shows_no_progress_bar(tokenizer, capfd):
     texts = ["a short document"] * 1200  # more than one batch of 512: a bar unless quiet
     tokenize_texts(texts, tokenizer, quiet=True)

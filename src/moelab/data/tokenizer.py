@@ -111,5 +111,11 @@ def tokenize_split(
     )
     buffer = io.BytesIO()
     np.save(buffer, tokens)
-    atomic_write_bytes(path, buffer.getvalue())
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as err:  # "<cache>/tokens: Not a directory" did not say which setting to change
+        raise ValueError(
+            f"cannot write the token cache {path} ({err.strerror}); set MOELAB_CACHE to a writable directory "
+            "(default ~/.cache/moelab)"
+        ) from None
     return tokens
