@@ -398,6 +398,17 @@ def test_one_process_outside_torchrun_warns_that_the_degrees_do_not_apply(monkey
     assert not dist.is_initialized()
 
 
+def test_expert_parallelism_of_a_model_without_experts_is_refused():
+    """parallel.expert > 1 on a dense model split nothing and ran data parallel, silently."""
+    from moelab.distributed.parallelize import check_parallel_model
+
+    with torch.device("meta"):
+        dense = MoETransformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4))
+    check_parallel_model(dense, 1)
+    with pytest.raises(ValueError, match="parallel.expert = 2 splits routed experts, and this model has none"):
+        check_parallel_model(dense, 2)
+
+
 def test_bad_parallel_setups_fail_on_every_rank(tmp_path):
     def run_with(**changes):
         return {**RUN, **changes}

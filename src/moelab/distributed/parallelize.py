@@ -51,6 +51,11 @@ def check_parallel_model(model: MoETransformer, ep: int) -> None:
         raise ValueError(
             "ReXMoE's shared expert pools (moe.reuse_layers > 1) cannot run under torchrun yet; train it in one process"
         )
+    if ep > 1 and not expert_layers(model):
+        raise ValueError(
+            f"parallel.expert = {ep} splits routed experts, and this model has none (no MoE layer); leave "
+            "parallel.expert out (data parallel over every process)"
+        )
     for name, layer in expert_layers(model).items():
         if layer.num_experts % ep:
             raise ValueError(
