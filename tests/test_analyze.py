@@ -7,6 +7,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from hf_tiny import build
@@ -368,6 +369,43 @@ def test_an_unchosen_expert_a_chunk_longer_than_every_sequence_and_degenerate_tr
         analyze_trace(old)
 
 
+def test_report_heatmaps_grey_the_conditionals_on_nothing(tmp_path):
+    """P(j | i) of an expert i never chosen (co-activation, affinity) and P(expert | domain) of a domain
+    without assignments are undefined, 0 in report.json: the heatmaps show those rows grey (NaN) and
+    the titles say so, where a 0 read as "never chosen together" or "never sent on"; rows that are
+    defined are as report.json has them."""
+    from moelab.analyze.report import (
+        _affinity_figure,
+        _coactivation_figure,
+        _coactivation_shown,
+        _domain_share,
+        _specialisation_figure,
+        plt,
+    )
+
+    summary = analyze_trace(_top1_trace(tmp_path / "trace", {0: [0, 1, 0, 1], 1: [0, 1, 1, 1]}, [3, 2]))
+    summary["domains"]["empty"], summary["layers"]["0"]["domain_load"]["empty"] = 0, [0.0, 0.0, 0.0]  # no token
+    l0 = summary["layers"]["0"]
+    coactivation = _coactivation_shown(l0)
+    assert np.isnan(coactivation[2]).all() and coactivation[0, 1] == 0.0 and np.isnan(coactivation[0, 0])
+    share = _domain_share(l0)
+    assert share[0].tolist() == [0.5, 0.5, 0.0] and np.isnan(share[1]).all()
+    fig = _affinity_figure(summary)
+    affinity = fig.axes[0].images[0].get_array()
+    assert affinity.mask[2].all() and not affinity.mask[:2].any()
+    assert affinity[:2].tolist() == summary["affinity"][0]["conditional"][:2]
+    assert fig._suptitle.get_text().endswith("grey rows: experts i never chosen (undefined)")
+    plt.close(fig)
+    for figure, note in ((_coactivation_figure, "experts i never chosen"), (_specialisation_figure, "domains without")):
+        fig = figure(summary)
+        assert note in fig._suptitle.get_text() and fig.axes[0].images[0].get_array().mask[-1].all()
+        plt.close(fig)
+    summary["affinity"][0]["counts"][2] = [1, 0]  # every expert chosen: no note
+    fig = _affinity_figure(summary)
+    assert fig._suptitle.get_text() == "inter-layer affinity P(expert j at next MoE layer | expert i)"
+    plt.close(fig)
+
+
 def test_a_layer_that_routes_no_token_is_reported_not_refused(tmp_path):
     """A ReLU router may choose no expert for any token of a layer: the layer's load imbalance and
     entropies are None (the report shows "-"), not an error that stops the whole analysis, and the
@@ -481,7 +519,8 @@ def test_report_says_mutual_information_of_one_domain_is_zero_by_definition():
 
 def test_report_tables_helpers_for_json_and_plots():
     """report.json has no NaN or infinity at any depth; grids show at most MAX_PANELS layers, evenly
-    spaced with both ends; P(expert | domain) normalises each domain's row; co-activation greys its diagonal."""
+    spaced with both ends; P(expert | domain) normalises each domain's row (NaN: grey where it has no
+    assignments); co-activation greys its diagonal."""
     from moelab.analyze.report import MAX_PANELS, _domain_share, _finite, _shown, _without_diagonal
 
     nan, inf = float("nan"), float("inf")
@@ -492,8 +531,8 @@ def test_report_tables_helpers_for_json_and_plots():
         shown = _shown(list(range(n)))
         assert len(shown) == MAX_PANELS and shown == sorted(set(shown)) and shown[0] == 0 and shown[-1] == n - 1
     assert _shown(list(range(40)))[:3] == [0, 3, 5]
-    assert _domain_share({"domain_load": {"code": [3, 1], "german": [0, 0], "x": [1, 4]}}) == [
-        [0.75, 0.25], [0.0, 0.0], [0.2, 0.8]]  # fmt: skip
+    share = _domain_share({"domain_load": {"code": [3, 1], "german": [0, 0], "x": [1, 4]}})
+    assert share[[0, 2]].tolist() == [[0.75, 0.25], [0.2, 0.8]] and np.isnan(share[1]).all()  # german: undefined
     shown = _without_diagonal([[1.0, 0.5], [0.25, 1.0]])
     assert shown[0, 1] == 0.5 and shown[1, 0] == 0.25 and math.isnan(shown[0, 0]) and math.isnan(shown[1, 1])
 

@@ -38,15 +38,8 @@ def write_report(summary: dict[str, Any], out: str | os.PathLike) -> Path:
     figures = {
         "load": _load_figure(summary),
         "layer_metrics": _metrics_figure(summary),
-        "specialisation": _grid_figure(
-            summary, "P(expert | domain)", _domain_share, list(summary["domains"]), labels=("expert", None)
-        ),
-        "coactivation": _grid_figure(
-            summary,
-            "co-activation P(j chosen | i chosen) (diagonal, always 1, left out: grey)",
-            lambda s: _without_diagonal(s["coactivation_conditional"]),
-            labels=("expert j", "expert i"),
-        ),
+        "specialisation": _specialisation_figure(summary),
+        "coactivation": _coactivation_figure(summary),
         "affinity": _affinity_figure(summary),
         "super_experts": _super_figure(summary),
     }
@@ -89,9 +82,16 @@ def _shown(items: list) -> list:
     return [items[i] for i in sorted(set(picks))]
 
 
-def _domain_share(stats: dict[str, Any]) -> list[list[float]]:
-    rows = np.array(list(stats["domain_load"].values()))
-    return (rows / np.maximum(rows.sum(1, keepdims=True), 1e-300)).tolist()
+def _row_shares(counts) -> np.ndarray:
+    """[A, B] counts -> each row over its sum; a row summing to 0 (nothing to condition on) NaN: grey."""
+    counts = np.array(counts, dtype=float)
+    total = counts.sum(1, keepdims=True)
+    return np.divide(counts, total, out=np.full_like(counts, np.nan), where=total > 0)
+
+
+def _domain_share(stats: dict[str, Any]) -> np.ndarray:
+    """[M, E] P(expert | domain); a domain without assignments here: a NaN row."""
+    return _row_shares(list(stats["domain_load"].values()))
 
 
 def _load_figure(summary: dict[str, Any]):
@@ -118,6 +118,14 @@ def _load_figure(summary: dict[str, Any]):
 def _without_diagonal(matrix: list[list[float]]) -> np.ndarray:
     shown = np.array(matrix, dtype=float)
     np.fill_diagonal(shown, np.nan)
+    return shown
+
+
+def _coactivation_shown(stats: dict[str, Any]) -> np.ndarray:
+    """[E, E] P(j | i) without its diagonal; the row of an expert never chosen (P(j | i) undefined,
+    0 in report.json) NaN: grey, not the 0 of "never chosen together"."""
+    shown = _without_diagonal(stats["coactivation_conditional"])
+    shown[np.diagonal(np.array(stats["coactivation"])) == 0] = np.nan
     return shown
 
 
@@ -200,17 +208,39 @@ def _heatmaps(
     return fig
 
 
+def _grey_rows_note(counts: list, rows: str) -> str:
+    """A title's note where any of `counts` (the matrices [A, B] conditioned on their rows) has a row
+    summing to 0, grey in the plot (`rows`: what those rows are), else ""."""
+    return f"\ngrey rows: {rows} (undefined)" if any(not np.array(c).sum(1).all() for c in counts) else ""
+
+
 def _grid_figure(summary: dict[str, Any], title: str, matrix_of, ylabels=None, labels=(None, None)):
     panels = [(f"layer {i}", matrix_of(summary["layers"][i])) for i in _shown(_layers(summary))]
     return _heatmaps(panels, title, ylabels, labels)
 
 
+def _specialisation_figure(summary: dict[str, Any]):
+    rows = [list(summary["layers"][i]["domain_load"].values()) for i in _shown(_layers(summary))]
+    title = "P(expert | domain)" + _grey_rows_note(rows, "domains without assignments")
+    return _grid_figure(summary, title, _domain_share, list(summary["domains"]), labels=("expert", None))
+
+
+def _coactivation_figure(summary: dict[str, Any]):
+    counts = [summary["layers"][i]["coactivation"] for i in _shown(_layers(summary))]
+    title = "co-activation P(j chosen | i chosen) (diagonal, always 1, left out: grey)"
+    title += _grey_rows_note(counts, "experts i never chosen")
+    return _grid_figure(summary, title, _coactivation_shown, labels=("expert j", "expert i"))
+
+
 def _affinity_figure(summary: dict[str, Any]):
     if not summary["affinity"]:
         return None
-    panels = [(f"layer {a['from']} -> {a['to']}", a["conditional"]) for a in _shown(summary["affinity"])]
+    shown = _shown(summary["affinity"])
+    panels = [(f"layer {a['from']} -> {a['to']}", _row_shares(a["counts"])) for a in shown]
     labels = ("expert j at the next MoE layer", "expert i")
-    return _heatmaps(panels, "inter-layer affinity P(expert j at next MoE layer | expert i)", labels=labels)
+    title = "inter-layer affinity P(expert j at next MoE layer | expert i)"
+    note = _grey_rows_note([a["counts"] for a in shown], "experts i never chosen")
+    return _heatmaps(panels, title + note, labels=labels)
 
 
 def _flagged_list(flagged: dict[int, list[str]], max_lines: int = 10, per_line: int = 4) -> str:
