@@ -132,6 +132,26 @@ def test_identity_experts_of_the_worked_example(tmp_path):
     assert [s["expert"] for s in summary["super_experts"]["super_experts"]] == [-1]  # 40 was the identity expert's
 
 
+def test_report_load_plot_is_over_the_mean_of_the_experts_with_weights(tmp_path):
+    """The load heatmap's 1 is the mean load of a layer's experts with weights, the mean of the table's
+    max/mean: a row's largest among them is its max/mean, with identity experts too (over every
+    choice, a LongCat-Flash layer read 1.72 beside its max/mean of 2.27); their load is on that
+    scale; a layer whose experts ran no token is NaN, and a layer without identity experts unchanged."""
+    from moelab.analyze.report import _load_figure, plt
+
+    summary = analyze_trace(_fake_trace(tmp_path / "trace", identity_experts=[1, 0]))
+    summary["layers"]["3"] = dict(summary["layers"]["2"], num_experts=3, identity_experts=1,
+                                   load=[0.0, 0.0, 4.0], load_fraction=[0.0, 0.0, 1.0])  # fmt: skip
+    fig = _load_figure(summary)
+    grid = fig.axes[0].images[0].get_array()
+    plt.close(fig)
+    l0, l2 = summary["layers"]["0"], summary["layers"]["2"]
+    assert grid[0].tolist() == pytest.approx([4 / 4.5, 5 / 4.5, 5 / 4.5])  # load [4, 5 | 5]: mean 4.5
+    assert max(grid[0, :2]) == pytest.approx(l0["max_over_mean"])
+    assert grid[1, :2].tolist() == pytest.approx([3 / 4, 5 / 4]) and max(grid[1, :2]) == l2["max_over_mean"]
+    assert grid.mask[1, 2] and grid.mask[2].all()  # layer 2 has 2 experts; layer 3's ran no token
+
+
 def test_small_statistics():
     assert imbalance(torch.tensor([1.0, 1, 1, 5])) == pytest.approx({"cv": math.sqrt(3) / 2, "max_over_mean": 2.5})
     assert imbalance(torch.tensor([2.0, 2, 2])) == {"cv": 0.0, "max_over_mean": 1.0}
@@ -491,12 +511,12 @@ def test_report_tables_page_notes_follow_the_model_and_the_trace():
     summary["layers"] = {"0": identity, "1": identity, "3": dict(identity, num_experts=10)}
     page = _html(summary, {})
     assert ("Identity experts, which return their input and compute nothing (past the dashed line): layers 0, 1: "
-            "experts 4-5; layer 3: experts 8-9.") in page
+            "experts 4-5; layer 3: experts 8-9; their load is over the same mean") in page
     assert _cells(page.split("<table>")[1])[7] == "4 + 2 identity (25% of the assignments)"
     skip = dict(stats, num_experts=5, identity_experts=1, identity_share=0.5)  # ZAYA's skip expert
     summary.update(layers={"0": skip}, identity_returns="zero")
     page = _html(summary, {})
-    assert "Skip experts, which add nothing and compute nothing (past the dashed line): layer 0: expert 4." in page
+    assert "Skip experts, which add nothing and compute nothing (past the dashed line): layer 0: expert 4;" in page
     assert _cells(page.split("<table>")[1])[1] == "4 + 1 skip (50% of the assignments)"
 
 

@@ -94,15 +94,25 @@ def _domain_share(stats: dict[str, Any]) -> np.ndarray:
     return _row_shares(list(stats["domain_load"].values()))
 
 
+def _relative_load(stats: dict[str, Any]) -> np.ndarray:
+    """[E] each expert's load over the mean load of the experts with weights, the mean of the table's
+    max/mean (1 = balanced among them; identity experts on the same scale, not in the mean); NaN
+    where those experts ran no token."""
+    load = np.array(stats["load"], dtype=float)
+    mean = load[: stats["num_experts"] - stats.get("identity_experts", 0)].mean()
+    return load / mean if mean > 0 else np.full_like(load, np.nan)
+
+
 def _load_figure(summary: dict[str, Any]):
     layers = _layers(summary)
     E = max(summary["layers"][i]["num_experts"] for i in layers)
     grid = np.full((len(layers), E), np.nan)
     for r, i in enumerate(layers):
         stats = summary["layers"][i]
-        grid[r, : stats["num_experts"]] = np.array(stats["load_fraction"]) * stats["num_experts"]
+        grid[r, : stats["num_experts"]] = _relative_load(stats)
     fig, ax = plt.subplots(figsize=(min(2 + 0.35 * E, 16), 1 + 0.35 * len(layers)))
-    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    # grey: no value (a layer with fewer experts, or whose experts ran no token)
+    image = ax.imshow(grid, aspect="auto", cmap=plt.get_cmap("viridis").with_extremes(bad="lightgrey"))
     for r, i in enumerate(layers):  # a dashed line before a layer's identity experts (LongCat-Flash's)
         stats = summary["layers"][i]
         if stats.get("identity_experts"):
@@ -297,7 +307,7 @@ def _super_figure(summary: dict[str, Any]):
 # ---------------------------------------------------------------------- HTML
 
 SECTIONS = (
-    ("load", "Expert load", "Share of assignments per expert, relative to a uniform split."),
+    ("load", "Expert load", "Assignments per expert over the mean of the layer's experts (1 = balanced; the busiest one's is its max/mean)."),
     ("layer_metrics", "Per-layer summary",
      "Imbalance, routing entropy, expert-domain mutual information, chunk-level sparsity."),
     ("specialisation", "Expert x domain specialisation",
@@ -362,7 +372,8 @@ def _identity_note(summary: dict[str, Any]) -> str:
     if not notes:
         return ""
     what = {"skip": "Skip experts, which add nothing", "identity": "Identity experts, which return their input"}
-    return f"{what[_identity_name(summary)]} and compute nothing (past the dashed line): {'; '.join(notes)}."
+    return (f"{what[_identity_name(summary)]} and compute nothing (past the dashed line): {'; '.join(notes)}; "
+            "their load is over the same mean, that of the experts with weights.")
 
 
 def _experts_cell(layer: dict[str, Any], name: str) -> str:
