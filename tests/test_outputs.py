@@ -486,9 +486,11 @@ def test_a_second_run_into_the_same_output_fails_with_in_use(tmp_path):
 
 
 CLAIM = """
-import sys
+import subprocess, sys
 from moelab.io import output_dir
+JOB = "import sys; from moelab.io import StagedOutput\\nwith StagedOutput(sys.argv[1], 'thing') as s: (s / 'a.txt').write_text('a')"
 with output_dir(sys.argv[1], "thing", entries=["inner"]):
+    subprocess.run([sys.executable, "-c", JOB, sys.argv[1] + "/inner"], check=True)  # a job it starts, as bench compress's
     print("ready", flush=True)
     sys.stdin.readline()
 """
@@ -498,7 +500,8 @@ def test_an_output_inside_another_moelab_output_is_refused_unless_that_one_is_be
     """An analysis's trace/ (or anything else) written again into the analysis at rest would leave
     its report describing another trace: refused before anything is made, a stale lock file no
     excuse. The nesting the commands make themselves, while they write the outer output (in this
-    process, or in a child as bench compress's), goes on."""
+    process, or in a child as bench compress's), goes on; another command's, while that one
+    writes, is refused (it would be taken for the running command's own)."""
     analysis = tmp_path / "analysis"
     with output_dir(analysis, "routing analysis", entries=["trace", "report.json"]):
         publish(analysis / "trace", "trace")
@@ -520,7 +523,8 @@ def test_an_output_inside_another_moelab_output_is_refused_unless_that_one_is_be
                             text=True, env={**os.environ, "PYTHONPATH": SRC})  # fmt: skip
     try:
         assert proc.stdout.readline().strip() == "ready"
-        publish(outer / "inner")
+        with pytest.raises(OutputError, match=rf"lies inside {outer}, which another moelab process is writing now \(pid {proc.pid}"):
+            publish(outer / "mine")
     finally:
         proc.communicate("\n", timeout=60)
     assert proc.returncode == 0 and (outer / "inner" / "a.txt").is_file()

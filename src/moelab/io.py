@@ -579,10 +579,12 @@ def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None
 
 
 def _check_enclosing(out: Path) -> None:
-    """`out` lies inside no other moelab output, unless a moelab process is writing that one now
-    (its lock is held: the outputs a command nests in its own, as a demo's analysis/ and an
-    analysis's trace/). Written into one at rest, it would change what that output holds (an
-    analysis's report would no longer describe its trace) and leave it one `--overwrite` refuses."""
+    """`out` lies inside no other moelab output, unless this process or one that started it is
+    writing that one now (its lock is held: the outputs a command nests in its own, as a demo's
+    analysis/, an analysis's trace/ and a compress bench's jobs' cells). Written into one at
+    rest, it would change what that output holds (an analysis's report would no longer describe
+    its trace) and leave it one `--overwrite` refuses; written by another command while that one
+    runs, it would be taken for the running command's own."""
     for parent in out.parents:
         marker = _read_marker(parent)
         if marker is not None:
@@ -591,7 +593,37 @@ def _check_enclosing(out: Path) -> None:
                     f"the output {out} lies inside {parent}, moelab's {marker['kind']}: writing there would change "
                     f"what that {marker['kind']} holds; choose an output path outside it"
                 )
+            holder = _lock_holder(parent)
+            if holder is not None and holder["pid"] not in _own_processes():
+                raise OutputError(
+                    f"the output {out} lies inside {parent}, which another moelab process is writing now "
+                    f"({_describe(json.dumps(holder))}); choose an output path outside it"
+                )
             return
+
+
+def _lock_holder(out: Path) -> dict | None:
+    """What the process holding `out`'s lock wrote in it ({"pid", "since", "command"}), or None
+    where it cannot be read (a lock being taken)."""
+    try:
+        holder = json.loads(_sibling(out, "lock").read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def _own_processes() -> set[int]:
+    """This process and the ones that started it (their parents, up the tree where /proc shows
+    it; elsewhere this one's parent only)."""
+    pids, pid = {os.getpid()}, os.getppid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rpartition(")")[2].split()[1])  # the field after the state: the parent's pid
+    return pids
 
 
 def _is_locked(out: Path) -> bool:
