@@ -539,6 +539,34 @@ def test_a_read_ahead_counts_as_used_once_however_often_its_layer_then_runs(tmp_
     cache.close()
 
 
+def test_a_read_ahead_dropped_by_an_earlier_chunk_of_its_layers_call_is_not_counted_as_used(tmp_path, monkeypatch):
+    """A layer call asking for more experts than the pool holds is fetched in chunks: a miss of the
+    first chunk may take the slot of a read-ahead for a later chunk that has not started, which then
+    read nothing (not issued) and is read on demand at its chunk: not used either (before: counted
+    used at the call's first chunk, so used exceeded issued, an accuracy above 1)."""
+    _, path = _native(tmp_path)
+    frequency = {i: torch.full((4,), 0.5) for i in range(3)}
+    frequency[1][3] = 0.01  # (1, 3) the least likely expert of layer 1: the first chunk's victim
+    prior = RoutingPrior((0, 1, 2), frequency, {i: torch.full((4, 4), 0.25) for i in range(2)})
+    cache = ExpertCache(ExpertStore(path), 3, eviction="reuse", prior=prior)
+    events, release = _gate_reads(monkeypatch)
+    try:
+        cache.prefetch(1, torch.tensor([0, 3.0, 2.0, 1.0]), torch.tensor([0, 0.9, 0.9, 0.9]), limit=3)
+        _wait_for(events, ("start", 1, 1))  # (1, 1) running, held at the gate; (1, 2), (1, 3) queued
+        cache.fetch(1, [0], tokens=4, visit=[0, 1, 2, 3])  # the call's first chunk: (1, 0) takes (1, 3)'s slot
+        cache.release()
+        assert (1, 3) not in cache.resident() and cache.prefetch_stats.issued == 2
+        release.set()
+        cache.fetch(1, [1, 2, 3], tokens=4, visit=[])  # 1 and 2 read ahead, 3 read on demand
+        cache.release()
+        stats = cache.prefetch_stats
+        assert (stats.issued, stats.used, stats.accuracy) == (2, 2, 1.0)
+        assert (stats.needed, stats.foreseen) == (4, 3)
+    finally:
+        release.set()
+        cache.close()
+
+
 def test_prefetch_recall_counts_the_needed_experts_the_prediction_named_resident_or_not(tmp_path):
     """Recall (Mixtral-offloading's speculative-loading figure): of the experts a layer asks for
     after a prediction, the share it named, whether already resident (not read again) or read

@@ -83,7 +83,8 @@ class CacheStats:
 @dataclass
 class PrefetchStats:
     """issued: experts read ahead by `prefetch`; used: those the layer then asked for (accuracy:
-    used / issued, a precision). needed: experts asked for at visits a prediction was made for;
+    used / issued, a precision; a read-ahead dropped before it started, its slot given to another
+    expert, read nothing and counts in neither, even where a later chunk of the call asks for it). needed: experts asked for at visits a prediction was made for;
     foreseen: those of them the prediction named, resident or read ahead (recall: foreseen / needed,
     Mixtral-offloading's "speculative loading recall")."""
 
@@ -179,7 +180,10 @@ class ExpertCache:
         # docstring), from each expert's chance p of being needed at its layer's next visit.
         self._wait = np.zeros((L, E))
         self._wait_known = [False] * L  # per layer position: the row holds the last prediction (or habit)
-        self._prefetched: dict[int, set[int]] = {}
+        self._prefetched: dict[int, set[int]] = {}  # layer -> its read-aheads since its last visit
+        # {layer visited last: its read-aheads its calls have not asked for yet} (a call fetched in
+        # chunks asks chunk by chunk; a read-ahead dropped before its chunk read nothing: not used)
+        self._unused: dict[int, set[int]] = {}
         self._foreseen: dict[int, set[int]] = {}  # layer -> the experts its last prediction named
         self._recency = np.zeros((L, E))  # [L, E] moving average of "chosen at a visit" of each layer's experts
         self._visited = np.zeros(L, dtype=bool)  # per layer position: fetched at least once
@@ -224,6 +228,9 @@ class ExpertCache:
         self._current = layer
         if visit is None or len(visit):
             self._visit(layer, experts if visit is None else visit)
+        used = self._unused.get(layer, set()).intersection(experts)
+        self._unused.get(layer, set()).difference_update(used)
+        self.prefetch_stats.used += len(used)
         stats = self.stats.setdefault(tokens, CacheStats())
         stats.requests += len(experts)
         start = time.perf_counter()
@@ -253,16 +260,15 @@ class ExpertCache:
         return [found[e] for e in experts]
 
     def _visit(self, layer: int, experts: list[int]) -> None:
-        """Count a call of `layer` asking for `experts`: their recent use (habit) and the layer's
-        read-aheads they used."""
+        """Count a call of `layer` asking for `experts`: their recent use (habit), the prediction's
+        recall; the layer's read-aheads become the ones its fetches may use (`_unused`)."""
         position = self._position[layer]
         recency = self._recency[position]
         recency *= RECENCY_DECAY
         recency[experts] += 1 - RECENCY_DECAY
         self._visited[position] = True
         self._wait_known[position] = False  # habit until the next prediction, computed when asked
-        prefetched = self._prefetched.pop(layer, set())
-        self.prefetch_stats.used += len(prefetched.intersection(experts))
+        self._unused = {layer: self._prefetched.pop(layer, set())}
         foreseen = self._foreseen.pop(layer, None)
         if foreseen is not None:
             self.prefetch_stats.needed += len(set(experts))
@@ -453,6 +459,7 @@ class ExpertCache:
             return False
         layer, expert = self._owner[slot]
         self._prefetched.get(layer, set()).discard(expert)
+        self._unused.get(layer, set()).discard(expert)  # a later chunk of the layer's call reads it on demand
         self.prefetch_stats.issued -= 1
         return True
 
