@@ -15,6 +15,7 @@ import json
 import re
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -34,7 +35,13 @@ from moelab.models import MoETransformer, save_pretrained, tiny
 from moelab.models.transformer import KVCache, Sampling, decode_cache_length
 from moelab.offload import ExpertCache, ExpertStore, OffloadedExperts, RoutingPrior, load_offloaded
 from moelab.offload.cache import RECENCY_DECAY, CacheStats
-from moelab.offload.model import generate_ids, kv_bytes_per_token, state_bytes_per_sequence, warm_start
+from moelab.offload.model import (
+    generate_ids,
+    kv_bytes_per_token,
+    resident_slots,
+    state_bytes_per_sequence,
+    warm_start,
+)
 from moelab.offload.predict import _Counter, lookahead_scores
 from moelab.trace import TraceOptions, trace_model
 
@@ -1039,6 +1046,18 @@ def test_resident_keeps_the_nearest_whole_number_of_the_routed_experts(tmp_path)
         offloaded = load_offloaded(path, resident=resident, warm=False)
         offloaded.close()
         assert offloaded.cache.slots == slots
+
+
+@pytest.mark.parametrize("layers,experts,top_k", [(3, 4, 2), (6, 8, 2), (58, 256, 8), (60, 384, 8), (48, 128, 1)])
+def test_the_minimum_resident_fraction_a_refusal_names_keeps_one_tokens_experts(layers, experts, top_k):
+    """The fraction a too-small `resident` is told to reach keeps top_k experts when given back
+    (before: top_k / total to 4 decimals, rounded down where it fell so: DeepSeek-V3's 8 of 58 x 256
+    showed 0.0005, which keeps 7)."""
+    store = SimpleNamespace(moe_layers=list(range(layers)), num_experts=experts, expert_bytes=1)
+    with pytest.raises(ValueError, match="the minimum is") as refused:
+        resident_slots(store, 1 / (layers * experts * 4), None, 0, top_k)
+    minimum = float(re.search(r"the minimum is ([\d.]+)$", str(refused.value))[1])
+    assert resident_slots(store, minimum, None, 0, top_k) == top_k
 
 
 def test_a_transformers_models_budget_counts_its_moe_blocks_routers_and_shared_experts(tmp_path):

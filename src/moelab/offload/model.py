@@ -438,9 +438,13 @@ def resident_slots(
             raise ValueError(f"resident must be a fraction in (0, 1] of the routed experts, got {resident}")
         slots = round(resident * total)
         if slots < top_k:
+            # top_k / total rounded up to 4 significant digits: the fraction shown keeps top_k (at 4 decimals,
+            # DeepSeek-V3's 8 of 14,848 showed 0.0005, which keeps 7)
+            digits = 3 - math.floor(math.log10(top_k / total))
+            shown = math.ceil(top_k / total * 10**digits) / 10**digits
             raise ValueError(
                 f"resident={resident} keeps {slots} of the {total} routed experts, fewer than the {top_k} one token "
-                f"needs at one layer; the minimum is {top_k / total:.4f}"
+                f"needs at one layer; the minimum is {shown:.{digits}f}"
             )
         return slots
     slots = min((memory_budget - dense_bytes - kv_cache_bytes - state_bytes) // store.expert_bytes, total)
