@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import random
 import re
 import threading
 import time
@@ -791,6 +792,49 @@ def test_read_aheads_still_queued_at_close_are_dropped_and_not_counted_as_read_a
         release.set()
     assert ("start", 1, 2) not in events and ("end", 1, 1) in events
     assert cache.prefetch_stats.issued == 1 and cache.resident() == {(1, 1)}
+
+
+@pytest.mark.parametrize("policy", ["lookahead", "both"])
+def test_read_aheads_at_random_speeds_change_neither_the_tokens_nor_the_hits(tmp_path, monkeypatch, policy, one_thread):
+    """A stress test of the reader thread against the compute: 7 MoE layers of 8 experts sharing 3
+    to 14 slots (prefills larger than the pool fetched in chunks), every read-ahead held for a random
+    0-3 ms. Twice, at different speeds: the in-memory tokens each time, every resident slot holding
+    its expert, the same hits (late ones included) and misses, and no more read-aheads used than read."""
+    torch.manual_seed(0)
+    base = tiny()
+    config = dataclasses.replace(base, n_layers=8, first_k_dense=1, moe=dataclasses.replace(base.moe, num_experts=8, num_shared=1))
+    model = MoETransformer(config).eval()
+    save_pretrained(model, tmp_path / "m")
+    prior = _prior(model, config.vocab_size)
+    ids = torch.randint(0, config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = mask[1, :2] = 0
+    want = generate_ids(model, ids, 6, attention_mask=mask)
+    load, speed = ExpertStore.load, random.Random(0)
+
+    def jittered(self, layer, expert, pool, slot):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(speed.random() * 0.003)
+        load(self, layer, expert, pool, slot)
+
+    monkeypatch.setattr(ExpertStore, "load", jittered)
+    for resident in (0.05, 0.25):
+        counts = set()
+        for _ in range(2):
+            offloaded = load_offloaded(tmp_path / "m", resident=resident, predictor=policy, prior=prior)
+            try:
+                assert torch.equal(offloaded.generate(ids, 6, attention_mask=mask), want)
+                cache = offloaded.cache
+                for read in cache._loading.values():  # noqa: SLF001
+                    read.result()
+                for (layer, expert), slot in cache._slot_of.items():  # noqa: SLF001
+                    assert torch.equal(cache.pool.down_proj[slot], model.layers[layer].ffn.experts.down_proj[expert])
+                total, prefetch = cache.total(), cache.prefetch_stats
+                assert 0 < prefetch.used <= prefetch.issued
+                counts.add((total.hits + total.late, total.misses))
+            finally:
+                offloaded.close()
+        assert len(counts) == 1, counts
 
 
 @settings(max_examples=25, deadline=None)
