@@ -84,9 +84,10 @@ class CacheStats:
 class PrefetchStats:
     """issued: experts read ahead by `prefetch`; used: those the layer then asked for (accuracy:
     used / issued, a precision; a read-ahead dropped before it started, its slot given to another
-    expert, read nothing and counts in neither, even where a later chunk of the call asks for it). needed: experts asked for at visits a prediction was made for;
-    foreseen: those of them the prediction named, resident or read ahead (recall: foreseen / needed,
-    Mixtral-offloading's "speculative loading recall")."""
+    expert, read nothing and counts in neither, even where a later chunk of the call asks for
+    it). needed: experts asked for at visits a prediction was made for; foreseen: those of them
+    the prediction named, resident or read ahead (recall: foreseen / needed, Mixtral-offloading's
+    "speculative loading recall")."""
 
     issued: int = 0
     used: int = 0
