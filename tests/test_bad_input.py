@@ -1219,6 +1219,18 @@ def test_run_config_load(tmp_path, content, message):
     assert str(path) in str(info.value)
 
 
+def test_a_transformers_checkpoint_where_a_moelab_model_goes_is_told_which_commands_read_it(tmp_path):
+    """load_pretrained on a transformers checkpoint said only trace and analyze work with one; calibrate,
+    compress, eval and generate read it too, and moelab import converts it."""
+    ckpt = tmp_path / "mixtral"
+    text(ckpt / "config.json", '{"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}')
+    save_file({"x": torch.zeros(1)}, ckpt / "model.safetensors")
+    with pytest.raises(ValueError, match="is a transformers model config") as info:
+        load_pretrained(ckpt)
+    for reader in ("trace", "analyze", "calibrate", "compress", "eval", "generate", "moelab import"):
+        assert reader in str(info.value), reader
+
+
 @pytest.mark.parametrize(
     "field,value,message",
     [

@@ -259,7 +259,8 @@ def check_not_transformers(data: Any, path: str | Path) -> None:
         raise ValueError(
             f"{path} is a transformers model config (model_type {data.get('model_type')!r}); expected a moelab "
             "config (a ModelConfig file, a run file, or the config.json of a moelab checkpoint written by "
-            "save_pretrained or moelab train). transformers checkpoints work with moelab trace and analyze"
+            "save_pretrained or moelab train). A transformers checkpoint is read as it is by trace, analyze, "
+            "calibrate, compress, eval and generate; moelab import converts a Mixtral or Qwen2-MoE one to moelab's"
         )
 
 
