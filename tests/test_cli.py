@@ -38,6 +38,14 @@ def test_the_command_list_gives_each_summary_without_its_docstring_line_breaks()
     assert "the bytes they move against the count" in result.output
 
 
+def test_bench_skip_help_offers_only_the_models_it_runs():
+    """`bench skip`'s model argument said it took a transformers checkpoint, which it refuses
+    (dynamic skipping runs in moelab's runtime)."""
+    result = runner.invoke(app, ["bench", "skip", "--help"], terminal_width=400, env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    assert "A moelab checkpoint directory" in result.output and "transformers checkpoint" not in result.output
+
+
 def test_every_model_argument_names_the_model_it_defaults_to():
     """compress-bench's said "the shipped reference model", of which there are two."""
     for verb in ("trace", "analyze", "calibrate", "compress", "compress-bench", "eval"):

@@ -299,7 +299,7 @@ def bench_compress(
 @bench_app.command("skip")
 def bench_skip(
     stats: Annotated[Path, typer.Option("--stats", help="Calibration statistics of the model (moelab calibrate).")],
-    model: ModelArg = None,
+    model: Annotated[str | None, typer.Argument(help="A moelab checkpoint directory or a shipped model's name: ref-8e-top2 (the default), ref-32e-top4-shared (dynamic skipping runs in moelab's runtime).", show_default=False)] = None,
     tokens: Annotated[int, typer.Option(min=1, help="Test-split tokens, over the corpus domains.")] = 4096,
     rounds: Annotated[int, typer.Option(min=1, help="Timed rounds per mode, interleaved.")] = 5,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
