@@ -29,6 +29,7 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace moelab'
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw the results as a PNG here (as `moelab bench plot` draws the --json file).")]
 BenchQuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress: the results' tables only.")]
 ThreadsOpt = Annotated[str, typer.Option("--threads", help="torch's intra-op threads: a count, or 'auto': the cores no other process is using when the command starts (OMP_NUM_THREADS instead, where it is set); on a busy core every split operation waits.")]
+TrainThreadsOpt = Annotated[str, typer.Option("--threads", help="torch's intra-op threads: a count, or 'auto': the cores no other process is using when the command starts (OMP_NUM_THREADS instead, where it is set); the run file's train.threads, where it sets one, takes precedence.")]
 KeepMemoryOpt = Annotated[bool, typer.Option("--keep-memory/--no-keep-memory", help="Keep freed memory in the process for the next step (glibc): a step's large activations are not page-faulted in again every step, and resident memory stays near the peak (docs/training.md).")]
 
 
@@ -384,7 +385,7 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out again from step 0.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     expert_parallel: Annotated[int | None, typer.Option("--expert-parallel", min=1, help="Under torchrun: split the experts over this many ranks (the run file's parallel.expert).")] = None,
-    threads: ThreadsOpt = "auto",
+    threads: TrainThreadsOpt = "auto",
     keep_memory: KeepMemoryOpt = True,
 ) -> None:
     """Train a model: checkpoints, log.jsonl and TensorBoard logs, per-domain validation. Under
@@ -431,7 +432,7 @@ def compare(
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Train each variant with this many seeds (the recipe's seed and the next ones); the report gives means, spreads and which differences exceed the seed-to-seed spread.")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Train every variant again instead of resuming the comparison in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-    threads: ThreadsOpt = "auto",
+    threads: TrainThreadsOpt = "auto",
     keep_memory: KeepMemoryOpt = True,
 ) -> None:
     """Train several variants on one recipe (equal tokens) and report loss, per-domain loss,
