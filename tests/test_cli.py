@@ -994,9 +994,9 @@ def test_compute_commands_run_on_their_threads_and_put_torch_s_back(monkeypatch,
     import importlib
     from types import SimpleNamespace
 
-    from moelab.train import RunConfig
+    from moelab.train import RunConfig, TrainConfig
 
-    seen = []
+    seen, trained = [], []
 
     def stand_in(target, result=None, name=None):  # target: "module.attr", or a module and name
         record = lambda *a, **k: seen.append(torch.get_num_threads()) or result  # noqa: E731
@@ -1014,10 +1014,13 @@ def test_compute_commands_run_on_their_threads_and_put_torch_s_back(monkeypatch,
     evaluate = importlib.import_module("moelab.eval.evaluate")
     stand_in(evaluate, {"n": 1}, "evaluate")  # the package's `evaluate` is the function
     monkeypatch.setattr(evaluate, "render_report", lambda report: "table")
-    monkeypatch.setattr(RunConfig, "load", lambda path: SimpleNamespace(parallel=None))
-    stand_in("moelab.train.train", SimpleNamespace(steps=1, tokens=2, tokens_per_second=3.0, eval_loss={"all": 1.0}))
-    monkeypatch.setattr("moelab.train.compare.load_recipe", lambda path: "recipe")
-    stand_in("moelab.train.compare.compare", tmp_path / "report.md")
+    recipe = TrainConfig(steps=1, threads=2)  # a run file's threads: --threads replaces them, else they hold
+    monkeypatch.setattr(RunConfig, "load", lambda path: SimpleNamespace(parallel=None, train=recipe))
+    done = SimpleNamespace(steps=1, tokens=2, tokens_per_second=3.0, eval_loss={"all": 1.0})
+    monkeypatch.setattr("moelab.train.train", lambda run, *a, **k: trained.append(run.train.threads) or seen.append(torch.get_num_threads()) or done)
+    monkeypatch.setattr("moelab.train.compare.load_recipe", lambda path: recipe)
+    compared = lambda configs, config, *a, **k: trained.append(config.threads) or seen.append(torch.get_num_threads()) or tmp_path  # noqa: E731
+    monkeypatch.setattr("moelab.train.compare.compare", compared)
     decoded = {"steps": 1, "seconds": 1.0, "tokens_per_s": 1.0, "later_tokens_per_s": None, "threads": 1, "dtype": torch.float32}
     stand_in("moelab.generate.generate_texts", (["a", "b"], decoded))
     commands = [["trace"], ["analyze"], ["calibrate"], ["compress"], ["compress-bench"], ["demo"], ["eval"],
@@ -1035,6 +1038,7 @@ def test_compute_commands_run_on_their_threads_and_put_torch_s_back(monkeypatch,
             _ok(args)  # auto: the 2 free cores
             assert torch.get_num_threads() == 1, args
         assert seen == [1, 2] * len(commands)
+        assert trained == [1, 2, 1, 2]  # train's, then compare's: --threads 1, then the run file's 2
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         _ok(["eval"])
         assert seen[-1] == 1

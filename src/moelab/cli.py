@@ -29,7 +29,7 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace moelab'
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw the results as a PNG here (as `moelab bench plot` draws the --json file).")]
 BenchQuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress: the results' tables only.")]
 ThreadsOpt = Annotated[str, typer.Option("--threads", help="torch's intra-op threads: a count, or 'auto': the cores no other process is using when the command starts (OMP_NUM_THREADS instead, where it is set); on a busy core every split operation waits.")]
-TrainThreadsOpt = Annotated[str, typer.Option("--threads", help="torch's intra-op threads: a count, or 'auto': the cores no other process is using when the command starts (OMP_NUM_THREADS instead, where it is set); the run file's train.threads, where it sets one, takes precedence.")]
+TrainThreadsOpt = Annotated[str | None, typer.Option("--threads", help="torch's intra-op threads: a count, or 'auto': the cores no other process is using when the command starts (OMP_NUM_THREADS instead, where it is set); given, it replaces the run file's train.threads (a resumed run needs the same); default: the run file's, else 'auto'.", show_default=False)]
 KeepMemoryOpt = Annotated[bool, typer.Option("--keep-memory/--no-keep-memory", help="Keep freed memory in the process for the next step (glibc): a step's large activations are not page-faulted in again every step, and resident memory stays near the peak (docs/training.md).")]
 
 
@@ -385,12 +385,12 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out again from step 0.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     expert_parallel: Annotated[int | None, typer.Option("--expert-parallel", min=1, help="Under torchrun: split the experts over this many ranks (the run file's parallel.expert).")] = None,
-    threads: TrainThreadsOpt = "auto",
+    threads: TrainThreadsOpt = None,
     keep_memory: KeepMemoryOpt = True,
 ) -> None:
     """Train a model: checkpoints, log.jsonl and TensorBoard logs, per-domain validation. Under
     torchrun (`torchrun --nproc-per-node N -m moelab train ...`) on N processes: docs/distributed.md."""
-    _use_threads(ctx, threads)
+    _use_threads(ctx, threads or "auto")
     import dataclasses
 
     from moelab.distributed import ParallelConfig
@@ -398,6 +398,8 @@ def train(
     from moelab.train import train as run_training
 
     run = RunConfig.load(config)
+    if threads is not None:
+        run.train = dataclasses.replace(run.train, threads=_thread_setting(threads))
     if expert_parallel is not None:
         run.parallel = dataclasses.replace(run.parallel or ParallelConfig(), expert=expert_parallel, data=None)
     out = out or Path("runs") / config.stem
@@ -432,16 +434,20 @@ def compare(
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Train each variant with this many seeds (the recipe's seed and the next ones); the report gives means, spreads and which differences exceed the seed-to-seed spread.")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Train every variant again instead of resuming the comparison in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-    threads: TrainThreadsOpt = "auto",
+    threads: TrainThreadsOpt = None,
     keep_memory: KeepMemoryOpt = True,
 ) -> None:
     """Train several variants on one recipe (equal tokens) and report loss, per-domain loss,
     params, FLOPs/token, speed and expert load. Re-running resumes and keeps finished variants."""
-    _use_threads(ctx, threads)
+    _use_threads(ctx, threads or "auto")
+    import dataclasses
+
     from moelab.train.compare import compare as run_compare
     from moelab.train.compare import load_recipe
 
     recipe_config = load_recipe(recipe)
+    if threads is not None:
+        recipe_config = dataclasses.replace(recipe_config, threads=_thread_setting(threads))
     _keep_memory(keep_memory)
     report = run_compare(
         configs, recipe_config, out, seeds=seeds, overwrite=overwrite, inputs=[recipe], quiet=quiet
