@@ -210,6 +210,19 @@ def test_config_carries_the_settings_that_do_not_show_in_logits(tmp_path):
         assert hf.num_experts_per_tok == model.config.moe.top_k == 2
 
 
+def test_the_balance_coefficient_comes_back_for_any_layer_count_and_top_k():
+    """Export then import gives back moelab's balance_coef, and import then export transformers'
+    router_aux_loss_coef, whatever MoE layers / top_k is (before, where it is no short decimal,
+    as 7 / 3, rounding both ways lost the last digit: 0.01 came back 0.00999999999999)."""
+    convert = export_module.hf_aux_loss_coef
+    for top_k in range(1, 9):
+        for layers in range(1, 65):
+            for coef in (0.01, 0.001, 0.003, 0.037, 1e-4, 0.0123):
+                assert convert(convert(coef, top_k, layers), top_k, layers, inverse=True) == coef, (coef, top_k, layers)
+                assert convert(convert(coef, top_k, layers, inverse=True), top_k, layers) == coef, (coef, top_k, layers)
+    assert convert(0.02, 2, 32, inverse=True) == 0.00125  # Mixtral-8x7B's, as a short decimal
+
+
 @pytest.mark.parametrize("case", ["qwen2_moe-shared-tied-theta", "mixtral-tied"])
 def test_exported_model_in_memory_is_the_moelab_model(tmp_path, case):
     """`exported_model` (the fused in-memory layout, used by `moelab bench generate`) computes

@@ -263,11 +263,16 @@ def hf_aux_loss_coef(balance_coef: float, top_k: int, moe_layers: int, *, invers
     a share of the K * T assignments; transformers' Mixtral/Qwen2-MoE loss is E * sum_e f_e P_e
     once, f_e and P_e averaged over the layers and f_e counted per token (K choices each). Where
     the layers route alike, the losses agree for router_aux_loss_coef = balance_coef * L / K.
-    Rounded to 12 digits, so that export and import give back the coefficient written."""
+    Written to 12 digits; read back as the shortest decimal that is written so again, so that
+    export and import each give back the coefficient the other was given."""
     if moe_layers == 0:
         return balance_coef
     scale = moe_layers / top_k
-    return float(f"{balance_coef / scale if inverse else balance_coef * scale:.12g}")
+    if not inverse:
+        return float(f"{balance_coef * scale:.12g}")
+    exact = balance_coef / scale
+    shortest = (float(f"{exact:.{digits}g}") for digits in range(1, 18))
+    return next((c for c in shortest if hf_aux_loss_coef(c, top_k, moe_layers) == balance_coef), exact)
 
 
 def _hf_config(cfg: ModelConfig, family: str, shared_width: int, token_ids: dict[str, int], dtype: str) -> dict:
