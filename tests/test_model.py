@@ -306,7 +306,8 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
     assert model.generate(prompt, 60, greedy=True).shape[1] == model.config.max_seq_len == 64  # fills it
     with pytest.raises(ValueError, match="must fit ModelConfig.max_seq_len"):
         model.generate(prompt, 61)
-    for bad in (0, float("inf"), float("nan")):  # inf: logits / inf = 0, every token alike
+    # inf: logits / inf = 0, every token alike; None (transformers' "not set") was a TypeError from 0 < None
+    for bad in (0, float("inf"), float("nan"), None):
         with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
             model.generate(prompt, 2, temperature=bad)
         with pytest.raises(ValueError, match="temperature must be > 0 and finite"):

@@ -900,7 +900,7 @@ def check_sampling(
     for name, value in (("temperature", temperature), ("top_p", top_p)):
         if value is not None and not is_number(value):  # a tensor, a string, a bool
             raise ValueError(f"{name} must be a Python number (float), got {type(value).__name__} {value!r}")
-    if not 0 < temperature < math.inf:
+    if temperature is None or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be > 0 and finite when sampling, got {temperature!r}; {greedy_hint}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
