@@ -347,6 +347,23 @@ def test_quantize_divides_by_the_scale_it_stores_rounded_up(scale_dtype):
         quantize(torch.full((2, 2), 1e9), (2, 2), scale_dtype=torch.float16)
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_gives_a_block_of_subnormal_entries_a_positive_scale_and_refuses_nan(scale_dtype):
+    """A block whose largest |entry| is under 448 * 2 ** -149 (float32 subnormals, as bf16 weights
+    can hold) needs a scale below float32's: it gets the smallest normal one (its entries round to
+    about 0), not 0 (before: amax / 448 underflowed to 0, and 0 / 0 wrote NaN weights). A
+    non-finite entry is named as such, not as a scale out of range."""
+    w = torch.zeros(2, 8)
+    w[0, 0], w[1, 1], w[0, 5] = 1e-44, -2e-43, 1.0
+    q, scales = quantize(w, (2, 4), scale_dtype=scale_dtype)
+    assert (scales > 0).all() and torch.isfinite(scales).all() and not q.float().isnan().any()
+    assert q.float()[:, 4:].abs().max() == 448  # the block beside it as before
+    assert (dequantized(q, scales, (2, 4)) - w).abs().max() <= 2**-4
+    w[1, 6] = float("nan")  # before: its block got the scale 1 (nan > 0 is false) and NaN weights
+    with pytest.raises(ValueError, match="a non-finite entry"):
+        quantize(w, (2, 4), scale_dtype=scale_dtype)
+
+
 def _stored(directory):
     """{name: (safetensors dtype, its bytes)}: what the files hold."""
     from moelab.hf.checkpoint import Checkpoint

@@ -214,14 +214,18 @@ def quantize(
     largest |entry| over the format's largest finite value (an all-zero block by 1), as
     DeepSeek-V3's and llm-compressor's quantizers make FP8 weights. A scale_dtype narrower than
     float32 holds the scale rounded up (so no entry passes the largest value, and none underflows
-    to 0), and the block is divided by the scale as stored. A ValueError where a scale overflows it."""
+    to 0), and the block is divided by the scale as stored; no scale is under float32's smallest
+    normal number. A ValueError where a scale overflows it, or w holds inf or nan."""
     (O, I), (bo, bi) = w.shape, block
     rows, cols, top = -(-O // bo), -(-I // bi), torch.finfo(dtype).max
     padded = torch.zeros(rows * bo, cols * bi)
     padded[:O, :I] = w.float()
     blocks = padded.reshape(rows, bo, cols, bi)
     amax = blocks.abs().amax(dim=(1, 3))
-    exact = torch.where(amax > 0, amax / top, torch.ones(()))
+    if not torch.isfinite(amax).all():
+        raise ValueError("the weight holds a non-finite entry (inf or nan), which no scale quantizes")
+    # a block of float32 subnormals: amax / top would underflow to 0 (and 0 / 0 to NaN)
+    exact = torch.where(amax > 0, (amax / top).clamp(min=torch.finfo(torch.float32).smallest_normal), 1.0)
     scales = exact.to(scale_dtype)
     scales = torch.where(scales.float() < exact, torch.nextafter(scales, scales.new_tensor(math.inf)), scales)
     if not torch.isfinite(scales).all():
