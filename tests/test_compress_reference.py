@@ -561,6 +561,25 @@ def test_input_sample_keeps_the_token_ids_a_hash_router_reads():
     torch.testing.assert_close(got["inputs"], torch.cat([b.x for b in batches])[order][positions].float(), rtol=0, atol=0)
 
 
+def test_skip_ratios_compare_weight_magnitudes_as_dynamic_skip_does():
+    """A combine weight may be negative (a learned per-expert scale, Gemma 4's, takes either sign):
+    the histogram counts |second| / |first| by magnitude, the ratio `dynamic_skip` compares."""
+    from moelab.compress.observers import MoECall
+    from moelab.nn.routers import dynamic_skip
+
+    indices = torch.tensor([[0, 1], [2, 0], [1, 2]])
+    weights = torch.tensor([[-0.75, 0.375], [0.5, -0.125], [0.25, -0.5]])  # ratios 0.5, 0.25, 0.5
+    routing = Routing(indices, weights, torch.zeros(3, 3), torch.zeros(3, 3))
+    call = MoECall(torch.zeros(3, 4), routing, torch.zeros(3, 2, 4), None, None)
+    zeros = torch.zeros(3, dtype=torch.long)
+    observer = OBSERVERS["routing"](3, 1, 4, {})
+    observer.update(call, Tokens(zeros, zeros, torch.arange(3)), call.output)
+    expected = torch.zeros(SKIP_BINS, dtype=F64)
+    expected[50], expected[25] = 2, 1
+    assert torch.equal(observer.result()["skip_ratios"], expected)
+    assert dynamic_skip(routing, 0.3).indices.tolist() == [[0, 1], [2, -1], [1, 2]]  # 0.25 < 0.3 alone goes
+
+
 def test_per_expert_skips_empty_slots():
     """Slot values land on their slot's expert; an empty slot (-1) adds nothing, whatever its value."""
     indices = torch.tensor([[2, 0], [1, -1], [-1, -1]])
