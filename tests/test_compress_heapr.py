@@ -22,6 +22,7 @@ from moelab.compress.observers import DEFAULT_OBSERVERS
 from moelab.compress.stats import LayerStats
 from moelab.hf.layerwise import LayerwiseModel
 from moelab.hf.loading import load_causal_lm
+from moelab.hf.native import experts_from_view
 from moelab.models import load_pretrained
 from moelab.nn import MLPExperts, SwiGLUExperts
 from moelab.nn.grouped import CappedSwiGLU, ClampedSwiGLU, GateClampedSwiGLU, GeluTanhGLU, SoftcappedSwiGLU
@@ -387,6 +388,28 @@ def test_narrowed_and_zeroed_experts_compute_the_same():
         )
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-12)
+
+
+def test_narrowed_and_zeroed_experts_with_biases_compute_the_kept_neurons():
+    """Experts with gate, up and down biases (GPT-OSS's): a narrowed expert keeps the biases of its
+    kept neurons, a zeroed one zeroes the others'; both compute the kept neurons' sum plus the down bias."""
+    view = make_view(E=2, I=5, top_k=1, seed=3)
+    g = torch.Generator().manual_seed(4)
+    experts = dataclasses.replace(
+        view.experts, **{name: torch.randn(2, n, generator=g, dtype=F64) for name, n in
+                         (("gate_bias", 5), ("up_bias", 5), ("down_bias", 8))},
+    )  # fmt: skip
+    keep = [[0, 3, 4], [1, 2, 4]]
+    x = torch.randn(8, generator=g, dtype=F64)
+    for edited in (narrowed(experts, keep), zeroed(experts, keep)):
+        module = experts_from_view(edited).double()
+        for e, ids in enumerate(keep):
+            hidden = silu(experts.gate[e, ids] @ x + experts.gate_bias[e, ids]) * (
+                experts.up[e, ids] @ x + experts.up_bias[e, ids]
+            )
+            expected = experts.down[e][:, ids] @ hidden + experts.down_bias[e]
+            got = module(x[None], [1 - e, e])[0]  # the one row goes to expert e
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_heapr_end_to_end_and_its_refusals(tmp_path):
