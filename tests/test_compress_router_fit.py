@@ -84,6 +84,21 @@ def test_held_out_loss_never_worsens_and_selection_bias_stays():
     )
 
 
+def test_a_tie_with_the_edits_own_router_keeps_it():
+    """Top-1 renormalised: every combine weight is 1, so the loss changes only where a choice does.
+    Steps too small to change one (Adam moves a weight at most lr a step: 3 x 1e-5 x |x|_1 <= 4e-4
+    against the tokens' smallest top-1 margin, 0.026) all tie the held-out loss of the edit's own
+    router, which is kept: best_step 0, its rows as they were, not a float32 copy."""
+    layer = make_view(E=6, top_k=1, renormalize=True, seed=2)
+    keep = [0, 2, 3, 5]
+    x = _inputs()
+    top = (x @ layer.router.weight[keep].T).topk(2, dim=1).values
+    assert float((top[:, 0] - top[:, 1]).min()) > 3 * 1e-5 * float(x.abs().sum(1).max())
+    edit, notes = refit_router(layer, LayerEdit.keep(keep), x, RouterFit(steps=3, lr=1e-5))
+    assert notes["best_step"] == 0 and notes["heldout_after"] == notes["heldout_before"] > 0
+    assert torch.equal(edit.view.router.weight, layer.router.weight[keep])
+
+
 def test_refit_needs_sampled_inputs():
     layer = make_view()
     with pytest.raises(ValueError, match="needs sampled layer inputs"):
