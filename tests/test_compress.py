@@ -153,6 +153,20 @@ def test_sampled_inputs_are_spread_evenly_over_the_calibration_data(stats_dir, m
     assert bool((layer.inputs.abs().sum(1) > 0).all())
 
 
+def test_statistics_count_every_token_in_its_windows_half_and_source(stats_dir, model_dir):
+    """tokens [H, S] are the mixture's windows' tokens by half and source, and each token's top-2
+    choices are counted in its cell: counts summed over experts = 2 x tokens, cell by cell."""
+    mixture = calibration_mixture(model_dir, "corpus", EVERY)
+    expected = torch.zeros(2, len(mixture.sources), dtype=torch.float64)
+    for w in mixture.windows:
+        expected[w.half, w.source] += w.ids.numel()
+    assert (expected[0] > 0).any() and (expected[1] > 0).any()
+    for index in (0, 1):
+        layer = Calibration(stats_dir).layer(index)
+        assert torch.equal(layer.tokens, expected)
+        assert torch.equal(layer.counts.sum(-1), 2 * expected)
+
+
 def test_an_interrupted_calibration_resumes_to_the_same_files(tmp_path, model_dir, stats_dir, monkeypatch):
     """Kill the pass after layer 0 (its hidden states saved), start it again: same statistics."""
     import moelab.compress.calibration as calibrate_module
