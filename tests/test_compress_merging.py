@@ -249,6 +249,22 @@ def test_fitted_router_row_with_fewer_samples_than_dimensions_moves_only_within_
     assert float(off_span.norm()) < 1e-10
 
 
+def test_fitted_router_row_ignores_directions_the_float32_samples_do_not_resolve():
+    """A LayerNorm with a weight g (DBRX's, Cohere's) puts every router input on the hyperplane
+    x . (1 / g) = 0; stored in float32, as calibration stores its samples, they leave it by rounding
+    only. The fit must not read that rounding as signal: with more samples than dimensions it once
+    put a coefficient of about 1e8 along the hyperplane's normal (a DBRX merged row of norm 3e8,
+    whose logits transformers' float32 matmul got 0.15 off)."""
+    view = make_view(E=4, D=8, dtype=torch.float32, seed=5)
+    g = torch.linspace(0.5, 2.0, 8, dtype=F64)
+    raw = torch.randn(64, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
+    x = (torch.nn.functional.layer_norm(raw, (8,)) * g).float()  # N = 64 > D + 1
+    fitted = merged_layer(view, [[0], [1, 2, 3]], torch.ones(4), router_rule="fit", inputs=x).view.router
+    assert float(fitted.weight[1].norm()) < 10 * float(view.router.weight.norm(dim=1).max())
+    exact = x.double() @ fitted.weight[1].double()
+    torch.testing.assert_close((x @ fitted.weight[1]).double(), exact, rtol=0, atol=1e-5)
+
+
 def test_fitted_router_row_reads_the_inputs_through_the_routers_norm():
     """Gemma 4's router reads n(x) = x / sqrt(mean(x^2) + eps) * g * m: the merged row is the least-squares
     fit, on n(x), of the group's log-sum-exp of its members' logits on n(x)."""

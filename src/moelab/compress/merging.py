@@ -178,9 +178,14 @@ def _fitted_row(
     MLP router (ZAYA's: the row is out_proj's). The fit is of the correction to the members'
     `w`-weighted average row [m] (and bias), smallest where the samples leave it free (fewer samples
     than the rows read, N < D + 1, as on real models): off the samples' span the row stays the
-    average, and a group of one keeps its row."""
+    average, and a group of one keeps its row. Directions whose singular value in the samples is below
+    the precision the router computes at (the eps of the samples' dtype or of the router's, float32 and
+    bf16 on real models, relative to the largest) are left out of the fit: there the samples differ
+    from a hyperplane by rounding only (a LayerNorm with a weight, DBRX's, puts every input on one),
+    and fitting it gave rows of norm 1e8 whose logits no float32 matmul reproduces."""
     if x is None or not fits_router_rows(router):
         raise ValueError("the 'fit' router rule needs a softmax router without a logit softcap and the sampled block inputs")
+    resolution = max(torch.finfo(x.dtype).eps, torch.finfo(router.weight.dtype).eps)
     x = router_features(router, x.double(), states)
     W = router.weight[list(group)].double()
     b = None if router.bias is None else router.bias[list(group)].double()
@@ -189,7 +194,8 @@ def _fitted_row(
     row, bias = w @ W, (torch.zeros((), dtype=x.dtype) if b is None else w @ b)
     design = x if b is None else torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
     residual = target - (x @ row + bias)
-    correction = torch.linalg.lstsq(design, residual[:, None]).solution[:, 0]  # gelsy: the minimum-norm solution
+    # gelsd: the minimum-norm solution over the singular values above rcond times the largest
+    correction = torch.linalg.lstsq(design, residual[:, None], rcond=resolution, driver="gelsd").solution[:, 0]
     return row + correction[: x.shape[1]], bias + correction[x.shape[1]] if b is not None else bias
 
 
