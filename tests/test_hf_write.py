@@ -1061,6 +1061,16 @@ def test_a_second_edit_of_some_layers_keeps_the_record_of_the_others(mixtral, tm
     assert layers["1"]["kept"] == [0, 2, 3] and layers["1"]["tensors_replaced"] is False
 
 
+def test_a_chained_edit_s_expert_map_names_the_original_checkpoint(mixtral, tmp_path):
+    """The map's ids are the original checkpoint's after any number of edits, so its "source" is
+    that checkpoint too, not the intermediate one the last edit read."""
+    drop_experts(mixtral, tmp_path / "a", [1], quiet=True, reload=False)  # keeps 0, 2, 3
+    drop_experts(tmp_path / "a", tmp_path / "b", [0], quiet=True, reload=False)  # keeps 2, 3 of the original
+    doc = json.loads((tmp_path / "b" / EXPERT_MAP_NAME).read_text())
+    assert doc["layers"]["0"]["kept"] == [2, 3]
+    assert doc["source"] == str(mixtral.resolve())
+
+
 def test_the_expert_map_records_whether_an_edit_replaced_the_tensors(mixtral, tmp_path):
     """tensors_replaced is true for an edit that brings its own tensors (view), even one that
     only selects experts, and false for a plain selection."""

@@ -302,8 +302,11 @@ class _Plan:
         return cls(config, ckpt, family, edits, E, removed, home, new_config, keep_quantized)
 
     def expert_map(self, source: Path) -> dict[str, Any]:
-        """layer -> sources, kept and merged original ids, composed with the source's own map."""
-        previous = _read_expert_map(source)
+        """layer -> sources, kept and merged original ids, composed with the source's own map (whose
+        "source", the checkpoint those ids number, it keeps)."""
+        path = source / EXPERT_MAP_NAME
+        record = read_expert_map(path) if path.is_file() else {"source": str(source), "layers": {}}
+        previous = record["layers"]
         layers = {}
         for index, edit in sorted(self.edits.items()):
             before = previous.get(str(index), {}).get("sources")
@@ -318,7 +321,7 @@ class _Plan:
             }
         return {
             "format": EXPERT_MAP_FORMAT,
-            "source": str(source),
+            "source": record["source"],
             "family": self.family.name,
             "layers": {**{k: v for k, v in previous.items() if k not in layers}, **layers},
         }
