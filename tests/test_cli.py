@@ -332,6 +332,15 @@ def test_generate_refuses_a_checkpoint_directory_given_as_the_first_prompt():
     assert f"the first prompt {model!r} is a checkpoint directory, not text: give the model as --model" in str(result.exception) + result.output
 
 
+def test_generate_continues_a_first_prompt_too_long_to_be_a_path():
+    """A first prompt longer than a file name may be (255 bytes) is text, not a directory: the
+    check for `moelab generate DIR "text"` raised the OS's 'File name too long' for it."""
+    prompt = " ".join(["word"] * 60)  # 299 bytes, no slash: one path component
+    result = runner.invoke(app, ["generate", prompt, "--max-new-tokens", "1"])
+    assert result.exit_code == 0, f"{result.exception!r} {result.output}"
+    assert result.output.startswith(prompt) and "\n1 tokens in " in result.output
+
+
 def test_generate_prints_a_batch_verbatim_and_its_decode_hit_rate():
     """Several prompts: each text as decoded (no wrapping at the console's width), and the expert
     cache's hit rate over the decode steps (a step of B prompts reads B tokens' experts)."""

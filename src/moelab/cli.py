@@ -841,7 +841,7 @@ def generate_cmd(
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed or 0)
     elif seed is not None:
         raise ValueError("--seed seeds sampling: add --temperature, --top-p or --top-k (else it is greedy)")
-    if model is None and (Path(prompts[0]) / "config.json").is_file():  # `moelab generate DIR "text"`
+    if model is None and _is_checkpoint_dir(prompts[0]):  # `moelab generate DIR "text"`
         raise ValueError(
             f"the first prompt {prompts[0]!r} is a checkpoint directory, not text: give the model as --model {prompts[0]}"
         )
@@ -879,6 +879,15 @@ def generate_cmd(
     if "slots" in stats:
         hit = "-" if stats["decode_hit_rate"] is None else f"{stats['decode_hit_rate']:.1%}"
         console.print(f"[dim]expert cache: {stats['slots']} slots, decode hit rate {hit}, {stats['experts_read']} experts read[/dim]")
+
+
+def _is_checkpoint_dir(text: str) -> bool:
+    """Whether `text` names a directory with a config.json (False for text no path can be: a name
+    longer than the file system allows)."""
+    try:
+        return (Path(text) / "config.json").is_file()
+    except OSError:  # ENAMETOOLONG, which pathlib does not take as "no such file"
+        return False
 
 
 class _PromptFirst:
