@@ -317,6 +317,22 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
             Sampling(temperature=bad)
 
 
+def test_a_sampling_seed_is_one_torch_s_generators_take():
+    """A seed outside torch.Generator's range [-2**63, 2**64) is refused by Sampling itself, naming
+    the range (torch's own 'Overflow when unpacking long long' came from the first draw); numpy's
+    integers are seeds like Python's (as top_k takes them)."""
+    for bad in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*64\), got -?\d+"):
+            Sampling(seed=bad)
+    for bad in (True, 1.0, "3"):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            Sampling(seed=bad)
+    for edge in (2**64 - 1, -(2**63)):
+        Sampling(seed=edge).generator("cpu")
+    seed = Sampling(seed=np.int64(7)).seed
+    assert type(seed) is int and seed == 7
+
+
 def test_top_p_stops_at_the_token_whose_mass_reaches_it_exactly():
     """Four equally likely tokens (0.25 each, exact): a nucleus of 0.5 is two of them, the second
     reaching 0.5 exactly; a third (whose mass before it is 0.5) is never drawn."""

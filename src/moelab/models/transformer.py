@@ -878,8 +878,9 @@ class Sampling:
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             greedy_hint="for the most likely token at every step decode greedily (no temperature, top-p or top-k)",
         )  # fmt: skip
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not is_int(self.seed) or not -(2**63) <= self.seed < 2**64:  # torch.Generator's seeds
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))
         # Python's float and int: transformers' samplers refuse 2 or numpy's float32 as a temperature
         object.__setattr__(self, "temperature", float(self.temperature))
         if self.top_p is not None:
