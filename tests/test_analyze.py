@@ -144,7 +144,9 @@ def test_report_load_plot_is_over_the_mean_of_the_experts_with_weights(tmp_path)
                                    load=[0.0, 0.0, 4.0], load_fraction=[0.0, 0.0, 1.0])  # fmt: skip
     fig = _load_figure(summary)
     grid = fig.axes[0].images[0].get_array()
+    title = fig.axes[0].get_title()
     plt.close(fig)
+    assert title == "expert load over the layer's mean\n(of its experts with weights; 1 = balanced)"  # not "uniform"
     l0, l2 = summary["layers"]["0"], summary["layers"]["2"]
     assert grid[0].tolist() == pytest.approx([4 / 4.5, 5 / 4.5, 5 / 4.5])  # load [4, 5 | 5]: mean 4.5
     assert max(grid[0, :2]) == pytest.approx(l0["max_over_mean"])

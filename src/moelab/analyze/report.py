@@ -120,7 +120,8 @@ def _load_figure(summary: dict[str, Any]):
             ax.plot([edge, edge], [r - 0.5, r + 0.5], color="white", linestyle="--", linewidth=1.5)
     ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
     ax.set_xlabel("expert")
-    ax.set_title("expert load relative to uniform (1 = balanced)")
+    identity = any(summary["layers"][i].get("identity_experts") for i in layers)
+    ax.set_title("expert load over the layer's mean\n" + ("(of its experts with weights; 1 = balanced)" if identity else "(1 = balanced)"))
     fig.colorbar(image, ax=ax)
     return fig
 
