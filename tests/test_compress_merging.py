@@ -265,6 +265,21 @@ def test_fitted_router_row_ignores_directions_the_float32_samples_do_not_resolve
     torch.testing.assert_close((x @ fitted.weight[1]).double(), exact, rtol=0, atol=1e-5)
 
 
+def test_fitted_router_row_of_a_bf16_router_fits_beside_a_massive_activation_channel():
+    """The cut-off is the float32 samples' precision, not the bf16 router's: beside a channel 300x
+    the others (LLMs' massive activations) every other direction's singular value is under bf16's
+    eps times the largest, and cutting there left the fit near the plain weighted average. The row
+    is the float64 least-squares fit (a naive lstsq over every direction), rounded to bf16."""
+    view = make_view(E=4, D=16, dtype=torch.bfloat16, seed=2)  # a router without bias
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(4))
+    x[:, 3] *= 300
+    fitted = merged_layer(view, [[0], [1, 2, 3]], torch.ones(4), router_rule="fit", inputs=x).view.router
+    average = view.router.weight[1:].double().mean(0)
+    target = torch.logsumexp(x.double() @ view.router.weight[1:].double().T, dim=1)
+    expected = average + torch.linalg.lstsq(x.double(), (target - x.double() @ average)[:, None]).solution[:, 0]
+    torch.testing.assert_close(fitted.weight[1].double(), expected, rtol=2**-7, atol=0)  # to bf16 rounding
+
+
 def test_fitted_router_row_reads_the_inputs_through_the_routers_norm():
     """Gemma 4's router reads n(x) = x / sqrt(mean(x^2) + eps) * g * m: the merged row is the least-squares
     fit, on n(x), of the group's log-sum-exp of its members' logits on n(x)."""

@@ -179,13 +179,14 @@ def _fitted_row(
     `w`-weighted average row [m] (and bias), smallest where the samples leave it free (fewer samples
     than the rows read, N < D + 1, as on real models): off the samples' span the row stays the
     average, and a group of one keeps its row. Directions whose singular value in the samples is below
-    the precision the router computes at (the eps of the samples' dtype or of the router's, float32 and
-    bf16 on real models, relative to the largest) are left out of the fit: there the samples differ
-    from a hyperplane by rounding only (a LayerNorm with a weight, DBRX's, puts every input on one),
-    and fitting it gave rows of norm 1e8 whose logits no float32 matmul reproduces."""
+    the samples' own precision (the eps of their dtype, float32, relative to the largest) are left out
+    of the fit: there the samples differ from a hyperplane by rounding only (a LayerNorm with a weight,
+    DBRX's, puts every input on one), and fitting it gave rows of norm 1e8 whose logits no float32
+    matmul reproduces. (Not the router's bf16 eps: beside a massive-activation channel 300x the others,
+    every other direction would fall below it and the fit would be the plain average.)"""
     if x is None or not fits_router_rows(router):
         raise ValueError("the 'fit' router rule needs a softmax router without a logit softcap and the sampled block inputs")
-    resolution = max(torch.finfo(x.dtype).eps, torch.finfo(router.weight.dtype).eps)
+    resolution = torch.finfo(x.dtype).eps
     x = router_features(router, x.double(), states)
     W = router.weight[list(group)].double()
     b = None if router.bias is None else router.bias[list(group)].double()
