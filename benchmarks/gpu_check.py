@@ -9,8 +9,19 @@ memory, copies on a copy stream) on `ref-8e-top2` and its widened copy; and `moe
 path: process group, FSDP2, DCP checkpoints) against the one-process run's losses.
 
 Run on a machine with a CUDA GPU:  python benchmarks/gpu_check.py --out DIR [--budget S] [--only SECTION ...]
-Each section's result (or its error) goes to DIR/results.json as soon as it ends; sections past
-the time budget are skipped. Not part of the test suite (the project's machines have no GPU).
+Each section's result (or its error) and its seconds go to DIR/results.json as soon as it ends; a
+section still running when the budget (counted from the script's start) ends is stopped, and later
+ones are skipped. Not part of the test suite (the project's machines have no GPU).
+
+On a lent device machine (15 minutes of device time, its start included; at most 600 s a command;
+the working tree travels in 64 MiB; moelab is not installed there and transformers is the image's,
+5.17 when last seen, which runs these sections: moelab's pin 5.24's wheel, 13 MiB, does not fit):
+
+    # here, first: the tree is 97 MiB, 55 with the shipped weights rounded to bf16 (fp32 sections then
+    # run bf16-representable weights); afterwards `git checkout -- src/moelab/assets/models`
+    python -c "import glob; from safetensors.torch import load_file, save_file; [save_file({k: v.bfloat16() for k, v in load_file(f).items()}, f, metadata={'format': 'pt'}) for f in glob.glob('src/moelab/assets/models/*/model.safetensors')]"
+    # the device command, with timeout_s 540 (the budget, and a minute for imports and the stop):
+    PYTHONPATH=src PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT --budget 480
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -249,9 +261,11 @@ def profile_layer(dtype: torch.dtype = torch.bfloat16, tokens: int = 16384) -> s
 
 
 def profile_in_child(path: Path, timeout: float) -> str:
-    """`profile_layer` in a child process (a crash in the profiler leaves the other sections' results)."""
-    code = f"from gpu_check import profile_layer; open({str(path)!r}, 'w').write(profile_layer())"
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=timeout, cwd=Path(__file__).parent)
+    """`profile_layer` in a child process (a crash in the profiler leaves the other sections' results),
+    in this process's working directory (a relative PYTHONPATH=src still finds moelab)."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); from gpu_check import profile_layer; "
+            f"open({str(path)!r}, 'w').write(profile_layer())")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=timeout)
     return path.name
 
 
@@ -426,22 +440,19 @@ def bench_offload(timeout: float) -> dict:
     return docs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="gpu_results", help="folder for results.json, profile.txt")
-    parser.add_argument("--budget", type=float, default=540, help="seconds; later sections are skipped past it")
-    parser.add_argument("--only", nargs="*", help="run only these sections")
-    parser.add_argument("--overwrite", action="store_true", help="replace DIR/results.json and DIR/profile.txt")
-    args = parser.parse_args()
-    assert torch.cuda.is_available(), "needs a CUDA GPU"
-    out = Path(args.out)
-    if (out / "results.json").exists() and not args.overwrite:
-        sys.exit(f"{out / 'results.json'} exists; pass --overwrite to replace it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    left = lambda: args.budget - (time.monotonic() - start)  # noqa: E731
-    sections = {
-        # the sections never run on a GPU yet first
+class PastBudget(BaseException):
+    """Raised in a section still running when the budget ends: a BaseException, so that the
+    sections' per-case `except Exception` does not swallow it."""
+
+
+def _raise_past_budget(signum, frame) -> None:
+    raise PastBudget
+
+
+def sections(out: Path, left) -> dict:
+    """Section name -> its function, in the order they run (the ones never run on a GPU yet
+    first); `left()`: seconds left of the budget, the subprocesses' timeouts."""
+    return {
         "env": env_info,
         "triton": check_triton,
         "lm_loss": check_lm_loss,
@@ -458,23 +469,57 @@ def main() -> None:
         "generate_fp32_ref-8e-top2": lambda: bench_generate("ref-8e-top2", "fp32", max(left(), 1)),
         "torchrun_nccl": check_torchrun_nccl,
     }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The GPU checks of moelab (see the module docstring).")
+    parser.add_argument("--out", default="gpu_results", help="folder for results.json, profile.txt")
+    parser.add_argument("--budget", type=float, default=480,
+                        help="seconds from this script's start: a section still running then is stopped, later ones skipped")  # fmt: skip
+    parser.add_argument("--only", nargs="*", help="run only these sections")
+    parser.add_argument("--overwrite", action="store_true", help="replace DIR/results.json and DIR/profile.txt")
+    args = parser.parse_args()
+    start = time.monotonic()
+    left = lambda: args.budget - (time.monotonic() - start)  # noqa: E731
+    out = Path(args.out)
+    todo = sections(out, left)
+    unknown = sorted(set(args.only or ()) - set(todo))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(todo)}")
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    if (out / "results.json").exists() and not args.overwrite:
+        sys.exit(f"{out / 'results.json'} exists; pass --overwrite to replace it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGALRM, _raise_past_budget)
     results: dict = {}
-    for name, fn in sections.items():
+
+    def save() -> None:
+        (out / "results.json.tmp").write_text(json.dumps(results, indent=1, default=str))
+        (out / "results.json.tmp").replace(out / "results.json")
+
+    for name, fn in todo.items():
         if args.only and name not in args.only:
             continue
         if left() < 10:
             results[name] = {"skipped": "out of budget"}
+            save()
             continue
         print(f"--- {name} ({left():.0f} s left)", flush=True)
         t0 = time.monotonic()
         try:
-            results[name] = fn()
+            signal.setitimer(signal.ITIMER_REAL, left())  # the alarm fires inside the section alone
+            try:
+                results[name] = fn()
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except PastBudget:
+            results[name] = {"error": f"stopped: past the budget of {args.budget:.0f} s", "traceback": traceback.format_exc()[-4000:]}
         except Exception as err:  # noqa: BLE001 - a section's failure is its result; the rest still run
             results[name] = {"error": f"{type(err).__name__}: {err}"[:2000], "traceback": traceback.format_exc()[-4000:]}
             print(results[name]["traceback"], flush=True)
+        results.setdefault("section_seconds", {})[name] = round(time.monotonic() - t0, 1)
         print(f"--- {name} took {time.monotonic() - t0:.1f} s", flush=True)
-        (out / "results.json.tmp").write_text(json.dumps(results, indent=1, default=str))
-        (out / "results.json.tmp").replace(out / "results.json")
+        save()
 
 
 if __name__ == "__main__":
