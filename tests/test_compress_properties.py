@@ -1,7 +1,8 @@
 """Every compression method on random tiny layers and the routing edge cases (all tokens to one
-expert, an expert no token chooses, a single token, k up to E - 1, group-limited routing, bf16
-weights): each decision keeps what the target asks, names distinct experts, spares the protected
-ones, and its edit gives a layer with the asked expert count whose output is finite."""
+expert, an expert no token chooses, a single token, k up to E - 1 (k = E for the methods that
+narrow: no other allows it), group-limited routing, bf16 weights): each decision keeps what the
+target asks, names distinct experts, spares the protected ones, and its edit gives a layer with the
+asked expert count whose output is finite."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from layer_views import OneLayerModel, make_view
 from test_compress_reference import observed_stats
 
 from moelab.compress.methods import METHODS, Target, get_method, plan_target
-from moelab.compress.methods.base import check_protected
+from moelab.compress.methods.base import check_protected, share_kept
 from moelab.hf.edit import apply_edit, moe_output
 
 PROPERTY = settings(
@@ -30,11 +31,12 @@ def _one_thread(one_thread):
 
 
 @st.composite
-def cases(draw):
-    """(view keyword arguments, experts kept, token counts per call, a protected expert or None)."""
-    n_group = draw(st.sampled_from([1, 1, 2]))
+def cases(draw, every_expert: bool = False):
+    """(view keyword arguments, experts kept, token counts per call, a protected expert or None).
+    every_expert: k = E, which no pruning or merging allows (`plan_target` refuses it): only methods that narrow."""
+    n_group = 1 if every_expert else draw(st.sampled_from([1, 1, 2]))
     E = draw(st.sampled_from([4, 6, 8] if n_group == 2 else [3, 4, 5, 6, 8]))
-    k = draw(st.integers(1, E - 1 if n_group == 1 else E // 2 - 1 or 1))
+    k = E if every_expert else draw(st.integers(1, E - 1 if n_group == 1 else E // 2 - 1 or 1))
     kw = {
         "E": E,
         "D": 6,
@@ -55,12 +57,15 @@ def cases(draw):
         kw["router_bias"] = {draw(st.integers(0, E - 1)): 30.0 if edge == "one expert takes all" else -30.0}
     view = make_view(**kw)
     ratio = draw(st.sampled_from([0.25, 0.5, 0.75]))
-    try:
-        keep = plan_target(view.router, ratio)
-    except ValueError:
-        keep = E - n_group  # the smallest removal every router here allows
+    if every_expert:
+        keep = share_kept(E, ratio)  # what `compress` asks of a method that narrows
+    else:
+        try:
+            keep = plan_target(view.router, ratio)
+        except ValueError:
+            keep = E - n_group  # the smallest removal every router here allows
     sizes = draw(st.sampled_from([[1], [3, 2], [12, 9]]))
-    protect = draw(st.one_of(st.none(), st.integers(0, E - 1)))
+    protect = draw(st.one_of(st.none(), st.integers(0, E - 1))) if keep >= 1 else None  # a whole expert kept
     return kw, keep, sizes, protect
 
 
@@ -68,6 +73,19 @@ def cases(draw):
 @PROPERTY
 @given(case=cases())
 def test_every_method_keeps_a_valid_layer_on_edge_case_routing(name, case):
+    check_valid_decision(name, case)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in METHODS.items() if cls.narrows))
+@PROPERTY
+@given(case=cases(every_expert=True))
+def test_methods_that_narrow_keep_a_valid_layer_where_the_router_picks_every_expert(name, case):
+    """k = E: every expert stays (narrower), so the router still picks all of them."""
+    check_valid_decision(name, case)
+
+
+def check_valid_decision(name: str, case) -> None:
+    """`name`'s decision on the view of `case` (see `cases`) is valid, and so is the layer it edits."""
     kw, keep, sizes, protect = case
     view, E = make_view(**kw), kw["E"]
     stats = observed_stats(view, sizes, kw["dtype"], kw["seed"])
