@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from layer_views import OneLayerModel, make_view
 from test_compress_reference import observed_stats
@@ -84,12 +84,22 @@ def test_methods_that_narrow_keep_a_valid_layer_where_the_router_picks_every_exp
     check_valid_decision(name, case)
 
 
-def check_valid_decision(name: str, case) -> None:
-    """`name`'s decision on the view of `case` (see `cases`) is valid, and so is the layer it edits."""
+@PROPERTY
+@given(case=cases())
+def test_the_fit_merge_rule_keeps_a_valid_layer_on_edge_case_routing(case):
+    """hc_smoe's router_rule 'fit' (M-SMoE merges by 'dominant', hc_smoe's default is 'weighted'):
+    a least squares on the sampled inputs, one token's among them; softmax routers only."""
+    assume(case[0]["score_func"] == "softmax")
+    check_valid_decision("hc_smoe", case, {"router_rule": "fit"})
+
+
+def check_valid_decision(name: str, case, options: dict | None = None) -> None:
+    """`name`'s decision (built with `options`, else OPTIONS') on the view of `case` (see `cases`)
+    is valid, and so is the layer it edits."""
     kw, keep, sizes, protect = case
     view, E = make_view(**kw), kw["E"]
     stats = observed_stats(view, sizes, kw["dtype"], kw["seed"])
-    options = OPTIONS.get(name, {})
+    options = OPTIONS.get(name, {}) if options is None else options
     if name == "heapr" and protect is not None:
         options = {"layout": "padded"}  # the uniform layout narrows every expert alike: it spares none
     method = get_method(name, **options)
