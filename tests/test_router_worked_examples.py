@@ -22,6 +22,7 @@ from moelab.nn import (
     build_moe,
 )
 from moelab.nn.losses import load_balancing_loss, router_entropy_loss, router_z_loss
+from moelab.nn.mlp_router import MLPRouter
 from moelab.nn.rexmoe import ReuseRouter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,6 +193,47 @@ def test_k_equal_to_e_bf16_and_a_gradient_to_the_router(name, shape):
     grad_out = torch.randn(routing.weights.shape, generator=torch.Generator().manual_seed(2))
     (routing.weights * grad_out).sum().backward()
     assert torch.isfinite(router.weight.grad).all() and router.weight.grad.abs().sum() > 0
+
+
+BIASED_ROUTERS = {  # name: build(k), with a router bias; each takes x [B, S, D]
+    "sparsemixer": lambda k: SparseMixerRouter(D, E, jitter_eps=1.0, top_k=k, bias=True),
+    "uoe": lambda k: UoERouter(D, E, k, bias=True),
+    "uoe-experts-per-sequence": lambda k: UoERouter(D, E, k, expert_top_k=E, bias=True),
+    "mlp": lambda k: MLPRouter(D, 6, E, k, eps=1e-6, reads_state=False, bias=True),  # ZAYA's
+}
+
+
+def _call_biased(router, x):
+    return router(x) if isinstance(router, UoERouter) else router(x.reshape(-1, D))
+
+
+@pytest.mark.parametrize("name", list(BIASED_ROUTERS))
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5)], ids=["one-token", "batch"])
+def test_an_idle_expert_and_every_token_on_one(name, shape):
+    """A router bias of -30 on expert 3 leaves it unchosen, +30 on expert 2 makes it every token's
+    choice; the weights stay finite and a loss on them reaches the router weight. The MLP router
+    (which computes in bf16 on bf16 input, as transformers' ZAYA router does: tests/test_zaya.py)
+    also takes k = E: every expert, once per token."""
+    torch.manual_seed(0)
+    router = BIASED_ROUTERS[name](2)
+    x = torch.randn(*shape, D, generator=torch.Generator().manual_seed(1))
+    T = shape[0] * shape[1]
+    for bias, expert, chosen in ((-30.0, 3, False), (30.0, 2, True)):
+        with torch.no_grad():
+            router.bias.zero_()
+            router.bias[expert] = bias
+        router.zero_grad()
+        routing = _call_biased(router, x)
+        picks = (routing.indices == expert).sum(-1)
+        assert torch.equal(picks, torch.full((T,), int(chosen))), routing.indices
+        assert ((routing.indices >= 0).sum(-1) == 2).all() and torch.isfinite(routing.weights).all()
+        grad_out = torch.randn(routing.weights.shape, generator=torch.Generator().manual_seed(2))
+        (routing.weights * grad_out).sum().backward()  # not the sum: renormalised weights sum to a constant
+        assert torch.isfinite(router.weight.grad).all() and router.weight.grad.abs().sum() > 0
+    if name == "mlp":
+        every = BIASED_ROUTERS[name](E)(x.reshape(-1, D))
+        assert torch.equal(every.indices.sort(-1).values, torch.arange(E).expand(T, E))
+        assert every.weights.sum(-1).allclose(torch.ones(T))  # renormalised over all E
 
 
 @pytest.mark.parametrize("router", ["graph_sim", "graph_attn"])
