@@ -201,10 +201,14 @@ def test_windows_longer_than_the_context_are_cut_to_it(model_dir, monkeypatch, c
     are cut to 64, as analyze and calibrate cut them, and the report says what was asked."""
     import dataclasses
 
+    from moelab.eval.evaluate import render_report
+
     long = evaluate(model_dir, options=dataclasses.replace(SMALL, seq_len=512, prompts=0), quiet=True)
     fits = evaluate(model_dir, options=dataclasses.replace(SMALL, seq_len=64, prompts=0), quiet=True)
     assert long["options"]["seq_len"] == 64 and long["options"]["seq_len_asked"] == 512
     assert "seq_len_asked" not in fits["options"]
+    assert "windows of 64 tokens, the context (512 asked)" in render_report(long).caption  # said on the terminal too
+    assert "asked" not in render_report(fits).caption
     for name, scored in fits["domains"].items():
         assert (long["domains"][name]["loss_sum"], long["domains"][name]["tokens"]) == (
             scored["loss_sum"], scored["tokens"]

@@ -401,6 +401,9 @@ def render_report(report: dict[str, Any]) -> Table:
             f"base {report['base_parameters']['total']:,} (active {report['base_parameters']['active']:,}); "
             f"{report['base_tokens_per_second']:,.0f} tokens/s"
         )
+    if "seq_len_asked" in report["options"]:
+        options = report["options"]
+        caption.append(f"windows of {options['seq_len']} tokens, the context ({options['seq_len_asked']} asked)")
     if "skipped" in report.get("generation", {}):
         caption.append(f"degenerate generations not checked: {report['generation']['skipped']}")
     elif "generation" in report:
