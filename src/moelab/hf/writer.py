@@ -304,8 +304,7 @@ class _Plan:
     def expert_map(self, source: Path) -> dict[str, Any]:
         """layer -> sources, kept and merged original ids, composed with the source's own map (whose
         "source", the checkpoint those ids number, it keeps)."""
-        path = source / EXPERT_MAP_NAME
-        record = read_expert_map(path) if path.is_file() else {"source": str(source), "layers": {}}
+        record = _read_expert_map(source)
         previous = record["layers"]
         layers = {}
         for index, edit in sorted(self.edits.items()):
@@ -399,7 +398,7 @@ def _cap_compute_budget(moe: dict, kept: int) -> None:
 
 def _check_expert_map(source: Path, num_experts: int) -> None:
     """The source's own expert map (it was written by moelab before) names every expert it holds."""
-    for index, layer in _read_expert_map(source).items():
+    for index, layer in _read_expert_map(source)["layers"].items():
         if len(layer.get("sources", ())) != num_experts:
             raise ValueError(
                 f"{source / EXPERT_MAP_NAME} lists {len(layer.get('sources', ()))} experts for layer {index}, but the "
@@ -409,8 +408,9 @@ def _check_expert_map(source: Path, num_experts: int) -> None:
 
 
 def _read_expert_map(source: Path) -> dict[str, Any]:
+    """The expert map `source` holds (moelab wrote it), else an empty one naming `source`."""
     path = source / EXPERT_MAP_NAME
-    return read_expert_map(path)["layers"] if path.is_file() else {}
+    return read_expert_map(path) if path.is_file() else {"source": str(source), "layers": {}}
 
 
 # ----------------------------------------------------------------------------- writing

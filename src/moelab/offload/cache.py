@@ -229,9 +229,11 @@ class ExpertCache:
         self._current = layer
         if visit is None or len(visit):
             self._visit(layer, experts if visit is None else visit)
-        used = self._unused.get(layer, set()).intersection(experts)
-        self._unused.get(layer, set()).difference_update(used)
-        self.prefetch_stats.used += len(used)
+        unused = self._unused.get(layer)
+        if unused:
+            used = unused.intersection(experts)
+            unused -= used
+            self.prefetch_stats.used += len(used)
         stats = self.stats.setdefault(tokens, CacheStats())
         stats.requests += len(experts)
         start = time.perf_counter()
