@@ -338,7 +338,7 @@ def test_generate_continues_a_first_prompt_too_long_to_be_a_path():
     prompt = " ".join(["word"] * 60)  # 299 bytes, no slash: one path component
     result = runner.invoke(app, ["generate", prompt, "--max-new-tokens", "1"])
     assert result.exit_code == 0, f"{result.exception!r} {result.output}"
-    assert result.output.startswith(prompt) and "\n1 tokens in " in result.output
+    assert result.output.startswith(prompt) and "\n1 token in " in result.output
 
 
 def test_generate_prints_a_batch_verbatim_and_its_decode_hit_rate():

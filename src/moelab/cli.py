@@ -875,7 +875,8 @@ def generate_cmd(
     later = "" if later is None else f"; {later:.1f} tokens/s after the first two"
     speed = f"{stats['tokens_per_s']:.1f} tokens/s{compiling}{later}"
     on = f"{stats['threads']} thread{'s' * (stats['threads'] > 1)}, {str(stats['dtype']).removeprefix('torch.')}"
-    console.print(f"[dim]{tokens} tokens in {stats['seconds']:.2f} s, {speed}, {on}[/dim]")
+    tokens += " token" if tokens == "1" else " tokens"
+    console.print(f"[dim]{tokens} in {stats['seconds']:.2f} s, {speed}, {on}[/dim]")
     if "slots" in stats:
         hit = "-" if stats["decode_hit_rate"] is None else f"{stats['decode_hit_rate']:.1%}"
         console.print(f"[dim]expert cache: {stats['slots']} slots, decode hit rate {hit}, {stats['experts_read']} experts read[/dim]")

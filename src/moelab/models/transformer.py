@@ -694,7 +694,8 @@ class MoETransformer(nn.Module):
             raise ValueError(f"max_new_tokens must be an integer >= 0 (0: the prompts back), got {max_new_tokens!r}")
         if S + max_new_tokens > self.config.max_seq_len:
             raise ValueError(
-                f"prompt ({S}) + max_new_tokens ({max_new_tokens}) must fit ModelConfig.max_seq_len "
+                f"{'prompt' if B == 1 else 'the longest prompt'} ({S} tokens) + max_new_tokens ({max_new_tokens}) "
+                f"must fit ModelConfig.max_seq_len "
                 f"({self.config.max_seq_len}); shorten one of them"
             )
         ignored = [name for name, given in (("temperature", temperature != 1.0), ("top_p", top_p is not None),
