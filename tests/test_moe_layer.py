@@ -203,6 +203,33 @@ def test_all_tokens_to_one_expert(backend, capacity_factor, top_k):
             assert torch.any(both.y[:capacity] != 0)
 
 
+@pytest.mark.parametrize("backend", ["grouped", "loop"])
+@pytest.mark.parametrize("router", ["topp", "relu"])
+def test_an_idle_expert_and_every_token_on_one_under_dynamic_k(router, backend):
+    """top-p and the ReLU router choose a variable number of experts per token: a router bias of -30
+    on expert 3 leaves it without tokens (exactly zero gradient, the others some); +30 on expert 2
+    gives it every token (top-p: its probability passes p alone, so it is each token's only expert).
+    Expert choice has no such cases: each expert takes its C tokens whatever the scores."""
+    layer, spec = make_layer(router=router, router_bias=True, backend=backend, **({"top_p": 0.5} if router == "topp" else {}))
+    T = 24
+    for bias, expert in ((-30.0, 3), (30.0, 2)):
+        with torch.no_grad():
+            layer.router.bias.zero_()
+            layer.router.bias[expert] = bias
+        layer.zero_grad()
+        both = run_both(layer, spec, tokens(T))
+        assert_matches(both, layer)
+        load = both.result.tokens_per_expert
+        grad = layer.experts.gate_up_proj.grad
+        others = [e for e in range(E) if e != expert]
+        if bias < 0:
+            assert load[3] == 0 and torch.all(grad[3] == 0) and grad[others].abs().sum() > 0
+        else:
+            assert load[2] == T and grad[2].abs().sum() > 0
+            if router == "topp":
+                assert load.sum() == T and torch.all(grad[others] == 0)
+
+
 @pytest.mark.parametrize("name", ["topk", "topk-k=E", "topp", "ec", "relu", "cap-topk", "topk-shared-gated"])
 def test_single_token(name):
     layer, spec = make_layer(**CONFIGS[name])

@@ -13,9 +13,11 @@ from moelab.nn import (
     ExpertChoiceRouter,
     HashRouter,
     MoEConfig,
+    MoELayer,
     ReLURouter,
     SimilarityRouter,
     SparseMixerRouter,
+    SwiGLUExperts,
     TopKRouter,
     TopPRouter,
     UoERouter,
@@ -256,3 +258,22 @@ def test_graph_routed_layer_with_an_idle_expert_and_every_token_on_one(router):
         layer.router.bias.copy_(torch.tensor([0.0, 0.0, 30.0, 0.0]))
     routing = layer.router(x, context or {})
     assert (routing.indices[:, 0] == 2).all()
+
+
+def test_a_hash_table_that_never_names_an_expert_and_names_one_for_every_token():
+    """A table [V, 2] naming expert 2 first for every token id and never expert 3: expert 3 gets no
+    token and exactly zero gradient, expert 2 gets every token, and the learned gate's weights
+    still reach the router weight."""
+    torch.manual_seed(0)
+    router = HashRouter(D, E, 16, 2)
+    with torch.no_grad():
+        router.token_experts.copy_(torch.stack([torch.full((16,), 2), torch.arange(16) % 2], dim=1))
+    layer = MoELayer(router, SwiGLUExperts(E, D, 4))
+    x = torch.randn(2, 6, D, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(2))
+    y, result = layer(x, context={"input_ids": ids})
+    (y.square().sum()).backward()
+    assert result.tokens_per_expert.tolist()[2:] == [12, 0] and result.tokens_per_expert.sum() == 24
+    grad = layer.experts.gate_up_proj.grad
+    assert torch.all(grad[3] == 0) and grad[2].abs().sum() > 0
+    assert torch.isfinite(router.weight.grad).all() and router.weight.grad.abs().sum() > 0
