@@ -156,6 +156,21 @@ def test_a_rebuilt_corpus_file_is_tokenised_again(tmp_path, monkeypatch, tokeniz
     assert tokenizer.decode(after[1:-1].tolist()) == record["text"]
 
 
+def test_a_document_holding_a_unicode_line_separator_is_one_record(tmp_path):
+    """build_corpus.py writes records with ensure_ascii=False, so U+2028, U+2029 and U+0085 stay raw
+    inside a line; records end at "\\n" only (splitlines() cut them and json.loads raised)."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(CORPUS_DIR, corpus)
+    texts = [f"one{sep}two" for sep in ("\u2028", "\u2029", "\x85")] + ["last, no newline after it"]
+    lines = [json.dumps({"text": t, "domain": "spanish", "source": "test"}, ensure_ascii=False) for t in texts]
+    data = gzip.compress("\n".join(lines).encode(), mtime=0)
+    (corpus / "spanish.validation.jsonl.gz").write_bytes(data)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    manifest["domains"]["spanish"]["splits"]["validation"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    assert [doc.text for doc in load_documents("spanish", "validation", corpus_dir=corpus)] == texts
+
+
 def test_unknown_domain_or_split_names_the_valid_choices():
     with pytest.raises(ValueError, match=r"unknown domain 'klingon'; choose one of code, bible, .*russian"):
         load_documents("klingon", "train")

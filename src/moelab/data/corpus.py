@@ -87,7 +87,9 @@ def load_documents(domain: str | None, split: str, corpus_dir: Path = CORPUS_DIR
     for name in [domain] if domain is not None else manifest["domains"]:
         entry = manifest["domains"][name]["splits"][split]
         data = verified_bytes(corpus_dir / entry["file"], entry["sha256"])
-        for line in gzip.decompress(data).decode("utf-8").splitlines():
+        # records end at "\n" only: build_corpus.py writes U+2028, U+2029 and U+0085 raw (ensure_ascii=False),
+        # and splitlines() split a record at them
+        for line in filter(None, gzip.decompress(data).decode("utf-8").split("\n")):
             record = json.loads(line)
             docs.append(Document(record["text"], record["domain"], record["source"]))
     return docs
