@@ -1445,6 +1445,18 @@ def test_data_loading(tmp_path, name, content, message):
         load_streams(path)
 
 
+def test_a_byte_order_mark_is_no_text(tmp_path):
+    """A UTF-8 byte-order mark (Windows editors write one) before a .jsonl file's first record was
+    "not valid JSON: Unexpected UTF-8 BOM", and before a .txt file's text it was scored as text."""
+    bom = "\ufeff".encode()
+    text(tmp_path / "bom" / "d.jsonl", bom + b'{"text": "hello world"}\r\n{"text": "again"}\r\n')
+    text(tmp_path / "bom" / "t.txt", bom + b"hello world")
+    text(tmp_path / "plain" / "t.txt", b"hello world")
+    with_bom, plain = load_streams(tmp_path / "bom"), load_streams(tmp_path / "plain")
+    assert len(with_bom["d"]) > 3
+    assert np.array_equal(with_bom["t"], plain["t"])
+
+
 def test_a_blank_domain_left_out_is_not_read(tmp_path):
     text(tmp_path / "data" / "code.txt", "def f(): return 1\n" * 20)
     text(tmp_path / "data" / "notes.txt", "")

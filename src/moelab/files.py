@@ -20,12 +20,13 @@ ErrorType = type[ValueError]
 
 
 def read_text(path: str | os.PathLike, error: ErrorType = ValueError) -> str:
-    """The UTF-8 text of the file `path` (FileNotFoundError if there is none)."""
+    """The UTF-8 text of the file `path` (FileNotFoundError if there is none), without a leading
+    byte-order mark (Windows editors write one: it is no text, and JSON refused it)."""
     path = Path(path)
     if path.is_dir():
         raise error(f"{path} is a directory, expected a file")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
         raise error(f"{path} is not UTF-8 text (bad byte at offset {err.start}); save it as UTF-8") from None
 
