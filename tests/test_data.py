@@ -414,6 +414,14 @@ def test_eval_batches_score_every_token_once(n):
     assert sum(len(x) for x, _ in batches) == n_windows
 
 
+@pytest.mark.parametrize("seq_len,batch_size", [(0, 2), (-1, 2), (16, 0)])
+def test_eval_batches_refuse_an_empty_window_or_batch(seq_len, batch_size):
+    """seq_len 0 divided by zero, a negative one yielded no batch (a loss of 0 / 0 tokens), batch_size 0
+    stopped in range()."""
+    with pytest.raises(ValueError, match=rf"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}"):
+        next(eval_batches(ramp(100), seq_len, batch_size))
+
+
 def test_special_token_text_in_a_document_is_text(tokenizer):
     """A literal "<|endoftext|>" or "<|pad|>" in user data used to become the separator (mid-document)
     or PAD; it is encoded as its characters, and the tokenizer is left as it was."""

@@ -167,6 +167,8 @@ def eval_batches(
     may be smaller). Window ``w`` has inputs ``tokens[w*seq_len : (w+1)*seq_len]`` and targets
     shifted by one; past the end, inputs are ``pad_id`` and targets ``IGNORE_INDEX``.
     """
+    if seq_len < 1 or batch_size < 1:  # 0 divided by zero; a negative seq_len scored nothing
+        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or len(tokens) < 2:
         raise ValueError(f"need a 1-D array of at least 2 tokens, got shape {tokens.shape}")
