@@ -361,8 +361,8 @@ def test_mixture_weight_modes():
     np.testing.assert_allclose(mixture_weights(sizes, {"a": 3, "b": 1}), [0.75, 0.25])
     with pytest.raises(ValueError, match="one weight for each of"):
         mixture_weights(sizes, {"a": 1})
-    for bad in ({"a": 0, "b": 0}, {"a": -1, "b": 2}):
-        with pytest.raises(ValueError, match="must be >= 0 with a positive sum"):
+    for bad in ({"a": 0, "b": 0}, {"a": -1, "b": 2}, {"a": float("nan"), "b": 1}, {"a": float("inf"), "b": 1}):
+        with pytest.raises(ValueError, match="must be finite, >= 0 and with a positive sum"):
             mixture_weights(sizes, bad)
     with pytest.raises(ValueError, match="'proportional', 'uniform'"):
         mixture_weights(sizes, "balanced")

@@ -47,8 +47,8 @@ def mixture_weights(sizes: Mapping[str, int], weights: str | Mapping[str, float]
                 f"mixture weights name {sorted(weights)}; give one weight for each of {list(sizes)}"
             )
         raw = np.array([weights[name] for name in sizes], dtype=np.float64)
-        if (raw < 0).any() or raw.sum() <= 0:
-            raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {dict(weights)}")
+        if not np.isfinite(raw).all() or (raw < 0).any() or raw.sum() <= 0:  # NaN, inf: NaN probabilities
+            raise ValueError(f"mixture weights must be finite, >= 0 and with a positive sum, got {dict(weights)}")
     else:
         raise ValueError(
             f"weights must be 'proportional', 'uniform' or a {{domain: weight}} mapping, got {weights!r}"
