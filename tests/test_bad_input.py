@@ -1429,6 +1429,11 @@ def test_read_expert_map_accepts_the_writers_output(sources, tmp_path):
             r"d.jsonl:1: 'domain' must be a non-empty string, got None",
         ),
         ("d.jsonl", '{"text": "a", "domain": ""}\n', r"d.jsonl:1: 'domain' must be a non-empty string"),
+        (
+            "d.jsonl",
+            '{"text": "ok \\ud83d\\ude00"}\n{"text": "cut \\ud83d emoji"}\n',
+            r"d.jsonl:2: 'text' holds a lone surrogate \\ud83d at character 4 .*; complete the pair or remove",
+        ),
         ("d.txt", b"\xff\xfe", r"d.txt is not UTF-8 text"),
         ("d.txt", "", r"d.txt has no text in domain 'd' \(empty or blank documents only\)"),
         ("d.txt", " \n\t\n", r"d.txt has no text in domain 'd'"),
@@ -1436,8 +1441,8 @@ def test_read_expert_map_accepts_the_writers_output(sources, tmp_path):
         ("d.jsonl", "\n\n", r"d.jsonl has no text \(no JSON line with a text\)"),
         ("d.csv", "text\nhello\n", r"'.*d.csv' is not 'corpus', a .txt/.jsonl file or a directory of them$"),
     ],
-    ids=["text_number", "json_line", "domain_null", "domain_empty", "utf8", "empty", "blank", "blank_domain",
-         "no_lines", "csv"],
+    ids=["text_number", "json_line", "domain_null", "domain_empty", "lone_surrogate", "utf8", "empty", "blank",
+         "blank_domain", "no_lines", "csv"],
 )
 def test_data_loading(tmp_path, name, content, message):
     path = text(tmp_path / name, content)

@@ -102,6 +102,13 @@ def _record(record: object, where: str, default_domain: str) -> tuple[str, str]:
         raise ValueError(
             f"{where}: 'domain' must be a non-empty string, got {domain!r}; leave it out to use the file name"
         )
+    try:  # JSON's "\ud83d" escape alone is a lone surrogate: no text, and the tokenizer raised a TypeError
+        record["text"].encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{where}: 'text' holds a lone surrogate \\u{ord(record['text'][err.start]):04x} at character "
+            f"{err.start} (half of a \\uXXXX\\uXXXX pair); complete the pair or remove the escape"
+        ) from None
     return domain, record["text"]
 
 
