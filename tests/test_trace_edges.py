@@ -259,6 +259,20 @@ def test_jsonl_lines_end_at_newlines_only(tmp_path):
     assert seen == [text]
 
 
+def test_blank_documents_are_left_out(tmp_path):
+    """An empty or blank "text" (datasets hold many) is no document: each one added separators
+    whose EOT -> EOT targets any model predicts, lowering the perplexity; a domain of blank
+    documents only is still refused."""
+    lines = [{"text": "a"}, {"text": ""}, {"text": " \n"}, {"text": "b"}, {"text": "", "domain": "empty"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    seen = []
+    encoder = lambda texts: seen.extend(texts) or np.arange(3)  # noqa: E731
+    streams = load_streams(tmp_path / "d.jsonl", domains=["d"], encoder=encoder)
+    assert seen == ["a", "b"] and list(streams) == ["d"]
+    with pytest.raises(ValueError, match=r"no text in domain 'empty' \(empty or blank documents only\)"):
+        load_streams(tmp_path / "d.jsonl")
+
+
 # ---------------------------------------------------------------------- storage
 
 

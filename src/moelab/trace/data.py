@@ -2,8 +2,9 @@
 
 A data spec is "corpus" (the shipped corpus, one domain per corpus domain) or a path: a
 .txt file (one domain, named after the file), a .jsonl file (one {"text": ..., "domain": ...}
-object per line; the domain defaults to the file name) or a directory of such files. Texts are
-tokenised with the model's tokenizer (`Encoder`), or with moelab's when the model has none.
+object per line; the domain defaults to the file name) or a directory of such files; blank texts
+are left out. Texts are tokenised with the model's tokenizer (`Encoder`), or with moelab's when the
+model has none.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def load_streams(
         return {name: tokenize_split(name, split, quiet=quiet) for name in names}
     if texts is None:
         texts = {name: [doc.text for doc in load_documents(name, split)] for name in names}
-    elif blank := [name for name in names if not any(doc.strip() for doc in texts[name])]:
+    elif blank := [name for name in names if not texts[name]]:
         raise ValueError(
             f"{data} has no text in domain {', '.join(map(repr, blank))} (empty or blank documents only): "
             "give it text, or leave it out"
@@ -79,14 +80,17 @@ def _read_texts(path: Path) -> dict[str, list[str]]:
             + ("" if path.exists() else " (it does not exist)")
         )
     texts: dict[str, list[str]] = {}
+
+    def add(domain: str, text: str) -> None:  # a blank document is no document: it added EOT -> EOT targets
+        texts.setdefault(domain, []).extend([text] if text.strip() else [])
+
     for file in files:
         if file.suffix == ".txt":
-            texts.setdefault(file.stem, []).append(read_text(file))
+            add(file.stem, read_text(file))
             continue
         for n, line in enumerate(read_text(file).split("\n"), 1):  # splitlines would split at U+2028 too
             if line.strip():
-                domain, text = _record(parse_json(line, file, first_line=n), f"{file}:{n}", file.stem)
-                texts.setdefault(domain, []).append(text)
+                add(*_record(parse_json(line, file, first_line=n), f"{file}:{n}", file.stem))
     if not texts:
         raise ValueError(f"{path} has no text (no JSON line with a text); give it some")
     return texts
