@@ -1462,6 +1462,15 @@ def test_a_byte_order_mark_is_no_text(tmp_path):
     assert np.array_equal(with_bom["t"], plain["t"])
 
 
+def test_upper_case_suffixes_are_text_files(tmp_path):
+    """NOTES.TXT and LOG.JSONL (files from Windows) were left out of a directory without a word, and
+    refused when named."""
+    text(tmp_path / "data" / "NOTES.TXT", "hello world")
+    text(tmp_path / "data" / "LOG.JSONL", '{"text": "hello again"}\n')
+    assert sorted(load_streams(tmp_path / "data")) == ["LOG", "NOTES"]
+    assert list(load_streams(tmp_path / "data" / "NOTES.TXT")) == ["NOTES"]
+
+
 def test_a_blank_domain_left_out_is_not_read(tmp_path):
     text(tmp_path / "data" / "code.txt", "def f(): return 1\n" * 20)
     text(tmp_path / "data" / "notes.txt", "")

@@ -541,3 +541,12 @@ def test_a_prompt_and_continuation_that_fill_the_context_exactly_are_run(model_d
     assert report["generation"]["prompts"] == 1
     with pytest.raises(ValueError, match="exceed the context of 64 tokens"):
         evaluate(model_dir, options=replace(options, gen_tokens=33), quiet=True)
+
+
+def test_a_domain_loss_past_exp_s_range_has_evaluate_s_capped_perplexity():
+    """A broken model's loss of 710 nats overflowed math.exp (OverflowError in the demo's table);
+    the perplexity is capped at e^700 as `evaluate` reports it."""
+    from moelab.eval import DomainLoss
+
+    assert DomainLoss(loss=710.0, tokens=3).perplexity == math.exp(700)
+    assert DomainLoss(loss=2.0, tokens=3).perplexity == math.exp(2.0)

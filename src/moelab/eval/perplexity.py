@@ -24,14 +24,15 @@ ALL = "all"
 
 @dataclass(frozen=True)
 class DomainLoss:
-    """Mean next-token cross-entropy (nats) over `tokens` targets, and its perplexity."""
+    """Mean next-token cross-entropy (nats) over `tokens` targets, and its perplexity (e^700 at
+    most, as `evaluate` reports it: a broken model's loss of 710 overflowed a float)."""
 
     loss: float
     tokens: int
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss)
+        return math.exp(min(self.loss, 700))
 
 
 @torch.no_grad()

@@ -69,10 +69,10 @@ def load_streams(
 
 def _read_texts(path: Path) -> dict[str, list[str]]:
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in TEXT_SUFFIXES and p.is_file())
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in TEXT_SUFFIXES and p.is_file())
         if not files:
             raise ValueError(f"{path} holds no .txt or .jsonl files; pass 'corpus' or a text file")
-    elif path.is_file() and path.suffix in TEXT_SUFFIXES:
+    elif path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:  # NOTES.TXT too
         files = [path]
     else:
         raise ValueError(
@@ -85,7 +85,7 @@ def _read_texts(path: Path) -> dict[str, list[str]]:
         texts.setdefault(domain, []).extend([text] if text.strip() else [])
 
     for file in files:
-        if file.suffix == ".txt":
+        if file.suffix.lower() == ".txt":
             add(file.stem, read_text(file))
             continue
         for n, line in enumerate(read_text(file).split("\n"), 1):  # splitlines would split at U+2028 too
