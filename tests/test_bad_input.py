@@ -635,6 +635,14 @@ def export_missing_family(tmp, src):
 
 
 @case
+def import_top_k_zero(tmp, src):
+    """The balance loss's coefficient divided by top_k before the config was checked: ZeroDivisionError."""
+    ckpt = hf(src, tmp, num_experts_per_tok=0)
+    args = ["import", ckpt, "--out", tmp / "out", "--quiet"]
+    return args, [ckpt], [str(ckpt / "config.json"), "top_k must lie in [1, num_experts=4], got 0"]
+
+
+@case
 def import_moelab_checkpoint(tmp, src):
     model = copy(src, "moelab", tmp)
     args = ["import", model, "--out", tmp / "out", "--quiet"]

@@ -180,13 +180,15 @@ def _model_config(config, family: str, ckpt: Checkpoint, shared_form: str | None
     )
     moe = dict(dim=config.hidden_size, router="topk", score_func="softmax", top_k=config.num_experts_per_tok)
 
-    def balance_coef(moe_layers: int) -> float:
-        return hf_aux_loss_coef(float(config.router_aux_loss_coef), moe["top_k"], moe_layers, inverse=True)
+    def moe_config(moe_layers: int) -> MoEConfig:
+        """MoEConfig(**moe), checked before its balance_coef is converted (top_k 0 divides by zero)."""
+        checked = MoEConfig(**moe)
+        coef = hf_aux_loss_coef(float(config.router_aux_loss_coef), checked.top_k, moe_layers, inverse=True)
+        return dataclasses.replace(checked, balance_coef=coef)
 
     if family == "mixtral":
-        moe |= dict(num_experts=config.num_local_experts, hidden_dim=config.intermediate_size)
-        moe |= dict(renormalize=True, balance_coef=balance_coef(common["n_layers"]))
-        return ModelConfig(**common, moe=MoEConfig(**moe))
+        moe |= dict(num_experts=config.num_local_experts, hidden_dim=config.intermediate_size, renormalize=True)
+        return ModelConfig(**common, moe=moe_config(common["n_layers"]))
     shared = 0 if shared_form == "none" else config.shared_expert_intermediate_size
     moe |= dict(
         num_experts=config.num_experts,
@@ -198,9 +200,8 @@ def _model_config(config, family: str, ckpt: Checkpoint, shared_form: str | None
     )
     dense, step = set(config.mlp_only_layers or []), config.decoder_sparse_step
     kinds = ["moe" if i not in dense and (i + 1) % step == 0 else "dense" for i in range(common["n_layers"])]
-    moe |= dict(balance_coef=balance_coef(kinds.count("moe")))
     return ModelConfig(
-        **common, moe=MoEConfig(**moe), **_layer_pattern(kinds), dense_hidden_dim=config.intermediate_size
+        **common, moe=moe_config(kinds.count("moe")), **_layer_pattern(kinds), dense_hidden_dim=config.intermediate_size
     )
 
 
