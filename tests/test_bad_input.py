@@ -1610,6 +1610,27 @@ def bench_skip_stats_of_another_model(tmp, src):
     return args, [model, stats], ["were made on /elsewhere/model", "fingerprints differ", "calibrate this model"]
 
 
+def _mixtral8k_with_tokenizer(tmp: Path, src: Path, edit=None) -> Path:
+    """A copy of the mixtral8k checkpoint (moelab's vocabulary) with moelab's tokenizer beside it and its
+    tensors changed in place by `edit`."""
+    ckpt = copy(src, "mixtral8k", tmp)
+    if edit is not None:
+        tensors = load_file(ckpt / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR).save_pretrained(ckpt)
+    return ckpt
+
+
+@case
+def eval_top_k_above_the_expert_count(tmp, src):
+    """eval loaded transformers checkpoints unchecked by the view: torch.topk's RuntimeError mid-scoring."""
+    ckpt = _mixtral8k_with_tokenizer(tmp, src)
+    edit_json(ckpt / "config.json", num_experts_per_tok=5)
+    args = ["eval", ckpt, "--eval-tokens", "64", "--seq-len", "16", "--domain", "code", "--quiet"]
+    return args, [ckpt], [f"{ckpt}, layer 0: top_k must lie in [1, num_experts=4], got 5"]
+
+
 @case
 def calibrate_inf_in_an_expert(tmp, src):
     ckpt = copy(src, "mixtral8k", tmp)  # moelab's vocabulary: the corpus calibrates it

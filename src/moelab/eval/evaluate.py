@@ -81,9 +81,9 @@ class LoadedLM:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         config, checkpoint, family = resolve(self.path)
-        checkpoint.close()
         self.native = family is NATIVE
         if self.native:
+            checkpoint.close()
             from moelab.models import load_pretrained
 
             self.model = load_pretrained(self.path).eval()
@@ -92,6 +92,8 @@ class LoadedLM:
         else:
             from moelab.hf.loading import load_causal_lm
 
+            with ModelView(checkpoint, config, family, family.layer_count(config)) as view:
+                view.check()  # every MoE layer against config.json (top_k, shapes, dtypes), from the shard headers
             self.model = load_causal_lm(self.path, quiet=True, allow_unexpected=True)
             self.encoder = checkpoint_encoder(self.path)
             self.max_len = hf_max_len(self.model.config)
