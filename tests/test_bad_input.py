@@ -1632,6 +1632,25 @@ def eval_top_k_above_the_expert_count(tmp, src):
 
 
 @case
+def calibrate_embedding_of_another_vocabulary(tmp, src):
+    """The layer-by-layer run read the tensors outside the decoder layers unchecked: an IndexError once a
+    token id passed the embedding's 4096 rows."""
+    embedding = "model.embed_tokens.weight"
+    ckpt = _mixtral8k_with_tokenizer(tmp, src, lambda t: t.update({embedding: t[embedding][:4096].clone()}))
+    args = ["calibrate", ckpt, "--calib-tokens", "256", "--seq-len", "32", "--out", tmp / "out", "--quiet"]
+    return args, [ckpt], [f"{ckpt}: {embedding} is [4096, 32] but config.json makes it [8192, 32]"]
+
+
+@case
+def calibrate_integer_attention_weight(tmp, src):
+    """The layer-by-layer run cast an int32 weight to float32 and calibrated on."""
+    name = "model.layers.1.self_attn.q_proj.weight"
+    ckpt = _mixtral8k_with_tokenizer(tmp, src, lambda t: t.update({name: t[name].int()}))
+    args = ["calibrate", ckpt, "--calib-tokens", "256", "--seq-len", "32", "--out", tmp / "out", "--quiet"]
+    return args, [ckpt], [f"{ckpt}: {name} has dtype torch.int32 where the model has floating-point weights"]
+
+
+@case
 def calibrate_inf_in_an_expert(tmp, src):
     ckpt = copy(src, "mixtral8k", tmp)  # moelab's vocabulary: the corpus calibrates it
     tensors = load_file(ckpt / "model.safetensors")

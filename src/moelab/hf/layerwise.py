@@ -680,8 +680,11 @@ class LayerwiseModel:
             if key not in tensors:
                 kept = self._float32 is not None and self._float32.search(name)
                 renames = self.family.stored_renames
-                stored = self._ckpt.get(key) if key in self._ckpt else _merged(self._ckpt, key, self.model, p.shape, renames)
-                tensors[key] = stored.to(torch.float32 if kept else self.dtype)
+                cast = torch.float32 if kept else self.dtype
+                if key in self._ckpt:
+                    tensors[key] = _cast(self._ckpt, key, self._ckpt.get(key), p, cast, weight=True)
+                else:
+                    tensors[key] = _merged(self._ckpt, key, self.model, p.shape, renames).to(cast)
             set_tensor(self.model, name, tensors[key])  # tied names get the same tensor again
             loaded.append(name)
         try:
@@ -1055,10 +1058,29 @@ def load_tensors(
             )
         if (key, rows) not in tensors:
             tensor = checkpoint.get(key, rows) if len(parts) == 1 else read_shards(checkpoint, parts)
-            tensors[key, rows] = tensor.to(cast)
-            if non_finite_names([(key, tensors[key, rows])]):
-                raise CheckpointError(f"{checkpoint.directory}: NaN or Inf in {key}: the weights are corrupt")
+            tensors[key, rows] = _cast(checkpoint, key, tensor, current, cast, weight=name in params)
         set_tensor(module, name, tensors[key, rows])
+
+
+def _cast(checkpoint: Checkpoint, key: str, tensor: Tensor, like: Tensor, dtype: torch.dtype, *, weight: bool) -> Tensor:
+    """Checkpoint tensor `key`, read as `like`'s value (a parameter, `weight`, or buffer of the model built
+    from config.json), cast to `dtype`: refused where its shape differs, where it is an integer one for a
+    floating-point parameter (the cast would give other weights; a float buffer stored as integers is cast,
+    as transformers does) or where it holds NaN or Inf once cast."""
+    if tensor.shape != like.shape:
+        raise CheckpointError(
+            f"{checkpoint.directory}: {key} is {list(tensor.shape)} but config.json makes it {list(like.shape)}; "
+            "config.json does not describe these weights"
+        )
+    if weight and like.is_floating_point() and not tensor.is_floating_point():
+        raise CheckpointError(
+            f"{checkpoint.directory}: {key} has dtype {tensor.dtype} where the model has floating-point weights; "
+            "the checkpoint is corrupt (or quantized without a quantization_config): re-download it"
+        )
+    tensor = tensor.to(dtype)
+    if non_finite_names([(key, tensor)]):
+        raise CheckpointError(f"{checkpoint.directory}: NaN or Inf in {key}: the weights are corrupt")
+    return tensor
 
 
 def _merged(
