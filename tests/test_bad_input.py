@@ -258,6 +258,17 @@ def trace_integer_router_tensor(tmp, src):
     return ["trace", ckpt, "--quiet"], [ckpt], [f"{ckpt}, layer 0", "router weight has dtype torch.int64"]
 
 
+MIXTRAL_EXPERT_W1 = "model.layers.1.block_sparse_moe.experts.{e}.w1.weight"  # gate
+
+
+@case
+def trace_integer_expert_among_float_ones(tmp, src):
+    """Stacking an expert's int64 matrix with its siblings' float32 ones promoted it: read as its cast."""
+    name = MIXTRAL_EXPERT_W1.format(e=2)
+    ckpt = hf_tensors(src, tmp, lambda t: t.update({name: t[name].long()}))
+    return ["trace", ckpt, "--quiet"], [ckpt], [f"{name} has dtype torch.int64", "must hold floating-point weights"]
+
+
 @case
 def trace_width_differs_from_the_config(tmp, src):
     """The view checks the experts' width against intermediate_size, before transformers would."""

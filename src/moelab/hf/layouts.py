@@ -1013,13 +1013,20 @@ def expert_indices(ckpt: Checkpoint, pattern: str) -> list[int]:
 
 
 def _stack(ckpt: Checkpoint, keys: list[str]) -> Tensor:
-    """The tensors `keys`, which must share one shape, stacked along a new first dim."""
+    """The tensors `keys`, which must share one shape, stacked along a new first dim. Their dtypes
+    may differ only among floating-point ones (stacking promotes: an integer expert among float
+    ones would be read as its cast, silently wrong)."""
     tensors = [ckpt.get(key) for key in keys]
     for key, tensor in zip(keys, tensors, strict=True):
         if tensor.shape != tensors[0].shape:
             raise CheckpointError(
                 f"{ckpt.directory}: {key} has shape {list(tensor.shape)}, but {keys[0]} has "
                 f"{list(tensors[0].shape)}; every expert of a layer must have the same shape"
+            )
+        if tensor.dtype != tensors[0].dtype and not (tensor.is_floating_point() and tensors[0].is_floating_point()):
+            raise CheckpointError(
+                f"{ckpt.directory}: {key} has dtype {tensor.dtype}, but {keys[0]} has {tensors[0].dtype}; every "
+                "expert of a layer must hold floating-point weights (the checkpoint is corrupt: re-download it)"
             )
     return torch.stack(tensors)
 
