@@ -270,6 +270,15 @@ def trace_integer_expert_among_float_ones(tmp, src):
 
 
 @case
+def trace_stray_tensor_of_an_expert_past_the_last(tmp, src):
+    """A gate matrix of an expert 4 with no up or down (4 experts): transformers' own error pointed at
+    a load report moelab mutes."""
+    stray = MIXTRAL_EXPERT_W1.format(e=4)
+    ckpt = hf_tensors(src, tmp, lambda t: t.update({stray: t[MIXTRAL_EXPERT_W1.format(e=0)].clone()}))
+    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt), f"{stray} is stored but", "remove the stray tensor"]
+
+
+@case
 def trace_width_differs_from_the_config(tmp, src):
     """The view checks the experts' width against intermediate_size, before transformers would."""
     ckpt = hf(src, tmp, intermediate_size=8)

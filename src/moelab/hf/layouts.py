@@ -260,6 +260,17 @@ class PerExpert:
                 f"{ckpt.directory}: experts under {prefix}{counted} are numbered {found}; expected 0..E-1{whose} "
                 "(renumber the experts and slice the router rows to match)"
             )
+        # every matrix stored for the same experts (gate and up past them alike where padded)
+        alike = [(self.up, self.gate)] + ([] if self.padded else [(self.up, self.down)])
+        for pattern, other in [(one, two) for one, two in alike if two is not None]:
+            ours, theirs = set(expert_indices(ckpt, prefix + other)), set(expert_indices(ckpt, prefix + pattern))
+            if ours != theirs:
+                e = min(ours ^ theirs)
+                has, lacks = (other, pattern) if e in ours else (pattern, other)
+                raise CheckpointError(
+                    f"{ckpt.directory}: {prefix}{has.format(e=e)} is stored but {prefix}{lacks.format(e=e)} is not: "
+                    "a stray or missing tensor; re-download the checkpoint, or remove the stray tensor"
+                )
         return range(len(found) // self.blocks)
 
     def other_block_keys(self, ckpt: Checkpoint, prefix: str) -> list[str]:
