@@ -279,6 +279,14 @@ def trace_stray_tensor_of_an_expert_past_the_last(tmp, src):
 
 
 @case
+def trace_integer_attention_weight(tmp, src):
+    """A weight transformers loads outside the view: it cast int32 to float32 and traced on."""
+    name = "model.layers.1.self_attn.q_proj.weight"
+    ckpt = hf_tensors(src, tmp, lambda t: t.update({name: t[name].int()}))
+    return ["trace", ckpt, "--quiet"], [ckpt], [str(ckpt), f"{name} stored as integers", "re-download it"]
+
+
+@case
 def trace_width_differs_from_the_config(tmp, src):
     """The view checks the experts' width against intermediate_size, before transformers would."""
     ckpt = hf(src, tmp, intermediate_size=8)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.files import read_json_object
-from moelab.hf.checkpoint import CheckpointError
+from moelab.hf.checkpoint import Checkpoint, CheckpointError
 from moelab.validation import non_finite_names
 
 
@@ -66,7 +66,27 @@ def load_causal_lm(
     if bad := non_finite_names(model.named_parameters()):
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise CheckpointError(f"{path}: NaN or Inf in {', '.join(bad[:3])}{more}: the weights are corrupt")
+    if bad := _stored_as_integers(path, model):
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"{path}: {', '.join(bad[:3])}{more} stored as integers where the model has floating-point weights "
+            "(transformers would cast them: other weights); the checkpoint is corrupt, or quantized without a "
+            "quantization_config in config.json: re-download it"
+        )
     return model.eval()
+
+
+def _stored_as_integers(path: Path, model) -> list[str]:
+    """The model's floating-point parameters whose checkpoint tensor of the same name is stored as an
+    integer or bool one, in a checkpoint config.json does not call quantized (names stored otherwise,
+    such as transformers' fused experts, are the view's to check)."""
+    if "quantization_config" in read_json_object(path / "config.json", "a model config", error=CheckpointError):
+        return []
+    with Checkpoint(path) as ckpt:
+        return [
+            name for name, p in model.named_parameters()
+            if p.is_floating_point() and name in ckpt and not ckpt.entry(name)[0].startswith(("F", "BF"))
+        ]  # fmt: skip
 
 
 def check_transformers_knows(path: Path) -> None:
