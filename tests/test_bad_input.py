@@ -663,6 +663,14 @@ def export_missing_family(tmp, src):
 
 
 @case
+def import_a_file(tmp, src):
+    """A file where a checkpoint directory goes was told it had "no config.json in" it (its path twice)."""
+    weights = copy(src, "mixtral", tmp) / "model.safetensors"
+    args = ["import", weights, "--out", tmp / "out", "--quiet"]
+    return args, [weights], [f"error: {weights} is a file, not a directory; pass a checkpoint directory"]
+
+
+@case
 def import_top_k_zero(tmp, src):
     """The balance loss's coefficient divided by top_k before the config was checked: ZeroDivisionError."""
     ckpt = hf(src, tmp, num_experts_per_tok=0)

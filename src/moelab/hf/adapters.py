@@ -1455,10 +1455,12 @@ def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
     path = Path(path)
     config_path = path / "config.json"
     if not config_path.exists():
-        what = "no such directory" if not path.exists() else f"no config.json in {path}"
-        raise CheckpointError(
-            f"{what} ({path}); pass a checkpoint directory (moelab's or a transformers family's)"
-        )
+        what = (
+            f"no such directory ({path})" if not path.exists()
+            else f"{path} is a file, not a directory" if not path.is_dir()
+            else f"no config.json in {path}"
+        )  # fmt: skip
+        raise CheckpointError(f"{what}; pass a checkpoint directory (moelab's or a transformers family's)")
     stored = read_json_object(config_path, "a model config", error=CheckpointError)
     config = language_config(stored)
     model_type = config.get("model_type")
