@@ -184,3 +184,37 @@ def test_a_plot_path_holding_a_users_file_is_refused_before_the_benchmark_runs(t
         refused = runner.invoke(app, ["bench", *command, "--plot", str(mine), *extra])
         assert isinstance(refused.exception, ValueError) and "was not written by moelab" in str(refused.exception)
     assert mine.read_bytes() == b"\x89PNG a user's picture"
+
+
+def test_the_bound_of_a_single_batch_size_is_drawn_and_the_ratio_label_needs_transformers():
+    """A result of batch 1 alone: the bound is one point, which a dotted line without a marker does
+    not draw; a result without transformers (--top-p alone) labels no ratios to it."""
+    doc = _generate_doc()
+    doc["results"] = [r for r in doc["results"] if r["batch"] == 1]
+    fig = figures.figure(doc)
+    bound = next(line for line in fig.axes[0].get_lines() if line.get_label() == "read-bandwidth bound")
+    assert list(bound.get_ydata()) == [1000.0] and bound.get_marker() not in ("None", "", None)
+    assert "× transformers" in fig.axes[0].get_ylabel()
+    plt.close(fig)
+    for row in doc["results"]:
+        del row["tokens_per_s"]["transformers"], row["ratio_vs_transformers"]["transformers"]
+    fig = figures.figure(doc)
+    assert fig.axes[0].get_ylabel() == "decoded tokens/s"
+    plt.close(fig)
+
+
+def test_the_offload_figure_draws_the_compiled_model_in_memory_beside_the_compiled_rows():
+    """Compiled offloaded rows over the eager model in memory can exceed 1: the compiled model in
+    memory is drawn on the same scale, so that they are not read as faster than no offloading."""
+    doc = _offload_doc()
+    doc["models"][0]["in_memory_compiled_vs_memory"] = 2.15
+    fig = figures.figure(doc)
+    lines = _lines(fig.axes[1])
+    assert lines["in memory"] == [1.0, 1.0] and lines["in memory, compiled"] == [2.15, 2.15]
+    assert "eager" in fig.axes[1].get_ylabel()
+    plt.close(fig)
+    del doc["models"][0]["in_memory_compiled_vs_memory"]  # a result written before the ratio was recorded
+    doc["models"][0].update(in_memory_tokens_per_s=300.0, in_memory_compiled_tokens_per_s=600.0)
+    fig = figures.figure(doc)
+    assert _lines(fig.axes[1])["in memory, compiled"] == [2.0, 2.0]
+    plt.close(fig)

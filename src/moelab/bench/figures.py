@@ -5,8 +5,9 @@ alone (so a result measured on another machine can be drawn here):
 - layer: each implementation's tokens/s over the dense FFN's (the baseline of the same rounds),
   one panel per dtype, a group of bars per shape and mode;
 - generate: tokens/s against batch size per implementation, with the read-bandwidth bound;
-- offload: per model, the expert-cache hit rate (top) and tokens/s over the model in memory
-  (bottom) against the share of experts resident, one line per cache policy.
+- offload: per model, the expert-cache hit rate (top) and tokens/s over the model in memory, eager
+  (bottom; the compiled model in memory a dashed line) against the share of experts resident, one
+  line per cache policy.
 
 The PNG carries the text chunk Software = "moelab bench plot": the mark by which `--overwrite`
 knows a file it may replace.
@@ -117,7 +118,9 @@ def _generate(doc: dict):
                 for b, s, r in zip(batches, speeds, rows):
                     ax.annotate(f"{r['ratio_vs_transformers'][impl]:.2f}×", (b, s), fontsize=7, color=colors[impl],
                                 xytext=(4, 11 * labelled.index(impl) - 10), textcoords="offset points")  # fmt: skip
-        ax.plot(batches, [r["bound_tokens_per_s"] for r in rows], "k:", label="read-bandwidth bound")
+        # the marker: a dotted line through one batch size (a result of batch 1 alone) draws nothing
+        bound = [r["bound_tokens_per_s"] for r in rows]
+        ax.plot(batches, bound, "k:", marker="_", ms=14, label="read-bandwidth bound")
         family = rows[0].get("family")
         ax.set_title(model + (f" (transformers: {family})" if family else ""))
         ax.set_xscale("log", base=2)
@@ -126,7 +129,8 @@ def _generate(doc: dict):
         ax.set_xlabel("batch size")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("decoded tokens/s (labels: × transformers)")
+    compared = any("transformers" in r["tokens_per_s"] for r in doc["results"])
+    axes[0][0].set_ylabel("decoded tokens/s" + (" (labels: × transformers)" if compared else ""))
     setup = doc.get("setup", {})
     parts = [
         setup.get("dtype"),
@@ -161,21 +165,34 @@ def _offload(doc: dict):
                     hits.plot(xs, [100 * r["hit_rate"] for r in rows], label=policy, **style)
                 speed.plot(xs, [r["vs_memory"] for r in rows], label=policy + (" compiled" if compiled else ""), **style)
         hits.plot(100 * GOAL_HIT_RATE[0], 100 * GOAL_HIT_RATE[1], "k*", ms=11, label="goal: 85 % at 25 %")
-        speed.axhline(1.0, color="k", lw=0.8, ls=":")
+        speed.axhline(1.0, color="k", lw=0.8, ls=":", label="in memory")
+        if compiled_in_memory := _compiled_in_memory(m):  # the compiled rows' own reference, on the same scale
+            speed.axhline(compiled_in_memory, color="k", lw=0.8, ls="--", label="in memory, compiled")
         hits.set_title(f"{m['model']}: {m['experts']} routed experts")
         hits.set_ylabel("decode hit rate (%)")
         hits.set_ylim(0, 102)
-        speed.set_ylabel("tokens/s ÷ the model in memory")
+        speed.set_ylabel("tokens/s ÷ the model in memory (eager)")
         speed.set_xlabel("routed experts resident (%)")
         speed.set_xscale("log")
         speed.set_xticks([100 * r for r in residents], [f"{100 * r:g}" for r in residents])
-        for ax in (hits, speed):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+        hits.grid(alpha=0.3)
+        hits.legend(fontsize=7)
+        speed.grid(alpha=0.3)  # its legend below it: inside, it covered the slowest policies' points
+        speed.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
     options = doc.get("options", {})
     storage = f"storage emulated at {options['read_gbps']} GB/s" if options.get("read_gbps") else "files in page cache"
     fig.suptitle(f"offloaded decoding, batch 1, {options.get('threads', '?')} thread(s), {storage}")
     return fig
+
+
+def _compiled_in_memory(model: dict) -> float | None:
+    """The compiled model in memory's tokens/s over the eager one's (None: not measured); results
+    written before the same-round ratio was recorded give the ratio of the two medians."""
+    if model.get("in_memory_compiled_vs_memory"):
+        return model["in_memory_compiled_vs_memory"]
+    if model.get("in_memory_compiled_tokens_per_s"):
+        return model["in_memory_compiled_tokens_per_s"] / model["in_memory_tokens_per_s"]
+    return None
 
 
 _LAYER_IMPLS = ("moelab", "serial", "triton", "loop", "hf")
