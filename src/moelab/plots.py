@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 
 
 def png(fig, dpi: int = 110, metadata: dict[str, str] | None = None) -> bytes:
@@ -18,4 +19,11 @@ def png(fig, dpi: int = 110, metadata: dict[str, str] | None = None) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["plt", "png"]
+def plain_log_ticks(axis) -> None:
+    """A log-scaled axis (`ax.xaxis` or `ax.yaxis`) labelled in plain numbers (300, 1000), where
+    matplotlib's default mixes 3×10^2 and 10^3 on an axis of about a decade."""
+    axis.set_major_formatter(LogFormatter())
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
+__all__ = ["plain_log_ticks", "plt", "png"]

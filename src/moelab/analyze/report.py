@@ -25,6 +25,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from moelab.io import atomic_write_bytes, atomic_write_text  # noqa: E402
+from moelab.plots import plain_log_ticks  # noqa: E402
 
 MAX_PANELS = 16  # grids of per-layer heatmaps show at most this many layers, evenly spaced
 
@@ -288,6 +289,7 @@ def _super_figure(summary: dict[str, Any]):
     for i in unsearched:
         ax.axvspan(i - 0.5, i + 0.5, color="lightgrey", alpha=0.5, lw=0)
     ax.set_yscale("log")
+    plain_log_ticks(ax.yaxis)
     _layer_axis(ax, [int(i) for i in summary["expert_max_output"]])
     ax.set_ylabel("max |down-projection output|")
     ax.set_title("max |down-projection output| per expert (in a layer, experts left to right by index)")

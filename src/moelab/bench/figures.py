@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moelab.files import read_json_object
-from moelab.plots import plt, png
+from moelab.plots import plain_log_ticks, plt, png
 
 SOFTWARE = "moelab bench plot"
 GOAL_HIT_RATE = (0.25, 0.85)  # the inference issue's goal: >= 85 % hits with a quarter of the experts resident
@@ -125,6 +125,7 @@ def _generate(doc: dict):
         ax.set_title(model + (f" (transformers: {family})" if family else ""))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        plain_log_ticks(ax.yaxis)
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_xlabel("batch size")
         ax.grid(alpha=0.3, which="both")
