@@ -441,7 +441,7 @@ def test_a_layer_that_routes_no_token_is_reported_not_refused(tmp_path):
     both = analyze_trace(_top1_trace(tmp_path / "both", routed, [3, 2]))
     assert summary["layers"]["0"] == both["layers"]["0"]
     html = write_report(summary, tmp_path / "report").read_text()
-    assert "<td>1</td><td>2</td><td>-</td><td>-</td>" in html  # layer 1, 2 experts, CV and max/mean
+    assert "<td>1</td><td>2</td><td>0</td><td>-</td><td>-</td>" in html  # layer 1, 2 experts, 0 a token, CV, max/mean
 
 
 def _cells(html: str, tag: str = "td") -> list[str]:
@@ -455,13 +455,15 @@ def test_report_tables_put_each_value_under_its_header():
 
     table = _table(["a<b", "n"], [[0.123456, None], ["<i>", 3]])
     assert _cells(table, "th") == ["a&lt;b", "n"] and _cells(table) == ["0.1235", "-", "&lt;i&gt;", "3"]
-    stats = dict(num_experts=8, cv=0.5, max_over_mean=2.0, routing_entropy_bits=1.5, domain_mi_bits=0.25)
-    layers = {"0": dict(stats, cls={1: 0.75, 64: None}), "2": dict(stats, cv=0.125, cls={1: 0.5, 64: 0.0})}
+    stats = dict(num_experts=8, experts_per_token=2.0, cv=0.5, max_over_mean=2.0, routing_entropy_bits=1.5,
+                 domain_mi_bits=0.25)  # fmt: skip
+    layers = {"0": dict(stats, cls={1: 0.75, 64: None}), "2": dict(stats, cv=0.125, experts_per_token=1.375,
+                                                                  cls={1: 0.5, 64: 0.0})}  # fmt: skip
     table = _layer_table({"layers": layers})
-    assert _cells(table, "th") == ["layer", "experts", "CV", "max/mean", "entropy (bits)", "I(expert;domain) (bits)",
-                                   "CLS_1", "CLS_64"]  # fmt: skip
-    assert _cells(table) == ["0", "8", "0.5", "2", "1.5", "0.25", "0.75", "-", "2", "8", "0.125", "2", "1.5", "0.25",
-                             "0.5", "0"]  # fmt: skip
+    assert _cells(table, "th") == ["layer", "experts", "experts/token", "CV", "max/mean", "entropy (bits)",
+                                   "I(expert;domain) (bits)", "CLS_1", "CLS_64"]  # fmt: skip
+    assert _cells(table) == ["0", "8", "2", "0.5", "2", "1.5", "0.25", "0.75", "-", "2", "8", "1.375", "0.125", "2",
+                             "1.5", "0.25", "0.5", "0"]  # fmt: skip
 
 
 def test_report_tables_of_super_experts_count_the_unsearched_candidates():
@@ -497,14 +499,18 @@ def test_report_tables_page_notes_follow_the_model_and_the_trace():
                "layers": {"0": stats}, "checks": {"0": {"tokens": 9, "mismatched": 1, "max_weight_error": 0.5}},
                "super_experts": None}  # fmt: skip
     page = _html(summary, {})
-    assert "1,000 tokens of corpus, validation split in windows of at most 64; domains: code (600), german (400)" in page
-    for column in ("CV: the coefficient of variation", "max/mean: the busiest", "CLS_L: chunk-level sparsity"):
+    assert ("1,000 tokens of corpus, validation split in windows of at most 64, the model in bfloat16; domains: "
+            "code (600), german (400)") in page
+    assert _cells(page.split("</table>")[0], "th")[:3] == ["layer", "experts", "experts/token"]
+    assert _cells(page.split("</table>")[0])[:3] == ["0", "4", "-"]  # a summary without experts_per_token
+    for column in ("experts/token: the experts chosen", "CV: the coefficient of variation", "max/mean: the busiest", "CLS_L: chunk-level sparsity"):
         assert column in page  # the layer table's columns are explained under it
     assert "The model ran in bfloat16" in page and "scaled inputs" in page and "Needs at least two MoE layers" in page
     assert _cells(page.split("Routing check")[1]) == ["0", "9", "1", "0.5"]
     summary.update(family="mixtral", trace_settings={"dtype": "float16"})
     page = _html(summary, {"affinity": "AAAA"})
-    assert "1,000 tokens of given token streams in windows of at most ?" in page and "The model ran in float16" in page
+    assert "1,000 tokens of given token streams in windows of at most ?, the model in float16" in page
+    assert "The model ran in float16" in page
     assert "scaled inputs" not in page and "Needs at least two" not in page and 'src="data:image/png;base64,AAAA"' in page
     summary.update(trace_settings={"dtype": "float32"}, checks={})
     page = _html(summary, {})
@@ -514,7 +520,7 @@ def test_report_tables_page_notes_follow_the_model_and_the_trace():
     page = _html(summary, {})
     assert ("Identity experts, which return their input and compute nothing (past the dashed line): layers 0, 1: "
             "experts 4-5; layer 3: experts 8-9; their load is over the same mean") in page
-    assert _cells(page.split("<table>")[1])[7] == "4 + 2 identity (25% of the assignments)"
+    assert _cells(page.split("<table>")[1])[8] == "4 + 2 identity (25% of the assignments)"
     skip = dict(stats, num_experts=5, identity_experts=1, identity_share=0.5)  # ZAYA's skip expert
     summary.update(layers={"0": skip}, identity_returns="zero")
     page = _html(summary, {})
@@ -670,3 +676,18 @@ def test_statistics_against_loops_over_random_traces(tmp_path):
                       for x in range(E[layers.index(i)])]  # fmt: skip
             assert (a["from"], a["to"]) == (i, j) and a["counts"] == counts
             assert a["mi_bits"] == pytest.approx(mi(counts) or 0.0, abs=1e-12)
+
+
+def test_report_heatmaps_share_one_colour_scale_and_number_every_expert(tmp_path):
+    """The per-layer heatmaps of a figure have one colour range, 0 to the largest probability of any
+    layer (a range per panel made a colour mean another probability in each layer), and with at most
+    16 experts every expert has its tick."""
+    from moelab.analyze.report import _coactivation_figure, _specialisation_figure, plt
+
+    summary = analyze_trace(_top1_trace(tmp_path / "trace", {0: [0, 1, 2, 0, 1, 2], 1: [0, 0, 0, 0, 0, 1]}, [3, 3]))
+    for figure, top in ((_specialisation_figure, 5 / 6), (_coactivation_figure, 1.0)):  # top-1: P(j | i) all 0
+        fig = figure(summary)
+        images = [ax.images[0] for ax in fig.axes if ax.images]
+        assert [image.get_clim() for image in images] == [pytest.approx((0.0, top))] * 2
+        assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "1", "2"]
+        plt.close(fig)

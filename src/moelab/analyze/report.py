@@ -200,18 +200,26 @@ def _heatmaps(
     ylabels: list[str] | None = None,
     labels: tuple[str | None, str | None] = (None, None),
 ):
-    """One heatmap per panel (name, matrix); labels: the (x, y) axis labels."""
+    """One heatmap per panel (name, matrix), all on one colour scale (0 to the largest value of any
+    panel: a colour means the same probability in every layer); labels: the (x, y) axis labels."""
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     cmap = plt.get_cmap("magma").with_extremes(bad="lightgrey")  # left-out cells, not the maximum's white
+    finite = [v for _, m in panels for v in np.ravel(np.array(m, dtype=float)) if np.isfinite(v)]
+    vmax = max(finite, default=0.0) or 1.0  # all grey or all 0: any range
     for ax, (name, matrix) in zip(axes.flat, panels):
-        image = ax.imshow(np.array(matrix), aspect="auto", cmap=cmap, vmin=0)
+        matrix = np.array(matrix, dtype=float)
+        image = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=0, vmax=vmax)
         ax.set_title(name, fontsize=9)
+        if matrix.shape[1] <= 16:  # every expert numbered (integer ticks skipped the odd ones)
+            ax.set_xticks(range(matrix.shape[1]), range(matrix.shape[1]), fontsize=7)
         if ylabels is not None:
             ax.set_yticks(range(len(ylabels)), ylabels, fontsize=7)
+        elif matrix.shape[0] <= 16:
+            ax.set_yticks(range(matrix.shape[0]), range(matrix.shape[0]), fontsize=7)
         ax.set_xlabel(labels[0] or "", fontsize=8)
         ax.set_ylabel(labels[1] or "", fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.046)
@@ -322,7 +330,7 @@ SECTIONS = (
 
 
 LAYER_LEGEND = (
-    "CV: the coefficient of variation (std / mean) of the experts' load; max/mean: the busiest expert's load over "
+    "experts/token: the experts chosen per token, averaged over tokens (the top-k of a fixed top-k router); CV: the coefficient of variation (std / mean) of the experts' load; max/mean: the busiest expert's load over "
     "the mean (1 = balanced); entropy: the router distribution's entropy, averaged over tokens (log2 E bits = "
     "uniform); I(expert;domain): how much the chosen expert tells of the text's domain; CLS_L: chunk-level "
     "sparsity, the share of (chunk of L consecutive tokens, expert) pairs that no token of the chunk is routed to "
@@ -345,10 +353,11 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def _layer_table(summary: dict[str, Any]) -> str:
     chunk_lens = list(next(iter(summary["layers"].values()))["cls"])
-    header = ["layer", "experts", "CV", "max/mean", "entropy (bits)", "I(expert;domain) (bits)"]
+    header = ["layer", "experts", "experts/token", "CV", "max/mean", "entropy (bits)", "I(expert;domain) (bits)"]
     header += [f"CLS_{L}" for L in chunk_lens]
     rows = [
-        [i, _experts_cell(s, _identity_name(summary)), s["cv"], s["max_over_mean"], s["routing_entropy_bits"], s["domain_mi_bits"]]
+        [i, _experts_cell(s, _identity_name(summary)), s.get("experts_per_token"), s["cv"], s["max_over_mean"],
+         s["routing_entropy_bits"], s["domain_mi_bits"]]
         + [s["cls"][L] if s["cls"][L] is not None else "-" for L in chunk_lens]
         for i, s in summary["layers"].items()
     ]
@@ -418,10 +427,11 @@ def _html(summary: dict[str, Any], images: dict[str, str]) -> str:
     settings = summary.get("trace_settings", {})
     split = f", {settings['split']} split" if "split" in settings else ""
     source = settings.get("data", "given token streams") + split
+    dtype = f", the model in {html.escape(settings['dtype'])}" if "dtype" in settings else ""
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p>family {html.escape(summary['family'])}; {summary['tokens']:,} tokens of {html.escape(source)} "
-        f"in windows of at most {settings.get('seq_len', '?')}; domains: {html.escape(domains)}</p>",
+        f"in windows of at most {settings.get('seq_len', '?')}{dtype}; domains: {html.escape(domains)}</p>",
         _layer_table(summary),
         f"<p>{html.escape(LAYER_LEGEND + ONE_DOMAIN * _one_domain(summary))}</p>",
     ]
