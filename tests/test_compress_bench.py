@@ -286,13 +286,35 @@ def test_the_quality_plot_legend_lies_below_the_axis_labels(monkeypatch, ratios)
     rows = [_result(f"{m}-{r}", m, r, (11.0, 21.0, 18.0)) for r in ratios for m in ("frequency", "reap")[: len(ratios)]]
     for r in rows:
         r["derived"] = bench_report.derived(r, summary["base"])
-    fig = bench_report._plot_quality(rows)
+    fig = bench_report._plot_quality(rows, "tiny")
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     (legend,) = fig.legends
     assert len(fig.axes) == len(ratios) and all(ax.get_xlabel() for ax in fig.axes)
     assert not any(legend.get_window_extent(renderer).overlaps(ax.get_tightbbox(renderer)) for ax in fig.axes)
     bench_report.plt.close(fig)
+
+
+def test_the_plots_name_the_model_and_their_legends_the_kinds_drawn(monkeypatch):
+    """Each plot names the model; the legends list the kinds of the cells drawn (not every kind),
+    and tradeoff.png has its own legend of kinds, the uncompressed model and the ratios' markers
+    (it sent the reader to quality.png for the colours)."""
+    monkeypatch.setattr(bench_report, "png", lambda fig: fig)
+    summary = _summary([])
+    rows = [_result("frequency-25", "frequency", 0.25, (11.0, 21.0, 18.0)),
+            _result("moelab-50", "moelab", 0.5, (10.5, 20.5, 16.0))]  # fmt: skip
+    for r in rows:
+        r["derived"] = bench_report.derived(r, summary["base"])
+    quality = bench_report._plot_quality(rows, "tiny")
+    assert [t.get_text() for t in quality.legends[0].get_texts()] == ["pruning", "recipe", "worst domain"]
+    tradeoff = bench_report._plot_tradeoff(rows, summary["base"], "tiny")
+    names = [t.get_text() for t in tradeoff.legends[0].get_texts()]
+    assert names == ["pruning", "recipe", "uncompressed", "25 % removed", "more removed"]
+    domains = bench_report._plot_domains(rows, "tiny")
+    assert "tiny" in quality._suptitle.get_text() and "tiny" in tradeoff._suptitle.get_text()
+    assert "tiny" in domains.axes[0].get_title()
+    for fig in (quality, tradeoff, domains):
+        bench_report.plt.close(fig)
 
 
 def test_a_changed_model_or_cell_is_refused_not_reported_with_old_numbers(tmp_path, monkeypatch):

@@ -66,10 +66,10 @@ def write_report(root: Path, summary: dict[str, Any]) -> None:
         if result.get("evaluated"):
             result["derived"] = derived(result, base)
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=1) + "\n")
-    general = _general(summary["cells"])
-    atomic_write_bytes(root / "quality.png", _plot_quality(general))
-    atomic_write_bytes(root / "domains.png", _plot_domains(general))
-    atomic_write_bytes(root / "tradeoff.png", _plot_tradeoff(general, base))
+    general, model = _general(summary["cells"]), Path(summary["model"]).name
+    atomic_write_bytes(root / "quality.png", _plot_quality(general, model))
+    atomic_write_bytes(root / "domains.png", _plot_domains(general, model))
+    atomic_write_bytes(root / "tradeoff.png", _plot_tradeoff(general, base, model))
     atomic_write_text(root / "report.md", markdown(summary))
 
 
@@ -247,7 +247,13 @@ def _evaluated(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("evaluated")]
 
 
-def _plot_quality(rows: list[dict]) -> bytes:
+def _kind_handles(rows: list[dict]) -> tuple[list, list[str]]:
+    """The legend of the kinds (colours) among the evaluated `rows`: handles and names."""
+    kinds = [k for k in KIND_COLORS if any(kind(r["cell"]) == k for r in _evaluated(rows))]
+    return [plt.Rectangle((0, 0), 1, 1, color=KIND_COLORS[k]) for k in kinds], kinds
+
+
+def _plot_quality(rows: list[dict], model: str) -> bytes:
     """Per ratio: each cell's overall perplexity increase (bar) and its worst domain's (dot)."""
     ratios = sorted({r["cell"]["ratio"] for r in rows})
     most = max(sum(r["cell"]["ratio"] == ratio for r in rows) for ratio in ratios)  # bars of the fullest panel
@@ -266,14 +272,15 @@ def _plot_quality(rows: list[dict]) -> bytes:
         ax.set_xlabel("perplexity increase over the uncompressed model (%)")
         ax.set_title(f"{percent(ratio)}% removed")
         ax.grid(axis="x", alpha=0.3)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLORS.values()]
+    handles, names = _kind_handles(rows)
     handles.append(plt.Line2D([], [], color="k", marker="o", ls="", markersize=4))
+    fig.suptitle(f"{model}: perplexity increase per method")
     fig.tight_layout()  # the axis labels inside the figure, the legend below them (it covered them)
-    fig.legend(handles, [*KIND_COLORS, "worst domain"], loc="upper center", ncol=6, bbox_to_anchor=(0.5, 0))
+    fig.legend(handles, [*names, "worst domain"], loc="upper center", ncol=6, bbox_to_anchor=(0.5, 0))
     return png(fig)
 
 
-def _plot_domains(rows: list[dict]) -> bytes:
+def _plot_domains(rows: list[dict], model: str) -> bytes:
     """Heat map: perplexity change of every cell on every domain."""
     cells = sorted(_evaluated(rows), key=lambda r: (r["cell"]["ratio"], r["derived"]["change"]))
     domains = [d for d in cells[0]["perplexity"] if d != ALL] if cells else []
@@ -290,13 +297,14 @@ def _plot_domains(rows: list[dict]) -> bytes:
             dark = abs(values[i, j]) > 0.6 * limit  # the colour map's ends: white text
             ax.text(j, i, f"{values[i, j]:+.0f}", ha="center", va="center", fontsize=6, c="w" if dark else "k")
     fig.colorbar(image, ax=ax, label="perplexity change (%)")
-    ax.set_title("perplexity change per domain")
+    ax.set_title(f"{model}: perplexity change per domain")
     return png(fig)
 
 
-def _plot_tradeoff(rows: list[dict], base: dict) -> bytes:
+def _plot_tradeoff(rows: list[dict], base: dict, model: str) -> bytes:
     """Quality against size: stored parameters (left) and active parameters per token (right)
-    against perplexity; the three best cells of each ratio are labelled."""
+    against perplexity; the three best cells of each ratio are labelled; the legend, below, gives
+    the kinds (colours) and ratios (markers)."""
     cells = _evaluated(rows)
     smallest = min((c["cell"]["ratio"] for c in cells), default=0.0)
     best = {
@@ -317,10 +325,19 @@ def _plot_tradeoff(rows: list[dict], base: dict) -> bytes:
             if r["name"] in best:
                 ax.annotate(r["name"], (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
         base_size = base["parameters"]["total" if ax is axes[0] else "active"] / 1e6
-        ax.scatter(base_size, base["perplexity"][ALL], color="k", marker="*", s=90, label="uncompressed")
+        ax.scatter(base_size, base["perplexity"][ALL], color="k", marker="*", s=90)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("perplexity (all domains)")
-    axes[0].legend()
-    fig.suptitle(f"quality against size (circles: {percent(smallest)} %, squares: larger ratios; colours as in quality.png)")
+    handles, names = _kind_handles(cells)
+    handles.append(plt.Line2D([], [], color="k", marker="*", ls="", markersize=10))
+    names.append("uncompressed")
+    handles.append(plt.Line2D([], [], color="grey", marker="o", ls="", markersize=5))
+    names.append(f"{percent(smallest)} % removed")
+    if any(c["cell"]["ratio"] != smallest for c in cells):
+        handles.append(plt.Line2D([], [], color="grey", marker="s", ls="", markersize=5))
+        names.append("more removed")
+    fig.suptitle(f"{model}: quality against size")
+    fig.tight_layout()
+    fig.legend(handles, names, loc="upper center", ncol=len(names), bbox_to_anchor=(0.5, 0))
     return png(fig)
