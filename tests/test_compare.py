@@ -53,6 +53,8 @@ def test_compare_writes_report_and_flags_unmatched_flops(tmp_path, variants):
     assert summary["moe"]["load_imbalance"] == pytest.approx(sum(max(s) * len(s) for s in shares) / len(shares))
     text = report.read_text()
     assert "| wide |" in text and "(not matched)" in text and "| code | russian |" in text
+    assert ("Recipe: 3 steps of 2 × 16 tokens, AdamW at lr 0.003 (1 warmup steps, cosine to 0.1× lr), weight decay "
+            "0.1, gradient clip 1, fp32; validation every 3 steps on at most 64 tokens per domain.") in text
     for name in ("val_loss.png", "train_loss.png", "domain_loss.png", "expert_load.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     # the numbers in the table are the runs' own
@@ -213,4 +215,29 @@ def test_expert_load_plot_scale_reaches_the_busiest_expert(monkeypatch):
     fig = report._plot_load({"moe": {"load": load}, "dense": {"load": {}}})
     (image,) = fig.axes[0].get_images()
     assert image.norm(0.0) == 0.0 and image.norm(1.0) == 0.5 and image.norm(3.2) == pytest.approx(1.0)
+    report.plt.close(fig)
+
+
+def test_curve_and_domain_plots_say_what_is_drawn(monkeypatch):
+    """Tokens on the x axis in plain units (a tiny run read 0.0015 millions), the training loss's
+    running mean named only where it was taken, the domain plot's unit and error bars named."""
+    from moelab.train import report
+
+    monkeypatch.setattr(report, "png", lambda fig: fig)
+    curve = [(step, 9.0 - 0.1 * step) for step in range(1, 7)]
+    runs = {"a": {"train_curve": curve, "eval_curve": curve[:2], "tokens_per_step": 256,
+                  "eval_loss": {"all": 8.0, "code": 8.1}, "eval_loss_std": {"all": 0.1, "code": 0.2},
+                  "per_seed": [{}, {}]}}  # fmt: skip
+    fig = report._plot_curves(runs, "train_curve", "training loss", smooth=5)
+    ax = fig.axes[0]
+    assert ax.get_title() == "training loss (running mean of 5 logged values)" and ax.get_xlabel() == "training tokens"
+    assert list(ax.get_lines()[0].get_xdata()) == [5 * 256, 6 * 256]
+    assert ax.xaxis.get_major_formatter()(1536, 0) == "1.536k"
+    report.plt.close(fig)
+    fig = report._plot_curves(runs, "eval_curve", "validation loss", smooth=5)  # 2 points: not smoothed
+    assert fig.axes[0].get_title() == "validation loss"
+    report.plt.close(fig)
+    fig = report._plot_domains(runs)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "final validation loss (nats/token)" and "± 1 std over 2 seeds" in ax.get_title()
     report.plt.close(fig)

@@ -9,18 +9,20 @@ from typing import Any
 
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from moelab.files import read_json_object
 from moelab.io import atomic_write_bytes, atomic_write_text, clear_staging
 from moelab.plots import plt, png
+from moelab.train.config import read_config_file
 from moelab.train.logging import read_log
 
 FLOPS_TOLERANCE = 0.10
 
 
 def summarize_run(run_dir: Path) -> dict[str, Any]:
-    """One variant's numbers from its results.json and log.jsonl."""
+    """One variant's numbers from its results.json and log.jsonl, and its recipe (the train section
+    of its config.yaml; None for a run directory without one)."""
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         raise FileNotFoundError(f"{results_path} not found: the run in {run_dir} has not finished")
@@ -32,7 +34,10 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         {int(layer): np.array(load) for layer, load in evals[-1].get("load", {}).items()} if evals else {}
     )
     info = results["model_info"]
+    config_path = run_dir / "config.yaml"
+    recipe = read_config_file(config_path).get("train") if config_path.is_file() else None
     return {
+        "recipe": recipe,
         "eval_loss": results["eval_loss"],
         "tokens": results["tokens"],
         "tokens_per_second": results["tokens_per_second"],
@@ -147,6 +152,7 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
         f"experts per token, relative to `{names[0]}`; variants more than {FLOPS_TOLERANCE:.0%} away "
         "are marked as not compute-matched.",
         "",
+        *([_recipe_line(first["recipe"]), ""] if first.get("recipe") else []),
         "Training speed was measured side by side once every run had finished: interleaved training "
         "steps of fresh models, the ratio to the first variant's step time taken within each round "
         "(median over rounds); the runs' own tokens/s, timed at different moments, are in summary.json.",
@@ -192,6 +198,17 @@ def _markdown(runs: dict[str, dict], plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _recipe_line(recipe: dict[str, Any]) -> str:
+    """The shared training recipe (a run's train section) in one sentence."""
+    accum = f" × {recipe['grad_accum']} accumulated" if recipe.get("grad_accum", 1) > 1 else ""
+    return (
+        f"Recipe: {recipe['steps']:,} steps of {recipe['batch_size']} × {recipe['seq_len']} tokens{accum}, "
+        f"AdamW at lr {recipe['lr']:g} ({recipe['warmup_steps']} warmup steps, cosine to {recipe['min_lr_ratio']:g}× "
+        f"lr), weight decay {recipe['weight_decay']:g}, gradient clip {recipe['grad_clip']:g}, {recipe['dtype']}; "
+        f"validation every {recipe['eval_every']} steps on at most {recipe['eval_tokens']:,} tokens per domain."
+    )
+
+
 def _speed(run: dict) -> str:
     """The side-by-side tokens/s and ratio cells ("–" where not measured)."""
     speed = run.get("side_by_side")
@@ -234,6 +251,7 @@ def _seed_sections(runs: dict[str, dict]) -> list[str]:
 
 def _plot_curves(runs: dict[str, dict], key: str, title: str, smooth: int = 1) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    smoothed = False  # a curve shorter than `smooth` is drawn as logged
     for name, run in runs.items():
         if not run[key]:
             continue
@@ -241,13 +259,15 @@ def _plot_curves(runs: dict[str, dict], key: str, title: str, smooth: int = 1) -
         if smooth > 1 and len(values) >= smooth:
             values = np.convolve(values, np.ones(smooth) / smooth, mode="valid")
             steps = steps[smooth - 1 :]
-        (line,) = ax.plot(steps * run["tokens_per_step"] / 1e6, values, label=name, marker="o" if len(values) < 3 else None)
+            smoothed = True
+        (line,) = ax.plot(steps * run["tokens_per_step"], values, label=name, marker="o" if len(values) < 3 else None)
         if key == "eval_curve" and "eval_band" in run:
             band_steps, low, high = map(np.array, zip(*run["eval_band"], strict=True))
-            ax.fill_between(band_steps * run["tokens_per_step"] / 1e6, low, high, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("training tokens (millions)")
+            ax.fill_between(band_steps * run["tokens_per_step"], low, high, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("training tokens")
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 500, 1.5k, 820k, 2M: a tiny run's read 0.0015 millions
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
+    ax.set_title(title + (f" (running mean of {smooth} logged values)" if smoothed else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return png(fig)
@@ -266,8 +286,9 @@ def _plot_domains(runs: dict[str, dict]) -> bytes:
     ax.set_xticks(x + width * (len(names) - 1) / 2, domains, rotation=20)
     low = min(runs[n]["eval_loss"][d] for n in names for d in domains)
     ax.set_ylim(bottom=max(0.0, low - 0.5))
-    ax.set_ylabel("final validation loss")
-    ax.set_title("validation loss per domain")
+    ax.set_ylabel("final validation loss (nats/token)")
+    seeds = len(runs[names[0]].get("per_seed", []))
+    ax.set_title("validation loss per domain" + (f" (error bars: ± 1 std over {seeds} seeds)" if seeds else ""))
     ax.legend(fontsize=8, ncol=2)
     return png(fig)
 
