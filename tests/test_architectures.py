@@ -10,6 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from test_model import left_padded
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -160,6 +161,33 @@ def test_generate_runs_and_matches_recomputation(name):
         assert model.generate(prompt, 4, greedy=True).shape == ids.shape  # later tokens change earlier routing
     else:
         assert torch.equal(model.generate(prompt, 4, greedy=True), ids)
+
+
+BATCHED = {**ARCHS, "capacity": variant(dict(capacity_factor=1.0), first_k_dense=0)}
+
+
+@pytest.mark.parametrize("name", sorted(BATCHED))
+def test_a_batch_decodes_each_prompt_as_it_would_alone(name):
+    """Prompts of several lengths, left-padded into one batch, and prompts of one length, unpadded:
+    each sequence gives the tokens it gives alone (float64: no near-tie flips an argmax). The KV-cache
+    step masks the padding; a model that recomputes the prefix (whole-sequence and non-causal
+    routers) recomputes each sequence on its own, without its padding: expert choice, capacity
+    dropping and UoE's reference selection route the tokens of a batch together, so decoding the
+    batch as one would route each prompt by the others."""
+    cfg = BATCHED[name]
+    torch.manual_seed(0)
+    model = MoETransformer(dataclasses.replace(cfg, init_std=0.2, allow_noncausal_routing=True))
+    model = model.to(torch.float64).eval()
+    prompts = [random_ids(batch=1, seq=n, seed=n)[0] for n in (5, 2, 7)]
+    ids, mask = left_padded(prompts, random_ids(batch=3, seq=7, seed=9))
+    out = model.generate(ids, 5, attention_mask=mask, greedy=True)
+    for row, prompt in zip(out, prompts, strict=True):
+        alone = model.generate(prompt[None], 5, greedy=True)[0]
+        assert torch.equal(row[7:], alone[len(prompt) :]), f"padded, a prompt of {len(prompt)}"
+    same = random_ids(batch=2, seq=6)
+    batch = model.generate(same, 5, greedy=True)
+    for i, row in enumerate(batch):
+        assert torch.equal(row, model.generate(same[i : i + 1], 5, greedy=True)[0]), f"unpadded, row {i}"
 
 
 def overfit(name, steps=150):

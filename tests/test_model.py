@@ -724,12 +724,15 @@ def test_generate_rejects_a_bad_attention_mask(mask, match):
         model.generate(random_ids(batch=2, seq=4), 2, attention_mask=mask)
 
 
-def test_models_routing_whole_sequences_refuse_a_padded_batch():
-    model = make_model(moe_fields=dict(router="graph_sim")).eval()
+def test_models_routing_whole_sequences_recompute_each_padded_prompt_alone():
+    """A padded batch of a model that recomputes the prefix decodes each prompt without its padding
+    (every architecture: test_architectures); a mask that pads nothing is no padding."""
+    model = make_model(moe_fields=dict(router="graph_sim"), init_std=0.2).eval()
     assert model.needs_sequences
-    with pytest.raises(ValueError, match="padding would change how the prompts are routed"):
-        model.generate(random_ids(batch=2, seq=4), 2, attention_mask=torch.tensor([[0, 1, 1, 1], [1] * 4]))
-    ids = random_ids(batch=2, seq=4)  # a mask that pads nothing is no padding: decoded as without one
+    ids = random_ids(batch=2, seq=4)
+    out = model.generate(ids, 3, greedy=True, attention_mask=torch.tensor([[0, 1, 1, 1], [1] * 4]))
+    assert torch.equal(out[0, 1:], model.generate(ids[:1, 1:], 3, greedy=True)[0])
+    assert torch.equal(out[1], model.generate(ids[1:], 3, greedy=True)[0])
     assert torch.equal(model.generate(ids, 2, greedy=True, attention_mask=torch.ones_like(ids)),
                        model.generate(ids, 2, greedy=True))  # fmt: skip
 
@@ -740,8 +743,9 @@ def test_models_routing_whole_sequences_refuse_a_padded_batch():
 def test_non_causal_routing_decodes_what_the_full_forward_computes(moe_fields):
     """Expert choice and capacity dropping route a token by the others routed with it: a one-token
     step would route as no full forward does (every expert picks the one token), so generate
-    recomputes the prefix: its greedy tokens are the full forward's argmax, step by step."""
-    model = make_model(moe_fields=moe_fields, allow_noncausal_routing=True).eval()
+    recomputes the prefix: its greedy tokens are the full forward's argmax, step by step, and a
+    batch's (padded or not) those of each sequence alone."""
+    model = make_model(moe_fields=moe_fields, allow_noncausal_routing=True, init_std=0.2).eval()
     assert not model.decodes_from_cache
     ids = random_ids(batch=1, seq=6)
     out = model.generate(ids, 6, greedy=True)
@@ -750,8 +754,11 @@ def test_non_causal_routing_decodes_what_the_full_forward_computes(moe_fields):
         for _ in range(6):
             expected = torch.cat([expected, model(expected).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, expected)
-    with pytest.raises(ValueError, match="padding would change how the prompts are routed"):
-        model.generate(random_ids(batch=2, seq=4), 2, attention_mask=torch.tensor([[0, 1, 1, 1], [1] * 4]))
+    both = torch.cat([ids, random_ids(batch=1, seq=6, seed=2)])
+    assert torch.equal(model.generate(both, 6, greedy=True)[:1], out)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    padded = model.generate(both[:, 1:], 6, greedy=True, attention_mask=mask)
+    assert torch.equal(padded[0, 1:], model.generate(ids[:, 2:], 6, greedy=True)[0])
 
 
 def test_generate_refuses_empty_prompts_foreign_ids_and_compiling_past_hooks():

@@ -482,6 +482,13 @@ class MoETransformer(nn.Module):
             x = layer(x, *positions, infer=True, input_ids=input_ids)[0]
         return self.lm_head(self.norm(x[:, -1]))
 
+    def _recomputed(self, tokens: Tensor, starts: list[int] | None) -> Tensor:
+        """The last position's logits [B, V] of the whole prefix tokens [B, P], recomputed: the batch as
+        one (starts None), or each sequence b alone from its slot starts[b] (after its padding)."""
+        if starts is None:
+            return self._decode(tokens, None, 0)
+        return torch.cat([self._decode(tokens[b : b + 1, start:], None, 0) for b, start in enumerate(starts)])
+
     def _compiled_step(self) -> _CompiledStep:
         """`_decode` compiled, to run under `decode_step_settings(device, frozen)`; its step is called
         as `step(model, input_ids, kv_cache, start_pos, pads=None)`. The first step of a model is frozen: the
@@ -657,12 +664,15 @@ class MoETransformer(nn.Module):
     ) -> Tensor:
         """input_ids: [B, S] prompts -> [B, S + n] with n <= max_new_tokens new tokens, decoded with a
         KV cache (`decodes_from_cache`; else the whole prefix recomputed at every step, as the full
-        forward computes it). attention_mask: [B, S], 1 for the prompts' tokens and 0 for padding,
-        which must come before them (left padding, transformers' convention for decoder-only
-        generation): each sequence then decodes as it would alone, its positions counted from its
-        first token and its padding never attended to (refused where routing looks at other tokens:
-        whole-sequence routers, expert choice, capacity dropping; on a GPU a padded batch's compiled
-        step runs without a CUDA graph).
+        forward computes it, and `compile` does nothing). attention_mask: [B, S], 1 for the prompts'
+        tokens and 0 for padding, which must come before them (left padding, transformers' convention
+        for decoder-only generation): each sequence then decodes as it would alone, its positions
+        counted from its first token and its padding never attended to (on a GPU a padded batch's
+        compiled step runs without a CUDA graph). Where the prefix is recomputed, a padded batch
+        recomputes each sequence on its own without its padding, and so does any batch of a model
+        whose routing is non-causal (expert choice, capacity dropping, UoE's reference selection
+        route the tokens of a whole batch together, as `model(ids)` does): each sequence decodes as
+        it would alone.
         greedy: argmax; else sample from softmax(logits / temperature), restricted to the top_k
         most likely tokens and then to the nucleus of mass top_p, where given
         (`sample_next_token`). A sequence that emits eos_token_id is padded with it; generation
@@ -707,12 +717,12 @@ class MoETransformer(nn.Module):
         self._check_inputs(input_ids, None, None, 0)
         self._check_prompt(input_ids)
         pads = left_padding(attention_mask, input_ids)
-        if pads is not None and not self.decodes_from_cache:
-            raise ValueError(
-                "this model's routing looks at other tokens (graph-of-tokens, UoE, expert choice or capacity "
-                "dropping), so padding would change how the prompts are routed: generate each prompt on its "
-                "own, or pad none"
-            )
+        # recomputing the prefix: each sequence alone from its first token where the padding or the batch
+        # would change its routing (expert choice, capacity dropping route a batch's tokens together)
+        noncausal = not all(block.causal for block in self.layers)
+        recompute_from = None
+        if not self.decodes_from_cache and (pads is not None or (B > 1 and noncausal)):
+            recompute_from = [0] * B if pads is None else pads.tolist()
         cache, compiled, static_step, graphed, shapes = None, None, None, False, None
         if self.decodes_from_cache:  # else recompute the whole prefix at every step
             length = S + max_new_tokens
@@ -762,7 +772,7 @@ class MoETransformer(nn.Module):
                     if graphed is not None:
                         _decode_graphs[self] = (shapes, graphed, cache)
                 if cache is None:
-                    logits = self._decode(tokens, None, 0)
+                    logits = self._recomputed(tokens, recompute_from)
                 elif graphed and pos > 0:
                     logits = graphed(step_ids, pos)
                 elif static_step is not None and pos > 0:
