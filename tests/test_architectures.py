@@ -10,11 +10,13 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from reference import assert_close
 from test_model import left_padded
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from moelab.models import (
+    KVCache,
     ModelConfig,
     MoETransformer,
     count_params,
@@ -24,6 +26,7 @@ from moelab.models import (
     save_pretrained,
     tiny,
 )
+from moelab.models.decode_layout import use_decode_layout
 from moelab.nn import (
     ChainOfExperts,
     MoEConfig,
@@ -188,6 +191,31 @@ def test_a_batch_decodes_each_prompt_as_it_would_alone(name):
     batch = model.generate(same, 5, greedy=True)
     for i, row in enumerate(batch):
         assert torch.equal(row, model.generate(same[i : i + 1], 5, greedy=True)[0]), f"unpadded, row {i}"
+
+
+CACHED = sorted(name for name in ARCHS if MoETransformer(ARCHS[name]).decodes_from_cache)
+
+
+@pytest.mark.parametrize("name", CACHED)
+def test_kv_cache_decoding_gives_the_full_forward_s_logits(name):
+    """Every architecture that decodes from a KV cache, its weights laid out as generate lays them
+    on a CPU (`use_decode_layout`: bf16 column-major at batch 1 only): the prompt's pass and each
+    one-token step give the float32 full forward's logits over the sequence so far, in float32 with
+    sharp routing (weights scaled up), and in bf16 within bf16's rounding (the default init:
+    routing far from ties, which bf16's rounding would flip)."""
+    cases = [(torch.float32, 0.2, 2, 1e-5), (torch.bfloat16, 0.02, 2, 1e-2), (torch.bfloat16, 0.02, 1, 1e-2)]
+    for dtype, init_std, batch, atol in cases:
+        ids = random_ids(batch=batch, seq=9)
+        model = build(name, init_std=init_std).eval().to(dtype)
+        use_decode_layout(model, batch)
+        cache = KVCache(model.config, batch_size=batch, max_len=9, dtype=dtype)
+        with torch.no_grad():
+            want = build(name, init_std=init_std).eval()(ids).logits
+            steps = [model.decode_step(ids[:, :5], cache, 0)]
+            steps += [model.decode_step(ids[:, t : t + 1], cache, t) for t in range(5, 9)]
+        for t, logits in zip(range(4, 9), steps, strict=True):
+            assert logits.dtype == dtype
+            assert_close(logits, want[:, t], atol=atol, rtol=atol, what=f"{dtype}, batch {batch}, position {t}")
 
 
 def overfit(name, steps=150):
