@@ -754,6 +754,7 @@ def test_non_causal_routing_decodes_what_the_full_forward_computes(moe_fields):
         for _ in range(6):
             expected = torch.cat([expected, model(expected).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, expected)
+    assert torch.equal(model.generate(ids, 6, greedy=True, compile=True), out)  # no one-token step to compile
     both = torch.cat([ids, random_ids(batch=1, seq=6, seed=2)])
     assert torch.equal(model.generate(both, 6, greedy=True)[:1], out)
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
