@@ -461,7 +461,6 @@ def test_the_degenerate_rate_counts_looping_continuations_per_domain(monkeypatch
     batches = []
     lm = SimpleNamespace(
         path=Path("m"),
-        routes_each_prompt_alone=True,
         generate=lambda ids, n: batches.append(len(ids)) or torch.tensor([continuation[int(i)] for i in ids[:, 0]]),
     )
     prompts = [(name, torch.full((1, 4), k)) for k, name in enumerate(("a", "a", "b", "b"))]
@@ -507,10 +506,10 @@ def test_a_prompt_holding_the_pad_token_decodes_whole_in_transformers(model_dir,
 
 
 @pytest.mark.parametrize("moe", [{"router": "expert_choice"}, {"capacity_factor": 0.5}], ids=["expert_choice", "capacity"])
-def test_prompts_routed_across_the_batch_decode_one_at_a_time(tmp_path, monkeypatch, moe):
-    """Expert choice and capacity dropping route over every token of a call: prompts decoded
-    together would continue otherwise than each alone (here they do), so the degeneration check
-    decodes them one at a time, each as `generate` would alone."""
+def test_prompts_routed_across_the_batch_decode_together_as_each_alone(tmp_path, monkeypatch, moe):
+    """Expert choice and capacity dropping route over every token of a call: `generate` recomputes
+    each prompt of a batch on its own, so the degeneration check decodes them together (before,
+    together they continued otherwise than each alone, and the check decoded one at a time)."""
     from moelab.eval.evaluate import LoadedLM, _degeneration
 
     torch.manual_seed(0)
@@ -523,12 +522,18 @@ def test_prompts_routed_across_the_batch_decode_one_at_a_time(tmp_path, monkeypa
     lm = LoadedLM(save_pretrained(model, tmp_path / "m"))
     prompts = torch.randint(0, 512, (4, 6), generator=torch.Generator().manual_seed(0))
     alone = [lm.generate(p[None], 10)[0].tolist() for p in prompts]
-    assert lm.generate(prompts, 10).tolist() != alone  # together, the batch changes the routing
+    together = model.generate(prompts, 10, greedy=True)[:, 6:]
+    with torch.no_grad():  # what generate did before: the batch's prefix recomputed as one call
+        ids = prompts
+        for _ in range(10):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert ids[:, 6:].tolist() != alone, "the batch routes otherwise as one call"
+    assert together.tolist() == lm.generate(prompts, 10).tolist() == alone
     calls = []
     generate = lm.generate
     monkeypatch.setattr(lm, "generate", lambda ids, n: calls.append(ids.tolist()) or generate(ids, n))
     got = _degeneration(lm, [("a", p[None]) for p in prompts], EvalOptions(gen_tokens=10), quiet=True)
-    assert calls == [[p] for p in prompts.tolist()]
+    assert calls == [prompts.tolist()]
     assert got["degenerate"] == sum(is_degenerate(tokens) for tokens in alone)
 
 

@@ -44,8 +44,8 @@ EVAL_FORMAT = "moelab-eval/1"
 LOOP_NGRAM = 4  # a continuation is degenerate when one of its 4-grams occurs LOOP_REPEATS times
 LOOP_REPEATS = 3
 # prompts decoded together: on the shipped models and five compressed transformers exports, 32
-# prompts each, batch 16 gave batch 1's greedy tokens, 6-13x faster (one at a time where routing
-# looks across the batch: `LoadedLM.routes_each_prompt_alone`)
+# prompts each, batch 16 gave batch 1's greedy tokens, 6-13x faster (where routing looks across the
+# batch, `MoETransformer.generate` recomputes each prompt on its own)
 GENERATION_BATCH = 16
 
 
@@ -102,10 +102,6 @@ class LoadedLM:
                     f"{self.path} has no tokenizer files; save the model's tokenizer beside its weights"
                 )
         self.vocab_size = int(config.get("vocab_size") or self.model.config.vocab_size)
-        # expert choice and capacity dropping route over every token of the call, so prompts decoded
-        # together would route (and continue) otherwise than each alone; transformers' families route
-        # each token alone
-        self.routes_each_prompt_alone = not self.native or all(block.causal for block in self.model.layers)
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -275,9 +271,8 @@ def _prompts(streams: dict[str, np.ndarray], options: EvalOptions) -> list[tuple
 
 def _degeneration(lm: LoadedLM, prompts, options: EvalOptions, quiet: bool) -> dict:
     """The share of greedy continuations stuck in a loop, with a 95 % Wilson interval. The prompts
-    (all `prompt_tokens` long) decode `GENERATION_BATCH` at a time, or one at a time where the
-    model's routing looks across the batch."""
-    loops, size = 0, GENERATION_BATCH if lm.routes_each_prompt_alone else 1
+    (all `prompt_tokens` long) decode `GENERATION_BATCH` at a time."""
+    loops, size = 0, GENERATION_BATCH
     by_domain: dict[str, list[int]] = {}
     with tqdm(total=len(prompts), desc=f"generate {lm.path.name}", unit="prompt", disable=quiet, leave=False) as bar:
         for first in range(0, len(prompts), size):
