@@ -22,6 +22,7 @@ from reference import (
     assert_no_near_tie,
     expert_ffn,
     f64_leaves,
+    moe_forward,
     rms_normed,
     route,
     sigmoid,
@@ -40,7 +41,6 @@ from moelab.compress.observers import (
     per_expert,
 )
 from moelab.compress.stats import PER_SOURCE, LayerStats, layer_stats
-from moelab.hf.edit import masked_moe_layer
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import IdentityRows, MoELayerView, RouterView
 from moelab.nn import HashRouter, MoEConfig, MoELayer, ScaledRMSNorm, SwiGLUExperts, TopKRouter, build_moe
@@ -1009,10 +1009,22 @@ def fresh(view: MoELayerView) -> MoELayerView:
 
 
 def naee_loss(view: MoELayerView, x: torch.Tensor, kept: tuple[int, ...], chunk: int) -> float:
-    """sum over chunks of ||Z - Z_K||_F, float64, on a fresh copy of the view."""
+    """sum over chunks of ||Z - Z_K||_F (compression.md §5.1), token by token in float64 from the
+    layer's parameters (`reference.moe_forward`), not from moelab's masking: Z_K is the layer whose
+    dropped experts have router logit -inf before the softmax (so top-k is re-chosen among the
+    kept ones and their probabilities renormalised over them) and selection score -inf."""
+    p = params(moe_layer_from_view(fresh(view)))
+    E = p["router.weight"].shape[0]
+    dropped = [e for e in range(E) if e not in kept]
+    masked = dict(p)
+    for name in ("router.bias", "router.selection_bias"):
+        if name in p or name == "router.bias":
+            value = p[name].clone() if name in p else torch.zeros(E, dtype=F64)
+            value[dropped] = float("-inf")
+            masked[name] = value
     with torch.no_grad():
-        z = moe_layer_from_view(fresh(view)).double()(x)[0]
-        zk = masked_moe_layer(fresh(view), kept).double()(x)[0]
+        z = moe_forward(x, p, spec_of(view)).y
+        zk = moe_forward(x, masked, spec_of(view)).y
     return sum(float((z[i : i + chunk] - zk[i : i + chunk]).norm()) for i in range(0, x.shape[0], chunk))
 
 
@@ -1094,12 +1106,12 @@ def test_naee_exhaustive_equals_brute_force(kw, keep, chunk):
     E, n_group = view.router.num_experts, view.router.n_group
     losses = {kept: naee_loss(view, x, kept, chunk) for kept in kept_sets(E, keep, n_group)}
     best = min(losses, key=lambda kept: (losses[kept], kept))
-    assert sorted(losses.values())[1] - losses[best] > 1e-9, "a near-tie: change the seed"
+    assert sorted(losses.values())[1] - losses[best] > 1e-4, "a near-tie: change the seed"
     decision = get_method("naee", chunk=chunk).decide(view, stats, Target(keep))
     assert decision.kept == list(best), (decision.notes, sorted(losses.items(), key=lambda kv: kv[1])[:3])
     assert decision.notes["search"] == "exhaustive"
     assert decision.notes["evaluated"] == len(losses)
-    assert decision.notes["loss"] == pytest.approx(losses[best], rel=1e-9)
+    assert decision.notes["loss"] == pytest.approx(losses[best], rel=1e-6)  # moelab's router runs in float32
     assert decision.notes["tokens"] == 10
     # The loss sums per-chunk norms: not the norm of the whole difference.
     whole = naee_loss(view, x, best, 10**6)
