@@ -4,12 +4,16 @@ dominant; every other expert joins the dominant expert whose router logits it re
 expert (weight matching, `linear_sum_assignment`) and the group is averaged, weighted by usage
 frequency. The merged expert keeps its dominant expert's router row.
 
+The alignment's reference is the dominant expert, the one the members are averaged into (as in
+REAP's port); the paper's Switch pipeline aligns every expert to expert 0 of its layer beforehand
+(members then meet only through expert 0), and its Mixtral path aligns nothing (`align=False`).
+
 moelab allocates the same number of groups in every layer (the paper's global allocation gives
 layers different expert counts, which no target format stores) and merges within each routing
 group of group-limited routers. `mc_rank` adds MC-SMoE's compression of the merged experts
-without its distillation: each merged matrix replaced by its best rank-r approximation plus its
-largest `mc_sparse` fraction of residual entries (written at full width; the report gives the
-factored parameter count).
+without its distillation: each merged matrix replaced by its best rank-r approximation plus the
+`mc_sparse` fraction of its residual's rows of largest norm (the paper's row-structured S; written
+at full width; the report gives the factored parameter count).
 """
 
 from __future__ import annotations
