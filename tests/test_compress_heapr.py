@@ -274,6 +274,29 @@ def test_scores_are_the_product_of_the_two_per_token_means():
     assert neuron_scores(stats, Target(2, protect=frozenset({1})))[1].tolist() == [float("inf")] * 3
 
 
+def test_scores_are_the_papers_fisher_form():
+    """compression.md §4.2 from per-token records: S_ej = E_t[h_tj^2] * w_j^T H_e w_j with the D x D
+    Fisher H_e = E_t[g_t g_t^T] over the tokens routed to e (g_t: the loss's gradient at the expert's
+    output, w_j: column j of its down projection), against the scores of the sums the calibration
+    keeps, h_j^2 and (dL/dh_j)^2 = (w_j . g_t)^2. Experts see 5, 2 and no tokens."""
+    E, I, D = 3, 4, 6
+    gen = torch.Generator().manual_seed(3)
+    down = torch.randn(E, D, I, generator=gen, dtype=F64)
+    act, grad = torch.zeros(E, I, dtype=F64), torch.zeros(E, I, dtype=F64)
+    paper = torch.full((E, I), -1.0, dtype=F64)
+    for e, n in enumerate((5, 2, 0)):
+        if not n:
+            continue
+        h = torch.randn(n, I, generator=gen, dtype=F64)
+        g = torch.randn(n, D, generator=gen, dtype=F64) * torch.arange(1, D + 1, dtype=F64)  # anisotropic
+        act[e], grad[e] = (h**2).sum(0), ((g @ down[e]) ** 2).sum(0)
+        fisher = sum(torch.outer(g_t, g_t) for g_t in g) / n
+        for j in range(I):
+            paper[e, j] = (h[:, j] ** 2).mean() * (down[e][:, j] @ fisher @ down[e][:, j])
+    scores = neuron_scores(hand_stats(act.tolist(), grad.tolist(), [5, 2, 0]), Target(2))
+    torch.testing.assert_close(scores, paper, rtol=1e-12, atol=0)
+
+
 def test_uniform_layout_keeps_each_experts_best_neurons():
     view = make_view(E=3, I=3, top_k=1)
     stats = hand_stats([[4, 8, 2], [1, 1, 1], [9, 9, 9]], [[2, 1, 6], [3, 2, 1], [1, 1, 1]], [2, 1, 0])
