@@ -5,7 +5,9 @@ others masked out of routing, best reproduces the original layer's output on cal
 
 Z: the original MoE block's output on the sampled block inputs X (the `inputs` statistic);
 Z_K: the block with every expert outside K given router logit -inf before top-k (what dropping
-them computes; `masked_moe_layer`), in float64. The Frobenius norm is not squared and is summed
+them computes; `masked_moe_layer`), in float64 (the router's scores in float32, as moelab's routers
+always compute them: losses within ~1e-7 relative of an all-float64 reference). The Frobenius norm
+is not squared and is summed
 over chunks of `chunk` tokens, as the reference code sums it over its batches. Those are larger:
 8 sequences of 2,048 tokens, 16 batches of its 262,144 calibration tokens; moelab's default of
 1,024 sampled tokens in chunks of 128 gives 8.
