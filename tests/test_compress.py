@@ -1230,6 +1230,10 @@ def test_the_global_budget_ranks_scores_normalised_within_each_layer():
     raw[0] = [2.5, 45.0, 2.5, 50.0]  # now layer 0's two best (0.5, 0.45) beat layer 1's 0.4
     with pytest.raises(ValueError, match=r"layer 0: 2, layer 1: 0"):
         _check_global_budget(Given(), view, {0: None, 1: None}, {0: Target(1), 1: Target(1)})
+    # signed scores (PreMoe's mean logits) start at 0 first: [3, 2, 1, 0] / 6, whose 0.5 comes first and
+    # layer 1's 0.4 second, one each (left raw, their negative sum put layer 1's 0.4 and 0.3 first)
+    raw[0], raw[1] = [-1.0, -2.0, -3.0, -4.0], [4.0, 3.0, 2.0, 1.0]
+    _check_global_budget(Given(), view, {0: None, 1: None}, {0: Target(1), 1: Target(1)})
 
 
 def test_the_reports_stability_is_the_mean_over_layers(tmp_path, model_dir, stats_dir, monkeypatch):

@@ -485,12 +485,14 @@ def _stability(method: Method, layer: MoELayerView, stats: LayerStats, target: T
 def _check_global_budget(
     method: ScoringMethod, view, stats: dict[int, LayerStats], targets: dict[int, Target]
 ) -> None:
-    """Rank every expert of every layer by its score, normalised to sum 1 in its layer, keep the
-    best overall (at least top_k per layer), and refuse unless every layer keeps as many."""
+    """Rank every expert of every layer by its score, normalised to sum 1 in its layer (signed
+    scores, such as PreMoe's mean logits, first shifted to start at 0), keep the best overall (at
+    least top_k per layer), and refuse unless every layer keeps as many."""
     ranked = []
     for index, target in targets.items():
         layer = view.layer(index)
         scores = method.score(layer, stats[index], target).double()
+        scores = scores - scores.min().clamp(max=0)  # a negative sum left raw scores: other layers' scales
         scores = scores / scores.sum() if scores.sum() > 0 else scores
         ranked += [(float(s), index, e) for e, s in enumerate(scores)]
     total = sum(t.keep for t in targets.values())
