@@ -16,20 +16,21 @@ tokens each, batch 1, on `threads` intra-op threads:
 
 With `compile`, the policies without read-ahead ("lru", "reuse") are also timed decoding with
 moelab's compiled static step (`generate(compile=True)`: the fetch and the experts inside it as
-one opaque op; moelab checkpoints only): each round traces the step on a first decoding, then
-restarts the cache from the warm start (`ExpertCache.restart`) before the timed one, so it sees
-the same hits as the eager rows; the model in memory is timed compiled once as well (its own
-rounds, after the offloaded ones). A transformers checkpoint that does not convert to a moelab model
+one opaque op; moelab checkpoints only), traced by the warm-up decoding below; the model in
+memory is timed compiled once as well (its own rounds, after the offloaded ones). A transformers checkpoint that does not convert to a moelab model
 (`moelab.hf.conversion`) has no compiled rows.
 
-Every cell is timed in `rounds` rounds, each from the same warm start (so with the same hits) and
-paired with a run of the model in memory (alternating which goes first); tokens/s is the median
+Every cell is timed in `rounds` rounds, each on a freshly loaded offloaded model warmed up as the
+model in memory was (a first decoding, untimed: its one-time work such as the decode layout, or
+a compiled step's trace), then restarted from the same warm start (`ExpertCache.restart`: so with
+the same hits), and paired with a run of the model in memory (alternating which goes first); tokens/s is the median
 over rounds and "vs memory" the median of the per-round ratios, so both sides of a ratio saw the
 same machine load. Reported per cell: the decode hit rate (experts found resident at their layer; "late" hits, still
 loading from a prefetch, included and also given apart; on a GPU also the hits whose copy into
 GPU memory was still running), prefetch accuracy (read-aheads then used, a precision) and recall
-(experts needed that the prediction had named: Mixtral-offloading's figure), experts read from disk per token, tokens/s and
-its ratio to the model in memory, and whether the tokens equal the in-memory model's (they must
+(experts needed that the prediction had named: Mixtral-offloading's figure), experts read from disk per new
+token and tokens/s (both over whole `generate` calls: the prompt passes' reads and time included, on
+both sides of the ratio), its ratio to the model in memory, and whether the tokens equal the in-memory model's (they must
 on a CPU; on a GPU the prompt pass runs other kernels in memory, equal up to rounding). The experts are read from the checkpoint's files through the OS
 page cache: a small model's files stay cached, so tokens/s here prices the reading and copying,
 not a disk, unless `read_gbps` emulates a device of that bandwidth (each read then lasts at least
@@ -169,9 +170,10 @@ def measure_model(path: Path, options: OffloadOptions, progress=None, quiet: boo
                     device=options.device, host_memory=options.host_memory,
                 )  # fmt: skip
                 try:
-                    if compiled:  # trace the step, then start the cache again
-                        _decode(model.model, prompts[:1], options.new_tokens, compile=True)
-                        model.cache.restart(warm_start(model.cache.store, prior, model.cache.slots))
+                    # warmed up as the model in memory was (a compiled step: traced), then the cache
+                    # started again: a first call's one-time work (the decode layout) is not timed
+                    _decode(model.model, prompts[:1], options.new_tokens if compiled else 2, compile=compiled)
+                    model.cache.restart(warm_start(model.cache.store, prior, model.cache.slots))
                     offloaded = partial(_decode, model.model, prompts, options.new_tokens, compile=compiled)
                     if round_ % 2:  # alternate which side runs first
                         got, seconds = offloaded()
