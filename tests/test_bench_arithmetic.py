@@ -100,6 +100,17 @@ def test_distinct_experts_counts_each_expert_once_per_decode_step():
     assert distinct_experts_per_step(model, prompts, 4) == {1: 2.0}
 
 
+def test_distinct_experts_leave_out_the_experts_dynamic_skipping_drops():
+    """At β = 1 dynamic skipping keeps only each token's strongest expert: one sequence reads 1
+    expert a step, not the router's top 2 (the router's output, before the MoE layer skips)."""
+    torch.manual_seed(0)
+    model = MoETransformer(tiny()).eval()
+    prompts = torch.randint(0, model.config.vocab_size, (1, 4))
+    assert distinct_experts_per_step(model, prompts, 4) == {1: 2.0}
+    G.apply_dynamic_skipping(model, {1: 1.0})
+    assert distinct_experts_per_step(model, prompts, 4) == {1: 1.0}
+
+
 def test_distinct_experts_leave_out_identity_experts():
     """Zero-computation (identity) experts read no weights: a selection bias that puts two of them
     in every token's top 2 leaves no routed expert to read (not 2 of the 4 experts' bytes)."""
@@ -118,7 +129,8 @@ def test_bench_generate_rows_from_injected_timings(tmp_path, monkeypatch):
     """measure_model's arithmetic on scripted timings (rounds in a fixed order: moelab,
     transformers, moelab at skip 0.5, then the bandwidth), batch 2 x 3 new tokens after 4 prompt
     tokens: 2 x 2 tokens from the timed decode steps (the first comes from the prompt pass), which
-    read a mean context of 4 + 3 / 2 = 5.5 positions; 2 distinct experts a step."""
+    read a mean context of 4 + 3 / 2 = 5.5 positions; 2 distinct experts a step, 1 under skipping,
+    whose fraction is of its own bound (it was of plain routing's, which reads more)."""
     torch.manual_seed(0)
     save_pretrained(MoETransformer(tiny()), tmp_path / "m")
     model = G.load_pretrained(tmp_path / "m").eval()
@@ -130,7 +142,9 @@ def test_bench_generate_rows_from_injected_timings(tmp_path, monkeypatch):
     monkeypatch.setattr(G.random, "shuffle", lambda order: None)
     monkeypatch.setattr(G, "_timed_decode", lambda generate, prompts, device="cpu": (next(prompt), next(seconds)))
     monkeypatch.setattr(G, "memory_bandwidth_gb_s", lambda **kwargs: next(bandwidths))
-    monkeypatch.setattr(G, "distinct_experts_per_step", lambda model, prompts, new_tokens: {1: 2.0})
+    monkeypatch.setattr(  # counted under the variant's setting
+        G, "distinct_experts_per_step", lambda model, prompts, new_tokens: {1: 1.0 if model.moe_layers[1].skip_ratio else 2.0}
+    )
     options = G.GenerateOptions(batch_sizes=(2,), prompt_tokens=4, new_tokens=3, rounds=3, skip=(0.5,))
     (row,) = G.measure_model("m", tmp_path / "m", model, options)
     assert next(seconds, None) is None and next(bandwidths, None) is None, "3 rounds, no more"
@@ -147,6 +161,10 @@ def test_bench_generate_rows_from_injected_timings(tmp_path, monkeypatch):
     # moelab: 4 tokens / 1, 4, 2 s against bounds 10, 40, 20 GB/s over per_token bytes
     fractions = [4 / t / (gb * 1e9 / per_token) for t, gb in [(1.0, 10.0), (4.0, 40.0), (2.0, 20.0)]]
     assert row["fraction_of_bound"]["moelab"] == pytest.approx(sorted(fractions)[1])
+    skip_per_token = bytes_per_step(model, {1: 1.0}, 2, 5.5) / 2
+    assert row["routing_variant_bytes_per_token"] == {"moelab_skip0.5": pytest.approx(skip_per_token)}
+    fractions = [4 / t / (gb * 1e9 / skip_per_token) for t, gb in [(0.5, 10.0), (1.0, 40.0), (4.0, 20.0)]]
+    assert row["fraction_of_bound"]["moelab_skip0.5"] == pytest.approx(sorted(fractions)[1])
 
 
 @pytest.mark.parametrize("engine", ["moelab", "transformers"])

@@ -229,8 +229,13 @@ def test_bench_generate_json_contract(tmp_path):
         assert row["same_greedy_tokens"]["moelab"] == 1.0, "the same weights decode the same greedy tokens"
         assert row["ratio_vs_transformers"]["transformers"] == 1.0 and row["speedup_vs_moelab"]["moelab"] == 1.0
         assert set(row["speedup_vs_moelab"]) == set(row["tokens_per_s"])
+        variant_bytes = row["routing_variant_bytes_per_token"]  # skipping reads fewer experts: a higher bound
+        assert set(variant_bytes) == {"moelab_skip0.5", "moelab_skip1"}
+        assert variant_bytes["moelab_skip1"] < row["bytes_per_token"]
         for impl, speed in row["tokens_per_s"].items():
-            assert 0 < row["fraction_of_bound"][impl] == speed / row["bound_tokens_per_s"]
+            per_token = variant_bytes.get(impl, row["bytes_per_token"])
+            bound = row["memory_bandwidth_gb_s"] * 1e9 / per_token  # one round: its own bandwidth
+            assert 0 < row["fraction_of_bound"][impl] == pytest.approx(speed / bound)
         assert 1 <= row["distinct_experts_per_layer"] <= row["batch"] * tiny().moe.top_k
     quality = doc["routing_quality"][str(model_dir)]
     assert list(quality) == ["none", "skip0.5", "skip1"]

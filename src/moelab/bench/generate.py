@@ -21,7 +21,7 @@ with its routers' threshold set to each, measured the same way.
 
 The bound: a decode step must read every weight it uses once (attention, norms, routers, the
 output head, the experts its tokens were routed to, counted from the routing of an untimed
-moelab run) and the KV cache so far. bound tokens/s = measured read bandwidth (a matrix-vector
+moelab run: a routing variant's own, skipped experts left out) and the KV cache so far. bound tokens/s = measured read bandwidth (a matrix-vector
 product over a 256 MB matrix: what a perfect decode step would reach) / bytes per token,
 with the bandwidth measured again in every round beside the timed runs, so that the fraction of
 the bound (the median of the per-round fractions) holds when the machine's speed drifts. On a small
@@ -52,7 +52,7 @@ from moelab.compress.skipping import apply_dynamic_skipping
 from moelab.files import read_json_object
 from moelab.hf.export import export_problems, exported_model
 from moelab.models import MoETransformer, load_pretrained
-from moelab.nn.routers import TopPRouter
+from moelab.nn.routers import TopPRouter, skip_weak_experts
 from moelab.threads import intra_op_threads
 from moelab.validation import check_device, is_int
 
@@ -163,15 +163,19 @@ def distinct_experts_per_step(
 ) -> dict[int, float]:
     """Mean number of distinct experts each MoE layer routes a decode step's tokens to (an
     untimed `generate`; prefill calls excluded): the routed experts whose weights a step reads,
-    not zero-computation (identity) experts, which read none."""
+    not zero-computation (identity) experts, which read none, nor those dynamic skipping drops."""
     counts: dict[int, list[int]] = {i: [] for i in model.moe_layers}
 
     def hook(index):
-        num_experts = model.moe_layers[index].num_experts  # the router's choices past these are identity experts
+        layer = model.moe_layers[index]
+        num_experts = layer.num_experts  # the router's choices past these are identity experts
 
         def record(module, args, routing):
             if args[0].shape[0] == prompts.shape[0]:  # one token per sequence: a decode step
-                chosen = routing.indices[(routing.indices >= 0) & (routing.indices < num_experts)]
+                indices = routing.indices
+                if layer.skip_ratio is not None:  # dropped after the router, as `MoELayer._route` drops them
+                    indices, _ = skip_weak_experts(indices, routing.weights, layer.skip_ratio, num_experts)
+                chosen = indices[(indices >= 0) & (indices < num_experts)]
                 counts[index].append(int(chosen.unique().numel()))
 
         return record
@@ -239,9 +243,17 @@ def measure_model(
                     prompt_times[impl].append(prompt_s)
                     times[impl].append(decode_s)
             distinct = distinct_experts_per_step(model, prompts, options.new_tokens)
+            variant_distinct = {}  # a routing variant reads the experts it routes to, not plain routing's
+            for variant, setting in routing_variants(options).items():
+                with routing_setting(model, *setting):
+                    variant_distinct[f"moelab_{variant}"] = distinct_experts_per_step(model, prompts, options.new_tokens)
         context = options.prompt_tokens + options.new_tokens / 2  # the mean cache a decode step reads
         step_bytes = bytes_per_step(model, distinct, batch, context)
-        bounds = [bound_tokens_per_s(gb_s, step_bytes / batch) for gb_s in bandwidths]  # one per round
+        variant_bytes = {impl: bytes_per_step(model, d, batch, context) for impl, d in variant_distinct.items()}
+        bounds = {  # tokens/s, one per round
+            impl: [bound_tokens_per_s(gb_s, variant_bytes.get(impl, step_bytes) / batch) for gb_s in bandwidths]
+            for impl in run
+        }
         speed = {impl: batch * steps / statistics.median(t) for impl, t in times.items()}
         new = slice(options.prompt_tokens, None)
         rows.append({
@@ -255,14 +267,15 @@ def measure_model(
             "speedup_vs_moelab": {  # the routing variants' speed-up over plain moelab, same rounds
                 impl: speedup(times["moelab"], t) for impl, t in times.items()
             },
-            "fraction_of_bound": {
-                impl: fraction_of_bound(batch * steps, t, bounds) for impl, t in times.items()
+            "fraction_of_bound": {  # each against its own bound (a routing variant's: the experts it reads)
+                impl: fraction_of_bound(batch * steps, t, bounds[impl]) for impl, t in times.items()
             },
             "prompt_s": {impl: statistics.median(t) for impl, t in prompt_times.items()},
             "bytes_per_token": step_bytes / batch,
             "distinct_experts_per_layer": statistics.mean(distinct.values()) if distinct else 0.0,
             "memory_bandwidth_gb_s": statistics.median(bandwidths),
-            "bound_tokens_per_s": statistics.median(bounds),
+            "bound_tokens_per_s": statistics.median(bounds["moelab"]),
+            "routing_variant_bytes_per_token": {impl: b / batch for impl, b in variant_bytes.items()},
             "same_greedy_tokens": {  # as transformers' (as plain moelab's without a transformers family)
                 impl: float((out[:, new] == outputs[base][:, new]).all(-1).float().mean())
                 for impl, out in outputs.items()
