@@ -191,10 +191,14 @@ def test_bench_generate_times_from_the_first_new_token(tmp_path, engine):
         if hidden.shape[1] > 1:  # the prompt's 4 positions, not a decode step's one
             time.sleep(0.2)
 
+    def fastest_of_3():  # (prompt, decode) seconds, each the fastest of 3 calls: a shared machine's noise out
+        return [min(times) for times in zip(*(G._timed_decode(generate, prompts) for _ in range(3)))]
+
     with torch.no_grad():
-        prompt_s, decode_s = G._timed_decode(generate, prompts)
+        generate(prompts)  # warm-up: a first call's one-time work (the decode layout) made the fast side slow
+        prompt_s, decode_s = fastest_of_3()
         handle = layer.register_forward_pre_hook(slow_prompt_pass, with_kwargs=True)
-        slow_prompt_s, slow_decode_s = G._timed_decode(generate, prompts)
+        slow_prompt_s, slow_decode_s = fastest_of_3()
         handle.remove()
     assert slow_prompt_s - prompt_s > 0.19 and slow_decode_s < decode_s + 0.1
 
