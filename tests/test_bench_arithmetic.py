@@ -364,7 +364,8 @@ def test_bench_offload_rows_from_scripted_seconds_and_the_cache_s_own_counts(tmp
     work, the decode layout, was timed before), and its cache restarted: the counts are the timed
     decoding's alone. The compiled cells
     decode eagerly here (the arithmetic does not depend on it; a compiled step sees the same hits).
-    No CPU decode has late hits for sure: after each timed decode one hit is made late and two
+    Recall, like the hit rate, is the decode steps' (this tiny model's lookahead names every expert
+    needed, so one unnamed need is added to the decode steps'). No CPU decode has late hits for sure: after each timed decode one hit is made late and two
     copies late, to price late_rate over the requests (not the hits); one cell's last round gets
     one token wrong, which its same_tokens must say."""
     torch.manual_seed(0)
@@ -406,6 +407,7 @@ def test_bench_offload_rows_from_scripted_seconds_and_the_cache_s_own_counts(tmp
                 out[1] = torch.cat([out[1][:, :-1], (out[1][:, -1:] + 1) % 128], dim=1)
             step = models[-1].cache.stats[1]
             step.hits, step.late, step.late_copies = step.hits - 1, step.late + 1, step.late_copies + 2
+            step.needed += step.needed > 0  # one decode-step need the prediction missed: below the total's recall
         return out, seconds
 
     monkeypatch.setattr(O, "load_offloaded", load)
@@ -435,9 +437,16 @@ def test_bench_offload_rows_from_scripted_seconds_and_the_cache_s_own_counts(tmp
             assert row["prefetch_accuracy"] == prefetch.used / prefetch.issued
         else:
             assert row["prefetch_accuracy"] != row["prefetch_accuracy"]  # NaN: nothing read ahead
+        if step.needed:  # the recall of the decode steps, as the hit rate (not of the prompt passes too)
+            assert row["prefetch_recall"] == step.foreseen / step.needed
+        else:
+            assert row["prefetch_recall"] != row["prefetch_recall"] and prefetch.needed == 0  # NaN: nothing predicted
         some_prompt_misses |= total.misses > step.misses
     lookahead = result["rows"][2]
     assert models[8].cache.prefetch_stats.issued > 0 and lookahead["reads_per_token"] > 0
+    # the prompt passes' predictions (every expert of a layer named) are in the total, not the decode recall
+    total, decode = models[8].cache.prefetch_stats, models[8].cache.stats[1]
+    assert total.needed > decode.needed > 0 and lookahead["prefetch_recall"] < total.recall
     assert some_prompt_misses, "the prompt pass must read experts, or decode and total stats would agree"
 
 

@@ -591,6 +591,13 @@ def test_prefetch_recall_counts_the_needed_experts_the_prediction_named_resident
     cache.fetch(1, [2], tokens=1)  # no new prediction: nothing added
     cache.release()
     assert (stats.needed, stats.foreseen) == (3, 2)
+    cache.prefetch(1, torch.tensor([4.0, 3.0, 2.0, 1.0]), torch.ones(4), limit=4)  # a prompt pass's: every expert
+    cache.fetch(1, [0, 1, 2, 3], tokens=4)
+    cache.release()
+    assert (stats.needed, stats.foreseen) == (7, 6) and (cache.total().needed, cache.total().foreseen) == (7, 6)
+    # counted by call size too: the one-token (decode) calls' recall apart from the prompt pass's
+    assert (cache.stats[1].needed, cache.stats[1].foreseen, cache.stats[1].recall) == (3, 2, 2 / 3)
+    assert (cache.stats[4].needed, cache.stats[4].foreseen, cache.stats[4].recall) == (4, 4, 1.0)
     cache.close()
 
 

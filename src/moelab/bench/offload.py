@@ -27,8 +27,8 @@ the same hits), and paired with a run of the model in memory (alternating which 
 over rounds and "vs memory" the median of the per-round ratios, so both sides of a ratio saw the
 same machine load. Reported per cell: the decode hit rate (experts found resident at their layer; "late" hits, still
 loading from a prefetch, included and also given apart; on a GPU also the hits whose copy into
-GPU memory was still running), prefetch accuracy (read-aheads then used, a precision) and recall
-(experts needed that the prediction had named: Mixtral-offloading's figure), experts read from disk per new
+GPU memory was still running), prefetch accuracy (read-aheads then used, a precision; over all calls) and recall
+(experts needed at the decode steps that the prediction had named: Mixtral-offloading's figure), experts read from disk per new
 token and tokens/s (both over whole `generate` calls: the prompt passes' reads and time included, on
 both sides of the ratio), its ratio to the model in memory, and whether the tokens equal the in-memory model's (they must
 on a CPU; on a GPU the prompt pass runs other kernels in memory, equal up to rounding). The experts are read from the checkpoint's files through the OS
@@ -194,7 +194,7 @@ def measure_model(path: Path, options: OffloadOptions, progress=None, quiet: boo
                 "hit_rate": decode.hit_rate, "late_rate": decode.late / decode.requests,
                 "late_copy_rate": decode.late_copies / decode.requests,
                 "prefetch_accuracy": cache.prefetch_stats.accuracy,
-                "prefetch_recall": cache.prefetch_stats.recall,
+                "prefetch_recall": decode.recall,  # the decode steps', as the hit rate (a prompt pass's names every expert)
                 "reads_per_token": reads / tokens, "tokens_per_s": tokens / statistics.median(times),
                 "vs_memory": statistics.median(ratios),
                 "same_tokens": all(torch.equal(a, b) for a, b in zip(reference, got)),

@@ -62,7 +62,8 @@ class CacheStats:
     """requests: experts asked for by `fetch`; hits: resident and loaded; late: resident but still
     loading from a prefetch (waited for); misses: read from disk on demand; wait_s: time `fetch`
     spent blocked on reads. On an accelerator, late_copies: hits (late ones included) whose copy
-    into the pool had not run yet when `fetch` returned (waited for by the device, not the host)."""
+    into the pool had not run yet when `fetch` returned (waited for by the device, not the host).
+    needed, foreseen: `PrefetchStats`'s, at these calls (`recall`: e.g. the decode steps' alone)."""
 
     requests: int = 0
     hits: int = 0
@@ -70,14 +71,21 @@ class CacheStats:
     misses: int = 0
     wait_s: float = 0.0
     late_copies: int = 0
+    needed: int = 0
+    foreseen: int = 0
 
     @property
     def hit_rate(self) -> float:
         """Requests served without a read on demand (late hits included)."""
         return (self.hits + self.late) / self.requests if self.requests else float("nan")
 
+    @property
+    def recall(self) -> float:
+        """`PrefetchStats.recall` at these calls."""
+        return self.foreseen / self.needed if self.needed else float("nan")
+
     def to_dict(self) -> dict[str, float]:
-        return asdict(self) | {"hit_rate": self.hit_rate}
+        return asdict(self) | {"hit_rate": self.hit_rate, "recall": self.recall}
 
 
 @dataclass
@@ -227,14 +235,14 @@ class ExpertCache:
                 f"{self.slots} slots are free; ask for fewer at a time"
             )
         self._current = layer
+        stats = self.stats.setdefault(tokens, CacheStats())
         if visit is None or len(visit):
-            self._visit(layer, experts if visit is None else visit)
+            self._visit(layer, experts if visit is None else visit, stats)
         unused = self._unused.get(layer)
         if unused:
             used = unused.intersection(experts)
             unused -= used
             self.prefetch_stats.used += len(used)
-        stats = self.stats.setdefault(tokens, CacheStats())
         stats.requests += len(experts)
         start = time.perf_counter()
         found = {e: self._slot_of[layer, e] for e in experts if (layer, e) in self._slot_of}
@@ -262,9 +270,10 @@ class ExpertCache:
         stats.wait_s += time.perf_counter() - start
         return [found[e] for e in experts]
 
-    def _visit(self, layer: int, experts: list[int]) -> None:
+    def _visit(self, layer: int, experts: list[int], stats: CacheStats) -> None:
         """Count a call of `layer` asking for `experts`: their recent use (habit), the prediction's
-        recall; the layer's read-aheads become the ones its fetches may use (`_unused`)."""
+        recall (over all calls and in `stats`, the call's size's); the layer's read-aheads become
+        the ones its fetches may use (`_unused`)."""
         position = self._position[layer]
         recency = self._recency[position]
         recency *= RECENCY_DECAY
@@ -274,8 +283,9 @@ class ExpertCache:
         self._unused = {layer: self._prefetched.pop(layer, set())}
         foreseen = self._foreseen.pop(layer, None)
         if foreseen is not None:
-            self.prefetch_stats.needed += len(set(experts))
-            self.prefetch_stats.foreseen += len(foreseen.intersection(experts))
+            for counts in (self.prefetch_stats, stats):
+                counts.needed += len(set(experts))
+                counts.foreseen += len(foreseen.intersection(experts))
 
     def _finish_reads(self, found: dict[int, int]) -> int:
         """Wait for the read-aheads into the slots of `found` ({expert: slot}, pinned); return how
@@ -358,7 +368,7 @@ class ExpertCache:
         """`stats` summed over every call size."""
         out = CacheStats()
         for s in self.stats.values():
-            for name in ("requests", "hits", "late", "misses", "wait_s", "late_copies"):
+            for name in ("requests", "hits", "late", "misses", "wait_s", "late_copies", "needed", "foreseen"):
                 setattr(out, name, getattr(out, name) + getattr(s, name))
         return out
 
