@@ -4,7 +4,6 @@ the bytes a decode step reads (a CLI run checks only that the numbers are there)
 from __future__ import annotations
 
 import dataclasses
-import time
 import types
 
 import pytest
@@ -168,10 +167,11 @@ def test_bench_generate_rows_from_injected_timings(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("engine", ["moelab", "transformers"])
-def test_bench_generate_times_from_the_first_new_token(tmp_path, engine):
-    """The decode steps are timed from the first new token (the prompt pass's) to the last: a
-    prompt pass made 0.2 s slower moves prompt_s by 0.2 s and leaves the decode time as it was
-    (before, tokens/s counted every new token over the whole call, prompt pass included)."""
+def test_bench_generate_times_from_the_first_new_token(tmp_path, engine, monkeypatch):
+    """The decode steps are timed from the first new token (the prompt pass's) to the last, on a
+    clock that only the first layer's calls move: 0.2 s a prompt pass, 0.01 s a decode step. The
+    prompt pass's 0.2 s are prompt_s and none of the decode time (before, tokens/s counted every
+    new token over the whole call, prompt pass included)."""
     torch.manual_seed(0)
     save_pretrained(MoETransformer(tiny()), tmp_path / "m")
     model = G.load_pretrained(tmp_path / "m").eval()
@@ -185,22 +185,22 @@ def test_bench_generate_times_from_the_first_new_token(tmp_path, engine):
         ),
     }[engine]
     layer = model.layers[0] if engine == "moelab" else hf.model.layers[0]
+    now, steps = [0.0], []
+    monkeypatch.setattr(G, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))  # this module's clock only
 
-    def slow_prompt_pass(module, args, kwargs):
+    def tick(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        if hidden.shape[1] > 1:  # the prompt's 4 positions, not a decode step's one
-            time.sleep(0.2)
+        if hidden.shape[1] > 1:  # the prompt's 4 positions
+            now[0] += 0.2
+        else:  # a decode step's one
+            now[0] += 0.01
+            steps.append(1)
 
-    def fastest_of_3():  # (prompt, decode) seconds, each the fastest of 3 calls: a shared machine's noise out
-        return [min(times) for times in zip(*(G._timed_decode(generate, prompts) for _ in range(3)))]
-
+    layer.register_forward_pre_hook(tick, with_kwargs=True)
     with torch.no_grad():
-        generate(prompts)  # warm-up: a first call's one-time work (the decode layout) made the fast side slow
-        prompt_s, decode_s = fastest_of_3()
-        handle = layer.register_forward_pre_hook(slow_prompt_pass, with_kwargs=True)
-        slow_prompt_s, slow_decode_s = fastest_of_3()
-        handle.remove()
-    assert slow_prompt_s - prompt_s > 0.19 and slow_decode_s < decode_s + 0.1
+        prompt_s, decode_s = G._timed_decode(generate, prompts)
+    assert prompt_s == pytest.approx(0.2) and decode_s == pytest.approx(0.01 * len(steps))
+    assert len(steps) == 7  # 8 new tokens: the prompt pass's, then 7 steps
 
 
 def test_bench_layer_rows_from_injected_timings(monkeypatch):
