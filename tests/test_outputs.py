@@ -359,6 +359,24 @@ def test_a_failed_run_keeps_a_users_empty_directory_and_what_it_wrote(tmp_path):
     assert (tmp_path / "new" / "log").read_text() == "step 1"
 
 
+def test_a_failed_run_removes_the_empty_parents_it_created_and_only_those(tmp_path):
+    """`moelab calibrate FILE` (a file, not a model) refused inside the lock and left the default
+    output's parent, an empty `runs/`, behind; a parent that holds something, or was there before, stays."""
+    (tmp_path / "mine").mkdir()
+    for out in (tmp_path / "runs" / "calibration", tmp_path / "mine" / "a" / "b"):
+        with pytest.raises(RuntimeError), output_dir(out, "thing", entries=["log"]):
+            raise RuntimeError("refused: not a model")
+        with pytest.raises(RuntimeError), StagedOutput(out, "thing"):
+            raise RuntimeError("refused: not a model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and not any((tmp_path / "mine").iterdir())
+    with pytest.raises(RuntimeError), StagedOutput(tmp_path / "runs" / "calibration", "thing", resume=True) as staging:
+        (staging / "layer-0").write_text("kept for the next run")
+        raise RuntimeError("interrupted")
+    assert hidden(tmp_path / "runs") == [staging.name], "a resumable job's staging keeps its parent"
+    publish(tmp_path / "new" / "out")
+    assert (tmp_path / "new" / "out" / "a.txt").is_file()
+
+
 def test_staged_output_refuses_an_existing_output_when_it_opens(tmp_path):
     """Before the slow work, not only when publishing."""
     out = publish(tmp_path / "out")

@@ -851,14 +851,31 @@ def _remove_leftovers(target: Path, found: list[tuple[Path, str]]) -> None:
 
 @contextmanager
 def _lock(out: Path) -> Iterator[None]:
-    """Hold `out`'s lock file (beside it) for the block, or raise OutputInUseError at once."""
+    """Hold `out`'s lock file (beside it) for the block, or raise OutputInUseError at once. The
+    parents of `out` it creates go again when the block ends if they are empty (a refused or
+    failed run leaves no `runs/` behind)."""
     _check_parents(out)
+    created = [parent for parent in out.parents if not parent.exists()]  # deepest first
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(
             f"cannot create {out.parent} ({err.strerror}); choose another output path"
         ) from None
+    try:
+        with _held_lock(out):
+            yield
+    finally:
+        for parent in created:
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (the output, another run's): kept, and so are the ones above it
+                break
+
+
+@contextmanager
+def _held_lock(out: Path) -> Iterator[None]:
+    """`_lock`'s lock file itself, in a parent directory that exists."""
     fd = _try_lock(out)
     if fd is None:
         try:
@@ -888,6 +905,9 @@ def _try_lock(out: Path) -> int | None:
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # a parent another refused run had just created, and removed empty
+            out.parent.mkdir(parents=True, exist_ok=True)
+            continue
         except OSError as err:
             raise OutputError(
                 f"cannot write beside {out} ({err.strerror}); choose another output path"
