@@ -1324,3 +1324,13 @@ def test_info_pass_every_option_on():
         result = runner.invoke(app, ["info", "tiny", "--json", *flags])
         assert result.exit_code == 0 and json.loads(result.output) == json.loads(json.dumps(model_info(tiny(), seq_len=seq_len))), flags
     assert json.loads(result.output)["seq_len"] == 7
+
+
+def test_bench_compress_refuses_a_size_that_is_not_a_positive_number_of_gb(tmp_path):
+    """--size-gb inf stopped with an OverflowError's traceback once --work was claimed; 0 and nan
+    were refused as "size_gb, tokens, seq_len and shard_mb must be positive", options it does not have."""
+    for size_gb in ("inf", "0", "-1", "nan"):
+        result = runner.invoke(app, ["bench", "compress", "--size-gb", size_gb, "--work", str(tmp_path / "w")])
+        assert isinstance(result.exception, ValueError), (size_gb, result.exception)
+        assert str(result.exception).startswith("--size-gb must be a positive number of GB, got "), result.exception
+        assert not (tmp_path / "w").exists()

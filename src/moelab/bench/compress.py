@@ -63,8 +63,10 @@ class BenchOptions:
     def __post_init__(self):
         if self.family not in SHAPES:
             raise ValueError(f"unknown family {self.family!r}; choose one of {list(SHAPES)}")
-        if not self.size_gb > 0 or self.tokens < 1 or self.seq_len < 1 or self.shard_mb < 1:
-            raise ValueError("size_gb, tokens, seq_len and shard_mb must be positive")
+        if not 0 < self.size_gb < math.inf:  # inf: no whole number of layers (an OverflowError, mid-way)
+            raise ValueError(f"--size-gb must be a positive number of GB, got {self.size_gb}")
+        if self.tokens < 1 or self.seq_len < 1 or self.shard_mb < 1:
+            raise ValueError("tokens, seq_len and shard_mb must be positive")
         if self.fp8 and self.family != "qwen3_moe":
             raise ValueError("--fp8 generates Qwen3-MoE-shaped releases (as Qwen3-FP8 ships); use --family qwen3_moe")
         if self.tokens < self.seq_len:
