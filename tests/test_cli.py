@@ -1202,6 +1202,39 @@ def test_ctrl_c_in_a_resumable_job_says_how_to_resume(monkeypatch, capsys, tmp_p
         assert (said in err if said else "interrupted" not in err), (args, err)
 
 
+def test_ctrl_c_in_train_and_compare_names_their_own_way_to_continue(monkeypatch, capsys, tmp_path):
+    """compare, interrupted mid-variant, said the trainer's "continue with --resume", an option
+    compare does not have (it resumes when run again); train's hint now also fits the flags given."""
+    from moelab import cli
+    from moelab.train import RunConfig
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("moelab.train.train", interrupted)
+    monkeypatch.setattr("moelab.train.compare.compare", interrupted)
+    monkeypatch.setattr(RunConfig, "load", lambda path: RunConfig.from_dict({"model": "tiny", "train": {"steps": 5, "seq_len": 16}}))
+    (tmp_path / "recipe.yaml").write_text("steps: 5\n")
+    out = tmp_path / "out"
+    checkpoint = out / "checkpoints" / "step-000004"
+    compare_args = ["compare", "tiny", "--train", str(tmp_path / "recipe.yaml")]
+    for args, checkpointed, said in (
+        (["train", "run.yaml"], True, f"interrupted: run the same command with --resume to continue the run in {out}"),
+        (["train", "run.yaml", "--resume"], True, f"interrupted: run the same command again to continue the run in {out}"),
+        (["train", "run.yaml", "--overwrite"], True, "run the same command with --resume instead of --overwrite to continue"),
+        (["train", "run.yaml"], False, f"interrupted before the first checkpoint in {out}: run the same command again to start"),
+        (compare_args, False, f"interrupted: run the same command again to resume (what is done is kept for {out})"),
+        ([*compare_args, "--overwrite"], False, "interrupted: run the same command again without --overwrite to resume"),
+    ):
+        monkeypatch.setattr("moelab.train.checkpoint.latest_checkpoint", lambda run_dir, c=checkpointed: checkpoint if c else None)
+        monkeypatch.setattr("sys.argv", ["moelab", *args, "--out", str(out)])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        assert exit_info.value.code == 130
+        err = capsys.readouterr().err
+        assert said in err and "--resume" not in err.replace(said, ""), (args, err)
+
+
 def test_compress_refuses_calibration_settings_that_its_statistics_were_not_made_with(tmp_path, monkeypatch, capsys):
     """`compress --stats S --calib-tokens N` reused S as it was and ignored N without a word; a
     setting the statistics were made with, or none, goes through."""

@@ -406,10 +406,27 @@ def train(
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts it again; pass one of them")
     _keep_memory(keep_memory)
-    result = run_training(run, out, resume=resume, overwrite=overwrite, inputs=[config], quiet=quiet)
+    try:
+        result = run_training(run, out, resume=resume, overwrite=overwrite, inputs=[config], quiet=quiet)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            _say_how_to_continue_training(out, resume, overwrite)
+        raise
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         console.print(f"done: {result.steps} steps, {result.tokens:,} tokens, {result.tokens_per_second:,.0f} tokens/s, "
                       f"val loss {result.eval_loss['all']:.4f}; model in {out / 'model'}")
+
+
+def _say_how_to_continue_training(out: Path, resume: bool, overwrite: bool) -> None:
+    """After Ctrl-C in `train`: the command that continues the run in `out` (the trainer has said
+    at which step it stopped), or, before its first checkpoint, that the same command starts it."""
+    from moelab.train.checkpoint import latest_checkpoint
+
+    if latest_checkpoint(out) is None:
+        print(f"interrupted before the first checkpoint in {out}: run the same command again to start", file=sys.stderr)
+        return
+    again = "again" if resume else "with --resume instead of --overwrite" if overwrite else "with --resume"
+    print(f"interrupted: run the same command {again} to continue the run in {out}", file=sys.stderr)
 
 
 @app.command()
@@ -449,9 +466,10 @@ def compare(
     if threads is not None:
         recipe_config = dataclasses.replace(recipe_config, threads=_thread_setting(threads))
     _keep_memory(keep_memory)
-    report = run_compare(
-        configs, recipe_config, out, seeds=seeds, overwrite=overwrite, inputs=[recipe], quiet=quiet
-    )
+    with _resumable(out, clears=overwrite):  # finished variants are kept, the interrupted one resumed
+        report = run_compare(
+            configs, recipe_config, out, seeds=seeds, overwrite=overwrite, inputs=[recipe], quiet=quiet
+        )
     console.print(f"report: {report}")
 
 
@@ -640,11 +658,11 @@ def _check_reused_settings(ctx: typer.Context, stats: Path) -> None:
 
 @contextmanager
 def _resumable(out: Path, clears: bool = False) -> Iterator[None]:
-    """Ctrl-C in a resumable job (calibrate, compress, compress-bench) says how to go on: what it has
-    done stays for the next run into `out` (docs/outputs.md); it used to stop without a word. On a
-    line of its own: a progress bar may have left the cursor at the end of its line. clears: the
-    command run again would clear `out` (compress-bench's --overwrite: its cells are written in
-    place), so the hint leaves that flag out."""
+    """Ctrl-C in a resumable job (calibrate, compress, compress-bench, compare) says how to go on:
+    what it has done stays for the next run into `out` (docs/outputs.md); it used to stop without a
+    word. On a line of its own: a progress bar may have left the cursor at the end of its line.
+    clears: the command run again would clear `out` (compress-bench's and compare's --overwrite:
+    they write in place), so the hint leaves that flag out."""
     try:
         yield
     except KeyboardInterrupt:

@@ -447,7 +447,7 @@ def _train(
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         done = "checkpoint saved" if saved_step == step else f"last checkpoint at step {saved_step}"
-        bar.write(f"interrupted at step {step} ({done}); continue with --resume", file=sys.stderr)
+        bar.write(f"interrupted at step {step} ({done})", file=sys.stderr)  # how to go on: the caller says
         raise
     finally:
         bar.close()
