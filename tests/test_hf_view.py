@@ -595,8 +595,14 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
 
 
 def test_missing_config_and_layer_index(tmp_path):
-    with pytest.raises(CheckpointError, match="no config.json"):
-        open_checkpoint(tmp_path)
+    """A path that is no checkpoint directory is named once, with what it is ("no config.json in
+    X (X)" named it twice, and said "no config.json in" a file)."""
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for path, said in ((tmp_path, f"no config.json in {tmp_path};"), (tmp_path / "x", f"no such directory {tmp_path / 'x'};"),
+                       (tmp_path / "notes.txt", f"{tmp_path / 'notes.txt'} is a file, not a directory;")):  # fmt: skip
+        with pytest.raises(CheckpointError) as refused:
+            open_checkpoint(path)
+        assert str(refused.value).startswith(said) and str(refused.value).count(str(path)) == 1, refused.value
     _save("mixtral", tmp_path)
     with pytest.raises(IndexError, match="has 2 layers"):
         open_checkpoint(tmp_path).layer(2)

@@ -1456,7 +1456,7 @@ def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
     config_path = path / "config.json"
     if not config_path.exists():
         what = (
-            f"no such directory ({path})" if not path.exists()
+            f"no such directory {path}" if not path.exists()
             else f"{path} is a file, not a directory" if not path.is_dir()
             else f"no config.json in {path}"
         )  # fmt: skip
