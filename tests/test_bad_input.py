@@ -29,7 +29,10 @@ from transformers import PreTrainedTokenizerFast
 from moelab import cli
 from moelab import files as files_module
 from moelab.bench.layer import BenchOptions
+from moelab.compress import CalibrationOptions
+from moelab.compress.router_fit import RouterFit
 from moelab.data.tokenizer import TOKENIZER_DIR
+from moelab.eval import EvalOptions
 from moelab.files import file_inside, read_config_file, read_text
 from moelab.hf import CheckpointError, open_checkpoint
 from moelab.hf.expert_map import read_expert_map
@@ -1292,6 +1295,32 @@ def test_a_transformers_checkpoint_where_a_moelab_model_goes_is_told_which_comma
 def test_moe_config_types(field, value, message):
     with pytest.raises(ValueError, match=message):
         MoEConfig(**{"dim": 16, "num_experts": 4, "hidden_dim": 8, field: value})
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: CalibrationOptions(seq_len=32.0), r"CalibrationOptions.seq_len must be int, got float 32.0"),
+        (lambda: CalibrationOptions(batch_size=True), r"CalibrationOptions.batch_size must be int, got bool"),
+        (lambda: CalibrationOptions(observers="routing"), r"CalibrationOptions.observers must be tuple\[str, \.\.\.\]"),
+        (lambda: CalibrationOptions(snapshot_seconds=float("nan")), r"snapshot_seconds must be a finite number"),
+        (lambda: EvalOptions(eval_tokens=100.5), r"EvalOptions.eval_tokens must be int, got float 100.5"),
+        (lambda: EvalOptions(domains="german"), r"EvalOptions.domains is a list of domain names, got the str 'german'"),
+        (lambda: RouterFit(steps=2.5), r"RouterFit.steps must be int, got float 2.5"),
+        (lambda: RouterFit(lr="1e-3"), r"RouterFit.lr must be float, got str '1e-3'"),
+    ],
+)
+def test_option_types(make, message):
+    """The options of calibrate, evaluate and compress's router fit are checked as the configs
+    are (a float seq_len failed deep in the calibration, a str domain was read letter by letter)."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_options_take_lists_and_paths_as_given():
+    assert CalibrationOptions(observers=["routing"]).observers == ("routing",)
+    assert EvalOptions(data=Path("texts"), dynamic_skip=Path("stats")).data == "texts"
+    assert EvalOptions(dynamic_skip=Path("stats")).dynamic_skip == "stats"
 
 
 @dataclasses.dataclass

@@ -64,7 +64,7 @@ from moelab.hf.layerwise import LayerwiseModel
 from moelab.io import StagedOutput, clear_staging
 from moelab.models.reference import model_dir
 from moelab.trace.model import checkpoint_encoder
-from moelab.validation import check_choice
+from moelab.validation import check_choice, check_field_types
 
 COVERAGE_MIN_TOKENS = 8  # an expert routed fewer tokens than this has unreliable statistics
 
@@ -86,6 +86,9 @@ class CalibrationOptions:
     snapshot_seconds: float = 30.0
 
     def __post_init__(self):
+        if isinstance(self.observers, list):
+            self.observers = tuple(self.observers)
+        check_field_types(self)  # a float seq_len fails deep in the run, a str observers letter by letter
         for name in ("tokens", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
@@ -94,7 +97,6 @@ class CalibrationOptions:
         for name in self.observers:
             check_choice("observer", name, OBSERVERS)
         check_choice("calibration dtype", self.dtype, ("float32", "bfloat16", "float64"))
-        self.observers = tuple(self.observers)
 
     def settings(self) -> dict:
         """What the statistics depend on (not how often they are snapshot)."""

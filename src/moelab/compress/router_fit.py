@@ -28,6 +28,7 @@ from moelab.hf.edit import LayerEdit, apply_edit, layer_output, moe_output
 from moelab.hf.native import moe_layer_from_view
 from moelab.hf.view import MoELayerView
 from moelab.nn.moe import MoELayer
+from moelab.validation import check_field_types
 
 HOLDOUT_EVERY = 4  # every 4th sampled token is held out
 
@@ -40,6 +41,7 @@ class RouterFit:
     lr: float = 1e-3
 
     def __post_init__(self):
+        check_field_types(self)
         if self.steps < 0:
             raise ValueError(f"router re-calibration needs steps >= 0, got {self.steps}")
         if not self.lr > 0:

@@ -38,6 +38,7 @@ from moelab.hf.view import ModelView, MoELayerView
 from moelab.models.reference import model_dir
 from moelab.trace.data import load_streams
 from moelab.trace.model import checkpoint_encoder, hf_max_len
+from moelab.validation import check_field_types
 
 ALL = "all"
 EVAL_FORMAT = "moelab-eval/1"
@@ -56,7 +57,7 @@ class EvalOptions:
     prompt_tokens, gen_tokens: their length and the greedy continuation's; dynamic_skip:
     calibration statistics whose NAEE skip ratios the model (a moelab one) runs with."""
 
-    data: str = "corpus"
+    data: str | os.PathLike = "corpus"
     split: str = "test"
     domains: Sequence[str] | None = None
     eval_tokens: int = 8192
@@ -65,9 +66,17 @@ class EvalOptions:
     prompts: int = 4
     prompt_tokens: int = 32
     gen_tokens: int = 48
-    dynamic_skip: str | None = None
+    dynamic_skip: str | os.PathLike | None = None
 
     def __post_init__(self):
+        for name in ("data", "dynamic_skip"):  # paths as str: the report's options are JSON
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        if isinstance(self.domains, str):  # a str is a Sequence[str]: it would be read letter by letter
+            raise ValueError(
+                f"EvalOptions.domains is a list of domain names, got the str {self.domains!r}; write [{self.domains!r}]"
+            )
+        check_field_types(self)
         for name in ("eval_tokens", "seq_len", "batch_size", "prompt_tokens", "gen_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval {name} must be >= 1, got {getattr(self, name)}")
