@@ -586,6 +586,8 @@ def test_unknown_domains_are_refused_before_calibrating(tmp_path, model_dir, mon
     monkeypatch.setattr(run_module, "run_calibration", lambda *a, **k: pytest.fail("calibrated"))
     with pytest.raises(ValueError, match="--domain \\['klingon'\\] are not among the calibration sources"):
         compress(model_dir, tmp_path / "out", domains=["klingon"], calib_options=SMALL, quiet=True)
+    with pytest.raises(ValueError, match="domains is a list of calibration sources, got the str 'code'"):
+        compress(model_dir, tmp_path / "out", domains="code", calib_options=SMALL, quiet=True)
     assert not list(tmp_path.iterdir())
 
 

@@ -93,6 +93,8 @@ def compress(
     in memory).
     Returns the report (also in out/moelab_compression.json). `model` may be a shipped model's name."""
     started = time.perf_counter()
+    if isinstance(domains, str):  # a str is a Sequence[str]: its letters would be the domains
+        raise ValueError(f"domains is a list of calibration sources, got the str {domains!r}; write [{domains!r}]")
     model = model_dir(model)
     chosen = get_method(method, **(method_options or {}))
     if budget not in BUDGETS:
