@@ -1317,6 +1317,16 @@ def test_option_types(make, message):
         make()
 
 
+def test_one_domain_as_a_str_is_refused_not_read_letter_by_letter():
+    """load_streams and domain_losses took domains="german" as the domains g, e, r, ... ("unknown
+    domain 'g'")."""
+    from moelab.eval import domain_losses
+
+    for read in (lambda: load_streams(domains="german"), lambda: domain_losses(torch.nn.Linear(1, 1), "german")):
+        with pytest.raises(ValueError, match=r"domains is a list of domain names, got the str 'german'; write \['german'\]"):
+            read()
+
+
 def test_options_take_lists_and_paths_as_given():
     assert CalibrationOptions(observers=["routing"]).observers == ("routing",)
     assert EvalOptions(data=Path("texts"), dynamic_skip=Path("stats")).data == "texts"

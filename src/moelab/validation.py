@@ -25,6 +25,12 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}{did_you_mean(value, choices)}; choose one of {choices}")
 
 
+def check_not_str(label: str, value: object, items: str) -> None:
+    """Refuse a str where a list of `items` goes: a str is a Sequence[str], read letter by letter."""
+    if isinstance(value, str):
+        raise ValueError(f"{label} is a list of {items}, got the str {value!r}; write [{value!r}]")
+
+
 def non_finite_names(named: Iterable[tuple[str, object]]) -> list[str]:
     """The names of the floating-point tensors among (name, tensor) pairs that hold NaN or Inf (a
     corrupt checkpoint: decoding on it gives garbage, not an error)."""

@@ -44,7 +44,7 @@ from moelab.hf.writer import unbuilt_layers, write_edited
 from moelab.io import StagedOutput, atomic_write_text, clear_staging
 from moelab.models.pretrained import CHECKPOINT_KIND
 from moelab.models.reference import model_dir
-from moelab.validation import check_choice
+from moelab.validation import check_choice, check_not_str
 
 REPORT_NAME = "moelab_compression.json"
 STATS_DIR = "moelab_calibration"
@@ -93,8 +93,7 @@ def compress(
     in memory).
     Returns the report (also in out/moelab_compression.json). `model` may be a shipped model's name."""
     started = time.perf_counter()
-    if isinstance(domains, str):  # a str is a Sequence[str]: its letters would be the domains
-        raise ValueError(f"domains is a list of calibration sources, got the str {domains!r}; write [{domains!r}]")
+    check_not_str("domains", domains, "calibration sources")
     model = model_dir(model)
     chosen = get_method(method, **(method_options or {}))
     if budget not in BUDGETS:

@@ -38,7 +38,7 @@ from moelab.hf.view import ModelView, MoELayerView
 from moelab.models.reference import model_dir
 from moelab.trace.data import load_streams
 from moelab.trace.model import checkpoint_encoder, hf_max_len
-from moelab.validation import check_field_types
+from moelab.validation import check_field_types, check_not_str
 
 ALL = "all"
 EVAL_FORMAT = "moelab-eval/1"
@@ -72,10 +72,7 @@ class EvalOptions:
         for name in ("data", "dynamic_skip"):  # paths as str: the report's options are JSON
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
-        if isinstance(self.domains, str):  # a str is a Sequence[str]: it would be read letter by letter
-            raise ValueError(
-                f"EvalOptions.domains is a list of domain names, got the str {self.domains!r}; write [{self.domains!r}]"
-            )
+        check_not_str("EvalOptions.domains", self.domains, "domain names")
         check_field_types(self)
         for name in ("eval_tokens", "seq_len", "batch_size", "prompt_tokens", "gen_tokens"):
             if getattr(self, name) < 1:

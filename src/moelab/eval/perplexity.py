@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from moelab.data import IGNORE_INDEX, eval_batches, list_domains, tokenize_split
+from moelab.validation import check_not_str
 
 ALL = "all"
 
@@ -56,6 +57,7 @@ def domain_losses(
     group: the ranks of a parallel model (every rank calls this): each scores its share of every
     batch's rows (a rank left without rows runs one unscored row, so every rank makes the same
     calls) and the sums are all-reduced."""
+    check_not_str("domains", domains, "domain names")
     names = list_domains() if domains is None else list(domains)
     if not names:
         raise ValueError("domain_losses needs at least one domain (None = all of them)")

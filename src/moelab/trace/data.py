@@ -19,7 +19,7 @@ import torch
 
 from moelab.data import list_domains, load_documents, load_tokenizer, tokenize_split, tokenize_texts
 from moelab.files import parse_json, read_text
-from moelab.validation import did_you_mean
+from moelab.validation import check_not_str, did_you_mean
 
 Encoder = Callable[[list[str]], np.ndarray]  # texts -> one flat id array, documents separated
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -43,6 +43,7 @@ def load_streams(
 ) -> dict[str, np.ndarray]:
     """{domain: flat token ids [n]} for a data spec (see the module docstring); `split` applies to
     the corpus; `domains` keeps only those (in that order); quiet: no tokenizing progress bar."""
+    check_not_str("domains", domains, "domain names")
     if str(data) == "corpus":
         names = list_domains()
         texts = None
