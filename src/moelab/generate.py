@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,7 +78,7 @@ def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
-def generate_text(path: str | os.PathLike, prompt: str, **options) -> tuple[str, dict]:
+def generate_text(path: str | os.PathLike, prompt: str, **options: Any) -> tuple[str, dict[str, Any]]:
     """(the prompt's continuation, statistics): `generate_texts` for one prompt."""
     texts, stats = generate_texts(path, [prompt], **options)
     return texts[0], stats
@@ -99,7 +100,7 @@ def generate_texts(
     streamer: TokenStreamer | None = None,
     sampling: Sampling | None = None,
     ignore_eos: bool = False,
-) -> tuple[list[str], dict]:
+) -> tuple[list[str], dict[str, Any]]:
     """(each prompt's continuation, up to the tokenizer's end-of-text token unless ignore_eos;
     statistics: "steps" decoded (max_new_tokens, or fewer where every prompt's text ended),
     "seconds" and "tokens_per_s" of the decoding, the prompts included (tokens/s: the steps'

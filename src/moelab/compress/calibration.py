@@ -109,17 +109,18 @@ def calibrate(
     model: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    calib: str | list[str] = DEFAULT_SPEC,
+    calib: str | Sequence[str] | Mixture = DEFAULT_SPEC,
     options: CalibrationOptions | None = None,
     overwrite: bool = False,
     quiet: bool = False,
     mtp: bool = True,
 ) -> Calibration:
-    """Record the calibration statistics of the checkpoint `model` on `calib` (see
-    `moelab.compress.mixture`) into the new directory `out` (resuming a killed run into the same
-    `out`). Under torchrun, every process takes its share of the batches and the statistics are
-    summed over them (rank 0 writes). mtp: also calibrate the checkpoint's multi-token prediction
-    layer (`run_calibration`). Returns the opened statistics. `model` may be a shipped model's name."""
+    """Record the calibration statistics of the checkpoint `model` on `calib` (specs, see
+    `moelab.compress.mixture`, or a `Mixture` from `build_mixture`) into the new directory `out`
+    (resuming a killed run into the same `out`). Under torchrun, every process takes its share of
+    the batches and the statistics are summed over them (rank 0 writes). mtp: also calibrate the
+    checkpoint's multi-token prediction layer (`run_calibration`). Returns the opened statistics.
+    `model` may be a shipped model's name."""
     model = model_dir(model)
     options = options or CalibrationOptions()
     rank, world = join_torchrun()
@@ -153,7 +154,7 @@ def calibrate(
 
 
 def calibration_mixture(
-    model: str | os.PathLike, calib: str | list[str], options: CalibrationOptions, quiet: bool = False
+    model: str | os.PathLike, calib: str | Sequence[str], options: CalibrationOptions, quiet: bool = False
 ) -> Mixture:
     """The calibration windows for `model`, tokenised with its own tokenizer."""
     runner_config = _config(model)
@@ -171,7 +172,7 @@ def calibration_mixture(
 def run_calibration(
     model: str | os.PathLike,
     directory: Path,
-    calib: str | list[str] | Mixture,
+    calib: str | Sequence[str] | Mixture,
     options: CalibrationOptions,
     *,
     quiet: bool = False,

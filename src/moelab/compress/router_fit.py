@@ -50,9 +50,9 @@ class RouterFit:
 
 def refit_router(
     layer: MoELayerView, edit: LayerEdit, inputs: Tensor | None, fit: RouterFit, ids: Tensor | None = None
-) -> tuple[LayerEdit, dict[str, float]]:
+) -> tuple[LayerEdit, dict[str, float | str]]:
     """(the edit with the fitted router, notes: train and held-out loss before and after, and the
-    step kept). `layer`: the original layer; `inputs`: [N, D] its sampled inputs, `ids` the router's
+    step kept; "skipped": why not, where the layer's output is zero). `layer`: the original layer; `inputs`: [N, D] its sampled inputs, `ids` the router's
     per-token input (`LayerStats.router_inputs`: a hash router's token ids [N], an MLP router's states [N, R])."""
     if inputs is None or inputs.shape[0] < HOLDOUT_EVERY or not (inputs != 0).any():
         raise ValueError(
@@ -76,7 +76,7 @@ def refit_router(
         return error[~held].sum() / scale[~held].sum(), error[held].sum() / scale[held].sum()
 
     train, heldout = losses()
-    notes = {
+    notes: dict[str, float | str] = {
         "steps": fit.steps,
         "lr": fit.lr,
         "train_before": _value(train),

@@ -615,7 +615,9 @@ def stored_layers(checkpoint: Checkpoint, layer_prefix: str) -> dict[int, list[s
     return found
 
 
-def check_no_layers_beyond(checkpoint: Checkpoint, config: dict[str, Any], adapter: LayerReader, num_layers: int):
+def check_no_layers_beyond(
+    checkpoint: Checkpoint, config: dict[str, Any], adapter: LayerReader, num_layers: int
+) -> None:
     """Refuse a checkpoint that stores decoder layers past config.json's layer count (a DeepSeek
     checkpoint's next-token-prediction layers, num_nextn_predict_layers, aside): config.json does
     not describe these weights, and reading only its first layers would give another model."""

@@ -19,6 +19,7 @@ from moelab.nn.routers import (
     ExpertChoiceRouter,
     HashRouter,
     ReLURouter,
+    Router,
     TopKRouter,
     TopPRouter,
     check_groups,
@@ -279,7 +280,7 @@ class MoEConfig:
 RENAMED_FIELDS = {"aux_free_bias": "selection_bias", "expert_bias": "expert_mlp_bias"}
 
 
-def build_router(cfg: MoEConfig, reuse_position: int = 0, vocab_size: int | None = None):
+def build_router(cfg: MoEConfig, reuse_position: int = 0, vocab_size: int | None = None) -> Router:
     """The router of a config; reuse_position: a ReXMoE layer's place in its group; vocab_size: the
     model's vocabulary, which a hash router's table covers."""
     common = {"bias": cfg.router_bias}

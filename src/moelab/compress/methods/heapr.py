@@ -46,7 +46,7 @@ class HEAPr(Method):
         if layout not in LAYOUTS:
             raise ValueError(f"heapr layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
-        self.threshold: tuple[float, int] | None = None
+        self.threshold: tuple[float, int, int] | None = None
         self.align = 1  # a width granularity the output needs (`settle`)
 
     def options(self):
