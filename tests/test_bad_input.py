@@ -1308,11 +1308,14 @@ def test_moe_config_types(field, value, message):
         (lambda: EvalOptions(domains="german"), r"EvalOptions.domains is a list of domain names, got the str 'german'"),
         (lambda: RouterFit(steps=2.5), r"RouterFit.steps must be int, got float 2.5"),
         (lambda: RouterFit(lr="1e-3"), r"RouterFit.lr must be float, got str '1e-3'"),
+        (lambda: TraceOptions(seq_len=16.0), r"TraceOptions.seq_len must be int, got float 16.0"),
+        (lambda: TraceOptions(logits=1), r"TraceOptions.logits must be bool, got int 1"),
     ],
 )
 def test_option_types(make, message):
-    """The options of calibrate, evaluate and compress's router fit are checked as the configs
-    are (a float seq_len failed deep in the calibration, a str domain was read letter by letter)."""
+    """The options of calibrate, evaluate, trace and compress's router fit are checked as the
+    configs are (a float seq_len failed deep in the calibration or trace, a str domain was read
+    letter by letter)."""
     with pytest.raises(ValueError, match=message):
         make()
 

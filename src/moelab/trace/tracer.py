@@ -18,6 +18,7 @@ from moelab.trace.capture import RoutingCapture
 from moelab.trace.data import batches, count_tokens, load_streams
 from moelab.trace.model import LoadedModel, load_model, wrap_model
 from moelab.trace.store import KIND, Trace, TraceInfo, TraceWriter
+from moelab.validation import check_field_types
 
 
 @dataclass(kw_only=True)
@@ -33,6 +34,9 @@ class TraceOptions:
     logits: bool = False
     expert_stats: bool = True
     shard_tokens: int = 65536
+
+    def __post_init__(self):
+        check_field_types(self)  # a float seq_len failed mid-trace, slicing the windows
 
 
 def trace_model(
