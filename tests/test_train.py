@@ -675,6 +675,36 @@ def test_resume_from_a_later_or_the_last_checkpoint_reports_what_the_straight_ru
     assert state["chunk_coef"]["value"] != moe_extra["chunk_sparsity_coef"], "it had moved by step 4"
 
 
+def test_a_run_on_automatic_threads_resumes_on_the_count_it_trained_on(tmp_path, monkeypatch):
+    """A run file without train.threads trains on the count the machine gives (`--threads auto`):
+    checkpointed on 2 threads and resumed where the machine gives 1, the run goes on with 2 and its
+    weights are the straight run's. Before, it went on with 1: other weights, without a word."""
+    import shutil
+
+    from moelab.train import trainer
+
+    run = RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "steps": 4, "threads": None}})
+    torch.set_num_threads(2)  # the machine's count when the run started (one_thread puts 1 back)
+    train(run, tmp_path / "straight", quiet=True)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", resumed)
+    for later in ("checkpoints/step-000004", "model"):
+        shutil.rmtree(resumed / later)
+    (resumed / "results.json").unlink()
+    counts, real_step = [], trainer.train_step
+
+    def counted_step(*args, **kwargs):
+        counts.append(torch.get_num_threads())
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", counted_step)
+    torch.set_num_threads(1)  # the machine's count at the resume
+    train(run, resumed, resume=True, quiet=True)
+    assert counts == [2, 2] and torch.get_num_threads() == 1  # the resumed steps; the count is put back after
+    a, b = (load_file(d / "model" / "model.safetensors") for d in (tmp_path / "straight", resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_a_changed_model(tmp_path):
     train_fields = {**TRAIN, "steps": 1, "warmup_steps": 0}
     train(RunConfig.from_dict({"model": MODEL, "train": train_fields}), tmp_path / "run", quiet=True)

@@ -362,6 +362,7 @@ def _train(
         if chunk_coef is not None:
             chunk_coef.load_state_dict(state["chunk_coef"])
             _set_chunk_coef(model, chunk_coef.value)
+        _resume_threads(state, cfg, quiet)
     _attach_bias_updates(optimizer, model, run, parallel)
 
     def save(at: int) -> None:
@@ -377,6 +378,7 @@ def _train(
             "eval_window": eval_window.state_dict(),
             "eval_loss": eval_loss,
             "measured_experts": measured_experts,
+            "threads": torch.get_num_threads(),  # the weights' bytes depend on it (`_resume_threads`)
         }
         if chunk_coef is not None:
             state["chunk_coef"] = chunk_coef.state_dict()
@@ -474,6 +476,24 @@ def _train(
             error = err
     shared_from_rank0(parallel, None, error)  # no rank returns before the model is written
     return result
+
+
+def _resume_threads(state: dict[str, Any], cfg: TrainConfig, quiet: bool) -> None:
+    """Continue on the intra-op thread count the checkpointed steps ran on, where the run leaves
+    the count to the machine (train.threads unset or "auto"): a matmul's sums depend on it, so
+    "auto" resolved otherwise on a busier or idler machine gave other weights than the
+    uninterrupted run's, without a word. A set count is the run's own (config.yaml: a resume with
+    another is refused); a checkpoint from before the count was recorded keeps the count now."""
+    trained_on = state.get("threads")
+    if cfg.threads not in (None, "auto") or trained_on is None or trained_on == torch.get_num_threads():
+        return
+    if not quiet:
+        print(
+            f"resuming on {trained_on} intra-op threads, as the run trained (not {torch.get_num_threads()}): "
+            "the weights then match an uninterrupted run's",
+            file=sys.stderr,
+        )
+    torch.set_num_threads(trained_on)
 
 
 def train_step(
