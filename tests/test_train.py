@@ -705,6 +705,25 @@ def test_a_run_on_automatic_threads_resumes_on_the_count_it_trained_on(tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_on_automatic_threads_resumed_on_fewer_cores_warns(tmp_path, monkeypatch):
+    """Checkpointed on 2 threads, resumed on a machine of 1 core: 2 threads there would slow every
+    step, so the run goes on with 1 and warns that its weights will differ from the straight run's."""
+    import shutil
+
+    from moelab.train import trainer
+
+    run = RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "steps": 4, "threads": None}})
+    torch.set_num_threads(2)
+    train(run, tmp_path / "run", quiet=True)
+    shutil.rmtree(tmp_path / "run" / "model")
+    (tmp_path / "run" / "results.json").unlink()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000004")
+    torch.set_num_threads(1)
+    monkeypatch.setattr(trainer, "available_cores", lambda: 1)
+    with pytest.warns(UserWarning, match="trained on 2 intra-op threads and this machine has 1 cores: it goes on with 1"):
+        train(run, tmp_path / "run", resume=True, quiet=True)
+
+
 def test_resume_refuses_a_changed_model(tmp_path):
     train_fields = {**TRAIN, "steps": 1, "warmup_steps": 0}
     train(RunConfig.from_dict({"model": MODEL, "train": train_fields}), tmp_path / "run", quiet=True)

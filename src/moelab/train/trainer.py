@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ from moelab.nn import MoELayer, attach_selection_bias_update
 from moelab.nn.blockffn import AdaptiveCoefficient
 from moelab.nn.rexmoe import ReuseRouter, set_reuse_progress
 from moelab.nn.routers import NON_FINITE_LOGITS, TopKRouter
-from moelab.threads import intra_op_threads
+from moelab.threads import available_cores, intra_op_threads
 from moelab.train.checkpoint import (
     clean_checkpoints,
     latest_checkpoint,
@@ -482,14 +483,23 @@ def _resume_threads(state: dict[str, Any], cfg: TrainConfig, quiet: bool) -> Non
     """Continue on the intra-op thread count the checkpointed steps ran on, where the run leaves
     the count to the machine (train.threads unset or "auto"): a matmul's sums depend on it, so
     "auto" resolved otherwise on a busier or idler machine gave other weights than the
-    uninterrupted run's, without a word. A set count is the run's own (config.yaml: a resume with
+    uninterrupted run's, without a word. On a machine with fewer cores than that count (another
+    machine), the count stays and a warning says the weights will differ: more threads than cores
+    would slow every step several times. A set count is the run's own (config.yaml: a resume with
     another is refused); a checkpoint from before the count was recorded keeps the count now."""
-    trained_on = state.get("threads")
-    if cfg.threads not in (None, "auto") or trained_on is None or trained_on == torch.get_num_threads():
+    trained_on, now = state.get("threads"), torch.get_num_threads()
+    if cfg.threads not in (None, "auto") or trained_on is None or trained_on == now:
+        return
+    if trained_on > available_cores():
+        warnings.warn(
+            f"the run trained on {trained_on} intra-op threads and this machine has {available_cores()} cores: it "
+            f"goes on with {now}, so its weights will differ from an uninterrupted run's (bit for bit)",
+            stacklevel=2,
+        )
         return
     if not quiet:
         print(
-            f"resuming on {trained_on} intra-op threads, as the run trained (not {torch.get_num_threads()}): "
+            f"resuming on {trained_on} intra-op threads, as the run trained (not {now}): "
             "the weights then match an uninterrupted run's",
             file=sys.stderr,
         )
