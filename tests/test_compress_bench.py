@@ -631,6 +631,16 @@ def test_a_domain_ratio_that_is_also_a_general_ratio_runs_the_task_agnostic_cell
     assert names.count("reap-50") == 1
 
 
+def test_generations_longer_than_the_context_are_refused_before_the_calibration(tiny, tmp_path):
+    """The tiny model's context is 64 tokens: prompts of 32 and continuations of 48 do not fit. The
+    bench says so before it claims its output, with the flag it takes; before, it calibrated first
+    and then told to lower --prompt-tokens or --new-tokens, which compress-bench does not have."""
+    options = BenchOptions(methods=("reap",), ratios=(0.25,), **{**TINY, "gen_tokens": 48})
+    with pytest.raises(ValueError, match=r"\(32 tokens\) and continuations \(48\) exceed the context of 64 tokens") as err:
+        run_bench(tiny, tmp_path / "b", options, quiet=True)
+    assert str(err.value).endswith("skip the check (--prompts 0)") and not (tmp_path / "b").exists()
+
+
 def test_a_resumed_bench_reads_the_baseline_it_evaluated_before(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "evaluate", lambda *a, **k: pytest.fail("evaluated the base again"))
     (tmp_path / "base.json").write_text(json.dumps({"perplexity": {"all": 15.0}}))

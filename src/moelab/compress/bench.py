@@ -36,7 +36,13 @@ from typing import Any
 
 import numpy as np
 
-from moelab.compress.calibration import CalibrationOptions, calibrate, calibration_mixture
+from moelab.compress.calibration import (
+    CalibrationOptions,
+    _config,
+    _max_positions,
+    calibrate,
+    calibration_mixture,
+)
 from moelab.compress.methods import METHODS
 from moelab.compress.methods.easy_ep import EasyEP
 from moelab.compress.observers import DEFAULT_OBSERVERS, EASY_EP_UNREADABLE
@@ -259,7 +265,14 @@ def by_reason(left_out: Mapping[str, str]) -> dict[str, list[str]]:
 
 def _check_cells(model: Path, options: BenchOptions) -> None:
     """The errors a cell or the domain calibration would raise hours into the bench, now: every
-    method at every ratio it will run at (shard headers only), and the domain's text."""
+    method at every ratio it will run at (shard headers only), the domain's text, and generations
+    that fit the model's context."""
+    prompt_tokens, context = _eval_options(options).prompt_tokens, _max_positions(_config(model))
+    if options.prompts and prompt_tokens + options.gen_tokens > context:  # evaluate's check, after the calibration
+        raise ValueError(
+            f"the degenerate-generation check's prompts ({prompt_tokens} tokens) and continuations "
+            f"({options.gen_tokens}) exceed the context of {context} tokens of {model}; skip the check (--prompts 0)"
+        )
     runs = {(m, r) for m in options.methods for r in options.ratios}
     if options.domain and not any(m not in (*DOMAIN_METHODS, "moelab") for m in options.methods):
         raise ValueError(
