@@ -732,9 +732,10 @@ def test_resume_refuses_a_changed_model(tmp_path):
         train(other, tmp_path / "run", resume=True, quiet=True)
 
 
-def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_again(tmp_path, monkeypatch):
-    """Ctrl-C at step 2 of a run whose first checkpoint is at step 4: --resume trains it from the
-    start, and its log is the straight run's (nothing of the stopped attempt left in it)."""
+def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_again(tmp_path, monkeypatch, capsys):
+    """Ctrl-C at step 2 of a run whose first checkpoint is at step 4: the line says there is no
+    checkpoint (it named a "last checkpoint at step 0", which never exists), --resume trains it
+    from the start, and its log is the straight run's (nothing of the stopped attempt left in it)."""
     from moelab.train import trainer
 
     run = RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "steps": 4, "checkpoint_every": 4}})
@@ -750,6 +751,7 @@ def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_again(tmp_
     monkeypatch.setattr(trainer, "train_step", stop_at_step_two)
     with pytest.raises(KeyboardInterrupt):
         train(run, tmp_path / "stopped", quiet=True)
+    assert "interrupted at step 1 (no checkpoint yet: the run starts again)" in capsys.readouterr().err
     assert [r["step"] for r in read_log(tmp_path / "stopped")] == [1]
     monkeypatch.setattr(trainer, "train_step", train_step)
     train(run, tmp_path / "stopped", resume=True, quiet=True)

@@ -541,7 +541,7 @@ def trace_cmd(
 @app.command()
 def analyze(
     ctx: typer.Context,
-    model: Annotated[str | None, typer.Argument(help="A moelab or local transformers checkpoint directory, a shipped model's name (ref-8e-top2, the default; ref-32e-top4-shared), or a trace directory (moelab trace) to report on without running the model.", show_default=False)] = None,
+    model: Annotated[str | None, typer.Argument(help="A moelab or local transformers checkpoint directory, a shipped model's name: ref-8e-top2 (the default), ref-32e-top4-shared; or a trace directory (moelab trace) to report on without running the model.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", help="Report directory.")] = Path("runs/analysis"),
     data: DataOpt = "corpus",
     split: SplitOpt = "validation",

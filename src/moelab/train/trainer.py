@@ -401,7 +401,7 @@ def _train(
         disable=quiet,
         dynamic_ncols=True,
     )
-    saved_step = step
+    saved_step = step if start is not None else None  # None: no checkpoint yet
     try:
         with _Interrupt() as interrupt:
             while step < cfg.steps:
@@ -449,7 +449,10 @@ def _train(
                 if stop:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
-        done = "checkpoint saved" if saved_step == step else f"last checkpoint at step {saved_step}"
+        if saved_step is None:  # stopped in the first steps, before a checkpoint could be saved
+            done = "no checkpoint yet: the run starts again"
+        else:
+            done = "checkpoint saved" if saved_step == step else f"last checkpoint at step {saved_step}"
         bar.write(f"interrupted at step {step} ({done})", file=sys.stderr)  # how to go on: the caller says
         raise
     finally:
