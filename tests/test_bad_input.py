@@ -1845,6 +1845,20 @@ def _own_code_checkpoint(src: Path, tmp: Path, name: str = "mixtral") -> Path:
 OWN_CODE = ["model_type 'xmoe' is not a model transformers", "configuration_x.XConfig", "which moelab never runs"]
 
 
+def test_a_known_model_type_with_code_of_its_own_warns_that_transformers_class_runs(sources, tmp_path):
+    """config.json's model_type is one transformers has ('mixtral') and its auto_map names the
+    checkpoint's own code: transformers' class runs, never that code, and a warning says so (a
+    checkpoint whose code differs would compute otherwise, silently)."""
+    from moelab.hf.loading import load_causal_lm
+
+    ckpt = _own_code_checkpoint(sources, tmp_path)
+    edit_json(ckpt / "config.json", model_type="mixtral")
+    with pytest.warns(UserWarning, match=r"configuration_x.XConfig, modeling_x.XForCausalLM\), which moelab never runs: "
+                      r"transformers' own 'mixtral' model runs instead"):  # fmt: skip
+        load_causal_lm(ckpt, quiet=True)
+    assert not (ckpt / "ran.txt").exists()
+
+
 @case
 def trace_model_type_transformers_lacks_with_its_own_code(tmp, src):
     ckpt = _own_code_checkpoint(src, tmp)

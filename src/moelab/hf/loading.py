@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,7 +93,9 @@ def _stored_as_integers(path: Path, model) -> list[str]:
 def check_transformers_knows(path: Path) -> None:
     """Raise a CheckpointError where config.json's model_type is one the installed transformers has no
     class for, naming the checkpoint's own code (auto_map), which moelab never runs (transformers' own
-    error suggests upgrading only, and where it may ask whether to run that code, moelab never lets it)."""
+    error suggests upgrading only, and where it may ask whether to run that code, moelab never lets it).
+    Where transformers knows the model_type and config.json names code of its own as well, warn that
+    transformers' class runs, not that code (a checkpoint whose code differs would compute otherwise)."""
     import transformers
     from transformers import CONFIG_MAPPING
 
@@ -101,10 +104,19 @@ def check_transformers_knows(path: Path) -> None:
         return
     config = read_json_object(config_path, "a model config", error=CheckpointError)
     model_type = config.get("model_type")
-    if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
-        return
     auto_map = config.get("auto_map")
     code = sorted({str(ref) for ref in auto_map.values()}) if isinstance(auto_map, dict) else []
+    if not isinstance(model_type, str):
+        return
+    if model_type in CONFIG_MAPPING:
+        if code:
+            warnings.warn(
+                f"{config_path} names the checkpoint's own code ({', '.join(code)}), which moelab never runs: "
+                f"transformers' own {model_type!r} model runs instead; where that code differs from it, so do "
+                "the outputs",
+                stacklevel=2,
+            )
+        return
     own_code = (
         f"; its auto_map names the checkpoint's own code ({', '.join(code)}), which moelab never runs "
         "(no trust_remote_code)" if code else ""
