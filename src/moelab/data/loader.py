@@ -49,7 +49,8 @@ def mixture_weights(sizes: Mapping[str, int], weights: str | Mapping[str, float]
         raw = np.array([weights[name] for name in sizes], dtype=np.float64)
         if not np.isfinite(raw).all() or (raw < 0).any() or not (raw > 0).any():  # NaN, inf: NaN probabilities
             raise ValueError(f"mixture weights must be finite, >= 0 and with a positive sum, got {dict(weights)}")
-        raw /= raw.max()  # the sum of finite weights overflowed (1e308 twice): probabilities of 0
+        if not np.isfinite(raw.sum()):  # finite weights whose sum overflows (1e308 twice): probabilities of 0
+            raw /= raw.max()  # only then: other weights keep their bytes (a run's sampling depends on them)
     else:
         raise ValueError(
             f"weights must be 'proportional', 'uniform' or a {{domain: weight}} mapping, got {weights!r}"
