@@ -377,6 +377,25 @@ def test_a_failed_run_removes_the_empty_parents_it_created_and_only_those(tmp_pa
     assert (tmp_path / "new" / "out" / "a.txt").is_file()
 
 
+def test_a_failed_run_keeps_a_parent_another_process_made_as_it_made_its_own(tmp_path, monkeypatch):
+    """A parent missing when the lock looked but made by another process before the lock's mkdir
+    (a sibling run, the user) is not the run's: it stays when the run fails, empty or not."""
+    theirs = tmp_path / "runs"
+    mkdir = os.mkdir
+
+    def made_first_by_another(path, *args, **kwargs):
+        if Path(path) == theirs and not theirs.exists():
+            mkdir(theirs)
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", made_first_by_another)
+    for out in (theirs / "calibration", theirs / "deeper" / "calibration"):
+        with pytest.raises(RuntimeError), output_dir(out, "thing", entries=["log"]):
+            raise RuntimeError("refused: not a model")
+        assert theirs.is_dir() and not any(theirs.iterdir()), "its own parent (deeper) went, runs/ stayed"
+        theirs.rmdir()
+
+
 def test_staged_output_refuses_an_existing_output_when_it_opens(tmp_path):
     """Before the slow work, not only when publishing."""
     out = publish(tmp_path / "out")

@@ -855,9 +855,8 @@ def _lock(out: Path) -> Iterator[None]:
     parents of `out` it creates go again when the block ends if they are empty (a refused or
     failed run leaves no `runs/` behind)."""
     _check_parents(out)
-    created = [parent for parent in out.parents if not parent.exists()]  # deepest first
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        created = _make_parents(out)
     except OSError as err:
         raise OutputError(
             f"cannot create {out.parent} ({err.strerror}); choose another output path"
@@ -871,6 +870,21 @@ def _lock(out: Path) -> Iterator[None]:
                 parent.rmdir()
             except OSError:  # not empty (the output, another run's): kept, and so are the ones above it
                 break
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Create the missing parents of `out`; returns those this call made, deepest first (not one
+    another process made meanwhile, which `_lock` must not remove)."""
+    created = []
+    for parent in reversed([parent for parent in out.parents if not parent.exists()]):  # top-down
+        try:
+            parent.mkdir()
+        except FileExistsError:
+            if not parent.is_dir():
+                raise
+            continue
+        created.append(parent)
+    return created[::-1]
 
 
 @contextmanager
