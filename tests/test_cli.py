@@ -1235,6 +1235,41 @@ def test_ctrl_c_in_train_and_compare_names_their_own_way_to_continue(monkeypatch
         assert said in err and "--resume" not in err.replace(said, ""), (args, err)
 
 
+def test_ctrl_c_in_train_before_its_first_checkpoint_names_a_command_that_starts_it(monkeypatch, capsys, tmp_path):
+    """Interrupted after claiming --out (its config written) and before a checkpoint, the same
+    command is refused (the run is there): the hint says --resume, which starts it; interrupted
+    before the claim, or with --resume or --overwrite, the same command starts it. Each hint's flags
+    pass the trainer's check of --out."""
+    from moelab import cli
+    from moelab.io import output_dir
+    from moelab.train import RunConfig
+    from moelab.train.trainer import KIND, RUN_ENTRIES, _check_output
+
+    def interrupted(run, out, *, claims, **kwargs):
+        if claims:
+            with output_dir(out, KIND, entries=RUN_ENTRIES, overwrite=kwargs["overwrite"], resume=kwargs["resume"]):
+                (out / "config.yaml").write_text("model: tiny\n")
+                raise KeyboardInterrupt
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunConfig, "load", lambda path: RunConfig.from_dict({"model": "tiny", "train": {"steps": 5, "seq_len": 16}}))
+    for flags, claims, again in (
+        ([], True, "with --resume"), ([], False, "again"), (["--overwrite"], True, "again"), (["--resume"], True, "again")
+    ):  # fmt: skip
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        if flags:  # a run to resume or replace
+            with pytest.raises(KeyboardInterrupt):
+                interrupted(None, out, claims=True, overwrite=False, resume=False)
+        monkeypatch.setattr("moelab.train.train", lambda run, out, claims=claims, **kwargs: interrupted(run, out, claims=claims, **kwargs))
+        monkeypatch.setattr("sys.argv", ["moelab", "train", "run.yaml", "--out", str(out), *flags])
+        with pytest.raises(SystemExit):
+            cli.main()
+        err = capsys.readouterr().err
+        assert f"interrupted before the first checkpoint in {out}: run the same command {again} to start" in err, (flags, claims, err)
+        hinted = [*flags, *again.split()[1:]]
+        _check_output(out, [], resume="--resume" in hinted, overwrite="--overwrite" in hinted)
+
+
 def test_compress_refuses_calibration_settings_that_its_statistics_were_not_made_with(tmp_path, monkeypatch, capsys):
     """`compress --stats S --calib-tokens N` reused S as it was and ignored N without a word; a
     setting the statistics were made with, or none, goes through."""

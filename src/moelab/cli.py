@@ -419,11 +419,16 @@ def train(
 
 def _say_how_to_continue_training(out: Path, resume: bool, overwrite: bool) -> None:
     """After Ctrl-C in `train`: the command that continues the run in `out` (the trainer has said
-    at which step it stopped), or, before its first checkpoint, that the same command starts it."""
+    at which step it stopped), or, before its first checkpoint, the one that starts it: the same
+    command, or with --resume where the run was claimed without it (the same command is refused)."""
+    from moelab.io import is_output
     from moelab.train.checkpoint import latest_checkpoint
+    from moelab.train.trainer import KIND
 
     if latest_checkpoint(out) is None:
-        print(f"interrupted before the first checkpoint in {out}: run the same command again to start", file=sys.stderr)
+        claimed = is_output(out, KIND) and not (resume or overwrite)
+        again = "with --resume" if claimed else "again"
+        print(f"interrupted before the first checkpoint in {out}: run the same command {again} to start", file=sys.stderr)
         return
     again = "again" if resume else "with --resume instead of --overwrite" if overwrite else "with --resume"
     print(f"interrupted: run the same command {again} to continue the run in {out}", file=sys.stderr)
