@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from moelab.bench import figures, generate, layer, offload
 from moelab.cli import app
-from moelab.plots import plt, png
+from moelab.plots import plain_log_ticks, plt, png
 
 runner = CliRunner()
 
@@ -218,3 +218,27 @@ def test_the_offload_figure_draws_the_compiled_model_in_memory_beside_the_compil
     fig = figures.figure(doc)
     assert _lines(fig.axes[1])["in memory, compiled"] == [2.0, 2.0]
     plt.close(fig)
+
+
+@pytest.mark.parametrize(
+    "low, high, labels",
+    [(0.2, 2, {"0.2", "0.3", "0.4", "0.6", "1", "2"}), (3, 30, {"3", "4", "6", "10", "20", "30"}),
+     (2000, 60000, {"2000", "3000", "6000", "10000", "20000", "30000", "60000"})],
+)  # fmt: skip
+def test_plain_log_ticks_label_in_plain_numbers_below_1_and_above_10000(low, high, labels):
+    """matplotlib's LogFormatter wrote 0.2 as 2e-01 and 20000 as 2e+04 (the super-experts plot
+    spans values below 1, a GPU's decode tokens/s passes 10^4)."""
+    fig, ax = plt.subplots()
+    try:
+        ax.plot([0, 1], [low, high])
+        ax.set_yscale("log")
+        plain_log_ticks(ax.yaxis)
+        fig.canvas.draw()
+        low_, high_ = ax.get_ylim()
+        shown = {
+            tick.get_text() for tick in [*ax.get_yticklabels(), *ax.yaxis.get_minorticklabels()]
+            if tick.get_text() and low_ <= tick.get_position()[1] <= high_
+        }  # fmt: skip
+    finally:
+        plt.close(fig)
+    assert labels <= shown and all("e" not in text for text in shown), shown

@@ -19,11 +19,19 @@ def png(fig, dpi: int = 110, metadata: dict[str, str] | None = None) -> bytes:
     return buffer.getvalue()
 
 
+class _PlainLogFormatter(LogFormatter):
+    """`LogFormatter`'s choice of the ticks to label, each labelled as `f"{x:g}"` (0.2, 20000):
+    LogFormatter itself writes a value below 1 or above 10^4 as 2e-01, 2e+04."""
+
+    def __call__(self, x, pos=None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
 def plain_log_ticks(axis) -> None:
-    """A log-scaled axis (`ax.xaxis` or `ax.yaxis`) labelled in plain numbers (300, 1000), where
-    matplotlib's default mixes 3×10^2 and 10^3 on an axis of about a decade."""
-    axis.set_major_formatter(LogFormatter())
-    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    """A log-scaled axis (`ax.xaxis` or `ax.yaxis`) labelled in plain numbers (0.3, 300, 1000),
+    where matplotlib's default mixes 3×10^2 and 10^3 on an axis of about a decade."""
+    axis.set_major_formatter(_PlainLogFormatter())
+    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
 __all__ = ["plain_log_ticks", "plt", "png"]
