@@ -396,6 +396,25 @@ def test_a_failed_run_keeps_a_parent_another_process_made_as_it_made_its_own(tmp
         theirs.rmdir()
 
 
+def test_a_file_written_into_a_parent_a_failed_run_removes_meanwhile_is_written(tmp_path, monkeypatch):
+    """A concurrent run's result file (`--json runs/bench.json`, written without a lock) into the
+    `runs/` a refused run had made: removed, empty, between the writer's mkdir and its temporary
+    file, the result was lost to a FileNotFoundError; the writer makes the directory again."""
+    import tempfile
+
+    mkstemp, removed = tempfile.mkstemp, []
+
+    def parent_removed_first(*args, dir, **kwargs):
+        if not removed:
+            removed.append(dir)
+            Path(dir).rmdir()  # the failed run's `_lock` removing the parent it made
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", parent_removed_first)
+    atomic_write_text(tmp_path / "runs" / "bench.json", "{}")
+    assert removed == [tmp_path / "runs"] and (tmp_path / "runs" / "bench.json").read_text() == "{}"
+
+
 def test_staged_output_refuses_an_existing_output_when_it_opens(tmp_path):
     """Before the slow work, not only when publishing."""
     out = publish(tmp_path / "out")

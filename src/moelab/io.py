@@ -181,8 +181,13 @@ def _write_made(out, lazy: LazyTensor) -> None:
 def _temporary_beside(path: Path) -> Iterator[str]:
     """A temporary file name beside `path`; once the caller has written it, it is flushed to disk,
     given the usual permissions (mkstemp's are 0600) and renamed over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.moelab-tmp-")
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.moelab-tmp-")
+            break
+        except FileNotFoundError:  # a parent a refused run had made, and removed empty in between (`_lock`)
+            continue
     os.close(fd)
     try:
         yield tmp
