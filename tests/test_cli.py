@@ -1402,3 +1402,9 @@ def test_bench_compress_refuses_a_size_that_is_not_a_positive_number_of_gb(tmp_p
         assert isinstance(result.exception, ValueError), (size_gb, result.exception)
         assert str(result.exception).startswith("--size-gb must be a positive number of GB, got "), result.exception
         assert not (tmp_path / "w").exists()
+    # finite but more than the disk holds: 1e300 was an OverflowError's traceback, 1e6 minutes of planning
+    for size_gb in ("1e300", "1e6"):
+        result = runner.invoke(app, ["bench", "compress", "--size-gb", size_gb, "--work", str(tmp_path / "w")])
+        assert isinstance(result.exception, ValueError), (size_gb, result.exception)
+        assert f"--size-gb {float(size_gb):g} needs about" in str(result.exception) and "GB are free there" in str(result.exception)
+        assert not (tmp_path / "w").exists()

@@ -306,7 +306,7 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
     assert model.generate(prompt, 60, greedy=True).shape[1] == model.config.max_seq_len == 64  # fills it
     with pytest.raises(ValueError, match=r"^prompt \(4 tokens\) \+ max_new_tokens \(61\) must fit ModelConfig.max_seq_len"):
         model.generate(prompt[:1], 61)
-    with pytest.raises(ValueError, match=r"^the longest prompt \(4 tokens\) \+ max_new_tokens \(61\)"):
+    with pytest.raises(ValueError, match=r"^the prompts, padded to one length, \(4 tokens\) \+ max_new_tokens \(61\)"):
         model.generate(prompt, 61)
     # inf: logits / inf = 0, every token alike; None (transformers' "not set") was a TypeError from 0 < None
     for bad in (0, float("inf"), float("nan"), None):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +75,18 @@ class BenchOptions:
                 f"--tokens {self.tokens} is less than one calibration window of {self.seq_len} tokens; "
                 f"pass --tokens {self.seq_len} or more"
             )
+
+
+def check_disk_space(work: Path, size_gb: float) -> None:
+    """Refuse a size whose checkpoint and compressed copy (about twice `size_gb` GB) would not fit
+    the disk that holds `work` (--size-gb 1e6 planned a million layers for minutes first)."""
+    existing = next(path for path in (work.absolute(), *work.absolute().parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if 2 * size_gb * 1e9 > free:
+        raise ValueError(
+            f"--size-gb {size_gb:g} needs about {2 * size_gb:g} GB under {work} (the checkpoint and its compressed "
+            f"copy), and {free / 1e9:.1f} GB are free there; pass a smaller --size-gb or another --work"
+        )
 
 
 def checkpoint_plan(family: str, size_gb: float):

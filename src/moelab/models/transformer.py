@@ -704,7 +704,7 @@ class MoETransformer(nn.Module):
             raise ValueError(f"max_new_tokens must be an integer >= 0 (0: the prompts back), got {max_new_tokens!r}")
         if S + max_new_tokens > self.config.max_seq_len:
             raise ValueError(
-                f"{'prompt' if B == 1 else 'the longest prompt'} ({S} tokens) + max_new_tokens ({max_new_tokens}) "
+                f"{'prompt' if B == 1 else 'the prompts, padded to one length,'} ({S} tokens) + max_new_tokens ({max_new_tokens}) "
                 f"must fit ModelConfig.max_seq_len "
                 f"({self.config.max_seq_len}); shorten one of them"
             )
