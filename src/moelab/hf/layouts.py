@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,7 +253,8 @@ class PerExpert:
         """This block's experts among those stored (see `blocks`; `padded`: counted by their down
         projections, gate and up going on past them)."""
         counted = self.down if self.padded else self.up
-        found = expert_indices(ckpt, prefix + counted)
+        keys = [key for key in ckpt.keys() if key.startswith(prefix)]  # one pass over a checkpoint's 100k names
+        found = expert_indices(ckpt, prefix + counted, keys)
         if found != list(range(len(found))) or len(found) % self.blocks:
             whose = "" if self.blocks == 1 else f" of {self.blocks} blocks, in equal numbers"
             raise CheckpointError(
@@ -263,7 +264,7 @@ class PerExpert:
         # every matrix stored for the same experts (gate and up past them alike where padded)
         alike = [(self.up, self.gate)] + ([] if self.padded else [(self.up, self.down)])
         for pattern, other in [(one, two) for one, two in alike if two is not None]:
-            ours, theirs = set(expert_indices(ckpt, prefix + other)), set(expert_indices(ckpt, prefix + pattern))
+            ours, theirs = (set(expert_indices(ckpt, prefix + p, keys)) for p in (other, pattern))
             if ours != theirs:
                 e = min(ours ^ theirs)
                 has, lacks = (other, pattern) if e in ours else (pattern, other)
@@ -1014,12 +1015,14 @@ class Family:
 # ----------------------------------------------------------------------------- helpers
 
 
-def expert_indices(ckpt: Checkpoint, pattern: str) -> list[int]:
-    """The sorted expert indices e for which `pattern.format(e=e)` is a key."""
+def expert_indices(ckpt: Checkpoint, pattern: str, keys: Iterable[str] | None = None) -> list[int]:
+    """The sorted expert indices e for which `pattern.format(e=e)` is a key (of `keys`, some of the
+    checkpoint's names that hold every match: default all)."""
     head, tail = pattern.split("{e}")
     regex = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
     return sorted(
-        int(m.group(1)) for key in ckpt.keys() if key.startswith(head) and (m := regex.fullmatch(key))
+        int(m.group(1)) for key in (ckpt.keys() if keys is None else keys)
+        if key.startswith(head) and (m := regex.fullmatch(key))
     )
 
 
