@@ -194,6 +194,37 @@ def test_an_interrupted_calibration_resumes_to_the_same_files(tmp_path, model_di
     assert not (directory / "resume.safetensors").exists()
 
 
+def test_an_interrupted_calibration_resumes_on_the_thread_count_it_ran_on(tmp_path, model_dir, monkeypatch, capsys):
+    """Killed after layer 0 on 2 intra-op threads and resumed where torch has 1 (the CLI's "auto" on
+    a busier machine): the remaining layers run on 2, as the uninterrupted run's did (a matmul's
+    sums depend on the count), a line says so, and torch's count is put back after."""
+    import moelab.compress.calibration as calibrate_module
+
+    options = dataclasses.replace(EVERY, snapshot_seconds=0.0)
+    real_write, real_layer = calibrate_module.write_layer, calibrate_module._calibrate_layer
+
+    def dies_in_layer_1(directory, stats):
+        if stats.layer == 1:
+            raise KeyboardInterrupt
+        real_write(directory, stats)
+
+    monkeypatch.setattr(calibrate_module, "write_layer", dies_in_layer_1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        directory = calibrated_until_interrupted(tmp_path, model_dir, options)
+        assert json.loads((directory / "calibration.json").read_text())["threads"] == 2
+        counts = []
+        monkeypatch.setattr(calibrate_module, "write_layer", real_write)
+        monkeypatch.setattr(calibrate_module, "_calibrate_layer", lambda *a, **k: counts.append(torch.get_num_threads()) or real_layer(*a, **k))
+        torch.set_num_threads(1)
+        run_calibration(model_dir, directory, "corpus", options)
+        assert counts == [2] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert "resuming on 2 intra-op threads, as the run ran (not 1): its statistics then match" in capsys.readouterr().err
+
+
 def test_a_calibration_an_older_moelab_left_unfinished_starts_again(tmp_path, model_dir, stats_dir, monkeypatch):
     """Killed after layer 0 under a moelab that kept the logit Gram of all the data ([E, E], no
     stats_version in calibration.json): resumed, the run starts again, so no layer keeps the old

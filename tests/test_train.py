@@ -710,7 +710,7 @@ def test_a_run_on_automatic_threads_resumed_on_fewer_cores_warns(tmp_path, monke
     step, so the run goes on with 1 and warns that its weights will differ from the straight run's."""
     import shutil
 
-    from moelab.train import trainer
+    from moelab import threads
 
     run = RunConfig.from_dict({"model": MODEL, "train": {**TRAIN, "steps": 4, "threads": None}})
     torch.set_num_threads(2)
@@ -719,8 +719,8 @@ def test_a_run_on_automatic_threads_resumed_on_fewer_cores_warns(tmp_path, monke
     (tmp_path / "run" / "results.json").unlink()
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000004")
     torch.set_num_threads(1)
-    monkeypatch.setattr(trainer, "available_cores", lambda: 1)
-    with pytest.warns(UserWarning, match="trained on 2 intra-op threads and this machine has 1 cores: it goes on with 1"):
+    monkeypatch.setattr(threads, "available_cores", lambda: 1)
+    with pytest.warns(UserWarning, match="ran on 2 intra-op threads and this machine has 1 cores: it goes on with 1, so its weights"):
         train(run, tmp_path / "run", resume=True, quiet=True)
 
 

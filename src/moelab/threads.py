@@ -12,7 +12,9 @@ process beside it, the e64k8 layer's forward+backward ran 3x faster on 1 thread 
 from __future__ import annotations
 
 import os
+import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,6 +44,29 @@ def free_cores(samples: int = 5, interval: float = 0.01, loadavg: str = "/proc/l
     except (OSError, ValueError, IndexError):
         return cores
     return max(1, min(cores, cores - (min(running) - 1)))
+
+
+def resumed_threads(recorded: int | None, results: str, quiet: bool = False) -> int | None:
+    """The intra-op thread count a resumed run goes on with, or None to keep torch's: `recorded`,
+    the count its first part ran on (a matmul's sums depend on it: another count, as "auto" may
+    resolve on a busier or idler machine, gives other `results` than an uninterrupted run's,
+    bit for bit), where torch's count now differs. None where nothing was recorded (a run of an
+    older moelab), or where this machine has fewer cores than `recorded`: more threads than cores
+    would slow every step several times, so a warning says the results will differ."""
+    now = torch.get_num_threads()
+    if recorded is None or recorded == now:
+        return None
+    if recorded > available_cores():
+        warnings.warn(
+            f"the run ran on {recorded} intra-op threads and this machine has {available_cores()} cores: it "
+            f"goes on with {now}, so its {results} will differ from an uninterrupted run's (bit for bit)",
+            stacklevel=3,
+        )
+        return None
+    if not quiet:
+        print(f"resuming on {recorded} intra-op threads, as the run ran (not {now}): its {results} then match an "
+              "uninterrupted run's", file=sys.stderr)  # fmt: skip
+    return recorded
 
 
 def check_threads(threads: int | str | None) -> None:

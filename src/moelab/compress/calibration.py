@@ -63,6 +63,7 @@ from moelab.hf.adapters import NATIVE
 from moelab.hf.layerwise import LayerwiseModel
 from moelab.io import StagedOutput, clear_staging
 from moelab.models.reference import model_dir
+from moelab.threads import intra_op_threads, resumed_threads
 from moelab.trace.model import checkpoint_encoder
 from moelab.validation import check_choice, check_field_types
 
@@ -192,7 +193,7 @@ def run_calibration(
     rank, world = join_torchrun()
     mixture = calib if isinstance(calib, Mixture) else calibration_mixture(model, calib, options, quiet)
     dtype = getattr(torch, options.dtype)
-    with LayerwiseModel(model, dtype=dtype) as runner:
+    with LayerwiseModel(model, dtype=dtype) as runner, contextlib.ExitStack() as threads:
         info = {
             "model": {
                 "path": str(model.resolve()),
@@ -249,6 +250,9 @@ def run_calibration(
         resumable = same_run and snapshot_step(resume_file, "done") == previous["done"]
         start = previous["done"] + 1 if resumable or forward_done else 0
         start = agreed(start, world, "min")
+        # the layers done were computed on the recorded thread count: the rest on it too (same statistics)
+        resumed = resumed_threads(previous.get("threads"), "statistics", quiet) if start else None
+        threads.enter_context(intra_op_threads(resumed))
         mtp_pending = bool(info["mtp_layers"]) and not (same_run and previous.get("mtp_done"))
         if 0 < start < steps or (start == steps and mtp_pending):
             states, runner.carry = load_snapshot(resume_file, len(states), dtype)
@@ -264,6 +268,7 @@ def run_calibration(
             "seconds": seconds,
             "coverage": coverage,
             "processes": world,
+            "threads": torch.get_num_threads(),  # a resumed run goes on with it (`resumed_threads`)
         }
         if start == steps and "backward_next" in previous:  # killed in the backward sweep
             info["backward_next"] = previous["backward_next"]

@@ -25,7 +25,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ from moelab.nn import MoELayer, attach_selection_bias_update
 from moelab.nn.blockffn import AdaptiveCoefficient
 from moelab.nn.rexmoe import ReuseRouter, set_reuse_progress
 from moelab.nn.routers import NON_FINITE_LOGITS, TopKRouter
-from moelab.threads import available_cores, intra_op_threads
+from moelab.threads import intra_op_threads, resumed_threads
 from moelab.train.checkpoint import (
     clean_checkpoints,
     latest_checkpoint,
@@ -490,23 +489,8 @@ def _resume_threads(state: dict[str, Any], cfg: TrainConfig, quiet: bool) -> Non
     machine), the count stays and a warning says the weights will differ: more threads than cores
     would slow every step several times. A set count is the run's own (config.yaml: a resume with
     another is refused); a checkpoint from before the count was recorded keeps the count now."""
-    trained_on, now = state.get("threads"), torch.get_num_threads()
-    if cfg.threads not in (None, "auto") or trained_on is None or trained_on == now:
-        return
-    if trained_on > available_cores():
-        warnings.warn(
-            f"the run trained on {trained_on} intra-op threads and this machine has {available_cores()} cores: it "
-            f"goes on with {now}, so its weights will differ from an uninterrupted run's (bit for bit)",
-            stacklevel=2,
-        )
-        return
-    if not quiet:
-        print(
-            f"resuming on {trained_on} intra-op threads, as the run trained (not {now}): "
-            "the weights then match an uninterrupted run's",
-            file=sys.stderr,
-        )
-    torch.set_num_threads(trained_on)
+    if cfg.threads in (None, "auto") and (count := resumed_threads(state.get("threads"), "weights", quiet)):
+        torch.set_num_threads(count)
 
 
 def train_step(
