@@ -1848,14 +1848,20 @@ OWN_CODE = ["model_type 'xmoe' is not a model transformers", "configuration_x.XC
 def test_a_known_model_type_with_code_of_its_own_warns_that_transformers_class_runs(sources, tmp_path):
     """config.json's model_type is one transformers has ('mixtral') and its auto_map names the
     checkpoint's own code: transformers' class runs, never that code, and a warning says so (a
-    checkpoint whose code differs would compute otherwise, silently)."""
+    checkpoint whose code differs would compute otherwise, silently), once for the command's loads."""
+    from moelab.hf.adapters import resolve
+    from moelab.hf.layerwise import skeleton
     from moelab.hf.loading import load_causal_lm
 
     ckpt = _own_code_checkpoint(sources, tmp_path)
     edit_json(ckpt / "config.json", model_type="mixtral")
     with pytest.warns(UserWarning, match=r"configuration_x.XConfig, modeling_x.XForCausalLM\), which moelab never runs: "
-                      r"transformers' own 'mixtral' model runs instead"):  # fmt: skip
+                      r"transformers' own 'mixtral' model runs instead") as caught:  # fmt: skip
         load_causal_lm(ckpt, quiet=True)
+        config, checkpoint, family = resolve(ckpt)
+        checkpoint.close()
+        skeleton(ckpt, config, family)  # calibrate's second load (its tokenizer's was the first)
+    assert len([w for w in caught if "which moelab never runs" in str(w.message)]) == 1, "once, not once per load"
     assert not (ckpt / "ran.txt").exists()
 
 

@@ -90,12 +90,16 @@ def _stored_as_integers(path: Path, model) -> list[str]:
         ]  # fmt: skip
 
 
+_WARNED_OWN_CODE: set[tuple[Path, str, tuple[str, ...]]] = set()  # (config.json, model_type, auto_map's code)
+
+
 def check_transformers_knows(path: Path) -> None:
     """Raise a CheckpointError where config.json's model_type is one the installed transformers has no
     class for, naming the checkpoint's own code (auto_map), which moelab never runs (transformers' own
     error suggests upgrading only, and where it may ask whether to run that code, moelab never lets it).
     Where transformers knows the model_type and config.json names code of its own as well, warn that
-    transformers' class runs, not that code (a checkpoint whose code differs would compute otherwise)."""
+    transformers' class runs, not that code (a checkpoint whose code differs would compute otherwise),
+    once a process for each checkpoint (a command loads it several times: tokenizer, layers, ...)."""
     import transformers
     from transformers import CONFIG_MAPPING
 
@@ -109,7 +113,9 @@ def check_transformers_knows(path: Path) -> None:
     if not isinstance(model_type, str):
         return
     if model_type in CONFIG_MAPPING:
-        if code:
+        warned = (config_path.resolve(), model_type, tuple(code))
+        if code and warned not in _WARNED_OWN_CODE:  # once a process: a command checks at each load
+            _WARNED_OWN_CODE.add(warned)
             warnings.warn(
                 f"{config_path} names the checkpoint's own code ({', '.join(code)}), which moelab never runs: "
                 f"transformers' own {model_type!r} model runs instead; where that code differs from it, so do "
