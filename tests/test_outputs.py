@@ -396,6 +396,29 @@ def test_a_failed_run_keeps_a_parent_another_process_made_as_it_made_its_own(tmp
         theirs.rmdir()
 
 
+def test_a_run_claims_its_output_where_a_failed_run_removes_an_existing_parent_meanwhile(tmp_path, monkeypatch):
+    """`runs/` there when the lock looked, removed empty by the failed run that had made it before
+    the lock's mkdir of `runs/deeper`: the run makes both, as its own (it stopped with 'cannot create
+    runs/deeper (No such file or directory)', where mkdir(parents=True) had made runs/ again)."""
+    theirs = tmp_path / "runs"
+    theirs.mkdir()
+    mkdir, removed = os.mkdir, []
+
+    def removed_first_by_another(path, *args, **kwargs):
+        if Path(path) == theirs / "deeper" and not removed:
+            removed.append(theirs)
+            theirs.rmdir()  # the failed run's `_lock` removing the parent it made
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", removed_first_by_another)
+    with output_dir(theirs / "deeper" / "calibration", "thing", entries=["log"]) as claimed:
+        (claimed.path / "log").write_text("step 1")
+    assert removed and (theirs / "deeper" / "calibration" / "log").read_text() == "step 1"
+    with pytest.raises(RuntimeError), output_dir(tmp_path / "runs2" / "deeper" / "calibration", "thing", entries=["log"]):
+        raise RuntimeError("refused: not a model")
+    assert not (tmp_path / "runs2").exists()
+
+
 def test_a_file_written_into_a_parent_a_failed_run_removes_meanwhile_is_written(tmp_path, monkeypatch):
     """A concurrent run's result file (`--json runs/bench.json`, written without a lock) into the
     `runs/` a refused run had made: removed, empty, between the writer's mkdir and its temporary

@@ -879,16 +879,19 @@ def _lock(out: Path) -> Iterator[None]:
 
 def _make_parents(out: Path) -> list[Path]:
     """Create the missing parents of `out`; returns those this call made, deepest first (not one
-    another process made meanwhile, which `_lock` must not remove)."""
+    another process made meanwhile, which `_lock` must not remove). One that was there and goes
+    meanwhile (a failed run removing, empty, the parent it made) is made again, as this call's."""
     created = []
-    for parent in reversed([parent for parent in out.parents if not parent.exists()]):  # top-down
+    while missing := [parent for parent in out.parents if not parent.exists()]:
         try:
-            parent.mkdir()
-        except FileExistsError:
-            if not parent.is_dir():
+            missing[-1].mkdir()  # the topmost missing one
+        except FileExistsError:  # another process made it: not ours
+            if not missing[-1].is_dir():
                 raise
             continue
-        created.append(parent)
+        except FileNotFoundError:  # its own parent went meanwhile: look again
+            continue
+        created.append(missing[-1])
     return created[::-1]
 
 
