@@ -1408,3 +1408,21 @@ def test_bench_compress_refuses_a_size_that_is_not_a_positive_number_of_gb(tmp_p
         assert isinstance(result.exception, ValueError), (size_gb, result.exception)
         assert f"--size-gb {float(size_gb):g} needs about" in str(result.exception) and "GB are free there" in str(result.exception)
         assert not (tmp_path / "w").exists()
+
+
+def test_bench_compress_with_overwrite_counts_the_kept_checkpoints_it_replaces_as_free(tmp_path, monkeypatch):
+    """A --work whose earlier run kept its checkpoints (--keep) run again with --overwrite: they are
+    replaced, so a disk that holds one run's but not two's is enough (their bytes counted as used,
+    the rerun was refused); without --overwrite they stay, and count."""
+    import shutil
+
+    from moelab.bench import compress as bench
+
+    work = tmp_path / "w"
+    (work / "source").mkdir(parents=True)
+    (work / "source" / "model.safetensors").write_bytes(bytes(3000))
+    disk = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: disk._replace(free=1000))
+    bench.check_disk_space(work, 1.5e-6, overwrite=True)  # 3000 bytes: 1000 free and 3000 replaced
+    with pytest.raises(ValueError, match="needs about 3e-06 GB under"):
+        bench.check_disk_space(work, 1.5e-6)

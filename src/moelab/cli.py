@@ -287,7 +287,7 @@ def bench_compress(
         )
     _claim_json(json_path, bench.JSON_FORMAT, overwrite, (work,))  # before --work is claimed: a refusal touches nothing
     options = bench.BenchOptions(family=family, size_gb=size_gb, tokens=tokens, baseline=baseline, fp8=fp8)
-    bench.check_disk_space(work, options.size_gb)
+    bench.check_disk_space(work, options.size_gb, overwrite)
     with output_dir(work, "benchmark scratch", entries=["source", "pruned"], overwrite=overwrite) as claimed:
         try:
             doc = bench.run(options, claimed.path, progress=None if quiet else console)

@@ -77,11 +77,15 @@ class BenchOptions:
             )
 
 
-def check_disk_space(work: Path, size_gb: float) -> None:
+def check_disk_space(work: Path, size_gb: float, overwrite: bool = False) -> None:
     """Refuse a size whose checkpoint and compressed copy (about twice `size_gb` GB) would not fit
-    the disk that holds `work` (--size-gb 1e6 planned a million layers for minutes first)."""
+    the disk that holds `work` (--size-gb 1e6 planned a million layers for minutes first).
+    overwrite: the copies an earlier run kept in `work` (--keep) are replaced, so their bytes count as free."""
     existing = next(path for path in (work.absolute(), *work.absolute().parents) if path.exists())
     free = shutil.disk_usage(existing).free
+    if overwrite and work.is_dir():
+        kept = [work / name for name in ("source", "pruned") if (work / name).is_dir() and not (work / name).is_symlink()]
+        free += sum(f.lstat().st_size for d in kept for f in d.rglob("*") if f.is_file() and not f.is_symlink())
     if 2 * size_gb * 1e9 > free:
         raise ValueError(
             f"--size-gb {size_gb:g} needs about {2 * size_gb:g} GB under {work} (the checkpoint and its compressed "
