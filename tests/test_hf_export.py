@@ -15,7 +15,7 @@ from moelab.hf import WriteCheckError
 from moelab.hf import export as export_module
 from moelab.hf.export import export_checkpoint
 from moelab.models import MoETransformer, save_pretrained, tiny
-from moelab.nn import MoEConfig
+from moelab.nn import MoEConfig, UoEConfig
 
 
 def _model(path, *, vocab_size=128, moe=None, **fields) -> MoETransformer:
@@ -239,3 +239,26 @@ def test_exported_model_in_memory_is_the_moelab_model(tmp_path, case):
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in tensors), "not the fused layout"
     tensors, _ = export_module.export_state(tmp_path / "src", family, tokenizer=None)
     assert not any("gate_up" in k for k in tensors), "not the per-expert layout save_pretrained writes"
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"moe": None, "first_k_dense": 0}, r"no MoE layers \(moelab exports MoE models only\)"),
+        (
+            {"moe": None, "uoe": UoEConfig(attn_top_k=2), "n_kv_heads": None, "first_k_dense": 0},
+            r"Union-of-Experts layers and no MoE layers \(moelab exports MoE models only\)",
+        ),
+    ],
+    ids=["dense", "uoe"],
+)
+def test_a_model_without_moe_layers_is_refused_by_what_it_has(tmp_path, fields, message):
+    """A dense or UoE-only model is refused by its config, as the others are: before, the checkpoint
+    reader refused it first, a UoE model as 'model_type None ... is not a supported MoE family'
+    followed by the 40 families moelab reads."""
+    torch.manual_seed(0)
+    save_pretrained(MoETransformer(dataclasses.replace(tiny(), **fields)), tmp_path / "src")
+    for family in ("qwen2_moe", "mixtral"):
+        with pytest.raises(ValueError, match=rf"cannot be exported exactly as {family}: it has {message}$"):
+            export_checkpoint(tmp_path / "src", tmp_path / "out", family, tokenizer=None, quiet=True)
+    assert not (tmp_path / "out").exists()

@@ -80,7 +80,8 @@ def export_problems(config: ModelConfig, family: str) -> list[str]:
         )
     moe, problems = config.moe, []
     if moe is None:
-        return ["the model has no MoE layers (export a dense model as a Llama checkpoint instead)"]
+        uoe = "Union-of-Experts layers and " if "uoe" in config.layer_kinds else ""
+        return [f"{uoe}no MoE layers (moelab exports MoE models only)"]
     checks = [
         (moe.router != "topk", f"router={moe.router!r} (only token-choice 'topk')"),
         (moe.activation != "swiglu", f"activation={moe.activation!r} (only 'swiglu')"),
@@ -171,16 +172,14 @@ def export_state(
     takes it (its bos/eos/pad ids go into the config). Tensors are named as
     `save_pretrained` writes them (per expert), or with `fused` as the transformers module's
     state_dict names them (stacked experts)."""
+    if (Path(model_dir) / "config.json").is_file():  # the model's problems before its tensors: a model
+        _check_exportable(Path(model_dir), family)  # without MoE layers is no checkpoint `resolve` opens
     config, ckpt, adapter = resolve(Path(model_dir))
     try:
         if adapter is not NATIVE:
             raise ValueError(f"{model_dir} is not a moelab checkpoint (its config.json has a model_type)")
         model_config = ModelConfig.from_dict(config)
         check_no_layers_beyond(ckpt, config, adapter, model_config.n_layers)
-        if problems := export_problems(model_config, family):
-            raise ValueError(
-                f"{model_dir} cannot be exported exactly as {family}: it has " + "; ".join(problems)
-            )
         token_ids = _token_ids(export_tokenizer(Path(model_dir), tokenizer), model_config.vocab_size)
         tensors, shared_width = _tensors(ckpt, config, family, fused)
         dtypes = collections.Counter(t.dtype for t in tensors.values() if t.is_floating_point())
@@ -188,6 +187,16 @@ def export_state(
         return tensors, _hf_config(model_config, family, shared_width, token_ids, dtype)
     finally:
         ckpt.close()
+
+
+def _check_exportable(model_dir: Path, family: str) -> None:
+    """Refuse the checkpoint `model_dir` by its config.json: a transformers one, or a moelab model
+    that does not map exactly onto `family` (`export_problems`)."""
+    config = read_json_object(model_dir / "config.json", "a model config")
+    if "model_type" in config:
+        raise ValueError(f"{model_dir} is not a moelab checkpoint (its config.json has a model_type)")
+    if problems := export_problems(ModelConfig.from_dict(config), family):
+        raise ValueError(f"{model_dir} cannot be exported exactly as {family}: it has " + "; ".join(problems))
 
 
 def exported_model(model_dir: str | os.PathLike, family: str):
