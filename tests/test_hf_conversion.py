@@ -156,6 +156,12 @@ def test_what_does_not_convert_exactly_is_refused_with_the_reasons(tmp_path):
     qwen_config = json.loads((qwen / "config.json").read_text())
     (qwen / "config.json").write_text(json.dumps(qwen_config | {"decoder_sparse_step": 0}))
     assert conversion_problems(qwen)[0].startswith("decoder_sparse_step 0")
+    # every layer dense: said so (before, moelab's own 'ModelConfig.moe is set but layer_types has no moe layer')
+    for change in ({"mlp_only_layers": [0, 1]}, {"decoder_sparse_step": 3}, {"num_experts": 0}):
+        (qwen / "config.json").write_text(json.dumps(qwen_config | change))
+        assert conversion_problems(qwen) == [
+            "no MoE layers (mlp_only_layers, decoder_sparse_step or num_experts 0 make every layer dense)"
+        ], change
     # Qwen2-MoE's window counts only in the layers that layer_types makes slide (transformers' rule:
     # from use_sliding_window and max_window_layers where config.json gives no layer_types)
     del qwen_config["layer_types"]

@@ -153,6 +153,8 @@ def _problems(path: str | os.PathLike, ckpt: Checkpoint, family: str) -> list[st
         )
     if family == "qwen2_moe" and config.decoder_sparse_step < 1:
         problems.append(f"decoder_sparse_step {config.decoder_sparse_step} (every how many layers one is MoE: >= 1)")
+    elif family == "qwen2_moe" and "moe" not in _qwen2_layer_kinds(config):
+        problems.append("no MoE layers (mlp_only_layers, decoder_sparse_step or num_experts 0 make every layer dense)")
     if family == "qwen2_moe":
         layers = range(config.num_hidden_layers)
         biases = [f"model.layers.{i}.self_attn.{p}_proj.bias" for i in layers for p in "qkv"]
@@ -198,11 +200,19 @@ def _model_config(config, family: str, ckpt: Checkpoint, shared_form: str | None
         shared_hidden_dim=shared or None,
         shared_gate=bool(shared) and shared_form != "ungated",
     )
-    dense, step = set(config.mlp_only_layers or []), config.decoder_sparse_step
-    kinds = ["moe" if i not in dense and (i + 1) % step == 0 else "dense" for i in range(common["n_layers"])]
+    kinds = _qwen2_layer_kinds(config)
     return ModelConfig(
         **common, moe=moe_config(kinds.count("moe")), **_layer_pattern(kinds), dense_hidden_dim=config.intermediate_size
     )
+
+
+def _qwen2_layer_kinds(config) -> list[str]:
+    """"dense" or "moe" for each layer of a Qwen2-MoE config (transformers' rule: MoE where there are
+    experts, the layer is not in mlp_only_layers and its 1-based number is a multiple of
+    decoder_sparse_step >= 1)."""
+    dense, step = set(config.mlp_only_layers or []), config.decoder_sparse_step
+    sparse = [config.num_experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(config.num_hidden_layers)]
+    return ["moe" if is_sparse else "dense" for is_sparse in sparse]
 
 
 def _layer_pattern(kinds: list[str]) -> dict:
