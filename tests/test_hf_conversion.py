@@ -4,6 +4,7 @@ through `moelab export` bit for bit, and clear refusals of everything else."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,8 @@ from test_hf_export import _model
 from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.conversion import conversion_problems, import_checkpoint, moelab_model
 from moelab.hf.export import export_checkpoint
-from moelab.models import MoETransformer, load_pretrained
+from moelab.models import MoETransformer, load_pretrained, save_pretrained, tiny
+from moelab.nn import UoEConfig
 from moelab.offload import load_offloaded
 from moelab.offload.model import generate_ids
 
@@ -178,6 +180,12 @@ def test_what_does_not_convert_exactly_is_refused_with_the_reasons(tmp_path):
     (native := tmp_path / "native").mkdir()
     _model(native / "m")
     assert "a moelab checkpoint already" in conversion_problems(native / "m")[0]
+    # one without MoE layers too (before: 'model_type None ... is not a supported MoE family' and every family's name)
+    uoe = dict(moe=None, uoe=UoEConfig(attn_top_k=2), n_kv_heads=None, first_k_dense=0)
+    save_pretrained(MoETransformer(dataclasses.replace(tiny(), **uoe)), native / "uoe")
+    assert "a moelab checkpoint already" in conversion_problems(native / "uoe")[0]
+    with pytest.raises(ValueError, match="it has no transformers model_type: it is a moelab checkpoint already"):
+        import_checkpoint(native / "uoe", tmp_path / "out", quiet=True)
 
 
 def test_one_nonzero_attention_bias_anywhere_is_refused_and_a_mixtral_one_is_not_dropped(tmp_path):

@@ -53,6 +53,8 @@ def conversion_problems(path: str | os.PathLike, checkpoint: Checkpoint | None =
     it is open already)."""
     if checkpoint is not None:
         return _problems(path, checkpoint, checkpoint_family(path))
+    if _is_moelab(path):  # refused before it is opened: `resolve` opens none without MoE layers
+        return _problems(path, None, None)
     config, ckpt, family = resolve(path)
     try:
         return _problems(path, ckpt, family.name)
@@ -65,10 +67,17 @@ def checkpoint_family(path: str | os.PathLike) -> str | None:
     return read_json_object(Path(path) / "config.json", "a model config").get("model_type")
 
 
+def _is_moelab(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a config.json without a model_type (a moelab checkpoint's)."""
+    return (Path(path) / "config.json").is_file() and checkpoint_family(path) is None
+
+
 def moelab_model(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> MoETransformer:
     """The transformers checkpoint at `path` as a moelab `MoETransformer` (eval mode; in the
     checkpoint's dtype, config.json's, unless `dtype` is given); refuses what does not convert
     exactly. Built around the checkpoint's tensors: no second copy of the weights."""
+    if _is_moelab(path):
+        _refuse(path, _problems(path, None, None))
     config, ckpt, family = resolve(path)
     try:
         model_config = moelab_config(path, ckpt)
@@ -128,7 +137,7 @@ def _transformers_config(path: str | os.PathLike):
     return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
-def _problems(path: str | os.PathLike, ckpt: Checkpoint, family: str) -> list[str]:
+def _problems(path: str | os.PathLike, ckpt: Checkpoint | None, family: str | None) -> list[str]:
     if family in (None, NATIVE.name):  # config.json's model_type (None) or the adapter's name
         return ["no transformers model_type: it is a moelab checkpoint already (moelab.models.load_pretrained)"]
     if family not in CONVERTIBLE_FAMILIES:
@@ -243,7 +252,7 @@ def moelab_config(path: str | os.PathLike, checkpoint: Checkpoint | None = None)
         finally:
             checkpoint.close()
     if problems := conversion_problems(path, checkpoint):
-        raise ValueError(f"{path} cannot run as a moelab model exactly: it has " + "; ".join(problems))
+        _refuse(path, problems)
     family, config = checkpoint_family(path), _transformers_config(path)
     shared_form = None
     if family == "qwen2_moe":
@@ -253,6 +262,11 @@ def moelab_config(path: str | os.PathLike, checkpoint: Checkpoint | None = None)
         return _model_config(config, family, checkpoint, shared_form)
     except ValueError as err:
         raise ValueError(f"{path}/config.json: {err}") from None
+
+
+def _refuse(path: str | os.PathLike, problems: list[str]) -> None:
+    """Raise the ValueError that says why the checkpoint at `path` does not convert (`problems`)."""
+    raise ValueError(f"{path} cannot run as a moelab model exactly: it has " + "; ".join(problems))
 
 
 def moelab_tensors(
