@@ -223,7 +223,8 @@ def test_the_offload_figure_draws_the_compiled_model_in_memory_beside_the_compil
 @pytest.mark.parametrize(
     "low, high, labels",
     [(0.2, 2, {"0.2", "0.3", "0.4", "0.6", "1", "2"}), (3, 30, {"3", "4", "6", "10", "20", "30"}),
-     (2000, 60000, {"2000", "3000", "6000", "10000", "20000", "30000", "60000"})],
+     (2000, 60000, {"2000", "3000", "6000", "10000", "20000", "30000", "60000"}),
+     (2e-5, 3e6, {"0.00001", "0.001", "0.1", "10", "1000", "100000"})],
 )  # fmt: skip
 def test_plain_log_ticks_label_in_plain_numbers_below_1_and_above_10000(low, high, labels):
     """matplotlib's LogFormatter wrote 0.2 as 2e-01 and 20000 as 2e+04 (the super-experts plot

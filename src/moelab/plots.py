@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
 
@@ -20,11 +21,12 @@ def png(fig, dpi: int = 110, metadata: dict[str, str] | None = None) -> bytes:
 
 
 class _PlainLogFormatter(LogFormatter):
-    """`LogFormatter`'s choice of the ticks to label, each labelled as `f"{x:g}"` (0.2, 20000):
-    LogFormatter itself writes a value below 1 or above 10^4 as 2e-01, 2e+04."""
+    """`LogFormatter`'s choice of the ticks to label, each labelled in positional notation (0.2,
+    20000, 0.00001, 3000000): LogFormatter itself writes a value below 1 or above 10^4 as 2e-01,
+    2e+04, and `:g` one below 10^-4 or from 10^6 up as 1e-05, 1e+06."""
 
     def __call__(self, x, pos=None) -> str:
-        return f"{x:g}" if super().__call__(x, pos) else ""
+        return np.format_float_positional(x, precision=6, trim="-") if super().__call__(x, pos) else ""
 
 
 def plain_log_ticks(axis) -> None:
