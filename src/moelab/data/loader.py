@@ -49,7 +49,9 @@ def mixture_weights(sizes: Mapping[str, int], weights: str | Mapping[str, float]
         raw = np.array([weights[name] for name in sizes], dtype=np.float64)
         if not np.isfinite(raw).all() or (raw < 0).any() or not (raw > 0).any():  # NaN, inf: NaN probabilities
             raise ValueError(f"mixture weights must be finite, >= 0 and with a positive sum, got {dict(weights)}")
-        if not np.isfinite(raw.sum()):  # finite weights whose sum overflows (1e308 twice): probabilities of 0
+        with np.errstate(over="ignore"):  # numpy's overflow warning: handled here
+            total = raw.sum()
+        if not np.isfinite(total):  # finite weights whose sum overflows (1e308 twice): probabilities of 0
             raw /= raw.max()  # only then: other weights keep their bytes (a run's sampling depends on them)
     else:
         raise ValueError(
