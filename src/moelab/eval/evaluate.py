@@ -278,11 +278,11 @@ def _prompts(streams: dict[str, np.ndarray], options: EvalOptions) -> list[tuple
 def _degeneration(lm: LoadedLM, prompts, options: EvalOptions, quiet: bool) -> dict:
     """The share of greedy continuations stuck in a loop, with a 95 % Wilson interval. The prompts
     (all `prompt_tokens` long) decode `GENERATION_BATCH` at a time."""
-    loops, size = 0, GENERATION_BATCH
+    loops = 0
     by_domain: dict[str, list[int]] = {}
     with tqdm(total=len(prompts), desc=f"generate {lm.path.name}", unit="prompt", disable=quiet, leave=False) as bar:
-        for first in range(0, len(prompts), size):
-            batch = prompts[first : first + size]
+        for first in range(0, len(prompts), GENERATION_BATCH):
+            batch = prompts[first : first + GENERATION_BATCH]
             continuations = lm.generate(torch.cat([ids for _, ids in batch]), options.gen_tokens)
             for (name, _), tokens in zip(batch, continuations.tolist()):
                 looped = is_degenerate(tokens)
