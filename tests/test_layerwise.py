@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -309,3 +310,18 @@ def test_buffers_take_the_dtype_transformers_gives_them(tmp_path):
     assert module.scale.dtype == torch.bfloat16 and module.scale.tolist() == [1, 2, 3]
     assert module.sizes.dtype == torch.int64 and module.sizes.tolist() == [5, 7, 11]
     assert module.mask.dtype == torch.bool and module.mask.tolist() == [True, False, True]
+
+
+def test_a_stored_tensor_may_hold_more_rows_than_the_skeleton_and_no_other_shape():
+    """A vocabulary padded past the skeleton's (Inkling 2's unembedding: 8192 rows for a text
+    vocabulary of 64) is read as stored; fewer rows (an embedding of another vocabulary: token ids
+    past it were an IndexError) or another width are refused, naming both shapes."""
+    from types import SimpleNamespace
+
+    from moelab.hf.layerwise import _cast
+
+    checkpoint, like = SimpleNamespace(directory="ckpt"), torch.empty(6, 4, device="meta")
+    assert _cast(checkpoint, "unembed", torch.ones(8, 4), like, torch.float32, weight=True).shape == (8, 4)
+    for shape in ((4, 4), (6, 5), (6, 4, 1)):
+        with pytest.raises(CheckpointError, match=re.escape(f"ckpt: w is {list(shape)} but config.json makes it [6, 4]")):
+            _cast(checkpoint, "w", torch.ones(shape), like, torch.float32, weight=True)

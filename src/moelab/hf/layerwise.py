@@ -1064,10 +1064,12 @@ def load_tensors(
 
 def _cast(checkpoint: Checkpoint, key: str, tensor: Tensor, like: Tensor, dtype: torch.dtype, *, weight: bool) -> Tensor:
     """Checkpoint tensor `key`, read as `like`'s value (a parameter, `weight`, or buffer of the model built
-    from config.json), cast to `dtype`: refused where its shape differs, where it is an integer one for a
-    floating-point parameter (the cast would give other weights; a float buffer stored as integers is cast,
-    as transformers does) or where it holds NaN or Inf once cast."""
-    if tensor.shape != like.shape:
+    from config.json), cast to `dtype`: refused where its shape differs (more rows aside: a vocabulary
+    padded past the one the skeleton is built for, as Inkling 2's unembedding is), where it is an integer
+    one for a floating-point parameter (the cast would give other weights; a float buffer stored as
+    integers is cast, as transformers does) or where it holds NaN or Inf once cast."""
+    more_rows = tensor.dim() == like.dim() > 0 and tensor.shape[1:] == like.shape[1:] and tensor.shape[0] > like.shape[0]
+    if tensor.shape != like.shape and not more_rows:
         raise CheckpointError(
             f"{checkpoint.directory}: {key} is {list(tensor.shape)} but config.json makes it {list(like.shape)}; "
             "config.json does not describe these weights"
