@@ -824,19 +824,22 @@ def test_trace_and_analyze_pass_every_option_on(monkeypatch, tmp_path):
     info = SimpleNamespace(num_tokens=5, layers=[1], settings={"tokens_per_second": 2.0})
     traced = _record(monkeypatch, "moelab.trace.trace_from_files", SimpleNamespace(info=info))
     analyzed = _record(monkeypatch, "moelab.analyze.analyze", tmp_path / "report.html")
-    flags = ["--data", "d.txt", "--split", "test", "--domain", "code", "--domain", "german", "--max-tokens", 11,
+    flags = ["--data", "d.txt", "--domain", "code", "--domain", "german", "--max-tokens", 11,
              "--seq-len", 12, "--batch-size", 13, "--overwrite", "--quiet"]  # fmt: skip
     _ok(["trace", "ref-8e-top2", "--out", tmp_path / "t", *flags, "--logits"])
     _ok(["analyze", "ref-8e-top2", "--out", tmp_path / "a", *flags])
     _ok(["trace"])
     _ok(["analyze"])
-    given = dict(data="d.txt", split="test", domains=["code", "german"], overwrite=True, quiet=True)
+    _ok(["trace", "--split", "test"])  # a split of the shipped corpus (refused beside --data of one's own)
+    _ok(["analyze", "--split", "test"])
+    given = dict(data="d.txt", split="validation", domains=["code", "german"], overwrite=True, quiet=True)
     default = dict(data="corpus", split="validation", domains=None, options=TraceOptions(), overwrite=False, quiet=False)
     model = reference_model_dir()
     assert traced == [((model, tmp_path / "t"), dict(given, options=TraceOptions(max_tokens=11, seq_len=12, batch_size=13, logits=True))),
-                      ((model, Path("runs/trace")), default)]  # fmt: skip
+                      ((model, Path("runs/trace")), default), ((model, Path("runs/trace")), dict(default, split="test"))]  # fmt: skip
     assert analyzed == [((model, tmp_path / "a"), dict(given, options=TraceOptions(max_tokens=11, seq_len=12, batch_size=13))),
-                        ((model, Path("runs/analysis")), default)]  # fmt: skip
+                        ((model, Path("runs/analysis")), default),
+                        ((model, Path("runs/analysis")), dict(default, split="test"))]  # fmt: skip
 
 
 def test_calibrate_and_compress_pass_every_option_on(monkeypatch, tmp_path):
@@ -907,17 +910,19 @@ def test_eval_export_import_consolidate_pass_every_option_on(monkeypatch, tmp_pa
     exported = _record(monkeypatch, "moelab.hf.export.export_checkpoint", tmp_path / "e")
     imported = _record(monkeypatch, "moelab.hf.conversion.import_checkpoint", tmp_path / "i")
     consolidated = _record(monkeypatch, "moelab.train.checkpoint.consolidate_checkpoint", tmp_path / "m")
-    _ok(["eval", "ref-8e-top2", "--base", "ref-32e-top4-shared", "--data", "d.txt", "--split", "validation",
+    _ok(["eval", "ref-8e-top2", "--base", "ref-32e-top4-shared", "--data", "d.txt",
          "--domain", "code", "--eval-tokens", 41, "--seq-len", 42, "--batch-size", 43, "--prompts", 5,
          "--prompt-tokens", 6, "--new-tokens", 7, "--dynamic-skip", tmp_path / "s", "--json", tmp_path / "r.json",
          "--quiet"])  # fmt: skip
     _ok(["eval"])
+    _ok(["eval", "--split", "validation"])  # a split of the shipped corpus (refused beside --data of one's own)
     assert json.loads((tmp_path / "r.json").read_text()) == {"n": 1}
-    options = EvalOptions(data="d.txt", split="validation", domains=["code"], eval_tokens=41, seq_len=42, batch_size=43,
+    options = EvalOptions(data="d.txt", domains=["code"], eval_tokens=41, seq_len=42, batch_size=43,
                           prompts=5, prompt_tokens=6, gen_tokens=7, dynamic_skip=str(tmp_path / "s"))
     model = reference_model_dir()
     assert evaluated == [((model,), dict(base=reference_model_dir("ref-32e-top4-shared"), options=options, quiet=True)),
-                         ((model,), dict(base=None, options=EvalOptions(), quiet=False))]  # fmt: skip
+                         ((model,), dict(base=None, options=EvalOptions(), quiet=False)),
+                         ((model,), dict(base=None, options=EvalOptions(split="validation"), quiet=False))]  # fmt: skip
     _ok(["export", "ref-8e-top2", "--family", "mixtral", "--out", tmp_path / "x", "--tokenizer", tmp_path / "tok",
          "--overwrite", "--quiet"])  # fmt: skip
     _ok(["export", "ref-8e-top2", "--family", "qwen2_moe", "--out", tmp_path / "y", "--no-tokenizer"])
@@ -1426,3 +1431,16 @@ def test_bench_compress_with_overwrite_counts_the_kept_checkpoints_it_replaces_a
     bench.check_disk_space(work, 1.5e-6, overwrite=True)  # 3000 bytes: 1000 free and 3000 replaced
     with pytest.raises(ValueError, match="needs about 3e-06 GB under"):
         bench.check_disk_space(work, 1.5e-6)
+
+
+@pytest.mark.parametrize("verb", ["trace", "analyze", "eval"])
+def test_split_beside_data_of_ones_own_is_refused(tmp_path, verb):
+    """--split picks a split of the shipped corpus; with --data FILE it was ignored without a word.
+    Left at its default it stays quiet: the file is read whole."""
+    data = tmp_path / "notes.txt"
+    data.write_text("some text of my own\n")
+    out = ["--json", str(tmp_path / "out")] if verb == "eval" else ["--out", str(tmp_path / "out")]
+    result = runner.invoke(app, [verb, "--data", str(data), "--split", "validation", *out])
+    assert isinstance(result.exception, ValueError), result.output
+    assert str(result.exception) == f"--split picks a split of the shipped corpus, and --data {data} is read whole; leave --split out"
+    assert not (tmp_path / "out").exists()

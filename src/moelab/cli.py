@@ -515,6 +515,13 @@ BatchOpt = Annotated[int, typer.Option(min=1, help="Windows per forward pass.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
 
 
+def _check_split(ctx: typer.Context, data: str) -> None:
+    """--split picks a split of the shipped corpus: refuse it beside --data of one's own, which is
+    read whole (the split was ignored without a word)."""
+    if data != "corpus" and ctx.get_parameter_source("split").name == "COMMANDLINE":
+        raise ValueError(f"--split picks a split of the shipped corpus, and --data {data} is read whole; leave --split out")
+
+
 @app.command("trace")
 def trace_cmd(
     ctx: typer.Context,
@@ -532,6 +539,7 @@ def trace_cmd(
     threads: ThreadsOpt = "auto",
 ) -> None:
     """Record every MoE layer's routing (experts, weights, entropy; domain-labelled) on calibration text."""
+    _check_split(ctx, data)
     _use_threads(ctx, threads)
     from moelab.trace import TraceOptions, trace_from_files
 
@@ -561,6 +569,7 @@ def analyze(
 ) -> None:
     """Routing report of a model (or an existing trace directory): load, specialisation, entropy,
     co-activation, inter-layer affinity, chunk sparsity, super experts -> HTML + PNG + JSON."""
+    _check_split(ctx, data)
     _use_threads(ctx, threads)
     from moelab.analyze import analyze as run_analysis
     from moelab.trace import TraceOptions
@@ -953,6 +962,7 @@ def eval_cmd(
     threads: ThreadsOpt = "auto",
 ) -> None:
     """Perplexity per domain; against a base: KL and top-1 agreement; degenerate generations; size and speed."""
+    _check_split(ctx, data)
     _use_threads(ctx, threads)
     from moelab.eval.evaluate import EVAL_FORMAT, EvalOptions, evaluate, render_report
 
