@@ -99,6 +99,16 @@ def test_other_quantizations_are_refused_by_name(fp8, tmp_path, change, message)
     assert not (tmp_path / "out").exists()
 
 
+def test_a_source_that_is_no_checkpoint_directory_is_named_with_what_it_is(tmp_path):
+    """A missing directory was the OS's 'config.json: No such file or directory'."""
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "empty").mkdir()
+    for source, said in (("missing", "no such directory"), ("notes.txt", "is a file, not a directory"), ("empty", "no config.json in")):
+        with pytest.raises(CheckpointError, match=f"{said}.*; pass a quantized checkpoint directory$"):
+            dequantize_checkpoint(tmp_path / source, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_scales_that_do_not_tile_their_weight_are_refused(fp8, tmp_path):
     src, stored = fp8
     config = json.loads((src / "config.json").read_text())

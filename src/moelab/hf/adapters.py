@@ -1450,17 +1450,23 @@ def open_weights(path: Path, config: Config, dtype: torch.dtype | None = None) -
     )
 
 
-def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
-    """(config.json, lazy checkpoint, adapter) of a local checkpoint directory; see `open_checkpoint`."""
-    path = Path(path)
-    config_path = path / "config.json"
-    if not config_path.exists():
+def check_checkpoint_dir(path: Path, kind: str = "a checkpoint directory (moelab's or a transformers family's)") -> None:
+    """Refuse `path` unless it is a directory with a config.json, naming what it is instead and the
+    `kind` of directory to pass."""
+    if not (path / "config.json").exists():
         what = (
             f"no such directory {path}" if not path.exists()
             else f"{path} is a file, not a directory" if not path.is_dir()
             else f"no config.json in {path}"
         )  # fmt: skip
-        raise CheckpointError(f"{what}; pass a checkpoint directory (moelab's or a transformers family's)")
+        raise CheckpointError(f"{what}; pass {kind}")
+
+
+def resolve(path: str | os.PathLike) -> tuple[Config, Checkpoint, Family]:
+    """(config.json, lazy checkpoint, adapter) of a local checkpoint directory; see `open_checkpoint`."""
+    path = Path(path)
+    config_path = path / "config.json"
+    check_checkpoint_dir(path)
     stored = read_json_object(config_path, "a model config", error=CheckpointError)
     config = language_config(stored)
     model_type = config.get("model_type")

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moelab.files import read_json_object
-from moelab.hf.adapters import open_weights
+from moelab.hf.adapters import check_checkpoint_dir, open_weights
 from moelab.hf.checkpoint import CheckpointError
 from moelab.hf.multimodal import language_config, nested_config
 from moelab.hf.writer import copy_side_files, index_name
@@ -41,6 +41,7 @@ def dequantize_checkpoint(
     """Write the quantized checkpoint `source` into the new directory `out` with its quantized
     weights dequantized to `dtype` (see the module docstring). Returns `out`."""
     source = Path(source).resolve()
+    check_checkpoint_dir(source, "a quantized checkpoint directory")
     stored = read_json_object(source / "config.json", "a model config", error=CheckpointError)
     config = language_config(stored)  # a multimodal release's language model (its dtype and quantization)
     if config.get("quantization_config") is None:
