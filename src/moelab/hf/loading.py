@@ -65,16 +65,19 @@ def load_causal_lm(
             "weights would be random: fix config.json or the weights"
         )
     if bad := non_finite_names(model.named_parameters()):
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise CheckpointError(f"{path}: NaN or Inf in {', '.join(bad[:3])}{more}: the weights are corrupt")
+        raise CheckpointError(f"{path}: NaN or Inf in {_first_three(bad)}: the weights are corrupt")
     if bad := _stored_as_integers(path, model):
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise CheckpointError(
-            f"{path}: {', '.join(bad[:3])}{more} stored as integers where the model has floating-point weights "
+            f"{path}: {_first_three(bad)} stored as integers where the model has floating-point weights "
             "(transformers would cast them: other weights); the checkpoint is corrupt, or quantized without a "
             "quantization_config in config.json: re-download it"
         )
     return model.eval()
+
+
+def _first_three(names: list[str]) -> str:
+    """The first three `names`, and how many more."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _stored_as_integers(path: Path, model) -> list[str]:

@@ -283,9 +283,10 @@ class ExpertCache:
         self._unused = {layer: self._prefetched.pop(layer, set())}
         foreseen = self._foreseen.pop(layer, None)
         if foreseen is not None:
+            needed, named = len(set(experts)), len(foreseen.intersection(experts))
             for counts in (self.prefetch_stats, stats):
-                counts.needed += len(set(experts))
-                counts.foreseen += len(foreseen.intersection(experts))
+                counts.needed += needed
+                counts.foreseen += named
 
     def _finish_reads(self, found: dict[int, int]) -> int:
         """Wait for the read-aheads into the slots of `found` ({expert: slot}, pinned); return how
